@@ -1,0 +1,3 @@
+from tiered.cli import main
+
+main()

@@ -1,0 +1,224 @@
+"""The dense pieces of one decoder layer: RMSNorm, rotary tables, attention over a preallocated KV cache.
+
+Owns: `rms_norm`, `Rope` (the cos/sin tables for every position up to max_context), `KVCache`
+(one preallocated buffer per model, sized by max_context), `StepPlan` (what every layer's attention
+needs for one forward call: rotary rows, where to write K/V, which cache span to read, the mask)
+and `attention` (SDPA, or flash-attn's `flash_attn_with_kvcache` when asked for and importable).
+Does not own: weights (transformer.py builds `AttnWeights` from the dense dict), experts (moe.py).
+
+The math follows transformers' modeling files for Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE,
+including their dtype casts (RMSNorm normalises in fp32 and casts back before scaling).
+
+Legend: T tokens in this call, S cache positions read, H query heads, KV key/value heads,
+G = H // KV query heads per KV head, hd head dim, D hidden.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from tiered.config import ModelConfig
+
+ATTN_BACKENDS = ("auto", "flash", "sdpa")
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm over the last dim, normalised in fp32 then cast back before the scale (as transformers)."""
+    dt = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(dt)
+
+
+def check_rope(config: ModelConfig) -> None:
+    """Raise unless the config's rotary embedding is the default one (the only one implemented)."""
+    rs = config.rope_scaling
+    kind = None if not rs else (rs.get("rope_type") or rs.get("type") or "default")
+    if kind not in (None, "default"):
+        raise NotImplementedError(
+            f"rope_scaling type {kind!r} ({rs}) is not supported: tiered implements default RoPE only; "
+            "use a checkpoint without rope_scaling or add the scaling to tiered/model/layers.py")
+
+
+@dataclass(frozen=True)
+class Rope:
+    cos: Tensor  # [P, hd] compute dtype, row p = position p
+    sin: Tensor  # [P, hd]
+
+    @classmethod
+    def build(cls, config: ModelConfig, positions: int, *, device: torch.device, dtype: torch.dtype) -> "Rope":
+        """Tables for positions 0..positions-1, computed in fp32 on `device` as transformers does."""
+        check_rope(config)
+        hd = config.head_dim
+        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).to(
+            device=device, dtype=torch.float) / hd))
+        pos = torch.arange(positions, device=device, dtype=torch.float)
+        freqs = pos[:, None] * inv_freq[None, :]  # [P, hd/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [P, hd]
+        return cls(cos=emb.cos().to(dtype), sin=emb.sin().to(dtype))
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [T, n, hd], cos/sin [T, hd] -> x rotated, same shape."""
+    return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
+
+
+@dataclass(frozen=True)
+class KVCache:
+    """Preallocated keys and values for every layer.
+
+    sdpa layout: k, v [L, KV, S, hd] (heads outermost, so a layer's span is one strided view);
+    flash layout: k, v [L, 1, S, KV, hd] (what flash_attn_with_kvcache reads and writes).
+    """
+    k: Tensor
+    v: Tensor
+    flash: bool
+
+    @classmethod
+    def allocate(cls, config: ModelConfig, max_context: int, *, device: torch.device, dtype: torch.dtype,
+                 flash: bool = False) -> "KVCache":
+        L, KV, hd = config.num_layers, config.num_kv_heads, config.head_dim
+        shape = (L, 1, max_context, KV, hd) if flash else (L, KV, max_context, hd)
+        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
+                   flash)
+
+    @property
+    def max_context(self) -> int:
+        return self.k.shape[2]
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Everything about positions that one forward call shares across layers.
+
+    Eager calls write at a Python int and read a Python-sized span; graph-captured decode writes at
+    a device position tensor and reads a fixed span with a device-built mask, so nothing syncs.
+    """
+    cos: Tensor  # [T, hd]
+    sin: Tensor  # [T, hd]
+    write_at: int | Tensor  # first position written (int), or positions [T] int64 on device
+    read_lo: int  # attend over cache positions [read_lo, read_hi)
+    read_hi: int
+    mask: Tensor | None  # [G*T, S] bool, True = attend; None = every position in the span
+    seqlens: Tensor | None = None  # flash: int32 [1], tokens already in the cache before this call
+
+
+def plan_eager(rope: Rope, start: int, T: int, *, groups: int, window: int | None) -> StepPlan:
+    """Plan for T tokens at positions start..start+T-1 with the cache filled up to `start`."""
+    end = start + T
+    lo = 0 if window is None else max(0, start - window + 1)  # the oldest key any of the T queries sees
+    mask = None
+    if T > 1:  # one query needs no mask: the span [lo, end) is exactly what it sees
+        mask = attn_mask(torch.arange(start, end, device=rope.cos.device), lo, end, window=window, groups=groups)
+    return StepPlan(rope.cos[start:end], rope.sin[start:end], start, lo, end, mask)
+
+
+def attn_mask(qpos: Tensor, lo: int, hi: int, *, window: int | None, groups: int) -> Tensor:
+    """Bool mask [G*T, hi-lo] for query positions qpos [T] over cache positions lo..hi-1.
+
+    A query at p sees keys at s <= p, and with a window W only s > p - W (transformers' rule).
+    Rows are ordered (g, t), matching the grouped-query layout in `attention`.
+    """
+    s = torch.arange(lo, hi, device=qpos.device)
+    ok = s[None, :] <= qpos[:, None]  # [T, S]
+    if window is not None:
+        ok &= s[None, :] > qpos[:, None] - window
+    return ok.repeat(groups, 1)
+
+
+@dataclass(frozen=True)
+class AttnWeights:
+    qkv: Tensor  # [(H+2KV)*hd, D] q, k, v projections stacked (one GEMM instead of three)
+    qkv_bias: Tensor | None  # [(H+2KV)*hd]
+    o: Tensor  # [D, H*hd]
+    q_norm: Tensor | None  # [hd] ("head") or [H*hd] ("proj")
+    k_norm: Tensor | None  # [hd] or [KV*hd]
+
+
+def attention(x: Tensor, w: AttnWeights, cache: KVCache, layer: int, plan: StepPlan, config: ModelConfig,
+              *, backend: str = "sdpa") -> Tensor:
+    """Self-attention of x [T, D] (already normed) with the cache; writes this call's K/V; returns [T, D]."""
+    T = x.shape[0]
+    H, KV, hd = config.num_heads, config.num_kv_heads, config.head_dim
+    qkv = F.linear(x, w.qkv, w.qkv_bias)  # [T, (H+2KV)*hd]
+    q, k, v = qkv.split((H * hd, KV * hd, KV * hd), dim=-1)
+    eps = config.rms_norm_eps
+    if config.qk_norm == "proj":
+        q, k = rms_norm(q, w.q_norm, eps), rms_norm(k, w.k_norm, eps)
+    q, k, v = q.reshape(T, H, hd), k.reshape(T, KV, hd), v.reshape(T, KV, hd)
+    if config.qk_norm == "head":
+        q, k = rms_norm(q, w.q_norm, eps), rms_norm(k, w.k_norm, eps)
+    if config.clip_qkv is not None:
+        c = config.clip_qkv
+        q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
+    q, k = apply_rope(q, plan.cos, plan.sin), apply_rope(k, plan.cos, plan.sin)
+    if backend == "flash":
+        out = _flash(q, k, v, cache, layer, plan, config)
+    else:
+        out = _sdpa(q, k, v, cache, layer, plan, H // KV)
+    return F.linear(out, w.o)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, cache: KVCache, layer: int, plan: StepPlan, G: int) -> Tensor:
+    T, H, hd = q.shape
+    KV = k.shape[1]
+    kc, vc = cache.k[layer], cache.v[layer]  # [KV, S, hd]
+    if isinstance(plan.write_at, int):
+        kc[:, plan.write_at:plan.write_at + T] = k.transpose(0, 1)
+        vc[:, plan.write_at:plan.write_at + T] = v.transpose(0, 1)
+    else:
+        kc.index_copy_(1, plan.write_at, k.transpose(0, 1))
+        vc.index_copy_(1, plan.write_at, v.transpose(0, 1))
+    # Query head h uses KV head h // G: fold the G heads of a KV head into rows, so SDPA needs no repeat_kv.
+    qg = q.transpose(0, 1).reshape(KV, G * T, hd)  # [KV, G*T, hd], rows (g, t)
+    ks, vs = kc[:, plan.read_lo:plan.read_hi], vc[:, plan.read_lo:plan.read_hi]  # [KV, S, hd]
+    o = F.scaled_dot_product_attention(qg, ks, vs, attn_mask=plan.mask, scale=hd ** -0.5)  # [KV, G*T, hd]
+    return o.reshape(H, T, hd).transpose(0, 1).reshape(T, H * hd)
+
+
+def flash_available(device: torch.device) -> bool:
+    """True when flash-attn's kvcache kernel can be used on this device."""
+    if device.type != "cuda":
+        return False
+    try:
+        from flash_attn import flash_attn_with_kvcache  # noqa: F401
+    except Exception:  # ImportError, or a wheel built for another torch/CUDA
+        return False
+    return True
+
+
+def pick_backend(requested: str, device: torch.device) -> str:
+    """Resolve --attn: "auto" picks flash when available on CUDA, else SDPA; "flash" fails if unavailable."""
+    if requested not in ATTN_BACKENDS:
+        raise ValueError(f"attention backend {requested!r} is not one of {ATTN_BACKENDS}")
+    if requested == "sdpa":
+        return "sdpa"
+    ok = flash_available(device)
+    if requested == "flash" and not ok:
+        raise ValueError("--attn flash needs a CUDA device and an importable flash_attn package; "
+                         "use --attn sdpa (or auto)")
+    return "flash" if ok else "sdpa"
+
+
+def _flash(q: Tensor, k: Tensor, v: Tensor, cache: KVCache, layer: int, plan: StepPlan,
+           config: ModelConfig) -> Tensor:
+    from flash_attn import flash_attn_with_kvcache
+
+    T, H, hd = q.shape
+    seqlens = plan.seqlens
+    if seqlens is None:
+        seqlens = torch.full((1,), int(plan.write_at), dtype=torch.int32, device=q.device)
+    W = config.sliding_window
+    # flash's window (left, right) counts keys strictly before the query: transformers' W is inclusive of it.
+    out = flash_attn_with_kvcache(q[None], cache.k[layer], cache.v[layer], k=k[None], v=v[None],
+                                 cache_seqlens=seqlens, softmax_scale=hd ** -0.5, causal=True,
+                                 window_size=(W - 1, 0) if W else (-1, -1))
+    return out.reshape(T, H * hd)

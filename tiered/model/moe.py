@@ -1,0 +1,134 @@
+"""The sparse MoE block: router, routed SwiGLU experts over an ExpertProvider, the shared expert.
+
+Owns: `route` (softmax in fp32, then top-k, optional renormalisation, as transformers), `routed_experts`
+(two paths: one token gathers its K experts and runs batched matmuls; several tokens are grouped by
+expert, and the distinct experts are streamed through the provider in waves of at most
+`provider.max_experts_per_call`), `shared_expert` (Qwen2-MoE, sigmoid-gated) and `moe_block`,
+which calls the routing observer (SEAMS.md) before any expert is computed.
+Does not own: where expert weights live (the provider: resident.py, or the cache), nor dense weights.
+
+Expert weights arrive in their stored dtype and are converted on use when the compute dtype differs.
+
+Legend: T tokens, D hidden, E experts per layer, K top-k, F expert FFN, U distinct experts in a wave.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class ExpertProvider(Protocol):
+    """SEAMS.md: the only way the model touches routed-expert weights."""
+    weights: Any  # ExpertWeights: gate [S, F, D], up [S, F, D], down [S, D, F]
+    max_experts_per_call: int
+
+    def get(self, layer: int, expert_ids: Tensor) -> Tensor: ...
+
+    def prefetch(self, layer: int, expert_ids: Tensor) -> None: ...
+
+    def stats(self) -> dict: ...
+
+
+class RoutingObserver(Protocol):
+    def on_route(self, layer: int, hidden: Tensor, topk_ids: Tensor, topk_weights: Tensor,
+                 router_logits: Tensor) -> None: ...
+
+
+@dataclass(frozen=True)
+class MoEWeights:
+    router: Tensor  # [E, D]
+    shared_gate: Tensor | None = None  # [Fs, D]
+    shared_up: Tensor | None = None  # [Fs, D]
+    shared_down: Tensor | None = None  # [D, Fs]
+    shared_expert_gate: Tensor | None = None  # [1, D]
+
+
+def route(x: Tensor, router: Tensor, top_k: int, norm_topk: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """x [T, D] (normed) -> router logits [T, E] (compute dtype), ids [T, K] int64, weights [T, K] fp32."""
+    logits = F.linear(x, router)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    w, ids = torch.topk(probs, top_k, dim=-1)
+    if norm_topk:
+        w = w / w.sum(dim=-1, keepdim=True)
+    return logits, ids, w
+
+
+def _swiglu(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+def shared_expert(x: Tensor, w: MoEWeights) -> Tensor:
+    """Qwen2-MoE's always-on expert, scaled by sigmoid(x @ shared_expert_gate) when there is one."""
+    y = _swiglu(x, w.shared_gate, w.shared_up, w.shared_down)
+    if w.shared_expert_gate is not None:
+        y = torch.sigmoid(F.linear(x, w.shared_expert_gate)) * y
+    return y
+
+
+def experts_one_token(x: Tensor, ids: Tensor, weights: Tensor, provider: ExpertProvider, layer: int) -> Tensor:
+    """Decode path, T = 1: gather the K experts' weights and run batched matmuls; no host sync.
+
+    x [1, D], ids [1, K] (distinct), weights [1, K] in compute dtype -> [1, D].
+    """
+    slots = provider.get(layer, ids[0])  # [K]
+    W = provider.weights
+    dt = x.dtype
+    g = W.gate.index_select(0, slots).to(dt)  # [K, F, D]
+    u = W.up.index_select(0, slots).to(dt)  # [K, F, D]
+    d = W.down.index_select(0, slots).to(dt)  # [K, D, F]
+    xk = x.expand(g.shape[0], -1).unsqueeze(-1)  # [K, D, 1]
+    h = F.silu(torch.bmm(g, xk)) * torch.bmm(u, xk)  # [K, F, 1]
+    y = torch.bmm(d, h).squeeze(-1)  # [K, D]
+    return torch.mm(weights, y)  # [1, D]
+
+
+def experts_grouped(x: Tensor, ids: Tensor, weights: Tensor, provider: ExpertProvider, layer: int) -> Tensor:
+    """Prefill path: tokens grouped by expert, experts streamed through the provider in waves.
+
+    x [T, D], ids [T, K], weights [T, K] in compute dtype -> [T, D]. Experts are accumulated in
+    ascending id order, as transformers' expert loop does.
+    """
+    T, K = ids.shape
+    E_seen = ids.reshape(-1)
+    order = torch.argsort(E_seen, stable=True)  # [T*K] entries sorted by expert
+    tok = order // K  # [T*K] token of each sorted entry
+    wsorted = weights.reshape(-1)[order]  # [T*K]
+    used, counts = torch.unique_consecutive(E_seen[order], return_counts=True)
+    used_l, counts_l = used.tolist(), counts.tolist()
+    starts = [0]
+    for c in counts_l:
+        starts.append(starts[-1] + c)
+    out = torch.zeros_like(x)
+    n = max(1, int(provider.max_experts_per_call))
+    W = provider.weights
+    dt = x.dtype
+    for w0 in range(0, len(used_l), n):
+        slots = provider.get(layer, used[w0:w0 + n]).tolist()  # the wave's slots, pinned until the next get()
+        if w0 + n < len(used_l):
+            provider.prefetch(layer, used[w0 + n:w0 + 2 * n])
+        for j, s in enumerate(slots):
+            a, b = starts[w0 + j], starts[w0 + j + 1]
+            idx = tok[a:b]  # [n_e] tokens routed to this expert
+            y = _swiglu(x[idx], W.gate[s].to(dt), W.up[s].to(dt), W.down[s].to(dt))  # [n_e, D]
+            out.index_add_(0, idx, y * wsorted[a:b, None])
+    return out
+
+
+def moe_block(h: Tensor, x: Tensor, w: MoEWeights, provider: ExpertProvider, layer: int, *, top_k: int,
+              norm_topk: bool, observer: RoutingObserver | None = None) -> Tensor:
+    """h [T, D] residual after attention, x [T, D] = post-attention norm of h -> MoE output [T, D]."""
+    logits, ids, wts = route(x, w.router, top_k, norm_topk)
+    if observer is not None:
+        observer.on_route(layer, h, ids, wts, logits.float())
+    wc = wts.to(x.dtype)  # transformers casts the routing weights to the compute dtype before use
+    if x.shape[0] == 1:
+        out = experts_one_token(x, ids, wc, provider, layer)
+    else:
+        out = experts_grouped(x, ids, wc, provider, layer)
+    if w.shared_gate is not None:
+        out = out + shared_expert(x, w)
+    return out

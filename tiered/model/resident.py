@@ -1,0 +1,72 @@
+"""ResidentExperts: the ExpertProvider that keeps every routed expert in memory.
+
+Owns: the "all experts in memory" provider of SEAMS.md. On CPU its weights are the zero-copy views
+over the layout's mmap of experts.bin; on CUDA it copies the whole expert pool to the device once,
+at start-up. Slot = layer * E + expert, so `get` is one add on the ids' device and never syncs,
+which lets a whole decode step be captured in a CUDA graph. It is the reference path that the
+expert cache (store/cache.py) must match.
+Does not own: budgets, eviction or I/O scheduling (that is the cache), nor dtype conversion
+(the model converts on use).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+class ResidentExperts:
+    """All L*E experts addressable at once; weights are views in the stored dtype."""
+
+    def __init__(self, weights: Any, *, num_layers: int, num_experts: int, io: str = "resident",
+                 pool: Tensor | None = None) -> None:
+        """weights: ExpertWeights (gate [L*E, F, D], up [L*E, F, D], down [L*E, D, F]), any device."""
+        n = weights.gate.shape[0]
+        if n != num_layers * num_experts:
+            raise ValueError(f"expert pool holds {n} experts, expected num_layers*num_experts = "
+                             f"{num_layers}*{num_experts}: the layout and its config disagree, re-run tiered repack")
+        self.weights = weights
+        self.pool = pool  # the uint8 [L*E, block] pool the views stand on (kept alive), if any
+        self.num_layers = num_layers
+        self.num_experts = num_experts
+        self.max_experts_per_call = num_experts
+        self.io = io
+        self.device = weights.gate.device
+        self._served = 0  # experts handed out by get(): all hits, nothing is ever missing
+
+    @classmethod
+    def from_layout(cls, layout: Any, *, device: torch.device | str = "cpu") -> "ResidentExperts":
+        """CPU: zero-copy views over the mmap. CUDA: one copy of experts.bin into device memory."""
+        from tiered.store.disk import expert_views
+
+        device = torch.device(device)
+        cfg = layout.config
+        pool = layout.expert_file_pool()  # uint8 [L*E, block], zero-copy over the mmap
+        io = "mmap"
+        if device.type != "cpu":
+            dev_pool = torch.empty(pool.shape, dtype=torch.uint8, device=device)
+            step = max(1, (1 << 30) // pool.shape[1])  # copy ~1 GiB at a time: bounded host staging
+            for i in range(0, pool.shape[0], step):
+                dev_pool[i:i + step].copy_(pool[i:i + step])
+            pool, io = dev_pool, "resident"
+        return cls(expert_views(pool, layout.tensor_specs), num_layers=cfg.num_layers,
+                   num_experts=cfg.num_experts, io=io, pool=pool)
+
+    def get(self, layer: int, expert_ids: Tensor) -> Tensor:
+        """expert_ids int64 [U] -> slot rows [U] on the weights' device (layer*E + id); no host sync."""
+        self._served += expert_ids.numel()
+        ids = expert_ids.to(self.device, non_blocking=True)
+        return ids + layer * self.num_experts
+
+    def prefetch(self, layer: int, expert_ids: Any) -> None:
+        """Nothing to fetch: every expert is resident."""
+
+    def stats(self) -> dict:
+        tier = {"hits": 0, "misses": 0, "bytes_in": 0, "gbps": 0.0}
+        here = {**tier, "hits": self._served}
+        return {"io": self.io, "expert_slots": self.num_layers * self.num_experts, "policy": "resident",
+                "vram_budget_gib": None, "vram": here if self.device.type != "cpu" else dict(tier),
+                "ram": here if self.device.type == "cpu" else dict(tier), "disk": dict(tier),
+                "bytes_h2d_per_token": 0.0, "stall_s": 0.0, "stall_share": 0.0,
+                "prefetch_issued": 0, "prefetch_used": 0}
