@@ -1,0 +1,136 @@
+"""The decoder: one implementation for every MoE family, its differences read from ModelConfig.
+
+Owns: `Transformer` (weights per layer built from the canonical dense dict, the rotary tables and the
+KV cache, allocated once), its eager `forward` over T tokens at a start position, and
+`decode_static`, a one-token step whose positions are device tensors so that it can be captured in
+a CUDA graph (no host sync, no allocation that depends on the position).
+Does not own: expert weights (an ExpertProvider hands them out), sampling or the generation loop
+(engine.py), reading layouts (store/disk.py).
+
+Family differences, all from ModelConfig: qkv bias (Qwen2-MoE), q/k norm per head (Qwen3-MoE) or
+over the projection (OLMoE), clip_qkv (OLMoE), sliding window (Mixtral), top-k renormalisation,
+shared expert with sigmoid gate (Qwen2-MoE), tied embeddings.
+
+Legend: T tokens, D hidden, V vocab, L layers, S cache positions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from tiered.config import ModelConfig
+from tiered.model.layers import (AttnWeights, KVCache, Rope, StepPlan, attention, attn_mask, plan_eager,
+                                 rms_norm)
+from tiered.model.moe import ExpertProvider, MoEWeights, RoutingObserver, moe_block
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    attn_norm: Tensor  # [D]
+    attn: AttnWeights
+    mlp_norm: Tensor  # [D]
+    moe: MoEWeights
+
+
+def _take(dense: dict[str, Tensor], name: str, device: torch.device, dtype: torch.dtype,
+          required: bool = True) -> Tensor | None:
+    t = dense.get(name)
+    if t is None:
+        if required:
+            raise KeyError(f"dense tensor {name!r} is missing from the layout: re-run tiered repack "
+                           "(the layout file for this family may lack the name)")
+        return None
+    return t.to(device=device, dtype=dtype)
+
+
+def build_layer(cfg: ModelConfig, dense: dict[str, Tensor], l: int, device: torch.device,
+                dtype: torch.dtype) -> LayerWeights:
+    """Layer l's dense weights in the compute dtype on `device`; q/k/v stacked into one matrix."""
+    p = f"layers.{l}."
+
+    def t(name: str, required: bool = True) -> Tensor | None:
+        return _take(dense, p + name, device, dtype, required)
+
+    qkv = torch.cat([t("q_proj"), t("k_proj"), t("v_proj")], dim=0)
+    bias = None
+    if cfg.attn_bias:
+        bias = torch.cat([t("q_bias"), t("k_bias"), t("v_bias")], dim=0)
+    has_norm = cfg.qk_norm != "none"
+    attn = AttnWeights(qkv=qkv, qkv_bias=bias, o=t("o_proj"), q_norm=t("q_norm") if has_norm else None,
+                       k_norm=t("k_norm") if has_norm else None)
+    shared = cfg.shared_expert_ffn > 0
+    moe = MoEWeights(router=t("router"),
+                     shared_gate=t("shared_gate_proj") if shared else None,
+                     shared_up=t("shared_up_proj") if shared else None,
+                     shared_down=t("shared_down_proj") if shared else None,
+                     shared_expert_gate=t("shared_expert_gate") if shared and cfg.shared_expert_gate else None)
+    return LayerWeights(attn_norm=t("attn_norm"), attn=attn, mlp_norm=t("mlp_norm"), moe=moe)
+
+
+class Transformer:
+    """A decoder whose pools (KV cache, rotary tables, dense weights) are allocated once, at construction."""
+
+    def __init__(self, config: ModelConfig, dense: dict[str, Tensor], provider: ExpertProvider, *,
+                 device: torch.device | str, dtype: torch.dtype, max_context: int, attn: str = "sdpa",
+                 observer: RoutingObserver | None = None) -> None:
+        if attn not in ("sdpa", "flash"):
+            raise ValueError(f"attn must be 'sdpa' or 'flash' (resolve 'auto' with layers.pick_backend), got {attn!r}")
+        self.config = config
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.max_context = int(max_context)
+        self.attn = attn
+        self.provider = provider
+        self.observer = observer
+        dev = self.device
+        self.embed = _take(dense, "embed", dev, dtype)  # [V, D]
+        self.final_norm = _take(dense, "final_norm", dev, dtype)  # [D]
+        head = None if config.tie_word_embeddings else _take(dense, "lm_head", dev, dtype)
+        self.lm_head = self.embed if head is None else head  # [V, D]
+        self.layers = [build_layer(config, dense, l, dev, dtype) for l in range(config.num_layers)]
+        self.rope = Rope.build(config, self.max_context, device=dev, dtype=dtype)
+        self.cache = KVCache.allocate(config, self.max_context, device=dev, dtype=dtype, flash=attn == "flash")
+        self.groups = config.num_heads // config.num_kv_heads
+
+    # --- eager path ---
+    @torch.inference_mode()
+    def forward(self, tokens: Tensor, start: int, *, all_logits: bool = False) -> Tensor:
+        """tokens [T] int64 at positions start..start+T-1 (the cache holds 0..start-1).
+
+        Returns logits [T, V] if all_logits else [1, V] (the last position), compute dtype.
+        """
+        T = tokens.shape[0]
+        if start + T > self.max_context:
+            raise ValueError(f"positions {start}..{start + T - 1} exceed max_context={self.max_context}: "
+                             "raise --max-context or shorten the prompt")
+        plan = plan_eager(self.rope, start, T, groups=self.groups, window=self.config.sliding_window)
+        return self._run(tokens, plan, all_logits)
+
+    def _run(self, tokens: Tensor, plan: StepPlan, all_logits: bool) -> Tensor:
+        cfg = self.config
+        h = F.embedding(tokens, self.embed)  # [T, D]
+        for l, lw in enumerate(self.layers):
+            h = h + attention(rms_norm(h, lw.attn_norm, cfg.rms_norm_eps), lw.attn, self.cache, l, plan, cfg,
+                              backend=self.attn)
+            x = rms_norm(h, lw.mlp_norm, cfg.rms_norm_eps)
+            h = h + moe_block(h, x, lw.moe, self.provider, l, top_k=cfg.top_k, norm_topk=cfg.norm_topk_prob,
+                              observer=self.observer)
+        if not all_logits:
+            h = h[-1:]
+        return F.linear(rms_norm(h, self.final_norm, cfg.rms_norm_eps), self.lm_head)
+
+    # --- graph-capturable one-token step ---
+    def decode_static(self, token: Tensor, pos: Tensor, span: int) -> Tensor:
+        """token [1] int64, pos [1] int64 (both on device) -> logits [1, V]; reads cache positions [0, span).
+
+        Every shape depends only on `span`, so one CUDA graph per span serves every position < span.
+        """
+        cos = self.rope.cos.index_select(0, pos)  # [1, hd]
+        sin = self.rope.sin.index_select(0, pos)
+        mask = attn_mask(pos, 0, span, window=self.config.sliding_window, groups=self.groups)  # [G, span]
+        seqlens = pos.to(torch.int32) if self.attn == "flash" else None
+        plan = StepPlan(cos, sin, pos, 0, span, mask, seqlens)
+        return self._run(token, plan, False)
