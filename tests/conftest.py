@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny random checkpoints of every family (made with transformers) and the reference model."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from tiered.families import default_model_path
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+
+
+def tiny_config(family: str, **overrides):
+    """A transformers config of `family`, small enough to build in milliseconds."""
+    import transformers as tf
+
+    common = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6)
+    if family == "mixtral":
+        cfg = tf.MixtralConfig(**common, num_local_experts=6, num_experts_per_tok=2)
+    elif family == "qwen2_moe":
+        cfg = tf.Qwen2MoeConfig(**common, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24,
+                                shared_expert_intermediate_size=40)
+    elif family == "qwen3_moe":
+        cfg = tf.Qwen3MoeConfig(**common, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24, head_dim=16)
+    elif family == "olmoe":
+        cfg = tf.OlmoeConfig(**common, num_experts=6, num_experts_per_tok=2)
+    else:
+        raise ValueError(family)
+    cfg.eos_token_id = 1
+    cfg.bos_token_id = 0
+    cfg.pad_token_id = 0
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def make_checkpoint(path: Path, family: str, *, seed: int = 0, dtype=torch.float32, shard_size: str | None = None,
+                    **overrides) -> Path:
+    """Save a randomly initialised `family` model with `save_pretrained`; returns `path`."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(tiny_config(family, **overrides)).to(dtype)
+    kw = {"max_shard_size": shard_size} if shard_size else {}
+    model.save_pretrained(path, **kw)
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """One tiny fp32 checkpoint per family (sharded, so the index path is exercised)."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {f: make_checkpoint(root / f, f, shard_size="20KB") for f in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def reference_model() -> Path:
+    """The trained olmoe-code-17m checkpoint (the embedded copy; ../shared is the same files)."""
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def reference_layout(reference_model, tmp_path_factory) -> Path:
+    from tiered.repack import repack
+
+    dst = tmp_path_factory.mktemp("ref") / "layout"
+    repack(reference_model, dst, progress=False)
+    return dst
+
+
+def eval_texts() -> dict[str, str]:
+    """The held-out texts (../shared/text/eval); report numbers here, never fit on them."""
+    d = SHARED / "text" / "eval"
+    return {p.name: p.read_text() for p in sorted(d.glob("*"))} if d.is_dir() else {}
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
