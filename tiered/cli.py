@@ -127,5 +127,10 @@ def inspect(path: Path, as_json: bool) -> None:
         click.echo(f"{k:<{w}}  {v}")
 
 
+from tiered.run_cli import run  # noqa: E402  (issue 3: the engine)
+
+main.add_command(run)
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,145 @@
+"""`tiered run`: generate a continuation, streamed to stdout; stats to stderr (CONTRACTS.md, "CLI shape").
+
+Owns: the `run` click command (flags, usage errors with exit code 2, streaming, the stats line).
+Does not own: loading or generation (engine.py). cli.py registers this command on the `tiered` group.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+BUDGET_HELP = "expert-cache budget (needs the expert cache; without these flags every expert stays in memory)"
+
+
+def _usage(msg: str) -> click.UsageError:
+    return click.UsageError(msg)
+
+
+def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
+    if prompt is not None and prompt_file is not None:
+        raise _usage("give the prompt either as an argument or with --prompt-file, not both")
+    if prompt_file is not None:
+        try:
+            text = prompt_file.read_bytes().decode("utf-8")  # verbatim: a trailing newline is part of the prompt
+        except OSError as e:
+            raise _usage(f"cannot read --prompt-file {prompt_file}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise _usage(f"--prompt-file {prompt_file} is not UTF-8 text") from None
+    elif prompt is not None:
+        text = prompt
+    else:
+        raise _usage('no prompt: pass one, e.g. tiered run "def fib(n):", or use --prompt-file FILE')
+    if not text:
+        raise _usage("the prompt is empty: give some text to continue")
+    return text
+
+
+def _check_model_path(model: str | None) -> None:
+    if model is None:
+        return
+    p = Path(model)
+    if not p.exists():
+        raise _usage(f"-m {model}: no such directory; pass a tiered layout or a Hugging Face checkpoint directory")
+    if not p.is_dir():
+        raise _usage(f"-m {model}: not a directory; pass a tiered layout or a Hugging Face checkpoint directory")
+    if not os.access(p, os.R_OK | os.X_OK):
+        raise _usage(f"-m {model}: permission denied; make the directory readable")
+
+
+def _summary(s: dict) -> str:
+    def f(v, unit):
+        return "n/a" if v is None else f"{v:.1f} {unit}"
+    return (f"[tiered] {s['tokens_prompt']} prompt tokens, {s['tokens_generated']} generated ({s['stop_reason']}); "
+            f"prefill {f(s['prefill_tok_s'], 'tok/s')}, decode {f(s['decode_tok_s'], 'tok/s')}; "
+            f"{s['device']} {s['dtype']} attention={s['attention']} io={s.get('io')}")
+
+
+@click.command("run", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("prompt", required=False)
+@click.option("-m", "--model", "model", metavar="PATH", default=None,
+              help="Layout or Hugging Face checkpoint directory (default: the embedded model).")
+@click.option("--prompt-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Read the prompt from a file, verbatim (a trailing newline is part of it).")
+@click.option("--max-new-tokens", type=click.IntRange(min=0), default=128, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 means greedy.")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = off.")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="1.0 = off.")
+@click.option("--seed", type=int, default=None, help="Seed for sampling.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Compute dtype [default: float32 on CPU, bfloat16 on CUDA].")
+@click.option("--max-context", type=click.IntRange(min=1), default=None,
+              help="KV cache positions, prompt + generated [default: min(4096, the model's limit)].")
+@click.option("--attn", type=click.Choice(["auto", "flash", "sdpa"]), default="auto", show_default=True,
+              help="Attention backend: flash-attn when importable on CUDA, else PyTorch SDPA.")
+@click.option("--chat", is_flag=True, help="Wrap the prompt as a user message in the model's chat template.")
+@click.option("--json", "as_json", is_flag=True, help="Stats as one JSON line, the last line of stderr.")
+@click.option("--no-cuda-graphs", is_flag=True, help="Run the decode step eagerly on CUDA.")
+@click.option("--vram-gb", type=float, default=None, help=f"GiB of GPU memory for the whole model; {BUDGET_HELP}.")
+@click.option("--expert-slots", type=click.IntRange(min=1), default=None,
+              help=f"Global device-tier expert slots; {BUDGET_HELP}.")
+@click.option("--ram-gb", type=float, default=None, help=f"GiB of pinned RAM for experts; {BUDGET_HELP}.")
+@click.option("--io", type=click.Choice(["mmap", "direct"]), default=None, help=f"Disk reads; {BUDGET_HELP}.")
+@click.option("--policy", type=str, default=None, help=f"Eviction policy (lru, lfu, flru, ...); {BUDGET_HELP}.")
+@click.option("--prefetch-depth", type=click.IntRange(min=0), default=None, help=f"Layers ahead; {BUDGET_HELP}.")
+@click.option("--prefetch-budget", type=click.IntRange(min=0), default=None,
+              help=f"Experts prefetched per layer; {BUDGET_HELP}.")
+def run(prompt, model, prompt_file, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, max_context,
+        attn, chat, as_json, no_cuda_graphs, vram_gb, expert_slots, ram_gb, io, policy, prefetch_depth,
+        prefetch_budget) -> None:
+    """Continue PROMPT with a model; only the continuation goes to stdout.
+
+    \b
+    Examples:
+      tiered run "def fibonacci(n):"
+      tiered run -m ~/layouts/qwen3-30b --device cuda --max-new-tokens 64 "Hello"
+      tiered run --prompt-file prompt.txt --temperature 0.8 --top-p 0.95 --seed 1 --json
+    """
+    text = _read_prompt(prompt, prompt_file)
+    _check_model_path(model)
+    if temperature < 0:
+        raise _usage(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise _usage(f"--top-p must be in (0, 1], got {top_p}")
+    budget = dict(vram_gb=vram_gb, expert_slots=expert_slots, ram_gb=ram_gb, io=io, policy=policy,
+                  prefetch_depth=prefetch_depth, prefetch_budget=prefetch_budget)
+
+    from tiered.engine import EngineError, load
+    from tiered.families import FamilyError
+    from tiered.format import LayoutError
+    from tiered.tokenizer import TokenizerError
+
+    try:
+        engine = load(model, device=device, dtype=dtype, max_context=max_context, attn=attn, budget=budget,
+                      cuda_graphs=not no_cuda_graphs)
+        ids = engine.encode(text, chat=chat)
+    except (EngineError, FamilyError, TokenizerError) as e:
+        raise _usage(str(e)) from None
+    except ValueError as e:  # --attn flash without flash-attn, and other bad option combinations
+        raise _usage(str(e)) from None
+    except LayoutError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    if not ids:
+        raise _usage("the prompt encodes to zero tokens: give some text to continue")
+    if len(ids) > engine.max_context:
+        raise _usage(f"the prompt has {len(ids)} tokens but --max-context is {engine.max_context}: "
+                     "raise --max-context or shorten the prompt")
+
+    def emit(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    gen = engine.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          seed=seed, on_text=emit)
+    if sys.stdout.isatty():
+        click.echo("", err=True)  # end the streamed line on a terminal without adding to stdout
+    stats = dict(gen.stats)
+    stats["vram_budget_gib"] = vram_gb if vram_gb is not None else stats.get("vram_budget_gib")
+    click.echo(_summary(stats), err=True)
+    if as_json:
+        click.echo(json.dumps(stats), err=True)
