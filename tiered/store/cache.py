@@ -1,0 +1,492 @@
+"""The expert cache: device slots over a pinned RAM tier over the layout on disk.
+
+Owns: `TierConfig` (the budget flags), `plan_budget` (flags -> slot counts, with the VRAM
+breakdown and every budget check), `ExpertCache` (the `ExpertProvider` of SEAMS.md that
+composes vram.SlotPool, ram.PinnedPool and io.BlockReader), its stats (CONTRACTS keys), and
+`make_provider`, which the engine calls when a budget flag is set.
+Does not own: policies (policy.py), bytes and copy ordering (vram.py, ram.py), reads (io.py),
+nor what to prefetch (the predictor calls `prefetch`).
+
+get(layer, ids) semantics (SEAMS.md): the ids of one call are the current step; they are pinned
+until the next get(), so neither demand loads nor prefetches evict them. A call may ask for at
+most `max_experts_per_call` = S experts; the MoE block splits larger sets (prefill) into waves.
+
+Tiers per mode (the RAM tier has R slots, the device tier S):
+  mmap + CUDA, registration accepted -> RAM slots are registered blocks of the mapping ("mmap-registered")
+  mmap + CUDA, registration refused or off -> RAM slots are pinned copies ("mmap-staged")
+  direct -> RAM slots are pinned copies filled by O_DIRECT ("direct")
+  CPU, no --ram-gb -> R = 0: slots are filled straight from the mapping (mmap) or by O_DIRECT (direct)
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from tiered.store.io import BlockReader, Faults, HostRegistrar, IO_MODES, VERIFY_MODES
+from tiered.store.policy import POLICIES, make_policy
+from tiered.store.ram import PinnedPool
+from tiered.store.vram import SlotPool
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+class BudgetError(ValueError):
+    """A budget that cannot work (too small for one layer's top-k, or larger than the machine)."""
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    """The budget flags of `run`/`trace`/`tune` (CONTRACTS.md); None = choose a default."""
+
+    vram_gb: float | None = None  # GiB, the WHOLE GPU budget: dense + KV cache + scratch + expert slots
+    expert_slots: int | None = None  # S, global device-tier slots (wins over vram_gb)
+    ram_gb: float | None = None  # GiB of the pinned RAM tier
+    io: str = "mmap"  # "mmap" (page cache) or "direct" (O_DIRECT)
+    policy: str = "lru"  # device-tier eviction policy
+    ram_policy: str = "lru"  # RAM-tier eviction policy
+    verify: str = "first-use"  # xxh3 of a block the first time it is read from disk; or "none"
+    io_register: str = "auto"  # mmap on CUDA: "auto" registers mapped blocks, "off" stages through pinned copies
+    io_threads: int = 8  # reader threads (queue depth for O_DIRECT, parallel page-cache copies)
+    ram_preload: bool = False  # fill the RAM tier at start-up (a RAM-backed run)
+    flru_w: float | None = None  # flru weight in get() ticks; default num_layers (one use ~ one token)
+    prefetch_depth: int | None = None  # passed through to the predictor's prefetcher
+    prefetch_budget: int | None = None  # passed through to the predictor's prefetcher
+
+    def __post_init__(self) -> None:
+        if self.io not in IO_MODES:
+            raise BudgetError(f"--io must be one of {list(IO_MODES)}, got {self.io!r}")
+        if self.verify not in VERIFY_MODES:
+            raise BudgetError(f"--verify must be one of {list(VERIFY_MODES)}, got {self.verify!r}")
+        for name in ("policy", "ram_policy"):
+            if getattr(self, name) not in POLICIES:
+                raise BudgetError(f"--{name.replace('_', '-')} must be one of {sorted(POLICIES)}, "
+                                  f"got {getattr(self, name)!r}")
+        if self.io_register not in ("auto", "off"):
+            raise BudgetError(f"--io-register must be auto or off, got {self.io_register!r}")
+        for name in ("vram_gb", "ram_gb"):
+            v = getattr(self, name)
+            if v is not None and not (v >= 0 and math.isfinite(v)):
+                raise BudgetError(f"--{name.replace('_', '-')} must be a non-negative number of GiB, got {v}")
+        if self.expert_slots is not None and self.expert_slots < 1:
+            raise BudgetError(f"--expert-slots must be >= 1, got {self.expert_slots}")
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    """Slot counts chosen from the flags, with the byte breakdown that justified them."""
+
+    expert_slots: int  # S
+    ram_slots: int  # R (0 = no RAM tier: CPU only)
+    block_size: int  # bytes per expert block
+    vram_budget_gib: float | None  # the --vram-gb it came from, if any
+    breakdown: dict[str, int] = field(default_factory=dict)  # bytes by use (dense, kv_cache, scratch, ...)
+    notes: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        b = self.breakdown
+        lines = [f"expert slots: {self.expert_slots} x {self.block_size / MiB:.2f} MiB = "
+                 f"{self.expert_slots * self.block_size / GiB:.2f} GiB"]
+        if self.vram_budget_gib is not None:
+            lines.append("vram budget {:.2f} GiB = dense {:.2f} + KV cache {:.2f} + scratch {:.2f} + slots {:.2f} "
+                         "+ unused {:.2f} GiB".format(self.vram_budget_gib, b["dense"] / GiB, b["kv_cache"] / GiB,
+                                                    b["scratch"] / GiB, b["slots"] / GiB, b["unused"] / GiB))
+        lines.append(f"ram tier: {self.ram_slots} slots = {self.ram_slots * self.block_size / GiB:.2f} GiB")
+        lines.extend(self.notes)
+        return "\n".join(lines)
+
+
+def _meminfo(key: str) -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def estimate_dense_bytes(layout: Any, dtype: torch.dtype) -> int:
+    """Bytes of the dense weights once converted to the compute dtype (floating tensors only)."""
+    from tiered.format import DENSE_FILE, ST_ITEMSIZE, read_safetensors_header
+
+    entries, _ = read_safetensors_header(layout.path / DENSE_FILE)
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(e.nbytes // ST_ITEMSIZE[e.dtype] * size for e in entries.values())
+
+
+def estimate_kv_bytes(cfg: Any, max_context: int, dtype: torch.dtype) -> int:
+    """K and V of every layer for max_context positions."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * max_context * size
+
+
+def estimate_scratch_bytes(cfg: Any, block_size: int, dtype: torch.dtype, prefill_chunk: int = 512) -> int:
+    """Working memory: gathered top-k expert weights (decode), prefill activations and logits, allocator slack."""
+    size = torch.empty((), dtype=dtype).element_size()
+    gathered = cfg.top_k * block_size * max(1, size // 2)  # index_select of K experts, converted on use
+    acts = prefill_chunk * (cfg.hidden_size * 16 + cfg.num_heads * prefill_chunk) * 4
+    logits = cfg.vocab_size * 4 * 2
+    return 256 * MiB + gathered + acts + logits
+
+
+def plan_budget(cfg: Any, block_size: int, tiers: TierConfig, *, device: torch.device, dense_bytes: int,
+                kv_bytes: int, scratch_bytes: int, gpu_total: int | None = None, gpu_free: int | None = None,
+                ram_total: int | None = None, ram_avail: int | None = None) -> CachePlan:
+    """Turn the flags into slot counts; raise BudgetError with the numbers when they cannot work.
+
+    Explicit flags win over defaults; defaults never come from MemTotal alone (the GPU box's RAM
+    grows as it is used), and a --ram-gb above MemTotal only warns.
+    """
+    n_all = cfg.num_layers * cfg.num_experts
+    K = cfg.top_k
+    cuda = device.type == "cuda"
+    notes: list[str] = []
+    fixed = dense_bytes + kv_bytes + scratch_bytes
+    brk = {"dense": dense_bytes, "kv_cache": kv_bytes, "scratch": scratch_bytes}
+    need_min = f"one layer's top-k = {K} slots x {block_size / MiB:.2f} MiB = {K * block_size / GiB:.3f} GiB"
+    if tiers.vram_gb is not None and cuda and gpu_total is not None and tiers.vram_gb * GiB > gpu_total:
+        raise BudgetError(f"--vram-gb {tiers.vram_gb} GiB is more than this GPU has ({gpu_total / GiB:.2f} GiB): "
+                          "pass at most that")
+    if tiers.expert_slots is not None:
+        S = tiers.expert_slots
+        if S < K:
+            raise BudgetError(f"--expert-slots {S} is below {need_min}: pass --expert-slots {K} or more")
+        if S > n_all:
+            notes.append(f"--expert-slots {S} is more than the model's {n_all} experts: using {n_all}")
+            S = n_all
+        if tiers.vram_gb is not None and fixed + S * block_size > tiers.vram_gb * GiB:
+            raise BudgetError(
+                f"--expert-slots {S} ({S * block_size / GiB:.2f} GiB) + dense {dense_bytes / GiB:.2f} + KV cache "
+                f"{kv_bytes / GiB:.2f} + scratch {scratch_bytes / GiB:.2f} GiB exceed --vram-gb {tiers.vram_gb}: "
+                "drop one of the two flags or make them agree")
+    elif tiers.vram_gb is not None:
+        room = int(tiers.vram_gb * GiB) - fixed
+        S = max(0, room) // block_size
+        if S < K:
+            raise BudgetError(
+                f"--vram-gb {tiers.vram_gb} leaves {max(room, 0) / GiB:.3f} GiB for experts after dense "
+                f"{dense_bytes / GiB:.2f} + KV cache {kv_bytes / GiB:.2f} + scratch {scratch_bytes / GiB:.2f} GiB, "
+                f"below {need_min}: pass --vram-gb {(fixed + K * block_size) / GiB:.2f} or more "
+                "(or lower --max-context to shrink the KV cache)")
+        S = min(S, n_all)
+    elif cuda:
+        room = (gpu_free if gpu_free is not None else 0) - fixed
+        S = min(n_all, max(0, int(room * 0.9)) // block_size)
+        if S < K:
+            raise BudgetError(f"the GPU has {(gpu_free or 0) / GiB:.2f} GiB free, not enough for dense + KV cache "
+                              f"+ {need_min}: free GPU memory or lower --max-context")
+        notes.append(f"no --vram-gb/--expert-slots: {S} slots from 90% of the free GPU memory")
+    else:
+        S = n_all
+    if cuda and gpu_free is not None and S * block_size > gpu_free:
+        raise BudgetError(f"{S} expert slots need {S * block_size / GiB:.2f} GiB but the GPU has "
+                          f"{gpu_free / GiB:.2f} GiB free: lower --expert-slots/--vram-gb")
+    brk["slots"] = S * block_size
+    brk["unused"] = max(0, int((tiers.vram_gb or 0) * GiB) - fixed - S * block_size) if tiers.vram_gb else 0
+
+    if tiers.ram_gb is not None:
+        R = int(tiers.ram_gb * GiB) // block_size
+        if R < 1:
+            raise BudgetError(f"--ram-gb {tiers.ram_gb} holds no expert block ({block_size / MiB:.2f} MiB each): "
+                              f"pass --ram-gb {block_size / GiB:.4f} or more")
+        if ram_total is not None and tiers.ram_gb * GiB > ram_total:
+            notes.append(f"warning: --ram-gb {tiers.ram_gb} is above MemTotal ({ram_total / GiB:.1f} GiB); "
+                         "kept, since explicit flags win (some machines grow their RAM as it is used)")
+        R = min(R, n_all)
+    elif cuda:
+        avail = ram_avail if ram_avail is not None else 8 * GiB
+        R = max(1, min(n_all, avail // 2 // block_size))
+        notes.append(f"no --ram-gb: {R} RAM slots from half of MemAvailable ({avail / GiB:.1f} GiB)")
+    else:
+        R = 0  # CPU: the device tier is RAM already; slots are filled straight from the file
+    return CachePlan(S, R, block_size, tiers.vram_gb, brk, tuple(notes))
+
+
+class _PhaseCounts:
+    """Counters of one phase (prefill or decode)."""
+
+    def __init__(self) -> None:
+        self.hits = 0
+        self.misses = 0
+        self.bytes_h2d = 0
+        self.stall_s = 0.0
+        self.tokens = 0  # get() calls at layer 0 in one-token steps (decode)
+
+
+class ExpertCache:
+    """ExpertProvider over S device slots, R RAM slots and the layout on disk.
+
+    Args:
+        layout: an opened Layout.
+        plan: slot counts (plan_budget).
+        tiers: the flags (io, policies, verify, ...).
+        device: compute device.
+        faults: test hooks for the disk tier.
+    """
+
+    def __init__(self, layout: Any, plan: CachePlan, tiers: TierConfig, *, device: torch.device | str,
+                 faults: Faults | None = None) -> None:
+        self.layout = layout
+        self.plan = plan
+        self.tiers = tiers
+        self.device = torch.device(device)
+        cfg = layout.config
+        self.num_layers, self.num_experts = cfg.num_layers, cfg.num_experts
+        self.block_size = layout.block_size
+        cuda = self.device.type == "cuda"
+        kw = {"w": tiers.flru_w if tiers.flru_w is not None else float(cfg.num_layers)}
+        pol = lambda name: make_policy(name, **(kw if name == "flru" else {}))  # noqa: E731
+        self.reader = BlockReader(layout, io=tiers.io, verify=tiers.verify, threads=tiers.io_threads, faults=faults)
+        S = plan.expert_slots
+        self.vram = SlotPool(S, self.block_size, layout.tensor_specs, pol(tiers.policy), device=self.device,
+                             max_per_call=S, ring=max(64, 2 * cfg.num_layers + 2))
+        self.weights = self.vram.weights
+        self.max_experts_per_call = S
+        self.ram: PinnedPool | None = None
+        self.io = "direct" if tiers.io == "direct" else "mmap-staged"
+        if plan.ram_slots == 0 and cuda:
+            raise BudgetError("on CUDA the RAM tier needs at least one slot: pass --ram-gb "
+                              f"{self.block_size / GiB:.4f} or more")
+        if plan.ram_slots:
+            mode = "copy"
+            if cuda and tiers.io == "mmap" and tiers.io_register == "auto":
+                mode = "register" if self._probe_register() else "copy"
+            self.ram = PinnedPool(plan.ram_slots, self.reader, pol(tiers.ram_policy), mode=mode, pin=cuda, cuda=cuda)
+            if mode == "register":
+                self.io = "mmap-registered"
+        self._t = 0  # clock: one tick per get()
+        self._pinned: set[int] = set()  # keys of the last get(): the current step
+        self._prefetched: set[int] = set()  # loaded by prefetch, not used by a get() yet
+        self.prefetch_issued = 0
+        self.prefetch_used = 0
+        self.phase = "decode"
+        self._phases = {"prefill": _PhaseCounts(), "decode": _PhaseCounts()}
+        self._ram_wait_seen = 0.0
+        if tiers.ram_preload and self.ram is not None:
+            t0 = time.perf_counter()
+            self.ram.preload(list(range(self.num_layers * self.num_experts)), 0)
+            self.preload_s = time.perf_counter() - t0
+        self._read_base = (self.reader.bytes_read, self.reader.blocks_read, self.reader.read_s)
+
+    def _probe_register(self) -> bool:
+        """Try cudaHostRegister on one mapped block; False (and a note on stderr) when refused."""
+        reg = HostRegistrar()
+        row = self.reader.mapped_row(0)
+        code = reg.register(row)
+        if code:
+            print(f"tiered: cudaHostRegister refused the mapped experts (CUDA error {code}); "
+                  "staging copies through pinned memory instead (io = mmap-staged)", file=sys.stderr)
+            return False
+        reg.unregister(row)
+        return True
+
+    # --- phases (optional: the engine says when decode starts) ---
+    def set_phase(self, phase: str) -> None:
+        """"prefill" or "decode": hit rates and stall share are reported over decode (CONTRACTS)."""
+        if phase not in self._phases:
+            raise ValueError(f"phase must be prefill or decode, got {phase!r}")
+        self.phase = phase
+
+    # --- ExpertProvider ---
+    def get(self, layer: int, expert_ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """int64 [U] distinct ids of `layer` -> int64 [U] slot rows into `weights`, usable on the current stream."""
+        ids = expert_ids.tolist() if isinstance(expert_ids, torch.Tensor) else list(expert_ids)
+        if len(ids) > self.max_experts_per_call:
+            raise ValueError(f"get(layer {layer}) asked for {len(ids)} experts at once, more than the "
+                             f"{self.max_experts_per_call} slots: split the call into waves of max_experts_per_call")
+        E = self.num_experts
+        keys = [layer * E + int(e) for e in ids]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"get(layer {layer}) got repeated expert ids {ids}: pass distinct ids")
+        self._t += 1
+        t = self._t
+        pinned = set(keys)
+        self._pinned = pinned
+        ph = self._phases[self.phase]
+        if layer == 0 and self.phase == "decode":
+            ph.tokens += 1
+        vt = self.vram.table
+        slots: list[int] = [0] * len(keys)
+        missing: list[int] = []
+        for i, k in enumerate(keys):
+            s = vt.lookup(k)
+            if s is None:
+                missing.append(i)
+                continue
+            vt.touch(k, t)
+            slots[i] = s
+            if k in self._prefetched:
+                self._prefetched.discard(k)
+                self.prefetch_used += 1
+        self.vram.hits += len(keys) - len(missing)
+        self.vram.misses += len(missing)
+        ph.hits += len(keys) - len(missing)
+        ph.misses += len(missing)
+        if missing:
+            t0 = time.perf_counter()
+            ram_wait0 = self.ram.wait_s if self.ram is not None else 0.0
+            mk = [keys[i] for i in missing]
+            slot_of = self._assign(mk, t, pinned)
+            for i in missing:
+                slots[i] = slot_of[keys[i]]
+            self._load(mk, slot_of, t, pinned)
+            ph.bytes_h2d += len(missing) * self.block_size
+            if self.device.type == "cuda":
+                ph.stall_s += (self.ram.wait_s - ram_wait0) if self.ram is not None else 0.0
+            else:
+                ph.stall_s += time.perf_counter() - t0
+        self.vram.wait_for(slots, self.phase)
+        return self.vram.index_tensor(slots)
+
+    def _assign(self, keys: list[int], t: float, pinned: set[int]) -> dict[int, int]:
+        slot_of = {}
+        for k in keys:
+            slot, evicted = self.vram.table.assign(k, t, pinned)
+            self._prefetched.discard(evicted)
+            slot_of[k] = slot
+        return slot_of
+
+    def _load(self, keys: list[int], slot_of: dict[int, int], t: float, pinned: set[int]) -> None:
+        """Fill the device slots of `keys` from the RAM tier (or the file); on error forget them all."""
+        done: set[int] = set()
+        self.vram.begin_copies()
+        try:
+            if self.ram is None:
+                self._load_passthrough(keys, slot_of, done)
+            else:
+                for k, rs in self.ram.fetch(keys, t, pinned):
+                    self.vram.copy_in(slot_of[k], self.ram.host_row(rs))
+                    self.ram.mark_dma(rs, self.vram.stream)
+                    done.add(k)
+        except BaseException:
+            for k in keys:  # a half-filled slot must never be handed out as that expert
+                self.vram.table.drop(k)
+            raise
+        finally:
+            self.vram.end_copies()
+
+    def _load_passthrough(self, keys: list[int], slot_of: dict[int, int], done: set[int]) -> None:
+        """CPU without a RAM tier: copy from the mapping (mmap) or O_DIRECT-read into the slot itself."""
+        if self.tiers.io == "mmap":
+            for k in keys:
+                t0 = time.perf_counter()
+                self.reader.verify_mapped(k)
+                self.vram.row(slot_of[k]).copy_(self.reader.mapped_row(k))
+                self.reader.note_mapped_read(self.block_size, time.perf_counter() - t0)
+                self.vram.note_filled(slot_of[k])
+                done.add(k)
+            return
+        futures = [(k, self.reader.submit(k, self.vram.row(slot_of[k]))) for k in keys]
+        err = None
+        for k, f in futures:  # wait for every read, even after an error: no thread may still write a slot
+            e = f.exception()
+            if e is None:
+                self.vram.note_filled(slot_of[k])
+                done.add(k)
+            elif err is None:
+                err = e
+        if err is not None:
+            raise err
+
+    def prefetch(self, layer: int, expert_ids: Any) -> None:
+        """Start loading experts likely needed soon; never evicts the current step, never changes results.
+
+        CUDA: copies from the RAM tier are issued on the side stream (no wait); experts only on disk
+        are skipped, since reading them would block. CPU: copies are synchronous memcpys.
+        """
+        ids = expert_ids.tolist() if isinstance(expert_ids, torch.Tensor) else list(expert_ids)
+        E = self.num_experts
+        vt = self.vram.table
+        keys = []
+        for e in ids:
+            k = layer * E + int(e)
+            if vt.lookup(k) is not None or k in keys:
+                continue
+            if self.ram is not None and self.device.type == "cuda" and self.ram.table.lookup(k) is None:
+                continue  # on disk only: a read would block
+            keys.append(k)
+        room = self.vram.n_slots - len(self._pinned)
+        keys = keys[:max(0, room)]
+        if not keys:
+            return
+        protect = self._pinned | set(keys)
+        slot_of = self._assign(keys, self._t, protect)
+        self._load(keys, slot_of, self._t, protect)
+        self.prefetch_issued += len(keys)
+        self._prefetched.update(keys)
+
+    # --- stats ---
+    def stats(self) -> dict:
+        """CONTRACTS keys; per tier hits/misses/bytes_in/gbps; decode-phase figures under "decode"."""
+        self.vram.harvest_all()
+        d, p = self._phases["decode"], self._phases["prefill"]
+        stall_dev = self.vram.wait_s
+        bytes_read = self.reader.bytes_read - self._read_base[0]
+        blocks_read = self.reader.blocks_read - self._read_base[1]
+        read_s = self.reader.read_s - self._read_base[2]
+        vram = self.vram.stats()
+        if self.ram is not None:
+            r = self.ram.stats()
+            ram = {"hits": r["hits"], "misses": r["misses"], "bytes_in": r["bytes_in"],
+                   "gbps": r["bytes_in"] / read_s / 1e9 if read_s > 0 else 0.0, "slots": r["slots"], "mode": r["mode"]}
+        else:
+            ram = {"hits": 0, "misses": 0, "bytes_in": 0, "gbps": 0.0, "slots": 0, "mode": "page-cache"}
+        disk = {"hits": blocks_read, "misses": 0, "bytes_in": bytes_read,
+                "gbps": bytes_read / read_s / 1e9 if read_s > 0 else 0.0}
+        used = d.hits + d.misses
+        stall = d.stall_s + self.vram.wait_s_by_phase.get("decode", 0.0)
+        out = {
+            "io": self.io, "expert_slots": self.plan.expert_slots, "ram_slots": self.plan.ram_slots,
+            "policy": self.tiers.policy, "ram_policy": self.tiers.ram_policy, "verify": self.tiers.verify,
+            "vram_budget_gib": self.plan.vram_budget_gib,
+            "vram": {**vram, "slots": self.plan.expert_slots}, "ram": ram, "disk": disk,
+            "bytes_h2d_per_token": d.bytes_h2d / d.tokens if d.tokens else 0.0,
+            "stall_s": stall,
+            "prefetch_issued": self.prefetch_issued, "prefetch_used": self.prefetch_used,
+            "decode": {"hits": d.hits, "misses": d.misses, "hit_rate": d.hits / used if used else None,
+                       "tokens": d.tokens, "bytes_h2d": d.bytes_h2d, "stall_s": stall},
+            "prefill": {"hits": p.hits, "misses": p.misses, "bytes_h2d": p.bytes_h2d,
+                        "stall_s": p.stall_s + self.vram.wait_s_by_phase.get("prefill", 0.0)},
+            "device_wait_s": stall_dev,
+        }
+        if hasattr(self, "preload_s"):
+            out["ram_preload_s"] = self.preload_s
+        return out
+
+    def close(self) -> None:
+        """Wait for copies, unregister registered blocks, stop the reader threads."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        if self.ram is not None:
+            self.ram.close()
+        self.reader.close()
+
+
+def make_provider(layout: Any, *, device: torch.device | str, dtype: torch.dtype | None = None,
+                  max_context: int | None = None, faults: Faults | None = None, quiet: bool = False,
+                  **flags: Any) -> ExpertCache:
+    """The engine's entry point: budget flags (TierConfig fields) -> an ExpertCache; prints the plan on stderr."""
+    device = torch.device(device)
+    tiers = TierConfig(**flags)
+    cfg = layout.config
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    ctx = int(max_context or min(4096, cfg.max_position_embeddings))
+    gpu_total = gpu_free = None
+    if device.type == "cuda":
+        gpu_free, gpu_total = torch.cuda.mem_get_info(device)
+    plan = plan_budget(cfg, layout.block_size, tiers, device=device,
+                       dense_bytes=estimate_dense_bytes(layout, dtype), kv_bytes=estimate_kv_bytes(cfg, ctx, dtype),
+                       scratch_bytes=estimate_scratch_bytes(cfg, layout.block_size, dtype),
+                       gpu_total=gpu_total, gpu_free=gpu_free, ram_total=_meminfo("MemTotal"),
+                       ram_avail=_meminfo("MemAvailable"))
+    if not quiet:
+        print("tiered: " + plan.describe().replace("\n", "\ntiered: "), file=sys.stderr)
+    return ExpertCache(layout, plan, tiers, device=device, faults=faults)

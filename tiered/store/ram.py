@@ -1,0 +1,179 @@
+"""The pinned RAM tier: a fixed pool of host expert slots between the disk and the device.
+
+Owns: `PinnedPool`, R slots of one block each with its own eviction policy, in one of two modes:
+  - "copy": one page-locked buffer [R, block_size] allocated at start-up (page aligned, so O_DIRECT
+    can read into it); misses are read by the `BlockReader` (page cache or O_DIRECT).
+  - "register": no buffer at all. A slot is a block of the experts.bin mapping registered with
+    cudaHostRegister(ReadOnly): the GPU DMAs straight from the page cache. Loading a slot is the
+    registration (which faults the pages in); eviction unregisters (GROUND.md: per-block
+    register/unregister, so a model larger than RAM still works).
+Both modes keep, per slot, the event of the last device copy that read it, and wait for it
+before the slot's bytes are overwritten or unregistered.
+Does not own: the device slots (vram.py), the order in which the cache asks for keys, nor reads
+themselves (io.py).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Collection, Iterator
+
+import torch
+
+from tiered.store.io import BlockReader, HostRegistrar, aligned_empty
+from tiered.store.policy import Policy
+from tiered.store.slots import SlotTable
+
+
+class PinnedPool:
+    """R host slots of `block_size` bytes.
+
+    Args:
+        n_slots: R (>= 1).
+        reader: the layout's BlockReader.
+        policy: eviction policy of this tier.
+        mode: "copy" or "register".
+        pin: page-lock the copy buffer (needs CUDA); unpinned buffers are still page aligned.
+        cuda: whether device copies read from these slots (events are kept per slot).
+    """
+
+    def __init__(self, n_slots: int, reader: BlockReader, policy: Policy, *, mode: str = "copy",
+                 pin: bool = False, cuda: bool = False) -> None:
+        if n_slots < 1:
+            raise ValueError(f"the pinned RAM tier needs at least one slot, got {n_slots}")
+        if mode not in ("copy", "register"):
+            raise ValueError(f"PinnedPool mode must be copy or register, got {mode!r}")
+        self.n_slots = n_slots
+        self.block_size = reader.block_size
+        self.reader = reader
+        self.mode = mode
+        self.table = SlotTable(n_slots, policy)
+        self.rows: torch.Tensor | None = None  # uint8 [R, block_size] ("copy" mode)
+        self._owner: Any = None
+        if mode == "copy":
+            flat, self._owner = aligned_empty(n_slots * self.block_size, pin=pin)
+            self.rows = flat.view(n_slots, self.block_size)
+        self._registrar = HostRegistrar() if mode == "register" else None
+        self._dma = [torch.cuda.Event() for _ in range(n_slots)] if cuda else None  # last device read
+        self._dma_pending = [False] * n_slots
+        self.hits = 0
+        self.misses = 0
+        self.bytes_in = 0
+        self.wait_s = 0.0  # host time blocked on reads/registration in fetch()
+
+    @property
+    def nbytes(self) -> int:
+        return self.n_slots * self.block_size
+
+    def host_row(self, slot: int) -> torch.Tensor:
+        """uint8 [block_size] host bytes of a resident slot (pinned copy, or the registered mapping)."""
+        if self.rows is not None:
+            return self.rows[slot]
+        return self.reader.mapped_row(self.table.key_of[slot])
+
+    def mark_dma(self, slot: int, stream: torch.cuda.Stream) -> None:
+        """Record that a device copy on `stream` reads this slot: it is not reused before it finishes."""
+        if self._dma is not None:
+            self._dma[slot].record(stream)
+            self._dma_pending[slot] = True
+
+    def _quiesce(self, slot: int) -> None:
+        """Wait for the last device copy out of `slot` (before overwriting or unregistering it)."""
+        if self._dma is not None and self._dma_pending[slot]:
+            self._dma[slot].synchronize()
+            self._dma_pending[slot] = False
+
+    def _release(self, slot: int, key: int) -> None:
+        self._quiesce(slot)
+        if self._registrar is not None:
+            self._registrar.unregister(self.reader.mapped_row(key))
+
+    def fetch(self, keys: list[int], t: float, pinned: Collection[int] = ()) -> Iterator[tuple[int, int]]:
+        """Make each key resident; yield (key, slot) as each becomes readable (hits first).
+
+        Misses load in batches of at most R keys (reads of a batch run in parallel). A key yielded
+        earlier may be evicted by a later batch: `mark_dma` makes that eviction wait for its copy.
+        On a read error every read of the batch is awaited, the failed keys are dropped, and the
+        error is raised.
+        """
+        missing = []
+        for k in keys:
+            s = self.table.lookup(k)
+            if s is None:
+                missing.append(k)
+                continue
+            self.hits += 1
+            self.table.touch(k, t)
+            yield k, s
+        self.misses += len(missing)
+        for b in range(0, len(missing), self.n_slots):
+            batch = missing[b:b + self.n_slots]
+            yield from self._load_batch(batch, t, set(batch) | set(pinned) if len(pinned) + len(batch) <= self.n_slots
+                                        else set(batch))
+
+    def _load_batch(self, batch: list[int], t: float, pinned: set[int]) -> Iterator[tuple[int, int]]:
+        t0 = time.perf_counter()
+        slots = []
+        for k in batch:
+            slot, evicted = self.table.assign(k, t, pinned)
+            if evicted is not None:
+                self._release(slot, evicted)
+            slots.append(slot)
+        if self.mode == "register":
+            yield from self._register_batch(batch, slots, t0)
+            return
+        futures = [self.reader.submit(k, self.rows[s]) for k, s in zip(batch, slots)]
+        for i, (k, s, f) in enumerate(zip(batch, slots, futures)):
+            try:
+                f.result()
+            except Exception:
+                for k2, f2 in zip(batch[i:], futures[i:]):  # never leave a thread writing a reused buffer
+                    f2.exception()
+                    self.table.drop(k2)
+                raise
+            self.bytes_in += self.block_size
+            self.wait_s += time.perf_counter() - t0
+            yield k, s
+            t0 = time.perf_counter()
+
+    def _register_batch(self, batch: list[int], slots: list[int], t0: float) -> Iterator[tuple[int, int]]:
+        for i, (k, s) in enumerate(zip(batch, slots)):
+            row = self.reader.mapped_row(k)
+            code = self._registrar.register(row)
+            if code:
+                for k2 in batch[i:]:
+                    self.table.drop(k2)
+                ref = self.reader.ref(k)
+                raise RuntimeError(f"{ref.where()}: cudaHostRegister refused the mapped block (CUDA error {code}) "
+                                   "after earlier blocks were accepted: lower --ram-gb (locked-memory limit?) "
+                                   "or run with --io-register off")
+            try:
+                self.reader.verify_mapped(k)
+            except Exception:
+                self._registrar.unregister(row)
+                for k2 in batch[i:]:
+                    self.table.drop(k2)
+                raise
+            dt = time.perf_counter() - t0
+            self.reader.note_mapped_read(self.block_size, dt)
+            self.bytes_in += self.block_size
+            self.wait_s += dt
+            yield k, s
+            t0 = time.perf_counter()
+
+    def preload(self, keys: list[int], t: float) -> None:
+        """Fill the tier with `keys` (start-up warm-up, e.g. a RAM-backed run); stops when full."""
+        for k in keys[:self.n_slots]:
+            for _ in self.fetch([k], t):
+                pass
+        self.hits = self.misses = self.bytes_in = 0
+        self.wait_s = 0.0
+
+    def close(self) -> None:
+        """Unregister every registered block (register mode) after the last device copy."""
+        for key, slot in list(self.table.slot_of.items()):
+            self._release(slot, key)
+            self.table.drop(key)
+
+    def stats(self) -> dict:
+        return {"hits": self.hits, "misses": self.misses, "bytes_in": self.bytes_in,
+                "slots": self.n_slots, "mode": self.mode}

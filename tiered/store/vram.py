@@ -1,0 +1,197 @@
+"""The device tier: a fixed pool of expert slots, filled by copies on a side stream.
+
+Owns: `SlotPool`, S slots of one block each, allocated once at start-up as uint8 [S, block_size]
+on the compute device (on CPU the device tier is RAM); the expert weight views over it; the key
+table and policy of the tier; and the ordering of copies:
+  - copies into slots run on one dedicated side CUDA stream, `non_blocking` from pinned or
+    registered host memory;
+  - before a batch of copies overwrites slots, the side stream waits for all compute enqueued so
+    far (the victims' last readers);
+  - each slot records a "ready" event after its copy; compute waits only on the events of the
+    slots it is about to use.
+Nothing here allocates after start-up: events, index buffers and timers are preallocated rings.
+Does not own: where the bytes come from (ram.py, io.py) nor which keys a step needs (cache.py).
+
+Legend: S slots, U experts of one get().
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from tiered.store.disk import expert_views
+from tiered.store.io import aligned_empty
+from tiered.store.policy import Policy
+from tiered.store.slots import SlotTable
+
+
+class SlotPool:
+    """S device slots with a side stream and per-slot ready events.
+
+    Args:
+        n_slots: S.
+        block_size: bytes per expert block.
+        specs: the layout's tensor specs (block layout).
+        policy: eviction policy of this tier.
+        device: compute device.
+        max_per_call: the most slots one get() returns (sizes the index ring).
+        ring: how many returned index tensors stay valid (a token's worth of layers is enough).
+    """
+
+    def __init__(self, n_slots: int, block_size: int, specs: Any, policy: Policy, *, device: torch.device,
+                 max_per_call: int, ring: int = 64) -> None:
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.n_slots = n_slots
+        self.block_size = block_size
+        self.table = SlotTable(n_slots, policy)
+        if self.cuda:
+            self.pool = torch.empty((n_slots, block_size), dtype=torch.uint8, device=self.device)  # [S, block]
+        else:  # page aligned, so O_DIRECT can read straight into a slot when there is no RAM tier
+            flat, self._owner = aligned_empty(n_slots * block_size, pin=False)
+            self.pool = flat.view(n_slots, block_size)
+        self.weights = expert_views(self.pool, specs)
+        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self._ready = [torch.cuda.Event() for _ in range(n_slots)] if self.cuda else None
+        self._pending: set[int] = set()  # slots whose copy compute has not waited for yet
+        # Returned index tensors: a ring of pinned host + device buffers, with an event per entry.
+        self._ring_host = torch.empty((ring, max_per_call), dtype=torch.int64, pin_memory=self.cuda)
+        self._ring_dev = (torch.empty((ring, max_per_call), dtype=torch.int64, device=self.device)
+                          if self.cuda else self._ring_host)
+        self._ring_np = self._ring_host.numpy()  # fast host writes into the pinned ring
+        self._ring_ev = [torch.cuda.Event() for _ in range(ring)] if self.cuda else None
+        self._ring_i = 0
+        # Copy timing: (start, end) event pairs on the side stream, one per get() with copies.
+        self._timers = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                        for _ in range(ring)] if self.cuda else None
+        self._timer_live = [False] * ring  # recorded, elapsed not yet added
+        self._timer_i = 0
+        self._timer_open = False
+        self._t0 = 0.0
+        # Compute-side waits on copies: (before, after) event pairs on the compute stream.
+        self._wait_ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                         for _ in range(ring)] if self.cuda else []
+        self._wait_phase: list[str | None] = [None] * ring
+        self._wait_i = 0
+        self.wait_s = 0.0  # time compute waited for copies (CUDA; 0 on CPU where copies are synchronous)
+        self.wait_s_by_phase: dict[str, float] = {}
+        self.copy_s = 0.0  # time the side stream spent copying (CUDA: events; CPU: wall)
+        self.bytes_in = 0
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.n_slots * self.block_size
+
+    # --- copies ---
+    def begin_copies(self) -> None:
+        """Before overwriting slots: the side stream waits for all compute enqueued so far."""
+        if self.cuda:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            i = self._timer_i % len(self._timers)
+            self._harvest(i)
+            self._timers[i][0].record(self.stream)
+            self._timer_open = True
+        else:
+            self._t0 = time.perf_counter()
+
+    def end_copies(self) -> None:
+        if self.cuda:
+            if self._timer_open:
+                i = self._timer_i % len(self._timers)
+                self._timers[i][1].record(self.stream)
+                self._timer_live[i] = True
+                self._timer_i += 1
+                self._timer_open = False
+        else:
+            self.copy_s += time.perf_counter() - self._t0
+
+    def _harvest(self, i: int) -> None:
+        """Add the elapsed time of timer pair i (complete long ago when the ring wraps) and free it."""
+        if self._timer_live[i]:
+            start, end = self._timers[i]
+            end.synchronize()
+            self.copy_s += start.elapsed_time(end) / 1e3
+            self._timer_live[i] = False
+
+    def harvest_all(self) -> None:
+        """Fold every recorded timer into copy_s / wait_s (syncs; call at stats time only)."""
+        if self.cuda:
+            for i in range(len(self._timers)):
+                self._harvest(i)
+            for i in range(len(self._wait_ev)):
+                self._harvest_wait(i)
+
+    def copy_in(self, slot: int, src: torch.Tensor) -> None:
+        """Copy one host block into `slot` (CUDA: async on the side stream; CPU: now)."""
+        if self.cuda:
+            with torch.cuda.stream(self.stream):
+                self.pool[slot].copy_(src, non_blocking=True)
+            self._ready[slot].record(self.stream)
+            self._pending.add(slot)
+        else:
+            self.pool[slot].copy_(src)
+        self.bytes_in += self.block_size
+
+    def row(self, slot: int) -> torch.Tensor:
+        """The slot's bytes (CPU: a host buffer that a reader may fill directly)."""
+        return self.pool[slot]
+
+    def note_filled(self, slot: int) -> None:
+        """A reader wrote the slot directly (CPU pass-through)."""
+        self.bytes_in += self.block_size
+
+    # --- handing slots to compute ---
+    def wait_for(self, slots: list[int], phase: str = "decode") -> None:
+        """The current stream waits for the copies of exactly these slots (no host sync).
+
+        On CUDA the wait is timed with an event pair around it on the compute stream, so the time
+        compute spent blocked on copies is known per phase (harvested lazily, no host sync here).
+        """
+        if not self.cuda:
+            return
+        waits = [s for s in slots if s in self._pending]
+        if not waits:
+            return
+        cur = torch.cuda.current_stream(self.device)
+        i = self._wait_i % len(self._wait_ev)
+        self._harvest_wait(i)
+        a, b = self._wait_ev[i]
+        a.record(cur)
+        for s in waits:
+            cur.wait_event(self._ready[s])
+            self._pending.discard(s)
+        b.record(cur)
+        self._wait_phase[i] = phase
+        self._wait_i += 1
+
+    def _harvest_wait(self, i: int) -> None:
+        ph = self._wait_phase[i]
+        if ph is not None:
+            a, b = self._wait_ev[i]
+            b.synchronize()
+            dt = a.elapsed_time(b) / 1e3
+            self.wait_s += dt
+            self.wait_s_by_phase[ph] = self.wait_s_by_phase.get(ph, 0.0) + dt
+            self._wait_phase[i] = None
+
+    def index_tensor(self, slots: list[int]) -> torch.Tensor:
+        """int64 [U] slot rows on the device, from a preallocated ring (valid for `ring` calls)."""
+        i = self._ring_i % self._ring_host.shape[0]
+        self._ring_i += 1
+        if not self.cuda:
+            return torch.tensor(slots, dtype=torch.int64)
+        self._ring_ev[i].synchronize()  # the previous H2D from this host row is done (long ago)
+        self._ring_np[i, :len(slots)] = slots
+        host = self._ring_host[i, :len(slots)]
+        dev = self._ring_dev[i, :len(slots)]
+        dev.copy_(host, non_blocking=True)
+        self._ring_ev[i].record(torch.cuda.current_stream(self.device))
+        return dev
+
+    def stats(self) -> dict:
+        return {"hits": self.hits, "misses": self.misses, "bytes_in": self.bytes_in,
+                "gbps": self.bytes_in / self.copy_s / 1e9 if self.copy_s > 0 else 0.0}
