@@ -27,7 +27,8 @@ from tiered.tokenizer import StreamDecoder, Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-BUDGET_KEYS = ("vram_gb", "expert_slots", "ram_gb", "io", "policy", "prefetch_depth", "prefetch_budget")
+BUDGET_KEYS = ("vram_gb", "expert_slots", "ram_gb", "io", "policy", "prefetch_depth", "prefetch_budget",
+               "verify", "io_register")
 PREFILL_CHUNK = 512  # tokens per prefill forward: bounds the [H, T, S] attention scores and expert groups
 
 
@@ -93,7 +94,8 @@ def resolve_layout(path: str | Path | None) -> Path:
     return ensure_layout(p)
 
 
-def make_provider(layout: Any, *, device: torch.device, budget: dict[str, Any] | None) -> ExpertProvider:
+def make_provider(layout: Any, *, device: torch.device, budget: dict[str, Any] | None,
+                  dtype: torch.dtype | None = None, max_context: int | None = None) -> ExpertProvider:
     """ResidentExperts when no budget flag is set; otherwise the expert cache (store/cache.py)."""
     budget = {k: v for k, v in (budget or {}).items() if v is not None}
     unknown = set(budget) - set(BUDGET_KEYS)
@@ -106,7 +108,7 @@ def make_provider(layout: Any, *, device: torch.device, budget: dict[str, Any] |
     except ImportError:
         raise EngineError(f"budget flags {sorted(budget)} need the expert cache (tiered.store.cache), which this "
                           "build lacks: drop the flags to keep every expert in memory") from None
-    return make_cache(layout, device=device, **budget)
+    return make_cache(layout, device=device, dtype=dtype, max_context=max_context, **budget)
 
 
 def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
@@ -137,7 +139,7 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
     if ctx < 1:
         raise EngineError(f"max_context must be positive, got {ctx}")
     backend = pick_backend(attn, dev)
-    provider = make_provider(layout, device=dev, budget=budget)
+    provider = make_provider(layout, device=dev, budget=budget, dtype=dt, max_context=ctx)
     model = Transformer(cfg, layout.dense(), provider, device=dev, dtype=dt, max_context=ctx, attn=backend,
                         observer=observer)
     tok = Tokenizer.from_dir(layout.path) if layout.tokenizer_path else None
@@ -279,7 +281,9 @@ class Engine:
         stop = "length"
         self._sync()
         t0 = time.perf_counter()
+        self._phase("prefill")
         logits = self._prefill(ids) if max_new_tokens else None
+        self._phase("decode")
         pos = ids.numel()
         t1 = t_first = time.perf_counter()
         while len(out) < max_new_tokens:
@@ -316,6 +320,12 @@ class Engine:
         self.stats = self._stats(ids.numel(), len(out), t1 - t0, t2 - t_first, max(0, len(out) - 1))
         self.stats["stop_reason"] = stop
         return Generation(text=text, token_ids=out, stop_reason=stop, stats=dict(self.stats))
+
+    def _phase(self, phase: str) -> None:
+        """Tell a provider that counts per phase (the expert cache) whether prefill or decode runs."""
+        f = getattr(self.model.provider, "set_phase", None)
+        if f is not None:
+            f(phase)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

@@ -88,9 +88,13 @@ def _summary(s: dict) -> str:
 @click.option("--prefetch-depth", type=click.IntRange(min=0), default=None, help=f"Layers ahead; {BUDGET_HELP}.")
 @click.option("--prefetch-budget", type=click.IntRange(min=0), default=None,
               help=f"Experts prefetched per layer; {BUDGET_HELP}.")
+@click.option("--verify", type=click.Choice(["first-use", "none"]), default=None,
+              help=f"Check each expert's xxh3 the first time it is read from disk [default: first-use]; {BUDGET_HELP}.")
+@click.option("--io-register", type=click.Choice(["auto", "off"]), default=None,
+              help=f"--io mmap on CUDA: register mapped experts for zero-copy DMA, or stage copies; {BUDGET_HELP}.")
 def run(prompt, model, prompt_file, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, max_context,
         attn, chat, as_json, no_cuda_graphs, vram_gb, expert_slots, ram_gb, io, policy, prefetch_depth,
-        prefetch_budget) -> None:
+        prefetch_budget, verify, io_register) -> None:
     """Continue PROMPT with a model; only the continuation goes to stdout.
 
     \b
@@ -106,7 +110,8 @@ def run(prompt, model, prompt_file, max_new_tokens, temperature, top_k, top_p, s
     if not 0 < top_p <= 1:
         raise _usage(f"--top-p must be in (0, 1], got {top_p}")
     budget = dict(vram_gb=vram_gb, expert_slots=expert_slots, ram_gb=ram_gb, io=io, policy=policy,
-                  prefetch_depth=prefetch_depth, prefetch_budget=prefetch_budget)
+                  prefetch_depth=prefetch_depth, prefetch_budget=prefetch_budget, verify=verify,
+                  io_register=io_register)
 
     from tiered.engine import EngineError, load
     from tiered.families import FamilyError
@@ -134,8 +139,14 @@ def run(prompt, model, prompt_file, max_new_tokens, temperature, top_k, top_p, s
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    gen = engine.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                          seed=seed, on_text=emit)
+    from tiered.store.io import ExpertReadError
+
+    try:
+        gen = engine.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                              top_p=top_p, seed=seed, on_text=emit)
+    except ExpertReadError as e:  # a damaged layout found mid-run: stop with the expert, file and offset
+        click.echo(f"\nerror: {e}", err=True)
+        sys.exit(1)
     if sys.stdout.isatty():
         click.echo("", err=True)  # end the streamed line on a terminal without adding to stdout
     stats = dict(gen.stats)
