@@ -38,6 +38,14 @@ def disk_write_gbps(path: Path, nbytes: int) -> float:
     return nbytes / secs / 1e9
 
 
+def git_commit() -> str:
+    """TIERED_COMMIT (set by whoever sends the tree to a box without .git), else git, else "unknown"."""
+    if os.environ.get("TIERED_COMMIT"):
+        return os.environ["TIERED_COMMIT"]
+    r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    return r.stdout.strip() if r.returncode == 0 else "unknown"
+
+
 def rss_anon_kib(pid: int) -> int:
     try:
         for line in open(f"/proc/{pid}/status"):
@@ -94,7 +102,7 @@ def main() -> None:
 
     res = {
         "benchmark": "repack", "date": datetime.date.today().isoformat(),
-        "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip(),
+        "commit": git_commit(),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "preset": a.preset, "checkpoint_build": build,
         "bytes_written": rep["bytes"], "repack_s": rep["seconds"], "repack_wall_s": rep["wall_s"],
