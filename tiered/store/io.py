@@ -196,9 +196,9 @@ class BlockReader:
                     f"{ref.where()}: read failed at offset {ref.offset + start + done}: {e.strerror} "
                     f"(errno {e.errno}); the disk or the file is damaged: run `tiered verify {self.layout.path}` "
                     "and re-run `tiered repack --force` if it reports bad blocks") from e
-            if got <= 0:
+            if got <= 0 or (self.io == "direct" and got < n - done):  # O_DIRECT is short only at EOF
                 raise ExpertReadError(
-                    f"{ref.where()}: short read, got {done} of {n} bytes at offset {ref.offset + start}: "
+                    f"{ref.where()}: short read, got {done + max(got, 0)} of {n} bytes at offset {ref.offset + start}: "
                     f"the file was truncated or is being rewritten; re-run `tiered repack --force` "
                     f"and check with `tiered verify {self.layout.path}`")
             done += got
