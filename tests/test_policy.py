@@ -142,3 +142,10 @@ def test_belady_scripted():
     assert belady(steps, 2) == (2, 6)
     with pytest.raises(ValueError, match="smaller than the largest step"):
         belady([[1, 2, 3]], 2)
+
+
+def test_belady_count_from_skips_warmup_steps():
+    """count_from counts only the later steps, with the earlier ones still warming the cache."""
+    steps = [[1], [2], [1], [2]]
+    assert belady(steps, 2) == (2, 2)
+    assert belady(steps, 2, count_from=2) == (2, 0)

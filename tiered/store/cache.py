@@ -269,7 +269,7 @@ class ExpertCache:
         self.prefetch_used = 0
         self.phase = "decode"
         self._phases = {"prefill": _PhaseCounts(), "decode": _PhaseCounts()}
-        self._ram_wait_seen = 0.0
+        self.trace: list[tuple[str, list[int]]] | None = None  # set to [] to record (phase, keys) per get()
         if tiers.ram_preload and self.ram is not None:
             t0 = time.perf_counter()
             self.ram.preload(list(range(self.num_layers * self.num_experts)), 0)
@@ -308,6 +308,8 @@ class ExpertCache:
             raise ValueError(f"get(layer {layer}) got repeated expert ids {ids}: pass distinct ids")
         self._t += 1
         t = self._t
+        if self.trace is not None:
+            self.trace.append((self.phase, keys))
         pinned = set(keys)
         self._pinned = pinned
         ph = self._phases[self.phase]

@@ -58,20 +58,39 @@ class BlockRef:
         return f"layer {self.layer} expert {self.expert} ({self.size} bytes at offset {self.offset} of {self.path})"
 
 
+class _HostBuffer:
+    """Owner of a page-aligned anonymous mapping, page-locked with cudaHostRegister when pinned."""
+
+    def __init__(self, nbytes: int, pin: bool) -> None:
+        import mmap
+
+        self.map = mmap.mmap(-1, max(nbytes, ALIGN))
+        self.tensor = torch.frombuffer(self.map, dtype=torch.uint8)[:nbytes]  # uint8 [nbytes]
+        self.registered = False
+        if pin:
+            # torch's pinned allocator rounds sizes up to a power of two (a 19 GiB pool would lock
+            # 32 GiB); registering an exact-size mapping locks only what is asked for.
+            code = HostRegistrar.register_raw(self.tensor.data_ptr(), len(self.map), 0)
+            if code:
+                raise RuntimeError(f"cudaHostRegister of a {nbytes / 2**30:.2f} GiB host buffer failed (CUDA error "
+                                   f"{code}): lower --ram-gb, or raise the locked-memory limit (ulimit -l)")
+            self.registered = True
+
+    def release(self) -> None:
+        if self.registered:
+            torch.cuda.synchronize()
+            torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
+            self.registered = False
+
+
 def aligned_empty(nbytes: int, *, pin: bool) -> tuple[torch.Tensor, Any]:
     """A uint8 [nbytes] host tensor, 4 KiB aligned (O_DIRECT); page-locked when `pin`.
 
-    Returns (tensor, owner); keep `owner` alive as long as the tensor. Pinned memory comes from
-    cudaHostAlloc (page aligned); unpinned from an anonymous mmap (page aligned).
+    Returns (tensor, owner); keep `owner` alive as long as the tensor, and call owner.release()
+    to unpin before dropping it.
     """
-    if pin:
-        t = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=True)[:nbytes]
-        owner = t
-    else:
-        import mmap
-
-        owner = mmap.mmap(-1, max(nbytes, ALIGN))
-        t = torch.frombuffer(owner, dtype=torch.uint8)[:nbytes]
+    owner = _HostBuffer(nbytes, pin)
+    t = owner.tensor
     if t.data_ptr() % ALIGN:
         raise RuntimeError(f"host buffer at {t.data_ptr():#x} is not {ALIGN}-byte aligned; O_DIRECT needs it")
     return t, owner
@@ -92,11 +111,16 @@ class HostRegistrar:
         self._rt = torch.cuda.cudart()
 
     def register(self, t: torch.Tensor) -> int:
-        """Register `t`'s bytes; returns the CUDA error code (0 = success; the error is cleared)."""
-        err = self._rt.cudaHostRegister(t.data_ptr(), t.numel(), self.READ_ONLY)
+        """Register `t`'s bytes read-only; returns the CUDA error code (0 = success; the error is cleared)."""
+        return self.register_raw(t.data_ptr(), t.numel(), self.READ_ONLY)
+
+    @staticmethod
+    def register_raw(ptr: int, nbytes: int, flags: int) -> int:
+        rt = torch.cuda.cudart()
+        err = rt.cudaHostRegister(ptr, nbytes, flags)
         code = int(getattr(err, "value", err))
         if code:
-            self._rt.cudaGetLastError()  # registration errors are not sticky: clear and fall back
+            rt.cudaGetLastError()  # registration errors are not sticky: clear and fall back
         return code
 
     def unregister(self, t: torch.Tensor) -> None:

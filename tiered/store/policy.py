@@ -232,13 +232,14 @@ def make_policy(name: str, **kw) -> Policy:
     return cls(**kw)
 
 
-def belady(steps: Sequence[Sequence[int]], capacity: int) -> tuple[int, int]:
+def belady(steps: Sequence[Sequence[int]], capacity: int, *, count_from: int = 0) -> tuple[int, int]:
     """Offline optimal demand paging (Belady/MIN) with the current step's keys pinned.
 
     Args:
         steps: the keys each step needs, in order (one step = one get(): a layer of a token, or a
             prefill wave). Keys of one step are loaded together and cannot evict each other.
         capacity: resident slots (>= the largest step).
+        count_from: count only steps from this index on (earlier steps warm the cache, e.g. prefill).
     Returns:
         (hits, misses) counted per key use.
     """
@@ -259,8 +260,9 @@ def belady(steps: Sequence[Sequence[int]], capacity: int) -> tuple[int, int]:
     for i, step in enumerate(steps):
         keys = set(step)
         missing = [k for k in keys if k not in resident]
-        hits += len(keys) - len(missing)
-        misses += len(missing)
+        if i >= count_from:
+            hits += len(keys) - len(missing)
+            misses += len(missing)
         # Keys of this step are resident with next use == i, the smallest possible value, so the
         # max-heap reaches them only after every unpinned key: pinning needs no special case.
         for _ in range(len(resident) + len(missing) - capacity):

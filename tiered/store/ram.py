@@ -173,6 +173,8 @@ class PinnedPool:
         for key, slot in list(self.table.slot_of.items()):
             self._release(slot, key)
             self.table.drop(key)
+        if self._owner is not None:
+            self._owner.release()
 
     def stats(self) -> dict:
         return {"hits": self.hits, "misses": self.misses, "bytes_in": self.bytes_in,
