@@ -463,6 +463,19 @@ class ExpertCache:
             out["ram_preload_s"] = self.preload_s
         return out
 
+    def reset_stats(self) -> None:
+        """Zero every counter (benchmarks: measure a run after a warm-up); residency is kept."""
+        self.vram.harvest_all()
+        self.vram.hits = self.vram.misses = self.vram.bytes_in = 0
+        self.vram.copy_s = self.vram.wait_s = 0.0
+        self.vram.wait_s_by_phase = {}
+        if self.ram is not None:
+            self.ram.hits = self.ram.misses = self.ram.bytes_in = 0
+            self.ram.wait_s = 0.0
+        self._read_base = (self.reader.bytes_read, self.reader.blocks_read, self.reader.read_s)
+        self._phases = {"prefill": _PhaseCounts(), "decode": _PhaseCounts()}
+        self.prefetch_issued = self.prefetch_used = 0
+
     def close(self) -> None:
         """Wait for copies, unregister registered blocks, stop the reader threads."""
         if self.device.type == "cuda":
