@@ -27,6 +27,8 @@ ATTN_BACKENDS = ("auto", "flash", "sdpa")
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """RMSNorm over the last dim, normalised in fp32 then cast back before the scale (as transformers)."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)  # one fused op; the same math when nothing is cast
     dt = x.dtype
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -46,7 +48,7 @@ def check_rope(config: ModelConfig) -> None:
 @dataclass(frozen=True)
 class Rope:
     cos: Tensor  # [P, hd] compute dtype, row p = position p
-    sin: Tensor  # [P, hd]
+    sin: Tensor  # [P, hd] with the first half negated: rotate_half(x) * sin == swap_halves(x) * this
 
     @classmethod
     def build(cls, config: ModelConfig, positions: int, *, device: torch.device, dtype: torch.dtype) -> "Rope":
@@ -58,17 +60,16 @@ class Rope:
         pos = torch.arange(positions, device=device, dtype=torch.float)
         freqs = pos[:, None] * inv_freq[None, :]  # [P, hd/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [P, hd]
-        return cls(cos=emb.cos().to(dtype), sin=emb.sin().to(dtype))
-
-
-def rotate_half(x: Tensor) -> Tensor:
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+        sin = emb.sin().to(dtype)
+        sin[:, :hd // 2].neg_()  # negation is exact, so this equals transformers' rotate_half form bit for bit
+        return cls(cos=emb.cos().to(dtype), sin=sin)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [T, n, hd], cos/sin [T, hd] -> x rotated, same shape."""
-    return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
+    """x [T, n, hd], cos/sin [T, hd] (sin sign-folded, see Rope) -> x rotated, same shape."""
+    T, n, hd = x.shape
+    swapped = x.view(T, n, 2, hd // 2).flip(2).view(T, n, hd)  # [x2, x1]
+    return x * cos[:, None, :] + swapped * sin[:, None, :]
 
 
 @dataclass(frozen=True)
@@ -178,9 +179,10 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, cache: KVCache, layer: int, plan: Ste
         kc.index_copy_(1, plan.write_at, k.transpose(0, 1))
         vc.index_copy_(1, plan.write_at, v.transpose(0, 1))
     # Query head h uses KV head h // G: fold the G heads of a KV head into rows, so SDPA needs no repeat_kv.
-    qg = q.transpose(0, 1).reshape(KV, G * T, hd)  # [KV, G*T, hd], rows (g, t)
-    ks, vs = kc[:, plan.read_lo:plan.read_hi], vc[:, plan.read_lo:plan.read_hi]  # [KV, S, hd]
-    o = F.scaled_dot_product_attention(qg, ks, vs, attn_mask=plan.mask, scale=hd ** -0.5)  # [KV, G*T, hd]
+    qg = q.transpose(0, 1).reshape(1, KV, G * T, hd)  # [1, KV, G*T, hd], rows (g, t)
+    ks, vs = kc[None, :, plan.read_lo:plan.read_hi], vc[None, :, plan.read_lo:plan.read_hi]  # [1, KV, S, hd]
+    # 4-D inputs: on CPU only those reach the fused (flash) kernel; 3-D ones take the slower math path.
+    o = F.scaled_dot_product_attention(qg, ks, vs, attn_mask=plan.mask, scale=hd ** -0.5)  # [1, KV, G*T, hd]
     return o.reshape(H, T, hd).transpose(0, 1).reshape(T, H * hd)
 
 

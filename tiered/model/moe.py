@@ -70,20 +70,25 @@ def shared_expert(x: Tensor, w: MoEWeights) -> Tensor:
 
 
 def experts_one_token(x: Tensor, ids: Tensor, weights: Tensor, provider: ExpertProvider, layer: int) -> Tensor:
-    """Decode path, T = 1: gather the K experts' weights and run batched matmuls; no host sync.
+    """Decode path, T = 1: gather the K experts' weights, then three GEMVs and no host sync.
 
-    x [1, D], ids [1, K] (distinct), weights [1, K] in compute dtype -> [1, D].
+    x [1, D], ids [1, K] (distinct), weights [1, K] in compute dtype -> [1, D]. The K experts' gate
+    (and up) rows are stacked into one [K*F, D] matrix and their down matrices side by side into
+    [D, K*F], with the routing weights folded into the activations, so the whole block is three
+    matrix-vector products (a batched matmul with one column is several times slower on CPU).
     """
     slots = provider.get(layer, ids[0])  # [K]
     W = provider.weights
     dt = x.dtype
-    g = W.gate.index_select(0, slots).to(dt)  # [K, F, D]
-    u = W.up.index_select(0, slots).to(dt)  # [K, F, D]
-    d = W.down.index_select(0, slots).to(dt)  # [K, D, F]
-    xk = x.expand(g.shape[0], -1).unsqueeze(-1)  # [K, D, 1]
-    h = F.silu(torch.bmm(g, xk)) * torch.bmm(u, xk)  # [K, F, 1]
-    y = torch.bmm(d, h).squeeze(-1)  # [K, D]
-    return torch.mm(weights, y)  # [1, D]
+    g = W.gate.index_select(0, slots)  # [K, F, D] stored dtype
+    u = W.up.index_select(0, slots)  # [K, F, D]
+    d = W.down.index_select(0, slots)  # [K, D, F]
+    K, Fe, D = g.shape
+    h = F.silu(F.linear(x, g.view(K * Fe, D).to(dt))) * F.linear(x, u.view(K * Fe, D).to(dt))  # [1, K*F]
+    h = (h.view(K, Fe) * weights.view(K, 1)).view(1, K * Fe)
+    dk = torch.empty((D, K, Fe), dtype=dt, device=x.device)
+    dk.copy_(d.permute(1, 0, 2))  # [D, K, F]: one pass converts the dtype and lays the K experts side by side
+    return F.linear(h, dk.view(D, K * Fe))  # [1, D]
 
 
 def experts_grouped(x: Tensor, ids: Tensor, weights: Tensor, provider: ExpertProvider, layer: int) -> Tensor:

@@ -1,0 +1,176 @@
+"""The engine: loading paths, generation (greedy, sampling, stopping, streaming), stats, the chat template."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+
+import tiered
+from conftest import make_checkpoint
+from tiered.engine import EngineError, Sampling, sample
+from tiered.tokenizer import StreamDecoder, Tokenizer, TokenizerError
+
+STATS_KEYS = ("tokens_prompt", "tokens_generated", "prefill_tok_s", "decode_tok_s", "device", "dtype", "attention",
+              "io", "vram_budget_gib", "expert_slots", "policy", "vram", "ram", "disk", "bytes_h2d_per_token",
+              "stall_s", "stall_share", "prefetch_issued", "prefetch_used")
+
+
+@pytest.fixture(scope="module")
+def engine(reference_layout):
+    return tiered.load(reference_layout, device="cpu", max_context=256)
+
+
+def test_greedy_is_deterministic_and_streams_the_same_text(engine):
+    """Two greedy runs give the same tokens; the streamed pieces join to the decoded continuation."""
+    pieces: list[str] = []
+    a = engine.generate("def fibonacci(n):", max_new_tokens=24, on_text=pieces.append)
+    b = engine.generate("def fibonacci(n):", max_new_tokens=24)
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 24
+    assert "".join(pieces) == a.text == engine.tokenizer.decode(a.token_ids)
+
+
+def test_first_token_is_argmax_of_logits(engine):
+    """The first greedy token is the argmax of the teacher-forced logits at the prompt's last position."""
+    ids = engine.encode("import os\nimport sys\n")
+    g = engine.generate(ids, max_new_tokens=1)
+    assert g.token_ids == [int(engine.logits(ids)[-1].argmax())]
+
+
+def test_stats_have_the_contract_keys(engine):
+    """Stats carry every CONTRACTS key, the token counts, and positive speeds."""
+    g = engine.generate("class Foo:", max_new_tokens=5)
+    for k in STATS_KEYS:
+        assert k in g.stats, k
+    assert g.stats["tokens_generated"] == 5 and g.stats["tokens_prompt"] == len(engine.encode("class Foo:"))
+    assert g.stats["prefill_tok_s"] > 0 and g.stats["decode_tok_s"] > 0
+    assert g.stats["device"] == "cpu" and g.stats["dtype"] == "float32" and g.stats["attention"] == "sdpa"
+    json.dumps(g.stats)
+
+
+def test_seeded_sampling_repeats_and_top_k_1_is_greedy(engine):
+    """The same seed gives the same sample; another seed (usually) differs; top_k=1 equals greedy."""
+    kw = dict(max_new_tokens=16, temperature=1.0, top_p=0.95)
+    a = engine.generate("The ", seed=1, **kw).token_ids
+    assert a == engine.generate("The ", seed=1, **kw).token_ids
+    others = [engine.generate("The ", seed=s, **kw).token_ids for s in (2, 3, 4)]
+    assert any(o != a for o in others)
+    greedy = engine.generate("The ", max_new_tokens=16).token_ids
+    assert engine.generate("The ", max_new_tokens=16, temperature=0.7, top_k=1, seed=9).token_ids == greedy
+
+
+def test_top_p_and_top_k_filters():
+    """top_p keeps the smallest high-probability prefix reaching p; top_k keeps k tokens."""
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    g = torch.Generator().manual_seed(0)
+    seen = {int(sample(logits, Sampling(1.0, 0, 0.75, 0), g)) for _ in range(300)}
+    assert seen == {0, 1}
+    seen = {int(sample(logits, Sampling(1.0, 3, 1.0, 0), g)) for _ in range(300)}
+    assert seen == {0, 1, 2}
+
+
+def test_stops_at_eos(engine, monkeypatch):
+    """Generation stops before an EOS token and does not emit it."""
+    ids = engine.encode("def f():\n    return 1\n")
+    free = engine.generate(ids, max_new_tokens=6).token_ids
+    monkeypatch.setattr(engine, "config", dataclasses.replace(engine.config, eos_token_ids=(free[3],)))
+    g = engine.generate(ids, max_new_tokens=6)
+    assert g.stop_reason == "eos"
+    assert g.token_ids == free[:free.index(free[3])]
+
+
+def test_context_limit(reference_layout):
+    """Generation stops when the KV cache is full; a prompt longer than max_context is refused."""
+    e = tiered.load(reference_layout, device="cpu", max_context=12)
+    ids = e.encode("import os\nimport sys\nimport re\n")[:8]
+    g = e.generate(ids, max_new_tokens=50, stop_at_eos=False)
+    assert g.stop_reason == "context" and len(ids) + len(g.token_ids) == 13  # the last token needs no cache slot
+    with pytest.raises(EngineError, match="max_context"):
+        e.generate(list(range(13)), max_new_tokens=1)
+    with pytest.raises(EngineError, match="empty"):
+        e.generate([], max_new_tokens=1)
+
+
+def test_load_checkpoint_via_cache(tmp_path, monkeypatch, tiny_checkpoints):
+    """A Hugging Face checkpoint path is repacked once into $XDG_CACHE_HOME/tiered and reused."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    e = tiered.load(tiny_checkpoints["qwen3_moe"], device="cpu", max_context=32)
+    assert e.layout_path.parent == tmp_path / "xdg" / "tiered"
+    assert len(e.generate([1, 2, 3], max_new_tokens=4, stop_at_eos=False).token_ids) == 4
+    again = tiered.load(tiny_checkpoints["qwen3_moe"], device="cpu", max_context=32)
+    assert again.layout_path == e.layout_path
+
+
+def test_bad_requests_raise_engine_error(engine, reference_layout):
+    """Bad devices, dtypes and sampling options fail with a message that says what to do."""
+    with pytest.raises(EngineError, match="cpu"):
+        tiered.load(reference_layout, device="tpu")
+    with pytest.raises(EngineError, match="dtype"):
+        tiered.load(reference_layout, dtype="int8")
+    if not torch.cuda.is_available():
+        with pytest.raises(EngineError, match="CUDA"):
+            tiered.load(reference_layout, device="cuda")
+    with pytest.raises(EngineError, match="temperature"):
+        engine.generate("x", temperature=-1)
+    with pytest.raises(EngineError, match="top_p"):
+        engine.generate("x", top_p=0)
+
+
+def test_stream_decoder_holds_back_partial_characters(engine):
+    """Byte-level tokens of a multi-byte character are emitted only once the character is complete."""
+    tok = engine.tokenizer
+    text = "naïve café → 日本語 ok"
+    ids = tok.encode(text)
+    sd = StreamDecoder(tok)
+    pieces = [sd.feed(i) for i in ids] + [sd.flush()]
+    assert "".join(pieces) == tok.decode(ids)
+    assert all("\ufffd" not in p for p in pieces)
+
+
+# --- chat template ---
+
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory, reference_model):
+    """A tiny random OLMoE whose tokenizer is the reference one, with a chat template in tokenizer_config."""
+    d = tmp_path_factory.mktemp("chat") / "ck"
+    make_checkpoint(d, "olmoe", vocab_size=8192, eos_token_id=0)
+    shutil.copy(reference_model / "tokenizer.json", d / "tokenizer.json")
+    cfg = json.loads((reference_model / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = TEMPLATE
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def test_chat_template_matches_transformers(chat_model, tmp_path, monkeypatch):
+    """--chat renders the template as transformers' apply_chat_template does, and encodes without extra specials."""
+    import transformers as tf
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    e = tiered.load(chat_model, device="cpu", max_context=64)
+    msgs = [{"role": "user", "content": "Write a haiku."}]
+    ours = e.tokenizer.apply_chat_template(msgs)
+    hf_tok = tf.AutoTokenizer.from_pretrained(chat_model)
+    assert ours == hf_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert ours == "<|user|>\nWrite a haiku.<|endoftext|>\n<|assistant|>\n"
+    assert e.encode("Write a haiku.", chat=True) == hf_tok(ours, add_special_tokens=False)["input_ids"]
+    assert len(e.generate("Write a haiku.", max_new_tokens=3, stop_at_eos=False).token_ids) == 3
+
+
+def test_chat_without_template_is_a_clear_error(engine):
+    """A model without a chat template refuses --chat with a message that names the fix."""
+    with pytest.raises(TokenizerError, match="chat_template"):
+        engine.encode("hi", chat=True)
+
+
+def test_tokenizer_reads_template_list_form(tmp_path, reference_model):
+    """tokenizer_config's list-of-named-templates form picks the default template."""
+    t = Tokenizer(reference_model / "tokenizer.json",
+                  {"chat_template": [{"name": "tool_use", "template": "x"}, {"name": "default", "template": TEMPLATE}],
+                   "eos_token": "<|endoftext|>"})
+    assert t.apply_chat_template([{"role": "user", "content": "a"}]).startswith("<|user|>\na<|endoftext|>")
