@@ -197,6 +197,8 @@ def odirect_bandwidth(path: Path, block: int, nbytes: int, threads: int, chunk: 
 # --- runs of the engine --------------------------------------------------------------------------
 def run_engine(layout_path: Path, device: torch.device, prompt: list[int], new: int, *, budget: dict | None,
                warmup: int, trace: bool = False) -> tuple[dict, list[int], list | None, object]:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     engine = load(layout_path, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
                   budget=budget, max_context=len(prompt) + new + warmup + 8)
     prov = engine.model.provider
@@ -207,6 +209,8 @@ def run_engine(layout_path: Path, device: torch.device, prompt: list[int], new: 
         if trace:
             prov.trace = []
     g = engine.generate(prompt, max_new_tokens=new, stop_at_eos=False)
+    if device.type == "cuda":
+        g.stats["peak_vram_gib"] = torch.cuda.max_memory_allocated() / GiB  # torch allocations, context excluded
     steps = getattr(prov, "trace", None)
     if steps is not None:
         prov.trace = None
@@ -332,7 +336,7 @@ def main() -> None:
         r = {"budget": budget, "io": s["io"], "expert_slots": s["expert_slots"], "decode_tok_s": s["decode_tok_s"],
              "prefill_tok_s": s["prefill_tok_s"], "miss_bytes_per_token": s["bytes_h2d_per_token"],
              "hit_rate": s["decode"]["hit_rate"], "belady": bel, "h2d_gbps_used_for_bound": h2d,
-             "vram": s["vram"], "ram": s["ram"], "time": time_split(s),
+             "vram": s["vram"], "ram": s["ram"], "time": time_split(s), "peak_vram_gib": s.get("peak_vram_gib"),
              "tokens_match_resident": toks == res.get("resident", {}).get("tokens")}
         comp = res.get("resident", {}).get("compute_s_per_token")
         if h2d and comp:

@@ -53,7 +53,7 @@ class TierConfig:
     ram_policy: str = "lru"  # RAM-tier eviction policy
     verify: str = "first-use"  # xxh3 of a block the first time it is read from disk; or "none"
     io_register: str = "auto"  # mmap on CUDA: "auto" registers mapped blocks, "off" stages through pinned copies
-    io_threads: int = 8  # reader threads (queue depth for O_DIRECT, parallel page-cache copies)
+    io_threads: int = 16  # reader threads (queue depth for O_DIRECT, parallel page-cache copies)
     ram_preload: bool = False  # fill the RAM tier at start-up (a RAM-backed run)
     flru_w: float | None = None  # flru weight in get() ticks; default num_layers (one use ~ one token)
     prefetch_depth: int | None = None  # passed through to the predictor's prefetcher
@@ -364,10 +364,11 @@ class ExpertCache:
             if self.ram is None:
                 self._load_passthrough(keys, slot_of, done)
             else:
-                for k, rs in self.ram.fetch(keys, t, pinned):
-                    self.vram.copy_in(slot_of[k], self.ram.host_row(rs))
-                    self.ram.mark_dma(rs, self.vram.stream)
-                    done.add(k)
+                with self.vram.copy_context():
+                    for k, rs in self.ram.fetch(keys, t, pinned):
+                        self.vram.copy_in(slot_of[k], self.ram.host_row(rs))
+                        self.ram.mark_dma(rs, self.vram.stream)
+                        done.add(k)
         except BaseException:
             for k in keys:  # a half-filled slot must never be handed out as that expert
                 self.vram.table.drop(k)

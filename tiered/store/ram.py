@@ -52,6 +52,7 @@ class PinnedPool:
         if mode == "copy":
             flat, self._owner = aligned_empty(n_slots * self.block_size, pin=pin)
             self.rows = flat.view(n_slots, self.block_size)
+            self._rows = list(self.rows.unbind(0))  # per-slot views made once
         self._registrar = HostRegistrar() if mode == "register" else None
         self._dma = [torch.cuda.Event() for _ in range(n_slots)] if cuda else None  # last device read
         self._dma_pending = [False] * n_slots
@@ -67,7 +68,7 @@ class PinnedPool:
     def host_row(self, slot: int) -> torch.Tensor:
         """uint8 [block_size] host bytes of a resident slot (pinned copy, or the registered mapping)."""
         if self.rows is not None:
-            return self.rows[slot]
+            return self._rows[slot]
         return self.reader.mapped_row(self.table.key_of[slot])
 
     def mark_dma(self, slot: int, stream: torch.cuda.Stream) -> None:
@@ -121,7 +122,7 @@ class PinnedPool:
         if self.mode == "register":
             yield from self._register_batch(batch, slots, t0)
             return
-        futures = [self.reader.submit(k, self.rows[s]) for k, s in zip(batch, slots)]
+        futures = [self.reader.submit(k, self._rows[s]) for k, s in zip(batch, slots)]
         for i, (k, s, f) in enumerate(zip(batch, slots, futures)):
             try:
                 f.result()

@@ -16,6 +16,7 @@ Legend: S slots, U experts of one get().
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -53,6 +54,7 @@ class SlotPool:
             flat, self._owner = aligned_empty(n_slots * block_size, pin=False)
             self.pool = flat.view(n_slots, block_size)
         self.weights = expert_views(self.pool, specs)
+        self._rows = list(self.pool.unbind(0))  # per-slot views made once: no view creation per copy
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self._ready = [torch.cuda.Event() for _ in range(n_slots)] if self.cuda else None
         self._pending: set[int] = set()  # slots whose copy compute has not waited for yet
@@ -125,20 +127,23 @@ class SlotPool:
             for i in range(len(self._wait_ev)):
                 self._harvest_wait(i)
 
+    def copy_context(self) -> Any:
+        """Make the side stream current while a batch of copies is issued (CUDA); a no-op on CPU."""
+        return torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext()
+
     def copy_in(self, slot: int, src: torch.Tensor) -> None:
-        """Copy one host block into `slot` (CUDA: async on the side stream; CPU: now)."""
+        """Copy one host block into `slot` (CUDA: async, inside copy_context(); CPU: now)."""
         if self.cuda:
-            with torch.cuda.stream(self.stream):
-                self.pool[slot].copy_(src, non_blocking=True)
+            self._rows[slot].copy_(src, non_blocking=True)
             self._ready[slot].record(self.stream)
             self._pending.add(slot)
         else:
-            self.pool[slot].copy_(src)
+            self._rows[slot].copy_(src)
         self.bytes_in += self.block_size
 
     def row(self, slot: int) -> torch.Tensor:
         """The slot's bytes (CPU: a host buffer that a reader may fill directly)."""
-        return self.pool[slot]
+        return self._rows[slot]
 
     def note_filled(self, slot: int) -> None:
         """A reader wrote the slot directly (CPU pass-through)."""
@@ -194,4 +199,4 @@ class SlotPool:
 
     def stats(self) -> dict:
         return {"hits": self.hits, "misses": self.misses, "bytes_in": self.bytes_in,
-                "gbps": self.bytes_in / self.copy_s / 1e9 if self.copy_s > 0 else 0.0}
+                "gbps": self.bytes_in / self.copy_s / 1e9 if self.copy_s > 0 else 0.0, "copy_s": self.copy_s}
