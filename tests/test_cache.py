@@ -220,3 +220,30 @@ def test_cli_corrupt_layout_exits_with_expert(reference_layout, tmp_path):
                        env=env, timeout=120)
     assert r.returncode == 1, r.stderr
     assert "layer 0 expert 5" in r.stderr and str(off) in r.stderr and "checksum mismatch" in r.stderr
+
+
+@pytest.mark.parametrize("io", ["direct", "mmap"])
+def test_ram_tier_read_ahead(layout, io):
+    """start_load reads ahead without blocking; fetch then serves the right bytes as hits; a failed
+    read-ahead raises at the fetch naming the expert; loading slots are never evicted."""
+    from tiered.store.ram import PinnedPool
+
+    pool = layout.expert_file_pool()
+    reader = BlockReader(layout, io=io, threads=4, faults=Faults({(1, 9): "corrupt"}))
+    ram = PinnedPool(4, reader, make_policy("lru"), mode="copy")
+    assert ram.start_load(64 + 1, 1) and ram.start_load(64 + 2, 1) and ram.start_load(64 + 3, 1)
+    assert not ram.start_load(64 + 1, 1)  # already there
+    assert ram.start_load(64 + 4, 1)
+    assert not ram.start_load(64 + 5, 1)  # every slot is loading: nothing may be evicted
+    got = dict(ram.fetch([64 + 2, 64 + 1], 2))
+    assert ram.hits == 2 and ram.misses == 0
+    for k, s in got.items():
+        assert torch.equal(ram.host_row(s), pool[k])
+    ram.settle()
+    assert ram.start_load(64 + 9, 3)  # evicts an unpinned, settled key
+    with pytest.raises(ExpertReadError, match="layer 1 expert 9.*checksum mismatch"):
+        list(ram.fetch([64 + 9], 4))
+    assert ram.table.lookup(64 + 9) is None
+    ram.table.check()
+    ram.close()
+    reader.close()

@@ -265,6 +265,7 @@ class ExpertCache:
         self._t = 0  # clock: one tick per get()
         self._pinned: set[int] = set()  # keys of the last get(): the current step
         self._prefetched: set[int] = set()  # loaded by prefetch, not used by a get() yet
+        self._prefetched_ram: set[int] = set()  # read ahead into the RAM tier by prefetch, not used yet
         self.prefetch_issued = 0
         self.prefetch_used = 0
         self.phase = "decode"
@@ -336,6 +337,11 @@ class ExpertCache:
             t0 = time.perf_counter()
             ram_wait0 = self.ram.wait_s if self.ram is not None else 0.0
             mk = [keys[i] for i in missing]
+            if self._prefetched_ram:
+                for k in mk:
+                    if k in self._prefetched_ram:
+                        self._prefetched_ram.discard(k)
+                        self.prefetch_used += self.ram.table.lookup(k) is not None
             slot_of = self._assign(mk, t, pinned)
             for i in missing:
                 slots[i] = slot_of[keys[i]]
@@ -402,22 +408,26 @@ class ExpertCache:
     def prefetch(self, layer: int, expert_ids: Any) -> None:
         """Start loading experts likely needed soon; never evicts the current step, never changes results.
 
-        CUDA: copies from the RAM tier are issued on the side stream (no wait); experts only on disk
-        are skipped, since reading them would block. CPU: copies are synchronous memcpys.
+        CUDA: experts in the RAM tier are copied on the side stream (no wait); experts only on disk
+        start an asynchronous read into the RAM tier (copy modes), and their device copy happens at
+        the get() that needs them. CPU: loads are synchronous memcpys into the slots.
         """
         ids = expert_ids.tolist() if isinstance(expert_ids, torch.Tensor) else list(expert_ids)
         E = self.num_experts
         vt = self.vram.table
-        keys = []
+        cuda = self.device.type == "cuda"
+        keys: list[int] = []
         for e in ids:
             k = layer * E + int(e)
             if vt.lookup(k) is not None or k in keys:
                 continue
-            if self.ram is not None and self.device.type == "cuda" and self.ram.table.lookup(k) is None:
-                continue  # on disk only: a read would block
+            if cuda and self.ram is not None and (self.ram.table.lookup(k) is None or self.ram.is_loading(k)):
+                if self.ram.start_load(k, self._t, self._pinned):  # on disk: read ahead into RAM, never wait
+                    self.prefetch_issued += 1
+                    self._prefetched_ram.add(k)
+                continue
             keys.append(k)
-        room = self.vram.n_slots - len(self._pinned)
-        keys = keys[:max(0, room)]
+        keys = keys[:max(0, self.vram.n_slots - len(self._pinned))]
         if not keys:
             return
         protect = self._pinned | set(keys)

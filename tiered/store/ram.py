@@ -56,6 +56,7 @@ class PinnedPool:
         self._registrar = HostRegistrar() if mode == "register" else None
         self._dma = [torch.cuda.Event() for _ in range(n_slots)] if cuda else None  # last device read
         self._dma_pending = [False] * n_slots
+        self._loading: dict[int, tuple[int, Any]] = {}  # key -> (slot, Future) of a start_load read
         self.hits = 0
         self.misses = 0
         self.bytes_in = 0
@@ -96,12 +97,17 @@ class PinnedPool:
         On a read error every read of the batch is awaited, the failed keys are dropped, and the
         error is raised.
         """
+        self.settle(only_done=True)
         missing = []
         for k in keys:
             s = self.table.lookup(k)
             if s is None:
                 missing.append(k)
                 continue
+            if k in self._loading:  # started by start_load(): wait for that read
+                t0 = time.perf_counter()
+                self._settle(k)
+                self.wait_s += time.perf_counter() - t0
             self.hits += 1
             self.table.touch(k, t)
             yield k, s
@@ -113,6 +119,7 @@ class PinnedPool:
 
     def _load_batch(self, batch: list[int], t: float, pinned: set[int]) -> Iterator[tuple[int, int]]:
         t0 = time.perf_counter()
+        self.settle()  # in-flight prefetch reads hold slots that must not be evicted half-written
         slots = []
         for k in batch:
             slot, evicted = self.table.assign(k, t, pinned)
@@ -161,6 +168,48 @@ class PinnedPool:
             yield k, s
             t0 = time.perf_counter()
 
+    # --- asynchronous loads (prefetch from disk) ---
+    def is_loading(self, key: int) -> bool:
+        return key in self._loading
+
+    def start_load(self, key: int, t: float, pinned: Collection[int] = ()) -> bool:
+        """Start reading `key` into a RAM slot without blocking; False when that would block.
+
+        Only in "copy" mode (registration happens on the calling thread). The victim must have no
+        device copy in flight, else nothing starts. A failed read raises at the next fetch().
+        """
+        if self.mode != "copy" or self.table.lookup(key) is not None:
+            return False
+        protect = set(pinned) | self._loading.keys()
+        if len(self.table) >= self.n_slots:
+            try:
+                victim = self.table.policy.victim(self.table.slot_of, protect)
+            except AssertionError:
+                return False
+            vs = self.table.slot_of[victim]
+            if self._dma is not None and self._dma_pending[vs] and not self._dma[vs].query():
+                return False
+        slot, evicted = self.table.assign(key, t, protect)
+        if evicted is not None:
+            self._release(slot, evicted)  # its copy is complete: no wait
+        self._loading[key] = (slot, self.reader.submit(key, self._rows[slot]))
+        return True
+
+    def _settle(self, key: int) -> None:
+        """Wait for the read of `key` started by start_load; on error forget the key and raise."""
+        slot, fut = self._loading.pop(key)
+        try:
+            fut.result()
+        except Exception:
+            self.table.drop(key)
+            raise
+        self.bytes_in += self.block_size
+
+    def settle(self, *, only_done: bool = False) -> None:
+        """Finish started reads (only those already done when `only_done`); the first error raises."""
+        for k in [k for k, (_, f) in self._loading.items() if f.done() or not only_done]:
+            self._settle(k)
+
     def preload(self, keys: list[int], t: float) -> None:
         """Fill the tier with `keys` (start-up warm-up, e.g. a RAM-backed run); stops when full."""
         for k in keys[:self.n_slots]:
@@ -171,6 +220,9 @@ class PinnedPool:
 
     def close(self) -> None:
         """Unregister every registered block (register mode) after the last device copy."""
+        for _, fut in self._loading.values():
+            fut.exception()  # wait: no thread may write into the buffer after it is released
+        self._loading.clear()
         for key, slot in list(self.table.slot_of.items()):
             self._release(slot, key)
             self.table.drop(key)
