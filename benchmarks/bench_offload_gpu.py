@@ -16,7 +16,8 @@ Everything is measured in one run, batch 1, a 64-token prompt of random ids, gre
 
     python3 benchmarks/bench_offload_gpu.py --work /root/bench            # GPU box, < 10 minutes
     python3 benchmarks/bench_offload_gpu.py --small --work /tmp/offl     # whole pipeline, tiny shape, CPU
-Phases can be picked with --phases (e.g. --phases build,bw,resident,ram to split across calls; the
+--ckpt/--layout reuse a checkpoint and layout made elsewhere (the disk holds about one pair of 10.6B
+copies: ~21 GB each). Phases can be picked with --phases (e.g. --phases build,bw,resident,ram to split across calls; the
 checkpoint and layout under --work are reused). Prints a table, then one JSON line last; writes
 $OUT/offload_gpu.json when OUT is set.
 """
@@ -60,14 +61,15 @@ def log(msg: str) -> None:
 
 
 # --- setup ---------------------------------------------------------------------------------------
-def build(work: Path, preset: str) -> tuple[Path, Path, dict]:
+def build(work: Path, preset: str, ckpt: Path | None, lay: Path | None) -> tuple[Path, Path, dict]:
     """The random checkpoint (tools/make_random_checkpoint.py) and its layout; reused when present."""
     from make_random_checkpoint import make
 
     from tiered.repack import repack
 
-    ckpt, lay = work / f"{preset}-ckpt", work / f"{preset}-layout"
-    info: dict = {}
+    ckpt = ckpt or work / f"{preset}-ckpt"
+    lay = lay or work / f"{preset}-layout"
+    info: dict = {"ckpt": str(ckpt), "layout": str(lay)}
     if not (ckpt / "config.json").is_file():
         t0 = time.perf_counter()
         info["make"] = make(preset, ckpt)
@@ -273,6 +275,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "tiered-offload")
     ap.add_argument("--small", action="store_true", help="tiny shape on CPU: checks the whole pipeline")
+    ap.add_argument("--ckpt", type=Path, default=None, help="existing HF checkpoint (e.g. bench_decode_gpu --keep)")
+    ap.add_argument("--layout", type=Path, default=None, help="existing layout of --ckpt")
     ap.add_argument("--phases", default=",".join(ALL_PHASES))
     ap.add_argument("--vram-gb", type=float, default=4.0)
     ap.add_argument("--ram-gb-small", type=float, default=8.0, help="RAM tier below the expert bytes (phases 2, 3)")
@@ -298,7 +302,7 @@ def main() -> None:
                  "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
                  "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "small": a.small}
     t_start = time.perf_counter()
-    ckpt, lay_path, info = build(a.work, preset)
+    ckpt, lay_path, info = build(a.work, preset, a.ckpt, a.layout)
     res["build"] = info
     lay = Layout.open(lay_path)
     cfg = lay.config
