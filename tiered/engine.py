@@ -10,6 +10,7 @@ the expert cache), parsing flags or printing (run_cli.py).
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,7 +244,12 @@ class Engine:
 
     def _step(self, token: Tensor, pos: int) -> Tensor:
         if self.graphed is not None:
-            return self.graphed.step(token, pos)
+            try:
+                return self.graphed.step(token, pos)
+            except RuntimeError as e:  # a capture this torch/driver refuses: decode eagerly instead
+                print(f"tiered: CUDA graph capture failed ({e}); decoding without graphs", file=sys.stderr)
+                self.graphed = None
+                torch.cuda.synchronize(self.device)
         return self.model.forward(token.view(1), pos)
 
     # --- generation ---

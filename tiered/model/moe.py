@@ -72,11 +72,12 @@ def shared_expert(x: Tensor, w: MoEWeights) -> Tensor:
 def experts_one_token(x: Tensor, ids: Tensor, weights: Tensor, provider: ExpertProvider, layer: int) -> Tensor:
     """Decode path, T = 1: gather the K experts' weights, then GEMMs with no host sync.
 
-    x [1, D], ids [1, K] (distinct), weights [1, K] in compute dtype -> [1, D]. The K experts' gate
-    (and up) rows are stacked into one [K*F, D] matrix, so each projection is a single GEMV; the down
-    projection is one batched [1, F] x [F, D] product per expert over the transposed view (no copy),
-    with the routing weights folded into the activations. Measured on CPU, this is about 3x faster
-    than a batched matmul with one column, and avoids a permuted copy of the down weights.
+    x [1, D], ids [1, K] (distinct), weights [1, K] (compute dtype, or fp32) -> [1, D]. The K experts'
+    gate (and up) rows are stacked into one [K*F, D] matrix, so each projection is a single GEMV; the
+    down projection is one batched [1, F] x [F, D] product per expert over the transposed view (no
+    copy). Measured on CPU, about 3x faster than batched matmuls with one column. Rounding follows
+    transformers' grouped_mm experts: each expert's output in the compute dtype, times its weight,
+    summed over K with one rounding.
     """
     slots = provider.get(layer, ids[0])  # [K]
     W = provider.weights
@@ -86,27 +87,28 @@ def experts_one_token(x: Tensor, ids: Tensor, weights: Tensor, provider: ExpertP
     d = W.down.index_select(0, slots).to(dt)  # [K, D, F]
     K, Fe, D = g.shape
     h = F.silu(F.linear(x, g.view(K * Fe, D).to(dt))) * F.linear(x, u.view(K * Fe, D).to(dt))  # [1, K*F]
-    h = h.view(K, 1, Fe) * weights.view(K, 1, 1)  # [K, 1, F]
-    return torch.bmm(h, d.transpose(1, 2)).sum(0)  # [K, 1, D] -> [1, D]
+    y = torch.bmm(h.view(K, 1, Fe), d.transpose(1, 2))  # [K, 1, D]
+    return (y * weights.view(K, 1, 1)).sum(0).to(dt)  # [1, D]
 
 
 def experts_grouped(x: Tensor, ids: Tensor, weights: Tensor, provider: ExpertProvider, layer: int) -> Tensor:
     """Prefill path: tokens grouped by expert, experts streamed through the provider in waves.
 
-    x [T, D], ids [T, K], weights [T, K] in compute dtype -> [T, D]. Experts are accumulated in
-    ascending id order, as transformers' expert loop does.
+    x [T, D], ids [T, K], weights [T, K] (compute dtype, or fp32) -> [T, D]. Each (token, k) output
+    lands in its own row and the K rows of a token are summed at the end, as transformers' grouped_mm
+    experts do, so the result does not depend on the wave size.
     """
     T, K = ids.shape
-    E_seen = ids.reshape(-1)
-    order = torch.argsort(E_seen, stable=True)  # [T*K] entries sorted by expert
+    flat = ids.reshape(-1)  # [T*K]
+    order = torch.argsort(flat, stable=True)  # [T*K] (token, k) entries sorted by expert
     tok = order // K  # [T*K] token of each sorted entry
     wsorted = weights.reshape(-1)[order]  # [T*K]
-    used, counts = torch.unique_consecutive(E_seen[order], return_counts=True)
+    used, counts = torch.unique_consecutive(flat[order], return_counts=True)
     used_l, counts_l = used.tolist(), counts.tolist()
     starts = [0]
     for c in counts_l:
         starts.append(starts[-1] + c)
-    out = torch.zeros_like(x)
+    rows = torch.empty((T * K, x.shape[1]), dtype=torch.promote_types(x.dtype, weights.dtype), device=x.device)
     n = max(1, int(provider.max_experts_per_call))
     W = provider.weights
     dt = x.dtype
@@ -116,19 +118,22 @@ def experts_grouped(x: Tensor, ids: Tensor, weights: Tensor, provider: ExpertPro
             provider.prefetch(layer, used[w0 + n:w0 + 2 * n])
         for j, s in enumerate(slots):
             a, b = starts[w0 + j], starts[w0 + j + 1]
-            idx = tok[a:b]  # [n_e] tokens routed to this expert
-            y = _swiglu(x[idx], W.gate[s].to(dt), W.up[s].to(dt), W.down[s].to(dt))  # [n_e, D]
-            out.index_add_(0, idx, y * wsorted[a:b, None])
-    return out
+            y = _swiglu(x[tok[a:b]], W.gate[s].to(dt), W.up[s].to(dt), W.down[s].to(dt))  # [n_e, D]
+            rows.index_copy_(0, order[a:b], y * wsorted[a:b, None])
+    return rows.view(T, K, -1).sum(1).to(dt)  # [T, D]
+
+
+# transformers' Mixtral router keeps the routing weights in fp32 (the others cast them to the compute dtype).
+FP32_ROUTE_WEIGHTS = frozenset({"mixtral"})
 
 
 def moe_block(h: Tensor, x: Tensor, w: MoEWeights, provider: ExpertProvider, layer: int, *, top_k: int,
-              norm_topk: bool, observer: RoutingObserver | None = None) -> Tensor:
+              norm_topk: bool, observer: RoutingObserver | None = None, fp32_weights: bool = False) -> Tensor:
     """h [T, D] residual after attention, x [T, D] = post-attention norm of h -> MoE output [T, D]."""
     logits, ids, wts = route(x, w.router, top_k, norm_topk)
     if observer is not None:
         observer.on_route(layer, h, ids, wts, logits.float())
-    wc = wts.to(x.dtype)  # transformers casts the routing weights to the compute dtype before use
+    wc = wts if fp32_weights else wts.to(x.dtype)
     if x.shape[0] == 1:
         out = experts_one_token(x, ids, wc, provider, layer)
     else:

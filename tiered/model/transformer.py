@@ -24,7 +24,7 @@ from torch import Tensor
 from tiered.config import ModelConfig
 from tiered.model.layers import (AttnWeights, KVCache, Rope, StepPlan, attention, attn_mask, plan_eager,
                                  rms_norm)
-from tiered.model.moe import ExpertProvider, MoEWeights, RoutingObserver, moe_block
+from tiered.model.moe import FP32_ROUTE_WEIGHTS, ExpertProvider, MoEWeights, RoutingObserver, moe_block
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,7 @@ class Transformer:
         self.rope = Rope.build(config, self.max_context, device=dev, dtype=dtype)
         self.cache = KVCache.allocate(config, self.max_context, device=dev, dtype=dtype, flash=attn == "flash")
         self.groups = config.num_heads // config.num_kv_heads
+        self.fp32_route_weights = config.family in FP32_ROUTE_WEIGHTS
 
     # --- eager path ---
     @torch.inference_mode()
@@ -117,7 +118,7 @@ class Transformer:
                               backend=self.attn)
             x = rms_norm(h, lw.mlp_norm, cfg.rms_norm_eps)
             h = h + moe_block(h, x, lw.moe, self.provider, l, top_k=cfg.top_k, norm_topk=cfg.norm_topk_prob,
-                              observer=self.observer)
+                              observer=self.observer, fp32_weights=self.fp32_route_weights)
         if not all_logits:
             h = h[-1:]
         return F.linear(rms_norm(h, self.final_norm, cfg.rms_norm_eps), self.lm_head)
