@@ -178,9 +178,10 @@ def test_tokenizer_reads_template_list_form(tmp_path, reference_model):
 
 @pytest.mark.cuda
 def test_cuda_graphs_match_eager_decode(reference_layout):
-    """On CUDA, decode replayed from CUDA graphs gives the same greedy tokens as the eager step (bf16)."""
-    g = tiered.load(reference_layout, device="cuda", dtype="bfloat16", max_context=300)
-    e = tiered.load(reference_layout, device="cuda", dtype="bfloat16", max_context=300, cuda_graphs=False)
+    """On CUDA, decode replayed from CUDA graphs gives the same greedy tokens as the eager step (fp32, where the
+    masked fixed-span attention of the graphs and the eager slice differ only by rounding)."""
+    g = tiered.load(reference_layout, device="cuda", dtype="float32", max_context=300)
+    e = tiered.load(reference_layout, device="cuda", dtype="float32", max_context=300, cuda_graphs=False)
     assert g.graphed is not None and e.graphed is None
     prompt = "import os\nimport sys\n\n\ndef main(argv):\n"
     a = g.generate(prompt, max_new_tokens=150, stop_at_eos=False).token_ids  # crosses the 128-position span
