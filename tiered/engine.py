@@ -139,7 +139,7 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
     ctx = int(max_context or min(4096, cfg.max_position_embeddings))
     if ctx < 1:
         raise EngineError(f"max_context must be positive, got {ctx}")
-    backend = pick_backend(attn, dev)
+    backend = pick_backend(attn, dev, dt)
     provider = make_provider(layout, device=dev, budget=budget, dtype=dt, max_context=ctx)
     model = Transformer(cfg, layout.dense(), provider, device=dev, dtype=dt, max_context=ctx, attn=backend,
                         observer=observer)

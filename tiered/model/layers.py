@@ -26,13 +26,14 @@ ATTN_BACKENDS = ("auto", "flash", "sdpa")
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """RMSNorm over the last dim, normalised in fp32 then cast back before the scale (as transformers)."""
+    """RMSNorm over the last dim: normalised in fp32, cast back, then scaled (transformers' order of roundings).
+
+    F.rms_norm without a weight does the fp32 part (one fused kernel on CUDA; on CPU the same ops as
+    transformers' code), and the scale comes after the cast, as in transformers.
+    """
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
-        return F.rms_norm(x, weight.shape, weight, eps)  # one fused op; the same math when nothing is cast
-    dt = x.dtype
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(dt)
+        return F.rms_norm(x, weight.shape, weight, eps)
+    return weight * F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)
 
 
 def check_rope(config: ModelConfig) -> None:
@@ -197,16 +198,16 @@ def flash_available(device: torch.device) -> bool:
     return True
 
 
-def pick_backend(requested: str, device: torch.device) -> str:
-    """Resolve --attn: "auto" picks flash when available on CUDA, else SDPA; "flash" fails if unavailable."""
+def pick_backend(requested: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
+    """Resolve --attn: "auto" picks flash when usable (CUDA, fp16/bf16, importable), else SDPA; "flash" fails if not."""
     if requested not in ATTN_BACKENDS:
         raise ValueError(f"attention backend {requested!r} is not one of {ATTN_BACKENDS}")
     if requested == "sdpa":
         return "sdpa"
-    ok = flash_available(device)
+    ok = flash_available(device) and dtype in (torch.float16, torch.bfloat16)
     if requested == "flash" and not ok:
-        raise ValueError("--attn flash needs a CUDA device and an importable flash_attn package; "
-                         "use --attn sdpa (or auto)")
+        raise ValueError("--attn flash needs a CUDA device, --dtype bfloat16 or float16 and an importable "
+                         "flash_attn package; use --attn sdpa (or auto)")
     return "flash" if ok else "sdpa"
 
 
