@@ -351,8 +351,8 @@ class Engine:
         }
         ps = self.model.provider.stats()
         s.update(ps)
-        if s.get("stall_s") and decode_s > 0:
-            s.setdefault("stall_share", s["stall_s"] / decode_s)
+        if s.get("stall_s") is not None and decode_s > 0:  # the provider's stall time is over decode
+            s["stall_share"] = s["stall_s"] / decode_s
         return s
 
 
