@@ -243,7 +243,7 @@ class Engine:
         return out  # [1, V]
 
     def _step(self, token: Tensor, pos: int) -> Tensor:
-        if self.graphed is not None:
+        if self.graphed is not None and self.model.observer is None:  # a replay would skip the observer
             try:
                 return self.graphed.step(token, pos)
             except RuntimeError as e:  # a capture this torch/driver refuses: decode eagerly instead
