@@ -147,6 +147,9 @@ def run(prompt, model, prompt_file, max_new_tokens, temperature, top_k, top_p, s
     except ExpertReadError as e:  # a damaged layout found mid-run: stop with the expert, file and offset
         click.echo(f"\nerror: {e}", err=True)
         sys.exit(1)
+    except BrokenPipeError:  # the reader went away (e.g. `| head`): stop quietly, like other Unix tools
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
     if sys.stdout.isatty():
         click.echo("", err=True)  # end the streamed line on a terminal without adding to stdout
     stats = dict(gen.stats)
