@@ -29,11 +29,12 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """RMSNorm over the last dim: normalised in fp32, cast back, then scaled (transformers' order of roundings).
 
     F.rms_norm without a weight does the fp32 part (one fused kernel on CUDA; on CPU the same ops as
-    transformers' code), and the scale comes after the cast, as in transformers.
+    transformers' code), and the scale comes after the cast, as in transformers. `weight` broadcasts
+    against x: [D], or [n, hd] for per-head norms of n heads at once.
     """
-    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+    if x.dtype == torch.float32 and weight.dtype == torch.float32 and weight.dim() == 1:
         return F.rms_norm(x, weight.shape, weight, eps)
-    return weight * F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
 
 
 def check_rope(config: ModelConfig) -> None:
@@ -141,27 +142,35 @@ class AttnWeights:
     qkv: Tensor  # [(H+2KV)*hd, D] q, k, v projections stacked (one GEMM instead of three)
     qkv_bias: Tensor | None  # [(H+2KV)*hd]
     o: Tensor  # [D, H*hd]
-    q_norm: Tensor | None  # [hd] ("head") or [H*hd] ("proj")
-    k_norm: Tensor | None  # [hd] or [KV*hd]
+    q_norm: Tensor | None  # [H*hd] ("proj"); for "head", [H+KV, hd]: q's norm on H rows, k's on KV rows
+    k_norm: Tensor | None  # [KV*hd] ("proj"); None for "head" (folded into q_norm)
 
 
 def attention(x: Tensor, w: AttnWeights, cache: KVCache, layer: int, plan: StepPlan, config: ModelConfig,
               *, backend: str = "sdpa") -> Tensor:
-    """Self-attention of x [T, D] (already normed) with the cache; writes this call's K/V; returns [T, D]."""
+    """Self-attention of x [T, D] (already normed) with the cache; writes this call's K/V; returns [T, D].
+
+    q and k stay side by side as [T, H+KV, hd] (as the stacked projection leaves them), so per-head
+    norms and the rotary embedding each run once over both: fewer kernels per decode step.
+    """
     T = x.shape[0]
     H, KV, hd = config.num_heads, config.num_kv_heads, config.head_dim
-    qkv = F.linear(x, w.qkv, w.qkv_bias)  # [T, (H+2KV)*hd]
-    q, k, v = qkv.split((H * hd, KV * hd, KV * hd), dim=-1)
     eps = config.rms_norm_eps
-    if config.qk_norm == "proj":
-        q, k = rms_norm(q, w.q_norm, eps), rms_norm(k, w.k_norm, eps)
-    q, k, v = q.reshape(T, H, hd), k.reshape(T, KV, hd), v.reshape(T, KV, hd)
-    if config.qk_norm == "head":
-        q, k = rms_norm(q, w.q_norm, eps), rms_norm(k, w.k_norm, eps)
+    qkv = F.linear(x, w.qkv, w.qkv_bias)  # [T, (H+2KV)*hd]
+    nq, nk = H * hd, KV * hd
+    if config.qk_norm == "proj":  # one norm over each whole projection (OLMoE)
+        qk = torch.cat([rms_norm(qkv[:, :nq], w.q_norm, eps), rms_norm(qkv[:, nq:nq + nk], w.k_norm, eps)], -1)
+        qk = qk.view(T, H + KV, hd)
+    else:
+        qk = qkv[:, :nq + nk].view(T, H + KV, hd)
+        if config.qk_norm == "head":  # per head (Qwen3-MoE)
+            qk = rms_norm(qk, w.q_norm, eps)
+    v = qkv[:, nq + nk:].view(T, KV, hd)
     if config.clip_qkv is not None:
         c = config.clip_qkv
-        q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
-    q, k = apply_rope(q, plan.cos, plan.sin), apply_rope(k, plan.cos, plan.sin)
+        qk, v = qk.clamp(-c, c), v.clamp(-c, c)
+    qk = apply_rope(qk, plan.cos, plan.sin)  # [T, H+KV, hd]
+    q, k = qk[:, :H], qk[:, H:]
     if backend == "flash":
         out = _flash(q, k, v, cache, layer, plan, config)
     else:

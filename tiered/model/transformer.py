@@ -58,9 +58,13 @@ def build_layer(cfg: ModelConfig, dense: dict[str, Tensor], l: int, device: torc
     bias = None
     if cfg.attn_bias:
         bias = torch.cat([t("q_bias"), t("k_bias"), t("v_bias")], dim=0)
-    has_norm = cfg.qk_norm != "none"
-    attn = AttnWeights(qkv=qkv, qkv_bias=bias, o=t("o_proj"), q_norm=t("q_norm") if has_norm else None,
-                       k_norm=t("k_norm") if has_norm else None)
+    q_norm = k_norm = None
+    if cfg.qk_norm == "proj":
+        q_norm, k_norm = t("q_norm"), t("k_norm")
+    elif cfg.qk_norm == "head":  # one [H+KV, hd] table, so q and k are normed in one call
+        H, KV, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_norm = torch.cat([t("q_norm").expand(H, hd), t("k_norm").expand(KV, hd)], dim=0)
+    attn = AttnWeights(qkv=qkv, qkv_bias=bias, o=t("o_proj"), q_norm=q_norm, k_norm=k_norm)
     shared = cfg.shared_expert_ffn > 0
     moe = MoEWeights(router=t("router"),
                      shared_gate=t("shared_gate_proj") if shared else None,
