@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,11 @@ sys.path.insert(0, str(REPO))
 
 import tiered  # noqa: E402
 from tiered.families import default_model_path  # noqa: E402
+
+
+def git_commit() -> str:
+    r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    return r.stdout.strip() if r.returncode == 0 else "unknown"
 
 
 def prompt_ids(engine, n: int) -> list[int]:
@@ -90,6 +96,7 @@ def main() -> None:
         "tiered_prefill_tok_s": prefill,
         "transformers_generate_s": statistics.median(hf_full_t), "tokens_identical": same,
         "torch": torch.__version__, "transformers": tf.__version__,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": git_commit(),
     }
     print(f"{'engine':<14}{'decode tok/s':>14}")
     print(f"{'tiered':<14}{ours_med:>14.1f}")
