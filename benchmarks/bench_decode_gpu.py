@@ -290,7 +290,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--hf-repeats", type=int, default=2)
+    ap.add_argument("--hf-repeats", type=int, default=5)
     ap.add_argument("--positions", type=int, default=256, help="teacher-forced positions per eval text")
     ap.add_argument("--small", action="store_true", help="tiny shape on the CPU (tests this script anywhere)")
     ap.add_argument("--skip-hf", action="store_true", help="skip transformers generate on the large model")
