@@ -1,0 +1,204 @@
+"""Prefetch glue between the predictor and the expert cache, and predictor-informed eviction.
+
+Owns: `Prefetcher` (a routing observer: during layer l it feeds the predictor and chooses the top
+candidates for layers l+1 .. l+d within a per-layer budget), `PrefetchingProvider` (wraps an
+ExpertProvider so that those candidates go to `prefetch()` right after layer l's own `get()`, when
+layer l's experts are pinned and cannot be evicted by the prefetch), `attach` (wires both into an
+Engine), and `PredictedEviction` (a Policy, same API as store/policy.py, that evicts the resident
+expert least likely to be used soon).
+Does not own: the predictors (predictors.py), the slots and copies (store/cache.py), the simulator
+(simulate.py, which uses `choose` and `PredictedEviction` so offline numbers come from this code).
+
+Prefetch runs only on one-token steps (decode): prefill streams each chunk's union of experts in
+waves, so there is nothing to guess there. Prefetch is a hint: it never changes the model's output.
+"""
+from __future__ import annotations
+
+from typing import Any, Collection, Iterable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from tiered.predict.predictors import Predictor
+from tiered.store.policy import LRU, Policy
+
+
+def choose(scores: Tensor, budget: int) -> Tensor:
+    """The `budget` highest-scoring expert ids (int64 [budget])."""
+    return scores.topk(min(budget, scores.numel())).indices
+
+
+# (decay per token, weight of log averaged router prob, weight of log averaged use). Chosen on traces of
+# ../shared/text/fit with simulate.py (per-layer caches of 16 slots): an average of uses over ~50 tokens
+# plus this token's router probability. Single averages of probs (decay 0.3..0.97) scored 1-4 points lower.
+DEFAULT_EVICT_MIX = ((0.98, 0.0, 1.0), (0.0, 0.1, 0.0))
+
+
+class PredictedEviction(Policy):
+    """Evict the resident expert least likely to be needed soon; LRU order breaks ties.
+
+    The likelihood is a log-linear score of exponential averages over tokens of each layer's router
+    probabilities and uses (`update(layer, probs, used)` from the routing observer, before that layer's
+    experts are fetched), so only the past and the current router output are read (lead-time rule).
+    Keys are layer * E + expert, like every policy.
+    """
+
+    name = "predicted"
+
+    def __init__(self, num_layers: int, num_experts: int, *,
+                 mix: tuple[tuple[float, float, float], ...] | None = None) -> None:
+        super().__init__()
+        mix = DEFAULT_EVICT_MIX if mix is None else mix
+        if not mix or any(not 0 <= m[0] < 1 for m in mix):
+            raise ValueError(f"mix must be (decay in [0, 1), w_prob, w_use) terms, got {mix}")
+        self.E = num_experts
+        self.mix = mix  # (decay, weight on log averaged prob, weight on log averaged use) terms
+        self.decays = np.array([m[0] for m in self.mix])[:, None]  # [M, 1]
+        self.avg_p = np.zeros((len(self.mix), num_layers * num_experts))  # [M, L*E] averaged router probs
+        self.avg_u = np.zeros_like(self.avg_p)  # [M, L*E] averaged use (top-k membership)
+        self.score = np.zeros(num_layers * num_experts)  # [L*E] higher = keep
+        self._lru = LRU()
+
+    def update(self, layer: int, probs: Tensor | np.ndarray, used: Tensor | np.ndarray | None = None) -> None:
+        """probs [E]: this token's router probabilities at `layer`; used [E] 0/1 (default: probs' top-k
+        is not known here, so 0). Vectorised over experts."""
+        p = probs.detach().float().cpu().numpy() if isinstance(probs, Tensor) else np.asarray(probs)
+        u = np.zeros_like(p) if used is None else (used.detach().float().cpu().numpy() if isinstance(used, Tensor)
+                                                   else np.asarray(used, dtype=float))
+        sl = slice(layer * self.E, (layer + 1) * self.E)
+        d = self.decays
+        self.avg_p[:, sl] = d * self.avg_p[:, sl] + (1 - d) * p
+        self.avg_u[:, sl] = d * self.avg_u[:, sl] + (1 - d) * u
+        s = np.zeros(self.E)
+        for i, (_, wp, wu) in enumerate(self.mix):
+            s += wp * np.log(np.maximum(self.avg_p[i, sl], 1e-4)) + wu * np.log(np.maximum(self.avg_u[i, sl], 1e-4))
+        self.score[sl] = s
+
+    def insert(self, key: int, t: float) -> None:
+        self._clock(t)
+        self._lru.insert(key, t)
+
+    def touch(self, key: int, t: float) -> None:
+        self._clock(t)
+        self._lru.touch(key, t)
+
+    def remove(self, key: int) -> None:
+        self._lru.remove(key)
+
+    def victim(self, resident: Iterable[int] | None = None, pinned: Collection[int] = ()) -> int:
+        cand = self._as_set(resident)
+        best, best_s = None, None
+        for key in self._lru._order:  # oldest first, so the first minimum found is the LRU among equals
+            if key in pinned or (cand is not None and key not in cand):
+                continue
+            s = self.score[key]
+            if best_s is None or s < best_s:
+                best, best_s = key, s
+        if best is None:
+            raise self._none_left(cand, pinned)
+        return best
+
+    def __contains__(self, key: int) -> bool:
+        return key in self._lru
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+
+class Prefetcher:
+    """Routing observer: feeds the predictor and queues the candidates for the next `depth` layers.
+
+    Args:
+        predictor: any Predictor (reset per sequence by the caller, or by `reset()`).
+        depth: layers ahead (l+1 .. l+depth within the token).
+        budget: candidates per target layer (C).
+        eviction: a PredictedEviction to keep informed, if the cache uses one.
+        chain: another observer to call as well (e.g. a TraceRecorder).
+    """
+
+    def __init__(self, predictor: Predictor, *, depth: int = 1, budget: int = 8,
+                 eviction: PredictedEviction | None = None, chain: Any = None) -> None:
+        self.predictor = predictor
+        self.depth = depth
+        self.budget = budget
+        self.eviction = eviction
+        self.chain = chain
+        self.pending: list[tuple[int, Tensor]] = []  # (layer, ids) to prefetch after the current get()
+        self.issued = 0  # candidates handed to prefetch()
+
+    def reset(self) -> None:
+        self.predictor.reset()
+        self.pending = []
+
+    def on_route(self, layer: int, hidden: Tensor, topk_ids: Tensor, topk_weights: Tensor,
+                 router_logits: Tensor) -> None:
+        if self.chain is not None:
+            self.chain.on_route(layer, hidden, topk_ids, topk_weights, router_logits)
+        if layer == 0 and hidden.shape[0] > 1:
+            self.predictor.reset()  # a prefill chunk from position 0 may start a new sequence
+        self.predictor.observe(layer, hidden, topk_ids, router_logits, topk_weights)
+        if self.eviction is not None:
+            E = router_logits.shape[-1]
+            used = torch.zeros(E).scatter_(0, topk_ids[-1].cpu(), 1.0)
+            self.eviction.update(layer, torch.softmax(router_logits[-1].float().cpu(), -1), used)
+        self.pending = []
+        if hidden.shape[0] != 1 or self.depth <= 0 or self.budget <= 0:
+            return
+        L = self.predictor.L
+        for tgt in range(layer + 1, min(L, layer + 1 + self.depth)):
+            self.pending.append((tgt, choose(self.predictor.rank(tgt), self.budget)))
+
+    def take(self, layer: int) -> list[tuple[int, Tensor]]:
+        """The queued prefetches made while routing `layer` (emptied)."""
+        out, self.pending = self.pending, []
+        self.issued += sum(int(ids.numel()) for _, ids in out)
+        return out
+
+
+class PrefetchingProvider:
+    """An ExpertProvider that, after each get(layer), passes the Prefetcher's queue to prefetch().
+
+    Everything else (weights, stats, set_phase, reset_stats, ...) is the wrapped provider's.
+    """
+
+    def __init__(self, inner: Any, prefetcher: Prefetcher) -> None:
+        self.inner = inner
+        self.prefetcher = prefetcher
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def get(self, layer: int, expert_ids: Tensor) -> Tensor:
+        slots = self.inner.get(layer, expert_ids)
+        for tgt, ids in self.prefetcher.take(layer):
+            self.inner.prefetch(tgt, ids)
+        return slots
+
+    def prefetch(self, layer: int, expert_ids: Any) -> None:
+        self.inner.prefetch(layer, expert_ids)
+
+    def stats(self) -> dict:
+        s = dict(self.inner.stats())
+        s["prefetch_candidates"] = self.prefetcher.issued
+        s["predictor"] = self.prefetcher.predictor.name
+        return s
+
+
+def attach(engine: Any, predictor: Predictor, *, depth: int = 1, budget: int = 8) -> Prefetcher:
+    """Wire `predictor` into `engine`: the observer feeds it, the provider prefetches its candidates.
+
+    The engine then decodes eagerly (an observer is set). Returns the Prefetcher; `detach` undoes it.
+    """
+    pf = Prefetcher(predictor, depth=depth, budget=budget, chain=engine.model.observer)
+    engine.model.observer = pf
+    engine.model.provider = PrefetchingProvider(engine.model.provider, pf)
+    return pf
+
+
+def detach(engine: Any) -> None:
+    """Undo `attach`."""
+    prov = engine.model.provider
+    if isinstance(prov, PrefetchingProvider):
+        engine.model.provider = prov.inner
+        engine.model.observer = prov.prefetcher.chain

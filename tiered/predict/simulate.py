@@ -1,0 +1,234 @@
+"""Offline replay of a routing trace through a model of the tiers: hit rates, bytes, predicted tok/s, Belady.
+
+Owns: `TierModel` (slot counts, policy, prefetch depth/budget, bandwidths, compute time per layer),
+`simulate` (the replay, with the same Policy classes as the cache and the same Predictor/Prefetcher
+choice as the engine) and `belady_hit_rate` (the demand-paging ceiling at the same slot count).
+Does not own: policies (store/policy.py, prefetch.PredictedEviction), predictors (predictors.py).
+
+One step = one layer of one token, in decode order (token-major, layer-minor). At step (t, l):
+  1. the predictor observes layer l's routing (before its experts run: the lead-time rule);
+  2. demand: layer l's K experts are looked up; misses are loaded, evicting by the policy with the
+     step's own experts pinned; a device miss is served by the RAM tier or, failing that, the disk;
+  3. prefetch (if a predictor and depth > 0): the top `prefetch_budget` candidates of layers
+     l+1 .. l+depth that are not resident are loaded, pinning this step's experts and the candidates.
+Time per step: max(compute, prefetch bytes / h2d) + demand bytes / h2d + disk bytes / disk bandwidth:
+prefetches overlap the layer's compute, demand loads stall it.
+
+Partition "layer" gives each layer slots // L slots and its own policy (CONTRACTS' reference figures);
+"global" shares all slots under one policy, like the cache.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from tiered.predict.predictors import Predictor
+from tiered.predict.prefetch import PredictedEviction, choose
+from tiered.predict.trace import Trace
+from tiered.store.policy import Policy, belady, make_policy
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class TierModel:
+    slots: int  # device-tier expert slots in total (all layers)
+    partition: str = "layer"  # "layer" (slots // L each, own policy) or "global" (one policy over all)
+    policy: str = "lru"  # lru, lfu, flru or predicted
+    flru_w: float | None = None  # flru weight in steps; default L (one use ~ one token of recency)
+    ram_slots: int | None = None  # RAM tier slots (LRU); None = every expert in RAM
+    prefetch_depth: int = 0  # layers ahead
+    prefetch_budget: int = 0  # candidates per target layer
+    block_bytes: int = 0  # bytes per expert block
+    h2d_gbps: float = 53.0  # host -> device GB/s (GROUND.md: pinned, large copies)
+    disk_gbps: float = 1.7  # disk -> RAM GB/s (GROUND.md: cold O_DIRECT)
+    compute_s_per_layer: float = 0.0  # one layer's compute for one token, seconds
+    evict_mix: tuple | None = None  # policy "predicted": (decay, w_prob, w_use) terms; None = DEFAULT_EVICT_MIX
+
+    def __post_init__(self) -> None:
+        if self.partition not in ("layer", "global"):
+            raise ValueError(f"partition must be 'layer' or 'global', got {self.partition!r}")
+        if self.prefetch_depth < 0 or self.prefetch_budget < 0:
+            raise ValueError("prefetch depth and budget must be >= 0")
+
+
+@dataclass
+class SimResult:
+    uses: int = 0  # expert uses (tokens x layers x K)
+    hits: int = 0  # device-tier hits
+    ram_hits: int = 0  # device misses served by the RAM tier
+    disk_reads: int = 0  # device misses read from disk
+    prefetch_issued: int = 0  # experts loaded by prefetch
+    prefetch_used: int = 0  # ... and used before being evicted
+    tokens: int = 0
+    seconds: float = 0.0  # modelled time
+    stall_s: float = 0.0  # modelled demand-load time
+    block_bytes: int = 0
+    belady_hits: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def misses(self) -> int:
+        return self.uses - self.hits
+
+    def to_dict(self) -> dict[str, Any]:
+        u = max(self.uses, 1)
+        tok = max(self.tokens, 1)
+        d = {
+            "hit_rate": self.hits / u, "hits": self.hits, "misses": self.misses, "uses": self.uses,
+            "ram_hit_rate": self.ram_hits / max(self.misses, 1), "disk_reads": self.disk_reads,
+            "bytes_h2d_per_token": (self.misses + self.prefetch_issued) * self.block_bytes / tok,
+            "bytes_disk_per_token": self.disk_reads * self.block_bytes / tok,
+            "prefetch_issued": self.prefetch_issued, "prefetch_used": self.prefetch_used,
+            "prefetch_precision": self.prefetch_used / self.prefetch_issued if self.prefetch_issued else None,
+            "prefetch_wasted_bytes": (self.prefetch_issued - self.prefetch_used) * self.block_bytes,
+            "tokens": self.tokens, "tok_s": self.tokens / self.seconds if self.seconds > 0 else None,
+            "stall_share": self.stall_s / self.seconds if self.seconds > 0 else None,
+        }
+        if self.belady_hits is not None:
+            d["belady_hit_rate"] = self.belady_hits / u
+        d.update(self.extra)
+        return d
+
+
+def _make_policy(tiers: TierModel, L: int, E: int) -> Policy:
+    if tiers.policy == "predicted":
+        return PredictedEviction(L, E, mix=tiers.evict_mix)
+    kw = {"w": tiers.flru_w if tiers.flru_w is not None else float(L)} if tiers.policy == "flru" else {}
+    return make_policy(tiers.policy, **kw)
+
+
+class _Tier:
+    """Resident keys of one cache (a layer's or the global one) with its policy."""
+
+    def __init__(self, capacity: int, policy: Policy) -> None:
+        self.capacity = capacity
+        self.policy = policy
+        self.prefetched: set[int] = set()
+
+    def load(self, key: int, t: float, pinned: set[int]) -> None:
+        if len(self.policy) >= self.capacity:
+            v = self.policy.victim(None, pinned)
+            self.policy.remove(v)
+            self.prefetched.discard(v)
+        self.policy.insert(key, t)
+
+
+def simulate(trace: Trace, tiers: TierModel, *, predictor: Predictor | None = None, max_tokens: int | None = None,
+             with_belady: bool = True, on_step: Callable[[int, int], None] | None = None) -> SimResult:
+    """Replay `trace` (every document in order; the predictor resets at document starts) through `tiers`.
+
+    max_tokens: only the first max_tokens tokens of each document.
+    """
+    N, L, K = trace.topk_ids.shape
+    E = trace.num_experts
+    per_layer = tiers.partition == "layer"
+    cap = tiers.slots // L if per_layer else tiers.slots
+    if cap < K:
+        raise ValueError(f"{tiers.slots} slots give {cap} per cache, fewer than top-k = {K}")
+    n_caches = L if per_layer else 1
+    pols = [_make_policy(tiers, L, E) for _ in range(n_caches)]
+    caches = [_Tier(cap, p) for p in pols]
+    evictors = [p for p in pols if isinstance(p, PredictedEviction)]
+    ram = None if tiers.ram_slots is None else _Tier(tiers.ram_slots, make_policy("lru"))
+    bw, dbw = tiers.h2d_gbps * GB, tiers.disk_gbps * GB
+    B = tiers.block_bytes
+    res = SimResult(block_bytes=B)
+    ids_all = trace.topk_ids.astype(np.int64)
+    logits = None if trace.router_logits is None else torch.from_numpy(trace.router_logits.astype(np.float32))
+    weights = torch.from_numpy(trace.topk_weights)
+    hidden = None if trace.hidden is None else torch.from_numpy(trace.hidden)
+    steps: list[list[list[int]]] = [[] for _ in range(n_caches)]  # per cache: keys per step, for Belady
+    clock = 0
+    for d in range(trace.num_docs):
+        a, b = int(trace.doc_offsets[d]), int(trace.doc_offsets[d + 1])
+        if max_tokens is not None:
+            b = min(b, a + max_tokens)
+        if predictor is not None:
+            predictor.reset()
+        for n in range(a, b):
+            res.tokens += 1
+            for l in range(L):
+                clock += 1
+                ids_np = ids_all[n, l]
+                ids = torch.from_numpy(ids_np)
+                probs = torch.softmax(logits[n, l], -1) if logits is not None else \
+                    torch.zeros(E).scatter_(0, ids, weights[n, l])
+                if evictors:  # each layer's policy hears its own layer (the global one hears all)
+                    evictors[l if per_layer else 0].update(l, probs, torch.zeros(E).scatter_(0, ids, 1.0))
+                if predictor is not None:
+                    predictor.observe(l, hidden[n, l:l + 1] if hidden is not None else torch.zeros(1, 1), ids[None],
+                                      None if logits is None else logits[n, l:l + 1], weights[n, l:l + 1])
+                c = caches[l if per_layer else 0]
+                keys = [l * E + int(e) for e in ids_np]
+                steps[l if per_layer else 0].append(keys)
+                pinned = set(keys)
+                demand = disk = 0
+                for k in keys:
+                    res.uses += 1
+                    if k in c.policy:
+                        res.hits += 1
+                        c.policy.touch(k, clock)
+                        if k in c.prefetched:
+                            c.prefetched.discard(k)
+                            res.prefetch_used += 1
+                        continue
+                    demand += 1
+                    disk += _from_ram(ram, k, clock, res)
+                    c.load(k, clock, pinned)
+                pf = 0
+                if predictor is not None and tiers.prefetch_depth > 0 and tiers.prefetch_budget > 0:
+                    for tgt in range(l + 1, min(L, l + 1 + tiers.prefetch_depth)):
+                        ct = caches[tgt if per_layer else 0]
+                        cand = [tgt * E + int(e) for e in choose(predictor.rank(tgt), tiers.prefetch_budget)]
+                        protect = pinned | set(cand)
+                        for k in cand:
+                            if k in ct.policy:
+                                continue
+                            ct.load(k, clock, protect)
+                            ct.prefetched.add(k)
+                            pf += 1
+                            disk += _from_ram(ram, k, clock, res)
+                    res.prefetch_issued += pf
+                stall = demand * B / bw + disk * B / dbw if B else 0.0
+                res.stall_s += stall
+                res.seconds += max(tiers.compute_s_per_layer, pf * B / bw if B else 0.0) + stall
+                if on_step is not None:
+                    on_step(n, l)
+    if with_belady:
+        res.belady_hits = sum(belady(s, cap)[0] for s in steps)
+    return res
+
+
+def _from_ram(ram: _Tier | None, key: int, t: float, res: SimResult) -> int:
+    """Serve a device-tier load from RAM (1 = it had to come from disk)."""
+    if ram is None:
+        res.ram_hits += 1
+        return 0
+    if key in ram.policy:
+        ram.policy.touch(key, t)
+        res.ram_hits += 1
+        return 0
+    res.disk_reads += 1
+    ram.load(key, t, {key})
+    return 1
+
+
+def belady_hit_rate(trace: Trace, slots_per_layer: int, *, max_tokens: int | None = None) -> float:
+    """Belady's demand-paging hit rate with per-layer caches of `slots_per_layer`, current step pinned."""
+    N, L, K = trace.topk_ids.shape
+    E = trace.num_experts
+    hits = uses = 0
+    for d in range(trace.num_docs):
+        a, b = int(trace.doc_offsets[d]), int(trace.doc_offsets[d + 1])
+        if max_tokens is not None:
+            b = min(b, a + max_tokens)
+        ids = trace.topk_ids[a:b].astype(np.int64)
+        for l in range(L):
+            h, m = belady([(l * E + ids[n, l]).tolist() for n in range(b - a)], slots_per_layer)
+            hits += h
+            uses += h + m
+    return hits / uses if uses else 0.0
