@@ -131,6 +131,12 @@ from tiered.run_cli import run  # noqa: E402  (issue 3: the engine)
 
 main.add_command(run)
 
+from tiered.predict.trace_cli import trace  # noqa: E402  (issue 5: traces and predictors)
+from tiered.predict.tune_cli import tune  # noqa: E402
+
+main.add_command(trace)
+main.add_command(tune)
+
 
 if __name__ == "__main__":
     main()
