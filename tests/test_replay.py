@@ -1,0 +1,64 @@
+"""Replayed routing: the trace mapping onto a larger model and the router override's token counting."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tiered.predict.replay import ReplayRouting, map_trace
+from tiered.predict.trace import Trace
+
+
+def _trace(n_docs=3, n=12, L=2, E=4, K=2, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = np.stack([np.stack([rng.permutation(E)[:K] for _ in range(L)]) for _ in range(n_docs * n)]).astype(np.int16)
+    w = rng.random(ids.shape).astype(np.float32)
+    return Trace(np.arange(n_docs * n, dtype=np.int32), np.arange(0, n_docs * n + 1, n, dtype=np.int64), ids, w,
+                 meta={"num_experts": E})
+
+
+def test_mapping_layout():
+    """Layer h*L+l, expert H*e+h comes from source layer l of stream h (document d+h); ids stay distinct."""
+    t = _trace()
+    m = map_trace(t, num_layers=4, num_experts=8)
+    assert m.topk_ids.shape == (36, 4, 2)
+    d0, d1 = t.doc(0), t.doc(1)
+    np.testing.assert_array_equal(m.topk_ids[:12, :2], d0.topk_ids * 2)
+    np.testing.assert_array_equal(m.topk_ids[:12, 2:], d1.topk_ids * 2 + 1)
+    np.testing.assert_array_equal(m.topk_weights[:12, 2:], d1.topk_weights)
+    for row in m.topk_ids.reshape(-1, 2):
+        assert len(set(row.tolist())) == 2
+
+
+def test_mapping_has_no_lookahead():
+    """Changing source tokens after t never changes mapped rows up to t."""
+    t = _trace()
+    ids = t.topk_ids.copy()
+    for d in range(3):
+        ids[d * 12 + 6:(d + 1) * 12] = (ids[d * 12 + 6:(d + 1) * 12] + 1) % 4
+    t2 = Trace(t.tokens, t.doc_offsets, ids, t.topk_weights, meta=t.meta)
+    a, b = map_trace(t, num_layers=4, num_experts=8), map_trace(t2, num_layers=4, num_experts=8)
+    for d in range(3):
+        np.testing.assert_array_equal(a.topk_ids[d * 12:d * 12 + 6], b.topk_ids[d * 12:d * 12 + 6])
+
+
+def test_mapping_refuses_mismatched_shapes():
+    with pytest.raises(ValueError, match="same multiple"):
+        map_trace(_trace(), num_layers=4, num_experts=12)
+
+
+def test_replay_counts_tokens_across_prefill_and_decode():
+    """A 5-token prefill then single tokens read rows 0-4, 5, 6 for every layer; reset starts again."""
+    t = _trace(n_docs=1)
+    r = ReplayRouting.from_trace(t, device="cpu")
+    for layer in range(2):
+        ids, w = r(layer, 5)
+        np.testing.assert_array_equal(ids.numpy(), t.topk_ids[:5, layer])
+    for pos in (5, 6):
+        for layer in range(2):
+            ids, _ = r(layer, 1)
+            np.testing.assert_array_equal(ids.numpy(), t.topk_ids[pos:pos + 1, layer])
+    r.reset()
+    ids, _ = r(0, 1)
+    np.testing.assert_array_equal(ids.numpy(), t.topk_ids[:1, 0])
+    with pytest.raises(IndexError, match="longer trace"):
+        r(0, 100)
