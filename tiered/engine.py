@@ -2,8 +2,11 @@
 
 Owns: `load` (path -> layout -> provider -> Transformer, tokenizer), `Engine` (prefill in chunks, the
 decode loop, sampling with temperature / top-k / top-p and a seed, stopping at EOS or the token
-budget, streaming text, stats with the CONTRACTS keys), and `GraphedDecode` (one CUDA graph per
-attended span for the one-token step, used when every expert is on the device).
+budget, streaming text, stats with the CONTRACTS keys), `GraphedDecode` (one CUDA graph per
+attended span for the one-token step, used when every expert is on the device), and the choice of
+decode path per step: whole-step graphs (resident experts, no observer), piecewise graphs
+(tiered/piecewise.py: a provider whose get() needs the routing on the host, e.g. the expert cache),
+or eager.
 Does not own: the model's math (model/), where experts live (the provider: model/resident.py or
 the expert cache), parsing flags or printing (run_cli.py).
 """
@@ -24,6 +27,7 @@ from tiered.model.layers import pick_backend
 from tiered.model.moe import ExpertProvider, RoutingObserver
 from tiered.model.resident import ResidentExperts
 from tiered.model.transformer import Transformer
+from tiered.piecewise import GraphCaptureError, PiecewiseDecode, span_for
 from tiered.tokenizer import StreamDecoder, Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -126,7 +130,8 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
         attn: "auto", "flash" or "sdpa".
         budget: expert-cache options (BUDGET_KEYS); None/empty = every expert in memory.
         observer: routing observer (SEAMS.md), called once per layer per forward.
-        cuda_graphs: capture the one-token decode step in CUDA graphs when possible.
+        cuda_graphs: capture the one-token decode step in CUDA graphs when possible: the whole step with
+            resident experts, L+1 segments with host routing between them with the expert cache.
     Returns:
         an Engine.
     """
@@ -144,8 +149,7 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
     model = Transformer(cfg, layout.dense(), provider, device=dev, dtype=dt, max_context=ctx, attn=backend,
                         observer=observer)
     tok = Tokenizer.from_dir(layout.path) if layout.tokenizer_path else None
-    graphs = cuda_graphs and dev.type == "cuda" and observer is None and isinstance(provider, ResidentExperts)
-    return Engine(model, tok, layout_path=layout.path, cuda_graphs=graphs)
+    return Engine(model, tok, layout_path=layout.path, cuda_graphs=cuda_graphs and dev.type == "cuda")
 
 
 class GraphedDecode:
@@ -160,7 +164,7 @@ class GraphedDecode:
         self.pool = torch.cuda.graph_pool_handle()
 
     def span(self, pos: int) -> int:
-        return min(self.model.max_context, max(128, 1 << math.ceil(math.log2(pos + 1))))
+        return span_for(pos, self.model.max_context)
 
     def step(self, token: Tensor, pos: int) -> Tensor:
         """token [1] int64 on device at position pos -> logits [1, V] (a static buffer: read before the next step)."""
@@ -199,7 +203,18 @@ class Engine:
         self.layout_path = layout_path
         self.device = model.device
         self.dtype = model.dtype
-        self.graphed = GraphedDecode(model) if cuda_graphs else None
+        cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        resident = isinstance(model.provider, ResidentExperts)
+        # Resident experts: the whole step in one graph per span (steps run eagerly while an observer is set).
+        self.graphed = GraphedDecode(model) if cuda_graphs and resident else None
+        # A provider whose get() needs the routing on the host: L+1 graphs per span, host routing between.
+        self.pieces: PiecewiseDecode | None = None
+        if cuda_graphs and not resident:
+            try:
+                self.pieces = PiecewiseDecode(model, graphs=True)
+            except RuntimeError as e:  # e.g. the page-locked host buffer was refused
+                print(f"tiered: piecewise CUDA graphs unavailable ({e}); decoding eagerly", file=sys.stderr)
+        self.decode_mode = "eager"  # what the last generate's one-token steps ran: full, piecewise or eager
         self.stats: dict[str, Any] = {}
 
     @property
@@ -242,15 +257,31 @@ class Engine:
             out = self.model.forward(ids[a:a + PREFILL_CHUNK], a)
         return out  # [1, V]
 
-    def _step(self, token: Tensor, pos: int) -> Tensor:
+    def _planned_mode(self) -> str:
+        if self.graphed is not None and self.model.observer is None:  # a replay would skip the observer
+            return "full"
+        return "piecewise" if self.pieces is not None else "eager"
+
+    def _step(self, token: Tensor, tok: int, pos: int) -> Tensor:
+        """token [1] int64 (any device) = tok, at position pos -> logits [1, V]."""
         if self.graphed is not None and self.model.observer is None:  # a replay would skip the observer
             try:
-                return self.graphed.step(token, pos)
+                self.decode_mode = "full"
+                return self.graphed.step(token.to(self.device), pos)
             except RuntimeError as e:  # a capture this torch/driver refuses: decode eagerly instead
                 print(f"tiered: CUDA graph capture failed ({e}); decoding without graphs", file=sys.stderr)
                 self.graphed = None
                 torch.cuda.synchronize(self.device)
-        return self.model.forward(token.view(1), pos)
+        if self.pieces is not None:
+            try:
+                self.decode_mode = "piecewise"
+                return self.pieces.step(tok, pos)
+            except GraphCaptureError as e:  # raised before this step ran anything: decode it eagerly
+                print(f"tiered: {e}; decoding without graphs", file=sys.stderr)
+                self.pieces = None
+                torch.cuda.synchronize(self.device)
+        self.decode_mode = "eager"
+        return self.model.forward(token.to(self.device).view(1), pos)
 
     # --- generation ---
     @torch.inference_mode()
@@ -286,6 +317,9 @@ class Engine:
         pieces: list[str] = []
         stop = "length"
         self._sync()
+        self.decode_mode = self._planned_mode()
+        if self.pieces is not None:
+            self.pieces.reset_stats()
         t0 = time.perf_counter()
         self._phase("prefill")
         logits = self._prefill(ids) if max_new_tokens else None
@@ -313,7 +347,7 @@ class Engine:
             if pos >= self.max_context:
                 stop = "context"
                 break
-            logits = self._step(tok_t.to(self.device), pos)
+            logits = self._step(tok_t, tok, pos)
             pos += 1
         self._sync()
         t2 = time.perf_counter()
@@ -345,12 +379,15 @@ class Engine:
             "prefill_tok_s": n_prompt / prefill_s if prefill_s > 0 else None,
             "decode_tok_s": decode_steps / decode_s if decode_s > 0 and decode_steps else None,
             "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
-            "attention": self.model.attn, "cuda_graphs": self.graphed is not None,
+            "attention": self.model.attn, "cuda_graphs": self.decode_mode != "eager",
+            "decode_graphs": self.decode_mode,
             "max_context": self.max_context, "family": self.config.family,
             "model": str(self.layout_path) if self.layout_path else None,
         }
         ps = self.model.provider.stats()
         s.update(ps)
+        if self.decode_mode == "piecewise" and self.pieces is not None:
+            s["piecewise"] = self.pieces.stats()  # host time between segments: wait_s (GPU busy), route_s
         if s.get("stall_s") is not None and decode_s > 0:  # the provider's stall time is over decode
             s["stall_share"] = s["stall_s"] / decode_s
         return s

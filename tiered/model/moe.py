@@ -3,8 +3,9 @@
 Owns: `route` (softmax in fp32, then top-k, optional renormalisation, as transformers), `routed_experts`
 (two paths: one token gathers its K experts and runs batched matmuls; several tokens are grouped by
 expert, and the distinct experts are streamed through the provider in waves of at most
-`provider.max_experts_per_call`), `shared_expert` (Qwen2-MoE, sigmoid-gated) and `moe_block`,
-which calls the routing observer (SEAMS.md) before any expert is computed.
+`provider.max_experts_per_call`), `shared_expert` (Qwen2-MoE, sigmoid-gated), `moe_block`, which
+calls the routing observer (SEAMS.md) before any expert is computed, and `expert_mix` (everything
+after routing; with known slot rows it is the expert segment of the piecewise decode step).
 Does not own: where expert weights live (the provider: resident.py, or the cache), nor dense weights.
 
 Expert weights arrive in their stored dtype and are converted on use when the compute dtype differs.
@@ -36,6 +37,14 @@ class ExpertProvider(Protocol):
 class RoutingObserver(Protocol):
     def on_route(self, layer: int, hidden: Tensor, topk_ids: Tensor, topk_weights: Tensor,
                  router_logits: Tensor) -> None: ...
+
+
+class PrefetchHook(Protocol):
+    """Called in one-token decode steps once layer `layer`'s routing is on the host and its experts are
+    resolved (provider.get returned), before layer `layer`'s expert compute is enqueued: the place to call
+    provider.prefetch(layer + d, ...) so that next-layer loads overlap this layer's compute (SEAMS.md)."""
+
+    def __call__(self, layer: int, expert_ids: Tensor) -> None: ...  # expert_ids int64 [K] on the host
 
 
 @dataclass(frozen=True)
@@ -70,17 +79,22 @@ def shared_expert(x: Tensor, w: MoEWeights) -> Tensor:
 
 
 def experts_one_token(x: Tensor, ids: Tensor, weights: Tensor, provider: ExpertProvider, layer: int) -> Tensor:
-    """Decode path, T = 1: gather the K experts' weights, then GEMMs with no host sync.
+    """Decode path, T = 1: the provider's slots for the K experts, then `experts_from_slots` (no host sync
+    beyond what the provider's get() needs). x [1, D], ids [1, K] (distinct), weights [1, K] -> [1, D]."""
+    return experts_from_slots(x, provider.get(layer, ids[0]), weights, provider.weights)
 
-    x [1, D], ids [1, K] (distinct), weights [1, K] (compute dtype, or fp32) -> [1, D]. The K experts'
-    gate (and up) rows are stacked into one [K*F, D] matrix, so each projection is a single GEMV; the
-    down projection is one batched [1, F] x [F, D] product per expert over the transposed view (no
-    copy). Measured on CPU, about 3x faster than batched matmuls with one column. Rounding follows
-    transformers' grouped_mm experts: each expert's output in the compute dtype, times its weight,
-    summed over K with one rounding.
+
+def experts_from_slots(x: Tensor, slots: Tensor, weights: Tensor, W: Any) -> Tensor:
+    """One token's K experts, given their slot rows in W: gather the weights, then GEMMs with no host sync.
+
+    x [1, D], slots [K] int64 on W's device, weights [1, K] (compute dtype, or fp32), W = provider.weights
+    -> [1, D]. The K experts' gate (and up) rows are stacked into one [K*F, D] matrix, so each projection is
+    a single GEMV; the down projection is one batched [1, F] x [F, D] product per expert over the transposed
+    view (no copy). Measured on CPU, about 3x faster than batched matmuls with one column. Rounding follows
+    transformers' grouped_mm experts: each expert's output in the compute dtype, times its weight, summed
+    over K with one rounding. Every shape depends only on K, so a CUDA graph can capture it with `slots` a
+    static buffer (the piecewise decode step).
     """
-    slots = provider.get(layer, ids[0])  # [K]
-    W = provider.weights
     dt = x.dtype
     g = W.gate.index_select(0, slots)  # [K, F, D] stored dtype
     u = W.up.index_select(0, slots)  # [K, F, D]
@@ -128,14 +142,33 @@ FP32_ROUTE_WEIGHTS = frozenset({"mixtral"})
 
 
 def moe_block(h: Tensor, x: Tensor, w: MoEWeights, provider: ExpertProvider, layer: int, *, top_k: int,
-              norm_topk: bool, observer: RoutingObserver | None = None, fp32_weights: bool = False) -> Tensor:
+              norm_topk: bool, observer: RoutingObserver | None = None, fp32_weights: bool = False,
+              prefetch_hook: PrefetchHook | None = None) -> Tensor:
     """h [T, D] residual after attention, x [T, D] = post-attention norm of h -> MoE output [T, D]."""
     logits, ids, wts = route(x, w.router, top_k, norm_topk)
     if observer is not None:
         observer.on_route(layer, h, ids, wts, logits.float())
+    return expert_mix(x, ids, wts, w, provider, layer, fp32_weights=fp32_weights, prefetch_hook=prefetch_hook)
+
+
+def expert_mix(x: Tensor, ids: Tensor, wts: Tensor, w: MoEWeights, provider: ExpertProvider, layer: int, *,
+               slots: Tensor | None = None, fp32_weights: bool = False,
+               prefetch_hook: PrefetchHook | None = None) -> Tensor:
+    """The MoE output once routing is known: routed experts (+ the shared expert) -> [T, D].
+
+    x [T, D] normed, ids [T, K] int64, wts [T, K] fp32 routing weights. With `slots` ([K] int64, T = 1)
+    the experts' slot rows are already known (the piecewise decode step asked the provider between
+    segments) and the provider is not called; otherwise the provider's get() resolves them, and for one
+    token `prefetch_hook(layer, ids)` (ids int64 [K] on the host) runs right after it.
+    """
     wc = wts if fp32_weights else wts.to(x.dtype)
-    if x.shape[0] == 1:
-        out = experts_one_token(x, ids, wc, provider, layer)
+    if slots is not None:
+        out = experts_from_slots(x, slots, wc, provider.weights)
+    elif x.shape[0] == 1:
+        s = provider.get(layer, ids[0])
+        if prefetch_hook is not None:
+            prefetch_hook(layer, ids[0].cpu())
+        out = experts_from_slots(x, s, wc, provider.weights)
     else:
         out = experts_grouped(x, ids, wc, provider, layer)
     if w.shared_gate is not None:

@@ -59,6 +59,13 @@ class ResidentExperts:
         ids = expert_ids.to(self.device, non_blocking=True)
         return ids + layer * self.num_experts
 
+    def get_slots(self, layer: int, expert_ids: Any) -> list[int]:
+        """Host ids -> slot rows as host ints (the optional provider API the piecewise decode step uses)."""
+        ids = expert_ids.tolist() if isinstance(expert_ids, Tensor) else [int(e) for e in expert_ids]
+        self._served += len(ids)
+        base = layer * self.num_experts
+        return [base + e for e in ids]
+
     def prefetch(self, layer: int, expert_ids: Any) -> None:
         """Nothing to fetch: every expert is resident."""
 

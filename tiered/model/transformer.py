@@ -1,9 +1,11 @@
 """The decoder: one implementation for every MoE family, its differences read from ModelConfig.
 
 Owns: `Transformer` (weights per layer built from the canonical dense dict, the rotary tables and the
-KV cache, allocated once), its eager `forward` over T tokens at a start position, and
+KV cache, allocated once), its eager `forward` over T tokens at a start position,
 `decode_static`, a one-token step whose positions are device tensors so that it can be captured in
-a CUDA graph (no host sync, no allocation that depends on the position).
+a CUDA graph (no host sync, no allocation that depends on the position), and the same step cut into
+L+1 segments at the routers (`segment_first/mid/last`, `Routed`), which tiered/piecewise.py runs with
+the routing read on the host between segments.
 Does not own: expert weights (an ExpertProvider hands them out), sampling or the generation loop
 (engine.py), reading layouts (store/disk.py).
 
@@ -24,7 +26,19 @@ from torch import Tensor
 from tiered.config import ModelConfig
 from tiered.model.layers import (AttnWeights, KVCache, Rope, StepPlan, attention, attn_mask, plan_eager,
                                  rms_norm)
-from tiered.model.moe import FP32_ROUTE_WEIGHTS, ExpertProvider, MoEWeights, RoutingObserver, moe_block
+from tiered.model.moe import (FP32_ROUTE_WEIGHTS, ExpertProvider, MoEWeights, PrefetchHook, RoutingObserver,
+                               expert_mix, route)
+
+
+@dataclass(frozen=True)
+class Routed:
+    """Layer l after its attention and router: what the host reads between decode segments, and what
+    layer l's expert computation needs."""
+    h: Tensor  # [T, D] residual stream after layer l's attention (the observer's `hidden`)
+    x: Tensor  # [T, D] post-attention norm of h (the experts' input)
+    logits: Tensor  # [T, E] router logits, compute dtype
+    ids: Tensor  # [T, K] int64 top-k experts, router order
+    weights: Tensor  # [T, K] float32 routing weights (renormalised when the family does)
 
 
 @dataclass(frozen=True)
@@ -89,6 +103,7 @@ class Transformer:
         self.attn = attn
         self.provider = provider
         self.observer = observer
+        self.prefetch_hook: PrefetchHook | None = None  # called per layer of one-token steps (moe.PrefetchHook)
         dev = self.device
         self.embed = _take(dense, "embed", dev, dtype)  # [V, D]
         self.final_norm = _take(dense, "final_norm", dev, dtype)  # [D]
@@ -115,27 +130,62 @@ class Transformer:
         return self._run(tokens, plan, all_logits)
 
     def _run(self, tokens: Tensor, plan: StepPlan, all_logits: bool) -> Tensor:
-        cfg = self.config
         h = F.embedding(tokens, self.embed)  # [T, D]
-        for l, lw in enumerate(self.layers):
-            h = h + attention(rms_norm(h, lw.attn_norm, cfg.rms_norm_eps), lw.attn, self.cache, l, plan, cfg,
-                              backend=self.attn)
-            x = rms_norm(h, lw.mlp_norm, cfg.rms_norm_eps)
-            h = h + moe_block(h, x, lw.moe, self.provider, l, top_k=cfg.top_k, norm_topk=cfg.norm_topk_prob,
-                              observer=self.observer, fp32_weights=self.fp32_route_weights)
+        for l in range(len(self.layers)):
+            r = self.attend_route(l, h, plan)
+            if self.observer is not None:
+                self.observer.on_route(l, r.h, r.ids, r.weights, r.logits.float())
+            h = r.h + self.experts_out(l, r)
+        return self.head(h, all_logits)
+
+    # --- the pieces of a layer (the eager loop above and the piecewise decode step share them) ---
+    def attend_route(self, l: int, h: Tensor, plan: StepPlan) -> Routed:
+        """Layer l up to its router: h [T, D] entering layer l -> Routed (h after attention, norm, top-k)."""
+        cfg, lw = self.config, self.layers[l]
+        h = h + attention(rms_norm(h, lw.attn_norm, cfg.rms_norm_eps), lw.attn, self.cache, l, plan, cfg,
+                          backend=self.attn)
+        x = rms_norm(h, lw.mlp_norm, cfg.rms_norm_eps)
+        logits, ids, wts = route(x, lw.moe.router, cfg.top_k, cfg.norm_topk_prob)
+        return Routed(h, x, logits, ids, wts)
+
+    def experts_out(self, l: int, r: Routed, slots: Tensor | None = None) -> Tensor:
+        """Layer l's MoE output [T, D] (routed + shared experts); `slots` [K] = known slot rows (T = 1),
+        else the provider resolves them (and the prefetch hook runs, for one token)."""
+        return expert_mix(r.x, r.ids, r.weights, self.layers[l].moe, self.provider, l, slots=slots,
+                          fp32_weights=self.fp32_route_weights, prefetch_hook=self.prefetch_hook)
+
+    def head(self, h: Tensor, all_logits: bool = False) -> Tensor:
+        """Final norm and lm_head: h [T, D] -> logits [T, V] (all_logits) or [1, V] (the last position)."""
         if not all_logits:
             h = h[-1:]
-        return F.linear(rms_norm(h, self.final_norm, cfg.rms_norm_eps), self.lm_head)
+        return F.linear(rms_norm(h, self.final_norm, self.config.rms_norm_eps), self.lm_head)
+
+    # --- the one-token step in L+1 segments (tiered/piecewise.py runs them, with host routing between) ---
+    def segment_first(self, tokens: Tensor, plan: StepPlan) -> Routed:
+        """Segment 0: embedding, layer 0's attention, norm and router."""
+        return self.attend_route(0, F.embedding(tokens, self.embed), plan)
+
+    def segment_mid(self, l: int, prev: Routed, slots: Tensor, plan: StepPlan) -> Routed:
+        """Segment l (1..L-1): layer l-1's experts from `slots` [K] + residual, then layer l up to its router."""
+        return self.attend_route(l, prev.h + self.experts_out(l - 1, prev, slots), plan)
+
+    def segment_last(self, prev: Routed, slots: Tensor) -> Tensor:
+        """Segment L: layer L-1's experts from `slots` [K] + residual, final norm, lm_head -> logits [1, V]."""
+        return self.head(prev.h + self.experts_out(len(self.layers) - 1, prev, slots), False)
 
     # --- graph-capturable one-token step ---
+    def static_plan(self, pos: Tensor, span: int) -> StepPlan:
+        """The plan of a one-token step at device position pos [1] int64 reading cache positions [0, span):
+        no host sync, every shape depends only on `span`."""
+        cos = self.rope.cos.index_select(0, pos)  # [1, hd]
+        sin = self.rope.sin.index_select(0, pos)
+        mask = attn_mask(pos, 0, span, window=self.config.sliding_window, groups=self.groups)  # [G, span]
+        seqlens = pos.to(torch.int32) if self.attn == "flash" else None
+        return StepPlan(cos, sin, pos, 0, span, mask, seqlens)
+
     def decode_static(self, token: Tensor, pos: Tensor, span: int) -> Tensor:
         """token [1] int64, pos [1] int64 (both on device) -> logits [1, V]; reads cache positions [0, span).
 
         Every shape depends only on `span`, so one CUDA graph per span serves every position < span.
         """
-        cos = self.rope.cos.index_select(0, pos)  # [1, hd]
-        sin = self.rope.sin.index_select(0, pos)
-        mask = attn_mask(pos, 0, span, window=self.config.sliding_window, groups=self.groups)  # [G, span]
-        seqlens = pos.to(torch.int32) if self.attn == "flash" else None
-        plan = StepPlan(cos, sin, pos, 0, span, mask, seqlens)
-        return self._run(token, plan, False)
+        return self._run(token, self.static_plan(pos, span), False)

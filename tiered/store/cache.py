@@ -299,39 +299,51 @@ class ExpertCache:
     # --- ExpertProvider ---
     def get(self, layer: int, expert_ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
         """int64 [U] distinct ids of `layer` -> int64 [U] slot rows into `weights`, usable on the current stream."""
-        ids = expert_ids.tolist() if isinstance(expert_ids, torch.Tensor) else list(expert_ids)
-        if len(ids) > self.max_experts_per_call:
-            raise ValueError(f"get(layer {layer}) asked for {len(ids)} experts at once, more than the "
+        return self.vram.index_tensor(self.get_slots(layer, expert_ids))
+
+    def get_slots(self, layer: int, expert_ids: torch.Tensor | Sequence[int]) -> list[int]:
+        """get() without the device index tensor: the slot rows as host ints (SEAMS.md, optional provider API).
+
+        Same bookkeeping, copies and stream waits as get(); the caller hands the rows to the device itself
+        (the piecewise decode step writes them into a static buffer that its next graph copies in).
+        Called once per layer per token: no per-call tensors, one dict lookup per key on the hit path.
+        """
+        ids = expert_ids.tolist() if isinstance(expert_ids, torch.Tensor) else [int(e) for e in expert_ids]
+        n = len(ids)
+        if n > self.max_experts_per_call:
+            raise ValueError(f"get(layer {layer}) asked for {n} experts at once, more than the "
                              f"{self.max_experts_per_call} slots: split the call into waves of max_experts_per_call")
-        E = self.num_experts
-        keys = [layer * E + int(e) for e in ids]
-        if len(set(keys)) != len(keys):
+        base = layer * self.num_experts
+        keys = [base + e for e in ids]
+        pinned = set(keys)
+        if len(pinned) != n:
             raise ValueError(f"get(layer {layer}) got repeated expert ids {ids}: pass distinct ids")
         self._t += 1
         t = self._t
         if self.trace is not None:
             self.trace.append((self.phase, keys))
-        pinned = set(keys)
         self._pinned = pinned
         ph = self._phases[self.phase]
         if layer == 0 and self.phase == "decode":
             ph.tokens += 1
         vt = self.vram.table
-        slots: list[int] = [0] * len(keys)
+        resident = vt.slot_of  # key -> slot (SlotTable's own dict: lookups without a call per key)
+        touch = vt.policy.touch
+        slots: list[int] = [resident.get(k, -1) for k in keys]
         missing: list[int] = []
-        for i, k in enumerate(keys):
-            s = vt.lookup(k)
-            if s is None:
+        prefetched = self._prefetched
+        for i, k in enumerate(keys):  # hits are touched in key order, as before
+            if slots[i] < 0:
                 missing.append(i)
                 continue
-            vt.touch(k, t)
-            slots[i] = s
-            if k in self._prefetched:
-                self._prefetched.discard(k)
+            touch(k, t)
+            if prefetched and k in prefetched:
+                prefetched.discard(k)
                 self.prefetch_used += 1
-        self.vram.hits += len(keys) - len(missing)
+        nh = n - len(missing)
+        self.vram.hits += nh
         self.vram.misses += len(missing)
-        ph.hits += len(keys) - len(missing)
+        ph.hits += nh
         ph.misses += len(missing)
         if missing:
             t0 = time.perf_counter()
@@ -352,7 +364,7 @@ class ExpertCache:
             else:
                 ph.stall_s += time.perf_counter() - t0
         self.vram.wait_for(slots, self.phase)
-        return self.vram.index_tensor(slots)
+        return slots
 
     def _assign(self, keys: list[int], t: float, pinned: set[int]) -> dict[int, int]:
         slot_of = {}

@@ -156,7 +156,7 @@ class SlotPool:
         On CUDA the wait is timed with an event pair around it on the compute stream, so the time
         compute spent blocked on copies is known per phase (harvested lazily, no host sync here).
         """
-        if not self.cuda:
+        if not self._pending:  # CPU, or no copy outstanding: nothing to wait for (the common decode case)
             return
         waits = [s for s in slots if s in self._pending]
         if not waits:

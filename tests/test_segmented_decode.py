@@ -1,0 +1,280 @@
+"""The piecewise decode step (tiered/piecewise.py): the one-token step cut at the routers, with the routing
+read on the host between segments. On CPU the segments run eagerly and must equal the unsplit step bit for
+bit; CUDA-marked tests check the captured segments against eager decoding with the expert cache."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tiered
+from tiered.engine import load
+from tiered.piecewise import PiecewiseDecode, span_for
+
+PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
+
+
+def _prefill(engine, ids: list[int]) -> torch.Tensor:
+    return engine.model.forward(torch.tensor(ids, device=engine.device), 0)
+
+
+def _decode_pair(ref, seg_step, first_logits: torch.Tensor, pos: int, steps: int, ref_step=None) -> list[int]:
+    """Greedy-decode `steps` tokens with `ref` (unsplit) and `seg_step` (segmented) side by side, both already
+    prefilled up to `pos`; assert the logits are bit-identical at every step. Returns the tokens."""
+    ref_step = ref_step or (lambda tok, p: ref.model.forward(torch.tensor([tok], device=ref.device), p))
+    la = first_logits
+    toks = []
+    for i in range(steps):
+        tok = int(la[0].argmax())
+        toks.append(tok)
+        a = ref_step(tok, pos)
+        b = seg_step(tok, pos)
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a, b), f"step {i} (pos {pos}): max |diff| {(a.float() - b.float()).abs().max()}"
+        la = a
+        pos += 1
+    return toks
+
+
+def _prefill_both(ref, seg, ids: list[int]) -> torch.Tensor:
+    la = _prefill(ref, ids)
+    lb = _prefill(seg, ids)
+    assert torch.equal(la, lb)
+    return la
+
+
+@pytest.fixture(scope="module")
+def ids(reference_layout) -> list[int]:
+    return load(reference_layout, device="cpu").encode(PROMPT)
+
+
+@pytest.mark.parametrize("budget", [None, {"expert_slots": 8}, {"expert_slots": 16, "policy": "lfu"},
+                                    {"expert_slots": 64, "ram_gb": 20 * 49152 / 2**30}])
+def test_segments_equal_unsplit_step(reference_layout, ids, budget):
+    """CPU: the L+1 segments with host routing between them (eager positions) give exactly the logits of
+    model.forward for every decode step, with every expert resident and with the expert cache."""
+    ref = load(reference_layout, device="cpu", max_context=256)
+    seg = load(reference_layout, device="cpu", max_context=256, budget=budget)
+    pw = PiecewiseDecode(seg.model, graphs=False)
+    assert not pw.static_positions and pw.chains == {}
+    _decode_pair(ref, pw.step, _prefill_both(ref, seg, ids), len(ids), 20)
+    assert pw.steps == 20
+
+
+def test_segments_equal_static_step(reference_layout, ids):
+    """CPU: with positions on the device (what graphs capture) the segments equal decode_static bit for bit,
+    across a span boundary (128 -> 256)."""
+    ref = load(reference_layout, device="cpu", max_context=300)
+    seg = load(reference_layout, device="cpu", max_context=300, budget={"expert_slots": 16})
+    pw = PiecewiseDecode(seg.model, graphs=False, static_positions=True)
+
+    def ref_step(tok, pos):
+        return ref.model.decode_static(torch.tensor([tok]), torch.tensor([pos]), span_for(pos, 300))
+
+    long_ids = (ids * 8)[:120]
+    _decode_pair(ref, pw.step, _prefill_both(ref, seg, long_ids), 120, 12, ref_step=ref_step)  # pos 120..131
+
+
+class _Recorder:
+    """A routing observer that keeps copies of everything it is handed."""
+
+    def __init__(self) -> None:
+        self.calls = []
+
+    def on_route(self, layer, hidden, topk_ids, topk_weights, router_logits):
+        self.calls.append((layer, hidden.clone(), topk_ids.clone(), topk_weights.clone(), router_logits.clone()))
+
+
+def test_observer_sees_the_same_routing(reference_layout, ids):
+    """The observer gets the same (layer, hidden, ids, weights, logits) per layer from the segmented step as
+    from the eager step, in the same order, with the same shapes and dtypes."""
+    ref = load(reference_layout, device="cpu", max_context=256)
+    seg = load(reference_layout, device="cpu", max_context=256, budget={"expert_slots": 16})
+    pw = PiecewiseDecode(seg.model, graphs=False)
+    first = _prefill_both(ref, seg, ids)
+    ra, rb = _Recorder(), _Recorder()
+    ref.model.observer, seg.model.observer = ra, rb
+    _decode_pair(ref, pw.step, first, len(ids), 4)
+    L = ref.config.num_layers
+    assert len(ra.calls) == len(rb.calls) == 4 * L
+    for a, b in zip(ra.calls, rb.calls):
+        assert a[0] == b[0]
+        for x, y in zip(a[1:], b[1:]):
+            assert x.shape == y.shape and x.dtype == y.dtype and torch.equal(x, y)
+    assert [c[0] for c in rb.calls[:L]] == list(range(L))
+
+
+class _LoggingProvider:
+    """Wraps a provider; logs get/get_slots/prefetch calls in order."""
+
+    def __init__(self, inner, log, host_api=True):
+        self.inner, self.log = inner, log
+        self.weights = inner.weights
+        self.max_experts_per_call = inner.max_experts_per_call
+        if host_api:
+            self.get_slots = self._get_slots
+
+    def get(self, layer, ids):
+        self.log.append(("get", layer, [int(i) for i in ids.tolist()]))
+        return self.inner.get(layer, ids)
+
+    def _get_slots(self, layer, ids):
+        self.log.append(("get", layer, [int(i) for i in ids.tolist()]))
+        return self.inner.get_slots(layer, ids)
+
+    def prefetch(self, layer, ids):
+        self.log.append(("prefetch", layer))
+        self.inner.prefetch(layer, ids)
+
+    def stats(self):
+        return self.inner.stats()
+
+
+@pytest.mark.parametrize("host_api", [True, False])
+def test_prefetch_hook_runs_after_get_before_experts(reference_layout, ids, host_api):
+    """The prefetch hook runs once per layer, right after that layer's get, with the host top-k; in the eager
+    step and the segmented one alike. A hook that prefetches the next layer changes nothing in the results,
+    and the cache counts (hits, misses, the keys of every get) are the same on both paths. A provider without
+    get_slots is served through get()."""
+    logs = {"eager": [], "seg": []}
+    engines = {}
+    for name in logs:
+        e = load(reference_layout, device="cpu", max_context=256, budget={"expert_slots": 16})
+        cache = e.model.provider
+        cache.trace = []
+        e.model.provider = _LoggingProvider(cache, logs[name], host_api=host_api)
+
+        def hook(layer, expert_ids, e=e, log=logs[name]):
+            assert expert_ids.device.type == "cpu" and expert_ids.dtype == torch.int64
+            log.append(("hook", layer, expert_ids.tolist()))
+            if layer + 1 < e.config.num_layers:
+                e.model.provider.prefetch(layer + 1, expert_ids)  # a (poor) next-layer guess
+
+        e.model.prefetch_hook = hook
+        engines[name] = (e, cache)
+    ref, ref_cache = engines["eager"]
+    seg, seg_cache = engines["seg"]
+    pw = PiecewiseDecode(seg.model, graphs=False)
+    for c in (ref_cache, seg_cache):
+        c.set_phase("prefill")
+    first = _prefill_both(ref, seg, ids)
+    for c in (ref_cache, seg_cache):
+        c.set_phase("decode")
+    del logs["eager"][:], logs["seg"][:]
+    _decode_pair(ref, pw.step, first, len(ids), 6)
+    L = ref.config.num_layers
+    assert logs["eager"] == logs["seg"]
+    kinds = [x[0] for x in logs["seg"] if x[0] != "prefetch"]
+    assert kinds == ["get", "hook"] * (6 * L)
+    gets = [x for x in logs["seg"] if x[0] == "get"]
+    hooks = [x for x in logs["seg"] if x[0] == "hook"]
+    assert [g[1:] for g in gets] == [h[1:] for h in hooks]
+    a, b = ref_cache.stats(), seg_cache.stats()
+    counts = ("hits", "misses", "tokens", "bytes_h2d")  # stall_s is wall time
+    assert [a["decode"][k] for k in counts] == [b["decode"][k] for k in counts]
+    assert a["prefetch_issued"] == b["prefetch_issued"] > 0
+    assert a["prefetch_used"] == b["prefetch_used"]
+    assert ref_cache.trace == seg_cache.trace
+    seg_cache.vram.table.check()
+
+
+def test_get_slots_is_get_on_the_host(layout_cache_pair):
+    """ExpertCache.get_slots returns what get() returns, with the same bookkeeping."""
+    a, b = layout_cache_pair
+    g = torch.Generator().manual_seed(0)
+    for step in range(60):
+        layer = step % 2  # 2 layers x 16 candidate experts over 24 slots: hits and misses
+        ids = torch.randperm(16, generator=g)[:8]
+        sa = a.get(layer, ids).tolist()
+        sb = b.get_slots(layer, ids)
+        assert sa == sb
+    da, db = a.stats()["decode"], b.stats()["decode"]
+    assert [da[k] for k in ("hits", "misses", "tokens", "bytes_h2d")] == [db[k] for k in ("hits", "misses", "tokens",
+                                                                                       "bytes_h2d")]
+    assert da["misses"] > 0 and da["hits"] > 0
+    with pytest.raises(ValueError, match="repeated"):
+        b.get_slots(0, [1, 1, 2])
+    b.vram.table.check()
+
+
+@pytest.fixture
+def layout_cache_pair(reference_layout):
+    from tiered.store.cache import make_provider
+    from tiered.store.disk import Layout
+
+    lay = Layout.open(reference_layout)
+    return (make_provider(lay, device="cpu", quiet=True, expert_slots=24),
+            make_provider(lay, device="cpu", quiet=True, expert_slots=24))
+
+
+def test_engine_on_cpu_decodes_eagerly(reference_layout):
+    """On CPU there are no graphs: the engine keeps the eager step and says so in the stats."""
+    e = load(reference_layout, device="cpu", budget={"expert_slots": 16})
+    assert e.graphed is None and e.pieces is None
+    g = e.generate(PROMPT, max_new_tokens=3)
+    assert g.stats["decode_graphs"] == "eager" and g.stats["cuda_graphs"] is False
+
+
+# --- CUDA: captured segments vs eager ---
+
+CUDA_PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("slots", [16, 64])
+@pytest.mark.parametrize("copies", ["graph", "host"])
+def test_cuda_piecewise_graphs_match_eager_cache(reference_layout, slots, copies):
+    """On CUDA with the expert cache, decode replayed from piecewise graphs gives the greedy tokens of the eager
+    step (fp32, as the whole-step graph test), across the 128 -> 256 span boundary, with the same cache
+    hit/miss counts; both copy modes."""
+    budget = {"expert_slots": slots, "ram_gb": 0.05}
+    g = tiered.load(reference_layout, device="cuda", dtype="float32", max_context=300, budget=budget)
+    e = tiered.load(reference_layout, device="cuda", dtype="float32", max_context=300, budget=budget,
+                    cuda_graphs=False)
+    assert g.pieces is not None and e.pieces is None and g.graphed is None
+    g.pieces.copies = copies
+    a = g.generate(CUDA_PROMPT, max_new_tokens=150, stop_at_eos=False)
+    b = e.generate(CUDA_PROMPT, max_new_tokens=150, stop_at_eos=False)
+    assert a.stats["decode_graphs"] == "piecewise" and b.stats["decode_graphs"] == "eager"
+    assert sorted(g.pieces.chains) == [128, 256]
+    assert a.token_ids == b.token_ids
+    assert a.stats["decode"]["hits"] == b.stats["decode"]["hits"]
+    assert a.stats["decode"]["misses"] == b.stats["decode"]["misses"]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_piecewise_graphs_bit_identical_to_eager_segments(reference_layout, dtype):
+    """The captured segments compute exactly what the same segments compute eagerly (same kernels, static
+    positions): logits bit-identical at every step, bf16 included."""
+    budget = {"expert_slots": 16, "ram_gb": 0.05}
+    ref = tiered.load(reference_layout, device="cuda", dtype=dtype, max_context=300, budget=budget,
+                      cuda_graphs=False)
+    seg = tiered.load(reference_layout, device="cuda", dtype=dtype, max_context=300, budget=budget,
+                      cuda_graphs=False)
+    eager_pw = PiecewiseDecode(ref.model, graphs=False, static_positions=True)
+    graph_pw = PiecewiseDecode(seg.model, graphs=True)
+    ids = ref.encode(CUDA_PROMPT)
+    first = _prefill_both(ref, seg, ids)
+    _decode_pair(ref, lambda t, p: graph_pw.step(t, p).clone(), first, len(ids), 140, ref_step=eager_pw.step)
+    assert sorted(graph_pw.chains) == [128, 256]
+
+
+@pytest.mark.cuda
+def test_cuda_piecewise_observer_and_hook(reference_layout):
+    """With an observer and a prefetching hook set, piecewise graphs keep running (no eager fallback), the
+    observer sees every layer of every step, and the tokens equal the eager run's."""
+    budget = {"expert_slots": 16, "ram_gb": 0.05}
+    outs = []
+    for graphs in (True, False):
+        e = tiered.load(reference_layout, device="cuda", dtype="float32", max_context=300, budget=budget,
+                        cuda_graphs=graphs)
+        rec = _Recorder()
+        e.model.observer = rec
+        e.model.prefetch_hook = lambda l, ids, e=e: (e.model.provider.prefetch(l + 1, ids)
+                                                     if l + 1 < e.config.num_layers else None)
+        out = e.generate(CUDA_PROMPT, max_new_tokens=40, stop_at_eos=False)
+        assert out.stats["decode_graphs"] == ("piecewise" if graphs else "eager")
+        outs.append((out.token_ids, [c[2].cpu() for c in rec.calls]))
+    assert outs[0][0] == outs[1][0]
+    assert len(outs[0][1]) == len(outs[1][1])
+    assert all(torch.equal(a, b) for a, b in zip(outs[0][1], outs[1][1]))

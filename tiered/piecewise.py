@@ -1,0 +1,325 @@
+"""The piecewise decode step: the one-token step cut at every router, the routing read on the host
+between segments, and the segments replayed from CUDA graphs (one chain of L+1 graphs per span).
+
+Owns: `PiecewiseDecode` (static host and device buffers allocated once; the chain of captured
+segments per attended span; the host work between segments: read the top-k, call the routing
+observer, `provider.get_slots`, the prefetch hook, hand the slot rows to the next segment),
+`span_for` (the span buckets, shared with engine.GraphedDecode) and `GraphCaptureError`.
+Does not own: the math (model/transformer.py `segment_first/mid/last`), where experts live or how
+they are loaded (the provider), sampling and the generation loop (engine.py).
+
+One step of a model with L layers:
+    seg 0        embedding, layer 0 attention + post-attention norm + router      -> top-k of layer 0
+    seg l        layer l-1 experts (+ shared, residual), layer l up to its router  -> top-k of layer l
+    seg L        layer L-1 experts (+ shared, residual), final norm, lm_head       -> logits [1, V]
+    between seg l and seg l+1 the host: waits for layer l's top-k, observer.on_route(l, ...),
+    slots = provider.get_slots(l, ids) (issues copies on the provider's side stream and makes the
+    compute stream wait for exactly those slots), model.prefetch_hook(l, ids), then writes the slot
+    rows into the static slot buffer that seg l+1 reads.
+Every segment's shapes depend only on the span, so each span bucket is captured once and replayed for
+every position in it (positions are device tensors, as in `Transformer.static_plan`).
+
+Host <-> device copies (CUDA). The host side is one page-locked block registered with cudaHostRegister
+(outside torch's caching host allocator): step [2] (token, position), ids [L, K], slots [K].
+  "graph" copies: the copies are captured inside the segments (H2D of the step at the start of seg 0,
+      H2D of the slot rows at the start of seg l >= 1, D2H of the top-k at the end of seg l < L), so
+      between segments the host records one event, waits for it and writes K ints. Checked once after
+      the first capture (a probe); if the bytes do not move, or capture fails, "host" copies are used.
+  "host" copies: the same copies are issued by the host between replays (two more launches per layer).
+Ordering: all of it runs on the current (compute) stream; the host overwrites a host buffer only after
+waiting for an event recorded after the copy that last read it.
+On CPU (graphs=False) the same segments run eagerly with the same host routing; tests compare them
+bit for bit with the unsplit step.
+
+Legend: L layers, K top-k, D hidden, V vocab, S provider slots.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from tiered.model.layers import StepPlan, plan_eager
+from tiered.model.transformer import Routed, Transformer
+
+COPY_MODES = ("graph", "host")
+
+
+class GraphCaptureError(RuntimeError):
+    """Capturing the decode segments failed; the engine decodes eagerly instead (the message says why)."""
+
+
+def span_for(pos: int, max_context: int) -> int:
+    """The attended span of a one-token step at `pos`: a power of two >= 128, capped at max_context."""
+    return min(max_context, max(128, 1 << math.ceil(math.log2(pos + 1))))
+
+
+@dataclass
+class _Chain:
+    """The L+1 captured segments of one span and the tensors they hand each other (kept alive here:
+    the graphs read and write exactly these addresses)."""
+    span: int
+    graphs: list[Any]  # [L+1] torch.cuda.CUDAGraph
+    plan: StepPlan  # written by seg 0 (rotary rows, mask), read by every layer's attention
+    routed: list[Routed]  # [L] seg l's output: layer l's routing
+    logits: Tensor  # [1, V] seg L's output
+
+
+class PiecewiseDecode:
+    """The one-token decode step in L+1 segments with host routing between them.
+
+    Args:
+        model: the Transformer (its provider answers get_slots / get between segments).
+        graphs: capture the segments in CUDA graphs (CUDA only); False = run them eagerly.
+        static_positions: build positions on the device with a fixed span (what graphs need);
+            default = graphs. False = the eager plan (Python positions), bit-exact with model.forward.
+        copies: "graph" or "host" (module docstring); "graph" is checked and may fall back to "host".
+    """
+
+    def __init__(self, model: Transformer, *, graphs: bool = True, static_positions: bool | None = None,
+                 copies: str = "graph") -> None:
+        if copies not in COPY_MODES:
+            raise ValueError(f"copies must be one of {COPY_MODES}, got {copies!r}")
+        self.model = model
+        cfg = model.config
+        self.L, self.K = cfg.num_layers, cfg.top_k
+        self.device = model.device
+        self.cuda = self.device.type == "cuda"
+        self.graphs = bool(graphs) and self.cuda
+        self.static_positions = self.graphs if static_positions is None else bool(static_positions)
+        if self.graphs and not self.static_positions:
+            raise ValueError("CUDA graphs need static positions (static_positions=True)")
+        self.copies = copies
+        L, K = self.L, self.K
+        n = 2 + L * K + K  # int64 entries: step (token, pos), ids [L, K], slots [K]
+        self._owner: Any = None
+        if self.cuda:
+            from tiered.store.io import aligned_empty
+
+            raw, self._owner = aligned_empty(max(4096, -(-n * 8 // 4096) * 4096), pin=True)
+            host = raw[:n * 8].view(torch.int64)
+        else:
+            host = torch.empty(n, dtype=torch.int64)
+        host.zero_()
+        self.step_host = host[0:2]  # [2] token, position
+        self.ids_host = host[2:2 + L * K].view(L, K)  # [L, K] each layer's top-k, read by the host
+        self.slot_host = host[2 + L * K:]  # [K] slot rows the next expert segment uses
+        arr = host.numpy()
+        self._step_np, self._ids_np, self._slot_np = arr[0:2], arr[2:2 + L * K].reshape(L, K), arr[2 + L * K:]
+        if self.cuda:
+            self.step_dev = torch.zeros(2, dtype=torch.int64, device=self.device)
+            self.slot_dev = torch.zeros(K, dtype=torch.int64, device=self.device)
+            self.ready = torch.cuda.Event()  # recorded after a segment; the host waits on it for the top-k
+        else:
+            self.step_dev, self.slot_dev = self.step_host, self.slot_host
+            self.ready = None
+        self._get_slots = getattr(model.provider, "get_slots", None)
+        self.chains: dict[int, _Chain] = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
+        self.probed = False
+        # Host-side time per phase, over all steps (reset with reset_stats): where a step's time goes.
+        self.steps = 0
+        self.wait_s = 0.0  # host blocked until a segment's top-k reached it (GPU computing)
+        self.route_s = 0.0  # host work between segments: observer, get_slots (incl. its loads), hook
+        self.capture_s = 0.0
+
+    # --- copies that are captured inside the segments in "graph" mode ---
+    @property
+    def _inside(self) -> bool:
+        return self.cuda and self.copies == "graph"
+
+    def _seg_first(self, span: int, pos: int) -> tuple[StepPlan, Routed]:
+        m = self.model
+        if self._inside:
+            self.step_dev.copy_(self.step_host, non_blocking=True)
+        if self.static_positions:
+            plan = m.static_plan(self.step_dev[1:2], span)
+        else:
+            plan = plan_eager(m.rope, pos, 1, groups=m.groups, window=m.config.sliding_window)
+        r = m.segment_first(self.step_dev[0:1], plan)
+        if self._inside:
+            self.ids_host[0].copy_(r.ids[0], non_blocking=True)
+        return plan, r
+
+    def _seg_mid(self, l: int, prev: Routed, plan: StepPlan) -> Routed:
+        if self._inside:
+            self.slot_dev.copy_(self.slot_host, non_blocking=True)
+        r = self.model.segment_mid(l, prev, self.slot_dev, plan)
+        if self._inside:
+            self.ids_host[l].copy_(r.ids[0], non_blocking=True)
+        return r
+
+    def _seg_last(self, prev: Routed) -> Tensor:
+        if self._inside:
+            self.slot_dev.copy_(self.slot_host, non_blocking=True)
+        return self.model.segment_last(prev, self.slot_dev)
+
+    # --- the host between segments ---
+    def _route(self, l: int, r: Routed) -> None:
+        """Layer l's routing is computed (enqueued): read it, resolve the slots, hand them to seg l+1."""
+        m = self.model
+        t0 = time.perf_counter()
+        if self.cuda:
+            if not self._inside:
+                self.ids_host[l].copy_(r.ids[0], non_blocking=True)
+            self.ready.record()
+            self.ready.synchronize()
+            ids = self.ids_host[l]  # int64 [K] host (a row of the static buffer: valid for this step)
+        else:
+            ids = r.ids[0]
+        t1 = time.perf_counter()
+        obs = m.observer
+        if obs is not None:
+            obs.on_route(l, r.h, r.ids, r.weights, r.logits.float())
+        if self._get_slots is not None:
+            slots = self._get_slots(l, ids)
+        else:  # a provider without the host API: its device answer, read back
+            slots = m.provider.get(l, ids).tolist()
+        hook = m.prefetch_hook
+        if hook is not None:
+            hook(l, ids)
+        self._slot_np[:] = slots
+        if self.cuda and not self._inside:
+            self.slot_dev.copy_(self.slot_host, non_blocking=True)
+        t2 = time.perf_counter()
+        self.wait_s += t1 - t0
+        self.route_s += t2 - t1
+
+    # --- one step ---
+    @torch.inference_mode()
+    def step(self, token: int, pos: int) -> Tensor:
+        """Logits [1, V] (compute dtype) of `token` at position `pos` (the cache holds 0..pos-1).
+
+        With graphs the result is a static buffer: read it before the next step.
+        """
+        if pos >= self.model.max_context:
+            raise ValueError(f"position {pos} is beyond max_context={self.model.max_context}")
+        self._step_np[0] = token
+        self._step_np[1] = pos
+        self.steps += 1
+        span = span_for(pos, self.model.max_context)
+        if not self.graphs:
+            return self._run_eager(span, pos)
+        chain = self.chains.get(span)
+        if chain is None:
+            chain = self._capture(span)
+        if not self._inside:
+            self.step_dev.copy_(self.step_host, non_blocking=True)
+        chain.graphs[0].replay()
+        for l in range(self.L):
+            self._route(l, chain.routed[l])
+            chain.graphs[l + 1].replay()
+        return chain.logits
+
+    def _run_eager(self, span: int, pos: int) -> Tensor:
+        if self.cuda and not self._inside:
+            self.step_dev.copy_(self.step_host, non_blocking=True)
+        plan, r = self._seg_first(span, pos)
+        for l in range(self.L):
+            self._route(l, r)
+            if l + 1 < self.L:
+                r = self._seg_mid(l + 1, r, plan)
+        return self._seg_last(r)
+
+    # --- capture ---
+    def _graph_ctx(self, g: Any) -> Any:
+        # thread_local: the cache's reader threads may make CUDA calls while this thread captures.
+        return torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local")
+
+    def _capture(self, span: int) -> _Chain:
+        """Warm up, then capture the L+1 segments of `span`; "graph" copies fall back to "host" once."""
+        t0 = time.perf_counter()
+        try:
+            chain = self._capture_chain(span)
+        except Exception as e:  # noqa: BLE001 - any refusal of this torch/driver: report and fall back
+            torch.cuda.synchronize(self.device)
+            if self._inside:
+                self._note(f"capturing the decode segments with copies inside the graphs failed ({e}); "
+                           "issuing the copies from the host instead")
+                self.copies = "host"
+                self.chains.clear()
+                return self._capture(span)
+            raise GraphCaptureError(f"capturing the decode segments for span {span} failed: {e}") from e
+        if self._inside and not self.probed and not self._probe(chain):
+            self._note("copies captured inside the decode graphs did not move the bytes (probe); "
+                       "issuing the copies from the host instead")
+            self.copies = "host"
+            self.chains.clear()
+            return self._capture(span)
+        self.probed = True
+        self.chains[span] = chain
+        self.capture_s += time.perf_counter() - t0
+        return chain
+
+    def _capture_chain(self, span: int) -> _Chain:
+        dev = self.device
+        cur = torch.cuda.current_stream(dev)
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(cur)
+        # Warm-up on a side stream (cuBLAS workspaces, lazy inits), as torch asks before capture. It reads
+        # whatever slot rows the buffer holds (always valid rows) and writes only this step's own K/V
+        # position, which the real replay rewrites before anything reads it. The provider is not called.
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                plan, r = self._seg_first(span, 0)
+                for l in range(1, self.L):
+                    r = self._seg_mid(l, r, plan)
+                self._seg_last(r)
+        cur.wait_stream(side)
+        torch.cuda.synchronize(dev)
+        graphs, routed = [], []
+        g = torch.cuda.CUDAGraph()
+        with self._graph_ctx(g):
+            plan, r = self._seg_first(span, 0)
+        graphs.append(g)
+        routed.append(r)
+        for l in range(1, self.L):
+            g = torch.cuda.CUDAGraph()
+            with self._graph_ctx(g):
+                r = self._seg_mid(l, r, plan)
+            graphs.append(g)
+            routed.append(r)
+        g = torch.cuda.CUDAGraph()
+        with self._graph_ctx(g):
+            logits = self._seg_last(r)
+        graphs.append(g)
+        return _Chain(span, graphs, plan, routed, logits)
+
+    def _probe(self, chain: _Chain) -> bool:
+        """Check once that the copies captured in the graphs move the bytes at replay time.
+
+        Replays seg 0 (D2H of layer 0's top-k) and seg 1 (H2D of probe slot rows). Like the warm-up, this
+        writes only this step's own K/V position (rewritten by the real replay); no provider call.
+        """
+        dev = self.device
+        self._ids_np[0, :] = -1
+        chain.graphs[0].replay()
+        torch.cuda.synchronize(dev)
+        ok_ids = bool(np.array_equal(self._ids_np[0], chain.routed[0].ids[0].cpu().numpy()))
+        S = int(self.model.provider.weights.gate.shape[0])
+        keep = self._slot_np.copy()
+        probe = [(7 * i + 3) % S for i in range(self.K)]
+        self._slot_np[:] = probe
+        chain.graphs[1].replay()
+        torch.cuda.synchronize(dev)
+        ok_slots = self.slot_dev.cpu().tolist() == probe
+        self._slot_np[:] = keep
+        return ok_ids and ok_slots
+
+    def _note(self, msg: str) -> None:
+        print(f"tiered: {msg}", file=sys.stderr)
+
+    # --- stats ---
+    def stats(self) -> dict:
+        return {"copies": self.copies, "spans": sorted(self.chains), "steps": self.steps,
+                "wait_s": self.wait_s, "route_s": self.route_s, "capture_s": self.capture_s}
+
+    def reset_stats(self) -> None:
+        self.steps = 0
+        self.wait_s = self.route_s = self.capture_s = 0.0
