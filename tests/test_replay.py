@@ -62,3 +62,18 @@ def test_replay_counts_tokens_across_prefill_and_decode():
     np.testing.assert_array_equal(ids.numpy(), t.topk_ids[:1, 0])
     with pytest.raises(IndexError, match="longer trace"):
         r(0, 100)
+
+
+def test_history_on_mapped_trace():
+    """Transition statistics fit on a mapped trace (no hidden states) drive the history predictor."""
+    import torch
+
+    from tiered.predict.predictors import History, recall_precision, transition_params
+
+    m = map_trace(_trace(n_docs=4, n=40), num_layers=4, num_experts=8)
+    p = transition_params(m)
+    assert torch.allclose(p.layer_trans.sum(-1), torch.ones(3, 8))
+    scores = History(4, 8, p).score_trace(m)
+    assert scores.shape == (m.num_tokens, 4, 8)
+    rp = recall_precision(scores, m, 4)
+    assert 0.0 <= rp["recall"] <= 1.0

@@ -138,9 +138,7 @@ def fit_params(trace: Trace, gates: GateWeights, *, steps: int = 300, l2: float 
     hot = torch.from_numpy(trace.multi_hot()).float()  # [N, L, E]
     starts = torch.from_numpy(trace.doc_offsets[:-1])
     prev_hot = _prev(hot, starts)
-    cnt_l = torch.einsum("nle,nlf->lef", hot[:, :-1], hot[:, 1:]) + 0.1  # [L-1, E, E]
-    cnt_t = torch.einsum("nle,nlf->lef", prev_hot, hot) + 0.1  # [L, E, E]
-    prior = (hot.sum(0) + 1) / (N + E)
+    layer_trans, time_trans, prior = _transitions(hot, prev_hot)
     take = torch.randperm(N, generator=g)[:EAM_PATHS]
     paths = hot[take].clone()
     logits = torch.from_numpy(trace.router_logits.astype(np.float32))
@@ -158,8 +156,31 @@ def fit_params(trace: Trace, gates: GateWeights, *, steps: int = 300, l2: float 
             print(f"fit: mix for layer {l + 1} done", flush=True)
     meta = {"tokens": N, "docs": trace.doc_names, "steps": steps, "l2": l2, "seed": seed,
             "model": trace.meta.get("model"), "num_layers": L, "num_experts": E, "top_k": K}
-    return PredictorParams(cnt_l / cnt_l.sum(-1, keepdim=True), cnt_t / cnt_t.sum(-1, keepdim=True), prior, paths,
-                           mix_w, mix_b, meta)
+    return PredictorParams(layer_trans, time_trans, prior, paths, mix_w, mix_b, meta)
+
+
+def _transitions(hot: Tensor, prev_hot: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Row-normalised layer (l -> l+1) and time (t -> t+1) transition matrices and the expert prior."""
+    N, L, E = hot.shape
+    cnt_l = torch.einsum("nle,nlf->lef", hot[:, :-1], hot[:, 1:]) + 0.1  # [L-1, E, E]
+    cnt_t = torch.einsum("nle,nlf->lef", prev_hot, hot) + 0.1  # [L, E, E]
+    return cnt_l / cnt_l.sum(-1, keepdim=True), cnt_t / cnt_t.sum(-1, keepdim=True), (hot.sum(0) + 1) / (N + E)
+
+
+def transition_params(trace: Trace) -> PredictorParams:
+    """Only the router-history statistics (no hidden states or logits needed): what `History` uses.
+
+    For traces without hidden states, e.g. a reference trace mapped onto a larger model (replay.py).
+    The mix and stored-path fields are empty, so only the history predictor can use the result.
+    """
+    N, L, K = trace.topk_ids.shape
+    E = trace.num_experts
+    hot = torch.from_numpy(trace.multi_hot()).float()  # [N, L, E]
+    layer_trans, time_trans, prior = _transitions(hot, _prev(hot, torch.from_numpy(trace.doc_offsets[:-1])))
+    meta = {"tokens": N, "docs": trace.doc_names, "num_layers": L, "num_experts": E, "top_k": K,
+            "transitions_only": True}
+    return PredictorParams(layer_trans, time_trans, prior, torch.zeros(0, L, E), torch.zeros(L - 1, E, 5 * E),
+                           torch.zeros(L - 1, E), meta)
 
 
 def _fit_logistic(x: Tensor, y: Tensor, *, init_eye: int, steps: int, l2: float) -> tuple[Tensor, Tensor]:
