@@ -118,7 +118,7 @@ class _LoggingProvider:
         return self.inner.get(layer, ids)
 
     def _get_slots(self, layer, ids):
-        self.log.append(("get", layer, [int(i) for i in ids.tolist()]))
+        self.log.append(("get", layer, [int(i) for i in (ids.tolist() if torch.is_tensor(ids) else ids)]))
         return self.inner.get_slots(layer, ids)
 
     def prefetch(self, layer, ids):

@@ -109,6 +109,7 @@ class PiecewiseDecode:
         host.zero_()
         self.step_host = host[0:2]  # [2] token, position
         self.ids_host = host[2:2 + L * K].view(L, K)  # [L, K] each layer's top-k, read by the host
+        self._ids_rows = list(self.ids_host.unbind(0))  # per-layer views made once
         self.slot_host = host[2 + L * K:]  # [K] slot rows the next expert segment uses
         arr = host.numpy()
         self._step_np, self._ids_np, self._slot_np = arr[0:2], arr[2:2 + L * K].reshape(L, K), arr[2 + L * K:]
@@ -144,7 +145,7 @@ class PiecewiseDecode:
             plan = plan_eager(m.rope, pos, 1, groups=m.groups, window=m.config.sliding_window)
         r = m.segment_first(self.step_dev[0:1], plan)
         if self._inside:
-            self.ids_host[0].copy_(r.ids[0], non_blocking=True)
+            self._ids_rows[0].copy_(r.ids[0], non_blocking=True)
         return plan, r
 
     def _seg_mid(self, l: int, prev: Routed, plan: StepPlan) -> Routed:
@@ -152,7 +153,7 @@ class PiecewiseDecode:
             self.slot_dev.copy_(self.slot_host, non_blocking=True)
         r = self.model.segment_mid(l, prev, self.slot_dev, plan)
         if self._inside:
-            self.ids_host[l].copy_(r.ids[0], non_blocking=True)
+            self._ids_rows[l].copy_(r.ids[0], non_blocking=True)
         return r
 
     def _seg_last(self, prev: Routed) -> Tensor:
@@ -167,18 +168,20 @@ class PiecewiseDecode:
         t0 = time.perf_counter()
         if self.cuda:
             if not self._inside:
-                self.ids_host[l].copy_(r.ids[0], non_blocking=True)
+                self._ids_rows[l].copy_(r.ids[0], non_blocking=True)
             self.ready.record()
             self.ready.synchronize()
-            ids = self.ids_host[l]  # int64 [K] host (a row of the static buffer: valid for this step)
+            ids = self._ids_rows[l]  # int64 [K] host, a row of the static buffer (valid for this step)
+            ids_list = self._ids_np[l].tolist()
         else:
             ids = r.ids[0]
+            ids_list = ids.tolist()
         t1 = time.perf_counter()
         obs = m.observer
         if obs is not None:
             obs.on_route(l, r.h, r.ids, r.weights, r.logits.float())
         if self._get_slots is not None:
-            slots = self._get_slots(l, ids)
+            slots = self._get_slots(l, ids_list)
         else:  # a provider without the host API: its device answer, read back
             slots = m.provider.get(l, ids).tolist()
         hook = m.prefetch_hook
