@@ -84,16 +84,25 @@ class _Recorder:
         self.calls.append((layer, hidden.clone(), topk_ids.clone(), topk_weights.clone(), router_logits.clone()))
 
 
-def test_observer_sees_the_same_routing(reference_layout, ids):
+@pytest.mark.parametrize("path", ["eager", "graph"])
+def test_observer_sees_the_same_routing(reference_layout, ids, path):
     """The observer gets the same (layer, hidden, ids, weights, logits) per layer from the segmented step as
-    from the eager step, in the same order, with the same shapes and dtypes."""
+    from the eager step, in the same order, with the same shapes and dtypes; on the graph path too, where what
+    it is handed stays valid after later steps (it keeps references, no copies)."""
     ref = load(reference_layout, device="cpu", max_context=256)
     seg = load(reference_layout, device="cpu", max_context=256, budget={"expert_slots": 16})
-    pw = PiecewiseDecode(seg.model, graphs=False)
+    if path == "eager":
+        pw = PiecewiseDecode(seg.model, graphs=False)
+        ref_step = None
+    else:
+        pw = FakeCudaPiecewise(seg.model)
+
+        def ref_step(tok, pos):
+            return ref.model.decode_static(torch.tensor([tok]), torch.tensor([pos]), span_for(pos, 256))
     first = _prefill_both(ref, seg, ids)
-    ra, rb = _Recorder(), _Recorder()
+    ra, rb = _Keeper(), _Keeper()
     ref.model.observer, seg.model.observer = ra, rb
-    _decode_pair(ref, pw.step, first, len(ids), 4)
+    _decode_pair(ref, pw.step, first, len(ids), 4, ref_step=ref_step)
     L = ref.config.num_layers
     assert len(ra.calls) == len(rb.calls) == 4 * L
     for a, b in zip(ra.calls, rb.calls):
@@ -101,6 +110,16 @@ def test_observer_sees_the_same_routing(reference_layout, ids):
         for x, y in zip(a[1:], b[1:]):
             assert x.shape == y.shape and x.dtype == y.dtype and torch.equal(x, y)
     assert [c[0] for c in rb.calls[:L]] == list(range(L))
+
+
+class _Keeper:
+    """A routing observer that keeps what it is handed, without copying."""
+
+    def __init__(self) -> None:
+        self.calls = []
+
+    def on_route(self, layer, hidden, topk_ids, topk_weights, router_logits):
+        self.calls.append((layer, hidden, topk_ids, topk_weights, router_logits))
 
 
 class _LoggingProvider:
@@ -278,3 +297,123 @@ def test_cuda_piecewise_observer_and_hook(reference_layout):
     assert outs[0][0] == outs[1][0]
     assert len(outs[0][1]) == len(outs[1][1])
     assert all(torch.equal(a, b) for a, b in zip(outs[0][1], outs[1][1]))
+
+
+# --- the CUDA code path on CPU: explicit host/device copies, captured segments replayed from their outputs ---
+
+class _FakeGraph:
+    """Stands in for a CUDA graph: replay re-runs the captured function and writes into the same output tensors,
+    so the next segment (captured over those tensors) reads them, as on the GPU."""
+
+    def __init__(self, pw, fn, out, broken: bool):
+        self.pw, self.fn, self.out, self.broken = pw, fn, out, broken
+
+    def replay(self):
+        saved = self.pw.copies
+        if self.broken:  # copies captured inside the graph that move nothing
+            self.pw.copies = "host"
+        try:
+            _copy_into(self.out, self.fn())
+        finally:
+            self.pw.copies = saved
+
+
+def _copy_into(dst, src):
+    import dataclasses
+
+    if isinstance(dst, torch.Tensor):
+        dst.copy_(src)
+    elif isinstance(dst, (tuple, list)):
+        for a, b in zip(dst, src):
+            _copy_into(a, b)
+    elif dataclasses.is_dataclass(dst):
+        for f in dataclasses.fields(dst):
+            _copy_into(getattr(dst, f.name), getattr(src, f.name))
+
+
+class _FakeEvent:
+    def record(self):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+class FakeCudaPiecewise(PiecewiseDecode):
+    """PiecewiseDecode's CUDA path on CPU: 'device' buffers distinct from the host ones (so every copy must
+    happen), graphs faked by _FakeGraph; `broken` copies inside graphs, or a capture that `fails`."""
+
+    def __init__(self, model, copies="graph", broken=False, fails=0):
+        super().__init__(model, graphs=False, static_positions=True, copies=copies)
+        self.cuda = self.graphs = True
+        self.step_dev = torch.zeros(2, dtype=torch.int64)
+        self.slot_dev = torch.zeros(self.K, dtype=torch.int64)
+        self.ready = _FakeEvent()
+        self.broken, self.fails, self.recorded = broken, fails, 0
+
+    def _warmup_stream(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def _synchronize(self):
+        pass
+
+    def _record(self, fn):
+        if self.fails:
+            self.fails -= 1
+            raise RuntimeError("operation not permitted when stream is capturing (fake)")
+        self.recorded += 1
+        out = fn()
+        return _FakeGraph(self, fn, out, self.broken and self.copies == "graph"), out
+
+
+@pytest.mark.parametrize("copies,broken,fails", [("graph", False, 0), ("host", False, 0), ("graph", True, 0),
+                                                 ("graph", False, 1)])
+def test_graph_path_on_cpu_equals_static_step(reference_layout, ids, capsys, copies, broken, fails):
+    """The graph path (static buffers, the chain of captured segments per span, host routing between replays,
+    the probe and the fallback from copies inside the graphs to host copies) gives exactly decode_static's
+    logits, across the 128 -> 256 span boundary."""
+    ref = load(reference_layout, device="cpu", max_context=300)
+    seg = load(reference_layout, device="cpu", max_context=300, budget={"expert_slots": 16})
+    pw = FakeCudaPiecewise(seg.model, copies=copies, broken=broken, fails=fails)
+
+    def ref_step(tok, pos):
+        return ref.model.decode_static(torch.tensor([tok]), torch.tensor([pos]), span_for(pos, 300))
+
+    long_ids = (ids * 8)[:122]
+    _decode_pair(ref, lambda t, p: pw.step(t, p).clone(), _prefill_both(ref, seg, long_ids), 122, 10,
+                 ref_step=ref_step)
+    L = seg.config.num_layers
+    assert sorted(pw.chains) == [128, 256] and all(len(c.graphs) == L + 1 for c in pw.chains.values())
+    fell_back = broken or fails
+    assert pw.copies == ("host" if fell_back else copies)
+    assert pw.recorded == 2 * (L + 1) + (L + 1 if broken else 0)
+    err = capsys.readouterr().err
+    assert ("issuing the copies from the host" in err) == bool(fell_back)
+    assert pw.stats()["steps"] == 10 and pw.stats()["spans"] == [128, 256]
+
+
+def test_engine_falls_back_to_eager_when_capture_fails(reference_layout, ids, capsys):
+    """A capture that fails in both copy modes makes the engine say why once and decode eagerly, with the
+    tokens of the eager engine."""
+    budget = {"expert_slots": 16}
+    want = load(reference_layout, device="cpu", budget=budget).generate(ids, max_new_tokens=6).token_ids
+    e = load(reference_layout, device="cpu", budget=budget)
+    e.pieces = FakeCudaPiecewise(e.model, fails=2)
+    g = e.generate(ids, max_new_tokens=6)
+    assert g.token_ids == want and e.pieces is None and g.stats["decode_graphs"] == "eager"
+    assert capsys.readouterr().err.count("capturing the decode segments for span 128 failed") == 1
+
+
+def test_engine_uses_pieces_when_present(reference_layout, ids):
+    """The engine steps through its PiecewiseDecode (stats say piecewise, with host timings) and gets the
+    eager engine's tokens."""
+    budget = {"expert_slots": 16}
+    want = load(reference_layout, device="cpu", budget=budget).generate(ids, max_new_tokens=8).token_ids
+    e = load(reference_layout, device="cpu", budget=budget)
+    e.pieces = FakeCudaPiecewise(e.model)
+    g = e.generate(ids, max_new_tokens=8)
+    assert g.token_ids == want
+    assert g.stats["decode_graphs"] == "piecewise" and g.stats["cuda_graphs"] is True
+    assert g.stats["piecewise"]["steps"] == 7 and g.stats["piecewise"]["copies"] == "graph"

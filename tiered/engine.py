@@ -279,7 +279,7 @@ class Engine:
             except GraphCaptureError as e:  # raised before this step ran anything: decode it eagerly
                 print(f"tiered: {e}; decoding without graphs", file=sys.stderr)
                 self.pieces = None
-                torch.cuda.synchronize(self.device)
+                self._sync()
         self.decode_mode = "eager"
         return self.model.forward(token.to(self.device).view(1), pos)
 

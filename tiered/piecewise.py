@@ -35,11 +35,13 @@ Legend: L layers, K top-k, D hidden, V vocab, S provider slots.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
+import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -49,6 +51,16 @@ from tiered.model.layers import StepPlan, plan_eager
 from tiered.model.transformer import Routed, Transformer
 
 COPY_MODES = ("graph", "host")
+
+
+def _unregister(owner: Any) -> None:
+    """Unpin a host buffer of aligned_empty (at garbage collection: no device-wide sync, never raises)."""
+    try:
+        if owner.registered:
+            owner.registered = False
+            torch.cuda.cudart().cudaHostUnregister(owner.tensor.data_ptr())
+    except Exception:  # noqa: BLE001 - interpreter shutdown, a context already gone: nothing to do
+        pass
 
 
 class GraphCaptureError(RuntimeError):
@@ -104,6 +116,9 @@ class PiecewiseDecode:
 
             raw, self._owner = aligned_empty(max(4096, -(-n * 8 // 4096) * 4096), pin=True)
             host = raw[:n * 8].view(torch.int64)
+            # Unregister before the mapping goes away (a registered range that is unmapped stays known to the
+            # driver, and a later buffer at the same address could not be registered).
+            weakref.finalize(self, _unregister, self._owner)
         else:
             host = torch.empty(n, dtype=torch.int64)
         host.zero_()
@@ -179,14 +194,17 @@ class PiecewiseDecode:
         t1 = time.perf_counter()
         obs = m.observer
         if obs is not None:
-            obs.on_route(l, r.h, r.ids, r.weights, r.logits.float())
+            if self.graphs:  # graph outputs are rewritten by the next replay: hand out copies, as eager does
+                obs.on_route(l, r.h.clone(), r.ids.clone(), r.weights.clone(), r.logits.to(torch.float32, copy=True))
+            else:
+                obs.on_route(l, r.h, r.ids, r.weights, r.logits.float())
         if self._get_slots is not None:
             slots = self._get_slots(l, ids_list)
         else:  # a provider without the host API: its device answer, read back
             slots = m.provider.get(l, ids).tolist()
         hook = m.prefetch_hook
         if hook is not None:
-            hook(l, ids)
+            hook(l, ids.clone() if self.cuda else ids)  # the host row is rewritten next step: a copy to keep
         self._slot_np[:] = slots
         if self.cuda and not self._inside:
             self.slot_dev.copy_(self.slot_host, non_blocking=True)
@@ -231,17 +249,13 @@ class PiecewiseDecode:
         return self._seg_last(r)
 
     # --- capture ---
-    def _graph_ctx(self, g: Any) -> Any:
-        # thread_local: the cache's reader threads may make CUDA calls while this thread captures.
-        return torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local")
-
     def _capture(self, span: int) -> _Chain:
         """Warm up, then capture the L+1 segments of `span`; "graph" copies fall back to "host" once."""
         t0 = time.perf_counter()
         try:
             chain = self._capture_chain(span)
         except Exception as e:  # noqa: BLE001 - any refusal of this torch/driver: report and fall back
-            torch.cuda.synchronize(self.device)
+            self._synchronize()
             if self._inside:
                 self._note(f"capturing the decode segments with copies inside the graphs failed ({e}); "
                            "issuing the copies from the host instead")
@@ -261,38 +275,49 @@ class PiecewiseDecode:
         return chain
 
     def _capture_chain(self, span: int) -> _Chain:
-        dev = self.device
-        cur = torch.cuda.current_stream(dev)
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(cur)
         # Warm-up on a side stream (cuBLAS workspaces, lazy inits), as torch asks before capture. It reads
         # whatever slot rows the buffer holds (always valid rows) and writes only this step's own K/V
         # position, which the real replay rewrites before anything reads it. The provider is not called.
-        with torch.cuda.stream(side):
+        with self._warmup_stream():
+            if not self._inside:  # the warm-up must write this step's position, not the last step's
+                self.step_dev.copy_(self.step_host, non_blocking=True)
             for _ in range(2):
                 plan, r = self._seg_first(span, 0)
                 for l in range(1, self.L):
                     r = self._seg_mid(l, r, plan)
                 self._seg_last(r)
-        cur.wait_stream(side)
-        torch.cuda.synchronize(dev)
-        graphs, routed = [], []
-        g = torch.cuda.CUDAGraph()
-        with self._graph_ctx(g):
-            plan, r = self._seg_first(span, 0)
-        graphs.append(g)
-        routed.append(r)
+        self._synchronize()
+        g, (plan, r) = self._record(lambda: self._seg_first(span, 0))
+        graphs, routed = [g], [r]
         for l in range(1, self.L):
-            g = torch.cuda.CUDAGraph()
-            with self._graph_ctx(g):
-                r = self._seg_mid(l, r, plan)
+            g, r = self._record(lambda l=l, prev=r: self._seg_mid(l, prev, plan))
             graphs.append(g)
             routed.append(r)
-        g = torch.cuda.CUDAGraph()
-        with self._graph_ctx(g):
-            logits = self._seg_last(r)
+        g, logits = self._record(lambda prev=r: self._seg_last(prev))
         graphs.append(g)
         return _Chain(span, graphs, plan, routed, logits)
+
+    # --- CUDA specifics of capture (tests on CPU replace these three) ---
+    @contextlib.contextmanager
+    def _warmup_stream(self) -> Iterator[None]:
+        dev = self.device
+        cur = torch.cuda.current_stream(dev)
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(cur)
+        with torch.cuda.stream(side):
+            yield
+        cur.wait_stream(side)
+
+    def _synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def _record(self, fn: Callable[[], Any]) -> tuple[Any, Any]:
+        """Capture fn() into a CUDA graph; returns (graph, fn's outputs: the graph's static outputs)."""
+        g = torch.cuda.CUDAGraph()
+        # thread_local: the cache's reader threads may make CUDA calls while this thread captures.
+        with torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local"):
+            out = fn()
+        return g, out
 
     def _probe(self, chain: _Chain) -> bool:
         """Check once that the copies captured in the graphs move the bytes at replay time.
@@ -300,17 +325,16 @@ class PiecewiseDecode:
         Replays seg 0 (D2H of layer 0's top-k) and seg 1 (H2D of probe slot rows). Like the warm-up, this
         writes only this step's own K/V position (rewritten by the real replay); no provider call.
         """
-        dev = self.device
         self._ids_np[0, :] = -1
         chain.graphs[0].replay()
-        torch.cuda.synchronize(dev)
+        self._synchronize()
         ok_ids = bool(np.array_equal(self._ids_np[0], chain.routed[0].ids[0].cpu().numpy()))
         S = int(self.model.provider.weights.gate.shape[0])
         keep = self._slot_np.copy()
         probe = [(7 * i + 3) % S for i in range(self.K)]
         self._slot_np[:] = probe
         chain.graphs[1].replay()
-        torch.cuda.synchronize(dev)
+        self._synchronize()
         ok_slots = self.slot_dev.cpu().tolist() == probe
         self._slot_np[:] = keep
         return ok_ids and ok_slots
