@@ -243,8 +243,7 @@ CUDA_PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n"
 @pytest.mark.parametrize("copies", ["graph", "host"])
 def test_cuda_piecewise_graphs_match_eager_cache(reference_layout, slots, copies):
     """On CUDA with the expert cache, decode replayed from piecewise graphs gives the greedy tokens of the eager
-    step (fp32, as the whole-step graph test), across the 128 -> 256 span boundary, with the same cache
-    hit/miss counts; both copy modes."""
+    step (fp32, as the whole-step graph test), across the 128 -> 256 span boundary; both copy modes."""
     budget = {"expert_slots": slots, "ram_gb": 0.05}
     g = tiered.load(reference_layout, device="cuda", dtype="float32", max_context=300, budget=budget)
     e = tiered.load(reference_layout, device="cuda", dtype="float32", max_context=300, budget=budget,
@@ -254,48 +253,53 @@ def test_cuda_piecewise_graphs_match_eager_cache(reference_layout, slots, copies
     a = g.generate(CUDA_PROMPT, max_new_tokens=150, stop_at_eos=False)
     b = e.generate(CUDA_PROMPT, max_new_tokens=150, stop_at_eos=False)
     assert a.stats["decode_graphs"] == "piecewise" and b.stats["decode_graphs"] == "eager"
-    assert sorted(g.pieces.chains) == [128, 256]
+    assert sorted(g.pieces.chains) == [128, 256] and g.pieces.copies == copies
     assert a.token_ids == b.token_ids
-    assert a.stats["decode"]["hits"] == b.stats["decode"]["hits"]
-    assert a.stats["decode"]["misses"] == b.stats["decode"]["misses"]
+
+
+def _segments_engine(layout, dtype, budget, graphs):
+    """An engine whose one-token steps run PiecewiseDecode: captured (graphs) or the same segments eagerly."""
+    e = tiered.load(layout, device="cuda", dtype=dtype, max_context=300, budget=budget, cuda_graphs=False)
+    e.pieces = PiecewiseDecode(e.model, graphs=graphs, static_positions=True)
+    e.model.provider.trace = []
+    return e
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cuda_piecewise_graphs_bit_identical_to_eager_segments(reference_layout, dtype):
     """The captured segments compute exactly what the same segments compute eagerly (same kernels, static
-    positions): logits bit-identical at every step, bf16 included."""
+    positions): logits bit-identical at every step, bf16 included, and so the cache sees the same get()s."""
     budget = {"expert_slots": 16, "ram_gb": 0.05}
-    ref = tiered.load(reference_layout, device="cuda", dtype=dtype, max_context=300, budget=budget,
-                      cuda_graphs=False)
-    seg = tiered.load(reference_layout, device="cuda", dtype=dtype, max_context=300, budget=budget,
-                      cuda_graphs=False)
-    eager_pw = PiecewiseDecode(ref.model, graphs=False, static_positions=True)
-    graph_pw = PiecewiseDecode(seg.model, graphs=True)
+    ref = _segments_engine(reference_layout, dtype, budget, graphs=False)
+    seg = _segments_engine(reference_layout, dtype, budget, graphs=True)
     ids = ref.encode(CUDA_PROMPT)
     first = _prefill_both(ref, seg, ids)
-    _decode_pair(ref, lambda t, p: graph_pw.step(t, p).clone(), first, len(ids), 140, ref_step=eager_pw.step)
-    assert sorted(graph_pw.chains) == [128, 256]
+    _decode_pair(ref, lambda t, p: seg.pieces.step(t, p).clone(), first, len(ids), 140, ref_step=ref.pieces.step)
+    assert sorted(seg.pieces.chains) == [128, 256]
+    assert ref.model.provider.trace == seg.model.provider.trace
+    a, b = ref.model.provider.stats()["decode"], seg.model.provider.stats()["decode"]
+    assert (a["hits"], a["misses"]) == (b["hits"], b["misses"])
 
 
 @pytest.mark.cuda
 def test_cuda_piecewise_observer_and_hook(reference_layout):
-    """With an observer and a prefetching hook set, piecewise graphs keep running (no eager fallback), the
-    observer sees every layer of every step, and the tokens equal the eager run's."""
+    """With an observer and a prefetching hook set, piecewise graphs keep running, the observer sees every layer
+    of every step exactly as on the same segments run eagerly, and the prefetches are the same."""
     budget = {"expert_slots": 16, "ram_gb": 0.05}
     outs = []
     for graphs in (True, False):
-        e = tiered.load(reference_layout, device="cuda", dtype="float32", max_context=300, budget=budget,
-                        cuda_graphs=graphs)
+        e = _segments_engine(reference_layout, "float32", budget, graphs)
         rec = _Recorder()
         e.model.observer = rec
         e.model.prefetch_hook = lambda l, ids, e=e: (e.model.provider.prefetch(l + 1, ids)
                                                      if l + 1 < e.config.num_layers else None)
         out = e.generate(CUDA_PROMPT, max_new_tokens=40, stop_at_eos=False)
-        assert out.stats["decode_graphs"] == ("piecewise" if graphs else "eager")
-        outs.append((out.token_ids, [c[2].cpu() for c in rec.calls]))
-    assert outs[0][0] == outs[1][0]
-    assert len(outs[0][1]) == len(outs[1][1])
+        assert out.stats["decode_graphs"] == "piecewise"
+        assert out.stats["prefetch_issued"] > 0
+        outs.append((out.token_ids, [c[2].cpu() for c in rec.calls], out.stats["prefetch_issued"]))
+    assert outs[0][0] == outs[1][0] and outs[0][2] == outs[1][2]
+    assert len(outs[0][1]) == len(outs[1][1]) == 40 * 8  # prefill routes 1 call per layer, then 39 steps
     assert all(torch.equal(a, b) for a, b in zip(outs[0][1], outs[1][1]))
 
 
@@ -309,6 +313,8 @@ class _FakeGraph:
         self.pw, self.fn, self.out, self.broken = pw, fn, out, broken
 
     def replay(self):
+        if self.pw.replay_fails:
+            raise RuntimeError("CUDA error: operation not supported (fake)")
         saved = self.pw.copies
         if self.broken:  # copies captured inside the graph that move nothing
             self.pw.copies = "host"
@@ -331,12 +337,11 @@ def _copy_into(dst, src):
             _copy_into(getattr(dst, f.name), getattr(src, f.name))
 
 
-class _FakeEvent:
-    def record(self):
-        pass
+def _no_cuda_streams():
+    """torch.cuda.current_stream -> None for the duration (CPU-only torch has no CUDA streams)."""
+    from unittest import mock
 
-    def synchronize(self):
-        pass
+    return mock.patch.object(torch.cuda, "current_stream", lambda *a, **k: None)
 
 
 class FakeCudaPiecewise(PiecewiseDecode):
@@ -348,8 +353,8 @@ class FakeCudaPiecewise(PiecewiseDecode):
         self.cuda = self.graphs = True
         self.step_dev = torch.zeros(2, dtype=torch.int64)
         self.slot_dev = torch.zeros(self.K, dtype=torch.int64)
-        self.ready = _FakeEvent()
         self.broken, self.fails, self.recorded = broken, fails, 0
+        self.replay_fails = False
 
     def _warmup_stream(self):
         import contextlib
@@ -358,6 +363,13 @@ class FakeCudaPiecewise(PiecewiseDecode):
 
     def _synchronize(self):
         pass
+
+    def _wait_stream(self):
+        pass
+
+    def _replay(self, chain):
+        with _no_cuda_streams():
+            return super()._replay(chain)
 
     def _record(self, fn):
         if self.fails:
@@ -404,6 +416,18 @@ def test_engine_falls_back_to_eager_when_capture_fails(reference_layout, ids, ca
     g = e.generate(ids, max_new_tokens=6)
     assert g.token_ids == want and e.pieces is None and g.stats["decode_graphs"] == "eager"
     assert capsys.readouterr().err.count("capturing the decode segments for span 128 failed") == 1
+
+
+def test_engine_falls_back_when_new_graphs_fail_to_replay(reference_layout, ids, capsys):
+    """The first replay of newly captured graphs failing is a capture failure too: eager from that step on."""
+    budget = {"expert_slots": 16}
+    want = load(reference_layout, device="cpu", budget=budget).generate(ids, max_new_tokens=6).token_ids
+    e = load(reference_layout, device="cpu", budget=budget)
+    e.pieces = FakeCudaPiecewise(e.model, copies="host")
+    e.pieces.replay_fails = True
+    g = e.generate(ids, max_new_tokens=6)
+    assert g.token_ids == want and e.pieces is None
+    assert "replaying the decode segments for span 128 failed" in capsys.readouterr().err
 
 
 def test_engine_uses_pieces_when_present(reference_layout, ids):

@@ -23,11 +23,11 @@ Host <-> device copies (CUDA). The host side is one page-locked block registered
 (outside torch's caching host allocator): step [2] (token, position), ids [L, K], slots [K].
   "graph" copies: the copies are captured inside the segments (H2D of the step at the start of seg 0,
       H2D of the slot rows at the start of seg l >= 1, D2H of the top-k at the end of seg l < L), so
-      between segments the host records one event, waits for it and writes K ints. Checked once after
+      between segments the host waits for the compute stream and writes K ints. Checked once after
       the first capture (a probe); if the bytes do not move, or capture fails, "host" copies are used.
   "host" copies: the same copies are issued by the host between replays (two more launches per layer).
 Ordering: all of it runs on the current (compute) stream; the host overwrites a host buffer only after
-waiting for an event recorded after the copy that last read it.
+waiting for the stream past the copy that last read it.
 On CPU (graphs=False) the same segments run eagerly with the same host routing; tests compare them
 bit for bit with the unsplit step.
 
@@ -49,6 +49,7 @@ from torch import Tensor
 
 from tiered.model.layers import StepPlan, plan_eager
 from tiered.model.transformer import Routed, Transformer
+from tiered.store.io import ExpertReadError, aligned_empty
 
 COPY_MODES = ("graph", "host")
 
@@ -112,8 +113,6 @@ class PiecewiseDecode:
         n = 2 + L * K + K  # int64 entries: step (token, pos), ids [L, K], slots [K]
         self._owner: Any = None
         if self.cuda:
-            from tiered.store.io import aligned_empty
-
             raw, self._owner = aligned_empty(max(4096, -(-n * 8 // 4096) * 4096), pin=True)
             host = raw[:n * 8].view(torch.int64)
             # Unregister before the mapping goes away (a registered range that is unmapped stays known to the
@@ -131,10 +130,9 @@ class PiecewiseDecode:
         if self.cuda:
             self.step_dev = torch.zeros(2, dtype=torch.int64, device=self.device)
             self.slot_dev = torch.zeros(K, dtype=torch.int64, device=self.device)
-            self.ready = torch.cuda.Event()  # recorded after a segment; the host waits on it for the top-k
         else:
             self.step_dev, self.slot_dev = self.step_host, self.slot_host
-            self.ready = None
+        self._stream: Any = None  # the compute stream of the current step (the host waits on it for the top-k)
         self._get_slots = getattr(model.provider, "get_slots", None)
         self.chains: dict[int, _Chain] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
@@ -184,8 +182,7 @@ class PiecewiseDecode:
         if self.cuda:
             if not self._inside:
                 self._ids_rows[l].copy_(r.ids[0], non_blocking=True)
-            self.ready.record()
-            self.ready.synchronize()
+            self._wait_stream()  # everything enqueued so far, layer l's top-k copy included
             ids = self._ids_rows[l]  # int64 [K] host, a row of the static buffer (valid for this step)
             ids_list = self._ids_np[l].tolist()
         else:
@@ -228,8 +225,19 @@ class PiecewiseDecode:
         if not self.graphs:
             return self._run_eager(span, pos)
         chain = self.chains.get(span)
-        if chain is None:
-            chain = self._capture(span)
+        if chain is not None:
+            return self._replay(chain)
+        chain = self._capture(span)
+        try:  # the first replay of new graphs: a refusal here still means "decode this step eagerly"
+            return self._replay(chain)
+        except (GraphCaptureError, ExpertReadError):  # the provider's errors are not the graphs'
+            raise
+        except RuntimeError as e:
+            self._synchronize()
+            raise GraphCaptureError(f"replaying the decode segments for span {span} failed: {e}") from e
+
+    def _replay(self, chain: _Chain) -> Tensor:
+        self._stream = torch.cuda.current_stream(self.device)
         if not self._inside:
             self.step_dev.copy_(self.step_host, non_blocking=True)
         chain.graphs[0].replay()
@@ -239,6 +247,7 @@ class PiecewiseDecode:
         return chain.logits
 
     def _run_eager(self, span: int, pos: int) -> Tensor:
+        self._stream = torch.cuda.current_stream(self.device) if self.cuda else None
         if self.cuda and not self._inside:
             self.step_dev.copy_(self.step_host, non_blocking=True)
         plan, r = self._seg_first(span, pos)
@@ -310,6 +319,10 @@ class PiecewiseDecode:
 
     def _synchronize(self) -> None:
         torch.cuda.synchronize(self.device)
+
+    def _wait_stream(self) -> None:
+        """The host waits for the compute stream (one call: cheaper than recording and waiting on an event)."""
+        self._stream.synchronize()
 
     def _record(self, fn: Callable[[], Any]) -> tuple[Any, Any]:
         """Capture fn() into a CUDA graph; returns (graph, fn's outputs: the graph's static outputs)."""

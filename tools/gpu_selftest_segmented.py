@@ -3,9 +3,11 @@
 1. Identity, on the embedded reference model (olmoe-code-17m, repacked into the layout cache):
    - resident experts, fp32: whole-step graphs vs eager, greedy tokens over 150 steps (crosses span 128);
    - expert cache at --expert-slots 16 and 64, fp32, copies "graph" and "host": piecewise graphs vs the
-     eager step, greedy tokens over 150 steps and the same hit/miss counts;
-   - bf16, slots 16: piecewise graphs vs the same segments run eagerly: logits bit-identical, 140 steps;
-   - an observer and a prefetch hook set: piecewise keeps running, tokens equal to eager.
+     eager step, greedy tokens over 150 steps (crossing span 128);
+   - fp32 and bf16, slots 16: piecewise graphs vs the same segments run eagerly (same kernels): logits
+     bit-identical at every step, and the same cache get() sequence;
+   - an observer and a prefetch hook set: piecewise graphs vs eager segments, same tokens, routing seen by
+     the observer and prefetches.
 2. Speed, on --layout (e.g. the 10.6B Qwen3-MoE layout of bench_offload_gpu.py), bf16, batch 1,
    --prompt-tokens random ids, --new-tokens greedy (a warm-up generate of the same lengths with
    another prompt first, so that graphs are captured and the cache is warm but not primed):
@@ -81,26 +83,31 @@ def identity_checks(device: str, new: int) -> list[dict]:
         checks.append({"check": name, "ok": bool(ok), "detail": detail, "s": round(time.perf_counter() - t0, 1)})
         log(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}")
 
-    def gen(budget, graphs, dtype="float32", copies=None, observe=False):
-        e = tiered.load(lay, device=device, dtype=dtype, max_context=300, budget=budget, cuda_graphs=graphs)
+    def gen(budget, mode, dtype="float32", copies=None, observe=False):
+        """mode: "graphs" (the engine's choice with cuda_graphs), "eager" (cuda_graphs=False), or "segments"
+        (PiecewiseDecode run eagerly with static positions: the same kernels as the piecewise graphs)."""
+        e = tiered.load(lay, device=device, dtype=dtype, max_context=300, budget=budget,
+                        cuda_graphs=mode == "graphs")
+        if mode == "segments":
+            e.pieces = PiecewiseDecode(e.model, graphs=False, static_positions=True)
         if copies is not None and e.pieces is not None:
             e.pieces.copies = copies
         rec = []
         if observe:
             class Obs:
                 def on_route(self, layer, hidden, ids, w, logits):
-                    rec.append((layer, ids.cpu().tolist()))
+                    rec.append((layer, ids.cpu().tolist(), float(hidden.float().norm())))
             e.model.observer = Obs()
-            E = e.config.num_layers
-            e.model.prefetch_hook = lambda l, ids: e.model.provider.prefetch(l + 1, ids) if l + 1 < E else None
+            L = e.config.num_layers
+            e.model.prefetch_hook = lambda l, ids: e.model.provider.prefetch(l + 1, ids) if l + 1 < L else None
         g = e.generate(PROMPT, max_new_tokens=new, stop_at_eos=False)
         out = (g.token_ids, g.stats, rec, e.pieces.stats() if e.pieces is not None else None)
         free(e)
         return out
 
     def resident():
-        a, sa, _, _ = gen(None, True)
-        b, sb, _, _ = gen(None, False)
+        a, sa, _, _ = gen(None, "graphs")
+        b, sb, _, _ = gen(None, "eager")
         same = a == b
         return same and (sa["decode_graphs"] == "full" or not cuda), \
             f"tokens {'identical' if same else 'DIFFER'}; modes {sa['decode_graphs']} vs {sb['decode_graphs']}"
@@ -111,16 +118,15 @@ def identity_checks(device: str, new: int) -> list[dict]:
         for copies in ("graph", "host"):
             def cache(slots=slots, copies=copies):
                 budget = {"expert_slots": slots, "ram_gb": 0.05}
-                a, sa, _, pa = gen(budget, True, copies=copies)
-                b, sb, _, _ = gen(budget, False)
+                a, sa, _, pa = gen(budget, "graphs", copies=copies)
+                b, sb, _, _ = gen(budget, "eager")
                 same = a == b
-                counts = (sa["decode"]["hits"], sa["decode"]["misses"]) == (sb["decode"]["hits"], sb["decode"]["misses"])
                 mode_ok = sa["decode_graphs"] == "piecewise" or not cuda
-                copies_ok = pa is None or pa["copies"] == copies or copies == "graph"
-                detail = (f"tokens {'identical' if same else 'DIFFER'}, hits/misses {sa['decode']['hits']}/"
-                          f"{sa['decode']['misses']} vs {sb['decode']['hits']}/{sb['decode']['misses']}, mode "
+                copies_ok = pa is None or pa["copies"] == copies
+                detail = (f"tokens {'identical' if same else 'DIFFER'} (hits/misses {sa['decode']['hits']}/"
+                          f"{sa['decode']['misses']} vs {sb['decode']['hits']}/{sb['decode']['misses']}), mode "
                           f"{sa['decode_graphs']}, copies {pa and pa['copies']}, spans {pa and pa['spans']}")
-                return same and counts and mode_ok and copies_ok, detail
+                return same and mode_ok and copies_ok, detail
 
             check(f"cache slots={slots} copies={copies} fp32: piecewise graphs == eager", cache)
 
@@ -130,6 +136,7 @@ def identity_checks(device: str, new: int) -> list[dict]:
         seg = tiered.load(lay, device=device, dtype=dtype, max_context=300, budget=budget, cuda_graphs=False)
         eager = PiecewiseDecode(ref.model, graphs=False, static_positions=True)
         graphed = PiecewiseDecode(seg.model, graphs=cuda, static_positions=True)
+        ref.model.provider.trace, seg.model.provider.trace = [], []
         ids = ref.encode(PROMPT)
         with torch.inference_mode():
             la = ref.model.forward(torch.tensor(ids, device=ref.device), 0)
@@ -143,23 +150,30 @@ def identity_checks(device: str, new: int) -> list[dict]:
                     n_diff += 1
                     worst = max(worst, float((la.float() - lb.float()).abs().max()))
                 pos += 1
-        detail = f"{new - 10} steps, {n_diff} differ (max |diff| {worst:.3g}), copies {graphed.copies}, " \
-                 f"spans {sorted(graphed.chains)}"
+        same_gets = ref.model.provider.trace == seg.model.provider.trace
+        detail = f"{new - 10} steps, {n_diff} differ (max |diff| {worst:.3g}), cache get()s " \
+                 f"{'identical' if same_gets else 'DIFFER'}, copies {graphed.copies}, spans {sorted(graphed.chains)}"
         free(ref, seg)
-        return n_diff == 0, detail
+        return n_diff == 0 and same_gets, detail
 
+    check("cache slots=16 fp32: piecewise graphs bit-identical to eager segments", lambda: bitwise("float32"))
     check("cache slots=16 bf16: piecewise graphs bit-identical to eager segments", lambda: bitwise("bfloat16"))
 
     def observed():
         budget = {"expert_slots": 16, "ram_gb": 0.05}
-        a, sa, ra, _ = gen(budget, True, observe=True)
-        b, sb, rb, _ = gen(budget, False, observe=True)
-        same = a == b and ra == rb
+        a, sa, ra, _ = gen(budget, "graphs", observe=True)
+        b, sb, rb, _ = gen(budget, "segments", observe=True)
+        # On CUDA both run the same kernels (norms must match exactly); the CPU dry run compares the unsplit
+        # eager step with static-span segments, equal only up to rounding.
+        tol = 0.0 if cuda else 1e-5
+        norms = len(ra) == len(rb) and all(abs(x[2] - y[2]) <= tol * abs(y[2]) for x, y in zip(ra, rb))
+        same = a == b and [x[:2] for x in ra] == [y[:2] for y in rb] and norms \
+            and sa["prefetch_issued"] == sb["prefetch_issued"]
         return same and (sa["decode_graphs"] == "piecewise" or not cuda), \
-            f"tokens+routing {'identical' if same else 'DIFFER'} ({len(ra)} on_route calls), mode " \
-            f"{sa['decode_graphs']}, prefetch issued {sa['prefetch_issued']} vs {sb['prefetch_issued']}"
+            f"tokens, routing, hidden norms, prefetches {'identical' if same else 'DIFFER'} ({len(ra)} on_route " \
+            f"calls, {sa['prefetch_issued']} vs {sb['prefetch_issued']} prefetches), mode {sa['decode_graphs']}"
 
-    check("observer + prefetch hook: piecewise == eager", observed)
+    check("observer + prefetch hook: piecewise graphs == eager segments", observed)
     return checks
 
 
