@@ -57,7 +57,8 @@ class SlotPool:
         self._rows = list(self.pool.unbind(0))  # per-slot views made once: no view creation per copy
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self._ready = [torch.cuda.Event() for _ in range(n_slots)] if self.cuda else None
-        self._pending: set[int] = set()  # slots whose copy compute has not waited for yet
+        self._pending: dict[int, int] = {}  # slot -> issue number of its copy, for copies compute has not waited for
+        self._issued = 0  # copies issued on the side stream so far (they complete in this order)
         # Returned index tensors: a ring of pinned host + device buffers, with an event per entry.
         self._ring_host = torch.empty((ring, max_per_call), dtype=torch.int64, pin_memory=self.cuda)
         self._ring_dev = (torch.empty((ring, max_per_call), dtype=torch.int64, device=self.device)
@@ -136,7 +137,8 @@ class SlotPool:
         if self.cuda:
             self._rows[slot].copy_(src, non_blocking=True)
             self._ready[slot].record(self.stream)
-            self._pending.add(slot)
+            self._issued += 1
+            self._pending[slot] = self._issued
         else:
             self._rows[slot].copy_(src)
         self.bytes_in += self.block_size
@@ -153,23 +155,30 @@ class SlotPool:
     def wait_for(self, slots: list[int], phase: str = "decode") -> None:
         """The current stream waits for the copies of exactly these slots (no host sync).
 
-        On CUDA the wait is timed with an event pair around it on the compute stream, so the time
+        The side stream runs copies in issue order, so waiting on the ready event of the last-issued of these
+        slots covers them all (one wait per call), and every copy issued before it (those slots need no wait
+        later). On CUDA the wait is timed with an event pair around it on the compute stream, so the time
         compute spent blocked on copies is known per phase (harvested lazily, no host sync here).
         """
-        if not self._pending:  # CPU, or no copy outstanding: nothing to wait for (the common decode case)
+        pending = self._pending
+        if not pending:  # CPU, or no copy outstanding: nothing to wait for (the common decode case)
             return
-        waits = [s for s in slots if s in self._pending]
-        if not waits:
+        last, last_n = -1, 0
+        for s in slots:
+            n = pending.get(s, 0)
+            if n > last_n:
+                last, last_n = s, n
+        if last < 0:
             return
         cur = torch.cuda.current_stream(self.device)
         i = self._wait_i % len(self._wait_ev)
         self._harvest_wait(i)
         a, b = self._wait_ev[i]
         a.record(cur)
-        for s in waits:
-            cur.wait_event(self._ready[s])
-            self._pending.discard(s)
+        cur.wait_event(self._ready[last])
         b.record(cur)
+        for s in [s for s, n in pending.items() if n <= last_n]:
+            del pending[s]
         self._wait_phase[i] = phase
         self._wait_i += 1
 
