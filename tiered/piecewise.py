@@ -133,7 +133,6 @@ class PiecewiseDecode:
         else:
             self.step_dev, self.slot_dev = self.step_host, self.slot_host
         self._stream: Any = None  # the compute stream of the current step (the host waits on it for the top-k)
-        self._get_slots = getattr(model.provider, "get_slots", None)
         self.chains: dict[int, _Chain] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
         self.probed = False
@@ -195,8 +194,9 @@ class PiecewiseDecode:
                 obs.on_route(l, r.h.clone(), r.ids.clone(), r.weights.clone(), r.logits.to(torch.float32, copy=True))
             else:
                 obs.on_route(l, r.h, r.ids, r.weights, r.logits.float())
-        if self._get_slots is not None:
-            slots = self._get_slots(l, ids_list)
+        get_slots = getattr(m.provider, "get_slots", None)  # looked up per call: the provider may be swapped
+        if get_slots is not None:
+            slots = get_slots(l, ids_list)
         else:  # a provider without the host API: its device answer, read back
             slots = m.provider.get(l, ids).tolist()
         hook = m.prefetch_hook
