@@ -7,8 +7,8 @@ table and policy of the tier; and the ordering of copies:
     registered host memory;
   - before a batch of copies overwrites slots, the side stream waits for all compute enqueued so
     far (the victims' last readers);
-  - each slot records a "ready" event after its copy; compute waits only on the events of the
-    slots it is about to use.
+  - each slot records a "ready" event after its copy; compute waits only for the slots it is about
+    to use (on the ready event of the last-issued of them: the side stream completes copies in order).
 Nothing here allocates after start-up: events, index buffers and timers are preallocated rings.
 Does not own: where the bytes come from (ram.py, io.py) nor which keys a step needs (cache.py).
 
