@@ -441,3 +441,33 @@ def test_engine_uses_pieces_when_present(reference_layout, ids):
     assert g.token_ids == want
     assert g.stats["decode_graphs"] == "piecewise" and g.stats["cuda_graphs"] is True
     assert g.stats["piecewise"]["steps"] == 7 and g.stats["piecewise"]["copies"] == "graph"
+
+
+@pytest.mark.parametrize("path", ["eager", "graph"])
+def test_predictor_prefetching_provider_still_prefetches(reference_layout, ids, path):
+    """tiered.predict.prefetch.attach wraps the provider (prefetch after each get) and sets an observer: the
+    segmented step serves such a wrapper through its get(), so the same prefetches are issued as in the eager
+    step, with the same cache counts and logits."""
+    from tiered.predict.predictors import PreviousToken
+    from tiered.predict.prefetch import attach
+
+    from tiered.piecewise import host_slots_api
+
+    ref = load(reference_layout, device="cpu", max_context=256, budget={"expert_slots": 24})
+    seg = load(reference_layout, device="cpu", max_context=256, budget={"expert_slots": 24})
+    L, E = ref.config.num_layers, ref.config.num_experts
+    pa = attach(ref, PreviousToken(L, E), depth=1, budget=8)
+    pb = attach(seg, PreviousToken(L, E), depth=1, budget=8)
+    assert host_slots_api(seg.model.provider) is None  # wrapped: served through get()
+    assert host_slots_api(seg.model.provider.inner) is not None
+    if path == "eager":
+        pw, ref_step = PiecewiseDecode(seg.model, graphs=False), None
+    else:
+        pw = FakeCudaPiecewise(seg.model)
+
+        def ref_step(tok, pos):
+            return ref.model.decode_static(torch.tensor([tok]), torch.tensor([pos]), span_for(pos, 256))
+    _decode_pair(ref, pw.step, _prefill_both(ref, seg, ids), len(ids), 8, ref_step=ref_step)
+    a, b = ref.model.provider.stats(), seg.model.provider.stats()
+    assert a["prefetch_issued"] == b["prefetch_issued"] > 0 and pa.issued == pb.issued > 0
+    assert [a["decode"][k] for k in ("hits", "misses")] == [b["decode"][k] for k in ("hits", "misses")]

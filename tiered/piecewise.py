@@ -68,6 +68,21 @@ class GraphCaptureError(RuntimeError):
     """Capturing the decode segments failed; the engine decodes eagerly instead (the message says why)."""
 
 
+def host_slots_api(provider: Any) -> Callable[..., list[int]] | None:
+    """provider.get_slots when it is the provider's own answer to get(); else None (use get()).
+
+    A wrapper whose class overrides get() (e.g. to prefetch after it) but reaches get_slots only through
+    delegation (__getattr__) would be bypassed by get_slots: such a wrapper is served through its get().
+    """
+    f = getattr(provider, "get_slots", None)
+    if f is None:
+        return None
+    cls = type(provider)
+    if hasattr(cls, "get") and not hasattr(cls, "get_slots") and "get_slots" not in vars(provider):
+        return None
+    return f
+
+
 def span_for(pos: int, max_context: int) -> int:
     """The attended span of a one-token step at `pos`: a power of two >= 128, capped at max_context."""
     return min(max_context, max(128, 1 << math.ceil(math.log2(pos + 1))))
@@ -133,6 +148,8 @@ class PiecewiseDecode:
         else:
             self.step_dev, self.slot_dev = self.step_host, self.slot_host
         self._stream: Any = None  # the compute stream of the current step (the host waits on it for the top-k)
+        self._prov: Any = None  # the provider host_slots_api was last asked about, and its answer
+        self._prov_get_slots: Callable[..., list[int]] | None = None
         self.chains: dict[int, _Chain] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
         self.probed = False
@@ -194,7 +211,9 @@ class PiecewiseDecode:
                 obs.on_route(l, r.h.clone(), r.ids.clone(), r.weights.clone(), r.logits.to(torch.float32, copy=True))
             else:
                 obs.on_route(l, r.h, r.ids, r.weights, r.logits.float())
-        get_slots = getattr(m.provider, "get_slots", None)  # looked up per call: the provider may be swapped
+        if m.provider is not self._prov:  # the provider may be swapped (e.g. wrapped by a prefetcher)
+            self._prov, self._prov_get_slots = m.provider, host_slots_api(m.provider)
+        get_slots = self._prov_get_slots
         if get_slots is not None:
             slots = get_slots(l, ids_list)
         else:  # a provider without the host API: its device answer, read back
