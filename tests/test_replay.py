@@ -46,22 +46,61 @@ def test_mapping_refuses_mismatched_shapes():
         map_trace(_trace(), num_layers=4, num_experts=12)
 
 
-def test_replay_counts_tokens_across_prefill_and_decode():
-    """A 5-token prefill then single tokens read rows 0-4, 5, 6 for every layer; reset starts again."""
+def test_replay_rows_by_position():
+    """routing(layer, start, T) returns rows start..start+T-1 of the trace, the same on every call."""
     t = _trace(n_docs=1)
     r = ReplayRouting.from_trace(t, device="cpu")
     for layer in range(2):
-        ids, w = r(layer, 5)
+        ids, w = r(layer, 0, 5)
         np.testing.assert_array_equal(ids.numpy(), t.topk_ids[:5, layer])
-    for pos in (5, 6):
-        for layer in range(2):
-            ids, _ = r(layer, 1)
-            np.testing.assert_array_equal(ids.numpy(), t.topk_ids[pos:pos + 1, layer])
-    r.reset()
-    ids, _ = r(0, 1)
-    np.testing.assert_array_equal(ids.numpy(), t.topk_ids[:1, 0])
+        np.testing.assert_array_equal(w.numpy(), t.topk_weights[:5, layer])
+    for _ in range(2):
+        ids, _ = r(1, 7, 1)
+        np.testing.assert_array_equal(ids.numpy(), t.topk_ids[7:8, 1])
     with pytest.raises(IndexError, match="longer trace"):
-        r(0, 100)
+        r(0, 10, 100)
+
+
+class _Spy:
+    def __init__(self):
+        self.seen = []
+
+    def on_route(self, layer, hidden, ids, weights, logits):
+        self.seen.append((layer, ids.cpu().numpy().copy()))
+
+
+@pytest.mark.parametrize("piecewise", [False, True])
+def test_engine_follows_replayed_routing(reference_layout, piecewise):
+    """With model.routing set, every layer of prefill and decode routes as the trace's row at its position
+    (eager, and the piecewise step with static positions), and the cache is asked for exactly those experts."""
+    import torch
+
+    import tiered
+    from tiered.piecewise import PiecewiseDecode
+
+    eng = tiered.load(reference_layout, device="cpu", dtype="float32", budget={"expert_slots": 16}, max_context=64)
+    L, E, K = eng.config.num_layers, eng.config.num_experts, eng.config.top_k
+    rng = np.random.default_rng(1)
+    ids = np.stack([np.stack([rng.permutation(E)[:K] for _ in range(L)]) for _ in range(40)]).astype(np.int16)
+    w = rng.random(ids.shape).astype(np.float32)
+    eng.model.routing = ReplayRouting(ids, w, device="cpu")
+    spy = _Spy()
+    eng.model.observer = spy
+    if piecewise:
+        eng.pieces = PiecewiseDecode(eng.model, graphs=False, static_positions=True)
+    eng.model.provider.trace = []
+    eng.generate(list(range(100, 110)), max_new_tokens=6, stop_at_eos=False)
+    prefill = [(l, a) for l, a in spy.seen if a.shape[0] > 1]
+    decode = [(l, a) for l, a in spy.seen if a.shape[0] == 1]
+    for l, a in prefill:
+        np.testing.assert_array_equal(a, ids[:10, l])
+    assert len(decode) == 5 * L
+    for i, (l, a) in enumerate(decode):
+        np.testing.assert_array_equal(a[0], ids[10 + i // L, l])
+    asked = [sorted(keys) for ph, keys in eng.model.provider.trace if ph == "decode"]
+    want = [sorted(int(l * E + e) for e in ids[10 + i // L, l]) for i, l in
+            ((i, i % L) for i in range(5 * L))]
+    assert asked == want
 
 
 def test_history_on_mapped_trace():

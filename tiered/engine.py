@@ -149,7 +149,28 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
     model = Transformer(cfg, layout.dense(), provider, device=dev, dtype=dt, max_context=ctx, attn=backend,
                         observer=observer)
     tok = Tokenizer.from_dir(layout.path) if layout.tokenizer_path else None
-    return Engine(model, tok, layout_path=layout.path, cuda_graphs=cuda_graphs and dev.type == "cuda")
+    engine = Engine(model, tok, layout_path=layout.path, cuda_graphs=cuda_graphs and dev.type == "cuda")
+    depth = int((budget or {}).get("prefetch_depth") or 0)
+    if depth > 0 and not isinstance(provider, ResidentExperts):
+        attach_predictor(engine, layout, depth=depth, budget=(budget or {}).get("prefetch_budget"))
+    return engine
+
+
+def attach_predictor(engine: "Engine", layout: Any, *, depth: int, budget: int | None) -> None:
+    """Prefetch for --prefetch-depth: the fitted combined predictor when the layout has its parameters
+    (`tiered tune --fit-trace` writes them), else next-gate (needs only the model's routers)."""
+    from tiered.predict.predictors import PARAMS_FILE, GateWeights, PredictorParams, make_predictor
+    from tiered.predict.prefetch import attach
+
+    cfg = layout.config
+    params_path = Path(layout.path) / PARAMS_FILE
+    params = PredictorParams.load(params_path) if params_path.is_file() else None
+    name = "combined" if params is not None and params.mix_w.numel() else "next-gate"
+    pred = make_predictor(name, num_layers=cfg.num_layers, num_experts=cfg.num_experts,
+                          gates=GateWeights.from_layout(layout), params=params)
+    c = int(budget) if budget else (3 * cfg.top_k) // 2  # C = 1.5 K candidates per layer by default
+    attach(engine, pred, depth=depth, budget=c)
+    print(f"tiered: prefetch with the {name} predictor, depth {depth}, {c} candidates per layer", file=sys.stderr)
 
 
 class GraphedDecode:
@@ -258,13 +279,13 @@ class Engine:
         return out  # [1, V]
 
     def _planned_mode(self) -> str:
-        if self.graphed is not None and self.model.observer is None:  # a replay would skip the observer
+        if self.graphed is not None and self.model.observer is None and self.model.routing is None:  # a replay would skip the observer
             return "full"
         return "piecewise" if self.pieces is not None else "eager"
 
     def _step(self, token: Tensor, tok: int, pos: int) -> Tensor:
         """token [1] int64 (any device) = tok, at position pos -> logits [1, V]."""
-        if self.graphed is not None and self.model.observer is None:  # a replay would skip the observer
+        if self.graphed is not None and self.model.observer is None and self.model.routing is None:  # a replay would skip the observer
             try:
                 self.decode_mode = "full"
                 return self.graphed.step(token.to(self.device), pos)

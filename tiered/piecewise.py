@@ -204,6 +204,12 @@ class PiecewiseDecode:
         else:
             ids = r.ids[0]
             ids_list = ids.tolist()
+        if m.routing is not None and self.static_positions:  # replayed routing (benchmark mode, replay.py)
+            ids_t, w_t = m.routing(l, int(self._step_np[1]), 1)
+            r.ids.copy_(ids_t.to(r.ids.device), non_blocking=True)
+            r.weights.copy_(w_t.to(r.weights.device), non_blocking=True)  # seg l+1 reads these weights
+            ids = ids_t[0].cpu()
+            ids_list = ids.tolist()
         t1 = time.perf_counter()
         obs = m.observer
         if obs is not None:

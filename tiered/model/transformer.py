@@ -18,6 +18,7 @@ Legend: T tokens, D hidden, V vocab, L layers, S cache positions.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -104,6 +105,9 @@ class Transformer:
         self.provider = provider
         self.observer = observer
         self.prefetch_hook: PrefetchHook | None = None  # called per layer of one-token steps (moe.PrefetchHook)
+        # Benchmark mode: routing(layer, start, T) -> (ids [T, K] int64, weights [T, K] fp32) replaces the
+        # router's top-k for positions start..start+T-1 (predict/replay.py). None = the router decides.
+        self.routing: Callable[[int, int, int], tuple[Tensor, Tensor]] | None = None
         dev = self.device
         self.embed = _take(dense, "embed", dev, dtype)  # [V, D]
         self.final_norm = _take(dense, "final_norm", dev, dtype)  # [D]
@@ -146,6 +150,8 @@ class Transformer:
                           backend=self.attn)
         x = rms_norm(h, lw.mlp_norm, cfg.rms_norm_eps)
         logits, ids, wts = route(x, lw.moe.router, cfg.top_k, cfg.norm_topk_prob)
+        if self.routing is not None and isinstance(plan.write_at, int):  # static plans: piecewise.py replays it
+            ids, wts = self.routing(l, plan.write_at, h.shape[0])
         return Routed(h, x, logits, ids, wts)
 
     def experts_out(self, l: int, r: Routed, slots: Tensor | None = None) -> Tensor:

@@ -1,10 +1,9 @@
 """Prefetch glue between the predictor and the expert cache, and predictor-informed eviction.
 
 Owns: `Prefetcher` (a routing observer: during layer l it feeds the predictor and chooses the top
-candidates for layers l+1 .. l+d within a per-layer budget), `PrefetchingProvider` (wraps an
-ExpertProvider so that those candidates go to `prefetch()` right after layer l's own `get()`, when
-layer l's experts are pinned and cannot be evicted by the prefetch), `attach` (wires both into an
-Engine), and `PredictedEviction` (a Policy, same API as store/policy.py, that evicts the resident
+candidates for layers l+1 .. l+d within a per-layer budget), `attach` (sets it as the engine's
+observer and sends its candidates to `provider.prefetch()` from the model's prefetch hook, right after
+layer l's own `get()`, when layer l's experts are pinned and cannot be evicted by the prefetch), and `PredictedEviction` (a Policy, same API as store/policy.py, that evicts the resident
 expert least likely to be used soon).
 Does not own: the predictors (predictors.py), the slots and copies (store/cache.py), the simulator
 (simulate.py, which uses `choose` and `PredictedEviction` so offline numbers come from this code).
@@ -126,6 +125,7 @@ class Prefetcher:
         self.chain = chain
         self.pending: list[tuple[int, Tensor]] = []  # (layer, ids) to prefetch after the current get()
         self.issued = 0  # candidates handed to prefetch()
+        self.saved_hook: Any = None  # the model's prefetch hook before attach() (restored by detach())
 
     def reset(self) -> None:
         self.predictor.reset()
@@ -156,49 +156,33 @@ class Prefetcher:
         return out
 
 
-class PrefetchingProvider:
-    """An ExpertProvider that, after each get(layer), passes the Prefetcher's queue to prefetch().
-
-    Everything else (weights, stats, set_phase, reset_stats, ...) is the wrapped provider's.
-    """
-
-    def __init__(self, inner: Any, prefetcher: Prefetcher) -> None:
-        self.inner = inner
-        self.prefetcher = prefetcher
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    def get(self, layer: int, expert_ids: Tensor) -> Tensor:
-        slots = self.inner.get(layer, expert_ids)
-        for tgt, ids in self.prefetcher.take(layer):
-            self.inner.prefetch(tgt, ids)
-        return slots
-
-    def prefetch(self, layer: int, expert_ids: Any) -> None:
-        self.inner.prefetch(layer, expert_ids)
-
-    def stats(self) -> dict:
-        s = dict(self.inner.stats())
-        s["prefetch_candidates"] = self.prefetcher.issued
-        s["predictor"] = self.prefetcher.predictor.name
-        return s
-
-
 def attach(engine: Any, predictor: Predictor, *, depth: int = 1, budget: int = 8) -> Prefetcher:
-    """Wire `predictor` into `engine`: the observer feeds it, the provider prefetches its candidates.
+    """Wire `predictor` into `engine`: the observer feeds it, the model's prefetch hook issues its candidates.
 
-    The engine then decodes eagerly (an observer is set). Returns the Prefetcher; `detach` undoes it.
+    Per layer of a one-token step the engine calls observer.on_route(l) -> provider.get(l) ->
+    prefetch_hook(l), so the candidates for layers l+1..l+depth go to provider.prefetch() once layer l's
+    own experts are pinned, and their copies overlap layer l's compute (eager and piecewise alike).
+    Returns the Prefetcher; `detach` undoes it.
     """
     pf = Prefetcher(predictor, depth=depth, budget=budget, chain=engine.model.observer)
-    engine.model.observer = pf
-    engine.model.provider = PrefetchingProvider(engine.model.provider, pf)
+    model = engine.model
+    pf.saved_hook = model.prefetch_hook
+
+    def hook(layer: int, expert_ids: Tensor) -> None:
+        if pf.saved_hook is not None:
+            pf.saved_hook(layer, expert_ids)
+        for tgt, ids in pf.take(layer):
+            model.provider.prefetch(tgt, ids)
+
+    model.observer = pf
+    model.prefetch_hook = hook
     return pf
 
 
 def detach(engine: Any) -> None:
     """Undo `attach`."""
-    prov = engine.model.provider
-    if isinstance(prov, PrefetchingProvider):
-        engine.model.provider = prov.inner
-        engine.model.observer = prov.prefetcher.chain
+    model = engine.model
+    pf = model.observer
+    if isinstance(pf, Prefetcher):
+        model.observer = pf.chain
+        model.prefetch_hook = pf.saved_hook

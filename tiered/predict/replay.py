@@ -55,34 +55,25 @@ def map_trace(trace: Trace, *, num_layers: int, num_experts: int) -> Trace:
 
 
 class ReplayRouting:
-    """The router override: token t (counted from the start of the sequence) routes as row t of a trace.
+    """The router override (Transformer.routing): position p routes as row p of a trace.
 
-    Called by the MoE block as routing(layer, T) for the T tokens of the current forward; the first
-    call for layer 0 of a forward advances the position. `reset()` starts a new sequence.
+    Called as routing(layer, start, T) for positions start..start+T-1; stateless, so warm-ups and
+    graph captures that run a step twice see the same rows. No lookahead: row p is the routing the
+    source model chose at position p.
     """
 
     def __init__(self, topk_ids: np.ndarray, topk_weights: np.ndarray, *, device: torch.device | str) -> None:
         self.ids = torch.as_tensor(topk_ids.astype(np.int64), device=device)  # [N, L, K]
         self.weights = torch.as_tensor(topk_weights, device=device)  # [N, L, K]
-        self.pos = 0  # first token of the current forward
-        self._last_T = 0
 
     @classmethod
     def from_trace(cls, trace: Trace, doc: int = 0, *, device: torch.device | str) -> "ReplayRouting":
         t = trace.doc(doc)
         return cls(t.topk_ids, t.topk_weights, device=device)
 
-    def reset(self) -> None:
-        self.pos = 0
-        self._last_T = 0
-
-    def __call__(self, layer: int, T: int) -> tuple[Tensor, Tensor]:
-        """ids [T, K] int64 and weights [T, K] fp32 of layer `layer` for the current T tokens."""
-        if layer == 0:
-            self.pos += self._last_T
-            self._last_T = T
-        a, b = self.pos, self.pos + T
-        if b > self.ids.shape[0]:
-            raise IndexError(f"replayed routing has {self.ids.shape[0]} tokens; token {b - 1} asked for: "
-                             f"use a longer trace or fewer tokens")
-        return self.ids[a:b, layer], self.weights[a:b, layer].float()
+    def __call__(self, layer: int, start: int, T: int) -> tuple[Tensor, Tensor]:
+        """ids [T, K] int64 and weights [T, K] fp32 of layer `layer` for positions start..start+T-1."""
+        if start + T > self.ids.shape[0]:
+            raise IndexError(f"replayed routing has {self.ids.shape[0]} positions; position {start + T - 1} asked "
+                             f"for: use a longer trace or fewer tokens")
+        return self.ids[start:start + T, layer], self.weights[start:start + T, layer].float()
