@@ -69,7 +69,6 @@ def run(lay: Path, device: torch.device, prompt: list[int], new: int, routing_id
         attach(engine, predictor, depth=depth, budget=candidates)
     prov = engine.model.provider
     engine.generate(prompt[:16], max_new_tokens=warmup, stop_at_eos=False)  # warm-up (rows < 24 of the trace)
-    replay.reset()
     if predictor is not None:
         predictor.reset()
     if hasattr(prov, "reset_stats"):
@@ -90,6 +89,7 @@ def main() -> None:
     ap.add_argument("--layout", type=Path)
     ap.add_argument("--preset", default="qwen3-10b")
     ap.add_argument("--vram-gb", type=float, default=4.0)
+    ap.add_argument("--expert-slots", type=int, default=None, help="instead of --vram-gb (CPU checks)")
     ap.add_argument("--docs", type=int, default=5, help="eval documents to run (each a separate sequence)")
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -115,6 +115,8 @@ def main() -> None:
     n_tok = a.prompt_tokens + a.new_tokens
     budget = {"vram_gb": a.vram_gb, "ram_gb": lay.block_size * cfg.num_layers * cfg.num_experts / GiB * 1.02 + 0.01,
               "io": "mmap"}
+    if a.expert_slots:
+        budget = {"expert_slots": a.expert_slots, "io": "mmap"}
     rows = []
     for d in range(min(a.docs, ev.num_docs)):
         doc = ev.doc(d, n_tok + 16)
