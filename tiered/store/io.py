@@ -102,6 +102,33 @@ def _as_memoryview(t: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_char * t.numel()).from_address(t.data_ptr())).cast("B")
 
 
+def _loaded_cudart() -> Any:
+    """The libcudart this process already loaded (torch's), via ctypes; None if not found."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "libcudart" in line}
+    except OSError:
+        paths = set()
+    for p in sorted(paths):
+        try:
+            return ctypes.CDLL(p)
+        except OSError:
+            continue
+    return None
+
+
+def clear_cuda_error() -> None:
+    """Reset CUDA's last error after a refused (non-sticky) call, so torch's next launch check does not
+    report it. torch's cudart bindings lack cudaGetLastError, so it is called through ctypes."""
+    fn = getattr(torch.cuda.cudart(), "cudaGetLastError", None)
+    if fn is not None:
+        fn()
+        return
+    lib = _loaded_cudart()
+    if lib is not None:
+        lib.cudaGetLastError()
+
+
 class HostRegistrar:
     """cudaHostRegister(ptr, n, ReadOnly) of mapped blocks, so the GPU DMAs from the page cache."""
 
@@ -120,14 +147,14 @@ class HostRegistrar:
         err = rt.cudaHostRegister(ptr, nbytes, flags)
         code = int(getattr(err, "value", err))
         if code:
-            rt.cudaGetLastError()  # registration errors are not sticky: clear and fall back
+            clear_cuda_error()  # registration errors are not sticky: clear and fall back
         return code
 
     def unregister(self, t: torch.Tensor) -> None:
         err = self._rt.cudaHostUnregister(t.data_ptr())
         code = int(getattr(err, "value", err))
         if code:
-            self._rt.cudaGetLastError()
+            clear_cuda_error()
             raise RuntimeError(f"cudaHostUnregister({t.data_ptr():#x}) failed with CUDA error {code}")
 
 
