@@ -39,7 +39,6 @@ import contextlib
 import math
 import sys
 import time
-import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -52,16 +51,6 @@ from tiered.model.transformer import Routed, Transformer
 from tiered.store.io import ExpertReadError, aligned_empty
 
 COPY_MODES = ("graph", "host")
-
-
-def _unregister(owner: Any) -> None:
-    """Unpin a host buffer of aligned_empty (at garbage collection: no device-wide sync, never raises)."""
-    try:
-        if owner.registered:
-            owner.registered = False
-            torch.cuda.cudart().cudaHostUnregister(owner.tensor.data_ptr())
-    except Exception:  # noqa: BLE001 - interpreter shutdown, a context already gone: nothing to do
-        pass
 
 
 class GraphCaptureError(RuntimeError):
@@ -129,10 +118,7 @@ class PiecewiseDecode:
         self._owner: Any = None
         if self.cuda:
             raw, self._owner = aligned_empty(max(4096, -(-n * 8 // 4096) * 4096), pin=True)
-            host = raw[:n * 8].view(torch.int64)
-            # Unregister before the mapping goes away (a registered range that is unmapped stays known to the
-            # driver, and a later buffer at the same address could not be registered).
-            weakref.finalize(self, _unregister, self._owner)
+            host = raw[:n * 8].view(torch.int64)  # unpinned by its owner at collection (io._unpin)
         else:
             host = torch.empty(n, dtype=torch.int64)
         host.zero_()

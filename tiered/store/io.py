@@ -19,6 +19,7 @@ import errno
 import os
 import threading
 import time
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,19 @@ class BlockRef:
         return f"layer {self.layer} expert {self.expert} ({self.size} bytes at offset {self.offset} of {self.path})"
 
 
+def _unpin(ptrs: set[int], keep: Any = None) -> None:
+    """Unregister host ranges at garbage collection, before their memory can be unmapped and its addresses
+    reused (CUDA would refuse a later registration there: error 712). Never raises. `keep` holds the
+    mapping alive until this has run."""
+    for p in list(ptrs):
+        try:
+            if int(getattr(e := torch.cuda.cudart().cudaHostUnregister(p), "value", e)):
+                clear_cuda_error()
+        except Exception:  # noqa: BLE001 - interpreter shutdown, a context already gone: nothing to do
+            pass
+    ptrs.clear()
+
+
 class _HostBuffer:
     """Owner of a page-aligned anonymous mapping, page-locked with cudaHostRegister when pinned."""
 
@@ -66,7 +80,7 @@ class _HostBuffer:
 
         self.map = mmap.mmap(-1, max(nbytes, ALIGN))
         self.tensor = torch.frombuffer(self.map, dtype=torch.uint8)[:nbytes]  # uint8 [nbytes]
-        self.registered = False
+        self._pinned: set[int] = set()
         if pin:
             # torch's pinned allocator rounds sizes up to a power of two (a 19 GiB pool would lock
             # 32 GiB); registering an exact-size mapping locks only what is asked for.
@@ -74,13 +88,17 @@ class _HostBuffer:
             if code:
                 raise RuntimeError(f"cudaHostRegister of a {nbytes / 2**30:.2f} GiB host buffer failed (CUDA error "
                                    f"{code}): lower --ram-gb, or raise the locked-memory limit (ulimit -l)")
-            self.registered = True
+            self._pinned.add(self.tensor.data_ptr())
+            weakref.finalize(self, _unpin, self._pinned, self.map)
+
+    @property
+    def registered(self) -> bool:
+        return bool(self._pinned)
 
     def release(self) -> None:
-        if self.registered:
+        if self._pinned:
             torch.cuda.synchronize()
-            torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
-            self.registered = False
+            _unpin(self._pinned)
 
 
 def aligned_empty(nbytes: int, *, pin: bool) -> tuple[torch.Tensor, Any]:
@@ -130,16 +148,24 @@ def clear_cuda_error() -> None:
 
 
 class HostRegistrar:
-    """cudaHostRegister(ptr, n, ReadOnly) of mapped blocks, so the GPU DMAs from the page cache."""
+    """cudaHostRegister(ptr, n, ReadOnly) of mapped blocks, so the GPU DMAs from the page cache.
+
+    Blocks still registered when the registrar is collected are unregistered then (see `_unpin`).
+    """
 
     READ_ONLY = 8  # cudaHostRegisterReadOnly; 2 (IoMemory) poisoned the context on the GPU box
 
     def __init__(self) -> None:
         self._rt = torch.cuda.cudart()
+        self._live: set[int] = set()  # registered pointers
+        weakref.finalize(self, _unpin, self._live)
 
     def register(self, t: torch.Tensor) -> int:
         """Register `t`'s bytes read-only; returns the CUDA error code (0 = success; the error is cleared)."""
-        return self.register_raw(t.data_ptr(), t.numel(), self.READ_ONLY)
+        code = self.register_raw(t.data_ptr(), t.numel(), self.READ_ONLY)
+        if not code:
+            self._live.add(t.data_ptr())
+        return code
 
     @staticmethod
     def register_raw(ptr: int, nbytes: int, flags: int) -> int:
@@ -151,6 +177,7 @@ class HostRegistrar:
         return code
 
     def unregister(self, t: torch.Tensor) -> None:
+        self._live.discard(t.data_ptr())
         err = self._rt.cudaHostUnregister(t.data_ptr())
         code = int(getattr(err, "value", err))
         if code:
