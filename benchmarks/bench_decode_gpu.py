@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
+from benchmeta import git_commit  # noqa: E402
 
 import tiered  # noqa: E402
 
@@ -43,11 +43,6 @@ GOAL_RATIO = 15.0
 
 def log(msg: str) -> None:
     print(f"[decode-gpu] {msg}", file=sys.stderr, flush=True)
-
-
-def git_commit() -> str:
-    r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    return os.environ.get("TIERED_COMMIT") or (r.stdout.strip() if r.returncode == 0 else "unknown")
 
 
 def sync(device: torch.device) -> None:

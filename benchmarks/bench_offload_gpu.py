@@ -39,6 +39,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
+from benchmeta import git_commit  # noqa: E402
 
 from tiered.engine import load  # noqa: E402
 from tiered.store.disk import Layout  # noqa: E402
@@ -47,13 +48,6 @@ from tiered.store.policy import belady  # noqa: E402
 
 GiB = 1 << 30
 ALL_PHASES = ("build", "bw", "resident", "ram", "mmap", "accelerate", "disk")
-
-
-def git_commit() -> str:
-    if os.environ.get("TIERED_COMMIT"):
-        return os.environ["TIERED_COMMIT"]
-    r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    return r.stdout.strip() if r.returncode == 0 else "unknown"
 
 
 def log(msg: str) -> None:

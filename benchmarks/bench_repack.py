@@ -22,6 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
+from benchmeta import git_commit  # noqa: E402
 
 
 def disk_write_gbps(path: Path, nbytes: int) -> float:
@@ -36,14 +37,6 @@ def disk_write_gbps(path: Path, nbytes: int) -> float:
     secs = time.perf_counter() - t0
     path.unlink()
     return nbytes / secs / 1e9
-
-
-def git_commit() -> str:
-    """TIERED_COMMIT (set by whoever sends the tree to a box without .git), else git, else "unknown"."""
-    if os.environ.get("TIERED_COMMIT"):
-        return os.environ["TIERED_COMMIT"]
-    r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    return r.stdout.strip() if r.returncode == 0 else "unknown"
 
 
 def rss_anon_kib(pid: int) -> int:

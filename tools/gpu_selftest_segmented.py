@@ -29,7 +29,6 @@ import argparse
 import gc
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from benchmeta import git_commit  # noqa: E402
 
 import tiered  # noqa: E402
 from tiered.piecewise import PiecewiseDecode  # noqa: E402
@@ -47,11 +47,6 @@ PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n"
 
 def log(msg: str) -> None:
     print(f"[selftest] {msg}", file=sys.stderr, flush=True)
-
-
-def git_commit() -> str:
-    r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    return os.environ.get("TIERED_COMMIT") or (r.stdout.strip() if r.returncode == 0 else "unknown")
 
 
 def free(*engines) -> None:
