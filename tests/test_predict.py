@@ -235,3 +235,33 @@ def test_prefetch_never_changes_output(reference_model, name):
     assert pf.issued > 0 and got.stats["prefetch_issued"] > 0
     detach(eng)
     assert eng.model.observer is None
+
+
+def test_tune_cli_json(reference_model, tmp_path):
+    """`tiered tune --json` fits on one trace, reports on another, and ends stdout with one JSON object holding
+    the CONTRACTS keys; its recommended policy is one that `tiered run --policy` accepts."""
+    import json
+
+    from click.testing import CliRunner
+
+    from tiered.cli import main
+    from tiered.store.policy import POLICIES
+
+    texts = {"fit": "import json\n\ndef dump(obj):\n    return json.dumps(obj, indent=2)\n" * 6,
+             "eval": "import os\nfor root, dirs, files in os.walk('.'):\n    print(root, len(files))\n" * 6}
+    for name, text in texts.items():
+        (tmp_path / f"{name}.txt").write_text(text)
+        res = CliRunner().invoke(main, ["trace", "-m", str(reference_model), "--prompt-file",
+                                        str(tmp_path / f"{name}.txt"), "-o", str(tmp_path / f"{name}.npz")])
+        assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, ["tune", "-m", str(reference_model), "--trace", str(tmp_path / "eval.npz"),
+                                    "--fit-trace", str(tmp_path / "fit.npz"), "--params", str(tmp_path / "p.safetensors"),
+                                    "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert {"name", "candidates_per_layer", "recall", "precision"} <= set(out["predictor"])
+    assert out["predictor"]["candidates_per_layer"] <= 1.8 * 8
+    assert "belady" in out["policies"] and out["cache_fraction"] == 0.25
+    for p in ("lru", "lfu", "flru"):
+        assert out["policies"][p]["hit_rate"] <= out["policies"]["belady"]["hit_rate"] + 1e-9
+    assert out["recommended"]["policy"] in POLICIES
