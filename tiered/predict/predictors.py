@@ -249,7 +249,8 @@ class Predictor:
         ids = routed_ids[-1:].detach().to("cpu", torch.int64)  # [1, K]
         lg = None if router_logits is None else router_logits[-1:].detach().to("cpu", torch.float32)
         wt = None if routed_weights is None else routed_weights[-1:].detach().to("cpu", torch.float32)
-        self.h = hidden[-1].detach().to("cpu", torch.float32)
+        if self.needs_hidden:  # a device->host copy (and sync) per layer that the others need not pay
+            self.h = hidden[-1].detach().to("cpu", torch.float32)
         self.cur_ids, self.cur_logits, self.cur_w = ids[0], None if lg is None else lg[0], None if wt is None else wt[0]
         self.cur_probs[layer] = _probs(lg, ids, wt, self.E)[0]
         self.cur_hot[layer] = _multi_hot(ids, self.E)[0]
