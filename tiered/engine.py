@@ -33,7 +33,7 @@ from tiered.tokenizer import StreamDecoder, Tokenizer
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BUDGET_KEYS = ("vram_gb", "expert_slots", "ram_gb", "io", "policy", "prefetch_depth", "prefetch_budget",
-               "verify", "io_register")
+               "verify", "io_register", "ram_preload")
 PREFILL_CHUNK = 512  # tokens per prefill forward: bounds the [H, T, S] attention scores and expert groups
 
 
