@@ -265,3 +265,17 @@ def test_tune_cli_json(reference_model, tmp_path):
     for p in ("lru", "lfu", "flru"):
         assert out["policies"][p]["hit_rate"] <= out["policies"]["belady"]["hit_rate"] + 1e-9
     assert out["recommended"]["policy"] in POLICIES
+
+
+def test_trace_plot(reference_model, tmp_path):
+    """`tiered trace --plot` writes a PNG (expert use per layer and co-occurrence between layers)."""
+    pytest.importorskip("matplotlib")
+    from click.testing import CliRunner
+
+    from tiered.cli import main
+    f = tmp_path / "p.txt"
+    f.write_text("def f(x):\n    return x + 1\n" * 10)
+    res = CliRunner().invoke(main, ["trace", "-m", str(reference_model), "--prompt-file", str(f), "-o",
+                                    str(tmp_path / "t.npz"), "--plot", str(tmp_path / "t.png")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
