@@ -278,14 +278,18 @@ class Engine:
             out = self.model.forward(ids[a:a + PREFILL_CHUNK], a)
         return out  # [1, V]
 
+    def _whole_step_graphs(self) -> bool:
+        """Whole-step graphs route on the device: a replay would skip an observer or a replayed routing."""
+        return self.graphed is not None and self.model.observer is None and self.model.routing is None
+
     def _planned_mode(self) -> str:
-        if self.graphed is not None and self.model.observer is None and self.model.routing is None:  # a replay would skip the observer
+        if self._whole_step_graphs():
             return "full"
         return "piecewise" if self.pieces is not None else "eager"
 
     def _step(self, token: Tensor, tok: int, pos: int) -> Tensor:
         """token [1] int64 (any device) = tok, at position pos -> logits [1, V]."""
-        if self.graphed is not None and self.model.observer is None and self.model.routing is None:  # a replay would skip the observer
+        if self._whole_step_graphs():
             try:
                 self.decode_mode = "full"
                 return self.graphed.step(token.to(self.device), pos)
