@@ -245,7 +245,7 @@ def test_tune_cli_json(reference_model, tmp_path):
     from click.testing import CliRunner
 
     from tiered.cli import main
-    from tiered.store.policy import POLICIES
+    from tiered.store.cache import DEVICE_POLICIES
 
     texts = {"fit": "import json\n\ndef dump(obj):\n    return json.dumps(obj, indent=2)\n" * 6,
              "eval": "import os\nfor root, dirs, files in os.walk('.'):\n    print(root, len(files))\n" * 6}
@@ -264,7 +264,7 @@ def test_tune_cli_json(reference_model, tmp_path):
     assert "belady" in out["policies"] and out["cache_fraction"] == 0.25
     for p in ("lru", "lfu", "flru"):
         assert out["policies"][p]["hit_rate"] <= out["policies"]["belady"]["hit_rate"] + 1e-9
-    assert out["recommended"]["policy"] in POLICIES
+    assert out["recommended"]["policy"] in DEVICE_POLICIES
 
 
 def test_trace_plot(reference_model, tmp_path):
@@ -279,3 +279,21 @@ def test_trace_plot(reference_model, tmp_path):
                                     str(tmp_path / "t.npz"), "--plot", str(tmp_path / "t.png")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cache_policy_predicted(reference_model):
+    """--policy predicted: the cache evicts by the router-fed PredictedEviction; greedy tokens are unchanged."""
+    import numpy as np
+
+    from tiered.engine import load as load_engine
+    from tiered.predict.prefetch import PredictedEviction
+
+    ref = load_engine(reference_model, device="cpu", dtype="float32")
+    ids = _short_ids(ref, 40)
+    want = ref.generate(ids, max_new_tokens=24, temperature=0).token_ids
+    eng = load_engine(reference_model, device="cpu", dtype="float32", budget={"expert_slots": 24, "policy": "predicted"})
+    pol = eng.model.provider.vram.table.policy
+    assert isinstance(pol, PredictedEviction)
+    got = eng.generate(ids, max_new_tokens=24, temperature=0)
+    assert got.token_ids == want
+    assert got.stats["policy"] == "predicted" and np.any(pol.score != 0)

@@ -151,14 +151,17 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
     tok = Tokenizer.from_dir(layout.path) if layout.tokenizer_path else None
     engine = Engine(model, tok, layout_path=layout.path, cuda_graphs=cuda_graphs and dev.type == "cuda")
     depth = int((budget or {}).get("prefetch_depth") or 0)
-    if depth > 0 and not isinstance(provider, ResidentExperts):
-        attach_predictor(engine, layout, depth=depth, budget=(budget or {}).get("prefetch_budget"))
+    predicted = (budget or {}).get("policy") == "predicted"
+    if (depth > 0 or predicted) and not isinstance(provider, ResidentExperts):
+        attach_predictor(engine, layout, depth=depth, budget=(budget or {}).get("prefetch_budget"),
+                         eviction=provider.vram.table.policy if predicted else None)
     return engine
 
 
-def attach_predictor(engine: "Engine", layout: Any, *, depth: int, budget: int | None) -> None:
+def attach_predictor(engine: "Engine", layout: Any, *, depth: int, budget: int | None, eviction: Any = None) -> None:
     """Prefetch for --prefetch-depth: the fitted combined predictor when the layout has its parameters
-    (`tiered tune --fit-trace` writes them), else next-gate (needs only the model's routers)."""
+    (`tiered tune --fit-trace` writes them), else next-gate (needs only the model's routers). With
+    --policy predicted, `eviction` (the cache's PredictedEviction) is fed each layer's router output."""
     from tiered.predict.predictors import PARAMS_FILE, GateWeights, PredictorParams, make_predictor
     from tiered.predict.prefetch import attach
 
@@ -169,8 +172,9 @@ def attach_predictor(engine: "Engine", layout: Any, *, depth: int, budget: int |
     pred = make_predictor(name, num_layers=cfg.num_layers, num_experts=cfg.num_experts,
                           gates=GateWeights.from_layout(layout), params=params)
     c = int(budget) if budget else (3 * cfg.top_k) // 2  # C = 1.5 K candidates per layer by default
-    attach(engine, pred, depth=depth, budget=c)
-    print(f"tiered: prefetch with the {name} predictor, depth {depth}, {c} candidates per layer", file=sys.stderr)
+    attach(engine, pred, depth=depth, budget=c, eviction=eviction)
+    if depth:
+        print(f"tiered: prefetch with the {name} predictor, depth {depth}, {c} candidates per layer", file=sys.stderr)
 
 
 class GraphedDecode:

@@ -156,15 +156,17 @@ class Prefetcher:
         return out
 
 
-def attach(engine: Any, predictor: Predictor, *, depth: int = 1, budget: int = 8) -> Prefetcher:
+def attach(engine: Any, predictor: Predictor, *, depth: int = 1, budget: int = 8,
+           eviction: PredictedEviction | None = None) -> Prefetcher:
     """Wire `predictor` into `engine`: the observer feeds it, the model's prefetch hook issues its candidates.
 
     Per layer of a one-token step the engine calls observer.on_route(l) -> provider.get(l) ->
     prefetch_hook(l), so the candidates for layers l+1..l+depth go to provider.prefetch() once layer l's
     own experts are pinned, and their copies overlap layer l's compute (eager and piecewise alike).
+    `eviction`, when given, is kept informed of every layer's router output (the cache's --policy predicted).
     Returns the Prefetcher; `detach` undoes it.
     """
-    pf = Prefetcher(predictor, depth=depth, budget=budget, chain=engine.model.observer)
+    pf = Prefetcher(predictor, depth=depth, budget=budget, eviction=eviction, chain=engine.model.observer)
     model = engine.model
     pf.saved_hook = model.prefetch_hook
 

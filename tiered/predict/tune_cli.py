@@ -188,10 +188,9 @@ def tune(model, trace_path, fit_trace, params_path, cache_fraction, max_tokens, 
     log(f"\ndemand hit rates, {per_layer} slots per layer ({frac:.0%} of experts), first {max_tokens} tokens per doc:")
     for n, r in pol.items():
         log(f"  {n:<10} {r['hit_rate']:.1%}")
-    # recommend what `run --policy` accepts; predictor-informed eviction is simulated here, not yet in the cache
-    from tiered.store.policy import POLICIES
+    from tiered.store.cache import DEVICE_POLICIES  # recommend only what `run --policy` accepts
 
-    best_pol = max((p for p in DEMAND_POLICIES if p in POLICIES), key=lambda p: pol[p]["hit_rate"])
+    best_pol = max((p for p in DEMAND_POLICIES if p in DEVICE_POLICIES), key=lambda p: pol[p]["hit_rate"])
     pf_policy = policy or best_pol
     budgets = tuple(sorted({0, K, best["candidates_per_layer"]} | ({prefetch_budget} if prefetch_budget else set())))
     pf = sweep_prefetch(tr, preds[best["name"]], per_layer, budgets, policy=pf_policy, block_bytes=layout.block_size,

@@ -20,7 +20,6 @@ Tiers per mode (the RAM tier has R slots, the device tier S):
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,6 +34,10 @@ from tiered.store.vram import SlotPool
 
 GiB = 1 << 30
 MiB = 1 << 20
+
+
+PREDICTED = "predicted"  # predictor-informed eviction (tiered/predict/prefetch.py), device tier only
+DEVICE_POLICIES = frozenset(POLICIES) | {PREDICTED}
 
 
 class BudgetError(ValueError):
@@ -64,9 +67,9 @@ class TierConfig:
             raise BudgetError(f"--io must be one of {list(IO_MODES)}, got {self.io!r}")
         if self.verify not in VERIFY_MODES:
             raise BudgetError(f"--verify must be one of {list(VERIFY_MODES)}, got {self.verify!r}")
-        for name in ("policy", "ram_policy"):
-            if getattr(self, name) not in POLICIES:
-                raise BudgetError(f"--{name.replace('_', '-')} must be one of {sorted(POLICIES)}, "
+        for name, allowed in (("policy", DEVICE_POLICIES), ("ram_policy", POLICIES)):
+            if getattr(self, name) not in allowed:
+                raise BudgetError(f"--{name.replace('_', '-')} must be one of {sorted(allowed)}, "
                                   f"got {getattr(self, name)!r}")
         if self.io_register not in ("auto", "off"):
             raise BudgetError(f"--io-register must be auto or off, got {self.io_register!r}")
@@ -244,6 +247,11 @@ class ExpertCache:
         cuda = self.device.type == "cuda"
         kw = {"w": tiers.flru_w if tiers.flru_w is not None else float(cfg.num_layers)}
         pol = lambda name: make_policy(name, **(kw if name == "flru" else {}))  # noqa: E731
+        if tiers.policy == PREDICTED:  # fed by the routing observer (engine.load attaches it)
+            from tiered.predict.prefetch import PredictedEviction
+
+            pol = lambda name: (PredictedEviction(cfg.num_layers, cfg.num_experts) if name == PREDICTED  # noqa: E731
+                                else make_policy(name))
         self.reader = BlockReader(layout, io=tiers.io, verify=tiers.verify, threads=tiers.io_threads, faults=faults)
         S = plan.expert_slots
         self.vram = SlotPool(S, self.block_size, layout.tensor_specs, pol(tiers.policy), device=self.device,
