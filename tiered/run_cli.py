@@ -84,7 +84,7 @@ def _summary(s: dict) -> str:
               help=f"Global device-tier expert slots; {BUDGET_HELP}.")
 @click.option("--ram-gb", type=float, default=None, help=f"GiB of pinned RAM for experts; {BUDGET_HELP}.")
 @click.option("--io", type=click.Choice(["mmap", "direct"]), default=None, help=f"Disk reads; {BUDGET_HELP}.")
-@click.option("--policy", type=str, default=None, help=f"Eviction policy (lru, lfu, flru, ...); {BUDGET_HELP}.")
+@click.option("--policy", type=str, default=None, help=f"Eviction policy: lru, lfu, flru or predicted; {BUDGET_HELP}.")
 @click.option("--prefetch-depth", type=click.IntRange(min=0), default=None, help=f"Layers ahead; {BUDGET_HELP}.")
 @click.option("--prefetch-budget", type=click.IntRange(min=0), default=None,
               help=f"Experts prefetched per layer; {BUDGET_HELP}.")
