@@ -355,14 +355,21 @@ class History(Predictor):
         return (1 - self.time_mix) * src + self.time_mix * (self.prev_hot[layer] @ self.p.time_trans[layer])
 
     def score_trace(self, trace: Trace) -> Tensor:
-        hot, _ = _trace_hot_probs(trace)
-        prev = _prev(hot, torch.from_numpy(trace.doc_offsets[:-1]))
-        out = torch.zeros_like(hot)
-        out[:, 0] = prev[:, 0] @ self.p.time_trans[0]
+        hot, prev, out = _history_start(trace, self.p)
         for l in range(1, trace.num_layers):
             out[:, l] = (1 - self.time_mix) * (hot[:, l - 1] @ self.p.layer_trans[l - 1]) + \
                 self.time_mix * (prev[:, l] @ self.p.time_trans[l])
         return out
+
+
+def _history_start(trace: Trace, p: PredictorParams) -> tuple[Tensor, Tensor, Tensor]:
+    """Batched replay shared by the history-based predictors: multi-hot [N, L, E], the previous token's
+    multi-hot, and scores with layer 0 filled from the token-to-token transitions (the rest zero)."""
+    hot, _ = _trace_hot_probs(trace)
+    prev = _prev(hot, torch.from_numpy(trace.doc_offsets[:-1]))
+    out = torch.zeros_like(hot)
+    out[:, 0] = prev[:, 0] @ p.time_trans[0]
+    return hot, prev, out
 
 
 def _chain(trans: Tensor, src: int, dst: int) -> Tensor:
@@ -398,10 +405,7 @@ class ActivationMatching(Predictor):
         return self._match(self.cur_hot[None, :self.layer + 1], self.layer, layer)[0]
 
     def score_trace(self, trace: Trace) -> Tensor:
-        hot, _ = _trace_hot_probs(trace)
-        prev = _prev(hot, torch.from_numpy(trace.doc_offsets[:-1]))
-        out = torch.zeros_like(hot)
-        out[:, 0] = prev[:, 0] @ self.p.time_trans[0]
+        hot, _, out = _history_start(trace, self.p)
         for l in range(1, trace.num_layers):
             out[:, l] = self._match(hot[:, :l], l - 1, l)
         return out
