@@ -7,12 +7,16 @@ docstring) and replaces the router's choice token by token. The history predicto
 mapped trace of ../shared/text/fit only.
 
 Measured in one run, per eval document (64-token prompt + 128 new tokens, --vram-gb 4, RAM-backed):
-  - tok/s without prediction (LRU demand paging) and with prefetch (history predictor, depth 1, C candidates);
-  - stall share, prefetch issued/used (precision), H2D bytes per token;
+  - tok/s of each --variants run: demand paging by LRU (no prediction), predictor-informed eviction
+    (--policy predicted, fed by the replayed router output), and either with history prefetch (depth 1,
+    C candidates per layer);
+  - stall share, hit rate, prefetch issued/used (precision), H2D bytes per token (prefetches included),
+    host time per token blocked on segments and routing between them;
   - Belady's demand-paging miss bytes on the same mapped routing and slot count;
   - the Belady bound of CONTRACTS: max(compute per token, Belady miss bytes / H2D bandwidth), where
     compute per token is the all-resident CUDA-graph decode of the same model, measured in this run.
-Goal: with prediction, tok/s >= 0.85 x the Belady bound.
+Goal: with prediction, tok/s >= 0.85 x the Belady bound. Also reported: the ratio against the run's own
+bytes (max(compute, own H2D bytes / bandwidth)), which measures transfer efficiency alone.
 
     python3 benchmarks/bench_predict_gpu.py --work /root/b --text .carry/shared/text [--ckpt C --layout L]
 Prints a table, then one JSON line; writes $OUT/predict_gpu.json when OUT is set.
@@ -38,8 +42,8 @@ from bench_offload_gpu import GiB, belady_bytes, build, free, git_commit, h2d_ba
 
 from tiered import load  # noqa: E402
 from tiered.families import default_model_path  # noqa: E402
-from tiered.predict.predictors import History, transition_params  # noqa: E402
-from tiered.predict.prefetch import attach  # noqa: E402
+from tiered.predict.predictors import History, NoPrediction, transition_params  # noqa: E402
+from tiered.predict.prefetch import attach, detach  # noqa: E402
 from tiered.predict.replay import ReplayRouting, map_trace  # noqa: E402
 from tiered.predict.trace import record, split_ids  # noqa: E402
 from tiered.store.disk import Layout  # noqa: E402
@@ -59,15 +63,21 @@ def reference_trace(text_dir: Path, device: torch.device) -> "object":
 def run(lay: Path, device: torch.device, prompt: list[int], new: int, routing_ids: np.ndarray,
         routing_w: np.ndarray, *, budget: dict | None, predictor=None, depth: int = 1, candidates: int = 12,
         warmup: int = 8) -> dict:
-    """One engine run with replayed routing (and optionally prefetch); returns its stats and get() trace."""
+    """One engine run with replayed routing (and optionally prefetch); returns its stats and get() trace.
+
+    budget["policy"] == "predicted": the cache's PredictedEviction is fed by the prefetcher's observer
+    (with `predictor`, or a predictor that reads nothing when there is no prefetch)."""
     n_tok = len(prompt) + new
     engine = load(lay, device=device, dtype=torch.bfloat16, budget=budget, max_context=n_tok + warmup + 8)
     replay = ReplayRouting(routing_ids, routing_w, device=device)
     if budget is not None:  # all-resident runs time compute only, which does not depend on the routing
         engine.model.routing = replay
-    if predictor is not None:
-        attach(engine, predictor, depth=depth, budget=candidates)
     prov = engine.model.provider
+    eviction = prov.vram.table.policy if (budget or {}).get("policy") == "predicted" else None
+    detach(engine)  # load() attached a feeder for --policy predicted: replace it with this run's prefetcher
+    if predictor is not None or eviction is not None:
+        pred = predictor if predictor is not None else NoPrediction(engine.config.num_layers, engine.config.num_experts)
+        attach(engine, pred, depth=depth if predictor is not None else 0, budget=candidates, eviction=eviction)
     engine.generate(prompt[:16], max_new_tokens=warmup, stop_at_eos=False)  # warm-up (rows < 24 of the trace)
     if predictor is not None:
         predictor.reset()
@@ -77,8 +87,26 @@ def run(lay: Path, device: torch.device, prompt: list[int], new: int, routing_id
     g = engine.generate(prompt, max_new_tokens=new, stop_at_eos=False)
     s = dict(g.stats)
     s["get_trace"] = getattr(prov, "trace", None)
+    if engine.pieces is not None:  # host time per decode step: blocked on segments, and routing between them
+        pw = engine.pieces.stats()
+        s["host_ms_per_token"] = {"wait": pw["wait_s"] / max(1, pw["steps"]) * 1e3,
+                                  "route": pw["route_s"] / max(1, pw["steps"]) * 1e3}
     free(engine)
     return s
+
+
+DEFAULT_VARIANTS = "lru,predicted,predicted+4,lru+12,predicted+12"
+
+
+def parse_variants(spec: str) -> list[tuple[str, int]]:
+    """"lru,predicted,predicted+4,lru+12" -> [(policy, prefetch candidates per layer; 0 = no prefetch)]."""
+    out = []
+    for v in spec.split(","):
+        pol, _, c = v.strip().partition("+")
+        if pol not in ("lru", "lfu", "flru", "predicted"):
+            raise SystemExit(f"--variants: unknown policy {pol!r} in {v!r}")
+        out.append((pol, int(c) if c else 0))
+    return out
 
 
 def main() -> None:
@@ -93,7 +121,10 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=5, help="eval documents to run (each a separate sequence)")
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--candidates", type=int, default=12, help="prefetch candidates per layer (C <= 1.8 K)")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS,
+                    help="policy[+C] runs, comma-separated: demand policy, and history prefetch of C candidates per "
+                         "layer (depth 1) when +C is given; the first is the baseline without prediction "
+                         f"(default {DEFAULT_VARIANTS})")
     ap.add_argument("--no-preload", dest="preload", action="store_false",
                     help="do not fill the RAM tier before timing (first-use hashing then lands in decode)")
     a = ap.parse_args()
@@ -122,6 +153,7 @@ def main() -> None:
               "io": "mmap", "ram_preload": a.preload}
     if a.expert_slots:
         budget = {"expert_slots": a.expert_slots, "io": "mmap"}
+    variants = parse_variants(a.variants)
     rows = []
     for d in range(min(a.docs, ev.num_docs)):
         doc = ev.doc(d, n_tok + 16)
@@ -130,42 +162,54 @@ def main() -> None:
         log(f"doc {ev.doc_names[d]}: resident (compute per token)")
         rs = run(lay_path, device, prompt, a.new_tokens, doc.topk_ids, doc.topk_weights, budget=None)
         compute = 1 / rs["decode_tok_s"]
-        log(f"doc {ev.doc_names[d]}: demand paging (LRU), no prediction")
-        s0 = run(lay_path, device, prompt, a.new_tokens, doc.topk_ids, doc.topk_weights, budget=budget)
-        log(f"doc {ev.doc_names[d]}: with prefetch (history, C={a.candidates})")
-        pred = History(cfg.num_layers, cfg.num_experts, params)
-        s1 = run(lay_path, device, prompt, a.new_tokens, doc.topk_ids, doc.topk_weights, budget=budget,
-                 predictor=pred, candidates=a.candidates)
-        tokens = s0["decode"]["tokens"]
-        bel = belady_bytes(s0["get_trace"], s0["expert_slots"], lay.block_size, tokens)
+        runs = {}
+        for pol, c in variants:
+            name = pol + (f"+{c}" if c else "")
+            log(f"doc {ev.doc_names[d]}: {name} ({'demand paging' if not c else f'history prefetch, C={c}'})")
+            pred = History(cfg.num_layers, cfg.num_experts, params) if c else None
+            s_ = run(lay_path, device, prompt, a.new_tokens, doc.topk_ids, doc.topk_weights,
+                     budget={**budget, "policy": pol}, predictor=pred, candidates=c or 1)
+            runs[name] = s_
+        base = runs[next(iter(runs))]
+        tokens = base["decode"]["tokens"]
+        bel = belady_bytes(base["get_trace"], base["expert_slots"], lay.block_size, tokens)
         bound_s = max(compute, bel["miss_bytes_per_token"] / (h2d * 1e9))
-        row = {"doc": ev.doc_names[d], "expert_slots": s0["expert_slots"], "compute_s_per_token": compute,
-               "belady": bel, "h2d_gbps": h2d, "belady_bound_tok_s": 1 / bound_s,
-               "no_prediction": {k: s0.get(k) for k in ("decode_tok_s", "stall_share", "bytes_h2d_per_token")},
-               "prediction": {k: s1.get(k) for k in ("decode_tok_s", "stall_share", "bytes_h2d_per_token",
-                                                     "prefetch_issued", "prefetch_used")}}
-        row["no_prediction"]["hit_rate"] = s0["vram"]["hits"] / max(1, s0["vram"]["hits"] + s0["vram"]["misses"])
-        row["prediction"]["hit_rate"] = s1["vram"]["hits"] / max(1, s1["vram"]["hits"] + s1["vram"]["misses"])
-        row["prediction"]["prefetch_precision"] = s1.get("prefetch_used", 0) / max(1, s1.get("prefetch_issued", 0))
-        row["ratio_to_belady_bound"] = {"no_prediction": s0["decode_tok_s"] * bound_s,
-                                        "prediction": s1["decode_tok_s"] * bound_s}
+        row = {"doc": ev.doc_names[d], "expert_slots": base["expert_slots"], "compute_s_per_token": compute,
+               "belady": bel, "h2d_gbps": h2d, "belady_bound_tok_s": 1 / bound_s, "variants": {}}
+        for name, s_ in runs.items():
+            dec = s_["decode"]
+            v = {k: s_.get(k) for k in ("decode_tok_s", "stall_share", "bytes_h2d_per_token", "bytes_prefetch_per_token",
+                                          "prefetch_issued", "prefetch_used", "host_ms_per_token")}
+            v["hit_rate"] = dec["hits"] / max(1, dec["hits"] + dec["misses"])
+            v["prefetch_precision"] = s_["prefetch_used"] / s_["prefetch_issued"] if s_.get("prefetch_issued") else None
+            v["ratio_to_belady_bound"] = s_["decode_tok_s"] * bound_s
+            # CONTRACTS: the ratio against the run's own bytes measures transfer efficiency alone
+            own_s = max(compute, (s_["bytes_h2d_per_token"] or 0) / (h2d * 1e9))
+            v["ratio_to_own_bytes_bound"] = s_["decode_tok_s"] * own_s
+            row["variants"][name] = v
         rows.append(row)
     res["docs"] = rows
+    res["variants"] = [pol + (f"+{c}" if c else "") for pol, c in variants]
     if rows:
-        res["mean"] = {k: float(np.mean([r["ratio_to_belady_bound"][k] for r in rows]))
-                       for k in ("no_prediction", "prediction")}
-        res["mean_tok_s"] = {k: float(np.mean([r[k]["decode_tok_s"] for r in rows]))
-                             for k in ("no_prediction", "prediction")}
+        res["mean"] = {n: {k: float(np.mean([r["variants"][n][k] or 0 for r in rows]))
+                           for k in ("decode_tok_s", "ratio_to_belady_bound", "ratio_to_own_bytes_bound", "hit_rate",
+                                     "bytes_h2d_per_token", "stall_share")}
+                       for n in res["variants"]}
+        res["mean_belady_bound_tok_s"] = float(np.mean([r["belady_bound_tok_s"] for r in rows]))
+        res["best"] = max(res["mean"], key=lambda n: res["mean"][n]["decode_tok_s"])
     res["goal"] = 0.85
     res["wall_s"] = time.perf_counter() - t0
-    print(f"{'doc':<26}{'slots':>6}{'bound':>8}{'noP tok/s':>10}{'P tok/s':>9}{'noP/bnd':>8}{'P/bnd':>7}"
-          f"{'P stall':>8}{'P prec':>7}{'Bel MB/t':>9}")
+    print(f"{'doc':<24}{'variant':<15}{'tok/s':>7}{'bound':>7}{'/bnd':>6}{'/own':>6}{'hit':>6}{'MB/t':>7}"
+          f"{'stall':>6}{'prec':>6}{'wait':>6}{'route':>6}")
     for r in rows:
-        print(f"{r['doc'][:25]:<26}{r['expert_slots']:>6}{r['belady_bound_tok_s']:>8.1f}"
-              f"{r['no_prediction']['decode_tok_s']:>10.1f}{r['prediction']['decode_tok_s']:>9.1f}"
-              f"{r['ratio_to_belady_bound']['no_prediction']:>8.2f}{r['ratio_to_belady_bound']['prediction']:>7.2f}"
-              f"{r['prediction']['stall_share'] or 0:>8.2f}{r['prediction']['prefetch_precision']:>7.2f}"
-              f"{r['belady']['miss_bytes_per_token'] / 1e6:>9.1f}")
+        for n, v in r["variants"].items():
+            hm = v.get("host_ms_per_token") or {}
+            print(f"{r['doc'][:23]:<24}{n:<15}{v['decode_tok_s']:>7.1f}{r['belady_bound_tok_s']:>7.1f}"
+                  f"{v['ratio_to_belady_bound']:>6.2f}{v['ratio_to_own_bytes_bound']:>6.2f}{v['hit_rate']:>6.2f}"
+                  f"{v['bytes_h2d_per_token'] / 1e6:>7.0f}{v['stall_share'] or 0:>6.2f}"
+                  f"{v['prefetch_precision'] or 0:>6.2f}{hm.get('wait', 0):>6.1f}{hm.get('route', 0):>6.1f}")
+        print(f"{'':<24}{'belady':<15}{'':>7}{'':>7}{'':>6}{'':>6}{r['belady']['hit_rate']:>6.2f}"
+              f"{r['belady']['miss_bytes_per_token'] / 1e6:>7.0f}")
     line = json.dumps(res)
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "predict_gpu.json").write_text(line + "\n")

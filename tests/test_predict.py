@@ -232,7 +232,12 @@ def test_prefetch_never_changes_output(reference_model, name):
                 depth=2, budget=8)
     got = eng.generate(ids, max_new_tokens=24, temperature=0)
     assert got.token_ids == want
-    assert pf.issued > 0 and got.stats["prefetch_issued"] > 0
+    st = got.stats
+    assert pf.issued > 0 and st["prefetch_issued"] > 0
+    # CPU: every prefetch is a device-tier copy, and bytes_h2d counts them with the demand misses
+    block = eng.model.provider.block_size
+    assert st["decode"]["bytes_prefetch"] > 0 and st["decode"]["bytes_prefetch"] % block == 0
+    assert st["decode"]["bytes_h2d"] == st["decode"]["misses"] * block + st["decode"]["bytes_prefetch"]
     detach(eng)
     assert eng.model.observer is None
 

@@ -64,9 +64,11 @@ def test_replay_rows_by_position():
 class _Spy:
     def __init__(self):
         self.seen = []
+        self.probs = []
 
     def on_route(self, layer, hidden, ids, weights, logits):
         self.seen.append((layer, ids.cpu().numpy().copy()))
+        self.probs.append((ids.cpu().clone(), weights.cpu().clone(), logits.float().softmax(-1).cpu()))
 
 
 @pytest.mark.parametrize("piecewise", [False, True])
@@ -101,6 +103,10 @@ def test_engine_follows_replayed_routing(reference_layout, piecewise):
     want = [sorted(int(l * E + e) for e in ids[10 + i // L, l]) for i, l in
             ((i, i % L) for i in range(5 * L))]
     assert asked == want
+    for i_, w_, p_ in spy.probs:  # observers see logits that agree with the replayed choice, not the router's
+        want_p = w_ / w_.sum(-1, keepdim=True)
+        torch.testing.assert_close(p_.gather(1, i_), want_p, rtol=1e-5, atol=1e-6)
+        assert float(p_.sum(-1).max()) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_history_on_mapped_trace():

@@ -112,6 +112,33 @@ def test_observer_sees_the_same_routing(reference_layout, ids, path):
     assert [c[0] for c in rb.calls[:L]] == list(range(L))
 
 
+@pytest.mark.parametrize("path", ["eager", "graph"])
+def test_observer_declares_what_it_needs(reference_layout, ids, path):
+    """An observer with needs_hidden/needs_logits False gets an empty hidden and no logits from the segmented
+    step (no device->host copies for them), and the same ids and weights as one that takes everything."""
+    seg = load(reference_layout, device="cpu", max_context=256, budget={"expert_slots": 16})
+    pw = PiecewiseDecode(seg.model, graphs=False) if path == "eager" else FakeCudaPiecewise(seg.model)
+    full, lean = _Keeper(), _Keeper()
+    lean.needs_hidden = lean.needs_logits = False
+
+    class Both:
+        def on_route(self, *a):
+            full.on_route(*a)
+            lean.on_route(*a)
+
+    pos = len(ids)
+    seg.model.forward(torch.tensor(ids), 0)
+    seg.model.observer = Both()
+    pw.step(ids[-1], pos)
+    seg.model.observer = lean
+    pw.step(ids[-1], pos)
+    L = seg.config.num_layers
+    assert len(lean.calls) == 2 * L
+    for a, b in zip(full.calls[-L:], lean.calls[-L:]):
+        assert b[1].shape == (1, 0) and b[4] is None
+        assert torch.equal(a[2], b[2]) and torch.equal(a[3], b[3])
+
+
 class _Keeper:
     """A routing observer that keeps what it is handed, without copying."""
 

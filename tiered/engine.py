@@ -169,6 +169,8 @@ def attach_predictor(engine: "Engine", layout: Any, *, depth: int, budget: int |
     params_path = Path(layout.path) / PARAMS_FILE
     params = PredictorParams.load(params_path) if params_path.is_file() else None
     name = "combined" if params is not None and params.mix_w.numel() else "next-gate"
+    if depth <= 0:  # only feeding --policy predicted: a predictor that reads nothing (no hidden-state copies)
+        name = "none"
     pred = make_predictor(name, num_layers=cfg.num_layers, num_experts=cfg.num_experts,
                           gates=GateWeights.from_layout(layout), params=params)
     c = int(budget) if budget else (3 * cfg.top_k) // 2  # C = 1.5 K candidates per layer by default

@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from tiered.model.layers import StepPlan, plan_eager
+from tiered.model.moe import routed_logits
 from tiered.model.transformer import Routed, Transformer
 from tiered.store.io import ExpertReadError, aligned_empty
 
@@ -190,19 +191,19 @@ class PiecewiseDecode:
         else:
             ids = r.ids[0]
             ids_list = ids.tolist()
-        if m.routing is not None and self.static_positions:  # replayed routing (benchmark mode, replay.py)
-            ids_t, w_t = m.routing(l, int(self._step_np[1]), 1)
-            r.ids.copy_(ids_t.to(r.ids.device), non_blocking=True)
-            r.weights.copy_(w_t.to(r.weights.device), non_blocking=True)  # seg l+1 reads these weights
-            ids = ids_t[0].cpu()
+        replayed = m.routing is not None and self.static_positions  # benchmark mode (replay.py)
+        if replayed:
+            ids_d, w_d = m.routing(l, int(self._step_np[1]), 1)
+            r.ids.copy_(ids_d, non_blocking=True)
+            r.weights.copy_(w_d, non_blocking=True)  # seg l+1 reads these weights
+            host = getattr(m.routing, "host", None)  # host rows without a device sync, when the override has them
+            ids_h, w_h = host(l, int(self._step_np[1]), 1) if host is not None else (ids_d.cpu(), w_d.cpu())
+            ids = ids_h[0]
             ids_list = ids.tolist()
         t1 = time.perf_counter()
         obs = m.observer
         if obs is not None:
-            if self.graphs:  # graph outputs are rewritten by the next replay: hand out copies, as eager does
-                obs.on_route(l, r.h.clone(), r.ids.clone(), r.weights.clone(), r.logits.to(torch.float32, copy=True))
-            else:
-                obs.on_route(l, r.h, r.ids, r.weights, r.logits.float())
+            self._observe(obs, l, r, ids, (ids_h, w_h) if replayed else None)
         if m.provider is not self._prov:  # the provider may be swapped (e.g. wrapped by a prefetcher)
             self._prov, self._prov_get_slots = m.provider, host_slots_api(m.provider)
         get_slots = self._prov_get_slots
@@ -219,6 +220,27 @@ class PiecewiseDecode:
         t2 = time.perf_counter()
         self.wait_s += t1 - t0
         self.route_s += t2 - t1
+
+    def _observe(self, obs: Any, l: int, r: Routed, ids_host: Tensor, replayed: tuple[Tensor, Tensor] | None) -> None:
+        """Hand layer l's routing to the observer. With graphs the outputs are rewritten by the next replay, so
+        the observer gets host copies, and only of what it needs (`needs_hidden` / `needs_logits`, default
+        True): ids come from the host row already read, so an observer of ids alone costs no device sync.
+        With replayed routing the weights are the replayed ones and the logits are made consistent with them."""
+        need_h = getattr(obs, "needs_hidden", True)
+        need_lg = getattr(obs, "needs_logits", True)
+        if replayed is not None:
+            ids_o, w_o = replayed[0].clone(), replayed[1].clone()
+            lg = routed_logits(ids_o, w_o, r.logits.shape[-1]) if need_lg else None
+        elif self.graphs:
+            ids_o, w_o = ids_host[None].clone(), r.weights.to("cpu", torch.float32, copy=True)
+            lg = r.logits.to("cpu", torch.float32, copy=True) if need_lg else None
+        else:
+            ids_o, w_o, lg = r.ids, r.weights, r.logits.float() if need_lg else None
+        if need_h:
+            h = r.h.to("cpu", copy=True) if self.graphs else r.h
+        else:
+            h = torch.empty(r.h.shape[0], 0)
+        obs.on_route(l, h, ids_o, w_o, lg)
 
     # --- one step ---
     @torch.inference_mode()

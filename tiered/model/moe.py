@@ -35,8 +35,15 @@ class ExpertProvider(Protocol):
 
 
 class RoutingObserver(Protocol):
+    """Sees each layer's routing before that layer's experts run (SEAMS.md).
+
+    An observer may declare `needs_hidden = False` / `needs_logits = False` (default: both needed). The
+    piecewise decode step then skips those device->host copies and passes an empty [T, 0] hidden / None
+    logits; the eager path always passes everything.
+    """
+
     def on_route(self, layer: int, hidden: Tensor, topk_ids: Tensor, topk_weights: Tensor,
-                 router_logits: Tensor) -> None: ...
+                 router_logits: Tensor | None) -> None: ...
 
 
 class PrefetchHook(Protocol):
@@ -54,6 +61,15 @@ class MoEWeights:
     shared_up: Tensor | None = None  # [Fs, D]
     shared_down: Tensor | None = None  # [D, Fs]
     shared_expert_gate: Tensor | None = None  # [1, D]
+
+
+def routed_logits(ids: Tensor, weights: Tensor, num_experts: int) -> Tensor:
+    """Router logits consistent with a routing chosen elsewhere (replayed routing, benchmark mode):
+    ids [T, K], weights [T, K] -> fp32 [T, E] whose softmax is the routed weights (renormalised) on the
+    routed experts and ~0 elsewhere. Observers (predictors, --policy predicted) see these instead of the
+    model's own logits, which would disagree with the replayed choice."""
+    out = torch.full((ids.shape[0], num_experts), -1e4, dtype=torch.float32, device=ids.device)
+    return out.scatter_(1, ids, torch.log(weights.float().clamp_min(1e-9)))
 
 
 def route(x: Tensor, router: Tensor, top_k: int, norm_topk: bool) -> tuple[Tensor, Tensor, Tensor]:

@@ -28,7 +28,7 @@ from tiered.config import ModelConfig
 from tiered.model.layers import (AttnWeights, KVCache, Rope, StepPlan, attention, attn_mask, plan_eager,
                                  rms_norm)
 from tiered.model.moe import (FP32_ROUTE_WEIGHTS, ExpertProvider, MoEWeights, PrefetchHook, RoutingObserver,
-                               expert_mix, route)
+                               expert_mix, route, routed_logits)
 
 
 @dataclass(frozen=True)
@@ -152,6 +152,7 @@ class Transformer:
         logits, ids, wts = route(x, lw.moe.router, cfg.top_k, cfg.norm_topk_prob)
         if self.routing is not None and isinstance(plan.write_at, int):  # static plans: piecewise.py replays it
             ids, wts = self.routing(l, plan.write_at, h.shape[0])
+            logits = routed_logits(ids, wts, logits.shape[-1])
         return Routed(h, x, logits, ids, wts)
 
     def experts_out(self, l: int, r: Routed, slots: Tensor | None = None) -> Tensor:

@@ -218,8 +218,8 @@ class Predictor:
     """
 
     name = "base"
-    needs_hidden = False
-    needs_logits = False
+    needs_hidden = False  # observe() reads the hidden state (a device->host copy per layer on the GPU)
+    needs_logits = True  # observe() reads the router logits; without them probs are the routed weights
 
     def __init__(self, num_layers: int, num_experts: int) -> None:
         self.L, self.E = num_layers, num_experts
@@ -274,6 +274,7 @@ class NoPrediction(Predictor):
     """No prediction: C candidates drawn uniformly (a fixed pseudo-random score per token and layer)."""
 
     name = "none"
+    needs_logits = False  # routed ids only
 
     def __init__(self, num_layers: int, num_experts: int, seed: int = 0) -> None:
         self.seed = seed
@@ -342,6 +343,7 @@ class History(Predictor):
     """Router history: P(e' at l+1 | layer l's experts) mixed with P(e at t+1 | token t's experts at l+1)."""
 
     name = "history"
+    needs_logits = False  # routed ids only
 
     def __init__(self, num_layers: int, num_experts: int, params: PredictorParams, time_mix: float = 0.5) -> None:
         self.p = params
@@ -385,6 +387,7 @@ class ActivationMatching(Predictor):
     paths from fit/ text (cosine) and average the next layer of the nearest ones."""
 
     name = "activation-matching"
+    needs_logits = False  # routed ids only
 
     def __init__(self, num_layers: int, num_experts: int, params: PredictorParams,
                  neighbours: int = EAM_NEIGHBOURS) -> None:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from tiered.predict.predictors import Predictor
-from tiered.store.policy import LRU, Policy
+from tiered.store.policy import Policy
 
 
 def choose(scores: Tensor, budget: int) -> Tensor:
@@ -41,6 +41,9 @@ class PredictedEviction(Policy):
     probabilities and uses (`update(layer, probs, used)` from the routing observer, before that layer's
     experts are fetched), so only the past and the current router output are read (lead-time rule).
     Keys are layer * E + expert, like every policy.
+
+    State is arrays over all L*E keys (resident mask, score, LRU sequence number), so `update` and
+    `victim` are a few numpy operations each, with no Python loop over experts or residents.
     """
 
     name = "predicted"
@@ -51,13 +54,19 @@ class PredictedEviction(Policy):
         mix = DEFAULT_EVICT_MIX if mix is None else mix
         if not mix or any(not 0 <= m[0] < 1 for m in mix):
             raise ValueError(f"mix must be (decay in [0, 1), w_prob, w_use) terms, got {mix}")
+        n = num_layers * num_experts
         self.E = num_experts
         self.mix = mix  # (decay, weight on log averaged prob, weight on log averaged use) terms
         self.decays = np.array([m[0] for m in self.mix])[:, None]  # [M, 1]
-        self.avg_p = np.zeros((len(self.mix), num_layers * num_experts))  # [M, L*E] averaged router probs
+        self.w_prob = np.array([m[1] for m in self.mix])[:, None]  # [M, 1]
+        self.w_use = np.array([m[2] for m in self.mix])[:, None]  # [M, 1]
+        self.avg_p = np.zeros((len(self.mix), n))  # [M, L*E] averaged router probs
         self.avg_u = np.zeros_like(self.avg_p)  # [M, L*E] averaged use (top-k membership)
-        self.score = np.zeros(num_layers * num_experts)  # [L*E] higher = keep
-        self._lru = LRU()
+        self.score = np.zeros(n)  # [L*E] higher = keep
+        self.resident = np.zeros(n, dtype=bool)  # [L*E] tracked keys
+        self.seq = np.zeros(n, dtype=np.int64)  # [L*E] order of the last insert/touch (LRU tie-break)
+        self._next = 0
+        self._count = 0
 
     def update(self, layer: int, probs: Tensor | np.ndarray, used: Tensor | np.ndarray | None = None) -> None:
         """probs [E]: this token's router probabilities at `layer`; used [E] 0/1 (default: probs' top-k
@@ -69,40 +78,51 @@ class PredictedEviction(Policy):
         d = self.decays
         self.avg_p[:, sl] = d * self.avg_p[:, sl] + (1 - d) * p
         self.avg_u[:, sl] = d * self.avg_u[:, sl] + (1 - d) * u
-        s = np.zeros(self.E)
-        for i, (_, wp, wu) in enumerate(self.mix):
-            s += wp * np.log(np.maximum(self.avg_p[i, sl], 1e-4)) + wu * np.log(np.maximum(self.avg_u[i, sl], 1e-4))
-        self.score[sl] = s
+        self.score[sl] = (self.w_prob * np.log(np.maximum(self.avg_p[:, sl], 1e-4)) +
+                          self.w_use * np.log(np.maximum(self.avg_u[:, sl], 1e-4))).sum(0)
+
+    def _stamp(self, key: int) -> None:
+        self._next += 1
+        self.seq[key] = self._next
 
     def insert(self, key: int, t: float) -> None:
         self._clock(t)
-        self._lru.insert(key, t)
+        self._check_absent(key)
+        self.resident[key] = True
+        self._count += 1
+        self._stamp(key)
 
     def touch(self, key: int, t: float) -> None:
         self._clock(t)
-        self._lru.touch(key, t)
+        self._check_present(key, "touch")
+        self._stamp(key)
 
     def remove(self, key: int) -> None:
-        self._lru.remove(key)
+        self._check_present(key, "remove")
+        self.resident[key] = False
+        self._count -= 1
 
     def victim(self, resident: Iterable[int] | None = None, pinned: Collection[int] = ()) -> int:
         cand = self._as_set(resident)
-        best, best_s = None, None
-        for key in self._lru._order:  # oldest first, so the first minimum found is the LRU among equals
-            if key in pinned or (cand is not None and key not in cand):
-                continue
-            s = self.score[key]
-            if best_s is None or s < best_s:
-                best, best_s = key, s
-        if best is None:
+        mask = self.resident
+        if cand is not None and len(cand) != self._count:  # a subset of the tracked keys
+            mask = np.zeros_like(mask)
+            mask[np.fromiter(cand, dtype=np.int64, count=len(cand))] = True
+            mask &= self.resident
+        s = np.where(mask, self.score, np.inf)
+        if pinned:
+            s[np.fromiter(pinned, dtype=np.int64, count=len(pinned))] = np.inf
+        low = s.min() if s.size else np.inf
+        if low == np.inf:
             raise self._none_left(cand, pinned)
-        return best
+        ties = np.flatnonzero(s == low)
+        return int(ties[np.argmin(self.seq[ties])])  # the least recently used among equal scores
 
     def __contains__(self, key: int) -> bool:
-        return key in self._lru
+        return 0 <= key < self.resident.size and bool(self.resident[key])
 
     def __len__(self) -> int:
-        return len(self._lru)
+        return self._count
 
 
 class Prefetcher:
@@ -127,12 +147,22 @@ class Prefetcher:
         self.issued = 0  # candidates handed to prefetch()
         self.saved_hook: Any = None  # the model's prefetch hook before attach() (restored by detach())
 
+    @property
+    def needs_hidden(self) -> bool:
+        """What the piecewise step must copy to the host for this observer (and the one it chains to)."""
+        return self.predictor.needs_hidden or (self.chain is not None and getattr(self.chain, "needs_hidden", True))
+
+    @property
+    def needs_logits(self) -> bool:
+        return (self.predictor.needs_logits or self.eviction is not None or
+                (self.chain is not None and getattr(self.chain, "needs_logits", True)))
+
     def reset(self) -> None:
         self.predictor.reset()
         self.pending = []
 
     def on_route(self, layer: int, hidden: Tensor, topk_ids: Tensor, topk_weights: Tensor,
-                 router_logits: Tensor) -> None:
+                 router_logits: Tensor | None) -> None:
         if self.chain is not None:
             self.chain.on_route(layer, hidden, topk_ids, topk_weights, router_logits)
         if layer == 0 and hidden.shape[0] > 1:

@@ -63,8 +63,10 @@ class ReplayRouting:
     """
 
     def __init__(self, topk_ids: np.ndarray, topk_weights: np.ndarray, *, device: torch.device | str) -> None:
-        self.ids = torch.as_tensor(topk_ids.astype(np.int64), device=device)  # [N, L, K]
-        self.weights = torch.as_tensor(topk_weights, device=device)  # [N, L, K]
+        self.ids_host = torch.as_tensor(topk_ids.astype(np.int64))  # [N, L, K] (the host reads rows without a sync)
+        self.weights_host = torch.as_tensor(topk_weights, dtype=torch.float32)  # [N, L, K]
+        self.ids = self.ids_host.to(device)
+        self.weights = self.weights_host.to(device)
 
     @classmethod
     def from_trace(cls, trace: Trace, doc: int = 0, *, device: torch.device | str) -> "ReplayRouting":
@@ -72,8 +74,17 @@ class ReplayRouting:
         return cls(t.topk_ids, t.topk_weights, device=device)
 
     def __call__(self, layer: int, start: int, T: int) -> tuple[Tensor, Tensor]:
-        """ids [T, K] int64 and weights [T, K] fp32 of layer `layer` for positions start..start+T-1."""
+        """ids [T, K] int64 and weights [T, K] fp32 of layer `layer` for positions start..start+T-1 (on the device)."""
+        self._check(start, T)
+        return self.ids[start:start + T, layer], self.weights[start:start + T, layer]
+
+    def host(self, layer: int, start: int, T: int) -> tuple[Tensor, Tensor]:
+        """The same rows as __call__, on the host (CPU tensors: no device sync to read them)."""
+        self._check(start, T)
+        return self.ids_host[start:start + T, layer], self.weights_host[start:start + T, layer]
+
+    def _check(self, start: int, T: int) -> None:
         if start + T > self.ids.shape[0]:
             raise IndexError(f"replayed routing has {self.ids.shape[0]} positions; position {start + T - 1} asked "
                              f"for: use a longer trace or fewer tokens")
-        return self.ids[start:start + T, layer], self.weights[start:start + T, layer].float()
+

@@ -155,8 +155,9 @@ def simulate(trace: Trace, tiers: TierModel, *, predictor: Predictor | None = No
                 clock += 1
                 ids_np = ids_all[n, l]
                 ids = torch.from_numpy(ids_np)
+                w = weights[n, l]  # without logits: the routed weights renormalised, as moe.routed_logits hands observers
                 probs = torch.softmax(logits[n, l], -1) if logits is not None else \
-                    torch.zeros(E).scatter_(0, ids, weights[n, l])
+                    torch.zeros(E).scatter_(0, ids, w / w.sum().clamp_min(1e-9))
                 if evictors:  # each layer's policy hears its own layer (the global one hears all)
                     evictors[l if per_layer else 0].update(l, probs, torch.zeros(E).scatter_(0, ids, 1.0))
                 if predictor is not None:

@@ -184,8 +184,16 @@ class TraceRecorder:
     def _fresh(self) -> list[dict[str, list[np.ndarray]]]:
         return [{"ids": [], "w": [], "logits": [], "hidden": []} for _ in range(self.num_layers)]
 
+    @property
+    def needs_hidden(self) -> bool:
+        return self.keep_hidden
+
+    @property
+    def needs_logits(self) -> bool:
+        return self.keep_logits
+
     def on_route(self, layer: int, hidden: Tensor, topk_ids: Tensor, topk_weights: Tensor,
-                 router_logits: Tensor) -> None:
+                 router_logits: Tensor | None) -> None:
         c = self._cur[layer]
         c["ids"].append(topk_ids.to("cpu", torch.int16).numpy())
         c["w"].append(topk_weights.to("cpu", torch.float32).numpy())

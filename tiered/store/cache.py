@@ -219,7 +219,8 @@ class _PhaseCounts:
     def __init__(self) -> None:
         self.hits = 0
         self.misses = 0
-        self.bytes_h2d = 0
+        self.bytes_h2d = 0  # every host->device expert copy: demand misses and prefetches
+        self.bytes_prefetch = 0  # ... of which prefetches
         self.stall_s = 0.0
         self.tokens = 0  # get() calls at layer 0 in one-token steps (decode)
 
@@ -453,6 +454,9 @@ class ExpertCache:
         protect = self._pinned | set(keys)
         slot_of = self._assign(keys, self._t, protect)
         self._load(keys, slot_of, self._t, protect)
+        ph = self._phases[self.phase]
+        ph.bytes_h2d += len(keys) * self.block_size  # prefetches cross PCIe too (CONTRACTS bytes_h2d_per_token)
+        ph.bytes_prefetch += len(keys) * self.block_size
         self.prefetch_issued += len(keys)
         self._prefetched.update(keys)
 
@@ -482,10 +486,12 @@ class ExpertCache:
             "vram_budget_gib": self.plan.vram_budget_gib,
             "vram": {**vram, "slots": self.plan.expert_slots}, "ram": ram, "disk": disk,
             "bytes_h2d_per_token": d.bytes_h2d / d.tokens if d.tokens else 0.0,
+            "bytes_prefetch_per_token": d.bytes_prefetch / d.tokens if d.tokens else 0.0,
             "stall_s": stall,
             "prefetch_issued": self.prefetch_issued, "prefetch_used": self.prefetch_used,
             "decode": {"hits": d.hits, "misses": d.misses, "hit_rate": d.hits / used if used else None,
-                       "tokens": d.tokens, "bytes_h2d": d.bytes_h2d, "stall_s": stall},
+                       "tokens": d.tokens, "bytes_h2d": d.bytes_h2d, "bytes_prefetch": d.bytes_prefetch,
+                       "stall_s": stall},
             "prefill": {"hits": p.hits, "misses": p.misses, "bytes_h2d": p.bytes_h2d,
                         "stall_s": p.stall_s + self.vram.wait_s_by_phase.get("prefill", 0.0)},
             "device_wait_s": stall_dev,
