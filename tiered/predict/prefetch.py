@@ -57,11 +57,11 @@ class PredictedEviction(Policy):
         n = num_layers * num_experts
         self.E = num_experts
         self.mix = mix  # (decay, weight on log averaged prob, weight on log averaged use) terms
-        self.decays = np.array([m[0] for m in self.mix])[:, None]  # [M, 1]
-        self.w_prob = np.array([m[1] for m in self.mix])[:, None]  # [M, 1]
-        self.w_use = np.array([m[2] for m in self.mix])[:, None]  # [M, 1]
-        self.avg_p = np.zeros((len(self.mix), n))  # [M, L*E] averaged router probs
-        self.avg_u = np.zeros_like(self.avg_p)  # [M, L*E] averaged use (top-k membership)
+        # only the averages with a nonzero weight are kept: (decay [Mp, 1], weight [Mp, 1]) for probs and uses
+        self._p = [np.array([[m[i]] for m in self.mix if m[j] != 0]) for i, j in ((0, 1), (1, 1))]
+        self._u = [np.array([[m[i]] for m in self.mix if m[j] != 0]) for i, j in ((0, 2), (2, 2))]
+        self.avg_p = np.zeros((len(self._p[0]), n))  # [Mp, L*E] averaged router probs
+        self.avg_u = np.zeros((len(self._u[0]), n))  # [Mu, L*E] averaged use (top-k membership)
         self.score = np.zeros(n)  # [L*E] higher = keep
         self.resident = np.zeros(n, dtype=bool)  # [L*E] tracked keys
         self.seq = np.zeros(n, dtype=np.int64)  # [L*E] order of the last insert/touch (LRU tie-break)
@@ -75,11 +75,14 @@ class PredictedEviction(Policy):
         u = np.zeros_like(p) if used is None else (used.detach().float().cpu().numpy() if isinstance(used, Tensor)
                                                    else np.asarray(used, dtype=float))
         sl = slice(layer * self.E, (layer + 1) * self.E)
-        d = self.decays
-        self.avg_p[:, sl] = d * self.avg_p[:, sl] + (1 - d) * p
-        self.avg_u[:, sl] = d * self.avg_u[:, sl] + (1 - d) * u
-        self.score[sl] = (self.w_prob * np.log(np.maximum(self.avg_p[:, sl], 1e-4)) +
-                          self.w_use * np.log(np.maximum(self.avg_u[:, sl], 1e-4))).sum(0)
+        score = np.zeros(self.E)
+        for avg, (d, w), x in ((self.avg_p, self._p, p), (self.avg_u, self._u, u)):
+            if len(avg):
+                a = avg[:, sl]  # a view: updated in place
+                a *= d
+                a += (1 - d) * x
+                score += (w * np.log(np.maximum(a, 1e-4))).sum(0)
+        self.score[sl] = score
 
     def _stamp(self, key: int) -> None:
         self._next += 1
@@ -103,20 +106,25 @@ class PredictedEviction(Policy):
         self._count -= 1
 
     def victim(self, resident: Iterable[int] | None = None, pinned: Collection[int] = ()) -> int:
+        return self.victims(1, resident, pinned)[0]
+
+    def victims(self, n: int, resident: Iterable[int] | None = None, pinned: Collection[int] = ()) -> list[int]:
+        """The n lowest scores among evictable keys, least recently used first among equal scores."""
         cand = self._as_set(resident)
         mask = self.resident
-        if cand is not None and len(cand) != self._count:  # a subset of the tracked keys
-            mask = np.zeros_like(mask)
-            mask[np.fromiter(cand, dtype=np.int64, count=len(cand))] = True
-            mask &= self.resident
-        s = np.where(mask, self.score, np.inf)
-        if pinned:
-            s[np.fromiter(pinned, dtype=np.int64, count=len(pinned))] = np.inf
-        low = s.min() if s.size else np.inf
-        if low == np.inf:
+        if (cand is not None and len(cand) != self._count) or pinned:
+            mask = mask.copy()
+            if cand is not None and len(cand) != self._count:  # a subset of the tracked keys
+                sub = np.zeros_like(mask)
+                sub[np.fromiter(cand, dtype=np.int64, count=len(cand))] = True
+                mask &= sub
+            if pinned:
+                mask[np.fromiter(pinned, dtype=np.int64, count=len(pinned))] = False
+        idx = np.flatnonzero(mask)
+        if idx.size < n:
             raise self._none_left(cand, pinned)
-        ties = np.flatnonzero(s == low)
-        return int(ties[np.argmin(self.seq[ties])])  # the least recently used among equal scores
+        order = np.lexsort((self.seq[idx], self.score[idx]))[:n]  # by score, then by age
+        return idx[order].tolist()
 
     def __contains__(self, key: int) -> bool:
         return 0 <= key < self.resident.size and bool(self.resident[key])
@@ -148,13 +156,19 @@ class Prefetcher:
         self.saved_hook: Any = None  # the model's prefetch hook before attach() (restored by detach())
 
     @property
+    def prefetching(self) -> bool:
+        """False when this observer only feeds the eviction policy (then the predictor is not consulted)."""
+        return self.depth > 0 and self.budget > 0
+
+    @property
     def needs_hidden(self) -> bool:
         """What the piecewise step must copy to the host for this observer (and the one it chains to)."""
-        return self.predictor.needs_hidden or (self.chain is not None and getattr(self.chain, "needs_hidden", True))
+        return ((self.prefetching and self.predictor.needs_hidden) or
+                (self.chain is not None and getattr(self.chain, "needs_hidden", True)))
 
     @property
     def needs_logits(self) -> bool:
-        return (self.predictor.needs_logits or self.eviction is not None or
+        return ((self.prefetching and self.predictor.needs_logits) or self.eviction is not None or
                 (self.chain is not None and getattr(self.chain, "needs_logits", True)))
 
     def reset(self) -> None:
@@ -165,15 +179,19 @@ class Prefetcher:
                  router_logits: Tensor | None) -> None:
         if self.chain is not None:
             self.chain.on_route(layer, hidden, topk_ids, topk_weights, router_logits)
+        if self.eviction is not None:  # numpy on one row: a few microseconds per layer
+            lg = router_logits[-1].detach().to("cpu", torch.float32).numpy()
+            p = np.exp(lg - lg.max())
+            used = np.zeros(lg.shape[-1])
+            used[topk_ids[-1].detach().cpu().numpy()] = 1.0
+            self.eviction.update(layer, p / p.sum(), used)
+        self.pending = []
+        if not self.prefetching:
+            return
         if layer == 0 and hidden.shape[0] > 1:
             self.predictor.reset()  # a prefill chunk from position 0 may start a new sequence
         self.predictor.observe(layer, hidden, topk_ids, router_logits, topk_weights)
-        if self.eviction is not None:
-            E = router_logits.shape[-1]
-            used = torch.zeros(E).scatter_(0, topk_ids[-1].cpu(), 1.0)
-            self.eviction.update(layer, torch.softmax(router_logits[-1].float().cpu(), -1), used)
-        self.pending = []
-        if hidden.shape[0] != 1 or self.depth <= 0 or self.budget <= 0:
+        if hidden.shape[0] != 1:
             return
         L = self.predictor.L
         for tgt in range(layer + 1, min(L, layer + 1 + self.depth)):

@@ -377,8 +377,7 @@ class ExpertCache:
 
     def _assign(self, keys: list[int], t: float, pinned: set[int]) -> dict[int, int]:
         slot_of = {}
-        for k in keys:
-            slot, evicted = self.vram.table.assign(k, t, pinned)
+        for k, (slot, evicted) in zip(keys, self.vram.table.assign_many(keys, t, pinned)):
             self._prefetched.discard(evicted)
             slot_of[k] = slot
         return slot_of

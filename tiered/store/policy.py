@@ -76,6 +76,18 @@ class Policy:
         """The key to evict among `resident` (default: every tracked key), never one in `pinned`."""
         raise NotImplementedError
 
+    def victims(self, n: int, resident: Iterable[int] | None = None, pinned: Collection[int] = ()) -> list[int]:
+        """`n` distinct keys to evict, in the order victim() would pick them if each were removed in turn.
+
+        The default asks victim() n times; array-backed policies answer in one pass."""
+        out: list[int] = []
+        excl = set(pinned)
+        for _ in range(n):
+            v = self.victim(resident, excl)
+            out.append(v)
+            excl.add(v)
+        return out
+
     def __contains__(self, key: int) -> bool:
         raise NotImplementedError
 

@@ -52,6 +52,30 @@ class SlotTable:
         self.policy.insert(key, t)
         return slot, evicted
 
+    def assign_many(self, keys: list[int], t: float, pinned: Collection[int]) -> list[tuple[int, int | None]]:
+        """assign() for several keys (all of them in `pinned`) with one victim search: the same slots and
+        evictions as assigning them one by one, since none of them can be a victim of another."""
+        need = len(keys) - len(self._free)
+        if need > 0 and self.n_slots == 0:
+            raise PolicyInvariantError("slot table: assign on a pool with no slots")
+        victims = iter(self.policy.victims(need, self.slot_of, pinned) if need > 0 else ())
+        out = []
+        for key in keys:
+            if key in self.slot_of:
+                raise PolicyInvariantError(f"slot table: key {key} is already in slot {self.slot_of[key]}")
+            evicted = None
+            if self._free:
+                slot = self._free.pop()
+            else:
+                evicted = next(victims)
+                slot = self.slot_of.pop(evicted)
+                self.policy.remove(evicted)
+            self.key_of[slot] = key
+            self.slot_of[key] = slot
+            self.policy.insert(key, t)
+            out.append((slot, evicted))
+        return out
+
     def drop(self, key: int) -> int:
         """Forget `key` (a failed load): its slot goes back to the free list. Returns the slot."""
         slot = self.slot_of.pop(key)
