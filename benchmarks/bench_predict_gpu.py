@@ -93,7 +93,8 @@ def run(lay: Path, device: torch.device, prompt: list[int], new: int, routing_id
     if engine.pieces is not None:  # host time per decode step: blocked on segments, and routing between them
         pw = engine.pieces.stats()
         s["host_ms_per_token"] = {"wait": pw["wait_s"] / max(1, pw["steps"]) * 1e3,
-                                  "route": pw["route_s"] / max(1, pw["steps"]) * 1e3}
+                                  "route": pw["route_s"] / max(1, pw["steps"]) * 1e3,
+                                  "late": pw["late_s"] / max(1, pw["steps"]) * 1e3}  # overlaps the GPU
     free(engine)
     return s
 

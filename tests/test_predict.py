@@ -286,11 +286,14 @@ def test_trace_plot(reference_model, tmp_path):
     assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_cache_policy_predicted(reference_model):
-    """--policy predicted: the cache evicts by the router-fed PredictedEviction; greedy tokens are unchanged."""
+@pytest.mark.parametrize("piecewise", [False, True])
+def test_cache_policy_predicted(reference_model, piecewise):
+    """--policy predicted: the cache evicts by the router-fed PredictedEviction; greedy tokens are unchanged.
+    On the piecewise step the feeder is deferred (it runs after the next segment is enqueued)."""
     import numpy as np
 
     from tiered.engine import load as load_engine
+    from tiered.piecewise import PiecewiseDecode
     from tiered.predict.prefetch import PredictedEviction
 
     ref = load_engine(reference_model, device="cpu", dtype="float32")
@@ -299,6 +302,11 @@ def test_cache_policy_predicted(reference_model):
     eng = load_engine(reference_model, device="cpu", dtype="float32", budget={"expert_slots": 24, "policy": "predicted"})
     pol = eng.model.provider.vram.table.policy
     assert isinstance(pol, PredictedEviction)
+    assert eng.model.observer.deferrable and not eng.model.observer.needs_hidden
+    if piecewise:
+        eng.pieces = PiecewiseDecode(eng.model, graphs=False)
     got = eng.generate(ids, max_new_tokens=24, temperature=0)
     assert got.token_ids == want
     assert got.stats["policy"] == "predicted" and np.any(pol.score != 0)
+    if piecewise:
+        assert eng.decode_mode == "piecewise" and eng.pieces.late_s > 0

@@ -139,6 +139,45 @@ def test_observer_declares_what_it_needs(reference_layout, ids, path):
         assert torch.equal(a[2], b[2]) and torch.equal(a[3], b[3])
 
 
+@pytest.mark.parametrize("mode", ["eager", "graph", "host"])
+def test_deferrable_observer_runs_after_the_next_segment(reference_layout, ids, mode):
+    """An observer with deferrable=True is called for layer l after get(l) and after segment l+1 is enqueued
+    (its host work overlaps that segment), with the same ids, weights and logits an ordinary observer gets
+    before get(l); on the eager step and on the graph path with either copy mode."""
+    seg = load(reference_layout, device="cpu", max_context=256, budget={"expert_slots": 16})
+    L = seg.config.num_layers
+    log = []
+    seg.model.provider = _LoggingProvider(seg.model.provider, log)
+    pw = PiecewiseDecode(seg.model, graphs=False) if mode == "eager" else FakeCudaPiecewise(seg.model, copies=mode)
+    mid, last = seg.model.segment_mid, seg.model.segment_last
+    seg.model.segment_mid = lambda l, *a, **k: (log.append(("seg", l)), mid(l, *a, **k))[1]
+    seg.model.segment_last = lambda *a, **k: (log.append(("seg", L)), last(*a, **k))[1]
+
+    class Logged(_Keeper):
+        def on_route(self, layer, *a):
+            log.append(("obs", layer))
+            super().on_route(layer, *a)
+
+    early, late = Logged(), Logged()
+    late.deferrable, late.needs_hidden = True, False
+    pos = len(ids)
+    seg.model.forward(torch.tensor(ids), 0)
+    seg.model.observer = early
+    pw.step(ids[-1], pos)
+    del log[:]
+    seg.model.observer = late
+    pw.step(ids[-1], pos)
+    order = [x[:2] for x in log if x[0] in ("obs", "get", "seg")]
+    want = []
+    for l in range(L):
+        want += [("get", l), ("seg", l + 1), ("obs", l)]
+    assert order == want
+    for a, b in zip(early.calls[-L:], late.calls):
+        assert a[0] == b[0] and b[1].shape == (1, 0)
+        for x, y in zip(a[2:], b[2:]):
+            assert x.dtype == y.dtype and torch.equal(x, y)
+
+
 class _Keeper:
     """A routing observer that keeps what it is handed, without copying."""
 
@@ -328,6 +367,33 @@ def test_cuda_piecewise_observer_and_hook(reference_layout):
     assert outs[0][0] == outs[1][0] and outs[0][2] == outs[1][2]
     assert len(outs[0][1]) == len(outs[1][1]) == 40 * 8  # prefill routes 1 call per layer, then 39 steps
     assert all(torch.equal(a, b) for a, b in zip(outs[0][1], outs[1][1]))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("copies", ["graph", "host"])
+def test_cuda_deferred_observer_sees_the_same_routing(reference_layout, copies):
+    """A deferrable observer on CUDA piecewise graphs (called after the next segment is enqueued, from host rows
+    copied with the ids) sees the ids, weights and logits that an ordinary observer sees on the eager segments."""
+    budget = {"expert_slots": 16, "ram_gb": 0.05}
+    calls = []
+    for graphs in (True, False):
+        e = _segments_engine(reference_layout, "float32", budget, graphs)
+        if graphs:
+            e.pieces.copies = copies
+        rec = _Recorder()
+        if graphs:
+            rec.deferrable, rec.needs_hidden = True, False
+        e.model.observer = rec
+        e.generate(CUDA_PROMPT, max_new_tokens=24, stop_at_eos=False)
+        calls.append([c for c in rec.calls if c[2].shape[0] == 1])  # decode steps
+        if graphs:
+            assert e.pieces.late_s > 0 and e.pieces.chains  # the deferred path ran on captured graphs
+    a, b = calls
+    assert len(a) == len(b) == 23 * 8
+    for x, y in zip(a, b):
+        assert x[0] == y[0] and x[1].shape[-1] == 0
+        for u, v in zip(x[2:], y[2:]):
+            assert torch.equal(u.cpu(), v.cpu().to(u.dtype))
 
 
 # --- the CUDA code path on CPU: explicit host/device copies, captured segments replayed from their outputs ---

@@ -15,16 +15,20 @@ One step of a model with L layers:
     between seg l and seg l+1 the host: waits for layer l's top-k, observer.on_route(l, ...),
     slots = provider.get_slots(l, ids) (issues copies on the provider's side stream and makes the
     compute stream wait for exactly those slots), model.prefetch_hook(l, ids), then writes the slot
-    rows into the static slot buffer that seg l+1 reads.
+    rows into the static slot buffer that seg l+1 reads. A `deferrable` observer (one that only feeds an
+    eviction policy) is called after seg l+1 is enqueued instead, from host rows, so that it overlaps
+    seg l+1's compute.
 Every segment's shapes depend only on the span, so each span bucket is captured once and replayed for
 every position in it (positions are device tensors, as in `Transformer.static_plan`).
 
 Host <-> device copies (CUDA). The host side is one page-locked block registered with cudaHostRegister
-(outside torch's caching host allocator): step [2] (token, position), ids [L, K], slots [K].
+(outside torch's caching host allocator): step [2] (token, position), ids [L, K], slots [K]; a second
+one holds each layer's routing weights [L, K] and router logits [L, E] for deferred observers.
   "graph" copies: the copies are captured inside the segments (H2D of the step at the start of seg 0,
       H2D of the slot rows at the start of seg l >= 1, D2H of the top-k at the end of seg l < L), so
       between segments the host waits for the compute stream and writes K ints. Checked once after
       the first capture (a probe); if the bytes do not move, or capture fails, "host" copies are used.
+      The weights and logits rows are copied with the ids (the host copies them only for deferred observers).
   "host" copies: the same copies are issued by the host between replays (two more launches per layer).
 Ordering: all of it runs on the current (compute) stream; the host overwrites a host buffer only after
 waiting for the stream past the copy that last read it.
@@ -129,6 +133,16 @@ class PiecewiseDecode:
         self.slot_host = host[2 + L * K:]  # [K] slot rows the next expert segment uses
         arr = host.numpy()
         self._step_np, self._ids_np, self._slot_np = arr[0:2], arr[2:2 + L * K].reshape(L, K), arr[2 + L * K:]
+        # Layer l's routing weights and router logits on the host, for observers called after seg l+1 is
+        # enqueued (`deferrable`): copied like the ids (inside the graphs, or by the host before it waits).
+        E = cfg.num_experts
+        nw, nl = L * K * 4, L * E * torch.finfo(model.dtype).bits // 8
+        if self.cuda:
+            raw2, self._owner2 = aligned_empty(max(4096, -(-(nw + nl) // 4096) * 4096), pin=True)
+        else:
+            raw2, self._owner2 = torch.empty(nw + nl, dtype=torch.uint8), None
+        self._w_rows = list(raw2[:nw].view(torch.float32).view(L, K).unbind(0))  # [K] fp32 per layer
+        self._lg_rows = list(raw2[nw:nw + nl].view(model.dtype).view(L, E).unbind(0))  # [E] compute dtype
         if self.cuda:
             self.step_dev = torch.zeros(2, dtype=torch.int64, device=self.device)
             self.slot_dev = torch.zeros(K, dtype=torch.int64, device=self.device)
@@ -144,6 +158,8 @@ class PiecewiseDecode:
         self.steps = 0
         self.wait_s = 0.0  # host blocked until a segment's top-k reached it (GPU computing)
         self.route_s = 0.0  # host work between segments: observer, get_slots (incl. its loads), hook
+        self.late_s = 0.0  # deferred observers, run while the next segment computes
+        self._late: tuple | None = None
         self.capture_s = 0.0
 
     # --- copies that are captured inside the segments in "graph" mode ---
@@ -161,7 +177,7 @@ class PiecewiseDecode:
             plan = plan_eager(m.rope, pos, 1, groups=m.groups, window=m.config.sliding_window)
         r = m.segment_first(self.step_dev[0:1], plan)
         if self._inside:
-            self._ids_rows[0].copy_(r.ids[0], non_blocking=True)
+            self._copy_routing(0, r)
         return plan, r
 
     def _seg_mid(self, l: int, prev: Routed, plan: StepPlan) -> Routed:
@@ -169,8 +185,15 @@ class PiecewiseDecode:
             self.slot_dev.copy_(self.slot_host, non_blocking=True)
         r = self.model.segment_mid(l, prev, self.slot_dev, plan)
         if self._inside:
-            self._ids_rows[l].copy_(r.ids[0], non_blocking=True)
+            self._copy_routing(l, r)
         return r
+
+    def _copy_routing(self, l: int, r: Routed, *, ids_only: bool = False) -> None:
+        """D2H of layer l's top-k (what the host routes by) and, for deferred observers, its weights and logits."""
+        self._ids_rows[l].copy_(r.ids[0], non_blocking=True)
+        if not ids_only:
+            self._w_rows[l].copy_(r.weights[0], non_blocking=True)
+            self._lg_rows[l].copy_(r.logits[0], non_blocking=True)
 
     def _seg_last(self, prev: Routed) -> Tensor:
         if self._inside:
@@ -182,9 +205,11 @@ class PiecewiseDecode:
         """Layer l's routing is computed (enqueued): read it, resolve the slots, hand them to seg l+1."""
         m = self.model
         t0 = time.perf_counter()
+        obs = m.observer
+        late = obs is not None and getattr(obs, "deferrable", False)
         if self.cuda:
             if not self._inside:
-                self._ids_rows[l].copy_(r.ids[0], non_blocking=True)
+                self._copy_routing(l, r, ids_only=not late)
             self._wait_stream()  # everything enqueued so far, layer l's top-k copy included
             ids = self._ids_rows[l]  # int64 [K] host, a row of the static buffer (valid for this step)
             ids_list = self._ids_np[l].tolist()
@@ -201,8 +226,7 @@ class PiecewiseDecode:
             ids = ids_h[0]
             ids_list = ids.tolist()
         t1 = time.perf_counter()
-        obs = m.observer
-        if obs is not None:
+        if obs is not None and not late:
             self._observe(obs, l, r, ids, (ids_h, w_h) if replayed else None)
         if m.provider is not self._prov:  # the provider may be swapped (e.g. wrapped by a prefetcher)
             self._prov, self._prov_get_slots = m.provider, host_slots_api(m.provider)
@@ -220,8 +244,21 @@ class PiecewiseDecode:
         t2 = time.perf_counter()
         self.wait_s += t1 - t0
         self.route_s += t2 - t1
+        self._late = (obs, l, r, ids, (ids_h, w_h) if replayed else None) if late else None
 
-    def _observe(self, obs: Any, l: int, r: Routed, ids_host: Tensor, replayed: tuple[Tensor, Tensor] | None) -> None:
+    def _observe_late(self) -> None:
+        """A deferrable observer, called once the next segment is enqueued: its host work overlaps that
+        segment's compute instead of delaying it. It reads host rows, so nothing here waits for the device."""
+        if self._late is None:
+            return
+        t0 = time.perf_counter()
+        obs, l, r, ids, replayed = self._late
+        self._late = None
+        self._observe(obs, l, r, ids, replayed, rows=True)
+        self.late_s += time.perf_counter() - t0
+
+    def _observe(self, obs: Any, l: int, r: Routed, ids_host: Tensor, replayed: tuple[Tensor, Tensor] | None, *,
+                 rows: bool = False) -> None:
         """Hand layer l's routing to the observer. With graphs the outputs are rewritten by the next replay, so
         the observer gets host copies, and only of what it needs (`needs_hidden` / `needs_logits`, default
         True): ids come from the host row already read, so an observer of ids alone costs no device sync.
@@ -231,6 +268,9 @@ class PiecewiseDecode:
         if replayed is not None:
             ids_o, w_o = replayed[0].clone(), replayed[1].clone()
             lg = routed_logits(ids_o, w_o, r.logits.shape[-1]) if need_lg else None
+        elif rows and self.cuda:  # deferred: the host rows copied with the ids (the device may be busy)
+            ids_o, w_o = ids_host[None].clone(), self._w_rows[l][None].clone()
+            lg = self._lg_rows[l][None].to(torch.float32, copy=True) if need_lg else None
         elif self.graphs:
             ids_o, w_o = ids_host[None].clone(), r.weights.to("cpu", torch.float32, copy=True)
             lg = r.logits.to("cpu", torch.float32, copy=True) if need_lg else None
@@ -277,6 +317,7 @@ class PiecewiseDecode:
         for l in range(self.L):
             self._route(l, chain.routed[l])
             chain.graphs[l + 1].replay()
+            self._observe_late()
         return chain.logits
 
     def _run_eager(self, span: int, pos: int) -> Tensor:
@@ -286,9 +327,10 @@ class PiecewiseDecode:
         plan, r = self._seg_first(span, pos)
         for l in range(self.L):
             self._route(l, r)
-            if l + 1 < self.L:
-                r = self._seg_mid(l + 1, r, plan)
-        return self._seg_last(r)
+            nxt = self._seg_mid(l + 1, r, plan) if l + 1 < self.L else self._seg_last(r)
+            self._observe_late()
+            r = nxt
+        return r
 
     # --- capture ---
     def _capture(self, span: int) -> _Chain:
@@ -391,8 +433,8 @@ class PiecewiseDecode:
     # --- stats ---
     def stats(self) -> dict:
         return {"copies": self.copies, "spans": sorted(self.chains), "steps": self.steps,
-                "wait_s": self.wait_s, "route_s": self.route_s, "capture_s": self.capture_s}
+                "wait_s": self.wait_s, "route_s": self.route_s, "late_s": self.late_s, "capture_s": self.capture_s}
 
     def reset_stats(self) -> None:
         self.steps = 0
-        self.wait_s = self.route_s = self.capture_s = 0.0
+        self.wait_s = self.route_s = self.late_s = self.capture_s = 0.0
