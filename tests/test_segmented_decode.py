@@ -396,6 +396,24 @@ def test_cuda_deferred_observer_sees_the_same_routing(reference_layout, copies):
             assert torch.equal(u.cpu(), v.cpu().to(u.dtype))
 
 
+@pytest.mark.cuda
+def test_cuda_policy_predicted_keeps_greedy_tokens(reference_layout):
+    """--policy predicted on CUDA piecewise graphs (its feeder deferred past the next segment): the greedy tokens of
+    a run with every expert resident, fewer misses than LRU at the same slot count on this prompt."""
+    want = tiered.load(reference_layout, device="cuda", dtype="float32", max_context=300)
+    want = want.generate(CUDA_PROMPT, max_new_tokens=120, stop_at_eos=False).token_ids
+    misses = {}
+    for pol in ("lru", "predicted"):
+        e = tiered.load(reference_layout, device="cuda", dtype="float32", max_context=300,
+                        budget={"expert_slots": 128, "ram_gb": 0.05, "policy": pol})
+        out = e.generate(CUDA_PROMPT, max_new_tokens=120, stop_at_eos=False)
+        assert out.token_ids == want and out.stats["decode_graphs"] == "piecewise"
+        misses[pol] = out.stats["decode"]["misses"]
+        if pol == "predicted":
+            assert e.pieces.late_s > 0
+    assert misses["predicted"] < misses["lru"]
+
+
 # --- the CUDA code path on CPU: explicit host/device copies, captured segments replayed from their outputs ---
 
 class _FakeGraph:
