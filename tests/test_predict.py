@@ -215,10 +215,14 @@ def test_trace_cli(reference_model, tmp_path):
     assert tr.num_layers == 8 and tr.top_k == 8 and tr.hidden is not None and tr.num_docs == 1
 
 
+@pytest.mark.parametrize("piecewise", [False, True])
 @pytest.mark.parametrize("name", ["next-gate", "prev-token"])
-def test_prefetch_never_changes_output(reference_model, name):
-    """Greedy tokens with a small expert cache and prefetching equal those with every expert resident."""
+def test_prefetch_never_changes_output(reference_model, name, piecewise):
+    """Greedy tokens with a small expert cache and prefetching equal those with every expert resident; on the
+    piecewise step too, where a prefetcher that reads no hidden state (prev-token) is deferred past the next
+    segment and one that does (next-gate) is not."""
     from tiered.engine import load as load_engine
+    from tiered.piecewise import PiecewiseDecode
     from tiered.predict.prefetch import attach, detach
     from tiered.store.disk import Layout
 
@@ -230,8 +234,13 @@ def test_prefetch_never_changes_output(reference_model, name):
     cfg = eng.config
     pf = attach(eng, make_predictor(name, num_layers=cfg.num_layers, num_experts=cfg.num_experts, gates=gates),
                 depth=2, budget=8)
+    assert pf.deferrable == (name == "prev-token")
+    if piecewise:
+        eng.pieces = PiecewiseDecode(eng.model, graphs=False)
     got = eng.generate(ids, max_new_tokens=24, temperature=0)
     assert got.token_ids == want
+    if piecewise:
+        assert eng.decode_mode == "piecewise" and (eng.pieces.late_s > 0) == pf.deferrable
     st = got.stats
     assert pf.issued > 0 and st["prefetch_issued"] > 0
     # CPU: every prefetch is a device-tier copy, and bytes_h2d counts them with the demand misses

@@ -160,18 +160,23 @@ def test_deferrable_observer_runs_after_the_next_segment(reference_layout, ids, 
 
     early, late = Logged(), Logged()
     late.deferrable, late.needs_hidden = True, False
+    seg.model.prefetch_hook = lambda l, expert_ids: log.append(("hook", l, expert_ids.tolist()))
     pos = len(ids)
     seg.model.forward(torch.tensor(ids), 0)
     seg.model.observer = early
     pw.step(ids[-1], pos)
+    early_order = [x[:2] for x in log if x[0] in ("obs", "get", "seg", "hook")]
     del log[:]
     seg.model.observer = late
     pw.step(ids[-1], pos)
-    order = [x[:2] for x in log if x[0] in ("obs", "get", "seg")]
-    want = []
+    order = [x[:2] for x in log if x[0] in ("obs", "get", "seg", "hook")]
+    want, want_early = [], []
     for l in range(L):
-        want += [("get", l), ("seg", l + 1), ("obs", l)]
+        want += [("get", l), ("seg", l + 1), ("obs", l), ("hook", l)]  # the hook follows a deferred observer
+        want_early += [("obs", l), ("get", l), ("hook", l), ("seg", l + 1)]
     assert order == want
+    assert early_order[-len(want_early):] == want_early
+    assert [x[2] for x in log if x[0] == "hook"] == [x[2] for x in log if x[0] == "get"]
     for a, b in zip(early.calls[-L:], late.calls):
         assert a[0] == b[0] and b[1].shape == (1, 0)
         for x, y in zip(a[2:], b[2:]):
@@ -412,6 +417,28 @@ def test_cuda_policy_predicted_keeps_greedy_tokens(reference_layout):
         if pol == "predicted":
             assert e.pieces.late_s > 0
     assert misses["predicted"] < misses["lru"]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("slots", [24, 64])
+def test_cuda_deferred_prefetch_keeps_greedy_tokens(reference_layout, slots):
+    """A prefetcher that reads no hidden state (previous-token reuse, with --policy predicted) runs after the
+    next segment is enqueued; its copies wait only for compute before the current get(): greedy tokens stay
+    those of a run with every expert resident, with many prefetches in flight over 120 steps."""
+    from tiered.predict.predictors import PreviousToken
+    from tiered.predict.prefetch import attach, detach
+
+    want = tiered.load(reference_layout, device="cuda", dtype="float32", max_context=300)
+    want = want.generate(CUDA_PROMPT, max_new_tokens=120, stop_at_eos=False).token_ids
+    e = tiered.load(reference_layout, device="cuda", dtype="float32", max_context=300,
+                    budget={"expert_slots": slots, "ram_gb": 0.05, "policy": "predicted"})
+    ev = e.model.provider.vram.table.policy
+    detach(e)
+    pf = attach(e, PreviousToken(e.config.num_layers, e.config.num_experts), depth=1, budget=8, eviction=ev)
+    assert pf.deferrable
+    out = e.generate(CUDA_PROMPT, max_new_tokens=120, stop_at_eos=False)
+    assert out.token_ids == want and out.stats["decode_graphs"] == "piecewise"
+    assert out.stats["prefetch_issued"] > 100 and e.pieces.late_s > 0
 
 
 # --- the CUDA code path on CPU: explicit host/device copies, captured segments replayed from their outputs ---

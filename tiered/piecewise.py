@@ -15,9 +15,10 @@ One step of a model with L layers:
     between seg l and seg l+1 the host: waits for layer l's top-k, observer.on_route(l, ...),
     slots = provider.get_slots(l, ids) (issues copies on the provider's side stream and makes the
     compute stream wait for exactly those slots), model.prefetch_hook(l, ids), then writes the slot
-    rows into the static slot buffer that seg l+1 reads. A `deferrable` observer (one that only feeds an
-    eviction policy) is called after seg l+1 is enqueued instead, from host rows, so that it overlaps
-    seg l+1's compute.
+    rows into the static slot buffer that seg l+1 reads. A `deferrable` observer (a prefetcher or eviction
+    feeder that reads no hidden state) is called after seg l+1 is enqueued instead, from host rows, and the
+    prefetch hook right after it, so that their host work and the prefetch copies overlap seg l+1's compute
+    (the copies wait only for compute enqueued before get(l): vram.note_handoff).
 Every segment's shapes depend only on the span, so each span bucket is captured once and replayed for
 every position in it (positions are device tensors, as in `Transformer.static_plan`).
 
@@ -236,7 +237,7 @@ class PiecewiseDecode:
         else:  # a provider without the host API: its device answer, read back
             slots = m.provider.get(l, ids).tolist()
         hook = m.prefetch_hook
-        if hook is not None:
+        if hook is not None and not late:  # with a deferred observer the hook runs after it (_observe_late)
             hook(l, ids.clone() if self.cuda else ids)  # the host row is rewritten next step: a copy to keep
         self._slot_np[:] = slots
         if self.cuda and not self._inside:
@@ -255,6 +256,9 @@ class PiecewiseDecode:
         obs, l, r, ids, replayed = self._late
         self._late = None
         self._observe(obs, l, r, ids, replayed, rows=True)
+        hook = self.model.prefetch_hook
+        if hook is not None:  # its copies overlap this segment: they wait only for compute before get(l) (vram)
+            hook(l, ids.clone() if self.cuda else ids)
         self.late_s += time.perf_counter() - t0
 
     def _observe(self, obs: Any, l: int, r: Routed, ids_host: Tensor, replayed: tuple[Tensor, Tensor] | None, *,

@@ -41,7 +41,8 @@ class RoutingObserver(Protocol):
     piecewise decode step then skips those device->host copies and passes an empty [T, 0] hidden / None
     logits; the eager path always passes everything. An observer with `deferrable = True` (default False)
     promises that nothing it does must precede this layer's `get()`: the piecewise step may call it after
-    the next segment is enqueued (host copies of ids, weights and logits; no hidden state).
+    the next segment is enqueued (host copies of ids, weights and logits; no hidden state), and then calls
+    the prefetch hook after it instead of right after `get()`.
     """
 
     def on_route(self, layer: int, hidden: Tensor, topk_ids: Tensor, topk_weights: Tensor,

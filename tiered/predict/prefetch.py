@@ -162,13 +162,13 @@ class Prefetcher:
 
     @property
     def deferrable(self) -> bool:
-        """Only feeding the eviction policy (no prefetch, nothing chained that must run first): the piecewise
-        step may call on_route after enqueuing the next segment, so this host work overlaps its compute. The
-        policy's scores for layer l then include layer l's own router output from the next token on: a step
-        later than on the eager path and in the simulator (-0.1 point of hit rate on the reference model's
-        per-layer caches, -0.3 on the mapped trace's global cache, measured with simulate.py)."""
-        return (not self.prefetching and not self.needs_hidden and
-                (self.chain is None or getattr(self.chain, "deferrable", False)))
+        """No hidden state needed and nothing chained that must run first: the piecewise step may call on_route,
+        and then the prefetch hook, after enqueuing the next segment, so this host work and the prefetch copies
+        overlap its compute. Two effects, both measured with simulate.py: the eviction policy's scores for
+        layer l include layer l's own router output from the next token on, a step later than on the eager
+        path and in the simulator (-0.1 point of hit rate on the reference model's per-layer caches, -0.3 on
+        the mapped trace's global cache); prefetches for layer l+1 start after layer l's demand copies, as before."""
+        return not self.needs_hidden and (self.chain is None or getattr(self.chain, "deferrable", False))
 
     @property
     def needs_hidden(self) -> bool:

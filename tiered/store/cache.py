@@ -274,6 +274,7 @@ class ExpertCache:
         self._t = 0  # clock: one tick per get()
         self._pinned: set[int] = set()  # keys of the last get(): the current step
         self._prefetched: set[int] = set()  # loaded by prefetch, not used by a get() yet
+        self._prefetch_seen = False  # prefetch() was called: every get() records its handoff point (vram.note_handoff)
         self._prefetched_ram: set[int] = set()  # read ahead into the RAM tier by prefetch, not used yet
         self.prefetch_issued = 0
         self.prefetch_used = 0
@@ -349,6 +350,8 @@ class ExpertCache:
             if prefetched and k in prefetched:
                 prefetched.discard(k)
                 self.prefetch_used += 1
+        if missing or self._prefetch_seen:  # copies may follow (now, or a prefetch after more compute is enqueued)
+            self.vram.note_handoff(t)
         nh = n - len(missing)
         self.vram.hits += nh
         self.vram.misses += len(missing)
@@ -385,7 +388,7 @@ class ExpertCache:
     def _load(self, keys: list[int], slot_of: dict[int, int], t: float, pinned: set[int]) -> None:
         """Fill the device slots of `keys` from the RAM tier (or the file); on error forget them all."""
         done: set[int] = set()
-        self.vram.begin_copies()
+        self.vram.begin_copies(t)
         try:
             if self.ram is None:
                 self._load_passthrough(keys, slot_of, done)
@@ -432,6 +435,7 @@ class ExpertCache:
         start an asynchronous read into the RAM tier (copy modes), and their device copy happens at
         the get() that needs them. CPU: loads are synchronous memcpys into the slots.
         """
+        self._prefetch_seen = True
         ids = expert_ids.tolist() if isinstance(expert_ids, torch.Tensor) else list(expert_ids)
         E = self.num_experts
         vt = self.vram.table

@@ -5,8 +5,9 @@ on the compute device (on CPU the device tier is RAM); the expert weight views o
 table and policy of the tier; and the ordering of copies:
   - copies into slots run on one dedicated side CUDA stream, `non_blocking` from pinned or
     registered host memory;
-  - before a batch of copies overwrites slots, the side stream waits for all compute enqueued so
-    far (the victims' last readers);
+  - before a batch of copies overwrites slots, the side stream waits for the victims' last readers:
+    the compute enqueued before the current get() handed out its slots (`note_handoff`), or, failing
+    that record, all compute enqueued so far;
   - each slot records a "ready" event after its copy; compute waits only for the slots it is about
     to use (on the ready event of the last-issued of them: the side stream completes copies in order).
 Nothing here allocates after start-up: events, index buffers and timers are preallocated rings.
@@ -57,6 +58,8 @@ class SlotPool:
         self._rows = list(self.pool.unbind(0))  # per-slot views made once: no view creation per copy
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self._ready = [torch.cuda.Event() for _ in range(n_slots)] if self.cuda else None
+        self._handoff_ev = torch.cuda.Event() if self.cuda else None  # see note_handoff
+        self._handoff_t = -1
         self._pending: dict[int, int] = {}  # slot -> issue number of its copy, for copies compute has not waited for
         self._issued = 0  # copies issued on the side stream so far (they complete in this order)
         # Returned index tensors: a ring of pinned host + device buffers, with an event per entry.
@@ -90,10 +93,25 @@ class SlotPool:
         return self.n_slots * self.block_size
 
     # --- copies ---
-    def begin_copies(self) -> None:
-        """Before overwriting slots: the side stream waits for all compute enqueued so far."""
+    def note_handoff(self, t: int) -> None:
+        """get() number `t` is about to hand out its slots: record where the compute stream is. Everything
+        enqueued before this point is the last reader of every slot outside that get's (pinned) set, and only
+        those pinned slots are read by compute enqueued later, until the next get()."""
         if self.cuda:
-            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            self._handoff_ev.record(torch.cuda.current_stream(self.device))
+            self._handoff_t = t
+
+    def begin_copies(self, t: int | None = None) -> None:
+        """Before overwriting slots (never the current get's): the side stream waits for their last readers.
+
+        With the handoff of get() `t` recorded (note_handoff), that point suffices, so copies issued after later
+        compute was enqueued (a prefetch after the next decode segment) need not wait for that compute, which
+        reads only the pinned slots. Otherwise: wait for all compute enqueued so far."""
+        if self.cuda:
+            if t is not None and t == self._handoff_t:
+                self.stream.wait_event(self._handoff_ev)
+            else:
+                self.stream.wait_stream(torch.cuda.current_stream(self.device))
             i = self._timer_i % len(self._timers)
             self._harvest(i)
             self._timers[i][0].record(self.stream)
