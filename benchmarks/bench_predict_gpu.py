@@ -113,7 +113,7 @@ def modelled(doc, n_tok: int, name: str, slots: int, block: int, h2d: float, com
     return {k: r[k] for k in ("tok_s", "hit_rate", "bytes_h2d_per_token", "stall_share", "prefetch_precision")}
 
 
-DEFAULT_VARIANTS = "lru,predicted,predicted+4,lru+12,predicted+12"
+DEFAULT_VARIANTS = "lru,predicted,lru+4,predicted+4"
 
 
 def parse_variants(spec: str) -> list[tuple[str, int]]:
