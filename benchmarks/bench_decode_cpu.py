@@ -13,8 +13,6 @@ and to --save PATH when given.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
@@ -25,7 +23,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
-from benchmeta import git_commit  # noqa: E402
+from benchmeta import git_commit, write_out  # noqa: E402
 
 import tiered  # noqa: E402
 from tiered.families import default_model_path  # noqa: E402
@@ -98,9 +96,7 @@ def main() -> None:
     print(f"{'tiered':<14}{ours_med:>14.1f}")
     print(f"{'transformers':<14}{hf_med:>14.1f}")
     print(f"ratio {res['ratio']:.2f}x; tokens identical: {same}")
-    line = json.dumps(res)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "decode_cpu.json").write_text(line + "\n")
+    line = write_out(res, "decode_cpu.json")
     if a.save:
         a.save.parent.mkdir(parents=True, exist_ok=True)
         a.save.write_text(line + "\n")

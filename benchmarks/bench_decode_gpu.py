@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import shutil
 import statistics
@@ -34,7 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
-from benchmeta import git_commit  # noqa: E402
+from benchmeta import git_commit, write_out  # noqa: E402
 
 import tiered  # noqa: E402
 
@@ -355,10 +354,7 @@ def main() -> None:
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{w}}  {v}")
-    line = json.dumps(out)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
-        Path(os.environ["OUT"], "decode_gpu.json").write_text(line + "\n")
+    line = write_out(out, "decode_gpu.json")
     print(line)
 
 

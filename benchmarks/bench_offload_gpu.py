@@ -39,11 +39,11 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
-from benchmeta import git_commit  # noqa: E402
+from benchmeta import git_commit, write_out  # noqa: E402
 
 from tiered.engine import load  # noqa: E402
 from tiered.store.disk import Layout  # noqa: E402
-from tiered.store.io import ALIGN, HostRegistrar, aligned_empty  # noqa: E402
+from tiered.store.io import HostRegistrar, aligned_empty  # noqa: E402
 from tiered.store.policy import belady  # noqa: E402
 
 GiB = 1 << 30
@@ -420,11 +420,7 @@ def report(res: dict) -> None:
                  ("   ratio (goal >= 0.8)", d["ratio_to_odirect"]), ("   caches dropped", d["drop_caches"])]
     for k, v in rows:
         print(f"{k:<40} {v:.3f}" if isinstance(v, float) else f"{k:<40} {v}")
-    line = json.dumps(res)
-    out = os.environ.get("OUT")
-    if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "offload_gpu.json").write_text(line + "\n")
+    line = write_out(res, "offload_gpu.json")
     print(line)
 
 

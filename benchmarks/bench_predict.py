@@ -47,7 +47,7 @@ def main() -> None:
     t0 = time.perf_counter()
     eng = load(a.model, device="cpu", dtype="float32")
     cfg = eng.config
-    L, E, K = cfg.num_layers, cfg.num_experts, cfg.top_k
+    L, E = cfg.num_layers, cfg.num_experts
 
     def trace_file(p: Path):
         return record(eng, split_ids(p.name, eng.encode(p.read_text()), min(2048, eng.max_context)))

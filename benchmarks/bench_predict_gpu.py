@@ -26,8 +26,6 @@ Prints a table, then one JSON line; writes $OUT/predict_gpu.json when OUT is set
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -41,6 +39,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO / "tools"))
 
 from bench_offload_gpu import GiB, belady_bytes, build, free, git_commit, h2d_bandwidth, log, prompt_ids  # noqa: E402
+from benchmeta import write_out  # noqa: E402
 
 from tiered import load  # noqa: E402
 from tiered.families import default_model_path  # noqa: E402
@@ -232,9 +231,7 @@ def main() -> None:
                   f"{v['modelled']['tok_s']:>8.1f}{v['modelled']['hit_rate']:>8.2f}")
         print(f"{'':<24}{'belady':<15}{'':>7}{'':>7}{'':>6}{'':>6}{r['belady']['hit_rate']:>6.2f}"
               f"{r['belady']['miss_bytes_per_token'] / 1e6:>7.0f}")
-    line = json.dumps(res)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "predict_gpu.json").write_text(line + "\n")
+    line = write_out(res, "predict_gpu.json")
     print(line)
 
 

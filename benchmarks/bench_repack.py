@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
-from benchmeta import git_commit  # noqa: E402
+from benchmeta import git_commit, write_out  # noqa: E402
 
 
 def disk_write_gbps(path: Path, nbytes: int) -> float:
@@ -107,9 +107,7 @@ def main() -> None:
     print(f"{'disk write (same run)':<28}{write_gbps * 1e3:10.0f} MB/s")
     print(f"{'ratio (goal >= 0.7)':<28}{ratio:10.2f}")
     print(f"{'peak RssAnon (goal <= 2)':<28}{rep['peak_rss_anon_gb']:10.2f} GB")
-    line = json.dumps(res)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "repack.json").write_text(line + "\n")
+    line = write_out(res, "repack.json")
     if not a.keep:
         import shutil
 

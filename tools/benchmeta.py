@@ -1,6 +1,7 @@
 """Provenance for benchmark results: the commit a result was measured at."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -15,3 +16,13 @@ def git_commit(short: bool = False) -> str:
     args = ["git", "rev-parse", *(["--short"] if short else []), "HEAD"]
     r = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
     return r.stdout.strip() if r.returncode == 0 else "unknown"
+
+
+def write_out(res: dict, name: str) -> str:
+    """The result as one JSON line; also written to $OUT/name when OUT is set (the GPU box brings $OUT back)."""
+    line = json.dumps(res)
+    out = os.environ.get("OUT")
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / name).write_text(line + "\n")
+    return line

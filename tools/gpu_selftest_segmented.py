@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from benchmeta import git_commit  # noqa: E402
+from benchmeta import git_commit, write_out  # noqa: E402
 
 import tiered  # noqa: E402
 from tiered.piecewise import PiecewiseDecode  # noqa: E402
@@ -335,10 +334,7 @@ def main() -> None:
            "device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu", "torch": torch.__version__,
            "all_ok": all(c["ok"] for c in checks), "checks": checks, "speed": sp,
            "wall_s": round(time.perf_counter() - t0, 1)}
-    line = json.dumps(res)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
-        (Path(os.environ["OUT"]) / "gpu_selftest_segmented.json").write_text(line + "\n")
+    line = write_out(res, "gpu_selftest_segmented.json")
     print(line)
     sys.exit(0 if res["all_ok"] else 1)
 

@@ -6,7 +6,6 @@ O_DIRECT reads, drop_caches, pinned host→device bandwidth.
 """
 from __future__ import annotations
 
-import json
 import mmap
 import os
 import time
@@ -14,6 +13,8 @@ import traceback
 from pathlib import Path
 
 import torch
+
+from benchmeta import write_out  # tools/ is on sys.path when this script runs
 
 
 def attempt(fn):
@@ -120,9 +121,7 @@ def main() -> None:
                      ("graph_capture", graph_capture), ("sdpa_flash_gqa", sdpa_flash),
                      ("odirect", lambda: odirect(tmp)), ("drop_caches", drop_caches)]:
         res[name] = attempt(fn)
-    line = json.dumps(res)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "probe.json").write_text(line + "\n")
+    line = write_out(res, "probe.json")
     print(line)
 
 
