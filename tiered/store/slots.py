@@ -36,33 +36,20 @@ class SlotTable:
 
         Returns (slot, evicted key or None). The key is resident (and in the policy) on return.
         """
-        if key in self.slot_of:
-            raise PolicyInvariantError(f"slot table: key {key} is already in slot {self.slot_of[key]}")
-        evicted = None
-        if self._free:
-            slot = self._free.pop()
-        else:
-            if self.n_slots == 0:
-                raise PolicyInvariantError("slot table: assign on a pool with no slots")
-            evicted = self.policy.victim(self.slot_of, pinned)
-            slot = self.slot_of.pop(evicted)
-            self.policy.remove(evicted)
-        self.key_of[slot] = key
-        self.slot_of[key] = slot
-        self.policy.insert(key, t)
-        return slot, evicted
+        return self.assign_many([key], t, pinned)[0]
 
     def assign_many(self, keys: list[int], t: float, pinned: Collection[int]) -> list[tuple[int, int | None]]:
         """assign() for several keys (all of them in `pinned`) with one victim search: the same slots and
         evictions as assigning them one by one, since none of them can be a victim of another."""
+        for key in keys:
+            if key in self.slot_of:
+                raise PolicyInvariantError(f"slot table: key {key} is already in slot {self.slot_of[key]}")
         need = len(keys) - len(self._free)
         if need > 0 and self.n_slots == 0:
             raise PolicyInvariantError("slot table: assign on a pool with no slots")
         victims = iter(self.policy.victims(need, self.slot_of, pinned) if need > 0 else ())
         out = []
         for key in keys:
-            if key in self.slot_of:
-                raise PolicyInvariantError(f"slot table: key {key} is already in slot {self.slot_of[key]}")
             evicted = None
             if self._free:
                 slot = self._free.pop()
