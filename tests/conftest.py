@@ -29,6 +29,10 @@ def tiny_config(family: str, **overrides):
         cfg = tf.Qwen3MoeConfig(**common, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24, head_dim=16)
     elif family == "olmoe":
         cfg = tf.OlmoeConfig(**common, num_experts=6, num_experts_per_tok=2)
+    elif family == "gpt_oss":  # YaRN rope by default; sliding and full layers alternate
+        cfg = tf.GptOssConfig(**{**common, "num_hidden_layers": 3, "intermediate_size": 64},
+                              num_local_experts=6, num_experts_per_tok=2,
+                              head_dim=16, sliding_window=6)
     else:
         raise ValueError(family)
     cfg.eos_token_id = 1

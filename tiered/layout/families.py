@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tiered.layout.config import EXPERT_ROLES, ModelConfig
+from tiered.layout.fused import SOURCE_ROLES
 
 
 class FamilyError(ValueError):
@@ -150,6 +151,14 @@ class Family:
             raise FamilyError(f"layouts/{self.name}.toml names a hook ({self.spec['family']['hook']!r}), but family "
                               "hooks are not supported: express the difference in the TOML or in ModelConfig")
         fields["family"] = self.name
+        extra = dict(self.spec.get("extra_defaults", {}))  # ModelConfig.extra: family data the model reads
+        for field, hf_keys in self.spec.get("extra", {}).items():
+            for k in hf_keys:
+                if hf.get(k) is not None:
+                    extra[field] = hf[k]
+                    break
+        if extra:
+            fields["extra"] = extra
         for k in ("num_experts", "top_k", "expert_ffn", "shared_expert_ffn", "num_layers", "hidden_size"):
             if k in fields:
                 fields[k] = int(fields[k])
@@ -191,8 +200,8 @@ def load_families() -> dict[str, Family]:
         spec = tomllib.loads(p.read_text())
         name = spec["family"]["name"]
         for role in spec["experts"]:
-            if role not in EXPERT_ROLES:
-                raise FamilyError(f"{p}: unknown expert role {role!r}; roles are {EXPERT_ROLES}")
+            if role not in EXPERT_ROLES + SOURCE_ROLES:
+                raise FamilyError(f"{p}: unknown expert role {role!r}; roles are {EXPERT_ROLES + SOURCE_ROLES}")
         fams[name] = Family(name=name, path=p, spec=spec)
     return fams
 

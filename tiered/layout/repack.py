@@ -27,6 +27,7 @@ import xxhash
 
 from tiered import __version__
 from tiered.layout.config import EXPERT_ROLES, ModelConfig
+from tiered.layout.fused import canonical_expert
 from tiered.layout.families import Family, FamilyError, read_checkpoint_config
 from tiered.layout.format import (ALIGN, DENSE_FILE, DTYPES, EXPERTS_FILE, MANIFEST, ST_DTYPES, ST_ITEMSIZE, ST_NAMES,
                            TOKENIZER_FILES, LayoutError, StEntry, build_manifest, fsync_dir, plan_block,
@@ -60,6 +61,7 @@ def _index_source(src: Path, fam: Family, cfg: ModelConfig):
                               f"tiered repacks safetensors checkpoints only")
     dense: dict[str, SourceTensor] = {}
     experts: dict[tuple[int, int | None, str], SourceTensor] = {}
+    skipped: list[str] = []
     for shard in shards:
         path = src / shard
         if not path.is_file():
@@ -72,11 +74,13 @@ def _index_source(src: Path, fam: Family, cfg: ModelConfig):
                 dense[role] = SourceTensor(path, ent, None)
             elif kind == "expert":
                 experts[(layer, expert, role)] = SourceTensor(path, ent, expert)
+            else:
+                skipped.append(name)
     missing = [n for n in fam.expected_dense(cfg) if n not in dense]
     if missing:
         raise RepackError(f"{src}: dense tensors missing for {missing[:5]}{' ...' if len(missing) > 5 else ''}: "
                           f"the checkpoint is incomplete or does not match {fam.path.name}")
-    return dense, experts
+    return dense, experts, skipped
 
 
 def _expert_source(experts, layer: int, expert: int, role: str) -> tuple[SourceTensor, int, tuple[int, ...]]:
@@ -206,9 +210,44 @@ class _BlockWriter:
         self.f.close()
 
 
-def _plan_experts(experts, dtype: str):
+def _source_roles(experts) -> list[str]:
+    return sorted({role for (_, _, role) in experts})
+
+
+def _derived(experts) -> bool:
+    """True when the checkpoint stores experts in a form other than gate/up/down (layout/fused.py)."""
+    return any(r not in EXPERT_ROLES for r in _source_roles(experts))
+
+
+def _read_source_expert(experts, layer: int, e: int, rd: "_Reader") -> dict[str, torch.Tensor]:
+    """One expert's source tensors (every source role), read from their shards."""
+    out = {}
+    for role in _source_roles(experts):
+        st, off, shape = _expert_source(experts, layer, e, role)
+        n = ST_ITEMSIZE[st.entry.dtype]
+        for d in shape:
+            n *= d
+        buf = bytearray(n)
+        rd.read_into(st.path, off, memoryview(buf))
+        out[role] = torch.frombuffer(buf, dtype=DTYPES[ST_DTYPES[st.entry.dtype]]).view(*shape)
+    return out
+
+
+def _derived_dtype(experts, dtype: str) -> str:
+    """safetensors dtype code of derived expert tensors: --dtype, else the first float source's dtype
+    (bf16 when every source is packed integers, e.g. MXFP4 dequantized at repack)."""
+    floats = [experts[k].entry.dtype for k in sorted(experts, key=str) if experts[k].entry.dtype in ("BF16", "F16", "F32")]
+    return _target(floats[0] if floats else "BF16", dtype if dtype != "source" or floats else "bf16")
+
+
+def _plan_experts(experts, dtype: str, rd: "_Reader | None" = None):
     """Block layout from expert 0 of layer 0 (every expert must match it)."""
     shapes = {}
+    if _derived(experts):
+        code = ST_DTYPES[_derived_dtype(experts, dtype)]
+        for role, t in canonical_expert(_read_source_expert(experts, 0, 0, rd or _Reader())).items():
+            shapes[role] = (tuple(t.shape), code)
+        return plan_block(shapes)
     for role in EXPERT_ROLES:
         st, _, shape = _expert_source(experts, 0, 0, role)
         shapes[role] = (shape, ST_DTYPES[_target(st.entry.dtype, dtype)])
@@ -220,12 +259,15 @@ def _write_experts(path: Path, cfg: ModelConfig, experts, specs, bs: int, rd: _R
     pause_after = int(os.environ.get(PAUSE_ENV, "0") or 0)
     writer = _BlockWriter(path, bs)
     sums: list[str] = []
+    derived = _derived(experts)
     try:
         for layer in range(cfg.num_layers):
             for e in range(cfg.num_experts):
                 buf = writer.buffer()
                 mv = memoryview(buf)
-                for spec in specs:
+                if derived:  # a transform (layout/fused.py) between the source bytes and the block
+                    tensors = canonical_expert(_read_source_expert(experts, layer, e, rd))
+                for spec in specs if not derived else ():
                     st, off, shape = _expert_source(experts, layer, e, spec.role)
                     if tuple(shape) != spec.shape:
                         raise RepackError(f"{st.path}: layer {layer}, expert {e}, {spec.role} has shape {list(shape)}, "
@@ -238,6 +280,13 @@ def _write_experts(path: Path, cfg: ModelConfig, experts, specs, bs: int, rd: _R
                         tmp = bytearray(n_src)
                         rd.read_into(st.path, off, memoryview(tmp))
                         mv[spec.offset:spec.offset + spec.nbytes] = _convert(memoryview(tmp), src_dt, ST_NAMES[spec.dtype])
+                for spec in specs if derived else ():
+                    t = tensors[spec.role]
+                    if tuple(t.shape) != spec.shape:
+                        raise RepackError(f"layer {layer}, expert {e}, {spec.role} has shape {list(t.shape)}, expert 0 "
+                                          f"of layer 0 has {list(spec.shape)}: experts must share one shape")
+                    raw = t.to(DTYPES[spec.dtype]).contiguous().view(torch.uint8).numpy().tobytes()
+                    mv[spec.offset:spec.offset + spec.nbytes] = raw
                 sums.append(xxh3_hex(buf))
                 writer.put(buf)
                 tick(bs)
@@ -272,7 +321,10 @@ def repack(src: str | Path, dst: str | Path, *, dtype: str = "source", force: bo
     if dst.exists() and not force:
         raise RepackError(f"{dst} already exists: pass --force to replace it")
     fam, cfg, _ = read_checkpoint_config(src)
-    dense, experts = _index_source(src, fam, cfg)
+    dense, experts, skipped = _index_source(src, fam, cfg)
+    if skipped:
+        print(f"tiered: repack skips {len(skipped)} tensors that [ignore] of {fam.path.name} names "
+              f"(e.g. {skipped[0]})", file=sys.stderr)
     tmp = dst.parent / f".{dst.name}.tiered-partial"
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -284,10 +336,10 @@ def repack(src: str | Path, dst: str | Path, *, dtype: str = "source", force: bo
         raise RepackError(f"cannot write the layout next to {dst}: {e.strerror or e} ({e.filename}); "
                           f"choose a writable DST") from None
 
-    specs, bs = _plan_experts(experts, dtype)
+    rd = _Reader()
+    specs, bs = _plan_experts(experts, dtype, rd)
     cfg = ModelConfig.from_json({**cfg.to_json(), "source_dtype": specs[0].dtype})
     total = sum(st.entry.nbytes for st in dense.values()) + cfg.num_layers * cfg.num_experts * bs
-    rd = _Reader()
     bar = _progress(total, progress)
     written = [0]
 
@@ -317,7 +369,7 @@ def repack(src: str | Path, dst: str | Path, *, dtype: str = "source", force: bo
         bar.close()
     secs = time.perf_counter() - t0
     return {"bytes": written[0], "seconds": secs, "mb_s": written[0] / 1e6 / max(secs, 1e-9), "dst": str(dst),
-            "block_size": bs, "blocks": len(sums)}
+            "block_size": bs, "blocks": len(sums), "skipped": skipped}
 
 
 def _swap_into_place(tmp: Path, dst: Path) -> None:

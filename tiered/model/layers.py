@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tiered.layout.config import ModelConfig
+from tiered.model.rope import ROPE_TYPES, inv_freq_and_scale, rope_kind
 
 ATTN_BACKENDS = ("auto", "flash", "sdpa")
 
@@ -38,13 +39,12 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 def check_rope(config: ModelConfig) -> None:
-    """Raise unless the config's rotary embedding is the default one (the only one implemented)."""
-    rs = config.rope_scaling
-    kind = None if not rs else (rs.get("rope_type") or rs.get("type") or "default")
-    if kind not in (None, "default"):
+    """Raise unless the config's rotary embedding is one tiered implements (model/rope.py: default, YaRN)."""
+    kind = rope_kind(config.rope_scaling)
+    if kind not in ROPE_TYPES:
         raise NotImplementedError(
-            f"rope_scaling type {kind!r} ({rs}) is not supported: tiered implements default RoPE only; "
-            "use a checkpoint without rope_scaling or add the scaling to tiered/model/layers.py")
+            f"rope_scaling type {kind!r} ({config.rope_scaling}) is not supported: tiered implements {ROPE_TYPES}; "
+            "use another checkpoint or add the scaling to tiered/model/rope.py")
 
 
 @dataclass(frozen=True)
@@ -56,15 +56,18 @@ class Rope:
     def build(cls, config: ModelConfig, positions: int, *, device: torch.device, dtype: torch.dtype) -> "Rope":
         """Tables for positions 0..positions-1, computed in fp32 on `device` as transformers does."""
         check_rope(config)
-        hd = config.head_dim
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).to(
-            device=device, dtype=torch.float) / hd))
+        hd = config.extra.get("rope_dim", config.head_dim)
+        inv_freq, scale = inv_freq_and_scale(config.rope_theta, hd, config.rope_scaling,
+                                             config.max_position_embeddings, device)
         pos = torch.arange(positions, device=device, dtype=torch.float)
         freqs = pos[:, None] * inv_freq[None, :]  # [P, hd/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [P, hd]
-        sin = emb.sin().to(dtype)
+        cos, sin = emb.cos(), emb.sin()
+        if scale != 1.0:  # YaRN's attention factor, applied in fp32 as transformers does
+            cos, sin = cos * scale, sin * scale
+        sin = sin.to(dtype)
         sin[:, :hd // 2].neg_()  # negation is exact, so this equals transformers' rotate_half form bit for bit
-        return cls(cos=emb.cos().to(dtype), sin=sin)
+        return cls(cos=cos.to(dtype), sin=sin)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -112,6 +115,7 @@ class StepPlan:
     read_hi: int
     mask: Tensor | None  # [G*T, S] bool, True = attend; None = every position in the span
     seqlens: Tensor | None = None  # flash: int32 [1], tokens already in the cache before this call
+    sliding: "StepPlan | None" = None  # the plan of sliding-window layers, in models that mix them (gpt-oss)
 
 
 def plan_eager(rope: Rope, start: int, T: int, *, groups: int, window: int | None) -> StepPlan:
@@ -144,6 +148,8 @@ class AttnWeights:
     o: Tensor  # [D, H*hd]
     q_norm: Tensor | None  # [H*hd] ("proj"); for "head", [H+KV, hd]: q's norm on H rows, k's on KV rows
     k_norm: Tensor | None  # [KV*hd] ("proj"); None for "head" (folded into q_norm)
+    o_bias: Tensor | None = None  # [D] (gpt-oss)
+    sinks: Tensor | None = None  # [H] fp32 learned per-head sink logits (gpt-oss): see sinks.py
 
 
 def attention(x: Tensor, w: AttnWeights, cache: KVCache, layer: int, plan: StepPlan, config: ModelConfig,
@@ -171,16 +177,18 @@ def attention(x: Tensor, w: AttnWeights, cache: KVCache, layer: int, plan: StepP
         qk, v = qk.clamp(-c, c), v.clamp(-c, c)
     qk = apply_rope(qk, plan.cos, plan.sin)  # [T, H+KV, hd]
     q, k = qk[:, :H], qk[:, H:]
-    if backend == "flash":
+    if w.sinks is not None:
+        out = attention_with_sinks(q, k, v, cache, layer, plan, H // KV, w.sinks)
+    elif backend == "flash":
         out = _flash(q, k, v, cache, layer, plan, config)
     else:
         out = _sdpa(q, k, v, cache, layer, plan, H // KV)
-    return F.linear(out, w.o)
+    return F.linear(out, w.o, w.o_bias)
 
 
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, cache: KVCache, layer: int, plan: StepPlan, G: int) -> Tensor:
-    T, H, hd = q.shape
-    KV = k.shape[1]
+def write_kv(k: Tensor, v: Tensor, cache: KVCache, layer: int, plan: StepPlan) -> tuple[Tensor, Tensor]:
+    """Store k, v [T, KV, hd] at the plan's positions; return the layer's cache kc, vc [KV, S, hd] (sdpa layout)."""
+    T = k.shape[0]
     kc, vc = cache.k[layer], cache.v[layer]  # [KV, S, hd]
     if isinstance(plan.write_at, int):
         kc[:, plan.write_at:plan.write_at + T] = k.transpose(0, 1)
@@ -188,6 +196,34 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, cache: KVCache, layer: int, plan: Ste
     else:
         kc.index_copy_(1, plan.write_at, k.transpose(0, 1))
         vc.index_copy_(1, plan.write_at, v.transpose(0, 1))
+    return kc, vc
+
+
+def attention_with_sinks(q: Tensor, k: Tensor, v: Tensor, cache: KVCache, layer: int, plan: StepPlan, G: int,
+                         sinks: Tensor) -> Tensor:
+    """Attention whose softmax has one more logit per head, the learned sink, that takes weight but adds no value
+    (gpt-oss). q [T, H, hd], k/v [T, KV, hd] -> [T, H*hd]. Plain matmuls, as transformers' eager path: scores
+    over the span, the sink column appended, max subtracted, softmax, the sink column dropped."""
+    T, H, hd = q.shape
+    KV = k.shape[1]
+    kc, vc = write_kv(k, v, cache, layer, plan)
+    ks, vs = kc[:, plan.read_lo:plan.read_hi], vc[:, plan.read_lo:plan.read_hi]  # [KV, S, hd]
+    qg = q.transpose(0, 1).reshape(KV, G * T, hd)  # rows (g, t)
+    s = torch.matmul(qg, ks.transpose(1, 2)) * hd ** -0.5  # [KV, G*T, S]
+    if plan.mask is not None:
+        s = s.masked_fill(~plan.mask[None], float("-inf"))
+    sink = sinks.to(s.dtype).view(KV, G, 1, 1).expand(KV, G, T, 1).reshape(KV, G * T, 1)
+    s = torch.cat([s, sink], dim=-1)
+    s = s - s.max(dim=-1, keepdim=True).values
+    p = torch.softmax(s, dim=-1)[..., :-1].to(vs.dtype)
+    o = torch.matmul(p, vs)  # [KV, G*T, hd]
+    return o.reshape(H, T, hd).transpose(0, 1).reshape(T, H * hd)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, cache: KVCache, layer: int, plan: StepPlan, G: int) -> Tensor:
+    T, H, hd = q.shape
+    KV = k.shape[1]
+    kc, vc = write_kv(k, v, cache, layer, plan)
     # Query head h uses KV head h // G: fold the G heads of a KV head into rows, so SDPA needs no repeat_kv.
     qg = q.transpose(0, 1).reshape(1, KV, G * T, hd)  # [1, KV, G*T, hd], rows (g, t)
     ks, vs = kc[None, :, plan.read_lo:plan.read_hi], vc[None, :, plan.read_lo:plan.read_hi]  # [1, KV, S, hd]

@@ -11,12 +11,15 @@ Does not own: expert weights (an ExpertProvider hands them out), sampling or the
 
 Family differences, all from ModelConfig: qkv bias (Qwen2-MoE), q/k norm per head (Qwen3-MoE) or
 over the projection (OLMoE), clip_qkv (OLMoE), sliding window (Mixtral), top-k renormalisation,
-shared expert with sigmoid gate (Qwen2-MoE), tied embeddings.
+shared expert with sigmoid gate (Qwen2-MoE), tied embeddings; gpt-oss: o_proj bias, attention sinks, sliding
+and full layers mixed (extra["layer_types"]), router bias with the top-k-then-softmax rule, expert biases and
+the clamped SwiGLU, YaRN rope (model/rope.py).
 
 Legend: T tokens, D hidden, V vocab, L layers, S cache positions.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -28,7 +31,8 @@ from tiered.layout.config import ModelConfig
 from tiered.model.layers import (AttnWeights, KVCache, Rope, StepPlan, attention, attn_mask, plan_eager,
                                  rms_norm)
 from tiered.model.moe import (FP32_ROUTE_WEIGHTS, ExpertProvider, MoEWeights, PrefetchHook, RoutingObserver,
-                               expert_mix, route, routed_logits)
+                               ClampedSwiGLU, expert_mix, route, routed_logits)
+from tiered.model.routing import route_rule
 
 
 class RoutingOverride(Protocol):
@@ -91,13 +95,19 @@ def build_layer(cfg: ModelConfig, dense: dict[str, Tensor], l: int, device: torc
     elif cfg.qk_norm == "head":  # one [H+KV, hd] table, so q and k are normed in one call
         H, KV, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q_norm = torch.cat([t("q_norm").expand(H, hd), t("k_norm").expand(KV, hd)], dim=0)
-    attn = AttnWeights(qkv=qkv, qkv_bias=bias, o=t("o_proj"), q_norm=q_norm, k_norm=k_norm)
+    sinks = t("sinks", False)
+    attn = AttnWeights(qkv=qkv, qkv_bias=bias, o=t("o_proj"), q_norm=q_norm, k_norm=k_norm,
+                       o_bias=t("o_bias", False), sinks=None if sinks is None else sinks.float())
+    act = None
+    if "swiglu_limit" in cfg.extra:
+        act = ClampedSwiGLU(alpha=float(cfg.extra.get("swiglu_alpha", 1.702)), limit=float(cfg.extra["swiglu_limit"]))
     shared = cfg.shared_expert_ffn > 0
     moe = MoEWeights(router=t("router"),
                      shared_gate=t("shared_gate_proj") if shared else None,
                      shared_up=t("shared_up_proj") if shared else None,
                      shared_down=t("shared_down_proj") if shared else None,
-                     shared_expert_gate=t("shared_expert_gate") if shared and cfg.shared_expert_gate else None)
+                     shared_expert_gate=t("shared_expert_gate") if shared and cfg.shared_expert_gate else None,
+                     router_bias=t("router_bias", False), act=act)
     return LayerWeights(attn_norm=t("attn_norm"), attn=attn, mlp_norm=t("mlp_norm"), moe=moe)
 
 
@@ -133,6 +143,14 @@ class Transformer:
         self.rope = Rope.build(config, self.max_context, device=dev, dtype=dtype)
         self.cache = KVCache.allocate(config, self.max_context, device=dev, dtype=dtype, flash=attn == "flash")
         self.groups = config.num_heads // config.num_kv_heads
+        self.route_rule = route_rule(config)
+        # per-layer attention window: ModelConfig.extra["layer_types"] (gpt-oss) mixes sliding and full layers
+        types = config.extra.get("layer_types")
+        self.mixed_windows = bool(types) and config.sliding_window is not None
+        self.layer_sliding = [t == "sliding_attention" for t in types] if self.mixed_windows else \
+            [config.sliding_window is not None] * config.num_layers
+        if attn == "flash" and any(lw.attn.sinks is not None for lw in self.layers):
+            raise ValueError("attention sinks (gpt-oss) run on the sdpa path only: use --attn sdpa")
         self.fp32_route_weights = config.family in FP32_ROUTE_WEIGHTS
 
     @property
@@ -158,7 +176,12 @@ class Transformer:
         if start + T > self.max_context:
             raise ValueError(f"positions {start}..{start + T - 1} exceed max_context={self.max_context}: "
                              "raise --max-context or shorten the prompt")
-        plan = plan_eager(self.rope, start, T, groups=self.groups, window=self.config.sliding_window)
+        if self.mixed_windows:  # full layers read the whole prefix, sliding ones their window
+            plan = plan_eager(self.rope, start, T, groups=self.groups, window=None)
+            slide = plan_eager(self.rope, start, T, groups=self.groups, window=self.config.sliding_window)
+            plan = dataclasses.replace(plan, sliding=slide)
+        else:
+            plan = plan_eager(self.rope, start, T, groups=self.groups, window=self.config.sliding_window)
         return self._run(tokens, plan, all_logits)
 
     def _run(self, tokens: Tensor, plan: StepPlan, all_logits: bool) -> Tensor:
@@ -174,6 +197,8 @@ class Transformer:
     def attend_route(self, l: int, h: Tensor, plan: StepPlan) -> Routed:
         """Layer l up to its router: h [T, D] entering layer l -> Routed (h after attention, norm, top-k)."""
         cfg, lw = self.config, self.layers[l]
+        if plan.sliding is not None and self.layer_sliding[l]:
+            plan = plan.sliding
         h = h + attention(rms_norm(h, lw.attn_norm, cfg.rms_norm_eps), lw.attn, self.cache, l, plan, cfg,
                           backend=self.attn)
         x = rms_norm(h, lw.mlp_norm, cfg.rms_norm_eps)
@@ -182,7 +207,8 @@ class Transformer:
 
     def _route_own(self, l: int, x: Tensor, plan: StepPlan) -> tuple[Tensor, Tensor, Tensor]:
         cfg = self.config
-        return route(x, self.layers[l].moe.router, cfg.top_k, cfg.norm_topk_prob)
+        moe = self.layers[l].moe
+        return route(x, moe.router, cfg.top_k, cfg.norm_topk_prob, bias=moe.router_bias, rule=self.route_rule)
 
     def _route_replayed(self, l: int, x: Tensor, plan: StepPlan) -> tuple[Tensor, Tensor, Tensor]:
         """The override's rows for host positions; static (device-position) plans route on the device and the
@@ -224,8 +250,13 @@ class Transformer:
         no host sync, every shape depends only on `span`."""
         cos = self.rope.cos.index_select(0, pos)  # [1, hd]
         sin = self.rope.sin.index_select(0, pos)
-        mask = attn_mask(pos, 0, span, window=self.config.sliding_window, groups=self.groups)  # [G, span]
         seqlens = pos.to(torch.int32) if self.attn == "flash" else None
+        if self.mixed_windows:
+            full = attn_mask(pos, 0, span, window=None, groups=self.groups)
+            slide = attn_mask(pos, 0, span, window=self.config.sliding_window, groups=self.groups)
+            return StepPlan(cos, sin, pos, 0, span, full, seqlens,
+                            sliding=StepPlan(cos, sin, pos, 0, span, slide, seqlens))
+        mask = attn_mask(pos, 0, span, window=self.config.sliding_window, groups=self.groups)  # [G, span]
         return StepPlan(cos, sin, pos, 0, span, mask, seqlens)
 
     def decode_static(self, token: Tensor, pos: Tensor, span: int) -> Tensor:

@@ -32,6 +32,9 @@ class ExpertWeights:
     gate: torch.Tensor  # [S, F, D]
     up: torch.Tensor  # [S, F, D]
     down: torch.Tensor  # [S, D, F]
+    gate_bias: torch.Tensor | None = None  # [S, F] (gpt-oss)
+    up_bias: torch.Tensor | None = None  # [S, F]
+    down_bias: torch.Tensor | None = None  # [S, D]
 
 
 def expert_views(pool: torch.Tensor, specs: tuple[TensorSpec, ...] | list[TensorSpec]) -> ExpertWeights:
@@ -43,7 +46,8 @@ def expert_views(pool: torch.Tensor, specs: tuple[TensorSpec, ...] | list[Tensor
         dt = DTYPES[s.dtype]
         raw = pool[:, s.offset:s.offset + s.nbytes]  # [S, nbytes], row stride = block_size
         views[s.role] = raw.view(dt).view(pool.shape[0], *s.shape)
-    return ExpertWeights(views["gate"], views["up"], views["down"])
+    return ExpertWeights(views["gate"], views["up"], views["down"], views.get("gate_bias"), views.get("up_bias"),
+                         views.get("down_bias"))
 
 
 def _readonly_frombuffer(buf, dtype: torch.dtype) -> torch.Tensor:
