@@ -36,6 +36,7 @@ import gc
 import json
 import os
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -73,16 +74,20 @@ class BenchError(RuntimeError):
 class Paths:
     """Everything under the work dir; outputs are written to NAME.tmp and renamed when complete."""
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, variant: str = "bf16") -> None:
         self.work = work
+        self.variant = variant
         self.ckpt = work / "ckpt"
         self.gguf_bf16 = work / "model-bf16.gguf"
         self.gguf_q4 = work / "model-q4_0.gguf"
-        self.layout = work / "layout"
+        # the bf16 layout, or another repack of the same checkpoint (--variant NAME --repack-args ...)
+        self.layout = work / ("layout" if variant == "bf16" else f"layout-{variant}")
         self.convert_log = work / "convert.log"
         self.quant_log = work / "quantize.log"
 
     def state(self, phase: str) -> Path:
+        if phase == "tiered" and self.variant != "bf16":
+            return self.work / f"tiered-{self.variant}.json"
         return self.work / f"{phase}.json"
 
 
@@ -168,7 +173,9 @@ def phase_model(a, S: dict, P: Paths) -> dict:
     from make_random_checkpoint import make
 
     P.work.mkdir(parents=True, exist_ok=True)
-    res: dict = {"phase": "model", "preset": S["preset"], "work": str(P.work)}
+    prev = P.state("model")
+    res: dict = json.loads(prev.read_text()) if prev.is_file() else {}  # a --variant run adds to the first one
+    res.update({"phase": "model", "preset": S["preset"], "work": str(P.work)})
     params = est_params(S["preset"])
     res["params_est"] = params
     bf16_gb = params * 2 / GB
@@ -176,7 +183,8 @@ def phase_model(a, S: dict, P: Paths) -> dict:
         shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink()
 
     have_ckpt = (P.ckpt / "config.json").is_file() and any(P.ckpt.glob("*.safetensors"))
-    need_ckpt = not (P.gguf_bf16.is_file() and (P.layout / "manifest.json").is_file())
+    need_ckpt = not (P.gguf_bf16.is_file() and (P.layout / "manifest.json").is_file() and
+                     (P.work / "layout" / "manifest.json").is_file())
     if need_ckpt and not have_ckpt:
         need_disk(P.work, bf16_gb * 1.05 + 1, "making the checkpoint")
         tmp = P.work / "ckpt.tmp"
@@ -200,11 +208,17 @@ def phase_model(a, S: dict, P: Paths) -> dict:
     if not (P.layout / "manifest.json").is_file():
         need_disk(P.work, bf16_gb * 1.05 + 1, "repacking the tiered layout")
         t0 = time.perf_counter()
-        out = run_tool([sys.executable, "-m", "tiered", "repack", P.ckpt, P.layout, "--force", "--json"],
-                       P.work / "repack.log", a.tool_timeout, cwd=REPO)
-        res["repack_s"] = time.perf_counter() - t0
-        res["repack"] = last_json(out)
-        log(f"layout in {res['repack_s']:.1f} s")
+        if not any(P.ckpt.glob("*.safetensors")):
+            raise BenchError(f"the layout {P.layout} needs the checkpoint, whose safetensors were dropped from {P.ckpt}: "
+                             "run --phase model without --variant again (it remakes the checkpoint) first")
+        extra = shlex.split(a.repack_args or "")
+        out = run_tool([sys.executable, "-m", "tiered", "repack", P.ckpt, P.layout, "--force", "--json", *extra],
+                       P.work / f"repack-{P.variant}.log", a.tool_timeout, cwd=REPO)
+        key = "repack" if P.variant == "bf16" else f"repack_{P.variant}"
+        res[f"{key}_s"] = time.perf_counter() - t0
+        res[key] = last_json(out)
+        res[f"{key}_args"] = extra
+        log(f"layout {P.layout} in {res[f'{key}_s']:.1f} s")
 
     if not P.gguf_q4.is_file():
         need_disk(P.work, bf16_gb * 0.35 + 1, "quantizing to Q4_0")
@@ -224,10 +238,12 @@ def phase_model(a, S: dict, P: Paths) -> dict:
         res["checkpoint_dropped"] = True
         log("dropped the checkpoint's safetensors (the GGUFs and the layout are made)")
     res["files_gb"] = {"checkpoint": dir_bytes(P.ckpt) / GB, "gguf_bf16": dir_bytes(P.gguf_bf16) / GB,
-                       "gguf_q4_0": dir_bytes(P.gguf_q4) / GB, "layout": dir_bytes(P.layout) / GB}
+                       "gguf_q4_0": dir_bytes(P.gguf_q4) / GB}
+    for lay in sorted(P.work.glob("layout*")):
+        res["files_gb"][lay.name] = dir_bytes(lay) / GB
     res["free_gb"] = free_gb(P.work)
     rows = [(k, f"{v:.2f} GB") for k, v in res["files_gb"].items()]
-    for k in ("make_s", "convert_s", "quantize_s", "repack_s"):
+    for k in ("make_s", "convert_s", "quantize_s", "repack_s", f"repack_{P.variant}_s"):
         if k in res:
             rows.append((k, f"{res[k]:.1f}"))
     if "q4_0_kept" in res:
@@ -469,7 +485,7 @@ def run_tiered(layout: Path, device: torch.device, dtype: torch.dtype, budget: d
     close = getattr(eng.model.provider, "close", None)
     if close is not None:
         close()
-    del eng
+    eng = None  # noqa: F841 - drop the engine before the next one loads
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -482,7 +498,8 @@ def phase_tiered(a, S: dict, P: Paths) -> dict:
         raise BenchError(f"no layout at {P.layout}: run --phase model first (same --work)")
     device = torch.device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    res: dict = {"phase": "tiered", "device": device_name(device), "dtype": str(dtype).removeprefix("torch.")}
+    res: dict = {"phase": "tiered", "variant": P.variant, "layout": str(P.layout), "repack_args": a.repack_args,
+                 "device": device_name(device), "dtype": str(dtype).removeprefix("torch.")}
     log(f"read bandwidth: reductions over {S['hbm_gib']} GiB on {device}")
     res["read_bw"] = read_bandwidth(device, S["hbm_gib"])
     res["bytes"] = step_bytes(P.layout)
@@ -530,87 +547,115 @@ def ratio(x, y):
     return x / y if isinstance(x, (int, float)) and isinstance(y, (int, float)) and y else None
 
 
+def hbm_bound(tier: dict, S: dict) -> dict | None:
+    """Bytes one decode token reads in the tiered run it is compared with ÷ the read bandwidth of the same run.
+    Decode follows a short prompt, so the mean attended context is prompt + new/2 positions."""
+    b = tier.get("bytes")
+    if not b or not tier.get("read_bw"):
+        return None
+    pos = S["decode_prompt"] + S["long"] / 2
+    per_tok = b["dense_bytes"] + b["active_expert_bytes"] + b["kv_bytes_per_position"] * pos
+    gbps = tier["read_bw"]["gbps"]
+    return {"bytes_per_token": per_tok, "dense_bytes": b["dense_bytes"], "active_expert_bytes": b["active_expert_bytes"],
+            "kv_bytes": b["kv_bytes_per_position"] * pos, "mean_positions": pos, "read_gbps": gbps,
+            "read_gbps_sum": tier["read_bw"]["sum_gbps"], "read_gbps_amax": tier["read_bw"]["amax_gbps"],
+            "tok_s": gbps * GB / per_tok}
+
+
+def tiered_fig(r: dict | None, S: dict) -> dict:
+    if not r or "error" in r:
+        return {"error": r.get("error", "not run")} if r else {"error": "not run"}
+    return {"decode_tok_s": r["decode_long"]["decode_tok_s"],
+            f"decode_tok_s_{S['long']}": r["decode_long"]["decode_tok_s"],
+            f"decode_tok_s_{S['short']}": r["decode_short"]["decode_tok_s"],
+            f"decode_tok_s_{S['short']}_first": r["decode_short_first"]["decode_tok_s"],
+            "short_over_long": r["short_over_long"],
+            f"prefill{S['prefill']}_tok_s_warm": r["prefill_warm"]["prefill_tok_s"],
+            f"prefill{S['prefill']}_tok_s_first": r["prefill_first"]["prefill_tok_s"],
+            "ttft_s_warm": r["prefill_warm"]["ttft_s"], "ttft_s_first": r["prefill_first"]["ttft_s"],
+            "load_s": r["load_s"], "capture_s": r.get("capture_s", r.get("engine_capture_s")),
+            "decode_graphs": r["decode_long"]["last"].get("decode_graphs"), "budget": r.get("budget"),
+            "expert_slots": r["decode_long"]["last"].get("expert_slots")}
+
+
+def llama_fig(r: dict | None) -> dict:
+    if not r or "error" in r:
+        return {"error": r.get("error", "not run")[:500]} if r else {"error": "not run"}
+    return {k: r.get(k) for k in ("pp_tok_s", "pp_tokens", "tg_tok_s", "tg_tokens", "model_size", "model_n_params",
+                                  "model_type", "gpu_info", "backends")}
+
+
+def model_entry(tier: dict, ref: dict, cpu: dict, S: dict) -> dict:
+    """One tiered layout against llama.cpp on the GGUF of the same precision: the figures and the ratios."""
+    t_v = tiered_fig(tier.get("modes", {}).get("vram"), S)
+    t_o = tiered_fig(tier.get("modes", {}).get("offload"), S)
+    bound = hbm_bound(tier, S)
+    pp_time = ratio(ref.get("pp_tokens"), ref.get("pp_tok_s"))
+    pre = f"prefill{S['prefill']}_tok_s"
+    return {"tiered_vram": t_v, "tiered_offload": t_o, "llamacpp_gpu": ref, "llamacpp_cpu_experts": cpu,
+            "hbm_bound": bound,
+            "decode_vs_llamacpp": ratio(t_v.get("decode_tok_s"), ref.get("tg_tok_s")),
+            "prefill_vs_llamacpp": ratio(t_v.get(f"{pre}_warm"), ref.get("pp_tok_s")),
+            "prefill_first_vs_llamacpp": ratio(t_v.get(f"{pre}_first"), ref.get("pp_tok_s")),
+            "ttft_warm_over_llamacpp_pp_time": ratio(t_v.get("ttft_s_warm"), pp_time),
+            "ttft_first_over_llamacpp_pp_time": ratio(t_v.get("ttft_s_first"), pp_time),
+            "decode_vs_hbm_bound": ratio(t_v.get("decode_tok_s"), (bound or {}).get("tok_s")),
+            "llamacpp_decode_vs_hbm_bound": ratio(ref.get("tg_tok_s"), (bound or {}).get("tok_s")),
+            "offload_decode_vs_llamacpp_cpu_experts": ratio(t_o.get("decode_tok_s"), cpu.get("tg_tok_s")),
+            "offload_prefill_vs_llamacpp_cpu_experts": ratio(t_o.get(f"{pre}_warm"), cpu.get("pp_tok_s")),
+            "offload_decode_vs_vram": ratio(t_o.get("decode_tok_s"), t_v.get("decode_tok_s")),
+            "short_over_long_vram": t_v.get("short_over_long")}
+
+
 def phase_report(a, S: dict, P: Paths) -> tuple[dict, str]:
-    got = {ph: json.loads(P.state(ph).read_text()) for ph in ("model", "llama", "tiered") if P.state(ph).is_file()}
-    missing = [ph for ph in ("model", "llama", "tiered") if ph not in got]
-    model, llama, tier = got.get("model", {}), got.get("llama", {}).get("runs", {}), got.get("tiered", {})
-    device = tier.get("device") or (device_name(torch.device(a.device)) if a.device != "cuda" or
-                                    torch.cuda.is_available() else "unknown")
+    model = json.loads(P.state("model").read_text()) if P.state("model").is_file() else {}
+    llama = json.loads(P.state("llama").read_text()).get("runs", {}) if P.state("llama").is_file() else {}
+    # tiered.json is the bf16 layout; tiered-VARIANT.json another layout of the same checkpoint (--variant)
+    tiers = {"bf16": json.loads(P.state("tiered").read_text())} if P.state("tiered").is_file() else {}
+    for f in sorted(P.work.glob("tiered-*.json")):
+        tiers[f.stem.removeprefix("tiered-")] = json.loads(f.read_text())
+    missing = [ph for ph, ok in (("model", model), ("llama", llama), ("tiered", tiers)) if not ok]
+    device = next((t.get("device") for t in tiers.values() if t.get("device")), None) or (
+        device_name(torch.device(a.device)) if not a.device.startswith("cuda") or torch.cuda.is_available() else "?")
     date = time.strftime("%Y-%m-%d", time.gmtime())
     res: dict = {"bench": "peers", "date": date, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                  "commit": git_commit(), "device": device, "preset": S["preset"], "tiny": a.tiny,
-                 "torch": torch.__version__, "missing_phases": missing, "sizes": {k: S[k] for k in S}}
-    vram = tier.get("modes", {}).get("vram", {})
-    off = tier.get("modes", {}).get("offload", {})
-    gpu, q4, cpu = llama.get("gpu_bf16", {}), llama.get("gpu_q4_0", {}), llama.get("cpu_experts_bf16", {})
-    res["llamacpp_build"] = next((r.get("build_commit") for r in (gpu, q4, cpu) if r.get("build_commit")), None)
+                 "torch": torch.__version__, "missing_phases": missing, "sizes": dict(S)}
+    gpu, q4 = llama_fig(llama.get("gpu_bf16")), llama_fig(llama.get("gpu_q4_0"))
+    cpu = llama_fig(llama.get("cpu_experts_bf16"))
+    res["llamacpp_build"] = next((llama[k].get("build_commit") for k in llama if llama[k].get("build_commit")), None)
 
-    # The HBM bound of the tiered run it is compared with: decode after a short prompt, so the mean attended
-    # context is prompt + new/2 positions.
-    b = tier.get("bytes")
-    bound = None
-    if b:
-        pos = S["decode_prompt"] + S["long"] / 2
-        per_tok = b["dense_bytes"] + b["active_expert_bytes"] + b["kv_bytes_per_position"] * pos
-        gbps = tier["read_bw"]["gbps"]
-        bound = {"bytes_per_token": per_tok, "dense_bytes": b["dense_bytes"],
-                 "active_expert_bytes": b["active_expert_bytes"], "kv_bytes": b["kv_bytes_per_position"] * pos,
-                 "mean_positions": pos, "read_gbps": gbps, "read_gbps_sum": tier["read_bw"]["sum_gbps"],
-                 "read_gbps_amax": tier["read_bw"]["amax_gbps"], "tok_s": gbps * GB / per_tok}
-
-    def tiered_fig(r: dict) -> dict:
-        if not r or "error" in r:
-            return {"error": r.get("error", "not run")} if r else {"error": "not run"}
-        return {"decode_tok_s": r["decode_long"]["decode_tok_s"], f"decode_tok_s_{S['long']}": r["decode_long"]["decode_tok_s"],
-                f"decode_tok_s_{S['short']}": r["decode_short"]["decode_tok_s"],
-                f"decode_tok_s_{S['short']}_first": r["decode_short_first"]["decode_tok_s"],
-                "short_over_long": r["short_over_long"],
-                f"prefill{S['prefill']}_tok_s_warm": r["prefill_warm"]["prefill_tok_s"],
-                f"prefill{S['prefill']}_tok_s_first": r["prefill_first"]["prefill_tok_s"],
-                "ttft_s_warm": r["prefill_warm"]["ttft_s"], "ttft_s_first": r["prefill_first"]["ttft_s"],
-                "load_s": r["load_s"], "capture_s": r.get("capture_s", r.get("engine_capture_s")),
-                "decode_graphs": r["decode_long"]["last"].get("decode_graphs"), "budget": r.get("budget"),
-                "expert_slots": r["decode_long"]["last"].get("expert_slots")}
-
-    def llama_fig(r: dict) -> dict:
-        if not r or "error" in r:
-            return {"error": r.get("error", "not run")[:500]} if r else {"error": "not run"}
-        return {k: r.get(k) for k in ("pp_tok_s", "pp_tokens", "tg_tok_s", "tg_tokens", "model_size", "model_n_params",
-                                      "model_type", "gpu_info", "backends")}
-
-    t_v, t_o = tiered_fig(vram), tiered_fig(off)
-    l_g, l_q, l_c = llama_fig(gpu), llama_fig(q4), llama_fig(cpu)
-    pp_time = ratio(l_g.get("pp_tokens"), l_g.get("pp_tok_s"))
-    name = f"{S['preset']}-bf16"
-    m: dict = {"tiered_vram": t_v, "tiered_offload": t_o, "llamacpp_gpu": l_g, "llamacpp_cpu_experts": l_c,
-               "hbm_bound": bound,
-               "decode_vs_llamacpp": ratio(t_v.get("decode_tok_s"), l_g.get("tg_tok_s")),
-               "prefill_vs_llamacpp": ratio(t_v.get(f"prefill{S['prefill']}_tok_s_warm"), l_g.get("pp_tok_s")),
-               "prefill_first_vs_llamacpp": ratio(t_v.get(f"prefill{S['prefill']}_tok_s_first"), l_g.get("pp_tok_s")),
-               "ttft_warm_over_llamacpp_pp_time": ratio(t_v.get("ttft_s_warm"), pp_time),
-               "decode_vs_hbm_bound": ratio(t_v.get("decode_tok_s"), (bound or {}).get("tok_s")),
-               "llamacpp_decode_vs_hbm_bound": ratio(l_g.get("tg_tok_s"), (bound or {}).get("tok_s")),
-               "offload_decode_vs_llamacpp_cpu_experts": ratio(t_o.get("decode_tok_s"), l_c.get("tg_tok_s")),
-               "offload_prefill_vs_llamacpp_cpu_experts": ratio(t_o.get(f"prefill{S['prefill']}_tok_s_warm"),
-                                                                l_c.get("pp_tok_s")),
-               "short_over_long_vram": t_v.get("short_over_long")}
-    batched = {}
-    for key, run in (("gpu", "batched_gpu_bf16"), ("cpu_experts", "batched_cpu_experts_bf16")):
-        r = llama.get(run, {})
-        batched[key] = r.get("batch") if "batch" in r else {"error": r.get("error", "not run")[:500]}
-    m["llamacpp_batched"] = batched
-    res["models"] = {name: m, f"{S['preset']}-q4_0": {"llamacpp_gpu": l_q, "quantize": model.get("q4_0_kept"),
-                                                       "gguf_gb": (model.get("files_gb") or {}).get("gguf_q4_0")}}
+    models: dict = {}
+    m = model_entry(tiers.get("bf16", {}), gpu, cpu, S)
+    m["llamacpp_batched"] = {key: (llama.get(run, {}).get("batch") or
+                                   {"error": llama.get(run, {}).get("error", "not run")[:500]})
+                             for key, run in (("gpu", "batched_gpu_bf16"), ("cpu_experts", "batched_cpu_experts_bf16"))}
+    models[f"{S['preset']}-bf16"] = m
+    q = {"llamacpp_gpu": q4, "quantize": model.get("q4_0_kept"), "gguf_gb": (model.get("files_gb") or {}).get("gguf_q4_0")}
+    for variant, tier in tiers.items():
+        if variant == "bf16":
+            continue
+        # a 4-bit tiered layout is compared with llama.cpp's Q4_0, any other with its bf16 run
+        ref = q4 if variant.startswith("q4") else gpu
+        e = model_entry(tier, ref, cpu, S)
+        e["repack_args"] = tier.get("repack_args")
+        e["decode_vs_tiered_bf16"] = ratio(e["tiered_vram"].get("decode_tok_s"), m["tiered_vram"].get("decode_tok_s"))
+        e["offload_decode_vs_tiered_bf16"] = ratio(e["tiered_offload"].get("decode_tok_s"),
+                                                   m["tiered_offload"].get("decode_tok_s"))
+        if variant.startswith("q4"):
+            e.update(quantize=q["quantize"], gguf_gb=q["gguf_gb"])
+        models[f"{S['preset']}-{variant}"] = e
+    if not any(v.startswith("q4") for v in tiers):
+        models[f"{S['preset']}-q4_0"] = q
+    res["models"] = models
     res["files_gb"] = model.get("files_gb")
-    failures = {k: v.get("error") for k, v in {**{f"llama {k}": v for k, v in llama.items()},
-                                               **{f"tiered {k}": v for k, v in tier.get("modes", {}).items()}}.items()
-                if isinstance(v, dict) and v.get("error")}
+    failures = {f"llama {k}": v["error"] for k, v in llama.items() if isinstance(v, dict) and v.get("error")}
+    for variant, tier in tiers.items():
+        failures.update({f"tiered {variant} {k}": v["error"] for k, v in tier.get("modes", {}).items() if v.get("error")})
     if failures:
         res["failures"] = failures
-
     print_table(res, S)
-    name_out = f"peers-{date}-{short_device(device)}.json"
-    return res, name_out
+    return res, f"peers-{date}-{short_device(device)}.json"
 
 
 def short_device(name: str) -> str:
@@ -703,6 +748,11 @@ def main() -> None:
     ap.add_argument("--offload-budget", default=None,
                     help='budget of the offloaded tiered run as JSON (default {"vram_gb": 4} on CUDA), e.g. '
                          '\'{"vram_gb": 4, "ram_gb": 12, "io": "mmap"}\'')
+    ap.add_argument("--variant", default="bf16",
+                    help="another tiered layout of the same checkpoint, made by --phase model with --repack-args and "
+                         "measured by --phase tiered into tiered-VARIANT.json (q4* variants compare with Q4_0)")
+    ap.add_argument("--repack-args", default=None, help='extra `tiered repack` flags of --variant, e.g. '
+                                                        '"--experts q4 --dense q4"')
     ap.add_argument("--results-dir", type=Path, default=None,
                     help="also copy the report JSON here (e.g. benchmarks/results)")
     a = ap.parse_args()
@@ -711,7 +761,7 @@ def main() -> None:
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: pass --device cpu (with --tiny to check the pipeline)")
     a.work = a.work or Path("/tmp/peers-tiny" if a.tiny else "/root/peers")
-    P = Paths(a.work)
+    P = Paths(a.work, a.variant)
     P.work.mkdir(parents=True, exist_ok=True)
     phases = PHASES if a.phase == "all" else (a.phase,)
     t_start = time.perf_counter()
@@ -723,7 +773,7 @@ def main() -> None:
                 res, name = phase_report(a, S, P)
             else:
                 res = {"model": phase_model, "llama": phase_llama, "tiered": phase_tiered}[ph](a, S, P)
-                name = f"{ph}.json"
+                name = P.state(ph).name
             res["phase_s"] = time.perf_counter() - t0
             res["commit"] = git_commit()
             (P.work / name).write_text(json.dumps(res, indent=1) + "\n")
