@@ -28,6 +28,16 @@ reuse what earlier ones made (files under /root survive while the box stays warm
 
 Each phase prints a table, then one JSON line last, and writes its JSON under $OUT when set (model.json,
 llama.json, tiered.json, peers-DATE-DEVICE.json).
+
+On the GPU box (one lease, calls back to back so that /root survives; carry [".carry/llama.cpp"], made here by
+tools/fetch_llamacpp.sh; set TIERED_COMMIT since the box has no .git):
+  1. bash tools/build_llamacpp.sh && python3 benchmarks/bench_peers.py --phase model    (~4 + ~3 min)
+  2. python3 benchmarks/bench_peers.py --phase llama                                     (~3-5 min)
+  3. python3 benchmarks/bench_peers.py --phase tiered && ... --phase report              (~3 min)
+Every step is idempotent: a call cut at its time limit is simply made again.
+Another tiered layout of the same checkpoint (e.g. quantized experts):
+  python3 benchmarks/bench_peers.py --phase model --variant q4 --repack-args "--experts q4 --dense q4"
+  python3 benchmarks/bench_peers.py --phase tiered --variant q4     # then --phase report compares it with Q4_0
 """
 from __future__ import annotations
 
