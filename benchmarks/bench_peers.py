@@ -149,7 +149,7 @@ def run_tool(cmd: list[str], log_path: Path, timeout: float, cwd: Path | None = 
         tail = "\n".join(text.splitlines()[-25:])
         raise BenchError(f"{Path(cmd[0]).name} exited {r.returncode} after {time.perf_counter() - t0:.1f} s "
                          f"(log: {log_path}):\n{tail}")
-    return r.stdout if r.stdout else text
+    return text  # stdout, then stderr: the parsers pick their JSON lines from either
 
 
 # --- phase: model ------------------------------------------------------------------------------------------
@@ -333,7 +333,7 @@ def llama_runs(a, S: dict, P: Paths) -> list[tuple[str, str, Path, list[str]]]:
     cpu = ["-ot", "exps=CPU", "-t", str(S["threads"])]
     bench = ["-ngl", "99", "-p", str(S["pp"]), "-n", str(S["tg"]), "-o", "jsonl"]
     npl = ",".join(str(b) for b in S["batch"])
-    ctx = max(S["batch"]) * (S["bb_pp"] + S["bb_tg"]) + 64
+    ctx = max(S["batch"]) * (S["bb_pp"] + S["bb_tg"] + 16)  # a multiple of the sequences: each gets ctx / B_max
     batched = ["-ngl", "99", "-c", str(ctx), "-b", "2048", "-ub", "512", "-npp", str(S["bb_pp"]),
                "-ntg", str(S["bb_tg"]), "-npl", npl, "--output-format", "jsonl"]
     runs = [("gpu_bf16", "llama-bench", P.gguf_bf16, bench + ["-r", str(S["reps"])]),
@@ -350,6 +350,22 @@ def llama_runs(a, S: dict, P: Paths) -> list[tuple[str, str, Path, list[str]]]:
     return runs
 
 
+def batched_retry(cmd: list[str], parsed: dict, S: dict, log_path: Path, timeout: float) -> None:
+    """Run the batch sizes whose rows are missing once more (a row was seen lost at exit: its log is written
+    by a background thread); record which were retried, and raise if a row is still missing."""
+    missing = [b for b in S["batch"] if str(b) not in parsed["batch"]]
+    if not missing:
+        return
+    log(f"llama-batched-bench printed no row for B = {missing}: running those again")
+    i = cmd.index("-npl")
+    out = run_tool([*cmd[:i + 1], ",".join(map(str, missing)), *cmd[i + 2:]], log_path, timeout)
+    parsed["batch"].update(parse_batched_bench(out))
+    parsed["retried"] = missing
+    still = [b for b in S["batch"] if str(b) not in parsed["batch"]]
+    if still:
+        raise BenchError(f"llama-batched-bench gave no row for B = {still} twice (log: {log_path})")
+
+
 def phase_llama(a, S: dict, P: Paths) -> dict:
     res: dict = {"phase": "llama", "runs": {}, "commands": {}}
     prev = P.state("llama")
@@ -364,6 +380,8 @@ def phase_llama(a, S: dict, P: Paths) -> dict:
         try:
             out = run_tool(cmd, P.work / f"llama-{name}.log", a.tool_timeout)
             parsed = parse_llama_bench(out) if tool == "llama-bench" else {"batch": parse_batched_bench(out)}
+            if tool == "llama-batched-bench":
+                batched_retry(cmd, parsed, S, P.work / f"llama-{name}-retry.log", a.tool_timeout)
         except BenchError as e:  # keep the other runs' figures; the report says which one failed
             log(f"{name} failed: {e}")
             parsed = {"error": str(e)[-3000:]}

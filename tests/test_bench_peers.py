@@ -1,7 +1,8 @@
 """benchmarks/bench_peers.py: its parsers over outputs captured from real llama.cpp runs (a CPU build of the
 version tools/fetch_llamacpp.sh fetches, on the tiny model), its size estimate against transformers, and the
-report's ratios over phase files. The whole pipeline against a llama.cpp build is a slow test, skipped
-without one (LLAMA_BIN or /tmp/lbcpu/bin)."""
+report's ratios over phase files. The whole pipeline against a llama.cpp build is a slow test (minutes), run
+only when LLAMA_BIN names a build (LLAMA_CUDA=OFF JOBS=2 bash tools/build_llamacpp.sh .carry/llama.cpp /tmp/lbcpu
+then LLAMA_BIN=/tmp/lbcpu/bin)."""
 from __future__ import annotations
 
 import importlib.util
@@ -131,7 +132,7 @@ def test_report_ratios(tmp_path, capsys):
 
 
 def llama_build() -> Path | None:
-    for d in (os.environ.get("LLAMA_BIN"), "/tmp/lbcpu/bin"):
+    for d in (os.environ.get("LLAMA_BIN"),):
         if d and (Path(d) / "llama-bench").is_file() and (Path(d) / "llama-batched-bench").is_file():
             return Path(d)
     return None
@@ -139,7 +140,7 @@ def llama_build() -> Path | None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(llama_build() is None or not (REPO / ".carry/llama.cpp/convert_hf_to_gguf.py").is_file(),
-                    reason="needs a llama.cpp build (LLAMA_BIN or /tmp/lbcpu/bin) and .carry/llama.cpp")
+                    reason="needs LLAMA_BIN (a llama.cpp build) and .carry/llama.cpp (tools/fetch_llamacpp.sh)")
 def test_pipeline_tiny(tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "benchmarks/bench_peers.py"), "--phase", "all", "--tiny",
                         "--device", "cpu", "--llama-bin", str(llama_build()), "--work", str(tmp_path)],
