@@ -336,8 +336,11 @@ def llama_runs(a, S: dict, P: Paths) -> list[tuple[str, str, Path, list[str]]]:
     ctx = max(S["batch"]) * (S["bb_pp"] + S["bb_tg"] + 16)  # a multiple of the sequences: each gets ctx / B_max
     batched = ["-ngl", "99", "-c", str(ctx), "-b", "2048", "-ub", "512", "-npp", str(S["bb_pp"]),
                "-ntg", str(S["bb_tg"]), "-npl", npl, "--output-format", "jsonl"]
+    # On a CPU-only check, Q4_0 weights would be repacked for AMX, whose instructions a sandbox may trap (SIGILL
+    # was seen): --repack 0 keeps the plain CPU kernels. On the GPU box Q4_0 runs on the GPU.
+    q4_cpu = ["--repack", "0"] if a.device == "cpu" else []
     runs = [("gpu_bf16", "llama-bench", P.gguf_bf16, bench + ["-r", str(S["reps"])]),
-            ("gpu_q4_0", "llama-bench", P.gguf_q4, bench + ["-r", str(S["reps"])]),
+            ("gpu_q4_0", "llama-bench", P.gguf_q4, bench + ["-r", str(S["reps"])] + q4_cpu),
             ("cpu_experts_bf16", "llama-bench", P.gguf_bf16, bench + ["-r", str(S["cpu_reps"])] + cpu),
             ("batched_gpu_bf16", "llama-batched-bench", P.gguf_bf16, batched),
             ("batched_cpu_experts_bf16", "llama-batched-bench", P.gguf_bf16, batched + cpu)]
