@@ -70,6 +70,7 @@ class Tokenizer:
             raise TokenizerError("this model's tokenizer_config.json has no chat_template: drop --chat, "
                                  "or use a chat model")
         import jinja2
+        import jinja2.ext
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message: str) -> None:
@@ -80,8 +81,22 @@ class Tokenizer:
             return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
                               sort_keys=sort_keys)
 
+        class Generation(jinja2.ext.Extension):
+            """`{% generation %}...{% endgeneration %}` (transformers' assistant-mask marker): renders its body."""
+            tags = {"generation"}
+
+            def parse(self, parser):
+                lineno = next(parser.stream).lineno
+                body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+                return jinja2.nodes.Scope(body, lineno=lineno)
+
+        def strftime_now(fmt: str) -> str:
+            import datetime
+            return datetime.datetime.now().strftime(fmt)
+
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=[jinja2.ext.loopcontrols])
+                                            extensions=[jinja2.ext.loopcontrols, Generation])
+        env.globals["strftime_now"] = strftime_now
         env.filters["tojson"] = tojson
         env.globals["raise_exception"] = raise_exception
         template = env.from_string(self.chat_template)
