@@ -154,6 +154,53 @@ def _fused_kernel(x_ptr, slot_ptr, wt_ptr, gate_ptr, up_ptr, down_ptr, y_ptr, st
         tl.atomic_add(y_ptr + t * stride_yt + offs_o, tl.sum(dw * h[None, :], axis=1), mask=mask_o, sem="relaxed")
 
 
+def _prep(x: Tensor, slots: Tensor, ops: ExpertOperands) -> tuple[ExpertOperands, Tensor, Tensor, int]:
+    ops = ExpertOperands.of(ops)
+    check_built(ops)
+    T, D = x.shape
+    if D != ops.hidden:
+        raise ValueError(f"x has hidden size {D}, the experts {ops.hidden}")
+    if slots.numel() % T:
+        raise ValueError(f"{slots.numel()} slots for {T} tokens: want [T, K]")
+    return ops, x.contiguous(), slots.reshape(-1).contiguous(), slots.numel() // T
+
+
+def decode_gate_up(x: Tensor, slots: Tensor, ops: ExpertOperands, config: DecodeConfig | None = None) -> Tensor:
+    """The first kernel of the "split" variant: x [T, D], slots [T, K] -> h [T*K, F] fp32."""
+    ops, x, slots, K = _prep(x, slots, ops)
+    cfg = config or DecodeConfig()
+    T, D = x.shape
+    Fe = ops.ffn
+    g, u = ops.gate, ops.up
+    h = torch.empty(T * K, Fe, dtype=torch.float32, device=x.device)  # [T*K, F]
+    _gate_up_kernel[(triton.cdiv(Fe, cfg.block_f), T * K)](
+        x, slots, g, u, h, x.stride(0), g.stride(0), g.stride(1), u.stride(0), u.stride(1), D=D, F=Fe, K=K,
+        BLOCK_F=cfg.block_f, BLOCK_D=min(cfg.block_d, triton.next_power_of_2(D)), WFMT=int(ops.fmt),
+        ACT=int(ops.act), num_warps=cfg.warps)
+    return h
+
+
+def decode_down(h: Tensor, slots: Tensor, weights: Tensor, ops: ExpertOperands, dtype: torch.dtype,
+                config: DecodeConfig | None = None) -> Tensor:
+    """The second kernel of the "split" variant: h [T*K, F] fp32, slots and weights [T, K] -> [T, D] dtype."""
+    ops = ExpertOperands.of(ops)
+    cfg = config or DecodeConfig()
+    D, Fe = ops.hidden, ops.ffn
+    K = slots.shape[-1]
+    T = h.shape[0] // K
+    slots = slots.reshape(-1).contiguous()
+    weights = weights.reshape(-1).contiguous()
+    d = ops.down
+    split = cfg.down_split if K % cfg.down_split == 0 else 1
+    y = (torch.empty(T, D, dtype=dtype, device=h.device) if split == 1
+         else torch.zeros(T, D, dtype=torch.float32, device=h.device))
+    _down_kernel[(triton.cdiv(D, cfg.down_block_d), T * split)](
+        h, slots, weights, d, y, d.stride(0), d.stride(1), y.stride(0), D=D, F=Fe, K=K, K_PER=K // split,
+        SPLIT=split, BLOCK_D=cfg.down_block_d, BLOCK_F=min(cfg.down_block_f, triton.next_power_of_2(Fe)),
+        WFMT=int(ops.fmt), num_warps=cfg.down_warps)
+    return y if split == 1 else y.to(dtype)
+
+
 def moe_decode(x: Tensor, slots: Tensor, weights: Tensor, ops: ExpertOperands,
                config: DecodeConfig | None = None) -> Tensor:
     """Routed experts of T tokens, read in place from a pool.
@@ -167,37 +214,19 @@ def moe_decode(x: Tensor, slots: Tensor, weights: Tensor, ops: ExpertOperands,
     Returns:
         [T, D] in x's dtype: sum over k of weights[t, k] * expert(slots[t, k])(x[t]).
     """
-    ops = ExpertOperands.of(ops)
-    check_built(ops)
     cfg = config or DecodeConfig()
+    ops, x, flat, K = _prep(x, slots, ops)
     T, D = x.shape
-    K = slots.numel() // T
+    weights = weights.reshape(T, K)
+    if cfg.variant == "split":
+        return decode_down(decode_gate_up(x, flat, ops, cfg), flat.view(T, K), weights, ops, x.dtype, cfg)
     Fe = ops.ffn
-    if D != ops.hidden:
-        raise ValueError(f"x has hidden size {D}, the experts {ops.hidden}")
-    x = x.contiguous()
-    slots = slots.reshape(T * K).contiguous()
-    weights = weights.reshape(T * K).contiguous()
     g, u, d = ops.gate, ops.up, ops.down
-    fmt, act = int(ops.fmt), int(ops.act)
-    if cfg.variant == "fused":
-        y32 = torch.zeros(T, D, dtype=torch.float32, device=x.device)
-        _fused_kernel[(triton.cdiv(Fe, cfg.block_f), T * K)](
-            x, slots, weights, g, u, d, y32, x.stride(0), g.stride(0), g.stride(1), u.stride(0), u.stride(1),
-            d.stride(0), d.stride(1), y32.stride(0), D=D, F=Fe, K=K, BLOCK_F=cfg.block_f,
-            BLOCK_D=min(cfg.block_d, triton.next_power_of_2(D)), BLOCK_O=cfg.block_o, WFMT=fmt, ACT=act,
-            num_warps=cfg.warps)
-        return y32.to(x.dtype)
-    h = torch.empty(T * K, Fe, dtype=torch.float32, device=x.device)  # [T*K, F]
-    _gate_up_kernel[(triton.cdiv(Fe, cfg.block_f), T * K)](
-        x, slots, g, u, h, x.stride(0), g.stride(0), g.stride(1), u.stride(0), u.stride(1), D=D, F=Fe, K=K,
-        BLOCK_F=cfg.block_f, BLOCK_D=min(cfg.block_d, triton.next_power_of_2(D)), WFMT=fmt, ACT=act,
-        num_warps=cfg.warps)
-    split = cfg.down_split if K % cfg.down_split == 0 else 1
-    y = (torch.empty(T, D, dtype=x.dtype, device=x.device) if split == 1
-         else torch.zeros(T, D, dtype=torch.float32, device=x.device))
-    _down_kernel[(triton.cdiv(D, cfg.down_block_d), T * split)](
-        h, slots, weights, d, y, d.stride(0), d.stride(1), y.stride(0), D=D, F=Fe, K=K, K_PER=K // split,
-        SPLIT=split, BLOCK_D=cfg.down_block_d, BLOCK_F=min(cfg.down_block_f, triton.next_power_of_2(Fe)),
-        WFMT=fmt, num_warps=cfg.down_warps)
-    return y if split == 1 else y.to(x.dtype)
+    weights = weights.reshape(-1).contiguous()
+    y32 = torch.zeros(T, D, dtype=torch.float32, device=x.device)
+    _fused_kernel[(triton.cdiv(Fe, cfg.block_f), T * K)](
+        x, flat, weights, g, u, d, y32, x.stride(0), g.stride(0), g.stride(1), u.stride(0), u.stride(1),
+        d.stride(0), d.stride(1), y32.stride(0), D=D, F=Fe, K=K, BLOCK_F=cfg.block_f,
+        BLOCK_D=min(cfg.block_d, triton.next_power_of_2(D)), BLOCK_O=cfg.block_o, WFMT=int(ops.fmt),
+        ACT=int(ops.act), num_warps=cfg.warps)
+    return y32.to(x.dtype)
