@@ -105,7 +105,7 @@ def hbm_read_gbps(gib: float = 4.0) -> dict:
     n = int(gib * (1 << 30) // 4)
     a = torch.ones(n, dtype=torch.float32, device=DEV)
     out = torch.empty((), dtype=torch.float32, device=DEV)
-    t = time_graph([lambda: torch.sum(a, out=out)], reps=10)
+    t = time_graph([lambda: torch.sum(a, 0, out=out)], reps=10)
     read = a.numel() * 4 / t / 1e9
     b = torch.empty_like(a)
     tc = time_graph([lambda: b.copy_(a)], reps=5)
