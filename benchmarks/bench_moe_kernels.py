@@ -164,7 +164,7 @@ def bench_decode(name, D, F, K, layers, T_list, quick, hbm, budget_end, sweep=(U
             run("torch_gather_gemv", "", lambda x, s, w: (lambda: experts_from_slots(x, s[0], wc(w), W)), 1)
             run("torch_grouped_mm", "", lambda x, s, w: (lambda: experts_decode_grouped(x, s[0], wc(w), W.gate, W.up,
                                                                                         W.down)), 1)
-        run("triton_split", "default", lambda x, s, w: (lambda: moe_decode(x, s, w, W)), T)
+        run("triton_split", "default (for_shape)", lambda x, s, w: (lambda: moe_decode(x, s, w, W)), T)
     if quick:
         return rows, pool
     # stage 1: gate/up tiles (default down); stage 2: down tiles with the best gate/up; stage 3: fused
@@ -221,7 +221,7 @@ def bench_grouped(D, F, K, E, T_list, quick, hbm, budget_end):
     slot_map = torch.arange(E, device=DEV)
     rows = []
     configs = [GroupedConfig(16, 64, 128, 4, 4), GroupedConfig(32, 64, 128, 4, 4), GroupedConfig(64, 128, 64, 4, 3),
-               GroupedConfig(64, 64, 64, 4, 4), GroupedConfig(128, 128, 64, 8, 3), GroupedConfig(64, 128, 128, 8, 3),
+               GroupedConfig(64, 64, 64, 4, 4), GroupedConfig(128, 128, 64, 8, 3),
                GroupedConfig(128, 64, 64, 4, 4), GroupedConfig(32, 128, 64, 4, 4)]
     for T in T_list:
         if time.perf_counter() > budget_end:

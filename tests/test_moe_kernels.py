@@ -287,24 +287,36 @@ class _WaveProvider:
         pass
 
 
+class _WholeProvider(_WaveProvider):
+    """The same pool, offering slot_map(layer): every expert at hand, no get() needed."""
+
+    def slot_map(self, layer):
+        return self.slot_of
+
+
 @interp
-@pytest.mark.parametrize("n", [2, 100])
-def test_model_grouped_path_matches_torch_loop(n):
-    """model/moe_gpu's grouped path (waves of at most n experts through provider.get) equals
-    moe.experts_grouped, the torch loop the CPU keeps, and asks the provider for each used expert once."""
+@pytest.mark.parametrize("T,n,whole", [(5, 2, False), (5, 100, False), (11, 3, False), (11, 100, False),
+                                       (5, 100, True), (11, 100, True)])
+def test_model_tokens_path_matches_torch_loop(T, n, whole):
+    """model/moe_gpu.experts_tokens (decode kernel for T <= DECODE_MAX_T when one wave serves, else the
+    grouped kernel in waves of at most n experts; or the provider's slot_map) equals moe.experts_grouped,
+    the torch loop the CPU keeps, and asks the provider for each used expert once."""
     from tiered.model import moe, moe_gpu
 
-    T, K, E, D, F = 5, 3, 7, 32, 16
+    K, E, D, F = 3, 7, 32, 16
     W = _pool(2 * E, F, D, torch.float32)
     slot_of = torch.randperm(2 * E)[:E]
     ids, w = _routing(T, K, E)
     x = torch.randn(T, D)
     ref = moe.experts_grouped(x, ids, w, _WaveProvider(W, slot_of, n), 0)
-    p = _WaveProvider(W, slot_of, n)
-    out = moe_gpu.experts_grouped_kernel(x, ids, w, p, 0, E)
+    p = (_WholeProvider if whole else _WaveProvider)(W, slot_of, n)
+    out = moe_gpu.experts_tokens(x, ids, w, p, 0, E)
     assert _rel(out, ref) < 1e-5
     asked = [e for call in p.calls for e in call]
-    assert sorted(asked) == sorted(set(ids.flatten().tolist())) and max(map(len, p.calls)) <= n
+    if whole:
+        assert asked == []
+    else:
+        assert sorted(asked) == sorted(set(ids.flatten().tolist())) and max(map(len, p.calls)) <= n
 
 
 @interp

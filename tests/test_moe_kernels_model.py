@@ -17,7 +17,7 @@ def _engine(layout, monkeypatch, kernels: bool, **kw):
         E = Layout.open(layout).config.num_experts
         monkeypatch.setattr(moe, "experts_from_slots", lambda x, s, w, W: moe_gpu.experts_decode(x, s, w, W))
         monkeypatch.setattr(moe, "experts_grouped",
-                            lambda x, ids, w, p, l: moe_gpu.experts_grouped_kernel(x, ids, w, p, l, E))
+                            lambda x, ids, w, p, l: moe_gpu.experts_tokens(x, ids, w, p, l, E))
     return tiered.load(layout, device="cuda", max_context=300, **kw)
 
 

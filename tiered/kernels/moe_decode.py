@@ -36,15 +36,16 @@ from tiered.kernels.moe_operands import ExpertOperands, check_built
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Tile sizes of the decode kernels (all powers of two)."""
+    """Tile sizes of the decode kernels (all powers of two). Defaults: the fastest deterministic tiles
+    measured at the 10.6B shape (benchmarks/results/moe-kernels-2026-11-30-h200.json); `for_shape` picks."""
     variant: str = "split"  # "split" (gate_up, then down) or "fused" (one kernel, atomic down)
-    block_f: int = 8  # gate/up rows (F) per program
+    block_f: int = 4  # gate/up rows (F) per program
     block_d: int = 512  # gate/up input columns (D) per step
-    warps: int = 4  # warps per gate/up (or fused) program
+    warps: int = 2  # warps per gate/up (or fused) program
     down_block_d: int = 4  # down rows (D) per program ("split")
-    down_block_f: int = 256  # down input columns (F) per step ("split")
+    down_block_f: int = 1024  # down input columns (F) per step ("split")
     down_split: int = 1  # programs sharing one token's K experts ("split"; > 1: fp32 atomics)
-    down_warps: int = 4
+    down_warps: int = 8
     block_o: int = 64  # down rows per atomic step ("fused")
 
     def __post_init__(self) -> None:
@@ -54,6 +55,15 @@ class DecodeConfig:
             v = getattr(self, name)
             if v < 1 or v & (v - 1):
                 raise ValueError(f"DecodeConfig.{name} must be a power of two, got {v}")
+
+    @classmethod
+    def for_shape(cls, hidden: int, ffn: int) -> "DecodeConfig":
+        """Measured on the H200 (T = 1, bf16, deterministic split): D 2048 / F 768 -> 25.1 us per layer of
+        K = 8 (3.0 TB/s, 0.68 of the 4.39 TB/s read bound); D 4096 / F 1024 -> the tiles below, 65.5 us
+        for K = 10 (3.8 TB/s, 0.87). The fused variant was slower at both shapes (43 and 203 us)."""
+        if hidden >= 4096:
+            return cls(block_f=4, block_d=1024, warps=4, down_block_d=8, down_block_f=256, down_warps=4)
+        return cls()
 
 
 @triton.jit
@@ -168,8 +178,8 @@ def _prep(x: Tensor, slots: Tensor, ops: ExpertOperands) -> tuple[ExpertOperands
 def decode_gate_up(x: Tensor, slots: Tensor, ops: ExpertOperands, config: DecodeConfig | None = None) -> Tensor:
     """The first kernel of the "split" variant: x [T, D], slots [T, K] -> h [T*K, F] fp32."""
     ops, x, slots, K = _prep(x, slots, ops)
-    cfg = config or DecodeConfig()
     T, D = x.shape
+    cfg = config or DecodeConfig.for_shape(D, ops.ffn)
     Fe = ops.ffn
     g, u = ops.gate, ops.up
     h = torch.empty(T * K, Fe, dtype=torch.float32, device=x.device)  # [T*K, F]
@@ -184,8 +194,8 @@ def decode_down(h: Tensor, slots: Tensor, weights: Tensor, ops: ExpertOperands, 
                 config: DecodeConfig | None = None) -> Tensor:
     """The second kernel of the "split" variant: h [T*K, F] fp32, slots and weights [T, K] -> [T, D] dtype."""
     ops = ExpertOperands.of(ops)
-    cfg = config or DecodeConfig()
     D, Fe = ops.hidden, ops.ffn
+    cfg = config or DecodeConfig.for_shape(D, Fe)
     K = slots.shape[-1]
     T = h.shape[0] // K
     slots = slots.reshape(-1).contiguous()
@@ -210,13 +220,13 @@ def moe_decode(x: Tensor, slots: Tensor, weights: Tensor, ops: ExpertOperands,
         slots: [T, K] (or [K] when T = 1) int64/int32 slot rows of `ops`, on x's device.
         weights: [T, K] routing weights (fp32 or compute dtype).
         ops: ExpertOperands (or store.disk.ExpertWeights) over the pool.
-        config: tile sizes; DecodeConfig() when None.
+        config: tile sizes; DecodeConfig.for_shape(D, F) when None.
     Returns:
         [T, D] in x's dtype: sum over k of weights[t, k] * expert(slots[t, k])(x[t]).
     """
-    cfg = config or DecodeConfig()
     ops, x, flat, K = _prep(x, slots, ops)
     T, D = x.shape
+    cfg = config or DecodeConfig.for_shape(D, ops.ffn)
     weights = weights.reshape(T, K)
     if cfg.variant == "split":
         return decode_down(decode_gate_up(x, flat, ops, cfg), flat.view(T, K), weights, ops, x.dtype, cfg)
