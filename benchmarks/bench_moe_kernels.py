@@ -32,11 +32,11 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 from benchmeta import git_commit, write_out  # noqa: E402
 
-from tiered.format import plan_block  # noqa: E402
+from tiered.layout.format import plan_block  # noqa: E402
 from tiered.kernels.moe_decode import DecodeConfig, decode_down, decode_gate_up, moe_decode  # noqa: E402
 from tiered.kernels.moe_grouped import GroupedConfig, grouped_mm_layer, moe_grouped, pick_config  # noqa: E402
 from tiered.kernels.moe_naive import experts_loop  # noqa: E402
-from tiered.model.grouped import experts_decode_grouped  # noqa: E402
+from tiered.kernels.grouped import experts_decode_grouped  # noqa: E402
 from tiered.model.moe import experts_from_slots, experts_grouped  # noqa: E402
 from tiered.store.disk import expert_views  # noqa: E402
 

@@ -1,9 +1,13 @@
-"""Triton kernels and their plain-torch references.
+"""Expert kernels: fast paths for the routed-expert computation (Triton kernels, grouped GEMMs), each
+beside the plain torch reference it is tested against (moe_naive.py: a loop over experts).
 
-Owns: `triton_available`, the one place the runtime asks whether a kernel may run. Kernel modules
-(moe_decode.py, moe_grouped.py) import Triton at the top, so the runtime imports them only after
-this answers True: the CPU torch wheel ships without Triton, and the CPU path is plain torch.
-Does not own: choosing between kernels and the torch path (the model does that).
+Owns: `triton_available`, the one place the runtime asks whether a Triton kernel may run. Kernel modules
+(moe_decode.py, moe_grouped.py) import Triton at the top, so the runtime imports them only after this
+answers True: the CPU torch wheel ships without Triton, and the CPU path is plain torch.
+Does not own: choosing between kernels and the torch path (model/moe_gpu.py and model/moe.py do that).
+
+Imports only from layout/ and store/ (a kernel may read a provider's slot weights); the model imports
+kernels, never the other way round.
 """
 from __future__ import annotations
 
