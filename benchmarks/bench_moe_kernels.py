@@ -6,7 +6,7 @@
 What it measures, all in one run:
   - HBM read bandwidth: torch.sum over a 4 GiB fp32 tensor (a read-only reduction, not a copy).
   - Decode (T = 1 and small T), per shape (10.6B: D 2048, F 768, K 8; 397B: D 4096, F 1024, K 10): the
-    current torch path (moe.experts_from_slots: gather + GEMV), torch grouped_mm (model/grouped.py),
+    current torch path (moe.experts_from_slots: gather + GEMV), torch grouped_mm (kernels/grouped.py),
     and the Triton kernels of tiered/kernels/moe_decode.py over a sweep of tile sizes (split, split-K
     down, fused). Timed as a CUDA graph of --layers calls, each layer on other slots of a pool larger
     than L2, so every byte comes from HBM. GB/s = the K experts' weight bytes / time per layer.
