@@ -6,7 +6,7 @@
 What it measures, all in one run:
   - HBM read bandwidth: torch.sum over a 4 GiB fp32 tensor (a read-only reduction, not a copy).
   - Decode (T = 1 and small T), per shape (10.6B: D 2048, F 768, K 8; 397B: D 4096, F 1024, K 10): the
-    current torch path (moe.experts_from_slots: gather + GEMV), torch grouped_mm (model/grouped.py),
+    current torch path (moe.experts_from_slots: gather + GEMV), torch grouped_mm (kernels/grouped.py),
     and the Triton kernels of tiered/kernels/moe_decode.py over a sweep of tile sizes (split, split-K
     down, fused). Timed as a CUDA graph of --layers calls, each layer on other slots of a pool larger
     than L2, so every byte comes from HBM. GB/s = the K experts' weight bytes / time per layer.
@@ -32,11 +32,11 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 from benchmeta import git_commit, write_out  # noqa: E402
 
-from tiered.format import plan_block  # noqa: E402
+from tiered.layout.format import plan_block  # noqa: E402
 from tiered.kernels.moe_decode import DecodeConfig, decode_down, decode_gate_up, moe_decode  # noqa: E402
 from tiered.kernels.moe_grouped import GroupedConfig, grouped_mm_layer, moe_grouped, pick_config  # noqa: E402
 from tiered.kernels.moe_naive import experts_loop  # noqa: E402
-from tiered.model.grouped import experts_decode_grouped  # noqa: E402
+from tiered.kernels.grouped import experts_decode_grouped  # noqa: E402
 from tiered.model.moe import experts_from_slots, experts_grouped  # noqa: E402
 from tiered.store.disk import expert_views  # noqa: E402
 

@@ -15,7 +15,7 @@ if not torch.cuda.is_available():  # the kernels are decorated at import: the in
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from tiered.format import plan_block  # noqa: E402
+from tiered.layout.format import plan_block  # noqa: E402
 from tiered.kernels.moe_decode import DecodeConfig, moe_decode  # noqa: E402
 from tiered.kernels.moe_grouped import (GroupedConfig, GroupedMoE, align_rows, grouped_mm_layer,  # noqa: E402
                                         moe_grouped)
