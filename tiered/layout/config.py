@@ -19,7 +19,12 @@ Canonical dense tensor names (keys of `dense.safetensors` in a layout):
     layers.{l}.router         [E, D]
     layers.{l}.shared_gate_proj / shared_up_proj [Fs, D], shared_down_proj [D, Fs]
     layers.{l}.shared_expert_gate [1, D]
-Routed expert roles (tensors inside one expert block): gate [F, D], up [F, D], down [D, F].
+    layers.{l}.o_bias [D], layers.{l}.sinks [H], layers.{l}.router_bias [E]   (gpt-oss)
+Routed expert roles (tensors inside one expert block): gate [F, D], up [F, D], down [D, F]; with expert biases
+(gpt-oss) also gate_bias [F], up_bias [F], down_bias [D]. Other source forms (fused, MXFP4) are turned into
+these at repack (layout/fused.py).
+`extra` (family data the model reads): router ("softmax_topk" | "topk_softmax", model/routing.py), layer_types
+(per-layer "sliding_attention" / "full_attention"), swiglu_limit / swiglu_alpha (clamped SwiGLU), rope_dim.
 """
 from __future__ import annotations
 
