@@ -137,6 +137,11 @@ from tiered.predict.tune_cli import tune  # noqa: E402
 main.add_command(trace)
 main.add_command(tune)
 
+from tiered.serve.commands import batch, serve  # noqa: E402  (issue 14: the scheduler's commands)
+
+main.add_command(batch)
+main.add_command(serve)
+
 
 if __name__ == "__main__":
     main()
