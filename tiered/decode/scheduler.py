@@ -101,11 +101,13 @@ class Scheduler:
         max_queue: waiting requests at most (submit raises QueueFull beyond it).
         prefill_tokens: prompt tokens per step at most (chunks of new prompts ride the decode steps).
         record_keys: keep each step's per-layer expert keys (benchmarks: Belady over the run).
+        decode_attention: BatchStep's choice ("auto", "rows", "paged").
+        kv_pages: the page count itself (wins over kv_gb; tests).
     """
 
     def __init__(self, engine: Any, *, max_batch: int = 8, kv_gb: float | None = None, page_size: int = 16,
                  max_queue: int = 256, prefill_tokens: int = 256, record_keys: bool = False,
-                 decode_attention: str = "auto") -> None:
+                 decode_attention: str = "auto", kv_pages: int | None = None) -> None:
         if max_batch < 1:
             raise EngineError(f"--max-batch must be >= 1, got {max_batch}")
         self.engine = engine
@@ -117,7 +119,9 @@ class Scheduler:
         self.prefill_tokens = max(1, prefill_tokens)
         self.max_context = engine.max_context
         cfg, dt = self.config, self.model.dtype
-        if kv_gb is None:
+        if kv_pages is not None:
+            pages = kv_pages
+        elif kv_gb is None:
             pages = max_batch * -(-self.max_context // page_size)
             pages = min(pages, pages_for_budget(cfg, 2.0, page_size, dt))
         else:
@@ -197,6 +201,9 @@ class Scheduler:
         if set_phase is not None:
             set_phase("prefill" if prefill else "decode")
         logits = self.step_fn.forward(segs)
+        for r, s in zip(rows, segs):
+            if not s.want_logits:  # a prompt chunk short of the end: its K/V are in, nothing to sample
+                r.cached += len(s.tokens)
         sampled = self._sample(logits, [r for r, s in zip(rows, segs) if s.want_logits])
         if self.model.device.type == "cuda":
             torch.cuda.synchronize(self.model.device)
@@ -253,7 +260,7 @@ class Scheduler:
             n = 1 if todo == 1 else min(todo, budget)
             if n <= 0 or (todo > 1 and budget <= 0):
                 continue
-            if not self._ensure_pages(r, r.cached + n):
+            if not self._ensure_pages(r, r.cached + n, segs, rows):
                 continue
             if todo > 1:
                 budget -= n
@@ -262,15 +269,22 @@ class Scheduler:
             rows.append(r)
         return segs, rows
 
-    def _ensure_pages(self, r: Request, tokens: int) -> bool:
-        """Grow r's page table to hold `tokens`; preempt the youngest other row if the pool is empty."""
+    def _ensure_pages(self, r: Request, tokens: int, segs: list[Segment], rows: list[Request]) -> bool:
+        """Grow r's page table to hold `tokens`. When the pool is empty the youngest row is preempted
+        (dropped from this step if it was in it); False when that is r itself (it waits in the queue)."""
         need = self.state.pages_needed(tokens) - len(r.pages)
         while need > self.state.free_pages:
-            victims = [v for v in self.running if v is not r and not v.done]
-            if not victims:
+            rivals = [v for v in self.running if not v.done]
+            if rivals == [r]:
                 self._finish(r, "length")  # the pool cannot hold this one sequence
                 return False
-            self._preempt(max(victims, key=lambda v: v._admitted))
+            v = max(rivals, key=lambda v: v._admitted)
+            if v in rows:
+                i = rows.index(v)
+                del rows[i], segs[i]
+            self._preempt(v)
+            if v is r:
+                return False
         if need > 0:
             r.pages += self.state.alloc(need)
         return True
