@@ -20,6 +20,11 @@ PRESETS = {
                       num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
                       num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, max_position_embeddings=4096,
                       rms_norm_eps=1e-6, tie_word_embeddings=False),
+    # qwen3-10b with 8 layers (5.61B): the model of the llama.cpp baselines in GROUND.md
+    "qwen3-10b-8l": dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                         num_hidden_layers=8, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                         num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, max_position_embeddings=4096,
+                         rms_norm_eps=1e-6, tie_word_embeddings=False),
     # qwen3-10b's layer and expert counts at a CPU-sized width (replayed-routing benchmark checks)
     "qwen3-mini": dict(vocab_size=1024, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
                        num_hidden_layers=16, num_attention_heads=4, num_key_value_heads=2, head_dim=32,

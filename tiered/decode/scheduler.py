@@ -134,8 +134,6 @@ class Scheduler:
         self.running: list[Request] = []
         self._cancel: set[Request] = set()
         self._admissions = 0
-        self.step_keys: list[list[list[int]]] = []  # per step, per layer: expert keys (record_keys)
-        self.step_times: list[float] = []  # seconds per step (record_keys)
         self.reset_stats()
 
     # --- thread-safe entry points ---
@@ -220,6 +218,8 @@ class Scheduler:
         if self.step_fn.record_keys:
             self.step_keys.append(c.keys)
             self.step_times.append(dt)
+            self.step_prefill.append(prefill)
+            self.step_rows.append(c.rows)
         return len(segs)
 
     def _apply_cancels(self) -> None:
@@ -373,11 +373,13 @@ class Scheduler:
 
     # --- stats ---
     def reset_stats(self) -> None:
+        """Zero the counters; with record_keys, step_keys / step_times / step_prefill / step_rows hold, per step,
+        each layer's expert keys, the seconds, whether prompt tokens rode it, and its rows."""
         self.steps = self.rows_sum = self.distinct_sum = self.provider_calls = 0
         self.tokens_generated = self.decode_tokens = self.finished = self.preemptions = 0
         self.busy_s = self.decode_s = 0.0
         self._bytes0 = self._provider_bytes()
-        self.step_keys, self.step_times = [], []
+        self.step_keys, self.step_times, self.step_prefill, self.step_rows = [], [], [], []
 
     def _provider_bytes(self) -> int:
         s = self.model.provider.stats()
