@@ -221,6 +221,7 @@ class BatchStep:
         """
         prov = self.model.provider
         E = self.cfg.num_experts
+        n = max(1, int(prov.max_experts_per_call))
         T, K = ids.shape
         flat = ids.reshape(-1)  # [T*K]
         order = torch.argsort(flat, stable=True)  # entries sorted by expert
@@ -233,29 +234,63 @@ class BatchStep:
         tok = order // K  # [T*K] token of each sorted entry
         wsorted = wts.reshape(-1)[order]  # [T*K]
         rows = torch.empty((T * K, x.shape[1]), dtype=torch.promote_types(x.dtype, wts.dtype), device=x.device)
-        n = max(1, int(prov.max_experts_per_call))
-        W = prov.weights
         starts = [0]
         for cnt in counts_l:
             starts.append(starts[-1] + cnt)
-        get_slots = getattr(prov, "get_slots", None)
+        split = hasattr(prov, "resident") and hasattr(prov, "wait_slots")
         for w0 in range(0, len(used_l), n):
-            wave = used_l[w0:w0 + n]
-            slots = get_slots(layer, wave) if get_slots is not None else prov.get(layer, used[w0:w0 + n]).tolist()
-            c.provider_calls += 1
-            a0, b0 = starts[w0], starts[w0 + len(wave)]
-            xs = x.index_select(0, tok[a0:b0])  # [n_rows, D] the wave's rows, grouped by expert
-            if self.grouped_mm is not None and W.gate.dtype == x.dtype:
-                y = self._wave_grouped_mm(xs, slots, counts_l[w0:w0 + len(wave)], W)
+            wave = list(range(w0, min(w0 + n, len(used_l))))
+            experts = [used_l[j] for j in wave]
+            if split:
+                # One get() for the wave without waiting for its copies; the experts that were already in
+                # slots compute first, while the missing ones are copied in, then the rest after their copies.
+                here = prov.resident(layer, experts)
+                slots = prov.get_slots(layer, experts, wait=False)
+                groups = [[i for i, h in enumerate(here) if h], [i for i, h in enumerate(here) if not h]]
             else:
-                y = torch.empty((b0 - a0, x.shape[1]), dtype=x.dtype, device=x.device)
-                dt = x.dtype
-                for j, s in enumerate(slots):
-                    a, b = starts[w0 + j] - a0, starts[w0 + j + 1] - a0
-                    y[a:b] = F.linear(F.silu(F.linear(xs[a:b], W.gate[s].to(dt))) * F.linear(xs[a:b], W.up[s].to(dt)),
-                                      W.down[s].to(dt))
-            rows.index_copy_(0, order[a0:b0], y * wsorted[a0:b0, None])
+                slots = self._get(layer, experts, x.device)
+                groups = [list(range(len(wave)))]
+            c.provider_calls += 1
+            for g in groups:
+                if not g:
+                    continue
+                if split:
+                    prov.wait_slots([slots[i] for i in g])
+                self._compute(x, [slots[i] for i in g], [starts[wave[i]] for i in g],
+                              [counts_l[wave[i]] for i in g], tok, order, wsorted, rows)
         return rows.view(T, K, -1).sum(1).to(x.dtype)  # [T, D]
+
+    def _get(self, layer: int, experts: list[int], device: torch.device) -> list[int]:
+        prov = self.model.provider
+        get_slots = getattr(prov, "get_slots", None)
+        if get_slots is not None:
+            return get_slots(layer, experts)
+        return prov.get(layer, torch.tensor(experts, dtype=torch.int64, device=device)).tolist()
+
+    def _compute(self, x: Tensor, slots: list[int], starts: list[int], counts: list[int], tok: Tensor,
+                 order: Tensor, wsorted: Tensor, rows: Tensor) -> None:
+        """The rows of experts in `slots` (entries starts[j]..+counts[j] of the expert-sorted order) through
+        their SwiGLU, written into `rows` [T*K, D] at their (token, k) places."""
+        W = self.model.provider.weights
+        dev = x.device
+        if all(starts[j] + counts[j] == starts[j + 1] for j in range(len(starts) - 1)):
+            sel = torch.arange(starts[0], starts[-1] + counts[-1], device=dev)  # one contiguous run (usual)
+        else:
+            sel = torch.cat([torch.arange(a, a + c) for a, c in zip(starts, counts)]).to(dev, non_blocking=True)
+        ent = order.index_select(0, sel)  # the (token, k) entries, grouped by expert
+        xs = x.index_select(0, tok.index_select(0, sel))  # [n, D]
+        if self.grouped_mm is not None and W.gate.dtype == x.dtype:
+            y = self._wave_grouped_mm(xs, slots, counts, W)
+        else:
+            y = torch.empty((xs.shape[0], x.shape[1]), dtype=x.dtype, device=dev)
+            dt = x.dtype
+            a = 0
+            for s, cnt in zip(slots, counts):
+                b = a + cnt
+                y[a:b] = F.linear(F.silu(F.linear(xs[a:b], W.gate[s].to(dt))) * F.linear(xs[a:b], W.up[s].to(dt)),
+                                  W.down[s].to(dt))
+                a = b
+        rows.index_copy_(0, ent, y * wsorted.index_select(0, sel)[:, None])
 
     def _wave_grouped_mm(self, xs: Tensor, slots: list[int], counts: list[int], W: Any) -> Tensor:
         """One grouped GEMM per projection over the pool: xs [n, D] grouped in `slots` order -> [n, D].

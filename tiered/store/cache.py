@@ -311,12 +311,14 @@ class ExpertCache:
         """int64 [U] distinct ids of `layer` -> int64 [U] slot rows into `weights`, usable on the current stream."""
         return self.vram.index_tensor(self.get_slots(layer, expert_ids))
 
-    def get_slots(self, layer: int, expert_ids: torch.Tensor | Sequence[int]) -> list[int]:
+    def get_slots(self, layer: int, expert_ids: torch.Tensor | Sequence[int], *, wait: bool = True) -> list[int]:
         """get() without the device index tensor: the slot rows as host ints (SEAMS.md, optional provider API).
 
         Same bookkeeping, copies and stream waits as get(); the caller hands the rows to the device itself
         (the piecewise decode step writes them into a static buffer that its next graph copies in).
         Called once per layer per token: no per-call tensors, one dict lookup per key on the hit path.
+        wait=False leaves the current stream's wait to the caller (`wait_slots`), so compute on the slots
+        that were resident can run while the missing ones are copied in (the batch step does this).
         """
         ids = expert_ids.tolist() if isinstance(expert_ids, torch.Tensor) else [int(e) for e in expert_ids]
         n = len(ids)
@@ -375,8 +377,20 @@ class ExpertCache:
                 ph.stall_s += (self.ram.wait_s - ram_wait0) if self.ram is not None else 0.0
             else:
                 ph.stall_s += time.perf_counter() - t0
-        self.vram.wait_for(slots, self.phase)
+        if wait:
+            self.vram.wait_for(slots, self.phase)
         return slots
+
+    def wait_slots(self, slots: list[int]) -> None:
+        """The current stream waits for the copies into these slots (after get_slots(..., wait=False))."""
+        self.vram.wait_for(slots, self.phase)
+
+    def resident(self, layer: int, expert_ids: Sequence[int]) -> list[bool]:
+        """Whether each expert of `layer` is in a device slot now (no bookkeeping, no copies): the batch step
+        computes those first while the others stream in."""
+        base = layer * self.num_experts
+        slot_of = self.vram.table.slot_of
+        return [(base + int(e)) in slot_of for e in expert_ids]
 
     def _assign(self, keys: list[int], t: float, pinned: set[int]) -> dict[int, int]:
         slot_of = {}
