@@ -174,7 +174,22 @@ class BatchStep:
             plan["bt"] = torch.tensor(bt, dtype=torch.int32).to(dev, non_blocking=True)
             plan["seqlens"] = torch.tensor([s.start + 1 for s in rows], dtype=torch.int32).to(dev, non_blocking=True)
             plan["rows"] = torch.tensor([offs[i] for i in plan["decode"]], dtype=torch.int64).to(dev, non_blocking=True)
+        plan["row"] = {i: self._row_plan(segs[i]) for i in plan["other"]}
         return plan
+
+    def _row_plan(self, s: Segment) -> tuple[Tensor, int, int, Tensor | None]:
+        """A row's page ids, the span [lo, end) it reads and its mask (None for one query): the same for
+        every layer, so built once per step."""
+        P, W = self.state.page_size, self.cfg.sliding_window
+        t = len(s.tokens)
+        end = s.start + t
+        lo = 0 if W is None else max(0, s.start - W + 1)
+        pages = torch.tensor(s.pages[:-(-end // P)], dtype=torch.int64).to(self.device, non_blocking=True)
+        mask = None
+        if t > 1:
+            G = self.cfg.num_heads // self.cfg.num_kv_heads
+            mask = attn_mask(torch.arange(s.start, end, device=self.device), lo, end, window=W, groups=G)
+        return pages, lo, end, mask
 
     def _attend(self, q: Tensor, ls: LayerState, segs: list[Segment], offs: list[int], plan: dict) -> Tensor:
         """q [T, H, hd] -> attention output [T, H*hd], each row over its own pages (K/V already written)."""
@@ -186,26 +201,18 @@ class BatchStep:
             out.index_copy_(0, plan["rows"], o.reshape(-1, H * hd))
         for i in plan["other"]:
             a, b = offs[i], offs[i + 1]
-            out[a:b] = self._attend_row(q[a:b], ls, segs[i])
+            out[a:b] = self._attend_row(q[a:b], ls, *plan["row"][i])
         return out
 
-    def _attend_row(self, q: Tensor, ls: LayerState, s: Segment) -> Tensor:
-        """One row's queries q [t, H, hd] at positions start..start+t-1 over its pages -> [t, H*hd].
+    def _attend_row(self, q: Tensor, ls: LayerState, pages: Tensor, lo: int, end: int, mask: Tensor | None) -> Tensor:
+        """One row's queries q [t, H, hd] at positions end-t..end-1 over its pages -> [t, H*hd].
 
         The same SDPA call as the contiguous-cache path (layers._sdpa), over the row's gathered keys."""
         t, H, hd = q.shape
-        P = self.state.page_size
         KV = ls.k.shape[2]
         G = H // KV
-        end = s.start + t
-        W = self.cfg.sliding_window
-        lo = 0 if W is None else max(0, s.start - W + 1)
-        pages = torch.tensor(s.pages[:-(-end // P)], dtype=torch.int64, device=q.device)
         kc = ls.k.index_select(0, pages).view(-1, KV, hd)[lo:end].transpose(0, 1)  # [KV, S, hd]
         vc = ls.v.index_select(0, pages).view(-1, KV, hd)[lo:end].transpose(0, 1)
-        mask = None
-        if t > 1:
-            mask = attn_mask(torch.arange(s.start, end, device=q.device), lo, end, window=W, groups=G)
         qg = q.transpose(0, 1).reshape(1, KV, G * t, hd)  # rows (g, t)
         o = F.scaled_dot_product_attention(qg, kc[None], vc[None], attn_mask=mask, scale=hd ** -0.5)
         return o.reshape(H, t, hd).transpose(0, 1).reshape(t, H * hd)
@@ -284,11 +291,12 @@ class BatchStep:
         else:
             y = torch.empty((xs.shape[0], x.shape[1]), dtype=x.dtype, device=dev)
             dt = x.dtype
+            same = W.gate.dtype == dt
             a = 0
             for s, cnt in zip(slots, counts):
                 b = a + cnt
-                y[a:b] = F.linear(F.silu(F.linear(xs[a:b], W.gate[s].to(dt))) * F.linear(xs[a:b], W.up[s].to(dt)),
-                                  W.down[s].to(dt))
+                g, u, d = (W.gate[s], W.up[s], W.down[s]) if same else (W.gate[s].to(dt), W.up[s].to(dt), W.down[s].to(dt))
+                y[a:b] = F.linear(F.silu(F.linear(xs[a:b], g)) * F.linear(xs[a:b], u), d)
                 a = b
         rows.index_copy_(0, ent, y * wsorted.index_select(0, sel)[:, None])
 
