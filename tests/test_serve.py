@@ -228,3 +228,43 @@ def test_soak_rss_flat(live, client):
             rss.append(_rss_kb())
         assert time.monotonic() - t0 < 120, f"soak too slow: {i} requests in 120 s"
     assert rss[1] - rss[0] < 20 * 1024, f"RSS grew {(rss[1] - rss[0]) / 1024:.1f} MiB over 150 requests"
+
+
+def test_graceful_shutdown_finishes_running_rows(tmp_path):
+    """`tiered serve` on SIGTERM: a running stream still completes (with [DONE]) and the process exits."""
+    import signal
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "tiered", "serve", "--device", "cpu", "--port", str(port),
+                          "--max-context", "256", "--drain-s", "60"], cwd=REPO, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        lines = []
+        with httpx.stream("POST", url + "/v1/completions", timeout=120,
+                          json={"prompt": "def f(x):", "max_tokens": 40, "temperature": 0, "stream": True,
+                                "stream_options": {"include_usage": True}}) as r:
+            for ln in r.iter_lines():
+                if ln and not lines:
+                    p.send_signal(signal.SIGTERM)  # mid-stream
+                if ln:
+                    lines.append(ln)
+        assert lines[-1] == "data: [DONE]"
+        usage = json.loads(lines[-2][6:])["usage"]
+        assert usage["completion_tokens"] == 40  # the row was finished, not cut
+        p.wait(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
