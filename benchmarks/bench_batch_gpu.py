@@ -50,7 +50,7 @@ from benchmeta import git_commit, write_out  # noqa: E402
 from tiered.decode.scheduler import Request, SamplingParams, Scheduler  # noqa: E402
 from tiered.decode.state import page_bytes  # noqa: E402
 from tiered.engine import load  # noqa: E402
-from tiered.store.cache import estimate_dense_bytes, estimate_kv_bytes, estimate_scratch_bytes  # noqa: E402
+from tiered.store.budget import estimate_dense_bytes, estimate_kv_bytes, estimate_scratch_bytes  # noqa: E402
 from tiered.store.disk import Layout  # noqa: E402
 from tiered.store.policy import belady_misses  # noqa: E402
 
@@ -63,7 +63,7 @@ LLAMA_CPU = "131,186,35,107"  # GROUND.md, experts on CPU (-ot exps=CPU)
 def build(work: Path, preset: str) -> Path:
     from make_random_checkpoint import make
 
-    from tiered.repack import repack
+    from tiered.layout.repack import repack
 
     ckpt, lay = work / f"{preset}-ckpt", work / f"{preset}-layout"
     if not (ckpt / "config.json").is_file():
@@ -77,11 +77,12 @@ def build(work: Path, preset: str) -> Path:
 
 def replay_rows(cfg, n_rows: int, length: int, device: torch.device, text: Path) -> list:
     """Per row: a ReplayRouting over a different window of the reference model's trace of the texts."""
-    from tiered.families import default_model_path
+    from tiered.layout.families import default_model_path
     from tiered.predict.replay import ReplayRouting
-    from tiered.predict.trace import record, split_ids
+    from tiered.predict.trace import TraceRecorder, record, split_ids
 
-    eng = load(default_model_path(), device=device, dtype=torch.float32, max_context=max(length, 64))
+    rec = TraceRecorder(logits=False, hidden=False)
+    eng = load(default_model_path(), device=device, dtype=torch.float32, max_context=max(length, 64), observer=rec)
     per_file = [split_ids(p.name, eng.encode(p.read_text()), length)
                 for sub in ("fit", "eval") for p in sorted((text / sub).iterdir())]
     docs, i = [], 0
@@ -95,7 +96,7 @@ def replay_rows(cfg, n_rows: int, length: int, device: torch.device, text: Path)
                 break
     if len(docs) < n_rows:
         raise SystemExit(f"the texts give only {len(docs)} windows of {length} tokens for {n_rows} rows")
-    tr = record(eng, docs, logits=False, hidden=False)
+    tr = record(eng, rec, docs)
     free(eng)
     L, E = tr.num_layers, tr.num_experts
     if cfg.num_layers % L or cfg.num_experts % E:

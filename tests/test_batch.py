@@ -75,7 +75,7 @@ def test_done_ids_cuts_torn_line(tmp_path):
 
 def test_kill9_and_resume(engine, tmp_path):
     """kill -9 mid-job, then --resume: every id appears exactly once and the greedy texts equal an
-    uninterrupted run's."""
+    uninterrupted run's (that one with every expert in memory, the killed one through a 24-slot expert cache)."""
     n = 16
     inp = tmp_path / "in.jsonl"
     inp.write_text("".join(json.dumps({"prompt": f"def f{i}(x):\n    return", "max_tokens": 24 + (i % 5)}) + "\n"
@@ -85,7 +85,7 @@ def test_kill9_and_resume(engine, tmp_path):
     want = {r["custom_id"]: r["response"]["body"]["choices"][0]["text"] for r in _lines(ref_out)}
     out = tmp_path / "out.jsonl"
     cmd = [sys.executable, "-m", "tiered", "batch", "--input", str(inp), "--output", str(out), "--max-batch", "2",
-           "--max-context", "256", "--device", "cpu", "--no-progress"]
+           "--max-context", "256", "--device", "cpu", "--no-progress", "--expert-slots", "24"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120

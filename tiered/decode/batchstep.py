@@ -20,9 +20,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tiered.decode.state import LayerState, StatePool
+from tiered.kernels.grouped import _grouped_mm
 from tiered.model.layers import attn_mask, project_qkv, rms_norm
 from tiered.model.moe import route, shared_expert
+from tiered.store.provider import HostSlotProvider
 
+MAX_GROUPS = 1024  # torch's grouped_mm refuses more groups per call
 RowRouting = Callable[[int, int, int], tuple[Tensor, Tensor]]  # (layer, start, T) -> ids [T, K], weights [T, K]
 
 
@@ -269,9 +272,8 @@ class BatchStep:
 
     def _get(self, layer: int, experts: list[int], device: torch.device) -> list[int]:
         prov = self.model.provider
-        get_slots = getattr(prov, "get_slots", None)
-        if get_slots is not None:
-            return get_slots(layer, experts)
+        if isinstance(prov, HostSlotProvider):
+            return prov.get_slots(layer, experts)
         return prov.get(layer, torch.tensor(experts, dtype=torch.int64, device=device)).tolist()
 
     def _compute(self, x: Tensor, slots: list[int], starts: list[int], counts: list[int], tok: Tensor,
@@ -301,32 +303,41 @@ class BatchStep:
         rows.index_copy_(0, ent, y * wsorted.index_select(0, sel)[:, None])
 
     def _wave_grouped_mm(self, xs: Tensor, slots: list[int], counts: list[int], W: Any) -> Tensor:
-        """One grouped GEMM per projection over the pool: xs [n, D] grouped in `slots` order -> [n, D].
+        """One grouped GEMM per projection: xs [n, D], rows grouped in `slots` order -> [n, D].
 
-        torch's grouped_mm wants the groups in ascending slot order over the whole pool, so the wave's
-        groups are permuted into slot order and back."""
-        S = W.gate.shape[0]
+        torch's grouped_mm takes the groups in ascending order over a stack of weights and at most
+        MAX_GROUPS of them, so the groups are sorted by slot and cut into runs whose slot span fits; each run
+        reads the pool rows [lo, hi) (one layer's experts for resident providers, the slot pool otherwise)."""
         dev = xs.device
-        perm = sorted(range(len(slots)), key=lambda j: slots[j])
         starts = [0]
         for cnt in counts:
             starts.append(starts[-1] + cnt)
-        idx = torch.cat([torch.arange(starts[j], starts[j + 1]) for j in perm]).to(dev, non_blocking=True)
-        per_slot = [0] * S
-        for j in perm:
-            per_slot[slots[j]] = counts[j]
-        offs = torch.tensor(per_slot, dtype=torch.int64).cumsum(0).to(torch.int32).to(dev, non_blocking=True)
-        xp = xs.index_select(0, idx)
-        g = self.grouped_mm(xp, W.gate.transpose(1, 2), offs=offs)  # [n, F]
-        u = self.grouped_mm(xp, W.up.transpose(1, 2), offs=offs)
-        yp = self.grouped_mm(F.silu(g) * u, W.down.transpose(1, 2), offs=offs)  # [n, D]
-        y = torch.empty_like(yp)
-        y.index_copy_(0, idx, yp)
+        perm = sorted(range(len(slots)), key=lambda j: slots[j])
+        y = torch.empty_like(xs)
+        a = 0
+        while a < len(perm):
+            lo = slots[perm[a]]
+            b = a
+            while b < len(perm) and slots[perm[b]] - lo < MAX_GROUPS:
+                b += 1
+            run = perm[a:b]
+            hi = slots[run[-1]] + 1
+            idx_l = [r for j in run for r in range(starts[j], starts[j + 1])]
+            per_slot = [0] * (hi - lo)
+            for j in run:
+                per_slot[slots[j] - lo] = counts[j]
+            idx = torch.tensor(idx_l, dtype=torch.int64).to(dev, non_blocking=True)
+            offs = torch.tensor(per_slot, dtype=torch.int64).cumsum(0).to(torch.int32).to(dev, non_blocking=True)
+            xp = xs.index_select(0, idx)
+            g = self.grouped_mm(xp, W.gate[lo:hi].transpose(1, 2), offs=offs)  # [m, F]
+            u = self.grouped_mm(xp, W.up[lo:hi].transpose(1, 2), offs=offs)
+            y.index_copy_(0, idx, self.grouped_mm(F.silu(g) * u, W.down[lo:hi].transpose(1, 2), offs=offs))
+            a = b
         return y
 
 
 def _grouped_mm_fn(device: torch.device) -> Callable[..., Tensor] | None:
     """torch's grouped GEMM on CUDA (compute capability >= 8.0), else None (the per-expert loop)."""
-    from tiered.model.grouped import _grouped_mm, grouped_mm_available
-
-    return _grouped_mm() if grouped_mm_available(device) else None
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 0):
+        return None
+    return _grouped_mm()

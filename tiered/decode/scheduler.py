@@ -25,11 +25,16 @@ from typing import Any, Callable
 import torch
 
 from tiered.decode.batchstep import BatchStep, RowRouting, Segment
-from tiered.decode.state import StatePool, pages_for_budget
-from tiered.engine import EngineError, Sampling, check_sampling, sample
-from tiered.tokenizer import StreamDecoder
+from tiered.decode.options import BatchConfig
+from tiered.decode.state import StatePool, pool_pages
+from tiered.decode.sampling import Sampling, SamplingError, check_sampling, sample
+from tiered.layout.tokenizer import StreamDecoder
 
 Sink = Callable[["Request", str, bool], None]  # (request, new text, finished), called on the engine thread
+
+
+class RequestError(ValueError):
+    """A request the scheduler cannot take (empty or too long a prompt, bad parameters); says what to do."""
 
 
 class QueueFull(RuntimeError):
@@ -48,10 +53,13 @@ class SamplingParams:
 
     def check(self) -> None:
         if self.max_tokens < 0:
-            raise EngineError(f"max_tokens must be >= 0, got {self.max_tokens}")
-        check_sampling(Sampling(self.temperature, self.top_k, self.top_p, self.seed))
+            raise RequestError(f"max_tokens must be >= 0, got {self.max_tokens}")
+        try:
+            check_sampling(Sampling(self.temperature, self.top_k, self.top_p, self.seed))
+        except SamplingError as e:
+            raise RequestError(str(e)) from None
         if any(not isinstance(s, str) or not s for s in self.stop):
-            raise EngineError("stop strings must be non-empty strings")
+            raise RequestError("stop strings must be non-empty strings")
 
 
 @dataclass(eq=False)
@@ -109,7 +117,7 @@ class Scheduler:
                  max_queue: int = 256, prefill_tokens: int = 256, record_keys: bool = False,
                  decode_attention: str = "auto", kv_pages: int | None = None) -> None:
         if max_batch < 1:
-            raise EngineError(f"--max-batch must be >= 1, got {max_batch}")
+            raise RequestError(f"--max-batch must be >= 1, got {max_batch}")
         self.engine = engine
         self.model = engine.model
         self.config = engine.config
@@ -119,13 +127,10 @@ class Scheduler:
         self.prefill_tokens = max(1, prefill_tokens)
         self.max_context = engine.max_context
         cfg, dt = self.config, self.model.dtype
-        if kv_pages is not None:
-            pages = kv_pages
-        elif kv_gb is None:
-            pages = max_batch * -(-self.max_context // page_size)
-            pages = min(pages, pages_for_budget(cfg, 2.0, page_size, dt))
-        else:
-            pages = pages_for_budget(cfg, kv_gb, page_size, dt)
+        pages = kv_pages
+        if pages is None:
+            pages = pool_pages(BatchConfig(max_batch=max_batch, kv_gb=kv_gb, page_size=page_size), cfg,
+                               self.max_context, dt)
         self.state = StatePool(cfg, num_pages=max(1, pages), page_size=page_size, device=self.model.device, dtype=dt)
         self.step_fn = BatchStep(self.model, self.state, record_keys=record_keys, decode_attention=decode_attention)
         self.eos = set(cfg.eos_token_ids)
@@ -136,21 +141,26 @@ class Scheduler:
         self._admissions = 0
         self.reset_stats()
 
+    @classmethod
+    def from_config(cls, engine: Any, config: BatchConfig, **kw: Any) -> "Scheduler":
+        return cls(engine, max_batch=config.max_batch, kv_gb=config.kv_gb, page_size=config.page_size,
+                   max_queue=config.max_queue, prefill_tokens=config.prefill_tokens, **kw)
+
     # --- thread-safe entry points ---
     def submit(self, req: Request) -> Request:
-        """Queue a request (validated here: errors raise EngineError, a full queue QueueFull)."""
+        """Queue a request (validated here: errors raise RequestError, a full queue QueueFull)."""
         req.params.check()
         ids = req.prompt_ids
         if not ids:
-            raise EngineError("the prompt is empty: give at least one token")
+            raise RequestError("the prompt is empty: give at least one token")
         if len(ids) > self.max_context:
-            raise EngineError(f"the prompt has {len(ids)} tokens but max_context is {self.max_context}: "
+            raise RequestError(f"the prompt has {len(ids)} tokens but max_context is {self.max_context}: "
                               "shorten the prompt or raise --max-context")
         V = self.config.vocab_size
         if min(ids) < 0 or max(ids) >= V:
-            raise EngineError(f"token ids must be in 0..{V - 1}")
+            raise RequestError(f"token ids must be in 0..{V - 1}")
         if self.state.pages_needed(len(ids) + 1) > self.state.num_pages:
-            raise EngineError(f"the prompt needs {self.state.pages_needed(len(ids) + 1)} pages of state but "
+            raise RequestError(f"the prompt needs {self.state.pages_needed(len(ids) + 1)} pages of state but "
                               f"--kv-gb holds {self.state.num_pages}: raise --kv-gb or shorten the prompt")
         with self._lock:
             if len(self.waiting) >= self.max_queue:

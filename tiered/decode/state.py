@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from tiered.config import ModelConfig
+from tiered.decode.options import BatchConfig
+from tiered.layout.config import ModelConfig
 
 PAGED_KINDS = ("kv", "latent")
 SLOT_KINDS = ("recurrent",)
@@ -58,6 +59,19 @@ def page_bytes(config: ModelConfig, page_size: int, dtype: torch.dtype) -> int:
 def pages_for_budget(config: ModelConfig, kv_gb: float, page_size: int, dtype: torch.dtype) -> int:
     """How many page ids a --kv-gb budget (GiB) buys."""
     return int(kv_gb * GB) // page_bytes(config, page_size, dtype)
+
+
+def pool_pages(opts: BatchConfig, config: ModelConfig, max_context: int, dtype: torch.dtype) -> int:
+    """Page ids of the pool: from --kv-gb, else max_batch full contexts (at most 2 GiB)."""
+    if opts.kv_gb is not None:
+        return max(1, pages_for_budget(config, opts.kv_gb, opts.page_size, dtype))
+    full = opts.max_batch * -(-max_context // opts.page_size)
+    return max(1, min(full, pages_for_budget(config, 2.0, opts.page_size, dtype)))
+
+
+def pool_bytes(opts: BatchConfig, config: ModelConfig, max_context: int, dtype: torch.dtype) -> int:
+    """Device bytes of that pool (what load(state_bytes=...) reserves inside --vram-gb)."""
+    return pool_pages(opts, config, max_context, dtype) * page_bytes(config, opts.page_size, dtype)
 
 
 class StatePool:

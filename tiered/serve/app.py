@@ -22,8 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
-from tiered.decode.scheduler import QueueFull, Request, SamplingParams
-from tiered.engine import EngineError
+from tiered.decode.scheduler import QueueFull, Request, RequestError, SamplingParams
 from tiered.serve.chat import parse_tool_calls, render_chat
 from tiered.serve.worker import EngineWorker, ShuttingDown
 
@@ -235,7 +234,7 @@ def create_app(worker: EngineWorker, *, model_name: str, api_key: str | None = N
                          code="queue_full", headers={"Retry-After": "1"})
         except ShuttingDown as e:
             return error(503, str(e), type_="server_error", headers={"Retry-After": "5"})
-        except EngineError as e:
+        except RequestError as e:
             return error(400, str(e))
         if respond.stream:
             async def events():

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from tiered.decode.scheduler import QueueFull, Request, SamplingParams, Scheduler
-from tiered.engine import EngineError
+from tiered.decode.scheduler import QueueFull, Request, RequestError, SamplingParams, Scheduler
 from tiered.serve.chat import parse_tool_calls, render_chat
 
 URLS = ("/v1/completions", "/v1/chat/completions")
@@ -85,7 +84,7 @@ def parse_line(line: str, lineno: int, sch: Scheduler) -> Job:
         return job
     except LineError as e:
         return Job(cid, url, error={"code": e.code, "message": str(e)})
-    except EngineError as e:
+    except RequestError as e:
         return Job(cid, url, error={"code": "invalid_request", "message": str(e)})
 
 
@@ -247,7 +246,7 @@ def run_batch(sch: Scheduler, input_path: Path, output_path: Path, *, resume: bo
                     sch.submit(todo[nxt].request)
                 except QueueFull:
                     break
-                except EngineError as e:
+                except RequestError as e:
                     todo[nxt].error = {"code": "invalid_request", "message": str(e)}
                     write(todo[nxt])
                 nxt += 1

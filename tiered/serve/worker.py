@@ -38,7 +38,7 @@ class EngineWorker:
         return self._thread.is_alive()
 
     def submit(self, req: Request) -> Request:
-        """Queue a request (EngineError / QueueFull / ShuttingDown propagate to the caller)."""
+        """Queue a request (RequestError / QueueFull / ShuttingDown propagate to the caller)."""
         if not self._accepting:
             raise ShuttingDown("the server is shutting down")
         self.scheduler.submit(req)
