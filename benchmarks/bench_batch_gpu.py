@@ -25,6 +25,9 @@ re-measure them in the same lease and pass them).
     python3 benchmarks/bench_batch_gpu.py --work /root/bb --phases vram             # ~3 min
     python3 benchmarks/bench_batch_gpu.py --work /root/bb --phases offload          # ~6 min
     python3 benchmarks/bench_batch_gpu.py --small --work /tmp/bb                    # whole pipeline on CPU
+With bench_peers.py's model and llama.cpp figures from the same lease (no second 11 GB checkpoint on the disk):
+    python3 benchmarks/bench_batch_gpu.py --layout /root/peers/layout --llama-json /root/peers/llama.json \
+        --work /root/bb --phases vram        (then --phases offload)
 Prints a table, then one JSON line last; writes $OUT/batch_gpu.json (merged over the phases run so far, kept
 in --work/batch_gpu.json).
 """
@@ -211,8 +214,13 @@ def main() -> None:
     ap.add_argument("--prefill-tokens", type=int, default=2048, help="prompt tokens per step")
     ap.add_argument("--text", type=Path, default=Path("/work/shared/text"), help="folder with fit/ and eval/")
     ap.add_argument("--routing", default="own,replay")
-    ap.add_argument("--llamacpp-vram", default=LLAMA_VRAM)
-    ap.add_argument("--llamacpp-cpu", default=LLAMA_CPU)
+    ap.add_argument("--layout", type=Path, default=None,
+                    help="an existing layout of the model (e.g. bench_peers.py's /root/peers/layout): no build")
+    ap.add_argument("--llama-json", type=Path, default=None,
+                    help="bench_peers.py's llama.json (same lease): its llama-batched-bench S_TG per B replaces "
+                         "--llamacpp-vram / --llamacpp-cpu")
+    ap.add_argument("--llamacpp-vram", default=LLAMA_VRAM, help="llama-batched-bench S_TG at B = 1,8,32,128, all on GPU")
+    ap.add_argument("--llamacpp-cpu", default=LLAMA_CPU, help="the same with experts on the CPU (-ot exps=CPU)")
     a = ap.parse_args()
     if not a.text.is_dir():
         alt = REPO / "shared" / "text"
@@ -227,7 +235,7 @@ def main() -> None:
     res.update({"bench": "batch_gpu", "commit": git_commit(), "date": time.strftime("%Y-%m-%d"), "preset": a.preset,
                 "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                 "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens, "batches": batches})
-    lay_path = build(a.work, a.preset)
+    lay_path = a.layout or build(a.work, a.preset)
     lay = Layout.open(lay_path)
     cfg = lay.config
     ctx = a.prompt_tokens + a.new_tokens + 16
@@ -285,6 +293,11 @@ def main() -> None:
         free(engine)
     lv = [float(x) for x in a.llamacpp_vram.split(",")]
     lc = [float(x) for x in a.llamacpp_cpu.split(",")]
+    source = "GROUND.md (2026-11-30)" if a.llama_json is None else str(a.llama_json)
+    if a.llama_json is not None:
+        runs = json.loads(a.llama_json.read_text())["runs"]
+        lv = [runs["batched_gpu_bf16"]["batch"][str(b)]["s_tg_tok_s"] for b in BATCHES]
+        lc = [runs["batched_cpu_experts_bf16"]["batch"][str(b)]["s_tg_tok_s"] for b in BATCHES]
     ref = dict(zip(BATCHES, zip(lv, lc)))
     for phase in ("vram", "offload"):
         for mode, runs in (res.get(phase) or {}).items():
@@ -294,7 +307,7 @@ def main() -> None:
                 if int(b) in ref:
                     r["vs_llamacpp_vram"] = r["tok_s"] / ref[int(b)][0]
                     r["vs_llamacpp_cpu_experts"] = r["tok_s"] / ref[int(b)][1]
-    res["llamacpp"] = {"vram": lv, "cpu_experts": lc, "batches": list(BATCHES)}
+    res["llamacpp"] = {"vram": lv, "cpu_experts": lc, "batches": list(BATCHES), "source": source}
     res_path.write_text(json.dumps(res))
     print(f"{'phase':<8}{'routing':<8}{'B':>5}{'tok/s':>10}{'rows':>6}{'experts/step':>14}{'vs bound':>10}"
           f"{'vs llama cpu':>14}")
