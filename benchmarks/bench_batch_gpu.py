@@ -166,7 +166,6 @@ def run_b(engine, B: int, prompts: list, new: int, routings: list | None, kv_pag
     out["_rows"] = [0] * n0 + sch.step_rows
     out["_own_misses"] = [0] * n0 + own_misses
     out["_counted"] = [False] * n0 + [not p for p in sch.step_prefill]  # the timed decode steps
-    del sch
     return out
 
 
