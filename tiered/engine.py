@@ -98,7 +98,8 @@ def resolve_layout(path: str | Path | None) -> Path:
 
 
 def make_provider(layout: Any, *, device: torch.device, budget: dict[str, Any] | None,
-                  dtype: torch.dtype | None = None, max_context: int | None = None) -> ExpertProvider:
+                  dtype: torch.dtype | None = None, max_context: int | None = None,
+                  state_bytes: int = 0) -> ExpertProvider:
     """ResidentExperts when no budget option is set; otherwise the expert cache (store/cache.py)."""
     budget = {k: v for k, v in (budget or {}).items() if v is not None}
     try:
@@ -107,7 +108,7 @@ def make_provider(layout: Any, *, device: torch.device, budget: dict[str, Any] |
         raise EngineError(str(e)) from None
     if not budget:
         return ResidentExperts.from_layout(layout, device=device)
-    return make_cache(layout, device=device, dtype=dtype, max_context=max_context, **budget)
+    return make_cache(layout, device=device, dtype=dtype, max_context=max_context, state_bytes=state_bytes, **budget)
 
 
 def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
@@ -115,7 +116,7 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
          budget: dict[str, Any] | None = None, observer: RoutingObserver | None = None,
          prefetch_hook: PrefetchHook | None = None, routing: RoutingOverride | None = None,
          predictor: Predictor | None = None, cuda_graphs: bool = True,
-         kernels: bool | None = None) -> "Engine":
+         kernels: bool | None = None, state_bytes: int = 0) -> "Engine":
     """Open a model for generation.
 
     Args:
@@ -135,6 +136,8 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
             resident experts, L+1 segments with host routing between them with the expert cache.
         kernels: routed experts through the Triton kernels (model/moe_gpu.py); None = on CUDA when Triton is
             installed. False keeps the plain torch paths (the CPU path; the kernels' reference).
+        state_bytes: device bytes a batch scheduler will add for its rows' state (decode/state.py), counted in
+            --vram-gb when the expert cache plans its slots.
     Returns:
         an Engine.
     """
@@ -146,7 +149,7 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
     if ctx < 1:
         raise EngineError(f"max_context must be positive, got {ctx}")
     backend = pick_backend(attn, dev, dt)
-    provider = make_provider(layout, device=dev, budget=budget, dtype=dt, max_context=ctx)
+    provider = make_provider(layout, device=dev, budget=budget, dtype=dt, max_context=ctx, state_bytes=state_bytes)
     prefetcher = make_prefetcher(layout, provider, budget or {}, predictor=predictor, chain=observer,
                                  chain_hook=prefetch_hook)
     if prefetcher is not None:

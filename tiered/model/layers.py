@@ -153,6 +153,19 @@ def attention(x: Tensor, w: AttnWeights, cache: KVCache, layer: int, plan: StepP
     q and k stay side by side as [T, H+KV, hd] (as the stacked projection leaves them), so per-head
     norms and the rotary embedding each run once over both: fewer kernels per decode step.
     """
+    q, k, v = project_qkv(x, w, plan.cos, plan.sin, config)
+    if backend == "flash":
+        out = _flash(q, k, v, cache, layer, plan, config)
+    else:
+        out = _sdpa(q, k, v, cache, layer, plan, config.num_heads // config.num_kv_heads)
+    return F.linear(out, w.o)
+
+
+def project_qkv(x: Tensor, w: AttnWeights, cos: Tensor, sin: Tensor, config: ModelConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """x [T, D] (normed) -> q [T, H, hd], k [T, KV, hd] (normed per family, rotated by cos/sin [T, hd]), v [T, KV, hd].
+
+    Shared by the contiguous-cache attention above and the paged attention of the batch step.
+    """
     T = x.shape[0]
     H, KV, hd = config.num_heads, config.num_kv_heads, config.head_dim
     eps = config.rms_norm_eps
@@ -169,13 +182,8 @@ def attention(x: Tensor, w: AttnWeights, cache: KVCache, layer: int, plan: StepP
     if config.clip_qkv is not None:
         c = config.clip_qkv
         qk, v = qk.clamp(-c, c), v.clamp(-c, c)
-    qk = apply_rope(qk, plan.cos, plan.sin)  # [T, H+KV, hd]
-    q, k = qk[:, :H], qk[:, H:]
-    if backend == "flash":
-        out = _flash(q, k, v, cache, layer, plan, config)
-    else:
-        out = _sdpa(q, k, v, cache, layer, plan, H // KV)
-    return F.linear(out, w.o)
+    qk = apply_rope(qk, cos, sin)  # [T, H+KV, hd]
+    return qk[:, :H], qk[:, H:], v
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, cache: KVCache, layer: int, plan: StepPlan, G: int) -> Tensor:
