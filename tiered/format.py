@@ -144,8 +144,12 @@ def read_manifest(layout_dir: Path) -> Manifest:
     d = Path(layout_dir)
     mpath = d / MANIFEST
     if not mpath.is_file():
-        raise LayoutError(f"{d} has no {MANIFEST}: it is not a tiered layout, or its repack did not finish "
-                          f"(re-run `tiered repack SRC {d} --force`)")
+        if (d / "config.json").is_file():
+            raise LayoutError(f"{d} is a Hugging Face checkpoint, not a tiered layout: run it directly "
+                              f"(`tiered run -m {d}` repacks it into the cache), or repack it into a new "
+                              f"directory with `tiered repack {d} NEW_DIR`")
+        raise LayoutError(f"{d} has no {MANIFEST}: it is not a tiered layout (make one from a Hugging Face "
+                          f"checkpoint with `tiered repack CHECKPOINT NEW_DIR`)")
     try:
         raw = json.loads(mpath.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -28,7 +28,7 @@ import xxhash
 from tiered import __version__
 from tiered.config import EXPERT_ROLES, ModelConfig
 from tiered.families import Family, FamilyError, read_checkpoint_config
-from tiered.format import (ALIGN, DENSE_FILE, DTYPES, EXPERTS_FILE, MANIFEST, ST_DTYPES, ST_ITEMSIZE, ST_NAMES,
+from tiered.format import (ALIGN, DENSE_FILE, DTYPES, EXPERTS_FILE, FORMAT_NAME, MANIFEST, ST_DTYPES, ST_ITEMSIZE, ST_NAMES,
                            TOKENIZER_FILES, LayoutError, StEntry, build_manifest, fsync_dir, plan_block,
                            read_manifest, read_safetensors_header, xxh3_hex)
 
@@ -251,6 +251,64 @@ def _write_experts(path: Path, cfg: ModelConfig, experts, specs, bs: int, rd: _R
     return sums
 
 
+LAYOUT_FILES = frozenset({MANIFEST, DENSE_FILE, EXPERTS_FILE, "source_config.json", "predictor.safetensors",
+                          *TOKENIZER_FILES})
+
+
+def _already_a_layout(path: Path) -> str:
+    try:
+        origin = json.loads((path / MANIFEST).read_text()).get("source", {}).get("path")
+    except (OSError, ValueError, AttributeError):
+        origin = None
+    hint = f" (it was repacked from {origin})" if origin else ""
+    return (f"{path} is already a tiered layout{hint}: use it as it is (`tiered run -m {path}`); to store it "
+            f"in another dtype, repack the original Hugging Face checkpoint")
+
+
+def describe_existing(path: Path) -> str | None:
+    """None when `path` may be replaced by --force (a tiered layout or an empty directory), else what is there."""
+    if not path.is_dir():
+        return "a file, not a directory" if path.exists() else None
+    try:
+        names = sorted(p.name for p in path.iterdir())
+    except OSError as e:
+        return f"a directory that cannot be listed ({e.strerror})"
+    if not names:
+        return None
+    if MANIFEST in names:
+        try:
+            if json.loads((path / MANIFEST).read_text()).get("format") == FORMAT_NAME:
+                return None
+        except (OSError, ValueError, AttributeError):
+            pass
+        if set(names) <= LAYOUT_FILES:  # a layout whose manifest is damaged: only tiered's own files
+            return None
+    if "config.json" in names and any(n.endswith((".safetensors", ".bin", ".safetensors.index.json")) for n in names):
+        return "a Hugging Face checkpoint"
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return f"a directory that is not a tiered layout ({len(names)} entries: {shown})"
+
+
+def check_destination(src: Path, dst: Path, force: bool) -> None:
+    """Refuse a DST that overlaps SRC, and a DST that exists unless --force may replace it (a layout or empty dir)."""
+    s, d = src.resolve(), dst.resolve()
+    if s == d:
+        raise RepackError(f"SRC and DST are the same directory ({s}): the layout must go to a new directory")
+    if s in d.parents:
+        raise RepackError(f"DST {dst} is inside SRC {src}: write the layout outside the checkpoint")
+    if d in s.parents:
+        raise RepackError(f"SRC {src} is inside DST {dst}: replacing DST would delete the checkpoint; "
+                          f"choose another DST")
+    if not dst.exists():
+        return
+    what = describe_existing(dst)
+    if what is not None:
+        raise RepackError(f"{dst} already exists and is {what}: tiered replaces only a tiered layout or an empty "
+                          f"directory, even with --force; choose a new DST")
+    if not force:
+        raise RepackError(f"{dst} already exists: pass --force to replace it")
+
+
 def repack(src: str | Path, dst: str | Path, *, dtype: str = "source", force: bool = False,
            progress: bool = True) -> dict[str, Any]:
     """Rewrite checkpoint `src` into a layout at `dst`, atomically.
@@ -269,8 +327,9 @@ def repack(src: str | Path, dst: str | Path, *, dtype: str = "source", force: bo
         raise RepackError(f"--dtype must be source, bf16, fp16 or fp32, not {dtype!r}")
     if not src.is_dir():
         raise RepackError(f"{src} is not a directory: pass a Hugging Face checkpoint directory")
-    if dst.exists() and not force:
-        raise RepackError(f"{dst} already exists: pass --force to replace it")
+    if is_layout(src):
+        raise RepackError(_already_a_layout(src))
+    check_destination(src, dst, force)
     fam, cfg, _ = read_checkpoint_config(src)
     dense, experts = _index_source(src, fam, cfg)
     tmp = dst.parent / f".{dst.name}.tiered-partial"
