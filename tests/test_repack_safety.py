@@ -5,18 +5,22 @@ suggests a command that would overwrite a checkpoint; Ctrl-C, SIGTERM and a full
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO
-from tiered.format import MANIFEST, LayoutError, read_manifest
-from tiered.repack import RepackError, repack, verify
+import tiered.repack as rp
+from conftest import REPO, make_checkpoint
+from tiered.format import EXPERTS_FILE, MANIFEST, LayoutError, read_manifest
+from tiered.repack import PAUSE_ENV, RepackError, repack, verify
 
 
 def cli(*args, env=None):
@@ -133,3 +137,63 @@ def test_repack_of_a_layout_says_it_is_already_one(ckpt, tmp_path):
     r = cli("repack", lay, tmp_path / "x")
     assert r.returncode == 1 and "already a tiered layout" in r.stderr and str(ckpt.resolve()) in r.stderr
     assert not (tmp_path / "x").exists() and not partial_of(tmp_path / "x").exists()
+
+
+def test_ctrl_c_removes_the_partial_copy(ckpt, tmp_path, monkeypatch):
+    """KeyboardInterrupt in the middle of the expert blocks removes .DST.tiered-partial and propagates."""
+    real = rp._write_experts
+
+    def interrupted(path, *a, **kw):
+        real(path, *a, **kw)  # the whole file is written, then the user presses Ctrl-C
+        assert path.stat().st_size > 0
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rp, "_write_experts", interrupted)
+    dst = tmp_path / "dst"
+    with pytest.raises(KeyboardInterrupt):
+        repack(ckpt, dst, progress=False)
+    assert not partial_of(dst).exists() and not dst.exists()
+
+
+def test_full_disk_removes_the_partial_copy_and_says_how_much_is_needed(ckpt, tmp_path, monkeypatch):
+    """ENOSPC while writing: the partial copy is removed and the message gives the space the layout needs."""
+    real = rp._write_experts
+
+    def full(path, *a, **kw):
+        real(path, *a, **kw)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(rp, "_write_experts", full)
+    dst = tmp_path / "dst"
+    with pytest.raises(RepackError, match=r"disk filled up.*needs [0-9.]+ MB") as e:
+        repack(ckpt, dst, progress=False)
+    assert "removed" in str(e.value)
+    assert not partial_of(dst).exists() and not dst.exists()
+
+
+def test_too_little_free_space_is_refused_before_writing(ckpt, tmp_path, monkeypatch):
+    """The free space is checked against the layout's size before anything is written."""
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(rp.shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    dst = tmp_path / "dst"
+    with pytest.raises(RepackError, match=r"needs [0-9.]+ MB, 0.0 MB is free"):
+        repack(ckpt, dst, progress=False)
+    assert not partial_of(dst).exists() and not dst.exists()
+
+
+def test_sigterm_removes_the_partial_copy(tmp_path):
+    """SIGTERM mid-write (the test hook pauses after 3 blocks) removes the partial copy; the process dies of it."""
+    src = make_checkpoint(tmp_path / "src", "olmoe", num_hidden_layers=3)
+    dst = tmp_path / "dst"
+    p = subprocess.Popen([sys.executable, "-m", "tiered", "repack", str(src), str(dst)], cwd=REPO,
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, PAUSE_ENV: "3"})
+    deadline = time.time() + 60
+    line = ""
+    while time.time() < deadline and "paused after 3 blocks" not in line:
+        line = p.stderr.readline()
+        assert line or p.poll() is None, "repack exited before the hook fired"
+    assert (partial_of(dst) / EXPERTS_FILE).stat().st_size > 0
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=30) == -signal.SIGTERM
+    assert not partial_of(dst).exists() and not dst.exists()
+

@@ -10,11 +10,13 @@ chunks, so peak anonymous memory stays at a few block sizes plus one 64 MiB chun
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import queue
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -255,6 +257,10 @@ LAYOUT_FILES = frozenset({MANIFEST, DENSE_FILE, EXPERTS_FILE, "source_config.jso
                           *TOKENIZER_FILES})
 
 
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
 def _already_a_layout(path: Path) -> str:
     try:
         origin = json.loads((path / MANIFEST).read_text()).get("source", {}).get("path")
@@ -309,6 +315,37 @@ def check_destination(src: Path, dst: Path, force: bool) -> None:
         raise RepackError(f"{dst} already exists: pass --force to replace it")
 
 
+class _Terminated(BaseException):
+    """SIGTERM during a repack, raised in the main thread so that the partial layout is removed."""
+
+
+class _sigterm_as_interrupt:
+    """Within the block, SIGTERM raises _Terminated so that `finally` clauses run; on the way out the
+    previous handler is restored and given the signal (the default one ends the process as SIGTERM would)."""
+
+    def __enter__(self) -> None:
+        self.old = None
+        if threading.current_thread() is threading.main_thread():
+            old = signal.getsignal(signal.SIGTERM)
+            if old is not signal.SIG_IGN:
+                self.old = signal.signal(signal.SIGTERM, self._raise)
+
+    @staticmethod
+    def _raise(signum, frame) -> None:
+        raise _Terminated()
+
+    def __exit__(self, kind, value, tb) -> bool:
+        if self.old is None:
+            return False
+        signal.signal(signal.SIGTERM, self.old)
+        if kind is _Terminated:
+            if self.old in (signal.SIG_DFL, None):
+                os.kill(os.getpid(), signal.SIGTERM)
+            elif callable(self.old):
+                self.old(signal.SIGTERM, None)
+            raise RepackError("the repack was interrupted by SIGTERM; the partial copy was removed") from None
+        return False
+
 def repack(src: str | Path, dst: str | Path, *, dtype: str = "source", force: bool = False,
            progress: bool = True) -> dict[str, Any]:
     """Rewrite checkpoint `src` into a layout at `dst`, atomically.
@@ -332,20 +369,28 @@ def repack(src: str | Path, dst: str | Path, *, dtype: str = "source", force: bo
     check_destination(src, dst, force)
     fam, cfg, _ = read_checkpoint_config(src)
     dense, experts = _index_source(src, fam, cfg)
+    specs, bs = _plan_experts(experts, dtype)
+    cfg = ModelConfig.from_json({**cfg.to_json(), "source_dtype": specs[0].dtype})
+    total = sum(st.entry.nbytes for st in dense.values()) + cfg.num_layers * cfg.num_experts * bs
     tmp = dst.parent / f".{dst.name}.tiered-partial"
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             print(f"tiered: removing an interrupted repack at {tmp}", file=sys.stderr)
             shutil.rmtree(tmp)
+        free = shutil.disk_usage(dst.parent).free
+    except OSError as e:
+        raise RepackError(f"cannot write the layout next to {dst}: {e.strerror or e} ({e.filename}); "
+                          f"choose a writable DST") from None
+    if free < total:
+        raise RepackError(f"not enough disk space for {dst}: the layout needs {_gb(total)}, "
+                          f"{_gb(free)} is free on that file system; free space or choose another DST")
+    try:
         tmp.mkdir()
     except OSError as e:
         raise RepackError(f"cannot write the layout next to {dst}: {e.strerror or e} ({e.filename}); "
                           f"choose a writable DST") from None
 
-    specs, bs = _plan_experts(experts, dtype)
-    cfg = ModelConfig.from_json({**cfg.to_json(), "source_dtype": specs[0].dtype})
-    total = sum(st.entry.nbytes for st in dense.values()) + cfg.num_layers * cfg.num_experts * bs
     rd = _Reader()
     bar = _progress(total, progress)
     written = [0]
@@ -355,28 +400,46 @@ def repack(src: str | Path, dst: str | Path, *, dtype: str = "source", force: bo
         bar.update(n)
 
     t0 = time.perf_counter()
+    done = False
     try:
-        dense_sum = _write_dense(tmp / DENSE_FILE, dense, dtype, rd, tick)
-        sums = _write_experts(tmp / EXPERTS_FILE, cfg, experts, specs, bs, rd, tick)
-        for name in TOKENIZER_FILES + ("config.json",):
-            if (src / name).is_file():
-                shutil.copyfile(src / name, tmp / (name if name != "config.json" else "source_config.json"))
-        source = {"path": str(src.resolve()), "dtype_option": dtype, "tiered_version": __version__}
-        man = build_manifest(cfg, specs, bs, sums, (tmp / DENSE_FILE).stat().st_size, dense_sum, source)
-        with open(tmp / MANIFEST, "w") as f:  # the manifest is written last: its presence marks completeness
-            json.dump(man, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_dir(tmp)
-        _swap_into_place(tmp, dst)
+        with _sigterm_as_interrupt():
+            try:
+                blocks = _write_layout(src, dst, tmp, cfg, dense, experts, specs, bs, dtype, rd, tick)
+                done = True
+            finally:
+                rd.close()
+                bar.close()
+                if not done:  # Ctrl-C, SIGTERM, a full disk or a read error: leave nothing half-written behind
+                    shutil.rmtree(tmp, ignore_errors=True)
     except OSError as e:
-        raise RepackError(f"writing {tmp} failed: {e.strerror or e}; free space or choose another DST") from None
-    finally:
-        rd.close()
-        bar.close()
+        if e.errno == errno.ENOSPC:
+            raise RepackError(f"the disk filled up while writing {tmp} ({_gb(written[0])} of {_gb(total)} "
+                              f"written): the layout needs {_gb(total)}; free space or choose another DST "
+                              f"(the partial copy was removed)") from None
+        raise RepackError(f"writing {tmp} failed: {e.strerror or e}; free space or choose another DST "
+                          f"(the partial copy was removed)") from None
     secs = time.perf_counter() - t0
     return {"bytes": written[0], "seconds": secs, "mb_s": written[0] / 1e6 / max(secs, 1e-9), "dst": str(dst),
-            "block_size": bs, "blocks": len(sums)}
+            "block_size": bs, "blocks": blocks}
+
+
+def _write_layout(src: Path, dst: Path, tmp: Path, cfg: ModelConfig, dense, experts, specs, bs: int, dtype: str,
+                  rd: _Reader, tick: Callable[[int], None]) -> int:
+    """Write every file of the layout into `tmp`, then swap it into place at `dst`; returns the block count."""
+    dense_sum = _write_dense(tmp / DENSE_FILE, dense, dtype, rd, tick)
+    sums = _write_experts(tmp / EXPERTS_FILE, cfg, experts, specs, bs, rd, tick)
+    for name in TOKENIZER_FILES + ("config.json",):
+        if (src / name).is_file():
+            shutil.copyfile(src / name, tmp / (name if name != "config.json" else "source_config.json"))
+    source = {"path": str(src.resolve()), "dtype_option": dtype, "tiered_version": __version__}
+    man = build_manifest(cfg, specs, bs, sums, (tmp / DENSE_FILE).stat().st_size, dense_sum, source)
+    with open(tmp / MANIFEST, "w") as f:  # the manifest is written last: its presence marks completeness
+        json.dump(man, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(tmp)
+    _swap_into_place(tmp, dst)
+    return len(sums)
 
 
 def _swap_into_place(tmp: Path, dst: Path) -> None:
