@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import tiered.repack as rp
 from conftest import REPO, make_checkpoint
@@ -197,3 +198,25 @@ def test_sigterm_removes_the_partial_copy(tmp_path):
     assert p.wait(timeout=30) == -signal.SIGTERM
     assert not partial_of(dst).exists() and not dst.exists()
 
+
+def test_progress_total_is_the_bytes_written_after_dtype_conversion(tmp_path, monkeypatch):
+    """A bf16 checkpoint repacked to fp32: the bar's total equals what is written (it counted source bytes)."""
+    src = make_checkpoint(tmp_path / "src", "qwen3_moe", dtype=torch.bfloat16)
+    bars = []
+
+    class Bar:
+        def __init__(self, total):
+            self.total, self.n = total, 0
+            bars.append(self)
+
+        def update(self, n):
+            self.n += n
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(rp, "_progress", lambda total, enabled, desc="repack": Bar(total))
+    for dtype in ("fp32", "source"):
+        out = repack(src, tmp_path / dtype, dtype=dtype, progress=True)
+        assert bars[-1].total == bars[-1].n == out["bytes"], dtype
+    assert bars[0].total > bars[1].total

@@ -261,6 +261,12 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
+def _dense_bytes_written(dense: dict[str, SourceTensor], dtype: str) -> int:
+    """Bytes of dense tensor data after --dtype conversion (what _write_dense writes, header aside)."""
+    return sum(st.entry.nbytes // ST_ITEMSIZE[st.entry.dtype] * ST_ITEMSIZE[_target(st.entry.dtype, dtype)]
+               for st in dense.values())
+
+
 def _already_a_layout(path: Path) -> str:
     try:
         origin = json.loads((path / MANIFEST).read_text()).get("source", {}).get("path")
@@ -371,7 +377,7 @@ def repack(src: str | Path, dst: str | Path, *, dtype: str = "source", force: bo
     dense, experts = _index_source(src, fam, cfg)
     specs, bs = _plan_experts(experts, dtype)
     cfg = ModelConfig.from_json({**cfg.to_json(), "source_dtype": specs[0].dtype})
-    total = sum(st.entry.nbytes for st in dense.values()) + cfg.num_layers * cfg.num_experts * bs
+    total = _dense_bytes_written(dense, dtype) + cfg.num_layers * cfg.num_experts * bs
     tmp = dst.parent / f".{dst.name}.tiered-partial"
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
