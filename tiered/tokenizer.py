@@ -8,6 +8,7 @@ Does not own: sampling or stopping (engine.py).
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -64,12 +65,17 @@ class Tokenizer:
     def token_id(self, text: str | None) -> int | None:
         return None if text is None else self._tok.token_to_id(text)
 
-    def apply_chat_template(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
-        """Render the conversation as the model expects (transformers' jinja settings and helpers)."""
+    def apply_chat_template(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True,
+                            **variables: Any) -> str:
+        """Render the conversation as the model expects, with transformers' jinja settings and helpers.
+
+        `variables` are extra template variables (e.g. reasoning_effort for gpt-oss), as transformers passes them.
+        """
         if not self.chat_template:
             raise TokenizerError("this model's tokenizer_config.json has no chat_template: drop --chat, "
                                  "or use a chat model")
         import jinja2
+        import jinja2.ext  # loopcontrols ({% break %}, {% continue %}): a submodule `import jinja2` does not load
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message: str) -> None:
@@ -80,14 +86,34 @@ class Tokenizer:
             return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
                               sort_keys=sort_keys)
 
+        def strftime_now(fmt: str) -> str:
+            return datetime.now().strftime(fmt)
+
+        class Generation(jinja2.ext.Extension):
+            """{% generation %}...{% endgeneration %} marks assistant text for training masks: render the body."""
+
+            tags = {"generation"}
+
+            def parse(self, parser):
+                lineno = next(parser.stream).lineno
+                body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+                return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+            def _body(self, caller):
+                return caller()
+
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=[jinja2.ext.loopcontrols])
+                                            extensions=[Generation, jinja2.ext.loopcontrols])
         env.filters["tojson"] = tojson
         env.globals["raise_exception"] = raise_exception
-        template = env.from_string(self.chat_template)
-        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                               bos_token=self.bos_token or "", eos_token=self.eos_token or "")
-
+        env.globals["strftime_now"] = strftime_now
+        try:
+            template = env.from_string(self.chat_template)
+            return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                   bos_token=self.bos_token or "", eos_token=self.eos_token or "", **variables)
+        except jinja2.TemplateError as e:
+            raise TokenizerError(f"this model's chat template cannot be rendered ({type(e).__name__}: {e}); "
+                                 "drop --chat and write the prompt in the model's format yourself") from None
 
 class StreamDecoder:
     """Incremental detokenisation: feed ids one at a time, get the new text (held back mid-character).
