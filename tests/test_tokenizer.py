@@ -1,4 +1,5 @@
-"""Chat templates render without transformers (ChatML/Qwen, Mixtral, gpt-oss harmony).
+"""Chat templates render without transformers (ChatML/Qwen, Mixtral, gpt-oss harmony), and a broken tokenizer is a
+clear error.
 
 The chat path is tested in a subprocess that cannot import transformers: transformers imports `jinja2.ext`, which
 hid a missing import from tests that ran after it. The fixture templates under fixtures/chat_templates/ are written
@@ -15,8 +16,10 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from conftest import REPO
+from tiered.cli import main
 from tiered.tokenizer import Tokenizer, TokenizerError
 
 TEMPLATES = Path(__file__).resolve().parent / "fixtures" / "chat_templates"
@@ -151,3 +154,20 @@ def test_template_errors_are_tokenizer_errors(reference_model):
     with pytest.raises(TokenizerError, match="cannot be rendered"):
         broken.apply_chat_template(USER)
 
+
+@pytest.mark.parametrize("name, content", [
+    ("tokenizer.json", '{"version": "1.0", "model": {"type": "BPE", "vocab": '),  # cut off mid-file
+    ("tokenizer.json", '{"not": "a tokenizer"}'),
+    ("tokenizer_config.json", '{"chat_template": '),
+    ("tokenizer_config.json", '["a list"]'),
+])
+def test_corrupt_tokenizer_files_are_clear_errors(reference_layout, tmp_path, name, content):
+    """A corrupt tokenizer.json (or tokenizer_config.json) used to raise a traceback; now the message names it."""
+    lay = chat_layout(reference_layout, tmp_path, None)
+    (lay / name).unlink()
+    (lay / name).write_text(content)
+    with pytest.raises(TokenizerError, match=name.replace(".", r"\.")):
+        Tokenizer.from_dir(lay)
+    r = CliRunner().invoke(main, ["run", "-m", str(lay), "--device", "cpu", "hello"])
+    assert r.exit_code in (1, 2) and isinstance(r.exception, SystemExit), r.exception
+    assert name in r.stderr and "copy it again" in r.stderr

@@ -33,7 +33,12 @@ class Tokenizer:
         if not path.is_file():
             raise TokenizerError(f"{path} not found: the model needs a tokenizer.json next to its config "
                                  "(copy it into the layout directory)")
-        self._tok = HFTokenizer.from_file(str(path))
+        try:
+            self._tok = HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for unreadable or malformed JSON
+            raise TokenizerError(f"{path} cannot be loaded ({str(e).strip() or type(e).__name__}): the file is "
+                                 "corrupted or not a Hugging Face tokenizer.json; copy it again from the "
+                                 "original checkpoint") from None
         self.config = dict(config or {})
         self.chat_template = self.config.get("chat_template")
         if isinstance(self.chat_template, list):  # [{"name": "default", "template": ...}, ...]
@@ -46,7 +51,14 @@ class Tokenizer:
     def from_dir(cls, path: str | Path) -> "Tokenizer":
         p = Path(path)
         cfg_path = p / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        try:
+            cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        except (ValueError, OSError) as e:
+            raise TokenizerError(f"{cfg_path} cannot be read ({e}): the file is corrupted; copy it again from "
+                                 "the original checkpoint") from None
+        if not isinstance(cfg, dict):
+            raise TokenizerError(f"{cfg_path} is not a JSON object: the file is corrupted; copy it again from "
+                                 "the original checkpoint")
         tmpl = p / "chat_template.jinja"  # newer checkpoints keep the template in its own file
         if tmpl.is_file() and "chat_template" not in cfg:
             cfg["chat_template"] = tmpl.read_text()
