@@ -252,7 +252,8 @@ class Engine:
     def encode(self, text: str, *, chat: bool = False) -> list[int]:
         """Token ids of a prompt; with chat=True the text is one user message under the chat template."""
         if self.tokenizer is None:
-            raise EngineError(f"{self.layout_path} has no tokenizer.json: pass token ids instead of text")
+            raise EngineError(f"{self.layout_path} has no tokenizer.json, so text cannot be encoded: copy the "
+                              f"model's tokenizer.json (and tokenizer_config.json) into {self.layout_path}")
         if chat:
             rendered = self.tokenizer.apply_chat_template([{"role": "user", "content": text}])
             return self.tokenizer.encode(rendered, add_special_tokens=False)

@@ -48,6 +48,11 @@ def _check_model_path(model: str | None) -> None:
         raise _usage(f"-m {model}: not a directory; pass a tiered layout or a Hugging Face checkpoint directory")
     if not os.access(p, os.R_OK | os.X_OK):
         raise _usage(f"-m {model}: permission denied; make the directory readable")
+    from tiered.tokenizer import missing_tokenizer
+
+    why = missing_tokenizer(p)  # before a checkpoint is repacked into the cache, not after
+    if why:
+        raise _usage(f"-m {model}: {why}")
 
 
 def _summary(s: dict) -> str:

@@ -23,6 +23,18 @@ def _token_text(v: Any) -> str | None:
     return v
 
 
+def missing_tokenizer(model_dir: str | Path) -> str | None:
+    """Why text cannot be encoded for the layout or checkpoint at `model_dir` (no tokenizer.json), else None.
+
+    Checked before a checkpoint is repacked into the cache, so that a model that cannot take text fails at once.
+    """
+    d = Path(model_dir)
+    if not d.is_dir() or (d / "tokenizer.json").is_file():
+        return None
+    return (f"{d} has no tokenizer.json, which tiered needs to turn text into tokens: copy tokenizer.json "
+            f"(and tokenizer_config.json) from the model's original files into {d}")
+
+
 class Tokenizer:
     """A tokenizer.json with the chat template and special tokens of its tokenizer_config.json."""
 

@@ -108,6 +108,10 @@ def trace(model, prompt_files, jsonl, out, plot, max_len, no_hidden, no_logits, 
     if not prompt_files and jsonl is None:
         raise _usage("give --prompt-file F (repeatable) or --input prompts.jsonl")
     docs_text = read_inputs(prompt_files, jsonl)
+    from tiered.tokenizer import missing_tokenizer
+
+    if model is not None and (why := missing_tokenizer(model)):  # before a checkpoint is repacked, not after
+        raise _usage(f"-m {model}: {why}")
     from tiered.engine import EngineError, load
     from tiered.format import LayoutError
     from tiered.predict.trace import record, save, split_ids
