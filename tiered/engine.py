@@ -106,8 +106,8 @@ def make_provider(layout: Any, *, device: torch.device, budget: dict[str, Any] |
     unknown = set(budget) - set(BUDGET_KEYS)
     if unknown:
         raise EngineError(f"unknown budget options {sorted(unknown)}; known: {BUDGET_KEYS}")
-    if not budget:
-        return ResidentExperts.from_layout(layout, device=device)
+    if not set(budget) - {"verify"}:  # --verify applies to resident experts too; the other flags need the cache
+        return ResidentExperts.from_layout(layout, device=device, verify=budget.get("verify", "first-use"))
     try:
         from tiered.store.cache import make_provider as make_cache
     except ImportError:

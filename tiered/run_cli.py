@@ -94,7 +94,8 @@ def _summary(s: dict) -> str:
 @click.option("--prefetch-budget", type=click.IntRange(min=0), default=None,
               help=f"Experts prefetched per layer; {BUDGET_HELP}.")
 @click.option("--verify", type=click.Choice(["first-use", "none"]), default=None,
-              help=f"Check each expert's xxh3 the first time it is read from disk [default: first-use]; {BUDGET_HELP}.")
+              help="Check each expert's xxh3 the first time it is read from disk (resident experts: when first "
+                   "touched on CPU, while copied to the GPU on CUDA) [default: first-use].")
 @click.option("--io-register", type=click.Choice(["auto", "off"]), default=None,
               help=f"--io mmap on CUDA: register mapped experts for zero-copy DMA, or stage copies; {BUDGET_HELP}.")
 def run(prompt, model, prompt_file, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, max_context,
@@ -121,6 +122,7 @@ def run(prompt, model, prompt_file, max_new_tokens, temperature, top_k, top_p, s
     from tiered.engine import EngineError, load
     from tiered.families import FamilyError
     from tiered.format import LayoutError
+    from tiered.store.io import ExpertReadError
     from tiered.tokenizer import TokenizerError
 
     try:
@@ -131,7 +133,7 @@ def run(prompt, model, prompt_file, max_new_tokens, temperature, top_k, top_p, s
         raise _usage(str(e)) from None
     except ValueError as e:  # --attn flash without flash-attn, and other bad option combinations
         raise _usage(str(e)) from None
-    except LayoutError as e:
+    except (LayoutError, ExpertReadError) as e:  # a damaged layout, found on open or by the checksums at load
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
     if not ids:
@@ -143,8 +145,6 @@ def run(prompt, model, prompt_file, max_new_tokens, temperature, top_k, top_p, s
     def emit(piece: str) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
-
-    from tiered.store.io import ExpertReadError
 
     try:
         gen = engine.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
