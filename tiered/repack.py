@@ -11,13 +11,13 @@ chunks, so peak anonymous memory stays at a few block sizes plus one 64 MiB chun
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import queue
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -353,15 +353,16 @@ class _sigterm_as_interrupt:
         return False
 
 def repack(src: str | Path, dst: str | Path, *, dtype: str = "source", force: bool = False,
-           progress: bool = True) -> dict[str, Any]:
+           progress: bool = True, fix: str = "choose another DST") -> dict[str, Any]:
     """Rewrite checkpoint `src` into a layout at `dst`, atomically.
 
     Args:
         src: Hugging Face checkpoint directory (config.json + safetensors shards).
         dst: layout directory to create. It appears only when complete (temp dir + rename).
         dtype: "source", "bf16", "fp16" or "fp32" for the stored weights.
-        force: replace an existing `dst`.
+        force: replace an existing `dst` (only a tiered layout or an empty directory; anything else is refused).
         progress: show a progress bar on stderr.
+        fix: what to tell the user when `dst` cannot be written or has no room (the cache names its own remedy).
     Returns:
         A summary: bytes written, seconds, MB/s.
     """
@@ -387,15 +388,15 @@ def repack(src: str | Path, dst: str | Path, *, dtype: str = "source", force: bo
         free = shutil.disk_usage(dst.parent).free
     except OSError as e:
         raise RepackError(f"cannot write the layout next to {dst}: {e.strerror or e} ({e.filename}); "
-                          f"choose a writable DST") from None
+                          f"{fix}") from None
     if free < total:
         raise RepackError(f"not enough disk space for {dst}: the layout needs {_gb(total)}, "
-                          f"{_gb(free)} is free on that file system; free space or choose another DST")
+                          f"{_gb(free)} is free on that file system; free space or {fix}")
     try:
         tmp.mkdir()
     except OSError as e:
         raise RepackError(f"cannot write the layout next to {dst}: {e.strerror or e} ({e.filename}); "
-                          f"choose a writable DST") from None
+                          f"{fix}") from None
 
     rd = _Reader()
     bar = _progress(total, progress)
@@ -420,9 +421,9 @@ def repack(src: str | Path, dst: str | Path, *, dtype: str = "source", force: bo
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise RepackError(f"the disk filled up while writing {tmp} ({_gb(written[0])} of {_gb(total)} "
-                              f"written): the layout needs {_gb(total)}; free space or choose another DST "
+                              f"written): the layout needs {_gb(total)}; free space or {fix} "
                               f"(the partial copy was removed)") from None
-        raise RepackError(f"writing {tmp} failed: {e.strerror or e}; free space or choose another DST "
+        raise RepackError(f"writing {tmp} failed: {e.strerror or e}; free space or {fix} "
                           f"(the partial copy was removed)") from None
     secs = time.perf_counter() - t0
     return {"bytes": written[0], "seconds": secs, "mb_s": written[0] / 1e6 / max(secs, 1e-9), "dst": str(dst),
@@ -472,28 +473,29 @@ def is_layout(path: str | Path) -> bool:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tiered"
+    from tiered.layout.cachedir import cache_root
+
+    return cache_root()
 
 
 def ensure_layout(path: str | Path, *, dtype: str = "source", progress: bool = True) -> Path:
     """A layout for `path`: itself if it is one, else a cached repack of the checkpoint.
 
     The cache key covers the source path, its files' sizes and mtimes, the repack options and the
-    tiered version, so a changed checkpoint is repacked again. The cache path is printed on stderr.
+    tiered version, so a changed checkpoint is repacked again; older copies of the same checkpoint are
+    named (with the command that removes them) before a new one is made. The cache path is printed on stderr.
     """
+    from tiered.layout.cachedir import cache_key, cache_root, stale_copies
+
     path = Path(path)
     if is_layout(path):
         return path
     if not (path / "config.json").is_file():
         raise FamilyError(f"{path} is neither a tiered layout (no {MANIFEST}) nor a Hugging Face checkpoint "
                           f"(no config.json)")
-    h = hashlib.sha256(str(path.resolve()).encode())
-    for p in sorted(path.iterdir()):
-        if p.is_file():
-            st = p.stat()
-            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
-    h.update(f"dtype={dtype};v={__version__}".encode())
-    dst = cache_dir() / f"{path.resolve().name}-{h.hexdigest()[:16]}"
+    root = cache_root()
+    key = cache_key(path, dtype)
+    dst = root / key
     if is_layout(dst):
         try:
             read_manifest(dst)
@@ -501,8 +503,19 @@ def ensure_layout(path: str | Path, *, dtype: str = "source", progress: bool = T
             return dst
         except LayoutError as e:
             print(f"tiered: cached layout is damaged ({e}); repacking", file=sys.stderr)
+    fix = (f"point XDG_CACHE_HOME at a writable disk with room (the layout cache is $XDG_CACHE_HOME/tiered, now "
+           f"{root}), or repack it yourself with `tiered repack {path} DIR` and run with -m DIR")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as e:
+        raise RepackError(f"the layout cache {root} cannot be written ({e.strerror or e}): {fix}") from None
+    for old in stale_copies(path, dtype, key, root):
+        print(f"tiered: the cache holds an older copy of {path} at {old.path} ({_gb(old.bytes)}; the checkpoint "
+              f"changed since): remove it with `tiered cache rm {old.key}`", file=sys.stderr)
     print(f"tiered: repacking {path} into the cache at {dst}", file=sys.stderr)
-    repack(path, dst, dtype=dtype, force=True, progress=progress)
+    repack(path, dst, dtype=dtype, force=True, progress=progress, fix=fix)
     return dst
 
 
