@@ -22,9 +22,10 @@ Legend: N tokens, T tokens of one forward, L layers, E experts per layer, K top-
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -127,6 +128,8 @@ def fit_params(trace: Trace, gates: GateWeights, *, steps: int = 300, l2: float 
                progress: bool = False) -> PredictorParams:
     """Fit transition statistics, stored paths and the log-linear mix on `trace` (fit/ text only).
 
+    progress: a progress bar on stderr over the (L-1) x `steps` optimiser steps (shown on a terminal).
+
     The trace needs hidden states and router logits (`tiered trace` records both by default).
     """
     if trace.hidden is None or trace.router_logits is None:
@@ -147,13 +150,19 @@ def fit_params(trace: Trace, gates: GateWeights, *, steps: int = 300, l2: float 
     prev_probs = _prev(torch.softmax(logits, -1), starts)
     mix_w = torch.zeros(L - 1, E, 5 * E)
     mix_b = torch.zeros(L - 1, E)
-    for l in range(L - 1):
-        x = _mix_features(gates.logits(hidden[:, l], l + 1), logits[:, l], ids[:, l], None, prev_probs[:, l + 1],
-                          prev_hot[:, l + 1], E)
-        w, b = _fit_logistic(x, hot[:, l + 1], init_eye=E, steps=steps, l2=l2)
-        mix_w[l], mix_b[l] = w, b
-        if progress:
-            print(f"fit: mix for layer {l + 1} done", flush=True)
+    from tqdm import tqdm
+
+    bar = tqdm(total=(L - 1) * steps, desc="fitting predictors", unit="step", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)  # (L-1) logistic fits of `steps` optimiser steps each
+    try:
+        for l in range(L - 1):
+            bar.set_postfix_str(f"layer {l + 1}/{L - 1}")
+            x = _mix_features(gates.logits(hidden[:, l], l + 1), logits[:, l], ids[:, l], None,
+                              prev_probs[:, l + 1], prev_hot[:, l + 1], E)
+            w, b = _fit_logistic(x, hot[:, l + 1], init_eye=E, steps=steps, l2=l2, tick=bar.update)
+            mix_w[l], mix_b[l] = w, b
+    finally:
+        bar.close()
     meta = {"tokens": N, "docs": trace.doc_names, "steps": steps, "l2": l2, "seed": seed,
             "model": trace.meta.get("model"), "num_layers": L, "num_experts": E, "top_k": K}
     return PredictorParams(layer_trans, time_trans, prior, paths, mix_w, mix_b, meta)
@@ -183,7 +192,8 @@ def transition_params(trace: Trace) -> PredictorParams:
                            torch.zeros(L - 1, E), meta)
 
 
-def _fit_logistic(x: Tensor, y: Tensor, *, init_eye: int, steps: int, l2: float) -> tuple[Tensor, Tensor]:
+def _fit_logistic(x: Tensor, y: Tensor, *, init_eye: int, steps: int, l2: float,
+                  tick: Callable[[int], Any] | None = None) -> tuple[Tensor, Tensor]:
     """Multi-label logistic regression x [N, P] -> y [N, E] (0/1), started at identity on the first E features.
 
     Features are standardised while fitting and the scaling is folded back into (w, b).
@@ -203,6 +213,8 @@ def _fit_logistic(x: Tensor, y: Tensor, *, init_eye: int, steps: int, l2: float)
             loss = F.binary_cross_entropy_with_logits(lin(xn), y) + l2 * lin.weight.pow(2).sum()
             loss.backward()
             opt.step()
+            if tick is not None:
+                tick(1)
     w = lin.weight.detach() / sd  # [E, P]
     b = lin.bias.detach() - w @ mu
     return w, b

@@ -32,7 +32,7 @@ def load_or_fit_params(layout: Any, *, params_path: Path | None, fit_trace: Path
     path = params_path or Path(layout.path) / PARAMS_FILE
     if fit_trace is not None:
         log(f"fitting predictors on {fit_trace} (fit text only) ...")
-        params = fit_params(load(fit_trace), gates)
+        params = fit_params(load(fit_trace), gates, progress=True)
         try:
             params.save(path)
         except OSError:
