@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from tiered.cli import main
+from tiered.families import default_model_path
 from tiered.format import MANIFEST, LayoutError
 from tiered.repack import repack, verify
 from tiered.store.disk import Layout
@@ -22,6 +23,7 @@ def invoke(*args):
 def clean_layout(tiny_checkpoints, tmp_path_factory):
     dst = tmp_path_factory.mktemp("checks") / "lay"
     repack(tiny_checkpoints["olmoe"], dst, progress=False)
+    shutil.copy(default_model_path() / "tokenizer.json", dst)  # `run` wants one before it opens the layout
     return dst
 
 
