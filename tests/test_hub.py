@@ -12,7 +12,7 @@ import huggingface_hub
 from huggingface_hub import constants as hf_constants
 import pytest
 
-from tiered.families import default_model_path
+from tiered.layout.families import default_model_path
 from tiered.layout import hub
 from tiered.layout.hub import HubError, resolve_model, wanted
 

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from tiered.layout.cachedir import cache_key, list_cached, remove, stale_copies
-from tiered.repack import RepackError, ensure_layout
+from tiered.layout.repack import RepackError, ensure_layout
 
 
 @pytest.fixture
@@ -39,7 +39,7 @@ def test_unwritable_cache_names_the_cache_and_xdg_cache_home(ckpt, tmp_path, mon
 
 def test_full_cache_disk_advice_names_the_cache(ckpt, cache, monkeypatch):
     """No room for the layout: the advice is about the cache (XDG_CACHE_HOME), not about a DST."""
-    import tiered.repack as rp
+    import tiered.layout.repack as rp
 
     usage = shutil.disk_usage(ckpt)
     monkeypatch.setattr(rp.shutil, "disk_usage", lambda p: usage._replace(free=10))

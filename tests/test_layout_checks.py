@@ -8,10 +8,10 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-from tiered.cli import main
-from tiered.families import default_model_path
-from tiered.format import MANIFEST, LayoutError
-from tiered.repack import repack, verify
+from tiered.cli.main import main
+from tiered.layout.families import default_model_path
+from tiered.layout.format import MANIFEST, LayoutError
+from tiered.layout.repack import repack, verify
 from tiered.store.disk import Layout
 
 

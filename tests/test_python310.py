@@ -48,9 +48,9 @@ def test_runs_without_tomllib_using_tomli(tmp_path):
     code = ("import sys\n"
             "import tomli  # loaded before tomllib is blocked\n"
             "sys.modules['tomllib'] = None  # `import tomllib` now raises ModuleNotFoundError, as on 3.10\n"
-            "from tiered.cli import main\n"
+            "from tiered.cli.main import main\n"
             "main(['inspect', '--json', sys.argv[1]])\n")
-    from tiered.families import default_model_path
+    from tiered.layout.families import default_model_path
 
     r = subprocess.run([sys.executable, "-c", code, str(default_model_path())], capture_output=True, text=True,
                        cwd=REPO, env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{shim}"})

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import tiered.repack as rp
+import tiered.layout.repack as rp
 from conftest import REPO, make_checkpoint
-from tiered.format import EXPERTS_FILE, MANIFEST, LayoutError, read_manifest
-from tiered.repack import PAUSE_ENV, RepackError, repack, verify
+from tiered.layout.format import EXPERTS_FILE, MANIFEST, LayoutError, read_manifest
+from tiered.layout.repack import PAUSE_ENV, RepackError, repack, verify
 
 
 def cli(*args, env=None):

@@ -13,9 +13,9 @@ import torch
 from click.testing import CliRunner
 
 import tiered
-from tiered.cli import main
-from tiered.format import EXPERTS_FILE
-from tiered.model.resident import ResidentExperts
+from tiered.cli.main import main
+from tiered.layout.format import EXPERTS_FILE
+from tiered.store.resident import ResidentExperts
 from tiered.store.disk import Layout
 from tiered.store.io import ExpertReadError
 

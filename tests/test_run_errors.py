@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from click.testing import CliRunner
 
-from tiered.cli import main
-from tiered.repack import repack
+from tiered.cli.main import main
+from tiered.layout.repack import repack
 
 
 def invoke(*args, env=None):

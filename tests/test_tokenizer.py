@@ -19,8 +19,8 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import REPO
-from tiered.cli import main
-from tiered.tokenizer import Tokenizer, TokenizerError
+from tiered.cli.main import main
+from tiered.layout.tokenizer import Tokenizer, TokenizerError
 
 TEMPLATES = Path(__file__).resolve().parent / "fixtures" / "chat_templates"
 SPECIAL = {"bos_token": "<s>", "eos_token": "</s>"}
@@ -73,7 +73,7 @@ def test_templates_render_as_documented_without_transformers(reference_model):
     cases = [(str(TEMPLATES / f), m, v) for f, m, v, _ in CASES]
     code = f"""
 import json
-from tiered.tokenizer import Tokenizer
+from tiered.layout.tokenizer import Tokenizer
 out = []
 for path, messages, variables in {cases!r}:
     tok = Tokenizer({str(reference_model / "tokenizer.json")!r},
@@ -126,7 +126,7 @@ def test_run_chat_without_transformers(reference_layout, tmp_path):
     template = (TEMPLATES / "chatml_qwen.jinja").read_text()
     lay = chat_layout(reference_layout, tmp_path, template)
     code = f"""
-from tiered.cli import main
+from tiered.cli.main import main
 main(["run", "-m", {str(lay)!r}, "--device", "cpu", "--chat", "--max-new-tokens", "3", "--json", "hello"])
 """
     r = run_python(code)
@@ -140,7 +140,7 @@ main(["run", "-m", {str(lay)!r}, "--device", "cpu", "--chat", "--max-new-tokens"
 
 def test_run_chat_without_a_template_is_a_clear_error(reference_layout, tmp_path):
     lay = chat_layout(reference_layout, tmp_path, None)
-    r = run_python(f"from tiered.cli import main\nmain(['run', '-m', {str(lay)!r}, '--device', 'cpu', '--chat', 'hi'])")
+    r = run_python(f"from tiered.cli.main import main\nmain(['run', '-m', {str(lay)!r}, '--device', 'cpu', '--chat', 'hi'])")
     assert r.returncode == 2 and "no chat_template" in r.stderr and "Traceback" not in r.stderr
 
 

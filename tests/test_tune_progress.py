@@ -17,7 +17,7 @@ def test_fit_params_draws_a_bar_over_every_optimiser_step(capsys):
 def test_tune_fits_with_the_bar(tmp_path, capsys, monkeypatch):
     """The fitting step of `tune` asks for the bar."""
     import tiered.predict.predictors as predictors
-    from tiered.predict.tune_cli import load_or_fit_params
+    from tiered.cli.tune import load_or_fit_params
 
     real, seen = predictors.fit_params, []
 

@@ -42,7 +42,7 @@ def main() -> None:
     a = ap.parse_args()
 
     from tiered.engine import load, resolve_device, resolve_layout
-    from tiered.model.resident import ResidentExperts
+    from tiered.store.resident import ResidentExperts
     from tiered.store.blockcheck import BlockChecker
     from tiered.store.disk import Layout
 

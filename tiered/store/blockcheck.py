@@ -20,7 +20,6 @@ import xxhash
 
 from tiered.store.io import BlockRef, ExpertReadError
 
-VERIFY_CHOICES = ("first-use", "none")
 PARALLEL_BYTES = 64 * 2**20  # hash on threads from this many bytes per call (a load, a long prefill)
 
 

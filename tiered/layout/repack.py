@@ -28,11 +28,11 @@ import torch
 import xxhash
 
 from tiered import __version__
-from tiered.config import EXPERT_ROLES, ModelConfig
-from tiered.families import Family, FamilyError, read_checkpoint_config
-from tiered.format import (ALIGN, DENSE_FILE, DTYPES, EXPERTS_FILE, FORMAT_NAME, MANIFEST, ST_DTYPES, ST_ITEMSIZE, ST_NAMES,
-                           TOKENIZER_FILES, LayoutError, StEntry, build_manifest, fsync_dir, plan_block,
-                           read_manifest, read_safetensors_header, xxh3_hex)
+from tiered.layout.config import EXPERT_ROLES, ModelConfig
+from tiered.layout.families import Family, FamilyError, read_checkpoint_config
+from tiered.layout.format import (ALIGN, DENSE_FILE, DTYPES, EXPERTS_FILE, FORMAT_NAME, MANIFEST, ST_DTYPES,
+                                  ST_ITEMSIZE, ST_NAMES, TOKENIZER_FILES, LayoutError, StEntry, build_manifest,
+                                  fsync_dir, plan_block, read_manifest, read_safetensors_header, xxh3_hex)
 
 CHUNK = 64 * 2**20  # dense tensors are copied in pieces of at most this many bytes
 PAUSE_ENV = "TIERED_REPACK_PAUSE_AFTER_BLOCKS"  # test hook: stop (sleep) after N expert blocks

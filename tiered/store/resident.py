@@ -15,8 +15,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tiered.store.blockcheck import BlockChecker, progress_bar
+from tiered.store.disk import expert_views
+from tiered.store.options import VERIFY_MODES
+from tiered.store.provider import HostSlotProvider
 
-class ResidentExperts:
+
+class ResidentExperts(HostSlotProvider):
     """All L*E experts addressable at once; weights are views in the stored dtype."""
 
     def __init__(self, weights: Any, *, num_layers: int, num_experts: int, io: str = "resident",
@@ -43,11 +48,9 @@ class ResidentExperts:
         """CPU: zero-copy views over the mmap, each block hashed when first touched (verify="first-use").
         CUDA: one copy of experts.bin into device memory, every block hashed on the way (a progress bar on a
         terminal), so that get() never waits for the host."""
-        from tiered.store.blockcheck import VERIFY_CHOICES, BlockChecker, progress_bar
-        from tiered.store.disk import expert_views
 
-        if verify not in VERIFY_CHOICES:
-            raise ValueError(f"--verify must be one of {list(VERIFY_CHOICES)}, got {verify!r}")
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"--verify must be one of {list(VERIFY_MODES)}, got {verify!r}")
         device = torch.device(device)
         cfg = layout.config
         pool = layout.expert_file_pool()  # uint8 [L*E, block], zero-copy over the mmap
