@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from tiered.cli.options import budget_from, budget_options, usage as _usage
+from tiered.cli.options import BudgetCommand, budget_from, budget_options, usage as _usage
 
 
 def read_inputs(prompt_files: tuple[Path, ...], jsonl: Path | None) -> list[tuple[str, str]]:
@@ -68,7 +68,7 @@ def plot_trace(trace, path: Path) -> bool:
     return True
 
 
-@click.command("trace", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command("trace", cls=BudgetCommand, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-m", "--model", "model", metavar="PATH", default=None,
               help="Layout or Hugging Face checkpoint directory (default: the embedded model).")
 @click.option("--prompt-file", "prompt_files", multiple=True, type=click.Path(path_type=Path, dir_okay=False, exists=True),
