@@ -84,13 +84,22 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[name]
 
 
-def resolve_layout(path: str | Path | None) -> Path:
-    """A layout directory for `path` (None = the embedded model); checkpoints are repacked into the cache."""
+def resolve_layout(path: str | Path | None, revision: str | None = None) -> Path:
+    """A layout directory for `path` (None = the embedded model; a Hugging Face id such as Qwen/Qwen3-30B-A3B is
+    resolved through the local HF cache or downloaded, layout/hub.py); checkpoints are repacked into the cache."""
     if path is None:
         path = default_model_path()
     p = Path(path)
     if not p.exists():
-        raise EngineError(f"model path {p} does not exist: pass a layout or Hugging Face checkpoint directory")
+        from tiered.layout.hub import HubError, looks_like_repo_id, resolve_model
+
+        if not looks_like_repo_id(str(path)):
+            raise EngineError(f"model path {p} does not exist: pass a layout or Hugging Face checkpoint directory, "
+                              "or a Hugging Face model id (OWNER/NAME)")
+        try:
+            p = resolve_model(str(path), revision)
+        except HubError as e:
+            raise EngineError(str(e)) from None
     if (p / MANIFEST).is_file():
         return p
     from tiered.layout.repack import ensure_layout  # the repacker is imported only when handed a checkpoint
@@ -114,11 +123,12 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
          dtype: str | torch.dtype | None = None, max_context: int | None = None, attn: str = "auto",
          budget: dict[str, Any] | None = None, observer: RoutingObserver | None = None,
          prefetch_hook: PrefetchHook | None = None, routing: RoutingOverride | None = None,
-         predictor: Predictor | None = None, cuda_graphs: bool = True) -> "Engine":
+         predictor: Predictor | None = None, cuda_graphs: bool = True, revision: str | None = None) -> "Engine":
     """Open a model for generation.
 
     Args:
-        path: a layout or Hugging Face checkpoint directory; None = the embedded default model.
+        path: a layout or Hugging Face checkpoint directory, or a Hugging Face model id; None = the embedded
+            default model.
         device: "cpu", "cuda", "cuda:N" or "auto".
         dtype: compute dtype (float32 / bfloat16 / float16); default fp32 on CPU, bf16 on CUDA.
         max_context: KV cache positions (prompt + generated); default min(DEFAULT_CONTEXT, the model's limit).
@@ -132,16 +142,20 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
             with an expert-cache budget whose prefetch_depth > 0 (or policy "predicted").
         cuda_graphs: capture the one-token decode step in CUDA graphs when possible: the whole step with
             resident experts, L+1 segments with host routing between them with the expert cache.
+        revision: branch, tag or commit of a Hugging Face model id.
     Returns:
         an Engine.
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    layout = Layout.open(resolve_layout(path))
+    layout = Layout.open(resolve_layout(path, revision))
     cfg = layout.config
     ctx = default_context(cfg, max_context)
     if ctx < 1:
         raise EngineError(f"max_context must be positive, got {ctx}")
+    if ctx > cfg.max_position_embeddings:
+        raise EngineError(f"--max-context {ctx} is above this model's limit of {cfg.max_position_embeddings} "
+                          f"positions (max_position_embeddings): use at most {cfg.max_position_embeddings}")
     backend = pick_backend(attn, dev, dt)
     provider = make_provider(layout, device=dev, budget=budget, dtype=dt, max_context=ctx)
     prefetcher = make_prefetcher(layout, provider, budget or {}, predictor=predictor, chain=observer,
@@ -366,7 +380,9 @@ class Engine:
                 pieces.append(tail)
                 on_text(tail)
         text = "".join(pieces) if stream is not None else (self.tokenizer.decode(out) if self.tokenizer else "")
-        self.stats = self._stats(ids.numel(), len(out), t1 - t0, t2 - t_first, max(0, len(out) - 1))
+        # no prefill ran for max_new_tokens=0: its time and rate are unknown (None), not a near-zero interval
+        self.stats = self._stats(ids.numel(), len(out), t1 - t0 if max_new_tokens else None, t2 - t_first,
+                                 max(0, len(out) - 1))
         self.stats["stop_reason"] = stop
         return Generation(text=text, token_ids=out, stop_reason=stop, stats=dict(self.stats))
 
@@ -379,12 +395,12 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _stats(self, n_prompt: int, n_gen: int, prefill_s: float, decode_s: float, decode_steps: int) -> dict:
+    def _stats(self, n_prompt: int, n_gen: int, prefill_s: float | None, decode_s: float, decode_steps: int) -> dict:
         """CONTRACTS stats. decode_tok_s counts the one-token steps (n_gen - 1: the first token comes from prefill)."""
         s: dict[str, Any] = {
             "tokens_prompt": n_prompt, "tokens_generated": n_gen,
             "prefill_s": prefill_s, "decode_s": decode_s, "decode_steps": decode_steps,
-            "prefill_tok_s": n_prompt / prefill_s if prefill_s > 0 else None,
+            "prefill_tok_s": n_prompt / prefill_s if prefill_s else None,
             "decode_tok_s": decode_steps / decode_s if decode_s > 0 and decode_steps else None,
             "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
             "attention": self.model.attn, "cuda_graphs": self.decode_mode != "eager",
