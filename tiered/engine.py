@@ -2,7 +2,7 @@
 
 Owns: `load` (path -> layout -> provider -> prefetcher -> Transformer, tokenizer; resolving the device,
 dtype and layout), `Engine` (prefill in chunks, the decode loop, stopping at EOS or the token budget,
-streaming text, stats with the CONTRACTS keys) and the choice of decode path per step: whole-step graphs
+streaming text, stats with the keys of docs/stats.md) and the choice of decode path per step: whole-step graphs
 (decode/graphed.py: resident experts, no observer), piecewise graphs (decode/piecewise.py: a provider whose
 get() needs the routing on the host, e.g. the expert cache), or eager.
 Does not own: the model's math (model/), where experts live (store/: resident.py or the expert cache), what
@@ -396,7 +396,7 @@ class Engine:
             torch.cuda.synchronize(self.device)
 
     def _stats(self, n_prompt: int, n_gen: int, prefill_s: float | None, decode_s: float, decode_steps: int) -> dict:
-        """CONTRACTS stats. decode_tok_s counts the one-token steps (n_gen - 1: the first token comes from prefill)."""
+        """Stats (docs/stats.md). decode_tok_s counts the one-token steps (n_gen - 1: the first token comes from prefill)."""
         s: dict[str, Any] = {
             "tokens_prompt": n_prompt, "tokens_generated": n_gen,
             "prefill_s": prefill_s, "decode_s": decode_s, "decode_steps": decode_steps,

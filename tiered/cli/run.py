@@ -1,4 +1,4 @@
-"""`tiered run`: generate a continuation, streamed to stdout; stats to stderr (CONTRACTS.md, "CLI shape").
+"""`tiered run`: generate a continuation, streamed to stdout; stats to stderr (docs/cli.md).
 
 Owns: the `run` click command (flags, usage errors with exit code 2, streaming, the stats line).
 Does not own: loading or generation (engine.py), the budget flags (cli/options.py, from store/options.py).

@@ -92,7 +92,7 @@ def trace(model, prompt_files, jsonl, out, plot, max_len, no_hidden, no_logits, 
 
     \b
     Examples:
-      tiered trace --prompt-file ../shared/text/fit/argparse.py.txt -o fit.npz
+      tiered trace --prompt-file my_code.py -o fit.npz
       tiered trace -m ~/layouts/qwen3-30b --input prompts.jsonl -o t.npz --plot t.png
     """
     if not prompt_files and jsonl is None:

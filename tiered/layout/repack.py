@@ -1,7 +1,7 @@
 """Checkpoint → layout: stream a Hugging Face checkpoint into tiered's expert-contiguous layout.
 
 Owns: `repack(src, dst)` (streaming, atomic, resumable by restart), `ensure_layout(path)` (the
-per-checkpoint cache of CONTRACTS.md) and `verify(layout)`. Nothing here runs at inference time;
+per-checkpoint layout cache, docs/cli.md) and `verify(layout)`. Nothing here runs at inference time;
 `run` imports it lazily only when handed a checkpoint instead of a layout.
 
 Memory: tensors are read with `os.preadv` straight into reusable block buffers (no whole-model

@@ -3,11 +3,11 @@
 Owns: the `Predictor` interface (`reset`, `observe(layer, hidden, routed_ids, router_logits)`,
 `rank(layer) -> scores [E]`), the predictors (no prediction, previous-token reuse, next-gate, router
 history, activation matching, the fitted log-linear combination), `PredictorParams` (everything fitted
-on ../shared/text/fit, saved as one safetensors file next to the layout), `fit_params`, and the
+on a trace of fitting text (never the text reported on), saved as one safetensors file next to the layout), `fit_params`, and the
 batched `score_trace` that replays a whole trace at once for offline metrics.
 Does not own: traces (trace.py), cache policies or prefetch I/O (store/, prefetch.py), metrics (simulate.py).
 
-Lead-time rule (CONTRACTS.md): scores for layer l+1 of token t use only layer l's router output, the
+Lead-time rule (docs/metrics.md): scores for layer l+1 of token t use only layer l's router output, the
 hidden state after layer l's attention, earlier layers of token t and earlier tokens. `score_trace` is
 the batched form of the same computation: out[n, l] scores layer l of token n from that information
 (layer l-1 of token n and tokens < n); out[n, 0] uses token n-1 only. tests/test_predict.py checks the
@@ -486,7 +486,7 @@ def make_predictor(name: str, *, num_layers: int, num_experts: int, gates: GateW
         raise ValueError(f"predictor {name!r} needs the model's dense weights (GateWeights.from_layout)")
     if name in ("history", "activation-matching", "combined") and params is None:
         raise ValueError(f"predictor {name!r} needs fitted parameters: run `tiered tune --fit-trace FIT.npz` "
-                         f"(a trace of ../shared/text/fit) to write {PARAMS_FILE}")
+                         f"(a trace of text kept apart from the text you report on) to write {PARAMS_FILE}")
     L, E = num_layers, num_experts
     return {"none": lambda: NoPrediction(L, E), "prev-token": lambda: PreviousToken(L, E),
             "next-gate": lambda: NextGate(L, E, gates), "history": lambda: History(L, E, params),
@@ -496,7 +496,7 @@ def make_predictor(name: str, *, num_layers: int, num_experts: int, gates: GateW
 
 # --------------------------------------------------------------------------- metrics
 def recall_precision(scores: Tensor, trace: Trace, candidates: int, *, layers: range | None = None) -> dict:
-    """Next-layer recall and precision with C candidates: correct / K used, correct / C (CONTRACTS).
+    """Next-layer recall and precision with C candidates: correct / K used, correct / C (docs/metrics.md).
 
     scores [N, L, E] from score_trace; layers defaults to 1..L-1 (layer 0 has no layer before it).
     Returns {"recall", "precision", "per_layer": [recall of each layer]}.
