@@ -2,7 +2,7 @@
 
 Owns: `load` (path -> layout -> provider -> prefetcher -> Transformer, tokenizer; resolving the device,
 dtype and layout), `Engine` (prefill in chunks, the decode loop, stopping at EOS or the token budget,
-streaming text, stats with the CONTRACTS keys) and the choice of decode path per step: whole-step graphs
+streaming text, stats with the keys of docs/stats.md) and the choice of decode path per step: whole-step graphs
 (decode/graphed.py: resident experts, no observer), piecewise graphs (decode/piecewise.py: a provider whose
 get() needs the routing on the host, e.g. the expert cache), or eager.
 Does not own: the model's math (model/), where experts live (store/: resident.py or the expert cache), what
@@ -84,13 +84,22 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[name]
 
 
-def resolve_layout(path: str | Path | None) -> Path:
-    """A layout directory for `path` (None = the embedded model); checkpoints are repacked into the cache."""
+def resolve_layout(path: str | Path | None, revision: str | None = None) -> Path:
+    """A layout directory for `path` (None = the embedded model; a Hugging Face id such as Qwen/Qwen3-30B-A3B is
+    resolved through the local HF cache or downloaded, layout/hub.py); checkpoints are repacked into the cache."""
     if path is None:
         path = default_model_path()
     p = Path(path)
     if not p.exists():
-        raise EngineError(f"model path {p} does not exist: pass a layout or Hugging Face checkpoint directory")
+        from tiered.layout.hub import HubError, looks_like_repo_id, resolve_model
+
+        if not looks_like_repo_id(str(path)):
+            raise EngineError(f"model path {p} does not exist: pass a layout or Hugging Face checkpoint directory, "
+                              "or a Hugging Face model id (OWNER/NAME)")
+        try:
+            p = resolve_model(str(path), revision)
+        except HubError as e:
+            raise EngineError(str(e)) from None
     if (p / MANIFEST).is_file():
         return p
     from tiered.layout.repack import ensure_layout  # the repacker is imported only when handed a checkpoint
@@ -106,8 +115,8 @@ def make_provider(layout: Any, *, device: torch.device, budget: dict[str, Any] |
         TierConfig.from_flags(budget)  # unknown keys and bad values, before anything is opened
     except BudgetError as e:
         raise EngineError(str(e)) from None
-    if not budget:
-        return ResidentExperts.from_layout(layout, device=device)
+    if not set(budget) - {"verify"}:  # --verify applies to resident experts too; the other options need the cache
+        return ResidentExperts.from_layout(layout, device=device, verify=budget.get("verify", "first-use"))
     return make_cache(layout, device=device, dtype=dtype, max_context=max_context, state_bytes=state_bytes, **budget)
 
 
@@ -116,11 +125,12 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
          budget: dict[str, Any] | None = None, observer: RoutingObserver | None = None,
          prefetch_hook: PrefetchHook | None = None, routing: RoutingOverride | None = None,
          predictor: Predictor | None = None, cuda_graphs: bool = True,
-         kernels: bool | None = None, state_bytes: int = 0) -> "Engine":
+         kernels: bool | None = None, state_bytes: int = 0, revision: str | None = None) -> "Engine":
     """Open a model for generation.
 
     Args:
-        path: a layout or Hugging Face checkpoint directory; None = the embedded default model.
+        path: a layout or Hugging Face checkpoint directory, or a Hugging Face model id; None = the embedded
+            default model.
         device: "cpu", "cuda", "cuda:N" or "auto".
         dtype: compute dtype (float32 / bfloat16 / float16); default fp32 on CPU, bf16 on CUDA.
         max_context: KV cache positions (prompt + generated); default min(DEFAULT_CONTEXT, the model's limit).
@@ -138,16 +148,20 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
             installed. False keeps the plain torch paths (the CPU path; the kernels' reference).
         state_bytes: device bytes a batch scheduler will add for its rows' state (decode/state.py), counted in
             --vram-gb when the expert cache plans its slots.
+        revision: branch, tag or commit of a Hugging Face model id.
     Returns:
         an Engine.
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    layout = Layout.open(resolve_layout(path))
+    layout = Layout.open(resolve_layout(path, revision))
     cfg = layout.config
     ctx = default_context(cfg, max_context)
     if ctx < 1:
         raise EngineError(f"max_context must be positive, got {ctx}")
+    if ctx > cfg.max_position_embeddings:
+        raise EngineError(f"--max-context {ctx} is above this model's limit of {cfg.max_position_embeddings} "
+                          f"positions (max_position_embeddings): use at most {cfg.max_position_embeddings}")
     backend = pick_backend(attn, dev, dt)
     provider = make_provider(layout, device=dev, budget=budget, dtype=dt, max_context=ctx, state_bytes=state_bytes)
     prefetcher = make_prefetcher(layout, provider, budget or {}, predictor=predictor, chain=observer,
@@ -233,7 +247,8 @@ class Engine:
     def encode(self, text: str, *, chat: bool = False) -> list[int]:
         """Token ids of a prompt; with chat=True the text is one user message under the chat template."""
         if self.tokenizer is None:
-            raise EngineError(f"{self.layout_path} has no tokenizer.json: pass token ids instead of text")
+            raise EngineError(f"{self.layout_path} has no tokenizer.json, so text cannot be encoded: copy the "
+                              f"model's tokenizer.json (and tokenizer_config.json) into {self.layout_path}")
         if chat:
             rendered = self.tokenizer.apply_chat_template([{"role": "user", "content": text}])
             return self.tokenizer.encode(rendered, add_special_tokens=False)
@@ -371,7 +386,9 @@ class Engine:
                 pieces.append(tail)
                 on_text(tail)
         text = "".join(pieces) if stream is not None else (self.tokenizer.decode(out) if self.tokenizer else "")
-        self.stats = self._stats(ids.numel(), len(out), t1 - t0, t2 - t_first, max(0, len(out) - 1))
+        # no prefill ran for max_new_tokens=0: its time and rate are unknown (None), not a near-zero interval
+        self.stats = self._stats(ids.numel(), len(out), t1 - t0 if max_new_tokens else None, t2 - t_first,
+                                 max(0, len(out) - 1))
         self.stats["stop_reason"] = stop
         return Generation(text=text, token_ids=out, stop_reason=stop, stats=dict(self.stats))
 
@@ -384,12 +401,12 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _stats(self, n_prompt: int, n_gen: int, prefill_s: float, decode_s: float, decode_steps: int) -> dict:
-        """CONTRACTS stats. decode_tok_s counts the one-token steps (n_gen - 1: the first token comes from prefill)."""
+    def _stats(self, n_prompt: int, n_gen: int, prefill_s: float | None, decode_s: float, decode_steps: int) -> dict:
+        """Stats (docs/stats.md). decode_tok_s counts the one-token steps (n_gen - 1: the first token comes from prefill)."""
         s: dict[str, Any] = {
             "tokens_prompt": n_prompt, "tokens_generated": n_gen,
             "prefill_s": prefill_s, "decode_s": decode_s, "decode_steps": decode_steps,
-            "prefill_tok_s": n_prompt / prefill_s if prefill_s > 0 else None,
+            "prefill_tok_s": n_prompt / prefill_s if prefill_s else None,
             "decode_tok_s": decode_steps / decode_s if decode_s > 0 and decode_steps else None,
             "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
             "attention": self.model.attn, "cuda_graphs": self.decode_mode != "eager",
