@@ -127,7 +127,7 @@ def pick_splits(rows: int, max_seqlen: int, *, device: torch.device | str, block
     """Splits per (row, KV head) so that about two programs per SM run when the sequence is long, never more
     than the tiles of `max_seqlen` (an upper bound known on the host: the grid may not depend on the length)."""
     dev = torch.device(device)
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
     tiles = max(1, -(-max_seqlen // block_n))
     return max(1, min(tiles, -(-2 * sms // max(1, rows)), 256))
 
@@ -253,7 +253,8 @@ def _split_kernel(Q, K, V, BT, SEQ, SINKS, O, PO, PM, PL,
     lo = n * 0  # the oldest key any query sees
     if HAS_WINDOW:
         lo = tl.maximum(n - T - window + 1, 0)
-    per = tl.cdiv(tl.cdiv(tl.maximum(n - lo, 0), num_splits), BLOCK_N) * BLOCK_N  # keys per split, whole tiles
+    # keys per split, in whole tiles (plain integer arithmetic: tl.cdiv is a nested jit call, slow interpreted)
+    per = ((tl.maximum(n - lo, 0) + num_splits - 1) // num_splits + BLOCK_N - 1) // BLOCK_N * BLOCK_N
     start = lo + split * per
     end = tl.minimum(start + per, n)
 
