@@ -37,6 +37,7 @@ if "--cpu-smoke" in sys.argv:  # Triton's interpreter is chosen when triton is i
     import os
     os.environ.setdefault("TRITON_INTERPRET", "1")
 from tiered.kernels import attention as ka  # noqa: E402
+from tiered.model.transformer import span_for  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -85,10 +86,6 @@ def hbm_read_gbps(gib: float, dev: torch.device) -> float:
     return x.numel() * 2 / (us * 1e-6) / 1e9
 
 
-def span_for(n: int, cap: int) -> int:
-    return min(cap, max(128, 1 << (n - 1).bit_length()))
-
-
 def one_case(B: int, n: int, args, bw: float, dev: torch.device) -> dict:
     H, KV, hd, PS = args.heads, args.kv_heads, args.head_dim, args.page_size
     G = H // KV
@@ -123,7 +120,7 @@ def one_case(B: int, n: int, args, bw: float, dev: torch.device) -> dict:
     def sdpa_fn():
         return F.scaled_dot_product_attention(qg, k[:, :, :n], v[:, :, :n], scale=scale)
 
-    span = span_for(n, cap)
+    span = span_for(n - 1, cap)  # the step at position n - 1 reads n keys
     pos = torch.full((1,), n - 1, device=dev)
 
     def sdpa_span_fn():  # the mask is built on the device each step, as Transformer.static_plan does

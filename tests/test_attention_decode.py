@@ -95,3 +95,77 @@ def test_pick_backend(monkeypatch):
         pick_backend("triton", cpu)
     with pytest.raises(ValueError, match="not one of"):
         pick_backend("flashinfer", cpu)
+
+
+# --- graphs captured before the clock ---
+
+def test_piecewise_graphs_captured_before_the_first_token(reference_layout):
+    """Every span's chain is captured before generate's clock starts (the fake CUDA path on CPU): stats
+    report the capture apart (capture_s, capture_in_call_s), none happens inside decode, a second call
+    captures nothing, and ttft_s / load_s are reported."""
+    from tests.test_segmented_decode import FakeCudaPiecewise
+
+    ids = [5, 9, 11, 200, 7] * 3
+    e = tiered.load(reference_layout, device="cpu", max_context=300, budget={"expert_slots": 16})
+    want = tiered.load(reference_layout, device="cpu", max_context=300,
+                       budget={"expert_slots": 16}).generate(ids, max_new_tokens=4).token_ids
+    pw = e.use_piecewise(FakeCudaPiecewise(e.model))
+    g = e.generate(ids, max_new_tokens=4)
+    assert g.token_ids == want
+    assert sorted(pw.chains) == e.model.graph_spans() == [128, 256, 300]
+    s = g.stats
+    assert s["piecewise"]["capture_s"] == 0.0  # nothing captured between the first and the last token
+    assert s["capture_in_call_s"] > 0 and s["capture_s"] >= s["capture_in_call_s"]
+    assert s["ttft_s"] > 0 and s["load_s"] > 0 and s["graph_mem_bytes"] == 0  # no CUDA memory on CPU
+    recorded = pw.recorded
+    g2 = e.generate(ids, max_new_tokens=4)
+    assert g2.token_ids == want and pw.recorded == recorded and g2.stats["capture_in_call_s"] < 0.05
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("attn", ["triton", "sdpa"])
+def test_cuda_graphs_captured_at_load(reference_layout, attn):
+    """On CUDA, load() captures every whole-step graph (one with triton, one per span with SDPA); decoding
+    across the 128-position bucket captures nothing more and gives the eager step's greedy tokens (fp32)."""
+    kw = dict(device="cuda", dtype="float32", max_context=300, attn=attn)
+    g = tiered.load(reference_layout, **kw)
+    assert sorted(g.graphed.graphs) == ([300] if attn == "triton" else [128, 256, 300])
+    assert g.capture_s > 0 and g.graphed.graph_mem_bytes >= 0
+    a = g.generate(PROMPT, max_new_tokens=150, stop_at_eos=False)
+    b = tiered.load(reference_layout, cuda_graphs=False, **kw).generate(PROMPT, max_new_tokens=150, stop_at_eos=False)
+    assert a.token_ids == b.token_ids
+    s = a.stats
+    assert s["decode_graphs"] == "full" and s["attention"] == attn and s["capture_in_call_s"] == 0.0
+    assert s["ttft_s"] > 0 and s["load_s"] > 0 and s["capture_s"] == g.capture_s
+
+
+@pytest.mark.cuda
+def test_cuda_piecewise_triton_one_chain(reference_layout):
+    """The expert cache's piecewise step with triton attention: one chain of L+1 graphs for every position,
+    captured at load; greedy tokens equal the eager cache engine's (fp32)."""
+    kw = dict(device="cuda", dtype="float32", max_context=300, attn="triton", budget={"expert_slots": 16})
+    g = tiered.load(reference_layout, **kw)
+    assert sorted(g.pieces.chains) == [300]
+    a = g.generate(PROMPT, max_new_tokens=140, stop_at_eos=False)
+    b = tiered.load(reference_layout, cuda_graphs=False, **kw).generate(PROMPT, max_new_tokens=140, stop_at_eos=False)
+    assert a.token_ids == b.token_ids
+    assert a.stats["decode_graphs"] == "piecewise" and a.stats["piecewise"]["capture_s"] == 0.0
+
+
+@pytest.mark.cuda
+def test_cuda_run_json_reports_first_token_and_capture(reference_layout):
+    """`tiered run --json` on CUDA: the stats carry ttft_s, load_s and a positive capture_s (graphs captured at
+    load, none inside the call), with the triton backend chosen by auto."""
+    import json
+
+    from click.testing import CliRunner
+
+    from tiered.cli.main import main
+
+    r = CliRunner().invoke(main, ["run", "-m", str(reference_layout), "--device", "cuda", "--max-new-tokens", "32",
+                                  "--json", PROMPT], catch_exceptions=False)
+    assert r.exit_code == 0, r.stderr
+    s = json.loads(r.stderr.strip().splitlines()[-1])
+    assert s["attention"] == ("triton" if ka.triton is not None else "sdpa")
+    assert s["ttft_s"] > 0 and s["load_s"] > 0 and s["capture_s"] > 0 and s["capture_in_call_s"] == 0.0
+    assert s["decode_graphs"] == "full"

@@ -139,7 +139,7 @@ def decode_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: T
     """Attention of a few query tokens per row over a paged KV cache (the math: module docstring).
 
     Args:
-        q: [B, T, H, hd] (any strides; hd a multiple of... any size up to 256).
+        q: [B, T, H, hd] (any strides; any hd up to 256, padded to a power of two >= 16 inside).
         k_pages, v_pages: [P, PS, KV, hd] (any strides, e.g. `paged_view` of a contiguous cache).
         block_table: [B, MP] int32, page ids of each row's positions in order.
         seqlens: [B] int32 on the device: tokens in each row's cache, this call's T included.
@@ -214,11 +214,7 @@ def _kernels(device: torch.device) -> tuple:
 
 def interpreted() -> bool:
     """True when the kernels were built for Triton's interpreter (they then run on CPU tensors)."""
-    if triton is None:
-        return False
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_SPLIT, InterpretedFunction)
+    return _INTERPRETED
 
 
 # --- kernels (plain functions, wrapped by triton.jit below or by the interpreter) ---
@@ -340,6 +336,8 @@ def _combine_kernel(PO, PM, PL, SINKS, O, KV, NS,
     tl.store(O + b * so_b + t * so_t + h * so_h + d * so_d, o.to(O.dtype.element_ty), mask=d < HD)
 
 
+_INTERPRETED = False
 if triton is not None:
     _SPLIT = triton.jit(_split_kernel)
     _COMBINE = triton.jit(_combine_kernel)
+    _INTERPRETED = type(_SPLIT).__name__ == "InterpretedFunction"  # TRITON_INTERPRET=1 at triton's import
