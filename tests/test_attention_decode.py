@@ -119,7 +119,7 @@ def test_piecewise_graphs_captured_before_the_first_token(reference_layout):
     assert s["ttft_s"] > 0 and s["load_s"] > 0 and s["graph_mem_bytes"] == 0  # no CUDA memory on CPU
     recorded = pw.recorded
     g2 = e.generate(ids, max_new_tokens=4)
-    assert g2.token_ids == want and pw.recorded == recorded and g2.stats["capture_in_call_s"] < 0.05
+    assert g2.token_ids == want and pw.recorded == recorded and g2.stats["capture_in_call_s"] == 0.0
 
 
 @pytest.mark.cuda
