@@ -40,7 +40,7 @@ def test_triton_backend_keeps_greedy_tokens(reference_layout):
 @pytest.fixture(scope="module")
 def tiny_layouts(tmp_path_factory, tiny_checkpoints):
     """Qwen3-MoE (GQA 2, hd 16) and Mixtral with a sliding window of 5, repacked."""
-    from tiered.repack import repack
+    from tiered.layout.repack import repack
 
     root = tmp_path_factory.mktemp("attn")
     window = make_checkpoint(root / "window-ck", "mixtral", sliding_window=5)
