@@ -114,7 +114,8 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
          dtype: str | torch.dtype | None = None, max_context: int | None = None, attn: str = "auto",
          budget: dict[str, Any] | None = None, observer: RoutingObserver | None = None,
          prefetch_hook: PrefetchHook | None = None, routing: RoutingOverride | None = None,
-         predictor: Predictor | None = None, cuda_graphs: bool = True) -> "Engine":
+         predictor: Predictor | None = None, cuda_graphs: bool = True,
+         kernels: bool | None = None) -> "Engine":
     """Open a model for generation.
 
     Args:
@@ -133,6 +134,8 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
         cuda_graphs: capture the one-token decode step in CUDA graphs when possible: the whole step with
             resident experts, L+1 segments with host routing between them with the expert cache. Every graph
             a step may replay is captured here (one with triton attention, one per span bucket with SDPA).
+        kernels: routed experts through the Triton kernels (model/moe_gpu.py); None = on CUDA when Triton is
+            installed. False keeps the plain torch paths (the CPU path; the kernels' reference).
     Returns:
         an Engine (engine.load_s: seconds to load; engine.capture_s: seconds capturing graphs).
     """
@@ -151,7 +154,7 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
     if prefetcher is not None:
         observer, prefetch_hook = prefetcher, prefetcher.prefetch_hook
     model = Transformer(cfg, layout.dense(), provider, device=dev, dtype=dt, max_context=ctx, attn=backend,
-                        observer=observer, prefetch_hook=prefetch_hook, routing=routing)
+                        observer=observer, prefetch_hook=prefetch_hook, routing=routing, kernels=kernels)
     tok = Tokenizer.from_dir(layout.path) if layout.tokenizer_path else None
     engine = Engine(model, tok, layout_path=layout.path, cuda_graphs=cuda_graphs and dev.type == "cuda",
                     prefetcher=prefetcher)
@@ -444,7 +447,7 @@ class Engine:
             "decode_tok_s": decode_steps / decode_s if decode_s > 0 and decode_steps else None,
             "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
             "attention": self.model.attn, "cuda_graphs": self.decode_mode != "eager",
-            "decode_graphs": self.decode_mode,
+            "decode_graphs": self.decode_mode, "expert_kernels": "triton" if self.model.kernels else "torch",
             "max_context": self.max_context, "family": self.config.family,
             "model": str(self.layout_path) if self.layout_path else None,
         }
