@@ -134,7 +134,7 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
         device: "cpu", "cuda", "cuda:N" or "auto".
         dtype: compute dtype (float32 / bfloat16 / float16); default fp32 on CPU, bf16 on CUDA.
         max_context: KV cache positions (prompt + generated); default min(DEFAULT_CONTEXT, the model's limit).
-        attn: "auto", "flash" or "sdpa".
+        attn: "auto", "triton", "flash" or "sdpa" (layers.pick_backend: auto = triton on CUDA when it imports).
         budget: expert-cache options (the fields of store.options.TierConfig, BUDGET_KEYS); None/empty = every
             expert in memory. prefetch_depth > 0 or policy "predicted" adds a Prefetcher (predict/prefetch.py).
         observer: routing observer (SEAMS.md), called once per layer per forward.
@@ -143,15 +143,17 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
         predictor: the prefetcher's predictor (predict/predictors.py) instead of the layout's default; used
             with an expert-cache budget whose prefetch_depth > 0 (or policy "predicted").
         cuda_graphs: capture the one-token decode step in CUDA graphs when possible: the whole step with
-            resident experts, L+1 segments with host routing between them with the expert cache.
+            resident experts, L+1 segments with host routing between them with the expert cache. Every graph
+            a step may replay is captured here (one with triton attention, one per span bucket with SDPA).
         kernels: routed experts through the Triton kernels (model/moe_gpu.py); None = on CUDA when Triton is
             installed. False keeps the plain torch paths (the CPU path; the kernels' reference).
         state_bytes: device bytes a batch scheduler will add for its rows' state (decode/state.py), counted in
             --vram-gb when the expert cache plans its slots.
         revision: branch, tag or commit of a Hugging Face model id.
     Returns:
-        an Engine.
+        an Engine (engine.load_s: seconds to load; engine.capture_s: seconds capturing graphs).
     """
+    t0 = time.perf_counter()
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     layout = Layout.open(resolve_layout(path, revision))
@@ -171,8 +173,12 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
     model = Transformer(cfg, layout.dense(), provider, device=dev, dtype=dt, max_context=ctx, attn=backend,
                         observer=observer, prefetch_hook=prefetch_hook, routing=routing, kernels=kernels)
     tok = Tokenizer.from_dir(layout.path) if layout.tokenizer_path else None
-    return Engine(model, tok, layout_path=layout.path, cuda_graphs=cuda_graphs and dev.type == "cuda",
-                  prefetcher=prefetcher)
+    engine = Engine(model, tok, layout_path=layout.path, cuda_graphs=cuda_graphs and dev.type == "cuda",
+                    prefetcher=prefetcher)
+    engine._sync()
+    engine.load_s = time.perf_counter() - t0
+    engine.capture_graphs()
+    return engine
 
 
 def make_prefetcher(layout: Any, provider: ExpertProvider, budget: dict[str, Any], *,
@@ -219,6 +225,45 @@ class Engine:
                 print(f"tiered: piecewise CUDA graphs unavailable ({e}); decoding eagerly", file=sys.stderr)
         self.decode_mode = "eager"  # what the last generate's one-token steps ran: full, piecewise or eager
         self.stats: dict[str, Any] = {}
+        self.load_s: float | None = None  # set by load(): seconds from the call to a ready model (no capture)
+        self.capture_s = 0.0  # seconds spent capturing CUDA graphs (at load, or before a generate's clock)
+
+    def capture_graphs(self) -> float:
+        """Capture every CUDA graph the one-token steps may replay, now: all span buckets with SDPA, a
+        single graph when the attention reads the length from the device (triton, flash). load() calls it
+        and generate() calls it before its clock starts, so no capture lands in ttft_s or decode_s. A refused
+        capture falls back as in a step (whole-step graphs -> eager; piecewise -> host copies, then eager).
+        Returns the seconds spent (also added to self.capture_s)."""
+        t0 = time.perf_counter()
+        before = self._graph_stats()[0], self.graphed, self.pieces
+        if self.graphed is not None:
+            try:
+                self.graphed.capture_all()
+            except RuntimeError as e:
+                print(f"tiered: CUDA graph capture failed ({e}); decoding without graphs", file=sys.stderr)
+                self.graphed = None
+                self._sync()
+        if self.pieces is not None:
+            try:
+                self.pieces.capture_all()
+            except GraphCaptureError as e:
+                print(f"tiered: {e}; decoding without graphs", file=sys.stderr)
+                self.pieces = None
+                self._sync()
+        # only a capture (or a fallback) counts: once everything is captured this is a few dict lookups
+        changed = before != (self._graph_stats()[0], self.graphed, self.pieces)
+        spent = time.perf_counter() - t0 if changed else 0.0
+        self.capture_s += spent
+        return spent
+
+    def _graph_stats(self) -> tuple[float, int]:
+        """(seconds capturing, bytes the graphs hold) of the decode paths in use."""
+        cap, mem = 0.0, 0
+        if self.graphed is not None:
+            cap, mem = self.graphed.capture_s, self.graphed.graph_mem_bytes
+        if self.pieces is not None:
+            cap, mem = cap + self.pieces.capture_s, mem + self.pieces.graph_mem_bytes
+        return cap, mem
 
     def use_piecewise(self, pieces: PiecewiseDecode | None = None, **options: Any) -> PiecewiseDecode | None:
         """Decode one-token steps with `pieces`, or a PiecewiseDecode(self.model, **options) built here (e.g.
@@ -329,6 +374,8 @@ class Engine:
         """
         if max_new_tokens < 0:
             raise EngineError("max_new_tokens must be >= 0")
+        capture_now = self.capture_graphs() if max_new_tokens > 1 else 0.0  # no-op once captured
+        t_call = time.perf_counter()
         params = Sampling(temperature, top_k, top_p, seed)
         try:
             check_sampling(params)
@@ -349,6 +396,7 @@ class Engine:
         self.decode_mode = self._planned_mode()
         if self.pieces is not None:
             self.pieces.reset_stats()
+        cap0 = self._graph_stats()[0]  # the piecewise count restarts at reset_stats
         t0 = time.perf_counter()
         self._phase("prefill")
         logits = self._prefill(ids) if max_new_tokens else None
@@ -380,6 +428,10 @@ class Engine:
             pos += 1
         self._sync()
         t2 = time.perf_counter()
+        # A capture inside the loop (only after a fallback, or a span capture_graphs did not know of) is
+        # reported as capture_s, never as decode time.
+        cap_in_loop = max(0.0, self._graph_stats()[0] - cap0)
+        self.capture_s += cap_in_loop
         if stream is not None:
             tail = stream.flush()
             if tail:
@@ -387,9 +439,14 @@ class Engine:
                 on_text(tail)
         text = "".join(pieces) if stream is not None else (self.tokenizer.decode(out) if self.tokenizer else "")
         # no prefill ran for max_new_tokens=0: its time and rate are unknown (None), not a near-zero interval
-        self.stats = self._stats(ids.numel(), len(out), t1 - t0 if max_new_tokens else None, t2 - t_first,
-                                 max(0, len(out) - 1))
+        self.stats = self._stats(ids.numel(), len(out), t1 - t0 if max_new_tokens else None,
+                                 t2 - t_first - cap_in_loop, max(0, len(out) - 1))
         self.stats["stop_reason"] = stop
+        self.stats["ttft_s"] = t_first - t_call if out or stop == "eos" else None
+        self.stats["load_s"] = self.load_s
+        self.stats["capture_s"] = self.capture_s
+        self.stats["capture_in_call_s"] = capture_now + cap_in_loop
+        self.stats["graph_mem_bytes"] = self._graph_stats()[1]
         return Generation(text=text, token_ids=out, stop_reason=stop, stats=dict(self.stats))
 
     def _phase(self, phase: str) -> None:

@@ -70,9 +70,11 @@ def _check_model_path(model: str | None) -> None:
 
 def _summary(s: dict) -> str:
     def f(v, unit):
-        return "n/a" if v is None else f"{v:.1f} {unit}"
+        return "n/a" if v is None else f"{v:.1f} {unit}" if unit != "s" else f"{v:.2f} {unit}"
     return (f"[tiered] {s['tokens_prompt']} prompt tokens, {s['tokens_generated']} generated ({s['stop_reason']}); "
-            f"prefill {f(s['prefill_tok_s'], 'tok/s')}, decode {f(s['decode_tok_s'], 'tok/s')}; "
+            f"prefill {f(s['prefill_tok_s'], 'tok/s')}, decode {f(s['decode_tok_s'], 'tok/s')}, "
+            f"first token {f(s.get('ttft_s'), 's')}; load {f(s.get('load_s'), 's')}"
+            + (f", graph capture {f(s['capture_s'], 's')}" if s.get("capture_s") else "") + "; "
             f"{s['device']} {s['dtype']} attention={s['attention']} io={s.get('io')}")
 
 
@@ -94,8 +96,10 @@ def _summary(s: dict) -> str:
               help="Compute dtype [default: float32 on CPU, bfloat16 on CUDA].")
 @click.option("--max-context", type=click.IntRange(min=1), default=None,
               help=f"KV cache positions, prompt + generated [default: min({DEFAULT_CONTEXT}, the model's limit)].")
-@click.option("--attn", type=click.Choice(["auto", "flash", "sdpa"]), default="auto", show_default=True,
-              help="Attention backend: flash-attn when importable on CUDA, else PyTorch SDPA.")
+@click.option("--attn", type=click.Choice(["auto", "triton", "flash", "sdpa"]), default="auto", show_default=True,
+              help="Attention backend: on CUDA our Triton decode kernel when triton imports (one CUDA graph for "
+                   "every length), else flash-attn when importable, else PyTorch SDPA (one graph per span); "
+                   "SDPA on CPU.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt as a user message in the model's chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Stats as one JSON line, the last line of stderr.")
 @click.option("--no-cuda-graphs", is_flag=True, help="Run the decode step eagerly on CUDA.")
