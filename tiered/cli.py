@@ -137,6 +137,10 @@ from tiered.predict.tune_cli import tune  # noqa: E402
 main.add_command(trace)
 main.add_command(tune)
 
+from tiered.eval_cli import eval_cmd  # noqa: E402  (quality: perplexity, KL against a reference)
+
+main.add_command(eval_cmd)
+
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,103 @@
+"""`tiered eval`: teacher-forced perplexity over text files, and KL / top-1 / expert overlap against a reference.
+
+Owns: the `eval` click command (flags, usage errors with exit code 2, the table, the --json line).
+Does not own: the measurement (evaluate.py) or loading (engine.py).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+
+def _load(model, *, device, dtype, max_context, attn, budget):
+    from tiered.engine import load
+
+    return load(model, device=device, dtype=dtype, max_context=max_context, attn=attn, budget=budget,
+                cuda_graphs=False)
+
+
+@click.command("eval", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-m", "--model", "model", metavar="PATH", default=None,
+              help="Layout or Hugging Face checkpoint directory (default: the embedded model).")
+@click.option("--text-file", "text_files", multiple=True, required=True,
+              type=click.Path(path_type=Path, dir_okay=False), help="A text file to score (repeat for more).")
+@click.option("--reference", metavar="PATH", default=None,
+              help="A second model scored on the same tokens: adds KL, top-1 agreement and expert overlap.")
+@click.option("--max-tokens", type=click.IntRange(min=2), default=None, help="Cap on each file's tokens.")
+@click.option("--max-context", type=click.IntRange(min=2), default=None,
+              help="Window length in tokens [default: min(2048, the model's limit)].")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Compute dtype [default: float32 on CPU, bfloat16 on CUDA].")
+@click.option("--attn", type=click.Choice(["auto", "flash", "sdpa"]), default="auto", show_default=True)
+@click.option("--vram-gb", type=float, default=None, help="GiB of GPU memory for the whole model (expert cache).")
+@click.option("--expert-slots", type=click.IntRange(min=1), default=None, help="Global device-tier expert slots.")
+@click.option("--ram-gb", type=float, default=None, help="GiB of pinned RAM for experts (expert cache).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object, the last line of stdout.")
+def eval_cmd(model, text_files, reference, max_tokens, max_context, device, dtype, attn, vram_gb, expert_slots,
+             ram_gb, as_json) -> None:
+    """Score MODEL on text files: perplexity over non-overlapping windows (each scored from position 0).
+
+    With --reference, the same tokens also go through a second model: mean and 99th-percentile
+    KL(reference || model), top-1 agreement, and per layer the Jaccard overlap of the chosen experts.
+
+    \b
+    Examples:
+      tiered eval -m ~/layouts/qwen3-30b-q4 --text-file notes.txt --reference ~/layouts/qwen3-30b --json
+      tiered eval --text-file a.py --text-file b.md --max-tokens 4096
+    """
+    texts = {}
+    for f in text_files:
+        try:
+            texts[str(f)] = f.read_bytes().decode("utf-8")
+        except OSError as e:
+            raise click.UsageError(f"cannot read --text-file {f}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise click.UsageError(f"--text-file {f} is not UTF-8 text") from None
+    for p in (model, reference):
+        if p is not None and not Path(p).is_dir():
+            raise click.UsageError(f"{p}: no such directory; pass a tiered layout or a Hugging Face checkpoint")
+    budget = dict(vram_gb=vram_gb, expert_slots=expert_slots, ram_gb=ram_gb)
+
+    from tiered.engine import EngineError
+    from tiered.evaluate import default_window, evaluate
+    from tiered.families import FamilyError
+    from tiered.format import LayoutError
+    from tiered.tokenizer import TokenizerError
+
+    try:
+        eng = _load(model, device=device, dtype=dtype, max_context=max_context, attn=attn, budget=budget)
+        window = max_context or default_window(eng.config.max_position_embeddings)  # <= the engine's context
+        ref = None
+        if reference is not None:
+            ref = _load(reference, device=device, dtype=dtype, max_context=window, attn=attn, budget=budget)
+        out = evaluate(eng, texts, reference=ref, window=window, max_tokens=max_tokens)
+    except (EngineError, FamilyError, TokenizerError, ValueError) as e:
+        raise click.UsageError(str(e)) from None
+    except LayoutError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    out.update({"model": str(eng.layout_path), "reference": str(ref.layout_path) if ref else None,
+                "device": str(eng.device), "dtype": str(eng.dtype).removeprefix("torch.")})
+    _print_table(out)
+    if as_json:
+        click.echo(json.dumps(out))
+
+
+def _print_table(out: dict) -> None:
+    ref = "reference_perplexity" in out
+    head = f"{'file':<40} {'tokens':>8} {'ppl':>9}"
+    if ref:
+        head += f" {'ref ppl':>9} {'ratio':>7} {'KL mean':>8} {'KL p99':>8} {'top-1':>7}"
+    click.echo(head)
+    for r in out["files"] + [{"file": "all", **{k: v for k, v in out.items() if k != "files"}}]:
+        line = f"{Path(r['file']).name[:40]:<40} {r['tokens']:>8} {r['perplexity']:>9.3f}"
+        if ref:
+            line += (f" {r['reference_perplexity']:>9.3f} {r['perplexity_ratio']:>7.4f} {r['kl_mean']:>8.4f}"
+                     f" {r['kl_p99']:>8.4f} {r['top1_agreement']:>7.2%}")
+        click.echo(line)
+    if ref and out.get("expert_jaccard"):
+        click.echo("expert Jaccard per layer: " + " ".join(f"{j:.3f}" for j in out["expert_jaccard"]))
