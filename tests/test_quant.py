@@ -116,12 +116,13 @@ def test_stack_indexing_matches_single():
     ws = [_weight((12, 70), seed=s) for s in range(5)]
     for fmt in QUANT_FORMATS:
         qs = [quantize(w, fmt) for w in ws]
-        stack = QuantWeight(fmt, qs[0].shape, qs[0].group,
+        stack = QuantWeight(fmt, qs[0].matrix, qs[0].group,
                             **{k: torch.stack([q.parts()[k] for q in qs]) for k in qs[0].parts()})
         idx = torch.tensor([4, 1, 1])
         got = stack.index_select(0, idx).dequantize(torch.float32)
         want = torch.stack([qs[i].dequantize(torch.float32) for i in idx.tolist()])
         assert torch.equal(got, want), fmt
+        assert stack.shape == (5, 12, 70) and stack.index_select(0, idx).shape == (3, 12, 70)
         assert torch.equal(stack[2].dequantize(torch.float32), want[0] * 0 + qs[2].dequantize(torch.float32))
 
 

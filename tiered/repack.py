@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import queue
 import shutil
@@ -30,9 +31,13 @@ from tiered.config import EXPERT_ROLES, ModelConfig
 from tiered.families import Family, FamilyError, read_checkpoint_config
 from tiered.format import (ALIGN, DENSE_FILE, DTYPES, EXPERTS_FILE, MANIFEST, ST_DTYPES, ST_ITEMSIZE, ST_NAMES,
                            TOKENIZER_FILES, LayoutError, StEntry, build_manifest, fsync_dir, plan_block,
-                           read_manifest, read_safetensors_header, xxh3_hex)
+                           quant_entries, read_manifest, read_safetensors_header, xxh3_hex)
+from tiered.layout.quant import QUANT_FORMATS, quantize
 
 CHUNK = 64 * 2**20  # dense tensors are copied in pieces of at most this many bytes
+EXPERT_FORMATS = ("source", "bf16") + QUANT_FORMATS  # --experts
+DENSE_FORMATS = ("source", "bf16", "q8", "q4")  # --dense
+FLOAT_CODES = ("BF16", "F16", "F32")
 PAUSE_ENV = "TIERED_REPACK_PAUSE_AFTER_BLOCKS"  # test hook: stop (sleep) after N expert blocks
 
 
@@ -130,18 +135,76 @@ def _target(src_dt: str, dtype: str) -> str:
     return {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}[dtype]
 
 
-def _write_dense(path: Path, dense: dict[str, SourceTensor], dtype: str, rd: _Reader, tick: Callable[[int], None]) -> str:
+def is_dense_matrix(name: str, ent: StEntry) -> bool:
+    """The dense weights --dense quantizes: 2-D float projections (attention, linear attention, shared
+    expert) and an untied lm_head. Embeddings, norms, routers and gates stay as they are."""
+    return len(ent.shape) == 2 and ent.dtype in FLOAT_CODES and (name.endswith("_proj") or name == "lm_head")
+
+
+@dataclass(frozen=True)
+class _DenseOut:
+    """One tensor of dense.safetensors: a source tensor converted, or one part of a quantized one."""
+    name: str
+    code: str  # safetensors dtype code written
+    shape: tuple[int, ...]
+    src: SourceTensor
+    fmt: str | None = None  # quantization scheme when this is a part of a quantized weight
+    part: str | None = None  # "q", "scale" or "min"
+
+    @property
+    def nbytes(self) -> int:
+        n = ST_ITEMSIZE[self.code]
+        for x in self.shape:
+            n *= x
+        return n
+
+
+def _plan_dense(dense: dict[str, SourceTensor], dtype: str, fmt: str) -> tuple[list[_DenseOut], dict[str, dict]]:
+    """The tensors of dense.safetensors (widest dtype first: each starts aligned to its item size, as
+    safetensors allows no gaps) and the manifest's descriptions of the quantized ones."""
+    outs, quant = [], {}
+    for name, st in dense.items():
+        ent = st.entry
+        if fmt in QUANT_FORMATS and is_dense_matrix(name, ent):
+            entries = quant_entries(name, fmt, tuple(ent.shape))
+            quant[name] = entries[0][3]
+            for (pname, pshape, dt, _), part in zip(entries, ("q", "scale", "min")):
+                outs.append(_DenseOut(pname, ST_NAMES[dt], tuple(pshape), st, fmt, part))
+        else:
+            code = "BF16" if fmt == "bf16" and is_dense_matrix(name, ent) else _target(ent.dtype, dtype)
+            outs.append(_DenseOut(name, code, tuple(ent.shape), st))
+    outs.sort(key=lambda o: (-ST_ITEMSIZE[o.code], o.name))
+    return outs, quant
+
+
+def _source_rows(rd: "_Reader", st: SourceTensor, r0: int, r1: int) -> torch.Tensor:
+    """Rows r0..r1 of a 2-D float source tensor as a float32 [r1 - r0, K] tensor."""
+    ent = st.entry
+    k, item = ent.shape[1], ST_ITEMSIZE[ent.dtype]
+    buf = bytearray((r1 - r0) * k * item)
+    rd.read_into(st.path, ent.start + r0 * k * item, memoryview(buf))
+    return torch.frombuffer(buf, dtype=DTYPES[ST_DTYPES[ent.dtype]]).view(r1 - r0, k).float()
+
+
+def _quant_chunks(o: _DenseOut, rd: "_Reader", refine: str | None):
+    """The bytes of one part of a quantized dense weight, quantized in row chunks (groups never span rows;
+    fp8's 128-row blocks stay whole), so memory stays near CHUNK however large the matrix."""
+    n, k = o.src.entry.shape
+    rows = max(128, CHUNK // (4 * k) // 128 * 128)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        qw = quantize(_source_rows(rd, o.src, r0, r1), o.fmt, refine=refine if o.fmt == "q4" else None)
+        yield qw.parts()[o.part].contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def _write_dense(path: Path, outs: list[_DenseOut], dtype: str, rd: "_Reader", tick: Callable[[int], None],
+                 refine: str | None = None) -> str:
     """Stream dense tensors into one safetensors file (header first, then data in chunks)."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt", "writer": f"tiered {__version__}"}}
-    plan, off = [], 0
-    # widest dtypes first: every tensor then starts aligned to its item size (safetensors allows no gaps)
-    for name in sorted(dense, key=lambda n: (-ST_ITEMSIZE[_target(dense[n].entry.dtype, dtype)], n)):
-        ent = dense[name].entry
-        dt = _target(ent.dtype, dtype)
-        n = ent.nbytes // ST_ITEMSIZE[ent.dtype] * ST_ITEMSIZE[dt]
-        header[name] = {"dtype": dt, "shape": list(ent.shape), "data_offsets": [off, off + n]}
-        plan.append((dense[name], dt))
-        off += n
+    off = 0
+    for o in outs:
+        header[o.name] = {"dtype": o.code, "shape": list(o.shape), "data_offsets": [off, off + o.nbytes]}
+        off += o.nbytes
     hbytes = json.dumps(header, separators=(",", ":")).encode()
     hbytes += b" " * (-(8 + len(hbytes)) % ALIGN)  # data starts 4 KiB-aligned
     h = xxhash.xxh3_64()
@@ -150,20 +213,28 @@ def _write_dense(path: Path, dense: dict[str, SourceTensor], dtype: str, rd: _Re
             f.write(piece)
             h.update(piece)
         buf = bytearray(CHUNK)
-        for st, dt in plan:
-            ent, item = st.entry, ST_ITEMSIZE[st.entry.dtype]
-            step = CHUNK // item * item
-            for pos in range(0, ent.nbytes, step):
-                n = min(step, ent.nbytes - pos)
-                view = memoryview(buf)[:n]
-                rd.read_into(st.path, ent.start + pos, view)
-                out = _convert(view, ent.dtype, dt)
+        for o in outs:
+            if o.fmt is not None:
+                pieces = _quant_chunks(o, rd, refine)
+            else:
+                pieces = _converted_chunks(o, rd, buf)
+            for out in pieces:
                 f.write(out)
                 h.update(out)
                 tick(len(out))
         f.flush()
         os.fsync(f.fileno())
     return h.hexdigest()
+
+
+def _converted_chunks(o: _DenseOut, rd: "_Reader", buf: bytearray):
+    ent, item = o.src.entry, ST_ITEMSIZE[o.src.entry.dtype]
+    step = CHUNK // item * item
+    for pos in range(0, ent.nbytes, step):
+        n = min(step, ent.nbytes - pos)
+        view = memoryview(buf)[:n]
+        rd.read_into(o.src.path, ent.start + pos, view)
+        yield _convert(view, ent.dtype, o.code)
 
 
 class _BlockWriter:
@@ -206,31 +277,52 @@ class _BlockWriter:
         self.f.close()
 
 
-def _plan_experts(experts, dtype: str):
+def _plan_experts(experts, dtype: str, fmt: str = "source"):
     """Block layout from expert 0 of layer 0 (every expert must match it)."""
     shapes = {}
     for role in EXPERT_ROLES:
         st, _, shape = _expert_source(experts, 0, 0, role)
-        shapes[role] = (shape, ST_DTYPES[_target(st.entry.dtype, dtype)])
+        code = st.entry.dtype
+        if fmt in QUANT_FORMATS:
+            if code not in FLOAT_CODES:
+                raise RepackError(f"{st.path}: experts are stored as {code}; --experts {fmt} quantizes bf16, fp16 "
+                                  f"or fp32 experts only: use --experts source")
+            shapes[role] = (tuple(shape), fmt)
+        else:
+            shapes[role] = (shape, ST_DTYPES[_target(code, "bf16" if fmt == "bf16" else dtype)])
     return plan_block(shapes)
 
 
-def _write_experts(path: Path, cfg: ModelConfig, experts, specs, bs: int, rd: _Reader, tick: Callable[[int], None]):
+def _write_experts(path: Path, cfg: ModelConfig, experts, specs, bs: int, rd: _Reader, tick: Callable[[int], None],
+                   refine: str | None = None):
     """Write every (layer, expert) block; return the checksums in (layer, expert) order."""
     pause_after = int(os.environ.get(PAUSE_ENV, "0") or 0)
     writer = _BlockWriter(path, bs)
+    by_name = {s.name: s for s in specs}
     sums: list[str] = []
     try:
         for layer in range(cfg.num_layers):
             for e in range(cfg.num_experts):
                 buf = writer.buffer()
                 mv = memoryview(buf)
-                for spec in specs:
-                    st, off, shape = _expert_source(experts, layer, e, spec.role)
-                    if tuple(shape) != spec.shape:
-                        raise RepackError(f"{st.path}: layer {layer}, expert {e}, {spec.role} has shape {list(shape)}, "
-                                          f"expert 0 of layer 0 has {list(spec.shape)}: experts must share one shape")
+                for role in EXPERT_ROLES:
+                    spec = by_name[role]
+                    st, off, shape = _expert_source(experts, layer, e, role)
+                    want = tuple(spec.quant["shape"]) if spec.quant else spec.shape
+                    if tuple(shape) != want:
+                        raise RepackError(f"{st.path}: layer {layer}, expert {e}, {role} has shape {list(shape)}, "
+                                          f"expert 0 of layer 0 has {list(want)}: experts must share one shape")
                     src_dt = st.entry.dtype
+                    if spec.quant:
+                        raw = bytearray(math.prod(shape) * ST_ITEMSIZE[src_dt])
+                        rd.read_into(st.path, off, memoryview(raw))
+                        w = torch.frombuffer(raw, dtype=DTYPES[ST_DTYPES[src_dt]]).view(*shape)
+                        qw = quantize(w, spec.quant["scheme"], refine=refine if spec.quant["scheme"] == "q4" else None)
+                        names = {"q": role, **{p: spec.quant[p] for p in ("scale", "min") if p in spec.quant}}
+                        for part, t in qw.parts().items():
+                            ps = by_name[names[part]]
+                            mv[ps.offset:ps.offset + ps.nbytes] = t.contiguous().view(torch.uint8).numpy().tobytes()
+                        continue
                     n_src = spec.nbytes // ST_ITEMSIZE[ST_NAMES[spec.dtype]] * ST_ITEMSIZE[src_dt]
                     if src_dt == ST_NAMES[spec.dtype]:
                         rd.read_into(st.path, off, mv[spec.offset:spec.offset + spec.nbytes])
@@ -251,14 +343,20 @@ def _write_experts(path: Path, cfg: ModelConfig, experts, specs, bs: int, rd: _R
     return sums
 
 
-def repack(src: str | Path, dst: str | Path, *, dtype: str = "source", force: bool = False,
-           progress: bool = True) -> dict[str, Any]:
+def repack(src: str | Path, dst: str | Path, *, dtype: str = "source", experts: str = "source",
+           dense: str = "source", force: bool = False, progress: bool = True,
+           q4_refine: str | None = None) -> dict[str, Any]:
     """Rewrite checkpoint `src` into a layout at `dst`, atomically.
 
     Args:
         src: Hugging Face checkpoint directory (config.json + safetensors shards).
         dst: layout directory to create. It appears only when complete (temp dir + rename).
-        dtype: "source", "bf16", "fp16" or "fp32" for the stored weights.
+        dtype: "source", "bf16", "fp16" or "fp32" for the stored weights that are not quantized.
+        experts: storage of the routed experts: "source" (as --dtype), "bf16", or quantized "q8", "q4",
+            "fp8", "mxfp4" (tiered/layout/quant.py).
+        dense: storage of the dense matrices (projections, shared expert, untied lm_head): "source" (as
+            --dtype), "bf16", "q8" or "q4". Embeddings, norms and routers keep --dtype.
+        q4_refine: None (q4 rounds from each group's min/max) or "lsq" (least-squares refinement).
         force: replace an existing `dst`.
         progress: show a progress bar on stderr.
     Returns:
@@ -267,12 +365,16 @@ def repack(src: str | Path, dst: str | Path, *, dtype: str = "source", force: bo
     src, dst = Path(src), Path(dst)
     if dtype not in ("source", "bf16", "fp16", "fp32"):
         raise RepackError(f"--dtype must be source, bf16, fp16 or fp32, not {dtype!r}")
+    if experts not in EXPERT_FORMATS:
+        raise RepackError(f"--experts must be one of {', '.join(EXPERT_FORMATS)}, not {experts!r}")
+    if dense not in DENSE_FORMATS:
+        raise RepackError(f"--dense must be one of {', '.join(DENSE_FORMATS)}, not {dense!r}")
     if not src.is_dir():
         raise RepackError(f"{src} is not a directory: pass a Hugging Face checkpoint directory")
     if dst.exists() and not force:
         raise RepackError(f"{dst} already exists: pass --force to replace it")
     fam, cfg, _ = read_checkpoint_config(src)
-    dense, experts = _index_source(src, fam, cfg)
+    dense_src, expert_src = _index_source(src, fam, cfg)
     tmp = dst.parent / f".{dst.name}.tiered-partial"
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -284,9 +386,11 @@ def repack(src: str | Path, dst: str | Path, *, dtype: str = "source", force: bo
         raise RepackError(f"cannot write the layout next to {dst}: {e.strerror or e} ({e.filename}); "
                           f"choose a writable DST") from None
 
-    specs, bs = _plan_experts(experts, dtype)
-    cfg = ModelConfig.from_json({**cfg.to_json(), "source_dtype": specs[0].dtype})
-    total = sum(st.entry.nbytes for st in dense.values()) + cfg.num_layers * cfg.num_experts * bs
+    specs, bs = _plan_experts(expert_src, dtype, experts)
+    float_dt = ST_DTYPES[_target(_expert_source(expert_src, 0, 0, "gate")[0].entry.dtype, dtype)]
+    cfg = ModelConfig.from_json({**cfg.to_json(), "source_dtype": float_dt})  # the dtype of unquantized weights
+    dense_outs, dense_quant = _plan_dense(dense_src, dtype, dense)
+    total = sum(o.nbytes for o in dense_outs) + cfg.num_layers * cfg.num_experts * bs
     rd = _Reader()
     bar = _progress(total, progress)
     written = [0]
@@ -297,13 +401,15 @@ def repack(src: str | Path, dst: str | Path, *, dtype: str = "source", force: bo
 
     t0 = time.perf_counter()
     try:
-        dense_sum = _write_dense(tmp / DENSE_FILE, dense, dtype, rd, tick)
-        sums = _write_experts(tmp / EXPERTS_FILE, cfg, experts, specs, bs, rd, tick)
+        dense_sum = _write_dense(tmp / DENSE_FILE, dense_outs, dtype, rd, tick, q4_refine)
+        sums = _write_experts(tmp / EXPERTS_FILE, cfg, expert_src, specs, bs, rd, tick, q4_refine)
         for name in TOKENIZER_FILES + ("config.json",):
             if (src / name).is_file():
                 shutil.copyfile(src / name, tmp / (name if name != "config.json" else "source_config.json"))
-        source = {"path": str(src.resolve()), "dtype_option": dtype, "tiered_version": __version__}
-        man = build_manifest(cfg, specs, bs, sums, (tmp / DENSE_FILE).stat().st_size, dense_sum, source)
+        source = {"path": str(src.resolve()), "dtype_option": dtype, "experts_option": experts,
+                  "dense_option": dense, "q4_refine": q4_refine, "tiered_version": __version__}
+        man = build_manifest(cfg, specs, bs, sums, (tmp / DENSE_FILE).stat().st_size, dense_sum, source,
+                             dense_quant)
         with open(tmp / MANIFEST, "w") as f:  # the manifest is written last: its presence marks completeness
             json.dump(man, f, indent=1)
             f.flush()
@@ -347,7 +453,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tiered"
 
 
-def ensure_layout(path: str | Path, *, dtype: str = "source", progress: bool = True) -> Path:
+def ensure_layout(path: str | Path, *, dtype: str = "source", experts: str = "source", dense: str = "source",
+                  progress: bool = True) -> Path:
     """A layout for `path`: itself if it is one, else a cached repack of the checkpoint.
 
     The cache key covers the source path, its files' sizes and mtimes, the repack options and the
@@ -365,6 +472,8 @@ def ensure_layout(path: str | Path, *, dtype: str = "source", progress: bool = T
             st = p.stat()
             h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
     h.update(f"dtype={dtype};v={__version__}".encode())
+    if (experts, dense) != ("source", "source"):  # keeps the keys of layouts cached before these options
+        h.update(f"experts={experts};dense={dense};".encode())
     dst = cache_dir() / f"{path.resolve().name}-{h.hexdigest()[:16]}"
     if is_layout(dst):
         try:
@@ -374,7 +483,7 @@ def ensure_layout(path: str | Path, *, dtype: str = "source", progress: bool = T
         except LayoutError as e:
             print(f"tiered: cached layout is damaged ({e}); repacking", file=sys.stderr)
     print(f"tiered: repacking {path} into the cache at {dst}", file=sys.stderr)
-    repack(path, dst, dtype=dtype, force=True, progress=progress)
+    repack(path, dst, dtype=dtype, experts=experts, dense=dense, force=True, progress=progress)
     return dst
 
 

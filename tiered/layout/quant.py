@@ -84,26 +84,31 @@ class QuantWeight:
     """
 
     fmt: str  # one of QUANT_FORMATS
-    shape: tuple[int, int]  # logical [N, K]
+    matrix: tuple[int, int]  # logical [N, K] of one matrix
     group: int  # inputs per group (fp8: the edge of a square block)
     q: Tensor  # [..., N, Kq] packed codes
     scale: Tensor  # [..., N, G] (fp8: [..., ceil(N/128), G])
     min: Tensor | None = None  # [..., N, G], q4 only
 
     def __post_init__(self) -> None:
-        want = part_shapes(self.fmt, self.shape)
+        want = part_shapes(self.fmt, self.matrix)
         lead = tuple(self.q.shape[:-2])
         for name in want:
             t = getattr(self, name)
             s, dt = want[name]
             if t is None or tuple(t.shape) != lead + s or t.dtype != dt:
                 got = None if t is None else f"{t.dtype} {list(t.shape)}"
-                raise QuantError(f"{self.fmt} weight {list(self.shape)}: part {name} is {got}, expected "
+                raise QuantError(f"{self.fmt} weight {list(self.matrix)}: part {name} is {got}, expected "
                                  f"{dt} {list(lead + s)}")
 
     @property
     def lead(self) -> tuple[int, ...]:
         return tuple(self.q.shape[:-2])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The logical shape [..., N, K], as the dense stack it stands for."""
+        return self.lead + tuple(self.matrix)
 
     @property
     def device(self) -> torch.device:
@@ -137,7 +142,7 @@ class QuantWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> Tensor:
         """The dense weight [..., N, K] in `dtype` (computed in fp32, rounded once)."""
-        n, k = self.shape
+        n, k = self.matrix
         if self.fmt == "q8":
             w = self.q.float() * _expand(self.scale.float(), self.group, k)
         elif self.fmt == "q4":
@@ -147,8 +152,7 @@ class QuantWeight:
             s = _expand(self.scale, self.group, k)  # [..., Nb, K]
             w = self.q.float() * s.repeat_interleave(self.group, dim=-2)[..., :n, :]
         else:
-            lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=self.q.device)
-            vals = lut[unpack_nibbles(self.q, self.q.shape[-1] * 2).long()]  # [..., N, G*32]
+            vals = fp4_value(unpack_nibbles(self.q, self.q.shape[-1] * 2))  # [..., N, G*32]
             exp = torch.exp2(self.scale.float() - 127.0)  # [..., N, G]
             w = (vals.view(*vals.shape[:-1], -1, 32) * exp[..., None]).flatten(-2)[..., :k]
         return w.to(dtype)
@@ -157,6 +161,15 @@ class QuantWeight:
 def _expand(s: Tensor, group: int, k: int) -> Tensor:
     """Per-group values [..., G] -> per-input [..., K] (the last group may be short)."""
     return s.repeat_interleave(group, dim=-1)[..., :k]
+
+
+def fp4_value(code: Tensor) -> Tensor:
+    """e2m1 codes (uint8 0..15) -> fp32 values, by arithmetic (no table copied to the device, so a CUDA
+    graph can capture it): bit 3 sign, bits 2..1 exponent, bit 0 mantissa; exponent 0 is subnormal."""
+    c = code.to(torch.int32)
+    e, m = (c >> 1) & 3, (c & 1).float()
+    mag = torch.where(e == 0, 0.5 * m, torch.exp2((e - 1).float()) * (1.0 + 0.5 * m))
+    return torch.where((c & 8) != 0, -mag, mag)
 
 
 def unpack_nibbles(packed: Tensor, k: int) -> Tensor:
@@ -326,7 +339,7 @@ def from_mxfp4_checkpoint(blocks: Tensor, scales: Tensor, k: int | None = None) 
 
 def error_bound(qw: QuantWeight, w: Tensor) -> Tensor:
     """An upper bound on |w - dequantize(qw)| per weight [N, K] from the format's step size (tests use it)."""
-    n, k = qw.shape
+    n, k = qw.matrix
     if qw.fmt == "q8":
         return _expand(qw.scale.float(), qw.group, k) * 0.5
     if qw.fmt == "q4":  # plus the bf16 rounding of the min (a constant group has scale 0)
@@ -348,3 +361,16 @@ def linear(x: Tensor, w: Tensor | QuantWeight, bias: Tensor | None = None) -> Te
 def dense(w: Tensor | QuantWeight, dtype: torch.dtype) -> Tensor:
     """A stored weight (plain tensor or quantized parts) as a dense tensor in `dtype`."""
     return w.dequantize(dtype) if isinstance(w, QuantWeight) else w.to(dtype)
+
+
+def cat_rows(ws: list[QuantWeight]) -> QuantWeight:
+    """Matrices of one format and input width stacked along N (q, k and v into one qkv matrix): with
+    per-row groups every part is a concatenation; fp8's 128-row blocks need each N but the last to be a
+    multiple of 128."""
+    f, k, g = ws[0].fmt, ws[0].matrix[1], ws[0].group
+    if any(w.fmt != f or w.matrix[1] != k or w.group != g or w.lead for w in ws):
+        raise QuantError("cat_rows needs single matrices of one format, input width and group")
+    if f == "fp8" and any(w.matrix[0] % g for w in ws[:-1]):
+        raise QuantError("fp8 matrices stack along N only when each has a multiple of 128 rows")
+    parts = {name: torch.cat([w.parts()[name] for w in ws], dim=0) for name in ws[0].parts()}
+    return QuantWeight(f, (sum(w.matrix[0] for w in ws), k), g, **parts)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tiered.config import ModelConfig
+from tiered.layout.quant import linear
 
 ATTN_BACKENDS = ("auto", "flash", "sdpa")
 
@@ -156,7 +157,7 @@ def attention(x: Tensor, w: AttnWeights, cache: KVCache, layer: int, plan: StepP
     T = x.shape[0]
     H, KV, hd = config.num_heads, config.num_kv_heads, config.head_dim
     eps = config.rms_norm_eps
-    qkv = F.linear(x, w.qkv, w.qkv_bias)  # [T, (H+2KV)*hd]
+    qkv = linear(x, w.qkv, w.qkv_bias)  # [T, (H+2KV)*hd]
     nq, nk = H * hd, KV * hd
     if config.qk_norm == "proj":  # one norm over each whole projection (OLMoE)
         qk = torch.cat([rms_norm(qkv[:, :nq], w.q_norm, eps), rms_norm(qkv[:, nq:nq + nk], w.k_norm, eps)], -1)
@@ -175,7 +176,7 @@ def attention(x: Tensor, w: AttnWeights, cache: KVCache, layer: int, plan: StepP
         out = _flash(q, k, v, cache, layer, plan, config)
     else:
         out = _sdpa(q, k, v, cache, layer, plan, H // KV)
-    return F.linear(out, w.o)
+    return linear(out, w.o)
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, cache: KVCache, layer: int, plan: StepPlan, G: int) -> Tensor:

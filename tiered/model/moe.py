@@ -8,7 +8,8 @@ calls the routing observer (SEAMS.md) before any expert is computed, and `expert
 after routing; with known slot rows it is the expert segment of the piecewise decode step).
 Does not own: where expert weights live (the provider: resident.py, or the cache), nor dense weights.
 
-Expert weights arrive in their stored dtype and are converted on use when the compute dtype differs.
+Expert weights arrive in their stored dtype and are converted on use when the compute dtype differs; quantized
+ones (QuantWeight) are dequantized per expert on use (the plain reference path: never the whole pool at once).
 
 Legend: T tokens, D hidden, E experts per layer, K top-k, F expert FFN, U distinct experts in a wave.
 """
@@ -20,6 +21,8 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from tiered.layout.quant import dense, linear
 
 
 class ExpertProvider(Protocol):
@@ -86,7 +89,7 @@ def route(x: Tensor, router: Tensor, top_k: int, norm_topk: bool) -> tuple[Tenso
 
 
 def _swiglu(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
-    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+    return linear(F.silu(linear(x, gate)) * linear(x, up), down)
 
 
 def shared_expert(x: Tensor, w: MoEWeights) -> Tensor:
@@ -115,11 +118,11 @@ def experts_from_slots(x: Tensor, slots: Tensor, weights: Tensor, W: Any) -> Ten
     static buffer (the piecewise decode step).
     """
     dt = x.dtype
-    g = W.gate.index_select(0, slots)  # [K, F, D] stored dtype
-    u = W.up.index_select(0, slots)  # [K, F, D]
-    d = W.down.index_select(0, slots).to(dt)  # [K, D, F]
+    g = dense(W.gate.index_select(0, slots), dt)  # [K, F, D] (quantized: dequantized, the K experts only)
+    u = dense(W.up.index_select(0, slots), dt)  # [K, F, D]
+    d = dense(W.down.index_select(0, slots), dt)  # [K, D, F]
     K, Fe, D = g.shape
-    h = F.silu(F.linear(x, g.view(K * Fe, D).to(dt))) * F.linear(x, u.view(K * Fe, D).to(dt))  # [1, K*F]
+    h = F.silu(F.linear(x, g.view(K * Fe, D))) * F.linear(x, u.view(K * Fe, D))  # [1, K*F]
     y = torch.bmm(h.view(K, 1, Fe), d.transpose(1, 2))  # [K, 1, D]
     return (y * weights.view(K, 1, 1)).sum(0).to(dt)  # [1, D]
 
@@ -151,7 +154,7 @@ def experts_grouped(x: Tensor, ids: Tensor, weights: Tensor, provider: ExpertPro
             provider.prefetch(layer, used[w0 + n:w0 + 2 * n])
         for j, s in enumerate(slots):
             a, b = starts[w0 + j], starts[w0 + j + 1]
-            y = _swiglu(x[tok[a:b]], W.gate[s].to(dt), W.up[s].to(dt), W.down[s].to(dt))  # [n_e, D]
+            y = _swiglu(x[tok[a:b]], dense(W.gate[s], dt), dense(W.up[s], dt), dense(W.down[s], dt))  # [n_e, D]
             rows.index_copy_(0, order[a:b], y * wsorted[a:b, None])
     return rows.view(T, K, -1).sum(1).to(dt)  # [T, D]
 
