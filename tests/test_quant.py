@@ -111,8 +111,8 @@ def test_mxfp4_pass_through_is_exact():
 
 
 def test_stack_indexing_matches_single():
-    """A stack of quantized matrices indexes like the dense stack: index_select then dequantize equals
-    dequantize then index_select."""
+    """A stack of quantized matrices indexes like the dense stack (index_select then dequantize equals
+    dequantize then index_select), and quantizing the stack in one pass gives each matrix's own parts."""
     ws = [_weight((12, 70), seed=s) for s in range(5)]
     for fmt in QUANT_FORMATS:
         qs = [quantize(w, fmt) for w in ws]
@@ -123,6 +123,9 @@ def test_stack_indexing_matches_single():
         want = torch.stack([qs[i].dequantize(torch.float32) for i in idx.tolist()])
         assert torch.equal(got, want), fmt
         assert stack.shape == (5, 12, 70) and stack.index_select(0, idx).shape == (3, 12, 70)
+        batched = quantize(torch.stack(ws), fmt)  # one pass over the stack quantizes each matrix alone
+        for name, t in stack.parts().items():
+            assert torch.equal(batched.parts()[name].view(torch.uint8), t.view(torch.uint8)), (fmt, name)
         assert torch.equal(stack[2].dequantize(torch.float32), want[0] * 0 + qs[2].dequantize(torch.float32))
 
 

@@ -293,6 +293,34 @@ def _plan_experts(experts, dtype: str, fmt: str = "source"):
     return plan_block(shapes)
 
 
+def _quantize_layer(experts, cfg: ModelConfig, layer: int, by_name: dict, rd: _Reader, refine: str | None):
+    """Quantize every expert of one layer, role by role, in one pass over a [E, N, K] stack (each matrix
+    exactly as on its own). Returns role -> [(part spec, per-expert memoryviews of the part's bytes)]."""
+    out = {}
+    for role in EXPERT_ROLES:
+        spec = by_name[role]
+        if not spec.quant:
+            continue
+        want = tuple(spec.quant["shape"])
+        rows = []
+        for e in range(cfg.num_experts):
+            st, off, shape = _expert_source(experts, layer, e, role)
+            if tuple(shape) != want:
+                raise RepackError(f"{st.path}: layer {layer}, expert {e}, {role} has shape {list(shape)}, "
+                                  f"expert 0 of layer 0 has {list(want)}: experts must share one shape")
+            raw = bytearray(math.prod(shape) * ST_ITEMSIZE[st.entry.dtype])
+            rd.read_into(st.path, off, memoryview(raw))
+            rows.append(torch.frombuffer(raw, dtype=DTYPES[ST_DTYPES[st.entry.dtype]]).view(*shape))
+        scheme = spec.quant["scheme"]
+        qw = quantize(torch.stack(rows), scheme, refine=refine if scheme == "q4" else None)
+        names = {"q": role, **{p: spec.quant[p] for p in ("scale", "min") if p in spec.quant}}
+        out[role] = [(by_name[names[part]], memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")
+                      .toreadonly()) for part, t in qw.parts().items()]
+        out[role] = [(ps, [mv[i * ps.nbytes:(i + 1) * ps.nbytes] for i in range(cfg.num_experts)])
+                     for ps, mv in out[role]]
+    return out
+
+
 def _write_experts(path: Path, cfg: ModelConfig, experts, specs, bs: int, rd: _Reader, tick: Callable[[int], None],
                    refine: str | None = None):
     """Write every (layer, expert) block; return the checksums in (layer, expert) order."""
@@ -302,27 +330,21 @@ def _write_experts(path: Path, cfg: ModelConfig, experts, specs, bs: int, rd: _R
     sums: list[str] = []
     try:
         for layer in range(cfg.num_layers):
+            quant = _quantize_layer(experts, cfg, layer, by_name, rd, refine)  # role -> parts [E, ...] as bytes
             for e in range(cfg.num_experts):
                 buf = writer.buffer()
                 mv = memoryview(buf)
                 for role in EXPERT_ROLES:
                     spec = by_name[role]
-                    st, off, shape = _expert_source(experts, layer, e, role)
-                    want = tuple(spec.quant["shape"]) if spec.quant else spec.shape
-                    if tuple(shape) != want:
-                        raise RepackError(f"{st.path}: layer {layer}, expert {e}, {role} has shape {list(shape)}, "
-                                          f"expert 0 of layer 0 has {list(want)}: experts must share one shape")
-                    src_dt = st.entry.dtype
                     if spec.quant:
-                        raw = bytearray(math.prod(shape) * ST_ITEMSIZE[src_dt])
-                        rd.read_into(st.path, off, memoryview(raw))
-                        w = torch.frombuffer(raw, dtype=DTYPES[ST_DTYPES[src_dt]]).view(*shape)
-                        qw = quantize(w, spec.quant["scheme"], refine=refine if spec.quant["scheme"] == "q4" else None)
-                        names = {"q": role, **{p: spec.quant[p] for p in ("scale", "min") if p in spec.quant}}
-                        for part, t in qw.parts().items():
-                            ps = by_name[names[part]]
-                            mv[ps.offset:ps.offset + ps.nbytes] = t.contiguous().view(torch.uint8).numpy().tobytes()
+                        for ps, data in quant[role]:
+                            mv[ps.offset:ps.offset + ps.nbytes] = data[e]
                         continue
+                    st, off, shape = _expert_source(experts, layer, e, role)
+                    if tuple(shape) != spec.shape:
+                        raise RepackError(f"{st.path}: layer {layer}, expert {e}, {role} has shape {list(shape)}, "
+                                          f"expert 0 of layer 0 has {list(spec.shape)}: experts must share one shape")
+                    src_dt = st.entry.dtype
                     n_src = spec.nbytes // ST_ITEMSIZE[ST_NAMES[spec.dtype]] * ST_ITEMSIZE[src_dt]
                     if src_dt == ST_NAMES[spec.dtype]:
                         rd.read_into(st.path, off, mv[spec.offset:spec.offset + spec.nbytes])

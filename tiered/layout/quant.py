@@ -187,10 +187,9 @@ def pack_nibbles(codes: Tensor) -> Tensor:
 
 
 def _groups(w: Tensor, group: int) -> Tensor:
-    """[N, K] fp32 -> [N, G, group], zero-padded at the end of each row."""
-    n, k = w.shape
-    pad = -k % group
-    return F.pad(w, (0, pad)).view(n, -1, group)
+    """[..., N, K] fp32 -> [..., N, G, group], zero-padded at the end of each row."""
+    pad = -w.shape[-1] % group
+    return F.pad(w, (0, pad)).view(*w.shape[:-1], -1, group)
 
 
 def _bf16_up(x: Tensor) -> Tensor:
@@ -208,20 +207,21 @@ def _bf16_down(x: Tensor) -> Tensor:
 
 
 def quantize(w: Tensor, fmt: str, *, refine: str | None = None) -> QuantWeight:
-    """A dense weight [N, K] (any float dtype) -> its stored parts in `fmt`.
+    """A dense weight [N, K] (any float dtype) -> its stored parts in `fmt`; a stack [..., N, K] (e.g. every
+    expert of a layer) is quantized in one pass, each matrix exactly as on its own.
 
     Args:
         refine: q4 only: None rounds from each group's min/max; "lsq" then alternates rounding with a
             least-squares fit of each group's scale and min (data-free, minimises weight MSE; a group keeps
             whichever of the two has the lower error).
     """
-    if w.dim() != 2:
-        raise QuantError(f"quantize takes one [N, K] matrix, got shape {list(w.shape)}")
+    if w.dim() < 2:
+        raise QuantError(f"quantize takes [..., N, K] matrices, got shape {list(w.shape)}")
     if not torch.isfinite(w).all():
         raise QuantError(f"weight {list(w.shape)} has non-finite values: it cannot be quantized")
     if refine is not None and fmt != "q4":
         raise QuantError(f"refine={refine!r} applies to q4 only")
-    n, k = w.shape
+    n, k = w.shape[-2:]
     g = group_size(fmt, k)
     wf = w.float()
     if fmt == "q8":
@@ -232,16 +232,16 @@ def quantize(w: Tensor, fmt: str, *, refine: str | None = None) -> QuantWeight:
         parts = _quant_fp8(wf, g)
     else:
         parts = _quant_mxfp4(wf, g)
-    return QuantWeight(fmt, (n, k), g, **parts)
+    return QuantWeight(fmt, (int(n), int(k)), g, **parts)
 
 
 def _quant_q8(w: Tensor, g: int) -> dict[str, Tensor]:
-    n, k = w.shape
-    x = _groups(w, g)  # [N, G, g]
+    k = w.shape[-1]
+    x = _groups(w, g)  # [..., N, G, g]
     s = _bf16_up(x.abs().amax(-1) / 127.0)  # [N, G]
     sf = s.float()
     q = torch.where(sf[..., None] > 0, torch.round(x / sf.clamp_min(1e-30)[..., None]), torch.zeros_like(x))
-    q = q.clamp(-127, 127).to(torch.int8).view(n, -1)[:, :k].contiguous()
+    q = q.clamp(-127, 127).to(torch.int8).flatten(-2)[..., :k].contiguous()
     return {"q": q, "scale": s}
 
 
@@ -252,8 +252,8 @@ def _q4_codes(x: Tensor, s: Tensor, m: Tensor) -> Tensor:
 
 
 def _quant_q4(w: Tensor, g: int, refine: str | None) -> dict[str, Tensor]:
-    n, k = w.shape
-    x = _groups(w, g)  # [N, G, g]
+    k = w.shape[-1]
+    x = _groups(w, g)  # [..., N, G, g]
     valid = _groups(torch.ones_like(w), g) > 0  # padding does not count towards min/max or the fit
     lo = torch.where(valid, x, torch.full_like(x, math.inf)).amin(-1)
     hi = torch.where(valid, x, torch.full_like(x, -math.inf)).amax(-1)
@@ -264,7 +264,7 @@ def _quant_q4(w: Tensor, g: int, refine: str | None) -> dict[str, Tensor]:
         s, m, q = _refine_lsq(x, valid, s, m, q)
     elif refine is not None:
         raise QuantError(f"unknown q4 refinement {refine!r}: use None or 'lsq'")
-    q = q.to(torch.uint8).view(n, -1)[:, :k]
+    q = q.to(torch.uint8).flatten(-2)[..., :k]
     return {"q": pack_nibbles(q), "scale": s, "min": m}
 
 
@@ -295,19 +295,18 @@ def _refine_lsq(x: Tensor, valid: Tensor, s: Tensor, m: Tensor, q: Tensor, iters
 
 
 def _quant_fp8(w: Tensor, g: int) -> dict[str, Tensor]:
-    n, k = w.shape
-    x = F.pad(w, (0, -k % g, 0, -n % g))  # [Np, Kp]
-    nb, kb = x.shape[0] // g, x.shape[1] // g
-    blocks = x.view(nb, g, kb, g)
-    amax = blocks.abs().amax(dim=(1, 3))  # [Nb, Kb]
+    *lead, n, k = w.shape
+    x = F.pad(w, (0, -k % g, 0, -n % g))  # [..., Np, Kp]
+    nb, kb = x.shape[-2] // g, x.shape[-1] // g
+    blocks = x.view(*lead, nb, g, kb, g)
+    amax = blocks.abs().amax(dim=(-3, -1))  # [..., Nb, Kb]
     s = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))  # fp32, DeepSeek-V3's scale_inv
-    q = (blocks / s[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return {"q": q.view(nb * g, kb * g)[:n, :k].contiguous(), "scale": s}
+    q = (blocks / s[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return {"q": q.view(*lead, nb * g, kb * g)[..., :n, :k].contiguous(), "scale": s}
 
 
 def _quant_mxfp4(w: Tensor, g: int) -> dict[str, Tensor]:
-    n, k = w.shape
-    x = _groups(w, g)  # [N, G, 32]
+    x = _groups(w, g)  # [..., N, G, 32]
     amax = x.abs().amax(-1)  # [N, G]
     # the smallest power of two that puts the block's largest magnitude within e2m1's 6 (no clipping)
     e = torch.where(amax > 0, torch.ceil(torch.log2(amax / 6.0)), torch.full_like(amax, -127.0)).clamp(-127, 127)
@@ -316,7 +315,7 @@ def _quant_mxfp4(w: Tensor, g: int) -> dict[str, Tensor]:
     mids = (grid[1:] + grid[:-1]) / 2
     code = torch.bucketize(y.abs(), mids)  # 0..7: nearest magnitude
     code = code | ((y < 0) & (code > 0)).to(code.dtype) << 3
-    packed = pack_nibbles(code.to(torch.uint8).view(n, -1))  # [N, G*16]
+    packed = pack_nibbles(code.to(torch.uint8).flatten(-2))  # [..., N, G*16]
     return {"q": packed, "scale": (e + 127).to(torch.uint8)}
 
 
@@ -345,7 +344,7 @@ def error_bound(qw: QuantWeight, w: Tensor) -> Tensor:
     if qw.fmt == "q4":  # plus the bf16 rounding of the min (a constant group has scale 0)
         return _expand(qw.scale.float(), qw.group, k) * 0.5 + _expand(qw.min.float().abs(), qw.group, k) * 2.0 ** -7
     if qw.fmt == "fp8":
-        s = _expand(qw.scale, qw.group, k).repeat_interleave(qw.group, dim=-2)[:n]
+        s = _expand(qw.scale, qw.group, k).repeat_interleave(qw.group, dim=-2)[..., :n, :]
         return w.float().abs() * 2.0 ** -4 + s * 2.0 ** -10  # half a unit in the last place; subnormal step
     e = _expand(qw.scale.float(), qw.group, k) - 127.0
     return torch.exp2(e)  # half the widest e2m1 gap (4 -> 6)
