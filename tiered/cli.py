@@ -38,9 +38,16 @@ def main() -> None:
 @click.argument("dst", type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
 @click.option("--dtype", type=click.Choice(["source", "bf16", "fp16", "fp32"]), default="source", show_default=True,
-              help="Stored dtype of the weights.")
+              help="Stored dtype of the weights that are not quantized.")
+@click.option("--experts", type=click.Choice(["source", "bf16", "q8", "q4", "fp8", "mxfp4"]), default="source",
+              show_default=True, help="Storage of the routed experts: as --dtype, bf16, or quantized "
+              "(q8: int8 + bf16 scale per 128; q4: uint4 + bf16 scale and min per 64; fp8: e4m3 + fp32 scale per "
+              "128x128; mxfp4: e2m1 + e8m0 scale per 32).")
+@click.option("--dense", type=click.Choice(["source", "bf16", "q8", "q4"]), default="source", show_default=True,
+              help="Storage of the dense matrices (attention and shared-expert projections, an untied lm_head); "
+              "embeddings, norms and routers keep --dtype.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON line.")
-def repack(src: Path, dst: Path, force: bool, dtype: str, as_json: bool) -> None:
+def repack(src: Path, dst: Path, force: bool, dtype: str, experts: str, dense: str, as_json: bool) -> None:
     """Rewrite a Hugging Face checkpoint SRC into an expert-contiguous layout DST.
 
     Every (layer, expert) block is 4 KiB-aligned with an xxh3 checksum; dense weights go to
@@ -49,6 +56,7 @@ def repack(src: Path, dst: Path, force: bool, dtype: str, as_json: bool) -> None
     \b
     Example:
       tiered repack ~/models/Mixtral-8x7B-v0.1 ~/layouts/mixtral --dtype bf16
+      tiered repack ~/models/Qwen3-30B-A3B ~/layouts/qwen3-30b-q4 --experts q4 --dense q8
     """
     from tiered.families import FamilyError
     from tiered.format import LayoutError
@@ -57,7 +65,7 @@ def repack(src: Path, dst: Path, force: bool, dtype: str, as_json: bool) -> None
     if dst.exists() and not force:
         fail(f"{dst} already exists: pass --force to replace it", 2)
     try:
-        out = do_repack(src, dst, dtype=dtype, force=force, progress=True)
+        out = do_repack(src, dst, dtype=dtype, experts=experts, dense=dense, force=force, progress=True)
     except (RepackError, FamilyError, LayoutError) as e:
         fail(str(e))
     msg = (f"repacked {out['blocks']} expert blocks of {out['block_size']} bytes: {out['bytes'] / 1e9:.3f} GB "
@@ -118,8 +126,10 @@ def inspect(path: Path, as_json: bool) -> None:
         ("experts per layer", info["experts"]), ("top-k", info["top_k"]),
         ("total params", f"{info['total_params'] / 1e9:.3f} B"),
         ("active params (dense + top-k experts)", f"{info['active_params'] / 1e9:.3f} B"),
+        ("expert format", info.get("expert_format", "as stored")), ("dense format", info.get("dense_format", "as stored")),
         ("bytes per expert", f"{info['bytes_per_expert']:,}" + (f" (block {info['block_size']:,})" if info["block_size"] else "")),
-        ("active expert bytes per token", gb(info["active_expert_bytes_per_token"])),
+        ("active expert bytes per token", gb(info["active_expert_bytes_per_token"]) +
+         (f" ({gb(info['block_bytes_per_token'])} in whole blocks)" if info.get("block_bytes_per_token") else "")),
         ("all expert bytes", gb(info["expert_bytes"])), ("dense bytes", gb(info["dense_bytes"])),
     ]
     w = max(len(k) for k, _ in rows)

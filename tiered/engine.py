@@ -83,8 +83,9 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
-def resolve_layout(path: str | Path | None) -> Path:
-    """A layout directory for `path` (None = the embedded model); checkpoints are repacked into the cache."""
+def resolve_layout(path: str | Path | None, *, experts: str = "source", dense: str = "source") -> Path:
+    """A layout directory for `path` (None = the embedded model); checkpoints are repacked into the cache
+    with the given expert and dense storage (part of the cache key). A layout is used as it is."""
     from tiered.format import MANIFEST
 
     if path is None:
@@ -96,7 +97,7 @@ def resolve_layout(path: str | Path | None) -> Path:
     if (p / MANIFEST).is_file():
         return p
     from tiered.repack import ensure_layout  # the repacker is imported only when handed a checkpoint
-    return ensure_layout(p)
+    return ensure_layout(p, experts=experts, dense=dense)
 
 
 def make_provider(layout: Any, *, device: torch.device, budget: dict[str, Any] | None,
@@ -119,7 +120,7 @@ def make_provider(layout: Any, *, device: torch.device, budget: dict[str, Any] |
 def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
          dtype: str | torch.dtype | None = None, max_context: int | None = None, attn: str = "auto",
          budget: dict[str, Any] | None = None, observer: RoutingObserver | None = None,
-         cuda_graphs: bool = True) -> "Engine":
+         cuda_graphs: bool = True, experts: str = "source", dense: str = "source") -> "Engine":
     """Open a model for generation.
 
     Args:
@@ -132,6 +133,7 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
         observer: routing observer (SEAMS.md), called once per layer per forward.
         cuda_graphs: capture the one-token decode step in CUDA graphs when possible: the whole step with
             resident experts, L+1 segments with host routing between them with the expert cache.
+        experts, dense: storage formats when `path` is a checkpoint (repack --experts/--dense).
     Returns:
         an Engine.
     """
@@ -139,7 +141,7 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    layout = Layout.open(resolve_layout(path))
+    layout = Layout.open(resolve_layout(path, experts=experts, dense=dense))
     cfg = layout.config
     ctx = int(max_context or min(4096, cfg.max_position_embeddings))
     if ctx < 1:

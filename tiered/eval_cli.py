@@ -12,11 +12,11 @@ from pathlib import Path
 import click
 
 
-def _load(model, *, device, dtype, max_context, attn, budget):
+def _load(model, *, device, dtype, max_context, attn, budget, experts="source", dense="source"):
     from tiered.engine import load
 
     return load(model, device=device, dtype=dtype, max_context=max_context, attn=attn, budget=budget,
-                cuda_graphs=False)
+                cuda_graphs=False, experts=experts, dense=dense)
 
 
 @click.command("eval", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -36,18 +36,25 @@ def _load(model, *, device, dtype, max_context, attn, budget):
 @click.option("--vram-gb", type=float, default=None, help="GiB of GPU memory for the whole model (expert cache).")
 @click.option("--expert-slots", type=click.IntRange(min=1), default=None, help="Global device-tier expert slots.")
 @click.option("--ram-gb", type=float, default=None, help="GiB of pinned RAM for experts (expert cache).")
+@click.option("--experts", type=click.Choice(["source", "bf16", "q8", "q4", "fp8", "mxfp4"]), default="source",
+              show_default=True, help="When -m is a checkpoint: the experts' storage in its cached layout.")
+@click.option("--dense", type=click.Choice(["source", "bf16", "q8", "q4"]), default="source", show_default=True,
+              help="When -m is a checkpoint: the dense matrices' storage in its cached layout.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object, the last line of stdout.")
 def eval_cmd(model, text_files, reference, max_tokens, max_context, device, dtype, attn, vram_gb, expert_slots,
-             ram_gb, as_json) -> None:
+             ram_gb, experts, dense, as_json) -> None:
     """Score MODEL on text files: perplexity over non-overlapping windows (each scored from position 0).
 
     With --reference, the same tokens also go through a second model: mean and 99th-percentile
     KL(reference || model), top-1 agreement, and per layer the Jaccard overlap of the chosen experts.
+    --experts/--dense repack a checkpoint given to -m in that storage (the reference as stored), so
+    one checkpoint measures what a format costs.
 
     \b
     Examples:
       tiered eval -m ~/layouts/qwen3-30b-q4 --text-file notes.txt --reference ~/layouts/qwen3-30b --json
       tiered eval --text-file a.py --text-file b.md --max-tokens 4096
+      tiered eval -m ~/models/Qwen3-30B-A3B --experts q4 --reference ~/models/Qwen3-30B-A3B --text-file a.py
     """
     texts = {}
     for f in text_files:
@@ -69,7 +76,8 @@ def eval_cmd(model, text_files, reference, max_tokens, max_context, device, dtyp
     from tiered.tokenizer import TokenizerError
 
     try:
-        eng = _load(model, device=device, dtype=dtype, max_context=max_context, attn=attn, budget=budget)
+        eng = _load(model, device=device, dtype=dtype, max_context=max_context, attn=attn, budget=budget,
+                    experts=experts, dense=dense)
         window = max_context or default_window(eng.config.max_position_embeddings)  # <= the engine's context
         ref = None
         if reference is not None:

@@ -92,9 +92,13 @@ def _summary(s: dict) -> str:
               help=f"Check each expert's xxh3 the first time it is read from disk [default: first-use]; {BUDGET_HELP}.")
 @click.option("--io-register", type=click.Choice(["auto", "off"]), default=None,
               help=f"--io mmap on CUDA: register mapped experts for zero-copy DMA, or stage copies; {BUDGET_HELP}.")
+@click.option("--experts", type=click.Choice(["source", "bf16", "q8", "q4", "fp8", "mxfp4"]), default="source",
+              show_default=True, help="When -m is a checkpoint: the experts' storage in its cached layout.")
+@click.option("--dense", type=click.Choice(["source", "bf16", "q8", "q4"]), default="source", show_default=True,
+              help="When -m is a checkpoint: the dense matrices' storage in its cached layout.")
 def run(prompt, model, prompt_file, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, max_context,
         attn, chat, as_json, no_cuda_graphs, vram_gb, expert_slots, ram_gb, io, policy, prefetch_depth,
-        prefetch_budget, verify, io_register) -> None:
+        prefetch_budget, verify, io_register, experts, dense) -> None:
     """Continue PROMPT with a model; only the continuation goes to stdout.
 
     \b
@@ -120,7 +124,7 @@ def run(prompt, model, prompt_file, max_new_tokens, temperature, top_k, top_p, s
 
     try:
         engine = load(model, device=device, dtype=dtype, max_context=max_context, attn=attn, budget=budget,
-                      cuda_graphs=not no_cuda_graphs)
+                      cuda_graphs=not no_cuda_graphs, experts=experts, dense=dense)
         ids = engine.encode(text, chat=chat)
     except (EngineError, FamilyError, TokenizerError) as e:
         raise _usage(str(e)) from None
