@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tiered.config import ModelConfig
-from tiered.layout.quant import linear
+from tiered.kernels.quant_moe import qlinear as linear
 
 ATTN_BACKENDS = ("auto", "flash", "sdpa")
 

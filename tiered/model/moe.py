@@ -9,7 +9,8 @@ after routing; with known slot rows it is the expert segment of the piecewise de
 Does not own: where expert weights live (the provider: resident.py, or the cache), nor dense weights.
 
 Expert weights arrive in their stored dtype and are converted on use when the compute dtype differs; quantized
-ones (QuantWeight) are dequantized per expert on use (the plain reference path: never the whole pool at once).
+ones (QuantWeight) are read by the fused dequantizing kernels on CUDA (kernels/quant_moe.py) and otherwise
+dequantized per expert on use (the plain reference path: never the whole pool at once).
 
 Legend: T tokens, D hidden, E experts per layer, K top-k, F expert FFN, U distinct experts in a wave.
 """
@@ -22,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tiered.layout.quant import dense, linear
+from tiered.kernels.quant_moe import experts_quant_decode, qlinear as linear
+from tiered.layout.quant import QuantWeight, dense
 
 
 class ExpertProvider(Protocol):
@@ -118,6 +120,10 @@ def experts_from_slots(x: Tensor, slots: Tensor, weights: Tensor, W: Any) -> Ten
     static buffer (the piecewise decode step).
     """
     dt = x.dtype
+    if isinstance(W.gate, QuantWeight):  # fused dequantization on CUDA; None -> the reference below
+        y = experts_quant_decode(x, slots, weights, W.gate, W.up, W.down)
+        if y is not None:
+            return y
     g = dense(W.gate.index_select(0, slots), dt)  # [K, F, D] (quantized: dequantized, the K experts only)
     u = dense(W.up.index_select(0, slots), dt)  # [K, F, D]
     d = dense(W.down.index_select(0, slots), dt)  # [K, D, F]

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tiered.config import ModelConfig
-from tiered.layout.quant import QuantWeight, cat_rows, linear
+from tiered.kernels.quant_moe import qlinear as linear
+from tiered.layout.quant import QuantWeight, cat_rows
 from tiered.model.layers import (AttnWeights, KVCache, Rope, StepPlan, attention, attn_mask, plan_eager,
                                  rms_norm)
 from tiered.model.moe import (FP32_ROUTE_WEIGHTS, ExpertProvider, MoEWeights, PrefetchHook, RoutingObserver,
