@@ -293,7 +293,8 @@ def _plan_experts(experts, dtype: str, fmt: str = "source"):
     return plan_block(shapes)
 
 
-def _quantize_layer(experts, cfg: ModelConfig, layer: int, by_name: dict, rd: _Reader, refine: str | None):
+def _quantize_layer(experts, cfg: ModelConfig, layer: int, by_name: dict, rd: _Reader, refine: str | None,
+                    device: str = "cpu"):
     """Quantize every expert of one layer, role by role, in one pass over a [E, N, K] stack (each matrix
     exactly as on its own). Returns role -> [(part spec, per-expert memoryviews of the part's bytes)]."""
     out = {}
@@ -312,7 +313,7 @@ def _quantize_layer(experts, cfg: ModelConfig, layer: int, by_name: dict, rd: _R
             rd.read_into(st.path, off, memoryview(raw))
             rows.append(torch.frombuffer(raw, dtype=DTYPES[ST_DTYPES[st.entry.dtype]]).view(*shape))
         scheme = spec.quant["scheme"]
-        qw = quantize(torch.stack(rows), scheme, refine=refine if scheme == "q4" else None)
+        qw = quantize(torch.stack(rows).to(device), scheme, refine=refine if scheme == "q4" else None).to_device("cpu")
         names = {"q": role, **{p: spec.quant[p] for p in ("scale", "min") if p in spec.quant}}
         out[role] = [(by_name[names[part]], memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")
                       .toreadonly()) for part, t in qw.parts().items()]
@@ -322,7 +323,7 @@ def _quantize_layer(experts, cfg: ModelConfig, layer: int, by_name: dict, rd: _R
 
 
 def _write_experts(path: Path, cfg: ModelConfig, experts, specs, bs: int, rd: _Reader, tick: Callable[[int], None],
-                   refine: str | None = None):
+                   refine: str | None = None, device: str = "cpu"):
     """Write every (layer, expert) block; return the checksums in (layer, expert) order."""
     pause_after = int(os.environ.get(PAUSE_ENV, "0") or 0)
     writer = _BlockWriter(path, bs)
@@ -330,7 +331,7 @@ def _write_experts(path: Path, cfg: ModelConfig, experts, specs, bs: int, rd: _R
     sums: list[str] = []
     try:
         for layer in range(cfg.num_layers):
-            quant = _quantize_layer(experts, cfg, layer, by_name, rd, refine)  # role -> parts [E, ...] as bytes
+            quant = _quantize_layer(experts, cfg, layer, by_name, rd, refine, device)  # role -> parts [E, ...] as bytes
             for e in range(cfg.num_experts):
                 buf = writer.buffer()
                 mv = memoryview(buf)
@@ -367,7 +368,7 @@ def _write_experts(path: Path, cfg: ModelConfig, experts, specs, bs: int, rd: _R
 
 def repack(src: str | Path, dst: str | Path, *, dtype: str = "source", experts: str = "source",
            dense: str = "source", force: bool = False, progress: bool = True,
-           q4_refine: str | None = None) -> dict[str, Any]:
+           q4_refine: str | None = None, quant_device: str = "cpu") -> dict[str, Any]:
     """Rewrite checkpoint `src` into a layout at `dst`, atomically.
 
     Args:
@@ -379,6 +380,7 @@ def repack(src: str | Path, dst: str | Path, *, dtype: str = "source", experts: 
         dense: storage of the dense matrices (projections, shared expert, untied lm_head): "source" (as
             --dtype), "bf16", "q8" or "q4". Embeddings, norms and routers keep --dtype.
         q4_refine: None (q4 rounds from each group's min/max) or "lsq" (least-squares refinement).
+        quant_device: where expert quantization computes ("cuda" on a GPU box: much faster at large shapes).
         force: replace an existing `dst`.
         progress: show a progress bar on stderr.
     Returns:
@@ -424,7 +426,7 @@ def repack(src: str | Path, dst: str | Path, *, dtype: str = "source", experts: 
     t0 = time.perf_counter()
     try:
         dense_sum = _write_dense(tmp / DENSE_FILE, dense_outs, dtype, rd, tick, q4_refine)
-        sums = _write_experts(tmp / EXPERTS_FILE, cfg, expert_src, specs, bs, rd, tick, q4_refine)
+        sums = _write_experts(tmp / EXPERTS_FILE, cfg, expert_src, specs, bs, rd, tick, q4_refine, quant_device)
         for name in TOKENIZER_FILES + ("config.json",):
             if (src / name).is_file():
                 shutil.copyfile(src / name, tmp / (name if name != "config.json" else "source_config.json"))
