@@ -161,3 +161,15 @@ def test_q4_bytes_on_the_10b_shape():
     _, bf16 = plan_block({r: (s, "bfloat16") for r, s in shapes.items()})
     _, q4 = plan_block({r: (s, "q4") for r, s in shapes.items()})
     assert math.isclose(q4 / bf16, 0.28125, rel_tol=1e-3) and q4 / bf16 <= 0.29
+
+
+def test_dense_description_checked_on_open(qwen_src, tmp_path):
+    """A dense quant description whose shape disagrees with the stored parts is refused when the layout is
+    opened, naming the weight."""
+    dst = tmp_path / "lay"
+    repack(qwen_src, dst, dense="q8", progress=False)
+    man = json.loads((dst / MANIFEST).read_text())
+    man["dense"]["quant"]["layers.1.o_proj"]["shape"] = [32, 64]
+    (dst / MANIFEST).write_text(json.dumps(man))
+    with pytest.raises(LayoutError, match="layers.1.o_proj"):
+        Layout.open(dst)

@@ -235,6 +235,14 @@ def read_manifest(layout_dir: Path) -> Manifest:
     for s in specs:
         if s.quant:
             check_quant(s.quant, (s.shape, s.dtype), by_name, f"{mpath}: expert tensor {s.name}")
+    if man.dense_quant:  # the header only: cheap, and a mismatch is caught before any weight is read
+        entries, _ = read_safetensors_header(d / DENSE_FILE)
+        stored = {n: (tuple(e.shape), ST_DTYPES.get(e.dtype, e.dtype)) for n, e in entries.items()}
+        for name, q in man.dense_quant.items():
+            if name not in stored:
+                raise LayoutError(f"{d / DENSE_FILE}: quantized weight {name} named in {MANIFEST} is missing: "
+                                  f"re-run `tiered repack SRC {d} --force`")
+            check_quant(q, stored[name], stored, f"{d / DENSE_FILE}: dense weight {name}")
     return man
 
 
