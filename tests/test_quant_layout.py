@@ -169,7 +169,7 @@ def test_dense_description_checked_on_open(qwen_src, tmp_path):
     dst = tmp_path / "lay"
     repack(qwen_src, dst, dense="q8", progress=False)
     man = json.loads((dst / MANIFEST).read_text())
-    man["dense"]["quant"]["layers.1.o_proj"]["shape"] = [32, 64]
+    man["dense"]["quant"]["layers.1.o_proj"]["shape"] = [32, 60]
     (dst / MANIFEST).write_text(json.dumps(man))
     with pytest.raises(LayoutError, match="layers.1.o_proj"):
         Layout.open(dst)
