@@ -37,7 +37,8 @@ def _src_tensors(src: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("fmt", QUANT_FORMATS)
 def test_repack_experts_stores_the_reference_quantization(fmt, qwen_src, tmp_path):
     """Every expert read back through the zero-copy views (mmap and pool alike) holds exactly the parts that
-    quantize() gives for the source weight; blocks stay 4 KiB-aligned and verify is clean."""
+    quantize() gives for the source weight (q4 with repack's default least-squares refinement); blocks stay
+    4 KiB-aligned and verify is clean."""
     dst = tmp_path / fmt
     repack(qwen_src, dst, experts=fmt, progress=False)
     lay = Layout.open(dst)
@@ -51,7 +52,8 @@ def test_repack_experts_stores_the_reference_quantization(fmt, qwen_src, tmp_pat
     for l, e in [(0, 0), (1, 5), (0, 3)]:
         got = lay.expert_tensors(l, e)
         for role in ("gate", "up", "down"):
-            want = quantize(src[f"model.layers.{l}.mlp.experts.{e}.{role}_proj.weight"], fmt)
+            want = quantize(src[f"model.layers.{l}.mlp.experts.{e}.{role}_proj.weight"], fmt,
+                            refine="lsq" if fmt == "q4" else None)  # repack's default q4 rounding
             for name, t in want.parts().items():
                 assert torch.equal(got[role].parts()[name].view(torch.uint8), t.view(torch.uint8)), (role, name)
             pooled = getattr(pool, role)[l * E + e]

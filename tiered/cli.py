@@ -46,8 +46,12 @@ def main() -> None:
 @click.option("--dense", type=click.Choice(["source", "bf16", "q8", "q4"]), default="source", show_default=True,
               help="Storage of the dense matrices (attention and shared-expert projections, an untied lm_head); "
               "embeddings, norms and routers keep --dtype.")
+@click.option("--q4-refine", type=click.Choice(["lsq", "none"]), default="lsq", show_default=True,
+              help="q4 rounding: from each group's min/max, then a least-squares fit of scale and min (lsq), or "
+              "min/max only (none).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON line.")
-def repack(src: Path, dst: Path, force: bool, dtype: str, experts: str, dense: str, as_json: bool) -> None:
+def repack(src: Path, dst: Path, force: bool, dtype: str, experts: str, dense: str, q4_refine: str,
+           as_json: bool) -> None:
     """Rewrite a Hugging Face checkpoint SRC into an expert-contiguous layout DST.
 
     Every (layer, expert) block is 4 KiB-aligned with an xxh3 checksum; dense weights go to
@@ -65,7 +69,8 @@ def repack(src: Path, dst: Path, force: bool, dtype: str, experts: str, dense: s
     if dst.exists() and not force:
         fail(f"{dst} already exists: pass --force to replace it", 2)
     try:
-        out = do_repack(src, dst, dtype=dtype, experts=experts, dense=dense, force=force, progress=True)
+        out = do_repack(src, dst, dtype=dtype, experts=experts, dense=dense, force=force, progress=True,
+                        q4_refine=q4_refine)
     except (RepackError, FamilyError, LayoutError) as e:
         fail(str(e))
     msg = (f"repacked {out['blocks']} expert blocks of {out['block_size']} bytes: {out['bytes'] / 1e9:.3f} GB "

@@ -368,7 +368,7 @@ def _write_experts(path: Path, cfg: ModelConfig, experts, specs, bs: int, rd: _R
 
 def repack(src: str | Path, dst: str | Path, *, dtype: str = "source", experts: str = "source",
            dense: str = "source", force: bool = False, progress: bool = True,
-           q4_refine: str | None = None, quant_device: str = "cpu") -> dict[str, Any]:
+           q4_refine: str = "lsq", quant_device: str = "cpu") -> dict[str, Any]:
     """Rewrite checkpoint `src` into a layout at `dst`, atomically.
 
     Args:
@@ -379,7 +379,9 @@ def repack(src: str | Path, dst: str | Path, *, dtype: str = "source", experts: 
             "fp8", "mxfp4" (tiered/layout/quant.py).
         dense: storage of the dense matrices (projections, shared expert, untied lm_head): "source" (as
             --dtype), "bf16", "q8" or "q4". Embeddings, norms and routers keep --dtype.
-        q4_refine: None (q4 rounds from each group's min/max) or "lsq" (least-squares refinement).
+        q4_refine: "lsq" (q4 starts from each group's min/max, then refines scale and min by least squares:
+            12% lower weight MSE on olmoe-code-17m, better KL and top-1 on ../shared/text/fit) or "none"
+            (min/max rounding only).
         quant_device: where expert quantization computes ("cuda" on a GPU box: much faster at large shapes).
         force: replace an existing `dst`.
         progress: show a progress bar on stderr.
@@ -393,6 +395,9 @@ def repack(src: str | Path, dst: str | Path, *, dtype: str = "source", experts: 
         raise RepackError(f"--experts must be one of {', '.join(EXPERT_FORMATS)}, not {experts!r}")
     if dense not in DENSE_FORMATS:
         raise RepackError(f"--dense must be one of {', '.join(DENSE_FORMATS)}, not {dense!r}")
+    if q4_refine not in ("lsq", "none"):
+        raise RepackError(f"--q4-refine must be lsq or none, not {q4_refine!r}")
+    refine = None if q4_refine == "none" else q4_refine
     if not src.is_dir():
         raise RepackError(f"{src} is not a directory: pass a Hugging Face checkpoint directory")
     if dst.exists() and not force:
@@ -425,8 +430,8 @@ def repack(src: str | Path, dst: str | Path, *, dtype: str = "source", experts: 
 
     t0 = time.perf_counter()
     try:
-        dense_sum = _write_dense(tmp / DENSE_FILE, dense_outs, dtype, rd, tick, q4_refine)
-        sums = _write_experts(tmp / EXPERTS_FILE, cfg, expert_src, specs, bs, rd, tick, q4_refine, quant_device)
+        dense_sum = _write_dense(tmp / DENSE_FILE, dense_outs, dtype, rd, tick, refine)
+        sums = _write_experts(tmp / EXPERTS_FILE, cfg, expert_src, specs, bs, rd, tick, refine, quant_device)
         for name in TOKENIZER_FILES + ("config.json",):
             if (src / name).is_file():
                 shutil.copyfile(src / name, tmp / (name if name != "config.json" else "source_config.json"))
