@@ -87,7 +87,7 @@ def run_variant(lay_dir: Path, device: str, dtype: torch.dtype, ids: torch.Tenso
 
 
 def main() -> None:
-    from tiered.repack import repack
+    from tiered.layout.repack import repack
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=Path, default=None, help="bf16 HF checkpoint (default: build one)")

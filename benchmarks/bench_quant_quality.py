@@ -78,7 +78,7 @@ def q4_weight_mse(layout) -> dict:
 
 def block_bytes() -> dict:
     """Block size per expert format: this model (D 256, F 32) and the 10.6B shape (D 2048, F 768)."""
-    from tiered.format import plan_block
+    from tiered.layout.format import plan_block
 
     out = {}
     for shape_name, (D, Fe) in {"olmoe-code-17m": (256, 32), "qwen3-10b": (2048, 768)}.items():
@@ -98,8 +98,8 @@ def main() -> None:
     from benchmeta import git_commit, write_out
     from tiered.engine import load
     from tiered.evaluate import evaluate
-    from tiered.families import default_model_path
-    from tiered.repack import repack
+    from tiered.layout.families import default_model_path
+    from tiered.layout.repack import repack
     from tiered.store.disk import Layout
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

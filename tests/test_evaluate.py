@@ -85,7 +85,7 @@ def test_perplexity_matches_transformers(reference_model, reference_layout):
 def test_cli_json_last_line(reference_layout, tmp_path):
     """`tiered eval --json` prints one object on the last line of stdout with the issue's keys; a model
     against itself has ratio 1, KL 0, full top-1 agreement and Jaccard 1 in every layer."""
-    from tiered.cli import main
+    from tiered.cli.main import main
 
     f = tmp_path / "t.txt"
     f.write_text("def fibonacci(n):\n    if n < 2:\n        return n\n" * 4)
@@ -103,7 +103,7 @@ def test_cli_json_last_line(reference_layout, tmp_path):
 
 def test_cli_usage_errors(tmp_path):
     """A missing text file or model directory exits 2 with a message."""
-    from tiered.cli import main
+    from tiered.cli.main import main
 
     r = CliRunner().invoke(main, ["eval", "--text-file", str(tmp_path / "nope.txt")])
     assert r.exit_code == 2

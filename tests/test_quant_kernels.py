@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from tiered.format import plan_block  # noqa: E402
+from tiered.layout.format import plan_block  # noqa: E402
 from tiered.kernels.quant_moe import (FUSED_FORMATS, experts_quant_decode, quant_matvec,  # noqa: E402
                                       quant_matvec_ref, qlinear)
 from tiered.layout.quant import quantize  # noqa: E402

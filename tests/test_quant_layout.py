@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tiered.format import ALIGN, MANIFEST, LayoutError
+from tiered.layout.format import ALIGN, MANIFEST, LayoutError
 from tiered.layout.quant import QUANT_FORMATS, QuantWeight, quantize
-from tiered.repack import ensure_layout, repack, verify
+from tiered.layout.repack import ensure_layout, repack, verify
 from tiered.store.disk import ExpertWeights, Layout, expert_views
 
 
@@ -71,7 +71,7 @@ def test_model_matches_dequantized_reference(experts, dense, qwen_src, tmp_path)
     """Logits of a quantized layout (experts dequantized per expert on use, dense matrices per matrix) equal
     those of the same model given the whole dequantized weights up front (the plain reference), over a
     prompt of odd length (prefill groups) and one-token decode steps."""
-    from tiered.model.resident import ResidentExperts
+    from tiered.store.resident import ResidentExperts
     from tiered.model.transformer import Transformer
 
     dst = tmp_path / "lay"
@@ -117,7 +117,7 @@ def test_expert_cache_serves_quantized_blocks(ref_q4):
 def test_dense_tied_lm_head_stays(reference_model, ref_q4):
     """--dense q4 on a model with tied embeddings quantizes the projections and keeps the embedding in bf16
     (it is the lm_head too); inspect reports the formats and the bytes."""
-    from tiered.inspect import summarize
+    from tiered.cli.inspect import summarize
 
     dst = ref_q4
     d = Layout.open(dst).dense()
@@ -156,7 +156,7 @@ def test_cache_key_includes_formats(qwen_src, tmp_path, monkeypatch):
 
 def test_q4_bytes_on_the_10b_shape():
     """On the 10.6B shape (D 2048, F 768) a q4 expert block is 0.281x the bf16 one (goal <= 0.29x)."""
-    from tiered.format import plan_block
+    from tiered.layout.format import plan_block
 
     D, Fe = 2048, 768
     shapes = {"gate": (Fe, D), "up": (Fe, D), "down": (D, Fe)}

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tiered.config import ModelConfig
 from tiered.kernels.quant_moe import qlinear as linear
+from tiered.layout.config import ModelConfig
 
 ATTN_BACKENDS = ("auto", "flash", "sdpa")
 

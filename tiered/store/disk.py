@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from tiered.config import ModelConfig
-from tiered.format import DENSE_FILE, DTYPES, EXPERTS_FILE, ST_DTYPES, LayoutError, Manifest, TensorSpec, \
+from tiered.layout.config import ModelConfig
+from tiered.layout.format import DENSE_FILE, DTYPES, EXPERTS_FILE, ST_DTYPES, LayoutError, Manifest, TensorSpec, \
     assemble, check_quant, read_manifest, read_safetensors_header
 from tiered.layout.quant import QuantWeight
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import xxhash
 
-from tiered.config import ModelConfig
+from tiered.layout.config import ModelConfig
 from tiered.layout.quant import QUANT_FORMATS, QuantError, QuantWeight, group_size, part_shapes
 
 FORMAT_NAME = "tiered-layout"

@@ -27,16 +27,16 @@ import torch
 import xxhash
 
 from tiered import __version__
-from tiered.config import EXPERT_ROLES, ModelConfig
-from tiered.families import Family, FamilyError, read_checkpoint_config
-from tiered.format import (ALIGN, DENSE_FILE, DTYPES, EXPERTS_FILE, MANIFEST, ST_DTYPES, ST_ITEMSIZE, ST_NAMES,
+from tiered.layout.config import EXPERT_ROLES, ModelConfig
+from tiered.layout.families import Family, FamilyError, read_checkpoint_config
+from tiered.layout.format import (ALIGN, DENSE_FILE, DTYPES, EXPERTS_FILE, MANIFEST, ST_DTYPES, ST_ITEMSIZE, ST_NAMES,
                            TOKENIZER_FILES, LayoutError, StEntry, build_manifest, fsync_dir, plan_block,
                            quant_entries, read_manifest, read_safetensors_header, xxh3_hex)
-from tiered.layout.quant import QUANT_FORMATS, quantize
+from tiered.layout.quant import DENSE_STORAGE, EXPERT_STORAGE, QUANT_FORMATS, quantize
 
 CHUNK = 64 * 2**20  # dense tensors are copied in pieces of at most this many bytes
-EXPERT_FORMATS = ("source", "bf16") + QUANT_FORMATS  # --experts
-DENSE_FORMATS = ("source", "bf16", "q8", "q4")  # --dense
+EXPERT_FORMATS = EXPERT_STORAGE  # --experts
+DENSE_FORMATS = DENSE_STORAGE  # --dense
 FLOAT_CODES = ("BF16", "F16", "F32")
 PAUSE_ENV = "TIERED_REPACK_PAUSE_AFTER_BLOCKS"  # test hook: stop (sleep) after N expert blocks
 

@@ -1,6 +1,7 @@
 """`tiered eval`: teacher-forced perplexity over text files, and KL / top-1 / expert overlap against a reference.
 
-Owns: the `eval` click command (flags, usage errors with exit code 2, the table, the --json line).
+Owns: the `eval` click command (flags, usage errors with exit code 2, the table, the --json line); the
+device, dtype, storage and budget flags are those of `run`.
 Does not own: the measurement (evaluate.py) or loading (engine.py).
 """
 from __future__ import annotations
@@ -10,6 +11,8 @@ import sys
 from pathlib import Path
 
 import click
+
+from tiered.cli.options import budget_from, budget_options, storage_options
 
 
 def _load(model, *, device, dtype, max_context, attn, budget, experts="source", dense="source"):
@@ -33,16 +36,11 @@ def _load(model, *, device, dtype, max_context, attn, budget, experts="source", 
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="Compute dtype [default: float32 on CPU, bfloat16 on CUDA].")
 @click.option("--attn", type=click.Choice(["auto", "flash", "sdpa"]), default="auto", show_default=True)
-@click.option("--vram-gb", type=float, default=None, help="GiB of GPU memory for the whole model (expert cache).")
-@click.option("--expert-slots", type=click.IntRange(min=1), default=None, help="Global device-tier expert slots.")
-@click.option("--ram-gb", type=float, default=None, help="GiB of pinned RAM for experts (expert cache).")
-@click.option("--experts", type=click.Choice(["source", "bf16", "q8", "q4", "fp8", "mxfp4"]), default="source",
-              show_default=True, help="When -m is a checkpoint: the experts' storage in its cached layout.")
-@click.option("--dense", type=click.Choice(["source", "bf16", "q8", "q4"]), default="source", show_default=True,
-              help="When -m is a checkpoint: the dense matrices' storage in its cached layout.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object, the last line of stdout.")
-def eval_cmd(model, text_files, reference, max_tokens, max_context, device, dtype, attn, vram_gb, expert_slots,
-             ram_gb, experts, dense, as_json) -> None:
+@storage_options
+@budget_options
+def eval_cmd(model, text_files, reference, max_tokens, max_context, device, dtype, attn, as_json, experts, dense,
+             **flags) -> None:
     """Score MODEL on text files: perplexity over non-overlapping windows (each scored from position 0).
 
     With --reference, the same tokens also go through a second model: mean and 99th-percentile
@@ -67,13 +65,13 @@ def eval_cmd(model, text_files, reference, max_tokens, max_context, device, dtyp
     for p in (model, reference):
         if p is not None and not Path(p).is_dir():
             raise click.UsageError(f"{p}: no such directory; pass a tiered layout or a Hugging Face checkpoint")
-    budget = dict(vram_gb=vram_gb, expert_slots=expert_slots, ram_gb=ram_gb)
+    budget = budget_from(flags)
 
     from tiered.engine import EngineError
     from tiered.evaluate import default_window, evaluate
-    from tiered.families import FamilyError
-    from tiered.format import LayoutError
-    from tiered.tokenizer import TokenizerError
+    from tiered.layout.families import FamilyError
+    from tiered.layout.format import LayoutError
+    from tiered.layout.tokenizer import TokenizerError
 
     try:
         eng = _load(model, device=device, dtype=dtype, max_context=max_context, attn=attn, budget=budget,
