@@ -97,7 +97,7 @@ def block_bytes() -> dict:
 def main() -> None:
     from benchmeta import git_commit, write_out
     from tiered.engine import load
-    from tiered.evaluate import evaluate
+    from tiered.evaluate import RouteRecorder, evaluate
     from tiered.layout.families import default_model_path
     from tiered.layout.repack import repack
     from tiered.store.disk import Layout
@@ -118,7 +118,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base_dir = Path(tmp) / "bf16"
         repack(args.model, base_dir, progress=False)
-        base = load(base_dir, device="cpu", dtype="float32", max_context=2048)
+        base_routes = RouteRecorder()
+        base = load(base_dir, device="cpu", dtype="float32", max_context=2048, observer=base_routes)
         prompts = {n: base.encode(t)[:PROMPT_TOKENS] for n, t in evals.items()}
         base_greedy = {n: greedy(base, ids) for n, ids in prompts.items()}
         res: dict = {"variants": {}}
@@ -126,8 +127,9 @@ def main() -> None:
             experts, dense, refine = VARIANTS[name]
             d = Path(tmp) / name
             repack(args.model, d, experts=experts, dense=dense, q4_refine=refine, progress=False)
-            eng = load(d, device="cpu", dtype="float32", max_context=2048)
-            out = evaluate(eng, evals, reference=base, max_tokens=args.max_tokens)
+            routes = (RouteRecorder(), base_routes)
+            eng = load(d, device="cpu", dtype="float32", max_context=2048, observer=routes[0])
+            out = evaluate(eng, evals, reference=base, max_tokens=args.max_tokens, routes=routes)
             files = []
             for f in out["files"]:
                 g = greedy(eng, prompts[f["file"]])

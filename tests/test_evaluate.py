@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from tiered.evaluate import evaluate, windows
+from tiered.evaluate import RouteRecorder, evaluate, windows
 
 
 def test_windows_are_non_overlapping_and_capped():
@@ -27,7 +27,7 @@ class FakeEngine:
         self._logits, self._routes = logits, routes  # [N, V], [L, N, K]
         self.max_context = 64
         self.config = SimpleNamespace(vocab_size=logits.shape[1], num_layers=routes.shape[0], num_experts=E)
-        self.model = SimpleNamespace(observer=None)
+        self.model = SimpleNamespace(observer=RouteRecorder())
 
     def encode(self, text):
         return list(range(len(text)))
@@ -48,7 +48,8 @@ def test_metrics_against_a_hand_computation():
     a, b = torch.randn(N, V, generator=g), torch.randn(N, V, generator=g)
     ra = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(L * N)]).view(L, N, K)
     rb = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(L * N)]).view(L, N, K)
-    out = evaluate(FakeEngine(a, ra, E), {"f": "x" * N}, reference=FakeEngine(b, rb, E), window=6)
+    ea, eb = FakeEngine(a, ra, E), FakeEngine(b, rb, E)
+    out = evaluate(ea, {"f": "x" * N}, reference=eb, window=6, routes=(ea.model.observer, eb.model.observer))
     scored = [0, 1, 2, 3, 4, 6, 7, 8]  # logits rows that predict ids 1..5 and 7..9
     target = torch.tensor([1, 2, 3, 4, 5, 7, 8, 9])
     lp, rlp = torch.log_softmax(a[scored], -1), torch.log_softmax(b[scored], -1)

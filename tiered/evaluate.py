@@ -26,22 +26,24 @@ ROW_CHUNK = 256  # positions per log-softmax pass: bounds the [rows, V] temporar
 
 
 class RouteRecorder:
-    """A routing observer that keeps each layer's top-k ids of the current forward passes (host copies)."""
+    """A routing observer (give it to engine.load(observer=...)) that keeps each layer's top-k ids of the
+    forward passes since the last take(), as host copies."""
 
     needs_hidden = False
     needs_logits = False
+    deferrable = False
 
-    def __init__(self, num_layers: int) -> None:
-        self.ids: list[list[Tensor]] = [[] for _ in range(num_layers)]
+    def __init__(self) -> None:
+        self.ids: dict[int, list[Tensor]] = {}
 
     def on_route(self, layer: int, hidden: Tensor, topk_ids: Tensor, topk_weights: Tensor,
                  router_logits: Tensor | None) -> None:
-        self.ids[layer].append(topk_ids.detach().to("cpu"))
+        self.ids.setdefault(layer, []).append(topk_ids.detach().to("cpu"))
 
     def take(self) -> list[Tensor]:
-        """Per layer, int64 [T, K] for every position run since the last take(); clears the record."""
-        out = [torch.cat(x) if x else torch.empty(0, 0, dtype=torch.int64) for x in self.ids]
-        self.ids = [[] for _ in self.ids]
+        """Per layer (in order), int64 [T, K] for every position run since the last take(); clears the record."""
+        out = [torch.cat(self.ids[l]) for l in sorted(self.ids)]
+        self.ids = {}
         return out
 
 
@@ -131,7 +133,7 @@ def _score_window(engine: Any, ids: list[int], reference: Any | None, rec: Route
 
 
 def evaluate(engine: Any, texts: dict[str, str], *, reference: Any | None = None, window: int | None = None,
-             max_tokens: int | None = None) -> dict[str, Any]:
+             max_tokens: int | None = None, routes: tuple[RouteRecorder, RouteRecorder] | None = None) -> dict[str, Any]:
     """Perplexity of `engine` over `texts` (name -> text), and against `reference` when given.
 
     Args:
@@ -139,6 +141,7 @@ def evaluate(engine: Any, texts: dict[str, str], *, reference: Any | None = None
             reference scores the same token ids (tokenised by `engine`), so the vocabularies must agree.
         window: tokens per window; default min(2048, engine.max_context).
         max_tokens: cap on each file's tokens (default: all).
+        routes: the RouteRecorders the two engines were loaded with (observer=...): adds expert_jaccard.
     Returns:
         {"tokens", "perplexity", "window", "files": [{"file", "tokens", "perplexity", ...}], and with a
         reference "reference_perplexity", "perplexity_ratio", "kl_mean", "kl_p99", "top1_agreement",
@@ -152,23 +155,17 @@ def evaluate(engine: Any, texts: dict[str, str], *, reference: Any | None = None
     if reference is not None and reference.config.vocab_size != engine.config.vocab_size:
         raise ValueError(f"the reference has a vocabulary of {reference.config.vocab_size} tokens, the model "
                          f"{engine.config.vocab_size}: KL and top-1 need the same tokenizer")
-    routes = reference is not None and reference.config.num_layers == engine.config.num_layers \
+    same_shape = reference is not None and reference.config.num_layers == engine.config.num_layers \
         and reference.config.num_experts == engine.config.num_experts
-    rec = ref_rec = None
-    saved = (engine.model.observer, reference.model.observer if reference is not None else None)
-    if routes:
-        rec, ref_rec = RouteRecorder(engine.config.num_layers), RouteRecorder(reference.config.num_layers)
-        engine.model.observer, reference.model.observer = rec, ref_rec
+    rec, ref_rec = routes if routes is not None and same_shape else (None, None)
+    for r in (rec, ref_rec):
+        if r is not None:
+            r.take()  # drop anything recorded before this evaluation
     total, files = _Totals(), []
-    try:
-        for name, text in texts.items():
-            ft = _Totals()
-            for w in windows(engine.encode(text), size, max_tokens):
-                ft.add(_score_window(engine, w, reference, rec, ref_rec))
-            files.append({"file": name, **ft.result(reference is not None)})
-            total.add(ft)
-    finally:
-        engine.model.observer = saved[0]
-        if reference is not None:
-            reference.model.observer = saved[1]
+    for name, text in texts.items():
+        ft = _Totals()
+        for w in windows(engine.encode(text), size, max_tokens):
+            ft.add(_score_window(engine, w, reference, rec, ref_rec))
+        files.append({"file": name, **ft.result(reference is not None)})
+        total.add(ft)
     return {**total.result(reference is not None), "window": size, "files": files}

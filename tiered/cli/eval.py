@@ -15,11 +15,11 @@ import click
 from tiered.cli.options import budget_from, budget_options, storage_options
 
 
-def _load(model, *, device, dtype, max_context, attn, budget, experts="source", dense="source"):
+def _load(model, *, device, dtype, max_context, attn, budget, observer, experts="source", dense="source"):
     from tiered.engine import load
 
     return load(model, device=device, dtype=dtype, max_context=max_context, attn=attn, budget=budget,
-                cuda_graphs=False, experts=experts, dense=dense)
+                cuda_graphs=False, experts=experts, dense=dense, observer=observer)
 
 
 @click.command("eval", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -68,19 +68,21 @@ def eval_cmd(model, text_files, reference, max_tokens, max_context, device, dtyp
     budget = budget_from(flags)
 
     from tiered.engine import EngineError
-    from tiered.evaluate import default_window, evaluate
+    from tiered.evaluate import RouteRecorder, default_window, evaluate
     from tiered.layout.families import FamilyError
     from tiered.layout.format import LayoutError
     from tiered.layout.tokenizer import TokenizerError
 
     try:
+        routes = (RouteRecorder(), RouteRecorder())
         eng = _load(model, device=device, dtype=dtype, max_context=max_context, attn=attn, budget=budget,
-                    experts=experts, dense=dense)
+                    experts=experts, dense=dense, observer=routes[0])
         window = max_context or default_window(eng.config.max_position_embeddings)  # <= the engine's context
         ref = None
         if reference is not None:
-            ref = _load(reference, device=device, dtype=dtype, max_context=window, attn=attn, budget=budget)
-        out = evaluate(eng, texts, reference=ref, window=window, max_tokens=max_tokens)
+            ref = _load(reference, device=device, dtype=dtype, max_context=window, attn=attn, budget=budget,
+                        observer=routes[1])
+        out = evaluate(eng, texts, reference=ref, window=window, max_tokens=max_tokens, routes=routes)
     except (EngineError, FamilyError, TokenizerError, ValueError) as e:
         raise click.UsageError(str(e)) from None
     except LayoutError as e:
