@@ -1,7 +1,7 @@
 """What quantized experts and dense weights cost in quality, on olmoe-code-17m (CPU, fp32 compute).
 
 Repacks the reference model once per storage variant and scores each against the bf16 layout with
-`tiered eval`'s measurement (tiered/evaluate.py) on every file of ../shared/text/eval and their mean:
+`tiered eval`'s measurement (tiered/serve/evaluate.py) on every file of ../shared/text/eval and their mean:
 perplexity ratio, mean and p99 KL(bf16 || variant), top-1 agreement, mean per-layer expert Jaccard; plus
 how many of 64 greedy tokens (prompt: each file's first 128 tokens) match bf16's, position by position,
 and the length of the identical prefix. The q4 least-squares refinement is also judged on the weights
@@ -97,7 +97,7 @@ def block_bytes() -> dict:
 def main() -> None:
     from benchmeta import git_commit, write_out
     from tiered.engine import load
-    from tiered.evaluate import RouteRecorder, evaluate
+    from tiered.serve.evaluate import RouteRecorder, evaluate
     from tiered.layout.families import default_model_path
     from tiered.layout.repack import repack
     from tiered.store.disk import Layout

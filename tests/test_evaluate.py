@@ -1,4 +1,4 @@
-"""`tiered eval` (tiered/evaluate.py, tiered/eval_cli.py): perplexity, KL, top-1 and expert overlap."""
+"""`tiered eval` (tiered/serve/evaluate.py, tiered/cli/eval.py): perplexity, KL, top-1 and expert overlap."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from tiered.evaluate import RouteRecorder, evaluate, windows
+from tiered.serve.evaluate import RouteRecorder, evaluate, windows
 
 
 def test_windows_are_non_overlapping_and_capped():

@@ -2,7 +2,7 @@
 
 Owns: the `eval` click command (flags, usage errors with exit code 2, the table, the --json line); the
 device, dtype, storage and budget flags are those of `run`.
-Does not own: the measurement (evaluate.py) or loading (engine.py).
+Does not own: the measurement (serve/evaluate.py) or loading (engine.py).
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def eval_cmd(model, text_files, reference, max_tokens, max_context, device, dtyp
     budget = budget_from(flags)
 
     from tiered.engine import EngineError
-    from tiered.evaluate import RouteRecorder, default_window, evaluate
+    from tiered.serve.evaluate import RouteRecorder, default_window, evaluate
     from tiered.layout.families import FamilyError
     from tiered.layout.format import LayoutError
     from tiered.layout.tokenizer import TokenizerError
