@@ -115,8 +115,8 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
          dtype: str | torch.dtype | None = None, max_context: int | None = None, attn: str = "auto",
          budget: dict[str, Any] | None = None, observer: RoutingObserver | None = None,
          prefetch_hook: PrefetchHook | None = None, routing: RoutingOverride | None = None,
-         predictor: Predictor | None = None, cuda_graphs: bool = True, experts: str = "source",
-         dense: str = "source") -> "Engine":
+         predictor: Predictor | None = None, cuda_graphs: bool = True, kernels: bool | None = None,
+         experts: str = "source", dense: str = "source") -> "Engine":
     """Open a model for generation.
 
     Args:
@@ -134,6 +134,8 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
             with an expert-cache budget whose prefetch_depth > 0 (or policy "predicted").
         cuda_graphs: capture the one-token decode step in CUDA graphs when possible: the whole step with
             resident experts, L+1 segments with host routing between them with the expert cache.
+        kernels: routed experts through the Triton kernels (model/moe_gpu.py); None = on CUDA when Triton is
+            installed. False keeps the plain torch paths (the CPU path; the kernels' reference).
         experts, dense: storage formats when `path` is a checkpoint (repack --experts/--dense).
     Returns:
         an Engine.
@@ -152,7 +154,7 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
     if prefetcher is not None:
         observer, prefetch_hook = prefetcher, prefetcher.prefetch_hook
     model = Transformer(cfg, layout.dense(), provider, device=dev, dtype=dt, max_context=ctx, attn=backend,
-                        observer=observer, prefetch_hook=prefetch_hook, routing=routing)
+                        observer=observer, prefetch_hook=prefetch_hook, routing=routing, kernels=kernels)
     tok = Tokenizer.from_dir(layout.path) if layout.tokenizer_path else None
     return Engine(model, tok, layout_path=layout.path, cuda_graphs=cuda_graphs and dev.type == "cuda",
                   prefetcher=prefetcher)
@@ -390,7 +392,7 @@ class Engine:
             "decode_tok_s": decode_steps / decode_s if decode_s > 0 and decode_steps else None,
             "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
             "attention": self.model.attn, "cuda_graphs": self.decode_mode != "eager",
-            "decode_graphs": self.decode_mode,
+            "decode_graphs": self.decode_mode, "expert_kernels": "triton" if self.model.kernels else "torch",
             "max_context": self.max_context, "family": self.config.family,
             "model": str(self.layout_path) if self.layout_path else None,
         }
