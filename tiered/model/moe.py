@@ -9,7 +9,9 @@ after routing; with known slot rows it is the expert segment of the piecewise de
 Does not own: where expert weights live (the provider: resident.py, or the cache), nor dense weights, nor
 the CUDA kernels (model/moe_gpu.py over tiered/kernels; `expert_mix(kernels=True)` routes to them).
 
-Expert weights arrive in their stored dtype and are converted on use when the compute dtype differs.
+Expert weights arrive in their stored dtype and are converted on use when the compute dtype differs; quantized
+ones (QuantWeight) are read by the fused dequantizing kernels on CUDA (kernels/quant_moe.py) and otherwise
+dequantized per expert on use (the plain reference path: never the whole pool at once).
 
 Legend: T tokens, D hidden, E experts per layer, K top-k, F expert FFN, U distinct experts in a wave.
 """
@@ -22,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tiered.kernels.quant_moe import experts_quant_decode, qlinear as linear
+from tiered.layout.quant import QuantWeight, dense
 from tiered.model import moe_gpu
 from tiered.store.provider import ExpertProvider
 
@@ -93,7 +97,7 @@ def route(x: Tensor, router: Tensor, top_k: int, norm_topk: bool) -> tuple[Tenso
 
 
 def _swiglu(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
-    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+    return linear(F.silu(linear(x, gate)) * linear(x, up), down)
 
 
 def shared_expert(x: Tensor, w: MoEWeights) -> Tensor:
@@ -122,11 +126,15 @@ def experts_from_slots(x: Tensor, slots: Tensor, weights: Tensor, W: Any) -> Ten
     static buffer (the piecewise decode step).
     """
     dt = x.dtype
-    g = W.gate.index_select(0, slots)  # [K, F, D] stored dtype
-    u = W.up.index_select(0, slots)  # [K, F, D]
-    d = W.down.index_select(0, slots).to(dt)  # [K, D, F]
+    if isinstance(W.gate, QuantWeight):  # fused dequantization on CUDA; None -> the reference below
+        y = experts_quant_decode(x, slots, weights, W.gate, W.up, W.down)
+        if y is not None:
+            return y
+    g = dense(W.gate.index_select(0, slots), dt)  # [K, F, D] (quantized: dequantized, the K experts only)
+    u = dense(W.up.index_select(0, slots), dt)  # [K, F, D]
+    d = dense(W.down.index_select(0, slots), dt)  # [K, D, F]
     K, Fe, D = g.shape
-    h = F.silu(F.linear(x, g.view(K * Fe, D).to(dt))) * F.linear(x, u.view(K * Fe, D).to(dt))  # [1, K*F]
+    h = F.silu(F.linear(x, g.view(K * Fe, D))) * F.linear(x, u.view(K * Fe, D))  # [1, K*F]
     y = torch.bmm(h.view(K, 1, Fe), d.transpose(1, 2))  # [K, 1, D]
     return (y * weights.view(K, 1, 1)).sum(0).to(dt)  # [1, D]
 
@@ -158,7 +166,7 @@ def experts_grouped(x: Tensor, ids: Tensor, weights: Tensor, provider: ExpertPro
             provider.prefetch(layer, used[w0 + n:w0 + 2 * n])
         for j, s in enumerate(slots):
             a, b = starts[w0 + j], starts[w0 + j + 1]
-            y = _swiglu(x[tok[a:b]], W.gate[s].to(dt), W.up[s].to(dt), W.down[s].to(dt))  # [n_e, D]
+            y = _swiglu(x[tok[a:b]], dense(W.gate[s], dt), dense(W.up[s], dt), dense(W.down[s], dt))  # [n_e, D]
             rows.index_copy_(0, order[a:b], y * wsorted[a:b, None])
     return rows.view(T, K, -1).sum(1).to(dt)  # [T, D]
 
@@ -187,9 +195,11 @@ def expert_mix(x: Tensor, ids: Tensor, wts: Tensor, w: MoEWeights, provider: Exp
     segments) and the provider is not called; otherwise the provider's get() resolves them, and for one
     token `prefetch_hook(layer, ids)` (ids int64 [K] on the host) runs right after it.
     kernels=True (CUDA) runs the Triton kernels of model/moe_gpu.py over the same slots; False keeps the
-    torch paths below (the CPU path and the kernels' reference).
+    torch paths below (the CPU path and the kernels' reference). Quantized experts always take the paths
+    below: experts_from_slots reads them with the fused dequantizing kernels on CUDA (kernels/quant_moe.py).
     """
     wc = wts if fp32_weights else wts.to(x.dtype)
+    kernels = kernels and not isinstance(provider.weights.gate, QuantWeight)
     one = moe_gpu.experts_decode if kernels else experts_from_slots
     if slots is not None:
         out = one(x, slots, wc, provider.weights)
