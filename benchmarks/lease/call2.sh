@@ -14,5 +14,8 @@ python3 benchmarks/bench_peers.py --phase llama > $OUT/llama.log 2>&1; echo "lla
 cp /root/peers/llama.json $OUT/ 2>/dev/null
 python3 benchmarks/bench_trees_gpu.py --layout /root/peers/layout-old --tree old=.carry/old --tree house=.carry/house \
   --tree main=. --repeats 2 --expect-identical house > $OUT/trees.log 2>&1; echo "trees rc=$?"; tail -6 $OUT/trees.log
+timeout 200 python3 -m pytest -q --tb=short -m cuda -p no:cacheprovider --continue-on-collection-errors \
+  tests/test_attention_kernel.py tests/test_attention_decode.py > $OUT/cuda-attn.log 2>&1; echo "attn tests rc=$?"
+tail -15 $OUT/cuda-attn.log
 wait
 tail -15 $OUT/qwen35.log 2>/dev/null
