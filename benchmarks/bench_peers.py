@@ -446,7 +446,7 @@ def step_bytes(layout_path: Path) -> dict:
     for name, t in lay.dense().items():
         if name == "embed" and not cfg.tie_word_embeddings:
             continue
-        dense += t.numel() * t.element_size()
+        dense += t.nbytes if not isinstance(t, torch.Tensor) else t.numel() * t.element_size()
     expert = sum(s.nbytes for s in lay.tensor_specs)
     kv_heads = getattr(cfg, "num_kv_heads", None) or getattr(cfg, "num_key_value_heads")
     kv_per_pos = cfg.num_layers * 2 * kv_heads * cfg.head_dim * 2  # K and V, bf16
