@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
+from conftest import source_tensors
 from tiered.layout.format import ALIGN, MANIFEST, LayoutError
 from tiered.layout.quant import QUANT_FORMATS, QuantWeight, quantize
 from tiered.layout.repack import ensure_layout, repack, verify
@@ -25,14 +25,6 @@ def qwen_src(tmp_path_factory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("q") / "qwen3", "qwen3_moe", dtype=torch.bfloat16)
 
 
-def _src_tensors(src: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in sorted(src.glob("*.safetensors")):
-        with safe_open(shard, "pt") as f:
-            for k in f.keys():
-                out[k] = f.get_tensor(k)
-    return out
-
 
 @pytest.mark.parametrize("fmt", QUANT_FORMATS)
 def test_repack_experts_stores_the_reference_quantization(fmt, qwen_src, tmp_path):
@@ -46,7 +38,7 @@ def test_repack_experts_stores_the_reference_quantization(fmt, qwen_src, tmp_pat
     assert man["experts"]["block_size"] % ALIGN == 0
     gate = next(t for t in man["experts"]["tensors"] if t["name"] == "gate")
     assert gate["quant"]["scheme"] == fmt and gate["quant"]["scale"] == "gate.scale"
-    src = _src_tensors(qwen_src)
+    src = source_tensors(qwen_src)
     pool = expert_views(lay.expert_file_pool(), lay.tensor_specs)
     E = lay.config.num_experts
     for l, e in [(0, 0), (1, 5), (0, 3)]:
