@@ -446,7 +446,7 @@ def step_bytes(layout_path: Path) -> dict:
     for name, t in lay.dense().items():
         if name == "embed" and not cfg.tie_word_embeddings:
             continue
-        dense += t.numel() * t.element_size()
+        dense += t.nbytes if not isinstance(t, torch.Tensor) else t.numel() * t.element_size()
     expert = sum(s.nbytes for s in lay.tensor_specs)
     kv_heads = getattr(cfg, "num_kv_heads", None) or getattr(cfg, "num_key_value_heads")
     kv_per_pos = cfg.num_layers * 2 * kv_heads * cfg.head_dim * 2  # K and V, bf16
@@ -471,7 +471,7 @@ def run_tiered(layout: Path, device: torch.device, dtype: torch.dtype, budget: d
     ctx = max(S["prefill"], S["decode_prompt"] + S["long"]) + 16
     sync(device)
     t0 = time.perf_counter()
-    eng = tiered.load(layout, device=device, dtype=dtype, budget=budget, max_context=ctx)
+    eng = tiered.load(layout, device=device, dtype=dtype, budget=budget, max_context=ctx, attn=S.get("attn", "auto"))
     sync(device)
     res: dict = {"budget": budget, "load_s": time.perf_counter() - t0}
     for k in ("capture_s", "load_capture_s"):
@@ -543,6 +543,7 @@ def phase_tiered(a, S: dict, P: Paths) -> dict:
     else:  # on a CPU there is no VRAM budget: 25% of the experts stand in for it
         offload = {"expert_slots": max(b["top_k"], b["layers"] * b["experts"] // 4)}
     res["modes"] = {}
+    res["attn"] = S["attn"] = a.attn
     for mode, budget in (("vram", None), ("offload", offload)):
         if a.tiered_only and mode not in a.tiered_only.split(","):
             continue
@@ -776,6 +777,7 @@ def main() -> None:
     ap.add_argument("--tool-timeout", type=float, default=560.0, help="seconds for one external command")
     ap.add_argument("--llama-only", default=None, help="comma list of llama runs (others kept from an earlier call)")
     ap.add_argument("--tiered-only", default=None, help="comma list of tiered modes: vram,offload")
+    ap.add_argument("--attn", default="auto", help="tiered's --attn (auto, triton, sdpa)")
     ap.add_argument("--offload-budget", default=None,
                     help='budget of the offloaded tiered run as JSON (default {"vram_gb": 4} on CUDA), e.g. '
                          '\'{"vram_gb": 4, "ram_gb": 12, "io": "mmap"}\'')

@@ -93,3 +93,15 @@ def pytest_collection_modifyitems(config, items):
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def source_tensors(src: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint's safetensors shards, by name."""
+    from safetensors import safe_open
+
+    out = {}
+    for shard in sorted(src.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            for k in f.keys():
+                out[k] = f.get_tensor(k)
+    return out

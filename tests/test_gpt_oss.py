@@ -229,3 +229,29 @@ def test_greedy_at_minimum_slots_equals_unlimited(pair):
     got = eng.generate(ids, max_new_tokens=12, stop_at_eos=False)
     assert got.token_ids == full.token_ids
     assert eng.stats["expert_slots"] == layout.config.top_k
+
+
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+def test_quantized_experts_keep_biases(pair, tmp_path, fmt):
+    """--experts q8/q4 on gpt-oss's fused experts: gate/up/down are stored quantized (their dequantization
+    within the format's error of the canonical tensors), the biases unquantized and exact, and the model
+    (clamped SwiGLU with biases over QuantWeight pools, prefill and one-token decode) stays near transformers."""
+    from tiered.layout.quant import QuantWeight
+
+    ref, layout, prov, root = pair
+    repack(root / "ck", tmp_path / "q", experts=fmt, dense=fmt, progress=False)
+    lay = Layout.open(tmp_path / "q")
+    qp = ResidentExperts.from_layout(lay)
+    W, B = qp.weights, prov.weights
+    assert isinstance(W.gate, QuantWeight) and isinstance(W.down, QuantWeight)
+    for n in ("gate_bias", "up_bias", "down_bias"):
+        assert torch.equal(getattr(W, n).float(), getattr(B, n).float()), n
+    for n in ("gate", "up", "down"):
+        r = rel(getattr(W, n).dequantize(torch.float32), getattr(B, n).float())
+        assert r < (0.02 if fmt == "q8" else 0.2), f"{n}: rel {r:.2e}"
+    ids = prompt(9, lay.config.vocab_size, seed=4)
+    m = ours(lay, qp)
+    rows = torch.cat([m.forward(ids[:6], 0, all_logits=True)] + [m.forward(ids[i:i + 1], i) for i in range(6, 9)])
+    r = rel(rows, theirs(ref, ids))
+    print(f"gpt_oss --experts {fmt}: rel {r:.2e}")
+    assert r < (0.05 if fmt == "q8" else 0.5)

@@ -12,22 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from conftest import FAMILIES, REPO, make_checkpoint
 from tiered.layout.families import FamilyError, read_checkpoint_config
 from tiered.layout.format import ALIGN, EXPERTS_FILE, MANIFEST, LayoutError
+from conftest import source_tensors
 from tiered.layout.repack import PAUSE_ENV, RepackError, is_layout, repack, verify
 from tiered.store.disk import Layout, expert_views
 
-
-def source_tensors(src: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in sorted(src.glob("*.safetensors")):
-        with safe_open(shard, "pt") as f:
-            for k in f.keys():
-                out[k] = f.get_tensor(k)
-    return out
 
 
 def cli(*args, env=None, check=False):

@@ -84,9 +84,11 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[name]
 
 
-def resolve_layout(path: str | Path | None, revision: str | None = None) -> Path:
+def resolve_layout(path: str | Path | None, revision: str | None = None, *, experts: str = "source",
+                   dense: str = "source") -> Path:
     """A layout directory for `path` (None = the embedded model; a Hugging Face id such as Qwen/Qwen3-30B-A3B is
-    resolved through the local HF cache or downloaded, layout/hub.py); checkpoints are repacked into the cache."""
+    resolved through the local HF cache or downloaded, layout/hub.py); checkpoints are repacked into the cache
+    with the given expert and dense storage (part of the cache key). A layout is used as it is."""
     if path is None:
         path = default_model_path()
     p = Path(path)
@@ -103,7 +105,7 @@ def resolve_layout(path: str | Path | None, revision: str | None = None) -> Path
     if (p / MANIFEST).is_file():
         return p
     from tiered.layout.repack import ensure_layout  # the repacker is imported only when handed a checkpoint
-    return ensure_layout(p)
+    return ensure_layout(p, experts=experts, dense=dense)
 
 
 def make_provider(layout: Any, *, device: torch.device, budget: dict[str, Any] | None,
@@ -125,7 +127,8 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
          budget: dict[str, Any] | None = None, observer: RoutingObserver | None = None,
          prefetch_hook: PrefetchHook | None = None, routing: RoutingOverride | None = None,
          predictor: Predictor | None = None, cuda_graphs: bool = True,
-         kernels: bool | None = None, state_bytes: int = 0, revision: str | None = None) -> "Engine":
+         kernels: bool | None = None, state_bytes: int = 0, revision: str | None = None,
+         experts: str = "source", dense: str = "source") -> "Engine":
     """Open a model for generation.
 
     Args:
@@ -150,13 +153,14 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
         state_bytes: device bytes a batch scheduler will add for its rows' state (decode/state.py), counted in
             --vram-gb when the expert cache plans its slots.
         revision: branch, tag or commit of a Hugging Face model id.
+        experts, dense: storage formats when `path` is a checkpoint (repack --experts/--dense).
     Returns:
         an Engine (engine.load_s: seconds to load; engine.capture_s: seconds capturing graphs).
     """
     t0 = time.perf_counter()
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    layout = Layout.open(resolve_layout(path, revision))
+    layout = Layout.open(resolve_layout(path, revision, experts=experts, dense=dense))
     cfg = layout.config
     ctx = default_context(cfg, max_context)
     if ctx < 1:

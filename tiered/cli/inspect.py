@@ -67,8 +67,10 @@ def inspect(path: Path, as_json: bool) -> None:
         ("experts per layer", info["experts"]), ("top-k", info["top_k"]),
         ("total params", f"{info['total_params'] / 1e9:.3f} B"),
         ("active params (dense + top-k experts)", f"{info['active_params'] / 1e9:.3f} B"),
+        ("expert format", info.get("expert_format", "as stored")), ("dense format", info.get("dense_format", "as stored")),
         ("bytes per expert", f"{info['bytes_per_expert']:,}" + (f" (block {info['block_size']:,})" if info["block_size"] else "")),
-        ("active expert bytes per token", gb(info["active_expert_bytes_per_token"])),
+        ("active expert bytes per token", gb(info["active_expert_bytes_per_token"]) +
+         (f" ({gb(info['block_bytes_per_token'])} in whole blocks)" if info.get("block_bytes_per_token") else "")),
         ("all expert bytes", gb(info["expert_bytes"])), ("dense bytes", gb(info["dense_bytes"])),
     ]
     w = max(len(k) for k, _ in rows)

@@ -11,6 +11,7 @@ import click
 from tiered import __version__
 from tiered.cli.batch import batch
 from tiered.cli.cache import cache
+from tiered.cli.eval import eval_cmd
 from tiered.cli.inspect import inspect
 from tiered.cli.repack import repack, verify
 from tiered.cli.run import run
@@ -32,10 +33,11 @@ def main() -> None:
       tiered run -m ~/layouts/qwen3-30b --device cuda --vram-gb 8 "Hello"
       tiered run -m Qwen/Qwen3-30B-A3B --chat "Hello"   # a Hugging Face id: cached, or downloaded
       tiered cache list                        # checkpoints repacked for -m, and their sizes
+      tiered eval -m ~/layouts/qwen3-30b-q4 --reference ~/layouts/qwen3-30b --text-file notes.md
     """
 
 
-for _command in (repack, verify, inspect, run, batch, serve, trace, tune, cache):
+for _command in (repack, verify, inspect, run, batch, serve, trace, tune, cache, eval_cmd):
     main.add_command(_command)
 
 

@@ -14,7 +14,14 @@ from typing import Any, Callable
 
 import click
 
+from tiered.layout.quant import DENSE_STORAGE, EXPERT_STORAGE
 from tiered.store.options import TierConfig
+
+EXPERTS_HELP = ("Storage of the routed experts: as --dtype, bf16, or quantized (q8: int8 + bf16 scale per 128 "
+                "inputs; q4: uint4 + bf16 scale and min per 64; fp8: e4m3 + fp32 scale per 128x128; mxfp4: e2m1 + "
+                "e8m0 scale per 32)")
+DENSE_HELP = ("Storage of the dense matrices (attention and shared-expert projections, an untied lm_head); "
+              "embeddings, norms and routers keep --dtype")
 
 def usage(msg: str) -> click.UsageError:
     return click.UsageError(msg)
@@ -75,6 +82,15 @@ class BudgetCommand(click.Command):
                 formatter.write_text(BUDGET_CLAUSE)
                 formatter.write_paragraph()
                 formatter.write_dl(rows[True])
+
+
+def storage_options(command: Callable) -> Callable:
+    """Add --experts and --dense (layout storage) to a command that reads a model: they apply when -m is a
+    checkpoint (its cached layout is keyed by them); a layout is used as stored."""
+    command = click.option("--dense", type=click.Choice(list(DENSE_STORAGE)), default="source", show_default=True,
+                           help=DENSE_HELP + "; when -m is a checkpoint.")(command)
+    return click.option("--experts", type=click.Choice(list(EXPERT_STORAGE)), default="source", show_default=True,
+                        help=EXPERTS_HELP + "; when -m is a checkpoint.")(command)
 
 
 def budget_from(flags: dict[str, Any]) -> dict[str, Any]:

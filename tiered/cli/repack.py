@@ -9,7 +9,8 @@ from pathlib import Path
 
 import click
 
-from tiered.cli.options import fail
+from tiered.cli.options import DENSE_HELP, EXPERTS_HELP, fail
+from tiered.layout.quant import DENSE_STORAGE, EXPERT_STORAGE
 
 
 @click.command()
@@ -18,9 +19,17 @@ from tiered.cli.options import fail
 @click.option("--force", is_flag=True,
               help="Replace DST if it is a tiered layout or an empty directory (anything else is refused).")
 @click.option("--dtype", type=click.Choice(["source", "bf16", "fp16", "fp32"]), default="source", show_default=True,
-              help="Stored dtype of the weights.")
+              help="Stored dtype of the weights that are not quantized.")
+@click.option("--experts", type=click.Choice(list(EXPERT_STORAGE)), default="source", show_default=True,
+              help=EXPERTS_HELP + ".")
+@click.option("--dense", type=click.Choice(list(DENSE_STORAGE)), default="source", show_default=True,
+              help=DENSE_HELP + ".")
+@click.option("--q4-refine", type=click.Choice(["lsq", "none"]), default="lsq", show_default=True,
+              help="q4 rounding: from each group's min/max, then a least-squares fit of scale and min (lsq), or "
+              "min/max only (none).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON line.")
-def repack(src: Path, dst: Path, force: bool, dtype: str, as_json: bool) -> None:
+def repack(src: Path, dst: Path, force: bool, dtype: str, experts: str, dense: str, q4_refine: str,
+           as_json: bool) -> None:
     """Rewrite a Hugging Face checkpoint SRC into an expert-contiguous layout DST.
 
     Every (layer, expert) block is 4 KiB-aligned with an xxh3 checksum; dense weights go to
@@ -29,6 +38,7 @@ def repack(src: Path, dst: Path, force: bool, dtype: str, as_json: bool) -> None
     \b
     Example:
       tiered repack ~/models/Mixtral-8x7B-v0.1 ~/layouts/mixtral --dtype bf16
+      tiered repack ~/models/Qwen3-30B-A3B ~/layouts/qwen3-30b-q4 --experts q4 --dense q8
     """
     from tiered.layout.families import FamilyError
     from tiered.layout.format import LayoutError
@@ -39,7 +49,8 @@ def repack(src: Path, dst: Path, force: bool, dtype: str, as_json: bool) -> None
     except RepackError as e:
         fail(str(e), 2)
     try:
-        out = do_repack(src, dst, dtype=dtype, force=force, progress=True)
+        out = do_repack(src, dst, dtype=dtype, experts=experts, dense=dense, force=force, progress=True,
+                        q4_refine=q4_refine)
     except (RepackError, FamilyError, LayoutError) as e:
         fail(str(e))
     msg = (f"repacked {out['blocks']} expert blocks of {out['block_size']} bytes: {out['bytes'] / 1e9:.3f} GB "

@@ -58,6 +58,7 @@ class GraphedDecode:
     def _add(self, span: int) -> None:
         dev = self.model.device
         t0 = time.perf_counter()
+        torch.cuda.empty_cache()  # torch.cuda.graph empties the cache on entry: start from there, or the delta is negative
         mem0 = torch.cuda.memory_reserved(dev)
         graph, out = self._capture(span)
         # One replay now: the first launch of a graph pays for its upload, which would land in the first step.

@@ -342,7 +342,7 @@ class PiecewiseDecode:
     def _capture(self, span: int) -> _Chain:
         """Warm up, then capture the L+1 segments of `span`; "graph" copies fall back to "host" once."""
         t0 = time.perf_counter()
-        mem0 = self._reserved()
+        mem0 = self._reserved(settle=True)
         try:
             chain = self._capture_chain(span)
         except Exception as e:  # noqa: BLE001 - any refusal of this torch/driver: report and fall back
@@ -403,9 +403,14 @@ class PiecewiseDecode:
     def _synchronize(self) -> None:
         torch.cuda.synchronize(self.device)
 
-    def _reserved(self) -> int:
-        """Bytes the CUDA caching allocator holds (graph pools included); 0 without CUDA."""
-        return torch.cuda.memory_reserved(self.device) if torch.cuda.is_available() else 0
+    def _reserved(self, *, settle: bool = False) -> int:
+        """Bytes the CUDA caching allocator holds (graph pools included); 0 without CUDA. settle=True first
+        releases cached free blocks, as torch.cuda.graph does on entry (else a capture's delta can be negative)."""
+        if not torch.cuda.is_available():
+            return 0
+        if settle:
+            torch.cuda.empty_cache()
+        return torch.cuda.memory_reserved(self.device)
 
     def _wait_stream(self) -> None:
         """The host waits for the compute stream (one call: cheaper than recording and waiting on an event)."""

@@ -27,8 +27,9 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tiered"
 
 
-def cache_key(source: Path, dtype: str) -> str:
-    """The cache directory name of `source` repacked with `dtype`: NAME-HASH (a changed checkpoint gets a new key)."""
+def cache_key(source: Path, dtype: str, *, experts: str = "source", dense: str = "source") -> str:
+    """The cache directory name of `source` repacked with `dtype` (and --experts/--dense storage): NAME-HASH (a
+    changed checkpoint or other repack options get a new key)."""
     src = Path(source).resolve()
     h = hashlib.sha256(str(src).encode())
     for p in sorted(src.iterdir()):
@@ -36,6 +37,8 @@ def cache_key(source: Path, dtype: str) -> str:
             st = p.stat()
             h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
     h.update(f"dtype={dtype};v={__version__}".encode())
+    if (experts, dense) != ("source", "source"):  # keeps the keys of layouts cached before these options
+        h.update(f"experts={experts};dense={dense};".encode())
     return f"{display_name(src)}-{h.hexdigest()[:16]}"
 
 

@@ -19,6 +19,7 @@ import torch
 import xxhash
 
 from tiered.layout.config import ModelConfig
+from tiered.layout.quant import QUANT_FORMATS, QuantError, QuantWeight, group_size, part_shapes
 
 FORMAT_NAME = "tiered-layout"
 FORMAT_VERSION = 1
@@ -38,6 +39,7 @@ ST_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "I8": "int8
              "I32": "int32", "F8_E4M3": "float8_e4m3fn", "F64": "float64", "I64": "int64", "BOOL": "bool"}
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 ST_ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "I8": 1, "U8": 1, "I32": 4, "F8_E4M3": 1, "F64": 8, "I64": 8, "BOOL": 1}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 class LayoutError(RuntimeError):
@@ -57,8 +59,9 @@ class TensorSpec:
     """One tensor inside an expert block. The same specs hold for every block of a layout.
 
     `role` is what the model uses it for (gate/up/down); `name` is unique within the block. A
-    quantized format keeps role "gate" for the packed ints and adds e.g. name "gate.scales" with
-    role "gate.scales" and `quant` describing the scheme, so no format version change is needed.
+    quantized weight keeps role "gate" for the packed codes, whose `quant` names the scheme, group size,
+    logical shape and the tensors holding its scales ({"scheme": "q4", "group": 64, "shape": [F, D],
+    "scale": "gate.scale", "min": "gate.min"}); those are specs of their own (role "gate.scale", ...).
     """
 
     name: str
@@ -81,19 +84,69 @@ class TensorSpec:
         return cls(d["name"], d["role"], d["dtype"], tuple(d["shape"]), int(d["offset"]), int(d["nbytes"]), d.get("quant"))
 
 
+def quant_entries(name: str, fmt: str, shape: tuple[int, int]) -> list[tuple[str, tuple[int, ...], str, dict | None]]:
+    """The stored tensors of one quantized weight: (name, shape, dtype, quant) with the packed codes first
+    under `name` (its quant dict names the others, "NAME.scale" and "NAME.min")."""
+    parts = part_shapes(fmt, shape)
+    quant: dict[str, Any] = {"scheme": fmt, "group": group_size(fmt, shape[1]), "shape": list(shape)}
+    out = []
+    for part, (pshape, dt) in parts.items():
+        pname = name if part == "q" else f"{name}.{part}"
+        if part != "q":
+            quant[part] = pname
+        out.append((pname, pshape, DTYPE_NAMES[dt], None))
+    out[0] = (*out[0][:3], quant)
+    return out
+
+
 def plan_block(tensors: dict[str, tuple[tuple[int, ...], str]]) -> tuple[list[TensorSpec], int]:
     """Place the tensors of one expert (role -> (shape, dtype)) back to back.
 
-    Returns their specs and the block size, rounded up to 4 KiB.
+    A dtype in QUANT_FORMATS ("q4", ...) with the logical [N, K] shape places that weight's packed codes
+    and scales instead. Returns the specs and the block size, rounded up to 4 KiB.
     """
     specs, off = [], 0
     for role, (shape, dtype) in tensors.items():
-        n = torch.empty((), dtype=DTYPES[dtype]).element_size()
-        for s in shape:
-            n *= s
-        specs.append(TensorSpec(role, role, dtype, tuple(shape), off, n))
-        off = align_up(off + n, TENSOR_ALIGN)
+        entries = quant_entries(role, dtype, shape) if dtype in QUANT_FORMATS else [(role, shape, dtype, None)]
+        for name, pshape, dt, quant in entries:
+            n = torch.empty((), dtype=DTYPES[dt]).element_size()
+            for s in pshape:
+                n *= s
+            specs.append(TensorSpec(name, name, dt, tuple(pshape), off, n, quant))
+            off = align_up(off + n, TENSOR_ALIGN)
     return specs, align_up(off, ALIGN)
+
+
+def check_quant(quant: dict[str, Any], codes: tuple[tuple[int, ...], str], parts: dict[str, tuple[tuple[int, ...], str]],
+                where: str) -> None:
+    """Check one quantized weight's description against its stored tensors ((shape, dtype) by name).
+
+    Raises LayoutError naming the weight when the scheme is unknown or a part is missing or misshapen.
+    """
+    scheme = quant.get("scheme")
+    if scheme not in QUANT_FORMATS:
+        raise LayoutError(f"{where}: quantization scheme {scheme!r} is unknown to this tiered (it reads "
+                          f"{', '.join(QUANT_FORMATS)}): upgrade tiered, or repack with --experts/--dense bf16")
+    try:
+        shape = tuple(int(x) for x in quant["shape"])
+        want = part_shapes(scheme, shape)
+        if int(quant["group"]) != group_size(scheme, shape[1]):
+            raise QuantError(f"group {quant['group']} is not {scheme}'s {group_size(scheme, shape[1])}")
+        for part, (pshape, dt) in want.items():
+            got = codes if part == "q" else parts.get(quant.get(part, ""))
+            if got is None or tuple(got[0]) != pshape or got[1] != DTYPE_NAMES[dt]:
+                raise QuantError(f"part {part} is {got}, expected {DTYPE_NAMES[dt]} {list(pshape)}")
+    except (KeyError, TypeError, ValueError) as e:
+        raise LayoutError(f"{where}: malformed {scheme} description {quant} ({e}): re-run `tiered repack`") from None
+
+
+def assemble(name: str, quant: dict[str, Any] | None, views: dict[str, torch.Tensor]) -> "torch.Tensor | QuantWeight":
+    """The weight stored under `name`: the tensor itself, or, with a quant description, a QuantWeight over
+    the views of its parts (views: name -> tensor, sharing any leading stack dims)."""
+    if not quant:
+        return views[name]
+    return QuantWeight(quant["scheme"], tuple(quant["shape"]), int(quant["group"]), q=views[name],
+                       scale=views[quant["scale"]], min=views[quant["min"]] if "min" in quant else None)
 
 
 @dataclass(frozen=True)
@@ -109,6 +162,13 @@ class Manifest:
     dense_size: int  # bytes of dense.safetensors
     dense_xxh3: str
     raw: dict[str, Any]
+    dense_quant: dict[str, dict[str, Any]] = None  # quantized dense weights: name -> quant description
+
+    @property
+    def expert_format(self) -> str:
+        """"bf16"-style dtype name of unquantized experts, or the quantization scheme."""
+        s = self.tensors[0]
+        return s.quant["scheme"] if s.quant else s.dtype
 
     def row(self, layer: int, expert: int) -> int:
         c = self.config
@@ -123,7 +183,8 @@ class Manifest:
 
 
 def build_manifest(cfg: ModelConfig, specs: list[TensorSpec], block_size: int, checksums: list[str],
-                   dense_size: int, dense_xxh3: str, source: dict[str, Any]) -> dict[str, Any]:
+                   dense_size: int, dense_xxh3: str, source: dict[str, Any],
+                   dense_quant: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     c = cfg
     blocks = [{"layer": l, "expert": e, "offset": (l * c.num_experts + e) * block_size, "size": block_size,
                "xxh3_64": checksums[l * c.num_experts + e]}
@@ -131,7 +192,8 @@ def build_manifest(cfg: ModelConfig, specs: list[TensorSpec], block_size: int, c
     return {
         "format": FORMAT_NAME, "version": FORMAT_VERSION, "alignment": ALIGN,
         "config": cfg.to_json(), "source": source,
-        "dense": {"file": DENSE_FILE, "size": dense_size, "xxh3_64": dense_xxh3},
+        "dense": {"file": DENSE_FILE, "size": dense_size, "xxh3_64": dense_xxh3,
+                  **({"quant": dense_quant} if dense_quant else {})},
         "experts": {"file": EXPERTS_FILE, "size": block_size * len(blocks), "block_size": block_size,
                     "tensors": [s.to_json() for s in specs], "blocks": blocks},
     }
@@ -169,12 +231,25 @@ def read_manifest(layout_dir: Path) -> Manifest:
         order = {(b["layer"], b["expert"]): b for b in blocks}
         rows = [order[(l, e)] for l in range(cfg.num_layers) for e in range(cfg.num_experts)]
         man = Manifest(cfg, bs, specs, tuple(int(b["offset"]) for b in rows), tuple(str(b["xxh3_64"]) for b in rows),
-                       int(ex["size"]), int(raw["dense"]["size"]), str(raw["dense"]["xxh3_64"]), raw)
+                       int(ex["size"]), int(raw["dense"]["size"]), str(raw["dense"]["xxh3_64"]), raw,
+                       dict(raw["dense"].get("quant") or {}))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise LayoutError(f"{mpath} is malformed ({type(e).__name__}: {e}): the layout is corrupt; "
                           f"re-run `tiered repack SRC {d} --force`") from None
     _check_specs(mpath, man)
     _check_bounds(d, man)
+    by_name = {s.name: (s.shape, s.dtype) for s in specs}
+    for s in specs:
+        if s.quant:
+            check_quant(s.quant, (s.shape, s.dtype), by_name, f"{mpath}: expert tensor {s.name}")
+    if man.dense_quant:  # the header only: cheap, and a mismatch is caught before any weight is read
+        entries, _ = read_safetensors_header(d / DENSE_FILE)
+        stored = {n: (tuple(e.shape), ST_DTYPES.get(e.dtype, e.dtype)) for n, e in entries.items()}
+        for name, q in man.dense_quant.items():
+            if name not in stored:
+                raise LayoutError(f"{d / DENSE_FILE}: quantized weight {name} named in {MANIFEST} is missing: "
+                                  f"re-run `tiered repack SRC {d} --force`")
+            check_quant(q, stored[name], stored, f"{d / DENSE_FILE}: dense weight {name}")
     return man
 
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tiered.kernels.quant_moe import qlinear as linear
 from tiered.layout.config import ModelConfig
 from tiered.model.rope import ROPE_TYPES, inv_freq_and_scale, rope_kind
 
@@ -191,7 +192,7 @@ def attention(x: Tensor, w: AttnWeights, cache: KVCache, layer: int, plan: StepP
         out = _paged(q, k, v, cache, layer, plan, config)
     else:
         out = _sdpa(q, k, v, cache, layer, plan, config.num_heads // config.num_kv_heads)
-    return F.linear(out, w.o, w.o_bias)
+    return linear(out, w.o, w.o_bias)
 
 
 def project_qkv(x: Tensor, w: AttnWeights, cos: Tensor, sin: Tensor, config: ModelConfig) -> tuple[Tensor, Tensor, Tensor]:
@@ -202,7 +203,7 @@ def project_qkv(x: Tensor, w: AttnWeights, cos: Tensor, sin: Tensor, config: Mod
     T = x.shape[0]
     H, KV, hd = config.num_heads, config.num_kv_heads, config.head_dim
     eps = config.rms_norm_eps
-    qkv = F.linear(x, w.qkv, w.qkv_bias)  # [T, (H+2KV)*hd]
+    qkv = linear(x, w.qkv, w.qkv_bias)  # [T, (H+2KV)*hd]
     nq, nk = H * hd, KV * hd
     if config.qk_norm == "proj":  # one norm over each whole projection (OLMoE)
         qk = torch.cat([rms_norm(qkv[:, :nq], w.q_norm, eps), rms_norm(qkv[:, nq:nq + nk], w.k_norm, eps)], -1)

@@ -9,7 +9,9 @@ after routing; with known slot rows it is the expert segment of the piecewise de
 Does not own: where expert weights live (the provider: resident.py, or the cache), nor dense weights, nor
 the CUDA kernels (model/moe_gpu.py over tiered/kernels; `expert_mix(kernels=True)` routes to them).
 
-Expert weights arrive in their stored dtype and are converted on use when the compute dtype differs.
+Expert weights arrive in their stored dtype and are converted on use when the compute dtype differs; quantized
+ones (QuantWeight) are read by the fused dequantizing kernels on CUDA (kernels/quant_moe.py) and otherwise
+dequantized per expert on use (the plain reference path: never the whole pool at once).
 
 Legend: T tokens, D hidden, E experts per layer, K top-k, F expert FFN, U distinct experts in a wave.
 """
@@ -22,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tiered.kernels.quant_moe import experts_quant_decode, qlinear as linear
+from tiered.layout.quant import QuantWeight, dense
 from tiered.model import moe_gpu
 from tiered.model.routing import Rule, softmax_topk
 from tiered.store.provider import ExpertProvider
@@ -112,7 +116,7 @@ def route(x: Tensor, router: Tensor, top_k: int, norm_topk: bool, *, bias: Tenso
 
 
 def _swiglu(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
-    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+    return linear(F.silu(linear(x, gate)) * linear(x, up), down)
 
 
 def shared_expert(x: Tensor, w: MoEWeights) -> Tensor:
@@ -142,13 +146,18 @@ def experts_from_slots(x: Tensor, slots: Tensor, weights: Tensor, W: Any, act: C
     static buffer (the piecewise decode step).
     """
     dt = x.dtype
-    g = W.gate.index_select(0, slots)  # [K, F, D] stored dtype
-    u = W.up.index_select(0, slots)  # [K, F, D]
-    d = W.down.index_select(0, slots).to(dt)  # [K, D, F]
+    # fused dequantization on CUDA (plain SwiGLU without biases only); None -> the reference below
+    if isinstance(W.gate, QuantWeight) and act is None and getattr(W, "gate_bias", None) is None:
+        y = experts_quant_decode(x, slots, weights, W.gate, W.up, W.down)
+        if y is not None:
+            return y
+    g = dense(W.gate.index_select(0, slots), dt)  # [K, F, D] (quantized: dequantized, the K experts only)
+    u = dense(W.up.index_select(0, slots), dt)  # [K, F, D]
+    d = dense(W.down.index_select(0, slots), dt)  # [K, D, F]
     K, Fe, D = g.shape
     gb, ub, db = _biases(W, slots, dt)
-    gx = F.linear(x, g.view(K * Fe, D).to(dt), None if gb is None else gb.view(K * Fe))
-    ux = F.linear(x, u.view(K * Fe, D).to(dt), None if ub is None else ub.view(K * Fe))
+    gx = F.linear(x, g.view(K * Fe, D), None if gb is None else gb.view(K * Fe))
+    ux = F.linear(x, u.view(K * Fe, D), None if ub is None else ub.view(K * Fe))
     h = _act(act, gx, ux)  # [1, K*F]
     y = torch.bmm(h.view(K, 1, Fe), d.transpose(1, 2))  # [K, 1, D]
     if db is not None:
@@ -165,12 +174,13 @@ def _biases(W: Any, slots: Tensor, dt: torch.dtype) -> tuple[Tensor | None, Tens
 
 def _expert(x: Tensor, W: Any, s: int, dt: torch.dtype, act: ClampedSwiGLU | None) -> Tensor:
     """One expert (slot row s) over x [n, D] -> [n, D], biases included when the family has them."""
+    g, u, d = dense(W.gate[s], dt), dense(W.up[s], dt), dense(W.down[s], dt)  # quantized: dequantized here
     if getattr(W, "gate_bias", None) is None:
         if act is None:
-            return _swiglu(x, W.gate[s].to(dt), W.up[s].to(dt), W.down[s].to(dt))
-        return F.linear(act(F.linear(x, W.gate[s].to(dt)), F.linear(x, W.up[s].to(dt))), W.down[s].to(dt))
-    h = _act(act, F.linear(x, W.gate[s].to(dt), W.gate_bias[s].to(dt)), F.linear(x, W.up[s].to(dt), W.up_bias[s].to(dt)))
-    return F.linear(h, W.down[s].to(dt), W.down_bias[s].to(dt))
+            return _swiglu(x, g, u, d)
+        return F.linear(act(F.linear(x, g), F.linear(x, u)), d)
+    h = _act(act, F.linear(x, g, W.gate_bias[s].to(dt)), F.linear(x, u, W.up_bias[s].to(dt)))
+    return F.linear(h, d, W.down_bias[s].to(dt))
 
 
 def experts_grouped(x: Tensor, ids: Tensor, weights: Tensor, provider: ExpertProvider, layer: int,
@@ -230,11 +240,14 @@ def expert_mix(x: Tensor, ids: Tensor, wts: Tensor, w: MoEWeights, provider: Exp
     segments) and the provider is not called; otherwise the provider's get() resolves them, and for one
     token `prefetch_hook(layer, ids)` (ids int64 [K] on the host) runs right after it.
     kernels=True (CUDA) runs the Triton kernels of model/moe_gpu.py over the same slots; False keeps the
-    torch paths below (the CPU path and the kernels' reference).
+    torch paths below (the CPU path and the kernels' reference). Quantized experts always take the paths
+    below: experts_from_slots reads them with the fused dequantizing kernels on CUDA (kernels/quant_moe.py).
     """
     wc = wts if fp32_weights else wts.to(x.dtype)
-    # the Triton kernels compute the plain SwiGLU without biases: gpt-oss's experts take the torch paths
-    kernels = kernels and w.act is None and getattr(provider.weights, "gate_bias", None) is None
+    # the Triton kernels compute the plain SwiGLU without biases over unquantized pools: gpt-oss's and
+    # quantized experts take the torch paths
+    kernels = (kernels and w.act is None and getattr(provider.weights, "gate_bias", None) is None
+               and not isinstance(provider.weights.gate, QuantWeight))
     if kernels:
         def one(x, s, wc, W):
             return moe_gpu.experts_decode(x, s, wc, W)

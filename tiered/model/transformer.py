@@ -28,7 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tiered.kernels.quant_moe import qlinear as linear
 from tiered.layout.config import ModelConfig
+from tiered.layout.quant import QuantWeight, cat_rows
 from tiered.model.layers import (AttnWeights, KVCache, Rope, StepPlan, attention, attn_mask, plan_eager,
                                  rms_norm)
 from tiered.model import moe_gpu
@@ -68,15 +70,26 @@ class LayerWeights:
     moe: MoEWeights
 
 
-def _take(dense: dict[str, Tensor], name: str, device: torch.device, dtype: torch.dtype,
-          required: bool = True) -> Tensor | None:
+def _take(dense: dict[str, Tensor | QuantWeight], name: str, device: torch.device, dtype: torch.dtype,
+          required: bool = True) -> Tensor | QuantWeight | None:
+    """A dense weight on `device`: in the compute dtype, or kept quantized (dequantized on use by `linear`)."""
     t = dense.get(name)
     if t is None:
         if required:
             raise KeyError(f"dense tensor {name!r} is missing from the layout: re-run tiered repack "
                            "(the layout file for this family may lack the name)")
         return None
+    if isinstance(t, QuantWeight):
+        return t.to_device(device)
     return t.to(device=device, dtype=dtype)
+
+
+def _cat_rows(ws: list[Tensor | QuantWeight]) -> Tensor | QuantWeight:
+    """q, k and v stacked into one matrix along the output rows, quantized or not."""
+    if all(isinstance(w, QuantWeight) for w in ws):
+        return cat_rows(ws)
+    dt = next(w.dtype for w in ws if not isinstance(w, QuantWeight))
+    return torch.cat([w.dequantize(dt) if isinstance(w, QuantWeight) else w for w in ws], dim=0)
 
 
 def build_layer(cfg: ModelConfig, dense: dict[str, Tensor], l: int, device: torch.device,
@@ -87,7 +100,7 @@ def build_layer(cfg: ModelConfig, dense: dict[str, Tensor], l: int, device: torc
     def t(name: str, required: bool = True) -> Tensor | None:
         return _take(dense, p + name, device, dtype, required)
 
-    qkv = torch.cat([t("q_proj"), t("k_proj"), t("v_proj")], dim=0)
+    qkv = _cat_rows([t("q_proj"), t("k_proj"), t("v_proj")])
     bias = None
     if cfg.attn_bias:
         bias = torch.cat([t("q_bias"), t("k_bias"), t("v_bias")], dim=0)
@@ -139,7 +152,7 @@ class Transformer:
         # the router step, chosen once: the model's own router, or the override for static-position plans
         self._route = self._route_replayed if routing is not None else self._route_own
         dev = self.device
-        self.embed = _take(dense, "embed", dev, dtype)  # [V, D]
+        self.embed = _take(dense, "embed", dev, dtype)  # [V, D] (never quantized: F.embedding reads rows)
         self.final_norm = _take(dense, "final_norm", dev, dtype)  # [D]
         head = None if config.tie_word_embeddings else _take(dense, "lm_head", dev, dtype)
         self.lm_head = self.embed if head is None else head  # [V, D]
@@ -239,7 +252,7 @@ class Transformer:
         """Final norm and lm_head: h [T, D] -> logits [T, V] (all_logits) or [1, V] (the last position)."""
         if not all_logits:
             h = h[-1:]
-        return F.linear(rms_norm(h, self.final_norm, self.config.rms_norm_eps), self.lm_head)
+        return linear(rms_norm(h, self.final_norm, self.config.rms_norm_eps), self.lm_head)
 
     # --- the one-token step in L+1 segments (tiered/decode/piecewise.py runs them, with host routing between) ---
     def segment_first(self, tokens: Tensor, plan: StepPlan) -> Routed:

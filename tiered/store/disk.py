@@ -22,32 +22,38 @@ import torch
 
 from tiered.layout.config import ModelConfig
 from tiered.layout.format import DENSE_FILE, DTYPES, EXPERTS_FILE, ST_DTYPES, LayoutError, Manifest, TensorSpec, \
-    read_manifest, read_safetensors_header
+    assemble, check_quant, read_manifest, read_safetensors_header
+from tiered.layout.quant import QuantWeight
 
 
 @dataclass(frozen=True)
 class ExpertWeights:
-    """Routed-expert weights as [S, ...] views over a pool of S blocks (S = slots or L*E rows)."""
+    """Routed-expert weights as [S, ...] views over a pool of S blocks (S = slots or L*E rows).
 
-    gate: torch.Tensor  # [S, F, D]
-    up: torch.Tensor  # [S, F, D]
-    down: torch.Tensor  # [S, D, F]
-    gate_bias: torch.Tensor | None = None  # [S, F] (gpt-oss)
+    Each is a tensor in the stored dtype, or for a quantized layout a QuantWeight over views of its packed
+    codes and scales (same indexing; `.dequantize(dtype)` gives the dense [..., F, D] tensor).
+    """
+
+    gate: torch.Tensor | QuantWeight  # [S, F, D]
+    up: torch.Tensor | QuantWeight  # [S, F, D]
+    down: torch.Tensor | QuantWeight  # [S, D, F]
+    gate_bias: torch.Tensor | None = None  # [S, F] (gpt-oss; biases are never quantized)
     up_bias: torch.Tensor | None = None  # [S, F]
     down_bias: torch.Tensor | None = None  # [S, D]
 
 
 def expert_views(pool: torch.Tensor, specs: tuple[TensorSpec, ...] | list[TensorSpec]) -> ExpertWeights:
-    """Strided views of the gate/up/down tensors of every block in `pool` (uint8 [S, block_size]); no copy."""
+    """Strided views of the gate/up/down weights of every block in `pool` (uint8 [S, block_size]); no copy."""
     if pool.dtype != torch.uint8 or pool.dim() != 2:
         raise ValueError(f"pool must be uint8 [S, block_size], got {pool.dtype} {list(pool.shape)}")
     views = {}
     for s in specs:
         dt = DTYPES[s.dtype]
         raw = pool[:, s.offset:s.offset + s.nbytes]  # [S, nbytes], row stride = block_size
-        views[s.role] = raw.view(dt).view(pool.shape[0], *s.shape)
-    return ExpertWeights(views["gate"], views["up"], views["down"], views.get("gate_bias"), views.get("up_bias"),
-                         views.get("down_bias"))
+        views[s.name] = raw.view(dt).view(pool.shape[0], *s.shape)
+    w = {s.role: assemble(s.name, s.quant, views) for s in specs if s.role in ("gate", "up", "down")}
+    b = {s.role: views[s.name] for s in specs if s.role in ("gate_bias", "up_bias", "down_bias")}
+    return ExpertWeights(w["gate"], w["up"], w["down"], b.get("gate_bias"), b.get("up_bias"), b.get("down_bias"))
 
 
 def _readonly_frombuffer(buf, dtype: torch.dtype) -> torch.Tensor:
@@ -100,8 +106,17 @@ class Layout:
         _, off, size, _ = self.block_offset(layer, expert)
         return memoryview(self._experts_map)[off:off + size]
 
-    def dense(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        """Dense tensors by canonical name, in their stored dtype; zero-copy views when device is CPU."""
+    def expert_tensors(self, layer: int, expert: int) -> dict[str, torch.Tensor | QuantWeight]:
+        """{"gate", "up", "down"} of one expert as views into the mmap (QuantWeights when quantized); no copy."""
+        block = _readonly_frombuffer(self.block_bytes(layer, expert), torch.uint8)
+        views = {s.name: block[s.offset:s.offset + s.nbytes].view(DTYPES[s.dtype]).view(s.shape)
+                 for s in self.tensor_specs}
+        return {s.role: assemble(s.name, s.quant, views) for s in self.tensor_specs
+                if s.role in ("gate", "up", "down")}
+
+    def dense(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor | QuantWeight]:
+        """Dense weights by canonical name, in their stored dtype (QuantWeights for quantized matrices, their
+        parts under the weight's name); zero-copy views when device is CPU."""
         path = self.path / DENSE_FILE
         entries, _ = read_safetensors_header(path)
         with open(path, "rb") as f:
@@ -111,6 +126,17 @@ class Layout:
         for name, ent in entries.items():
             t = flat[ent.start:ent.start + ent.nbytes].view(DTYPES[ST_DTYPES[ent.dtype]]).view(ent.shape)
             out[name] = t if torch.device(device).type == "cpu" else t.to(device)
+        quant = self.manifest.dense_quant or {}
+        stored = {n: (tuple(e.shape), ST_DTYPES[e.dtype]) for n, e in entries.items()}
+        for name, q in quant.items():
+            if name not in stored:
+                raise LayoutError(f"{path}: quantized weight {name} named in the manifest is missing: "
+                                  f"re-run `tiered repack`")
+            check_quant(q, stored[name], stored, f"{path}: dense weight {name}")
+            out[name] = assemble(name, q, out)
+        for q in quant.values():
+            for part in ("scale", "min"):
+                out.pop(q.get(part, ""), None)
         return out
 
     @property
@@ -126,9 +152,18 @@ class Layout:
     def summary(self) -> dict:
         """Sizes for `tiered inspect`."""
         entries, _ = read_safetensors_header(self.path / DENSE_FILE)
-        params = sum(math.prod(e.shape) for e in entries.values())
-        return size_summary(self.config, self.block_size, params, sum(e.nbytes for e in entries.values()),
-                            sum(s.nbytes for s in self.tensor_specs))
+        quant = self.manifest.dense_quant or {}
+        parts = {q[p] for q in quant.values() for p in ("scale", "min") if p in q}
+        params = sum(math.prod(quant[n]["shape"]) if n in quant else math.prod(e.shape)
+                     for n, e in entries.items() if n not in parts)
+        out = size_summary(self.config, self.block_size, params, sum(e.nbytes for e in entries.values()),
+                           sum(s.nbytes for s in self.tensor_specs))
+        schemes = sorted({q["scheme"] for q in quant.values()})
+        out.update({"expert_format": self.manifest.expert_format,
+                    "dense_format": "+".join(schemes) if schemes else "unquantized",
+                    "dense_quantized": sorted(quant),
+                    "block_bytes_per_token": self.config.num_layers * self.config.top_k * self.block_size})
+        return out
 
 
 def size_summary(cfg: ModelConfig, block_size: int | None, dense_params: int, dense_bytes: int,

@@ -1,0 +1,156 @@
+"""Quantized formats (tiered/layout/quant.py): quantize -> stored parts -> reference dequantization."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tiered.layout.quant import (FP4_VALUES, QUANT_FORMATS, QuantError, QuantWeight, bits_per_weight,
+                                 error_bound, from_fp8_checkpoint, from_mxfp4_checkpoint, linear, pack_nibbles,
+                                 part_shapes, quantize, unpack_nibbles)
+
+SHAPES = [(1, 1), (3, 7), (32, 256), (256, 32), (5, 63), (7, 64), (9, 65), (130, 129), (17, 300)]
+
+
+def _weight(shape, seed=0, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g) * 0.05
+    w[0, 0] = 0.3  # an outlier per matrix, as trained weights have
+    return w.to(dtype)
+
+
+@pytest.mark.parametrize("fmt", QUANT_FORMATS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_round_trip_within_bound(fmt, shape):
+    """Every format's dequantization stays within its step-size bound of the weight, for odd shapes too,
+    and the parts have the shapes and dtypes that part_shapes (the repacker's plan) promises."""
+    w = _weight(shape)
+    qw = quantize(w, fmt)
+    for name, (s, dt) in part_shapes(fmt, shape).items():
+        t = qw.parts()[name]
+        assert tuple(t.shape) == s and t.dtype == dt, (name, t.shape, t.dtype)
+    back = qw.dequantize(torch.float32)
+    assert back.shape == w.shape
+    err = (back - w.float()).abs()
+    bound = error_bound(qw, w) * (1 + 1e-5) + 1e-12
+    worst = (err - bound).max().item()
+    assert worst <= 0, f"{fmt} {shape}: error exceeds the bound by {worst:.3g} (max err {err.max():.3g})"
+
+
+@pytest.mark.parametrize("fmt,limit", [("q8", 0.008), ("q4", 0.11), ("fp8", 0.032), ("mxfp4", 0.14)])
+def test_relative_error_typical(fmt, limit):
+    """On a gaussian [64, 256] matrix the relative Frobenius error is near what the step size predicts
+    (uniform rounding over a +-3 sigma range: q8 ~ 0.007, q4 ~ 0.1; fp8 ~ 2^-5; mxfp4 ~ 2^-3), within a
+    factor below 1.25: a scale or code off by a factor of two fails it."""
+    w = _weight((64, 256), seed=1)
+    back = quantize(w, fmt).dequantize(torch.float32)
+    rel = ((back - w.float()).norm() / w.float().norm()).item()
+    assert rel < limit, f"{fmt}: relative error {rel:.4f}"
+    assert rel > limit / 20, f"{fmt}: relative error {rel:.2e} is implausibly small (is it quantizing?)"
+
+
+def test_q4_whole_row_group_below_64():
+    """q4 with K < 64 uses one group per row; at K >= 64 groups of 64 (the last one short)."""
+    assert quantize(_weight((4, 32)), "q4").scale.shape == (4, 1)
+    assert quantize(_weight((4, 63)), "q4").group == 63
+    assert quantize(_weight((4, 65)), "q4").scale.shape == (4, 2)
+
+
+def test_q4_exact_on_grid():
+    """A q4 row whose values already lie on a 16-level bf16 grid is reproduced exactly."""
+    levels = torch.arange(16, dtype=torch.float32) * 0.125 - 1.0  # scale 1/8, min -1: exact in bf16
+    w = levels.repeat(2, 4)  # [2, 64]
+    back = quantize(w, "q4").dequantize(torch.float32)
+    assert torch.equal(back, w)
+
+
+def test_q4_lsq_refinement_not_worse():
+    """The least-squares refinement never increases any group's error (it keeps the better of the two)."""
+    w = _weight((64, 256), seed=2).float()
+    plain = quantize(w, "q4").dequantize(torch.float32)
+    ref = quantize(w, "q4", refine="lsq").dequantize(torch.float32)
+    ep = ((plain - w) ** 2).view(64, 4, 64).sum(-1)
+    er = ((ref - w) ** 2).view(64, 4, 64).sum(-1)
+    assert (er <= ep * (1 + 1e-6) + 1e-12).all()
+    assert er.sum() < ep.sum(), "the refinement changed nothing on a gaussian matrix"
+
+
+def test_nibble_order():
+    """Packing puts input 0 in the low nibble of byte 0 (MLX / gpt-oss order); odd K pads a zero code."""
+    codes = torch.tensor([[1, 2, 3]], dtype=torch.uint8)
+    packed = pack_nibbles(codes)
+    assert packed.tolist() == [[0x21, 0x03]]
+    assert torch.equal(unpack_nibbles(packed, 3), codes)
+
+
+def test_fp8_pass_through_is_exact():
+    """A checkpoint's fp8 weight and weight_scale_inv are kept bit for bit and dequantize to q * s."""
+    g = torch.Generator().manual_seed(3)
+    q = (torch.randn(200, 300, generator=g) * 50).clamp(-448, 448).to(torch.float8_e4m3fn)
+    s = torch.rand(2, 3, generator=g) + 0.01
+    qw = from_fp8_checkpoint(q, s)
+    assert qw.q.data_ptr() == q.data_ptr()
+    want = q.float() * s.repeat_interleave(128, 0)[:200].repeat_interleave(128, 1)[:, :300]
+    assert torch.equal(qw.dequantize(torch.float32), want)
+
+
+def test_mxfp4_pass_through_is_exact():
+    """gpt-oss-style blocks [N, G, 16] and e8m0 scales [N, G] pass through unchanged; dequantization is
+    the e2m1 table times 2^(e-127), element by element."""
+    g = torch.Generator().manual_seed(4)
+    blocks = torch.randint(0, 256, (6, 3, 16), dtype=torch.uint8, generator=g)
+    scales = torch.randint(120, 134, (6, 3), dtype=torch.uint8, generator=g)
+    qw = from_mxfp4_checkpoint(blocks, scales)
+    out = qw.dequantize(torch.float32)  # [6, 96]
+    for r, c in [(0, 0), (0, 1), (5, 95), (3, 33), (2, 64)]:
+        byte = int(blocks[r, c // 32, (c % 32) // 2])
+        code = byte & 0xF if c % 2 == 0 else byte >> 4
+        want = FP4_VALUES[code] * 2.0 ** (int(scales[r, c // 32]) - 127)
+        assert out[r, c].item() == want
+
+
+def test_stack_indexing_matches_single():
+    """A stack of quantized matrices indexes like the dense stack (index_select then dequantize equals
+    dequantize then index_select), and quantizing the stack in one pass gives each matrix's own parts."""
+    ws = [_weight((12, 70), seed=s) for s in range(5)]
+    for fmt in QUANT_FORMATS:
+        qs = [quantize(w, fmt) for w in ws]
+        stack = QuantWeight(fmt, qs[0].matrix, qs[0].group,
+                            **{k: torch.stack([q.parts()[k] for q in qs]) for k in qs[0].parts()})
+        idx = torch.tensor([4, 1, 1])
+        got = stack.index_select(0, idx).dequantize(torch.float32)
+        want = torch.stack([qs[i].dequantize(torch.float32) for i in idx.tolist()])
+        assert torch.equal(got, want), fmt
+        assert stack.shape == (5, 12, 70) and stack.index_select(0, idx).shape == (3, 12, 70)
+        batched = quantize(torch.stack(ws), fmt)  # one pass over the stack quantizes each matrix alone
+        for name, t in stack.parts().items():
+            assert torch.equal(batched.parts()[name].view(torch.uint8), t.view(torch.uint8)), (fmt, name)
+        assert torch.equal(stack[2].dequantize(torch.float32), want[0] * 0 + qs[2].dequantize(torch.float32))
+
+
+def test_linear_matches_dequantized_matmul():
+    """linear(x, qw) is F.linear over the dequantized weight in x's dtype."""
+    w = _weight((40, 96))
+    x = torch.randn(3, 96)
+    qw = quantize(w, "q4")
+    assert torch.equal(linear(x, qw), x @ qw.dequantize(torch.float32).T)
+
+
+def test_bits_per_weight():
+    """q4 at group 64 is 4.5 bits per weight, q8 8.125, fp8 just over 8, mxfp4 4.25 (large matrices)."""
+    shape = (2048, 768 * 2)
+    assert bits_per_weight("q4", shape) == 4.5
+    assert bits_per_weight("q8", shape) == 8.125
+    assert math.isclose(bits_per_weight("fp8", shape), 8 + 32 / 128 ** 2)
+    assert bits_per_weight("mxfp4", shape) == 4.25
+
+
+def test_errors_name_the_problem():
+    """Unknown formats, non-finite weights and wrong part shapes are refused with a message."""
+    with pytest.raises(QuantError, match="unknown quantized format"):
+        quantize(torch.ones(2, 2), "q3")
+    with pytest.raises(QuantError, match="non-finite"):
+        quantize(torch.tensor([[1.0, math.nan]]), "q8")
+    with pytest.raises(QuantError, match="part scale"):
+        QuantWeight("q8", (2, 4), 128, torch.zeros(2, 4, dtype=torch.int8), torch.zeros(2, 2, dtype=torch.bfloat16))
