@@ -19,7 +19,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
-from tiered.config import EXPERT_ROLES, ModelConfig
+from tiered.config import EXPERT_ROLES, FUSED_EXPERT_ROLES, ModelConfig
 
 
 class FamilyError(ValueError):
@@ -75,17 +75,25 @@ class Family:
 
     @cached_property
     def _dense_patterns(self) -> list[tuple[re.Pattern[str], str]]:
-        return [(_compile(hf), canon) for canon, hf in self.spec["tensors"].items()]
+        return [(_compile(hf), canon) for canon, pats in self.spec["tensors"].items() for hf in _as_list(pats)]
 
     @cached_property
     def _expert_patterns(self) -> list[tuple[re.Pattern[str], str]]:
-        return [(_compile(hf), role) for role, hf in self.spec["experts"].items()]
+        return [(_compile(hf), role) for role, pats in self.spec["experts"].items() for hf in _as_list(pats)]
 
     def classify(self, hf_name: str) -> tuple[str, str, int | None, int | None]:
-        """Map a HF tensor name to ("dense", canonical, layer, None) or ("expert", role, layer, expert).
+        """Map a HF tensor name to ("dense", canonical, layer, None), ("expert", role, layer, expert) or
+        ("ignore", name, None, None) for the parts tiered does not run (vision tower, MTP head).
 
-        Raises FamilyError for a name that the family file does not describe.
+        `[rename] prefixes` rewrite a leading prefix first (multimodal checkpoints keep the text model under
+        `model.language_model.`). Raises FamilyError for a name that the family file does not describe.
         """
+        for old, new in self.spec.get("rename", {}).get("prefixes", {}).items():
+            if hf_name.startswith(old):
+                hf_name = new + hf_name[len(old):]
+                break
+        if hf_name.startswith(tuple(self.spec.get("ignore", {}).get("prefixes", []))):
+            return "ignore", hf_name, None, None
         for pat, role in self._expert_patterns:
             m = pat.fullmatch(hf_name)
             if m:
@@ -114,7 +122,9 @@ class Family:
             if canon.endswith(("q_bias", "k_bias", "v_bias")) and not cfg.attn_bias:
                 continue
             if "{l}" in canon:
-                names += [canon.replace("{l}", str(l)) for l in range(cfg.num_layers)]
+                kind = layer_kind_of(canon)
+                names += [canon.replace("{l}", str(l)) for l in range(cfg.num_layers)
+                          if kind is None or cfg.layer_kind(l) == kind]
             else:
                 names.append(canon)
         if not cfg.tie_word_embeddings and "lm_head" in self.spec["tensors"]:
@@ -123,6 +133,8 @@ class Family:
 
     def normalise(self, hf: dict[str, Any], generation: dict[str, Any] | None = None) -> ModelConfig:
         """Turn a config.json dict (4.x or 5.x keys) into a ModelConfig; FamilyError names what is missing."""
+        if isinstance(hf.get("text_config"), dict):  # multimodal checkpoint: tiered runs its text model
+            hf = {**hf, **hf["text_config"]}
         keys = {**COMMON_KEYS, **self.spec.get("config", {})}
         fields: dict[str, Any] = dict(self.spec.get("defaults", {}))
         for field, hf_keys in keys.items():
@@ -162,6 +174,42 @@ class Family:
             raise FamilyError(f"{self.path}: bad field in [config]/[defaults]: {e}") from None
 
 
+ATTENTION_ONLY = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "q_bias", "k_bias", "v_bias")
+
+
+def layer_kind_of(canonical: str) -> str | None:
+    """The layer kind a per-layer canonical dense name belongs to ("linear", "attention"), None for every layer."""
+    leaf = canonical.rsplit(".", 1)[-1]
+    if leaf.startswith("lin_"):
+        return "linear"
+    return "attention" if leaf in ATTENTION_ONLY else None
+
+
+def _qwen3_5(hf: dict[str, Any], fields: dict[str, Any]) -> None:
+    """Qwen3.5-MoE / Qwen3-Next: per-layer kinds, partial rotary, gated attention output, zero-centred norms."""
+    names = {"full_attention": "attention", "linear_attention": "linear"}
+    types = hf.get("layer_types")
+    if not types:  # older configs give only the period of the full-attention layers
+        every = int(hf.get("full_attention_interval", 4))
+        types = ["full_attention" if (l + 1) % every == 0 else "linear_attention" for l in range(fields["num_layers"])]
+    unknown = sorted(set(types) - set(names))
+    if unknown:
+        raise FamilyError(f"config.json layer_types has {unknown}: tiered runs full_attention and linear_attention")
+    fields["layer_types"] = [names[t] for t in types]
+    rope = hf.get("rope_parameters") or {}
+    fields["partial_rotary_factor"] = float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
+    if hf.get("hidden_act", "silu") != "silu":
+        raise FamilyError(f"config.json hidden_act={hf['hidden_act']!r}: tiered implements silu only")
+
+
+HOOKS["qwen3_5"] = _qwen3_5
+
+
+def _as_list(patterns: str | list[str]) -> list[str]:
+    """A role's pattern or patterns (a family may list per-expert and fused spellings of one role)."""
+    return [patterns] if isinstance(patterns, str) else list(patterns)
+
+
 def _compile(pattern: str) -> re.Pattern[str]:
     esc = re.escape(pattern).replace(r"\{l\}", r"(?P<l>\d+)").replace(r"\{e\}", r"(?P<e>\d+)")
     return re.compile(esc)
@@ -194,8 +242,9 @@ def load_families() -> dict[str, Family]:
         spec = tomllib.loads(p.read_text())
         name = spec["family"]["name"]
         for role in spec["experts"]:
-            if role not in EXPERT_ROLES:
-                raise FamilyError(f"{p}: unknown expert role {role!r}; roles are {EXPERT_ROLES}")
+            if role not in EXPERT_ROLES and role not in FUSED_EXPERT_ROLES:
+                raise FamilyError(f"{p}: unknown expert role {role!r}; roles are {EXPERT_ROLES} "
+                                  f"(or fused {sorted(FUSED_EXPERT_ROLES)})")
         fams[name] = Family(name=name, path=p, spec=spec)
     return fams
 

@@ -26,7 +26,7 @@ import torch
 import xxhash
 
 from tiered import __version__
-from tiered.config import EXPERT_ROLES, ModelConfig
+from tiered.config import EXPERT_ROLES, FUSED_EXPERT_ROLES, ModelConfig
 from tiered.families import Family, FamilyError, read_checkpoint_config
 from tiered.format import (ALIGN, DENSE_FILE, DTYPES, EXPERTS_FILE, MANIFEST, ST_DTYPES, ST_ITEMSIZE, ST_NAMES,
                            TOKENIZER_FILES, LayoutError, StEntry, build_manifest, fsync_dir, plan_block,
@@ -60,6 +60,7 @@ def _index_source(src: Path, fam: Family, cfg: ModelConfig):
                               f"tiered repacks safetensors checkpoints only")
     dense: dict[str, SourceTensor] = {}
     experts: dict[tuple[int, int | None, str], SourceTensor] = {}
+    skipped: list[str] = []
     for shard in shards:
         path = src / shard
         if not path.is_file():
@@ -72,11 +73,13 @@ def _index_source(src: Path, fam: Family, cfg: ModelConfig):
                 dense[role] = SourceTensor(path, ent, None)
             elif kind == "expert":
                 experts[(layer, expert, role)] = SourceTensor(path, ent, expert)
+            else:
+                skipped.append(name)
     missing = [n for n in fam.expected_dense(cfg) if n not in dense]
     if missing:
         raise RepackError(f"{src}: dense tensors missing for {missing[:5]}{' ...' if len(missing) > 5 else ''}: "
                           f"the checkpoint is incomplete or does not match {fam.path.name}")
-    return dense, experts
+    return dense, experts, sorted(skipped)
 
 
 def _expert_source(experts, layer: int, expert: int, role: str) -> tuple[SourceTensor, int, tuple[int, ...]]:
@@ -86,10 +89,33 @@ def _expert_source(experts, layer: int, expert: int, role: str) -> tuple[SourceT
         return st, st.entry.start, st.entry.shape
     st = experts.get((layer, None, role))
     if st is None:
+        fused = _fused_source(experts, layer, expert, role)
+        if fused is not None:
+            return fused
         raise RepackError(f"expert tensor missing: layer {layer}, expert {expert}, role {role}: "
                           f"the checkpoint is incomplete")
     per = st.entry.nbytes // st.entry.shape[0]
     return st, st.entry.start + expert * per, st.entry.shape[1:]
+
+
+def _fused_source(experts, layer: int, expert: int, role: str) -> tuple[SourceTensor, int, tuple[int, ...]] | None:
+    """Role `role` of one expert inside a fused tensor holding several roles along its first per-expert dim
+    (gate_up_proj [E, 2F, D]: gate rows, then up rows): the part is contiguous, so it is a byte range."""
+    for fused, roles in FUSED_EXPERT_ROLES.items():
+        if role not in roles:
+            continue
+        st = experts.get((layer, expert, fused)) or experts.get((layer, None, fused))
+        if st is None:
+            continue
+        whole = st.entry.shape if st.expert is not None else st.entry.shape[1:]  # this expert's [n*F, ...]
+        if whole[0] % len(roles):
+            raise RepackError(f"{st.path}: fused {fused} of layer {layer} has {whole[0]} rows, not a multiple of "
+                              f"{len(roles)}: cannot split it into {roles}")
+        per_expert = st.entry.nbytes // (1 if st.expert is not None else st.entry.shape[0])
+        part = per_expert // len(roles)
+        start = st.entry.start + (0 if st.expert is not None else expert * per_expert) + roles.index(role) * part
+        return st, start, (whole[0] // len(roles), *whole[1:])
+    return None
 
 
 class _Reader:
@@ -272,7 +298,11 @@ def repack(src: str | Path, dst: str | Path, *, dtype: str = "source", force: bo
     if dst.exists() and not force:
         raise RepackError(f"{dst} already exists: pass --force to replace it")
     fam, cfg, _ = read_checkpoint_config(src)
-    dense, experts = _index_source(src, fam, cfg)
+    dense, experts, skipped = _index_source(src, fam, cfg)
+    if skipped:
+        print(f"tiered: repack skips {len(skipped)} tensors that are not part of the text model "
+              f"({', '.join(sorted({n.split('.layers.')[0].split('.blocks.')[0] for n in skipped})[:6])}): "
+              f"{skipped[:3]}{' ...' if len(skipped) > 3 else ''}", file=sys.stderr)
     tmp = dst.parent / f".{dst.name}.tiered-partial"
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -317,7 +347,7 @@ def repack(src: str | Path, dst: str | Path, *, dtype: str = "source", force: bo
         bar.close()
     secs = time.perf_counter() - t0
     return {"bytes": written[0], "seconds": secs, "mb_s": written[0] / 1e6 / max(secs, 1e-9), "dst": str(dst),
-            "block_size": bs, "blocks": len(sums)}
+            "block_size": bs, "blocks": len(sums), "skipped": skipped}
 
 
 def _swap_into_place(tmp: Path, dst: Path) -> None:

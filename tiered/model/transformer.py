@@ -11,24 +11,30 @@ Does not own: expert weights (an ExpertProvider hands them out), sampling or the
 
 Family differences, all from ModelConfig: qkv bias (Qwen2-MoE), q/k norm per head (Qwen3-MoE) or
 over the projection (OLMoE), clip_qkv (OLMoE), sliding window (Mixtral), top-k renormalisation,
-shared expert with sigmoid gate (Qwen2-MoE), tied embeddings.
+shared expert with sigmoid gate (Qwen2-MoE), tied embeddings; per-layer kinds (Qwen3.5-MoE / Qwen3-Next:
+Gated DeltaNet layers between gated, partially rotary attention layers, zero-centred norms).
+Every layer's state between calls (KV rows, DeltaNet conv and recurrent state) is a `ModelState`
+(model/state.py); a call at position 0 starts a new sequence and resets the recurrent part.
 
 Legend: T tokens, D hidden, V vocab, L layers, S cache positions.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from tiered.config import ModelConfig
+from tiered.model.deltanet import DeltaShape, DeltaWeights, deltanet, pick_delta_backend
 from tiered.model.layers import (AttnWeights, KVCache, Rope, StepPlan, attention, attn_mask, plan_eager,
                                  rms_norm)
 from tiered.model.moe import (FP32_ROUTE_WEIGHTS, ExpertProvider, MoEWeights, PrefetchHook, RoutingObserver,
                                expert_mix, route, routed_logits)
+from tiered.model.state import ModelState
 
 
 @dataclass(frozen=True)
@@ -44,10 +50,11 @@ class Routed:
 
 @dataclass(frozen=True)
 class LayerWeights:
-    attn_norm: Tensor  # [D]
-    attn: AttnWeights
+    attn_norm: Tensor  # [D] (fp32 1 + w for zero-centred norms)
+    attn: AttnWeights | None  # attention layers
     mlp_norm: Tensor  # [D]
     moe: MoEWeights
+    linear: DeltaWeights | None = None  # Gated DeltaNet layers
 
 
 def _take(dense: dict[str, Tensor], name: str, device: torch.device, dtype: torch.dtype,
@@ -61,6 +68,14 @@ def _take(dense: dict[str, Tensor], name: str, device: torch.device, dtype: torc
     return t.to(device=device, dtype=dtype)
 
 
+def norm_weight(cfg: ModelConfig, t: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """An RMSNorm scale as the model applies it: the compute dtype, or for zero-centred norms (norm_offset)
+    offset + w in fp32, which is how transformers' Qwen3.5 norm scales (in fp32, before the cast back)."""
+    if cfg.norm_offset:
+        return t.to(device=device, dtype=torch.float32) + cfg.norm_offset
+    return t.to(device=device, dtype=dtype)
+
+
 def build_layer(cfg: ModelConfig, dense: dict[str, Tensor], l: int, device: torch.device,
                 dtype: torch.dtype) -> LayerWeights:
     """Layer l's dense weights in the compute dtype on `device`; q/k/v stacked into one matrix."""
@@ -69,7 +84,25 @@ def build_layer(cfg: ModelConfig, dense: dict[str, Tensor], l: int, device: torc
     def t(name: str, required: bool = True) -> Tensor | None:
         return _take(dense, p + name, device, dtype, required)
 
-    qkv = torch.cat([t("q_proj"), t("k_proj"), t("v_proj")], dim=0)
+    def nw(name: str) -> Tensor:
+        return norm_weight(cfg, t(name), device, dtype)
+
+    shared = cfg.shared_expert_ffn > 0
+    moe = MoEWeights(router=t("router"),
+                     shared_gate=t("shared_gate_proj") if shared else None,
+                     shared_up=t("shared_up_proj") if shared else None,
+                     shared_down=t("shared_down_proj") if shared else None,
+                     shared_expert_gate=t("shared_expert_gate") if shared and cfg.shared_expert_gate else None)
+    if cfg.layer_kind(l) == "linear":
+        return LayerWeights(attn_norm=nw("attn_norm"), attn=None, mlp_norm=nw("mlp_norm"), moe=moe,
+                            linear=build_deltanet(cfg, dense, l, device, dtype))
+    H, KV, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q = t("q_proj")
+    gate = None
+    if cfg.attn_output_gate:  # per head: hd query rows then hd gate rows
+        q, gate = q.view(H, 2, hd, -1).unbind(1)
+        q, gate = q.reshape(H * hd, -1), gate.reshape(H * hd, -1)
+    qkv = torch.cat([q, t("k_proj"), t("v_proj")] + ([gate] if gate is not None else []), dim=0)
     bias = None
     if cfg.attn_bias:
         bias = torch.cat([t("q_bias"), t("k_bias"), t("v_bias")], dim=0)
@@ -77,16 +110,35 @@ def build_layer(cfg: ModelConfig, dense: dict[str, Tensor], l: int, device: torc
     if cfg.qk_norm == "proj":
         q_norm, k_norm = t("q_norm"), t("k_norm")
     elif cfg.qk_norm == "head":  # one [H+KV, hd] table, so q and k are normed in one call
-        H, KV, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q_norm = torch.cat([t("q_norm").expand(H, hd), t("k_norm").expand(KV, hd)], dim=0)
+        q_norm = torch.cat([nw("q_norm").expand(H, hd), nw("k_norm").expand(KV, hd)], dim=0)
     attn = AttnWeights(qkv=qkv, qkv_bias=bias, o=t("o_proj"), q_norm=q_norm, k_norm=k_norm)
-    shared = cfg.shared_expert_ffn > 0
-    moe = MoEWeights(router=t("router"),
-                     shared_gate=t("shared_gate_proj") if shared else None,
-                     shared_up=t("shared_up_proj") if shared else None,
-                     shared_down=t("shared_down_proj") if shared else None,
-                     shared_expert_gate=t("shared_expert_gate") if shared and cfg.shared_expert_gate else None)
-    return LayerWeights(attn_norm=t("attn_norm"), attn=attn, mlp_norm=t("mlp_norm"), moe=moe)
+    return LayerWeights(attn_norm=nw("attn_norm"), attn=attn, mlp_norm=nw("mlp_norm"), moe=moe)
+
+
+def build_deltanet(cfg: ModelConfig, dense: dict[str, Tensor], l: int, device: torch.device,
+                   dtype: torch.dtype) -> DeltaWeights:
+    """Layer l's Gated DeltaNet weights; Qwen3-Next's per-key-head interleaved lin_qkvz / lin_ba are
+    de-interleaved here into the q|k|v, z, b, a blocks that Qwen3.5 stores."""
+    p = f"layers.{l}."
+
+    def t(name: str, required: bool = True) -> Tensor | None:
+        return _take(dense, p + name, device, dtype, required)
+
+    Hk, Hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+    dk, dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+    if p + "lin_qkvz" in dense:
+        G = Hv // Hk
+        qkvz = t("lin_qkvz").view(Hk, 2 * dk + 2 * G * dv, -1)  # per key head: q, k, G value heads, G gates
+        q, k, v, z = qkvz.split([dk, dk, G * dv, G * dv], dim=1)
+        qkv = torch.cat([x.reshape(-1, x.shape[-1]) for x in (q, k, v)], dim=0)
+        z = z.reshape(Hv * dv, -1)
+        b, a = t("lin_ba").view(Hk, 2 * G, -1).split([G, G], dim=1)
+        b, a = b.reshape(Hv, -1), a.reshape(Hv, -1)
+    else:
+        qkv, z, b, a = t("lin_qkv"), t("lin_z"), t("lin_b"), t("lin_a")
+    return DeltaWeights(qkv=qkv, z=z, b=b, a=a, conv=t("lin_conv").reshape(cfg.linear_conv_dim, -1),
+                        A_log=_take(dense, p + "lin_A_log", device, torch.float32), dt_bias=t("lin_dt_bias"),
+                        norm=t("lin_norm"), out=t("lin_out"))
 
 
 class Transformer:
@@ -94,7 +146,7 @@ class Transformer:
 
     def __init__(self, config: ModelConfig, dense: dict[str, Tensor], provider: ExpertProvider, *,
                  device: torch.device | str, dtype: torch.dtype, max_context: int, attn: str = "sdpa",
-                 observer: RoutingObserver | None = None) -> None:
+                 observer: RoutingObserver | None = None, linear_attn: str = "auto") -> None:
         if attn not in ("sdpa", "flash"):
             raise ValueError(f"attn must be 'sdpa' or 'flash' (resolve 'auto' with layers.pick_backend), got {attn!r}")
         self.config = config
@@ -110,12 +162,17 @@ class Transformer:
         self.routing: Callable[[int, int, int], tuple[Tensor, Tensor]] | None = None
         dev = self.device
         self.embed = _take(dense, "embed", dev, dtype)  # [V, D]
-        self.final_norm = _take(dense, "final_norm", dev, dtype)  # [D]
+        self.final_norm = norm_weight(config, _take(dense, "final_norm", dev, dtype), dev, dtype)  # [D]
         head = None if config.tie_word_embeddings else _take(dense, "lm_head", dev, dtype)
         self.lm_head = self.embed if head is None else head  # [V, D]
         self.layers = [build_layer(config, dense, l, dev, dtype) for l in range(config.num_layers)]
         self.rope = Rope.build(config, self.max_context, device=dev, dtype=dtype)
-        self.cache = KVCache.allocate(config, self.max_context, device=dev, dtype=dtype, flash=attn == "flash")
+        self.state = ModelState(config, self.max_context, device=dev, dtype=dtype, flash=attn == "flash")
+        self.cache: KVCache = self.state.kv  # rows of the attention layers only (state.row(l))
+        self.linear_attn = pick_delta_backend(linear_attn, dev) if config.num_linear_layers else "none"
+        self.delta_shape = DeltaShape(config.linear_num_key_heads, config.linear_num_value_heads,
+                                      config.linear_key_head_dim, config.linear_value_head_dim,
+                                      config.linear_conv_kernel, config.rms_norm_eps)
         self.groups = config.num_heads // config.num_kv_heads
         self.fp32_route_weights = config.family in FP32_ROUTE_WEIGHTS
 
@@ -130,8 +187,20 @@ class Transformer:
         if start + T > self.max_context:
             raise ValueError(f"positions {start}..{start + T - 1} exceed max_context={self.max_context}: "
                              "raise --max-context or shorten the prompt")
+        if start == 0:
+            self.state.reset()
         plan = plan_eager(self.rope, start, T, groups=self.groups, window=self.config.sliding_window)
         return self._run(tokens, plan, all_logits)
+
+    @contextmanager
+    def preserve_state(self) -> Iterator[None]:
+        """Run steps that must leave no trace in the sequence state (CUDA-graph warm-ups execute the step): the
+        DeltaNet state is restored on exit; KV rows need nothing, the real step rewrites its position."""
+        snap = self.state.snapshot()
+        try:
+            yield
+        finally:
+            self.state.restore(snap)
 
     def _run(self, tokens: Tensor, plan: StepPlan, all_logits: bool) -> Tensor:
         h = F.embedding(tokens, self.embed)  # [T, D]
@@ -146,14 +215,22 @@ class Transformer:
     def attend_route(self, l: int, h: Tensor, plan: StepPlan) -> Routed:
         """Layer l up to its router: h [T, D] entering layer l -> Routed (h after attention, norm, top-k)."""
         cfg, lw = self.config, self.layers[l]
-        h = h + attention(rms_norm(h, lw.attn_norm, cfg.rms_norm_eps), lw.attn, self.cache, l, plan, cfg,
-                          backend=self.attn)
+        h = h + self.mix(l, rms_norm(h, lw.attn_norm, cfg.rms_norm_eps), plan)
         x = rms_norm(h, lw.mlp_norm, cfg.rms_norm_eps)
         logits, ids, wts = route(x, lw.moe.router, cfg.top_k, cfg.norm_topk_prob)
         if self.routing is not None and isinstance(plan.write_at, int):  # static plans: piecewise.py replays it
             ids, wts = self.routing(l, plan.write_at, h.shape[0])
             logits = routed_logits(ids, wts, logits.shape[-1])
         return Routed(h, x, logits, ids, wts)
+
+    def mix(self, l: int, x: Tensor, plan: StepPlan) -> Tensor:
+        """Layer l's token mixer over x [T, D] (normed): attention over its KV rows, or Gated DeltaNet over its
+        conv and recurrent state (which take no positions: the order of calls is the order of tokens)."""
+        lw, row = self.layers[l], self.state.row(l)
+        if lw.linear is not None:
+            lin = self.state.linear
+            return deltanet(x, lw.linear, self.delta_shape, lin.conv[row], lin.recurrent[row], backend=self.linear_attn)
+        return attention(x, lw.attn, self.cache, row, plan, self.config, backend=self.attn)
 
     def experts_out(self, l: int, r: Routed, slots: Tensor | None = None) -> Tensor:
         """Layer l's MoE output [T, D] (routed + shared experts); `slots` [K] = known slot rows (T = 1),
