@@ -18,6 +18,7 @@ import shutil
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -299,10 +300,11 @@ def repack(src: str | Path, dst: str | Path, *, dtype: str = "source", force: bo
         raise RepackError(f"{dst} already exists: pass --force to replace it")
     fam, cfg, _ = read_checkpoint_config(src)
     dense, experts, skipped = _index_source(src, fam, cfg)
-    if skipped:
-        print(f"tiered: repack skips {len(skipped)} tensors that are not part of the text model "
-              f"({', '.join(sorted({n.split('.layers.')[0].split('.blocks.')[0] for n in skipped})[:6])}): "
-              f"{skipped[:3]}{' ...' if len(skipped) > 3 else ''}", file=sys.stderr)
+    if skipped:  # vision towers, MTP heads: the parts that are not the text model
+        prefixes = fam.spec.get("ignore", {}).get("prefixes", [])
+        groups = Counter(next((p + "*" for p in prefixes if n.startswith(p)), n) for n in skipped)
+        print(f"tiered: repack skips {len(skipped)} tensors that are not part of the text model: "
+              + ", ".join(f"{g} ({c})" for g, c in sorted(groups.items())), file=sys.stderr)
     tmp = dst.parent / f".{dst.name}.tiered-partial"
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
