@@ -197,7 +197,8 @@ def _qwen3_5(hf: dict[str, Any], fields: dict[str, Any]) -> None:
         raise FamilyError(f"config.json layer_types has {unknown}: tiered runs full_attention and linear_attention")
     fields["layer_types"] = [names[t] for t in types]
     rope = hf.get("rope_parameters") or {}
-    fields["partial_rotary_factor"] = float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
+    # transformers defaults both configs to 0.25 when the key is absent
+    fields["partial_rotary_factor"] = float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.25)))
     if hf.get("hidden_act", "silu") != "silu":
         raise FamilyError(f"config.json hidden_act={hf['hidden_act']!r}: tiered implements silu only")
 
