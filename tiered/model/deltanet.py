@@ -68,10 +68,9 @@ def causal_conv(x: Tensor, weight: Tensor, conv_state: Tensor) -> Tensor:
     W = weight.shape[1]
     full = torch.cat([conv_state.to(weight.dtype), x.t().to(weight.dtype)], dim=1)  # [C, W-1+T]
     conv_state.copy_(full[:, T:])
-    if T == 1:  # one output: a dot product per channel, no conv launch
-        out = (full * weight).sum(-1, keepdim=True)  # [C, 1]
-    else:
-        out = F.conv1d(full[None], weight[:, None, :], groups=C)[0]  # [C, T]
+    # conv1d for one token too: it accumulates in fp32 as transformers' decode step does (a bf16 multiply-then-sum
+    # does not); the shapes depend only on T, so the one-token step stays graph-capturable
+    out = F.conv1d(full[None], weight[:, None, :], groups=C)[0]  # [C, T]
     return F.silu(out).t().to(x.dtype)  # [T, C]
 
 
