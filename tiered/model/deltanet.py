@@ -178,8 +178,9 @@ def _fla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, state: Tensor
     if G > 1:  # older fla releases need as many q/k heads as value heads
         q, k = q.repeat_interleave(G, dim=1), k.repeat_interleave(G, dim=1)
     fn = fla_recurrent if q.shape[0] == 1 else fla_chunk
-    out, final = fn(q[None], k[None], v[None], g=g[None].float(), beta=beta[None].to(v.dtype), initial_state=state[None],
-                    output_final_state=True, use_qk_l2norm_in_kernel=True)
+    q, k, v = (x.contiguous()[None] for x in (q, k, v))  # [1, T, H, d]: the kernels index dense strides
+    out, final = fn(q, k, v, g=g[None].float().contiguous(), beta=beta[None].to(v.dtype).contiguous(),
+                    initial_state=state[None], output_final_state=True, use_qk_l2norm_in_kernel=True)
     state.copy_(final[0])
     return out[0]
 
