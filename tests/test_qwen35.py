@@ -306,3 +306,20 @@ def test_trace_and_tune_run(budget_layout, tmp_path):
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert "belady" in out["policies"]
+
+
+def test_config_without_layer_types_uses_the_interval(pairs):
+    """A config.json without layer_types gets every full_attention_interval-th layer as attention; partial rotary
+    is read from rope_parameters or the top level; an unknown layer type is an error that names the family file."""
+    from tiered.families import FamilyError, family_for
+
+    hf = json.loads((pairs["qwen3_next"].ck / "config.json").read_text())
+    hf.pop("layer_types")
+    hf["full_attention_interval"] = 2
+    hf["rope_parameters"].pop("partial_rotary_factor", None)
+    hf["partial_rotary_factor"] = 0.5
+    cfg = family_for(hf).normalise(hf)
+    assert cfg.layer_types == ("linear", "attention", "linear", "attention") and cfg.rotary_dim == 8
+    hf["layer_types"] = ["linear_attention", "sliding_attention", "linear_attention", "full_attention"]
+    with pytest.raises(FamilyError, match="qwen3_next.toml"):
+        family_for(hf).normalise(hf)

@@ -131,6 +131,21 @@ class Family:
             names.append("lm_head")
         return names
 
+    def _layer_kinds(self, hf: dict[str, Any], fields: dict[str, Any]) -> list[str]:
+        """Per-layer kinds from config.json's layer_types through the family's [layer_kinds] table; a config
+        without layer_types gets [layer_pattern]: every `every`-th layer (the key `interval_key`) is `kind`."""
+        names = {k: v for k, v in self.spec["layer_kinds"].items()}
+        types = hf.get("layer_types")
+        if not types:
+            pat = self.spec.get("layer_pattern", {})
+            every = int(hf.get(pat.get("interval_key", ""), pat.get("every", 1)) or 1)
+            types = [pat.get("kind") if (l + 1) % every == 0 else pat.get("other")
+                     for l in range(int(fields["num_layers"]))]
+        unknown = sorted({str(t) for t in types} - set(names))
+        if unknown:
+            raise FamilyError(f"config.json layer_types has {unknown}: {self.path.name} maps only {sorted(names)}")
+        return [names[t] for t in types]
+
     def normalise(self, hf: dict[str, Any], generation: dict[str, Any] | None = None) -> ModelConfig:
         """Turn a config.json dict (4.x or 5.x keys) into a ModelConfig; FamilyError names what is missing."""
         if isinstance(hf.get("text_config"), dict):  # multimodal checkpoint: tiered runs its text model
@@ -139,8 +154,9 @@ class Family:
         fields: dict[str, Any] = dict(self.spec.get("defaults", {}))
         for field, hf_keys in keys.items():
             for k in hf_keys:
-                if hf.get(k) is not None:
-                    fields[field] = hf[k]
+                v = _lookup(hf, k)
+                if v is not None:
+                    fields[field] = v
                     break
         missing = [f for f in MOE_FIELDS if f not in fields]
         if missing:
@@ -161,9 +177,8 @@ class Family:
         fields["source_dtype"] = str(hf.get("dtype") or hf.get("torch_dtype") or "bfloat16")
         fields.setdefault("tie_word_embeddings", False)
         fields.setdefault("max_position_embeddings", 4096)
-        hook = self.spec["family"].get("hook")
-        if hook:
-            HOOKS[hook](hf, fields)
+        if "layer_kinds" in self.spec:
+            fields["layer_types"] = self._layer_kinds(hf, fields)
         fields["family"] = self.name
         for k in ("num_experts", "top_k", "expert_ffn", "shared_expert_ffn", "num_layers", "hidden_size"):
             if k in fields:
@@ -185,30 +200,21 @@ def layer_kind_of(canonical: str) -> str | None:
     return "attention" if leaf in ATTENTION_ONLY else None
 
 
-def _qwen3_5(hf: dict[str, Any], fields: dict[str, Any]) -> None:
-    """Qwen3.5-MoE / Qwen3-Next: per-layer kinds, partial rotary, gated attention output, zero-centred norms."""
-    names = {"full_attention": "attention", "linear_attention": "linear"}
-    types = hf.get("layer_types")
-    if not types:  # older configs give only the period of the full-attention layers
-        every = int(hf.get("full_attention_interval", 4))
-        types = ["full_attention" if (l + 1) % every == 0 else "linear_attention" for l in range(fields["num_layers"])]
-    unknown = sorted(set(types) - set(names))
-    if unknown:
-        raise FamilyError(f"config.json layer_types has {unknown}: tiered runs full_attention and linear_attention")
-    fields["layer_types"] = [names[t] for t in types]
-    rope = hf.get("rope_parameters") or {}
-    # transformers defaults both configs to 0.25 when the key is absent
-    fields["partial_rotary_factor"] = float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.25)))
-    if hf.get("hidden_act", "silu") != "silu":
-        raise FamilyError(f"config.json hidden_act={hf['hidden_act']!r}: tiered implements silu only")
-
-
-HOOKS["qwen3_5"] = _qwen3_5
 
 
 def _as_list(patterns: str | list[str]) -> list[str]:
     """A role's pattern or patterns (a family may list per-expert and fused spellings of one role)."""
     return [patterns] if isinstance(patterns, str) else list(patterns)
+
+
+def _lookup(hf: dict[str, Any], key: str) -> Any:
+    """hf[key], where a dotted key reads a nested dict ("rope_parameters.partial_rotary_factor")."""
+    v: Any = hf
+    for part in key.split("."):
+        if not isinstance(v, dict):
+            return None
+        v = v.get(part)
+    return v
 
 
 def _compile(pattern: str) -> re.Pattern[str]:
