@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO / "tools"))
 from benchmeta import git_commit, write_out  # noqa: E402
 
 import tiered  # noqa: E402
-from tiered.families import default_model_path  # noqa: E402
+from tiered.layout.families import default_model_path  # noqa: E402
 
 
 def prompt_ids(engine, n: int) -> list[int]:

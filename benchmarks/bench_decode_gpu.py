@@ -120,7 +120,7 @@ def hf_generate_s(model, ids: torch.Tensor, new: int, device: torch.device) -> t
 
 def bytes_per_step(layout) -> int:
     """Bytes a one-token decode step must read: every dense weight except the embedding, plus K experts per layer."""
-    from tiered.format import DENSE_FILE, read_safetensors_header
+    from tiered.layout.format import DENSE_FILE, read_safetensors_header
 
     entries, _ = read_safetensors_header(layout.path / DENSE_FILE)
     dense = sum(e.nbytes for n, e in entries.items() if n != "embed" or layout.config.tie_word_embeddings)
@@ -152,13 +152,10 @@ def profile_step(engine, ids: torch.Tensor, device: torch.device, top: int = 15)
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    graphed, engine.graphed = engine.graphed, None
-    try:
+    with engine.graphs_off():
         engine.generate(ids, max_new_tokens=2, stop_at_eos=False)
         with profile(activities=acts) as prof:
             engine.generate(ids, max_new_tokens=6, stop_at_eos=False)
-    finally:
-        engine.graphed = graphed
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     rows = []
     for ev in prof.key_averages():
@@ -171,7 +168,7 @@ def profile_step(engine, ids: torch.Tensor, device: torch.device, top: int = 15)
 
 
 def run_large(a, device: torch.device, dtype: torch.dtype) -> dict:
-    from tiered.repack import repack
+    from tiered.layout.repack import repack
 
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -225,10 +222,9 @@ def run_large(a, device: torch.device, dtype: torch.dtype) -> dict:
     res["tiered_prefill_tok_s"] = g.stats["prefill_tok_s"]
     res["cuda_graphs"] = engine.graphed is not None
     if engine.graphed is not None:  # the same engine, eager: what the graphs buy
-        graphed, engine.graphed = engine.graphed, None
-        res["tiered_eager_decode_tok_s"] = engine.generate(ids, max_new_tokens=n, stop_at_eos=False).stats[
-            "decode_tok_s"]
-        engine.graphed = graphed
+        with engine.graphs_off():
+            res["tiered_eager_decode_tok_s"] = engine.generate(ids, max_new_tokens=n, stop_at_eos=False).stats[
+                "decode_tok_s"]
 
     # transformers generate on the same model, same GPU.
     if not a.skip_hf:
@@ -305,7 +301,7 @@ def main() -> None:
     ref = a.reference or first_existing(REPO / ".carry/shared/models/olmoe-code-17m",
                                         REPO.parent / "shared/models/olmoe-code-17m")
     if ref is None:
-        from tiered.families import default_model_path
+        from tiered.layout.families import default_model_path
         ref = default_model_path()
     eval_dir = a.eval_dir or first_existing(ref.parent.parent / "text/eval", REPO / ".carry/shared/text/eval",
                                             REPO.parent / "shared/text/eval")
@@ -356,6 +352,9 @@ def main() -> None:
         print(f"{k:<{w}}  {v}")
     line = write_out(out, "decode_gpu.json")
     print(line)
+    if "reference" in out and not out["reference"]["pass"]:
+        log("FAIL: the reference model's bf16 logits disagree with transformers beyond the CONTRACTS bounds")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -42,8 +42,9 @@ sys.path.insert(0, str(REPO / "tools"))
 from benchmeta import git_commit, write_out  # noqa: E402
 
 from tiered.engine import load  # noqa: E402
+from tiered.store.cache import ExpertCache  # noqa: E402
 from tiered.store.disk import Layout  # noqa: E402
-from tiered.store.io import HostRegistrar, aligned_empty  # noqa: E402
+from tiered.store.hostmem import HostRegistrar, aligned_empty  # noqa: E402
 from tiered.store.policy import belady  # noqa: E402
 
 GiB = 1 << 30
@@ -59,7 +60,7 @@ def build(work: Path, preset: str, ckpt: Path | None, lay: Path | None) -> tuple
     """The random checkpoint (tools/make_random_checkpoint.py) and its layout; reused when present."""
     from make_random_checkpoint import make
 
-    from tiered.repack import repack
+    from tiered.layout.repack import repack
 
     ckpt = ckpt or work / f"{preset}-ckpt"
     lay = lay or work / f"{preset}-layout"
@@ -200,16 +201,15 @@ def run_engine(layout_path: Path, device: torch.device, prompt: list[int], new: 
     prov = engine.model.provider
     if warmup:
         engine.generate(prompt, max_new_tokens=warmup, stop_at_eos=False)
-    if hasattr(prov, "reset_stats"):
+    cache = isinstance(prov, ExpertCache)
+    if cache:
         prov.reset_stats()
         if trace:
-            prov.trace = []
+            prov.record_gets()
     g = engine.generate(prompt, max_new_tokens=new, stop_at_eos=False)
     if device.type == "cuda":
         g.stats["peak_vram_gib"] = torch.cuda.max_memory_allocated() / GiB  # torch allocations, context excluded
-    steps = getattr(prov, "trace", None)
-    if steps is not None:
-        prov.trace = None
+    steps = prov.record_gets(False) if cache and trace else None
     return dict(g.stats), g.token_ids, steps, engine
 
 
@@ -422,6 +422,9 @@ def report(res: dict) -> None:
         print(f"{k:<40} {v:.3f}" if isinstance(v, float) else f"{k:<40} {v}")
     line = write_out(res, "offload_gpu.json")
     print(line)
+    if res.get("ram_backed", {}).get("tokens_match_resident") is False:
+        print("FAIL: the RAM-backed run's greedy tokens differ from the all-resident run's", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

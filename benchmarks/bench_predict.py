@@ -34,8 +34,8 @@ def main() -> None:
     from tiered.engine import load
     from tiered.predict.predictors import GateWeights, fit_params, make_predictor
     from tiered.predict.simulate import TierModel, simulate
-    from tiered.predict.trace import concat, record, split_ids
-    from tiered.predict.tune_cli import DEMAND_POLICIES, sweep_predictors
+    from tiered.predict.trace import TraceRecorder, concat, record, split_ids
+    from tiered.cli.tune import DEMAND_POLICIES, sweep_predictors
     from tiered.store.disk import Layout
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -45,12 +45,13 @@ def main() -> None:
     a = ap.parse_args()
 
     t0 = time.perf_counter()
-    eng = load(a.model, device="cpu", dtype="float32")
+    rec = TraceRecorder()
+    eng = load(a.model, device="cpu", dtype="float32", observer=rec)
     cfg = eng.config
     L, E = cfg.num_layers, cfg.num_experts
 
     def trace_file(p: Path):
-        return record(eng, split_ids(p.name, eng.encode(p.read_text()), min(2048, eng.max_context)))
+        return record(eng, rec, split_ids(p.name, eng.encode(p.read_text()), min(2048, eng.max_context)))
 
     fit_files = sorted((TEXT / "fit").glob("*"))
     eval_files = sorted((TEXT / "eval").glob("*"))

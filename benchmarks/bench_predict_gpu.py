@@ -42,22 +42,23 @@ from bench_offload_gpu import GiB, belady_bytes, build, free, git_commit, h2d_ba
 from benchmeta import write_out  # noqa: E402
 
 from tiered import load  # noqa: E402
-from tiered.families import default_model_path  # noqa: E402
+from tiered.layout.families import default_model_path  # noqa: E402
 from tiered.predict.predictors import History, NoPrediction, transition_params  # noqa: E402
-from tiered.predict.prefetch import attach, detach  # noqa: E402
 from tiered.predict.replay import ReplayRouting, map_trace  # noqa: E402
 from tiered.predict.simulate import TierModel, simulate  # noqa: E402
-from tiered.predict.trace import record, split_ids  # noqa: E402
+from tiered.predict.trace import TraceRecorder, record, split_ids  # noqa: E402
+from tiered.store.cache import ExpertCache  # noqa: E402
 from tiered.store.disk import Layout  # noqa: E402
 
 
 def reference_trace(text_dir: Path, device: torch.device) -> "object":
     """Trace every file of text_dir with the reference model (routing only), one document per file."""
-    eng = load(default_model_path(), device=device, dtype=torch.float32, max_context=4096)
+    rec = TraceRecorder(logits=False, hidden=False)
+    eng = load(default_model_path(), device=device, dtype=torch.float32, max_context=4096, observer=rec)
     docs = []
     for p in sorted(text_dir.iterdir()):
         docs += split_ids(p.name, eng.encode(p.read_text()), 4096)[:1]
-    tr = record(eng, docs, logits=False, hidden=False)
+    tr = record(eng, rec, docs)
     free(eng)
     return tr
 
@@ -67,28 +68,30 @@ def run(lay: Path, device: torch.device, prompt: list[int], new: int, routing_id
         warmup: int = 8) -> dict:
     """One engine run with replayed routing (and optionally prefetch); returns its stats and get() trace.
 
-    budget["policy"] == "predicted": the cache's PredictedEviction is fed by the prefetcher's observer
+    budget["policy"] == "predicted": the cache's ScoredEviction is fed by the prefetcher's observer
     (with `predictor`, or a predictor that reads nothing when there is no prefetch)."""
     n_tok = len(prompt) + new
-    engine = load(lay, device=device, dtype=torch.bfloat16, budget=budget, max_context=n_tok + warmup + 8)
-    replay = ReplayRouting(routing_ids, routing_w, device=device)
-    if budget is not None:  # all-resident runs time compute only, which does not depend on the routing
-        engine.model.routing = replay
+    # all-resident runs time compute only, which does not depend on the routing
+    replay = ReplayRouting(routing_ids, routing_w, device=device) if budget is not None else None
+    if budget is not None:
+        cfg = Layout.open(lay).config
+        pred = predictor if predictor is not None else NoPrediction(cfg.num_layers, cfg.num_experts)
+        budget = {**budget, "prefetch_depth": depth if predictor is not None else 0, "prefetch_budget": candidates}
+    else:
+        pred = None
+    engine = load(lay, device=device, dtype=torch.bfloat16, budget=budget, max_context=n_tok + warmup + 8,
+                  routing=replay, predictor=pred)
     prov = engine.model.provider
-    eviction = prov.vram.table.policy if (budget or {}).get("policy") == "predicted" else None
-    detach(engine)  # load() attached a feeder for --policy predicted: replace it with this run's prefetcher
-    if predictor is not None or eviction is not None:
-        pred = predictor if predictor is not None else NoPrediction(engine.config.num_layers, engine.config.num_experts)
-        attach(engine, pred, depth=depth if predictor is not None else 0, budget=candidates, eviction=eviction)
     engine.generate(prompt[:16], max_new_tokens=warmup, stop_at_eos=False)  # warm-up (rows < 24 of the trace)
     if predictor is not None:
         predictor.reset()
-    if hasattr(prov, "reset_stats"):
+    cache = isinstance(prov, ExpertCache)
+    if cache:
         prov.reset_stats()
-        prov.trace = []
+        prov.record_gets()
     g = engine.generate(prompt, max_new_tokens=new, stop_at_eos=False)
     s = dict(g.stats)
-    s["get_trace"] = getattr(prov, "trace", None)
+    s["get_trace"] = prov.record_gets(False) if cache else None
     if engine.pieces is not None:  # host time per decode step: blocked on segments, and routing between them
         pw = engine.pieces.stats()
         s["host_ms_per_token"] = {"wait": pw["wait_s"] / max(1, pw["steps"]) * 1e3,

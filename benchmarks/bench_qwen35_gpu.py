@@ -85,7 +85,7 @@ def build_hf(cfg, device: torch.device, seed: int):
 
 def ensure_layout(a, device: torch.device, hf=None) -> tuple[Path, dict, object]:
     """The 8-layer layout under --work (built from `hf`, or a fresh random model, when missing)."""
-    from tiered.repack import repack
+    from tiered.layout.repack import repack
 
     work = Path(a.work)
     lay = work / "layout"
@@ -121,7 +121,7 @@ def part_tiny(a, device: torch.device) -> dict:
     from transformers import AutoModelForCausalLM, Qwen3_5MoeTextConfig
 
     from tiered.model.deltanet import fla_available
-    from tiered.repack import repack
+    from tiered.layout.repack import repack
 
     cfg = Qwen3_5MoeTextConfig(vocab_size=512, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                                num_key_value_heads=2, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiered.families import default_model_path
+from tiered.layout.families import default_model_path
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
@@ -87,7 +87,7 @@ def reference_model() -> Path:
 
 @pytest.fixture(scope="session")
 def reference_layout(reference_model, tmp_path_factory) -> Path:
-    from tiered.repack import repack
+    from tiered.layout.repack import repack
 
     dst = tmp_path_factory.mktemp("ref") / "layout"
     repack(reference_model, dst, progress=False)

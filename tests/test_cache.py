@@ -13,9 +13,12 @@ import pytest
 import torch
 
 from tiered.engine import load
-from tiered.store.cache import BudgetError, CachePlan, TierConfig, make_provider, plan_budget
+from tiered.store.budget import CachePlan, plan_budget
+from tiered.store.cache import make_provider
+from tiered.store.options import BudgetError, TierConfig
 from tiered.store.disk import Layout
-from tiered.store.io import BlockReader, ExpertReadError, Faults, aligned_empty
+from tiered.store.hostmem import aligned_empty
+from tiered.store.io import BlockReader, ExpertReadError, Faults
 from tiered.store.policy import make_policy
 
 PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"

@@ -11,7 +11,7 @@ import torch
 import tiered
 from conftest import make_checkpoint
 from tiered.engine import EngineError, Sampling, sample
-from tiered.tokenizer import StreamDecoder, Tokenizer, TokenizerError
+from tiered.layout.tokenizer import StreamDecoder, Tokenizer, TokenizerError
 
 STATS_KEYS = ("tokens_prompt", "tokens_generated", "prefill_tok_s", "decode_tok_s", "device", "dtype", "attention",
               "io", "vram_budget_gib", "expert_slots", "policy", "vram", "ram", "disk", "bytes_h2d_per_token",

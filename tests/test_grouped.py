@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tiered.format import plan_block
-from tiered.model.grouped import experts_decode_grouped
+from tiered.layout.format import plan_block
+from tiered.kernels.grouped import experts_decode_grouped
 from tiered.store.disk import expert_views
 
 needs_gmm = pytest.mark.skipif(getattr(torch.nn.functional, "grouped_mm", None) is None

@@ -9,9 +9,9 @@ import torch
 
 from conftest import SHARED, eval_texts, make_checkpoint
 from tiered.model.moe import experts_grouped, experts_one_token
-from tiered.model.resident import ResidentExperts
+from tiered.store.resident import ResidentExperts
 from tiered.model.transformer import Transformer
-from tiered.repack import repack
+from tiered.layout.repack import repack
 from tiered.store.disk import Layout
 
 TOL = 1e-4  # CONTRACTS: ||a-b|| / ||b|| on fp32 logits

@@ -190,11 +190,12 @@ def test_engine_trace_matches_transformers(reference_model):
     from trace_with_transformers import trace_texts
 
     from tiered.engine import load as load_engine
-    from tiered.predict.trace import record
+    from tiered.predict.trace import TraceRecorder, record
 
-    eng = load_engine(reference_model, device="cpu", dtype="float32")
+    rec = TraceRecorder()
+    eng = load_engine(reference_model, device="cpu", dtype="float32", observer=rec)
     ids = _short_ids(eng)
-    ours = record(eng, [("t", ids)])
+    ours = record(eng, rec, [("t", ids)])
     ref = trace_texts(reference_model, [("t", ids)])
     np.testing.assert_array_equal(ours.topk_ids, ref.topk_ids)
     np.testing.assert_allclose(ours.topk_weights, ref.topk_weights, atol=1e-5)
@@ -205,7 +206,7 @@ def test_trace_cli(reference_model, tmp_path):
     """`tiered trace` writes a loadable trace whose routing equals record()'s."""
     from click.testing import CliRunner
 
-    from tiered.cli import main
+    from tiered.cli.main import main
     f = tmp_path / "p.txt"
     f.write_text("import os\nprint(os.getcwd())\n")
     res = CliRunner().invoke(main, ["trace", "-m", str(reference_model), "--prompt-file", str(f), "-o",
@@ -222,21 +223,22 @@ def test_prefetch_never_changes_output(reference_model, name, piecewise):
     piecewise step too, where a prefetcher that reads no hidden state (prev-token) is deferred past the next
     segment and one that does (next-gate) is not."""
     from tiered.engine import load as load_engine
-    from tiered.piecewise import PiecewiseDecode
-    from tiered.predict.prefetch import attach, detach
     from tiered.store.disk import Layout
 
     ref = load_engine(reference_model, device="cpu", dtype="float32")
     ids = _short_ids(ref, 40)
     want = ref.generate(ids, max_new_tokens=24, temperature=0).token_ids
-    eng = load_engine(reference_model, device="cpu", dtype="float32", budget={"expert_slots": 24})
-    gates = GateWeights.from_layout(Layout.open(eng.layout_path))
-    cfg = eng.config
-    pf = attach(eng, make_predictor(name, num_layers=cfg.num_layers, num_experts=cfg.num_experts, gates=gates),
-                depth=2, budget=8)
+    lay = Layout.open(ref.layout_path)
+    cfg = lay.config
+    pred = make_predictor(name, num_layers=cfg.num_layers, num_experts=cfg.num_experts,
+                          gates=GateWeights.from_layout(lay))
+    eng = load_engine(reference_model, device="cpu", dtype="float32", predictor=pred,
+                      budget={"expert_slots": 24, "prefetch_depth": 2, "prefetch_budget": 8})
+    pf = eng.prefetcher
+    assert pf.predictor is pred and eng.model.observer is pf
     assert pf.deferrable == (name == "prev-token")
     if piecewise:
-        eng.pieces = PiecewiseDecode(eng.model, graphs=False)
+        eng.use_piecewise(graphs=False)
     got = eng.generate(ids, max_new_tokens=24, temperature=0)
     assert got.token_ids == want
     if piecewise:
@@ -247,8 +249,6 @@ def test_prefetch_never_changes_output(reference_model, name, piecewise):
     block = eng.model.provider.block_size
     assert st["decode"]["bytes_prefetch"] > 0 and st["decode"]["bytes_prefetch"] % block == 0
     assert st["decode"]["bytes_h2d"] == st["decode"]["misses"] * block + st["decode"]["bytes_prefetch"]
-    detach(eng)
-    assert eng.model.observer is None
 
 
 def test_tune_cli_json(reference_model, tmp_path):
@@ -258,7 +258,7 @@ def test_tune_cli_json(reference_model, tmp_path):
 
     from click.testing import CliRunner
 
-    from tiered.cli import main
+    from tiered.cli.main import main
     from tiered.store.cache import DEVICE_POLICIES
 
     texts = {"fit": "import json\n\ndef dump(obj):\n    return json.dumps(obj, indent=2)\n" * 6,
@@ -286,7 +286,7 @@ def test_trace_plot(reference_model, tmp_path):
     pytest.importorskip("matplotlib")
     from click.testing import CliRunner
 
-    from tiered.cli import main
+    from tiered.cli.main import main
     f = tmp_path / "p.txt"
     f.write_text("def f(x):\n    return x + 1\n" * 10)
     res = CliRunner().invoke(main, ["trace", "-m", str(reference_model), "--prompt-file", str(f), "-o",
@@ -297,23 +297,23 @@ def test_trace_plot(reference_model, tmp_path):
 
 @pytest.mark.parametrize("piecewise", [False, True])
 def test_cache_policy_predicted(reference_model, piecewise):
-    """--policy predicted: the cache evicts by the router-fed PredictedEviction; greedy tokens are unchanged.
+    """--policy predicted: the cache evicts by scores (store's ScoredEviction) that the prefetcher computes from
+    the routers; greedy tokens are unchanged.
     On the piecewise step the feeder is deferred (it runs after the next segment is enqueued)."""
     import numpy as np
 
     from tiered.engine import load as load_engine
-    from tiered.piecewise import PiecewiseDecode
-    from tiered.predict.prefetch import PredictedEviction
+    from tiered.store.policy import ScoredEviction
 
     ref = load_engine(reference_model, device="cpu", dtype="float32")
     ids = _short_ids(ref, 40)
     want = ref.generate(ids, max_new_tokens=24, temperature=0).token_ids
     eng = load_engine(reference_model, device="cpu", dtype="float32", budget={"expert_slots": 24, "policy": "predicted"})
     pol = eng.model.provider.vram.table.policy
-    assert isinstance(pol, PredictedEviction)
+    assert isinstance(pol, ScoredEviction) and eng.prefetcher.eviction is pol
     assert eng.model.observer.deferrable and not eng.model.observer.needs_hidden
     if piecewise:
-        eng.pieces = PiecewiseDecode(eng.model, graphs=False)
+        eng.use_piecewise(graphs=False)
     got = eng.generate(ids, max_new_tokens=24, temperature=0)
     assert got.token_ids == want
     assert got.stats["policy"] == "predicted" and np.any(pol.score != 0)

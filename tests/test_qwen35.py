@@ -12,10 +12,10 @@ import torch
 
 from conftest import make_checkpoint
 from tiered.model.deltanet import CHUNK
-from tiered.model.resident import ResidentExperts
+from tiered.store.resident import ResidentExperts
 from tiered.model.transformer import Transformer
-from tiered.repack import repack
-from tiered.store.disk import Layout
+from tiered.layout.repack import repack
+from tiered.store.disk import Layout, expert_views
 
 TOL = 1e-4  # CONTRACTS: ||a-b|| / ||b|| on fp32 logits
 VOCAB = 8192  # the reference tokenizer's, so that trace and tune can run on these checkpoints
@@ -180,15 +180,16 @@ def test_fused_experts_repack_round_trip(pairs, tmp_path):
     a, b = Layout.open(tmp_path / "lay"), p.layout
     src = load_file(fused / "model.safetensors")
     cfg = a.config
-    F_ = cfg.expert_ffn
+    F_, E = cfg.expert_ffn, cfg.num_experts
+    x, y = (expert_views(lay.expert_file_pool(), lay.tensor_specs) for lay in (a, b))  # rows l*E + e
     for l in range(cfg.num_layers):
         gu = src[f"model.layers.{l}.mlp.experts.gate_up_proj"]
         dn = src[f"model.layers.{l}.mlp.experts.down_proj"]
-        for e in range(cfg.num_experts):
-            x, y = a.expert_tensors(l, e), b.expert_tensors(l, e)
-            assert torch.equal(x["gate"], gu[e, :F_]) and torch.equal(x["up"], gu[e, F_:])
-            assert torch.equal(x["down"], dn[e])
-            assert all(torch.equal(x[r], y[r]) for r in ("gate", "up", "down"))
+        for e in range(E):
+            s = l * E + e
+            assert torch.equal(x.gate[s], gu[e, :F_]) and torch.equal(x.up[s], gu[e, F_:])
+            assert torch.equal(x.down[s], dn[e])
+            assert all(torch.equal(getattr(x, r)[s], getattr(y, r)[s]) for r in ("gate", "up", "down"))
     da, db = a.dense(), b.dense()
     assert da.keys() == db.keys() and all(torch.equal(da[k], db[k]) for k in da)
 
@@ -196,7 +197,7 @@ def test_fused_experts_repack_round_trip(pairs, tmp_path):
 def test_inspect_reports_cache_and_state_bytes(pairs):
     """inspect: total/active parameters match transformers' count; KV bytes per token count attention layers only;
     the DeltaNet state per sequence is reported."""
-    from tiered.inspect import summarize
+    from tiered.cli.inspect import summarize
 
     p = pairs["qwen3_5_moe"]
     cfg = p.layout.config
@@ -278,12 +279,11 @@ def test_greedy_at_minimum_slots_equals_unlimited(budget_layout, slots, extra):
 def test_piecewise_step_equals_eager(budget_layout):
     """The piecewise decode step (segments with host routing, run eagerly on CPU) gives the eager greedy tokens."""
     from tiered.engine import load
-    from tiered.piecewise import PiecewiseDecode
 
     want = load(budget_layout, device="cpu", max_context=CTX, budget={"expert_slots": 4}).generate(
         TEXT, max_new_tokens=12).token_ids
     eng = load(budget_layout, device="cpu", max_context=CTX, budget={"expert_slots": 4})
-    eng.pieces = PiecewiseDecode(eng.model, graphs=False)
+    eng.use_piecewise(graphs=False)
     got = eng.generate(TEXT, max_new_tokens=12)
     assert eng.decode_mode == "piecewise" and got.token_ids == want
 
@@ -292,7 +292,7 @@ def test_trace_and_tune_run(budget_layout, tmp_path):
     """`tiered trace` records every layer's routing (DeltaNet layers too) and `tiered tune` runs on the trace."""
     from click.testing import CliRunner
 
-    from tiered.cli import main
+    from tiered.cli.main import main
     from tiered.predict.trace import load as load_trace
 
     f = tmp_path / "p.txt"
@@ -311,7 +311,7 @@ def test_trace_and_tune_run(budget_layout, tmp_path):
 def test_config_without_layer_types_uses_the_interval(pairs):
     """A config.json without layer_types gets every full_attention_interval-th layer as attention; partial rotary
     is read from rope_parameters or the top level; an unknown layer type is an error that names the family file."""
-    from tiered.families import FamilyError, family_for
+    from tiered.layout.families import FamilyError, family_for
 
     hf = json.loads((pairs["qwen3_next"].ck / "config.json").read_text())
     hf.pop("layer_types")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tiered.model.moe import Observer
 from tiered.predict.replay import ReplayRouting, map_trace
 from tiered.predict.trace import Trace
 
@@ -49,7 +50,8 @@ def test_mapping_refuses_mismatched_shapes():
 def test_replay_rows_by_position():
     """routing(layer, start, T) returns rows start..start+T-1 of the trace, the same on every call."""
     t = _trace(n_docs=1)
-    r = ReplayRouting.from_trace(t, device="cpu")
+    d = t.doc(0)
+    r = ReplayRouting(d.topk_ids, d.topk_weights, device="cpu")
     for layer in range(2):
         ids, w = r(layer, 0, 5)
         np.testing.assert_array_equal(ids.numpy(), t.topk_ids[:5, layer])
@@ -61,7 +63,7 @@ def test_replay_rows_by_position():
         r(0, 10, 100)
 
 
-class _Spy:
+class _Spy(Observer):
     def __init__(self):
         self.seen = []
         self.probs = []
@@ -73,24 +75,24 @@ class _Spy:
 
 @pytest.mark.parametrize("piecewise", [False, True])
 def test_engine_follows_replayed_routing(reference_layout, piecewise):
-    """With model.routing set, every layer of prefill and decode routes as the trace's row at its position
+    """With a routing override given to load(), every layer of prefill and decode routes as the trace's row at its position
     (eager, and the piecewise step with static positions), and the cache is asked for exactly those experts."""
     import torch
 
     import tiered
-    from tiered.piecewise import PiecewiseDecode
+    from tiered.store.disk import Layout
 
-    eng = tiered.load(reference_layout, device="cpu", dtype="float32", budget={"expert_slots": 16}, max_context=64)
-    L, E, K = eng.config.num_layers, eng.config.num_experts, eng.config.top_k
+    cfg = Layout.open(reference_layout).config
+    L, E, K = cfg.num_layers, cfg.num_experts, cfg.top_k
     rng = np.random.default_rng(1)
     ids = np.stack([np.stack([rng.permutation(E)[:K] for _ in range(L)]) for _ in range(40)]).astype(np.int16)
     w = rng.random(ids.shape).astype(np.float32)
-    eng.model.routing = ReplayRouting(ids, w, device="cpu")
     spy = _Spy()
-    eng.model.observer = spy
+    eng = tiered.load(reference_layout, device="cpu", dtype="float32", budget={"expert_slots": 16}, max_context=64,
+                      observer=spy, routing=ReplayRouting(ids, w, device="cpu"))
     if piecewise:
-        eng.pieces = PiecewiseDecode(eng.model, graphs=False, static_positions=True)
-    eng.model.provider.trace = []
+        eng.use_piecewise(graphs=False, static_positions=True)
+    gets = eng.model.provider.record_gets()
     eng.generate(list(range(100, 110)), max_new_tokens=6, stop_at_eos=False)
     prefill = [(l, a) for l, a in spy.seen if a.shape[0] > 1]
     decode = [(l, a) for l, a in spy.seen if a.shape[0] == 1]
@@ -99,7 +101,7 @@ def test_engine_follows_replayed_routing(reference_layout, piecewise):
     assert len(decode) == 5 * L
     for i, (l, a) in enumerate(decode):
         np.testing.assert_array_equal(a[0], ids[10 + i // L, l])
-    asked = [sorted(keys) for ph, keys in eng.model.provider.trace if ph == "decode"]
+    asked = [sorted(keys) for ph, keys in gets if ph == "decode"]
     want = [sorted(int(l * E + e) for e in ids[10 + i // L, l]) for i, l in
             ((i, i % L) for i in range(5 * L))]
     assert asked == want

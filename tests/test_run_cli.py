@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 import tiered
-from tiered.cli import main
+from tiered.cli.main import main
 
 
 def invoke(*args, **kw):
@@ -57,7 +57,9 @@ def test_seeded_sampling_is_reproducible(reference_layout):
     (["--top-p", "1.5", "hello"], "top-p"),
     (["--attn", "flash", "--device", "cpu", "hello"], "flash"),
     (["--chat", "hello"], "chat_template"),
-    (["--expert-slots", "8", "hello"], None),
+    (["--expert-slots", "7", "hello"], "expert-slots"),
+    (["--policy", "random", "hello"], "policy"),
+    (["--io-threads", "0", "hello"], "io-threads"),
 ])
 def test_usage_errors_exit_2(args, needle, tmp_path, reference_layout):
     """Usage errors exit with code 2 and a message that names the problem."""
@@ -67,12 +69,6 @@ def test_usage_errors_exit_2(args, needle, tmp_path, reference_layout):
     if "-m" not in args:
         args = ["-m", str(reference_layout), *args]
     r = invoke(*args)
-    if needle is None:  # budget flags: accepted once the expert cache exists, a usage error until then
-        try:
-            import tiered.store.cache  # noqa: F401
-        except ImportError:
-            assert r.exit_code == 2 and "expert cache" in r.stderr
-        return
     assert r.exit_code == 2, (r.exit_code, r.stdout, r.stderr)
     assert needle in r.stderr
     assert r.stdout == ""
@@ -85,3 +81,19 @@ def test_default_model_runs(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.stderr
     assert str(tmp_path) in r.stderr
     assert json.loads(r.stderr.strip().splitlines()[-1])["tokens_generated"] == 4
+
+
+def test_every_budget_option_is_a_flag(reference_layout):
+    """Each TierConfig field is a `run` flag that reaches the cache (one definition: store/options.py)."""
+    from dataclasses import fields
+
+    from tiered.store.options import TierConfig
+
+    r = CliRunner().invoke(main, ["run", "--help"])
+    for f in fields(TierConfig):
+        assert "--" + f.name.replace("_", "-") in r.stdout
+    r = invoke("-m", reference_layout, "--expert-slots", 16, "--ram-policy", "lfu", "--policy", "flru", "--flru-w", 3,
+               "--io-threads", 2, "--max-new-tokens", 3, "--json", "def f():")
+    assert r.exit_code == 0, r.stderr
+    stats = json.loads(r.stderr.strip().splitlines()[-1])
+    assert stats["expert_slots"] == 16 and stats["policy"] == "flru" and stats["ram_policy"] == "lfu"

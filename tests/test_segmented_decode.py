@@ -1,4 +1,4 @@
-"""The piecewise decode step (tiered/piecewise.py): the one-token step cut at the routers, with the routing
+"""The piecewise decode step (tiered/decode/piecewise.py): the one-token step cut at the routers, with the routing
 read on the host between segments. On CPU the segments run eagerly and must equal the unsplit step bit for
 bit; CUDA-marked tests check the captured segments against eager decoding with the expert cache."""
 from __future__ import annotations
@@ -7,8 +7,10 @@ import pytest
 import torch
 
 import tiered
+from tiered.decode.piecewise import PiecewiseDecode, span_for
 from tiered.engine import load
-from tiered.piecewise import PiecewiseDecode, span_for
+from tiered.model.moe import Observer
+from tiered.store.provider import HostSlotProvider
 
 PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
 
@@ -74,7 +76,7 @@ def test_segments_equal_static_step(reference_layout, ids):
     _decode_pair(ref, pw.step, _prefill_both(ref, seg, long_ids), 120, 12, ref_step=ref_step)  # pos 120..131
 
 
-class _Recorder:
+class _Recorder(Observer):
     """A routing observer that keeps copies of everything it is handed."""
 
     def __init__(self) -> None:
@@ -89,8 +91,9 @@ def test_observer_sees_the_same_routing(reference_layout, ids, path):
     """The observer gets the same (layer, hidden, ids, weights, logits) per layer from the segmented step as
     from the eager step, in the same order, with the same shapes and dtypes; on the graph path too, where what
     it is handed stays valid after later steps (it keeps references, no copies)."""
-    ref = load(reference_layout, device="cpu", max_context=256)
-    seg = load(reference_layout, device="cpu", max_context=256, budget={"expert_slots": 16})
+    ra, rb = _Keeper(), _Keeper()
+    ref = load(reference_layout, device="cpu", max_context=256, observer=ra)
+    seg = load(reference_layout, device="cpu", max_context=256, budget={"expert_slots": 16}, observer=rb)
     if path == "eager":
         pw = PiecewiseDecode(seg.model, graphs=False)
         ref_step = None
@@ -100,8 +103,7 @@ def test_observer_sees_the_same_routing(reference_layout, ids, path):
         def ref_step(tok, pos):
             return ref.model.decode_static(torch.tensor([tok]), torch.tensor([pos]), span_for(pos, 256))
     first = _prefill_both(ref, seg, ids)
-    ra, rb = _Keeper(), _Keeper()
-    ref.model.observer, seg.model.observer = ra, rb
+    ra.calls.clear(), rb.calls.clear()
     _decode_pair(ref, pw.step, first, len(ids), 4, ref_step=ref_step)
     L = ref.config.num_layers
     assert len(ra.calls) == len(rb.calls) == 4 * L
@@ -116,21 +118,22 @@ def test_observer_sees_the_same_routing(reference_layout, ids, path):
 def test_observer_declares_what_it_needs(reference_layout, ids, path):
     """An observer with needs_hidden/needs_logits False gets an empty hidden and no logits from the segmented
     step (no device->host copies for them), and the same ids and weights as one that takes everything."""
-    seg = load(reference_layout, device="cpu", max_context=256, budget={"expert_slots": 16})
+    switch = _Switch()
+    seg = load(reference_layout, device="cpu", max_context=256, budget={"expert_slots": 16}, observer=switch)
     pw = PiecewiseDecode(seg.model, graphs=False) if path == "eager" else FakeCudaPiecewise(seg.model)
     full, lean = _Keeper(), _Keeper()
     lean.needs_hidden = lean.needs_logits = False
 
-    class Both:
+    class Both(Observer):
         def on_route(self, *a):
             full.on_route(*a)
             lean.on_route(*a)
 
     pos = len(ids)
     seg.model.forward(torch.tensor(ids), 0)
-    seg.model.observer = Both()
+    switch.to = Both()
     pw.step(ids[-1], pos)
-    seg.model.observer = lean
+    switch.to = lean
     pw.step(ids[-1], pos)
     L = seg.config.num_layers
     assert len(lean.calls) == 2 * L
@@ -144,10 +147,12 @@ def test_deferrable_observer_runs_after_the_next_segment(reference_layout, ids, 
     """An observer with deferrable=True is called for layer l after get(l) and after segment l+1 is enqueued
     (its host work overlaps that segment), with the same ids, weights and logits an ordinary observer gets
     before get(l); on the eager step and on the graph path with either copy mode."""
-    seg = load(reference_layout, device="cpu", max_context=256, budget={"expert_slots": 16})
-    L = seg.config.num_layers
     log = []
-    seg.model.provider = _LoggingProvider(seg.model.provider, log)
+    switch = _Switch()
+    seg = load(reference_layout, device="cpu", max_context=256, budget={"expert_slots": 16}, observer=switch,
+               prefetch_hook=lambda l, expert_ids: log.append(("hook", l, expert_ids.tolist())))
+    L = seg.config.num_layers
+    seg.model.provider = _LoggingHostProvider(seg.model.provider, log)
     pw = PiecewiseDecode(seg.model, graphs=False) if mode == "eager" else FakeCudaPiecewise(seg.model, copies=mode)
     mid, last = seg.model.segment_mid, seg.model.segment_last
     seg.model.segment_mid = lambda l, *a, **k: (log.append(("seg", l)), mid(l, *a, **k))[1]
@@ -160,14 +165,13 @@ def test_deferrable_observer_runs_after_the_next_segment(reference_layout, ids, 
 
     early, late = Logged(), Logged()
     late.deferrable, late.needs_hidden = True, False
-    seg.model.prefetch_hook = lambda l, expert_ids: log.append(("hook", l, expert_ids.tolist()))
     pos = len(ids)
     seg.model.forward(torch.tensor(ids), 0)
-    seg.model.observer = early
+    switch.to = early
     pw.step(ids[-1], pos)
     early_order = [x[:2] for x in log if x[0] in ("obs", "get", "seg", "hook")]
     del log[:]
-    seg.model.observer = late
+    switch.to = late
     pw.step(ids[-1], pos)
     order = [x[:2] for x in log if x[0] in ("obs", "get", "seg", "hook")]
     want, want_early = [], []
@@ -183,7 +187,7 @@ def test_deferrable_observer_runs_after_the_next_segment(reference_layout, ids, 
             assert x.dtype == y.dtype and torch.equal(x, y)
 
 
-class _Keeper:
+class _Keeper(Observer):
     """A routing observer that keeps what it is handed, without copying."""
 
     def __init__(self) -> None:
@@ -193,23 +197,33 @@ class _Keeper:
         self.calls.append((layer, hidden, topk_ids, topk_weights, router_logits))
 
 
-class _LoggingProvider:
-    """Wraps a provider; logs get/get_slots/prefetch calls in order."""
+class _Switch(Observer):
+    """The observer a test's engine is built with: forwards to `to` (None = nobody), declaring what `to` declares,
+    so that one engine can be observed by different observers step by step."""
 
-    def __init__(self, inner, log, host_api=True):
+    def __init__(self) -> None:
+        self.to = None
+
+    deferrable = property(lambda self: self.to is not None and self.to.deferrable)
+    needs_hidden = property(lambda self: self.to is None or self.to.needs_hidden)
+    needs_logits = property(lambda self: self.to is None or self.to.needs_logits)
+
+    def on_route(self, *a):
+        if self.to is not None:
+            self.to.on_route(*a)
+
+
+class _LoggingProvider:
+    """Wraps a provider; logs get/prefetch calls in order. Without get_slots: served through get()."""
+
+    def __init__(self, inner, log):
         self.inner, self.log = inner, log
         self.weights = inner.weights
         self.max_experts_per_call = inner.max_experts_per_call
-        if host_api:
-            self.get_slots = self._get_slots
 
     def get(self, layer, ids):
         self.log.append(("get", layer, [int(i) for i in ids.tolist()]))
         return self.inner.get(layer, ids)
-
-    def _get_slots(self, layer, ids):
-        self.log.append(("get", layer, [int(i) for i in (ids.tolist() if torch.is_tensor(ids) else ids)]))
-        return self.inner.get_slots(layer, ids)
 
     def prefetch(self, layer, ids):
         self.log.append(("prefetch", layer))
@@ -217,6 +231,14 @@ class _LoggingProvider:
 
     def stats(self):
         return self.inner.stats()
+
+
+class _LoggingHostProvider(_LoggingProvider, HostSlotProvider):
+    """_LoggingProvider that declares the host slot API (logs get_slots calls as gets)."""
+
+    def get_slots(self, layer, ids):
+        self.log.append(("get", layer, [int(i) for i in (ids.tolist() if torch.is_tensor(ids) else ids)]))
+        return self.inner.get_slots(layer, ids)
 
 
 @pytest.mark.parametrize("host_api", [True, False])
@@ -227,19 +249,21 @@ def test_prefetch_hook_runs_after_get_before_experts(reference_layout, ids, host
     get_slots is served through get()."""
     logs = {"eager": [], "seg": []}
     engines = {}
+    gets = {}
     for name in logs:
-        e = load(reference_layout, device="cpu", max_context=256, budget={"expert_slots": 16})
-        cache = e.model.provider
-        cache.trace = []
-        e.model.provider = _LoggingProvider(cache, logs[name], host_api=host_api)
+        box = {}
 
-        def hook(layer, expert_ids, e=e, log=logs[name]):
+        def hook(layer, expert_ids, box=box, log=logs[name]):
             assert expert_ids.device.type == "cpu" and expert_ids.dtype == torch.int64
             log.append(("hook", layer, expert_ids.tolist()))
-            if layer + 1 < e.config.num_layers:
-                e.model.provider.prefetch(layer + 1, expert_ids)  # a (poor) next-layer guess
+            if layer + 1 < box["e"].config.num_layers:
+                box["e"].model.provider.prefetch(layer + 1, expert_ids)  # a (poor) next-layer guess
 
-        e.model.prefetch_hook = hook
+        e = box["e"] = load(reference_layout, device="cpu", max_context=256, budget={"expert_slots": 16},
+                            prefetch_hook=hook)
+        cache = e.model.provider
+        gets[name] = cache.record_gets()
+        e.model.provider = (_LoggingHostProvider if host_api else _LoggingProvider)(cache, logs[name])
         engines[name] = (e, cache)
     ref, ref_cache = engines["eager"]
     seg, seg_cache = engines["seg"]
@@ -263,7 +287,7 @@ def test_prefetch_hook_runs_after_get_before_experts(reference_layout, ids, host
     assert [a["decode"][k] for k in counts] == [b["decode"][k] for k in counts]
     assert a["prefetch_issued"] == b["prefetch_issued"] > 0
     assert a["prefetch_used"] == b["prefetch_used"]
-    assert ref_cache.trace == seg_cache.trace
+    assert gets["eager"] == gets["seg"]
     seg_cache.vram.table.check()
 
 
@@ -320,7 +344,7 @@ def test_cuda_piecewise_graphs_match_eager_cache(reference_layout, slots, copies
     e = tiered.load(reference_layout, device="cuda", dtype="float32", max_context=300, budget=budget,
                     cuda_graphs=False)
     assert g.pieces is not None and e.pieces is None and g.graphed is None
-    g.pieces.copies = copies
+    g.use_piecewise(graphs=True, copies=copies)
     a = g.generate(CUDA_PROMPT, max_new_tokens=150, stop_at_eos=False)
     b = e.generate(CUDA_PROMPT, max_new_tokens=150, stop_at_eos=False)
     assert a.stats["decode_graphs"] == "piecewise" and b.stats["decode_graphs"] == "eager"
@@ -328,11 +352,12 @@ def test_cuda_piecewise_graphs_match_eager_cache(reference_layout, slots, copies
     assert a.token_ids == b.token_ids
 
 
-def _segments_engine(layout, dtype, budget, graphs):
-    """An engine whose one-token steps run PiecewiseDecode: captured (graphs) or the same segments eagerly."""
-    e = tiered.load(layout, device="cuda", dtype=dtype, max_context=300, budget=budget, cuda_graphs=False)
-    e.pieces = PiecewiseDecode(e.model, graphs=graphs, static_positions=True)
-    e.model.provider.trace = []
+def _segments_engine(layout, dtype, budget, graphs, copies="graph", **wiring):
+    """An engine whose one-token steps run PiecewiseDecode: captured (graphs) or the same segments eagerly; its
+    cache records every get() (provider.gets). wiring: observer / prefetch_hook for load()."""
+    e = tiered.load(layout, device="cuda", dtype=dtype, max_context=300, budget=budget, cuda_graphs=False, **wiring)
+    e.use_piecewise(graphs=graphs, static_positions=True, copies=copies)
+    e.model.provider.record_gets()
     return e
 
 
@@ -348,7 +373,7 @@ def test_cuda_piecewise_graphs_bit_identical_to_eager_segments(reference_layout,
     first = _prefill_both(ref, seg, ids)
     _decode_pair(ref, lambda t, p: seg.pieces.step(t, p).clone(), first, len(ids), 140, ref_step=ref.pieces.step)
     assert sorted(seg.pieces.chains) == [128, 256]
-    assert ref.model.provider.trace == seg.model.provider.trace
+    assert ref.model.provider.gets == seg.model.provider.gets
     a, b = ref.model.provider.stats()["decode"], seg.model.provider.stats()["decode"]
     assert (a["hits"], a["misses"]) == (b["hits"], b["misses"])
 
@@ -360,11 +385,11 @@ def test_cuda_piecewise_observer_and_hook(reference_layout):
     budget = {"expert_slots": 16, "ram_gb": 0.05}
     outs = []
     for graphs in (True, False):
-        e = _segments_engine(reference_layout, "float32", budget, graphs)
-        rec = _Recorder()
-        e.model.observer = rec
-        e.model.prefetch_hook = lambda l, ids, e=e: (e.model.provider.prefetch(l + 1, ids)
-                                                     if l + 1 < e.config.num_layers else None)
+        rec, box = _Recorder(), {}
+        e = box["e"] = _segments_engine(
+            reference_layout, "float32", budget, graphs, observer=rec,
+            prefetch_hook=lambda l, ids, box=box: (box["e"].model.provider.prefetch(l + 1, ids)
+                                                   if l + 1 < box["e"].config.num_layers else None))
         out = e.generate(CUDA_PROMPT, max_new_tokens=40, stop_at_eos=False)
         assert out.stats["decode_graphs"] == "piecewise"
         assert out.stats["prefetch_issued"] > 0
@@ -382,13 +407,11 @@ def test_cuda_deferred_observer_sees_the_same_routing(reference_layout, copies):
     budget = {"expert_slots": 16, "ram_gb": 0.05}
     calls = []
     for graphs in (True, False):
-        e = _segments_engine(reference_layout, "float32", budget, graphs)
-        if graphs:
-            e.pieces.copies = copies
         rec = _Recorder()
         if graphs:
             rec.deferrable, rec.needs_hidden = True, False
-        e.model.observer = rec
+        e = _segments_engine(reference_layout, "float32", budget, graphs, copies=copies if graphs else "graph",
+                             observer=rec)
         e.generate(CUDA_PROMPT, max_new_tokens=24, stop_at_eos=False)
         calls.append([c for c in rec.calls if c[2].shape[0] == 1])  # decode steps
         if graphs:
@@ -426,16 +449,16 @@ def test_cuda_deferred_prefetch_keeps_greedy_tokens(reference_layout, slots):
     next segment is enqueued; its copies wait only for compute before the current get(): greedy tokens stay
     those of a run with every expert resident, with many prefetches in flight over 120 steps."""
     from tiered.predict.predictors import PreviousToken
-    from tiered.predict.prefetch import attach, detach
 
     want = tiered.load(reference_layout, device="cuda", dtype="float32", max_context=300)
+    cfg = want.config
     want = want.generate(CUDA_PROMPT, max_new_tokens=120, stop_at_eos=False).token_ids
     e = tiered.load(reference_layout, device="cuda", dtype="float32", max_context=300,
-                    budget={"expert_slots": slots, "ram_gb": 0.05, "policy": "predicted"})
-    ev = e.model.provider.vram.table.policy
-    detach(e)
-    pf = attach(e, PreviousToken(e.config.num_layers, e.config.num_experts), depth=1, budget=8, eviction=ev)
-    assert pf.deferrable
+                    predictor=PreviousToken(cfg.num_layers, cfg.num_experts),
+                    budget={"expert_slots": slots, "ram_gb": 0.05, "policy": "predicted", "prefetch_depth": 1,
+                            "prefetch_budget": 8})
+    pf = e.prefetcher
+    assert pf.deferrable and pf.eviction is e.model.provider.vram.table.policy
     out = e.generate(CUDA_PROMPT, max_new_tokens=120, stop_at_eos=False)
     assert out.token_ids == want and out.stats["decode_graphs"] == "piecewise"
     assert out.stats["prefetch_issued"] > 100 and e.pieces.late_s > 0
@@ -550,7 +573,7 @@ def test_engine_falls_back_to_eager_when_capture_fails(reference_layout, ids, ca
     budget = {"expert_slots": 16}
     want = load(reference_layout, device="cpu", budget=budget).generate(ids, max_new_tokens=6).token_ids
     e = load(reference_layout, device="cpu", budget=budget)
-    e.pieces = FakeCudaPiecewise(e.model, fails=2)
+    e.use_piecewise(FakeCudaPiecewise(e.model, fails=2))
     g = e.generate(ids, max_new_tokens=6)
     assert g.token_ids == want and e.pieces is None and g.stats["decode_graphs"] == "eager"
     assert capsys.readouterr().err.count("capturing the decode segments for span 128 failed") == 1
@@ -561,8 +584,7 @@ def test_engine_falls_back_when_new_graphs_fail_to_replay(reference_layout, ids,
     budget = {"expert_slots": 16}
     want = load(reference_layout, device="cpu", budget=budget).generate(ids, max_new_tokens=6).token_ids
     e = load(reference_layout, device="cpu", budget=budget)
-    e.pieces = FakeCudaPiecewise(e.model, copies="host")
-    e.pieces.replay_fails = True
+    e.use_piecewise(FakeCudaPiecewise(e.model, copies="host")).replay_fails = True
     g = e.generate(ids, max_new_tokens=6)
     assert g.token_ids == want and e.pieces is None
     assert "replaying the decode segments for span 128 failed" in capsys.readouterr().err
@@ -574,7 +596,7 @@ def test_engine_uses_pieces_when_present(reference_layout, ids):
     budget = {"expert_slots": 16}
     want = load(reference_layout, device="cpu", budget=budget).generate(ids, max_new_tokens=8).token_ids
     e = load(reference_layout, device="cpu", budget=budget)
-    e.pieces = FakeCudaPiecewise(e.model)
+    e.use_piecewise(FakeCudaPiecewise(e.model))
     g = e.generate(ids, max_new_tokens=8)
     assert g.token_ids == want
     assert g.stats["decode_graphs"] == "piecewise" and g.stats["cuda_graphs"] is True
@@ -583,19 +605,18 @@ def test_engine_uses_pieces_when_present(reference_layout, ids):
 
 @pytest.mark.parametrize("path", ["eager", "graph"])
 def test_predictor_prefetching_provider_still_prefetches(reference_layout, ids, path):
-    """tiered.predict.prefetch.attach wraps the provider (prefetch after each get) and sets an observer: the
-    segmented step serves such a wrapper through its get(), so the same prefetches are issued as in the eager
-    step, with the same cache counts and logits."""
+    """A prefetcher built by load() (observer + prefetch hook, the provider unwrapped): the segmented step issues
+    the same prefetches as the eager step, with the same cache counts and logits, through get_slots."""
+    from tiered.decode.piecewise import host_slots_api
     from tiered.predict.predictors import PreviousToken
-    from tiered.predict.prefetch import attach
+    from tiered.store.disk import Layout
 
-    from tiered.piecewise import host_slots_api
-
-    ref = load(reference_layout, device="cpu", max_context=256, budget={"expert_slots": 24})
-    seg = load(reference_layout, device="cpu", max_context=256, budget={"expert_slots": 24})
-    L, E = ref.config.num_layers, ref.config.num_experts
-    pa = attach(ref, PreviousToken(L, E), depth=1, budget=8)
-    pb = attach(seg, PreviousToken(L, E), depth=1, budget=8)
+    cfg = Layout.open(reference_layout).config
+    L, E = cfg.num_layers, cfg.num_experts
+    budget = {"expert_slots": 24, "prefetch_depth": 1, "prefetch_budget": 8}
+    ref = load(reference_layout, device="cpu", max_context=256, budget=budget, predictor=PreviousToken(L, E))
+    seg = load(reference_layout, device="cpu", max_context=256, budget=budget, predictor=PreviousToken(L, E))
+    pa, pb = ref.prefetcher, seg.prefetcher
     assert host_slots_api(seg.model.provider) is not None  # prefetching does not wrap the provider
     if path == "eager":
         pw, ref_step = PiecewiseDecode(seg.model, graphs=False), None

@@ -202,14 +202,15 @@ def test_reference_figures(reference_model):
     from conftest import eval_texts
 
     from tiered.engine import load as load_engine
-    from tiered.predict.trace import record
+    from tiered.predict.trace import TraceRecorder, record
 
     texts = eval_texts()
     if not texts:
         pytest.skip("../shared/text/eval is absent")
-    eng = load_engine(reference_model, device="cpu", dtype="float32")
+    rec = TraceRecorder(hidden=False, logits=True)
+    eng = load_engine(reference_model, device="cpu", dtype="float32", observer=rec)
     name, text = sorted(texts.items())[1]
-    tr = record(eng, [(name, eng.encode(text)[:1024])], hidden=False, logits=True)
+    tr = record(eng, rec, [(name, eng.encode(text)[:1024])])
     lru = simulate(tr, TierModel(slots=16 * 8, policy="lru"))
     pred = simulate(tr, TierModel(slots=16 * 8, policy="predicted"), with_belady=False)
     assert 0.5 < lru.hits / lru.uses < 0.75

@@ -1,3 +1,3 @@
-from tiered.cli import main
+from tiered.cli.main import main
 
 main()

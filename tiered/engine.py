@@ -1,52 +1,52 @@
-"""The generation engine: a layout, a provider and a decoder turned into `load(...).generate(...)`.
+"""The generation engine: a layout, a provider and a decoder composed into `load(...).generate(...)`.
 
-Owns: `load` (path -> layout -> provider -> Transformer, tokenizer), `Engine` (prefill in chunks, the
-decode loop, sampling with temperature / top-k / top-p and a seed, stopping at EOS or the token
-budget, streaming text, stats with the CONTRACTS keys), `GraphedDecode` (one CUDA graph per
-attended span for the one-token step, used when every expert is on the device), and the choice of
-decode path per step: whole-step graphs (resident experts, no observer), piecewise graphs
-(tiered/piecewise.py: a provider whose get() needs the routing on the host, e.g. the expert cache),
-or eager.
-Does not own: the model's math (model/), where experts live (the provider: model/resident.py or
-the expert cache), parsing flags or printing (run_cli.py).
+Owns: `load` (path -> layout -> provider -> prefetcher -> Transformer, tokenizer; resolving the device,
+dtype and layout), `Engine` (prefill in chunks, the decode loop, stopping at EOS or the token budget,
+streaming text, stats with the CONTRACTS keys) and the choice of decode path per step: whole-step graphs
+(decode/graphed.py: resident experts, no observer), piecewise graphs (decode/piecewise.py: a provider whose
+get() needs the routing on the host, e.g. the expert cache), or eager.
+Does not own: the model's math (model/), where experts live (store/: resident.py or the expert cache), what
+to prefetch (predict/), sampling (decode/sampling.py), parsing flags or printing (cli/).
 """
 from __future__ import annotations
 
-import math
+import contextlib
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
-from tiered.config import ModelConfig
+from tiered.decode.graphed import GraphedDecode
+from tiered.decode.piecewise import GraphCaptureError, PiecewiseDecode
+from tiered.decode.sampling import Sampling, SamplingError, check_sampling, sample
+from tiered.layout.config import ModelConfig
+from tiered.layout.families import default_model_path
+from tiered.layout.format import DTYPES, MANIFEST
+from tiered.layout.tokenizer import StreamDecoder, Tokenizer
 from tiered.model.layers import pick_backend
-from tiered.model.moe import ExpertProvider, RoutingObserver
-from tiered.model.resident import ResidentExperts
-from tiered.model.transformer import Transformer
-from tiered.piecewise import GraphCaptureError, PiecewiseDecode, span_for
-from tiered.tokenizer import StreamDecoder, Tokenizer
+from tiered.model.moe import PrefetchHook, RoutingObserver
+from tiered.model.transformer import RoutingOverride, Transformer
+from tiered.predict.predictors import Predictor
+from tiered.predict.prefetch import Prefetcher, prefetcher_for_layout
+from tiered.store.cache import ExpertCache
+from tiered.store.cache import make_provider as make_cache
+from tiered.store.disk import Layout
+from tiered.store.options import BUDGET_KEYS, PREFILL_CHUNK, BudgetError, TierConfig, default_context
+from tiered.store.provider import ExpertProvider
+from tiered.store.resident import ResidentExperts
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-BUDGET_KEYS = ("vram_gb", "expert_slots", "ram_gb", "io", "policy", "prefetch_depth", "prefetch_budget",
-               "verify", "io_register", "ram_preload")
-PREFILL_CHUNK = 512  # tokens per prefill forward: bounds the [H, T, S] attention scores and expert groups
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")  # names in layout.format.DTYPES the model computes in
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+__all__ = ["BUDGET_KEYS", "Engine", "EngineError", "Generation", "Sampling", "load", "sample"]
 
 
 class EngineError(ValueError):
     """A request the engine cannot serve (bad device, prompt too long, ...); the message says what to do."""
-
-
-@dataclass(frozen=True)
-class Sampling:
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0  # 0 = no top-k filter
-    top_p: float = 1.0  # 1 = no nucleus filter
-    seed: int | None = None  # None = nondeterministic
 
 
 @dataclass
@@ -78,164 +78,118 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         return torch.float32 if device.type == "cpu" else torch.bfloat16
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in DTYPES:
+    name = DTYPE_ALIASES.get(dtype, dtype)
+    if name not in COMPUTE_DTYPES:
         raise EngineError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
-    return DTYPES[dtype]
+    return DTYPES[name]
 
 
 def resolve_layout(path: str | Path | None) -> Path:
     """A layout directory for `path` (None = the embedded model); checkpoints are repacked into the cache."""
-    from tiered.format import MANIFEST
-
     if path is None:
-        from tiered.families import default_model_path
         path = default_model_path()
     p = Path(path)
     if not p.exists():
         raise EngineError(f"model path {p} does not exist: pass a layout or Hugging Face checkpoint directory")
     if (p / MANIFEST).is_file():
         return p
-    from tiered.repack import ensure_layout  # the repacker is imported only when handed a checkpoint
+    from tiered.layout.repack import ensure_layout  # the repacker is imported only when handed a checkpoint
     return ensure_layout(p)
 
 
 def make_provider(layout: Any, *, device: torch.device, budget: dict[str, Any] | None,
                   dtype: torch.dtype | None = None, max_context: int | None = None) -> ExpertProvider:
-    """ResidentExperts when no budget flag is set; otherwise the expert cache (store/cache.py)."""
+    """ResidentExperts when no budget option is set; otherwise the expert cache (store/cache.py)."""
     budget = {k: v for k, v in (budget or {}).items() if v is not None}
-    unknown = set(budget) - set(BUDGET_KEYS)
-    if unknown:
-        raise EngineError(f"unknown budget options {sorted(unknown)}; known: {BUDGET_KEYS}")
+    try:
+        TierConfig.from_flags(budget)  # unknown keys and bad values, before anything is opened
+    except BudgetError as e:
+        raise EngineError(str(e)) from None
     if not budget:
         return ResidentExperts.from_layout(layout, device=device)
-    try:
-        from tiered.store.cache import make_provider as make_cache
-    except ImportError:
-        raise EngineError(f"budget flags {sorted(budget)} need the expert cache (tiered.store.cache), which this "
-                          "build lacks: drop the flags to keep every expert in memory") from None
     return make_cache(layout, device=device, dtype=dtype, max_context=max_context, **budget)
 
 
 def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
          dtype: str | torch.dtype | None = None, max_context: int | None = None, attn: str = "auto",
          budget: dict[str, Any] | None = None, observer: RoutingObserver | None = None,
-         cuda_graphs: bool = True) -> "Engine":
+         prefetch_hook: PrefetchHook | None = None, routing: RoutingOverride | None = None,
+         predictor: Predictor | None = None, cuda_graphs: bool = True) -> "Engine":
     """Open a model for generation.
 
     Args:
         path: a layout or Hugging Face checkpoint directory; None = the embedded default model.
         device: "cpu", "cuda", "cuda:N" or "auto".
         dtype: compute dtype (float32 / bfloat16 / float16); default fp32 on CPU, bf16 on CUDA.
-        max_context: KV cache positions (prompt + generated); default min(4096, the model's limit).
+        max_context: KV cache positions (prompt + generated); default min(DEFAULT_CONTEXT, the model's limit).
         attn: "auto", "flash" or "sdpa".
-        budget: expert-cache options (BUDGET_KEYS); None/empty = every expert in memory.
+        budget: expert-cache options (the fields of store.budget.TierConfig, BUDGET_KEYS); None/empty = every
+            expert in memory. prefetch_depth > 0 or policy "predicted" adds a Prefetcher (predict/prefetch.py).
         observer: routing observer (SEAMS.md), called once per layer per forward.
+        prefetch_hook: called per layer of one-token steps after that layer's get() (SEAMS.md).
+        routing: a routing override (benchmark mode, predict/replay.py).
+        predictor: the prefetcher's predictor (predict/predictors.py) instead of the layout's default; used
+            with an expert-cache budget whose prefetch_depth > 0 (or policy "predicted").
         cuda_graphs: capture the one-token decode step in CUDA graphs when possible: the whole step with
             resident experts, L+1 segments with host routing between them with the expert cache.
     Returns:
         an Engine.
     """
-    from tiered.store.disk import Layout
-
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     layout = Layout.open(resolve_layout(path))
     cfg = layout.config
-    ctx = int(max_context or min(4096, cfg.max_position_embeddings))
+    ctx = default_context(cfg, max_context)
     if ctx < 1:
         raise EngineError(f"max_context must be positive, got {ctx}")
     backend = pick_backend(attn, dev, dt)
     provider = make_provider(layout, device=dev, budget=budget, dtype=dt, max_context=ctx)
+    prefetcher = make_prefetcher(layout, provider, budget or {}, predictor=predictor, chain=observer,
+                                 chain_hook=prefetch_hook)
+    if prefetcher is not None:
+        observer, prefetch_hook = prefetcher, prefetcher.prefetch_hook
     model = Transformer(cfg, layout.dense(), provider, device=dev, dtype=dt, max_context=ctx, attn=backend,
-                        observer=observer)
+                        observer=observer, prefetch_hook=prefetch_hook, routing=routing)
     tok = Tokenizer.from_dir(layout.path) if layout.tokenizer_path else None
-    engine = Engine(model, tok, layout_path=layout.path, cuda_graphs=cuda_graphs and dev.type == "cuda")
-    depth = int((budget or {}).get("prefetch_depth") or 0)
-    predicted = (budget or {}).get("policy") == "predicted"
-    if (depth > 0 or predicted) and not isinstance(provider, ResidentExperts):
-        attach_predictor(engine, layout, depth=depth, budget=(budget or {}).get("prefetch_budget"),
-                         eviction=provider.vram.table.policy if predicted else None)
-    return engine
+    return Engine(model, tok, layout_path=layout.path, cuda_graphs=cuda_graphs and dev.type == "cuda",
+                  prefetcher=prefetcher)
 
 
-def attach_predictor(engine: "Engine", layout: Any, *, depth: int, budget: int | None, eviction: Any = None) -> None:
-    """Prefetch for --prefetch-depth: the fitted combined predictor when the layout has its parameters
-    (`tiered tune --fit-trace` writes them), else next-gate (needs only the model's routers). With
-    --policy predicted, `eviction` (the cache's PredictedEviction) is fed each layer's router output."""
-    from tiered.predict.predictors import PARAMS_FILE, GateWeights, PredictorParams, make_predictor
-    from tiered.predict.prefetch import attach
-
-    cfg = layout.config
-    params_path = Path(layout.path) / PARAMS_FILE
-    params = PredictorParams.load(params_path) if params_path.is_file() else None
-    name = "combined" if params is not None and params.mix_w.numel() else "next-gate"
-    if depth <= 0:  # only feeding --policy predicted: a predictor that reads nothing (no hidden-state copies)
-        name = "none"
-    pred = make_predictor(name, num_layers=cfg.num_layers, num_experts=cfg.num_experts,
-                          gates=GateWeights.from_layout(layout), params=params)
-    c = int(budget) if budget else (3 * cfg.top_k) // 2  # C = 1.5 K candidates per layer by default
-    attach(engine, pred, depth=depth, budget=c, eviction=eviction)
+def make_prefetcher(layout: Any, provider: ExpertProvider, budget: dict[str, Any], *,
+                    predictor: Predictor | None = None, chain: Any = None,
+                    chain_hook: Any = None) -> Prefetcher | None:
+    """The Prefetcher for --prefetch-depth (predict/prefetch.py picks the predictor) and, with --policy
+    predicted, the feeder of the cache's ScoredEviction; None when neither is asked for or every expert is
+    resident."""
+    depth = int(budget.get("prefetch_depth") or 0)
+    eviction = provider.eviction_scores if isinstance(provider, ExpertCache) else None
+    if isinstance(provider, ResidentExperts) or (depth <= 0 and eviction is None):
+        return None
+    pf = prefetcher_for_layout(layout, provider, depth=depth, budget=budget.get("prefetch_budget"),
+                               eviction=eviction, predictor=predictor, chain=chain, chain_hook=chain_hook)
     if depth:
-        print(f"tiered: prefetch with the {name} predictor, depth {depth}, {c} candidates per layer", file=sys.stderr)
-
-
-class GraphedDecode:
-    """The one-token step replayed from CUDA graphs: one graph per attended span (a power of two)."""
-
-    def __init__(self, model: Transformer) -> None:
-        self.model = model
-        dev = model.device
-        self.token = torch.zeros(1, dtype=torch.int64, device=dev)  # static input buffers the graphs read
-        self.pos = torch.zeros(1, dtype=torch.int64, device=dev)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
-        self.pool = torch.cuda.graph_pool_handle()
-
-    def span(self, pos: int) -> int:
-        return span_for(pos, self.model.max_context)
-
-    def step(self, token: Tensor, pos: int) -> Tensor:
-        """token [1] int64 on device at position pos -> logits [1, V] (a static buffer: read before the next step)."""
-        self.token.copy_(token.view(1))
-        self.pos.fill_(pos)
-        span = self.span(pos)
-        if span not in self.graphs:
-            self.graphs[span] = self._capture(span)
-        graph, out = self.graphs[span]
-        graph.replay()
-        return out
-
-    def _capture(self, span: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
-        # Warm-up runs on a side stream (cuBLAS workspaces, lazy inits); they write this step's own K/V,
-        # which the replay rewrites with the same values.
-        # The DeltaNet state is not addressed by position, so it is restored after the warm-ups.
-        with self.model.preserve_state():
-            side = torch.cuda.Stream(device=self.model.device)
-            side.wait_stream(torch.cuda.current_stream(self.model.device))
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self.model.decode_static(self.token, self.pos, span)
-            torch.cuda.current_stream(self.model.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                out = self.model.decode_static(self.token, self.pos, span)
-        return graph, out
+        print(f"tiered: prefetch with the {pf.predictor.name} predictor, depth {depth}, {pf.budget} candidates "
+              "per layer", file=sys.stderr)
+    return pf
 
 
 class Engine:
     """A loaded model: `generate` for text, `logits` for teacher-forced scoring."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None, *, layout_path: Path | None = None,
-                 cuda_graphs: bool = False) -> None:
+                 cuda_graphs: bool = False, prefetcher: Prefetcher | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.config: ModelConfig = model.config
         self.layout_path = layout_path
         self.device = model.device
         self.dtype = model.dtype
+        self.prefetcher = prefetcher  # the model's observer and prefetch hook, when load() built one
         cuda_graphs = cuda_graphs and self.device.type == "cuda"
         resident = isinstance(model.provider, ResidentExperts)
-        # Resident experts: the whole step in one graph per span (steps run eagerly while an observer is set).
-        self.graphed = GraphedDecode(model) if cuda_graphs and resident else None
+        # Resident experts, no observer, no routing override: the whole step in one graph per span.
+        self.graphed = (GraphedDecode(model) if cuda_graphs and resident and model.observer is None
+                        and model.routing is None else None)
         # A provider whose get() needs the routing on the host: L+1 graphs per span, host routing between.
         self.pieces: PiecewiseDecode | None = None
         if cuda_graphs and not resident:
@@ -245,6 +199,25 @@ class Engine:
                 print(f"tiered: piecewise CUDA graphs unavailable ({e}); decoding eagerly", file=sys.stderr)
         self.decode_mode = "eager"  # what the last generate's one-token steps ran: full, piecewise or eager
         self.stats: dict[str, Any] = {}
+
+    def use_piecewise(self, pieces: PiecewiseDecode | None = None, **options: Any) -> PiecewiseDecode | None:
+        """Decode one-token steps with `pieces`, or a PiecewiseDecode(self.model, **options) built here (e.g.
+        graphs=False on CPU, static_positions=True, copies="host"); `use_piecewise(None)` with no options
+        decodes without it (whole-step graphs or eager). Returns what is now used."""
+        if pieces is None and options:
+            pieces = PiecewiseDecode(self.model, **options)
+        self.pieces = pieces
+        return pieces
+
+    @contextlib.contextmanager
+    def graphs_off(self) -> Iterator[None]:
+        """Decode eagerly for the duration (benchmarks: what the graphs buy); the captured graphs are kept."""
+        saved = self.graphed, self.pieces
+        self.graphed = self.pieces = None
+        try:
+            yield
+        finally:
+            self.graphed, self.pieces = saved
 
     @property
     def max_context(self) -> int:
@@ -287,8 +260,7 @@ class Engine:
         return out  # [1, V]
 
     def _whole_step_graphs(self) -> bool:
-        """Whole-step graphs route on the device: a replay would skip an observer or a replayed routing."""
-        return self.graphed is not None and self.model.observer is None and self.model.routing is None
+        return self.graphed is not None
 
     def _planned_mode(self) -> str:
         if self._whole_step_graphs():
@@ -337,7 +309,10 @@ class Engine:
         if max_new_tokens < 0:
             raise EngineError("max_new_tokens must be >= 0")
         params = Sampling(temperature, top_k, top_p, seed)
-        check_sampling(params)
+        try:
+            check_sampling(params)
+        except SamplingError as e:
+            raise EngineError(str(e)) from None
         gen = torch.Generator(device="cpu")
         if seed is None:
             gen.seed()
@@ -396,9 +371,8 @@ class Engine:
 
     def _phase(self, phase: str) -> None:
         """Tell a provider that counts per phase (the expert cache) whether prefill or decode runs."""
-        f = getattr(self.model.provider, "set_phase", None)
-        if f is not None:
-            f(phase)
+        if isinstance(self.model.provider, ExpertCache):
+            self.model.provider.set_phase(phase)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -426,28 +400,3 @@ class Engine:
             s["stall_share"] = s["stall_s"] / decode_s
         return s
 
-
-def check_sampling(p: Sampling) -> None:
-    if p.temperature < 0 or not math.isfinite(p.temperature):
-        raise EngineError(f"temperature must be >= 0 (0 = greedy), got {p.temperature}")
-    if p.top_k < 0:
-        raise EngineError(f"top_k must be >= 0 (0 = off), got {p.top_k}")
-    if not 0 < p.top_p <= 1:
-        raise EngineError(f"top_p must be in (0, 1], got {p.top_p}")
-
-
-def sample(logits: Tensor, p: Sampling, gen: torch.Generator) -> Tensor:
-    """logits [V] -> next token id [1] int64. Greedy stays on the logits' device; sampling runs on CPU in fp32."""
-    if p.temperature == 0:
-        return torch.argmax(logits).view(1)
-    x = logits.float().cpu() / p.temperature  # [V]
-    if p.top_k > 0 and p.top_k < x.numel():
-        kth = torch.topk(x, p.top_k).values[-1]
-        x = x.masked_fill(x < kth, float("-inf"))
-    if p.top_p < 1.0:
-        sx, order = torch.sort(x, descending=True)
-        probs = torch.softmax(sx, dim=-1)
-        before = torch.cumsum(probs, dim=-1) - probs  # mass of the tokens ranked above each one
-        drop = before >= p.top_p  # keep the smallest prefix whose mass reaches top_p (always >= 1 token)
-        x = x.scatter(0, order[drop], float("-inf"))
-    return torch.multinomial(torch.softmax(x, dim=-1), 1, generator=gen)

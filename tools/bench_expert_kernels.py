@@ -15,10 +15,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from tiered.model.grouped import experts_decode_grouped  # noqa: E402
+from tiered.kernels.grouped import experts_decode_grouped  # noqa: E402
 from tiered.model.moe import experts_one_token  # noqa: E402
 from tiered.store.disk import expert_views  # noqa: E402
-from tiered.format import plan_block  # noqa: E402
+from tiered.layout.format import plan_block  # noqa: E402
 
 
 class Pool:

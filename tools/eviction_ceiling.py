@@ -164,7 +164,7 @@ def hit_rate(tr: Trace, table: torch.Tensor | None, policy: str, max_tokens: int
 
 def main() -> None:
     from tiered.engine import load
-    from tiered.predict.trace import record, split_ids
+    from tiered.predict.trace import TraceRecorder, record, split_ids
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--horizon", type=int, default=4, help="target: used again within this many tokens")
@@ -173,10 +173,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     t0 = time.perf_counter()
-    eng = load(None, device="cpu", dtype="float32")
+    rec = TraceRecorder()
+    eng = load(None, device="cpu", dtype="float32", observer=rec)
 
     def trace_files(part: str) -> list[Trace]:
-        return [record(eng, split_ids(p.name, eng.encode(p.read_text()), min(a.max_tokens, eng.max_context)))
+        return [record(eng, rec, split_ids(p.name, eng.encode(p.read_text()), min(a.max_tokens, eng.max_context)))
                 for p in sorted((TEXT / part).glob("*"))]
 
     fit_docs, evals = trace_files("fit"), trace_files("eval")

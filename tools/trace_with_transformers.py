@@ -62,7 +62,7 @@ def trace_texts(model_dir: str | Path, docs: list[tuple[str, list[int]]], *, dty
 
 def main() -> None:
     from tiered.predict.trace import save, split_ids
-    from tiered.tokenizer import Tokenizer
+    from tiered.layout.tokenizer import Tokenizer
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tiered.config import ModelConfig
+from tiered.layout.config import ModelConfig
 
 ATTN_BACKENDS = ("auto", "flash", "sdpa")
 

@@ -21,32 +21,37 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-class ExpertProvider(Protocol):
-    """SEAMS.md: the only way the model touches routed-expert weights."""
-    weights: Any  # ExpertWeights: gate [S, F, D], up [S, F, D], down [S, D, F]
-    max_experts_per_call: int
-
-    def get(self, layer: int, expert_ids: Tensor) -> Tensor: ...
-
-    def prefetch(self, layer: int, expert_ids: Tensor) -> None: ...
-
-    def stats(self) -> dict: ...
+from tiered.store.provider import ExpertProvider
 
 
 class RoutingObserver(Protocol):
     """Sees each layer's routing before that layer's experts run (SEAMS.md).
 
-    An observer may declare `needs_hidden = False` / `needs_logits = False` (default: both needed). The
-    piecewise decode step then skips those device->host copies and passes an empty [T, 0] hidden / None
-    logits; the eager path always passes everything. An observer with `deferrable = True` (default False)
-    promises that nothing it does must precede this layer's `get()`: the piecewise step may call it after
-    the next segment is enqueued (host copies of ids, weights and logits; no hidden state), and then calls
-    the prefetch hook after it instead of right after `get()`.
+    needs_hidden / needs_logits: whether on_route reads `hidden` / `router_logits`. When False, the piecewise
+    decode step skips those device->host copies and passes an empty [T, 0] hidden / None logits; the eager
+    path always passes everything.
+    deferrable: nothing the observer does must precede this layer's `get()`, and it needs no hidden state.
+    The piecewise step may then call it after the next segment is enqueued (host copies of ids, weights and
+    logits), and calls the prefetch hook after it instead of right after `get()`.
+    `Observer` below is a base class with the conservative answers (everything needed, not deferrable).
     """
+    deferrable: bool
+    needs_hidden: bool
+    needs_logits: bool
 
     def on_route(self, layer: int, hidden: Tensor, topk_ids: Tensor, topk_weights: Tensor,
                  router_logits: Tensor | None) -> None: ...
+
+
+class Observer:
+    """A RoutingObserver base with the conservative declarations; subclasses override what they relax."""
+    deferrable = False
+    needs_hidden = True
+    needs_logits = True
+
+    def on_route(self, layer: int, hidden: Tensor, topk_ids: Tensor, topk_weights: Tensor,
+                 router_logits: Tensor | None) -> None:
+        raise NotImplementedError
 
 
 class PrefetchHook(Protocol):

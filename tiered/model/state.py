@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from tiered.config import ModelConfig
+from tiered.layout.config import ModelConfig
 from tiered.model.layers import KVCache
 
 

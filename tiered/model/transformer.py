@@ -4,10 +4,10 @@ Owns: `Transformer` (weights per layer built from the canonical dense dict, the 
 KV cache, allocated once), its eager `forward` over T tokens at a start position,
 `decode_static`, a one-token step whose positions are device tensors so that it can be captured in
 a CUDA graph (no host sync, no allocation that depends on the position), and the same step cut into
-L+1 segments at the routers (`segment_first/mid/last`, `Routed`), which tiered/piecewise.py runs with
+L+1 segments at the routers (`segment_first/mid/last`, `Routed`), which tiered/decode/piecewise.py runs with
 the routing read on the host between segments.
 Does not own: expert weights (an ExpertProvider hands them out), sampling or the generation loop
-(engine.py), reading layouts (store/disk.py).
+(engine.py, decode/), reading layouts (store/disk.py), the routing override (predict/replay.py).
 
 Family differences, all from ModelConfig: qkv bias (Qwen2-MoE), q/k norm per head (Qwen3-MoE) or
 over the projection (OLMoE), clip_qkv (OLMoE), sliding window (Mixtral), top-k renormalisation,
@@ -22,19 +22,31 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tiered.config import ModelConfig
+from tiered.layout.config import ModelConfig
 from tiered.model.deltanet import DeltaShape, DeltaWeights, deltanet, pick_delta_backend
 from tiered.model.layers import (AttnWeights, KVCache, Rope, StepPlan, attention, attn_mask, plan_eager,
                                  rms_norm)
 from tiered.model.moe import (FP32_ROUTE_WEIGHTS, ExpertProvider, MoEWeights, PrefetchHook, RoutingObserver,
                                expert_mix, route, routed_logits)
 from tiered.model.state import ModelState
+
+
+class RoutingOverride(Protocol):
+    """Routing chosen outside the model (benchmark mode: predict/replay.py replays a recorded trace).
+
+    __call__(layer, start, T) -> (ids [T, K] int64, weights [T, K] fp32) on the model's device, replacing the
+    router's top-k for positions start..start+T-1. host(layer, start, T) -> the same rows as CPU tensors, so
+    the piecewise step reads them without a device sync."""
+
+    def __call__(self, layer: int, start: int, T: int) -> tuple[Tensor, Tensor]: ...
+
+    def host(self, layer: int, start: int, T: int) -> tuple[Tensor, Tensor]: ...
 
 
 @dataclass(frozen=True)
@@ -146,7 +158,11 @@ class Transformer:
 
     def __init__(self, config: ModelConfig, dense: dict[str, Tensor], provider: ExpertProvider, *,
                  device: torch.device | str, dtype: torch.dtype, max_context: int, attn: str = "sdpa",
-                 observer: RoutingObserver | None = None, linear_attn: str = "auto") -> None:
+                 observer: RoutingObserver | None = None, prefetch_hook: PrefetchHook | None = None,
+                 routing: RoutingOverride | None = None, linear_attn: str = "auto") -> None:
+        """observer: sees every layer's routing (SEAMS.md). prefetch_hook: called per layer of one-token steps
+        after that layer's get() (moe.PrefetchHook). routing: replaces the router's choice (benchmark mode).
+        All three are fixed for the model's life. linear_attn: the DeltaNet backend ("auto", "fla", "torch")."""
         if attn not in ("sdpa", "flash"):
             raise ValueError(f"attn must be 'sdpa' or 'flash' (resolve 'auto' with layers.pick_backend), got {attn!r}")
         self.config = config
@@ -155,11 +171,11 @@ class Transformer:
         self.max_context = int(max_context)
         self.attn = attn
         self.provider = provider
-        self.observer = observer
-        self.prefetch_hook: PrefetchHook | None = None  # called per layer of one-token steps (moe.PrefetchHook)
-        # Benchmark mode: routing(layer, start, T) -> (ids [T, K] int64, weights [T, K] fp32) replaces the
-        # router's top-k for positions start..start+T-1 (predict/replay.py). None = the router decides.
-        self.routing: Callable[[int, int, int], tuple[Tensor, Tensor]] | None = None
+        self._observer = observer
+        self._prefetch_hook = prefetch_hook
+        self._routing = routing
+        # the router step, chosen once: the model's own router, or the override for static-position plans
+        self._route = self._route_replayed if routing is not None else self._route_own
         dev = self.device
         self.embed = _take(dense, "embed", dev, dtype)  # [V, D]
         self.final_norm = norm_weight(config, _take(dense, "final_norm", dev, dtype), dev, dtype)  # [D]
@@ -175,6 +191,18 @@ class Transformer:
                                       config.linear_conv_kernel, config.rms_norm_eps)
         self.groups = config.num_heads // config.num_kv_heads
         self.fp32_route_weights = config.family in FP32_ROUTE_WEIGHTS
+
+    @property
+    def observer(self) -> RoutingObserver | None:
+        return self._observer
+
+    @property
+    def prefetch_hook(self) -> PrefetchHook | None:
+        return self._prefetch_hook
+
+    @property
+    def routing(self) -> RoutingOverride | None:
+        return self._routing
 
     # --- eager path ---
     @torch.inference_mode()
@@ -206,8 +234,8 @@ class Transformer:
         h = F.embedding(tokens, self.embed)  # [T, D]
         for l in range(len(self.layers)):
             r = self.attend_route(l, h, plan)
-            if self.observer is not None:
-                self.observer.on_route(l, r.h, r.ids, r.weights, r.logits.float())
+            if self._observer is not None:
+                self._observer.on_route(l, r.h, r.ids, r.weights, r.logits.float())
             h = r.h + self.experts_out(l, r)
         return self.head(h, all_logits)
 
@@ -217,10 +245,7 @@ class Transformer:
         cfg, lw = self.config, self.layers[l]
         h = h + self.mix(l, rms_norm(h, lw.attn_norm, cfg.rms_norm_eps), plan)
         x = rms_norm(h, lw.mlp_norm, cfg.rms_norm_eps)
-        logits, ids, wts = route(x, lw.moe.router, cfg.top_k, cfg.norm_topk_prob)
-        if self.routing is not None and isinstance(plan.write_at, int):  # static plans: piecewise.py replays it
-            ids, wts = self.routing(l, plan.write_at, h.shape[0])
-            logits = routed_logits(ids, wts, logits.shape[-1])
+        logits, ids, wts = self._route(l, x, plan)
         return Routed(h, x, logits, ids, wts)
 
     def mix(self, l: int, x: Tensor, plan: StepPlan) -> Tensor:
@@ -232,11 +257,24 @@ class Transformer:
             return deltanet(x, lw.linear, self.delta_shape, lin.conv[row], lin.recurrent[row], backend=self.linear_attn)
         return attention(x, lw.attn, self.cache, row, plan, self.config, backend=self.attn)
 
+    def _route_own(self, l: int, x: Tensor, plan: StepPlan) -> tuple[Tensor, Tensor, Tensor]:
+        cfg = self.config
+        return route(x, self.layers[l].moe.router, cfg.top_k, cfg.norm_topk_prob)
+
+    def _route_replayed(self, l: int, x: Tensor, plan: StepPlan) -> tuple[Tensor, Tensor, Tensor]:
+        """The override's rows for host positions; static (device-position) plans route on the device and the
+        piecewise step substitutes the override's rows between segments."""
+        logits, ids, wts = self._route_own(l, x, plan)
+        if isinstance(plan.write_at, int):
+            ids, wts = self._routing(l, plan.write_at, x.shape[0])
+            logits = routed_logits(ids, wts, logits.shape[-1])
+        return logits, ids, wts
+
     def experts_out(self, l: int, r: Routed, slots: Tensor | None = None) -> Tensor:
         """Layer l's MoE output [T, D] (routed + shared experts); `slots` [K] = known slot rows (T = 1),
         else the provider resolves them (and the prefetch hook runs, for one token)."""
         return expert_mix(r.x, r.ids, r.weights, self.layers[l].moe, self.provider, l, slots=slots,
-                          fp32_weights=self.fp32_route_weights, prefetch_hook=self.prefetch_hook)
+                          fp32_weights=self.fp32_route_weights, prefetch_hook=self._prefetch_hook)
 
     def head(self, h: Tensor, all_logits: bool = False) -> Tensor:
         """Final norm and lm_head: h [T, D] -> logits [T, V] (all_logits) or [1, V] (the last position)."""
@@ -244,7 +282,7 @@ class Transformer:
             h = h[-1:]
         return F.linear(rms_norm(h, self.final_norm, self.config.rms_norm_eps), self.lm_head)
 
-    # --- the one-token step in L+1 segments (tiered/piecewise.py runs them, with host routing between) ---
+    # --- the one-token step in L+1 segments (tiered/decode/piecewise.py runs them, with host routing between) ---
     def segment_first(self, tokens: Tensor, plan: StepPlan) -> Routed:
         """Segment 0: embedding, layer 0's attention, norm and router."""
         return self.attend_route(0, F.embedding(tokens, self.embed), plan)

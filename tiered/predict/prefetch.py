@@ -1,26 +1,30 @@
 """Prefetch glue between the predictor and the expert cache, and predictor-informed eviction.
 
 Owns: `Prefetcher` (a routing observer: during layer l it feeds the predictor and chooses the top
-candidates for layers l+1 .. l+d within a per-layer budget), `attach` (sets it as the engine's
-observer and sends its candidates to `provider.prefetch()` from the model's prefetch hook, right after
-layer l's own `get()`, when layer l's experts are pinned and cannot be evicted by the prefetch), and `PredictedEviction` (a Policy, same API as store/policy.py, that evicts the resident
-expert least likely to be used soon).
-Does not own: the predictors (predictors.py), the slots and copies (store/cache.py), the simulator
-(simulate.py, which uses `choose` and `PredictedEviction` so offline numbers come from this code).
+candidates for layers l+1 .. l+d within a per-layer budget; its `prefetch_hook` sends them to
+`provider.prefetch()` right after layer l's own `get()`, when layer l's experts are pinned and cannot be
+evicted by the prefetch), `prefetcher_for_layout` (the one `load()` builds), `EvictionScorer` (keep-scores
+of experts from the routers, for the store's `ScoredEviction` policy) and `PredictedEviction` (that policy
+with its own scorer, for the simulator and offline tools).
+Does not own: the predictors (predictors.py), the eviction policy itself (store/policy.py), the slots and
+copies (store/cache.py), the simulator (simulate.py, which uses `choose` and `PredictedEviction` so
+offline numbers come from this code).
 
 Prefetch runs only on one-token steps (decode): prefill streams each chunk's union of experts in
 waves, so there is nothing to guess there. Prefetch is a hint: it never changes the model's output.
 """
 from __future__ import annotations
 
-from typing import Any, Collection, Iterable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from tiered.predict.predictors import Predictor
-from tiered.store.policy import Policy
+from tiered.model.moe import Observer
+from tiered.predict.predictors import PARAMS_FILE, GateWeights, Predictor, PredictorParams, make_predictor
+from tiered.store.policy import ScoredEviction
 
 
 def choose(scores: Tensor, budget: int) -> Tensor:
@@ -34,23 +38,16 @@ def choose(scores: Tensor, budget: int) -> Tensor:
 DEFAULT_EVICT_MIX = ((0.98, 0.0, 1.0), (0.0, 0.1, 0.0))
 
 
-class PredictedEviction(Policy):
-    """Evict the resident expert least likely to be needed soon; LRU order breaks ties.
+class EvictionScorer:
+    """Keep-scores of experts from the routers, for the store's `ScoredEviction` policy.
 
-    The likelihood is a log-linear score of exponential averages over tokens of each layer's router
-    probabilities and uses (`update(layer, probs, used)` from the routing observer, before that layer's
-    experts are fetched), so only the past and the current router output are read (lead-time rule).
-    Keys are layer * E + expert, like every policy.
-
-    State is arrays over all L*E keys (resident mask, score, LRU sequence number), so `update` and
-    `victim` are a few numpy operations each, with no Python loop over experts or residents.
+    The score is a log-linear mix of exponential averages over tokens of each layer's router probabilities
+    and uses (`update(layer, probs, used)` from the routing observer, before that layer's experts are
+    fetched), so only the past and the current router output are read (lead-time rule).
     """
-
-    name = "predicted"
 
     def __init__(self, num_layers: int, num_experts: int, *,
                  mix: tuple[tuple[float, float, float], ...] | None = None) -> None:
-        super().__init__()
         mix = DEFAULT_EVICT_MIX if mix is None else mix
         if not mix or any(not 0 <= m[0] < 1 for m in mix):
             raise ValueError(f"mix must be (decay in [0, 1), w_prob, w_use) terms, got {mix}")
@@ -62,15 +59,10 @@ class PredictedEviction(Policy):
         self._u = [np.array([[m[i]] for m in self.mix if m[j] != 0]) for i, j in ((0, 2), (2, 2))]
         self.avg_p = np.zeros((len(self._p[0]), n))  # [Mp, L*E] averaged router probs
         self.avg_u = np.zeros((len(self._u[0]), n))  # [Mu, L*E] averaged use (top-k membership)
-        self.score = np.zeros(n)  # [L*E] higher = keep
-        self.resident = np.zeros(n, dtype=bool)  # [L*E] tracked keys
-        self.seq = np.zeros(n, dtype=np.int64)  # [L*E] order of the last insert/touch (LRU tie-break)
-        self._next = 0
-        self._count = 0
 
-    def update(self, layer: int, probs: Tensor | np.ndarray, used: Tensor | np.ndarray | None = None) -> None:
-        """probs [E]: this token's router probabilities at `layer`; used [E] 0/1 (default: probs' top-k
-        is not known here, so 0). Vectorised over experts."""
+    def update(self, layer: int, probs: Tensor | np.ndarray, used: Tensor | np.ndarray | None = None) -> np.ndarray:
+        """probs [E]: this token's router probabilities at `layer`; used [E] 0/1 (None = 0).
+        Returns the layer's new scores [E] (higher = keep). Vectorised over experts."""
         p = probs.detach().float().cpu().numpy() if isinstance(probs, Tensor) else np.asarray(probs)
         u = np.zeros_like(p) if used is None else (used.detach().float().cpu().numpy() if isinstance(used, Tensor)
                                                    else np.asarray(used, dtype=float))
@@ -82,78 +74,53 @@ class PredictedEviction(Policy):
                 a *= d
                 a += (1 - d) * x
                 score += (w * np.log(np.maximum(a, 1e-4))).sum(0)
-        self.score[sl] = score
-
-    def _stamp(self, key: int) -> None:
-        self._next += 1
-        self.seq[key] = self._next
-
-    def insert(self, key: int, t: float) -> None:
-        self._clock(t)
-        self._check_absent(key)
-        self.resident[key] = True
-        self._count += 1
-        self._stamp(key)
-
-    def touch(self, key: int, t: float) -> None:
-        self._clock(t)
-        self._check_present(key, "touch")
-        self._stamp(key)
-
-    def remove(self, key: int) -> None:
-        self._check_present(key, "remove")
-        self.resident[key] = False
-        self._count -= 1
-
-    def victim(self, resident: Iterable[int] | None = None, pinned: Collection[int] = ()) -> int:
-        return self.victims(1, resident, pinned)[0]
-
-    def victims(self, n: int, resident: Iterable[int] | None = None, pinned: Collection[int] = ()) -> list[int]:
-        """The n lowest scores among evictable keys, least recently used first among equal scores."""
-        cand = self._as_set(resident)
-        mask = self.resident
-        if (cand is not None and len(cand) != self._count) or pinned:
-            mask = mask.copy()
-            if cand is not None and len(cand) != self._count:  # a subset of the tracked keys
-                sub = np.zeros_like(mask)
-                sub[np.fromiter(cand, dtype=np.int64, count=len(cand))] = True
-                mask &= sub
-            if pinned:
-                mask[np.fromiter(pinned, dtype=np.int64, count=len(pinned))] = False
-        idx = np.flatnonzero(mask)
-        if idx.size < n:
-            raise self._none_left(cand, pinned)
-        order = np.lexsort((self.seq[idx], self.score[idx]))[:n]  # by score, then by age
-        return idx[order].tolist()
-
-    def __contains__(self, key: int) -> bool:
-        return 0 <= key < self.resident.size and bool(self.resident[key])
-
-    def __len__(self) -> int:
-        return self._count
+        return score
 
 
-class Prefetcher:
-    """Routing observer: feeds the predictor and queues the candidates for the next `depth` layers.
+class PredictedEviction(ScoredEviction):
+    """A `ScoredEviction` with its own `EvictionScorer`: `update(layer, probs, used)` scores and stores in one
+    call. The simulator and offline tools use it; the engine keeps the two apart (the cache owns the policy,
+    the prefetcher owns the scorer)."""
+
+    def __init__(self, num_layers: int, num_experts: int, *,
+                 mix: tuple[tuple[float, float, float], ...] | None = None) -> None:
+        super().__init__(num_layers, num_experts)
+        self.scorer = EvictionScorer(num_layers, num_experts, mix=mix)
+
+    def update(self, layer: int, probs: Tensor | np.ndarray, used: Tensor | np.ndarray | None = None) -> None:
+        self.set_scores(layer, self.scorer.update(layer, probs, used))
+
+
+class Prefetcher(Observer):
+    """Routing observer: feeds the predictor, queues the candidates for the next `depth` layers, and issues
+    them from its `prefetch_hook` (give both to the model when it is built).
+
+    Per layer of a one-token step the model calls observer.on_route(l) -> provider.get(l) -> prefetch_hook(l),
+    so the candidates for layers l+1..l+depth go to provider.prefetch() once layer l's own experts are pinned,
+    and their copies overlap layer l's compute (eager and piecewise alike).
 
     Args:
         predictor: any Predictor (reset per sequence by the caller, or by `reset()`).
-        depth: layers ahead (l+1 .. l+depth within the token).
+        provider: where candidates are prefetched (its `prefetch(layer, ids)`).
+        depth: layers ahead (l+1 .. l+depth within the token); 0 = only feed the eviction scores.
         budget: candidates per target layer (C).
-        eviction: a PredictedEviction to keep informed, if the cache uses one.
-        chain: another observer to call as well (e.g. a TraceRecorder).
+        eviction: the store's ScoredEviction policy to keep scored (the cache's --policy predicted), if any.
+        chain: another observer to call first (e.g. a TraceRecorder).
+        chain_hook: another prefetch hook to call first.
     """
 
-    def __init__(self, predictor: Predictor, *, depth: int = 1, budget: int = 8,
-                 eviction: PredictedEviction | None = None, chain: Any = None) -> None:
+    def __init__(self, predictor: Predictor, provider: Any, *, depth: int = 1, budget: int = 8,
+                 eviction: ScoredEviction | None = None, chain: Any = None, chain_hook: Any = None) -> None:
         self.predictor = predictor
+        self.provider = provider
         self.depth = depth
         self.budget = budget
         self.eviction = eviction
+        self.scorer = None if eviction is None else EvictionScorer(predictor.L, predictor.E)
         self.chain = chain
+        self.chain_hook = chain_hook
         self.pending: list[tuple[int, Tensor]] = []  # (layer, ids) to prefetch after the current get()
         self.issued = 0  # candidates handed to prefetch()
-        self.saved_hook: Any = None  # the model's prefetch hook before attach() (restored by detach())
 
     @property
     def prefetching(self) -> bool:
@@ -167,19 +134,19 @@ class Prefetcher:
         overlap its compute. Two effects, both measured with simulate.py: the eviction policy's scores for
         layer l include layer l's own router output from the next token on, a step later than on the eager
         path and in the simulator (-0.1 point of hit rate on the reference model's per-layer caches, -0.3 on
-        the mapped trace's global cache); prefetches for layer l+1 start after layer l's demand copies, as before."""
-        return not self.needs_hidden and (self.chain is None or getattr(self.chain, "deferrable", False))
+        the mapped trace's global cache); prefetches for layer l+1 start after layer l's demand copies."""
+        return not self.needs_hidden and (self.chain is None or self.chain.deferrable)
 
     @property
     def needs_hidden(self) -> bool:
         """What the piecewise step must copy to the host for this observer (and the one it chains to)."""
         return ((self.prefetching and self.predictor.needs_hidden) or
-                (self.chain is not None and getattr(self.chain, "needs_hidden", True)))
+                (self.chain is not None and self.chain.needs_hidden))
 
     @property
     def needs_logits(self) -> bool:
         return ((self.prefetching and self.predictor.needs_logits) or self.eviction is not None or
-                (self.chain is not None and getattr(self.chain, "needs_logits", True)))
+                (self.chain is not None and self.chain.needs_logits))
 
     def reset(self) -> None:
         self.predictor.reset()
@@ -194,7 +161,7 @@ class Prefetcher:
             p = np.exp(lg - lg.max())
             used = np.zeros(lg.shape[-1])
             used[topk_ids[-1].detach().cpu().numpy()] = 1.0
-            self.eviction.update(layer, p / p.sum(), used)
+            self.eviction.set_scores(layer, self.scorer.update(layer, p / p.sum(), used))
         self.pending = []
         if not self.prefetching:
             return
@@ -213,36 +180,34 @@ class Prefetcher:
         self.issued += sum(int(ids.numel()) for _, ids in out)
         return out
 
-
-def attach(engine: Any, predictor: Predictor, *, depth: int = 1, budget: int = 8,
-           eviction: PredictedEviction | None = None) -> Prefetcher:
-    """Wire `predictor` into `engine`: the observer feeds it, the model's prefetch hook issues its candidates.
-
-    Per layer of a one-token step the engine calls observer.on_route(l) -> provider.get(l) ->
-    prefetch_hook(l), so the candidates for layers l+1..l+depth go to provider.prefetch() once layer l's
-    own experts are pinned, and their copies overlap layer l's compute (eager and piecewise alike).
-    `eviction`, when given, is kept informed of every layer's router output (the cache's --policy predicted).
-    Returns the Prefetcher; `detach` undoes it.
-    """
-    pf = Prefetcher(predictor, depth=depth, budget=budget, eviction=eviction, chain=engine.model.observer)
-    model = engine.model
-    pf.saved_hook = model.prefetch_hook
-
-    def hook(layer: int, expert_ids: Tensor) -> None:
-        if pf.saved_hook is not None:
-            pf.saved_hook(layer, expert_ids)
-        for tgt, ids in pf.take(layer):
-            model.provider.prefetch(tgt, ids)
-
-    model.observer = pf
-    model.prefetch_hook = hook
-    return pf
+    def prefetch_hook(self, layer: int, expert_ids: Tensor) -> None:
+        """The model's prefetch hook (moe.PrefetchHook): issue the candidates queued while routing `layer`."""
+        if self.chain_hook is not None:
+            self.chain_hook(layer, expert_ids)
+        for tgt, ids in self.take(layer):
+            self.provider.prefetch(tgt, ids)
 
 
-def detach(engine: Any) -> None:
-    """Undo `attach`."""
-    model = engine.model
-    pf = model.observer
-    if isinstance(pf, Prefetcher):
-        model.observer = pf.chain
-        model.prefetch_hook = pf.saved_hook
+def prefetcher_for_layout(layout: Any, provider: Any, *, depth: int, budget: int | None,
+                          eviction: ScoredEviction | None = None, predictor: Predictor | None = None,
+                          chain: Any = None, chain_hook: Any = None) -> Prefetcher:
+    """The prefetcher `load()` builds for --prefetch-depth / --policy predicted. The predictor, unless given:
+    the fitted combined predictor when the layout has its parameters (`tiered tune --fit-trace` writes them),
+    else next-gate (needs only the model's routers); with depth 0 (only feeding the eviction scores) a
+    predictor that reads nothing. budget: candidates per layer, default C = 1.5 K."""
+    cfg = layout.config
+    pred = predictor if predictor is not None else default_predictor(layout, depth)
+    c = int(budget) if budget else (3 * cfg.top_k) // 2
+    return Prefetcher(pred, provider, depth=depth, budget=c, eviction=eviction, chain=chain, chain_hook=chain_hook)
+
+
+def default_predictor(layout: Any, depth: int) -> Predictor:
+    """combined when the layout has fitted parameters, else next-gate; "none" when depth is 0."""
+    cfg = layout.config
+    params_path = Path(layout.path) / PARAMS_FILE
+    params = PredictorParams.load(params_path) if params_path.is_file() else None
+    name = "combined" if params is not None and params.mix_w.numel() else "next-gate"
+    if depth <= 0:
+        name = "none"
+    return make_predictor(name, num_layers=cfg.num_layers, num_experts=cfg.num_experts,
+                          gates=GateWeights.from_layout(layout), params=params)

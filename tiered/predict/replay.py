@@ -68,11 +68,6 @@ class ReplayRouting:
         self.ids = self.ids_host.to(device)
         self.weights = self.weights_host.to(device)
 
-    @classmethod
-    def from_trace(cls, trace: Trace, doc: int = 0, *, device: torch.device | str) -> "ReplayRouting":
-        t = trace.doc(doc)
-        return cls(t.topk_ids, t.topk_weights, device=device)
-
     def __call__(self, layer: int, start: int, T: int) -> tuple[Tensor, Tensor]:
         """ids [T, K] int64 and weights [T, K] fp32 of layer `layer` for positions start..start+T-1 (on the device)."""
         self._check(start, T)

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from tiered.model.moe import Observer
+
 FORMAT = "tiered-trace"
 VERSION = 1
 
@@ -165,24 +167,31 @@ def load(path: str | Path) -> Trace:
                      opt("hidden"), json.loads(str(z["meta"])))
 
 
-class TraceRecorder:
+class TraceRecorder(Observer):
     """Routing observer (SEAMS.md) that keeps every layer's routing of the current document.
 
+    Give it to the engine when it is built (`load(..., observer=rec)`), then `record(engine, rec, docs)`.
+
     Args:
-        num_layers: L.
+        num_layers: L (None = learned from the first document: the recorder can exist before the model).
         logits / hidden: also keep router logits [T, E] and post-attention hidden [T, D] (float16).
     Call `end_doc(tokens)` after each document's forward passes; `trace(meta)` returns everything.
     """
 
-    def __init__(self, num_layers: int, *, logits: bool = True, hidden: bool = True) -> None:
+    def __init__(self, num_layers: int | None = None, *, logits: bool = True, hidden: bool = True) -> None:
         self.num_layers = num_layers
         self.keep_logits = logits
         self.keep_hidden = hidden
         self._cur: list[dict[str, list[np.ndarray]]] = self._fresh()
         self._docs: list[dict[str, np.ndarray]] = []
 
+    def clear(self) -> None:
+        """Forget every recorded document (and a document in progress)."""
+        self._cur = self._fresh()
+        self._docs = []
+
     def _fresh(self) -> list[dict[str, list[np.ndarray]]]:
-        return [{"ids": [], "w": [], "logits": [], "hidden": []} for _ in range(self.num_layers)]
+        return [{"ids": [], "w": [], "logits": [], "hidden": []} for _ in range(self.num_layers or 0)]
 
     @property
     def needs_hidden(self) -> bool:
@@ -194,6 +203,8 @@ class TraceRecorder:
 
     def on_route(self, layer: int, hidden: Tensor, topk_ids: Tensor, topk_weights: Tensor,
                  router_logits: Tensor | None) -> None:
+        while layer >= len(self._cur):  # num_layers not given: the first document shows it
+            self._cur.append({"ids": [], "w": [], "logits": [], "hidden": []})
         c = self._cur[layer]
         c["ids"].append(topk_ids.to("cpu", torch.int16).numpy())
         c["w"].append(topk_weights.to("cpu", torch.float32).numpy())
@@ -205,6 +216,8 @@ class TraceRecorder:
     def end_doc(self, tokens: Sequence[int]) -> None:
         """Close the current document: every layer must have seen exactly len(tokens) tokens."""
         T = len(tokens)
+        if self.num_layers is None:
+            self.num_layers = len(self._cur)
         doc: dict[str, np.ndarray] = {"tokens": np.asarray(tokens, dtype=np.int32)}
         for key in ("ids", "w", "logits", "hidden"):
             per_layer = []
@@ -214,7 +227,7 @@ class TraceRecorder:
                 a = np.concatenate(c[key])
                 if a.shape[0] != T:
                     raise TraceError(f"layer {l} routed {a.shape[0]} tokens for a document of {T}: the observer "
-                                     "was attached mid-run or a forward was skipped")
+                                     "saw only part of the forward passes (a forward was skipped or run without it)")
                 per_layer.append(a)
             if len(per_layer) == self.num_layers:
                 doc[key] = np.stack(per_layer, axis=1)  # [T, L, ...]
@@ -232,28 +245,22 @@ class TraceRecorder:
         return Trace(cat("tokens"), offs, cat("ids"), cat("w"), cat("logits"), cat("hidden"), meta)
 
 
-def record(engine: Any, docs: Sequence[tuple[str, Sequence[int]]], *, logits: bool = True,
-           hidden: bool = True) -> Trace:
+def record(engine: Any, recorder: TraceRecorder, docs: Sequence[tuple[str, Sequence[int]]]) -> Trace:
     """Run each (name, token ids) document teacher-forced through `engine` and return the trace.
 
-    The engine's observer is set for the duration and restored afterwards. Documents longer than the
-    engine's context should be split by the caller (see `split_ids`).
+    `engine` must have been built with `recorder` as its routing observer (or chained into it, e.g. behind a
+    prefetcher). The trace holds these documents only (the recorder is cleared first). Documents longer than the engine's context should be split by the caller (see `split_ids`).
     """
     cfg = engine.config
-    rec = TraceRecorder(cfg.num_layers, logits=logits, hidden=hidden)
-    old = engine.model.observer
-    engine.model.observer = rec
-    try:
-        for _, ids in docs:
-            engine.logits(list(ids))
-            rec.end_doc(ids)
-    finally:
-        engine.model.observer = old
+    recorder.clear()
+    for _, ids in docs:
+        engine.logits(list(ids))
+        recorder.end_doc(ids)
     meta = {"num_layers": cfg.num_layers, "num_experts": cfg.num_experts, "top_k": cfg.top_k,
             "hidden_size": cfg.hidden_size, "family": cfg.family, "norm_topk_prob": cfg.norm_topk_prob,
             "model": str(engine.layout_path), "dtype": str(engine.dtype).removeprefix("torch."),
             "docs": [name for name, _ in docs]}
-    return rec.trace(meta)
+    return recorder.trace(meta)
 
 
 def split_ids(name: str, ids: Sequence[int], max_len: int) -> list[tuple[str, list[int]]]:

@@ -1,11 +1,11 @@
 """The expert cache: device slots over a pinned RAM tier over the layout on disk.
 
-Owns: `TierConfig` (the budget flags), `plan_budget` (flags -> slot counts, with the VRAM
-breakdown and every budget check), `ExpertCache` (the `ExpertProvider` of SEAMS.md that
-composes vram.SlotPool, ram.PinnedPool and io.BlockReader), its stats (CONTRACTS keys), and
-`make_provider`, which the engine calls when a budget flag is set.
-Does not own: policies (policy.py), bytes and copy ordering (vram.py, ram.py), reads (io.py),
-nor what to prefetch (the predictor calls `prefetch`).
+Owns: `ExpertCache` (the `ExpertProvider` of SEAMS.md that composes vram.SlotPool, ram.PinnedPool
+and io.BlockReader; it also serves host slot ids, `HostSlotProvider`), its stats (CONTRACTS keys),
+and `make_provider`, which the engine calls when a budget option is set.
+Does not own: the options and the slot counts (budget.py), policies (policy.py: the device tier's
+`predicted` policy is a `ScoredEviction` whose scores predict/ computes), bytes and copy ordering
+(vram.py, ram.py), reads (io.py), nor what to prefetch (the prefetcher calls `prefetch`).
 
 get(layer, ids) semantics (SEAMS.md): the ids of one call are the current step; they are pinned
 until the next get(), so neither demand loads nor prefetches evict them. A call may ask for at
@@ -19,200 +19,21 @@ Tiers per mode (the RAM tier has R slots, the device tier S):
 """
 from __future__ import annotations
 
-import math
 import sys
 import time
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 
-from tiered.store.io import BlockReader, Faults, HostRegistrar, IO_MODES, VERIFY_MODES
-from tiered.store.policy import POLICIES, make_policy
+from tiered.store.budget import (GiB, CachePlan, estimate_dense_bytes, estimate_kv_bytes,
+                                 estimate_scratch_bytes, meminfo, plan_budget)
+from tiered.store.hostmem import HostRegistrar
+from tiered.store.io import BlockReader, Faults
+from tiered.store.options import BudgetError, TierConfig, default_context
+from tiered.store.policy import PREDICTED, ScoredEviction, make_policy
+from tiered.store.provider import HostSlotProvider
 from tiered.store.ram import PinnedPool
 from tiered.store.vram import SlotPool
-
-GiB = 1 << 30
-MiB = 1 << 20
-
-
-PREDICTED = "predicted"  # predictor-informed eviction (tiered/predict/prefetch.py), device tier only
-DEVICE_POLICIES = frozenset(POLICIES) | {PREDICTED}
-
-
-class BudgetError(ValueError):
-    """A budget that cannot work (too small for one layer's top-k, or larger than the machine)."""
-
-
-@dataclass(frozen=True)
-class TierConfig:
-    """The budget flags of `run`/`trace`/`tune` (CONTRACTS.md); None = choose a default."""
-
-    vram_gb: float | None = None  # GiB, the WHOLE GPU budget: dense + KV cache + scratch + expert slots
-    expert_slots: int | None = None  # S, global device-tier slots (wins over vram_gb)
-    ram_gb: float | None = None  # GiB of the pinned RAM tier
-    io: str = "mmap"  # "mmap" (page cache) or "direct" (O_DIRECT)
-    policy: str = "lru"  # device-tier eviction policy
-    ram_policy: str = "lru"  # RAM-tier eviction policy
-    verify: str = "first-use"  # xxh3 of a block the first time it is read from disk; or "none"
-    io_register: str = "auto"  # mmap on CUDA: "auto" registers mapped blocks, "off" stages through pinned copies
-    io_threads: int = 16  # reader threads (queue depth for O_DIRECT, parallel page-cache copies)
-    ram_preload: bool = False  # fill the RAM tier at start-up (a RAM-backed run)
-    flru_w: float | None = None  # flru weight in get() ticks; default num_layers (one use ~ one token)
-    prefetch_depth: int | None = None  # passed through to the predictor's prefetcher
-    prefetch_budget: int | None = None  # passed through to the predictor's prefetcher
-
-    def __post_init__(self) -> None:
-        if self.io not in IO_MODES:
-            raise BudgetError(f"--io must be one of {list(IO_MODES)}, got {self.io!r}")
-        if self.verify not in VERIFY_MODES:
-            raise BudgetError(f"--verify must be one of {list(VERIFY_MODES)}, got {self.verify!r}")
-        for name, allowed in (("policy", DEVICE_POLICIES), ("ram_policy", POLICIES)):
-            if getattr(self, name) not in allowed:
-                raise BudgetError(f"--{name.replace('_', '-')} must be one of {sorted(allowed)}, "
-                                  f"got {getattr(self, name)!r}")
-        if self.io_register not in ("auto", "off"):
-            raise BudgetError(f"--io-register must be auto or off, got {self.io_register!r}")
-        for name in ("vram_gb", "ram_gb"):
-            v = getattr(self, name)
-            if v is not None and not (v >= 0 and math.isfinite(v)):
-                raise BudgetError(f"--{name.replace('_', '-')} must be a non-negative number of GiB, got {v}")
-        if self.expert_slots is not None and self.expert_slots < 1:
-            raise BudgetError(f"--expert-slots must be >= 1, got {self.expert_slots}")
-
-
-@dataclass(frozen=True)
-class CachePlan:
-    """Slot counts chosen from the flags, with the byte breakdown that justified them."""
-
-    expert_slots: int  # S
-    ram_slots: int  # R (0 = no RAM tier: CPU only)
-    block_size: int  # bytes per expert block
-    vram_budget_gib: float | None  # the --vram-gb it came from, if any
-    breakdown: dict[str, int] = field(default_factory=dict)  # bytes by use (dense, kv_cache, scratch, ...)
-    notes: tuple[str, ...] = ()
-
-    def describe(self) -> str:
-        b = self.breakdown
-        lines = [f"expert slots: {self.expert_slots} x {self.block_size / MiB:.2f} MiB = "
-                 f"{self.expert_slots * self.block_size / GiB:.2f} GiB"]
-        if self.vram_budget_gib is not None:
-            lines.append("vram budget {:.2f} GiB = dense {:.2f} + KV cache {:.2f} + scratch {:.2f} + slots {:.2f} "
-                         "+ unused {:.2f} GiB".format(self.vram_budget_gib, b["dense"] / GiB, b["kv_cache"] / GiB,
-                                                    b["scratch"] / GiB, b["slots"] / GiB, b["unused"] / GiB))
-        lines.append(f"ram tier: {self.ram_slots} slots = {self.ram_slots * self.block_size / GiB:.2f} GiB")
-        lines.extend(self.notes)
-        return "\n".join(lines)
-
-
-def _meminfo(key: str) -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def estimate_dense_bytes(layout: Any, dtype: torch.dtype) -> int:
-    """Bytes of the dense weights once converted to the compute dtype (floating tensors only)."""
-    from tiered.format import DENSE_FILE, ST_ITEMSIZE, read_safetensors_header
-
-    entries, _ = read_safetensors_header(layout.path / DENSE_FILE)
-    size = torch.empty((), dtype=dtype).element_size()
-    return sum(e.nbytes // ST_ITEMSIZE[e.dtype] * size for e in entries.values())
-
-
-def estimate_kv_bytes(cfg: Any, max_context: int, dtype: torch.dtype) -> int:
-    """The sequence state (model/state.py): K and V of the attention layers for max_context positions, plus the
-    fixed conv and recurrent state of the DeltaNet layers."""
-    size = torch.empty((), dtype=dtype).element_size()
-    return cfg.kv_bytes_per_token(size) * max_context + cfg.state_bytes_per_sequence(size)
-
-
-def estimate_scratch_bytes(cfg: Any, block_size: int, dtype: torch.dtype, prefill_chunk: int = 512) -> int:
-    """Working memory: gathered top-k expert weights (decode), prefill activations and logits, allocator slack."""
-    size = torch.empty((), dtype=dtype).element_size()
-    gathered = cfg.top_k * block_size * max(1, size // 2)  # index_select of K experts, converted on use
-    acts = prefill_chunk * (cfg.hidden_size * 16 + cfg.num_heads * prefill_chunk) * 4
-    logits = cfg.vocab_size * 4 * 2
-    return 256 * MiB + gathered + acts + logits
-
-
-def plan_budget(cfg: Any, block_size: int, tiers: TierConfig, *, device: torch.device, dense_bytes: int,
-                kv_bytes: int, scratch_bytes: int, gpu_total: int | None = None, gpu_free: int | None = None,
-                ram_total: int | None = None, ram_avail: int | None = None) -> CachePlan:
-    """Turn the flags into slot counts; raise BudgetError with the numbers when they cannot work.
-
-    Explicit flags win over defaults; defaults never come from MemTotal alone (the GPU box's RAM
-    grows as it is used), and a --ram-gb above MemTotal only warns.
-    """
-    n_all = cfg.num_layers * cfg.num_experts
-    K = cfg.top_k
-    cuda = device.type == "cuda"
-    notes: list[str] = []
-    fixed = dense_bytes + kv_bytes + scratch_bytes
-    brk = {"dense": dense_bytes, "kv_cache": kv_bytes, "scratch": scratch_bytes}
-    need_min = f"one layer's top-k = {K} slots x {block_size / MiB:.2f} MiB = {K * block_size / GiB:.3f} GiB"
-    if tiers.vram_gb is not None and cuda and gpu_total is not None and tiers.vram_gb * GiB > gpu_total:
-        raise BudgetError(f"--vram-gb {tiers.vram_gb} GiB is more than this GPU has ({gpu_total / GiB:.2f} GiB): "
-                          "pass at most that")
-    if tiers.expert_slots is not None:
-        S = tiers.expert_slots
-        if S < K:
-            raise BudgetError(f"--expert-slots {S} is below {need_min}: pass --expert-slots {K} or more")
-        if S > n_all:
-            notes.append(f"--expert-slots {S} is more than the model's {n_all} experts: using {n_all}")
-            S = n_all
-        if tiers.vram_gb is not None and fixed + S * block_size > tiers.vram_gb * GiB:
-            raise BudgetError(
-                f"--expert-slots {S} ({S * block_size / GiB:.2f} GiB) + dense {dense_bytes / GiB:.2f} + KV cache "
-                f"{kv_bytes / GiB:.2f} + scratch {scratch_bytes / GiB:.2f} GiB exceed --vram-gb {tiers.vram_gb}: "
-                "drop one of the two flags or make them agree")
-    elif tiers.vram_gb is not None:
-        room = int(tiers.vram_gb * GiB) - fixed
-        S = max(0, room) // block_size
-        if S < K:
-            raise BudgetError(
-                f"--vram-gb {tiers.vram_gb} leaves {max(room, 0) / GiB:.3f} GiB for experts after dense "
-                f"{dense_bytes / GiB:.2f} + KV cache {kv_bytes / GiB:.2f} + scratch {scratch_bytes / GiB:.2f} GiB, "
-                f"below {need_min}: pass --vram-gb {(fixed + K * block_size) / GiB:.2f} or more "
-                "(or lower --max-context to shrink the KV cache)")
-        S = min(S, n_all)
-    elif cuda:
-        room = (gpu_free if gpu_free is not None else 0) - fixed
-        S = min(n_all, max(0, int(room * 0.9)) // block_size)
-        if S < K:
-            raise BudgetError(f"the GPU has {(gpu_free or 0) / GiB:.2f} GiB free, not enough for dense + KV cache "
-                              f"+ {need_min}: free GPU memory or lower --max-context")
-        notes.append(f"no --vram-gb/--expert-slots: {S} slots from 90% of the free GPU memory")
-    else:
-        S = n_all
-    if cuda and gpu_free is not None and S * block_size > gpu_free:
-        raise BudgetError(f"{S} expert slots need {S * block_size / GiB:.2f} GiB but the GPU has "
-                          f"{gpu_free / GiB:.2f} GiB free: lower --expert-slots/--vram-gb")
-    brk["slots"] = S * block_size
-    brk["unused"] = max(0, int((tiers.vram_gb or 0) * GiB) - fixed - S * block_size) if tiers.vram_gb else 0
-
-    if tiers.ram_gb is not None:
-        R = int(tiers.ram_gb * GiB) // block_size
-        if R < 1:
-            raise BudgetError(f"--ram-gb {tiers.ram_gb} holds no expert block ({block_size / MiB:.2f} MiB each): "
-                              f"pass --ram-gb {block_size / GiB:.4f} or more")
-        if ram_total is not None and tiers.ram_gb * GiB > ram_total:
-            notes.append(f"warning: --ram-gb {tiers.ram_gb} is above MemTotal ({ram_total / GiB:.1f} GiB); "
-                         "kept, since explicit flags win (some machines grow their RAM as it is used)")
-        R = min(R, n_all)
-    elif cuda:
-        avail = ram_avail if ram_avail is not None else 8 * GiB
-        R = max(1, min(n_all, avail // 2 // block_size))
-        notes.append(f"no --ram-gb: {R} RAM slots from half of MemAvailable ({avail / GiB:.1f} GiB)")
-    else:
-        R = 0  # CPU: the device tier is RAM already; slots are filled straight from the file
-    return CachePlan(S, R, block_size, tiers.vram_gb, brk, tuple(notes))
-
 
 class _PhaseCounts:
     """Counters of one phase (prefill or decode)."""
@@ -226,7 +47,7 @@ class _PhaseCounts:
         self.tokens = 0  # get() calls at layer 0 in one-token steps (decode)
 
 
-class ExpertCache:
+class ExpertCache(HostSlotProvider):
     """ExpertProvider over S device slots, R RAM slots and the layout on disk.
 
     Args:
@@ -247,13 +68,13 @@ class ExpertCache:
         self.num_layers, self.num_experts = cfg.num_layers, cfg.num_experts
         self.block_size = layout.block_size
         cuda = self.device.type == "cuda"
-        kw = {"w": tiers.flru_w if tiers.flru_w is not None else float(cfg.num_layers)}
-        pol = lambda name: make_policy(name, **(kw if name == "flru" else {}))  # noqa: E731
-        if tiers.policy == PREDICTED:  # fed by the routing observer (engine.load attaches it)
-            from tiered.predict.prefetch import PredictedEviction
+        flru_w = tiers.flru_w if tiers.flru_w is not None else float(cfg.num_layers)
 
-            pol = lambda name: (PredictedEviction(cfg.num_layers, cfg.num_experts) if name == PREDICTED  # noqa: E731
-                                else make_policy(name))
+        def pol(name: str) -> Any:
+            if name == PREDICTED:  # scores come from the routing observer the engine builds (predict/prefetch.py)
+                return ScoredEviction(cfg.num_layers, cfg.num_experts)
+            return make_policy(name, **({"w": flru_w} if name == "flru" else {}))
+
         self.reader = BlockReader(layout, io=tiers.io, verify=tiers.verify, threads=tiers.io_threads, faults=faults)
         S = plan.expert_slots
         self.vram = SlotPool(S, self.block_size, layout.tensor_specs, pol(tiers.policy), device=self.device,
@@ -281,7 +102,8 @@ class ExpertCache:
         self.prefetch_used = 0
         self.phase = "decode"
         self._phases = {"prefill": _PhaseCounts(), "decode": _PhaseCounts()}
-        self.trace: list[tuple[str, list[int]]] | None = None  # set to [] to record (phase, keys) per get()
+        self.gets: list[tuple[str, list[int]]] | None = None  # (phase, keys) per get() while record_gets() is on
+        self.preload_s: float | None = None  # seconds --ram-preload took
         if tiers.ram_preload and self.ram is not None:
             t0 = time.perf_counter()
             self.ram.preload(list(range(self.num_layers * self.num_experts)), 0)
@@ -299,6 +121,21 @@ class ExpertCache:
             return False
         reg.unregister(row)
         return True
+
+    def record_gets(self, on: bool = True) -> list[tuple[str, list[int]]] | None:
+        """Start (on) or stop recording the (phase, keys) of every get(); returns the list being filled (a fresh
+        one when starting), or the finished one when stopping. Tests and benchmarks compare request streams."""
+        if on:
+            self.gets = []
+            return self.gets
+        out, self.gets = self.gets, None
+        return out
+
+    @property
+    def eviction_scores(self) -> ScoredEviction | None:
+        """The device tier's policy when it evicts by scores (--policy predicted): the prefetcher feeds it."""
+        p = self.vram.table.policy
+        return p if isinstance(p, ScoredEviction) else None
 
     # --- phases (optional: the engine says when decode starts) ---
     def set_phase(self, phase: str) -> None:
@@ -331,8 +168,8 @@ class ExpertCache:
             raise ValueError(f"get(layer {layer}) got repeated expert ids {ids}: pass distinct ids")
         self._t += 1
         t = self._t
-        if self.trace is not None:
-            self.trace.append((self.phase, keys))
+        if self.gets is not None:
+            self.gets.append((self.phase, keys))
         self._pinned = pinned
         ph = self._phases[self.phase]
         if layer == 0 and self.phase == "decode":
@@ -343,7 +180,7 @@ class ExpertCache:
         slots: list[int] = [resident.get(k, -1) for k in keys]
         missing: list[int] = []
         prefetched = self._prefetched
-        for i, k in enumerate(keys):  # hits are touched in key order, as before
+        for i, k in enumerate(keys):  # hits are touched in key order
             if slots[i] < 0:
                 missing.append(i)
                 continue
@@ -388,17 +225,15 @@ class ExpertCache:
 
     def _load(self, keys: list[int], slot_of: dict[int, int], t: float, pinned: set[int]) -> None:
         """Fill the device slots of `keys` from the RAM tier (or the file); on error forget them all."""
-        done: set[int] = set()
         self.vram.begin_copies(t)
         try:
             if self.ram is None:
-                self._load_passthrough(keys, slot_of, done)
+                self._load_passthrough(keys, slot_of)
             else:
                 with self.vram.copy_context():
                     for k, rs in self.ram.fetch(keys, t, pinned):
                         self.vram.copy_in(slot_of[k], self.ram.host_row(rs))
                         self.ram.mark_dma(rs, self.vram.stream)
-                        done.add(k)
         except BaseException:
             for k in keys:  # a half-filled slot must never be handed out as that expert
                 self.vram.table.drop(k)
@@ -406,7 +241,7 @@ class ExpertCache:
         finally:
             self.vram.end_copies()
 
-    def _load_passthrough(self, keys: list[int], slot_of: dict[int, int], done: set[int]) -> None:
+    def _load_passthrough(self, keys: list[int], slot_of: dict[int, int]) -> None:
         """CPU without a RAM tier: copy from the mapping (mmap) or O_DIRECT-read into the slot itself."""
         if self.tiers.io == "mmap":
             for k in keys:
@@ -415,7 +250,6 @@ class ExpertCache:
                 self.vram.row(slot_of[k]).copy_(self.reader.mapped_row(k))
                 self.reader.note_mapped_read(self.block_size, time.perf_counter() - t0)
                 self.vram.note_filled(slot_of[k])
-                done.add(k)
             return
         futures = [(k, self.reader.submit(k, self.vram.row(slot_of[k]))) for k in keys]
         err = None
@@ -423,7 +257,6 @@ class ExpertCache:
             e = f.exception()
             if e is None:
                 self.vram.note_filled(slot_of[k])
-                done.add(k)
             elif err is None:
                 err = e
         if err is not None:
@@ -500,7 +333,7 @@ class ExpertCache:
                         "stall_s": p.stall_s + self.vram.wait_s_by_phase.get("prefill", 0.0)},
             "device_wait_s": stall_dev,
         }
-        if hasattr(self, "preload_s"):
+        if self.preload_s is not None:
             out["ram_preload_s"] = self.preload_s
         return out
 
@@ -529,20 +362,21 @@ class ExpertCache:
 def make_provider(layout: Any, *, device: torch.device | str, dtype: torch.dtype | None = None,
                   max_context: int | None = None, faults: Faults | None = None, quiet: bool = False,
                   **flags: Any) -> ExpertCache:
-    """The engine's entry point: budget flags (TierConfig fields) -> an ExpertCache; prints the plan on stderr."""
+    """The engine's entry point: budget options (TierConfig fields; None = default) -> an ExpertCache; prints the
+    plan on stderr."""
     device = torch.device(device)
-    tiers = TierConfig(**flags)
+    tiers = TierConfig.from_flags(flags)
     cfg = layout.config
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    ctx = int(max_context or min(4096, cfg.max_position_embeddings))
+    ctx = default_context(cfg, max_context)
     gpu_total = gpu_free = None
     if device.type == "cuda":
         gpu_free, gpu_total = torch.cuda.mem_get_info(device)
     plan = plan_budget(cfg, layout.block_size, tiers, device=device,
                        dense_bytes=estimate_dense_bytes(layout, dtype), kv_bytes=estimate_kv_bytes(cfg, ctx, dtype),
                        scratch_bytes=estimate_scratch_bytes(cfg, layout.block_size, dtype),
-                       gpu_total=gpu_total, gpu_free=gpu_free, ram_total=_meminfo("MemTotal"),
-                       ram_avail=_meminfo("MemAvailable"))
+                       gpu_total=gpu_total, gpu_free=gpu_free, ram_total=meminfo("MemTotal"),
+                       ram_avail=meminfo("MemAvailable"))
     if not quiet:
         print("tiered: " + plan.describe().replace("\n", "\ntiered: "), file=sys.stderr)
     return ExpertCache(layout, plan, tiers, device=device, faults=faults)

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from tiered.config import ModelConfig
-from tiered.format import DENSE_FILE, DTYPES, EXPERTS_FILE, ST_DTYPES, LayoutError, Manifest, TensorSpec, \
+from tiered.layout.config import ModelConfig
+from tiered.layout.format import DENSE_FILE, DTYPES, EXPERTS_FILE, ST_DTYPES, LayoutError, Manifest, TensorSpec, \
     read_manifest, read_safetensors_header
 
 
@@ -95,12 +95,6 @@ class Layout:
         """The whole block of one expert, zero-copy over the mmap."""
         _, off, size, _ = self.block_offset(layer, expert)
         return memoryview(self._experts_map)[off:off + size]
-
-    def expert_tensors(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
-        """{"gate", "up", "down"} of one expert as views into the mmap; no copy."""
-        block = _readonly_frombuffer(self.block_bytes(layer, expert), torch.uint8)
-        return {s.role: block[s.offset:s.offset + s.nbytes].view(DTYPES[s.dtype]).view(s.shape)
-                for s in self.tensor_specs}
 
     def dense(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         """Dense tensors by canonical name, in their stored dtype; zero-copy views when device is CPU."""

@@ -1,25 +1,22 @@
-"""Disk-tier reads of expert blocks: page-cache reads, O_DIRECT reads, cudaHostRegister, checksums.
+"""Disk-tier reads of expert blocks: page-cache reads, O_DIRECT reads, checksums.
 
 Owns: `BlockReader`, which moves one expert block of experts.bin into a host buffer, either
 through the page cache (`io="mmap"`: buffered `preadv`, or no copy at all when the mapped block is
 registered with the GPU) or around it (`io="direct"`: O_DIRECT `preadv` of 4 KiB-aligned chunks
-from a thread pool); first-use xxh3_64 verification (`verify="first-use"`); `HostRegistrar`
-(cudaHostRegister / Unregister of mapped blocks, flag 8 = cudaHostRegisterReadOnly; flag 2 once
-poisoned the CUDA context, see GROUND.md); `Faults`, the fault-injection hooks of the tests.
-Does not own: which blocks are resident where (ram.py, vram.py, cache.py) nor the layout's
-manifest (disk.py / format.py).
+from a thread pool); first-use xxh3_64 verification (`verify="first-use"`); `Faults`, the
+fault-injection hooks of the tests.
+Does not own: host buffers and their registration with the GPU (hostmem.py), which blocks are
+resident where (ram.py, vram.py, cache.py) nor the layout's manifest (disk.py / format.py).
 
 Every failure names the layer, expert, file and offset and says what to do; nothing retries
 silently and nothing waits without a bound (each read is one finite syscall per chunk).
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import threading
 import time
-import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +25,9 @@ from typing import Any
 import torch
 import xxhash
 
-ALIGN = 4096  # O_DIRECT needs 4 KiB-aligned file offsets, sizes and buffer addresses
-IO_MODES = ("mmap", "direct")
-VERIFY_MODES = ("first-use", "none")
+from tiered.layout.format import ALIGN  # O_DIRECT needs 4 KiB-aligned file offsets, sizes and buffer addresses
+from tiered.store.hostmem import as_memoryview
+from tiered.store.options import IO_MODES, VERIFY_MODES
 
 
 class ExpertReadError(RuntimeError):
@@ -57,132 +54,6 @@ class BlockRef:
 
     def where(self) -> str:
         return f"layer {self.layer} expert {self.expert} ({self.size} bytes at offset {self.offset} of {self.path})"
-
-
-def _unpin(ptrs: set[int], keep: Any = None) -> None:
-    """Unregister host ranges at garbage collection, before their memory can be unmapped and its addresses
-    reused (CUDA would refuse a later registration there: error 712). Never raises. `keep` holds the
-    mapping alive until this has run."""
-    for p in list(ptrs):
-        try:
-            if int(getattr(e := torch.cuda.cudart().cudaHostUnregister(p), "value", e)):
-                clear_cuda_error()
-        except Exception:  # noqa: BLE001 - interpreter shutdown, a context already gone: nothing to do
-            pass
-    ptrs.clear()
-
-
-class _HostBuffer:
-    """Owner of a page-aligned anonymous mapping, page-locked with cudaHostRegister when pinned."""
-
-    def __init__(self, nbytes: int, pin: bool) -> None:
-        import mmap
-
-        self.map = mmap.mmap(-1, max(nbytes, ALIGN))
-        self.tensor = torch.frombuffer(self.map, dtype=torch.uint8)[:nbytes]  # uint8 [nbytes]
-        self._pinned: set[int] = set()
-        if pin:
-            # torch's pinned allocator rounds sizes up to a power of two (a 19 GiB pool would lock
-            # 32 GiB); registering an exact-size mapping locks only what is asked for.
-            code = HostRegistrar.register_raw(self.tensor.data_ptr(), len(self.map), 0)
-            if code:
-                raise RuntimeError(f"cudaHostRegister of a {nbytes / 2**30:.2f} GiB host buffer failed (CUDA error "
-                                   f"{code}): lower --ram-gb, or raise the locked-memory limit (ulimit -l)")
-            self._pinned.add(self.tensor.data_ptr())
-            weakref.finalize(self, _unpin, self._pinned, self.map)
-
-    @property
-    def registered(self) -> bool:
-        return bool(self._pinned)
-
-    def release(self) -> None:
-        if self._pinned:
-            torch.cuda.synchronize()
-            _unpin(self._pinned)
-
-
-def aligned_empty(nbytes: int, *, pin: bool) -> tuple[torch.Tensor, Any]:
-    """A uint8 [nbytes] host tensor, 4 KiB aligned (O_DIRECT); page-locked when `pin`.
-
-    Returns (tensor, owner); keep `owner` alive as long as the tensor, and call owner.release()
-    to unpin before dropping it.
-    """
-    owner = _HostBuffer(nbytes, pin)
-    t = owner.tensor
-    if t.data_ptr() % ALIGN:
-        raise RuntimeError(f"host buffer at {t.data_ptr():#x} is not {ALIGN}-byte aligned; O_DIRECT needs it")
-    return t, owner
-
-
-def _as_memoryview(t: torch.Tensor) -> memoryview:
-    """A writable memoryview over a contiguous uint8 host tensor (no copy)."""
-    assert t.dtype == torch.uint8 and t.is_contiguous() and t.device.type == "cpu"
-    return memoryview((ctypes.c_char * t.numel()).from_address(t.data_ptr())).cast("B")
-
-
-def _loaded_cudart() -> Any:
-    """The libcudart this process already loaded (torch's), via ctypes; None if not found."""
-    try:
-        with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if "libcudart" in line}
-    except OSError:
-        paths = set()
-    for p in sorted(paths):
-        try:
-            return ctypes.CDLL(p)
-        except OSError:
-            continue
-    return None
-
-
-def clear_cuda_error() -> None:
-    """Reset CUDA's last error after a refused (non-sticky) call, so torch's next launch check does not
-    report it. torch's cudart bindings lack cudaGetLastError, so it is called through ctypes."""
-    fn = getattr(torch.cuda.cudart(), "cudaGetLastError", None)
-    if fn is not None:
-        fn()
-        return
-    lib = _loaded_cudart()
-    if lib is not None:
-        lib.cudaGetLastError()
-
-
-class HostRegistrar:
-    """cudaHostRegister(ptr, n, ReadOnly) of mapped blocks, so the GPU DMAs from the page cache.
-
-    Blocks still registered when the registrar is collected are unregistered then (see `_unpin`).
-    """
-
-    READ_ONLY = 8  # cudaHostRegisterReadOnly; 2 (IoMemory) poisoned the context on the GPU box
-
-    def __init__(self) -> None:
-        self._rt = torch.cuda.cudart()
-        self._live: set[int] = set()  # registered pointers
-        weakref.finalize(self, _unpin, self._live)
-
-    def register(self, t: torch.Tensor) -> int:
-        """Register `t`'s bytes read-only; returns the CUDA error code (0 = success; the error is cleared)."""
-        code = self.register_raw(t.data_ptr(), t.numel(), self.READ_ONLY)
-        if not code:
-            self._live.add(t.data_ptr())
-        return code
-
-    @staticmethod
-    def register_raw(ptr: int, nbytes: int, flags: int) -> int:
-        rt = torch.cuda.cudart()
-        err = rt.cudaHostRegister(ptr, nbytes, flags)
-        code = int(getattr(err, "value", err))
-        if code:
-            clear_cuda_error()  # registration errors are not sticky: clear and fall back
-        return code
-
-    def unregister(self, t: torch.Tensor) -> None:
-        self._live.discard(t.data_ptr())
-        err = self._rt.cudaHostUnregister(t.data_ptr())
-        code = int(getattr(err, "value", err))
-        if code:
-            clear_cuda_error()
-            raise RuntimeError(f"cudaHostUnregister({t.data_ptr():#x}) failed with CUDA error {code}")
 
 
 class BlockReader:
@@ -260,7 +131,7 @@ class BlockReader:
         """preadv of bytes [start, start+n) of the block into dest[start:start+n]; full or raise."""
         fault = self.faults.plan.get((ref.layer, ref.expert))
         fd = self._fd(ref.path)
-        view = _as_memoryview(dest[start:start + n])
+        view = as_memoryview(dest[start:start + n])
         done = 0
         while done < n:  # a buffered read may legally return less than asked: continue where it stopped
             try:
@@ -342,7 +213,7 @@ class BlockReader:
         if self.faults.plan.get((ref.layer, ref.expert)) == "corrupt":
             dest[ref.size // 2] ^= 0xFF
         if self.verify == "first-use" and key not in self._verified:
-            self.check(ref, key, _as_memoryview(dest))
+            self.check(ref, key, as_memoryview(dest))
 
     def check(self, ref: BlockRef, key: int, data: Any) -> None:
         """Compare the block's xxh3_64 with the manifest's; record the key as verified."""

@@ -1,6 +1,8 @@
 """Eviction policies: which resident expert leaves a full tier.
 
-Owns: the `Policy` classes (LRU, LFU, frequency-weighted LRU), `make_policy`, and the offline
+Owns: the `Policy` classes (LRU, LFU, frequency-weighted LRU, and `ScoredEviction`, which evicts the
+lowest score that someone else computes: predict/prefetch.py scores experts from the routers),
+`make_policy`, and the offline
 Belady optimum `belady` used as the ceiling of every demand policy. Keys are ints,
 `layer * E + expert`; times `t` are the caller's clock (any non-decreasing number: the cache
 uses its get() counter, the simulator its step index).
@@ -18,6 +20,8 @@ from __future__ import annotations
 import heapq
 from collections import OrderedDict
 from typing import Collection, Iterable, Sequence
+
+import numpy as np
 
 
 class PolicyInvariantError(AssertionError):
@@ -232,7 +236,85 @@ class FrequencyLRU(_ScoredPolicy):
         return self._uses[key] * self.w + self._last[key]
 
 
-POLICIES: dict[str, type[Policy]] = {"lru": LRU, "lfu": LFU, "flru": FrequencyLRU}
+class ScoredEviction(Policy):
+    """Evict the resident key with the lowest score; LRU order breaks ties.
+
+    The scores are written by a caller that knows more than the access sequence (`set_scores(layer, scores)`,
+    from the prefetcher's router-fed scorer in predict/prefetch.py); this policy only keeps them and ranks by
+    them. Keys are layer * E + expert, like every policy; all scores start at 0 (pure LRU).
+
+    State is arrays over all L*E keys (resident mask, score, LRU sequence number), so `victims` is a few
+    numpy operations, with no Python loop over experts or residents.
+    """
+
+    name = "predicted"
+
+    def __init__(self, num_layers: int, num_experts: int) -> None:
+        super().__init__()
+        n = num_layers * num_experts
+        self.E = num_experts
+        self.score = np.zeros(n)  # [L*E] higher = keep
+        self.resident = np.zeros(n, dtype=bool)  # [L*E] tracked keys
+        self.seq = np.zeros(n, dtype=np.int64)  # [L*E] order of the last insert/touch (LRU tie-break)
+        self._next = 0
+        self._count = 0
+
+    def set_scores(self, layer: int, scores: np.ndarray) -> None:
+        """scores [E]: the keep-score of each expert of `layer` (higher = more likely needed soon)."""
+        self.score[layer * self.E:(layer + 1) * self.E] = scores
+
+    def _stamp(self, key: int) -> None:
+        self._next += 1
+        self.seq[key] = self._next
+
+    def insert(self, key: int, t: float) -> None:
+        self._clock(t)
+        self._check_absent(key)
+        self.resident[key] = True
+        self._count += 1
+        self._stamp(key)
+
+    def touch(self, key: int, t: float) -> None:
+        self._clock(t)
+        self._check_present(key, "touch")
+        self._stamp(key)
+
+    def remove(self, key: int) -> None:
+        self._check_present(key, "remove")
+        self.resident[key] = False
+        self._count -= 1
+
+    def victim(self, resident: Iterable[int] | None = None, pinned: Collection[int] = ()) -> int:
+        return self.victims(1, resident, pinned)[0]
+
+    def victims(self, n: int, resident: Iterable[int] | None = None, pinned: Collection[int] = ()) -> list[int]:
+        """The n lowest scores among evictable keys, least recently used first among equal scores."""
+        cand = self._as_set(resident)
+        mask = self.resident
+        if (cand is not None and len(cand) != self._count) or pinned:
+            mask = mask.copy()
+            if cand is not None and len(cand) != self._count:  # a subset of the tracked keys
+                sub = np.zeros_like(mask)
+                sub[np.fromiter(cand, dtype=np.int64, count=len(cand))] = True
+                mask &= sub
+            if pinned:
+                mask[np.fromiter(pinned, dtype=np.int64, count=len(pinned))] = False
+        idx = np.flatnonzero(mask)
+        if idx.size < n:
+            raise self._none_left(cand, pinned)
+        order = np.lexsort((self.seq[idx], self.score[idx]))[:n]  # by score, then by age
+        return idx[order].tolist()
+
+    def __contains__(self, key: int) -> bool:
+        return 0 <= key < self.resident.size and bool(self.resident[key])
+
+    def __len__(self) -> int:
+        return self._count
+
+
+POLICIES: dict[str, type[Policy]] = {"lru": LRU, "lfu": LFU, "flru": FrequencyLRU}  # policies of the access sequence
+PREDICTED = ScoredEviction.name  # the device tier's scored policy (its scores need the model's routers)
+DEVICE_POLICIES = frozenset(POLICIES) | {PREDICTED}
 
 
 def make_policy(name: str, **kw) -> Policy:

@@ -19,7 +19,8 @@ from typing import Any, Collection, Iterator
 
 import torch
 
-from tiered.store.io import BlockReader, HostRegistrar, aligned_empty
+from tiered.store.hostmem import HostRegistrar, aligned_empty
+from tiered.store.io import BlockReader
 from tiered.store.policy import Policy
 from tiered.store.slots import SlotTable
 

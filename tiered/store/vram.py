@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from tiered.store.disk import expert_views
-from tiered.store.io import aligned_empty
+from tiered.store.hostmem import aligned_empty
 from tiered.store.policy import Policy
 from tiered.store.slots import SlotTable
 

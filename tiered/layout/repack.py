@@ -27,9 +27,9 @@ import torch
 import xxhash
 
 from tiered import __version__
-from tiered.config import EXPERT_ROLES, FUSED_EXPERT_ROLES, ModelConfig
-from tiered.families import Family, FamilyError, read_checkpoint_config
-from tiered.format import (ALIGN, DENSE_FILE, DTYPES, EXPERTS_FILE, MANIFEST, ST_DTYPES, ST_ITEMSIZE, ST_NAMES,
+from tiered.layout.config import EXPERT_ROLES, FUSED_EXPERT_ROLES, ModelConfig
+from tiered.layout.families import Family, FamilyError, read_checkpoint_config
+from tiered.layout.format import (ALIGN, DENSE_FILE, DTYPES, EXPERTS_FILE, MANIFEST, ST_DTYPES, ST_ITEMSIZE, ST_NAMES,
                            TOKENIZER_FILES, LayoutError, StEntry, build_manifest, fsync_dir, plan_block,
                            read_manifest, read_safetensors_header, xxh3_hex)
 

@@ -54,7 +54,10 @@ from torch import Tensor
 from tiered.model.layers import StepPlan, plan_eager
 from tiered.model.moe import routed_logits
 from tiered.model.transformer import Routed, Transformer
-from tiered.store.io import ExpertReadError, aligned_empty
+from tiered.layout.format import align_up
+from tiered.store.hostmem import aligned_empty
+from tiered.store.io import ExpertReadError
+from tiered.store.provider import HostSlotProvider
 
 COPY_MODES = ("graph", "host")
 
@@ -64,18 +67,8 @@ class GraphCaptureError(RuntimeError):
 
 
 def host_slots_api(provider: Any) -> Callable[..., list[int]] | None:
-    """provider.get_slots when it is the provider's own answer to get(); else None (use get()).
-
-    A wrapper whose class overrides get() (e.g. to prefetch after it) but reaches get_slots only through
-    delegation (__getattr__) would be bypassed by get_slots: such a wrapper is served through its get().
-    """
-    f = getattr(provider, "get_slots", None)
-    if f is None:
-        return None
-    cls = type(provider)
-    if hasattr(cls, "get") and not hasattr(cls, "get_slots") and "get_slots" not in vars(provider):
-        return None
-    return f
+    """provider.get_slots when the provider declares it (store.provider.HostSlotProvider); else None (use get())."""
+    return provider.get_slots if isinstance(provider, HostSlotProvider) else None
 
 
 def span_for(pos: int, max_context: int) -> int:
@@ -123,7 +116,7 @@ class PiecewiseDecode:
         n = 2 + L * K + K  # int64 entries: step (token, pos), ids [L, K], slots [K]
         self._owner: Any = None
         if self.cuda:
-            raw, self._owner = aligned_empty(max(4096, -(-n * 8 // 4096) * 4096), pin=True)
+            raw, self._owner = aligned_empty(align_up(n * 8), pin=True)
             host = raw[:n * 8].view(torch.int64)  # unpinned by its owner at collection (io._unpin)
         else:
             host = torch.empty(n, dtype=torch.int64)
@@ -139,7 +132,7 @@ class PiecewiseDecode:
         E = cfg.num_experts
         nw, nl = L * K * 4, L * E * torch.finfo(model.dtype).bits // 8
         if self.cuda:
-            raw2, self._owner2 = aligned_empty(max(4096, -(-(nw + nl) // 4096) * 4096), pin=True)
+            raw2, self._owner2 = aligned_empty(align_up(nw + nl), pin=True)
         else:
             raw2, self._owner2 = torch.empty(nw + nl, dtype=torch.uint8), None
         self._w_rows = list(raw2[:nw].view(torch.float32).view(L, K).unbind(0))  # [K] fp32 per layer
@@ -150,8 +143,7 @@ class PiecewiseDecode:
         else:
             self.step_dev, self.slot_dev = self.step_host, self.slot_host
         self._stream: Any = None  # the compute stream of the current step (the host waits on it for the top-k)
-        self._prov: Any = None  # the provider host_slots_api was last asked about, and its answer
-        self._prov_get_slots: Callable[..., list[int]] | None = None
+        self._get_slots = host_slots_api(model.provider)  # None: the provider is served through get()
         self.chains: dict[int, _Chain] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
         self.probed = False
@@ -207,7 +199,7 @@ class PiecewiseDecode:
         m = self.model
         t0 = time.perf_counter()
         obs = m.observer
-        late = obs is not None and getattr(obs, "deferrable", False)
+        late = obs is not None and obs.deferrable
         if self.cuda:
             if not self._inside:
                 self._copy_routing(l, r, ids_only=not late)
@@ -222,16 +214,13 @@ class PiecewiseDecode:
             ids_d, w_d = m.routing(l, int(self._step_np[1]), 1)
             r.ids.copy_(ids_d, non_blocking=True)
             r.weights.copy_(w_d, non_blocking=True)  # seg l+1 reads these weights
-            host = getattr(m.routing, "host", None)  # host rows without a device sync, when the override has them
-            ids_h, w_h = host(l, int(self._step_np[1]), 1) if host is not None else (ids_d.cpu(), w_d.cpu())
+            ids_h, w_h = m.routing.host(l, int(self._step_np[1]), 1)  # host rows: no device sync
             ids = ids_h[0]
             ids_list = ids.tolist()
         t1 = time.perf_counter()
         if obs is not None and not late:
             self._observe(obs, l, r, ids, (ids_h, w_h) if replayed else None)
-        if m.provider is not self._prov:  # the provider may be swapped (e.g. wrapped by a prefetcher)
-            self._prov, self._prov_get_slots = m.provider, host_slots_api(m.provider)
-        get_slots = self._prov_get_slots
+        get_slots = self._get_slots
         if get_slots is not None:
             slots = get_slots(l, ids_list)
         else:  # a provider without the host API: its device answer, read back
@@ -264,11 +253,11 @@ class PiecewiseDecode:
     def _observe(self, obs: Any, l: int, r: Routed, ids_host: Tensor, replayed: tuple[Tensor, Tensor] | None, *,
                  rows: bool = False) -> None:
         """Hand layer l's routing to the observer. With graphs the outputs are rewritten by the next replay, so
-        the observer gets host copies, and only of what it needs (`needs_hidden` / `needs_logits`, default
-        True): ids come from the host row already read, so an observer of ids alone costs no device sync.
+        the observer gets host copies, and only of what it declares it needs (`needs_hidden` / `needs_logits`):
+        ids come from the host row already read, so an observer of ids alone costs no device sync.
         With replayed routing the weights are the replayed ones and the logits are made consistent with them."""
-        need_h = getattr(obs, "needs_hidden", True)
-        need_lg = getattr(obs, "needs_logits", True)
+        need_h = obs.needs_hidden
+        need_lg = obs.needs_logits
         if replayed is not None:
             ids_o, w_o = replayed[0].clone(), replayed[1].clone()
             lg = routed_logits(ids_o, w_o, r.logits.shape[-1]) if need_lg else None

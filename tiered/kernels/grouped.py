@@ -1,6 +1,6 @@
 """Grouped expert GEMMs for one decode token on CUDA: read each chosen expert's weights once, no gather copy.
 
-Owns: `grouped_mm_available` and `experts_decode_grouped`, which computes K experts for one token with
+Owns: `experts_decode_grouped`, which computes K experts for one token with
 `torch.nn.functional.grouped_mm` (or `torch._grouped_mm`) straight over a pool of expert blocks,
 grouping by slot. `index_select` of the K experts' weights copies them first (read + write of
 every weight byte, then read again by the matmul); a grouped GEMM reads each once.
@@ -17,12 +17,6 @@ from torch import Tensor
 def _grouped_mm():
     fn = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
     return fn
-
-
-def grouped_mm_available(device: torch.device) -> bool:
-    """True on CUDA devices of compute capability >= 8.0 with a torch that has grouped_mm."""
-    return (_grouped_mm() is not None and device.type == "cuda"
-            and torch.cuda.get_device_capability(device) >= (8, 0))
 
 
 def experts_decode_grouped(x: Tensor, slots: Tensor, weights: Tensor, gate: Tensor, up: Tensor,

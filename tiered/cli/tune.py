@@ -188,7 +188,7 @@ def tune(model, trace_path, fit_trace, params_path, cache_fraction, max_tokens, 
     log(f"\ndemand hit rates, {per_layer} slots per layer ({frac:.0%} of experts), first {max_tokens} tokens per doc:")
     for n, r in pol.items():
         log(f"  {n:<10} {r['hit_rate']:.1%}")
-    from tiered.store.cache import DEVICE_POLICIES  # recommend only what `run --policy` accepts
+    from tiered.store.policy import DEVICE_POLICIES  # recommend only what `run --policy` accepts
 
     best_pol = max((p for p in DEMAND_POLICIES if p in DEVICE_POLICIES), key=lambda p: pol[p]["hit_rate"])
     pf_policy = policy or best_pol

@@ -2,7 +2,8 @@
 
 Owns: the click command (parse, record, save, optional plot) and the plots (matplotlib, an optional
 extra: without it --plot says so and the trace is still written).
-Does not own: the trace format or recorder (trace.py).
+Does not own: the trace format or recorder (predict/trace.py). The budget flags are `run`'s (cli/options.py);
+the trace does not depend on them.
 """
 from __future__ import annotations
 
@@ -12,11 +13,7 @@ from pathlib import Path
 
 import click
 
-BUDGET_HELP = "budget flags as in `tiered run` (the trace does not depend on them)"
-
-
-def _usage(msg: str) -> click.UsageError:
-    return click.UsageError(msg)
+from tiered.cli.options import budget_from, budget_options, usage as _usage
 
 
 def read_inputs(prompt_files: tuple[Path, ...], jsonl: Path | None) -> list[tuple[str, str]]:
@@ -89,15 +86,8 @@ def plot_trace(trace, path: Path) -> bool:
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="Compute dtype [default: float32 on CPU, bfloat16 on CUDA].")
-@click.option("--vram-gb", type=float, default=None, help=BUDGET_HELP)
-@click.option("--expert-slots", type=click.IntRange(min=1), default=None, help=BUDGET_HELP)
-@click.option("--ram-gb", type=float, default=None, help=BUDGET_HELP)
-@click.option("--io", type=click.Choice(["mmap", "direct"]), default=None, help=BUDGET_HELP)
-@click.option("--policy", type=str, default=None, help=BUDGET_HELP)
-@click.option("--prefetch-depth", type=click.IntRange(min=0), default=None, help=BUDGET_HELP)
-@click.option("--prefetch-budget", type=click.IntRange(min=0), default=None, help=BUDGET_HELP)
-def trace(model, prompt_files, jsonl, out, plot, max_len, no_hidden, no_logits, device, dtype, vram_gb,
-          expert_slots, ram_gb, io, policy, prefetch_depth, prefetch_budget) -> None:
+@budget_options
+def trace(model, prompt_files, jsonl, out, plot, max_len, no_hidden, no_logits, device, dtype, **flags) -> None:
     """Record which experts each token routes to, per layer, teacher-forced over the given texts.
 
     \b
@@ -109,13 +99,12 @@ def trace(model, prompt_files, jsonl, out, plot, max_len, no_hidden, no_logits, 
         raise _usage("give --prompt-file F (repeatable) or --input prompts.jsonl")
     docs_text = read_inputs(prompt_files, jsonl)
     from tiered.engine import EngineError, load
-    from tiered.format import LayoutError
-    from tiered.predict.trace import record, save, split_ids
+    from tiered.layout.format import LayoutError
+    from tiered.predict.trace import TraceRecorder, record, save, split_ids
 
-    budget = dict(vram_gb=vram_gb, expert_slots=expert_slots, ram_gb=ram_gb, io=io, policy=policy,
-                  prefetch_depth=prefetch_depth, prefetch_budget=prefetch_budget)
+    rec = TraceRecorder(logits=not no_logits, hidden=not no_hidden)
     try:
-        engine = load(model, device=device, dtype=dtype, budget=budget, cuda_graphs=False)
+        engine = load(model, device=device, dtype=dtype, budget=budget_from(flags), observer=rec, cuda_graphs=False)
     except (EngineError, ValueError) as e:
         raise _usage(str(e)) from None
     except LayoutError as e:
@@ -128,7 +117,7 @@ def trace(model, prompt_files, jsonl, out, plot, max_len, no_hidden, no_logits, 
         if not ids:
             raise _usage(f"{name}: encodes to zero tokens")
         docs += split_ids(name, ids, n)
-    tr = record(engine, docs, logits=not no_logits, hidden=not no_hidden)
+    tr = record(engine, rec, docs)
     save(tr, out)
     click.echo(f"[tiered] traced {tr.num_tokens} tokens in {tr.num_docs} documents "
                f"({tr.num_layers} layers, top-{tr.top_k} of {tr.num_experts}) -> {out}", err=True)

@@ -15,8 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tiered.store.disk import expert_views
+from tiered.store.provider import HostSlotProvider
 
-class ResidentExperts:
+
+class ResidentExperts(HostSlotProvider):
     """All L*E experts addressable at once; weights are views in the stored dtype."""
 
     def __init__(self, weights: Any, *, num_layers: int, num_experts: int, io: str = "resident",
@@ -38,7 +41,6 @@ class ResidentExperts:
     @classmethod
     def from_layout(cls, layout: Any, *, device: torch.device | str = "cpu") -> "ResidentExperts":
         """CPU: zero-copy views over the mmap. CUDA: one copy of experts.bin into device memory."""
-        from tiered.store.disk import expert_views
 
         device = torch.device(device)
         cfg = layout.config

@@ -5,9 +5,8 @@ Owns: reading `layouts/*.toml`, choosing the family of a checkpoint, normalising
 dense names and expert roles. This is the only module that knows Hugging Face names.
 Does not own: reading tensor data (repack.py) or the layout on disk (format.py).
 
-Adding a family is a new `layouts/<name>.toml`, plus, where the family's math differs, a hook
-named in its `[family] hook = "..."` and registered in `HOOKS` below (a function that may edit the
-normalised config fields; e.g. DeepSeek-V3's grouped routing goes into `ModelConfig.extra`).
+Adding a family is a new `layouts/<name>.toml`; where the family's math differs, the model reads the
+difference from `ModelConfig` (family-specific data goes into `ModelConfig.extra`).
 """
 from __future__ import annotations
 
@@ -17,9 +16,9 @@ import tomllib
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from tiered.config import EXPERT_ROLES, FUSED_EXPERT_ROLES, ModelConfig
+from tiered.layout.config import EXPERT_ROLES, FUSED_EXPERT_ROLES, ModelConfig
 
 
 class FamilyError(ValueError):
@@ -28,7 +27,7 @@ class FamilyError(ValueError):
 
 def layouts_dir() -> Path:
     """The folder of family files: `layouts/` in a source tree, `tiered/layouts` in a wheel."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parent.parent  # the `tiered` package
     for cand in (here.parent / "layouts", here / "layouts"):
         if cand.is_dir() and any(cand.glob("*.toml")):
             return cand
@@ -37,7 +36,7 @@ def layouts_dir() -> Path:
 
 def default_model_path() -> Path:
     """The embedded default model (a Hugging Face checkpoint shipped as package data)."""
-    return Path(__file__).resolve().parent / "data" / "olmoe-code-17m"
+    return Path(__file__).resolve().parent.parent / "data" / "olmoe-code-17m"
 
 
 # Normalised field -> Hugging Face keys, shared by every family; a family's [config] adds to or overrides these.
@@ -55,8 +54,6 @@ COMMON_KEYS: dict[str, list[str]] = {
 }
 MOE_FIELDS = ("num_experts", "top_k", "expert_ffn")
 
-Hook = Callable[[dict[str, Any], dict[str, Any]], None]  # (hf_config, normalised fields) -> None, edits fields
-HOOKS: dict[str, Hook] = {}
 
 
 @dataclass(frozen=True)
@@ -177,6 +174,9 @@ class Family:
         fields["source_dtype"] = str(hf.get("dtype") or hf.get("torch_dtype") or "bfloat16")
         fields.setdefault("tie_word_embeddings", False)
         fields.setdefault("max_position_embeddings", 4096)
+        if "hook" in self.spec["family"]:
+            raise FamilyError(f"layouts/{self.name}.toml names a hook ({self.spec['family']['hook']!r}), but family "
+                              "hooks are not supported: express the difference in the TOML or in ModelConfig")
         if "layer_kinds" in self.spec:
             fields["layer_types"] = self._layer_kinds(hf, fields)
         fields["family"] = self.name

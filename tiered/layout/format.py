@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import xxhash
 
-from tiered.config import ModelConfig
+from tiered.layout.config import ModelConfig
 
 FORMAT_NAME = "tiered-layout"
 FORMAT_VERSION = 1

@@ -1,7 +1,7 @@
 """`tiered run`: generate a continuation, streamed to stdout; stats to stderr (CONTRACTS.md, "CLI shape").
 
 Owns: the `run` click command (flags, usage errors with exit code 2, streaming, the stats line).
-Does not own: loading or generation (engine.py). cli.py registers this command on the `tiered` group.
+Does not own: loading or generation (engine.py), the budget flags (cli/options.py, from store/options.py).
 """
 from __future__ import annotations
 
@@ -12,11 +12,8 @@ from pathlib import Path
 
 import click
 
-BUDGET_HELP = "expert-cache budget (needs the expert cache; without these flags every expert stays in memory)"
-
-
-def _usage(msg: str) -> click.UsageError:
-    return click.UsageError(msg)
+from tiered.store.options import DEFAULT_CONTEXT
+from tiered.cli.options import budget_from, budget_options, usage as _usage
 
 
 def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
@@ -73,28 +70,15 @@ def _summary(s: dict) -> str:
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="Compute dtype [default: float32 on CPU, bfloat16 on CUDA].")
 @click.option("--max-context", type=click.IntRange(min=1), default=None,
-              help="KV cache positions, prompt + generated [default: min(4096, the model's limit)].")
+              help=f"KV cache positions, prompt + generated [default: min({DEFAULT_CONTEXT}, the model's limit)].")
 @click.option("--attn", type=click.Choice(["auto", "flash", "sdpa"]), default="auto", show_default=True,
               help="Attention backend: flash-attn when importable on CUDA, else PyTorch SDPA.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt as a user message in the model's chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Stats as one JSON line, the last line of stderr.")
 @click.option("--no-cuda-graphs", is_flag=True, help="Run the decode step eagerly on CUDA.")
-@click.option("--vram-gb", type=float, default=None, help=f"GiB of GPU memory for the whole model; {BUDGET_HELP}.")
-@click.option("--expert-slots", type=click.IntRange(min=1), default=None,
-              help=f"Global device-tier expert slots; {BUDGET_HELP}.")
-@click.option("--ram-gb", type=float, default=None, help=f"GiB of pinned RAM for experts; {BUDGET_HELP}.")
-@click.option("--io", type=click.Choice(["mmap", "direct"]), default=None, help=f"Disk reads; {BUDGET_HELP}.")
-@click.option("--policy", type=str, default=None, help=f"Eviction policy: lru, lfu, flru or predicted; {BUDGET_HELP}.")
-@click.option("--prefetch-depth", type=click.IntRange(min=0), default=None, help=f"Layers ahead; {BUDGET_HELP}.")
-@click.option("--prefetch-budget", type=click.IntRange(min=0), default=None,
-              help=f"Experts prefetched per layer; {BUDGET_HELP}.")
-@click.option("--verify", type=click.Choice(["first-use", "none"]), default=None,
-              help=f"Check each expert's xxh3 the first time it is read from disk [default: first-use]; {BUDGET_HELP}.")
-@click.option("--io-register", type=click.Choice(["auto", "off"]), default=None,
-              help=f"--io mmap on CUDA: register mapped experts for zero-copy DMA, or stage copies; {BUDGET_HELP}.")
+@budget_options
 def run(prompt, model, prompt_file, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, max_context,
-        attn, chat, as_json, no_cuda_graphs, vram_gb, expert_slots, ram_gb, io, policy, prefetch_depth,
-        prefetch_budget, verify, io_register) -> None:
+        attn, chat, as_json, no_cuda_graphs, **flags) -> None:
     """Continue PROMPT with a model; only the continuation goes to stdout.
 
     \b
@@ -109,14 +93,12 @@ def run(prompt, model, prompt_file, max_new_tokens, temperature, top_k, top_p, s
         raise _usage(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
     if not 0 < top_p <= 1:
         raise _usage(f"--top-p must be in (0, 1], got {top_p}")
-    budget = dict(vram_gb=vram_gb, expert_slots=expert_slots, ram_gb=ram_gb, io=io, policy=policy,
-                  prefetch_depth=prefetch_depth, prefetch_budget=prefetch_budget, verify=verify,
-                  io_register=io_register)
+    budget = budget_from(flags)
 
     from tiered.engine import EngineError, load
-    from tiered.families import FamilyError
-    from tiered.format import LayoutError
-    from tiered.tokenizer import TokenizerError
+    from tiered.layout.families import FamilyError
+    from tiered.layout.format import LayoutError
+    from tiered.layout.tokenizer import TokenizerError
 
     try:
         engine = load(model, device=device, dtype=dtype, max_context=max_context, attn=attn, budget=budget,
@@ -153,7 +135,8 @@ def run(prompt, model, prompt_file, max_new_tokens, temperature, top_k, top_p, s
     if sys.stdout.isatty():
         click.echo("", err=True)  # end the streamed line on a terminal without adding to stdout
     stats = dict(gen.stats)
-    stats["vram_budget_gib"] = vram_gb if vram_gb is not None else stats.get("vram_budget_gib")
+    if budget.get("vram_gb") is not None:
+        stats["vram_budget_gib"] = budget["vram_gb"]
     click.echo(_summary(stats), err=True)
     if as_json:
         click.echo(json.dumps(stats), err=True)

@@ -1,0 +1,67 @@
+"""`tiered repack` and `tiered verify`: checkpoint -> layout, and the layout's checksums re-read.
+
+Owns: the two click commands. Does not own: the repacker (layout/repack.py).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from tiered.cli.options import fail
+
+
+@click.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Replace DST if it exists.")
+@click.option("--dtype", type=click.Choice(["source", "bf16", "fp16", "fp32"]), default="source", show_default=True,
+              help="Stored dtype of the weights.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON line.")
+def repack(src: Path, dst: Path, force: bool, dtype: str, as_json: bool) -> None:
+    """Rewrite a Hugging Face checkpoint SRC into an expert-contiguous layout DST.
+
+    Every (layer, expert) block is 4 KiB-aligned with an xxh3 checksum; dense weights go to
+    dense.safetensors; the manifest is written last and DST appears only when complete.
+
+    \b
+    Example:
+      tiered repack ~/models/Mixtral-8x7B-v0.1 ~/layouts/mixtral --dtype bf16
+    """
+    from tiered.layout.families import FamilyError
+    from tiered.layout.format import LayoutError
+    from tiered.layout.repack import RepackError, repack as do_repack
+
+    if dst.exists() and not force:
+        fail(f"{dst} already exists: pass --force to replace it", 2)
+    try:
+        out = do_repack(src, dst, dtype=dtype, force=force, progress=True)
+    except (RepackError, FamilyError, LayoutError) as e:
+        fail(str(e))
+    msg = (f"repacked {out['blocks']} expert blocks of {out['block_size']} bytes: {out['bytes'] / 1e9:.3f} GB "
+           f"in {out['seconds']:.1f} s ({out['mb_s']:.0f} MB/s) -> {out['dst']}")
+    click.echo(json.dumps(out) if as_json else msg, err=not as_json)
+
+
+@click.command()
+@click.argument("layout", type=click.Path(path_type=Path))
+def verify(layout: Path) -> None:
+    """Recompute every checksum of LAYOUT; exit 1 naming the layer, expert, file and offset of a bad block.
+
+    \b
+    Example:
+      tiered verify ~/layouts/mixtral
+    """
+    from tiered.layout.format import LayoutError
+    from tiered.layout.repack import verify as do_verify
+
+    try:
+        problems = do_verify(layout)
+    except LayoutError as e:
+        fail(str(e))
+    for p in problems:
+        click.echo(str(p), err=True)
+    if problems:
+        fail(f"{len(problems)} corrupted block(s) in {layout}")
+    click.echo(f"ok: {layout} verified")

@@ -1,0 +1,142 @@
+"""Host memory the tiers copy through: 4 KiB-aligned buffers (page-locked on CUDA) and cudaHostRegister.
+
+Owns: `aligned_empty` (an aligned host buffer, pinned when asked, unpinned when collected), `HostRegistrar`
+(cudaHostRegister / Unregister of mapped blocks, flag 8 = cudaHostRegisterReadOnly; flag 2 once poisoned
+the CUDA context, see GROUND.md), `clear_cuda_error`, and `as_memoryview` (a CPU tensor's bytes).
+Does not own: reads from disk (io.py), nor what the buffers hold (ram.py, vram.py).
+"""
+from __future__ import annotations
+
+import ctypes
+import weakref
+from typing import Any
+
+import torch
+
+from tiered.layout.format import ALIGN
+
+
+def _unpin(ptrs: set[int], keep: Any = None) -> None:
+    """Unregister host ranges at garbage collection, before their memory can be unmapped and its addresses
+    reused (CUDA would refuse a later registration there: error 712). Never raises. `keep` holds the
+    mapping alive until this has run."""
+    for p in list(ptrs):
+        try:
+            if int(getattr(e := torch.cuda.cudart().cudaHostUnregister(p), "value", e)):
+                clear_cuda_error()
+        except Exception:  # noqa: BLE001 - interpreter shutdown, a context already gone: nothing to do
+            pass
+    ptrs.clear()
+
+
+class _HostBuffer:
+    """Owner of a page-aligned anonymous mapping, page-locked with cudaHostRegister when pinned."""
+
+    def __init__(self, nbytes: int, pin: bool) -> None:
+        import mmap
+
+        self.map = mmap.mmap(-1, max(nbytes, ALIGN))
+        self.tensor = torch.frombuffer(self.map, dtype=torch.uint8)[:nbytes]  # uint8 [nbytes]
+        self._pinned: set[int] = set()
+        if pin:
+            # torch's pinned allocator rounds sizes up to a power of two (a 19 GiB pool would lock
+            # 32 GiB); registering an exact-size mapping locks only what is asked for.
+            code = HostRegistrar.register_raw(self.tensor.data_ptr(), len(self.map), 0)
+            if code:
+                raise RuntimeError(f"cudaHostRegister of a {nbytes / 2**30:.2f} GiB host buffer failed (CUDA error "
+                                   f"{code}): lower --ram-gb, or raise the locked-memory limit (ulimit -l)")
+            self._pinned.add(self.tensor.data_ptr())
+            weakref.finalize(self, _unpin, self._pinned, self.map)
+
+    @property
+    def registered(self) -> bool:
+        return bool(self._pinned)
+
+    def release(self) -> None:
+        if self._pinned:
+            torch.cuda.synchronize()
+            _unpin(self._pinned)
+
+
+def aligned_empty(nbytes: int, *, pin: bool) -> tuple[torch.Tensor, Any]:
+    """A uint8 [nbytes] host tensor, 4 KiB aligned (O_DIRECT); page-locked when `pin`.
+
+    Returns (tensor, owner); keep `owner` alive as long as the tensor, and call owner.release()
+    to unpin before dropping it.
+    """
+    owner = _HostBuffer(nbytes, pin)
+    t = owner.tensor
+    if t.data_ptr() % ALIGN:
+        raise RuntimeError(f"host buffer at {t.data_ptr():#x} is not {ALIGN}-byte aligned; O_DIRECT needs it")
+    return t, owner
+
+
+def as_memoryview(t: torch.Tensor) -> memoryview:
+    """A writable memoryview over a contiguous uint8 host tensor (no copy)."""
+    assert t.dtype == torch.uint8 and t.is_contiguous() and t.device.type == "cpu"
+    return memoryview((ctypes.c_char * t.numel()).from_address(t.data_ptr())).cast("B")
+
+
+def _loaded_cudart() -> Any:
+    """The libcudart this process already loaded (torch's), via ctypes; None if not found."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "libcudart" in line}
+    except OSError:
+        paths = set()
+    for p in sorted(paths):
+        try:
+            return ctypes.CDLL(p)
+        except OSError:
+            continue
+    return None
+
+
+def clear_cuda_error() -> None:
+    """Reset CUDA's last error after a refused (non-sticky) call, so torch's next launch check does not
+    report it. torch's cudart bindings lack cudaGetLastError, so it is called through ctypes."""
+    fn = getattr(torch.cuda.cudart(), "cudaGetLastError", None)
+    if fn is not None:
+        fn()
+        return
+    lib = _loaded_cudart()
+    if lib is not None:
+        lib.cudaGetLastError()
+
+
+class HostRegistrar:
+    """cudaHostRegister(ptr, n, ReadOnly) of mapped blocks, so the GPU DMAs from the page cache.
+
+    Blocks still registered when the registrar is collected are unregistered then (see `_unpin`).
+    """
+
+    READ_ONLY = 8  # cudaHostRegisterReadOnly; 2 (IoMemory) poisoned the context on the GPU box
+
+    def __init__(self) -> None:
+        self._rt = torch.cuda.cudart()
+        self._live: set[int] = set()  # registered pointers
+        weakref.finalize(self, _unpin, self._live)
+
+    def register(self, t: torch.Tensor) -> int:
+        """Register `t`'s bytes read-only; returns the CUDA error code (0 = success; the error is cleared)."""
+        code = self.register_raw(t.data_ptr(), t.numel(), self.READ_ONLY)
+        if not code:
+            self._live.add(t.data_ptr())
+        return code
+
+    @staticmethod
+    def register_raw(ptr: int, nbytes: int, flags: int) -> int:
+        rt = torch.cuda.cudart()
+        err = rt.cudaHostRegister(ptr, nbytes, flags)
+        code = int(getattr(err, "value", err))
+        if code:
+            clear_cuda_error()  # registration errors are not sticky: clear and fall back
+        return code
+
+    def unregister(self, t: torch.Tensor) -> None:
+        self._live.discard(t.data_ptr())
+        err = self._rt.cudaHostUnregister(t.data_ptr())
+        code = int(getattr(err, "value", err))
+        if code:
+            clear_cuda_error()
+            raise RuntimeError(f"cudaHostUnregister({t.data_ptr():#x}) failed with CUDA error {code}")

@@ -1,0 +1,96 @@
+"""The expert-cache options: one definition for the command line, `load(budget=...)` and the cache.
+
+Owns: `TierConfig` (each option once, with its default, its validation and its command-line help:
+cli/options.py builds the click options from these fields, `load()` checks its keys against them),
+`BUDGET_KEYS`, `BudgetError`, the names of the I/O and verify modes, and the run-time sizes that the
+budget estimates share with the engine (`DEFAULT_CONTEXT`, `PREFILL_CHUNK`).
+Does not own: what the options turn into (budget.py: slot counts; cache.py: the cache), nor the policies
+(policy.py). Imports no torch, so the command line's --help stays fast.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from tiered.store.policy import DEVICE_POLICIES, POLICIES
+
+DEFAULT_CONTEXT = 4096  # KV cache positions when none are asked for (capped by the model's limit)
+PREFILL_CHUNK = 512  # tokens per prefill forward: bounds the [H, T, S] attention scores and expert groups
+
+
+def default_context(cfg: Any, max_context: int | None = None) -> int:
+    """KV cache positions: `max_context` when given, else min(DEFAULT_CONTEXT, the model's limit)."""
+    return int(max_context or min(DEFAULT_CONTEXT, cfg.max_position_embeddings))
+
+
+IO_MODES = ("mmap", "direct")
+VERIFY_MODES = ("first-use", "none")
+
+
+class BudgetError(ValueError):
+    """A budget that cannot work (too small for one layer's top-k, or larger than the machine)."""
+
+
+def _opt(default: Any, help: str, kind: Any = None) -> Any:
+    """A TierConfig field with its command-line description (cli/options.py builds the click option from it).
+
+    kind: None = the field's own type, a tuple of choices, ("min", n) an integer >= n, or "flag"."""
+    return field(default=default, metadata={"help": help, "kind": kind})
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    """The expert-cache options: the one definition of the budget flags of `run`/`trace`, of `load(budget=...)`'s
+    accepted keys (BUDGET_KEYS) and of the cache's behaviour. None = choose a default (CONTRACTS.md)."""
+
+    vram_gb: float | None = _opt(None, "GiB of GPU memory for the whole model: dense + KV cache + scratch + "
+                                       "expert slots")
+    expert_slots: int | None = _opt(None, "Global device-tier expert slots S (wins over --vram-gb)", ("min", 1))
+    ram_gb: float | None = _opt(None, "GiB of pinned RAM for experts")
+    io: str = _opt("mmap", "Disk reads: page cache (mmap) or O_DIRECT (direct)", IO_MODES)
+    policy: str = _opt("lru", "Device-tier eviction policy (predicted: scored by the routers)",
+                       tuple(sorted(DEVICE_POLICIES)))
+    ram_policy: str = _opt("lru", "RAM-tier eviction policy", tuple(sorted(POLICIES)))
+    verify: str = _opt("first-use", "Check each expert's xxh3 the first time it is read from disk", VERIFY_MODES)
+    io_register: str = _opt("auto", "--io mmap on CUDA: register mapped experts for zero-copy DMA (auto), or "
+                                    "stage copies through pinned memory (off)", ("auto", "off"))
+    io_threads: int = _opt(16, "Reader threads (O_DIRECT queue depth, parallel page-cache copies)", ("min", 1))
+    ram_preload: bool = _opt(False, "Fill the RAM tier at start-up (a RAM-backed run)", "flag")
+    flru_w: float | None = _opt(None, "flru weight in get() ticks [default: the number of layers, one use ~ "
+                                      "one token]")
+    prefetch_depth: int | None = _opt(None, "Layers ahead to prefetch (the predictor's prefetcher)", ("min", 0))
+    prefetch_budget: int | None = _opt(None, "Experts prefetched per layer [default: 1.5 x top-k]", ("min", 0))
+
+    def __post_init__(self) -> None:
+        if self.io not in IO_MODES:
+            raise BudgetError(f"--io must be one of {list(IO_MODES)}, got {self.io!r}")
+        if self.verify not in VERIFY_MODES:
+            raise BudgetError(f"--verify must be one of {list(VERIFY_MODES)}, got {self.verify!r}")
+        for name, allowed in (("policy", DEVICE_POLICIES), ("ram_policy", POLICIES)):
+            if getattr(self, name) not in allowed:
+                raise BudgetError(f"--{name.replace('_', '-')} must be one of {sorted(allowed)}, "
+                                  f"got {getattr(self, name)!r}")
+        if self.io_register not in ("auto", "off"):
+            raise BudgetError(f"--io-register must be auto or off, got {self.io_register!r}")
+        for name in ("vram_gb", "ram_gb"):
+            v = getattr(self, name)
+            if v is not None and not (v >= 0 and math.isfinite(v)):
+                raise BudgetError(f"--{name.replace('_', '-')} must be a non-negative number of GiB, got {v}")
+        if self.expert_slots is not None and self.expert_slots < 1:
+            raise BudgetError(f"--expert-slots must be >= 1, got {self.expert_slots}")
+        if self.io_threads < 1:
+            raise BudgetError(f"--io-threads must be >= 1, got {self.io_threads}")
+        if self.flru_w is not None and not (self.flru_w > 0 and math.isfinite(self.flru_w)):
+            raise BudgetError(f"--flru-w must be a positive number of get() ticks, got {self.flru_w}")
+
+    @classmethod
+    def from_flags(cls, flags: dict[str, Any]) -> "TierConfig":
+        """Flags as given (None = not set) -> a TierConfig; an unknown key is a BudgetError naming the known ones."""
+        unknown = set(flags) - set(BUDGET_KEYS)
+        if unknown:
+            raise BudgetError(f"unknown budget options {sorted(unknown)}; known: {list(BUDGET_KEYS)}")
+        return cls(**{k: v for k, v in flags.items() if v is not None})
+
+
+BUDGET_KEYS = tuple(f.name for f in fields(TierConfig))  # what load(budget=...) accepts
