@@ -249,7 +249,7 @@ def test_prefetch_hook_runs_after_get_before_experts(reference_layout, ids, host
     get_slots is served through get()."""
     logs = {"eager": [], "seg": []}
     engines = {}
-    gets = {}
+    recorded = {}
     for name in logs:
         box = {}
 
@@ -262,7 +262,7 @@ def test_prefetch_hook_runs_after_get_before_experts(reference_layout, ids, host
         e = box["e"] = load(reference_layout, device="cpu", max_context=256, budget={"expert_slots": 16},
                             prefetch_hook=hook)
         cache = e.model.provider
-        gets[name] = cache.record_gets()
+        recorded[name] = cache.record_gets()
         e.model.provider = (_LoggingHostProvider if host_api else _LoggingProvider)(cache, logs[name])
         engines[name] = (e, cache)
     ref, ref_cache = engines["eager"]
@@ -287,7 +287,7 @@ def test_prefetch_hook_runs_after_get_before_experts(reference_layout, ids, host
     assert [a["decode"][k] for k in counts] == [b["decode"][k] for k in counts]
     assert a["prefetch_issued"] == b["prefetch_issued"] > 0
     assert a["prefetch_used"] == b["prefetch_used"]
-    assert gets["eager"] == gets["seg"]
+    assert recorded["eager"] == recorded["seg"] and recorded["seg"]
     seg_cache.vram.table.check()
 
 

@@ -123,7 +123,7 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
         dtype: compute dtype (float32 / bfloat16 / float16); default fp32 on CPU, bf16 on CUDA.
         max_context: KV cache positions (prompt + generated); default min(DEFAULT_CONTEXT, the model's limit).
         attn: "auto", "flash" or "sdpa".
-        budget: expert-cache options (the fields of store.budget.TierConfig, BUDGET_KEYS); None/empty = every
+        budget: expert-cache options (the fields of store.options.TierConfig, BUDGET_KEYS); None/empty = every
             expert in memory. prefetch_depth > 0 or policy "predicted" adds a Prefetcher (predict/prefetch.py).
         observer: routing observer (SEAMS.md), called once per layer per forward.
         prefetch_hook: called per layer of one-token steps after that layer's get() (SEAMS.md).
