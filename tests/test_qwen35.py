@@ -210,6 +210,11 @@ def test_inspect_reports_cache_and_state_bytes(pairs):
         assert s["kv_cache_bytes_per_token"] == cfg.kv_bytes_per_token(2)
         assert s["linear_state_bytes_per_sequence"] == cfg.state_bytes_per_sequence(2)
         assert s["layer_kinds"] == {"attention": 1, "linear": 3}
+    from click.testing import CliRunner
+
+    from tiered.cli.main import main
+    res = CliRunner().invoke(main, ["inspect", str(p.layout.path)])
+    assert res.exit_code == 0 and f"{cfg.state_bytes_per_sequence(2):,}" in res.output and "1 / 3" in res.output
 
 
 def test_bf16_within_tolerance(tmp_path):
