@@ -259,7 +259,7 @@ def test_tune_cli_json(reference_model, tmp_path):
     from click.testing import CliRunner
 
     from tiered.cli.main import main
-    from tiered.store.cache import DEVICE_POLICIES
+    from tiered.store.policy import DEVICE_POLICIES
 
     texts = {"fit": "import json\n\ndef dump(obj):\n    return json.dumps(obj, indent=2)\n" * 6,
              "eval": "import os\nfor root, dirs, files in os.walk('.'):\n    print(root, len(files))\n" * 6}

@@ -98,7 +98,8 @@ def resolve_layout(path: str | Path | None) -> Path:
 
 
 def make_provider(layout: Any, *, device: torch.device, budget: dict[str, Any] | None,
-                  dtype: torch.dtype | None = None, max_context: int | None = None) -> ExpertProvider:
+                  dtype: torch.dtype | None = None, max_context: int | None = None,
+                  state_bytes: int = 0) -> ExpertProvider:
     """ResidentExperts when no budget option is set; otherwise the expert cache (store/cache.py)."""
     budget = {k: v for k, v in (budget or {}).items() if v is not None}
     try:
@@ -107,14 +108,15 @@ def make_provider(layout: Any, *, device: torch.device, budget: dict[str, Any] |
         raise EngineError(str(e)) from None
     if not budget:
         return ResidentExperts.from_layout(layout, device=device)
-    return make_cache(layout, device=device, dtype=dtype, max_context=max_context, **budget)
+    return make_cache(layout, device=device, dtype=dtype, max_context=max_context, state_bytes=state_bytes, **budget)
 
 
 def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
          dtype: str | torch.dtype | None = None, max_context: int | None = None, attn: str = "auto",
          budget: dict[str, Any] | None = None, observer: RoutingObserver | None = None,
          prefetch_hook: PrefetchHook | None = None, routing: RoutingOverride | None = None,
-         predictor: Predictor | None = None, cuda_graphs: bool = True) -> "Engine":
+         predictor: Predictor | None = None, cuda_graphs: bool = True,
+         kernels: bool | None = None, state_bytes: int = 0) -> "Engine":
     """Open a model for generation.
 
     Args:
@@ -132,6 +134,10 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
             with an expert-cache budget whose prefetch_depth > 0 (or policy "predicted").
         cuda_graphs: capture the one-token decode step in CUDA graphs when possible: the whole step with
             resident experts, L+1 segments with host routing between them with the expert cache.
+        kernels: routed experts through the Triton kernels (model/moe_gpu.py); None = on CUDA when Triton is
+            installed. False keeps the plain torch paths (the CPU path; the kernels' reference).
+        state_bytes: device bytes a batch scheduler will add for its rows' state (decode/state.py), counted in
+            --vram-gb when the expert cache plans its slots.
     Returns:
         an Engine.
     """
@@ -143,13 +149,13 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
     if ctx < 1:
         raise EngineError(f"max_context must be positive, got {ctx}")
     backend = pick_backend(attn, dev, dt)
-    provider = make_provider(layout, device=dev, budget=budget, dtype=dt, max_context=ctx)
+    provider = make_provider(layout, device=dev, budget=budget, dtype=dt, max_context=ctx, state_bytes=state_bytes)
     prefetcher = make_prefetcher(layout, provider, budget or {}, predictor=predictor, chain=observer,
                                  chain_hook=prefetch_hook)
     if prefetcher is not None:
         observer, prefetch_hook = prefetcher, prefetcher.prefetch_hook
     model = Transformer(cfg, layout.dense(), provider, device=dev, dtype=dt, max_context=ctx, attn=backend,
-                        observer=observer, prefetch_hook=prefetch_hook, routing=routing)
+                        observer=observer, prefetch_hook=prefetch_hook, routing=routing, kernels=kernels)
     tok = Tokenizer.from_dir(layout.path) if layout.tokenizer_path else None
     return Engine(model, tok, layout_path=layout.path, cuda_graphs=cuda_graphs and dev.type == "cuda",
                   prefetcher=prefetcher)
@@ -388,7 +394,7 @@ class Engine:
             "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
             "attention": self.model.attn, "linear_attention": self.model.linear_attn,
             "cuda_graphs": self.decode_mode != "eager",
-            "decode_graphs": self.decode_mode,
+            "decode_graphs": self.decode_mode, "expert_kernels": "triton" if self.model.kernels else "torch",
             "max_context": self.max_context, "family": self.config.family,
             "model": str(self.layout_path) if self.layout_path else None,
         }

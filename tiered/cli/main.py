@@ -9,9 +9,11 @@ from __future__ import annotations
 import click
 
 from tiered import __version__
+from tiered.cli.batch import batch
 from tiered.cli.inspect import inspect
 from tiered.cli.repack import repack, verify
 from tiered.cli.run import run
+from tiered.cli.serve import serve
 from tiered.cli.trace import trace
 from tiered.cli.tune import tune
 
@@ -30,7 +32,7 @@ def main() -> None:
     """
 
 
-for _command in (repack, verify, inspect, run, trace, tune):
+for _command in (repack, verify, inspect, run, batch, serve, trace, tune):
     main.add_command(_command)
 
 

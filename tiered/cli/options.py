@@ -55,3 +55,14 @@ def budget_from(flags: dict[str, Any]) -> dict[str, Any]:
     """The TierConfig fields among a command's parsed flags (None = not given; a False flag is not given)."""
     names = {f.name for f in fields(TierConfig)}
     return {k: (v or None) if isinstance(v, bool) else v for k, v in flags.items() if k in names}
+
+
+def batch_options(command: Callable) -> Callable:
+    """Add --max-batch, --kv-gb, ... (every BatchConfig field: the scheduler of `batch` and `serve`)."""
+    from tiered.decode.options import BatchConfig
+
+    hints = typing.get_type_hints(BatchConfig)
+    for f in reversed(fields(BatchConfig)):
+        kw = {"default": f.default, "show_default": f.default is not None, **_click_type(f, hints)}
+        command = click.option("--" + f.name.replace("_", "-"), f.name, help=f.metadata["help"] + ".", **kw)(command)
+    return command

@@ -64,12 +64,18 @@ class Tokenizer:
     def token_id(self, text: str | None) -> int | None:
         return None if text is None else self._tok.token_to_id(text)
 
-    def apply_chat_template(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
-        """Render the conversation as the model expects (transformers' jinja settings and helpers)."""
-        if not self.chat_template:
+    def apply_chat_template(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None, template: str | None = None) -> str:
+        """Render the conversation as the model expects (transformers' jinja settings and helpers).
+
+        `tools` (OpenAI tool definitions) are passed to the template as transformers does; `template`
+        replaces the model's own (the server's fallback for models without one)."""
+        template = template or self.chat_template
+        if not template:
             raise TokenizerError("this model's tokenizer_config.json has no chat_template: drop --chat, "
                                  "or use a chat model")
         import jinja2
+        import jinja2.ext
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message: str) -> None:
@@ -84,9 +90,9 @@ class Tokenizer:
                                             extensions=[jinja2.ext.loopcontrols])
         env.filters["tojson"] = tojson
         env.globals["raise_exception"] = raise_exception
-        template = env.from_string(self.chat_template)
-        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                               bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                tools=tools or None, bos_token=self.bos_token or "",
+                                                eos_token=self.eos_token or "")
 
 
 class StreamDecoder:

@@ -163,6 +163,23 @@ def attention(x: Tensor, w: AttnWeights, cache: KVCache, layer: int, plan: StepP
     q and k stay side by side as [T, H+KV, hd] (as the stacked projection leaves them), so per-head
     norms and the rotary embedding each run once over both: fewer kernels per decode step.
     """
+    q, k, v, *gate = project_qkv(x, w, plan.cos, plan.sin, config, with_gate=config.attn_output_gate)
+    if backend == "flash":
+        out = _flash(q, k, v, cache, layer, plan, config)
+    else:
+        out = _sdpa(q, k, v, cache, layer, plan, config.num_heads // config.num_kv_heads)
+    if gate:
+        out = out * torch.sigmoid(gate[0])
+    return F.linear(out, w.o)
+
+
+def project_qkv(x: Tensor, w: AttnWeights, cos: Tensor, sin: Tensor, config: ModelConfig, *,
+                with_gate: bool = False) -> tuple[Tensor, ...]:
+    """x [T, D] (normed) -> q [T, H, hd], k [T, KV, hd] (normed per family, rotated by cos/sin [T, r]), v [T, KV, hd],
+    and with `with_gate` (config.attn_output_gate) the output gate [T, H*hd] (before its sigmoid).
+
+    Shared by the contiguous-cache attention above and the paged attention of the batch step.
+    """
     T = x.shape[0]
     H, KV, hd = config.num_heads, config.num_kv_heads, config.head_dim
     eps = config.rms_norm_eps
@@ -179,15 +196,10 @@ def attention(x: Tensor, w: AttnWeights, cache: KVCache, layer: int, plan: StepP
     if config.clip_qkv is not None:
         c = config.clip_qkv
         qk, v = qk.clamp(-c, c), v.clamp(-c, c)
-    qk = apply_rope(qk, plan.cos, plan.sin)  # [T, H+KV, hd]
-    q, k = qk[:, :H], qk[:, H:]
-    if backend == "flash":
-        out = _flash(q, k, v, cache, layer, plan, config)
-    else:
-        out = _sdpa(q, k, v, cache, layer, plan, H // KV)
-    if config.attn_output_gate:
-        out = out * torch.sigmoid(qkv[:, nq + 2 * nk:])
-    return F.linear(out, w.o)
+    qk = apply_rope(qk, cos, sin)  # [T, H+KV, hd]
+    if with_gate:  # the output-gate rows stacked after v (Qwen3.5)
+        return qk[:, :H], qk[:, H:], v, qkv[:, nq + 2 * nk:]
+    return qk[:, :H], qk[:, H:], v
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, cache: KVCache, layer: int, plan: StepPlan, G: int) -> Tensor:

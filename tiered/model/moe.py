@@ -6,7 +6,8 @@ expert, and the distinct experts are streamed through the provider in waves of a
 `provider.max_experts_per_call`), `shared_expert` (Qwen2-MoE, sigmoid-gated), `moe_block`, which
 calls the routing observer (SEAMS.md) before any expert is computed, and `expert_mix` (everything
 after routing; with known slot rows it is the expert segment of the piecewise decode step).
-Does not own: where expert weights live (the provider: resident.py, or the cache), nor dense weights.
+Does not own: where expert weights live (the provider: resident.py, or the cache), nor dense weights, nor
+the CUDA kernels (model/moe_gpu.py over tiered/kernels; `expert_mix(kernels=True)` routes to them).
 
 Expert weights arrive in their stored dtype and are converted on use when the compute dtype differs.
 
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tiered.model import moe_gpu
 from tiered.store.provider import ExpertProvider
 
 
@@ -177,22 +179,27 @@ def moe_block(h: Tensor, x: Tensor, w: MoEWeights, provider: ExpertProvider, lay
 
 def expert_mix(x: Tensor, ids: Tensor, wts: Tensor, w: MoEWeights, provider: ExpertProvider, layer: int, *,
                slots: Tensor | None = None, fp32_weights: bool = False,
-               prefetch_hook: PrefetchHook | None = None) -> Tensor:
+               prefetch_hook: PrefetchHook | None = None, kernels: bool = False) -> Tensor:
     """The MoE output once routing is known: routed experts (+ the shared expert) -> [T, D].
 
     x [T, D] normed, ids [T, K] int64, wts [T, K] fp32 routing weights. With `slots` ([K] int64, T = 1)
     the experts' slot rows are already known (the piecewise decode step asked the provider between
     segments) and the provider is not called; otherwise the provider's get() resolves them, and for one
     token `prefetch_hook(layer, ids)` (ids int64 [K] on the host) runs right after it.
+    kernels=True (CUDA) runs the Triton kernels of model/moe_gpu.py over the same slots; False keeps the
+    torch paths below (the CPU path and the kernels' reference).
     """
     wc = wts if fp32_weights else wts.to(x.dtype)
+    one = moe_gpu.experts_decode if kernels else experts_from_slots
     if slots is not None:
-        out = experts_from_slots(x, slots, wc, provider.weights)
+        out = one(x, slots, wc, provider.weights)
     elif x.shape[0] == 1:
         s = provider.get(layer, ids[0])
         if prefetch_hook is not None:
             prefetch_hook(layer, ids[0].cpu())
-        out = experts_from_slots(x, s, wc, provider.weights)
+        out = one(x, s, wc, provider.weights)
+    elif kernels:
+        out = moe_gpu.experts_tokens(x, ids, wc, provider, layer, w.router.shape[0])
     else:
         out = experts_grouped(x, ids, wc, provider, layer)
     if w.shared_gate is not None:

@@ -32,6 +32,7 @@ from tiered.layout.config import ModelConfig
 from tiered.model.deltanet import DeltaShape, DeltaWeights, deltanet, pick_delta_backend
 from tiered.model.layers import (AttnWeights, KVCache, Rope, StepPlan, attention, attn_mask, plan_eager,
                                  rms_norm)
+from tiered.model import moe_gpu
 from tiered.model.moe import (FP32_ROUTE_WEIGHTS, ExpertProvider, MoEWeights, PrefetchHook, RoutingObserver,
                                expert_mix, route, routed_logits)
 from tiered.model.state import ModelState
@@ -159,10 +160,12 @@ class Transformer:
     def __init__(self, config: ModelConfig, dense: dict[str, Tensor], provider: ExpertProvider, *,
                  device: torch.device | str, dtype: torch.dtype, max_context: int, attn: str = "sdpa",
                  observer: RoutingObserver | None = None, prefetch_hook: PrefetchHook | None = None,
-                 routing: RoutingOverride | None = None, linear_attn: str = "auto") -> None:
+                 routing: RoutingOverride | None = None, kernels: bool | None = None,
+                 linear_attn: str = "auto") -> None:
         """observer: sees every layer's routing (SEAMS.md). prefetch_hook: called per layer of one-token steps
         after that layer's get() (moe.PrefetchHook). routing: replaces the router's choice (benchmark mode).
-        All three are fixed for the model's life. linear_attn: the DeltaNet backend ("auto", "fla", "torch")."""
+        kernels: routed experts through the Triton kernels (None = on CUDA when Triton is installed).
+        All four are fixed for the model's life. linear_attn: the DeltaNet backend ("auto", "fla", "torch")."""
         if attn not in ("sdpa", "flash"):
             raise ValueError(f"attn must be 'sdpa' or 'flash' (resolve 'auto' with layers.pick_backend), got {attn!r}")
         self.config = config
@@ -191,6 +194,9 @@ class Transformer:
                                       config.linear_conv_kernel, config.rms_norm_eps)
         self.groups = config.num_heads // config.num_kv_heads
         self.fp32_route_weights = config.family in FP32_ROUTE_WEIGHTS
+        if kernels and not moe_gpu.kernels_enabled(dev):
+            raise ValueError(f"kernels=True needs a CUDA device and Triton; device is {dev}")
+        self.kernels = moe_gpu.kernels_enabled(dev) if kernels is None else bool(kernels)
 
     @property
     def observer(self) -> RoutingObserver | None:
@@ -274,7 +280,8 @@ class Transformer:
         """Layer l's MoE output [T, D] (routed + shared experts); `slots` [K] = known slot rows (T = 1),
         else the provider resolves them (and the prefetch hook runs, for one token)."""
         return expert_mix(r.x, r.ids, r.weights, self.layers[l].moe, self.provider, l, slots=slots,
-                          fp32_weights=self.fp32_route_weights, prefetch_hook=self._prefetch_hook)
+                          fp32_weights=self.fp32_route_weights, prefetch_hook=self._prefetch_hook,
+                          kernels=self.kernels)
 
     def head(self, h: Tensor, all_logits: bool = False) -> Tensor:
         """Final norm and lm_head: h [T, D] -> logits [T, V] (all_logits) or [1, V] (the last position)."""

@@ -149,12 +149,14 @@ class ExpertCache(HostSlotProvider):
         """int64 [U] distinct ids of `layer` -> int64 [U] slot rows into `weights`, usable on the current stream."""
         return self.vram.index_tensor(self.get_slots(layer, expert_ids))
 
-    def get_slots(self, layer: int, expert_ids: torch.Tensor | Sequence[int]) -> list[int]:
+    def get_slots(self, layer: int, expert_ids: torch.Tensor | Sequence[int], *, wait: bool = True) -> list[int]:
         """get() without the device index tensor: the slot rows as host ints (SEAMS.md, optional provider API).
 
         Same bookkeeping, copies and stream waits as get(); the caller hands the rows to the device itself
         (the piecewise decode step writes them into a static buffer that its next graph copies in).
         Called once per layer per token: no per-call tensors, one dict lookup per key on the hit path.
+        wait=False leaves the current stream's wait to the caller (`wait_slots`), so compute on the slots
+        that were resident can run while the missing ones are copied in (the batch step does this).
         """
         ids = expert_ids.tolist() if isinstance(expert_ids, torch.Tensor) else [int(e) for e in expert_ids]
         n = len(ids)
@@ -213,8 +215,20 @@ class ExpertCache(HostSlotProvider):
                 ph.stall_s += (self.ram.wait_s - ram_wait0) if self.ram is not None else 0.0
             else:
                 ph.stall_s += time.perf_counter() - t0
-        self.vram.wait_for(slots, self.phase)
+        if wait:
+            self.vram.wait_for(slots, self.phase)
         return slots
+
+    def wait_slots(self, slots: list[int]) -> None:
+        """The current stream waits for the copies into these slots (after get_slots(..., wait=False))."""
+        self.vram.wait_for(slots, self.phase)
+
+    def resident(self, layer: int, expert_ids: Sequence[int]) -> list[bool]:
+        """Whether each expert of `layer` is in a device slot now (no bookkeeping, no copies): the batch step
+        computes those first while the others stream in."""
+        base = layer * self.num_experts
+        slot_of = self.vram.table.slot_of
+        return [(base + int(e)) in slot_of for e in expert_ids]
 
     def _assign(self, keys: list[int], t: float, pinned: set[int]) -> dict[int, int]:
         slot_of = {}
@@ -361,9 +375,10 @@ class ExpertCache(HostSlotProvider):
 
 def make_provider(layout: Any, *, device: torch.device | str, dtype: torch.dtype | None = None,
                   max_context: int | None = None, faults: Faults | None = None, quiet: bool = False,
-                  **flags: Any) -> ExpertCache:
+                  state_bytes: int = 0, **flags: Any) -> ExpertCache:
     """The engine's entry point: budget options (TierConfig fields; None = default) -> an ExpertCache; prints the
-    plan on stderr."""
+    plan on stderr. state_bytes: per-row state a batch scheduler will allocate (its paged KV pool), counted with
+    the KV cache inside --vram-gb."""
     device = torch.device(device)
     tiers = TierConfig.from_flags(flags)
     cfg = layout.config
@@ -373,7 +388,7 @@ def make_provider(layout: Any, *, device: torch.device | str, dtype: torch.dtype
     if device.type == "cuda":
         gpu_free, gpu_total = torch.cuda.mem_get_info(device)
     plan = plan_budget(cfg, layout.block_size, tiers, device=device,
-                       dense_bytes=estimate_dense_bytes(layout, dtype), kv_bytes=estimate_kv_bytes(cfg, ctx, dtype),
+                       dense_bytes=estimate_dense_bytes(layout, dtype), kv_bytes=estimate_kv_bytes(cfg, ctx, dtype) + state_bytes,
                        scratch_bytes=estimate_scratch_bytes(cfg, layout.block_size, dtype),
                        gpu_total=gpu_total, gpu_free=gpu_free, ram_total=meminfo("MemTotal"),
                        ram_avail=meminfo("MemAvailable"))

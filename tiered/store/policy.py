@@ -337,6 +337,13 @@ def belady(steps: Sequence[Sequence[int]], capacity: int, *, count_from: int = 0
     Returns:
         (hits, misses) counted per key use.
     """
+    misses = belady_misses(steps, capacity)[count_from:]
+    uses = sum(len(set(s)) for s in steps[count_from:])
+    return uses - sum(misses), sum(misses)
+
+
+def belady_misses(steps: Sequence[Sequence[int]], capacity: int) -> list[int]:
+    """Belady's misses at each step (same rules as `belady`): what a batch bound charges step by step."""
     if steps and capacity < max(len(set(s)) for s in steps):
         raise ValueError(f"capacity {capacity} is smaller than the largest step ({max(len(set(s)) for s in steps)} keys)")
     never = len(steps)
@@ -350,13 +357,11 @@ def belady(steps: Sequence[Sequence[int]], capacity: int, *, count_from: int = 0
             upcoming[k] = i
     resident: dict[int, int] = {}  # key -> the step that uses it next
     heap: list[tuple[int, int]] = []  # (-next use, key); stale when resident[key] differs
-    hits = misses = 0
+    out: list[int] = []
     for i, step in enumerate(steps):
         keys = set(step)
         missing = [k for k in keys if k not in resident]
-        if i >= count_from:
-            hits += len(keys) - len(missing)
-            misses += len(missing)
+        out.append(len(missing))
         # Keys of this step are resident with next use == i, the smallest possible value, so the
         # max-heap reaches them only after every unpinned key: pinning needs no special case.
         for _ in range(len(resident) + len(missing) - capacity):
@@ -369,4 +374,4 @@ def belady(steps: Sequence[Sequence[int]], capacity: int, *, count_from: int = 0
         for k in keys:
             resident[k] = next_use[i][k]
             heapq.heappush(heap, (-next_use[i][k], k))
-    return hits, misses
+    return out

@@ -61,6 +61,12 @@ class ResidentExperts(HostSlotProvider):
         ids = expert_ids.to(self.device, non_blocking=True)
         return ids + layer * self.num_experts
 
+    def slot_map(self, layer: int) -> Tensor:
+        """Slot row of every expert of `layer` (int64 [E] on the weights' device), no host sync: the optional
+        provider call of SEAMS.md by which several-token expert paths (model/moe_gpu.py) skip get()."""
+        E = self.num_experts
+        return torch.arange(layer * E, (layer + 1) * E, device=self.device)
+
     def get_slots(self, layer: int, expert_ids: Any) -> list[int]:
         """Host ids -> slot rows as host ints (the optional provider API the piecewise decode step uses)."""
         ids = expert_ids.tolist() if isinstance(expert_ids, Tensor) else [int(e) for e in expert_ids]

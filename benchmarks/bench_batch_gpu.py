@@ -1,0 +1,327 @@
+"""Batched decode on the GPU (issue 14): aggregate tok/s of the expert-major scheduler at B = 1, 8, 32, 128.
+
+Model: the 8-layer Qwen3-MoE shape of GROUND.md's llama.cpp baselines (qwen3-10b-8l: 5.61B, bf16, random
+weights; tools/make_random_checkpoint.py), repacked once under --work. Each row: a 64-token prompt of random
+ids, then --new-tokens greedy tokens (no EOS stop). Prompts are prefilled first (chunks ride the steps);
+timing covers the steps after every row has its first token.
+
+Parts (--phases, each under 10 minutes; the checkpoint, layout and results under --work are reused):
+  build    checkpoint + layout.
+  vram     every expert resident on the GPU: tok/s per B (own routing and replayed routing); these runs also
+           give the compute time per step that the batch bound uses.
+  offload  --vram-gb 4 (whole budget: dense + the paged KV pool for B=128 + scratch + expert slots; RAM tier
+           preloaded): tok/s per B, own routing and replayed routing.
+Routing: "own" = the random model's router; "replay" = a different reference document per row (the reference
+model's routing over fit/ + eval/ windows, tiered/predict/replay.py: 64 experts -> 128 by e' = 2e + (row % 2)).
+
+Batch PCIe bound (CONTRACTS): per decode step, max(compute time of that step in VRAM at the same B and
+routing (median), Belady's miss bytes of that step / measured host->GPU GB/s), Belady run over the run's own
+sequence of per-step, per-layer expert sets at the same slot count. bound tok/s = rows generated / sum of those.
+vs_batch_bound = tok_s / bound tok/s; vs_own_misses uses the run's own miss bytes instead of Belady's.
+llama.cpp references (tok/s at B = 1/8/32/128) come from --llamacpp-vram / --llamacpp-cpu (default: GROUND.md;
+re-measure them in the same lease and pass them).
+
+    python3 benchmarks/bench_batch_gpu.py --work /root/bb --phases build            # ~4 min
+    python3 benchmarks/bench_batch_gpu.py --work /root/bb --phases vram             # ~3 min
+    python3 benchmarks/bench_batch_gpu.py --work /root/bb --phases offload          # ~6 min
+    python3 benchmarks/bench_batch_gpu.py --small --work /tmp/bb                    # whole pipeline on CPU
+With bench_peers.py's model and llama.cpp figures from the same lease (no second 11 GB checkpoint on the disk):
+    python3 benchmarks/bench_batch_gpu.py --layout /root/peers/layout --llama-json /root/peers/llama.json \
+        --work /root/bb --phases vram        (then --phases offload)
+Prints a table, then one JSON line last; writes $OUT/batch_gpu.json (merged over the phases run so far, kept
+in --work/batch_gpu.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+from bench_offload_gpu import GiB, free, h2d_bandwidth, log  # noqa: E402
+from benchmeta import git_commit, write_out  # noqa: E402
+
+from tiered.decode.scheduler import Request, SamplingParams, Scheduler  # noqa: E402
+from tiered.decode.state import page_bytes  # noqa: E402
+from tiered.engine import load  # noqa: E402
+from tiered.store.budget import estimate_dense_bytes, estimate_kv_bytes, estimate_scratch_bytes  # noqa: E402
+from tiered.store.disk import Layout  # noqa: E402
+from tiered.store.policy import belady_misses  # noqa: E402
+
+BATCHES = (1, 8, 32, 128)
+PAGE = 16
+LLAMA_VRAM = "836,3174,7055,15752"  # GROUND.md, llama-batched-bench S_TG, all on GPU
+LLAMA_CPU = "131,186,35,107"  # GROUND.md, experts on CPU (-ot exps=CPU)
+
+
+def build(work: Path, preset: str) -> Path:
+    from make_random_checkpoint import make
+
+    from tiered.layout.repack import repack
+
+    ckpt, lay = work / f"{preset}-ckpt", work / f"{preset}-layout"
+    if not (ckpt / "config.json").is_file():
+        log(f"making {preset}")
+        make(preset, ckpt)
+    if not (lay / "manifest.json").is_file():
+        log("repacking")
+        repack(ckpt, lay, force=True, progress=False)
+    return lay
+
+
+def replay_rows(cfg, n_rows: int, length: int, device: torch.device, text: Path) -> list:
+    """Per row: a ReplayRouting over a different window of the reference model's trace of the texts."""
+    from tiered.layout.families import default_model_path
+    from tiered.predict.replay import ReplayRouting
+    from tiered.predict.trace import TraceRecorder, record, split_ids
+
+    rec = TraceRecorder(logits=False, hidden=False)
+    eng = load(default_model_path(), device=device, dtype=torch.float32, max_context=max(length, 64), observer=rec)
+    per_file = [split_ids(p.name, eng.encode(p.read_text()), length)
+                for sub in ("fit", "eval") for p in sorted((text / sub).iterdir())]
+    docs, i = [], 0
+    while len(docs) < n_rows and any(per_file):  # windows round-robin over the files: a different one per row
+        f = per_file[i % len(per_file)]
+        i += 1
+        while f and len(docs) < n_rows:
+            d = f.pop(0)
+            if len(d[1]) == length:
+                docs.append(d)
+                break
+    if len(docs) < n_rows:
+        raise SystemExit(f"the texts give only {len(docs)} windows of {length} tokens for {n_rows} rows")
+    tr = record(eng, rec, docs)
+    free(eng)
+    L, E = tr.num_layers, tr.num_experts
+    if cfg.num_layers % L or cfg.num_experts % E:
+        raise SystemExit(f"cannot map the reference routing ({L} layers x {E} experts) onto "
+                         f"{cfg.num_layers} x {cfg.num_experts}")
+    HL, HE = cfg.num_layers // L, cfg.num_experts // E
+    rows = []
+    for d in range(n_rows):
+        doc = tr.doc(d)
+        h = len(rows) % HE  # rows alternate between the two halves of the experts
+        ids = np.concatenate([doc.topk_ids[:length].astype(np.int64) * HE + h] * HL, axis=1)  # [length, L', K]
+        w = np.concatenate([doc.topk_weights[:length]] * HL, axis=1)
+        rows.append(ReplayRouting(ids, w, device=device))
+    return rows
+
+
+def slots_for(lay: Layout, vram_gb: float, kv_pages: int, ctx: int, prefill_tokens: int) -> tuple[int, dict]:
+    """Expert slots left in --vram-gb after dense, the paged KV pool, the engine's own KV and scratch."""
+    cfg, dt = lay.config, torch.bfloat16
+    dense = estimate_dense_bytes(lay, dt)
+    pool = kv_pages * page_bytes(cfg, PAGE, dt)
+    own_kv = estimate_kv_bytes(cfg, ctx, dt)
+    scratch = estimate_scratch_bytes(cfg, lay.block_size, dt)
+    rows = prefill_tokens * cfg.top_k * cfg.hidden_size * 2 * 4 + prefill_tokens * cfg.top_k * cfg.expert_ffn * 2 * 3
+    room = int(vram_gb * GiB) - dense - pool - own_kv - scratch - rows
+    brk = {"dense": dense, "kv_pool": pool, "engine_kv": own_kv, "scratch": scratch + rows}
+    return max(0, room // lay.block_size), brk
+
+
+def run_b(engine, B: int, prompts: list, new: int, routings: list | None, kv_pages: int, prefill: int) -> dict:
+    """One batch job of B rows; per-step times, keys and own misses of the decode steps."""
+    sch = Scheduler(engine, max_batch=B, kv_pages=kv_pages, page_size=PAGE, prefill_tokens=prefill, max_queue=B + 1,
+                    record_keys=True)
+    prov = engine.model.provider
+
+    def submit(n_new: int) -> list:
+        return [sch.submit(Request(str(i), prompts[i], SamplingParams(max_tokens=n_new, stop_at_eos=False),
+                                   routing=routings[i] if routings else None)) for i in range(B)]
+
+    submit(4)
+    sch.run_until_idle()  # warm-up: kernels, allocator, the cache's first fills
+    reqs = submit(new)
+    while any(not r.out_ids for r in reqs):
+        sch.step()
+    if hasattr(prov, "reset_stats"):
+        prov.reset_stats()
+    warm_keys = list(sch.step_keys)  # Belady sees the warm-up and prefill steps too (uncounted), as the cache did
+    sch.reset_stats()
+    own_misses = []
+    vram = getattr(prov, "vram", None)
+    while not sch.idle():
+        m0 = vram.misses if vram is not None else 0
+        sch.step()
+        own_misses.append((vram.misses - m0) if vram is not None else 0)
+    st = sch.stats()
+    dec = [i for i, p in enumerate(sch.step_prefill) if not p]
+    out = {"B": B, "tok_s": st["decode_tok_s"], "rows_per_step": st["rows_per_step"],
+           "distinct_experts_per_step": st["distinct_experts_per_step"],
+           "bytes_per_generated_token": st["bytes_per_generated_token"], "steps": st["steps"],
+           "step_s_median": statistics.median(sch.step_times[i] for i in dec) if dec else None,
+           "tokens": st["tokens_generated"], "hit_rate": (st.get("decode") or {}).get("hit_rate")}
+    n0 = len(warm_keys)
+    out["_keys"] = warm_keys + sch.step_keys
+    out["_rows"] = [0] * n0 + sch.step_rows
+    out["_own_misses"] = [0] * n0 + own_misses
+    out["_counted"] = [False] * n0 + [not p for p in sch.step_prefill]  # the timed decode steps
+    return out
+
+
+def bound(run: dict, compute_s: float, slots: int, block: int, gbps: float) -> dict:
+    """The batch PCIe bound over the run's decode steps (Belady over all its steps at `slots`)."""
+    flat, owner = [], []
+    for i, layers in enumerate(run["_keys"]):
+        for keys in layers:
+            flat.append(keys)
+            owner.append(i)
+    per_get = belady_misses(flat, slots)
+    miss = [0] * len(run["_keys"])
+    for i, m in zip(owner, per_get):
+        miss[i] += m
+    t_b = t_o = rows = 0.0
+    for i, counted in enumerate(run["_counted"]):
+        if not counted:
+            continue
+        rows += run["_rows"][i]
+        t_b += max(compute_s, miss[i] * block / (gbps * 1e9))
+        t_o += max(compute_s, run["_own_misses"][i] * block / (gbps * 1e9))
+    if not rows:
+        return {}
+    b_tok_s, o_tok_s = rows / t_b, rows / t_o
+    return {"batch_bound_tok_s": b_tok_s, "vs_batch_bound": run["tok_s"] / b_tok_s,
+            "own_miss_bound_tok_s": o_tok_s, "vs_own_misses": run["tok_s"] / o_tok_s,
+            "belady_miss_bytes_per_token": sum(m for m, c in zip(miss, run["_counted"]) if c) * block / rows,
+            "compute_s_per_step": compute_s}
+
+
+def public(run: dict) -> dict:
+    return {k: v for k, v in run.items() if not k.startswith("_")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("/root/bb"))
+    ap.add_argument("--phases", default="build,vram,offload")
+    ap.add_argument("--preset", default="qwen3-10b-8l")
+    ap.add_argument("--small", action="store_true", help="qwen3-mini on CPU, B up to 8, few tokens (pipeline check)")
+    ap.add_argument("--batches", default=None, help="comma-separated B values (default 1,8,32,128)")
+    ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--vram-gb", type=float, default=4.0)
+    ap.add_argument("--prefill-tokens", type=int, default=2048, help="prompt tokens per step")
+    ap.add_argument("--text", type=Path, default=Path("/work/shared/text"), help="folder with fit/ and eval/")
+    ap.add_argument("--routing", default="own,replay")
+    ap.add_argument("--layout", type=Path, default=None,
+                    help="an existing layout of the model (e.g. bench_peers.py's /root/peers/layout): no build")
+    ap.add_argument("--llama-json", type=Path, default=None,
+                    help="bench_peers.py's llama.json (same lease): its llama-batched-bench S_TG per B replaces "
+                         "--llamacpp-vram / --llamacpp-cpu")
+    ap.add_argument("--llamacpp-vram", default=LLAMA_VRAM, help="llama-batched-bench S_TG at B = 1,8,32,128, all on GPU")
+    ap.add_argument("--llamacpp-cpu", default=LLAMA_CPU, help="the same with experts on the CPU (-ot exps=CPU)")
+    a = ap.parse_args()
+    if not a.text.is_dir():
+        alt = REPO / "shared" / "text"
+        a.text = alt if alt.is_dir() else a.text
+    device = torch.device("cuda" if torch.cuda.is_available() and not a.small else "cpu")
+    if a.small:
+        a.preset, a.new_tokens, a.prompt_tokens = "qwen3-mini", 8, 16
+    batches = [int(x) for x in (a.batches or ("1,4,8" if a.small else ",".join(map(str, BATCHES)))).split(",")]
+    a.work.mkdir(parents=True, exist_ok=True)
+    res_path = a.work / "batch_gpu.json"
+    res = json.loads(res_path.read_text()) if res_path.is_file() else {}
+    res.update({"bench": "batch_gpu", "commit": git_commit(), "date": time.strftime("%Y-%m-%d"), "preset": a.preset,
+                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens, "batches": batches})
+    lay_path = a.layout or build(a.work, a.preset)
+    lay = Layout.open(lay_path)
+    cfg = lay.config
+    ctx = a.prompt_tokens + a.new_tokens + 16
+    kv_pages = max(batches) * -(-ctx // PAGE)
+    vocab = cfg.vocab_size
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(10, vocab, (a.prompt_tokens,), generator=g).tolist() for _ in range(max(batches))]
+    modes = [m for m in a.routing.split(",") if m]
+    phases = a.phases.split(",")
+    rows = None
+    if "replay" in modes and ("vram" in phases or "offload" in phases):
+        log("tracing the reference model for replayed routing")
+        rows = replay_rows(cfg, max(batches), ctx, device, a.text)
+    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+    for phase in ("vram", "offload"):
+        if phase not in phases:
+            continue
+        budget = None
+        if phase == "offload":
+            slots, brk = slots_for(lay, a.vram_gb, kv_pages, ctx, a.prefill_tokens)
+            if a.small:
+                slots = max(cfg.top_k, cfg.num_layers * cfg.num_experts // 4)
+            res["offload_budget"] = {"vram_gb": a.vram_gb, "expert_slots": slots, "bytes": brk}
+            budget = {"expert_slots": slots, "ram_preload": True} if device.type == "cuda" else {"expert_slots": slots}
+            bw = h2d_bandwidth(lay, device, 64)
+            res["h2d"] = bw
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        engine = load(lay_path, device=device, dtype=dt, max_context=ctx, budget=budget, cuda_graphs=False)
+        log(f"{phase}: loaded in {time.perf_counter() - t0:.1f} s")
+        out: dict = {}
+        for mode in modes:
+            runs = []
+            for B in batches:
+                t0 = time.perf_counter()
+                r = run_b(engine, B, prompts, a.new_tokens, rows if mode == "replay" else None, kv_pages,
+                          a.prefill_tokens)
+                log(f"{phase} {mode} B={B}: {r['tok_s']:.1f} tok/s ({time.perf_counter() - t0:.1f} s)")
+                if phase == "offload":
+                    comp = (res.get("vram", {}).get(mode, {}).get(str(B)) or {}).get("step_s_median")
+                    if comp is None:
+                        log(f"no vram run for {mode} B={B}: the bound uses compute 0 (run --phases vram first)")
+                        comp = 0.0
+                    pub = public(r)
+                    pub.update(bound(r, comp, budget["expert_slots"], lay.block_size, bw["pinned_gbps"]))
+                else:
+                    pub = public(r)
+                runs.append(pub)
+                del r
+            out[mode] = {str(r["B"]): r for r in runs}
+        if device.type == "cuda":
+            out["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GiB
+        res[phase] = out
+        free(engine)
+    lv = [float(x) for x in a.llamacpp_vram.split(",")]
+    lc = [float(x) for x in a.llamacpp_cpu.split(",")]
+    source = "GROUND.md (2026-11-30)" if a.llama_json is None else str(a.llama_json)
+    if a.llama_json is not None:
+        runs = json.loads(a.llama_json.read_text())["runs"]
+        lv = [runs["batched_gpu_bf16"]["batch"][str(b)]["s_tg_tok_s"] for b in BATCHES]
+        lc = [runs["batched_cpu_experts_bf16"]["batch"][str(b)]["s_tg_tok_s"] for b in BATCHES]
+    ref = dict(zip(BATCHES, zip(lv, lc)))
+    for phase in ("vram", "offload"):
+        for mode, runs in (res.get(phase) or {}).items():
+            if not isinstance(runs, dict):
+                continue
+            for b, r in runs.items():
+                if int(b) in ref:
+                    r["vs_llamacpp_vram"] = r["tok_s"] / ref[int(b)][0]
+                    r["vs_llamacpp_cpu_experts"] = r["tok_s"] / ref[int(b)][1]
+    res["llamacpp"] = {"vram": lv, "cpu_experts": lc, "batches": list(BATCHES), "source": source}
+    res_path.write_text(json.dumps(res))
+    print(f"{'phase':<8}{'routing':<8}{'B':>5}{'tok/s':>10}{'rows':>6}{'experts/step':>14}{'vs bound':>10}"
+          f"{'vs llama cpu':>14}")
+    for phase in ("vram", "offload"):
+        for mode, runs in (res.get(phase) or {}).items():
+            if not isinstance(runs, dict):
+                continue
+            for b, r in runs.items():
+                vb = r.get("vs_batch_bound")
+                vl = r.get("vs_llamacpp_cpu_experts")
+                print(f"{phase:<8}{mode:<8}{b:>5}{r['tok_s'] or 0:>10.1f}{r['rows_per_step']:>6.1f}"
+                      f"{r['distinct_experts_per_step']:>14.1f}{vb if vb is not None else float('nan'):>10.2f}"
+                      f"{vl if vl is not None else float('nan'):>14.2f}")
+    print(write_out(res, "batch_gpu.json"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,416 @@
+"""Continuous batching: requests become rows of expert-major steps, up to --max-batch at once.
+
+Owns: `SamplingParams` (per request: max_tokens, temperature, top-k/p, seed, stop strings), `Request`
+(a request and its row state: tokens, pages, text, finish reason), `Scheduler` (a bounded wait queue,
+admission against the page budget, prefill chunks riding the same step as decode rows, preemption by
+recompute when the pages run out, sampling, stop strings, the `sink` callbacks, and the batch stats of
+CONTRACTS: decode_tok_s, rows_per_step, distinct_experts_per_step, bytes_per_generated_token).
+Does not own: the forward (batchstep.py), page storage (state.py), threads or HTTP (serve/).
+
+Thread rule: `submit` and `cancel` may be called from any thread; `step` and `run_until_idle` run on the one
+thread that owns the model (the engine thread).
+
+A row's tokens are `seq` = prompt + generated; `cached` of them have their K/V in the row's pages. Each step
+feeds a row seq[cached:cached+n]: n = 1 for a decoding row, a chunk of the prompt while it prefills, and
+the whole sequence again after a preemption. The logits of the last token of seq are sampled.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from tiered.decode.batchstep import BatchStep, RowRouting, Segment
+from tiered.decode.options import BatchConfig
+from tiered.decode.state import StatePool, pool_pages
+from tiered.decode.sampling import Sampling, SamplingError, check_sampling, sample
+from tiered.layout.tokenizer import StreamDecoder
+
+Sink = Callable[["Request", str, bool], None]  # (request, new text, finished), called on the engine thread
+
+
+class RequestError(ValueError):
+    """A request the scheduler cannot take (empty or too long a prompt, bad parameters); says what to do."""
+
+
+class QueueFull(RuntimeError):
+    """The wait queue is full: retry later (the server answers 503 with Retry-After)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16  # generated tokens at most (EOS and stop strings may end it sooner)
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int | None = None  # None = nondeterministic sampling
+    stop: tuple[str, ...] = ()  # generation ends before the first occurrence of any of these
+    stop_at_eos: bool = True
+
+    def check(self) -> None:
+        if self.max_tokens < 0:
+            raise RequestError(f"max_tokens must be >= 0, got {self.max_tokens}")
+        try:
+            check_sampling(Sampling(self.temperature, self.top_k, self.top_p, self.seed))
+        except SamplingError as e:
+            raise RequestError(str(e)) from None
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise RequestError("stop strings must be non-empty strings")
+
+
+@dataclass(eq=False)
+class Request:
+    """A request and its row. Fields below `routing` are the scheduler's (read them in the sink)."""
+    id: str
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    sink: Sink | None = None
+    routing: RowRouting | None = None  # benchmark mode: this row's replayed routing
+    out_ids: list[int] = field(default_factory=list)
+    text: str = ""  # generated text (cut at a stop string)
+    emitted: int = 0  # characters of `text` handed to the sink
+    finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
+    error: str | None = None
+    pages: list[int] = field(default_factory=list)
+    cached: int = 0
+    t_submit: float = 0.0
+    t_first: float | None = None  # when the first token was sampled
+    t_done: float | None = None
+    _gen: torch.Generator | None = None
+    _decoder: StreamDecoder | None = None
+    _admitted: int = -1  # admission order (preemption takes the youngest)
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.prompt_ids) + len(self.out_ids)
+
+    def token_at(self, i: int) -> int:
+        n = len(self.prompt_ids)
+        return self.prompt_ids[i] if i < n else self.out_ids[i - n]
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Scheduler:
+    """Continuous batching over one Engine (its model, provider and tokenizer).
+
+    Args:
+        engine: a loaded Engine (tiered.engine.load).
+        max_batch: rows per step at most.
+        kv_gb: GiB for the paged state (K/V of every layer); default enough for max_batch full contexts,
+            capped at 2 GiB. On CUDA it is part of --vram-gb.
+        page_size: tokens per page.
+        max_queue: waiting requests at most (submit raises QueueFull beyond it).
+        prefill_tokens: prompt tokens per step at most (chunks of new prompts ride the decode steps).
+        record_keys: keep each step's per-layer expert keys (benchmarks: Belady over the run).
+        decode_attention: BatchStep's choice ("auto", "rows", "paged").
+        kv_pages: the page count itself (wins over kv_gb; tests).
+    """
+
+    def __init__(self, engine: Any, *, max_batch: int = 8, kv_gb: float | None = None, page_size: int = 16,
+                 max_queue: int = 256, prefill_tokens: int = 256, record_keys: bool = False,
+                 decode_attention: str = "auto", kv_pages: int | None = None) -> None:
+        if max_batch < 1:
+            raise RequestError(f"--max-batch must be >= 1, got {max_batch}")
+        self.engine = engine
+        self.model = engine.model
+        self.config = engine.config
+        self.tokenizer = engine.tokenizer
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.prefill_tokens = max(1, prefill_tokens)
+        self.max_context = engine.max_context
+        cfg, dt = self.config, self.model.dtype
+        pages = kv_pages
+        if pages is None:
+            pages = pool_pages(BatchConfig(max_batch=max_batch, kv_gb=kv_gb, page_size=page_size), cfg,
+                               self.max_context, dt)
+        self.state = StatePool(cfg, num_pages=max(1, pages), page_size=page_size, device=self.model.device, dtype=dt)
+        self.step_fn = BatchStep(self.model, self.state, record_keys=record_keys, decode_attention=decode_attention)
+        self.eos = set(cfg.eos_token_ids)
+        self._lock = threading.Lock()
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+        self._cancel: set[Request] = set()
+        self._admissions = 0
+        self.reset_stats()
+
+    @classmethod
+    def from_config(cls, engine: Any, config: BatchConfig, **kw: Any) -> "Scheduler":
+        return cls(engine, max_batch=config.max_batch, kv_gb=config.kv_gb, page_size=config.page_size,
+                   max_queue=config.max_queue, prefill_tokens=config.prefill_tokens, **kw)
+
+    # --- thread-safe entry points ---
+    def submit(self, req: Request) -> Request:
+        """Queue a request (validated here: errors raise RequestError, a full queue QueueFull)."""
+        req.params.check()
+        ids = req.prompt_ids
+        if not ids:
+            raise RequestError("the prompt is empty: give at least one token")
+        if len(ids) > self.max_context:
+            raise RequestError(f"the prompt has {len(ids)} tokens but max_context is {self.max_context}: "
+                              "shorten the prompt or raise --max-context")
+        V = self.config.vocab_size
+        if min(ids) < 0 or max(ids) >= V:
+            raise RequestError(f"token ids must be in 0..{V - 1}")
+        if self.state.pages_needed(len(ids) + 1) > self.state.num_pages:
+            raise RequestError(f"the prompt needs {self.state.pages_needed(len(ids) + 1)} pages of state but "
+                              f"--kv-gb holds {self.state.num_pages}: raise --kv-gb or shorten the prompt")
+        with self._lock:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting (the queue holds {self.max_queue})")
+            req.t_submit = time.perf_counter()
+            gen = torch.Generator(device="cpu")
+            if req.params.seed is None:
+                gen.seed()
+            else:
+                gen.manual_seed(req.params.seed)
+            req._gen = gen
+            req._decoder = StreamDecoder(self.tokenizer) if self.tokenizer is not None else None
+            self.waiting.append(req)
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """Drop a request; its row and pages are freed at the start of the next step."""
+        with self._lock:
+            self._cancel.add(req)
+
+    @property
+    def queued(self) -> int:
+        return len(self.waiting)
+
+    def idle(self) -> bool:
+        with self._lock:
+            return not self.waiting and not self.running and not self._cancel
+
+    # --- the engine thread ---
+    def run_until_idle(self) -> None:
+        while not self.idle():
+            self.step()
+
+    @torch.inference_mode()
+    def step(self) -> int:
+        """Admit, run one step over every row, sample, emit. Returns the rows that ran (0 = nothing to do)."""
+        self._apply_cancels()
+        self._admit()
+        segs, rows = self._segments()
+        if not segs:
+            return 0
+        t0 = time.perf_counter()
+        prov = self.model.provider
+        set_phase = getattr(prov, "set_phase", None)
+        prefill = any(len(s.tokens) > 1 for s in segs)
+        if set_phase is not None:
+            set_phase("prefill" if prefill else "decode")
+        logits = self.step_fn.forward(segs)
+        for r, s in zip(rows, segs):
+            if not s.want_logits:  # a prompt chunk short of the end: its K/V are in, nothing to sample
+                r.cached += len(s.tokens)
+        sampled = self._sample(logits, [r for r, s in zip(rows, segs) if s.want_logits])
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)
+        dt = time.perf_counter() - t0
+        c = self.step_fn.last
+        self.steps += 1
+        self.rows_sum += c.rows
+        self.distinct_sum += c.distinct_experts
+        self.provider_calls += c.provider_calls
+        self.busy_s += dt
+        if not prefill:
+            self.decode_s += dt
+            self.decode_tokens += sampled
+        if self.step_fn.record_keys:
+            self.step_keys.append(c.keys)
+            self.step_times.append(dt)
+            self.step_prefill.append(prefill)
+            self.step_rows.append(c.rows)
+        return len(segs)
+
+    def _apply_cancels(self) -> None:
+        with self._lock:
+            cancels, self._cancel = self._cancel, set()
+            for r in cancels:
+                if r in self.waiting:
+                    self.waiting.remove(r)
+        for r in cancels:
+            if not r.done:
+                self._finish(r, "cancelled")
+
+    def _admit(self) -> None:
+        """FIFO: the head of the queue joins when a row is free and its prompt's pages are."""
+        while len(self.running) < self.max_batch:
+            with self._lock:
+                if not self.waiting:
+                    return
+                r = self.waiting[0]
+                need = self.state.pages_needed(r.seq_len + 1) - len(r.pages)
+                if need > self.state.free_pages:
+                    return
+                self.waiting.popleft()
+            r.pages += self.state.alloc(need)
+            r._admitted = self._admissions
+            self._admissions += 1
+            self.running.append(r)
+
+    def _segments(self) -> tuple[list[Segment], list[Request]]:
+        """Each running row's tokens for this step: decode rows first, then prompt chunks within the budget."""
+        budget = self.prefill_tokens
+        segs: list[Segment] = []
+        rows: list[Request] = []
+        for r in sorted(self.running, key=lambda r: (r.seq_len - r.cached > 1, r._admitted)):
+            if r.done:
+                continue
+            todo = r.seq_len - r.cached
+            n = 1 if todo == 1 else min(todo, budget)
+            if n <= 0 or (todo > 1 and budget <= 0):
+                continue
+            if not self._ensure_pages(r, r.cached + n, segs, rows):
+                continue
+            if todo > 1:
+                budget -= n
+            toks = [r.token_at(i) for i in range(r.cached, r.cached + n)]
+            segs.append(Segment(toks, r.cached, r.pages, r.cached + n == r.seq_len, r.routing))
+            rows.append(r)
+        return segs, rows
+
+    def _ensure_pages(self, r: Request, tokens: int, segs: list[Segment], rows: list[Request]) -> bool:
+        """Grow r's page table to hold `tokens`. When the pool is empty the youngest row is preempted
+        (dropped from this step if it was in it); False when that is r itself (it waits in the queue)."""
+        need = self.state.pages_needed(tokens) - len(r.pages)
+        while need > self.state.free_pages:
+            rivals = [v for v in self.running if not v.done]
+            if rivals == [r]:
+                self._finish(r, "length")  # the pool cannot hold this one sequence
+                return False
+            v = max(rivals, key=lambda v: v._admitted)
+            if v in rows:
+                i = rows.index(v)
+                del rows[i], segs[i]
+            self._preempt(v)
+            if v is r:
+                return False
+        if need > 0:
+            r.pages += self.state.alloc(need)
+        return True
+
+    def _preempt(self, v: Request) -> None:
+        """Free v's pages and queue it first again: it recomputes its state from seq when readmitted."""
+        self.state.free(v.pages)
+        v.pages, v.cached = [], 0
+        self.running.remove(v)
+        self.preemptions += 1
+        with self._lock:
+            self.waiting.appendleft(v)
+
+    def _sample(self, logits: torch.Tensor, rows: list[Request]) -> int:
+        """Pick each row's next token, advance its state, emit text; returns tokens sampled."""
+        greedy = [i for i, r in enumerate(rows) if r.params.temperature == 0]
+        picks: dict[int, int] = {}
+        if greedy:
+            idx = torch.tensor(greedy, device=logits.device)
+            for i, t in zip(greedy, torch.argmax(logits.index_select(0, idx), dim=-1).tolist()):
+                picks[i] = t
+        for i, r in enumerate(rows):
+            if i not in picks:
+                p = r.params
+                picks[i] = int(sample(logits[i], Sampling(p.temperature, p.top_k, p.top_p, p.seed), r._gen))
+        now = time.perf_counter()
+        for i, r in enumerate(rows):
+            r.cached = r.seq_len
+            if r.t_first is None:
+                r.t_first = now
+            self._accept(r, picks[i])
+        return len(rows)
+
+    def _accept(self, r: Request, tok: int) -> None:
+        """Append a sampled token to r (or finish it) and hand new text to its sink."""
+        p = r.params
+        if len(r.out_ids) >= p.max_tokens:
+            self._finish(r, "length")
+            return
+        if p.stop_at_eos and tok in self.eos:
+            self._finish(r, "stop")
+            return
+        r.out_ids.append(tok)
+        self.tokens_generated += 1
+        if r._decoder is not None:
+            r.text += r._decoder.feed(tok)
+            if self._cut_stop(r):
+                return
+        if len(r.out_ids) >= p.max_tokens or r.seq_len - 1 >= self.max_context:
+            self._finish(r, "length")
+            return
+        hold = max((len(s) for s in p.stop), default=1) - 1  # a stop string may still be forming
+        safe = len(r.text) - hold
+        if safe > r.emitted and r.sink is not None:
+            piece, r.emitted = r.text[r.emitted:safe], safe
+            r.sink(r, piece, False)
+
+    def _cut_stop(self, r: Request) -> bool:
+        for s in r.params.stop:
+            i = r.text.find(s, max(0, r.emitted - len(s)))
+            if i >= 0:
+                r.text = r.text[:i]
+                self._finish(r, "stop", flush=False)
+                return True
+        return False
+
+    def _finish(self, r: Request, reason: str, *, flush: bool = True, error: str | None = None) -> None:
+        if r.done:
+            return
+        if flush and reason in ("stop", "length") and r._decoder is not None:
+            r.text += r._decoder.flush()
+            if self._cut_stop(r):
+                return
+        r.finish_reason = reason
+        r.error = error
+        r.t_done = time.perf_counter()
+        if r in self.running:  # the row and its pages are free for the next step
+            self.running.remove(r)
+            self.state.free(r.pages)
+            r.pages = []
+        piece = r.text[r.emitted:] if reason in ("stop", "length") else ""
+        r.emitted = len(r.text)
+        if r.sink is not None:
+            r.sink(r, piece, True)
+        self.finished += 1
+
+    # --- stats ---
+    def reset_stats(self) -> None:
+        """Zero the counters; with record_keys, step_keys / step_times / step_prefill / step_rows hold, per step,
+        each layer's expert keys, the seconds, whether prompt tokens rode it, and its rows."""
+        self.steps = self.rows_sum = self.distinct_sum = self.provider_calls = 0
+        self.tokens_generated = self.decode_tokens = self.finished = self.preemptions = 0
+        self.busy_s = self.decode_s = 0.0
+        self._bytes0 = self._provider_bytes()
+        self.step_keys, self.step_times, self.step_prefill, self.step_rows = [], [], [], []
+
+    def _provider_bytes(self) -> int:
+        s = self.model.provider.stats()
+        return int(s.get("decode", {}).get("bytes_h2d", 0)) + int(s.get("prefill", {}).get("bytes_h2d", 0))
+
+    def stats(self) -> dict[str, Any]:
+        """CONTRACTS batch keys plus the provider's tier stats."""
+        n = max(1, self.steps)
+        s: dict[str, Any] = dict(self.model.provider.stats())
+        s.update({
+            "steps": self.steps, "tokens_generated": self.tokens_generated, "requests_finished": self.finished,
+            "rows_per_step": self.rows_sum / n, "distinct_experts_per_step": self.distinct_sum / n,
+            "provider_calls_per_step": self.provider_calls / n,
+            "decode_tok_s": self.decode_tokens / self.decode_s if self.decode_s > 0 else None,
+            "gen_tok_s": self.tokens_generated / self.busy_s if self.busy_s > 0 else None,
+            "busy_s": self.busy_s, "decode_s": self.decode_s, "preemptions": self.preemptions,
+            "bytes_per_generated_token": ((self._provider_bytes() - self._bytes0) / self.tokens_generated
+                                          if self.tokens_generated else 0.0),
+            "max_batch": self.max_batch, "kv_pages": self.state.num_pages, "page_size": self.state.page_size,
+            "kv_gib": self.state.nbytes / (1 << 30),
+            "device": str(self.model.device), "dtype": str(self.model.dtype).removeprefix("torch."),
+            "decode_attention": self.step_fn.decode_attention,
+        })
+        return s

@@ -1,0 +1,242 @@
+"""Fused MoE decode (T = 1 and small T): each chosen expert's gate, up and down read in place, once.
+
+Owns: the Triton kernels `_gate_up_kernel`, `_down_kernel` and `_fused_kernel`, their `DecodeConfig`
+and the launcher `moe_decode`. They read the experts straight from any pool with the block layout (the
+resident copy, a VRAM slot pool) by slot row: no gathered copy of a weight is ever made. SwiGLU, the
+routing weight and the sum over K happen inside the kernels, in fp32.
+Does not own: which slots hold which experts (the provider), the reference (moe_naive.experts_loop),
+prefill and batches (moe_grouped.py).
+
+Two shapes, chosen by `DecodeConfig.variant`:
+- "split": `_gate_up_kernel` writes h [T*K, F] (fp32, a few KiB), `_down_kernel` reads it and sums over
+  K. With `down_split` = 1 each output is summed by one program in a fixed order: deterministic, and
+  graph replays give identical bits. `down_split` > 1 spreads K over more programs (atomic fp32 adds).
+- "fused": one kernel; each program finishes its slice of h and adds its share of the down projection
+  into an fp32 output with atomics (non-deterministic order, one launch fewer plus a zero-fill and a cast).
+Every program streams a [BLOCK_F, D] slice of one expert's gate and up (or [BLOCK_D, F] of its down), so
+a layer's K experts spread over hundreds of programs and all SMs stream. Gather-free and sync-free:
+slots are a device tensor and the grid depends only on T, K and the shapes, so CUDA graphs capture it.
+
+Hooks for the formats and activations of moe_operands.py: `_load_w` (a weight tile to fp32; the
+quantized formats add a branch reading codes and scales) and `_act` (SwiGLU; gpt-oss's clamped form).
+
+Legend: T tokens, D hidden, K top-k, F expert FFN, S slots in the pool.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from tiered.kernels.moe_operands import ExpertOperands, check_built
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Tile sizes of the decode kernels (all powers of two). Defaults: the fastest deterministic tiles
+    measured at the 10.6B shape (benchmarks/results/moe-kernels-2026-11-30-h200.json); `for_shape` picks."""
+    variant: str = "split"  # "split" (gate_up, then down) or "fused" (one kernel, atomic down)
+    block_f: int = 4  # gate/up rows (F) per program
+    block_d: int = 512  # gate/up input columns (D) per step
+    warps: int = 2  # warps per gate/up (or fused) program
+    down_block_d: int = 4  # down rows (D) per program ("split")
+    down_block_f: int = 1024  # down input columns (F) per step ("split")
+    down_split: int = 1  # programs sharing one token's K experts ("split"; > 1: fp32 atomics)
+    down_warps: int = 8
+    block_o: int = 64  # down rows per atomic step ("fused")
+
+    def __post_init__(self) -> None:
+        if self.variant not in ("split", "fused"):
+            raise ValueError(f"DecodeConfig.variant must be 'split' or 'fused', got {self.variant!r}")
+        for name in ("block_f", "block_d", "down_block_d", "down_block_f", "block_o", "warps", "down_warps"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"DecodeConfig.{name} must be a power of two, got {v}")
+
+    @classmethod
+    def for_shape(cls, hidden: int, ffn: int) -> "DecodeConfig":
+        """Measured on the H200 (T = 1, bf16, deterministic split): D 2048 / F 768 -> 25.1 us per layer of
+        K = 8 (3.0 TB/s, 0.68 of the 4.39 TB/s read bound); D 4096 / F 1024 -> the tiles below, 65.5 us
+        for K = 10 (3.8 TB/s, 0.87). The fused variant was slower at both shapes (43 and 203 us)."""
+        if hidden >= 4096:
+            return cls(block_f=4, block_d=1024, warps=4, down_block_d=8, down_block_f=256, down_warps=4)
+        return cls()
+
+
+@triton.jit
+def _load_w(ptrs, mask, WFMT: tl.constexpr):
+    """A weight tile in fp32. WFMT 0 (FLOAT): the stored elements; quantized formats add branches here."""
+    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _act(g, u, ACT: tl.constexpr):
+    """The gated activation in fp32. ACT 0 (SWIGLU): silu(g) * u."""
+    return g * tl.sigmoid(g) * u
+
+
+@triton.jit
+def _gate_up_rows(x_ptr, gate_ptr, up_ptr, t, slot, offs_f, mask_f, stride_xt, stride_gs, stride_gf,
+                  stride_us, stride_uf, D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
+                  WFMT: tl.constexpr, ACT: tl.constexpr):
+    """act(x[t] @ gate[slot][offs_f].T, x[t] @ up[slot][offs_f].T) -> [BLOCK_F] fp32 (0 where masked)."""
+    g_rows = gate_ptr + slot * stride_gs + offs_f[:, None] * stride_gf
+    u_rows = up_ptr + slot * stride_us + offs_f[:, None] * stride_uf
+    x_row = x_ptr + t * stride_xt
+    acc_g = tl.zeros([BLOCK_F, BLOCK_D], tl.float32)
+    acc_u = tl.zeros([BLOCK_F, BLOCK_D], tl.float32)
+    for d0 in tl.static_range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        xv = tl.load(x_row + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+        m = mask_f[:, None] & mask_d[None, :]
+        acc_g += _load_w(g_rows + offs_d[None, :], m, WFMT) * xv
+        acc_u += _load_w(u_rows + offs_d[None, :], m, WFMT) * xv
+    return _act(tl.sum(acc_g, axis=1), tl.sum(acc_u, axis=1), ACT)
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, slot_ptr, gate_ptr, up_ptr, h_ptr, stride_xt, stride_gs, stride_gf, stride_us,
+                    stride_uf, D: tl.constexpr, F: tl.constexpr, K: tl.constexpr, BLOCK_F: tl.constexpr,
+                    BLOCK_D: tl.constexpr, WFMT: tl.constexpr, ACT: tl.constexpr):
+    """Grid (cdiv(F, BLOCK_F), T*K): h[t*K + k, f-block] of token t's k-th expert, fp32."""
+    pid_f = tl.program_id(0)
+    pair = tl.program_id(1)  # t * K + k
+    slot = tl.load(slot_ptr + pair).to(tl.int64)
+    offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
+    mask_f = offs_f < F
+    h = _gate_up_rows(x_ptr, gate_ptr, up_ptr, pair // K, slot, offs_f, mask_f, stride_xt, stride_gs, stride_gf,
+                      stride_us, stride_uf, D, BLOCK_F, BLOCK_D, WFMT, ACT)
+    tl.store(h_ptr + pair * F + offs_f, h, mask=mask_f)
+
+
+@triton.jit
+def _down_kernel(h_ptr, slot_ptr, wt_ptr, down_ptr, y_ptr, stride_ds, stride_dd, stride_yt,
+                 D: tl.constexpr, F: tl.constexpr, K: tl.constexpr, K_PER: tl.constexpr, SPLIT: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, WFMT: tl.constexpr):
+    """Grid (cdiv(D, BLOCK_D), T*SPLIT): y[t, d-block] = sum over K_PER experts of w * (h @ down.T)."""
+    pid_d = tl.program_id(0)
+    pid = tl.program_id(1)  # t * SPLIT + part
+    t = pid // SPLIT
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    acc = tl.zeros([BLOCK_D, BLOCK_F], tl.float32)
+    for kk in tl.static_range(K_PER):
+        pair = t * K + (pid % SPLIT) * K_PER + kk
+        slot = tl.load(slot_ptr + pair).to(tl.int64)
+        w = tl.load(wt_ptr + pair).to(tl.float32)
+        rows = down_ptr + slot * stride_ds + offs_d[:, None] * stride_dd
+        for f0 in tl.static_range(0, F, BLOCK_F):
+            offs_f = f0 + tl.arange(0, BLOCK_F)
+            mask_f = offs_f < F
+            hv = tl.load(h_ptr + pair * F + offs_f, mask=mask_f, other=0.0) * w
+            acc += _load_w(rows + offs_f[None, :], mask_d[:, None] & mask_f[None, :], WFMT) * hv[None, :]
+    y = tl.sum(acc, axis=1)
+    if SPLIT == 1:
+        tl.store(y_ptr + t * stride_yt + offs_d, y.to(y_ptr.dtype.element_ty), mask=mask_d)
+    else:
+        tl.atomic_add(y_ptr + t * stride_yt + offs_d, y, mask=mask_d, sem="relaxed")
+
+
+@triton.jit
+def _fused_kernel(x_ptr, slot_ptr, wt_ptr, gate_ptr, up_ptr, down_ptr, y_ptr, stride_xt, stride_gs, stride_gf,
+                  stride_us, stride_uf, stride_ds, stride_dd, stride_yt, D: tl.constexpr, F: tl.constexpr,
+                  K: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr,
+                  WFMT: tl.constexpr, ACT: tl.constexpr):
+    """Grid (cdiv(F, BLOCK_F), T*K): h's f-block, times w, through down[:, f-block] into fp32 y (atomics)."""
+    pid_f = tl.program_id(0)
+    pair = tl.program_id(1)
+    t = pair // K
+    slot = tl.load(slot_ptr + pair).to(tl.int64)
+    offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
+    mask_f = offs_f < F
+    h = _gate_up_rows(x_ptr, gate_ptr, up_ptr, t, slot, offs_f, mask_f, stride_xt, stride_gs, stride_gf,
+                      stride_us, stride_uf, D, BLOCK_F, BLOCK_D, WFMT, ACT)
+    h = h * tl.load(wt_ptr + pair).to(tl.float32)
+    cols = down_ptr + slot * stride_ds + offs_f[None, :]
+    for o0 in tl.static_range(0, D, BLOCK_O):
+        offs_o = o0 + tl.arange(0, BLOCK_O)
+        mask_o = offs_o < D
+        dw = _load_w(cols + offs_o[:, None] * stride_dd, mask_o[:, None] & mask_f[None, :], WFMT)
+        tl.atomic_add(y_ptr + t * stride_yt + offs_o, tl.sum(dw * h[None, :], axis=1), mask=mask_o, sem="relaxed")
+
+
+def _prep(x: Tensor, slots: Tensor, ops: ExpertOperands) -> tuple[ExpertOperands, Tensor, Tensor, int]:
+    ops = ExpertOperands.of(ops)
+    check_built(ops)
+    T, D = x.shape
+    if D != ops.hidden:
+        raise ValueError(f"x has hidden size {D}, the experts {ops.hidden}")
+    if slots.numel() % T:
+        raise ValueError(f"{slots.numel()} slots for {T} tokens: want [T, K]")
+    return ops, x.contiguous(), slots.reshape(-1).contiguous(), slots.numel() // T
+
+
+def decode_gate_up(x: Tensor, slots: Tensor, ops: ExpertOperands, config: DecodeConfig | None = None) -> Tensor:
+    """The first kernel of the "split" variant: x [T, D], slots [T, K] -> h [T*K, F] fp32."""
+    ops, x, slots, K = _prep(x, slots, ops)
+    T, D = x.shape
+    cfg = config or DecodeConfig.for_shape(D, ops.ffn)
+    Fe = ops.ffn
+    g, u = ops.gate, ops.up
+    h = torch.empty(T * K, Fe, dtype=torch.float32, device=x.device)  # [T*K, F]
+    _gate_up_kernel[(triton.cdiv(Fe, cfg.block_f), T * K)](
+        x, slots, g, u, h, x.stride(0), g.stride(0), g.stride(1), u.stride(0), u.stride(1), D=D, F=Fe, K=K,
+        BLOCK_F=cfg.block_f, BLOCK_D=min(cfg.block_d, triton.next_power_of_2(D)), WFMT=int(ops.fmt),
+        ACT=int(ops.act), num_warps=cfg.warps)
+    return h
+
+
+def decode_down(h: Tensor, slots: Tensor, weights: Tensor, ops: ExpertOperands, dtype: torch.dtype,
+                config: DecodeConfig | None = None) -> Tensor:
+    """The second kernel of the "split" variant: h [T*K, F] fp32, slots and weights [T, K] -> [T, D] dtype."""
+    ops = ExpertOperands.of(ops)
+    D, Fe = ops.hidden, ops.ffn
+    cfg = config or DecodeConfig.for_shape(D, Fe)
+    K = slots.shape[-1]
+    T = h.shape[0] // K
+    slots = slots.reshape(-1).contiguous()
+    weights = weights.reshape(-1).contiguous()
+    d = ops.down
+    split = cfg.down_split if K % cfg.down_split == 0 else 1
+    y = (torch.empty(T, D, dtype=dtype, device=h.device) if split == 1
+         else torch.zeros(T, D, dtype=torch.float32, device=h.device))
+    _down_kernel[(triton.cdiv(D, cfg.down_block_d), T * split)](
+        h, slots, weights, d, y, d.stride(0), d.stride(1), y.stride(0), D=D, F=Fe, K=K, K_PER=K // split,
+        SPLIT=split, BLOCK_D=cfg.down_block_d, BLOCK_F=min(cfg.down_block_f, triton.next_power_of_2(Fe)),
+        WFMT=int(ops.fmt), num_warps=cfg.down_warps)
+    return y if split == 1 else y.to(dtype)
+
+
+def moe_decode(x: Tensor, slots: Tensor, weights: Tensor, ops: ExpertOperands,
+               config: DecodeConfig | None = None) -> Tensor:
+    """Routed experts of T tokens, read in place from a pool.
+
+    Args:
+        x: [T, D] expert input (compute dtype).
+        slots: [T, K] (or [K] when T = 1) int64/int32 slot rows of `ops`, on x's device.
+        weights: [T, K] routing weights (fp32 or compute dtype).
+        ops: ExpertOperands (or store.disk.ExpertWeights) over the pool.
+        config: tile sizes; DecodeConfig.for_shape(D, F) when None.
+    Returns:
+        [T, D] in x's dtype: sum over k of weights[t, k] * expert(slots[t, k])(x[t]).
+    """
+    ops, x, flat, K = _prep(x, slots, ops)
+    T, D = x.shape
+    cfg = config or DecodeConfig.for_shape(D, ops.ffn)
+    weights = weights.reshape(T, K)
+    if cfg.variant == "split":
+        return decode_down(decode_gate_up(x, flat, ops, cfg), flat.view(T, K), weights, ops, x.dtype, cfg)
+    Fe = ops.ffn
+    g, u, d = ops.gate, ops.up, ops.down
+    weights = weights.reshape(-1).contiguous()
+    y32 = torch.zeros(T, D, dtype=torch.float32, device=x.device)
+    _fused_kernel[(triton.cdiv(Fe, cfg.block_f), T * K)](
+        x, flat, weights, g, u, d, y32, x.stride(0), g.stride(0), g.stride(1), u.stride(0), u.stride(1),
+        d.stride(0), d.stride(1), y32.stride(0), D=D, F=Fe, K=K, BLOCK_F=cfg.block_f,
+        BLOCK_D=min(cfg.block_d, triton.next_power_of_2(D)), BLOCK_O=cfg.block_o, WFMT=int(ops.fmt),
+        ACT=int(ops.act), num_warps=cfg.warps)
+    return y32.to(x.dtype)

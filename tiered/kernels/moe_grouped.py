@@ -1,0 +1,259 @@
+"""Grouped expert GEMMs for prefill and batched decode: rows sorted by expert, one launch per projection.
+
+Owns: `align_rows` (the (token, k) rows sorted by expert and padded to the block size, computed on the
+device with static shapes: no host sync, no .tolist()), `GroupedMoE` (a layer's experts over those rows,
+in one or more waves of experts) with its Triton kernels `_grouped_gate_up_kernel` and
+`_grouped_down_kernel` and `GroupedConfig`, the one-call `moe_grouped`, and `grouped_mm_layer`, the same
+computation through torch._grouped_mm (kept to compare against; it needs a layer's experts as one
+[E, F, D] tensor and at most 1024 groups).
+Does not own: which slots hold which experts (the provider), the decode kernel for T = 1 (moe_decode.py),
+the reference (moe_naive.experts_loop).
+
+The shape is vLLM's fused_moe: row r = t*K + k of the [T*K] (token, expert) pairs; `rows` lists them
+grouped by expert, each group padded with the sentinel T*K to a multiple of BLOCK_M, and `block_expert`
+names each block's expert (-1 past the end). A wave maps experts to slot rows (`slot_map`, -1 = not in
+this wave); each launch covers every block and blocks of other waves return at once, so the grid depends
+only on T, K, E and the block size and CUDA graphs can capture a resident layer. gate and up run in one
+kernel (two accumulators sharing the x tile) and write h [T*K, F] in the compute dtype; the down kernel
+scales each row by its routing weight and writes [T*K, D]; the K rows of a token are summed at the end,
+as model/moe.py's loop does, so the result does not depend on the waves.
+
+Legend: T tokens, D hidden, K top-k, F expert FFN, E experts per layer, S slots, P padded rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from tiered.kernels.moe_operands import ExpertOperands, check_built
+
+
+@dataclass(frozen=True)
+class GroupedConfig:
+    """Tile sizes of the grouped kernels (powers of two, each >= 16 for tl.dot)."""
+    block_m: int = 64  # rows (token, k) per block; each block belongs to one expert
+    block_n: int = 64  # output columns per program (F for gate/up, D for down)
+    block_k: int = 64  # reduction step (D for gate/up, F for down)
+    warps: int = 4
+    stages: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "block_k", "warps"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1) or (name != "warps" and v < 16):
+                raise ValueError(f"GroupedConfig.{name} must be a power of two (>= 16 for blocks), got {v}")
+
+
+def pick_config(rows: int, num_experts: int) -> GroupedConfig:
+    """Block sizes by the mean rows per expert; each the fastest measured on the H200 at the 10.6B shape,
+    E 128, K 8 (benchmarks/results/moe-kernels-2026-11-30-h200.json): T <= 128 tokens (<= 16 rows per
+    expert) 96-391 us, T = 512 429 us, T = 2048 649 us per layer, against torch._grouped_mm's 101-499,
+    550 and 947 us."""
+    per = rows / max(1, min(num_experts, rows))
+    if per <= 16:
+        return GroupedConfig(block_m=16, block_n=64, block_k=128, warps=4, stages=4)
+    if per <= 96:
+        return GroupedConfig(block_m=64, block_n=64, block_k=64, warps=4, stages=4)
+    return GroupedConfig(block_m=128, block_n=128, block_k=64, warps=8, stages=3)
+
+
+@dataclass(frozen=True)
+class AlignedRows:
+    """(token, k) rows grouped by expert and padded, on the device."""
+    rows: Tensor  # [P] int32: t*K + k, or the sentinel T*K in padding
+    block_expert: Tensor  # [P / block_m] int64: expert of each block, -1 past the last
+    num_rows: int  # T*K
+    block_m: int
+
+
+def align_rows(ids: Tensor, num_experts: int, block_m: int) -> AlignedRows:
+    """ids [T, K] int64 experts in [0, E) -> AlignedRows; static shapes, no host sync (graph-capturable).
+
+    P = T*K + min(E, T*K)*(block_m - 1), rounded up to block_m: enough for every expert's padding.
+    """
+    T, K = ids.shape
+    n, dev = T * K, ids.device
+    flat = ids.reshape(n)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev).scatter_add_(
+        0, flat, torch.ones(n, dtype=torch.int64, device=dev))  # [E]
+    padded = (counts + block_m - 1) // block_m * block_m  # [E]
+    pend = torch.cumsum(padded, 0)  # [E] end of each expert's padded group
+    cstart = torch.cumsum(counts, 0) - counts  # [E] start of each expert's rows, unpadded
+    order = torch.argsort(flat, stable=True)  # [n] rows sorted by expert, (t, k) order inside
+    e_sorted = flat.index_select(0, order)
+    dest = (pend - padded).index_select(0, e_sorted) + torch.arange(n, device=dev) - cstart.index_select(0, e_sorted)
+    P = -(-(n + min(num_experts, n) * (block_m - 1)) // block_m) * block_m
+    rows = torch.full((P,), n, dtype=torch.int32, device=dev).scatter_(0, dest, order.to(torch.int32))
+    starts = torch.arange(0, P, block_m, device=dev)  # [P / block_m]
+    be = torch.searchsorted(pend, starts, right=True)  # expert whose padded range holds the block start
+    return AlignedRows(rows, torch.where(be < num_experts, be, -1), n, block_m)
+
+
+@triton.jit
+def _load_wt(ptrs, mask, WFMT: tl.constexpr, DT: tl.constexpr):
+    """A weight tile in the dot's dtype DT. WFMT 0 (FLOAT): the stored elements; quantized formats add
+    branches here (dequantizing a tile in registers, never a copy of the expert)."""
+    return tl.load(ptrs, mask=mask, other=0.0).to(DT)
+
+
+@triton.jit
+def _act(g, u, ACT: tl.constexpr):
+    """The gated activation in fp32. ACT 0 (SWIGLU): silu(g) * u."""
+    return g * tl.sigmoid(g) * u
+
+
+@triton.jit
+def _grouped_gate_up_kernel(x_ptr, rows_ptr, bslot_ptr, gate_ptr, up_ptr, h_ptr, num_rows, stride_xt,
+                            stride_gs, stride_gf, stride_us, stride_uf, D: tl.constexpr, F: tl.constexpr,
+                            K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, WFMT: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr):
+    """Grid (cdiv(F, BLOCK_N), P / BLOCK_M): h[rows, n-block] = act(x[tok] @ gate.T, x[tok] @ up.T)."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    slot = tl.load(bslot_ptr + pid_m).to(tl.int64)
+    if slot < 0:
+        return
+    rows = tl.load(rows_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BLOCK_M]
+    mask_m = rows < num_rows
+    tok = (rows // K).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < F
+    a_ptrs = x_ptr + tok[:, None] * stride_xt
+    g_ptrs = gate_ptr + slot * stride_gs + offs_n[None, :] * stride_gf
+    u_ptrs = up_ptr + slot * stride_us + offs_n[None, :] * stride_uf
+    DT = x_ptr.dtype.element_ty
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < D
+        a = tl.load(a_ptrs + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        mb = mask_k[:, None] & mask_n[None, :]
+        acc_g = tl.dot(a, _load_wt(g_ptrs + offs_k[:, None], mb, WFMT, DT), acc=acc_g, input_precision=PREC)
+        acc_u = tl.dot(a, _load_wt(u_ptrs + offs_k[:, None], mb, WFMT, DT), acc=acc_u, input_precision=PREC)
+    h = _act(acc_g, acc_u, ACT)
+    tl.store(h_ptr + rows[:, None].to(tl.int64) * F + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _grouped_down_kernel(h_ptr, rows_ptr, bslot_ptr, wt_ptr, down_ptr, out_ptr, num_rows, stride_ds, stride_dd,
+                         D: tl.constexpr, F: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, WFMT: tl.constexpr, PREC: tl.constexpr):
+    """Grid (cdiv(D, BLOCK_N), P / BLOCK_M): out[rows, n-block] = w[rows] * (h[rows] @ down.T)."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    slot = tl.load(bslot_ptr + pid_m).to(tl.int64)
+    if slot < 0:
+        return
+    rows = tl.load(rows_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    mask_m = rows < num_rows
+    rows64 = rows.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < D
+    a_ptrs = h_ptr + rows64[:, None] * F
+    b_ptrs = down_ptr + slot * stride_ds + offs_n[None, :] * stride_dd
+    DT = h_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, F, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < F
+        a = tl.load(a_ptrs + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = _load_wt(b_ptrs + offs_k[:, None], mask_k[:, None] & mask_n[None, :], WFMT, DT)
+        acc = tl.dot(a, b, acc=acc, input_precision=PREC)
+    w = tl.load(wt_ptr + rows, mask=mask_m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows64[:, None] * D + offs_n[None, :], (acc * w[:, None]).to(out_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+class GroupedMoE:
+    """One layer's routed experts over T tokens, computed in waves of experts (one wave when all are at hand).
+
+    Buffers are allocated at construction; each `wave` launches the two kernels once; `result` sums the
+    K rows of every token. Every (token, k) row must be covered by exactly one wave.
+    """
+
+    def __init__(self, x: Tensor, ids: Tensor, weights: Tensor, num_experts: int,
+                 config: GroupedConfig | None = None) -> None:
+        """x [T, D] compute dtype, ids [T, K] int64 experts in [0, E), weights [T, K] routing weights."""
+        T, K = ids.shape
+        self.cfg = config or pick_config(T * K, num_experts)
+        self.x = x.contiguous()
+        self.K = K
+        self.aligned = align_rows(ids, num_experts, self.cfg.block_m)
+        self.weights = weights.reshape(T * K).contiguous()
+        self.out = torch.empty(T * K, x.shape[1], dtype=x.dtype, device=x.device)  # [T*K, D]
+        self.h: Tensor | None = None  # [T*K, F], made at the first wave (F comes with the operands)
+
+    def wave(self, ops: ExpertOperands, slot_map: Tensor) -> None:
+        """Compute the rows of the experts that `slot_map` ([E] int64: slot row, -1 = not this wave) places."""
+        ops = ExpertOperands.of(ops)
+        check_built(ops)
+        x, cfg, al = self.x, self.cfg, self.aligned
+        D, Fe = x.shape[1], ops.ffn
+        if D != ops.hidden:
+            raise ValueError(f"x has hidden size {D}, the experts {ops.hidden}")
+        if self.h is None:
+            self.h = torch.empty(al.num_rows, Fe, dtype=x.dtype, device=x.device)
+        be = al.block_expert
+        bslot = torch.where(be >= 0, slot_map.index_select(0, be.clamp(min=0)), -1)  # [P / block_m]
+        nb = be.shape[0]
+        g, u, d = ops.gate, ops.up, ops.down
+        prec = "ieee" if x.dtype == torch.float32 else "tf32"
+        fmt = int(ops.fmt)
+        _grouped_gate_up_kernel[(triton.cdiv(Fe, cfg.block_n), nb)](
+            x, al.rows, bslot, g, u, self.h, al.num_rows, x.stride(0), g.stride(0), g.stride(1), u.stride(0),
+            u.stride(1), D=D, F=Fe, K=self.K, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            WFMT=fmt, ACT=int(ops.act), PREC=prec, num_warps=cfg.warps, num_stages=cfg.stages)
+        _grouped_down_kernel[(triton.cdiv(D, cfg.block_n), nb)](
+            self.h, al.rows, bslot, self.weights, d, self.out, al.num_rows, d.stride(0), d.stride(1), D=D, F=Fe,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, WFMT=fmt, PREC=prec,
+            num_warps=cfg.warps, num_stages=cfg.stages)
+
+    def result(self) -> Tensor:
+        """[T, D] in x's dtype: the K rows of each token summed (fp32 accumulation, one rounding)."""
+        T = self.aligned.num_rows // self.K
+        return self.out.view(T, self.K, -1).sum(1)
+
+
+def moe_grouped(x: Tensor, ids: Tensor, weights: Tensor, ops: ExpertOperands, slot_map: Tensor,
+                config: GroupedConfig | None = None) -> Tensor:
+    """All experts in one wave: x [T, D], ids [T, K] experts, weights [T, K], slot_map [E] int64 (slot of
+    each expert; every routed expert must have one) -> [T, D]. No host sync."""
+    run = GroupedMoE(x, ids, weights, slot_map.shape[0], config)
+    run.wave(ops, slot_map)
+    return run.result()
+
+
+def _grouped_mm():
+    return getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def grouped_mm_layer(x: Tensor, ids: Tensor, weights: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
+    """The same computation through torch._grouped_mm, for one layer's experts held as one tensor.
+
+    gate, up [E, F, D] and down [E, D, F] (views over a contiguous run of slots, e.g. a resident layer);
+    E <= 1024 (torch's group limit). x [T, D] bf16, ids [T, K], weights [T, K] -> [T, D]. No host sync.
+    """
+    gmm = _grouped_mm()
+    if gmm is None:
+        raise RuntimeError("this torch has no grouped_mm")
+    T, K = ids.shape
+    E = gate.shape[0]
+    if E > 1024:
+        raise ValueError(f"torch grouped_mm takes at most 1024 groups, got {E} experts")
+    flat = ids.reshape(T * K)
+    order = torch.argsort(flat, stable=True)  # [T*K]
+    counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(
+        0, flat, torch.ones(T * K, dtype=torch.int32, device=x.device))
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)  # [E]
+    xs = x.index_select(0, order // K)  # [T*K, D] rows sorted by expert
+    h = torch.nn.functional.silu(gmm(xs, gate.transpose(1, 2), offs=offs)) * gmm(xs, up.transpose(1, 2), offs=offs)
+    y = gmm(h, down.transpose(1, 2), offs=offs)  # [T*K, D]
+    y = y * weights.reshape(T * K).index_select(0, order).to(y.dtype)[:, None]
+    out = torch.empty_like(y).index_copy_(0, order, y)
+    return out.view(T, K, -1).sum(1)

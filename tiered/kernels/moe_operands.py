@@ -1,0 +1,89 @@
+"""What a MoE kernel reads: views of the expert weights over a pool of blocks, their format and activation.
+
+Owns: `ExpertOperands` (the gate/up/down views over any pool with the block layout, plus the room for
+quantization scales and expert biases), `WeightFormat` and `Activation` (the constexpr enums that the
+kernels branch on) and `check_built`, which says what the kernels do not do yet.
+Does not own: the pool or its layout (store/disk.py `expert_views` builds the views), the kernels.
+
+Only `WeightFormat.FLOAT` (elements in a float dtype, read in place) and `Activation.SWIGLU` are built.
+The others are named so that a kernel's signature need not change when they are added: each becomes one
+branch in the kernels' weight-tile loader (`_load_w`) or activation (`_act`), fed by the scale and bias
+views carried here.
+
+Legend: S slots in the pool, D hidden, F expert FFN.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+from torch import Tensor
+
+
+class WeightFormat(IntEnum):
+    """How a weight tile is stored in a block (a kernel constexpr)."""
+    FLOAT = 0  # bf16 / fp16 / fp32 elements, converted on load
+    Q8 = 1  # int8, symmetric, one bf16 scale per 128 along the input dimension (not built)
+    Q4 = 2  # uint4 affine, groups of 64 along the input dimension, bf16 scale and minimum (not built)
+    FP8 = 3  # e4m3, one fp32 scale per 128 x 128 block (not built)
+    MXFP4 = 4  # e2m1 in blocks of 32 with a shared e8m0 scale (not built)
+
+
+class Activation(IntEnum):
+    """The gated activation between the up and down projections (a kernel constexpr)."""
+    SWIGLU = 0  # silu(gate) * up
+    SWIGLU_CLAMP = 1  # gpt-oss: gate/up interleaved, clamp at 7.0, gate * sigmoid(1.702 gate) * (up + 1) (not built)
+
+
+@dataclass(frozen=True)
+class ExpertOperands:
+    """Routed-expert weights as [S, ...] views over a pool (row stride = the block size), read in place."""
+    gate: Tensor  # [S, F, D] stored dtype (packed codes for quantized formats)
+    up: Tensor  # [S, F, D]
+    down: Tensor  # [S, D, F]
+    fmt: WeightFormat = WeightFormat.FLOAT
+    act: Activation = Activation.SWIGLU
+    gate_scale: Tensor | None = None  # per-format scale (and minimum) views, [S, ...]; None for FLOAT
+    up_scale: Tensor | None = None
+    down_scale: Tensor | None = None
+    gate_bias: Tensor | None = None  # [S, F] expert biases (gpt-oss); None = no bias
+    up_bias: Tensor | None = None  # [S, F]
+    down_bias: Tensor | None = None  # [S, D]
+
+    @classmethod
+    def of(cls, weights: Any) -> "ExpertOperands":
+        """From store.disk.ExpertWeights (or anything with gate/up/down views): FLOAT, SwiGLU."""
+        if isinstance(weights, ExpertOperands):
+            return weights
+        return cls(weights.gate, weights.up, weights.down)
+
+    @property
+    def hidden(self) -> int:
+        return self.down.shape[1]  # D
+
+    @property
+    def ffn(self) -> int:
+        return self.down.shape[2]  # F
+
+    @property
+    def num_slots(self) -> int:
+        return self.gate.shape[0]  # S
+
+
+def check_built(ops: ExpertOperands) -> None:
+    """Raise NotImplementedError for the formats, activations and biases the kernels do not handle yet."""
+    if ops.fmt != WeightFormat.FLOAT:
+        raise NotImplementedError(f"MoE kernels: weight format {ops.fmt.name} is not built yet (FLOAT only)")
+    if ops.act != Activation.SWIGLU:
+        raise NotImplementedError(f"MoE kernels: activation {ops.act.name} is not built yet (SWIGLU only)")
+    if any(b is not None for b in (ops.gate_bias, ops.up_bias, ops.down_bias)):
+        raise NotImplementedError("MoE kernels: expert biases are not built yet")
+    D, F = ops.hidden, ops.ffn
+    if tuple(ops.gate.shape[1:]) != (F, D) or tuple(ops.up.shape[1:]) != (F, D):
+        raise ValueError(f"expert views disagree: gate {list(ops.gate.shape)}, up {list(ops.up.shape)}, "
+                         f"down {list(ops.down.shape)} (want [S, F, D], [S, F, D], [S, D, F])")
+    for name, t in (("gate", ops.gate), ("up", ops.up), ("down", ops.down)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"expert view {name} must be contiguous along its last dimension, "
+                             f"strides {t.stride()}")

@@ -1,0 +1,80 @@
+"""The CUDA expert paths of model/moe.py: the Triton MoE kernels over a provider's pool.
+
+Owns: `kernels_enabled` (whether a model on this device uses the kernels), `experts_decode` (one token,
+slot rows known: the fused decode kernel, graph-capturable) and `experts_tokens` (several tokens: the
+decode kernel up to DECODE_MAX_T tokens, else rows grouped by expert with the provider's experts in
+waves of `max_experts_per_call`, one grouped launch per projection per wave).
+Does not own: the kernels (tiered/kernels), the plain torch paths (model/moe.py, which CPU keeps), where
+experts live (the provider).
+
+A provider may offer `slot_map(layer) -> int64 [E]` (every expert of the layer at hand, e.g. all resident):
+then nothing here syncs with the host and the calls can be captured in CUDA graphs. Otherwise the distinct
+experts are read back to the host once per layer, because the provider must know what to load.
+
+Legend: T tokens, D hidden, K top-k, E experts per layer, U distinct experts.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tiered.kernels import triton_available
+
+# Up to this many tokens the decode kernel (one program set per (token, k)) beats the grouped kernel:
+# on the H200 at the 10.6B shape, T = 8 took 156-188 us per layer against 193 us grouped, T = 1 25 against 96
+# (benchmarks/results/moe-kernels-2026-11-30-h200.json).
+DECODE_MAX_T = 8
+
+
+def kernels_enabled(device: torch.device | str) -> bool:
+    """True on CUDA with Triton installed; CPU keeps the plain torch path."""
+    return triton_available(device)
+
+
+def experts_decode(x: Tensor, slots: Tensor, weights: Tensor, W: Any) -> Tensor:
+    """x [T, D], slots [T, K] (or [K]) slot rows of W on x's device, weights [T, K] -> [T, D] (no host sync)."""
+    from tiered.kernels.moe_decode import moe_decode
+
+    return moe_decode(x, slots, weights, W)
+
+
+def _wave_map(provider: Any, layer: int, part: Tensor, num_experts: int, device: torch.device) -> Tensor:
+    """provider.get() for the experts `part` [U] -> slot_map [E] int64 (-1 for experts not in `part`)."""
+    slots = provider.get(layer, part)  # pinned until the next get()
+    m = torch.full((num_experts,), -1, dtype=torch.int64, device=device)
+    return m.index_copy_(0, part.to(device), slots.to(device=device, dtype=torch.int64))
+
+
+def experts_tokens(x: Tensor, ids: Tensor, weights: Tensor, provider: Any, layer: int,
+                   num_experts: int) -> Tensor:
+    """x [T, D], ids [T, K] experts, weights [T, K] -> [T, D], experts from `provider`.
+
+    Each wave's kernels are enqueued before the next get(), as model/moe.py's torch loop does.
+    """
+    from tiered.kernels.moe_decode import moe_decode
+    from tiered.kernels.moe_grouped import GroupedMoE
+
+    W, dev, T = provider.weights, x.device, x.shape[0]
+    whole = getattr(provider, "slot_map", None)
+    if whole is not None:
+        slot_map = whole(layer).to(device=dev, dtype=torch.int64)  # [E]
+        if T <= DECODE_MAX_T:
+            return moe_decode(x, slot_map[ids], weights, W)
+        run = GroupedMoE(x, ids, weights, num_experts)
+        run.wave(W, slot_map)
+        return run.result()
+    used = torch.unique(ids.reshape(-1))  # [U] sorted distinct experts (one host sync)
+    n = max(1, int(provider.max_experts_per_call))
+    U = used.numel()
+    if T <= DECODE_MAX_T and U <= n:
+        return moe_decode(x, _wave_map(provider, layer, used, num_experts, dev)[ids], weights, W)
+    run = GroupedMoE(x, ids, weights, num_experts)
+    for w0 in range(0, U, n):
+        part = used[w0:w0 + n]
+        slot_map = _wave_map(provider, layer, part, num_experts, dev)
+        if w0 + n < U:
+            provider.prefetch(layer, used[w0 + n:w0 + 2 * n])
+        run.wave(W, slot_map)
+    return run.result()
