@@ -2,8 +2,8 @@
 
   1. bf16 correctness on the trained reference model (olmoe-code-17m): teacher-forced logits over the
      first 256 tokens of each eval text, against transformers in bf16 on the same GPU:
-     ||a-b||/||b|| <= 2e-2 and top-1 agreement >= 99% (CONTRACTS).
-  2. The 10.6B Qwen3-MoE shape of GROUND.md with random bf16 weights (seed fixed), built on the GPU with
+     ||a-b||/||b|| <= 2e-2 and top-1 agreement >= 99% (docs/metrics.md).
+  2. The 10.6B Qwen3-MoE shape (tools/make_random_checkpoint.py, qwen3-10b) with random bf16 weights (seed fixed), built on the GPU with
      transformers, saved, repacked by tiered, loaded with every expert in VRAM:
      - logits of the prompt against transformers bf16 (reported; random weights give near-ties);
      - batch-1 greedy decode tok/s, 64-token prompt of random ids, 64 new tokens: tiered (static KV cache,
@@ -353,7 +353,7 @@ def main() -> None:
     line = write_out(out, "decode_gpu.json")
     print(line)
     if "reference" in out and not out["reference"]["pass"]:
-        log("FAIL: the reference model's bf16 logits disagree with transformers beyond the CONTRACTS bounds")
+        log("FAIL: the reference model's bf16 logits disagree with transformers beyond the bounds of docs/metrics.md")
         sys.exit(1)
 
 

@@ -5,7 +5,7 @@ Everything is measured in one run, batch 1, a 64-token prompt of random ids, gre
      in-VRAM compute time per token (every expert resident, CUDA graphs): the compute side of the bound.
   1. RAM-backed, --vram-gb 4 (--io mmap, registered, RAM tier >= all expert bytes, page cache warm):
      tok/s, miss bytes/token, Belady's miss bytes at the same slot count from the run's own get() trace,
-     the two PCIe bounds of CONTRACTS (max(compute, bytes / H2D bandwidth) with Belady's and the run's
+     the two PCIe bounds of docs/metrics.md (max(compute, bytes / H2D bandwidth) with Belady's and the run's
      own miss bytes), stall share and where the decode time goes (CUDA events).
   3. --io mmap with registration on vs off (staged through pinned copies) at a RAM tier below the
      expert bytes, page cache warm: the ratio of decode tok/s.

@@ -1,4 +1,4 @@
-"""Next-layer prediction and demand-policy hit rates on olmoe-code-17m (CPU; CONTRACTS definitions).
+"""Next-layer prediction and demand-policy hit rates on olmoe-code-17m (CPU; definitions in docs/metrics.md).
 
 Fits the learned predictors on traces of ../shared/text/fit only, then reports on each file of
 ../shared/text/eval and their mean:

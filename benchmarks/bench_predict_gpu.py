@@ -13,7 +13,7 @@ Measured in one run, per eval document (64-token prompt + 128 new tokens, --vram
   - stall share, hit rate, prefetch issued/used (precision), H2D bytes per token (prefetches included),
     host time per token blocked on segments and routing between them;
   - Belady's demand-paging miss bytes on the same mapped routing and slot count;
-  - the Belady bound of CONTRACTS: max(compute per token, Belady miss bytes / H2D bandwidth), where
+  - the Belady bound of docs/metrics.md: max(compute per token, Belady miss bytes / H2D bandwidth), where
     compute per token is the all-resident CUDA-graph decode of the same model, measured in this run.
 Goal: with prediction, tok/s >= 0.85 x the Belady bound. Also reported: the ratio against the run's own
 bytes (max(compute, own H2D bytes / bandwidth)), which measures transfer efficiency alone, and each
@@ -203,7 +203,7 @@ def main() -> None:
             v["hit_rate"] = dec["hits"] / max(1, dec["hits"] + dec["misses"])
             v["prefetch_precision"] = s_["prefetch_used"] / s_["prefetch_issued"] if s_.get("prefetch_issued") else None
             v["ratio_to_belady_bound"] = s_["decode_tok_s"] * bound_s
-            # CONTRACTS: the ratio against the run's own bytes measures transfer efficiency alone
+            # docs/metrics.md: the ratio against the run's own bytes measures transfer efficiency alone
             own_s = max(compute, (s_["bytes_h2d_per_token"] or 0) / (h2d * 1e9))
             v["ratio_to_own_bytes_bound"] = s_["decode_tok_s"] * own_s
             v["modelled"] = modelled(doc, n_tok, name, s_["expert_slots"], lay.block_size, h2d, compute, params)

@@ -22,7 +22,8 @@ def test_stdout_is_only_the_continuation(reference_layout):
     assert r.stdout == expected
     stats = json.loads(r.stderr.strip().splitlines()[-1])
     assert stats["tokens_generated"] == 12 and stats["device"] == "cpu"
-    for k in ("tokens_prompt", "prefill_tok_s", "decode_tok_s", "dtype", "attention", "io", "vram", "ram", "disk"):
+    for k in ("tokens_prompt", "prefill_tok_s", "decode_tok_s", "dtype", "attention", "io", "vram", "ram", "disk",
+              "ttft_s", "load_s", "capture_s"):
         assert k in stats
 
 

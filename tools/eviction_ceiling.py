@@ -3,7 +3,7 @@
 Issue 5 asks for the best demand policy within 5 points of Belady (per-layer caches of 16 slots = 25% of
 experts, current step pinned, first 2048 tokens of each eval file). This tool measures what limits that:
 
-  - `learned`: a logistic score per (layer, expert), fitted on ../shared/text/fit only, of features known
+  - `learned`: a logistic score per (layer, expert), fitted on fitting text only (never the reported text), of features known
     at eviction time (step t, layer l): exponential averages of uses (5 decays) and router probabilities
     (3 decays), the token-to-token transition score, log tokens since last use, used now, the prior;
     the target is "used again within H tokens". Evicts the lowest score (LRU among ties), like
@@ -204,7 +204,7 @@ def main() -> None:
     weights = {name: fit_score(X, target) for name, (X, _) in variants.items()}
     rows: dict[str, dict[str, float]] = {}
     for tr in evals:
-        tr = tr.doc(0, a.max_tokens)  # the first max_tokens tokens of each eval file (CONTRACTS)
+        tr = tr.doc(0, a.max_tokens)  # the first max_tokens tokens of each eval file (docs/metrics.md)
         name = tr.doc_names[0]
         Xe = features(tr, params.time_trans, params.prior)
         row = {}

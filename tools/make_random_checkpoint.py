@@ -1,6 +1,6 @@
 """Make a random-weight Hugging Face MoE checkpoint for bandwidth benchmarks (needs transformers).
 
-Shapes are presets; `qwen3-10b` is the 10.59B Qwen3-MoE shape of ../shared/GROUND.md (16 layers,
+Shapes are presets; `qwen3-10b` is the 10.59B Qwen3-MoE shape used by the benchmarks (16 layers,
 128 experts, top-8, hidden 2048, expert FFN 768, 32 q / 4 kv heads, head_dim 128, vocab 151936).
 On a GPU box the weights are initialised on the GPU (about 1 s for 10.6B parameters).
 

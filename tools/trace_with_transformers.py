@@ -5,7 +5,7 @@ attention (the input of post_attention_layernorm), in the tiered trace format (t
 The runtime never imports this; `tiered trace` uses our engine, and tests/test_predict.py checks that
 both give identical top-k ids.
 
-    python3 tools/trace_with_transformers.py ../shared/models/olmoe-code-17m text.txt -o trace.npz [--max-len 2048]
+    python3 tools/trace_with_transformers.py tiered/data/olmoe-code-17m text.txt -o trace.npz [--max-len 2048]
 """
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ import click
 
 from tiered import __version__
 from tiered.cli.batch import batch
+from tiered.cli.cache import cache
 from tiered.cli.inspect import inspect
 from tiered.cli.repack import repack, verify
 from tiered.cli.run import run
@@ -29,10 +30,12 @@ def main() -> None:
       tiered repack ~/models/Qwen3-30B-A3B ~/layouts/qwen3-30b
       tiered inspect ~/layouts/qwen3-30b
       tiered run -m ~/layouts/qwen3-30b --device cuda --vram-gb 8 "Hello"
+      tiered run -m Qwen/Qwen3-30B-A3B --chat "Hello"   # a Hugging Face id: cached, or downloaded
+      tiered cache list                        # checkpoints repacked for -m, and their sizes
     """
 
 
-for _command in (repack, verify, inspect, run, batch, serve, trace, tune):
+for _command in (repack, verify, inspect, run, batch, serve, trace, tune, cache):
     main.add_command(_command)
 
 

@@ -46,9 +46,35 @@ def budget_options(command: Callable) -> Callable:
         default = f.default
         shown = "" if default is None or default is False else f" [default: {default}]"
         kw = {"default": None, **_click_type(f, hints)}
-        command = click.option("--" + f.name.replace("_", "-"), f.name,
-                               help=f"{f.metadata['help']}{shown}. Expert cache.", **kw)(command)
+        command = click.option("--" + f.name.replace("_", "-"), f.name, cls=BudgetOption,
+                               help=f"{f.metadata['help']}{shown}.", **kw)(command)
     return command
+
+
+BUDGET_CLAUSE = ("Any of these selects the expert cache, which streams experts disk -> RAM -> device slots; "
+                 "without them every expert stays in memory. --verify applies either way.")
+
+
+class BudgetOption(click.Option):
+    """A TierConfig flag: listed under the budget section of --help."""
+
+
+class BudgetCommand(click.Command):
+    """A command whose --help lists its budget flags in one section, with the clause they share said once."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = {False: [], True: []}
+        for p in self.get_params(ctx):
+            rec = p.get_help_record(ctx)
+            if rec is not None:
+                rows[isinstance(p, BudgetOption)].append(rec)
+        with formatter.section("Options"):
+            formatter.write_dl(rows[False])
+        if rows[True]:
+            with formatter.section("Budget options"):
+                formatter.write_text(BUDGET_CLAUSE)
+                formatter.write_paragraph()
+                formatter.write_dl(rows[True])
 
 
 def budget_from(flags: dict[str, Any]) -> dict[str, Any]:

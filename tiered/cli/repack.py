@@ -15,7 +15,8 @@ from tiered.cli.options import fail
 @click.command()
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
-@click.option("--force", is_flag=True, help="Replace DST if it exists.")
+@click.option("--force", is_flag=True,
+              help="Replace DST if it is a tiered layout or an empty directory (anything else is refused).")
 @click.option("--dtype", type=click.Choice(["source", "bf16", "fp16", "fp32"]), default="source", show_default=True,
               help="Stored dtype of the weights.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON line.")
@@ -31,10 +32,12 @@ def repack(src: Path, dst: Path, force: bool, dtype: str, as_json: bool) -> None
     """
     from tiered.layout.families import FamilyError
     from tiered.layout.format import LayoutError
-    from tiered.layout.repack import RepackError, repack as do_repack
+    from tiered.layout.repack import RepackError, check_destination, repack as do_repack
 
-    if dst.exists() and not force:
-        fail(f"{dst} already exists: pass --force to replace it", 2)
+    try:
+        check_destination(src, dst, force)
+    except RepackError as e:
+        fail(str(e), 2)
     try:
         out = do_repack(src, dst, dtype=dtype, force=force, progress=True)
     except (RepackError, FamilyError, LayoutError) as e:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from tiered.cli.options import budget_from, budget_options, usage as _usage
+from tiered.cli.options import BudgetCommand, budget_from, budget_options, usage as _usage
 
 
 def read_inputs(prompt_files: tuple[Path, ...], jsonl: Path | None) -> list[tuple[str, str]]:
@@ -68,7 +68,7 @@ def plot_trace(trace, path: Path) -> bool:
     return True
 
 
-@click.command("trace", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command("trace", cls=BudgetCommand, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-m", "--model", "model", metavar="PATH", default=None,
               help="Layout or Hugging Face checkpoint directory (default: the embedded model).")
 @click.option("--prompt-file", "prompt_files", multiple=True, type=click.Path(path_type=Path, dir_okay=False, exists=True),
@@ -92,12 +92,16 @@ def trace(model, prompt_files, jsonl, out, plot, max_len, no_hidden, no_logits, 
 
     \b
     Examples:
-      tiered trace --prompt-file ../shared/text/fit/argparse.py.txt -o fit.npz
+      tiered trace --prompt-file my_code.py -o fit.npz
       tiered trace -m ~/layouts/qwen3-30b --input prompts.jsonl -o t.npz --plot t.png
     """
     if not prompt_files and jsonl is None:
         raise _usage("give --prompt-file F (repeatable) or --input prompts.jsonl")
     docs_text = read_inputs(prompt_files, jsonl)
+    from tiered.layout.tokenizer import missing_tokenizer
+
+    if model is not None and (why := missing_tokenizer(model)):  # before a checkpoint is repacked, not after
+        raise _usage(f"-m {model}: {why}")
     from tiered.engine import EngineError, load
     from tiered.layout.format import LayoutError
     from tiered.predict.trace import TraceRecorder, record, save, split_ids

@@ -5,10 +5,10 @@ also used by benchmarks/bench_predict.py), and finding or fitting the predictor 
 (`load_or_fit_params`: <layout>/predictor.safetensors, or --params FILE; --fit-trace fits them).
 Does not own: the predictors (predictors.py), the replay (simulate.py), the trace (trace.py).
 
---json prints one JSON object on the last line of stdout (CONTRACTS): predictor{name,
+--json prints one JSON object on the last line of stdout: predictor{name,
 candidates_per_layer, recall, precision} for the best predictor at C <= 1.8 K, policies{<name>:
 {hit_rate}} for every demand policy and belady, cache_fraction, plus the sweeps and the recommendation.
-Fit predictors on a trace of ../shared/text/fit only; tune on traces of other text.
+Fit predictors on a trace of one set of texts only; tune on traces of other text (docs/metrics.md).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def load_or_fit_params(layout: Any, *, params_path: Path | None, fit_trace: Path
     path = params_path or Path(layout.path) / PARAMS_FILE
     if fit_trace is not None:
         log(f"fitting predictors on {fit_trace} (fit text only) ...")
-        params = fit_params(load(fit_trace), gates)
+        params = fit_params(load(fit_trace), gates, progress=True)
         try:
             params.save(path)
         except OSError:
@@ -120,7 +120,7 @@ def sweep_prefetch(trace: Any, predictor: Any, slots_per_layer: int, budgets: tu
 @click.option("--trace", "trace_path", type=click.Path(path_type=Path, dir_okay=False, exists=True), required=True,
               help="Trace to tune on (tiered trace); not the text the predictors were fitted on.")
 @click.option("--fit-trace", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
-              help="Fit the learned predictors on this trace (of ../shared/text/fit) and save them first.")
+              help="Fit the learned predictors on this trace (of texts kept apart from --trace's) and save them first.")
 @click.option("--params", "params_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Predictor parameters file [default: <layout>/predictor.safetensors].")
 @click.option("--cache-fraction", type=click.FloatRange(0, 1, min_open=True), default=0.25, show_default=True,

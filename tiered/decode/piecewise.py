@@ -4,7 +4,7 @@ between segments, and the segments replayed from CUDA graphs (one chain of L+1 g
 Owns: `PiecewiseDecode` (static host and device buffers allocated once; the chain of captured
 segments per attended span; the host work between segments: read the top-k, call the routing
 observer, `provider.get_slots`, the prefetch hook, hand the slot rows to the next segment),
-`span_for` (the span buckets, shared with engine.GraphedDecode) and `GraphCaptureError`.
+`capture_all` (every span's chain before the first timed step) and `GraphCaptureError`.
 Does not own: the math (model/transformer.py `segment_first/mid/last`), where experts live or how
 they are loaded (the provider), sampling and the generation loop (engine.py).
 
@@ -41,7 +41,6 @@ Legend: L layers, K top-k, D hidden, V vocab, S provider slots.
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -53,7 +52,7 @@ from torch import Tensor
 
 from tiered.model.layers import StepPlan, plan_eager
 from tiered.model.moe import routed_logits
-from tiered.model.transformer import Routed, Transformer
+from tiered.model.transformer import Routed, Transformer, span_for  # noqa: F401  (span_for: re-exported)
 from tiered.layout.format import align_up
 from tiered.store.hostmem import aligned_empty
 from tiered.store.io import ExpertReadError
@@ -71,11 +70,6 @@ def host_slots_api(provider: Any) -> Callable[..., list[int]] | None:
     return provider.get_slots if isinstance(provider, HostSlotProvider) else None
 
 
-def span_for(pos: int, max_context: int) -> int:
-    """The attended span of a one-token step at `pos`: a power of two >= 128, capped at max_context."""
-    return min(max_context, max(128, 1 << math.ceil(math.log2(pos + 1))))
-
-
 @dataclass
 class _Chain:
     """The L+1 captured segments of one span and the tensors they hand each other (kept alive here:
@@ -85,6 +79,7 @@ class _Chain:
     plan: StepPlan  # written by seg 0 (rotary rows, mask), read by every layer's attention
     routed: list[Routed]  # [L] seg l's output: layer l's routing
     logits: Tensor  # [1, V] seg L's output
+    replayed: bool = False  # a step has replayed it (captured ahead by capture_all, it may not have been yet)
 
 
 class PiecewiseDecode:
@@ -153,7 +148,8 @@ class PiecewiseDecode:
         self.route_s = 0.0  # host work between segments: observer, get_slots (incl. its loads), hook
         self.late_s = 0.0  # deferred observers, run while the next segment computes
         self._late: tuple | None = None
-        self.capture_s = 0.0
+        self.capture_s = 0.0  # seconds capturing since reset_stats (the engine also keeps its own total)
+        self.graph_mem_bytes = 0  # growth of reserved CUDA memory over all captures (the chains' pool)
 
     # --- copies that are captured inside the segments in "graph" mode ---
     @property
@@ -167,7 +163,8 @@ class PiecewiseDecode:
         if self.static_positions:
             plan = m.static_plan(self.step_dev[1:2], span)
         else:
-            plan = plan_eager(m.rope, pos, 1, groups=m.groups, window=m.config.sliding_window)
+            plan = plan_eager(m.rope, pos, 1, groups=m.groups, window=m.config.sliding_window,
+                              paged=m.attn == "triton")
         r = m.segment_first(self.step_dev[0:1], plan)
         if self._inside:
             self._copy_routing(0, r)
@@ -287,15 +284,18 @@ class PiecewiseDecode:
         self._step_np[0] = token
         self._step_np[1] = pos
         self.steps += 1
-        span = span_for(pos, self.model.max_context)
+        span = self.model.graph_span(pos)
         if not self.graphs:
             return self._run_eager(span, pos)
         chain = self.chains.get(span)
-        if chain is not None:
+        if chain is None:
+            chain = self._capture(span)
+        elif chain.replayed:
             return self._replay(chain)
-        chain = self._capture(span)
         try:  # the first replay of new graphs: a refusal here still means "decode this step eagerly"
-            return self._replay(chain)
+            out = self._replay(chain)
+            chain.replayed = True
+            return out
         except (GraphCaptureError, ExpertReadError):  # the provider's errors are not the graphs'
             raise
         except RuntimeError as e:
@@ -326,9 +326,23 @@ class PiecewiseDecode:
         return r
 
     # --- capture ---
+    def capture_all(self) -> None:
+        """Capture the chain of every span a step may use (`model.graph_spans()`: one with triton or flash
+        attention, every power-of-two bucket with SDPA) now, so that no timed step captures. Raises
+        GraphCaptureError as a step would; a fallback to host copies clears the chains, hence two passes."""
+        if not self.graphs:
+            return
+        for _ in range(2):
+            for span in self.model.graph_spans():
+                if span not in self.chains:
+                    self._capture(span)
+            if all(s in self.chains for s in self.model.graph_spans()):
+                return
+
     def _capture(self, span: int) -> _Chain:
         """Warm up, then capture the L+1 segments of `span`; "graph" copies fall back to "host" once."""
         t0 = time.perf_counter()
+        mem0 = self._reserved()
         try:
             with self.model.preserve_state():  # warm-ups and the probe run the step: keep the DeltaNet state
                 chain = self._capture_chain(span)
@@ -352,6 +366,7 @@ class PiecewiseDecode:
         self.probed = True
         self.chains[span] = chain
         self.capture_s += time.perf_counter() - t0
+        self.graph_mem_bytes += self._reserved() - mem0
         return chain
 
     def _capture_chain(self, span: int) -> _Chain:
@@ -391,6 +406,10 @@ class PiecewiseDecode:
     def _synchronize(self) -> None:
         torch.cuda.synchronize(self.device)
 
+    def _reserved(self) -> int:
+        """Bytes the CUDA caching allocator holds (graph pools included); 0 without CUDA."""
+        return torch.cuda.memory_reserved(self.device) if torch.cuda.is_available() else 0
+
     def _wait_stream(self) -> None:
         """The host waits for the compute stream (one call: cheaper than recording and waiting on an event)."""
         self._stream.synchronize()
@@ -429,7 +448,8 @@ class PiecewiseDecode:
     # --- stats ---
     def stats(self) -> dict:
         return {"copies": self.copies, "spans": sorted(self.chains), "steps": self.steps,
-                "wait_s": self.wait_s, "route_s": self.route_s, "late_s": self.late_s, "capture_s": self.capture_s}
+                "wait_s": self.wait_s, "route_s": self.route_s, "late_s": self.late_s, "capture_s": self.capture_s,
+                "graph_mem_bytes": self.graph_mem_bytes}
 
     def reset_stats(self) -> None:
         self.steps = 0

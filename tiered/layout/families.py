@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import json
 import re
-import tomllib
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
+
+try:
+    import tomllib  # Python >= 3.11
+except ModuleNotFoundError:  # Python 3.10: the tomli backport, a dependency there (pyproject.toml)
+    import tomli as tomllib
 
 from tiered.layout.config import EXPERT_ROLES, FUSED_EXPERT_ROLES, ModelConfig
 

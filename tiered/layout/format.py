@@ -8,6 +8,7 @@ Both the offline repacker and the runtime reader go through this module.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -144,8 +145,12 @@ def read_manifest(layout_dir: Path) -> Manifest:
     d = Path(layout_dir)
     mpath = d / MANIFEST
     if not mpath.is_file():
-        raise LayoutError(f"{d} has no {MANIFEST}: it is not a tiered layout, or its repack did not finish "
-                          f"(re-run `tiered repack SRC {d} --force`)")
+        if (d / "config.json").is_file():
+            raise LayoutError(f"{d} is a Hugging Face checkpoint, not a tiered layout: run it directly "
+                              f"(`tiered run -m {d}` repacks it into the cache), or repack it into a new "
+                              f"directory with `tiered repack {d} NEW_DIR`")
+        raise LayoutError(f"{d} has no {MANIFEST}: it is not a tiered layout (make one from a Hugging Face "
+                          f"checkpoint with `tiered repack CHECKPOINT NEW_DIR`)")
     try:
         raw = json.loads(mpath.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -163,12 +168,30 @@ def read_manifest(layout_dir: Path) -> Manifest:
         blocks = ex["blocks"]
         order = {(b["layer"], b["expert"]): b for b in blocks}
         rows = [order[(l, e)] for l in range(cfg.num_layers) for e in range(cfg.num_experts)]
-    except (KeyError, TypeError, ValueError) as e:
-        raise LayoutError(f"{mpath} is malformed ({type(e).__name__}: {e}): re-run `tiered repack SRC {d} --force`") from None
-    man = Manifest(cfg, bs, specs, tuple(int(b["offset"]) for b in rows), tuple(b["xxh3_64"] for b in rows),
-                   int(ex["size"]), int(raw["dense"]["size"]), raw["dense"]["xxh3_64"], raw)
+        man = Manifest(cfg, bs, specs, tuple(int(b["offset"]) for b in rows), tuple(str(b["xxh3_64"]) for b in rows),
+                       int(ex["size"]), int(raw["dense"]["size"]), str(raw["dense"]["xxh3_64"]), raw)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise LayoutError(f"{mpath} is malformed ({type(e).__name__}: {e}): the layout is corrupt; "
+                          f"re-run `tiered repack SRC {d} --force`") from None
+    _check_specs(mpath, man)
     _check_bounds(d, man)
     return man
+
+
+def _check_specs(mpath: Path, man: Manifest) -> None:
+    """Each block tensor's shape and dtype must account for exactly its byte count (else views would not fit)."""
+    for s in man.tensors:
+        if s.dtype not in DTYPES:
+            raise LayoutError(f"{mpath}: tensor {s.name} has dtype {s.dtype!r}, which this tiered cannot read "
+                              f"(known: {', '.join(DTYPES)}): the manifest is corrupt or from a newer tiered")
+        if not all(isinstance(n, int) and n >= 0 for n in s.shape):
+            raise LayoutError(f"{mpath}: tensor {s.name} has shape {list(s.shape)}: the manifest is corrupt; "
+                              f"re-run `tiered repack SRC {mpath.parent} --force`")
+        want = math.prod(s.shape) * DTYPES[s.dtype].itemsize
+        if want != s.nbytes:
+            raise LayoutError(f"{mpath}: tensor {s.name} has shape {list(s.shape)} of {s.dtype} ({want} bytes) but "
+                              f"nbytes {s.nbytes}: the manifest is corrupt; re-run `tiered repack SRC "
+                              f"{mpath.parent} --force`")
 
 
 def _check_bounds(d: Path, man: Manifest) -> None:
@@ -185,7 +208,7 @@ def _check_bounds(d: Path, man: Manifest) -> None:
             raise LayoutError(f"{path} is {got} bytes, the manifest says {want}: the file is truncated or "
                               f"was replaced; re-run `tiered repack SRC {d} --force`")
     for i, off in enumerate(man.offsets):
-        if off % ALIGN or off + man.block_size > man.experts_size:
+        if off < 0 or off % ALIGN or off + man.block_size > man.experts_size:
             l, e = divmod(i, man.config.num_experts)
             raise LayoutError(f"{d / EXPERTS_FILE}: block of layer {l}, expert {e} at offset {off} is misaligned or "
                               f"outside the file ({man.experts_size} bytes)")

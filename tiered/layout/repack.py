@@ -1,7 +1,7 @@
 """Checkpoint → layout: stream a Hugging Face checkpoint into tiered's expert-contiguous layout.
 
 Owns: `repack(src, dst)` (streaming, atomic, resumable by restart), `ensure_layout(path)` (the
-per-checkpoint cache of CONTRACTS.md) and `verify(layout)`. Nothing here runs at inference time;
+per-checkpoint layout cache, docs/cli.md) and `verify(layout)`. Nothing here runs at inference time;
 `run` imports it lazily only when handed a checkpoint instead of a layout.
 
 Memory: tensors are read with `os.preadv` straight into reusable block buffers (no whole-model
@@ -10,12 +10,14 @@ chunks, so peak anonymous memory stays at a few block sizes plus one 64 MiB chun
 """
 from __future__ import annotations
 
-import hashlib
+import errno
 import json
 import os
 import queue
 import shutil
+import signal
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -29,9 +31,9 @@ import xxhash
 from tiered import __version__
 from tiered.layout.config import EXPERT_ROLES, FUSED_EXPERT_ROLES, ModelConfig
 from tiered.layout.families import Family, FamilyError, read_checkpoint_config
-from tiered.layout.format import (ALIGN, DENSE_FILE, DTYPES, EXPERTS_FILE, MANIFEST, ST_DTYPES, ST_ITEMSIZE, ST_NAMES,
-                           TOKENIZER_FILES, LayoutError, StEntry, build_manifest, fsync_dir, plan_block,
-                           read_manifest, read_safetensors_header, xxh3_hex)
+from tiered.layout.format import (ALIGN, DENSE_FILE, DTYPES, EXPERTS_FILE, FORMAT_NAME, MANIFEST, ST_DTYPES,
+                                  ST_ITEMSIZE, ST_NAMES, TOKENIZER_FILES, LayoutError, StEntry, build_manifest,
+                                  fsync_dir, plan_block, read_manifest, read_safetensors_header, xxh3_hex)
 
 CHUNK = 64 * 2**20  # dense tensors are copied in pieces of at most this many bytes
 PAUSE_ENV = "TIERED_REPACK_PAUSE_AFTER_BLOCKS"  # test hook: stop (sleep) after N expert blocks
@@ -278,16 +280,116 @@ def _write_experts(path: Path, cfg: ModelConfig, experts, specs, bs: int, rd: _R
     return sums
 
 
+LAYOUT_FILES = frozenset({MANIFEST, DENSE_FILE, EXPERTS_FILE, "source_config.json", "predictor.safetensors",
+                          *TOKENIZER_FILES})
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def _dense_bytes_written(dense: dict[str, SourceTensor], dtype: str) -> int:
+    """Bytes of dense tensor data after --dtype conversion (what _write_dense writes, header aside)."""
+    return sum(st.entry.nbytes // ST_ITEMSIZE[st.entry.dtype] * ST_ITEMSIZE[_target(st.entry.dtype, dtype)]
+               for st in dense.values())
+
+
+def _already_a_layout(path: Path) -> str:
+    try:
+        origin = json.loads((path / MANIFEST).read_text()).get("source", {}).get("path")
+    except (OSError, ValueError, AttributeError):
+        origin = None
+    hint = f" (it was repacked from {origin})" if origin else ""
+    return (f"{path} is already a tiered layout{hint}: use it as it is (`tiered run -m {path}`); to store it "
+            f"in another dtype, repack the original Hugging Face checkpoint")
+
+
+def describe_existing(path: Path) -> str | None:
+    """None when `path` may be replaced by --force (a tiered layout or an empty directory), else what is there."""
+    if not path.is_dir():
+        return "a file, not a directory" if path.exists() else None
+    try:
+        names = sorted(p.name for p in path.iterdir())
+    except OSError as e:
+        return f"a directory that cannot be listed ({e.strerror})"
+    if not names:
+        return None
+    if MANIFEST in names:
+        try:
+            if json.loads((path / MANIFEST).read_text()).get("format") == FORMAT_NAME:
+                return None
+        except (OSError, ValueError, AttributeError):
+            pass
+        if set(names) <= LAYOUT_FILES:  # a layout whose manifest is damaged: only tiered's own files
+            return None
+    if "config.json" in names and any(n.endswith((".safetensors", ".bin", ".safetensors.index.json")) for n in names):
+        return "a Hugging Face checkpoint"
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return f"a directory that is not a tiered layout ({len(names)} entries: {shown})"
+
+
+def check_destination(src: Path, dst: Path, force: bool) -> None:
+    """Refuse a DST that overlaps SRC, and a DST that exists unless --force may replace it (a layout or empty dir)."""
+    s, d = src.resolve(), dst.resolve()
+    if s == d:
+        raise RepackError(f"SRC and DST are the same directory ({s}): the layout must go to a new directory")
+    if s in d.parents:
+        raise RepackError(f"DST {dst} is inside SRC {src}: write the layout outside the checkpoint")
+    if d in s.parents:
+        raise RepackError(f"SRC {src} is inside DST {dst}: replacing DST would delete the checkpoint; "
+                          f"choose another DST")
+    if not dst.exists():
+        return
+    what = describe_existing(dst)
+    if what is not None:
+        raise RepackError(f"{dst} already exists and is {what}: tiered replaces only a tiered layout or an empty "
+                          f"directory, even with --force; choose a new DST")
+    if not force:
+        raise RepackError(f"{dst} already exists: pass --force to replace it")
+
+
+class _Terminated(BaseException):
+    """SIGTERM during a repack, raised in the main thread so that the partial layout is removed."""
+
+
+class _sigterm_as_interrupt:
+    """Within the block, SIGTERM raises _Terminated so that `finally` clauses run; on the way out the
+    previous handler is restored and given the signal (the default one ends the process as SIGTERM would)."""
+
+    def __enter__(self) -> None:
+        self.old = None
+        if threading.current_thread() is threading.main_thread():
+            old = signal.getsignal(signal.SIGTERM)
+            if old is not signal.SIG_IGN:
+                self.old = signal.signal(signal.SIGTERM, self._raise)
+
+    @staticmethod
+    def _raise(signum, frame) -> None:
+        raise _Terminated()
+
+    def __exit__(self, kind, value, tb) -> bool:
+        if self.old is None:
+            return False
+        signal.signal(signal.SIGTERM, self.old)
+        if kind is _Terminated:
+            if self.old in (signal.SIG_DFL, None):
+                os.kill(os.getpid(), signal.SIGTERM)
+            elif callable(self.old):
+                self.old(signal.SIGTERM, None)
+            raise RepackError("the repack was interrupted by SIGTERM; the partial copy was removed") from None
+        return False
+
 def repack(src: str | Path, dst: str | Path, *, dtype: str = "source", force: bool = False,
-           progress: bool = True) -> dict[str, Any]:
+           progress: bool = True, fix: str = "choose another DST") -> dict[str, Any]:
     """Rewrite checkpoint `src` into a layout at `dst`, atomically.
 
     Args:
         src: Hugging Face checkpoint directory (config.json + safetensors shards).
         dst: layout directory to create. It appears only when complete (temp dir + rename).
         dtype: "source", "bf16", "fp16" or "fp32" for the stored weights.
-        force: replace an existing `dst`.
+        force: replace an existing `dst` (only a tiered layout or an empty directory; anything else is refused).
         progress: show a progress bar on stderr.
+        fix: what to tell the user when `dst` cannot be written or has no room (the cache names its own remedy).
     Returns:
         A summary: bytes written, seconds, MB/s.
     """
@@ -296,8 +398,9 @@ def repack(src: str | Path, dst: str | Path, *, dtype: str = "source", force: bo
         raise RepackError(f"--dtype must be source, bf16, fp16 or fp32, not {dtype!r}")
     if not src.is_dir():
         raise RepackError(f"{src} is not a directory: pass a Hugging Face checkpoint directory")
-    if dst.exists() and not force:
-        raise RepackError(f"{dst} already exists: pass --force to replace it")
+    if is_layout(src):
+        raise RepackError(_already_a_layout(src))
+    check_destination(src, dst, force)
     fam, cfg, _ = read_checkpoint_config(src)
     dense, experts, skipped = _index_source(src, fam, cfg)
     if skipped:  # vision towers, MTP heads: the parts that are not the text model
@@ -305,20 +408,28 @@ def repack(src: str | Path, dst: str | Path, *, dtype: str = "source", force: bo
         groups = Counter(next((p + "*" for p in prefixes if n.startswith(p)), n) for n in skipped)
         print(f"tiered: repack skips {len(skipped)} tensors that are not part of the text model: "
               + ", ".join(f"{g} ({c})" for g, c in sorted(groups.items())), file=sys.stderr)
+    specs, bs = _plan_experts(experts, dtype)
+    cfg = ModelConfig.from_json({**cfg.to_json(), "source_dtype": specs[0].dtype})
+    total = _dense_bytes_written(dense, dtype) + cfg.num_layers * cfg.num_experts * bs
     tmp = dst.parent / f".{dst.name}.tiered-partial"
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             print(f"tiered: removing an interrupted repack at {tmp}", file=sys.stderr)
             shutil.rmtree(tmp)
+        free = shutil.disk_usage(dst.parent).free
+    except OSError as e:
+        raise RepackError(f"cannot write the layout next to {dst}: {e.strerror or e} ({e.filename}); "
+                          f"{fix}") from None
+    if free < total:
+        raise RepackError(f"not enough disk space for {dst}: the layout needs {_gb(total)}, "
+                          f"{_gb(free)} is free on that file system; free space or {fix}")
+    try:
         tmp.mkdir()
     except OSError as e:
         raise RepackError(f"cannot write the layout next to {dst}: {e.strerror or e} ({e.filename}); "
-                          f"choose a writable DST") from None
+                          f"{fix}") from None
 
-    specs, bs = _plan_experts(experts, dtype)
-    cfg = ModelConfig.from_json({**cfg.to_json(), "source_dtype": specs[0].dtype})
-    total = sum(st.entry.nbytes for st in dense.values()) + cfg.num_layers * cfg.num_experts * bs
     rd = _Reader()
     bar = _progress(total, progress)
     written = [0]
@@ -328,28 +439,46 @@ def repack(src: str | Path, dst: str | Path, *, dtype: str = "source", force: bo
         bar.update(n)
 
     t0 = time.perf_counter()
+    done = False
     try:
-        dense_sum = _write_dense(tmp / DENSE_FILE, dense, dtype, rd, tick)
-        sums = _write_experts(tmp / EXPERTS_FILE, cfg, experts, specs, bs, rd, tick)
-        for name in TOKENIZER_FILES + ("config.json",):
-            if (src / name).is_file():
-                shutil.copyfile(src / name, tmp / (name if name != "config.json" else "source_config.json"))
-        source = {"path": str(src.resolve()), "dtype_option": dtype, "tiered_version": __version__}
-        man = build_manifest(cfg, specs, bs, sums, (tmp / DENSE_FILE).stat().st_size, dense_sum, source)
-        with open(tmp / MANIFEST, "w") as f:  # the manifest is written last: its presence marks completeness
-            json.dump(man, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_dir(tmp)
-        _swap_into_place(tmp, dst)
+        with _sigterm_as_interrupt():
+            try:
+                blocks = _write_layout(src, dst, tmp, cfg, dense, experts, specs, bs, dtype, rd, tick)
+                done = True
+            finally:
+                rd.close()
+                bar.close()
+                if not done:  # Ctrl-C, SIGTERM, a full disk or a read error: leave nothing half-written behind
+                    shutil.rmtree(tmp, ignore_errors=True)
     except OSError as e:
-        raise RepackError(f"writing {tmp} failed: {e.strerror or e}; free space or choose another DST") from None
-    finally:
-        rd.close()
-        bar.close()
+        if e.errno == errno.ENOSPC:
+            raise RepackError(f"the disk filled up while writing {tmp} ({_gb(written[0])} of {_gb(total)} "
+                              f"written): the layout needs {_gb(total)}; free space or {fix} "
+                              f"(the partial copy was removed)") from None
+        raise RepackError(f"writing {tmp} failed: {e.strerror or e}; free space or {fix} "
+                          f"(the partial copy was removed)") from None
     secs = time.perf_counter() - t0
     return {"bytes": written[0], "seconds": secs, "mb_s": written[0] / 1e6 / max(secs, 1e-9), "dst": str(dst),
-            "block_size": bs, "blocks": len(sums), "skipped": skipped}
+            "block_size": bs, "blocks": blocks, "skipped": skipped}
+
+
+def _write_layout(src: Path, dst: Path, tmp: Path, cfg: ModelConfig, dense, experts, specs, bs: int, dtype: str,
+                  rd: _Reader, tick: Callable[[int], None]) -> int:
+    """Write every file of the layout into `tmp`, then swap it into place at `dst`; returns the block count."""
+    dense_sum = _write_dense(tmp / DENSE_FILE, dense, dtype, rd, tick)
+    sums = _write_experts(tmp / EXPERTS_FILE, cfg, experts, specs, bs, rd, tick)
+    for name in TOKENIZER_FILES + ("config.json",):
+        if (src / name).is_file():
+            shutil.copyfile(src / name, tmp / (name if name != "config.json" else "source_config.json"))
+    source = {"path": str(src.resolve()), "dtype_option": dtype, "tiered_version": __version__}
+    man = build_manifest(cfg, specs, bs, sums, (tmp / DENSE_FILE).stat().st_size, dense_sum, source)
+    with open(tmp / MANIFEST, "w") as f:  # the manifest is written last: its presence marks completeness
+        json.dump(man, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(tmp)
+    _swap_into_place(tmp, dst)
+    return len(sums)
 
 
 def _swap_into_place(tmp: Path, dst: Path) -> None:
@@ -376,28 +505,29 @@ def is_layout(path: str | Path) -> bool:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tiered"
+    from tiered.layout.cachedir import cache_root
+
+    return cache_root()
 
 
 def ensure_layout(path: str | Path, *, dtype: str = "source", progress: bool = True) -> Path:
     """A layout for `path`: itself if it is one, else a cached repack of the checkpoint.
 
     The cache key covers the source path, its files' sizes and mtimes, the repack options and the
-    tiered version, so a changed checkpoint is repacked again. The cache path is printed on stderr.
+    tiered version, so a changed checkpoint is repacked again; older copies of the same checkpoint are
+    named (with the command that removes them) before a new one is made. The cache path is printed on stderr.
     """
+    from tiered.layout.cachedir import cache_key, cache_root, stale_copies
+
     path = Path(path)
     if is_layout(path):
         return path
     if not (path / "config.json").is_file():
         raise FamilyError(f"{path} is neither a tiered layout (no {MANIFEST}) nor a Hugging Face checkpoint "
                           f"(no config.json)")
-    h = hashlib.sha256(str(path.resolve()).encode())
-    for p in sorted(path.iterdir()):
-        if p.is_file():
-            st = p.stat()
-            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
-    h.update(f"dtype={dtype};v={__version__}".encode())
-    dst = cache_dir() / f"{path.resolve().name}-{h.hexdigest()[:16]}"
+    root = cache_root()
+    key = cache_key(path, dtype)
+    dst = root / key
     if is_layout(dst):
         try:
             read_manifest(dst)
@@ -405,8 +535,19 @@ def ensure_layout(path: str | Path, *, dtype: str = "source", progress: bool = T
             return dst
         except LayoutError as e:
             print(f"tiered: cached layout is damaged ({e}); repacking", file=sys.stderr)
+    fix = (f"point XDG_CACHE_HOME at a writable disk with room (the layout cache is $XDG_CACHE_HOME/tiered, now "
+           f"{root}), or repack it yourself with `tiered repack {path} DIR` and run with -m DIR")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as e:
+        raise RepackError(f"the layout cache {root} cannot be written ({e.strerror or e}): {fix}") from None
+    for old in stale_copies(path, dtype, key, root):
+        print(f"tiered: the cache holds an older copy of {path} at {old.path} ({_gb(old.bytes)}; the checkpoint "
+              f"changed since): remove it with `tiered cache rm {old.key}`", file=sys.stderr)
     print(f"tiered: repacking {path} into the cache at {dst}", file=sys.stderr)
-    repack(path, dst, dtype=dtype, force=True, progress=progress)
+    repack(path, dst, dtype=dtype, force=True, progress=progress, fix=fix)
     return dst
 
 

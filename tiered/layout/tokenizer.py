@@ -8,6 +8,7 @@ Does not own: sampling or stopping (engine.py).
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,18 @@ def _token_text(v: Any) -> str | None:
     return v
 
 
+def missing_tokenizer(model_dir: str | Path) -> str | None:
+    """Why text cannot be encoded for the layout or checkpoint at `model_dir` (no tokenizer.json), else None.
+
+    Checked before a checkpoint is repacked into the cache, so that a model that cannot take text fails at once.
+    """
+    d = Path(model_dir)
+    if not d.is_dir() or (d / "tokenizer.json").is_file():
+        return None
+    return (f"{d} has no tokenizer.json, which tiered needs to turn text into tokens: copy tokenizer.json "
+            f"(and tokenizer_config.json) from the model's original files into {d}")
+
+
 class Tokenizer:
     """A tokenizer.json with the chat template and special tokens of its tokenizer_config.json."""
 
@@ -32,7 +45,12 @@ class Tokenizer:
         if not path.is_file():
             raise TokenizerError(f"{path} not found: the model needs a tokenizer.json next to its config "
                                  "(copy it into the layout directory)")
-        self._tok = HFTokenizer.from_file(str(path))
+        try:
+            self._tok = HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for unreadable or malformed JSON
+            raise TokenizerError(f"{path} cannot be loaded ({str(e).strip() or type(e).__name__}): the file is "
+                                 "corrupted or not a Hugging Face tokenizer.json; copy it again from the "
+                                 "original checkpoint") from None
         self.config = dict(config or {})
         self.chat_template = self.config.get("chat_template")
         if isinstance(self.chat_template, list):  # [{"name": "default", "template": ...}, ...]
@@ -45,7 +63,14 @@ class Tokenizer:
     def from_dir(cls, path: str | Path) -> "Tokenizer":
         p = Path(path)
         cfg_path = p / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        try:
+            cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        except (ValueError, OSError) as e:
+            raise TokenizerError(f"{cfg_path} cannot be read ({e}): the file is corrupted; copy it again from "
+                                 "the original checkpoint") from None
+        if not isinstance(cfg, dict):
+            raise TokenizerError(f"{cfg_path} is not a JSON object: the file is corrupted; copy it again from "
+                                 "the original checkpoint")
         tmpl = p / "chat_template.jinja"  # newer checkpoints keep the template in its own file
         if tmpl.is_file() and "chat_template" not in cfg:
             cfg["chat_template"] = tmpl.read_text()
@@ -65,17 +90,20 @@ class Tokenizer:
         return None if text is None else self._tok.token_to_id(text)
 
     def apply_chat_template(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
-                            tools: list[dict[str, Any]] | None = None, template: str | None = None) -> str:
-        """Render the conversation as the model expects (transformers' jinja settings and helpers).
+                            tools: list[dict[str, Any]] | None = None, template: str | None = None,
+                            **variables: Any) -> str:
+        """Render the conversation as the model expects, with transformers' jinja settings and helpers.
 
         `tools` (OpenAI tool definitions) are passed to the template as transformers does; `template`
-        replaces the model's own (the server's fallback for models without one)."""
+        replaces the model's own (the server's fallback for models without one); `variables` are extra
+        template variables (e.g. reasoning_effort for gpt-oss), as transformers passes them.
+        """
         template = template or self.chat_template
         if not template:
             raise TokenizerError("this model's tokenizer_config.json has no chat_template: drop --chat, "
                                  "or use a chat model")
         import jinja2
-        import jinja2.ext
+        import jinja2.ext  # loopcontrols ({% break %}, {% continue %}): a submodule `import jinja2` does not load
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message: str) -> None:
@@ -86,13 +114,35 @@ class Tokenizer:
             return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
                               sort_keys=sort_keys)
 
+        def strftime_now(fmt: str) -> str:
+            return datetime.now().strftime(fmt)
+
+        class Generation(jinja2.ext.Extension):
+            """{% generation %}...{% endgeneration %} marks assistant text for training masks: render the body."""
+
+            tags = {"generation"}
+
+            def parse(self, parser):
+                lineno = next(parser.stream).lineno
+                body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+                return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+            def _body(self, caller):
+                return caller()
+
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=[jinja2.ext.loopcontrols])
+                                            extensions=[Generation, jinja2.ext.loopcontrols])
         env.filters["tojson"] = tojson
         env.globals["raise_exception"] = raise_exception
-        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                tools=tools or None, bos_token=self.bos_token or "",
-                                                eos_token=self.eos_token or "")
+        env.globals["strftime_now"] = strftime_now
+        try:
+            compiled = env.from_string(template)
+            return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                   tools=tools or None, bos_token=self.bos_token or "",
+                                   eos_token=self.eos_token or "", **variables)
+        except jinja2.TemplateError as e:
+            raise TokenizerError(f"this model's chat template cannot be rendered ({type(e).__name__}: {e}); "
+                                 "drop --chat and write the prompt in the model's format yourself") from None
 
 
 class StreamDecoder:

@@ -2,9 +2,12 @@
 
 Owns: `rms_norm`, `Rope` (the cos/sin tables for every position up to max_context), `KVCache`
 (one preallocated buffer per model, sized by max_context), `StepPlan` (what every layer's attention
-needs for one forward call: rotary rows, where to write K/V, which cache span to read, the mask)
-and `attention` (SDPA, or flash-attn's `flash_attn_with_kvcache` when asked for and importable).
-Does not own: weights (transformer.py builds `AttnWeights` from the dense dict), experts (moe.py).
+needs for one forward call: rotary rows, where to write K/V, which cache span to read, the mask, or
+the cache lengths on the device) and `attention` (SDPA; one-token steps through our Triton kernel,
+tiered/kernels/attention.py, which reads the cache as pages and the length from the device; or
+flash-attn's `flash_attn_with_kvcache` when asked for and importable), `pick_backend` (--attn).
+Does not own: weights (transformer.py builds `AttnWeights` from the dense dict), experts (moe.py),
+the kernels (kernels/attention.py).
 
 The math follows transformers' modeling files for Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE,
 including their dtype casts (RMSNorm normalises in fp32 and casts back before scaling).
@@ -14,6 +17,7 @@ G = H // KV query heads per KV head, hd head dim, D hidden.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +26,7 @@ from torch import Tensor
 
 from tiered.layout.config import ModelConfig
 
-ATTN_BACKENDS = ("auto", "flash", "sdpa")
+ATTN_BACKENDS = ("auto", "triton", "flash", "sdpa")
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -85,20 +89,31 @@ class KVCache:
 
     sdpa layout: k, v [L, KV, S, hd] (heads outermost, so a layer's span is one strided view);
     flash layout: k, v [L, 1, S, KV, hd] (what flash_attn_with_kvcache reads and writes).
+    paged: each layer's k and v seen as one page [1, S, KV, hd] (a strided view, no copy) with the block
+    table [[0]]: what the paged decode kernel reads (`pages`); None unless allocated with paged=True.
     """
     k: Tensor
     v: Tensor
     flash: bool
+    paged: tuple[tuple[Tensor, Tensor], ...] | None = None  # [L] (k, v) pages [1, S, KV, hd]
+    table: Tensor | None = None  # [1, 1] int32 block table of the single sequence
 
     @classmethod
     def allocate(cls, config: ModelConfig, max_context: int, *, device: torch.device, dtype: torch.dtype,
-                 flash: bool = False, layers: int | None = None) -> "KVCache":
+                 flash: bool = False, paged: bool = False, layers: int | None = None) -> "KVCache":
         """Rows for `layers` attention layers (default: every layer)."""
         L = config.num_layers if layers is None else layers
         KV, hd = config.num_kv_heads, config.head_dim
         shape = (L, 1, max_context, KV, hd) if flash else (L, KV, max_context, hd)
-        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
-                   flash)
+        k, v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+        views, table = None, None
+        if paged:  # only the triton backend asks: the kernels module (and triton) is imported for it alone
+            from tiered.kernels.attention import paged_view
+
+            views = tuple(tuple(paged_view(x[l][0] if flash else x[l], heads_first=not flash)[0] for x in (k, v))
+                          for l in range(L))
+            table = torch.zeros((1, 1), dtype=torch.int32, device=device)
+        return cls(k, v, flash, views, table)
 
     @property
     def max_context(self) -> int:
@@ -119,16 +134,24 @@ class StepPlan:
     read_hi: int
     mask: Tensor | None  # [G*T, S] bool, True = attend; None = every position in the span
     seqlens: Tensor | None = None  # flash: int32 [1], tokens already in the cache before this call
+    lengths: Tensor | None = None  # triton: int32 [1], tokens in the cache after this call's writes; None = SDPA
 
 
-def plan_eager(rope: Rope, start: int, T: int, *, groups: int, window: int | None) -> StepPlan:
-    """Plan for T tokens at positions start..start+T-1 with the cache filled up to `start`."""
+def plan_eager(rope: Rope, start: int, T: int, *, groups: int, window: int | None,
+               paged: bool = False) -> StepPlan:
+    """Plan for T tokens at positions start..start+T-1 with the cache filled up to `start`.
+
+    paged: the triton backend; a one-token plan then carries the cache length on the device (the kernel
+    path, as in graphed steps), longer ones take SDPA.
+    """
     end = start + T
     lo = 0 if window is None else max(0, start - window + 1)  # the oldest key any of the T queries sees
-    mask = None
+    mask = lengths = None
     if T > 1:  # one query needs no mask: the span [lo, end) is exactly what it sees
         mask = attn_mask(torch.arange(start, end, device=rope.cos.device), lo, end, window=window, groups=groups)
-    return StepPlan(rope.cos[start:end], rope.sin[start:end], start, lo, end, mask)
+    elif paged:
+        lengths = torch.full((1,), end, dtype=torch.int32, device=rope.cos.device)
+    return StepPlan(rope.cos[start:end], rope.sin[start:end], start, lo, end, mask, lengths=lengths)
 
 
 def attn_mask(qpos: Tensor, lo: int, hi: int, *, window: int | None, groups: int) -> Tensor:
@@ -166,6 +189,8 @@ def attention(x: Tensor, w: AttnWeights, cache: KVCache, layer: int, plan: StepP
     q, k, v, *gate = project_qkv(x, w, plan.cos, plan.sin, config, with_gate=config.attn_output_gate)
     if backend == "flash":
         out = _flash(q, k, v, cache, layer, plan, config)
+    elif plan.lengths is not None:  # the triton backend's one-token steps (its prefill takes SDPA)
+        out = _paged(q, k, v, cache, layer, plan, config)
     else:
         out = _sdpa(q, k, v, cache, layer, plan, config.num_heads // config.num_kv_heads)
     if gate:
@@ -202,9 +227,9 @@ def project_qkv(x: Tensor, w: AttnWeights, cos: Tensor, sin: Tensor, config: Mod
     return qk[:, :H], qk[:, H:], v
 
 
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, cache: KVCache, layer: int, plan: StepPlan, G: int) -> Tensor:
-    T, H, hd = q.shape
-    KV = k.shape[1]
+def _write_kv(k: Tensor, v: Tensor, cache: KVCache, layer: int, plan: StepPlan) -> None:
+    """Store this call's k, v [T, KV, hd] in the sdpa-layout cache at plan.write_at (an int or positions [T])."""
+    T = k.shape[0]
     kc, vc = cache.k[layer], cache.v[layer]  # [KV, S, hd]
     if isinstance(plan.write_at, int):
         kc[:, plan.write_at:plan.write_at + T] = k.transpose(0, 1)
@@ -212,6 +237,28 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, cache: KVCache, layer: int, plan: Ste
     else:
         kc.index_copy_(1, plan.write_at, k.transpose(0, 1))
         vc.index_copy_(1, plan.write_at, v.transpose(0, 1))
+
+
+def _paged(q: Tensor, k: Tensor, v: Tensor, cache: KVCache, layer: int, plan: StepPlan,
+           config: ModelConfig) -> Tensor:
+    """Write k, v, then the Triton decode kernel over the cache seen as one page; the length comes from
+    plan.lengths on the device, and the kernel's splits are sized for max_context, so eager and graphed
+    steps compute the same sums in the same order."""
+    from tiered.kernels.attention import decode_attention
+
+    T, H, hd = q.shape
+    _write_kv(k, v, cache, layer, plan)
+    kp, vp = cache.paged[layer]
+    out = decode_attention(q[None], kp, vp, cache.table, plan.lengths, scale=hd ** -0.5,
+                           window=config.sliding_window, max_seqlen=cache.max_context)  # [1, T, H, hd]
+    return out.view(T, H * hd)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, cache: KVCache, layer: int, plan: StepPlan, G: int) -> Tensor:
+    T, H, hd = q.shape
+    KV = k.shape[1]
+    _write_kv(k, v, cache, layer, plan)
+    kc, vc = cache.k[layer], cache.v[layer]  # [KV, S, hd]
     # Query head h uses KV head h // G: fold the G heads of a KV head into rows, so SDPA needs no repeat_kv.
     qg = q.transpose(0, 1).reshape(1, KV, G * T, hd)  # [1, KV, G*T, hd], rows (g, t)
     ks, vs = kc[None, :, plan.read_lo:plan.read_hi], vc[None, :, plan.read_lo:plan.read_hi]  # [1, KV, S, hd]
@@ -231,12 +278,34 @@ def flash_available(device: torch.device) -> bool:
     return True
 
 
+def triton_attention_available(device: torch.device) -> bool:
+    """True when the Triton decode kernel can run on `device`: CUDA with triton importable, or (tests) any
+    device once the kernels were built for Triton's interpreter. Imports triton only when it is installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return False
+    if device.type != "cuda" and "triton" not in sys.modules:
+        return False  # on CPU only an interpreter-mode import (made by the tests) makes the kernel usable
+    from tiered.kernels import attention as ka
+
+    return ka.triton is not None and (device.type == "cuda" or ka.interpreted())
+
+
 def pick_backend(requested: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
-    """Resolve --attn: "auto" picks flash when usable (CUDA, fp16/bf16, importable), else SDPA; "flash" fails if not."""
+    """Resolve --attn. "auto": on CUDA our Triton decode kernel when triton imports (one CUDA graph serves
+    every length), else flash-attn when usable (fp16/bf16, importable), else SDPA; on CPU SDPA.
+    "triton" and "flash" fail with a message when they cannot run."""
     if requested not in ATTN_BACKENDS:
         raise ValueError(f"attention backend {requested!r} is not one of {ATTN_BACKENDS}")
     if requested == "sdpa":
         return "sdpa"
+    if requested == "triton" or (requested == "auto" and device.type == "cuda"):
+        if triton_attention_available(device):
+            return "triton"
+        if requested == "triton":
+            raise ValueError("--attn triton needs a CUDA device and the triton package (it ships with torch's "
+                             "CUDA wheels; pip install triton); use --attn sdpa (or auto)")
     ok = flash_available(device) and dtype in (torch.float16, torch.bfloat16)
     if requested == "flash" and not ok:
         raise ValueError("--attn flash needs a CUDA device, --dtype bfloat16 or float16 and an importable "

@@ -35,7 +35,7 @@ class ModelState:
     """Every layer's state for one sequence; shapes fixed at allocation, updated in place (graph-capturable)."""
 
     def __init__(self, config: ModelConfig, max_context: int, *, device: torch.device, dtype: torch.dtype,
-                 flash: bool = False) -> None:
+                 flash: bool = False, paged: bool = False) -> None:
         kinds = [config.layer_kind(l) for l in range(config.num_layers)]
         counts = {"attention": 0, "linear": 0}
         rows = []
@@ -44,7 +44,7 @@ class ModelState:
             counts[k] += 1
         self.kinds = tuple(kinds)
         self.rows = tuple(rows)  # layer -> row in kv (attention) or linear (linear)
-        self.kv = KVCache.allocate(config, max_context, device=device, dtype=dtype, flash=flash,
+        self.kv = KVCache.allocate(config, max_context, device=device, dtype=dtype, flash=flash, paged=paged,
                                    layers=counts["attention"])
         self.linear: LinearState | None = None
         if counts["linear"]:

@@ -20,6 +20,7 @@ Legend: T tokens, D hidden, V vocab, L layers, S cache positions.
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Protocol
@@ -166,8 +167,9 @@ class Transformer:
         after that layer's get() (moe.PrefetchHook). routing: replaces the router's choice (benchmark mode).
         kernels: routed experts through the Triton kernels (None = on CUDA when Triton is installed).
         All four are fixed for the model's life. linear_attn: the DeltaNet backend ("auto", "fla", "torch")."""
-        if attn not in ("sdpa", "flash"):
-            raise ValueError(f"attn must be 'sdpa' or 'flash' (resolve 'auto' with layers.pick_backend), got {attn!r}")
+        if attn not in ("sdpa", "flash", "triton"):
+            raise ValueError(f"attn must be 'sdpa', 'flash' or 'triton' (resolve 'auto' with layers.pick_backend), "
+                             f"got {attn!r}")
         self.config = config
         self.device = torch.device(device)
         self.dtype = dtype
@@ -186,7 +188,8 @@ class Transformer:
         self.lm_head = self.embed if head is None else head  # [V, D]
         self.layers = [build_layer(config, dense, l, dev, dtype) for l in range(config.num_layers)]
         self.rope = Rope.build(config, self.max_context, device=dev, dtype=dtype)
-        self.state = ModelState(config, self.max_context, device=dev, dtype=dtype, flash=attn == "flash")
+        self.state = ModelState(config, self.max_context, device=dev, dtype=dtype, flash=attn == "flash",
+                                paged=attn == "triton")
         self.cache: KVCache = self.state.kv  # rows of the attention layers only (state.row(l))
         self.linear_attn = pick_delta_backend(linear_attn, dev) if config.num_linear_layers else "none"
         self.delta_shape = DeltaShape(config.linear_num_key_heads, config.linear_num_value_heads,
@@ -223,7 +226,8 @@ class Transformer:
                              "raise --max-context or shorten the prompt")
         if start == 0:
             self.state.reset()
-        plan = plan_eager(self.rope, start, T, groups=self.groups, window=self.config.sliding_window)
+        plan = plan_eager(self.rope, start, T, groups=self.groups, window=self.config.sliding_window,
+                          paged=self.attn == "triton")
         return self._run(tokens, plan, all_logits)
 
     @contextmanager
@@ -303,18 +307,53 @@ class Transformer:
         return self.head(prev.h + self.experts_out(len(self.layers) - 1, prev, slots), False)
 
     # --- graph-capturable one-token step ---
+    @property
+    def one_graph(self) -> bool:
+        """True when the attention reads the cache length from the device (triton, flash): one captured
+        step serves every position; SDPA reads a fixed span per graph (`graph_span`)."""
+        return self.attn in ("triton", "flash")
+
+    def graph_span(self, pos: int) -> int:
+        """The span bucket of a one-token step at `pos` (the key of its captured graph)."""
+        return self.max_context if self.one_graph else span_for(pos, self.max_context)
+
+    def graph_spans(self) -> list[int]:
+        """Every span bucket a one-token step may use, i.e. the graphs to capture before decoding."""
+        if self.one_graph:
+            return [self.max_context]
+        return sorted({span_for(p, self.max_context) for p in _bucket_starts(self.max_context)})
+
     def static_plan(self, pos: Tensor, span: int) -> StepPlan:
         """The plan of a one-token step at device position pos [1] int64 reading cache positions [0, span):
-        no host sync, every shape depends only on `span`."""
+        no host sync, every shape depends only on `span` (triton and flash read the length from `pos` and
+        ignore the span)."""
         cos = self.rope.cos.index_select(0, pos)  # [1, hd]
         sin = self.rope.sin.index_select(0, pos)
+        if self.one_graph:
+            lengths = (pos + 1).to(torch.int32) if self.attn == "triton" else None
+            seqlens = pos.to(torch.int32) if self.attn == "flash" else None
+            return StepPlan(cos, sin, pos, 0, span, None, seqlens, lengths)
         mask = attn_mask(pos, 0, span, window=self.config.sliding_window, groups=self.groups)  # [G, span]
-        seqlens = pos.to(torch.int32) if self.attn == "flash" else None
-        return StepPlan(cos, sin, pos, 0, span, mask, seqlens)
+        return StepPlan(cos, sin, pos, 0, span, mask)
 
     def decode_static(self, token: Tensor, pos: Tensor, span: int) -> Tensor:
         """token [1] int64, pos [1] int64 (both on device) -> logits [1, V]; reads cache positions [0, span).
 
-        Every shape depends only on `span`, so one CUDA graph per span serves every position < span.
+        Every shape depends only on `span`, so one CUDA graph per span serves every position < span (with
+        triton or flash one graph, span = max_context, serves every position).
         """
         return self._run(token, self.static_plan(pos, span), False)
+
+
+def span_for(pos: int, max_context: int) -> int:
+    """The attended span of a one-token SDPA step at `pos`: a power of two >= 128, capped at max_context."""
+    return min(max_context, max(128, 1 << math.ceil(math.log2(pos + 1))))
+
+
+def _bucket_starts(max_context: int) -> list[int]:
+    """One position in each span bucket below max_context: 0, 128, 256, 512, ... (then capped)."""
+    starts, p = [0], 128
+    while p < max_context:
+        starts.append(p)
+        p *= 2
+    return starts

@@ -3,11 +3,11 @@
 Owns: the `Predictor` interface (`reset`, `observe(layer, hidden, routed_ids, router_logits)`,
 `rank(layer) -> scores [E]`), the predictors (no prediction, previous-token reuse, next-gate, router
 history, activation matching, the fitted log-linear combination), `PredictorParams` (everything fitted
-on ../shared/text/fit, saved as one safetensors file next to the layout), `fit_params`, and the
+on a trace of fitting text (never the text reported on), saved as one safetensors file next to the layout), `fit_params`, and the
 batched `score_trace` that replays a whole trace at once for offline metrics.
 Does not own: traces (trace.py), cache policies or prefetch I/O (store/, prefetch.py), metrics (simulate.py).
 
-Lead-time rule (CONTRACTS.md): scores for layer l+1 of token t use only layer l's router output, the
+Lead-time rule (docs/metrics.md): scores for layer l+1 of token t use only layer l's router output, the
 hidden state after layer l's attention, earlier layers of token t and earlier tokens. `score_trace` is
 the batched form of the same computation: out[n, l] scores layer l of token n from that information
 (layer l-1 of token n and tokens < n); out[n, 0] uses token n-1 only. tests/test_predict.py checks the
@@ -22,9 +22,10 @@ Legend: N tokens, T tokens of one forward, L layers, E experts per layer, K top-
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -127,6 +128,8 @@ def fit_params(trace: Trace, gates: GateWeights, *, steps: int = 300, l2: float 
                progress: bool = False) -> PredictorParams:
     """Fit transition statistics, stored paths and the log-linear mix on `trace` (fit/ text only).
 
+    progress: a progress bar on stderr over the (L-1) x `steps` optimiser steps (shown on a terminal).
+
     The trace needs hidden states and router logits (`tiered trace` records both by default).
     """
     if trace.hidden is None or trace.router_logits is None:
@@ -147,13 +150,19 @@ def fit_params(trace: Trace, gates: GateWeights, *, steps: int = 300, l2: float 
     prev_probs = _prev(torch.softmax(logits, -1), starts)
     mix_w = torch.zeros(L - 1, E, 5 * E)
     mix_b = torch.zeros(L - 1, E)
-    for l in range(L - 1):
-        x = _mix_features(gates.logits(hidden[:, l], l + 1), logits[:, l], ids[:, l], None, prev_probs[:, l + 1],
-                          prev_hot[:, l + 1], E)
-        w, b = _fit_logistic(x, hot[:, l + 1], init_eye=E, steps=steps, l2=l2)
-        mix_w[l], mix_b[l] = w, b
-        if progress:
-            print(f"fit: mix for layer {l + 1} done", flush=True)
+    from tqdm import tqdm
+
+    bar = tqdm(total=(L - 1) * steps, desc="fitting predictors", unit="step", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)  # (L-1) logistic fits of `steps` optimiser steps each
+    try:
+        for l in range(L - 1):
+            bar.set_postfix_str(f"layer {l + 1}/{L - 1}")
+            x = _mix_features(gates.logits(hidden[:, l], l + 1), logits[:, l], ids[:, l], None,
+                              prev_probs[:, l + 1], prev_hot[:, l + 1], E)
+            w, b = _fit_logistic(x, hot[:, l + 1], init_eye=E, steps=steps, l2=l2, tick=bar.update)
+            mix_w[l], mix_b[l] = w, b
+    finally:
+        bar.close()
     meta = {"tokens": N, "docs": trace.doc_names, "steps": steps, "l2": l2, "seed": seed,
             "model": trace.meta.get("model"), "num_layers": L, "num_experts": E, "top_k": K}
     return PredictorParams(layer_trans, time_trans, prior, paths, mix_w, mix_b, meta)
@@ -183,7 +192,8 @@ def transition_params(trace: Trace) -> PredictorParams:
                            torch.zeros(L - 1, E), meta)
 
 
-def _fit_logistic(x: Tensor, y: Tensor, *, init_eye: int, steps: int, l2: float) -> tuple[Tensor, Tensor]:
+def _fit_logistic(x: Tensor, y: Tensor, *, init_eye: int, steps: int, l2: float,
+                  tick: Callable[[int], Any] | None = None) -> tuple[Tensor, Tensor]:
     """Multi-label logistic regression x [N, P] -> y [N, E] (0/1), started at identity on the first E features.
 
     Features are standardised while fitting and the scaling is folded back into (w, b).
@@ -203,6 +213,8 @@ def _fit_logistic(x: Tensor, y: Tensor, *, init_eye: int, steps: int, l2: float)
             loss = F.binary_cross_entropy_with_logits(lin(xn), y) + l2 * lin.weight.pow(2).sum()
             loss.backward()
             opt.step()
+            if tick is not None:
+                tick(1)
     w = lin.weight.detach() / sd  # [E, P]
     b = lin.bias.detach() - w @ mu
     return w, b
@@ -474,7 +486,7 @@ def make_predictor(name: str, *, num_layers: int, num_experts: int, gates: GateW
         raise ValueError(f"predictor {name!r} needs the model's dense weights (GateWeights.from_layout)")
     if name in ("history", "activation-matching", "combined") and params is None:
         raise ValueError(f"predictor {name!r} needs fitted parameters: run `tiered tune --fit-trace FIT.npz` "
-                         f"(a trace of ../shared/text/fit) to write {PARAMS_FILE}")
+                         f"(a trace of text kept apart from the text you report on) to write {PARAMS_FILE}")
     L, E = num_layers, num_experts
     return {"none": lambda: NoPrediction(L, E), "prev-token": lambda: PreviousToken(L, E),
             "next-gate": lambda: NextGate(L, E, gates), "history": lambda: History(L, E, params),
@@ -484,7 +496,7 @@ def make_predictor(name: str, *, num_layers: int, num_experts: int, gates: GateW
 
 # --------------------------------------------------------------------------- metrics
 def recall_precision(scores: Tensor, trace: Trace, candidates: int, *, layers: range | None = None) -> dict:
-    """Next-layer recall and precision with C candidates: correct / K used, correct / C (CONTRACTS).
+    """Next-layer recall and precision with C candidates: correct / K used, correct / C (docs/metrics.md).
 
     scores [N, L, E] from score_trace; layers defaults to 1..L-1 (layer 0 has no layer before it).
     Returns {"recall", "precision", "per_layer": [recall of each layer]}.

@@ -33,7 +33,7 @@ def choose(scores: Tensor, budget: int) -> Tensor:
 
 
 # (decay per token, weight of log averaged router prob, weight of log averaged use). Chosen on traces of
-# ../shared/text/fit with simulate.py (per-layer caches of 16 slots): an average of uses over ~50 tokens
+# fitting text (never the reported text) with simulate.py (per-layer caches of 16 slots): an average of uses over ~50 tokens
 # plus this token's router probability. Single averages of probs (decay 0.3..0.97) scored 1-4 points lower.
 DEFAULT_EVICT_MIX = ((0.98, 0.0, 1.0), (0.0, 0.1, 0.0))
 

@@ -14,7 +14,7 @@ One step = one layer of one token, in decode order (token-major, layer-minor). A
 Time per step: max(compute, prefetch bytes / h2d) + demand bytes / h2d + disk bytes / disk bandwidth:
 prefetches overlap the layer's compute, demand loads stall it.
 
-Partition "layer" gives each layer slots // L slots and its own policy (CONTRACTS' reference figures);
+Partition "layer" gives each layer slots // L slots and its own policy (the reference figures of docs/metrics.md);
 "global" shares all slots under one policy, like the cache.
 """
 from __future__ import annotations
@@ -43,8 +43,8 @@ class TierModel:
     prefetch_depth: int = 0  # layers ahead
     prefetch_budget: int = 0  # candidates per target layer
     block_bytes: int = 0  # bytes per expert block
-    h2d_gbps: float = 53.0  # host -> device GB/s (GROUND.md: pinned, large copies)
-    disk_gbps: float = 1.7  # disk -> RAM GB/s (GROUND.md: cold O_DIRECT)
+    h2d_gbps: float = 53.0  # host -> device GB/s (measured on an H200 box: pinned, large copies)
+    disk_gbps: float = 1.7  # disk -> RAM GB/s (measured on an H200 box: cold O_DIRECT)
     compute_s_per_layer: float = 0.0  # one layer's compute for one token, seconds
     evict_mix: tuple | None = None  # policy "predicted": (decay, w_prob, w_use) terms; None = DEFAULT_EVICT_MIX
 

@@ -1,7 +1,7 @@
 """The expert cache: device slots over a pinned RAM tier over the layout on disk.
 
 Owns: `ExpertCache` (the `ExpertProvider` of SEAMS.md that composes vram.SlotPool, ram.PinnedPool
-and io.BlockReader; it also serves host slot ids, `HostSlotProvider`), its stats (CONTRACTS keys),
+and io.BlockReader; it also serves host slot ids, `HostSlotProvider`), its stats (docs/stats.md),
 and `make_provider`, which the engine calls when a budget option is set.
 Does not own: the options and the slot counts (budget.py), policies (policy.py: the device tier's
 `predicted` policy is a `ScoredEviction` whose scores predict/ computes), bytes and copy ordering
@@ -139,7 +139,7 @@ class ExpertCache(HostSlotProvider):
 
     # --- phases (optional: the engine says when decode starts) ---
     def set_phase(self, phase: str) -> None:
-        """"prefill" or "decode": hit rates and stall share are reported over decode (CONTRACTS)."""
+        """"prefill" or "decode": hit rates and stall share are reported over decode (docs/metrics.md)."""
         if phase not in self._phases:
             raise ValueError(f"phase must be prefill or decode, got {phase!r}")
         self.phase = phase
@@ -306,14 +306,14 @@ class ExpertCache(HostSlotProvider):
         slot_of = self._assign(keys, self._t, protect)
         self._load(keys, slot_of, self._t, protect)
         ph = self._phases[self.phase]
-        ph.bytes_h2d += len(keys) * self.block_size  # prefetches cross PCIe too (CONTRACTS bytes_h2d_per_token)
+        ph.bytes_h2d += len(keys) * self.block_size  # prefetches cross PCIe too (bytes_h2d_per_token, docs/stats.md)
         ph.bytes_prefetch += len(keys) * self.block_size
         self.prefetch_issued += len(keys)
         self._prefetched.update(keys)
 
     # --- stats ---
     def stats(self) -> dict:
-        """CONTRACTS keys; per tier hits/misses/bytes_in/gbps; decode-phase figures under "decode"."""
+        """docs/stats.md keys; per tier hits/misses/bytes_in/gbps; decode-phase figures under "decode"."""
         self.vram.harvest_all()
         d, p = self._phases["decode"], self._phases["prefill"]
         stall_dev = self.vram.wait_s

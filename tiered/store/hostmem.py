@@ -2,7 +2,7 @@
 
 Owns: `aligned_empty` (an aligned host buffer, pinned when asked, unpinned when collected), `HostRegistrar`
 (cudaHostRegister / Unregister of mapped blocks, flag 8 = cudaHostRegisterReadOnly; flag 2 once poisoned
-the CUDA context, see GROUND.md), `clear_cuda_error`, and `as_memoryview` (a CPU tensor's bytes).
+the CUDA context on the H200 box), `clear_cuda_error`, and `as_memoryview` (a CPU tensor's bytes).
 Does not own: reads from disk (io.py), nor what the buffers hold (ram.py, vram.py).
 """
 from __future__ import annotations

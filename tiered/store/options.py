@@ -42,7 +42,7 @@ def _opt(default: Any, help: str, kind: Any = None) -> Any:
 @dataclass(frozen=True)
 class TierConfig:
     """The expert-cache options: the one definition of the budget flags of `run`/`trace`, of `load(budget=...)`'s
-    accepted keys (BUDGET_KEYS) and of the cache's behaviour. None = choose a default (CONTRACTS.md)."""
+    accepted keys (BUDGET_KEYS) and of the cache's behaviour. None = choose a default (docs/cli.md)."""
 
     vram_gb: float | None = _opt(None, "GiB of GPU memory for the whole model: dense + KV cache + scratch + "
                                        "expert slots")

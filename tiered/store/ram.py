@@ -5,7 +5,7 @@ Owns: `PinnedPool`, R slots of one block each with its own eviction policy, in o
     can read into it); misses are read by the `BlockReader` (page cache or O_DIRECT).
   - "register": no buffer at all. A slot is a block of the experts.bin mapping registered with
     cudaHostRegister(ReadOnly): the GPU DMAs straight from the page cache. Loading a slot is the
-    registration (which faults the pages in); eviction unregisters (GROUND.md: per-block
+    registration (which faults the pages in); eviction unregisters (measured: per-block
     register/unregister, so a model larger than RAM still works).
 Both modes keep, per slot, the event of the last device copy that read it, and wait for it
 before the slot's bytes are overwritten or unregistered.

@@ -15,7 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tiered.store.blockcheck import BlockChecker, progress_bar
 from tiered.store.disk import expert_views
+from tiered.store.options import VERIFY_MODES
 from tiered.store.provider import HostSlotProvider
 
 
@@ -23,8 +25,9 @@ class ResidentExperts(HostSlotProvider):
     """All L*E experts addressable at once; weights are views in the stored dtype."""
 
     def __init__(self, weights: Any, *, num_layers: int, num_experts: int, io: str = "resident",
-                 pool: Tensor | None = None) -> None:
-        """weights: ExpertWeights (gate [L*E, F, D], up [L*E, F, D], down [L*E, D, F]), any device."""
+                 pool: Tensor | None = None, checker: Any = None) -> None:
+        """weights: ExpertWeights (gate [L*E, F, D], up [L*E, F, D], down [L*E, D, F]), any device.
+        checker: a store.blockcheck.BlockChecker whose unchecked blocks get()/get_slots() hash on first touch."""
         n = weights.gate.shape[0]
         if n != num_layers * num_experts:
             raise ValueError(f"expert pool holds {n} experts, expected num_layers*num_experts = "
@@ -37,27 +40,43 @@ class ResidentExperts(HostSlotProvider):
         self.io = io
         self.device = weights.gate.device
         self._served = 0  # experts handed out by get(): all hits, nothing is ever missing
+        self.checker = checker
 
     @classmethod
-    def from_layout(cls, layout: Any, *, device: torch.device | str = "cpu") -> "ResidentExperts":
-        """CPU: zero-copy views over the mmap. CUDA: one copy of experts.bin into device memory."""
+    def from_layout(cls, layout: Any, *, device: torch.device | str = "cpu",
+                    verify: str = "first-use") -> "ResidentExperts":
+        """CPU: zero-copy views over the mmap, each block hashed when first touched (verify="first-use").
+        CUDA: one copy of experts.bin into device memory, every block hashed on the way (a progress bar on a
+        terminal), so that get() never waits for the host."""
 
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"--verify must be one of {list(VERIFY_MODES)}, got {verify!r}")
         device = torch.device(device)
         cfg = layout.config
         pool = layout.expert_file_pool()  # uint8 [L*E, block], zero-copy over the mmap
+        checker = BlockChecker(layout) if verify == "first-use" else None
         io = "mmap"
         if device.type != "cpu":
             dev_pool = torch.empty(pool.shape, dtype=torch.uint8, device=device)
             step = max(1, (1 << 30) // pool.shape[1])  # copy ~1 GiB at a time: bounded host staging
-            for i in range(0, pool.shape[0], step):
-                dev_pool[i:i + step].copy_(pool[i:i + step])
+            bar = progress_bar(pool.numel(), "load experts" + (" (xxh3)" if checker else ""))
+            try:
+                for i in range(0, pool.shape[0], step):
+                    if checker is not None:
+                        checker.check(range(i, min(i + step, pool.shape[0])))
+                    dev_pool[i:i + step].copy_(pool[i:i + step])
+                    bar.update(pool[i:i + step].numel())
+            finally:
+                bar.close()
             pool, io = dev_pool, "resident"
         return cls(expert_views(pool, layout.tensor_specs), num_layers=cfg.num_layers,
-                   num_experts=cfg.num_experts, io=io, pool=pool)
+                   num_experts=cfg.num_experts, io=io, pool=pool, checker=checker)
 
     def get(self, layer: int, expert_ids: Tensor) -> Tensor:
         """expert_ids int64 [U] -> slot rows [U] on the weights' device (layer*E + id); no host sync."""
         self._served += expert_ids.numel()
+        if self.checker is not None and self.checker.pending:  # CPU only: on CUDA every block was checked at load
+            self.checker.check((expert_ids + layer * self.num_experts).tolist())
         ids = expert_ids.to(self.device, non_blocking=True)
         return ids + layer * self.num_experts
 
@@ -72,6 +91,8 @@ class ResidentExperts(HostSlotProvider):
         ids = expert_ids.tolist() if isinstance(expert_ids, Tensor) else [int(e) for e in expert_ids]
         self._served += len(ids)
         base = layer * self.num_experts
+        if self.checker is not None and self.checker.pending:
+            self.checker.check([base + e for e in ids])
         return [base + e for e in ids]
 
     def prefetch(self, layer: int, expert_ids: Any) -> None:
@@ -84,4 +105,5 @@ class ResidentExperts(HostSlotProvider):
                 "vram_budget_gib": None, "vram": here if self.device.type != "cpu" else dict(tier),
                 "ram": here if self.device.type == "cpu" else dict(tier), "disk": dict(tier),
                 "bytes_h2d_per_token": 0.0, "stall_s": 0.0, "stall_share": 0.0,
-                "prefetch_issued": 0, "prefetch_used": 0}
+                "prefetch_issued": 0, "prefetch_used": 0,
+                **(self.checker.stats() if self.checker is not None else {"verify": "none"})}

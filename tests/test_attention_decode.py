@@ -1,0 +1,171 @@
+"""The triton attention backend inside the model: one-token steps through the paged decode kernel.
+
+On CPU the kernel runs under Triton's interpreter (slow: a few tokens, tiny models), so these check the
+wiring: greedy tokens equal SDPA's on the trained reference model, the static (graph-capturable) step equals
+the eager step bit for bit (the same kernel, the same splits), windows, and which spans get captured.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # see test_attention_kernel.py: chosen at triton's import
+
+import tiered  # noqa: E402
+from tiered.kernels import attention as ka  # noqa: E402
+from tiered.model.layers import pick_backend  # noqa: E402
+from tests.conftest import make_checkpoint  # noqa: E402
+
+needs_kernel = pytest.mark.skipif(ka.triton is None or not (CUDA or ka.interpreted()),
+                                  reason="needs triton (CUDA, or its interpreter on CPU)")
+DEV = "cuda" if CUDA else "cpu"
+PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n"
+
+
+@needs_kernel
+def test_triton_backend_keeps_greedy_tokens(reference_layout):
+    """The reference model, fp32: greedy tokens with one-token steps through the kernel equal SDPA's."""
+    kw = dict(device=DEV, dtype="float32", max_context=256, cuda_graphs=False)
+    want = tiered.load(reference_layout, attn="sdpa", **kw).generate(PROMPT, max_new_tokens=3)
+    e = tiered.load(reference_layout, attn="triton", **kw)
+    got = e.generate(PROMPT, max_new_tokens=3)  # the first token from the prefill (SDPA), two kernel steps
+    assert got.token_ids == want.token_ids
+    assert got.stats["attention"] == "triton" and e.model.cache.paged is not None
+
+
+@pytest.fixture(scope="module")
+def tiny_layouts(tmp_path_factory, tiny_checkpoints):
+    """Qwen3-MoE (GQA 2, hd 16) and Mixtral with a sliding window of 5, repacked."""
+    from tiered.layout.repack import repack
+
+    root = tmp_path_factory.mktemp("attn")
+    window = make_checkpoint(root / "window-ck", "mixtral", sliding_window=5)
+    for name, ck in [("qwen3", tiny_checkpoints["qwen3_moe"]), ("window", window)]:
+        repack(ck, root / name, progress=False)
+    return {name: root / name for name in ("qwen3", "window")}
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", ["qwen3", "window"])
+def test_static_step_equals_eager_step(tiny_layouts, name):
+    """decode_static (device position, one span for every position) gives exactly the eager one-token step's
+    logits, and both are within fp32 rounding of SDPA; with a window of 5 the kernel skips old keys."""
+    e = tiered.load(tiny_layouts[name], device=DEV, dtype="float32", attn="triton", max_context=40,
+                    cuda_graphs=False)
+    s = tiered.load(tiny_layouts[name], device=DEV, dtype="float32", attn="sdpa", max_context=40,
+                    cuda_graphs=False)
+    m = e.model
+    assert m.graph_spans() == [40] and m.graph_span(0) == m.graph_span(39) == 40
+    ids = torch.tensor([3, 17, 5, 9, 30, 2, 11, 8, 4], device=DEV)
+    with torch.inference_mode():
+        m.forward(ids, 0)
+        s.model.forward(ids, 0)
+        for pos, tok in [(9, 7), (10, 12)]:
+            t = torch.tensor([tok], device=DEV)
+            static = m.decode_static(t, torch.tensor([pos], device=DEV), m.graph_span(pos)).clone()
+            eager = m.forward(t, pos)  # rewrites the same K/V at pos, then the same kernel call
+            assert torch.equal(static, eager)
+            ref = s.model.forward(t, pos)
+            assert torch.allclose(eager, ref, atol=1e-5, rtol=1e-5), (eager - ref).abs().max()
+
+
+def test_graph_spans_per_backend(reference_layout):
+    """SDPA graphs are one per power-of-two span (all captured before decoding); triton/flash need one."""
+    e = tiered.load(reference_layout, device="cpu", attn="sdpa", max_context=300)
+    assert e.model.graph_spans() == [128, 256, 300]
+    assert [e.model.graph_span(p) for p in (0, 127, 128, 255, 256, 299)] == [128, 128, 256, 256, 300, 300]
+
+
+def test_pick_backend(monkeypatch):
+    """auto: SDPA on CPU; triton on CPU only under the interpreter; a clear message when triton is missing."""
+    cpu = torch.device("cpu")
+    assert pick_backend("auto", cpu) == "sdpa"
+    assert pick_backend("sdpa", cpu) == "sdpa"
+    if ka.triton is not None and ka.interpreted():
+        assert pick_backend("triton", cpu) == "triton"
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "triton" else real(n, *a))
+    with pytest.raises(ValueError, match="--attn triton needs"):
+        pick_backend("triton", cpu)
+    with pytest.raises(ValueError, match="not one of"):
+        pick_backend("flashinfer", cpu)
+
+
+# --- graphs captured before the clock ---
+
+def test_piecewise_graphs_captured_before_the_first_token(reference_layout):
+    """Every span's chain is captured before generate's clock starts (the fake CUDA path on CPU): stats
+    report the capture apart (capture_s, capture_in_call_s), none happens inside decode, a second call
+    captures nothing, and ttft_s / load_s are reported."""
+    from tests.test_segmented_decode import FakeCudaPiecewise
+
+    ids = [5, 9, 11, 200, 7] * 3
+    e = tiered.load(reference_layout, device="cpu", max_context=300, budget={"expert_slots": 16})
+    want = tiered.load(reference_layout, device="cpu", max_context=300,
+                       budget={"expert_slots": 16}).generate(ids, max_new_tokens=4).token_ids
+    pw = e.use_piecewise(FakeCudaPiecewise(e.model))
+    g = e.generate(ids, max_new_tokens=4)
+    assert g.token_ids == want
+    assert sorted(pw.chains) == e.model.graph_spans() == [128, 256, 300]
+    s = g.stats
+    assert s["piecewise"]["capture_s"] == 0.0  # nothing captured between the first and the last token
+    assert s["capture_in_call_s"] > 0 and s["capture_s"] >= s["capture_in_call_s"]
+    assert s["ttft_s"] > 0 and s["load_s"] > 0 and s["graph_mem_bytes"] == 0  # no CUDA memory on CPU
+    recorded = pw.recorded
+    g2 = e.generate(ids, max_new_tokens=4)
+    assert g2.token_ids == want and pw.recorded == recorded and g2.stats["capture_in_call_s"] == 0.0
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("attn", ["triton", "sdpa"])
+def test_cuda_graphs_captured_at_load(reference_layout, attn):
+    """On CUDA, load() captures every whole-step graph (one with triton, one per span with SDPA); decoding
+    across the 128-position bucket captures nothing more and gives the eager step's greedy tokens (fp32)."""
+    kw = dict(device="cuda", dtype="float32", max_context=300, attn=attn)
+    g = tiered.load(reference_layout, **kw)
+    assert sorted(g.graphed.graphs) == ([300] if attn == "triton" else [128, 256, 300])
+    assert g.capture_s > 0 and g.graphed.graph_mem_bytes >= 0
+    a = g.generate(PROMPT, max_new_tokens=150, stop_at_eos=False)
+    b = tiered.load(reference_layout, cuda_graphs=False, **kw).generate(PROMPT, max_new_tokens=150, stop_at_eos=False)
+    assert a.token_ids == b.token_ids
+    s = a.stats
+    assert s["decode_graphs"] == "full" and s["attention"] == attn and s["capture_in_call_s"] == 0.0
+    assert s["ttft_s"] > 0 and s["load_s"] > 0 and s["capture_s"] == g.capture_s
+
+
+@pytest.mark.cuda
+def test_cuda_piecewise_triton_one_chain(reference_layout):
+    """The expert cache's piecewise step with triton attention: one chain of L+1 graphs for every position,
+    captured at load; greedy tokens equal the eager cache engine's (fp32)."""
+    kw = dict(device="cuda", dtype="float32", max_context=300, attn="triton", budget={"expert_slots": 16})
+    g = tiered.load(reference_layout, **kw)
+    assert sorted(g.pieces.chains) == [300]
+    a = g.generate(PROMPT, max_new_tokens=140, stop_at_eos=False)
+    b = tiered.load(reference_layout, cuda_graphs=False, **kw).generate(PROMPT, max_new_tokens=140, stop_at_eos=False)
+    assert a.token_ids == b.token_ids
+    assert a.stats["decode_graphs"] == "piecewise" and a.stats["piecewise"]["capture_s"] == 0.0
+
+
+@pytest.mark.cuda
+def test_cuda_run_json_reports_first_token_and_capture(reference_layout):
+    """`tiered run --json` on CUDA: the stats carry ttft_s, load_s and a positive capture_s (graphs captured at
+    load, none inside the call), with the triton backend chosen by auto."""
+    import json
+
+    from click.testing import CliRunner
+
+    from tiered.cli.main import main
+
+    r = CliRunner().invoke(main, ["run", "-m", str(reference_layout), "--device", "cuda", "--max-new-tokens", "32",
+                                  "--json", PROMPT], catch_exceptions=False)
+    assert r.exit_code == 0, r.stderr
+    s = json.loads(r.stderr.strip().splitlines()[-1])
+    assert s["attention"] == ("triton" if ka.triton is not None else "sdpa")
+    assert s["ttft_s"] > 0 and s["load_s"] > 0 and s["capture_s"] > 0 and s["capture_in_call_s"] == 0.0
+    assert s["decode_graphs"] == "full"
