@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -29,7 +30,7 @@ import torch
 import xxhash
 
 from tiered import __version__
-from tiered.layout.config import EXPERT_ROLES, ModelConfig
+from tiered.layout.config import EXPERT_ROLES, FUSED_EXPERT_ROLES, ModelConfig
 from tiered.layout.fused import canonical_expert
 from tiered.layout.families import Family, FamilyError, read_checkpoint_config
 from tiered.layout.format import (ALIGN, DENSE_FILE, DTYPES, EXPERTS_FILE, FORMAT_NAME, MANIFEST, ST_DTYPES, ST_ITEMSIZE, ST_NAMES,
@@ -87,7 +88,7 @@ def _index_source(src: Path, fam: Family, cfg: ModelConfig):
     if missing:
         raise RepackError(f"{src}: dense tensors missing for {missing[:5]}{' ...' if len(missing) > 5 else ''}: "
                           f"the checkpoint is incomplete or does not match {fam.path.name}")
-    return dense, experts, skipped
+    return dense, experts, sorted(skipped)
 
 
 def _expert_source(experts, layer: int, expert: int, role: str) -> tuple[SourceTensor, int, tuple[int, ...]]:
@@ -97,10 +98,33 @@ def _expert_source(experts, layer: int, expert: int, role: str) -> tuple[SourceT
         return st, st.entry.start, st.entry.shape
     st = experts.get((layer, None, role))
     if st is None:
+        fused = _fused_source(experts, layer, expert, role)
+        if fused is not None:
+            return fused
         raise RepackError(f"expert tensor missing: layer {layer}, expert {expert}, role {role}: "
                           f"the checkpoint is incomplete")
     per = st.entry.nbytes // st.entry.shape[0]
     return st, st.entry.start + expert * per, st.entry.shape[1:]
+
+
+def _fused_source(experts, layer: int, expert: int, role: str) -> tuple[SourceTensor, int, tuple[int, ...]] | None:
+    """Role `role` of one expert inside a fused tensor holding several roles along its first per-expert dim
+    (gate_up_proj [E, 2F, D]: gate rows, then up rows): the part is contiguous, so it is a byte range."""
+    for fused, roles in FUSED_EXPERT_ROLES.items():
+        if role not in roles:
+            continue
+        st = experts.get((layer, expert, fused)) or experts.get((layer, None, fused))
+        if st is None:
+            continue
+        whole = st.entry.shape if st.expert is not None else st.entry.shape[1:]  # this expert's [n*F, ...]
+        if whole[0] % len(roles):
+            raise RepackError(f"{st.path}: fused {fused} of layer {layer} has {whole[0]} rows, not a multiple of "
+                              f"{len(roles)}: cannot split it into {roles}")
+        per_expert = st.entry.nbytes // (1 if st.expert is not None else st.entry.shape[0])
+        part = per_expert // len(roles)
+        start = st.entry.start + (0 if st.expert is not None else expert * per_expert) + roles.index(role) * part
+        return st, start, (whole[0] // len(roles), *whole[1:])
+    return None
 
 
 class _Reader:
@@ -288,8 +312,9 @@ def _source_roles(experts) -> list[str]:
 
 
 def _derived(experts) -> bool:
-    """True when the checkpoint stores experts in a form other than gate/up/down (layout/fused.py)."""
-    return any(r not in EXPERT_ROLES for r in _source_roles(experts))
+    """True when the checkpoint stores experts in a form other than gate/up/down that needs a transform
+    (layout/fused.py); a fused gate_up (FUSED_EXPERT_ROLES) is read by byte range instead (_fused_source)."""
+    return any(r not in EXPERT_ROLES and r not in FUSED_EXPERT_ROLES for r in _source_roles(experts))
 
 
 def _read_source_expert(experts, layer: int, e: int, rd: "_Reader") -> dict[str, torch.Tensor]:
@@ -567,9 +592,11 @@ def repack(src: str | Path, dst: str | Path, *, dtype: str = "source", experts: 
     check_destination(src, dst, force)
     fam, cfg, _ = read_checkpoint_config(src)
     dense_src, expert_src, skipped = _index_source(src, fam, cfg)
-    if skipped:
-        print(f"tiered: repack skips {len(skipped)} tensors that [ignore] of {fam.path.name} names "
-              f"(e.g. {skipped[0]})", file=sys.stderr)
+    if skipped:  # vision towers, MTP heads, ...: what [ignore] of the family file names
+        prefixes = fam.spec.get("ignore", {}).get("prefixes", [])
+        groups = Counter(next((p + "*" for p in prefixes if n.startswith(p)), n) for n in skipped)
+        print(f"tiered: repack skips {len(skipped)} tensors that [ignore] of {fam.path.name} names (not part of "
+              f"the text model): " + ", ".join(f"{g} ({c})" for g, c in sorted(groups.items())), file=sys.stderr)
     specs, bs = _plan_experts(expert_src, dtype, experts)
     if _derived(expert_src):  # experts in another form (layout/fused.py): the dtype they are written in
         float_dt = ST_DTYPES[_derived_dtype(expert_src, dtype)]

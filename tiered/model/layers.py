@@ -40,6 +40,8 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """
     if x.dtype == torch.float32 and weight.dtype == torch.float32 and weight.dim() == 1:
         return F.rms_norm(x, weight.shape, weight, eps)
+    if weight.dtype == torch.float32:  # zero-centred norms (Qwen3.5): (1 + w) kept in fp32, scaled before the cast
+        return (F.rms_norm(x.float(), (x.shape[-1],), None, eps) * weight).to(x.dtype)
     return weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
 
 
@@ -61,7 +63,7 @@ class Rope:
     def build(cls, config: ModelConfig, positions: int, *, device: torch.device, dtype: torch.dtype) -> "Rope":
         """Tables for positions 0..positions-1, computed in fp32 on `device` as transformers does."""
         check_rope(config)
-        hd = config.extra.get("rope_dim", config.head_dim)
+        hd = config.extra.get("rope_dim", config.rotary_dim)  # partial rotary: only the leading hd dims turn
         inv_freq, scale = inv_freq_and_scale(config.rope_theta, hd, config.rope_scaling,
                                              config.max_position_embeddings, device)
         pos = torch.arange(positions, device=device, dtype=torch.float)
@@ -76,9 +78,12 @@ class Rope:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [T, n, hd], cos/sin [T, hd] (sin sign-folded, see Rope) -> x rotated, same shape."""
+    """x [T, n, hd], cos/sin [T, r] (sin sign-folded, see Rope) -> x with its leading r dims rotated, same shape."""
     T, n, hd = x.shape
-    swapped = x.view(T, n, 2, hd // 2).flip(2).view(T, n, hd)  # [x2, x1]
+    r = cos.shape[-1]
+    if r < hd:  # partial rotary (Qwen3.5): the trailing hd - r dims pass through
+        return torch.cat([apply_rope(x[..., :r], cos, sin), x[..., r:]], dim=-1)
+    swapped = x.reshape(T, n, 2, hd // 2).flip(2).reshape(T, n, hd)  # [x2, x1]
     return x * cos[:, None, :] + swapped * sin[:, None, :]
 
 
@@ -99,8 +104,10 @@ class KVCache:
 
     @classmethod
     def allocate(cls, config: ModelConfig, max_context: int, *, device: torch.device, dtype: torch.dtype,
-                 flash: bool = False, paged: bool = False) -> "KVCache":
-        L, KV, hd = config.num_layers, config.num_kv_heads, config.head_dim
+                 flash: bool = False, paged: bool = False, layers: int | None = None) -> "KVCache":
+        """Rows for `layers` attention layers (default: every layer)."""
+        L = config.num_layers if layers is None else layers
+        KV, hd = config.num_kv_heads, config.head_dim
         shape = (L, 1, max_context, KV, hd) if flash else (L, KV, max_context, hd)
         k, v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
         views, table = None, None
@@ -167,7 +174,8 @@ def attn_mask(qpos: Tensor, lo: int, hi: int, *, window: int | None, groups: int
 
 @dataclass(frozen=True)
 class AttnWeights:
-    qkv: Tensor  # [(H+2KV)*hd, D] q, k, v projections stacked (one GEMM instead of three)
+    qkv: Tensor  # [(H+2KV)*hd, D] q, k, v projections stacked (one GEMM instead of three), then the H*hd
+    #              output-gate rows when config.attn_output_gate
     qkv_bias: Tensor | None  # [(H+2KV)*hd]
     o: Tensor  # [D, H*hd]
     q_norm: Tensor | None  # [H*hd] ("proj"); for "head", [H+KV, hd]: q's norm on H rows, k's on KV rows
@@ -179,11 +187,13 @@ class AttnWeights:
 def attention(x: Tensor, w: AttnWeights, cache: KVCache, layer: int, plan: StepPlan, config: ModelConfig,
               *, backend: str = "sdpa") -> Tensor:
     """Self-attention of x [T, D] (already normed) with the cache; writes this call's K/V; returns [T, D].
+    `layer` is the layer's row in the cache (ModelState.row). With `attn_output_gate` the output is multiplied
+    by sigmoid of the gate rows before o_proj (Qwen3.5).
 
     q and k stay side by side as [T, H+KV, hd] (as the stacked projection leaves them), so per-head
     norms and the rotary embedding each run once over both: fewer kernels per decode step.
     """
-    q, k, v = project_qkv(x, w, plan.cos, plan.sin, config)
+    q, k, v, *gate = project_qkv(x, w, plan.cos, plan.sin, config, with_gate=config.attn_output_gate)
     if w.sinks is not None:
         out = attention_with_sinks(q, k, v, cache, layer, plan, config.num_heads // config.num_kv_heads, w.sinks)
     elif backend == "flash":
@@ -192,11 +202,15 @@ def attention(x: Tensor, w: AttnWeights, cache: KVCache, layer: int, plan: StepP
         out = _paged(q, k, v, cache, layer, plan, config)
     else:
         out = _sdpa(q, k, v, cache, layer, plan, config.num_heads // config.num_kv_heads)
+    if gate:
+        out = out * torch.sigmoid(gate[0])
     return linear(out, w.o, w.o_bias)
 
 
-def project_qkv(x: Tensor, w: AttnWeights, cos: Tensor, sin: Tensor, config: ModelConfig) -> tuple[Tensor, Tensor, Tensor]:
-    """x [T, D] (normed) -> q [T, H, hd], k [T, KV, hd] (normed per family, rotated by cos/sin [T, hd]), v [T, KV, hd].
+def project_qkv(x: Tensor, w: AttnWeights, cos: Tensor, sin: Tensor, config: ModelConfig, *,
+                with_gate: bool = False) -> tuple[Tensor, ...]:
+    """x [T, D] (normed) -> q [T, H, hd], k [T, KV, hd] (normed per family, rotated by cos/sin [T, r]), v [T, KV, hd],
+    and with `with_gate` (config.attn_output_gate) the output gate [T, H*hd] (before its sigmoid).
 
     Shared by the contiguous-cache attention above and the paged attention of the batch step.
     """
@@ -212,11 +226,13 @@ def project_qkv(x: Tensor, w: AttnWeights, cos: Tensor, sin: Tensor, config: Mod
         qk = qkv[:, :nq + nk].view(T, H + KV, hd)
         if config.qk_norm == "head":  # per head (Qwen3-MoE)
             qk = rms_norm(qk, w.q_norm, eps)
-    v = qkv[:, nq + nk:].view(T, KV, hd)
+    v = qkv[:, nq + nk:nq + 2 * nk].view(T, KV, hd)
     if config.clip_qkv is not None:
         c = config.clip_qkv
         qk, v = qk.clamp(-c, c), v.clamp(-c, c)
     qk = apply_rope(qk, cos, sin)  # [T, H+KV, hd]
+    if with_gate:  # the output-gate rows stacked after v (Qwen3.5)
+        return qk[:, :H], qk[:, H:], v, qkv[:, nq + 2 * nk:]
     return qk[:, :H], qk[:, H:], v
 
 

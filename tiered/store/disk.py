@@ -171,7 +171,9 @@ def size_summary(cfg: ModelConfig, block_size: int | None, dense_params: int, de
     """Parameter and byte counts shared by `inspect` on layouts and checkpoints.
 
     "active" parameters count everything a token touches: all dense weights (embeddings, lm_head,
-    attention, norms, routers, shared experts) plus top_k routed experts in every layer.
+    attention or DeltaNet, norms, routers, shared experts) plus top_k routed experts in every layer.
+    The KV cache grows by `kv_cache_bytes_per_token` per token (attention layers only); DeltaNet layers
+    keep `linear_state_bytes_per_sequence`, whatever the context length.
     """
     c = cfg
     expert_total = c.num_layers * c.num_experts * c.expert_params
@@ -183,4 +185,8 @@ def size_summary(cfg: ModelConfig, block_size: int | None, dense_params: int, de
         "active_expert_bytes_per_token": c.num_layers * c.top_k * expert_bytes,
         "expert_bytes": c.num_layers * c.num_experts * expert_bytes,
         "dense_bytes": dense_bytes,
+        # per-sequence state, at 2-byte (bf16) KV and conv entries; the DeltaNet recurrent state is fp32
+        "layer_kinds": {k: sum(c.layer_kind(l) == k for l in range(c.num_layers)) for k in ("attention", "linear")},
+        "kv_cache_bytes_per_token": c.kv_bytes_per_token(2),
+        "linear_state_bytes_per_sequence": c.state_bytes_per_sequence(2),
     }
