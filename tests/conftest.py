@@ -11,7 +11,10 @@ from tiered.layout.families import default_model_path
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "qwen3_5_moe", "qwen3_next")
+HYBRID = dict(num_hidden_layers=4, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+              linear_value_head_dim=6, linear_conv_kernel_dim=4, num_experts=6, num_experts_per_tok=2,
+              moe_intermediate_size=24, shared_expert_intermediate_size=40)  # layers 0-2 DeltaNet, 3 attention
 
 
 def tiny_config(family: str, **overrides):
@@ -29,13 +32,26 @@ def tiny_config(family: str, **overrides):
         cfg = tf.Qwen3MoeConfig(**common, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24, head_dim=16)
     elif family == "olmoe":
         cfg = tf.OlmoeConfig(**common, num_experts=6, num_experts_per_tok=2)
+    elif family == "gpt_oss":  # YaRN rope by default; sliding and full layers alternate
+        cfg = tf.GptOssConfig(**{**common, "num_hidden_layers": 3, "intermediate_size": 64},
+                              num_local_experts=6, num_experts_per_tok=2,
+                              head_dim=16, sliding_window=6)
+    elif family == "qwen3_5_moe":
+        cfg = tf.Qwen3_5MoeTextConfig(**{**common, **HYBRID})
+    elif family == "qwen3_5_moe_vl":  # the multimodal checkpoint: text model under model.language_model + a vision tower
+        text = tf.Qwen3_5MoeTextConfig(**{**common, **HYBRID})
+        cfg = tf.Qwen3_5MoeConfig(text_config=text.to_dict(), vision_config=dict(depth=1, hidden_size=16, num_heads=2,
+                                  intermediate_size=16, out_hidden_size=32, patch_size=4, spatial_merge_size=1,
+                                  temporal_patch_size=1))
+    elif family == "qwen3_next":
+        cfg = tf.Qwen3NextConfig(**{**common, **HYBRID}, norm_topk_prob=False)
     else:
         raise ValueError(family)
     cfg.eos_token_id = 1
     cfg.bos_token_id = 0
     cfg.pad_token_id = 0
     for k, v in overrides.items():
-        setattr(cfg, k, v)
+        setattr(cfg.text_config if family == "qwen3_5_moe_vl" else cfg, k, v)
     return cfg
 
 
@@ -45,7 +61,16 @@ def make_checkpoint(path: Path, family: str, *, seed: int = 0, dtype=torch.float
     import transformers as tf
 
     torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(tiny_config(family, **overrides)).to(dtype)
+    cfg = tiny_config(family, **overrides)
+    if family == "qwen3_5_moe_vl":
+        model = tf.Qwen3_5MoeForConditionalGeneration(cfg).to(dtype)
+    else:
+        model = tf.AutoModelForCausalLM.from_config(cfg).to(dtype)
+    if family.startswith("qwen3_5") or family == "qwen3_next":
+        with torch.no_grad():  # zero-initialised (1 + w) norms and unit dt_bias would leave those paths untested
+            for name, p in model.named_parameters():
+                if "norm" in name or "dt_bias" in name:
+                    p.add_(torch.randn_like(p) * 0.1)
     kw = {"max_shard_size": shard_size} if shard_size else {}
     model.save_pretrained(path, **kw)
     return Path(path)

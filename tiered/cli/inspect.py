@@ -46,7 +46,8 @@ def inspect(path: Path, as_json: bool) -> None:
     """Show family, shape, parameter counts and bytes of a checkpoint or layout at PATH.
 
     "active" parameters are those one token uses: every dense weight (embeddings, lm_head,
-    attention, norms, routers, shared experts) plus top-k routed experts per layer.
+    attention, norms, routers, shared experts) plus top-k routed experts per layer. The KV cache grows
+    by its bytes per token (attention layers); DeltaNet layers keep a fixed state per sequence.
 
     \b
     Example:
@@ -72,6 +73,9 @@ def inspect(path: Path, as_json: bool) -> None:
         ("active expert bytes per token", gb(info["active_expert_bytes_per_token"]) +
          (f" ({gb(info['block_bytes_per_token'])} in whole blocks)" if info.get("block_bytes_per_token") else "")),
         ("all expert bytes", gb(info["expert_bytes"])), ("dense bytes", gb(info["dense_bytes"])),
+        ("layers: attention / linear (DeltaNet)", "{attention} / {linear}".format(**info["layer_kinds"])),
+        ("KV cache bytes per token (bf16)", f"{info['kv_cache_bytes_per_token']:,}"),
+        ("DeltaNet state bytes per sequence", f"{info['linear_state_bytes_per_sequence']:,}"),
     ]
     w = max(len(k) for k, _ in rows)
     for k, v in rows:

@@ -71,14 +71,16 @@ class GraphedDecode:
 
     def _capture(self, span: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
         # Warm-up runs on a side stream (cuBLAS workspaces, lazy inits, Triton compiles); they write this step's
-        # own K/V, which the replay rewrites with the same values.
-        side = torch.cuda.Stream(device=self.model.device)
-        side.wait_stream(torch.cuda.current_stream(self.model.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self.model.decode_static(self.token, self.pos, span)
-        torch.cuda.current_stream(self.model.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = self.model.decode_static(self.token, self.pos, span)
+        # own K/V, which the replay rewrites with the same values. The DeltaNet state is not addressed by
+        # position, so it is restored after the warm-ups.
+        with self.model.preserve_state():
+            side = torch.cuda.Stream(device=self.model.device)
+            side.wait_stream(torch.cuda.current_stream(self.model.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self.model.decode_static(self.token, self.pos, span)
+            torch.cuda.current_stream(self.model.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = self.model.decode_static(self.token, self.pos, span)
         return graph, out

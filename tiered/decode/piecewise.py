@@ -344,7 +344,10 @@ class PiecewiseDecode:
         t0 = time.perf_counter()
         mem0 = self._reserved(settle=True)
         try:
-            chain = self._capture_chain(span)
+            with self.model.preserve_state():  # warm-ups and the probe run the step: keep the DeltaNet state
+                chain = self._capture_chain(span)
+                if self._inside and not self.probed:
+                    probe_ok = self._probe(chain)
         except Exception as e:  # noqa: BLE001 - any refusal of this torch/driver: report and fall back
             self._synchronize()
             if self._inside:
@@ -354,7 +357,7 @@ class PiecewiseDecode:
                 self.chains.clear()
                 return self._capture(span)
             raise GraphCaptureError(f"capturing the decode segments for span {span} failed: {e}") from e
-        if self._inside and not self.probed and not self._probe(chain):
+        if self._inside and not self.probed and not probe_ok:
             self._note("copies captured inside the decode graphs did not move the bytes (probe); "
                        "issuing the copies from the host instead")
             self.copies = "host"

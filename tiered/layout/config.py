@@ -19,7 +19,18 @@ Canonical dense tensor names (keys of `dense.safetensors` in a layout):
     layers.{l}.router         [E, D]
     layers.{l}.shared_gate_proj / shared_up_proj [Fs, D], shared_down_proj [D, Fs]
     layers.{l}.shared_expert_gate [1, D]
-Routed expert roles (tensors inside one expert block): gate [F, D], up [F, D], down [D, F].
+    layers.{l}.o_bias [D], layers.{l}.sinks [H], layers.{l}.router_bias [E]   (gpt-oss)
+    layers.{l}.q_proj is [2*H*hd, D] with `attn_output_gate` (per head: hd query rows, then hd gate rows)
+Linear-attention (Gated DeltaNet) layers, `layer_types[l] == "linear"`, have no q/k/v/o and q/k norms, but:
+    layers.{l}.lin_qkv [C, D] (C = 2*Hk*dk + Hv*dv), lin_z [Hv*dv, D], lin_b / lin_a [Hv, D],
+    lin_conv [C, 1, W], lin_A_log [Hv], lin_dt_bias [Hv], lin_norm [dv], lin_out [D, Hv*dv]
+    (Qwen3-Next stores lin_qkvz [2C', D] and lin_ba [2Hv, D] interleaved per key head instead of lin_qkv/z/b/a.)
+Routed expert roles (tensors inside one expert block): gate [F, D], up [F, D], down [D, F]; with expert biases
+(gpt-oss) also gate_bias [F], up_bias [F], down_bias [D]. A fused gate_up [2F, D] (FUSED_EXPERT_ROLES) is split
+by byte range at repack; other source forms (transposed, interleaved, MXFP4) are turned into these at repack
+(layout/fused.py).
+`extra` (family data the model reads): router ("softmax_topk" | "topk_softmax", model/routing.py), layer_types
+(per-layer "sliding_attention" / "full_attention"), swiglu_limit / swiglu_alpha (clamped SwiGLU), rope_dim.
 """
 from __future__ import annotations
 
@@ -28,6 +39,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 EXPERT_ROLES = ("gate", "up", "down")
+FUSED_EXPERT_ROLES = {"gate_up": ("gate", "up")}  # a checkpoint tensor holding several roles, split in this order
+LAYER_KINDS = ("attention", "linear")  # full softmax attention over a KV cache; Gated DeltaNet over a fixed state
 
 
 @dataclass(frozen=True)
@@ -58,8 +71,29 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()  # generation stops at any of these
     source_dtype: str = "bfloat16"  # dtype of the weights as stored in the layout
     extra: dict[str, Any] = field(default_factory=dict)  # family hook data (DeepSeek groups, ...)
+    layer_types: tuple[str, ...] = ()  # per layer, one of LAYER_KINDS; () = every layer is "attention"
+    attn_output_gate: bool = False  # attention output times sigmoid(gate), gate rows in q_proj (Qwen3.5)
+    partial_rotary_factor: float = 1.0  # share of each head's dims that get rotary (Qwen3.5: 0.25)
+    norm_offset: float = 0.0  # RMSNorm scales by (norm_offset + weight): 1.0 for zero-centred norms (Qwen3.5)
+    linear_num_key_heads: int = 0  # Hk of the DeltaNet layers (0 when there are none)
+    linear_num_value_heads: int = 0  # Hv
+    linear_key_head_dim: int = 0  # dk
+    linear_value_head_dim: int = 0  # dv
+    linear_conv_kernel: int = 0  # W, the causal conv's kernel length
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        if self.layer_types:
+            if len(self.layer_types) != self.num_layers:
+                raise ValueError(f"layer_types has {len(self.layer_types)} entries for num_layers={self.num_layers}")
+            bad = set(self.layer_types) - set(LAYER_KINDS)
+            if bad:
+                raise ValueError(f"layer_types {sorted(bad)} are not among {LAYER_KINDS}")
+        if self.num_linear_layers and not (self.linear_num_key_heads and self.linear_num_value_heads
+                                           and self.linear_key_head_dim and self.linear_value_head_dim
+                                           and self.linear_conv_kernel):
+            raise ValueError("linear-attention layers need linear_num_key_heads, linear_num_value_heads, "
+                             "linear_key_head_dim, linear_value_head_dim and linear_conv_kernel")
         if self.qk_norm not in ("none", "head", "proj"):
             raise ValueError(f"qk_norm must be none/head/proj, got {self.qk_norm!r}")
         if not 0 < self.top_k <= self.num_experts:
@@ -73,9 +107,44 @@ class ModelConfig:
         """Parameters of one routed expert: gate + up + down."""
         return 3 * self.hidden_size * self.expert_ffn
 
+    # --- layer kinds and per-sequence state ---
+    def layer_kind(self, layer: int) -> str:
+        """"attention" or "linear" (Gated DeltaNet)."""
+        return self.layer_types[layer] if self.layer_types else "attention"
+
+    @property
+    def num_attention_layers(self) -> int:
+        return sum(self.layer_kind(l) == "attention" for l in range(self.num_layers))
+
+    @property
+    def num_linear_layers(self) -> int:
+        return self.num_layers - self.num_attention_layers
+
+    @property
+    def rotary_dim(self) -> int:
+        """Leading dims of each head that get rotary (transformers: int(head_dim * partial_rotary_factor))."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def linear_conv_dim(self) -> int:
+        """C: the DeltaNet conv's channels (q, k and v)."""
+        return 2 * self.linear_num_key_heads * self.linear_key_head_dim + \
+            self.linear_num_value_heads * self.linear_value_head_dim
+
+    def kv_bytes_per_token(self, itemsize: int) -> int:
+        """K and V bytes one more token of context costs, over the attention layers (the cache that grows)."""
+        return 2 * self.num_attention_layers * self.num_kv_heads * self.head_dim * itemsize
+
+    def state_bytes_per_sequence(self, itemsize: int) -> int:
+        """Fixed bytes per sequence of the DeltaNet layers: conv state in the compute dtype, recurrent state fp32."""
+        conv = self.linear_conv_dim * max(self.linear_conv_kernel - 1, 0) * itemsize
+        rec = self.linear_num_value_heads * self.linear_key_head_dim * self.linear_value_head_dim * 4
+        return self.num_linear_layers * (conv + rec)
+
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["eos_token_ids"] = list(self.eos_token_ids)
+        d["layer_types"] = list(self.layer_types)
         return d
 
     @classmethod

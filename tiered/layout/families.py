@@ -22,7 +22,8 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the tomli backport, a dependency there (pyproject.toml)
     import tomli as tomllib
 
-from tiered.layout.config import EXPERT_ROLES, ModelConfig
+from tiered.layout.config import EXPERT_ROLES, FUSED_EXPERT_ROLES, ModelConfig
+from tiered.layout.fused import SOURCE_ROLES
 
 
 class FamilyError(ValueError):
@@ -76,17 +77,25 @@ class Family:
 
     @cached_property
     def _dense_patterns(self) -> list[tuple[re.Pattern[str], str]]:
-        return [(_compile(hf), canon) for canon, hf in self.spec["tensors"].items()]
+        return [(_compile(hf), canon) for canon, pats in self.spec["tensors"].items() for hf in _as_list(pats)]
 
     @cached_property
     def _expert_patterns(self) -> list[tuple[re.Pattern[str], str]]:
-        return [(_compile(hf), role) for role, hf in self.spec["experts"].items()]
+        return [(_compile(hf), role) for role, pats in self.spec["experts"].items() for hf in _as_list(pats)]
 
     def classify(self, hf_name: str) -> tuple[str, str, int | None, int | None]:
-        """Map a HF tensor name to ("dense", canonical, layer, None) or ("expert", role, layer, expert).
+        """Map a HF tensor name to ("dense", canonical, layer, None), ("expert", role, layer, expert) or
+        ("ignore", name, None, None) for the parts tiered does not run (vision tower, MTP head).
 
-        Raises FamilyError for a name that the family file does not describe.
+        `[rename] prefixes` rewrite a leading prefix first (multimodal checkpoints keep the text model under
+        `model.language_model.`). Raises FamilyError for a name that the family file does not describe.
         """
+        for old, new in self.spec.get("rename", {}).get("prefixes", {}).items():
+            if hf_name.startswith(old):
+                hf_name = new + hf_name[len(old):]
+                break
+        if hf_name.startswith(tuple(self.spec.get("ignore", {}).get("prefixes", []))):
+            return "ignore", hf_name, None, None
         for pat, role in self._expert_patterns:
             m = pat.fullmatch(hf_name)
             if m:
@@ -115,21 +124,41 @@ class Family:
             if canon.endswith(("q_bias", "k_bias", "v_bias")) and not cfg.attn_bias:
                 continue
             if "{l}" in canon:
-                names += [canon.replace("{l}", str(l)) for l in range(cfg.num_layers)]
+                kind = layer_kind_of(canon)
+                names += [canon.replace("{l}", str(l)) for l in range(cfg.num_layers)
+                          if kind is None or cfg.layer_kind(l) == kind]
             else:
                 names.append(canon)
         if not cfg.tie_word_embeddings and "lm_head" in self.spec["tensors"]:
             names.append("lm_head")
         return names
 
+    def _layer_kinds(self, hf: dict[str, Any], fields: dict[str, Any]) -> list[str]:
+        """Per-layer kinds from config.json's layer_types through the family's [layer_kinds] table; a config
+        without layer_types gets [layer_pattern]: every `every`-th layer (the key `interval_key`) is `kind`."""
+        names = {k: v for k, v in self.spec["layer_kinds"].items()}
+        types = hf.get("layer_types")
+        if not types:
+            pat = self.spec.get("layer_pattern", {})
+            every = int(hf.get(pat.get("interval_key", ""), pat.get("every", 1)) or 1)
+            types = [pat.get("kind") if (l + 1) % every == 0 else pat.get("other")
+                     for l in range(int(fields["num_layers"]))]
+        unknown = sorted({str(t) for t in types} - set(names))
+        if unknown:
+            raise FamilyError(f"config.json layer_types has {unknown}: {self.path.name} maps only {sorted(names)}")
+        return [names[t] for t in types]
+
     def normalise(self, hf: dict[str, Any], generation: dict[str, Any] | None = None) -> ModelConfig:
         """Turn a config.json dict (4.x or 5.x keys) into a ModelConfig; FamilyError names what is missing."""
+        if isinstance(hf.get("text_config"), dict):  # multimodal checkpoint: tiered runs its text model
+            hf = {**hf, **hf["text_config"]}
         keys = {**COMMON_KEYS, **self.spec.get("config", {})}
         fields: dict[str, Any] = dict(self.spec.get("defaults", {}))
         for field, hf_keys in keys.items():
             for k in hf_keys:
-                if hf.get(k) is not None:
-                    fields[field] = hf[k]
+                v = _lookup(hf, k)
+                if v is not None:
+                    fields[field] = v
                     break
         missing = [f for f in MOE_FIELDS if f not in fields]
         if missing:
@@ -153,7 +182,17 @@ class Family:
         if "hook" in self.spec["family"]:
             raise FamilyError(f"layouts/{self.name}.toml names a hook ({self.spec['family']['hook']!r}), but family "
                               "hooks are not supported: express the difference in the TOML or in ModelConfig")
+        if "layer_kinds" in self.spec:
+            fields["layer_types"] = self._layer_kinds(hf, fields)
         fields["family"] = self.name
+        extra = dict(self.spec.get("extra_defaults", {}))  # ModelConfig.extra: family data the model reads
+        for field, hf_keys in self.spec.get("extra", {}).items():
+            for k in hf_keys:
+                if hf.get(k) is not None:
+                    extra[field] = hf[k]
+                    break
+        if extra:
+            fields["extra"] = extra
         for k in ("num_experts", "top_k", "expert_ffn", "shared_expert_ffn", "num_layers", "hidden_size"):
             if k in fields:
                 fields[k] = int(fields[k])
@@ -161,6 +200,34 @@ class Family:
             return ModelConfig(**fields)
         except TypeError as e:
             raise FamilyError(f"{self.path}: bad field in [config]/[defaults]: {e}") from None
+
+
+ATTENTION_ONLY = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "q_bias", "k_bias", "v_bias")
+
+
+def layer_kind_of(canonical: str) -> str | None:
+    """The layer kind a per-layer canonical dense name belongs to ("linear", "attention"), None for every layer."""
+    leaf = canonical.rsplit(".", 1)[-1]
+    if leaf.startswith("lin_"):
+        return "linear"
+    return "attention" if leaf in ATTENTION_ONLY else None
+
+
+
+
+def _as_list(patterns: str | list[str]) -> list[str]:
+    """A role's pattern or patterns (a family may list per-expert and fused spellings of one role)."""
+    return [patterns] if isinstance(patterns, str) else list(patterns)
+
+
+def _lookup(hf: dict[str, Any], key: str) -> Any:
+    """hf[key], where a dotted key reads a nested dict ("rope_parameters.partial_rotary_factor")."""
+    v: Any = hf
+    for part in key.split("."):
+        if not isinstance(v, dict):
+            return None
+        v = v.get(part)
+    return v
 
 
 def _compile(pattern: str) -> re.Pattern[str]:
@@ -195,8 +262,9 @@ def load_families() -> dict[str, Family]:
         spec = tomllib.loads(p.read_text())
         name = spec["family"]["name"]
         for role in spec["experts"]:
-            if role not in EXPERT_ROLES:
-                raise FamilyError(f"{p}: unknown expert role {role!r}; roles are {EXPERT_ROLES}")
+            if role not in EXPERT_ROLES + SOURCE_ROLES and role not in FUSED_EXPERT_ROLES:
+                raise FamilyError(f"{p}: unknown expert role {role!r}; roles are {EXPERT_ROLES + SOURCE_ROLES} "
+                                  f"(or fused {sorted(FUSED_EXPERT_ROLES)})")
         fams[name] = Family(name=name, path=p, spec=spec)
     return fams
 

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -29,7 +30,8 @@ import torch
 import xxhash
 
 from tiered import __version__
-from tiered.layout.config import EXPERT_ROLES, ModelConfig
+from tiered.layout.config import EXPERT_ROLES, FUSED_EXPERT_ROLES, ModelConfig
+from tiered.layout.fused import canonical_expert
 from tiered.layout.families import Family, FamilyError, read_checkpoint_config
 from tiered.layout.format import (ALIGN, DENSE_FILE, DTYPES, EXPERTS_FILE, FORMAT_NAME, MANIFEST, ST_DTYPES, ST_ITEMSIZE, ST_NAMES,
                            TOKENIZER_FILES, LayoutError, StEntry, build_manifest, fsync_dir, plan_block,
@@ -67,6 +69,7 @@ def _index_source(src: Path, fam: Family, cfg: ModelConfig):
                               f"tiered repacks safetensors checkpoints only")
     dense: dict[str, SourceTensor] = {}
     experts: dict[tuple[int, int | None, str], SourceTensor] = {}
+    skipped: list[str] = []
     for shard in shards:
         path = src / shard
         if not path.is_file():
@@ -79,11 +82,13 @@ def _index_source(src: Path, fam: Family, cfg: ModelConfig):
                 dense[role] = SourceTensor(path, ent, None)
             elif kind == "expert":
                 experts[(layer, expert, role)] = SourceTensor(path, ent, expert)
+            else:
+                skipped.append(name)
     missing = [n for n in fam.expected_dense(cfg) if n not in dense]
     if missing:
         raise RepackError(f"{src}: dense tensors missing for {missing[:5]}{' ...' if len(missing) > 5 else ''}: "
                           f"the checkpoint is incomplete or does not match {fam.path.name}")
-    return dense, experts
+    return dense, experts, sorted(skipped)
 
 
 def _expert_source(experts, layer: int, expert: int, role: str) -> tuple[SourceTensor, int, tuple[int, ...]]:
@@ -93,10 +98,33 @@ def _expert_source(experts, layer: int, expert: int, role: str) -> tuple[SourceT
         return st, st.entry.start, st.entry.shape
     st = experts.get((layer, None, role))
     if st is None:
+        fused = _fused_source(experts, layer, expert, role)
+        if fused is not None:
+            return fused
         raise RepackError(f"expert tensor missing: layer {layer}, expert {expert}, role {role}: "
                           f"the checkpoint is incomplete")
     per = st.entry.nbytes // st.entry.shape[0]
     return st, st.entry.start + expert * per, st.entry.shape[1:]
+
+
+def _fused_source(experts, layer: int, expert: int, role: str) -> tuple[SourceTensor, int, tuple[int, ...]] | None:
+    """Role `role` of one expert inside a fused tensor holding several roles along its first per-expert dim
+    (gate_up_proj [E, 2F, D]: gate rows, then up rows): the part is contiguous, so it is a byte range."""
+    for fused, roles in FUSED_EXPERT_ROLES.items():
+        if role not in roles:
+            continue
+        st = experts.get((layer, expert, fused)) or experts.get((layer, None, fused))
+        if st is None:
+            continue
+        whole = st.entry.shape if st.expert is not None else st.entry.shape[1:]  # this expert's [n*F, ...]
+        if whole[0] % len(roles):
+            raise RepackError(f"{st.path}: fused {fused} of layer {layer} has {whole[0]} rows, not a multiple of "
+                              f"{len(roles)}: cannot split it into {roles}")
+        per_expert = st.entry.nbytes // (1 if st.expert is not None else st.entry.shape[0])
+        part = per_expert // len(roles)
+        start = st.entry.start + (0 if st.expert is not None else expert * per_expert) + roles.index(role) * part
+        return st, start, (whole[0] // len(roles), *whole[1:])
+    return None
 
 
 class _Reader:
@@ -279,9 +307,45 @@ class _BlockWriter:
         self.f.close()
 
 
-def _plan_experts(experts, dtype: str, fmt: str = "source"):
+def _source_roles(experts) -> list[str]:
+    return sorted({role for (_, _, role) in experts})
+
+
+def _derived(experts) -> bool:
+    """True when the checkpoint stores experts in a form other than gate/up/down that needs a transform
+    (layout/fused.py); a fused gate_up (FUSED_EXPERT_ROLES) is read by byte range instead (_fused_source)."""
+    return any(r not in EXPERT_ROLES and r not in FUSED_EXPERT_ROLES for r in _source_roles(experts))
+
+
+def _read_source_expert(experts, layer: int, e: int, rd: "_Reader") -> dict[str, torch.Tensor]:
+    """One expert's source tensors (every source role), read from their shards."""
+    out = {}
+    for role in _source_roles(experts):
+        st, off, shape = _expert_source(experts, layer, e, role)
+        n = ST_ITEMSIZE[st.entry.dtype]
+        for d in shape:
+            n *= d
+        buf = bytearray(n)
+        rd.read_into(st.path, off, memoryview(buf))
+        out[role] = torch.frombuffer(buf, dtype=DTYPES[ST_DTYPES[st.entry.dtype]]).view(*shape)
+    return out
+
+
+def _derived_dtype(experts, dtype: str) -> str:
+    """safetensors dtype code of derived expert tensors: --dtype, else the first float source's dtype
+    (bf16 when every source is packed integers, e.g. MXFP4 dequantized at repack)."""
+    floats = [experts[k].entry.dtype for k in sorted(experts, key=str) if experts[k].entry.dtype in ("BF16", "F16", "F32")]
+    return _target(floats[0] if floats else "BF16", dtype if dtype != "source" or floats else "bf16")
+
+
+def _plan_experts(experts, dtype: str, fmt: str = "source", rd: "_Reader | None" = None):
     """Block layout from expert 0 of layer 0 (every expert must match it)."""
     shapes = {}
+    if _derived(experts):  # the canonical tensors; --experts q* quantizes gate/up/down, biases stay float
+        code = ST_DTYPES[_derived_dtype(experts, "bf16" if fmt == "bf16" else dtype)]
+        for role, t in canonical_expert(_read_source_expert(experts, 0, 0, rd or _Reader())).items():
+            shapes[role] = (tuple(t.shape), fmt if fmt in QUANT_FORMATS and role in EXPERT_ROLES else code)
+        return plan_block(shapes)
     for role in EXPERT_ROLES:
         st, _, shape = _expert_source(experts, 0, 0, role)
         code = st.entry.dtype
@@ -300,13 +364,19 @@ def _quantize_layer(experts, cfg: ModelConfig, layer: int, by_name: dict, rd: _R
     """Quantize every expert of one layer, role by role, in one pass over a [E, N, K] stack (each matrix
     exactly as on its own). Returns role -> [(part spec, per-expert memoryviews of the part's bytes)]."""
     out = {}
-    for role in EXPERT_ROLES:
-        spec = by_name[role]
-        if not spec.quant:
-            continue
-        want = tuple(spec.quant["shape"])
-        rows = []
+    quant_roles = [r for r in EXPERT_ROLES if by_name[r].quant]
+    derived = {}  # role -> [E] canonical tensors, for experts stored in another form (layout/fused.py)
+    if quant_roles and _derived(experts):
         for e in range(cfg.num_experts):
+            t = canonical_expert(_read_source_expert(experts, layer, e, rd))
+            for r in quant_roles:
+                # held as bf16: dequantized MXFP4 values are exact in it, and a layer of fp32 stacks is large
+                derived.setdefault(r, []).append(t[r].to(torch.bfloat16) if t[r].dtype == torch.float32 else t[r])
+    for role in quant_roles:
+        spec = by_name[role]
+        want = tuple(spec.quant["shape"])
+        rows = derived.get(role, [])
+        for e in range(cfg.num_experts) if not derived else ():
             st, off, shape = _expert_source(experts, layer, e, role)
             if tuple(shape) != want:
                 raise RepackError(f"{st.path}: layer {layer}, expert {e}, {role} has shape {list(shape)}, "
@@ -331,17 +401,22 @@ def _write_experts(path: Path, cfg: ModelConfig, experts, specs, bs: int, rd: _R
     writer = _BlockWriter(path, bs)
     by_name = {s.name: s for s in specs}
     sums: list[str] = []
+    derived = _derived(experts)
     try:
         for layer in range(cfg.num_layers):
             quant = _quantize_layer(experts, cfg, layer, by_name, rd, refine, device)  # role -> parts [E, ...] as bytes
             for e in range(cfg.num_experts):
                 buf = writer.buffer()
                 mv = memoryview(buf)
+                if derived:  # a transform (layout/fused.py) between the source bytes and the block
+                    tensors = canonical_expert(_read_source_expert(experts, layer, e, rd))
                 for role in EXPERT_ROLES:
                     spec = by_name[role]
                     if spec.quant:
                         for ps, data in quant[role]:
                             mv[ps.offset:ps.offset + ps.nbytes] = data[e]
+                        continue
+                    if derived:
                         continue
                     st, off, shape = _expert_source(experts, layer, e, role)
                     if tuple(shape) != spec.shape:
@@ -355,6 +430,15 @@ def _write_experts(path: Path, cfg: ModelConfig, experts, specs, bs: int, rd: _R
                         tmp = bytearray(n_src)
                         rd.read_into(st.path, off, memoryview(tmp))
                         mv[spec.offset:spec.offset + spec.nbytes] = _convert(memoryview(tmp), src_dt, ST_NAMES[spec.dtype])
+                for spec in specs if derived else ():
+                    if spec.quant or spec.role not in tensors:  # quantized codes and scales: written above
+                        continue
+                    t = tensors[spec.role]
+                    if tuple(t.shape) != spec.shape:
+                        raise RepackError(f"layer {layer}, expert {e}, {spec.role} has shape {list(t.shape)}, expert 0 "
+                                          f"of layer 0 has {list(spec.shape)}: experts must share one shape")
+                    raw = t.to(DTYPES[spec.dtype]).contiguous().view(torch.uint8).numpy().tobytes()
+                    mv[spec.offset:spec.offset + spec.nbytes] = raw
                 sums.append(xxh3_hex(buf))
                 writer.put(buf)
                 tick(bs)
@@ -507,9 +591,17 @@ def repack(src: str | Path, dst: str | Path, *, dtype: str = "source", experts: 
         raise RepackError(_already_a_layout(src))
     check_destination(src, dst, force)
     fam, cfg, _ = read_checkpoint_config(src)
-    dense_src, expert_src = _index_source(src, fam, cfg)
+    dense_src, expert_src, skipped = _index_source(src, fam, cfg)
+    if skipped:  # vision towers, MTP heads, ...: what [ignore] of the family file names
+        prefixes = fam.spec.get("ignore", {}).get("prefixes", [])
+        groups = Counter(next((p + "*" for p in prefixes if n.startswith(p)), n) for n in skipped)
+        print(f"tiered: repack skips {len(skipped)} tensors that [ignore] of {fam.path.name} names (not part of "
+              f"the text model): " + ", ".join(f"{g} ({c})" for g, c in sorted(groups.items())), file=sys.stderr)
     specs, bs = _plan_experts(expert_src, dtype, experts)
-    float_dt = ST_DTYPES[_target(_expert_source(expert_src, 0, 0, "gate")[0].entry.dtype, dtype)]
+    if _derived(expert_src):  # experts in another form (layout/fused.py): the dtype they are written in
+        float_dt = ST_DTYPES[_derived_dtype(expert_src, dtype)]
+    else:
+        float_dt = ST_DTYPES[_target(_expert_source(expert_src, 0, 0, "gate")[0].entry.dtype, dtype)]
     cfg = ModelConfig.from_json({**cfg.to_json(), "source_dtype": float_dt})  # the dtype of unquantized weights
     dense_outs, dense_quant = _plan_dense(dense_src, dtype, dense)
     total = sum(o.nbytes for o in dense_outs) + cfg.num_layers * cfg.num_experts * bs
@@ -563,7 +655,7 @@ def repack(src: str | Path, dst: str | Path, *, dtype: str = "source", experts: 
                           f"(the partial copy was removed)") from None
     secs = time.perf_counter() - t0
     return {"bytes": written[0], "seconds": secs, "mb_s": written[0] / 1e6 / max(secs, 1e-9), "dst": str(dst),
-            "block_size": bs, "blocks": blocks}
+            "block_size": bs, "blocks": blocks, "skipped": skipped}
 
 
 def _write_layout(src: Path, dst: Path, tmp: Path, cfg: ModelConfig, dense_outs, dense_quant, expert_src, specs,

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from tiered.kernels.quant_moe import qlinear as linear
 from tiered.layout.config import ModelConfig
+from tiered.model.rope import ROPE_TYPES, inv_freq_and_scale, rope_kind
 
 ATTN_BACKENDS = ("auto", "triton", "flash", "sdpa")
 
@@ -39,17 +40,18 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """
     if x.dtype == torch.float32 and weight.dtype == torch.float32 and weight.dim() == 1:
         return F.rms_norm(x, weight.shape, weight, eps)
+    if weight.dtype == torch.float32:  # zero-centred norms (Qwen3.5): (1 + w) kept in fp32, scaled before the cast
+        return (F.rms_norm(x.float(), (x.shape[-1],), None, eps) * weight).to(x.dtype)
     return weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
 
 
 def check_rope(config: ModelConfig) -> None:
-    """Raise unless the config's rotary embedding is the default one (the only one implemented)."""
-    rs = config.rope_scaling
-    kind = None if not rs else (rs.get("rope_type") or rs.get("type") or "default")
-    if kind not in (None, "default"):
+    """Raise unless the config's rotary embedding is one tiered implements (model/rope.py: default, YaRN)."""
+    kind = rope_kind(config.rope_scaling)
+    if kind not in ROPE_TYPES:
         raise NotImplementedError(
-            f"rope_scaling type {kind!r} ({rs}) is not supported: tiered implements default RoPE only; "
-            "use a checkpoint without rope_scaling or add the scaling to tiered/model/layers.py")
+            f"rope_scaling type {kind!r} ({config.rope_scaling}) is not supported: tiered implements {ROPE_TYPES}; "
+            "use another checkpoint or add the scaling to tiered/model/rope.py")
 
 
 @dataclass(frozen=True)
@@ -61,21 +63,27 @@ class Rope:
     def build(cls, config: ModelConfig, positions: int, *, device: torch.device, dtype: torch.dtype) -> "Rope":
         """Tables for positions 0..positions-1, computed in fp32 on `device` as transformers does."""
         check_rope(config)
-        hd = config.head_dim
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).to(
-            device=device, dtype=torch.float) / hd))
+        hd = config.extra.get("rope_dim", config.rotary_dim)  # partial rotary: only the leading hd dims turn
+        inv_freq, scale = inv_freq_and_scale(config.rope_theta, hd, config.rope_scaling,
+                                             config.max_position_embeddings, device)
         pos = torch.arange(positions, device=device, dtype=torch.float)
         freqs = pos[:, None] * inv_freq[None, :]  # [P, hd/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [P, hd]
-        sin = emb.sin().to(dtype)
+        cos, sin = emb.cos(), emb.sin()
+        if scale != 1.0:  # YaRN's attention factor, applied in fp32 as transformers does
+            cos, sin = cos * scale, sin * scale
+        sin = sin.to(dtype)
         sin[:, :hd // 2].neg_()  # negation is exact, so this equals transformers' rotate_half form bit for bit
-        return cls(cos=emb.cos().to(dtype), sin=sin)
+        return cls(cos=cos.to(dtype), sin=sin)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [T, n, hd], cos/sin [T, hd] (sin sign-folded, see Rope) -> x rotated, same shape."""
+    """x [T, n, hd], cos/sin [T, r] (sin sign-folded, see Rope) -> x with its leading r dims rotated, same shape."""
     T, n, hd = x.shape
-    swapped = x.view(T, n, 2, hd // 2).flip(2).view(T, n, hd)  # [x2, x1]
+    r = cos.shape[-1]
+    if r < hd:  # partial rotary (Qwen3.5): the trailing hd - r dims pass through
+        return torch.cat([apply_rope(x[..., :r], cos, sin), x[..., r:]], dim=-1)
+    swapped = x.reshape(T, n, 2, hd // 2).flip(2).reshape(T, n, hd)  # [x2, x1]
     return x * cos[:, None, :] + swapped * sin[:, None, :]
 
 
@@ -96,8 +104,10 @@ class KVCache:
 
     @classmethod
     def allocate(cls, config: ModelConfig, max_context: int, *, device: torch.device, dtype: torch.dtype,
-                 flash: bool = False, paged: bool = False) -> "KVCache":
-        L, KV, hd = config.num_layers, config.num_kv_heads, config.head_dim
+                 flash: bool = False, paged: bool = False, layers: int | None = None) -> "KVCache":
+        """Rows for `layers` attention layers (default: every layer)."""
+        L = config.num_layers if layers is None else layers
+        KV, hd = config.num_kv_heads, config.head_dim
         shape = (L, 1, max_context, KV, hd) if flash else (L, KV, max_context, hd)
         k, v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
         views, table = None, None
@@ -129,6 +139,7 @@ class StepPlan:
     mask: Tensor | None  # [G*T, S] bool, True = attend; None = every position in the span
     seqlens: Tensor | None = None  # flash: int32 [1], tokens already in the cache before this call
     lengths: Tensor | None = None  # triton: int32 [1], tokens in the cache after this call's writes; None = SDPA
+    sliding: "StepPlan | None" = None  # the plan of sliding-window layers, in models that mix them (gpt-oss)
 
 
 def plan_eager(rope: Rope, start: int, T: int, *, groups: int, window: int | None,
@@ -163,32 +174,43 @@ def attn_mask(qpos: Tensor, lo: int, hi: int, *, window: int | None, groups: int
 
 @dataclass(frozen=True)
 class AttnWeights:
-    qkv: Tensor  # [(H+2KV)*hd, D] q, k, v projections stacked (one GEMM instead of three)
+    qkv: Tensor  # [(H+2KV)*hd, D] q, k, v projections stacked (one GEMM instead of three), then the H*hd
+    #              output-gate rows when config.attn_output_gate
     qkv_bias: Tensor | None  # [(H+2KV)*hd]
     o: Tensor  # [D, H*hd]
     q_norm: Tensor | None  # [H*hd] ("proj"); for "head", [H+KV, hd]: q's norm on H rows, k's on KV rows
     k_norm: Tensor | None  # [KV*hd] ("proj"); None for "head" (folded into q_norm)
+    o_bias: Tensor | None = None  # [D] (gpt-oss)
+    sinks: Tensor | None = None  # [H] fp32 learned per-head sink logits (gpt-oss): attention_with_sinks
 
 
 def attention(x: Tensor, w: AttnWeights, cache: KVCache, layer: int, plan: StepPlan, config: ModelConfig,
               *, backend: str = "sdpa") -> Tensor:
     """Self-attention of x [T, D] (already normed) with the cache; writes this call's K/V; returns [T, D].
+    `layer` is the layer's row in the cache (ModelState.row). With `attn_output_gate` the output is multiplied
+    by sigmoid of the gate rows before o_proj (Qwen3.5).
 
     q and k stay side by side as [T, H+KV, hd] (as the stacked projection leaves them), so per-head
     norms and the rotary embedding each run once over both: fewer kernels per decode step.
     """
-    q, k, v = project_qkv(x, w, plan.cos, plan.sin, config)
-    if backend == "flash":
+    q, k, v, *gate = project_qkv(x, w, plan.cos, plan.sin, config, with_gate=config.attn_output_gate)
+    if w.sinks is not None:
+        out = attention_with_sinks(q, k, v, cache, layer, plan, config.num_heads // config.num_kv_heads, w.sinks)
+    elif backend == "flash":
         out = _flash(q, k, v, cache, layer, plan, config)
     elif plan.lengths is not None:  # the triton backend's one-token steps (its prefill takes SDPA)
         out = _paged(q, k, v, cache, layer, plan, config)
     else:
         out = _sdpa(q, k, v, cache, layer, plan, config.num_heads // config.num_kv_heads)
-    return linear(out, w.o)
+    if gate:
+        out = out * torch.sigmoid(gate[0])
+    return linear(out, w.o, w.o_bias)
 
 
-def project_qkv(x: Tensor, w: AttnWeights, cos: Tensor, sin: Tensor, config: ModelConfig) -> tuple[Tensor, Tensor, Tensor]:
-    """x [T, D] (normed) -> q [T, H, hd], k [T, KV, hd] (normed per family, rotated by cos/sin [T, hd]), v [T, KV, hd].
+def project_qkv(x: Tensor, w: AttnWeights, cos: Tensor, sin: Tensor, config: ModelConfig, *,
+                with_gate: bool = False) -> tuple[Tensor, ...]:
+    """x [T, D] (normed) -> q [T, H, hd], k [T, KV, hd] (normed per family, rotated by cos/sin [T, r]), v [T, KV, hd],
+    and with `with_gate` (config.attn_output_gate) the output gate [T, H*hd] (before its sigmoid).
 
     Shared by the contiguous-cache attention above and the paged attention of the batch step.
     """
@@ -204,11 +226,13 @@ def project_qkv(x: Tensor, w: AttnWeights, cos: Tensor, sin: Tensor, config: Mod
         qk = qkv[:, :nq + nk].view(T, H + KV, hd)
         if config.qk_norm == "head":  # per head (Qwen3-MoE)
             qk = rms_norm(qk, w.q_norm, eps)
-    v = qkv[:, nq + nk:].view(T, KV, hd)
+    v = qkv[:, nq + nk:nq + 2 * nk].view(T, KV, hd)
     if config.clip_qkv is not None:
         c = config.clip_qkv
         qk, v = qk.clamp(-c, c), v.clamp(-c, c)
     qk = apply_rope(qk, cos, sin)  # [T, H+KV, hd]
+    if with_gate:  # the output-gate rows stacked after v (Qwen3.5)
+        return qk[:, :H], qk[:, H:], v, qkv[:, nq + 2 * nk:]
     return qk[:, :H], qk[:, H:], v
 
 
@@ -237,6 +261,28 @@ def _paged(q: Tensor, k: Tensor, v: Tensor, cache: KVCache, layer: int, plan: St
     out = decode_attention(q[None], kp, vp, cache.table, plan.lengths, scale=hd ** -0.5,
                            window=config.sliding_window, max_seqlen=cache.max_context)  # [1, T, H, hd]
     return out.view(T, H * hd)
+
+
+def attention_with_sinks(q: Tensor, k: Tensor, v: Tensor, cache: KVCache, layer: int, plan: StepPlan, G: int,
+                         sinks: Tensor) -> Tensor:
+    """Attention whose softmax has one more logit per head, the learned sink, that takes weight but adds no value
+    (gpt-oss). q [T, H, hd], k/v [T, KV, hd] -> [T, H*hd]. Plain matmuls, as transformers' eager path: scores
+    over the span, the sink column appended, max subtracted, softmax, the sink column dropped."""
+    T, H, hd = q.shape
+    KV = k.shape[1]
+    _write_kv(k, v, cache, layer, plan)
+    kc, vc = cache.k[layer], cache.v[layer]  # [KV, S, hd]
+    ks, vs = kc[:, plan.read_lo:plan.read_hi], vc[:, plan.read_lo:plan.read_hi]  # [KV, S, hd]
+    qg = q.transpose(0, 1).reshape(KV, G * T, hd)  # rows (g, t)
+    s = torch.matmul(qg, ks.transpose(1, 2)) * hd ** -0.5  # [KV, G*T, S]
+    if plan.mask is not None:
+        s = s.masked_fill(~plan.mask[None], float("-inf"))
+    sink = sinks.to(s.dtype).view(KV, G, 1, 1).expand(KV, G, T, 1).reshape(KV, G * T, 1)
+    s = torch.cat([s, sink], dim=-1)
+    s = s - s.max(dim=-1, keepdim=True).values
+    p = torch.softmax(s, dim=-1)[..., :-1].to(vs.dtype)
+    o = torch.matmul(p, vs)  # [KV, G*T, hd]
+    return o.reshape(H, T, hd).transpose(0, 1).reshape(T, H * hd)
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, cache: KVCache, layer: int, plan: StepPlan, G: int) -> Tensor:

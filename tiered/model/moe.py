@@ -27,6 +27,7 @@ from torch import Tensor
 from tiered.kernels.quant_moe import experts_quant_decode, qlinear as linear
 from tiered.layout.quant import QuantWeight, dense
 from tiered.model import moe_gpu
+from tiered.model.routing import Rule, softmax_topk
 from tiered.store.provider import ExpertProvider
 
 
@@ -75,6 +76,25 @@ class MoEWeights:
     shared_up: Tensor | None = None  # [Fs, D]
     shared_down: Tensor | None = None  # [D, Fs]
     shared_expert_gate: Tensor | None = None  # [1, D]
+    router_bias: Tensor | None = None  # [E] (gpt-oss)
+    act: "ClampedSwiGLU | None" = None  # None: SiLU(gate) * up; else gpt-oss's clamped form
+
+
+@dataclass(frozen=True)
+class ClampedSwiGLU:
+    """gpt-oss's expert activation: gate clamped above at `limit`, up to [-limit, limit],
+    out = (up + 1) * gate * sigmoid(alpha * gate)."""
+    alpha: float = 1.702
+    limit: float = 7.0
+
+    def __call__(self, g: Tensor, u: Tensor) -> Tensor:
+        g = g.clamp(max=self.limit)
+        u = u.clamp(-self.limit, self.limit)
+        return (u + 1) * (g * torch.sigmoid(g * self.alpha))
+
+
+def _act(act: ClampedSwiGLU | None, g: Tensor, u: Tensor) -> Tensor:
+    return F.silu(g) * u if act is None else act(g, u)
 
 
 def routed_logits(ids: Tensor, weights: Tensor, num_experts: int) -> Tensor:
@@ -86,13 +106,12 @@ def routed_logits(ids: Tensor, weights: Tensor, num_experts: int) -> Tensor:
     return out.scatter_(1, ids, torch.log(weights.float().clamp_min(1e-9)))
 
 
-def route(x: Tensor, router: Tensor, top_k: int, norm_topk: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """x [T, D] (normed) -> router logits [T, E] (compute dtype), ids [T, K] int64, weights [T, K] fp32."""
-    logits = F.linear(x, router)
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-    w, ids = torch.topk(probs, top_k, dim=-1)
-    if norm_topk:
-        w = w / w.sum(dim=-1, keepdim=True)
+def route(x: Tensor, router: Tensor, top_k: int, norm_topk: bool, *, bias: Tensor | None = None,
+          rule: Rule = softmax_topk) -> tuple[Tensor, Tensor, Tensor]:
+    """x [T, D] (normed) -> router logits [T, E] (compute dtype), ids [T, K] int64, weights [T, K] fp32;
+    `rule` is one of routing.RULES."""
+    logits = F.linear(x, router, bias)
+    ids, w = rule(logits, top_k, norm_topk)
     return logits, ids, w
 
 
@@ -108,13 +127,14 @@ def shared_expert(x: Tensor, w: MoEWeights) -> Tensor:
     return y
 
 
-def experts_one_token(x: Tensor, ids: Tensor, weights: Tensor, provider: ExpertProvider, layer: int) -> Tensor:
+def experts_one_token(x: Tensor, ids: Tensor, weights: Tensor, provider: ExpertProvider, layer: int,
+                      act: ClampedSwiGLU | None = None) -> Tensor:
     """Decode path, T = 1: the provider's slots for the K experts, then `experts_from_slots` (no host sync
     beyond what the provider's get() needs). x [1, D], ids [1, K] (distinct), weights [1, K] -> [1, D]."""
-    return experts_from_slots(x, provider.get(layer, ids[0]), weights, provider.weights)
+    return experts_from_slots(x, provider.get(layer, ids[0]), weights, provider.weights, act)
 
 
-def experts_from_slots(x: Tensor, slots: Tensor, weights: Tensor, W: Any) -> Tensor:
+def experts_from_slots(x: Tensor, slots: Tensor, weights: Tensor, W: Any, act: ClampedSwiGLU | None = None) -> Tensor:
     """One token's K experts, given their slot rows in W: gather the weights, then GEMMs with no host sync.
 
     x [1, D], slots [K] int64 on W's device, weights [1, K] (compute dtype, or fp32), W = provider.weights
@@ -126,7 +146,8 @@ def experts_from_slots(x: Tensor, slots: Tensor, weights: Tensor, W: Any) -> Ten
     static buffer (the piecewise decode step).
     """
     dt = x.dtype
-    if isinstance(W.gate, QuantWeight):  # fused dequantization on CUDA; None -> the reference below
+    # fused dequantization on CUDA (plain SwiGLU without biases only); None -> the reference below
+    if isinstance(W.gate, QuantWeight) and act is None and getattr(W, "gate_bias", None) is None:
         y = experts_quant_decode(x, slots, weights, W.gate, W.up, W.down)
         if y is not None:
             return y
@@ -134,12 +155,36 @@ def experts_from_slots(x: Tensor, slots: Tensor, weights: Tensor, W: Any) -> Ten
     u = dense(W.up.index_select(0, slots), dt)  # [K, F, D]
     d = dense(W.down.index_select(0, slots), dt)  # [K, D, F]
     K, Fe, D = g.shape
-    h = F.silu(F.linear(x, g.view(K * Fe, D))) * F.linear(x, u.view(K * Fe, D))  # [1, K*F]
+    gb, ub, db = _biases(W, slots, dt)
+    gx = F.linear(x, g.view(K * Fe, D), None if gb is None else gb.view(K * Fe))
+    ux = F.linear(x, u.view(K * Fe, D), None if ub is None else ub.view(K * Fe))
+    h = _act(act, gx, ux)  # [1, K*F]
     y = torch.bmm(h.view(K, 1, Fe), d.transpose(1, 2))  # [K, 1, D]
+    if db is not None:
+        y = y + db[:, None, :]
     return (y * weights.view(K, 1, 1)).sum(0).to(dt)  # [1, D]
 
 
-def experts_grouped(x: Tensor, ids: Tensor, weights: Tensor, provider: ExpertProvider, layer: int) -> Tensor:
+def _biases(W: Any, slots: Tensor, dt: torch.dtype) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The gate/up [K, F] and down [K, D] biases of the experts in `slots` (None for families without)."""
+    if getattr(W, "gate_bias", None) is None:
+        return None, None, None
+    return tuple(getattr(W, n).index_select(0, slots).to(dt) for n in ("gate_bias", "up_bias", "down_bias"))
+
+
+def _expert(x: Tensor, W: Any, s: int, dt: torch.dtype, act: ClampedSwiGLU | None) -> Tensor:
+    """One expert (slot row s) over x [n, D] -> [n, D], biases included when the family has them."""
+    g, u, d = dense(W.gate[s], dt), dense(W.up[s], dt), dense(W.down[s], dt)  # quantized: dequantized here
+    if getattr(W, "gate_bias", None) is None:
+        if act is None:
+            return _swiglu(x, g, u, d)
+        return F.linear(act(F.linear(x, g), F.linear(x, u)), d)
+    h = _act(act, F.linear(x, g, W.gate_bias[s].to(dt)), F.linear(x, u, W.up_bias[s].to(dt)))
+    return F.linear(h, d, W.down_bias[s].to(dt))
+
+
+def experts_grouped(x: Tensor, ids: Tensor, weights: Tensor, provider: ExpertProvider, layer: int,
+                    act: ClampedSwiGLU | None = None) -> Tensor:
     """Prefill path: tokens grouped by expert, experts streamed through the provider in waves.
 
     x [T, D], ids [T, K], weights [T, K] (compute dtype, or fp32) -> [T, D]. Each (token, k) output
@@ -166,7 +211,7 @@ def experts_grouped(x: Tensor, ids: Tensor, weights: Tensor, provider: ExpertPro
             provider.prefetch(layer, used[w0 + n:w0 + 2 * n])
         for j, s in enumerate(slots):
             a, b = starts[w0 + j], starts[w0 + j + 1]
-            y = _swiglu(x[tok[a:b]], dense(W.gate[s], dt), dense(W.up[s], dt), dense(W.down[s], dt))  # [n_e, D]
+            y = _expert(x[tok[a:b]], W, s, dt, act)  # [n_e, D]
             rows.index_copy_(0, order[a:b], y * wsorted[a:b, None])
     return rows.view(T, K, -1).sum(1).to(dt)  # [T, D]
 
@@ -179,7 +224,7 @@ def moe_block(h: Tensor, x: Tensor, w: MoEWeights, provider: ExpertProvider, lay
               norm_topk: bool, observer: RoutingObserver | None = None, fp32_weights: bool = False,
               prefetch_hook: PrefetchHook | None = None) -> Tensor:
     """h [T, D] residual after attention, x [T, D] = post-attention norm of h -> MoE output [T, D]."""
-    logits, ids, wts = route(x, w.router, top_k, norm_topk)
+    logits, ids, wts = route(x, w.router, top_k, norm_topk, bias=w.router_bias)
     if observer is not None:
         observer.on_route(layer, h, ids, wts, logits.float())
     return expert_mix(x, ids, wts, w, provider, layer, fp32_weights=fp32_weights, prefetch_hook=prefetch_hook)
@@ -199,8 +244,16 @@ def expert_mix(x: Tensor, ids: Tensor, wts: Tensor, w: MoEWeights, provider: Exp
     below: experts_from_slots reads them with the fused dequantizing kernels on CUDA (kernels/quant_moe.py).
     """
     wc = wts if fp32_weights else wts.to(x.dtype)
-    kernels = kernels and not isinstance(provider.weights.gate, QuantWeight)
-    one = moe_gpu.experts_decode if kernels else experts_from_slots
+    # the Triton kernels compute the plain SwiGLU without biases over unquantized pools: gpt-oss's and
+    # quantized experts take the torch paths
+    kernels = (kernels and w.act is None and getattr(provider.weights, "gate_bias", None) is None
+               and not isinstance(provider.weights.gate, QuantWeight))
+    if kernels:
+        def one(x, s, wc, W):
+            return moe_gpu.experts_decode(x, s, wc, W)
+    else:
+        def one(x, s, wc, W):
+            return experts_from_slots(x, s, wc, W, w.act)
     if slots is not None:
         out = one(x, slots, wc, provider.weights)
     elif x.shape[0] == 1:
@@ -211,7 +264,7 @@ def expert_mix(x: Tensor, ids: Tensor, wts: Tensor, w: MoEWeights, provider: Exp
     elif kernels:
         out = moe_gpu.experts_tokens(x, ids, wc, provider, layer, w.router.shape[0])
     else:
-        out = experts_grouped(x, ids, wc, provider, layer)
+        out = experts_grouped(x, ids, wc, provider, layer, w.act)
     if w.shared_gate is not None:
         out = out + shared_expert(x, w)
     return out

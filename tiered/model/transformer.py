@@ -11,15 +11,22 @@ Does not own: expert weights (an ExpertProvider hands them out), sampling or the
 
 Family differences, all from ModelConfig: qkv bias (Qwen2-MoE), q/k norm per head (Qwen3-MoE) or
 over the projection (OLMoE), clip_qkv (OLMoE), sliding window (Mixtral), top-k renormalisation,
-shared expert with sigmoid gate (Qwen2-MoE), tied embeddings.
+shared expert with sigmoid gate (Qwen2-MoE), tied embeddings; gpt-oss: o_proj bias, attention sinks, sliding
+and full layers mixed (extra["layer_types"]), router bias with the top-k-then-softmax rule, expert biases and
+the clamped SwiGLU, YaRN rope (model/rope.py); per-layer kinds (Qwen3.5-MoE / Qwen3-Next, ModelConfig.layer_types:
+Gated DeltaNet layers between gated, partially rotary attention layers, zero-centred norms).
+Every layer's state between calls (KV rows, DeltaNet conv and recurrent state) is a `ModelState`
+(model/state.py); a call at position 0 starts a new sequence and resets the recurrent part.
 
 Legend: T tokens, D hidden, V vocab, L layers, S cache positions.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -28,11 +35,14 @@ from torch import Tensor
 from tiered.kernels.quant_moe import qlinear as linear
 from tiered.layout.config import ModelConfig
 from tiered.layout.quant import QuantWeight, cat_rows
+from tiered.model.deltanet import DeltaShape, DeltaWeights, deltanet, pick_delta_backend
 from tiered.model.layers import (AttnWeights, KVCache, Rope, StepPlan, attention, attn_mask, plan_eager,
                                  rms_norm)
 from tiered.model import moe_gpu
 from tiered.model.moe import (FP32_ROUTE_WEIGHTS, ExpertProvider, MoEWeights, PrefetchHook, RoutingObserver,
-                               expert_mix, route, routed_logits)
+                               ClampedSwiGLU, expert_mix, route, routed_logits)
+from tiered.model.routing import route_rule
+from tiered.model.state import ModelState
 
 
 class RoutingOverride(Protocol):
@@ -60,10 +70,11 @@ class Routed:
 
 @dataclass(frozen=True)
 class LayerWeights:
-    attn_norm: Tensor  # [D]
-    attn: AttnWeights
+    attn_norm: Tensor  # [D] (fp32 1 + w for zero-centred norms)
+    attn: AttnWeights | None  # attention layers
     mlp_norm: Tensor  # [D]
     moe: MoEWeights
+    linear: DeltaWeights | None = None  # Gated DeltaNet layers
 
 
 def _take(dense: dict[str, Tensor | QuantWeight], name: str, device: torch.device, dtype: torch.dtype,
@@ -88,6 +99,31 @@ def _cat_rows(ws: list[Tensor | QuantWeight]) -> Tensor | QuantWeight:
     return torch.cat([w.dequantize(dt) if isinstance(w, QuantWeight) else w for w in ws], dim=0)
 
 
+def _split_output_gate(q: Tensor | QuantWeight, H: int, hd: int, dtype: torch.dtype) -> tuple[Tensor | QuantWeight, ...]:
+    """q_proj [2*H*hd, D] holding, per head, hd query rows then hd output-gate rows (Qwen3.5) -> (q [H*hd, D],
+    gate [H*hd, D]). A quantized q_proj with per-row groups (q8, q4) splits its parts the same way; fp8's 128-row
+    scale blocks may straddle the split, so it is dequantized first (--dense does not offer fp8)."""
+    def split(t: Tensor) -> tuple[Tensor, Tensor]:  # t [2*H*hd, X]
+        a, b = t.reshape(H, 2, hd, t.shape[-1]).unbind(1)
+        return a.reshape(H * hd, -1), b.reshape(H * hd, -1)
+
+    if not isinstance(q, QuantWeight):
+        return split(q)
+    if q.fmt == "fp8":
+        return split(q.dequantize(dtype))
+    halves = {name: split(t) for name, t in q.parts().items()}
+    return tuple(QuantWeight(q.fmt, (H * hd, q.matrix[1]), q.group, **{n: h[i] for n, h in halves.items()})
+                 for i in (0, 1))
+
+
+def norm_weight(cfg: ModelConfig, t: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """An RMSNorm scale as the model applies it: the compute dtype, or for zero-centred norms (norm_offset)
+    offset + w in fp32, which is how transformers' Qwen3.5 norm scales (in fp32, before the cast back)."""
+    if cfg.norm_offset:
+        return t.to(device=device, dtype=torch.float32) + cfg.norm_offset
+    return t.to(device=device, dtype=dtype)
+
+
 def build_layer(cfg: ModelConfig, dense: dict[str, Tensor], l: int, device: torch.device,
                 dtype: torch.dtype) -> LayerWeights:
     """Layer l's dense weights in the compute dtype on `device`; q/k/v stacked into one matrix."""
@@ -96,7 +132,28 @@ def build_layer(cfg: ModelConfig, dense: dict[str, Tensor], l: int, device: torc
     def t(name: str, required: bool = True) -> Tensor | None:
         return _take(dense, p + name, device, dtype, required)
 
-    qkv = _cat_rows([t("q_proj"), t("k_proj"), t("v_proj")])
+    def nw(name: str) -> Tensor:
+        return norm_weight(cfg, t(name), device, dtype)
+
+    act = None
+    if "swiglu_limit" in cfg.extra:
+        act = ClampedSwiGLU(alpha=float(cfg.extra.get("swiglu_alpha", 1.702)), limit=float(cfg.extra["swiglu_limit"]))
+    shared = cfg.shared_expert_ffn > 0
+    moe = MoEWeights(router=t("router"),
+                     shared_gate=t("shared_gate_proj") if shared else None,
+                     shared_up=t("shared_up_proj") if shared else None,
+                     shared_down=t("shared_down_proj") if shared else None,
+                     shared_expert_gate=t("shared_expert_gate") if shared and cfg.shared_expert_gate else None,
+                     router_bias=t("router_bias", False), act=act)
+    if cfg.layer_kind(l) == "linear":
+        return LayerWeights(attn_norm=nw("attn_norm"), attn=None, mlp_norm=nw("mlp_norm"), moe=moe,
+                            linear=build_deltanet(cfg, dense, l, device, dtype))
+    H, KV, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q = t("q_proj")
+    gate = None
+    if cfg.attn_output_gate:  # per head: hd query rows then hd gate rows
+        q, gate = _split_output_gate(q, H, hd, dtype)
+    qkv = _cat_rows([q, t("k_proj"), t("v_proj")] + ([gate] if gate is not None else []))
     bias = None
     if cfg.attn_bias:
         bias = torch.cat([t("q_bias"), t("k_bias"), t("v_bias")], dim=0)
@@ -104,16 +161,37 @@ def build_layer(cfg: ModelConfig, dense: dict[str, Tensor], l: int, device: torc
     if cfg.qk_norm == "proj":
         q_norm, k_norm = t("q_norm"), t("k_norm")
     elif cfg.qk_norm == "head":  # one [H+KV, hd] table, so q and k are normed in one call
-        H, KV, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q_norm = torch.cat([t("q_norm").expand(H, hd), t("k_norm").expand(KV, hd)], dim=0)
-    attn = AttnWeights(qkv=qkv, qkv_bias=bias, o=t("o_proj"), q_norm=q_norm, k_norm=k_norm)
-    shared = cfg.shared_expert_ffn > 0
-    moe = MoEWeights(router=t("router"),
-                     shared_gate=t("shared_gate_proj") if shared else None,
-                     shared_up=t("shared_up_proj") if shared else None,
-                     shared_down=t("shared_down_proj") if shared else None,
-                     shared_expert_gate=t("shared_expert_gate") if shared and cfg.shared_expert_gate else None)
-    return LayerWeights(attn_norm=t("attn_norm"), attn=attn, mlp_norm=t("mlp_norm"), moe=moe)
+        q_norm = torch.cat([nw("q_norm").expand(H, hd), nw("k_norm").expand(KV, hd)], dim=0)
+    sinks = t("sinks", False)
+    attn = AttnWeights(qkv=qkv, qkv_bias=bias, o=t("o_proj"), q_norm=q_norm, k_norm=k_norm,
+                       o_bias=t("o_bias", False), sinks=None if sinks is None else sinks.float())
+    return LayerWeights(attn_norm=nw("attn_norm"), attn=attn, mlp_norm=nw("mlp_norm"), moe=moe)
+
+
+def build_deltanet(cfg: ModelConfig, dense: dict[str, Tensor], l: int, device: torch.device,
+                   dtype: torch.dtype) -> DeltaWeights:
+    """Layer l's Gated DeltaNet weights; Qwen3-Next's per-key-head interleaved lin_qkvz / lin_ba are
+    de-interleaved here into the q|k|v, z, b, a blocks that Qwen3.5 stores."""
+    p = f"layers.{l}."
+
+    def t(name: str, required: bool = True) -> Tensor | None:
+        return _take(dense, p + name, device, dtype, required)
+
+    Hk, Hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+    dk, dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+    if p + "lin_qkvz" in dense:
+        G = Hv // Hk
+        qkvz = t("lin_qkvz").view(Hk, 2 * dk + 2 * G * dv, -1)  # per key head: q, k, G value heads, G gates
+        q, k, v, z = qkvz.split([dk, dk, G * dv, G * dv], dim=1)
+        qkv = torch.cat([x.reshape(-1, x.shape[-1]) for x in (q, k, v)], dim=0)
+        z = z.reshape(Hv * dv, -1)
+        b, a = t("lin_ba").view(Hk, 2 * G, -1).split([G, G], dim=1)
+        b, a = b.reshape(Hv, -1), a.reshape(Hv, -1)
+    else:
+        qkv, z, b, a = t("lin_qkv"), t("lin_z"), t("lin_b"), t("lin_a")
+    return DeltaWeights(qkv=qkv, z=z, b=b, a=a, conv=t("lin_conv").reshape(cfg.linear_conv_dim, -1),
+                        A_log=_take(dense, p + "lin_A_log", device, torch.float32), dt_bias=t("lin_dt_bias"),
+                        norm=t("lin_norm"), out=t("lin_out"))
 
 
 class Transformer:
@@ -122,11 +200,12 @@ class Transformer:
     def __init__(self, config: ModelConfig, dense: dict[str, Tensor], provider: ExpertProvider, *,
                  device: torch.device | str, dtype: torch.dtype, max_context: int, attn: str = "sdpa",
                  observer: RoutingObserver | None = None, prefetch_hook: PrefetchHook | None = None,
-                 routing: RoutingOverride | None = None, kernels: bool | None = None) -> None:
+                 routing: RoutingOverride | None = None, kernels: bool | None = None,
+                 linear_attn: str = "auto") -> None:
         """observer: sees every layer's routing (SEAMS.md). prefetch_hook: called per layer of one-token steps
         after that layer's get() (moe.PrefetchHook). routing: replaces the router's choice (benchmark mode).
         kernels: routed experts through the Triton kernels (None = on CUDA when Triton is installed).
-        All four are fixed for the model's life."""
+        All four are fixed for the model's life. linear_attn: the DeltaNet backend ("auto", "fla", "torch")."""
         if attn not in ("sdpa", "flash", "triton"):
             raise ValueError(f"attn must be 'sdpa', 'flash' or 'triton' (resolve 'auto' with layers.pick_backend), "
                              f"got {attn!r}")
@@ -143,14 +222,27 @@ class Transformer:
         self._route = self._route_replayed if routing is not None else self._route_own
         dev = self.device
         self.embed = _take(dense, "embed", dev, dtype)  # [V, D] (never quantized: F.embedding reads rows)
-        self.final_norm = _take(dense, "final_norm", dev, dtype)  # [D]
+        self.final_norm = norm_weight(config, _take(dense, "final_norm", dev, dtype), dev, dtype)  # [D]
         head = None if config.tie_word_embeddings else _take(dense, "lm_head", dev, dtype)
         self.lm_head = self.embed if head is None else head  # [V, D]
         self.layers = [build_layer(config, dense, l, dev, dtype) for l in range(config.num_layers)]
         self.rope = Rope.build(config, self.max_context, device=dev, dtype=dtype)
-        self.cache = KVCache.allocate(config, self.max_context, device=dev, dtype=dtype, flash=attn == "flash",
-                                      paged=attn == "triton")
+        self.state = ModelState(config, self.max_context, device=dev, dtype=dtype, flash=attn == "flash",
+                                paged=attn == "triton")
+        self.cache: KVCache = self.state.kv  # rows of the attention layers only (state.row(l))
+        self.linear_attn = pick_delta_backend(linear_attn, dev) if config.num_linear_layers else "none"
+        self.delta_shape = DeltaShape(config.linear_num_key_heads, config.linear_num_value_heads,
+                                      config.linear_key_head_dim, config.linear_value_head_dim,
+                                      config.linear_conv_kernel, config.rms_norm_eps)
         self.groups = config.num_heads // config.num_kv_heads
+        self.route_rule = route_rule(config)
+        # per-layer attention window: ModelConfig.extra["layer_types"] (gpt-oss) mixes sliding and full layers
+        types = config.extra.get("layer_types")
+        self.mixed_windows = bool(types) and config.sliding_window is not None
+        self.layer_sliding = [t == "sliding_attention" for t in types] if self.mixed_windows else \
+            [config.sliding_window is not None] * config.num_layers
+        if attn in ("flash", "triton") and any(lw.attn is not None and lw.attn.sinks is not None for lw in self.layers):
+            raise ValueError("attention sinks (gpt-oss) run on the sdpa path only: use --attn sdpa")
         self.fp32_route_weights = config.family in FP32_ROUTE_WEIGHTS
         if kernels and not moe_gpu.kernels_enabled(dev):
             raise ValueError(f"kernels=True needs a CUDA device and Triton; device is {dev}")
@@ -179,9 +271,26 @@ class Transformer:
         if start + T > self.max_context:
             raise ValueError(f"positions {start}..{start + T - 1} exceed max_context={self.max_context}: "
                              "raise --max-context or shorten the prompt")
-        plan = plan_eager(self.rope, start, T, groups=self.groups, window=self.config.sliding_window,
-                          paged=self.attn == "triton")
+        if start == 0:
+            self.state.reset()
+        if self.mixed_windows:  # full layers read the whole prefix, sliding ones their window (sinks: SDPA path)
+            plan = plan_eager(self.rope, start, T, groups=self.groups, window=None)
+            slide = plan_eager(self.rope, start, T, groups=self.groups, window=self.config.sliding_window)
+            plan = dataclasses.replace(plan, sliding=slide)
+        else:
+            plan = plan_eager(self.rope, start, T, groups=self.groups, window=self.config.sliding_window,
+                              paged=self.attn == "triton")
         return self._run(tokens, plan, all_logits)
+
+    @contextmanager
+    def preserve_state(self) -> Iterator[None]:
+        """Run steps that must leave no trace in the sequence state (CUDA-graph warm-ups execute the step): the
+        DeltaNet state is restored on exit; KV rows need nothing, the real step rewrites its position."""
+        snap = self.state.snapshot()
+        try:
+            yield
+        finally:
+            self.state.restore(snap)
 
     def _run(self, tokens: Tensor, plan: StepPlan, all_logits: bool) -> Tensor:
         h = F.embedding(tokens, self.embed)  # [T, D]
@@ -196,15 +305,26 @@ class Transformer:
     def attend_route(self, l: int, h: Tensor, plan: StepPlan) -> Routed:
         """Layer l up to its router: h [T, D] entering layer l -> Routed (h after attention, norm, top-k)."""
         cfg, lw = self.config, self.layers[l]
-        h = h + attention(rms_norm(h, lw.attn_norm, cfg.rms_norm_eps), lw.attn, self.cache, l, plan, cfg,
-                          backend=self.attn)
+        if plan.sliding is not None and self.layer_sliding[l]:
+            plan = plan.sliding
+        h = h + self.mix(l, rms_norm(h, lw.attn_norm, cfg.rms_norm_eps), plan)
         x = rms_norm(h, lw.mlp_norm, cfg.rms_norm_eps)
         logits, ids, wts = self._route(l, x, plan)
         return Routed(h, x, logits, ids, wts)
 
+    def mix(self, l: int, x: Tensor, plan: StepPlan) -> Tensor:
+        """Layer l's token mixer over x [T, D] (normed): attention over its KV rows, or Gated DeltaNet over its
+        conv and recurrent state (which take no positions: the order of calls is the order of tokens)."""
+        lw, row = self.layers[l], self.state.row(l)
+        if lw.linear is not None:
+            lin = self.state.linear
+            return deltanet(x, lw.linear, self.delta_shape, lin.conv[row], lin.recurrent[row], backend=self.linear_attn)
+        return attention(x, lw.attn, self.cache, row, plan, self.config, backend=self.attn)
+
     def _route_own(self, l: int, x: Tensor, plan: StepPlan) -> tuple[Tensor, Tensor, Tensor]:
         cfg = self.config
-        return route(x, self.layers[l].moe.router, cfg.top_k, cfg.norm_topk_prob)
+        moe = self.layers[l].moe
+        return route(x, moe.router, cfg.top_k, cfg.norm_topk_prob, bias=moe.router_bias, rule=self.route_rule)
 
     def _route_replayed(self, l: int, x: Tensor, plan: StepPlan) -> tuple[Tensor, Tensor, Tensor]:
         """The override's rows for host positions; static (device-position) plans route on the device and the
@@ -264,6 +384,10 @@ class Transformer:
         ignore the span)."""
         cos = self.rope.cos.index_select(0, pos)  # [1, hd]
         sin = self.rope.sin.index_select(0, pos)
+        if self.mixed_windows:  # sinks models run on the SDPA path (checked at construction)
+            full = attn_mask(pos, 0, span, window=None, groups=self.groups)
+            slide = attn_mask(pos, 0, span, window=self.config.sliding_window, groups=self.groups)
+            return StepPlan(cos, sin, pos, 0, span, full, sliding=StepPlan(cos, sin, pos, 0, span, slide))
         if self.one_graph:
             lengths = (pos + 1).to(torch.int32) if self.attn == "triton" else None
             seqlens = pos.to(torch.int32) if self.attn == "flash" else None

@@ -62,9 +62,10 @@ def estimate_dense_bytes(layout: Any, dtype: torch.dtype) -> int:
 
 
 def estimate_kv_bytes(cfg: Any, max_context: int, dtype: torch.dtype) -> int:
-    """K and V of every layer for max_context positions."""
+    """The sequence state (model/state.py): K and V of the attention layers for max_context positions, plus the
+    fixed conv and recurrent state of the DeltaNet layers."""
     size = torch.empty((), dtype=dtype).element_size()
-    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * max_context * size
+    return cfg.kv_bytes_per_token(size) * max_context + cfg.state_bytes_per_sequence(size)
 
 
 def estimate_scratch_bytes(cfg: Any, block_size: int, dtype: torch.dtype, prefill_chunk: int = PREFILL_CHUNK) -> int:

@@ -37,6 +37,9 @@ class ExpertWeights:
     gate: torch.Tensor | QuantWeight  # [S, F, D]
     up: torch.Tensor | QuantWeight  # [S, F, D]
     down: torch.Tensor | QuantWeight  # [S, D, F]
+    gate_bias: torch.Tensor | None = None  # [S, F] (gpt-oss; biases are never quantized)
+    up_bias: torch.Tensor | None = None  # [S, F]
+    down_bias: torch.Tensor | None = None  # [S, D]
 
 
 def expert_views(pool: torch.Tensor, specs: tuple[TensorSpec, ...] | list[TensorSpec]) -> ExpertWeights:
@@ -49,7 +52,8 @@ def expert_views(pool: torch.Tensor, specs: tuple[TensorSpec, ...] | list[Tensor
         raw = pool[:, s.offset:s.offset + s.nbytes]  # [S, nbytes], row stride = block_size
         views[s.name] = raw.view(dt).view(pool.shape[0], *s.shape)
     w = {s.role: assemble(s.name, s.quant, views) for s in specs if s.role in ("gate", "up", "down")}
-    return ExpertWeights(w["gate"], w["up"], w["down"])
+    b = {s.role: views[s.name] for s in specs if s.role in ("gate_bias", "up_bias", "down_bias")}
+    return ExpertWeights(w["gate"], w["up"], w["down"], b.get("gate_bias"), b.get("up_bias"), b.get("down_bias"))
 
 
 def _readonly_frombuffer(buf, dtype: torch.dtype) -> torch.Tensor:
@@ -167,7 +171,9 @@ def size_summary(cfg: ModelConfig, block_size: int | None, dense_params: int, de
     """Parameter and byte counts shared by `inspect` on layouts and checkpoints.
 
     "active" parameters count everything a token touches: all dense weights (embeddings, lm_head,
-    attention, norms, routers, shared experts) plus top_k routed experts in every layer.
+    attention or DeltaNet, norms, routers, shared experts) plus top_k routed experts in every layer.
+    The KV cache grows by `kv_cache_bytes_per_token` per token (attention layers only); DeltaNet layers
+    keep `linear_state_bytes_per_sequence`, whatever the context length.
     """
     c = cfg
     expert_total = c.num_layers * c.num_experts * c.expert_params
@@ -179,4 +185,8 @@ def size_summary(cfg: ModelConfig, block_size: int | None, dense_params: int, de
         "active_expert_bytes_per_token": c.num_layers * c.top_k * expert_bytes,
         "expert_bytes": c.num_layers * c.num_experts * expert_bytes,
         "dense_bytes": dense_bytes,
+        # per-sequence state, at 2-byte (bf16) KV and conv entries; the DeltaNet recurrent state is fp32
+        "layer_kinds": {k: sum(c.layer_kind(l) == k for l in range(c.num_layers)) for k in ("attention", "linear")},
+        "kv_cache_bytes_per_token": c.kv_bytes_per_token(2),
+        "linear_state_bytes_per_sequence": c.state_bytes_per_sequence(2),
     }

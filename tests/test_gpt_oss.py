@@ -1,0 +1,257 @@
+"""gpt-oss against transformers (the oracle): a tiny random checkpoint with random biases and sinks, fp32 CPU.
+
+Covers: prefill and incremental decode logits, a prompt longer than the sliding window in several prefill chunks,
+the graph-capturable static step (mixed sliding/full masks), the repack of fused 3-D experts and of MXFP4
+experts with synthetic scales, the routing rule, and greedy decoding at the minimum slot count.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import tiny_config
+from tiered.layout.fused import mxfp4_dequant, mxfp4_quant
+from tiered.layout.repack import repack
+from tiered.model.routing import topk_softmax
+from tiered.model.transformer import Transformer
+from tiered.store.disk import Layout
+from tiered.store.resident import ResidentExperts
+
+TOL = 1e-4  # CONTRACTS: ||a-b|| / ||b|| on fp32 logits
+WINDOW = 6  # tiny_config's sliding window
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def make_gpt_oss(path: Path, *, seed: int = 1, **overrides):
+    """A tiny gpt-oss saved with save_pretrained; biases and sinks random (transformers inits them to zero or
+    near it, which would test nothing), swiglu_limit small enough that the clamp bites."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    cfg = tiny_config("gpt_oss", **{"swiglu_limit": 0.15, **overrides})
+    model = tf.AutoModelForCausalLM.from_config(cfg).float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or name.endswith("sinks"):
+                p.normal_(0.0, 0.5 if name.endswith("sinks") else 0.05)
+    model.save_pretrained(path)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gpt_oss")
+    ref = make_gpt_oss(root / "ck")
+    repack(root / "ck", root / "layout", progress=False)
+    layout = Layout.open(root / "layout")
+    return ref, layout, ResidentExperts.from_layout(layout), root
+
+
+def ours(layout, provider, max_context: int = 64) -> Transformer:
+    return Transformer(layout.config, layout.dense(), provider, device="cpu", dtype=torch.float32,
+                       max_context=max_context, attn="sdpa")
+
+
+def prompt(n: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def theirs(ref, ids):
+    with torch.no_grad():
+        return ref(ids[None]).logits[0]
+
+
+def test_config_normalised(pair):
+    _, layout, _, _ = pair
+    c = layout.config
+    assert c.family == "gpt_oss" and c.sliding_window == WINDOW and c.attn_bias
+    assert c.extra["layer_types"] == ["sliding_attention", "full_attention", "sliding_attention"]
+    assert c.extra["router"] == "topk_softmax" and c.extra["swiglu_limit"] == 0.15
+    assert c.rope_scaling["rope_type"] == "yarn"
+
+
+@pytest.mark.parametrize("T", [1, 7, 20])
+def test_logits_match_transformers(pair, T):
+    """Prefill logits within 1e-4; T = 20 is past the sliding window of 6."""
+    ref, layout, prov, _ = pair
+    ids = prompt(T, layout.config.vocab_size, seed=T)
+    a = ours(layout, prov).forward(ids, 0, all_logits=True)
+    r = rel(a, theirs(ref, ids))
+    print(f"gpt_oss prefill T={T}: rel {r:.2e}")
+    assert r <= TOL, f"T={T}: rel err {r:.2e}"
+
+
+def test_incremental_decode_and_chunks(pair):
+    """Prefill in chunks (5 + 3 + 4), then one-token steps to position 29: every logit row within 1e-4."""
+    ref, layout, prov, _ = pair
+    ids = prompt(30, layout.config.vocab_size, seed=3)
+    full = theirs(ref, ids)
+    m = ours(layout, prov)
+    rows = [m.forward(ids[0:5], 0, all_logits=True), m.forward(ids[5:8], 5, all_logits=True),
+            m.forward(ids[8:12], 8, all_logits=True)]
+    rows += [m.forward(ids[i:i + 1], i) for i in range(12, 30)]
+    r = rel(torch.cat(rows), full)
+    print(f"gpt_oss chunks + decode: rel {r:.2e}")
+    assert r <= TOL, f"rel err {r:.2e}"
+
+
+def test_window_and_sinks_are_exercised(pair):
+    """The same weights with no sinks, or with every layer full, give different logits past the window."""
+    ref, layout, prov, _ = pair
+    ids = prompt(20, layout.config.vocab_size, seed=4)
+    base = ours(layout, prov).forward(ids, 0, all_logits=True)
+    dense = dict(layout.dense())
+    no_sinks = {k: (torch.full_like(v, -1e4) if k.endswith("sinks") else v) for k, v in dense.items()}
+    m = Transformer(layout.config, no_sinks, prov, device="cpu", dtype=torch.float32, max_context=64)
+    assert rel(m.forward(ids, 0, all_logits=True), base) > 1e-3
+    import dataclasses
+    cfg = dataclasses.replace(layout.config, extra={**layout.config.extra,
+                                                     "layer_types": ["full_attention"] * 3})
+    m = Transformer(cfg, dense, prov, device="cpu", dtype=torch.float32, max_context=64)
+    got = m.forward(ids, 0, all_logits=True)
+    assert rel(got[:WINDOW], base[:WINDOW]) < 1e-6 and rel(got[WINDOW:], base[WINDOW:]) > 1e-4
+
+
+def test_static_decode_step_matches_eager(pair):
+    """The graph-capturable step (device position, fixed span, sliding and full masks) equals the eager step."""
+    _, layout, prov, _ = pair
+    ids = prompt(24, layout.config.vocab_size, seed=11)
+    eager, static = ours(layout, prov), ours(layout, prov)
+    eager.forward(ids[:12], 0)
+    static.forward(ids[:12], 0)
+    for i in range(12, 24):
+        a = eager.forward(ids[i:i + 1], i)
+        with torch.inference_mode():
+            b = static.decode_static(ids[i:i + 1], torch.tensor([i]), 32)
+        assert rel(b, a) < 1e-6, f"pos {i}"
+
+
+def test_topk_softmax_rule():
+    """Top-k on the logits, then softmax over those k only."""
+    logits = torch.tensor([[0.1, 2.0, -1.0, 1.5], [3.0, 0.0, 0.0, -2.0]])
+    ids, w = topk_softmax(logits, 2, True)
+    assert ids.tolist() == [[1, 3], [0, 1]] or ids.tolist() == [[1, 3], [0, 2]]
+    assert torch.allclose(w[0], torch.softmax(torch.tensor([2.0, 1.5]), 0))
+
+
+def test_fused_experts_repack_round_trip(pair):
+    """Every expert block holds gate/up de-interleaved from gate_up_proj [E, D, 2F], down = down_proj[e].T and
+    the split biases, bit for bit."""
+    _, layout, prov, root = pair
+    sd = load_file(str(root / "ck" / "model.safetensors"))
+    W, E = prov.weights, layout.config.num_experts
+    for l in range(layout.config.num_layers):
+        p = f"model.layers.{l}.mlp.experts."
+        gu, gub, dn, dnb = sd[p + "gate_up_proj"], sd[p + "gate_up_proj_bias"], sd[p + "down_proj"], sd[p + "down_proj_bias"]
+        for e in range(E):
+            s = l * E + e
+            assert torch.equal(W.gate[s], gu[e][:, 0::2].t()) and torch.equal(W.up[s], gu[e][:, 1::2].t())
+            assert torch.equal(W.down[s], dn[e].t())
+            assert torch.equal(W.gate_bias[s], gub[e][0::2]) and torch.equal(W.up_bias[s], gub[e][1::2])
+            assert torch.equal(W.down_bias[s], dnb[e])
+
+
+def test_mxfp4_dequant_matches_reference():
+    """mxfp4_dequant against a plain per-value loop over codes and scales (synthetic, every code and a range of
+    scales), and quant -> dequant is exact on values that are representable."""
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (3, 2, 16), dtype=torch.uint8, generator=g)
+    scales = torch.randint(120, 135, (3, 2), dtype=torch.uint8, generator=g)
+    vals = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
+    want = torch.empty(3, 64)
+    for r in range(3):
+        for gi in range(2):
+            for b in range(16):
+                byte = int(blocks[r, gi, b])
+                for j, code in enumerate((byte & 15, byte >> 4)):
+                    want[r, gi * 32 + 2 * b + j] = vals[code] * 2.0 ** (int(scales[r, gi]) - 127)
+    got = mxfp4_dequant(blocks, scales)
+    assert torch.equal(got, want)
+    b2, s2 = mxfp4_quant(got)
+    assert torch.equal(mxfp4_dequant(b2, s2), got)
+
+
+def test_mxfp4_checkpoint_repacks_dequantized(pair, tmp_path):
+    """A gpt-oss checkpoint whose experts are MXFP4 (*_blocks, *_scales, written here from the fp32 model with
+    synthetic power-of-two scales) repacks into blocks equal to the reference dequantization, and the model
+    built from it matches transformers run on the same dequantized weights."""
+    ref, layout, _, root = pair
+    src = root / "ck"
+    ck = tmp_path / "mx"
+    ck.mkdir()
+    sd = load_file(str(src / "model.safetensors"))
+    out, deq = {}, {}
+    for k, v in sd.items():
+        if k.endswith("experts.gate_up_proj") or k.endswith("experts.down_proj"):
+            E = v.shape[0]
+            rows = v.transpose(1, 2)  # [E, out, in] as the published checkpoints store them
+            bl, sc = zip(*(mxfp4_quant(rows[e]) for e in range(E)))
+            out[k + "_blocks"] = torch.stack(bl).reshape(E, rows.shape[1], -1, 16)
+            out[k + "_scales"] = torch.stack(sc)
+            deq[k] = torch.stack([mxfp4_dequant(b.reshape(b.shape[0], -1, 16), s) for b, s in zip(bl, sc)]).transpose(1, 2)
+        else:
+            out[k] = v
+    save_file(out, str(ck / "model.safetensors"), metadata={"format": "pt"})
+    for name in ("config.json", "generation_config.json"):
+        if (src / name).is_file():
+            (ck / name).write_text((src / name).read_text())
+    repack(ck, tmp_path / "layout", progress=False)
+    lay = Layout.open(tmp_path / "layout")
+    prov = ResidentExperts.from_layout(lay)
+    E = lay.config.num_experts
+    gu = deq["model.layers.1.mlp.experts.gate_up_proj"]
+    assert torch.equal(prov.weights.gate[E + 2].float(), gu[2][:, 0::2].t())
+    assert lay.tensor_specs[0].dtype == "float32"  # the source's float dtype (no --dtype given)
+    import copy
+    ref2 = copy.deepcopy(ref)  # transformers on the dequantized weights
+    ref2.load_state_dict({k: deq.get(k, v) for k, v in ref.state_dict().items()})
+    ids = prompt(12, lay.config.vocab_size, seed=5)
+    a = ours(lay, prov).forward(ids, 0, all_logits=True)
+    r = rel(a, theirs(ref2, ids))
+    print(f"gpt_oss mxfp4 repack: rel {r:.2e}")
+    assert r <= TOL
+
+
+def test_greedy_at_minimum_slots_equals_unlimited(pair):
+    """Greedy tokens through the expert cache with expert_slots = top-k equal the all-resident run."""
+    from tiered.engine import load
+
+    _, layout, _, root = pair
+    ids = prompt(10, layout.config.vocab_size, seed=9).tolist()
+    full = load(root / "layout", device="cpu", max_context=64).generate(ids, max_new_tokens=12, stop_at_eos=False)
+    eng = load(root / "layout", device="cpu", max_context=64, budget={"expert_slots": layout.config.top_k})
+    got = eng.generate(ids, max_new_tokens=12, stop_at_eos=False)
+    assert got.token_ids == full.token_ids
+    assert eng.stats["expert_slots"] == layout.config.top_k
+
+
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+def test_quantized_experts_keep_biases(pair, tmp_path, fmt):
+    """--experts q8/q4 on gpt-oss's fused experts: gate/up/down are stored quantized (their dequantization
+    within the format's error of the canonical tensors), the biases unquantized and exact, and the model
+    (clamped SwiGLU with biases over QuantWeight pools, prefill and one-token decode) stays near transformers."""
+    from tiered.layout.quant import QuantWeight
+
+    ref, layout, prov, root = pair
+    repack(root / "ck", tmp_path / "q", experts=fmt, dense=fmt, progress=False)
+    lay = Layout.open(tmp_path / "q")
+    qp = ResidentExperts.from_layout(lay)
+    W, B = qp.weights, prov.weights
+    assert isinstance(W.gate, QuantWeight) and isinstance(W.down, QuantWeight)
+    for n in ("gate_bias", "up_bias", "down_bias"):
+        assert torch.equal(getattr(W, n).float(), getattr(B, n).float()), n
+    for n in ("gate", "up", "down"):
+        r = rel(getattr(W, n).dequantize(torch.float32), getattr(B, n).float())
+        assert r < (0.02 if fmt == "q8" else 0.2), f"{n}: rel {r:.2e}"
+    ids = prompt(9, lay.config.vocab_size, seed=4)
+    m = ours(lay, qp)
+    rows = torch.cat([m.forward(ids[:6], 0, all_logits=True)] + [m.forward(ids[i:i + 1], i) for i in range(6, 9)])
+    r = rel(rows, theirs(ref, ids))
+    print(f"gpt_oss --experts {fmt}: rel {r:.2e}")
+    assert r < (0.05 if fmt == "q8" else 0.5)

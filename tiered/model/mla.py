@@ -1,0 +1,124 @@
+"""Multi-head latent attention (DeepSeek-V3) over a cache of compressed latents.
+
+Owns: `MLAWeights`, `MLACache` (per layer and position: the normed latent c [R] and the roped shared key k_r
+[dr], R = kv_lora_rank, dr = qk_rope_head_dim: (R + dr) values per token instead of 2*H*hd), `mla_softmax_scale`
+and `mla_attention` with two paths over the same cache: `expanded` (the latents of the span go through kv_b into
+per-head keys and values, as transformers computes it: for prefill) and `absorbed` (kv_b's key half is folded
+into the query and its value half applied after the weighted sum of latents, so no per-head key or value is
+formed: for decode). Does not own: the decoder loop (transformer.py) nor the routing.
+
+Status: tested against transformers' DeepseekV3Attention module (tests/test_mla.py); not yet wired into
+Transformer (DeepSeek-V3's dense first layers need the expert store to skip them).
+
+Legend: T tokens in this call, S cache positions read, H heads, D hidden, Rq q_lora_rank, R kv_lora_rank,
+dn qk_nope_head_dim, dr qk_rope_head_dim, dv v_head_dim.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from tiered.model.layers import StepPlan, apply_rope, rms_norm
+
+
+@dataclass(frozen=True)
+class MLADims:
+    heads: int  # H
+    q_lora_rank: int | None  # Rq, None = a full q projection
+    kv_lora_rank: int  # R
+    nope: int  # dn
+    rope: int  # dr
+    v: int  # dv
+    interleave: bool  # rotary pairs are (x0, x1), (x2, x3), ... (DeepSeek's checkpoints)
+    eps: float
+
+
+@dataclass(frozen=True)
+class MLAWeights:
+    q_a: Tensor | None  # [Rq, D]
+    q_a_norm: Tensor | None  # [Rq]
+    q_b: Tensor  # [H*(dn+dr), Rq], or [H*(dn+dr), D] when q_a is None
+    kv_a: Tensor  # [R+dr, D]
+    kv_a_norm: Tensor  # [R]
+    kv_b: Tensor  # [H*(dn+dv), R]
+    o: Tensor  # [D, H*dv]
+
+
+@dataclass(frozen=True)
+class MLACache:
+    latent: Tensor  # [L, S, R] normed latents
+    k_rope: Tensor  # [L, S, dr] roped shared keys
+
+    @classmethod
+    def allocate(cls, layers: int, max_context: int, dims: MLADims, *, device: torch.device,
+                 dtype: torch.dtype) -> "MLACache":
+        return cls(torch.zeros(layers, max_context, dims.kv_lora_rank, device=device, dtype=dtype),
+                   torch.zeros(layers, max_context, dims.rope, device=device, dtype=dtype))
+
+    def bytes_per_token(self) -> int:
+        return (self.latent.shape[-1] + self.k_rope.shape[-1]) * self.latent.element_size() * self.latent.shape[0]
+
+
+def mla_softmax_scale(dims: MLADims, rope_scaling: dict[str, Any] | None) -> float:
+    """(dn+dr)^-0.5, times mscale(factor, mscale_all_dim)^2 under YaRN with mscale_all_dim (transformers' rule)."""
+    s = (dims.nope + dims.rope) ** -0.5
+    if rope_scaling and rope_scaling.get("rope_type", "default") != "default" and rope_scaling.get("mscale_all_dim"):
+        f = rope_scaling["factor"]
+        m = 1.0 if f <= 1 else 0.1 * rope_scaling["mscale_all_dim"] * math.log(f) + 1.0
+        s = s * m * m
+    return s
+
+
+def _rope(x: Tensor, cos: Tensor, sin: Tensor, interleave: bool) -> Tensor:
+    """x [T, n, dr]; interleaved pairs are first gathered as [evens, odds], which is what transformers' interleaved
+    form computes."""
+    if interleave:
+        x = torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
+    return apply_rope(x, cos, sin)
+
+
+def mla_attention(x: Tensor, w: MLAWeights, cache: MLACache, layer: int, plan: StepPlan, dims: MLADims,
+                  scale: float, *, absorbed: bool) -> Tensor:
+    """x [T, D] (normed) -> [T, D]; writes this call's latents and rope keys at the plan's positions.
+    plan.mask is [T, S] (built with groups = 1) or None."""
+    T = x.shape[0]
+    H, R, dn, dr, dv = dims.heads, dims.kv_lora_rank, dims.nope, dims.rope, dims.v
+    if w.q_a is not None:
+        q = F.linear(rms_norm(F.linear(x, w.q_a), w.q_a_norm, dims.eps), w.q_b)
+    else:
+        q = F.linear(x, w.q_b)
+    q = q.view(T, H, dn + dr)
+    q_nope, q_rot = q[..., :dn], _rope(q[..., dn:], plan.cos, plan.sin, dims.interleave)  # [T, H, dn], [T, H, dr]
+    ckv = F.linear(x, w.kv_a)  # [T, R+dr]
+    c = rms_norm(ckv[:, :R], w.kv_a_norm, dims.eps)  # [T, R]
+    k_rot = _rope(ckv[:, None, R:], plan.cos, plan.sin, dims.interleave)[:, 0]  # [T, dr]
+    lat, kr = cache.latent[layer], cache.k_rope[layer]  # [S, R], [S, dr]
+    if isinstance(plan.write_at, int):
+        lat[plan.write_at:plan.write_at + T] = c
+        kr[plan.write_at:plan.write_at + T] = k_rot
+    else:
+        lat.index_copy_(0, plan.write_at, c)
+        kr.index_copy_(0, plan.write_at, k_rot)
+    cs, ks = lat[plan.read_lo:plan.read_hi], kr[plan.read_lo:plan.read_hi]  # [S, R], [S, dr]
+    kv_b = w.kv_b.view(H, dn + dv, R)
+    rope_scores = torch.einsum("thd,sd->hts", q_rot, ks)  # [H, T, S]
+    if absorbed:
+        q_lat = torch.einsum("thd,hdr->htr", q_nope, kv_b[:, :dn])  # [H, T, R]
+        s = (torch.matmul(q_lat, cs.t()) + rope_scores) * scale
+    else:
+        kv = F.linear(cs, w.kv_b).view(-1, H, dn + dv)  # [S, H, dn+dv]
+        s = (torch.einsum("thd,shd->hts", q_nope, kv[..., :dn]) + rope_scores) * scale
+    if plan.mask is not None:
+        s = s.masked_fill(~plan.mask[None], float("-inf"))
+    p = torch.softmax(s, dim=-1, dtype=torch.float32).to(x.dtype)  # [H, T, S]
+    if absorbed:
+        o = torch.einsum("hts,sr->htr", p, cs)  # [H, T, R]
+        o = torch.einsum("htr,hvr->thv", o, kv_b[:, dn:])  # [T, H, dv]
+    else:
+        o = torch.einsum("hts,shv->thv", p, kv[..., dn:])
+    return F.linear(o.reshape(T, H * dv), w.o)
