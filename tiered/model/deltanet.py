@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tiered.kernels import cuda_library_imports
+
 CHUNK = 64  # chunk length of the chunked form (fla's and transformers' choice)
 BACKENDS = ("auto", "fla", "torch")
 
@@ -136,13 +138,8 @@ def chunk_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Ten
 
 def fla_available(device: torch.device) -> bool:
     """True when flash-linear-attention's gated delta rule kernels import on this (CUDA) device."""
-    if device.type != "cuda":
-        return False
-    try:
-        from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule  # noqa: F401
-    except Exception:  # ImportError, or a wheel built for another torch/triton
-        return False
-    return True
+    return cuda_library_imports(device, "fla.ops.gated_delta_rule", "chunk_gated_delta_rule",
+                                "fused_recurrent_gated_delta_rule")
 
 
 def pick_delta_backend(requested: str, device: torch.device) -> str:

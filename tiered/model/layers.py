@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tiered.kernels import cuda_library_imports
 from tiered.kernels.quant_moe import qlinear as linear
 from tiered.layout.config import ModelConfig
 from tiered.model.rope import ROPE_TYPES, inv_freq_and_scale, rope_kind
@@ -300,13 +301,7 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, cache: KVCache, layer: int, plan: Ste
 
 def flash_available(device: torch.device) -> bool:
     """True when flash-attn's kvcache kernel can be used on this device."""
-    if device.type != "cuda":
-        return False
-    try:
-        from flash_attn import flash_attn_with_kvcache  # noqa: F401
-    except Exception:  # ImportError, or a wheel built for another torch/CUDA
-        return False
-    return True
+    return cuda_library_imports(device, "flash_attn", "flash_attn_with_kvcache")
 
 
 def triton_attention_available(device: torch.device) -> bool:
