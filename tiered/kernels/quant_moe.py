@@ -50,6 +50,7 @@ except ImportError:  # the CPU runtime does not need Triton
 
 FUSED_FORMATS = {"q8": 0, "q4": 1, "mxfp4": 2, "fp8": 3}  # the kernels' FMT (4: fp8 decoded from bits)
 MAX_ROWS = 16  # above this many rows a dense matmul over the dequantized weight wins
+MAX_STEPS = 32  # a row's groups are walked in at most this many (unrolled) steps: BG grows for long rows
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,11 @@ TUNED: dict[tuple, QConfig] = {
 def pick_config(kernel: str, fmt: str, k: int, n: int) -> QConfig:
     """The tile config for `kernel` over a [n, k] matrix (per expert) in `fmt`."""
     return TUNED.get((kernel, fmt, k, n)) or TUNED[(kernel, fmt)]
+
+
+def _bg(cfg: QConfig, w: QuantWeight) -> int:
+    """Groups per step: the config's, or more for rows longer than MAX_STEPS steps."""
+    return max(cfg.bg, triton.next_power_of_2(-(-w.scale.shape[-1] // MAX_STEPS)))
 
 
 def _geometry(w: QuantWeight) -> dict:
@@ -295,7 +301,7 @@ def quant_matvec(x: Tensor, w: QuantWeight, slots: Tensor | None = None, *, out_
     sl = slots if w.lead else out  # an unused pointer when there are no slots
     qgemv = _kernels()[0]
     qgemv[(triton.cdiv(n, cfg.bn), T)](x, sl, _codes(w), w.scale, m, out, n, x.stride(0), *_strides(w), out.stride(0),
-                                      **_geometry(w), BN=cfg.bn, BG=cfg.bg, CONV=cfg.conv,
+                                      **_geometry(w), BN=cfg.bn, BG=_bg(cfg, w), CONV=cfg.conv,
                                       HAS_SLOTS=bool(w.lead), num_warps=cfg.warps)
     return out
 
@@ -324,7 +330,7 @@ def quant_gate_up(x: Tensor, slots: Tensor, gate: QuantWeight, up: QuantWeight,
     um = up.min if up.min is not None else up.scale
     _kernels()[1][(triton.cdiv(Fe, cfg.bn), T * K)](
         x, flat, _codes(gate), gate.scale, gm, _codes(up), up.scale, um, h, x.stride(0), *_strides(gate), F=Fe, K=K,
-        **_geometry(gate), BN=cfg.bn, BG=cfg.bg, CONV=cfg.conv, num_warps=cfg.warps)
+        **_geometry(gate), BN=cfg.bn, BG=_bg(cfg, gate), CONV=cfg.conv, num_warps=cfg.warps)
     return h
 
 
@@ -343,7 +349,7 @@ def quant_down(h: Tensor, slots: Tensor, weights: Tensor, down: QuantWeight, dty
     dm = down.min if down.min is not None else down.scale
     _kernels()[2][(triton.cdiv(D, cfg.bn), T * split)](
         h, flat, wts, _codes(down), down.scale, dm, y, *_strides(down), y.stride(0), D=D, K=K, K_PER=K // split,
-        SPLIT=split, **_geometry(down), BN=cfg.bn, BG=cfg.bg, CONV=cfg.conv, num_warps=cfg.warps)
+        SPLIT=split, **_geometry(down), BN=cfg.bn, BG=_bg(cfg, down), CONV=cfg.conv, num_warps=cfg.warps)
     return y if split == 1 else y.to(dtype)
 
 
