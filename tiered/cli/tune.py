@@ -117,6 +117,7 @@ def sweep_prefetch(trace: Any, predictor: Any, slots_per_layer: int, budgets: tu
 @click.command("tune", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-m", "--model", "model", metavar="PATH", default=None,
               help="Layout or Hugging Face checkpoint directory the trace came from (default: the embedded model).")
+@click.option("--revision", default=None, help="Branch, tag or commit of a Hugging Face model id.")
 @click.option("--trace", "trace_path", type=click.Path(path_type=Path, dir_okay=False, exists=True), required=True,
               help="Trace to tune on (tiered trace); not the text the predictors were fitted on.")
 @click.option("--fit-trace", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
@@ -141,7 +142,7 @@ def sweep_prefetch(trace: Any, predictor: Any, slots_per_layer: int, budgets: tu
 @click.option("--prefetch-depth", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--prefetch-budget", type=click.IntRange(min=0), default=None,
               help="Also evaluate this prefetch budget.")
-def tune(model, trace_path, fit_trace, params_path, cache_fraction, max_tokens, h2d_gbps, compute_ms, as_json, plot,
+def tune(model, revision, trace_path, fit_trace, params_path, cache_fraction, max_tokens, h2d_gbps, compute_ms, as_json, plot,
          vram_gb, expert_slots, ram_gb, io, policy, prefetch_depth, prefetch_budget) -> None:
     """Sweep predictors, demand policies and prefetch budgets over TRACE and recommend a setting.
 
@@ -157,7 +158,7 @@ def tune(model, trace_path, fit_trace, params_path, cache_fraction, max_tokens, 
 
     log = (lambda m: click.echo(m, err=True)) if as_json else click.echo
     try:
-        layout = Layout.open(resolve_layout(model))
+        layout = Layout.open(resolve_layout(model, revision))
         tr = load(trace_path)
     except (EngineError, TraceError) as e:
         raise click.UsageError(str(e)) from None
