@@ -27,6 +27,7 @@ from tiered.layout.config import ModelConfig
 from tiered.layout.families import default_model_path
 from tiered.layout.format import DTYPES, MANIFEST
 from tiered.layout.tokenizer import StreamDecoder, Tokenizer
+from tiered.model import cpu_experts
 from tiered.model.layers import pick_backend
 from tiered.model.moe import PrefetchHook, RoutingObserver
 from tiered.model.transformer import RoutingOverride, Transformer
@@ -35,7 +36,7 @@ from tiered.predict.prefetch import Prefetcher, prefetcher_for_layout
 from tiered.store.cache import ExpertCache
 from tiered.store.cache import make_provider as make_cache
 from tiered.store.disk import Layout
-from tiered.store.options import BUDGET_KEYS, PREFILL_CHUNK, BudgetError, TierConfig, default_context
+from tiered.store.options import BUDGET_KEYS, NON_CACHE_KEYS, PREFILL_CHUNK, BudgetError, TierConfig, default_context
 from tiered.store.provider import ExpertProvider
 from tiered.store.resident import ResidentExperts
 
@@ -117,7 +118,7 @@ def make_provider(layout: Any, *, device: torch.device, budget: dict[str, Any] |
         TierConfig.from_flags(budget)  # unknown keys and bad values, before anything is opened
     except BudgetError as e:
         raise EngineError(str(e)) from None
-    if not set(budget) - {"verify"}:  # --verify applies to resident experts too; the other options need the cache
+    if not set(budget) - set(NON_CACHE_KEYS):  # --verify applies to resident experts too; the cache options need it
         return ResidentExperts.from_layout(layout, device=device, verify=budget.get("verify", "first-use"))
     return make_cache(layout, device=device, dtype=dtype, max_context=max_context, state_bytes=state_bytes, **budget)
 
@@ -176,6 +177,7 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
         observer, prefetch_hook = prefetcher, prefetcher.prefetch_hook
     model = Transformer(cfg, layout.dense(), provider, device=dev, dtype=dt, max_context=ctx, attn=backend,
                         observer=observer, prefetch_hook=prefetch_hook, routing=routing, kernels=kernels)
+    cpu_experts.prepare(provider, dt, model.layers[0].moe.act)  # CPU-expert dtype and rate (--cpu-experts)
     tok = Tokenizer.from_dir(layout.path) if layout.tokenizer_path else None
     engine = Engine(model, tok, layout_path=layout.path, cuda_graphs=cuda_graphs and dev.type == "cuda",
                     prefetcher=prefetcher)
@@ -478,8 +480,12 @@ class Engine:
         }
         ps = self.model.provider.stats()
         s.update(ps)
+        s.setdefault("cpu_experts", {"mode": "off", "count": 0, "bytes": 0, "gbps": 0.0})  # resident experts
+        s.setdefault("h2d_gbps_target", None)
+        s["host_s_per_layer"] = None
         if self.decode_mode == "piecewise" and self.pieces is not None:
             s["piecewise"] = self.pieces.stats()  # host time between segments: wait_s (GPU busy), route_s
+            s["host_s_per_layer"] = self.pieces.host_s_per_layer
         if s.get("stall_s") is not None and decode_s > 0:  # the provider's stall time is over decode
             s["stall_share"] = s["stall_s"] / decode_s
         return s
