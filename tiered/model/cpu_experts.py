@@ -8,10 +8,12 @@ model).
 Does not own: which experts go to the CPU (store/cache.py with store/offload.py's cost model), the worker
 thread (store/offload.py), where the partial output is added (moe.expert_mix: after the GPU experts).
 
-The CPU computes in the model's compute dtype on the stored weights: measured on the 2-core CI box with the
-10.6B shape's expert (D 2048, F 768, one thread), bf16 weights computed in bf16 read 11.8 GB/s against 1.5 GB/s
-when converted to fp32 first, and fp32 weights computed in fp32 25.6 GB/s. Quantized blocks are dequantized
-(layout.quant.dense, the reference path) expert by expert.
+The CPU computes in the model's compute dtype on the stored weights. Measured on the 2-core CI box with the
+10.6B shape (D 2048, F 768, a layer's 8 experts, tools/bench_cpu_experts.py): bf16 weights computed in bf16,
+9.6 GB/s on 1 thread and 16.7 GB/s on 2; converting bf16 weights to fp32 first is ~8x slower (one expert:
+1.5 GB/s); fp32 weights in fp32, 17.7 / 36 GB/s. A weight costs the same time in either dtype there, so bf16
+storage computed in bf16 reads twice the bytes per second, and the GPU runs (bf16) keep bf16 on the CPU.
+Quantized blocks are dequantized (layout.quant.dense, the reference path) expert by expert.
 
 Legend: D hidden, K top-k, n experts on the CPU.
 """
@@ -64,7 +66,7 @@ def finish(provider: Any, fut: Future, n: int) -> Tensor:
 def prepare(provider: Any, dtype: torch.dtype, act: ClampedSwiGLU | None = None, *, repeats: int = 3) -> None:
     """At load, for a provider that may send experts to the CPU (`split`): record the CPU dtype and, when it has
     a cost model still without a CPU rate (auto on CUDA), measure one expert's CPU time on the worker (the
-    best of `repeats`, after one warm-up) and set the model's CPU GB/s from it."""
+    best of `repeats`, after one warm-up) and set the model's CPU GB/s from it, and its per-layer overhead."""
     if not getattr(provider, "split", False):
         return
     provider.cpu_dtype = str(dtype).removeprefix("torch.")
@@ -82,3 +84,11 @@ def prepare(provider: Any, dtype: torch.dtype, act: ClampedSwiGLU | None = None,
         if i:
             best = min(best, secs)
     cm.cpu_gbps = provider.block_size / best / 1e9
+    # the fixed cost of a layer's CPU work: the hand-off to the worker and back (best of a few empty round
+    # trips), plus x [1, D] to the host and the partial sum back (two small copies, ~10 us each over PCIe)
+    hop = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        provider.cpu_worker.submit(int).result()
+        hop = min(hop, time.perf_counter() - t0)
+    cm.cpu_overhead_s = hop + (2e-5 if provider.device.type == "cuda" else 0.0)
