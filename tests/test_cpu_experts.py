@@ -220,6 +220,21 @@ def test_pacing_on_cpu(reference_layout, ids):
     assert abs(st["vram"]["gbps"] - target) <= 0.15 * target
 
 
+def test_auto_moves_misses_to_the_cpu_as_the_link_slows(reference_layout, ids, reference_run):
+    """A paced link on a CPU device (emulation): auto's cost model, with the CPU rate probed at load, copies
+    every miss over a fast link and computes misses on the CPU over a slow one; tokens never change."""
+    share = {}
+    for gbps in (1000.0, 0.05):
+        e = _engine(reference_layout, "auto", pieces=True, slots=8, h2d_gbps=gbps)
+        cm = e.model.provider.cost_model
+        assert cm is not None and cm.pcie_gbps == gbps and cm.cpu_gbps > 0  # probed by cpu_experts.prepare
+        toks, outs = _step_logits(e, ids, NEW)
+        assert toks == reference_run[0]
+        d = e.model.provider.stats()
+        share[gbps] = d["cpu_experts"]["count"] / max(1, d["decode"]["misses"])
+    assert share[1000.0] == 0.0 and share[0.05] > 0.5
+
+
 # --- CUDA ---
 @pytest.mark.cuda
 @pytest.mark.parametrize("cpu", ["auto", "all"])

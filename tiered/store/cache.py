@@ -120,10 +120,11 @@ class ExpertCache(HostSlotProvider):
         self.cpu_worker: CpuWorker | None = CpuWorker(self.cpu_threads) if self.split else None
         self.cpu_dtype: str | None = None  # set by the model's CPU-expert code (model/cpu_experts.py)
         # --cpu-experts auto: the cost model. CUDA: the PCIe rate is measured now (or the paced target), the CPU
-        # rate by the model's probe (model/cpu_experts.prepare); a CPU device has no link to save (its device
-        # tier is RAM), so auto places nothing on the CPU there unless a cost model is set (tests).
+        # rate by the model's probe (model/cpu_experts.prepare). A CPU device has no link to save (its device
+        # tier is RAM), so auto places nothing on the CPU there, unless the copies are paced (--h2d-gbps: a
+        # slow link emulated on the CPU) or a cost model is set (tests).
         self.cost_model: CostModel | None = None
-        if self.cpu_mode == "auto" and cuda:
+        if self.cpu_mode == "auto" and (cuda or tiers.h2d_gbps > 0):
             pcie = tiers.h2d_gbps or self.pace.get("h2d_gbps_native") or self.vram.measure_h2d_gbps()
             self.cost_model = CostModel(pcie, 0.0)  # cpu_gbps 0 = "not measured": copy until the probe ran
         self._file_views: Any = None  # ExpertWeights over the whole experts.bin mapping (row = key)
@@ -182,7 +183,10 @@ class ExpertCache(HostSlotProvider):
         weights[row] its host weights (ExpertWeights over the RAM tier or the file mapping, resident until the
         next get()). Their returned slot is `vram.zero_slot`, whose zero weights output exactly 0.
         """
-        ids = expert_ids.tolist() if isinstance(expert_ids, torch.Tensor) else [int(e) for e in expert_ids]
+        if type(expert_ids) is list:  # the piecewise step's host ints
+            ids = expert_ids
+        else:
+            ids = expert_ids.tolist() if isinstance(expert_ids, torch.Tensor) else [int(e) for e in expert_ids]
         n = len(ids)
         if n > self.max_experts_per_call:
             raise ValueError(f"get(layer {layer}) asked for {n} experts at once, more than the "
