@@ -63,11 +63,11 @@ class TierConfig:
     prefetch_depth: int | None = _opt(None, "Layers ahead to prefetch (the predictor's prefetcher)", ("min", 0))
     prefetch_budget: int | None = _opt(None, "Experts prefetched per layer [default: 1.5 x top-k]", ("min", 0))
     cpu_experts: str = _opt("auto", "Decode misses computed on the CPU from the RAM tier: auto (per miss, where it "
-                                    "finishes first: PCIe copy or CPU; on a CPU device this is off), off, or all "
-                                    "(every routed expert on the CPU, like llama.cpp's -ot exps=CPU)",
+                                    "finishes first: PCIe copy or CPU; on a CPU device only with --h2d-gbps), off, "
+                                    "or all (every routed expert on the CPU, like llama.cpp's -ot exps=CPU)",
                             CPU_EXPERT_MODES)
-    cpu_threads: int = _opt(0, "Threads of the CPU-expert worker [default 0: the physical cores, i.e. the usable "
-                               "CPUs / 2 when SMT is on]", ("min", 0))
+    cpu_threads: int = _opt(0, "Threads of the CPU-expert worker (0 = the physical cores: the usable CPUs, halved "
+                               "when SMT is on)", ("min", 0))
     h2d_gbps: float = _opt(0.0, "Benchmark option: pace host->GPU expert copies to this many GB/s (10^9 B/s), "
                                 "emulating a slower PCIe link (0 = unpaced)")
 
