@@ -42,6 +42,31 @@ def test_cost_model_running_rates():
         CostModel(0, 1)
 
 
+def test_hot_and_resident_experts_stay_on_the_device(reference_layout):
+    """auto with a CPU far faster than the link: every cold miss goes to the CPU, but a hit stays in its slot and
+    a miss the predicted-eviction policy scores above the resident floor (it would be kept) is copied."""
+    import numpy as np
+
+    from tiered.store.cache import make_provider
+    from tiered.store.disk import Layout
+
+    lay = Layout.open(reference_layout)
+    c = make_provider(lay, device="cpu", quiet=True, expert_slots=8, policy="predicted", cpu_experts="auto",
+                      cpu_threads=1)
+    c.cost_model = CostModel(1.0, 1000.0, fixed=True)
+    c.get_slots(0, list(range(8)))  # fill the 8 slots with layer 0's experts 0..7 (scores 0)
+    E = lay.config.num_experts
+    scores = np.zeros(E)
+    scores[5] = 10.0
+    c.eviction_scores.set_scores(1, scores)
+    jobs: list = []
+    slots = c.get_slots(0, [3], cpu=jobs) + c.get_slots(1, [5, 6], cpu=jobs)
+    assert slots[0] < 8 and slots[1] < 8  # the hit, and the hot miss copied into a slot
+    assert slots[2] == c.vram.zero_slot == 8  # the cold miss: on the CPU
+    assert [(k, row) for k, _, row in jobs] == [(1, 1 * E + 6)]  # index 1 of the second call; row = file key
+    c.close()
+
+
 # --- options ---
 @pytest.mark.parametrize("kw,msg", [({"cpu_experts": "gpu"}, "--cpu-experts"), ({"cpu_threads": -1}, "--cpu-threads"),
                                     ({"h2d_gbps": -1.0}, "--h2d-gbps"), ({"h2d_gbps": float("nan")}, "--h2d-gbps")])
