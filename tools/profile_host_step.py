@@ -1,8 +1,10 @@
 """Host time per layer of the piecewise decode step on CPU (graphs off): where the per-layer host work goes.
 
     python3 tools/profile_host_step.py [-m LAYOUT] [--budget '{"expert_slots": 16}'] [--tokens 64] [--profile]
-Prints the piecewise step's host seconds per layer (routing, slot lookup, copies, CPU experts: the host work
-between segments, not the segments' compute), and with --profile the top functions of `_route` by own time.
+Prints the piecewise step's host seconds per layer (routing, slot lookup, copy issue: the host work between
+segments, not the segments' compute nor the wait for CPU experts) over a repeat of a warm-up generation (the
+same tokens, so the same experts: hits once the slots hold them), and with --profile the top functions by own
+time. On CPU the copies into slots are synchronous memcpys, so misses count as host time here.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ def main() -> None:
     eng = load(a.model, device="cpu", budget=json.loads(a.budget), max_context=512)
     pw = eng.use_piecewise(graphs=False)
     prompt = list(range(100, 132))
-    eng.generate(prompt, max_new_tokens=8, stop_at_eos=False)
+    eng.generate(prompt, max_new_tokens=a.tokens, stop_at_eos=False)  # the same tokens again below: steady state
     prof = cProfile.Profile() if a.profile else None
     if prof:
         prof.enable()
