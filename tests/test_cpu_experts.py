@@ -184,13 +184,23 @@ def test_all_uses_no_slots_in_decode(reference_layout, ids):
 
 
 def test_ram_tier_blocks_feed_the_cpu(reference_layout, ids, reference_run):
-    """With a RAM tier, CPU experts read its blocks (read from disk on a RAM miss), not the file mapping."""
+    """With a RAM tier, CPU experts read its blocks where they are resident (RAM hits; the file mapping
+    otherwise: nothing is evicted for them); tokens equal the slot path's."""
     bs = 49152
-    e = _engine(reference_layout, "all", pieces=True, slots=8, ram_gb=40 * bs / 2**30)
-    toks, _ = _step_logits(e, ids, NEW)
+    e = _engine(reference_layout, "all", pieces=True, slots=8, ram_gb=300 * bs / 2**30)
+    cache = e.model.provider
+    logits = e.model.forward(torch.tensor(ids), 0)  # prefill streams experts through the RAM tier
+    cache.reset_stats()
+    toks = []
+    for pos in range(len(ids), len(ids) + NEW):
+        tok = int(logits[0].argmax())
+        toks.append(tok)
+        logits = e._step(torch.tensor([tok]), tok, pos)
     assert toks == reference_run[0]
-    st = e.model.provider.stats()
-    assert st["ram"]["hits"] + st["ram"]["misses"] > 0 and st["cpu_experts"]["count"] > 0
+    st = cache.stats()
+    n = st["cpu_experts"]["count"]
+    assert n == NEW * e.config.top_k * e.config.num_layers
+    assert 0 < st["ram"]["hits"] <= n and st["ram"]["misses"] == 0  # decode reads RAM only for CPU experts
 
 
 def test_quantized_experts_on_the_cpu(reference_model, ids, tmp_path):

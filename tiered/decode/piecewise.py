@@ -261,14 +261,14 @@ class PiecewiseDecode:
             slots = get_slots(l, ids_list)
         else:  # a provider without the host API: its device answer, read back
             slots = m.provider.get(l, ids).tolist()
-        hook = m.prefetch_hook
-        if hook is not None and not late:  # with a deferred observer the hook runs after it (_observe_late)
-            hook(l, ids.clone() if self.cuda else ids)  # the host row is rewritten next step: a copy to keep
         self._slot_np[:] = slots
         if self.cuda and not self._inside:
             self.slot_dev.copy_(self.slot_host, non_blocking=True)
-        if fut is not None:
+        if fut is not None:  # before the hook: its prefetches may reuse RAM blocks, never one a CPU job reads
             self._finish_cpu(l, fut, len(jobs))
+        hook = m.prefetch_hook
+        if hook is not None and not late:  # with a deferred observer the hook runs after it (_observe_late)
+            hook(l, ids.clone() if self.cuda else ids)  # the host row is rewritten next step: a copy to keep
         t2 = time.perf_counter()
         self.wait_s += t1 - t0
         self.route_s += t2 - t1

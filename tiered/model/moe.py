@@ -265,12 +265,12 @@ def expert_mix(x: Tensor, ids: Tensor, wts: Tensor, w: MoEWeights, provider: Exp
         from tiered.model import cpu_experts  # imports this module
 
         s, jobs = provider.get_split(layer, ids[0])
-        if prefetch_hook is not None:
-            prefetch_hook(layer, ids[0].cpu())
         fut = cpu_experts.start(provider, x.cpu(), wts[0].cpu(), jobs, w.act, fp32_weights) if jobs else None
         out = one(x, s, wc, provider.weights)
         if fut is not None:
             partial = cpu_experts.finish(provider, fut, len(jobs)).to(x.device)
+        if prefetch_hook is not None:  # after the CPU jobs: its prefetches may reuse the RAM blocks they read
+            prefetch_hook(layer, ids[0].cpu())
     elif x.shape[0] == 1:
         s = provider.get(layer, ids[0])
         if prefetch_hook is not None:

@@ -278,22 +278,23 @@ class ExpertCache(HostSlotProvider):
         return [i for i, c in zip(miss, where) if c]
 
     def _host_blocks(self, layer: int, keys: list[int], idx: list[int], t: int, pinned: set[int], out: list) -> None:
-        """The host weights of CPU-computed experts: from the RAM tier (read from disk first on a RAM miss), or
-        the verified mapping when there is no RAM tier. Appends (k, weights, row) to `out`."""
+        """The host weights of CPU-computed experts, read in place: the RAM tier's pinned copy when the block is
+        there (a RAM hit; a read started by a prefetch is waited for), else the file mapping (the page cache,
+        verified on first use). Nothing is evicted for them, so no block a CPU job reads can be reused before
+        the next get(). Appends (k, weights, row) to `out`, in the order of the step's ids."""
         if self._file_views is None:
             self._file_views = expert_views(self.layout.expert_file_pool(), self.layout.tensor_specs)
         where = dict(zip(keys, idx))
-        if self.ram is None:
-            for k in keys:
-                self.reader.verify_mapped(k)
-                out.append((where[k], self._file_views, k))
-            return
-        if self.ram.rows is not None and self._ram_views is None:
-            self._ram_views = expert_views(self.ram.rows, self.layout.tensor_specs)
-        for k, rs in self.ram.fetch(keys, t, pinned):
-            if self.ram.rows is not None:
+        ram = self.ram
+        in_ram = [k for k in keys if ram is not None and ram.rows is not None and ram.table.lookup(k) is not None]
+        if in_ram:
+            if self._ram_views is None:
+                self._ram_views = expert_views(ram.rows, self.layout.tensor_specs)
+            for k, rs in ram.fetch(in_ram, t, pinned):  # all hits: touches them, settles reads in flight
                 out.append((where[k], self._ram_views, rs))
-            else:  # registered mapping: the block is the file's own page-cache bytes
+        for k in keys:
+            if k not in in_ram:
+                self.reader.verify_mapped(k)
                 out.append((where[k], self._file_views, k))
         out.sort(key=lambda j: j[0])
 
