@@ -373,3 +373,21 @@ def test_cuda_host_s_per_layer_under_100us(reference_layout, ids, cpu):
     s = e.generate(ids, max_new_tokens=64, stop_at_eos=False).stats
     assert s["decode_graphs"] == "piecewise"
     assert s["host_s_per_layer"] < 1e-4, s["piecewise"]
+
+
+@pytest.mark.cuda
+def test_cuda_auto_moves_misses_to_the_cpu_on_a_slow_link(reference_layout, ids):
+    """CUDA: auto with its measured rates copies (nearly) every miss over the native link and computes most misses
+    on the CPU over a 0.05 GB/s paced one; the tokens are those of --cpu-experts off."""
+    def run(budget):
+        e = load(reference_layout, device="cuda", dtype="float32", max_context=256,
+                 budget={"expert_slots": 16, "ram_gb": 0.05, **budget})
+        g = e.generate(ids, max_new_tokens=24, stop_at_eos=False)
+        d = g.stats
+        return g.token_ids, d["cpu_experts"]["count"] / max(1, d["decode"]["misses"]), e.model.provider.cost_model
+    ref, _, _ = run({"cpu_experts": "off"})
+    fast_toks, fast, cm_fast = run({"cpu_experts": "auto"})
+    slow_toks, slow, cm_slow = run({"cpu_experts": "auto", "h2d_gbps": 0.05})
+    assert fast_toks == ref and slow_toks == ref
+    assert cm_fast.cpu_gbps > 0 and cm_slow.pcie_gbps == 0.05
+    assert slow > 0.5 and fast < slow, (fast, slow, cm_fast.describe(), cm_slow.describe())
