@@ -319,9 +319,12 @@ def test_cuda_tokens_identical(reference_layout, ids, cpu):
 
 @pytest.mark.cuda
 def test_cuda_pacing_within_15_percent(reference_layout, ids):
-    for target in (2.0, 0.5):
+    """--h2d-gbps on CUDA: the side stream's copy time (events) gives the achieved rate, within 15% of the target
+    (RAM tier preloaded, so no disk read leaves the copy stream idle inside a batch)."""
+    for target in (1.0, 0.25):
         e = load(reference_layout, device="cuda", max_context=256,
-                 budget={"expert_slots": 8, "ram_gb": 0.05, "cpu_experts": "off", "h2d_gbps": target})
+                 budget={"expert_slots": 8, "ram_gb": 0.05, "ram_preload": True, "cpu_experts": "off",
+                         "h2d_gbps": target})
         g = e.generate(ids, max_new_tokens=16, stop_at_eos=False)
         st = g.stats
         assert st["h2d_gbps_target"] == target
