@@ -274,7 +274,7 @@ def test_run_json_has_the_keys(reference_layout):
 def test_pacing_on_cpu(reference_layout, ids):
     """--h2d-gbps on a CPU device: each copy into a slot takes block_size / rate (host sleep); the achieved rate
     is reported next to the target."""
-    target = 0.02  # GB/s: 2.5 ms per 49 KB block
+    target = 0.01  # GB/s: 4.9 ms per 49 KB block
     e = _engine(reference_layout, "off", pieces=True, slots=8, h2d_gbps=target)
     _step_logits(e, ids[:8], 4)
     st = e.model.provider.stats()
