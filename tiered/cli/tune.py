@@ -20,6 +20,8 @@ from typing import Any
 
 import click
 
+from tiered.cli.options import experts_per_token_option
+
 DEMAND_POLICIES = ("lru", "lfu", "flru", "predicted")
 
 
@@ -151,7 +153,7 @@ def tune(model, revision, trace_path, fit_trace, params_path, cache_fraction, ma
       tiered trace --prompt-file fit.txt -o fit.npz && tiered trace --prompt-file other.txt -o t.npz
       tiered tune --trace t.npz --fit-trace fit.npz --json
     """
-    from tiered.engine import EngineError, resolve_layout
+    from tiered.engine import EngineError, config_with_experts_per_token, resolve_layout
     from tiered.predict.predictors import PREDICTORS, GateWeights, make_predictor
     from tiered.predict.trace import TraceError, load
     from tiered.store.disk import Layout
