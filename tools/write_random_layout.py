@@ -12,7 +12,7 @@ full attention when (l + 1) % 4 == 0, Gated DeltaNet otherwise):
                     heads of 128 (conv 4), vocab 248320, untied lm_head, 60 layers (45 DeltaNet + 15 attention).
                     The per-layer dims are the published config.json's; the rest are transformers'
                     Qwen3_5MoeTextConfig defaults. 396B parameters at 60 layers, 17.3B active.
-  qwen35-397b-tiny  the same structure at a CPU size (hidden 64, 16 experts of 32, top-4): tests and --small runs.
+  qwen35-397b-tiny  the same structure at a CPU size (hidden 64, 128 experts of 32, top-4): tests and --small runs.
 
 Formats: --experts {bf16,q8,q4,fp8,mxfp4} and --dense {bf16,q8,q4} as `tiered repack` writes them (tiered/layout/
 quant.py; --dense quantizes the matrices repack's `is_dense_matrix` picks, the others stay bf16). Block sizes are the
@@ -66,7 +66,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "qwen35-397b-tiny": dict(vocab_size=8192, hidden_size=64, num_hidden_layers=8, num_attention_heads=4,
                              num_key_value_heads=2, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
                              linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4,
-                             num_experts=16, num_experts_per_tok=4, moe_intermediate_size=32,
+                             num_experts=128, num_experts_per_tok=4, moe_intermediate_size=32,
                              shared_expert_intermediate_size=32, max_position_embeddings=4096,
                              tie_word_embeddings=False, rms_norm_eps=1e-6),
 }
@@ -298,6 +298,7 @@ def plan(preset: str, layers: int | None, experts: str, dense: str) -> dict[str,
     not_scaled = sum(nbytes_of(c, s) for n, c, s, _ in outs if n.split(".")[0] in ("embed", "lm_head", "final_norm"))
     return {"hf": hf, "cfg": cfg, "specs": specs, "block_size": bs, "dense_outs": outs, "dense_quant": dquant,
             "dense_bytes": dense_bytes, "dense_bytes_not_per_layer": not_scaled,
+            "embed_bytes": sum(nbytes_of(c, s) for n, c, s, _ in outs if n == "embed"),
             "expert_bytes": cfg.num_layers * cfg.num_experts * bs}
 
 
