@@ -89,3 +89,27 @@ def test_refuses_what_does_not_fit_and_non_layouts(tmp_path):
         write_layout(tmp_path / "big", preset="qwen35-397b", layers=60, progress=False)
     assert (tmp_path / "x" / "keep.txt").read_text() == "mine" and not (tmp_path / "big").exists()
     assert PRESETS["qwen35-397b"]["num_hidden_layers"] == 60
+
+
+def test_deltanet_projections_are_quantized_and_computed_through_qlinear(repacked):
+    """--dense q4 stores the Gated DeltaNet's qkv, z and out quantized (the 397B's dense would not fit 8 GB in bf16);
+    the model computes them through qlinear, which equals the model built on their dequantized weights."""
+    from tiered.layout.quant import QuantWeight
+    from tiered.model.transformer import Transformer
+    from tiered.store.resident import ResidentExperts
+
+    lay = Layout.open(repacked)
+    dense = lay.dense()
+    cfg = lay.config
+    l = cfg.layer_types.index("linear")
+    for n in ("lin_qkv", "lin_z", "lin_out"):
+        assert isinstance(dense[f"layers.{l}.{n}"], QuantWeight), n
+    for n in ("lin_a", "lin_b", "lin_conv"):
+        assert not isinstance(dense[f"layers.{l}.{n}"], QuantWeight), n
+    plain = {k: v.dequantize(torch.float32) if isinstance(v, QuantWeight) else v for k, v in dense.items()}
+    ids = torch.arange(3, 12)
+    outs = []
+    for d in (dense, plain):
+        m = Transformer(cfg, d, ResidentExperts.from_layout(lay), device="cpu", dtype=torch.float32, max_context=64)
+        outs.append(torch.cat([m.forward(ids[:6], 0, all_logits=True)] + [m.forward(ids[i:i + 1], i) for i in range(6, 9)]))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
