@@ -223,9 +223,12 @@ def budgets(a, lay: Layout, k: int, device: torch.device, ctx: int) -> dict:
     # the target with Flash-MoE's non-expert bytes: what is left of the whole 7.45 GiB for slots, scaled
     kv60 = estimate_kv_bytes(_scaled_cfg(cfg, TARGET_LAYERS), ctx, dt)
     slots_target60 = int((a.target_vram_gib * GiB - a.target_dense_gb * 1e9 - kv60 - scratch) // bs)
+    # tiered as it is: its own 60-layer dense weights (embeddings and lm_head included) in the 7.45 GiB
+    slots_tiered60 = int((a.target_vram_gib * GiB - a.dense_60_bytes - kv60 - scratch) // bs)
     ram_target_gib = a.target_ram_gib - a.os_gib
     out = {"vram_slice_gib": vram_slice_gib, "tiered_dense_bytes_slice": dense, "kv_bytes": kv, "scratch_bytes": scratch,
            "embeddings_lm_head_bytes": fixed, "slots_at_vram_slice": slots_vram, "slots_target_60": slots_target60,
+           "slots_tiered_60": slots_tiered60,
            "ram_tier_target_gib": ram_target_gib, "ram_gb": ram_target_gib * frac, "scale": frac}
     if device.type == "cuda" and slots_vram >= k and not a.force_slots:
         out["budget_mode"] = "vram_gb"
@@ -490,6 +493,11 @@ def phase_project(a, st: dict) -> None:
                        h2d_gbps=a.h2d_gbps, disk_gbps=a.target_disk_gbps, compute_s_per_layer=c_t)
         head_t = (ra.get("head_s") or 0.0) + lm_head_bytes / (a.target_hbm_gbps * 1e9)
         s60, n60, d60 = sim_decode(tr60, tm, a.prompt_tokens, a.warmup + 8, head_t)
+        import dataclasses
+        tm_today = dataclasses.replace(tm, slots=max(k, b.get("slots_tiered_60", tm.slots)))
+        st60, nt60, _ = sim_decode(tr60, tm_today, a.prompt_tokens, a.warmup + 8, head_t)
+        row["projected_tok_s_today"] = nt60 / st60 if st60 > 0 else None  # tiered's dense as it is (embeddings on GPU)
+        row["target_slots_today"] = tm_today.slots
         row.update({"projected_tok_s": n60 / s60 if s60 > 0 else None, "c_target_s_per_layer": c_t,
                     "head_target_s": head_t,
                     "target_slots": tm.slots, "target_ram_slots": tm.ram_slots,
@@ -506,6 +514,7 @@ def phase_project(a, st: dict) -> None:
         st[f"projected_tok_s_{label}"] = r["projected_tok_s"] if r else None
         u = proj.get((k, "uniform"))
         st[f"projected_tok_s_{label}_uniform"] = u["projected_tok_s"] if u else None
+        st[f"projected_tok_s_{label}_today"] = r.get("projected_tok_s_today") if r else None
     st["calibration_error"] = out["calibration_error"]
     st["project"] = out
 
@@ -564,6 +573,7 @@ def main() -> None:
                "device": torch.cuda.get_device_name() if cuda else "cpu", "small": a.small, "preset": a.preset,
                "flash_moe": FLASH_MOE, "h2d_gbps_option": "h2d_gbps" in BUDGET_KEYS})
     p60 = layout_plan(a.preset, TARGET_LAYERS, a.experts, a.dense)
+    a.dense_60_bytes = p60["dense_bytes"]
     st["model_60"] = {"expert_bytes": p60["expert_bytes"], "block_size": p60["block_size"],
                       "tiered_dense_bytes": p60["dense_bytes"], "embeddings_lm_head_bytes": p60["dense_bytes_not_per_layer"],
                       "embedding_bytes": p60["embed_bytes"]}
@@ -598,7 +608,8 @@ def report(st: dict) -> None:
     if pr:
         for key, r in pr["runs"].items():
             print(f"project {key:<14} calib err {r.get('calibration_error')}  projected 60 layers "
-                  f"{r['projected_tok_s']:.2f} tok/s")
+                  f"{r['projected_tok_s']:.2f} tok/s ({r['target_slots']} slots; tiered's dense as it is: "
+                  f"{r['projected_tok_s_today']:.2f} tok/s, {r['target_slots_today']} slots)")
     for k in ("projected_tok_s_k10", "projected_tok_s_k4", "calibration_error"):
         print(f"{k:<24} {st.get(k)}")
     print(write_out(st, "397b.json"))

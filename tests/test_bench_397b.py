@@ -21,7 +21,7 @@ def test_bench_397b_small_pipeline(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert json.loads((tmp_path / "out" / "397b.json").read_text()) == res
-    for k in ("projected_tok_s_k10", "projected_tok_s_k4", "calibration_error"):
+    for k in ("projected_tok_s_k10", "projected_tok_s_k4", "calibration_error", "projected_tok_s_k10_today"):
         assert isinstance(res[k], float) and math.isfinite(res[k]) and res[k] >= 0, k
     assert res["commit"] and res["date"] and res["device"] == "cpu"
     assert set(res["slice"]) == {f"{s}/k{k}/{kind}" for s in "AB" for k in (4, 2) for kind in ("replay", "uniform")}
