@@ -404,6 +404,7 @@ def phase_balloon(a, st: dict, device: torch.device) -> None:
         tr = routing_for("replay", ref, cfg.num_layers, cfg.num_experts, k, a.prompt_tokens + a.new_tokens + 8, a)
         r = one_run(Path(slices["A"]["path"]), device, k, tr, flags, a)
         r["mem_available_during_gib"] = (meminfo("MemAvailable") or 0) / GiB
+        r["layers"] = cfg.num_layers
         out["run"] = r
         disk = r.get("disk") or {}
         out["disk_gbps"] = disk.get("gbps")
@@ -505,6 +506,16 @@ def phase_project(a, st: dict) -> None:
                                                        "bytes_disk_per_token", "stall_share")}})
         out["runs"][f"{kk}/{kind}"] = row
         proj[(k, kind)] = row
+    bal = (st.get("balloon") or {}).get("run")
+    cal = out["runs"].get(f"k{bal['experts_per_token']}/replay") if bal else None
+    if bal and cal and bal.get("decode_tok_s"):  # the disk term checked too: slice A from disk, predicted with A's cost
+        trb = routing_for("replay", ref, bal["layers"] if "layers" in bal else st["slices"]["A"]["layers"], E,
+                          bal["experts_per_token"], tokens, a)
+        sb, nb, _ = sim_decode(trb, calibrated_model(bal, block, trb.num_layers, cal["c_s_per_layer"]),
+                               a.prompt_tokens, a.warmup + 8, bal.get("head_s") or 0.0)
+        pred = nb / sb if sb > 0 else None
+        out["balloon_check"] = {"predicted_tok_s": pred, "measured_tok_s": bal["decode_tok_s"],
+                                "error": abs(pred - bal["decode_tok_s"]) / bal["decode_tok_s"] if pred else None}
     errs = [r["calibration_error"] for r in out["runs"].values() if r.get("calibration_error") is not None]
     out["calibration_error"] = max(errs) if errs else None
     out["calibration_ok"] = out["calibration_error"] is not None and out["calibration_error"] <= 0.10

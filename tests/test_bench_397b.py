@@ -33,6 +33,7 @@ def test_bench_397b_small_pipeline(tmp_path):
     assert "supported" in res["batch"]
     bal = res["balloon"]
     assert bal["run"]["io"] == "direct" and bal["odirect_raw"]["gbps"] > 0 and bal["disk_vs_odirect"] is not None
+    assert res["project"]["balloon_check"]["predicted_tok_s"] > 0
     pr = res["project"]
     assert set(pr["runs"]) == {"k4/replay", "k4/uniform", "k2/replay", "k2/uniform"}
     assert all(r_["target_slots"] >= 2 and r_["projected_tok_s"] > 0 for r_ in pr["runs"].values())
