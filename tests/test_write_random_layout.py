@@ -113,3 +113,20 @@ def test_deltanet_projections_are_quantized_and_computed_through_qlinear(repacke
         m = Transformer(cfg, d, ResidentExperts.from_layout(lay), device="cpu", dtype=torch.float32, max_context=64)
         outs.append(torch.cat([m.forward(ids[:6], 0, all_logits=True)] + [m.forward(ids[i:i + 1], i) for i in range(6, 9)]))
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", ["q4", "bf16"])
+def test_drawn_on_cuda_verifies_and_decodes_with_the_cache(tmp_path, fmt):
+    """The GPU path of the tool (weights drawn on the device, copied back, hashed) and a cached, replayed-routing
+    decode at a cut K on it, as bench_397b runs them."""
+    from tiered.predict.replay import ReplayRouting, uniform_routing
+
+    out = tmp_path / fmt
+    write_layout(out, preset="qwen35-397b-tiny", layers=4, experts=fmt, dense="q4", device="cuda", progress=False)
+    assert verify(out, progress=False) == []
+    tr = uniform_routing(64, num_layers=4, num_experts=128, top_k=2, seed=0)
+    eng = load(out, device="cuda", experts_per_token=2, budget={"expert_slots": 16, "ram_gb": 0.01},
+               routing=ReplayRouting(tr.topk_ids, tr.topk_weights, device="cuda"), max_context=64)
+    g = eng.generate(list(range(10, 20)), max_new_tokens=8, stop_at_eos=False)
+    assert len(g.token_ids) == 8 and g.stats["experts_per_token"] == 2 and g.stats["decode"]["misses"] > 0
