@@ -563,6 +563,9 @@ def main() -> None:
     ap.add_argument("--odirect-gb", type=float, default=4.0)
     ap.add_argument("--io-threads", type=int, default=16)
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--resume-from", type=Path, default=None,
+                    help="a 397b.json of an earlier call: its results seed --work/state.json when that is missing (a "
+                         "machine that came back cold; or `--phases project` on a CPU from the returned JSON)")
     a = ap.parse_args()
     phases = list(PHASES) if a.phases == "all" else a.phases.split(",")
     bad = set(phases) - set(PHASES)
@@ -580,6 +583,9 @@ def main() -> None:
             raise SystemExit("no CUDA device: run with --small to check the pipeline on the CPU")
     a.work.mkdir(parents=True, exist_ok=True)
     st = load_state(a.work)
+    if not st and a.resume_from is not None:
+        st = json.loads(Path(a.resume_from).read_text())
+        log(f"state seeded from {a.resume_from}")
     st.update({"bench": "397b", "date": time.strftime("%Y-%m-%d"), "commit": git_commit(),
                "device": torch.cuda.get_device_name() if cuda else "cpu", "small": a.small, "preset": a.preset,
                "flash_moe": FLASH_MOE, "h2d_gbps_option": "h2d_gbps" in BUDGET_KEYS})
