@@ -591,6 +591,9 @@ def main() -> None:
                "flash_moe": FLASH_MOE, "h2d_gbps_option": "h2d_gbps" in BUDGET_KEYS})
     p60 = layout_plan(a.preset, TARGET_LAYERS, a.experts, a.dense)
     a.dense_60_bytes = p60["dense_bytes"]
+    st.setdefault("box", {}).update({"disk_free_gb_at_start": shutil.disk_usage(a.work).free / 1e9,
+                                     "mem_available_gib_at_start": (meminfo("MemAvailable") or 0) / GiB,
+                                     "torch": torch.__version__})
     st["model_60"] = {"expert_bytes": p60["expert_bytes"], "block_size": p60["block_size"],
                       "tiered_dense_bytes": p60["dense_bytes"], "embeddings_lm_head_bytes": p60["dense_bytes_not_per_layer"],
                       "embedding_bytes": p60["embed_bytes"]}
