@@ -31,7 +31,8 @@ a phase rebuilds what it needs when the machine came back cold):
     python3 benchmarks/bench_397b.py --phases write,slice --work /root/b397          # call 1 (~6-8 min)
     python3 benchmarks/bench_397b.py --phases balloon,project --work /root/b397      # call 2 (~3-5 min)
     python3 benchmarks/bench_397b.py --small --phases all --work /tmp/b397s          # the pipeline, tiny, CPU (~1 min)
-Prints a table, then one JSON line last; writes $OUT/397b.json when OUT is set (and --work/state.json always).
+Prints a table, then one JSON line last; writes $OUT/397b.json when OUT is set (and --work/state.json always, after
+every run: a `slice` call cut short by the time limit resumes where it stopped; --redo measures everything again).
 Result keys: projected_tok_s_k10, projected_tok_s_k4, calibration_error, plus the raw figures; date, commit, device.
 """
 from __future__ import annotations
@@ -330,6 +331,9 @@ def phase_slice(a, st: dict, device: torch.device) -> None:
             b = budgets(a, lay, k, device, a.prompt_tokens + a.new_tokens + 8)
             for kind in a.routings.split(","):
                 key = f"{name}/k{k}/{kind}"
+                if key in res and res[key].get("layers") == cfg.num_layers and not a.redo:
+                    log(f"slice {key}: kept from an earlier call (--redo measures it again)")
+                    continue
                 log(f"slice {key}: {cfg.num_layers} layers, {b['flags']}")
                 tr = routing_for(kind, ref, cfg.num_layers, cfg.num_experts, k, tokens, a)
                 r = one_run(Path(slices[name]["path"]), device, k, tr, b["flags"], a)
@@ -563,6 +567,7 @@ def main() -> None:
     ap.add_argument("--odirect-gb", type=float, default=4.0)
     ap.add_argument("--io-threads", type=int, default=16)
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--redo", action="store_true", help="measure slice runs again that state.json already holds")
     ap.add_argument("--resume-from", type=Path, default=None,
                     help="a 397b.json of an earlier call: its results seed --work/state.json when that is missing (a "
                          "machine that came back cold; or `--phases project` on a CPU from the returned JSON)")
