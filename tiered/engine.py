@@ -109,6 +109,16 @@ def resolve_layout(path: str | Path | None, revision: str | None = None, *, expe
     return ensure_layout(p, experts=experts, dense=dense)
 
 
+def config_with_experts_per_token(cfg: ModelConfig, k: int | None) -> ModelConfig:
+    """`cfg` routing `k` experts per token (None: unchanged); a bad k is an EngineError."""
+    if k is None:
+        return cfg
+    try:
+        return cfg.with_experts_per_token(k)
+    except ValueError as e:
+        raise EngineError(str(e)) from None
+
+
 def make_provider(layout: Any, *, device: torch.device, budget: dict[str, Any] | None,
                   dtype: torch.dtype | None = None, max_context: int | None = None,
                   state_bytes: int = 0) -> ExpertProvider:
@@ -129,7 +139,7 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
          prefetch_hook: PrefetchHook | None = None, routing: RoutingOverride | None = None,
          predictor: Predictor | None = None, cuda_graphs: bool = True,
          kernels: bool | None = None, state_bytes: int = 0, revision: str | None = None,
-         experts: str = "source", dense: str = "source") -> "Engine":
+         experts: str = "source", dense: str = "source", experts_per_token: int | None = None) -> "Engine":
     """Open a model for generation.
 
     Args:
@@ -155,6 +165,9 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
             --vram-gb when the expert cache plans its slots.
         revision: branch, tag or commit of a Hugging Face model id.
         experts, dense: storage formats when `path` is a checkpoint (repack --experts/--dense).
+        experts_per_token: route each token to this many experts instead of the model's top-k (a speed/quality
+            trade, measured by `tiered eval`); the family's rule picks them and renormalises as it always does
+            (ModelConfig.with_experts_per_token). None = the model as trained. Budgets, slots and graphs follow it.
     Returns:
         an Engine (engine.load_s: seconds to load; engine.capture_s: seconds capturing graphs).
     """
@@ -162,6 +175,8 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     layout = Layout.open(resolve_layout(path, revision, experts=experts, dense=dense))
+    if experts_per_token is not None:
+        layout.config = config_with_experts_per_token(layout.config, experts_per_token)
     cfg = layout.config
     ctx = default_context(cfg, max_context)
     if ctx < 1:
@@ -476,6 +491,8 @@ class Engine:
             "cuda_graphs": self.decode_mode != "eager",
             "decode_graphs": self.decode_mode, "expert_kernels": "triton" if self.model.kernels else "torch",
             "max_context": self.max_context, "family": self.config.family,
+            "experts_per_token": self.config.top_k,
+            "native_top_k": int(self.config.extra.get("native_top_k", self.config.top_k)),
             "model": str(self.layout_path) if self.layout_path else None,
         }
         ps = self.model.provider.stats()
