@@ -38,6 +38,14 @@ def _ids_weights(out, top_k: int) -> tuple[Tensor, Tensor]:
     return ids.reshape(-1, ids.shape[-1]).long(), w[0].reshape(-1, ids.shape[-1]).float()
 
 
+def _record(routes: dict, l: int, out, top_k: int) -> None:
+    """Store layer l's (ids, weights); a router whose outputs carry no ids leaves the layer out (no replay)."""
+    try:
+        routes[l] = _ids_weights(out, top_k)
+    except StopIteration:
+        pass
+
+
 def capture(hf_model, input_ids: Tensor, top_k: int) -> tuple[Tensor, dict[int, tuple[Tensor, Tensor]]]:
     """Run transformers' model on input_ids [T] (one sequence) -> (logits [T, V] fp32, {layer: (ids, weights)}),
     the routing of every MoE layer as transformers chose it."""
@@ -46,8 +54,7 @@ def capture(hf_model, input_ids: Tensor, top_k: int) -> tuple[Tensor, dict[int, 
     for l, layer in enumerate(hf_model.model.layers):
         g = _gate(layer)
         if g is not None:
-            hooks.append(g.register_forward_hook(
-                lambda m, i, o, l=l: routes.__setitem__(l, _ids_weights(o, top_k))))
+            hooks.append(g.register_forward_hook(lambda m, i, o, l=l: _record(routes, l, o, top_k)))
     try:
         with torch.no_grad():
             logits = hf_model(input_ids[None]).logits[0].float()
