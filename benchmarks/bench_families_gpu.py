@@ -111,7 +111,6 @@ def check_family(name: str, cfg, a, device: torch.device, *, perturb: bool, keep
     try:
         eng = tiered.load(lay, device=device, dtype="bfloat16", max_context=a.tokens + 8, cuda_graphs=False)
         ours = eng.logits(ids.cpu())
-        del eng
         res["linear_attention"] = eng.model.linear_attn
         del eng
         moe_layers = sum(1 for l in range(cfg.num_hidden_layers) if getattr(cfg, "first_k_dense_replace", 0) <= l)
