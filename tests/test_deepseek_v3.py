@@ -4,6 +4,7 @@ router with routed_scaling_factor, shared experts, YaRN rope with interleaved pa
 the per-layer state holds latents, not K/V; the minimum slot count decodes like the unlimited run."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -135,3 +136,39 @@ def test_min_slots_greedy_equals_unlimited(ds):
                         budget={"expert_slots": lay.config.top_k})
     got = small.generate(text, max_new_tokens=12, temperature=0.0, stop_at_eos=False).token_ids
     assert got == want
+
+
+def test_piecewise_min_slots_equals_unlimited(ds):
+    """The piecewise one-token step (host routing between segments; dense layers have none) at the minimum slot
+    count gives the unlimited run's greedy tokens."""
+    import tiered
+
+    _, lay, _, _, _ = ds
+    text = "def main():\n    x = 1\n"
+    want = tiered.load(lay.path, device="cpu", dtype="float32", max_context=CTX).generate(
+        text, max_new_tokens=12, temperature=0.0, stop_at_eos=False).token_ids
+    eng = tiered.load(lay.path, device="cpu", dtype="float32", max_context=CTX, budget={"expert_slots": 3})
+    eng.use_piecewise(graphs=False)
+    got = eng.generate(text, max_new_tokens=12, temperature=0.0, stop_at_eos=False)
+    assert eng.decode_mode == "piecewise" and got.token_ids == want
+
+
+def test_inspect_and_trace_refusal(ds, tmp_path):
+    """`inspect` counts experts of MoE layers only and the MLA latent as the cache per token; `trace` refuses a
+    model with dense layers with a message that says so (traces are [T, L, K] over every layer)."""
+    from click.testing import CliRunner
+
+    from tiered.cli.main import main
+
+    _, lay, _, _, _ = ds
+    res = CliRunner().invoke(main, ["inspect", str(lay.path), "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout.strip().splitlines()[-1])
+    cfg = lay.config
+    assert info["moe_layers"] == 2 and info["layer_kinds"]["mla"] == 3
+    assert info["total_params"] - info["active_params"] == 2 * (8 - 3) * cfg.expert_params
+    assert info["kv_cache_bytes_per_token"] == 3 * 24 * 2 and info["linear_state_bytes_per_sequence"] == 0
+    f = tmp_path / "p.txt"
+    f.write_text("def main():\n    x = 1\n")
+    res = CliRunner().invoke(main, ["trace", "-m", str(lay.path), "--prompt-file", str(f), "-o", str(tmp_path / "t.npz")])
+    assert res.exit_code != 0 and "dense" in (res.output + repr(res.exception))

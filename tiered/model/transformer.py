@@ -350,6 +350,8 @@ class Transformer:
         if moe is None:  # a dense layer: no routing (empty ids; its MLP runs in experts_out)
             empty = torch.zeros(x.shape[0], 0, device=x.device)
             return empty.to(x.dtype), empty.long(), empty
+        if moe.score_bias is not None:  # DeepSeek-V3 scores in fp32, as transformers' router does
+            return route(x.float(), moe.router.float(), cfg.top_k, cfg.norm_topk_prob, rule=self.layer_rules[l])
         return route(x, moe.router, cfg.top_k, cfg.norm_topk_prob, bias=moe.router_bias, rule=self.layer_rules[l])
 
     def _route_replayed(self, l: int, x: Tensor, plan: StepPlan) -> tuple[Tensor, Tensor, Tensor]:
