@@ -172,3 +172,16 @@ def test_inspect_and_trace_refusal(ds, tmp_path):
     f.write_text("def main():\n    x = 1\n")
     res = CliRunner().invoke(main, ["trace", "-m", str(lay.path), "--prompt-file", str(f), "-o", str(tmp_path / "t.npz")])
     assert res.exit_code != 0 and "dense" in (res.output + repr(res.exception))
+
+
+def test_fp8_checkpoint_is_refused_clearly(ds, tmp_path):
+    """An FP8 checkpoint (weight_scale_inv blocks) is not repacked yet: the error names the tensor and what to do."""
+    from tiered.layout.repack import RepackError
+
+    _, _, _, _, root = ds
+    ck = tmp_path / "fp8"
+    shutil.copytree(root / "ck", ck)
+    save_file({"model.layers.1.mlp.experts.0.gate_proj.weight_scale_inv": torch.ones(1, 1)},
+              str(ck / "scales.safetensors"))
+    with pytest.raises(RepackError, match="weight_scale_inv.*FP8.*bf16"):
+        repack(ck, tmp_path / "lay", progress=False)

@@ -85,6 +85,10 @@ def _index_source(src: Path, fam: Family, cfg: ModelConfig):
             if m and int(m[1]) >= cfg.num_layers:  # multi-token-prediction layers (DeepSeek-V3's MTP): not run
                 skipped.append(name)
                 continue
+            if name.endswith("weight_scale_inv"):
+                raise RepackError(f"{path}: {name} is a block scale of an FP8 checkpoint (DeepSeek-V3 style); "
+                                  "tiered does not repack FP8 sources yet: convert the checkpoint to bf16 first "
+                                  "(DeepSeek's inference/fp8_cast_bf16.py), then repack it (--experts fp8 requantizes)")
             kind, role, layer, expert = fam.classify(name)
             if kind == "dense":
                 dense[role] = SourceTensor(path, ent, None)
