@@ -54,10 +54,10 @@ from tiered.store.disk import Layout  # noqa: E402
 def reference_trace(text_dir: Path, device: torch.device) -> "object":
     """Trace every file of text_dir with the reference model (routing only), one document per file."""
     rec = TraceRecorder(logits=False, hidden=False)
-    eng = load(default_model_path(), device=device, dtype=torch.float32, max_context=4096, observer=rec)
+    eng = load(default_model_path(), device=device, dtype=torch.float32, observer=rec)  # context: the model's limit
     docs = []
     for p in sorted(text_dir.iterdir()):
-        docs += split_ids(p.name, eng.encode(p.read_text()), 4096)[:1]
+        docs += split_ids(p.name, eng.encode(p.read_text()), eng.max_context)[:1]
     tr = record(eng, rec, docs)
     free(eng)
     return tr

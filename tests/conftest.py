@@ -7,7 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiered.layout.families import default_model_path
+# Triton decides between compiled and interpreted kernels when it is first imported: without CUDA, the kernel
+# tests need its interpreter, whichever test module happens to import triton first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from tiered.layout.families import default_model_path  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"

@@ -123,3 +123,26 @@ def test_a_model_without_safetensors_is_refused(hub_cache, monkeypatch):
     fake_hub(monkeypatch, {"pytorch_model.bin": 10**6, "config.json": 10}, [])
     with pytest.raises(HubError, match="safetensors"):
         resolve_model("someone/old-model")
+
+
+@pytest.mark.parametrize("command", ["trace", "tune"])
+def test_trace_and_tune_pass_revision_to_the_hub(hub_cache, monkeypatch, tmp_path, command):
+    """--revision reaches the resolver: the cached main ref resolves, an uncached revision is named in the error."""
+    from click.testing import CliRunner
+
+    from tiered.cli.main import main as cli
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("def fib(n):\n    return n")
+    trace = tmp_path / "t.npz"
+    args = {"trace": ["trace", "--prompt-file", str(prompt), "-o", str(trace)],
+            "tune": ["tune", "--trace", str(trace)]}[command]
+    if command == "tune":  # a trace of the embedded model to tune on
+        r = CliRunner().invoke(cli, ["trace", "--prompt-file", str(prompt), "-o", str(trace)])
+        assert r.exit_code == 0, r.output
+    bad = CliRunner().invoke(cli, [*args, "-m", "tiered-test/olmoe-code-17m", "--revision", "v9"])
+    assert bad.exit_code != 0 and "revision v9" in bad.output
+    good = CliRunner().invoke(cli, [*args, "-m", "tiered-test/olmoe-code-17m", "--revision", "main"])
+    assert good.exit_code == 0, good.output

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 
 from tiered.model.moe import Observer
@@ -124,3 +125,92 @@ def test_history_on_mapped_trace():
     assert scores.shape == (m.num_tokens, 4, 8)
     rp = recall_precision(scores, m, 4)
     assert 0.0 <= rp["recall"] <= 1.0
+
+
+# --- map_routing: onto a finer model with another top-k (the 397B shape) ---
+from tiered.predict.replay import map_routing, routing_stats, uniform_routing  # noqa: E402
+
+
+def _trace_logits(n_docs=3, n=40, L=2, E=8, K=3, seed=0):
+    """A trace with router logits whose top-K are the recorded ids (as TraceRecorder keeps them)."""
+    rng = np.random.default_rng(seed)
+    logits = (np.argsort(rng.random((n_docs * n, L, E)), -1) * 0.25).astype(np.float16)  # distinct: no ties
+    p = np.exp(logits.astype(np.float64))
+    p /= p.sum(-1, keepdims=True)
+    ids = np.argsort(-p, axis=-1, kind="stable")[..., :K].astype(np.int16)
+    w = np.take_along_axis(p, ids.astype(np.int64), -1).astype(np.float32)
+    return Trace(np.arange(n_docs * n, dtype=np.int32), np.arange(0, n_docs * n + 1, n, dtype=np.int64), ids, w,
+                 router_logits=logits, meta={"num_experts": E})
+
+
+@pytest.mark.parametrize("K2", [1, 2, 3, 5, 8])
+def test_map_routing_takes_the_source_routers_best(K2):
+    """Row t of target layer l' holds the source router's K2 best of layer l' mod L (stream l' // L), each moved into
+    its group of G experts; weights are their probabilities renormalised; ids distinct and in range."""
+    t = _trace_logits()
+    m = map_routing(t, num_layers=5, num_experts=32, top_k=K2)
+    G = 4
+    assert m.topk_ids.shape == (120, 5, K2) and m.num_experts == 32 and m.top_k == K2
+    assert int(m.topk_ids.min()) >= 0 and int(m.topk_ids.max()) < 32
+    for d in range(3):
+        for lt in range(5):
+            src = t.doc((d + lt // 2) % 3)
+            p = torch.softmax(torch.from_numpy(src.router_logits[:, lt % 2].astype(np.float32)), -1)
+            wt, it = torch.topk(p, K2, dim=-1)
+            rows = m.topk_ids[d * 40:(d + 1) * 40, lt].astype(np.int64)
+            np.testing.assert_array_equal(rows // G, it.numpy())
+            np.testing.assert_allclose(m.topk_weights[d * 40:(d + 1) * 40, lt], (wt / wt.sum(-1, keepdim=True)).numpy(),
+                                       rtol=1e-5)
+    for row in m.topk_ids.reshape(-1, K2):
+        assert len(set(row.tolist())) == K2
+
+
+def test_map_routing_is_deterministic_causal_and_nested():
+    t = _trace_logits()
+    a = map_routing(t, num_layers=5, num_experts=32, top_k=5, segment=4)
+    np.testing.assert_array_equal(a.topk_ids, map_routing(t, num_layers=5, num_experts=32, top_k=5, segment=4).topk_ids)
+    logits = t.router_logits.copy()
+    logits[20:40] = -logits[20:40]  # change the future of document 0 only (rows 20.. of 40)
+    t2 = Trace(t.tokens, t.doc_offsets, t.topk_ids, t.topk_weights, router_logits=logits, meta=t.meta)
+    b = map_routing(t2, num_layers=2, num_experts=32, top_k=5, segment=4)
+    np.testing.assert_array_equal(b.topk_ids[:20], map_routing(t, num_layers=2, num_experts=32, top_k=5,
+                                                               segment=4).topk_ids[:20])
+    small = map_routing(t, num_layers=5, num_experts=32, top_k=2, segment=4)
+    for x, y in zip(small.topk_ids.reshape(-1, 2).tolist(), a.topk_ids.reshape(-1, 5).tolist()):
+        assert set(x) <= set(y)  # the cut to top-2 of the same mapped model
+
+
+def test_map_routing_spreads_over_the_groups():
+    """A fixed member per source expert would use E of E' experts per layer; segments and jitter use the groups, and
+    jitter lowers the t+1 reuse; without jitter and with one segment the source's reuse is kept exactly."""
+    t = _trace_logits(n=200)
+    one = map_routing(t, num_layers=2, num_experts=64, top_k=3, segment=10_000, jitter=0.0)
+    src = routing_stats(t)
+    assert routing_stats(one)["reuse_t1"] == pytest.approx(src["reuse_t1"])
+    assert routing_stats(one)["distinct_experts_per_layer"] <= 8
+    seg = map_routing(t, num_layers=2, num_experts=64, top_k=3, segment=16, jitter=0.0)
+    jit = map_routing(t, num_layers=2, num_experts=64, top_k=3, segment=16, jitter=0.5)
+    assert routing_stats(seg)["distinct_experts_per_layer"] > 30
+    assert routing_stats(jit)["reuse_t1"] < routing_stats(seg)["reuse_t1"] < src["reuse_t1"] * 1.01
+
+
+def test_map_routing_needs_logits_above_the_recorded_k_and_a_multiple():
+    t = _trace()
+    with pytest.raises(ValueError, match="logits"):
+        map_routing(t, num_layers=2, num_experts=8, top_k=3)
+    with pytest.raises(ValueError, match="multiple"):
+        map_routing(t, num_layers=2, num_experts=6, top_k=2)
+    m = map_routing(t, num_layers=3, num_experts=8, top_k=1)  # K' <= K: the recorded ids suffice
+    np.testing.assert_array_equal(m.topk_ids[:12, 0, 0] // 2, t.topk_ids[:12, 0, 0])
+    np.testing.assert_allclose(m.topk_weights, 1.0)
+
+
+def test_uniform_routing():
+    u = uniform_routing(300, num_layers=3, num_experts=64, top_k=10, seed=1)
+    assert u.topk_ids.shape == (300, 3, 10) and u.num_experts == 64
+    for row in u.topk_ids.reshape(-1, 10):
+        assert len(set(row.tolist())) == 10
+    s = routing_stats(u)
+    assert s["distinct_experts_per_layer"] == 64 and abs(s["reuse_t1"] - 10 / 64) < 0.03
+    np.testing.assert_array_equal(u.topk_ids, uniform_routing(300, num_layers=3, num_experts=64, top_k=10,
+                                                              seed=1).topk_ids)

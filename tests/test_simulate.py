@@ -216,3 +216,20 @@ def test_reference_figures(reference_model):
     assert 0.5 < lru.hits / lru.uses < 0.75
     assert 0.65 < lru.belady_hits / lru.uses < 0.85
     assert pred.hits > lru.hits
+
+
+@pytest.mark.parametrize("partition", ["layer", "global"])
+@pytest.mark.parametrize("policy", ["lru", "predicted"])
+def test_prefetch_budget_above_free_slots_is_capped(partition, policy):
+    """A prefetch budget larger than the slots the current step leaves free loads only what fits (as the cache
+    does) instead of finding no evictable key; counters stay consistent."""
+    E, K, L = 6, 2, 2
+    steps = [[random_steps(n, 1, E, K)[0], random_steps(100 + n, 1, E, K)[0]] for n in range(12)]
+    tr = scripted(steps, E)
+    per = K + 1
+    slots = per * L if partition == "layer" else per
+    r = simulate(tr, TierModel(slots=slots, partition=partition, policy=policy, prefetch_depth=1, prefetch_budget=5,
+                               block_bytes=1000, h2d_gbps=1.0, compute_s_per_layer=1e-6), predictor=Oracle(tr))
+    assert r.prefetch_used <= r.prefetch_issued
+    assert 0 < r.prefetch_issued <= 12 * (per if partition == "layer" else per - K)
+    assert r.hits + r.misses == r.uses == 12 * L * K

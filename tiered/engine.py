@@ -27,6 +27,7 @@ from tiered.layout.config import ModelConfig
 from tiered.layout.families import default_model_path
 from tiered.layout.format import DTYPES, MANIFEST
 from tiered.layout.tokenizer import StreamDecoder, Tokenizer
+from tiered.model import cpu_experts
 from tiered.model.layers import pick_backend
 from tiered.model.moe import PrefetchHook, RoutingObserver
 from tiered.model.transformer import RoutingOverride, Transformer
@@ -35,7 +36,7 @@ from tiered.predict.prefetch import Prefetcher, prefetcher_for_layout
 from tiered.store.cache import ExpertCache
 from tiered.store.cache import make_provider as make_cache
 from tiered.store.disk import Layout
-from tiered.store.options import BUDGET_KEYS, PREFILL_CHUNK, BudgetError, TierConfig, default_context
+from tiered.store.options import BUDGET_KEYS, NON_CACHE_KEYS, PREFILL_CHUNK, BudgetError, TierConfig, default_context
 from tiered.store.provider import ExpertProvider
 from tiered.store.resident import ResidentExperts
 
@@ -108,6 +109,16 @@ def resolve_layout(path: str | Path | None, revision: str | None = None, *, expe
     return ensure_layout(p, experts=experts, dense=dense)
 
 
+def config_with_experts_per_token(cfg: ModelConfig, k: int | None) -> ModelConfig:
+    """`cfg` routing `k` experts per token (None: unchanged); a bad k is an EngineError."""
+    if k is None:
+        return cfg
+    try:
+        return cfg.with_experts_per_token(k)
+    except ValueError as e:
+        raise EngineError(str(e)) from None
+
+
 def make_provider(layout: Any, *, device: torch.device, budget: dict[str, Any] | None,
                   dtype: torch.dtype | None = None, max_context: int | None = None,
                   state_bytes: int = 0) -> ExpertProvider:
@@ -117,7 +128,7 @@ def make_provider(layout: Any, *, device: torch.device, budget: dict[str, Any] |
         TierConfig.from_flags(budget)  # unknown keys and bad values, before anything is opened
     except BudgetError as e:
         raise EngineError(str(e)) from None
-    if not set(budget) - {"verify"}:  # --verify applies to resident experts too; the other options need the cache
+    if not set(budget) - set(NON_CACHE_KEYS):  # --verify applies to resident experts too; the cache options need it
         return ResidentExperts.from_layout(layout, device=device, verify=budget.get("verify", "first-use"))
     return make_cache(layout, device=device, dtype=dtype, max_context=max_context, state_bytes=state_bytes, **budget)
 
@@ -128,7 +139,7 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
          prefetch_hook: PrefetchHook | None = None, routing: RoutingOverride | None = None,
          predictor: Predictor | None = None, cuda_graphs: bool = True,
          kernels: bool | None = None, state_bytes: int = 0, revision: str | None = None,
-         experts: str = "source", dense: str = "source") -> "Engine":
+         experts: str = "source", dense: str = "source", experts_per_token: int | None = None) -> "Engine":
     """Open a model for generation.
 
     Args:
@@ -154,6 +165,9 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
             --vram-gb when the expert cache plans its slots.
         revision: branch, tag or commit of a Hugging Face model id.
         experts, dense: storage formats when `path` is a checkpoint (repack --experts/--dense).
+        experts_per_token: route each token to this many experts instead of the model's top-k (a speed/quality
+            trade, measured by `tiered eval`); the family's rule picks them and renormalises as it always does
+            (ModelConfig.with_experts_per_token). None = the model as trained. Budgets, slots and graphs follow it.
     Returns:
         an Engine (engine.load_s: seconds to load; engine.capture_s: seconds capturing graphs).
     """
@@ -161,6 +175,8 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     layout = Layout.open(resolve_layout(path, revision, experts=experts, dense=dense))
+    if experts_per_token is not None:
+        layout.config = config_with_experts_per_token(layout.config, experts_per_token)
     cfg = layout.config
     ctx = default_context(cfg, max_context)
     if ctx < 1:
@@ -176,6 +192,7 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
         observer, prefetch_hook = prefetcher, prefetcher.prefetch_hook
     model = Transformer(cfg, layout.dense(), provider, device=dev, dtype=dt, max_context=ctx, attn=backend,
                         observer=observer, prefetch_hook=prefetch_hook, routing=routing, kernels=kernels)
+    cpu_experts.prepare(provider, dt, model.layers[cfg.first_moe_layer].moe.act)  # --cpu-experts dtype, rate
     tok = Tokenizer.from_dir(layout.path) if layout.tokenizer_path else None
     engine = Engine(model, tok, layout_path=layout.path, cuda_graphs=cuda_graphs and dev.type == "cuda",
                     prefetcher=prefetcher)
@@ -474,12 +491,18 @@ class Engine:
             "cuda_graphs": self.decode_mode != "eager",
             "decode_graphs": self.decode_mode, "expert_kernels": "triton" if self.model.kernels else "torch",
             "max_context": self.max_context, "family": self.config.family,
+            "experts_per_token": self.config.top_k,
+            "native_top_k": int(self.config.extra.get("native_top_k", self.config.top_k)),
             "model": str(self.layout_path) if self.layout_path else None,
         }
         ps = self.model.provider.stats()
         s.update(ps)
+        s.setdefault("cpu_experts", {"mode": "off", "count": 0, "bytes": 0, "gbps": 0.0})  # resident experts
+        s.setdefault("h2d_gbps_target", None)
+        s["host_s_per_layer"] = None
         if self.decode_mode == "piecewise" and self.pieces is not None:
             s["piecewise"] = self.pieces.stats()  # host time between segments: wait_s (GPU busy), route_s
+            s["host_s_per_layer"] = self.pieces.host_s_per_layer
         if s.get("stall_s") is not None and decode_s > 0:  # the provider's stall time is over decode
             s["stall_share"] = s["stall_s"] / decode_s
         return s

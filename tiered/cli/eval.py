@@ -12,14 +12,16 @@ from pathlib import Path
 
 import click
 
-from tiered.cli.options import budget_from, budget_options, storage_options
+from tiered.cli.options import budget_from, budget_options, experts_per_token_option, storage_options
 
 
-def _load(model, *, device, dtype, max_context, attn, budget, observer, experts="source", dense="source"):
+def _load(model, *, device, dtype, max_context, attn, budget, observer, experts="source", dense="source",
+          experts_per_token=None):
     from tiered.engine import load
 
     return load(model, device=device, dtype=dtype, max_context=max_context, attn=attn, budget=budget,
-                cuda_graphs=False, experts=experts, dense=dense, observer=observer)
+                cuda_graphs=False, experts=experts, dense=dense, observer=observer,
+                experts_per_token=experts_per_token)
 
 
 @click.command("eval", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -37,16 +39,18 @@ def _load(model, *, device, dtype, max_context, attn, budget, observer, experts=
               help="Compute dtype [default: float32 on CPU, bfloat16 on CUDA].")
 @click.option("--attn", type=click.Choice(["auto", "flash", "sdpa"]), default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object, the last line of stdout.")
+@experts_per_token_option
 @storage_options
 @budget_options
 def eval_cmd(model, text_files, reference, max_tokens, max_context, device, dtype, attn, as_json, experts, dense,
-             **flags) -> None:
+             experts_per_token, **flags) -> None:
     """Score MODEL on text files: perplexity over non-overlapping windows (each scored from position 0).
 
     With --reference, the same tokens also go through a second model: mean and 99th-percentile
     KL(reference || model), top-1 agreement, and per layer the Jaccard overlap of the chosen experts.
     --experts/--dense repack a checkpoint given to -m in that storage (the reference as stored), so
-    one checkpoint measures what a format costs.
+    one checkpoint measures what a format costs; --experts-per-token K applies to -m only (the reference
+    routes as trained), so `--reference` the same model measures what cutting the expert count costs.
 
     \b
     Examples:
@@ -76,7 +80,7 @@ def eval_cmd(model, text_files, reference, max_tokens, max_context, device, dtyp
     try:
         routes = (RouteRecorder(), RouteRecorder())
         eng = _load(model, device=device, dtype=dtype, max_context=max_context, attn=attn, budget=budget,
-                    experts=experts, dense=dense, observer=routes[0])
+                    experts=experts, dense=dense, observer=routes[0], experts_per_token=experts_per_token)
         window = max_context or default_window(eng.config.max_position_embeddings)  # <= the engine's context
         ref = None
         if reference is not None:
@@ -89,7 +93,9 @@ def eval_cmd(model, text_files, reference, max_tokens, max_context, device, dtyp
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
     out.update({"model": str(eng.layout_path), "reference": str(ref.layout_path) if ref else None,
-                "device": str(eng.device), "dtype": str(eng.dtype).removeprefix("torch.")})
+                "device": str(eng.device), "dtype": str(eng.dtype).removeprefix("torch."),
+                "experts_per_token": eng.config.top_k,
+                "native_top_k": int(eng.config.extra.get("native_top_k", eng.config.top_k))})
     _print_table(out)
     if as_json:
         click.echo(json.dumps(out))

@@ -93,6 +93,17 @@ def storage_options(command: Callable) -> Callable:
                         help=EXPERTS_HELP + "; when -m is a checkpoint.")(command)
 
 
+EXPERTS_PER_TOKEN_HELP = ("Route each token to K experts per layer instead of the model's top-k: faster, at a quality "
+                          "cost that `tiered eval --experts-per-token K --reference SAME_MODEL` measures; the family's "
+                          "rule picks and renormalises them [default: the model as trained]")
+
+
+def experts_per_token_option(command: Callable) -> Callable:
+    """Add --experts-per-token K (load(experts_per_token=K)) to a command that reads a model."""
+    return click.option("--experts-per-token", "experts_per_token", type=click.IntRange(min=1), default=None,
+                        metavar="K", help=EXPERTS_PER_TOKEN_HELP + ".")(command)
+
+
 def budget_from(flags: dict[str, Any]) -> dict[str, Any]:
     """The TierConfig fields among a command's parsed flags (None = not given; a False flag is not given)."""
     names = {f.name for f in fields(TierConfig)}

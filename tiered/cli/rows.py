@@ -11,14 +11,14 @@ from typing import Any
 
 import click
 
-from tiered.cli.options import batch_options, budget_from, budget_options, usage
+from tiered.cli.options import batch_options, budget_from, budget_options, experts_per_token_option, usage
 from tiered.cli.run import _check_model_path
 from tiered.store.options import DEFAULT_CONTEXT
 
 
 def model_options(command):
     """-m, --device, --dtype, --max-context, then every budget and scheduler flag."""
-    command = batch_options(budget_options(command))
+    command = experts_per_token_option(batch_options(budget_options(command)))
     for opt in reversed([
         click.option("-m", "--model", "model", metavar="PATH", default=None,
                      help="Layout or Hugging Face checkpoint directory (default: the embedded model)."),
@@ -34,7 +34,7 @@ def model_options(command):
 
 
 def open_scheduler(model: str | None, device: str, dtype: str | None, max_context: int | None,
-                   **flags: Any) -> tuple[Any, Any]:
+                   experts_per_token: int | None = None, **flags: Any) -> tuple[Any, Any]:
     """Load the engine (the K/V pool reserved inside --vram-gb) and build its scheduler."""
     _check_model_path(model)
     from tiered.decode.options import BatchConfig
@@ -53,7 +53,7 @@ def open_scheduler(model: str | None, device: str, dtype: str | None, max_contex
         cfg = Layout.open(resolve_layout(model)).config
         state = pool_bytes(opts, cfg, default_context(cfg, max_context), resolve_dtype(dtype, dev))
         engine = load(model, device=dev, dtype=dtype, max_context=max_context, budget=budget_from(flags),
-                      cuda_graphs=False, state_bytes=state)
+                      cuda_graphs=False, state_bytes=state, experts_per_token=experts_per_token)
         sch = Scheduler.from_config(engine, opts)
     except LayoutError as e:
         click.echo(f"error: {e}", err=True)

@@ -13,7 +13,8 @@ from pathlib import Path
 import click
 
 from tiered.store.options import DEFAULT_CONTEXT
-from tiered.cli.options import BudgetCommand, budget_from, budget_options, storage_options, usage as _usage
+from tiered.cli.options import (BudgetCommand, budget_from, budget_options, experts_per_token_option, storage_options,
+                                usage as _usage)
 
 
 def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
@@ -103,10 +104,11 @@ def _summary(s: dict) -> str:
 @click.option("--chat", is_flag=True, help="Wrap the prompt as a user message in the model's chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Stats as one JSON line, the last line of stderr.")
 @click.option("--no-cuda-graphs", is_flag=True, help="Run the decode step eagerly on CUDA.")
+@experts_per_token_option
 @budget_options
 @storage_options
 def run(prompt, model, revision, prompt_file, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, max_context,
-        attn, chat, as_json, no_cuda_graphs, experts, dense, **flags) -> None:
+        attn, chat, as_json, no_cuda_graphs, experts, dense, experts_per_token, **flags) -> None:
     """Continue PROMPT with a model; only the continuation goes to stdout.
 
     \b
@@ -135,7 +137,8 @@ def run(prompt, model, revision, prompt_file, max_new_tokens, temperature, top_k
 
     try:
         engine = load(model, device=device, dtype=dtype, max_context=max_context, attn=attn, budget=budget,
-                      cuda_graphs=not no_cuda_graphs, experts=experts, dense=dense)
+                      cuda_graphs=not no_cuda_graphs, experts=experts, dense=dense,
+                      experts_per_token=experts_per_token)
         ids = engine.encode(text, chat=chat)
     except (EngineError, FamilyError, TokenizerError) as e:
         raise _usage(str(e)) from None

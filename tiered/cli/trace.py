@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from tiered.cli.options import BudgetCommand, budget_from, budget_options, usage as _usage
+from tiered.cli.options import BudgetCommand, budget_from, budget_options, experts_per_token_option, usage as _usage
 
 
 def read_inputs(prompt_files: tuple[Path, ...], jsonl: Path | None) -> list[tuple[str, str]]:
@@ -71,6 +71,7 @@ def plot_trace(trace, path: Path) -> bool:
 @click.command("trace", cls=BudgetCommand, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-m", "--model", "model", metavar="PATH", default=None,
               help="Layout or Hugging Face checkpoint directory (default: the embedded model).")
+@click.option("--revision", default=None, help="Branch, tag or commit of a Hugging Face model id.")
 @click.option("--prompt-file", "prompt_files", multiple=True, type=click.Path(path_type=Path, dir_okay=False, exists=True),
               help="A text file, read verbatim; may repeat.")
 @click.option("--input", "jsonl", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
@@ -86,8 +87,10 @@ def plot_trace(trace, path: Path) -> bool:
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="Compute dtype [default: float32 on CPU, bfloat16 on CUDA].")
+@experts_per_token_option
 @budget_options
-def trace(model, prompt_files, jsonl, out, plot, max_len, no_hidden, no_logits, device, dtype, **flags) -> None:
+def trace(model, revision, prompt_files, jsonl, out, plot, max_len, no_hidden, no_logits, device, dtype, experts_per_token,
+          **flags) -> None:
     """Record which experts each token routes to, per layer, teacher-forced over the given texts.
 
     \b
@@ -108,7 +111,8 @@ def trace(model, prompt_files, jsonl, out, plot, max_len, no_hidden, no_logits, 
 
     rec = TraceRecorder(logits=not no_logits, hidden=not no_hidden)
     try:
-        engine = load(model, device=device, dtype=dtype, budget=budget_from(flags), observer=rec, cuda_graphs=False)
+        engine = load(model, device=device, dtype=dtype, budget=budget_from(flags), observer=rec, cuda_graphs=False,
+                      revision=revision, experts_per_token=experts_per_token)
     except (EngineError, ValueError) as e:
         raise _usage(str(e)) from None
     except LayoutError as e:

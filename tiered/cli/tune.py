@@ -20,6 +20,8 @@ from typing import Any
 
 import click
 
+from tiered.cli.options import experts_per_token_option
+
 DEMAND_POLICIES = ("lru", "lfu", "flru", "predicted")
 
 
@@ -117,6 +119,7 @@ def sweep_prefetch(trace: Any, predictor: Any, slots_per_layer: int, budgets: tu
 @click.command("tune", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-m", "--model", "model", metavar="PATH", default=None,
               help="Layout or Hugging Face checkpoint directory the trace came from (default: the embedded model).")
+@click.option("--revision", default=None, help="Branch, tag or commit of a Hugging Face model id.")
 @click.option("--trace", "trace_path", type=click.Path(path_type=Path, dir_okay=False, exists=True), required=True,
               help="Trace to tune on (tiered trace); not the text the predictors were fitted on.")
 @click.option("--fit-trace", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
@@ -141,8 +144,9 @@ def sweep_prefetch(trace: Any, predictor: Any, slots_per_layer: int, budgets: tu
 @click.option("--prefetch-depth", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--prefetch-budget", type=click.IntRange(min=0), default=None,
               help="Also evaluate this prefetch budget.")
-def tune(model, trace_path, fit_trace, params_path, cache_fraction, max_tokens, h2d_gbps, compute_ms, as_json, plot,
-         vram_gb, expert_slots, ram_gb, io, policy, prefetch_depth, prefetch_budget) -> None:
+@experts_per_token_option
+def tune(model, revision, trace_path, fit_trace, params_path, cache_fraction, max_tokens, h2d_gbps, compute_ms, as_json, plot,
+         vram_gb, expert_slots, ram_gb, io, policy, prefetch_depth, prefetch_budget, experts_per_token) -> None:
     """Sweep predictors, demand policies and prefetch budgets over TRACE and recommend a setting.
 
     \b
@@ -150,14 +154,15 @@ def tune(model, trace_path, fit_trace, params_path, cache_fraction, max_tokens, 
       tiered trace --prompt-file fit.txt -o fit.npz && tiered trace --prompt-file other.txt -o t.npz
       tiered tune --trace t.npz --fit-trace fit.npz --json
     """
-    from tiered.engine import EngineError, resolve_layout
+    from tiered.engine import EngineError, config_with_experts_per_token, resolve_layout
     from tiered.predict.predictors import PREDICTORS, GateWeights, make_predictor
     from tiered.predict.trace import TraceError, load
     from tiered.store.disk import Layout
 
     log = (lambda m: click.echo(m, err=True)) if as_json else click.echo
     try:
-        layout = Layout.open(resolve_layout(model))
+        layout = Layout.open(resolve_layout(model, revision))
+        layout.config = config_with_experts_per_token(layout.config, experts_per_token)  # a trace made at a cut K
         tr = load(trace_path)
     except (EngineError, TraceError) as e:
         raise click.UsageError(str(e)) from None
@@ -165,7 +170,7 @@ def tune(model, trace_path, fit_trace, params_path, cache_fraction, max_tokens, 
     L, E, K = cfg.num_layers, cfg.num_experts, cfg.top_k
     if (tr.num_layers, tr.num_experts, tr.top_k) != (L, E, K):
         raise click.UsageError(f"{trace_path} has {tr.num_layers} layers, top-{tr.top_k} of {tr.num_experts}; the model "
-                               f"has {L}, top-{K} of {E}: pass the -m the trace was recorded with")
+                               f"has {L}, top-{K} of {E}: pass the -m (and --experts-per-token) the trace was recorded with")
     gates = GateWeights.from_layout(layout)
     params = load_or_fit_params(layout, params_path=params_path, fit_trace=fit_trace, gates=gates, log=log)
     names = [n for n in PREDICTORS if (params is not None or n not in ("history", "activation-matching", "combined"))

@@ -36,6 +36,14 @@ waiting for the stream past the copy that last read it.
 On CPU (graphs=False) the same segments run eagerly with the same host routing; tests compare them
 bit for bit with the unsplit step.
 
+CPU experts (a provider with `split`, --cpu-experts auto|all): get_slots(l, ids, cpu=jobs) names the experts
+of layer l to compute on the CPU (their slot row is a zero expert). The host copies x [1, D] of layer l to the
+host, hands the jobs to the provider's worker thread (model/cpu_experts.py), issues the copies and the slot
+rows, waits for the worker, and copies the partial sum [1, D] into layer l's static device buffer, which
+seg l+1 adds after the device's experts (graphs: always added; zeroed when the layer had no CPU expert). The
+GPU does not run while the CPU computes (seg l+1 needs the sum before layer l+1's attention); the copies of the
+other misses do.
+
 Legend: L layers, K top-k, D hidden, V vocab, S provider slots.
 """
 from __future__ import annotations
@@ -51,6 +59,7 @@ import torch
 from torch import Tensor
 
 from tiered.model.layers import StepPlan, plan_eager
+from tiered.model import cpu_experts
 from tiered.model.moe import routed_logits
 from tiered.model.transformer import Routed, Transformer, span_for  # noqa: F401  (span_for: re-exported)
 from tiered.layout.format import align_up
@@ -139,6 +148,18 @@ class PiecewiseDecode:
             self.step_dev, self.slot_dev = self.step_host, self.slot_host
         self._stream: Any = None  # the compute stream of the current step (the host waits on it for the top-k)
         self._get_slots = host_slots_api(model.provider)  # None: the provider is served through get()
+        # CPU experts: layer l's partial sum, on the host [L, D] and (CUDA) in static device rows seg l+1 adds
+        self.split = self._get_slots is not None and bool(getattr(model.provider, "split", False))
+        D = cfg.hidden_size
+        self._partial_next: Tensor | None = None  # CPU, eager segments: the sum seg l+1 adds (None: nothing)
+        self._x_host = self._partial_host = self._partial_dev = None
+        self._dirty = [False] * L
+        if self.split:
+            pin = self.cuda
+            self._x_host = torch.empty(1, D, dtype=model.dtype, pin_memory=pin)
+            self._partial_host = torch.empty(L, D, dtype=model.dtype, pin_memory=pin)
+            if self.cuda:
+                self._partial_dev = torch.zeros(L, D, dtype=model.dtype, device=self.device)
         self.chains: dict[int, _Chain] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
         self.probed = False
@@ -147,6 +168,8 @@ class PiecewiseDecode:
         self.wait_s = 0.0  # host blocked until a segment's top-k reached it (GPU computing)
         self.route_s = 0.0  # host work between segments: observer, get_slots (incl. its loads), hook
         self.late_s = 0.0  # deferred observers, run while the next segment computes
+        self.launch_s = 0.0  # host time launching the segments' graphs (CUDA replays)
+        self.cpu_wait_s = 0.0  # host blocked on the CPU-expert worker (in route_s)
         self._late: tuple | None = None
         self.capture_s = 0.0  # seconds capturing since reset_stats (the engine also keeps its own total)
         self.graph_mem_bytes = 0  # growth of reserved CUDA memory over all captures (the chains' pool)
@@ -170,10 +193,17 @@ class PiecewiseDecode:
             self._copy_routing(0, r)
         return plan, r
 
+    def _partial(self, l: int) -> Tensor | None:
+        """What seg l+1 adds for layer l's CPU experts: the static device row (CUDA), this step's sum (CPU)."""
+        if self._partial_dev is not None:
+            return self._partial_dev[l:l + 1]
+        p, self._partial_next = self._partial_next, None
+        return p
+
     def _seg_mid(self, l: int, prev: Routed, plan: StepPlan) -> Routed:
         if self._inside:
             self.slot_dev.copy_(self.slot_host, non_blocking=True)
-        r = self.model.segment_mid(l, prev, self.slot_dev, plan)
+        r = self.model.segment_mid(l, prev, self.slot_dev, plan, self._partial(l - 1))
         if self._inside:
             self._copy_routing(l, r)
         return r
@@ -190,7 +220,7 @@ class PiecewiseDecode:
     def _seg_last(self, prev: Routed) -> Tensor:
         if self._inside:
             self.slot_dev.copy_(self.slot_host, non_blocking=True)
-        return self.model.segment_last(prev, self.slot_dev)
+        return self.model.segment_last(prev, self.slot_dev, self._partial(self.L - 1))
 
     # --- the host between segments ---
     def _route(self, l: int, r: Routed) -> None:
@@ -203,7 +233,7 @@ class PiecewiseDecode:
         late = obs is not None and obs.deferrable
         if self.cuda:
             if not self._inside:
-                self._copy_routing(l, r, ids_only=not late)
+                self._copy_routing(l, r, ids_only=not (late or self.split))
             self._wait_stream()  # everything enqueued so far, layer l's top-k copy included
             ids = self._ids_rows[l]  # int64 [K] host, a row of the static buffer (valid for this step)
             ids_list = self._ids_np[l].tolist()
@@ -222,20 +252,57 @@ class PiecewiseDecode:
         if obs is not None and not late:
             self._observe(obs, l, r, ids, (ids_h, w_h) if replayed else None)
         get_slots = self._get_slots
-        if get_slots is not None:
+        fut = None
+        if self.split:
+            jobs: list = []
+            slots = get_slots(l, ids_list, cpu=jobs)
+            if jobs:
+                fut = self._start_cpu(l, r, jobs, w_h[0] if replayed else None)
+            elif self._dirty[l]:  # the static row still holds an earlier step's sum
+                self._partial_dev[l].zero_()
+                self._dirty[l] = False
+        elif get_slots is not None:
             slots = get_slots(l, ids_list)
         else:  # a provider without the host API: its device answer, read back
             slots = m.provider.get(l, ids).tolist()
-        hook = m.prefetch_hook
-        if hook is not None and not late:  # with a deferred observer the hook runs after it (_observe_late)
-            hook(l, ids.clone() if self.cuda else ids)  # the host row is rewritten next step: a copy to keep
         self._slot_np[:] = slots
         if self.cuda and not self._inside:
             self.slot_dev.copy_(self.slot_host, non_blocking=True)
+        if fut is not None:  # before the hook: its prefetches may reuse RAM blocks, never one a CPU job reads
+            self._finish_cpu(l, fut, len(jobs))
+        hook = m.prefetch_hook
+        if hook is not None and not late:  # with a deferred observer the hook runs after it (_observe_late)
+            hook(l, ids.clone() if self.cuda else ids)  # the host row is rewritten next step: a copy to keep
         t2 = time.perf_counter()
         self.wait_s += t1 - t0
         self.route_s += t2 - t1
         self._late = (obs, l, r, ids, (ids_h, w_h) if replayed else None) if late else None
+
+    def _start_cpu(self, l: int, r: Routed, jobs: list, w_replayed: Tensor | None) -> Any:
+        """Hand layer l's CPU experts to the worker: x and the routing weights on the host (the host has waited
+        for the stream, so the device rows are final; the weights row came with the ids)."""
+        m = self.model
+        if self.cuda:
+            x = self._x_host
+            x.copy_(r.x)  # [1, D] D2H, a few KB
+            w = self._w_rows[l]
+        else:
+            x, w = r.x, r.weights[0]
+        if w_replayed is not None:
+            w = w_replayed
+        return cpu_experts.start(m.provider, x, w, jobs, m.layers[l].moe.act, m.fp32_route_weights)
+
+    def _finish_cpu(self, l: int, fut: Any, n: int) -> None:
+        """Wait for layer l's CPU experts; their sum goes where seg l+1 reads it."""
+        t0 = time.perf_counter()
+        y = cpu_experts.finish(self.model.provider, fut, n)  # [1, D] host
+        if self._partial_dev is not None:
+            self._partial_host[l].copy_(y[0])
+            self._partial_dev[l].copy_(self._partial_host[l], non_blocking=True)  # the compute stream, before seg l+1
+            self._dirty[l] = True
+        else:
+            self._partial_next = y
+        self.cpu_wait_s += time.perf_counter() - t0
 
     def _observe_late(self) -> None:
         """A deferrable observer, called once the next segment is enqueued: its host work overlaps that
@@ -310,11 +377,16 @@ class PiecewiseDecode:
         self._stream = torch.cuda.current_stream(self.device)
         if not self._inside:
             self.step_dev.copy_(self.step_host, non_blocking=True)
+        t0 = time.perf_counter()
         chain.graphs[0].replay()
+        launch = time.perf_counter() - t0
         for l in range(self.L):
             self._route(l, chain.routed[l])
+            t0 = time.perf_counter()
             chain.graphs[l + 1].replay()
+            launch += time.perf_counter() - t0
             self._observe_late()
+        self.launch_s += launch
         return chain.logits
 
     def _run_eager(self, span: int, pos: int) -> Tensor:
@@ -455,11 +527,22 @@ class PiecewiseDecode:
         print(f"tiered: {msg}", file=sys.stderr)
 
     # --- stats ---
+    @property
+    def host_s_per_layer(self) -> float | None:
+        """Host seconds per layer of a step: routing work between segments (observer, slot lookup, copy issue,
+        prefetch hook, deferred observers) and graph launches; not the waits for the device's top-k nor for the
+        CPU experts' result. None before any step."""
+        n = self.steps * self.L
+        if not n:
+            return None
+        return (self.route_s - self.cpu_wait_s + self.late_s + self.launch_s) / n
+
     def stats(self) -> dict:
         return {"copies": self.copies, "spans": sorted(self.chains), "steps": self.steps,
-                "wait_s": self.wait_s, "route_s": self.route_s, "late_s": self.late_s, "capture_s": self.capture_s,
-                "graph_mem_bytes": self.graph_mem_bytes}
+                "wait_s": self.wait_s, "route_s": self.route_s, "late_s": self.late_s, "launch_s": self.launch_s,
+                "cpu_wait_s": self.cpu_wait_s, "host_s_per_layer": self.host_s_per_layer,
+                "capture_s": self.capture_s, "graph_mem_bytes": self.graph_mem_bytes}
 
     def reset_stats(self) -> None:
         self.steps = 0
-        self.wait_s = self.route_s = self.late_s = self.capture_s = 0.0
+        self.wait_s = self.route_s = self.late_s = self.capture_s = self.launch_s = self.cpu_wait_s = 0.0

@@ -169,6 +169,20 @@ class ModelConfig:
         rec = self.linear_num_value_heads * self.linear_key_head_dim * self.linear_value_head_dim * 4
         return self.num_linear_layers * (conv + rec)
 
+    def with_experts_per_token(self, k: int) -> "ModelConfig":
+        """The same model routing each token to `k` experts instead of its native top_k (--experts-per-token).
+
+        The router's rule is unchanged (model/routing.py): its top k of the same scores, renormalised to sum 1
+        when the family renormalises (norm_topk_prob), else the raw probabilities of the k kept. The native
+        count is kept in extra["native_top_k"]. Raises ValueError when k is not in 1..num_experts.
+        """
+        k = int(k)
+        if not 1 <= k <= self.num_experts:
+            raise ValueError(f"--experts-per-token {k} must be in 1..{self.num_experts} (this model's experts per "
+                             f"layer; its native top-k is {self.top_k})")
+        native = int(self.extra.get("native_top_k", self.top_k))
+        return dataclasses.replace(self, top_k=k, extra={**self.extra, "native_top_k": native})
+
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["eos_token_ids"] = list(self.eos_token_ids)

@@ -178,9 +178,12 @@ def _target(src_dt: str, dtype: str) -> str:
 
 
 def is_dense_matrix(name: str, ent: StEntry) -> bool:
-    """The dense weights --dense quantizes: 2-D float projections (attention, linear attention, shared
-    expert) and an untied lm_head. Embeddings, norms, routers and gates stay as they are."""
-    return len(ent.shape) == 2 and ent.dtype in FLOAT_CODES and (name.endswith("_proj") or name == "lm_head")
+    """The dense weights --dense quantizes: 2-D float projections (attention, the Gated DeltaNet's qkv, z and out,
+    shared expert) and an untied lm_head. Embeddings, norms, routers, gates, the DeltaNet's small b/a projections and
+    Qwen3-Next's interleaved lin_qkvz/lin_ba (the model reshapes them per head) stay as they are."""
+    leaf = name.rsplit(".", 1)[-1]
+    return len(ent.shape) == 2 and ent.dtype in FLOAT_CODES and (
+        name.endswith("_proj") or name == "lm_head" or leaf in ("lin_qkv", "lin_z", "lin_out"))
 
 
 @dataclass(frozen=True)

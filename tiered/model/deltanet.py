@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tiered.kernels import cuda_library_imports
+from tiered.kernels.quant_moe import qlinear
 
 CHUNK = 64  # chunk length of the chunked form (fla's and transformers' choice)
 BACKENDS = ("auto", "fla", "torch")
@@ -30,7 +31,7 @@ BACKENDS = ("auto", "fla", "torch")
 
 @dataclass(frozen=True)
 class DeltaWeights:
-    qkv: Tensor  # [C, D] in_proj_qkv (q, k, v rows, each head-major)
+    qkv: Tensor  # [C, D] in_proj_qkv (q, k, v rows, each head-major); qkv, z and out may be QuantWeights (--dense)
     z: Tensor  # [Hv*dv, D] output gate projection
     b: Tensor  # [Hv, D] beta projection (sigmoid -> learning rate)
     a: Tensor  # [Hv, D] decay projection
@@ -196,13 +197,13 @@ def deltanet(x: Tensor, w: DeltaWeights, shape: DeltaShape, conv_state: Tensor, 
     T = x.shape[0]
     s = shape
     Kd = s.num_k_heads * s.k_head_dim
-    qkv = causal_conv(F.linear(x, w.qkv), w.conv, conv_state)  # [T, C]
+    qkv = causal_conv(qlinear(x, w.qkv), w.conv, conv_state)  # [T, C] (the projections may be stored quantized)
     q = qkv[:, :Kd].reshape(T, s.num_k_heads, s.k_head_dim)
     k = qkv[:, Kd:2 * Kd].reshape(T, s.num_k_heads, s.k_head_dim)
     v = qkv[:, 2 * Kd:].reshape(T, s.num_v_heads, s.v_head_dim)
     beta = torch.sigmoid(F.linear(x, w.b))  # [T, Hv]
     g = -w.A_log.exp() * F.softplus(F.linear(x, w.a).float() + w.dt_bias)  # [T, Hv] fp32, <= 0
     o = delta_rule(q, k, v, g, beta, state, backend=backend)  # [T, Hv, dv]
-    z = F.linear(x, w.z).view(T, s.num_v_heads, s.v_head_dim)
+    z = qlinear(x, w.z).view(T, s.num_v_heads, s.v_head_dim)
     o = gated_rms_norm(o.to(x.dtype), w.norm, z, s.eps)
-    return F.linear(o.reshape(T, -1), w.out)
+    return qlinear(o.reshape(T, -1), w.out)

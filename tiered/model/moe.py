@@ -233,7 +233,8 @@ def moe_block(h: Tensor, x: Tensor, w: MoEWeights, provider: ExpertProvider, lay
 
 def expert_mix(x: Tensor, ids: Tensor, wts: Tensor, w: MoEWeights, provider: ExpertProvider, layer: int, *,
                slots: Tensor | None = None, fp32_weights: bool = False,
-               prefetch_hook: PrefetchHook | None = None, kernels: bool = False) -> Tensor:
+               prefetch_hook: PrefetchHook | None = None, kernels: bool = False,
+               partial: Tensor | None = None) -> Tensor:
     """The MoE output once routing is known: routed experts (+ the shared expert) -> [T, D].
 
     x [T, D] normed, ids [T, K] int64, wts [T, K] fp32 routing weights. With `slots` ([K] int64, T = 1)
@@ -243,6 +244,10 @@ def expert_mix(x: Tensor, ids: Tensor, wts: Tensor, w: MoEWeights, provider: Exp
     kernels=True (CUDA) runs the Triton kernels of model/moe_gpu.py over the same slots; False keeps the
     torch paths below (the CPU path and the kernels' reference). Quantized experts always take the paths
     below: experts_from_slots reads them with the fused dequantizing kernels on CUDA (kernels/quant_moe.py).
+    CPU experts (--cpu-experts, a provider with `split`): for one token without known slots, the provider's
+    get_split sends some experts to the CPU (their slot is a zero expert); they run on its worker thread while
+    the device computes the others, and their weighted sum is added after the device's routed experts.
+    `partial` [1, D] (piecewise step): that sum, already computed, to add the same way.
     """
     wc = wts if fp32_weights else wts.to(x.dtype)
     # the Triton kernels compute the plain SwiGLU without biases over unquantized pools: gpt-oss's and
@@ -257,6 +262,16 @@ def expert_mix(x: Tensor, ids: Tensor, wts: Tensor, w: MoEWeights, provider: Exp
             return experts_from_slots(x, s, wc, W, w.act)
     if slots is not None:
         out = one(x, slots, wc, provider.weights)
+    elif x.shape[0] == 1 and getattr(provider, "split", False):
+        from tiered.model import cpu_experts  # imports this module
+
+        s, jobs = provider.get_split(layer, ids[0])
+        fut = cpu_experts.start(provider, x.cpu(), wts[0].cpu(), jobs, w.act, fp32_weights) if jobs else None
+        out = one(x, s, wc, provider.weights)
+        if fut is not None:
+            partial = cpu_experts.finish(provider, fut, len(jobs)).to(x.device)
+        if prefetch_hook is not None:  # after the CPU jobs: its prefetches may reuse the RAM blocks they read
+            prefetch_hook(layer, ids[0].cpu())
     elif x.shape[0] == 1:
         s = provider.get(layer, ids[0])
         if prefetch_hook is not None:
@@ -266,6 +281,8 @@ def expert_mix(x: Tensor, ids: Tensor, wts: Tensor, w: MoEWeights, provider: Exp
         out = moe_gpu.experts_tokens(x, ids, wc, provider, layer, w.router.shape[0])
     else:
         out = experts_grouped(x, ids, wc, provider, layer, w.act)
+    if partial is not None:
+        out = out + partial
     if w.shared_gate is not None:
         out = out + shared_expert(x, w)
     return out

@@ -363,16 +363,17 @@ class Transformer:
             logits = routed_logits(ids, wts, logits.shape[-1])
         return logits, ids, wts
 
-    def experts_out(self, l: int, r: Routed, slots: Tensor | None = None) -> Tensor:
+    def experts_out(self, l: int, r: Routed, slots: Tensor | None = None, partial: Tensor | None = None) -> Tensor:
         """Layer l's MoE output [T, D] (routed + shared experts); `slots` [K] = known slot rows (T = 1),
-        else the provider resolves them (and the prefetch hook runs, for one token). A dense layer runs its MLP."""
+        else the provider resolves them (and the prefetch hook runs, for one token). `partial` [1, D]: the
+        CPU-computed experts' sum, added after the device's (model/cpu_experts.py). A dense layer runs its MLP."""
         lw = self.layers[l]
         if lw.dense_mlp is not None:
             g, u, d = lw.dense_mlp
             return linear(F.silu(linear(r.x, g)) * linear(r.x, u), d)
         return expert_mix(r.x, r.ids, r.weights, self.layers[l].moe, self.provider, l, slots=slots,
                           fp32_weights=self.fp32_route_weights, prefetch_hook=self._prefetch_hook,
-                          kernels=self.kernels)
+                          kernels=self.kernels, partial=partial)
 
     def head(self, h: Tensor, all_logits: bool = False) -> Tensor:
         """Final norm and lm_head: h [T, D] -> logits [T, V] (all_logits) or [1, V] (the last position)."""
@@ -385,13 +386,14 @@ class Transformer:
         """Segment 0: embedding, layer 0's attention, norm and router."""
         return self.attend_route(0, F.embedding(tokens, self.embed), plan)
 
-    def segment_mid(self, l: int, prev: Routed, slots: Tensor, plan: StepPlan) -> Routed:
-        """Segment l (1..L-1): layer l-1's experts from `slots` [K] + residual, then layer l up to its router."""
-        return self.attend_route(l, prev.h + self.experts_out(l - 1, prev, slots), plan)
+    def segment_mid(self, l: int, prev: Routed, slots: Tensor, plan: StepPlan, partial: Tensor | None = None) -> Routed:
+        """Segment l (1..L-1): layer l-1's experts from `slots` [K] (+ `partial`, its CPU experts' sum) +
+        residual, then layer l up to its router."""
+        return self.attend_route(l, prev.h + self.experts_out(l - 1, prev, slots, partial), plan)
 
-    def segment_last(self, prev: Routed, slots: Tensor) -> Tensor:
-        """Segment L: layer L-1's experts from `slots` [K] + residual, final norm, lm_head -> logits [1, V]."""
-        return self.head(prev.h + self.experts_out(len(self.layers) - 1, prev, slots), False)
+    def segment_last(self, prev: Routed, slots: Tensor, partial: Tensor | None = None) -> Tensor:
+        """Segment L: layer L-1's experts from `slots` [K] (+ `partial`) + residual, final norm, lm_head -> logits [1, V]."""
+        return self.head(prev.h + self.experts_out(len(self.layers) - 1, prev, slots, partial), False)
 
     # --- graph-capturable one-token step ---
     @property

@@ -185,6 +185,8 @@ def simulate(trace: Trace, tiers: TierModel, *, predictor: Predictor | None = No
                     for tgt in range(l + 1, min(L, l + 1 + tiers.prefetch_depth)):
                         ct = caches[tgt if per_layer else 0]
                         cand = [tgt * E + int(e) for e in choose(predictor.rank(tgt), tiers.prefetch_budget)]
+                        # as the cache does: never more than the slots the current step leaves free
+                        cand = cand[:max(0, ct.capacity - (len(pinned) if ct is c else 0))]
                         protect = pinned | set(cand)
                         for k in cand:
                             if k in ct.policy:

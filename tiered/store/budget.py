@@ -55,10 +55,14 @@ def meminfo(key: str) -> int | None:
 
 
 def estimate_dense_bytes(layout: Any, dtype: torch.dtype) -> int:
-    """Bytes of the dense weights once converted to the compute dtype (floating tensors only)."""
+    """Bytes of the dense weights on the compute device: float tensors converted to the compute dtype; the parts of
+    quantized weights (codes, scales, mins: the manifest's dense quant descriptions) as stored, since the model keeps
+    them so (QuantWeight)."""
     entries, _ = read_safetensors_header(layout.path / DENSE_FILE)
     size = torch.empty((), dtype=dtype).element_size()
-    return sum(e.nbytes // ST_ITEMSIZE[e.dtype] * size for e in entries.values())
+    quant = getattr(getattr(layout, "manifest", None), "dense_quant", None) or {}
+    stored = {q.get(p_, n) if p_ != "q" else n for n, q in quant.items() for p_ in ("q", "scale", "min")}
+    return sum(e.nbytes if n in stored else e.nbytes // ST_ITEMSIZE[e.dtype] * size for n, e in entries.items())
 
 
 def estimate_kv_bytes(cfg: Any, max_context: int, dtype: torch.dtype) -> int:
@@ -89,6 +93,8 @@ def plan_budget(cfg: Any, block_size: int, tiers: TierConfig, *, device: torch.d
     K = cfg.top_k
     cuda = device.type == "cuda"
     notes: list[str] = []
+    if tiers.cpu_experts != "off" and cuda:  # the all-zero expert row the CPU-expert steps point at (vram.py)
+        scratch_bytes += block_size
     fixed = dense_bytes + kv_bytes + scratch_bytes
     brk = {"dense": dense_bytes, "kv_cache": kv_bytes, "scratch": scratch_bytes}
     need_min = f"one layer's top-k = {K} slots x {block_size / MiB:.2f} MiB = {K * block_size / GiB:.3f} GiB"

@@ -28,7 +28,9 @@ import torch
 from tiered.store.budget import (GiB, CachePlan, estimate_dense_bytes, estimate_kv_bytes,
                                  estimate_scratch_bytes, meminfo, plan_budget)
 from tiered.store.hostmem import HostRegistrar
+from tiered.store.disk import expert_views
 from tiered.store.io import BlockReader, Faults
+from tiered.store.offload import CostModel, CpuExpertCounts, CpuWorker, cpu_threads
 from tiered.store.options import BudgetError, TierConfig, default_context
 from tiered.store.policy import PREDICTED, ScoredEviction, make_policy
 from tiered.store.provider import HostSlotProvider
@@ -77,8 +79,11 @@ class ExpertCache(HostSlotProvider):
 
         self.reader = BlockReader(layout, io=tiers.io, verify=tiers.verify, threads=tiers.io_threads, faults=faults)
         S = plan.expert_slots
+        # CPU experts (offload.py): a zero slot for the experts a step computes on the CPU, a worker thread
+        self.cpu_mode = tiers.cpu_experts
+        self.split = self.cpu_mode != "off"
         self.vram = SlotPool(S, self.block_size, layout.tensor_specs, pol(tiers.policy), device=self.device,
-                             max_per_call=S, ring=max(64, 2 * cfg.num_layers + 2))
+                             max_per_call=S, ring=max(64, 2 * cfg.num_layers + 2), zero_slot=self.split)
         self.weights = self.vram.weights
         self.max_experts_per_call = S
         self.ram: PinnedPool | None = None
@@ -109,6 +114,21 @@ class ExpertCache(HostSlotProvider):
             self.ram.preload(list(range(self.num_layers * self.num_experts)), 0)
             self.preload_s = time.perf_counter() - t0
         self._read_base = (self.reader.bytes_read, self.reader.blocks_read, self.reader.read_s)
+        self.pace = self.vram.set_pace(tiers.h2d_gbps)
+        self.cpu_threads = cpu_threads(tiers.cpu_threads) if self.split else 0
+        self.cpu = CpuExpertCounts()
+        self.cpu_worker: CpuWorker | None = CpuWorker(self.cpu_threads) if self.split else None
+        self.cpu_dtype: str | None = None  # set by the model's CPU-expert code (model/cpu_experts.py)
+        # --cpu-experts auto: the cost model. CUDA: the PCIe rate is measured now (or the paced target), the CPU
+        # rate by the model's probe (model/cpu_experts.prepare). A CPU device has no link to save (its device
+        # tier is RAM), so auto places nothing on the CPU there, unless the copies are paced (--h2d-gbps: a
+        # slow link emulated on the CPU) or a cost model is set (tests).
+        self.cost_model: CostModel | None = None
+        if self.cpu_mode == "auto" and (cuda or tiers.h2d_gbps > 0):
+            pcie = tiers.h2d_gbps or self.pace.get("h2d_gbps_native") or self.vram.measure_h2d_gbps()
+            self.cost_model = CostModel(pcie, 0.0)  # cpu_gbps 0 = "not measured": copy until the probe ran
+        self._file_views: Any = None  # ExpertWeights over the whole experts.bin mapping (row = key)
+        self._ram_views: Any = None  # ExpertWeights over the RAM tier's copy buffer (row = RAM slot)
 
     def _probe_register(self) -> bool:
         """Try cudaHostRegister on one mapped block; False (and a note on stderr) when refused."""
@@ -149,7 +169,8 @@ class ExpertCache(HostSlotProvider):
         """int64 [U] distinct ids of `layer` -> int64 [U] slot rows into `weights`, usable on the current stream."""
         return self.vram.index_tensor(self.get_slots(layer, expert_ids))
 
-    def get_slots(self, layer: int, expert_ids: torch.Tensor | Sequence[int], *, wait: bool = True) -> list[int]:
+    def get_slots(self, layer: int, expert_ids: torch.Tensor | Sequence[int], *, wait: bool = True,
+                  cpu: list | None = None) -> list[int]:
         """get() without the device index tensor: the slot rows as host ints (SEAMS.md, optional provider API).
 
         Same bookkeeping, copies and stream waits as get(); the caller hands the rows to the device itself
@@ -157,8 +178,15 @@ class ExpertCache(HostSlotProvider):
         Called once per layer per token: no per-call tensors, one dict lookup per key on the hit path.
         wait=False leaves the current stream's wait to the caller (`wait_slots`), so compute on the slots
         that were resident can run while the missing ones are copied in (the batch step does this).
+        cpu: a list to fill with the experts to compute on the CPU (--cpu-experts all, or auto's cost model on
+        misses; only when `split`): (k, weights, row) per such expert, with k its index in expert_ids and
+        weights[row] its host weights (ExpertWeights over the RAM tier or the file mapping, resident until the
+        next get()). Their returned slot is `vram.zero_slot`, whose zero weights output exactly 0.
         """
-        ids = expert_ids.tolist() if isinstance(expert_ids, torch.Tensor) else [int(e) for e in expert_ids]
+        if type(expert_ids) is list:  # the piecewise step's host ints
+            ids = expert_ids
+        else:
+            ids = expert_ids.tolist() if isinstance(expert_ids, torch.Tensor) else [int(e) for e in expert_ids]
         n = len(ids)
         if n > self.max_experts_per_call:
             raise ValueError(f"get(layer {layer}) asked for {n} experts at once, more than the "
@@ -180,11 +208,18 @@ class ExpertCache(HostSlotProvider):
         resident = vt.slot_of  # key -> slot (SlotTable's own dict: lookups without a call per key)
         touch = vt.policy.touch
         slots: list[int] = [resident.get(k, -1) for k in keys]
+        on_cpu: list[int] = []
+        if cpu is not None and self.split:
+            on_cpu = self._place_cpu(slots, keys)
+            for i in on_cpu:
+                slots[i] = self.vram.zero_slot
         missing: list[int] = []
         prefetched = self._prefetched
         for i, k in enumerate(keys):  # hits are touched in key order
             if slots[i] < 0:
                 missing.append(i)
+                continue
+            if on_cpu and i in on_cpu:
                 continue
             touch(k, t)
             if prefetched and k in prefetched:
@@ -192,11 +227,11 @@ class ExpertCache(HostSlotProvider):
                 self.prefetch_used += 1
         if missing or self._prefetch_seen:  # copies may follow (now, or a prefetch after more compute is enqueued)
             self.vram.note_handoff(t)
-        nh = n - len(missing)
+        nh = n - len(missing) - len(on_cpu)
         self.vram.hits += nh
-        self.vram.misses += len(missing)
+        self.vram.misses += len(missing) + len(on_cpu)  # a CPU expert was not found in the device tier
         ph.hits += nh
-        ph.misses += len(missing)
+        ph.misses += len(missing) + len(on_cpu)
         if missing:
             t0 = time.perf_counter()
             ram_wait0 = self.ram.wait_s if self.ram is not None else 0.0
@@ -215,9 +250,74 @@ class ExpertCache(HostSlotProvider):
                 ph.stall_s += (self.ram.wait_s - ram_wait0) if self.ram is not None else 0.0
             else:
                 ph.stall_s += time.perf_counter() - t0
+        if on_cpu:
+            self._host_blocks(layer, [keys[i] for i in on_cpu], on_cpu, t, pinned, cpu)
         if wait:
             self.vram.wait_for(slots, self.phase)
         return slots
+
+    # --- CPU experts ---
+    def _place_cpu(self, slots: list[int], keys: list[int]) -> list[int]:
+        """Indices of this step's experts to compute on the CPU: all of them (--cpu-experts all), or the misses
+        the cost model sends there (auto); hot misses (a predicted-eviction score above the lowest resident
+        score: the policy would keep them) are copied."""
+        if self.cpu_mode == "all":
+            return list(range(len(keys)))
+        cm = self.cost_model
+        if cm is None or cm.cpu_gbps <= 0:
+            return []
+        miss = [i for i, s in enumerate(slots) if s < 0]
+        if not miss:
+            return []
+        sc = self.eviction_scores
+        if sc is not None and sc.resident.any():
+            floor = sc.score[sc.resident].min()
+            miss = [i for i in miss if sc.score[keys[i]] <= floor]
+        queued = len(self.vram._pending) * self.block_size / (cm.pcie_gbps * 1e9) if self.vram._pending else 0.0
+        where = cm.place(len(miss), self.block_size, pcie_queue_s=queued)
+        return [i for i, c in zip(miss, where) if c]
+
+    def _host_blocks(self, layer: int, keys: list[int], idx: list[int], t: int, pinned: set[int], out: list) -> None:
+        """The host weights of CPU-computed experts, read in place: the RAM tier's pinned copy when the block is
+        there (a RAM hit; a read started by a prefetch is waited for), else the file mapping (the page cache,
+        verified on first use). Nothing is evicted for them, so no block a CPU job reads can be reused before
+        the next get(). Appends (k, weights, row) to `out`, in the order of the step's ids."""
+        if self._file_views is None:
+            self._file_views = expert_views(self.layout.expert_file_pool(), self.layout.tensor_specs)
+        where = dict(zip(keys, idx))
+        ram = self.ram
+        in_ram = [k for k in keys if ram is not None and ram.rows is not None and ram.table.lookup(k) is not None]
+        if in_ram:
+            if self._ram_views is None:
+                self._ram_views = expert_views(ram.rows, self.layout.tensor_specs)
+            for k, rs in ram.fetch(in_ram, t, pinned):  # all hits: touches them, settles reads in flight
+                out.append((where[k], self._ram_views, rs))
+        for k in keys:
+            if k not in in_ram:
+                self.reader.verify_mapped(k)
+                out.append((where[k], self._file_views, k))
+        out.sort(key=lambda j: j[0])
+
+    def get_split(self, layer: int, expert_ids: torch.Tensor | Sequence[int]) -> tuple[torch.Tensor, list]:
+        """get() for a one-token step that may compute some experts on the CPU: (int64 [U] slot rows on the
+        device, the CPU jobs of get_slots(cpu=...)); a CPU expert's slot row is the zero slot."""
+        jobs: list = []
+        slots = self.get_slots(layer, expert_ids, cpu=jobs)
+        return self.vram.index_tensor(slots), jobs
+
+    def _host_blocks_probe(self, out: list) -> None:
+        """The host weights of layer 0's expert 0 as one CPU job (the CPU-rate probe at load), from the
+        verified mapping; no bookkeeping."""
+        if self._file_views is None:
+            self._file_views = expert_views(self.layout.expert_file_pool(), self.layout.tensor_specs)
+        self.reader.verify_mapped(0)
+        out.append((0, self._file_views, 0))
+
+    def note_cpu_experts(self, count: int, seconds: float) -> None:
+        """The model's CPU-expert code reports a layer's work (stats; the cost model's running CPU rate)."""
+        self.cpu.add(count, count * self.block_size, seconds)
+        if self.cost_model is not None:
+            self.cost_model.note_cpu(count * self.block_size, seconds)
 
     def wait_slots(self, slots: list[int]) -> None:
         """The current stream waits for the copies into these slots (after get_slots(..., wait=False))."""
@@ -261,9 +361,8 @@ class ExpertCache(HostSlotProvider):
             for k in keys:
                 t0 = time.perf_counter()
                 self.reader.verify_mapped(k)
-                self.vram.row(slot_of[k]).copy_(self.reader.mapped_row(k))
+                self.vram.copy_in(slot_of[k], self.reader.mapped_row(k))  # paced under --h2d-gbps
                 self.reader.note_mapped_read(self.block_size, time.perf_counter() - t0)
-                self.vram.note_filled(slot_of[k])
             return
         futures = [(k, self.reader.submit(k, self.vram.row(slot_of[k]))) for k in keys]
         err = None
@@ -349,6 +448,10 @@ class ExpertCache(HostSlotProvider):
         }
         if self.preload_s is not None:
             out["ram_preload_s"] = self.preload_s
+        out["cpu_experts"] = self.cpu.stats(self.cpu_mode, self.cpu_threads, self.cpu_dtype, self.cost_model)
+        out["h2d_gbps_target"] = self.tiers.h2d_gbps or None
+        if self.pace.get("h2d_gbps_native"):
+            out["h2d_gbps_native"] = self.pace["h2d_gbps_native"]
         return out
 
     def reset_stats(self) -> None:
@@ -363,9 +466,12 @@ class ExpertCache(HostSlotProvider):
         self._read_base = (self.reader.bytes_read, self.reader.blocks_read, self.reader.read_s)
         self._phases = {"prefill": _PhaseCounts(), "decode": _PhaseCounts()}
         self.prefetch_issued = self.prefetch_used = 0
+        self.cpu = CpuExpertCounts()
 
     def close(self) -> None:
-        """Wait for copies, unregister registered blocks, stop the reader threads."""
+        """Wait for copies, unregister registered blocks, stop the reader and CPU-expert threads."""
+        if self.cpu_worker is not None:
+            self.cpu_worker.close()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         if self.ram is not None:

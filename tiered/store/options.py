@@ -26,6 +26,7 @@ def default_context(cfg: Any, max_context: int | None = None) -> int:
 
 IO_MODES = ("mmap", "direct")
 VERIFY_MODES = ("first-use", "none")
+CPU_EXPERT_MODES = ("auto", "off", "all")
 
 
 class BudgetError(ValueError):
@@ -61,6 +62,14 @@ class TierConfig:
                                       "one token]")
     prefetch_depth: int | None = _opt(None, "Layers ahead to prefetch (the predictor's prefetcher)", ("min", 0))
     prefetch_budget: int | None = _opt(None, "Experts prefetched per layer [default: 1.5 x top-k]", ("min", 0))
+    cpu_experts: str = _opt("auto", "Decode misses computed on the CPU from the RAM tier: auto (per miss, where it "
+                                    "finishes first: PCIe copy or CPU; on a CPU device only with --h2d-gbps), off, "
+                                    "or all (every routed expert on the CPU, like llama.cpp's -ot exps=CPU)",
+                            CPU_EXPERT_MODES)
+    cpu_threads: int = _opt(0, "Threads of the CPU-expert worker (0 = the physical cores: the usable CPUs, halved "
+                               "when SMT is on)", ("min", 0))
+    h2d_gbps: float = _opt(0.0, "Benchmark option: pace host->GPU expert copies to this many GB/s (10^9 B/s), "
+                                "emulating a slower PCIe link (0 = unpaced)")
 
     def __post_init__(self) -> None:
         if self.io not in IO_MODES:
@@ -81,6 +90,12 @@ class TierConfig:
             raise BudgetError(f"--expert-slots must be >= 1, got {self.expert_slots}")
         if self.io_threads < 1:
             raise BudgetError(f"--io-threads must be >= 1, got {self.io_threads}")
+        if self.cpu_experts not in CPU_EXPERT_MODES:
+            raise BudgetError(f"--cpu-experts must be one of {list(CPU_EXPERT_MODES)}, got {self.cpu_experts!r}")
+        if not isinstance(self.cpu_threads, int) or self.cpu_threads < 0:
+            raise BudgetError(f"--cpu-threads must be an integer >= 0 (0 = the physical cores), got {self.cpu_threads!r}")
+        if not (isinstance(self.h2d_gbps, (int, float)) and self.h2d_gbps >= 0 and math.isfinite(self.h2d_gbps)):
+            raise BudgetError(f"--h2d-gbps must be a non-negative number of GB/s (0 = unpaced), got {self.h2d_gbps!r}")
         if self.flru_w is not None and not (self.flru_w > 0 and math.isfinite(self.flru_w)):
             raise BudgetError(f"--flru-w must be a positive number of get() ticks, got {self.flru_w}")
 
@@ -94,3 +109,19 @@ class TierConfig:
 
 
 BUDGET_KEYS = tuple(f.name for f in fields(TierConfig))  # what load(budget=...) accepts
+# Keys that apply with or without the expert cache: alone they keep every expert resident (engine.make_provider).
+# The CPU-expert and pacing options act on the expert cache's misses; with resident experts there are none.
+NON_CACHE_KEYS = ("verify", "cpu_experts", "cpu_threads", "h2d_gbps")
+
+
+def physical_cores() -> int:
+    """The CPUs this process may use, halved when the machine runs two hardware threads per core (SMT)."""
+    import os
+
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        with open("/sys/devices/system/cpu/smt/active") as f:
+            smt = f.read().strip() == "1"
+    except OSError:
+        smt = False
+    return max(1, n // 2 if smt else n)

@@ -29,6 +29,32 @@ from tiered.store.policy import Policy
 from tiered.store.slots import SlotTable
 
 
+def pace_until(deadline: float) -> None:
+    """Sleep (then spin for the last 100 us) until time.perf_counter() reaches `deadline`."""
+    left = deadline - time.perf_counter()
+    if left > 2e-4:
+        time.sleep(left - 1e-4)
+    while time.perf_counter() < deadline:
+        pass
+
+
+def sleep_cycles_per_second(device: torch.device) -> float:
+    """Calibrate torch.cuda._sleep: GPU cycles per second of sleep (measured with events, best of 3)."""
+    cycles = 10_000_000
+    best = 0.0
+    s = torch.cuda.Stream(device)
+    with torch.cuda.stream(s):
+        torch.cuda._sleep(1000)  # load the kernel
+        for _ in range(3):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record(s)
+            torch.cuda._sleep(cycles)
+            b.record(s)
+            b.synchronize()
+            best = max(best, cycles / (a.elapsed_time(b) / 1e3))
+    return best
+
+
 class SlotPool:
     """S device slots with a side stream and per-slot ready events.
 
@@ -40,20 +66,27 @@ class SlotPool:
         device: compute device.
         max_per_call: the most slots one get() returns (sizes the index ring).
         ring: how many returned index tensors stay valid (a token's worth of layers is enough).
+        zero_slot: add one more row of zero bytes after the S slots, never assigned (`zero_slot` = S): an expert
+            whose weights are all zero outputs exactly 0 (SwiGLU, biases and quantized formats alike), so the
+            GPU computes a step's CPU-assigned experts there at no cost to the result (CPU experts, offload.py).
     """
 
     def __init__(self, n_slots: int, block_size: int, specs: Any, policy: Policy, *, device: torch.device,
-                 max_per_call: int, ring: int = 64) -> None:
+                 max_per_call: int, ring: int = 64, zero_slot: bool = False) -> None:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.n_slots = n_slots
         self.block_size = block_size
         self.table = SlotTable(n_slots, policy)
+        rows = n_slots + (1 if zero_slot else 0)
+        self.zero_slot = n_slots if zero_slot else None
         if self.cuda:
-            self.pool = torch.empty((n_slots, block_size), dtype=torch.uint8, device=self.device)  # [S, block]
+            self.pool = torch.empty((rows, block_size), dtype=torch.uint8, device=self.device)  # [S(+1), block]
         else:  # page aligned, so O_DIRECT can read straight into a slot when there is no RAM tier
-            flat, self._owner = aligned_empty(n_slots * block_size, pin=False)
-            self.pool = flat.view(n_slots, block_size)
+            flat, self._owner = aligned_empty(rows * block_size, pin=False)
+            self.pool = flat.view(rows, block_size)
+        if zero_slot:
+            self.pool[n_slots].zero_()
         self.weights = expert_views(self.pool, specs)
         self._rows = list(self.pool.unbind(0))  # per-slot views made once: no view creation per copy
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
@@ -87,6 +120,9 @@ class SlotPool:
         self.bytes_in = 0
         self.hits = 0
         self.misses = 0
+        self.h2d_gbps = 0.0  # pacing target (GB/s), 0 = unpaced: set_pace
+        self._sleep_cycles_per_byte = 0.0  # CUDA: torch.cuda._sleep cycles enqueued per byte copied
+        self._pace_s_per_byte = 0.0  # CPU: seconds a copy of one byte must take
 
     @property
     def nbytes(self) -> int:
@@ -151,15 +187,65 @@ class SlotPool:
         return torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext()
 
     def copy_in(self, slot: int, src: torch.Tensor) -> None:
-        """Copy one host block into `slot` (CUDA: async, inside copy_context(); CPU: now)."""
+        """Copy one host block into `slot` (CUDA: async, inside copy_context(); CPU: now). Under a pace
+        (set_pace) the copy is followed by a wait on the side stream (CUDA) or the host (CPU) so that the
+        block takes block_size / h2d_gbps seconds."""
         if self.cuda:
             self._rows[slot].copy_(src, non_blocking=True)
+            if self._sleep_cycles_per_byte:
+                torch.cuda._sleep(int(self._sleep_cycles_per_byte * self.block_size))
             self._ready[slot].record(self.stream)
             self._issued += 1
             self._pending[slot] = self._issued
         else:
+            t0 = time.perf_counter()
             self._rows[slot].copy_(src)
+            if self._pace_s_per_byte:
+                pace_until(t0 + self._pace_s_per_byte * self.block_size)
         self.bytes_in += self.block_size
+
+    # --- pacing (benchmarks: --h2d-gbps emulates a slower link) ---
+    def set_pace(self, gbps: float) -> dict:
+        """Pace host->device expert copies to `gbps` GB/s (0 = unpaced). CUDA: the native rate of one block's
+        copy from pinned memory and the GPU's sleep cycles per second are measured once, and each copy is
+        followed by torch.cuda._sleep for the difference on the side stream. CPU (the device tier is RAM): the
+        host sleeps until the copy has taken block_size / gbps. Returns what was measured."""
+        self.h2d_gbps = float(gbps)
+        self._sleep_cycles_per_byte = self._pace_s_per_byte = 0.0
+        if gbps <= 0:
+            return {}
+        if not self.cuda:
+            self._pace_s_per_byte = 1.0 / (gbps * 1e9)
+            return {"h2d_gbps_target": gbps}
+        native = self.measure_h2d_gbps()
+        cps = sleep_cycles_per_second(self.device)
+        extra = max(0.0, 1.0 / (gbps * 1e9) - 1.0 / (native * 1e9))  # seconds per byte beyond the copy itself
+        self._sleep_cycles_per_byte = extra * cps
+        return {"h2d_gbps_target": gbps, "h2d_gbps_native": native, "sleep_cycles_per_s": cps}
+
+    def measure_h2d_gbps(self, blocks: int = 8) -> float:
+        """The unpaced host->device rate of whole-block copies from pinned memory into the slots (GB/s). On
+        CPU: memcpy into a slot."""
+        n = max(1, min(blocks, self.n_slots))
+        src, owner = aligned_empty(self.block_size, pin=self.cuda)
+        src.fill_(0)
+        if not self.cuda:
+            t0 = time.perf_counter()
+            for i in range(n):
+                self._rows[i].copy_(src)
+            return n * self.block_size / max(time.perf_counter() - t0, 1e-9) / 1e9
+        best = 0.0
+        for _ in range(3):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            with torch.cuda.stream(self.stream):
+                a.record(self.stream)
+                for i in range(n):
+                    self._rows[i].copy_(src, non_blocking=True)
+                b.record(self.stream)
+            b.synchronize()
+            best = max(best, n * self.block_size / (a.elapsed_time(b) / 1e3) / 1e9)
+        owner.release()
+        return best
 
     def row(self, slot: int) -> torch.Tensor:
         """The slot's bytes (CPU: a host buffer that a reader may fill directly)."""

@@ -1,0 +1,644 @@
+"""Qwen3.5-397B-A17B on a laptop, emulated on the GPU box (issue 16): slices, scaled budgets, replayed routing, and
+the tier simulator's projection to 60 layers on the target machine (8 GB VRAM, 64 GB RAM, 7 GB/s NVMe, PCIe 25 GB/s).
+
+Phases (each one device call of < 9 minutes; --work keeps layouts and state.json between calls on a warm machine, and
+a phase rebuilds what it needs when the machine came back cold):
+  write    two random q4 slices of the 397B shape (tools/write_random_layout.py, 3:1 DeltaNet:attention): A with N
+           layers and B with M layers (N, M multiples of 4; N as large as the free disk allows after B and a margin;
+           nothing outside --work is touched). About 1 GB/s: 8 + 4 layers (46 GB) in about a minute.
+  slice    per slice, K = 10 and K = 4 (--experts-per-token), routing replayed from the reference model's eval traces
+           (predict/replay.py map_routing) and uniform (the pessimistic case): batch-1 decode tok/s and ms per
+           layer, hit rates, bytes, at the target's budgets scaled to the slice:
+             VRAM  7.45 GiB: the embeddings and lm_head are subtracted, the rest scaled by N/60. When tiered's own
+                   dense weights of the slice do not fit that (today: Gated DeltaNet projections are not quantized
+                   and the embeddings stay bf16 on the GPU, 14.8 GB at 60 layers), the slice gets the expert slots the
+                   target would have with Flash-MoE's 5.5 GB of non-expert weights (--target-dense-gb), scaled, and
+                   the JSON says so (budget_mode).
+             RAM   64 GiB less --os-gib for the OS and the process, scaled by N/60: the pinned RAM tier.
+             PCIe  --h2d-gbps 25 (when this tiered has the option; the achieved GB/s is reported beside it).
+           Batch 8 and 32: the batch scheduler is probed; it refuses Gated DeltaNet / gated attention families today,
+           and the JSON records its message instead of a figure.
+  balloon  slice A at K = 10, replayed routing, --io direct, with a separate process locking (mlock) the RAM the
+           laptop's share does not allow, so that page cache + pinned tier cannot exceed it: the disk tier is
+           exercised for real. Reported beside raw O_DIRECT reads of the same experts.bin in the same run (caches
+           dropped before each).
+  project  (CPU only) the tier simulator of `tiered tune` (predict/simulate.py), calibrated on slice A's measured
+           decode (one free parameter: the per-layer fixed cost, given the run's measured H2D and read rates), checked
+           on slice B: calibration_error = |predicted - measured| / measured must be <= 0.10 before the projection
+           counts. Then 60 layers on the target: its slots and RAM tier, PCIe 25 GB/s, NVMe 7 GB/s, the per-layer
+           cost plus the active bytes over the target's HBM (--target-hbm-gbps). projected_tok_s_k10 / _k4.
+
+    python3 benchmarks/bench_397b.py --phases write,slice --work /root/b397          # call 1 (~6-8 min)
+    python3 benchmarks/bench_397b.py --phases balloon,project --work /root/b397      # call 2 (~3-5 min)
+    python3 benchmarks/bench_397b.py --small --phases all --work /tmp/b397s          # the pipeline, tiny, CPU (~1 min)
+Prints a table, then one JSON line last; writes $OUT/397b.json when OUT is set (and --work/state.json always, after
+every run: a `slice` call cut short by the time limit resumes where it stopped; --redo measures everything again).
+Result keys: projected_tok_s_k10, projected_tok_s_k4, calibration_error, plus the raw figures; date, commit, device.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO / "tools"))
+
+from benchmeta import git_commit, write_out  # noqa: E402
+from write_random_layout import plan as layout_plan, write_layout  # noqa: E402
+
+from tiered.engine import EngineError, load  # noqa: E402
+from tiered.predict.replay import ReplayRouting, map_routing, routing_stats, uniform_routing  # noqa: E402
+from tiered.predict.simulate import TierModel, simulate  # noqa: E402
+from tiered.predict.trace import Trace, TraceRecorder, record, split_ids  # noqa: E402
+from tiered.store.budget import estimate_dense_bytes, estimate_kv_bytes, estimate_scratch_bytes  # noqa: E402
+from tiered.store.cache import ExpertCache  # noqa: E402
+from tiered.store.disk import Layout  # noqa: E402
+from tiered.store.options import BUDGET_KEYS  # noqa: E402
+
+GiB = 1 << 30
+PHASES = ("write", "slice", "balloon", "project")
+TARGET_LAYERS = 60
+FLASH_MOE = {"m3_max_48gb_k4": 4.36, "m3_max_48gb_k10": 1.20, "rtx4090_64gb_k4_avg": 5.35, "rtx4090_64gb_k4_peak": 5.86}
+
+
+def log(msg: str) -> None:
+    print(f"[397b] {msg}", file=sys.stderr, flush=True)
+
+
+def free_engine(engine=None) -> None:
+    if engine is not None:
+        close = getattr(engine.model.provider, "close", None)
+        if close is not None:
+            close()
+    del engine
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def drop_caches() -> bool:
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError as e:
+        log(f"drop_caches refused ({e.strerror}): cold-read figures are not cold")
+        return False
+
+
+def meminfo(key: str) -> int | None:
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+# --- state ---------------------------------------------------------------------------------------------
+def load_state(work: Path) -> dict:
+    p = work / "state.json"
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def save_state(work: Path, st: dict) -> None:
+    (work / "state.json").write_text(json.dumps(st, indent=1))
+
+
+# --- write ---------------------------------------------------------------------------------------------
+def slice_sizes(a, work: Path) -> tuple[int, int]:
+    """(N, M): M = --layers-b; N the largest multiple of 4 (<= --max-layers) whose layout fits the free disk next to
+    B's and a margin (layouts already under --work count as free: they are replaced)."""
+    if a.layers:
+        return a.layers, a.layers_b
+    per = layout_plan(a.preset, 4, a.experts, a.dense)
+    fixed = per["dense_bytes_not_per_layer"]
+    per_layer = (per["expert_bytes"] + per["dense_bytes"] - fixed) / 4
+    have = shutil.disk_usage(work).free + sum(_du(work / n) for n in ("A", "B"))
+    room = have - a.margin_gb * 1e9 - 2 * fixed - a.layers_b * per_layer
+    n = int(room // per_layer) // 4 * 4
+    n = min(n, a.max_layers)
+    if n < a.layers_b + 4:
+        raise SystemExit(f"{have / 1e9:.1f} GB free under {work}: not enough for two slices ({per_layer / 1e9:.2f} GB "
+                         f"per layer, {fixed / 1e9:.2f} GB of embeddings each, margin {a.margin_gb} GB)")
+    return n, a.layers_b
+
+
+def _du(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) if Path(path).exists() else 0
+
+
+def ensure_slices(a, work: Path, st: dict) -> dict:
+    """Layouts A and B under --work (written when missing or of another size)."""
+    want = st.get("slices") or {}
+    n, m = (want.get("A", {}).get("layers"), want.get("B", {}).get("layers")) if want else slice_sizes(a, work)
+    out = {}
+    for name, layers in (("B", m), ("A", n)):  # B first: it is small, and A takes what is left
+        path = work / name
+        ok = (path / "manifest.json").is_file() and Layout.open(path).config.num_layers == layers
+        info = {"layers": layers, "path": str(path)}
+        if not ok:
+            log(f"writing slice {name}: {layers} layers, experts {a.experts}, dense {a.dense} -> {path}")
+            info["write"] = write_layout(path, preset=a.preset, layers=layers, experts=a.experts, dense=a.dense,
+                                         seed=a.seed, force=True, progress=not a.no_progress, margin_gb=a.margin_gb)
+        else:
+            info["write"] = (want.get(name) or {}).get("write", "reused")
+        out[name] = info
+    st["slices"] = out
+    return out
+
+
+# --- routing -------------------------------------------------------------------------------------------
+def find_text(a) -> Path:
+    for c in ([a.text] if a.text else []) + [REPO / "shared" / "text" / "eval", REPO.parent / "shared" / "text" / "eval",
+                                               REPO / ".carry" / "shared" / "text" / "eval", Path("/work/shared/text/eval")]:
+        if c is not None and Path(c).is_dir():
+            return Path(c)
+    raise SystemExit("no eval text found: pass --text DIR (../shared/text/eval)")
+
+
+def reference_trace(a, work: Path) -> Trace:
+    """The reference model's routing over the eval files (router logits kept: top-10 needs them), cached in --work."""
+    from tiered.layout.families import default_model_path
+    from tiered.predict.trace import load as load_trace, save as save_trace
+
+    p = work / "reference_eval.npz"
+    if p.is_file():
+        return load_trace(p)
+    text = find_text(a)
+    dev = "cuda" if torch.cuda.is_available() and not a.small else "cpu"
+    rec = TraceRecorder(logits=True, hidden=False)
+    eng = load(default_model_path(), device=dev, dtype=torch.float32, max_context=2048, observer=rec, cuda_graphs=False)
+    docs = []
+    for f in sorted(text.iterdir()):
+        docs += split_ids(f.name, eng.encode(f.read_text()), 2048)[:1]
+    tr = record(eng, rec, docs)
+    free_engine(eng)
+    save_trace(tr, p)
+    return tr
+
+
+def routing_for(kind: str, ref: Trace, layers: int, experts: int, k: int, tokens: int, a) -> Trace:
+    """One document of `tokens` rows: "replay" (the first eval document long enough, mapped) or "uniform"."""
+    if kind == "uniform":
+        return uniform_routing(tokens, num_layers=layers, num_experts=experts, top_k=k, seed=a.seed)
+    m = map_routing(ref, num_layers=layers, num_experts=experts, top_k=k, segment=a.segment, jitter=a.jitter)
+    for d in range(m.num_docs):
+        doc = m.doc(d, tokens)
+        if doc.num_tokens >= tokens:
+            return doc
+    raise SystemExit(f"no mapped eval document has {tokens} tokens: lower --prompt-tokens/--new-tokens")
+
+
+# --- budgets -------------------------------------------------------------------------------------------
+def budgets(a, lay: Layout, k: int, device: torch.device, ctx: int) -> dict:
+    """The slice's share of the target machine (module doc): the budget flags and how they were derived."""
+    cfg = lay.config
+    N, bs = cfg.num_layers, lay.block_size
+    frac = N / TARGET_LAYERS
+    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+    per = layout_plan(a.preset, 4, a.experts, a.dense)
+    fixed = per["dense_bytes_not_per_layer"]  # embeddings + lm_head + final norm, as stored (not scaled)
+    vram_slice_gib = (fixed + (a.target_vram_gib * GiB - fixed) * frac) / GiB
+    dense = estimate_dense_bytes(lay, dt)
+    kv = estimate_kv_bytes(cfg, ctx, dt)
+    scratch = estimate_scratch_bytes(cfg, bs, dt)
+    slots_vram = int((vram_slice_gib * GiB - dense - kv - scratch) // bs)
+    # the target with Flash-MoE's non-expert bytes: what is left of the whole 7.45 GiB for slots, scaled
+    kv60 = estimate_kv_bytes(_scaled_cfg(cfg, TARGET_LAYERS), ctx, dt)
+    slots_target60 = int((a.target_vram_gib * GiB - a.target_dense_gb * 1e9 - kv60 - scratch) // bs)
+    # tiered as it is: its own 60-layer dense weights (embeddings and lm_head included) in the 7.45 GiB
+    slots_tiered60 = int((a.target_vram_gib * GiB - a.dense_60_bytes - kv60 - scratch) // bs)
+    ram_target_gib = a.target_ram_gib - a.os_gib
+    out = {"vram_slice_gib": vram_slice_gib, "tiered_dense_bytes_slice": dense, "kv_bytes": kv, "scratch_bytes": scratch,
+           "embeddings_lm_head_bytes": fixed, "slots_at_vram_slice": slots_vram, "slots_target_60": slots_target60,
+           "slots_tiered_60": slots_tiered60,
+           "ram_tier_target_gib": ram_target_gib, "ram_gb": ram_target_gib * frac, "scale": frac}
+    if device.type == "cuda" and slots_vram >= k and not a.force_slots:
+        out["budget_mode"] = "vram_gb"
+        out["flags"] = {"vram_gb": vram_slice_gib}
+    else:
+        s = max(k, round(slots_target60 * frac))
+        out["budget_mode"] = ("expert_slots: tiered's dense weights of the slice do not fit the scaled VRAM"
+                              if slots_vram < k else "expert_slots") + \
+            f" ({s} slots = the target's {slots_target60} with {a.target_dense_gb} GB of non-expert weights, x N/60)"
+        out["flags"] = {"expert_slots": s}
+    if a.small:  # the tiny preset's blocks are too small for the target's byte budgets: 25% slots, 40% RAM tier
+        out["flags"] = {"expert_slots": max(k, N * cfg.num_experts // 4)}
+        out["ram_gb"] = 0.4 * N * cfg.num_experts * bs / GiB
+        out["budget_mode"] = "small: 25% of the experts in slots, 40% in the RAM tier"
+    out["flags"]["ram_gb"] = out["ram_gb"]
+    if "h2d_gbps" in BUDGET_KEYS and device.type == "cuda":
+        out["flags"]["h2d_gbps"] = a.h2d_gbps
+    out["h2d_paced"] = "h2d_gbps" in out["flags"]
+    return out
+
+
+def _scaled_cfg(cfg, layers: int):
+    import dataclasses
+
+    types = tuple("attention" if (l + 1) % 4 == 0 else "linear" for l in range(layers)) if cfg.layer_types else ()
+    return dataclasses.replace(cfg, num_layers=layers, layer_types=types)
+
+
+# --- one run -------------------------------------------------------------------------------------------
+def one_run(path: Path, device: torch.device, k: int, routing: Trace, budget: dict, a) -> dict:
+    """Batch-1 greedy decode of --new-tokens after a --prompt-tokens prompt, routing replayed by position."""
+    P, n = a.prompt_tokens, a.new_tokens
+    ids = torch.randint(10, 8000, (P,), generator=torch.Generator().manual_seed(7)).tolist()
+    replay = ReplayRouting(routing.topk_ids, routing.topk_weights, device=device)
+    t0 = time.perf_counter()
+    eng = load(path, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+               max_context=P + n + 8, budget=budget, routing=replay, experts_per_token=k)
+    load_s = time.perf_counter() - t0
+    prov = eng.model.provider
+    eng.generate(ids[:8], max_new_tokens=a.warmup, stop_at_eos=False)
+    if isinstance(prov, ExpertCache):
+        prov.reset_stats()
+    g = eng.generate(ids, max_new_tokens=n, stop_at_eos=False)
+    s = dict(g.stats)
+    head_s = head_seconds(eng, device)
+    free_engine(eng)
+    L = routing.num_layers
+    dec = s.get("decode") or {}
+    tok_s = s.get("decode_tok_s")
+    return {"decode_tok_s": tok_s, "ms_per_layer": 1e3 / tok_s / L if tok_s else None, "load_s": load_s,
+            "prefill_tok_s": s.get("prefill_tok_s"), "hit_rate": dec.get("hit_rate"), "decode_tokens": dec.get("tokens"),
+            "bytes_h2d_per_token": s.get("bytes_h2d_per_token"), "stall_share": s.get("stall_share"),
+            "expert_slots": s.get("expert_slots"), "ram_slots": s.get("ram_slots"), "io": s.get("io"),
+            "vram": s.get("vram"), "ram": s.get("ram"), "disk": s.get("disk"), "h2d_gbps_target": s.get("h2d_gbps_target"),
+            "host_s_per_layer": s.get("host_s_per_layer"), "cpu_experts": s.get("cpu_experts"),
+            "decode_graphs": s.get("decode_graphs"), "linear_attention": s.get("linear_attention"),
+            "experts_per_token": s.get("experts_per_token"), "head_s": head_s, "budget": budget}
+
+
+def head_seconds(eng, device: torch.device, reps: int = 20) -> float:
+    """Per-token time outside the layers: the final norm, lm_head and argmax of one position (measured, so that
+    the simulator's per-layer cost need not absorb it)."""
+    m = eng.model
+    h = torch.randn(1, m.config.hidden_size, device=device, dtype=m.dtype if hasattr(m, "dtype") else torch.float32)
+    with torch.inference_mode():
+        for _ in range(3):
+            m.head(h).argmax(-1)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            int(m.head(h).argmax(-1))
+        return (time.perf_counter() - t0) / reps
+
+
+def batch_probe(path: Path, device: torch.device) -> dict:
+    """Whether the batch scheduler runs this family (batch 8 and 32 aggregate throughput need it)."""
+    from tiered.decode.scheduler import Scheduler
+
+    eng = load(path, device=device, max_context=64, budget={"expert_slots": 64, "ram_gb": 1.0}, cuda_graphs=False)
+    try:
+        Scheduler(eng, max_batch=8)
+        out = {"supported": True, "note": "the scheduler accepts this family: add the batch 8/32 runs"}
+    except (NotImplementedError, ValueError, EngineError) as e:
+        out = {"supported": False, "error": str(e)}
+    free_engine(eng)
+    return out
+
+
+def phase_slice(a, st: dict, device: torch.device) -> None:
+    slices = ensure_slices(a, a.work, st)
+    ref = reference_trace(a, a.work)
+    tokens = a.prompt_tokens + a.new_tokens + 8
+    res = st.setdefault("slice", {})
+    for name in ("A", "B"):
+        lay = Layout.open(slices[name]["path"])
+        cfg = lay.config
+        for k in (10, 4) if not a.small else (cfg.top_k, max(1, cfg.top_k // 2)):
+            b = budgets(a, lay, k, device, a.prompt_tokens + a.new_tokens + 8)
+            for kind in a.routings.split(","):
+                key = f"{name}/k{k}/{kind}"
+                if key in res and res[key].get("layers") == cfg.num_layers and not a.redo:
+                    log(f"slice {key}: kept from an earlier call (--redo measures it again)")
+                    continue
+                log(f"slice {key}: {cfg.num_layers} layers, {b['flags']}")
+                tr = routing_for(kind, ref, cfg.num_layers, cfg.num_experts, k, tokens, a)
+                r = one_run(Path(slices[name]["path"]), device, k, tr, b["flags"], a)
+                r["routing"] = {"kind": kind, **routing_stats(tr)}
+                r["budgets"] = {x: y for x, y in b.items() if x != "flags"}
+                r["layers"] = cfg.num_layers
+                res[key] = r
+                log(f"  {r['decode_tok_s']:.2f} tok/s, {r['ms_per_layer']:.2f} ms/layer, hit {r['hit_rate']}")
+                save_state(a.work, st)
+    st["batch"] = batch_probe(Path(slices["B"]["path"]), device)
+
+
+# --- balloon -------------------------------------------------------------------------------------------
+BALLOON = r"""
+import ctypes, mmap, os, sys, time
+n = int(sys.argv[1]); ready = sys.argv[2]
+libc = ctypes.CDLL("libc.so.6", use_errno=True)
+buf = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+locked = libc.mlock(ctypes.c_void_p(addr), ctypes.c_size_t(n)) == 0
+if not locked:  # no CAP_IPC_LOCK / RLIMIT_MEMLOCK: touch every page instead (no swap on the box: they stay)
+    for off in range(0, n, 4096):
+        buf[off] = 1
+open(ready, "w").write("locked" if locked else "touched")
+while True:
+    time.sleep(3600)
+"""
+
+
+def start_balloon(nbytes: int, work: Path) -> tuple[subprocess.Popen | None, str]:
+    if nbytes <= 0:
+        return None, "none"
+    ready = work / "balloon.ready"
+    ready.unlink(missing_ok=True)
+    p = subprocess.Popen([sys.executable, "-c", BALLOON, str(nbytes), str(ready)])
+    t0 = time.time()
+    while not ready.is_file():
+        if p.poll() is not None:
+            return None, f"failed (exit {p.returncode})"
+        if time.time() - t0 > 240:
+            p.kill()
+            return None, "timed out"
+        time.sleep(0.5)
+    return p, ready.read_text()
+
+
+def phase_balloon(a, st: dict, device: torch.device) -> None:
+    from bench_offload_gpu import odirect_bandwidth
+
+    slices = ensure_slices(a, a.work, st)
+    lay = Layout.open(slices["A"]["path"])
+    cfg = lay.config
+    ref = reference_trace(a, a.work)
+    k = cfg.top_k
+    b = budgets(a, lay, k, device, a.prompt_tokens + a.new_tokens + 8)
+    flags = {**b["flags"], "io": "direct"}
+    allowed = b["ram_gb"] * GiB + a.process_gib * GiB  # the laptop's share for this slice: RAM tier + the process
+    avail = meminfo("MemAvailable") or 0
+    size = int(max(0, avail - allowed - a.balloon_safety_gib * GiB)) if not a.small else 0
+    out: dict = {"allowed_gib": allowed / GiB, "mem_available_gib": avail / GiB, "balloon_gib": size / GiB,
+                 "experts_bytes": cfg.num_layers * cfg.num_experts * lay.block_size}
+    log(f"balloon: {size / GiB:.1f} GiB of {avail / GiB:.1f} available (the slice may use {allowed / GiB:.1f} GiB)")
+    proc, how = start_balloon(size, a.work)
+    out["balloon"] = how
+    try:
+        out["drop_caches"] = drop_caches()
+        raw = odirect_bandwidth(lay.experts_path, lay.block_size,
+                                int(a.odirect_gb * 1e9) if not a.small else lay.manifest.experts_size, a.io_threads,
+                                4 << 20 if lay.block_size >= 4 << 20 else lay.block_size)
+        out["odirect_raw"] = raw
+        drop_caches()
+        tr = routing_for("replay", ref, cfg.num_layers, cfg.num_experts, k, a.prompt_tokens + a.new_tokens + 8, a)
+        r = one_run(Path(slices["A"]["path"]), device, k, tr, flags, a)
+        r["mem_available_during_gib"] = (meminfo("MemAvailable") or 0) / GiB
+        r["layers"] = cfg.num_layers
+        out["run"] = r
+        disk = r.get("disk") or {}
+        out["disk_gbps"] = disk.get("gbps")
+        out["disk_vs_odirect"] = disk["gbps"] / raw["gbps"] if disk.get("gbps") and raw.get("gbps") else None
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    st["balloon"] = out
+
+
+# --- project -------------------------------------------------------------------------------------------
+def sim_decode(tr: Trace, tm: TierModel, prompt: int, warm: int, head_s: float = 0.0) -> tuple[float, int, dict]:
+    """Modelled decode seconds and tokens of a run: the warm-up rows, then prompt + decode rows (the engine replays
+    by position, so both start at row 0); decode = everything after the prompt of the second pass, plus head_s
+    (final norm, lm_head, argmax) per token."""
+    n = tr.num_tokens
+    rows = np.concatenate([np.arange(min(warm, n)), np.arange(n)])
+    pre = np.concatenate([np.arange(min(warm, n)), np.arange(prompt)])
+
+    def run(idx):
+        t = Trace(tr.tokens[idx], np.array([0, len(idx)], dtype=np.int64), tr.topk_ids[idx], tr.topk_weights[idx],
+                  meta=tr.meta)
+        return simulate(t, tm, with_belady=False)
+
+    full, first = run(rows), run(pre)
+    n_dec = full.tokens - first.tokens
+    return full.seconds - first.seconds + head_s * n_dec, n_dec, full.to_dict()
+
+
+def calibrated_model(r: dict, block: int, layers: int, c: float) -> TierModel:
+    """The simulator set up like run `r`: its slots, RAM slots, measured H2D and read rates, per-layer cost c."""
+    h2d = (r.get("vram") or {}).get("gbps") or 25.0
+    disk = (r.get("disk") or {}).get("gbps") or 1.7
+    return TierModel(slots=r["expert_slots"], partition="global", policy="lru",
+                     ram_slots=r["ram_slots"] or None, block_bytes=block, h2d_gbps=h2d, disk_gbps=disk,
+                     compute_s_per_layer=c)
+
+
+def fit_c(r: dict, tr: Trace, block: int, a) -> float:
+    """The per-layer fixed cost that makes the simulator reproduce run r's measured decode time."""
+    meas = 1.0 / r["decode_tok_s"]  # seconds per token
+    s0, n0, _ = sim_decode(tr, calibrated_model(r, block, tr.num_layers, 0.0), a.prompt_tokens, a.warmup + 8,
+                           r.get("head_s") or 0.0)
+    return max(0.0, (meas - s0 / max(n0, 1)) / tr.num_layers)
+
+
+def phase_project(a, st: dict) -> None:
+    sl = st.get("slice") or {}
+    if not sl:
+        raise SystemExit("project needs the slice phase's results in --work/state.json: run --phases slice first")
+    ref = reference_trace(a, a.work)
+    slices = st["slices"]
+    E = int(sl[next(iter(sl))]["routing"]["num_experts"])
+    lay_a = Layout.open(slices["A"]["path"]) if Path(slices["A"]["path"]).exists() else None
+    block = lay_a.block_size if lay_a is not None else layout_plan(a.preset, 4, a.experts, a.dense)["block_size"]
+    tokens = a.prompt_tokens + a.new_tokens + 8
+    lm_head_bytes = st["model_60"]["embeddings_lm_head_bytes"] - st["model_60"].get("embedding_bytes", 0)
+    out: dict = {"target": {"vram_gib": a.target_vram_gib, "ram_gib": a.target_ram_gib, "os_gib": a.os_gib,
+                            "nvme_gbps": a.target_disk_gbps, "pcie_gbps": a.h2d_gbps, "hbm_gbps": a.target_hbm_gbps,
+                            "non_expert_gb": a.target_dense_gb},
+                 "runs": {}}
+    proj: dict = {}
+    for key, ra in sl.items():
+        name, kk, kind = key.split("/")
+        if name != "A":
+            continue
+        rb = sl.get(f"B/{kk}/{kind}")
+        k = int(kk[1:])
+        tra = routing_for(kind, ref, ra["layers"], E, k, tokens, a)
+        c = fit_c(ra, tra, block, a)
+        row: dict = {"c_s_per_layer": c, "measured_A_tok_s": ra["decode_tok_s"]}
+        if rb:
+            trb = routing_for(kind, ref, rb["layers"], E, k, tokens, a)
+            sb, nb, _ = sim_decode(trb, calibrated_model(rb, block, rb["layers"], c), a.prompt_tokens, a.warmup + 8,
+                                   rb.get("head_s") or 0.0)
+            pred = nb / sb if sb > 0 else None
+            row.update({"predicted_B_tok_s": pred, "measured_B_tok_s": rb["decode_tok_s"],
+                        "calibration_error": abs(pred - rb["decode_tok_s"]) / rb["decode_tok_s"] if pred else None})
+        # 60 layers on the target: slots and RAM tier of the target, its links, the per-layer cost + active bytes/HBM
+        b = ra["budgets"]
+        active = k * block + a.target_dense_gb * 1e9 / TARGET_LAYERS  # experts + the non-expert bytes, per layer
+        c_t = c + active / (a.target_hbm_gbps * 1e9)
+        tr60 = routing_for(kind, ref, TARGET_LAYERS, E, k, tokens, a)
+        tm = TierModel(slots=max(k, b["slots_target_60"]), partition="global", policy="lru",
+                       ram_slots=int(b["ram_tier_target_gib"] * GiB // block), block_bytes=block,
+                       h2d_gbps=a.h2d_gbps, disk_gbps=a.target_disk_gbps, compute_s_per_layer=c_t)
+        head_t = (ra.get("head_s") or 0.0) + lm_head_bytes / (a.target_hbm_gbps * 1e9)
+        s60, n60, d60 = sim_decode(tr60, tm, a.prompt_tokens, a.warmup + 8, head_t)
+        import dataclasses
+        tm_today = dataclasses.replace(tm, slots=max(k, b.get("slots_tiered_60", tm.slots)))
+        st60, nt60, _ = sim_decode(tr60, tm_today, a.prompt_tokens, a.warmup + 8, head_t)
+        row["projected_tok_s_today"] = nt60 / st60 if st60 > 0 else None  # tiered's dense as it is (embeddings on GPU)
+        row["target_slots_today"] = tm_today.slots
+        row.update({"projected_tok_s": n60 / s60 if s60 > 0 else None, "c_target_s_per_layer": c_t,
+                    "head_target_s": head_t,
+                    "target_slots": tm.slots, "target_ram_slots": tm.ram_slots,
+                    "sim_60": {x: d60.get(x) for x in ("hit_rate", "ram_hit_rate", "bytes_h2d_per_token",
+                                                       "bytes_disk_per_token", "stall_share")}})
+        out["runs"][f"{kk}/{kind}"] = row
+        proj[(k, kind)] = row
+    bal = (st.get("balloon") or {}).get("run")
+    cal = out["runs"].get(f"k{bal['experts_per_token']}/replay") if bal else None
+    if bal and cal and bal.get("decode_tok_s"):  # the disk term checked too: slice A from disk, predicted with A's cost
+        trb = routing_for("replay", ref, bal["layers"] if "layers" in bal else st["slices"]["A"]["layers"], E,
+                          bal["experts_per_token"], tokens, a)
+        sb, nb, _ = sim_decode(trb, calibrated_model(bal, block, trb.num_layers, cal["c_s_per_layer"]),
+                               a.prompt_tokens, a.warmup + 8, bal.get("head_s") or 0.0)
+        pred = nb / sb if sb > 0 else None
+        out["balloon_check"] = {"predicted_tok_s": pred, "measured_tok_s": bal["decode_tok_s"],
+                                "error": abs(pred - bal["decode_tok_s"]) / bal["decode_tok_s"] if pred else None}
+    errs = [r["calibration_error"] for r in out["runs"].values() if r.get("calibration_error") is not None]
+    out["calibration_error"] = max(errs) if errs else None
+    out["calibration_ok"] = out["calibration_error"] is not None and out["calibration_error"] <= 0.10
+    ks = sorted({k for k, _ in proj})
+    for label, k in (("k10", ks[-1]), ("k4", ks[0])):  # native and cut K (10 and 4; the tiny preset's 4 and 2)
+        r = proj.get((k, "replay"))
+        st[f"projected_tok_s_{label}"] = r["projected_tok_s"] if r else None
+        u = proj.get((k, "uniform"))
+        st[f"projected_tok_s_{label}_uniform"] = u["projected_tok_s"] if u else None
+        st[f"projected_tok_s_{label}_today"] = r.get("projected_tok_s_today") if r else None
+    st["calibration_error"] = out["calibration_error"]
+    st["project"] = out
+
+
+# --- main ----------------------------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--phases", default="write,slice")
+    ap.add_argument("--work", type=Path, default=Path("/root/b397"))
+    ap.add_argument("--small", action="store_true", help="the tiny preset on the CPU: checks the whole pipeline")
+    ap.add_argument("--layers", type=int, default=None, help="slice A's layers [default: as many as fit the disk]")
+    ap.add_argument("--layers-b", type=int, default=4, help="slice B's layers (the calibration check)")
+    ap.add_argument("--max-layers", type=int, default=16)
+    ap.add_argument("--margin-gb", type=float, default=4.0, help="disk left free after both slices")
+    ap.add_argument("--experts", default="q4")
+    ap.add_argument("--dense", default="q4")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--text", type=Path, default=None, help="eval texts [default: ../shared/text/eval]")
+    ap.add_argument("--routings", default="replay,uniform")
+    ap.add_argument("--segment", type=int, default=128)
+    ap.add_argument("--jitter", type=float, default=0.25)
+    ap.add_argument("--prompt-tokens", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument("--target-vram-gib", type=float, default=7.45)
+    ap.add_argument("--target-ram-gib", type=float, default=64.0)
+    ap.add_argument("--os-gib", type=float, default=8.0, help="the target's RAM kept by the OS, apps and the process")
+    ap.add_argument("--target-dense-gb", type=float, default=5.5, help="non-expert bytes on the target (Flash-MoE's)")
+    ap.add_argument("--target-disk-gbps", type=float, default=7.0)
+    ap.add_argument("--target-hbm-gbps", type=float, default=400.0)
+    ap.add_argument("--h2d-gbps", type=float, default=25.0)
+    ap.add_argument("--force-slots", action="store_true", help="use the target's scaled slot count even if VRAM fits")
+    ap.add_argument("--process-gib", type=float, default=6.0, help="balloon: RAM the engine process needs beyond its tier")
+    ap.add_argument("--balloon-safety-gib", type=float, default=4.0)
+    ap.add_argument("--odirect-gb", type=float, default=4.0)
+    ap.add_argument("--io-threads", type=int, default=16)
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--redo", action="store_true", help="measure slice runs again that state.json already holds")
+    ap.add_argument("--resume-from", type=Path, default=None,
+                    help="a 397b.json of an earlier call: its results seed --work/state.json when that is missing (a "
+                         "machine that came back cold; or `--phases project` on a CPU from the returned JSON)")
+    a = ap.parse_args()
+    phases = list(PHASES) if a.phases == "all" else a.phases.split(",")
+    bad = set(phases) - set(PHASES)
+    if bad:
+        raise SystemExit(f"unknown phases {sorted(bad)}; choose from {PHASES} or all")
+    cuda = torch.cuda.is_available() and not a.small
+    device = torch.device("cuda" if cuda else "cpu")
+    if a.small:
+        a.preset = "qwen35-397b-tiny"
+        a.layers, a.layers_b = a.layers or 8, min(a.layers_b, 4)
+        a.new_tokens, a.prompt_tokens = min(a.new_tokens, 24), min(a.prompt_tokens, 8)
+    else:
+        a.preset = "qwen35-397b"
+        if not cuda and set(phases) & {"slice", "balloon"}:
+            raise SystemExit("no CUDA device: run with --small to check the pipeline on the CPU")
+    a.work.mkdir(parents=True, exist_ok=True)
+    st = load_state(a.work)
+    if not st and a.resume_from is not None:
+        st = json.loads(Path(a.resume_from).read_text())
+        log(f"state seeded from {a.resume_from}")
+    st.update({"bench": "397b", "date": time.strftime("%Y-%m-%d"), "commit": git_commit(),
+               "device": torch.cuda.get_device_name() if cuda else "cpu", "small": a.small, "preset": a.preset,
+               "flash_moe": FLASH_MOE, "h2d_gbps_option": "h2d_gbps" in BUDGET_KEYS})
+    p60 = layout_plan(a.preset, TARGET_LAYERS, a.experts, a.dense)
+    a.dense_60_bytes = p60["dense_bytes"]
+    st.setdefault("box", {}).update({"disk_free_gb_at_start": shutil.disk_usage(a.work).free / 1e9,
+                                     "mem_available_gib_at_start": (meminfo("MemAvailable") or 0) / GiB,
+                                     "torch": torch.__version__})
+    st["model_60"] = {"expert_bytes": p60["expert_bytes"], "block_size": p60["block_size"],
+                      "tiered_dense_bytes": p60["dense_bytes"], "embeddings_lm_head_bytes": p60["dense_bytes_not_per_layer"],
+                      "embedding_bytes": p60["embed_bytes"]}
+    t0 = time.perf_counter()
+    for ph in phases:
+        t = time.perf_counter()
+        if ph == "write":
+            ensure_slices(a, a.work, st)
+        elif ph == "slice":
+            phase_slice(a, st, device)
+        elif ph == "balloon":
+            phase_balloon(a, st, device)
+        else:
+            phase_project(a, st)
+        st.setdefault("phase_s", {})[ph] = time.perf_counter() - t
+        save_state(a.work, st)
+        log(f"phase {ph} done in {time.perf_counter() - t:.0f}s")
+    st["wall_s"] = time.perf_counter() - t0
+    save_state(a.work, st)
+    report(st)
+
+
+def report(st: dict) -> None:
+    for key, r in (st.get("slice") or {}).items():
+        print(f"slice {key:<20} {r['layers']:>3} layers  {r['decode_tok_s'] or 0:8.2f} tok/s  "
+              f"{r['ms_per_layer'] or 0:7.2f} ms/layer  hit {r['hit_rate'] or 0:.3f}  slots {r['expert_slots']}")
+    bal = st.get("balloon")
+    if bal:
+        print(f"balloon {bal.get('balloon')} {bal['balloon_gib']:.1f} GiB: disk {bal.get('disk_gbps')} GB/s vs raw "
+              f"O_DIRECT {(bal.get('odirect_raw') or {}).get('gbps')} GB/s")
+    pr = st.get("project")
+    if pr:
+        for key, r in pr["runs"].items():
+            print(f"project {key:<14} calib err {r.get('calibration_error')}  projected 60 layers "
+                  f"{r['projected_tok_s']:.2f} tok/s ({r['target_slots']} slots; tiered's dense as it is: "
+                  f"{r['projected_tok_s_today']:.2f} tok/s, {r['target_slots_today']} slots)")
+    for k in ("projected_tok_s_k10", "projected_tok_s_k4", "calibration_error"):
+        print(f"{k:<24} {st.get(k)}")
+    print(write_out(st, "397b.json"))
+
+
+if __name__ == "__main__":
+    main()

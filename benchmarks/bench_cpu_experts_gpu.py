@@ -1,0 +1,289 @@
+"""Offloaded decode with CPU experts (GPU box): the 8-layer 10.6B-shape model at --vram-gb 4, routing replayed.
+
+Measured in one run, batch 1, greedy, each eval document's mapped routing replayed (predict/replay.py):
+  - H2D bandwidth (pinned and registered mmap blocks) and the all-resident decode (GPU compute per token);
+  - the CPU expert rate: `--cpu-experts all` (every routed expert computed on the CPU from the RAM tier,
+    llama.cpp's `-ot exps=CPU` inside our engine), its `cpu_experts.gbps`;
+  - per document, at native PCIe: demand paging (lru, predicted), history prefetch (predicted+C), each with
+    --cpu-experts off and auto, and `all`;
+  - with --h2d-gbps paced links (25 and 12 GB/s by default): predicted+C with --cpu-experts off and auto, the
+    achieved H2D GB/s next to the target;
+  - bounds (docs/metrics.md, CONTRACTS): Belady's demand miss bytes at the run's slot count, on the same
+    routing; the serialised Belady bound (compute + Belady bytes / PCIe), the PCIe bound (max(compute, Belady
+    bytes / PCIe)) and the combined bound (max(compute, Belady bytes / (PCIe + CPU expert GB/s))), each with the
+    bandwidths of the link the run used (paced runs: the paced rate);
+  - llama.cpp's `-ot exps=CPU -t 16` tg128 on the same model, from bench_peers.py's llama phase of this lease.
+Per run, the per-token time breakdown: host work between segments, copy-stream busy time, CPU-expert time,
+GPU compute (the resident figure), and host waits.
+
+    python3 benchmarks/bench_cpu_experts_gpu.py --layout /root/peers/layout --llama-json /root/peers/llama.json \\
+        --text .carry/shared/text                          # GPU box, about 3 minutes
+    python3 benchmarks/bench_cpu_experts_gpu.py --small --text ../shared/text   # the pipeline, tiny, CPU
+Prints a table, then one JSON line last; writes $OUT/offload_cpu_experts.json when OUT is set. Result keys
+(issue 12): decode_vs_llamacpp_cpu_experts, vs_combined_bound, vs_serial_belady_bound_demand,
+vs_serial_belady_bound_prefetch, paced_auto_over_off (per link rate).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO / "tools"))
+
+from bench_offload_gpu import GiB, belady_bytes, build, free, h2d_bandwidth, log, prompt_ids  # noqa: E402
+from bench_predict_gpu import reference_trace  # noqa: E402
+from benchmeta import git_commit, write_out  # noqa: E402
+
+from tiered import load  # noqa: E402
+from tiered.predict.predictors import History, NoPrediction, transition_params  # noqa: E402
+from tiered.predict.replay import ReplayRouting, map_routing, map_trace  # noqa: E402
+from tiered.store.cache import ExpertCache  # noqa: E402
+from tiered.store.disk import Layout  # noqa: E402
+
+
+def llama_cpu_experts_tg(path: Path | None) -> float | None:
+    """llama-bench tg128 of `-ot exps=CPU -t 16` from bench_peers.py's llama phase JSON (None when absent)."""
+    if path is None or not path.is_file():
+        return None
+    d = json.loads(path.read_text())
+    for r in d.get("runs", {}).get("cpu_experts_bf16", {}).get("records", []):
+        if r.get("n_gen") and not r.get("n_prompt"):
+            return float(r["avg_ts"])
+    return None
+
+
+def mapped(trace, cfg):
+    """The reference routing on this model: map_trace when the model is the same multiple H of the reference in
+    layers and experts (the 16-layer 10.6B shape), else map_routing with no per-token jitter (the 8-layer model:
+    each reference expert owns a group of E'/E experts, the member changing every 128 tokens), replay.py's doc."""
+    try:
+        return map_trace(trace, num_layers=cfg.num_layers, num_experts=cfg.num_experts)
+    except ValueError:
+        return map_routing(trace, num_layers=cfg.num_layers, num_experts=cfg.num_experts, top_k=cfg.top_k,
+                           jitter=0.0)
+
+
+def one_run(lay: Path, device: torch.device, prompt: list[int], new: int, doc, *, budget: dict | None,
+            predictor=None, warmup: int) -> dict:
+    """One engine run, routing replayed from `doc` (None: the model's own routing, for the resident run)."""
+    replay = ReplayRouting(doc.topk_ids, doc.topk_weights, device=device) if doc is not None else None
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    engine = load(lay, device=device, dtype=dtype, budget=budget, max_context=len(prompt) + new + warmup + 8,
+                  routing=replay, predictor=predictor)
+    prov = engine.model.provider
+    engine.generate(prompt[:16], max_new_tokens=warmup, stop_at_eos=False)
+    if predictor is not None:
+        predictor.reset()
+    cache = isinstance(prov, ExpertCache)
+    if cache:
+        prov.reset_stats()
+        prov.record_gets()
+    g = engine.generate(prompt, max_new_tokens=new, stop_at_eos=False)
+    s = dict(g.stats)
+    s["tokens"] = g.token_ids
+    s["get_trace"] = prov.record_gets(False) if cache else None
+    if engine.pieces is not None:
+        s["pieces"] = engine.pieces.stats()
+    free(engine)
+    return s
+
+
+def breakdown(s: dict, compute_s: float, L: int) -> dict:
+    """Per-token seconds: host work between segments, copy-stream busy, CPU experts, GPU compute, host waits."""
+    n = max(1, (s.get("decode") or {}).get("tokens") or s.get("tokens_generated") or 1)
+    pw = s.get("pieces") or {}
+    ce = s.get("cpu_experts") or {}
+    cpu_s = ce.get("seconds")
+    if cpu_s is None and ce.get("gbps"):
+        cpu_s = ce.get("bytes", 0) / (ce["gbps"] * 1e9)
+    host = s.get("host_s_per_layer")
+    return {"total": 1 / s["decode_tok_s"] if s.get("decode_tok_s") else None,
+            "host": host * L if host is not None else None,
+            "host_route": pw.get("route_s", 0) / max(1, pw.get("steps", 1)) if pw else None,
+            "copy_busy": ((s.get("vram") or {}).get("copy_s") or 0) / n,
+            "cpu_experts": (cpu_s or 0) / n, "gpu_compute": compute_s,
+            "wait": pw.get("wait_s", 0) / max(1, pw.get("steps", 1)) if pw else None,
+            "stall": (s.get("stall_s") or 0) / n}
+
+
+def summarise(s: dict, bounds: dict, compute_s: float, L: int) -> dict:
+    dec = s.get("decode") or {}
+    ce = s.get("cpu_experts") or {}
+    v = {k: s.get(k) for k in ("decode_tok_s", "stall_share", "bytes_h2d_per_token", "bytes_prefetch_per_token",
+                                 "prefetch_issued", "prefetch_used", "host_s_per_layer", "h2d_gbps_target",
+                                 "expert_slots")}
+    v["hit_rate"] = dec.get("hits", 0) / max(1, dec.get("hits", 0) + dec.get("misses", 0))
+    v["cpu_experts"] = {k: ce.get(k) for k in ("count", "bytes", "gbps")}
+    v["h2d_gbps_achieved"] = (s.get("vram") or {}).get("gbps")
+    v["time_per_token_s"] = breakdown(s, compute_s, L)
+    for name, b in bounds.items():
+        v[f"vs_{name}"] = s["decode_tok_s"] * b if s.get("decode_tok_s") else None  # b is seconds per token
+    return v
+
+
+def bounds_for(compute: float, bel_bytes: float, pcie_gbps: float, cpu_gbps: float | None) -> dict:
+    """Seconds per token of each bound (CONTRACTS' metric definitions)."""
+    out = {"serial_belady_bound": compute + bel_bytes / (pcie_gbps * 1e9),
+           "pcie_bound": max(compute, bel_bytes / (pcie_gbps * 1e9))}
+    if cpu_gbps:
+        out["combined_bound"] = max(compute, bel_bytes / ((pcie_gbps + cpu_gbps) * 1e9))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/tiered-cpu-experts"))
+    ap.add_argument("--text", type=Path, required=True, help="folder with fit/ and eval/")
+    ap.add_argument("--layout", type=Path, help="layout of the 8-layer model (bench_peers.py --phase model)")
+    ap.add_argument("--ckpt", type=Path)
+    ap.add_argument("--llama-json", type=Path, help="bench_peers.py's llama.json of this lease")
+    ap.add_argument("--small", action="store_true", help="tiny shape on CPU: checks the pipeline")
+    ap.add_argument("--vram-gb", type=float, default=4.0)
+    ap.add_argument("--docs", type=int, default=2)
+    ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument("--candidates", type=int, default=4, help="history prefetch candidates per layer (depth 1)")
+    ap.add_argument("--paced", default="25,12", help="--h2d-gbps rates to emulate (comma-separated GB/s)")
+    ap.add_argument("--cpu-threads", type=int, default=0)
+    ap.add_argument("--only", default=None,
+                    help="comma-separated run labels to make (e.g. 'predicted+4/off,predicted+4/auto' for a second "
+                         "layout); lru/off always runs. Default: all")
+    a = ap.parse_args()
+    a.only = None if a.only is None else set(a.only.split(","))
+    cuda = torch.cuda.is_available() and not a.small
+    device = torch.device("cuda" if cuda else "cpu")
+    a.work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    res: dict = {"bench": "offload_cpu_experts", "commit": git_commit(), "date": time.strftime("%Y-%m-%d"),
+                 "device": torch.cuda.get_device_name() if cuda else "cpu"}
+    preset = "qwen3-mini" if a.small else "qwen3-10b"
+    if a.layout is None:
+        _, a.layout, res["build"] = build(a.work, preset, a.ckpt, None)
+    lay = Layout.open(a.layout)
+    cfg, bs = lay.config, lay.block_size
+    L = cfg.num_layers
+    n_all = L * cfg.num_experts
+    res["shape"] = {"layers": L, "experts": cfg.num_experts, "top_k": cfg.top_k, "block_bytes": bs}
+    log("tracing the reference model on fit/ and eval/")
+    fit = mapped(reference_trace(a.text / "fit", device), cfg)
+    ev = mapped(reference_trace(a.text / "eval", device), cfg)
+    res["mapping"] = ev.meta.get("mapped_from")
+    params = transition_params(fit)
+    res["bandwidth"] = h2d_bandwidth(lay, device, 64 if cuda else n_all)
+    pcie = res["bandwidth"].get("registered_gbps") or res["bandwidth"]["pinned_gbps"]
+    prompt = prompt_ids(cfg.vocab_size, a.prompt_tokens)
+    n_tok = a.prompt_tokens + a.new_tokens
+    slots_flag = {"vram_gb": a.vram_gb} if cuda else {"expert_slots": max(cfg.top_k, n_all // 4)}
+    base = {**slots_flag, "ram_gb": bs * n_all / GiB * 1.02 + 0.01, "io": "mmap", "ram_preload": True,
+            "cpu_threads": a.cpu_threads}
+    log("all resident: GPU compute per token")
+    rs = one_run(a.layout, device, prompt, a.new_tokens, None, budget=None, warmup=a.warmup)
+    compute = 1 / rs["decode_tok_s"]
+    res["resident"] = {"decode_tok_s": rs["decode_tok_s"], "compute_s_per_token": compute}
+    llama = llama_cpu_experts_tg(a.llama_json)
+    res["llamacpp_cpu_experts_tg_tok_s"] = llama
+    paced = [float(x) for x in a.paced.split(",") if x.strip()]
+    docs = []
+    for d in range(min(a.docs, ev.num_docs)):
+        doc = ev.doc(d, n_tok + 16)
+        if doc.num_tokens < n_tok + 16:
+            continue
+        name = ev.doc_names[d]
+        runs: dict[str, dict] = {}
+
+        def go(label: str, policy: str, cand: int, cpu: str, h2d: float = 0.0) -> None:
+            pred = History(L, cfg.num_experts, params) if cand else NoPrediction(L, cfg.num_experts)
+            budget = {**base, "policy": policy, "prefetch_depth": 1 if cand else 0, "prefetch_budget": cand or 1,
+                      "cpu_experts": cpu, "h2d_gbps": h2d}
+            log(f"doc {name}: {label}")
+            runs[label] = one_run(a.layout, device, prompt, a.new_tokens, doc, budget=budget, predictor=pred,
+                                  warmup=a.warmup)
+
+        pf = f"predicted+{a.candidates}"
+        plan = [("lru/off", "lru", 0, "off", 0.0), ("predicted/off", "predicted", 0, "off", 0.0),
+                (f"{pf}/off", "predicted", a.candidates, "off", 0.0),
+                ("predicted/auto", "predicted", 0, "auto", 0.0), (f"{pf}/auto", "predicted", a.candidates, "auto", 0.0),
+                ("all", "lru", 0, "all", 0.0)]
+        for r in paced:
+            plan += [(f"{pf}/off@{r:g}", "predicted", a.candidates, "off", r),
+                     (f"{pf}/auto@{r:g}", "predicted", a.candidates, "auto", r)]
+        for label, pol, cand, cpu, h2d in plan:
+            if a.only is None or label in a.only or label == "lru/off":  # lru/off: Belady's trace and the tokens
+                go(label, pol, cand, cpu, h2d)
+        ref = runs["lru/off"]
+        same = {k: v["tokens"] == ref["tokens"] for k, v in runs.items()}
+        bel = belady_bytes(ref["get_trace"], ref["expert_slots"], bs, ref["decode"]["tokens"])
+        cpu_gbps = (runs["all"].get("cpu_experts") or {}).get("gbps")
+        row = {"doc": name, "expert_slots": ref["expert_slots"], "belady": bel, "cpu_expert_gbps": cpu_gbps,
+               "tokens_identical": same, "links": {}, "runs": {}}
+        for label, s in runs.items():
+            rate = float(label.split("@")[1]) if "@" in label else None
+            link = pcie if rate is None else min(pcie, rate)  # the emulated link; its achieved rate is reported
+            b = bounds_for(compute, bel["miss_bytes_per_token"], link, cpu_gbps)
+            row["links"][label] = {"pcie_gbps": link, **{k: 1 / v for k, v in b.items()}}
+            row["runs"][label] = summarise(s, b, compute, L)
+        docs.append(row)
+    res["docs"] = docs
+    if docs:
+        def mean(label: str, key: str) -> float | None:
+            xs = [r["runs"][label].get(key) for r in docs if label in r["runs"]]
+            xs = [x for x in xs if x is not None]
+            return float(np.mean(xs)) if xs else None
+
+        pf = f"predicted+{a.candidates}"
+        labels = list(docs[0]["runs"])
+        res["mean"] = {lab: {k: mean(lab, k) for k in ("decode_tok_s", "vs_serial_belady_bound", "vs_pcie_bound",
+                                                         "vs_combined_bound", "hit_rate", "host_s_per_layer")}
+                       for lab in labels}
+        M = res["mean"]
+
+        def get(label: str, key: str) -> float | None:
+            return (M.get(label) or {}).get(key)
+
+        cands = [lab for lab in (f"{pf}/auto", "predicted/auto", f"{pf}/off", "predicted/off", "lru/off") if lab in M]
+        best = max(cands, key=lambda lab: M[lab]["decode_tok_s"] or 0)
+        res["best"] = best
+        res["best_decode_tok_s"] = M[best]["decode_tok_s"]
+        cg = [r["cpu_expert_gbps"] for r in docs if r["cpu_expert_gbps"]]
+        res["cpu_expert_gbps"] = float(np.mean(cg)) if cg else None
+        res["decode_vs_llamacpp_cpu_experts"] = (M[best]["decode_tok_s"] / llama) if llama else None
+        res["vs_combined_bound"] = get(f"{pf}/auto", "vs_combined_bound")
+        res["vs_serial_belady_bound_demand"] = get("predicted/off", "vs_serial_belady_bound")
+        res["vs_serial_belady_bound_prefetch"] = get(f"{pf}/off", "vs_serial_belady_bound")
+        res["vs_pcie_bound_best"] = get(best, "vs_pcie_bound")
+        res["paced_auto_over_off"] = {
+            f"{r:g}": get(f"{pf}/auto@{r:g}", "decode_tok_s") / get(f"{pf}/off@{r:g}", "decode_tok_s")
+            for r in paced if get(f"{pf}/auto@{r:g}", "decode_tok_s") and get(f"{pf}/off@{r:g}", "decode_tok_s")}
+        res["tokens_identical_all_runs"] = all(all(r["tokens_identical"].values()) for r in docs)
+        res["goals"] = {"decode_vs_llamacpp_cpu_experts": 2.0, "vs_combined_bound": 0.85,
+                        "vs_serial_belady_bound_demand": 0.85, "vs_serial_belady_bound_prefetch": 1.0,
+                        "paced_auto_over_off_at_12": 1.5}
+    res["wall_s"] = time.perf_counter() - t0
+    print(f"{'doc':<22}{'run':<22}{'tok/s':>7}{'hit':>6}{'cpuN':>6}{'host us/l':>10}{'h2d GB/s':>9}"
+          f"{'/serial':>8}{'/pcie':>7}{'/comb':>7}{'same':>6}")
+    for r in docs:
+        for lab, v in r["runs"].items():
+            hs = v.get("host_s_per_layer")
+            print(f"{r['doc'][:21]:<22}{lab:<22}{v['decode_tok_s'] or 0:>7.1f}{v['hit_rate']:>6.2f}"
+                  f"{v['cpu_experts'].get('count') or 0:>6}{(hs or 0) * 1e6:>10.0f}{v['h2d_gbps_achieved'] or 0:>9.1f}"
+                  f"{v.get('vs_serial_belady_bound') or 0:>8.2f}{v.get('vs_pcie_bound') or 0:>7.2f}"
+                  f"{v.get('vs_combined_bound') or 0:>7.2f}{str(r['tokens_identical'][lab]):>6}")
+    for k in ("decode_vs_llamacpp_cpu_experts", "vs_combined_bound", "vs_serial_belady_bound_demand",
+              "vs_serial_belady_bound_prefetch", "paced_auto_over_off", "cpu_expert_gbps",
+              "llamacpp_cpu_experts_tg_tok_s"):
+        print(f"{k}: {res.get(k)}")
+    print(write_out(res, "offload_cpu_experts.json"))
+
+
+if __name__ == "__main__":
+    main()

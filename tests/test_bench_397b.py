@@ -1,0 +1,40 @@
+"""benchmarks/bench_397b.py --small: every phase of the 397B emulation runs on the CPU with the tiny preset (write two
+slices, replayed and uniform routing at two K, the balloon phase's O_DIRECT comparison, the simulator's calibration
+and 60-layer projection) and the result carries the keys issue 16 asks for."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_bench_397b_small_pipeline(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "OUT": str(tmp_path / "out")}
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_397b.py"), "--small", "--phases", "all",
+                        "--work", str(tmp_path / "w"), "--new-tokens", "12", "--no-progress"],
+                       capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert json.loads((tmp_path / "out" / "397b.json").read_text()) == res
+    for k in ("projected_tok_s_k10", "projected_tok_s_k4", "calibration_error", "projected_tok_s_k10_today"):
+        assert isinstance(res[k], float) and math.isfinite(res[k]) and res[k] >= 0, k
+    assert res["commit"] and res["date"] and res["device"] == "cpu"
+    assert set(res["slice"]) == {f"{s}/k{k}/{kind}" for s in "AB" for k in (4, 2) for kind in ("replay", "uniform")}
+    a = res["slice"]["A/k4/replay"]
+    assert a["layers"] == 8 and a["experts_per_token"] == 4 and a["decode_tok_s"] > 0 and a["head_s"] > 0
+    assert res["slice"]["B/k2/uniform"]["layers"] == 4 and res["slice"]["B/k2/uniform"]["experts_per_token"] == 2
+    assert a["routing"]["num_experts"] == 128 and a["routing"]["top_k"] == 4
+    assert res["slice"]["A/k4/uniform"]["hit_rate"] < a["hit_rate"]  # replayed routing repeats, uniform does not
+    assert "supported" in res["batch"]
+    bal = res["balloon"]
+    assert bal["run"]["io"] == "direct" and bal["odirect_raw"]["gbps"] > 0 and bal["disk_vs_odirect"] is not None
+    assert res["project"]["balloon_check"]["predicted_tok_s"] > 0
+    pr = res["project"]
+    assert set(pr["runs"]) == {"k4/replay", "k4/uniform", "k2/replay", "k2/uniform"}
+    assert all(r_["target_slots"] >= 2 and r_["projected_tok_s"] > 0 for r_ in pr["runs"].values())
+    assert res["model_60"]["block_size"] == 8192

@@ -1,0 +1,139 @@
+"""Where a decode miss is computed: copied to a device slot over PCIe, or computed on the CPU in place.
+
+Owns: `CostModel` (the per-miss decision of `--cpu-experts auto`: each missing expert goes where it finishes
+first, given the work already queued on each side, from the measured PCIe and CPU-expert rates), `CpuWorker`
+(the one thread that computes CPU experts, with its own `torch.set_num_threads`), `cpu_threads` (the
+--cpu-threads default) and `CpuExpertCounts` (the `cpu_experts` stats).
+Does not own: the expert math (model/cpu_experts.py), which experts are resident (cache.py), the copies
+(vram.py), nor the RAM tier's blocks (ram.py).
+
+The decision, per layer of a one-token step (greedy over the layer's misses, in routing order):
+    t_pcie = queue_pcie + bytes / pcie_gbps     (copy into a device slot; the GPU's compute is not counted)
+    t_cpu  = queue_cpu  + bytes / cpu_gbps (+ cpu_overhead_s for the layer's first CPU expert)
+    send the miss to the smaller, add its time to that side's queue.
+queue_pcie starts at the copies still in flight (prefetches), queue_cpu at 0 (the CPU experts of a layer are
+finished before the next layer starts). Prefetched experts are hits and hot experts (a predicted-eviction
+score above the layer's median) are always copied: they will be reused, a CPU computation is not kept.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable
+
+import torch
+
+from tiered.store.options import physical_cores
+
+
+def cpu_threads(n: int) -> int:
+    """--cpu-threads: n, or the physical cores when n is 0 (options.physical_cores)."""
+    return int(n) if n and n > 0 else physical_cores()
+
+
+class CostModel:
+    """Per-miss placement from two measured bandwidths (GB/s, 10^9 B/s).
+
+    Args:
+        pcie_gbps: host->device copy rate (the paced rate under --h2d-gbps).
+        cpu_gbps: CPU expert rate, bytes of expert weights read per second of CPU-expert compute.
+        cpu_overhead_s: fixed cost of a layer's CPU work (activations over PCIe, hand-off to the worker).
+        fixed: keep the rates (tests, benchmarks); else `note_pcie` / `note_cpu` fold in what runs achieve.
+        alpha: weight of a new measurement in the running average.
+    """
+
+    def __init__(self, pcie_gbps: float, cpu_gbps: float, *, cpu_overhead_s: float = 0.0, fixed: bool = False,
+                 alpha: float = 0.2) -> None:
+        if not (pcie_gbps > 0 and cpu_gbps >= 0):
+            raise ValueError(f"cost model rates must be positive GB/s, got pcie {pcie_gbps}, cpu {cpu_gbps}")
+        self.pcie_gbps = float(pcie_gbps)
+        self.cpu_gbps = float(cpu_gbps)
+        self.cpu_overhead_s = float(cpu_overhead_s)
+        self.fixed = fixed
+        self.alpha = alpha
+
+    def place(self, n: int, nbytes: int, *, pcie_queue_s: float = 0.0, cpu_queue_s: float = 0.0) -> list[bool]:
+        """n misses of `nbytes` each -> [n] True = compute on the CPU, False = copy to a device slot."""
+        out = [False] * n
+        if self.cpu_gbps <= 0:
+            return out
+        tg, tc = pcie_queue_s, cpu_queue_s
+        dg = nbytes / (self.pcie_gbps * 1e9)
+        dc = nbytes / (self.cpu_gbps * 1e9)
+        first = True
+        for i in range(n):
+            c = tc + dc + (self.cpu_overhead_s if first else 0.0)
+            g = tg + dg
+            if c < g:
+                out[i] = True
+                tc = c
+                first = False
+            else:
+                tg = g
+        return out
+
+    def note_pcie(self, nbytes: int, seconds: float) -> None:
+        if not self.fixed and seconds > 0 and nbytes > 0:
+            self.pcie_gbps += self.alpha * (nbytes / seconds / 1e9 - self.pcie_gbps)
+
+    def note_cpu(self, nbytes: int, seconds: float) -> None:
+        if not self.fixed and seconds > 0 and nbytes > 0:
+            self.cpu_gbps += self.alpha * (nbytes / seconds / 1e9 - self.cpu_gbps)
+
+    def describe(self) -> str:
+        return f"pcie {self.pcie_gbps:.2f} GB/s vs cpu experts {self.cpu_gbps:.2f} GB/s" + (" (fixed)" if self.fixed else "")
+
+
+class CpuWorker:
+    """One thread that runs CPU-expert work with `threads` intra-op threads (set on that thread, so the
+    calling thread's own torch thread count is left as it was where the OpenMP runtime keeps it per thread)."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = int(threads)
+        self._ex = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiered-cpu-experts",
+                                      initializer=torch.set_num_threads, initargs=(self.threads,))
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        return self._ex.submit(fn, *args)
+
+    def close(self) -> None:
+        self._ex.shutdown(wait=True)
+
+
+class CpuExpertCounts:
+    """The `cpu_experts` stats: experts computed on the CPU, their bytes and the worker's compute seconds."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.count = 0
+        self.bytes = 0
+        self.seconds = 0.0  # worker time computing (GB/s = bytes / seconds)
+        self.wait_s = 0.0  # host time blocked on the worker's result
+        self.layers = 0  # layer steps with at least one CPU expert
+
+    def add(self, count: int, nbytes: int, seconds: float) -> None:
+        with self.lock:
+            self.count += count
+            self.bytes += nbytes
+            self.seconds += seconds
+            self.layers += 1
+
+    def stats(self, mode: str, threads: int, dtype: str | None, model: CostModel | None) -> dict:
+        out = {"mode": mode, "count": self.count, "bytes": self.bytes,
+               "gbps": self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0,
+               "seconds": self.seconds, "wait_s": self.wait_s, "threads": threads, "dtype": dtype}
+        if model is not None:
+            out["model_pcie_gbps"] = model.pcie_gbps
+            out["model_cpu_gbps"] = model.cpu_gbps
+        return out
+
+
+def timed(fn: Callable[..., Any]) -> Callable[..., tuple[Any, float]]:
+    """fn -> a function returning (fn's result, seconds it took on the calling thread)."""
+    def run(*a: Any) -> tuple[Any, float]:
+        t0 = time.perf_counter()
+        r = fn(*a)
+        return r, time.perf_counter() - t0
+    return run
+
