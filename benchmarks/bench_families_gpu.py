@@ -142,7 +142,8 @@ def long_prefill(lay: Path, a, device: torch.device) -> dict:
     res["kv_bytes_per_token"] = cfg.kv_bytes_per_token(2)
     res["linear_state_bytes_per_sequence"] = cfg.state_bytes_per_sequence(2)
     gen = torch.Generator().manual_seed(3)
-    eng.generate(torch.randint(0, cfg.vocab_size, (min(256, a.short_tokens),), generator=gen), max_new_tokens=1)  # warm-up
+    warm = torch.randint(0, cfg.vocab_size, (min(256, a.short_tokens),), generator=gen)
+    eng.generate(warm, max_new_tokens=1)  # warm-up
     for n in (a.short_tokens, a.long_tokens):
         ids = torch.randint(0, cfg.vocab_size, (n,), generator=gen)
         res[str(n)] = q35.prefill_once(eng, ids, device)
@@ -166,7 +167,8 @@ def table(out: dict) -> None:
             print(f"{name:<22} {r.get('params', 0) / 1e6:>7.0f}M  {r['error']}")
             continue
         print(f"{name:<22} {r['params'] / 1e6:>7.0f}M {r['rel_ours_hf16']:>10.4f} {r['rel_pinned_hf16']:>12.4f} "
-              f"{r['rel_hf16_hf32']:>10.4f} {r['rel_ours_hf32']:>10.4f} {r['flips']:>6.2f}  {r['ok']}({r['ok_pinned']})")
+              f"{r['rel_hf16_hf32']:>10.4f} {r['rel_ours_hf32']:>10.4f} {r['flips']:>6.2f}  "
+              f"{r['ok']}({r['ok_pinned']})")
     p = out.get("prefill")
     if p:
         for n in (str(out["short_tokens"]), str(out["long_tokens"])):
@@ -197,7 +199,8 @@ def main() -> None:
     import transformers
 
     out: dict = {"bench": "families_gpu", "torch": torch.__version__, "transformers": transformers.__version__,
-                 "commit": git_commit(), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                 "commit": git_commit(),
+                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                  "tolerance": BF16_TOL, "tokens": a.tokens, "short_tokens": a.short_tokens,
                  "long_tokens": a.long_tokens, "fla": q35._fla_importable(), "families": {}}
     t_start = time.perf_counter()

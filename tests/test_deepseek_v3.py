@@ -170,7 +170,8 @@ def test_inspect_and_trace_refusal(ds, tmp_path):
     assert info["kv_cache_bytes_per_token"] == 3 * 24 * 2 and info["linear_state_bytes_per_sequence"] == 0
     f = tmp_path / "p.txt"
     f.write_text("def main():\n    x = 1\n")
-    res = CliRunner().invoke(main, ["trace", "-m", str(lay.path), "--prompt-file", str(f), "-o", str(tmp_path / "t.npz")])
+    res = CliRunner().invoke(main, ["trace", "-m", str(lay.path), "--prompt-file", str(f),
+                                    "-o", str(tmp_path / "t.npz")])
     assert res.exit_code != 0 and "dense" in (res.output + repr(res.exception))
 
 

@@ -189,8 +189,8 @@ def size_summary(cfg: ModelConfig, block_size: int | None, dense_params: int, de
         "expert_bytes": moe_layers * c.num_experts * expert_bytes,
         "dense_bytes": dense_bytes,
         # per-sequence state, at 2-byte (bf16) KV and conv entries; the DeltaNet recurrent state is fp32
-        "layer_kinds": {k: sum(c.layer_kind(l) == k for l in range(c.num_layers)) for k in ("attention", "linear", "mla")
-                        if k != "mla" or c.num_mla_layers},
+        "layer_kinds": {k: sum(c.layer_kind(l) == k for l in range(c.num_layers))
+                        for k in ("attention", "linear", "mla") if k != "mla" or c.num_mla_layers},
         "kv_cache_bytes_per_token": c.kv_bytes_per_token(2),
         "linear_state_bytes_per_sequence": c.state_bytes_per_sequence(2),
     }
