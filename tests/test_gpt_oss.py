@@ -216,6 +216,16 @@ def test_mxfp4_checkpoint_repacks_dequantized(pair, tmp_path):
     r = rel(a, theirs(ref2, ids))
     print(f"gpt_oss mxfp4 repack: rel {r:.2e}")
     assert r <= TOL
+    # --experts mxfp4 keeps MXFP4 in the layout, and its values are exactly the checkpoint's (the e2m1 codes and
+    # e8m0 scales re-derive from the exact dequantized values; only the sign of zero codes may differ)
+    repack(ck, tmp_path / "layout_mx", progress=False, experts="mxfp4")
+    lay_mx = Layout.open(tmp_path / "layout_mx")
+    w = ResidentExperts.from_layout(lay_mx).weights
+    assert w.gate.fmt == "mxfp4" and lay_mx.block_size < lay.block_size
+    for l in range(lay.config.num_layers):
+        for e in (0, E - 1):
+            assert torch.equal(w.gate[l * E + e].dequantize(torch.float32), prov.weights.gate[l * E + e].float())
+            assert torch.equal(w.down[l * E + e].dequantize(torch.float32), prov.weights.down[l * E + e].float())
 
 
 def test_greedy_at_minimum_slots_equals_unlimited(pair):

@@ -100,10 +100,10 @@ class BatchStep:
         self.state = state
         self.cfg = model.config
         self.device = model.device
-        if self.cfg.num_linear_layers or self.cfg.attn_output_gate:
+        if self.cfg.num_linear_layers or self.cfg.attn_output_gate or self.cfg.num_mla_layers:
             raise NotImplementedError(
-                f"the batch step does not run {self.cfg.family} yet (Gated DeltaNet layers keep a per-sequence state "
-                "and gated attention, notes/SEAMS.md): use `tiered run` for this model")
+                f"the batch step does not run {self.cfg.family} yet (Gated DeltaNet layers keep a per-sequence state, "
+                "gated attention, MLA latent caches: notes/SEAMS.md): use `tiered run` for this model")
         if decode_attention == "auto":
             decode_attention = "paged" if self.device.type == "cuda" else "rows"
         if decode_attention not in ("rows", "paged"):

@@ -210,6 +210,8 @@ class PiecewiseDecode:
 
     def _copy_routing(self, l: int, r: Routed, *, ids_only: bool = False) -> None:
         """D2H of layer l's top-k (what the host routes by) and, for deferred observers, its weights and logits."""
+        if self.model.layers[l].moe is None:  # a dense layer (DeepSeek-V3's first layers): no routing
+            return
         self._ids_rows[l].copy_(r.ids[0], non_blocking=True)
         if not ids_only:
             self._w_rows[l].copy_(r.weights[0], non_blocking=True)
@@ -224,6 +226,8 @@ class PiecewiseDecode:
     def _route(self, l: int, r: Routed) -> None:
         """Layer l's routing is computed (enqueued): read it, resolve the slots, hand them to seg l+1."""
         m = self.model
+        if m.layers[l].moe is None:  # a dense layer: no experts, seg l+1 runs its MLP without slots
+            return
         t0 = time.perf_counter()
         obs = m.observer
         late = obs is not None and obs.deferrable

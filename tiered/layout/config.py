@@ -29,6 +29,12 @@ Routed expert roles (tensors inside one expert block): gate [F, D], up [F, D], d
 (gpt-oss) also gate_bias [F], up_bias [F], down_bias [D]. A fused gate_up [2F, D] (FUSED_EXPERT_ROLES) is split
 by byte range at repack; other source forms (transposed, interleaved, MXFP4) are turned into these at repack
 (layout/fused.py).
+Multi-head latent attention layers, `layer_types[l] == "mla"` (DeepSeek-V3; dims in extra["mla"]), instead of q/k/v:
+    layers.{l}.mla_q_a [Rq, D], mla_q_a_norm [Rq], mla_q_b [H*(dn+dr), Rq] (or mla_q [H*(dn+dr), D] without q lora),
+    mla_kv_a [R+dr, D], mla_kv_a_norm [R], mla_kv_b [H*(dn+dv), R], and o_proj [D, H*dv].
+Dense decoder layers (l < extra["first_k_dense_replace"], DeepSeek-V3) have an MLP instead of router and experts:
+    layers.{l}.dense_gate / dense_up [I, D], dense_down [D, I]; their expert blocks in the store are zeros.
+The DeepSeek-V3 router adds layers.{l}.router_score_bias [E] (e_score_correction_bias, the choice only).
 `extra` (family data the model reads): router ("softmax_topk" | "topk_softmax", model/routing.py), layer_types
 (per-layer "sliding_attention" / "full_attention"), swiglu_limit / swiglu_alpha (clamped SwiGLU), rope_dim.
 """
@@ -40,7 +46,9 @@ from typing import Any
 
 EXPERT_ROLES = ("gate", "up", "down")
 FUSED_EXPERT_ROLES = {"gate_up": ("gate", "up")}  # a checkpoint tensor holding several roles, split in this order
-LAYER_KINDS = ("attention", "linear")  # full softmax attention over a KV cache; Gated DeltaNet over a fixed state
+# full softmax attention over a KV cache; Gated DeltaNet over a fixed state; multi-head latent attention (DeepSeek-V3)
+# over a cache of compressed latents
+LAYER_KINDS = ("attention", "linear", "mla")
 
 
 @dataclass(frozen=True)
@@ -118,7 +126,25 @@ class ModelConfig:
 
     @property
     def num_linear_layers(self) -> int:
-        return self.num_layers - self.num_attention_layers
+        return sum(self.layer_kind(l) == "linear" for l in range(self.num_layers))
+
+    @property
+    def num_mla_layers(self) -> int:
+        return sum(self.layer_kind(l) == "mla" for l in range(self.num_layers))
+
+    @property
+    def mla_latent_dim(self) -> int:
+        """Values cached per token and MLA layer: kv_lora_rank + qk_rope_head_dim (0 without MLA)."""
+        m = self.extra.get("mla") or {}
+        return int(m.get("kv_lora_rank", 0)) + int(m.get("qk_rope_head_dim", 0))
+
+    @property
+    def first_moe_layer(self) -> int:
+        """Layers before this one are dense (an MLP, no experts: DeepSeek-V3's first_k_dense_replace)."""
+        return int(self.extra.get("first_k_dense_replace", 0) or 0)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer >= self.first_moe_layer
 
     @property
     def rotary_dim(self) -> int:
@@ -132,8 +158,10 @@ class ModelConfig:
             self.linear_num_value_heads * self.linear_value_head_dim
 
     def kv_bytes_per_token(self, itemsize: int) -> int:
-        """K and V bytes one more token of context costs, over the attention layers (the cache that grows)."""
-        return 2 * self.num_attention_layers * self.num_kv_heads * self.head_dim * itemsize
+        """Bytes one more token of context costs: K and V over the attention layers, the latent (kv_lora_rank +
+        qk_rope_head_dim) over the MLA layers (the caches that grow)."""
+        return (2 * self.num_attention_layers * self.num_kv_heads * self.head_dim
+                + self.num_mla_layers * self.mla_latent_dim) * itemsize
 
     def state_bytes_per_sequence(self, itemsize: int) -> int:
         """Fixed bytes per sequence of the DeltaNet layers: conv state in the compute dtype, recurrent state fp32."""

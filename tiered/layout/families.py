@@ -191,6 +191,11 @@ class Family:
                 if hf.get(k) is not None:
                     extra[field] = hf[k]
                     break
+        if "mla" in fields.get("layer_types", ()):  # DeepSeek-V3: MLA dims in one place for the model
+            extra["mla"] = {k: extra.pop(k) for k in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+                                                       "qk_rope_head_dim", "v_head_dim") if k in extra}
+        if extra.get("n_shared_experts") and "shared_expert_ffn" not in fields:  # DeepSeek-V3: one fused shared MLP
+            fields["shared_expert_ffn"] = int(extra["n_shared_experts"]) * int(fields["expert_ffn"])
         if extra:
             fields["extra"] = extra
         for k in ("num_experts", "top_k", "expert_ffn", "shared_expert_ffn", "num_layers", "hidden_size"):

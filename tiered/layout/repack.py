@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import math
 import os
 import queue
@@ -56,6 +57,9 @@ class SourceTensor:
     expert: int | None  # for a fused [E, ...] expert tensor: None (slice per expert)
 
 
+_LAYER_INDEX = re.compile(r"(?:model\.(?:language_model\.)?)?layers\.(\d+)\.")
+
+
 def _index_source(src: Path, fam: Family, cfg: ModelConfig):
     """Map every tensor of the checkpoint to its role; check shards and completeness before writing."""
     idx = src / "model.safetensors.index.json"
@@ -77,6 +81,14 @@ def _index_source(src: Path, fam: Family, cfg: ModelConfig):
                               f"re-download it")
         entries, _ = read_safetensors_header(path)
         for name, ent in entries.items():
+            m = _LAYER_INDEX.match(name)
+            if m and int(m[1]) >= cfg.num_layers:  # multi-token-prediction layers (DeepSeek-V3's MTP): not run
+                skipped.append(name)
+                continue
+            if name.endswith("weight_scale_inv"):
+                raise RepackError(f"{path}: {name} is a block scale of an FP8 checkpoint (DeepSeek-V3 style); "
+                                  "tiered does not repack FP8 sources yet: convert the checkpoint to bf16 first "
+                                  "(DeepSeek's inference/fp8_cast_bf16.py), then repack it (--experts fp8 requantizes)")
             kind, role, layer, expert = fam.classify(name)
             if kind == "dense":
                 dense[role] = SourceTensor(path, ent, None)
@@ -342,15 +354,16 @@ def _derived_dtype(experts, dtype: str) -> str:
 
 
 def _plan_experts(experts, dtype: str, fmt: str = "source", rd: "_Reader | None" = None):
-    """Block layout from expert 0 of layer 0 (every expert must match it)."""
+    """Block layout from expert 0 of the first MoE layer (every expert must match it)."""
     shapes = {}
+    l0 = min(layer for (layer, _, _) in experts)
     if _derived(experts):  # the canonical tensors; --experts q* quantizes gate/up/down, biases stay float
         code = ST_DTYPES[_derived_dtype(experts, "bf16" if fmt == "bf16" else dtype)]
-        for role, t in canonical_expert(_read_source_expert(experts, 0, 0, rd or _Reader())).items():
+        for role, t in canonical_expert(_read_source_expert(experts, l0, 0, rd or _Reader())).items():
             shapes[role] = (tuple(t.shape), fmt if fmt in QUANT_FORMATS and role in EXPERT_ROLES else code)
         return plan_block(shapes)
     for role in EXPERT_ROLES:
-        st, _, shape = _expert_source(experts, 0, 0, role)
+        st, _, shape = _expert_source(experts, l0, 0, role)
         code = st.entry.dtype
         if fmt in QUANT_FORMATS:
             if code not in FLOAT_CODES:
@@ -407,6 +420,14 @@ def _write_experts(path: Path, cfg: ModelConfig, experts, specs, bs: int, rd: _R
     derived = _derived(experts)
     try:
         for layer in range(cfg.num_layers):
+            if not cfg.is_moe_layer(layer):  # a dense layer (DeepSeek-V3's first layers): zero blocks keep the
+                for e in range(cfg.num_experts):  # store's layer*E + e indexing; nothing ever reads them
+                    buf = writer.buffer()
+                    buf[:] = bytes(len(buf))
+                    sums.append(xxh3_hex(buf))
+                    writer.put(buf)
+                    tick(bs)
+                continue
             quant = _quantize_layer(experts, cfg, layer, by_name, rd, refine, device)  # role -> parts [E, ...] as bytes
             for e in range(cfg.num_experts):
                 buf = writer.buffer()
@@ -595,16 +616,18 @@ def repack(src: str | Path, dst: str | Path, *, dtype: str = "source", experts: 
     check_destination(src, dst, force)
     fam, cfg, _ = read_checkpoint_config(src)
     dense_src, expert_src, skipped = _index_source(src, fam, cfg)
-    if skipped:  # vision towers, MTP heads, ...: what [ignore] of the family file names
+    if skipped:  # vision towers, MTP heads, ...: what [ignore] of the family file names, layers past num_layers
         prefixes = fam.spec.get("ignore", {}).get("prefixes", [])
+        mtp = sum(bool((m := _LAYER_INDEX.match(n)) and int(m[1]) >= cfg.num_layers) for n in skipped)
         groups = Counter(next((p + "*" for p in prefixes if n.startswith(p)), n) for n in skipped)
-        print(f"tiered: repack skips {len(skipped)} tensors that [ignore] of {fam.path.name} names (not part of "
-              f"the text model): " + ", ".join(f"{g} ({c})" for g, c in sorted(groups.items())), file=sys.stderr)
+        print(f"tiered: repack skips {len(skipped)} tensors that [ignore] of {fam.path.name} names or that belong "
+              f"to layers past num_hidden_layers={cfg.num_layers} (multi-token prediction: {mtp} tensors; not run): "
+              + ", ".join(f"{g} ({c})" for g, c in sorted(groups.items())), file=sys.stderr)
     specs, bs = _plan_experts(expert_src, dtype, experts)
     if _derived(expert_src):  # experts in another form (layout/fused.py): the dtype they are written in
         float_dt = ST_DTYPES[_derived_dtype(expert_src, dtype)]
     else:
-        float_dt = ST_DTYPES[_target(_expert_source(expert_src, 0, 0, "gate")[0].entry.dtype, dtype)]
+        float_dt = ST_DTYPES[_target(_expert_source(expert_src, cfg.first_moe_layer, 0, "gate")[0].entry.dtype, dtype)]
     cfg = ModelConfig.from_json({**cfg.to_json(), "source_dtype": float_dt})  # the dtype of unquantized weights
     dense_outs, dense_quant = _plan_dense(dense_src, dtype, dense)
     total = sum(o.nbytes for o in dense_outs) + cfg.num_layers * cfg.num_experts * bs

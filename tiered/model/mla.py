@@ -7,8 +7,8 @@ per-head keys and values, as transformers computes it: for prefill) and `absorbe
 into the query and its value half applied after the weighted sum of latents, so no per-head key or value is
 formed: for decode). Does not own: the decoder loop (transformer.py) nor the routing.
 
-Status: tested against transformers' DeepseekV3Attention module (tests/test_mla.py); not yet wired into
-Transformer (DeepSeek-V3's dense first layers need the expert store to skip them).
+Tested against transformers' DeepseekV3Attention module (tests/test_mla.py) and, in the decoder, against
+DeepseekV3ForCausalLM (tests/test_deepseek_v3.py). The model state holds the cache (model/state.py).
 
 Legend: T tokens in this call, S cache positions read, H heads, D hidden, Rq q_lora_rank, R kv_lora_rank,
 dn qk_nope_head_dim, dr qk_rope_head_dim, dv v_head_dim.
@@ -106,19 +106,20 @@ def mla_attention(x: Tensor, w: MLAWeights, cache: MLACache, layer: int, plan: S
         kr.index_copy_(0, plan.write_at, k_rot)
     cs, ks = lat[plan.read_lo:plan.read_hi], kr[plan.read_lo:plan.read_hi]  # [S, R], [S, dr]
     kv_b = w.kv_b.view(H, dn + dv, R)
-    rope_scores = torch.einsum("thd,sd->hts", q_rot, ks)  # [H, T, S]
-    if absorbed:
-        q_lat = torch.einsum("thd,hdr->htr", q_nope, kv_b[:, :dn])  # [H, T, R]
-        s = (torch.matmul(q_lat, cs.t()) + rope_scores) * scale
-    else:
+    if not absorbed:  # per-head keys [nope | shared rope] and values, one SDPA call as transformers computes it
         kv = F.linear(cs, w.kv_b).view(-1, H, dn + dv)  # [S, H, dn+dv]
-        s = (torch.einsum("thd,shd->hts", q_nope, kv[..., :dn]) + rope_scores) * scale
+        S = kv.shape[0]
+        k = torch.cat([kv[..., :dn], ks[:, None, :].expand(S, H, dr)], dim=-1).transpose(0, 1)  # [H, S, dn+dr]
+        qf = torch.cat([q_nope, q_rot], dim=-1).transpose(0, 1)  # [H, T, dn+dr]
+        mask = None if plan.mask is None else plan.mask[None]
+        o = F.scaled_dot_product_attention(qf, k, kv[..., dn:].transpose(0, 1), attn_mask=mask, scale=scale)
+        return F.linear(o.transpose(0, 1).reshape(T, H * dv), w.o)
+    rope_scores = torch.einsum("thd,sd->hts", q_rot, ks)  # [H, T, S]
+    q_lat = torch.einsum("thd,hdr->htr", q_nope, kv_b[:, :dn])  # [H, T, R]
+    s = (torch.matmul(q_lat, cs.t()) + rope_scores) * scale
     if plan.mask is not None:
         s = s.masked_fill(~plan.mask[None], float("-inf"))
     p = torch.softmax(s, dim=-1, dtype=torch.float32).to(x.dtype)  # [H, T, S]
-    if absorbed:
-        o = torch.einsum("hts,sr->htr", p, cs)  # [H, T, R]
-        o = torch.einsum("htr,hvr->thv", o, kv_b[:, dn:])  # [T, H, dv]
-    else:
-        o = torch.einsum("hts,shv->thv", p, kv[..., dn:])
+    o = torch.einsum("hts,sr->htr", p, cs)  # [H, T, R]
+    o = torch.einsum("htr,hvr->thv", o, kv_b[:, dn:])  # [T, H, dv]
     return F.linear(o.reshape(T, H * dv), w.o)

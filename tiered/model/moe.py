@@ -77,6 +77,7 @@ class MoEWeights:
     shared_down: Tensor | None = None  # [D, Fs]
     shared_expert_gate: Tensor | None = None  # [1, D]
     router_bias: Tensor | None = None  # [E] (gpt-oss)
+    score_bias: Tensor | None = None  # [E] fp32 (DeepSeek-V3's e_score_correction_bias: the choice only)
     act: "ClampedSwiGLU | None" = None  # None: SiLU(gate) * up; else gpt-oss's clamped form
 
 

@@ -11,6 +11,7 @@ Legend: T tokens, E experts, K top-k.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import torch
@@ -55,8 +56,21 @@ def sigmoid_groups(logits: Tensor, top_k: int, norm_topk: bool, *, score_bias: T
     return ids, w * scale
 
 
-# sigmoid_groups is not in RULES yet: it needs each layer's score_bias, which the decoder does not load yet
-RULES: dict[str, Rule] = {"softmax_topk": softmax_topk, "topk_softmax": topk_softmax}
+RULES: dict[str, Rule] = {"softmax_topk": softmax_topk, "topk_softmax": topk_softmax, "sigmoid_groups": sigmoid_groups}
+
+
+def layer_rule(config: ModelConfig, score_bias: Tensor | None) -> Rule:
+    """One layer's rule as a Rule: sigmoid_groups bound to the layer's correction bias and the config's groups
+    and scale (DeepSeek-V3), else the model's rule."""
+    rule = route_rule(config)
+    if rule is not sigmoid_groups:
+        return rule
+    if score_bias is None:
+        raise ValueError(f"family {config.family}: the sigmoid_groups router needs each MoE layer's "
+                         "router_score_bias (e_score_correction_bias); the layout has none")
+    x = config.extra
+    return partial(sigmoid_groups, score_bias=score_bias, n_group=int(x.get("n_group", 1)),
+                   topk_group=int(x.get("topk_group", 1)), scale=float(x.get("routed_scaling_factor", 1.0)))
 
 
 def route_rule(config: ModelConfig) -> Rule:

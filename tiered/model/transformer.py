@@ -41,8 +41,9 @@ from tiered.model.layers import (AttnWeights, KVCache, Rope, StepPlan, attention
 from tiered.model import moe_gpu
 from tiered.model.moe import (FP32_ROUTE_WEIGHTS, ExpertProvider, MoEWeights, PrefetchHook, RoutingObserver,
                                ClampedSwiGLU, expert_mix, route, routed_logits)
-from tiered.model.routing import route_rule
-from tiered.model.state import ModelState
+from tiered.model.mla import MLAWeights, mla_attention, mla_softmax_scale
+from tiered.model.routing import layer_rule, route_rule
+from tiered.model.state import ModelState, mla_dims
 
 
 class RoutingOverride(Protocol):
@@ -73,8 +74,10 @@ class LayerWeights:
     attn_norm: Tensor  # [D] (fp32 1 + w for zero-centred norms)
     attn: AttnWeights | None  # attention layers
     mlp_norm: Tensor  # [D]
-    moe: MoEWeights
+    moe: MoEWeights | None  # None for a dense layer (DeepSeek-V3's first layers)
     linear: DeltaWeights | None = None  # Gated DeltaNet layers
+    mla: MLAWeights | None = None  # multi-head latent attention layers (DeepSeek-V3)
+    dense_mlp: tuple[Tensor, Tensor, Tensor] | None = None  # gate [I, D], up [I, D], down [D, I] of a dense layer
 
 
 def _take(dense: dict[str, Tensor | QuantWeight], name: str, device: torch.device, dtype: torch.dtype,
@@ -139,12 +142,24 @@ def build_layer(cfg: ModelConfig, dense: dict[str, Tensor], l: int, device: torc
     if "swiglu_limit" in cfg.extra:
         act = ClampedSwiGLU(alpha=float(cfg.extra.get("swiglu_alpha", 1.702)), limit=float(cfg.extra["swiglu_limit"]))
     shared = cfg.shared_expert_ffn > 0
-    moe = MoEWeights(router=t("router"),
-                     shared_gate=t("shared_gate_proj") if shared else None,
-                     shared_up=t("shared_up_proj") if shared else None,
-                     shared_down=t("shared_down_proj") if shared else None,
-                     shared_expert_gate=t("shared_expert_gate") if shared and cfg.shared_expert_gate else None,
-                     router_bias=t("router_bias", False), act=act)
+    moe = dense_mlp = None
+    if cfg.is_moe_layer(l):
+        bias = _take(dense, p + "router_score_bias", device, torch.float32, False)
+        moe = MoEWeights(router=t("router"),
+                         shared_gate=t("shared_gate_proj") if shared else None,
+                         shared_up=t("shared_up_proj") if shared else None,
+                         shared_down=t("shared_down_proj") if shared else None,
+                         shared_expert_gate=t("shared_expert_gate") if shared and cfg.shared_expert_gate else None,
+                         router_bias=t("router_bias", False), act=act, score_bias=bias)
+    else:
+        dense_mlp = (t("dense_gate"), t("dense_up"), t("dense_down"))
+    if cfg.layer_kind(l) == "mla":
+        q_a = t("mla_q_a", False)
+        mla = MLAWeights(q_a=q_a, q_a_norm=t("mla_q_a_norm") if q_a is not None else None,
+                         q_b=t("mla_q_b") if q_a is not None else t("mla_q"), kv_a=t("mla_kv_a"),
+                         kv_a_norm=t("mla_kv_a_norm"), kv_b=t("mla_kv_b"), o=t("o_proj"))
+        return LayerWeights(attn_norm=nw("attn_norm"), attn=None, mlp_norm=nw("mlp_norm"), moe=moe, mla=mla,
+                            dense_mlp=dense_mlp)
     if cfg.layer_kind(l) == "linear":
         return LayerWeights(attn_norm=nw("attn_norm"), attn=None, mlp_norm=nw("mlp_norm"), moe=moe,
                             linear=build_deltanet(cfg, dense, l, device, dtype))
@@ -165,7 +180,7 @@ def build_layer(cfg: ModelConfig, dense: dict[str, Tensor], l: int, device: torc
     sinks = t("sinks", False)
     attn = AttnWeights(qkv=qkv, qkv_bias=bias, o=t("o_proj"), q_norm=q_norm, k_norm=k_norm,
                        o_bias=t("o_bias", False), sinks=None if sinks is None else sinks.float())
-    return LayerWeights(attn_norm=nw("attn_norm"), attn=attn, mlp_norm=nw("mlp_norm"), moe=moe)
+    return LayerWeights(attn_norm=nw("attn_norm"), attn=attn, mlp_norm=nw("mlp_norm"), moe=moe, dense_mlp=dense_mlp)
 
 
 def build_deltanet(cfg: ModelConfig, dense: dict[str, Tensor], l: int, device: torch.device,
@@ -209,6 +224,8 @@ class Transformer:
         if attn not in ("sdpa", "flash", "triton"):
             raise ValueError(f"attn must be 'sdpa', 'flash' or 'triton' (resolve 'auto' with layers.pick_backend), "
                              f"got {attn!r}")
+        if config.num_mla_layers:  # MLA reads its latent cache with its own torch path, on SDPA-style plans
+            attn = "sdpa"
         self.config = config
         self.device = torch.device(device)
         self.dtype = dtype
@@ -234,8 +251,11 @@ class Transformer:
         self.delta_shape = DeltaShape(config.linear_num_key_heads, config.linear_num_value_heads,
                                       config.linear_key_head_dim, config.linear_value_head_dim,
                                       config.linear_conv_kernel, config.rms_norm_eps)
-        self.groups = config.num_heads // config.num_kv_heads
+        self.groups = 1 if config.num_mla_layers else config.num_heads // config.num_kv_heads
         self.route_rule = route_rule(config)
+        self.layer_rules = [None if lw.moe is None else layer_rule(config, lw.moe.score_bias) for lw in self.layers]
+        self.mla_dims = mla_dims(config) if config.num_mla_layers else None
+        self.mla_scale = mla_softmax_scale(self.mla_dims, config.rope_scaling) if self.mla_dims else 1.0
         # per-layer attention window: ModelConfig.extra["layer_types"] (gpt-oss) mixes sliding and full layers
         types = config.extra.get("layer_types")
         self.mixed_windows = bool(types) and config.sliding_window is not None
@@ -296,7 +316,7 @@ class Transformer:
         h = F.embedding(tokens, self.embed)  # [T, D]
         for l in range(len(self.layers)):
             r = self.attend_route(l, h, plan)
-            if self._observer is not None:
+            if self._observer is not None and self.layers[l].moe is not None:
                 self._observer.on_route(l, r.h, r.ids, r.weights, r.logits.float())
             h = r.h + self.experts_out(l, r)
         return self.head(h, all_logits)
@@ -316,6 +336,9 @@ class Transformer:
         """Layer l's token mixer over x [T, D] (normed): attention over its KV rows, or Gated DeltaNet over its
         conv and recurrent state (which take no positions: the order of calls is the order of tokens)."""
         lw, row = self.layers[l], self.state.row(l)
+        if lw.mla is not None:  # one token: kv_b absorbed into q and the output (no per-head keys formed)
+            return mla_attention(x, lw.mla, self.state.latent, row, plan, self.mla_dims, self.mla_scale,
+                                 absorbed=x.shape[0] == 1)
         if lw.linear is not None:
             lin = self.state.linear
             return deltanet(x, lw.linear, self.delta_shape, lin.conv[row], lin.recurrent[row], backend=self.linear_attn)
@@ -324,13 +347,18 @@ class Transformer:
     def _route_own(self, l: int, x: Tensor, plan: StepPlan) -> tuple[Tensor, Tensor, Tensor]:
         cfg = self.config
         moe = self.layers[l].moe
-        return route(x, moe.router, cfg.top_k, cfg.norm_topk_prob, bias=moe.router_bias, rule=self.route_rule)
+        if moe is None:  # a dense layer: no routing (empty ids; its MLP runs in experts_out)
+            empty = torch.zeros(x.shape[0], 0, device=x.device)
+            return empty.to(x.dtype), empty.long(), empty
+        if moe.score_bias is not None:  # DeepSeek-V3 scores in fp32, as transformers' router does
+            return route(x.float(), moe.router.float(), cfg.top_k, cfg.norm_topk_prob, rule=self.layer_rules[l])
+        return route(x, moe.router, cfg.top_k, cfg.norm_topk_prob, bias=moe.router_bias, rule=self.layer_rules[l])
 
     def _route_replayed(self, l: int, x: Tensor, plan: StepPlan) -> tuple[Tensor, Tensor, Tensor]:
         """The override's rows for host positions; static (device-position) plans route on the device and the
         piecewise step substitutes the override's rows between segments."""
         logits, ids, wts = self._route_own(l, x, plan)
-        if isinstance(plan.write_at, int):
+        if isinstance(plan.write_at, int) and self.layers[l].moe is not None:
             ids, wts = self._routing(l, plan.write_at, x.shape[0])
             logits = routed_logits(ids, wts, logits.shape[-1])
         return logits, ids, wts
@@ -338,7 +366,11 @@ class Transformer:
     def experts_out(self, l: int, r: Routed, slots: Tensor | None = None, partial: Tensor | None = None) -> Tensor:
         """Layer l's MoE output [T, D] (routed + shared experts); `slots` [K] = known slot rows (T = 1),
         else the provider resolves them (and the prefetch hook runs, for one token). `partial` [1, D]: the
-        CPU-computed experts' sum, added after the device's (model/cpu_experts.py)."""
+        CPU-computed experts' sum, added after the device's (model/cpu_experts.py). A dense layer runs its MLP."""
+        lw = self.layers[l]
+        if lw.dense_mlp is not None:
+            g, u, d = lw.dense_mlp
+            return linear(F.silu(linear(r.x, g)) * linear(r.x, u), d)
         return expert_mix(r.x, r.ids, r.weights, self.layers[l].moe, self.provider, l, slots=slots,
                           fp32_weights=self.fp32_route_weights, prefetch_hook=self._prefetch_hook,
                           kernels=self.kernels, partial=partial)

@@ -216,6 +216,11 @@ class TraceRecorder(Observer):
     def end_doc(self, tokens: Sequence[int]) -> None:
         """Close the current document: every layer must have seen exactly len(tokens) tokens."""
         T = len(tokens)
+        dense = [l for l, c in enumerate(self._cur) if not c["ids"]]
+        if dense and len(dense) < len(self._cur):
+            raise TraceError(f"layers {dense} routed no tokens: a model with dense (expert-free) layers, such as "
+                             "DeepSeek-V3's first_k_dense_replace layers, cannot be traced yet (traces are [T, L, K] "
+                             "over every layer)")
         if self.num_layers is None:
             self.num_layers = len(self._cur)
         doc: dict[str, np.ndarray] = {"tokens": np.asarray(tokens, dtype=np.int32)}

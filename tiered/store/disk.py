@@ -172,21 +172,25 @@ def size_summary(cfg: ModelConfig, block_size: int | None, dense_params: int, de
 
     "active" parameters count everything a token touches: all dense weights (embeddings, lm_head,
     attention or DeltaNet, norms, routers, shared experts) plus top_k routed experts in every layer.
-    The KV cache grows by `kv_cache_bytes_per_token` per token (attention layers only); DeltaNet layers
+    The KV cache grows by `kv_cache_bytes_per_token` per token (K and V of attention layers, the latent of MLA
+    layers); dense first layers (DeepSeek-V3) count their MLP as dense and no experts; DeltaNet layers
     keep `linear_state_bytes_per_sequence`, whatever the context length.
     """
     c = cfg
-    expert_total = c.num_layers * c.num_experts * c.expert_params
+    moe_layers = c.num_layers - c.first_moe_layer  # dense first layers (DeepSeek-V3) have no experts
+    expert_total = moe_layers * c.num_experts * c.expert_params
     return {
         "family": c.family, "layers": c.num_layers, "experts": c.num_experts, "top_k": c.top_k,
+        "moe_layers": moe_layers,
         "total_params": dense_params + expert_total,
-        "active_params": dense_params + c.num_layers * c.top_k * c.expert_params,
+        "active_params": dense_params + moe_layers * c.top_k * c.expert_params,
         "bytes_per_expert": expert_bytes, "block_size": block_size,
-        "active_expert_bytes_per_token": c.num_layers * c.top_k * expert_bytes,
-        "expert_bytes": c.num_layers * c.num_experts * expert_bytes,
+        "active_expert_bytes_per_token": moe_layers * c.top_k * expert_bytes,
+        "expert_bytes": moe_layers * c.num_experts * expert_bytes,
         "dense_bytes": dense_bytes,
         # per-sequence state, at 2-byte (bf16) KV and conv entries; the DeltaNet recurrent state is fp32
-        "layer_kinds": {k: sum(c.layer_kind(l) == k for l in range(c.num_layers)) for k in ("attention", "linear")},
+        "layer_kinds": {k: sum(c.layer_kind(l) == k for l in range(c.num_layers))
+                        for k in ("attention", "linear", "mla") if k != "mla" or c.num_mla_layers},
         "kv_cache_bytes_per_token": c.kv_bytes_per_token(2),
         "linear_state_bytes_per_sequence": c.state_bytes_per_sequence(2),
     }

@@ -1,0 +1,207 @@
+"""DeepSeek-V3 end to end against transformers (fp32 CPU): MLA over the latent cache (prefill through the expanded
+path, one-token steps through the absorbed one), dense first layers, the sigmoid + correction bias + group-limited
+router with routed_scaling_factor, shared experts, YaRN rope with interleaved pairs; the MTP layer skipped at repack;
+the per-layer state holds latents, not K/V; the minimum slot count decodes like the unlimited run."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tiered.layout.repack import repack
+from tiered.model.routing import layer_rule
+from tiered.model.transformer import Transformer
+from tiered.store.disk import Layout
+from tiered.store.resident import ResidentExperts
+
+TOL = 1e-4
+VOCAB = 8192  # the reference tokenizer's, so that trace and tune can run
+CTX = 160
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 32,
+        "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 10000.0}
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def ds_config():
+    import transformers as tf
+
+    cfg = tf.DeepseekV3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=24,
+                              num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
+                              num_experts_per_tok=3, n_group=4, topk_group=2, n_shared_experts=2,
+                              first_k_dense_replace=1, q_lora_rank=24, kv_lora_rank=16, qk_rope_head_dim=8,
+                              qk_nope_head_dim=8, v_head_dim=12, max_position_embeddings=CTX, routed_scaling_factor=2.5,
+                              rope_parameters=YARN, rms_norm_eps=1e-6)
+    cfg.eos_token_id, cfg.bos_token_id, cfg.pad_token_id = 1, 0, 0
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory, reference_model):
+    import transformers as tf
+
+    root = tmp_path_factory.mktemp("dsv3")
+    torch.manual_seed(4)
+    hf = tf.AutoModelForCausalLM.from_config(ds_config()).float().eval()
+    with torch.no_grad():  # unit norms and a zero correction bias would leave those paths untested
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+        for layer in hf.model.layers[1:]:
+            layer.mlp.gate.weight.normal_(0, 0.3)
+            layer.mlp.gate.e_score_correction_bias.normal_(0, 0.2)
+    ck = root / "ck"
+    hf.save_pretrained(ck)
+    # an MTP layer as DeepSeek-V3 checkpoints carry it (model.layers.{num_hidden_layers}.*): repack skips it
+    save_file({"model.layers.3.eh_proj.weight": torch.zeros(64, 128), "model.layers.3.enorm.weight": torch.ones(64)},
+              str(ck / "mtp.safetensors"))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(reference_model / name, ck / name)
+    skipped = repack(ck, root / "lay", progress=False)["skipped"]
+    lay = Layout.open(root / "lay")
+    return hf, lay, ResidentExperts.from_layout(lay), skipped, root
+
+
+def ours(lay, provider):
+    return Transformer(lay.config, lay.dense(), provider, device="cpu", dtype=torch.float32, max_context=CTX)
+
+
+def theirs(hf, ids):
+    with torch.no_grad():
+        return hf(input_ids=ids[None]).logits[0]
+
+
+def prompt(n, seed=0):
+    return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def test_config_state_and_mtp(ds):
+    hf, lay, prov, skipped, _ = ds
+    cfg = lay.config
+    assert cfg.layer_types == ("mla",) * 3 and cfg.first_moe_layer == 1 and cfg.shared_expert_ffn == 48
+    assert cfg.extra["mla"] == {"q_lora_rank": 24, "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8,
+                                "v_head_dim": 12}
+    assert skipped == ["model.layers.3.eh_proj.weight", "model.layers.3.enorm.weight"]
+    m = ours(lay, prov)
+    assert m.state.latent.latent.shape == (3, CTX, 16) and m.state.latent.k_rope.shape == (3, CTX, 8)
+    assert m.state.kv.k.numel() == 0 and m.state.linear is None
+    assert cfg.kv_bytes_per_token(2) == 3 * (16 + 8) * 2  # the latent, not 2 * H * hd per layer
+    assert cfg.state_bytes_per_sequence(2) == 0
+    # dense layer 0's expert blocks are zeros (nothing reads them), MoE layers' are the checkpoint's
+    assert not lay.block_bytes(0, 0).tobytes().strip(b"\0") and lay.block_bytes(1, 0).tobytes().strip(b"\0")
+
+
+def test_prefill_and_decode_match_transformers(ds):
+    hf, lay, prov, _, _ = ds
+    ids = prompt(40)
+    ref = theirs(hf, ids)
+    m = ours(lay, prov)
+    full = m.forward(ids, 0, all_logits=True)
+    print(f"deepseek_v3 prefill rel {rel(full, ref):.2e}")
+    assert rel(full, ref) <= TOL
+    # the correction bias changes the choice (the test would see a model that ignored it)
+    m.layer_rules[1] = layer_rule(lay.config, torch.zeros_like(m.layers[1].moe.score_bias))
+    m.layer_rules[2] = layer_rule(lay.config, torch.zeros_like(m.layers[2].moe.score_bias))
+    assert rel(m.forward(ids, 0, all_logits=True), ref) > 1e-3
+    m = ours(lay, prov)
+    steps = [m.forward(ids[:30], 0, all_logits=True)] + [m.forward(ids[i:i + 1], i, all_logits=True)
+                                                         for i in range(30, 40)]
+    assert rel(torch.cat(steps), ref) <= TOL
+
+
+def test_long_prompt_in_chunks(ds):
+    """A prompt past YaRN's original 32 positions, prefilled in chunks of 23 (several chunks), then decoded."""
+    hf, lay, prov, _, _ = ds
+    ids = prompt(150, seed=1)
+    ref = theirs(hf, ids)
+    m = ours(lay, prov)
+    outs = [m.forward(ids[a:min(a + 23, 140)], a, all_logits=True) for a in range(0, 140, 23)]
+    outs += [m.forward(ids[i:i + 1], i, all_logits=True) for i in range(140, 150)]
+    assert rel(torch.cat(outs), ref) <= TOL
+
+
+def test_min_slots_greedy_equals_unlimited(ds):
+    import tiered
+
+    _, lay, _, _, _ = ds
+    text = "def main():\n    x = 1\n"
+    full = tiered.load(lay.path, device="cpu", dtype="float32", max_context=CTX)
+    want = full.generate(text, max_new_tokens=12, temperature=0.0, stop_at_eos=False).token_ids
+    small = tiered.load(lay.path, device="cpu", dtype="float32", max_context=CTX,
+                        budget={"expert_slots": lay.config.top_k})
+    got = small.generate(text, max_new_tokens=12, temperature=0.0, stop_at_eos=False).token_ids
+    assert got == want
+
+
+def test_piecewise_min_slots_equals_unlimited(ds):
+    """The piecewise one-token step (host routing between segments; dense layers have none) at the minimum slot
+    count gives the unlimited run's greedy tokens."""
+    import tiered
+
+    _, lay, _, _, _ = ds
+    text = "def main():\n    x = 1\n"
+    want = tiered.load(lay.path, device="cpu", dtype="float32", max_context=CTX).generate(
+        text, max_new_tokens=12, temperature=0.0, stop_at_eos=False).token_ids
+    eng = tiered.load(lay.path, device="cpu", dtype="float32", max_context=CTX, budget={"expert_slots": 3})
+    eng.use_piecewise(graphs=False)
+    got = eng.generate(text, max_new_tokens=12, temperature=0.0, stop_at_eos=False)
+    assert eng.decode_mode == "piecewise" and got.token_ids == want
+
+
+def test_inspect_and_trace_refusal(ds, tmp_path):
+    """`inspect` counts experts of MoE layers only and the MLA latent as the cache per token; `trace` refuses a
+    model with dense layers with a message that says so (traces are [T, L, K] over every layer)."""
+    from click.testing import CliRunner
+
+    from tiered.cli.main import main
+
+    _, lay, _, _, _ = ds
+    res = CliRunner().invoke(main, ["inspect", str(lay.path), "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout.strip().splitlines()[-1])
+    cfg = lay.config
+    assert info["moe_layers"] == 2 and info["layer_kinds"]["mla"] == 3
+    assert info["total_params"] - info["active_params"] == 2 * (8 - 3) * cfg.expert_params
+    assert info["kv_cache_bytes_per_token"] == 3 * 24 * 2 and info["linear_state_bytes_per_sequence"] == 0
+    f = tmp_path / "p.txt"
+    f.write_text("def main():\n    x = 1\n")
+    res = CliRunner().invoke(main, ["trace", "-m", str(lay.path), "--prompt-file", str(f),
+                                    "-o", str(tmp_path / "t.npz")])
+    assert res.exit_code != 0 and "dense" in (res.output + repr(res.exception))
+
+
+def test_fp8_checkpoint_is_refused_clearly(ds, tmp_path):
+    """An FP8 checkpoint (weight_scale_inv blocks) is not repacked yet: the error names the tensor and what to do."""
+    from tiered.layout.repack import RepackError
+
+    _, _, _, _, root = ds
+    ck = tmp_path / "fp8"
+    shutil.copytree(root / "ck", ck)
+    save_file({"model.layers.1.mlp.experts.0.gate_proj.weight_scale_inv": torch.ones(1, 1)},
+              str(ck / "scales.safetensors"))
+    with pytest.raises(RepackError, match="weight_scale_inv.*FP8.*bf16"):
+        repack(ck, tmp_path / "lay", progress=False)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_decode_matches_eager(ds):
+    """On CUDA (fp32): the captured one-token step (MLA latent cache read through device positions, dense layer
+    0 without routing) gives the eager run's greedy tokens and logits close to transformers'."""
+    import tiered
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    hf, lay, _, _, _ = ds
+    text = "def main():\n    x = 1\n"
+    want = tiered.load(lay.path, device="cpu", dtype="float32", max_context=CTX).generate(
+        text, max_new_tokens=12, temperature=0.0, stop_at_eos=False).token_ids
+    eng = tiered.load(lay.path, device="cuda", dtype="float32", max_context=CTX)
+    got = eng.generate(text, max_new_tokens=12, temperature=0.0, stop_at_eos=False)
+    assert got.token_ids == want
+    ids = prompt(40)
+    assert rel(eng.logits(ids).cpu(), theirs(hf, ids)) <= 1e-3  # TF32 / kernel order on the GPU
