@@ -38,14 +38,14 @@ def _pool(fmt: str, S: int, F: int, D: int, seed: int = 0):
     """ExpertWeights over a uint8 [S, block] pool in `fmt` (the layout's block placement), quantized from
     random weights."""
     specs, bs = plan_block({"gate": ((F, D), fmt), "up": ((F, D), fmt), "down": ((D, F), fmt)})
-    pool = torch.zeros(S, bs, dtype=torch.uint8)
+    pool = torch.zeros(S, bs, dtype=torch.uint8, device=DEV)
     W = expert_views(pool, specs)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=DEV).manual_seed(seed)  # built on the device: the CUDA shapes are large
     for w in (W.gate, W.up, W.down):
-        q = quantize(torch.randn(w.shape, generator=g) * w.matrix[1] ** -0.5, fmt)
+        q = quantize(torch.randn(w.shape, generator=g, device=DEV) * w.matrix[1] ** -0.5, fmt)
         for name, t in q.parts().items():
             w.parts()[name].copy_(t)
-    return expert_views(pool.to(DEV), specs)
+    return W
 
 
 def _experts_ref(x, slots, wts, W):
