@@ -136,8 +136,12 @@ def _kernels():
     dot = triton.jit(_dot_rows)
 
     def bind(f):
-        return triton.jit(types.FunctionType(f.__code__, {**f.__globals__, "dot_rows": dot}, f.__name__,
-                                             f.__defaults__, f.__closure__))
+        g = types.FunctionType(f.__code__, {**f.__globals__, "dot_rows": dot}, f.__name__, f.__defaults__,
+                               f.__closure__)
+        # Triton reads constexpr parameters from the annotations, which a new function object does not inherit
+        g.__annotations__, g.__qualname__, g.__module__, g.__doc__ = (dict(f.__annotations__), f.__qualname__,
+                                                                      f.__module__, f.__doc__)
+        return triton.jit(g)
 
     return bind(_qgemv), bind(_qgate_up), bind(_qdown)
 
