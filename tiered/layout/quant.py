@@ -313,7 +313,7 @@ def _quant_mxfp4(w: Tensor, g: int) -> dict[str, Tensor]:
     # the smallest power of two that puts the block's largest magnitude within e2m1's 6 (no clipping)
     e = torch.where(amax > 0, torch.ceil(torch.log2(amax / 6.0)), torch.full_like(amax, -127.0)).clamp(-127, 127)
     y = x / torch.exp2(e)[..., None]  # |y| <= 6
-    grid = torch.tensor(FP4_VALUES[:8], dtype=torch.float32)
+    grid = torch.tensor(FP4_VALUES[:8], dtype=torch.float32, device=w.device)
     mids = (grid[1:] + grid[:-1]) / 2
     code = torch.bucketize(y.abs(), mids)  # 0..7: nearest magnitude
     code = code | ((y < 0) & (code > 0)).to(code.dtype) << 3
