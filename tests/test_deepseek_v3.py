@@ -175,6 +175,30 @@ def test_inspect_and_trace_refusal(ds, tmp_path):
     assert res.exit_code != 0 and "dense" in (res.output + repr(res.exception))
 
 
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+def test_dense_quantized(ds, tmp_path, fmt):
+    """--dense q8/q4 quantizes MLA's projections, the dense layers' MLP and the shared experts (not the router,
+    norms or embeddings); the model runs them through qlinear, prefill and absorbed one-token steps, near
+    transformers."""
+    from tiered.layout.quant import QuantWeight
+
+    hf, _, _, _, root = ds
+    repack(root / "ck", tmp_path / "lay", dense=fmt, progress=False)
+    lay = Layout.open(tmp_path / "lay")
+    d = lay.dense()
+    for name in ("layers.0.mla_q_a", "layers.0.mla_q_b", "layers.1.mla_kv_a", "layers.1.mla_kv_b", "layers.2.o_proj",
+                 "layers.0.dense_gate", "layers.0.dense_down", "layers.1.shared_gate_proj", "lm_head"):
+        assert isinstance(d[name], QuantWeight) and d[name].fmt == fmt, name
+    assert not isinstance(d["layers.1.router"], QuantWeight) and not isinstance(d["embed"], QuantWeight)
+    ids = prompt(20, seed=2)
+    m = ours(lay, ResidentExperts.from_layout(lay))
+    got = torch.cat([m.forward(ids[:16], 0, all_logits=True)] + [m.forward(ids[i:i + 1], i, all_logits=True)
+                                                                 for i in range(16, 20)])
+    r = rel(got, theirs(hf, ids))
+    print(f"deepseek_v3 --dense {fmt}: rel {r:.2e}")
+    assert 0 < r < (2e-2 if fmt == "q8" else 0.3)
+
+
 def fp8_blockwise(w):
     """The test's own DeepSeek-style quantizer: e4m3 codes and one fp32 scale per 128 x 128 block (the edge blocks
     partial: ceil(N/128) x ceil(K/128) scales), w ~ q * s. Returns (q, s, q * s in fp32)."""
