@@ -443,8 +443,12 @@ def _plan_experts(experts, dtype: str, fmt: str = "source", rd: "_Reader | None"
     l0 = min(layer for (layer, _, _) in experts)
     if _derived(experts):  # the canonical tensors; --experts q* quantizes gate/up/down, biases stay float
         code = ST_DTYPES[_derived_dtype(experts, "bf16" if fmt == "bf16" else dtype)]
-        for role, t in canonical_expert(_read_source_expert(experts, l0, 0, rd or _Reader())).items():
-            shapes[role] = (tuple(t.shape), fmt if fmt in QUANT_FORMATS and role in EXPERT_ROLES else code)
+        src = _read_source_expert(experts, l0, 0, rd or _Reader())
+        for role, t in canonical_expert(src, keep_mxfp4=fmt in ("source", "mxfp4")).items():
+            if isinstance(t, QuantWeight):  # MXFP4 as stored
+                shapes[role] = (t.matrix, "mxfp4")
+            else:
+                shapes[role] = (tuple(t.shape), fmt if fmt in QUANT_FORMATS and role in EXPERT_ROLES else code)
         return plan_block(shapes)
     for role in EXPERT_ROLES:
         st, _, shape = _expert_source(experts, l0, 0, role)
@@ -468,10 +472,18 @@ def _quantize_layer(experts, cfg: ModelConfig, layer: int, by_name: dict, rd: _R
     out = {}
     quant_roles = [r for r in EXPERT_ROLES if by_name[r].quant]
     derived = {}  # role -> [E] canonical tensors, for experts stored in another form (layout/fused.py)
-    if quant_roles and _derived(experts):
+    # fp8 into fp8 blocks, MXFP4 into MXFP4 blocks: the stored bytes, role -> part -> [E]
+    copied = {r: {"q": [], "scale": []} for r in quant_roles}
+    is_derived = _derived(experts)
+    if quant_roles and is_derived:
+        keep = any(by_name[r].quant["scheme"] == "mxfp4" for r in quant_roles)
         for e in range(cfg.num_experts):
-            t = canonical_expert(_read_source_expert(experts, layer, e, rd))
+            t = canonical_expert(_read_source_expert(experts, layer, e, rd), keep_mxfp4=keep)
             for r in quant_roles:
+                if isinstance(t[r], QuantWeight):  # MXFP4 as stored: codes and scales copied
+                    for part in ("q", "scale"):
+                        copied[r][part].append(getattr(t[r], part).contiguous().numpy().tobytes())
+                    continue
                 # held as bf16: dequantized MXFP4 values are exact in it, and a layer of fp32 stacks is large
                 derived.setdefault(r, []).append(t[r].to(torch.bfloat16) if t[r].dtype == torch.float32 else t[r])
     for role in quant_roles:
@@ -479,8 +491,8 @@ def _quantize_layer(experts, cfg: ModelConfig, layer: int, by_name: dict, rd: _R
         want = tuple(spec.quant["shape"])
         rows = derived.get(role, [])
         scheme = spec.quant["scheme"]
-        copied = {"q": [], "scale": []}  # fp8 source into fp8 blocks: the stored bytes, per expert
-        for e in range(cfg.num_experts) if not derived else ():
+        kept = copied[role]
+        for e in range(cfg.num_experts) if not is_derived else ():
             st, off, shape = _expert_source(experts, layer, e, role)
             if tuple(shape) != want:
                 raise RepackError(f"{st.path}: layer {layer}, expert {e}, {role} has shape {list(shape)}, "
@@ -488,15 +500,15 @@ def _quantize_layer(experts, cfg: ModelConfig, layer: int, by_name: dict, rd: _R
             if st.scale is None:
                 rows.append(_read_tensor(rd, st, off, tuple(shape)))
             elif scheme == "fp8":
-                copied["q"].append(_read_tensor(rd, st, off, tuple(shape)).view(torch.uint8).numpy().tobytes())
-                copied["scale"].append(_fp8_scale_bytes(rd, st))
+                kept["q"].append(_read_tensor(rd, st, off, tuple(shape)).view(torch.uint8).numpy().tobytes())
+                kept["scale"].append(_fp8_scale_bytes(rd, st))
             else:  # fp8 -> another format: dequantized blockwise (fp32, exact), then quantized
                 rows.append(_fp8_weight(rd, st, off, tuple(shape)).dequantize(torch.float32))
-        if copied["q"]:
+        if kept["q"]:
             if rows:
-                raise RepackError(f"layer {layer}, {role}: some experts are fp8 and some are not: a checkpoint "
-                                  f"stores every expert in one format")
-            out[role] = [(by_name[role], copied["q"]), (by_name[spec.quant["scale"]], copied["scale"])]
+                raise RepackError(f"layer {layer}, {role}: some experts are stored quantized and some are not: a "
+                                  f"checkpoint stores every expert in one format")
+            out[role] = [(by_name[role], kept["q"]), (by_name[spec.quant["scale"]], kept["scale"])]
             continue
         qw = quantize(torch.stack(rows).to(device), scheme, refine=refine if scheme == "q4" else None).to_device("cpu")
         names = {"q": role, **{p: spec.quant[p] for p in ("scale", "min") if p in spec.quant}}
@@ -530,7 +542,8 @@ def _write_experts(path: Path, cfg: ModelConfig, experts, specs, bs: int, rd: _R
                 buf = writer.buffer()
                 mv = memoryview(buf)
                 if derived:  # a transform (layout/fused.py) between the source bytes and the block
-                    tensors = canonical_expert(_read_source_expert(experts, layer, e, rd))
+                    tensors = canonical_expert(_read_source_expert(experts, layer, e, rd),
+                                               keep_mxfp4=bool(by_name["gate"].quant))
                 for role in EXPERT_ROLES:
                     spec = by_name[role]
                     if spec.quant:
