@@ -277,6 +277,11 @@ def test_fp8_checkpoint_passes_through(fp8):
         assert isinstance(t, QuantWeight) and t.fmt == "fp8", canon
         assert torch.equal(t.q.view(torch.uint8), sd[name].view(torch.uint8)) and torch.equal(t.scale, sd[name + "_scale_inv"])
     assert dense["lm_head"].dtype == torch.float32 and dense["layers.1.router"].dtype == torch.float32
+    from tiered.cli.inspect import summarize  # the checkpoint's headers (scales counted as bytes) agree with it
+
+    ck_info, lay_info = summarize(root / "ck"), summarize(root / "lay")
+    for key in ("total_params", "active_params", "bytes_per_expert", "expert_bytes", "dense_bytes"):
+        assert ck_info[key] == lay_info[key], key
     ids = prompt(24, seed=3)
     want = theirs(ref, ids)
     m = ours(lay, prov)
