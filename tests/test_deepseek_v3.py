@@ -339,3 +339,21 @@ def test_cuda_graph_decode_matches_eager(ds):
     assert got.token_ids == want
     ids = prompt(40)
     assert rel(eng.logits(ids).cpu(), theirs(hf, ids)) <= 1e-3  # TF32 / kernel order on the GPU
+
+
+@pytest.mark.cuda
+def test_cuda_fp8_layout_matches_transformers(fp8):
+    """On CUDA (fp32): the fp8 pass-through layout (fp8 experts and dense weights, fused kernels where they serve)
+    gives logits close to transformers on the dequantized weights, through the engine (graphs on)."""
+    import tiered
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    root, _, ref = fp8
+    if not (root / "lay").is_dir():
+        repack(root / "ck", root / "lay", progress=False)
+    eng = tiered.load(root / "lay", device="cuda", dtype="float32", max_context=CTX)
+    ids = prompt(40, seed=8)
+    assert rel(eng.logits(ids).cpu(), theirs(ref, ids)) <= 1e-3  # TF32 / kernel order on the GPU
+    out = eng.generate(ids.tolist(), max_new_tokens=8, temperature=0.0, stop_at_eos=False)
+    assert len(out.token_ids) == 8
