@@ -1,23 +1,40 @@
-"""Fused dequantize-and-multiply for quantized weights (q8, q4, mxfp4): decode-sized products that read the
-packed codes and scales in place, so no dense copy of a quantized weight is made on the hot path.
+"""Fused dequantize-and-multiply for quantized weights (q8, q4, fp8, mxfp4): decode-sized products that read
+the packed codes and scales in place, so no dense copy of a quantized weight is made on the hot path.
 
-Owns: the Triton kernel `_qmv_kernel` (out[t] = x[t] @ W[slot[t]]^T, W read from its stored parts, the
-format a constexpr), its launcher `quant_matvec`, the reference `quant_matvec_ref` (dequantize then matmul,
-tiered/layout/quant.py), and the two callers the model uses: `qlinear` (a dense matrix, quantized or not)
-and `experts_quant_decode` (one token's K quantized experts, SwiGLU, weighted sum).
+Owns: the Triton kernels `_qgemv` (out[t] = x[t] @ W[slot[t]]^T: dense matrices at a few rows, or rows of a
+stack), `_qgate_up` (one token's K experts: gate and up, SwiGLU, into h [T*K, F] fp32) and `_qdown`
+(h through the K experts' down projections, routing weights applied and summed over K); their tile
+configs (`QConfig`, picked per format and shape by `pick_config` from the table `TUNED`); the launchers
+`quant_matvec`, `quant_gate_up`, `quant_down`; the reference `quant_matvec_ref` (dequantize then matmul,
+tiered/layout/quant.py); and the two callers the model uses: `qlinear` (a dense matrix, quantized or
+not) and `experts_quant_decode` (one token's K quantized experts).
 Does not own: the formats or their reference dequantization (layout/quant.py), the bf16 MoE kernels.
 
-One program computes BLOCK_N outputs of one row t against one stacked matrix W[slot[t]], streaming the codes
-in BLOCK_K-wide tiles; group scales are read per element (groups need not be a power of two: the whole-row
-group of a small q4 matrix). Accumulation in fp32. fp8 is not fused (it takes the reference path). Without
-CUDA, or on more rows than MAX_ROWS (prefill), the reference path runs: the model dequantizes one expert
-or one matrix at a time.
+How a tile is read. Every format groups its inputs along K, so a program streams [BN, BG, GP] tiles of
+packed units (BN rows, BG groups, GP = the group's packed units padded to a power of two; q4 and mxfp4
+pack two inputs per byte, low nibble first). Each group's partial dot product is summed in fp32, then
+multiplied by that group's scale once ([BN, BG] scale loads per tile, never per element); q4's minimum
+enters as min * sum(x over the group), with the group sums of x computed once per tile and shared by all
+BN rows. With CONV = 1 a 4-bit code c is turned into the float 1 + c/16 by placing it in the mantissa of
+1.0 (shift, and, or: full-rate integer ops instead of the quarter-rate int->float conversion), and the
+offset is removed per group: sum(c x) = 16 (sum((1 + c/16) x) - sum x).
+The expert kernels follow moe_decode.py: grid (F blocks, T*K) for gate/up, (D blocks, T*SPLIT) for down;
+slots are a device tensor and the grid depends only on T, K and the shapes, so CUDA graphs capture them.
+With SPLIT = 1 each output is summed by one program in a fixed order (deterministic).
+Without CUDA (or Triton), or for more rows than MAX_ROWS (prefill), the reference path runs: the model
+dequantizes one expert or one matrix at a time.
 
-Legend: T rows (tokens, or token x expert pairs), N outputs, K inputs, S stacked matrices (slots).
+Kernels are decorated on first use (`_kernels()`): Triton picks compiled or interpreted code when a function
+is decorated, so a CPU test may switch TRITON_INTERPRET on before its first launch.
+
+Legend: T rows (tokens), N outputs, K inputs (D hidden, F expert FFN for the experts), G groups per row,
+S stacked matrices (slots), BN rows per program, BG groups per step.
 """
 from __future__ import annotations
 
 import functools
+import types
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,82 +48,264 @@ try:
 except ImportError:  # the CPU runtime does not need Triton
     triton = None
 
-FUSED_FORMATS = {"q8": 0, "q4": 1, "mxfp4": 2}
+FUSED_FORMATS = {"q8": 0, "q4": 1, "mxfp4": 2, "fp8": 3}  # the kernels' FMT (4: fp8 decoded from bits)
 MAX_ROWS = 16  # above this many rows a dense matmul over the dequantized weight wins
-BLOCK_N, BLOCK_K = 32, 128
+MAX_STEPS = 32  # a row's groups are walked in at most this many (unrolled) steps: BG grows for long rows
+
+
+@dataclass(frozen=True)
+class QConfig:
+    """Tiles of one kernel launch (powers of two): BN rows per program, BG groups per step, warps; `split`
+    (down only) spreads a token's K experts over that many programs (fp32 atomics when > 1); `conv` 1 =
+    the mantissa trick for 4-bit codes, 0 = plain int->float conversion."""
+    bn: int = 4
+    bg: int = 8
+    warps: int = 2
+    split: int = 1
+    conv: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("bn", "bg", "warps"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"QConfig.{name} must be a power of two, got {v}")
+        if self.split < 1 or self.conv not in (0, 1):
+            raise ValueError(f"QConfig split must be >= 1 and conv 0 or 1, got {self.split}, {self.conv}")
+
+
+# (kernel, format) -> config; kernel is "gate_up", "down" or "gemv". Chosen by benchmarks/bench_quant_kernels.py
+# on the H200 (its JSON's "suggested" lists the fastest per shape; a shape-specific entry (kernel, fmt, K, N)
+# wins over the format's).
+TUNED: dict[tuple, QConfig] = {
+    # 16-byte loads per thread: BN * BG * (bytes per group) = 16 * 32 * warps. gate_up mirrors the bf16 kernel's
+    # best tiles (4 rows, 512 inputs per step); down takes a whole expert row per step (F <= 1024) over 4 rows,
+    # so D / 4 programs each sum their K experts in a fixed order (deterministic).
+    ("gate_up", "q4"): QConfig(bn=4, bg=8, warps=2),
+    ("down", "q4"): QConfig(bn=4, bg=16, warps=4),
+    ("gemv", "q4"): QConfig(bn=4, bg=8, warps=2),
+    ("gate_up", "q8"): QConfig(bn=4, bg=2, warps=2),
+    ("down", "q8"): QConfig(bn=4, bg=8, warps=4),
+    ("gemv", "q8"): QConfig(bn=4, bg=2, warps=2),
+    ("gate_up", "mxfp4"): QConfig(bn=4, bg=16, warps=2),
+    ("down", "mxfp4"): QConfig(bn=4, bg=32, warps=4),
+    ("gemv", "mxfp4"): QConfig(bn=4, bg=16, warps=2),
+    ("gate_up", "fp8"): QConfig(bn=4, bg=2, warps=2),
+    ("down", "fp8"): QConfig(bn=4, bg=8, warps=4),
+    ("gemv", "fp8"): QConfig(bn=4, bg=2, warps=2),
+}
+
+
+def pick_config(kernel: str, fmt: str, k: int, n: int) -> QConfig:
+    """The tile config for `kernel` over a [n, k] matrix (per expert) in `fmt`."""
+    return TUNED.get((kernel, fmt, k, n)) or TUNED[(kernel, fmt)]
+
+
+def _bg(cfg: QConfig, w: QuantWeight) -> int:
+    """Groups per step: the config's, or more for rows longer than MAX_STEPS steps."""
+    return max(cfg.bg, triton.next_power_of_2(-(-w.scale.shape[-1] // MAX_STEPS)))
+
+
+def _geometry(w: QuantWeight) -> dict:
+    """Constexprs of one weight: inputs, packed units per row, groups, group stride in packed units, its
+    power-of-two tile width."""
+    n, k = w.matrix
+    g = w.group
+    gstride = (g + 1) // 2 if w.fmt in ("q4", "mxfp4") else g
+    fmt = FUSED_FORMATS[w.fmt]
+    if w.fmt == "fp8" and not w.q.is_cuda:
+        fmt = 4  # fp8 decoded from its bits (the interpreter; the launchers pass the codes as uint8)
+    return dict(KIN=k, KQ=w.q.shape[-1], NG=w.scale.shape[-1], GROUP=g, GSTRIDE=gstride,
+                GP=triton.next_power_of_2(gstride), FMT=fmt)
+
+
+def _codes(w: QuantWeight) -> Tensor:
+    """The packed codes as the kernel reads them (fp8 off CUDA as uint8, see _geometry)."""
+    return w.q.view(torch.uint8) if w.fmt == "fp8" and not w.q.is_cuda else w.q
 
 
 def kernel_ok(x: Tensor, w: QuantWeight, *, interpret: bool = False) -> bool:
-    """Whether the fused kernel serves this product: CUDA (or, for tests, Triton's CPU interpreter when
+    """Whether the fused kernels serve this product: CUDA (or, for tests, Triton's CPU interpreter when
     `interpret` is passed), a fused format, rows of codes and scales contiguous."""
     return (triton is not None and w.fmt in FUSED_FORMATS and (x.is_cuda or interpret)
-            and w.q.stride(-1) == 1 and w.scale.stride(-1) == 1)
+          and w.q.stride(-1) == 1 and w.scale.stride(-1) == 1 and (w.min is None or w.min.stride(-1) == 1))
 
 
 @functools.cache
-def _qmv_kernel():
-    """The kernel, decorated on first use (Triton picks compiled or interpreted at decoration time, so a
-    test may switch TRITON_INTERPRET on before the first launch)."""
+def _kernels():
+    """(qgemv, qgate_up, qdown), decorated on first use; the three see the decorated `dot_rows`."""
+    dot = triton.jit(_dot_rows)
 
-    @triton.jit
-    def qmv(x_ptr, slot_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, K,
-            stride_xt, stride_qs, stride_qn, stride_ss, stride_sn, stride_ms, stride_mn, stride_ot,
-            FMT: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        t = tl.program_id(0)
-        offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
-        mask_n = offs_n < N
-        slot = tl.load(slot_ptr + t).to(tl.int64)
-        q_row = q_ptr + slot * stride_qs + offs_n[:, None].to(tl.int64) * stride_qn
-        s_row = s_ptr + slot * stride_ss + offs_n[:, None].to(tl.int64) * stride_sn
-        acc = tl.zeros([BN], dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            offs_k = k0 + tl.arange(0, BK)
-            mask_k = offs_k < K
-            mask = mask_n[:, None] & mask_k[None, :]
-            x = tl.load(x_ptr + t * stride_xt + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-            g = (offs_k // GROUP)[None, :]
-            s = tl.load(s_row + g, mask=mask, other=0).to(tl.float32)
-            if FMT == 0:  # q8: int8 * scale
-                w = tl.load(q_row + offs_k[None, :], mask=mask, other=0).to(tl.float32) * s
+    def bind(f):
+        return triton.jit(types.FunctionType(f.__code__, {**f.__globals__, "dot_rows": dot}, f.__name__,
+                                             f.__defaults__, f.__closure__))
+
+    return bind(_qgemv), bind(_qgate_up), bind(_qdown)
+
+
+# The kernel bodies below are plain functions until _kernels() decorates them (Triton reads their source).
+
+def _dot_rows(x_row, q_rows, s_rows, m_rows, mask_n, KIN: tl.constexpr, KQ: tl.constexpr, NG: tl.constexpr,
+             FMT: tl.constexpr, GROUP: tl.constexpr, GSTRIDE: tl.constexpr, GP: tl.constexpr,
+             BN: tl.constexpr, BG: tl.constexpr, CONV: tl.constexpr):
+    """[BN] fp32: the rows at q_rows ([BN] pointers to packed rows; s_rows / m_rows to their scale and
+    min rows) times the fp32-converted x row (KIN inputs at x_row)."""
+    offs_g = tl.arange(0, BG)
+    offs_j = tl.arange(0, GP)
+    acc = tl.zeros([BN, BG], tl.float32)
+    for g0 in tl.static_range(0, NG, BG):
+        g = g0 + offs_g  # [BG]
+        mg = g < NG
+        unit = g[:, None] * GSTRIDE + offs_j[None, :]  # [BG, GP] packed unit within the row
+        mu = mg[:, None] & (offs_j[None, :] < GSTRIDE) & (unit < KQ)
+        codes = tl.load(q_rows[:, None, None] + unit[None, :, :],
+                        mask=mask_n[:, None, None] & mu[None, :, :], other=0)  # [BN, BG, GP]
+        ms = mask_n[:, None] & mg[None, :]
+        s = tl.load(s_rows[:, None] + g[None, :], mask=ms, other=0).to(tl.float32)  # [BN, BG]
+        if FMT == 1 or FMT == 2:  # two 4-bit codes per byte: even input low nibble, odd input high
+            xi = g[:, None] * GROUP + 2 * offs_j[None, :]  # [BG, GP]
+            xe = tl.load(x_row + xi, mask=mu & (xi < KIN), other=0.0).to(tl.float32)
+            xo = tl.load(x_row + xi + 1, mask=mu & (xi + 1 < KIN), other=0.0).to(tl.float32)
+            c = codes.to(tl.int32)
+            if FMT == 1:  # q4: code * scale + min
+                xs = tl.sum(xe + xo, axis=1)  # [BG] group sums of x
+                if CONV == 1:
+                    lo = (((c << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + c/16
+                    hi = (((c << 15) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+                    d = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)  # [BN, BG]
+                    d = (d - xs[None, :]) * 16.0
+                else:
+                    lo = (c & 15).to(tl.float32)
+                    hi = ((c >> 4) & 15).to(tl.float32)
+                    d = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)
+                m = tl.load(m_rows[:, None] + g[None, :], mask=ms, other=0).to(tl.float32)
+                acc += d * s + m * xs[None, :]
+            else:  # mxfp4: e2m1 value * 2^(e8m0 - 127); e2m1 bits built directly (sign, exponent, mantissa)
+                lo_c = c & 15
+                hi_c = (c >> 4) & 15
+                em = lo_c & 7
+                bl = tl.where(em >= 2, (em << 22) + (126 << 23), tl.where(em == 1, 0x3F000000, 0))
+                lo = (bl | ((lo_c & 8) << 28)).to(tl.float32, bitcast=True)
+                em = hi_c & 7
+                bh = tl.where(em >= 2, (em << 22) + (126 << 23), tl.where(em == 1, 0x3F000000, 0))
+                hi = (bh | ((hi_c & 8) << 28)).to(tl.float32, bitcast=True)
+                d = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)
+                acc += d * tl.exp2(s - 127.0)
+        else:  # q8 (int8) and fp8 (e4m3): one input per unit, value * scale
+            xi = g[:, None] * GROUP + offs_j[None, :]
+            xv = tl.load(x_row + xi, mask=mu & (xi < KIN), other=0.0).to(tl.float32)
+            if FMT == 4:  # fp8 e4m3 read as uint8 and decoded from its bits (Triton's interpreter has no fp8)
+                c = codes.to(tl.int32)
+                mag = tl.where((c & 0x78) != 0, (((c & 0x7F) << 20) + (120 << 23)).to(tl.float32, bitcast=True),
+                               (c & 7).to(tl.float32) * 0.001953125)
+                v = tl.where((c & 0x80) != 0, -mag, mag)
             else:
-                byte = tl.load(q_row + (offs_k // 2)[None, :], mask=mask, other=0).to(tl.int32)
-                code = (byte >> ((offs_k % 2) * 4)[None, :]) & 15
-                if FMT == 1:  # q4: code * scale + min
-                    m_row = m_ptr + slot * stride_ms + offs_n[:, None].to(tl.int64) * stride_mn
-                    w = code.to(tl.float32) * s + tl.load(m_row + g, mask=mask, other=0).to(tl.float32)
-                else:  # mxfp4: e2m1 code * 2^(e8m0 - 127)
-                    e = (code >> 1) & 3
-                    mb = (code & 1).to(tl.float32)
-                    mag = tl.where(e == 0, 0.5 * mb, tl.exp2((e - 1).to(tl.float32)) * (1.0 + 0.5 * mb))
-                    w = tl.where((code & 8) != 0, -mag, mag) * tl.exp2(s - 127.0)
-            acc += tl.sum(w * x[None, :], axis=1)
-        tl.store(out_ptr + t * stride_ot + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
+                v = codes.to(tl.float32)
+            d = tl.sum(v * xv[None, :, :], axis=2)
+            acc += d * s
+    return tl.sum(acc, axis=1)
 
-    return qmv
+def _qgemv(x_ptr, slot_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_xt, stride_qs, stride_qn, stride_ss,
+          stride_sn, stride_ms, stride_mn, stride_ot, KIN: tl.constexpr, KQ: tl.constexpr, NG: tl.constexpr,
+          FMT: tl.constexpr, GROUP: tl.constexpr, GSTRIDE: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr,
+          BG: tl.constexpr, CONV: tl.constexpr, HAS_SLOTS: tl.constexpr):
+    """Grid (cdiv(N, BN), T): out[t, n-block] = x[t] @ W[slot[t]][n-block]^T."""
+    t = tl.program_id(1)
+    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    mask_n = offs_n < N
+    if HAS_SLOTS:
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+    else:
+        slot = 0
+    n64 = offs_n.to(tl.int64)
+    if FMT >= 3:  # fp8: one scale row per GROUP output rows
+        srow = n64 // GROUP
+    else:
+        srow = n64
+    y = dot_rows(x_ptr + t * stride_xt, q_ptr + slot * stride_qs + n64 * stride_qn,
+                 s_ptr + slot * stride_ss + srow * stride_sn, m_ptr + slot * stride_ms + n64 * stride_mn,
+                 mask_n, KIN, KQ, NG, FMT, GROUP, GSTRIDE, GP, BN, BG, CONV)
+    tl.store(out_ptr + t * stride_ot + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+def _qgate_up(x_ptr, slot_ptr, gq, gs, gm, uq, us, um, h_ptr, stride_xt, stride_qs, stride_qn, stride_ss,
+             stride_sn, stride_ms, stride_mn, F: tl.constexpr, K: tl.constexpr, KIN: tl.constexpr,
+             KQ: tl.constexpr, NG: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr,
+             GSTRIDE: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr,
+             CONV: tl.constexpr):
+    """Grid (cdiv(F, BN), T*K): h[t*K + k, f-block] = silu(x[t] @ gate.T) * (x[t] @ up.T), expert slot[t, k].
+    gate and up share strides (views of one block layout)."""
+    pair = tl.program_id(1)
+    offs_f = tl.program_id(0) * BN + tl.arange(0, BN)
+    mask_f = offs_f < F
+    slot = tl.load(slot_ptr + pair).to(tl.int64)
+    f64 = offs_f.to(tl.int64)
+    if FMT >= 3:
+        srow = f64 // GROUP
+    else:
+        srow = f64
+    x_row = x_ptr + (pair // K) * stride_xt
+    qo = slot * stride_qs + f64 * stride_qn
+    so = slot * stride_ss + srow * stride_sn
+    mo = slot * stride_ms + f64 * stride_mn
+    g = dot_rows(x_row, gq + qo, gs + so, gm + mo, mask_f, KIN, KQ, NG, FMT, GROUP, GSTRIDE, GP, BN, BG, CONV)
+    u = dot_rows(x_row, uq + qo, us + so, um + mo, mask_f, KIN, KQ, NG, FMT, GROUP, GSTRIDE, GP, BN, BG, CONV)
+    tl.store(h_ptr + pair * F + offs_f, g * tl.sigmoid(g) * u, mask=mask_f)
+
+def _qdown(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, y_ptr, stride_qs, stride_qn, stride_ss, stride_sn, stride_ms,
+          stride_mn, stride_yt, D: tl.constexpr, K: tl.constexpr, K_PER: tl.constexpr, SPLIT: tl.constexpr,
+          KIN: tl.constexpr, KQ: tl.constexpr, NG: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr,
+          GSTRIDE: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, CONV: tl.constexpr):
+    """Grid (cdiv(D, BN), T*SPLIT): y[t, d-block] = sum over K_PER experts of w * (h @ down.T)."""
+    pid = tl.program_id(1)
+    t = pid // SPLIT
+    offs_d = tl.program_id(0) * BN + tl.arange(0, BN)
+    mask_d = offs_d < D
+    d64 = offs_d.to(tl.int64)
+    if FMT >= 3:
+        srow = d64 // GROUP
+    else:
+        srow = d64
+    y = tl.zeros([BN], tl.float32)
+    for kk in tl.static_range(K_PER):
+        pair = t * K + (pid % SPLIT) * K_PER + kk
+        slot = tl.load(slot_ptr + pair).to(tl.int64)
+        w = tl.load(wt_ptr + pair).to(tl.float32)
+        y += w * dot_rows(h_ptr + pair * KIN, dq + slot * stride_qs + d64 * stride_qn,
+                          ds + slot * stride_ss + srow * stride_sn, dm + slot * stride_ms + d64 * stride_mn,
+                          mask_d, KIN, KQ, NG, FMT, GROUP, GSTRIDE, GP, BN, BG, CONV)
+    if SPLIT == 1:
+        tl.store(y_ptr + t * stride_yt + offs_d, y.to(y_ptr.dtype.element_ty), mask=mask_d)
+    else:
+        tl.atomic_add(y_ptr + t * stride_yt + offs_d, y, mask=mask_d, sem="relaxed")
 
 
-def quant_matvec(x: Tensor, w: QuantWeight, slots: Tensor | None = None, *, out_dtype: torch.dtype | None = None) -> Tensor:
+def _strides(w: QuantWeight) -> tuple[int, int, int, int, int, int]:
+    """(stack, row) strides of q, scale and min (0 for a single matrix; min = scale when absent)."""
+    m = w.min if w.min is not None else w.scale
+    if not w.lead:
+        return 0, w.q.stride(-2), 0, w.scale.stride(-2), 0, m.stride(-2)
+    return w.q.stride(0), w.q.stride(-2), w.scale.stride(0), w.scale.stride(-2), m.stride(0), m.stride(-2)
+
+
+def quant_matvec(x: Tensor, w: QuantWeight, slots: Tensor | None = None, *, out_dtype: torch.dtype | None = None,
+                 config: QConfig | None = None) -> Tensor:
     """out [T, N] = x[t] @ W[slot[t]]^T with the fused kernel.
 
-    x [T, K] (a row stride of 0 broadcasts one row); w a single [N, K] matrix (slots None) or a stack
-    [S, N, K] with slots int64 [T] on x's device.
+    x [T, K]; w a single [N, K] matrix (slots None) or a stack [S, N, K] with slots int64 [T] on x's device.
     """
     n, k = w.matrix
     T = x.shape[0]
-    if not w.lead:
-        slots = torch.zeros(T, dtype=torch.int64, device=x.device)
-        sq = ss = sm = 0
-    else:
-        sq, ss = w.q.stride(0), w.scale.stride(0)
-        sm = w.min.stride(0) if w.min is not None else 0
+    if w.lead and slots is None:
+        raise ValueError(f"quant_matvec over a stack {list(w.shape)} needs slots")
     if x.stride(-1) != 1:
         x = x.contiguous()
+    cfg = config or pick_config("gemv", w.fmt, k, n)
     out = torch.empty(T, n, dtype=out_dtype or x.dtype, device=x.device)
     m = w.min if w.min is not None else w.scale
-    grid = (T, triton.cdiv(n, BLOCK_N))
-    _qmv_kernel()[grid](x, slots, w.q, w.scale, m, out, n, k, x.stride(0), sq, w.q.stride(-2), ss,
-                      w.scale.stride(-2), sm, m.stride(-2), out.stride(0), FMT=FUSED_FORMATS[w.fmt],
-                      GROUP=w.group, BN=BLOCK_N, BK=BLOCK_K)
+    sl = slots if w.lead else out  # an unused pointer when there are no slots
+    qgemv = _kernels()[0]
+    qgemv[(triton.cdiv(n, cfg.bn), T)](x, sl, _codes(w), w.scale, m, out, n, x.stride(0), *_strides(w), out.stride(0),
+                                      **_geometry(w), BN=cfg.bn, BG=_bg(cfg, w), CONV=cfg.conv,
+                                      HAS_SLOTS=bool(w.lead), num_warps=cfg.warps)
     return out
 
 
@@ -116,6 +315,45 @@ def quant_matvec_ref(x: Tensor, w: QuantWeight, slots: Tensor | None = None) -> 
         return F.linear(x.float(), w.dequantize(torch.float32)).to(x.dtype)
     mats = w.index_select(0, slots).dequantize(torch.float32)  # [T, N, K]
     return torch.bmm(mats, x.float()[:, :, None])[:, :, 0].to(x.dtype)
+
+
+def quant_gate_up(x: Tensor, slots: Tensor, gate: QuantWeight, up: QuantWeight,
+                  config: QConfig | None = None) -> Tensor:
+    """x [T, D], slots [T, K] (or [K]) slot rows of the stacks -> h [T*K, F] fp32 = silu(x gate^T) * (x up^T)."""
+    Fe, D = gate.matrix
+    if _strides(gate) != _strides(up) or gate.fmt != up.fmt:
+        raise ValueError("quant_gate_up: gate and up must share their format and strides (one block layout)")
+    T = x.shape[0]
+    flat = slots.reshape(-1)
+    K = flat.numel() // T
+    cfg = config or pick_config("gate_up", gate.fmt, D, Fe)
+    x = x.contiguous()
+    h = torch.empty(T * K, Fe, dtype=torch.float32, device=x.device)
+    gm = gate.min if gate.min is not None else gate.scale
+    um = up.min if up.min is not None else up.scale
+    _kernels()[1][(triton.cdiv(Fe, cfg.bn), T * K)](
+        x, flat, _codes(gate), gate.scale, gm, _codes(up), up.scale, um, h, x.stride(0), *_strides(gate), F=Fe, K=K,
+        **_geometry(gate), BN=cfg.bn, BG=_bg(cfg, gate), CONV=cfg.conv, num_warps=cfg.warps)
+    return h
+
+
+def quant_down(h: Tensor, slots: Tensor, weights: Tensor, down: QuantWeight, dtype: torch.dtype,
+               config: QConfig | None = None) -> Tensor:
+    """h [T*K, F] fp32, slots and weights [T, K] -> [T, D] in `dtype`: sum over k of w[t, k] * h @ down[slot]^T."""
+    D, Fe = down.matrix
+    flat = slots.reshape(-1)
+    K = slots.shape[-1]
+    T = flat.numel() // K
+    cfg = config or pick_config("down", down.fmt, Fe, D)
+    split = cfg.split if K % cfg.split == 0 else 1
+    wts = weights.reshape(-1).contiguous()
+    y = (torch.empty(T, D, dtype=dtype, device=h.device) if split == 1
+         else torch.zeros(T, D, dtype=torch.float32, device=h.device))
+    dm = down.min if down.min is not None else down.scale
+    _kernels()[2][(triton.cdiv(D, cfg.bn), T * split)](
+        h, flat, wts, _codes(down), down.scale, dm, y, *_strides(down), y.stride(0), D=D, K=K, K_PER=K // split,
+        SPLIT=split, **_geometry(down), BN=cfg.bn, BG=_bg(cfg, down), CONV=cfg.conv, num_warps=cfg.warps)
+    return y if split == 1 else y.to(dtype)
 
 
 def qlinear(x: Tensor, w: Tensor | QuantWeight, bias: Tensor | None = None) -> Tensor:
@@ -131,14 +369,15 @@ def qlinear(x: Tensor, w: Tensor | QuantWeight, bias: Tensor | None = None) -> T
 
 
 def experts_quant_decode(x: Tensor, slots: Tensor, weights: Tensor, gate: QuantWeight, up: QuantWeight,
-                         down: QuantWeight, *, interpret: bool = False) -> Tensor | None:
+                         down: QuantWeight, *, interpret: bool = False,
+                         configs: tuple[QConfig | None, QConfig | None] = (None, None)) -> Tensor | None:
     """One token's K experts from quantized stacks, fused dequantization: x [1, D], slots [K] int64,
-    weights [1, K] -> [1, D] in x's dtype (each expert's output rounded to it, then weighted and summed, as
-    the reference path). None when the kernel cannot serve it (the caller runs the reference)."""
+    weights [1, K] -> [1, D] in x's dtype (SwiGLU and the weighted sum over K in fp32, one rounding).
+    None when the kernels cannot serve it (the caller runs the reference). No host sync."""
     if not all(kernel_ok(x, w, interpret=interpret) for w in (gate, up, down)):
         return None
-    K = slots.shape[0]
-    xs = x.expand(K, x.shape[-1])  # [K, D], row stride 0: every expert reads the same input
-    h = F.silu(quant_matvec(xs, gate, slots)) * quant_matvec(xs, up, slots)  # [K, F]
-    y = quant_matvec(h, down, slots)  # [K, D]
-    return (y * weights.view(K, 1)).sum(0, keepdim=True).to(x.dtype)
+    if _strides(gate) != _strides(up) or gate.fmt != up.fmt:
+        return None
+    K = slots.shape[-1]
+    h = quant_gate_up(x, slots.reshape(1, K), gate, up, configs[0])  # [K, F] fp32
+    return quant_down(h, slots.reshape(1, K), weights.reshape(1, K), down, x.dtype, configs[1])

@@ -1,0 +1,343 @@
+"""Quantized decode kernels (GPU): µs per layer and GB/s of the fused dequantizing kernels against bf16.
+
+    python3 benchmarks/bench_quant_kernels.py                 # H200: about 2-3 minutes (compiles included)
+    python3 benchmarks/bench_quant_kernels.py --quick         # default configs only
+
+What it measures, in one run (tiered/kernels/quant_moe.py against tiered/kernels/moe_decode.py):
+  - HBM read bandwidth (bench_moe_kernels.hbm_read_gbps).
+  - Experts, one decode token, per shape (10.6B: D 2048, F 768, K 8; 397B: D 4096, F 1024, K 10): the bf16
+    Triton decode kernel (its default config) and, per format (q4, q8, mxfp4, fp8), `experts_quant_decode`
+    with the default tiles (quant_moe.TUNED) and a sweep: gate/up tiles first (default down), then down
+    tiles with the best gate/up. Timed as a CUDA graph of --layers calls, each layer on other slots of a
+    pool larger than L2 (bench_moe_kernels.time_graph). GB/s = bytes of the K experts' stored parts (codes,
+    scales, mins) / time per layer; `vs_bf16` = bf16 time / this time.
+  - Dense GEMVs of one decode token (lm_head 151936 x 2048, qkv 5120 x 2048, o_proj 2048 x 4096) through
+    `qlinear` in q4 and q8 (default tiles and a sweep) against cuBLAS bf16 (F.linear).
+  - GemLite and torchao A16W4 GEMVs at the same dense shapes when they import (else the reason is recorded).
+Every variant is checked against the plain reference (dequantize, fp32 matmul) before it is timed; one
+that fails (relative error > 2e-2) is reported as failed and not timed.
+Prints a table, then one JSON line last; writes $OUT/quant_kernels.json when OUT is set. Its "suggested"
+lists the fastest tiles per (kernel, format, K, N) and whether quant_moe.TUNED's default is within 5%.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+from benchmeta import git_commit, write_out  # noqa: E402
+from bench_moe_kernels import hbm_read_gbps, make_pool, rel, time_graph  # noqa: E402
+
+from tiered.kernels.moe_decode import moe_decode  # noqa: E402
+from tiered.kernels.quant_moe import (QConfig, experts_quant_decode, pick_config, quant_down,  # noqa: E402
+                                      quant_gate_up, qlinear)
+from tiered.layout.format import plan_block  # noqa: E402
+from tiered.layout.quant import quantize  # noqa: E402
+from tiered.store.disk import expert_views  # noqa: E402
+
+DEV = torch.device("cuda")
+TOL = 2e-2
+SHAPES = {"10.6B": (2048, 768, 8), "397B": (4096, 1024, 10)}
+# sweeps: gate/up (bn, bg, warps, conv); down (bn, bg, warps, split (0 = K), conv); gemv (bn, bg, warps, conv)
+UP4 = [(4, 8, 2, 0), (2, 8, 1, 1), (4, 4, 1, 1), (8, 8, 4, 1), (8, 4, 2, 1), (16, 4, 4, 1), (4, 16, 4, 1),
+       (8, 16, 8, 1), (16, 8, 8, 1), (2, 16, 2, 1)]
+DOWN4 = [(4, 4, 1, 1, 1), (8, 4, 2, 1, 1), (2, 16, 2, 1, 1), (8, 16, 8, 1, 1), (4, 16, 4, 2, 1), (8, 4, 2, 2, 1),
+         (16, 4, 4, 0, 1), (4, 8, 2, 1, 1), (8, 8, 4, 1, 1), (4, 16, 4, 1, 0)]
+UP8 = [(4, 1, 1, 1), (8, 2, 4, 1), (2, 4, 2, 1), (8, 1, 2, 1), (4, 4, 4, 1)]
+DOWN8 = [(8, 1, 2, 1, 1), (2, 8, 2, 1, 1), (4, 2, 2, 1, 1), (8, 8, 8, 1, 1), (4, 8, 4, 2, 1)]
+GEMV4 = [(8, 8, 4, 1), (16, 8, 4, 1), (2, 8, 1, 1), (8, 16, 8, 1), (4, 16, 4, 1), (2, 16, 2, 1), (4, 8, 2, 0)]
+GEMV8 = [(8, 2, 4, 1), (16, 2, 8, 1), (2, 4, 2, 1), (4, 4, 4, 1)]
+SWEEPS = {"q4": (UP4, DOWN4, GEMV4), "q8": (UP8, DOWN8, GEMV8)}
+
+
+def qpool(fmt: str, S: int, D: int, Fe: int, seed: int = 0):
+    """ExpertWeights over a uint8 [S, block] GPU pool in `fmt` (the layout's block placement)."""
+    specs, bs = plan_block({"gate": ((Fe, D), fmt), "up": ((Fe, D), fmt), "down": ((D, Fe), fmt)})
+    pool = torch.zeros(S, bs, dtype=torch.uint8, device=DEV)
+    W = expert_views(pool, specs)
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    for w in (W.gate, W.up, W.down):
+        q = quantize(torch.randn(w.shape, generator=g, device=DEV) * (w.matrix[1] ** -0.5 * 2), fmt)
+        for name, t in q.parts().items():
+            w.parts()[name].copy_(t)
+    return pool, W
+
+
+def expert_bytes(W) -> int:
+    """Stored bytes of one expert's parts (codes, scales, mins), without block padding."""
+    return sum(t[0].numel() * t.element_size() for w in (W.gate, W.up, W.down) for t in w.parts().values())
+
+
+def ref_experts(x, slots, wts, W) -> torch.Tensor:
+    """fp32 loop: dequantize each of the K experts, SwiGLU, weight, sum. x [1, D], slots [K]."""
+    out = torch.zeros(1, W.down.matrix[0], device=DEV)
+    xf = x.float()
+    for k, s in enumerate(slots.tolist()):
+        gw, uw, dw = (w[s].dequantize(torch.float32) for w in (W.gate, W.up, W.down))
+        out += wts[0, k].float() * (F.silu(xf @ gw.T) * (xf @ uw.T)) @ dw.T
+    return out
+
+
+def layer_inputs(S: int, K: int, D: int, layers: int, seed: int = 1):
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    perm = torch.randperm(S, device=DEV, generator=gen)
+    out = []
+    for l in range(layers):
+        sl = perm[(l * K) % (S - K):(l * K) % (S - K) + K].contiguous()
+        x = torch.randn(1, D, device=DEV, generator=gen).bfloat16()
+        w = torch.softmax(torch.randn(1, K, device=DEV, generator=gen), -1).bfloat16()
+        out.append((x, sl, w))
+    return out
+
+
+def bench_experts(shape: str, fmts: list[str], layers: int, quick: bool, end: float, rows: list, best_cfg: dict):
+    D, Fe, K = SHAPES[shape]
+    S = layers * K + 8
+    pool, Wb = make_pool(S, D, Fe)
+    per = layer_inputs(S, K, D, layers)
+    t_bf16 = time_graph([lambda x=x, s=s, w=w: moe_decode(x, s[None], w, Wb) for x, s, w in per])
+    bf16_bytes = 3 * D * Fe * 2
+    rows.append({"section": "experts", "shape": shape, "fmt": "bf16", "variant": "moe_decode default", "us": t_bf16 * 1e6,
+                 "gbps": K * bf16_bytes / t_bf16 / 1e9, "vs_bf16": 1.0, "rel_err": 0.0})
+    del pool, Wb
+    torch.cuda.empty_cache()
+    for fmt in fmts:
+        pool, W = qpool(fmt, S, D, Fe)
+        ebytes = expert_bytes(W)
+        x0, s0, w0 = per[0]
+        ref = ref_experts(x0, s0, w0, W)
+
+        def run(label, up, down, record=True):
+            if time.perf_counter() > end:
+                return None
+            r = {"section": "experts", "shape": shape, "fmt": fmt, "variant": label,
+                 "up": None if up is None else vars(up), "down": None if down is None else vars(down)}
+            try:
+                out = experts_quant_decode(x0, s0, w0, W.gate, W.up, W.down, configs=(up, down))
+                if out is None:
+                    raise RuntimeError("experts_quant_decode declined (kernel_ok False): the engine would take "
+                                       "the dequantize reference")
+                r["rel_err"] = rel(out.float(), ref)
+                if not r["rel_err"] <= TOL:
+                    r["error"] = f"wrong result: rel err {r['rel_err']:.3g} > {TOL}: not timed"
+                else:
+                    t = time_graph([lambda x=x, s=s, w=w: experts_quant_decode(x, s, w, W.gate, W.up, W.down,
+                                                                               configs=(up, down))
+                                    for x, s, w in per])
+                    r.update(us=t * 1e6, gbps=K * ebytes / t / 1e9, vs_bf16=t_bf16 / t)
+            except Exception as e:  # report and go on: the other variants still run
+                r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            if record:
+                rows.append(r)
+            return r
+
+        default_up, default_down = pick_config("gate_up", fmt, D, Fe), pick_config("down", fmt, Fe, D)
+        d = run("default (TUNED)", None, None)
+        best = (d.get("us", float("inf")) if d else float("inf"), default_up, default_down)
+        if not quick and fmt in SWEEPS:
+            ups, downs, _ = SWEEPS[fmt]
+            for bn, bg, wp, cv in ups:
+                c = QConfig(bn=bn, bg=bg, warps=wp, conv=cv)
+                r = run(f"up bn{bn} bg{bg} w{wp} c{cv}", c, default_down)
+                if r and r.get("us", float("inf")) < best[0]:
+                    best = (r["us"], c, default_down)
+            up = best[1]
+            for bn, bg, wp, sp, cv in downs:
+                c = QConfig(bn=bn, bg=bg, warps=wp, split=sp or K, conv=cv)
+                r = run(f"up bn{up.bn} bg{up.bg} w{up.warps} c{up.conv} | down bn{bn} bg{bg} w{wp} "
+                        f"split{sp or K} c{cv}", up, c)
+                if r and r.get("us", float("inf")) < best[0]:
+                    best = (r["us"], up, c)
+            # the two kernels of the best config alone (where the time goes)
+            try:
+                hs = [quant_gate_up(x, s[None], W.gate, W.up, best[1]) for x, s, w in per]
+                tu = time_graph([lambda x=x, s=s: quant_gate_up(x, s[None], W.gate, W.up, best[1]) for x, s, w in per])
+                td = time_graph([lambda h=h, s=s, w=w: quant_down(h, s[None], w, W.down, torch.bfloat16, best[2])
+                                 for h, (x, s, w) in zip(hs, per)])
+                rows.append({"section": "parts", "shape": shape, "fmt": fmt, "gate_up_us": tu * 1e6,
+                             "down_us": td * 1e6})
+            except Exception as e:
+                rows.append({"section": "parts", "shape": shape, "fmt": fmt, "error": f"{type(e).__name__}: {e}"})
+        default_us = d.get("us") if d else None
+        for kernel, (k, n), cfg, dflt in (("gate_up", (D, Fe), best[1], default_up),
+                                          ("down", (Fe, D), best[2], default_down)):
+            best_cfg[f"{kernel}/{fmt}/{k}/{n}"] = {"config": vars(cfg), "default": vars(dflt),
+                                                   "best_us": best[0] if best[0] < float("inf") else None,
+                                                   "default_us": default_us,
+                                                   "default_within_5pct": bool(default_us and default_us <= 1.05 * best[0])}
+        del pool, W
+        torch.cuda.empty_cache()
+
+
+def bench_dense(fmts: list[str], quick: bool, end: float, rows: list, best_cfg: dict, lib_end: float):
+    shapes = {"lm_head": (151936, 2048), "qkv": (5120, 2048), "o_proj": (2048, 4096)}
+    for name, (n, k) in shapes.items():
+        reps = 1 if name == "lm_head" else 8  # 8 copies (8 layers) so small matrices are not served from L2
+        x = torch.randn(1, k, device=DEV).bfloat16()
+        ws = [torch.randn(n, k, device=DEV).mul_(k ** -0.5).bfloat16() for _ in range(reps)]
+        t_bf16 = time_graph([lambda w=w: F.linear(x, w) for w in ws])
+        rows.append({"section": "dense", "gemv": name, "shape": [n, k], "fmt": "bf16", "variant": "cuBLAS F.linear",
+                     "us": t_bf16 * 1e6, "gbps": n * k * 2 / t_bf16 / 1e9, "vs_bf16": 1.0, "rel_err": 0.0})
+        for fmt in fmts:
+            qs = [quantize(w, fmt) for w in ws]
+            ref = F.linear(x.float(), qs[0].dequantize(torch.float32))
+            nbytes = qs[0].nbytes
+            best = (float("inf"), None)
+            dflt = pick_config("gemv", fmt, k, n)
+            cfgs = [("default (TUNED)", None)]
+            if not quick and fmt in SWEEPS:
+                cfgs += [(f"bn{bn} bg{bg} w{wp} c{cv}", QConfig(bn=bn, bg=bg, warps=wp, conv=cv))
+                         for bn, bg, wp, cv in SWEEPS[fmt][2]]
+            from tiered.kernels.quant_moe import quant_matvec
+            default_us = None
+            for label, c in cfgs:
+                if time.perf_counter() > end:
+                    break
+                r = {"section": "dense", "gemv": name, "shape": [n, k], "fmt": fmt, "variant": label}
+                try:
+                    out = quant_matvec(x, qs[0], config=c)
+                    r["rel_err"] = rel(out.float(), ref)
+                    if not r["rel_err"] <= TOL:
+                        r["error"] = f"wrong result: rel err {r['rel_err']:.3g} > {TOL}: not timed"
+                    else:
+                        t = time_graph([lambda q=q: quant_matvec(x, q, config=c) for q in qs])
+                        r.update(us=t * 1e6, gbps=nbytes / t / 1e9, vs_bf16=t_bf16 / t)
+                        if t * 1e6 < best[0]:
+                            best = (t * 1e6, c or dflt)
+                        if c is None:
+                            default_us = t * 1e6
+                except Exception as e:
+                    r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                rows.append(r)
+            # the model's entry point, once: qlinear must take the kernel (not the dequantize reference)
+            try:
+                t = time_graph([lambda q=q: qlinear(x, q) for q in qs])
+                rows.append({"section": "dense", "gemv": name, "shape": [n, k], "fmt": fmt, "variant": "qlinear (model)",
+                             "us": t * 1e6, "gbps": nbytes / t / 1e9, "vs_bf16": t_bf16 / t,
+                             "rel_err": rel(qlinear(x, qs[0]).float(), ref)})
+            except Exception as e:
+                rows.append({"section": "dense", "gemv": name, "fmt": fmt, "variant": "qlinear (model)",
+                             "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            if best[1] is not None:
+                best_cfg[f"gemv/{fmt}/{k}/{n}"] = {"config": vars(best[1]), "default": vars(dflt),
+                                                   "best_us": best[0] if best[0] < float("inf") else None,
+                                                   "default_us": default_us,
+                                                   "default_within_5pct": bool(default_us and default_us <= 1.05 * best[0])}
+            del qs
+        if time.perf_counter() < lib_end - 15:  # a library's own autotuning can take seconds per shape
+            bench_libraries(name, n, k, x, ws[0], t_bf16, rows)
+        del ws
+        torch.cuda.empty_cache()
+
+
+def bench_libraries(name: str, n: int, k: int, x, w, t_bf16: float, rows: list) -> None:
+    """GemLite and torchao A16W4 at one dense shape, when they import; the failure is recorded otherwise."""
+    ref = F.linear(x.float(), w.float())
+
+    def rec(lib, fn, nbytes):
+        r = {"section": "dense", "gemv": name, "shape": [n, k], "fmt": "q4", "variant": lib}
+        try:
+            r["rel_err"] = rel(fn().float(), ref)
+            if not r["rel_err"] <= 0.1:  # a library's own rounding; wrong results are still not timed
+                r["error"] = f"wrong result: rel err {r['rel_err']:.3g}"
+            else:
+                t = time_graph([fn])
+                r.update(us=t * 1e6, gbps=nbytes / t / 1e9 if nbytes else None, vs_bf16=t_bf16 / t)
+        except Exception as e:
+            r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        rows.append(r)
+
+    try:  # our q4 parts in GemLite's convention: w = (code - zero) * scale, so zero = -min / scale
+        import gemlite
+        from gemlite.helper import A16Wn
+
+        from tiered.layout.quant import unpack_nibbles
+
+        qw = quantize(w, "q4")
+        sc = qw.scale.float()
+        zero = torch.where(sc > 0, -qw.min.float() / sc.clamp_min(1e-30), torch.zeros_like(sc))
+        gl = A16Wn(device=str(torch.device(DEV, 0)), dtype=torch.bfloat16).from_weights(
+            unpack_nibbles(qw.q, k), qw.scale, zero.to(torch.bfloat16), W_nbits=4, group_size=qw.group)
+        rec(f"gemlite {getattr(gemlite, '__version__', '?')} A16W4 g64", lambda: gl(x), qw.nbytes)
+    except Exception as e:
+        rows.append({"section": "dense", "gemv": name, "fmt": "q4", "variant": "gemlite",
+                     "error": f"{type(e).__name__}: {str(e)[:200]}"})
+    try:
+        import torchao
+        from torchao.quantization import Int4WeightOnlyConfig, quantize_
+
+        lin = torch.nn.Sequential(torch.nn.Linear(k, n, bias=False, device=DEV, dtype=torch.bfloat16))
+        lin[0].weight.data.copy_(w)
+        quantize_(lin, Int4WeightOnlyConfig(group_size=64))
+        rec(f"torchao {torchao.__version__} int4 weight-only g64", lambda: lin(x), n * k // 2)
+    except Exception as e:
+        rows.append({"section": "dense", "gemv": name, "fmt": "q4", "variant": "torchao",
+                     "error": f"{type(e).__name__}: {str(e)[:200]}"})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=8, help="decode calls per graph (each on other slots)")
+    ap.add_argument("--quick", action="store_true", help="default configs only, no sweep")
+    ap.add_argument("--formats", default="q4,q8,mxfp4,fp8")
+    ap.add_argument("--max-seconds", type=float, default=170.0,
+                    help="sweeps stop at shares of this (experts 10.6B 40%%, 397B 60%%, dense 85%%, libraries 100%%)")
+    a = ap.parse_args()
+    t0 = time.perf_counter()
+    fmts = a.formats.split(",")
+    torch.manual_seed(0)
+    bw = hbm_read_gbps()
+    torch.cuda.empty_cache()
+    print(f"HBM read {bw['read_gbps']:.0f} GB/s (sum over 4 GiB)", flush=True)
+    rows: list = []
+    best_cfg: dict = {}
+    bench_experts("10.6B", fmts, a.layers, a.quick, t0 + 0.4 * a.max_seconds, rows, best_cfg)
+    bench_experts("397B", [f for f in fmts if f in ("q4", "q8")], a.layers, a.quick, t0 + 0.6 * a.max_seconds,
+                  rows, best_cfg)
+    bench_dense([f for f in fmts if f in ("q4", "q8")], a.quick, t0 + 0.85 * a.max_seconds, rows, best_cfg,
+                t0 + a.max_seconds)
+    hbm = bw["read_gbps"]
+    print(f"\n{'section':<8} {'shape':<14} {'fmt':<6} {'us':>8} {'GB/s':>7} {'xHBM':>5} {'vs bf16':>7} {'err':>8}  variant")
+    for r in rows:
+        where = r.get("shape") if r["section"] != "dense" else r.get("gemv", "")
+        if r["section"] == "parts":
+            if "error" in r:
+                print(f"{'parts':<8} {where:<14} {r['fmt']:<6} ERROR {r['error']}")
+            else:
+                print(f"{'parts':<8} {where:<14} {r['fmt']:<6} gate_up alone {r['gate_up_us']:.1f} us, "
+                      f"down alone {r['down_us']:.1f} us (best config)")
+        elif "error" in r:
+            print(f"{r['section']:<8} {str(where):<14} {r['fmt']:<6} ERROR {r['error']}  {r.get('variant', '')}")
+        else:
+            print(f"{r['section']:<8} {str(where):<14} {r['fmt']:<6} {r['us']:8.1f} {r['gbps']:7.0f} "
+                  f"{r['gbps'] / hbm:5.2f} {r['vs_bf16']:7.2f} {r['rel_err']:8.1e}  {r['variant']}")
+    print("\nfastest tiles (paste into tiered/kernels/quant_moe.py TUNED if a default is not within 5%):")
+    for key, v in best_cfg.items():
+        kernel, fmt, k, n = key.split("/")
+        c = v["config"]
+        print(f"    ({kernel!r}, {fmt!r}, {k}, {n}): QConfig(bn={c['bn']}, bg={c['bg']}, warps={c['warps']}, "
+              f"split={c['split']}, conv={c['conv']}),  # {v['best_us']} us; default {v['default_us']} "
+              f"within 5%: {v['default_within_5pct']}")
+    summary = {}
+    for r in rows:
+        if r["section"] == "experts" and "us" in r and (r["fmt"] == "bf16" or r["variant"].startswith("default")):
+            summary[f"{r['shape']}/{r['fmt']}"] = {"us": r["us"], "gbps": r["gbps"], "vs_bf16": r["vs_bf16"]}
+    failed = [f"{r['section']}/{r.get('shape') or r.get('gemv')}/{r['fmt']}/{r.get('variant')}: {r['error']}"
+              for r in rows if "error" in r and not r.get("variant", "").startswith(("gemlite", "torchao"))]
+    res = {"bench": "quant_kernels", "commit": git_commit(), "device": torch.cuda.get_device_name(),
+           "torch": torch.__version__, "triton": __import__("triton").__version__,
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "hbm": bw, "experts_default": summary,
+           "suggested": best_cfg, "failed": failed, "rows": rows, "seconds": time.perf_counter() - t0}
+    print(write_out(res, "quant_kernels.json"))
+
+
+if __name__ == "__main__":
+    main()
