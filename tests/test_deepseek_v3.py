@@ -317,6 +317,25 @@ def test_fp8_checkpoint_to_other_formats(fp8, tmp_path):
     assert r < 2e-2, r
 
 
+def test_fp8_checkpoint_errors(fp8, tmp_path):
+    """An fp8 weight without its scales, and scales of the wrong shape, are refused by name before anything is
+    written."""
+    from tiered.layout.repack import RepackError
+
+    root, sd, _ = fp8
+    name = "model.layers.1.mlp.experts.3.up_proj.weight"
+    for what, bad, match in (("missing", {k: v for k, v in sd.items() if k != name + "_scale_inv"},
+                              "experts.3.up_proj.weight is float8_e4m3fn without"),
+                             ("shape", {**sd, name + "_scale_inv": torch.ones(1, 1)}, "expected one float scale")):
+        ck = tmp_path / what
+        ck.mkdir()
+        save_file(bad, str(ck / "model.safetensors"), metadata={"format": "pt"})
+        shutil.copyfile(root / "ck" / "config.json", ck / "config.json")
+        with pytest.raises(RepackError, match=match):
+            repack(ck, tmp_path / f"lay_{what}", progress=False)
+        assert not (tmp_path / f"lay_{what}").exists()
+
+
 def fp8_blockwise_deq(q, s):
     n, k = q.shape
     return q.float() * s.repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)[:, :k]
