@@ -303,10 +303,15 @@ def _source_rows(rd: "_Reader", st: SourceTensor, r0: int, r1: int) -> torch.Ten
 def _quant_chunks(o: _DenseOut, rd: "_Reader", refine: str | None):
     """The bytes of one part of a quantized dense weight, quantized in row chunks (groups never span rows;
     fp8's 128-row blocks stay whole), so memory stays near CHUNK however large the matrix."""
-    if o.fmt == "fp8" and o.src.scale is not None:  # an fp8 source kept fp8: its bytes, copied
+    if o.fmt == "fp8" and o.src.scale is not None:  # an fp8 source kept fp8: its bytes, copied in CHUNK pieces
+        if o.part == "scale":
+            yield _fp8_scale_bytes(rd, o.src)
+            return
         ent = o.src.entry
-        yield (_read_tensor(rd, o.src, ent.start, ent.shape).view(torch.uint8).numpy().tobytes() if o.part == "q"
-               else _fp8_scale_bytes(rd, o.src))
+        for pos in range(0, ent.nbytes, CHUNK):
+            buf = bytearray(min(CHUNK, ent.nbytes - pos))
+            rd.read_into(o.src.path, ent.start + pos, memoryview(buf))
+            yield buf
         return
     n, k = o.src.entry.shape
     rows = max(128, CHUNK // (4 * k) // 128 * 128)
