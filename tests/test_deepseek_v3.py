@@ -175,17 +175,184 @@ def test_inspect_and_trace_refusal(ds, tmp_path):
     assert res.exit_code != 0 and "dense" in (res.output + repr(res.exception))
 
 
-def test_fp8_checkpoint_is_refused_clearly(ds, tmp_path):
-    """An FP8 checkpoint (weight_scale_inv blocks) is not repacked yet: the error names the tensor and what to do."""
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+def test_dense_quantized(ds, tmp_path, fmt):
+    """--dense q8/q4 quantizes MLA's projections, the dense layers' MLP and the shared experts (not the router,
+    norms or embeddings); the model runs them through qlinear, prefill and absorbed one-token steps, near
+    transformers."""
+    from tiered.layout.quant import QuantWeight
+
+    hf, _, _, _, root = ds
+    repack(root / "ck", tmp_path / "lay", dense=fmt, progress=False)
+    lay = Layout.open(tmp_path / "lay")
+    d = lay.dense()
+    for name in ("layers.0.mla_q_a", "layers.0.mla_q_b", "layers.1.mla_kv_a", "layers.1.mla_kv_b", "layers.2.o_proj",
+                 "layers.0.dense_gate", "layers.0.dense_down", "layers.1.shared_gate_proj", "lm_head"):
+        assert isinstance(d[name], QuantWeight) and d[name].fmt == fmt, name
+    assert not isinstance(d["layers.1.router"], QuantWeight) and not isinstance(d["embed"], QuantWeight)
+    ids = prompt(20, seed=2)
+    m = ours(lay, ResidentExperts.from_layout(lay))
+    got = torch.cat([m.forward(ids[:16], 0, all_logits=True)] + [m.forward(ids[i:i + 1], i, all_logits=True)
+                                                                 for i in range(16, 20)])
+    r = rel(got, theirs(hf, ids))
+    print(f"deepseek_v3 --dense {fmt}: rel {r:.2e}")
+    assert 0 < r < (2e-2 if fmt == "q8" else 0.3)
+
+
+def fp8_blockwise(w):
+    """The test's own DeepSeek-style quantizer: e4m3 codes and one fp32 scale per 128 x 128 block (the edge blocks
+    partial: ceil(N/128) x ceil(K/128) scales), w ~ q * s. Returns (q, s, q * s in fp32)."""
+    n, k = w.shape
+    s = torch.ones(-(-n // 128), -(-k // 128))
+    q = torch.empty(n, k, dtype=torch.float8_e4m3fn)
+    deq = torch.empty(n, k)
+    for i in range(s.shape[0]):
+        for j in range(s.shape[1]):
+            blk = w[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128].float()
+            s[i, j] = blk.abs().max() / 448.0 * (1.0 + 0.5 * torch.rand(()))  # synthetic, not a power of two
+            q[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128] = (blk / s[i, j]).to(torch.float8_e4m3fn)
+            deq[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128] = q[i * 128:(i + 1) * 128,
+                                                                  j * 128:(j + 1) * 128].float() * s[i, j]
+    return q, s, deq
+
+
+def is_fp8_name(name):
+    """The tensors DeepSeek-V3 checkpoints store in fp8: every projection of the decoder layers (not the router,
+    embeddings, norms or lm_head)."""
+    return ".layers." in name and name.endswith(("_proj.weight", "_proj_with_mqa.weight"))
+
+
+@pytest.fixture(scope="module")
+def fp8(tmp_path_factory):
+    """A DeepSeek-V3 checkpoint in fp8 (dims of 136 and 200 make blocks partial and several per matrix), the
+    fp32 checkpoint of its dequantized weights, and transformers' model loaded from the latter."""
+    import transformers as tf
+    from safetensors.torch import load_file
+
+    root = tmp_path_factory.mktemp("dsv3_fp8")
+    torch.manual_seed(7)
+    cfg = ds_config()
+    cfg.intermediate_size, cfg.moe_intermediate_size = 200, 136
+    tf.AutoModelForCausalLM.from_config(cfg).float().save_pretrained(root / "deq")
+    sd = load_file(str(root / "deq" / "model.safetensors"))
+    fp8_sd, deq_sd = {}, {}
+    for k, v in sd.items():
+        if is_fp8_name(k):
+            q, s, deq = fp8_blockwise(v)
+            fp8_sd[k], fp8_sd[k + "_scale_inv"], deq_sd[k] = q, s, deq
+        else:
+            fp8_sd[k] = deq_sd[k] = v
+    (root / "ck").mkdir()
+    save_file(fp8_sd, str(root / "ck" / "model.safetensors"), metadata={"format": "pt"})
+    save_file(deq_sd, str(root / "deq" / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copyfile(root / "deq" / "config.json", root / "ck" / "config.json")
+    ref = tf.AutoModelForCausalLM.from_pretrained(root / "deq", dtype=torch.float32).eval()
+    return root, fp8_sd, ref
+
+
+def test_fp8_checkpoint_passes_through(fp8):
+    """An fp8 checkpoint (e4m3 weights + weight_scale_inv) repacks with every fp8 weight's bytes and scales copied
+    as stored, experts and dense alike, and the model matches transformers run on the dequantized weights."""
+    from tiered.layout.quant import QuantWeight
+
+    root, sd, ref = fp8
+    repack(root / "ck", root / "lay", progress=False)
+    lay = Layout.open(root / "lay")
+    prov = ResidentExperts.from_layout(lay)
+    E, w = lay.config.num_experts, prov.weights
+    assert w.gate.fmt == "fp8" and lay.config.source_dtype == "float32"
+    for l in (1, 2):
+        for e in (0, E - 1):
+            for role, hf in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
+                name = f"model.layers.{l}.mlp.experts.{e}.{hf}.weight"
+                got = getattr(w, role)[l * E + e]
+                assert torch.equal(got.q.view(torch.uint8), sd[name].view(torch.uint8)), name
+                assert torch.equal(got.scale, sd[name + "_scale_inv"]), name
+    dense = lay.dense()
+    for canon, hf in (("layers.0.mla_q_a", "self_attn.q_a_proj"), ("layers.2.mla_kv_b", "self_attn.kv_b_proj"),
+                      ("layers.0.dense_down", "mlp.down_proj"), ("layers.1.shared_up_proj", "mlp.shared_experts.up_proj"),
+                      ("layers.1.o_proj", "self_attn.o_proj")):
+        name = f"model.layers.{canon.split('.')[1]}.{hf}.weight"
+        t = dense[canon]
+        assert isinstance(t, QuantWeight) and t.fmt == "fp8", canon
+        assert torch.equal(t.q.view(torch.uint8), sd[name].view(torch.uint8)) and torch.equal(t.scale, sd[name + "_scale_inv"])
+    assert dense["lm_head"].dtype == torch.float32 and dense["layers.1.router"].dtype == torch.float32
+    from tiered.cli.inspect import summarize  # the checkpoint's headers (scales counted as bytes) agree with it
+
+    ck_info, lay_info = summarize(root / "ck"), summarize(root / "lay")
+    for key in ("total_params", "active_params", "bytes_per_expert", "expert_bytes", "dense_bytes"):
+        assert ck_info[key] == lay_info[key], key
+    ids = prompt(24, seed=3)
+    want = theirs(ref, ids)
+    m = ours(lay, prov)
+    got = torch.cat([m.forward(ids[:20], 0, all_logits=True)] + [m.forward(ids[i:i + 1], i, all_logits=True)
+                                                                 for i in range(20, 24)])
+    print(f"deepseek_v3 fp8 pass-through rel {rel(got, want):.2e}")
+    assert rel(got, want) <= TOL
+
+
+def test_fp8_checkpoint_to_other_formats(fp8, tmp_path):
+    """--experts bf16 --dense bf16 dequantizes fp8 blockwise (the dequantized weights rounded once to bf16);
+    --experts q8 requantizes the dequantized experts (within q8's step of them) and the model runs near bf16."""
+    from tiered.layout.quant import QuantWeight, error_bound, quantize
+
+    root, sd, ref = fp8
+    repack(root / "ck", tmp_path / "bf", experts="bf16", dense="bf16", progress=False)
+    lay = Layout.open(tmp_path / "bf")
+    E, w = lay.config.num_experts, ResidentExperts.from_layout(lay).weights
+    name = "model.layers.2.mlp.experts.5.down_proj.weight"
+    deq = fp8_blockwise_deq(sd[name], sd[name + "_scale_inv"])
+    assert w.down.dtype == torch.bfloat16 and torch.equal(w.down[2 * E + 5], deq.to(torch.bfloat16))
+    d = lay.dense()["layers.0.dense_gate"]
+    assert torch.equal(d, fp8_blockwise_deq(sd["model.layers.0.mlp.gate_proj.weight"],
+                                            sd["model.layers.0.mlp.gate_proj.weight_scale_inv"]).to(torch.bfloat16))
+    repack(root / "ck", tmp_path / "q8", experts="q8", progress=False)
+    lay8 = Layout.open(tmp_path / "q8")
+    w8 = ResidentExperts.from_layout(lay8).weights
+    assert isinstance(w8.down, QuantWeight) and w8.down.fmt == "q8"
+    assert torch.equal(w8.down[2 * E + 5].q, quantize(deq, "q8").q)
+    assert ((w8.down[2 * E + 5].dequantize(torch.float32) - deq).abs() <= error_bound(quantize(deq, "q8"), deq)).all()
+    ids = prompt(16, seed=5)
+    r = rel(ours(lay8, ResidentExperts.from_layout(lay8)).forward(ids, 0, all_logits=True), theirs(ref, ids))
+    assert r < 2e-2, r
+
+
+def test_fp8_dense_in_small_chunks(fp8, tmp_path, monkeypatch):
+    """Copied and dequantized fp8 dense tensors are streamed in pieces: with a tiny chunk the files are the same."""
+    import tiered.layout.repack as rp
+
+    root, _, _ = fp8
+    for dense in ("source", "bf16"):
+        repack(root / "ck", tmp_path / f"big_{dense}", dense=dense, progress=False)
+        with monkeypatch.context() as m:
+            m.setattr(rp, "CHUNK", 1000)
+            repack(root / "ck", tmp_path / f"small_{dense}", dense=dense, progress=False)
+        for f in ("dense.safetensors", "experts.bin"):
+            assert (tmp_path / f"big_{dense}" / f).read_bytes() == (tmp_path / f"small_{dense}" / f).read_bytes()
+
+
+def test_fp8_checkpoint_errors(fp8, tmp_path):
+    """An fp8 weight without its scales, and scales of the wrong shape, are refused by name before anything is
+    written."""
     from tiered.layout.repack import RepackError
 
-    _, _, _, _, root = ds
-    ck = tmp_path / "fp8"
-    shutil.copytree(root / "ck", ck)
-    save_file({"model.layers.1.mlp.experts.0.gate_proj.weight_scale_inv": torch.ones(1, 1)},
-              str(ck / "scales.safetensors"))
-    with pytest.raises(RepackError, match="weight_scale_inv.*FP8.*bf16"):
-        repack(ck, tmp_path / "lay", progress=False)
+    root, sd, _ = fp8
+    name = "model.layers.1.mlp.experts.3.up_proj.weight"
+    for what, bad, match in (("missing", {k: v for k, v in sd.items() if k != name + "_scale_inv"},
+                              "experts.3.up_proj.weight is float8_e4m3fn without"),
+                             ("shape", {**sd, name + "_scale_inv": torch.ones(1, 1)}, "expected one float scale")):
+        ck = tmp_path / what
+        ck.mkdir()
+        save_file(bad, str(ck / "model.safetensors"), metadata={"format": "pt"})
+        shutil.copyfile(root / "ck" / "config.json", ck / "config.json")
+        with pytest.raises(RepackError, match=match):
+            repack(ck, tmp_path / f"lay_{what}", progress=False)
+        assert not (tmp_path / f"lay_{what}").exists()
+
+
+def fp8_blockwise_deq(q, s):
+    n, k = q.shape
+    return q.float() * s.repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)[:, :k]
 
 
 @pytest.mark.cuda
@@ -205,3 +372,21 @@ def test_cuda_graph_decode_matches_eager(ds):
     assert got.token_ids == want
     ids = prompt(40)
     assert rel(eng.logits(ids).cpu(), theirs(hf, ids)) <= 1e-3  # TF32 / kernel order on the GPU
+
+
+@pytest.mark.cuda
+def test_cuda_fp8_layout_matches_transformers(fp8):
+    """On CUDA (fp32): the fp8 pass-through layout (fp8 experts and dense weights, fused kernels where they serve)
+    gives logits close to transformers on the dequantized weights, through the engine (graphs on)."""
+    import tiered
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    root, _, ref = fp8
+    if not (root / "lay").is_dir():
+        repack(root / "ck", root / "lay", progress=False)
+    eng = tiered.load(root / "lay", device="cuda", dtype="float32", max_context=CTX)
+    ids = prompt(40, seed=8)
+    assert rel(eng.logits(ids).cpu(), theirs(ref, ids)) <= 1e-3  # TF32 / kernel order on the GPU
+    out = eng.generate(ids.tolist(), max_new_tokens=8, temperature=0.0, stop_at_eos=False)
+    assert len(out.token_ids) == 8

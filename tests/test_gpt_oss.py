@@ -177,13 +177,13 @@ def test_mxfp4_dequant_matches_reference():
     assert torch.equal(mxfp4_dequant(b2, s2), got)
 
 
-def test_mxfp4_checkpoint_repacks_dequantized(pair, tmp_path):
+@pytest.fixture(scope="module")
+def mxfp4_ck(pair):
     """A gpt-oss checkpoint whose experts are MXFP4 (*_blocks, *_scales, written here from the fp32 model with
-    synthetic power-of-two scales) repacks into blocks equal to the reference dequantization, and the model
-    built from it matches transformers run on the same dequantized weights."""
-    ref, layout, _, root = pair
+    synthetic power-of-two scales), and the dequantized expert tensors it stands for (transformers' layout)."""
+    _, _, _, root = pair
     src = root / "ck"
-    ck = tmp_path / "mx"
+    ck = root / "mx"
     ck.mkdir()
     sd = load_file(str(src / "model.safetensors"))
     out, deq = {}, {}
@@ -201,31 +201,67 @@ def test_mxfp4_checkpoint_repacks_dequantized(pair, tmp_path):
     for name in ("config.json", "generation_config.json"):
         if (src / name).is_file():
             (ck / name).write_text((src / name).read_text())
-    repack(ck, tmp_path / "layout", progress=False)
+    return ck, out, deq
+
+
+def test_mxfp4_checkpoint_repacks_dequantized(pair, mxfp4_ck, tmp_path):
+    """--experts bf16 on an MXFP4 checkpoint dequantizes it: blocks equal the reference dequantization (exact in
+    bf16), and the model built from it stays near transformers run on the same dequantized weights (the expert
+    biases are stored in bf16 too, hence not 1e-4)."""
+    ref, _, _, _ = pair
+    ck, _, deq = mxfp4_ck
+    repack(ck, tmp_path / "layout", experts="bf16", progress=False)
     lay = Layout.open(tmp_path / "layout")
     prov = ResidentExperts.from_layout(lay)
     E = lay.config.num_experts
     gu = deq["model.layers.1.mlp.experts.gate_up_proj"]
+    assert lay.tensor_specs[0].dtype == "bfloat16"
     assert torch.equal(prov.weights.gate[E + 2].float(), gu[2][:, 0::2].t())
-    assert lay.tensor_specs[0].dtype == "float32"  # the source's float dtype (no --dtype given)
     import copy
     ref2 = copy.deepcopy(ref)  # transformers on the dequantized weights
     ref2.load_state_dict({k: deq.get(k, v) for k, v in ref.state_dict().items()})
     ids = prompt(12, lay.config.vocab_size, seed=5)
-    a = ours(lay, prov).forward(ids, 0, all_logits=True)
-    r = rel(a, theirs(ref2, ids))
-    print(f"gpt_oss mxfp4 repack: rel {r:.2e}")
-    assert r <= TOL
-    # --experts mxfp4 keeps MXFP4 in the layout, and its values are exactly the checkpoint's (the e2m1 codes and
-    # e8m0 scales re-derive from the exact dequantized values; only the sign of zero codes may differ)
-    repack(ck, tmp_path / "layout_mx", progress=False, experts="mxfp4")
-    lay_mx = Layout.open(tmp_path / "layout_mx")
-    w = ResidentExperts.from_layout(lay_mx).weights
-    assert w.gate.fmt == "mxfp4" and lay_mx.block_size < lay.block_size
+    m = Transformer(lay.config, lay.dense(), prov, device="cpu", dtype=torch.float32, max_context=64, attn="sdpa")
+    r = rel(m.forward(ids, 0, all_logits=True), theirs(ref2, ids))
+    print(f"gpt_oss mxfp4 -> bf16 repack: rel {r:.2e}")
+    assert r <= 5e-3
+
+
+@pytest.mark.parametrize("experts", ["source", "mxfp4"])
+def test_mxfp4_checkpoint_passes_through(pair, mxfp4_ck, tmp_path, experts):
+    """--experts source (the default) and --experts mxfp4 keep an MXFP4 checkpoint's experts as stored: each
+    expert's codes and scales in the layout are the checkpoint's bytes (gate = even rows of gate_up, up = odd
+    rows, down as is), biases exact, and the model over them matches transformers on the dequantized weights."""
+    import copy
+
+    ref, layout, _, _ = pair
+    ck, sd, deq = mxfp4_ck
+    repack(ck, tmp_path / "layout", experts=experts, progress=False)
+    lay = Layout.open(tmp_path / "layout")
+    prov = ResidentExperts.from_layout(lay)
+    w, E = prov.weights, lay.config.num_experts
+    assert w.gate.fmt == w.up.fmt == w.down.fmt == "mxfp4" and lay.block_size < layout.block_size
+    assert lay.manifest.raw["source"]["experts_option"] == experts
     for l in range(lay.config.num_layers):
-        for e in (0, E - 1):
-            assert torch.equal(w.gate[l * E + e].dequantize(torch.float32), prov.weights.gate[l * E + e].float())
-            assert torch.equal(w.down[l * E + e].dequantize(torch.float32), prov.weights.down[l * E + e].float())
+        p = f"model.layers.{l}.mlp.experts."
+        gub, gus = sd[p + "gate_up_proj_blocks"], sd[p + "gate_up_proj_scales"]  # [E, 2F, G, 16], [E, 2F, G]
+        for e in range(E):
+            for role, i in (("gate", 0), ("up", 1)):
+                got = getattr(w, role)[l * E + e]
+                assert torch.equal(got.q, gub[e, i::2].flatten(-2)) and torch.equal(got.scale, gus[e, i::2]), (l, e, role)
+            assert torch.equal(w.down[l * E + e].q, sd[p + "down_proj_blocks"][e].flatten(-2))
+            assert torch.equal(w.down[l * E + e].scale, sd[p + "down_proj_scales"][e])
+            bias = sd[p + "gate_up_proj_bias"][e]
+            assert torch.equal(w.gate_bias[l * E + e].float(), bias[0::2].float())
+    ref2 = copy.deepcopy(ref)
+    ref2.load_state_dict({k: deq.get(k, v) for k, v in ref.state_dict().items()})
+    ids = prompt(12, lay.config.vocab_size, seed=5)
+    m = Transformer(lay.config, lay.dense(), prov, device="cpu", dtype=torch.float32, max_context=64, attn="sdpa")
+    got = torch.cat([m.forward(ids[:9], 0, all_logits=True)] + [m.forward(ids[i:i + 1], i, all_logits=True)
+                                                                for i in range(9, 12)])
+    r = rel(got, theirs(ref2, ids))
+    print(f"gpt_oss mxfp4 pass-through ({experts}): rel {r:.2e}")
+    assert r <= TOL
 
 
 def test_greedy_at_minimum_slots_equals_unlimited(pair):

@@ -5,6 +5,7 @@ Owns: `summarize` and the click command that prints it.
 from __future__ import annotations
 
 import json
+import re
 import math
 from pathlib import Path
 
@@ -30,11 +31,15 @@ def summarize(path: str | Path) -> dict:
     for shard in sorted(p.glob("*.safetensors")):
         entries, _ = read_safetensors_header(shard)
         for name, ent in entries.items():
-            kind, _, layer, expert = fam.classify(name)
+            m = re.match(r"(?:model\.(?:language_model\.)?)?layers\.(\d+)\.", name)
+            if m and int(m[1]) >= cfg.num_layers:  # multi-token prediction layers: not run, not counted
+                continue
+            scale = name.endswith(".weight_scale_inv")  # an fp8 weight's block scales: bytes, not parameters
+            kind, _, layer, expert = fam.classify(name[:-len("_scale_inv")] if scale else name)
             if kind == "dense":
-                dense_params += math.prod(ent.shape)
+                dense_params += 0 if scale else math.prod(ent.shape)
                 dense_bytes += ent.nbytes
-            elif kind == "expert" and layer == 0 and expert in (0, None):
+            elif kind == "expert" and layer == cfg.first_moe_layer and expert in (0, None):
                 expert_bytes += ent.nbytes if expert == 0 else ent.nbytes // cfg.num_experts
     return {"kind": "checkpoint", **size_summary(cfg, None, dense_params, dense_bytes, expert_bytes)}
 

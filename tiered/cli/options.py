@@ -19,7 +19,7 @@ from tiered.store.options import TierConfig
 
 EXPERTS_HELP = ("Storage of the routed experts: as --dtype, bf16, or quantized (q8: int8 + bf16 scale per 128 "
                 "inputs; q4: uint4 + bf16 scale and min per 64; fp8: e4m3 + fp32 scale per 128x128; mxfp4: e2m1 + "
-                "e8m0 scale per 32)")
+                "e8m0 scale per 32). source keeps an fp8 or MXFP4 checkpoint's experts as stored")
 DENSE_HELP = ("Storage of the dense matrices (attention and shared-expert projections, an untied lm_head); "
               "embeddings, norms and routers keep --dtype")
 

@@ -10,8 +10,9 @@ Source forms:
   `gate_up_bias` [2F] (interleaved), `down_t` [F, D], `down_bias` [D].
 - gpt-oss, MXFP4 (as published): `gate_up_blocks` [2F, D/32, 16] uint8 (two e2m1 values per byte, low nibble
   first), `gate_up_scales` [2F, D/32] uint8 (e8m0: 2^(s-127)), `down_blocks` [D, F/32, 16], `down_scales`
-  [D, F/32]. These are dequantized here (so the layout holds them in the repack dtype, 4.25 bits -> 16 or 32
-  bits per weight: about 3.8x the bytes at bf16); the quantization issue's MXFP4 pass-through replaces this.
+  [D, F/32]. With keep_mxfp4 they stay as stored (QuantWeight "mxfp4" over the same codes and scales: gate and
+  up are the even and odd rows, whole rows of bytes); else they are dequantized here (the layout then holds them
+  in the repack dtype, 4.25 bits -> 16 or 32 bits per weight: about 3.8x the bytes at bf16).
 
 Legend: D hidden, F expert FFN.
 """
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from tiered.layout.quant import QuantWeight, from_mxfp4_checkpoint
 
 SOURCE_ROLES = ("gate_up_t", "gate_up_bias", "down_t", "gate_up_blocks", "gate_up_scales", "down_blocks",
                 "down_scales", "gate_bias", "up_bias", "down_bias")
@@ -54,13 +57,17 @@ def mxfp4_quant(w: Tensor) -> tuple[Tensor, Tensor]:
     return blocks.contiguous(), scales
 
 
-def canonical_expert(src: dict[str, Tensor]) -> dict[str, Tensor]:
-    """One expert's source tensors (roles of SOURCE_ROLES or canonical ones) -> canonical roles."""
+def canonical_expert(src: dict[str, Tensor], *, keep_mxfp4: bool = False) -> dict[str, Tensor | QuantWeight]:
+    """One expert's source tensors (roles of SOURCE_ROLES or canonical ones) -> canonical roles; MXFP4 ones as
+    QuantWeight (the stored bytes, no dequantization) when keep_mxfp4, else dequantized to fp32."""
     out = {k: v for k, v in src.items() if k in ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")}
     if "gate_up_t" in src:
         gu = src["gate_up_t"]  # [D, 2F]
         out["gate"], out["up"] = gu[:, 0::2].t().contiguous(), gu[:, 1::2].t().contiguous()
-    if "gate_up_blocks" in src:
+    if "gate_up_blocks" in src and keep_mxfp4:
+        b, sc = src["gate_up_blocks"], src["gate_up_scales"]  # [2F, G, 16], [2F, G]
+        out["gate"], out["up"] = (from_mxfp4_checkpoint(b[i::2].contiguous(), sc[i::2].contiguous()) for i in (0, 1))
+    elif "gate_up_blocks" in src:
         gu = mxfp4_dequant(src["gate_up_blocks"], src["gate_up_scales"])  # [2F, D]
         out["gate"], out["up"] = gu[0::2].contiguous(), gu[1::2].contiguous()
     if "gate_up_bias" in src:
@@ -68,7 +75,9 @@ def canonical_expert(src: dict[str, Tensor]) -> dict[str, Tensor]:
         out["gate_bias"], out["up_bias"] = b[0::2].contiguous(), b[1::2].contiguous()
     if "down_t" in src:
         out["down"] = src["down_t"].t().contiguous()  # [F, D] -> [D, F]
-    if "down_blocks" in src:
+    if "down_blocks" in src and keep_mxfp4:
+        out["down"] = from_mxfp4_checkpoint(src["down_blocks"].contiguous(), src["down_scales"].contiguous())
+    elif "down_blocks" in src:
         out["down"] = mxfp4_dequant(src["down_blocks"], src["down_scales"])  # [D, F]
     missing = [r for r in ("gate", "up", "down") if r not in out]
     if missing:

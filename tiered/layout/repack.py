@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,12 +37,13 @@ from tiered.layout.families import Family, FamilyError, read_checkpoint_config
 from tiered.layout.format import (ALIGN, DENSE_FILE, DTYPES, EXPERTS_FILE, FORMAT_NAME, MANIFEST, ST_DTYPES, ST_ITEMSIZE, ST_NAMES,
                            TOKENIZER_FILES, LayoutError, StEntry, build_manifest, fsync_dir, plan_block,
                            quant_entries, read_manifest, read_safetensors_header, xxh3_hex)
-from tiered.layout.quant import DENSE_STORAGE, EXPERT_STORAGE, QUANT_FORMATS, quantize
+from tiered.layout.quant import DENSE_STORAGE, EXPERT_STORAGE, GROUP, QUANT_FORMATS, QuantWeight, quantize
 
 CHUNK = 64 * 2**20  # dense tensors are copied in pieces of at most this many bytes
 EXPERT_FORMATS = EXPERT_STORAGE  # --experts
 DENSE_FORMATS = DENSE_STORAGE  # --dense
 FLOAT_CODES = ("BF16", "F16", "F32")
+FP8_CODE = "F8_E4M3"  # DeepSeek-V3's weights, each with a `weight_scale_inv` (fp32, one per 128 x 128 block)
 PAUSE_ENV = "TIERED_REPACK_PAUSE_AFTER_BLOCKS"  # test hook: stop (sleep) after N expert blocks
 
 
@@ -55,6 +56,7 @@ class SourceTensor:
     path: Path  # the shard
     entry: StEntry  # where its bytes are
     expert: int | None  # for a fused [E, ...] expert tensor: None (slice per expert)
+    scale: "SourceTensor | None" = None  # an fp8 weight's block scales (`NAME_scale_inv`), stored beside it
 
 
 _LAYER_INDEX = re.compile(r"(?:model\.(?:language_model\.)?)?layers\.(\d+)\.")
@@ -74,6 +76,7 @@ def _index_source(src: Path, fam: Family, cfg: ModelConfig):
     dense: dict[str, SourceTensor] = {}
     experts: dict[tuple[int, int | None, str], SourceTensor] = {}
     skipped: list[str] = []
+    scales: dict[str, SourceTensor] = {}  # fp8 weight name -> its block scales
     for shard in shards:
         path = src / shard
         if not path.is_file():
@@ -85,10 +88,9 @@ def _index_source(src: Path, fam: Family, cfg: ModelConfig):
             if m and int(m[1]) >= cfg.num_layers:  # multi-token-prediction layers (DeepSeek-V3's MTP): not run
                 skipped.append(name)
                 continue
-            if name.endswith("weight_scale_inv"):
-                raise RepackError(f"{path}: {name} is a block scale of an FP8 checkpoint (DeepSeek-V3 style); "
-                                  "tiered does not repack FP8 sources yet: convert the checkpoint to bf16 first "
-                                  "(DeepSeek's inference/fp8_cast_bf16.py), then repack it (--experts fp8 requantizes)")
+            if name.endswith(".weight_scale_inv"):  # paired with its fp8 weight below
+                scales[name[:-len("_scale_inv")]] = SourceTensor(path, ent, None)
+                continue
             kind, role, layer, expert = fam.classify(name)
             if kind == "dense":
                 dense[role] = SourceTensor(path, ent, None)
@@ -96,11 +98,63 @@ def _index_source(src: Path, fam: Family, cfg: ModelConfig):
                 experts[(layer, expert, role)] = SourceTensor(path, ent, expert)
             else:
                 skipped.append(name)
+    _pair_fp8_scales(dense, experts, scales)
     missing = [n for n in fam.expected_dense(cfg) if n not in dense]
     if missing:
         raise RepackError(f"{src}: dense tensors missing for {missing[:5]}{' ...' if len(missing) > 5 else ''}: "
                           f"the checkpoint is incomplete or does not match {fam.path.name}")
     return dense, experts, sorted(skipped)
+
+
+def _pair_fp8_scales(dense: dict, experts: dict, scales: dict[str, SourceTensor]) -> None:
+    """Attach each fp8 weight's `weight_scale_inv` [ceil(N/128), ceil(K/128)] to it (in place); refuse an fp8
+    weight without scales, scales without their weight, and fused fp8 experts."""
+    for table in (dense, experts):
+        for key, st in table.items():
+            ent = st.entry
+            sc = scales.pop(ent.name, None)
+            if ent.dtype != FP8_CODE:
+                if sc is not None:
+                    raise RepackError(f"{st.path}: {ent.name} is {ent.dtype} but has a weight_scale_inv: only "
+                                      f"float8_e4m3fn weights carry block scales; the checkpoint is inconsistent")
+                continue
+            if sc is None:
+                raise RepackError(f"{st.path}: {ent.name} is float8_e4m3fn without a {ent.name}_scale_inv: tiered "
+                                  f"reads fp8 checkpoints with 128 x 128 block scales (DeepSeek-V3's) only")
+            if len(ent.shape) != 2 or st.expert is None and table is experts:
+                raise RepackError(f"{st.path}: fp8 tensor {ent.name} has shape {list(ent.shape)}: tiered passes "
+                                  f"through 2-D fp8 weights with one scale per 128 x 128 block (per-expert tensors, "
+                                  f"not fused [E, ...] ones); convert this checkpoint to bf16 first")
+            want = tuple(math.ceil(n / GROUP["fp8"]) for n in ent.shape)
+            if tuple(sc.entry.shape) != want or sc.entry.dtype not in FLOAT_CODES:
+                raise RepackError(f"{sc.path}: {sc.entry.name} is {sc.entry.dtype} {list(sc.entry.shape)}, expected "
+                                  f"one float scale per 128 x 128 block of {ent.name} {list(ent.shape)}: "
+                                  f"{list(want)}")
+            table[key] = replace(st, scale=sc)
+    if scales:
+        names = sorted(scales)
+        raise RepackError(f"{scales[names[0]].path}: block scales without their weight: {names[:3]}: the checkpoint "
+                          f"is incomplete or its family file does not name those weights")
+
+
+def _read_tensor(rd: "_Reader", st: SourceTensor, offset: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """A source tensor's bytes at `offset` as a tensor of its stored dtype and `shape`."""
+    buf = bytearray(math.prod(shape) * ST_ITEMSIZE[st.entry.dtype])
+    rd.read_into(st.path, offset, memoryview(buf))
+    return torch.frombuffer(buf, dtype=DTYPES[ST_DTYPES[st.entry.dtype]]).view(*shape)
+
+
+def _fp8_scale_bytes(rd: "_Reader", st: SourceTensor) -> bytes:
+    """An fp8 weight's block scales as stored in the layout (fp32; bit-identical when the source is fp32)."""
+    sc = st.scale
+    return _read_tensor(rd, sc, sc.entry.start, sc.entry.shape).float().contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def _fp8_weight(rd: "_Reader", st: SourceTensor, offset: int, shape: tuple[int, ...]) -> QuantWeight:
+    """An fp8 source weight with its scales, as stored (no dequantization)."""
+    sc = st.scale
+    return QuantWeight("fp8", tuple(shape), GROUP["fp8"], _read_tensor(rd, st, offset, shape),
+                       _read_tensor(rd, sc, sc.entry.start, sc.entry.shape).float())
 
 
 def _expert_source(experts, layer: int, expert: int, role: str) -> tuple[SourceTensor, int, tuple[int, ...]]:
@@ -178,12 +232,17 @@ def _target(src_dt: str, dtype: str) -> str:
 
 
 def is_dense_matrix(name: str, ent: StEntry) -> bool:
-    """The dense weights --dense quantizes: 2-D float projections (attention, the Gated DeltaNet's qkv, z and out,
-    shared expert) and an untied lm_head. Embeddings, norms, routers, gates, the DeltaNet's small b/a projections and
-    Qwen3-Next's interleaved lin_qkvz/lin_ba (the model reshapes them per head) stay as they are."""
+    """The dense weights --dense quantizes: 2-D float or fp8 projections (attention, MLA's, the Gated DeltaNet's qkv,
+    z and out, shared expert, DeepSeek-V3's dense-layer MLP) and an untied lm_head. Embeddings, norms, routers, gates,
+    the DeltaNet's small b/a projections and Qwen3-Next's interleaved lin_qkvz/lin_ba (the model reshapes them per
+    head) stay as they are."""
     leaf = name.rsplit(".", 1)[-1]
-    return len(ent.shape) == 2 and ent.dtype in FLOAT_CODES and (
-        name.endswith("_proj") or name == "lm_head" or leaf in ("lin_qkv", "lin_z", "lin_out"))
+    return len(ent.shape) == 2 and ent.dtype in FLOAT_CODES + (FP8_CODE,) and (
+        name.endswith("_proj") or name == "lm_head" or leaf in DENSE_LEAVES)
+
+
+DENSE_LEAVES = ("lin_qkv", "lin_z", "lin_out", "mla_q_a", "mla_q_b", "mla_q", "mla_kv_a", "mla_kv_b", "dense_gate",
+                "dense_up", "dense_down")
 
 
 @dataclass(frozen=True)
@@ -210,11 +269,17 @@ def _plan_dense(dense: dict[str, SourceTensor], dtype: str, fmt: str) -> tuple[l
     outs, quant = [], {}
     for name, st in dense.items():
         ent = st.entry
-        if fmt in QUANT_FORMATS and is_dense_matrix(name, ent):
-            entries = quant_entries(name, fmt, tuple(ent.shape))
+        # an fp8 source weight stays fp8 (bytes copied) unless --dense asks for bf16 or another quantization
+        scheme = fmt if fmt in QUANT_FORMATS and is_dense_matrix(name, ent) else None
+        if scheme is None and st.scale is not None and fmt != "bf16":
+            scheme = "fp8"
+        if scheme is not None:
+            entries = quant_entries(name, scheme, tuple(ent.shape))
             quant[name] = entries[0][3]
             for (pname, pshape, dt, _), part in zip(entries, ("q", "scale", "min")):
-                outs.append(_DenseOut(pname, ST_NAMES[dt], tuple(pshape), st, fmt, part))
+                outs.append(_DenseOut(pname, ST_NAMES[dt], tuple(pshape), st, scheme, part))
+        elif st.scale is not None:  # --dense bf16: dequantized blockwise
+            outs.append(_DenseOut(name, "BF16", tuple(ent.shape), st))
         else:
             code = "BF16" if fmt == "bf16" and is_dense_matrix(name, ent) else _target(ent.dtype, dtype)
             outs.append(_DenseOut(name, code, tuple(ent.shape), st))
@@ -223,17 +288,31 @@ def _plan_dense(dense: dict[str, SourceTensor], dtype: str, fmt: str) -> tuple[l
 
 
 def _source_rows(rd: "_Reader", st: SourceTensor, r0: int, r1: int) -> torch.Tensor:
-    """Rows r0..r1 of a 2-D float source tensor as a float32 [r1 - r0, K] tensor."""
+    """Rows r0..r1 of a 2-D float source tensor as a float32 [r1 - r0, K] tensor (an fp8 one dequantized with its
+    block scales: r0 must then be a multiple of 128)."""
     ent = st.entry
     k, item = ent.shape[1], ST_ITEMSIZE[ent.dtype]
-    buf = bytearray((r1 - r0) * k * item)
-    rd.read_into(st.path, ent.start + r0 * k * item, memoryview(buf))
-    return torch.frombuffer(buf, dtype=DTYPES[ST_DTYPES[ent.dtype]]).view(r1 - r0, k).float()
+    rows = _read_tensor(rd, st, ent.start + r0 * k * item, (r1 - r0, k))
+    if st.scale is None:
+        return rows.float()
+    g = GROUP["fp8"]
+    scale = _read_tensor(rd, st.scale, st.scale.entry.start, st.scale.entry.shape)[r0 // g:math.ceil(r1 / g)]
+    return QuantWeight("fp8", (r1 - r0, k), g, rows, scale.float().contiguous()).dequantize(torch.float32)
 
 
 def _quant_chunks(o: _DenseOut, rd: "_Reader", refine: str | None):
     """The bytes of one part of a quantized dense weight, quantized in row chunks (groups never span rows;
     fp8's 128-row blocks stay whole), so memory stays near CHUNK however large the matrix."""
+    if o.fmt == "fp8" and o.src.scale is not None:  # an fp8 source kept fp8: its bytes, copied in CHUNK pieces
+        if o.part == "scale":
+            yield _fp8_scale_bytes(rd, o.src)
+            return
+        ent = o.src.entry
+        for pos in range(0, ent.nbytes, CHUNK):
+            buf = bytearray(min(CHUNK, ent.nbytes - pos))
+            rd.read_into(o.src.path, ent.start + pos, memoryview(buf))
+            yield buf
+        return
     n, k = o.src.entry.shape
     rows = max(128, CHUNK // (4 * k) // 128 * 128)
     for r0 in range(0, n, rows):
@@ -261,6 +340,8 @@ def _write_dense(path: Path, outs: list[_DenseOut], dtype: str, rd: "_Reader", t
         for o in outs:
             if o.fmt is not None:
                 pieces = _quant_chunks(o, rd, refine)
+            elif o.src.scale is not None:  # an fp8 source dequantized into o.code
+                pieces = _dequant_chunks(o, rd)
             else:
                 pieces = _converted_chunks(o, rd, buf)
             for out in pieces:
@@ -270,6 +351,14 @@ def _write_dense(path: Path, outs: list[_DenseOut], dtype: str, rd: "_Reader", t
         f.flush()
         os.fsync(f.fileno())
     return h.hexdigest()
+
+
+def _dequant_chunks(o: _DenseOut, rd: "_Reader"):
+    n, k = o.src.entry.shape
+    rows = max(128, CHUNK // (4 * k) // 128 * 128)
+    for r0 in range(0, n, rows):
+        t = _source_rows(rd, o.src, r0, min(n, r0 + rows)).to(DTYPES[ST_DTYPES[o.code]])
+        yield t.contiguous().view(torch.uint8).numpy().tobytes()
 
 
 def _converted_chunks(o: _DenseOut, rd: "_Reader", buf: bytearray):
@@ -359,13 +448,19 @@ def _plan_experts(experts, dtype: str, fmt: str = "source", rd: "_Reader | None"
     l0 = min(layer for (layer, _, _) in experts)
     if _derived(experts):  # the canonical tensors; --experts q* quantizes gate/up/down, biases stay float
         code = ST_DTYPES[_derived_dtype(experts, "bf16" if fmt == "bf16" else dtype)]
-        for role, t in canonical_expert(_read_source_expert(experts, l0, 0, rd or _Reader())).items():
-            shapes[role] = (tuple(t.shape), fmt if fmt in QUANT_FORMATS and role in EXPERT_ROLES else code)
+        src = _read_source_expert(experts, l0, 0, rd or _Reader())
+        for role, t in canonical_expert(src, keep_mxfp4=fmt in ("source", "mxfp4")).items():
+            if isinstance(t, QuantWeight):  # MXFP4 as stored
+                shapes[role] = (t.matrix, "mxfp4")
+            else:
+                shapes[role] = (tuple(t.shape), fmt if fmt in QUANT_FORMATS and role in EXPERT_ROLES else code)
         return plan_block(shapes)
     for role in EXPERT_ROLES:
         st, _, shape = _expert_source(experts, l0, 0, role)
         code = st.entry.dtype
-        if fmt in QUANT_FORMATS:
+        if st.scale is not None:  # fp8 with block scales: kept (source, fp8), requantized, or dequantized (bf16)
+            shapes[role] = (tuple(shape), "fp8" if fmt == "source" else "bfloat16" if fmt == "bf16" else fmt)
+        elif fmt in QUANT_FORMATS:
             if code not in FLOAT_CODES:
                 raise RepackError(f"{st.path}: experts are stored as {code}; --experts {fmt} quantizes bf16, fp16 "
                                   f"or fp32 experts only: use --experts source")
@@ -382,25 +477,44 @@ def _quantize_layer(experts, cfg: ModelConfig, layer: int, by_name: dict, rd: _R
     out = {}
     quant_roles = [r for r in EXPERT_ROLES if by_name[r].quant]
     derived = {}  # role -> [E] canonical tensors, for experts stored in another form (layout/fused.py)
-    if quant_roles and _derived(experts):
+    # fp8 into fp8 blocks, MXFP4 into MXFP4 blocks: the stored bytes, role -> part -> [E]
+    copied = {r: {"q": [], "scale": []} for r in quant_roles}
+    is_derived = _derived(experts)
+    if quant_roles and is_derived:
+        keep = any(by_name[r].quant["scheme"] == "mxfp4" for r in quant_roles)
         for e in range(cfg.num_experts):
-            t = canonical_expert(_read_source_expert(experts, layer, e, rd))
+            t = canonical_expert(_read_source_expert(experts, layer, e, rd), keep_mxfp4=keep)
             for r in quant_roles:
+                if isinstance(t[r], QuantWeight):  # MXFP4 as stored: codes and scales copied
+                    for part in ("q", "scale"):
+                        copied[r][part].append(getattr(t[r], part).contiguous().numpy().tobytes())
+                    continue
                 # held as bf16: dequantized MXFP4 values are exact in it, and a layer of fp32 stacks is large
                 derived.setdefault(r, []).append(t[r].to(torch.bfloat16) if t[r].dtype == torch.float32 else t[r])
     for role in quant_roles:
         spec = by_name[role]
         want = tuple(spec.quant["shape"])
         rows = derived.get(role, [])
-        for e in range(cfg.num_experts) if not derived else ():
+        scheme = spec.quant["scheme"]
+        kept = copied[role]
+        for e in range(cfg.num_experts) if not is_derived else ():
             st, off, shape = _expert_source(experts, layer, e, role)
             if tuple(shape) != want:
                 raise RepackError(f"{st.path}: layer {layer}, expert {e}, {role} has shape {list(shape)}, "
                                   f"expert 0 of layer 0 has {list(want)}: experts must share one shape")
-            raw = bytearray(math.prod(shape) * ST_ITEMSIZE[st.entry.dtype])
-            rd.read_into(st.path, off, memoryview(raw))
-            rows.append(torch.frombuffer(raw, dtype=DTYPES[ST_DTYPES[st.entry.dtype]]).view(*shape))
-        scheme = spec.quant["scheme"]
+            if st.scale is None:
+                rows.append(_read_tensor(rd, st, off, tuple(shape)))
+            elif scheme == "fp8":
+                kept["q"].append(_read_tensor(rd, st, off, tuple(shape)).view(torch.uint8).numpy().tobytes())
+                kept["scale"].append(_fp8_scale_bytes(rd, st))
+            else:  # fp8 -> another format: dequantized blockwise (fp32, exact), then quantized
+                rows.append(_fp8_weight(rd, st, off, tuple(shape)).dequantize(torch.float32))
+        if kept["q"]:
+            if rows:
+                raise RepackError(f"layer {layer}, {role}: some experts are stored quantized and some are not: a "
+                                  f"checkpoint stores every expert in one format")
+            out[role] = [(by_name[role], kept["q"]), (by_name[spec.quant["scale"]], kept["scale"])]
+            continue
         qw = quantize(torch.stack(rows).to(device), scheme, refine=refine if scheme == "q4" else None).to_device("cpu")
         names = {"q": role, **{p: spec.quant[p] for p in ("scale", "min") if p in spec.quant}}
         out[role] = [(by_name[names[part]], memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")
@@ -433,7 +547,8 @@ def _write_experts(path: Path, cfg: ModelConfig, experts, specs, bs: int, rd: _R
                 buf = writer.buffer()
                 mv = memoryview(buf)
                 if derived:  # a transform (layout/fused.py) between the source bytes and the block
-                    tensors = canonical_expert(_read_source_expert(experts, layer, e, rd))
+                    tensors = canonical_expert(_read_source_expert(experts, layer, e, rd),
+                                               keep_mxfp4=bool(by_name["gate"].quant))
                 for role in EXPERT_ROLES:
                     spec = by_name[role]
                     if spec.quant:
@@ -448,7 +563,10 @@ def _write_experts(path: Path, cfg: ModelConfig, experts, specs, bs: int, rd: _R
                                           f"expert 0 of layer 0 has {list(spec.shape)}: experts must share one shape")
                     src_dt = st.entry.dtype
                     n_src = spec.nbytes // ST_ITEMSIZE[ST_NAMES[spec.dtype]] * ST_ITEMSIZE[src_dt]
-                    if src_dt == ST_NAMES[spec.dtype]:
+                    if st.scale is not None:  # fp8 source, --experts bf16: dequantized blockwise
+                        t = _fp8_weight(rd, st, off, tuple(shape)).dequantize(DTYPES[spec.dtype])
+                        mv[spec.offset:spec.offset + spec.nbytes] = t.view(torch.uint8).numpy().tobytes()
+                    elif src_dt == ST_NAMES[spec.dtype]:
                         rd.read_into(st.path, off, mv[spec.offset:spec.offset + spec.nbytes])
                     else:
                         tmp = bytearray(n_src)
@@ -586,9 +704,13 @@ def repack(src: str | Path, dst: str | Path, *, dtype: str = "source", experts: 
         dst: layout directory to create. It appears only when complete (temp dir + rename).
         dtype: "source", "bf16", "fp16" or "fp32" for the stored weights that are not quantized.
         experts: storage of the routed experts: "source" (as --dtype), "bf16", or quantized "q8", "q4",
-            "fp8", "mxfp4" (tiered/layout/quant.py).
+            "fp8", "mxfp4" (tiered/layout/quant.py). Quantized sources: fp8 with 128 x 128 `weight_scale_inv`
+            blocks (DeepSeek-V3) is copied byte for byte under "source" and "fp8"; gpt-oss's MXFP4
+            (`*_blocks`, `*_scales`) likewise under "source" and "mxfp4". Any other choice dequantizes them
+            (blockwise, in fp32) and then stores or quantizes the result.
         dense: storage of the dense matrices (projections, shared expert, untied lm_head): "source" (as
-            --dtype), "bf16", "q8" or "q4". Embeddings, norms and routers keep --dtype.
+            --dtype; fp8 source weights stay fp8, bytes copied), "bf16", "q8" or "q4". Embeddings, norms and
+            routers keep --dtype.
         q4_refine: "lsq" (q4 starts from each group's min/max, then refines scale and min by least squares:
             12% lower weight MSE on olmoe-code-17m, better KL and top-1 on ../shared/text/fit) or "none"
             (min/max rounding only).
@@ -627,7 +749,10 @@ def repack(src: str | Path, dst: str | Path, *, dtype: str = "source", experts: 
     if _derived(expert_src):  # experts in another form (layout/fused.py): the dtype they are written in
         float_dt = ST_DTYPES[_derived_dtype(expert_src, dtype)]
     else:
-        float_dt = ST_DTYPES[_target(_expert_source(expert_src, cfg.first_moe_layer, 0, "gate")[0].entry.dtype, dtype)]
+        code = _expert_source(expert_src, cfg.first_moe_layer, 0, "gate")[0].entry.dtype
+        if code not in FLOAT_CODES:  # fp8 experts: the unquantized weights' dtype is the embedding's
+            code = dense_src["embed"].entry.dtype if "embed" in dense_src else "BF16"
+        float_dt = ST_DTYPES[_target(code, dtype)]
     cfg = ModelConfig.from_json({**cfg.to_json(), "source_dtype": float_dt})  # the dtype of unquantized weights
     dense_outs, dense_quant = _plan_dense(dense_src, dtype, dense)
     total = sum(o.nbytes for o in dense_outs) + cfg.num_layers * cfg.num_experts * bs

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tiered.kernels.quant_moe import qlinear as linear
+from tiered.layout.quant import QuantWeight
 from tiered.model.layers import StepPlan, apply_rope, rms_norm
 
 
@@ -40,13 +42,15 @@ class MLADims:
 
 @dataclass(frozen=True)
 class MLAWeights:
-    q_a: Tensor | None  # [Rq, D]
+    """The projections may be QuantWeight (--dense q8/q4, an fp8 checkpoint): they go through qlinear. kv_b is
+    dense: both paths reshape it per head (the model dequantizes a stored kv_b once, at load)."""
+    q_a: Tensor | QuantWeight | None  # [Rq, D]
     q_a_norm: Tensor | None  # [Rq]
-    q_b: Tensor  # [H*(dn+dr), Rq], or [H*(dn+dr), D] when q_a is None
-    kv_a: Tensor  # [R+dr, D]
+    q_b: Tensor | QuantWeight  # [H*(dn+dr), Rq], or [H*(dn+dr), D] when q_a is None
+    kv_a: Tensor | QuantWeight  # [R+dr, D]
     kv_a_norm: Tensor  # [R]
     kv_b: Tensor  # [H*(dn+dv), R]
-    o: Tensor  # [D, H*dv]
+    o: Tensor | QuantWeight  # [D, H*dv]
 
 
 @dataclass(frozen=True)
@@ -89,12 +93,12 @@ def mla_attention(x: Tensor, w: MLAWeights, cache: MLACache, layer: int, plan: S
     T = x.shape[0]
     H, R, dn, dr, dv = dims.heads, dims.kv_lora_rank, dims.nope, dims.rope, dims.v
     if w.q_a is not None:
-        q = F.linear(rms_norm(F.linear(x, w.q_a), w.q_a_norm, dims.eps), w.q_b)
+        q = linear(rms_norm(linear(x, w.q_a), w.q_a_norm, dims.eps), w.q_b)
     else:
-        q = F.linear(x, w.q_b)
+        q = linear(x, w.q_b)
     q = q.view(T, H, dn + dr)
     q_nope, q_rot = q[..., :dn], _rope(q[..., dn:], plan.cos, plan.sin, dims.interleave)  # [T, H, dn], [T, H, dr]
-    ckv = F.linear(x, w.kv_a)  # [T, R+dr]
+    ckv = linear(x, w.kv_a)  # [T, R+dr]
     c = rms_norm(ckv[:, :R], w.kv_a_norm, dims.eps)  # [T, R]
     k_rot = _rope(ckv[:, None, R:], plan.cos, plan.sin, dims.interleave)[:, 0]  # [T, dr]
     lat, kr = cache.latent[layer], cache.k_rope[layer]  # [S, R], [S, dr]
@@ -113,7 +117,7 @@ def mla_attention(x: Tensor, w: MLAWeights, cache: MLACache, layer: int, plan: S
         qf = torch.cat([q_nope, q_rot], dim=-1).transpose(0, 1)  # [H, T, dn+dr]
         mask = None if plan.mask is None else plan.mask[None]
         o = F.scaled_dot_product_attention(qf, k, kv[..., dn:].transpose(0, 1), attn_mask=mask, scale=scale)
-        return F.linear(o.transpose(0, 1).reshape(T, H * dv), w.o)
+        return linear(o.transpose(0, 1).reshape(T, H * dv), w.o)
     rope_scores = torch.einsum("thd,sd->hts", q_rot, ks)  # [H, T, S]
     q_lat = torch.einsum("thd,hdr->htr", q_nope, kv_b[:, :dn])  # [H, T, R]
     s = (torch.matmul(q_lat, cs.t()) + rope_scores) * scale
@@ -122,4 +126,4 @@ def mla_attention(x: Tensor, w: MLAWeights, cache: MLACache, layer: int, plan: S
     p = torch.softmax(s, dim=-1, dtype=torch.float32).to(x.dtype)  # [H, T, S]
     o = torch.einsum("hts,sr->htr", p, cs)  # [H, T, R]
     o = torch.einsum("htr,hvr->thv", o, kv_b[:, dn:])  # [T, H, dv]
-    return F.linear(o.reshape(T, H * dv), w.o)
+    return linear(o.reshape(T, H * dv), w.o)

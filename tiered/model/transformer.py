@@ -35,6 +35,7 @@ from torch import Tensor
 from tiered.kernels.quant_moe import qlinear as linear
 from tiered.layout.config import ModelConfig
 from tiered.layout.quant import QuantWeight, cat_rows
+from tiered.layout.quant import dense as qdense
 from tiered.model.deltanet import DeltaShape, DeltaWeights, deltanet, pick_delta_backend
 from tiered.model.layers import (AttnWeights, KVCache, Rope, StepPlan, attention, attn_mask, plan_eager,
                                  rms_norm)
@@ -157,7 +158,7 @@ def build_layer(cfg: ModelConfig, dense: dict[str, Tensor], l: int, device: torc
         q_a = t("mla_q_a", False)
         mla = MLAWeights(q_a=q_a, q_a_norm=t("mla_q_a_norm") if q_a is not None else None,
                          q_b=t("mla_q_b") if q_a is not None else t("mla_q"), kv_a=t("mla_kv_a"),
-                         kv_a_norm=t("mla_kv_a_norm"), kv_b=t("mla_kv_b"), o=t("o_proj"))
+                         kv_a_norm=t("mla_kv_a_norm"), kv_b=qdense(t("mla_kv_b"), dtype), o=t("o_proj"))
         return LayerWeights(attn_norm=nw("attn_norm"), attn=None, mlp_norm=nw("mlp_norm"), moe=moe, mla=mla,
                             dense_mlp=dense_mlp)
     if cfg.layer_kind(l) == "linear":
