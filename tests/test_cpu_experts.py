@@ -77,7 +77,7 @@ def test_options_validated(kw, msg):
 
 def test_options_defaults_and_resident(reference_layout):
     t = TierConfig()
-    assert (t.cpu_experts, t.cpu_threads, t.h2d_gbps) == ("auto", 0, 0.0)
+    assert (t.cpu_experts, t.cpu_threads, t.h2d_gbps) == ("off", 0, 0.0)
     # alone they keep every expert resident (there are no misses to move)
     e = load(reference_layout, device="cpu", budget={"cpu_experts": "all", "h2d_gbps": 3.0})
     assert type(e.model.provider).__name__ == "ResidentExperts"

@@ -62,9 +62,11 @@ class TierConfig:
                                       "one token]")
     prefetch_depth: int | None = _opt(None, "Layers ahead to prefetch (the predictor's prefetcher)", ("min", 0))
     prefetch_budget: int | None = _opt(None, "Experts prefetched per layer [default: 1.5 x top-k]", ("min", 0))
-    cpu_experts: str = _opt("auto", "Decode misses computed on the CPU from the RAM tier: auto (per miss, where it "
-                                    "finishes first: PCIe copy or CPU; on a CPU device only with --h2d-gbps), off, "
-                                    "or all (every routed expert on the CPU, like llama.cpp's -ot exps=CPU)",
+    # default off: measured on the H200 box (offload-2026-11-30-h200.json) the CPU-expert path ran at 8-20 GB/s
+    # in bf16 against 54 GB/s of PCIe, and auto decoded 6-16% slower than off at every link rate tried
+    cpu_experts: str = _opt("off", "Decode misses computed on the CPU from the RAM tier: off, auto (per miss, where "
+                                   "it finishes first: PCIe copy or CPU; on a CPU device only with --h2d-gbps), or "
+                                   "all (every routed expert on the CPU, like llama.cpp's -ot exps=CPU)",
                             CPU_EXPERT_MODES)
     cpu_threads: int = _opt(0, "Threads of the CPU-expert worker (0 = the physical cores: the usable CPUs, halved "
                                "when SMT is on)", ("min", 0))
