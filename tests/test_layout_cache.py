@@ -90,3 +90,29 @@ def test_remove_only_what_the_cache_lists(ckpt, cache, tmp_path):
     (cache / ".y.tiered-partial").mkdir()
     assert len(remove(everything=True)) == 2 and list_cached() == []
     assert ckpt.is_dir() and outside.is_dir()
+
+
+def test_quantized_checkpoints_get_a_pass_through_key(tmp_path):
+    """A checkpoint whose config.json declares a quantization gets a key of its own under `source` (its layout keeps
+    that format now, where older versions dequantized it); plain checkpoints keep the key they always had."""
+    import hashlib
+
+    from tiered import __version__
+    from tiered.layout.cachedir import _quant_method
+
+    def old_key(src):  # the key before the pass-through salt
+        h = hashlib.sha256(str(src.resolve()).encode())
+        for p in sorted(src.iterdir()):
+            st = p.stat()
+            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+        h.update(f"dtype=source;v={__version__}".encode())
+        return f"{src.name}-{h.hexdigest()[:16]}"
+
+    plain, quant = tmp_path / "plain", tmp_path / "quant"
+    for d, cfg in ((plain, {"model_type": "gpt_oss"}),
+                   (quant, {"model_type": "gpt_oss", "quantization_config": {"quant_method": "mxfp4"}})):
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(cfg))
+    assert _quant_method(plain) is None and _quant_method(quant) == "mxfp4"
+    assert cache_key(plain, "source") == old_key(plain)
+    assert cache_key(quant, "source") != old_key(quant)

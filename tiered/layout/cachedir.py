@@ -39,7 +39,22 @@ def cache_key(source: Path, dtype: str, *, experts: str = "source", dense: str =
     h.update(f"dtype={dtype};v={__version__}".encode())
     if (experts, dense) != ("source", "source"):  # keeps the keys of layouts cached before these options
         h.update(f"experts={experts};dense={dense};".encode())
+    method = _quant_method(src)
+    if method and "source" in (experts, dense):
+        # quantized checkpoints (gpt-oss MXFP4, DeepSeek FP8) now keep their format under `source`, where earlier
+        # versions dequantized them: their copies from before get a new key instead of being reused
+        h.update(f"source-quant={method};pass-through;".encode())
     return f"{display_name(src)}-{h.hexdigest()[:16]}"
+
+
+def _quant_method(src: Path) -> str | None:
+    """config.json's quantization_config.quant_method (e.g. mxfp4, fp8), or None (also when unreadable)."""
+    try:
+        cfg = json.loads((src / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+    return str(qc.get("quant_method") or "unknown") if isinstance(qc, dict) else None
 
 
 def display_name(src: Path) -> str:
