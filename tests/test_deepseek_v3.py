@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -153,9 +154,8 @@ def test_piecewise_min_slots_equals_unlimited(ds):
     assert eng.decode_mode == "piecewise" and got.token_ids == want
 
 
-def test_inspect_and_trace_refusal(ds, tmp_path):
-    """`inspect` counts experts of MoE layers only and the MLA latent as the cache per token; `trace` refuses a
-    model with dense layers with a message that says so (traces are [T, L, K] over every layer)."""
+def test_inspect(ds):
+    """`inspect` counts experts of MoE layers only and the MLA latent as the cache per token."""
     from click.testing import CliRunner
 
     from tiered.cli.main import main
@@ -168,11 +168,117 @@ def test_inspect_and_trace_refusal(ds, tmp_path):
     assert info["moe_layers"] == 2 and info["layer_kinds"]["mla"] == 3
     assert info["total_params"] - info["active_params"] == 2 * (8 - 3) * cfg.expert_params
     assert info["kv_cache_bytes_per_token"] == 3 * 24 * 2 and info["linear_state_bytes_per_sequence"] == 0
-    f = tmp_path / "p.txt"
-    f.write_text("def main():\n    x = 1\n")
-    res = CliRunner().invoke(main, ["trace", "-m", str(lay.path), "--prompt-file", str(f),
-                                    "-o", str(tmp_path / "t.npz")])
-    assert res.exit_code != 0 and "dense" in (res.output + repr(res.exception))
+
+
+FIT_TEXT = "import os\n\ndef walk(root):\n    for d, _, fs in os.walk(root):\n        yield from fs\n" * 3
+TUNE_TEXT = "class Point:\n    def __init__(self, x, y):\n        self.x, self.y = x, y\n" * 3
+
+
+@pytest.fixture(scope="module")
+def ds_traces(ds, tmp_path_factory):
+    """`tiered trace` of a fit text and a tune text on the DeepSeek-V3 layout, and `tiered tune --fit-trace`'s
+    JSON and parameters file (written next to the traces, not into the shared layout)."""
+    from click.testing import CliRunner
+
+    from tiered.cli.main import main
+
+    _, lay, _, _, _ = ds
+    d = tmp_path_factory.mktemp("dstrace")
+    for name, text in (("fit", FIT_TEXT), ("tune", TUNE_TEXT)):
+        (d / f"{name}.txt").write_text(text)
+        res = CliRunner().invoke(main, ["trace", "-m", str(lay.path), "--prompt-file", str(d / f"{name}.txt"),
+                                        "-o", str(d / f"{name}.npz")])
+        assert res.exit_code == 0, res.output + repr(res.exception)
+        assert "MoE layers 1..2; 1 dense not traced" in res.output
+    res = CliRunner().invoke(main, ["tune", "-m", str(lay.path), "--trace", str(d / "tune.npz"), "--fit-trace",
+                                    str(d / "fit.npz"), "--params", str(d / "params.safetensors"), "--json"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    return d, json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_trace_records_moe_layers_only(ds, ds_traces):
+    """The trace of a model with a dense first layer holds its two MoE layers (meta moe_layers [1, 2]), and each
+    traced layer's experts are those transformers' router of that model layer picks, token by token."""
+    from tiered.predict.trace import load
+
+    hf, lay, _, _, _ = ds
+    d, _ = ds_traces
+    tr = load(d / "tune.npz")
+    N = tr.num_tokens
+    assert tr.meta["moe_layers"] == tr.moe_layers == lay.config.moe_layers == [1, 2]
+    assert tr.meta["num_layers"] == 3 and tr.topk_ids.shape == (N, 2, 3)
+    assert tr.hidden.shape == (N, 2, 64) and tr.router_logits.shape == (N, 2, 8)
+    picked = {}
+    hooks = [hf.model.layers[l].mlp.gate.register_forward_hook(
+        lambda mod, inp, out, l=l: picked.__setitem__(l, out[2].reshape(N, -1))) for l in (1, 2)]
+    try:
+        theirs(hf, torch.from_numpy(tr.tokens.astype(np.int64)))
+    finally:
+        for h in hooks:
+            h.remove()
+    for i, l in enumerate(tr.moe_layers):
+        want = picked[l].sort(-1).values.numpy()
+        got = np.sort(tr.topk_ids[:, i].astype(np.int64), -1)
+        np.testing.assert_array_equal(got, want, err_msg=f"model layer {l}")
+
+
+def test_tune_on_moe_layer_trace(ds_traces):
+    """`tiered tune --trace --fit-trace --json` runs on a trace of MoE layers only and prints its JSON: the fitted
+    predictors are swept and a setting is recommended."""
+    d, out = ds_traces
+    assert {"next-gate", "history", "combined"} <= set(out["predictors"])
+    assert 0 < out["predictor"]["recall"] <= 1 and out["tokens"] > 0
+    assert out["recommended"]["policy"] in ("lru", "lfu", "flru", "predicted")
+    assert (d / "params.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name,piecewise,slots", [("next-gate", False, 3), ("next-gate", True, 6),
+                                                  ("history", False, 6), ("history", True, 6)])
+def test_prefetch_depth_one_equals_unlimited(ds, ds_traces, name, piecewise, slots):
+    """A budgeted run with --prefetch-depth 1 (next-gate from the routers; history from the fitted parameters)
+    gives the unlimited run's greedy tokens; prefetches go to the next MoE layer only (model layer 2, predicted
+    while layer 1 routes), never to the dense layer 0."""
+    import tiered
+    from tiered.predict.predictors import GateWeights, PredictorParams, make_predictor
+
+    _, lay, _, _, _ = ds
+    d, _ = ds_traces
+    text = "def main():\n    x = 1\n"
+    want = tiered.load(lay.path, device="cpu", dtype="float32", max_context=CTX).generate(
+        text, max_new_tokens=12, temperature=0.0, stop_at_eos=False).token_ids
+    cfg = lay.config
+    pred = make_predictor(name, num_layers=len(cfg.moe_layers), num_experts=cfg.num_experts,
+                          gates=GateWeights.from_layout(lay), params=PredictorParams.load(d / "params.safetensors"))
+    eng = tiered.load(lay.path, device="cpu", dtype="float32", max_context=CTX, predictor=pred,
+                      budget={"expert_slots": slots, "prefetch_depth": 1, "prefetch_budget": 3})
+    pf, targets = eng.prefetcher, []  # (routed model layer, prefetched model layer) of the prefetcher's hook
+    take = pf.take
+    pf.take = lambda layer: [targets.append((layer, t)) or (t, ids) for t, ids in take(layer)]
+    if piecewise:
+        eng.use_piecewise(graphs=False)
+    got = eng.generate(text, max_new_tokens=12, temperature=0.0, stop_at_eos=False)
+    assert got.token_ids == want
+    assert pf.predictor is pred and pf.issued > 0
+    assert targets and set(targets) == {(1, 2)}
+    if piecewise:  # history reads no hidden state: its observer and hook run deferred, past the next segment
+        assert eng.decode_mode == "piecewise" and (eng.pieces.late_s > 0) == (name == "history")
+
+
+def test_default_prefetcher_maps_moe_layers(ds):
+    """load()'s own prefetcher on a model with a dense layer: its predictor covers the MoE layers, its eviction
+    scores every model layer (the cache's keys), and --policy predicted with prefetch decodes like unlimited."""
+    import tiered
+
+    _, lay, _, _, _ = ds
+    text = "x = [i * i for i in range(9)]\n"
+    want = tiered.load(lay.path, device="cpu", dtype="float32", max_context=CTX).generate(
+        text, max_new_tokens=10, temperature=0.0, stop_at_eos=False).token_ids
+    eng = tiered.load(lay.path, device="cpu", dtype="float32", max_context=CTX,
+                      budget={"expert_slots": 4, "prefetch_depth": 2, "policy": "predicted"})
+    pf = eng.prefetcher
+    assert pf.predictor.L == 2 and pf.moe_layers == [1, 2] and pf.scorer.avg_u.shape[1] == 3 * 8
+    got = eng.generate(text, max_new_tokens=10, temperature=0.0, stop_at_eos=False).token_ids
+    assert got == want
 
 
 @pytest.mark.parametrize("fmt", ["q8", "q4"])

@@ -2,6 +2,8 @@
 
 Owns: the click command (parse, record, save, optional plot) and the plots (matplotlib, an optional
 extra: without it --plot says so and the trace is still written).
+Only MoE layers are traced: a model with dense layers (DeepSeek-V3) gets a trace of its MoE layers, their
+model indices in the trace's meta "moe_layers".
 Does not own: the trace format or recorder (predict/trace.py). The budget flags are `run`'s (cli/options.py);
 the trace does not depend on them.
 """
@@ -47,15 +49,16 @@ def plot_trace(trace, path: Path) -> bool:
 
     hot = trace.multi_hot()  # [N, L, E]
     N, L, E = hot.shape
+    ml = trace.moe_layers  # model layer of each traced layer (dense layers are not traced)
     fig, axes = plt.subplots(2, L, figsize=(2.2 * L, 6), squeeze=False)
     for l in range(L):
         axes[0, l].imshow(hot[:512, l].T, aspect="auto", interpolation="nearest", cmap="Greys")
-        axes[0, l].set_title(f"layer {l}", fontsize=8)
+        axes[0, l].set_title(f"layer {ml[l]}", fontsize=8)
         axes[0, l].set_xlabel("token", fontsize=7)
         if l + 1 < L:
             co = np.einsum("ne,nf->ef", hot[:, l].astype(np.float32), hot[:, l + 1].astype(np.float32))
             axes[1, l].imshow(co / max(co.max(), 1), cmap="viridis")
-            axes[1, l].set_title(f"{l} -> {l + 1}", fontsize=8)
+            axes[1, l].set_title(f"{ml[l]} -> {ml[l + 1]}", fontsize=8)
         else:
             axes[1, l].axis("off")
         for ax in axes[:, l]:
@@ -127,8 +130,10 @@ def trace(model, revision, prompt_files, jsonl, out, plot, max_len, no_hidden, n
         docs += split_ids(name, ids, n)
     tr = record(engine, rec, docs)
     save(tr, out)
+    dense = engine.config.num_layers - tr.num_layers
+    which = f" (MoE layers {tr.moe_layers[0]}..{tr.moe_layers[-1]}; {dense} dense not traced)" if dense else ""
     click.echo(f"[tiered] traced {tr.num_tokens} tokens in {tr.num_docs} documents "
-               f"({tr.num_layers} layers, top-{tr.top_k} of {tr.num_experts}) -> {out}", err=True)
+               f"({tr.num_layers} layers{which}, top-{tr.top_k} of {tr.num_experts}) -> {out}", err=True)
     if plot is not None:
         if plot_trace(tr, plot):
             click.echo(f"[tiered] plot -> {plot}", err=True)

@@ -167,10 +167,11 @@ def tune(model, revision, trace_path, fit_trace, params_path, cache_fraction, ma
     except (EngineError, TraceError) as e:
         raise click.UsageError(str(e)) from None
     cfg = layout.config
-    L, E, K = cfg.num_layers, cfg.num_experts, cfg.top_k
-    if (tr.num_layers, tr.num_experts, tr.top_k) != (L, E, K):
-        raise click.UsageError(f"{trace_path} has {tr.num_layers} layers, top-{tr.top_k} of {tr.num_experts}; the model "
-                               f"has {L}, top-{K} of {E}: pass the -m (and --experts-per-token) the trace was recorded with")
+    L, E, K = len(cfg.moe_layers), cfg.num_experts, cfg.top_k  # traces and predictors index the MoE layers
+    if (tr.moe_layers, tr.num_experts, tr.top_k) != (cfg.moe_layers, E, K):
+        raise click.UsageError(f"{trace_path} routes layers {_span(tr.moe_layers)}, top-{tr.top_k} of {tr.num_experts}; "
+                               f"the model routes layers {_span(cfg.moe_layers)}, top-{K} of {E}: pass the -m (and "
+                               "--experts-per-token) the trace was recorded with")
     gates = GateWeights.from_layout(layout)
     params = load_or_fit_params(layout, params_path=params_path, fit_trace=fit_trace, gates=gates, log=log)
     names = [n for n in PREDICTORS if (params is not None or n not in ("history", "activation-matching", "combined"))
@@ -220,6 +221,13 @@ def tune(model, revision, trace_path, fit_trace, params_path, cache_fraction, ma
                "prefetch": {str(b): r for b, r in pf.items()}, "recommended": rec, "trace": str(trace_path),
                "tokens": tr.num_tokens}
         sys.stdout.write(json.dumps(out) + "\n")
+
+
+def _span(layers: list[int]) -> str:
+    """[1, 2, 3] -> "1..3" (the MoE layers are a contiguous run in every family so far), else the list."""
+    if layers and layers == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}..{layers[-1]}"
+    return str(layers)
 
 
 def _plot(psweep: dict, path: Path) -> bool:

@@ -147,6 +147,12 @@ class ModelConfig:
         return layer >= self.first_moe_layer
 
     @property
+    def moe_layers(self) -> list[int]:
+        """The layers that route to experts, in order: what traces and predictors index (their layer l is
+        model layer moe_layers[l])."""
+        return [l for l in range(self.num_layers) if self.is_moe_layer(l)]
+
+    @property
     def rotary_dim(self) -> int:
         """Leading dims of each head that get rotary (transformers: int(head_dim * partial_rotary_factor))."""
         return int(self.head_dim * self.partial_rotary_factor)

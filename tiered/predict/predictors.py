@@ -17,7 +17,11 @@ Online semantics: observe() is called once per layer with the tokens of one forw
 decode); rank(l) returns scores for the last observed token. Previous-token state advances per layer,
 so the one-token path matches `score_trace` exactly.
 
-Legend: N tokens, T tokens of one forward, L layers, E experts per layer, K top-k, D hidden, M stored paths.
+Layers here are routed (MoE) layers, as in traces: layer l is the model's ModelConfig.moe_layers[l], and
+"layer l+1" is the next MoE layer (a dense layer, DeepSeek-V3's first_k_dense_replace, has no experts to
+predict). The Prefetcher (prefetch.py) maps model layers to these indices and back.
+
+Legend: N tokens, T tokens of one forward, L routed layers, E experts per layer, K top-k, D hidden, M stored paths.
 """
 from __future__ import annotations
 
@@ -42,7 +46,8 @@ EAM_NEIGHBOURS = 16
 # --------------------------------------------------------------------------- dense pieces
 @dataclass(frozen=True)
 class GateWeights:
-    """Each layer's post-attention norm and router, fp32 on CPU: what next-gate applies early."""
+    """Each MoE layer's post-attention norm and router, fp32 on CPU: what next-gate applies early. Layer l
+    here is the model's l-th MoE layer (ModelConfig.moe_layers), as in traces; dense layers have no router."""
 
     mlp_norm: Tensor  # [L, D]
     router: Tensor  # [L, E, D]
@@ -52,9 +57,9 @@ class GateWeights:
     def from_layout(cls, layout: Any) -> "GateWeights":
         cfg = layout.config
         dense = layout.dense()
-        L = cfg.num_layers
-        return cls(torch.stack([dense[f"layers.{l}.mlp_norm"].float() for l in range(L)]),
-                   torch.stack([dense[f"layers.{l}.router"].float() for l in range(L)]), float(cfg.rms_norm_eps))
+        layers = cfg.moe_layers
+        return cls(torch.stack([dense[f"layers.{l}.mlp_norm"].float() for l in layers]),
+                   torch.stack([dense[f"layers.{l}.router"].float() for l in layers]), float(cfg.rms_norm_eps))
 
     def logits(self, h: Tensor, layer: int) -> Tensor:
         """h [T, D] (any dtype) -> router `layer` applied after its own norm: [T, E] fp32."""

@@ -107,16 +107,28 @@ class Prefetcher(Observer):
         eviction: the store's ScoredEviction policy to keep scored (the cache's --policy predicted), if any.
         chain: another observer to call first (e.g. a TraceRecorder).
         chain_hook: another prefetch hook to call first.
+        moe_layers: the model layer of each of the predictor's L layers (ModelConfig.moe_layers); None = 0..L-1
+            (every layer routes). The model calls on_route and the hook with model layers; the predictor sees
+            MoE-layer indices, so "the next layer" is the next MoE layer, and a dense layer is never a target.
+        num_layers: the model's layers, for the eviction scores (keys layer * E + expert over model layers);
+            None = the last MoE layer + 1.
     """
 
     def __init__(self, predictor: Predictor, provider: Any, *, depth: int = 1, budget: int = 8,
-                 eviction: ScoredEviction | None = None, chain: Any = None, chain_hook: Any = None) -> None:
+                 eviction: ScoredEviction | None = None, chain: Any = None, chain_hook: Any = None,
+                 moe_layers: list[int] | None = None, num_layers: int | None = None) -> None:
         self.predictor = predictor
         self.provider = provider
         self.depth = depth
         self.budget = budget
         self.eviction = eviction
-        self.scorer = None if eviction is None else EvictionScorer(predictor.L, predictor.E)
+        self.moe_layers = list(range(predictor.L)) if moe_layers is None else [int(l) for l in moe_layers]
+        if len(self.moe_layers) != predictor.L:
+            raise ValueError(f"the predictor has {predictor.L} layers but moe_layers lists {len(self.moe_layers)} "
+                             f"({self.moe_layers}): build it with num_layers=len(config.moe_layers)")
+        self._index = {l: i for i, l in enumerate(self.moe_layers)}  # model layer -> predictor layer
+        n_model = num_layers if num_layers is not None else self.moe_layers[-1] + 1
+        self.scorer = None if eviction is None else EvictionScorer(n_model, predictor.E)
         self.chain = chain
         self.chain_hook = chain_hook
         self.pending: list[tuple[int, Tensor]] = []  # (layer, ids) to prefetch after the current get()
@@ -165,14 +177,15 @@ class Prefetcher(Observer):
         self.pending = []
         if not self.prefetching:
             return
-        if layer == 0 and hidden.shape[0] > 1:
+        i = self._index[layer]  # the predictor's layer (the i-th MoE layer)
+        if i == 0 and hidden.shape[0] > 1:
             self.predictor.reset()  # a prefill chunk from position 0 may start a new sequence
-        self.predictor.observe(layer, hidden, topk_ids, router_logits, topk_weights)
+        self.predictor.observe(i, hidden, topk_ids, router_logits, topk_weights)
         if hidden.shape[0] != 1:
             return
         L = self.predictor.L
-        for tgt in range(layer + 1, min(L, layer + 1 + self.depth)):
-            self.pending.append((tgt, choose(self.predictor.rank(tgt), self.budget)))
+        for tgt in range(i + 1, min(L, i + 1 + self.depth)):  # queued as model layers, for provider.prefetch
+            self.pending.append((self.moe_layers[tgt], choose(self.predictor.rank(tgt), self.budget)))
 
     def take(self, layer: int) -> list[tuple[int, Tensor]]:
         """The queued prefetches made while routing `layer` (emptied)."""
@@ -198,16 +211,18 @@ def prefetcher_for_layout(layout: Any, provider: Any, *, depth: int, budget: int
     cfg = layout.config
     pred = predictor if predictor is not None else default_predictor(layout, depth)
     c = int(budget) if budget else (3 * cfg.top_k) // 2
-    return Prefetcher(pred, provider, depth=depth, budget=c, eviction=eviction, chain=chain, chain_hook=chain_hook)
+    return Prefetcher(pred, provider, depth=depth, budget=c, eviction=eviction, chain=chain, chain_hook=chain_hook,
+                      moe_layers=cfg.moe_layers, num_layers=cfg.num_layers)
 
 
 def default_predictor(layout: Any, depth: int) -> Predictor:
-    """combined when the layout has fitted parameters, else next-gate; "none" when depth is 0."""
+    """combined when the layout has fitted parameters, else next-gate; "none" when depth is 0. Its layers are
+    the model's MoE layers (ModelConfig.moe_layers)."""
     cfg = layout.config
     params_path = Path(layout.path) / PARAMS_FILE
     params = PredictorParams.load(params_path) if params_path.is_file() else None
     name = "combined" if params is not None and params.mix_w.numel() else "next-gate"
     if depth <= 0:
         name = "none"
-    return make_predictor(name, num_layers=cfg.num_layers, num_experts=cfg.num_experts,
+    return make_predictor(name, num_layers=len(cfg.moe_layers), num_experts=cfg.num_experts,
                           gates=GateWeights.from_layout(layout), params=params)

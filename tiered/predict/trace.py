@@ -9,7 +9,9 @@ File format (`numpy.savez_compressed`, version 1). N = tokens of all documents, 
     format          str  "tiered-trace"
     version         int  1
     meta            str  JSON: {"num_layers", "num_experts", "top_k", "hidden_size", "family", "model",
-                          "dtype", "docs": [names], "norm_topk_prob"}
+                          "dtype", "docs": [names], "norm_topk_prob"}, and "moe_layers": [L model layer
+                          indices] when the model has dense (expert-free) layers: the arrays' layer axis
+                          holds its MoE layers only, in order; "num_layers" stays the model's layer count
     tokens          int32   [N]        token ids
     doc_offsets     int64   [ND+1]     document d is rows doc_offsets[d]:doc_offsets[d+1]; each document
                                        is one sequence from position 0 (prefill-equivalent, teacher-forced)
@@ -18,7 +20,7 @@ File format (`numpy.savez_compressed`, version 1). N = tokens of all documents, 
     router_logits   float16 [N, L, E]  optional: the router's logits
     hidden          float16 [N, L, D]  optional: residual stream after layer l's attention, before the
                                        post-attention norm (what the next-gate predictor reads)
-Legend: N tokens, ND documents, L layers, K top-k, E experts per layer, D hidden.
+Legend: N tokens, ND documents, L routed (MoE) layers, K top-k, E experts per layer, D hidden.
 """
 from __future__ import annotations
 
@@ -61,6 +63,9 @@ class Trace:
             raise TraceError(f"topk_weights {list(self.topk_weights.shape)} != topk_ids {list(self.topk_ids.shape)}")
         if self.doc_offsets[0] != 0 or self.doc_offsets[-1] != N or np.any(np.diff(self.doc_offsets) < 0):
             raise TraceError(f"doc_offsets must rise from 0 to N={N}, got {self.doc_offsets.tolist()}")
+        ml = self.meta.get("moe_layers")
+        if ml is not None and (len(ml) != self.topk_ids.shape[1] or list(ml) != sorted(set(ml))):
+            raise TraceError(f"meta moe_layers {ml} must list the {self.topk_ids.shape[1]} routed model layers in order")
         for name in ("router_logits", "hidden"):
             a = getattr(self, name)
             if a is not None and a.shape[:2] != self.topk_ids.shape[:2]:
@@ -78,6 +83,11 @@ class Trace:
     @property
     def top_k(self) -> int:
         return int(self.topk_ids.shape[2])
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """The model layer of each of the trace's L layers (meta "moe_layers"; absent = 0..L-1, every layer routes)."""
+        return [int(l) for l in self.meta.get("moe_layers") or range(self.num_layers)]
 
     @property
     def num_experts(self) -> int:
@@ -168,30 +178,32 @@ def load(path: str | Path) -> Trace:
 
 
 class TraceRecorder(Observer):
-    """Routing observer (SEAMS.md) that keeps every layer's routing of the current document.
+    """Routing observer (SEAMS.md) that keeps every routed layer's routing of the current document.
 
     Give it to the engine when it is built (`load(..., observer=rec)`), then `record(engine, rec, docs)`.
+    The model calls it for its MoE layers only: a dense layer (DeepSeek-V3's first_k_dense_replace) routes
+    nothing, so the trace's layer axis is the MoE layers in model order and `moe_layers` says which model
+    layers they are.
 
     Args:
-        num_layers: L (None = learned from the first document: the recorder can exist before the model).
+        num_layers: L, routed layers expected (None = learned from the first document: the recorder can exist
+            before the model).
         logits / hidden: also keep router logits [T, E] and post-attention hidden [T, D] (float16).
     Call `end_doc(tokens)` after each document's forward passes; `trace(meta)` returns everything.
     """
 
     def __init__(self, num_layers: int | None = None, *, logits: bool = True, hidden: bool = True) -> None:
         self.num_layers = num_layers
+        self.moe_layers: list[int] | None = None  # model layers routed by the first document
         self.keep_logits = logits
         self.keep_hidden = hidden
-        self._cur: list[dict[str, list[np.ndarray]]] = self._fresh()
+        self._cur: dict[int, dict[str, list[np.ndarray]]] = {}  # model layer -> what it routed so far
         self._docs: list[dict[str, np.ndarray]] = []
 
     def clear(self) -> None:
         """Forget every recorded document (and a document in progress)."""
-        self._cur = self._fresh()
+        self._cur = {}
         self._docs = []
-
-    def _fresh(self) -> list[dict[str, list[np.ndarray]]]:
-        return [{"ids": [], "w": [], "logits": [], "hidden": []} for _ in range(self.num_layers or 0)]
 
     @property
     def needs_hidden(self) -> bool:
@@ -203,9 +215,7 @@ class TraceRecorder(Observer):
 
     def on_route(self, layer: int, hidden: Tensor, topk_ids: Tensor, topk_weights: Tensor,
                  router_logits: Tensor | None) -> None:
-        while layer >= len(self._cur):  # num_layers not given: the first document shows it
-            self._cur.append({"ids": [], "w": [], "logits": [], "hidden": []})
-        c = self._cur[layer]
+        c = self._cur.setdefault(layer, {"ids": [], "w": [], "logits": [], "hidden": []})
         c["ids"].append(topk_ids.to("cpu", torch.int16).numpy())
         c["w"].append(topk_weights.to("cpu", torch.float32).numpy())
         if self.keep_logits:
@@ -214,39 +224,46 @@ class TraceRecorder(Observer):
             c["hidden"].append(hidden.to("cpu", torch.float16).numpy())
 
     def end_doc(self, tokens: Sequence[int]) -> None:
-        """Close the current document: every layer must have seen exactly len(tokens) tokens."""
+        """Close the current document: every routed layer must have seen exactly len(tokens) tokens, and the
+        routed layers must be those of the first document."""
         T = len(tokens)
-        dense = [l for l, c in enumerate(self._cur) if not c["ids"]]
-        if dense and len(dense) < len(self._cur):
-            raise TraceError(f"layers {dense} routed no tokens: a model with dense (expert-free) layers, such as "
-                             "DeepSeek-V3's first_k_dense_replace layers, cannot be traced yet (traces are [T, L, K] "
-                             "over every layer)")
+        layers = sorted(self._cur)
+        if not layers:
+            raise TraceError("end_doc with no routing recorded: run a forward with this observer attached first")
+        if self.moe_layers is None:
+            self.moe_layers = layers
+        if layers != self.moe_layers:
+            raise TraceError(f"this document routed layers {layers}, the first one {self.moe_layers}: the observer "
+                             "saw only part of a document's forward passes (a forward was skipped or run without it)")
         if self.num_layers is None:
-            self.num_layers = len(self._cur)
+            self.num_layers = len(layers)
+        if len(layers) != self.num_layers:
+            raise TraceError(f"the model routed {len(layers)} layers ({layers}), the recorder expects "
+                             f"{self.num_layers}: build TraceRecorder(num_layers=None) to learn them")
         doc: dict[str, np.ndarray] = {"tokens": np.asarray(tokens, dtype=np.int32)}
         for key in ("ids", "w", "logits", "hidden"):
+            if not all(self._cur[l][key] for l in layers):
+                continue
             per_layer = []
-            for l, c in enumerate(self._cur):
-                if not c[key]:
-                    break
-                a = np.concatenate(c[key])
+            for l in layers:
+                a = np.concatenate(self._cur[l][key])
                 if a.shape[0] != T:
                     raise TraceError(f"layer {l} routed {a.shape[0]} tokens for a document of {T}: the observer "
                                      "saw only part of the forward passes (a forward was skipped or run without it)")
                 per_layer.append(a)
-            if len(per_layer) == self.num_layers:
-                doc[key] = np.stack(per_layer, axis=1)  # [T, L, ...]
-        if "ids" not in doc:
-            raise TraceError("end_doc with no routing recorded: run a forward with this observer attached first")
+            doc[key] = np.stack(per_layer, axis=1)  # [T, L, ...]
         self._docs.append(doc)
-        self._cur = self._fresh()
+        self._cur = {}
 
     def trace(self, meta: dict[str, Any]) -> Trace:
+        """The recorded documents as one Trace; meta gains "moe_layers" when a model layer routed nothing."""
         docs = self._docs
         if not docs:
             raise TraceError("no documents recorded")
         offs = np.cumsum([0] + [len(d["tokens"]) for d in docs]).astype(np.int64)
         cat = lambda k: np.concatenate([d[k] for d in docs]) if all(k in d for d in docs) else None  # noqa: E731
+        if self.moe_layers != list(range(len(self.moe_layers))):
+            meta = dict(meta, moe_layers=list(self.moe_layers))
         return Trace(cat("tokens"), offs, cat("ids"), cat("w"), cat("logits"), cat("hidden"), meta)
 
 
