@@ -281,6 +281,26 @@ def test_default_prefetcher_maps_moe_layers(ds):
     assert got == want
 
 
+def test_replay_moe_layer_trace(ds, ds_traces):
+    """ReplayRouting(..., moe_layers=trace.moe_layers) replays a trace of the MoE layers by model layer: the
+    teacher-forced logits with the recorded routing, from the minimum slot count, equal the model's own."""
+    import tiered
+    from tiered.predict.replay import ReplayRouting
+    from tiered.predict.trace import load
+
+    _, lay, _, _, _ = ds
+    d, _ = ds_traces
+    tr = load(d / "tune.npz")
+    ids = tr.tokens.tolist()
+    want = tiered.load(lay.path, device="cpu", dtype="float32", max_context=CTX).logits(ids)
+    replay = ReplayRouting(tr.topk_ids, tr.topk_weights, device="cpu", moe_layers=tr.moe_layers)
+    eng = tiered.load(lay.path, device="cpu", dtype="float32", max_context=CTX, routing=replay,
+                      budget={"expert_slots": 3})
+    assert rel(eng.logits(ids), want) <= TOL
+    with pytest.raises(IndexError, match="model layer 0"):
+        replay(0, 0, 1)
+
+
 @pytest.mark.parametrize("fmt", ["q8", "q4"])
 def test_dense_quantized(ds, tmp_path, fmt):
     """--dense q8/q4 quantizes MLA's projections, the dense layers' MLP and the shared experts (not the router,

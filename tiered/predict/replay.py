@@ -83,21 +83,38 @@ class ReplayRouting:
     source model chose at position p.
     """
 
-    def __init__(self, topk_ids: np.ndarray, topk_weights: np.ndarray, *, device: torch.device | str) -> None:
+    def __init__(self, topk_ids: np.ndarray, topk_weights: np.ndarray, *, device: torch.device | str,
+                 moe_layers: list[int] | None = None) -> None:
+        """moe_layers: the model layer of each of the arrays' L layers (Trace.moe_layers, for a model with dense
+        layers); None = array layer l is model layer l."""
         self.ids_host = torch.as_tensor(topk_ids.astype(np.int64))  # [N, L, K] (the host reads rows without a sync)
         self.weights_host = torch.as_tensor(topk_weights, dtype=torch.float32)  # [N, L, K]
         self.ids = self.ids_host.to(device)
         self.weights = self.weights_host.to(device)
+        L = self.ids_host.shape[1]
+        if moe_layers is not None and len(moe_layers) != L:
+            raise ValueError(f"moe_layers lists {len(moe_layers)} layers for routing arrays of {L}")
+        self._index = None if moe_layers is None else {int(m): i for i, m in enumerate(moe_layers)}
+
+    def _layer(self, layer: int) -> int:
+        if self._index is None:
+            return layer
+        if layer not in self._index:
+            raise IndexError(f"model layer {layer} is not among the replayed MoE layers {sorted(self._index)}")
+        return self._index[layer]
 
     def __call__(self, layer: int, start: int, T: int) -> tuple[Tensor, Tensor]:
-        """ids [T, K] int64 and weights [T, K] fp32 of layer `layer` for positions start..start+T-1 (on the device)."""
+        """ids [T, K] int64 and weights [T, K] fp32 of model layer `layer` for positions start..start+T-1 (on the
+        device)."""
         self._check(start, T)
-        return self.ids[start:start + T, layer], self.weights[start:start + T, layer]
+        i = self._layer(layer)
+        return self.ids[start:start + T, i], self.weights[start:start + T, i]
 
     def host(self, layer: int, start: int, T: int) -> tuple[Tensor, Tensor]:
         """The same rows as __call__, on the host (CPU tensors: no device sync to read them)."""
         self._check(start, T)
-        return self.ids_host[start:start + T, layer], self.weights_host[start:start + T, layer]
+        i = self._layer(layer)
+        return self.ids_host[start:start + T, i], self.weights_host[start:start + T, i]
 
     def _check(self, start: int, T: int) -> None:
         if start + T > self.ids.shape[0]:
