@@ -48,7 +48,7 @@ def main() -> None:
     rec = TraceRecorder()
     eng = load(a.model, device="cpu", dtype="float32", observer=rec)
     cfg = eng.config
-    L, E = cfg.num_layers, cfg.num_experts
+    L, E = len(cfg.moe_layers), cfg.num_experts  # predictors index the MoE layers, as traces do
 
     def trace_file(p: Path):
         return record(eng, rec, split_ids(p.name, eng.encode(p.read_text()), min(2048, eng.max_context)))
