@@ -214,6 +214,7 @@ def test_trace_cli(reference_model, tmp_path):
     assert res.exit_code == 0, res.output
     tr = load(tmp_path / "t.npz")
     assert tr.num_layers == 8 and tr.top_k == 8 and tr.hidden is not None and tr.num_docs == 1
+    assert "moe_layers" not in tr.meta and tr.moe_layers == list(range(8))  # every layer routes: format unchanged
 
 
 @pytest.mark.parametrize("piecewise", [False, True])
