@@ -38,10 +38,7 @@ Result keys: projected_tok_s_k10, projected_tok_s_k4, calibration_error, plus th
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import math
-import os
 import shutil
 import signal
 import subprocess
@@ -57,6 +54,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO / "tools"))
 
+from bench_offload_gpu import drop_caches, free  # noqa: E402
 from benchmeta import git_commit, write_out  # noqa: E402
 from write_random_layout import plan as layout_plan, write_layout  # noqa: E402
 
@@ -77,29 +75,6 @@ FLASH_MOE = {"m3_max_48gb_k4": 4.36, "m3_max_48gb_k10": 1.20, "rtx4090_64gb_k4_a
 
 def log(msg: str) -> None:
     print(f"[397b] {msg}", file=sys.stderr, flush=True)
-
-
-def free_engine(engine=None) -> None:
-    if engine is not None:
-        close = getattr(engine.model.provider, "close", None)
-        if close is not None:
-            close()
-    del engine
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-
-
-def drop_caches() -> bool:
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError as e:
-        log(f"drop_caches refused ({e.strerror}): cold-read figures are not cold")
-        return False
 
 
 def meminfo(key: str) -> int | None:
@@ -190,7 +165,7 @@ def reference_trace(a, work: Path) -> Trace:
     for f in sorted(text.iterdir()):
         docs += split_ids(f.name, eng.encode(f.read_text()), 2048)[:1]
     tr = record(eng, rec, docs)
-    free_engine(eng)
+    free(eng)
     save_trace(tr, p)
     return tr
 
@@ -275,7 +250,7 @@ def one_run(path: Path, device: torch.device, k: int, routing: Trace, budget: di
     g = eng.generate(ids, max_new_tokens=n, stop_at_eos=False)
     s = dict(g.stats)
     head_s = head_seconds(eng, device)
-    free_engine(eng)
+    free(eng)
     L = routing.num_layers
     dec = s.get("decode") or {}
     tok_s = s.get("decode_tok_s")
@@ -315,7 +290,7 @@ def batch_probe(path: Path, device: torch.device) -> dict:
         out = {"supported": True, "note": "the scheduler accepts this family: add the batch 8/32 runs"}
     except (NotImplementedError, ValueError, EngineError) as e:
         out = {"supported": False, "error": str(e)}
-    free_engine(eng)
+    free(eng)
     return out
 
 
