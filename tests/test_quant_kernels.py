@@ -15,7 +15,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 from tiered.layout.format import plan_block  # noqa: E402
 from tiered.kernels.quant_moe import (FUSED_FORMATS, TUNED, QConfig, experts_quant_decode,  # noqa: E402
@@ -112,6 +112,86 @@ def test_tuned_table_is_complete():
     for fmt in FUSED_FORMATS:
         for kernel in ("gate_up", "down", "gemv"):
             assert isinstance(TUNED[(kernel, fmt)], QConfig)
+
+
+_SIG = {torch.uint8: "*u8", torch.int8: "*i8", torch.bfloat16: "*bf16", torch.float16: "*fp16",
+        torch.float32: "*fp32", torch.int64: "*i64", torch.float8_e4m3fn: "*fp8e4nv"}
+
+
+def _compile_for_sm90(kernel, args: dict, consts: dict):
+    """Compile one kernel for an H100/H200 (sm_90) without a GPU: tensors in `args` become pointers of their
+    dtype, ints i32, `consts` constexprs. Triton's front end (the casts the interpreter lets through), its
+    NVIDIA passes and ptxas all run."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {}
+    for name in kernel.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        else:
+            v = args[name]
+            sig[name] = _SIG[v.dtype] if isinstance(v, torch.Tensor) else "i32"
+    return triton.compile(ASTSource(kernel, sig, consts), target=GPUTarget("cuda", 90, 32))
+
+
+def compile_kernels_sm90(fmt: str) -> None:
+    """Compile _qgemv, _qgate_up and _qdown (split 1 and 2) for sm_90 with the arguments the launchers pass on
+    CUDA: codes as _codes gives them and FUSED_FORMATS' FMT (fp8 through the hardware conversion, not the
+    interpreter's bit decoding). Needs a process where Triton was imported with TRITON_INTERPRET off."""
+    from tiered.kernels import quant_moe as qm
+
+    qgemv, qgate_up, qdown = qm.decorate_kernels()
+    W = _pool(fmt, 3, 24, 200)  # F 24, D 200: a partial last group, a partial row tile
+    geo = {**qm._geometry(W.gate), "FMT": FUSED_FORMATS[fmt]}
+    gdown = {**qm._geometry(W.down), "FMT": FUSED_FORMATS[fmt]}
+    names = ("stride_qs", "stride_qn", "stride_ss", "stride_sn", "stride_ms", "stride_mn")
+    x = torch.zeros(1, 200, dtype=torch.bfloat16)
+    slots = torch.zeros(2, dtype=torch.int64)
+    h = torch.zeros(2, 24)
+
+    def parts(w, prefix):
+        return {prefix + "q": qm._codes(w), prefix + "s": w.scale, prefix + "m": w.min if w.min is not None
+                else w.scale}
+
+    tiles = dict(BN=4, BG=2, CONV=1)
+    p = parts(W.gate, "")
+    k = _compile_for_sm90(qgemv, {"x_ptr": x, "slot_ptr": slots, "q_ptr": p["q"], "s_ptr": p["s"], "m_ptr": p["m"],
+                                  "out_ptr": x, "N": 24, "stride_xt": 200, "stride_ot": 24,
+                                  **dict(zip(names, qm._strides(W.gate)))}, {**geo, **tiles, "HAS_SLOTS": True})
+    if fmt == "fp8":  # the e4m3 bytes go through the hardware conversion
+        assert "e4m3" in k.asm["ptx"]
+    _compile_for_sm90(qgate_up, {"x_ptr": x, "slot_ptr": slots, **parts(W.gate, "g"), **parts(W.up, "u"),
+                                 "h_ptr": h, "stride_xt": 200, **dict(zip(names, qm._strides(W.gate)))},
+                      {**geo, **tiles, "F": 24, "K": 2})
+    for split in (1, 2):
+        _compile_for_sm90(qdown, {"h_ptr": h, "slot_ptr": slots, "wt_ptr": h, **parts(W.down, "d"),
+                                  "y_ptr": x if split == 1 else h, "stride_yt": 200,
+                                  **dict(zip(names, qm._strides(W.down)))},
+                          {**gdown, **tiles, "D": 200, "K": 2, "K_PER": 2 // split, "SPLIT": split})
+
+
+def test_kernels_compile_for_sm90():
+    """The kernels compile for sm_90 (H100/H200) in every format, no GPU needed. The interpreter accepts casts
+    the compiler refuses (an integer `other` into an fp8 load did), so the CPU tests alone cannot catch them.
+    In a subprocess: this process may have imported Triton interpreted (its own library functions are then
+    interpreted too and cannot be compiled)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from triton.backends import backends
+
+    if "nvidia" not in backends:
+        pytest.skip("this Triton build has no NVIDIA backend")
+    here = Path(__file__).resolve().parent
+    code = (f"import sys; sys.path[:0] = [{str(here.parent)!r}, {str(here)!r}]\n"
+            "import test_quant_kernels as t\n"
+            f"for fmt in {FORMATS!r}: t.compile_kernels_sm90(fmt)\n")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1", "CUDA_VISIBLE_DEVICES": ""}
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=here.parent, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
 
 
 @pytest.mark.cuda

@@ -127,14 +127,16 @@ def _geometry(w: QuantWeight) -> dict:
     gstride = (g + 1) // 2 if w.fmt in ("q4", "mxfp4") else g
     fmt = FUSED_FORMATS[w.fmt]
     if w.fmt == "fp8" and not w.q.is_cuda:
-        fmt = 4  # fp8 decoded from its bits (the interpreter; the launchers pass the codes as uint8)
+        fmt = 4  # fp8 decoded from its bits (Triton's interpreter has no fp8 type)
     return dict(KIN=k, KQ=w.q.shape[-1], NG=w.scale.shape[-1], GROUP=g, GSTRIDE=gstride,
                 GP=triton.next_power_of_2(gstride), FMT=fmt)
 
 
 def _codes(w: QuantWeight) -> Tensor:
-    """The packed codes as the kernel reads them (fp8 off CUDA as uint8, see _geometry)."""
-    return w.q.view(torch.uint8) if w.fmt == "fp8" and not w.q.is_cuda else w.q
+    """The packed codes as the kernel reads them: fp8 as its raw bytes (uint8), every other format as stored.
+    The kernel's masked loads fill with integer 0, which the compiler cannot cast to an fp8 element; a uint8
+    byte can be filled, then bitcast to fp8 (same width) and converted (see _dot_rows)."""
+    return w.q.view(torch.uint8) if w.fmt == "fp8" else w.q
 
 
 def kernel_ok(x: Tensor, w: QuantWeight, *, interpret: bool = False) -> bool:
@@ -146,7 +148,13 @@ def kernel_ok(x: Tensor, w: QuantWeight, *, interpret: bool = False) -> bool:
 
 @functools.cache
 def _kernels():
-    """(qgemv, qgate_up, qdown), decorated on first use; the three see the decorated `dot_rows`."""
+    """(qgemv, qgate_up, qdown), decorated on first use (see decorate_kernels)."""
+    return decorate_kernels()
+
+
+def decorate_kernels():
+    """(qgemv, qgate_up, qdown) freshly decorated with triton.jit (compiled or interpreted, as TRITON_INTERPRET
+    says now); the three see the decorated `dot_rows`. Tests use it to compile for a GPU target without one."""
     dot = triton.jit(_dot_rows)
 
     def bind(f):
@@ -211,12 +219,14 @@ def _dot_rows(x_row, q_rows, s_rows, m_rows, mask_n, KIN: tl.constexpr, KQ: tl.c
         else:  # q8 (int8) and fp8 (e4m3): one input per unit, value * scale
             xi = g[:, None] * GROUP + offs_j[None, :]
             xv = tl.load(x_row + xi, mask=mu & (xi < KIN), other=0.0).to(tl.float32)
-            if FMT == 4:  # fp8 e4m3 read as uint8 and decoded from its bits (Triton's interpreter has no fp8)
+            if FMT == 3:  # fp8 e4m3 bytes (uint8): bitcast to fp8 (same width), the hardware converts
+                v = codes.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+            elif FMT == 4:  # fp8 e4m3 bytes decoded from their bits (Triton's interpreter has no fp8)
                 c = codes.to(tl.int32)
                 mag = tl.where((c & 0x78) != 0, (((c & 0x7F) << 20) + (120 << 23)).to(tl.float32, bitcast=True),
                                (c & 7).to(tl.float32) * 0.001953125)
                 v = tl.where((c & 0x80) != 0, -mag, mag)
-            else:
+            else:  # q8: int8
                 v = codes.to(tl.float32)
             d = tl.sum(v * xv[None, :, :], axis=2)
             acc += d * s
