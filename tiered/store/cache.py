@@ -495,8 +495,9 @@ class ExpertCache(HostSlotProvider):
                              {"mode": "host", **({"device_refused": self.slot_table_note} if self.slot_table_note else {})})
         out["cpu_experts"] = self.cpu.stats(self.cpu_mode, self.cpu_threads, self.cpu_dtype, self.cost_model)
         out["h2d_gbps_target"] = self.tiers.h2d_gbps or None
-        if self.pace.get("h2d_gbps_native"):
-            out["h2d_gbps_native"] = self.pace["h2d_gbps_native"]
+        for key in ("h2d_gbps_native", "h2d_gbps_calibrated", "h2d_gbps_floor"):  # set_pace's findings (CUDA)
+            if self.pace.get(key):
+                out[key] = self.pace[key]
         return out
 
     def reset_stats(self) -> None:
