@@ -396,29 +396,74 @@ def _forced_logits(e, ids: list[int], toks: list[int]) -> list[torch.Tensor]:
     return out
 
 
+# bf16 is judged against fp32. Two bf16 implementations of the model each sit ~1% from the fp32 logits over a run,
+# with largely independent errors, so single steps of the two can be ~2.5% apart (seen on the H200: the GPU-only
+# decode kernels keep SwiGLU and the sum over K in fp32 between bf16 products, the CPU experts round each
+# product; attention, norms and the residual stream are bf16 in both). So every bf16 path (GPU only; CPU experts
+# through the step's graphs and eagerly) is held to the same bounds against one fp32 GPU-only run,
+# teacher-forced along its greedy tokens:
+BF16_RUN_TOL = 2e-2  # ||a-b|| / ||b|| over all the steps' logits at once: the contract's bf16 tolerance
+BF16_STEP_TOL = 5e-2  # one step: a near-tied router choice may flip in bf16 and move that step's logits by a few %
+# (reference model on CPU: 3.5% at one step of the `all` run, 2.4% of `auto`, while whole runs stayed <= 1.3%)
+BF16_MARGIN = 0.5  # greedy tokens equal fp32's wherever its top-1 logit leads by more than this; bf16 moved a
+# logit of the reference model by at most 0.3 on CPU, and fp32's margins there were 0.6 to 6.9 but one (0.03)
+
+
+def _bf16_paths_against_fp32(layout, ids, device: str, cpu: str, budget: dict, pieces: dict | None = None):
+    """({name: bf16 step logits}, fp32 step logits, the CPU-expert run's decode mode) for the GPU-only ("off")
+    and the `cpu` runs (through the engine's one-token path, and eagerly), all teacher-forced along the fp32
+    GPU-only run's greedy tokens; asserts the CPU-expert run computed experts on the CPU."""
+    def engine(mode, dtype):
+        e = load(layout, device=device, dtype=dtype, max_context=256, budget={**budget, "cpu_experts": mode})
+        if pieces is not None:
+            e.use_piecewise(**pieces)
+        if mode == "auto":  # force the split: equal rates, so misses alternate between the link and the CPU
+            e.model.provider.cost_model = CostModel(1.0, 1.0, fixed=True)
+        return e
+    f32 = engine("off", "float32")
+    toks = f32.generate(ids, max_new_tokens=NEW, stop_at_eos=False).token_ids
+    ref = _forced_logits(f32, ids, toks)
+    runs = {"off": _forced_logits(engine("off", "bfloat16"), ids, toks)}
+    e = engine(cpu, "bfloat16")
+    runs[cpu] = _forced_logits(e, ids, toks)
+    mode = e.decode_mode
+    assert e.model.provider.stats()["cpu_experts"]["count"] > 0
+    with e.graphs_off():
+        runs[cpu + " eager"] = _forced_logits(e, ids, toks)
+    return runs, ref, mode
+
+
+def _assert_bf16_close(runs: dict, ref: list[torch.Tensor]) -> None:
+    top2 = [r[0].topk(2).values for r in ref]
+    for name, got in runs.items():
+        whole = _rel(torch.cat([g.cpu() for g in got]), torch.cat([r.cpu() for r in ref]))
+        steps = [_rel(a.cpu(), b.cpu()) for a, b in zip(got, ref)]
+        assert whole <= BF16_RUN_TOL and max(steps) <= BF16_STEP_TOL, (name, whole, steps)
+        flips = [i for i, (a, b, t) in enumerate(zip(got, ref, top2))
+                 if float(t[0] - t[1]) > BF16_MARGIN and int(a.argmax()) != int(b.argmax())]
+        assert not flips, (name, flips)
+
+
+@pytest.mark.parametrize("cpu", ["auto", "all"])
+def test_bf16_paths_against_fp32(reference_layout, ids, cpu):
+    """CPU device, bf16 (the CUDA test's checks, where CI can run them): with --cpu-experts off and auto/all,
+    through the piecewise step and eagerly, the logits stay within the bf16 bounds of the fp32 run and the greedy
+    tokens equal its tokens wherever its top-1 margin is not tiny."""
+    runs, ref, mode = _bf16_paths_against_fp32(reference_layout, ids, "cpu", cpu,
+                                               {"expert_slots": 16, "cpu_threads": 1}, pieces={"graphs": False})
+    assert mode == "piecewise"
+    _assert_bf16_close(runs, ref)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("cpu", ["auto", "all"])
 def test_cuda_bf16_within_tolerance(reference_layout, ids, cpu):
-    """CUDA, bf16, piecewise graphs: with CPU experts (forced split for auto) the step logits stay within bf16
-    tolerance of --cpu-experts off, and the graphs and the eager path agree."""
-    def engine(mode):
-        e = load(reference_layout, device="cuda", dtype="bfloat16", max_context=256,
-                 budget={"expert_slots": 16, "ram_gb": 0.05, "cpu_experts": mode})
-        if mode == "auto":
-            e.model.provider.cost_model = CostModel(1.0, 1.0, fixed=True)
-        return e
-    off = engine("off")
-    toks = off.generate(ids, max_new_tokens=16, stop_at_eos=False).token_ids
-    ref = _forced_logits(off, ids, toks)
-    e = engine(cpu)
-    got = _forced_logits(e, ids, toks)
-    assert e.decode_mode == "piecewise" and e.model.provider.stats()["cpu_experts"]["count"] > 0
-    for a, b in zip(got, ref):
-        assert _rel(a, b) <= 2e-2
-    with e.graphs_off():
-        eager = _forced_logits(e, ids, toks)
-    for a, b in zip(eager, ref):
-        assert _rel(a, b) <= 2e-2
+    """CUDA, bf16, piecewise graphs: the GPU-only run and the CPU-expert run (forced split for auto), through the
+    graphs and eagerly, each within the bf16 bounds of the fp32 GPU-only run; greedy tokens equal fp32's wherever
+    its top-1 margin is not tiny."""
+    runs, ref, mode = _bf16_paths_against_fp32(reference_layout, ids, "cuda", cpu, {"expert_slots": 16, "ram_gb": 0.05})
+    assert mode == "piecewise"
+    _assert_bf16_close(runs, ref)
 
 
 @pytest.mark.cuda
