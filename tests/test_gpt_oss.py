@@ -301,3 +301,50 @@ def test_quantized_experts_keep_biases(pair, tmp_path, fmt):
     r = rel(rows, theirs(ref, ids))
     print(f"gpt_oss --experts {fmt}: rel {r:.2e}")
     assert r < (0.05 if fmt == "q8" else 0.5)
+
+
+def test_default_attention_picks_sdpa_for_sinks(pair, monkeypatch, capsys):
+    """gpt-oss with --attn left to auto: load() sees the sinks and resolves auto to SDPA, also on CUDA, where auto
+    would otherwise pick the Triton kernel that the model refuses (the selection is checked for a CUDA device
+    directly: it needs none); only an explicit triton or flash fails, naming the fix. The default load decodes
+    as the explicit SDPA model does."""
+    import tiered.engine as engine
+    from tiered.model.layers import pick_backend
+
+    _, layout, prov, root = pair
+    cuda = torch.device("cuda")
+    assert pick_backend("auto", cuda, torch.bfloat16, sinks=True) == "sdpa"
+    assert "picks sdpa" in capsys.readouterr().err
+    assert pick_backend("sdpa", cuda, sinks=True) == "sdpa"
+    for attn in ("triton", "flash"):
+        with pytest.raises(ValueError, match="attention sinks"):
+            pick_backend(attn, cuda, sinks=True)
+        with pytest.raises(ValueError, match=r"use --attn sdpa"):
+            engine.load(root / "layout", device="cpu", max_context=64, attn=attn)
+    seen = []
+    real = engine.pick_backend
+
+    def spy(*a, **k):
+        seen.append(k.get("sinks"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(engine, "pick_backend", spy)
+    eng = engine.load(root / "layout", device="cpu", max_context=64)  # default options
+    assert seen == [True] and eng.model.attn == "sdpa"
+    ids = prompt(8, layout.config.vocab_size, seed=5)
+    m = ours(layout, prov)
+    want = torch.cat([m.forward(ids[:5], 0, all_logits=True)] + [m.forward(ids[i:i + 1], i) for i in range(5, 8)])
+    got = torch.cat([eng.model.forward(ids[:5], 0, all_logits=True)]
+                    + [eng.model.forward(ids[i:i + 1], i) for i in range(5, 8)])
+    assert torch.equal(got, want)
+
+
+def test_models_without_sinks_keep_auto(reference_layout, monkeypatch):
+    """The sinks check does not touch other models: load() passes sinks=False for the reference model."""
+    import tiered.engine as engine
+
+    seen = []
+    real = engine.pick_backend
+    monkeypatch.setattr(engine, "pick_backend", lambda *a, **k: seen.append(k.get("sinks")) or real(*a, **k))
+    engine.load(reference_layout, device="cpu", max_context=64)
+    assert seen == [False]

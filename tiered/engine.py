@@ -185,7 +185,8 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
     if ctx > cfg.max_position_embeddings:
         raise EngineError(f"--max-context {ctx} is above this model's limit of {cfg.max_position_embeddings} "
                           f"positions (max_position_embeddings): use at most {cfg.max_position_embeddings}")
-    backend = pick_backend(attn, dev, dt)
+    dense = layout.dense()
+    backend = pick_backend(attn, dev, dt, sinks=any(name.endswith(".sinks") for name in dense))
     provider = make_provider(layout, device=dev, budget=budget, dtype=dt, max_context=ctx, state_bytes=state_bytes)
     prefetcher = make_prefetcher(layout, provider, budget or {}, predictor=predictor, chain=observer,
                                  chain_hook=prefetch_hook)
@@ -197,7 +198,7 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
         if (budget or {}).get("slot_table") == "device":
             raise EngineError(f"--slot-table device: {why}")
         provider.drop_device_table(why)
-    model = Transformer(cfg, layout.dense(), provider, device=dev, dtype=dt, max_context=ctx, attn=backend,
+    model = Transformer(cfg, dense, provider, device=dev, dtype=dt, max_context=ctx, attn=backend,
                         observer=observer, prefetch_hook=prefetch_hook, routing=routing, kernels=kernels)
     cpu_experts.prepare(provider, dt, model.layers[cfg.first_moe_layer].moe.act)  # --cpu-experts dtype, rate
     tok = Tokenizer.from_dir(layout.path) if layout.tokenizer_path else None

@@ -30,6 +30,7 @@ from tiered.layout.config import ModelConfig
 from tiered.model.rope import ROPE_TYPES, inv_freq_and_scale, rope_kind
 
 ATTN_BACKENDS = ("auto", "triton", "flash", "sdpa")
+SINKS_NEED_SDPA = "attention sinks (gpt-oss) run on the sdpa path only: use --attn sdpa (or auto)"
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -318,13 +319,22 @@ def triton_attention_available(device: torch.device) -> bool:
     return ka.triton is not None and (device.type == "cuda" or ka.interpreted())
 
 
-def pick_backend(requested: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
+def pick_backend(requested: str, device: torch.device, dtype: torch.dtype = torch.bfloat16, *,
+                 sinks: bool = False) -> str:
     """Resolve --attn. "auto": on CUDA our Triton decode kernel when triton imports (one CUDA graph serves
     every length), else flash-attn when usable (fp16/bf16, importable), else SDPA; on CPU SDPA.
-    "triton" and "flash" fail with a message when they cannot run."""
+    "triton" and "flash" fail with a message when they cannot run. A model with attention sinks (`sinks`,
+    gpt-oss) runs on SDPA: "auto" picks it (a note on stderr when it would have picked another on CUDA), and
+    "triton" or "flash" fail with SINKS_NEED_SDPA."""
     if requested not in ATTN_BACKENDS:
         raise ValueError(f"attention backend {requested!r} is not one of {ATTN_BACKENDS}")
+    if sinks and requested in ("triton", "flash"):
+        raise ValueError(SINKS_NEED_SDPA)
     if requested == "sdpa":
+        return "sdpa"
+    if sinks:
+        if device.type == "cuda":
+            print("tiered: attention sinks (gpt-oss) run on the sdpa path: --attn auto picks sdpa", file=sys.stderr)
         return "sdpa"
     if requested == "triton" or (requested == "auto" and device.type == "cuda"):
         if triton_attention_available(device):

@@ -37,8 +37,8 @@ from tiered.layout.config import ModelConfig
 from tiered.layout.quant import QuantWeight, cat_rows
 from tiered.layout.quant import dense as qdense
 from tiered.model.deltanet import DeltaShape, DeltaWeights, deltanet, pick_delta_backend
-from tiered.model.layers import (AttnWeights, KVCache, Rope, StepPlan, attention, attn_mask, plan_eager,
-                                 rms_norm)
+from tiered.model.layers import (SINKS_NEED_SDPA, AttnWeights, KVCache, Rope, StepPlan, attention, attn_mask,
+                                 plan_eager, rms_norm)
 from tiered.model import moe_gpu
 from tiered.model.moe import (FP32_ROUTE_WEIGHTS, ExpertProvider, MoEWeights, PrefetchHook, RoutingObserver,
                                ClampedSwiGLU, expert_mix, route, routed_logits)
@@ -263,7 +263,7 @@ class Transformer:
         self.layer_sliding = [t == "sliding_attention" for t in types] if self.mixed_windows else \
             [config.sliding_window is not None] * config.num_layers
         if attn in ("flash", "triton") and any(lw.attn is not None and lw.attn.sinks is not None for lw in self.layers):
-            raise ValueError("attention sinks (gpt-oss) run on the sdpa path only: use --attn sdpa")
+            raise ValueError(SINKS_NEED_SDPA)
         self.fp32_route_weights = config.family in FP32_ROUTE_WEIGHTS
         if kernels and not moe_gpu.kernels_enabled(dev):
             raise ValueError(f"kernels=True needs a CUDA device and Triton; device is {dev}")
