@@ -156,11 +156,13 @@ def compile_kernels_sm90(fmt: str) -> None:
 
     tiles = dict(BN=4, BG=2, CONV=1)
     p = parts(W.gate, "")
-    k = _compile_for_sm90(qgemv, {"x_ptr": x, "slot_ptr": slots, "q_ptr": p["q"], "s_ptr": p["s"], "m_ptr": p["m"],
-                                  "out_ptr": x, "N": 24, "stride_xt": 200, "stride_ot": 24,
-                                  **dict(zip(names, qm._strides(W.gate)))}, {**geo, **tiles, "HAS_SLOTS": True})
-    if fmt == "fp8":  # the e4m3 bytes go through the hardware conversion
-        assert "e4m3" in k.asm["ptx"]
+    for has_slots in (True, False):  # a stack read by slot rows; one matrix (qlinear)
+        k = _compile_for_sm90(qgemv, {"x_ptr": x, "slot_ptr": slots, "q_ptr": p["q"], "s_ptr": p["s"],
+                                      "m_ptr": p["m"], "out_ptr": x, "N": 24, "stride_xt": 200, "stride_ot": 24,
+                                      **dict(zip(names, qm._strides(W.gate)))},
+                              {**geo, **tiles, "HAS_SLOTS": has_slots})
+        if fmt == "fp8":  # the e4m3 bytes go through the hardware conversion
+            assert "e4m3" in k.asm["ptx"]
     _compile_for_sm90(qgate_up, {"x_ptr": x, "slot_ptr": slots, **parts(W.gate, "g"), **parts(W.up, "u"),
                                  "h_ptr": h, "stride_xt": 200, **dict(zip(names, qm._strides(W.gate)))},
                       {**geo, **tiles, "F": 24, "K": 2})
