@@ -71,7 +71,7 @@ def _resolve_kernel(ids_ptr, base, slot_of, key_of, last, uses, clock, counts, h
         ok_v = tl.min(score, axis=0) < _PINNED  # a slot is left to take (a prefetch may run out; demand never does)
         claim = (os_ == v) & mk_k & ok_v
         score = tl.where(claim, _PINNED, score)
-        lst = tl.where(claim, t, lst)
+        lst = tl.where(claim, 0 if PREFETCH else t, lst)  # a prefetched block enters cold: the first victim unless used
         use = tl.where(claim, 0 if PREFETCH else 1, use)
         slot = tl.where((ok == k) & mk_k & ok_v, v, slot)
     load = miss & (slot >= 0)
@@ -148,7 +148,8 @@ def resolve(ids: Tensor, layer: int, num_experts: int, t: dict[str, Tensor], w: 
     `t` holds the tables of the module docstring (updated in place). CUDA: one program; else the reference.
 
     prefetch=True: load what is missing without touching what is resident (no use counted, the clock does not
-    move), never evicting a slot in `pin` (int64 [P]: the slots compute reads meanwhile); a candidate left without
+    move), entering cold (last use 0, no uses: the first victim of the next call unless that call uses it; measured
+    on the H200 box, inserting them as the newest evicted useful experts), never evicting a slot in `pin` (int64 [P]: the slots compute reads meanwhile); a candidate left without
     a slot gets -1. Counted in counts[2] (already resident) and counts[3] (loaded)."""
     S = t["key_of"].shape[0]
     if ids.device.type != "cuda":
@@ -198,7 +199,7 @@ def resolve_reference(ids: Tensor, layer: int, num_experts: int, t: dict[str, Te
             slot_of[old] = -1
         slot_of[k] = v
         key_of[v] = k
-        last[v] = now
+        last[v] = 0 if prefetch else now
         uses[v] = 0 if prefetch else 1
         slots[j] = v
         src[j] = int(t["host_row"][k])
