@@ -69,6 +69,9 @@ class DeviceStep:
             self.ltrans = lt.to(dev, torch.float32) * (1.0 - time_mix)  # [M-1, E, E]
             self.ttrans = tt.to(dev, torch.float32) * time_mix  # [M, E, E]
             self.prev_ids = torch.zeros(self.L, self.K, dtype=torch.int64, device=dev)  # last token's ids
+            # layer l's ids as the side stream reads them: a static row, not the segment's output, whose memory the
+            # compute stream may reuse while the prefetch still runs (in graphs, allocations are per stream)
+            self.pf_ids = torch.zeros(self.L, self.K, dtype=torch.int64, device=dev)
             C = self.prefetch
             self.pf_slot = torch.full((self.L, C), -1, dtype=torch.int64, device=dev)
             self.pf_src = torch.full((self.L, C), -1, dtype=torch.int64, device=dev)
@@ -112,10 +115,12 @@ class DeviceStep:
         Returns whether the current stream is joined already (CPU: it ran inline)."""
         i = self.moe_index[l]
         cuda = self.pf_stream is not None
+        self.pf_ids[l].copy_(ids)
         if cuda:
             self.pf_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.pf_stream) if cuda else contextlib.nullcontext():
-            sc = self.ltrans[i].index_select(0, ids).sum(0) + self.ttrans[i + 1].index_select(0, self.prev_ids[l + 1]).sum(0)
+            sc = (self.ltrans[i].index_select(0, self.pf_ids[l]).sum(0)
+                  + self.ttrans[i + 1].index_select(0, self.prev_ids[l + 1]).sum(0))
             cand = sc.topk(self.prefetch).indices  # [C]
             self.table.prefetch(l + 1, cand, self.slots[l], self.pf_slot[l + 1], self.pf_src[l + 1])
             self.table.gather(self.pf_src[l + 1], self.pf_slot[l + 1], ctas=self.pf_ctas)
