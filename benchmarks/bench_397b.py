@@ -396,10 +396,14 @@ def phase_balloon(a, st: dict, device: torch.device) -> None:
 
 
 # --- project -------------------------------------------------------------------------------------------
+TERMS = ("compute", "pcie", "host_miss", "host_ram_miss", "disk_read")
+
+
 def sim_decode(tr: Trace, tm: TierModel, prompt: int, warm: int, head_s: float = 0.0) -> tuple[float, int, dict]:
     """Modelled decode seconds and tokens of a run: the warm-up rows, then prompt + decode rows (the engine replays
     by position, so both start at row 0); decode = everything after the prompt of the second pass, plus head_s
-    (final norm, lm_head, argmax) per token."""
+    (final norm, lm_head, argmax) per token. The dict is the simulator's, with "terms_ms_per_token": each
+    resource's busy time per decode token (they overlap in the pipelined model, so they need not add up)."""
     n = tr.num_tokens
     rows = np.concatenate([np.arange(min(warm, n)), np.arange(n)])
     pre = np.concatenate([np.arange(min(warm, n)), np.arange(prompt)])
@@ -411,20 +415,60 @@ def sim_decode(tr: Trace, tm: TierModel, prompt: int, warm: int, head_s: float =
 
     full, first = run(rows), run(pre)
     n_dec = full.tokens - first.tokens
-    return full.seconds - first.seconds + head_s * n_dec, n_dec, full.to_dict()
+    d = full.to_dict()
+    ft, st = full.extra["terms_s"], first.extra["terms_s"]
+    terms = {k: (ft[k] - st[k]) / max(n_dec, 1) * 1e3 for k in TERMS}
+    terms["head"] = head_s * 1e3
+    terms["total"] = (full.seconds - first.seconds + head_s * n_dec) / max(n_dec, 1) * 1e3
+    d["terms_ms_per_token"] = terms
+    d["decode_ram_misses"] = full.disk_reads - first.disk_reads
+    d["decode_misses"] = full.misses - first.misses
+    return full.seconds - first.seconds + head_s * n_dec, n_dec, d
+
+
+def host_terms(r: dict, block: int) -> dict:
+    """The host seconds per device-tier miss and per RAM-tier miss of run `r`, from its stats only: the expert
+    cache's `host` (the miss path timed in get(): docs/stats.md) when the run has it; else (results of a tiered
+    without it) derived from `host_s_per_layer` and the disk tier's measured rate: a RAM-tier miss costs one
+    block at disk.gbps (the registration path was serial on the host), and the rest of the decode's host time is
+    spread over its device misses (decode RAM-tier misses estimated by the RAM tier's miss share)."""
+    h = r.get("host") or {}
+    if h.get("s_per_vram_miss") is not None:
+        rm = h.get("ram_misses") or 0
+        return {"source": "stats.host", "s_per_vram_miss": h["s_per_vram_miss"],
+                "s_per_ram_miss": h.get("s_per_ram_miss") or 0.0,
+                "register_s_per_ram_miss": (h.get("register_s") or 0.0) / rm if rm else 0.0}
+    L, toks, K = r["layers"], r.get("decode_tokens") or 0, r.get("experts_per_token") or 1
+    gbps = (r.get("disk") or {}).get("gbps") or 0.0
+    hr = block / (gbps * 1e9) if gbps > 0 else 0.0
+    vm = (1.0 - (r.get("hit_rate") or 0.0)) * toks * L * K
+    vram_m = (r.get("vram") or {}).get("misses") or 0
+    rm = ((r.get("ram") or {}).get("misses") or 0) * vm / vram_m if vram_m else 0.0
+    host = (r.get("host_s_per_layer") or 0.0) * L * toks
+    hv = max(0.0, (host - rm * hr) / vm) if vm else 0.0
+    return {"source": "derived: host_s_per_layer, disk.gbps", "s_per_vram_miss": hv, "s_per_ram_miss": hr,
+            "register_s_per_ram_miss": hr}
+
+
+def link_gbps(r: dict) -> float:
+    """The run's host->device rate: the pace target when copies were paced, else the device tier's measured rate."""
+    return r.get("h2d_gbps_target") or (r.get("vram") or {}).get("gbps") or 25.0
 
 
 def calibrated_model(r: dict, block: int, layers: int, c: float) -> TierModel:
-    """The simulator set up like run `r`: its slots, RAM slots, measured H2D and read rates, per-layer cost c."""
-    h2d = (r.get("vram") or {}).get("gbps") or 25.0
-    disk = (r.get("disk") or {}).get("gbps") or 1.7
+    """The simulator set up like run `r`: its slots and RAM slots, its link rate, its measured host seconds per
+    device miss and per RAM-tier miss (the wait for a RAM-tier miss's read is inside the latter, so the disk term
+    is off), per-layer cost c; the pipelined model (copies overlap the host's work on later misses)."""
+    ht = host_terms(r, block)
     return TierModel(slots=r["expert_slots"], partition="global", policy="lru",
-                     ram_slots=r["ram_slots"] or None, block_bytes=block, h2d_gbps=h2d, disk_gbps=disk,
-                     compute_s_per_layer=c)
+                     ram_slots=r["ram_slots"] or None, block_bytes=block, h2d_gbps=link_gbps(r), disk_gbps=1e9,
+                     compute_s_per_layer=c, host_s_per_miss=ht["s_per_vram_miss"],
+                     host_s_per_ram_miss=ht["s_per_ram_miss"], overlap=True)
 
 
 def fit_c(r: dict, tr: Trace, block: int, a) -> float:
-    """The per-layer fixed cost that makes the simulator reproduce run r's measured decode time."""
+    """The per-layer fixed cost (compute and the host's per-layer routing work) that makes the simulator reproduce
+    run r's measured decode time: the only fitted parameter."""
     meas = 1.0 / r["decode_tok_s"]  # seconds per token
     s0, n0, _ = sim_decode(tr, calibrated_model(r, block, tr.num_layers, 0.0), a.prompt_tokens, a.warmup + 8,
                            r.get("head_s") or 0.0)
@@ -455,22 +499,33 @@ def phase_project(a, st: dict) -> None:
         k = int(kk[1:])
         tra = routing_for(kind, ref, ra["layers"], E, k, tokens, a)
         c = fit_c(ra, tra, block, a)
-        row: dict = {"c_s_per_layer": c, "measured_A_tok_s": ra["decode_tok_s"]}
+        ht = host_terms(ra, block)
+        _, _, da = sim_decode(tra, calibrated_model(ra, block, ra["layers"], c), a.prompt_tokens, a.warmup + 8,
+                              ra.get("head_s") or 0.0)
+        row: dict = {"c_s_per_layer": c, "measured_A_tok_s": ra["decode_tok_s"], "host_terms_A": ht,
+                     "link_gbps_A": link_gbps(ra), "terms_A_ms_per_token": da["terms_ms_per_token"],
+                     "measured_A_ms_per_token": 1e3 / ra["decode_tok_s"]}
         if rb:
             trb = routing_for(kind, ref, rb["layers"], E, k, tokens, a)
-            sb, nb, _ = sim_decode(trb, calibrated_model(rb, block, rb["layers"], c), a.prompt_tokens, a.warmup + 8,
-                                   rb.get("head_s") or 0.0)
+            sb, nb, db = sim_decode(trb, calibrated_model(rb, block, rb["layers"], c), a.prompt_tokens,
+                                    a.warmup + 8, rb.get("head_s") or 0.0)
             pred = nb / sb if sb > 0 else None
             row.update({"predicted_B_tok_s": pred, "measured_B_tok_s": rb["decode_tok_s"],
-                        "calibration_error": abs(pred - rb["decode_tok_s"]) / rb["decode_tok_s"] if pred else None})
+                        "calibration_error": abs(pred - rb["decode_tok_s"]) / rb["decode_tok_s"] if pred else None,
+                        "host_terms_B": host_terms(rb, block), "terms_B_ms_per_token": db["terms_ms_per_token"]})
         # 60 layers on the target: slots and RAM tier of the target, its links, the per-layer cost + active bytes/HBM
         b = ra["budgets"]
         active = k * block + a.target_dense_gb * 1e9 / TARGET_LAYERS  # experts + the non-expert bytes, per layer
         c_t = c + active / (a.target_hbm_gbps * 1e9)
         tr60 = routing_for(kind, ref, TARGET_LAYERS, E, k, tokens, a)
+        # host terms of slice A; a RAM-tier miss on the target reads its block from the NVMe (the disk term: the
+        # step's reads concurrent at --target-disk-gbps) and then pays the host's registration (or, for results
+        # without `host` stats, the whole measured host cost per RAM-tier miss: conservative)
         tm = TierModel(slots=max(k, b["slots_target_60"]), partition="global", policy="lru",
                        ram_slots=int(b["ram_tier_target_gib"] * GiB // block), block_bytes=block,
-                       h2d_gbps=a.h2d_gbps, disk_gbps=a.target_disk_gbps, compute_s_per_layer=c_t)
+                       h2d_gbps=a.h2d_gbps, disk_gbps=a.target_disk_gbps, compute_s_per_layer=c_t,
+                       host_s_per_miss=ht["s_per_vram_miss"], host_s_per_ram_miss=ht["register_s_per_ram_miss"],
+                       overlap=True)
         head_t = (ra.get("head_s") or 0.0) + lm_head_bytes / (a.target_hbm_gbps * 1e9)
         s60, n60, d60 = sim_decode(tr60, tm, a.prompt_tokens, a.warmup + 8, head_t)
         import dataclasses
@@ -482,7 +537,7 @@ def phase_project(a, st: dict) -> None:
                     "head_target_s": head_t,
                     "target_slots": tm.slots, "target_ram_slots": tm.ram_slots,
                     "sim_60": {x: d60.get(x) for x in ("hit_rate", "ram_hit_rate", "bytes_h2d_per_token",
-                                                       "bytes_disk_per_token", "stall_share")}})
+                                                       "bytes_disk_per_token", "stall_share", "terms_ms_per_token")}})
         out["runs"][f"{kk}/{kind}"] = row
         proj[(k, kind)] = row
     bal = (st.get("balloon") or {}).get("run")
@@ -606,6 +661,21 @@ def report(st: dict) -> None:
               f"O_DIRECT {(bal.get('odirect_raw') or {}).get('gbps')} GB/s")
     pr = st.get("project")
     if pr:
+        print("per-token terms, ms (busy time of each resource; pipelined, so they overlap): "
+              + " ".join(f"{t:>9}" for t in TERMS + ("head", "total")) + "   measured")
+        for key, r in pr["runs"].items():
+            for lab, tk, meas in (("A", "terms_A_ms_per_token", r.get("measured_A_tok_s")),
+                                  ("B", "terms_B_ms_per_token", r.get("measured_B_tok_s")),
+                                  ("60", None, None)):
+                tm = r.get(tk) if tk else (r.get("sim_60") or {}).get("terms_ms_per_token")
+                if tm:
+                    print(f"terms {key:<12} {lab:>2}  " + " ".join(f"{tm.get(t, 0.0):9.2f}" for t in TERMS +
+                                                               ("head", "total"))
+                          + (f"   {1e3 / meas:8.2f}" if meas else ""))
+            h = r.get("host_terms_A") or {}
+            print(f"host  {key:<12}  {(h.get('s_per_vram_miss') or 0) * 1e3:.3f} ms per device miss, "
+                  f"{(h.get('s_per_ram_miss') or 0) * 1e3:.3f} ms per RAM-tier miss "
+                  f"({(h.get('register_s_per_ram_miss') or 0) * 1e3:.3f} ms on the target) from {h.get('source')}")
         for key, r in pr["runs"].items():
             print(f"project {key:<14} calib err {r.get('calibration_error')}  projected 60 layers "
                   f"{r['projected_tok_s']:.2f} tok/s ({r['target_slots']} slots; tiered's dense as it is: "
