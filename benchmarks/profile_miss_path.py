@@ -6,6 +6,8 @@ Two parts, on a layout written by tools/write_random_layout.py (the 397B shape a
           posix_fadvise first), an O_DIRECT read (cold), the first touch of a mapped block (page faults: what
           cudaHostRegister of a mapped block pays before pinning), a second touch, the xxh3_64 of a block (first-use
           verification), a memcpy into a slot (the CPU device tier's "H2D"), and a slot-table assign (bookkeeping).
+  register  the RAM tier's register mode with a page-touching stand-in for cudaHostRegister (ram.PinnedPool):
+          host seconds per RAM-tier miss of batches of K fresh blocks, first-use checks on.
   cache   an ExpertCache (the engine's provider) on the CPU with S device slots and a RAM tier of R slots, fed
           skewed top-K routing of one layer: host seconds per get(), per device-tier miss and per RAM-tier miss
           (a least-squares split of the get() times by their miss counts), with verify on and off, and a cProfile
@@ -228,6 +230,49 @@ def cache_run(lay: Layout, a, verify: str, profile: bool) -> dict:
     return out
 
 
+class TouchRegistrar:
+    """A CPU stand-in for cudaHostRegister of a mapped block: touches every page (pinning faults the pages in; the
+    driver's own pinning and IOMMU work cannot be measured without a GPU)."""
+
+    def register(self, t: torch.Tensor) -> int:
+        int(t[::4096].sum())
+        return 0
+
+    def unregister(self, t: torch.Tensor) -> None:
+        pass
+
+
+def register_emulation(lay: Layout, a) -> dict:
+    """The RAM tier's "register" mode on the CPU with TouchRegistrar: host seconds per RAM-tier miss of batches of
+    --k fresh blocks (first-use checks on: every block is checked once), as the calling thread sees them."""
+    import tiered.store.ram as ram_mod
+    from tiered.store.ram import PinnedPool
+
+    E = lay.config.num_experts
+    keep = ram_mod.HostRegistrar
+    ram_mod.HostRegistrar = TouchRegistrar
+    try:
+        reader = BlockReader(lay, io="mmap", verify="first-use", threads=a.threads)
+        pool = PinnedPool(lay.config.num_layers * E, reader, make_policy("lru"), mode="register")
+        keys = np.random.default_rng(2).permutation(lay.config.num_layers * E)[:a.k * a.register_batches].tolist()
+        warm_file_cache(lay, keys)
+        per = []
+        for b in range(a.register_batches):
+            batch = keys[b * a.k:(b + 1) * a.k]
+            t0 = time.perf_counter()
+            for _ in pool.fetch(batch, b):
+                pass
+            per.append((time.perf_counter() - t0) / len(batch))
+        out = {"blocks": len(keys), "batch": a.k, "s_per_ram_miss_median": float(np.median(per)),
+               "verify_s_per_block": getattr(reader, "verify_s", float("nan")) / max(getattr(reader, "verified_blocks", 0), 1),
+               "register_s_per_block": getattr(pool, "register_s", float("nan")) / len(keys)}
+        pool.close()
+        reader.close()
+    finally:
+        ram_mod.HostRegistrar = keep
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layout", type=Path, required=True)
@@ -239,6 +284,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=16)
     ap.add_argument("--io", default="mmap", choices=("mmap", "direct"))
     ap.add_argument("--skip-parts", action="store_true")
+    ap.add_argument("--register-batches", type=int, default=8, help="batches of the register-mode emulation (0: skip)")
+    ap.add_argument("--skip-cache", action="store_true")
     a = ap.parse_args()
     lay = Layout.open(a.layout)
     res: dict = {"bench": "profile_miss", "layout": str(a.layout), "block_bytes": lay.block_size,
@@ -248,14 +295,21 @@ def main() -> None:
         for k, v in res["parts"].items():
             if k.endswith("_us"):
                 print(f"{k:<28} {v:10.1f} µs" if v is not None else f"{k:<28} n/a")
-    for verify in ("first-use", "none"):
+    if a.register_batches:
+        r = register_emulation(lay, a)
+        res["register_emulation"] = r
+        print(f"register mode (page-touch stand-in), batches of {r['batch']} fresh blocks: "
+              f"{r['s_per_ram_miss_median'] * 1e6:.0f} µs per RAM-tier miss on the calling thread "
+              f"(hash {r['verify_s_per_block'] * 1e6:.0f} µs/block on the reader's threads, registration "
+              f"{r['register_s_per_block'] * 1e6:.0f} µs/block)")
+    for verify in () if a.skip_cache else ("first-use", "none"):
         r = cache_run(lay, a, verify, profile=verify == "first-use")
         res[f"cache_verify_{verify}"] = r
         f = r["fit"]
         print(f"cache verify={verify:<9} {r['host_s_per_get'] * 1e3:7.2f} ms/get  vram misses {r['vram_misses']}  "
               f"ram misses {r['ram_misses']}  fit: fixed {f['fixed_us']:.0f} µs + {f['per_vram_miss_us']:.0f} µs/vram "
               f"miss + {f['per_ram_miss_us']:.0f} µs/ram miss")
-    for ln in res["cache_verify_first-use"].get("profile_top", [])[:20]:
+    for ln in (res.get("cache_verify_first-use") or {}).get("profile_top", [])[:20]:
         print("  " + ln)
     print(write_out(res, "profile_miss.json"))
 

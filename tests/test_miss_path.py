@@ -203,3 +203,34 @@ def test_cache_host_stats_count_the_miss_path(layout):
     h = cache.stats()["host"]
     assert h["vram_misses"] == h["ram_misses"] == 0 and h["miss_s"] == 0.0 and h["s_per_vram_miss"] is None
     cache.close()
+
+
+@pytest.mark.parametrize("n_slots,early", [(6, True), (4, True), (3, False)])
+def test_first_batch_starts_before_the_hits_when_it_evicts_none_of_them(layout, n_slots, early):
+    """With room for the hits and the batch together, the misses' reads are in flight while the hits are handed
+    out; without it, the hits go first and the batch may then evict (but never overwrite unread) slots."""
+    pool = layout.expert_file_pool()
+    reader = BlockReader(layout, io="mmap", threads=2)
+    submitted: list[int] = []
+    plain = reader.submit
+
+    def submit(key, dest):
+        submitted.append(key)
+        return plain(key, dest)
+
+    reader.submit = submit
+    ram = PinnedPool(n_slots, reader, make_policy("lru"), mode="copy")
+    list(ram.fetch([1, 2], 1, pinned=[1, 2]))
+    submitted.clear()
+    keys = [1, 2, 64 + 3, 64 + 4]
+    seen_at_first_hit = None
+    for k, s in ram.fetch(keys, 2, pinned=keys):
+        if seen_at_first_hit is None:
+            assert k == 1
+            seen_at_first_hit = list(submitted)
+        assert torch.equal(ram.host_row(s), pool[k])
+    assert seen_at_first_hit == ([64 + 3, 64 + 4] if early else [])
+    assert ram.hits == 2 and ram.misses == 4  # two in the first fetch, two now
+    ram.table.check()
+    ram.close()
+    reader.close()

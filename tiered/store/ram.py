@@ -97,18 +97,25 @@ class PinnedPool:
     def fetch(self, keys: list[int], t: float, pinned: Collection[int] = ()) -> Iterator[tuple[int, int]]:
         """Make each key resident; yield (key, slot) as each becomes readable (hits first).
 
-        Misses load in batches of at most R keys (reads of a batch run in parallel). A key yielded
-        earlier may be evicted by a later batch: `mark_dma` makes that eviction wait for its copy.
-        On a read error every read of the batch is awaited, the failed keys are dropped, and the
-        error is raised.
+        Misses load in batches of at most R keys (reads or first-use checks of a batch run in parallel on the
+        reader's threads). The first batch starts before the hits are yielded when it can evict none of them (the
+        hits, the batch and `pinned` fit the tier together), so its reads overlap the caller's work on the hits.
+        A key yielded earlier may be evicted by a later batch: `mark_dma` makes that eviction wait for its copy.
+        On a read error every read of the batch is awaited, the failed and not yet yielded keys are dropped, and
+        the error is raised.
         """
         self.settle(only_done=True)
-        missing = []
-        for k in keys:
-            s = self.table.lookup(k)
-            if s is None:
-                missing.append(k)
-                continue
+        lookup = self.table.lookup
+        hits = [(k, s) for k in keys if (s := lookup(k)) is not None]
+        missing = [k for k in keys if lookup(k) is None]
+        self.misses += len(missing)
+        batches = [missing[b:b + self.n_slots] for b in range(0, len(missing), self.n_slots)]
+        started = None
+        if batches:
+            protect = set(batches[0]) | set(pinned) | {k for k, _ in hits}
+            if len(protect) <= self.n_slots:
+                started = self._start_batch(batches[0], t, protect)
+        for k, s in hits:
             if k in self._loading:  # started by start_load(): wait for that read
                 t0 = time.perf_counter()
                 self._settle(k)
@@ -116,13 +123,15 @@ class PinnedPool:
             self.hits += 1
             self.table.touch(k, t)
             yield k, s
-        self.misses += len(missing)
-        for b in range(0, len(missing), self.n_slots):
-            batch = missing[b:b + self.n_slots]
-            yield from self._load_batch(batch, t, set(batch) | set(pinned) if len(pinned) + len(batch) <= self.n_slots
-                                        else set(batch))
+        for i, batch in enumerate(batches):
+            if i or started is None:
+                started = self._start_batch(batch, t, set(batch) | set(pinned)
+                                            if len(pinned) + len(batch) <= self.n_slots else set(batch))
+            yield from self._finish_batch(*started)
 
-    def _load_batch(self, batch: list[int], t: float, pinned: set[int]) -> Iterator[tuple[int, int]]:
+    def _start_batch(self, batch: list[int], t: float, pinned: set[int]) -> tuple:
+        """Give each key of `batch` a slot and start its read ("copy") or first-use check ("register") on the
+        reader's threads; _finish_batch hands them out."""
         t0 = time.perf_counter()
         self.settle()  # in-flight prefetch reads hold slots that must not be evicted half-written
         slots = []
@@ -132,11 +141,21 @@ class PinnedPool:
                 self._release(slot, evicted)
             slots.append(slot)
         if self.mode == "register":
-            yield from self._register_batch(batch, slots, t0)
+            # the hash is also each block's first touch, so its pages fault in there, not in the registration
+            futures = [self.reader.submit_mapped_check(k) for k in batch]
+        else:
+            futures = [self.reader.submit(k, self._rows[s]) for k, s in zip(batch, slots)]
+        self.wait_s += time.perf_counter() - t0
+        return batch, slots, futures
+
+    def _finish_batch(self, batch: list[int], slots: list[int], futures: list) -> Iterator[tuple[int, int]]:
+        t0 = time.perf_counter()
+        if self.mode == "register":
+            yield from self._register_batch(batch, slots, futures, t0)
             return
-        # every read of the batch runs at once on the reader's threads; each block is handed out as soon as its own
-        # read lands (completion order), so its device copy starts while the others are still being read
-        futures = {self.reader.submit(k, self._rows[s]): (k, s) for k, s in zip(batch, slots)}
+        # each block is handed out as soon as its own read lands (completion order), so its device copy starts
+        # while the others are still being read
+        owner = dict(zip(futures, zip(batch, slots)))
         left = set(futures)
         while left:
             done, _ = wait(left, return_when=FIRST_COMPLETED)
@@ -145,17 +164,15 @@ class PinnedPool:
                 if f.exception() is not None:
                     wait(left)  # never leave a thread writing a buffer that is about to be reused
                     for f2 in [f] + [f2 for f2 in futures if f2 in left]:
-                        self.table.drop(futures[f2][0])
+                        self.table.drop(owner[f2][0])
                     raise f.exception()
                 self.bytes_in += self.block_size
                 self.wait_s += time.perf_counter() - t0
-                yield futures[f]
+                yield owner[f]
                 t0 = time.perf_counter()
 
-    def _register_batch(self, batch: list[int], slots: list[int], t0: float) -> Iterator[tuple[int, int]]:
-        # first-use checks of the whole batch start at once on the reader's threads (xxhash releases the GIL); the
-        # hash is also each block's first touch, so its pages are faulted in there, not in the registration
-        checks = [self.reader.submit_mapped_check(k) for k in batch]
+    def _register_batch(self, batch: list[int], slots: list[int], checks: list, t0: float) -> Iterator[tuple[int, int]]:
+        """Register each block of the batch, in order, once its first-use check (started by _start_batch) passed."""
         for i, (k, s) in enumerate(zip(batch, slots)):
             row = self.reader.mapped_row(k)
             err = checks[i].exception()
