@@ -259,7 +259,7 @@ def one_run(path: Path, device: torch.device, k: int, routing: Trace, budget: di
             "bytes_h2d_per_token": s.get("bytes_h2d_per_token"), "stall_share": s.get("stall_share"),
             "expert_slots": s.get("expert_slots"), "ram_slots": s.get("ram_slots"), "io": s.get("io"),
             "vram": s.get("vram"), "ram": s.get("ram"), "disk": s.get("disk"), "h2d_gbps_target": s.get("h2d_gbps_target"),
-            "host_s_per_layer": s.get("host_s_per_layer"), "cpu_experts": s.get("cpu_experts"),
+            "host_s_per_layer": s.get("host_s_per_layer"), "host": s.get("host"), "cpu_experts": s.get("cpu_experts"),
             "decode_graphs": s.get("decode_graphs"), "linear_attention": s.get("linear_attention"),
             "experts_per_token": s.get("experts_per_token"), "head_s": head_s, "budget": budget}
 
