@@ -22,11 +22,17 @@ a phase rebuilds what it needs when the machine came back cold):
            laptop's share does not allow, so that page cache + pinned tier cannot exceed it: the disk tier is
            exercised for real. Reported beside raw O_DIRECT reads of the same experts.bin in the same run (caches
            dropped before each).
-  project  (CPU only) the tier simulator of `tiered tune` (predict/simulate.py), calibrated on slice A's measured
-           decode (one free parameter: the per-layer fixed cost, given the run's measured H2D and read rates), checked
-           on slice B: calibration_error = |predicted - measured| / measured must be <= 0.10 before the projection
-           counts. Then 60 layers on the target: its slots and RAM tier, PCIe 25 GB/s, NVMe 7 GB/s, the per-layer
-           cost plus the active bytes over the target's HBM (--target-hbm-gbps). projected_tok_s_k10 / _k4.
+  project  (CPU only) the tier simulator of `tiered tune` (predict/simulate.py, its pipelined model: the step's
+           RAM-tier reads concurrent, the host walking the misses, copies queued on the link behind it), set up from
+           each run's stats only: its slots and RAM slots, its link rate (the pace target), its host seconds per
+           device miss and per RAM-tier miss (the cache's `host` stats; results without them: derived from
+           host_s_per_layer and the disk tier's rate). One free parameter, the per-layer fixed cost (compute and the
+           host's routing work), is fitted on slice A and checked on slice B: calibration_error = |predicted -
+           measured| / measured must be <= 0.10 before the projection counts. Then 60 layers on the target: its
+           slots and RAM tier, PCIe 25 GB/s, each RAM-tier miss read from the NVMe at 7 GB/s plus the measured
+           registration per RAM-tier miss, the per-layer cost plus the active bytes over the target's HBM
+           (--target-hbm-gbps). projected_tok_s_k10 / _k4, and per run the per-token busy time of each term
+           (compute, PCIe, host per miss, host per RAM-tier miss, disk reads) for A, B and the projection.
 
     python3 benchmarks/bench_397b.py --phases write,slice --work /root/b397          # call 1 (~6-8 min)
     python3 benchmarks/bench_397b.py --phases balloon,project --work /root/b397      # call 2 (~3-5 min)

@@ -148,3 +148,27 @@ def test_bench_host_terms_fallback_uses_only_stats_keys():
     assert ht["s_per_ram_miss"] == pytest.approx(2e-3)
     vm, rm = 800, 80
     assert ht["s_per_vram_miss"] == pytest.approx((4e-3 * 80 - rm * 2e-3) / vm)
+
+
+def test_balloon_locks_or_touches_a_small_region(tmp_path):
+    """The balloon phase's helper process (Linux): it holds the asked bytes, locked with mlock when permitted,
+    else touched page by page, and says which; killing it frees them."""
+    import signal
+
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("the balloon is Linux-only")
+    b = _bench()
+    proc, how = b.start_balloon(32 << 20, tmp_path)
+    try:
+        assert proc is not None and how in ("locked", "touched"), how
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        rss_kib = int(next(ln for ln in status.splitlines() if ln.startswith("VmRSS:")).split()[1])
+        assert rss_kib >= 32 << 10  # the bytes are resident
+        if how == "locked":
+            lck = int(next(ln for ln in status.splitlines() if ln.startswith("VmLck:")).split()[1])
+            assert lck >= 32 << 10
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    assert b.start_balloon(0, tmp_path) == (None, "none")
