@@ -16,6 +16,8 @@ a phase rebuilds what it needs when the machine came back cold):
                    the JSON says so (budget_mode).
              RAM   64 GiB less --os-gib for the OS and the process, scaled by N/60: the pinned RAM tier.
              PCIe  --h2d-gbps 25 (when this tiered has the option; the achieved GB/s is reported beside it).
+           At the native K also "replay-staged": the same run with --io-register off (the RAM tier as pinned
+           copies filled by page-cache reads on the I/O threads), against the registered mapped blocks of "replay".
            Batch 8 and 32: the batch scheduler is probed; it refuses Gated DeltaNet / gated attention families today,
            and the JSON records its message instead of a figure.
   balloon  slice A at K = 10, replayed routing, --io direct, with a separate process locking (mlock) the RAM the
@@ -177,7 +179,9 @@ def reference_trace(a, work: Path) -> Trace:
 
 
 def routing_for(kind: str, ref: Trace, layers: int, experts: int, k: int, tokens: int, a) -> Trace:
-    """One document of `tokens` rows: "replay" (the first eval document long enough, mapped) or "uniform"."""
+    """One document of `tokens` rows: "replay" (the first eval document long enough, mapped) or "uniform" (a
+    suffix such as "-staged" names a run variant with the same routing)."""
+    kind = kind.split("-")[0]
     if kind == "uniform":
         return uniform_routing(tokens, num_layers=layers, num_experts=experts, top_k=k, seed=a.seed)
     m = map_routing(ref, num_layers=layers, num_experts=experts, top_k=k, segment=a.segment, jitter=a.jitter)
@@ -310,14 +314,18 @@ def phase_slice(a, st: dict, device: torch.device) -> None:
         cfg = lay.config
         for k in (10, 4) if not a.small else (cfg.top_k, max(1, cfg.top_k // 2)):
             b = budgets(a, lay, k, device, a.prompt_tokens + a.new_tokens + 8)
-            for kind in a.routings.split(","):
+            kinds = a.routings.split(",")
+            if a.staged and k == ((10, 4) if not a.small else (cfg.top_k,))[0]:
+                kinds.append("replay-staged")  # the RAM tier as pinned copies (--io-register off), native K only
+            for kind in kinds:
                 key = f"{name}/k{k}/{kind}"
                 if key in res and res[key].get("layers") == cfg.num_layers and not a.redo:
                     log(f"slice {key}: kept from an earlier call (--redo measures it again)")
                     continue
                 log(f"slice {key}: {cfg.num_layers} layers, {b['flags']}")
                 tr = routing_for(kind, ref, cfg.num_layers, cfg.num_experts, k, tokens, a)
-                r = one_run(Path(slices[name]["path"]), device, k, tr, b["flags"], a)
+                flags = {**b["flags"], "io_register": "off"} if kind.endswith("-staged") else b["flags"]
+                r = one_run(Path(slices[name]["path"]), device, k, tr, flags, a)
                 r["routing"] = {"kind": kind, **routing_stats(tr)}
                 r["budgets"] = {x: y for x, y in b.items() if x != "flags"}
                 r["layers"] = cfg.num_layers
@@ -566,6 +574,8 @@ def phase_project(a, st: dict) -> None:
         u = proj.get((k, "uniform"))
         st[f"projected_tok_s_{label}_uniform"] = u["projected_tok_s"] if u else None
         st[f"projected_tok_s_{label}_today"] = r.get("projected_tok_s_today") if r else None
+        g = proj.get((k, "replay-staged"))
+        st[f"projected_tok_s_{label}_staged"] = g["projected_tok_s"] if g else None
     st["calibration_error"] = out["calibration_error"]
     st["project"] = out
 
@@ -585,6 +595,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--text", type=Path, default=None, help="eval texts [default: ../shared/text/eval]")
     ap.add_argument("--routings", default="replay,uniform")
+    ap.add_argument("--no-staged", dest="staged", action="store_false",
+                    help="skip the replay-staged runs (native K, replayed routing, --io-register off: the RAM tier "
+                         "as pinned copies read on the I/O threads instead of registered mapped blocks)")
     ap.add_argument("--segment", type=int, default=128)
     ap.add_argument("--jitter", type=float, default=0.25)
     ap.add_argument("--prompt-tokens", type=int, default=16)
