@@ -34,7 +34,9 @@ a phase rebuilds what it needs when the machine came back cold):
            slots and RAM tier, PCIe 25 GB/s, each RAM-tier miss read from the NVMe at 7 GB/s plus the measured
            registration per RAM-tier miss, the per-layer cost plus the active bytes over the target's HBM
            (--target-hbm-gbps). projected_tok_s_k10 / _k4, and per run the per-token busy time of each term
-           (compute, PCIe, host per miss, host per RAM-tier miss, disk reads) for A, B and the projection.
+           (compute, PCIe, host per miss, host per RAM-tier miss, disk reads) for A, B and the projection. The
+           slices start with a cold RAM tier, and so does this projection; projected_tok_s_k10_warm is the same
+           after --warm-tokens more tokens of routing (the target's 56 GiB RAM tier filled, as in a session).
 
     python3 benchmarks/bench_397b.py --phases write,slice --work /root/b397          # call 1 (~6-8 min)
     python3 benchmarks/bench_397b.py --phases balloon,project --work /root/b397      # call 2 (~3-5 min)
@@ -542,6 +544,15 @@ def phase_project(a, st: dict) -> None:
                        overlap=True)
         head_t = (ra.get("head_s") or 0.0) + lm_head_bytes / (a.target_hbm_gbps * 1e9)
         s60, n60, d60 = sim_decode(tr60, tm, a.prompt_tokens, a.warmup + 8, head_t)
+        if a.warm_tokens > 0:  # the same after --warm-tokens more tokens of routing: RAM tier and slots in use
+            try:
+                trw = routing_for(kind, ref, TARGET_LAYERS, E, k, tokens + a.warm_tokens, a)
+                sw, nw, dw = sim_decode(trw, tm, a.warm_tokens + a.prompt_tokens, 0, head_t)
+                row["projected_tok_s_warm"] = nw / sw if sw > 0 else None
+                row["sim_60_warm"] = {x: dw.get(x) for x in ("ram_hit_rate", "terms_ms_per_token")}
+            except SystemExit as e:  # no eval document that long
+                row["projected_tok_s_warm"] = None
+                row["sim_60_warm"] = {"error": str(e)}
         import dataclasses
         tm_today = dataclasses.replace(tm, slots=max(k, b.get("slots_tiered_60", tm.slots)))
         st60, nt60, _ = sim_decode(tr60, tm_today, a.prompt_tokens, a.warmup + 8, head_t)
@@ -574,6 +585,7 @@ def phase_project(a, st: dict) -> None:
         u = proj.get((k, "uniform"))
         st[f"projected_tok_s_{label}_uniform"] = u["projected_tok_s"] if u else None
         st[f"projected_tok_s_{label}_today"] = r.get("projected_tok_s_today") if r else None
+        st[f"projected_tok_s_{label}_warm"] = r.get("projected_tok_s_warm") if r else None
         g = proj.get((k, "replay-staged"))
         st[f"projected_tok_s_{label}_staged"] = g["projected_tok_s"] if g else None
     st["calibration_error"] = out["calibration_error"]
@@ -608,6 +620,9 @@ def main() -> None:
     ap.add_argument("--os-gib", type=float, default=8.0, help="the target's RAM kept by the OS, apps and the process")
     ap.add_argument("--target-dense-gb", type=float, default=5.5, help="non-expert bytes on the target (Flash-MoE's)")
     ap.add_argument("--target-disk-gbps", type=float, default=7.0)
+    ap.add_argument("--warm-tokens", type=int, default=256,
+                    help="project: also project after this many more tokens of routing (the target's RAM tier "
+                         "warm, as in a session), beside the cold start the slices measured (0: skip)")
     ap.add_argument("--target-hbm-gbps", type=float, default=400.0)
     ap.add_argument("--h2d-gbps", type=float, default=25.0)
     ap.add_argument("--force-slots", action="store_true", help="use the target's scaled slot count even if VRAM fits")
@@ -697,9 +712,11 @@ def report(st: dict) -> None:
                   f"({(h.get('register_s_per_ram_miss') or 0) * 1e3:.3f} ms on the target) from {h.get('source')}")
         for key, r in pr["runs"].items():
             print(f"project {key:<14} calib err {r.get('calibration_error')}  projected 60 layers "
-                  f"{r['projected_tok_s']:.2f} tok/s ({r['target_slots']} slots; tiered's dense as it is: "
+                  f"{r['projected_tok_s']:.2f} tok/s, warm RAM tier {r.get('projected_tok_s_warm') or 0:.2f} "
+                  f"({r['target_slots']} slots; tiered's dense as it is: "
                   f"{r['projected_tok_s_today']:.2f} tok/s, {r['target_slots_today']} slots)")
-    for k in ("projected_tok_s_k10", "projected_tok_s_k4", "calibration_error"):
+    for k in ("projected_tok_s_k10", "projected_tok_s_k10_warm", "projected_tok_s_k10_staged", "projected_tok_s_k4",
+              "projected_tok_s_k4_warm", "calibration_error"):
         print(f"{k:<24} {st.get(k)}")
     print(write_out(st, "397b.json"))
 
