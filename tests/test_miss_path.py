@@ -145,9 +145,15 @@ def test_register_batch_checks_run_on_the_reader_threads_before_registration(lay
         assert ram.host_row(s).data_ptr() == pool[k].data_ptr()
     assert [c for c, _ in reg.calls] == ["register"] * 3
     assert reader.verified_blocks == 3 and reader.verify_s > 0
-    # verified blocks are not checked again; an evicted block is unregistered
+    # a hit needs no check; a block evicted for a new one is unregistered (and counted in register_s)
     list(ram.fetch([64 + 5], 2))
-    assert threads.keys() == set(keys)
+    assert threads.keys() == set(keys) and len(reg.calls) == 3
+    before = ram.register_s
+    more = [20, 21, 22, 23]  # 3 + 4 keys in 6 slots: one eviction (key 3, the least recently used)
+    list(ram.fetch(more, 3))
+    assert [c for c, _ in reg.calls[3:]].count("unregister") == 1
+    assert ("unregister", pool[3].data_ptr()) in reg.calls and ram.table.lookup(3) is None
+    assert ram.register_s > before
     ram.close()
     reader.close()
 

@@ -65,7 +65,7 @@ class PinnedPool:
         self.misses = 0
         self.bytes_in = 0
         self.wait_s = 0.0  # host time blocked on reads/registration in fetch()
-        self.register_s = 0.0  # ... of which in cudaHostRegister ("register" mode)
+        self.register_s = 0.0  # host time in cudaHostRegister and cudaHostUnregister ("register" mode)
 
     @property
     def nbytes(self) -> int:
@@ -92,7 +92,9 @@ class PinnedPool:
     def _release(self, slot: int, key: int) -> None:
         self._quiesce(slot)
         if self._registrar is not None:
+            t0 = time.perf_counter()
             self._registrar.unregister(self.reader.mapped_row(key))
+            self.register_s += time.perf_counter() - t0
 
     def fetch(self, keys: list[int], t: float, pinned: Collection[int] = ()) -> Iterator[tuple[int, int]]:
         """Make each key resident; yield (key, slot) as each becomes readable (hits first).
