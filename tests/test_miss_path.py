@@ -242,3 +242,23 @@ def test_first_batch_starts_before_the_hits_when_it_evicts_none_of_them(layout, 
     ram.table.check()
     ram.close()
     reader.close()
+
+
+@pytest.mark.parametrize("io", ["mmap", "direct"])
+@pytest.mark.parametrize("n_slots", [1, 3, 5])
+def test_more_misses_than_slots_load_in_batches_with_right_bytes(layout, io, n_slots):
+    """A fetch of more keys than the tier holds (prefill waves): hits, then batches of at most R misses; each key
+    is handed out with its own bytes, before a later batch may reuse its slot."""
+    pool = layout.expert_file_pool()
+    reader = BlockReader(layout, io=io, threads=3)
+    ram = PinnedPool(n_slots, reader, make_policy("lru"), mode="copy")
+    list(ram.fetch([5], 1, pinned=[5]))
+    keys = [5, 64 + 1, 64 + 2, 9, 64 + 40, 11, 12]
+    seen = []
+    for k, s in ram.fetch(keys, 2, pinned=keys):
+        assert torch.equal(ram.host_row(s), pool[k]), (k, s)
+        seen.append(k)
+    assert sorted(seen) == sorted(keys) and seen[0] == 5  # the hit first
+    ram.table.check()
+    ram.close()
+    reader.close()
