@@ -132,6 +132,7 @@ def test_refusal_says_what_to_change():
     assert "predicted" in refusal(**{**ok, "policy": "predicted"})
     assert "--cpu-experts" in refusal(**{**ok, "cpu_experts": "auto"})
     assert "--h2d-gbps" in refusal(**{**ok, "h2d_gbps": 12.0})
+    assert "--prefetch-depth" in refusal(**{**ok, "prefetch_depth": 1})
 
 
 def test_slot_table_device_refused_on_cpu_auto_stays_on_host(reference_layout):

@@ -28,7 +28,7 @@ SLOT_TABLE_MODES = ("host", "device", "auto")
 
 
 def refusal(*, cuda: bool, ram_slots: int, num_keys: int, block_size: int, policy: str, cpu_experts: str,
-            h2d_gbps: float) -> str | None:
+            h2d_gbps: float, prefetch_depth: int = 0) -> str | None:
     """Why the device slot table cannot serve this cache (a sentence that says what to change), or None."""
     if not cuda:
         return "the device slot table needs a CUDA device"
@@ -41,6 +41,8 @@ def refusal(*, cuda: bool, ram_slots: int, num_keys: int, block_size: int, polic
                 "scored on the host")
     if cpu_experts != "off":
         return "--cpu-experts places misses from the host: use --slot-table host with it"
+    if prefetch_depth > 0:
+        return "--prefetch-depth runs the predictor on the host: use --slot-table host with it"
     if h2d_gbps > 0:
         return "--h2d-gbps paces copies issued by the host: use --slot-table host with it"
     return None
