@@ -77,6 +77,9 @@ class TierConfig:
                                    "lookup, LRU/flru eviction and the miss copies run on the GPU, which reads the "
                                    "pinned RAM tier; needs every expert in RAM), or auto (device when it can)",
                            ("host", "device", "auto"))
+    device_prefetch: int = _opt(0, "With the device slot table: experts per layer prefetched one layer ahead on a side "
+                                   "stream, ranked by router-history transitions (fitted by `tiered tune --fit-trace`)",
+                                ("min", 0))
     h2d_gbps: float = _opt(0.0, "Benchmark option: pace host->GPU expert copies to this many GB/s (10^9 B/s), "
                                 "emulating a slower PCIe link (0 = unpaced)")
 
