@@ -16,17 +16,27 @@ a phase rebuilds what it needs when the machine came back cold):
                    the JSON says so (budget_mode).
              RAM   64 GiB less --os-gib for the OS and the process, scaled by N/60: the pinned RAM tier.
              PCIe  --h2d-gbps 25 (when this tiered has the option; the achieved GB/s is reported beside it).
+           At the native K also "replay-staged": the same run with --io-register off (the RAM tier as pinned
+           copies filled by page-cache reads on the I/O threads), against the registered mapped blocks of "replay".
            Batch 8 and 32: the batch scheduler is probed; it refuses Gated DeltaNet / gated attention families today,
            and the JSON records its message instead of a figure.
   balloon  slice A at K = 10, replayed routing, --io direct, with a separate process locking (mlock) the RAM the
            laptop's share does not allow, so that page cache + pinned tier cannot exceed it: the disk tier is
            exercised for real. Reported beside raw O_DIRECT reads of the same experts.bin in the same run (caches
            dropped before each).
-  project  (CPU only) the tier simulator of `tiered tune` (predict/simulate.py), calibrated on slice A's measured
-           decode (one free parameter: the per-layer fixed cost, given the run's measured H2D and read rates), checked
-           on slice B: calibration_error = |predicted - measured| / measured must be <= 0.10 before the projection
-           counts. Then 60 layers on the target: its slots and RAM tier, PCIe 25 GB/s, NVMe 7 GB/s, the per-layer
-           cost plus the active bytes over the target's HBM (--target-hbm-gbps). projected_tok_s_k10 / _k4.
+  project  (CPU only) the tier simulator of `tiered tune` (predict/simulate.py, its pipelined model: the step's
+           RAM-tier reads concurrent, the host walking the misses, copies queued on the link behind it), set up from
+           each run's stats only: its slots and RAM slots, its link rate (the pace target), its host seconds per
+           device miss and per RAM-tier miss (the cache's `host` stats; results without them: derived from
+           host_s_per_layer and the disk tier's rate). One free parameter, the per-layer fixed cost (compute and the
+           host's routing work), is fitted on slice A and checked on slice B: calibration_error = |predicted -
+           measured| / measured must be <= 0.10 before the projection counts. Then 60 layers on the target: its
+           slots and RAM tier, PCIe 25 GB/s, each RAM-tier miss read from the NVMe at 7 GB/s plus the measured
+           registration per RAM-tier miss, the per-layer cost plus the active bytes over the target's HBM
+           (--target-hbm-gbps). projected_tok_s_k10 / _k4, and per run the per-token busy time of each term
+           (compute, PCIe, host per miss, host per RAM-tier miss, disk reads) for A, B and the projection. The
+           slices start with a cold RAM tier, and so does this projection; projected_tok_s_k10_warm is the same
+           after --warm-tokens more tokens of routing (the target's 56 GiB RAM tier filled, as in a session).
 
     python3 benchmarks/bench_397b.py --phases write,slice --work /root/b397          # call 1 (~6-8 min)
     python3 benchmarks/bench_397b.py --phases balloon,project --work /root/b397      # call 2 (~3-5 min)
@@ -171,7 +181,9 @@ def reference_trace(a, work: Path) -> Trace:
 
 
 def routing_for(kind: str, ref: Trace, layers: int, experts: int, k: int, tokens: int, a) -> Trace:
-    """One document of `tokens` rows: "replay" (the first eval document long enough, mapped) or "uniform"."""
+    """One document of `tokens` rows: "replay" (the first eval document long enough, mapped) or "uniform" (a
+    suffix such as "-staged" names a run variant with the same routing)."""
+    kind = kind.split("-")[0]
     if kind == "uniform":
         return uniform_routing(tokens, num_layers=layers, num_experts=experts, top_k=k, seed=a.seed)
     m = map_routing(ref, num_layers=layers, num_experts=experts, top_k=k, segment=a.segment, jitter=a.jitter)
@@ -259,7 +271,7 @@ def one_run(path: Path, device: torch.device, k: int, routing: Trace, budget: di
             "bytes_h2d_per_token": s.get("bytes_h2d_per_token"), "stall_share": s.get("stall_share"),
             "expert_slots": s.get("expert_slots"), "ram_slots": s.get("ram_slots"), "io": s.get("io"),
             "vram": s.get("vram"), "ram": s.get("ram"), "disk": s.get("disk"), "h2d_gbps_target": s.get("h2d_gbps_target"),
-            "host_s_per_layer": s.get("host_s_per_layer"), "cpu_experts": s.get("cpu_experts"),
+            "host_s_per_layer": s.get("host_s_per_layer"), "host": s.get("host"), "cpu_experts": s.get("cpu_experts"),
             "decode_graphs": s.get("decode_graphs"), "linear_attention": s.get("linear_attention"),
             "experts_per_token": s.get("experts_per_token"), "head_s": head_s, "budget": budget}
 
@@ -304,14 +316,18 @@ def phase_slice(a, st: dict, device: torch.device) -> None:
         cfg = lay.config
         for k in (10, 4) if not a.small else (cfg.top_k, max(1, cfg.top_k // 2)):
             b = budgets(a, lay, k, device, a.prompt_tokens + a.new_tokens + 8)
-            for kind in a.routings.split(","):
+            kinds = a.routings.split(",")
+            if a.staged and k == ((10, 4) if not a.small else (cfg.top_k,))[0]:
+                kinds.append("replay-staged")  # the RAM tier as pinned copies (--io-register off), native K only
+            for kind in kinds:
                 key = f"{name}/k{k}/{kind}"
                 if key in res and res[key].get("layers") == cfg.num_layers and not a.redo:
                     log(f"slice {key}: kept from an earlier call (--redo measures it again)")
                     continue
                 log(f"slice {key}: {cfg.num_layers} layers, {b['flags']}")
                 tr = routing_for(kind, ref, cfg.num_layers, cfg.num_experts, k, tokens, a)
-                r = one_run(Path(slices[name]["path"]), device, k, tr, b["flags"], a)
+                flags = {**b["flags"], "io_register": "off"} if kind.endswith("-staged") else b["flags"]
+                r = one_run(Path(slices[name]["path"]), device, k, tr, flags, a)
                 r["routing"] = {"kind": kind, **routing_stats(tr)}
                 r["budgets"] = {x: y for x, y in b.items() if x != "flags"}
                 r["layers"] = cfg.num_layers
@@ -396,10 +412,14 @@ def phase_balloon(a, st: dict, device: torch.device) -> None:
 
 
 # --- project -------------------------------------------------------------------------------------------
+TERMS = ("compute", "pcie", "host_miss", "host_ram_miss", "disk_read")
+
+
 def sim_decode(tr: Trace, tm: TierModel, prompt: int, warm: int, head_s: float = 0.0) -> tuple[float, int, dict]:
     """Modelled decode seconds and tokens of a run: the warm-up rows, then prompt + decode rows (the engine replays
     by position, so both start at row 0); decode = everything after the prompt of the second pass, plus head_s
-    (final norm, lm_head, argmax) per token."""
+    (final norm, lm_head, argmax) per token. The dict is the simulator's, with "terms_ms_per_token": each
+    resource's busy time per decode token (they overlap in the pipelined model, so they need not add up)."""
     n = tr.num_tokens
     rows = np.concatenate([np.arange(min(warm, n)), np.arange(n)])
     pre = np.concatenate([np.arange(min(warm, n)), np.arange(prompt)])
@@ -411,20 +431,60 @@ def sim_decode(tr: Trace, tm: TierModel, prompt: int, warm: int, head_s: float =
 
     full, first = run(rows), run(pre)
     n_dec = full.tokens - first.tokens
-    return full.seconds - first.seconds + head_s * n_dec, n_dec, full.to_dict()
+    d = full.to_dict()
+    ft, st = full.extra["terms_s"], first.extra["terms_s"]
+    terms = {k: (ft[k] - st[k]) / max(n_dec, 1) * 1e3 for k in TERMS}
+    terms["head"] = head_s * 1e3
+    terms["total"] = (full.seconds - first.seconds + head_s * n_dec) / max(n_dec, 1) * 1e3
+    d["terms_ms_per_token"] = terms
+    d["decode_ram_misses"] = full.disk_reads - first.disk_reads
+    d["decode_misses"] = full.misses - first.misses
+    return full.seconds - first.seconds + head_s * n_dec, n_dec, d
+
+
+def host_terms(r: dict, block: int) -> dict:
+    """The host seconds per device-tier miss and per RAM-tier miss of run `r`, from its stats only: the expert
+    cache's `host` (the miss path timed in get(): docs/stats.md) when the run has it; else (results of a tiered
+    without it) derived from `host_s_per_layer` and the disk tier's measured rate: a RAM-tier miss costs one
+    block at disk.gbps (the registration path was serial on the host), and the rest of the decode's host time is
+    spread over its device misses (decode RAM-tier misses estimated by the RAM tier's miss share)."""
+    h = r.get("host") or {}
+    if h.get("s_per_vram_miss") is not None:
+        rm = h.get("ram_misses") or 0
+        return {"source": "stats.host", "s_per_vram_miss": h["s_per_vram_miss"],
+                "s_per_ram_miss": h.get("s_per_ram_miss") or 0.0,
+                "register_s_per_ram_miss": (h.get("register_s") or 0.0) / rm if rm else 0.0}
+    L, toks, K = r["layers"], r.get("decode_tokens") or 0, r.get("experts_per_token") or 1
+    gbps = (r.get("disk") or {}).get("gbps") or 0.0
+    hr = block / (gbps * 1e9) if gbps > 0 else 0.0
+    vm = (1.0 - (r.get("hit_rate") or 0.0)) * toks * L * K
+    vram_m = (r.get("vram") or {}).get("misses") or 0
+    rm = ((r.get("ram") or {}).get("misses") or 0) * vm / vram_m if vram_m else 0.0
+    host = (r.get("host_s_per_layer") or 0.0) * L * toks
+    hv = max(0.0, (host - rm * hr) / vm) if vm else 0.0
+    return {"source": "derived: host_s_per_layer, disk.gbps", "s_per_vram_miss": hv, "s_per_ram_miss": hr,
+            "register_s_per_ram_miss": hr}
+
+
+def link_gbps(r: dict) -> float:
+    """The run's host->device rate: the pace target when copies were paced, else the device tier's measured rate."""
+    return r.get("h2d_gbps_target") or (r.get("vram") or {}).get("gbps") or 25.0
 
 
 def calibrated_model(r: dict, block: int, layers: int, c: float) -> TierModel:
-    """The simulator set up like run `r`: its slots, RAM slots, measured H2D and read rates, per-layer cost c."""
-    h2d = (r.get("vram") or {}).get("gbps") or 25.0
-    disk = (r.get("disk") or {}).get("gbps") or 1.7
+    """The simulator set up like run `r`: its slots and RAM slots, its link rate, its measured host seconds per
+    device miss and per RAM-tier miss (the wait for a RAM-tier miss's read is inside the latter, so the disk term
+    is off), per-layer cost c; the pipelined model (copies overlap the host's work on later misses)."""
+    ht = host_terms(r, block)
     return TierModel(slots=r["expert_slots"], partition="global", policy="lru",
-                     ram_slots=r["ram_slots"] or None, block_bytes=block, h2d_gbps=h2d, disk_gbps=disk,
-                     compute_s_per_layer=c)
+                     ram_slots=r["ram_slots"] or None, block_bytes=block, h2d_gbps=link_gbps(r), disk_gbps=1e9,
+                     compute_s_per_layer=c, host_s_per_miss=ht["s_per_vram_miss"],
+                     host_s_per_ram_miss=ht["s_per_ram_miss"], overlap=True)
 
 
 def fit_c(r: dict, tr: Trace, block: int, a) -> float:
-    """The per-layer fixed cost that makes the simulator reproduce run r's measured decode time."""
+    """The per-layer fixed cost (compute and the host's per-layer routing work) that makes the simulator reproduce
+    run r's measured decode time: the only fitted parameter."""
     meas = 1.0 / r["decode_tok_s"]  # seconds per token
     s0, n0, _ = sim_decode(tr, calibrated_model(r, block, tr.num_layers, 0.0), a.prompt_tokens, a.warmup + 8,
                            r.get("head_s") or 0.0)
@@ -455,24 +515,44 @@ def phase_project(a, st: dict) -> None:
         k = int(kk[1:])
         tra = routing_for(kind, ref, ra["layers"], E, k, tokens, a)
         c = fit_c(ra, tra, block, a)
-        row: dict = {"c_s_per_layer": c, "measured_A_tok_s": ra["decode_tok_s"]}
+        ht = host_terms(ra, block)
+        _, _, da = sim_decode(tra, calibrated_model(ra, block, ra["layers"], c), a.prompt_tokens, a.warmup + 8,
+                              ra.get("head_s") or 0.0)
+        row: dict = {"c_s_per_layer": c, "measured_A_tok_s": ra["decode_tok_s"], "host_terms_A": ht,
+                     "link_gbps_A": link_gbps(ra), "terms_A_ms_per_token": da["terms_ms_per_token"],
+                     "measured_A_ms_per_token": 1e3 / ra["decode_tok_s"]}
         if rb:
             trb = routing_for(kind, ref, rb["layers"], E, k, tokens, a)
-            sb, nb, _ = sim_decode(trb, calibrated_model(rb, block, rb["layers"], c), a.prompt_tokens, a.warmup + 8,
-                                   rb.get("head_s") or 0.0)
+            sb, nb, db = sim_decode(trb, calibrated_model(rb, block, rb["layers"], c), a.prompt_tokens,
+                                    a.warmup + 8, rb.get("head_s") or 0.0)
             pred = nb / sb if sb > 0 else None
             row.update({"predicted_B_tok_s": pred, "measured_B_tok_s": rb["decode_tok_s"],
-                        "calibration_error": abs(pred - rb["decode_tok_s"]) / rb["decode_tok_s"] if pred else None})
+                        "calibration_error": abs(pred - rb["decode_tok_s"]) / rb["decode_tok_s"] if pred else None,
+                        "host_terms_B": host_terms(rb, block), "terms_B_ms_per_token": db["terms_ms_per_token"]})
         # 60 layers on the target: slots and RAM tier of the target, its links, the per-layer cost + active bytes/HBM
         b = ra["budgets"]
         active = k * block + a.target_dense_gb * 1e9 / TARGET_LAYERS  # experts + the non-expert bytes, per layer
         c_t = c + active / (a.target_hbm_gbps * 1e9)
         tr60 = routing_for(kind, ref, TARGET_LAYERS, E, k, tokens, a)
+        # host terms of slice A; a RAM-tier miss on the target reads its block from the NVMe (the disk term: the
+        # step's reads concurrent at --target-disk-gbps) and then pays the host's registration (or, for results
+        # without `host` stats, the whole measured host cost per RAM-tier miss: conservative)
         tm = TierModel(slots=max(k, b["slots_target_60"]), partition="global", policy="lru",
                        ram_slots=int(b["ram_tier_target_gib"] * GiB // block), block_bytes=block,
-                       h2d_gbps=a.h2d_gbps, disk_gbps=a.target_disk_gbps, compute_s_per_layer=c_t)
+                       h2d_gbps=a.h2d_gbps, disk_gbps=a.target_disk_gbps, compute_s_per_layer=c_t,
+                       host_s_per_miss=ht["s_per_vram_miss"], host_s_per_ram_miss=ht["register_s_per_ram_miss"],
+                       overlap=True)
         head_t = (ra.get("head_s") or 0.0) + lm_head_bytes / (a.target_hbm_gbps * 1e9)
         s60, n60, d60 = sim_decode(tr60, tm, a.prompt_tokens, a.warmup + 8, head_t)
+        if a.warm_tokens > 0:  # the same after --warm-tokens more tokens of routing: RAM tier and slots in use
+            try:
+                trw = routing_for(kind, ref, TARGET_LAYERS, E, k, tokens + a.warm_tokens, a)
+                sw, nw, dw = sim_decode(trw, tm, a.warm_tokens + a.prompt_tokens, 0, head_t)
+                row["projected_tok_s_warm"] = nw / sw if sw > 0 else None
+                row["sim_60_warm"] = {x: dw.get(x) for x in ("ram_hit_rate", "terms_ms_per_token")}
+            except SystemExit as e:  # no eval document that long
+                row["projected_tok_s_warm"] = None
+                row["sim_60_warm"] = {"error": str(e)}
         import dataclasses
         tm_today = dataclasses.replace(tm, slots=max(k, b.get("slots_tiered_60", tm.slots)))
         st60, nt60, _ = sim_decode(tr60, tm_today, a.prompt_tokens, a.warmup + 8, head_t)
@@ -482,7 +562,7 @@ def phase_project(a, st: dict) -> None:
                     "head_target_s": head_t,
                     "target_slots": tm.slots, "target_ram_slots": tm.ram_slots,
                     "sim_60": {x: d60.get(x) for x in ("hit_rate", "ram_hit_rate", "bytes_h2d_per_token",
-                                                       "bytes_disk_per_token", "stall_share")}})
+                                                       "bytes_disk_per_token", "stall_share", "terms_ms_per_token")}})
         out["runs"][f"{kk}/{kind}"] = row
         proj[(k, kind)] = row
     bal = (st.get("balloon") or {}).get("run")
@@ -505,6 +585,9 @@ def phase_project(a, st: dict) -> None:
         u = proj.get((k, "uniform"))
         st[f"projected_tok_s_{label}_uniform"] = u["projected_tok_s"] if u else None
         st[f"projected_tok_s_{label}_today"] = r.get("projected_tok_s_today") if r else None
+        st[f"projected_tok_s_{label}_warm"] = r.get("projected_tok_s_warm") if r else None
+        g = proj.get((k, "replay-staged"))
+        st[f"projected_tok_s_{label}_staged"] = g["projected_tok_s"] if g else None
     st["calibration_error"] = out["calibration_error"]
     st["project"] = out
 
@@ -524,6 +607,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--text", type=Path, default=None, help="eval texts [default: ../shared/text/eval]")
     ap.add_argument("--routings", default="replay,uniform")
+    ap.add_argument("--no-staged", dest="staged", action="store_false",
+                    help="skip the replay-staged runs (native K, replayed routing, --io-register off: the RAM tier "
+                         "as pinned copies read on the I/O threads instead of registered mapped blocks)")
     ap.add_argument("--segment", type=int, default=128)
     ap.add_argument("--jitter", type=float, default=0.25)
     ap.add_argument("--prompt-tokens", type=int, default=16)
@@ -534,6 +620,9 @@ def main() -> None:
     ap.add_argument("--os-gib", type=float, default=8.0, help="the target's RAM kept by the OS, apps and the process")
     ap.add_argument("--target-dense-gb", type=float, default=5.5, help="non-expert bytes on the target (Flash-MoE's)")
     ap.add_argument("--target-disk-gbps", type=float, default=7.0)
+    ap.add_argument("--warm-tokens", type=int, default=256,
+                    help="project: also project after this many more tokens of routing (the target's RAM tier "
+                         "warm, as in a session), beside the cold start the slices measured (0: skip)")
     ap.add_argument("--target-hbm-gbps", type=float, default=400.0)
     ap.add_argument("--h2d-gbps", type=float, default=25.0)
     ap.add_argument("--force-slots", action="store_true", help="use the target's scaled slot count even if VRAM fits")
@@ -606,11 +695,28 @@ def report(st: dict) -> None:
               f"O_DIRECT {(bal.get('odirect_raw') or {}).get('gbps')} GB/s")
     pr = st.get("project")
     if pr:
+        print("per-token terms, ms (busy time of each resource; pipelined, so they overlap): "
+              + " ".join(f"{t:>9}" for t in TERMS + ("head", "total")) + "   measured")
+        for key, r in pr["runs"].items():
+            for lab, tk, meas in (("A", "terms_A_ms_per_token", r.get("measured_A_tok_s")),
+                                  ("B", "terms_B_ms_per_token", r.get("measured_B_tok_s")),
+                                  ("60", None, None)):
+                tm = r.get(tk) if tk else (r.get("sim_60") or {}).get("terms_ms_per_token")
+                if tm:
+                    print(f"terms {key:<12} {lab:>2}  " + " ".join(f"{tm.get(t, 0.0):9.2f}" for t in TERMS +
+                                                               ("head", "total"))
+                          + (f"   {1e3 / meas:8.2f}" if meas else ""))
+            h = r.get("host_terms_A") or {}
+            print(f"host  {key:<12}  {(h.get('s_per_vram_miss') or 0) * 1e3:.3f} ms per device miss, "
+                  f"{(h.get('s_per_ram_miss') or 0) * 1e3:.3f} ms per RAM-tier miss "
+                  f"({(h.get('register_s_per_ram_miss') or 0) * 1e3:.3f} ms on the target) from {h.get('source')}")
         for key, r in pr["runs"].items():
             print(f"project {key:<14} calib err {r.get('calibration_error')}  projected 60 layers "
-                  f"{r['projected_tok_s']:.2f} tok/s ({r['target_slots']} slots; tiered's dense as it is: "
+                  f"{r['projected_tok_s']:.2f} tok/s, warm RAM tier {r.get('projected_tok_s_warm') or 0:.2f} "
+                  f"({r['target_slots']} slots; tiered's dense as it is: "
                   f"{r['projected_tok_s_today']:.2f} tok/s, {r['target_slots_today']} slots)")
-    for k in ("projected_tok_s_k10", "projected_tok_s_k4", "calibration_error"):
+    for k in ("projected_tok_s_k10", "projected_tok_s_k10_warm", "projected_tok_s_k10_staged", "projected_tok_s_k4",
+              "projected_tok_s_k4_warm", "calibration_error"):
         print(f"{k:<24} {st.get(k)}")
     print(write_out(st, "397b.json"))
 

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -24,7 +26,8 @@ def test_bench_397b_small_pipeline(tmp_path):
     for k in ("projected_tok_s_k10", "projected_tok_s_k4", "calibration_error", "projected_tok_s_k10_today"):
         assert isinstance(res[k], float) and math.isfinite(res[k]) and res[k] >= 0, k
     assert res["commit"] and res["date"] and res["device"] == "cpu"
-    assert set(res["slice"]) == {f"{s}/k{k}/{kind}" for s in "AB" for k in (4, 2) for kind in ("replay", "uniform")}
+    assert set(res["slice"]) == {f"{s}/k{k}/{kind}" for s in "AB" for k in (4, 2) for kind in ("replay", "uniform")} \
+        | {"A/k4/replay-staged", "B/k4/replay-staged"}
     a = res["slice"]["A/k4/replay"]
     assert a["layers"] == 8 and a["experts_per_token"] == 4 and a["decode_tok_s"] > 0 and a["head_s"] > 0
     assert res["slice"]["B/k2/uniform"]["layers"] == 4 and res["slice"]["B/k2/uniform"]["experts_per_token"] == 2
@@ -35,6 +38,13 @@ def test_bench_397b_small_pipeline(tmp_path):
     assert bal["run"]["io"] == "direct" and bal["odirect_raw"]["gbps"] > 0 and bal["disk_vs_odirect"] is not None
     assert res["project"]["balloon_check"]["predicted_tok_s"] > 0
     pr = res["project"]
-    assert set(pr["runs"]) == {"k4/replay", "k4/uniform", "k2/replay", "k2/uniform"}
+    assert set(pr["runs"]) == {"k4/replay", "k4/uniform", "k2/replay", "k2/uniform", "k4/replay-staged"}
+    for r_ in pr["runs"].values():  # the per-term breakdown, from the runs' own host stats
+        assert r_["host_terms_A"]["source"] == "stats.host" and r_["host_terms_A"]["s_per_vram_miss"] > 0
+        terms = r_["terms_A_ms_per_token"]
+        assert terms["total"] == pytest.approx(r_["measured_A_ms_per_token"], rel=1e-6) or r_["c_s_per_layer"] == 0
+        assert {"compute", "pcie", "host_miss", "host_ram_miss", "disk_read"} <= set(r_["sim_60"]["terms_ms_per_token"])
+    assert res["slice"]["A/k4/replay"]["host"]["ram_misses"] > 0
+    assert isinstance(res["projected_tok_s_k10_staged"], float)
     assert all(r_["target_slots"] >= 2 and r_["projected_tok_s"] > 0 for r_ in pr["runs"].values())
     assert res["model_60"]["block_size"] == 8192

@@ -11,8 +11,16 @@ One step = one layer of one token, in decode order (token-major, layer-minor). A
      step's own experts pinned; a device miss is served by the RAM tier or, failing that, the disk;
   3. prefetch (if a predictor and depth > 0): the top `prefetch_budget` candidates of layers
      l+1 .. l+depth that are not resident are loaded, pinning this step's experts and the candidates.
-Time per step: max(compute, prefetch bytes / h2d) + demand bytes / h2d + disk bytes / disk bandwidth:
-prefetches overlap the layer's compute, demand loads stall it.
+Time per step, serial model (the default, `overlap=False`): max(compute, prefetch bytes / h2d) + demand bytes / h2d
++ disk bytes / disk bandwidth + host seconds per device miss and per RAM-tier miss: prefetches overlap the layer's
+compute, demand loads stall it.
+Pipelined model (`overlap=True`, the expert cache as it runs): the step's RAM-tier misses are read concurrently
+from the step's start, sharing the disk bandwidth (the j-th lands at (j + 1) * block / disk); the host walks the
+step's misses in the cache's order (those in RAM first, then those read from disk), waiting for a block's read,
+then spending `host_s_per_miss` (+ `host_s_per_ram_miss` for a RAM-tier miss: registration, the rest of its
+bookkeeping) before its copy is queued; copies cross the link one after another at h2d, each starting when both
+it is issued and the previous copy is done. The step takes the last copy's end, then the compute (prefetch copies
+overlap it as above). `step_terms` gives the same for one step's counts, for reports.
 
 Partition "layer" gives each layer slots // L slots and its own policy (the reference figures of docs/metrics.md);
 "global" shares all slots under one policy, like the cache.
@@ -46,6 +54,9 @@ class TierModel:
     h2d_gbps: float = 53.0  # host -> device GB/s (measured on an H200 box: pinned, large copies)
     disk_gbps: float = 1.7  # disk -> RAM GB/s (measured on an H200 box: cold O_DIRECT)
     compute_s_per_layer: float = 0.0  # one layer's compute for one token, seconds
+    host_s_per_miss: float = 0.0  # host seconds per device-tier miss (lookup, bookkeeping, issuing its copy)
+    host_s_per_ram_miss: float = 0.0  # more host seconds per RAM-tier miss besides its read (registration, ...)
+    overlap: bool = False  # the pipelined model (module doc); False = the serial sum
     evict_mix: tuple | None = None  # policy "predicted": (decay, w_prob, w_use) terms; None = DEFAULT_EVICT_MIX
 
     def __post_init__(self) -> None:
@@ -53,6 +64,35 @@ class TierModel:
             raise ValueError(f"partition must be 'layer' or 'global', got {self.partition!r}")
         if self.prefetch_depth < 0 or self.prefetch_budget < 0:
             raise ValueError("prefetch depth and budget must be >= 0")
+        if min(self.host_s_per_miss, self.host_s_per_ram_miss, self.compute_s_per_layer) < 0:
+            raise ValueError("host and compute seconds must be >= 0")
+        if self.h2d_gbps <= 0 or self.disk_gbps <= 0:
+            raise ValueError(f"h2d_gbps and disk_gbps must be > 0, got {self.h2d_gbps} and {self.disk_gbps}")
+
+
+def step_terms(tiers: TierModel, demand: int, disk: int, prefetch: int = 0) -> dict[str, float]:
+    """Seconds of one step with `demand` device misses of which `disk` are RAM-tier misses (served last, as the
+    cache does) and `prefetch` prefetched blocks: "total" and its parts. Serial model: the parts add up. Pipelined:
+    "total" is the pipeline's end plus compute, and the parts are each resource's busy time (they overlap)."""
+    B = tiers.block_bytes
+    p = B / (tiers.h2d_gbps * GB)
+    r = B / (tiers.disk_gbps * GB)
+    hv, hr = tiers.host_s_per_miss, tiers.host_s_per_ram_miss
+    compute = max(tiers.compute_s_per_layer, prefetch * p)
+    parts = {"compute": tiers.compute_s_per_layer, "pcie": (demand + prefetch) * p, "prefetch_pcie": prefetch * p,
+             "host_miss": demand * hv, "host_ram_miss": disk * hr, "disk_read": disk * r}
+    if not tiers.overlap:
+        stall = demand * p + disk * r + demand * hv + disk * hr
+    else:
+        host = link = 0.0
+        for i in range(demand):
+            j = i - (demand - disk)  # index among the step's RAM-tier misses (they come last)
+            if j >= 0:
+                host = max(host, (j + 1) * r) + hr
+            host += hv
+            link = max(link, host) + p
+        stall = link
+    return {"total": compute + stall, "stall": stall, **parts}
 
 
 @dataclass
@@ -134,7 +174,6 @@ def simulate(trace: Trace, tiers: TierModel, *, predictor: Predictor | None = No
     caches = [_Tier(cap, p) for p in pols]
     evictors = [p for p in pols if isinstance(p, PredictedEviction)]
     ram = None if tiers.ram_slots is None else _Tier(tiers.ram_slots, make_policy("lru"))
-    bw, dbw = tiers.h2d_gbps * GB, tiers.disk_gbps * GB
     B = tiers.block_bytes
     res = SimResult(block_bytes=B)
     ids_all = trace.topk_ids.astype(np.int64)
@@ -142,6 +181,7 @@ def simulate(trace: Trace, tiers: TierModel, *, predictor: Predictor | None = No
     weights = torch.from_numpy(trace.topk_weights)
     hidden = None if trace.hidden is None else torch.from_numpy(trace.hidden)
     steps: list[list[list[int]]] = [[] for _ in range(n_caches)]  # per cache: keys per step, for Belady
+    terms = {"compute": 0.0, "pcie": 0.0, "host_miss": 0.0, "host_ram_miss": 0.0, "disk_read": 0.0}
     clock = 0
     for d in range(trace.num_docs):
         a, b = int(trace.doc_offsets[d]), int(trace.doc_offsets[d + 1])
@@ -196,13 +236,16 @@ def simulate(trace: Trace, tiers: TierModel, *, predictor: Predictor | None = No
                             pf += 1
                             disk += _from_ram(ram, k, clock, res)
                     res.prefetch_issued += pf
-                stall = demand * B / bw + disk * B / dbw if B else 0.0
-                res.stall_s += stall
-                res.seconds += max(tiers.compute_s_per_layer, pf * B / bw if B else 0.0) + stall
+                st = step_terms(tiers, demand, disk, pf)
+                res.stall_s += st["stall"]
+                res.seconds += st["total"]
+                for part in ("compute", "pcie", "host_miss", "host_ram_miss", "disk_read"):
+                    terms[part] += st[part]
                 if on_step is not None:
                     on_step(n, l)
     if with_belady:
         res.belady_hits = sum(belady(s, cap)[0] for s in steps)
+    res.extra["terms_s"] = terms  # each resource's busy seconds (they overlap in the pipelined model)
     return res
 
 

@@ -48,6 +48,9 @@ class _PhaseCounts:
         self.bytes_prefetch = 0  # ... of which prefetches
         self.stall_s = 0.0
         self.tokens = 0  # get() calls at layer 0 in one-token steps (decode)
+        self.ram_misses = 0  # device misses that missed the RAM tier too (read from the file)
+        self.miss_host_s = 0.0  # host seconds in get()'s miss path: slots assigned, RAM tier, copies issued
+        self.ram_host_s = 0.0  # ... of which the host was blocked in the RAM tier (reads, checks, registration)
 
 
 class ExpertCache(HostSlotProvider):
@@ -261,6 +264,7 @@ class ExpertCache(HostSlotProvider):
         if missing:
             t0 = time.perf_counter()
             ram_wait0 = self.ram.wait_s if self.ram is not None else 0.0
+            ram_miss0 = self.ram.misses if self.ram is not None else self.reader.blocks_read
             mk = [keys[i] for i in missing]
             if self._prefetched_ram:
                 for k in mk:
@@ -272,6 +276,12 @@ class ExpertCache(HostSlotProvider):
                 slots[i] = slot_of[keys[i]]
             self._load(mk, slot_of, t, pinned)
             ph.bytes_h2d += len(missing) * self.block_size
+            ph.miss_host_s += time.perf_counter() - t0
+            if self.ram is not None:
+                ph.ram_misses += self.ram.misses - ram_miss0
+                ph.ram_host_s += self.ram.wait_s - ram_wait0
+            else:  # no RAM tier (CPU): every miss is read from the file
+                ph.ram_misses += len(missing)
             if self.device.type == "cuda":
                 ph.stall_s += (self.ram.wait_s - ram_wait0) if self.ram is not None else 0.0
             else:
@@ -494,6 +504,14 @@ class ExpertCache(HostSlotProvider):
         }
         if self.preload_s is not None:
             out["ram_preload_s"] = self.preload_s
+        # host cost of the decode misses (the tier simulator's per-miss terms, predict/simulate.py)
+        h_ram = d.ram_host_s if self.ram is not None else 0.0
+        out["host"] = {"vram_misses": d.misses, "ram_misses": d.ram_misses, "miss_s": d.miss_host_s,
+                       "ram_s": h_ram,
+                       "s_per_vram_miss": (d.miss_host_s - h_ram) / d.misses if d.misses else None,
+                       "s_per_ram_miss": h_ram / d.ram_misses if d.ram_misses and self.ram is not None else None,
+                       "register_s": self.ram.register_s if self.ram is not None else 0.0,
+                       "verify_s": self.reader.verify_s, "verified_blocks": self.reader.verified_blocks}
         out["slot_table"] = (self.devtable.stats() if self.devtable is not None else
                              {"mode": "host", **({"device_refused": self.slot_table_note} if self.slot_table_note else {})})
         out["cpu_experts"] = self.cpu.stats(self.cpu_mode, self.cpu_threads, self.cpu_dtype, self.cost_model)
@@ -514,7 +532,7 @@ class ExpertCache(HostSlotProvider):
         self.vram.wait_s_by_phase = {}
         if self.ram is not None:
             self.ram.hits = self.ram.misses = self.ram.bytes_in = 0
-            self.ram.wait_s = 0.0
+            self.ram.wait_s = self.ram.register_s = 0.0
         self._read_base = (self.reader.bytes_read, self.reader.blocks_read, self.reader.read_s)
         self._phases = {"prefill": _PhaseCounts(), "decode": _PhaseCounts()}
         self.prefetch_issued = self.prefetch_used = 0

@@ -90,6 +90,8 @@ class BlockReader:
         self.bytes_read = 0  # bytes moved out of the file (page cache or disk)
         self.blocks_read = 0
         self.read_s = 0.0  # wall time with at least one read in flight
+        self.verify_s = 0.0  # seconds spent hashing (summed over threads)
+        self.verified_blocks = 0
         self._inflight = 0
         self._busy_since = 0.0
         self._mapped: torch.Tensor | None = None
@@ -217,7 +219,11 @@ class BlockReader:
 
     def check(self, ref: BlockRef, key: int, data: Any) -> None:
         """Compare the block's xxh3_64 with the manifest's; record the key as verified."""
+        t0 = time.perf_counter()
         got = xxhash.xxh3_64(data).hexdigest()
+        dt = time.perf_counter() - t0
+        with self._lock:
+            self.verify_s += dt
         if got != ref.xxh3:
             raise ExpertReadError(
                 f"{ref.where()}: checksum mismatch, xxh3_64 {got} but the manifest says {ref.xxh3}: "
@@ -225,6 +231,7 @@ class BlockReader:
                 "rebuild it with `tiered repack SRC DST --force`")
         with self._lock:
             self._verified.add(key)
+            self.verified_blocks += 1
 
     def verify_mapped(self, key: int) -> None:
         """First-use check of a block that is used straight from the mmap (registered or CPU pass-through)."""
@@ -241,6 +248,15 @@ class BlockReader:
             data = bytearray(data)
             data[ref.size // 2] ^= 0xFF
         self.check(ref, key, data)
+
+    def submit_mapped_check(self, key: int) -> Future:
+        """verify_mapped(key) on the reader's threads (the first touch of the mapped block faults its pages in
+        there too); an already-done future when there is nothing to check. The future raises ExpertReadError."""
+        if self.verify == "none" or key in self._verified:
+            out: Future = Future()
+            out.set_result(None)
+            return out
+        return self._pool.submit(self.verify_mapped, key)
 
     def note_mapped_read(self, nbytes: int, seconds: float) -> None:
         """Count bytes that came from the file without read_into (registration, pass-through copies)."""

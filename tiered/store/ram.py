@@ -4,9 +4,11 @@ Owns: `PinnedPool`, R slots of one block each with its own eviction policy, in o
   - "copy": one page-locked buffer [R, block_size] allocated at start-up (page aligned, so O_DIRECT
     can read into it); misses are read by the `BlockReader` (page cache or O_DIRECT).
   - "register": no buffer at all. A slot is a block of the experts.bin mapping registered with
-    cudaHostRegister(ReadOnly): the GPU DMAs straight from the page cache. Loading a slot is the
-    registration (which faults the pages in); eviction unregisters (measured: per-block
-    register/unregister, so a model larger than RAM still works).
+    cudaHostRegister(ReadOnly): the GPU DMAs straight from the page cache. Loading a batch of slots
+    starts the first-use checks of all its blocks at once on the reader's threads (the hash is the
+    block's first touch: its pages fault in there), then registers each block on the calling thread
+    as its check lands; eviction unregisters (measured: per-block register/unregister, so a model
+    larger than RAM still works).
 Both modes keep, per slot, the event of the last device copy that read it, and wait for it
 before the slot's bytes are overwritten or unregistered.
 Does not own: the device slots (vram.py), the order in which the cache asks for keys, nor reads
@@ -15,6 +17,7 @@ themselves (io.py).
 from __future__ import annotations
 
 import time
+from concurrent.futures import FIRST_COMPLETED, wait
 from typing import Any, Collection, Iterator
 
 import torch
@@ -62,6 +65,7 @@ class PinnedPool:
         self.misses = 0
         self.bytes_in = 0
         self.wait_s = 0.0  # host time blocked on reads/registration in fetch()
+        self.register_s = 0.0  # host time in cudaHostRegister and cudaHostUnregister ("register" mode)
 
     @property
     def nbytes(self) -> int:
@@ -88,23 +92,32 @@ class PinnedPool:
     def _release(self, slot: int, key: int) -> None:
         self._quiesce(slot)
         if self._registrar is not None:
+            t0 = time.perf_counter()
             self._registrar.unregister(self.reader.mapped_row(key))
+            self.register_s += time.perf_counter() - t0
 
     def fetch(self, keys: list[int], t: float, pinned: Collection[int] = ()) -> Iterator[tuple[int, int]]:
         """Make each key resident; yield (key, slot) as each becomes readable (hits first).
 
-        Misses load in batches of at most R keys (reads of a batch run in parallel). A key yielded
-        earlier may be evicted by a later batch: `mark_dma` makes that eviction wait for its copy.
-        On a read error every read of the batch is awaited, the failed keys are dropped, and the
-        error is raised.
+        Misses load in batches of at most R keys (reads or first-use checks of a batch run in parallel on the
+        reader's threads). The first batch starts before the hits are yielded when it can evict none of them (the
+        hits, the batch and `pinned` fit the tier together), so its reads overlap the caller's work on the hits.
+        A key yielded earlier may be evicted by a later batch: `mark_dma` makes that eviction wait for its copy.
+        On a read error every read of the batch is awaited, the failed and not yet yielded keys are dropped, and
+        the error is raised.
         """
         self.settle(only_done=True)
-        missing = []
-        for k in keys:
-            s = self.table.lookup(k)
-            if s is None:
-                missing.append(k)
-                continue
+        lookup = self.table.lookup
+        hits = [(k, s) for k in keys if (s := lookup(k)) is not None]
+        missing = [k for k in keys if lookup(k) is None]
+        self.misses += len(missing)
+        batches = [missing[b:b + self.n_slots] for b in range(0, len(missing), self.n_slots)]
+        started = None
+        if batches:
+            protect = set(batches[0]) | set(pinned) | {k for k, _ in hits}
+            if len(protect) <= self.n_slots:
+                started = self._start_batch(batches[0], t, protect)
+        for k, s in hits:
             if k in self._loading:  # started by start_load(): wait for that read
                 t0 = time.perf_counter()
                 self._settle(k)
@@ -112,13 +125,15 @@ class PinnedPool:
             self.hits += 1
             self.table.touch(k, t)
             yield k, s
-        self.misses += len(missing)
-        for b in range(0, len(missing), self.n_slots):
-            batch = missing[b:b + self.n_slots]
-            yield from self._load_batch(batch, t, set(batch) | set(pinned) if len(pinned) + len(batch) <= self.n_slots
-                                        else set(batch))
+        for i, batch in enumerate(batches):
+            if i or started is None:
+                started = self._start_batch(batch, t, set(batch) | set(pinned)
+                                            if len(pinned) + len(batch) <= self.n_slots else set(batch))
+            yield from self._finish_batch(*started)
 
-    def _load_batch(self, batch: list[int], t: float, pinned: set[int]) -> Iterator[tuple[int, int]]:
+    def _start_batch(self, batch: list[int], t: float, pinned: set[int]) -> tuple:
+        """Give each key of `batch` a slot and start its read ("copy") or first-use check ("register") on the
+        reader's threads; _finish_batch hands them out."""
         t0 = time.perf_counter()
         self.settle()  # in-flight prefetch reads hold slots that must not be evicted half-written
         slots = []
@@ -128,40 +143,57 @@ class PinnedPool:
                 self._release(slot, evicted)
             slots.append(slot)
         if self.mode == "register":
-            yield from self._register_batch(batch, slots, t0)
-            return
-        futures = [self.reader.submit(k, self._rows[s]) for k, s in zip(batch, slots)]
-        for i, (k, s, f) in enumerate(zip(batch, slots, futures)):
-            try:
-                f.result()
-            except Exception:
-                for k2, f2 in zip(batch[i:], futures[i:]):  # never leave a thread writing a reused buffer
-                    f2.exception()
-                    self.table.drop(k2)
-                raise
-            self.bytes_in += self.block_size
-            self.wait_s += time.perf_counter() - t0
-            yield k, s
-            t0 = time.perf_counter()
+            # the hash is also each block's first touch, so its pages fault in there, not in the registration
+            futures = [self.reader.submit_mapped_check(k) for k in batch]
+        else:
+            futures = [self.reader.submit(k, self._rows[s]) for k, s in zip(batch, slots)]
+        self.wait_s += time.perf_counter() - t0
+        return batch, slots, futures
 
-    def _register_batch(self, batch: list[int], slots: list[int], t0: float) -> Iterator[tuple[int, int]]:
+    def _finish_batch(self, batch: list[int], slots: list[int], futures: list) -> Iterator[tuple[int, int]]:
+        t0 = time.perf_counter()
+        if self.mode == "register":
+            yield from self._register_batch(batch, slots, futures, t0)
+            return
+        # each block is handed out as soon as its own read lands (completion order), so its device copy starts
+        # while the others are still being read
+        owner = dict(zip(futures, zip(batch, slots)))
+        left = set(futures)
+        while left:
+            done, _ = wait(left, return_when=FIRST_COMPLETED)
+            for f in [f for f in futures if f in done]:  # in batch order within one wake-up
+                left.discard(f)
+                if f.exception() is not None:
+                    wait(left)  # never leave a thread writing a buffer that is about to be reused
+                    for f2 in [f] + [f2 for f2 in futures if f2 in left]:
+                        self.table.drop(owner[f2][0])
+                    raise f.exception()
+                self.bytes_in += self.block_size
+                self.wait_s += time.perf_counter() - t0
+                yield owner[f]
+                t0 = time.perf_counter()
+
+    def _register_batch(self, batch: list[int], slots: list[int], checks: list, t0: float) -> Iterator[tuple[int, int]]:
+        """Register each block of the batch, in order, once its first-use check (started by _start_batch) passed."""
         for i, (k, s) in enumerate(zip(batch, slots)):
             row = self.reader.mapped_row(k)
+            err = checks[i].exception()
+            if err is not None:
+                for k2, c in zip(batch[i:], checks[i:]):
+                    c.exception()  # the other checks finish (they only read the mapping)
+                    self.table.drop(k2)
+                raise err
+            tr = time.perf_counter()
             code = self._registrar.register(row)
+            self.register_s += time.perf_counter() - tr
             if code:
-                for k2 in batch[i:]:
+                for k2, c in zip(batch[i:], checks[i:]):
+                    c.exception()
                     self.table.drop(k2)
                 ref = self.reader.ref(k)
                 raise RuntimeError(f"{ref.where()}: cudaHostRegister refused the mapped block (CUDA error {code}) "
                                    "after earlier blocks were accepted: lower --ram-gb (locked-memory limit?) "
                                    "or run with --io-register off")
-            try:
-                self.reader.verify_mapped(k)
-            except Exception:
-                self._registrar.unregister(row)
-                for k2 in batch[i:]:
-                    self.table.drop(k2)
-                raise
             dt = time.perf_counter() - t0
             self.reader.note_mapped_read(self.block_size, dt)
             self.bytes_in += self.block_size
@@ -217,7 +249,7 @@ class PinnedPool:
             for _ in self.fetch([k], t):
                 pass
         self.hits = self.misses = self.bytes_in = 0
-        self.wait_s = 0.0
+        self.wait_s = self.register_s = 0.0
 
     def close(self) -> None:
         """Unregister every registered block (register mode) after the last device copy."""
@@ -232,4 +264,4 @@ class PinnedPool:
 
     def stats(self) -> dict:
         return {"hits": self.hits, "misses": self.misses, "bytes_in": self.bytes_in,
-                "slots": self.n_slots, "mode": self.mode}
+                "slots": self.n_slots, "mode": self.mode, "wait_s": self.wait_s, "register_s": self.register_s}
