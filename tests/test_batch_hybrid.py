@@ -1,0 +1,184 @@
+"""The batch step and scheduler on the families with per-sequence state other than K/V: Qwen3.5-MoE (Gated DeltaNet
+recurrent slots, gated attention) and DeepSeek-V3 (paged MLA latents, dense first layers, grouped sigmoid routing).
+Batched greedy tokens equal the single-sequence engine's (engine.generate, fp32 CPU), prompts of different lengths
+(one longer than the DeltaNet chunk and the conv kernel), rows joining as others finish, prompt chunks riding
+decode steps, preemption; slots and pages come back; the pool's byte accounting."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from conftest import make_checkpoint
+from tiered.decode.options import BatchConfig
+from tiered.decode.scheduler import Request, SamplingParams, Scheduler
+from tiered.decode.state import (StateBudgetError, StatePool, page_bytes, pages_for_budget, pool_bytes, pool_pages,
+                                 slot_bytes)
+from tiered.engine import load
+from tiered.layout.repack import repack
+from tiered.model.deltanet import CHUNK, deltanet, deltanet_rows
+
+VOCAB = 8192
+CTX = 160
+# lengths: one token, shorter than the conv kernel (4), between, and longer than the DeltaNet chunk (64)
+LENGTHS = [1, 3, 9, 2 * CHUNK + 5, 17, 40]
+NEW = [6, 3, 9, 5, 1, 7]  # rows finish at different steps
+
+
+def _layout(root, family, reference_model):
+    if family == "deepseek_v3":
+        from test_deepseek_v3 import ds_config  # the DeepSeek-V3 test's tiny config (MLA, dense layer 0, groups)
+        import transformers as tf
+
+        torch.manual_seed(4)
+        hf = tf.AutoModelForCausalLM.from_config(ds_config()).float().eval()
+        with torch.no_grad():
+            for layer in hf.model.layers[1:]:
+                layer.mlp.gate.weight.normal_(0, 0.3)
+                layer.mlp.gate.e_score_correction_bias.normal_(0, 0.2)
+        ck = root / "ck"
+        hf.save_pretrained(ck)
+    else:
+        ck = make_checkpoint(root / "ck", family, seed=3, vocab_size=VOCAB, max_position_embeddings=CTX)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(reference_model / name, ck / name)
+    repack(ck, root / "lay", progress=False)
+    return root / "lay"
+
+
+@pytest.fixture(scope="module", params=["qwen3_5_moe", "deepseek_v3"])
+def fam(request, tmp_path_factory, reference_model):
+    """(family, engine, prompts, batch-1 greedy tokens of each prompt)."""
+    family = request.param
+    lay = _layout(tmp_path_factory.mktemp(family), family, reference_model)
+    eng = load(lay, device="cpu", dtype="float32", max_context=160)  # DeepSeek-V3's tiny config: 160 positions
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in LENGTHS]
+    ref = [eng.generate(p, max_new_tokens=n, stop_at_eos=False).token_ids for p, n in zip(prompts, NEW)]
+    return family, eng, prompts, ref
+
+
+def _run(sch: Scheduler, prompts, news) -> list[Request]:
+    reqs = [sch.submit(Request(str(i), p, SamplingParams(max_tokens=n, stop_at_eos=False)))
+            for i, (p, n) in enumerate(zip(prompts, news))]
+    for _ in range(3000):
+        if sch.idle():
+            break
+        sch.step()
+    assert sch.idle()
+    return reqs
+
+
+@pytest.mark.parametrize("max_batch,page_size,prefill_tokens,attn", [
+    (6, 16, 512, "rows"),  # every row at once, each prompt in one chunk (as the engine prefills it)
+    (3, 5, 512, "paged"),  # rows join as others finish (slots reused); decode rows' attention in one paged call
+    (4, 4, 7, "rows"),  # prompts in chunks of 7 riding the decode steps
+])
+def test_batched_greedy_equals_single_sequence(fam, max_batch, page_size, prefill_tokens, attn):
+    family, eng, prompts, ref = fam
+    sch = Scheduler(eng, max_batch=max_batch, page_size=page_size, prefill_tokens=prefill_tokens,
+                    decode_attention=attn)
+    st = sch.state
+    if family == "qwen3_5_moe":
+        assert {ls.kind for ls in st.layers} == {"recurrent", "kv"} and st.num_slots == max_batch
+    else:
+        assert {ls.kind for ls in st.layers} == {"latent"} and st.num_slots == 0
+    reqs = _run(sch, prompts, NEW)
+    for r, want, p in zip(reqs, ref, prompts):
+        assert r.out_ids == want, f"{family}: row {r.id} ({len(p)}-token prompt) differs from the single-sequence run"
+        assert r.finish_reason == "length"
+    s = sch.stats()
+    assert s["rows_per_step"] > 1 and s["tokens_generated"] == sum(NEW)
+    assert st.free_pages == st.num_pages and st.free_slots == st.num_slots  # every page and slot came back
+
+
+def test_preemption_recomputes_state(fam):
+    """A page pool too small for every row: rows are preempted (their slot freed) and recompute from zero."""
+    family, eng, prompts, _ = fam
+    short = [p for p in prompts if len(p) < CHUNK]  # 21 pages of 4 at admission, 40 at the end
+    ref = [eng.generate(p, max_new_tokens=16, stop_at_eos=False).token_ids for p in short]
+    sch = Scheduler(eng, max_batch=6, page_size=4, kv_pages=26)
+    reqs = _run(sch, short, [16] * len(short))
+    assert sch.preemptions > 0
+    for r, want in zip(reqs, ref):
+        assert r.out_ids == want
+    assert sch.state.free_slots == sch.state.num_slots and sch.state.free_pages == sch.state.num_pages
+
+
+def test_slots_follow_rows(fam):
+    """A row holds a slot from admission to its end; rows that finish early give theirs to waiting requests."""
+    family, eng, prompts, _ = fam
+    if family != "qwen3_5_moe":
+        pytest.skip("only DeltaNet models hold slots")
+    sch = Scheduler(eng, max_batch=2, page_size=8)
+    reqs = [sch.submit(Request(str(i), prompts[i], SamplingParams(max_tokens=n, stop_at_eos=False)))
+            for i, n in enumerate([1, 4, 2, 3])]
+    seen = []
+    while not sch.idle():
+        sch.step()
+        held = sorted(r.slot for r in sch.running)
+        assert len(set(held)) == len(held) and all(0 <= s < 2 for s in held)
+        assert sch.state.free_slots == 2 - len(held)
+        seen.append(held)
+    assert all(r.slot == -1 and r.done for r in reqs)
+    assert sch.state.free_slots == 2
+
+
+def test_pool_accounting(fam):
+    """Bytes per page (K/V of attention layers, latents of MLA layers) and per slot (DeltaNet state) match the
+    config; a --kv-gb budget pays max_batch slots first, and is refused when it cannot."""
+    family, eng, _, _ = fam
+    cfg = eng.config
+    opts = BatchConfig(max_batch=4, kv_gb=0.001, page_size=8)
+    dt = torch.float32
+    st = StatePool(cfg, num_pages=pool_pages(opts, cfg, CTX, dt), page_size=8, device="cpu", dtype=dt,
+                   num_slots=4 if cfg.num_linear_layers else 0)
+    assert st.page_bytes == page_bytes(cfg, 8, dt) == 8 * cfg.kv_bytes_per_token(4)
+    assert st.slot_bytes == slot_bytes(cfg, dt) == cfg.state_bytes_per_sequence(4)
+    assert st.nbytes == pool_bytes(opts, cfg, CTX, dt) <= 0.001 * (1 << 30)
+    assert st.bytes_for(20) == 3 * st.page_bytes + st.slot_bytes
+    if family == "deepseek_v3":
+        m = cfg.extra["mla"]
+        assert st.page_bytes == 8 * 3 * (m["kv_lora_rank"] + m["qk_rope_head_dim"]) * 4 and st.slot_bytes == 0
+        return
+    Ll, C, W = cfg.num_linear_layers, cfg.linear_conv_dim, cfg.linear_conv_kernel
+    assert st.slot_bytes == Ll * (C * (W - 1) * 4 + cfg.linear_num_value_heads * cfg.linear_key_head_dim
+                                  * cfg.linear_value_head_dim * 4)
+    assert st.page_bytes == 8 * 2 * cfg.num_attention_layers * cfg.num_kv_heads * cfg.head_dim * 4
+    assert st.num_pages == (int(0.001 * (1 << 30)) - 4 * st.slot_bytes) // st.page_bytes
+    with pytest.raises(StateBudgetError, match="recurrent state of 4 rows"):
+        pages_for_budget(cfg, st.slot_bytes * 3 / (1 << 30), 8, dt, slots=4)
+    # a slot is zeroed when handed out; all in use -> refused; a double free is caught
+    st.recurrent[1].fill_(1.0)
+    s = [st.alloc_slot() for _ in range(4)]
+    assert sorted(s) == [0, 1, 2, 3] and float(st.recurrent[1].abs().sum()) == 0.0
+    with pytest.raises(StateBudgetError):
+        st.alloc_slot()
+    st.free_slot(s[0])
+    with pytest.raises(AssertionError):
+        st.free_slot(s[0])
+
+
+@pytest.mark.parametrize("B", [1, 3, 8])
+def test_deltanet_rows_equals_each_row(fam, B):
+    """One token of B sequences in one deltanet_rows call == deltanet on each row's own state."""
+    family, eng, _, _ = fam
+    if family != "qwen3_5_moe":
+        pytest.skip("no DeltaNet layers")
+    m = eng.model
+    w, shape = m.layers[0].linear, m.delta_shape
+    g = torch.Generator().manual_seed(B)
+    x = torch.randn(B, m.config.hidden_size, generator=g)
+    conv = torch.randn(B, shape.conv_dim, shape.conv_kernel - 1, generator=g)
+    rec = torch.randn(B, shape.num_v_heads, shape.k_head_dim, shape.v_head_dim, generator=g) * 0.1
+    want_c, want_r = conv.clone(), rec.clone()
+    want = torch.cat([deltanet(x[b:b + 1], w, shape, want_c[b], want_r[b]) for b in range(B)])
+    got = deltanet_rows(x, w, shape, conv, rec)
+    # the same math; projections over B rows round like any GEMM over more rows (fp32: ~1e-7)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(conv, want_c, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rec, want_r, rtol=1e-5, atol=1e-6)
+    # a state that is not each row's own would be far off: the rows really are independent
+    assert B == 1 or not torch.allclose(deltanet_rows(x, w, shape, want_c.flip(0).contiguous(), want_r.flip(0).contiguous()),
+                              deltanet_rows(x, w, shape, want_c.clone(), want_r.clone()), atol=1e-3)
