@@ -1,5 +1,5 @@
 """The batch step and scheduler on the families with per-sequence state other than K/V: Qwen3.5-MoE (Gated DeltaNet
-recurrent slots, gated attention) and DeepSeek-V3 (paged MLA latents, dense first layers, grouped sigmoid routing).
+recurrent slots, gated attention), Qwen3-Next (the same hybrid) and DeepSeek-V3 (paged MLA latents, dense first layers, grouped sigmoid routing).
 Batched greedy tokens equal the single-sequence engine's (engine.generate, fp32 CPU), prompts of different lengths
 (one longer than the DeltaNet chunk and the conv kernel), rows joining as others finish, prompt chunks riding
 decode steps, preemption; slots and pages come back; the pool's byte accounting."""
@@ -47,7 +47,7 @@ def _layout(root, family, reference_model):
     return root / "lay"
 
 
-@pytest.fixture(scope="module", params=["qwen3_5_moe", "deepseek_v3"])
+@pytest.fixture(scope="module", params=["qwen3_5_moe", "qwen3_next", "deepseek_v3"])
 def fam(request, tmp_path_factory, reference_model):
     """(family, engine, prompts, batch-1 greedy tokens of each prompt)."""
     family = request.param
@@ -80,7 +80,7 @@ def test_batched_greedy_equals_single_sequence(fam, max_batch, page_size, prefil
     sch = Scheduler(eng, max_batch=max_batch, page_size=page_size, prefill_tokens=prefill_tokens,
                     decode_attention=attn)
     st = sch.state
-    if family == "qwen3_5_moe":
+    if family != "deepseek_v3":
         assert {ls.kind for ls in st.layers} == {"recurrent", "kv"} and st.num_slots == max_batch
     else:
         assert {ls.kind for ls in st.layers} == {"latent"} and st.num_slots == 0
@@ -109,7 +109,7 @@ def test_preemption_recomputes_state(fam):
 def test_slots_follow_rows(fam):
     """A row holds a slot from admission to its end; rows that finish early give theirs to waiting requests."""
     family, eng, prompts, _ = fam
-    if family != "qwen3_5_moe":
+    if family == "deepseek_v3":
         pytest.skip("only DeltaNet models hold slots")
     sch = Scheduler(eng, max_batch=2, page_size=8)
     reqs = [sch.submit(Request(str(i), prompts[i], SamplingParams(max_tokens=n, stop_at_eos=False)))
@@ -164,7 +164,7 @@ def test_pool_accounting(fam):
 def test_deltanet_rows_equals_each_row(fam, B):
     """One token of B sequences in one deltanet_rows call == deltanet on each row's own state."""
     family, eng, _, _ = fam
-    if family != "qwen3_5_moe":
+    if family == "deepseek_v3":
         pytest.skip("no DeltaNet layers")
     m = eng.model
     w, shape = m.layers[0].linear, m.delta_shape
@@ -182,3 +182,43 @@ def test_deltanet_rows_equals_each_row(fam, B):
     # a state that is not each row's own would be far off: the rows really are independent
     assert B == 1 or not torch.allclose(deltanet_rows(x, w, shape, want_c.flip(0).contiguous(), want_r.flip(0).contiguous()),
                               deltanet_rows(x, w, shape, want_c.clone(), want_r.clone()), atol=1e-3)
+
+
+def test_quant_entries_match_expert_loop():
+    """The batch step's quantized-expert path (fused kernels, one expert per row; Triton's interpreter on CPU)
+    equals the per-expert dequantize-then-SwiGLU loop it falls back to."""
+    pytest.importorskip("triton")
+    from test_quant_kernels import INTERP, DEV, _pool
+    from tiered.decode.batchstep import quant_entries
+    from tiered.model.moe import _expert
+
+    W = _pool("q4", 7, 24, 40)
+    slots, counts = [3, 0, 6, 5], [2, 1, 4, 1]
+    xs = torch.randn(sum(counts), 40, generator=torch.Generator().manual_seed(2)).to(DEV)
+    got = quant_entries(xs, slots, counts, W, interpret=INTERP)
+    assert got is not None and got.shape == xs.shape
+    want, a = [], 0
+    for s, c in zip(slots, counts):
+        want.append(_expert(xs[a:a + c], W, s, xs.dtype, None))
+        a += c
+    want = torch.cat(want)
+    assert float((got - want).norm() / want.norm()) < 1e-5
+    assert quant_entries(xs.cpu(), slots, counts, W) is None or DEV == "cuda"  # off CUDA without the flag: loop
+
+
+def test_quantized_layout_batched_equals_single_sequence(tmp_path, reference_model):
+    """--experts q4 --dense q4 (the 397B slices' formats): batched greedy equals the single-sequence engine."""
+    ck = make_checkpoint(tmp_path / "ck", "qwen3_5_moe", seed=5, vocab_size=VOCAB, max_position_embeddings=CTX)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(reference_model / name, ck / name)
+    repack(ck, tmp_path / "lay", progress=False, experts="q4", dense="q4")
+    eng = load(tmp_path / "lay", device="cpu", dtype="float32", max_context=CTX)
+    from tiered.layout.quant import QuantWeight
+
+    assert isinstance(eng.model.provider.weights.gate, QuantWeight)
+    assert isinstance(eng.model.layers[0].linear.qkv, QuantWeight) and isinstance(eng.model.layers[3].attn.o, QuantWeight)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in (5, 70, 2)]
+    ref = [eng.generate(p, max_new_tokens=5, stop_at_eos=False).token_ids for p in prompts]
+    reqs = _run(Scheduler(eng, max_batch=3, page_size=8), prompts, [5, 5, 5])
+    assert [r.out_ids for r in reqs] == ref

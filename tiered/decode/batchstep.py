@@ -396,16 +396,10 @@ class BatchStep:
         xs = x.index_select(0, tok.index_select(0, sel))  # [n, D]
         plain = act is None and getattr(W, "gate_bias", None) is None
         quant = isinstance(W.gate, QuantWeight)
-        if plain and quant and _quant_kernels_ok(xs, W):
-            from tiered.kernels.quant_moe import quant_down, quant_gate_up
-
-            per = torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True)
-            per = per.repeat_interleave(torch.tensor(counts, dtype=torch.int64).to(dev, non_blocking=True))[:, None]
-            h = quant_gate_up(xs, per, W.gate, W.up)  # [n, F] fp32
-            y = quant_down(h, per, torch.ones(per.shape, dtype=torch.float32, device=dev), W.down, x.dtype)
-        elif plain and not quant and self.grouped_mm is not None and W.gate.dtype == x.dtype:
+        y = quant_entries(xs, slots, counts, W) if plain and quant else None
+        if y is None and plain and not quant and self.grouped_mm is not None and W.gate.dtype == x.dtype:
             y = self._wave_grouped_mm(xs, slots, counts, W)
-        else:
+        if y is None:
             y = torch.empty((xs.shape[0], x.shape[1]), dtype=x.dtype, device=dev)
             a = 0
             for s, cnt in zip(slots, counts):
@@ -455,11 +449,18 @@ def _grouped_mm_fn(device: torch.device) -> Callable[..., Tensor] | None:
     return _grouped_mm()
 
 
-def _quant_kernels_ok(x: Tensor, W: Any) -> bool:
-    """Whether the fused dequantizing kernels serve these quantized stacks (CUDA, one block layout)."""
-    if x.device.type != "cuda":
-        return False
-    from tiered.kernels.quant_moe import _strides, kernel_ok
+def quant_entries(xs: Tensor, slots: list[int], counts: list[int], W: Any, *, interpret: bool = False) -> Tensor | None:
+    """Quantized experts through the fused dequantizing kernels (kernels/quant_moe.py), one expert per row:
+    xs [n, D] grouped by expert (counts[j] rows use slot slots[j]) -> [n, D] in xs's dtype (each row's expert
+    output rounded once, as the grouped path). None when the kernels cannot serve these stacks (not CUDA, and
+    not the interpreter in tests; a format without a fused kernel): the caller takes the per-expert loop."""
+    from tiered.kernels.quant_moe import _strides, kernel_ok, quant_down, quant_gate_up
 
-    return (all(kernel_ok(x, w) for w in (W.gate, W.up, W.down)) and W.gate.fmt == W.up.fmt
-            and _strides(W.gate) == _strides(W.up))
+    if not (all(kernel_ok(xs, w, interpret=interpret) for w in (W.gate, W.up, W.down)) and W.gate.fmt == W.up.fmt
+            and _strides(W.gate) == _strides(W.up)):
+        return None
+    dev = xs.device
+    per = torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True)
+    per = per.repeat_interleave(torch.tensor(counts, dtype=torch.int64).to(dev, non_blocking=True))[:, None]  # [n, 1]
+    h = quant_gate_up(xs, per, W.gate, W.up)  # [n, F] fp32
+    return quant_down(h, per, torch.ones(per.shape, dtype=torch.float32, device=dev), W.down, xs.dtype)
