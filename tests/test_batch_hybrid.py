@@ -211,7 +211,7 @@ def test_quantized_layout_batched_equals_single_sequence(tmp_path, reference_mod
     ck = make_checkpoint(tmp_path / "ck", "qwen3_5_moe", seed=5, vocab_size=VOCAB, max_position_embeddings=CTX)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(reference_model / name, ck / name)
-    repack(ck, tmp_path / "lay", progress=False, experts="q4", dense="q4")
+    repack(ck, tmp_path / "lay", progress=False, experts="q4", dense="q4", q4_refine="none")
     eng = load(tmp_path / "lay", device="cpu", dtype="float32", max_context=CTX)
     from tiered.layout.quant import QuantWeight
 
@@ -220,5 +220,25 @@ def test_quantized_layout_batched_equals_single_sequence(tmp_path, reference_mod
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in (5, 70, 2)]
     ref = [eng.generate(p, max_new_tokens=5, stop_at_eos=False).token_ids for p in prompts]
-    reqs = _run(Scheduler(eng, max_batch=3, page_size=8), prompts, [5, 5, 5])
+    reqs = _run(Scheduler(eng, max_batch=3, page_size=8), prompts, [5, 5, 5])  # CPU: the per-expert loop
     assert [r.out_ids for r in reqs] == ref
+    # the CUDA choice: experts with <= QUANT_ROWS rows of a step through quant_entries (the fused kernels, tested
+    # against the loop above; here a torch stand-in, so the row bookkeeping is what is tested), busier experts
+    # (the 70-token prompt's) dequantized and multiplied
+    import tiered.decode.batchstep as bs
+    from tiered.model.moe import _expert
+
+    calls = []
+
+    def fake(xs, slots, counts, W, interpret=False):
+        calls.append(max(counts))
+        out, a = [], 0
+        for sl, c in zip(slots, counts):
+            out.append(_expert(xs[a:a + c], W, sl, xs.dtype, None))
+            a += c
+        return torch.cat(out)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bs, "quant_entries", fake)
+        reqs = _run(Scheduler(eng, max_batch=3, page_size=8), prompts, [5, 5, 5])
+    assert calls and max(calls) <= bs.QUANT_ROWS and [r.out_ids for r in reqs] == ref

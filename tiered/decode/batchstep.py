@@ -47,6 +47,8 @@ from tiered.model.transformer import Routed
 from tiered.store.provider import HostSlotProvider
 
 MAX_GROUPS = 1024  # torch's grouped_mm refuses more groups per call
+QUANT_ROWS = 16  # quantized experts with at most this many rows in a step take the fused kernels (each row reads
+#                 its expert: decode); experts with more (prefill) are dequantized once and multiplied
 RowRouting = Callable[[int, int, int], tuple[Tensor, Tensor]]  # (layer, start, T) -> ids [T, K], weights [T, K]
 
 
@@ -135,8 +137,8 @@ class BatchStep:
         self.record_keys = record_keys
         self.last = StepCounts()
         self.grouped_mm = _grouped_mm_fn(self.device)
-        kinds = {ls.kind for ls in state.layers}
-        self._kinds = kinds
+        self.quant_interpret = False  # tests: the fused quantized-expert kernels through Triton's CPU interpreter
+        self._kinds = {ls.kind for ls in state.layers}
 
     @torch.inference_mode()
     def forward(self, segs: list[Segment]) -> Tensor:
@@ -384,8 +386,9 @@ class BatchStep:
         their SwiGLU, written into `rows` [T*K, D] at their (token, k) places.
 
         Paths: torch's grouped GEMM (CUDA, unquantized plain SwiGLU); the fused dequantizing kernels of
-        kernels/quant_moe.py with one (expert slot) per entry (CUDA, quantized experts); else a loop over the
-        experts through moe._expert (dequantized per expert, biases and gpt-oss's activation included)."""
+        kernels/quant_moe.py with one (expert slot) per entry for quantized experts with <= QUANT_ROWS rows
+        (CUDA); else a loop over the experts through moe._expert (dequantized per expert, biases and gpt-oss's
+        activation included)."""
         W = self.model.provider.weights
         dev = x.device
         if all(starts[j] + counts[j] == starts[j + 1] for j in range(len(starts) - 1)):
@@ -396,15 +399,28 @@ class BatchStep:
         xs = x.index_select(0, tok.index_select(0, sel))  # [n, D]
         plain = act is None and getattr(W, "gate_bias", None) is None
         quant = isinstance(W.gate, QuantWeight)
-        y = quant_entries(xs, slots, counts, W) if plain and quant else None
-        if y is None and plain and not quant and self.grouped_mm is not None and W.gate.dtype == x.dtype:
+        if plain and not quant and self.grouped_mm is not None and W.gate.dtype == x.dtype:
             y = self._wave_grouped_mm(xs, slots, counts, W)
-        if y is None:
+        else:
             y = torch.empty((xs.shape[0], x.shape[1]), dtype=x.dtype, device=dev)
+            loop = set(range(len(slots)))
+            if plain and quant:  # experts with few rows: the fused kernels (each row reads its expert once)
+                few = [j for j in loop if counts[j] <= QUANT_ROWS]
+                at = [0]
+                for c in counts:
+                    at.append(at[-1] + c)
+                idx_l = [r for j in few for r in range(at[j], at[j + 1])]
+                idx = torch.tensor(idx_l, dtype=torch.int64).to(dev, non_blocking=True)
+                yq = quant_entries(xs.index_select(0, idx), [slots[j] for j in few], [counts[j] for j in few], W,
+                                   interpret=self.quant_interpret) if few else None
+                if yq is not None:
+                    y.index_copy_(0, idx, yq)
+                    loop -= set(few)
             a = 0
-            for s, cnt in zip(slots, counts):
+            for j, (s, cnt) in enumerate(zip(slots, counts)):
                 b = a + cnt
-                y[a:b] = _expert(xs[a:b], W, s, x.dtype, act)
+                if j in loop:  # dequantized per expert when quantized (moe._expert), then GEMMs over its rows
+                    y[a:b] = _expert(xs[a:b], W, s, x.dtype, act)
                 a = b
         rows.index_copy_(0, ent, y * wsorted.index_select(0, sel)[:, None])
 
