@@ -123,7 +123,7 @@ def test_slots_follow_rows(fam):
         assert sch.state.free_slots == 2 - len(held)
         seen.append(held)
     assert all(r.slot == -1 and r.done for r in reqs)
-    assert sch.state.free_slots == 2
+    assert sch.state.free_slots == 2 and max(len(h) for h in seen) == 2  # both slots held, then handed on
 
 
 def test_pool_accounting(fam):
