@@ -264,3 +264,25 @@ def test_cuda_batched_agrees_with_single_sequence(tmp_path, reference_model, fam
     print(f"{family} {quant}: top-1 agreement {same / sum(NEW):.3f}")
     assert same >= 0.9 * sum(NEW) and sch.step_fn.decode_attention == "paged"
     assert sch.state.free_slots == sch.state.num_slots
+
+
+def test_mla_attend_rows_equals_each_row(fam):
+    """The decode rows' MLA in one call (rows of different lengths, padded) == mla_attend's absorbed path per row."""
+    family, eng, _, _ = fam
+    if family != "deepseek_v3":
+        pytest.skip("no MLA layers")
+    from tiered.model.mla import mla_attend, mla_attend_rows
+
+    m = eng.model
+    d = m.mla_dims
+    g = torch.Generator().manual_seed(5)
+    lens = [1, 7, 20]
+    B, S = len(lens), 24
+    qn, qr = torch.randn(B, d.heads, d.nope, generator=g), torch.randn(B, d.heads, d.rope, generator=g)
+    cs, ks = torch.randn(B, S, d.kv_lora_rank, generator=g), torch.randn(B, S, d.rope, generator=g)
+    cs[0, 1:] = 1e4  # padding past a row's length must not count
+    got = mla_attend_rows(qn, qr, cs, ks, torch.tensor(lens), m.layers[1].mla.kv_b, d, m.mla_scale)
+    for b, n in enumerate(lens):
+        want = mla_attend(qn[b:b + 1], qr[b:b + 1], cs[b, :n], ks[b, :n], m.layers[1].mla.kv_b, None, d, m.mla_scale,
+                          absorbed=True)
+        torch.testing.assert_close(got[b:b + 1], want, rtol=1e-5, atol=1e-5)

@@ -14,7 +14,8 @@ Token mixers by the layer's state kind (decode/state.py):
                (Qwen3.5's gated attention: times sigmoid(gate) before o_proj).
   "latent"     MLA (DeepSeek-V3): queries, latents and rope keys for every token, latents written into the
                pages, then per row its gathered latents through mla_attend (expanded for a prompt chunk,
-               kv_b absorbed for one token: the single-sequence choice).
+               kv_b absorbed for one token: the single-sequence choice); in paged mode (CUDA) the one-token
+               rows together through mla_attend_rows over their gathered pages.
   "recurrent"  Gated DeltaNet: a prompt chunk runs `deltanet` on its row's slot (the single-sequence path:
                the chunked form, or fla's kernels on CUDA); the one-token rows of the step run together in one
                `deltanet_rows` call over their slots' states (gathered, updated, scattered back).
@@ -41,7 +42,7 @@ from tiered.kernels.quant_moe import qlinear as linear
 from tiered.layout.quant import QuantWeight
 from tiered.model.deltanet import deltanet, deltanet_rows
 from tiered.model.layers import attn_mask, project_qkv, rms_norm
-from tiered.model.mla import mla_attend, mla_project
+from tiered.model.mla import mla_attend, mla_attend_rows, mla_project
 from tiered.model.moe import _expert, shared_expert
 from tiered.model.transformer import Routed
 from tiered.store.provider import HostSlotProvider
@@ -206,7 +207,7 @@ class BatchStep:
         dev = self.device
         plan: dict = {"decode": [], "other": []}
         kinds = self._kinds
-        if "kv" in kinds:
+        if kinds & {"kv", "latent"}:
             for i, s in enumerate(segs):
                 one = len(s.tokens) == 1 and self.decode_attention == "paged"
                 plan["decode" if one else "other"].append(i)
@@ -218,10 +219,12 @@ class BatchStep:
                 plan["bt"] = torch.tensor(bt, dtype=torch.int32).to(dev, non_blocking=True)
                 plan["seqlens"] = torch.tensor([s.start + 1 for s in rows], dtype=torch.int32).to(dev, non_blocking=True)
                 plan["rows"] = torch.tensor([offs[i] for i in plan["decode"]], dtype=torch.int64).to(dev, non_blocking=True)
+        if "kv" in kinds:
             G = self.cfg.num_heads // self.cfg.num_kv_heads
             plan["row"] = {i: self._row_plan(segs[i], G, self.cfg.sliding_window) for i in plan["other"]}
         if "latent" in kinds:
-            plan["mla_row"] = [self._row_plan(s, 1, None) for s in segs]
+            plan["mla_other"] = plan["other"]
+            plan["mla_row"] = {i: self._row_plan(segs[i], 1, None) for i in plan["other"]}
         if "recurrent" in kinds:
             one = [i for i, s in enumerate(segs) if len(s.tokens) == 1]
             plan["rec_one"] = one
@@ -297,7 +300,15 @@ class BatchStep:
         ls.latent.view(N * P, R).index_copy_(0, plan["flat"], c)
         ls.k_rope.view(N * P, dr).index_copy_(0, plan["flat"], k_rot)
         o = x.new_empty((x.shape[0], dims.heads * dims.v))
-        for i, (pages, lo, end, mask) in enumerate(plan["mla_row"]):
+        if plan["decode"]:  # paged mode: the one-token rows in one call over their gathered pages
+            rows, bt = plan["rows"], plan["bt"].long()
+            B = bt.shape[0]
+            cs = ls.latent[bt].view(B, -1, R)  # [B, maxp*P, R]
+            ks = ls.k_rope[bt].view(B, -1, dr)
+            o.index_copy_(0, rows, mla_attend_rows(q_nope.index_select(0, rows), q_rot.index_select(0, rows), cs, ks,
+                                                   plan["seqlens"], w.kv_b, dims, m.mla_scale))
+        for i in plan["mla_other"]:
+            pages, lo, end, mask = plan["mla_row"][i]
             a, b = offs[i], offs[i + 1]
             cs = ls.latent.index_select(0, pages).view(-1, R)[lo:end]  # [S, R]
             ks = ls.k_rope.index_select(0, pages).view(-1, dr)[lo:end]  # [S, dr]

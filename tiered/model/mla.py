@@ -7,7 +7,8 @@ per-head keys and values, as transformers computes it: for prefill) and `absorbe
 into the query and its value half applied after the weighted sum of latents, so no per-head key or value is
 formed: for decode). `mla_attention` is `mla_project` (queries, latent and rope key of the call's tokens), the
 cache write, and `mla_attend` (queries over a span of latents); the batch step (decode/batchstep.py) calls the
-two halves itself over its paged latents. Does not own: the decoder loop (transformer.py) nor the routing.
+two halves itself over its paged latents, and `mla_attend_rows` (the absorbed one-token path with a row dim) for
+its decode rows in one call. Does not own: the decoder loop (transformer.py) nor the routing.
 
 Tested against transformers' DeepseekV3Attention module (tests/test_mla.py) and, in the decoder, against
 DeepseekV3ForCausalLM (tests/test_deepseek_v3.py). The model state holds the cache (model/state.py).
@@ -130,6 +131,25 @@ def mla_attend(q_nope: Tensor, q_rot: Tensor, cs: Tensor, ks: Tensor, kv_b: Tens
     o = torch.einsum("hts,sr->htr", p, cs)  # [H, T, R]
     o = torch.einsum("htr,hvr->thv", o, kvb[:, dn:])  # [T, H, dv]
     return o.reshape(T, H * dv)
+
+
+def mla_attend_rows(q_nope: Tensor, q_rot: Tensor, cs: Tensor, ks: Tensor, lengths: Tensor, kv_b: Tensor,
+                    dims: MLADims, scale: float) -> Tensor:
+    """One query per row, kv_b absorbed (mla_attend's one-token path with a row dim): q_nope [B, H, dn], q_rot
+    [B, H, dr] over each row's latents cs [B, S, R] and rope keys ks [B, S, dr], of which the first lengths[b]
+    (int [B] on the device) are the row's -> [B, H*dv]. The batch step's decode rows, over their gathered pages."""
+    B = q_nope.shape[0]
+    H, dn, dv = dims.heads, dims.nope, dims.v
+    kvb = kv_b.view(H, dn + dv, -1)
+    rope_scores = torch.einsum("bhd,bsd->bhs", q_rot, ks)  # [B, H, S]
+    q_lat = torch.einsum("bhd,hdr->bhr", q_nope, kvb[:, :dn])  # [B, H, R]
+    s = (torch.matmul(q_lat, cs.transpose(1, 2)) + rope_scores) * scale
+    pos = torch.arange(cs.shape[1], device=cs.device)
+    s = s.masked_fill((pos[None, :] >= lengths[:, None])[:, None, :], float("-inf"))
+    p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q_nope.dtype)  # [B, H, S]
+    o = torch.matmul(p, cs)  # [B, H, R]
+    o = torch.einsum("bhr,hvr->bhv", o, kvb[:, dn:])  # [B, H, dv]
+    return o.reshape(B, H * dv)
 
 
 def mla_attention(x: Tensor, w: MLAWeights, cache: MLACache, layer: int, plan: StepPlan, dims: MLADims,
