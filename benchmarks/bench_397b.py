@@ -342,8 +342,13 @@ def phase_batch(a, st: dict, device: torch.device) -> None:
     prompts = [torch.randint(10, min(8000, cfg.vocab_size), (P,), generator=g).tolist() for _ in range(B_max)]
     for kind in a.routings.split(","):
         rows = batch_routings(kind, ref, cfg, k, tokens, B_max, a, device)
-        eng = load(path, device=device, dtype=dt, max_context=tokens, budget=b["flags"], experts_per_token=k,
-                   cuda_graphs=False, state_bytes=state)
+        try:
+            eng = load(path, device=device, dtype=dt, max_context=tokens, budget=b["flags"], experts_per_token=k,
+                       cuda_graphs=False, state_bytes=state)
+        except (EngineError, ValueError) as e:  # e.g. the rows' state does not fit the scaled VRAM budget
+            res[kind] = {"error": str(e)}
+            log(f"batch {name}/k{k}/{kind}: {e}")
+            continue
         runs = res.setdefault(kind, {})
         for B in batches:
             t0 = time.perf_counter()
@@ -668,6 +673,9 @@ def report(st: dict) -> None:
               f"{r['ms_per_layer'] or 0:7.2f} ms/layer  hit {r['hit_rate'] or 0:.3f}  slots {r['expert_slots']}")
     bt = st.get("batch") or {}
     for kind in ("replay", "uniform"):
+        if "error" in (bt.get(kind) or {}):
+            print(f"batch {kind}: {bt[kind]['error']}")
+            continue
         for B, r in (bt.get(kind) or {}).items():
             print(f"batch {bt['slice']}/k{bt['k']}/{kind:<8} B={B:>3} {r['tok_s'] or 0:8.2f} tok/s aggregate  "
                   f"hit {r['hit_rate'] or 0:.3f}  {r['distinct_experts_per_step']:.0f} experts/step")
