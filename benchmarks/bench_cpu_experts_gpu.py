@@ -206,8 +206,12 @@ def main() -> None:
             budget = {**base, "policy": policy, "prefetch_depth": 1 if cand else 0, "prefetch_budget": cand or 1,
                       "cpu_experts": cpu, "h2d_gbps": h2d, "slot_table": table}
             log(f"doc {name}: {label}")
-            runs[label] = one_run(a.layout, device, prompt, a.new_tokens, doc, budget=budget, predictor=pred,
-                                  warmup=a.warmup)
+            s = one_run(a.layout, device, prompt, a.new_tokens, doc, budget=budget, predictor=pred, warmup=a.warmup)
+            if table == "device" and s.get("decode_graphs") != "device":  # a fallback is not a device-step figure
+                log(f"doc {name}: {label} did not decode with the device step ({s.get('decode_graphs')}): row dropped")
+                res.setdefault("failed_runs", []).append({"doc": name, "run": label, "decode_graphs": s.get("decode_graphs")})
+                return
+            runs[label] = s
 
         pf = f"predicted+{a.candidates}"
         plan = [("lru/off", "lru", 0, "off", 0.0), ("predicted/off", "predicted", 0, "off", 0.0),

@@ -28,8 +28,8 @@ from torch import Tensor
 
 FREE_SCORE = -(2 ** 62)  # a free slot's score: taken before any resident expert is evicted
 PINNED_SCORE = 2 ** 62  # a slot this call uses: never a victim
-_FREE: tl.constexpr = FREE_SCORE
-_PINNED: tl.constexpr = PINNED_SCORE
+_FREE = tl.constexpr(FREE_SCORE)  # (Triton reads globals only when they are constexpr instances)
+_PINNED = tl.constexpr(PINNED_SCORE)
 
 
 @triton.jit
