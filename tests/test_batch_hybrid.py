@@ -286,3 +286,24 @@ def test_mla_attend_rows_equals_each_row(fam):
         want = mla_attend(qn[b:b + 1], qr[b:b + 1], cs[b, :n], ks[b, :n], m.layers[1].mla.kv_b, None, d, m.mla_scale,
                           absorbed=True)
         torch.testing.assert_close(got[b:b + 1], want, rtol=1e-5, atol=1e-5)
+
+
+def test_admission_waits_for_a_slot(fam):
+    """A request is admitted only with a free slot (here one of the two is held elsewhere): the second waits for
+    the first to finish, then runs with the slot it gave back."""
+    family, eng, prompts, ref = fam
+    if family == "deepseek_v3":
+        pytest.skip("only DeltaNet models hold slots")
+    sch = Scheduler(eng, max_batch=2, page_size=8)
+    held = sch.state.alloc_slot()
+    a, b = (sch.submit(Request(str(i), prompts[i], SamplingParams(max_tokens=NEW[i], stop_at_eos=False)))
+            for i in (0, 2))
+    sch.step()
+    assert sch.running == [a] and list(sch.waiting) == [b]
+    while not a.done:
+        sch.step()
+        assert b.slot == -1 or a.done
+    sch.run_until_idle()
+    assert a.out_ids == ref[0] and b.out_ids == ref[2]
+    sch.state.free_slot(held)
+    assert sch.state.free_slots == 2
