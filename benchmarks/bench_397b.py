@@ -18,8 +18,10 @@ a phase rebuilds what it needs when the machine came back cold):
              PCIe  --h2d-gbps 25 (when this tiered has the option; the achieved GB/s is reported beside it).
            At the native K also "replay-staged": the same run with --io-register off (the RAM tier as pinned
            copies filled by page-cache reads on the I/O threads), against the registered mapped blocks of "replay".
-           Batch 8 and 32: the batch scheduler is probed; it refuses Gated DeltaNet / gated attention families today,
-           and the JSON records its message instead of a figure.
+  batch    aggregate decode tok/s of the batch scheduler at --batches (8, 32) on slice --batch-slice (B) at K = 10,
+           the slice's budget flags, routing replayed per row (a different mapped window per row) and uniform;
+           the rows' state (DeltaNet slots: fixed bytes per sequence; K/V pages) is reserved inside the VRAM
+           budget, and the JSON gives the per-sequence bytes at 60 layers (what batch 32 costs the 8 GB target).
   balloon  slice A at K = 10, replayed routing, --io direct, with a separate process locking (mlock) the RAM the
            laptop's share does not allow, so that page cache + pinned tier cannot exceed it: the disk tier is
            exercised for real. Reported beside raw O_DIRECT reads of the same experts.bin in the same run (caches
@@ -40,6 +42,7 @@ a phase rebuilds what it needs when the machine came back cold):
 
     python3 benchmarks/bench_397b.py --phases write,slice --work /root/b397          # call 1 (~6-8 min)
     python3 benchmarks/bench_397b.py --phases balloon,project --work /root/b397      # call 2 (~3-5 min)
+    python3 benchmarks/bench_397b.py --phases batch --work /root/b397                # call 3 (~4-8 min)
     python3 benchmarks/bench_397b.py --small --phases all --work /tmp/b397s          # the pipeline, tiny, CPU (~1 min)
 Prints a table, then one JSON line last; writes $OUT/397b.json when OUT is set (and --work/state.json always, after
 every run: a `slice` call cut short by the time limit resumes where it stopped; --redo measures everything again).
@@ -78,7 +81,7 @@ from tiered.store.disk import Layout  # noqa: E402
 from tiered.store.options import BUDGET_KEYS  # noqa: E402
 
 GiB = 1 << 30
-PHASES = ("write", "slice", "balloon", "project")
+PHASES = ("write", "slice", "batch", "balloon", "project")
 TARGET_LAYERS = 60
 FLASH_MOE = {"m3_max_48gb_k4": 4.36, "m3_max_48gb_k10": 1.20, "rtx4090_64gb_k4_avg": 5.35, "rtx4090_64gb_k4_peak": 5.86}
 
@@ -292,18 +295,82 @@ def head_seconds(eng, device: torch.device, reps: int = 20) -> float:
         return (time.perf_counter() - t0) / reps
 
 
-def batch_probe(path: Path, device: torch.device) -> dict:
-    """Whether the batch scheduler runs this family (batch 8 and 32 aggregate throughput need it)."""
-    from tiered.decode.scheduler import Scheduler
-
-    eng = load(path, device=device, max_context=64, budget={"expert_slots": 64, "ram_gb": 1.0}, cuda_graphs=False)
-    try:
-        Scheduler(eng, max_batch=8)
-        out = {"supported": True, "note": "the scheduler accepts this family: add the batch 8/32 runs"}
-    except (NotImplementedError, ValueError, EngineError) as e:
-        out = {"supported": False, "error": str(e)}
-    free(eng)
+def batch_routings(kind: str, ref: Trace, cfg, k: int, tokens: int, rows: int, a, device: torch.device) -> list:
+    """One ReplayRouting per row: "replay" = a different `tokens`-long window of the mapped reference per row
+    (round-robin over the documents), "uniform" = a different uniform trace per row (seed + row)."""
+    if kind == "uniform":
+        trs = [uniform_routing(tokens, num_layers=cfg.num_layers, num_experts=cfg.num_experts, top_k=k, seed=a.seed + i)
+               for i in range(rows)]
+        return [ReplayRouting(t.topk_ids, t.topk_weights, device=device) for t in trs]
+    m = map_routing(ref, num_layers=cfg.num_layers, num_experts=cfg.num_experts, top_k=k, segment=a.segment,
+                    jitter=a.jitter)
+    per_doc = [[(d, o) for o in range(0, m.doc(d).num_tokens - tokens + 1, tokens)] for d in range(m.num_docs)]
+    picks, i = [], 0
+    while len(picks) < rows and any(per_doc):
+        if per_doc[i % len(per_doc)]:
+            picks.append(per_doc[i % len(per_doc)].pop(0))
+        i += 1
+    if len(picks) < rows:
+        raise SystemExit(f"the mapped reference has {len(picks)} windows of {tokens} tokens for {rows} rows: "
+                         "lower --prompt-tokens / --batch-new-tokens")
+    out = []
+    for d, o in picks:
+        doc = m.doc(d)
+        out.append(ReplayRouting(doc.topk_ids[o:o + tokens], doc.topk_weights[o:o + tokens], device=device))
     return out
+
+
+def phase_batch(a, st: dict, device: torch.device) -> None:
+    """Aggregate decode tok/s of the batch scheduler at --batches (8 and 32) on slice B (--batch-slice) at K = 10:
+    the slice's budget flags, routing replayed per row and uniform, --prompt-tokens prompts of random ids, then
+    --batch-new-tokens greedy tokens per row (bench_batch_gpu.run_b: a warm-up job, then the timed decode steps).
+    The rows' state (DeltaNet slots, fixed bytes per sequence, and the attention layers' K/V pages) is reserved
+    inside the slice's VRAM budget (load(state_bytes=)); the JSON gives it per sequence, and at 60 layers."""
+    from bench_batch_gpu import run_b
+
+    from tiered.decode.state import page_bytes, slot_bytes
+
+    slices = ensure_slices(a, a.work, st)
+    ref = reference_trace(a, a.work)
+    name = a.batch_slice
+    path = Path(slices[name]["path"])
+    lay = Layout.open(path)
+    cfg = lay.config
+    batches = [int(x) for x in a.batches.split(",")]
+    k = 10 if not a.small else cfg.top_k
+    P, n, page = a.prompt_tokens, a.batch_new_tokens, 16
+    tokens = P + n + 8
+    B_max = max(batches)
+    kv_pages = B_max * -(-tokens // page)
+    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+    state = kv_pages * page_bytes(cfg, page, dt) + B_max * slot_bytes(cfg, dt)
+    b = budgets(a, lay, k, device, tokens)
+    res = st.setdefault("batch", {})
+    res.update({"slice": name, "layers": cfg.num_layers, "k": k, "batches": batches, "prompt_tokens": P,
+                "new_tokens": n, "state_bytes": state, "slot_bytes_per_sequence": slot_bytes(cfg, dt),
+                "slot_bytes_per_sequence_60": slot_bytes(_scaled_cfg(cfg, TARGET_LAYERS), dt),
+                "budget_mode": b["budget_mode"], "flags": b["flags"]})
+    g = torch.Generator().manual_seed(a.seed)
+    prompts = [torch.randint(10, min(8000, cfg.vocab_size), (P,), generator=g).tolist() for _ in range(B_max)]
+    for kind in a.routings.split(","):
+        rows = batch_routings(kind, ref, cfg, k, tokens, B_max, a, device)
+        try:
+            eng = load(path, device=device, dtype=dt, max_context=tokens, budget=b["flags"], experts_per_token=k,
+                       cuda_graphs=False, state_bytes=state)
+        except (EngineError, ValueError) as e:  # e.g. the rows' state does not fit the scaled VRAM budget
+            res[kind] = {"error": str(e)}
+            log(f"batch {name}/k{k}/{kind}: {e}")
+            continue
+        runs = res.setdefault(kind, {})
+        for B in batches:
+            t0 = time.perf_counter()
+            r = run_b(eng, B, prompts, n, rows, kv_pages, B * P)
+            runs[str(B)] = {x: y for x, y in r.items() if not x.startswith("_")}
+            log(f"batch {name}/k{k}/{kind} B={B}: {r['tok_s']:.2f} tok/s aggregate, "
+                f"{r['distinct_experts_per_step']:.0f} experts/step, hit {r['hit_rate']} "
+                f"({time.perf_counter() - t0:.0f} s)")
+            save_state(a.work, st)
+        free(eng)
 
 
 def phase_slice(a, st: dict, device: torch.device) -> None:
@@ -334,7 +401,6 @@ def phase_slice(a, st: dict, device: torch.device) -> None:
                 res[key] = r
                 log(f"  {r['decode_tok_s']:.2f} tok/s, {r['ms_per_layer']:.2f} ms/layer, hit {r['hit_rate']}")
                 save_state(a.work, st)
-    st["batch"] = batch_probe(Path(slices["B"]["path"]), device)
 
 
 # --- balloon -------------------------------------------------------------------------------------------
@@ -635,6 +701,9 @@ def main() -> None:
     ap.add_argument("--resume-from", type=Path, default=None,
                     help="a 397b.json of an earlier call: its results seed --work/state.json when that is missing (a "
                          "machine that came back cold; or `--phases project` on a CPU from the returned JSON)")
+    ap.add_argument("--batches", default="8,32", help="batch phase: rows per step")
+    ap.add_argument("--batch-slice", default="B", choices=("A", "B"), help="batch phase: the slice it runs on")
+    ap.add_argument("--batch-new-tokens", type=int, default=32, help="batch phase: tokens generated per row")
     a = ap.parse_args()
     phases = list(PHASES) if a.phases == "all" else a.phases.split(",")
     bad = set(phases) - set(PHASES)
@@ -673,6 +742,8 @@ def main() -> None:
             ensure_slices(a, a.work, st)
         elif ph == "slice":
             phase_slice(a, st, device)
+        elif ph == "batch":
+            phase_batch(a, st, device)
         elif ph == "balloon":
             phase_balloon(a, st, device)
         else:
@@ -689,6 +760,14 @@ def report(st: dict) -> None:
     for key, r in (st.get("slice") or {}).items():
         print(f"slice {key:<20} {r['layers']:>3} layers  {r['decode_tok_s'] or 0:8.2f} tok/s  "
               f"{r['ms_per_layer'] or 0:7.2f} ms/layer  hit {r['hit_rate'] or 0:.3f}  slots {r['expert_slots']}")
+    bt = st.get("batch") or {}
+    for kind in ("replay", "uniform"):
+        if "error" in (bt.get(kind) or {}):
+            print(f"batch {kind}: {bt[kind]['error']}")
+            continue
+        for B, r in (bt.get(kind) or {}).items():
+            print(f"batch {bt['slice']}/k{bt['k']}/{kind:<8} B={B:>3} {r['tok_s'] or 0:8.2f} tok/s aggregate  "
+                  f"hit {r['hit_rate'] or 0:.3f}  {r['distinct_experts_per_step']:.0f} experts/step")
     bal = st.get("balloon")
     if bal:
         print(f"balloon {bal.get('balloon')} {bal['balloon_gib']:.1f} GiB: disk {bal.get('disk_gbps')} GB/s vs raw "

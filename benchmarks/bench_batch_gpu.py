@@ -1,9 +1,11 @@
 """Batched decode on the GPU (issue 14): aggregate tok/s of the expert-major scheduler at B = 1, 8, 32, 128.
 
 Model: the 8-layer Qwen3-MoE shape of GROUND.md's llama.cpp baselines (qwen3-10b-8l: 5.61B, bf16, random
-weights; tools/make_random_checkpoint.py), repacked once under --work. Each row: a 64-token prompt of random
-ids, then --new-tokens greedy tokens (no EOS stop). Prompts are prefilled first (chunks ride the steps);
-timing covers the steps after every row has its first token.
+weights; tools/make_random_checkpoint.py), repacked once under --work; or, with --preset qwen35-397b, a slice of
+the Qwen3.5-397B-A17B hybrid shape (issue 16: --layers N, 3 Gated DeltaNet : 1 gated attention, 512 experts,
+top-10, --experts q4 by default) written straight as a layout by tools/write_random_layout.py. Each row: a
+64-token prompt of random ids, then --new-tokens greedy tokens (no EOS stop). Prompts are prefilled first
+(chunks ride the steps); timing covers the steps after every row has its first token.
 
 Parts (--phases, each under 10 minutes; the checkpoint, layout and results under --work are reused):
   build    checkpoint + layout.
@@ -12,7 +14,8 @@ Parts (--phases, each under 10 minutes; the checkpoint, layout and results under
   offload  --vram-gb 4 (whole budget: dense + the paged KV pool for B=128 + scratch + expert slots; RAM tier
            preloaded): tok/s per B, own routing and replayed routing.
 Routing: "own" = the random model's router; "replay" = a different reference document per row (the reference
-model's routing over fit/ + eval/ windows, tiered/predict/replay.py: 64 experts -> 128 by e' = 2e + (row % 2)).
+model's routing over fit/ + eval/ windows, tiered/predict/replay.py: 64 experts -> 128 by e' = 2e + (row % 2) for
+the Qwen3 shape; for other shapes (the 397B slice) predict/replay.map_routing, the mapping bench_397b.py uses).
 
 Batch PCIe bound (CONTRACTS): per decode step, max(compute time of that step in VRAM at the same B and
 routing (median), Belady's miss bytes of that step / measured host->GPU GB/s), Belady run over the run's own
@@ -25,6 +28,12 @@ re-measure them in the same lease and pass them).
     python3 benchmarks/bench_batch_gpu.py --work /root/bb --phases vram             # ~3 min
     python3 benchmarks/bench_batch_gpu.py --work /root/bb --phases offload          # ~6 min
     python3 benchmarks/bench_batch_gpu.py --small --work /tmp/bb                    # whole pipeline on CPU
+The Qwen3.5 hybrid shape (an 8-layer q4 slice of the 397B, ~28 GB; experts resident, then offloaded):
+    python3 benchmarks/bench_batch_gpu.py --preset qwen35-397b --layers 8 --work /root/bb35 --batches 1,8,32 \
+        --phases build,vram                                                          # ~5-7 min
+    python3 benchmarks/bench_batch_gpu.py --preset qwen35-397b --layers 8 --work /root/bb35 --batches 1,8,32 \
+        --phases offload --vram-gb 8                                                 # ~5 min
+    python3 benchmarks/bench_batch_gpu.py --small --preset qwen35-397b-tiny --work /tmp/bb35   # CPU pipeline
 With bench_peers.py's model and llama.cpp figures from the same lease (no second 11 GB checkpoint on the disk):
     python3 benchmarks/bench_batch_gpu.py --layout /root/peers/layout --llama-json /root/peers/llama.json \
         --work /root/bb --phases vram        (then --phases offload)
@@ -51,7 +60,7 @@ from bench_offload_gpu import GiB, free, h2d_bandwidth, log  # noqa: E402
 from benchmeta import git_commit, write_out  # noqa: E402
 
 from tiered.decode.scheduler import Request, SamplingParams, Scheduler  # noqa: E402
-from tiered.decode.state import page_bytes  # noqa: E402
+from tiered.decode.state import page_bytes, slot_bytes  # noqa: E402
 from tiered.engine import load  # noqa: E402
 from tiered.store.budget import estimate_dense_bytes, estimate_kv_bytes, estimate_scratch_bytes  # noqa: E402
 from tiered.store.disk import Layout  # noqa: E402
@@ -63,7 +72,15 @@ LLAMA_VRAM = "836,3174,7055,15752"  # GROUND.md, llama-batched-bench S_TG, all o
 LLAMA_CPU = "131,186,35,107"  # GROUND.md, experts on CPU (-ot exps=CPU)
 
 
-def build(work: Path, preset: str) -> Path:
+def build(work: Path, preset: str, layers: int | None = None, experts: str = "q4", dense: str = "bf16") -> Path:
+    from write_random_layout import PRESETS as LAYOUT_PRESETS, write_layout
+
+    if preset in LAYOUT_PRESETS:  # the Qwen3.5 hybrid shapes: a random layout written directly (no checkpoint)
+        lay = work / f"{preset}-{layers or 'all'}l-{experts}-{dense}-layout"
+        if not (lay / "manifest.json").is_file():
+            log(f"writing {lay.name}")
+            write_layout(lay, preset=preset, layers=layers, experts=experts, dense=dense, progress=False, force=True)
+        return lay
     from make_random_checkpoint import make
 
     from tiered.layout.repack import repack
@@ -84,7 +101,7 @@ def replay_rows(cfg, n_rows: int, length: int, device: torch.device, text: Path)
     from tiered.predict.replay import ReplayRouting
     from tiered.predict.trace import TraceRecorder, record, split_ids
 
-    rec = TraceRecorder(logits=False, hidden=False)
+    rec = TraceRecorder(logits=True, hidden=False)  # map_routing needs the logits above the source's top-k
     eng = load(default_model_path(), device=device, dtype=torch.float32, max_context=max(length, 64), observer=rec)
     per_file = [split_ids(p.name, eng.encode(p.read_text()), length)
                 for sub in ("fit", "eval") for p in sorted((text / sub).iterdir())]
@@ -101,6 +118,16 @@ def replay_rows(cfg, n_rows: int, length: int, device: torch.device, text: Path)
         raise SystemExit(f"the texts give only {len(docs)} windows of {length} tokens for {n_rows} rows")
     tr = record(eng, rec, docs)
     free(eng)
+    direct = not cfg.layer_types and cfg.num_layers % tr.num_layers == 0 and cfg.num_experts % tr.num_experts == 0
+    if not direct:  # the 397B slice (issue 16): bench_397b.py's mapping, one mapped document per row
+        from tiered.predict.replay import map_routing
+
+        m = map_routing(tr, num_layers=cfg.num_layers, num_experts=cfg.num_experts, top_k=cfg.top_k)
+        out = [m.doc(d, length) for d in range(m.num_docs)]
+        out = [d for d in out if d.num_tokens == length]
+        if len(out) < n_rows:
+            raise SystemExit(f"the mapped routing gives only {len(out)} rows of {length} tokens for {n_rows} rows")
+        return [ReplayRouting(d.topk_ids.astype(np.int64), d.topk_weights, device=device) for d in out[:n_rows]]
     L, E = tr.num_layers, tr.num_experts
     if cfg.num_layers % L or cfg.num_experts % E:
         raise SystemExit(f"cannot map the reference routing ({L} layers x {E} experts) onto "
@@ -116,11 +143,13 @@ def replay_rows(cfg, n_rows: int, length: int, device: torch.device, text: Path)
     return rows
 
 
-def slots_for(lay: Layout, vram_gb: float, kv_pages: int, ctx: int, prefill_tokens: int) -> tuple[int, dict]:
-    """Expert slots left in --vram-gb after dense, the paged KV pool, the engine's own KV and scratch."""
+def slots_for(lay: Layout, vram_gb: float, kv_pages: int, ctx: int, prefill_tokens: int,
+              rows: int = 0) -> tuple[int, dict]:
+    """Expert slots left in --vram-gb after dense, the paged state pool (K/V or latent pages, and `rows`
+    recurrent-state slots of DeltaNet layers), the engine's own state and scratch."""
     cfg, dt = lay.config, torch.bfloat16
     dense = estimate_dense_bytes(lay, dt)
-    pool = kv_pages * page_bytes(cfg, PAGE, dt)
+    pool = kv_pages * page_bytes(cfg, PAGE, dt) + (rows * slot_bytes(cfg, dt) if cfg.num_linear_layers else 0)
     own_kv = estimate_kv_bytes(cfg, ctx, dt)
     scratch = estimate_scratch_bytes(cfg, lay.block_size, dt)
     rows = prefill_tokens * cfg.top_k * cfg.hidden_size * 2 * 4 + prefill_tokens * cfg.top_k * cfg.expert_ffn * 2 * 3
@@ -205,7 +234,12 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/root/bb"))
     ap.add_argument("--phases", default="build,vram,offload")
     ap.add_argument("--preset", default="qwen3-10b-8l")
-    ap.add_argument("--small", action="store_true", help="qwen3-mini on CPU, B up to 8, few tokens (pipeline check)")
+    ap.add_argument("--layers", type=int, default=8, help="qwen35-* presets: layers of the slice (3:1 DeltaNet)")
+    ap.add_argument("--experts", default="q4", help="qwen35-* presets: expert format (write_random_layout.py)")
+    ap.add_argument("--dense", default="bf16", help="qwen35-* presets: dense format (bf16, q8, q4)")
+    ap.add_argument("--experts-per-token", type=int, default=None, help="route each token to K experts (397B: 4)")
+    ap.add_argument("--small", action="store_true",
+                    help="qwen3-mini (or qwen35-397b-tiny for a qwen35 preset) on CPU, B up to 8, few tokens")
     ap.add_argument("--batches", default=None, help="comma-separated B values (default 1,8,32,128)")
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -226,7 +260,8 @@ def main() -> None:
         a.text = alt if alt.is_dir() else a.text
     device = torch.device("cuda" if torch.cuda.is_available() and not a.small else "cpu")
     if a.small:
-        a.preset, a.new_tokens, a.prompt_tokens = "qwen3-mini", 8, 16
+        a.new_tokens, a.prompt_tokens = 8, 16
+        a.preset = "qwen35-397b-tiny" if a.preset.startswith("qwen35") else "qwen3-mini"
     batches = [int(x) for x in (a.batches or ("1,4,8" if a.small else ",".join(map(str, BATCHES)))).split(",")]
     a.work.mkdir(parents=True, exist_ok=True)
     res_path = a.work / "batch_gpu.json"
@@ -234,9 +269,12 @@ def main() -> None:
     res.update({"bench": "batch_gpu", "commit": git_commit(), "date": time.strftime("%Y-%m-%d"), "preset": a.preset,
                 "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                 "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens, "batches": batches})
-    lay_path = a.layout or build(a.work, a.preset)
+    lay_path = a.layout or build(a.work, a.preset, a.layers, a.experts, a.dense)
     lay = Layout.open(lay_path)
     cfg = lay.config
+    res["model"] = {"family": cfg.family, "layers": cfg.num_layers, "linear_layers": cfg.num_linear_layers,
+                    "experts": cfg.num_experts, "top_k": a.experts_per_token or cfg.top_k, "hidden": cfg.hidden_size,
+                    "layout": str(lay_path), "block_bytes": lay.block_size}
     ctx = a.prompt_tokens + a.new_tokens + 16
     kv_pages = max(batches) * -(-ctx // PAGE)
     vocab = cfg.vocab_size
@@ -254,7 +292,7 @@ def main() -> None:
             continue
         budget = None
         if phase == "offload":
-            slots, brk = slots_for(lay, a.vram_gb, kv_pages, ctx, a.prefill_tokens)
+            slots, brk = slots_for(lay, a.vram_gb, kv_pages, ctx, a.prefill_tokens, max(batches))
             if a.small:
                 slots = max(cfg.top_k, cfg.num_layers * cfg.num_experts // 4)
             res["offload_budget"] = {"vram_gb": a.vram_gb, "expert_slots": slots, "bytes": brk}
@@ -264,7 +302,8 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        engine = load(lay_path, device=device, dtype=dt, max_context=ctx, budget=budget, cuda_graphs=False)
+        engine = load(lay_path, device=device, dtype=dt, max_context=ctx, budget=budget, cuda_graphs=False,
+                      experts_per_token=a.experts_per_token)
         log(f"{phase}: loaded in {time.perf_counter() - t0:.1f} s")
         out: dict = {}
         for mode in modes:
@@ -298,6 +337,8 @@ def main() -> None:
         lv = [runs["batched_gpu_bf16"]["batch"][str(b)]["s_tg_tok_s"] for b in BATCHES]
         lc = [runs["batched_cpu_experts_bf16"]["batch"][str(b)]["s_tg_tok_s"] for b in BATCHES]
     ref = dict(zip(BATCHES, zip(lv, lc)))
+    if cfg.layer_types and a.llama_json is None:  # GROUND.md's figures are the Qwen3-MoE model's: no ratio here
+        ref = {}
     for phase in ("vram", "offload"):
         for mode, runs in (res.get(phase) or {}).items():
             if not isinstance(runs, dict):
@@ -306,7 +347,8 @@ def main() -> None:
                 if int(b) in ref:
                     r["vs_llamacpp_vram"] = r["tok_s"] / ref[int(b)][0]
                     r["vs_llamacpp_cpu_experts"] = r["tok_s"] / ref[int(b)][1]
-    res["llamacpp"] = {"vram": lv, "cpu_experts": lc, "batches": list(BATCHES), "source": source}
+    res["llamacpp"] = {"vram": lv, "cpu_experts": lc, "batches": list(BATCHES), "source": source,
+                       "compared": bool(ref)}  # False: another model's figures, no ratios computed
     res_path.write_text(json.dumps(res))
     print(f"{'phase':<8}{'routing':<8}{'B':>5}{'tok/s':>10}{'rows':>6}{'experts/step':>14}{'vs bound':>10}"
           f"{'vs llama cpu':>14}")

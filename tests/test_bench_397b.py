@@ -1,5 +1,5 @@
 """benchmarks/bench_397b.py --small: every phase of the 397B emulation runs on the CPU with the tiny preset (write two
-slices, replayed and uniform routing at two K, the balloon phase's O_DIRECT comparison, the simulator's calibration
+slices, replayed and uniform routing at two K, the batch scheduler at batch 8 and 32, the balloon phase's O_DIRECT comparison, the simulator's calibration
 and 60-layer projection) and the result carries the keys issue 16 asks for."""
 from __future__ import annotations
 
@@ -33,7 +33,11 @@ def test_bench_397b_small_pipeline(tmp_path):
     assert res["slice"]["B/k2/uniform"]["layers"] == 4 and res["slice"]["B/k2/uniform"]["experts_per_token"] == 2
     assert a["routing"]["num_experts"] == 128 and a["routing"]["top_k"] == 4
     assert res["slice"]["A/k4/uniform"]["hit_rate"] < a["hit_rate"]  # replayed routing repeats, uniform does not
-    assert "supported" in res["batch"]
+    bt = res["batch"]  # the batch scheduler on slice B: aggregate tok/s at B = 8 and 32, per-row state counted
+    assert set(bt["replay"]) == set(bt["uniform"]) == {"8", "32"} and bt["layers"] == 4
+    assert all(r_["tok_s"] > 0 and r_["tokens"] == int(B) * (bt["new_tokens"] - 1) for kind in ("replay", "uniform")
+               for B, r_ in bt[kind].items())
+    assert bt["slot_bytes_per_sequence"] > 0 and bt["slot_bytes_per_sequence_60"] == bt["slot_bytes_per_sequence"] * 15
     bal = res["balloon"]
     assert bal["run"]["io"] == "direct" and bal["odirect_raw"]["gbps"] > 0 and bal["disk_vs_odirect"] is not None
     assert res["project"]["balloon_check"]["predicted_tok_s"] > 0

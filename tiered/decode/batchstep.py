@@ -1,14 +1,31 @@
-"""The expert-major step: one forward over every row of a batch, each row on its own pages.
+"""The expert-major step: one forward over every row of a batch, each row on its own pages and slot.
 
 Owns: `Segment` (one row's tokens in a step: a one-token decode or a chunk of its prompt), `BatchStep`
-(the forward: per layer, attention for all rows over the paged state, the router, every (token, k) entry
-grouped by expert, each distinct expert resolved ONCE per step through the provider, one grouped
+(the forward: per layer, the token mixer of every row over its per-layer state, the router, every (token, k)
+entry grouped by expert, each distinct expert resolved ONCE per step through the provider, one grouped
 computation per projection, rows scattered back), the decode-attention seam (`paged_decode_attention`,
 plain torch; a Triton kernel with the same signature replaces it on CUDA) and the step's counters.
-Does not own: which rows run (scheduler.py), page allocation (state.py), the dense math (model/).
+Does not own: which rows run (scheduler.py), page and slot allocation (state.py), the per-layer math (model/:
+project_qkv, mla_project / mla_attend, deltanet / deltanet_rows, the family's router and dense layers).
+
+Token mixers by the layer's state kind (decode/state.py):
+  "kv"         attention: q/k/v for every token, K/V written into the pages, attention per row (CPU: the same
+               SDPA call as batch-1 decode; CUDA: the decode rows in one paged call), the output gate
+               (Qwen3.5's gated attention: times sigmoid(gate) before o_proj).
+  "latent"     MLA (DeepSeek-V3): queries, latents and rope keys for every token, latents written into the
+               pages, then per row its gathered latents through mla_attend (expanded for a prompt chunk,
+               kv_b absorbed for one token: the single-sequence choice); in paged mode (CUDA) the one-token
+               rows together through mla_attend_rows over their gathered pages.
+  "recurrent"  Gated DeltaNet: a prompt chunk runs `deltanet` on its row's slot (the single-sequence path:
+               the chunked form, or fla's kernels on CUDA); the one-token rows of the step run together in one
+               `deltanet_rows` call over their slots' states (gathered, updated, scattered back).
+Dense layers (DeepSeek-V3's first layers) run the model's MLP; routing is the model's own rule (softmax,
+top-k-then-softmax, sigmoid + groups).
+Not here: CUDA graphs of this step, attention sinks (gpt-oss: refused).
 
 Legend: T tokens in the step (all rows), B rows, D hidden, H query heads, KV kv heads, G = H // KV,
-hd head dim, P tokens per page, N pages, E experts, K top-k, U distinct experts of a layer, S slots.
+hd head dim, P tokens per page, N pages, E experts, K top-k, U distinct experts of a layer, S slots,
+R kv_lora_rank, dr rope dims.
 """
 from __future__ import annotations
 
@@ -21,11 +38,18 @@ from torch import Tensor
 
 from tiered.decode.state import LayerState, StatePool
 from tiered.kernels.grouped import _grouped_mm
+from tiered.kernels.quant_moe import qlinear as linear
+from tiered.layout.quant import QuantWeight
+from tiered.model.deltanet import deltanet, deltanet_rows
 from tiered.model.layers import attn_mask, project_qkv, rms_norm
-from tiered.model.moe import route, shared_expert
+from tiered.model.mla import mla_attend, mla_attend_rows, mla_project
+from tiered.model.moe import _expert, shared_expert
+from tiered.model.transformer import Routed
 from tiered.store.provider import HostSlotProvider
 
 MAX_GROUPS = 1024  # torch's grouped_mm refuses more groups per call
+QUANT_ROWS = 16  # quantized experts with at most this many rows in a step take the fused kernels (each row reads
+#                 its expert: decode); experts with more (prefill) are dequantized once and multiplied
 RowRouting = Callable[[int, int, int], tuple[Tensor, Tensor]]  # (layer, start, T) -> ids [T, K], weights [T, K]
 
 
@@ -37,6 +61,7 @@ class Segment:
     pages: list[int]  # the row's page table; covers start + len(tokens) tokens
     want_logits: bool  # return the logits of the last token (decode, or the last chunk of a prompt)
     routing: RowRouting | None = None  # benchmark mode: replayed routing for this row (predict/replay.py)
+    slot: int = -1  # the row's recurrent-state slot (models with DeltaNet layers; StatePool.alloc_slot)
 
 
 @dataclass
@@ -87,8 +112,8 @@ class BatchStep:
     """Runs steps of a Transformer (its dense weights and provider) over a StatePool.
 
     Args:
-        model: the Transformer (its contiguous KV cache is not used here).
-        state: the paged per-layer state.
+        model: the Transformer (its own single-sequence state is not used here).
+        state: the per-layer state pool (pages and slots).
         decode_attention: "auto" (rows loop on CPU: the same SDPA call per row as batch-1 decode, so batched
             greedy equals batch-1 greedy; the paged kernel/reference on CUDA), "rows" or "paged".
         record_keys: keep each step's per-layer expert keys in `last.keys` (Belady over the run's steps).
@@ -100,10 +125,10 @@ class BatchStep:
         self.state = state
         self.cfg = model.config
         self.device = model.device
-        if self.cfg.num_linear_layers or self.cfg.attn_output_gate or self.cfg.num_mla_layers:
+        if any(lw.attn is not None and lw.attn.sinks is not None for lw in model.layers):
             raise NotImplementedError(
-                f"the batch step does not run {self.cfg.family} yet (Gated DeltaNet layers keep a per-sequence state, "
-                "gated attention, MLA latent caches: notes/SEAMS.md): use `tiered run` for this model")
+                f"the batch step does not run {self.cfg.family} yet (attention sinks and mixed sliding/full "
+                "layers are not in decode/batchstep.py): use `tiered run` for this model")
         if decode_attention == "auto":
             decode_attention = "paged" if self.device.type == "cuda" else "rows"
         if decode_attention not in ("rows", "paged"):
@@ -113,6 +138,8 @@ class BatchStep:
         self.record_keys = record_keys
         self.last = StepCounts()
         self.grouped_mm = _grouped_mm_fn(self.device)
+        self.quant_interpret = False  # tests: the fused quantized-expert kernels through Triton's CPU interpreter
+        self._kinds = {ls.kind for ls in state.layers}
 
     @torch.inference_mode()
     def forward(self, segs: list[Segment]) -> Tensor:
@@ -125,8 +152,11 @@ class BatchStep:
         for n in lens:
             offs.append(offs[-1] + n)
         T = offs[-1]
+        if st.needs_slot and any(s.slot < 0 for s in segs):
+            raise ValueError("a segment has no recurrent-state slot: the model has DeltaNet layers "
+                             "(StatePool.alloc_slot gives one per row)")
         pos_l: list[int] = []
-        flat_l: list[int] = []  # where each token's K/V goes in the pool viewed as [N*P, KV, hd]
+        flat_l: list[int] = []  # where each token's K/V (or latent) goes in a pool viewed as [N*P, ...]
         for s in segs:
             for i in range(len(s.tokens)):
                 p = s.start + i
@@ -135,27 +165,32 @@ class BatchStep:
         tokens = torch.tensor([t for s in segs for t in s.tokens], dtype=torch.int64).to(dev, non_blocking=True)
         pos = torch.tensor(pos_l, dtype=torch.int64).to(dev, non_blocking=True)
         flat = torch.tensor(flat_l, dtype=torch.int64).to(dev, non_blocking=True)
-        cos, sin = m.rope.cos.index_select(0, pos), m.rope.sin.index_select(0, pos)  # [T, hd]
-        attn_plan = self._attention_plan(segs, offs)
+        cos, sin = m.rope.cos.index_select(0, pos), m.rope.sin.index_select(0, pos)  # [T, r]
+        plan = self._plan(segs, offs)
+        plan.update(flat=flat, cos=cos, sin=sin)
         self.last = StepCounts(rows=len(segs), tokens=T)
         h = F.embedding(tokens, m.embed)  # [T, D]
         for l, lw in enumerate(m.layers):
             x = rms_norm(h, lw.attn_norm, cfg.rms_norm_eps)
-            q, k, v = project_qkv(x, lw.attn, cos, sin, cfg)  # [T, H, hd], [T, KV, hd], [T, KV, hd]
             ls = st.layers[l]
-            N = ls.k.shape[0]
-            ls.k.view(N * P, *ls.k.shape[2:]).index_copy_(0, flat, k)
-            ls.v.view(N * P, *ls.v.shape[2:]).index_copy_(0, flat, v)
-            h = h + F.linear(self._attend(q, ls, segs, offs, attn_plan), lw.attn.o)
+            if ls.kind == "kv":
+                h = h + self._attention(x, lw.attn, ls, segs, offs, plan)
+            elif ls.kind == "latent":
+                h = h + self._mla(x, lw.mla, ls, segs, offs, plan)
+            else:
+                h = h + self._deltanet(x, lw.linear, ls, segs, offs, plan)
             x = rms_norm(h, lw.mlp_norm, cfg.rms_norm_eps)
-            _, ids, wts = route(x, lw.moe.router, cfg.top_k, cfg.norm_topk_prob)  # [T, K], [T, K] fp32
+            if lw.moe is None:  # a dense layer (DeepSeek-V3's first layers): the model's MLP
+                h = h + m.experts_out(l, Routed(h, x, None, None, None))
+                continue
+            _, ids, wts = m._route_own(l, x, None)  # the family's rule: [T, K] int64, [T, K] fp32
             for s, a in zip(segs, offs):
                 if s.routing is not None:
                     ri, rw = s.routing(l, s.start, len(s.tokens))
                     ids[a:a + len(s.tokens)] = ri.to(dev)
                     wts[a:a + len(s.tokens)] = rw.to(dev)
             wc = wts if m.fp32_route_weights else wts.to(x.dtype)
-            out = self._experts(x, ids, wc, l)
+            out = self._experts(x, ids, wc, l, lw.moe.act)
             if lw.moe.shared_gate is not None:
                 out = out + shared_expert(x, lw.moe)
             h = h + out
@@ -163,40 +198,69 @@ class BatchStep:
         if not last:
             return h.new_zeros((0, m.lm_head.shape[0]))
         hl = h.index_select(0, torch.tensor(last, dtype=torch.int64, device=dev))
-        return F.linear(rms_norm(hl, m.final_norm, cfg.rms_norm_eps), m.lm_head)  # [R, V]
+        return linear(rms_norm(hl, m.final_norm, cfg.rms_norm_eps), m.lm_head)  # [R, V]
 
-    # --- attention ---
-    def _attention_plan(self, segs: list[Segment], offs: list[int]) -> dict:
-        """Index tensors shared by every layer: the decode rows' block table and lengths (paged path)."""
+    # --- per-step plan ---
+    def _plan(self, segs: list[Segment], offs: list[int]) -> dict:
+        """Index tensors shared by every layer: the decode rows' block table and lengths (paged attention),
+        each other row's pages and mask (attention: G groups; MLA: 1), the one-token rows and their slots."""
+        dev = self.device
         plan: dict = {"decode": [], "other": []}
-        for i, s in enumerate(segs):
-            one = len(s.tokens) == 1 and self.decode_attention == "paged"
-            plan["decode" if one else "other"].append(i)
-        if plan["decode"]:
-            P = self.state.page_size
-            rows = [segs[i] for i in plan["decode"]]
-            maxp = max(-(-(s.start + 1) // P) for s in rows)
-            bt = [s.pages[:maxp] + [s.pages[0]] * (maxp - min(maxp, len(s.pages))) for s in rows]
-            dev = self.device
-            plan["bt"] = torch.tensor(bt, dtype=torch.int32).to(dev, non_blocking=True)
-            plan["seqlens"] = torch.tensor([s.start + 1 for s in rows], dtype=torch.int32).to(dev, non_blocking=True)
-            plan["rows"] = torch.tensor([offs[i] for i in plan["decode"]], dtype=torch.int64).to(dev, non_blocking=True)
-        plan["row"] = {i: self._row_plan(segs[i]) for i in plan["other"]}
+        kinds = self._kinds
+        if kinds & {"kv", "latent"}:
+            for i, s in enumerate(segs):
+                one = len(s.tokens) == 1 and self.decode_attention == "paged"
+                plan["decode" if one else "other"].append(i)
+            if plan["decode"]:
+                P = self.state.page_size
+                rows = [segs[i] for i in plan["decode"]]
+                maxp = max(-(-(s.start + 1) // P) for s in rows)
+                bt = [s.pages[:maxp] + [s.pages[0]] * (maxp - min(maxp, len(s.pages))) for s in rows]
+                plan["bt"] = torch.tensor(bt, dtype=torch.int32).to(dev, non_blocking=True)
+                plan["seqlens"] = torch.tensor([s.start + 1 for s in rows], dtype=torch.int32).to(dev, non_blocking=True)
+                plan["rows"] = torch.tensor([offs[i] for i in plan["decode"]], dtype=torch.int64).to(dev, non_blocking=True)
+        if "kv" in kinds:
+            G = self.cfg.num_heads // self.cfg.num_kv_heads
+            plan["row"] = {i: self._row_plan(segs[i], G, self.cfg.sliding_window) for i in plan["other"]}
+        if "latent" in kinds:
+            plan["mla_other"] = plan["other"]
+            plan["mla_row"] = {i: self._row_plan(segs[i], 1, None) for i in plan["other"]}
+        if "recurrent" in kinds:
+            one = [i for i, s in enumerate(segs) if len(s.tokens) == 1]
+            plan["rec_one"] = one
+            plan["rec_chunks"] = [i for i, s in enumerate(segs) if len(s.tokens) > 1]
+            if one:
+                plan["rec_rows"] = torch.tensor([offs[i] for i in one], dtype=torch.int64).to(dev, non_blocking=True)
+                plan["rec_slots"] = torch.tensor([segs[i].slot for i in one], dtype=torch.int64).to(dev, non_blocking=True)
         return plan
 
-    def _row_plan(self, s: Segment) -> tuple[Tensor, int, int, Tensor | None]:
+    def _row_plan(self, s: Segment, groups: int, window: int | None) -> tuple[Tensor, int, int, Tensor | None]:
         """A row's page ids, the span [lo, end) it reads and its mask (None for one query): the same for
         every layer, so built once per step."""
-        P, W = self.state.page_size, self.cfg.sliding_window
+        P = self.state.page_size
         t = len(s.tokens)
         end = s.start + t
-        lo = 0 if W is None else max(0, s.start - W + 1)
+        lo = 0 if window is None else max(0, s.start - window + 1)
         pages = torch.tensor(s.pages[:-(-end // P)], dtype=torch.int64).to(self.device, non_blocking=True)
         mask = None
         if t > 1:
-            G = self.cfg.num_heads // self.cfg.num_kv_heads
-            mask = attn_mask(torch.arange(s.start, end, device=self.device), lo, end, window=W, groups=G)
+            mask = attn_mask(torch.arange(s.start, end, device=self.device), lo, end, window=window, groups=groups)
         return pages, lo, end, mask
+
+    # --- token mixers ---
+    def _attention(self, x: Tensor, w: Any, ls: LayerState, segs: list[Segment], offs: list[int],
+                   plan: dict) -> Tensor:
+        """Attention of every row over its pages (this step's K/V written first); x [T, D] -> [T, D]."""
+        cfg = self.cfg
+        P = self.state.page_size
+        q, k, v, *gate = project_qkv(x, w, plan["cos"], plan["sin"], cfg, with_gate=cfg.attn_output_gate)
+        N = ls.k.shape[0]
+        ls.k.view(N * P, *ls.k.shape[2:]).index_copy_(0, plan["flat"], k)
+        ls.v.view(N * P, *ls.v.shape[2:]).index_copy_(0, plan["flat"], v)
+        o = self._attend(q, ls, segs, offs, plan)  # [T, H*hd]
+        if gate:  # Qwen3.5's gated attention, as layers.attention applies it
+            o = o * torch.sigmoid(gate[0])
+        return linear(o, w.o, w.o_bias)
 
     def _attend(self, q: Tensor, ls: LayerState, segs: list[Segment], offs: list[int], plan: dict) -> Tensor:
         """q [T, H, hd] -> attention output [T, H*hd], each row over its own pages (K/V already written)."""
@@ -224,8 +288,55 @@ class BatchStep:
         o = F.scaled_dot_product_attention(qg, kc[None], vc[None], attn_mask=mask, scale=hd ** -0.5)
         return o.reshape(H, t, hd).transpose(0, 1).reshape(t, H * hd)
 
+    def _mla(self, x: Tensor, w: Any, ls: LayerState, segs: list[Segment], offs: list[int], plan: dict) -> Tensor:
+        """MLA of every row over its latent pages (this step's latents written first); x [T, D] -> [T, D].
+        Per row: its pages gathered into [S, R] and [S, dr], then mla_attend as the single-sequence path."""
+        m = self.model
+        dims = m.mla_dims
+        P = self.state.page_size
+        q_nope, q_rot, c, k_rot = mla_project(x, w, plan["cos"], plan["sin"], dims)
+        N, _, R = ls.latent.shape
+        dr = ls.k_rope.shape[-1]
+        ls.latent.view(N * P, R).index_copy_(0, plan["flat"], c)
+        ls.k_rope.view(N * P, dr).index_copy_(0, plan["flat"], k_rot)
+        o = x.new_empty((x.shape[0], dims.heads * dims.v))
+        if plan["decode"]:  # paged mode: the one-token rows in one call over their gathered pages
+            rows, bt = plan["rows"], plan["bt"].long()
+            B = bt.shape[0]
+            cs = ls.latent[bt].view(B, -1, R)  # [B, maxp*P, R]
+            ks = ls.k_rope[bt].view(B, -1, dr)
+            o.index_copy_(0, rows, mla_attend_rows(q_nope.index_select(0, rows), q_rot.index_select(0, rows), cs, ks,
+                                                   plan["seqlens"], w.kv_b, dims, m.mla_scale))
+        for i in plan["mla_other"]:
+            pages, lo, end, mask = plan["mla_row"][i]
+            a, b = offs[i], offs[i + 1]
+            cs = ls.latent.index_select(0, pages).view(-1, R)[lo:end]  # [S, R]
+            ks = ls.k_rope.index_select(0, pages).view(-1, dr)[lo:end]  # [S, dr]
+            o[a:b] = mla_attend(q_nope[a:b], q_rot[a:b], cs, ks, w.kv_b, mask, dims, m.mla_scale, absorbed=b - a == 1)
+        return linear(o, w.o)
+
+    def _deltanet(self, x: Tensor, w: Any, ls: LayerState, segs: list[Segment], offs: list[int],
+                  plan: dict) -> Tensor:
+        """Gated DeltaNet of every row on its slot's state; x [T, D] -> [T, D]. Prompt chunks one by one (the
+        single-sequence call on the slot's views), the one-token rows in one deltanet_rows call."""
+        m = self.model
+        out = torch.empty_like(x)
+        for i in plan["rec_chunks"]:
+            a, b = offs[i], offs[i + 1]
+            sl = segs[i].slot
+            out[a:b] = deltanet(x[a:b], w, m.delta_shape, ls.conv[sl], ls.recurrent[sl], backend=m.linear_attn)
+        if plan["rec_one"]:
+            rows, slots = plan["rec_rows"], plan["rec_slots"]
+            conv = ls.conv.index_select(0, slots)  # [B, C, W-1]
+            rec = ls.recurrent.index_select(0, slots)  # [B, Hv, dk, dv]
+            y = deltanet_rows(x.index_select(0, rows), w, m.delta_shape, conv, rec, backend=m.linear_attn)
+            ls.conv.index_copy_(0, slots, conv)
+            ls.recurrent.index_copy_(0, slots, rec)
+            out.index_copy_(0, rows, y)
+        return out
+
     # --- experts ---
-    def _experts(self, x: Tensor, ids: Tensor, wts: Tensor, layer: int) -> Tensor:
+    def _experts(self, x: Tensor, ids: Tensor, wts: Tensor, layer: int, act: Any = None) -> Tensor:
         """Routed experts of every token in the step, expert-major. x [T, D], ids [T, K], wts [T, K] -> [T, D].
 
         Each (token, k) entry is sorted by expert; the U distinct experts are resolved through the provider
@@ -271,7 +382,7 @@ class BatchStep:
                 if split:
                     prov.wait_slots([slots[i] for i in g])
                 self._compute(x, [slots[i] for i in g], [starts[wave[i]] for i in g],
-                              [counts_l[wave[i]] for i in g], tok, order, wsorted, rows)
+                              [counts_l[wave[i]] for i in g], tok, order, wsorted, rows, act)
         return rows.view(T, K, -1).sum(1).to(x.dtype)  # [T, D]
 
     def _get(self, layer: int, experts: list[int], device: torch.device) -> list[int]:
@@ -281,9 +392,14 @@ class BatchStep:
         return prov.get(layer, torch.tensor(experts, dtype=torch.int64, device=device)).tolist()
 
     def _compute(self, x: Tensor, slots: list[int], starts: list[int], counts: list[int], tok: Tensor,
-                 order: Tensor, wsorted: Tensor, rows: Tensor) -> None:
+                 order: Tensor, wsorted: Tensor, rows: Tensor, act: Any = None) -> None:
         """The rows of experts in `slots` (entries starts[j]..+counts[j] of the expert-sorted order) through
-        their SwiGLU, written into `rows` [T*K, D] at their (token, k) places."""
+        their SwiGLU, written into `rows` [T*K, D] at their (token, k) places.
+
+        Paths: torch's grouped GEMM (CUDA, unquantized plain SwiGLU); the fused dequantizing kernels of
+        kernels/quant_moe.py with one (expert slot) per entry for quantized experts with <= QUANT_ROWS rows
+        (CUDA); else a loop over the experts through moe._expert (dequantized per expert, biases and gpt-oss's
+        activation included)."""
         W = self.model.provider.weights
         dev = x.device
         if all(starts[j] + counts[j] == starts[j + 1] for j in range(len(starts) - 1)):
@@ -292,17 +408,30 @@ class BatchStep:
             sel = torch.cat([torch.arange(a, a + c) for a, c in zip(starts, counts)]).to(dev, non_blocking=True)
         ent = order.index_select(0, sel)  # the (token, k) entries, grouped by expert
         xs = x.index_select(0, tok.index_select(0, sel))  # [n, D]
-        if self.grouped_mm is not None and W.gate.dtype == x.dtype:
+        plain = act is None and getattr(W, "gate_bias", None) is None
+        quant = isinstance(W.gate, QuantWeight)
+        if plain and not quant and self.grouped_mm is not None and W.gate.dtype == x.dtype:
             y = self._wave_grouped_mm(xs, slots, counts, W)
         else:
             y = torch.empty((xs.shape[0], x.shape[1]), dtype=x.dtype, device=dev)
-            dt = x.dtype
-            same = W.gate.dtype == dt
+            loop = set(range(len(slots)))
+            if plain and quant:  # experts with few rows: the fused kernels (each row reads its expert once)
+                few = [j for j in loop if counts[j] <= QUANT_ROWS]
+                at = [0]
+                for c in counts:
+                    at.append(at[-1] + c)
+                idx_l = [r for j in few for r in range(at[j], at[j + 1])]
+                idx = torch.tensor(idx_l, dtype=torch.int64).to(dev, non_blocking=True)
+                yq = quant_entries(xs.index_select(0, idx), [slots[j] for j in few], [counts[j] for j in few], W,
+                                   interpret=self.quant_interpret) if few else None
+                if yq is not None:
+                    y.index_copy_(0, idx, yq)
+                    loop -= set(few)
             a = 0
-            for s, cnt in zip(slots, counts):
+            for j, (s, cnt) in enumerate(zip(slots, counts)):
                 b = a + cnt
-                g, u, d = (W.gate[s], W.up[s], W.down[s]) if same else (W.gate[s].to(dt), W.up[s].to(dt), W.down[s].to(dt))
-                y[a:b] = F.linear(F.silu(F.linear(xs[a:b], g)) * F.linear(xs[a:b], u), d)
+                if j in loop:  # dequantized per expert when quantized (moe._expert), then GEMMs over its rows
+                    y[a:b] = _expert(xs[a:b], W, s, x.dtype, act)
                 a = b
         rows.index_copy_(0, ent, y * wsorted.index_select(0, sel)[:, None])
 
@@ -345,3 +474,20 @@ def _grouped_mm_fn(device: torch.device) -> Callable[..., Tensor] | None:
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 0):
         return None
     return _grouped_mm()
+
+
+def quant_entries(xs: Tensor, slots: list[int], counts: list[int], W: Any, *, interpret: bool = False) -> Tensor | None:
+    """Quantized experts through the fused dequantizing kernels (kernels/quant_moe.py), one expert per row:
+    xs [n, D] grouped by expert (counts[j] rows use slot slots[j]) -> [n, D] in xs's dtype (each row's expert
+    output rounded once, as the grouped path). None when the kernels cannot serve these stacks (not CUDA, and
+    not the interpreter in tests; a format without a fused kernel): the caller takes the per-expert loop."""
+    from tiered.kernels.quant_moe import _strides, kernel_ok, quant_down, quant_gate_up
+
+    if not (all(kernel_ok(xs, w, interpret=interpret) for w in (W.gate, W.up, W.down)) and W.gate.fmt == W.up.fmt
+            and _strides(W.gate) == _strides(W.up)):
+        return None
+    dev = xs.device
+    per = torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True)
+    per = per.repeat_interleave(torch.tensor(counts, dtype=torch.int64).to(dev, non_blocking=True))[:, None]  # [n, 1]
+    h = quant_gate_up(xs, per, W.gate, W.up)  # [n, F] fp32
+    return quant_down(h, per, torch.ones(per.shape, dtype=torch.float32, device=dev), W.down, xs.dtype)

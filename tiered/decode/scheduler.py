@@ -26,7 +26,7 @@ import torch
 
 from tiered.decode.batchstep import BatchStep, RowRouting, Segment
 from tiered.decode.options import BatchConfig
-from tiered.decode.state import StatePool, pool_pages
+from tiered.decode.state import StatePool, pool_pages, pool_slots
 from tiered.decode.sampling import Sampling, SamplingError, check_sampling, sample
 from tiered.layout.tokenizer import StreamDecoder
 
@@ -76,6 +76,7 @@ class Request:
     finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
     error: str | None = None
     pages: list[int] = field(default_factory=list)
+    slot: int = -1  # the row's recurrent-state slot (DeltaNet models; -1 = none held)
     cached: int = 0
     t_submit: float = 0.0
     t_first: float | None = None  # when the first token was sampled
@@ -103,7 +104,8 @@ class Scheduler:
     Args:
         engine: a loaded Engine (tiered.engine.load).
         max_batch: rows per step at most.
-        kv_gb: GiB for the paged state (K/V of every layer); default enough for max_batch full contexts,
+        kv_gb: GiB for the per-row state (K/V pages of attention layers, latent pages of MLA layers, and
+            max_batch recurrent-state slots of DeltaNet layers, paid first); default enough for max_batch full contexts,
             capped at 2 GiB. On CUDA it is part of --vram-gb.
         page_size: tokens per page.
         max_queue: waiting requests at most (submit raises QueueFull beyond it).
@@ -127,11 +129,12 @@ class Scheduler:
         self.prefill_tokens = max(1, prefill_tokens)
         self.max_context = engine.max_context
         cfg, dt = self.config, self.model.dtype
+        opts = BatchConfig(max_batch=max_batch, kv_gb=kv_gb, page_size=page_size)
         pages = kv_pages
         if pages is None:
-            pages = pool_pages(BatchConfig(max_batch=max_batch, kv_gb=kv_gb, page_size=page_size), cfg,
-                               self.max_context, dt)
-        self.state = StatePool(cfg, num_pages=max(1, pages), page_size=page_size, device=self.model.device, dtype=dt)
+            pages = pool_pages(opts, cfg, self.max_context, dt)
+        self.state = StatePool(cfg, num_pages=max(1, pages), page_size=page_size, device=self.model.device, dtype=dt,
+                               num_slots=pool_slots(opts, cfg))
         self.step_fn = BatchStep(self.model, self.state, record_keys=record_keys, decode_attention=decode_attention)
         self.eos = set(cfg.eos_token_ids)
         self._lock = threading.Lock()
@@ -243,17 +246,21 @@ class Scheduler:
                 self._finish(r, "cancelled")
 
     def _admit(self) -> None:
-        """FIFO: the head of the queue joins when a row is free and its prompt's pages are."""
+        """FIFO: the head of the queue joins when a row is free, its prompt's pages are, and (DeltaNet models)
+        a recurrent-state slot is: a sequence's state is its pages plus its slot (StatePool.bytes_for)."""
+        st = self.state
         while len(self.running) < self.max_batch:
             with self._lock:
                 if not self.waiting:
                     return
                 r = self.waiting[0]
-                need = self.state.pages_needed(r.seq_len + 1) - len(r.pages)
-                if need > self.state.free_pages:
+                need = st.pages_needed(r.seq_len + 1) - len(r.pages)
+                if need > st.free_pages or (st.needs_slot and r.slot < 0 and not st.free_slots):
                     return
                 self.waiting.popleft()
-            r.pages += self.state.alloc(need)
+            r.pages += st.alloc(need)
+            if r.slot < 0:
+                r.slot = st.alloc_slot()  # zeroed: the row's state starts from its first token
             r._admitted = self._admissions
             self._admissions += 1
             self.running.append(r)
@@ -264,7 +271,7 @@ class Scheduler:
         segs: list[Segment] = []
         rows: list[Request] = []
         for r in sorted(self.running, key=lambda r: (r.seq_len - r.cached > 1, r._admitted)):
-            if r.done:
+            if r.done or r not in self.running:  # finished, or preempted by an earlier row of this loop
                 continue
             todo = r.seq_len - r.cached
             n = 1 if todo == 1 else min(todo, budget)
@@ -275,7 +282,7 @@ class Scheduler:
             if todo > 1:
                 budget -= n
             toks = [r.token_at(i) for i in range(r.cached, r.cached + n)]
-            segs.append(Segment(toks, r.cached, r.pages, r.cached + n == r.seq_len, r.routing))
+            segs.append(Segment(toks, r.cached, r.pages, r.cached + n == r.seq_len, r.routing, r.slot))
             rows.append(r)
         return segs, rows
 
@@ -300,9 +307,11 @@ class Scheduler:
         return True
 
     def _preempt(self, v: Request) -> None:
-        """Free v's pages and queue it first again: it recomputes its state from seq when readmitted."""
+        """Free v's pages and slot and queue it first again: it recomputes its state from seq when readmitted
+        (a DeltaNet state cannot be rewound, so the slot starts again from zero)."""
         self.state.free(v.pages)
-        v.pages, v.cached = [], 0
+        self.state.free_slot(v.slot)
+        v.pages, v.cached, v.slot = [], 0, -1
         self.running.remove(v)
         self.preemptions += 1
         with self._lock:
@@ -374,7 +383,8 @@ class Scheduler:
         if r in self.running:  # the row and its pages are free for the next step
             self.running.remove(r)
             self.state.free(r.pages)
-            r.pages = []
+            self.state.free_slot(r.slot)
+            r.pages, r.slot = [], -1
         piece = r.text[r.emitted:] if reason in ("stop", "length") else ""
         r.emitted = len(r.text)
         if r.sink is not None:
@@ -410,6 +420,8 @@ class Scheduler:
                                           if self.tokens_generated else 0.0),
             "max_batch": self.max_batch, "kv_pages": self.state.num_pages, "page_size": self.state.page_size,
             "kv_gib": self.state.nbytes / (1 << 30),
+            "state_slots": self.state.num_slots, "slot_bytes": self.state.slot_bytes,
+            "page_bytes": self.state.page_bytes,
             "device": str(self.model.device), "dtype": str(self.model.dtype).removeprefix("torch."),
             "decode_attention": self.step_fn.decode_attention,
         })

@@ -11,6 +11,10 @@ The math follows transformers' `Qwen3_5MoeGatedDeltaNet` (and its torch fallback
 fp32, q is scaled by dk^-0.5, the state S [Hv, dk, dv] decays by exp(g) per token and learns with the delta
 rule S += k (beta (v - S^T k))^T; the output S^T q is RMS-normed per head and gated by silu(z).
 
+`deltanet_rows` is the one-token step of B sequences at once (the batch step's decode rows): every head of
+every sequence is independent, so the B sequences become B*Hv heads (B*C conv channels) of one call to the same
+functions, each row continuing from its own states.
+
 Legend: T tokens, D hidden, C conv channels (2*Hk*dk + Hv*dv), W conv kernel, Hk key heads, Hv value heads,
 dk key head dim, dv value head dim, N chunk length.
 """
@@ -207,3 +211,26 @@ def deltanet(x: Tensor, w: DeltaWeights, shape: DeltaShape, conv_state: Tensor, 
     z = qlinear(x, w.z).view(T, s.num_v_heads, s.v_head_dim)
     o = gated_rms_norm(o.to(x.dtype), w.norm, z, s.eps)
     return qlinear(o.reshape(T, -1), w.out)
+
+
+def deltanet_rows(x: Tensor, w: DeltaWeights, shape: DeltaShape, conv_states: Tensor, states: Tensor, *,
+                  backend: str = "torch") -> Tensor:
+    """One token of each of B sequences: x [B, D] (normed), conv_states [B, C, W-1] and states [B, Hv, dk, dv]
+    fp32 (contiguous; both updated in place, row b = sequence b) -> [B, D]. The same math as `deltanet` on each
+    row alone: the rows are folded into the head and channel dims of one `causal_conv` / `delta_rule` call."""
+    B = x.shape[0]
+    s = shape
+    Hk, Hv, dk, dv = s.num_k_heads, s.num_v_heads, s.k_head_dim, s.v_head_dim
+    Kd = Hk * dk
+    C = conv_states.shape[1]
+    qkv = qlinear(x, w.qkv)  # [B, C]
+    qkv = causal_conv(qkv.reshape(1, B * C), w.conv.repeat(B, 1), conv_states.view(B * C, -1)).view(B, C)
+    q = qkv[:, :Kd].reshape(1, B * Hk, dk)  # head b*Hk + h: row b's key head h
+    k = qkv[:, Kd:2 * Kd].reshape(1, B * Hk, dk)
+    v = qkv[:, 2 * Kd:].reshape(1, B * Hv, dv)
+    beta = torch.sigmoid(F.linear(x, w.b)).reshape(1, B * Hv)
+    g = (-w.A_log.exp() * F.softplus(F.linear(x, w.a).float() + w.dt_bias)).reshape(1, B * Hv)
+    o = delta_rule(q, k, v, g, beta, states.view(B * Hv, dk, dv), backend=backend).view(B, Hv, dv)
+    z = qlinear(x, w.z).view(B, Hv, dv)
+    o = gated_rms_norm(o.to(x.dtype), w.norm, z, s.eps)
+    return qlinear(o.reshape(B, -1), w.out)
