@@ -264,3 +264,30 @@ def test_cuda_grouped_quant_graph_capturable():
     g.replay()
     torch.cuda.synchronize()
     assert _rel(out.float(), _reference(x, ids, w, W, sm)) <= 1e-2
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", ["q4", "mxfp4"])
+def test_cuda_engine_prefill_takes_the_grouped_kernels(reference_model, tmp_path, monkeypatch, fmt):
+    """A quantized layout on CUDA (fp32): a prompt of more than DECODE_MAX_T tokens is prefilled through the
+    grouped dequantizing kernels, and the greedy tokens equal those of the torch dequantize-per-expert path."""
+    import tiered
+    from tiered.kernels import quant_grouped, quant_moe
+    from tiered.layout.repack import repack
+    from tiered.model import moe_gpu
+
+    lay = tmp_path / fmt
+    repack(reference_model, lay, experts=fmt, progress=False)
+    prompt = "import os\nimport sys\n\n\ndef main(argv):\n    return 0\n"
+    waves = []
+    real_wave = quant_grouped.QuantGroupedMoE.wave
+    monkeypatch.setattr(quant_grouped.QuantGroupedMoE, "wave", lambda self, *a: (waves.append(1), real_wave(self, *a)))
+    k = tiered.load(lay, device="cuda", dtype="float32", max_context=200)
+    a = k.generate(prompt, max_new_tokens=24, stop_at_eos=False)
+    assert waves, "prefill did not reach the grouped quantized kernels"
+    monkeypatch.setattr(moe_gpu, "quant_kernels_ok", lambda W: False)  # several tokens: the torch loop
+    monkeypatch.setattr(quant_moe, "kernel_ok", lambda *args, **kw: False)  # one token: the reference
+    ref = tiered.load(lay, device="cuda", dtype="float32", max_context=200, cuda_graphs=False)
+    n = len(waves)
+    b = ref.generate(prompt, max_new_tokens=24, stop_at_eos=False)
+    assert len(waves) == n and a.token_ids == b.token_ids
