@@ -27,6 +27,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one tile config per format (steps over several groups)")
     ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--stats", action="store_true", help="also count MMA and load instructions in the PTX")
     a = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("TRITON_INTERPRET=1 is set: unset it to compile")
@@ -72,10 +73,19 @@ def main() -> int:
                         geo["WFMT"] = qg.WFMT["fp8"]  # the CUDA branch (the zeros above sit on the CPU)
                     consts = dict(extra, **geo, BLOCK_M=bm, BLOCK_N=bn, PREC="tf32")
                     sig = {n: ("constexpr" if n in consts else types[n]) for n in fn.arg_names}
-                    k = triton.compile(ASTSource(fn, sig, consts), target=target,
+                    # what the launcher's specialization sees: pointers and strides divisible by 16
+                    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+                             if sig[n] != "constexpr" and n != "num_rows"}
+                    k = triton.compile(ASTSource(fn, sig, consts, attrs), target=target,
                                        options=dict(num_warps=warps, num_stages=stages))
                     if "cubin" not in k.asm:
                         raise RuntimeError("no cubin produced")
+                    if a.stats:
+                        ptx = k.asm["ptx"]
+                        print(f"  {fn.__name__}: wgmma {ptx.count('wgmma.mma_async')}, mma.sync "
+                              f"{ptx.count('mma.sync')}, ld.global {ptx.count('ld.global')} (vector "
+                              f"{ptx.count('ld.global.v')}), cp.async {ptx.count('cp.async')}, shared "
+                              f"{k.metadata.shared} B")
                 print(f"{fmt} bm{bm} bn{bn} bk{bk} R{geo['R']} ok {time.perf_counter() - t0:.1f}s", flush=True)
             except Exception as e:  # report every format, then fail
                 failed += 1

@@ -19,8 +19,9 @@ How a weight tile is read. Every format groups its inputs along the reduction di
 the stored [N, Kin] matrix). A step covers BLOCK_K inputs of BLOCK_N output rows:
   - q8, fp8: one code per input, a [BLOCK_K, BLOCK_N] tile, value * scale;
   - q4, mxfp4: two codes per byte (the even input in the low nibble), so a step loads [BLOCK_K/2, BLOCK_N]
-    bytes and splits them into the even-input and odd-input tiles; the activations are loaded as their even
-    and odd columns, and the step is two tl.dot of BLOCK_K/2 (no interleaving of the weight tile);
+    bytes and splits them into the even-input and odd-input tiles; the activation tile [BLOCK_M, BLOCK_K] is
+    split into its even and odd columns (tl.split), and the step is two tl.dot of BLOCK_K/2 (no interleaving
+    of the weight tile);
   - scales (and q4's minimums) are loaded once per group and output row ([R, BLOCK_N], R = groups in the
     step) and broadcast over the group's inputs: the step never straddles a group boundary unevenly because
     BLOCK_K is a multiple or a divisor of the group (`block_k_for`), or the row is one group;
@@ -82,7 +83,7 @@ def _e2m1(c):
 
 @triton.jit
 def _qdot(acc, a_rows, mask_m, qn, sn, mn, mask_n, k0, KIN: tl.constexpr, KQ: tl.constexpr, NG: tl.constexpr,
-          GROUP: tl.constexpr, WFMT: tl.constexpr, R: tl.constexpr, BLOCK_K: tl.constexpr,
+          GROUP: tl.constexpr, WFMT: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
           BLOCK_N: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
     """acc [BLOCK_M, BLOCK_N] += a[:, k0:k0+BLOCK_K] @ W[n-block, k0:k0+BLOCK_K]^T, W dequantized in registers.
 
@@ -90,10 +91,9 @@ def _qdot(acc, a_rows, mask_m, qn, sn, mn, mask_n, k0, KIN: tl.constexpr, KQ: tl
     packed codes / scales / minimums (mn unused but for q4)."""
     if WFMT == 2 or WFMT == 4:  # q4, mxfp4: two codes per byte
         offs_j = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # byte of the row
-        ke = 2 * offs_j  # its even input
-        a_e = tl.load(a_rows[:, None] + ke[None, :], mask=mask_m[:, None] & (ke < KIN)[None, :], other=0.0)
-        a_o = tl.load(a_rows[:, None] + (ke + 1)[None, :], mask=mask_m[:, None] & (ke + 1 < KIN)[None, :],
-                      other=0.0)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(a_rows[:, None] + offs_k[None, :], mask=mask_m[:, None] & (offs_k < KIN)[None, :], other=0.0)
+        a_e, a_o = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))  # even and odd inputs
         b = tl.load(qn[None, :] + offs_j[:, None], mask=(offs_j < KQ)[:, None] & mask_n[None, :],
                     other=0).to(tl.int32)  # [BLOCK_K/2, BLOCK_N]
         s = _scales(sn, mask_n, k0, NG, GROUP, R)
@@ -154,9 +154,9 @@ def _qgrouped_gate_up_kernel(x_ptr, rows_ptr, bslot_ptr, gq, gs, gm, uq, us, um,
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, D, BLOCK_K):
         acc_g = _qdot(acc_g, a_rows, mask_m, gq + qo, gs + so, gm + mo, mask_n, k0, D, KQ, NG, GROUP, WFMT, R,
-                      BLOCK_K, BLOCK_N, DT, PREC)
+                      BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC)
         acc_u = _qdot(acc_u, a_rows, mask_m, uq + qo, us + so, um + mo, mask_n, k0, D, KQ, NG, GROUP, WFMT, R,
-                      BLOCK_K, BLOCK_N, DT, PREC)
+                      BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC)
     h = acc_g * tl.sigmoid(acc_g) * acc_u
     tl.store(h_ptr + rows[:, None].to(tl.int64) * F + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])
@@ -185,7 +185,8 @@ def _qgrouped_down_kernel(h_ptr, rows_ptr, bslot_ptr, wt_ptr, dq, ds, dm, out_pt
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, F, BLOCK_K):
         acc = _qdot(acc, a_rows, mask_m, dq + slot * sq0 + n64 * sq1, ds + slot * ss0 + (n64 // ROWBLK) * ss1,
-                    dm + slot * sm0 + n64 * sm1, mask_n, k0, F, KQ, NG, GROUP, WFMT, R, BLOCK_K, BLOCK_N, DT, PREC)
+                    dm + slot * sm0 + n64 * sm1, mask_n, k0, F, KQ, NG, GROUP, WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N, DT,
+                    PREC)
     w = tl.load(wt_ptr + rows, mask=mask_m, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows64[:, None] * D + offs_n[None, :], (acc * w[:, None]).to(out_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])
