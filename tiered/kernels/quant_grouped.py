@@ -42,10 +42,12 @@ from torch import Tensor
 
 from tiered.kernels.moe_grouped import GroupedConfig, GroupedMoE
 from tiered.kernels.moe_grouped import pick_config as bf16_config
+from tiered.kernels.moe_operands import WeightFormat
 from tiered.layout.quant import QuantWeight
 
-# format -> the kernels' WFMT (moe_operands.WeightFormat's values); 5 = fp8 decoded from its bits (interpreter)
-WFMT = {"q8": 1, "q4": 2, "fp8": 3, "mxfp4": 4}
+# format -> the kernels' WFMT (moe_operands.WeightFormat's values); FP8_BITS: fp8 decoded from its bits (interpreter)
+WFMT = {"q8": int(WeightFormat.Q8), "q4": int(WeightFormat.Q4), "fp8": int(WeightFormat.FP8),
+        "mxfp4": int(WeightFormat.MXFP4)}
 FP8_BITS = 5
 NIBBLES = ("q4", "mxfp4")
 
