@@ -258,7 +258,6 @@ def expert_mix(x: Tensor, ids: Tensor, wts: Tensor, w: MoEWeights, provider: Exp
     plain = kernels and w.act is None and getattr(provider.weights, "gate_bias", None) is None
     quant = isinstance(provider.weights.gate, QuantWeight)
     kernels = plain and not quant
-    tokens_kernels = plain and (not quant or moe_gpu.quant_kernels_ok(provider.weights))
     if kernels:
         def one(x, s, wc, W):
             return moe_gpu.experts_decode(x, s, wc, W)
@@ -282,7 +281,7 @@ def expert_mix(x: Tensor, ids: Tensor, wts: Tensor, w: MoEWeights, provider: Exp
         if prefetch_hook is not None:
             prefetch_hook(layer, ids[0].cpu())
         out = one(x, s, wc, provider.weights)
-    elif tokens_kernels:
+    elif plain and (not quant or moe_gpu.quant_kernels_ok(provider.weights)):  # checked for T > 1 only
         out = moe_gpu.experts_tokens(x, ids, wc, provider, layer, w.router.shape[0])
     else:
         out = experts_grouped(x, ids, wc, provider, layer, w.act)
