@@ -201,10 +201,10 @@ def main() -> None:
         name = ev.doc_names[d]
         runs: dict[str, dict] = {}
 
-        def go(label: str, policy: str, cand: int, cpu: str, h2d: float = 0.0) -> None:
+        def go(label: str, policy: str, cand: int, cpu: str, h2d: float = 0.0, table: str = "host") -> None:
             pred = History(L, cfg.num_experts, params) if cand else NoPrediction(L, cfg.num_experts)
             budget = {**base, "policy": policy, "prefetch_depth": 1 if cand else 0, "prefetch_budget": cand or 1,
-                      "cpu_experts": cpu, "h2d_gbps": h2d}
+                      "cpu_experts": cpu, "h2d_gbps": h2d, "slot_table": table}
             log(f"doc {name}: {label}")
             runs[label] = one_run(a.layout, device, prompt, a.new_tokens, doc, budget=budget, predictor=pred,
                                   warmup=a.warmup)
@@ -214,16 +214,18 @@ def main() -> None:
                 (f"{pf}/off", "predicted", a.candidates, "off", 0.0),
                 ("predicted/auto", "predicted", 0, "auto", 0.0), (f"{pf}/auto", "predicted", a.candidates, "auto", 0.0),
                 ("all", "lru", 0, "all", 0.0)]
+        if cuda:  # the slot table on the device: the whole step in one CUDA graph (decode/devstep.py)
+            plan += [("lru/device", "lru", 0, "off", 0.0, "device"), ("flru/device", "flru", 0, "off", 0.0, "device")]
         for r in paced:
             plan += [(f"{pf}/off@{r:g}", "predicted", a.candidates, "off", r),
                      (f"{pf}/auto@{r:g}", "predicted", a.candidates, "auto", r)]
-        for label, pol, cand, cpu, h2d in plan:
+        for label, *spec in plan:
             if a.only is None or label in a.only or label == "lru/off":  # lru/off: Belady's trace and the tokens
-                go(label, pol, cand, cpu, h2d)
+                go(label, *spec)
         ref = runs["lru/off"]
         same = {k: v["tokens"] == ref["tokens"] for k, v in runs.items()}
         bel = belady_bytes(ref["get_trace"], ref["expert_slots"], bs, ref["decode"]["tokens"])
-        cpu_gbps = (runs["all"].get("cpu_experts") or {}).get("gbps")
+        cpu_gbps = (runs.get("all", {}).get("cpu_experts") or {}).get("gbps")
         row = {"doc": name, "expert_slots": ref["expert_slots"], "belady": bel, "cpu_expert_gbps": cpu_gbps,
                "tokens_identical": same, "links": {}, "runs": {}}
         for label, s in runs.items():
@@ -250,7 +252,8 @@ def main() -> None:
         def get(label: str, key: str) -> float | None:
             return (M.get(label) or {}).get(key)
 
-        cands = [lab for lab in (f"{pf}/auto", "predicted/auto", f"{pf}/off", "predicted/off", "lru/off") if lab in M]
+        cands = [lab for lab in (f"{pf}/auto", "predicted/auto", f"{pf}/off", "predicted/off", "lru/off",
+                                 "lru/device", "flru/device") if lab in M]
         best = max(cands, key=lambda lab: M[lab]["decode_tok_s"] or 0)
         res["best"] = best
         res["best_decode_tok_s"] = M[best]["decode_tok_s"]
@@ -260,6 +263,13 @@ def main() -> None:
         res["vs_combined_bound"] = get(f"{pf}/auto", "vs_combined_bound")
         res["vs_serial_belady_bound_demand"] = get("predicted/off", "vs_serial_belady_bound")
         res["vs_serial_belady_bound_prefetch"] = get(f"{pf}/off", "vs_serial_belady_bound")
+        dev = [lab for lab in ("lru/device", "flru/device") if lab in M and M[lab]["decode_tok_s"]]
+        if dev:  # demand paging with the slot table on the device (no host round trip per layer)
+            bd = max(dev, key=lambda lab: M[lab]["decode_tok_s"])
+            res["best_device_step"] = bd
+            res["vs_serial_belady_bound_demand_device"] = get(bd, "vs_serial_belady_bound")
+            res["device_over_host_lru"] = (M[bd]["decode_tok_s"] / M["lru/off"]["decode_tok_s"]
+                                           if M.get("lru/off", {}).get("decode_tok_s") else None)
         res["vs_pcie_bound_best"] = get(best, "vs_pcie_bound")
         res["paced_auto_over_off"] = {
             f"{r:g}": get(f"{pf}/auto@{r:g}", "decode_tok_s") / get(f"{pf}/off@{r:g}", "decode_tok_s")
@@ -279,6 +289,7 @@ def main() -> None:
                   f"{v.get('vs_serial_belady_bound') or 0:>8.2f}{v.get('vs_pcie_bound') or 0:>7.2f}"
                   f"{v.get('vs_combined_bound') or 0:>7.2f}{str(r['tokens_identical'][lab]):>6}")
     for k in ("decode_vs_llamacpp_cpu_experts", "vs_combined_bound", "vs_serial_belady_bound_demand",
+              "vs_serial_belady_bound_demand_device", "device_over_host_lru",
               "vs_serial_belady_bound_prefetch", "paced_auto_over_off", "cpu_expert_gbps",
               "llamacpp_cpu_experts_tg_tok_s"):
         print(f"{k}: {res.get(k)}")

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from tiered.decode.devstep import DeviceStep
 from tiered.decode.graphed import GraphedDecode
 from tiered.decode.piecewise import GraphCaptureError, PiecewiseDecode
 from tiered.decode.sampling import Sampling, SamplingError, check_sampling, sample
@@ -190,6 +191,12 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
                                  chain_hook=prefetch_hook)
     if prefetcher is not None:
         observer, prefetch_hook = prefetcher, prefetcher.prefetch_hook
+    if getattr(provider, "devtable", None) is not None and (observer is not None or prefetch_hook is not None):
+        why = ("the device slot table runs no routing observer or prefetch hook (they read the routing on the host): "
+               "drop --prefetch-depth, or use --slot-table host")
+        if (budget or {}).get("slot_table") == "device":
+            raise EngineError(f"--slot-table device: {why}")
+        provider.drop_device_table(why)
     model = Transformer(cfg, layout.dense(), provider, device=dev, dtype=dt, max_context=ctx, attn=backend,
                         observer=observer, prefetch_hook=prefetch_hook, routing=routing, kernels=kernels)
     cpu_experts.prepare(provider, dt, model.layers[cfg.first_moe_layer].moe.act)  # --cpu-experts dtype, rate
@@ -239,7 +246,11 @@ class Engine:
                         and model.routing is None else None)
         # A provider whose get() needs the routing on the host: L+1 graphs per span, host routing between.
         self.pieces: PiecewiseDecode | None = None
-        if cuda_graphs and not resident:
+        # The expert cache with its slot table on the device: the whole step in one graph per span.
+        self.devstep: DeviceStep | None = None
+        if cuda_graphs and not resident and getattr(model.provider, "devtable", None) is not None:
+            self.devstep = DeviceStep(model)
+        elif cuda_graphs and not resident:
             try:
                 self.pieces = PiecewiseDecode(model, graphs=True)
             except RuntimeError as e:  # e.g. the page-locked host buffer was refused
@@ -257,6 +268,17 @@ class Engine:
         Returns the seconds spent (also added to self.capture_s)."""
         t0 = time.perf_counter()
         before = self._graph_stats()[0], self.graphed, self.pieces
+        if self.devstep is not None:
+            try:
+                self.devstep.capture_all()
+            except Exception as e:  # noqa: BLE001 - a refusal of this torch/driver/Triton: the host step instead
+                print(f"tiered: the device slot table's step could not be captured ({type(e).__name__}: {e}); "
+                      "resolving slots on the host instead", file=sys.stderr)
+                self._sync()
+                self.model.provider.drop_device_table()
+                self.devstep = None
+                self.pieces = PiecewiseDecode(self.model, graphs=True)
+                self.pieces.capture_all()
         if self.graphed is not None:
             try:
                 self.graphed.capture_all()
@@ -284,6 +306,8 @@ class Engine:
             cap, mem = self.graphed.capture_s, self.graphed.graph_mem_bytes
         if self.pieces is not None:
             cap, mem = cap + self.pieces.capture_s, mem + self.pieces.graph_mem_bytes
+        if self.devstep is not None:
+            cap, mem = cap + self.devstep.capture_s, mem + self.devstep.graph_mem_bytes
         return cap, mem
 
     def use_piecewise(self, pieces: PiecewiseDecode | None = None, **options: Any) -> PiecewiseDecode | None:
@@ -298,12 +322,12 @@ class Engine:
     @contextlib.contextmanager
     def graphs_off(self) -> Iterator[None]:
         """Decode eagerly for the duration (benchmarks: what the graphs buy); the captured graphs are kept."""
-        saved = self.graphed, self.pieces
-        self.graphed = self.pieces = None
+        saved = self.graphed, self.pieces, self.devstep
+        self.graphed = self.pieces = self.devstep = None
         try:
             yield
         finally:
-            self.graphed, self.pieces = saved
+            self.graphed, self.pieces, self.devstep = saved
 
     @property
     def max_context(self) -> int:
@@ -352,6 +376,8 @@ class Engine:
     def _planned_mode(self) -> str:
         if self._whole_step_graphs():
             return "full"
+        if self.devstep is not None:
+            return "device"
         return "piecewise" if self.pieces is not None else "eager"
 
     def _step(self, token: Tensor, tok: int, pos: int) -> Tensor:
@@ -364,6 +390,9 @@ class Engine:
                 print(f"tiered: CUDA graph capture failed ({e}); decoding without graphs", file=sys.stderr)
                 self.graphed = None
                 torch.cuda.synchronize(self.device)
+        if self.devstep is not None:
+            self.decode_mode = "device"
+            return self.devstep.step(tok, pos)
         if self.pieces is not None:
             try:
                 self.decode_mode = "piecewise"
@@ -417,6 +446,8 @@ class Engine:
         self.decode_mode = self._planned_mode()
         if self.pieces is not None:
             self.pieces.reset_stats()
+        if self.devstep is not None:
+            self.devstep.reset_stats()
         cap0 = self._graph_stats()[0]  # the piecewise count restarts at reset_stats
         t0 = time.perf_counter()
         self._phase("prefill")
@@ -503,6 +534,9 @@ class Engine:
         if self.decode_mode == "piecewise" and self.pieces is not None:
             s["piecewise"] = self.pieces.stats()  # host time between segments: wait_s (GPU busy), route_s
             s["host_s_per_layer"] = self.pieces.host_s_per_layer
+        if self.decode_mode == "device" and self.devstep is not None:
+            s["device_step"] = self.devstep.stats()
+            s["host_s_per_layer"] = self.devstep.host_s_per_layer
         if s.get("stall_s") is not None and decode_s > 0:  # the provider's stall time is over decode
             s["stall_share"] = s["stall_s"] / decode_s
         return s

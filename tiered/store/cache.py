@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 import torch
 
+from tiered.store.devtable import DeviceSlotTable, refusal as device_table_refusal
 from tiered.store.budget import (GiB, CachePlan, estimate_dense_bytes, estimate_kv_bytes,
                                  estimate_scratch_bytes, meminfo, plan_budget)
 from tiered.store.hostmem import HostRegistrar
@@ -77,6 +78,7 @@ class ExpertCache(HostSlotProvider):
                 return ScoredEviction(cfg.num_layers, cfg.num_experts)
             return make_policy(name, **({"w": flru_w} if name == "flru" else {}))
 
+        self.make_vram_policy = lambda: pol(tiers.policy)  # a fresh device-tier policy (devtable.give_back)
         self.reader = BlockReader(layout, io=tiers.io, verify=tiers.verify, threads=tiers.io_threads, faults=faults)
         S = plan.expert_slots
         # CPU experts (offload.py): a zero slot for the experts a step computes on the CPU, a worker thread
@@ -91,9 +93,21 @@ class ExpertCache(HostSlotProvider):
         if plan.ram_slots == 0 and cuda:
             raise BudgetError("on CUDA the RAM tier needs at least one slot: pass --ram-gb "
                               f"{self.block_size / GiB:.4f} or more")
+        # --slot-table device|auto: the device resolves decode slots and copies misses out of the pinned RAM tier
+        self.devtable: DeviceSlotTable | None = None
+        self.slot_table_note: str | None = None  # why auto stayed on the host
+        want_device = False
+        if tiers.slot_table != "host":
+            why = device_table_refusal(cuda=cuda, ram_slots=plan.ram_slots, num_keys=self.num_layers * self.num_experts,
+                                       block_size=self.block_size, policy=tiers.policy, cpu_experts=self.cpu_mode,
+                                       h2d_gbps=tiers.h2d_gbps)
+            if why is not None and tiers.slot_table == "device":
+                raise BudgetError(f"--slot-table device: {why}")
+            self.slot_table_note = why
+            want_device = why is None
         if plan.ram_slots:
             mode = "copy"
-            if cuda and tiers.io == "mmap" and tiers.io_register == "auto":
+            if cuda and tiers.io == "mmap" and tiers.io_register == "auto" and not want_device:
                 mode = "register" if self._probe_register() else "copy"
             self.ram = PinnedPool(plan.ram_slots, self.reader, pol(tiers.ram_policy), mode=mode, pin=cuda, cuda=cuda)
             if mode == "register":
@@ -113,6 +127,13 @@ class ExpertCache(HostSlotProvider):
             t0 = time.perf_counter()
             self.ram.preload(list(range(self.num_layers * self.num_experts)), 0)
             self.preload_s = time.perf_counter() - t0
+        if want_device:  # every expert in the pinned RAM tier: a device-step miss is a copy from RAM
+            t0 = time.perf_counter()
+            if not tiers.ram_preload:
+                self.ram.preload(list(range(self.num_layers * self.num_experts)), 0)
+                self.preload_s = time.perf_counter() - t0
+            w = 0 if tiers.policy == "lru" else int(round(flru_w))
+            self.devtable = DeviceSlotTable(self, w=w)
         self._read_base = (self.reader.bytes_read, self.reader.blocks_read, self.reader.read_s)
         self.pace = self.vram.set_pace(tiers.h2d_gbps)
         self.cpu_threads = cpu_threads(tiers.cpu_threads) if self.split else 0
@@ -183,6 +204,8 @@ class ExpertCache(HostSlotProvider):
         weights[row] its host weights (ExpertWeights over the RAM tier or the file mapping, resident until the
         next get()). Their returned slot is `vram.zero_slot`, whose zero weights output exactly 0.
         """
+        if self.devtable is not None and self.devtable.owner == "device":
+            self.devtable.give_back()  # a host-routed call (prefill, the piecewise step) after device steps
         if type(expert_ids) is list:  # the piecewise step's host ints
             ids = expert_ids
         else:
@@ -326,9 +349,22 @@ class ExpertCache(HostSlotProvider):
     def resident(self, layer: int, expert_ids: Sequence[int]) -> list[bool]:
         """Whether each expert of `layer` is in a device slot now (no bookkeeping, no copies): the batch step
         computes those first while the others stream in."""
+        if self.devtable is not None and self.devtable.owner == "device":
+            self.devtable.give_back()
         base = layer * self.num_experts
         slot_of = self.vram.table.slot_of
         return [(base + int(e)) in slot_of for e in expert_ids]
+
+    def drop_device_table(self, why: str = "the device step was not captured") -> None:
+        """Resolve slots on the host from now on (the table handed back first)."""
+        if self.devtable is not None:
+            self.devtable.give_back()
+            self.devtable = None
+            self.slot_table_note = why
+
+    def note_device_token(self) -> None:
+        """The device step decoded one token (its hits and misses arrive with DeviceSlotTable.harvest)."""
+        self._phases["decode"].tokens += 1
 
     def _assign(self, keys: list[int], t: float, pinned: set[int]) -> dict[int, int]:
         slot_of = {}
@@ -383,6 +419,8 @@ class ExpertCache(HostSlotProvider):
         the get() that needs them. CPU: loads are synchronous memcpys into the slots.
         """
         self._prefetch_seen = True
+        if self.devtable is not None and self.devtable.owner == "device":
+            self.devtable.give_back()
         ids = expert_ids.tolist() if isinstance(expert_ids, torch.Tensor) else list(expert_ids)
         E = self.num_experts
         vt = self.vram.table
@@ -414,12 +452,17 @@ class ExpertCache(HostSlotProvider):
     def stats(self) -> dict:
         """docs/stats.md keys; per tier hits/misses/bytes_in/gbps; decode-phase figures under "decode"."""
         self.vram.harvest_all()
+        if self.devtable is not None:
+            self.devtable.harvest()
         d, p = self._phases["decode"], self._phases["prefill"]
         stall_dev = self.vram.wait_s
         bytes_read = self.reader.bytes_read - self._read_base[0]
         blocks_read = self.reader.blocks_read - self._read_base[1]
         read_s = self.reader.read_s - self._read_base[2]
         vram = self.vram.stats()
+        if self.devtable is not None and self.devtable.misses:  # copied in the device step's graph: not timed
+            host_bytes = vram["bytes_in"] - self.devtable.misses * self.block_size
+            vram["gbps"] = host_bytes / self.vram.copy_s / 1e9 if self.vram.copy_s > 0 else 0.0
         if self.ram is not None:
             r = self.ram.stats()
             ram = {"hits": r["hits"], "misses": r["misses"], "bytes_in": r["bytes_in"],
@@ -448,6 +491,8 @@ class ExpertCache(HostSlotProvider):
         }
         if self.preload_s is not None:
             out["ram_preload_s"] = self.preload_s
+        out["slot_table"] = (self.devtable.stats() if self.devtable is not None else
+                             {"mode": "host", **({"device_refused": self.slot_table_note} if self.slot_table_note else {})})
         out["cpu_experts"] = self.cpu.stats(self.cpu_mode, self.cpu_threads, self.cpu_dtype, self.cost_model)
         out["h2d_gbps_target"] = self.tiers.h2d_gbps or None
         if self.pace.get("h2d_gbps_native"):
@@ -457,6 +502,9 @@ class ExpertCache(HostSlotProvider):
     def reset_stats(self) -> None:
         """Zero every counter (benchmarks: measure a run after a warm-up); residency is kept."""
         self.vram.harvest_all()
+        if self.devtable is not None:
+            self.devtable.harvest()
+            self.devtable.reset_stats()
         self.vram.hits = self.vram.misses = self.vram.bytes_in = 0
         self.vram.copy_s = self.vram.wait_s = 0.0
         self.vram.wait_s_by_phase = {}

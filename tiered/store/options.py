@@ -70,6 +70,11 @@ class TierConfig:
                             CPU_EXPERT_MODES)
     cpu_threads: int = _opt(0, "Threads of the CPU-expert worker (0 = the physical cores: the usable CPUs, halved "
                                "when SMT is on)", ("min", 0))
+    slot_table: str = _opt("host", "Where decode resolves expert slots: host (a routing read-back per layer, with "
+                                   "every policy, prefetch and CPU experts), device (one CUDA graph per step: slot "
+                                   "lookup, LRU/flru eviction and the miss copies run on the GPU, which reads the "
+                                   "pinned RAM tier; needs every expert in RAM), or auto (device when it can)",
+                           ("host", "device", "auto"))
     h2d_gbps: float = _opt(0.0, "Benchmark option: pace host->GPU expert copies to this many GB/s (10^9 B/s), "
                                 "emulating a slower PCIe link (0 = unpaced)")
 
@@ -94,6 +99,8 @@ class TierConfig:
             raise BudgetError(f"--io-threads must be >= 1, got {self.io_threads}")
         if self.cpu_experts not in CPU_EXPERT_MODES:
             raise BudgetError(f"--cpu-experts must be one of {list(CPU_EXPERT_MODES)}, got {self.cpu_experts!r}")
+        if self.slot_table not in ("host", "device", "auto"):
+            raise BudgetError(f"--slot-table must be host, device or auto, got {self.slot_table!r}")
         if not isinstance(self.cpu_threads, int) or self.cpu_threads < 0:
             raise BudgetError(f"--cpu-threads must be an integer >= 0 (0 = the physical cores), got {self.cpu_threads!r}")
         if not (isinstance(self.h2d_gbps, (int, float)) and self.h2d_gbps >= 0 and math.isfinite(self.h2d_gbps)):
@@ -113,7 +120,7 @@ class TierConfig:
 BUDGET_KEYS = tuple(f.name for f in fields(TierConfig))  # what load(budget=...) accepts
 # Keys that apply with or without the expert cache: alone they keep every expert resident (engine.make_provider).
 # The CPU-expert and pacing options act on the expert cache's misses; with resident experts there are none.
-NON_CACHE_KEYS = ("verify", "cpu_experts", "cpu_threads", "h2d_gbps")
+NON_CACHE_KEYS = ("verify", "cpu_experts", "cpu_threads", "h2d_gbps", "slot_table")
 
 
 def physical_cores() -> int:

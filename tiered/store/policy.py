@@ -181,6 +181,12 @@ class _ScoredPolicy(Policy):
         self._check_present(key, "remove")
         del self._uses[key], self._last[key], self._seq[key]
 
+    def set_uses(self, key: int, uses: int) -> None:
+        """Restore a resident key's use count (a table handed back from the device: store/devtable.py)."""
+        self._check_present(key, "set_uses")
+        self._uses[key] = int(uses)
+        self._push(key)
+
     def victim(self, resident: Iterable[int] | None = None, pinned: Collection[int] = ()) -> int:
         cand = self._as_set(resident)
         skipped: list[tuple[float, int, int]] = []

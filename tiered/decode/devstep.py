@@ -1,0 +1,177 @@
+"""The offloaded one-token decode step as one CUDA graph: slot lookup, eviction and miss copies on the device.
+
+Owns: `DeviceStep` (static token/position buffers, per-layer slot and miss rows, one captured graph per attended
+span, `capture_all`, the hand-over of the slot table to the device before a step) and its stats.
+Used with the expert cache when its slot table lives on the device (store/devtable.py: every expert in the
+pinned RAM tier, lru/flru eviction, no observer, no prefetch hook, no CPU experts, no pacing). Where the piecewise
+step (piecewise.py) reads each layer's top-k back to the host, resolves slots in Python and issues copies, here
+each MoE layer inside the graph runs
+    router (in the model's segment) -> resolve (kernels/slot_table.py: hits, victims, table updates)
+    -> gather (the misses' blocks copied from pinned RAM over UVA by a kernel) -> the experts read the slots,
+so the host launches one graph per token and waits only for the logits.
+A routing override (predict/replay.py, benchmarks) is applied inside the graph too: its rows for the step's
+position are gathered on the device.
+Does not own: the math (model/transformer.py segments), the tables and kernels, nor the choice of step
+(engine.py).
+
+Legend: L layers, K top-k, V vocab.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tiered.model.transformer import Transformer
+
+
+class DeviceStep:
+    """The one-token step of a model whose provider has a DeviceSlotTable (`provider.devtable`).
+
+    graphs=False runs the same body eagerly (any device; on CPU the table's torch reference and a copy loop
+    stand in for the kernels): what the CPU tests run, token for token the algorithm the graph replays."""
+
+    def __init__(self, model: Transformer, *, graphs: bool = True) -> None:
+        table = getattr(model.provider, "devtable", None)
+        if table is None:
+            raise ValueError("DeviceStep needs an expert cache with a device slot table (--slot-table device)")
+        if model.observer is not None or model.prefetch_hook is not None:
+            raise ValueError("the device step runs no routing observer or prefetch hook (they read the routing on "
+                             "the host): use --slot-table host with prefetch or --policy predicted")
+        self.model = model
+        self.table = table
+        cfg = model.config
+        self.L, self.K = cfg.num_layers, cfg.top_k
+        dev = model.device
+        self.device = dev
+        self.graphed = bool(graphs) and dev.type == "cuda"
+        cuda = dev.type == "cuda"
+        self.step_host = torch.zeros(2, dtype=torch.int64, pin_memory=cuda)  # token, position
+        self._step_ev = torch.cuda.Event() if cuda else None
+        self.step_dev = torch.zeros(2, dtype=torch.int64, device=dev) if cuda else self.step_host
+        self.slots = torch.zeros(self.L, self.K, dtype=torch.int64, device=dev)  # [L, K] rows the experts read
+        self.src = torch.full((self.L, self.K), -1, dtype=torch.int64, device=dev)  # [L, K] RAM rows of misses
+        self.routing = model.routing
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.graphed else None
+        self.steps = 0
+        self.launch_s = 0.0  # host seconds per step: the hand-over check, the inputs' copy and the replay
+        self.capture_s = 0.0
+        self.graph_mem_bytes = 0
+
+    # --- the step's body (captured) ---
+    def _body(self, span: int) -> Tensor:
+        m = self.model
+        plan = m.static_plan(self.step_dev[1:2], span)
+        r = m.segment_first(self.step_dev[0:1], plan)
+        out = None
+        for l in range(self.L):
+            if m.layers[l].moe is not None:
+                if self.routing is not None:
+                    self._replayed(l, r)
+                self.table.resolve(l, r.ids[0], self.slots[l], self.src[l])
+                self.table.gather(self.src[l], self.slots[l])
+            if l + 1 < self.L:
+                r = m.segment_mid(l + 1, r, self.slots[l], plan, None)
+            else:
+                out = m.segment_last(r, self.slots[l], None)
+        return out
+
+    def _replayed(self, l: int, r: Any) -> None:
+        """Layer l's routing replaced by the override's row at the step's position (device gathers, no sync)."""
+        ro = self.routing
+        i = ro._layer(l)
+        pos = self.step_dev[1:2]
+        r.ids[0].copy_(ro.ids.index_select(0, pos)[0, i])
+        r.weights[0].copy_(ro.weights.index_select(0, pos)[0, i])
+
+    # --- capture ---
+    def capture_all(self) -> None:
+        """Capture every span's graph now (a step never captures inside a timed decode)."""
+        if not self.graphed:
+            return
+        for span in self.model.graph_spans():
+            if span not in self.graphs:
+                self._add(span)
+
+    def _add(self, span: int) -> None:
+        dev = self.device
+        t0 = time.perf_counter()
+        self.table.take()
+        torch.cuda.empty_cache()
+        mem0 = torch.cuda.memory_reserved(dev)
+        counts = self.table.t["counts"].clone()
+        with self.model.preserve_state():
+            # Warm-ups execute the step (Triton compiles, cuBLAS workspaces): slot lookups, evictions and copies
+            # happen for real, so the table and the slots stay consistent; only this step's own K/V position is
+            # written, which the real step rewrites. Their hits and misses are not counted.
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._body(span)
+            torch.cuda.current_stream(dev).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = self._body(span)
+            graph.replay()  # the first launch uploads the graph: not in the first timed step
+            torch.cuda.synchronize(dev)
+        self.table.t["counts"].copy_(counts)
+        self.graphs[span] = (graph, out)
+        self.capture_s += time.perf_counter() - t0
+        self.graph_mem_bytes += torch.cuda.memory_reserved(dev) - mem0
+
+    # --- one step ---
+    @torch.inference_mode()
+    def step(self, token: int, pos: int) -> Tensor:
+        """Logits [1, V] (a static buffer: read it before the next step) of `token` at position `pos`."""
+        m = self.model
+        if pos >= m.max_context:
+            raise ValueError(f"position {pos} is beyond max_context={m.max_context}")
+        if self.routing is not None:
+            self.routing._check(pos, 1)
+        t0 = time.perf_counter()
+        if self.table.owner != "device":
+            self.table.take()
+        span = m.graph_span(pos)
+        if not self.graphed:
+            self.step_host[0] = token
+            self.step_host[1] = pos
+            if self.step_dev is not self.step_host:
+                self.step_dev.copy_(self.step_host)
+            out = self._body(span)
+            self.model.provider.note_device_token()
+            self.steps += 1
+            self.launch_s += time.perf_counter() - t0
+            return out
+        if span not in self.graphs:
+            self._add(span)
+            t0 = time.perf_counter()
+        self._step_ev.synchronize()  # the previous step's copy of step_host is done
+        self.step_host[0] = token
+        self.step_host[1] = pos
+        self.step_dev.copy_(self.step_host, non_blocking=True)
+        self._step_ev.record(torch.cuda.current_stream(self.device))
+        graph, out = self.graphs[span]
+        graph.replay()
+        self.model.provider.note_device_token()
+        self.steps += 1
+        self.launch_s += time.perf_counter() - t0
+        return out
+
+    # --- stats ---
+    @property
+    def host_s_per_layer(self) -> float | None:
+        """Host seconds per layer of a step (the whole step's host work / L); None before any step."""
+        return self.launch_s / (self.steps * self.L) if self.steps else None
+
+    def stats(self) -> dict:
+        return {"spans": sorted(self.graphs), "steps": self.steps, "launch_s": self.launch_s,
+                "host_s_per_layer": self.host_s_per_layer, "capture_s": self.capture_s,
+                "graph_mem_bytes": self.graph_mem_bytes}
+
+    def reset_stats(self) -> None:
+        self.steps = 0
+        self.launch_s = self.capture_s = 0.0

@@ -1,0 +1,192 @@
+"""Device-side expert slot resolution and miss copies: what lets an offloaded decode step run as one CUDA graph.
+
+Owns two kernels and their plain torch references (the references are the CPU path and what tests compare with):
+  - `resolve`: one layer's top-k ids -> slot rows, on the device. Hits are looked up in a key -> slot table;
+    each miss takes the slot with the lowest eviction score (score = uses * w + last use tick: w = 0 is LRU, w > 0
+    frequency-weighted LRU, the host's `flru`), never a slot this call already uses; free slots go first. The
+    tables, the clock and the hit/miss counters are updated in place, and each miss's source row in the host pool
+    is written out for `gather`.
+  - `gather`: copy whole expert blocks from a host pool (page-locked memory the GPU reads over UVA) into the slots
+    resolve chose, one program per (expert, chunk); rows without a miss exit at once. The copy engine cannot be
+    driven from inside a graph with data-dependent addresses; measured on the H200 box this kernel reads pinned
+    host memory at 49-50 GB/s for 4-10 blocks of 2.6-9.4 MB, against 51-54 GB/s for cudaMemcpyAsync
+    (benchmarks/results/uva-probe-2026-11-30-h200.json).
+Does not own: the tensors (store/devtable.py allocates and syncs them with the host tables), nor the step that
+calls these (decode/devstep.py).
+
+Legend: K top-k, S device slots, N keys = L * E, B block bytes, R host pool rows.
+Tables: slot_of int32 [N] (-1 = not resident), key_of int32 [S] (-1 = free), last int64 [S], uses int64 [S],
+clock int64 [1] (ticks once per resolve, like the host cache's get() clock), counts int64 [2] (hits, misses),
+host_row int64 [N] (the key's row in the host pool; every key must have one).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+FREE_SCORE = -(2 ** 62)  # a free slot's score: taken before any resident expert is evicted
+PINNED_SCORE = 2 ** 62  # a slot this call uses: never a victim
+_FREE: tl.constexpr = FREE_SCORE
+_PINNED: tl.constexpr = PINNED_SCORE
+
+
+@triton.jit
+def _resolve_kernel(ids_ptr, base, slot_of, key_of, last, uses, clock, counts, host_row, out_slot, out_src,
+                    n_ids, n_slots, w, K_P: tl.constexpr, S_P: tl.constexpr):
+    ok = tl.arange(0, K_P)
+    mk = ok < n_ids
+    keys = base + tl.load(ids_ptr + ok, mask=mk, other=0).to(tl.int64)  # [K_P]
+    s = tl.load(slot_of + keys, mask=mk, other=-1).to(tl.int64)  # [K_P] current slot, -1 = miss
+    hit = mk & (s >= 0)
+    miss = mk & (s < 0)
+    t = tl.load(clock) + 1
+    os_ = tl.arange(0, S_P)
+    ms = os_ < n_slots
+    lst = tl.load(last + os_, mask=ms, other=0)
+    use = tl.load(uses + os_, mask=ms, other=0)
+    kof = tl.load(key_of + os_, mask=ms, other=-1)
+    # the hits: touched now and never victims of this call
+    pin = os_ < 0
+    for k in tl.static_range(K_P):
+        sk = tl.sum(tl.where((ok == k) & hit, s, 0), axis=0)
+        hk = tl.sum(tl.where((ok == k) & hit, 1, 0), axis=0) > 0
+        mark = (os_ == sk) & hk
+        pin = pin | mark
+        use = tl.where(mark, use + 1, use)
+        lst = tl.where(mark, t, lst)
+    score = tl.where(kof < 0, _FREE, use * w + lst)
+    score = tl.where(pin | (os_ >= n_slots), _PINNED, score)
+    slot = s
+    for k in tl.static_range(K_P):
+        mk_k = tl.sum(tl.where((ok == k) & miss, 1, 0), axis=0) > 0
+        v = tl.argmin(score, axis=0).to(tl.int64)
+        claim = (os_ == v) & mk_k
+        score = tl.where(claim, _PINNED, score)
+        lst = tl.where(claim, t, lst)
+        use = tl.where(claim, 1, use)
+        slot = tl.where((ok == k) & mk_k, v, slot)
+    # evict the victims' keys, then install the misses (distinct addresses: a victim is never a key of this call)
+    old = tl.load(key_of + slot, mask=miss, other=-1).to(tl.int64)
+    tl.store(slot_of + old, -1, mask=miss & (old >= 0))
+    tl.store(slot_of + keys, slot.to(tl.int32), mask=miss)
+    tl.store(key_of + slot, keys.to(tl.int32), mask=miss)
+    tl.store(last + os_, lst, mask=ms)
+    tl.store(uses + os_, use, mask=ms)
+    tl.store(clock, t)
+    tl.store(out_slot + ok, slot, mask=mk)
+    src = tl.load(host_row + keys, mask=miss, other=-1)
+    tl.store(out_src + ok, tl.where(miss, src, -1), mask=mk)
+    tl.store(counts, tl.load(counts) + tl.sum(hit.to(tl.int64), axis=0))
+    tl.store(counts + 1, tl.load(counts + 1) + tl.sum(miss.to(tl.int64), axis=0))
+
+
+@triton.jit
+def _gather_kernel(src, row_src, row_dst, dst, row_words, BLOCK: tl.constexpr, CHUNKS: tl.constexpr):
+    r = tl.program_id(0)
+    c = tl.program_id(1)
+    s = tl.load(row_src + r)
+    if s >= 0:
+        d = tl.load(row_dst + r)
+        start = c.to(tl.int64) * (CHUNKS * BLOCK)
+        for i in tl.static_range(CHUNKS):
+            offs = start + i * BLOCK + tl.arange(0, BLOCK)
+            m = offs < row_words
+            tl.store(dst + d * row_words + offs, tl.load(src + s * row_words + offs, mask=m), mask=m)
+
+
+class HostPointer:
+    """A page-locked host tensor handed to a Triton kernel as a device-readable pointer (UVA): CUDA maps pinned
+    memory into the device's address space, so the kernel reads it over PCIe."""
+
+    def __init__(self, t: Tensor) -> None:
+        if t.device.type != "cpu" or not t.is_pinned():
+            raise ValueError("HostPointer needs a page-locked (pinned) CPU tensor")
+        self.t = t
+        self.dtype = t.dtype
+
+    def data_ptr(self) -> int:
+        return self.t.data_ptr()
+
+
+def _p2(n: int) -> int:
+    return max(2, triton.next_power_of_2(int(n)))
+
+
+def resolve(ids: Tensor, layer: int, num_experts: int, t: dict[str, Tensor], w: int, out_slot: Tensor,
+            out_src: Tensor) -> None:
+    """ids int64 [K] (device) of `layer` -> out_slot int64 [K], out_src int64 [K] (host row of a miss, -1 on a hit);
+    `t` holds the tables of the module docstring (updated in place). CUDA: one program; else the reference."""
+    S = t["key_of"].shape[0]
+    if ids.device.type != "cuda":
+        return resolve_reference(ids, layer, num_experts, t, w, out_slot, out_src)
+    K = ids.shape[0]
+    if S < K:
+        raise ValueError(f"a device slot table of {S} slots cannot hold one layer's {K} experts")
+    nw = 4 if S <= 1024 else 8 if S <= 4096 else 16
+    _resolve_kernel[(1,)](ids, layer * num_experts, t["slot_of"], t["key_of"], t["last"], t["uses"], t["clock"],
+                          t["counts"], t["host_row"], out_slot, out_src, K, S, int(w), K_P=_p2(K), S_P=_p2(S),
+                          num_warps=nw)
+
+
+def resolve_reference(ids: Tensor, layer: int, num_experts: int, t: dict[str, Tensor], w: int, out_slot: Tensor,
+                      out_src: Tensor) -> None:
+    """The same algorithm in plain torch on host values (CPU path and test reference): ties go to the lowest slot,
+    as argmin's do in the kernel."""
+    slot_of, key_of, last, uses = t["slot_of"], t["key_of"], t["last"], t["uses"]
+    S = key_of.shape[0]
+    now = int(t["clock"][0]) + 1
+    keys = [layer * num_experts + int(e) for e in ids.tolist()]
+    slots = [int(slot_of[k]) for k in keys]
+    pinned = set()
+    for s in slots:
+        if s >= 0:
+            uses[s] += 1
+            last[s] = now
+            pinned.add(s)
+    score = [FREE_SCORE if int(key_of[i]) < 0 else int(uses[i]) * int(w) + int(last[i]) for i in range(S)]
+    for i in pinned:
+        score[i] = PINNED_SCORE
+    src = [-1] * len(keys)
+    for j, k in enumerate(keys):
+        if slots[j] >= 0:
+            continue
+        v = min(range(S), key=lambda i: (score[i], i))
+        score[v] = PINNED_SCORE
+        old = int(key_of[v])
+        if old >= 0:
+            slot_of[old] = -1
+        slot_of[k] = v
+        key_of[v] = k
+        last[v] = now
+        uses[v] = 1
+        slots[j] = v
+        src[j] = int(t["host_row"][k])
+    t["clock"][0] = now
+    n_miss = sum(1 for s in src if s >= 0)
+    t["counts"][0] += len(keys) - n_miss
+    t["counts"][1] += n_miss
+    out_slot.copy_(torch.tensor(slots, dtype=torch.int64))
+    out_src.copy_(torch.tensor(src, dtype=torch.int64))
+
+
+def gather(host_pool: Tensor, row_src: Tensor, row_dst: Tensor, slots: Tensor, *, chunks: int = 4) -> None:
+    """slots[row_dst[r]] = host_pool[row_src[r]] for every r with row_src[r] >= 0 (whole blocks).
+
+    host_pool uint8 [R, B] (pinned on CUDA), slots uint8 [S, B] on the device, row_src / row_dst int64 [K] on the
+    device. B must be a multiple of 4 (blocks are 4 KiB aligned)."""
+    B = slots.shape[1]
+    if slots.device.type != "cuda":
+        for r, (s, d) in enumerate(zip(row_src.tolist(), row_dst.tolist())):
+            if s >= 0:
+                slots[d].copy_(host_pool[s])
+        return
+    if B % 4:
+        raise ValueError(f"gather copies 4-byte words: block size {B} is not a multiple of 4")
+    words = B // 4
+    BLOCK = 1024
+    grid = (row_src.shape[0], triton.cdiv(words, BLOCK * chunks))
+    _gather_kernel[grid](HostPointer(host_pool.view(torch.int32)) if host_pool.device.type == "cpu" else
+                         host_pool.view(torch.int32), row_src, row_dst, slots.view(torch.int32), words,
+                         BLOCK=BLOCK, CHUNKS=chunks)

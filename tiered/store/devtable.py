@@ -1,0 +1,195 @@
+"""The device tier's slot table kept on the device, so that an offloaded decode step needs no host round trip.
+
+Owns: `DeviceSlotTable` (the device tensors of kernels/slot_table.py: key -> slot, slot -> key, eviction state,
+clock, hit/miss counters, each key's row in the pinned RAM tier), which side owns the truth ("host": the
+SlotTable in vram.py that get() uses; "device": these tensors, updated inside the captured step), and the hand-over
+both ways (`take`, `give_back`), `refusal` (why a cache cannot use it), and the counters folded into the cache's
+stats (`harvest`).
+Does not own: the bytes (vram.SlotPool's slots, ram.PinnedPool's pinned rows), the kernels
+(kernels/slot_table.py), nor the step that calls them (decode/devstep.py).
+
+What it needs: CUDA; every expert in the pinned RAM tier (copy mode: one page-locked buffer the GPU reads over
+UVA), so a miss is a copy from RAM, never a disk read; an eviction policy the device runs (lru, or flru with its
+weight); no CPU experts and no pacing (both are host decisions per miss).
+
+Legend: N keys = L * E, S device slots.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tiered.kernels import slot_table as kern
+
+DEVICE_TABLE_POLICIES = ("lru", "flru")
+SLOT_TABLE_MODES = ("host", "device", "auto")
+
+
+def refusal(*, cuda: bool, ram_slots: int, num_keys: int, block_size: int, policy: str, cpu_experts: str,
+            h2d_gbps: float) -> str | None:
+    """Why the device slot table cannot serve this cache (a sentence that says what to change), or None."""
+    if not cuda:
+        return "the device slot table needs a CUDA device"
+    if ram_slots < num_keys:
+        gib = num_keys * block_size / 2 ** 30
+        return (f"the device slot table needs every expert in the pinned RAM tier ({num_keys} blocks, "
+                f"{gib:.2f} GiB): pass --ram-gb {gib * 1.001 + 0.01:.2f} or more")
+    if policy not in DEVICE_TABLE_POLICIES:
+        return (f"the device slot table evicts by {' or '.join(DEVICE_TABLE_POLICIES)}; --policy {policy} is "
+                "scored on the host")
+    if cpu_experts != "off":
+        return "--cpu-experts places misses from the host: use --slot-table host with it"
+    if h2d_gbps > 0:
+        return "--h2d-gbps paces copies issued by the host: use --slot-table host with it"
+    return None
+
+
+class DeviceSlotTable:
+    """The slot table of `cache` (an ExpertCache) on its device.
+
+    Args:
+        cache: the ExpertCache whose device tier (vram), pinned RAM tier (ram, copy mode, holding every key) and
+            clock this table mirrors.
+        w: eviction weight (kernels/slot_table.py): 0 = LRU, else uses are worth w clock ticks (flru).
+    """
+
+    def __init__(self, cache: Any, *, w: int) -> None:
+        self.cache = cache
+        self.w = int(w)
+        vram, ram = cache.vram, cache.ram
+        if ram is None or ram.rows is None or (vram.cuda and not ram.rows.is_pinned()):
+            raise ValueError("the device slot table reads experts from a pinned RAM tier in copy mode")
+        self.device = vram.device
+        self.num_experts = cache.num_experts
+        self.block_size = cache.block_size
+        N, S = cache.num_layers * cache.num_experts, vram.n_slots
+        dev = self.device
+        self.t: dict[str, Tensor] = {
+            "slot_of": torch.full((N,), -1, dtype=torch.int32, device=dev),
+            "key_of": torch.full((S,), -1, dtype=torch.int32, device=dev),
+            "last": torch.zeros(S, dtype=torch.int64, device=dev),
+            "uses": torch.zeros(S, dtype=torch.int64, device=dev),
+            "clock": torch.zeros(1, dtype=torch.int64, device=dev),
+            "counts": torch.zeros(2, dtype=torch.int64, device=dev),
+            "host_row": torch.full((N,), -1, dtype=torch.int64, device=dev),
+        }
+        self.host_pool = ram.rows  # uint8 [R, B] pinned
+        self.slots = vram.pool[:S]  # uint8 [S, B] device (the zero slot, if any, is never handed out here)
+        self.owner = "host"
+        self.hits = self.misses = 0  # harvested from the device counters
+        self.handovers = 0
+
+    # --- the hand-over ---
+    def take(self) -> None:
+        """The host's table, eviction state and clock -> the device; copies the host issued finish first."""
+        if self.owner == "device":
+            return
+        c = self.cache
+        vram, ram = c.vram, c.ram
+        N, S = c.num_layers * c.num_experts, vram.n_slots
+        host_row = [ram.table.lookup(k) for k in range(N)]
+        missing = [k for k, r in enumerate(host_row) if r is None]
+        if missing:
+            ram.preload(missing, c._t)
+            host_row = [ram.table.lookup(k) for k in range(N)]
+            if any(r is None for r in host_row):
+                raise RuntimeError("the pinned RAM tier could not hold every expert for the device slot table")
+        ram.settle()
+        vt = vram.table
+        last, uses = _policy_state(vt.policy, vt.key_of)
+        cpu = {"slot_of": torch.full((N,), -1, dtype=torch.int32),
+               "key_of": torch.tensor(vt.key_of, dtype=torch.int32),
+               "last": torch.tensor(last, dtype=torch.int64), "uses": torch.tensor(uses, dtype=torch.int64),
+               "clock": torch.tensor([c._t], dtype=torch.int64),
+               "host_row": torch.tensor(host_row, dtype=torch.int64)}
+        for k, s in vt.slot_of.items():
+            cpu["slot_of"][k] = s
+        if vram.cuda:
+            cur = torch.cuda.current_stream(self.device)
+            cur.wait_stream(vram.stream)  # the host's copies into the slots land before the step reads them
+        vram._pending.clear()
+        for name, v in cpu.items():
+            self.t[name].copy_(v)
+        self.owner = "device"
+        self.handovers += 1
+
+    def give_back(self) -> None:
+        """The device's table -> the host's SlotTable, policy and clock (syncs: a phase change, not per token)."""
+        if self.owner == "host":
+            return
+        self.harvest()
+        c = self.cache
+        vt = c.vram.table
+        key_of = self.t["key_of"].tolist()
+        last, uses = self.t["last"].tolist(), self.t["uses"].tolist()
+        c._t = max(c._t, int(self.t["clock"][0]))
+        policy = c.make_vram_policy()
+        order = sorted((last[s], s) for s in range(len(key_of)) if key_of[s] >= 0)
+        for t, s in order:
+            policy.insert(key_of[s], t)
+            if uses[s] > 1 and hasattr(policy, "set_uses"):
+                policy.set_uses(key_of[s], uses[s])
+        vt.policy = policy
+        vt.key_of = key_of
+        vt.slot_of = {k: s for s, k in enumerate(key_of) if k >= 0}
+        vt._free = [s for s in range(len(key_of) - 1, -1, -1) if key_of[s] < 0]
+        # the host's next copies into these slots must wait for the device steps that read them
+        c.vram._handoff_t = -1
+        self.owner = "host"
+        self.handovers += 1
+
+    # --- the step's calls (captured in its graph) ---
+    def resolve(self, layer: int, ids: Tensor, out_slot: Tensor, out_src: Tensor) -> None:
+        """ids int64 [K] of `layer` -> out_slot [K] slot rows, out_src [K] RAM rows of the misses (-1 on hits)."""
+        kern.resolve(ids, layer, self.num_experts, self.t, self.w, out_slot, out_src)
+
+    def gather(self, src: Tensor, slot: Tensor) -> None:
+        """Copy the misses resolve found from the pinned RAM tier into their slots (on the current stream)."""
+        kern.gather(self.host_pool, src, slot, self.slots)
+
+    # --- stats ---
+    def harvest(self) -> tuple[int, int]:
+        """Fold the device's hit/miss counters into the cache's (its device tier and its decode phase: the device
+        step runs one-token decode steps only) and zero them; returns the (hits, misses) added. Syncs the device."""
+        h, m = (int(x) for x in self.t["counts"].tolist())
+        if h or m:
+            self.t["counts"].zero_()
+            c = self.cache
+            B = self.block_size
+            self.hits += h
+            self.misses += m
+            c.vram.hits += h
+            c.vram.misses += m
+            c.vram.bytes_in += m * B
+            ph = c._phases["decode"]
+            ph.hits += h
+            ph.misses += m
+            ph.bytes_h2d += m * B
+        return h, m
+
+    def stats(self) -> dict:
+        return {"mode": "device", "owner": self.owner, "hits": self.hits, "misses": self.misses,
+                "bytes": self.misses * self.block_size, "handovers": self.handovers,
+                "policy": "lru" if self.w == 0 else f"flru(w={self.w})"}
+
+    def reset_stats(self) -> None:
+        self.hits = self.misses = 0
+
+
+def _policy_state(policy: Any, key_of: list[int]) -> tuple[list[int], list[int]]:
+    """Per slot (last use tick, uses) from a host policy (LRU: its order's times, one use; flru: its counters)."""
+    last, uses = [0] * len(key_of), [0] * len(key_of)
+    order = getattr(policy, "_order", None)
+    lasts, counts = getattr(policy, "_last", None), getattr(policy, "_uses", None)
+    for s, k in enumerate(key_of):
+        if k < 0:
+            continue
+        if order is not None:
+            last[s], uses[s] = int(order[k]), 1
+        elif lasts is not None:
+            last[s], uses[s] = int(lasts[k]), int(counts[k])
+        else:
+            raise ValueError(f"the device slot table cannot take the state of a {type(policy).__name__} policy")
+    return last, uses
