@@ -134,6 +134,24 @@ def test_grouped_quant_half_within_rounding(fmt):
     assert _rel(out.float(), _reference(x, ids, w, W, torch.arange(E))) < 2e-2
 
 
+@interp
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("T,N,K,cfg", [(1, 40, 48, None), (17, 130, 130, GroupedConfig(block_m=16, block_n=64,
+                                                                                         block_k=128)),
+                                       (33, 24, 200, GroupedConfig(block_m=32, block_n=32, block_k=32))])
+def test_quant_matmul_matches_reference(fmt, T, N, K, cfg):
+    """The dense tiled GEMM (qlinear above its GEMV rows) equals x @ dequantize(w)^T in fp32: one row, odd
+    rows, a q4 row of one group, groups cut short, steps over several groups, fp8 scale rows of 128 outputs."""
+    from tiered.kernels.quant_grouped import quant_matmul
+
+    g = torch.Generator().manual_seed(N + K)
+    w = quantize(torch.randn(N, K, generator=g) * K ** -0.5, fmt)
+    x = torch.randn(T, K, generator=g)
+    got = quant_matmul(x, w, cfg)
+    assert got.shape == (T, N) and got.dtype == x.dtype
+    assert _rel(got, x @ w.dequantize(torch.float32).T) < 1e-5
+
+
 def test_block_k_rules():
     """A step lies inside one group, spans whole groups, or the row is one group; nibble formats step >= 32."""
     W = _pool("q4", 1, 8, 130, device="cpu")
@@ -147,9 +165,14 @@ def test_block_k_rules():
 
 def test_qgrouped_ok_off_cuda():
     """Off CUDA the runtime never takes these kernels (the torch loop is the CPU path); a bf16 pool is not
-    theirs either."""
+    theirs either; quant_matmul serves single matrices only."""
+    from tiered.kernels.quant_grouped import qmatmul_ok
+
     W = _pool("q4", 2, 8, 16, device="cpu")
     assert not qgrouped_ok(W) and qgrouped_ok(W, interpret=True)
+    x = torch.randn(20, 16)
+    assert not qmatmul_ok(x, W.gate[0]) and qmatmul_ok(x, W.gate[0], interpret=True)
+    assert not qmatmul_ok(x, W.gate, interpret=True)
     specs, bs = plan_block({"gate": ((8, 16), "bfloat16"), "up": ((8, 16), "bfloat16"), "down": ((16, 8), "bfloat16")})
     assert not qgrouped_ok(expert_views(torch.zeros(2, bs, dtype=torch.uint8), specs), interpret=True)
 
@@ -227,7 +250,7 @@ def test_kernels_compile_for_sm90():
     if r.returncode == 3:
         pytest.skip(r.stdout.strip().splitlines()[-1])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    assert r.stdout.count(" ok ") == len(FORMATS)
+    assert r.stdout.count(" ok ") == len(FORMATS)  # each line: the grouped gate/up, down and dense kernels
 
 
 # --- CUDA, bf16, the 10.6B expert shape ---
@@ -245,6 +268,20 @@ def test_cuda_grouped_quant_10b_shape(fmt, T):
     x = torch.randn(T, D, device=DEV, dtype=torch.bfloat16)
     out = moe_grouped_quant(x, ids, w, W, slot_map)
     assert _rel(out.float(), _reference(x, ids, w, W, slot_map)) <= 1e-2
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("N,K", [(5120, 2048), (2048, 4096), (151936, 2048), (100, 70)])
+def test_cuda_qlinear_prefill_rows(fmt, N, K):
+    """qlinear above its GEMV rows (17 and 300 rows) takes quant_matmul: within bf16 rounding of the fp32
+    reference at the 10.6B dense shapes (qkv, o_proj, lm_head) and an odd one."""
+    from tiered.kernels.quant_moe import qlinear
+
+    w = quantize(torch.randn(N, K, device=DEV) * K ** -0.5, fmt)
+    for T in (17, 300):
+        x = torch.randn(T, K, device=DEV, dtype=torch.bfloat16)
+        assert _rel(qlinear(x, w).float(), x.float() @ w.dequantize(torch.float32).T) <= 1e-2
 
 
 @pytest.mark.cuda

@@ -3,8 +3,8 @@
     python3 tools/compile_quant_grouped.py [--quick] [--arch 90]
 
 Triton's interpreter (the CPU tests) accepts code the real compiler rejects (casts, layouts, bit widths); this
-runs the whole pipeline (ttir, ttgir, llir, ptx, cubin through the bundled ptxas) for both kernels in every
-format at the 10.6B expert shape, as the runtime's tile configs instantiate them. Run it with TRITON_INTERPRET
+runs the whole pipeline (ttir, ttgir, llir, ptx, cubin through the bundled ptxas) for the three kernels
+(grouped gate/up, grouped down, the dense quant_matmul) in every format at the 10.6B expert shape, as the runtime's tile configs instantiate them. Run it with TRITON_INTERPRET
 unset. Prints one line per (format, tiles): "FMT tiles ok" or the compiler's error; exits 1 on any error and 3
 when this Triton has no NVIDIA backend or ptxas (nothing checked).
 """
@@ -67,7 +67,10 @@ def main() -> int:
                               um=st, h_ptr="*bf16", stride_xt="i32", **STRIDES), dict(D=D, F=Fe, K=K)),
                         (qg._qgrouped_down_kernel, down,
                          dict(h_ptr="*bf16", rows_ptr="*i32", bslot_ptr="*i64", wt_ptr="*bf16", dq=qt, ds=st, dm=st,
-                              out_ptr="*bf16", **STRIDES), dict(D=D, F=Fe))):
+                              out_ptr="*bf16", **STRIDES), dict(D=D, F=Fe)),
+                        (qg._qmatmul_kernel, gate,
+                         dict(x_ptr="*bf16", q=qt, s=st, m=st, out_ptr="*bf16", T="i32", stride_xt="i32",
+                              stride_ot="i32", sq1="i32", ss1="i32", sm1="i32"), dict(N=Fe, KIN=D))):
                     geo = qg._geometry(w, bk)
                     if fmt == "fp8":
                         geo["WFMT"] = qg.WFMT["fp8"]  # the CUDA branch (the zeros above sit on the CPU)
@@ -75,7 +78,7 @@ def main() -> int:
                     sig = {n: ("constexpr" if n in consts else types[n]) for n in fn.arg_names}
                     # what the launcher's specialization sees: pointers and strides divisible by 16
                     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-                             if sig[n] != "constexpr" and n != "num_rows"}
+                             if sig[n] != "constexpr" and n not in ("num_rows", "T")}
                     k = triton.compile(ASTSource(fn, sig, consts, attrs), target=target,
                                        options=dict(num_warps=warps, num_stages=stages))
                     if "cubin" not in k.asm:

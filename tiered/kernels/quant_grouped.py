@@ -4,7 +4,9 @@ codes and scales are read in place and dequantized in registers, tile by tile; n
 Owns: the Triton kernels `_qgrouped_gate_up_kernel` and `_qgrouped_down_kernel` with their weight-tile
 loader `_qdot`, `QuantGroupedMoE` (GroupedMoE's rows and waves over quantized stacks), `pick_qconfig` (tile
 sizes per format and rows), `block_k_for` (the reduction step a format and a matrix allow), `qgrouped_ok`
-(whether these kernels serve a pool) and the one-call `moe_grouped_quant`.
+(whether these kernels serve a pool) and the one-call `moe_grouped_quant`; and, on the same tile loader,
+`_qmatmul_kernel` / `quant_matmul` (one quantized dense matrix at prefill sizes, quant_moe.qlinear's path
+above its GEMV rows) with `qmatmul_ok`.
 Does not own: the formats and their reference dequantization (layout/quant.py), the row alignment and the
 bf16 kernels (moe_grouped.py, whose kernels this module leaves untouched), the one-token GEMV kernels
 (quant_moe.py), the reference loop (a test's dequantize-then-matmul).
@@ -194,6 +196,30 @@ def _qgrouped_down_kernel(h_ptr, rows_ptr, bslot_ptr, wt_ptr, dq, ds, dm, out_pt
              mask=mask_m[:, None] & mask_n[None, :])
 
 
+@triton.jit
+def _qmatmul_kernel(x_ptr, q, s, m, out_ptr, T, stride_xt, stride_ot, sq1, ss1, sm1, N: tl.constexpr,
+                    KIN: tl.constexpr, KQ: tl.constexpr, NG: tl.constexpr, GROUP: tl.constexpr,
+                    ROWBLK: tl.constexpr, WFMT: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr):
+    """Grid (cdiv(N, BLOCK_N), cdiv(T, BLOCK_M)): out[m-block, n-block] = x[m-block] @ W[n-block]^T, one
+    quantized [N, KIN] matrix (a dense layer's weight at prefill sizes)."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < T
+    m64 = offs_m.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    n64 = offs_n.to(tl.int64)
+    DT = x_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, KIN, BLOCK_K):
+        acc = _qdot(acc, x_ptr + m64 * stride_xt, mask_m, q + n64 * sq1, s + (n64 // ROWBLK) * ss1, m + n64 * sm1,
+                    mask_n, k0, KIN, KQ, NG, GROUP, WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC)
+    tl.store(out_ptr + m64[:, None] * stride_ot + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
 def block_k_for(w: QuantWeight, block_k: int) -> tuple[int, int]:
     """(BLOCK_K, R) for a matrix: the config's step, at least 32 for the nibble formats (each half is a tl.dot of
     >= 16) and 16 otherwise; R = groups per step when the step spans several whole groups, else 1 (a step inside
@@ -294,3 +320,27 @@ def moe_grouped_quant(x: Tensor, ids: Tensor, weights: Tensor, W, slot_map: Tens
     run = QuantGroupedMoE(x, ids, weights, slot_map.shape[0], W.gate.fmt, config)
     run.wave(W, slot_map)
     return run.result()
+
+
+def qmatmul_ok(x: Tensor, w: QuantWeight, *, interpret: bool = False) -> bool:
+    """Whether `quant_matmul` serves x @ w^T: one matrix (no stack dims) of a fused format, parts contiguous
+    along the last dim, x on CUDA (or the interpreter, for tests)."""
+    return (w.fmt in WFMT and not w.lead and (x.is_cuda or interpret)
+            and all(t.stride(-1) == 1 for t in w.parts().values()))
+
+
+def quant_matmul(x: Tensor, w: QuantWeight, config: GroupedConfig | None = None) -> Tensor:
+    """x [T, K] @ dequantize(w)^T -> [T, N] in x's dtype, dequantizing tiles in registers (no dense copy of w):
+    the prefill-sized product of a quantized dense layer. No host sync."""
+    n, k = w.matrix
+    T = x.shape[0]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    cfg = config or pick_qconfig(T, 1, w.fmt)
+    out = torch.empty(T, n, dtype=x.dtype, device=x.device)
+    m = w.min if w.min is not None else w.scale
+    _qmatmul_kernel[(triton.cdiv(n, cfg.block_n), triton.cdiv(T, cfg.block_m))](
+        x, _codes(w), w.scale, m, out, T, x.stride(0), out.stride(0), w.q.stride(0), w.scale.stride(0), m.stride(0),
+        N=n, KIN=k, **_geometry(w, cfg.block_k), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        PREC="ieee" if x.dtype == torch.float32 else "tf32", num_warps=cfg.warps, num_stages=cfg.stages)
+    return out
