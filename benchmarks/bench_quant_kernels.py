@@ -30,6 +30,8 @@ default q8, q4, mxfp4):
     quant_moe), which the model takes up to moe_gpu.DECODE_MAX_T tokens;
   - "torch loop": model/moe.experts_grouped, the torch path (quantized: each expert dequantized to bf16, then
     matmuls), timed eagerly (it syncs with the host);
+  - with --with-dense, the 10.6B dense matrices (qkv, o_proj, lm_head) at the same T in q4 and q8: qlinear's
+    quant_matmul against dequantize-then-cuBLAS and cuBLAS over bf16 (shape column = the matrix);
   - "gemlite": last, q4 at the 10.6B shape, GemLite's A16W4 GEMM per expert in the torch loop's plan, when
     gemlite imports (`pip install --no-deps gemlite-*.whl` first; --no-gemlite skips). Optional: never a failure.
 Each is checked against the fp32 loop over the first 16 tokens' experts (dequantized) before timing; a
@@ -317,6 +319,8 @@ def main() -> None:
     ap.add_argument("--shapes", default="10.6B,397B", help="prefill: expert shapes (10.6B, 397B)")
     ap.add_argument("--prefill-sweep", action="store_true", help="prefill: also time a few other tiles")
     ap.add_argument("--no-gemlite", action="store_true", help="prefill: skip the GemLite row")
+    ap.add_argument("--with-dense", action="store_true",
+                    help="prefill: also qlinear's dense GEMM (quant_matmul) at the 10.6B dense shapes")
     a = ap.parse_args()
     if a.phase == "prefill":
         return main_prefill(a)
@@ -604,6 +608,51 @@ def _prefill_line(r: dict) -> str:
     return (f"{head} {r['us']:10.1f} {r['tflops']:7.1f} {r['gbps']:7.0f} {vs} {r['rel_err']:8.1e}  {r['config']}")
 
 
+PREFILL_DENSE = {"qkv": (5120, 2048), "o_proj": (2048, 4096), "lm_head": (151936, 2048)}  # N, K (10.6B)
+
+
+def bench_dense_prefill(fmts: list[str], tokens: list[int], end: float, rows: list, skipped: list) -> None:
+    """qlinear at prefill rows over the 10.6B dense shapes: quant_matmul (tiles dequantized in registers)
+    against the reference (dequantize into bf16, then cuBLAS) and cuBLAS over a bf16 weight."""
+    from tiered.kernels.quant_grouped import quant_matmul
+    from tiered.layout.quant import linear as linear_ref
+
+    gen = torch.Generator(device=DEV).manual_seed(11)
+    for name, (n, k) in PREFILL_DENSE.items():
+        w = (torch.randn(n, k, device=DEV, generator=gen) * k ** -0.5).bfloat16()
+        qs = {f: quantize(w, f) for f in fmts}
+        for T in tokens:
+            x = torch.randn(T, k, device=DEV, generator=gen).bfloat16()
+            flops = 2 * T * n * k
+            t_bf16 = None
+            variants = [("bf16", "cuBLAS F.linear", lambda: F.linear(x, w), n * k * 2, x.float() @ w.float().T)]
+            for f, q in qs.items():
+                ref = x.float() @ q.dequantize(torch.float32).T
+                variants += [(f, "quant_matmul", lambda q=q: quant_matmul(x, q), q.nbytes, ref),
+                             (f, "dequantize + cuBLAS", lambda q=q: linear_ref(x, q), q.nbytes, ref)]
+            for fmt, variant, fn, nbytes, ref in variants:
+                if time.perf_counter() > end:
+                    skipped.append(f"dense/{name}/T{T}/{fmt}/{variant}")
+                    continue
+                r = {"section": "prefill", "shape": name, "T": T, "fmt": fmt, "variant": variant, "config": f"{n}x{k}"}
+                try:
+                    r["rel_err"] = rel(fn().float(), ref)
+                    if not r["rel_err"] <= TOL:
+                        r["error"] = f"wrong result: rel err {r['rel_err']:.3g} > {TOL}: not timed"
+                    else:
+                        t = time_graph([fn], reps=10)
+                        r.update(us=t * 1e6, tflops=flops / t / 1e12, gbps=nbytes / t / 1e9)
+                        t_bf16 = t_bf16 or (r["us"] if fmt == "bf16" else None)
+                        if t_bf16:
+                            r["vs_bf16"] = t_bf16 / r["us"]
+                except Exception as e:
+                    r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                rows.append(r)
+                print(_prefill_line(r), flush=True)
+        del w, qs
+        torch.cuda.empty_cache()
+
+
 def main_prefill(a) -> None:
     t0 = time.perf_counter()
     end = t0 + (a.max_seconds or 100.0)
@@ -617,6 +666,8 @@ def main_prefill(a) -> None:
     bf16_us = {}
     for shape in a.shapes.split(","):
         bf16_us[shape] = bench_prefill(shape, fmts, tokens, a, end, rows, skipped)
+    if a.with_dense:
+        bench_dense_prefill([f for f in fmts if f in ("q4", "q8")], tokens, end, rows, skipped)
     if not a.no_gemlite and "q4" in fmts and "10.6B" in bf16_us:  # last: 3 E GemLite layers, the 10.6B shape
         bench_gemlite("10.6B", tokens, end, rows, skipped, bf16_us["10.6B"])
     summary = {f"{r['shape']}/T{r['T']}/{r['fmt']}/{r['variant']}": {k: r.get(k) for k in ("us", "tflops", "gbps",
