@@ -153,6 +153,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--candidates", type=int, default=4, help="history prefetch candidates per layer (depth 1)")
+    ap.add_argument("--device-prefetch", type=int, default=8,
+                    help="experts per layer the device step prefetches one layer ahead (run lru+pfN/device)")
     ap.add_argument("--paced", default="25,12", help="--h2d-gbps rates to emulate (comma-separated GB/s)")
     ap.add_argument("--cpu-threads", type=int, default=0)
     ap.add_argument("--only", default=None,
@@ -201,13 +203,18 @@ def main() -> None:
         name = ev.doc_names[d]
         runs: dict[str, dict] = {}
 
-        def go(label: str, policy: str, cand: int, cpu: str, h2d: float = 0.0, table: str = "host") -> None:
-            pred = History(L, cfg.num_experts, params) if cand else NoPrediction(L, cfg.num_experts)
+        def go(label: str, policy: str, cand: int, cpu: str, h2d: float = 0.0, table: str = "host",
+               dpf: int = 0) -> None:
+            pred = History(L, cfg.num_experts, params) if cand or dpf else NoPrediction(L, cfg.num_experts)
             budget = {**base, "policy": policy, "prefetch_depth": 1 if cand else 0, "prefetch_budget": cand or 1,
-                      "cpu_experts": cpu, "h2d_gbps": h2d, "slot_table": table}
+                      "cpu_experts": cpu, "h2d_gbps": h2d, "slot_table": table, "device_prefetch": dpf}
             log(f"doc {name}: {label}")
-            runs[label] = one_run(a.layout, device, prompt, a.new_tokens, doc, budget=budget, predictor=pred,
-                                  warmup=a.warmup)
+            s = one_run(a.layout, device, prompt, a.new_tokens, doc, budget=budget, predictor=pred, warmup=a.warmup)
+            if table == "device" and s.get("decode_graphs") != "device":  # a fallback is not a device-step figure
+                log(f"doc {name}: {label} did not decode with the device step ({s.get('decode_graphs')}): row dropped")
+                res.setdefault("failed_runs", []).append({"doc": name, "run": label, "decode_graphs": s.get("decode_graphs")})
+                return
+            runs[label] = s
 
         pf = f"predicted+{a.candidates}"
         plan = [("lru/off", "lru", 0, "off", 0.0), ("predicted/off", "predicted", 0, "off", 0.0),
@@ -215,7 +222,8 @@ def main() -> None:
                 ("predicted/auto", "predicted", 0, "auto", 0.0), (f"{pf}/auto", "predicted", a.candidates, "auto", 0.0),
                 ("all", "lru", 0, "all", 0.0)]
         if cuda:  # the slot table on the device: the whole step in one CUDA graph (decode/devstep.py)
-            plan += [("lru/device", "lru", 0, "off", 0.0, "device"), ("flru/device", "flru", 0, "off", 0.0, "device")]
+            plan += [("lru/device", "lru", 0, "off", 0.0, "device"), ("flru/device", "flru", 0, "off", 0.0, "device"),
+                     (f"lru+pf{a.device_prefetch}/device", "lru", 0, "off", 0.0, "device", a.device_prefetch)]
         for r in paced:
             plan += [(f"{pf}/off@{r:g}", "predicted", a.candidates, "off", r),
                      (f"{pf}/auto@{r:g}", "predicted", a.candidates, "auto", r)]
@@ -263,6 +271,11 @@ def main() -> None:
         res["vs_combined_bound"] = get(f"{pf}/auto", "vs_combined_bound")
         res["vs_serial_belady_bound_demand"] = get("predicted/off", "vs_serial_belady_bound")
         res["vs_serial_belady_bound_prefetch"] = get(f"{pf}/off", "vs_serial_belady_bound")
+        pfl = f"lru+pf{a.device_prefetch}/device"
+        if pfl in M and M[pfl]["decode_tok_s"]:  # prediction on the device: the prefetch goal's run
+            res["vs_serial_belady_bound_prefetch_device"] = get(pfl, "vs_serial_belady_bound")
+            res["device_prefetch_over_demand"] = (M[pfl]["decode_tok_s"] / M["lru/device"]["decode_tok_s"]
+                                                  if M.get("lru/device", {}).get("decode_tok_s") else None)
         dev = [lab for lab in ("lru/device", "flru/device") if lab in M and M[lab]["decode_tok_s"]]
         if dev:  # demand paging with the slot table on the device (no host round trip per layer)
             bd = max(dev, key=lambda lab: M[lab]["decode_tok_s"])
@@ -289,7 +302,8 @@ def main() -> None:
                   f"{v.get('vs_serial_belady_bound') or 0:>8.2f}{v.get('vs_pcie_bound') or 0:>7.2f}"
                   f"{v.get('vs_combined_bound') or 0:>7.2f}{str(r['tokens_identical'][lab]):>6}")
     for k in ("decode_vs_llamacpp_cpu_experts", "vs_combined_bound", "vs_serial_belady_bound_demand",
-              "vs_serial_belady_bound_demand_device", "device_over_host_lru",
+              "vs_serial_belady_bound_demand_device", "device_over_host_lru", "vs_serial_belady_bound_prefetch_device",
+              "device_prefetch_over_demand",
               "vs_serial_belady_bound_prefetch", "paced_auto_over_off", "cpu_expert_gbps",
               "llamacpp_cpu_experts_tg_tok_s"):
         print(f"{k}: {res.get(k)}")

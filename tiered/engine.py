@@ -32,7 +32,7 @@ from tiered.model import cpu_experts
 from tiered.model.layers import pick_backend
 from tiered.model.moe import PrefetchHook, RoutingObserver
 from tiered.model.transformer import RoutingOverride, Transformer
-from tiered.predict.predictors import Predictor
+from tiered.predict.predictors import PARAMS_FILE, Predictor, PredictorParams
 from tiered.predict.prefetch import Prefetcher, prefetcher_for_layout
 from tiered.store.cache import ExpertCache
 from tiered.store.cache import make_provider as make_cache
@@ -197,16 +197,37 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
         if (budget or {}).get("slot_table") == "device":
             raise EngineError(f"--slot-table device: {why}")
         provider.drop_device_table(why)
+    dpf = int((budget or {}).get("device_prefetch") or 0)
+    transitions = None
+    if dpf:
+        if getattr(provider, "devtable", None) is None:
+            raise EngineError("--device-prefetch needs the device slot table (--slot-table device or auto), which this "
+                              f"run does not use: {getattr(provider, 'slot_table_note', None) or 'no expert cache'}")
+        transitions = _transitions(layout, predictor)
     model = Transformer(cfg, layout.dense(), provider, device=dev, dtype=dt, max_context=ctx, attn=backend,
                         observer=observer, prefetch_hook=prefetch_hook, routing=routing, kernels=kernels)
     cpu_experts.prepare(provider, dt, model.layers[cfg.first_moe_layer].moe.act)  # --cpu-experts dtype, rate
     tok = Tokenizer.from_dir(layout.path) if layout.tokenizer_path else None
     engine = Engine(model, tok, layout_path=layout.path, cuda_graphs=cuda_graphs and dev.type == "cuda",
-                    prefetcher=prefetcher)
+                    prefetcher=prefetcher, device_prefetch=(dpf, transitions) if dpf else None)
     engine._sync()
     engine.load_s = time.perf_counter() - t0
     engine.capture_graphs()
     return engine
+
+
+def _transitions(layout: Any, predictor: Predictor | None) -> tuple[Tensor, Tensor]:
+    """Router-history transitions (layer_trans, time_trans) for the device step's prefetch: the given predictor's
+    fitted parameters, else the layout's (`tiered tune --fit-trace`)."""
+    p = getattr(predictor, "p", None)
+    if p is not None and getattr(p, "layer_trans", None) is not None and p.layer_trans.numel():
+        return p.layer_trans, p.time_trans
+    path = Path(layout.path) / PARAMS_FILE
+    if not path.is_file():
+        raise EngineError(f"--device-prefetch ranks experts by router-history transitions, and {layout.path} has none: "
+                          f"run `tiered tune {layout.path} --fit-trace ...` first (it writes {PARAMS_FILE})")
+    params = PredictorParams.load(path)
+    return params.layer_trans, params.time_trans
 
 
 def make_prefetcher(layout: Any, provider: ExpertProvider, budget: dict[str, Any], *,
@@ -231,7 +252,8 @@ class Engine:
     """A loaded model: `generate` for text, `logits` for teacher-forced scoring."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None, *, layout_path: Path | None = None,
-                 cuda_graphs: bool = False, prefetcher: Prefetcher | None = None) -> None:
+                 cuda_graphs: bool = False, prefetcher: Prefetcher | None = None,
+                 device_prefetch: tuple[int, tuple[Tensor, Tensor]] | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.config: ModelConfig = model.config
@@ -249,7 +271,8 @@ class Engine:
         # The expert cache with its slot table on the device: the whole step in one graph per span.
         self.devstep: DeviceStep | None = None
         if cuda_graphs and not resident and getattr(model.provider, "devtable", None) is not None:
-            self.devstep = DeviceStep(model)
+            n, tr = device_prefetch or (0, None)
+            self.devstep = DeviceStep(model, prefetch=n, transitions=tr)
         elif cuda_graphs and not resident:
             try:
                 self.pieces = PiecewiseDecode(model, graphs=True)

@@ -18,6 +18,7 @@ Legend: L layers, K top-k, V vocab.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -33,7 +34,8 @@ class DeviceStep:
     graphs=False runs the same body eagerly (any device; on CPU the table's torch reference and a copy loop
     stand in for the kernels): what the CPU tests run, token for token the algorithm the graph replays."""
 
-    def __init__(self, model: Transformer, *, graphs: bool = True) -> None:
+    def __init__(self, model: Transformer, *, graphs: bool = True, prefetch: int = 0,
+                 transitions: tuple[Tensor, Tensor] | None = None, time_mix: float = 0.5, prefetch_ctas: int = 32) -> None:
         table = getattr(model.provider, "devtable", None)
         if table is None:
             raise ValueError("DeviceStep needs an expert cache with a device slot table (--slot-table device)")
@@ -54,6 +56,27 @@ class DeviceStep:
         self.slots = torch.zeros(self.L, self.K, dtype=torch.int64, device=dev)  # [L, K] rows the experts read
         self.src = torch.full((self.L, self.K), -1, dtype=torch.int64, device=dev)  # [L, K] RAM rows of misses
         self.routing = model.routing
+        # Prefetch one layer ahead: during layer l's experts (on a side stream), the `prefetch` experts of layer l+1
+        # that router history ranks highest, (1 - m) * sum of P(e' at l+1 | e at l) over layer l's ids + m * sum of
+        # P(e at t | e' at t-1) over the previous token's ids at l+1 (predict/predictors.py History), are loaded.
+        self.prefetch = int(prefetch)
+        self.moe_index = {l: i for i, l in enumerate(cfg.moe_layers)}
+        if self.prefetch:
+            if transitions is None:
+                raise ValueError("device prefetch needs router-history transitions (PredictorParams.layer_trans, "
+                                 ".time_trans): run `tiered tune --fit-trace` on the layout")
+            lt, tt = transitions
+            self.ltrans = lt.to(dev, torch.float32) * (1.0 - time_mix)  # [M-1, E, E]
+            self.ttrans = tt.to(dev, torch.float32) * time_mix  # [M, E, E]
+            self.prev_ids = torch.zeros(self.L, self.K, dtype=torch.int64, device=dev)  # last token's ids
+            # layer l's ids as the side stream reads them: a static row, not the segment's output, whose memory the
+            # compute stream may reuse while the prefetch still runs (in graphs, allocations are per stream)
+            self.pf_ids = torch.zeros(self.L, self.K, dtype=torch.int64, device=dev)
+            C = self.prefetch
+            self.pf_slot = torch.full((self.L, C), -1, dtype=torch.int64, device=dev)
+            self.pf_src = torch.full((self.L, C), -1, dtype=torch.int64, device=dev)
+            self.pf_stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+            self.pf_ctas = int(prefetch_ctas)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.graphed else None
         self.steps = 0
@@ -67,17 +90,41 @@ class DeviceStep:
         plan = m.static_plan(self.step_dev[1:2], span)
         r = m.segment_first(self.step_dev[0:1], plan)
         out = None
+        joined = True
         for l in range(self.L):
             if m.layers[l].moe is not None:
                 if self.routing is not None:
                     self._replayed(l, r)
+                if not joined:  # layer l's prefetch (issued during layer l-1) lands before its lookups
+                    torch.cuda.current_stream(self.device).wait_stream(self.pf_stream)
+                    joined = True
                 self.table.resolve(l, r.ids[0], self.slots[l], self.src[l])
                 self.table.gather(self.src[l], self.slots[l])
+                if self.prefetch and l + 1 < self.L and m.layers[l + 1].moe is not None:
+                    joined = self._prefetch_next(l, r.ids[0])
+                if self.prefetch:
+                    self.prev_ids[l].copy_(r.ids[0])
             if l + 1 < self.L:
                 r = m.segment_mid(l + 1, r, self.slots[l], plan, None)
             else:
                 out = m.segment_last(r, self.slots[l], None)
         return out
+
+    def _prefetch_next(self, l: int, ids: Tensor) -> bool:
+        """Issue layer l+1's prefetch; on CUDA on the side stream, after layer l's copies, beside its experts.
+        Returns whether the current stream is joined already (CPU: it ran inline)."""
+        i = self.moe_index[l]
+        cuda = self.pf_stream is not None
+        self.pf_ids[l].copy_(ids)
+        if cuda:
+            self.pf_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.pf_stream) if cuda else contextlib.nullcontext():
+            sc = (self.ltrans[i].index_select(0, self.pf_ids[l]).sum(0)
+                  + self.ttrans[i + 1].index_select(0, self.prev_ids[l + 1]).sum(0))
+            cand = sc.topk(self.prefetch).indices  # [C]
+            self.table.prefetch(l + 1, cand, self.slots[l], self.pf_slot[l + 1], self.pf_src[l + 1])
+            self.table.gather(self.pf_src[l + 1], self.pf_slot[l + 1], ctas=self.pf_ctas)
+        return not cuda
 
     def _replayed(self, l: int, r: Any) -> None:
         """Layer l's routing replaced by the override's row at the step's position (device gathers, no sync)."""

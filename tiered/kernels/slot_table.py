@@ -28,13 +28,14 @@ from torch import Tensor
 
 FREE_SCORE = -(2 ** 62)  # a free slot's score: taken before any resident expert is evicted
 PINNED_SCORE = 2 ** 62  # a slot this call uses: never a victim
-_FREE: tl.constexpr = FREE_SCORE
-_PINNED: tl.constexpr = PINNED_SCORE
+_FREE = tl.constexpr(FREE_SCORE)  # (Triton reads globals only when they are constexpr instances)
+_PINNED = tl.constexpr(PINNED_SCORE)
 
 
 @triton.jit
 def _resolve_kernel(ids_ptr, base, slot_of, key_of, last, uses, clock, counts, host_row, out_slot, out_src,
-                    n_ids, n_slots, w, K_P: tl.constexpr, S_P: tl.constexpr):
+                    pin_ptr, n_ids, n_slots, n_pin, w, K_P: tl.constexpr, S_P: tl.constexpr, P_P: tl.constexpr,
+                    PREFETCH: tl.constexpr):
     ok = tl.arange(0, K_P)
     mk = ok < n_ids
     keys = base + tl.load(ids_ptr + ok, mask=mk, other=0).to(tl.int64)  # [K_P]
@@ -47,39 +48,48 @@ def _resolve_kernel(ids_ptr, base, slot_of, key_of, last, uses, clock, counts, h
     lst = tl.load(last + os_, mask=ms, other=0)
     use = tl.load(uses + os_, mask=ms, other=0)
     kof = tl.load(key_of + os_, mask=ms, other=-1)
-    # the hits: touched now and never victims of this call
+    # the hits are never victims of this call; a demand call also touches them (a prefetch does not: only a use
+    # counts as one), and the extra pinned slots (a prefetch: the slots the layer being computed reads) neither
     pin = os_ < 0
     for k in tl.static_range(K_P):
         sk = tl.sum(tl.where((ok == k) & hit, s, 0), axis=0)
         hk = tl.sum(tl.where((ok == k) & hit, 1, 0), axis=0) > 0
         mark = (os_ == sk) & hk
         pin = pin | mark
-        use = tl.where(mark, use + 1, use)
-        lst = tl.where(mark, t, lst)
+        if not PREFETCH:
+            use = tl.where(mark, use + 1, use)
+            lst = tl.where(mark, t, lst)
+    for p in tl.static_range(P_P):
+        sp = tl.load(pin_ptr + p, mask=p < n_pin, other=-1)
+        pin = pin | (os_ == sp)
     score = tl.where(kof < 0, _FREE, use * w + lst)
     score = tl.where(pin | (os_ >= n_slots), _PINNED, score)
     slot = s
     for k in tl.static_range(K_P):
         mk_k = tl.sum(tl.where((ok == k) & miss, 1, 0), axis=0) > 0
         v = tl.argmin(score, axis=0).to(tl.int64)
-        claim = (os_ == v) & mk_k
+        ok_v = tl.min(score, axis=0) < _PINNED  # a slot is left to take (a prefetch may run out; demand never does)
+        claim = (os_ == v) & mk_k & ok_v
         score = tl.where(claim, _PINNED, score)
-        lst = tl.where(claim, t, lst)
-        use = tl.where(claim, 1, use)
-        slot = tl.where((ok == k) & mk_k, v, slot)
+        lst = tl.where(claim, 0 if PREFETCH else t, lst)  # a prefetched block enters cold: the first victim unless used
+        use = tl.where(claim, 0 if PREFETCH else 1, use)
+        slot = tl.where((ok == k) & mk_k & ok_v, v, slot)
+    load = miss & (slot >= 0)
     # evict the victims' keys, then install the misses (distinct addresses: a victim is never a key of this call)
-    old = tl.load(key_of + slot, mask=miss, other=-1).to(tl.int64)
-    tl.store(slot_of + old, -1, mask=miss & (old >= 0))
-    tl.store(slot_of + keys, slot.to(tl.int32), mask=miss)
-    tl.store(key_of + slot, keys.to(tl.int32), mask=miss)
+    old = tl.load(key_of + slot, mask=load, other=-1).to(tl.int64)
+    tl.store(slot_of + old, -1, mask=load & (old >= 0))
+    tl.store(slot_of + keys, slot.to(tl.int32), mask=load)
+    tl.store(key_of + slot, keys.to(tl.int32), mask=load)
     tl.store(last + os_, lst, mask=ms)
     tl.store(uses + os_, use, mask=ms)
-    tl.store(clock, t)
+    if not PREFETCH:
+        tl.store(clock, t)
     tl.store(out_slot + ok, slot, mask=mk)
-    src = tl.load(host_row + keys, mask=miss, other=-1)
-    tl.store(out_src + ok, tl.where(miss, src, -1), mask=mk)
-    tl.store(counts, tl.load(counts) + tl.sum(hit.to(tl.int64), axis=0))
-    tl.store(counts + 1, tl.load(counts + 1) + tl.sum(miss.to(tl.int64), axis=0))
+    src = tl.load(host_row + keys, mask=load, other=-1)
+    tl.store(out_src + ok, tl.where(load, src, -1), mask=mk)
+    c0 = 2 if PREFETCH else 0
+    tl.store(counts + c0, tl.load(counts + c0) + tl.sum(hit.to(tl.int64), axis=0))
+    tl.store(counts + c0 + 1, tl.load(counts + c0 + 1) + tl.sum(load.to(tl.int64), axis=0))
 
 
 @triton.jit
@@ -94,6 +104,24 @@ def _gather_kernel(src, row_src, row_dst, dst, row_words, BLOCK: tl.constexpr, C
             offs = start + i * BLOCK + tl.arange(0, BLOCK)
             m = offs < row_words
             tl.store(dst + d * row_words + offs, tl.load(src + s * row_words + offs, mask=m), mask=m)
+
+
+@triton.jit
+def _gather_strided_kernel(src, row_src, row_dst, dst, row_words, n_items, n_chunks, BLOCK: tl.constexpr,
+                           CHUNKS: tl.constexpr):
+    """The gather with a fixed number of programs, each looping over (row, chunk) items: a copy that runs beside
+    compute on another stream without taking every SM."""
+    for it in range(tl.program_id(0), n_items, tl.num_programs(0)):
+        r = it // n_chunks
+        c = it % n_chunks
+        s = tl.load(row_src + r)
+        if s >= 0:
+            d = tl.load(row_dst + r)
+            start = c.to(tl.int64) * (CHUNKS * BLOCK)
+            for i in tl.static_range(CHUNKS):
+                offs = start + i * BLOCK + tl.arange(0, BLOCK)
+                m = offs < row_words
+                tl.store(dst + d * row_words + offs, tl.load(src + s * row_words + offs, mask=m), mask=m)
 
 
 class HostPointer:
@@ -115,23 +143,30 @@ def _p2(n: int) -> int:
 
 
 def resolve(ids: Tensor, layer: int, num_experts: int, t: dict[str, Tensor], w: int, out_slot: Tensor,
-            out_src: Tensor) -> None:
+            out_src: Tensor, *, pin: Tensor | None = None, prefetch: bool = False) -> None:
     """ids int64 [K] (device) of `layer` -> out_slot int64 [K], out_src int64 [K] (host row of a miss, -1 on a hit);
-    `t` holds the tables of the module docstring (updated in place). CUDA: one program; else the reference."""
+    `t` holds the tables of the module docstring (updated in place). CUDA: one program; else the reference.
+
+    prefetch=True: load what is missing without touching what is resident (no use counted, the clock does not
+    move), entering cold (last use 0, no uses: the first victim of the next call unless that call uses it; measured
+    on the H200 box, inserting them as the newest evicted useful experts), never evicting a slot in `pin` (int64 [P]: the slots compute reads meanwhile); a candidate left without
+    a slot gets -1. Counted in counts[2] (already resident) and counts[3] (loaded)."""
     S = t["key_of"].shape[0]
     if ids.device.type != "cuda":
-        return resolve_reference(ids, layer, num_experts, t, w, out_slot, out_src)
+        return resolve_reference(ids, layer, num_experts, t, w, out_slot, out_src, pin=pin, prefetch=prefetch)
     K = ids.shape[0]
-    if S < K:
+    if S < K and not prefetch:
         raise ValueError(f"a device slot table of {S} slots cannot hold one layer's {K} experts")
     nw = 4 if S <= 1024 else 8 if S <= 4096 else 16
+    P = 0 if pin is None else pin.shape[0]
     _resolve_kernel[(1,)](ids, layer * num_experts, t["slot_of"], t["key_of"], t["last"], t["uses"], t["clock"],
-                          t["counts"], t["host_row"], out_slot, out_src, K, S, int(w), K_P=_p2(K), S_P=_p2(S),
+                          t["counts"], t["host_row"], out_slot, out_src, pin if pin is not None else out_slot,
+                          K, S, P, int(w), K_P=_p2(K), S_P=_p2(S), P_P=_p2(P) if P else 1, PREFETCH=prefetch,
                           num_warps=nw)
 
 
 def resolve_reference(ids: Tensor, layer: int, num_experts: int, t: dict[str, Tensor], w: int, out_slot: Tensor,
-                      out_src: Tensor) -> None:
+                      out_src: Tensor, *, pin: Tensor | None = None, prefetch: bool = False) -> None:
     """The same algorithm in plain torch on host values (CPU path and test reference): ties go to the lowest slot,
     as argmin's do in the kernel."""
     slot_of, key_of, last, uses = t["slot_of"], t["key_of"], t["last"], t["uses"]
@@ -142,9 +177,12 @@ def resolve_reference(ids: Tensor, layer: int, num_experts: int, t: dict[str, Te
     pinned = set()
     for s in slots:
         if s >= 0:
-            uses[s] += 1
-            last[s] = now
+            if not prefetch:
+                uses[s] += 1
+                last[s] = now
             pinned.add(s)
+    if pin is not None:
+        pinned.update(int(p) for p in pin.tolist() if p >= 0)
     score = [FREE_SCORE if int(key_of[i]) < 0 else int(uses[i]) * int(w) + int(last[i]) for i in range(S)]
     for i in pinned:
         score[i] = PINNED_SCORE
@@ -153,29 +191,36 @@ def resolve_reference(ids: Tensor, layer: int, num_experts: int, t: dict[str, Te
         if slots[j] >= 0:
             continue
         v = min(range(S), key=lambda i: (score[i], i))
+        if score[v] >= PINNED_SCORE:  # no slot left (a prefetch may run out)
+            continue
         score[v] = PINNED_SCORE
         old = int(key_of[v])
         if old >= 0:
             slot_of[old] = -1
         slot_of[k] = v
         key_of[v] = k
-        last[v] = now
-        uses[v] = 1
+        last[v] = 0 if prefetch else now
+        uses[v] = 0 if prefetch else 1
         slots[j] = v
         src[j] = int(t["host_row"][k])
-    t["clock"][0] = now
-    n_miss = sum(1 for s in src if s >= 0)
-    t["counts"][0] += len(keys) - n_miss
-    t["counts"][1] += n_miss
+    if not prefetch:
+        t["clock"][0] = now
+    n_load = sum(1 for s in src if s >= 0)
+    n_hit = sum(1 for k, s in zip(keys, slots) if s >= 0) - n_load
+    c0 = 2 if prefetch else 0
+    t["counts"][c0] += n_hit
+    t["counts"][c0 + 1] += n_load
     out_slot.copy_(torch.tensor(slots, dtype=torch.int64))
     out_src.copy_(torch.tensor(src, dtype=torch.int64))
 
 
-def gather(host_pool: Tensor, row_src: Tensor, row_dst: Tensor, slots: Tensor, *, chunks: int = 4) -> None:
+def gather(host_pool: Tensor, row_src: Tensor, row_dst: Tensor, slots: Tensor, *, chunks: int = 4,
+           ctas: int | None = None) -> None:
     """slots[row_dst[r]] = host_pool[row_src[r]] for every r with row_src[r] >= 0 (whole blocks).
 
     host_pool uint8 [R, B] (pinned on CUDA), slots uint8 [S, B] on the device, row_src / row_dst int64 [K] on the
-    device. B must be a multiple of 4 (blocks are 4 KiB aligned)."""
+    device. B must be a multiple of 4 (blocks are 4 KiB aligned). ctas: None = one program per (row, chunk);
+    else that many programs looping over them."""
     B = slots.shape[1]
     if slots.device.type != "cuda":
         for r, (s, d) in enumerate(zip(row_src.tolist(), row_dst.tolist())):
@@ -186,7 +231,12 @@ def gather(host_pool: Tensor, row_src: Tensor, row_dst: Tensor, slots: Tensor, *
         raise ValueError(f"gather copies 4-byte words: block size {B} is not a multiple of 4")
     words = B // 4
     BLOCK = 1024
-    grid = (row_src.shape[0], triton.cdiv(words, BLOCK * chunks))
-    _gather_kernel[grid](HostPointer(host_pool.view(torch.int32)) if host_pool.device.type == "cpu" else
-                         host_pool.view(torch.int32), row_src, row_dst, slots.view(torch.int32), words,
-                         BLOCK=BLOCK, CHUNKS=chunks)
+    n_c = triton.cdiv(words, BLOCK * chunks)
+    src = HostPointer(host_pool.view(torch.int32)) if host_pool.device.type == "cpu" else host_pool.view(torch.int32)
+    if ctas is None:
+        _gather_kernel[(row_src.shape[0], n_c)](src, row_src, row_dst, slots.view(torch.int32), words,
+                                                BLOCK=BLOCK, CHUNKS=chunks)
+    else:
+        n = row_src.shape[0] * n_c
+        _gather_strided_kernel[(max(1, min(ctas, n)),)](src, row_src, row_dst, slots.view(torch.int32), words, n, n_c,
+                                                        BLOCK=BLOCK, CHUNKS=chunks)

@@ -100,7 +100,7 @@ class ExpertCache(HostSlotProvider):
         if tiers.slot_table != "host":
             why = device_table_refusal(cuda=cuda, ram_slots=plan.ram_slots, num_keys=self.num_layers * self.num_experts,
                                        block_size=self.block_size, policy=tiers.policy, cpu_experts=self.cpu_mode,
-                                       h2d_gbps=tiers.h2d_gbps)
+                                       h2d_gbps=tiers.h2d_gbps, prefetch_depth=tiers.prefetch_depth or 0)
             if why is not None and tiers.slot_table == "device":
                 raise BudgetError(f"--slot-table device: {why}")
             self.slot_table_note = why
@@ -134,6 +134,9 @@ class ExpertCache(HostSlotProvider):
                 self.preload_s = time.perf_counter() - t0
             w = 0 if tiers.policy == "lru" else int(round(flru_w))
             self.devtable = DeviceSlotTable(self, w=w)
+            n = self.num_layers * self.num_experts
+            print(f"tiered: slot table on the device (--slot-table {tiers.slot_table}): {n} experts in pinned RAM "
+                  f"({n * self.block_size / GiB:.2f} GiB, loaded in {time.perf_counter() - t0:.1f} s)", file=sys.stderr)
         self._read_base = (self.reader.bytes_read, self.reader.blocks_read, self.reader.read_s)
         self.pace = self.vram.set_pace(tiers.h2d_gbps)
         self.cpu_threads = cpu_threads(tiers.cpu_threads) if self.split else 0

@@ -28,7 +28,7 @@ SLOT_TABLE_MODES = ("host", "device", "auto")
 
 
 def refusal(*, cuda: bool, ram_slots: int, num_keys: int, block_size: int, policy: str, cpu_experts: str,
-            h2d_gbps: float) -> str | None:
+            h2d_gbps: float, prefetch_depth: int = 0) -> str | None:
     """Why the device slot table cannot serve this cache (a sentence that says what to change), or None."""
     if not cuda:
         return "the device slot table needs a CUDA device"
@@ -41,6 +41,8 @@ def refusal(*, cuda: bool, ram_slots: int, num_keys: int, block_size: int, polic
                 "scored on the host")
     if cpu_experts != "off":
         return "--cpu-experts places misses from the host: use --slot-table host with it"
+    if prefetch_depth > 0:
+        return "--prefetch-depth runs the predictor on the host: use --slot-table host with it"
     if h2d_gbps > 0:
         return "--h2d-gbps paces copies issued by the host: use --slot-table host with it"
     return None
@@ -72,13 +74,14 @@ class DeviceSlotTable:
             "last": torch.zeros(S, dtype=torch.int64, device=dev),
             "uses": torch.zeros(S, dtype=torch.int64, device=dev),
             "clock": torch.zeros(1, dtype=torch.int64, device=dev),
-            "counts": torch.zeros(2, dtype=torch.int64, device=dev),
+            "counts": torch.zeros(4, dtype=torch.int64, device=dev),  # hits, misses, prefetch: resident, loaded
             "host_row": torch.full((N,), -1, dtype=torch.int64, device=dev),
         }
         self.host_pool = ram.rows  # uint8 [R, B] pinned
         self.slots = vram.pool[:S]  # uint8 [S, B] device (the zero slot, if any, is never handed out here)
         self.owner = "host"
         self.hits = self.misses = 0  # harvested from the device counters
+        self.prefetched = 0  # blocks the device step's prefetch loaded
         self.handovers = 0
 
     # --- the hand-over ---
@@ -145,37 +148,48 @@ class DeviceSlotTable:
         """ids int64 [K] of `layer` -> out_slot [K] slot rows, out_src [K] RAM rows of the misses (-1 on hits)."""
         kern.resolve(ids, layer, self.num_experts, self.t, self.w, out_slot, out_src)
 
-    def gather(self, src: Tensor, slot: Tensor) -> None:
-        """Copy the misses resolve found from the pinned RAM tier into their slots (on the current stream)."""
-        kern.gather(self.host_pool, src, slot, self.slots)
+    def gather(self, src: Tensor, slot: Tensor, *, ctas: int | None = None) -> None:
+        """Copy the misses resolve found from the pinned RAM tier into their slots (on the current stream); ctas
+        bounds the copy's programs (a prefetch beside compute should not take every SM)."""
+        kern.gather(self.host_pool, src, slot, self.slots, ctas=ctas)
+
+    def prefetch(self, layer: int, ids: Tensor, pin: Tensor, out_slot: Tensor, out_src: Tensor) -> None:
+        """Candidates ids int64 [C] of `layer` loaded where slots are free to take, never one in `pin` [K] (the slots
+        the layer being computed reads); resident ones untouched (kernels/slot_table.resolve, prefetch=True)."""
+        kern.resolve(ids, layer, self.num_experts, self.t, self.w, out_slot, out_src, pin=pin, prefetch=True)
 
     # --- stats ---
     def harvest(self) -> tuple[int, int]:
-        """Fold the device's hit/miss counters into the cache's (its device tier and its decode phase: the device
-        step runs one-token decode steps only) and zero them; returns the (hits, misses) added. Syncs the device."""
-        h, m = (int(x) for x in self.t["counts"].tolist())
-        if h or m:
+        """Fold the device's counters into the cache's (its device tier and its decode phase: the device step runs
+        one-token decode steps only; prefetched blocks count as bytes crossing PCIe and as prefetches) and zero
+        them; returns the (hits, misses) added. Syncs the device."""
+        h, m, pr, pl = (int(x) for x in self.t["counts"].tolist())
+        if h or m or pr or pl:
             self.t["counts"].zero_()
             c = self.cache
             B = self.block_size
             self.hits += h
             self.misses += m
+            self.prefetched += pl
             c.vram.hits += h
             c.vram.misses += m
-            c.vram.bytes_in += m * B
+            c.vram.bytes_in += (m + pl) * B
             ph = c._phases["decode"]
             ph.hits += h
             ph.misses += m
-            ph.bytes_h2d += m * B
+            ph.bytes_h2d += (m + pl) * B
+            ph.bytes_prefetch += pl * B
+            c.prefetch_issued += pl
         return h, m
 
     def stats(self) -> dict:
         return {"mode": "device", "owner": self.owner, "hits": self.hits, "misses": self.misses,
-                "bytes": self.misses * self.block_size, "handovers": self.handovers,
+                "bytes": (self.misses + self.prefetched) * self.block_size, "prefetched": self.prefetched,
+                "handovers": self.handovers,
                 "policy": "lru" if self.w == 0 else f"flru(w={self.w})"}
 
     def reset_stats(self) -> None:
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.prefetched = 0
 
 
 def _policy_state(policy: Any, key_of: list[int]) -> tuple[list[int], list[int]]:
