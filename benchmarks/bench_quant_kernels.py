@@ -2,6 +2,7 @@
 
     python3 benchmarks/bench_quant_kernels.py                 # H200: about 2-3 minutes (compiles included)
     python3 benchmarks/bench_quant_kernels.py --quick         # default configs only
+    python3 benchmarks/bench_quant_kernels.py --phase prefill # grouped prefill kernels: under 2 minutes
 
 What it measures, in one run (tiered/kernels/quant_moe.py against tiered/kernels/moe_decode.py):
   - HBM read bandwidth (bench_moe_kernels.hbm_read_gbps).
@@ -18,6 +19,26 @@ Every variant is checked against the plain reference (dequantize, fp32 matmul) b
 that fails (relative error > 2e-2) is reported as failed and not timed.
 Prints a table, then one JSON line last; writes $OUT/quant_kernels.json when OUT is set. Its "suggested"
 lists the fastest tiles per (kernel, format, K, N) and whether quant_moe.TUNED's default is within 5%.
+
+--phase prefill (tiered/kernels/quant_grouped.py against moe_grouped.py): one resident layer of E experts
+(slot = expert) per shape (10.6B: D 2048, F 768, E 128, K 8; 397B: D 4096, F 1024, E 512, K 10), T tokens
+(--tokens, default 16, 128, 512, 2048) with uniform random top-K routing, per format (bf16, then --prefill-formats,
+default q8, q4, mxfp4):
+  - "triton grouped": the grouped kernels with the picked tiles (bf16: moe_grouped, else quant_grouped), timed
+    inside a CUDA graph; with --prefill-sweep also a few other tiles;
+  - "triton gemv": at T <= 16 the one-token kernels over the T*K (token, expert) pairs (moe_decode /
+    quant_moe), which the model takes up to moe_gpu.DECODE_MAX_T tokens;
+  - "torch loop": model/moe.experts_grouped, the torch path (quantized: each expert dequantized to bf16, then
+    matmuls), timed eagerly (it syncs with the host);
+  - with --with-dense, the 10.6B dense matrices (qkv, o_proj, lm_head) at the same T in q4 and q8: qlinear's
+    quant_matmul against dequantize-then-cuBLAS and cuBLAS over bf16 (shape column = the matrix);
+  - "gemlite": last, q4 at the 10.6B shape, GemLite's A16W4 GEMM per expert in the torch loop's plan, when
+    gemlite imports (`pip install --no-deps gemlite-*.whl` first; --no-gemlite skips). Optional: never a failure.
+Each is checked against the fp32 loop over the first 16 tokens' experts (dequantized) before timing; a
+failed check fails the row, which is not timed. TFLOP/s = 2 T K 3 D F / time; GB/s = stored bytes of the
+distinct experts the tokens use (codes, scales, mins; bf16 elements) / time; vs_bf16 = the bf16 grouped
+kernel's time / this time. Writes $OUT/quant_prefill.json; --max-seconds bounds it (rows past it are skipped
+and listed).
 """
 from __future__ import annotations
 
@@ -34,13 +55,13 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 from benchmeta import git_commit, write_out  # noqa: E402
-from bench_moe_kernels import hbm_read_gbps, make_pool, rel, time_graph  # noqa: E402
+from bench_moe_kernels import hbm_read_gbps, make_pool, rel, time_eager, time_graph  # noqa: E402
 
 from tiered.kernels.moe_decode import moe_decode  # noqa: E402
 from tiered.kernels.quant_moe import (QConfig, experts_quant_decode, pick_config, quant_down,  # noqa: E402
                                       quant_gate_up, qlinear)
 from tiered.layout.format import plan_block  # noqa: E402
-from tiered.layout.quant import quantize  # noqa: E402
+from tiered.layout.quant import QuantWeight, quantize  # noqa: E402
 from tiered.store.disk import expert_views  # noqa: E402
 
 DEV = torch.device("cuda")
@@ -264,7 +285,7 @@ def bench_libraries(name: str, n: int, k: int, x, w, t_bf16: float, rows: list) 
         qw = quantize(w, "q4")
         sc = qw.scale.float()
         zero = torch.where(sc > 0, -qw.min.float() / sc.clamp_min(1e-30), torch.zeros_like(sc))
-        gl = A16Wn(device=str(torch.device(DEV, 0)), dtype=torch.bfloat16).from_weights(
+        gl = A16Wn(device=f"{DEV.type}:0", dtype=torch.bfloat16).from_weights(
             unpack_nibbles(qw.q, k), qw.scale, zero.to(torch.bfloat16), W_nbits=4, group_size=qw.group)
         rec(f"gemlite {getattr(gemlite, '__version__', '?')} A16W4 g64", lambda: gl(x), qw.nbytes)
     except Exception as e:
@@ -285,12 +306,25 @@ def bench_libraries(name: str, n: int, k: int, x, w, t_bf16: float, rows: list) 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--phase", choices=("decode", "prefill"), default="decode",
+                    help="decode: one-token kernels and dense GEMVs; prefill: grouped kernels at T tokens")
     ap.add_argument("--layers", type=int, default=8, help="decode calls per graph (each on other slots)")
     ap.add_argument("--quick", action="store_true", help="default configs only, no sweep")
     ap.add_argument("--formats", default="q4,q8,mxfp4,fp8")
-    ap.add_argument("--max-seconds", type=float, default=170.0,
-                    help="sweeps stop at shares of this (experts 10.6B 40%%, 397B 60%%, dense 85%%, libraries 100%%)")
+    ap.add_argument("--max-seconds", type=float, default=None,
+                    help="decode (default 170): sweeps stop at shares of this (experts 10.6B 40%%, 397B 60%%, "
+                         "dense 85%%, libraries 100%%); prefill (default 100): rows past it are skipped")
+    ap.add_argument("--prefill-formats", default="q8,q4,mxfp4", help="prefill: quantized formats besides bf16")
+    ap.add_argument("--tokens", default="16,128,512,2048", help="prefill: token counts T")
+    ap.add_argument("--shapes", default="10.6B,397B", help="prefill: expert shapes (10.6B, 397B)")
+    ap.add_argument("--prefill-sweep", action="store_true", help="prefill: also time a few other tiles")
+    ap.add_argument("--no-gemlite", action="store_true", help="prefill: skip the GemLite row")
+    ap.add_argument("--with-dense", action="store_true",
+                    help="prefill: also qlinear's dense GEMM (quant_matmul) at the 10.6B dense shapes")
     a = ap.parse_args()
+    if a.phase == "prefill":
+        return main_prefill(a)
+    a.max_seconds = a.max_seconds or 170.0
     t0 = time.perf_counter()
     fmts = a.formats.split(",")
     torch.manual_seed(0)
@@ -337,6 +371,317 @@ def main() -> None:
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "hbm": bw, "experts_default": summary,
            "suggested": best_cfg, "failed": failed, "rows": rows, "seconds": time.perf_counter() - t0}
     print(write_out(res, "quant_kernels.json"))
+
+
+# --- prefill: grouped kernels over one resident layer ---
+
+PREFILL_SHAPES = {"10.6B": (2048, 768, 128, 8), "397B": (4096, 1024, 512, 10)}  # D, F, E, K
+PREFILL_SWEEP = [(16, 64, 64, 4, 4), (16, 64, 128, 4, 4), (16, 128, 64, 4, 4), (32, 64, 128, 4, 4),
+                 (64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4),
+                 (64, 64, 32, 4, 4)]  # block_m, block_n, block_k, warps, stages
+
+
+class _Resident:
+    """The provider protocol over one layer's pool whose slot row = expert id."""
+
+    def __init__(self, W, n):
+        self.weights, self.max_experts_per_call = W, n
+
+    def get(self, layer, ids):
+        return ids
+
+    def prefetch(self, layer, ids):
+        pass
+
+
+def layer_pool(fmt: str, E: int, D: int, Fe: int, seed: int = 3):
+    """One layer's E experts over a uint8 [E, block] GPU pool in `fmt` ("bf16" or a quantized format),
+    filled 32 experts at a time (bounded temporaries at the 397B shape)."""
+    kind = "bfloat16" if fmt == "bf16" else fmt
+    specs, bs = plan_block({"gate": ((Fe, D), kind), "up": ((Fe, D), kind), "down": ((D, Fe), kind)})
+    pool = torch.zeros(E, bs, dtype=torch.uint8, device=DEV)
+    W = expert_views(pool, specs)
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    for w in (W.gate, W.up, W.down):
+        n, k = w.shape[-2:]
+        for e0 in range(0, E, 32):
+            dense = torch.randn(min(32, E - e0), n, k, generator=g, device=DEV) * (k ** -0.5 * 2)
+            if fmt == "bf16":
+                w[e0:e0 + 32].copy_(dense)
+            else:
+                q = quantize(dense, fmt)
+                for name, t in q.parts().items():
+                    w.parts()[name][e0:e0 + 32].copy_(t)
+            del dense
+    return pool, W
+
+
+def stored_bytes(W, fmt: str) -> int:
+    """Bytes of one expert's stored weights (codes, scales, mins; bf16 elements), no block padding."""
+    if fmt == "bf16":
+        return sum(w[0].numel() * w.element_size() for w in (W.gate, W.up, W.down))
+    return expert_bytes(W)
+
+
+def ref_tokens(x, ids, wts, W) -> torch.Tensor:
+    """fp32 loop over the experts of x's tokens (dequantized): [T, D]."""
+    out = torch.zeros(x.shape[0], x.shape[1], device=DEV)
+    xf = x.float()
+    for e in torch.unique(ids).tolist():
+        t, k = (ids == e).nonzero(as_tuple=True)
+        gw, uw, dw = (w[e].dequantize(torch.float32) if isinstance(w, QuantWeight) else w[e].float()
+                      for w in (W.gate, W.up, W.down))
+        out.index_add_(0, t, ((F.silu(xf[t] @ gw.T) * (xf[t] @ uw.T)) @ dw.T) * wts[t, k].float()[:, None])
+    return out
+
+
+def gemlite_experts(W, E: int):
+    """GemLite A16W4 layers of every expert's gate/up/down from our q4 parts (w = (code - zero) * scale with
+    zero = -min / scale), or raise why not."""
+    from gemlite.helper import A16Wn
+
+    from tiered.layout.quant import unpack_nibbles
+
+    def one(q):
+        sc = q.scale.float()
+        zero = torch.where(sc > 0, -q.min.float() / sc.clamp_min(1e-30), torch.zeros_like(sc))
+        return A16Wn(device=f"{DEV.type}:0", dtype=torch.bfloat16).from_weights(
+            unpack_nibbles(q.q, q.matrix[1]).contiguous(), q.scale.contiguous(), zero.to(torch.bfloat16),
+            W_nbits=4, group_size=q.group)
+
+    return [tuple(one(w[e]) for w in (W.gate, W.up, W.down)) for e in range(E)]
+
+
+def gemlite_loop(x, ids, wts, layers):
+    """model/moe.experts_grouped's loop with GemLite GEMMs: rows grouped by expert (one host sync)."""
+    T, K = ids.shape
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    used, counts = torch.unique_consecutive(flat[order], return_counts=True)
+    out = torch.zeros(T * K, x.shape[1], dtype=torch.float32, device=DEV)
+    a = 0
+    wflat = wts.reshape(-1)
+    for e, c in zip(used.tolist(), counts.tolist()):
+        r = order[a:a + c]
+        g, u, d = layers[e]
+        xe = x[r // K]
+        y = d(F.silu(g(xe)) * u(xe))
+        out.index_copy_(0, r, y.float() * wflat[r, None].float())
+        a += c
+    return out.view(T, K, -1).sum(1).to(x.dtype)
+
+
+def prefill_inputs(shape: str, tokens: list[int]) -> dict:
+    """T -> (x [T, D] bf16, ids [T, K] uniform distinct top-K, weights [T, K] fp32, distinct experts); the same
+    on every call (fixed seed)."""
+    D, Fe, E, K = PREFILL_SHAPES[shape]
+    gen = torch.Generator(device=DEV).manual_seed(7)
+    inputs = {}
+    for T in tokens:
+        x = torch.randn(T, D, device=DEV, generator=gen).bfloat16()
+        ids = torch.rand(T, E, device=DEV, generator=gen).topk(K, dim=-1).indices
+        w = torch.softmax(torch.randn(T, K, device=DEV, generator=gen), -1)
+        inputs[T] = (x, ids, w, int(torch.unique(ids).numel()))
+    return inputs
+
+
+def bench_gemlite(shape: str, tokens: list[int], end: float, rows: list, skipped: list, bf16_us: dict) -> None:
+    """q4 experts through GemLite's A16W4 GEMM, one expert at a time (the torch loop's plan), when it imports."""
+    D, Fe, E, K = PREFILL_SHAPES[shape]
+    r0 = {"section": "prefill", "shape": shape, "fmt": "q4", "variant": "gemlite", "config": "A16W4 g64 per expert"}
+    try:
+        import gemlite
+    except Exception as e:  # ImportError, or a wheel that does not fit this torch / Triton
+        rows.append({**r0, "T": 0, "error": f"not importable: {type(e).__name__}: {str(e)[:200]}"})
+        print(_prefill_line(rows[-1]), flush=True)
+        return
+    r0["config"] += f" (gemlite {getattr(gemlite, '__version__', '?')})"
+    pool, W = layer_pool("q4", E, D, Fe)
+    ebytes = stored_bytes(W, "q4")
+    try:
+        layers = gemlite_experts(W, E)
+    except Exception as e:
+        rows.append({**r0, "T": 0, "error": f"building layers: {type(e).__name__}: {str(e)[:300]}"})
+        print(_prefill_line(rows[-1]), flush=True)
+        return
+    for T, (x, ids, w, distinct) in prefill_inputs(shape, tokens).items():
+        if time.perf_counter() > end:
+            skipped.append(f"{shape}/T{T}/q4/gemlite")
+            continue
+        r = {**r0, "T": T, "distinct_experts": distinct}
+        try:
+            sub = slice(0, min(T, 16))
+            fn = (lambda: gemlite_loop(x, ids, w, layers))
+            r["rel_err"] = rel(fn()[sub].float(), ref_tokens(x[sub], ids[sub], w[sub], W))
+            if not r["rel_err"] <= 0.1:  # GemLite's zero point is rounded to bf16
+                r["error"] = f"wrong result: rel err {r['rel_err']:.3g} > 0.1: not timed"
+            else:
+                t = time_eager(fn, reps=3)
+                r.update(us=t * 1e6, tflops=2 * T * K * 3 * D * Fe / t / 1e12, gbps=distinct * ebytes / t / 1e9)
+                if T in bf16_us:
+                    r["vs_bf16"] = bf16_us[T] / r["us"]
+        except Exception as e:
+            r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        rows.append(r)
+        print(_prefill_line(r), flush=True)
+    del pool, W, layers
+    torch.cuda.empty_cache()
+
+
+def bench_prefill(shape: str, fmts: list[str], tokens: list[int], a, end: float, rows: list, skipped: list) -> dict:
+    """Every format and T at one shape; returns the bf16 grouped kernel's us per T."""
+    from tiered.kernels.moe_grouped import GroupedConfig, moe_grouped
+    from tiered.kernels.moe_grouped import pick_config as bf16_pick
+    from tiered.kernels.quant_grouped import moe_grouped_quant, pick_qconfig
+    from tiered.model.moe import experts_grouped
+
+    D, Fe, E, K = PREFILL_SHAPES[shape]
+    inputs = prefill_inputs(shape, tokens)
+    slot_map = torch.arange(E, device=DEV)
+    bf16_us: dict = {}
+    for fmt in ["bf16"] + fmts:
+        if time.perf_counter() > end:
+            skipped.append(f"{shape}/{fmt}: all T (time budget)")
+            continue
+        pool, W = layer_pool(fmt, E, D, Fe)
+        prov = _Resident(W, E)
+        ebytes = stored_bytes(W, fmt)
+        for T in tokens:
+            x, ids, w, distinct = inputs[T]
+            flops = 2 * T * K * 3 * D * Fe
+            sub = slice(0, min(T, 16))
+            ref = ref_tokens(x[sub], ids[sub], w[sub], W)
+            pick = bf16_pick(T * K, E) if fmt == "bf16" else pick_qconfig(T * K, E, fmt)
+
+            def grouped(cfg=None):
+                if fmt == "bf16":
+                    return moe_grouped(x, ids, w, W, slot_map, cfg)
+                return moe_grouped_quant(x, ids, w, W, slot_map, cfg)
+
+            variants = [("triton grouped", f"auto m{pick.block_m} n{pick.block_n} k{pick.block_k} w{pick.warps} "
+                         f"s{pick.stages}", grouped, True)]
+            if a.prefill_sweep:
+                variants += [("triton grouped", f"m{m} n{n} k{k} w{wp} s{st}",
+                              (lambda c=GroupedConfig(m, n, k, wp, st): grouped(c)), True)
+                             for m, n, k, wp, st in PREFILL_SWEEP]
+            if T <= 16:
+                if fmt == "bf16":
+                    variants.append(("triton gemv", "moe_decode over T*K pairs",
+                                     lambda: moe_decode(x, ids, w, W), True))
+                else:
+                    variants.append(("triton gemv", "quant_moe over T*K pairs",
+                                     lambda: quant_down(quant_gate_up(x, ids, W.gate, W.up), ids, w, W.down,
+                                                        x.dtype), True))
+            variants.append(("torch loop", "dequantize per expert" if fmt != "bf16" else "per expert",
+                             lambda: experts_grouped(x, ids, w.bfloat16(), prov, 0), False))
+            for variant, cfg, fn, graph in variants:
+                if time.perf_counter() > end:
+                    skipped.append(f"{shape}/T{T}/{fmt}/{variant} {cfg}")
+                    continue
+                r = {"section": "prefill", "shape": shape, "T": T, "fmt": fmt, "variant": variant, "config": cfg,
+                     "distinct_experts": distinct}
+                try:
+                    r["rel_err"] = rel(fn()[sub].float(), ref)
+                    if not r["rel_err"] <= TOL:
+                        r["error"] = f"wrong result: rel err {r['rel_err']:.3g} > {TOL}: not timed"
+                    else:
+                        t = time_graph([fn], reps=10) if graph else time_eager(fn, reps=3)
+                        r.update(us=t * 1e6, tflops=flops / t / 1e12, gbps=distinct * ebytes / t / 1e9)
+                        if fmt == "bf16" and variant == "triton grouped" and cfg.startswith("auto"):
+                            bf16_us[T] = r["us"]
+                        if T in bf16_us:
+                            r["vs_bf16"] = bf16_us[T] / r["us"]
+                except Exception as e:  # report and go on
+                    r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                rows.append(r)
+                print(_prefill_line(r), flush=True)
+        del pool, W, prov
+        torch.cuda.empty_cache()
+    return bf16_us
+
+
+def _prefill_line(r: dict) -> str:
+    head = f"{r['shape']:<6} {r['T']:>5} {r['fmt']:<6} {r['variant']:<15}"
+    if "error" in r:
+        return f"{head} ERROR {r['error']}  ({r['config']})"
+    vs = f"{r['vs_bf16']:7.2f}" if "vs_bf16" in r else f"{'':>7}"
+    return (f"{head} {r['us']:10.1f} {r['tflops']:7.1f} {r['gbps']:7.0f} {vs} {r['rel_err']:8.1e}  {r['config']}")
+
+
+PREFILL_DENSE = {"qkv": (5120, 2048), "o_proj": (2048, 4096), "lm_head": (151936, 2048)}  # N, K (10.6B)
+
+
+def bench_dense_prefill(fmts: list[str], tokens: list[int], end: float, rows: list, skipped: list) -> None:
+    """qlinear at prefill rows over the 10.6B dense shapes: quant_matmul (tiles dequantized in registers)
+    against the reference (dequantize into bf16, then cuBLAS) and cuBLAS over a bf16 weight."""
+    from tiered.kernels.quant_grouped import quant_matmul
+    from tiered.layout.quant import linear as linear_ref
+
+    gen = torch.Generator(device=DEV).manual_seed(11)
+    for name, (n, k) in PREFILL_DENSE.items():
+        w = (torch.randn(n, k, device=DEV, generator=gen) * k ** -0.5).bfloat16()
+        qs = {f: quantize(w, f) for f in fmts}
+        for T in tokens:
+            x = torch.randn(T, k, device=DEV, generator=gen).bfloat16()
+            flops = 2 * T * n * k
+            t_bf16 = None
+            variants = [("bf16", "cuBLAS F.linear", lambda: F.linear(x, w), n * k * 2, x.float() @ w.float().T)]
+            for f, q in qs.items():
+                ref = x.float() @ q.dequantize(torch.float32).T
+                variants += [(f, "quant_matmul", lambda q=q: quant_matmul(x, q), q.nbytes, ref),
+                             (f, "dequantize + cuBLAS", lambda q=q: linear_ref(x, q), q.nbytes, ref)]
+            for fmt, variant, fn, nbytes, ref in variants:
+                if time.perf_counter() > end:
+                    skipped.append(f"dense/{name}/T{T}/{fmt}/{variant}")
+                    continue
+                r = {"section": "prefill", "shape": name, "T": T, "fmt": fmt, "variant": variant, "config": f"{n}x{k}"}
+                try:
+                    r["rel_err"] = rel(fn().float(), ref)
+                    if not r["rel_err"] <= TOL:
+                        r["error"] = f"wrong result: rel err {r['rel_err']:.3g} > {TOL}: not timed"
+                    else:
+                        t = time_graph([fn], reps=10)
+                        r.update(us=t * 1e6, tflops=flops / t / 1e12, gbps=nbytes / t / 1e9)
+                        t_bf16 = t_bf16 or (r["us"] if fmt == "bf16" else None)
+                        if t_bf16:
+                            r["vs_bf16"] = t_bf16 / r["us"]
+                except Exception as e:
+                    r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                rows.append(r)
+                print(_prefill_line(r), flush=True)
+        del w, qs
+        torch.cuda.empty_cache()
+
+
+def main_prefill(a) -> None:
+    t0 = time.perf_counter()
+    end = t0 + (a.max_seconds or 100.0)
+    torch.manual_seed(0)
+    fmts = [f for f in a.prefill_formats.split(",") if f]
+    tokens = [int(t) for t in a.tokens.split(",")]
+    rows: list = []
+    skipped: list = []
+    print(f"{'shape':<6} {'T':>5} {'fmt':<6} {'variant':<15} {'us':>10} {'TFLOP/s':>7} {'GB/s':>7} {'vs bf16':>7} "
+          f"{'err':>8}  config", flush=True)
+    bf16_us = {}
+    for shape in a.shapes.split(","):
+        bf16_us[shape] = bench_prefill(shape, fmts, tokens, a, end, rows, skipped)
+    if a.with_dense:
+        bench_dense_prefill([f for f in fmts if f in ("q4", "q8")], tokens, end, rows, skipped)
+    if not a.no_gemlite and "q4" in fmts and "10.6B" in bf16_us:  # last: 3 E GemLite layers, the 10.6B shape
+        bench_gemlite("10.6B", tokens, end, rows, skipped, bf16_us["10.6B"])
+    summary = {f"{r['shape']}/T{r['T']}/{r['fmt']}/{r['variant']}": {k: r.get(k) for k in ("us", "tflops", "gbps",
+                                                                                           "vs_bf16")}
+               for r in rows if "us" in r and (r["variant"] != "triton grouped" or r["config"].startswith("auto"))}
+    failed = [f"{r['shape']}/T{r['T']}/{r['fmt']}/{r['variant']} {r['config']}: {r['error']}" for r in rows
+              if "error" in r and r["variant"] != "gemlite"]
+    if skipped:
+        print(f"skipped (time budget --max-seconds): {len(skipped)} rows", flush=True)
+    res = {"bench": "quant_prefill", "commit": git_commit(), "device": torch.cuda.get_device_name(),
+           "torch": torch.__version__, "triton": __import__("triton").__version__,
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "shapes": PREFILL_SHAPES, "summary": summary,
+           "failed": failed, "skipped": skipped, "rows": rows, "seconds": time.perf_counter() - t0}
+    print(write_out(res, "quant_prefill.json"))
 
 
 if __name__ == "__main__":

@@ -5,10 +5,12 @@ quantization scales and expert biases), `WeightFormat` and `Activation` (the con
 kernels branch on) and `check_built`, which says what the kernels do not do yet.
 Does not own: the pool or its layout (store/disk.py `expert_views` builds the views), the kernels.
 
-Only `WeightFormat.FLOAT` (elements in a float dtype, read in place) and `Activation.SWIGLU` are built.
-The others are named so that a kernel's signature need not change when they are added: each becomes one
-branch in the kernels' weight-tile loader (`_load_w`) or activation (`_act`), fed by the scale and bias
-views carried here.
+Only `WeightFormat.FLOAT` (elements in a float dtype, read in place) and `Activation.SWIGLU` are built here.
+Quantized experts are served by their own kernels, which read QuantWeight stacks (codes, scales, mins)
+directly: quant_moe.py (a few tokens) and quant_grouped.py (prefill and batches; its WFMT constexpr takes
+the WeightFormat values below). The other activations are named so that a kernel's signature need not change
+when they are added: each becomes one branch in the kernels' activation (`_act`), fed by the bias views
+carried here.
 
 Legend: S slots in the pool, D hidden, F expert FFN.
 """
@@ -24,10 +26,10 @@ from torch import Tensor
 class WeightFormat(IntEnum):
     """How a weight tile is stored in a block (a kernel constexpr)."""
     FLOAT = 0  # bf16 / fp16 / fp32 elements, converted on load
-    Q8 = 1  # int8, symmetric, one bf16 scale per 128 along the input dimension (not built)
-    Q4 = 2  # uint4 affine, groups of 64 along the input dimension, bf16 scale and minimum (not built)
-    FP8 = 3  # e4m3, one fp32 scale per 128 x 128 block (not built)
-    MXFP4 = 4  # e2m1 in blocks of 32 with a shared e8m0 scale (not built)
+    Q8 = 1  # int8, symmetric, one bf16 scale per 128 along the input dimension (quant_grouped.py)
+    Q4 = 2  # uint4 affine, groups of 64 along the input dimension, bf16 scale and minimum (quant_grouped.py)
+    FP8 = 3  # e4m3, one fp32 scale per 128 x 128 block (quant_grouped.py)
+    MXFP4 = 4  # e2m1 in blocks of 32 with a shared e8m0 scale (quant_grouped.py)
 
 
 class Activation(IntEnum):

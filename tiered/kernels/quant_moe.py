@@ -21,8 +21,9 @@ offset is removed per group: sum(c x) = 16 (sum((1 + c/16) x) - sum x).
 The expert kernels follow moe_decode.py: grid (F blocks, T*K) for gate/up, (D blocks, T*SPLIT) for down;
 slots are a device tensor and the grid depends only on T, K and the shapes, so CUDA graphs capture them.
 With SPLIT = 1 each output is summed by one program in a fixed order (deterministic).
-Without CUDA (or Triton), or for more rows than MAX_ROWS (prefill), the reference path runs: the model
-dequantizes one expert or one matrix at a time.
+Without CUDA (or Triton) the reference path runs: the model dequantizes one expert or one matrix at a time.
+For more rows than MAX_ROWS (prefill) on CUDA, qlinear takes quant_grouped.quant_matmul (tiles dequantized
+in registers) and the experts moe_gpu's grouped kernels (quant_grouped.QuantGroupedMoE).
 
 Kernels are decorated on first use (`_kernels()`): Triton picks compiled or interpreted code when a function
 is decorated, so a CPU test may switch TRITON_INTERPRET on before its first launch.
@@ -49,7 +50,7 @@ except ImportError:  # the CPU runtime does not need Triton
     triton = None
 
 FUSED_FORMATS = {"q8": 0, "q4": 1, "mxfp4": 2, "fp8": 3}  # the kernels' FMT (4: fp8 decoded from bits)
-MAX_ROWS = 16  # above this many rows a dense matmul over the dequantized weight wins
+MAX_ROWS = 16  # above this many rows qlinear takes the tiled GEMM (quant_grouped.quant_matmul)
 MAX_STEPS = 32  # a row's groups are walked in at most this many (unrolled) steps: BG grows for long rows
 
 
@@ -385,13 +386,21 @@ def quant_down(h: Tensor, slots: Tensor, weights: Tensor, down: QuantWeight, dty
 
 
 def qlinear(x: Tensor, w: Tensor | QuantWeight, bias: Tensor | None = None) -> Tensor:
-    """F.linear over a dense or quantized weight: the fused kernel for a few rows on CUDA, else the
-    reference (dequantize into x's dtype, then matmul). x [..., K] -> [..., N]."""
+    """F.linear over a dense or quantized weight: on CUDA the fused GEMV for up to MAX_ROWS rows and the tiled
+    dequantizing GEMM (quant_grouped.quant_matmul) above; else the reference (dequantize into x's dtype, then
+    matmul). x [..., K] -> [..., N]."""
     if not isinstance(w, QuantWeight):
         return F.linear(x, w, bias)
     rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] > MAX_ROWS or not kernel_ok(x, w):
+    if not kernel_ok(x, w):
         return linear_ref(x, w, bias)
+    if rows.shape[0] > MAX_ROWS:  # prefill sizes: the tiled GEMM of quant_grouped.py
+        from tiered.kernels.quant_grouped import qmatmul_ok, quant_matmul
+
+        if not qmatmul_ok(rows, w):
+            return linear_ref(x, w, bias)
+        y = quant_matmul(rows, w).view(*x.shape[:-1], w.matrix[0])
+        return y + bias if bias is not None else y
     y = quant_matvec(rows, w).view(*x.shape[:-1], w.matrix[0])
     return y + bias if bias is not None else y
 

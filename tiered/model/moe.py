@@ -242,18 +242,22 @@ def expert_mix(x: Tensor, ids: Tensor, wts: Tensor, w: MoEWeights, provider: Exp
     segments) and the provider is not called; otherwise the provider's get() resolves them, and for one
     token `prefetch_hook(layer, ids)` (ids int64 [K] on the host) runs right after it.
     kernels=True (CUDA) runs the Triton kernels of model/moe_gpu.py over the same slots; False keeps the
-    torch paths below (the CPU path and the kernels' reference). Quantized experts always take the paths
-    below: experts_from_slots reads them with the fused dequantizing kernels on CUDA (kernels/quant_moe.py).
+    torch paths below (the CPU path and the kernels' reference). Quantized experts: one token takes
+    experts_from_slots, which reads them with the fused dequantizing kernels on CUDA (kernels/quant_moe.py);
+    several tokens with kernels=True take moe_gpu.experts_tokens (fused GEMV or grouped dequantizing kernels,
+    kernels/quant_grouped.py), else experts_grouped, which dequantizes one expert at a time.
     CPU experts (--cpu-experts, a provider with `split`): for one token without known slots, the provider's
     get_split sends some experts to the CPU (their slot is a zero expert); they run on its worker thread while
     the device computes the others, and their weighted sum is added after the device's routed experts.
     `partial` [1, D] (piecewise step): that sum, already computed, to add the same way.
     """
     wc = wts if fp32_weights else wts.to(x.dtype)
-    # the Triton kernels compute the plain SwiGLU without biases over unquantized pools: gpt-oss's and
-    # quantized experts take the torch paths
-    kernels = (kernels and w.act is None and getattr(provider.weights, "gate_bias", None) is None
-               and not isinstance(provider.weights.gate, QuantWeight))
+    # the Triton kernels compute the plain SwiGLU without biases: gpt-oss's experts take the torch paths.
+    # Quantized pools: one token takes experts_from_slots (its fused GEMV kernels), several tokens
+    # moe_gpu.experts_tokens (fused GEMV or grouped kernels) when those serve the pool.
+    plain = kernels and w.act is None and getattr(provider.weights, "gate_bias", None) is None
+    quant = isinstance(provider.weights.gate, QuantWeight)
+    kernels = plain and not quant
     if kernels:
         def one(x, s, wc, W):
             return moe_gpu.experts_decode(x, s, wc, W)
@@ -277,7 +281,7 @@ def expert_mix(x: Tensor, ids: Tensor, wts: Tensor, w: MoEWeights, provider: Exp
         if prefetch_hook is not None:
             prefetch_hook(layer, ids[0].cpu())
         out = one(x, s, wc, provider.weights)
-    elif kernels:
+    elif plain and (not quant or moe_gpu.quant_kernels_ok(provider.weights)):  # checked for T > 1 only
         out = moe_gpu.experts_tokens(x, ids, wc, provider, layer, w.router.shape[0])
     else:
         out = experts_grouped(x, ids, wc, provider, layer, w.act)

@@ -3,7 +3,9 @@
 Owns: `kernels_enabled` (whether a model on this device uses the kernels), `experts_decode` (one token,
 slot rows known: the fused decode kernel, graph-capturable) and `experts_tokens` (several tokens: the
 decode kernel up to DECODE_MAX_T tokens, else rows grouped by expert with the provider's experts in
-waves of `max_experts_per_call`, one grouped launch per projection per wave).
+waves of `max_experts_per_call`, one grouped launch per projection per wave). A pool of quantized experts
+(QuantWeight stacks, `quant_kernels_ok`) takes the fused dequantizing kernels on the same plan: the GEMV
+kernels of kernels/quant_moe.py up to DECODE_MAX_T tokens, the grouped ones of kernels/quant_grouped.py above.
 Does not own: the kernels (tiered/kernels), the plain torch paths (model/moe.py, which CPU keeps), where
 experts live (the provider).
 
@@ -21,6 +23,7 @@ import torch
 from torch import Tensor
 
 from tiered.kernels import triton_available
+from tiered.layout.quant import QuantWeight
 
 # Up to this many tokens the decode kernel (one program set per (token, k)) beats the grouped kernel:
 # on the H200 at the 10.6B shape, T = 8 took 156-188 us per layer against 193 us grouped, T = 1 25 against 96
@@ -40,6 +43,39 @@ def experts_decode(x: Tensor, slots: Tensor, weights: Tensor, W: Any) -> Tensor:
     return moe_decode(x, slots, weights, W)
 
 
+def quant_kernels_ok(W: Any) -> bool:
+    """Whether the quantized kernels serve a pool of quantized experts (the fused formats, one layout for gate
+    and up, on CUDA); otherwise model/moe.py dequantizes one expert at a time (its reference path)."""
+    from tiered.kernels.quant_grouped import qgrouped_ok
+
+    return qgrouped_ok(W)
+
+
+def _decode_float(x: Tensor, slots: Tensor, weights: Tensor, W: Any) -> Tensor:
+    from tiered.kernels.moe_decode import moe_decode
+
+    return moe_decode(x, slots, weights, W)
+
+
+def _decode_quant(x: Tensor, slots: Tensor, weights: Tensor, W: Any) -> Tensor:
+    """A few tokens over quantized experts: the one-token GEMV kernels over T*K (token, expert) pairs."""
+    from tiered.kernels.quant_moe import quant_down, quant_gate_up
+
+    h = quant_gate_up(x, slots, W.gate, W.up)  # [T*K, F] fp32
+    return quant_down(h, slots, weights, W.down, x.dtype)
+
+
+def _grouped(x: Tensor, ids: Tensor, weights: Tensor, num_experts: int, W: Any):
+    """The grouped run for the pool's format: bf16/fp16/fp32 elements or quantized stacks."""
+    if isinstance(W.gate, QuantWeight):
+        from tiered.kernels.quant_grouped import QuantGroupedMoE
+
+        return QuantGroupedMoE(x, ids, weights, num_experts, W.gate.fmt)
+    from tiered.kernels.moe_grouped import GroupedMoE
+
+    return GroupedMoE(x, ids, weights, num_experts)
+
+
 def _wave_map(provider: Any, layer: int, part: Tensor, num_experts: int, device: torch.device) -> Tensor:
     """provider.get() for the experts `part` [U] -> slot_map [E] int64 (-1 for experts not in `part`)."""
     slots = provider.get(layer, part)  # pinned until the next get()
@@ -53,24 +89,23 @@ def experts_tokens(x: Tensor, ids: Tensor, weights: Tensor, provider: Any, layer
 
     Each wave's kernels are enqueued before the next get(), as model/moe.py's torch loop does.
     """
-    from tiered.kernels.moe_decode import moe_decode
-    from tiered.kernels.moe_grouped import GroupedMoE
-
     W, dev, T = provider.weights, x.device, x.shape[0]
+    quant = isinstance(W.gate, QuantWeight)
+    decode = _decode_quant if quant else _decode_float
     whole = getattr(provider, "slot_map", None)
     if whole is not None:
         slot_map = whole(layer).to(device=dev, dtype=torch.int64)  # [E]
         if T <= DECODE_MAX_T:
-            return moe_decode(x, slot_map[ids], weights, W)
-        run = GroupedMoE(x, ids, weights, num_experts)
+            return decode(x, slot_map[ids], weights, W)
+        run = _grouped(x, ids, weights, num_experts, W)
         run.wave(W, slot_map)
         return run.result()
     used = torch.unique(ids.reshape(-1))  # [U] sorted distinct experts (one host sync)
     n = max(1, int(provider.max_experts_per_call))
     U = used.numel()
     if T <= DECODE_MAX_T and U <= n:
-        return moe_decode(x, _wave_map(provider, layer, used, num_experts, dev)[ids], weights, W)
-    run = GroupedMoE(x, ids, weights, num_experts)
+        return decode(x, _wave_map(provider, layer, used, num_experts, dev)[ids], weights, W)
+    run = _grouped(x, ids, weights, num_experts, W)
     for w0 in range(0, U, n):
         part = used[w0:w0 + n]
         slot_map = _wave_map(provider, layer, part, num_experts, dev)

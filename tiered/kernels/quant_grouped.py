@@ -1,0 +1,346 @@
+"""Grouped expert GEMMs over quantized slot pools (q8, q4, fp8, mxfp4) for prefill and batches: the packed
+codes and scales are read in place and dequantized in registers, tile by tile; no bf16 copy of an expert.
+
+Owns: the Triton kernels `_qgrouped_gate_up_kernel` and `_qgrouped_down_kernel` with their weight-tile
+loader `_qdot`, `QuantGroupedMoE` (GroupedMoE's rows and waves over quantized stacks), `pick_qconfig` (tile
+sizes per format and rows), `block_k_for` (the reduction step a format and a matrix allow), `qgrouped_ok`
+(whether these kernels serve a pool) and the one-call `moe_grouped_quant`; and, on the same tile loader,
+`_qmatmul_kernel` / `quant_matmul` (one quantized dense matrix at prefill sizes, quant_moe.qlinear's path
+above its GEMV rows) with `qmatmul_ok`.
+Does not own: the formats and their reference dequantization (layout/quant.py), the row alignment and the
+bf16 kernels (moe_grouped.py, whose kernels this module leaves untouched), the one-token GEMV kernels
+(quant_moe.py), the reference loop (a test's dequantize-then-matmul).
+
+Same shape as moe_grouped.py (vLLM's fused_moe): the (token, k) rows sorted by expert and padded to
+BLOCK_M (`align_rows`), one program per (output block, row block), blocks of experts outside the wave
+return at once, gate and up share the x tile and write h = silu(x gate^T) * (x up^T) [T*K, F] in the compute
+dtype, the down kernel scales each row by its routing weight into [T*K, D], and the K rows of a token are
+summed at the end (so waves do not change the result).
+
+How a weight tile is read. Every format groups its inputs along the reduction dimension (the last dim of
+the stored [N, Kin] matrix). A step covers BLOCK_K inputs of BLOCK_N output rows:
+  - q8, fp8: one code per input, a [BLOCK_K, BLOCK_N] tile, value * scale;
+  - q4, mxfp4: two codes per byte (the even input in the low nibble), so a step loads [BLOCK_K/2, BLOCK_N]
+    bytes and splits them into the even-input and odd-input tiles; the activation tile [BLOCK_M, BLOCK_K] is
+    split into its even and odd columns (tl.split), and the step is two tl.dot of BLOCK_K/2 (no interleaving
+    of the weight tile);
+  - scales (and q4's minimums) are loaded once per group and output row ([R, BLOCK_N], R = groups in the
+    step) and broadcast over the group's inputs: the step never straddles a group boundary unevenly because
+    BLOCK_K is a multiple or a divisor of the group (`block_k_for`), or the row is one group;
+  - the dequantized tile (fp32 arithmetic) is rounded to the compute dtype for tl.dot, as the torch path
+    rounds its dequantized expert to the compute dtype before its matmul.
+fp8 is read as float8e4nv on CUDA; off CUDA (Triton's interpreter has no fp8) as uint8 and decoded from
+its bits (WFMT 5). All pool offsets are int64 (slot * stride), so pools above 2 GiB are safe.
+
+Legend: T tokens, D hidden, K top-k, F expert FFN, E experts per layer, S slots, P padded rows, G groups
+per row, R groups per reduction step.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from tiered.kernels.moe_grouped import GroupedConfig, GroupedMoE
+from tiered.kernels.moe_grouped import pick_config as bf16_config
+from tiered.kernels.moe_operands import WeightFormat
+from tiered.layout.quant import QuantWeight
+
+# format -> the kernels' WFMT (moe_operands.WeightFormat's values); FP8_BITS: fp8 decoded from its bits (interpreter)
+WFMT = {"q8": int(WeightFormat.Q8), "q4": int(WeightFormat.Q4), "fp8": int(WeightFormat.FP8),
+        "mxfp4": int(WeightFormat.MXFP4)}
+FP8_BITS = 5
+NIBBLES = ("q4", "mxfp4")
+
+
+@triton.jit
+def _scales(sn, mask_n, k0, NG: tl.constexpr, GROUP: tl.constexpr, R: tl.constexpr):
+    """[R, BLOCK_N] fp32: the R groups from input k0 on, of the rows whose scale (or min) rows start at sn."""
+    g = k0 // GROUP + tl.arange(0, R)
+    return tl.load(sn[None, :] + g[:, None], mask=(g < NG)[:, None] & mask_n[None, :], other=0).to(tl.float32)
+
+
+@triton.jit
+def _grouped(v, s, m, BK: tl.constexpr, BN: tl.constexpr, R: tl.constexpr, HAS_MIN: tl.constexpr):
+    """v [BK, BN] fp32 codes' values over R consecutive groups along BK; s, m [R, BN] -> v * s (+ m)."""
+    if R == 1:
+        out = v * s
+        if HAS_MIN:
+            out = out + m
+    else:
+        v3 = tl.reshape(v, (R, BK // R, BN))
+        out3 = v3 * s[:, None, :]
+        if HAS_MIN:
+            out3 = out3 + m[:, None, :]
+        out = tl.reshape(out3, (BK, BN))
+    return out
+
+
+@triton.jit
+def _e2m1(c):
+    """e2m1 codes (int32 0..15) -> fp32 values, built from bits: sign bit 3, exponent bits 2..1, mantissa 0."""
+    em = c & 7
+    b = tl.where(em >= 2, (em << 22) + (126 << 23), tl.where(em == 1, 0x3F000000, 0))
+    return (b | ((c & 8) << 28)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _qdot(acc, a_rows, mask_m, qn, sn, mn, mask_n, k0, KIN: tl.constexpr, KQ: tl.constexpr, NG: tl.constexpr,
+          GROUP: tl.constexpr, WFMT: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+          BLOCK_N: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] += a[:, k0:k0+BLOCK_K] @ W[n-block, k0:k0+BLOCK_K]^T, W dequantized in registers.
+
+    a_rows [BLOCK_M] pointers to each activation row; qn / sn / mn [BLOCK_N] pointers to each output row's
+    packed codes / scales / minimums (mn unused but for q4)."""
+    if WFMT == 2 or WFMT == 4:  # q4, mxfp4: two codes per byte
+        offs_j = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # byte of the row
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(a_rows[:, None] + offs_k[None, :], mask=mask_m[:, None] & (offs_k < KIN)[None, :], other=0.0)
+        a_e, a_o = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))  # even and odd inputs
+        b = tl.load(qn[None, :] + offs_j[:, None], mask=(offs_j < KQ)[:, None] & mask_n[None, :],
+                    other=0).to(tl.int32)  # [BLOCK_K/2, BLOCK_N]
+        s = _scales(sn, mask_n, k0, NG, GROUP, R)
+        if WFMT == 2:  # q4: code * scale + min
+            m = _scales(mn, mask_n, k0, NG, GROUP, R)
+            w_e = _grouped((b & 15).to(tl.float32), s, m, BLOCK_K // 2, BLOCK_N, R, True)
+            w_o = _grouped(((b >> 4) & 15).to(tl.float32), s, m, BLOCK_K // 2, BLOCK_N, R, True)
+        else:  # mxfp4: e2m1 value * 2^(e8m0 - 127)
+            e = tl.exp2(s - 127.0)
+            w_e = _grouped(_e2m1(b & 15), e, e, BLOCK_K // 2, BLOCK_N, R, False)
+            w_o = _grouped(_e2m1((b >> 4) & 15), e, e, BLOCK_K // 2, BLOCK_N, R, False)
+        acc = tl.dot(a_e, w_e.to(DT), acc=acc, input_precision=PREC)
+        acc = tl.dot(a_o, w_o.to(DT), acc=acc, input_precision=PREC)
+    else:  # q8 (int8), fp8 (e4m3): one code per input, value * scale
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mk = offs_k < KIN
+        a = tl.load(a_rows[:, None] + offs_k[None, :], mask=mask_m[:, None] & mk[None, :], other=0.0)
+        mb = mk[:, None] & mask_n[None, :]
+        if WFMT == 5:  # fp8 e4m3 as uint8, decoded from its bits (the interpreter has no fp8)
+            c = tl.load(qn[None, :] + offs_k[:, None], mask=mb, other=0).to(tl.int32)
+            mag = tl.where((c & 0x78) != 0, (((c & 0x7F) << 20) + (120 << 23)).to(tl.float32, bitcast=True),
+                           (c & 7).to(tl.float32) * 0.001953125)
+            v = tl.where((c & 0x80) != 0, -mag, mag)
+        elif WFMT == 3:  # fp8 e4m3: no `other` (an int cannot be cast to fp8); masked values zeroed after
+            v = tl.where(mb, tl.load(qn[None, :] + offs_k[:, None], mask=mb).to(tl.float32), 0.0)
+        else:
+            v = tl.load(qn[None, :] + offs_k[:, None], mask=mb, other=0).to(tl.float32)
+        s = _scales(sn, mask_n, k0, NG, GROUP, R)
+        w = _grouped(v, s, s, BLOCK_K, BLOCK_N, R, False)
+        acc = tl.dot(a, w.to(DT), acc=acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _qgrouped_gate_up_kernel(x_ptr, rows_ptr, bslot_ptr, gq, gs, gm, uq, us, um, h_ptr, num_rows, stride_xt,
+                             sq0, sq1, ss0, ss1, sm0, sm1, D: tl.constexpr, F: tl.constexpr, K: tl.constexpr,
+                             KQ: tl.constexpr, NG: tl.constexpr, GROUP: tl.constexpr, ROWBLK: tl.constexpr,
+                             WFMT: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_K: tl.constexpr, PREC: tl.constexpr):
+    """Grid (cdiv(F, BLOCK_N), P / BLOCK_M): h[rows, n-block] = silu(x[tok] @ gate.T) * (x[tok] @ up.T).
+    gate and up share their strides (one block layout); ROWBLK output rows share a scale row (fp8: 128)."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    slot = tl.load(bslot_ptr + pid_m).to(tl.int64)
+    if slot < 0:
+        return
+    rows = tl.load(rows_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BLOCK_M]
+    mask_m = rows < num_rows
+    a_rows = x_ptr + (rows // K).to(tl.int64) * stride_xt
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < F
+    n64 = offs_n.to(tl.int64)
+    qo = slot * sq0 + n64 * sq1
+    so = slot * ss0 + (n64 // ROWBLK) * ss1
+    mo = slot * sm0 + n64 * sm1
+    DT = x_ptr.dtype.element_ty
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        acc_g = _qdot(acc_g, a_rows, mask_m, gq + qo, gs + so, gm + mo, mask_n, k0, D, KQ, NG, GROUP, WFMT, R,
+                      BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC)
+        acc_u = _qdot(acc_u, a_rows, mask_m, uq + qo, us + so, um + mo, mask_n, k0, D, KQ, NG, GROUP, WFMT, R,
+                      BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC)
+    h = acc_g * tl.sigmoid(acc_g) * acc_u
+    tl.store(h_ptr + rows[:, None].to(tl.int64) * F + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _qgrouped_down_kernel(h_ptr, rows_ptr, bslot_ptr, wt_ptr, dq, ds, dm, out_ptr, num_rows, sq0, sq1, ss0, ss1,
+                          sm0, sm1, D: tl.constexpr, F: tl.constexpr, KQ: tl.constexpr, NG: tl.constexpr,
+                          GROUP: tl.constexpr, ROWBLK: tl.constexpr, WFMT: tl.constexpr, R: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          PREC: tl.constexpr):
+    """Grid (cdiv(D, BLOCK_N), P / BLOCK_M): out[rows, n-block] = w[rows] * (h[rows] @ down.T)."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    slot = tl.load(bslot_ptr + pid_m).to(tl.int64)
+    if slot < 0:
+        return
+    rows = tl.load(rows_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    mask_m = rows < num_rows
+    rows64 = rows.to(tl.int64)
+    a_rows = h_ptr + rows64 * F
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < D
+    n64 = offs_n.to(tl.int64)
+    DT = h_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, F, BLOCK_K):
+        acc = _qdot(acc, a_rows, mask_m, dq + slot * sq0 + n64 * sq1, ds + slot * ss0 + (n64 // ROWBLK) * ss1,
+                    dm + slot * sm0 + n64 * sm1, mask_n, k0, F, KQ, NG, GROUP, WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N, DT,
+                    PREC)
+    w = tl.load(wt_ptr + rows, mask=mask_m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows64[:, None] * D + offs_n[None, :], (acc * w[:, None]).to(out_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _qmatmul_kernel(x_ptr, q, s, m, out_ptr, T, stride_xt, stride_ot, sq1, ss1, sm1, N: tl.constexpr,
+                    KIN: tl.constexpr, KQ: tl.constexpr, NG: tl.constexpr, GROUP: tl.constexpr,
+                    ROWBLK: tl.constexpr, WFMT: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr):
+    """Grid (cdiv(N, BLOCK_N), cdiv(T, BLOCK_M)): out[m-block, n-block] = x[m-block] @ W[n-block]^T, one
+    quantized [N, KIN] matrix (a dense layer's weight at prefill sizes)."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < T
+    m64 = offs_m.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    n64 = offs_n.to(tl.int64)
+    DT = x_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, KIN, BLOCK_K):
+        acc = _qdot(acc, x_ptr + m64 * stride_xt, mask_m, q + n64 * sq1, s + (n64 // ROWBLK) * ss1, m + n64 * sm1,
+                    mask_n, k0, KIN, KQ, NG, GROUP, WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC)
+    tl.store(out_ptr + m64[:, None] * stride_ot + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+def block_k_for(w: QuantWeight, block_k: int) -> tuple[int, int]:
+    """(BLOCK_K, R) for a matrix: the config's step, at least 32 for the nibble formats (each half is a tl.dot of
+    >= 16) and 16 otherwise; R = groups per step when the step spans several whole groups, else 1 (a step inside
+    one group: the group is a multiple of the step, or the row is a single group)."""
+    bk = max(block_k, 32 if w.fmt in NIBBLES else 16)
+    groups = w.scale.shape[-1]
+    if groups == 1 or bk <= w.group:
+        return bk, 1
+    if bk % w.group or w.group & (w.group - 1):
+        raise ValueError(f"{w.fmt} group {w.group} and BLOCK_K {bk} do not tile: use a power-of-two BLOCK_K")
+    return bk, bk // w.group
+
+
+def pick_qconfig(rows: int, num_experts: int, fmt: str) -> GroupedConfig:
+    """Tiles for a quantized pool: moe_grouped's choice by rows per expert (measured for bf16 on the H200), with
+    the reduction step capped at the format's group (one scale per step and row)."""
+    c = bf16_config(rows, num_experts)
+    cap = {"q8": 128, "q4": 64, "fp8": 128, "mxfp4": 64}[fmt]
+    return GroupedConfig(block_m=c.block_m, block_n=c.block_n, block_k=min(c.block_k, cap), warps=c.warps,
+                         stages=c.stages)
+
+
+def _strides(w: QuantWeight) -> tuple[int, int, int, int, int, int]:
+    """(slot, row) strides of q, scale and min (min = scale when absent)."""
+    m = w.min if w.min is not None else w.scale
+    return w.q.stride(0), w.q.stride(1), w.scale.stride(0), w.scale.stride(1), m.stride(0), m.stride(1)
+
+
+def _codes(w: QuantWeight) -> Tensor:
+    """The packed codes as the kernel reads them: fp8 off CUDA as uint8 (decoded from its bits)."""
+    return w.q.view(torch.uint8) if w.fmt == "fp8" and not w.q.is_cuda else w.q
+
+
+def _geometry(w: QuantWeight, block_k: int) -> dict:
+    bk, r = block_k_for(w, block_k)
+    fmt = FP8_BITS if w.fmt == "fp8" and not w.q.is_cuda else WFMT[w.fmt]
+    return dict(KQ=w.q.shape[-1], NG=w.scale.shape[-1], GROUP=w.group, ROWBLK=w.group if w.fmt == "fp8" else 1,
+                WFMT=fmt, R=r, BLOCK_K=bk)
+
+
+def qgrouped_ok(W, *, interpret: bool = False) -> bool:
+    """Whether these kernels serve a pool's experts: gate/up/down quantized stacks [S, ...] of one fused format,
+    gate and up with one layout, every part contiguous along its last dim, on CUDA (or, for tests, Triton's CPU
+    interpreter when `interpret` is passed)."""
+    ws = (W.gate, W.up, W.down)
+    if not all(isinstance(w, QuantWeight) and len(w.lead) == 1 for w in ws):
+        return False
+    if len({w.fmt for w in ws}) != 1 or W.gate.fmt not in WFMT or _strides(W.gate) != _strides(W.up):
+        return False
+    if not (W.gate.q.is_cuda or interpret):
+        return False
+    return all(t.stride(-1) == 1 for w in ws for t in w.parts().values())
+
+
+class QuantGroupedMoE(GroupedMoE):
+    """GroupedMoE over quantized expert stacks: the same rows, waves and result, other kernels."""
+
+    def __init__(self, x: Tensor, ids: Tensor, weights: Tensor, num_experts: int, fmt: str,
+                 config: GroupedConfig | None = None) -> None:
+        """x [T, D] compute dtype, ids [T, K] experts in [0, E), weights [T, K], fmt the pool's format."""
+        T, K = ids.shape
+        super().__init__(x, ids, weights, num_experts, config or pick_qconfig(T * K, num_experts, fmt))
+
+    def wave(self, W, slot_map: Tensor) -> None:
+        """Compute the rows of the experts that `slot_map` ([E] int64: slot row, -1 = not this wave) places.
+        W: gate, up [S, F, D] and down [S, D, F] QuantWeight stacks (store.disk.ExpertWeights)."""
+        g, u, d = W.gate, W.up, W.down
+        if not qgrouped_ok(W, interpret=True):
+            raise ValueError("QuantGroupedMoE: gate/up/down must be [S, ...] QuantWeight stacks of one format "
+                             f"({', '.join(WFMT)}), gate and up with one layout, parts contiguous along the last dim")
+        x, cfg, al = self.x, self.cfg, self.aligned
+        Fe, D = g.matrix
+        if x.shape[1] != D or tuple(d.matrix) != (D, Fe):
+            raise ValueError(f"x has hidden size {x.shape[1]}; experts gate {list(g.matrix)}, down {list(d.matrix)}")
+        if self.h is None:
+            self.h = torch.empty(al.num_rows, Fe, dtype=x.dtype, device=x.device)
+        be = al.block_expert
+        bslot = torch.where(be >= 0, slot_map.index_select(0, be.clamp(min=0)), -1)  # [P / block_m]
+        nb = be.shape[0]
+        prec = "ieee" if x.dtype == torch.float32 else "tf32"
+        gm = g.min if g.min is not None else g.scale
+        um = u.min if u.min is not None else u.scale
+        dm = d.min if d.min is not None else d.scale
+        _qgrouped_gate_up_kernel[(triton.cdiv(Fe, cfg.block_n), nb)](
+            x, al.rows, bslot, _codes(g), g.scale, gm, _codes(u), u.scale, um, self.h, al.num_rows, x.stride(0),
+            *_strides(g), D=D, F=Fe, K=self.K, **_geometry(g, cfg.block_k), BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n, PREC=prec, num_warps=cfg.warps, num_stages=cfg.stages)
+        _qgrouped_down_kernel[(triton.cdiv(D, cfg.block_n), nb)](
+            self.h, al.rows, bslot, self.weights, _codes(d), d.scale, dm, self.out, al.num_rows, *_strides(d), D=D,
+            F=Fe, **_geometry(d, cfg.block_k), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PREC=prec,
+            num_warps=cfg.warps, num_stages=cfg.stages)
+
+
+def moe_grouped_quant(x: Tensor, ids: Tensor, weights: Tensor, W, slot_map: Tensor,
+                      config: GroupedConfig | None = None) -> Tensor:
+    """All experts in one wave: x [T, D], ids [T, K] experts, weights [T, K], W quantized stacks, slot_map [E]
+    int64 (every routed expert must have a slot) -> [T, D]. No host sync."""
+    run = QuantGroupedMoE(x, ids, weights, slot_map.shape[0], W.gate.fmt, config)
+    run.wave(W, slot_map)
+    return run.result()
+
+
+def qmatmul_ok(x: Tensor, w: QuantWeight, *, interpret: bool = False) -> bool:
+    """Whether `quant_matmul` serves x @ w^T: one matrix (no stack dims) of a fused format, parts contiguous
+    along the last dim, x on CUDA (or the interpreter, for tests)."""
+    return (w.fmt in WFMT and not w.lead and (x.is_cuda or interpret)
+            and all(t.stride(-1) == 1 for t in w.parts().values()))
+
+
+def quant_matmul(x: Tensor, w: QuantWeight, config: GroupedConfig | None = None) -> Tensor:
+    """x [T, K] @ dequantize(w)^T -> [T, N] in x's dtype, dequantizing tiles in registers (no dense copy of w):
+    the prefill-sized product of a quantized dense layer. No host sync."""
+    n, k = w.matrix
+    T = x.shape[0]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    cfg = config or pick_qconfig(T, 1, w.fmt)
+    out = torch.empty(T, n, dtype=x.dtype, device=x.device)
+    m = w.min if w.min is not None else w.scale
+    _qmatmul_kernel[(triton.cdiv(n, cfg.block_n), triton.cdiv(T, cfg.block_m))](
+        x, _codes(w), w.scale, m, out, T, x.stride(0), out.stride(0), w.q.stride(0), w.scale.stride(0), m.stride(0),
+        N=n, KIN=k, **_geometry(w, cfg.block_k), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        PREC="ieee" if x.dtype == torch.float32 else "tf32", num_warps=cfg.warps, num_stages=cfg.stages)
+    return out
