@@ -216,7 +216,7 @@ def _attach(eng, w: int = 0) -> DeviceStep:
     """The device table and an eager device step on a CPU engine (what --slot-table device does on CUDA)."""
     cache = eng.model.provider
     cache.ram.preload(list(range(cache.num_layers * cache.num_experts)), 0)
-    cache.devtable = DeviceSlotTable(cache, w=w)
+    cache.devtable = DeviceSlotTable(cache, w=w, kernels=st)
     eng.devstep = DeviceStep(eng.model, graphs=False)
     eng.pieces = None
     return eng.devstep
@@ -370,7 +370,7 @@ def test_device_step_prefetch_greedy_identical(reference_layout, unlimited):
     eng = load(reference_layout, device="cpu", budget={"expert_slots": 24, "ram_gb": 600 * B / 2**30})
     cache = eng.model.provider
     cache.ram.preload(list(range(cache.num_layers * cache.num_experts)), 0)
-    cache.devtable = DeviceSlotTable(cache, w=0)
+    cache.devtable = DeviceSlotTable(cache, w=0, kernels=st)
     eng.devstep = DeviceStep(eng.model, graphs=False, prefetch=6, transitions=(params.layer_trans, params.time_trans))
     eng.pieces = None
     got = eng.generate(PROMPT, max_new_tokens=NEW).token_ids

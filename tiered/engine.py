@@ -21,6 +21,8 @@ import torch
 from torch import Tensor
 
 from tiered.decode.devstep import DeviceStep
+from tiered.kernels import slot_table as slot_table_kernels
+from tiered.store.devtable import DeviceSlotTable
 from tiered.decode.graphed import GraphedDecode
 from tiered.decode.piecewise import GraphCaptureError, PiecewiseDecode
 from tiered.decode.sampling import Sampling, SamplingError, check_sampling, sample
@@ -192,6 +194,8 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
                                  chain_hook=prefetch_hook)
     if prefetcher is not None:
         observer, prefetch_hook = prefetcher, prefetcher.prefetch_hook
+    if getattr(provider, "device_table_w", None) is not None:  # --slot-table device|auto chose the device table
+        provider.devtable = DeviceSlotTable(provider, w=provider.device_table_w, kernels=slot_table_kernels)
     if getattr(provider, "devtable", None) is not None and (observer is not None or prefetch_hook is not None):
         why = ("the device slot table runs no routing observer or prefetch hook (they read the routing on the host): "
                "drop --prefetch-depth, or use --slot-table host")

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import torch
 
-from tiered.store.devtable import DeviceSlotTable, refusal as device_table_refusal
+from tiered.store.devtable import DeviceSlotTable, refusal as device_table_refusal  # noqa: F401
 from tiered.store.budget import (GiB, CachePlan, estimate_dense_bytes, estimate_kv_bytes,
                                  estimate_scratch_bytes, meminfo, plan_budget)
 from tiered.store.hostmem import HostRegistrar
@@ -98,6 +98,7 @@ class ExpertCache(HostSlotProvider):
                               f"{self.block_size / GiB:.4f} or more")
         # --slot-table device|auto: the device resolves decode slots and copies misses out of the pinned RAM tier
         self.devtable: DeviceSlotTable | None = None
+        self.device_table_w: int | None = None  # set when the device table applies (want_device)
         self.slot_table_note: str | None = None  # why auto stayed on the host
         want_device = False
         if tiers.slot_table != "host":
@@ -136,7 +137,7 @@ class ExpertCache(HostSlotProvider):
                 self.ram.preload(list(range(self.num_layers * self.num_experts)), 0)
                 self.preload_s = time.perf_counter() - t0
             w = 0 if tiers.policy == "lru" else int(round(flru_w))
-            self.devtable = DeviceSlotTable(self, w=w)
+            self.device_table_w = w  # the engine attaches the DeviceSlotTable (it owns the kernels it runs)
             n = self.num_layers * self.num_experts
             print(f"tiered: slot table on the device (--slot-table {tiers.slot_table}): {n} experts in pinned RAM "
                   f"({n * self.block_size / GiB:.2f} GiB, loaded in {time.perf_counter() - t0:.1f} s)", file=sys.stderr)
@@ -373,7 +374,8 @@ class ExpertCache(HostSlotProvider):
         if self.devtable is not None:
             self.devtable.give_back()
             self.devtable = None
-            self.slot_table_note = why
+        self.device_table_w = None
+        self.slot_table_note = why
 
     def note_device_token(self) -> None:
         """The device step decoded one token (its hits and misses arrive with DeviceSlotTable.harvest)."""

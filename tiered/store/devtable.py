@@ -21,7 +21,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tiered.kernels import slot_table as kern
 
 DEVICE_TABLE_POLICIES = ("lru", "flru")
 SLOT_TABLE_MODES = ("host", "device", "auto")
@@ -55,10 +54,12 @@ class DeviceSlotTable:
         cache: the ExpertCache whose device tier (vram), pinned RAM tier (ram, copy mode, holding every key) and
             clock this table mirrors.
         w: eviction weight (kernels/slot_table.py): 0 = LRU, else uses are worth w clock ticks (flru).
+        kernels: the kernels/slot_table module (resolve, gather); the engine attaches the table (engine.load).
     """
 
-    def __init__(self, cache: Any, *, w: int) -> None:
+    def __init__(self, cache: Any, *, w: int, kernels: Any) -> None:
         self.cache = cache
+        self.kern = kernels  # kernels/slot_table (handed in: the store layer does not import kernels)
         self.w = int(w)
         vram, ram = cache.vram, cache.ram
         if ram is None or ram.rows is None or (vram.cuda and not ram.rows.is_pinned()):
@@ -146,17 +147,17 @@ class DeviceSlotTable:
     # --- the step's calls (captured in its graph) ---
     def resolve(self, layer: int, ids: Tensor, out_slot: Tensor, out_src: Tensor) -> None:
         """ids int64 [K] of `layer` -> out_slot [K] slot rows, out_src [K] RAM rows of the misses (-1 on hits)."""
-        kern.resolve(ids, layer, self.num_experts, self.t, self.w, out_slot, out_src)
+        self.kern.resolve(ids, layer, self.num_experts, self.t, self.w, out_slot, out_src)
 
     def gather(self, src: Tensor, slot: Tensor, *, ctas: int | None = None) -> None:
         """Copy the misses resolve found from the pinned RAM tier into their slots (on the current stream); ctas
         bounds the copy's programs (a prefetch beside compute should not take every SM)."""
-        kern.gather(self.host_pool, src, slot, self.slots, ctas=ctas)
+        self.kern.gather(self.host_pool, src, slot, self.slots, ctas=ctas)
 
     def prefetch(self, layer: int, ids: Tensor, pin: Tensor, out_slot: Tensor, out_src: Tensor) -> None:
         """Candidates ids int64 [C] of `layer` loaded where slots are free to take, never one in `pin` [K] (the slots
         the layer being computed reads); resident ones untouched (kernels/slot_table.resolve, prefetch=True)."""
-        kern.resolve(ids, layer, self.num_experts, self.t, self.w, out_slot, out_src, pin=pin, prefetch=True)
+        self.kern.resolve(ids, layer, self.num_experts, self.t, self.w, out_slot, out_src, pin=pin, prefetch=True)
 
     # --- stats ---
     def harvest(self) -> tuple[int, int]:
