@@ -93,9 +93,8 @@ def _resolve_kernel(ids_ptr, base, slot_of, key_of, last, uses, clock, counts, h
 
 
 @triton.jit
-def _gather_kernel(src, row_src, row_dst, dst, row_words, BLOCK: tl.constexpr, CHUNKS: tl.constexpr):
-    r = tl.program_id(0)
-    c = tl.program_id(1)
+def _copy_chunk(src, row_src, row_dst, dst, row_words, r, c, BLOCK: tl.constexpr, CHUNKS: tl.constexpr):
+    """Chunk c (CHUNKS * BLOCK words) of row r: dst[row_dst[r]] <- src[row_src[r]] when row_src[r] >= 0."""
     s = tl.load(row_src + r)
     if s >= 0:
         d = tl.load(row_dst + r)
@@ -107,21 +106,17 @@ def _gather_kernel(src, row_src, row_dst, dst, row_words, BLOCK: tl.constexpr, C
 
 
 @triton.jit
+def _gather_kernel(src, row_src, row_dst, dst, row_words, BLOCK: tl.constexpr, CHUNKS: tl.constexpr):
+    _copy_chunk(src, row_src, row_dst, dst, row_words, tl.program_id(0), tl.program_id(1), BLOCK, CHUNKS)
+
+
+@triton.jit
 def _gather_strided_kernel(src, row_src, row_dst, dst, row_words, n_items, n_chunks, BLOCK: tl.constexpr,
                            CHUNKS: tl.constexpr):
     """The gather with a fixed number of programs, each looping over (row, chunk) items: a copy that runs beside
     compute on another stream without taking every SM."""
     for it in range(tl.program_id(0), n_items, tl.num_programs(0)):
-        r = it // n_chunks
-        c = it % n_chunks
-        s = tl.load(row_src + r)
-        if s >= 0:
-            d = tl.load(row_dst + r)
-            start = c.to(tl.int64) * (CHUNKS * BLOCK)
-            for i in tl.static_range(CHUNKS):
-                offs = start + i * BLOCK + tl.arange(0, BLOCK)
-                m = offs < row_words
-                tl.store(dst + d * row_words + offs, tl.load(src + s * row_words + offs, mask=m), mask=m)
+        _copy_chunk(src, row_src, row_dst, dst, row_words, it // n_chunks, it % n_chunks, BLOCK, CHUNKS)
 
 
 class HostPointer:
