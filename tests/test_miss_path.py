@@ -392,3 +392,26 @@ def test_host_stats_split_blocked_reads_from_host_work(layout):
     assert 0 <= h["work_s_per_ram_miss"] < h["s_per_ram_miss"]
     assert h["work_s_per_ram_miss"] < 0.02  # the sleeps are not host work
     cache.close()
+
+
+def test_reader_threads_end_with_close_or_when_the_reader_is_dropped(layout):
+    import gc
+
+    def io_threads() -> int:
+        return sum(t.name.startswith("tiered-io") for t in threading.enumerate())
+
+    base = io_threads()
+    buf = torch.empty(layout.block_size, dtype=torch.uint8)
+    r = BlockReader(layout, io="mmap", threads=3)
+    r.read_into(5, buf)
+    assert io_threads() == base + 3
+    r.close()
+    assert io_threads() == base
+    r = BlockReader(layout, io="mmap", threads=3)
+    r.read_into(6, buf)
+    del r
+    gc.collect()
+    deadline = time.time() + 5
+    while io_threads() > base and time.time() < deadline:
+        time.sleep(0.01)
+    assert io_threads() == base
