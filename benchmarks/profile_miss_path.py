@@ -1,8 +1,18 @@
-"""Where the host time of an expert-cache miss goes, on the CPU (issue 16: the 397B slice is host-bound).
+"""Where the host time of an expert-cache miss goes (issue 16: the 397B slice is host-bound), on the CPU, or on the
+GPU box with --device cuda.
 
-Two parts, on a layout written by tools/write_random_layout.py (the 397B shape at q4: 7 MB blocks):
+Parts, on a layout written by tools/write_random_layout.py (the 397B shape at q4: 7 MB blocks):
+  misses  host µs per RAM-tier miss in batches of K through ram.PinnedPool: copy mode (the pinned staging pool,
+          reads landing in its slots on the reader's threads) with buffered or O_DIRECT reads, register mode, from
+          the page cache and cold from disk, first-use checks due / already verified / off. Per miss: the batch's
+          wall time, the calling thread's CPU time, the pool's own split (host work not blocked on reads), the
+          reader threads' CPU time. --device cuda: real pinning, real cudaHostRegister, async copies as blocks land
+          (then also "copied": until the last copy finished), bytes compared with the layout's.
+  cache_cpu  the cache's get() with the device copy a no-op on the CPU (the stand-in for issuing an async copy;
+          real copies with --device cuda): main-thread CPU per get() split by least squares into per device miss
+          and per RAM-tier miss.
   parts   one block at a time, each on blocks this process has not touched before: a buffered pread from the page
-          cache (the reader's two 4 MiB chunks on its threads), the same read cold (the file's pages dropped with
+          cache (the reader's chunks on its threads), the same read cold (the file's pages dropped with
           posix_fadvise first), an O_DIRECT read (cold), the first touch of a mapped block (page faults: what
           cudaHostRegister of a mapped block pays before pinning), a second touch, the xxh3_64 of a block (first-use
           verification), a memcpy into a slot (the CPU device tier's "H2D"), and a slot-table assign (bookkeeping).
@@ -15,6 +25,8 @@ Two parts, on a layout written by tools/write_random_layout.py (the 397B shape a
 
     python3 tools/write_random_layout.py --preset qwen35-397b --layers 1 --experts q4 --dense q4 --out /tmp/b397/L1
     python3 benchmarks/profile_miss_path.py --layout /tmp/b397/L1 --steps 60
+    python3 benchmarks/profile_miss_path.py --layout /tmp/b397/L1 --only misses,cache_cpu --miss-batches 10
+    python3 benchmarks/profile_miss_path.py --layout /root/b397/B --device cuda --only misses,cache_cpu   # GPU box
 Prints a table, then one JSON line last; writes $OUT/profile_miss.json when OUT is set.
 """
 from __future__ import annotations
@@ -396,7 +408,7 @@ def cache_cpu(lay: Layout, a) -> dict:
     E, bs = lay.config.num_experts, lay.block_size
     ram_gb = a.ram_slots * bs / 2**30 + 1e-6
     cache = make_provider(lay, device=a.device, quiet=True, expert_slots=a.slots, ram_gb=ram_gb, verify="first-use",
-                          io=a.io, io_threads=a.threads, **({"io_register": a.io_register} if a.device == "cuda" else {}))
+                          io=a.io, io_threads=a.threads, **({"io_register": a.io_register, "slot_table": "host"} if a.device == "cuda" else {}))
     if cache.ram is not None and cache.ram.rows is not None:
         cache.ram.rows.fill_(0)
     vram = cache.vram

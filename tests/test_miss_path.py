@@ -397,21 +397,45 @@ def test_host_stats_split_blocked_reads_from_host_work(layout):
 def test_reader_threads_end_with_close_or_when_the_reader_is_dropped(layout):
     import gc
 
-    def io_threads() -> int:
-        return sum(t.name.startswith("tiered-io") for t in threading.enumerate())
-
-    base = io_threads()
     buf = torch.empty(layout.block_size, dtype=torch.uint8)
     r = BlockReader(layout, io="mmap", threads=3)
     r.read_into(5, buf)
-    assert io_threads() == base + 3
+    threads = list(r._pool._threads)
+    assert len(threads) == 3 and all(t.is_alive() for t in threads)
     r.close()
-    assert io_threads() == base
+    assert not any(t.is_alive() for t in threads)
     r = BlockReader(layout, io="mmap", threads=3)
     r.read_into(6, buf)
+    threads = list(r._pool._threads)
     del r
     gc.collect()
-    deadline = time.time() + 5
-    while io_threads() > base and time.time() < deadline:
-        time.sleep(0.01)
-    assert io_threads() == base
+    for t in threads:
+        t.join(timeout=5)
+    assert not any(t.is_alive() for t in threads)
+
+
+@pytest.mark.parametrize("mode", ["copy", "register"])
+@pytest.mark.parametrize("stop_at", ["hit", "miss"])
+def test_caller_stopping_early_leaves_no_key_resident_unread(layout, fake_register, mode, stop_at):
+    """The caller closes fetch() after the first hand-out (a hit, while the early batch reads, or a miss): the keys
+    handed out stay resident with the right bytes, the others leave the tier with no read still writing."""
+    pool = layout.expert_file_pool()
+    reader = BlockReader(layout, io="mmap", threads=3, chunk_bytes=CHUNK)
+    _delayed(reader, {(64 * 3 + e, 0): 0.05 for e in range(8)})
+    ram = PinnedPool(8, reader, make_policy("lru"), mode=mode)
+    if stop_at == "hit":
+        list(ram.fetch([64 * 3 + 20], 1))
+    keys = ([64 * 3 + 20] if stop_at == "hit" else []) + [64 * 3 + e for e in (1, 2, 3)]
+    gen = ram.fetch(keys, 2)
+    k0, s0 = next(gen)
+    gen.close()
+    assert ram.table.lookup(k0) == s0 and torch.equal(ram.host_row(s0), pool[k0])
+    for k in keys:
+        if k != k0:
+            assert ram.table.lookup(k) is None, k
+    ram.table.check()
+    got = {k: s for k, s in ram.fetch(keys, 3)}  # the same keys load again, bytes right
+    for k, s in got.items():
+        assert torch.equal(ram.host_row(s), pool[k]), k
+    ram.close()
+    reader.close()

@@ -108,7 +108,8 @@ class PinnedPool:
         hits, the batch and `pinned` fit the tier together), so its reads overlap the caller's work on the hits.
         A key yielded earlier may be evicted by a later batch: `mark_dma` makes that eviction wait for its copy.
         On a read error every read of the batch is awaited, the failed and not yet yielded keys are dropped, and
-        the error is raised.
+        the error is raised. The same happens to the keys not yet yielded when the caller stops early (closes the
+        generator, or an error of its own unwinds it): no key stays resident with its read in flight.
         """
         self.settle(only_done=True)
         lookup = self.table.lookup
@@ -121,16 +122,21 @@ class PinnedPool:
             protect = set(batches[0]) | set(pinned) | {k for k, _ in hits}
             if len(protect) <= self.n_slots:
                 started = self._start_batch(batches[0], t, protect)
-        for k, s in hits:
-            if k in self._loading:  # started by start_load(): wait for that read
-                t0 = time.perf_counter()
-                self._settle(k)
-                dt = time.perf_counter() - t0
-                self.wait_s += dt
-                self.blocked_s += dt
-            self.hits += 1
-            self.table.touch(k, t)
-            yield k, s
+        try:
+            for k, s in hits:
+                if k in self._loading:  # started by start_load(): wait for that read
+                    t0 = time.perf_counter()
+                    self._settle(k)
+                    dt = time.perf_counter() - t0
+                    self.wait_s += dt
+                    self.blocked_s += dt
+                self.hits += 1
+                self.table.touch(k, t)
+                yield k, s
+        except BaseException:
+            if started is not None:  # the early batch was never handed out: forget it once its threads are done
+                self._abandon(*started, range(len(started[0])))
+            raise
         for i, batch in enumerate(batches):
             if i or started is None:
                 started = self._start_batch(batch, t, set(batch) | set(pinned)
@@ -169,51 +175,67 @@ class PinnedPool:
         for i, f in enumerate(futures):
             f.add_done_callback(lambda f, i=i: landed.put(i))
         left = set(range(len(futures)))
-        while left:
-            tw = time.perf_counter()
-            i = landed.get()
-            self.blocked_s += time.perf_counter() - tw
-            left.discard(i)
-            f = futures[i]
-            if f.exception() is not None:
-                wait([futures[j] for j in left])  # never leave a thread writing a buffer that is about to be reused
-                for j in [i, *sorted(left)]:
-                    self.table.drop(batch[j])
-                raise f.exception()
-            self.bytes_in += self.block_size
-            self.wait_s += time.perf_counter() - t0
-            yield batch[i], slots[i]
-            t0 = time.perf_counter()
+        try:
+            while left:
+                tw = time.perf_counter()
+                i = landed.get()
+                self.blocked_s += time.perf_counter() - tw
+                left.discard(i)
+                f = futures[i]
+                if f.exception() is not None:
+                    left.add(i)
+                    raise f.exception()
+                self.bytes_in += self.block_size
+                self.wait_s += time.perf_counter() - t0
+                yield batch[i], slots[i]
+                t0 = time.perf_counter()
+        except BaseException:
+            self._abandon(batch, slots, futures, left)
+            raise
+
+    def _abandon(self, batch: list[int], slots: list[int], futures: list, idx: Collection[int]) -> None:
+        """Forget the keys batch[j], j in idx, after their reads or checks have finished: no thread may still write
+        a slot that is about to be reused, and no key stays resident unread (or unregistered)."""
+        idx = list(idx)
+        wait([futures[j] for j in idx])
+        for j in sorted(idx):
+            self.table.drop(batch[j])
 
     def _register_batch(self, batch: list[int], slots: list[int], checks: list, t0: float) -> Iterator[tuple[int, int]]:
         """Register each block of the batch, in order, once its first-use check (started by _start_batch) passed."""
-        for i, (k, s) in enumerate(zip(batch, slots)):
-            row = self.reader.mapped_row(k)
-            tw = time.perf_counter()
-            err = checks[i].exception()
-            self.blocked_s += time.perf_counter() - tw
-            if err is not None:
-                for k2, c in zip(batch[i:], checks[i:]):
-                    c.exception()  # the other checks finish (they only read the mapping)
-                    self.table.drop(k2)
-                raise err
-            tr = time.perf_counter()
-            code = self._registrar.register(row)
-            self.register_s += time.perf_counter() - tr
-            if code:
-                for k2, c in zip(batch[i:], checks[i:]):
-                    c.exception()
-                    self.table.drop(k2)
-                ref = self.reader.ref(k)
-                raise RuntimeError(f"{ref.where()}: cudaHostRegister refused the mapped block (CUDA error {code}) "
-                                   "after earlier blocks were accepted: lower --ram-gb (locked-memory limit?) "
-                                   "or run with --io-register off")
-            dt = time.perf_counter() - t0
-            self.reader.note_mapped_read(self.block_size, dt)
-            self.bytes_in += self.block_size
-            self.wait_s += dt
-            yield k, s
-            t0 = time.perf_counter()
+        handed = 0  # blocks registered and handed out
+        try:
+            for i, (k, s) in enumerate(zip(batch, slots)):
+                row = self.reader.mapped_row(k)
+                tw = time.perf_counter()
+                err = checks[i].exception()
+                self.blocked_s += time.perf_counter() - tw
+                if err is not None:
+                    for k2, c in zip(batch[i:], checks[i:]):
+                        c.exception()  # the other checks finish (they only read the mapping)
+                        self.table.drop(k2)
+                    raise err
+                tr = time.perf_counter()
+                code = self._registrar.register(row)
+                self.register_s += time.perf_counter() - tr
+                if code:
+                    for k2, c in zip(batch[i:], checks[i:]):
+                        c.exception()
+                        self.table.drop(k2)
+                    ref = self.reader.ref(k)
+                    raise RuntimeError(f"{ref.where()}: cudaHostRegister refused the mapped block (CUDA error {code}) "
+                                       "after earlier blocks were accepted: lower --ram-gb (locked-memory limit?) "
+                                       "or run with --io-register off")
+                dt = time.perf_counter() - t0
+                self.reader.note_mapped_read(self.block_size, dt)
+                self.bytes_in += self.block_size
+                self.wait_s += dt
+                handed = i + 1
+                yield k, s
+                t0 = time.perf_counter()
+        except GeneratorExit:  # the caller stopped: the blocks not registered yet leave the tier
+            self._abandon(batch, slots, checks, range(handed, len(batch)))
+            raise
 
     # --- asynchronous loads (prefetch from disk) ---
     def is_loading(self, key: int) -> bool:
