@@ -377,7 +377,9 @@ def miss_part(lay: Layout, a) -> dict:
     """Host µs per RAM-tier miss: from the page cache and cold from disk, copy mode (pinned staging pool, reads
     land in the slots on the reader's threads) with buffered and O_DIRECT reads, register mode (page-touch
     stand-in for cudaHostRegister), first-use checks due / already verified / off."""
-    chunk = a.chunk_kib << 10 if a.chunk_kib else 4 << 20
+    import inspect
+
+    chunk = a.chunk_kib << 10 if a.chunk_kib else inspect.signature(BlockReader).parameters["chunk_bytes"].default
     cases = [  # (label, mode, io, verify, cold, reverify)
         ("copy/mmap/page-cache/first-use", "copy", "mmap", "first-use", False, False),
         ("copy/mmap/page-cache/verified", "copy", "mmap", "first-use", False, True),
