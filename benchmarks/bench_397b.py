@@ -235,6 +235,8 @@ def budgets(a, lay: Layout, k: int, device: torch.device, ctx: int) -> dict:
         out["ram_gb"] = 0.4 * N * cfg.num_experts * bs / GiB
         out["budget_mode"] = "small: 25% of the experts in slots, 40% in the RAM tier"
     out["flags"]["ram_gb"] = out["ram_gb"]
+    if a.io_register != "auto":  # every run's RAM tier as pinned copies (the staged mode), not registered blocks
+        out["flags"]["io_register"] = a.io_register
     if "h2d_gbps" in BUDGET_KEYS and device.type == "cuda":
         out["flags"]["h2d_gbps"] = a.h2d_gbps
     out["h2d_paced"] = "h2d_gbps" in out["flags"]
@@ -384,7 +386,7 @@ def phase_slice(a, st: dict, device: torch.device) -> None:
         for k in (10, 4) if not a.small else (cfg.top_k, max(1, cfg.top_k // 2)):
             b = budgets(a, lay, k, device, a.prompt_tokens + a.new_tokens + 8)
             kinds = a.routings.split(",")
-            if a.staged and k == ((10, 4) if not a.small else (cfg.top_k,))[0]:
+            if a.staged and a.io_register == "auto" and k == ((10, 4) if not a.small else (cfg.top_k,))[0]:
                 kinds.append("replay-staged")  # the RAM tier as pinned copies (--io-register off), native K only
             for kind in kinds:
                 key = f"{name}/k{k}/{kind}"
@@ -683,6 +685,9 @@ def main() -> None:
     ap.add_argument("--no-staged", dest="staged", action="store_false",
                     help="skip the replay-staged runs (native K, replayed routing, --io-register off: the RAM tier "
                          "as pinned copies read on the I/O threads instead of registered mapped blocks)")
+    ap.add_argument("--io-register", default="auto", choices=("auto", "off"),
+                    help="the RAM tier of every run: registered mapped blocks when CUDA accepts them (auto), or "
+                         "pinned copies filled on the I/O threads (off; then no separate replay-staged runs)")
     ap.add_argument("--segment", type=int, default=128)
     ap.add_argument("--jitter", type=float, default=0.25)
     ap.add_argument("--prompt-tokens", type=int, default=16)
