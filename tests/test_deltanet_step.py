@@ -21,15 +21,18 @@ from tiered.model.deltanet import DeltaShape, DeltaWeights, deltanet, deltanet_r
 triton = pytest.importorskip("triton")
 
 
-def _layer(D: int, Hk: int, Hv: int, dk: int, dv: int, W: int, dtype: torch.dtype, seed: int = 0):
+def _layer(D: int, Hk: int, Hv: int, dk: int, dv: int, W: int, dtype: torch.dtype, seed: int = 0,
+           stacked: bool = False):
     g = torch.Generator().manual_seed(seed)
     C = 2 * Hk * dk + Hv * dv
 
     def r(*shape, s=0.3, dt=dtype):
         return (torch.randn(*shape, generator=g) * s).to(dt)
 
-    w = DeltaWeights(qkv=r(C, D), z=r(Hv * dv, D), b=r(Hv, D), a=r(Hv, D), conv=r(C, W, s=0.5),
-                     A_log=r(Hv, s=0.5, dt=torch.float32), dt_bias=r(Hv, s=0.5), norm=1 + r(dv, s=0.1), out=r(D, Hv * dv))
+    make = DeltaWeights.stacked if stacked else DeltaWeights
+    w = make(qkv=r(C, D), z=r(Hv * dv, D), b=r(Hv, D), a=r(Hv, D), conv=r(C, W, s=0.5),
+             A_log=r(Hv, s=0.5, dt=torch.float32), dt_bias=r(Hv, s=0.5), norm=1 + r(dv, s=0.1), out=r(D, Hv * dv))
+    assert (w.proj is not None) == stacked
     return w, DeltaShape(Hk, Hv, dk, dv, W, 1e-6), C
 
 
@@ -68,12 +71,13 @@ def test_step_matches_torch_over_several_steps(shape, dtype):
     assert torch.equal(conv_k, conv_r)  # the same inputs, shifted: bit-identical
 
 
+@pytest.mark.parametrize("stacked", [False, True], ids=["separate", "stacked"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_rows_match_one_sequence_at_a_time(dtype):
+def test_rows_match_one_sequence_at_a_time(dtype, stacked):
     """deltanet_rows with the fused step (three sequences at once, each on its own states) equals each sequence
-    through the torch step alone."""
+    through the torch step alone; with the projections stacked, the kernels read column views of one GEMV's rows."""
     D, Hk, Hv, dk, dv, W = SHAPES[0]
-    w, s, C = _layer(D, Hk, Hv, dk, dv, W, dtype, seed=3)
+    w, s, C = _layer(D, Hk, Hv, dk, dv, W, dtype, seed=3, stacked=stacked)
     conv, rec = _states(3, C, W, Hv, dk, dv, dtype, seed=4)
     x = torch.randn(3, D, generator=torch.Generator().manual_seed(5)).to(dtype)
     want = []
@@ -125,11 +129,13 @@ from triton.compiler import ASTSource
 from tiered.kernels import deltanet_step as ds
 tgt = GPUTarget("cuda", 90, 32)
 for dt in ("*bf16", "*fp32"):
-    sig = {"x_ptr": dt, "w_ptr": dt, "st_ptr": dt, "out_ptr": dt, "C": "i32", "W": "constexpr", "BLOCK": "constexpr"}
+    sig = {"x_ptr": dt, "w_ptr": dt, "st_ptr": dt, "out_ptr": dt, "C": "i32", "x_stride": "i32", "W": "constexpr",
+           "BLOCK": "constexpr"}
     assert triton.compile(ASTSource(ds._conv_step_kernel, sig, constexprs={"W": 4, "BLOCK": ds.CONV_BLOCK}),
                           target=tgt).asm["cubin"]
     sig = {"qkv_ptr": dt, "a_ptr": dt, "b_ptr": dt, "alog_ptr": "*fp32", "dtb_ptr": dt, "s_ptr": "*fp32",
-           "z_ptr": dt, "nw_ptr": dt, "out_ptr": dt, "C": "i32", "Hv": "i32", "Kd": "i32", "q_scale": "fp32",
+           "z_ptr": dt, "nw_ptr": dt, "out_ptr": dt, "C": "i32", "Hv": "i32", "Kd": "i32", "ab_stride": "i32",
+           "z_stride": "i32", "q_scale": "fp32",
            "eps": "fp32", "G": "constexpr", "DK": "constexpr", "DV": "constexpr", "BK": "constexpr", "BV": "constexpr"}
     cx = {"G": 4, "DK": 128, "DV": 128, "BK": 128, "BV": ds.DELTA_BV}
     assert triton.compile(ASTSource(ds._delta_step_kernel, sig, constexprs=cx), target=tgt).asm["cubin"]

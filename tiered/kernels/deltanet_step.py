@@ -33,14 +33,15 @@ DELTA_BV = 32  # value columns per step of a recurrence program (each program lo
 
 
 @triton.jit
-def _conv_step_kernel(x_ptr, w_ptr, st_ptr, out_ptr, C,
+def _conv_step_kernel(x_ptr, w_ptr, st_ptr, out_ptr, C, x_stride,
                       W: tl.constexpr, BLOCK: tl.constexpr):
-    """x [B, C] this token (before the conv), w [C, W], st [B, C, W-1] (updated) -> out [B, C] silu(conv)."""
+    """x [B, C] this token (before the conv; rows x_stride apart), w [C, W], st [B, C, W-1] (updated) -> out [B, C]
+    silu(conv)."""
     b = tl.program_id(0)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = c < C
     wdt = w_ptr.dtype.element_ty
-    x = tl.load(x_ptr + b * C + c, mask=m, other=0.0).to(wdt)
+    x = tl.load(x_ptr + b * x_stride + c, mask=m, other=0.0).to(wdt)
     acc = x.to(tl.float32) * tl.load(w_ptr + c * W + (W - 1), mask=m, other=0.0).to(tl.float32)
     srow = st_ptr + (b * C + c) * (W - 1)
     for j in tl.static_range(W - 1):
@@ -58,10 +59,10 @@ def _conv_step_kernel(x_ptr, w_ptr, st_ptr, out_ptr, C,
 
 @triton.jit
 def _delta_step_kernel(qkv_ptr, a_ptr, b_ptr, alog_ptr, dtb_ptr, s_ptr, z_ptr, nw_ptr, out_ptr,
-                       C, Hv, Kd, q_scale, eps,
+                       C, Hv, Kd, ab_stride, z_stride, q_scale, eps,
                        G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """One (row, value head): qkv [B, C] after the conv, a/b [B, Hv], s [B, Hv, DK, DV] fp32 (updated), z [B, Hv*DV]
-    -> out [B, Hv*DV] = gated_rms_norm(S^T q, nw, z)."""
+    """One (row, value head): qkv [B, C] after the conv, a/b [B, Hv] (rows ab_stride apart), s [B, Hv, DK, DV] fp32
+    (updated), z [B, Hv*DV] (rows z_stride apart) -> out [B, Hv*DV] = gated_rms_norm(S^T q, nw, z)."""
     row = tl.program_id(0)
     h = tl.program_id(1)
     kh = h // G
@@ -73,10 +74,10 @@ def _delta_step_kernel(qkv_ptr, a_ptr, b_ptr, alog_ptr, dtb_ptr, s_ptr, z_ptr, n
     k = tl.load(base + Kd + kh * DK + rk, mask=mk, other=0.0).to(tl.float32)
     q = q * (1.0 / tl.sqrt(tl.sum(q * q, axis=0) + 1e-6)) * q_scale
     k = k * (1.0 / tl.sqrt(tl.sum(k * k, axis=0) + 1e-6))
-    a = tl.load(a_ptr + row * Hv + h).to(tl.float32) + tl.load(dtb_ptr + h).to(tl.float32)
+    a = tl.load(a_ptr + row * ab_stride + h).to(tl.float32) + tl.load(dtb_ptr + h).to(tl.float32)
     sp = tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(tl.minimum(a, 20.0))))  # softplus (torch's threshold 20)
     decay = tl.exp(-tl.exp(tl.load(alog_ptr + h).to(tl.float32)) * sp)  # exp(g), g <= 0
-    bl = tl.load(b_ptr + row * Hv + h).to(tl.float32)
+    bl = tl.load(b_ptr + row * ab_stride + h).to(tl.float32)
     beta = (1.0 / (1.0 + tl.exp(-bl))).to(dt).to(tl.float32)
     srow = s_ptr + (row * Hv + h) * DK * DV
     vbase = base + 2 * Kd + h * DV
@@ -105,7 +106,7 @@ def _delta_step_kernel(qkv_ptr, a_ptr, b_ptr, alog_ptr, dtb_ptr, s_ptr, z_ptr, n
         o = tl.load(obase + rv, mask=mv, other=0.0).to(tl.float32)
         y = (o * inv).to(dt).to(tl.float32)
         y = (y * tl.load(nw_ptr + rv, mask=mv, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
-        z = tl.load(z_ptr + row * Hv * DV + h * DV + rv, mask=mv, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + row * z_stride + h * DV + rv, mask=mv, other=0.0).to(tl.float32)
         tl.store(obase + rv, (y * (z / (1.0 + tl.exp(-z)))).to(dt), mask=mv)
 
 
@@ -116,7 +117,8 @@ def deltanet_step(qkv: Tensor, conv_w: Tensor, conv_state: Tensor, a: Tensor, b:
     qkv [B, C] (the in_proj_qkv output, before the conv), conv_w [C, W], conv_state [B, C, W-1] (updated), a, b
     [B, Hv] (the decay and beta projections), A_log [Hv] fp32, dt_bias [Hv], state [B, Hv, dk, dv] fp32 (updated),
     z [B, Hv*dv] (the output gate projection), norm_w [dv] -> [B, Hv*dv] in qkv's dtype (before out_proj).
-    The states must be contiguous: they are updated in place.
+    The states must be contiguous: they are updated in place. qkv, a, b and z may be column slices of one stacked
+    projection's output (unit column stride; a and b share their row stride).
     """
     B, C = qkv.shape
     W = conv_w.shape[1]
@@ -128,12 +130,15 @@ def deltanet_step(qkv: Tensor, conv_w: Tensor, conv_state: Tensor, a: Tensor, b:
         raise ValueError("deltanet_step updates the conv and recurrent states in place: pass contiguous tensors")
     if conv_state.shape != (B, C, W - 1) or W < 2:
         raise ValueError(f"deltanet_step: conv_state {tuple(conv_state.shape)} is not [B={B}, C={C}, W-1={W - 1}]")
-    qkv, a, b, z = (t.contiguous() for t in (qkv, a, b, z))
-    conv = torch.empty_like(qkv)
-    _conv_step_kernel[(B, triton.cdiv(C, CONV_BLOCK))](qkv, conv_w.contiguous(), conv_state, conv, C,
+    qkv, z = (t if t.stride(-1) == 1 else t.contiguous() for t in (qkv, z))
+    if a.stride(-1) != 1 or b.stride(-1) != 1 or a.stride(0) != b.stride(0):
+        a, b = a.contiguous(), b.contiguous()
+    conv = torch.empty(B, C, dtype=qkv.dtype, device=qkv.device)
+    _conv_step_kernel[(B, triton.cdiv(C, CONV_BLOCK))](qkv, conv_w.contiguous(), conv_state, conv, C, qkv.stride(0),
                                                       W=W, BLOCK=CONV_BLOCK, num_warps=4)
     out = torch.empty(B, Hv * dv, dtype=qkv.dtype, device=qkv.device)
     _delta_step_kernel[(B, Hv)](conv, a, b, A_log, dt_bias, state, z, norm_w, out, C, Hv, Hk * dk,
+                                a.stride(0), z.stride(0),
                                 float(dk) ** -0.5, float(eps), G=Hv // Hk, DK=dk, DV=dv,
                                 BK=triton.next_power_of_2(dk), BV=min(DELTA_BV, triton.next_power_of_2(dv)),
                                 num_warps=4)

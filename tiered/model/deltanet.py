@@ -47,6 +47,17 @@ class DeltaWeights:
     dt_bias: Tensor  # [Hv] compute dtype (transformers adds it to a.float())
     norm: Tensor  # [dv] gated RMSNorm weight (plain scale, not 1 + w)
     out: Tensor  # [D, Hv*dv]
+    proj: Tensor | None = None  # [C + Hv*dv + 2*Hv, D]: qkv, z, a, b stacked (the four above are its row views),
+    #                            so the fused one-token step projects in one GEMV; None when qkv or z is quantized
+
+    @staticmethod
+    def stacked(qkv: Tensor, z: Tensor, b: Tensor, a: Tensor, **rest) -> "DeltaWeights":
+        """The weights with qkv, z, a and b in one stacked matrix (when none is quantized), else as given."""
+        if not all(type(t) is Tensor for t in (qkv, z, a, b)):  # a QuantWeight projects through qlinear
+            return DeltaWeights(qkv=qkv, z=z, b=b, a=a, **rest)
+        proj = torch.cat([qkv, z, a, b], dim=0)
+        qkv, z, a, b = proj.split([qkv.shape[0], z.shape[0], a.shape[0], b.shape[0]], dim=0)
+        return DeltaWeights(qkv=qkv, z=z, b=b, a=a, proj=proj, **rest)
 
 
 @dataclass(frozen=True)
@@ -220,8 +231,14 @@ def _fused_step(x: Tensor, w: DeltaWeights, s: DeltaShape, conv_states: Tensor, 
     projections, then the conv, the delta rule and the gated norm in two Triton launches."""
     from tiered.kernels.deltanet_step import deltanet_step
 
-    o = deltanet_step(qlinear(x, w.qkv), w.conv, conv_states, F.linear(x, w.a), F.linear(x, w.b), w.A_log, w.dt_bias,
-                      states, qlinear(x, w.z), w.norm, num_k_heads=s.num_k_heads, eps=s.eps)
+    if w.proj is not None:  # one GEMV, then column views of its rows
+        y = F.linear(x, w.proj)
+        n = [w.qkv.shape[0], w.z.shape[0], w.a.shape[0], w.b.shape[0]]
+        qkv, z, a, b = y.split(n, dim=1)
+    else:
+        qkv, z, a, b = qlinear(x, w.qkv), qlinear(x, w.z), F.linear(x, w.a), F.linear(x, w.b)
+    o = deltanet_step(qkv, w.conv, conv_states, a, b, w.A_log, w.dt_bias, states, z, w.norm,
+                      num_k_heads=s.num_k_heads, eps=s.eps)
     return qlinear(o, w.out)
 
 

@@ -205,7 +205,7 @@ def build_deltanet(cfg: ModelConfig, dense: dict[str, Tensor], l: int, device: t
         b, a = b.reshape(Hv, -1), a.reshape(Hv, -1)
     else:
         qkv, z, b, a = t("lin_qkv"), t("lin_z"), t("lin_b"), t("lin_a")
-    return DeltaWeights(qkv=qkv, z=z, b=b, a=a, conv=t("lin_conv").reshape(cfg.linear_conv_dim, -1),
+    return DeltaWeights.stacked(qkv=qkv, z=z, b=b, a=a, conv=t("lin_conv").reshape(cfg.linear_conv_dim, -1),
                         A_log=_take(dense, p + "lin_A_log", device, torch.float32), dt_bias=t("lin_dt_bias"),
                         norm=t("lin_norm"), out=t("lin_out"))
 
