@@ -439,3 +439,29 @@ def test_caller_stopping_early_leaves_no_key_resident_unread(layout, fake_regist
         assert torch.equal(ram.host_row(s), pool[k]), k
     ram.close()
     reader.close()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode,io", [("copy", "mmap"), ("copy", "direct"), ("register", "mmap")])
+def test_cuda_pinned_pool_chunked_reads_copy_the_layout_bytes(layout, mode, io):
+    """On CUDA: the pinned staging pool (copy; page-cache or O_DIRECT reads in chunks, hashed as they land) or
+    registered mapped blocks, each block copied to the device as it lands on a side stream; the device rows equal
+    the layout's blocks, over batches that evict the earlier ones (each eviction waits for its copy)."""
+    pool = layout.expert_file_pool()
+    reader = BlockReader(layout, io=io, threads=4, chunk_bytes=CHUNK)
+    ram = PinnedPool(6, reader, make_policy("lru"), mode=mode, pin=True, cuda=True)
+    dev = torch.empty(6, layout.block_size, dtype=torch.uint8, device="cuda")
+    stream = torch.cuda.Stream()
+    for t, keys in enumerate(([64 * 4 + e for e in range(5)], [64 * 5 + e for e in range(5)], [64 * 4 + 1, 7])):
+        got = []
+        for k, s in ram.fetch(keys, t + 1):
+            with torch.cuda.stream(stream):
+                dev[s].copy_(ram.host_row(s), non_blocking=True)
+            ram.mark_dma(s, stream)
+            got.append((k, s))
+        stream.synchronize()
+        for k, s in got:
+            assert torch.equal(dev[s].cpu(), pool[k]), (mode, io, k)
+    assert reader.verified_blocks == 11
+    ram.close()
+    reader.close()
