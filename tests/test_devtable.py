@@ -33,15 +33,17 @@ def _tables(N: int, S: int, device: str = "cpu", seed: int = 0) -> dict[str, tor
     return {k: v.to(device) for k, v in t.items()}
 
 
-def _kernel_resolve(ids, layer, E, t, w, out_slot, out_src, pin=None, prefetch=False):
+def _kernel_resolve(ids, layer, E, t, w, out_slot, out_src, pin=None, prefetch=False, nt=None, margin=0):
     """The Triton kernel: on CUDA through resolve(), on CPU straight into the interpreter."""
     if CUDA:
-        return st.resolve(ids, layer, E, t, w, out_slot, out_src, pin=pin, prefetch=prefetch)
+        return st.resolve(ids, layer, E, t, w, out_slot, out_src, pin=pin, prefetch=prefetch, nt=nt, margin=margin)
     K, S = ids.shape[0], t["key_of"].shape[0]
     P = 0 if pin is None else pin.shape[0]
     st._resolve_kernel[(1,)](ids, layer * E, t["slot_of"], t["key_of"], t["last"], t["uses"], t["clock"],
-                             t["counts"], t["host_row"], out_slot, out_src, pin if P else out_slot, K, S, P, w,
-                             K_P=st._p2(K), S_P=st._p2(S), P_P=st._p2(P) if P else 1, PREFETCH=prefetch)
+                             t["counts"], t["host_row"], out_slot, out_src, pin if P else out_slot,
+                             nt if nt is not None else out_slot, K, S, P, w, margin,
+                             K_P=st._p2(K), S_P=st._p2(S), P_P=st._p2(P) if P else 1, PREFETCH=prefetch,
+                             SCORED=nt is not None)
 
 
 @pytest.mark.parametrize("L,E,K,S,w", [(3, 6, 4, 10, 0), (3, 6, 4, 10, 5), (2, 9, 3, 5, 0), (2, 10, 8, 17, 2),
@@ -110,6 +112,53 @@ def test_prefetch_resolve_matches_reference_and_respects_pins(w):
     po, ps = torch.empty(2, dtype=torch.int64), torch.empty(2, dtype=torch.int64)
     st.resolve_reference(torch.tensor([5, 6]), 1, E, t, w, po, ps, pin=out, prefetch=True)
     assert po.tolist() == [-1, -1] and ps.tolist() == [-1, -1]
+
+
+@pytest.mark.parametrize("S,margin", [(10, 0), (26, 0), (26, 40), (7, 5)])
+def test_scored_resolve_matches_reference(S, margin):
+    """Eviction by predicted next use (nt), demand and prefetch calls, prefetch candidates skipped by the caller
+    (id -1): kernel == reference in slots, rows, tables and counters; a demand miss evicts the resident key of
+    largest nt; a prefetch takes a free slot or a victim whose nt >= the candidate's + margin, else leaves it (-1)."""
+    dev = "cuda" if CUDA else "cpu"
+    L, E, K, C = 3, 12, 4, 5
+    a, b = _tables(L * E, S), _tables(L * E, S, dev)
+    rng = random.Random(S * 7 + margin)
+    g = torch.Generator().manual_seed(S + margin)
+    skipped = loaded = 0
+    for step in range(40):
+        layer = step % L
+        nt = torch.randint(0, 60, (L * E,), generator=g)  # ties included
+        ids = torch.tensor(rng.sample(range(E), K))
+        resident = {int(k) for k in a["key_of"].tolist() if k >= 0}
+        o, sr = torch.empty(K, dtype=torch.int64), torch.empty(K, dtype=torch.int64)
+        st.resolve_reference(ids, layer, E, a, 0, o, sr, nt=nt)
+        o2, s2 = o.to(dev), sr.to(dev)
+        _kernel_resolve(ids.to(dev), layer, E, b, 0, o2, s2, nt=nt.to(dev))
+        assert torch.equal(o, o2.cpu()) and torch.equal(sr, s2.cpu()), f"call {step}"
+        keys = {layer * E + int(e) for e in ids}
+        gone = resident - {int(k) for k in a["key_of"].tolist() if k >= 0}
+        kept = (resident - keys) - gone
+        if gone and kept:  # the evicted keys were predicted to be needed no sooner than any kept one
+            assert min(int(nt[k]) for k in gone) >= max(int(nt[k]) for k in kept)
+        cand = torch.tensor(rng.sample(range(E), C))
+        cand[rng.randrange(C)] = -1
+        nxt = (layer + 1) % L
+        po, ps = torch.empty(C, dtype=torch.int64), torch.empty(C, dtype=torch.int64)
+        n3 = int(a["counts"][3])
+        st.resolve_reference(cand, nxt, E, a, 0, po, ps, pin=o, prefetch=True, nt=nt, margin=margin)
+        po2, ps2 = po.to(dev), ps.to(dev)
+        _kernel_resolve(cand.to(dev), nxt, E, b, 0, po2, ps2, pin=o.to(dev), prefetch=True, nt=nt.to(dev),
+                        margin=margin)
+        assert torch.equal(po, po2.cpu()) and torch.equal(ps, ps2.cpu()), f"prefetch call {step}"
+        for k in a:
+            assert torch.equal(a[k], b[k].cpu()), f"call {step}: table {k} differs"
+        for j, e in enumerate(cand.tolist()):
+            if e < 0:
+                assert int(po[j]) == -1 and int(ps[j]) == -1
+            elif int(a["slot_of"][nxt * E + e]) < 0:
+                skipped += 1
+        loaded += int(a["counts"][3]) - n3
+    assert loaded > 0 and (skipped > 0 or S >= L * E)
 
 
 @pytest.mark.parametrize("w", [0, 4])
@@ -320,11 +369,13 @@ from tiered.kernels import slot_table as st
 tgt = GPUTarget("cuda", 90, 32)
 sig = {"ids_ptr": "*i64", "base": "i64", "slot_of": "*i32", "key_of": "*i32", "last": "*i64", "uses": "*i64",
        "clock": "*i64", "counts": "*i64", "host_row": "*i64", "out_slot": "*i64", "out_src": "*i64",
-       "pin_ptr": "*i64", "n_ids": "i32", "n_slots": "i32", "n_pin": "i32", "w": "i64", "K_P": "constexpr",
-       "S_P": "constexpr", "P_P": "constexpr", "PREFETCH": "constexpr"}
+       "pin_ptr": "*i64", "nt_ptr": "*i64", "n_ids": "i32", "n_slots": "i32", "n_pin": "i32", "w": "i64",
+       "margin": "i64", "K_P": "constexpr", "S_P": "constexpr", "P_P": "constexpr", "PREFETCH": "constexpr",
+       "SCORED": "constexpr"}
 for pf in (False, True):
-    cx = {"K_P": 8, "S_P": 256, "P_P": 8 if pf else 1, "PREFETCH": pf}
-    assert triton.compile(ASTSource(st._resolve_kernel, sig, constexprs=cx), target=tgt).asm["cubin"]
+    for scored in (False, True):
+        cx = {"K_P": 8, "S_P": 256, "P_P": 8 if pf else 1, "PREFETCH": pf, "SCORED": scored}
+        assert triton.compile(ASTSource(st._resolve_kernel, sig, constexprs=cx), target=tgt).asm["cubin"]
 sig2 = {"src": "*i32", "row_src": "*i64", "row_dst": "*i64", "dst": "*i32", "row_words": "i64",
         "BLOCK": "constexpr", "CHUNKS": "constexpr"}
 assert triton.compile(ASTSource(st._gather_kernel, sig2, constexprs={"BLOCK": 1024, "CHUNKS": 4}), target=tgt).asm["cubin"]
