@@ -1,0 +1,196 @@
+"""Each expert's predicted next use, kept on the device: what the device step evicts and prefetches by.
+
+Owns: `NextUseParams` (the fitted weights, frozen), `NextUse` (the state tensors and the per-layer update the
+device step runs inside its graph, no host sync), `fit_next_use` (the weights from a routing trace) and
+`next_use_features` (the features, shared by the fit and by `NextUse`).
+Does not own: the slot table and its kernels (kernels/slot_table.py takes the `nt` vector this module writes),
+nor the router-history transitions (predict/predictors.py `transition_params`).
+
+The model. At every visit of MoE layer j (one token), from the layer's routed ids:
+  - the probability that expert e of layer j is used at the next token (the "time" model) is
+    sigmoid(w_t . log(eps + [P(e at t+1 | ids at t) by time transitions, fast EWMA of its use, slow EWMA, used now]) + b_t);
+  - the probability that expert e of layer j+1 is used at this token (the "layer" model) is
+    sigmoid(w_l . log(eps + [P(e | ids at j) by layer transitions, P(e | previous token's ids at j+1), fast EWMA,
+    slow EWMA at j+1]) + b_l).
+The EWMAs (one per key, resident or not) are over visits of the key's layer. With p the latest probability of a
+key, its predicted next use, in layer visits from the current layer j, is
+    nt = d + M * (1 - p) / p,   d = (j' - j - 1) mod M + 1 the visits until its layer j' runs next,
+the expected wait if each visit of its layer used it with probability p. The slot table evicts the largest nt
+(Belady's rule with expected next uses for the known ones); a prefetch candidate is loaded only where a slot is
+free or the victim's nt is at least the candidate's, and only when its p reaches `prefetch_p`.
+nt is scaled by `scale` and rounded to int64, so the kernel and its reference compare the same integers.
+
+Legend: M MoE layers, E experts, K top-k, N keys = num_layers * E (model layers: dense layers' keys are never used).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+FAR = 1 << 40  # nt of a key no MoE layer uses (a dense layer's): never kept over a real one
+
+
+@dataclass(frozen=True)
+class NextUseParams:
+    """Weights of the two logistic models (module doc) and the EWMA decays they were fitted with."""
+
+    w_time: tuple[float, float, float, float]
+    b_time: float
+    w_layer: tuple[float, float, float, float]
+    b_layer: float
+    fast: float = 0.7  # EWMA decay per visit of the layer
+    slow: float = 0.95
+    eps: float = 1e-3  # added before the logs
+    p_min: float = 1e-3  # probabilities are clamped to [p_min, 1 - 1e-6]
+    scale: int = 64  # nt units per layer visit
+    prefetch_p: float = 0.2  # a prefetch candidate below this probability is skipped
+
+
+# Fitted by fit_next_use on ../shared/text/fit (the five files traced by the reference model, mapped by
+# predict/replay.map_routing onto 8 layers x 128 experts, top-8, jitter 0: the offload benchmarks' routing), with the
+# transitions of predict/predictors.transition_params on the same trace (benchmarks/sim_devtable.py --fit prints them).
+DEFAULT_PARAMS = NextUseParams(w_time=(0.7875, 0.1987, 0.4327, 0.0188), b_time=1.5939,
+                               w_layer=(2.3543, -1.2529, 0.3453, 0.3241), b_layer=2.2768)
+
+
+class NextUse:
+    """The device-side state: per MoE layer the EWMAs, the previous token's one-hot and the probabilities; per key
+    the scaled nt base. All updates are in place (static buffers for CUDA graphs)."""
+
+    def __init__(self, params: NextUseParams, layer_trans: Tensor, time_trans: Tensor, *, moe_layers: list[int],
+                 num_layers: int, num_experts: int, device: torch.device | str) -> None:
+        M, E = len(moe_layers), num_experts
+        if time_trans.shape != (M, E, E) or layer_trans.shape != (max(M - 1, 0), E, E):
+            raise ValueError(f"next-use transitions must be layer_trans [{M - 1}, {E}, {E}] and time_trans [{M}, {E}, "
+                             f"{E}], got {tuple(layer_trans.shape)} and {tuple(time_trans.shape)}: fit them on a "
+                             f"trace of this model's MoE layers (predict/predictors.transition_params)")
+        dev = torch.device(device)
+        self.p = params
+        self.M, self.E = M, E
+        self.moe_layers = list(moe_layers)
+        self.lt = layer_trans.to(dev, torch.float32)  # [M-1, E, E]
+        self.tt = time_trans.to(dev, torch.float32)  # [M, E, E]
+        self.w_t = torch.tensor(params.w_time, dtype=torch.float32, device=dev)
+        self.w_l = torch.tensor(params.w_layer, dtype=torch.float32, device=dev)
+        self.fast = torch.zeros(M, E, device=dev)
+        self.slow = torch.zeros(M, E, device=dev)
+        self.prev = torch.zeros(M, E, device=dev)  # the previous token's one-hot per layer
+        self.prob = torch.zeros(M, E, device=dev)
+        N = num_layers * E
+        # d per (current MoE layer j, key): scaled visits until the key's layer runs next
+        dist = torch.full((M, N), FAR, dtype=torch.int64)
+        for j2, l2 in enumerate(self.moe_layers):
+            for j in range(M):
+                dist[j, l2 * E:(l2 + 1) * E] = ((j2 - j - 1) % M + 1) * params.scale
+        self.dist = dist.to(dev)  # [M, N]
+        self.base = torch.zeros(N, dtype=torch.int64, device=dev)  # scaled M * (1 - p) / p per key
+        self.nt = torch.zeros(N, dtype=torch.int64, device=dev)  # what demand resolves read
+        self.nt_pf = torch.zeros(N, dtype=torch.int64, device=dev)  # what the prefetch reads (its own stream)
+        self._set_base(range(M), torch.full((M, E), params.p_min, device=dev))
+
+    def _set_base(self, js, prob: Tensor) -> None:
+        pr = prob.clamp(self.p.p_min, 1 - 1e-6)
+        for i, j in enumerate(js):
+            l = self.moe_layers[j]
+            self.prob[j].copy_(pr[i])
+            self.base[l * self.E:(l + 1) * self.E].copy_((self.M * (1 - pr[i]) / pr[i] * self.p.scale).round().long())
+
+    def demand_nt(self, j: int) -> Tensor:
+        """nt [N] for a resolve at MoE layer j (written into the static buffer)."""
+        torch.add(self.dist[j], self.base, out=self.nt)
+        return self.nt
+
+    def update(self, j: int, ids: Tensor) -> None:
+        """After MoE layer j's resolve: fold its ids [K] into the state; new probabilities for layer j (next token)
+        and layer j+1 (this token)."""
+        E, p = self.E, self.p
+        oh = torch.zeros(E, device=ids.device).index_fill_(0, ids, 1.0)
+        self.fast[j].mul_(p.fast).add_(oh, alpha=1 - p.fast)
+        self.slow[j].mul_(p.slow).add_(oh, alpha=1 - p.slow)
+        xt = torch.stack([self.tt[j].index_select(0, ids).sum(0), self.fast[j], self.slow[j], oh], 1)
+        probs = [torch.sigmoid(torch.log(xt + p.eps) @ self.w_t + p.b_time)]
+        js = [j]
+        if j + 1 < self.M:
+            tprev = self.prev[j + 1] @ self.tt[j + 1]
+            xl = torch.stack([self.lt[j].index_select(0, ids).sum(0), tprev, self.fast[j + 1], self.slow[j + 1]], 1)
+            probs.append(torch.sigmoid(torch.log(xl + p.eps) @ self.w_l + p.b_layer))
+            js.append(j + 1)
+        self.prev[j].copy_(oh)
+        self._set_base(js, torch.stack(probs))
+
+    def prefetch(self, j: int, slot_of: Tensor, count: int) -> Tensor:
+        """Candidates [count] for MoE layer j+1, issued while layer j computes: the non-resident experts of highest
+        probability, -1 where below prefetch_p (the kernel skips them); also writes nt_pf (d from layer j)."""
+        l2 = self.moe_layers[j + 1]
+        torch.add(self.dist[j], self.base, out=self.nt_pf)
+        pr = torch.where(slot_of[l2 * self.E:(l2 + 1) * self.E] < 0, self.prob[j + 1], -1.0)
+        top = pr.topk(count)
+        return torch.where(top.values >= self.p.prefetch_p, top.indices, -1)
+
+
+def next_use_features(hot: np.ndarray, doc_starts: np.ndarray, layer_trans: np.ndarray, time_trans: np.ndarray,
+                      fast: float, slow: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """From a multi-hot trace hot [T, M, E] (documents starting at doc_starts): the time model's features [n, 4] and
+    labels [n] (each (token, layer, expert) with a next token in its document) and the layer model's [n', 4], [n']
+    (each (token, layer j+1, expert) with j+1 < M), as NextUse.update computes them, before the logs."""
+    T, M, E = hot.shape
+    fa = np.zeros((T, M, E), np.float32)
+    sl = np.zeros((T, M, E), np.float32)
+    start = np.zeros(T, bool)
+    start[doc_starts] = True
+    f = np.zeros((M, E), np.float32)
+    s = np.zeros((M, E), np.float32)
+    for t in range(T):
+        if start[t]:
+            f[:] = 0
+            s[:] = 0
+        f = fast * f + (1 - fast) * hot[t]
+        s = slow * s + (1 - slow) * hot[t]
+        fa[t], sl[t] = f, s
+    tt = np.einsum("tme,mef->tmf", hot, time_trans)  # [T, M, E] P(at t+1) from token t at the same layer
+    nxt = ~np.roll(start, -1)
+    nxt[-1] = False  # token t has a next token in its document
+    xt = np.stack([tt, fa, sl, hot], -1)[nxt].reshape(-1, 4)
+    yt = hot[np.flatnonzero(nxt) + 1].reshape(-1)
+    lt = np.einsum("tme,mef->tmf", hot[:, :-1], layer_trans)  # [T, M-1, E] layer j+1 from layer j
+    has_prev = ~start
+    prev_tt = np.zeros_like(tt)
+    prev_tt[1:] = tt[:-1]  # token t-1's prediction for token t at each layer
+    fa_prev = np.zeros_like(fa)
+    fa_prev[1:] = fa[:-1]
+    sl_prev = np.zeros_like(sl)
+    sl_prev[1:] = sl[:-1]
+    xl = np.stack([lt, prev_tt[:, 1:], fa_prev[:, 1:], sl_prev[:, 1:]], -1)[has_prev].reshape(-1, 4)
+    yl = hot[has_prev, 1:].reshape(-1)
+    return xt, yt, xl, yl
+
+
+def fit_next_use(trace, layer_trans: Tensor, time_trans: Tensor, *, fast: float = 0.7, slow: float = 0.95,
+                 eps: float = 1e-3, **kw) -> NextUseParams:
+    """Logistic fits of both models on `trace` (predict/trace.Trace over the model's MoE layers) with its fitted
+    transitions; kw: the other NextUseParams fields."""
+    hot = trace.multi_hot().astype(np.float32)
+    xt, yt, xl, yl = next_use_features(hot, trace.doc_offsets[:-1], layer_trans.numpy(), time_trans.numpy(), fast,
+                                       slow)
+
+    def fit(x: np.ndarray, y: np.ndarray) -> tuple[tuple[float, ...], float]:
+        xs = torch.log(torch.from_numpy(x) + eps)
+        ys = torch.from_numpy(y.astype(np.float32))
+        lin = torch.nn.Linear(4, 1)
+        opt = torch.optim.LBFGS(lin.parameters(), max_iter=200, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(lin(xs)[:, 0], ys)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        return tuple(round(float(v), 4) for v in lin.weight.detach()[0]), round(float(lin.bias.detach()), 4)
+
+    w_t, b_t = fit(xt, yt)
+    w_l, b_l = fit(xl, yl)
+    return NextUseParams(w_time=w_t, b_time=b_t, w_layer=w_l, b_layer=b_l, fast=fast, slow=slow, eps=eps, **kw)
