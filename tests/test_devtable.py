@@ -222,6 +222,10 @@ def test_gather_strided_kernel_copies_only_misses():
 def test_device_prefetch_needs_the_device_table(reference_layout):
     with pytest.raises(EngineError, match="--device-prefetch needs the device slot table"):
         load(reference_layout, device="cpu", budget={"expert_slots": 16, "device_prefetch": 4})
+    with pytest.raises(EngineError, match="--device-evict nextuse needs the device slot table"):
+        load(reference_layout, device="cpu", budget={"expert_slots": 16, "device_evict": "nextuse"})
+    with pytest.raises((BudgetError, EngineError), match="--device-evict must be"):
+        load(reference_layout, device="cpu", budget={"expert_slots": 16, "device_evict": "belady"})
 
 
 def test_gather_kernel_copies_only_misses():
@@ -455,3 +459,105 @@ def test_cuda_device_step_prefetch_matches_host_step(reference_layout):
     assert eng.generate(PROMPT, max_new_tokens=32).token_ids == want
     s = eng.stats
     assert s["decode_graphs"] == "device" and s["slot_table"]["prefetched"] > 0
+
+
+def _code_transitions(reference_layout):
+    """Router-history transitions fitted on a trace of project code (not eval/ text)."""
+    from pathlib import Path
+
+    from tiered.predict.predictors import transition_params
+    from tiered.predict.trace import TraceRecorder, record
+
+    rec = TraceRecorder()
+    eng0 = load(reference_layout, device="cpu", observer=rec)
+    code = (Path(__file__).resolve().parent.parent / "tiered" / "engine.py").read_text()[:3000]
+    p = transition_params(record(eng0, rec, [("engine.py", eng0.encode(code)[:256])]))
+    return p.layer_trans, p.time_trans
+
+
+@pytest.mark.parametrize("slots,prefetch", [(8, 0), (20, 3)])
+def test_device_step_nextuse_greedy_identical(reference_layout, unlimited, slots, prefetch):
+    """Eviction by predicted next use (and its prefetch) in the device step's algorithm gives the every-expert-
+    resident greedy tokens; the counters add up; the prefetch loads blocks only where the kernel's rule lets it."""
+    B = 49152
+    tr = _code_transitions(reference_layout)
+    eng = load(reference_layout, device="cpu", budget={"expert_slots": slots, "ram_gb": 600 * B / 2**30})
+    cache = eng.model.provider
+    cache.ram.preload(list(range(cache.num_layers * cache.num_experts)), 0)
+    cache.devtable = DeviceSlotTable(cache, w=0, kernels=st)
+    eng.devstep = DeviceStep(eng.model, graphs=False, prefetch=prefetch, transitions=tr, evict="nextuse")
+    eng.pieces = None
+    assert eng.generate(PROMPT, max_new_tokens=NEW).token_ids == unlimited
+    s = eng.stats
+    d = s["decode"]
+    assert d["hits"] + d["misses"] == d["tokens"] * 8 * 8 and d["misses"] > 0
+    assert d["bytes_h2d"] == (d["misses"] + s["slot_table"]["prefetched"]) * cache.block_size
+    assert s["device_step"]["evict"] == "nextuse"
+    if prefetch:
+        assert s["slot_table"]["prefetched"] > 0
+    nu = eng.devstep.nu
+    assert bool((nu.prob > 0).all()) and bool((nu.prob < 1).all()) and bool((nu.base > 0).all())
+
+
+def test_next_use_state_matches_fit_features():
+    """NextUse.update computes, token by token, the probabilities the fit's features give (next_use_features +
+    the logistic weights), for both models: the fit and the device step see the same inputs."""
+    import numpy as np
+
+    from tiered.decode.devpolicy import DEFAULT_PARAMS, NextUse, next_use_features
+
+    M, E, K, T = 3, 10, 3, 12
+    g = torch.Generator().manual_seed(1)
+    ids = torch.stack([torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(M)]) for _ in range(T)])
+    lt = torch.softmax(torch.randn(M - 1, E, E, generator=g), -1)
+    tt = torch.softmax(torch.randn(M, E, E, generator=g), -1)
+    p = DEFAULT_PARAMS
+    nu = NextUse(p, lt, tt, moe_layers=list(range(M)), num_layers=M, num_experts=E, device="cpu")
+    hot = np.zeros((T, M, E), np.float32)
+    for t in range(T):
+        for j in range(M):
+            hot[t, j, ids[t, j].numpy()] = 1
+    xt, _, xl, _ = next_use_features(hot, np.array([0]), lt.numpy(), tt.numpy(), p.fast, p.slow)
+    xt, xl = xt.reshape(T - 1, M, E, 4), xl.reshape(T - 1, M - 1, E, 4)
+
+    def prob(x, w, b):
+        return torch.sigmoid(torch.log(torch.from_numpy(x) + p.eps) @ torch.tensor(w) + b)
+
+    for t in range(T):
+        for j in range(M):
+            nu.update(j, ids[t, j])
+            if t + 1 < T:
+                torch.testing.assert_close(nu.prob[j], prob(xt[t, j], p.w_time, p.b_time).clamp(p.p_min, 1 - 1e-6))
+            if j + 1 < M and t >= 1:
+                torch.testing.assert_close(nu.prob[j + 1],
+                                           prob(xl[t - 1, j], p.w_layer, p.b_layer).clamp(p.p_min, 1 - 1e-6))
+    # nt: visits until the key's layer runs, plus M (1 - p) / p, scaled
+    j = 1
+    want = ((torch.arange(M) - j - 1) % M + 1).repeat_interleave(E) * p.scale
+    want = want + (M * (1 - nu.prob.reshape(-1)) / nu.prob.reshape(-1) * p.scale).round().long()
+    assert torch.equal(nu.demand_nt(j), want)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_cuda_device_step_nextuse_matches_host_step(reference_layout, prefetch):
+    """--device-evict nextuse in the captured step (its state updates and the prefetch's side stream inside the
+    graph) decodes the host step's greedy tokens; the prefetch loads blocks."""
+    from tiered.predict.predictors import History, PredictorParams
+
+    lt, tt = _code_transitions(reference_layout)
+    params = PredictorParams(lt, tt, torch.zeros(8, 64), torch.zeros(0, 8, 64), torch.zeros(7, 64, 320),
+                             torch.zeros(7, 64), {})
+    budget = {"expert_slots": 24, "ram_gb": 0.05}
+    want = load(reference_layout, device="cuda", budget={**budget, "slot_table": "host"}).generate(
+        PROMPT, max_new_tokens=32).token_ids
+    eng = load(reference_layout, device="cuda", budget={**budget, "slot_table": "device", "device_evict": "nextuse",
+                                                        "device_prefetch": prefetch},
+               predictor=History(8, 64, params))
+    assert eng.generate(PROMPT, max_new_tokens=32).token_ids == want
+    s = eng.stats
+    assert s["decode_graphs"] == "device" and s["device_step"]["evict"] == "nextuse"
+    d = s["decode"]
+    assert d["hits"] + d["misses"] == d["tokens"] * 8 * 8
+    if prefetch:
+        assert s["slot_table"]["prefetched"] > 0

@@ -3,7 +3,8 @@
 Owns: `DeviceStep` (static token/position buffers, per-layer slot and miss rows, one captured graph per attended
 span, `capture_all`, the hand-over of the slot table to the device before a step) and its stats.
 Used with the expert cache when its slot table lives on the device (store/devtable.py: every expert in the
-pinned RAM tier, lru/flru eviction, no observer, no prefetch hook, no CPU experts, no pacing). Where the piecewise
+pinned RAM tier, lru/flru eviction or eviction by predicted next use (devpolicy.py, --device-evict nextuse), no
+observer, no prefetch hook, no CPU experts, no pacing). Where the piecewise
 step (piecewise.py) reads each layer's top-k back to the host, resolves slots in Python and issues copies, here
 each MoE layer inside the graph runs
     router (in the model's segment) -> resolve (kernels/slot_table.py: hits, victims, table updates)
@@ -241,7 +242,8 @@ class DeviceStep:
     def stats(self) -> dict:
         return {"spans": sorted(self.graphs), "steps": self.steps, "launch_s": self.launch_s,
                 "host_s_per_layer": self.host_s_per_layer, "capture_s": self.capture_s,
-                "graph_mem_bytes": self.graph_mem_bytes}
+                "graph_mem_bytes": self.graph_mem_bytes, "evict": "nextuse" if self.nu is not None else "policy",
+                "prefetch": self.prefetch}
 
     def reset_stats(self) -> None:
         self.steps = 0
