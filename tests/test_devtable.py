@@ -520,8 +520,8 @@ def test_next_use_state_matches_fit_features():
     xt, _, xl, _ = next_use_features(hot, np.array([0]), lt.numpy(), tt.numpy(), p.fast, p.slow)
     xt, xl = xt.reshape(T - 1, M, E, 4), xl.reshape(T - 1, M - 1, E, 4)
 
-    def prob(x, w, b):
-        return torch.sigmoid(torch.log(torch.from_numpy(x) + p.eps) @ torch.tensor(w) + b)
+    def prob(x, w, b):  # 1 / (1 + predicted missed visits)
+        return torch.exp(-(torch.log(torch.from_numpy(x) + p.eps) @ torch.tensor(w) + b))
 
     for t in range(T):
         for j in range(M):
@@ -531,7 +531,7 @@ def test_next_use_state_matches_fit_features():
             if j + 1 < M and t >= 1:
                 torch.testing.assert_close(nu.prob[j + 1],
                                            prob(xl[t - 1, j], p.w_layer, p.b_layer).clamp(p.p_min, 1 - 1e-6))
-    # nt: visits until the key's layer runs, plus M (1 - p) / p, scaled
+    # nt: visits until the key's layer runs, plus M (1 - p) / p = M x the predicted missed visits, scaled
     j = 1
     want = ((torch.arange(M) - j - 1) % M + 1).repeat_interleave(E) * p.scale
     want = want + (M * (1 - nu.prob.reshape(-1)) / nu.prob.reshape(-1) * p.scale).round().long()

@@ -6,18 +6,25 @@ device step runs inside its graph, no host sync), `fit_next_use` (the weights fr
 Does not own: the slot table and its kernels (kernels/slot_table.py takes the `nt` vector this module writes),
 nor the router-history transitions (predict/predictors.py `transition_params`).
 
-The model. At every visit of MoE layer j (one token), from the layer's routed ids:
-  - the probability that expert e of layer j is used at the next token (the "time" model) is
-    sigmoid(w_t . log(eps + [P(e at t+1 | ids at t) by time transitions, fast EWMA of its use, slow EWMA, used now]) + b_t);
-  - the probability that expert e of layer j+1 is used at this token (the "layer" model) is
-    sigmoid(w_l . log(eps + [P(e | ids at j) by layer transitions, P(e | previous token's ids at j+1), fast EWMA,
-    slow EWMA at j+1]) + b_l).
-The EWMAs (one per key, resident or not) are over visits of the key's layer. With p the latest probability of a
-key, its predicted next use, in layer visits from the current layer j, is
-    nt = d + M * (1 - p) / p,   d = (j' - j - 1) mod M + 1 the visits until its layer j' runs next,
-the expected wait if each visit of its layer used it with probability p. The slot table evicts the largest nt
-(Belady's rule with expected next uses for the known ones); a prefetch candidate is loaded only where a slot is
-free or the victim's nt is at least the candidate's, and only when its p reaches `prefetch_p`.
+The model. At every visit of MoE layer j (one token), from the layer's routed ids, the number of visits of its
+layer that an expert will miss before its next use, w, is predicted by a linear fit of log(1 + w):
+  - for the experts of layer j, from the next token on (the "time" model):
+    log(1 + w) = w_t . log(eps + [P(e at t+1 | ids at t) by time transitions, fast EWMA of its use, slow EWMA,
+    used now]) + b_t;
+  - for the experts of layer j+1, from this token on (the "layer" model):
+    log(1 + w) = w_l . log(eps + [P(e | ids at j) by layer transitions, P(e | previous token's ids at j+1), fast
+    EWMA, slow EWMA at j+1]) + b_l.
+The EWMAs (one per key, resident or not) are over visits of the key's layer. A key's predicted next use, in layer
+visits from the current layer j, is
+    nt = d + M * w,   d = (j' - j - 1) mod M + 1 the visits until its layer j' runs next.
+The slot table evicts the largest nt (Belady's rule with predicted next uses). The prefetch ranks the experts of
+layer j+1 that are not resident by a third fit, a logistic P(used at this token) = sigmoid(w_p . (the layer model's
+log features) + b_p) (the least-squares fit of log(1 + w) shrinks towards the mean and ranks these rarer events
+worse: at prefetch_p 0.1, 12% of its prefetches were used; with the logistic fit, 27% at 0.15), and loads a
+candidate only when that probability reaches `prefetch_p` and a slot is free or the victim's nt is at least the
+candidate's.
+(Fitting log(1 + w) ranked better than a logistic P(used at the next visit) with nt = d + M (1 - p) / p: 0.710 vs
+0.702 of the serial Belady bound in benchmarks/sim_devtable.py's model, on fit/ windows.)
 nt is scaled by `scale` and rounded to int64, so the kernel and its reference compare the same integers.
 
 Legend: M MoE layers, E experts, K top-k, N keys = num_layers * E (model layers: dense layers' keys are never used).
@@ -35,25 +42,30 @@ FAR = 1 << 40  # nt of a key no MoE layer uses (a dense layer's): never kept ove
 
 @dataclass(frozen=True)
 class NextUseParams:
-    """Weights of the two logistic models (module doc) and the EWMA decays they were fitted with."""
+    """Weights of the two linear models of log(1 + missed visits) (module doc) and the EWMA decays they were
+    fitted with."""
 
     w_time: tuple[float, float, float, float]
     b_time: float
     w_layer: tuple[float, float, float, float]
     b_layer: float
-    fast: float = 0.7  # EWMA decay per visit of the layer
-    slow: float = 0.95
+    w_prefetch: tuple[float, float, float, float]
+    b_prefetch: float
+    fast: float = 0.8  # EWMA decay per visit of the layer
+    slow: float = 0.97
     eps: float = 1e-3  # added before the logs
-    p_min: float = 1e-3  # probabilities are clamped to [p_min, 1 - 1e-6]
+    p_min: float = 1e-3  # p = 1 / (1 + w) is clamped to [p_min, 1 - 1e-6]
+    cap: int = 64  # the fit's labels: missed visits counted up to this many tokens
     scale: int = 64  # nt units per layer visit
-    prefetch_p: float = 0.2  # a prefetch candidate below this probability is skipped
+    prefetch_p: float = 0.15  # a prefetch candidate below this probability (the logistic fit) is skipped
 
 
 # Fitted by fit_next_use on ../shared/text/fit (the five files traced by the reference model, mapped by
 # predict/replay.map_routing onto 8 layers x 128 experts, top-8, jitter 0: the offload benchmarks' routing), with the
 # transitions of predict/predictors.transition_params on the same trace (benchmarks/sim_devtable.py --fit prints them).
-DEFAULT_PARAMS = NextUseParams(w_time=(0.7875, 0.1987, 0.4327, 0.0188), b_time=1.5939,
-                               w_layer=(2.3543, -1.2529, 0.3453, 0.3241), b_layer=2.2768)
+DEFAULT_PARAMS = NextUseParams(w_time=(-0.1101, -0.3749, -0.0401, -0.0248), b_time=0.4727,
+                               w_layer=(-0.1183, 0.0003, -0.3931, -0.0314), b_layer=0.5505,
+                               w_prefetch=(2.3647, -1.2082, 0.5614, 0.0627), b_prefetch=2.2847)
 
 
 class NextUse:
@@ -75,6 +87,8 @@ class NextUse:
         self.tt = time_trans.to(dev, torch.float32)  # [M, E, E]
         self.w_t = torch.tensor(params.w_time, dtype=torch.float32, device=dev)
         self.w_l = torch.tensor(params.w_layer, dtype=torch.float32, device=dev)
+        self.w_p = torch.tensor(params.w_prefetch, dtype=torch.float32, device=dev)
+        self.pf_prob = torch.zeros(M, E, device=dev)  # P(used at this token) of layer j+1, for the prefetch
         self.fast = torch.zeros(M, E, device=dev)
         self.slow = torch.zeros(M, E, device=dev)
         self.prev = torch.zeros(M, E, device=dev)  # the previous token's one-hot per layer
@@ -111,12 +125,14 @@ class NextUse:
         self.fast[j].mul_(p.fast).add_(oh, alpha=1 - p.fast)
         self.slow[j].mul_(p.slow).add_(oh, alpha=1 - p.slow)
         xt = torch.stack([self.tt[j].index_select(0, ids).sum(0), self.fast[j], self.slow[j], oh], 1)
-        probs = [torch.sigmoid(torch.log(xt + p.eps) @ self.w_t + p.b_time)]
+        probs = [torch.exp(-(torch.log(xt + p.eps) @ self.w_t + p.b_time))]  # 1 / (1 + w)
         js = [j]
         if j + 1 < self.M:
             tprev = self.prev[j + 1] @ self.tt[j + 1]
             xl = torch.stack([self.lt[j].index_select(0, ids).sum(0), tprev, self.fast[j + 1], self.slow[j + 1]], 1)
-            probs.append(torch.sigmoid(torch.log(xl + p.eps) @ self.w_l + p.b_layer))
+            lx = torch.log(xl + p.eps)
+            probs.append(torch.exp(-(lx @ self.w_l + p.b_layer)))
+            self.pf_prob[j + 1].copy_(torch.sigmoid(lx @ self.w_p + p.b_prefetch))
             js.append(j + 1)
         self.prev[j].copy_(oh)
         self._set_base(js, torch.stack(probs))
@@ -126,16 +142,18 @@ class NextUse:
         probability, -1 where below prefetch_p (the kernel skips them); also writes nt_pf (d from layer j)."""
         l2 = self.moe_layers[j + 1]
         torch.add(self.dist[j], self.base, out=self.nt_pf)
-        pr = torch.where(slot_of[l2 * self.E:(l2 + 1) * self.E] < 0, self.prob[j + 1], -1.0)
+        pr = torch.where(slot_of[l2 * self.E:(l2 + 1) * self.E] < 0, self.pf_prob[j + 1], -1.0)
         top = pr.topk(count)
         return torch.where(top.values >= self.p.prefetch_p, top.indices, -1)
 
 
 def next_use_features(hot: np.ndarray, doc_starts: np.ndarray, layer_trans: np.ndarray, time_trans: np.ndarray,
-                      fast: float, slow: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                      fast: float, slow: float, cap: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """From a multi-hot trace hot [T, M, E] (documents starting at doc_starts): the time model's features [n, 4] and
     labels [n] (each (token, layer, expert) with a next token in its document) and the layer model's [n', 4], [n']
-    (each (token, layer j+1, expert) with j+1 < M), as NextUse.update computes them, before the logs."""
+    (each (token t >= 1 of its document, layer j+1, expert)), as NextUse.update computes them, before the logs.
+    Labels: the visits of the layer missed before the expert's next use (up to `cap` tokens ahead, within the
+    document; never used again counts as cap)."""
     T, M, E = hot.shape
     fa = np.zeros((T, M, E), np.float32)
     sl = np.zeros((T, M, E), np.float32)
@@ -150,11 +168,18 @@ def next_use_features(hot: np.ndarray, doc_starts: np.ndarray, layer_trans: np.n
         f = fast * f + (1 - fast) * hot[t]
         s = slow * s + (1 - slow) * hot[t]
         fa[t], sl[t] = f, s
+    after = np.full((T, M, E), cap, np.float32)  # tokens from t to the next use strictly after t
+    ends = np.append(np.asarray(doc_starts)[1:], T)
+    for a, b in zip(doc_starts, ends):
+        nxt = np.full((M, E), np.inf)
+        for t in range(b - 1, a - 1, -1):
+            after[t] = np.minimum(nxt - t, cap)
+            nxt = np.where(hot[t] > 0, t, nxt)
     tt = np.einsum("tme,mef->tmf", hot, time_trans)  # [T, M, E] P(at t+1) from token t at the same layer
     nxt = ~np.roll(start, -1)
     nxt[-1] = False  # token t has a next token in its document
     xt = np.stack([tt, fa, sl, hot], -1)[nxt].reshape(-1, 4)
-    yt = hot[np.flatnonzero(nxt) + 1].reshape(-1)
+    yt = (after[nxt] - 1).reshape(-1)
     lt = np.einsum("tme,mef->tmf", hot[:, :-1], layer_trans)  # [T, M-1, E] layer j+1 from layer j
     has_prev = ~start
     prev_tt = np.zeros_like(tt)
@@ -164,19 +189,25 @@ def next_use_features(hot: np.ndarray, doc_starts: np.ndarray, layer_trans: np.n
     sl_prev = np.zeros_like(sl)
     sl_prev[1:] = sl[:-1]
     xl = np.stack([lt, prev_tt[:, 1:], fa_prev[:, 1:], sl_prev[:, 1:]], -1)[has_prev].reshape(-1, 4)
-    yl = hot[has_prev, 1:].reshape(-1)
+    yl = np.where(hot[has_prev, 1:] > 0, 0, after[has_prev, 1:]).reshape(-1)
     return xt, yt, xl, yl
 
 
-def fit_next_use(trace, layer_trans: Tensor, time_trans: Tensor, *, fast: float = 0.7, slow: float = 0.95,
-                 eps: float = 1e-3, **kw) -> NextUseParams:
-    """Logistic fits of both models on `trace` (predict/trace.Trace over the model's MoE layers) with its fitted
-    transitions; kw: the other NextUseParams fields."""
+def fit_next_use(trace, layer_trans: Tensor, time_trans: Tensor, *, fast: float = 0.8, slow: float = 0.97,
+                 eps: float = 1e-3, cap: int = 64, **kw) -> NextUseParams:
+    """Least-squares fits of both models (log(1 + missed visits) on the log features) and the prefetch's logistic
+    fit on `trace` (predict/trace.Trace over the model's MoE layers) with its fitted transitions; kw: other
+    NextUseParams fields."""
     hot = trace.multi_hot().astype(np.float32)
     xt, yt, xl, yl = next_use_features(hot, trace.doc_offsets[:-1], layer_trans.numpy(), time_trans.numpy(), fast,
-                                       slow)
+                                       slow, cap)
 
     def fit(x: np.ndarray, y: np.ndarray) -> tuple[tuple[float, ...], float]:
+        a = np.concatenate([np.log(x.astype(np.float64) + eps), np.ones((len(x), 1))], 1)
+        w = np.linalg.lstsq(a, np.log1p(y.astype(np.float64)), rcond=None)[0]
+        return tuple(round(float(v), 4) for v in w[:4]), round(float(w[4]), 4)
+
+    def fit_logistic(x: np.ndarray, y: np.ndarray) -> tuple[tuple[float, ...], float]:
         xs = torch.log(torch.from_numpy(x) + eps)
         ys = torch.from_numpy(y.astype(np.float32))
         lin = torch.nn.Linear(4, 1)
@@ -193,4 +224,6 @@ def fit_next_use(trace, layer_trans: Tensor, time_trans: Tensor, *, fast: float 
 
     w_t, b_t = fit(xt, yt)
     w_l, b_l = fit(xl, yl)
-    return NextUseParams(w_time=w_t, b_time=b_t, w_layer=w_l, b_layer=b_l, fast=fast, slow=slow, eps=eps, **kw)
+    w_p, b_p = fit_logistic(xl, yl == 0)
+    return NextUseParams(w_time=w_t, b_time=b_t, w_layer=w_l, b_layer=b_l, w_prefetch=w_p, b_prefetch=b_p, fast=fast,
+                         slow=slow, eps=eps, cap=cap, **kw)
