@@ -69,11 +69,15 @@ DEFAULT_PARAMS = NextUseParams(w_time=(-0.1101, -0.3749, -0.0401, -0.0248), b_ti
 
 
 class NextUse:
-    """The device-side state: per MoE layer the EWMAs, the previous token's one-hot and the probabilities; per key
-    the scaled nt base. All updates are in place (static buffers for CUDA graphs)."""
+    """The device-side state: per MoE layer the EWMAs, the ids of its last visit and the probabilities; per key the
+    scaled nt base. All updates are in place (static buffers for CUDA graphs).
+
+    kernel: run the update as one Triton kernel (kernels/next_use.py); None = on CUDA. Else the torch ops below,
+    which are its reference."""
 
     def __init__(self, params: NextUseParams, layer_trans: Tensor, time_trans: Tensor, *, moe_layers: list[int],
-                 num_layers: int, num_experts: int, device: torch.device | str) -> None:
+                 num_layers: int, num_experts: int, top_k: int, device: torch.device | str,
+                 kernel: bool | None = None) -> None:
         M, E = len(moe_layers), num_experts
         if time_trans.shape != (M, E, E) or layer_trans.shape != (max(M - 1, 0), E, E):
             raise ValueError(f"next-use transitions must be layer_trans [{M - 1}, {E}, {E}] and time_trans [{M}, {E}, "
@@ -82,17 +86,17 @@ class NextUse:
         dev = torch.device(device)
         self.p = params
         self.M, self.E = M, E
+        self.kernel = dev.type == "cuda" if kernel is None else bool(kernel)
         self.moe_layers = list(moe_layers)
-        self.lt = layer_trans.to(dev, torch.float32)  # [M-1, E, E]
-        self.tt = time_trans.to(dev, torch.float32)  # [M, E, E]
-        self.w_t = torch.tensor(params.w_time, dtype=torch.float32, device=dev)
-        self.w_l = torch.tensor(params.w_layer, dtype=torch.float32, device=dev)
-        self.w_p = torch.tensor(params.w_prefetch, dtype=torch.float32, device=dev)
-        self.pf_prob = torch.zeros(M, E, device=dev)  # P(used at this token) of layer j+1, for the prefetch
+        self.lt = layer_trans.to(dev, torch.float32).contiguous()  # [M-1, E, E]
+        self.tt = time_trans.to(dev, torch.float32).contiguous()  # [M, E, E]
+        self.w = torch.tensor([*params.w_time, params.b_time, *params.w_layer, params.b_layer, *params.w_prefetch,
+                               params.b_prefetch], dtype=torch.float32, device=dev)  # [15]
         self.fast = torch.zeros(M, E, device=dev)
         self.slow = torch.zeros(M, E, device=dev)
-        self.prev = torch.zeros(M, E, device=dev)  # the previous token's one-hot per layer
-        self.prob = torch.zeros(M, E, device=dev)
+        self.prev = torch.full((M, top_k), -1, dtype=torch.int64, device=dev)  # each layer's ids at its last visit
+        self.prob = torch.zeros(M, E, device=dev)  # 1 / (1 + predicted missed visits)
+        self.pf_prob = torch.zeros(M, E, device=dev)  # P(used at this token) of layer j+1, for the prefetch
         N = num_layers * E
         # d per (current MoE layer j, key): scaled visits until the key's layer runs next
         dist = torch.full((M, N), FAR, dtype=torch.int64)
@@ -103,14 +107,19 @@ class NextUse:
         self.base = torch.zeros(N, dtype=torch.int64, device=dev)  # scaled M * (1 - p) / p per key
         self.nt = torch.zeros(N, dtype=torch.int64, device=dev)  # what demand resolves read
         self.nt_pf = torch.zeros(N, dtype=torch.int64, device=dev)  # what the prefetch reads (its own stream)
-        self._set_base(range(M), torch.full((M, E), params.p_min, device=dev))
+        p0 = torch.full((E,), params.p_min, device=dev)
+        for j in range(M):
+            self._store(j, p0)
 
-    def _set_base(self, js, prob: Tensor) -> None:
-        pr = prob.clamp(self.p.p_min, 1 - 1e-6)
-        for i, j in enumerate(js):
-            l = self.moe_layers[j]
-            self.prob[j].copy_(pr[i])
-            self.base[l * self.E:(l + 1) * self.E].copy_((self.M * (1 - pr[i]) / pr[i] * self.p.scale).round().long())
+    def _p_base(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """z = predicted log(1 + missed visits) -> p = 1 / (1 + w) clamped, and the scaled base M * w rounded."""
+        p = torch.exp(-z).clamp(self.p.p_min, 1 - 1e-6)
+        return p, torch.floor(self.M * (1 - p) / p * self.p.scale + 0.5).long()
+
+    def _store(self, j: int, p: Tensor) -> None:
+        l = self.moe_layers[j]
+        self.prob[j].copy_(p)
+        self.base[l * self.E:(l + 1) * self.E].copy_(torch.floor(self.M * (1 - p) / p * self.p.scale + 0.5).long())
 
     def demand_nt(self, j: int) -> Tensor:
         """nt [N] for a resolve at MoE layer j (written into the static buffer)."""
@@ -118,28 +127,41 @@ class NextUse:
         return self.nt
 
     def update(self, j: int, ids: Tensor) -> None:
-        """After MoE layer j's resolve: fold its ids [K] into the state; new probabilities for layer j (next token)
-        and layer j+1 (this token)."""
-        E, p = self.E, self.p
+        """After MoE layer j's resolve: fold its ids [K] into the state; new predictions for layer j (from the next
+        token) and layer j+1 (this token)."""
+        p, E = self.p, self.E
+        nxt = j + 1 < self.M
+        l1 = self.moe_layers[j + 1] if nxt else 0
+        if self.kernel:
+            from tiered.kernels.next_use import next_use_update
+
+            next_use_update(ids, j, self.moe_layers[j] * E, l1 * E, prev=self.prev, tt=self.tt, lt=self.lt,
+                            fast=self.fast, slow=self.slow, prob=self.prob, pf_prob=self.pf_prob, base=self.base,
+                            w=self.w, decay=(p.fast, p.slow), eps=p.eps, p_min=p.p_min, scale=p.scale)
+            return
+        w = self.w
         oh = torch.zeros(E, device=ids.device).index_fill_(0, ids, 1.0)
         self.fast[j].mul_(p.fast).add_(oh, alpha=1 - p.fast)
         self.slow[j].mul_(p.slow).add_(oh, alpha=1 - p.slow)
         xt = torch.stack([self.tt[j].index_select(0, ids).sum(0), self.fast[j], self.slow[j], oh], 1)
-        probs = [torch.exp(-(torch.log(xt + p.eps) @ self.w_t + p.b_time))]  # 1 / (1 + w)
-        js = [j]
-        if j + 1 < self.M:
-            tprev = self.prev[j + 1] @ self.tt[j + 1]
+        pj, bj = self._p_base(torch.log(xt + p.eps) @ w[0:4] + w[4])
+        l = self.moe_layers[j]
+        self.prob[j].copy_(pj)
+        self.base[l * E:(l + 1) * E].copy_(bj)
+        if nxt:
+            pv = self.prev[j + 1]
+            tprev = (self.tt[j + 1].index_select(0, pv.clamp(min=0)) * (pv >= 0)[:, None]).sum(0)
             xl = torch.stack([self.lt[j].index_select(0, ids).sum(0), tprev, self.fast[j + 1], self.slow[j + 1]], 1)
             lx = torch.log(xl + p.eps)
-            probs.append(torch.exp(-(lx @ self.w_l + p.b_layer)))
-            self.pf_prob[j + 1].copy_(torch.sigmoid(lx @ self.w_p + p.b_prefetch))
-            js.append(j + 1)
-        self.prev[j].copy_(oh)
-        self._set_base(js, torch.stack(probs))
+            p1, b1 = self._p_base(lx @ w[5:9] + w[9])
+            self.prob[j + 1].copy_(p1)
+            self.base[l1 * E:(l1 + 1) * E].copy_(b1)
+            self.pf_prob[j + 1].copy_(torch.sigmoid(lx @ w[10:14] + w[14]))
+        self.prev[j].copy_(ids)
 
     def prefetch(self, j: int, slot_of: Tensor, count: int) -> Tensor:
         """Candidates [count] for MoE layer j+1, issued while layer j computes: the non-resident experts of highest
-        probability, -1 where below prefetch_p (the kernel skips them); also writes nt_pf (d from layer j)."""
+        prefetch probability, -1 where below prefetch_p (the kernel skips them); also writes nt_pf (d from layer j)."""
         l2 = self.moe_layers[j + 1]
         torch.add(self.dist[j], self.base, out=self.nt_pf)
         pr = torch.where(slot_of[l2 * self.E:(l2 + 1) * self.E] < 0, self.pf_prob[j + 1], -1.0)

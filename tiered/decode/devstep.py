@@ -76,7 +76,7 @@ class DeviceStep:
                                  "(PredictorParams.layer_trans, .time_trans): run `tiered tune --fit-trace`")
             self.nu = NextUse(nextuse or DEFAULT_PARAMS, transitions[0], transitions[1],
                               moe_layers=list(cfg.moe_layers), num_layers=cfg.num_layers,
-                              num_experts=cfg.num_experts, device=dev)
+                              num_experts=cfg.num_experts, top_k=cfg.top_k, device=dev)
         if self.prefetch:
             if transitions is None:
                 raise ValueError("device prefetch needs router-history transitions (PredictorParams.layer_trans, "
