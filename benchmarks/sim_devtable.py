@@ -17,8 +17,12 @@ Time model per token, per MoE layer l (CONTRACTS' serial bound uses the same com
     demand copies of l (serial, at --pcie-gbps) + max(compute / L, the prefetch copies for l+1 issued beside it)
 and the serial Belady bound: compute + Belady's miss bytes / PCIe. Ratio = bound time / simulated time.
 Not modelled: kernel launches inside the graph (the next-use update is one kernel per layer), the gather's 49-50
-GB/s (vs the copy engine's 54), the prefetch gather sharing SMs with compute. Measured on the H200 (lru/device,
-offload-devstep-bf16-2026-12-01-h200.json) the device step reached 0.89-0.90 of this model's ratio.
+GB/s (vs the copy engine's 54), the prefetch gather sharing SMs with compute. Against the H200 runs on the same two
+eval documents: lru/device (offload-devstep-bf16-2026-12-01-h200.json) hit rates 0.853/0.886 measured, 0.854/0.887
+here, ratio 0.60/0.63 measured, 0.67/0.71 here; lru+pf8/device with prefetched blocks inserted as newest (the
+measured run, offload-devstep-prefetch-2026-12-01-h200.json) hit rates 0.792/0.854 and 189/119 MB per token
+measured, 0.792/0.854 and 189/120 MB here, ratio 0.38/0.47 measured, 0.46/0.56 here. So the counts are the
+engine's; the times run 10% (demand) to 17% (prefetch) optimistic.
 
     python3 benchmarks/sim_devtable.py --text ../shared/text                     # all runs, five eval docs
     python3 benchmarks/sim_devtable.py --text ../shared/text --docs 2 --runs lru,nextuse,nextuse+pf1
