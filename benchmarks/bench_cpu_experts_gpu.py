@@ -155,6 +155,8 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=4, help="history prefetch candidates per layer (depth 1)")
     ap.add_argument("--device-prefetch", type=int, default=8,
                     help="experts per layer the device step prefetches one layer ahead (run lru+pfN/device)")
+    ap.add_argument("--nextuse-prefetch", type=int, default=1,
+                    help="prefetch candidates per layer with --device-evict nextuse (run nextuse+pfN/device)")
     ap.add_argument("--paced", default="25,12", help="--h2d-gbps rates to emulate (comma-separated GB/s)")
     ap.add_argument("--cpu-threads", type=int, default=0)
     ap.add_argument("--only", default=None,
@@ -204,10 +206,12 @@ def main() -> None:
         runs: dict[str, dict] = {}
 
         def go(label: str, policy: str, cand: int, cpu: str, h2d: float = 0.0, table: str = "host",
-               dpf: int = 0) -> None:
-            pred = History(L, cfg.num_experts, params) if cand or dpf else NoPrediction(L, cfg.num_experts)
+               dpf: int = 0, evict: str = "policy") -> None:
+            pred = (History(L, cfg.num_experts, params) if cand or dpf or evict != "policy"
+                    else NoPrediction(L, cfg.num_experts))
             budget = {**base, "policy": policy, "prefetch_depth": 1 if cand else 0, "prefetch_budget": cand or 1,
-                      "cpu_experts": cpu, "h2d_gbps": h2d, "slot_table": table, "device_prefetch": dpf}
+                      "cpu_experts": cpu, "h2d_gbps": h2d, "slot_table": table, "device_prefetch": dpf,
+                      "device_evict": evict}
             log(f"doc {name}: {label}")
             s = one_run(a.layout, device, prompt, a.new_tokens, doc, budget=budget, predictor=pred, warmup=a.warmup)
             if table == "device" and s.get("decode_graphs") != "device":  # a fallback is not a device-step figure
@@ -223,7 +227,10 @@ def main() -> None:
                 ("all", "lru", 0, "all", 0.0)]
         if cuda:  # the slot table on the device: the whole step in one CUDA graph (decode/devstep.py)
             plan += [("lru/device", "lru", 0, "off", 0.0, "device"), ("flru/device", "flru", 0, "off", 0.0, "device"),
-                     (f"lru+pf{a.device_prefetch}/device", "lru", 0, "off", 0.0, "device", a.device_prefetch)]
+                     (f"lru+pf{a.device_prefetch}/device", "lru", 0, "off", 0.0, "device", a.device_prefetch),
+                     ("nextuse/device", "lru", 0, "off", 0.0, "device", 0, "nextuse"),
+                     (f"nextuse+pf{a.nextuse_prefetch}/device", "lru", 0, "off", 0.0, "device", a.nextuse_prefetch,
+                      "nextuse")]
         for r in paced:
             plan += [(f"{pf}/off@{r:g}", "predicted", a.candidates, "off", r),
                      (f"{pf}/auto@{r:g}", "predicted", a.candidates, "auto", r)]
@@ -261,7 +268,8 @@ def main() -> None:
             return (M.get(label) or {}).get(key)
 
         cands = [lab for lab in (f"{pf}/auto", "predicted/auto", f"{pf}/off", "predicted/off", "lru/off",
-                                 "lru/device", "flru/device") if lab in M]
+                                 "lru/device", "flru/device", "nextuse/device",
+                                 f"nextuse+pf{a.nextuse_prefetch}/device") if lab in M]
         best = max(cands, key=lambda lab: M[lab]["decode_tok_s"] or 0)
         res["best"] = best
         res["best_decode_tok_s"] = M[best]["decode_tok_s"]
@@ -276,7 +284,10 @@ def main() -> None:
             res["vs_serial_belady_bound_prefetch_device"] = get(pfl, "vs_serial_belady_bound")
             res["device_prefetch_over_demand"] = (M[pfl]["decode_tok_s"] / M["lru/device"]["decode_tok_s"]
                                                   if M.get("lru/device", {}).get("decode_tok_s") else None)
-        dev = [lab for lab in ("lru/device", "flru/device") if lab in M and M[lab]["decode_tok_s"]]
+        nul = f"nextuse+pf{a.nextuse_prefetch}/device"
+        if nul in M and M[nul]["decode_tok_s"]:  # prefetch by predicted next use (decode/devpolicy.py)
+            res["vs_serial_belady_bound_prefetch_nextuse"] = get(nul, "vs_serial_belady_bound")
+        dev = [lab for lab in ("lru/device", "flru/device", "nextuse/device") if lab in M and M[lab]["decode_tok_s"]]
         if dev:  # demand paging with the slot table on the device (no host round trip per layer)
             bd = max(dev, key=lambda lab: M[lab]["decode_tok_s"])
             res["best_device_step"] = bd
@@ -303,7 +314,7 @@ def main() -> None:
                   f"{v.get('vs_combined_bound') or 0:>7.2f}{str(r['tokens_identical'][lab]):>6}")
     for k in ("decode_vs_llamacpp_cpu_experts", "vs_combined_bound", "vs_serial_belady_bound_demand",
               "vs_serial_belady_bound_demand_device", "device_over_host_lru", "vs_serial_belady_bound_prefetch_device",
-              "device_prefetch_over_demand",
+              "device_prefetch_over_demand", "vs_serial_belady_bound_prefetch_nextuse", "best_device_step",
               "vs_serial_belady_bound_prefetch", "paced_auto_over_off", "cpu_expert_gbps",
               "llamacpp_cpu_experts_tg_tok_s"):
         print(f"{k}: {res.get(k)}")

@@ -33,15 +33,17 @@ def _tables(N: int, S: int, device: str = "cpu", seed: int = 0) -> dict[str, tor
     return {k: v.to(device) for k, v in t.items()}
 
 
-def _kernel_resolve(ids, layer, E, t, w, out_slot, out_src, pin=None, prefetch=False):
+def _kernel_resolve(ids, layer, E, t, w, out_slot, out_src, pin=None, prefetch=False, nt=None, margin=0):
     """The Triton kernel: on CUDA through resolve(), on CPU straight into the interpreter."""
     if CUDA:
-        return st.resolve(ids, layer, E, t, w, out_slot, out_src, pin=pin, prefetch=prefetch)
+        return st.resolve(ids, layer, E, t, w, out_slot, out_src, pin=pin, prefetch=prefetch, nt=nt, margin=margin)
     K, S = ids.shape[0], t["key_of"].shape[0]
     P = 0 if pin is None else pin.shape[0]
     st._resolve_kernel[(1,)](ids, layer * E, t["slot_of"], t["key_of"], t["last"], t["uses"], t["clock"],
-                             t["counts"], t["host_row"], out_slot, out_src, pin if P else out_slot, K, S, P, w,
-                             K_P=st._p2(K), S_P=st._p2(S), P_P=st._p2(P) if P else 1, PREFETCH=prefetch)
+                             t["counts"], t["host_row"], out_slot, out_src, pin if P else out_slot,
+                             nt if nt is not None else out_slot, K, S, P, w, margin,
+                             K_P=st._p2(K), S_P=st._p2(S), P_P=st._p2(P) if P else 1, PREFETCH=prefetch,
+                             SCORED=nt is not None)
 
 
 @pytest.mark.parametrize("L,E,K,S,w", [(3, 6, 4, 10, 0), (3, 6, 4, 10, 5), (2, 9, 3, 5, 0), (2, 10, 8, 17, 2),
@@ -112,6 +114,53 @@ def test_prefetch_resolve_matches_reference_and_respects_pins(w):
     assert po.tolist() == [-1, -1] and ps.tolist() == [-1, -1]
 
 
+@pytest.mark.parametrize("S,margin", [(10, 0), (26, 0), (26, 40), (7, 5)])
+def test_scored_resolve_matches_reference(S, margin):
+    """Eviction by predicted next use (nt), demand and prefetch calls, prefetch candidates skipped by the caller
+    (id -1): kernel == reference in slots, rows, tables and counters; a demand miss evicts the resident key of
+    largest nt; a prefetch takes a free slot or a victim whose nt >= the candidate's + margin, else leaves it (-1)."""
+    dev = "cuda" if CUDA else "cpu"
+    L, E, K, C = 3, 12, 4, 5
+    a, b = _tables(L * E, S), _tables(L * E, S, dev)
+    rng = random.Random(S * 7 + margin)
+    g = torch.Generator().manual_seed(S + margin)
+    skipped = loaded = 0
+    for step in range(40):
+        layer = step % L
+        nt = torch.randint(0, 60, (L * E,), generator=g)  # ties included
+        ids = torch.tensor(rng.sample(range(E), K))
+        resident = {int(k) for k in a["key_of"].tolist() if k >= 0}
+        o, sr = torch.empty(K, dtype=torch.int64), torch.empty(K, dtype=torch.int64)
+        st.resolve_reference(ids, layer, E, a, 0, o, sr, nt=nt)
+        o2, s2 = o.to(dev), sr.to(dev)
+        _kernel_resolve(ids.to(dev), layer, E, b, 0, o2, s2, nt=nt.to(dev))
+        assert torch.equal(o, o2.cpu()) and torch.equal(sr, s2.cpu()), f"call {step}"
+        keys = {layer * E + int(e) for e in ids}
+        gone = resident - {int(k) for k in a["key_of"].tolist() if k >= 0}
+        kept = (resident - keys) - gone
+        if gone and kept:  # the evicted keys were predicted to be needed no sooner than any kept one
+            assert min(int(nt[k]) for k in gone) >= max(int(nt[k]) for k in kept)
+        cand = torch.tensor(rng.sample(range(E), C))
+        cand[rng.randrange(C)] = -1
+        nxt = (layer + 1) % L
+        po, ps = torch.empty(C, dtype=torch.int64), torch.empty(C, dtype=torch.int64)
+        n3 = int(a["counts"][3])
+        st.resolve_reference(cand, nxt, E, a, 0, po, ps, pin=o, prefetch=True, nt=nt, margin=margin)
+        po2, ps2 = po.to(dev), ps.to(dev)
+        _kernel_resolve(cand.to(dev), nxt, E, b, 0, po2, ps2, pin=o.to(dev), prefetch=True, nt=nt.to(dev),
+                        margin=margin)
+        assert torch.equal(po, po2.cpu()) and torch.equal(ps, ps2.cpu()), f"prefetch call {step}"
+        for k in a:
+            assert torch.equal(a[k], b[k].cpu()), f"call {step}: table {k} differs"
+        for j, e in enumerate(cand.tolist()):
+            if e < 0:
+                assert int(po[j]) == -1 and int(ps[j]) == -1
+            elif int(a["slot_of"][nxt * E + e]) < 0:
+                skipped += 1
+        loaded += int(a["counts"][3]) - n3
+    assert loaded > 0 and (skipped > 0 or S >= L * E)
+
+
 @pytest.mark.parametrize("w", [0, 4])
 def test_reference_invariants(w):
     """After each call: the call's keys sit in the returned slots, a hit is exactly a key resident before the call,
@@ -173,6 +222,10 @@ def test_gather_strided_kernel_copies_only_misses():
 def test_device_prefetch_needs_the_device_table(reference_layout):
     with pytest.raises(EngineError, match="--device-prefetch needs the device slot table"):
         load(reference_layout, device="cpu", budget={"expert_slots": 16, "device_prefetch": 4})
+    with pytest.raises(EngineError, match="--device-evict nextuse needs the device slot table"):
+        load(reference_layout, device="cpu", budget={"expert_slots": 16, "device_evict": "nextuse"})
+    with pytest.raises((BudgetError, EngineError), match="--device-evict must be"):
+        load(reference_layout, device="cpu", budget={"expert_slots": 16, "device_evict": "belady"})
 
 
 def test_gather_kernel_copies_only_misses():
@@ -320,11 +373,13 @@ from tiered.kernels import slot_table as st
 tgt = GPUTarget("cuda", 90, 32)
 sig = {"ids_ptr": "*i64", "base": "i64", "slot_of": "*i32", "key_of": "*i32", "last": "*i64", "uses": "*i64",
        "clock": "*i64", "counts": "*i64", "host_row": "*i64", "out_slot": "*i64", "out_src": "*i64",
-       "pin_ptr": "*i64", "n_ids": "i32", "n_slots": "i32", "n_pin": "i32", "w": "i64", "K_P": "constexpr",
-       "S_P": "constexpr", "P_P": "constexpr", "PREFETCH": "constexpr"}
+       "pin_ptr": "*i64", "nt_ptr": "*i64", "n_ids": "i32", "n_slots": "i32", "n_pin": "i32", "w": "i64",
+       "margin": "i64", "K_P": "constexpr", "S_P": "constexpr", "P_P": "constexpr", "PREFETCH": "constexpr",
+       "SCORED": "constexpr"}
 for pf in (False, True):
-    cx = {"K_P": 8, "S_P": 256, "P_P": 8 if pf else 1, "PREFETCH": pf}
-    assert triton.compile(ASTSource(st._resolve_kernel, sig, constexprs=cx), target=tgt).asm["cubin"]
+    for scored in (False, True):
+        cx = {"K_P": 8, "S_P": 256, "P_P": 8 if pf else 1, "PREFETCH": pf, "SCORED": scored}
+        assert triton.compile(ASTSource(st._resolve_kernel, sig, constexprs=cx), target=tgt).asm["cubin"]
 sig2 = {"src": "*i32", "row_src": "*i64", "row_dst": "*i64", "dst": "*i32", "row_words": "i64",
         "BLOCK": "constexpr", "CHUNKS": "constexpr"}
 assert triton.compile(ASTSource(st._gather_kernel, sig2, constexprs={"BLOCK": 1024, "CHUNKS": 4}), target=tgt).asm["cubin"]
@@ -332,6 +387,15 @@ sig3 = {"src": "*i32", "row_src": "*i64", "row_dst": "*i64", "dst": "*i32", "row
         "n_chunks": "i32", "BLOCK": "constexpr", "CHUNKS": "constexpr"}
 assert triton.compile(ASTSource(st._gather_strided_kernel, sig3, constexprs={"BLOCK": 1024, "CHUNKS": 4}),
                       target=tgt).asm["cubin"]
+from tiered.kernels import next_use as nu
+sig4 = {"ids_ptr": "*i64", "prev_ptr": "*i64", "tt_ptr": "*fp32", "lt_ptr": "*fp32", "fast_ptr": "*fp32",
+        "slow_ptr": "*fp32", "prob_ptr": "*fp32", "pfp_ptr": "*fp32", "base_ptr": "*i64", "w_ptr": "*fp32", "j": "i32",
+        "key_j": "i32", "key_j1": "i32", "n_ids": "i32", "E": "i32", "M": "i32", "fa": "fp32", "sa": "fp32",
+        "eps": "fp32", "p_min": "fp32", "scale": "fp32", "HAS_NEXT": "constexpr", "K_P": "constexpr",
+        "E_P": "constexpr"}
+for nxt in (False, True):
+    cx = {"HAS_NEXT": nxt, "K_P": 8, "E_P": 128}
+    assert triton.compile(ASTSource(nu._next_use_kernel, sig4, constexprs=cx), target=tgt).asm["cubin"]
 print("ok")
 """
 
@@ -404,3 +468,134 @@ def test_cuda_device_step_prefetch_matches_host_step(reference_layout):
     assert eng.generate(PROMPT, max_new_tokens=32).token_ids == want
     s = eng.stats
     assert s["decode_graphs"] == "device" and s["slot_table"]["prefetched"] > 0
+
+
+def _code_transitions(reference_layout):
+    """Router-history transitions fitted on a trace of project code (not eval/ text)."""
+    from pathlib import Path
+
+    from tiered.predict.predictors import transition_params
+    from tiered.predict.trace import TraceRecorder, record
+
+    rec = TraceRecorder()
+    eng0 = load(reference_layout, device="cpu", observer=rec)
+    code = (Path(__file__).resolve().parent.parent / "tiered" / "engine.py").read_text()[:3000]
+    p = transition_params(record(eng0, rec, [("engine.py", eng0.encode(code)[:256])]))
+    return p.layer_trans, p.time_trans
+
+
+@pytest.mark.parametrize("slots,prefetch", [(8, 0), (20, 3)])
+def test_device_step_nextuse_greedy_identical(reference_layout, unlimited, slots, prefetch):
+    """Eviction by predicted next use (and its prefetch) in the device step's algorithm gives the every-expert-
+    resident greedy tokens; the counters add up; the prefetch loads blocks only where the kernel's rule lets it."""
+    B = 49152
+    tr = _code_transitions(reference_layout)
+    eng = load(reference_layout, device="cpu", budget={"expert_slots": slots, "ram_gb": 600 * B / 2**30})
+    cache = eng.model.provider
+    cache.ram.preload(list(range(cache.num_layers * cache.num_experts)), 0)
+    cache.devtable = DeviceSlotTable(cache, w=0, kernels=st)
+    eng.devstep = DeviceStep(eng.model, graphs=False, prefetch=prefetch, transitions=tr, evict="nextuse")
+    eng.pieces = None
+    assert eng.generate(PROMPT, max_new_tokens=NEW).token_ids == unlimited
+    s = eng.stats
+    d = s["decode"]
+    assert d["hits"] + d["misses"] == d["tokens"] * 8 * 8 and d["misses"] > 0
+    assert d["bytes_h2d"] == (d["misses"] + s["slot_table"]["prefetched"]) * cache.block_size
+    assert s["device_step"]["evict"] == "nextuse"
+    if prefetch:
+        assert s["slot_table"]["prefetched"] > 0
+    nu = eng.devstep.nu
+    assert bool((nu.prob > 0).all()) and bool((nu.prob < 1).all()) and bool((nu.base > 0).all())
+
+
+def test_next_use_state_matches_fit_features():
+    """NextUse.update computes, token by token, the probabilities the fit's features give (next_use_features +
+    the logistic weights), for both models: the fit and the device step see the same inputs."""
+    import numpy as np
+
+    from tiered.decode.devpolicy import DEFAULT_PARAMS, NextUse, next_use_features
+
+    M, E, K, T = 3, 10, 3, 12
+    g = torch.Generator().manual_seed(1)
+    ids = torch.stack([torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(M)]) for _ in range(T)])
+    lt = torch.softmax(torch.randn(M - 1, E, E, generator=g), -1)
+    tt = torch.softmax(torch.randn(M, E, E, generator=g), -1)
+    p = DEFAULT_PARAMS
+    nu = NextUse(p, lt, tt, moe_layers=list(range(M)), num_layers=M, num_experts=E, top_k=K, device="cpu",
+                 kernel=False)
+    hot = np.zeros((T, M, E), np.float32)
+    for t in range(T):
+        for j in range(M):
+            hot[t, j, ids[t, j].numpy()] = 1
+    xt, _, xl, _ = next_use_features(hot, np.array([0]), lt.numpy(), tt.numpy(), p.fast, p.slow)
+    xt, xl = xt.reshape(T - 1, M, E, 4), xl.reshape(T - 1, M - 1, E, 4)
+
+    def prob(x, w, b):  # 1 / (1 + predicted missed visits)
+        return torch.exp(-(torch.log(torch.from_numpy(x) + p.eps) @ torch.tensor(w) + b))
+
+    for t in range(T):
+        for j in range(M):
+            nu.update(j, ids[t, j])
+            if t + 1 < T:
+                torch.testing.assert_close(nu.prob[j], prob(xt[t, j], p.w_time, p.b_time).clamp(p.p_min, 1 - 1e-6))
+            if j + 1 < M and t >= 1:
+                torch.testing.assert_close(nu.prob[j + 1],
+                                           prob(xl[t - 1, j], p.w_layer, p.b_layer).clamp(p.p_min, 1 - 1e-6))
+    # nt: visits until the key's layer runs, plus M (1 - p) / p = M x the predicted missed visits, scaled
+    j = 1
+    want = ((torch.arange(M) - j - 1) % M + 1).repeat_interleave(E) * p.scale
+    want = want + torch.floor(M * (1 - nu.prob.reshape(-1)) / nu.prob.reshape(-1) * p.scale + 0.5).long()
+    assert torch.equal(nu.demand_nt(j), want)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_cuda_device_step_nextuse_matches_host_step(reference_layout, prefetch):
+    """--device-evict nextuse in the captured step (its state updates and the prefetch's side stream inside the
+    graph) decodes the host step's greedy tokens; the prefetch loads blocks."""
+    from tiered.predict.predictors import History, PredictorParams
+
+    lt, tt = _code_transitions(reference_layout)
+    params = PredictorParams(lt, tt, torch.zeros(8, 64), torch.zeros(0, 8, 64), torch.zeros(7, 64, 320),
+                             torch.zeros(7, 64), {})
+    budget = {"expert_slots": 24, "ram_gb": 0.05}
+    want = load(reference_layout, device="cuda", budget={**budget, "slot_table": "host"}).generate(
+        PROMPT, max_new_tokens=32).token_ids
+    eng = load(reference_layout, device="cuda", budget={**budget, "slot_table": "device", "device_evict": "nextuse",
+                                                        "device_prefetch": prefetch},
+               predictor=History(8, 64, params))
+    assert eng.generate(PROMPT, max_new_tokens=32).token_ids == want
+    s = eng.stats
+    assert s["decode_graphs"] == "device" and s["device_step"]["evict"] == "nextuse"
+    d = s["decode"]
+    assert d["hits"] + d["misses"] == d["tokens"] * 8 * 8
+    if prefetch:
+        assert s["slot_table"]["prefetched"] > 0
+
+
+@pytest.mark.parametrize("E,K,moe_layers,num_layers", [(10, 3, [0, 1, 2], 3), (16, 4, [1, 2, 3, 4], 5), (7, 1, [0, 1], 2)])
+def test_next_use_kernel_matches_torch(E, K, moe_layers, num_layers):
+    """The fused next-use update (kernels/next_use.py, the Triton interpreter on CPU) equals NextUse's torch ops over
+    a random trace: EWMAs, probabilities, the prefetch probability and the ids kept to float tolerance, the scaled
+    bases within one unit (a rounding edge), through dense layers and odd sizes."""
+    from tiered.decode.devpolicy import DEFAULT_PARAMS, NextUse
+
+    M = len(moe_layers)
+    g = torch.Generator().manual_seed(E * 31 + K)
+    lt = torch.softmax(torch.randn(M - 1, E, E, generator=g), -1)
+    tt = torch.softmax(torch.randn(M, E, E, generator=g), -1)
+    dev = "cuda" if CUDA else "cpu"
+    kw = dict(moe_layers=moe_layers, num_layers=num_layers, num_experts=E, top_k=K)
+    ref = NextUse(DEFAULT_PARAMS, lt, tt, device="cpu", kernel=False, **kw)
+    ker = NextUse(DEFAULT_PARAMS, lt, tt, device=dev, kernel=True, **kw)
+    for t in range(6):
+        for j in range(M):
+            ids = torch.randperm(E, generator=g)[:K]
+            ref.update(j, ids)
+            ker.update(j, ids.to(dev))
+            for name in ("fast", "slow", "prob", "pf_prob"):
+                torch.testing.assert_close(getattr(ker, name).cpu(), getattr(ref, name), rtol=1e-5, atol=1e-6,
+                                           msg=lambda m: f"token {t} layer {j} {name}: {m}")
+            assert torch.equal(ker.prev.cpu(), ref.prev)
+            assert int((ker.base.cpu() - ref.base).abs().max()) <= 1
+            assert torch.equal(ker.demand_nt(j).cpu() - ker.base.cpu(), ref.demand_nt(j) - ref.base)

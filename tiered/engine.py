@@ -207,10 +207,12 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
             raise EngineError(f"--slot-table device: {why}")
         provider.drop_device_table(why)
     dpf = int((budget or {}).get("device_prefetch") or 0)
+    dev_evict = (budget or {}).get("device_evict") or "policy"
     transitions = None
-    if dpf:
+    if dpf or dev_evict != "policy":
         if getattr(provider, "devtable", None) is None:
-            raise EngineError("--device-prefetch needs the device slot table (--slot-table device or auto), which this "
+            flag = "--device-prefetch" if dpf else f"--device-evict {dev_evict}"
+            raise EngineError(f"{flag} needs the device slot table (--slot-table device or auto), which this "
                               f"run does not use: {getattr(provider, 'slot_table_note', None) or 'no expert cache'}")
         transitions = _transitions(layout, predictor)
     model = Transformer(cfg, dense, provider, device=dev, dtype=dt, max_context=ctx, attn=backend,
@@ -219,7 +221,8 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
     cpu_experts.prepare(provider, dt, model.layers[cfg.first_moe_layer].moe.act)  # --cpu-experts dtype, rate
     tok = Tokenizer.from_dir(layout.path) if layout.tokenizer_path else None
     engine = Engine(model, tok, layout_path=layout.path, cuda_graphs=cuda_graphs and dev.type == "cuda",
-                    prefetcher=prefetcher, device_prefetch=(dpf, transitions) if dpf else None)
+                    prefetcher=prefetcher, device_prefetch=(dpf, transitions) if transitions is not None else None,
+                    device_evict=dev_evict)
     engine._sync()
     engine.load_s = time.perf_counter() - t0
     engine.capture_graphs()
@@ -263,7 +266,8 @@ class Engine:
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None, *, layout_path: Path | None = None,
                  cuda_graphs: bool = False, prefetcher: Prefetcher | None = None,
-                 device_prefetch: tuple[int, tuple[Tensor, Tensor]] | None = None) -> None:
+                 device_prefetch: tuple[int, tuple[Tensor, Tensor]] | None = None,
+                 device_evict: str = "policy") -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.config: ModelConfig = model.config
@@ -282,7 +286,7 @@ class Engine:
         self.devstep: DeviceStep | None = None
         if cuda_graphs and not resident and getattr(model.provider, "devtable", None) is not None:
             n, tr = device_prefetch or (0, None)
-            self.devstep = DeviceStep(model, prefetch=n, transitions=tr)
+            self.devstep = DeviceStep(model, prefetch=n, transitions=tr, evict=device_evict)
         elif cuda_graphs and not resident:
             try:
                 self.pieces = PiecewiseDecode(model, graphs=True)

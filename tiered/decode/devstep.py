@@ -3,7 +3,8 @@
 Owns: `DeviceStep` (static token/position buffers, per-layer slot and miss rows, one captured graph per attended
 span, `capture_all`, the hand-over of the slot table to the device before a step) and its stats.
 Used with the expert cache when its slot table lives on the device (store/devtable.py: every expert in the
-pinned RAM tier, lru/flru eviction, no observer, no prefetch hook, no CPU experts, no pacing). Where the piecewise
+pinned RAM tier, lru/flru eviction or eviction by predicted next use (devpolicy.py, --device-evict nextuse), no
+observer, no prefetch hook, no CPU experts, no pacing). Where the piecewise
 step (piecewise.py) reads each layer's top-k back to the host, resolves slots in Python and issues copies, here
 each MoE layer inside the graph runs
     router (in the model's segment) -> resolve (kernels/slot_table.py: hits, victims, table updates)
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tiered.decode.devpolicy import DEFAULT_PARAMS, NextUse, NextUseParams
 from tiered.model.transformer import Transformer
 
 
@@ -35,7 +37,11 @@ class DeviceStep:
     stand in for the kernels): what the CPU tests run, token for token the algorithm the graph replays."""
 
     def __init__(self, model: Transformer, *, graphs: bool = True, prefetch: int = 0,
-                 transitions: tuple[Tensor, Tensor] | None = None, time_mix: float = 0.5, prefetch_ctas: int = 32) -> None:
+                 transitions: tuple[Tensor, Tensor] | None = None, time_mix: float = 0.5, prefetch_ctas: int = 32,
+                 evict: str = "policy", nextuse: NextUseParams | None = None) -> None:
+        """evict: "policy" (the table's lru/flru) or "nextuse" (decode/devpolicy.py: evict the latest predicted next
+        use; a prefetch then takes the non-resident candidates of highest probability, over victims predicted
+        later only). nextuse: its weights (default DEFAULT_PARAMS). Both prediction modes need `transitions`."""
         table = getattr(model.provider, "devtable", None)
         if table is None:
             raise ValueError("DeviceStep needs an expert cache with a device slot table (--slot-table device)")
@@ -61,6 +67,16 @@ class DeviceStep:
         # P(e at t | e' at t-1) over the previous token's ids at l+1 (predict/predictors.py History), are loaded.
         self.prefetch = int(prefetch)
         self.moe_index = {l: i for i, l in enumerate(cfg.moe_layers)}
+        if evict not in ("policy", "nextuse"):
+            raise ValueError(f"evict must be 'policy' or 'nextuse', got {evict!r}")
+        self.nu: NextUse | None = None
+        if evict == "nextuse":
+            if transitions is None:
+                raise ValueError("eviction by predicted next use needs router-history transitions "
+                                 "(PredictorParams.layer_trans, .time_trans): run `tiered tune --fit-trace`")
+            self.nu = NextUse(nextuse or DEFAULT_PARAMS, transitions[0], transitions[1],
+                              moe_layers=list(cfg.moe_layers), num_layers=cfg.num_layers,
+                              num_experts=cfg.num_experts, top_k=cfg.top_k, device=dev)
         if self.prefetch:
             if transitions is None:
                 raise ValueError("device prefetch needs router-history transitions (PredictorParams.layer_trans, "
@@ -98,8 +114,12 @@ class DeviceStep:
                 if not joined:  # layer l's prefetch (issued during layer l-1) lands before its lookups
                     torch.cuda.current_stream(self.device).wait_stream(self.pf_stream)
                     joined = True
-                self.table.resolve(l, r.ids[0], self.slots[l], self.src[l])
+                nu = self.nu
+                self.table.resolve(l, r.ids[0], self.slots[l], self.src[l],
+                                   nt=nu.demand_nt(self.moe_index[l]) if nu is not None else None)
                 self.table.gather(self.src[l], self.slots[l])
+                if nu is not None:
+                    nu.update(self.moe_index[l], r.ids[0])
                 if self.prefetch and l + 1 < self.L and m.layers[l + 1].moe is not None:
                     joined = self._prefetch_next(l, r.ids[0])
                 if self.prefetch:
@@ -119,10 +139,15 @@ class DeviceStep:
         if cuda:
             self.pf_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.pf_stream) if cuda else contextlib.nullcontext():
-            sc = (self.ltrans[i].index_select(0, self.pf_ids[l]).sum(0)
-                  + self.ttrans[i + 1].index_select(0, self.prev_ids[l + 1]).sum(0))
-            cand = sc.topk(self.prefetch).indices  # [C]
-            self.table.prefetch(l + 1, cand, self.slots[l], self.pf_slot[l + 1], self.pf_src[l + 1])
+            if self.nu is not None:  # the non-resident experts most likely used, over victims predicted later
+                cand = self.nu.prefetch(i, self.table.t["slot_of"], self.prefetch)
+                self.table.prefetch(l + 1, cand, self.slots[l], self.pf_slot[l + 1], self.pf_src[l + 1],
+                                    nt=self.nu.nt_pf)
+            else:
+                sc = (self.ltrans[i].index_select(0, self.pf_ids[l]).sum(0)
+                      + self.ttrans[i + 1].index_select(0, self.prev_ids[l + 1]).sum(0))
+                cand = sc.topk(self.prefetch).indices  # [C]
+                self.table.prefetch(l + 1, cand, self.slots[l], self.pf_slot[l + 1], self.pf_src[l + 1])
             self.table.gather(self.pf_src[l + 1], self.pf_slot[l + 1], ctas=self.pf_ctas)
         return not cuda
 
@@ -217,7 +242,8 @@ class DeviceStep:
     def stats(self) -> dict:
         return {"spans": sorted(self.graphs), "steps": self.steps, "launch_s": self.launch_s,
                 "host_s_per_layer": self.host_s_per_layer, "capture_s": self.capture_s,
-                "graph_mem_bytes": self.graph_mem_bytes}
+                "graph_mem_bytes": self.graph_mem_bytes, "evict": "nextuse" if self.nu is not None else "policy",
+                "prefetch": self.prefetch}
 
     def reset_stats(self) -> None:
         self.steps = 0

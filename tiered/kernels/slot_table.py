@@ -3,7 +3,8 @@
 Owns two kernels and their plain torch references (the references are the CPU path and what tests compare with):
   - `resolve`: one layer's top-k ids -> slot rows, on the device. Hits are looked up in a key -> slot table;
     each miss takes the slot with the lowest eviction score (score = uses * w + last use tick: w = 0 is LRU, w > 0
-    frequency-weighted LRU, the host's `flru`), never a slot this call already uses; free slots go first. The
+    frequency-weighted LRU, the host's `flru`; or, given per-key predicted next uses `nt`, minus the slot key's nt:
+    the block predicted to be needed last goes first), never a slot this call already uses; free slots go first. The
     tables, the clock and the hit/miss counters are updated in place, and each miss's source row in the host pool
     is written out for `gather`.
   - `gather`: copy whole expert blocks from a host pool (page-locked memory the GPU reads over UVA) into the slots
@@ -16,7 +17,8 @@ calls these (decode/devstep.py).
 
 Legend: K top-k, S device slots, N keys = L * E, B block bytes, R host pool rows.
 Tables: slot_of int32 [N] (-1 = not resident), key_of int32 [S] (-1 = free), last int64 [S], uses int64 [S],
-clock int64 [1] (ticks once per resolve, like the host cache's get() clock), counts int64 [2] (hits, misses),
+clock int64 [1] (ticks once per resolve, like the host cache's get() clock), counts int64 [4] (hits, misses;
+prefetch: already resident, loaded),
 host_row int64 [N] (the key's row in the host pool; every key must have one).
 """
 from __future__ import annotations
@@ -34,11 +36,12 @@ _PINNED = tl.constexpr(PINNED_SCORE)
 
 @triton.jit
 def _resolve_kernel(ids_ptr, base, slot_of, key_of, last, uses, clock, counts, host_row, out_slot, out_src,
-                    pin_ptr, n_ids, n_slots, n_pin, w, K_P: tl.constexpr, S_P: tl.constexpr, P_P: tl.constexpr,
-                    PREFETCH: tl.constexpr):
+                    pin_ptr, nt_ptr, n_ids, n_slots, n_pin, w, margin, K_P: tl.constexpr, S_P: tl.constexpr,
+                    P_P: tl.constexpr, PREFETCH: tl.constexpr, SCORED: tl.constexpr):
     ok = tl.arange(0, K_P)
-    mk = ok < n_ids
-    keys = base + tl.load(ids_ptr + ok, mask=mk, other=0).to(tl.int64)  # [K_P]
+    raw = tl.load(ids_ptr + ok, mask=ok < n_ids, other=-1).to(tl.int64)
+    mk = (ok < n_ids) & (raw >= 0)  # an id < 0 is a skipped entry (a prefetch candidate dropped by the caller)
+    keys = base + tl.where(mk, raw, 0)  # [K_P]
     s = tl.load(slot_of + keys, mask=mk, other=-1).to(tl.int64)  # [K_P] current slot, -1 = miss
     hit = mk & (s >= 0)
     miss = mk & (s < 0)
@@ -62,13 +65,22 @@ def _resolve_kernel(ids_ptr, base, slot_of, key_of, last, uses, clock, counts, h
     for p in tl.static_range(P_P):
         sp = tl.load(pin_ptr + p, mask=p < n_pin, other=-1)
         pin = pin | (os_ == sp)
-    score = tl.where(kof < 0, _FREE, use * w + lst)
+    if SCORED:  # evict the latest predicted next use (nt: larger = later)
+        score = -tl.load(nt_ptr + kof.to(tl.int64), mask=ms & (kof >= 0), other=0)
+        nt_k = tl.load(nt_ptr + keys, mask=mk, other=0)  # [K_P] the candidates' own predicted next use
+    else:
+        score = use * w + lst
+    score = tl.where(kof < 0, _FREE, score)
     score = tl.where(pin | (os_ >= n_slots), _PINNED, score)
     slot = s
     for k in tl.static_range(K_P):
         mk_k = tl.sum(tl.where((ok == k) & miss, 1, 0), axis=0) > 0
         v = tl.argmin(score, axis=0).to(tl.int64)
-        ok_v = tl.min(score, axis=0) < _PINNED  # a slot is left to take (a prefetch may run out; demand never does)
+        lo = tl.min(score, axis=0)
+        ok_v = lo < _PINNED  # a slot is left to take (a prefetch may run out; demand never does)
+        if SCORED and PREFETCH:  # a prefetch never evicts a block predicted to be needed before its candidate
+            ntc = tl.sum(tl.where(ok == k, nt_k, 0), axis=0)
+            ok_v = ok_v & ((lo == _FREE) | (-lo >= ntc + margin))
         claim = (os_ == v) & mk_k & ok_v
         score = tl.where(claim, _PINNED, score)
         lst = tl.where(claim, 0 if PREFETCH else t, lst)  # a prefetched block enters cold: the first victim unless used
@@ -84,9 +96,9 @@ def _resolve_kernel(ids_ptr, base, slot_of, key_of, last, uses, clock, counts, h
     tl.store(uses + os_, use, mask=ms)
     if not PREFETCH:
         tl.store(clock, t)
-    tl.store(out_slot + ok, slot, mask=mk)
+    tl.store(out_slot + ok, tl.where(mk, slot, -1), mask=ok < n_ids)
     src = tl.load(host_row + keys, mask=load, other=-1)
-    tl.store(out_src + ok, tl.where(load, src, -1), mask=mk)
+    tl.store(out_src + ok, tl.where(load, src, -1), mask=ok < n_ids)
     c0 = 2 if PREFETCH else 0
     tl.store(counts + c0, tl.load(counts + c0) + tl.sum(hit.to(tl.int64), axis=0))
     tl.store(counts + c0 + 1, tl.load(counts + c0 + 1) + tl.sum(load.to(tl.int64), axis=0))
@@ -138,17 +150,25 @@ def _p2(n: int) -> int:
 
 
 def resolve(ids: Tensor, layer: int, num_experts: int, t: dict[str, Tensor], w: int, out_slot: Tensor,
-            out_src: Tensor, *, pin: Tensor | None = None, prefetch: bool = False) -> None:
+            out_src: Tensor, *, pin: Tensor | None = None, prefetch: bool = False, nt: Tensor | None = None,
+            margin: int = 0) -> None:
     """ids int64 [K] (device) of `layer` -> out_slot int64 [K], out_src int64 [K] (host row of a miss, -1 on a hit);
     `t` holds the tables of the module docstring (updated in place). CUDA: one program; else the reference.
+    An id < 0 is skipped (out_slot and out_src -1).
+
+    nt: None = evict by score uses * w + last use (LRU, flru). Else int64 [N], each key's predicted next use (larger
+    = later, decode/devpolicy.py): the victim is the resident slot whose key has the largest nt.
 
     prefetch=True: load what is missing without touching what is resident (no use counted, the clock does not
-    move), entering cold (last use 0, no uses: the first victim of the next call unless that call uses it; measured
-    on the H200 box, inserting them as the newest evicted useful experts), never evicting a slot in `pin` (int64 [P]: the slots compute reads meanwhile); a candidate left without
-    a slot gets -1. Counted in counts[2] (already resident) and counts[3] (loaded)."""
+    move), entering cold (last use 0, no uses: with nt None the first victim of the next call unless that call
+    uses it; measured on the H200 box, inserting them as the newest evicted useful experts), never evicting a slot
+    in `pin` (int64 [P]: the slots compute reads meanwhile); with nt, only a free slot or a victim whose nt is at
+    least the candidate's nt + margin is taken (a prefetch never evicts a block predicted to be needed sooner). A
+    candidate left without a slot gets -1. Counted in counts[2] (already resident) and counts[3] (loaded)."""
     S = t["key_of"].shape[0]
     if ids.device.type != "cuda":
-        return resolve_reference(ids, layer, num_experts, t, w, out_slot, out_src, pin=pin, prefetch=prefetch)
+        return resolve_reference(ids, layer, num_experts, t, w, out_slot, out_src, pin=pin, prefetch=prefetch, nt=nt,
+                                 margin=margin)
     K = ids.shape[0]
     if S < K and not prefetch:
         raise ValueError(f"a device slot table of {S} slots cannot hold one layer's {K} experts")
@@ -156,19 +176,21 @@ def resolve(ids: Tensor, layer: int, num_experts: int, t: dict[str, Tensor], w: 
     P = 0 if pin is None else pin.shape[0]
     _resolve_kernel[(1,)](ids, layer * num_experts, t["slot_of"], t["key_of"], t["last"], t["uses"], t["clock"],
                           t["counts"], t["host_row"], out_slot, out_src, pin if pin is not None else out_slot,
-                          K, S, P, int(w), K_P=_p2(K), S_P=_p2(S), P_P=_p2(P) if P else 1, PREFETCH=prefetch,
-                          num_warps=nw)
+                          nt if nt is not None else out_slot, K, S, P, int(w), int(margin), K_P=_p2(K), S_P=_p2(S),
+                          P_P=_p2(P) if P else 1, PREFETCH=prefetch, SCORED=nt is not None, num_warps=nw)
 
 
 def resolve_reference(ids: Tensor, layer: int, num_experts: int, t: dict[str, Tensor], w: int, out_slot: Tensor,
-                      out_src: Tensor, *, pin: Tensor | None = None, prefetch: bool = False) -> None:
+                      out_src: Tensor, *, pin: Tensor | None = None, prefetch: bool = False, nt: Tensor | None = None,
+                      margin: int = 0) -> None:
     """The same algorithm in plain torch on host values (CPU path and test reference): ties go to the lowest slot,
     as argmin's do in the kernel."""
     slot_of, key_of, last, uses = t["slot_of"], t["key_of"], t["last"], t["uses"]
     S = key_of.shape[0]
     now = int(t["clock"][0]) + 1
-    keys = [layer * num_experts + int(e) for e in ids.tolist()]
-    slots = [int(slot_of[k]) for k in keys]
+    raw = [int(e) for e in ids.tolist()]
+    keys = [layer * num_experts + e if e >= 0 else -1 for e in raw]
+    slots = [int(slot_of[k]) if k >= 0 else -1 for k in keys]
     pinned = set()
     for s in slots:
         if s >= 0:
@@ -178,16 +200,23 @@ def resolve_reference(ids: Tensor, layer: int, num_experts: int, t: dict[str, Te
             pinned.add(s)
     if pin is not None:
         pinned.update(int(p) for p in pin.tolist() if p >= 0)
-    score = [FREE_SCORE if int(key_of[i]) < 0 else int(uses[i]) * int(w) + int(last[i]) for i in range(S)]
+    ntl = nt.tolist() if nt is not None else None
+    kof = key_of.tolist()
+    if ntl is None:
+        score = [FREE_SCORE if kof[i] < 0 else int(uses[i]) * int(w) + int(last[i]) for i in range(S)]
+    else:
+        score = [FREE_SCORE if kof[i] < 0 else -int(ntl[kof[i]]) for i in range(S)]
     for i in pinned:
         score[i] = PINNED_SCORE
     src = [-1] * len(keys)
     for j, k in enumerate(keys):
-        if slots[j] >= 0:
+        if k < 0 or slots[j] >= 0:
             continue
         v = min(range(S), key=lambda i: (score[i], i))
         if score[v] >= PINNED_SCORE:  # no slot left (a prefetch may run out)
             continue
+        if ntl is not None and prefetch and score[v] != FREE_SCORE and -score[v] < int(ntl[k]) + int(margin):
+            continue  # the victim is predicted to be needed before this candidate
         score[v] = PINNED_SCORE
         old = int(key_of[v])
         if old >= 0:

@@ -145,19 +145,23 @@ class DeviceSlotTable:
         self.handovers += 1
 
     # --- the step's calls (captured in its graph) ---
-    def resolve(self, layer: int, ids: Tensor, out_slot: Tensor, out_src: Tensor) -> None:
-        """ids int64 [K] of `layer` -> out_slot [K] slot rows, out_src [K] RAM rows of the misses (-1 on hits)."""
-        self.kern.resolve(ids, layer, self.num_experts, self.t, self.w, out_slot, out_src)
+    def resolve(self, layer: int, ids: Tensor, out_slot: Tensor, out_src: Tensor, *, nt: Tensor | None = None) -> None:
+        """ids int64 [K] of `layer` -> out_slot [K] slot rows, out_src [K] RAM rows of the misses (-1 on hits).
+        nt int64 [N]: evict by these predicted next uses instead of the table's lru/flru (kernels/slot_table)."""
+        self.kern.resolve(ids, layer, self.num_experts, self.t, self.w, out_slot, out_src, nt=nt)
 
     def gather(self, src: Tensor, slot: Tensor, *, ctas: int | None = None) -> None:
         """Copy the misses resolve found from the pinned RAM tier into their slots (on the current stream); ctas
         bounds the copy's programs (a prefetch beside compute should not take every SM)."""
         self.kern.gather(self.host_pool, src, slot, self.slots, ctas=ctas)
 
-    def prefetch(self, layer: int, ids: Tensor, pin: Tensor, out_slot: Tensor, out_src: Tensor) -> None:
-        """Candidates ids int64 [C] of `layer` loaded where slots are free to take, never one in `pin` [K] (the slots
-        the layer being computed reads); resident ones untouched (kernels/slot_table.resolve, prefetch=True)."""
-        self.kern.resolve(ids, layer, self.num_experts, self.t, self.w, out_slot, out_src, pin=pin, prefetch=True)
+    def prefetch(self, layer: int, ids: Tensor, pin: Tensor, out_slot: Tensor, out_src: Tensor, *,
+                 nt: Tensor | None = None, margin: int = 0) -> None:
+        """Candidates ids int64 [C] of `layer` (-1 = skipped) loaded where slots are free to take, never one in `pin`
+        [K] (the slots the layer being computed reads); resident ones untouched; with nt, only over victims
+        predicted to be needed later (kernels/slot_table.resolve, prefetch=True)."""
+        self.kern.resolve(ids, layer, self.num_experts, self.t, self.w, out_slot, out_src, pin=pin, prefetch=True,
+                          nt=nt, margin=margin)
 
     # --- stats ---
     def harvest(self) -> tuple[int, int]:

@@ -80,6 +80,10 @@ class TierConfig:
     device_prefetch: int = _opt(0, "With the device slot table: experts per layer prefetched one layer ahead on a side "
                                    "stream, ranked by router-history transitions (fitted by `tiered tune --fit-trace`)",
                                 ("min", 0))
+    device_evict: str = _opt("policy", "With the device slot table: evict by --policy (lru/flru), or by nextuse (each "
+                                       "expert's predicted next use from router-history transitions and its use "
+                                       "history; the prefetch then loads only likely experts over later-needed ones)",
+                             ("policy", "nextuse"))
     h2d_gbps: float = _opt(0.0, "Benchmark option: pace host->GPU expert copies to this many GB/s (10^9 B/s), "
                                 "emulating a slower PCIe link (0 = unpaced)")
 
@@ -92,6 +96,8 @@ class TierConfig:
             if getattr(self, name) not in allowed:
                 raise BudgetError(f"--{name.replace('_', '-')} must be one of {sorted(allowed)}, "
                                   f"got {getattr(self, name)!r}")
+        if self.device_evict not in ("policy", "nextuse"):
+            raise BudgetError(f"--device-evict must be policy or nextuse, got {self.device_evict!r}")
         if self.io_register not in ("auto", "off"):
             raise BudgetError(f"--io-register must be auto or off, got {self.io_register!r}")
         for name in ("vram_gb", "ram_gb"):

@@ -1,0 +1,298 @@
+"""The device step's eviction and prefetch, simulated on CPU over replayed routing, against the serial Belady bound.
+
+What runs is the device step's own body (decode/devstep.py DeviceStep._body, graphs off) over a stand-in model whose
+segments only hand out the replayed routing, and the device slot table's methods (store/devtable.py) with the
+resolve reference (kernels/slot_table.resolve_reference, the kernel's algorithm): the same resolve, next-use
+updates and prefetch calls, in the same order, as the captured step. Only the copies are counted, not made.
+
+Routing: the reference model (olmoe-code-17m) traced on ../shared/text/{fit,eval} and mapped onto the benchmark
+model as bench_cpu_experts_gpu.py does (`mapped`: for the 8-layer 10.6B shape, map_routing onto 8 x 128 experts,
+top-8, jitter 0). Transitions and next-use weights are fitted on fit/; figures are on eval/.
+Per eval document, as bench_cpu_experts_gpu.py runs it: the prompt's positions 0..P-1 are prefilled (one step per
+layer with the union of the prompt's experts, LRU through the resolve reference: the host cache's prefill, handed
+to the device table), then positions P..P+N-2 are decoded (the benchmark's --new-tokens N gives N-1 decode steps).
+Belady (store/policy.belady) runs over the same steps, counted from the first decode step.
+
+Time model per token, per MoE layer l (CONTRACTS' serial bound uses the same compute and link):
+    demand copies of l (serial, at --pcie-gbps) + max(compute / L, the prefetch copies for l+1 issued beside it)
+and the serial Belady bound: compute + Belady's miss bytes / PCIe. Ratio = bound time / simulated time.
+Not modelled: kernel launches inside the graph (the next-use update is one kernel per layer), the gather's 49-50
+GB/s (vs the copy engine's 54), the prefetch gather sharing SMs with compute. Against the H200 runs on the same two
+eval documents: lru/device (offload-devstep-bf16-2026-12-01-h200.json) hit rates 0.853/0.886 measured, 0.854/0.887
+here, ratio 0.60/0.63 measured, 0.67/0.71 here; lru+pf8/device with prefetched blocks inserted as newest (the
+measured run, offload-devstep-prefetch-2026-12-01-h200.json) hit rates 0.792/0.854 and 189/119 MB per token
+measured, 0.792/0.854 and 189/120 MB here, ratio 0.38/0.47 measured, 0.46/0.56 here. So the counts are the
+engine's; the times run 10% (demand) to 17% (prefetch) optimistic.
+
+    python3 benchmarks/sim_devtable.py --text ../shared/text                     # all runs, five eval docs
+    python3 benchmarks/sim_devtable.py --text ../shared/text --docs 2 --runs lru,nextuse,nextuse+pf1
+    python3 benchmarks/sim_devtable.py --text ../shared/text --fit               # refit the next-use weights
+Prints a table, then one JSON line last; writes $OUT/sim_devtable.json when OUT is set.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO / "tools"))
+
+from benchmeta import git_commit  # noqa: E402
+
+from tiered.decode.devpolicy import DEFAULT_PARAMS, fit_next_use  # noqa: E402
+from tiered.decode.devstep import DeviceStep  # noqa: E402
+from tiered.kernels import slot_table as st  # noqa: E402
+from tiered.predict.predictors import transition_params  # noqa: E402
+from tiered.predict.replay import map_routing, map_trace  # noqa: E402
+from tiered.predict.trace import Trace, load as load_trace, save as save_trace  # noqa: E402
+from tiered.store.devtable import DeviceSlotTable  # noqa: E402
+from tiered.store.policy import belady  # noqa: E402
+
+
+class SimTable(DeviceSlotTable):
+    """The device slot table's tensors and calls on CPU, with the copies counted instead of made, and the
+    prefetched blocks tracked until used."""
+
+    def __init__(self, num_layers: int, num_experts: int, slots: int, w: int) -> None:
+        N = num_layers * num_experts
+        self.kern, self.w, self.num_experts = st, int(w), num_experts
+        self.t = {"slot_of": torch.full((N,), -1, dtype=torch.int32), "key_of": torch.full((slots,), -1, dtype=torch.int32),
+                  "last": torch.zeros(slots, dtype=torch.int64), "uses": torch.zeros(slots, dtype=torch.int64),
+                  "clock": torch.zeros(1, dtype=torch.int64), "counts": torch.zeros(4, dtype=torch.int64),
+                  "host_row": torch.arange(N, dtype=torch.int64)}
+        self.owner = "device"
+        self.pending: set[int] = set()  # keys a prefetch loaded that no demand call has used yet
+        self.demand = self.pf = self.pf_used = 0
+        self.gathers: list[tuple[str, int]] = []  # ("demand" | "prefetch", blocks) in issue order
+
+    def resolve(self, layer, ids, out_slot, out_src, *, nt=None):
+        keys = [layer * self.num_experts + int(e) for e in ids.tolist()]
+        res = [int(self.t["slot_of"][k]) >= 0 for k in keys]
+        super().resolve(layer, ids, out_slot, out_src, nt=nt)
+        for k, r in zip(keys, res):
+            if r and k in self.pending:
+                self.pf_used += 1
+            self.pending.discard(k)
+        n = int((out_src >= 0).sum())
+        self.demand += n
+        self.gathers.append(("demand", n))
+
+    def prefetch(self, layer, ids, pin, out_slot, out_src, *, nt=None, margin=0):
+        super().prefetch(layer, ids, pin, out_slot, out_src, nt=nt, margin=margin)
+        n = 0
+        for e, s in zip(ids.tolist(), out_src.tolist()):
+            if s >= 0:
+                self.pending.add(layer * self.num_experts + int(e))
+                n += 1
+        self.pf += n
+        self.gathers.append(("prefetch", n))
+
+    def gather(self, src, slot, *, ctas=None):
+        pass
+
+
+class _Routed:
+    def __init__(self, ids: torch.Tensor) -> None:
+        self.ids = ids  # [1, K]
+        self.weights = torch.ones_like(ids, dtype=torch.float32)
+
+
+class SimModel:
+    """What DeviceStep._body calls on a model, handing out the replayed ids of the current position."""
+
+    def __init__(self, ids: np.ndarray, table: SimTable) -> None:
+        T, L, K = ids.shape
+        self.ids = torch.from_numpy(ids.astype(np.int64))
+        self.config = SimpleNamespace(num_layers=L, top_k=K, num_experts=int(table.num_experts),
+                                      moe_layers=list(range(L)))
+        self.provider = SimpleNamespace(devtable=table)
+        self.device = torch.device("cpu")
+        self.observer = self.prefetch_hook = self.routing = None
+        self.layers = [SimpleNamespace(moe=True) for _ in range(L)]
+        self.pos = 0
+
+    def static_plan(self, pos, span):
+        return None
+
+    def segment_first(self, tok, plan):
+        return _Routed(self.ids[self.pos, 0].clone()[None])
+
+    def segment_mid(self, l, r, slots, plan, partial):
+        return _Routed(self.ids[self.pos, l].clone()[None])
+
+    def segment_last(self, r, slots, partial):
+        return None
+
+
+def mapped(trace: Trace, layers: int, experts: int, top_k: int) -> Trace:
+    """bench_cpu_experts_gpu.mapped: map_trace when the shape is the same multiple of the reference's layers and
+    experts, else map_routing with no per-token jitter."""
+    try:
+        return map_trace(trace, num_layers=layers, num_experts=experts)
+    except ValueError:
+        return map_routing(trace, num_layers=layers, num_experts=experts, top_k=top_k, jitter=0.0)
+
+
+def reference_traces(text: Path, cache: Path) -> tuple[Trace, Trace]:
+    """The reference model's routing over fit/ and eval/ (bench_predict_gpu.reference_trace), cached as npz."""
+    out = []
+    for part in ("fit", "eval"):
+        f = cache / f"ref_{part}.npz"
+        if not f.is_file():
+            from bench_predict_gpu import reference_trace
+
+            cache.mkdir(parents=True, exist_ok=True)
+            save_trace(reference_trace(text / part, torch.device("cpu")), f)
+        out.append(load_trace(f))
+    return out[0], out[1]
+
+
+def parse_run(spec: str) -> dict:
+    """'lru', 'flru:W', 'nextuse', each optionally '+pfN' (device prefetch of N per layer); 'nextuse+oracleN': the
+    prefetch given the next layer's true missing experts (up to N; a ceiling for any next-layer predictor)."""
+    oracle = "+oracle" in spec
+    base, _, pf = spec.replace("+oracle", "+pf").partition("+pf")
+    name, _, w = base.partition(":")
+    if name not in ("lru", "flru", "nextuse") or (oracle and name != "nextuse"):
+        raise SystemExit(f"unknown run {spec!r}: use lru, flru:W or nextuse, optionally +pfN (nextuse: +oracleN)")
+    return {"evict": "nextuse" if name == "nextuse" else "policy", "w": int(w or (8 if name == "flru" else 0)),
+            "prefetch": int(pf or 0), "oracle": oracle}
+
+
+def simulate_doc(ids: np.ndarray, prompt: int, run: dict, *, slots: int, num_experts: int, transitions, params,
+                 block: int, pcie: float, compute: float) -> dict:
+    """One run over one document's routing ids [T, L, K]: positions 0..prompt-1 prefilled, the rest decoded."""
+    T, L, K = ids.shape
+    E = num_experts
+    table = SimTable(L, E, slots, run["w"])
+    model = SimModel(ids, table)
+    step = DeviceStep(model, graphs=False, prefetch=run["prefetch"], transitions=transitions,
+                      evict=run["evict"], nextuse=params)
+    if run.get("oracle"):
+        nu = step.nu
+
+        def oracle(j: int, slot_of: torch.Tensor, count: int) -> torch.Tensor:
+            """The next layer's experts that will miss (true routing), accepted over any victim (nt 0)."""
+            torch.add(nu.dist[j], nu.base, out=nu.nt_pf)
+            miss = [int(e) for e in model.ids[model.pos, j + 1] if int(slot_of[(j + 1) * E + int(e)]) < 0][:count]
+            for e in miss:
+                nu.nt_pf[(j + 1) * E + e] = 0
+            return torch.tensor(miss + [-1] * (count - len(miss)), dtype=torch.int64)
+
+        nu.prefetch = oracle
+    out = torch.empty(E, dtype=torch.int64)
+    src = torch.empty(E, dtype=torch.int64)
+    for l in range(L):  # prefill: the prompt's experts per layer, LRU (the host cache), then handed over
+        u = torch.from_numpy(np.unique(ids[:prompt, l]).astype(np.int64))
+        st.resolve_reference(u, l, E, table.t, 0, out[:len(u)], src[:len(u)])
+    table.t["counts"].zero_()
+    c = block / (pcie * 1e9)
+    comp_l = compute / L
+    tim = 0.0
+    n = T - prompt
+    for p in range(prompt, T):
+        model.pos = p
+        table.gathers = []
+        step._body(0)
+        # per layer: its demand gather, then (issued after it) the prefetch for l+1 beside its compute
+        g = table.gathers
+        i = 0
+        for l in range(L):
+            kind, d = g[i]
+            assert kind == "demand"
+            i += 1
+            pf = 0
+            if i < len(g) and g[i][0] == "prefetch":
+                pf = g[i][1]
+                i += 1
+            tim += d * c + max(comp_l, pf * c)
+    steps = [sorted(set((l * E + ids[:prompt, l]).ravel().tolist())) for l in range(L)]
+    steps += [(l * E + ids[t, l]).tolist() for t in range(prompt, T) for l in range(L)]
+    _, bm = belady(steps, slots, count_from=L)
+    bound = compute + bm * c / n
+    uses = n * L * K
+    return {"tokens": n, "demand_misses": table.demand, "hit_rate": 1 - table.demand / uses,
+            "demand_mb_per_token": table.demand * block / n / 1e6, "prefetch_mb_per_token": table.pf * block / n / 1e6,
+            "prefetch_issued": table.pf, "prefetch_used": table.pf_used,
+            "prefetch_unused_mb_per_token": (table.pf - table.pf_used) * block / n / 1e6,
+            "belady_misses": bm, "belady_mb_per_token": bm * block / n / 1e6,
+            "time_ms_per_token": tim / n * 1e3, "serial_belady_ms_per_token": bound * 1e3,
+            "vs_serial_belady": bound / (tim / n)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--text", type=Path, required=True, help="folder with fit/ and eval/")
+    ap.add_argument("--cache", type=Path, default=Path("/tmp/tiered-sim-devtable"), help="reference traces (npz)")
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--experts", type=int, default=128)
+    ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument("--slots", type=int, default=243, help="device slots (--vram-gb 4 on the 8-layer bf16 model: 243)")
+    ap.add_argument("--block-bytes", type=int, default=3 * 2048 * 768 * 2)
+    ap.add_argument("--pcie-gbps", type=float, default=54.0)
+    ap.add_argument("--compute-ms", type=float, default=1.16, help="GPU compute per token, all layers")
+    ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--docs", type=int, default=5, help="eval documents (the GPU benchmark runs the first 2)")
+    ap.add_argument("--split", choices=("eval", "fit"), default="eval", help="report on (fit: for tuning)")
+    ap.add_argument("--runs", default="lru,flru:8,nextuse,lru+pf8,lru+pf1,nextuse+pf1,nextuse+pf2,nextuse+oracle1")
+    ap.add_argument("--fit", action="store_true", help="refit the next-use weights on fit/ (else DEFAULT_PARAMS)")
+    a = ap.parse_args()
+    t0 = time.perf_counter()
+    fit_ref, eval_ref = reference_traces(a.text, a.cache)
+    fit = mapped(fit_ref, a.layers, a.experts, a.top_k)
+    ev = mapped(eval_ref if a.split == "eval" else fit_ref, a.layers, a.experts, a.top_k)
+    tp = transition_params(fit)
+    transitions = (tp.layer_trans, tp.time_trans)
+    params = fit_next_use(fit, *transitions) if a.fit else DEFAULT_PARAMS
+    n_tok = a.prompt_tokens + a.new_tokens - 1
+    res: dict = {"bench": "sim_devtable", "commit": git_commit(), "date": time.strftime("%Y-%m-%d"), "slots": a.slots, "block_bytes": a.block_bytes, "pcie_gbps": a.pcie_gbps,
+                 "compute_ms": a.compute_ms, "prompt_tokens": a.prompt_tokens, "decode_steps": a.new_tokens - 1,
+                 "split": a.split, "next_use_params": params.__dict__, "mapping": ev.meta.get("mapped_from"), "docs": {}}
+    runs = [r for r in a.runs.split(",") if r]
+    for d in range(min(a.docs, ev.num_docs)):
+        doc = ev.doc(d)
+        if doc.num_tokens < n_tok:
+            continue
+        ids = doc.topk_ids[:n_tok].astype(np.int64)
+        res["docs"][ev.doc_names[d]] = {
+            r: simulate_doc(ids, a.prompt_tokens, parse_run(r), slots=a.slots, num_experts=a.experts,
+                            transitions=transitions, params=params, block=a.block_bytes, pcie=a.pcie_gbps,
+                            compute=a.compute_ms * 1e-3)
+            for r in runs}
+    docs = res["docs"]
+    res["mean"] = {r: {k: float(np.mean([docs[d][r][k] for d in docs]))
+                       for k in ("vs_serial_belady", "hit_rate", "demand_mb_per_token", "prefetch_mb_per_token",
+                                 "time_ms_per_token")} for r in runs}
+    res["wall_s"] = time.perf_counter() - t0
+    print(f"{'doc':<26}{'run':<14}{'hit':>6}{'dem MB':>8}{'pf MB':>7}{'pf used':>9}{'Bel MB':>8}{'ms/tok':>8}"
+          f"{'bound':>7}{'ratio':>7}")
+    for dn, rr in docs.items():
+        for r, v in rr.items():
+            print(f"{dn[:25]:<26}{r:<14}{v['hit_rate']:>6.3f}{v['demand_mb_per_token']:>8.1f}"
+                  f"{v['prefetch_mb_per_token']:>7.1f}{v['prefetch_used']:>4}/{v['prefetch_issued']:<4}"
+                  f"{v['belady_mb_per_token']:>8.1f}{v['time_ms_per_token']:>8.3f}{v['serial_belady_ms_per_token']:>7.3f}"
+                  f"{v['vs_serial_belady']:>7.3f}")
+    for r, v in res["mean"].items():
+        print(f"{'mean':<26}{r:<14}{v['hit_rate']:>6.3f}{v['demand_mb_per_token']:>8.1f}{v['prefetch_mb_per_token']:>7.1f}"
+              f"{'':>9}{'':>8}{v['time_ms_per_token']:>8.3f}{'':>7}{v['vs_serial_belady']:>7.3f}")
+    line = json.dumps(res)
+    import os
+
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
+        (Path(os.environ["OUT"]) / "sim_devtable.json").write_text(line)
+    print(line)
+
+
+if __name__ == "__main__":
+    main()
