@@ -339,7 +339,7 @@ class Transformer:
             h, delta = r.h, self.experts_out(l, r)
         return self.head(h, all_logits, delta)
 
-    def _add_norm(self, h: Tensor, delta: Tensor | None, weight: Tensor) -> tuple[Tensor, Tensor]:
+    def add_norm(self, h: Tensor, delta: Tensor | None, weight: Tensor) -> tuple[Tensor, Tensor]:
         """(h + delta, rms_norm(h + delta, weight)); delta None = no add. One launch with the glue kernels."""
         if self.glue:
             from tiered.kernels.fused_norm import add_rms_norm
@@ -357,8 +357,8 @@ class Transformer:
         lw = self.layers[l]
         if plan.sliding is not None and self.layer_sliding[l]:
             plan = plan.sliding
-        h, x = self._add_norm(h, delta, lw.attn_norm)
-        h, x = self._add_norm(h, self.mix(l, x, plan), lw.mlp_norm)
+        h, x = self.add_norm(h, delta, lw.attn_norm)
+        h, x = self.add_norm(h, self.mix(l, x, plan), lw.mlp_norm)
         logits, ids, wts = self._route(l, x, plan)
         return Routed(h, x, logits, ids, wts)
 
@@ -411,7 +411,7 @@ class Transformer:
         if not all_logits:
             h = h[-1:]
             delta = None if delta is None else delta[-1:]
-        return linear(self._add_norm(h, delta, self.final_norm)[1], self.lm_head)
+        return linear(self.add_norm(h, delta, self.final_norm)[1], self.lm_head)
 
     # --- the one-token step in L+1 segments (tiered/decode/piecewise.py runs them, with host routing between) ---
     def segment_first(self, tokens: Tensor, plan: StepPlan) -> Routed:
