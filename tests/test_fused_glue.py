@@ -365,3 +365,32 @@ def test_batch_step_glue_matches_torch():
         sch.run_until_idle()
         outs.append([r.out_ids for r in reqs])
     assert outs[0] == outs[1]
+
+
+@interp
+def test_launch_count_per_layer(tmp_path):
+    """tools/profile_kernels.py's CPU count of the graphed step's launches: with the glue on, each layer's glue is
+    3 Triton launches (2 add+norm, 1 q/k rope) + the router's, and the torch glue's 20+ small ops per layer are gone."""
+    import sys
+    from pathlib import Path
+
+    from tiered.layout.repack import repack
+    from tiered.store.disk import Layout
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    from profile_kernels import count_cpu
+
+    ck = make_checkpoint(tmp_path / "q", "qwen3_moe", seed=1, norm_topk_prob=True)
+    repack(ck, tmp_path / "l", progress=False)
+    lay = Layout.open(tmp_path / "l")
+    L = lay.config.num_layers
+    runs = {}
+    for glue in (False, True):
+        m = _model(lay, glue, torch.bfloat16)
+        m.forward(torch.arange(3, 9), 0)
+        runs[glue] = count_cpu(m, 2, 6)
+    on, off = runs[True]["by_op"], runs[False]["by_op"]
+    assert on["triton:add_rms_norm"] == 2 * L + 1 and on["triton:qk_rope"] == L and on["triton:softmax_topk"] == L
+    assert not any(k in on for k in ("aten:rms_norm", "aten:flip", "aten:softmax", "aten:topk", "aten:index_copy_"))
+    saved = (runs[False]["launches_per_token"] - runs[True]["launches_per_token"]) / L
+    assert saved >= 20, (off, on)

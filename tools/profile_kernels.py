@@ -1,7 +1,7 @@
 """Kernels per decode token, where their device time goes, and the graphed step's wall time: glue kernels on vs off.
 
-On CUDA: every expert resident, the eager one-token step (model.forward of one token, no CUDA graph) runs N tokens
-under torch.profiler; printed per token: kernel launches, per layer, device us by kernel name (top 25) and the total
+On CUDA: every expert resident, the one-token step that the graphs capture (Transformer.decode_static) runs eagerly
+for N tokens under torch.profiler; printed per token: kernel launches, per layer, device us by kernel name (top 25) and the total
 kernel us, against the wall time of the same step replayed from a CUDA graph (decode/graphed.py) on the same model.
 On CPU (no GPU; the count only): each aten op of the step that is not a view is counted as one launch, and the
 glue kernels' launches (run by Triton's interpreter) are counted separately; times are not meaningful there.
@@ -93,7 +93,8 @@ class _Counting:
 
 
 def count_cpu(model, tokens: int, start: int, trace: list | None = None) -> dict:
-    """CPU: the launches one eager one-token step would make (aten ops that are not views, + glue kernels)."""
+    """CPU: the launches of the one-token step the graphs capture (decode_static; aten ops that are not views, +
+    the glue kernels). The expert and attention ops are the CPU path's, not the CUDA kernels'."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     counts: collections.Counter = collections.Counter()
@@ -118,9 +119,12 @@ def count_cpu(model, tokens: int, start: int, trace: list | None = None) -> dict
     fused_rope._QK_ROPE = _Counting(saved[1], "qk_rope", counts, state)
     fused_route._SOFTMAX_TOPK = _Counting(saved[2], "softmax_topk", counts, state)
     try:
+        toks = torch.arange(7, 7 + tokens)
+        pos = torch.arange(start, start + tokens)
+        span = model.graph_span(start + tokens)
         with torch.inference_mode(), Mode():
-            for i in range(tokens):
-                model.forward(torch.tensor([7 + i]), start + i)
+            for i in range(tokens):  # the step the graphs capture
+                model.decode_static(toks[i:i + 1], pos[i:i + 1], span)
     finally:
         fused_norm._ADD_NORM, fused_rope._QK_ROPE, fused_route._SOFTMAX_TOPK = saved
     per_tok = {k: v / tokens for k, v in counts.most_common()}
@@ -128,26 +132,38 @@ def count_cpu(model, tokens: int, start: int, trace: list | None = None) -> dict
 
 
 def profile_cuda(model, tokens: int, start: int) -> dict:
-    """CUDA: the eager one-token step under torch.profiler; kernel launches and device time per token."""
+    """CUDA: the one-token step the graphs capture (Transformer.decode_static), run eagerly under torch.profiler;
+    kernel launches and device time per token. Tokens and positions are device rows made before profiling."""
     from torch.profiler import ProfilerActivity, profile
 
     dev = model.device
-    for i in range(3):  # warm-up: Triton compiles, cuBLAS handles
-        model.forward(torch.tensor([7 + i], device=dev), start + i)
-    torch.cuda.synchronize(dev)
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        for i in range(tokens):
-            model.forward(torch.tensor([7 + i], device=dev), start + 3 + i)
+    toks = torch.arange(7, 7 + tokens + 3, device=dev)
+    pos = torch.arange(start, start + tokens + 3, device=dev)
+    span = model.graph_span(start + tokens + 3)
+
+    def step(i: int) -> None:
+        model.decode_static(toks[i:i + 1], pos[i:i + 1], span)
+
+    with torch.inference_mode():
+        for i in range(3):  # warm-up: Triton compiles, cuBLAS handles
+            step(i)
         torch.cuda.synchronize(dev)
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            for i in range(3, tokens + 3):
+                step(i)
+            torch.cuda.synchronize(dev)
     n: collections.Counter = collections.Counter()
     us: collections.Counter = collections.Counter()
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset")):
+    events = list(prof.events())
+    for e in events:  # device-side events (kernels, memcpy, memset) as the profiler lists them
+        if e.device_type == torch.autograd.DeviceType.CUDA:
             n[e.name] += 1
-            us[e.name] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
-        elif e.device_type == torch.autograd.DeviceType.CUDA:
-            n[e.name] += 1
-            us[e.name] += getattr(e, "device_time_total", 0)
+            us[e.name] += e.time_range.elapsed_us()
+    if not n:  # older layouts of the profiler's results: the kernels hang off the CPU ops that launched them
+        for e in events:
+            for k in getattr(e, "kernels", []):
+                n[k.name] += 1
+                us[k.name] += k.duration
     top = [{"kernel": k[:120], "per_token": n[k] / tokens, "us_per_token": us[k] / tokens}
            for k, _ in us.most_common(25)]
     return {"launches_per_token": sum(n.values()) / tokens, "kernel_us_per_token": sum(us.values()) / tokens,
@@ -198,7 +214,7 @@ def main() -> None:
     for glue in ((False, True) if a.glue == "both" else (a.glue == "on",)):
         name = "glue" if glue else "torch"
         eng = tiered.load(lay, device=device, dtype="bfloat16", attn=a.attn,
-                          max_context=a.prompt + a.tokens + 64, cuda_graphs=False, glue=glue)
+                          max_context=a.prompt + 2 * a.tokens + 64, cuda_graphs=False, glue=glue)
         m = eng.model
         L = m.config.num_layers
         prompt = torch.arange(100, 100 + a.prompt, device=m.device)
