@@ -245,6 +245,17 @@ def part_decode(a, device: torch.device) -> dict:
     res["tiered_decode_tok_s"] = statistics.median(runs)
     res["tiered_runs"] = runs
     res["decode_graphs"] = g.stats.get("decode_graphs")
+    res["delta_step"] = g.stats.get("delta_step")
+    if res["delta_step"] == "triton" and res["linear_attention"] == "fla":  # measured against fla's one-token kernel
+        del eng
+        gc.collect()
+        torch.cuda.empty_cache()
+        eng, _ = load_ours(lay, device, a.prompt_tokens + n + 16, delta_step="fla")
+        eng.generate(ids, max_new_tokens=n, stop_at_eos=False)
+        fla_runs = [eng.generate(ids, max_new_tokens=n, stop_at_eos=False).stats["decode_tok_s"]
+                    for _ in range(a.repeats)]
+        res["tiered_fla_step_decode_tok_s"] = statistics.median(fla_runs)
+        res["fused_step_vs_fla_step"] = res["tiered_decode_tok_s"] / res["tiered_fla_step_decode_tok_s"]
     if "llama_gguf" in res:
         del eng
         gc.collect()

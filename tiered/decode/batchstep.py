@@ -43,7 +43,7 @@ from tiered.layout.quant import QuantWeight
 from tiered.model.deltanet import deltanet, deltanet_rows
 from tiered.model.layers import attn_mask, project_qkv, project_qkv_fused
 from tiered.model.mla import mla_attend, mla_attend_rows, mla_project
-from tiered.model.moe import _expert, shared_expert
+from tiered.model.moe import _expert, add_shared_expert
 from tiered.model.transformer import Routed
 from tiered.store.provider import HostSlotProvider
 
@@ -193,7 +193,7 @@ class BatchStep:
             wc = wts if m.fp32_route_weights else wts.to(x.dtype)
             out = self._experts(x, ids, wc, l, lw.moe.act)
             if lw.moe.shared_gate is not None:
-                out = out + shared_expert(x, lw.moe)
+                out = add_shared_expert(out, x, lw.moe, fused=m.kernels and lw.moe.act is None)
             delta = out
         last = [offs[i + 1] - 1 for i, s in enumerate(segs) if s.want_logits]
         if not last:
@@ -331,12 +331,14 @@ class BatchStep:
         for i in plan["rec_chunks"]:
             a, b = offs[i], offs[i + 1]
             sl = segs[i].slot
-            out[a:b] = deltanet(x[a:b], w, m.delta_shape, ls.conv[sl], ls.recurrent[sl], backend=m.linear_attn)
+            out[a:b] = deltanet(x[a:b], w, m.delta_shape, ls.conv[sl], ls.recurrent[sl], backend=m.linear_attn,
+                                step=m.delta_step)
         if plan["rec_one"]:
             rows, slots = plan["rec_rows"], plan["rec_slots"]
             conv = ls.conv.index_select(0, slots)  # [B, C, W-1]
             rec = ls.recurrent.index_select(0, slots)  # [B, Hv, dk, dv]
-            y = deltanet_rows(x.index_select(0, rows), w, m.delta_shape, conv, rec, backend=m.linear_attn)
+            y = deltanet_rows(x.index_select(0, rows), w, m.delta_shape, conv, rec, backend=m.linear_attn,
+                              step=m.delta_step)
             ls.conv.index_copy_(0, slots, conv)
             ls.recurrent.index_copy_(0, slots, rec)
             out.index_copy_(0, rows, y)

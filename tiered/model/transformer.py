@@ -42,7 +42,7 @@ from tiered.kernels.quant_moe import qlinear as linear
 from tiered.layout.config import ModelConfig
 from tiered.layout.quant import QuantWeight, cat_rows
 from tiered.layout.quant import dense as qdense
-from tiered.model.deltanet import DeltaShape, DeltaWeights, deltanet, pick_delta_backend
+from tiered.model.deltanet import DeltaShape, DeltaWeights, deltanet, pick_delta_backend, pick_delta_step
 from tiered.model.layers import (SINKS_NEED_SDPA, AttnWeights, KVCache, Rope, StepPlan, attention, attn_mask,
                                  glue_available, plan_eager, rms_norm)
 from tiered.model import moe_gpu
@@ -152,7 +152,7 @@ def build_layer(cfg: ModelConfig, dense: dict[str, Tensor], l: int, device: torc
     moe = dense_mlp = None
     if cfg.is_moe_layer(l):
         bias = _take(dense, p + "router_score_bias", device, torch.float32, False)
-        moe = MoEWeights(router=t("router"),
+        moe = MoEWeights.stacked(router=t("router"),
                          shared_gate=t("shared_gate_proj") if shared else None,
                          shared_up=t("shared_up_proj") if shared else None,
                          shared_down=t("shared_down_proj") if shared else None,
@@ -212,7 +212,7 @@ def build_deltanet(cfg: ModelConfig, dense: dict[str, Tensor], l: int, device: t
         b, a = b.reshape(Hv, -1), a.reshape(Hv, -1)
     else:
         qkv, z, b, a = t("lin_qkv"), t("lin_z"), t("lin_b"), t("lin_a")
-    return DeltaWeights(qkv=qkv, z=z, b=b, a=a, conv=t("lin_conv").reshape(cfg.linear_conv_dim, -1),
+    return DeltaWeights.stacked(qkv=qkv, z=z, b=b, a=a, conv=t("lin_conv").reshape(cfg.linear_conv_dim, -1),
                         A_log=_take(dense, p + "lin_A_log", device, torch.float32), dt_bias=t("lin_dt_bias"),
                         norm=t("lin_norm"), out=t("lin_out"))
 
@@ -224,11 +224,12 @@ class Transformer:
                  device: torch.device | str, dtype: torch.dtype, max_context: int, attn: str = "sdpa",
                  observer: RoutingObserver | None = None, prefetch_hook: PrefetchHook | None = None,
                  routing: RoutingOverride | None = None, kernels: bool | None = None,
-                 linear_attn: str = "auto", glue: bool | None = None) -> None:
+                 linear_attn: str = "auto", delta_step: str = "auto", glue: bool | None = None) -> None:
         """observer: sees every layer's routing (SEAMS.md). prefetch_hook: called per layer of one-token steps
         after that layer's get() (moe.PrefetchHook). routing: replaces the router's choice (benchmark mode).
         kernels: routed experts through the Triton kernels (None = on CUDA when Triton is installed).
-        All four are fixed for the model's life. linear_attn: the DeltaNet backend ("auto", "fla", "torch").
+        All four are fixed for the model's life. linear_attn: the DeltaNet backend ("auto", "fla", "torch");
+        delta_step: its one-token step ("auto", "triton", "fla", "torch"; deltanet.pick_delta_step).
         glue: norms, residual adds, q/k norm + rotary + K/V store and softmax-top-k routing through the fused
         Triton kernels (None = on CUDA when Triton is installed; False = the torch ops, the CPU path)."""
         if attn not in ("sdpa", "flash", "triton"):
@@ -277,6 +278,8 @@ class Transformer:
         if kernels and not moe_gpu.kernels_enabled(dev):
             raise ValueError(f"kernels=True needs a CUDA device and Triton; device is {dev}")
         self.kernels = moe_gpu.kernels_enabled(dev) if kernels is None else bool(kernels)
+        self.delta_step = (pick_delta_step(delta_step, self.linear_attn, self.kernels) if config.num_linear_layers
+                           else "none")
         if glue and not glue_available(dev):
             raise ValueError(f"glue=True needs a CUDA device and Triton (or Triton's interpreter); device is {dev}")
         self.glue = (dev.type == "cuda" and glue_available(dev)) if glue is None else bool(glue)
@@ -371,7 +374,8 @@ class Transformer:
                                  absorbed=x.shape[0] == 1)
         if lw.linear is not None:
             lin = self.state.linear
-            return deltanet(x, lw.linear, self.delta_shape, lin.conv[row], lin.recurrent[row], backend=self.linear_attn)
+            return deltanet(x, lw.linear, self.delta_shape, lin.conv[row], lin.recurrent[row], backend=self.linear_attn,
+                            step=self.delta_step)
         return attention(x, lw.attn, self.cache, row, plan, self.config, backend=self.attn, glue=self.glue)
 
     def _route_own(self, l: int, x: Tensor, plan: StepPlan) -> tuple[Tensor, Tensor, Tensor]:
