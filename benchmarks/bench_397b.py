@@ -33,8 +33,8 @@ a phase rebuilds what it needs when the machine came back cold):
            host_s_per_layer and the disk tier's rate). One free parameter, the per-layer fixed cost (compute and the
            host's routing work), is fitted on slice A and checked on slice B: calibration_error = |predicted -
            measured| / measured must be <= 0.10 before the projection counts. Then 60 layers on the target: its
-           slots and RAM tier, PCIe 25 GB/s, each RAM-tier miss read from the NVMe at 7 GB/s plus the measured
-           registration per RAM-tier miss, the per-layer cost plus the active bytes over the target's HBM
+           slots and RAM tier, PCIe 25 GB/s, each RAM-tier miss read from the NVMe at 7 GB/s plus the host's
+           measured work per RAM-tier miss (host.work_s_per_ram_miss: not blocked on reads), the per-layer cost plus the active bytes over the target's HBM
            (--target-hbm-gbps). projected_tok_s_k10 / _k4, and per run the per-token busy time of each term
            (compute, PCIe, host per miss, host per RAM-tier miss, disk reads) for A, B and the projection. The
            slices start with a cold RAM tier, and so does this projection; projected_tok_s_k10_warm is the same
@@ -235,6 +235,8 @@ def budgets(a, lay: Layout, k: int, device: torch.device, ctx: int) -> dict:
         out["ram_gb"] = 0.4 * N * cfg.num_experts * bs / GiB
         out["budget_mode"] = "small: 25% of the experts in slots, 40% in the RAM tier"
     out["flags"]["ram_gb"] = out["ram_gb"]
+    if a.io_register != "auto":  # every run's RAM tier as pinned copies (the staged mode), not registered blocks
+        out["flags"]["io_register"] = a.io_register
     if "h2d_gbps" in BUDGET_KEYS and device.type == "cuda":
         out["flags"]["h2d_gbps"] = a.h2d_gbps
     out["h2d_paced"] = "h2d_gbps" in out["flags"]
@@ -384,7 +386,7 @@ def phase_slice(a, st: dict, device: torch.device) -> None:
         for k in (10, 4) if not a.small else (cfg.top_k, max(1, cfg.top_k // 2)):
             b = budgets(a, lay, k, device, a.prompt_tokens + a.new_tokens + 8)
             kinds = a.routings.split(",")
-            if a.staged and k == ((10, 4) if not a.small else (cfg.top_k,))[0]:
+            if a.staged and a.io_register == "auto" and k == ((10, 4) if not a.small else (cfg.top_k,))[0]:
                 kinds.append("replay-staged")  # the RAM tier as pinned copies (--io-register off), native K only
             for kind in kinds:
                 key = f"{name}/k{k}/{kind}"
@@ -517,9 +519,15 @@ def host_terms(r: dict, block: int) -> dict:
     h = r.get("host") or {}
     if h.get("s_per_vram_miss") is not None:
         rm = h.get("ram_misses") or 0
+        reg = (h.get("register_s") or 0.0) / rm if rm else 0.0
+        # on the target a RAM-tier miss pays its NVMe read (the disk term) plus the host's own work on it: the RAM
+        # tier's time not blocked on reads or checks (registration included); older stats: registration alone
+        work = h.get("work_s_per_ram_miss")
         return {"source": "stats.host", "s_per_vram_miss": h["s_per_vram_miss"],
-                "s_per_ram_miss": h.get("s_per_ram_miss") or 0.0,
-                "register_s_per_ram_miss": (h.get("register_s") or 0.0) / rm if rm else 0.0}
+                "s_per_ram_miss": h.get("s_per_ram_miss") or 0.0, "register_s_per_ram_miss": reg,
+                "target_s_per_ram_miss": work if work is not None else reg,
+                "verify_s_per_block": (h.get("verify_s") or 0.0) / h["verified_blocks"]
+                if h.get("verified_blocks") else None}
     L, toks, K = r["layers"], r.get("decode_tokens") or 0, r.get("experts_per_token") or 1
     gbps = (r.get("disk") or {}).get("gbps") or 0.0
     hr = block / (gbps * 1e9) if gbps > 0 else 0.0
@@ -529,7 +537,7 @@ def host_terms(r: dict, block: int) -> dict:
     host = (r.get("host_s_per_layer") or 0.0) * L * toks
     hv = max(0.0, (host - rm * hr) / vm) if vm else 0.0
     return {"source": "derived: host_s_per_layer, disk.gbps", "s_per_vram_miss": hv, "s_per_ram_miss": hr,
-            "register_s_per_ram_miss": hr}
+            "register_s_per_ram_miss": hr, "target_s_per_ram_miss": hr}
 
 
 def link_gbps(r: dict) -> float:
@@ -601,12 +609,13 @@ def phase_project(a, st: dict) -> None:
         c_t = c + active / (a.target_hbm_gbps * 1e9)
         tr60 = routing_for(kind, ref, TARGET_LAYERS, E, k, tokens, a)
         # host terms of slice A; a RAM-tier miss on the target reads its block from the NVMe (the disk term: the
-        # step's reads concurrent at --target-disk-gbps) and then pays the host's registration (or, for results
-        # without `host` stats, the whole measured host cost per RAM-tier miss: conservative)
+        # step's reads concurrent at --target-disk-gbps) and then pays the host's own work on it, measured (the RAM
+        # tier's time not blocked on reads: registration, bookkeeping; for results without `host` stats, the whole
+        # measured host cost per RAM-tier miss: conservative)
         tm = TierModel(slots=max(k, b["slots_target_60"]), partition="global", policy="lru",
                        ram_slots=int(b["ram_tier_target_gib"] * GiB // block), block_bytes=block,
                        h2d_gbps=a.h2d_gbps, disk_gbps=a.target_disk_gbps, compute_s_per_layer=c_t,
-                       host_s_per_miss=ht["s_per_vram_miss"], host_s_per_ram_miss=ht["register_s_per_ram_miss"],
+                       host_s_per_miss=ht["s_per_vram_miss"], host_s_per_ram_miss=ht["target_s_per_ram_miss"],
                        overlap=True)
         head_t = (ra.get("head_s") or 0.0) + lm_head_bytes / (a.target_hbm_gbps * 1e9)
         s60, n60, d60 = sim_decode(tr60, tm, a.prompt_tokens, a.warmup + 8, head_t)
@@ -676,6 +685,9 @@ def main() -> None:
     ap.add_argument("--no-staged", dest="staged", action="store_false",
                     help="skip the replay-staged runs (native K, replayed routing, --io-register off: the RAM tier "
                          "as pinned copies read on the I/O threads instead of registered mapped blocks)")
+    ap.add_argument("--io-register", default="auto", choices=("auto", "off"),
+                    help="the RAM tier of every run: registered mapped blocks when CUDA accepts them (auto), or "
+                         "pinned copies filled on the I/O threads (off; then no separate replay-staged runs)")
     ap.add_argument("--segment", type=int, default=128)
     ap.add_argument("--jitter", type=float, default=0.25)
     ap.add_argument("--prompt-tokens", type=int, default=16)
@@ -788,7 +800,8 @@ def report(st: dict) -> None:
             h = r.get("host_terms_A") or {}
             print(f"host  {key:<12}  {(h.get('s_per_vram_miss') or 0) * 1e3:.3f} ms per device miss, "
                   f"{(h.get('s_per_ram_miss') or 0) * 1e3:.3f} ms per RAM-tier miss "
-                  f"({(h.get('register_s_per_ram_miss') or 0) * 1e3:.3f} ms on the target) from {h.get('source')}")
+                  f"({(h.get('target_s_per_ram_miss', h.get('register_s_per_ram_miss')) or 0) * 1e3:.3f} ms on the "
+                  f"target, registration {(h.get('register_s_per_ram_miss') or 0) * 1e3:.3f}) from {h.get('source')}")
         for key, r in pr["runs"].items():
             print(f"project {key:<14} calib err {r.get('calibration_error')}  projected 60 layers "
                   f"{r['projected_tok_s']:.2f} tok/s, warm RAM tier {r.get('projected_tok_s_warm') or 0:.2f} "

@@ -49,6 +49,14 @@ def test_bench_397b_small_pipeline(tmp_path):
         assert terms["total"] == pytest.approx(r_["measured_A_ms_per_token"], rel=1e-6) or r_["c_s_per_layer"] == 0
         assert {"compute", "pcie", "host_miss", "host_ram_miss", "disk_read"} <= set(r_["sim_60"]["terms_ms_per_token"])
     assert res["slice"]["A/k4/replay"]["host"]["ram_misses"] > 0
+    for key, r_ in pr["runs"].items():  # the target's host work per RAM-tier miss is the run's own measured figure
+        h = res["slice"][f"A/{key}"]["host"]
+        assert r_["host_terms_A"]["target_s_per_ram_miss"] == h["work_s_per_ram_miss"] >= 0
+        assert h["work_s_per_ram_miss"] <= h["s_per_ram_miss"]
+        terms = r_["sim_60"]["terms_ms_per_token"]  # per RAM-tier miss: a block from the NVMe, then the host work
+        read_s = res["model_60"]["block_size"] / (pr["target"]["nvme_gbps"] * 1e9)
+        assert terms["host_ram_miss"] == pytest.approx(terms["disk_read"] / read_s * h["work_s_per_ram_miss"],
+                                                       rel=1e-6, abs=1e-12)
     assert isinstance(res["projected_tok_s_k10_staged"], float)
     assert all(r_["target_slots"] >= 2 and r_["projected_tok_s"] > 0 for r_ in pr["runs"].values())
     assert res["model_60"]["block_size"] == 8192

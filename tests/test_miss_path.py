@@ -11,6 +11,7 @@ import torch
 
 from tiered.store.cache import make_provider
 from tiered.store.disk import Layout
+from tiered.store.hostmem import aligned_empty
 from tiered.store.io import BlockReader, ExpertReadError, Faults
 from tiered.store.policy import make_policy
 from tiered.store.ram import PinnedPool
@@ -260,5 +261,207 @@ def test_more_misses_than_slots_load_in_batches_with_right_bytes(layout, io, n_s
         seen.append(k)
     assert sorted(seen) == sorted(keys) and seen[0] == 5  # the hit first
     ram.table.check()
+    ram.close()
+    reader.close()
+
+
+# --- chunked reads: the first-use hash is fed chunk by chunk, in file order, as the chunks land -----------------
+CHUNK = 4096  # the reference layout's 16 KiB blocks read as 4 chunks
+
+
+def _delayed(reader: BlockReader, delays: dict[tuple[int, int], float]) -> list[tuple[int, int]]:
+    """Make the read of chunk (key, start) sleep first; returns the list of (key, start) in landing order."""
+    plain, landed = reader._read_chunk, []
+    E = reader.num_experts
+
+    def read_chunk(ref, dest, start, n):
+        time.sleep(delays.get((ref.layer * E + ref.expert, start), 0.0))
+        plain(ref, dest, start, n)
+        landed.append((ref.layer * E + ref.expert, start))
+
+    reader._read_chunk = read_chunk
+    return landed
+
+
+@pytest.mark.parametrize("io", ["mmap", "direct"])
+def test_chunked_reads_out_of_order_verify_and_match_the_layout(layout, io):
+    """Chunks landing in any order (the first one last, or shuffled delays over a batch) give the block's bytes and
+    pass the first-use check: the hash only ever takes the chunks in file order."""
+    pool = layout.expert_file_pool()
+    reader = BlockReader(layout, io=io, threads=4, chunk_bytes=CHUNK)
+    assert layout.block_size // CHUNK >= 3
+    keys = [64 * 2 + e for e in (5, 9, 11, 40)]
+    gen = torch.Generator().manual_seed(0)
+    delays = {(keys[0], 0): 0.15}  # the first chunk of the first block lands after its other chunks
+    for k in keys[1:]:
+        for s in range(0, layout.block_size, CHUNK):
+            delays[(k, s)] = float(torch.rand((), generator=gen)) * 0.03
+    landed = _delayed(reader, delays)
+    ram = PinnedPool(8, reader, make_policy("lru"), mode="copy")
+    for k, s in ram.fetch(keys, 1):
+        assert torch.equal(ram.host_row(s), pool[k]), k
+    first = [s for k, s in landed if k == keys[0]]
+    assert first[-1] == 0 and sorted(first) == list(range(0, layout.block_size, CHUNK))
+    assert reader.verified_blocks == len(keys) and reader.verify_s > 0
+    ram.close()
+    reader.close()
+
+
+def test_verified_block_is_not_hashed_again(layout):
+    reader = BlockReader(layout, io="mmap", threads=2, chunk_bytes=CHUNK)
+    buf = torch.empty(layout.block_size, dtype=torch.uint8)
+    reader.read_into(70, buf)
+    assert reader.verified_blocks == 1
+    v = reader.verify_s
+    buf.zero_()
+    reader.read_into(70, buf)
+    assert reader.verified_blocks == 1 and reader.verify_s == v
+    assert torch.equal(buf, layout.expert_file_pool()[70])
+    reader.close()
+
+
+@pytest.mark.parametrize("io", ["mmap", "direct"])
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_corrupt_chunk_on_disk_names_file_layer_expert_offset(reference_layout, tmp_path, io, where):
+    """A flipped byte in the first, a middle or the last chunk of a block on disk: the read raises ExpertReadError
+    naming the file, layer, expert and offset, after every chunk of the block has landed; other blocks still read."""
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(reference_layout, bad)
+    lay = Layout.open(bad)
+    path, off, size, _ = lay.block_offset(2, 13)
+    pos = off + {"first": 10, "middle": size // 2 + 1, "last": size - 3}[where]
+    with open(path, "r+b") as f:
+        f.seek(pos)
+        b = f.read(1)
+        f.seek(pos)
+        f.write(bytes([b[0] ^ 0x5A]))
+    reader = BlockReader(lay, io=io, threads=3, chunk_bytes=CHUNK)
+    landed = _delayed(reader, {(2 * 64 + 13, 0): 0.1})  # the first chunk lands last
+    buf, owner = aligned_empty(lay.block_size, pin=False)  # O_DIRECT needs a 4 KiB-aligned buffer
+    with pytest.raises(ExpertReadError) as ei:
+        reader.read_into(2 * 64 + 13, buf)
+    msg = str(ei.value)
+    assert "layer 2 expert 13" in msg and str(off) in msg and str(path) in msg and "checksum mismatch" in msg
+    assert len([1 for k, _ in landed if k == 2 * 64 + 13]) == size // CHUNK  # no chunk still writing
+    reader.read_into(2 * 64 + 12, buf)  # a good block still reads and checks
+    assert torch.equal(buf, lay.expert_file_pool()[2 * 64 + 12])
+    assert reader.verified_blocks == 1
+    reader.close()
+
+
+def test_failed_chunk_waits_for_the_other_chunks(layout):
+    """EIO on one chunk: the block's future raises only after its slower chunks have finished writing."""
+    reader = BlockReader(layout, io="mmap", threads=4, chunk_bytes=CHUNK, faults=Faults({(1, 30): "eio"}))
+    key = 64 + 30
+    plain, finished = reader._read_chunk, []
+
+    def read_chunk(ref, dest, start, n):
+        if start:
+            time.sleep(0.1)  # the failing chunk 0 reports first
+            finished.append(start)
+            return
+        plain(ref, dest, start, n)
+
+    reader._read_chunk = read_chunk
+    fut = reader.submit(key, torch.empty(layout.block_size, dtype=torch.uint8))
+    with pytest.raises(ExpertReadError, match="layer 1 expert 30"):
+        fut.result(timeout=10)
+    assert sorted(finished) == list(range(CHUNK, layout.block_size, CHUNK))
+    reader.close()
+
+
+def test_host_stats_split_blocked_reads_from_host_work(layout):
+    """Slow reads land in ram_blocked_s, not in the host work per RAM-tier miss (the simulator's term)."""
+    bs = layout.block_size
+    cache = make_provider(layout, device="cpu", quiet=True, expert_slots=8, ram_gb=16 * bs / 2**30 + 1e-9)
+    plain = cache.reader._read_chunk
+
+    def slow(ref, dest, start, n):
+        time.sleep(0.02)
+        plain(ref, dest, start, n)
+
+    cache.reader._read_chunk = slow
+    for ids in ([0, 1, 2, 3], [4, 5, 6, 7]):
+        cache.get_slots(1, ids)
+    h = cache.stats()["host"]
+    assert h["ram_misses"] == 8
+    assert h["ram_blocked_s"] >= 2 * 0.02  # each batch waited at least one slow read
+    assert h["work_s_per_ram_miss"] == pytest.approx((h["ram_s"] - h["ram_blocked_s"]) / h["ram_misses"])
+    assert 0 <= h["work_s_per_ram_miss"] < h["s_per_ram_miss"]
+    assert h["work_s_per_ram_miss"] < 0.02  # the sleeps are not host work
+    cache.close()
+
+
+def test_reader_threads_end_with_close_or_when_the_reader_is_dropped(layout):
+    import gc
+
+    buf = torch.empty(layout.block_size, dtype=torch.uint8)
+    r = BlockReader(layout, io="mmap", threads=3)
+    r.read_into(5, buf)
+    threads = list(r._pool._threads)
+    assert len(threads) == 3 and all(t.is_alive() for t in threads)
+    r.close()
+    assert not any(t.is_alive() for t in threads)
+    r = BlockReader(layout, io="mmap", threads=3)
+    r.read_into(6, buf)
+    threads = list(r._pool._threads)
+    del r
+    gc.collect()
+    for t in threads:
+        t.join(timeout=5)
+    assert not any(t.is_alive() for t in threads)
+
+
+@pytest.mark.parametrize("mode", ["copy", "register"])
+@pytest.mark.parametrize("stop_at", ["hit", "miss"])
+def test_caller_stopping_early_leaves_no_key_resident_unread(layout, fake_register, mode, stop_at):
+    """The caller closes fetch() after the first hand-out (a hit, while the early batch reads, or a miss): the keys
+    handed out stay resident with the right bytes, the others leave the tier with no read still writing."""
+    pool = layout.expert_file_pool()
+    reader = BlockReader(layout, io="mmap", threads=3, chunk_bytes=CHUNK)
+    _delayed(reader, {(64 * 3 + e, 0): 0.05 for e in range(8)})
+    ram = PinnedPool(8, reader, make_policy("lru"), mode=mode)
+    if stop_at == "hit":
+        list(ram.fetch([64 * 3 + 20], 1))
+    keys = ([64 * 3 + 20] if stop_at == "hit" else []) + [64 * 3 + e for e in (1, 2, 3)]
+    gen = ram.fetch(keys, 2)
+    k0, s0 = next(gen)
+    gen.close()
+    assert ram.table.lookup(k0) == s0 and torch.equal(ram.host_row(s0), pool[k0])
+    for k in keys:
+        if k != k0:
+            assert ram.table.lookup(k) is None, k
+    ram.table.check()
+    got = {k: s for k, s in ram.fetch(keys, 3)}  # the same keys load again, bytes right
+    for k, s in got.items():
+        assert torch.equal(ram.host_row(s), pool[k]), k
+    ram.close()
+    reader.close()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode,io", [("copy", "mmap"), ("copy", "direct"), ("register", "mmap")])
+def test_cuda_pinned_pool_chunked_reads_copy_the_layout_bytes(layout, mode, io):
+    """On CUDA: the pinned staging pool (copy; page-cache or O_DIRECT reads in chunks, hashed as they land) or
+    registered mapped blocks, each block copied to the device as it lands on a side stream; the device rows equal
+    the layout's blocks, over batches that evict the earlier ones (each eviction waits for its copy)."""
+    pool = layout.expert_file_pool()
+    reader = BlockReader(layout, io=io, threads=4, chunk_bytes=CHUNK)
+    ram = PinnedPool(6, reader, make_policy("lru"), mode=mode, pin=True, cuda=True)
+    dev = torch.empty(6, layout.block_size, dtype=torch.uint8, device="cuda")
+    stream = torch.cuda.Stream()
+    for t, keys in enumerate(([64 * 4 + e for e in range(5)], [64 * 5 + e for e in range(5)], [64 * 4 + 1, 7])):
+        got = []
+        for k, s in ram.fetch(keys, t + 1):
+            with torch.cuda.stream(stream):
+                dev[s].copy_(ram.host_row(s), non_blocking=True)
+            ram.mark_dma(s, stream)
+            got.append((k, s))
+        stream.synchronize()
+        for k, s in got:
+            assert torch.equal(dev[s].cpu(), pool[k]), (mode, io, k)
+    assert reader.verified_blocks == 11
     ram.close()
     reader.close()

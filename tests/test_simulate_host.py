@@ -172,3 +172,16 @@ def test_balloon_locks_or_touches_a_small_region(tmp_path):
             proc.send_signal(signal.SIGKILL)
             proc.wait()
     assert b.start_balloon(0, tmp_path) == (None, "none")
+
+
+def test_bench_host_terms_target_uses_the_measured_host_work_per_ram_miss():
+    """The target's host seconds per RAM-tier miss come from the run's stats: the RAM tier's work not blocked on
+    reads (work_s_per_ram_miss) when present, else the registration time per RAM-tier miss (older results)."""
+    b = _bench()
+    h = {"vram_misses": 100, "ram_misses": 40, "miss_s": 0.2, "ram_s": 0.12, "s_per_vram_miss": 8e-4,
+         "s_per_ram_miss": 3e-3, "register_s": 0.02, "verify_s": 0.01, "verified_blocks": 20}
+    ht = b.host_terms({"host": {**h, "work_s_per_ram_miss": 1e-4}}, 7_000_000)
+    assert ht["target_s_per_ram_miss"] == 1e-4 and ht["register_s_per_ram_miss"] == pytest.approx(0.02 / 40)
+    assert ht["verify_s_per_block"] == pytest.approx(0.01 / 20)
+    ht = b.host_terms({"host": h}, 7_000_000)
+    assert ht["target_s_per_ram_miss"] == pytest.approx(0.02 / 40)

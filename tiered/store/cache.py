@@ -50,7 +50,8 @@ class _PhaseCounts:
         self.tokens = 0  # get() calls at layer 0 in one-token steps (decode)
         self.ram_misses = 0  # device misses that missed the RAM tier too (read from the file)
         self.miss_host_s = 0.0  # host seconds in get()'s miss path: slots assigned, RAM tier, copies issued
-        self.ram_host_s = 0.0  # ... of which the host was blocked in the RAM tier (reads, checks, registration)
+        self.ram_host_s = 0.0  # ... of which the host was in the RAM tier (bookkeeping, reads, checks, registration)
+        self.ram_blocked_s = 0.0  # ... of which blocked on the reader's threads (reads, checks) or a slot's last copy
 
 
 class ExpertCache(HostSlotProvider):
@@ -265,6 +266,7 @@ class ExpertCache(HostSlotProvider):
         if missing:
             t0 = time.perf_counter()
             ram_wait0 = self.ram.wait_s if self.ram is not None else 0.0
+            ram_blocked0 = self.ram.blocked_s if self.ram is not None else 0.0
             ram_miss0 = self.ram.misses if self.ram is not None else self.reader.blocks_read
             mk = [keys[i] for i in missing]
             if self._prefetched_ram:
@@ -281,6 +283,7 @@ class ExpertCache(HostSlotProvider):
             if self.ram is not None:
                 ph.ram_misses += self.ram.misses - ram_miss0
                 ph.ram_host_s += self.ram.wait_s - ram_wait0
+                ph.ram_blocked_s += self.ram.blocked_s - ram_blocked0
             else:  # no RAM tier (CPU): every miss is read from the file
                 ph.ram_misses += len(missing)
             if self.device.type == "cuda":
@@ -508,10 +511,13 @@ class ExpertCache(HostSlotProvider):
             out["ram_preload_s"] = self.preload_s
         # host cost of the decode misses (the tier simulator's per-miss terms, predict/simulate.py)
         h_ram = d.ram_host_s if self.ram is not None else 0.0
+        h_work = h_ram - d.ram_blocked_s if self.ram is not None else 0.0
+        ram_ok = d.ram_misses and self.ram is not None
         out["host"] = {"vram_misses": d.misses, "ram_misses": d.ram_misses, "miss_s": d.miss_host_s,
-                       "ram_s": h_ram,
+                       "ram_s": h_ram, "ram_blocked_s": d.ram_blocked_s if self.ram is not None else 0.0,
                        "s_per_vram_miss": (d.miss_host_s - h_ram) / d.misses if d.misses else None,
-                       "s_per_ram_miss": h_ram / d.ram_misses if d.ram_misses and self.ram is not None else None,
+                       "s_per_ram_miss": h_ram / d.ram_misses if ram_ok else None,
+                       "work_s_per_ram_miss": h_work / d.ram_misses if ram_ok else None,
                        "register_s": self.ram.register_s if self.ram is not None else 0.0,
                        "verify_s": self.reader.verify_s, "verified_blocks": self.reader.verified_blocks}
         out["slot_table"] = (self.devtable.stats() if self.devtable is not None else
@@ -534,7 +540,7 @@ class ExpertCache(HostSlotProvider):
         self.vram.wait_s_by_phase = {}
         if self.ram is not None:
             self.ram.hits = self.ram.misses = self.ram.bytes_in = 0
-            self.ram.wait_s = self.ram.register_s = 0.0
+            self.ram.wait_s = self.ram.blocked_s = self.ram.register_s = 0.0
         self._read_base = (self.reader.bytes_read, self.reader.blocks_read, self.reader.read_s)
         self._phases = {"prefill": _PhaseCounts(), "decode": _PhaseCounts()}
         self.prefetch_issued = self.prefetch_used = 0

@@ -17,7 +17,8 @@ themselves (io.py).
 from __future__ import annotations
 
 import time
-from concurrent.futures import FIRST_COMPLETED, wait
+from concurrent.futures import wait
+from queue import SimpleQueue
 from typing import Any, Collection, Iterator
 
 import torch
@@ -64,7 +65,8 @@ class PinnedPool:
         self.hits = 0
         self.misses = 0
         self.bytes_in = 0
-        self.wait_s = 0.0  # host time blocked on reads/registration in fetch()
+        self.wait_s = 0.0  # host time in fetch()'s miss path: bookkeeping, waits for reads, registration
+        self.blocked_s = 0.0  # ... of which blocked on the reader's threads (reads, first-use checks) or a slot's copy
         self.register_s = 0.0  # host time in cudaHostRegister and cudaHostUnregister ("register" mode)
 
     @property
@@ -86,7 +88,9 @@ class PinnedPool:
     def _quiesce(self, slot: int) -> None:
         """Wait for the last device copy out of `slot` (before overwriting or unregistering it)."""
         if self._dma is not None and self._dma_pending[slot]:
+            t0 = time.perf_counter()
             self._dma[slot].synchronize()
+            self.blocked_s += time.perf_counter() - t0
             self._dma_pending[slot] = False
 
     def _release(self, slot: int, key: int) -> None:
@@ -104,7 +108,8 @@ class PinnedPool:
         hits, the batch and `pinned` fit the tier together), so its reads overlap the caller's work on the hits.
         A key yielded earlier may be evicted by a later batch: `mark_dma` makes that eviction wait for its copy.
         On a read error every read of the batch is awaited, the failed and not yet yielded keys are dropped, and
-        the error is raised.
+        the error is raised. The same happens to the keys not yet yielded when the caller stops early (closes the
+        generator, or an error of its own unwinds it): no key stays resident with its read in flight.
         """
         self.settle(only_done=True)
         lookup = self.table.lookup
@@ -117,14 +122,21 @@ class PinnedPool:
             protect = set(batches[0]) | set(pinned) | {k for k, _ in hits}
             if len(protect) <= self.n_slots:
                 started = self._start_batch(batches[0], t, protect)
-        for k, s in hits:
-            if k in self._loading:  # started by start_load(): wait for that read
-                t0 = time.perf_counter()
-                self._settle(k)
-                self.wait_s += time.perf_counter() - t0
-            self.hits += 1
-            self.table.touch(k, t)
-            yield k, s
+        try:
+            for k, s in hits:
+                if k in self._loading:  # started by start_load(): wait for that read
+                    t0 = time.perf_counter()
+                    self._settle(k)
+                    dt = time.perf_counter() - t0
+                    self.wait_s += dt
+                    self.blocked_s += dt
+                self.hits += 1
+                self.table.touch(k, t)
+                yield k, s
+        except BaseException:
+            if started is not None:  # the early batch was never handed out: forget it once its threads are done
+                self._abandon(*started, range(len(started[0])))
+            raise
         for i, batch in enumerate(batches):
             if i or started is None:
                 started = self._start_batch(batch, t, set(batch) | set(pinned)
@@ -135,7 +147,9 @@ class PinnedPool:
         """Give each key of `batch` a slot and start its read ("copy") or first-use check ("register") on the
         reader's threads; _finish_batch hands them out."""
         t0 = time.perf_counter()
-        self.settle()  # in-flight prefetch reads hold slots that must not be evicted half-written
+        if self._loading:
+            self.settle()  # in-flight prefetch reads hold slots that must not be evicted half-written
+            self.blocked_s += time.perf_counter() - t0
         slots = []
         for k in batch:
             slot, evicted = self.table.assign(k, t, pinned)
@@ -156,50 +170,72 @@ class PinnedPool:
             yield from self._register_batch(batch, slots, futures, t0)
             return
         # each block is handed out as soon as its own read lands (completion order), so its device copy starts
-        # while the others are still being read
-        owner = dict(zip(futures, zip(batch, slots)))
-        left = set(futures)
-        while left:
-            done, _ = wait(left, return_when=FIRST_COMPLETED)
-            for f in [f for f in futures if f in done]:  # in batch order within one wake-up
-                left.discard(f)
+        # while the others are still being read: the reader's threads post each finished read to a queue
+        landed: SimpleQueue = SimpleQueue()
+        for i, f in enumerate(futures):
+            f.add_done_callback(lambda f, i=i: landed.put(i))
+        left = set(range(len(futures)))
+        try:
+            while left:
+                tw = time.perf_counter()
+                i = landed.get()
+                self.blocked_s += time.perf_counter() - tw
+                left.discard(i)
+                f = futures[i]
                 if f.exception() is not None:
-                    wait(left)  # never leave a thread writing a buffer that is about to be reused
-                    for f2 in [f] + [f2 for f2 in futures if f2 in left]:
-                        self.table.drop(owner[f2][0])
+                    left.add(i)
                     raise f.exception()
                 self.bytes_in += self.block_size
                 self.wait_s += time.perf_counter() - t0
-                yield owner[f]
+                yield batch[i], slots[i]
                 t0 = time.perf_counter()
+        except BaseException:
+            self._abandon(batch, slots, futures, left)
+            raise
+
+    def _abandon(self, batch: list[int], slots: list[int], futures: list, idx: Collection[int]) -> None:
+        """Forget the keys batch[j], j in idx, after their reads or checks have finished: no thread may still write
+        a slot that is about to be reused, and no key stays resident unread (or unregistered)."""
+        idx = list(idx)
+        wait([futures[j] for j in idx])
+        for j in sorted(idx):
+            self.table.drop(batch[j])
 
     def _register_batch(self, batch: list[int], slots: list[int], checks: list, t0: float) -> Iterator[tuple[int, int]]:
         """Register each block of the batch, in order, once its first-use check (started by _start_batch) passed."""
-        for i, (k, s) in enumerate(zip(batch, slots)):
-            row = self.reader.mapped_row(k)
-            err = checks[i].exception()
-            if err is not None:
-                for k2, c in zip(batch[i:], checks[i:]):
-                    c.exception()  # the other checks finish (they only read the mapping)
-                    self.table.drop(k2)
-                raise err
-            tr = time.perf_counter()
-            code = self._registrar.register(row)
-            self.register_s += time.perf_counter() - tr
-            if code:
-                for k2, c in zip(batch[i:], checks[i:]):
-                    c.exception()
-                    self.table.drop(k2)
-                ref = self.reader.ref(k)
-                raise RuntimeError(f"{ref.where()}: cudaHostRegister refused the mapped block (CUDA error {code}) "
-                                   "after earlier blocks were accepted: lower --ram-gb (locked-memory limit?) "
-                                   "or run with --io-register off")
-            dt = time.perf_counter() - t0
-            self.reader.note_mapped_read(self.block_size, dt)
-            self.bytes_in += self.block_size
-            self.wait_s += dt
-            yield k, s
-            t0 = time.perf_counter()
+        handed = 0  # blocks registered and handed out
+        try:
+            for i, (k, s) in enumerate(zip(batch, slots)):
+                row = self.reader.mapped_row(k)
+                tw = time.perf_counter()
+                err = checks[i].exception()
+                self.blocked_s += time.perf_counter() - tw
+                if err is not None:
+                    for k2, c in zip(batch[i:], checks[i:]):
+                        c.exception()  # the other checks finish (they only read the mapping)
+                        self.table.drop(k2)
+                    raise err
+                tr = time.perf_counter()
+                code = self._registrar.register(row)
+                self.register_s += time.perf_counter() - tr
+                if code:
+                    for k2, c in zip(batch[i:], checks[i:]):
+                        c.exception()
+                        self.table.drop(k2)
+                    ref = self.reader.ref(k)
+                    raise RuntimeError(f"{ref.where()}: cudaHostRegister refused the mapped block (CUDA error {code}) "
+                                       "after earlier blocks were accepted: lower --ram-gb (locked-memory limit?) "
+                                       "or run with --io-register off")
+                dt = time.perf_counter() - t0
+                self.reader.note_mapped_read(self.block_size, dt)
+                self.bytes_in += self.block_size
+                self.wait_s += dt
+                handed = i + 1
+                yield k, s
+                t0 = time.perf_counter()
+        except GeneratorExit:  # the caller stopped: the blocks not registered yet leave the tier
+            self._abandon(batch, slots, checks, range(handed, len(batch)))
+            raise
 
     # --- asynchronous loads (prefetch from disk) ---
     def is_loading(self, key: int) -> bool:
@@ -249,7 +285,7 @@ class PinnedPool:
             for _ in self.fetch([k], t):
                 pass
         self.hits = self.misses = self.bytes_in = 0
-        self.wait_s = self.register_s = 0.0
+        self.wait_s = self.blocked_s = self.register_s = 0.0
 
     def close(self) -> None:
         """Unregister every registered block (register mode) after the last device copy."""
@@ -264,4 +300,5 @@ class PinnedPool:
 
     def stats(self) -> dict:
         return {"hits": self.hits, "misses": self.misses, "bytes_in": self.bytes_in,
-                "slots": self.n_slots, "mode": self.mode, "wait_s": self.wait_s, "register_s": self.register_s}
+                "slots": self.n_slots, "mode": self.mode, "wait_s": self.wait_s, "blocked_s": self.blocked_s,
+                "register_s": self.register_s}
