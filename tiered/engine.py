@@ -143,7 +143,7 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
          predictor: Predictor | None = None, cuda_graphs: bool = True,
          kernels: bool | None = None, state_bytes: int = 0, revision: str | None = None,
          experts: str = "source", dense: str = "source", experts_per_token: int | None = None,
-         linear_attn: str = "auto", delta_step: str = "auto") -> "Engine":
+         linear_attn: str = "auto", delta_step: str = "auto", glue: bool | None = None) -> "Engine":
     """Open a model for generation.
 
     Args:
@@ -165,6 +165,8 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
             a step may replay is captured here (one with triton attention, one per span bucket with SDPA).
         kernels: routed experts through the Triton kernels (model/moe_gpu.py); None = on CUDA when Triton is
             installed. False keeps the plain torch paths (the CPU path; the kernels' reference).
+        glue: the fused Triton kernels for norms, residual adds, q/k norm + rotary + K/V store and softmax-top-k
+            routing (Transformer's `glue`); None = on CUDA when Triton is installed, False = the torch ops.
         state_bytes: device bytes a batch scheduler will add for its rows' state (decode/state.py), counted in
             --vram-gb when the expert cache plans its slots.
         revision: branch, tag or commit of a Hugging Face model id.
@@ -217,7 +219,8 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
         transitions = _transitions(layout, predictor)
     model = Transformer(cfg, dense, provider, device=dev, dtype=dt, max_context=ctx, attn=backend,
                         linear_attn=linear_attn, delta_step=delta_step,
-                        observer=observer, prefetch_hook=prefetch_hook, routing=routing, kernels=kernels)
+                        observer=observer, prefetch_hook=prefetch_hook, routing=routing, kernels=kernels,
+                        glue=glue)
     cpu_experts.prepare(provider, dt, model.layers[cfg.first_moe_layer].moe.act)  # --cpu-experts dtype, rate
     tok = Tokenizer.from_dir(layout.path) if layout.tokenizer_path else None
     engine = Engine(model, tok, layout_path=layout.path, cuda_graphs=cuda_graphs and dev.type == "cuda",
@@ -559,6 +562,7 @@ class Engine:
             "delta_step": self.model.delta_step,
             "cuda_graphs": self.decode_mode != "eager",
             "decode_graphs": self.decode_mode, "expert_kernels": "triton" if self.model.kernels else "torch",
+            "glue_kernels": "triton" if self.model.glue else "torch",
             "max_context": self.max_context, "family": self.config.family,
             "experts_per_token": self.config.top_k,
             "native_top_k": int(self.config.extra.get("native_top_k", self.config.top_k)),

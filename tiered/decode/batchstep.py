@@ -41,7 +41,7 @@ from tiered.kernels.grouped import _grouped_mm
 from tiered.kernels.quant_moe import qlinear as linear
 from tiered.layout.quant import QuantWeight
 from tiered.model.deltanet import deltanet, deltanet_rows
-from tiered.model.layers import attn_mask, project_qkv, rms_norm
+from tiered.model.layers import attn_mask, project_qkv, project_qkv_fused
 from tiered.model.mla import mla_attend, mla_attend_rows, mla_project
 from tiered.model.moe import _expert, add_shared_expert
 from tiered.model.transformer import Routed
@@ -170,18 +170,19 @@ class BatchStep:
         plan.update(flat=flat, cos=cos, sin=sin)
         self.last = StepCounts(rows=len(segs), tokens=T)
         h = F.embedding(tokens, m.embed)  # [T, D]
+        delta = None  # the previous layer's MLP/MoE output: its residual add is fused with this layer's first norm
         for l, lw in enumerate(m.layers):
-            x = rms_norm(h, lw.attn_norm, cfg.rms_norm_eps)
+            h, x = m.add_norm(h, delta, lw.attn_norm)
             ls = st.layers[l]
             if ls.kind == "kv":
-                h = h + self._attention(x, lw.attn, ls, segs, offs, plan)
+                mixed = self._attention(x, lw.attn, ls, segs, offs, plan)
             elif ls.kind == "latent":
-                h = h + self._mla(x, lw.mla, ls, segs, offs, plan)
+                mixed = self._mla(x, lw.mla, ls, segs, offs, plan)
             else:
-                h = h + self._deltanet(x, lw.linear, ls, segs, offs, plan)
-            x = rms_norm(h, lw.mlp_norm, cfg.rms_norm_eps)
+                mixed = self._deltanet(x, lw.linear, ls, segs, offs, plan)
+            h, x = m.add_norm(h, mixed, lw.mlp_norm)
             if lw.moe is None:  # a dense layer (DeepSeek-V3's first layers): the model's MLP
-                h = h + m.experts_out(l, Routed(h, x, None, None, None))
+                delta = m.experts_out(l, Routed(h, x, None, None, None))
                 continue
             _, ids, wts = m._route_own(l, x, None)  # the family's rule: [T, K] int64, [T, K] fp32
             for s, a in zip(segs, offs):
@@ -193,12 +194,13 @@ class BatchStep:
             out = self._experts(x, ids, wc, l, lw.moe.act)
             if lw.moe.shared_gate is not None:
                 out = add_shared_expert(out, x, lw.moe, fused=m.kernels and lw.moe.act is None)
-            h = h + out
+            delta = out
         last = [offs[i + 1] - 1 for i, s in enumerate(segs) if s.want_logits]
         if not last:
             return h.new_zeros((0, m.lm_head.shape[0]))
-        hl = h.index_select(0, torch.tensor(last, dtype=torch.int64, device=dev))
-        return linear(rms_norm(hl, m.final_norm, cfg.rms_norm_eps), m.lm_head)  # [R, V]
+        rows = torch.tensor(last, dtype=torch.int64, device=dev)
+        hl, dl = h.index_select(0, rows), None if delta is None else delta.index_select(0, rows)
+        return linear(m.add_norm(hl, dl, m.final_norm)[1], m.lm_head)  # [R, V]
 
     # --- per-step plan ---
     def _plan(self, segs: list[Segment], offs: list[int]) -> dict:
@@ -253,10 +255,15 @@ class BatchStep:
         """Attention of every row over its pages (this step's K/V written first); x [T, D] -> [T, D]."""
         cfg = self.cfg
         P = self.state.page_size
-        q, k, v, *gate = project_qkv(x, w, plan["cos"], plan["sin"], cfg, with_gate=cfg.attn_output_gate)
         N = ls.k.shape[0]
-        ls.k.view(N * P, *ls.k.shape[2:]).index_copy_(0, plan["flat"], k)
-        ls.v.view(N * P, *ls.v.shape[2:]).index_copy_(0, plan["flat"], v)
+        k_rows, v_rows = ls.k.view(N * P, *ls.k.shape[2:]), ls.v.view(N * P, *ls.v.shape[2:])  # [N*P, KV, hd]
+        if self.model.glue:  # norms, rotary and the K/V store into the pages in one launch
+            q, *gate = project_qkv_fused(x, w, plan["cos"], plan["sin"], cfg, k_rows, v_rows, plan["flat"],
+                                         with_gate=cfg.attn_output_gate)
+        else:
+            q, k, v, *gate = project_qkv(x, w, plan["cos"], plan["sin"], cfg, with_gate=cfg.attn_output_gate)
+            k_rows.index_copy_(0, plan["flat"], k)
+            v_rows.index_copy_(0, plan["flat"], v)
         o = self._attend(q, ls, segs, offs, plan)  # [T, H*hd]
         if gate:  # Qwen3.5's gated attention, as layers.attention applies it
             o = o * torch.sigmoid(gate[0])

@@ -6,8 +6,11 @@ needs for one forward call: rotary rows, where to write K/V, which cache span to
 the cache lengths on the device) and `attention` (SDPA; one-token steps through our Triton kernel,
 tiered/kernels/attention.py, which reads the cache as pages and the length from the device; or
 flash-attn's `flash_attn_with_kvcache` when asked for and importable), `pick_backend` (--attn).
+`attention(..., glue=True)` (CUDA) runs the glue between the qkv GEMV and the attention kernel as one
+Triton launch (`project_qkv_fused`: q/k norms, clip, rotary, K/V stored in the cache; kernels/fused_rope.py);
+`glue_available` says where it may. The torch functions here stay the reference and the CPU path.
 Does not own: weights (transformer.py builds `AttnWeights` from the dense dict), experts (moe.py),
-the kernels (kernels/attention.py).
+the kernels (kernels/attention.py, kernels/fused_*.py).
 
 The math follows transformers' modeling files for Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE,
 including their dtype casts (RMSNorm normalises in fp32 and casts back before scaling).
@@ -184,18 +187,27 @@ class AttnWeights:
     k_norm: Tensor | None  # [KV*hd] ("proj"); None for "head" (folded into q_norm)
     o_bias: Tensor | None = None  # [D] (gpt-oss)
     sinks: Tensor | None = None  # [H] fp32 learned per-head sink logits (gpt-oss): attention_with_sinks
+    qk_cat: Tensor | None = None  # "proj": q_norm then k_norm [(H+KV)*hd], the fused glue kernel's one weight
 
 
 def attention(x: Tensor, w: AttnWeights, cache: KVCache, layer: int, plan: StepPlan, config: ModelConfig,
-              *, backend: str = "sdpa") -> Tensor:
+              *, backend: str = "sdpa", glue: bool = False) -> Tensor:
     """Self-attention of x [T, D] (already normed) with the cache; writes this call's K/V; returns [T, D].
     `layer` is the layer's row in the cache (ModelState.row). With `attn_output_gate` the output is multiplied
     by sigmoid of the gate rows before o_proj (Qwen3.5).
 
     q and k stay side by side as [T, H+KV, hd] (as the stacked projection leaves them), so per-head
     norms and the rotary embedding each run once over both: fewer kernels per decode step.
+    glue: the norms, rotary and the K/V store in one Triton launch (`project_qkv_fused`); flash-attn stores
+    its own K/V, so that backend keeps the torch glue.
     """
-    q, k, v, *gate = project_qkv(x, w, plan.cos, plan.sin, config, with_gate=config.attn_output_gate)
+    if glue and backend != "flash" and not cache.flash:
+        kc, vc = cache.k[layer], cache.v[layer]  # [KV, S, hd]
+        q, *gate = project_qkv_fused(x, w, plan.cos, plan.sin, config, kc.transpose(0, 1), vc.transpose(0, 1),
+                                     plan.write_at, with_gate=config.attn_output_gate)
+        k = v = None  # already in the cache
+    else:
+        q, k, v, *gate = project_qkv(x, w, plan.cos, plan.sin, config, with_gate=config.attn_output_gate)
     if w.sinks is not None:
         out = attention_with_sinks(q, k, v, cache, layer, plan, config.num_heads // config.num_kv_heads, w.sinks)
     elif backend == "flash":
@@ -238,8 +250,48 @@ def project_qkv(x: Tensor, w: AttnWeights, cos: Tensor, sin: Tensor, config: Mod
     return qk[:, :H], qk[:, H:], v
 
 
-def _write_kv(k: Tensor, v: Tensor, cache: KVCache, layer: int, plan: StepPlan) -> None:
-    """Store this call's k, v [T, KV, hd] in the sdpa-layout cache at plan.write_at (an int or positions [T])."""
+def project_qkv_fused(x: Tensor, w: AttnWeights, cos: Tensor, sin: Tensor, config: ModelConfig, k_rows: Tensor,
+                      v_rows: Tensor, positions: Tensor | int, *, with_gate: bool = False) -> tuple[Tensor, ...]:
+    """`project_qkv` with everything after the GEMV in one Triton launch (kernels/fused_rope.py), the same roundings:
+    x [T, D] (normed) -> q [T, H, hd] (and the output gate [T, H*hd] with `with_gate`); this call's k and v are
+    stored at rows `positions` ([T] int64 on the device, or the first row as an int) of k_rows/v_rows
+    [S, KV, hd] (a layer's cache seen token-major, or a page pool seen as [N*P, KV, hd])."""
+    from tiered.kernels.fused_rope import qk_rope
+
+    H, KV, hd = config.num_heads, config.num_kv_heads, config.head_dim
+    qkv = linear(x, w.qkv, w.qkv_bias)  # [T, (H+2KV)*hd (+ H*hd gate)]
+    norm = None if config.qk_norm == "none" else config.qk_norm
+    nw = None
+    if norm == "head":
+        nw = w.q_norm
+    elif norm == "proj":
+        nw = w.qk_cat if w.qk_cat is not None else torch.cat([w.q_norm, w.k_norm])
+    q, _, _ = qk_rope(qkv, cos, sin, heads=H, kv_heads=KV, head_dim=hd, norm=norm, norm_weight=nw,
+                      eps=config.rms_norm_eps, clip=config.clip_qkv, k_out=k_rows, v_out=v_rows, positions=positions)
+    if with_gate:
+        return q, qkv[:, (H + 2 * KV) * hd:]
+    return (q,)
+
+
+def glue_available(device: torch.device) -> bool:
+    """True when the fused glue kernels (kernels/fused_*.py) can run on `device`: CUDA with triton importable,
+    or (tests) any device once they were built for Triton's interpreter."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return False
+    if device.type != "cuda" and "triton" not in sys.modules:
+        return False  # on CPU only an interpreter-mode import (made by the tests) makes the kernels usable
+    from tiered.kernels import fused_norm
+
+    return fused_norm.triton is not None and (device.type == "cuda" or fused_norm.interpreted())
+
+
+def _write_kv(k: Tensor | None, v: Tensor | None, cache: KVCache, layer: int, plan: StepPlan) -> None:
+    """Store this call's k, v [T, KV, hd] in the sdpa-layout cache at plan.write_at (an int or positions [T]);
+    None: the fused glue kernel stored them already."""
+    if k is None:
+        return
     T = k.shape[0]
     kc, vc = cache.k[layer], cache.v[layer]  # [KV, S, hd]
     if isinstance(plan.write_at, int):
@@ -250,7 +302,7 @@ def _write_kv(k: Tensor, v: Tensor, cache: KVCache, layer: int, plan: StepPlan) 
         vc.index_copy_(1, plan.write_at, v.transpose(0, 1))
 
 
-def _paged(q: Tensor, k: Tensor, v: Tensor, cache: KVCache, layer: int, plan: StepPlan,
+def _paged(q: Tensor, k: Tensor | None, v: Tensor | None, cache: KVCache, layer: int, plan: StepPlan,
            config: ModelConfig) -> Tensor:
     """Write k, v, then the Triton decode kernel over the cache seen as one page; the length comes from
     plan.lengths on the device, and the kernel's splits are sized for max_context, so eager and graphed
@@ -265,15 +317,15 @@ def _paged(q: Tensor, k: Tensor, v: Tensor, cache: KVCache, layer: int, plan: St
     return out.view(T, H * hd)
 
 
-def attention_with_sinks(q: Tensor, k: Tensor, v: Tensor, cache: KVCache, layer: int, plan: StepPlan, G: int,
-                         sinks: Tensor) -> Tensor:
+def attention_with_sinks(q: Tensor, k: Tensor | None, v: Tensor | None, cache: KVCache, layer: int, plan: StepPlan,
+                         G: int, sinks: Tensor) -> Tensor:
     """Attention whose softmax has one more logit per head, the learned sink, that takes weight but adds no value
     (gpt-oss). q [T, H, hd], k/v [T, KV, hd] -> [T, H*hd]. Plain matmuls, as transformers' eager path: scores
     over the span, the sink column appended, max subtracted, softmax, the sink column dropped."""
     T, H, hd = q.shape
-    KV = k.shape[1]
     _write_kv(k, v, cache, layer, plan)
     kc, vc = cache.k[layer], cache.v[layer]  # [KV, S, hd]
+    KV = kc.shape[0]
     ks, vs = kc[:, plan.read_lo:plan.read_hi], vc[:, plan.read_lo:plan.read_hi]  # [KV, S, hd]
     qg = q.transpose(0, 1).reshape(KV, G * T, hd)  # rows (g, t)
     s = torch.matmul(qg, ks.transpose(1, 2)) * hd ** -0.5  # [KV, G*T, S]
@@ -287,11 +339,11 @@ def attention_with_sinks(q: Tensor, k: Tensor, v: Tensor, cache: KVCache, layer:
     return o.reshape(H, T, hd).transpose(0, 1).reshape(T, H * hd)
 
 
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, cache: KVCache, layer: int, plan: StepPlan, G: int) -> Tensor:
+def _sdpa(q: Tensor, k: Tensor | None, v: Tensor | None, cache: KVCache, layer: int, plan: StepPlan, G: int) -> Tensor:
     T, H, hd = q.shape
-    KV = k.shape[1]
     _write_kv(k, v, cache, layer, plan)
     kc, vc = cache.k[layer], cache.v[layer]  # [KV, S, hd]
+    KV = kc.shape[0]
     # Query head h uses KV head h // G: fold the G heads of a KV head into rows, so SDPA needs no repeat_kv.
     qg = q.transpose(0, 1).reshape(1, KV, G * T, hd)  # [1, KV, G*T, hd], rows (g, t)
     ks, vs = kc[None, :, plan.read_lo:plan.read_hi], vc[None, :, plan.read_lo:plan.read_hi]  # [1, KV, S, hd]

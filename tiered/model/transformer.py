@@ -18,6 +18,12 @@ Gated DeltaNet layers between gated, partially rotary attention layers, zero-cen
 Every layer's state between calls (KV rows, DeltaNet conv and recurrent state) is a `ModelState`
 (model/state.py); a call at position 0 starts a new sequence and resets the recurrent part.
 
+The glue between the GEMVs (`glue`, on by default on CUDA): each layer's residual add and the norm after it are one
+Triton launch (kernels/fused_norm.py; the add of layer l's expert output is fused with layer l+1's attention norm,
+which is why `attend_route` takes the previous layer's output as `delta`), the q/k norms, rotary and K/V store one
+(layers.project_qkv_fused), and the softmax-top-k router one (kernels/fused_route.py). Same roundings as the torch
+ops they replace, which the CPU path keeps.
+
 Legend: T tokens, D hidden, V vocab, L layers, S cache positions.
 """
 from __future__ import annotations
@@ -38,12 +44,12 @@ from tiered.layout.quant import QuantWeight, cat_rows
 from tiered.layout.quant import dense as qdense
 from tiered.model.deltanet import DeltaShape, DeltaWeights, deltanet, pick_delta_backend, pick_delta_step
 from tiered.model.layers import (SINKS_NEED_SDPA, AttnWeights, KVCache, Rope, StepPlan, attention, attn_mask,
-                                 plan_eager, rms_norm)
+                                 glue_available, plan_eager, rms_norm)
 from tiered.model import moe_gpu
 from tiered.model.moe import (FP32_ROUTE_WEIGHTS, ExpertProvider, MoEWeights, PrefetchHook, RoutingObserver,
                                ClampedSwiGLU, expert_mix, route, routed_logits)
 from tiered.model.mla import MLAWeights, mla_attention, mla_softmax_scale
-from tiered.model.routing import layer_rule, route_rule
+from tiered.model.routing import layer_rule, route_rule, softmax_topk
 from tiered.model.state import ModelState, mla_dims
 
 
@@ -180,7 +186,8 @@ def build_layer(cfg: ModelConfig, dense: dict[str, Tensor], l: int, device: torc
         q_norm = torch.cat([nw("q_norm").expand(H, hd), nw("k_norm").expand(KV, hd)], dim=0)
     sinks = t("sinks", False)
     attn = AttnWeights(qkv=qkv, qkv_bias=bias, o=t("o_proj"), q_norm=q_norm, k_norm=k_norm,
-                       o_bias=t("o_bias", False), sinks=None if sinks is None else sinks.float())
+                       o_bias=t("o_bias", False), sinks=None if sinks is None else sinks.float(),
+                       qk_cat=torch.cat([q_norm, k_norm]) if cfg.qk_norm == "proj" else None)
     return LayerWeights(attn_norm=nw("attn_norm"), attn=attn, mlp_norm=nw("mlp_norm"), moe=moe, dense_mlp=dense_mlp)
 
 
@@ -217,12 +224,14 @@ class Transformer:
                  device: torch.device | str, dtype: torch.dtype, max_context: int, attn: str = "sdpa",
                  observer: RoutingObserver | None = None, prefetch_hook: PrefetchHook | None = None,
                  routing: RoutingOverride | None = None, kernels: bool | None = None,
-                 linear_attn: str = "auto", delta_step: str = "auto") -> None:
+                 linear_attn: str = "auto", delta_step: str = "auto", glue: bool | None = None) -> None:
         """observer: sees every layer's routing (SEAMS.md). prefetch_hook: called per layer of one-token steps
         after that layer's get() (moe.PrefetchHook). routing: replaces the router's choice (benchmark mode).
         kernels: routed experts through the Triton kernels (None = on CUDA when Triton is installed).
         All four are fixed for the model's life. linear_attn: the DeltaNet backend ("auto", "fla", "torch");
-        delta_step: its one-token step ("auto", "triton", "fla", "torch"; deltanet.pick_delta_step)."""
+        delta_step: its one-token step ("auto", "triton", "fla", "torch"; deltanet.pick_delta_step).
+        glue: norms, residual adds, q/k norm + rotary + K/V store and softmax-top-k routing through the fused
+        Triton kernels (None = on CUDA when Triton is installed; False = the torch ops, the CPU path)."""
         if attn not in ("sdpa", "flash", "triton"):
             raise ValueError(f"attn must be 'sdpa', 'flash' or 'triton' (resolve 'auto' with layers.pick_backend), "
                              f"got {attn!r}")
@@ -271,6 +280,13 @@ class Transformer:
         self.kernels = moe_gpu.kernels_enabled(dev) if kernels is None else bool(kernels)
         self.delta_step = (pick_delta_step(delta_step, self.linear_attn, self.kernels) if config.num_linear_layers
                            else "none")
+        if glue and not glue_available(dev):
+            raise ValueError(f"glue=True needs a CUDA device and Triton (or Triton's interpreter); device is {dev}")
+        self.glue = (dev.type == "cuda" and glue_available(dev)) if glue is None else bool(glue)
+        if self.glue:
+            from tiered.kernels import fused_route
+
+            self.layer_rules = [fused_route.softmax_topk if r is softmax_topk else r for r in self.layer_rules]
 
     @property
     def observer(self) -> RoutingObserver | None:
@@ -318,21 +334,34 @@ class Transformer:
 
     def _run(self, tokens: Tensor, plan: StepPlan, all_logits: bool) -> Tensor:
         h = F.embedding(tokens, self.embed)  # [T, D]
+        delta = None  # the previous layer's MoE output, added at the top of the next layer
         for l in range(len(self.layers)):
-            r = self.attend_route(l, h, plan)
+            r = self.attend_route(l, h, plan, delta)
             if self._observer is not None and self.layers[l].moe is not None:
                 self._observer.on_route(l, r.h, r.ids, r.weights, r.logits.float())
-            h = r.h + self.experts_out(l, r)
-        return self.head(h, all_logits)
+            h, delta = r.h, self.experts_out(l, r)
+        return self.head(h, all_logits, delta)
+
+    def add_norm(self, h: Tensor, delta: Tensor | None, weight: Tensor) -> tuple[Tensor, Tensor]:
+        """(h + delta, rms_norm(h + delta, weight)); delta None = no add. One launch with the glue kernels."""
+        if self.glue:
+            from tiered.kernels.fused_norm import add_rms_norm
+
+            return add_rms_norm(h, delta, weight, self.config.rms_norm_eps)
+        if delta is not None:
+            h = h + delta
+        return h, rms_norm(h, weight, self.config.rms_norm_eps)
 
     # --- the pieces of a layer (the eager loop above and the piecewise decode step share them) ---
-    def attend_route(self, l: int, h: Tensor, plan: StepPlan) -> Routed:
-        """Layer l up to its router: h [T, D] entering layer l -> Routed (h after attention, norm, top-k)."""
-        cfg, lw = self.config, self.layers[l]
+    def attend_route(self, l: int, h: Tensor, plan: StepPlan, delta: Tensor | None = None) -> Routed:
+        """Layer l up to its router: h [T, D] entering layer l (+ delta [T, D], the previous layer's MoE output,
+        when given: the residual add fused with this layer's first norm) -> Routed (h after attention, norm,
+        top-k)."""
+        lw = self.layers[l]
         if plan.sliding is not None and self.layer_sliding[l]:
             plan = plan.sliding
-        h = h + self.mix(l, rms_norm(h, lw.attn_norm, cfg.rms_norm_eps), plan)
-        x = rms_norm(h, lw.mlp_norm, cfg.rms_norm_eps)
+        h, x = self.add_norm(h, delta, lw.attn_norm)
+        h, x = self.add_norm(h, self.mix(l, x, plan), lw.mlp_norm)
         logits, ids, wts = self._route(l, x, plan)
         return Routed(h, x, logits, ids, wts)
 
@@ -347,7 +376,7 @@ class Transformer:
             lin = self.state.linear
             return deltanet(x, lw.linear, self.delta_shape, lin.conv[row], lin.recurrent[row], backend=self.linear_attn,
                             step=self.delta_step)
-        return attention(x, lw.attn, self.cache, row, plan, self.config, backend=self.attn)
+        return attention(x, lw.attn, self.cache, row, plan, self.config, backend=self.attn, glue=self.glue)
 
     def _route_own(self, l: int, x: Tensor, plan: StepPlan) -> tuple[Tensor, Tensor, Tensor]:
         cfg = self.config
@@ -380,11 +409,13 @@ class Transformer:
                           fp32_weights=self.fp32_route_weights, prefetch_hook=self._prefetch_hook,
                           kernels=self.kernels, partial=partial)
 
-    def head(self, h: Tensor, all_logits: bool = False) -> Tensor:
-        """Final norm and lm_head: h [T, D] -> logits [T, V] (all_logits) or [1, V] (the last position)."""
+    def head(self, h: Tensor, all_logits: bool = False, delta: Tensor | None = None) -> Tensor:
+        """Final norm and lm_head: h [T, D] (+ delta [T, D], the last layer's MoE output) -> logits [T, V]
+        (all_logits) or [1, V] (the last position)."""
         if not all_logits:
             h = h[-1:]
-        return linear(rms_norm(h, self.final_norm, self.config.rms_norm_eps), self.lm_head)
+            delta = None if delta is None else delta[-1:]
+        return linear(self.add_norm(h, delta, self.final_norm)[1], self.lm_head)
 
     # --- the one-token step in L+1 segments (tiered/decode/piecewise.py runs them, with host routing between) ---
     def segment_first(self, tokens: Tensor, plan: StepPlan) -> Routed:
@@ -394,11 +425,11 @@ class Transformer:
     def segment_mid(self, l: int, prev: Routed, slots: Tensor, plan: StepPlan, partial: Tensor | None = None) -> Routed:
         """Segment l (1..L-1): layer l-1's experts from `slots` [K] (+ `partial`, its CPU experts' sum) +
         residual, then layer l up to its router."""
-        return self.attend_route(l, prev.h + self.experts_out(l - 1, prev, slots, partial), plan)
+        return self.attend_route(l, prev.h, plan, self.experts_out(l - 1, prev, slots, partial))
 
     def segment_last(self, prev: Routed, slots: Tensor, partial: Tensor | None = None) -> Tensor:
         """Segment L: layer L-1's experts from `slots` [K] (+ `partial`) + residual, final norm, lm_head -> logits [1, V]."""
-        return self.head(prev.h + self.experts_out(len(self.layers) - 1, prev, slots, partial), False)
+        return self.head(prev.h, False, self.experts_out(len(self.layers) - 1, prev, slots, partial))
 
     # --- graph-capturable one-token step ---
     @property
