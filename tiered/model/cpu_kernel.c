@@ -58,220 +58,185 @@ static inline float rnd(float v, int mode) {
     return v;
 }
 
+/* ---- one vector abstraction for the three builds: VW fp32 lanes ---- */
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+/* loops over the R rows of a call, fully unrolled so that their accumulators stay in registers */
+#define FOR_R(r) _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)
 #if defined(__AVX512F__)
-static inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
-#endif
-#if defined(__AVX2__)
+#define VW 16
+#define RMAX 4
+typedef __m512 vf;
+typedef __m512i vi;
+#define VZERO() _mm512_setzero_ps()
+#define VLD(p) _mm512_loadu_ps(p)
+#define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define VADD(a, b) _mm512_add_ps(a, b)
+#define VSET1(s) _mm512_set1_ps(s)
+#define VHSUM(v) _mm512_reduce_add_ps(v)
+#define VLD_BF16(p) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
+#define VLD_F16(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
+#define VLD_I8(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
+#define VLD_U8(p) _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p)))
+#define VLO4(b) _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(0xf)))
+#define VHI4(b) _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4))
+#define SIMD 512
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define VW 8
+#define RMAX 4
+typedef __m256 vf;
+typedef __m256i vi;
 static inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
+#define VZERO() _mm256_setzero_ps()
+#define VLD(p) _mm256_loadu_ps(p)
+#define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define VADD(a, b) _mm256_add_ps(a, b)
+#define VSET1(s) _mm256_set1_ps(s)
+#define VHSUM(v) hsum8(v)
+#define VLD_BF16(p) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
+#define VLD_F16(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
+#define VLD_I8(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
+#define VLD_U8(p) _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p)))
+#define VLO4(b) _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(0xf)))
+#define VHI4(b) _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4))
+#define SIMD 256
+#else /* portable C: one lane, the same loops */
+#define VW 1
+#define RMAX 4
+typedef float vf;
+typedef int vi;
+#define VZERO() 0.f
+#define VLD(p) (*(p))
+#define VFMA(a, b, c) ((a) * (b) + (c))
+#define VADD(a, b) ((a) + (b))
+#define VSET1(s) (s)
+#define VHSUM(v) (v)
+#define VLD_BF16(p) bf16_to_f32(*(p))
+#define VLD_F16(p) f16_to_f32(*(p))
+#define VLD_I8(p) ((float)*(p))
+#define VLD_U8(p) ((int)*(p))
+#define VLO4(b) ((float)((b) & 0xf))
+#define VHI4(b) ((float)((b) >> 4))
+#define SIMD 0
 #endif
 
-/* ---- dense rows: dot(w[0:K], x[0:K]), x fp32 ---- */
-static float dot_f32(const float *w, const float *x, int K) {
+/* One element / VW elements of a dense row of format fmt (a constant after inlining). */
+ALWAYS_INLINE vf ldw(int fmt, const void *p, long i) {
+    if (fmt == FMT_F32) return VLD((const float *)p + i);
+    if (fmt == FMT_BF16) return VLD_BF16((const uint16_t *)p + i);
+    return VLD_F16((const uint16_t *)p + i);
+}
+ALWAYS_INLINE float lds(int fmt, const void *p, long i) {
+    if (fmt == FMT_F32) return ((const float *)p)[i];
+    if (fmt == FMT_BF16) return bf16_to_f32(((const uint16_t *)p)[i]);
+    return f16_to_f32(((const uint16_t *)p)[i]);
+}
+
+/* ---- R dense rows w[r][0:K] dotted with one x (x loaded once for all R rows) ---- */
+ALWAYS_INLINE void dots_dense(int fmt, int R, const void *const *w, const float *x, int K, float *out) {
+    vf a0[RMAX], a1[RMAX];
+    FOR_R(r) a0[r] = a1[r] = VZERO();
     int i = 0;
-    float s = 0.f;
-#if defined(__AVX512F__)
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    for (; i + 64 <= K; i += 64) {
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
-        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 32), _mm512_loadu_ps(x + i + 32), a2);
-        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 48), _mm512_loadu_ps(x + i + 48), a3);
+    for (; i + 2 * VW <= K; i += 2 * VW) {
+        const vf x0 = VLD(x + i), x1 = VLD(x + i + VW);
+        FOR_R(r) {
+            a0[r] = VFMA(ldw(fmt, w[r], i), x0, a0[r]);
+            a1[r] = VFMA(ldw(fmt, w[r], i + VW), x1, a1[r]);
+        }
     }
-    for (; i + 16 <= K; i += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a0);
-    s = hsum(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-#elif defined(__AVX2__) && defined(__FMA__)
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    for (; i + 32 <= K; i += 32) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
+    for (; i + VW <= K; i += VW) {
+        const vf x0 = VLD(x + i);
+        FOR_R(r) a0[r] = VFMA(ldw(fmt, w[r], i), x0, a0[r]);
     }
-    for (; i + 8 <= K; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
-    s = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-#endif
-    for (; i < K; i++) s += w[i] * x[i];
-    return s;
+    FOR_R(r) {
+        float s = VHSUM(VADD(a0[r], a1[r]));
+        for (int k = i; k < K; k++) s += lds(fmt, w[r], k) * x[k];
+        out[r] = s;
+    }
 }
 
-#if defined(__AVX512F__)
-static inline __m512 ld16_bf16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-#endif
-#if defined(__AVX2__)
-static inline __m256 ld8_bf16(const uint16_t *p) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-}
-#endif
-
-static float dot_bf16(const uint16_t *w, const float *x, int K) {
-    int i = 0;
-    float s = 0.f;
-#if defined(__AVX512F__)
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    for (; i + 64 <= K; i += 64) {
-        a0 = _mm512_fmadd_ps(ld16_bf16(w + i), _mm512_loadu_ps(x + i), a0);
-        a1 = _mm512_fmadd_ps(ld16_bf16(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
-        a2 = _mm512_fmadd_ps(ld16_bf16(w + i + 32), _mm512_loadu_ps(x + i + 32), a2);
-        a3 = _mm512_fmadd_ps(ld16_bf16(w + i + 48), _mm512_loadu_ps(x + i + 48), a3);
-    }
-    for (; i + 16 <= K; i += 16) a0 = _mm512_fmadd_ps(ld16_bf16(w + i), _mm512_loadu_ps(x + i), a0);
-    s = hsum(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-#elif defined(__AVX2__) && defined(__FMA__)
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    for (; i + 32 <= K; i += 32) {
-        a0 = _mm256_fmadd_ps(ld8_bf16(w + i), _mm256_loadu_ps(x + i), a0);
-        a1 = _mm256_fmadd_ps(ld8_bf16(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
-        a2 = _mm256_fmadd_ps(ld8_bf16(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
-        a3 = _mm256_fmadd_ps(ld8_bf16(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
-    }
-    for (; i + 8 <= K; i += 8) a0 = _mm256_fmadd_ps(ld8_bf16(w + i), _mm256_loadu_ps(x + i), a0);
-    s = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-#endif
-    for (; i < K; i++) s += bf16_to_f32(w[i]) * x[i];
-    return s;
-}
-
-static float dot_f16(const uint16_t *w, const float *x, int K) {
-    int i = 0;
-    float s = 0.f;
-#if defined(__AVX512F__)
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    for (; i + 32 <= K; i += 32) {
-        a0 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + i))), _mm512_loadu_ps(x + i), a0);
-        a1 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + i + 16))), _mm512_loadu_ps(x + i + 16), a1);
-    }
-    s = hsum(_mm512_add_ps(a0, a1));
-#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    for (; i + 16 <= K; i += 16) {
-        a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i))), _mm256_loadu_ps(x + i), a0);
-        a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i + 8))), _mm256_loadu_ps(x + i + 8), a1);
-    }
-    s = hsum8(_mm256_add_ps(a0, a1));
-#endif
-    for (; i < K; i++) s += f16_to_f32(w[i]) * x[i];
-    return s;
-}
-
-/* ---- q8: int8 codes [K], one bf16 scale per G inputs: sum_g s_g * sum_{i in g} q_i x_i. The vector paths
- * keep per-lane sums: each group's lanes are scaled into the accumulators (no horizontal sum per group). ---- */
-static float dot_q8(const int8_t *q, const uint16_t *sc, const float *x, int K, int G) {
-    float s = 0.f;
-#if defined(__AVX512F__)
-    __m512 c0 = _mm512_setzero_ps(), c1 = _mm512_setzero_ps();
-#elif defined(__AVX2__) && defined(__FMA__)
-    __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps();
-#endif
+/* ---- q8: int8 codes [K], one bf16 scale per G inputs: sum_g s_g * sum_{i in g} q_i x_i. Each group's lane
+ * sums are scaled into per-lane accumulators (one horizontal sum per row, not per group). ---- */
+ALWAYS_INLINE void dots_q8(int R, const void *const *qv, const uint16_t *const *sc, const float *x, int K, int G,
+                           float *out) {
+    const int8_t *q[RMAX];
+    vf c[RMAX];
+    float s[RMAX];
+    FOR_R(r) { q[r] = (const int8_t *)qv[r]; c[r] = VZERO(); s[r] = 0.f; }
     for (int g0 = 0, gi = 0; g0 < K; g0 += G, gi++) {
         const int n = K - g0 < G ? K - g0 : G;
-        const int8_t *qq = q + g0;
         const float *xx = x + g0;
-        const float sg = bf16_to_f32(sc[gi]);
+        vf t0[RMAX], t1[RMAX];
+        FOR_R(r) t0[r] = t1[r] = VZERO();
         int i = 0;
-        float t = 0.f;
-#if defined(__AVX512F__)
-        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-        for (; i + 32 <= n; i += 32) {
-            __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qq + i))));
-            __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qq + i + 16))));
-            a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xx + i), a0);
-            a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xx + i + 16), a1);
+        for (; i + 2 * VW <= n; i += 2 * VW) {
+            const vf x0 = VLD(xx + i), x1 = VLD(xx + i + VW);
+            FOR_R(r) {
+                t0[r] = VFMA(VLD_I8(q[r] + g0 + i), x0, t0[r]);
+                t1[r] = VFMA(VLD_I8(q[r] + g0 + i + VW), x1, t1[r]);
+            }
         }
-        for (; i + 16 <= n; i += 16)
-            a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qq + i)))),
-                                 _mm512_loadu_ps(xx + i), a0);
-        const __m512 sv = _mm512_set1_ps(sg);
-        c0 = _mm512_fmadd_ps(a0, sv, c0);
-        c1 = _mm512_fmadd_ps(a1, sv, c1);
-#elif defined(__AVX2__) && defined(__FMA__)
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-        for (; i + 16 <= n; i += 16) {
-            __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qq + i))));
-            __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qq + i + 8))));
-            a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xx + i), a0);
-            a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xx + i + 8), a1);
+        for (; i + VW <= n; i += VW) {
+            const vf x0 = VLD(xx + i);
+            FOR_R(r) t0[r] = VFMA(VLD_I8(q[r] + g0 + i), x0, t0[r]);
         }
-        const __m256 sv = _mm256_set1_ps(sg);
-        c0 = _mm256_fmadd_ps(a0, sv, c0);
-        c1 = _mm256_fmadd_ps(a1, sv, c1);
-#endif
-        for (; i < n; i++) t += (float)qq[i] * xx[i];
-        s += sg * t;
+        FOR_R(r) {
+            const float sg = bf16_to_f32(sc[r][gi]);
+            c[r] = VFMA(VADD(t0[r], t1[r]), VSET1(sg), c[r]);
+            float tt = 0.f;
+            for (int k = i; k < n; k++) tt += (float)q[r][g0 + k] * xx[k];
+            s[r] += sg * tt;
+        }
     }
-#if defined(__AVX512F__)
-    s += hsum(_mm512_add_ps(c0, c1));
-#elif defined(__AVX2__) && defined(__FMA__)
-    s += hsum8(_mm256_add_ps(c0, c1));
-#endif
-    return s;
+    FOR_R(r) out[r] = s[r] + VHSUM(c[r]);
 }
 
-/* ---- q4: two codes per byte (input 2i low nibble), bf16 scale and min per G inputs:
- * sum_g s_g * sum q_i x_i + m_g * sum x_i. Vector path: xp holds x deinterleaved per 32 inputs (the even inputs
- * of a 32-block, then the odd ones), xs[g] the sum of x over group g. ---- */
-static float dot_q4(const uint8_t *q, const uint16_t *sc, const uint16_t *mn, const float *x, const float *xp,
-                    const float *xs, int K, int G) {
-    float s = 0.f;
-#if defined(__AVX512F__)
-    const __m512i lo4 = _mm512_set1_epi32(0xf);
-    __m512 c0 = _mm512_setzero_ps(), c1 = _mm512_setzero_ps();
-#elif defined(__AVX2__) && defined(__FMA__)
-    const __m256i lo4 = _mm256_set1_epi32(0xf);
-    __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps();
-#else
-    (void)xp;
-#endif
+/* ---- q4: two codes per byte (input 2i in the low nibble), bf16 scale and min per G inputs:
+ * sum_g s_g * sum q_i x_i + sum_g m_g * sum_{i in g} x_i. xp holds x deinterleaved per 32 inputs (the 16 even
+ * inputs of a block, then the 16 odd ones), so a byte's low and high nibbles meet their inputs lane by lane;
+ * xs[g] is the sum of x over group g. Blocks of 32 start at multiples of 32 (G is 64, or K when K < 64). ---- */
+ALWAYS_INLINE void dots_q4(int R, const void *const *qv, const uint16_t *const *sc, const uint16_t *const *mn,
+                           const float *x, const float *xp, const float *xs, int K, int G, int ng, float *out) {
+    const uint8_t *q[RMAX];
+    vf c[RMAX];
+    float s[RMAX];
+    FOR_R(r) { q[r] = (const uint8_t *)qv[r]; c[r] = VZERO(); s[r] = 0.f; }
     for (int g0 = 0, gi = 0; g0 < K; g0 += G, gi++) {
         const int n = K - g0 < G ? K - g0 : G;
-        const float sg = bf16_to_f32(sc[gi]);
-        int i = 0; /* inputs done in this group; vector blocks start at multiples of 32 (G is 64 or K) */
-        float t = 0.f;
-#if defined(__AVX512F__)
-        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        vf t0[RMAX], t1[RMAX];
+        FOR_R(r) t0[r] = t1[r] = VZERO();
+        int i = 0;
         for (; i + 32 <= n; i += 32) {
-            __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + (g0 + i) / 2)));
-            a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, lo4)), _mm512_loadu_ps(xp + g0 + i), a0);
-            a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), _mm512_loadu_ps(xp + g0 + i + 16), a1);
+            for (int h = 0; h < 16; h += VW) {
+                const vf xe = VLD(xp + g0 + i + h), xo = VLD(xp + g0 + i + 16 + h);
+                FOR_R(r) {
+                    const vi b = VLD_U8(q[r] + (g0 + i) / 2 + h);
+                    t0[r] = VFMA(VLO4(b), xe, t0[r]);
+                    t1[r] = VFMA(VHI4(b), xo, t1[r]);
+                }
+            }
         }
-        const __m512 sv = _mm512_set1_ps(sg);
-        c0 = _mm512_fmadd_ps(a0, sv, c0);
-        c1 = _mm512_fmadd_ps(a1, sv, c1);
-#elif defined(__AVX2__) && defined(__FMA__)
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-        for (; i + 32 <= n; i += 32) {
-            const uint8_t *qb = q + (g0 + i) / 2;
-            __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)qb));
-            __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qb + 8)));
-            const float *xe = xp + g0 + i;
-            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b0, lo4)), _mm256_loadu_ps(xe), a0);
-            a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b1, lo4)), _mm256_loadu_ps(xe + 8), a1);
-            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4)), _mm256_loadu_ps(xe + 16), a0);
-            a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4)), _mm256_loadu_ps(xe + 24), a1);
+        FOR_R(r) {
+            const float sg = bf16_to_f32(sc[r][gi]);
+            c[r] = VFMA(VADD(t0[r], t1[r]), VSET1(sg), c[r]);
+            float tt = 0.f;
+            for (int k = g0 + i; k < g0 + n; k++) {
+                const uint8_t b = q[r][k >> 1];
+                tt += (float)((k & 1) ? (b >> 4) : (b & 0xf)) * x[k];
+            }
+            s[r] += sg * tt;
         }
-        const __m256 sv = _mm256_set1_ps(sg);
-        c0 = _mm256_fmadd_ps(a0, sv, c0);
-        c1 = _mm256_fmadd_ps(a1, sv, c1);
-#endif
-        for (; i < n; i++) {
-            const int k = g0 + i;
-            const uint8_t b = q[k >> 1];
-            t += (float)((k & 1) ? (b >> 4) : (b & 0xf)) * x[k];
-        }
-        s += sg * t + bf16_to_f32(mn[gi]) * xs[gi];
     }
-#if defined(__AVX512F__)
-    s += hsum(_mm512_add_ps(c0, c1));
-#elif defined(__AVX2__) && defined(__FMA__)
-    s += hsum8(_mm256_add_ps(c0, c1));
-#endif
-    return s;
+    FOR_R(r) {
+        float m;
+        const void *mr = mn[r];
+        dots_dense(FMT_BF16, 1, &mr, xs, ng, &m);
+        out[r] = s[r] + m + VHSUM(c[r]);
+    }
 }
 
 /* The per-call inputs that the q4 path needs in its own layout. */
@@ -294,18 +259,41 @@ static void prep_vec(const float *x, int K, int G, float *xp, float *xs) {
     }
 }
 
-/* Row r of one matrix [N, K] in format fmt, dotted with v. ps = the matrix's parts; rowb = bytes per code row;
- * ng = groups per row. */
-static inline float row_dot(int fmt, const uintptr_t *ps, long r, int K, int G, long ng, const vec_t *v) {
+/* Bytes of one code row of K inputs. */
+static inline long row_bytes(int fmt, int K) {
     switch (fmt) {
-    case FMT_F32: return dot_f32((const float *)ps[P_Q] + r * K, v->x, K);
-    case FMT_BF16: return dot_bf16((const uint16_t *)ps[P_Q] + r * K, v->x, K);
-    case FMT_F16: return dot_f16((const uint16_t *)ps[P_Q] + r * K, v->x, K);
-    case FMT_Q8: return dot_q8((const int8_t *)ps[P_Q] + r * K, (const uint16_t *)ps[P_S] + r * ng, v->x, K, G);
-    default:
-        return dot_q4((const uint8_t *)ps[P_Q] + r * ((K + 1) / 2), (const uint16_t *)ps[P_S] + r * ng,
-                      (const uint16_t *)ps[P_M] + r * ng, v->x, v->xp, v->xs, K, G);
+    case FMT_F32: return 4L * K;
+    case FMT_BF16: case FMT_F16: return 2L * K;
+    case FMT_Q8: return K;
+    default: return (K + 1) / 2;
     }
+}
+
+/* R rows, each given by its parts' addresses (q codes, s scales, m mins), dotted with v -> out[R]. */
+#define DOTS(F_, R_) \
+    case F_ * 8 + R_: \
+        if (F_ == FMT_Q8) dots_q8(R_, q, s, v->x, K, G, out); \
+        else if (F_ == FMT_Q4) dots_q4(R_, q, s, m, v->x, v->xp, v->xs, K, G, ng, out); \
+        else dots_dense(F_, R_, q, v->x, K, out); \
+        return;
+static void dots(int fmt, int R, const void *const *q, const uint16_t *const *s, const uint16_t *const *m,
+                 const vec_t *v, int K, int G, int ng, float *out) {
+    switch (fmt * 8 + R) {
+    DOTS(FMT_F32, 1) DOTS(FMT_F32, 2) DOTS(FMT_F32, 4)
+    DOTS(FMT_BF16, 1) DOTS(FMT_BF16, 2) DOTS(FMT_BF16, 4)
+    DOTS(FMT_F16, 1) DOTS(FMT_F16, 2) DOTS(FMT_F16, 4)
+    DOTS(FMT_Q8, 1) DOTS(FMT_Q8, 2) DOTS(FMT_Q8, 4)
+    DOTS(FMT_Q4, 1) DOTS(FMT_Q4, 2) DOTS(FMT_Q4, 4)
+    default: FOR_R(r) out[r] = NAN;
+    }
+}
+
+/* Row `row` of the matrix whose parts start at ps[P_Q..P_M] (K inputs, ng groups): its parts' addresses. */
+static inline void row_parts(int fmt, const uintptr_t *ps, long row, int K, long ng, const void **q,
+                             const uint16_t **s, const uint16_t **m) {
+    *q = (const void *)(ps[P_Q] + row * row_bytes(fmt, K));
+    *s = ps[P_S] ? (const uint16_t *)ps[P_S] + row * ng : NULL;
+    *m = ps[P_M] ? (const uint16_t *)ps[P_M] + row * ng : NULL;
 }
 
 static inline float load_x(const void *p, int dt, int i) {
@@ -321,16 +309,8 @@ int tiered_cpu_caps(void) {
     return (1 << FMT_F32) | (1 << FMT_BF16) | (HAVE_F16 << FMT_F16) | (1 << FMT_Q8) | (1 << FMT_Q4) | (HAVE_F16 << 8);
 }
 
-/* Which vector path this build uses: 512 (AVX-512F), 256 (AVX2+FMA) or 0 (portable C). */
-int tiered_cpu_simd(void) {
-#if defined(__AVX512F__)
-    return 512;
-#elif defined(__AVX2__) && defined(__FMA__)
-    return 256;
-#else
-    return 0;
-#endif
-}
+/* Which vector path this build uses: 512 (AVX-512F), 256 (AVX2+FMA+F16C) or 0 (portable C). */
+int tiered_cpu_simd(void) { return SIMD; }
 
 /* One token's CPU experts.
  *   fmt     weight format (FMT_*), shared by every job; parts[n * 9]: per job gate (q, scale, min), up (...),
@@ -372,16 +352,26 @@ int tiered_cpu_experts(int fmt, int n, const uintptr_t *parts, const float *wts,
         nt = omp_get_num_threads();
         t = omp_get_thread_num();
 #endif
-        /* phase 1: gate and up rows of every job, a contiguous slice of the (job, row) space per thread */
+        /* phase 1: gate and up rows of every job, a contiguous slice of the (job, row) space per thread; two
+         * FFN rows at a time (gate f, up f, gate f+1, up f+1: four rows sharing each load of x) */
         {
             const long r0 = rows1 * t / nt, r1 = rows1 * (t + 1) / nt;
-            for (long r = r0; r < r1; r++) {
+            const void *q[4];
+            const uint16_t *sp[4], *mp[4];
+            float o[4];
+            for (long r = r0; r < r1;) {
                 const int j = (int)(r / F);
                 const long f = r % F;
+                const int two = (r + 1 < r1 && f + 1 < F) ? 2 : 1;
                 const uintptr_t *pj = parts + (size_t)j * P_PER_JOB;
-                float g = rnd(row_dot(fmt, pj, f, D, Gi, ngi, &vx), rnd_mode);
-                float u = rnd(row_dot(fmt, pj + P_PER_MAT, f, D, Gi, ngi, &vx), rnd_mode);
-                h[r] = rnd(silu_mul(g, u), rnd_mode);
+                for (int k = 0; k < two; k++) {
+                    row_parts(fmt, pj, f + k, D, ngi, &q[2 * k], &sp[2 * k], &mp[2 * k]);
+                    row_parts(fmt, pj + P_PER_MAT, f + k, D, ngi, &q[2 * k + 1], &sp[2 * k + 1], &mp[2 * k + 1]);
+                }
+                dots(fmt, 2 * two, q, sp, mp, &vx, D, Gi, (int)ngi, o);
+                for (int k = 0; k < two; k++)
+                    h[r + k] = rnd(silu_mul(rnd(o[2 * k], rnd_mode), rnd(o[2 * k + 1], rnd_mode)), rnd_mode);
+                r += two;
             }
         }
 #ifdef _OPENMP
@@ -401,7 +391,16 @@ int tiered_cpu_experts(int fmt, int n, const uintptr_t *parts, const float *wts,
                 const uintptr_t *pj = parts + (size_t)j * P_PER_JOB + 2 * P_PER_MAT;
                 const vec_t vh = {h + (size_t)j * F, hp + (size_t)j * F, hs + (size_t)j * ngf};
                 const float wj = wts[j];
-                for (int d = d0; d < d1; d++) acc[d] += wj * rnd(row_dot(fmt, pj, d, F, Gf, ngf, &vh), rnd_mode);
+                const void *q[4];
+                const uint16_t *sp[4], *mp[4];
+                float o[4];
+                for (int d = d0; d < d1;) { /* four rows of down at a time, sharing each load of h */
+                    const int R = d + 4 <= d1 ? 4 : 1;
+                    for (int k = 0; k < R; k++) row_parts(fmt, pj, d + k, F, ngf, &q[k], &sp[k], &mp[k]);
+                    dots(fmt, R, q, sp, mp, &vh, F, Gf, (int)ngf, o);
+                    for (int k = 0; k < R; k++) acc[d + k] += wj * rnd(o[k], rnd_mode);
+                    d += R;
+                }
             }
             for (int d = d0; d < d1; d++) {
                 if (rnd_mode == RND_NONE) ((float *)out)[d] = acc[d];
