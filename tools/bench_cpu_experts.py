@@ -3,7 +3,7 @@ code `--cpu-experts` runs), per path, format and thread count, in GB/s of expert
 model counts: block_size per expert).
 
     python3 tools/bench_cpu_experts.py [--hidden 2048] [--ffn 768] [--k 8] [--threads 1,2] [--repeats 10]
-        [--paths torch-bf16,bf16,q8,q4] [--pool-gb 1.0]
+        [--paths torch-bf16,bf16,q8,q4] [--pool-gb 1.0] [--links 55,25,12]
 
 Paths: "torch-FMT" is the torch reference (cpu_partial: dequantize, F.linear), "FMT" the native kernel
 (model/cpu_kernel.c); FMT in fp32, bf16, q8, q4. The compute dtype is bf16 (fp32 for fp32 weights), as on GPU
@@ -13,6 +13,11 @@ larger than the last-level cache the weights come from DRAM, as they do in a run
 rate does not depend on the values. Prints a table, then one JSON line (also $OUT/bench_cpu_experts.json).
 
 Defaults are the 10.6B Qwen3-MoE shape of the benchmarks; the 397B shape is --hidden 4096 --ffn 1024 --k 10.
+
+Then, per format and thread count, the load-time probe itself (model/cpu_experts.prepare, the code `--cpu-experts
+auto` runs at load, on a stand-in provider over the same pool) and what the cost model (store/offload.CostModel)
+decides with that CPU rate for a layer with 1, 2, 4 or K misses on links of --links GB/s (host->GPU; the per-layer
+overhead includes the two small PCIe copies of a CUDA run).
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -29,10 +35,10 @@ import torch  # noqa: E402
 
 from tiered.layout.format import plan_block  # noqa: E402
 from tiered.layout.quant import QuantWeight  # noqa: E402
-from tiered.model.cpu_experts import cpu_partial  # noqa: E402
+from tiered.model.cpu_experts import cpu_partial, prepare  # noqa: E402
 from tiered.model.cpu_kernel import CpuKernel  # noqa: E402
 from tiered.store.disk import expert_views  # noqa: E402
-from tiered.store.offload import CpuWorker, cpu_threads  # noqa: E402
+from tiered.store.offload import CostModel, CpuWorker, cpu_threads  # noqa: E402
 
 STORED = {"fp32": "float32", "bf16": "bfloat16", "q8": "q8", "q4": "q4"}
 
@@ -58,11 +64,41 @@ def make_pool(fmt: str, D: int, F: int, n: int, seed: int = 0):
     return W, bs
 
 
-def measure(fn, repeats: int) -> float:
-    """Median seconds of fn() on its own thread (fn returns its own time)."""
+def measure(fn, repeats: int) -> tuple[float, float]:
+    """(median, best) seconds of fn() (fn returns its own time), after one warm-up call."""
     fn()
     ts = sorted(fn() for _ in range(repeats))
-    return ts[len(ts) // 2]
+    return ts[len(ts) // 2], ts[0]
+
+
+class ProbeProvider:
+    """What cpu_experts.prepare reads from a provider (store/cache.ExpertCache), over a bench pool: expert key
+    layer * K + e is pool row key % n; the device is CUDA for the overhead term (two small PCIe copies)."""
+
+    def __init__(self, W, bs: int, n: int, D: int, K: int, threads: int, native: bool) -> None:
+        self.W, self.n = W, n
+        self.split, self.block_size = True, bs
+        self.device = SimpleNamespace(type="cuda")
+        self.layout = SimpleNamespace(config=SimpleNamespace(top_k=K, num_experts=K, num_layers=4, hidden_size=D))
+        self.cpu_worker = CpuWorker(threads)
+        self.cost_model = CostModel(55.0, 0.0)
+        self.native = native
+
+    def _host_blocks_probe(self, out: list, keys=(0,)) -> None:
+        out.extend((0, self.W, k % self.n) for k in keys)
+
+
+def probe(W, bs: int, n: int, D: int, K: int, th: int, native: bool, dtype: torch.dtype, links: list[float]) -> dict:
+    p = ProbeProvider(W, bs, n, D, K, th, native)
+    prepare(p, dtype, native=native)
+    p.cpu_worker.close()
+    cm = p.cost_model
+    places = {}
+    for link in links:
+        m = CostModel(link, cm.cpu_gbps, cpu_overhead_s=cm.cpu_overhead_s, fixed=True)
+        places[str(link)] = {str(m_): sum(m.place(m_, bs)) for m_ in sorted({1, 2, 4, K})}
+    return {"cpu_gbps": cm.cpu_gbps, "cpu_overhead_s": cm.cpu_overhead_s, "kernel": p.cpu_kernel_name,
+            "to_cpu_of_misses": places}
 
 
 def main() -> None:
@@ -74,8 +110,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--paths", default="torch-bf16,bf16,q8,q4")
     ap.add_argument("--pool-gb", type=float, default=1.0, help="expert pool per format, GB (10^9 B)")
+    ap.add_argument("--links", default="55,25,12", help="host->GPU GB/s for the cost model's decisions ('' = skip)")
     a = ap.parse_args()
     D, F, K = a.hidden, a.ffn, a.k
+    links = [float(x) for x in a.links.split(",") if x]
     kern = CpuKernel.load()
     out = []
     pools: dict[str, tuple] = {}
@@ -113,13 +151,21 @@ def main() -> None:
                     kern.partial(x, w, jobs, threads=th)
                 return time.perf_counter() - t0
 
-            med = measure(lambda: wk.submit(call).result(), a.repeats)
+            med, best = measure(lambda: wk.submit(call).result(), a.repeats)
             wk.close()
             row = {"path": path, "format": fmt, "compute": str(cdt).removeprefix("torch."), "threads": th,
-                   "s_per_layer": med, "gbps": K * bs / med / 1e9, "block_bytes": bs,
-                   "simd": None if torch_path else kern.simd_name}
+                   "s_per_layer": med, "gbps": K * bs / med / 1e9, "gbps_best": K * bs / best / 1e9,
+                   "block_bytes": bs, "simd": None if torch_path else kern.simd_name}
+            line = (f"{path:>11} threads {th:2d}: {med * 1e3:8.3f} ms per {K} experts, {row['gbps']:7.2f} GB/s "
+                    f"(best {row['gbps_best']:6.2f})")
+            if links:
+                row["probe"] = probe(W, bs, n, D, K, th, not torch_path, cdt, links)
+                pr = row["probe"]
+                line += (f"; probe {pr['cpu_gbps']:6.2f} GB/s + {pr['cpu_overhead_s'] * 1e6:.0f} us/layer, to CPU of "
+                         + ", ".join(f"{K} misses at {lk} GB/s: {pr['to_cpu_of_misses'][str(lk)][str(K)]}"
+                                     for lk in links))
             out.append(row)
-            print(f"{path:>11} threads {th:2d}: {med * 1e3:8.3f} ms per {K} experts, {row['gbps']:7.2f} GB/s")
+            print(line)
     res = {"bench": "cpu_experts", "hidden": D, "ffn": F, "k": K, "pool_gb": a.pool_gb,
            "cpu_count": os.cpu_count(), "physical_cores": cpu_threads(0), "runs": out}
     if os.environ.get("OUT"):

@@ -313,14 +313,17 @@ int tiered_cpu_caps(void) {
 int tiered_cpu_simd(void) { return SIMD; }
 
 /* One token's CPU experts.
- *   fmt     weight format (FMT_*), shared by every job; parts[n * 9]: per job gate (q, scale, min), up (...),
- *           down (...) base addresses of that expert's matrices (0 where a part is absent)
- *   wts[n]  routing weights (fp32, already rounded as the caller wants)
- *   D, F    hidden and FFN sizes; Gi / Gf the quantization group along D (gate, up) and along F (down)
- *   x[D]    the token (dtype `rnd`: fp32, bf16 or fp16), out[D] the result in the same dtype
- *   rnd     compute dtype rounding (RND_*); threads > 0 the OpenMP threads
+ *   fmt      weight format (FMT_*), shared by every job
+ *   n        jobs (experts); job j reads pool view views[j] (views NULL: view 0 for all), row rows[j]
+ *   base, stride [V * 9]: per pool view, for gate, up, down x (codes, scales, mins): the address of row 0 and the
+ *            row stride in bytes (0, 0 where a part is absent)
+ *   wts[n]   routing weights (fp32); round_w rounds them to the compute dtype first (as the device path does)
+ *   D, F     hidden and FFN sizes; Gi / Gf the quantization group along D (gate, up) and along F (down)
+ *   x[D]     the token (dtype `rnd_mode`: fp32, bf16 or fp16), out[D] the result in the same dtype
+ *   rnd_mode compute dtype rounding (RND_*); threads > 0 the OpenMP threads (0: OpenMP's default)
  * Returns 0, or -1 when the format or dtype is not supported by this build, -2 when out of memory. */
-int tiered_cpu_experts(int fmt, int n, const uintptr_t *parts, const float *wts, int D, int F, int Gi, int Gf,
+int tiered_cpu_experts(int fmt, int n, const uintptr_t *base, const int64_t *stride, const int32_t *views,
+                       const int64_t *rows, const float *wts_in, int round_w, int D, int F, int Gi, int Gf,
                        const void *x, void *out, int rnd_mode, int threads) {
     if (fmt < FMT_F32 || fmt > FMT_Q4 || !(tiered_cpu_caps() >> fmt & 1)) return -1;
     if (rnd_mode == RND_F16 && !HAVE_F16) return -1;
@@ -331,11 +334,22 @@ int tiered_cpu_experts(int fmt, int n, const uintptr_t *parts, const float *wts,
         }
         return 0;
     }
+    uintptr_t *parts = (uintptr_t *)malloc((size_t)n * P_PER_JOB * sizeof(uintptr_t));
+    float *wts = (float *)malloc((size_t)n * sizeof(float));
+    if (!parts || !wts) { free(parts); free(wts); return -2; }
+    for (int j = 0; j < n; j++) {
+        const int v = views ? views[j] : 0;
+        for (int p = 0; p < P_PER_JOB; p++) {
+            const uintptr_t b = base[v * P_PER_JOB + p];
+            parts[j * P_PER_JOB + p] = b ? b + (uintptr_t)(rows[j] * stride[v * P_PER_JOB + p]) : 0;
+        }
+        wts[j] = round_w ? rnd(wts_in[j], rnd_mode) : wts_in[j];
+    }
     const long ngi = (D + Gi - 1) / Gi, ngf = (F + Gf - 1) / Gf;
     /* scratch: x fp32, its q4 forms, h fp32 [n, F] and h's q4 forms per job */
     const size_t nfl = (size_t)2 * D + ngi + (size_t)n * (2 * F + ngf) + (size_t)D;
     float *buf = (float *)malloc(nfl * sizeof(float));
-    if (!buf) return -2;
+    if (!buf) { free(parts); free(wts); return -2; }
     float *xf = buf, *xp = xf + D, *xs = xp + D, *h = xs + ngi, *hp = h + (size_t)n * F, *hs = hp + (size_t)n * F;
     float *acc = hs + (size_t)n * ngf;
     for (int d = 0; d < D; d++) xf[d] = load_x(x, rnd_mode, d);
@@ -410,5 +424,7 @@ int tiered_cpu_experts(int fmt, int n, const uintptr_t *parts, const float *wts,
         }
     }
     free(buf);
+    free(parts);
+    free(wts);
     return 0;
 }

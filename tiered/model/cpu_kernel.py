@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,24 @@ SOURCE = Path(__file__).with_name("cpu_kernel.c")
 FMT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, "q8": 3, "q4": 4}  # cpu_kernel.c's FMT_*
 ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # compute dtype -> RND_*
 CFLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
+
+
+@dataclass(frozen=True, eq=False)
+class _Plan:
+    """A pool view as the kernel reads it: format code, D, F, the groups along D and F, and per part (gate, up,
+    down x codes, scales, mins) the address of row 0 and the row stride in bytes (0 and 0 for an absent part)."""
+
+    fmt: int
+    D: int
+    F: int
+    gi: int
+    gf: int
+    base: Any  # c_uint64 * 9
+    stride: Any  # c_int64 * 9
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int]:
+        return self.fmt, self.D, self.F, self.gi, self.gf
 
 
 class KernelUnavailable(RuntimeError):
@@ -114,13 +133,15 @@ class CpuKernel:
         lib = ctypes.CDLL(str(path))  # ctypes releases the GIL during the call
         f = lib.tiered_cpu_experts
         f.restype = ctypes.c_int
-        f.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-                      ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+        f.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                      ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
         self._fn = f
         self._lib = lib
         self.caps = int(lib.tiered_cpu_caps())
         self.simd = int(lib.tiered_cpu_simd())  # 512, 256 or 0
-        self._plans: dict[int, tuple[Any, Any]] = {}  # id(ExpertWeights) -> (the object, its plan)
+        self._plans: dict[int, tuple[Any, _Plan | None]] = {}  # id(ExpertWeights) -> (the object, its plan)
+        self._joined: dict[tuple, tuple] = {}  # ids of several plans -> (the plans, their joined base, stride)
 
     @classmethod
     def load(cls, march: str = "native", *, warn: bool = True) -> "CpuKernel | None":
@@ -136,7 +157,7 @@ class CpuKernel:
     def simd_name(self) -> str:
         return {512: "avx512", 256: "avx2"}.get(self.simd, "scalar")
 
-    def _plan(self, W: Any) -> tuple | None:
+    def _plan(self, W: Any) -> "_Plan | None":
         """A pool view's format, sizes and per-part (base address, row stride in bytes); None if unsupported."""
         hit = self._plans.get(id(W))
         if hit is not None and hit[0] is W:
@@ -145,7 +166,7 @@ class CpuKernel:
         self._plans[id(W)] = (W, plan)
         return plan
 
-    def _make_plan(self, W: Any) -> tuple | None:
+    def _make_plan(self, W: Any) -> "_Plan | None":
         if getattr(W, "gate_bias", None) is not None:
             return None
         mats = (W.gate, W.up, W.down)
@@ -182,7 +203,8 @@ class CpuKernel:
                     return None  # rows of a matrix must be contiguous (they are in every block layout)
                 base.append(t.data_ptr())
                 stride.append(t.stride(0) * t.element_size())
-        return FMT[fmt], int(D), int(F), int(groups[0]), int(groups[1]), base, stride
+        return _Plan(FMT[fmt], int(D), int(F), int(groups[0]), int(groups[1]), (ctypes.c_uint64 * 9)(*base),
+                     (ctypes.c_int64 * 9)(*stride))
 
     def supports(self, W: Any, act: Any, dtype: torch.dtype) -> bool:
         """Whether `partial` computes experts of this pool view with this activation in this compute dtype."""
@@ -196,28 +218,42 @@ class CpuKernel:
         dt = x.dtype
         if act is not None or dt not in ROUND or not jobs:
             return None
-        plan0 = None
-        addrs: list[int] = []
-        for _, W, row in jobs:
-            plan = self._plan(W)
-            if plan is None or (plan0 is not None and plan[:5] != plan0[:5]):
-                return None
-            plan0 = plan
-            base, stride = plan[5], plan[6]
-            addrs.extend(b + row * s if b else 0 for b, s in zip(base, stride))
-        fmt, D, F, gi, gf = plan0[:5]
+        W0 = jobs[0][1]
+        plan = self._plan(W0)
+        if plan is None:
+            return None
+        n = len(jobs)
+        views = None  # all jobs in one pool view (the common case): the kernel takes view 0 for every job
+        bases, strides = plan.base, plan.stride
+        if any(W is not W0 for _, W, _ in jobs):
+            plans: list = []
+            at: dict[int, int] = {}
+            for _, W, _ in jobs:
+                if id(W) not in at:
+                    pw = self._plan(W)
+                    if pw is None or pw.shape != plan.shape:
+                        return None
+                    at[id(W)] = len(plans)
+                    plans.append(pw)
+            views = (ctypes.c_int32 * n)(*[at[id(W)] for _, W, _ in jobs])
+            key = tuple(map(id, plans))
+            both = self._joined.get(key)
+            if both is None or any(a is not b for a, b in zip(both[0], plans)):
+                both = (plans, (ctypes.c_uint64 * (9 * len(plans)))(*[b for q in plans for b in q.base]),
+                        (ctypes.c_int64 * (9 * len(plans)))(*[v for q in plans for v in q.stride]))
+                self._joined[key] = both
+            bases, strides = both[1], both[2]
+        fmt, D, F, gi, gf = plan.shape
         wl = w_route.tolist() if isinstance(w_route, Tensor) else list(w_route)
-        wk = torch.tensor([wl[k] for k, _, _ in jobs], dtype=torch.float32)
-        if not fp32_weights and dt != torch.float32:
-            wk = wk.to(dt).float()  # the device path rounds the routing weights to the compute dtype
+        rows = (ctypes.c_int64 * n)(*[r for _, _, r in jobs])
+        wts = (ctypes.c_float * n)(*[wl[k] for k, _, _ in jobs])
         x = x.contiguous()
         if x.numel() != D:
             raise ValueError(f"CPU experts: x has {x.numel()} values, the experts' hidden size is {D}")
         out = torch.empty(1, D, dtype=dt)
-        n = len(jobs)
-        arr = (ctypes.c_uint64 * len(addrs))(*addrs)
-        rc = self._fn(fmt, n, arr, wk.data_ptr(), D, F, gi, gf, x.data_ptr(), out.data_ptr(), ROUND[dt],
-                      int(threads))
+        # the device path rounds the routing weights to the compute dtype unless fp32_weights: the kernel does
+        rc = self._fn(fmt, n, bases, strides, views, rows, wts, int(not fp32_weights), D, F, gi, gf, x.data_ptr(),
+                      out.data_ptr(), ROUND[dt], int(threads))
         if rc == -1:
             return None
         if rc != 0:
