@@ -103,9 +103,39 @@ def ensure_layout(a, device: torch.device, hf=None) -> tuple[Path, dict, object]
     t0 = time.perf_counter()
     repack(ck, lay, force=True, progress=False)
     info["repack_s"] = time.perf_counter() - t0
+    if getattr(a, "llama_bin", None):  # the same weights as a bf16 GGUF, before the checkpoint goes
+        info["llama_gguf"] = to_gguf(a, ck, work / "model-bf16.gguf")
     shutil.rmtree(ck, ignore_errors=True)  # the disk holds one copy at a time
     log(f"saved in {info['save_s']:.1f}s, repacked in {info['repack_s']:.1f}s -> {lay}")
     return lay, info, hf
+
+
+def to_gguf(a, ck: Path, gguf: Path) -> dict:
+    """The saved checkpoint -> a bf16 GGUF with llama.cpp's converter (tools/convert_gguf.py; the reference model's
+    tokenizer is copied in, since a random checkpoint has none and the converter needs one; `--no-mtp`: it has no
+    multi-token-prediction block either)."""
+    from bench_peers import run_tool
+    from make_random_checkpoint import copy_tokenizer
+
+    copy_tokenizer(REPO / "tiered" / "data" / "olmoe-code-17m", ck)
+    t0 = time.perf_counter()
+    run_tool([sys.executable, REPO / "tools" / "convert_gguf.py", "--llama-dir", a.llama_src, ck,
+              "--outtype", "bf16", "--no-mtp", "--outfile", gguf], Path(a.work) / "convert.log", timeout=400)
+    return {"path": str(gguf), "bytes": gguf.stat().st_size, "convert_s": time.perf_counter() - t0}
+
+
+def llama_decode(a, gguf: Path) -> dict:
+    """llama-bench tg (batch-1 decode, every layer on the GPU, flash attention) on the GGUF: tok/s."""
+    from bench_peers import parse_llama_bench, run_tool
+
+    exe = Path(a.llama_bin) / "llama-bench"
+    if not exe.is_file():
+        raise SystemExit(f"no llama-bench in {a.llama_bin}: build llama.cpp (tools/build_llamacpp.sh) or drop --llama-bin")
+    out = run_tool([exe, "-m", gguf, "-ngl", "99", "-fa", "1", "-p", "0", "-n", str(a.new_tokens), "-r", "3",
+                    "-o", "jsonl"], Path(a.work) / "llama-bench.log", timeout=300)
+    r = parse_llama_bench(out)
+    return {"tg_tok_s": r.get("tg_tok_s"), "tg_tokens": r.get("tg_tokens"), "build_commit": r.get("build_commit"),
+            "model_type": r.get("model_type"), "model_size": r.get("model_size"), "backends": r.get("backends")}
 
 
 def load_ours(path: Path, device: torch.device, ctx: int, **kw):
@@ -215,6 +245,28 @@ def part_decode(a, device: torch.device) -> dict:
     res["tiered_decode_tok_s"] = statistics.median(runs)
     res["tiered_runs"] = runs
     res["decode_graphs"] = g.stats.get("decode_graphs")
+    res["delta_step"] = g.stats.get("delta_step")
+    if res["delta_step"] == "triton" and res["linear_attention"] == "fla":  # measured against fla's one-token kernel
+        del eng
+        gc.collect()
+        torch.cuda.empty_cache()
+        eng, _ = load_ours(lay, device, a.prompt_tokens + n + 16, delta_step="fla")
+        eng.generate(ids, max_new_tokens=n, stop_at_eos=False)
+        fla_runs = [eng.generate(ids, max_new_tokens=n, stop_at_eos=False).stats["decode_tok_s"]
+                    for _ in range(a.repeats)]
+        res["tiered_fla_step_decode_tok_s"] = statistics.median(fla_runs)
+        res["fused_step_vs_fla_step"] = res["tiered_decode_tok_s"] / res["tiered_fla_step_decode_tok_s"]
+    if "llama_gguf" in res:
+        del eng
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        try:
+            res["llamacpp"] = llama_decode(a, Path(res["llama_gguf"]["path"]))
+            res["ratio_vs_llamacpp"] = res["tiered_decode_tok_s"] / res["llamacpp"]["tg_tok_s"]
+        except Exception as e:  # noqa: BLE001 - recorded: the comparison is reported as not run, with why
+            res["llamacpp"] = {"error": f"{type(e).__name__}: {e}"[-2000:]}
+        Path(res["llama_gguf"]["path"]).unlink(missing_ok=True)
     if not a.skip_hf:
         res["ratio_vs_transformers"] = res["tiered_decode_tok_s"] / res["transformers_decode_tok_s"]
         same = next((i for i, (x, y) in enumerate(zip(g.token_ids, hf_toks)) if x != y), len(hf_toks))
@@ -330,6 +382,10 @@ def main() -> None:
     ap.add_argument("--long-tokens", type=int, default=32000)
     ap.add_argument("--skip-hf", action="store_true", help="skip transformers in decode/prefill")
     ap.add_argument("--small", action="store_true", help="tiny shapes on the CPU (tests this script anywhere)")
+    ap.add_argument("--llama-bin", default=None,
+                    help="decode: also convert the model to a bf16 GGUF and time llama-bench tg from this folder")
+    ap.add_argument("--llama-src", default=str(REPO / ".carry" / "llama.cpp"),
+                    help="llama.cpp source (its convert_hf_to_gguf.py), with --llama-bin")
     a = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not a.small else "cpu")
     if device.type == "cpu" and not a.small:

@@ -143,7 +143,8 @@ def test_cuda_graphs_captured_at_load(reference_layout, attn):
 def test_cuda_piecewise_triton_one_chain(reference_layout):
     """The expert cache's piecewise step with triton attention: one chain of L+1 graphs for every position,
     captured at load; greedy tokens equal the eager cache engine's (fp32)."""
-    kw = dict(device="cuda", dtype="float32", max_context=300, attn="triton", budget={"expert_slots": 16})
+    kw = dict(device="cuda", dtype="float32", max_context=300, attn="triton",
+              budget={"expert_slots": 16, "slot_table": "host"})  # the host table: this tests the piecewise step
     g = tiered.load(reference_layout, **kw)
     assert sorted(g.pieces.chains) == [300]
     a = g.generate(PROMPT, max_new_tokens=140, stop_at_eos=False)

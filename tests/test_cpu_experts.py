@@ -402,7 +402,7 @@ def test_cuda_tokens_identical(reference_layout, ids, cpu):
     """CUDA, fp32, piecewise graphs: greedy tokens identical with --cpu-experts off and auto/all."""
     def run(mode):
         e = load(reference_layout, device="cuda", dtype="float32", max_context=256,
-                 budget={"expert_slots": 16, "ram_gb": 0.05, "cpu_experts": mode})
+                 budget={"expert_slots": 16, "ram_gb": 0.05, "slot_table": "host", "cpu_experts": mode})
         if mode == "auto":
             e.model.provider.cost_model = CostModel(1.0, 1.0, fixed=True)
         g = e.generate(ids, max_new_tokens=24, stop_at_eos=False)
@@ -421,7 +421,8 @@ def test_cuda_pacing_within_15_percent(reference_layout, ids):
     calibration reached the target within twice its tolerance at load."""
     for target in (1.0, 0.25):
         e = load(reference_layout, device="cuda", max_context=256,
-                 budget={"expert_slots": 8, "ram_gb": 0.05, "ram_preload": True, "cpu_experts": "off",
+                 budget={"expert_slots": 8, "ram_gb": 0.05, "slot_table": "host", "ram_preload": True,
+                         "cpu_experts": "off",
                          "h2d_gbps": target})
         g = e.generate(ids, max_new_tokens=16, stop_at_eos=False)
         st = g.stats
@@ -506,7 +507,8 @@ def test_cuda_bf16_within_tolerance(reference_layout, ids, cpu):
     """CUDA, bf16, piecewise graphs: the GPU-only run and the CPU-expert run (forced split for auto), through the
     graphs and eagerly, each within the bf16 bounds of the fp32 GPU-only run; greedy tokens equal fp32's wherever
     its top-1 margin is not tiny."""
-    runs, ref, mode = _bf16_paths_against_fp32(reference_layout, ids, "cuda", cpu, {"expert_slots": 16, "ram_gb": 0.05})
+    runs, ref, mode = _bf16_paths_against_fp32(reference_layout, ids, "cuda", cpu,
+                                               {"expert_slots": 16, "ram_gb": 0.05, "slot_table": "host"})
     assert mode == "piecewise"
     _assert_bf16_close(runs, ref)
 
@@ -517,7 +519,7 @@ def test_cuda_host_s_per_layer_under_100us(reference_layout, ids, cpu):
     """The issue's host budget: with every expert resident after a warm-up (hits only), the piecewise step's
     host work per layer stays under 100 us."""
     e = load(reference_layout, device="cuda", max_context=512,
-             budget={"expert_slots": 4096, "ram_gb": 0.05, "cpu_experts": cpu})
+             budget={"expert_slots": 4096, "ram_gb": 0.05, "slot_table": "host", "cpu_experts": cpu})
     e.generate(ids, max_new_tokens=64, stop_at_eos=False)
     s = e.generate(ids, max_new_tokens=64, stop_at_eos=False).stats
     assert s["decode_graphs"] == "piecewise"
@@ -530,7 +532,7 @@ def test_cuda_auto_moves_misses_to_the_cpu_on_a_slow_link(reference_layout, ids)
     on the CPU over a 0.05 GB/s paced one; the tokens are those of --cpu-experts off."""
     def run(budget):
         e = load(reference_layout, device="cuda", dtype="float32", max_context=256,
-                 budget={"expert_slots": 16, "ram_gb": 0.05, **budget})
+                 budget={"expert_slots": 16, "ram_gb": 0.05, "slot_table": "host", **budget})
         g = e.generate(ids, max_new_tokens=24, stop_at_eos=False)
         d = g.stats
         return g.token_ids, d["cpu_experts"]["count"] / max(1, d["decode"]["misses"]), e.model.provider.cost_model

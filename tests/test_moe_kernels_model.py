@@ -19,7 +19,9 @@ def test_cpu_keeps_the_torch_path(reference_layout):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("budget", [None, {"expert_slots": 64, "ram_gb": 0.05}], ids=["resident", "cache"])
+@pytest.mark.parametrize("budget", [None, {"expert_slots": 64, "ram_gb": 0.05, "slot_table": "host"},
+                                    {"expert_slots": 64, "ram_gb": 0.05, "slot_table": "device"}],
+                         ids=["resident", "cache", "device_table"])
 def test_kernels_greedy_tokens_fp32(reference_layout, budget):
     """fp32: greedy tokens with the kernels (whole-step graphs when resident, piecewise graphs with the
     cache) equal the torch path's eager tokens, across the 128 -> 256 span boundary."""
@@ -29,7 +31,8 @@ def test_kernels_greedy_tokens_fp32(reference_layout, budget):
     k = tiered.load(reference_layout, device="cuda", dtype="float32", max_context=300, budget=budget)
     a = k.generate(PROMPT, max_new_tokens=150, stop_at_eos=False)
     assert a.stats["expert_kernels"] == "triton" and b.stats["expert_kernels"] == "torch"
-    assert a.stats["decode_graphs"] == ("full" if budget is None else "piecewise")
+    assert a.stats["decode_graphs"] == ("full" if budget is None else
+                                        "device" if budget["slot_table"] == "device" else "piecewise")
     assert a.token_ids == b.token_ids
 
 

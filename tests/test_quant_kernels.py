@@ -228,7 +228,9 @@ def test_cuda_qlinear_dense_shapes(fmt, N, K):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("budget", [None, {"expert_slots": 64, "ram_gb": 0.05}], ids=["resident", "cache"])
+@pytest.mark.parametrize("budget", [None, {"expert_slots": 64, "ram_gb": 0.05, "slot_table": "host"},
+                                    {"expert_slots": 64, "ram_gb": 0.05, "slot_table": "device"}],
+                         ids=["resident", "cache", "device_table"])
 def test_cuda_engine_runs_the_fused_kernels(reference_model, tmp_path, monkeypatch, budget):
     """A `--experts q4 --dense q4` layout on CUDA (fp32): decode goes through the fused expert kernels and
     the dense GEMV (counted at capture or call), inside the whole-step graphs (resident) or the piecewise
@@ -256,7 +258,8 @@ def test_cuda_engine_runs_the_fused_kernels(reference_model, tmp_path, monkeypat
     k = tiered.load(lay, device="cuda", dtype="float32", max_context=200, budget=budget)
     a = k.generate(prompt, max_new_tokens=40, stop_at_eos=False)
     assert calls["gate_up"] > 0 and calls["gemv"] > 0, calls
-    assert a.stats["decode_graphs"] == ("full" if budget is None else "piecewise")
+    assert a.stats["decode_graphs"] == ("full" if budget is None else
+                                        "device" if budget["slot_table"] == "device" else "piecewise")
     monkeypatch.setattr(quant_moe, "kernel_ok", lambda *args, **kw: False)  # the reference path everywhere
     ref = tiered.load(lay, device="cuda", dtype="float32", max_context=200, budget=budget, cuda_graphs=False)
     b = ref.generate(prompt, max_new_tokens=40, stop_at_eos=False)

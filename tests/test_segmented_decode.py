@@ -339,7 +339,7 @@ CUDA_PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n"
 def test_cuda_piecewise_graphs_match_eager_cache(reference_layout, slots, copies):
     """On CUDA with the expert cache, decode replayed from piecewise graphs gives the greedy tokens of the eager
     step (fp32, as the whole-step graph test), across the 128 -> 256 span boundary; both copy modes."""
-    budget = {"expert_slots": slots, "ram_gb": 0.05}
+    budget = {"expert_slots": slots, "ram_gb": 0.05, "slot_table": "host"}
     g = tiered.load(reference_layout, device="cuda", dtype="float32", max_context=300, budget=budget)
     e = tiered.load(reference_layout, device="cuda", dtype="float32", max_context=300, budget=budget,
                     cuda_graphs=False)
@@ -366,7 +366,7 @@ def _segments_engine(layout, dtype, budget, graphs, copies="graph", **wiring):
 def test_cuda_piecewise_graphs_bit_identical_to_eager_segments(reference_layout, dtype):
     """The captured segments compute exactly what the same segments compute eagerly (same kernels, static
     positions): logits bit-identical at every step, bf16 included, and so the cache sees the same get()s."""
-    budget = {"expert_slots": 16, "ram_gb": 0.05}
+    budget = {"expert_slots": 16, "ram_gb": 0.05, "slot_table": "host"}
     ref = _segments_engine(reference_layout, dtype, budget, graphs=False)
     seg = _segments_engine(reference_layout, dtype, budget, graphs=True)
     ids = ref.encode(CUDA_PROMPT)
@@ -382,7 +382,7 @@ def test_cuda_piecewise_graphs_bit_identical_to_eager_segments(reference_layout,
 def test_cuda_piecewise_observer_and_hook(reference_layout):
     """With an observer and a prefetching hook set, piecewise graphs keep running, the observer sees every layer
     of every step exactly as on the same segments run eagerly, and the prefetches are the same."""
-    budget = {"expert_slots": 16, "ram_gb": 0.05}
+    budget = {"expert_slots": 16, "ram_gb": 0.05, "slot_table": "host"}
     outs = []
     for graphs in (True, False):
         rec, box = _Recorder(), {}
@@ -404,7 +404,7 @@ def test_cuda_piecewise_observer_and_hook(reference_layout):
 def test_cuda_deferred_observer_sees_the_same_routing(reference_layout, copies):
     """A deferrable observer on CUDA piecewise graphs (called after the next segment is enqueued, from host rows
     copied with the ids) sees the ids, weights and logits that an ordinary observer sees on the eager segments."""
-    budget = {"expert_slots": 16, "ram_gb": 0.05}
+    budget = {"expert_slots": 16, "ram_gb": 0.05, "slot_table": "host"}
     calls = []
     for graphs in (True, False):
         rec = _Recorder()
@@ -433,7 +433,7 @@ def test_cuda_policy_predicted_keeps_greedy_tokens(reference_layout):
     misses = {}
     for pol in ("lru", "predicted"):
         e = tiered.load(reference_layout, device="cuda", dtype="float32", max_context=300,
-                        budget={"expert_slots": 128, "ram_gb": 0.05, "policy": pol})
+                        budget={"expert_slots": 128, "ram_gb": 0.05, "slot_table": "host", "policy": pol})
         out = e.generate(CUDA_PROMPT, max_new_tokens=120, stop_at_eos=False)
         assert out.token_ids == want and out.stats["decode_graphs"] == "piecewise"
         misses[pol] = out.stats["decode"]["misses"]
@@ -455,7 +455,8 @@ def test_cuda_deferred_prefetch_keeps_greedy_tokens(reference_layout, slots):
     want = want.generate(CUDA_PROMPT, max_new_tokens=120, stop_at_eos=False).token_ids
     e = tiered.load(reference_layout, device="cuda", dtype="float32", max_context=300,
                     predictor=PreviousToken(cfg.num_layers, cfg.num_experts),
-                    budget={"expert_slots": slots, "ram_gb": 0.05, "policy": "predicted", "prefetch_depth": 1,
+                    budget={"expert_slots": slots, "ram_gb": 0.05, "slot_table": "host", "policy": "predicted",
+                            "prefetch_depth": 1,
                             "prefetch_budget": 8})
     pf = e.prefetcher
     assert pf.deferrable and pf.eviction is e.model.provider.vram.table.policy

@@ -142,7 +142,8 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
          prefetch_hook: PrefetchHook | None = None, routing: RoutingOverride | None = None,
          predictor: Predictor | None = None, cuda_graphs: bool = True,
          kernels: bool | None = None, state_bytes: int = 0, revision: str | None = None,
-         experts: str = "source", dense: str = "source", experts_per_token: int | None = None) -> "Engine":
+         experts: str = "source", dense: str = "source", experts_per_token: int | None = None,
+         linear_attn: str = "auto", delta_step: str = "auto") -> "Engine":
     """Open a model for generation.
 
     Args:
@@ -171,6 +172,9 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
         experts_per_token: route each token to this many experts instead of the model's top-k (a speed/quality
             trade, measured by `tiered eval`); the family's rule picks them and renormalises as it always does
             (ModelConfig.with_experts_per_token). None = the model as trained. Budgets, slots and graphs follow it.
+        linear_attn: Gated DeltaNet layers' backend for several tokens: "auto" (fla on CUDA when it imports), "fla",
+            "torch". delta_step: their one-token step: "auto" (our fused Triton kernels where the Triton kernels
+            run), "triton", "fla", "torch" (model/deltanet.py).
     Returns:
         an Engine (engine.load_s: seconds to load; engine.capture_s: seconds capturing graphs).
     """
@@ -210,6 +214,7 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
                               f"run does not use: {getattr(provider, 'slot_table_note', None) or 'no expert cache'}")
         transitions = _transitions(layout, predictor)
     model = Transformer(cfg, dense, provider, device=dev, dtype=dt, max_context=ctx, attn=backend,
+                        linear_attn=linear_attn, delta_step=delta_step,
                         observer=observer, prefetch_hook=prefetch_hook, routing=routing, kernels=kernels)
     cpu_experts.prepare(provider, dt, model.layers[cfg.first_moe_layer].moe.act)  # --cpu-experts dtype, rate
     tok = Tokenizer.from_dir(layout.path) if layout.tokenizer_path else None
@@ -547,6 +552,7 @@ class Engine:
             "decode_tok_s": decode_steps / decode_s if decode_s > 0 and decode_steps else None,
             "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
             "attention": self.model.attn, "linear_attention": self.model.linear_attn,
+            "delta_step": self.model.delta_step,
             "cuda_graphs": self.decode_mode != "eager",
             "decode_graphs": self.decode_mode, "expert_kernels": "triton" if self.model.kernels else "torch",
             "max_context": self.max_context, "family": self.config.family,

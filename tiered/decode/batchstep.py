@@ -324,12 +324,14 @@ class BatchStep:
         for i in plan["rec_chunks"]:
             a, b = offs[i], offs[i + 1]
             sl = segs[i].slot
-            out[a:b] = deltanet(x[a:b], w, m.delta_shape, ls.conv[sl], ls.recurrent[sl], backend=m.linear_attn)
+            out[a:b] = deltanet(x[a:b], w, m.delta_shape, ls.conv[sl], ls.recurrent[sl], backend=m.linear_attn,
+                                step=m.delta_step)
         if plan["rec_one"]:
             rows, slots = plan["rec_rows"], plan["rec_slots"]
             conv = ls.conv.index_select(0, slots)  # [B, C, W-1]
             rec = ls.recurrent.index_select(0, slots)  # [B, Hv, dk, dv]
-            y = deltanet_rows(x.index_select(0, rows), w, m.delta_shape, conv, rec, backend=m.linear_attn)
+            y = deltanet_rows(x.index_select(0, rows), w, m.delta_shape, conv, rec, backend=m.linear_attn,
+                              step=m.delta_step)
             ls.conv.index_copy_(0, slots, conv)
             ls.recurrent.index_copy_(0, slots, rec)
             out.index_copy_(0, rows, y)

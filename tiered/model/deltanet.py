@@ -11,6 +11,9 @@ The math follows transformers' `Qwen3_5MoeGatedDeltaNet` (and its torch fallback
 fp32, q is scaled by dk^-0.5, the state S [Hv, dk, dv] decays by exp(g) per token and learns with the delta
 rule S += k (beta (v - S^T k))^T; the output S^T q is RMS-normed per head and gated by silu(z).
 
+`pick_delta_step` chooses the one-token step: the fused Triton kernels of kernels/deltanet_step.py (two launches for
+the conv, the recurrence and the gated norm) where the model runs Triton kernels, else the backend's own form.
+
 `deltanet_rows` is the one-token step of B sequences at once (the batch step's decode rows): every head of
 every sequence is independent, so the B sequences become B*Hv heads (B*C conv channels) of one call to the same
 functions, each row continuing from its own states.
@@ -44,6 +47,17 @@ class DeltaWeights:
     dt_bias: Tensor  # [Hv] compute dtype (transformers adds it to a.float())
     norm: Tensor  # [dv] gated RMSNorm weight (plain scale, not 1 + w)
     out: Tensor  # [D, Hv*dv]
+    proj: Tensor | None = None  # [C + Hv*dv + 2*Hv, D]: qkv, z, a, b stacked (the four above are its row views),
+    #                            so the fused one-token step projects in one GEMV; None when qkv or z is quantized
+
+    @staticmethod
+    def stacked(qkv: Tensor, z: Tensor, b: Tensor, a: Tensor, **rest) -> "DeltaWeights":
+        """The weights with qkv, z, a and b in one stacked matrix (when none is quantized), else as given."""
+        if not all(type(t) is Tensor for t in (qkv, z, a, b)):  # a QuantWeight projects through qlinear
+            return DeltaWeights(qkv=qkv, z=z, b=b, a=a, **rest)
+        proj = torch.cat([qkv, z, a, b], dim=0)
+        qkv, z, a, b = proj.split([qkv.shape[0], z.shape[0], a.shape[0], b.shape[0]], dim=0)
+        return DeltaWeights(qkv=qkv, z=z, b=b, a=a, proj=proj, **rest)
 
 
 @dataclass(frozen=True)
@@ -194,12 +208,51 @@ def gated_rms_norm(x: Tensor, weight: Tensor, gate: Tensor, eps: float) -> Tenso
     return (y * F.silu(gate.float())).to(dt)
 
 
+STEPS = ("auto", "triton", "fla", "torch")  # the one-token step: our fused kernels, fla's recurrent kernel, torch
+
+
+def pick_delta_step(requested: str, backend: str, kernels: bool) -> str:
+    """Resolve the one-token DeltaNet step: "auto" takes the fused Triton kernels (kernels/deltanet_step.py) when the
+    model runs Triton kernels, else the backend's own one-token form; "triton" needs the kernels, "fla" the fla
+    backend."""
+    if requested not in STEPS:
+        raise ValueError(f"DeltaNet step {requested!r} is not one of {STEPS}")
+    if requested == "auto":
+        return "triton" if kernels else backend
+    if requested == "triton" and not kernels:
+        raise ValueError("the triton DeltaNet step needs a CUDA device with Triton kernels on (kernels=True)")
+    if requested == "fla" and backend != "fla":
+        raise ValueError(f"the fla DeltaNet step needs the fla backend; the backend is {backend!r}")
+    return requested
+
+
+def _fused_step(x: Tensor, w: DeltaWeights, s: DeltaShape, conv_states: Tensor, states: Tensor) -> Tensor:
+    """x [B, D] (normed), conv_states [B, C, W-1], states [B, Hv, dk, dv] fp32 (contiguous, updated) -> [B, D]: the
+    projections, then the conv, the delta rule and the gated norm in two Triton launches."""
+    from tiered.kernels.deltanet_step import deltanet_step
+
+    if w.proj is not None:  # one GEMV, then column views of its rows
+        y = F.linear(x, w.proj)
+        n = [w.qkv.shape[0], w.z.shape[0], w.a.shape[0], w.b.shape[0]]
+        qkv, z, a, b = y.split(n, dim=1)
+    else:
+        qkv, z, a, b = qlinear(x, w.qkv), qlinear(x, w.z), F.linear(x, w.a), F.linear(x, w.b)
+    o = deltanet_step(qkv, w.conv, conv_states, a, b, w.A_log, w.dt_bias, states, z, w.norm,
+                      num_k_heads=s.num_k_heads, eps=s.eps)
+    return qlinear(o, w.out)
+
+
 def deltanet(x: Tensor, w: DeltaWeights, shape: DeltaShape, conv_state: Tensor, state: Tensor, *,
-             backend: str = "torch") -> Tensor:
+             backend: str = "torch", step: str | None = None) -> Tensor:
     """One Gated DeltaNet layer over x [T, D] (already normed), continuing from conv_state [C, W-1] and the
-    recurrent state [Hv, dk, dv] fp32 (both updated in place) -> [T, D]."""
+    recurrent state [Hv, dk, dv] fp32 (both updated in place) -> [T, D]. `backend` runs several tokens; `step`
+    (pick_delta_step; None = the backend) runs one."""
     T = x.shape[0]
     s = shape
+    if T == 1 and step is not None:
+        if step == "triton":
+            return _fused_step(x, w, s, conv_state[None], state[None])
+        backend = step
     Kd = s.num_k_heads * s.k_head_dim
     qkv = causal_conv(qlinear(x, w.qkv), w.conv, conv_state)  # [T, C] (the projections may be stored quantized)
     q = qkv[:, :Kd].reshape(T, s.num_k_heads, s.k_head_dim)
@@ -214,12 +267,15 @@ def deltanet(x: Tensor, w: DeltaWeights, shape: DeltaShape, conv_state: Tensor, 
 
 
 def deltanet_rows(x: Tensor, w: DeltaWeights, shape: DeltaShape, conv_states: Tensor, states: Tensor, *,
-                  backend: str = "torch") -> Tensor:
+                  backend: str = "torch", step: str | None = None) -> Tensor:
     """One token of each of B sequences: x [B, D] (normed), conv_states [B, C, W-1] and states [B, Hv, dk, dv]
     fp32 (contiguous; both updated in place, row b = sequence b) -> [B, D]. The same math as `deltanet` on each
     row alone: the rows are folded into the head and channel dims of one `causal_conv` / `delta_rule` call."""
     B = x.shape[0]
     s = shape
+    if step == "triton":
+        return _fused_step(x, w, s, conv_states, states)
+    backend = step or backend
     Hk, Hv, dk, dv = s.num_k_heads, s.num_v_heads, s.k_head_dim, s.v_head_dim
     Kd = Hk * dk
     C = conv_states.shape[1]

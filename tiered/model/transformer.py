@@ -36,7 +36,7 @@ from tiered.kernels.quant_moe import qlinear as linear
 from tiered.layout.config import ModelConfig
 from tiered.layout.quant import QuantWeight, cat_rows
 from tiered.layout.quant import dense as qdense
-from tiered.model.deltanet import DeltaShape, DeltaWeights, deltanet, pick_delta_backend
+from tiered.model.deltanet import DeltaShape, DeltaWeights, deltanet, pick_delta_backend, pick_delta_step
 from tiered.model.layers import (SINKS_NEED_SDPA, AttnWeights, KVCache, Rope, StepPlan, attention, attn_mask,
                                  plan_eager, rms_norm)
 from tiered.model import moe_gpu
@@ -205,7 +205,7 @@ def build_deltanet(cfg: ModelConfig, dense: dict[str, Tensor], l: int, device: t
         b, a = b.reshape(Hv, -1), a.reshape(Hv, -1)
     else:
         qkv, z, b, a = t("lin_qkv"), t("lin_z"), t("lin_b"), t("lin_a")
-    return DeltaWeights(qkv=qkv, z=z, b=b, a=a, conv=t("lin_conv").reshape(cfg.linear_conv_dim, -1),
+    return DeltaWeights.stacked(qkv=qkv, z=z, b=b, a=a, conv=t("lin_conv").reshape(cfg.linear_conv_dim, -1),
                         A_log=_take(dense, p + "lin_A_log", device, torch.float32), dt_bias=t("lin_dt_bias"),
                         norm=t("lin_norm"), out=t("lin_out"))
 
@@ -217,11 +217,12 @@ class Transformer:
                  device: torch.device | str, dtype: torch.dtype, max_context: int, attn: str = "sdpa",
                  observer: RoutingObserver | None = None, prefetch_hook: PrefetchHook | None = None,
                  routing: RoutingOverride | None = None, kernels: bool | None = None,
-                 linear_attn: str = "auto") -> None:
+                 linear_attn: str = "auto", delta_step: str = "auto") -> None:
         """observer: sees every layer's routing (SEAMS.md). prefetch_hook: called per layer of one-token steps
         after that layer's get() (moe.PrefetchHook). routing: replaces the router's choice (benchmark mode).
         kernels: routed experts through the Triton kernels (None = on CUDA when Triton is installed).
-        All four are fixed for the model's life. linear_attn: the DeltaNet backend ("auto", "fla", "torch")."""
+        All four are fixed for the model's life. linear_attn: the DeltaNet backend ("auto", "fla", "torch");
+        delta_step: its one-token step ("auto", "triton", "fla", "torch"; deltanet.pick_delta_step)."""
         if attn not in ("sdpa", "flash", "triton"):
             raise ValueError(f"attn must be 'sdpa', 'flash' or 'triton' (resolve 'auto' with layers.pick_backend), "
                              f"got {attn!r}")
@@ -268,6 +269,8 @@ class Transformer:
         if kernels and not moe_gpu.kernels_enabled(dev):
             raise ValueError(f"kernels=True needs a CUDA device and Triton; device is {dev}")
         self.kernels = moe_gpu.kernels_enabled(dev) if kernels is None else bool(kernels)
+        self.delta_step = (pick_delta_step(delta_step, self.linear_attn, self.kernels) if config.num_linear_layers
+                           else "none")
 
     @property
     def observer(self) -> RoutingObserver | None:
@@ -342,7 +345,8 @@ class Transformer:
                                  absorbed=x.shape[0] == 1)
         if lw.linear is not None:
             lin = self.state.linear
-            return deltanet(x, lw.linear, self.delta_shape, lin.conv[row], lin.recurrent[row], backend=self.linear_attn)
+            return deltanet(x, lw.linear, self.delta_shape, lin.conv[row], lin.recurrent[row], backend=self.linear_attn,
+                            step=self.delta_step)
         return attention(x, lw.attn, self.cache, row, plan, self.config, backend=self.attn)
 
     def _route_own(self, l: int, x: Tensor, plan: StepPlan) -> tuple[Tensor, Tensor, Tensor]:
