@@ -115,18 +115,21 @@ def test_jobs_from_two_pools(kern):
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 instruction-set variants")
-@pytest.mark.parametrize("march", ["haswell", "x86-64"])
-def test_avx2_and_portable_builds(kern, march):
-    """The AVX2+FMA and plain-C paths of the same source agree with the reference too."""
+@pytest.mark.parametrize("march", ["skylake-avx512", "haswell", "x86-64"])
+def test_other_instruction_sets(kern, march):
+    """The AVX-512 path without AVX512-BF16 (q4 in bf16 in fp32 FMAs), the AVX2+FMA and the plain-C paths of the
+    same source agree with the reference too (built here, run only where this CPU has the instructions)."""
+    if march == "skylake-avx512" and kern.simd != 512:
+        pytest.skip("this CPU has no AVX-512")
     try:
         k = CpuKernel(cpu_kernel.build(march))
     except cpu_kernel.KernelUnavailable as e:
         pytest.skip(str(e))
-    assert k.simd == {"haswell": 256, "x86-64": 0}[march]
+    assert k.simd == {"skylake-avx512": 512, "haswell": 256, "x86-64": 0}[march] and not k.caps >> 9 & 1
     x = torch.randn(1, 257, generator=torch.Generator().manual_seed(7))
     w = torch.rand(3)
     for fmt in ("fp32", "bf16", "q8", "q4"):
-        W = _pool(fmt, 257, 96, 3)
+        W = _pool(fmt, 257, 130, 3)
         jobs = _jobs(W, [1, 2, 0])
         assert _rel(k.partial(x, w, jobs, threads=2), cpu_partial(x, w, jobs, None)) <= 1e-5, fmt
         xb = x.bfloat16()

@@ -1,7 +1,8 @@
 /* CPU experts for one token: out = sum_j w_j * down_j(act(gate_j x, up_j x)), reading the stored expert
  * blocks in place (fp32, bf16, fp16, q8, q4 as laid out by tiered/layout/quant.py), fp32 accumulation,
  * threads (OpenMP) over output rows. Compiled on first use by tiered/model/cpu_kernel.py with
- * `cc -O3 -march=native -fopenmp -shared -fPIC`; the vector paths are AVX-512F, AVX2+FMA, or portable C.
+ * `cc -O3 -march=native -fopenmp -shared -fPIC`; the vector paths are AVX-512F, AVX2+FMA+F16C, or portable C,
+ * and q4 computed in bf16 uses AVX512-BF16's dot products where the CPU has them.
  *
  * Rounding (`rnd`: 0 none = fp32 compute, 1 bf16, 2 fp16), as the torch reference does it (model/cpu_experts.py):
  * each product's output is rounded once to the compute dtype, the activation is fp32 and its output is rounded
@@ -241,12 +242,20 @@ ALWAYS_INLINE void dots_q4(int R, const void *const *qv, const uint16_t *const *
 
 /* The per-call inputs that the q4 path needs in its own layout. */
 typedef struct {
-    const float *x;   /* [K] */
-    const float *xp;  /* [K] deinterleaved per 32 (q4) */
-    const float *xs;  /* [ceil(K/G)] group sums (q4) */
+    const float *x;     /* [K] */
+    const float *xp;    /* [K] deinterleaved per 32 (q4) */
+    const float *xs;    /* [ceil(K/G)] group sums (q4) */
+    const uint16_t *xb; /* q4 in bf16 on AVX512-BF16, else NULL: per full group of 64, its 32 even inputs then its
+                         * 32 odd ones as bf16 (exact: x is bf16 then) */
 } vec_t;
 
-static void prep_vec(const float *x, int K, int G, float *xp, float *xs) {
+static void prep_vec(const float *x, int K, int G, float *xp, float *xs, uint16_t *xb) {
+    if (xb)
+        for (int g0 = 0; g0 + 64 <= K; g0 += 64)
+            for (int k = 0; k < 32; k++) {
+                xb[g0 + k] = f32_to_bf16(x[g0 + 2 * k]);
+                xb[g0 + 32 + k] = f32_to_bf16(x[g0 + 2 * k + 1]);
+            }
     for (int c = 0; c + 32 <= K; c += 32)
         for (int i = 0; i < 16; i++) {
             xp[c + i] = x[c + 2 * i];
@@ -259,6 +268,52 @@ static void prep_vec(const float *x, int K, int G, float *xp, float *xs) {
     }
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#define HAVE_BFDP 1
+/* q4 with bf16 compute on AVX512-BF16: a code c becomes the bf16 128 + c (0x4300 | c: exact), and vdpbf16ps
+ * multiplies 32 of them by bf16 inputs per instruction (exact products, fp32 sums). A full group of 64 then
+ * gives t_g = 128 sum_g x + sum_g c x, so the row is sum_g s_g t_g + (m_g - 128 s_g) sum_g x. Groups shorter
+ * than 64 (the row's last, when K is not a multiple of 64) take the scalar loop. */
+ALWAYS_INLINE void dots_q4bf(int R, const void *const *qv, const uint16_t *const *sc, const uint16_t *const *mn,
+                             const vec_t *v, int K, float *out) {
+    const uint8_t *q[RMAX];
+    __m512 c[RMAX];
+    float s[RMAX];
+    const int full = K / 64;
+    const __m512i lo4 = _mm512_set1_epi16(0x000f), magic = _mm512_set1_epi16(0x4300);
+    FOR_R(r) { q[r] = (const uint8_t *)qv[r]; c[r] = _mm512_setzero_ps(); s[r] = 0.f; }
+    for (int gi = 0; gi < full; gi++) {
+        const __m512bh xe = (__m512bh)_mm512_loadu_si512((const void *)(v->xb + gi * 64));
+        const __m512bh xo = (__m512bh)_mm512_loadu_si512((const void *)(v->xb + gi * 64 + 32));
+        FOR_R(r) {
+            const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(q[r] + gi * 32)));
+            const __m512i wl = _mm512_or_si512(_mm512_and_si512(w, lo4), magic);
+            const __m512i wh = _mm512_or_si512(_mm512_srli_epi16(w, 4), magic);
+            __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)wl, xe);
+            t = _mm512_dpbf16_ps(t, (__m512bh)wh, xo);
+            c[r] = _mm512_fmadd_ps(t, _mm512_set1_ps(bf16_to_f32(sc[r][gi])), c[r]);
+        }
+    }
+    FOR_R(r) {
+        for (int k = full * 64; k < K; k++) { /* the short last group, gi = full */
+            const uint8_t b = q[r][k >> 1];
+            s[r] += (float)((k & 1) ? (b >> 4) : (b & 0xf)) * v->x[k];
+        }
+        float t = 0.f;
+        if (full * 64 < K) t = bf16_to_f32(sc[r][full]) * s[r] + bf16_to_f32(mn[r][full]) * v->xs[full];
+        float mx = 0.f, sx = 0.f;
+        const void *mr = mn[r], *sr = sc[r];
+        if (full) {
+            dots_dense(FMT_BF16, 1, &mr, v->xs, full, &mx);
+            dots_dense(FMT_BF16, 1, &sr, v->xs, full, &sx);
+        }
+        out[r] = _mm512_reduce_add_ps(c[r]) + (mx - 128.f * sx) + t;
+    }
+}
+#else
+#define HAVE_BFDP 0
+#endif
+
 /* Bytes of one code row of K inputs. */
 static inline long row_bytes(int fmt, int K) {
     switch (fmt) {
@@ -269,11 +324,19 @@ static inline long row_bytes(int fmt, int K) {
     }
 }
 
+ALWAYS_INLINE void dots_q4_any(int R, const void *const *q, const uint16_t *const *s, const uint16_t *const *m,
+                               const vec_t *v, int K, int G, int ng, float *out) {
+#if HAVE_BFDP
+    if (v->xb) { dots_q4bf(R, q, s, m, v, K, out); return; }
+#endif
+    dots_q4(R, q, s, m, v->x, v->xp, v->xs, K, G, ng, out);
+}
+
 /* R rows, each given by its parts' addresses (q codes, s scales, m mins), dotted with v -> out[R]. */
 #define DOTS(F_, R_) \
     case F_ * 8 + R_: \
         if (F_ == FMT_Q8) dots_q8(R_, q, s, v->x, K, G, out); \
-        else if (F_ == FMT_Q4) dots_q4(R_, q, s, m, v->x, v->xp, v->xs, K, G, ng, out); \
+        else if (F_ == FMT_Q4) dots_q4_any(R_, q, s, m, v, K, G, ng, out); \
         else dots_dense(F_, R_, q, v->x, K, out); \
         return;
 static void dots(int fmt, int R, const void *const *q, const uint16_t *const *s, const uint16_t *const *m,
@@ -304,9 +367,11 @@ static inline float load_x(const void *p, int dt, int i) {
 
 static inline float silu_mul(float g, float u) { return g / (1.f + expf(-g)) * u; }
 
-/* What this build supports: bit f set for each format f above, bit 8 when fp16 compute/storage works. */
+/* What this build supports: bit f set for each format f above, bit 8 when fp16 compute/storage works, bit 9
+ * when q4 in bf16 takes the AVX512-BF16 path. */
 int tiered_cpu_caps(void) {
-    return (1 << FMT_F32) | (1 << FMT_BF16) | (HAVE_F16 << FMT_F16) | (1 << FMT_Q8) | (1 << FMT_Q4) | (HAVE_F16 << 8);
+    return (1 << FMT_F32) | (1 << FMT_BF16) | (HAVE_F16 << FMT_F16) | (1 << FMT_Q8) | (1 << FMT_Q4) | (HAVE_F16 << 8) |
+           (HAVE_BFDP << 9);
 }
 
 /* Which vector path this build uses: 512 (AVX-512F), 256 (AVX2+FMA+F16C) or 0 (portable C). */
@@ -347,14 +412,18 @@ int tiered_cpu_experts(int fmt, int n, const uintptr_t *base, const int64_t *str
     }
     const long ngi = (D + Gi - 1) / Gi, ngf = (F + Gf - 1) / Gf;
     /* scratch: x fp32, its q4 forms, h fp32 [n, F] and h's q4 forms per job */
-    const size_t nfl = (size_t)2 * D + ngi + (size_t)n * (2 * F + ngf) + (size_t)D;
+    const size_t nfl = (size_t)2 * D + ngi + (size_t)n * (2 * F + ngf) + (size_t)D + (D / 2 + 1) + (size_t)n * (F / 2 + 1);
     float *buf = (float *)malloc(nfl * sizeof(float));
     if (!buf) { free(parts); free(wts); return -2; }
     float *xf = buf, *xp = xf + D, *xs = xp + D, *h = xs + ngi, *hp = h + (size_t)n * F, *hs = hp + (size_t)n * F;
     float *acc = hs + (size_t)n * ngf;
+    /* q4 in bf16 with AVX512-BF16 (groups of 64): the bf16 pair layouts of x and of each job's h */
+    const int bfdp = HAVE_BFDP && fmt == FMT_Q4 && rnd_mode == RND_BF16;
+    uint16_t *xb = bfdp && Gi == 64 ? (uint16_t *)(acc + D) : NULL;
+    uint16_t *hb = bfdp && Gf == 64 ? (uint16_t *)(acc + D + (D / 2 + 1)) : NULL;
     for (int d = 0; d < D; d++) xf[d] = load_x(x, rnd_mode, d);
-    if (fmt == FMT_Q4) prep_vec(xf, D, Gi, xp, xs);
-    const vec_t vx = {xf, xp, xs};
+    if (fmt == FMT_Q4) prep_vec(xf, D, Gi, xp, xs, xb);
+    const vec_t vx = {xf, xp, xs, xb};
     const long rows1 = (long)n * F;
 #ifdef _OPENMP
     if (threads <= 0) threads = omp_get_max_threads();
@@ -395,7 +464,8 @@ int tiered_cpu_experts(int fmt, int n, const uintptr_t *base, const int64_t *str
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
-            for (int j = 0; j < n; j++) prep_vec(h + (size_t)j * F, F, Gf, hp + (size_t)j * F, hs + (size_t)j * ngf);
+            for (int j = 0; j < n; j++)
+                prep_vec(h + (size_t)j * F, F, Gf, hp + (size_t)j * F, hs + (size_t)j * ngf, hb ? hb + (size_t)j * F : NULL);
         }
         /* phase 2: rows of down, a contiguous slice of D per thread, jobs in order (the sum's order) */
         {
@@ -403,7 +473,7 @@ int tiered_cpu_experts(int fmt, int n, const uintptr_t *base, const int64_t *str
             for (int d = d0; d < d1; d++) acc[d] = 0.f;
             for (int j = 0; j < n; j++) {
                 const uintptr_t *pj = parts + (size_t)j * P_PER_JOB + 2 * P_PER_MAT;
-                const vec_t vh = {h + (size_t)j * F, hp + (size_t)j * F, hs + (size_t)j * ngf};
+                const vec_t vh = {h + (size_t)j * F, hp + (size_t)j * F, hs + (size_t)j * ngf, hb ? hb + (size_t)j * F : NULL};
                 const float wj = wts[j];
                 const void *q[4];
                 const uint16_t *sp[4], *mp[4];

@@ -155,7 +155,9 @@ class CpuKernel:
 
     @property
     def simd_name(self) -> str:
-        return {512: "avx512", 256: "avx2"}.get(self.simd, "scalar")
+        """avx512 (+bf16 when q4 in bf16 uses AVX512-BF16), avx2 or scalar."""
+        name = {512: "avx512", 256: "avx2"}.get(self.simd, "scalar")
+        return name + ("-bf16" if self.caps >> 9 & 1 else "")
 
     def _plan(self, W: Any) -> "_Plan | None":
         """A pool view's format, sizes and per-part (base address, row stride in bytes); None if unsupported."""
