@@ -197,7 +197,7 @@ ALWAYS_INLINE void dots_q8(int R, const void *const *qv, const uint16_t *const *
 }
 
 /* ---- q4: two codes per byte (input 2i in the low nibble), bf16 scale and min per G inputs:
- * sum_g s_g * sum q_i x_i + sum_g m_g * sum_{i in g} x_i. xp holds x deinterleaved per 32 inputs (the 16 even
+ * sum_g s_g * sum q_i x_i + m_g * sum_{i in g} x_i. xp holds x deinterleaved per 32 inputs (the 16 even
  * inputs of a block, then the 16 odd ones), so a byte's low and high nibbles meet their inputs lane by lane;
  * xs[g] is the sum of x over group g. Blocks of 32 start at multiples of 32 (G is 64, or K when K < 64). ---- */
 ALWAYS_INLINE void dots_q4(int R, const void *const *qv, const uint16_t *const *sc, const uint16_t *const *mn,
@@ -229,15 +229,11 @@ ALWAYS_INLINE void dots_q4(int R, const void *const *qv, const uint16_t *const *
                 const uint8_t b = q[r][k >> 1];
                 tt += (float)((k & 1) ? (b >> 4) : (b & 0xf)) * x[k];
             }
-            s[r] += sg * tt;
+            s[r] += sg * tt + bf16_to_f32(mn[r][gi]) * xs[gi];
         }
     }
-    FOR_R(r) {
-        float m;
-        const void *mr = mn[r];
-        dots_dense(FMT_BF16, 1, &mr, xs, ng, &m);
-        out[r] = s[r] + m + VHSUM(c[r]);
-    }
+    (void)ng;
+    FOR_R(r) out[r] = s[r] + VHSUM(c[r]);
 }
 
 /* The per-call inputs that the q4 path needs in its own layout. */
@@ -285,29 +281,28 @@ ALWAYS_INLINE void dots_q4bf(int R, const void *const *qv, const uint16_t *const
     for (int gi = 0; gi < full; gi++) {
         const __m512bh xe = (__m512bh)_mm512_loadu_si512((const void *)(v->xb + gi * 64));
         const __m512bh xo = (__m512bh)_mm512_loadu_si512((const void *)(v->xb + gi * 64 + 32));
+        const float xg = v->xs[gi];
         FOR_R(r) {
             const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(q[r] + gi * 32)));
             const __m512i wl = _mm512_or_si512(_mm512_and_si512(w, lo4), magic);
             const __m512i wh = _mm512_or_si512(_mm512_srli_epi16(w, 4), magic);
             __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)wl, xe);
             t = _mm512_dpbf16_ps(t, (__m512bh)wh, xo);
-            c[r] = _mm512_fmadd_ps(t, _mm512_set1_ps(bf16_to_f32(sc[r][gi])), c[r]);
+            const float sg = bf16_to_f32(sc[r][gi]);
+            c[r] = _mm512_fmadd_ps(t, _mm512_set1_ps(sg), c[r]);
+            s[r] += (bf16_to_f32(mn[r][gi]) - 128.f * sg) * xg; /* scalar ports, beside the vector work */
         }
     }
     FOR_R(r) {
-        for (int k = full * 64; k < K; k++) { /* the short last group, gi = full */
-            const uint8_t b = q[r][k >> 1];
-            s[r] += (float)((k & 1) ? (b >> 4) : (b & 0xf)) * v->x[k];
+        if (full * 64 < K) { /* the short last group, gi = full */
+            float t = 0.f;
+            for (int k = full * 64; k < K; k++) {
+                const uint8_t b = q[r][k >> 1];
+                t += (float)((k & 1) ? (b >> 4) : (b & 0xf)) * v->x[k];
+            }
+            s[r] += bf16_to_f32(sc[r][full]) * t + bf16_to_f32(mn[r][full]) * v->xs[full];
         }
-        float t = 0.f;
-        if (full * 64 < K) t = bf16_to_f32(sc[r][full]) * s[r] + bf16_to_f32(mn[r][full]) * v->xs[full];
-        float mx = 0.f, sx = 0.f;
-        const void *mr = mn[r], *sr = sc[r];
-        if (full) {
-            dots_dense(FMT_BF16, 1, &mr, v->xs, full, &mx);
-            dots_dense(FMT_BF16, 1, &sr, v->xs, full, &sx);
-        }
-        out[r] = _mm512_reduce_add_ps(c[r]) + (mx - 128.f * sx) + t;
+        out[r] = _mm512_reduce_add_ps(c[r]) + s[r];
     }
 }
 #else
