@@ -170,3 +170,29 @@ def test_a_failing_build_falls_back(monkeypatch, capsys, tmp_path):
     assert CpuKernel.load() is None
     assert "failed" in capsys.readouterr().err
     assert not any(p.suffix == ".so" for p in tmp_path.rglob("*"))
+
+
+def test_bench_tool_runs_and_reports(tmp_path):
+    """tools/bench_cpu_experts.py at a tiny size: every path, the probe and the cost model's placements, one
+    JSON line last (also written under $OUT)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, str(root / "tools" / "bench_cpu_experts.py"), "--hidden", "96", "--ffn", "40",
+                        "--k", "3", "--threads", "1", "--repeats", "2", "--pool-gb", "0.001",
+                        "--paths", "torch-bf16,bf16,q8,q4", "--links", "55,12"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OUT": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert (tmp_path / "bench_cpu_experts_96x40x3.json").exists()
+    native = CpuKernel.load(warn=False) is not None
+    paths = [row["path"] for row in res["runs"]]
+    assert paths == (["torch-bf16", "bf16", "q8", "q4"] if native else ["torch-bf16"])
+    for row in res["runs"]:
+        assert row["gbps"] > 0 and row["probe"]["cpu_gbps"] > 0
+        assert set(row["probe"]["to_cpu_of_misses"]) == {"55.0", "12.0"}
+        assert row["probe"]["kernel"] == ("torch" if row["path"].startswith("torch") else "native-" + row["simd"])

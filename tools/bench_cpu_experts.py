@@ -13,6 +13,9 @@ larger than the last-level cache the weights come from DRAM, as they do in a run
 rate does not depend on the values. Prints a table, then one JSON line (also $OUT/bench_cpu_experts.json).
 
 Defaults are the 10.6B Qwen3-MoE shape of the benchmarks; the 397B shape is --hidden 4096 --ffn 1024 --k 10.
+On the GPU box (16 cores; about a minute for both shapes, the kernel compiles in ~1 s on first use):
+    python3 tools/bench_cpu_experts.py --threads 16,8 --pool-gb 4 && \
+    python3 tools/bench_cpu_experts.py --hidden 4096 --ffn 1024 --k 10 --threads 16,8 --pool-gb 4
 
 Then, per format and thread count, the load-time probe itself (model/cpu_experts.prepare, the code `--cpu-experts
 auto` runs at load, on a stand-in provider over the same pool) and what the cost model (store/offload.CostModel)

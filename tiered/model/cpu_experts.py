@@ -21,9 +21,13 @@ experts (in job order) are fp32 and the partial sum is rounded once, as the GPU'
 (kernels/moe_decode.py); the activation's output is rounded to the compute dtype before the down product. In
 fp32 this is the device path's math exactly up to the summation order; bf16 weights computed in bf16 agree with
 torch bit for bit in the tests.
-Rates (tools/bench_cpu_experts.py, GB/s of expert blocks read, 10.6B shape, a 1 GB pool so weights come from
-DRAM): see that tool's docstring and notes/SEAMS.md; the load-time probe (`prepare`) measures the path a run
-will use.
+Rates (tools/bench_cpu_experts.py: GB/s of expert blocks read, a 1 GB pool so that weights come from DRAM, bf16
+compute) on the 2-core CI box (Xeon, AVX-512 + AVX512-BF16, 2.1 GHz; shared with other jobs, so 2 threads rarely
+got the second core), 1 thread, median: 10.6B shape (D 2048, F 768, 8 experts) torch bf16 7.3-8.1, native bf16
+10.1-10.9, q8 7.3-7.6, q4 5.2-6.3; 397B shape (D 4096, F 1024, 10 experts) torch bf16 9.0, native bf16 13.0, q8
+7.6, q4 3.4-4.3 (best 5.8). A plain 1-thread AVX-512 read of 1 GB runs 7.6-15 GB/s there: native bf16 is at the
+core's DRAM rate; q8 and q4 are compute-bound per core (about 2x and 3x bf16's weights per byte). The load-time
+probe (`prepare`) measures the path a run will use.
 
 Legend: D hidden, K top-k, n experts on the CPU.
 """
