@@ -54,15 +54,16 @@ def make_pool(fmt: str, D: int, F: int, n: int, seed: int = 0):
     pool = torch.zeros(n, bs, dtype=torch.uint8)
     W = expert_views(pool, specs)
     g = torch.Generator().manual_seed(seed)
-    for m in (W.gate, W.up, W.down):
-        if isinstance(m, QuantWeight):
-            lo, hi = (-127, 128) if fmt == "q8" else (0, 256)
-            m.q.view(torch.uint8).copy_(torch.randint(lo, hi, m.q.shape, generator=g, dtype=torch.int16).to(m.q.dtype).view(torch.uint8))
-            m.scale.copy_(torch.rand(m.scale.shape, generator=g) * 1e-3)
-            if m.min is not None:
-                m.min.copy_(-8e-3 * torch.rand(m.min.shape, generator=g))
-        else:
-            for i in range(0, n, 16):
+    for i in range(0, n, 16):  # 16 experts at a time: no full-size temporaries
+        for m in (W.gate, W.up, W.down):
+            if isinstance(m, QuantWeight):
+                q = m.q[i:i + 16]
+                lo, hi = (-127, 128) if fmt == "q8" else (0, 256)
+                q.copy_(torch.randint(lo, hi, q.shape, generator=g, dtype=q.dtype))
+                m.scale[i:i + 16].copy_(torch.rand(m.scale[i:i + 16].shape, generator=g) * 1e-3)
+                if m.min is not None:
+                    m.min[i:i + 16].copy_(-8e-3 * torch.rand(m.min[i:i + 16].shape, generator=g))
+            else:
                 m[i:i + 16].copy_(torch.randn(m[i:i + 16].shape, generator=g) * 0.02)
     return W, bs
 
@@ -127,6 +128,7 @@ def main() -> None:
             print(f"{path}: skipped, no native kernel")
             continue
         if fmt not in pools:
+            pools.clear()  # one format's pool at a time (give paths of one format one after the other)
             bs = plan_block({"gate": ((F, D), STORED[fmt]), "up": ((F, D), STORED[fmt]),
                              "down": ((D, F), STORED[fmt])})[1]
             n = max(K, int(a.pool_gb * 1e9 // bs))
