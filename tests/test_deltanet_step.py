@@ -1,4 +1,5 @@
-"""The fused one-token Gated DeltaNet step (kernels/deltanet_step.py) against the torch path of model/deltanet.py.
+"""The fused one-token Gated DeltaNet step (kernels/deltanet_step.py) against the torch path of model/deltanet.py,
+and the shared expert's fused path (kernels/shared_expert.py) against model/moe.shared_expert.
 
 On CPU the kernels run under Triton's interpreter (conftest sets TRITON_INTERPRET without CUDA) on tiny shapes,
 including grouped value heads, head dims that are not powers of two (masked tiles), several rows (the batch step)
@@ -127,6 +128,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from tiered.kernels import deltanet_step as ds
+from tiered.kernels import shared_expert as se
 tgt = GPUTarget("cuda", 90, 32)
 for dt in ("*bf16", "*fp32"):
     sig = {"x_ptr": dt, "w_ptr": dt, "st_ptr": dt, "out_ptr": dt, "C": "i32", "x_stride": "i32", "W": "constexpr",
@@ -139,6 +141,13 @@ for dt in ("*bf16", "*fp32"):
            "eps": "fp32", "G": "constexpr", "DK": "constexpr", "DV": "constexpr", "BK": "constexpr", "BV": "constexpr"}
     cx = {"G": 4, "DK": 128, "DV": 128, "BK": 128, "BV": ds.DELTA_BV}
     assert triton.compile(ASTSource(ds._delta_step_kernel, sig, constexprs=cx), target=tgt).asm["cubin"]
+    sig = {"y_ptr": dt, "h_ptr": dt, "F": "i32", "y_stride": "i32", "BLOCK": "constexpr"}
+    assert triton.compile(ASTSource(se._swiglu_rows_kernel, sig, constexprs={"BLOCK": se.BLOCK}), target=tgt).asm["cubin"]
+    for gated in (True, False):
+        sig = {"out_ptr": dt, "d_ptr": dt, "s_ptr": dt, "res_ptr": dt, "D": "i32", "s_stride": "i32",
+               "GATED": "constexpr", "BLOCK": "constexpr"}
+        assert triton.compile(ASTSource(se._gated_add_kernel, sig, constexprs={"GATED": gated, "BLOCK": se.BLOCK}),
+                              target=tgt).asm["cubin"]
 print("ok")
 """
 
@@ -178,3 +187,29 @@ def test_cuda_qwen35_greedy_identical(tmp_path):
         assert e.decode_mode == "full"
         want = toks if want is None else want
         assert toks == want, st
+
+
+# --- the shared expert's kernels (kernels/shared_expert.py) ---
+
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("T", [1, 3])
+def test_shared_expert_fused_matches_torch(gated, dtype, T):
+    """add_shared_expert's fused path (stacked input projections, SwiGLU and gated-add kernels under the
+    interpreter) equals the routed output plus moe.shared_expert: bit for bit in fp32 up to GEMV blocking, and
+    within one bf16 rounding in bf16."""
+    from tiered.model.moe import MoEWeights, add_shared_expert, shared_expert
+
+    g = torch.Generator().manual_seed(7)
+    D, Fs = 40, 24  # not multiples of the block
+    r = lambda *s: (torch.randn(*s, generator=g) * 0.3).to(dtype)  # noqa: E731
+    kw = dict(router=r(8, D), shared_gate=r(Fs, D), shared_up=r(Fs, D), shared_down=r(D, Fs),
+              shared_expert_gate=r(1, D) if gated else None)
+    w = MoEWeights.stacked(**kw)
+    assert w.shared_in is not None and w.shared_in.shape == (2 * Fs + gated, D)
+    x, out = r(T, D), r(T, D)
+    want = out + shared_expert(x, MoEWeights(**kw))
+    got = add_shared_expert(out, x, w, fused=True)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert got.dtype == want.dtype and float((got.float() - want.float()).norm() / want.float().norm()) <= tol
+    assert torch.equal(add_shared_expert(out, x, w, fused=False), want)  # the views hold the same weights

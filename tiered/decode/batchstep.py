@@ -43,7 +43,7 @@ from tiered.layout.quant import QuantWeight
 from tiered.model.deltanet import deltanet, deltanet_rows
 from tiered.model.layers import attn_mask, project_qkv, rms_norm
 from tiered.model.mla import mla_attend, mla_attend_rows, mla_project
-from tiered.model.moe import _expert, shared_expert
+from tiered.model.moe import _expert, add_shared_expert
 from tiered.model.transformer import Routed
 from tiered.store.provider import HostSlotProvider
 
@@ -192,7 +192,7 @@ class BatchStep:
             wc = wts if m.fp32_route_weights else wts.to(x.dtype)
             out = self._experts(x, ids, wc, l, lw.moe.act)
             if lw.moe.shared_gate is not None:
-                out = out + shared_expert(x, lw.moe)
+                out = add_shared_expert(out, x, lw.moe, fused=m.kernels and lw.moe.act is None)
             h = h + out
         last = [offs[i + 1] - 1 for i, s in enumerate(segs) if s.want_logits]
         if not last:

@@ -79,6 +79,24 @@ class MoEWeights:
     router_bias: Tensor | None = None  # [E] (gpt-oss)
     score_bias: Tensor | None = None  # [E] fp32 (DeepSeek-V3's e_score_correction_bias: the choice only)
     act: "ClampedSwiGLU | None" = None  # None: SiLU(gate) * up; else gpt-oss's clamped form
+    shared_in: Tensor | None = None  # [2*Fs (+1), D]: shared gate, up (and expert gate) stacked; those fields are its
+    #                                  row views. None when any of them is quantized (--dense)
+
+    @staticmethod
+    def stacked(**kw) -> "MoEWeights":
+        """The weights with the shared expert's input projections stacked into one matrix (`shared_in`) when it has
+        plain (unquantized) ones, so the fused path projects in one GEMV."""
+        parts = [kw.get("shared_gate"), kw.get("shared_up")]
+        if kw.get("shared_expert_gate") is not None:
+            parts.append(kw["shared_expert_gate"])
+        if parts[0] is None or not all(type(p) is Tensor for p in parts):
+            return MoEWeights(**kw)
+        stack = torch.cat(parts, dim=0)
+        views = stack.split([p.shape[0] for p in parts], dim=0)
+        kw.update(shared_gate=views[0], shared_up=views[1], shared_in=stack)
+        if len(views) == 3:
+            kw["shared_expert_gate"] = views[2]
+        return MoEWeights(**kw)
 
 
 @dataclass(frozen=True)
@@ -126,6 +144,19 @@ def shared_expert(x: Tensor, w: MoEWeights) -> Tensor:
     if w.shared_expert_gate is not None:
         y = torch.sigmoid(F.linear(x, w.shared_expert_gate)) * y
     return y
+
+
+def add_shared_expert(out: Tensor, x: Tensor, w: MoEWeights, *, fused: bool) -> Tensor:
+    """out [T, D] + the shared expert of x [T, D]. fused (CUDA with Triton kernels, stacked plain weights): one GEMV
+    over `shared_in`, then kernels/shared_expert.py's SwiGLU, the down GEMV and the gated add; else `shared_expert`."""
+    if not fused or w.shared_in is None:
+        return out + shared_expert(x, w)
+    from tiered.kernels.shared_expert import gated_add, swiglu_rows
+
+    Fs = w.shared_gate.shape[0]
+    y = F.linear(x, w.shared_in)  # [T, 2Fs (+1)]
+    d = linear(swiglu_rows(y, Fs), w.shared_down)
+    return gated_add(out, d, y[:, 2 * Fs] if w.shared_expert_gate is not None else None)
 
 
 def experts_one_token(x: Tensor, ids: Tensor, weights: Tensor, provider: ExpertProvider, layer: int,
@@ -255,6 +286,7 @@ def expert_mix(x: Tensor, ids: Tensor, wts: Tensor, w: MoEWeights, provider: Exp
     # the Triton kernels compute the plain SwiGLU without biases: gpt-oss's experts take the torch paths.
     # Quantized pools: one token takes experts_from_slots (its fused GEMV kernels), several tokens
     # moe_gpu.experts_tokens (fused GEMV or grouped kernels) when those serve the pool.
+    fused_shared = kernels and w.act is None
     plain = kernels and w.act is None and getattr(provider.weights, "gate_bias", None) is None
     quant = isinstance(provider.weights.gate, QuantWeight)
     kernels = plain and not quant
@@ -288,5 +320,5 @@ def expert_mix(x: Tensor, ids: Tensor, wts: Tensor, w: MoEWeights, provider: Exp
     if partial is not None:
         out = out + partial
     if w.shared_gate is not None:
-        out = out + shared_expert(x, w)
+        out = add_shared_expert(out, x, w, fused=fused_shared)
     return out

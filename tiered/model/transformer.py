@@ -146,7 +146,7 @@ def build_layer(cfg: ModelConfig, dense: dict[str, Tensor], l: int, device: torc
     moe = dense_mlp = None
     if cfg.is_moe_layer(l):
         bias = _take(dense, p + "router_score_bias", device, torch.float32, False)
-        moe = MoEWeights(router=t("router"),
+        moe = MoEWeights.stacked(router=t("router"),
                          shared_gate=t("shared_gate_proj") if shared else None,
                          shared_up=t("shared_up_proj") if shared else None,
                          shared_down=t("shared_down_proj") if shared else None,
