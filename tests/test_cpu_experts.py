@@ -204,15 +204,60 @@ def test_ram_tier_blocks_feed_the_cpu(reference_layout, ids, reference_run):
     assert 0 < st["ram"]["hits"] <= n and st["ram"]["misses"] == 0  # decode reads RAM only for CPU experts
 
 
-def test_quantized_experts_on_the_cpu(reference_model, ids, tmp_path):
-    """q8 experts: the CPU dequantizes with the layout's reference path; tokens equal the slot path's."""
-    dst = tmp_path / "q8"
-    repack(reference_model, dst, experts="q8", progress=False)
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+def test_quantized_experts_on_the_cpu(reference_model, ids, tmp_path, fmt):
+    """q8 and q4 experts: the CPU reads the quantized blocks in place (the native kernel where it builds, else
+    the layout's torch dequantization); tokens equal the slot path's, logits within 1e-5."""
+    dst = tmp_path / fmt
+    repack(reference_model, dst, experts=fmt, progress=False)
     off = _step_logits(_engine(dst, "off", pieces=True), ids, 8)
-    on = _step_logits(_engine(dst, "all", pieces=True), ids, 8)
+    e = _engine(dst, "all", pieces=True)
+    on = _step_logits(e, ids, 8)
     assert on[0] == off[0]
     for a, b in zip(on[1], off[1]):
         assert _rel(a, b) <= 1e-5
+    kern = e.model.provider.cpu_kernel
+    assert e.model.provider.stats()["cpu_experts"]["kernel"] == ("torch" if kern is None else f"native-{kern.simd_name}")
+
+
+# --- the native kernel in the engine ---
+def test_native_and_torch_paths_agree_in_the_engine(reference_layout, ids, reference_run, monkeypatch):
+    """--cpu-experts all through the native kernel and through torch (TIERED_CPU_KERNEL=torch): same greedy
+    tokens as off, logits within 1e-5 of each other; --cpu-threads reaches the kernel."""
+    e = _engine(reference_layout, "all", pieces=True, cpu_threads=2)
+    kern = e.model.provider.cpu_kernel
+    if kern is None:
+        pytest.skip("no native CPU expert kernel here")
+    seen = []
+    real = kern.partial
+
+    def spy(*a, **kw):
+        seen.append(kw["threads"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(kern, "partial", spy)
+    toks, outs = _step_logits(e, ids, 6)
+    assert set(seen) == {2} and len(seen) == 6 * e.config.num_layers
+    assert e.model.provider.stats()["cpu_experts"]["kernel"].startswith("native")
+    monkeypatch.setenv("TIERED_CPU_KERNEL", "torch")
+    t = _engine(reference_layout, "all", pieces=True, cpu_threads=2)
+    assert t.model.provider.cpu_kernel is None and t.model.provider.stats()["cpu_experts"]["kernel"] == "torch"
+    ttoks, touts = _step_logits(t, ids, 6)
+    assert toks == ttoks == reference_run[0][:6]
+    for a, b in zip(outs, touts):
+        assert _rel(a, b) <= 1e-5
+
+
+def test_without_a_compiler_the_engine_uses_torch(reference_layout, ids, reference_run, monkeypatch, capsys):
+    """No C compiler: one warning line at load, the torch path, the same tokens."""
+    from tiered.model import cpu_kernel
+
+    monkeypatch.setattr(cpu_kernel, "_compiler", lambda: None)
+    e = _engine(reference_layout, "all", pieces=True)
+    assert e.model.provider.cpu_kernel is None
+    assert sum("native kernel is unavailable" in line for line in capsys.readouterr().err.splitlines()) == 1
+    toks, _ = _step_logits(e, ids, 6)
+    assert toks == reference_run[0][:6]
 
 
 @pytest.mark.parametrize("n_zero", [1, 3, 4])

@@ -1,13 +1,32 @@
-"""CPU-expert rate on this machine: one layer's top-k experts of a given shape computed by model/cpu_experts.py
-(the code `--cpu-experts` runs), per dtype and thread count, in GB/s of expert weights read.
+"""CPU-expert rate on this machine: one layer's K experts of a given shape computed by model/cpu_experts.py (the
+code `--cpu-experts` runs), per path, format and thread count, in GB/s of expert blocks read (the bytes the cost
+model counts: block_size per expert).
 
     python3 tools/bench_cpu_experts.py [--hidden 2048] [--ffn 768] [--k 8] [--threads 1,2] [--repeats 10]
-Defaults are the 10.6B Qwen3-MoE shape of the benchmarks. Prints a table, then one JSON line.
+        [--paths torch-bf16,bf16,q8,q4] [--pool-gb 1.0] [--links 55,25,12]
+
+Paths: "torch-FMT" is the torch reference (cpu_partial: dequantize, F.linear), "FMT" the native kernel
+(model/cpu_kernel.c); FMT in fp32, bf16, q8, q4. The compute dtype is bf16 (fp32 for fp32 weights), as on GPU
+runs. The experts sit in a pool of blocks laid out as in experts.bin (layout/format.plan_block, views from
+store/disk.expert_views) of --pool-gb GB; each call takes the next K experts of the pool, so once the pool is
+larger than the last-level cache the weights come from DRAM, as they do in a run. Random codes and scales: the
+rate does not depend on the values. Prints a table, then one JSON line (also $OUT/bench_cpu_experts.json).
+
+Defaults are the 10.6B Qwen3-MoE shape of the benchmarks; the 397B shape is --hidden 4096 --ffn 1024 --k 10.
+On the GPU box (16 cores; about a minute for both shapes, the kernel compiles in ~1 s on first use):
+    python3 tools/bench_cpu_experts.py --threads 16,8 --pool-gb 4 && \
+    python3 tools/bench_cpu_experts.py --hidden 4096 --ffn 1024 --k 10 --threads 16,8 --pool-gb 4
+
+Then, per format and thread count, the load-time probe itself (model/cpu_experts.prepare, the code `--cpu-experts
+auto` runs at load, on a stand-in provider over the same pool) and what the cost model (store/offload.CostModel)
+decides with that CPU rate for a layer with 1, 2, 4 or K misses on links of --links GB/s (host->GPU; the per-layer
+overhead includes the two small PCIe copies of a CUDA run).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,8 +36,73 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from tiered.model.cpu_experts import cpu_partial  # noqa: E402
-from tiered.store.offload import CpuWorker  # noqa: E402
+from tiered.layout.format import plan_block  # noqa: E402
+from tiered.layout.quant import QuantWeight  # noqa: E402
+from tiered.model.cpu_experts import cpu_partial, prepare  # noqa: E402
+from tiered.model.cpu_kernel import CpuKernel  # noqa: E402
+from tiered.store.disk import expert_views  # noqa: E402
+from tiered.store.offload import CostModel, CpuWorker, cpu_threads  # noqa: E402
+
+STORED = {"fp32": "float32", "bf16": "bfloat16", "q8": "q8", "q4": "q4"}
+
+
+def make_pool(fmt: str, D: int, F: int, n: int, seed: int = 0):
+    """n experts of one format in the block layout: (ExpertWeights views, block_size). Codes uniform, scales
+    small (q4 mins negative), so the products stay finite."""
+    dt = STORED[fmt]
+    specs, bs = plan_block({"gate": ((F, D), dt), "up": ((F, D), dt), "down": ((D, F), dt)})
+    pool = torch.zeros(n, bs, dtype=torch.uint8)
+    W = expert_views(pool, specs)
+    g = torch.Generator().manual_seed(seed)
+    for i in range(0, n, 16):  # 16 experts at a time: no full-size temporaries
+        for m in (W.gate, W.up, W.down):
+            if isinstance(m, QuantWeight):
+                q = m.q[i:i + 16]
+                lo, hi = (-127, 128) if fmt == "q8" else (0, 256)
+                q.copy_(torch.randint(lo, hi, q.shape, generator=g, dtype=q.dtype))
+                m.scale[i:i + 16].copy_(torch.rand(m.scale[i:i + 16].shape, generator=g) * 1e-3)
+                if m.min is not None:
+                    m.min[i:i + 16].copy_(-8e-3 * torch.rand(m.min[i:i + 16].shape, generator=g))
+            else:
+                m[i:i + 16].copy_(torch.randn(m[i:i + 16].shape, generator=g) * 0.02)
+    return W, bs
+
+
+def measure(fn, repeats: int) -> tuple[float, float]:
+    """(median, best) seconds of fn() (fn returns its own time), after one warm-up call."""
+    fn()
+    ts = sorted(fn() for _ in range(repeats))
+    return ts[len(ts) // 2], ts[0]
+
+
+class ProbeProvider:
+    """What cpu_experts.prepare reads from a provider (store/cache.ExpertCache), over a bench pool: expert key
+    layer * K + e is pool row key % n; the device is CUDA for the overhead term (two small PCIe copies)."""
+
+    def __init__(self, W, bs: int, n: int, D: int, K: int, threads: int, native: bool) -> None:
+        self.W, self.n = W, n
+        self.split, self.block_size = True, bs
+        self.device = SimpleNamespace(type="cuda")
+        self.layout = SimpleNamespace(config=SimpleNamespace(top_k=K, num_experts=K, num_layers=4, hidden_size=D))
+        self.cpu_worker = CpuWorker(threads)
+        self.cost_model = CostModel(55.0, 0.0)
+        self.native = native
+
+    def _host_blocks_probe(self, out: list, keys=(0,)) -> None:
+        out.extend((0, self.W, k % self.n) for k in keys)
+
+
+def probe(W, bs: int, n: int, D: int, K: int, th: int, native: bool, dtype: torch.dtype, links: list[float]) -> dict:
+    p = ProbeProvider(W, bs, n, D, K, th, native)
+    prepare(p, dtype, native=native)
+    p.cpu_worker.close()
+    cm = p.cost_model
+    places = {}
+    for link in links:
+        m = CostModel(link, cm.cpu_gbps, cpu_overhead_s=cm.cpu_overhead_s, fixed=True)
+        places[str(link)] = {str(m_): sum(m.place(m_, bs)) for m_ in sorted({1, 2, 4, K})}
+    return {"cpu_gbps": cm.cpu_gbps, "cpu_overhead_s": cm.cpu_overhead_s, "kernel": p.cpu_kernel_name,
+            "to_cpu_of_misses": places}
 
 
 def main() -> None:
@@ -26,36 +110,73 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--ffn", type=int, default=768)
     ap.add_argument("--k", type=int, default=8)
-    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--threads", default="1,2", help="comma list; 0 = the physical cores (--cpu-threads 0)")
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--paths", default="torch-bf16,bf16,q8,q4")
+    ap.add_argument("--pool-gb", type=float, default=1.0, help="expert pool per format, GB (10^9 B)")
+    ap.add_argument("--links", default="55,25,12", help="host->GPU GB/s for the cost model's decisions ('' = skip)")
     a = ap.parse_args()
     D, F, K = a.hidden, a.ffn, a.k
+    links = [float(x) for x in a.links.split(",") if x]
+    kern = CpuKernel.load()
     out = []
-    for dt in (torch.bfloat16, torch.float32):
-        g = torch.randn(K, F, D).to(dt)
-        W = SimpleNamespace(gate=g, up=torch.randn(K, F, D).to(dt), down=torch.randn(K, D, F).to(dt), gate_bias=None)
-        x = torch.randn(1, D).to(dt)
+    pools: dict[str, tuple] = {}
+    for path in a.paths.split(","):
+        torch_path = path.startswith("torch-")
+        fmt = path.removeprefix("torch-")
+        if not torch_path and kern is None:
+            print(f"{path}: skipped, no native kernel")
+            continue
+        if fmt not in pools:
+            pools.clear()  # one format's pool at a time (give paths of one format one after the other)
+            bs = plan_block({"gate": ((F, D), STORED[fmt]), "up": ((F, D), STORED[fmt]),
+                             "down": ((D, F), STORED[fmt])})[1]
+            n = max(K, int(a.pool_gb * 1e9 // bs))
+            t0 = time.perf_counter()
+            pools[fmt] = (*make_pool(fmt, D, F, n), n)
+            print(f"{fmt}: pool of {n} experts of {bs / 1e6:.2f} MB ({n * bs / 1e9:.2f} GB), "
+                  f"built in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        W, bs, n = pools[fmt]
+        cdt = torch.float32 if fmt == "fp32" else torch.bfloat16
+        x = torch.randn(1, D, generator=torch.Generator().manual_seed(1)).to(cdt)
         w = torch.rand(K)
-        jobs = [(k, W, k) for k in range(K)]
-        nbytes = 3 * D * F * g.element_size() * K
-        for th in [int(t) for t in a.threads.split(",")]:
+        for th in [cpu_threads(int(t)) for t in a.threads.split(",")]:
             wk = CpuWorker(th)
+            state = {"i": 0}
 
-            def run() -> float:
+            def call() -> float:
+                i = state["i"]
+                state["i"] = (i + K) % (n - K + 1) if n > K else 0
+                jobs = [(k, W, i + k) for k in range(K)]
                 t0 = time.perf_counter()
-                with torch.inference_mode():
-                    cpu_partial(x, w, jobs, None)
+                if torch_path:
+                    with torch.inference_mode():
+                        cpu_partial(x, w, jobs, None)
+                else:
+                    kern.partial(x, w, jobs, threads=th)
                 return time.perf_counter() - t0
 
-            wk.submit(run).result()
-            ts = sorted(wk.submit(run).result() for _ in range(a.repeats))
+            med, best = measure(lambda: wk.submit(call).result(), a.repeats)
             wk.close()
-            med = ts[len(ts) // 2]
-            row = {"dtype": str(dt).removeprefix("torch."), "threads": th, "s_per_layer": med,
-                   "gbps": nbytes / med / 1e9}
+            row = {"path": path, "format": fmt, "compute": str(cdt).removeprefix("torch."), "threads": th,
+                   "s_per_layer": med, "gbps": K * bs / med / 1e9, "gbps_best": K * bs / best / 1e9,
+                   "block_bytes": bs, "simd": None if torch_path else kern.simd_name}
+            line = (f"{path:>11} threads {th:2d}: {med * 1e3:8.3f} ms per {K} experts, {row['gbps']:7.2f} GB/s "
+                    f"(best {row['gbps_best']:6.2f})")
+            if links:
+                row["probe"] = probe(W, bs, n, D, K, th, not torch_path, cdt, links)
+                pr = row["probe"]
+                line += (f"; probe {pr['cpu_gbps']:6.2f} GB/s + {pr['cpu_overhead_s'] * 1e6:.0f} us/layer, to CPU of "
+                         + ", ".join(f"{K} misses at {lk} GB/s: {pr['to_cpu_of_misses'][str(lk)][str(K)]}"
+                                     for lk in links))
             out.append(row)
-            print(f"{row['dtype']:>9} threads {th}: {med * 1e3:8.2f} ms per {K} experts, {row['gbps']:6.2f} GB/s")
-    print(json.dumps({"bench": "cpu_experts", "hidden": D, "ffn": F, "k": K, "runs": out}))
+            print(line)
+    res = {"bench": "cpu_experts", "hidden": D, "ffn": F, "k": K, "pool_gb": a.pool_gb,
+           "cpu_count": os.cpu_count(), "physical_cores": cpu_threads(0), "runs": out}
+    if os.environ.get("OUT"):
+        p = Path(os.environ["OUT"]) / f"bench_cpu_experts_{D}x{F}x{K}.json"
+        p.write_text(json.dumps(res, indent=1))
+    print(json.dumps(res))
 
 
 if __name__ == "__main__":

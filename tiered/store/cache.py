@@ -148,6 +148,7 @@ class ExpertCache(HostSlotProvider):
         self.cpu = CpuExpertCounts()
         self.cpu_worker: CpuWorker | None = CpuWorker(self.cpu_threads) if self.split else None
         self.cpu_dtype: str | None = None  # set by the model's CPU-expert code (model/cpu_experts.py)
+        self.cpu_kernel: Any = None  # the native CPU expert kernel (model/cpu_experts.prepare), None = torch
         # --cpu-experts auto: the cost model. CUDA: the PCIe rate is measured now (or the paced target), the CPU
         # rate by the model's probe (model/cpu_experts.prepare). A CPU device has no link to save (its device
         # tier is RAM), so auto places nothing on the CPU there, unless the copies are paced (--h2d-gbps: a
@@ -345,13 +346,14 @@ class ExpertCache(HostSlotProvider):
         slots = self.get_slots(layer, expert_ids, cpu=jobs)
         return self.vram.index_tensor(slots), jobs
 
-    def _host_blocks_probe(self, out: list) -> None:
-        """The host weights of layer 0's expert 0 as one CPU job (the CPU-rate probe at load), from the
-        verified mapping; no bookkeeping."""
+    def _host_blocks_probe(self, out: list, keys: Sequence[int] = (0,)) -> None:
+        """The host weights of experts `keys` (layer * E + expert; default layer 0's expert 0) as CPU jobs (the
+        CPU-rate probe at load), from the verified mapping; no bookkeeping."""
         if self._file_views is None:
             self._file_views = expert_views(self.layout.expert_file_pool(), self.layout.tensor_specs)
-        self.reader.verify_mapped(0)
-        out.append((0, self._file_views, 0))
+        for k in keys:
+            self.reader.verify_mapped(k)
+            out.append((0, self._file_views, k))
 
     def note_cpu_experts(self, count: int, seconds: float) -> None:
         """The model's CPU-expert code reports a layer's work (stats; the cost model's running CPU rate)."""
@@ -523,6 +525,7 @@ class ExpertCache(HostSlotProvider):
         out["slot_table"] = (self.devtable.stats() if self.devtable is not None else
                              {"mode": "host", **({"device_refused": self.slot_table_note} if self.slot_table_note else {})})
         out["cpu_experts"] = self.cpu.stats(self.cpu_mode, self.cpu_threads, self.cpu_dtype, self.cost_model)
+        out["cpu_experts"]["kernel"] = getattr(self, "cpu_kernel_name", None)
         out["h2d_gbps_target"] = self.tiers.h2d_gbps or None
         for key in ("h2d_gbps_native", "h2d_gbps_calibrated", "h2d_gbps_floor"):  # set_pace's findings (CUDA)
             if self.pace.get(key):

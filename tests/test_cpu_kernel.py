@@ -1,0 +1,198 @@
+"""The native CPU expert kernel (model/cpu_kernel.c, cpu_kernel.py) against the torch reference (cpu_partial
+without a kernel): every stored format it reads, fp32 and bf16 compute, odd sizes, 1 and several experts, rows
+of the block layout's strided views, thread counts; its AVX2 and portable builds; what it refuses; the
+fallback without a compiler. Native-only checks skip when this machine cannot build the kernel."""
+from __future__ import annotations
+
+import platform
+
+import pytest
+import torch
+
+from tiered.layout.format import plan_block
+from tiered.layout.quant import quantize
+from tiered.model import cpu_kernel
+from tiered.model.cpu_experts import cpu_partial
+from tiered.model.cpu_kernel import CpuKernel
+from tiered.model.moe import ClampedSwiGLU
+from tiered.store.disk import expert_views
+
+STORED = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "q8": "q8", "q4": "q4", "fp8": "fp8"}
+# (D, F): odd sizes, not multiples of 8/16/64; q4 groups the whole row below 64 inputs, q8 has a short last group
+SHAPES = [(64, 48), (257, 33), (130, 200), (384, 96)]
+
+
+@pytest.fixture(scope="module")
+def kern() -> CpuKernel:
+    k = CpuKernel.load(warn=False)
+    if k is None:
+        pytest.skip("no native CPU expert kernel on this machine (no C compiler or the build failed)")
+    return k
+
+
+def _pool(fmt: str, D: int, F: int, n: int, seed: int = 0):
+    """n random experts in the expert block layout (views over a uint8 pool, as the RAM tier and the file
+    mapping give them): quantized formats hold quantize() of random weights."""
+    dt = STORED[fmt]
+    specs, bs = plan_block({"gate": ((F, D), dt), "up": ((F, D), dt), "down": ((D, F), dt)})
+    pool = torch.zeros(n, bs, dtype=torch.uint8)
+    W = expert_views(pool, specs)
+    g = torch.Generator().manual_seed(seed)
+    for m, shape in ((W.gate, (n, F, D)), (W.up, (n, F, D)), (W.down, (n, D, F))):
+        w = torch.randn(shape, generator=g) * 0.1
+        if fmt in ("q8", "q4", "fp8"):
+            q = quantize(w, fmt)
+            for name, part in q.parts().items():
+                getattr(m, name).copy_(part)
+        else:
+            m.copy_(w)
+    return W
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def _jobs(W, rows: list[int]) -> list:
+    return [(k, W, r) for k, r in enumerate(rows)]
+
+
+@pytest.mark.parametrize("D,F", SHAPES)
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "fp16", "q8", "q4"])
+def test_matches_the_torch_reference(kern, fmt, D, F):
+    """fp32 compute: within 1e-5 relative of the torch reference (the summation order differs); bf16 compute:
+    within bf16 tolerance of it, and as close to the fp32 result as torch's bf16 path (within bf16 rounding); 1 and 5 experts,
+    rows in any order, routing weights rounded or not."""
+    if fmt == "fp16" and not kern.caps >> 2 & 1:
+        pytest.skip("this compiler has no _Float16")
+    W = _pool(fmt, D, F, 6)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, D, generator=g)
+    w = torch.softmax(torch.randn(8, generator=g), 0)
+    for rows in ([3], [5, 0, 2, 4, 1]):
+        jobs = _jobs(W, rows)
+        ref32 = cpu_partial(x, w, jobs, None)
+        got32 = kern.partial(x, w, jobs, threads=2)
+        assert got32 is not None and got32.dtype == torch.float32 and got32.shape == (1, D)
+        assert _rel(got32, ref32) <= 1e-5
+        xb = x.bfloat16()
+        for fp32_weights in (False, True):
+            ref = cpu_partial(xb, w, jobs, None, fp32_weights)
+            got = kern.partial(xb, w, jobs, threads=2, fp32_weights=fp32_weights)
+            assert got.dtype == torch.bfloat16
+            assert _rel(got, ref) <= 2e-2
+            assert _rel(got, ref32) <= 2 * max(_rel(ref, ref32), 2 ** -8)  # bf16's rounding, as torch
+
+
+def test_bf16_weights_in_bf16_match_torch_closely(kern):
+    """bf16 blocks computed in bf16 (the GPU runs' case): the same roundings as the reference, so only the
+    fp32 accumulation order differs (bit for bit on the machine this was written on)."""
+    W = _pool("bf16", 2048, 768, 8)
+    x = torch.randn(1, 2048, generator=torch.Generator().manual_seed(2)).bfloat16()
+    w = torch.rand(8, generator=torch.Generator().manual_seed(3))
+    jobs = _jobs(W, list(range(8)))
+    assert _rel(kern.partial(x, w, jobs, threads=2), cpu_partial(x, w, jobs, None)) <= 4e-3
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "q4"])
+def test_thread_count_does_not_change_the_result(kern, fmt):
+    """Each output row is computed by one thread in a fixed order: 1, 2 and 3 threads agree bit for bit."""
+    W = _pool(fmt, 257, 130, 4)
+    x = torch.randn(1, 257, generator=torch.Generator().manual_seed(4))
+    jobs = _jobs(W, [2, 0, 3])
+    w = torch.rand(3)
+    outs = [kern.partial(x, w, jobs, threads=t) for t in (1, 2, 3)]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_jobs_from_two_pools(kern):
+    """A layer's jobs may come from the RAM tier's rows and from the file mapping (two views, one format)."""
+    A, B = _pool("q8", 130, 70, 3, seed=5), _pool("q8", 130, 70, 4, seed=6)
+    x = torch.randn(1, 130)
+    w = torch.rand(4)
+    jobs = [(0, A, 2), (1, B, 3), (2, A, 0), (3, B, 1)]
+    assert _rel(kern.partial(x, w, jobs, threads=2), cpu_partial(x, w, jobs, None)) <= 1e-5
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 instruction-set variants")
+@pytest.mark.parametrize("march", ["skylake-avx512", "haswell", "x86-64"])
+def test_other_instruction_sets(kern, march):
+    """The AVX-512 path without AVX512-BF16 (q4 in bf16 in fp32 FMAs), the AVX2+FMA and the plain-C paths of the
+    same source agree with the reference too (built here, run only where this CPU has the instructions)."""
+    if march == "skylake-avx512" and kern.simd != 512:
+        pytest.skip("this CPU has no AVX-512")
+    try:
+        k = CpuKernel(cpu_kernel.build(march))
+    except cpu_kernel.KernelUnavailable as e:
+        pytest.skip(str(e))
+    assert k.simd == {"skylake-avx512": 512, "haswell": 256, "x86-64": 0}[march] and not k.caps >> 9 & 1
+    x = torch.randn(1, 257, generator=torch.Generator().manual_seed(7))
+    w = torch.rand(3)
+    for fmt in ("fp32", "bf16", "q8", "q4"):
+        W = _pool(fmt, 257, 130, 3)
+        jobs = _jobs(W, [1, 2, 0])
+        assert _rel(k.partial(x, w, jobs, threads=2), cpu_partial(x, w, jobs, None)) <= 1e-5, fmt
+        xb = x.bfloat16()
+        assert _rel(k.partial(xb, w, jobs, threads=2), cpu_partial(xb, w, jobs, None)) <= 2e-2, fmt
+
+
+def test_unsupported_work_takes_torch(kern):
+    """fp8 blocks, gpt-oss's clamped activation and expert biases: the kernel declines (None) and cpu_partial
+    computes the torch reference instead."""
+    x = torch.randn(1, 64)
+    w = torch.rand(2)
+    fp8 = _pool("fp8", 64, 48, 2)
+    jobs = _jobs(fp8, [0, 1])
+    assert kern.partial(x, w, jobs, threads=1) is None
+    assert torch.equal(cpu_partial(x, w, jobs, None, kernel=kern), cpu_partial(x, w, jobs, None))
+    bf = _pool("bf16", 64, 48, 2)
+    act = ClampedSwiGLU()
+    jobs = _jobs(bf, [0, 1])
+    assert kern.partial(x, w, jobs, threads=1, act=act) is None
+    assert not kern.supports(bf, act, torch.float32) and kern.supports(bf, None, torch.float32)
+    assert torch.equal(cpu_partial(x, w, jobs, act, kernel=kern), cpu_partial(x, w, jobs, act))
+
+
+def test_no_compiler_falls_back_with_a_warning(monkeypatch, capsys, tmp_path):
+    """Without a C compiler (and no cached build) the loader returns None and says why on one line."""
+    monkeypatch.setattr(cpu_kernel, "_compiler", lambda: None)
+    assert CpuKernel.load() is None
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "torch" in err[0] and "no C compiler" in err[0]
+
+
+def test_a_failing_build_falls_back(monkeypatch, capsys, tmp_path):
+    """A compiler that fails (here: a flag it rejects) gives the same one-line fallback, nothing cached."""
+    if cpu_kernel._compiler() is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(cpu_kernel, "CFLAGS", cpu_kernel.CFLAGS + ("-fno-such-flag-tiered",))
+    assert CpuKernel.load() is None
+    assert "failed" in capsys.readouterr().err
+    assert not any(p.suffix == ".so" for p in tmp_path.rglob("*"))
+
+
+def test_bench_tool_runs_and_reports(tmp_path):
+    """tools/bench_cpu_experts.py at a tiny size: every path, the probe and the cost model's placements, one
+    JSON line last (also written under $OUT)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, str(root / "tools" / "bench_cpu_experts.py"), "--hidden", "96", "--ffn", "40",
+                        "--k", "3", "--threads", "1", "--repeats", "2", "--pool-gb", "0.001",
+                        "--paths", "torch-bf16,bf16,q8,q4", "--links", "55,12"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OUT": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert (tmp_path / "bench_cpu_experts_96x40x3.json").exists()
+    native = CpuKernel.load(warn=False) is not None
+    paths = [row["path"] for row in res["runs"]]
+    assert paths == (["torch-bf16", "bf16", "q8", "q4"] if native else ["torch-bf16"])
+    for row in res["runs"]:
+        assert row["gbps"] > 0 and row["probe"]["cpu_gbps"] > 0
+        assert set(row["probe"]["to_cpu_of_misses"]) == {"55.0", "12.0"}
+        assert row["probe"]["kernel"] == ("torch" if row["path"].startswith("torch") else "native-" + row["simd"])

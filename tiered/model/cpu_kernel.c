@@ -1,0 +1,495 @@
+/* CPU experts for one token: out = sum_j w_j * down_j(act(gate_j x, up_j x)), reading the stored expert
+ * blocks in place (fp32, bf16, fp16, q8, q4 as laid out by tiered/layout/quant.py), fp32 accumulation,
+ * threads (OpenMP) over output rows. Compiled on first use by tiered/model/cpu_kernel.py with
+ * `cc -O3 -march=native -fopenmp -shared -fPIC`; the vector paths are AVX-512F, AVX2+FMA+F16C, or portable C,
+ * and q4 computed in bf16 uses AVX512-BF16's dot products where the CPU has them.
+ *
+ * Rounding (`rnd`: 0 none = fp32 compute, 1 bf16, 2 fp16), as the torch reference does it (model/cpu_experts.py):
+ * each product's output is rounded once to the compute dtype, the activation is fp32 and its output is rounded
+ * (the down product reads the compute dtype), the weighted sum over jobs is fp32 in job order, rounded once.
+ * Quantized weights are used as q*s (+ m) in fp32 (the reference dequantizes in fp32 too).
+ *
+ * Legend: D hidden, F expert FFN, n jobs (experts on the CPU), G inputs per quantization group.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+enum { FMT_F32 = 0, FMT_BF16 = 1, FMT_F16 = 2, FMT_Q8 = 3, FMT_Q4 = 4 };
+enum { RND_NONE = 0, RND_BF16 = 1, RND_F16 = 2 };
+
+/* Per job, the parts of gate, up, down (pointers as integers, 0 where a part is absent), in this order. */
+enum { P_Q = 0, P_S = 1, P_M = 2, P_PER_MAT = 3, P_PER_JOB = 9 };
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+#if defined(__FLT16_MAX__)
+#define HAVE_F16 1
+static inline float f16_to_f32(uint16_t h) { _Float16 v; memcpy(&v, &h, 2); return (float)v; }
+static inline uint16_t f32_to_f16(float f) { _Float16 v = (_Float16)f; uint16_t h; memcpy(&h, &v, 2); return h; }
+#else
+#define HAVE_F16 0
+static inline float f16_to_f32(uint16_t h) { (void)h; return NAN; }
+static inline uint16_t f32_to_f16(float f) { (void)f; return 0; }
+#endif
+
+static inline float rnd(float v, int mode) {
+    if (mode == RND_BF16) return bf16_to_f32(f32_to_bf16(v));
+    if (mode == RND_F16) return f16_to_f32(f32_to_f16(v));
+    return v;
+}
+
+/* ---- one vector abstraction for the three builds: VW fp32 lanes ---- */
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+/* loops over the R rows of a call, fully unrolled so that their accumulators stay in registers */
+#define FOR_R(r) _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)
+#if defined(__AVX512F__)
+#define VW 16
+#define RMAX 4
+typedef __m512 vf;
+typedef __m512i vi;
+#define VZERO() _mm512_setzero_ps()
+#define VLD(p) _mm512_loadu_ps(p)
+#define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define VADD(a, b) _mm512_add_ps(a, b)
+#define VSET1(s) _mm512_set1_ps(s)
+#define VHSUM(v) _mm512_reduce_add_ps(v)
+#define VLD_BF16(p) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
+#define VLD_F16(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
+#define VLD_I8(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
+#define VLD_U8(p) _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p)))
+#define VLO4(b) _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(0xf)))
+#define VHI4(b) _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4))
+#define SIMD 512
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define VW 8
+#define RMAX 4
+typedef __m256 vf;
+typedef __m256i vi;
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#define VZERO() _mm256_setzero_ps()
+#define VLD(p) _mm256_loadu_ps(p)
+#define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define VADD(a, b) _mm256_add_ps(a, b)
+#define VSET1(s) _mm256_set1_ps(s)
+#define VHSUM(v) hsum8(v)
+#define VLD_BF16(p) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
+#define VLD_F16(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
+#define VLD_I8(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
+#define VLD_U8(p) _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p)))
+#define VLO4(b) _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(0xf)))
+#define VHI4(b) _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4))
+#define SIMD 256
+#else /* portable C: one lane, the same loops */
+#define VW 1
+#define RMAX 4
+typedef float vf;
+typedef int vi;
+#define VZERO() 0.f
+#define VLD(p) (*(p))
+#define VFMA(a, b, c) ((a) * (b) + (c))
+#define VADD(a, b) ((a) + (b))
+#define VSET1(s) (s)
+#define VHSUM(v) (v)
+#define VLD_BF16(p) bf16_to_f32(*(p))
+#define VLD_F16(p) f16_to_f32(*(p))
+#define VLD_I8(p) ((float)*(p))
+#define VLD_U8(p) ((int)*(p))
+#define VLO4(b) ((float)((b) & 0xf))
+#define VHI4(b) ((float)((b) >> 4))
+#define SIMD 0
+#endif
+
+/* One element / VW elements of a dense row of format fmt (a constant after inlining). */
+ALWAYS_INLINE vf ldw(int fmt, const void *p, long i) {
+    if (fmt == FMT_F32) return VLD((const float *)p + i);
+    if (fmt == FMT_BF16) return VLD_BF16((const uint16_t *)p + i);
+    return VLD_F16((const uint16_t *)p + i);
+}
+ALWAYS_INLINE float lds(int fmt, const void *p, long i) {
+    if (fmt == FMT_F32) return ((const float *)p)[i];
+    if (fmt == FMT_BF16) return bf16_to_f32(((const uint16_t *)p)[i]);
+    return f16_to_f32(((const uint16_t *)p)[i]);
+}
+
+/* ---- R dense rows w[r][0:K] dotted with one x (x loaded once for all R rows) ---- */
+ALWAYS_INLINE void dots_dense(int fmt, int R, const void *const *w, const float *x, int K, float *out) {
+    vf a0[RMAX], a1[RMAX];
+    FOR_R(r) a0[r] = a1[r] = VZERO();
+    int i = 0;
+    for (; i + 2 * VW <= K; i += 2 * VW) {
+        const vf x0 = VLD(x + i), x1 = VLD(x + i + VW);
+        FOR_R(r) {
+            a0[r] = VFMA(ldw(fmt, w[r], i), x0, a0[r]);
+            a1[r] = VFMA(ldw(fmt, w[r], i + VW), x1, a1[r]);
+        }
+    }
+    for (; i + VW <= K; i += VW) {
+        const vf x0 = VLD(x + i);
+        FOR_R(r) a0[r] = VFMA(ldw(fmt, w[r], i), x0, a0[r]);
+    }
+    FOR_R(r) {
+        float s = VHSUM(VADD(a0[r], a1[r]));
+        for (int k = i; k < K; k++) s += lds(fmt, w[r], k) * x[k];
+        out[r] = s;
+    }
+}
+
+/* ---- q8: int8 codes [K], one bf16 scale per G inputs: sum_g s_g * sum_{i in g} q_i x_i. Each group's lane
+ * sums are scaled into per-lane accumulators (one horizontal sum per row, not per group). ---- */
+ALWAYS_INLINE void dots_q8(int R, const void *const *qv, const uint16_t *const *sc, const float *x, int K, int G,
+                           float *out) {
+    const int8_t *q[RMAX];
+    vf c[RMAX];
+    float s[RMAX];
+    FOR_R(r) { q[r] = (const int8_t *)qv[r]; c[r] = VZERO(); s[r] = 0.f; }
+    for (int g0 = 0, gi = 0; g0 < K; g0 += G, gi++) {
+        const int n = K - g0 < G ? K - g0 : G;
+        const float *xx = x + g0;
+        vf t0[RMAX], t1[RMAX];
+        FOR_R(r) t0[r] = t1[r] = VZERO();
+        int i = 0;
+        for (; i + 2 * VW <= n; i += 2 * VW) {
+            const vf x0 = VLD(xx + i), x1 = VLD(xx + i + VW);
+            FOR_R(r) {
+                t0[r] = VFMA(VLD_I8(q[r] + g0 + i), x0, t0[r]);
+                t1[r] = VFMA(VLD_I8(q[r] + g0 + i + VW), x1, t1[r]);
+            }
+        }
+        for (; i + VW <= n; i += VW) {
+            const vf x0 = VLD(xx + i);
+            FOR_R(r) t0[r] = VFMA(VLD_I8(q[r] + g0 + i), x0, t0[r]);
+        }
+        FOR_R(r) {
+            const float sg = bf16_to_f32(sc[r][gi]);
+            c[r] = VFMA(VADD(t0[r], t1[r]), VSET1(sg), c[r]);
+            float tt = 0.f;
+            for (int k = i; k < n; k++) tt += (float)q[r][g0 + k] * xx[k];
+            s[r] += sg * tt;
+        }
+    }
+    FOR_R(r) out[r] = s[r] + VHSUM(c[r]);
+}
+
+/* ---- q4: two codes per byte (input 2i in the low nibble), bf16 scale and min per G inputs:
+ * sum_g s_g * sum q_i x_i + m_g * sum_{i in g} x_i. xp holds x deinterleaved per 32 inputs (the 16 even
+ * inputs of a block, then the 16 odd ones), so a byte's low and high nibbles meet their inputs lane by lane;
+ * xs[g] is the sum of x over group g. Blocks of 32 start at multiples of 32 (G is 64, or K when K < 64). ---- */
+ALWAYS_INLINE void dots_q4(int R, const void *const *qv, const uint16_t *const *sc, const uint16_t *const *mn,
+                           const float *x, const float *xp, const float *xs, int K, int G, int ng, float *out) {
+    const uint8_t *q[RMAX];
+    vf c[RMAX];
+    float s[RMAX];
+    FOR_R(r) { q[r] = (const uint8_t *)qv[r]; c[r] = VZERO(); s[r] = 0.f; }
+    for (int g0 = 0, gi = 0; g0 < K; g0 += G, gi++) {
+        const int n = K - g0 < G ? K - g0 : G;
+        vf t0[RMAX], t1[RMAX];
+        FOR_R(r) t0[r] = t1[r] = VZERO();
+        int i = 0;
+        for (; i + 32 <= n; i += 32) {
+            for (int h = 0; h < 16; h += VW) {
+                const vf xe = VLD(xp + g0 + i + h), xo = VLD(xp + g0 + i + 16 + h);
+                FOR_R(r) {
+                    const vi b = VLD_U8(q[r] + (g0 + i) / 2 + h);
+                    t0[r] = VFMA(VLO4(b), xe, t0[r]);
+                    t1[r] = VFMA(VHI4(b), xo, t1[r]);
+                }
+            }
+        }
+        FOR_R(r) {
+            const float sg = bf16_to_f32(sc[r][gi]);
+            c[r] = VFMA(VADD(t0[r], t1[r]), VSET1(sg), c[r]);
+            float tt = 0.f;
+            for (int k = g0 + i; k < g0 + n; k++) {
+                const uint8_t b = q[r][k >> 1];
+                tt += (float)((k & 1) ? (b >> 4) : (b & 0xf)) * x[k];
+            }
+            s[r] += sg * tt + bf16_to_f32(mn[r][gi]) * xs[gi];
+        }
+    }
+    (void)ng;
+    FOR_R(r) out[r] = s[r] + VHSUM(c[r]);
+}
+
+/* The per-call inputs that the q4 path needs in its own layout. */
+typedef struct {
+    const float *x;     /* [K] */
+    const float *xp;    /* [K] deinterleaved per 32 (q4) */
+    const float *xs;    /* [ceil(K/G)] group sums (q4) */
+    const uint16_t *xb; /* q4 in bf16 on AVX512-BF16, else NULL: per full group of 64, its 32 even inputs then its
+                         * 32 odd ones as bf16 (exact: x is bf16 then) */
+} vec_t;
+
+static void prep_vec(const float *x, int K, int G, float *xp, float *xs, uint16_t *xb) {
+    if (xb)
+        for (int g0 = 0; g0 + 64 <= K; g0 += 64)
+            for (int k = 0; k < 32; k++) {
+                xb[g0 + k] = f32_to_bf16(x[g0 + 2 * k]);
+                xb[g0 + 32 + k] = f32_to_bf16(x[g0 + 2 * k + 1]);
+            }
+    for (int c = 0; c + 32 <= K; c += 32)
+        for (int i = 0; i < 16; i++) {
+            xp[c + i] = x[c + 2 * i];
+            xp[c + 16 + i] = x[c + 2 * i + 1];
+        }
+    for (int g0 = 0, gi = 0; g0 < K; g0 += G, gi++) {
+        float t = 0.f;
+        for (int i = g0; i < K && i < g0 + G; i++) t += x[i];
+        xs[gi] = t;
+    }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#define HAVE_BFDP 1
+/* q4 with bf16 compute on AVX512-BF16: a code c becomes the bf16 128 + c (0x4300 | c: exact), and vdpbf16ps
+ * multiplies 32 of them by bf16 inputs per instruction (exact products, fp32 sums). A full group of 64 then
+ * gives t_g = 128 sum_g x + sum_g c x, so the row is sum_g s_g t_g + (m_g - 128 s_g) sum_g x. Groups shorter
+ * than 64 (the row's last, when K is not a multiple of 64) take the scalar loop. */
+ALWAYS_INLINE void dots_q4bf(int R, const void *const *qv, const uint16_t *const *sc, const uint16_t *const *mn,
+                             const vec_t *v, int K, float *out) {
+    const uint8_t *q[RMAX];
+    __m512 c[RMAX];
+    float s[RMAX];
+    const int full = K / 64;
+    const __m512i lo4 = _mm512_set1_epi16(0x000f), magic = _mm512_set1_epi16(0x4300);
+    FOR_R(r) { q[r] = (const uint8_t *)qv[r]; c[r] = _mm512_setzero_ps(); s[r] = 0.f; }
+    for (int gi = 0; gi < full; gi++) {
+        const __m512bh xe = (__m512bh)_mm512_loadu_si512((const void *)(v->xb + gi * 64));
+        const __m512bh xo = (__m512bh)_mm512_loadu_si512((const void *)(v->xb + gi * 64 + 32));
+        const float xg = v->xs[gi];
+        FOR_R(r) {
+            const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(q[r] + gi * 32)));
+            const __m512i wl = _mm512_or_si512(_mm512_and_si512(w, lo4), magic);
+            const __m512i wh = _mm512_or_si512(_mm512_srli_epi16(w, 4), magic);
+            __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)wl, xe);
+            t = _mm512_dpbf16_ps(t, (__m512bh)wh, xo);
+            const float sg = bf16_to_f32(sc[r][gi]);
+            c[r] = _mm512_fmadd_ps(t, _mm512_set1_ps(sg), c[r]);
+            s[r] += (bf16_to_f32(mn[r][gi]) - 128.f * sg) * xg; /* scalar ports, beside the vector work */
+        }
+    }
+    FOR_R(r) {
+        if (full * 64 < K) { /* the short last group, gi = full */
+            float t = 0.f;
+            for (int k = full * 64; k < K; k++) {
+                const uint8_t b = q[r][k >> 1];
+                t += (float)((k & 1) ? (b >> 4) : (b & 0xf)) * v->x[k];
+            }
+            s[r] += bf16_to_f32(sc[r][full]) * t + bf16_to_f32(mn[r][full]) * v->xs[full];
+        }
+        out[r] = _mm512_reduce_add_ps(c[r]) + s[r];
+    }
+}
+#else
+#define HAVE_BFDP 0
+#endif
+
+/* Bytes of one code row of K inputs. */
+static inline long row_bytes(int fmt, int K) {
+    switch (fmt) {
+    case FMT_F32: return 4L * K;
+    case FMT_BF16: case FMT_F16: return 2L * K;
+    case FMT_Q8: return K;
+    default: return (K + 1) / 2;
+    }
+}
+
+ALWAYS_INLINE void dots_q4_any(int R, const void *const *q, const uint16_t *const *s, const uint16_t *const *m,
+                               const vec_t *v, int K, int G, int ng, float *out) {
+#if HAVE_BFDP
+    if (v->xb) { dots_q4bf(R, q, s, m, v, K, out); return; }
+#endif
+    dots_q4(R, q, s, m, v->x, v->xp, v->xs, K, G, ng, out);
+}
+
+/* R rows, each given by its parts' addresses (q codes, s scales, m mins), dotted with v -> out[R]. */
+#define DOTS(F_, R_) \
+    case F_ * 8 + R_: \
+        if (F_ == FMT_Q8) dots_q8(R_, q, s, v->x, K, G, out); \
+        else if (F_ == FMT_Q4) dots_q4_any(R_, q, s, m, v, K, G, ng, out); \
+        else dots_dense(F_, R_, q, v->x, K, out); \
+        return;
+static void dots(int fmt, int R, const void *const *q, const uint16_t *const *s, const uint16_t *const *m,
+                 const vec_t *v, int K, int G, int ng, float *out) {
+    switch (fmt * 8 + R) {
+    DOTS(FMT_F32, 1) DOTS(FMT_F32, 2) DOTS(FMT_F32, 4)
+    DOTS(FMT_BF16, 1) DOTS(FMT_BF16, 2) DOTS(FMT_BF16, 4)
+    DOTS(FMT_F16, 1) DOTS(FMT_F16, 2) DOTS(FMT_F16, 4)
+    DOTS(FMT_Q8, 1) DOTS(FMT_Q8, 2) DOTS(FMT_Q8, 4)
+    DOTS(FMT_Q4, 1) DOTS(FMT_Q4, 2) DOTS(FMT_Q4, 4)
+    default: FOR_R(r) out[r] = NAN;
+    }
+}
+
+/* Row `row` of the matrix whose parts start at ps[P_Q..P_M] (K inputs, ng groups): its parts' addresses. */
+static inline void row_parts(int fmt, const uintptr_t *ps, long row, int K, long ng, const void **q,
+                             const uint16_t **s, const uint16_t **m) {
+    *q = (const void *)(ps[P_Q] + row * row_bytes(fmt, K));
+    *s = ps[P_S] ? (const uint16_t *)ps[P_S] + row * ng : NULL;
+    *m = ps[P_M] ? (const uint16_t *)ps[P_M] + row * ng : NULL;
+}
+
+static inline float load_x(const void *p, int dt, int i) {
+    if (dt == RND_BF16) return bf16_to_f32(((const uint16_t *)p)[i]);
+    if (dt == RND_F16) return f16_to_f32(((const uint16_t *)p)[i]);
+    return ((const float *)p)[i];
+}
+
+static inline float silu_mul(float g, float u) { return g / (1.f + expf(-g)) * u; }
+
+/* What this build supports: bit f set for each format f above, bit 8 when fp16 compute/storage works, bit 9
+ * when q4 in bf16 takes the AVX512-BF16 path. */
+int tiered_cpu_caps(void) {
+    return (1 << FMT_F32) | (1 << FMT_BF16) | (HAVE_F16 << FMT_F16) | (1 << FMT_Q8) | (1 << FMT_Q4) | (HAVE_F16 << 8) |
+           (HAVE_BFDP << 9);
+}
+
+/* Which vector path this build uses: 512 (AVX-512F), 256 (AVX2+FMA+F16C) or 0 (portable C). */
+int tiered_cpu_simd(void) { return SIMD; }
+
+/* One token's CPU experts.
+ *   fmt      weight format (FMT_*), shared by every job
+ *   n        jobs (experts); job j reads pool view views[j] (views NULL: view 0 for all), row rows[j]
+ *   base, stride [V * 9]: per pool view, for gate, up, down x (codes, scales, mins): the address of row 0 and the
+ *            row stride in bytes (0, 0 where a part is absent)
+ *   wts[n]   routing weights (fp32); round_w rounds them to the compute dtype first (as the device path does)
+ *   D, F     hidden and FFN sizes; Gi / Gf the quantization group along D (gate, up) and along F (down)
+ *   x[D]     the token (dtype `rnd_mode`: fp32, bf16 or fp16), out[D] the result in the same dtype
+ *   rnd_mode compute dtype rounding (RND_*); threads > 0 the OpenMP threads (0: OpenMP's default)
+ * Returns 0, or -1 when the format or dtype is not supported by this build, -2 when out of memory. */
+int tiered_cpu_experts(int fmt, int n, const uintptr_t *base, const int64_t *stride, const int32_t *views,
+                       const int64_t *rows, const float *wts_in, int round_w, int D, int F, int Gi, int Gf,
+                       const void *x, void *out, int rnd_mode, int threads) {
+    if (fmt < FMT_F32 || fmt > FMT_Q4 || !(tiered_cpu_caps() >> fmt & 1)) return -1;
+    if (rnd_mode == RND_F16 && !HAVE_F16) return -1;
+    if (n <= 0) {
+        for (int d = 0; d < D; d++) {
+            if (rnd_mode == RND_NONE) ((float *)out)[d] = 0.f;
+            else ((uint16_t *)out)[d] = 0;
+        }
+        return 0;
+    }
+    uintptr_t *parts = (uintptr_t *)malloc((size_t)n * P_PER_JOB * sizeof(uintptr_t));
+    float *wts = (float *)malloc((size_t)n * sizeof(float));
+    if (!parts || !wts) { free(parts); free(wts); return -2; }
+    for (int j = 0; j < n; j++) {
+        const int v = views ? views[j] : 0;
+        for (int p = 0; p < P_PER_JOB; p++) {
+            const uintptr_t b = base[v * P_PER_JOB + p];
+            parts[j * P_PER_JOB + p] = b ? b + (uintptr_t)(rows[j] * stride[v * P_PER_JOB + p]) : 0;
+        }
+        wts[j] = round_w ? rnd(wts_in[j], rnd_mode) : wts_in[j];
+    }
+    const long ngi = (D + Gi - 1) / Gi, ngf = (F + Gf - 1) / Gf;
+    /* scratch: x fp32, its q4 forms, h fp32 [n, F] and h's q4 forms per job */
+    const size_t nfl = (size_t)2 * D + ngi + (size_t)n * (2 * F + ngf) + (size_t)D + (D / 2 + 1) + (size_t)n * (F / 2 + 1);
+    float *buf = (float *)malloc(nfl * sizeof(float));
+    if (!buf) { free(parts); free(wts); return -2; }
+    float *xf = buf, *xp = xf + D, *xs = xp + D, *h = xs + ngi, *hp = h + (size_t)n * F, *hs = hp + (size_t)n * F;
+    float *acc = hs + (size_t)n * ngf;
+    /* q4 in bf16 with AVX512-BF16 (groups of 64): the bf16 pair layouts of x and of each job's h */
+    const int bfdp = HAVE_BFDP && fmt == FMT_Q4 && rnd_mode == RND_BF16;
+    uint16_t *xb = bfdp && Gi == 64 ? (uint16_t *)(acc + D) : NULL;
+    uint16_t *hb = bfdp && Gf == 64 ? (uint16_t *)(acc + D + (D / 2 + 1)) : NULL;
+    for (int d = 0; d < D; d++) xf[d] = load_x(x, rnd_mode, d);
+    if (fmt == FMT_Q4) prep_vec(xf, D, Gi, xp, xs, xb);
+    const vec_t vx = {xf, xp, xs, xb};
+    const long rows1 = (long)n * F;
+#ifdef _OPENMP
+    if (threads <= 0) threads = omp_get_max_threads();
+#pragma omp parallel num_threads(threads)
+#endif
+    {
+        int nt = 1, t = 0;
+#ifdef _OPENMP
+        nt = omp_get_num_threads();
+        t = omp_get_thread_num();
+#endif
+        /* phase 1: gate and up rows of every job, a contiguous slice of the (job, row) space per thread; two
+         * FFN rows at a time (gate f, up f, gate f+1, up f+1: four rows sharing each load of x) */
+        {
+            const long r0 = rows1 * t / nt, r1 = rows1 * (t + 1) / nt;
+            const void *q[4];
+            const uint16_t *sp[4], *mp[4];
+            float o[4];
+            for (long r = r0; r < r1;) {
+                const int j = (int)(r / F);
+                const long f = r % F;
+                const int two = (r + 1 < r1 && f + 1 < F) ? 2 : 1;
+                const uintptr_t *pj = parts + (size_t)j * P_PER_JOB;
+                for (int k = 0; k < two; k++) {
+                    row_parts(fmt, pj, f + k, D, ngi, &q[2 * k], &sp[2 * k], &mp[2 * k]);
+                    row_parts(fmt, pj + P_PER_MAT, f + k, D, ngi, &q[2 * k + 1], &sp[2 * k + 1], &mp[2 * k + 1]);
+                }
+                dots(fmt, 2 * two, q, sp, mp, &vx, D, Gi, (int)ngi, o);
+                for (int k = 0; k < two; k++)
+                    h[r + k] = rnd(silu_mul(rnd(o[2 * k], rnd_mode), rnd(o[2 * k + 1], rnd_mode)), rnd_mode);
+                r += two;
+            }
+        }
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+        if (fmt == FMT_Q4) {
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+            for (int j = 0; j < n; j++)
+                prep_vec(h + (size_t)j * F, F, Gf, hp + (size_t)j * F, hs + (size_t)j * ngf, hb ? hb + (size_t)j * F : NULL);
+        }
+        /* phase 2: rows of down, a contiguous slice of D per thread, jobs in order (the sum's order) */
+        {
+            const int d0 = (int)((long)D * t / nt), d1 = (int)((long)D * (t + 1) / nt);
+            for (int d = d0; d < d1; d++) acc[d] = 0.f;
+            for (int j = 0; j < n; j++) {
+                const uintptr_t *pj = parts + (size_t)j * P_PER_JOB + 2 * P_PER_MAT;
+                const vec_t vh = {h + (size_t)j * F, hp + (size_t)j * F, hs + (size_t)j * ngf, hb ? hb + (size_t)j * F : NULL};
+                const float wj = wts[j];
+                const void *q[4];
+                const uint16_t *sp[4], *mp[4];
+                float o[4];
+                for (int d = d0; d < d1;) { /* four rows of down at a time, sharing each load of h */
+                    const int R = d + 4 <= d1 ? 4 : 1;
+                    for (int k = 0; k < R; k++) row_parts(fmt, pj, d + k, F, ngf, &q[k], &sp[k], &mp[k]);
+                    dots(fmt, R, q, sp, mp, &vh, F, Gf, (int)ngf, o);
+                    for (int k = 0; k < R; k++) acc[d + k] += wj * rnd(o[k], rnd_mode);
+                    d += R;
+                }
+            }
+            for (int d = d0; d < d1; d++) {
+                if (rnd_mode == RND_NONE) ((float *)out)[d] = acc[d];
+                else if (rnd_mode == RND_BF16) ((uint16_t *)out)[d] = f32_to_bf16(acc[d]);
+                else ((uint16_t *)out)[d] = f32_to_f16(acc[d]);
+            }
+        }
+    }
+    free(buf);
+    free(parts);
+    free(wts);
+    return 0;
+}
