@@ -153,11 +153,12 @@ def build_layer(cfg: ModelConfig, dense: dict[str, Tensor], l: int, device: torc
     if cfg.is_moe_layer(l):
         bias = _take(dense, p + "router_score_bias", device, torch.float32, False)
         moe = MoEWeights.stacked(router=t("router"),
-                         shared_gate=t("shared_gate_proj") if shared else None,
-                         shared_up=t("shared_up_proj") if shared else None,
-                         shared_down=t("shared_down_proj") if shared else None,
-                         shared_expert_gate=t("shared_expert_gate") if shared and cfg.shared_expert_gate else None,
-                         router_bias=t("router_bias", False), act=act, score_bias=bias)
+                                 shared_gate=t("shared_gate_proj") if shared else None,
+                                 shared_up=t("shared_up_proj") if shared else None,
+                                 shared_down=t("shared_down_proj") if shared else None,
+                                 shared_expert_gate=(t("shared_expert_gate") if shared and cfg.shared_expert_gate
+                                                     else None),
+                                 router_bias=t("router_bias", False), act=act, score_bias=bias)
     else:
         dense_mlp = (t("dense_gate"), t("dense_up"), t("dense_down"))
     if cfg.layer_kind(l) == "mla":
@@ -213,8 +214,8 @@ def build_deltanet(cfg: ModelConfig, dense: dict[str, Tensor], l: int, device: t
     else:
         qkv, z, b, a = t("lin_qkv"), t("lin_z"), t("lin_b"), t("lin_a")
     return DeltaWeights.stacked(qkv=qkv, z=z, b=b, a=a, conv=t("lin_conv").reshape(cfg.linear_conv_dim, -1),
-                        A_log=_take(dense, p + "lin_A_log", device, torch.float32), dt_bias=t("lin_dt_bias"),
-                        norm=t("lin_norm"), out=t("lin_out"))
+                                A_log=_take(dense, p + "lin_A_log", device, torch.float32), dt_bias=t("lin_dt_bias"),
+                                norm=t("lin_norm"), out=t("lin_out"))
 
 
 class Transformer:
