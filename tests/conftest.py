@@ -22,6 +22,25 @@ HYBRID = dict(num_hidden_layers=4, head_dim=16, linear_num_key_heads=2, linear_n
               moe_intermediate_size=24, shared_expert_intermediate_size=40)  # layers 0-2 DeltaNet, 3 attention
 
 
+def compile_sm90(script: str, timeout: float = 300) -> None:
+    """Run `script` (it compiles Triton kernels for sm_90 down to cubins and prints "ok" last) in a fresh process
+    without TRITON_INTERPRET, with this checkout first on the path: the real compiler, stricter than the
+    interpreter, on a machine without a GPU. Skips when this Triton has no NVIDIA backend."""
+    import subprocess
+    import sys
+
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+        import triton.backends.nvidia  # noqa: F401
+    except ImportError:
+        pytest.skip("Triton's CUDA backend is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    p = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-3000:]
+
+
 def tiny_config(family: str, **overrides):
     """A transformers config of `family`, small enough to build in milliseconds."""
     import transformers as tf

@@ -9,11 +9,6 @@ fla's one-token kernel where it imports.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -155,15 +150,9 @@ print("ok")
 def test_kernels_compile_for_sm90():
     """The real compiler accepts both kernels for an H100/H200 target (bf16 and fp32), in a fresh process without
     TRITON_INTERPRET: what would otherwise fail only on the GPU box fails here."""
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        import triton.backends.nvidia  # noqa: F401
-    except ImportError:
-        pytest.skip("this Triton has no NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
-    p = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-3000:]
+    from conftest import compile_sm90
+
+    compile_sm90(_COMPILE)
 
 
 @pytest.mark.cuda

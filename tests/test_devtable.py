@@ -355,16 +355,6 @@ def test_cuda_device_step_replayed_routing(reference_layout):
     assert toks[0] == toks[1]
 
 
-def _cuda_backend() -> bool:
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.compiler import ASTSource  # noqa: F401
-        import triton.backends.nvidia  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 _COMPILE = """
 import triton
 from triton.backends.compiler import GPUTarget
@@ -400,21 +390,13 @@ print("ok")
 """
 
 
-@pytest.mark.skipif(not _cuda_backend(), reason="Triton's CUDA backend is not installed")
 def test_kernels_compile_for_sm90():
     """The real compiler (not the interpreter, which is more permissive) accepts both kernels for an H100/H200
     target, down to the cubin: a CPU machine catches what would otherwise fail only on the GPU box. In a fresh
     process, since TRITON_INTERPRET (set by conftest without CUDA) applies at import."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from conftest import compile_sm90
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parent.parent
-    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
-    p = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-3000:]
+    compile_sm90(_COMPILE)
 
 
 def test_device_step_prefetch_greedy_identical(reference_layout, unlimited):
