@@ -1,13 +1,7 @@
 #!/usr/bin/env bash
 # Session 4 (2026-12-01), lease call A: build llama.cpp alone (it slows down by half with GPU work beside it), then
 # the whole CUDA test suite beside the families' bf16 checks on the GPU (correctness only: nothing here is timed).
-set -u
-export PYTHONUNBUFFERED=1
-BACK=$OUT; R=/root/res_$(basename "$0" .sh); mkdir -p $R; export OUT=$R
-pack() { tar czf $BACK/$(basename "$0" .sh).tgz -C $R . 2>/dev/null; }
-trap pack EXIT
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl 2>&1 | tail -2
-export PYTHONPATH=/tmp/site
+source "$(dirname "$0")/lib.sh"
 T0=$(date +%s)
 timeout 290 bash tools/build_llamacpp.sh .carry/llama.cpp /root/lb > $OUT/llama-build.log 2>&1; echo "build rc=$? $(( $(date +%s) - T0 )) s"
 tail -3 $OUT/llama-build.log

@@ -4,13 +4,7 @@
 # this lease day); the 8-layer 10.6B model in VRAM, bf16 and q4+q4 (llama.cpp Q4_0: s2 lease, same checkpoint); its
 # kernel profile with the glue on and off; the device step with next-use eviction at --vram-gb 4; the native CPU
 # expert kernel's GB/s with 16 threads. CUDA tests of the new kernels run beside the checkpoint build (untimed).
-set -u
-export PYTHONUNBUFFERED=1
-BACK=$OUT; R=/root/res_$(basename "$0" .sh); mkdir -p $R; export OUT=$R
-pack() { tar czf $BACK/$(basename "$0" .sh).tgz -C $R . 2>/dev/null; }
-trap pack EXIT
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl 2>&1 | tail -2
-export PYTHONPATH=/tmp/site
+source "$(dirname "$0")/lib.sh"
 W=/root/peers; mkdir -p $W
 T0=$(date +%s)
 (timeout 150 python3 -m pytest -v -m cuda -p no:cacheprovider --tb=short tests/test_fused_glue.py tests/test_deltanet_step.py \

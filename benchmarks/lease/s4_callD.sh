@@ -2,13 +2,7 @@
 # Session 4, lease call D: the 397B slices with this session's miss path (benchmarks/bench_397b.py), the CUDA tests
 # of the merged miss path / device table / DeltaNet step beside the slice writer (nothing timed runs beside them),
 # the projection, the GPU miss-path profile (register vs copy mode), then the balloon run (model larger than RAM).
-set -u
-export PYTHONUNBUFFERED=1
-BACK=$OUT; R=/root/res_$(basename "$0" .sh); mkdir -p $R; export OUT=$R
-pack() { tar czf $BACK/$(basename "$0" .sh).tgz -C $R . 2>/dev/null; }
-trap pack EXIT
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl 2>&1 | tail -2
-export PYTHONPATH=/tmp/site
+source "$(dirname "$0")/lib.sh"
 T0=$(date +%s)
 B="--layers 8 --layers-b 4 --work /root/b397 --text .carry/shared/text/eval --no-progress"
 (timeout 120 python3 -m pytest -v -m cuda -p no:cacheprovider --tb=short tests/test_miss_path.py tests/test_deltanet_step.py \
