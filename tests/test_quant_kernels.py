@@ -19,7 +19,7 @@ triton = pytest.importorskip("triton")
 
 from tiered.layout.format import plan_block  # noqa: E402
 from tiered.kernels.quant_moe import (FUSED_FORMATS, TUNED, QConfig, experts_quant_decode,  # noqa: E402
-                                      quant_down, quant_gate_up, quant_matvec, quant_matvec_ref, qlinear)
+                                      flat_ok, quant_down, quant_gate_up, quant_matvec, quant_matvec_ref, qlinear)
 from tiered.layout.quant import quantize  # noqa: E402
 from tiered.store.disk import expert_views  # noqa: E402
 
@@ -28,6 +28,10 @@ INTERP = DEV == "cpu"
 FORMATS = sorted(FUSED_FORMATS)
 # tile families: the defaults, the smallest tiles (one group per step, plain conversion), wide rows
 CONFIGS = [None, QConfig(bn=2, bg=1, warps=1, conv=0), QConfig(bn=16, bg=2, warps=4)]
+# the flat tile (algo 1): one group per step (several steps: the prefetch of the next step's codes), a middle
+# tile, wide rows over long steps (one step longer than most rows)
+FLAT = [QConfig(bn=2, bg=1, warps=1, conv=0, algo=1), QConfig(bn=4, bg=2, warps=2, algo=1),
+        QConfig(bn=16, bg=8, warps=4, algo=1)]
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -75,10 +79,42 @@ def test_matvec_matches_reference(fmt, N, K, T):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("F,D,T", [(24, 32, 1), (33, 40, 2), (40, 130, 3)])
+@pytest.mark.parametrize("N,K,T", [(1, 1, 1), (5, 32, 3), (7, 33, 2), (40, 96, 1), (9, 300, 1), (3, 520, 2)])
+def test_matvec_flat_matches_reference(fmt, N, K, T):
+    """The flat tile (algo 1) over a stack with scattered slots and over one matrix equals the reference for
+    one row, odd row counts, inputs below the group (q4: a whole-row group of 32 inputs is read flat; of 1
+    and 33 inputs it is not a power of two and the launcher takes the grouped tile), rows that end inside a
+    group and inside a step, several steps per row."""
+    g = torch.Generator().manual_seed(N * K + 1)
+    qw = quantize(torch.randn(3, N, K, generator=g) * 0.1, fmt).to_device(DEV)
+    assert flat_ok(qw) == (fmt != "q4" or K not in (1, 33)), (fmt, K, qw.group)
+    x = torch.randn(T, K, generator=g).to(DEV)
+    slots = torch.tensor([2, 0, 1, 2][:T], device=DEV)
+    for cfg in FLAT:
+        assert rel(quant_matvec(x, qw, slots, config=cfg), quant_matvec_ref(x, qw, slots)) < 1e-5, cfg
+        assert rel(quant_matvec(x, qw[1], config=cfg), quant_matvec_ref(x, qw[1])) < 1e-5, cfg
+
+
+def test_flat_fallback_constexprs():
+    """The launch constexprs (_tiles): algo 1 is taken for power-of-two groups and falls back to the grouped
+    tile otherwise; a flat step covers BG groups (4-bit formats: half as many bytes as inputs)."""
+    from tiered.kernels import quant_moe as qm
+
+    cfg = QConfig(bn=4, bg=4, algo=1)
+    t = qm._tiles(cfg, quantize(torch.randn(8, 200), "q4"))
+    assert (t["ALGO"], t["BK"], t["UK"]) == (1, 256, 128)
+    t = qm._tiles(cfg, quantize(torch.randn(8, 200), "q8"))
+    assert (t["ALGO"], t["BK"], t["UK"]) == (1, 512, 512)
+    assert qm._tiles(cfg, quantize(torch.randn(8, 40), "q4"))["ALGO"] == 0  # one group of 40 inputs
+    assert qm._tiles(QConfig(bn=4, bg=4), quantize(torch.randn(8, 200), "q4"))["ALGO"] == 0
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("F,D,T", [(24, 32, 1), (33, 40, 2), (40, 130, 3), (96, 64, 1)])
 def test_experts_match_reference_loop(fmt, F, D, T):
     """gate_up + down over a block pool (strided part views) equal the plain loop over experts for T tokens
-    with K = 3 scattered slots each; the down kernel also with split-K (atomics) and tiny tiles."""
+    with K = 3 scattered slots each; the down kernel also with split-K (atomics) and tiny tiles; every flat
+    tile (algo 1: q4 reads gate/up flat at D 32, 130, 64 and down at F 96; the other widths fall back)."""
     W = _pool(fmt, 7, F, D)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(T, D, generator=g).to(DEV)
@@ -86,7 +122,9 @@ def test_experts_match_reference_loop(fmt, F, D, T):
     wts = torch.rand(T, 3, generator=g).to(DEV)
     want = _experts_ref(x, slots, wts, W)
     cfgs = [(None, None), (CONFIGS[1], QConfig(bn=2, bg=1, split=3, conv=0)), (CONFIGS[2], QConfig(bn=16, bg=2))]
-    for up_cfg, down_cfg in cfgs[:1] + cfgs[1 + T % 2:2 + T % 2]:
+    flat = [(FLAT[0], QConfig(bn=2, bg=1, split=3, conv=0, algo=1)), (FLAT[1], QConfig(bn=4, bg=2, algo=1)),
+            (FLAT[2], QConfig(bn=16, bg=8, warps=4, algo=1))]
+    for up_cfg, down_cfg in cfgs[:1] + cfgs[1 + T % 2:2 + T % 2] + flat:
         h = quant_gate_up(x, slots, W.gate, W.up, up_cfg)
         got = quant_down(h, slots, wts, W.down, torch.float32, down_cfg)
         assert rel(got, want) < 1e-5, (up_cfg, down_cfg)
@@ -142,35 +180,38 @@ def compile_kernels_sm90(fmt: str) -> None:
     from tiered.kernels import quant_moe as qm
 
     qgemv, qgate_up, qdown = qm.decorate_kernels()
-    W = _pool(fmt, 3, 24, 200)  # F 24, D 200: a partial last group, a partial row tile
+    W = _pool(fmt, 3, 96, 200)  # F 96, D 200: a partial last group, a partial row tile
     geo = {**qm._geometry(W.gate), "FMT": FUSED_FORMATS[fmt]}
     gdown = {**qm._geometry(W.down), "FMT": FUSED_FORMATS[fmt]}
     names = ("stride_qs", "stride_qn", "stride_ss", "stride_sn", "stride_ms", "stride_mn")
     x = torch.zeros(1, 200, dtype=torch.bfloat16)
     slots = torch.zeros(2, dtype=torch.int64)
-    h = torch.zeros(2, 24)
+    h = torch.zeros(2, 96)
 
     def parts(w, prefix):
         return {prefix + "q": qm._codes(w), prefix + "s": w.scale, prefix + "m": w.min if w.min is not None
                 else w.scale}
 
-    tiles = dict(BN=4, BG=2, CONV=1)
     p = parts(W.gate, "")
-    for has_slots in (True, False):  # a stack read by slot rows; one matrix (qlinear)
-        k = _compile_for_sm90(qgemv, {"x_ptr": x, "slot_ptr": slots, "q_ptr": p["q"], "s_ptr": p["s"],
-                                      "m_ptr": p["m"], "out_ptr": x, "N": 24, "stride_xt": 200, "stride_ot": 24,
-                                      **dict(zip(names, qm._strides(W.gate)))},
-                              {**geo, **tiles, "HAS_SLOTS": has_slots})
-        if fmt == "fp8":  # the e4m3 bytes go through the hardware conversion
-            assert "e4m3" in k.asm["ptx"]
-    _compile_for_sm90(qgate_up, {"x_ptr": x, "slot_ptr": slots, **parts(W.gate, "g"), **parts(W.up, "u"),
-                                 "h_ptr": h, "stride_xt": 200, **dict(zip(names, qm._strides(W.gate)))},
-                      {**geo, **tiles, "F": 24, "K": 2})
-    for split in (1, 2):
-        _compile_for_sm90(qdown, {"h_ptr": h, "slot_ptr": slots, "wt_ptr": h, **parts(W.down, "d"),
-                                  "y_ptr": x if split == 1 else h, "stride_yt": 200,
-                                  **dict(zip(names, qm._strides(W.down)))},
-                          {**gdown, **tiles, "D": 200, "K": 2, "K_PER": 2 // split, "SPLIT": split})
+    for algo in (0, 1):  # the grouped tile and the flat tile (the launchers' constexprs, qm._tiles)
+        tiles = qm._tiles(QConfig(bn=4, bg=2, algo=algo), W.gate)
+        dtiles = qm._tiles(QConfig(bn=4, bg=2, algo=algo), W.down)
+        assert tiles["ALGO"] == dtiles["ALGO"] == algo
+        for has_slots in (True, False):  # a stack read by slot rows; one matrix (qlinear)
+            k = _compile_for_sm90(qgemv, {"x_ptr": x, "slot_ptr": slots, "q_ptr": p["q"], "s_ptr": p["s"],
+                                          "m_ptr": p["m"], "out_ptr": x, "N": 96, "stride_xt": 200,
+                                          "stride_ot": 96, **dict(zip(names, qm._strides(W.gate)))},
+                                  {**geo, **tiles, "HAS_SLOTS": has_slots})
+            if fmt == "fp8":  # the e4m3 bytes go through the hardware conversion
+                assert "e4m3" in k.asm["ptx"]
+        _compile_for_sm90(qgate_up, {"x_ptr": x, "slot_ptr": slots, **parts(W.gate, "g"), **parts(W.up, "u"),
+                                     "h_ptr": h, "stride_xt": 200, **dict(zip(names, qm._strides(W.gate)))},
+                          {**geo, **tiles, "F": 96, "K": 2})
+        for split in (1, 2):
+            _compile_for_sm90(qdown, {"h_ptr": h, "slot_ptr": slots, "wt_ptr": h, **parts(W.down, "d"),
+                                      "y_ptr": x if split == 1 else h, "stride_yt": 200,
+                                      **dict(zip(names, qm._strides(W.down)))},
+                              {**gdown, **dtiles, "D": 200, "K": 2, "K_PER": 2 // split, "SPLIT": split})
 
 
 def test_kernels_compile_for_sm90():

@@ -58,20 +58,25 @@ MAX_STEPS = 32  # a row's groups are walked in at most this many (unrolled) step
 class QConfig:
     """Tiles of one kernel launch (powers of two): BN rows per program, BG groups per step, warps; `split`
     (down only) spreads a token's K experts over that many programs (fp32 atomics when > 1); `conv` 1 =
-    the mantissa trick for 4-bit codes, 0 = plain int->float conversion."""
+    the mantissa trick for 4-bit codes, 0 = plain int->float conversion; `algo` 0 = the grouped tile
+    ([BN, BG, GP], _dot_rows), 1 = the flat tile ([BN, BG * group] inputs per step, _dot_rows_flat), which
+    serves power-of-two groups only (the launchers fall back to 0 for others, e.g. q4 rows narrower than 64
+    of odd width)."""
     bn: int = 4
     bg: int = 8
     warps: int = 2
     split: int = 1
     conv: int = 1
+    algo: int = 0
 
     def __post_init__(self) -> None:
         for name in ("bn", "bg", "warps"):
             v = getattr(self, name)
             if v < 1 or v & (v - 1):
                 raise ValueError(f"QConfig.{name} must be a power of two, got {v}")
-        if self.split < 1 or self.conv not in (0, 1):
-            raise ValueError(f"QConfig split must be >= 1 and conv 0 or 1, got {self.split}, {self.conv}")
+        if self.split < 1 or self.conv not in (0, 1) or self.algo not in (0, 1):
+            raise ValueError(f"QConfig split must be >= 1, conv 0 or 1 and algo 0 or 1, got {self.split}, "
+                             f"{self.conv}, {self.algo}")
 
 
 # (kernel, format) -> config; kernel is "gate_up", "down" or "gemv". Chosen by benchmarks/bench_quant_kernels.py
@@ -120,6 +125,22 @@ def _bg(cfg: QConfig, w: QuantWeight) -> int:
     return max(cfg.bg, triton.next_power_of_2(-(-w.scale.shape[-1] // MAX_STEPS)))
 
 
+def flat_ok(w: QuantWeight) -> bool:
+    """Whether the flat tile (algo 1) reads this weight: a power-of-two group of whole bytes (4-bit formats:
+    an even group), so that a step of BG groups is a power-of-two run of inputs and of packed units."""
+    g = w.group
+    return g >= 2 and g & (g - 1) == 0
+
+
+def _tiles(cfg: QConfig, w: QuantWeight) -> dict:
+    """The launch's tile constexprs: BN, BG, CONV, ALGO and the flat tile's BK inputs / UK packed units per
+    step (algo 1 falls back to 0 for a weight flat_ok refuses)."""
+    bg = _bg(cfg, w)
+    algo = cfg.algo if flat_ok(w) else 0
+    bk = bg * w.group
+    return dict(BN=cfg.bn, BG=bg, CONV=cfg.conv, ALGO=algo, BK=bk, UK=bk // 2 if w.fmt in ("q4", "mxfp4") else bk)
+
+
 def _geometry(w: QuantWeight) -> dict:
     """Constexprs of one weight: inputs, packed units per row, groups, group stride in packed units, its
     power-of-two tile width."""
@@ -155,17 +176,20 @@ def _kernels():
 
 def decorate_kernels():
     """(qgemv, qgate_up, qdown) freshly decorated with triton.jit (compiled or interpreted, as TRITON_INTERPRET
-    says now); the three see the decorated `dot_rows`. Tests use it to compile for a GPU target without one."""
-    dot = triton.jit(_dot_rows)
+    says now); the three see the decorated helpers (`dot_rows`, `dot_rows_flat`, `flat_step`, `add_pairs`). Tests use it
+    to compile for a GPU target without one."""
+    helpers = {"add_pairs": triton.jit(_add_pairs), "dot_rows": triton.jit(_dot_rows)}
 
     def bind(f):
-        g = types.FunctionType(f.__code__, {**f.__globals__, "dot_rows": dot}, f.__name__, f.__defaults__,
+        g = types.FunctionType(f.__code__, {**f.__globals__, **helpers}, f.__name__, f.__defaults__,
                                f.__closure__)
         # Triton reads constexpr parameters from the annotations, which a new function object does not inherit
         g.__annotations__, g.__qualname__, g.__module__, g.__doc__ = (dict(f.__annotations__), f.__qualname__,
                                                                       f.__module__, f.__doc__)
         return triton.jit(g)
 
+    helpers["flat_step"] = bind(_flat_step)
+    helpers["dot_rows_flat"] = bind(_dot_rows_flat)
     return bind(_qgemv), bind(_qgate_up), bind(_qdown)
 
 
@@ -233,10 +257,110 @@ def _dot_rows(x_row, q_rows, s_rows, m_rows, mask_n, KIN: tl.constexpr, KQ: tl.c
             acc += d * s
     return tl.sum(acc, axis=1)
 
+def _add_pairs(a0, b0, a1, b1):
+    """The combine of a two-tensor sum (tl.reduce)."""
+    return a0 + a1, b0 + b1
+
+
+def _flat_step(codes, xv, s, m_ptrs, ms, FMT: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr,
+               BG: tl.constexpr, BK: tl.constexpr, CONV: tl.constexpr):
+    """[BN, BG] fp32: one flat step's group dot products times their scales (q4: plus min * sum(x)); codes
+    [BN, UK] packed units, xv [BK] fp32 inputs, s [BN, BG] scales, m_ptrs / ms the q4 mins' pointers and mask."""
+    if FMT == 1 or FMT == 2:  # two 4-bit codes per byte: even input low nibble, odd input high
+        c = codes.to(tl.int32)
+        if FMT == 1:
+            if CONV == 1:  # 1 + c/16 (see the module docstring)
+                lo = (((c << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+                hi = (((c << 15) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+            else:
+                lo = (c & 15).to(tl.float32)
+                hi = ((c >> 4) & 15).to(tl.float32)
+        else:  # mxfp4: e2m1 bits built directly (sign, exponent, mantissa)
+            lo_c = c & 15
+            hi_c = (c >> 4) & 15
+            em = lo_c & 7
+            bl = tl.where(em >= 2, (em << 22) + (126 << 23), tl.where(em == 1, 0x3F000000, 0))
+            lo = (bl | ((lo_c & 8) << 28)).to(tl.float32, bitcast=True)
+            em = hi_c & 7
+            bh = tl.where(em >= 2, (em << 22) + (126 << 23), tl.where(em == 1, 0x3F000000, 0))
+            hi = (bh | ((hi_c & 8) << 28)).to(tl.float32, bitcast=True)
+        v = tl.interleave(lo, hi)  # [BN, BK] in input order
+    elif FMT == 3:  # fp8 e4m3 bytes (uint8): bitcast to fp8, the hardware converts
+        v = codes.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    elif FMT == 4:  # fp8 e4m3 bytes decoded from their bits (Triton's interpreter has no fp8)
+        c = codes.to(tl.int32)
+        mag = tl.where((c & 0x78) != 0, (((c & 0x7F) << 20) + (120 << 23)).to(tl.float32, bitcast=True),
+                       (c & 7).to(tl.float32) * 0.001953125)
+        v = tl.where((c & 0x80) != 0, -mag, mag)
+    else:  # q8: int8
+        v = codes.to(tl.float32)
+    xb = tl.broadcast_to(xv[None, :], [BN, BK])
+    if FMT == 1:
+        # the group sums of x in the same reduction as the products (one layout: no exchange between
+        # threads), each thread summing only the inputs it already holds
+        d, xs = tl.reduce((tl.reshape(v * xb, [BN, BG, GROUP]), tl.reshape(xb, [BN, BG, GROUP])), 2,
+                          add_pairs)  # [BN, BG] group partial sums of c * x and of x
+    else:
+        d = tl.sum(tl.reshape(v * xb, [BN, BG, GROUP]), axis=2)  # [BN, BG] group partial sums
+    if FMT == 1:
+        if CONV == 1:
+            d = (d - xs) * 16.0
+        m = tl.load(m_ptrs, mask=ms, other=0).to(tl.float32)
+        out = d * s + m * xs
+    elif FMT == 2:
+        out = d * tl.exp2(s - 127.0)
+    else:
+        out = d * s
+    return out
+
+
+def _dot_rows_flat(x_row, q1, s1, m1, q2, s2, m2, mask_n, KIN: tl.constexpr, KQ: tl.constexpr,
+                  NG: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr,
+                  BK: tl.constexpr, UK: tl.constexpr, CONV: tl.constexpr, TWO: tl.constexpr):
+    """([BN], [BN]) fp32: _dot_rows over flat tiles for one set of rows (q1, s1, m1) or, with TWO, two sets
+    that share x (gate and up; else the second result is zeros). GROUP is a power of two (a 4-bit group is
+    GROUP / 2 whole bytes). Per step [BN, UK] packed units, contiguous along each row (16-byte loads), for
+    BK = BG * GROUP inputs; 4-bit codes are decoded and interleaved back into input order (tl.interleave:
+    low nibble = even input) so that x is read as one contiguous [BK] vector shared by the BN rows, and
+    each group's partial sum is taken within the product's own layout (no data movement for the scales).
+    The codes of step i + 1 (both sets) are loaded before step i is computed (registers as a double buffer:
+    the loads are in flight during the step's arithmetic and its x layout exchange)."""
+    offs_u = tl.arange(0, UK)
+    offs_k = tl.arange(0, BK)
+    offs_g = tl.arange(0, BG)
+    acc1 = tl.zeros([BN, BG], tl.float32)
+    acc2 = tl.zeros([BN, BG], tl.float32)
+    cmask = mask_n[:, None] & (offs_u[None, :] < KQ)
+    nxt1 = tl.load(q1[:, None] + offs_u[None, :], mask=cmask, other=0)  # [BN, UK] step 0
+    if TWO:
+        nxt2 = tl.load(q2[:, None] + offs_u[None, :], mask=cmask, other=0)
+    else:
+        nxt2 = nxt1
+    for k0 in tl.static_range(0, KIN, BK):
+        c1 = nxt1
+        c2 = nxt2
+        if k0 + BK < KIN:  # prefetch the next step's codes
+            u = (k0 // BK + 1) * UK + offs_u
+            um = mask_n[:, None] & (u[None, :] < KQ)
+            nxt1 = tl.load(q1[:, None] + u[None, :], mask=um, other=0)
+            if TWO:
+                nxt2 = tl.load(q2[:, None] + u[None, :], mask=um, other=0)
+        kk = k0 + offs_k
+        xv = tl.load(x_row + kk, mask=kk < KIN, other=0.0).to(tl.float32)  # [BK]
+        g = k0 // GROUP + offs_g  # [BG]
+        ms = mask_n[:, None] & (g[None, :] < NG)
+        sv = tl.load(s1[:, None] + g[None, :], mask=ms, other=0).to(tl.float32)  # [BN, BG]
+        acc1 += flat_step(c1, xv, sv, m1[:, None] + g[None, :], ms, FMT, GROUP, BN, BG, BK, CONV)
+        if TWO:
+            sv2 = tl.load(s2[:, None] + g[None, :], mask=ms, other=0).to(tl.float32)
+            acc2 += flat_step(c2, xv, sv2, m2[:, None] + g[None, :], ms, FMT, GROUP, BN, BG, BK, CONV)
+    return tl.sum(acc1, axis=1), tl.sum(acc2, axis=1)
+
 def _qgemv(x_ptr, slot_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_xt, stride_qs, stride_qn, stride_ss,
           stride_sn, stride_ms, stride_mn, stride_ot, KIN: tl.constexpr, KQ: tl.constexpr, NG: tl.constexpr,
           FMT: tl.constexpr, GROUP: tl.constexpr, GSTRIDE: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr,
-          BG: tl.constexpr, CONV: tl.constexpr, HAS_SLOTS: tl.constexpr):
+          BG: tl.constexpr, CONV: tl.constexpr, HAS_SLOTS: tl.constexpr, ALGO: tl.constexpr, BK: tl.constexpr,
+          UK: tl.constexpr):
     """Grid (cdiv(N, BN), T): out[t, n-block] = x[t] @ W[slot[t]][n-block]^T."""
     t = tl.program_id(1)
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -250,16 +374,22 @@ def _qgemv(x_ptr, slot_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_xt, stride_q
         srow = n64 // GROUP
     else:
         srow = n64
-    y = dot_rows(x_ptr + t * stride_xt, q_ptr + slot * stride_qs + n64 * stride_qn,
-                 s_ptr + slot * stride_ss + srow * stride_sn, m_ptr + slot * stride_ms + n64 * stride_mn,
-                 mask_n, KIN, KQ, NG, FMT, GROUP, GSTRIDE, GP, BN, BG, CONV)
+    xr = x_ptr + t * stride_xt
+    qr = q_ptr + slot * stride_qs + n64 * stride_qn
+    sr = s_ptr + slot * stride_ss + srow * stride_sn
+    mr = m_ptr + slot * stride_ms + n64 * stride_mn
+    if ALGO == 1:
+        y, _ = dot_rows_flat(xr, qr, sr, mr, qr, sr, mr, mask_n, KIN, KQ, NG, FMT, GROUP, BN, BG, BK, UK, CONV,
+                             False)
+    else:
+        y = dot_rows(xr, qr, sr, mr, mask_n, KIN, KQ, NG, FMT, GROUP, GSTRIDE, GP, BN, BG, CONV)
     tl.store(out_ptr + t * stride_ot + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 def _qgate_up(x_ptr, slot_ptr, gq, gs, gm, uq, us, um, h_ptr, stride_xt, stride_qs, stride_qn, stride_ss,
              stride_sn, stride_ms, stride_mn, F: tl.constexpr, K: tl.constexpr, KIN: tl.constexpr,
              KQ: tl.constexpr, NG: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr,
              GSTRIDE: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr,
-             CONV: tl.constexpr):
+             CONV: tl.constexpr, ALGO: tl.constexpr, BK: tl.constexpr, UK: tl.constexpr):
     """Grid (cdiv(F, BN), T*K): h[t*K + k, f-block] = silu(x[t] @ gate.T) * (x[t] @ up.T), expert slot[t, k].
     gate and up share strides (views of one block layout)."""
     pair = tl.program_id(1)
@@ -275,14 +405,19 @@ def _qgate_up(x_ptr, slot_ptr, gq, gs, gm, uq, us, um, h_ptr, stride_xt, stride_
     qo = slot * stride_qs + f64 * stride_qn
     so = slot * stride_ss + srow * stride_sn
     mo = slot * stride_ms + f64 * stride_mn
-    g = dot_rows(x_row, gq + qo, gs + so, gm + mo, mask_f, KIN, KQ, NG, FMT, GROUP, GSTRIDE, GP, BN, BG, CONV)
-    u = dot_rows(x_row, uq + qo, us + so, um + mo, mask_f, KIN, KQ, NG, FMT, GROUP, GSTRIDE, GP, BN, BG, CONV)
+    if ALGO == 1:  # gate and up in one pass: both rows' codes in flight together
+        g, u = dot_rows_flat(x_row, gq + qo, gs + so, gm + mo, uq + qo, us + so, um + mo, mask_f, KIN, KQ, NG, FMT,
+                             GROUP, BN, BG, BK, UK, CONV, True)
+    else:
+        g = dot_rows(x_row, gq + qo, gs + so, gm + mo, mask_f, KIN, KQ, NG, FMT, GROUP, GSTRIDE, GP, BN, BG, CONV)
+        u = dot_rows(x_row, uq + qo, us + so, um + mo, mask_f, KIN, KQ, NG, FMT, GROUP, GSTRIDE, GP, BN, BG, CONV)
     tl.store(h_ptr + pair * F + offs_f, g * tl.sigmoid(g) * u, mask=mask_f)
 
 def _qdown(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, y_ptr, stride_qs, stride_qn, stride_ss, stride_sn, stride_ms,
           stride_mn, stride_yt, D: tl.constexpr, K: tl.constexpr, K_PER: tl.constexpr, SPLIT: tl.constexpr,
           KIN: tl.constexpr, KQ: tl.constexpr, NG: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr,
-          GSTRIDE: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, CONV: tl.constexpr):
+          GSTRIDE: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, CONV: tl.constexpr,
+          ALGO: tl.constexpr, BK: tl.constexpr, UK: tl.constexpr):
     """Grid (cdiv(D, BN), T*SPLIT): y[t, d-block] = sum over K_PER experts of w * (h @ down.T)."""
     pid = tl.program_id(1)
     t = pid // SPLIT
@@ -298,9 +433,16 @@ def _qdown(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, y_ptr, stride_qs, stride_qn, str
         pair = t * K + (pid % SPLIT) * K_PER + kk
         slot = tl.load(slot_ptr + pair).to(tl.int64)
         w = tl.load(wt_ptr + pair).to(tl.float32)
-        y += w * dot_rows(h_ptr + pair * KIN, dq + slot * stride_qs + d64 * stride_qn,
-                          ds + slot * stride_ss + srow * stride_sn, dm + slot * stride_ms + d64 * stride_mn,
-                          mask_d, KIN, KQ, NG, FMT, GROUP, GSTRIDE, GP, BN, BG, CONV)
+        hr = h_ptr + pair * KIN
+        qr = dq + slot * stride_qs + d64 * stride_qn
+        sr = ds + slot * stride_ss + srow * stride_sn
+        mr = dm + slot * stride_ms + d64 * stride_mn
+        if ALGO == 1:
+            yk, _ = dot_rows_flat(hr, qr, sr, mr, qr, sr, mr, mask_d, KIN, KQ, NG, FMT, GROUP, BN, BG, BK, UK, CONV,
+                                  False)
+            y += w * yk
+        else:
+            y += w * dot_rows(hr, qr, sr, mr, mask_d, KIN, KQ, NG, FMT, GROUP, GSTRIDE, GP, BN, BG, CONV)
     if SPLIT == 1:
         tl.store(y_ptr + t * stride_yt + offs_d, y.to(y_ptr.dtype.element_ty), mask=mask_d)
     else:
@@ -333,8 +475,8 @@ def quant_matvec(x: Tensor, w: QuantWeight, slots: Tensor | None = None, *, out_
     sl = slots if w.lead else out  # an unused pointer when there are no slots
     qgemv = _kernels()[0]
     qgemv[(triton.cdiv(n, cfg.bn), T)](x, sl, _codes(w), w.scale, m, out, n, x.stride(0), *_strides(w), out.stride(0),
-                                      **_geometry(w), BN=cfg.bn, BG=_bg(cfg, w), CONV=cfg.conv,
-                                      HAS_SLOTS=bool(w.lead), num_warps=cfg.warps)
+                                      **_geometry(w), **_tiles(cfg, w), HAS_SLOTS=bool(w.lead),
+                                      num_warps=cfg.warps)
     return out
 
 
@@ -362,7 +504,7 @@ def quant_gate_up(x: Tensor, slots: Tensor, gate: QuantWeight, up: QuantWeight,
     um = up.min if up.min is not None else up.scale
     _kernels()[1][(triton.cdiv(Fe, cfg.bn), T * K)](
         x, flat, _codes(gate), gate.scale, gm, _codes(up), up.scale, um, h, x.stride(0), *_strides(gate), F=Fe, K=K,
-        **_geometry(gate), BN=cfg.bn, BG=_bg(cfg, gate), CONV=cfg.conv, num_warps=cfg.warps)
+        **_geometry(gate), **_tiles(cfg, gate), num_warps=cfg.warps)
     return h
 
 
@@ -381,7 +523,7 @@ def quant_down(h: Tensor, slots: Tensor, weights: Tensor, down: QuantWeight, dty
     dm = down.min if down.min is not None else down.scale
     _kernels()[2][(triton.cdiv(D, cfg.bn), T * split)](
         h, flat, wts, _codes(down), down.scale, dm, y, *_strides(down), y.stride(0), D=D, K=K, K_PER=K // split,
-        SPLIT=split, **_geometry(down), BN=cfg.bn, BG=_bg(cfg, down), CONV=cfg.conv, num_warps=cfg.warps)
+        SPLIT=split, **_geometry(down), **_tiles(cfg, down), num_warps=cfg.warps)
     return y if split == 1 else y.to(dtype)
 
 
