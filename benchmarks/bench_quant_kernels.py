@@ -1,24 +1,35 @@
 """Quantized decode kernels (GPU): µs per layer and GB/s of the fused dequantizing kernels against bf16.
 
-    python3 benchmarks/bench_quant_kernels.py                 # H200: about 2-3 minutes (compiles included)
+    python3 benchmarks/bench_quant_kernels.py --formats q4,q8  # H200: about 140 s (compiles included)
     python3 benchmarks/bench_quant_kernels.py --quick         # default configs only
+    python3 benchmarks/bench_quant_kernels.py --small         # CPU smoke run (Triton's interpreter, tiny shapes)
     python3 benchmarks/bench_quant_kernels.py --phase prefill # grouped prefill kernels: under 2 minutes
 
 What it measures, in one run (tiered/kernels/quant_moe.py against tiered/kernels/moe_decode.py):
   - HBM read bandwidth (bench_moe_kernels.hbm_read_gbps).
   - Experts, one decode token, per shape (10.6B: D 2048, F 768, K 8; 397B: D 4096, F 1024, K 10): the bf16
     Triton decode kernel (its default config) and, per format (q4, q8, mxfp4, fp8), `experts_quant_decode`
-    with the default tiles (quant_moe.TUNED) and a sweep: gate/up tiles first (default down), then down
-    tiles with the best gate/up. Timed as a CUDA graph of --layers calls, each layer on other slots of a
-    pool larger than L2 (bench_moe_kernels.time_graph). GB/s = bytes of the K experts' stored parts (codes,
-    scales, mins) / time per layer; `vs_bf16` = bf16 time / this time.
+    with the default tiles (quant_moe.TUNED) and, for q4 and q8, a sweep over both tile algorithms
+    (QConfig.algo 0 = the grouped tile, 1 = the flat tile): gate/up tiles first (default down), then per
+    algorithm down tiles with that algorithm's best gate/up; then each algorithm's best gate_up and down
+    timed alone ("parts", with their own GB/s). Timed as a CUDA graph of --layers calls, each layer on
+    other slots of a pool larger than L2 (bench_moe_kernels.time_graph). GB/s = bytes of the K experts'
+    stored parts (codes, scales, mins) / time per layer; `vs_bf16` = bf16 time / this time.
   - Dense GEMVs of one decode token (lm_head 151936 x 2048, qkv 5120 x 2048, o_proj 2048 x 4096) through
-    `qlinear` in q4 and q8 (default tiles and a sweep) against cuBLAS bf16 (F.linear).
+    `quant_matvec` in q4 and q8 (default tiles and a sweep over both algorithms), `qlinear` (the model's
+    entry) once, against cuBLAS bf16 (F.linear).
   - GemLite and torchao A16W4 GEMVs at the same dense shapes when they import (else the reason is recorded).
 Every variant is checked against the plain reference (dequantize, fp32 matmul) before it is timed; one
-that fails (relative error > 2e-2) is reported as failed and not timed.
-Prints a table, then one JSON line last; writes $OUT/quant_kernels.json when OUT is set. Its "suggested"
-lists the fastest tiles per (kernel, format, K, N) and whether quant_moe.TUNED's default is within 5%.
+that fails (relative error > 2e-2) is reported as failed and not timed. The sweeps stop at shares of
+--max-seconds (the rows not reached are simply absent).
+Prints each row as it is measured, the table, the suggested TUNED lines, then one JSON line last; writes
+$OUT/quant_kernels.json when OUT is set. Its "suggested" holds, per (kernel, format, K, N), the fastest tiles
+("tuned": the line to paste into quant_moe.TUNED), the best time per algorithm ("best_by_algo"), and whether
+TUNED's default is within 5%; "tuned_lines" lists the lines alone. An expert shape's gate_up and down entries
+come from the same fastest pair.
+--small runs every path of the decode phase on the CPU (Triton's interpreter, tiny shapes of the same kinds,
+the sweeps cut to three tiles, the baselines plain torch): a smoke test (tests/test_quant_kernels.py runs it);
+its times mean nothing. Writes $OUT/quant_kernels_small.json.
 
 --phase prefill (tiered/kernels/quant_grouped.py against moe_grouped.py): one resident layer of E experts
 (slot = expert) per shape (10.6B: D 2048, F 768, E 128, K 8; 397B: D 4096, F 1024, E 512, K 10), T tokens
@@ -43,6 +54,7 @@ and listed).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -50,6 +62,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+if "--small" in sys.argv:  # before Triton is imported: the kernels run interpreted on the CPU
+    os.environ["TRITON_INTERPRET"] = "1"
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
@@ -66,17 +80,68 @@ from tiered.store.disk import expert_views  # noqa: E402
 
 DEV = torch.device("cuda")
 TOL = 2e-2
-SHAPES = {"10.6B": (2048, 768, 8), "397B": (4096, 1024, 10)}
-# sweeps: gate/up (bn, bg, warps, conv); down (bn, bg, warps, split (0 = K), conv); gemv (bn, bg, warps, conv)
-UP4 = [(4, 8, 2, 0), (2, 8, 1, 1), (4, 4, 1, 1), (8, 8, 4, 1), (8, 4, 2, 1), (16, 4, 4, 1), (4, 16, 4, 1),
-       (8, 16, 8, 1), (16, 8, 8, 1), (2, 16, 2, 1)]
-DOWN4 = [(4, 4, 1, 1, 1), (8, 4, 2, 1, 1), (2, 16, 2, 1, 1), (8, 16, 8, 1, 1), (4, 16, 4, 2, 1), (8, 4, 2, 2, 1),
-         (16, 4, 4, 0, 1), (4, 8, 2, 1, 1), (8, 8, 4, 1, 1), (4, 16, 4, 1, 0)]
-UP8 = [(4, 1, 1, 1), (8, 2, 4, 1), (2, 4, 2, 1), (8, 1, 2, 1), (4, 4, 4, 1)]
-DOWN8 = [(8, 1, 2, 1, 1), (2, 8, 2, 1, 1), (4, 2, 2, 1, 1), (8, 8, 8, 1, 1), (4, 8, 4, 2, 1)]
-GEMV4 = [(8, 8, 4, 1), (16, 8, 4, 1), (2, 8, 1, 1), (8, 16, 8, 1), (4, 16, 4, 1), (2, 16, 2, 1), (4, 8, 2, 0)]
-GEMV8 = [(8, 2, 4, 1), (16, 2, 8, 1), (2, 4, 2, 1), (4, 4, 4, 1)]
+SHAPES = {"10.6B": (2048, 768, 8), "397B": (4096, 1024, 10)}  # D, F, K
+DENSE = {"lm_head": (151936, 2048), "qkv": (5120, 2048), "o_proj": (2048, 4096)}  # N, K
+# --small (CPU, Triton's interpreter): tiny shapes of the same kinds, so the script's paths run anywhere
+SMALL_SHAPES = {"10.6B": (128, 32, 2), "397B": (64, 64, 3)}
+SMALL_DENSE = {"lm_head": (20, 128), "qkv": (12, 64), "o_proj": (8, 256)}
+
+
+def C(bn, bg, warps, conv=1, split=1, algo=0) -> QConfig:
+    return QConfig(bn=bn, bg=bg, warps=warps, split=split, conv=conv, algo=algo)
+
+
+def label(c: QConfig) -> str:
+    return f"a{c.algo} bn{c.bn} bg{c.bg} w{c.warps} c{c.conv}" + (f" split{c.split}" if c.split != 1 else "")
+
+
+# Sweeps per format: (gate_up, down, gemv) tiles. Algo 0 (the grouped tile): the fastest of the 2026-11-30 sweep
+# (quant-kernels-2026-11-30-h200.json); algo 1 (the flat tile): bg groups per step (a whole row in one step
+# when bg * group >= the row: 10.6B gate/up 32 groups of q4, 397B 64), from small programs (many of them) to
+# wide ones. split SPLIT_K = K (the down kernel's experts spread over programs, fp32 atomics: not deterministic).
+A1 = 1  # algo 1
+SPLIT_K = 1 << 10
+UP4 = [C(4, 32, 4, algo=A1), C(2, 32, 2, algo=A1), C(8, 32, 4, algo=A1), C(4, 8, 2, algo=A1), C(8, 16, 4, algo=A1),
+       C(2, 64, 4, algo=A1), C(4, 64, 8, algo=A1), C(4, 32, 4, conv=0, algo=A1),
+       C(8, 8, 4), C(4, 16, 4), C(4, 8, 2, conv=0)]
+DOWN4 = [C(4, 16, 4, algo=A1), C(2, 16, 2, algo=A1), C(8, 16, 4, algo=A1), C(4, 4, 2, algo=A1), C(1, 16, 1, algo=A1),
+         C(8, 4, 4, split=SPLIT_K, algo=A1),
+         C(4, 4, 1), C(8, 8, 4), C(16, 4, 4, split=SPLIT_K)]
+UP8 = [C(2, 4, 2, algo=A1), C(4, 8, 4, algo=A1), C(2, 16, 4, algo=A1), C(1, 16, 2, algo=A1),
+       C(2, 4, 2), C(4, 4, 4)]
+DOWN8 = [C(4, 8, 4, algo=A1), C(2, 8, 2, algo=A1), C(1, 8, 1, algo=A1),
+         C(2, 8, 2), C(8, 8, 8)]
+GEMV4 = [C(8, 32, 4, algo=A1), C(16, 32, 8, algo=A1), C(4, 32, 2, algo=A1), C(16, 8, 4, algo=A1), C(32, 8, 8, algo=A1),
+         C(2, 32, 1, algo=A1),
+         C(16, 8, 4), C(8, 8, 4), C(8, 16, 8)]
+GEMV8 = [C(4, 16, 4, algo=A1), C(8, 16, 8, algo=A1), C(4, 4, 2, algo=A1), C(2, 16, 2, algo=A1),
+         C(8, 2, 4), C(2, 4, 2)]
 SWEEPS = {"q4": (UP4, DOWN4, GEMV4), "q8": (UP8, DOWN8, GEMV8)}
+SMALL_SWEEP = [C(2, 1, 1, algo=A1), C(4, 2, 2, conv=0, algo=A1), C(2, 1, 1)]  # --small: every kernel
+SMALL_DOWN = SMALL_SWEEP + [C(2, 1, 1, split=SPLIT_K, algo=A1)]
+
+
+def timer(fns: list, small: bool) -> float:
+    """Seconds per call: a CUDA graph of the calls on the GPU; one eager pass on the CPU (--small)."""
+    if not small:
+        return time_graph(fns)
+    t0 = time.perf_counter()
+    for f in fns:
+        f()
+    return (time.perf_counter() - t0) / len(fns)
+
+
+def note_best(best_cfg: dict, key: str, cfg: QConfig, us: float | None, dflt: QConfig,
+              default_us: float | None, by_algo: dict) -> None:
+    """best_cfg[key]: the fastest tiles of (kernel, fmt, K, N), the default's time, the best per algo and the
+    TUNED line to paste."""
+    kernel, fmt, k, n = key.split("/")
+    c = vars(cfg)
+    best_cfg[key] = {"config": c, "default": vars(dflt), "best_us": us, "default_us": default_us,
+                     "default_within_5pct": bool(default_us and us and default_us <= 1.05 * us),
+                     "best_by_algo": {str(a): {"us": v[0], "config": vars(v[1])} for a, v in sorted(by_algo.items())},
+                     "tuned": f"({kernel!r}, {fmt!r}, {k}, {n}): QConfig(bn={c['bn']}, bg={c['bg']}, "
+                              f"warps={c['warps']}, split={c['split']}, conv={c['conv']}, algo={c['algo']}),"}
 
 
 def qpool(fmt: str, S: int, D: int, Fe: int, seed: int = 0):
@@ -119,30 +184,39 @@ def layer_inputs(S: int, K: int, D: int, layers: int, seed: int = 1):
     return out
 
 
-def bench_experts(shape: str, fmts: list[str], layers: int, quick: bool, end: float, rows: list, best_cfg: dict):
-    D, Fe, K = SHAPES[shape]
+def bench_experts(shape: str, fmts: list[str], layers: int, quick: bool, end: float, rows: list, best_cfg: dict,
+                  small: bool = False):
+    D, Fe, K = (SMALL_SHAPES if small else SHAPES)[shape]
     S = layers * K + 8
-    pool, Wb = make_pool(S, D, Fe)
     per = layer_inputs(S, K, D, layers)
-    t_bf16 = time_graph([lambda x=x, s=s, w=w: moe_decode(x, s[None], w, Wb) for x, s, w in per])
     bf16_bytes = 3 * D * Fe * 2
-    rows.append({"section": "experts", "shape": shape, "fmt": "bf16", "variant": "moe_decode default", "us": t_bf16 * 1e6,
+    if small:  # the baseline on the CPU: dense fp32 experts, the torch loop
+        Wd = [torch.randn(3, Fe, D) * D ** -0.5 for _ in range(K)]
+        x0 = per[0][0].float()
+        t_bf16 = timer([lambda: sum(F.linear(F.silu(F.linear(x0, w[0])) * F.linear(x0, w[1]), w[2].T) for w in Wd)],
+                       True)
+        variant = "torch loop fp32 (CPU)"
+    else:
+        pool, Wb = make_pool(S, D, Fe)
+        t_bf16 = timer([lambda x=x, s=s, w=w: moe_decode(x, s[None], w, Wb) for x, s, w in per], small)
+        variant = "moe_decode default"
+        del pool, Wb
+        torch.cuda.empty_cache()
+    rows.append({"section": "experts", "shape": shape, "fmt": "bf16", "variant": variant, "us": t_bf16 * 1e6,
                  "gbps": K * bf16_bytes / t_bf16 / 1e9, "vs_bf16": 1.0, "rel_err": 0.0})
-    del pool, Wb
-    torch.cuda.empty_cache()
     for fmt in fmts:
         pool, W = qpool(fmt, S, D, Fe)
         ebytes = expert_bytes(W)
         x0, s0, w0 = per[0]
         ref = ref_experts(x0, s0, w0, W)
 
-        def run(label, up, down, record=True):
+        def run(label_, up, down):
             if time.perf_counter() > end:
                 return None
-            r = {"section": "experts", "shape": shape, "fmt": fmt, "variant": label,
+            r = {"section": "experts", "shape": shape, "fmt": fmt, "variant": label_,
                  "up": None if up is None else vars(up), "down": None if down is None else vars(down)}
             try:
-                out = experts_quant_decode(x0, s0, w0, W.gate, W.up, W.down, configs=(up, down))
+                out = experts_quant_decode(x0, s0, w0, W.gate, W.up, W.down, configs=(up, down), interpret=small)
                 if out is None:
                     raise RuntimeError("experts_quant_decode declined (kernel_ok False): the engine would take "
                                        "the dequantize reference")
@@ -150,113 +224,142 @@ def bench_experts(shape: str, fmts: list[str], layers: int, quick: bool, end: fl
                 if not r["rel_err"] <= TOL:
                     r["error"] = f"wrong result: rel err {r['rel_err']:.3g} > {TOL}: not timed"
                 else:
-                    t = time_graph([lambda x=x, s=s, w=w: experts_quant_decode(x, s, w, W.gate, W.up, W.down,
-                                                                               configs=(up, down))
-                                    for x, s, w in per])
+                    t = timer([lambda x=x, s=s, w=w: experts_quant_decode(x, s, w, W.gate, W.up, W.down,
+                                                                          configs=(up, down), interpret=small)
+                               for x, s, w in per], small)
                     r.update(us=t * 1e6, gbps=K * ebytes / t / 1e9, vs_bf16=t_bf16 / t)
             except Exception as e:  # report and go on: the other variants still run
                 r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            if record:
-                rows.append(r)
+            rows.append(r)
+            print(_line(r), flush=True)
             return r
 
         default_up, default_down = pick_config("gate_up", fmt, D, Fe), pick_config("down", fmt, Fe, D)
         d = run("default (TUNED)", None, None)
-        best = (d.get("us", float("inf")) if d else float("inf"), default_up, default_down)
+        default_us = d.get("us") if d else None
+        inf = float("inf")
+        best = (d.get("us", inf) if d else inf, default_up, default_down)
+        best_by = {default_up.algo: best}  # algo -> (us, up, down)
         if not quick and fmt in SWEEPS:
             ups, downs, _ = SWEEPS[fmt]
-            for bn, bg, wp, cv in ups:
-                c = QConfig(bn=bn, bg=bg, warps=wp, conv=cv)
-                r = run(f"up bn{bn} bg{bg} w{wp} c{cv}", c, default_down)
-                if r and r.get("us", float("inf")) < best[0]:
-                    best = (r["us"], c, default_down)
-            up = best[1]
-            for bn, bg, wp, sp, cv in downs:
-                c = QConfig(bn=bn, bg=bg, warps=wp, split=sp or K, conv=cv)
-                r = run(f"up bn{up.bn} bg{up.bg} w{up.warps} c{up.conv} | down bn{bn} bg{bg} w{wp} "
-                        f"split{sp or K} c{cv}", up, c)
-                if r and r.get("us", float("inf")) < best[0]:
-                    best = (r["us"], up, c)
-            # the two kernels of the best config alone (where the time goes)
-            try:
-                hs = [quant_gate_up(x, s[None], W.gate, W.up, best[1]) for x, s, w in per]
-                tu = time_graph([lambda x=x, s=s: quant_gate_up(x, s[None], W.gate, W.up, best[1]) for x, s, w in per])
-                td = time_graph([lambda h=h, s=s, w=w: quant_down(h, s[None], w, W.down, torch.bfloat16, best[2])
-                                 for h, (x, s, w) in zip(hs, per)])
-                rows.append({"section": "parts", "shape": shape, "fmt": fmt, "gate_up_us": tu * 1e6,
-                             "down_us": td * 1e6})
-            except Exception as e:
-                rows.append({"section": "parts", "shape": shape, "fmt": fmt, "error": f"{type(e).__name__}: {e}"})
-        default_us = d.get("us") if d else None
-        for kernel, (k, n), cfg, dflt in (("gate_up", (D, Fe), best[1], default_up),
-                                          ("down", (Fe, D), best[2], default_down)):
-            best_cfg[f"{kernel}/{fmt}/{k}/{n}"] = {"config": vars(cfg), "default": vars(dflt),
-                                                   "best_us": best[0] if best[0] < float("inf") else None,
-                                                   "default_us": default_us,
-                                                   "default_within_5pct": bool(default_us and default_us <= 1.05 * best[0])}
+            ups, downs = (SMALL_SWEEP, SMALL_DOWN) if small else (ups, downs)
+            # gate/up tiles with the default down; then, per algo, down tiles with that algo's best gate/up
+            for c in ups:
+                r = run(f"up {label(c)}", c, default_down)
+                if r and r.get("us", inf) < best_by.get(c.algo, (inf,))[0]:
+                    best_by[c.algo] = (r["us"], c, default_down)
+            for c in downs:
+                c = QConfig(**{**vars(c), "split": K if c.split == SPLIT_K else c.split})
+                for algo, (_, up, _) in list(best_by.items()):
+                    if algo != c.algo:
+                        continue
+                    r = run(f"up {label(up)} | down {label(c)}", up, c)
+                    if r and r.get("us", inf) < best_by[algo][0]:
+                        best_by[algo] = (r["us"], up, c)
+            best = min(best_by.values(), key=lambda v: v[0])
+            # the two kernels of each algo's best config alone (where the time goes)
+            for algo, (us, up, down) in sorted(best_by.items()):
+                try:
+                    hs = [quant_gate_up(x, s[None], W.gate, W.up, up) for x, s, w in per]
+                    tu = timer([lambda x=x, s=s: quant_gate_up(x, s[None], W.gate, W.up, up) for x, s, w in per], small)
+                    td = timer([lambda h=h, s=s, w=w: quant_down(h, s[None], w, W.down, torch.bfloat16, down)
+                                for h, (x, s, w) in zip(hs, per)], small)
+                    r = {"section": "parts", "shape": shape, "fmt": fmt, "algo": algo, "gate_up_us": tu * 1e6,
+                         "down_us": td * 1e6, "up": vars(up), "down": vars(down),
+                         "gate_up_gbps": K * 2 * W.gate[0].nbytes / tu / 1e9,
+                         "down_gbps": K * W.down[0].nbytes / td / 1e9}
+                except Exception as e:
+                    r = {"section": "parts", "shape": shape, "fmt": fmt, "algo": algo,
+                         "error": f"{type(e).__name__}: {e}"}
+                rows.append(r)
+                print(_line(r), flush=True)
+        for kernel, (k, n), i, dflt in (("gate_up", (D, Fe), 1, default_up), ("down", (Fe, D), 2, default_down)):
+            note_best(best_cfg, f"{kernel}/{fmt}/{k}/{n}", best[i], best[0] if best[0] < inf else None, dflt,
+                      default_us, {a: (v[0], v[i]) for a, v in best_by.items() if v[0] < inf})
         del pool, W
-        torch.cuda.empty_cache()
+        if not small:
+            torch.cuda.empty_cache()
 
 
-def bench_dense(fmts: list[str], quick: bool, end: float, rows: list, best_cfg: dict, lib_end: float):
-    shapes = {"lm_head": (151936, 2048), "qkv": (5120, 2048), "o_proj": (2048, 4096)}
-    for name, (n, k) in shapes.items():
-        reps = 1 if name == "lm_head" else 8  # 8 copies (8 layers) so small matrices are not served from L2
+def bench_dense(fmts: list[str], quick: bool, end: float, rows: list, best_cfg: dict, lib_end: float,
+                small: bool = False):
+    from tiered.kernels.quant_moe import quant_matvec
+
+    for name, (n, k) in (SMALL_DENSE if small else DENSE).items():
+        reps = 1 if name == "lm_head" or small else 8  # 8 copies (8 layers): small matrices not served from L2
         x = torch.randn(1, k, device=DEV).bfloat16()
         ws = [torch.randn(n, k, device=DEV).mul_(k ** -0.5).bfloat16() for _ in range(reps)]
-        t_bf16 = time_graph([lambda w=w: F.linear(x, w) for w in ws])
+        t_bf16 = timer([lambda w=w: F.linear(x, w) for w in ws], small)
         rows.append({"section": "dense", "gemv": name, "shape": [n, k], "fmt": "bf16", "variant": "cuBLAS F.linear",
                      "us": t_bf16 * 1e6, "gbps": n * k * 2 / t_bf16 / 1e9, "vs_bf16": 1.0, "rel_err": 0.0})
         for fmt in fmts:
             qs = [quantize(w, fmt) for w in ws]
             ref = F.linear(x.float(), qs[0].dequantize(torch.float32))
             nbytes = qs[0].nbytes
-            best = (float("inf"), None)
+            inf = float("inf")
             dflt = pick_config("gemv", fmt, k, n)
             cfgs = [("default (TUNED)", None)]
             if not quick and fmt in SWEEPS:
-                cfgs += [(f"bn{bn} bg{bg} w{wp} c{cv}", QConfig(bn=bn, bg=bg, warps=wp, conv=cv))
-                         for bn, bg, wp, cv in SWEEPS[fmt][2]]
-            from tiered.kernels.quant_moe import quant_matvec
+                sweep = SWEEPS[fmt][2]
+                cfgs += [(label(c), c) for c in (SMALL_SWEEP if small else sweep)]
             default_us = None
-            for label, c in cfgs:
+            best_by = {}
+            for label_, c in cfgs:
                 if time.perf_counter() > end:
                     break
-                r = {"section": "dense", "gemv": name, "shape": [n, k], "fmt": fmt, "variant": label}
+                r = {"section": "dense", "gemv": name, "shape": [n, k], "fmt": fmt, "variant": label_}
                 try:
                     out = quant_matvec(x, qs[0], config=c)
                     r["rel_err"] = rel(out.float(), ref)
                     if not r["rel_err"] <= TOL:
                         r["error"] = f"wrong result: rel err {r['rel_err']:.3g} > {TOL}: not timed"
                     else:
-                        t = time_graph([lambda q=q: quant_matvec(x, q, config=c) for q in qs])
+                        t = timer([lambda q=q: quant_matvec(x, q, config=c) for q in qs], small)
                         r.update(us=t * 1e6, gbps=nbytes / t / 1e9, vs_bf16=t_bf16 / t)
-                        if t * 1e6 < best[0]:
-                            best = (t * 1e6, c or dflt)
+                        cc = c or dflt
+                        if t * 1e6 < best_by.get(cc.algo, (inf,))[0]:
+                            best_by[cc.algo] = (t * 1e6, cc)
                         if c is None:
                             default_us = t * 1e6
                 except Exception as e:
                     r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 rows.append(r)
+                print(_line(r), flush=True)
             # the model's entry point, once: qlinear must take the kernel (not the dequantize reference)
             try:
-                t = time_graph([lambda q=q: qlinear(x, q) for q in qs])
-                rows.append({"section": "dense", "gemv": name, "shape": [n, k], "fmt": fmt, "variant": "qlinear (model)",
-                             "us": t * 1e6, "gbps": nbytes / t / 1e9, "vs_bf16": t_bf16 / t,
-                             "rel_err": rel(qlinear(x, qs[0]).float(), ref)})
+                t = timer([lambda q=q: qlinear(x, q) for q in qs], small)
+                r = {"section": "dense", "gemv": name, "shape": [n, k], "fmt": fmt, "variant": "qlinear (model)",
+                     "us": t * 1e6, "gbps": nbytes / t / 1e9, "vs_bf16": t_bf16 / t,
+                     "rel_err": rel(qlinear(x, qs[0]).float(), ref)}
             except Exception as e:
-                rows.append({"section": "dense", "gemv": name, "fmt": fmt, "variant": "qlinear (model)",
-                             "error": f"{type(e).__name__}: {str(e)[:300]}"})
-            if best[1] is not None:
-                best_cfg[f"gemv/{fmt}/{k}/{n}"] = {"config": vars(best[1]), "default": vars(dflt),
-                                                   "best_us": best[0] if best[0] < float("inf") else None,
-                                                   "default_us": default_us,
-                                                   "default_within_5pct": bool(default_us and default_us <= 1.05 * best[0])}
+                r = {"section": "dense", "gemv": name, "fmt": fmt, "variant": "qlinear (model)",
+                     "error": f"{type(e).__name__}: {str(e)[:300]}"}
+            rows.append(r)
+            print(_line(r), flush=True)
+            if best_by:
+                us, cfg = min(best_by.values(), key=lambda v: v[0])
+                note_best(best_cfg, f"gemv/{fmt}/{k}/{n}", cfg, us, dflt, default_us, best_by)
             del qs
-        if time.perf_counter() < lib_end - 15:  # a library's own autotuning can take seconds per shape
+        if not small and time.perf_counter() < lib_end - 15:  # a library's own autotuning can take seconds
             bench_libraries(name, n, k, x, ws[0], t_bf16, rows)
         del ws
-        torch.cuda.empty_cache()
+        if not small:
+            torch.cuda.empty_cache()
+
+
+def _line(r: dict, hbm: float | None = None) -> str:
+    """One table row."""
+    where = r.get("shape") if r["section"] != "dense" else r.get("gemv", "")
+    if r["section"] == "parts":
+        if "error" in r:
+            return f"{'parts':<8} {where:<14} {r['fmt']:<6} algo {r['algo']} ERROR {r['error']}"
+        return (f"{'parts':<8} {where:<14} {r['fmt']:<6} algo {r['algo']}: gate_up alone {r['gate_up_us']:.1f} us "
+                f"({r['gate_up_gbps']:.0f} GB/s), down alone {r['down_us']:.1f} us ({r['down_gbps']:.0f} GB/s)")
+    if "error" in r:
+        return f"{r['section']:<8} {str(where):<14} {r['fmt']:<6} ERROR {r['error']}  {r.get('variant', '')}"
+    x = f"{r['gbps'] / hbm:5.2f}" if hbm else f"{'':>5}"
+    return (f"{r['section']:<8} {str(where):<14} {r['fmt']:<6} {r['us']:8.1f} {r['gbps']:7.0f} {x} "
+            f"{r['vs_bf16']:7.2f} {r['rel_err']:8.1e}  {r['variant']}")
 
 
 def bench_libraries(name: str, n: int, k: int, x, w, t_bf16: float, rows: list) -> None:
@@ -312,8 +415,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="default configs only, no sweep")
     ap.add_argument("--formats", default="q4,q8,mxfp4,fp8")
     ap.add_argument("--max-seconds", type=float, default=None,
-                    help="decode (default 170): sweeps stop at shares of this (experts 10.6B 40%%, 397B 60%%, "
-                         "dense 85%%, libraries 100%%); prefill (default 100): rows past it are skipped")
+                    help="decode (default 140): sweeps stop at shares of this (experts 10.6B 35%%, 397B 60%%, "
+                         "dense 93%%, libraries 100%%); prefill (default 100): rows past it are skipped")
+    ap.add_argument("--small", action="store_true",
+                    help="decode: on the CPU through Triton's interpreter, tiny shapes and a few tiles (a smoke "
+                         "run of every path of the script; its times mean nothing)")
     ap.add_argument("--prefill-formats", default="q8,q4,mxfp4", help="prefill: quantized formats besides bf16")
     ap.add_argument("--tokens", default="16,128,512,2048", help="prefill: token counts T")
     ap.add_argument("--shapes", default="10.6B,397B", help="prefill: expert shapes (10.6B, 397B)")
@@ -324,41 +430,39 @@ def main() -> None:
     a = ap.parse_args()
     if a.phase == "prefill":
         return main_prefill(a)
-    a.max_seconds = a.max_seconds or 170.0
+    if a.small:  # CPU: Triton's interpreter (set at import), tiny shapes, the sweeps cut to a few tiles each
+        global DEV
+        DEV = torch.device("cpu")
+        import bench_moe_kernels
+
+        bench_moe_kernels.DEV = DEV
+        a.layers = 1
+    a.max_seconds = a.max_seconds or (600.0 if a.small else 140.0)
     t0 = time.perf_counter()
     fmts = a.formats.split(",")
     torch.manual_seed(0)
-    bw = hbm_read_gbps()
-    torch.cuda.empty_cache()
-    print(f"HBM read {bw['read_gbps']:.0f} GB/s (sum over 4 GiB)", flush=True)
+    if a.small:
+        bw = {"read_gbps": None}
+    else:
+        bw = hbm_read_gbps()
+        torch.cuda.empty_cache()
+        print(f"HBM read {bw['read_gbps']:.0f} GB/s (sum over 4 GiB)", flush=True)
     rows: list = []
     best_cfg: dict = {}
-    bench_experts("10.6B", fmts, a.layers, a.quick, t0 + 0.4 * a.max_seconds, rows, best_cfg)
+    bench_experts("10.6B", fmts, a.layers, a.quick, t0 + 0.35 * a.max_seconds, rows, best_cfg, a.small)
     bench_experts("397B", [f for f in fmts if f in ("q4", "q8")], a.layers, a.quick, t0 + 0.6 * a.max_seconds,
-                  rows, best_cfg)
-    bench_dense([f for f in fmts if f in ("q4", "q8")], a.quick, t0 + 0.85 * a.max_seconds, rows, best_cfg,
-                t0 + a.max_seconds)
+                  rows, best_cfg, a.small)
+    bench_dense([f for f in fmts if f in ("q4", "q8")], a.quick, t0 + 0.93 * a.max_seconds, rows, best_cfg,
+                t0 + a.max_seconds, a.small)
     hbm = bw["read_gbps"]
     print(f"\n{'section':<8} {'shape':<14} {'fmt':<6} {'us':>8} {'GB/s':>7} {'xHBM':>5} {'vs bf16':>7} {'err':>8}  variant")
     for r in rows:
-        where = r.get("shape") if r["section"] != "dense" else r.get("gemv", "")
-        if r["section"] == "parts":
-            if "error" in r:
-                print(f"{'parts':<8} {where:<14} {r['fmt']:<6} ERROR {r['error']}")
-            else:
-                print(f"{'parts':<8} {where:<14} {r['fmt']:<6} gate_up alone {r['gate_up_us']:.1f} us, "
-                      f"down alone {r['down_us']:.1f} us (best config)")
-        elif "error" in r:
-            print(f"{r['section']:<8} {str(where):<14} {r['fmt']:<6} ERROR {r['error']}  {r.get('variant', '')}")
-        else:
-            print(f"{r['section']:<8} {str(where):<14} {r['fmt']:<6} {r['us']:8.1f} {r['gbps']:7.0f} "
-                  f"{r['gbps'] / hbm:5.2f} {r['vs_bf16']:7.2f} {r['rel_err']:8.1e}  {r['variant']}")
-    print("\nfastest tiles (paste into tiered/kernels/quant_moe.py TUNED if a default is not within 5%):")
+        print(_line(r, hbm))
+    print("\nfastest tiles per (kernel, format, K, N): paste into tiered/kernels/quant_moe.py TUNED where the "
+          "default is not within 5%:")
     for key, v in best_cfg.items():
-        kernel, fmt, k, n = key.split("/")
-        c = v["config"]
-        print(f"    ({kernel!r}, {fmt!r}, {k}, {n}): QConfig(bn={c['bn']}, bg={c['bg']}, warps={c['warps']}, "
-              f"split={c['split']}, conv={c['conv']}),  # {v['best_us']} us; default {v['default_us']} "
+        algos = ", ".join(f"algo {k} {b['us']:.1f} us" for k, b in v["best_by_algo"].items())
+        print(f"    {v['tuned']}  # {v['best_us']} us ({algos}); default {v['default_us']} us, "
               f"within 5%: {v['default_within_5pct']}")
     summary = {}
     for r in rows:
@@ -366,11 +470,13 @@ def main() -> None:
             summary[f"{r['shape']}/{r['fmt']}"] = {"us": r["us"], "gbps": r["gbps"], "vs_bf16": r["vs_bf16"]}
     failed = [f"{r['section']}/{r.get('shape') or r.get('gemv')}/{r['fmt']}/{r.get('variant')}: {r['error']}"
               for r in rows if "error" in r and not r.get("variant", "").startswith(("gemlite", "torchao"))]
-    res = {"bench": "quant_kernels", "commit": git_commit(), "device": torch.cuda.get_device_name(),
+    dev = "cpu (Triton interpreter, --small)" if a.small else torch.cuda.get_device_name()
+    res = {"bench": "quant_kernels", "commit": git_commit(), "device": dev,
            "torch": torch.__version__, "triton": __import__("triton").__version__,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "hbm": bw, "experts_default": summary,
-           "suggested": best_cfg, "failed": failed, "rows": rows, "seconds": time.perf_counter() - t0}
-    print(write_out(res, "quant_kernels.json"))
+           "suggested": best_cfg, "tuned_lines": [v["tuned"] for v in best_cfg.values()], "failed": failed,
+           "rows": rows, "seconds": time.perf_counter() - t0}
+    print(write_out(res, "quant_kernels_small.json" if a.small else "quant_kernels.json"))
 
 
 # --- prefill: grouped kernels over one resident layer ---

@@ -97,14 +97,15 @@ def test_matvec_flat_matches_reference(fmt, N, K, T):
 
 def test_flat_fallback_constexprs():
     """The launch constexprs (_tiles): algo 1 is taken for power-of-two groups and falls back to the grouped
-    tile otherwise; a flat step covers BG groups (4-bit formats: half as many bytes as inputs)."""
+    tile otherwise; a flat step covers BG groups (4-bit formats: half as many bytes as inputs), at most the
+    row's groups rounded up to a power of two."""
     from tiered.kernels import quant_moe as qm
 
     cfg = QConfig(bn=4, bg=4, algo=1)
     t = qm._tiles(cfg, quantize(torch.randn(8, 200), "q4"))
     assert (t["ALGO"], t["BK"], t["UK"]) == (1, 256, 128)
     t = qm._tiles(cfg, quantize(torch.randn(8, 200), "q8"))
-    assert (t["ALGO"], t["BK"], t["UK"]) == (1, 512, 512)
+    assert (t["ALGO"], t["BK"], t["UK"]) == (1, 256, 256)  # clamped to the row's 2 groups of 128
     assert qm._tiles(cfg, quantize(torch.randn(8, 40), "q4"))["ALGO"] == 0  # one group of 40 inputs
     assert qm._tiles(QConfig(bn=4, bg=4), quantize(torch.randn(8, 200), "q4"))["ALGO"] == 0
 
@@ -131,6 +132,29 @@ def test_experts_match_reference_loop(fmt, F, D, T):
     if T == 1:
         got = experts_quant_decode(x, slots[0], wts, W.gate, W.up, W.down, interpret=INTERP)
         assert rel(got, want) < 1e-5
+
+
+def test_bench_small_runs_on_cpu(tmp_path):
+    """benchmarks/bench_quant_kernels.py --small (the CPU smoke run: interpreter, tiny shapes) runs every path
+    of the decode phase without a failed row, and suggests TUNED lines that mention both algorithms."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, str(repo / "benchmarks" / "bench_quant_kernels.py"), "--small",
+                        "--formats", "q4,q8,mxfp4"], env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((tmp_path / "quant_kernels_small.json").read_text())
+    assert res["failed"] == [], res["failed"]
+    keys = {"gate_up/q4/128/32", "down/q4/32/128", "gate_up/q8/64/64", "gemv/q4/128/20", "gemv/q8/256/8"}
+    assert keys <= set(res["suggested"]), sorted(res["suggested"])
+    assert {"0", "1"} <= set(res["suggested"]["gate_up/q4/128/32"]["best_by_algo"])
+    assert all(line.startswith("(") and "QConfig(" in line for line in res["tuned_lines"])
+    parts = [r for r in res["rows"] if r["section"] == "parts"]
+    assert {(r["fmt"], r["algo"]) for r in parts} >= {("q4", 0), ("q4", 1), ("q8", 0), ("q8", 1)}
 
 
 def test_reference_path_off_cuda():

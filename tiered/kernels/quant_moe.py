@@ -4,7 +4,8 @@ the packed codes and scales in place, so no dense copy of a quantized weight is 
 Owns: the Triton kernels `_qgemv` (out[t] = x[t] @ W[slot[t]]^T: dense matrices at a few rows, or rows of a
 stack), `_qgate_up` (one token's K experts: gate and up, SwiGLU, into h [T*K, F] fp32) and `_qdown`
 (h through the K experts' down projections, routing weights applied and summed over K); their tile
-configs (`QConfig`, picked per format and shape by `pick_config` from the table `TUNED`); the launchers
+configs (`QConfig`, picked per format and shape by `pick_config` from the table `TUNED`; `algo` chooses the
+grouped or the flat tile, below); the launchers
 `quant_matvec`, `quant_gate_up`, `quant_down`; the reference `quant_matvec_ref` (dequantize then matmul,
 tiered/layout/quant.py); and the two callers the model uses: `qlinear` (a dense matrix, quantized or
 not) and `experts_quant_decode` (one token's K quantized experts).
@@ -18,6 +19,13 @@ enters as min * sum(x over the group), with the group sums of x computed once pe
 BN rows. With CONV = 1 a 4-bit code c is turned into the float 1 + c/16 by placing it in the mantissa of
 1.0 (shift, and, or: full-rate integer ops instead of the quarter-rate int->float conversion), and the
 offset is removed per group: sum(c x) = 16 (sum((1 + c/16) x) - sum x).
+The flat tile (QConfig.algo = 1, _dot_rows_flat; power-of-two groups only, else the grouped tile runs): a
+step is [BN, BG * group] inputs read as contiguous [BN, packed units] code rows (16-byte loads per thread);
+4-bit codes are decoded to two [BN, bytes] tensors and interleaved back into input order, so x is one
+contiguous [BK] vector for all BN rows; the group sums (of c x and, for q4, of x) are one reduction in the
+product's own layout; the gate and up rows of an expert are read in one pass (both code tiles in flight
+together) and the next step's codes are loaded before the current step is computed. TUNED picks the algo
+per (kernel, format, shape); the grouped tile stays the default until the H200 sweep shows otherwise.
 The expert kernels follow moe_decode.py: grid (F blocks, T*K) for gate/up, (D blocks, T*SPLIT) for down;
 slots are a device tensor and the grid depends only on T, K and the shapes, so CUDA graphs capture them.
 With SPLIT = 1 each output is summed by one program in a fixed order (deterministic).
@@ -137,6 +145,8 @@ def _tiles(cfg: QConfig, w: QuantWeight) -> dict:
     step (algo 1 falls back to 0 for a weight flat_ok refuses)."""
     bg = _bg(cfg, w)
     algo = cfg.algo if flat_ok(w) else 0
+    if algo == 1:  # a flat step is never wider than the row
+        bg = min(bg, triton.next_power_of_2(w.scale.shape[-1]))
     bk = bg * w.group
     return dict(BN=cfg.bn, BG=bg, CONV=cfg.conv, ALGO=algo, BK=bk, UK=bk // 2 if w.fmt in ("q4", "mxfp4") else bk)
 
@@ -262,10 +272,12 @@ def _add_pairs(a0, b0, a1, b1):
     return a0 + a1, b0 + b1
 
 
-def _flat_step(codes, xv, s, m_ptrs, ms, FMT: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr,
-               BG: tl.constexpr, BK: tl.constexpr, CONV: tl.constexpr):
-    """[BN, BG] fp32: one flat step's group dot products times their scales (q4: plus min * sum(x)); codes
-    [BN, UK] packed units, xv [BK] fp32 inputs, s [BN, BG] scales, m_ptrs / ms the q4 mins' pointers and mask."""
+def _flat_step(codes, xv, s, m_ptrs, ms, xs_in, FMT: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr,
+               BG: tl.constexpr, BK: tl.constexpr, CONV: tl.constexpr, HAS_XS: tl.constexpr):
+    """([BN, BG], [BN, BG]) fp32: one flat step's group dot products times their scales (q4: plus min *
+    sum(x)), and q4's group sums of x (given as xs_in with HAS_XS: the second matrix of a step reuses the
+    first's); codes [BN, UK] packed units, xv [BK] fp32 inputs, s [BN, BG] scales, m_ptrs / ms the q4 mins'
+    pointers and mask."""
     if FMT == 1 or FMT == 2:  # two 4-bit codes per byte: even input low nibble, odd input high
         c = codes.to(tl.int32)
         if FMT == 1:
@@ -295,13 +307,14 @@ def _flat_step(codes, xv, s, m_ptrs, ms, FMT: tl.constexpr, GROUP: tl.constexpr,
     else:  # q8: int8
         v = codes.to(tl.float32)
     xb = tl.broadcast_to(xv[None, :], [BN, BK])
-    if FMT == 1:
+    if FMT == 1 and not HAS_XS:
         # the group sums of x in the same reduction as the products (one layout: no exchange between
         # threads), each thread summing only the inputs it already holds
         d, xs = tl.reduce((tl.reshape(v * xb, [BN, BG, GROUP]), tl.reshape(xb, [BN, BG, GROUP])), 2,
                           add_pairs)  # [BN, BG] group partial sums of c * x and of x
     else:
         d = tl.sum(tl.reshape(v * xb, [BN, BG, GROUP]), axis=2)  # [BN, BG] group partial sums
+        xs = xs_in
     if FMT == 1:
         if CONV == 1:
             d = (d - xs) * 16.0
@@ -311,7 +324,7 @@ def _flat_step(codes, xv, s, m_ptrs, ms, FMT: tl.constexpr, GROUP: tl.constexpr,
         out = d * tl.exp2(s - 127.0)
     else:
         out = d * s
-    return out
+    return out, xs
 
 
 def _dot_rows_flat(x_row, q1, s1, m1, q2, s2, m2, mask_n, KIN: tl.constexpr, KQ: tl.constexpr,
@@ -350,10 +363,12 @@ def _dot_rows_flat(x_row, q1, s1, m1, q2, s2, m2, mask_n, KIN: tl.constexpr, KQ:
         g = k0 // GROUP + offs_g  # [BG]
         ms = mask_n[:, None] & (g[None, :] < NG)
         sv = tl.load(s1[:, None] + g[None, :], mask=ms, other=0).to(tl.float32)  # [BN, BG]
-        acc1 += flat_step(c1, xv, sv, m1[:, None] + g[None, :], ms, FMT, GROUP, BN, BG, BK, CONV)
+        o1, xs = flat_step(c1, xv, sv, m1[:, None] + g[None, :], ms, sv, FMT, GROUP, BN, BG, BK, CONV, False)
+        acc1 += o1
         if TWO:
             sv2 = tl.load(s2[:, None] + g[None, :], mask=ms, other=0).to(tl.float32)
-            acc2 += flat_step(c2, xv, sv2, m2[:, None] + g[None, :], ms, FMT, GROUP, BN, BG, BK, CONV)
+            o2, _ = flat_step(c2, xv, sv2, m2[:, None] + g[None, :], ms, xs, FMT, GROUP, BN, BG, BK, CONV, True)
+            acc2 += o2
     return tl.sum(acc1, axis=1), tl.sum(acc2, axis=1)
 
 def _qgemv(x_ptr, slot_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_xt, stride_qs, stride_qn, stride_ss,
