@@ -166,6 +166,18 @@ def test_graph_body_equals_eager_forward(reference_layout, plain):
     assert _run(e, False, max_new_tokens=24, stop_at_eos=False).token_ids == ref.token_ids
 
 
+def test_graph_body_across_span_boundary(reference_layout):
+    """SDPA steps switch graphs at the 128-position span from the host's count while the device advances the
+    position itself: a prompt ending at 120, 20 tokens step-ahead through GraphedDecode's body (run eagerly) equal
+    the eager per-token loop's."""
+    e = _engine(reference_layout)
+    ids = (e.encode(PROMPT * 12) * 2)[:120]
+    want = _run(e, False, ids, max_new_tokens=20, stop_at_eos=False).token_ids
+    e.graphed = GraphedDecode(e.model, graphs=False)
+    assert e.model.graph_span(127) == 128 and e.model.graph_span(128) == 256
+    assert _run(e, None, ids, max_new_tokens=20, stop_at_eos=False).token_ids == want
+
+
 @pytest.mark.parametrize("body", ["eager", "graph-body"])
 def test_generation_after_early_stop(reference_layout, plain, body):
     """After a stop string ended a step-ahead generation (one extra step computed and discarded), the next
