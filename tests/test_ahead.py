@@ -9,7 +9,12 @@ step-ahead against the eager engine, triton and SDPA across a span boundary, and
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -226,6 +231,19 @@ def test_deltanet_state_after_extra_step(tiny_checkpoints, tmp_path):
     first = _run(e, True, ids, max_new_tokens=10)
     assert first.stop_reason == "eos" and first.stats["ahead_extra_steps"] == 1
     assert _run(e, True, ids[5:], max_new_tokens=10, stop_at_eos=False).token_ids == want
+
+
+def test_bench_ahead_cpu(tmp_path):
+    """benchmarks/bench_ahead.py at CPU sizes: its rows, table and JSON line (the GPU box runs it on a real layout)."""
+    env = {**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "benchmarks/bench_ahead.py", "--device", "cpu", "--new", "4", "--repeats", "1",
+                        "--prompt-tokens", "8"], cwd=Path(__file__).resolve().parent.parent, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res == json.loads((tmp_path / "ahead.json").read_text())
+    assert set(res["rows"]) == {"per-token", "ahead", "per-token+text", "ahead+text"} and res["tokens_equal"]
+    assert res["replay_tok_s"] is None  # no graphs on CPU
 
 
 # --- CUDA ---

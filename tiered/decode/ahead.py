@@ -67,12 +67,13 @@ class Readback:
         self.size = size
         self.host = torch.zeros(size, dtype=torch.int64, pin_memory=cuda)
         self.view = self.host.numpy()  # reads without a torch op per token
+        self.slots = [self.host[j:j + 1] for j in range(size)]
         self.events = [torch.cuda.Event() for _ in range(size)] if cuda else None
 
     def push(self, i: int, src: Tensor) -> None:
         """Enqueue the copy of src [1] int64 (on the device) into slot i on the current stream."""
         j = i % self.size
-        self.host[j:j + 1].copy_(src, non_blocking=True)
+        self.slots[j].copy_(src, non_blocking=True)
         if self.events is not None:
             self.events[j].record()
 
