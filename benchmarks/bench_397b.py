@@ -565,6 +565,50 @@ def fit_c(r: dict, tr: Trace, block: int, a) -> float:
     return max(0.0, (meas - s0 / max(n0, 1)) / tr.num_layers)
 
 
+def target_projection(a, ref: Trace, kind: str, k: int, c: float, ht: dict, ra: dict, block: int, E: int,
+                      tokens: int, lm_head_bytes: int) -> dict:
+    """The 60-layer projection on the target machine: slice A's calibrated per-layer cost `c` plus the target's
+    active bytes over its HBM, host seconds `ht` (host_terms of the run whose mode the target runs), the target's
+    slots, RAM tier, PCIe and NVMe rates; cold, warm (after --warm-tokens) and with tiered's dense as it is."""
+    row: dict = {}
+    # 60 layers on the target: slots and RAM tier of the target, its links, the per-layer cost + active bytes/HBM
+    b = ra["budgets"]
+    active = k * block + a.target_dense_gb * 1e9 / TARGET_LAYERS  # experts + the non-expert bytes, per layer
+    c_t = c + active / (a.target_hbm_gbps * 1e9)
+    tr60 = routing_for(kind, ref, TARGET_LAYERS, E, k, tokens, a)
+    # host terms of slice A; a RAM-tier miss on the target reads its block from the NVMe (the disk term: the
+    # step's reads concurrent at --target-disk-gbps) and then pays the host's own work on it, measured (the RAM
+    # tier's time not blocked on reads: registration, bookkeeping; for results without `host` stats, the whole
+    # measured host cost per RAM-tier miss: conservative)
+    tm = TierModel(slots=max(k, b["slots_target_60"]), partition="global", policy="lru",
+                   ram_slots=int(b["ram_tier_target_gib"] * GiB // block), block_bytes=block,
+                   h2d_gbps=a.h2d_gbps, disk_gbps=a.target_disk_gbps, compute_s_per_layer=c_t,
+                   host_s_per_miss=ht["s_per_vram_miss"], host_s_per_ram_miss=ht["target_s_per_ram_miss"],
+                   overlap=True)
+    head_t = (ra.get("head_s") or 0.0) + lm_head_bytes / (a.target_hbm_gbps * 1e9)
+    s60, n60, d60 = sim_decode(tr60, tm, a.prompt_tokens, a.warmup + 8, head_t)
+    if a.warm_tokens > 0:  # the same after --warm-tokens more tokens of routing: RAM tier and slots in use
+        try:
+            trw = routing_for(kind, ref, TARGET_LAYERS, E, k, tokens + a.warm_tokens, a)
+            sw, nw, dw = sim_decode(trw, tm, a.warm_tokens + a.prompt_tokens, 0, head_t)
+            row["projected_tok_s_warm"] = nw / sw if sw > 0 else None
+            row["sim_60_warm"] = {x: dw.get(x) for x in ("ram_hit_rate", "terms_ms_per_token")}
+        except SystemExit as e:  # no eval document that long
+            row["projected_tok_s_warm"] = None
+            row["sim_60_warm"] = {"error": str(e)}
+    import dataclasses
+    tm_today = dataclasses.replace(tm, slots=max(k, b.get("slots_tiered_60", tm.slots)))
+    st60, nt60, _ = sim_decode(tr60, tm_today, a.prompt_tokens, a.warmup + 8, head_t)
+    row["projected_tok_s_today"] = nt60 / st60 if st60 > 0 else None  # tiered's dense as it is (embeddings on GPU)
+    row["target_slots_today"] = tm_today.slots
+    row.update({"projected_tok_s": n60 / s60 if s60 > 0 else None, "c_target_s_per_layer": c_t,
+                "head_target_s": head_t,
+                "target_slots": tm.slots, "target_ram_slots": tm.ram_slots,
+                "sim_60": {x: d60.get(x) for x in ("hit_rate", "ram_hit_rate", "bytes_h2d_per_token",
+                                                   "bytes_disk_per_token", "stall_share", "terms_ms_per_token")}})
+    return row
+
+
 def phase_project(a, st: dict) -> None:
     sl = st.get("slice") or {}
     if not sl:
@@ -603,41 +647,7 @@ def phase_project(a, st: dict) -> None:
             row.update({"predicted_B_tok_s": pred, "measured_B_tok_s": rb["decode_tok_s"],
                         "calibration_error": abs(pred - rb["decode_tok_s"]) / rb["decode_tok_s"] if pred else None,
                         "host_terms_B": host_terms(rb, block), "terms_B_ms_per_token": db["terms_ms_per_token"]})
-        # 60 layers on the target: slots and RAM tier of the target, its links, the per-layer cost + active bytes/HBM
-        b = ra["budgets"]
-        active = k * block + a.target_dense_gb * 1e9 / TARGET_LAYERS  # experts + the non-expert bytes, per layer
-        c_t = c + active / (a.target_hbm_gbps * 1e9)
-        tr60 = routing_for(kind, ref, TARGET_LAYERS, E, k, tokens, a)
-        # host terms of slice A; a RAM-tier miss on the target reads its block from the NVMe (the disk term: the
-        # step's reads concurrent at --target-disk-gbps) and then pays the host's own work on it, measured (the RAM
-        # tier's time not blocked on reads: registration, bookkeeping; for results without `host` stats, the whole
-        # measured host cost per RAM-tier miss: conservative)
-        tm = TierModel(slots=max(k, b["slots_target_60"]), partition="global", policy="lru",
-                       ram_slots=int(b["ram_tier_target_gib"] * GiB // block), block_bytes=block,
-                       h2d_gbps=a.h2d_gbps, disk_gbps=a.target_disk_gbps, compute_s_per_layer=c_t,
-                       host_s_per_miss=ht["s_per_vram_miss"], host_s_per_ram_miss=ht["target_s_per_ram_miss"],
-                       overlap=True)
-        head_t = (ra.get("head_s") or 0.0) + lm_head_bytes / (a.target_hbm_gbps * 1e9)
-        s60, n60, d60 = sim_decode(tr60, tm, a.prompt_tokens, a.warmup + 8, head_t)
-        if a.warm_tokens > 0:  # the same after --warm-tokens more tokens of routing: RAM tier and slots in use
-            try:
-                trw = routing_for(kind, ref, TARGET_LAYERS, E, k, tokens + a.warm_tokens, a)
-                sw, nw, dw = sim_decode(trw, tm, a.warm_tokens + a.prompt_tokens, 0, head_t)
-                row["projected_tok_s_warm"] = nw / sw if sw > 0 else None
-                row["sim_60_warm"] = {x: dw.get(x) for x in ("ram_hit_rate", "terms_ms_per_token")}
-            except SystemExit as e:  # no eval document that long
-                row["projected_tok_s_warm"] = None
-                row["sim_60_warm"] = {"error": str(e)}
-        import dataclasses
-        tm_today = dataclasses.replace(tm, slots=max(k, b.get("slots_tiered_60", tm.slots)))
-        st60, nt60, _ = sim_decode(tr60, tm_today, a.prompt_tokens, a.warmup + 8, head_t)
-        row["projected_tok_s_today"] = nt60 / st60 if st60 > 0 else None  # tiered's dense as it is (embeddings on GPU)
-        row["target_slots_today"] = tm_today.slots
-        row.update({"projected_tok_s": n60 / s60 if s60 > 0 else None, "c_target_s_per_layer": c_t,
-                    "head_target_s": head_t,
-                    "target_slots": tm.slots, "target_ram_slots": tm.ram_slots,
-                    "sim_60": {x: d60.get(x) for x in ("hit_rate", "ram_hit_rate", "bytes_h2d_per_token",
-                                                       "bytes_disk_per_token", "stall_share", "terms_ms_per_token")}})
+        row.update(target_projection(a, ref, kind, k, c, ht, ra, block, E, tokens, lm_head_bytes))
         out["runs"][f"{kk}/{kind}"] = row
         proj[(k, kind)] = row
     bal = (st.get("balloon") or {}).get("run")
@@ -650,6 +660,20 @@ def phase_project(a, st: dict) -> None:
         pred = nb / sb if sb > 0 else None
         out["balloon_check"] = {"predicted_tok_s": pred, "measured_tok_s": bal["decode_tok_s"],
                                 "error": abs(pred - bal["decode_tok_s"]) / bal["decode_tok_s"] if pred else None}
+        # The target's RAM (64 GB) is far below the model (209 GB): it runs --io direct, the RAM tier a pinned pool
+        # that O_DIRECT reads land in (no page cache to register). The balloon run is that mode, so its host terms
+        # are the target's; each K's per-layer cost stays the one calibrated on its slice A replay run, and the
+        # balloon check above validates the model on the direct run. K = 4 borrows K = 10's host terms (per-miss
+        # work does not depend on K).
+        ht_d = host_terms(bal, block)
+        out["direct"] = {"host_terms": ht_d, "balloon_check_error": out["balloon_check"]["error"], "runs": {}}
+        for (k, kind), r in sorted(proj.items()):
+            if kind != "replay":
+                continue
+            ra = sl[f"A/k{k}/replay"]
+            row = target_projection(a, ref, kind, k, r["c_s_per_layer"], ht_d, ra, block, E, tokens, lm_head_bytes)
+            row["host_terms_from"] = f"balloon run (io direct, K={bal['experts_per_token']})"
+            out["direct"]["runs"][f"k{k}/replay"] = row
     errs = [r["calibration_error"] for r in out["runs"].values() if r.get("calibration_error") is not None]
     out["calibration_error"] = max(errs) if errs else None
     out["calibration_ok"] = out["calibration_error"] is not None and out["calibration_error"] <= 0.10
@@ -663,6 +687,9 @@ def phase_project(a, st: dict) -> None:
         st[f"projected_tok_s_{label}_warm"] = r.get("projected_tok_s_warm") if r else None
         g = proj.get((k, "replay-staged"))
         st[f"projected_tok_s_{label}_staged"] = g["projected_tok_s"] if g else None
+        dr = ((out.get("direct") or {}).get("runs") or {}).get(f"k{k}/replay")
+        st[f"projected_tok_s_{label}_direct"] = dr["projected_tok_s"] if dr else None
+        st[f"projected_tok_s_{label}_direct_warm"] = dr.get("projected_tok_s_warm") if dr else None
     st["calibration_error"] = out["calibration_error"]
     st["project"] = out
 
@@ -807,8 +834,15 @@ def report(st: dict) -> None:
                   f"{r['projected_tok_s']:.2f} tok/s, warm RAM tier {r.get('projected_tok_s_warm') or 0:.2f} "
                   f"({r['target_slots']} slots; tiered's dense as it is: "
                   f"{r['projected_tok_s_today']:.2f} tok/s, {r['target_slots_today']} slots)")
-    for k in ("projected_tok_s_k10", "projected_tok_s_k10_warm", "projected_tok_s_k10_staged", "projected_tok_s_k4",
-              "projected_tok_s_k4_warm", "calibration_error"):
+        for key, r in ((pr.get("direct") or {}).get("runs") or {}).items():
+            tm = (r.get("sim_60") or {}).get("terms_ms_per_token") or {}
+            print(f"terms {key + '-direct':<12} 60  " + " ".join(f"{tm.get(t, 0.0):9.2f}" for t in TERMS + ("head", "total")))
+            print(f"project {key}-direct (io direct, host terms of the balloon run; its check error "
+                  f"{pr['direct']['balloon_check_error']}) projected 60 layers {r['projected_tok_s']:.2f} tok/s, "
+                  f"warm RAM tier {r.get('projected_tok_s_warm') or 0:.2f}")
+    for k in ("projected_tok_s_k10", "projected_tok_s_k10_warm", "projected_tok_s_k10_staged",
+              "projected_tok_s_k10_direct", "projected_tok_s_k10_direct_warm", "projected_tok_s_k4",
+              "projected_tok_s_k4_warm", "projected_tok_s_k4_direct", "calibration_error"):
         print(f"{k:<24} {st.get(k)}")
     print(write_out(st, "397b.json"))
 

@@ -4,7 +4,8 @@ Owns: `load` (path -> layout -> provider -> prefetcher -> Transformer, tokenizer
 dtype and layout), `Engine` (prefill in chunks, the decode loop, stopping at EOS or the token budget,
 streaming text, stats with the keys of docs/stats.md) and the choice of decode path per step: whole-step graphs
 (decode/graphed.py: resident experts, no observer), piecewise graphs (decode/piecewise.py: a provider whose
-get() needs the routing on the host, e.g. the expert cache), or eager.
+get() needs the routing on the host, e.g. the expert cache), or eager; greedy decoding with the whole-step graphs
+runs the host one step ahead of the device (decode/ahead.py), every other request samples per token here.
 Does not own: the model's math (model/), where experts live (store/: resident.py or the expert cache), what
 to prefetch (predict/), sampling (decode/sampling.py), parsing flags or printing (cli/).
 """
@@ -20,6 +21,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from tiered.decode.ahead import EagerGreedy, GreedyStep, Readback, TokenSink, run_ahead
 from tiered.decode.devstep import DeviceStep
 from tiered.kernels import slot_table as slot_table_kernels
 from tiered.store.devtable import DeviceSlotTable
@@ -29,7 +31,7 @@ from tiered.decode.sampling import Sampling, SamplingError, check_sampling, samp
 from tiered.layout.config import ModelConfig
 from tiered.layout.families import default_model_path
 from tiered.layout.format import DTYPES, MANIFEST
-from tiered.layout.tokenizer import StreamDecoder, Tokenizer
+from tiered.layout.tokenizer import Tokenizer
 from tiered.model import cpu_experts
 from tiered.model.layers import pick_backend
 from tiered.model.moe import PrefetchHook, RoutingObserver
@@ -57,7 +59,7 @@ class EngineError(ValueError):
 class Generation:
     text: str
     token_ids: list[int]
-    stop_reason: str  # "eos", "length" or "context"
+    stop_reason: str  # "eos", "stop" (a stop string), "length" or "context"
     stats: dict[str, Any] = field(default_factory=dict)
 
 
@@ -296,6 +298,10 @@ class Engine:
             except RuntimeError as e:  # e.g. the page-locked host buffer was refused
                 print(f"tiered: piecewise CUDA graphs unavailable ({e}); decoding eagerly", file=sys.stderr)
         self.decode_mode = "eager"  # what the last generate's one-token steps ran: full, piecewise or eager
+        # Greedy decoding with the host one step ahead (decode/ahead.py): None = with the whole-step graphs,
+        # True = also the eager step (CPU tests of the loop), False = never (the per-token loop).
+        self.step_ahead: bool | None = None
+        self._readback: Readback | None = None
         self.stats: dict[str, Any] = {}
         self.load_s: float | None = None  # set by load(): seconds from the call to a ready model (no capture)
         self.capture_s = 0.0  # seconds spent capturing CUDA graphs (at load, or before a generate's clock)
@@ -420,6 +426,17 @@ class Engine:
             return "device"
         return "piecewise" if self.pieces is not None else "eager"
 
+    def _ahead_step(self, params: Sampling) -> GreedyStep | None:
+        """The step greedy decoding runs one step ahead of (decode/ahead.py), or None for the per-token loop:
+        the whole-step graphs when every span is captured; the eager step only when step_ahead is True."""
+        if params.temperature != 0 or self.step_ahead is False:
+            return None
+        if self.graphed is not None and self.graphed.ready():
+            return self.graphed
+        if self.step_ahead and self._planned_mode() == "eager":
+            return EagerGreedy(self.model)
+        return None
+
     def _step(self, token: Tensor, tok: int, pos: int) -> Tensor:
         """token [1] int64 (any device) = tok, at position pos -> logits [1, V]."""
         if self._whole_step_graphs():
@@ -449,8 +466,13 @@ class Engine:
     def generate(self, prompt: str | Sequence[int] | Tensor, *, max_new_tokens: int = 128,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                  stop_at_eos: bool = True, on_text: Callable[[str], None] | None = None,
-                 on_token: Callable[[int], None] | None = None) -> Generation:
+                 on_token: Callable[[int], None] | None = None, stop: Sequence[str] = ()) -> Generation:
         """Generate a continuation of `prompt` (text or token ids).
+
+        Greedy decoding (temperature 0) with the whole-step graphs runs the host one step ahead of the device
+        (decode/ahead.py; stats["step_ahead"]): the callbacks come one device step after their token was computed,
+        and EOS or a stop string costs one step computed and discarded (stats["ahead_extra_steps"]). Sampling,
+        the piecewise and device-table steps and eager decoding read each token back before the next step.
 
         Args:
             max_new_tokens: stop after this many tokens (fewer if EOS comes first or the context fills).
@@ -459,6 +481,8 @@ class Engine:
             seed: seeds the sampler, so that a run can be repeated.
             on_text: called with each new piece of decoded text (EOS text is never emitted).
             on_token: called with each new token id.
+            stop: strings that end generation; the text ends before the first one (its token is kept in token_ids,
+                stop_reason "stop"). Needs a tokenizer.
         Returns:
             Generation(text, token_ids, stop_reason, stats); stats are also kept in `self.stats`.
         """
@@ -477,11 +501,15 @@ class Engine:
         else:
             gen.manual_seed(seed)
         ids = self._ids(prompt)
+        stops = (stop,) if isinstance(stop, str) else tuple(stop)
+        if any(not isinstance(x, str) or not x for x in stops):
+            raise EngineError("stop strings must be non-empty strings")
+        if stops and self.tokenizer is None:
+            raise EngineError(f"stop strings need the model's tokenizer: copy tokenizer.json into {self.layout_path}")
         eos = set(self.config.eos_token_ids) if stop_at_eos else set()
-        stream = StreamDecoder(self.tokenizer) if self.tokenizer is not None and on_text else None
-        out: list[int] = []
-        pieces: list[str] = []
-        stop = "length"
+        sink = TokenSink(eos=eos, tokenizer=self.tokenizer, stop=stops, on_text=on_text, on_token=on_token)
+        ahead = self._ahead_step(params) if max_new_tokens > 1 else None
+        reason, extra = "length", 0
         self._sync()
         self.decode_mode = self._planned_mode()
         if self.pieces is not None:
@@ -494,52 +522,48 @@ class Engine:
         logits = self._prefill(ids) if max_new_tokens else None
         self._phase("decode")
         pos = ids.numel()
-        t1 = t_first = time.perf_counter()
-        while len(out) < max_new_tokens:
-            tok_t = sample(logits[0], params, gen)  # [1] int64 on the logits' device (greedy) or CPU
-            tok = int(tok_t)
-            if len(out) == 0:
-                t_first = time.perf_counter()
-            if tok in eos:
-                stop = "eos"
-                break
-            out.append(tok)
-            if on_token is not None:
-                on_token(tok)
-            if stream is not None:
-                piece = stream.feed(tok)
-                if piece:
-                    pieces.append(piece)
-                    on_text(piece)
-            if len(out) == max_new_tokens:
-                break
-            if pos >= self.max_context:
-                stop = "context"
-                break
-            logits = self._step(tok_t, tok, pos)
-            pos += 1
-        self._sync()
-        t2 = time.perf_counter()
+        t1 = t_first = t2 = time.perf_counter()
+        if ahead is not None:
+            if self._readback is None:
+                self._readback = Readback(self.device)
+            run = run_ahead(ahead, logits, pos, max_new=max_new_tokens, max_context=self.max_context, sink=sink,
+                            ring=self._readback)
+            reason, t_first, t2, extra = run.stop, run.t_first, run.t_last, run.launched - run.used
+            self._sync()  # the step computed past EOS or a stop string, if any: after the clock (its token is dropped)
+        elif max_new_tokens:
+            i = 0
+            while True:
+                tok_t = sample(logits[0], params, gen)  # [1] int64 on the logits' device (greedy) or CPU
+                tok = int(tok_t)
+                if i == 0:
+                    t_first = time.perf_counter()
+                reason = sink(tok) or ("length" if i + 1 == max_new_tokens else
+                                       "context" if pos >= self.max_context else None)
+                if reason is not None:
+                    break
+                logits = self._step(tok_t, tok, pos)
+                pos += 1
+                i += 1
+            self._sync()
+            t2 = time.perf_counter()
+        out = sink.ids
         # A capture inside the loop (only after a fallback, or a span capture_graphs did not know of) is
         # reported as capture_s, never as decode time.
         cap_in_loop = max(0.0, self._graph_stats()[0] - cap0)
         self.capture_s += cap_in_loop
-        if stream is not None:
-            tail = stream.flush()
-            if tail:
-                pieces.append(tail)
-                on_text(tail)
-        text = "".join(pieces) if stream is not None else (self.tokenizer.decode(out) if self.tokenizer else "")
+        stop = sink.finish(reason)
         # no prefill ran for max_new_tokens=0: its time and rate are unknown (None), not a near-zero interval
         self.stats = self._stats(ids.numel(), len(out), t1 - t0 if max_new_tokens else None,
                                  t2 - t_first - cap_in_loop, max(0, len(out) - 1))
         self.stats["stop_reason"] = stop
+        self.stats["step_ahead"] = ahead is not None
+        self.stats["ahead_extra_steps"] = extra
         self.stats["ttft_s"] = t_first - t_call if out or stop == "eos" else None
         self.stats["load_s"] = self.load_s
         self.stats["capture_s"] = self.capture_s
         self.stats["capture_in_call_s"] = capture_now + cap_in_loop
         self.stats["graph_mem_bytes"] = self._graph_stats()[1]
-        return Generation(text=text, token_ids=out, stop_reason=stop, stats=dict(self.stats))
+        return Generation(text=sink.text, token_ids=out, stop_reason=stop, stats=dict(self.stats))
 
     def _phase(self, phase: str) -> None:
         """Tell a provider that counts per phase (the expert cache) whether prefill or decode runs."""

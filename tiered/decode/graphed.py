@@ -3,11 +3,14 @@ the cache length from the device (triton, flash), else one graph per attended sp
 
 Owns: `GraphedDecode` (the static token/position buffers, the captured graphs, `capture_all`, which captures
 every graph a step may replay before the first timed step, and what capturing cost: seconds and memory).
+Each graph ends with the greedy pick: it writes the argmax of its logits into the token buffer and adds 1 to the
+position buffer, so consecutive replays (`launch`) decode greedily with no host input (decode/ahead.py runs the
+host one step ahead of them); `step` overwrites both buffers first and returns the logits (sampling).
 Used when every expert is on the device (ResidentExperts: `get` never syncs), with no observer and no
 routing override (a replay would skip them).
 Does not own: the step itself (model/transformer.py, `decode_static`, and which spans exist:
-`graph_span(s)`), the piecewise step for providers that need the routing on the host (piecewise.py), nor
-the choice between them (engine.py).
+`graph_span(s)`), the piecewise step for providers that need the routing on the host (piecewise.py), the
+step-ahead loop (ahead.py), nor the choice between them (engine.py).
 """
 from __future__ import annotations
 
@@ -16,19 +19,25 @@ import time
 import torch
 from torch import Tensor
 
+from tiered.decode.sampling import argmax_into
 from tiered.model.transformer import Transformer
 
 
 class GraphedDecode:
-    """The one-token step replayed from CUDA graphs, keyed by `model.graph_span(pos)`."""
+    """The one-token step replayed from CUDA graphs, keyed by `model.graph_span(pos)`.
 
-    def __init__(self, model: Transformer) -> None:
+    graphs=False runs the same body eagerly (any device): what the CPU tests of the step-ahead loop run."""
+
+    def __init__(self, model: Transformer, *, graphs: bool = True) -> None:
         self.model = model
         dev = model.device
-        self.token = torch.zeros(1, dtype=torch.int64, device=dev)  # static input buffers the graphs read
+        self.graphed = bool(graphs)
+        if self.graphed and dev.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, the model is on {dev}: use GraphedDecode(graphs=False)")
+        self.token = torch.zeros(1, dtype=torch.int64, device=dev)  # static buffers the graphs read and advance
         self.pos = torch.zeros(1, dtype=torch.int64, device=dev)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
-        self.pool = torch.cuda.graph_pool_handle()
+        self.pool = torch.cuda.graph_pool_handle() if self.graphed else None
         self.capture_s = 0.0  # seconds spent capturing, over the object's life
         self.graph_mem_bytes = 0  # growth of reserved CUDA memory while capturing (the graphs' pool)
 
@@ -37,15 +46,35 @@ class GraphedDecode:
 
     def capture_all(self) -> None:
         """Capture every graph a step may replay (`model.graph_spans()`) now, not inside a timed decode."""
+        if not self.graphed:
+            return
         for span in self.model.graph_spans():
             if span not in self.graphs:
                 self._add(span)
+
+    def ready(self) -> bool:
+        """Every span's graph is captured (or no graphs are used): `launch` never captures."""
+        return not self.graphed or all(s in self.graphs for s in self.model.graph_spans())
 
     def step(self, token: Tensor, pos: int) -> Tensor:
         """token [1] int64 on device at position pos -> logits [1, V] (a static buffer: read before the next step)."""
         self.token.copy_(token.view(1))
         self.pos.fill_(pos)
+        return self.launch(pos)
+
+    def start(self, token: Tensor, pos: int) -> None:
+        """Set the inputs of the next `launch`: token [1] int64 on device (e.g. the prefill's argmax) at `pos`."""
+        self.token.copy_(token.view(1))
+        self.pos.fill_(pos)
+
+    def launch(self, pos: int) -> Tensor:
+        """One step from the buffers as they are (the previous launch leaves its argmax and pos + 1 there).
+
+        pos: the host's count of the position in self.pos, which picks the span's graph (a step never reads the
+        device buffer back). Returns the logits [1, V] (a static buffer)."""
         span = self.span(pos)
+        if not self.graphed:
+            return self._body(span)
         if span not in self.graphs:  # only when capture_all was not called (or a span was added since)
             self._add(span)
         graph, out = self.graphs[span]
@@ -55,32 +84,47 @@ class GraphedDecode:
     def stats(self) -> dict:
         return {"spans": sorted(self.graphs), "capture_s": self.capture_s, "graph_mem_bytes": self.graph_mem_bytes}
 
+    def _body(self, span: int) -> Tensor:
+        """The captured step: logits of (token, pos), then the greedy pick into token and pos + 1."""
+        out = self.model.decode_static(self.token, self.pos, span)
+        argmax_into(out, self.token)
+        self.pos.add_(1)
+        return out
+
     def _add(self, span: int) -> None:
         dev = self.model.device
         t0 = time.perf_counter()
         torch.cuda.empty_cache()  # torch.cuda.graph empties the cache on entry: start from there, or the delta is negative
         mem0 = torch.cuda.memory_reserved(dev)
-        graph, out = self._capture(span)
+        inputs = self.token.clone(), self.pos.clone()  # stream-ordered after any step in flight
+        graph, out = self._capture(span, inputs)
         # One replay now: the first launch of a graph pays for its upload, which would land in the first step.
         # Like the warm-up it writes only the K/V of the position in self.pos, rewritten by the step using it.
         graph.replay()
+        self._restore(inputs)
         torch.cuda.synchronize(dev)
         self.graphs[span] = (graph, out)
         self.capture_s += time.perf_counter() - t0
         self.graph_mem_bytes += torch.cuda.memory_reserved(dev) - mem0
 
-    def _capture(self, span: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+    def _restore(self, inputs: tuple[Tensor, Tensor]) -> None:
+        """Put back the token and position a warm-up or upload replay advanced."""
+        self.token.copy_(inputs[0])
+        self.pos.copy_(inputs[1])
+
+    def _capture(self, span: int, inputs: tuple[Tensor, Tensor]) -> tuple[torch.cuda.CUDAGraph, Tensor]:
         # Warm-up runs on a side stream (cuBLAS workspaces, lazy inits, Triton compiles); they write this step's
         # own K/V, which the replay rewrites with the same values. The DeltaNet state is not addressed by
-        # position, so it is restored after the warm-ups.
+        # position, so it is restored after the warm-ups, and so are the token and position they advance.
         with self.model.preserve_state():
             side = torch.cuda.Stream(device=self.model.device)
             side.wait_stream(torch.cuda.current_stream(self.model.device))
             with torch.cuda.stream(side):
                 for _ in range(2):
-                    self.model.decode_static(self.token, self.pos, span)
+                    self._body(span)
+                    self._restore(inputs)
             torch.cuda.current_stream(self.model.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                out = self.model.decode_static(self.token, self.pos, span)
+                out = self._body(span)
         return graph, out
