@@ -322,7 +322,10 @@ def bench_dense(fmts: list[str], quick: bool, end: float, rows: list, best_cfg: 
                         if c is None:
                             default_us = t * 1e6
                 except Exception as e:
+                    import traceback
+
                     r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    r["traceback"] = traceback.format_exc()[-1500:]
                 rows.append(r)
                 print(_line(r), flush=True)
             # the model's entry point, once: qlinear must take the kernel (not the dequantize reference)

@@ -145,7 +145,7 @@ def test_bench_small_runs_on_cpu(tmp_path):
     repo = Path(__file__).resolve().parent.parent
     env = {**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, str(repo / "benchmarks" / "bench_quant_kernels.py"), "--small",
-                        "--formats", "q4,q8,mxfp4"], env=env, capture_output=True, text=True, timeout=900)
+                        "--formats", "q4,q8"], env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((tmp_path / "quant_kernels_small.json").read_text())
     assert res["failed"] == [], res["failed"]
