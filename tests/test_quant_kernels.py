@@ -282,6 +282,29 @@ def test_cuda_expert_shapes_bf16_graph(fmt, D, F, K):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("D,F,K", [(2048, 768, 8), (4096, 1024, 10)])
+def test_cuda_flat_tiles_at_model_shapes(fmt, D, F, K):
+    """The flat tile (algo 1) at the 10.6B and 397B expert shapes (gate/up a whole row per step, down several
+    experts per program) and for the dense GEMV over the 10.6B lm_head and o_proj, in bf16: within bf16
+    rounding of the reference (relative error <= 1e-2)."""
+    W = _pool(fmt, K + 4, F, D)
+    x = torch.randn(1, D, device=DEV, dtype=torch.bfloat16)
+    slots = torch.randperm(K + 4, device=DEV)[:K]
+    wts = torch.rand(1, K, device=DEV)
+    for up, down in ((QConfig(bn=4, bg=64, warps=4, algo=1), QConfig(bn=4, bg=16, warps=4, algo=1)),
+                     (QConfig(bn=8, bg=8, warps=4, algo=1), QConfig(bn=2, bg=4, warps=2, algo=1))):
+        out = experts_quant_decode(x, slots, wts, W.gate, W.up, W.down, configs=(up, down))
+        assert rel(out.float(), _experts_ref(x, slots[None], wts, W)) <= 1e-2, (up, down)
+    if fmt in ("q4", "q8"):
+        for n, k in ((151936, 2048), (2048, 4096)):
+            w = quantize(torch.randn(n, k, device=DEV) * k ** -0.5, fmt)
+            xd = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
+            got = quant_matvec(xd, w, config=QConfig(bn=16, bg=32, warps=8, algo=1))
+            assert rel(got.float(), xd.float() @ w.dequantize(torch.float32).T) <= 1e-2
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("fmt", ["q4", "q8"])
 @pytest.mark.parametrize("N,K", [(151936, 2048), (5120, 2048), (2048, 4096), (100, 70)])
 def test_cuda_qlinear_dense_shapes(fmt, N, K):
