@@ -458,7 +458,8 @@ def main() -> None:
     bench_dense([f for f in fmts if f in ("q4", "q8")], a.quick, t0 + 0.93 * a.max_seconds, rows, best_cfg,
                 t0 + a.max_seconds, a.small)
     hbm = bw["read_gbps"]
-    print(f"\n{'section':<8} {'shape':<14} {'fmt':<6} {'us':>8} {'GB/s':>7} {'xHBM':>5} {'vs bf16':>7} {'err':>8}  variant")
+    print(f"\n{'section':<8} {'shape':<14} {'fmt':<6} {'us':>8} {'GB/s':>7} {'xHBM':>5} {'vs bf16':>7} {'err':>8}  "
+          "variant")
     for r in rows:
         print(_line(r, hbm))
     print("\nfastest tiles per (kernel, format, K, N): paste into tiered/kernels/quant_moe.py TUNED where the "
