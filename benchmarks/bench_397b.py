@@ -18,6 +18,10 @@ a phase rebuilds what it needs when the machine came back cold):
              PCIe  --h2d-gbps 25 (when this tiered has the option; the achieved GB/s is reported beside it).
            At the native K also "replay-staged": the same run with --io-register off (the RAM tier as pinned
            copies filled by page-cache reads on the I/O threads), against the registered mapped blocks of "replay".
+           And "replay-pfC" for each C of --prefetch (default 4): history prefetch one layer ahead, C candidates per
+           layer, ranked by router-history transitions fitted on the reference model's fit/ routing (mapped the
+           same way as the replayed eval routing); the projection simulates the same predictor (fit_c bisects the
+           per-layer cost, since a layer's compute hides its prefetch copies).
   batch    aggregate decode tok/s of the batch scheduler at --batches (8, 32) on slice --batch-slice (B) at K = 10,
            the slice's budget flags, routing replayed per row (a different mapped window per row) and uniform;
            the rows' state (DeltaNet slots: fixed bytes per sequence; K/V pages) is reserved inside the VRAM
@@ -26,6 +30,7 @@ a phase rebuilds what it needs when the machine came back cold):
            laptop's share does not allow, so that page cache + pinned tier cannot exceed it: the disk tier is
            exercised for real. Reported beside raw O_DIRECT reads of the same experts.bin in the same run (caches
            dropped before each).
+           The target's --io direct projection (project.direct) takes the host terms of the balloon run.
   project  (CPU only) the tier simulator of `tiered tune` (predict/simulate.py, its pipelined model: the step's
            RAM-tier reads concurrent, the host walking the misses, copies queued on the link behind it), set up from
            each run's stats only: its slots and RAM slots, its link rate (the pace target), its host seconds per
@@ -72,6 +77,7 @@ from benchmeta import git_commit, write_out  # noqa: E402
 from write_random_layout import plan as layout_plan, write_layout  # noqa: E402
 
 from tiered.engine import EngineError, load  # noqa: E402
+from tiered.predict.predictors import History, transition_params  # noqa: E402
 from tiered.predict.replay import ReplayRouting, map_routing, routing_stats, uniform_routing  # noqa: E402
 from tiered.predict.simulate import TierModel, simulate  # noqa: E402
 from tiered.predict.trace import Trace, TraceRecorder, record, split_ids  # noqa: E402
@@ -162,15 +168,20 @@ def find_text(a) -> Path:
     raise SystemExit("no eval text found: pass --text DIR (../shared/text/eval)")
 
 
-def reference_trace(a, work: Path) -> Trace:
-    """The reference model's routing over the eval files (router logits kept: top-10 needs them), cached in --work."""
+def reference_trace(a, work: Path, split: str = "eval") -> Trace:
+    """The reference model's routing over the eval files (router logits kept: top-10 needs them), cached in --work;
+    split "fit": over the fit files beside them (what the prefetch runs' predictor learns from)."""
     from tiered.layout.families import default_model_path
     from tiered.predict.trace import load as load_trace, save as save_trace
 
-    p = work / "reference_eval.npz"
+    p = work / f"reference_{split}.npz"
     if p.is_file():
         return load_trace(p)
     text = find_text(a)
+    if split != "eval":
+        text = text.parent / split
+        if not text.is_dir():
+            raise SystemExit(f"no {split} text beside {find_text(a)}: the prefetch runs fit their predictor on it")
     dev = "cuda" if torch.cuda.is_available() and not a.small else "cpu"
     rec = TraceRecorder(logits=True, hidden=False)
     eng = load(default_model_path(), device=dev, dtype=torch.float32, max_context=2048, observer=rec, cuda_graphs=False)
@@ -251,17 +262,35 @@ def _scaled_cfg(cfg, layers: int):
 
 
 # --- one run -------------------------------------------------------------------------------------------
-def one_run(path: Path, device: torch.device, k: int, routing: Trace, budget: dict, a) -> dict:
-    """Batch-1 greedy decode of --new-tokens after a --prompt-tokens prompt, routing replayed by position."""
+def pf_budget(kind: str) -> int:
+    """Prefetch candidates per layer of a run kind: "replay-pf4" -> 4; 0 for kinds without prefetch."""
+    tail = [x for x in kind.split("-")[1:] if x.startswith("pf")]
+    return int(tail[0][2:]) if tail else 0
+
+
+def history_predictor(a, layers: int, experts: int, k: int) -> History:
+    """The router-history predictor of the prefetch runs: transitions of the reference model's fit/ routing, mapped
+    onto the slice (or the 60-layer model) the same way as the replayed eval routing (never fitted on eval/)."""
+    fit = map_routing(reference_trace(a, a.work, "fit"), num_layers=layers, num_experts=experts, top_k=k,
+                      segment=a.segment, jitter=a.jitter)
+    return History(layers, experts, transition_params(fit))
+
+
+def one_run(path: Path, device: torch.device, k: int, routing: Trace, budget: dict, a,
+            predictor: History | None = None) -> dict:
+    """Batch-1 greedy decode of --new-tokens after a --prompt-tokens prompt, routing replayed by position; with a
+    predictor (and budget prefetch_depth), the prefetcher ranks the next layer's experts with it."""
     P, n = a.prompt_tokens, a.new_tokens
     ids = torch.randint(10, 8000, (P,), generator=torch.Generator().manual_seed(7)).tolist()
     replay = ReplayRouting(routing.topk_ids, routing.topk_weights, device=device)
     t0 = time.perf_counter()
     eng = load(path, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
-               max_context=P + n + 8, budget=budget, routing=replay, experts_per_token=k)
+               max_context=P + n + 8, budget=budget, routing=replay, experts_per_token=k, predictor=predictor)
     load_s = time.perf_counter() - t0
     prov = eng.model.provider
     eng.generate(ids[:8], max_new_tokens=a.warmup, stop_at_eos=False)
+    if predictor is not None:
+        predictor.reset()
     if isinstance(prov, ExpertCache):
         prov.reset_stats()
     g = eng.generate(ids, max_new_tokens=n, stop_at_eos=False)
@@ -278,7 +307,8 @@ def one_run(path: Path, device: torch.device, k: int, routing: Trace, budget: di
             "vram": s.get("vram"), "ram": s.get("ram"), "disk": s.get("disk"), "h2d_gbps_target": s.get("h2d_gbps_target"),
             "host_s_per_layer": s.get("host_s_per_layer"), "host": s.get("host"), "cpu_experts": s.get("cpu_experts"),
             "decode_graphs": s.get("decode_graphs"), "linear_attention": s.get("linear_attention"),
-            "experts_per_token": s.get("experts_per_token"), "head_s": head_s, "budget": budget}
+            "experts_per_token": s.get("experts_per_token"), "head_s": head_s, "budget": budget,
+            "prefetch": s.get("prefetch")}
 
 
 def head_seconds(eng, device: torch.device, reps: int = 20) -> float:
@@ -384,10 +414,15 @@ def phase_slice(a, st: dict, device: torch.device) -> None:
         lay = Layout.open(slices[name]["path"])
         cfg = lay.config
         for k in (10, 4) if not a.small else (cfg.top_k, max(1, cfg.top_k // 2)):
+            if a.ks and k not in a.ks:
+                continue
             b = budgets(a, lay, k, device, a.prompt_tokens + a.new_tokens + 8)
             kinds = a.routings.split(",")
             if a.staged and a.io_register == "auto" and k == ((10, 4) if not a.small else (cfg.top_k,))[0]:
                 kinds.append("replay-staged")  # the RAM tier as pinned copies (--io-register off), native K only
+            kinds += [f"replay-pf{c}" for c in a.prefetch]  # history prefetch one layer ahead, c per layer
+            if a.only_kinds:
+                kinds = [x for x in kinds if x in a.only_kinds]
             for kind in kinds:
                 key = f"{name}/k{k}/{kind}"
                 if key in res and res[key].get("layers") == cfg.num_layers and not a.redo:
@@ -395,8 +430,12 @@ def phase_slice(a, st: dict, device: torch.device) -> None:
                     continue
                 log(f"slice {key}: {cfg.num_layers} layers, {b['flags']}")
                 tr = routing_for(kind, ref, cfg.num_layers, cfg.num_experts, k, tokens, a)
-                flags = {**b["flags"], "io_register": "off"} if kind.endswith("-staged") else b["flags"]
-                r = one_run(Path(slices[name]["path"]), device, k, tr, flags, a)
+                flags = {**b["flags"], "io_register": "off"} if kind.endswith("-staged") else dict(b["flags"])
+                pred = None
+                if pf_budget(kind):
+                    flags.update(prefetch_depth=1, prefetch_budget=pf_budget(kind))
+                    pred = history_predictor(a, cfg.num_layers, cfg.num_experts, k)
+                r = one_run(Path(slices[name]["path"]), device, k, tr, flags, a, pred)
                 r["routing"] = {"kind": kind, **routing_stats(tr)}
                 r["budgets"] = {x: y for x, y in b.items() if x != "flags"}
                 r["layers"] = cfg.num_layers
@@ -483,7 +522,8 @@ def phase_balloon(a, st: dict, device: torch.device) -> None:
 TERMS = ("compute", "pcie", "host_miss", "host_ram_miss", "disk_read")
 
 
-def sim_decode(tr: Trace, tm: TierModel, prompt: int, warm: int, head_s: float = 0.0) -> tuple[float, int, dict]:
+def sim_decode(tr: Trace, tm: TierModel, prompt: int, warm: int, head_s: float = 0.0,
+               predictor: History | None = None) -> tuple[float, int, dict]:
     """Modelled decode seconds and tokens of a run: the warm-up rows, then prompt + decode rows (the engine replays
     by position, so both start at row 0); decode = everything after the prompt of the second pass, plus head_s
     (final norm, lm_head, argmax) per token. The dict is the simulator's, with "terms_ms_per_token": each
@@ -495,7 +535,7 @@ def sim_decode(tr: Trace, tm: TierModel, prompt: int, warm: int, head_s: float =
     def run(idx):
         t = Trace(tr.tokens[idx], np.array([0, len(idx)], dtype=np.int64), tr.topk_ids[idx], tr.topk_weights[idx],
                   meta=tr.meta)
-        return simulate(t, tm, with_belady=False)
+        return simulate(t, tm, predictor=predictor, with_belady=False)
 
     full, first = run(rows), run(pre)
     n_dec = full.tokens - first.tokens
@@ -550,19 +590,37 @@ def calibrated_model(r: dict, block: int, layers: int, c: float) -> TierModel:
     device miss and per RAM-tier miss (the wait for a RAM-tier miss's read is inside the latter, so the disk term
     is off), per-layer cost c; the pipelined model (copies overlap the host's work on later misses)."""
     ht = host_terms(r, block)
+    bud = r.get("budget") or {}
+    depth = int(bud.get("prefetch_depth") or 0)
     return TierModel(slots=r["expert_slots"], partition="global", policy="lru",
                      ram_slots=r["ram_slots"] or None, block_bytes=block, h2d_gbps=link_gbps(r), disk_gbps=1e9,
                      compute_s_per_layer=c, host_s_per_miss=ht["s_per_vram_miss"],
-                     host_s_per_ram_miss=ht["s_per_ram_miss"], overlap=True)
+                     host_s_per_ram_miss=ht["s_per_ram_miss"], overlap=True, prefetch_depth=depth,
+                     prefetch_budget=int(bud.get("prefetch_budget") or 0) if depth else 0)
 
 
-def fit_c(r: dict, tr: Trace, block: int, a) -> float:
+def fit_c(r: dict, tr: Trace, block: int, a, predictor: History | None = None) -> float:
     """The per-layer fixed cost (compute and the host's per-layer routing work) that makes the simulator reproduce
-    run r's measured decode time: the only fitted parameter."""
+    run r's measured decode time: the only fitted parameter. Without prefetch the modelled time is linear in it
+    (closed form); with prefetch a layer's compute hides its prefetch copies (max(c, prefetch bytes / link)), so it
+    is found by bisection (the modelled time never decreases with c)."""
     meas = 1.0 / r["decode_tok_s"]  # seconds per token
-    s0, n0, _ = sim_decode(tr, calibrated_model(r, block, tr.num_layers, 0.0), a.prompt_tokens, a.warmup + 8,
-                           r.get("head_s") or 0.0)
-    return max(0.0, (meas - s0 / max(n0, 1)) / tr.num_layers)
+    head = r.get("head_s") or 0.0
+
+    def per_token(c: float) -> float:
+        s, n, _ = sim_decode(tr, calibrated_model(r, block, tr.num_layers, c), a.prompt_tokens, a.warmup + 8, head,
+                             predictor)
+        return s / max(n, 1)
+
+    if calibrated_model(r, block, tr.num_layers, 0.0).prefetch_depth == 0:
+        return max(0.0, (meas - per_token(0.0)) / tr.num_layers)
+    lo, hi = 0.0, meas / tr.num_layers
+    if per_token(lo) >= meas:
+        return 0.0
+    for _ in range(24):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if per_token(mid) < meas else (lo, mid)
+    return (lo + hi) / 2
 
 
 def target_projection(a, ref: Trace, kind: str, k: int, c: float, ht: dict, ra: dict, block: int, E: int,
@@ -580,17 +638,19 @@ def target_projection(a, ref: Trace, kind: str, k: int, c: float, ht: dict, ra: 
     # step's reads concurrent at --target-disk-gbps) and then pays the host's own work on it, measured (the RAM
     # tier's time not blocked on reads: registration, bookkeeping; for results without `host` stats, the whole
     # measured host cost per RAM-tier miss: conservative)
+    pf = pf_budget(kind)  # prefetch runs: the same history predictor, fitted on fit/ mapped onto 60 layers
+    pred = history_predictor(a, TARGET_LAYERS, E, k) if pf else None
     tm = TierModel(slots=max(k, b["slots_target_60"]), partition="global", policy="lru",
                    ram_slots=int(b["ram_tier_target_gib"] * GiB // block), block_bytes=block,
                    h2d_gbps=a.h2d_gbps, disk_gbps=a.target_disk_gbps, compute_s_per_layer=c_t,
                    host_s_per_miss=ht["s_per_vram_miss"], host_s_per_ram_miss=ht["target_s_per_ram_miss"],
-                   overlap=True)
+                   overlap=True, prefetch_depth=1 if pf else 0, prefetch_budget=pf)
     head_t = (ra.get("head_s") or 0.0) + lm_head_bytes / (a.target_hbm_gbps * 1e9)
-    s60, n60, d60 = sim_decode(tr60, tm, a.prompt_tokens, a.warmup + 8, head_t)
+    s60, n60, d60 = sim_decode(tr60, tm, a.prompt_tokens, a.warmup + 8, head_t, pred)
     if a.warm_tokens > 0:  # the same after --warm-tokens more tokens of routing: RAM tier and slots in use
         try:
             trw = routing_for(kind, ref, TARGET_LAYERS, E, k, tokens + a.warm_tokens, a)
-            sw, nw, dw = sim_decode(trw, tm, a.warm_tokens + a.prompt_tokens, 0, head_t)
+            sw, nw, dw = sim_decode(trw, tm, a.warm_tokens + a.prompt_tokens, 0, head_t, pred)
             row["projected_tok_s_warm"] = nw / sw if sw > 0 else None
             row["sim_60_warm"] = {x: dw.get(x) for x in ("ram_hit_rate", "terms_ms_per_token")}
         except SystemExit as e:  # no eval document that long
@@ -598,14 +658,15 @@ def target_projection(a, ref: Trace, kind: str, k: int, c: float, ht: dict, ra: 
             row["sim_60_warm"] = {"error": str(e)}
     import dataclasses
     tm_today = dataclasses.replace(tm, slots=max(k, b.get("slots_tiered_60", tm.slots)))
-    st60, nt60, _ = sim_decode(tr60, tm_today, a.prompt_tokens, a.warmup + 8, head_t)
+    st60, nt60, _ = sim_decode(tr60, tm_today, a.prompt_tokens, a.warmup + 8, head_t, pred)
     row["projected_tok_s_today"] = nt60 / st60 if st60 > 0 else None  # tiered's dense as it is (embeddings on GPU)
     row["target_slots_today"] = tm_today.slots
     row.update({"projected_tok_s": n60 / s60 if s60 > 0 else None, "c_target_s_per_layer": c_t,
                 "head_target_s": head_t,
                 "target_slots": tm.slots, "target_ram_slots": tm.ram_slots,
                 "sim_60": {x: d60.get(x) for x in ("hit_rate", "ram_hit_rate", "bytes_h2d_per_token",
-                                                   "bytes_disk_per_token", "stall_share", "terms_ms_per_token")}})
+                                                   "bytes_disk_per_token", "stall_share", "terms_ms_per_token",
+                                                   "prefetch_precision")}})
     return row
 
 
@@ -632,17 +693,19 @@ def phase_project(a, st: dict) -> None:
         rb = sl.get(f"B/{kk}/{kind}")
         k = int(kk[1:])
         tra = routing_for(kind, ref, ra["layers"], E, k, tokens, a)
-        c = fit_c(ra, tra, block, a)
+        pa = history_predictor(a, ra["layers"], E, k) if pf_budget(kind) else None
+        c = fit_c(ra, tra, block, a, pa)
         ht = host_terms(ra, block)
         _, _, da = sim_decode(tra, calibrated_model(ra, block, ra["layers"], c), a.prompt_tokens, a.warmup + 8,
-                              ra.get("head_s") or 0.0)
+                              ra.get("head_s") or 0.0, pa)
         row: dict = {"c_s_per_layer": c, "measured_A_tok_s": ra["decode_tok_s"], "host_terms_A": ht,
                      "link_gbps_A": link_gbps(ra), "terms_A_ms_per_token": da["terms_ms_per_token"],
                      "measured_A_ms_per_token": 1e3 / ra["decode_tok_s"]}
         if rb:
             trb = routing_for(kind, ref, rb["layers"], E, k, tokens, a)
+            pb = history_predictor(a, rb["layers"], E, k) if pf_budget(kind) else None
             sb, nb, db = sim_decode(trb, calibrated_model(rb, block, rb["layers"], c), a.prompt_tokens,
-                                    a.warmup + 8, rb.get("head_s") or 0.0)
+                                    a.warmup + 8, rb.get("head_s") or 0.0, pb)
             pred = nb / sb if sb > 0 else None
             row.update({"predicted_B_tok_s": pred, "measured_B_tok_s": rb["decode_tok_s"],
                         "calibration_error": abs(pred - rb["decode_tok_s"]) / rb["decode_tok_s"] if pred else None,
@@ -668,12 +731,12 @@ def phase_project(a, st: dict) -> None:
         ht_d = host_terms(bal, block)
         out["direct"] = {"host_terms": ht_d, "balloon_check_error": out["balloon_check"]["error"], "runs": {}}
         for (k, kind), r in sorted(proj.items()):
-            if kind != "replay":
+            if kind != "replay" and not pf_budget(kind):
                 continue
-            ra = sl[f"A/k{k}/replay"]
+            ra = sl[f"A/k{k}/{kind}"]
             row = target_projection(a, ref, kind, k, r["c_s_per_layer"], ht_d, ra, block, E, tokens, lm_head_bytes)
             row["host_terms_from"] = f"balloon run (io direct, K={bal['experts_per_token']})"
-            out["direct"]["runs"][f"k{k}/replay"] = row
+            out["direct"]["runs"][f"k{k}/{kind}"] = row
     errs = [r["calibration_error"] for r in out["runs"].values() if r.get("calibration_error") is not None]
     out["calibration_error"] = max(errs) if errs else None
     out["calibration_ok"] = out["calibration_error"] is not None and out["calibration_error"] <= 0.10
@@ -690,6 +753,13 @@ def phase_project(a, st: dict) -> None:
         dr = ((out.get("direct") or {}).get("runs") or {}).get(f"k{k}/replay")
         st[f"projected_tok_s_{label}_direct"] = dr["projected_tok_s"] if dr else None
         st[f"projected_tok_s_{label}_direct_warm"] = dr.get("projected_tok_s_warm") if dr else None
+        for (kp, kind), r in proj.items():  # prefetch runs: mmap mode, and direct with the balloon's host terms
+            if kp == k and pf_budget(kind):
+                tag = kind.split("-", 1)[1]
+                st[f"projected_tok_s_{label}_{tag}"] = r["projected_tok_s"]
+                drp = ((out.get("direct") or {}).get("runs") or {}).get(f"k{k}/{kind}")
+                st[f"projected_tok_s_{label}_direct_{tag}"] = drp["projected_tok_s"] if drp else None
+                st[f"projected_tok_s_{label}_direct_{tag}_warm"] = drp.get("projected_tok_s_warm") if drp else None
     st["calibration_error"] = out["calibration_error"]
     st["project"] = out
 
@@ -740,10 +810,19 @@ def main() -> None:
     ap.add_argument("--resume-from", type=Path, default=None,
                     help="a 397b.json of an earlier call: its results seed --work/state.json when that is missing (a "
                          "machine that came back cold; or `--phases project` on a CPU from the returned JSON)")
+    ap.add_argument("--prefetch", default="4",
+                    help="slice phase: history-prefetch runs (kind replay-pfC, one layer ahead, C candidates per layer), "
+                         "comma-separated C; empty for none")
+    ap.add_argument("--only-kinds", default=None,
+                    help="slice phase: only these run kinds (e.g. replay-pf4; the others are kept from --resume-from)")
+    ap.add_argument("--ks", default=None, help="slice phase: only these experts per token (e.g. 10; default 10 and 4)")
     ap.add_argument("--batches", default="8,32", help="batch phase: rows per step")
     ap.add_argument("--batch-slice", default="B", choices=("A", "B"), help="batch phase: the slice it runs on")
     ap.add_argument("--batch-new-tokens", type=int, default=32, help="batch phase: tokens generated per row")
     a = ap.parse_args()
+    a.prefetch = [int(x) for x in a.prefetch.split(",") if x.strip()]
+    a.only_kinds = set(a.only_kinds.split(",")) if a.only_kinds else None
+    a.ks = {int(x) for x in a.ks.split(",")} if a.ks else None
     phases = list(PHASES) if a.phases == "all" else a.phases.split(",")
     bad = set(phases) - set(PHASES)
     if bad:
@@ -840,10 +919,9 @@ def report(st: dict) -> None:
             print(f"project {key}-direct (io direct, host terms of the balloon run; its check error "
                   f"{pr['direct']['balloon_check_error']}) projected 60 layers {r['projected_tok_s']:.2f} tok/s, "
                   f"warm RAM tier {r.get('projected_tok_s_warm') or 0:.2f}")
-    for k in ("projected_tok_s_k10", "projected_tok_s_k10_warm", "projected_tok_s_k10_staged",
-              "projected_tok_s_k10_direct", "projected_tok_s_k10_direct_warm", "projected_tok_s_k4",
-              "projected_tok_s_k4_warm", "projected_tok_s_k4_direct", "calibration_error"):
-        print(f"{k:<24} {st.get(k)}")
+    for k in sorted(x for x in st if x.startswith("projected_tok_s_") and "uniform" not in x and "today" not in x):
+        print(f"{k:<36} {st.get(k)}")
+    print(f"{'calibration_error':<36} {st.get('calibration_error')}")
     print(write_out(st, "397b.json"))
 
 

@@ -26,8 +26,11 @@ def test_bench_397b_small_pipeline(tmp_path):
     for k in ("projected_tok_s_k10", "projected_tok_s_k4", "calibration_error", "projected_tok_s_k10_today"):
         assert isinstance(res[k], float) and math.isfinite(res[k]) and res[k] >= 0, k
     assert res["commit"] and res["date"] and res["device"] == "cpu"
-    assert set(res["slice"]) == {f"{s}/k{k}/{kind}" for s in "AB" for k in (4, 2) for kind in ("replay", "uniform")} \
+    assert set(res["slice"]) == {f"{s}/k{k}/{kind}" for s in "AB" for k in (4, 2)
+                                 for kind in ("replay", "uniform", "replay-pf4")} \
         | {"A/k4/replay-staged", "B/k4/replay-staged"}
+    pf = res["slice"]["A/k4/replay-pf4"]  # history prefetch ran in the engine: its stats say so
+    assert pf["budget"]["prefetch_depth"] == 1 and pf["budget"]["prefetch_budget"] == 4 and pf["decode_tok_s"] > 0
     a = res["slice"]["A/k4/replay"]
     assert a["layers"] == 8 and a["experts_per_token"] == 4 and a["decode_tok_s"] > 0 and a["head_s"] > 0
     assert res["slice"]["B/k2/uniform"]["layers"] == 4 and res["slice"]["B/k2/uniform"]["experts_per_token"] == 2
@@ -42,11 +45,15 @@ def test_bench_397b_small_pipeline(tmp_path):
     assert bal["run"]["io"] == "direct" and bal["odirect_raw"]["gbps"] > 0 and bal["disk_vs_odirect"] is not None
     assert res["project"]["balloon_check"]["predicted_tok_s"] > 0
     pr = res["project"]
-    assert set(pr["runs"]) == {"k4/replay", "k4/uniform", "k2/replay", "k2/uniform", "k4/replay-staged"}
+    assert set(pr["runs"]) == {"k4/replay", "k4/uniform", "k2/replay", "k2/uniform", "k4/replay-staged",
+                               "k4/replay-pf4", "k2/replay-pf4"}
+    assert set(pr["direct"]["runs"]) == {"k4/replay", "k2/replay", "k4/replay-pf4", "k2/replay-pf4"}
+    assert isinstance(res["projected_tok_s_k10_direct_pf4"], float) and res["projected_tok_s_k10_direct"] > 0
     for r_ in pr["runs"].values():  # the per-term breakdown, from the runs' own host stats
         assert r_["host_terms_A"]["source"] == "stats.host" and r_["host_terms_A"]["s_per_vram_miss"] > 0
         terms = r_["terms_A_ms_per_token"]
-        assert terms["total"] == pytest.approx(r_["measured_A_ms_per_token"], rel=1e-6) or r_["c_s_per_layer"] == 0
+        # the fitted per-layer cost reproduces the measured time (closed form; bisection for the prefetch runs)
+        assert terms["total"] == pytest.approx(r_["measured_A_ms_per_token"], rel=1e-5) or r_["c_s_per_layer"] == 0
         assert {"compute", "pcie", "host_miss", "host_ram_miss", "disk_read"} <= set(r_["sim_60"]["terms_ms_per_token"])
     assert res["slice"]["A/k4/replay"]["host"]["ram_misses"] > 0
     for key, r_ in pr["runs"].items():  # the target's host work per RAM-tier miss is the run's own measured figure

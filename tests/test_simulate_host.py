@@ -138,6 +138,37 @@ def test_bench_calibration_recovers_a_known_per_layer_cost():
         4 * 0.4)
 
 
+def test_bench_calibration_with_prefetch_recovers_the_per_layer_cost():
+    """With history prefetch a layer's compute hides its prefetch copies, so the modelled time is not linear in the
+    per-layer cost: fit_c bisects. A run "measured" by the simulator with prefetch (2 candidates, a history predictor
+    of the same routing) and 0.4 ms per layer is fitted back to 0.4 ms."""
+    from tiered.predict.predictors import History, transition_params
+
+    b = _bench()
+    a = SimpleNamespace(prompt_tokens=4, warmup=2)
+    rng = np.random.default_rng(1)
+    E, K, N, L = 64, 4, 24, 8
+    ids = np.stack([np.stack([rng.choice(E // 2 if t % 3 else E, K, replace=False) for _ in range(L)])
+                    for t in range(N)])
+    tr = scripted(ids.tolist(), E)
+    pred = History(L, E, transition_params(tr))
+    block = 7_077_888
+    tm = TierModel(slots=24, partition="global", ram_slots=160, block_bytes=block, h2d_gbps=25.0, disk_gbps=1e9,
+                   host_s_per_miss=2e-4, host_s_per_ram_miss=1.5e-3, compute_s_per_layer=4e-4, overlap=True,
+                   prefetch_depth=1, prefetch_budget=2)
+    s, n, d = b.sim_decode(tr, tm, a.prompt_tokens, a.warmup + 8, 0.0, pred)
+    assert d["prefetch_issued"] > 0
+    vm, rm = d["decode_misses"], d["decode_ram_misses"]
+    ra = {"decode_tok_s": n / s, "layers": L, "expert_slots": 24, "ram_slots": 160, "h2d_gbps_target": 25.0,
+          "head_s": 0.0, "decode_tokens": n, "experts_per_token": K,
+          "budget": {"prefetch_depth": 1, "prefetch_budget": 2},
+          "host": {"vram_misses": vm, "ram_misses": rm, "miss_s": vm * 2e-4 + rm * 1.5e-3, "ram_s": rm * 1.5e-3,
+                   "s_per_vram_miss": 2e-4, "s_per_ram_miss": 1.5e-3, "register_s": 0.0}}
+    assert b.calibrated_model(ra, block, L, 0.0).prefetch_budget == 2
+    assert b.fit_c(ra, tr, block, a, pred) == pytest.approx(4e-4, rel=1e-4)
+    assert b.pf_budget("replay-pf4") == 4 and b.pf_budget("replay") == 0 and b.pf_budget("replay-staged") == 0
+
+
 def test_bench_host_terms_fallback_uses_only_stats_keys():
     """A result without `host` stats: a RAM-tier miss costs a block at the disk tier's measured rate, and the rest
     of host_s_per_layer is spread over the decode's device misses."""
