@@ -326,7 +326,9 @@ def test_pacing_on_cpu(reference_layout, ids):
     st = e.model.provider.stats()
     assert st["h2d_gbps_target"] == target
     assert st["vram"]["bytes_in"] > 0
-    assert abs(st["vram"]["gbps"] - target) <= 0.15 * target
+    # the pace caps the rate at the target; below it only when the host is slower than the link (a loaded CI
+    # machine: the copy window also holds the block's read), so the lower side gets a wide margin
+    assert 0.5 * target <= st["vram"]["gbps"] <= 1.15 * target
 
 
 class _PaceModel:
