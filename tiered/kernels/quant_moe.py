@@ -120,6 +120,13 @@ TUNED: dict[tuple, QConfig] = {
     ("gemv", "q4", 2048, 5120): QConfig(bn=8, bg=8, warps=4),
     ("gemv", "q8", 2048, 5120): QConfig(bn=2, bg=4, warps=2),
     ("gemv", "q4", 4096, 2048): QConfig(bn=8, bg=16, warps=8),
+    # applied by tools/apply_tuned.py from a bench_quant_kernels.py run (fastest deterministic tiles)
+    ('down', 'q4', 1024, 4096): QConfig(bn=8, bg=16, warps=4, split=1, conv=1, algo=1),
+    ('gate_up', 'q4', 2048, 768): QConfig(bn=4, bg=32, warps=4, split=1, conv=1, algo=1),
+    ('gate_up', 'q4', 4096, 1024): QConfig(bn=2, bg=32, warps=2, split=1, conv=1, algo=1),
+    ('gemv', 'q4', 2048, 151936): QConfig(bn=4, bg=32, warps=2, split=1, conv=1, algo=1),
+    ('gemv', 'q4', 2048, 5120): QConfig(bn=4, bg=32, warps=2, split=1, conv=1, algo=1),
+    ('gemv', 'q4', 4096, 2048): QConfig(bn=8, bg=32, warps=4, split=1, conv=1, algo=1),
 }
 
 
