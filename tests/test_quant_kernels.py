@@ -136,7 +136,9 @@ def test_experts_match_reference_loop(fmt, F, D, T):
 
 def test_bench_small_runs_on_cpu(tmp_path):
     """benchmarks/bench_quant_kernels.py --small (the CPU smoke run: interpreter, tiny shapes) runs every path
-    of the decode phase without a failed row, and suggests TUNED lines that mention both algorithms."""
+    of the decode phase without a failed row, and suggests TUNED lines that mention both algorithms. q4 only: the
+    pipeline is the same for every format (q8's kernels are checked against the reference above), and each format
+    costs minutes under the interpreter."""
     import json
     import subprocess
     import sys
@@ -145,16 +147,16 @@ def test_bench_small_runs_on_cpu(tmp_path):
     repo = Path(__file__).resolve().parent.parent
     env = {**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, str(repo / "benchmarks" / "bench_quant_kernels.py"), "--small",
-                        "--formats", "q4,q8"], env=env, capture_output=True, text=True, timeout=900)
+                        "--formats", "q4"], env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((tmp_path / "quant_kernels_small.json").read_text())
     assert res["failed"] == [], res["failed"]
-    keys = {"gate_up/q4/128/32", "down/q4/32/128", "gate_up/q8/64/64", "gemv/q4/128/20", "gemv/q8/256/8"}
+    keys = {"gate_up/q4/128/32", "down/q4/32/128", "gemv/q4/128/20"}
     assert keys <= set(res["suggested"]), sorted(res["suggested"])
     assert {"0", "1"} <= set(res["suggested"]["gate_up/q4/128/32"]["best_by_algo"])
     assert all(line.startswith("(") and "QConfig(" in line for line in res["tuned_lines"])
     parts = [r for r in res["rows"] if r["section"] == "parts"]
-    assert {(r["fmt"], r["algo"]) for r in parts} >= {("q4", 0), ("q4", 1), ("q8", 0), ("q8", 1)}
+    assert {(r["fmt"], r["algo"]) for r in parts} >= {("q4", 0), ("q4", 1)}
 
 
 def test_reference_path_off_cuda():
