@@ -193,9 +193,10 @@ def _kernels():
 
 def decorate_kernels():
     """(qgemv, qgate_up, qdown) freshly decorated with triton.jit (compiled or interpreted, as TRITON_INTERPRET
-    says now); the three see the decorated helpers (`dot_rows`, `dot_rows_flat`, `flat_step`, `add_pairs`). Tests use it
-    to compile for a GPU target without one."""
-    helpers = {"add_pairs": triton.jit(_add_pairs), "dot_rows": triton.jit(_dot_rows)}
+    says now); the three see the decorated helpers (`dot_rows`, `dot_rows_flat`, `flat_step`, `add_pairs`,
+    `nibbles`, `fp8_bits`). Tests use it to compile for a GPU target without one."""
+    helpers = {"add_pairs": triton.jit(_add_pairs), "nibbles": triton.jit(_nibbles),
+               "fp8_bits": triton.jit(_fp8_bits)}
 
     def bind(f):
         g = types.FunctionType(f.__code__, {**f.__globals__, **helpers}, f.__name__, f.__defaults__,
@@ -205,12 +206,44 @@ def decorate_kernels():
                                                                       f.__module__, f.__doc__)
         return triton.jit(g)
 
+    helpers["dot_rows"] = bind(_dot_rows)
     helpers["flat_step"] = bind(_flat_step)
     helpers["dot_rows_flat"] = bind(_dot_rows_flat)
     return bind(_qgemv), bind(_qgate_up), bind(_qdown)
 
 
 # The kernel bodies below are plain functions until _kernels() decorates them (Triton reads their source).
+
+def _nibbles(c, FMT: tl.constexpr, CONV: tl.constexpr):
+    """(lo, hi) fp32 values of the two 4-bit codes in each byte of c (int32; low nibble = even input): q4 the code
+    (CONV 1: 1 + c/16 by the mantissa trick of the module docstring), mxfp4 the e2m1 value (sign, exponent and
+    mantissa bits built directly; the block scale is applied by the caller)."""
+    if FMT == 1:
+        if CONV == 1:
+            lo = (((c << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+            hi = (((c << 15) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+        else:
+            lo = (c & 15).to(tl.float32)
+            hi = ((c >> 4) & 15).to(tl.float32)
+    else:
+        lo_c = c & 15
+        hi_c = (c >> 4) & 15
+        em = lo_c & 7
+        bl = tl.where(em >= 2, (em << 22) + (126 << 23), tl.where(em == 1, 0x3F000000, 0))
+        lo = (bl | ((lo_c & 8) << 28)).to(tl.float32, bitcast=True)
+        em = hi_c & 7
+        bh = tl.where(em >= 2, (em << 22) + (126 << 23), tl.where(em == 1, 0x3F000000, 0))
+        hi = (bh | ((hi_c & 8) << 28)).to(tl.float32, bitcast=True)
+    return lo, hi
+
+
+def _fp8_bits(codes):
+    """fp32 values of fp8 e4m3 bytes decoded from their bits (Triton's interpreter has no fp8 type)."""
+    c = codes.to(tl.int32)
+    mag = tl.where((c & 0x78) != 0, (((c & 0x7F) << 20) + (120 << 23)).to(tl.float32, bitcast=True),
+                   (c & 7).to(tl.float32) * 0.001953125)
+    return tl.where((c & 0x80) != 0, -mag, mag)
+
 
 def _dot_rows(x_row, q_rows, s_rows, m_rows, mask_n, KIN: tl.constexpr, KQ: tl.constexpr, NG: tl.constexpr,
              FMT: tl.constexpr, GROUP: tl.constexpr, GSTRIDE: tl.constexpr, GP: tl.constexpr,
@@ -233,30 +266,15 @@ def _dot_rows(x_row, q_rows, s_rows, m_rows, mask_n, KIN: tl.constexpr, KQ: tl.c
             xi = g[:, None] * GROUP + 2 * offs_j[None, :]  # [BG, GP]
             xe = tl.load(x_row + xi, mask=mu & (xi < KIN), other=0.0).to(tl.float32)
             xo = tl.load(x_row + xi + 1, mask=mu & (xi + 1 < KIN), other=0.0).to(tl.float32)
-            c = codes.to(tl.int32)
+            lo, hi = nibbles(codes.to(tl.int32), FMT, CONV)
+            d = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)  # [BN, BG]
             if FMT == 1:  # q4: code * scale + min
                 xs = tl.sum(xe + xo, axis=1)  # [BG] group sums of x
                 if CONV == 1:
-                    lo = (((c << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + c/16
-                    hi = (((c << 15) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
-                    d = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)  # [BN, BG]
                     d = (d - xs[None, :]) * 16.0
-                else:
-                    lo = (c & 15).to(tl.float32)
-                    hi = ((c >> 4) & 15).to(tl.float32)
-                    d = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)
                 m = tl.load(m_rows[:, None] + g[None, :], mask=ms, other=0).to(tl.float32)
                 acc += d * s + m * xs[None, :]
-            else:  # mxfp4: e2m1 value * 2^(e8m0 - 127); e2m1 bits built directly (sign, exponent, mantissa)
-                lo_c = c & 15
-                hi_c = (c >> 4) & 15
-                em = lo_c & 7
-                bl = tl.where(em >= 2, (em << 22) + (126 << 23), tl.where(em == 1, 0x3F000000, 0))
-                lo = (bl | ((lo_c & 8) << 28)).to(tl.float32, bitcast=True)
-                em = hi_c & 7
-                bh = tl.where(em >= 2, (em << 22) + (126 << 23), tl.where(em == 1, 0x3F000000, 0))
-                hi = (bh | ((hi_c & 8) << 28)).to(tl.float32, bitcast=True)
-                d = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)
+            else:  # mxfp4: e2m1 value * 2^(e8m0 - 127)
                 acc += d * tl.exp2(s - 127.0)
         else:  # q8 (int8) and fp8 (e4m3): one input per unit, value * scale
             xi = g[:, None] * GROUP + offs_j[None, :]
@@ -264,10 +282,7 @@ def _dot_rows(x_row, q_rows, s_rows, m_rows, mask_n, KIN: tl.constexpr, KQ: tl.c
             if FMT == 3:  # fp8 e4m3 bytes (uint8): bitcast to fp8 (same width), the hardware converts
                 v = codes.to(tl.float8e4nv, bitcast=True).to(tl.float32)
             elif FMT == 4:  # fp8 e4m3 bytes decoded from their bits (Triton's interpreter has no fp8)
-                c = codes.to(tl.int32)
-                mag = tl.where((c & 0x78) != 0, (((c & 0x7F) << 20) + (120 << 23)).to(tl.float32, bitcast=True),
-                               (c & 7).to(tl.float32) * 0.001953125)
-                v = tl.where((c & 0x80) != 0, -mag, mag)
+                v = fp8_bits(codes)
             else:  # q8: int8
                 v = codes.to(tl.float32)
             d = tl.sum(v * xv[None, :, :], axis=2)
@@ -286,31 +301,12 @@ def _flat_step(codes, xv, s, m_ptrs, ms, xs_in, FMT: tl.constexpr, GROUP: tl.con
     first's); codes [BN, UK] packed units, xv [BK] fp32 inputs, s [BN, BG] scales, m_ptrs / ms the q4 mins'
     pointers and mask."""
     if FMT == 1 or FMT == 2:  # two 4-bit codes per byte: even input low nibble, odd input high
-        c = codes.to(tl.int32)
-        if FMT == 1:
-            if CONV == 1:  # 1 + c/16 (see the module docstring)
-                lo = (((c << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
-                hi = (((c << 15) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
-            else:
-                lo = (c & 15).to(tl.float32)
-                hi = ((c >> 4) & 15).to(tl.float32)
-        else:  # mxfp4: e2m1 bits built directly (sign, exponent, mantissa)
-            lo_c = c & 15
-            hi_c = (c >> 4) & 15
-            em = lo_c & 7
-            bl = tl.where(em >= 2, (em << 22) + (126 << 23), tl.where(em == 1, 0x3F000000, 0))
-            lo = (bl | ((lo_c & 8) << 28)).to(tl.float32, bitcast=True)
-            em = hi_c & 7
-            bh = tl.where(em >= 2, (em << 22) + (126 << 23), tl.where(em == 1, 0x3F000000, 0))
-            hi = (bh | ((hi_c & 8) << 28)).to(tl.float32, bitcast=True)
+        lo, hi = nibbles(codes.to(tl.int32), FMT, CONV)
         v = tl.interleave(lo, hi)  # [BN, BK] in input order
     elif FMT == 3:  # fp8 e4m3 bytes (uint8): bitcast to fp8, the hardware converts
         v = codes.to(tl.float8e4nv, bitcast=True).to(tl.float32)
     elif FMT == 4:  # fp8 e4m3 bytes decoded from their bits (Triton's interpreter has no fp8)
-        c = codes.to(tl.int32)
-        mag = tl.where((c & 0x78) != 0, (((c & 0x7F) << 20) + (120 << 23)).to(tl.float32, bitcast=True),
-                       (c & 7).to(tl.float32) * 0.001953125)
-        v = tl.where((c & 0x80) != 0, -mag, mag)
+        v = fp8_bits(codes)
     else:  # q8: int8
         v = codes.to(tl.float32)
     xb = tl.broadcast_to(xv[None, :], [BN, BK])
