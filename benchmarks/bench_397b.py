@@ -22,6 +22,11 @@ a phase rebuilds what it needs when the machine came back cold):
            layer, ranked by router-history transitions fitted on the reference model's fit/ routing (mapped the
            same way as the replayed eval routing); the projection simulates the same predictor (fit_c bisects the
            per-layer cost, since a layer's compute hides its prefetch copies).
+           --extra-kinds adds run kinds named by parts after the routing: "direct" (--io direct: O_DIRECT reads
+           into the pinned RAM tier, the target's mode: 64 GB of RAM below a 209 GB model) and "cpuN" (--cpu-experts
+           auto --cpu-threads N: misses whose block is in the RAM tier computed on N of this box's cores when that
+           finishes first, beside the paced link), e.g. replay-direct,replay-direct-cpu8. The projection of a cpuN
+           run gives the target's CPU the run's measured CPU-expert GB/s (--target-cpu-gbps overrides it).
   batch    aggregate decode tok/s of the batch scheduler at --batches (8, 32) on slice --batch-slice (B) at K = 10,
            the slice's budget flags, routing replayed per row (a different mapped window per row) and uniform;
            the rows' state (DeltaNet slots: fixed bytes per sequence; K/V pages) is reserved inside the VRAM
@@ -262,6 +267,19 @@ def _scaled_cfg(cfg, layers: int):
 
 
 # --- one run -------------------------------------------------------------------------------------------
+def kind_flags(kind: str) -> dict:
+    """The budget flags a run kind's parts add: "direct" -> --io direct (the target's mode: O_DIRECT reads into
+    the pinned RAM tier); "cpuN" -> --cpu-experts auto --cpu-threads N (CPU experts from the RAM tier, N threads:
+    the target's CPU emulated by N of this box's cores)."""
+    out: dict = {}
+    for part in kind.split("-")[1:]:
+        if part == "direct":
+            out["io"] = "direct"
+        elif part.startswith("cpu") and part[3:].isdigit():
+            out.update(cpu_experts="auto", cpu_threads=int(part[3:]))
+    return out
+
+
 def pf_budget(kind: str) -> int:
     """Prefetch candidates per layer of a run kind: "replay-pf4" -> 4; 0 for kinds without prefetch."""
     tail = [x for x in kind.split("-")[1:] if x.startswith("pf")]
@@ -421,6 +439,7 @@ def phase_slice(a, st: dict, device: torch.device) -> None:
             if a.staged and a.io_register == "auto" and k == ((10, 4) if not a.small else (cfg.top_k,))[0]:
                 kinds.append("replay-staged")  # the RAM tier as pinned copies (--io-register off), native K only
             kinds += [f"replay-pf{c}" for c in a.prefetch]  # history prefetch one layer ahead, c per layer
+            kinds += [x for x in a.extra_kinds.split(",") if x]
             if a.only_kinds:
                 kinds = [x for x in kinds if x in a.only_kinds]
             for kind in kinds:
@@ -431,6 +450,7 @@ def phase_slice(a, st: dict, device: torch.device) -> None:
                 log(f"slice {key}: {cfg.num_layers} layers, {b['flags']}")
                 tr = routing_for(kind, ref, cfg.num_layers, cfg.num_experts, k, tokens, a)
                 flags = {**b["flags"], "io_register": "off"} if kind.endswith("-staged") else dict(b["flags"])
+                flags.update(kind_flags(kind))
                 pred = None
                 if pf_budget(kind):
                     flags.update(prefetch_depth=1, prefetch_budget=pf_budget(kind))
@@ -519,7 +539,7 @@ def phase_balloon(a, st: dict, device: torch.device) -> None:
 
 
 # --- project -------------------------------------------------------------------------------------------
-TERMS = ("compute", "pcie", "host_miss", "host_ram_miss", "disk_read")
+TERMS = ("compute", "pcie", "host_miss", "host_ram_miss", "disk_read", "cpu_experts")
 
 
 def sim_decode(tr: Trace, tm: TierModel, prompt: int, warm: int, head_s: float = 0.0,
@@ -547,6 +567,7 @@ def sim_decode(tr: Trace, tm: TierModel, prompt: int, warm: int, head_s: float =
     d["terms_ms_per_token"] = terms
     d["decode_ram_misses"] = full.disk_reads - first.disk_reads
     d["decode_misses"] = full.misses - first.misses
+    d["decode_cpu_experts"] = full.cpu_experts - first.cpu_experts
     return full.seconds - first.seconds + head_s * n_dec, n_dec, d
 
 
@@ -585,10 +606,17 @@ def link_gbps(r: dict) -> float:
     return r.get("h2d_gbps_target") or (r.get("vram") or {}).get("gbps") or 25.0
 
 
+def cpu_rate(r: dict) -> float:
+    """A run's CPU-expert GB/s (bytes of expert blocks over the worker's compute seconds), 0 without CPU experts."""
+    ce = r.get("cpu_experts") or {}
+    return float(ce.get("gbps") or 0.0) if ce.get("mode") not in (None, "off") and ce.get("count") else 0.0
+
+
 def calibrated_model(r: dict, block: int, layers: int, c: float) -> TierModel:
     """The simulator set up like run `r`: its slots and RAM slots, its link rate, its measured host seconds per
     device miss and per RAM-tier miss (the wait for a RAM-tier miss's read is inside the latter, so the disk term
-    is off), per-layer cost c; the pipelined model (copies overlap the host's work on later misses)."""
+    is off), per-layer cost c; the pipelined model (copies overlap the host's work on later misses); with CPU
+    experts, the run's measured CPU-expert rate (the rest of a CPU step's cost, hand-off and result copy, is in c)."""
     ht = host_terms(r, block)
     bud = r.get("budget") or {}
     depth = int(bud.get("prefetch_depth") or 0)
@@ -596,7 +624,7 @@ def calibrated_model(r: dict, block: int, layers: int, c: float) -> TierModel:
                      ram_slots=r["ram_slots"] or None, block_bytes=block, h2d_gbps=link_gbps(r), disk_gbps=1e9,
                      compute_s_per_layer=c, host_s_per_miss=ht["s_per_vram_miss"],
                      host_s_per_ram_miss=ht["s_per_ram_miss"], overlap=True, prefetch_depth=depth,
-                     prefetch_budget=int(bud.get("prefetch_budget") or 0) if depth else 0)
+                     prefetch_budget=int(bud.get("prefetch_budget") or 0) if depth else 0, cpu_gbps=cpu_rate(r))
 
 
 def fit_c(r: dict, tr: Trace, block: int, a, predictor: History | None = None) -> float:
@@ -640,11 +668,16 @@ def target_projection(a, ref: Trace, kind: str, k: int, c: float, ht: dict, ra: 
     # measured host cost per RAM-tier miss: conservative)
     pf = pf_budget(kind)  # prefetch runs: the same history predictor, fitted on fit/ mapped onto 60 layers
     pred = history_predictor(a, TARGET_LAYERS, E, k) if pf else None
+    # CPU-expert runs: the target's CPU computes at --target-cpu-gbps, default the run's own measured rate (N of
+    # this box's cores, the run kind's cpuN: the emulated CPU)
+    cpu_g = cpu_rate(ra)
+    if cpu_g and a.target_cpu_gbps is not None:
+        cpu_g = a.target_cpu_gbps
     tm = TierModel(slots=max(k, b["slots_target_60"]), partition="global", policy="lru",
                    ram_slots=int(b["ram_tier_target_gib"] * GiB // block), block_bytes=block,
                    h2d_gbps=a.h2d_gbps, disk_gbps=a.target_disk_gbps, compute_s_per_layer=c_t,
                    host_s_per_miss=ht["s_per_vram_miss"], host_s_per_ram_miss=ht["target_s_per_ram_miss"],
-                   overlap=True, prefetch_depth=1 if pf else 0, prefetch_budget=pf)
+                   overlap=True, prefetch_depth=1 if pf else 0, prefetch_budget=pf, cpu_gbps=cpu_g)
     head_t = (ra.get("head_s") or 0.0) + lm_head_bytes / (a.target_hbm_gbps * 1e9)
     s60, n60, d60 = sim_decode(tr60, tm, a.prompt_tokens, a.warmup + 8, head_t, pred)
     if a.warm_tokens > 0:  # the same after --warm-tokens more tokens of routing: RAM tier and slots in use
@@ -652,7 +685,7 @@ def target_projection(a, ref: Trace, kind: str, k: int, c: float, ht: dict, ra: 
             trw = routing_for(kind, ref, TARGET_LAYERS, E, k, tokens + a.warm_tokens, a)
             sw, nw, dw = sim_decode(trw, tm, a.warm_tokens + a.prompt_tokens, 0, head_t, pred)
             row["projected_tok_s_warm"] = nw / sw if sw > 0 else None
-            row["sim_60_warm"] = {x: dw.get(x) for x in ("ram_hit_rate", "terms_ms_per_token")}
+            row["sim_60_warm"] = {x: dw.get(x) for x in ("ram_hit_rate", "terms_ms_per_token", "cpu_share")}
         except SystemExit as e:  # no eval document that long
             row["projected_tok_s_warm"] = None
             row["sim_60_warm"] = {"error": str(e)}
@@ -662,11 +695,11 @@ def target_projection(a, ref: Trace, kind: str, k: int, c: float, ht: dict, ra: 
     row["projected_tok_s_today"] = nt60 / st60 if st60 > 0 else None  # tiered's dense as it is (embeddings on GPU)
     row["target_slots_today"] = tm_today.slots
     row.update({"projected_tok_s": n60 / s60 if s60 > 0 else None, "c_target_s_per_layer": c_t,
-                "head_target_s": head_t,
+                "head_target_s": head_t, "target_cpu_gbps": cpu_g,
                 "target_slots": tm.slots, "target_ram_slots": tm.ram_slots,
                 "sim_60": {x: d60.get(x) for x in ("hit_rate", "ram_hit_rate", "bytes_h2d_per_token",
                                                    "bytes_disk_per_token", "stall_share", "terms_ms_per_token",
-                                                   "prefetch_precision")}})
+                                                   "prefetch_precision", "cpu_share")}})
     return row
 
 
@@ -753,6 +786,11 @@ def phase_project(a, st: dict) -> None:
         dr = ((out.get("direct") or {}).get("runs") or {}).get(f"k{k}/replay")
         st[f"projected_tok_s_{label}_direct"] = dr["projected_tok_s"] if dr else None
         st[f"projected_tok_s_{label}_direct_warm"] = dr.get("projected_tok_s_warm") if dr else None
+        for (kp, kind), r in proj.items():  # runs of the extra kinds (direct, cpuN): their own mode's host terms
+            if kp == k and kind_flags(kind) and not pf_budget(kind):
+                tag = kind.split("-", 1)[1]
+                st[f"projected_tok_s_{label}_{tag}"] = r["projected_tok_s"]
+                st[f"projected_tok_s_{label}_{tag}_warm"] = r.get("projected_tok_s_warm")
         for (kp, kind), r in proj.items():  # prefetch runs: mmap mode, and direct with the balloon's host terms
             if kp == k and pf_budget(kind):
                 tag = kind.split("-", 1)[1]
@@ -799,6 +837,10 @@ def main() -> None:
                     help="project: also project after this many more tokens of routing (the target's RAM tier "
                          "warm, as in a session), beside the cold start the slices measured (0: skip)")
     ap.add_argument("--target-hbm-gbps", type=float, default=400.0)
+    ap.add_argument("--target-cpu-gbps", type=float, default=None,
+                    help="the target CPU's expert GB/s for cpuN runs [default: the run's measured rate]")
+    ap.add_argument("--extra-kinds", default="",
+                    help="slice phase: more run kinds, routing plus parts (direct, cpuN), e.g. replay-direct-cpu8")
     ap.add_argument("--h2d-gbps", type=float, default=25.0)
     ap.add_argument("--force-slots", action="store_true", help="use the target's scaled slot count even if VRAM fits")
     ap.add_argument("--process-gib", type=float, default=6.0, help="balloon: RAM the engine process needs beyond its tier")

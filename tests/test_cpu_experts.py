@@ -204,6 +204,45 @@ def test_ram_tier_blocks_feed_the_cpu(reference_layout, ids, reference_run):
     assert 0 < st["ram"]["hits"] <= n and st["ram"]["misses"] == 0  # decode reads RAM only for CPU experts
 
 
+def test_auto_with_a_small_ram_tier_sends_only_ram_blocks_and_starts_the_cpu_first(reference_layout, ids,
+                                                                                   reference_run):
+    """--cpu-experts auto with a RAM tier smaller than the model (the 397B's target: --io direct, 64 GB of RAM):
+    only misses whose block is in the RAM tier go to the CPU (never a fault through the mapping), the others are
+    copied after their read; the piecewise step hands the CPU its jobs before the copies are issued, so that the
+    CPU works beside the link and the disk. Tokens and logits are those of --cpu-experts off."""
+    bs = 49152
+    e = _engine(reference_layout, "auto", pieces=True, slots=8, ram_gb=300 * bs / 2**30)
+    cache = e.model.provider
+    assert cache.ram is not None and cache.ram.n_slots < cache.num_layers * cache.num_experts
+    cache.cost_model = CostModel(1.0, 1.0, fixed=True)
+    events: list[tuple[str, int]] = []
+    host_blocks, load_ = cache._host_blocks, cache._load
+
+    def spy_host_blocks(layer, keys, idx, t, pinned, out):
+        in_ram = [cache.ram.table.lookup(k) is not None for k in keys]
+        events.append(("cpu", t, all(in_ram)))
+        return host_blocks(layer, keys, idx, t, pinned, out)
+
+    def spy_load(keys, slot_of, t, pinned):
+        events.append(("load", t, True))
+        return load_(keys, slot_of, t, pinned)
+
+    cache._host_blocks, cache._load = spy_host_blocks, spy_load
+    toks, outs = _step_logits(e, ids, NEW)
+    assert toks == reference_run[0]
+    for x, y in zip(outs, reference_run[1]):
+        assert _rel(x, y) <= 1e-5
+    cpu_steps = [ev for ev in events if ev[0] == "cpu"]
+    assert cpu_steps and all(ok for _, _, ok in cpu_steps)  # every CPU job read a RAM-tier block
+    both = {t for kind, t, _ in events if kind == "cpu"} & {t for kind, t, _ in events if kind == "load"}
+    assert both  # steps with CPU experts and copies: the CPU's jobs came first
+    for t in both:
+        order = [kind for kind, tt, _ in events if tt == t]
+        assert order.index("cpu") < order.index("load")
+    st = cache.stats()
+    assert 0 < st["cpu_experts"]["count"] < st["decode"]["misses"]
+
+
 @pytest.mark.parametrize("fmt", ["q8", "q4"])
 def test_quantized_experts_on_the_cpu(reference_model, ids, tmp_path, fmt):
     """q8 and q4 experts: the CPU reads the quantized blocks in place (the native kernel where it builds, else

@@ -77,7 +77,8 @@ def test_scripted_trace_hand_computed():
     assert (res.hits, res.disk_reads, res.ram_hits) == (0, 4, 4)
     assert res.seconds == pytest.approx(10.0)
     t = res.extra["terms_s"]
-    assert t == pytest.approx({"compute": 0.2, "pcie": 8.0, "host_miss": 0.8, "host_ram_miss": 0.8, "disk_read": 2.0})
+    assert t == pytest.approx({"compute": 0.2, "pcie": 8.0, "host_miss": 0.8, "host_ram_miss": 0.8, "disk_read": 2.0,
+                                   "cpu_experts": 0.0})
     assert simulate(tr, TierModel(**kw), with_belady=False).seconds == pytest.approx(11.8)
     # no host terms, serial: the model as it was (demand bytes / h2d + disk bytes / disk + compute)
     old = TierModel(**{**kw, "host_s_per_miss": 0.0, "host_s_per_ram_miss": 0.0})
@@ -216,3 +217,51 @@ def test_bench_host_terms_target_uses_the_measured_host_work_per_ram_miss():
     assert ht["verify_s_per_block"] == pytest.approx(0.01 / 20)
     ht = b.host_terms({"host": h}, 7_000_000)
     assert ht["target_s_per_ram_miss"] == pytest.approx(0.02 / 40)
+
+
+def test_cpu_experts_step_terms():
+    """The CPU works beside the link: the stall is the later of the two (pipelined), their sum (serial)."""
+    B = 10**9
+    tm = TierModel(slots=16, block_bytes=B, h2d_gbps=1.0, compute_s_per_layer=0.05, overlap=True, cpu_gbps=2.0,
+                   cpu_overhead_s=0.1)
+    got = step_terms(tm, demand=2, disk=0, cpu=3)  # link 2 x 1 s; CPU 0.1 + 3 x 0.5 s
+    assert got["cpu_experts"] == pytest.approx(1.6)
+    assert got["stall"] == pytest.approx(2.0) and got["total"] == pytest.approx(2.05)
+    got = step_terms(tm, demand=1, disk=0, cpu=4)  # link 1 s; CPU 2.1 s
+    assert got["stall"] == pytest.approx(2.1)
+    serial = step_terms(TierModel(**{**tm.__dict__, "overlap": False}), demand=1, disk=0, cpu=4)
+    assert serial["stall"] == pytest.approx(1.0 + 2.1)
+    assert step_terms(tm, demand=2, disk=0)["cpu_experts"] == 0.0
+
+
+def test_cpu_experts_scripted_trace_hand_computed():
+    """One layer, 6 experts, K = 3, 3 device slots, 4 RAM slots, LRU. 1 GB blocks: link 1 s a copy, CPU 0.5 s an
+    expert (+0.25 s a step with CPU work), disk 2 s a read.
+      step 1 [0 1 2]: none in RAM (no CPU candidates): three disk reads, loaded to the device; RAM {0 1 2}.
+      step 2 [3 0 4]: 0 hits; 3 and 4 are read from disk (RAM: 3 fills the 4th slot, 4 evicts 0, the least recently
+        read: a device hit does not touch the RAM tier) and loaded, evicting 1 and 2; RAM {1 2 3 4}, device {0 3 4}.
+      step 3 [1 2 5]: all miss; 1 and 2 are in RAM (candidates), 5 is on disk (the link's queue starts at its 1 s
+        copy): CPU 0.25 + 0.5 = 0.75 < link 2 -> CPU; CPU 1.25 < 2 -> CPU; 5 is read and loaded.
+    So: uses 9, hits 1, CPU 2, 6 device loads, all 6 from disk."""
+    tr = scripted([[[0, 1, 2]], [[3, 0, 4]], [[1, 2, 5]]], E=6)
+    tm = TierModel(slots=3, partition="global", ram_slots=4, block_bytes=10**9, h2d_gbps=1.0, disk_gbps=0.5,
+                   compute_s_per_layer=0.05, cpu_gbps=2.0, cpu_overhead_s=0.25, overlap=True)
+    r = simulate(tr, tm, with_belady=False)
+    d = r.to_dict()
+    assert (r.uses, r.hits, r.cpu_experts, r.disk_reads) == (9, 1, 2, 6)
+    assert d["bytes_h2d_per_token"] == pytest.approx(6 * 10**9 / 3)
+    # step 3: the link's pipeline (one disk read of 2 s, then its 1 s copy) against the CPU's 0.25 + 2 x 0.5 s
+    assert r.extra["terms_s"]["cpu_experts"] == pytest.approx(1.25)
+    off = simulate(tr, TierModel(**{**tm.__dict__, "cpu_gbps": 0.0}), with_belady=False)
+    assert off.cpu_experts == 0 and off.hits + off.misses == 9
+    slow = simulate(tr, TierModel(**{**tm.__dict__, "cpu_gbps": 1e-3}), with_belady=False)  # never worth it
+    assert slow.cpu_experts == 0
+    assert (slow.hits, slow.disk_reads, slow.seconds) == (off.hits, off.disk_reads, pytest.approx(off.seconds))
+
+
+def test_cpu_experts_without_ram_tier_every_miss_is_a_candidate():
+    tr = scripted([[[0, 1]], [[2, 3]], [[0, 1]]], E=4)
+    tm = TierModel(slots=2, partition="global", block_bytes=10**9, h2d_gbps=1.0, compute_s_per_layer=0.0,
+                   cpu_gbps=1e3, overlap=True)  # a CPU far faster than the link takes every miss
+    r = simulate(tr, tm, with_belady=False)
+    assert r.cpu_experts == 6 and r.hits == 0 and r.to_dict()["bytes_h2d_per_token"] == 0.0

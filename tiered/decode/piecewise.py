@@ -255,10 +255,13 @@ class PiecewiseDecode:
         fut = None
         if self.split:
             jobs: list = []
-            slots = get_slots(l, ids_list, cpu=jobs)
-            if jobs:
+            self._cpu_at = (l, r, w_h[0] if replayed else None)
+            self._cpu_fut = None
+            slots = get_slots(l, ids_list, cpu=jobs, cpu_start=self._cpu_go)  # the CPU starts before the copies
+            fut = self._cpu_fut
+            if fut is None and jobs:  # a provider that fills the jobs without calling cpu_start
                 fut = self._start_cpu(l, r, jobs, w_h[0] if replayed else None)
-            elif self._dirty[l]:  # the static row still holds an earlier step's sum
+            elif fut is None and self._dirty[l]:  # the static row still holds an earlier step's sum
                 self._partial_dev[l].zero_()
                 self._dirty[l] = False
         elif get_slots is not None:
@@ -277,6 +280,11 @@ class PiecewiseDecode:
         self.wait_s += t1 - t0
         self.route_s += t2 - t1
         self._late = (obs, l, r, ids, (ids_h, w_h) if replayed else None) if late else None
+
+    def _cpu_go(self, jobs: list) -> None:
+        """get_slots' cpu_start: hand the step's CPU jobs to the worker now, before the misses are copied."""
+        l, r, w = self._cpu_at
+        self._cpu_fut = self._start_cpu(l, r, jobs, w)
 
     def _start_cpu(self, l: int, r: Routed, jobs: list, w_replayed: Tensor | None) -> Any:
         """Hand layer l's CPU experts to the worker: x and the routing weights on the host (the host has waited

@@ -22,6 +22,12 @@ bookkeeping) before its copy is queued; copies cross the link one after another 
 it is issued and the previous copy is done. The step takes the last copy's end, then the compute (prefetch copies
 overlap it as above). `step_terms` gives the same for one step's counts, for reports.
 
+CPU experts (`cpu_gbps` > 0: `--cpu-experts auto` as the cache runs it): a step's misses whose block is in the RAM
+tier (every miss when there is no RAM tier) are candidates; store/offload.py's CostModel places them greedily, with
+the link's queue starting at the step's RAM-tier misses (they go to the link after their read). A miss placed on the
+CPU is not loaded into a device slot (it touches its RAM block); the CPU starts at the step's start and takes
+`cpu_overhead_s` plus block / cpu_gbps per expert, beside the link; the step's stall is the later of the two.
+
 Partition "layer" gives each layer slots // L slots and its own policy (the reference figures of docs/metrics.md);
 "global" shares all slots under one policy, like the cache.
 """
@@ -58,6 +64,8 @@ class TierModel:
     host_s_per_ram_miss: float = 0.0  # more host seconds per RAM-tier miss besides its read (registration, ...)
     overlap: bool = False  # the pipelined model (module doc); False = the serial sum
     evict_mix: tuple | None = None  # policy "predicted": (decay, w_prob, w_use) terms; None = DEFAULT_EVICT_MIX
+    cpu_gbps: float = 0.0  # CPU-expert GB/s (bytes of expert blocks per second of CPU compute); 0 = no CPU experts
+    cpu_overhead_s: float = 0.0  # fixed seconds of a step that computes experts on the CPU (hand-off, result copy)
 
     def __post_init__(self) -> None:
         if self.partition not in ("layer", "global"):
@@ -66,23 +74,28 @@ class TierModel:
             raise ValueError("prefetch depth and budget must be >= 0")
         if min(self.host_s_per_miss, self.host_s_per_ram_miss, self.compute_s_per_layer) < 0:
             raise ValueError("host and compute seconds must be >= 0")
+        if self.cpu_gbps < 0 or self.cpu_overhead_s < 0:
+            raise ValueError("cpu_gbps and cpu_overhead_s must be >= 0")
         if self.h2d_gbps <= 0 or self.disk_gbps <= 0:
             raise ValueError(f"h2d_gbps and disk_gbps must be > 0, got {self.h2d_gbps} and {self.disk_gbps}")
 
 
-def step_terms(tiers: TierModel, demand: int, disk: int, prefetch: int = 0) -> dict[str, float]:
+def step_terms(tiers: TierModel, demand: int, disk: int, prefetch: int = 0, cpu: int = 0) -> dict[str, float]:
     """Seconds of one step with `demand` device misses of which `disk` are RAM-tier misses (served last, as the
-    cache does) and `prefetch` prefetched blocks: "total" and its parts. Serial model: the parts add up. Pipelined:
-    "total" is the pipeline's end plus compute, and the parts are each resource's busy time (they overlap)."""
+    cache does), `prefetch` prefetched blocks and `cpu` misses computed on the CPU: "total" and its parts. Serial
+    model: the parts add up. Pipelined: "total" is the later of the link's pipeline and the CPU's work, plus
+    compute, and the parts are each resource's busy time (they overlap)."""
     B = tiers.block_bytes
     p = B / (tiers.h2d_gbps * GB)
     r = B / (tiers.disk_gbps * GB)
     hv, hr = tiers.host_s_per_miss, tiers.host_s_per_ram_miss
     compute = max(tiers.compute_s_per_layer, prefetch * p)
     parts = {"compute": tiers.compute_s_per_layer, "pcie": (demand + prefetch) * p, "prefetch_pcie": prefetch * p,
-             "host_miss": demand * hv, "host_ram_miss": disk * hr, "disk_read": disk * r}
+             "host_miss": demand * hv, "host_ram_miss": disk * hr, "disk_read": disk * r, "cpu_experts": 0.0}
+    if cpu:
+        parts["cpu_experts"] = tiers.cpu_overhead_s + cpu * B / (tiers.cpu_gbps * GB)
     if not tiers.overlap:
-        stall = demand * p + disk * r + demand * hv + disk * hr
+        stall = demand * p + disk * r + demand * hv + disk * hr + parts["cpu_experts"]
     else:
         host = link = 0.0
         for i in range(demand):
@@ -91,7 +104,7 @@ def step_terms(tiers: TierModel, demand: int, disk: int, prefetch: int = 0) -> d
                 host = max(host, (j + 1) * r) + hr
             host += hv
             link = max(link, host) + p
-        stall = link
+        stall = max(link, parts["cpu_experts"])
     return {"total": compute + stall, "stall": stall, **parts}
 
 
@@ -103,6 +116,7 @@ class SimResult:
     disk_reads: int = 0  # device misses read from disk
     prefetch_issued: int = 0  # experts loaded by prefetch
     prefetch_used: int = 0  # ... and used before being evicted
+    cpu_experts: int = 0  # misses computed on the CPU (cpu_gbps > 0)
     tokens: int = 0
     seconds: float = 0.0  # modelled time
     stall_s: float = 0.0  # modelled demand-load time
@@ -120,12 +134,13 @@ class SimResult:
         d = {
             "hit_rate": self.hits / u, "hits": self.hits, "misses": self.misses, "uses": self.uses,
             "ram_hit_rate": self.ram_hits / max(self.misses, 1), "disk_reads": self.disk_reads,
-            "bytes_h2d_per_token": (self.misses + self.prefetch_issued) * self.block_bytes / tok,
+            "bytes_h2d_per_token": (self.misses - self.cpu_experts + self.prefetch_issued) * self.block_bytes / tok,
             "bytes_disk_per_token": self.disk_reads * self.block_bytes / tok,
             "prefetch_issued": self.prefetch_issued, "prefetch_used": self.prefetch_used,
             "prefetch_precision": self.prefetch_used / self.prefetch_issued if self.prefetch_issued else None,
             "prefetch_wasted_bytes": (self.prefetch_issued - self.prefetch_used) * self.block_bytes,
             "tokens": self.tokens, "tok_s": self.tokens / self.seconds if self.seconds > 0 else None,
+            "cpu_experts": self.cpu_experts, "cpu_share": self.cpu_experts / max(self.misses, 1),
             "stall_share": self.stall_s / self.seconds if self.seconds > 0 else None,
         }
         if self.belady_hits is not None:
@@ -181,7 +196,12 @@ def simulate(trace: Trace, tiers: TierModel, *, predictor: Predictor | None = No
     weights = torch.from_numpy(trace.topk_weights)
     hidden = None if trace.hidden is None else torch.from_numpy(trace.hidden)
     steps: list[list[list[int]]] = [[] for _ in range(n_caches)]  # per cache: keys per step, for Belady
-    terms = {"compute": 0.0, "pcie": 0.0, "host_miss": 0.0, "host_ram_miss": 0.0, "disk_read": 0.0}
+    terms = {"compute": 0.0, "pcie": 0.0, "host_miss": 0.0, "host_ram_miss": 0.0, "disk_read": 0.0, "cpu_experts": 0.0}
+    cost = None
+    if tiers.cpu_gbps > 0:
+        from tiered.store.offload import CostModel  # the cache's own placement rule
+
+        cost = CostModel(tiers.h2d_gbps, tiers.cpu_gbps, cpu_overhead_s=tiers.cpu_overhead_s, fixed=True)
     clock = 0
     for d in range(trace.num_docs):
         a, b = int(trace.doc_offsets[d]), int(trace.doc_offsets[d + 1])
@@ -207,8 +227,10 @@ def simulate(trace: Trace, tiers: TierModel, *, predictor: Predictor | None = No
                 keys = [l * E + int(e) for e in ids_np]
                 steps[l if per_layer else 0].append(keys)
                 pinned = set(keys)
-                demand = disk = 0
-                for k in keys:
+                demand = disk = n_cpu = 0
+                if cost is not None:
+                    demand, disk, n_cpu = _split_step(keys, c, ram, cost, clock, pinned, res, B)
+                for k in keys if cost is None else ():
                     res.uses += 1
                     if k in c.policy:
                         res.hits += 1
@@ -236,10 +258,10 @@ def simulate(trace: Trace, tiers: TierModel, *, predictor: Predictor | None = No
                             pf += 1
                             disk += _from_ram(ram, k, clock, res)
                     res.prefetch_issued += pf
-                st = step_terms(tiers, demand, disk, pf)
+                st = step_terms(tiers, demand, disk, pf, n_cpu)
                 res.stall_s += st["stall"]
                 res.seconds += st["total"]
-                for part in ("compute", "pcie", "host_miss", "host_ram_miss", "disk_read"):
+                for part in ("compute", "pcie", "host_miss", "host_ram_miss", "disk_read", "cpu_experts"):
                     terms[part] += st[part]
                 if on_step is not None:
                     on_step(n, l)
@@ -247,6 +269,44 @@ def simulate(trace: Trace, tiers: TierModel, *, predictor: Predictor | None = No
         res.belady_hits = sum(belady(s, cap)[0] for s in steps)
     res.extra["terms_s"] = terms  # each resource's busy seconds (they overlap in the pipelined model)
     return res
+
+
+def _split_step(keys: list[int], c: _Tier, ram: _Tier | None, cost: Any, t: float, pinned: set[int],
+                res: SimResult, B: int) -> tuple[int, int, int]:
+    """One step with CPU experts, in the cache's order (cache.get_slots): hits are touched; the misses whose block
+    is in the RAM tier are placed by the cost model (the link's queue starts at the RAM-tier misses, which go to
+    the link); CPU misses touch their RAM block and take no device slot; the rest are loaded, RAM-tier misses
+    last. -> (device misses, of which RAM-tier misses, CPU misses)."""
+    miss: list[int] = []
+    for k in keys:
+        res.uses += 1
+        if k in c.policy:
+            res.hits += 1
+            c.policy.touch(k, t)
+            if k in c.prefetched:
+                c.prefetched.discard(k)
+                res.prefetch_used += 1
+        else:
+            miss.append(k)
+    if not miss:
+        return 0, 0, 0
+    in_ram = [k for k in miss if ram is None or k in ram.policy]
+    on_disk = [k for k in miss if not (ram is None or k in ram.policy)]
+    where = cost.place(len(in_ram), B, pcie_queue_s=len(on_disk) * B / (cost.pcie_gbps * GB)) if in_ram else []
+    n_cpu = 0
+    for k, on_cpu in zip(in_ram, where):
+        if on_cpu:  # served from the RAM tier in place
+            n_cpu += 1
+            res.ram_hits += 1
+            if ram is not None:
+                ram.policy.touch(k, t)
+    res.cpu_experts += n_cpu
+    link = [k for k, w in zip(in_ram, where) if not w] + on_disk
+    disk = 0
+    for k in link:
+        disk += _from_ram(ram, k, t, res)
+        c.load(k, t, pinned)
+    return len(link), disk, n_cpu
 
 
 def _from_ram(ram: _Tier | None, key: int, t: float, res: SimResult) -> int:

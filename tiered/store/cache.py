@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -200,7 +200,7 @@ class ExpertCache(HostSlotProvider):
         return self.vram.index_tensor(self.get_slots(layer, expert_ids))
 
     def get_slots(self, layer: int, expert_ids: torch.Tensor | Sequence[int], *, wait: bool = True,
-                  cpu: list | None = None) -> list[int]:
+                  cpu: list | None = None, cpu_start: Callable[[list], None] | None = None) -> list[int]:
         """get() without the device index tensor: the slot rows as host ints (SEAMS.md, optional provider API).
 
         Same bookkeeping, copies and stream waits as get(); the caller hands the rows to the device itself
@@ -212,6 +212,9 @@ class ExpertCache(HostSlotProvider):
         misses; only when `split`): (k, weights, row) per such expert, with k its index in expert_ids and
         weights[row] its host weights (ExpertWeights over the RAM tier or the file mapping, resident until the
         next get()). Their returned slot is `vram.zero_slot`, whose zero weights output exactly 0.
+        cpu_start: called with the filled `cpu` list before the misses' copies are issued (and before any of
+        their disk reads is waited for), so that the CPU computes while the link and the disk work; without it
+        the list is filled after the copies are issued.
         """
         if self.devtable is not None and self.devtable.owner == "device":
             self.devtable.give_back()  # a host-routed call (prefill, the piecewise step) after device steps
@@ -264,6 +267,9 @@ class ExpertCache(HostSlotProvider):
         self.vram.misses += len(missing) + len(on_cpu)  # a CPU expert was not found in the device tier
         ph.hits += nh
         ph.misses += len(missing) + len(on_cpu)
+        if on_cpu and cpu_start is not None:
+            self._host_blocks(layer, [keys[i] for i in on_cpu], on_cpu, t, pinned, cpu)
+            cpu_start(cpu)
         if missing:
             t0 = time.perf_counter()
             ram_wait0 = self.ram.wait_s if self.ram is not None else 0.0
@@ -291,7 +297,7 @@ class ExpertCache(HostSlotProvider):
                 ph.stall_s += (self.ram.wait_s - ram_wait0) if self.ram is not None else 0.0
             else:
                 ph.stall_s += time.perf_counter() - t0
-        if on_cpu:
+        if on_cpu and cpu_start is None:
             self._host_blocks(layer, [keys[i] for i in on_cpu], on_cpu, t, pinned, cpu)
         if wait:
             self.vram.wait_for(slots, self.phase)
@@ -301,7 +307,10 @@ class ExpertCache(HostSlotProvider):
     def _place_cpu(self, slots: list[int], keys: list[int]) -> list[int]:
         """Indices of this step's experts to compute on the CPU: all of them (--cpu-experts all), or the misses
         the cost model sends there (auto); hot misses (a predicted-eviction score above the lowest resident
-        score: the policy would keep them) are copied."""
+        score: the policy would keep them) are copied. With a RAM tier smaller than the model, only misses whose
+        block is in the RAM tier are candidates: a block on disk is read into the RAM tier either way, and a CPU
+        job must not fault it in through the mapping; those misses go to the link, and their copies count in the
+        link's queue."""
         if self.cpu_mode == "all":
             return list(range(len(keys)))
         cm = self.cost_model
@@ -315,6 +324,15 @@ class ExpertCache(HostSlotProvider):
             floor = sc.score[sc.resident].min()
             miss = [i for i in miss if sc.score[keys[i]] <= floor]
         queued = len(self.vram._pending) * self.block_size / (cm.pcie_gbps * 1e9) if self.vram._pending else 0.0
+        ram = self.ram
+        if ram is not None and ram.n_slots < self.num_layers * self.num_experts:
+            lookup = ram.table.lookup
+            on_disk = [i for i in miss if lookup(keys[i]) is None]
+            if on_disk:
+                queued += len(on_disk) * self.block_size / (cm.pcie_gbps * 1e9)
+                miss = [i for i in miss if lookup(keys[i]) is not None]
+                if not miss:
+                    return []
         where = cm.place(len(miss), self.block_size, pcie_queue_s=queued)
         return [i for i, c in zip(miss, where) if c]
 
