@@ -507,12 +507,13 @@ def phase_balloon(a, st: dict, device: torch.device) -> None:
     ref = reference_trace(a, a.work)
     k = cfg.top_k
     b = budgets(a, lay, k, device, a.prompt_tokens + a.new_tokens + 8)
-    flags = {**b["flags"], "io": "direct"}
+    kind = a.balloon_kind
+    flags = {**b["flags"], "io": "direct", **kind_flags(kind)}
     allowed = b["ram_gb"] * GiB + a.process_gib * GiB  # the laptop's share for this slice: RAM tier + the process
     avail = meminfo("MemAvailable") or 0
     size = int(max(0, avail - allowed - a.balloon_safety_gib * GiB)) if not a.small else 0
     out: dict = {"allowed_gib": allowed / GiB, "mem_available_gib": avail / GiB, "balloon_gib": size / GiB,
-                 "experts_bytes": cfg.num_layers * cfg.num_experts * lay.block_size}
+                 "experts_bytes": cfg.num_layers * cfg.num_experts * lay.block_size, "kind": kind}
     log(f"balloon: {size / GiB:.1f} GiB of {avail / GiB:.1f} available (the slice may use {allowed / GiB:.1f} GiB)")
     proc, how = start_balloon(size, a.work)
     out["balloon"] = how
@@ -523,7 +524,7 @@ def phase_balloon(a, st: dict, device: torch.device) -> None:
                                 4 << 20 if lay.block_size >= 4 << 20 else lay.block_size)
         out["odirect_raw"] = raw
         drop_caches()
-        tr = routing_for("replay", ref, cfg.num_layers, cfg.num_experts, k, a.prompt_tokens + a.new_tokens + 8, a)
+        tr = routing_for(kind, ref, cfg.num_layers, cfg.num_experts, k, a.prompt_tokens + a.new_tokens + 8, a)
         r = one_run(Path(slices["A"]["path"]), device, k, tr, flags, a)
         r["mem_available_during_gib"] = (meminfo("MemAvailable") or 0) / GiB
         r["layers"] = cfg.num_layers
@@ -747,14 +748,15 @@ def phase_project(a, st: dict) -> None:
         out["runs"][f"{kk}/{kind}"] = row
         proj[(k, kind)] = row
     bal = (st.get("balloon") or {}).get("run")
-    cal = out["runs"].get(f"k{bal['experts_per_token']}/replay") if bal else None
+    bal_kind = (st.get("balloon") or {}).get("kind") or "replay"
+    cal = out["runs"].get(f"k{bal['experts_per_token']}/{bal_kind}") if bal else None
     if bal and cal and bal.get("decode_tok_s"):  # the disk term checked too: slice A from disk, predicted with A's cost
-        trb = routing_for("replay", ref, bal["layers"] if "layers" in bal else st["slices"]["A"]["layers"], E,
+        trb = routing_for(bal_kind, ref, bal["layers"] if "layers" in bal else st["slices"]["A"]["layers"], E,
                           bal["experts_per_token"], tokens, a)
         sb, nb, _ = sim_decode(trb, calibrated_model(bal, block, trb.num_layers, cal["c_s_per_layer"]),
                                a.prompt_tokens, a.warmup + 8, bal.get("head_s") or 0.0)
         pred = nb / sb if sb > 0 else None
-        out["balloon_check"] = {"predicted_tok_s": pred, "measured_tok_s": bal["decode_tok_s"],
+        out["balloon_check"] = {"kind": bal_kind, "predicted_tok_s": pred, "measured_tok_s": bal["decode_tok_s"],
                                 "error": abs(pred - bal["decode_tok_s"]) / bal["decode_tok_s"] if pred else None}
         # The target's RAM (64 GB) is far below the model (209 GB): it runs --io direct, the RAM tier a pinned pool
         # that O_DIRECT reads land in (no page cache to register). The balloon run is that mode, so its host terms
@@ -846,6 +848,8 @@ def main() -> None:
     ap.add_argument("--process-gib", type=float, default=6.0, help="balloon: RAM the engine process needs beyond its tier")
     ap.add_argument("--balloon-safety-gib", type=float, default=4.0)
     ap.add_argument("--odirect-gb", type=float, default=4.0)
+    ap.add_argument("--balloon-kind", default="replay",
+                    help="balloon: the run kind (routing plus parts, e.g. replay-direct-cpu8; --io direct always)")
     ap.add_argument("--io-threads", type=int, default=16)
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--redo", action="store_true", help="measure slice runs again that state.json already holds")
