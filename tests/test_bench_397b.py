@@ -67,3 +67,33 @@ def test_bench_397b_small_pipeline(tmp_path):
     assert isinstance(res["projected_tok_s_k10_staged"], float)
     assert all(r_["target_slots"] >= 2 and r_["projected_tok_s"] > 0 for r_ in pr["runs"].values())
     assert res["model_60"]["block_size"] == 8192
+
+
+def _bench():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_397b
+    return bench_397b
+
+
+def test_kind_flags_and_cpu_rate():
+    b = _bench()
+    assert b.kind_flags("replay") == {} and b.kind_flags("replay-staged") == {}
+    assert b.kind_flags("replay-direct") == {"io": "direct"}
+    assert b.kind_flags("replay-direct-cpu8") == {"io": "direct", "cpu_experts": "auto", "cpu_threads": 8}
+    assert b.pf_budget("replay-direct-cpu8") == 0 and b.pf_budget("replay-pf4") == 4
+    assert b.cpu_rate({"cpu_experts": {"mode": "auto", "count": 10, "gbps": 17.5}}) == 17.5
+    assert b.cpu_rate({"cpu_experts": {"mode": "off", "count": 0, "gbps": 0.0}}) == 0.0
+
+
+def test_host_terms_per_copied_miss():
+    """s_per_vram_miss is the miss path's host time per copied miss: results of a tiered that divided it by every
+    device miss (CPU experts included, which spend none of it) are rescaled; new ones (cpu_misses) are kept."""
+    b = _bench()
+    host = {"vram_misses": 1000, "ram_misses": 10, "s_per_vram_miss": 6e-5, "s_per_ram_miss": 1e-3,
+            "work_s_per_ram_miss": 1e-4}
+    old = b.host_terms({"host": host, "cpu_experts": {"mode": "auto", "count": 400}}, 1 << 20)
+    assert old["s_per_vram_miss"] == pytest.approx(6e-5 * 1000 / 600)
+    new = b.host_terms({"host": {**host, "cpu_misses": 400}, "cpu_experts": {"mode": "auto", "count": 400}}, 1 << 20)
+    assert new["s_per_vram_miss"] == 6e-5
+    off = b.host_terms({"host": host, "cpu_experts": {"mode": "off", "count": 0}}, 1 << 20)
+    assert off["s_per_vram_miss"] == 6e-5

@@ -241,6 +241,9 @@ def test_auto_with_a_small_ram_tier_sends_only_ram_blocks_and_starts_the_cpu_fir
         assert order.index("cpu") < order.index("load")
     st = cache.stats()
     assert 0 < st["cpu_experts"]["count"] < st["decode"]["misses"]
+    h = st["host"]  # the miss path's time per copied miss: CPU experts are device misses that spend none of it
+    assert h["cpu_misses"] == st["cpu_experts"]["count"] and h["vram_misses"] == st["decode"]["misses"]
+    assert h["s_per_vram_miss"] == pytest.approx((h["miss_s"] - h["ram_s"]) / (h["vram_misses"] - h["cpu_misses"]))
 
 
 @pytest.mark.parametrize("fmt", ["q8", "q4"])

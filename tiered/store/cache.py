@@ -49,6 +49,7 @@ class _PhaseCounts:
         self.stall_s = 0.0
         self.tokens = 0  # get() calls at layer 0 in one-token steps (decode)
         self.ram_misses = 0  # device misses that missed the RAM tier too (read from the file)
+        self.cpu = 0  # device misses computed on the CPU (--cpu-experts): no copy, not in the miss path's time
         self.miss_host_s = 0.0  # host seconds in get()'s miss path: slots assigned, RAM tier, copies issued
         self.ram_host_s = 0.0  # ... of which the host was in the RAM tier (bookkeeping, reads, checks, registration)
         self.ram_blocked_s = 0.0  # ... of which blocked on the reader's threads (reads, checks) or a slot's last copy
@@ -267,6 +268,7 @@ class ExpertCache(HostSlotProvider):
         self.vram.misses += len(missing) + len(on_cpu)  # a CPU expert was not found in the device tier
         ph.hits += nh
         ph.misses += len(missing) + len(on_cpu)
+        ph.cpu += len(on_cpu)
         if on_cpu and cpu_start is not None:
             self._host_blocks(layer, [keys[i] for i in on_cpu], on_cpu, t, pinned, cpu)
             cpu_start(cpu)
@@ -533,9 +535,10 @@ class ExpertCache(HostSlotProvider):
         h_ram = d.ram_host_s if self.ram is not None else 0.0
         h_work = h_ram - d.ram_blocked_s if self.ram is not None else 0.0
         ram_ok = d.ram_misses and self.ram is not None
-        out["host"] = {"vram_misses": d.misses, "ram_misses": d.ram_misses, "miss_s": d.miss_host_s,
+        copied = d.misses - d.cpu  # the miss path's time is spent on these (a CPU expert is not copied)
+        out["host"] = {"vram_misses": d.misses, "cpu_misses": d.cpu, "ram_misses": d.ram_misses, "miss_s": d.miss_host_s,
                        "ram_s": h_ram, "ram_blocked_s": d.ram_blocked_s if self.ram is not None else 0.0,
-                       "s_per_vram_miss": (d.miss_host_s - h_ram) / d.misses if d.misses else None,
+                       "s_per_vram_miss": (d.miss_host_s - h_ram) / copied if copied else None,
                        "s_per_ram_miss": h_ram / d.ram_misses if ram_ok else None,
                        "work_s_per_ram_miss": h_work / d.ram_misses if ram_ok else None,
                        "register_s": self.ram.register_s if self.ram is not None else 0.0,
