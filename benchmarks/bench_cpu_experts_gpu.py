@@ -6,8 +6,8 @@ Measured in one run, batch 1, greedy, each eval document's mapped routing replay
     llama.cpp's `-ot exps=CPU` inside our engine), its `cpu_experts.gbps`;
   - per document, at native PCIe: demand paging (lru, predicted), history prefetch (predicted+C), each with
     --cpu-experts off and auto, and `all`;
-  - with --h2d-gbps paced links (25 and 12 GB/s by default): predicted+C with --cpu-experts off and auto, the
-    achieved H2D GB/s next to the target;
+  - with --h2d-gbps paced links (25 and 12 GB/s by default): predicted+C and lru (demand paging, no prefetch copies
+    on the slow link) with --cpu-experts off and auto, the achieved H2D GB/s next to the target;
   - bounds (docs/metrics.md, CONTRACTS): Belady's demand miss bytes at the run's slot count, on the same
     routing; the serialised Belady bound (compute + Belady bytes / PCIe), the PCIe bound (max(compute, Belady
     bytes / PCIe)) and the combined bound (max(compute, Belady bytes / (PCIe + CPU expert GB/s))), each with the
@@ -21,7 +21,7 @@ GPU compute (the resident figure), and host waits.
     python3 benchmarks/bench_cpu_experts_gpu.py --small --text ../shared/text   # the pipeline, tiny, CPU
 Prints a table, then one JSON line last; writes $OUT/offload_cpu_experts.json when OUT is set. Result keys
 (issue 12): decode_vs_llamacpp_cpu_experts, vs_combined_bound, vs_serial_belady_bound_demand,
-vs_serial_belady_bound_prefetch, paced_auto_over_off (per link rate).
+vs_serial_belady_bound_prefetch, paced_auto_over_off (per link rate; predicted+C), paced_auto_over_off_demand (lru).
 """
 from __future__ import annotations
 
@@ -231,9 +231,10 @@ def main() -> None:
                      ("nextuse/device", "lru", 0, "off", 0.0, "device", 0, "nextuse"),
                      (f"nextuse+pf{a.nextuse_prefetch}/device", "lru", 0, "off", 0.0, "device", a.nextuse_prefetch,
                       "nextuse")]
-        for r in paced:
+        for r in paced:  # with history prefetch, and demand paging alone (lru: no prefetch copies on the slow link)
             plan += [(f"{pf}/off@{r:g}", "predicted", a.candidates, "off", r),
-                     (f"{pf}/auto@{r:g}", "predicted", a.candidates, "auto", r)]
+                     (f"{pf}/auto@{r:g}", "predicted", a.candidates, "auto", r),
+                     (f"lru/off@{r:g}", "lru", 0, "off", r), (f"lru/auto@{r:g}", "lru", 0, "auto", r)]
         for label, *spec in plan:
             if a.only is None or label in a.only or label == "lru/off":  # lru/off: Belady's trace and the tokens
                 go(label, *spec)
@@ -298,6 +299,9 @@ def main() -> None:
         res["paced_auto_over_off"] = {
             f"{r:g}": get(f"{pf}/auto@{r:g}", "decode_tok_s") / get(f"{pf}/off@{r:g}", "decode_tok_s")
             for r in paced if get(f"{pf}/auto@{r:g}", "decode_tok_s") and get(f"{pf}/off@{r:g}", "decode_tok_s")}
+        res["paced_auto_over_off_demand"] = {
+            f"{r:g}": get(f"lru/auto@{r:g}", "decode_tok_s") / get(f"lru/off@{r:g}", "decode_tok_s")
+            for r in paced if get(f"lru/auto@{r:g}", "decode_tok_s") and get(f"lru/off@{r:g}", "decode_tok_s")}
         res["tokens_identical_all_runs"] = all(all(r["tokens_identical"].values()) for r in docs)
         res["goals"] = {"decode_vs_llamacpp_cpu_experts": 2.0, "vs_combined_bound": 0.85,
                         "vs_serial_belady_bound_demand": 0.85, "vs_serial_belady_bound_prefetch": 1.0,
@@ -315,7 +319,7 @@ def main() -> None:
     for k in ("decode_vs_llamacpp_cpu_experts", "vs_combined_bound", "vs_serial_belady_bound_demand",
               "vs_serial_belady_bound_demand_device", "device_over_host_lru", "vs_serial_belady_bound_prefetch_device",
               "device_prefetch_over_demand", "vs_serial_belady_bound_prefetch_nextuse", "best_device_step",
-              "vs_serial_belady_bound_prefetch", "paced_auto_over_off", "cpu_expert_gbps",
+              "vs_serial_belady_bound_prefetch", "paced_auto_over_off", "paced_auto_over_off_demand", "cpu_expert_gbps",
               "llamacpp_cpu_experts_tg_tok_s"):
         print(f"{k}: {res.get(k)}")
     print(write_out(res, "offload_cpu_experts.json"))
