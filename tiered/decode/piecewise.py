@@ -154,6 +154,7 @@ class PiecewiseDecode:
         self._partial_next: Tensor | None = None  # CPU, eager segments: the sum seg l+1 adds (None: nothing)
         self._x_host = self._partial_host = self._partial_dev = None
         self._dirty = [False] * L
+        self._x_ready = -1  # the layer whose x the routing copy already brought to _x_host (CUDA)
         if self.split:
             pin = self.cuda
             self._x_host = torch.empty(1, D, dtype=model.dtype, pin_memory=pin)
@@ -216,6 +217,9 @@ class PiecewiseDecode:
         if not ids_only:
             self._w_rows[l].copy_(r.weights[0], non_blocking=True)
             self._lg_rows[l].copy_(r.logits[0], non_blocking=True)
+            if self.split:  # CPU experts read x on the host: it crosses with the routing, before the host's wait
+                self._x_host.copy_(r.x, non_blocking=True)
+                self._x_ready = l
 
     def _seg_last(self, prev: Routed) -> Tensor:
         if self._inside:
@@ -292,7 +296,9 @@ class PiecewiseDecode:
         m = self.model
         if self.cuda:
             x = self._x_host
-            x.copy_(r.x)  # [1, D] D2H, a few KB
+            if self._x_ready != l:  # not copied with the routing (copies captured in the graphs)
+                x.copy_(r.x)  # [1, D] D2H, a few KB
+            self._x_ready = -1
             w = self._w_rows[l]
         else:
             x, w = r.x, r.weights[0]

@@ -145,11 +145,14 @@ def prepare(provider: Any, dtype: torch.dtype, act: ClampedSwiGLU | None = None,
                    for _ in range(repeats) for jobs in sets)
     best = times[len(times) // 2] / K  # the median call, per expert
     cm.cpu_gbps = provider.block_size / best / 1e9
-    # the fixed cost of a layer's CPU work: the hand-off to the worker and back (best of a few empty round
-    # trips), plus x [1, D] to the host and the partial sum back (two small copies, ~10 us each over PCIe)
+    # the fixed cost of a layer's CPU work: a one-expert job's round trip beyond one expert's share of the rate
+    # (the hand-off to the worker and back, the kernel's setup and its thread team for a call too small to use
+    # it well; best of a few), plus the partial sum back to the device (a small copy, ~10 us over PCIe; x crosses
+    # with the routing)
+    one = [sets[0][:1]]
     hop = float("inf")
     for _ in range(5):
         t0 = time.perf_counter()
-        provider.cpu_worker.submit(int).result()
-        hop = min(hop, time.perf_counter() - t0)
-    cm.cpu_overhead_s = hop + (2e-5 if provider.device.type == "cuda" else 0.0)
+        wk.submit(_timed_partial, x, w, one[0], act, False, kern, wk.threads).result()
+        hop = min(hop, time.perf_counter() - t0 - best)
+    cm.cpu_overhead_s = max(hop, 0.0) + (1e-5 if provider.device.type == "cuda" else 0.0)
