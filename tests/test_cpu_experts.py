@@ -168,6 +168,31 @@ def test_auto_forced_split_uses_both_paths(reference_layout, ids, reference_run,
     cache.record_gets(False)
 
 
+def test_write_behind_caches_cpu_experts(reference_layout, ids, reference_run):
+    """--cpu-write-behind (on by default, CUDA only; forced here on the CPU): a step that copies nothing also copies
+    one expert the CPU computed into a device slot, so that its next use hits; results do not change."""
+    runs = {}
+    for wb in (False, True):
+        e = _engine(reference_layout, "auto", pieces=True, slots=16)
+        cache = e.model.provider
+        assert cache.write_behind is False  # a CPU device: off unless forced
+        cache.cost_model = CostModel(1.0, 1e3, fixed=True)  # a CPU far faster than the link takes every miss
+        cache.write_behind = wb
+        toks, outs = _step_logits(e, ids, NEW)
+        assert toks == reference_run[0]
+        for x, y in zip(outs, reference_run[1]):
+            assert _rel(x, y) <= 1e-5
+        runs[wb] = cache.stats()
+    off, on = runs[False], runs[True]
+    assert off["cpu_experts"]["write_behind"] == 0 and on["cpu_experts"]["write_behind"] > 0
+    assert on["decode"]["hits"] > off["decode"]["hits"]  # written-behind experts were hit later
+    assert on["cpu_experts"]["count"] < off["cpu_experts"]["count"]
+    # the prefill's copies are the same in both runs (this helper leaves the cache in its decode phase); the rest
+    # of the bytes are the write-behind copies
+    assert on["decode"]["bytes_h2d"] - off["decode"]["bytes_h2d"] == \
+        on["cpu_experts"]["write_behind"] * e.model.provider.block_size
+
+
 def test_all_uses_no_slots_in_decode(reference_layout, ids):
     """--cpu-experts all: decode copies nothing into the device tier (llama.cpp's -ot exps=CPU)."""
     e = _engine(reference_layout, "all", pieces=True, slots=8)

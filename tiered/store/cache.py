@@ -158,6 +158,11 @@ class ExpertCache(HostSlotProvider):
         if self.cpu_mode == "auto" and (cuda or tiers.h2d_gbps > 0):
             pcie = tiers.h2d_gbps or self.pace.get("h2d_gbps_native") or self.vram.measure_h2d_gbps()
             self.cost_model = CostModel(pcie, 0.0)  # cpu_gbps 0 = "not measured": copy until the probe ran
+        # write-behind (--cpu-write-behind): one expert the CPU computed is also copied into a slot while the link
+        # is idle (no copy of this step, the last write-behind landed), so that its next use hits
+        self.write_behind = self.cpu_mode == "auto" and cuda and tiers.cpu_write_behind == "on"
+        self._wb_event: Any = None
+        self.write_behind_n = 0
         self._file_views: Any = None  # ExpertWeights over the whole experts.bin mapping (row = key)
         self._ram_views: Any = None  # ExpertWeights over the RAM tier's copy buffer (row = RAM slot)
 
@@ -301,6 +306,8 @@ class ExpertCache(HostSlotProvider):
                 ph.stall_s += time.perf_counter() - t0
         if on_cpu and cpu_start is None:
             self._host_blocks(layer, [keys[i] for i in on_cpu], on_cpu, t, pinned, cpu)
+        if on_cpu and not missing and self.write_behind:
+            self._write_behind(keys[on_cpu[0]], t, pinned, ph)
         if wait:
             self.vram.wait_for(slots, self.phase)
         return slots
@@ -337,6 +344,22 @@ class ExpertCache(HostSlotProvider):
                     return []
         where = cm.place(len(miss), self.block_size, pcie_queue_s=queued)
         return [i for i, c in zip(miss, where) if c]
+
+    def _write_behind(self, key: int, t: int, pinned: set[int], ph: Any) -> None:
+        """Copy `key` (computed on the CPU this step, its block in the RAM tier) into a device slot when the link is
+        idle: this step copies nothing and the previous write-behind has landed. The step does not wait for it;
+        a later get() that hits it waits for its copy like any pending slot."""
+        ev = self._wb_event
+        if ev is not None and hasattr(ev, "query") and not ev.query():
+            return
+        slot_of = self._assign([key], t, pinned)
+        self._load([key], slot_of, t, pinned)
+        ph.bytes_h2d += self.block_size
+        self.write_behind_n += 1
+        if self.device.type == "cuda":
+            if ev is None:
+                ev = self._wb_event = torch.cuda.Event()
+            ev.record(self.vram.stream)
 
     def _host_blocks(self, layer: int, keys: list[int], idx: list[int], t: int, pinned: set[int], out: list) -> None:
         """The host weights of CPU-computed experts, read in place: the RAM tier's pinned copy when the block is
@@ -547,6 +570,7 @@ class ExpertCache(HostSlotProvider):
                              {"mode": "host", **({"device_refused": self.slot_table_note} if self.slot_table_note else {})})
         out["cpu_experts"] = self.cpu.stats(self.cpu_mode, self.cpu_threads, self.cpu_dtype, self.cost_model)
         out["cpu_experts"]["kernel"] = getattr(self, "cpu_kernel_name", None)
+        out["cpu_experts"]["write_behind"] = self.write_behind_n
         out["h2d_gbps_target"] = self.tiers.h2d_gbps or None
         for key in ("h2d_gbps_native", "h2d_gbps_calibrated", "h2d_gbps_floor"):  # set_pace's findings (CUDA)
             if self.pace.get(key):
@@ -569,6 +593,7 @@ class ExpertCache(HostSlotProvider):
         self._phases = {"prefill": _PhaseCounts(), "decode": _PhaseCounts()}
         self.prefetch_issued = self.prefetch_used = 0
         self.cpu = CpuExpertCounts()
+        self.write_behind_n = 0
 
     def close(self) -> None:
         """Wait for copies, unregister registered blocks, stop the reader and CPU-expert threads."""

@@ -68,6 +68,9 @@ class TierConfig:
                                    "it finishes first: PCIe copy or CPU; on a CPU device only with --h2d-gbps), or "
                                    "all (every routed expert on the CPU, like llama.cpp's -ot exps=CPU)",
                             CPU_EXPERT_MODES)
+    cpu_write_behind: str = _opt("on", "With --cpu-experts auto on CUDA: while the link is idle, also copy one expert "
+                                       "the CPU computed into a device slot, so that its next use hits (on, off)",
+                                 ("on", "off"))
     cpu_threads: int = _opt(0, "Threads of the CPU-expert worker (0 = the physical cores: the usable CPUs, halved "
                                "when SMT is on)", ("min", 0))
     # default auto: measured on the H200 box (offload-devstep-2026-12-01-h200*.json, replayed routing, --vram-gb 4) the
@@ -131,7 +134,7 @@ class TierConfig:
 BUDGET_KEYS = tuple(f.name for f in fields(TierConfig))  # what load(budget=...) accepts
 # Keys that apply with or without the expert cache: alone they keep every expert resident (engine.make_provider).
 # The CPU-expert and pacing options act on the expert cache's misses; with resident experts there are none.
-NON_CACHE_KEYS = ("verify", "cpu_experts", "cpu_threads", "h2d_gbps", "slot_table")
+NON_CACHE_KEYS = ("verify", "cpu_experts", "cpu_threads", "cpu_write_behind", "h2d_gbps", "slot_table")
 
 
 def physical_cores() -> int:
