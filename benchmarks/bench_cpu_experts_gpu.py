@@ -206,12 +206,12 @@ def main() -> None:
         runs: dict[str, dict] = {}
 
         def go(label: str, policy: str, cand: int, cpu: str, h2d: float = 0.0, table: str = "host",
-               dpf: int = 0, evict: str = "policy") -> None:
+               dpf: int = 0, evict: str = "policy", wb: str = "on") -> None:
             pred = (History(L, cfg.num_experts, params) if cand or dpf or evict != "policy"
                     else NoPrediction(L, cfg.num_experts))
             budget = {**base, "policy": policy, "prefetch_depth": 1 if cand else 0, "prefetch_budget": cand or 1,
                       "cpu_experts": cpu, "h2d_gbps": h2d, "slot_table": table, "device_prefetch": dpf,
-                      "device_evict": evict}
+                      "device_evict": evict, "cpu_write_behind": wb}
             log(f"doc {name}: {label}")
             s = one_run(a.layout, device, prompt, a.new_tokens, doc, budget=budget, predictor=pred, warmup=a.warmup)
             if table == "device" and s.get("decode_graphs") != "device":  # a fallback is not a device-step figure
@@ -234,7 +234,8 @@ def main() -> None:
         for r in paced:  # with history prefetch, and demand paging alone (lru: no prefetch copies on the slow link)
             plan += [(f"{pf}/off@{r:g}", "predicted", a.candidates, "off", r),
                      (f"{pf}/auto@{r:g}", "predicted", a.candidates, "auto", r),
-                     (f"lru/off@{r:g}", "lru", 0, "off", r), (f"lru/auto@{r:g}", "lru", 0, "auto", r)]
+                     (f"lru/off@{r:g}", "lru", 0, "off", r), (f"lru/auto@{r:g}", "lru", 0, "auto", r),
+                     (f"lru/auto-nowb@{r:g}", "lru", 0, "auto", r, "host", 0, "policy", "off")]
         for label, *spec in plan:
             if a.only is None or label in a.only or label == "lru/off":  # lru/off: Belady's trace and the tokens
                 go(label, *spec)

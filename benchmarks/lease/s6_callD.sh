@@ -10,5 +10,5 @@ python3 tools/make_random_checkpoint.py --preset qwen3-10b-8l --out $W/ckpt --se
 python3 -c "import json; from tiered.layout.repack import repack; print(json.dumps(repack('$W/ckpt', '$W/layout', experts='source', dense='source', force=True, progress=False)))" > $OUT/repack.log 2>&1
 echo "repack rc=$? $(( $(date +%s) - T0 )) s"
 timeout 330 python3 benchmarks/bench_cpu_experts_gpu.py --layout $W/layout --text .carry/shared/text --docs 1 \
-  --paced 25,12 --only "lru/off@25,lru/auto@25,lru/off@12,lru/auto@12" > $OUT/bench.log 2>&1
+  --paced 25,12 --only "lru/off@25,lru/auto@25,lru/auto-nowb@25,lru/off@12,lru/auto@12,lru/auto-nowb@12" > $OUT/bench.log 2>&1
 echo "bench rc=$? $(( $(date +%s) - T0 )) s"; grep -v '^{' $OUT/bench.log | tail -22
