@@ -7,7 +7,8 @@ Measured in one run, batch 1, greedy, each eval document's mapped routing replay
   - per document, at native PCIe: demand paging (lru, predicted), history prefetch (predicted+C), each with
     --cpu-experts off and auto, and `all`;
   - with --h2d-gbps paced links (25 and 12 GB/s by default): predicted+C and lru (demand paging, no prefetch copies
-    on the slow link) with --cpu-experts off and auto, the achieved H2D GB/s next to the target;
+    on the slow link) with --cpu-experts off and auto (lru also with --cpu-write-behind on: lru/auto+wb), the
+    achieved H2D GB/s next to the target;
   - bounds (docs/metrics.md, CONTRACTS): Belady's demand miss bytes at the run's slot count, on the same
     routing; the serialised Belady bound (compute + Belady bytes / PCIe), the PCIe bound (max(compute, Belady
     bytes / PCIe)) and the combined bound (max(compute, Belady bytes / (PCIe + CPU expert GB/s))), each with the
@@ -206,7 +207,7 @@ def main() -> None:
         runs: dict[str, dict] = {}
 
         def go(label: str, policy: str, cand: int, cpu: str, h2d: float = 0.0, table: str = "host",
-               dpf: int = 0, evict: str = "policy", wb: str = "on") -> None:
+               dpf: int = 0, evict: str = "policy", wb: str = "off") -> None:
             pred = (History(L, cfg.num_experts, params) if cand or dpf or evict != "policy"
                     else NoPrediction(L, cfg.num_experts))
             budget = {**base, "policy": policy, "prefetch_depth": 1 if cand else 0, "prefetch_budget": cand or 1,
@@ -235,7 +236,7 @@ def main() -> None:
             plan += [(f"{pf}/off@{r:g}", "predicted", a.candidates, "off", r),
                      (f"{pf}/auto@{r:g}", "predicted", a.candidates, "auto", r),
                      (f"lru/off@{r:g}", "lru", 0, "off", r), (f"lru/auto@{r:g}", "lru", 0, "auto", r),
-                     (f"lru/auto-nowb@{r:g}", "lru", 0, "auto", r, "host", 0, "policy", "off")]
+                     (f"lru/auto+wb@{r:g}", "lru", 0, "auto", r, "host", 0, "policy", "on")]
         for label, *spec in plan:
             if a.only is None or label in a.only or label == "lru/off":  # lru/off: Belady's trace and the tokens
                 go(label, *spec)
@@ -303,6 +304,9 @@ def main() -> None:
         res["paced_auto_over_off_demand"] = {
             f"{r:g}": get(f"lru/auto@{r:g}", "decode_tok_s") / get(f"lru/off@{r:g}", "decode_tok_s")
             for r in paced if get(f"lru/auto@{r:g}", "decode_tok_s") and get(f"lru/off@{r:g}", "decode_tok_s")}
+        res["paced_auto_wb_over_off_demand"] = {
+            f"{r:g}": get(f"lru/auto+wb@{r:g}", "decode_tok_s") / get(f"lru/off@{r:g}", "decode_tok_s")
+            for r in paced if get(f"lru/auto+wb@{r:g}", "decode_tok_s") and get(f"lru/off@{r:g}", "decode_tok_s")}
         res["tokens_identical_all_runs"] = all(all(r["tokens_identical"].values()) for r in docs)
         res["goals"] = {"decode_vs_llamacpp_cpu_experts": 2.0, "vs_combined_bound": 0.85,
                         "vs_serial_belady_bound_demand": 0.85, "vs_serial_belady_bound_prefetch": 1.0,

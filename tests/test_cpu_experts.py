@@ -169,7 +169,7 @@ def test_auto_forced_split_uses_both_paths(reference_layout, ids, reference_run,
 
 
 def test_write_behind_caches_cpu_experts(reference_layout, ids, reference_run):
-    """--cpu-write-behind (on by default, CUDA only; forced here on the CPU): a step that copies nothing also copies
+    """--cpu-write-behind on (CUDA only; forced here on the CPU): a step that copies nothing also copies
     one expert the CPU computed into a device slot, so that its next use hits; results do not change."""
     runs = {}
     for wb in (False, True):

@@ -68,8 +68,11 @@ class TierConfig:
                                    "it finishes first: PCIe copy or CPU; on a CPU device only with --h2d-gbps), or "
                                    "all (every routed expert on the CPU, like llama.cpp's -ot exps=CPU)",
                             CPU_EXPERT_MODES)
-    cpu_write_behind: str = _opt("on", "With --cpu-experts auto on CUDA: while the link is idle, also copy one expert "
-                                       "the CPU computed into a device slot, so that its next use hits (on, off)",
+    # default off: measured on the H200 box (offload-paced-demand-2026-12-01-h200-s6.json, call D3) it lifted auto
+    # from 143.8 to 153.9 tok/s at --h2d-gbps 12 but cost 15% at 25 GB/s (202.1 -> 172.3), where the link is busier
+    cpu_write_behind: str = _opt("off", "With --cpu-experts auto on CUDA: while the link is idle, also copy one expert "
+                                        "the CPU computed into a device slot, so that its next use hits (on, off; pays "
+                                        "on slow links: measured +7% at 12 GB/s, -15% at 25)",
                                  ("on", "off"))
     cpu_threads: int = _opt(0, "Threads of the CPU-expert worker (0 = the physical cores: the usable CPUs, halved "
                                "when SMT is on)", ("min", 0))
