@@ -62,8 +62,8 @@ class TierConfig:
                                       "one token]")
     prefetch_depth: int | None = _opt(None, "Layers ahead to prefetch (the predictor's prefetcher)", ("min", 0))
     prefetch_budget: int | None = _opt(None, "Experts prefetched per layer [default: 1.5 x top-k]", ("min", 0))
-    # default off: measured on the H200 box (offload-2026-11-30-h200.json) the CPU-expert path ran at 8-20 GB/s
-    # in bf16 against 54 GB/s of PCIe, and auto decoded 6-16% slower than off at every link rate tried
+    # default off: on the H200 box's native PCIe (54 GB/s) copies win; on paced links auto pays from about 12 GB/s
+    # (offload-paced-demand-2026-12-01-h200-s6.json: 1.36-1.47x off at 12, 0.93-1.05x at 25)
     cpu_experts: str = _opt("off", "Decode misses computed on the CPU from the RAM tier: off, auto (per miss, where "
                                    "it finishes first: PCIe copy or CPU; on a CPU device only with --h2d-gbps), or "
                                    "all (every routed expert on the CPU, like llama.cpp's -ot exps=CPU)",
