@@ -58,8 +58,7 @@ Prints a table, then one JSON line last; writes $OUT/397b.json when OUT is set (
 every run: a `slice` call cut short by the time limit resumes where it stopped; --redo measures everything again).
 Result keys: projected_tok_s_k10, projected_tok_s_k4 (the "replay" run's projection; without one, the best run in the
 target's --io direct mode with at most --target-cpu-threads CPU-expert threads, named by projected_kind_k10 / _k4),
-calibration_error, plus the raw figures; date, commit,
-device.
+calibration_error, plus the raw figures; date, commit, device.
 """
 from __future__ import annotations
 

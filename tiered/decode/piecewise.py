@@ -155,6 +155,8 @@ class PiecewiseDecode:
         self._x_host = self._partial_host = self._partial_dev = None
         self._dirty = [False] * L
         self._x_ready = -1  # the layer whose x the routing copy already brought to _x_host (CUDA)
+        # the layer being routed, for get_slots' cpu_start (_cpu_go): its index, routing and replayed weights
+        self._cpu_l, self._cpu_r, self._cpu_w, self._cpu_fut = -1, None, None, None
         if self.split:
             pin = self.cuda
             self._x_host = torch.empty(1, D, dtype=model.dtype, pin_memory=pin)
@@ -259,7 +261,7 @@ class PiecewiseDecode:
         fut = None
         if self.split:
             jobs: list = []
-            self._cpu_at = (l, r, w_h[0] if replayed else None)
+            self._cpu_l, self._cpu_r, self._cpu_w = l, r, w_h[0] if replayed else None
             self._cpu_fut = None
             slots = get_slots(l, ids_list, cpu=jobs, cpu_start=self._cpu_go)  # the CPU starts before the copies
             fut = self._cpu_fut
@@ -287,8 +289,7 @@ class PiecewiseDecode:
 
     def _cpu_go(self, jobs: list) -> None:
         """get_slots' cpu_start: hand the step's CPU jobs to the worker now, before the misses are copied."""
-        l, r, w = self._cpu_at
-        self._cpu_fut = self._start_cpu(l, r, jobs, w)
+        self._cpu_fut = self._start_cpu(self._cpu_l, self._cpu_r, jobs, self._cpu_w)
 
     def _start_cpu(self, l: int, r: Routed, jobs: list, w_replayed: Tensor | None) -> Any:
         """Hand layer l's CPU experts to the worker: x and the routing weights on the host (the host has waited

@@ -149,10 +149,10 @@ def prepare(provider: Any, dtype: torch.dtype, act: ClampedSwiGLU | None = None,
     # (the hand-off to the worker and back, the kernel's setup and its thread team for a call too small to use
     # it well; best of a few), plus the partial sum back to the device (a small copy, ~10 us over PCIe; x crosses
     # with the routing)
-    one = [sets[0][:1]]
+    one = sets[0][:1]
     hop = float("inf")
     for _ in range(5):
         t0 = time.perf_counter()
-        wk.submit(_timed_partial, x, w, one[0], act, False, kern, wk.threads).result()
+        wk.submit(_timed_partial, x, w, one, act, False, kern, wk.threads).result()
         hop = min(hop, time.perf_counter() - t0 - best)
     cm.cpu_overhead_s = max(hop, 0.0) + (1e-5 if provider.device.type == "cuda" else 0.0)

@@ -42,6 +42,7 @@ import torch
 from tiered.predict.predictors import Predictor
 from tiered.predict.prefetch import PredictedEviction, choose
 from tiered.predict.trace import Trace
+from tiered.store.offload import CostModel
 from tiered.store.policy import Policy, belady, make_policy
 
 GB = 1e9
@@ -164,6 +165,18 @@ class _Tier:
         self.policy = policy
         self.prefetched: set[int] = set()
 
+    def hit(self, key: int, t: float, res: "SimResult") -> bool:
+        """Count one use of `key`; a hit is touched (and a prefetched one counted as used)."""
+        res.uses += 1
+        if key not in self.policy:
+            return False
+        res.hits += 1
+        self.policy.touch(key, t)
+        if key in self.prefetched:
+            self.prefetched.discard(key)
+            res.prefetch_used += 1
+        return True
+
     def load(self, key: int, t: float, pinned: set[int]) -> None:
         if len(self.policy) >= self.capacity:
             v = self.policy.victim(None, pinned)
@@ -198,9 +211,7 @@ def simulate(trace: Trace, tiers: TierModel, *, predictor: Predictor | None = No
     steps: list[list[list[int]]] = [[] for _ in range(n_caches)]  # per cache: keys per step, for Belady
     terms = {"compute": 0.0, "pcie": 0.0, "host_miss": 0.0, "host_ram_miss": 0.0, "disk_read": 0.0, "cpu_experts": 0.0}
     cost = None
-    if tiers.cpu_gbps > 0:
-        from tiered.store.offload import CostModel  # the cache's own placement rule
-
+    if tiers.cpu_gbps > 0:  # the cache's own placement rule
         cost = CostModel(tiers.h2d_gbps, tiers.cpu_gbps, cpu_overhead_s=tiers.cpu_overhead_s, fixed=True)
     clock = 0
     for d in range(trace.num_docs):
@@ -230,18 +241,13 @@ def simulate(trace: Trace, tiers: TierModel, *, predictor: Predictor | None = No
                 demand = disk = n_cpu = 0
                 if cost is not None:
                     demand, disk, n_cpu = _split_step(keys, c, ram, cost, clock, pinned, res, B)
-                for k in keys if cost is None else ():
-                    res.uses += 1
-                    if k in c.policy:
-                        res.hits += 1
-                        c.policy.touch(k, clock)
-                        if k in c.prefetched:
-                            c.prefetched.discard(k)
-                            res.prefetch_used += 1
-                        continue
-                    demand += 1
-                    disk += _from_ram(ram, k, clock, res)
-                    c.load(k, clock, pinned)
+                else:
+                    for k in keys:
+                        if c.hit(k, clock, res):
+                            continue
+                        demand += 1
+                        disk += _from_ram(ram, k, clock, res)
+                        c.load(k, clock, pinned)
                 pf = 0
                 if predictor is not None and tiers.prefetch_depth > 0 and tiers.prefetch_budget > 0:
                     for tgt in range(l + 1, min(L, l + 1 + tiers.prefetch_depth)):
@@ -277,17 +283,7 @@ def _split_step(keys: list[int], c: _Tier, ram: _Tier | None, cost: Any, t: floa
     is in the RAM tier are placed by the cost model (the link's queue starts at the RAM-tier misses, which go to
     the link); CPU misses touch their RAM block and take no device slot; the rest are loaded, RAM-tier misses
     last. -> (device misses, of which RAM-tier misses, CPU misses)."""
-    miss: list[int] = []
-    for k in keys:
-        res.uses += 1
-        if k in c.policy:
-            res.hits += 1
-            c.policy.touch(k, t)
-            if k in c.prefetched:
-                c.prefetched.discard(k)
-                res.prefetch_used += 1
-        else:
-            miss.append(k)
+    miss = [k for k in keys if not c.hit(k, t, res)]
     if not miss:
         return 0, 0, 0
     in_ram = [k for k in miss if ram is None or k in ram.policy]

@@ -336,10 +336,10 @@ class ExpertCache(HostSlotProvider):
         ram = self.ram
         if ram is not None and ram.n_slots < self.num_layers * self.num_experts:
             lookup = ram.table.lookup
-            on_disk = [i for i in miss if lookup(keys[i]) is None]
-            if on_disk:
-                queued += len(on_disk) * self.block_size / (cm.pcie_gbps * 1e9)
-                miss = [i for i in miss if lookup(keys[i]) is not None]
+            in_ram = [i for i in miss if lookup(keys[i]) is not None]
+            if len(in_ram) < len(miss):
+                queued += (len(miss) - len(in_ram)) * self.block_size / (cm.pcie_gbps * 1e9)
+                miss = in_ram
                 if not miss:
                     return []
         where = cm.place(len(miss), self.block_size, pcie_queue_s=queued)
@@ -350,7 +350,7 @@ class ExpertCache(HostSlotProvider):
         idle: this step copies nothing and the previous write-behind has landed. The step does not wait for it;
         a later get() that hits it waits for its copy like any pending slot."""
         ev = self._wb_event
-        if ev is not None and hasattr(ev, "query") and not ev.query():
+        if ev is not None and not ev.query():  # CUDA only (on a CPU device copies are synchronous: no event)
             return
         slot_of = self._assign([key], t, pinned)
         self._load([key], slot_of, t, pinned)
