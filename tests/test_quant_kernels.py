@@ -95,6 +95,30 @@ def test_matvec_flat_matches_reference(fmt, N, K, T):
         assert rel(quant_matvec(x, qw[1], config=cfg), quant_matvec_ref(x, qw[1])) < 1e-5, cfg
 
 
+# the word tile (algo 2, q4 only; other formats fall back to the flat tile): one group per step, a middle tile,
+# wide rows over long steps
+WORDS = [QConfig(bn=2, bg=1, warps=1, algo=2), QConfig(bn=4, bg=2, warps=2, algo=2),
+         QConfig(bn=16, bg=8, warps=4, algo=2)]
+
+
+@pytest.mark.parametrize("fmt", ["q4", "q8"])
+@pytest.mark.parametrize("N,K,T", [(1, 8, 1), (5, 32, 3), (7, 33, 2), (40, 96, 1), (9, 320, 1), (3, 520, 2)])
+def test_matvec_words_matches_reference(fmt, N, K, T):
+    """The word tile (algo 2) over a stack with scattered slots and over one matrix equals the reference: q4 rows
+    of 8 and 32 inputs (a whole-row group), rows that end inside a group and inside a step, several steps per
+    row; widths it cannot read as words (33: an odd group) and q8 fall back to the flat or grouped tile."""
+    from tiered.kernels.quant_moe import words_ok
+
+    g = torch.Generator().manual_seed(N * K + 2)
+    qw = quantize(torch.randn(3, N, K, generator=g) * 0.1, fmt).to_device(DEV)
+    assert words_ok(qw) == (fmt == "q4" and K != 33), (fmt, K)
+    x = torch.randn(T, K, generator=g).to(DEV)
+    slots = torch.tensor([2, 0, 1, 2][:T], device=DEV)
+    for cfg in WORDS:
+        assert rel(quant_matvec(x, qw, slots, config=cfg), quant_matvec_ref(x, qw, slots)) < 1e-5, cfg
+        assert rel(quant_matvec(x, qw[1], config=cfg), quant_matvec_ref(x, qw[1])) < 1e-5, cfg
+
+
 def test_flat_fallback_constexprs():
     """The launch constexprs (_tiles): algo 1 is taken for power-of-two groups and falls back to the grouped
     tile otherwise; a flat step covers BG groups (4-bit formats: half as many bytes as inputs), at most the
@@ -108,6 +132,18 @@ def test_flat_fallback_constexprs():
     assert (t["ALGO"], t["BK"], t["UK"]) == (1, 256, 256)  # clamped to the row's 2 groups of 128
     assert qm._tiles(cfg, quantize(torch.randn(8, 40), "q4"))["ALGO"] == 0  # one group of 40 inputs
     assert qm._tiles(QConfig(bn=4, bg=4), quantize(torch.randn(8, 200), "q4"))["ALGO"] == 0
+    words = QConfig(bn=4, bg=4, algo=2)
+    t = qm._tiles(words, quantize(torch.randn(8, 200), "q4"))
+    assert (t["ALGO"], t["BK"], t["UK"]) == (2, 256, 32)  # 32 int32 words of 8 inputs per step
+    assert qm._tiles(words, quantize(torch.randn(8, 200), "q8"))["ALGO"] == 1
+    assert qm._tiles(words, quantize(torch.randn(8, 40), "q4"))["ALGO"] == 0
+    import dataclasses
+
+    q4 = quantize(torch.randn(8, 200), "q4")
+    # codes starting one byte into their storage: not readable as int32 words, the flat tile serves
+    shifted = torch.zeros(8 * 100 + 1, dtype=torch.uint8)[1:].view(8, 100)
+    odd = dataclasses.replace(q4, q=shifted)
+    assert qm._tiles(words, odd)["ALGO"] == 1
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -115,7 +151,8 @@ def test_flat_fallback_constexprs():
 def test_experts_match_reference_loop(fmt, F, D, T):
     """gate_up + down over a block pool (strided part views) equal the plain loop over experts for T tokens
     with K = 3 scattered slots each; the down kernel also with split-K (atomics) and tiny tiles; every flat
-    tile (algo 1: q4 reads gate/up flat at D 32, 130, 64 and down at F 96; the other widths fall back)."""
+    tile (algo 1: q4 reads gate/up flat at D 32, 130, 64 and down at F 96; the other widths fall back); q4 also
+    with the word tile (algo 2: gate/up at D 32 and 64, down at F 24, 40 and 96)."""
     W = _pool(fmt, 7, F, D)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(T, D, generator=g).to(DEV)
@@ -125,7 +162,8 @@ def test_experts_match_reference_loop(fmt, F, D, T):
     cfgs = [(None, None), (CONFIGS[1], QConfig(bn=2, bg=1, split=3, conv=0)), (CONFIGS[2], QConfig(bn=16, bg=2))]
     flat = [(FLAT[0], QConfig(bn=2, bg=1, split=3, conv=0, algo=1)), (FLAT[1], QConfig(bn=4, bg=2, algo=1)),
             (FLAT[2], QConfig(bn=16, bg=8, warps=4, algo=1))]
-    for up_cfg, down_cfg in cfgs[:1] + cfgs[1 + T % 2:2 + T % 2] + flat:
+    words = [(WORDS[0], QConfig(bn=2, bg=1, split=3, algo=2)), (WORDS[2], QConfig(bn=4, bg=2, algo=2))]
+    for up_cfg, down_cfg in cfgs[:1] + cfgs[1 + T % 2:2 + T % 2] + flat + (words if fmt == "q4" else []):
         h = quant_gate_up(x, slots, W.gate, W.up, up_cfg)
         got = quant_down(h, slots, wts, W.down, torch.float32, down_cfg)
         assert rel(got, want) < 1e-5, (up_cfg, down_cfg)
@@ -179,7 +217,7 @@ def test_tuned_table_is_complete():
 
 
 _SIG = {torch.uint8: "*u8", torch.int8: "*i8", torch.bfloat16: "*bf16", torch.float16: "*fp16",
-        torch.float32: "*fp32", torch.int64: "*i64", torch.float8_e4m3fn: "*fp8e4nv"}
+        torch.float32: "*fp32", torch.int32: "*i32", torch.int64: "*i64", torch.float8_e4m3fn: "*fp8e4nv"}
 
 
 def _compile_for_sm90(kernel, args: dict, consts: dict):
@@ -214,29 +252,31 @@ def compile_kernels_sm90(fmt: str) -> None:
     slots = torch.zeros(2, dtype=torch.int64)
     h = torch.zeros(2, 96)
 
-    def parts(w, prefix):
-        return {prefix + "q": qm._codes(w), prefix + "s": w.scale, prefix + "m": w.min if w.min is not None
+    def parts(w, prefix, algo):
+        return {prefix + "q": qm._codes(w, algo), prefix + "s": w.scale, prefix + "m": w.min if w.min is not None
                 else w.scale}
 
-    p = parts(W.gate, "")
-    for algo in (0, 1):  # the grouped tile and the flat tile (the launchers' constexprs, qm._tiles)
+    # the grouped tile, the flat tile and (q4) the word tile (the launchers' constexprs, qm._tiles)
+    for algo in ((0, 1, 2) if fmt == "q4" else (0, 1)):
         tiles = qm._tiles(QConfig(bn=4, bg=2, algo=algo), W.gate)
         dtiles = qm._tiles(QConfig(bn=4, bg=2, algo=algo), W.down)
         assert tiles["ALGO"] == dtiles["ALGO"] == algo
+        p = parts(W.gate, "", algo)
         for has_slots in (True, False):  # a stack read by slot rows; one matrix (qlinear)
             k = _compile_for_sm90(qgemv, {"x_ptr": x, "slot_ptr": slots, "q_ptr": p["q"], "s_ptr": p["s"],
                                           "m_ptr": p["m"], "out_ptr": x, "N": 96, "stride_xt": 200,
-                                          "stride_ot": 96, **dict(zip(names, qm._strides(W.gate)))},
+                                          "stride_ot": 96, **dict(zip(names, qm._strides(W.gate, algo)))},
                                   {**geo, **tiles, "HAS_SLOTS": has_slots})
             if fmt == "fp8":  # the e4m3 bytes go through the hardware conversion
                 assert "e4m3" in k.asm["ptx"]
-        _compile_for_sm90(qgate_up, {"x_ptr": x, "slot_ptr": slots, **parts(W.gate, "g"), **parts(W.up, "u"),
-                                     "h_ptr": h, "stride_xt": 200, **dict(zip(names, qm._strides(W.gate)))},
+        _compile_for_sm90(qgate_up, {"x_ptr": x, "slot_ptr": slots, **parts(W.gate, "g", algo),
+                                     **parts(W.up, "u", algo), "h_ptr": h, "stride_xt": 200,
+                                     **dict(zip(names, qm._strides(W.gate, algo)))},
                           {**geo, **tiles, "F": 96, "K": 2})
         for split in (1, 2):
-            _compile_for_sm90(qdown, {"h_ptr": h, "slot_ptr": slots, "wt_ptr": h, **parts(W.down, "d"),
+            _compile_for_sm90(qdown, {"h_ptr": h, "slot_ptr": slots, "wt_ptr": h, **parts(W.down, "d", algo),
                                       "y_ptr": x if split == 1 else h, "stride_yt": 200,
-                                      **dict(zip(names, qm._strides(W.down)))},
+                                      **dict(zip(names, qm._strides(W.down, algo)))},
                               {**gdown, **dtiles, "D": 200, "K": 2, "K_PER": 2 // split, "SPLIT": split})
 
 

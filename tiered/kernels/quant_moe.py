@@ -42,6 +42,7 @@ S stacked matrices (slots), BN rows per program, BG groups per step.
 from __future__ import annotations
 
 import functools
+import os
 import types
 from dataclasses import dataclass
 
@@ -69,7 +70,8 @@ class QConfig:
     the mantissa trick for 4-bit codes, 0 = plain int->float conversion; `algo` 0 = the grouped tile
     ([BN, BG, GP], _dot_rows), 1 = the flat tile ([BN, BG * group] inputs per step, _dot_rows_flat), which
     serves power-of-two groups only (the launchers fall back to 0 for others, e.g. q4 rows narrower than 64
-    of odd width)."""
+    of odd width), 2 = the word tile (q4 only, _dot_rows_words: codes read as int32 words of 8 inputs, one
+    shift and one and-or per input; falls back to 1, then 0, where it cannot serve)."""
     bn: int = 4
     bg: int = 8
     warps: int = 2
@@ -82,8 +84,8 @@ class QConfig:
             v = getattr(self, name)
             if v < 1 or v & (v - 1):
                 raise ValueError(f"QConfig.{name} must be a power of two, got {v}")
-        if self.split < 1 or self.conv not in (0, 1) or self.algo not in (0, 1):
-            raise ValueError(f"QConfig split must be >= 1, conv 0 or 1 and algo 0 or 1, got {self.split}, "
+        if self.split < 1 or self.conv not in (0, 1) or self.algo not in (0, 1, 2):
+            raise ValueError(f"QConfig split must be >= 1, conv 0 or 1 and algo 0, 1 or 2, got {self.split}, "
                              f"{self.conv}, {self.algo}")
 
 
@@ -147,15 +149,33 @@ def flat_ok(w: QuantWeight) -> bool:
     return g >= 2 and g & (g - 1) == 0
 
 
+def words_ok(w: QuantWeight) -> bool:
+    """Whether the word tile (algo 2) reads this weight: q4 in power-of-two groups of at least 8 inputs, rows of
+    a multiple of 8 inputs, and codes that can be seen as int32 words (4-byte aligned rows and stack rows)."""
+    q = w.q
+    return (w.fmt == "q4" and flat_ok(w) and w.group % 8 == 0 and w.matrix[1] % 8 == 0 and q.shape[-1] % 4 == 0
+            and q.stride(-1) == 1 and all(st % 4 == 0 for st in q.stride()[:-1]) and q.storage_offset() % 4 == 0
+            and q.data_ptr() % 4 == 0)
+
+
+def _algo(cfg: QConfig, w: QuantWeight) -> int:
+    """The tile algorithm a launch takes: the config's, or the next one down that serves this weight."""
+    if cfg.algo == 2 and words_ok(w):
+        return 2
+    return 1 if cfg.algo >= 1 and flat_ok(w) else 0
+
+
 def _tiles(cfg: QConfig, w: QuantWeight) -> dict:
-    """The launch's tile constexprs: BN, BG, CONV, ALGO and the flat tile's BK inputs / UK packed units per
-    step (algo 1 falls back to 0 for a weight flat_ok refuses)."""
+    """The launch's tile constexprs: BN, BG, CONV, ALGO and the flat and word tiles' BK inputs / UK packed
+    units per step (bytes for algo 1, int32 words for algo 2; algo 2 falls back to 1 and 1 to 0 for a weight
+    words_ok / flat_ok refuses)."""
     bg = _bg(cfg, w)
-    algo = cfg.algo if flat_ok(w) else 0
-    if algo == 1:  # a flat step is never wider than the row
+    algo = _algo(cfg, w)
+    if algo >= 1:  # a flat step is never wider than the row
         bg = min(bg, triton.next_power_of_2(w.scale.shape[-1]))
     bk = bg * w.group
-    return dict(BN=cfg.bn, BG=bg, CONV=cfg.conv, ALGO=algo, BK=bk, UK=bk // 2 if w.fmt in ("q4", "mxfp4") else bk)
+    uk = bk // 8 if algo == 2 else bk // 2 if w.fmt in ("q4", "mxfp4") else bk
+    return dict(BN=cfg.bn, BG=bg, CONV=cfg.conv, ALGO=algo, BK=bk, UK=uk)
 
 
 def _geometry(w: QuantWeight) -> dict:
@@ -171,10 +191,13 @@ def _geometry(w: QuantWeight) -> dict:
                 GP=triton.next_power_of_2(gstride), FMT=fmt)
 
 
-def _codes(w: QuantWeight) -> Tensor:
-    """The packed codes as the kernel reads them: fp8 as its raw bytes (uint8), every other format as stored.
-    The kernel's masked loads fill with integer 0, which the compiler cannot cast to an fp8 element; a uint8
-    byte can be filled, then bitcast to fp8 (same width) and converted (see _dot_rows)."""
+def _codes(w: QuantWeight, algo: int = 0) -> Tensor:
+    """The packed codes as the kernel reads them: fp8 as its raw bytes (uint8), q4 under the word tile (algo 2)
+    as int32 words, every other format as stored. The kernel's masked loads fill with integer 0, which the
+    compiler cannot cast to an fp8 element; a uint8 byte can be filled, then bitcast to fp8 (same width) and
+    converted (see _dot_rows)."""
+    if algo == 2:
+        return w.q.view(torch.int32)
     return w.q.view(torch.uint8) if w.fmt == "fp8" else w.q
 
 
@@ -194,7 +217,7 @@ def _kernels():
 def decorate_kernels():
     """(qgemv, qgate_up, qdown) freshly decorated with triton.jit (compiled or interpreted, as TRITON_INTERPRET
     says now); the three see the decorated helpers (`dot_rows`, `dot_rows_flat`, `flat_step`, `add_pairs`,
-    `nibbles`, `fp8_bits`). Tests use it to compile for a GPU target without one."""
+    `nibbles`, `fp8_bits`, `dot_rows_words`, `word_nibble`). Tests use it to compile for a GPU target without one."""
     helpers = {"add_pairs": triton.jit(_add_pairs), "nibbles": triton.jit(_nibbles),
                "fp8_bits": triton.jit(_fp8_bits)}
 
@@ -206,7 +229,11 @@ def decorate_kernels():
                                                                       f.__module__, f.__doc__)
         return triton.jit(g)
 
+    # the inline PTX of word_nibble only when compiling (TRITON_INTERPRET decides, as it does for triton.jit)
+    helpers["WORD_ASM"] = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
+    helpers["word_nibble"] = bind(_word_nibble)
     helpers["dot_rows"] = bind(_dot_rows)
+    helpers["dot_rows_words"] = bind(_dot_rows_words)
     helpers["flat_step"] = bind(_flat_step)
     helpers["dot_rows_flat"] = bind(_dot_rows_flat)
     return bind(_qgemv), bind(_qgate_up), bind(_qdown)
@@ -374,6 +401,83 @@ def _dot_rows_flat(x_row, q1, s1, m1, q2, s2, m2, mask_n, KIN: tl.constexpr, KQ:
             acc2 += o2
     return tl.sum(acc1, axis=1), tl.sum(acc2, axis=1)
 
+def _word_nibble(w, J: tl.constexpr):
+    """fp32 1 + c/16 for the 4-bit code c at nibble J (bits 4J..4J+3) of each int32 word in w: the code is
+    shifted to mantissa bits 19..22 and or-ed into 1.0 (one shift and one and-or: the module docstring's
+    mantissa trick, without unpacking bytes). Compiled, the and-or is one lop3 written in PTX: left to
+    itself ptxas emits two (a LOP3 takes one immediate). WORD_ASM is False under Triton's interpreter."""
+    if J < 5:
+        b = w << (19 - 4 * J)
+    else:
+        b = w >> (4 * J - 19)
+    if WORD_ASM:
+        v = tl.inline_asm_elementwise("{ .reg .b32 m, o; mov.b32 m, 0x780000; mov.b32 o, 0x3F800000; "
+                                      "lop3.b32 $0, $1, m, o, 0xEA; }", "=r,r", [b], dtype=tl.int32,
+                                      is_pure=True, pack=1)
+    else:
+        v = (b & 0x780000) | 0x3F800000
+    return v.to(tl.float32, bitcast=True)
+
+
+def _dot_rows_words(x_row, q1, s1, m1, q2, s2, m2, mask_n, KIN: tl.constexpr, KQ: tl.constexpr,
+                    NG: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, BK: tl.constexpr,
+                    UK: tl.constexpr, TWO: tl.constexpr):
+    """([BN], [BN]) fp32: _dot_rows_flat for q4 read as int32 words (q1 / q2: [BN] int32 row pointers; a word
+    holds inputs 8w..8w+7, nibble j = input 8w + j). Per step the [BN, UK] words of each row; for each nibble
+    position j the values 1 + c/16 (word_nibble) meet x[8w + j] (a strided [UK] load shared by the BN rows)
+    in one fused multiply-add into a [BN, UK] sum, which is reduced over each group's GROUP / 8 words once
+    per step. Per input: a shift, an and-or, an FMA. The group sums of x are taken once per step for all rows
+    (not per row), and sum(c x) = 16 (sum((1 + c/16) x) - sum x) as in the other tiles. Codes of step i + 1
+    are loaded before step i is computed. KQ is the row's bytes (KQ // 4 words)."""
+    KW: tl.constexpr = KQ // 4
+    WG: tl.constexpr = GROUP // 8
+    offs_w = tl.arange(0, UK)
+    offs_g = tl.arange(0, BG)
+    acc1 = tl.zeros([BN, BG], tl.float32)
+    acc2 = tl.zeros([BN, BG], tl.float32)
+    cmask = mask_n[:, None] & (offs_w[None, :] < KW)
+    nxt1 = tl.load(q1[:, None] + offs_w[None, :], mask=cmask, other=0)  # [BN, UK] step 0
+    if TWO:
+        nxt2 = tl.load(q2[:, None] + offs_w[None, :], mask=cmask, other=0)
+    else:
+        nxt2 = nxt1
+    for k0 in tl.static_range(0, KIN, BK):
+        c1 = nxt1
+        c2 = nxt2
+        if k0 + BK < KIN:  # prefetch the next step's codes
+            u = (k0 // BK + 1) * UK + offs_w
+            um = mask_n[:, None] & (u[None, :] < KW)
+            nxt1 = tl.load(q1[:, None] + u[None, :], mask=um, other=0)
+            if TWO:
+                nxt2 = tl.load(q2[:, None] + u[None, :], mask=um, other=0)
+        wi = k0 // 8 + offs_w  # [UK] word index within the row
+        wm = wi < KW
+        t1 = tl.zeros([BN, UK], tl.float32)
+        t2 = tl.zeros([BN, UK], tl.float32)
+        xw = tl.zeros([UK], tl.float32)
+        for j in tl.static_range(8):
+            xj = tl.load(x_row + wi * 8 + j, mask=wm, other=0.0).to(tl.float32)  # [UK] inputs 8w + j
+            xw += xj
+            t1 += word_nibble(c1, j) * xj[None, :]
+            if TWO:
+                t2 += word_nibble(c2, j) * xj[None, :]
+        g = k0 // GROUP + offs_g  # [BG]
+        ms = mask_n[:, None] & (g[None, :] < NG)
+        # the group sums of x from the words' sums (a separate contiguous load and reduction measured 1.5x the
+        # instructions: its reduction crosses threads)
+        xs = tl.sum(tl.reshape(xw, [BG, WG]), axis=1)[None, :]  # [1, BG]
+        sv = tl.load(s1[:, None] + g[None, :], mask=ms, other=0).to(tl.float32)
+        mv = tl.load(m1[:, None] + g[None, :], mask=ms, other=0).to(tl.float32)
+        d1 = tl.sum(tl.reshape(t1, [BN, BG, WG]), axis=2)  # [BN, BG]
+        acc1 += (d1 - xs) * 16.0 * sv + mv * xs
+        if TWO:
+            sv2 = tl.load(s2[:, None] + g[None, :], mask=ms, other=0).to(tl.float32)
+            mv2 = tl.load(m2[:, None] + g[None, :], mask=ms, other=0).to(tl.float32)
+            d2 = tl.sum(tl.reshape(t2, [BN, BG, WG]), axis=2)
+            acc2 += (d2 - xs) * 16.0 * sv2 + mv2 * xs
+    return tl.sum(acc1, axis=1), tl.sum(acc2, axis=1)
+
+
 def _qgemv(x_ptr, slot_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_xt, stride_qs, stride_qn, stride_ss,
           stride_sn, stride_ms, stride_mn, stride_ot, KIN: tl.constexpr, KQ: tl.constexpr, NG: tl.constexpr,
           FMT: tl.constexpr, GROUP: tl.constexpr, GSTRIDE: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr,
@@ -396,7 +500,9 @@ def _qgemv(x_ptr, slot_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_xt, stride_q
     qr = q_ptr + slot * stride_qs + n64 * stride_qn
     sr = s_ptr + slot * stride_ss + srow * stride_sn
     mr = m_ptr + slot * stride_ms + n64 * stride_mn
-    if ALGO == 1:
+    if ALGO == 2:
+        y, _ = dot_rows_words(xr, qr, sr, mr, qr, sr, mr, mask_n, KIN, KQ, NG, GROUP, BN, BG, BK, UK, False)
+    elif ALGO == 1:
         y, _ = dot_rows_flat(xr, qr, sr, mr, qr, sr, mr, mask_n, KIN, KQ, NG, FMT, GROUP, BN, BG, BK, UK, CONV,
                              False)
     else:
@@ -423,7 +529,10 @@ def _qgate_up(x_ptr, slot_ptr, gq, gs, gm, uq, us, um, h_ptr, stride_xt, stride_
     qo = slot * stride_qs + f64 * stride_qn
     so = slot * stride_ss + srow * stride_sn
     mo = slot * stride_ms + f64 * stride_mn
-    if ALGO == 1:  # gate and up in one pass: both rows' codes in flight together
+    if ALGO == 2:  # the word tile, gate and up in one pass
+        g, u = dot_rows_words(x_row, gq + qo, gs + so, gm + mo, uq + qo, us + so, um + mo, mask_f, KIN, KQ, NG,
+                              GROUP, BN, BG, BK, UK, True)
+    elif ALGO == 1:  # gate and up in one pass: both rows' codes in flight together
         g, u = dot_rows_flat(x_row, gq + qo, gs + so, gm + mo, uq + qo, us + so, um + mo, mask_f, KIN, KQ, NG, FMT,
                              GROUP, BN, BG, BK, UK, CONV, True)
     else:
@@ -455,7 +564,10 @@ def _qdown(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, y_ptr, stride_qs, stride_qn, str
         qr = dq + slot * stride_qs + d64 * stride_qn
         sr = ds + slot * stride_ss + srow * stride_sn
         mr = dm + slot * stride_ms + d64 * stride_mn
-        if ALGO == 1:
+        if ALGO == 2:
+            yk, _ = dot_rows_words(hr, qr, sr, mr, qr, sr, mr, mask_d, KIN, KQ, NG, GROUP, BN, BG, BK, UK, False)
+            y += w * yk
+        elif ALGO == 1:
             yk, _ = dot_rows_flat(hr, qr, sr, mr, qr, sr, mr, mask_d, KIN, KQ, NG, FMT, GROUP, BN, BG, BK, UK, CONV,
                                   False)
             y += w * yk
@@ -467,12 +579,14 @@ def _qdown(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, y_ptr, stride_qs, stride_qn, str
         tl.atomic_add(y_ptr + t * stride_yt + offs_d, y, mask=mask_d, sem="relaxed")
 
 
-def _strides(w: QuantWeight) -> tuple[int, int, int, int, int, int]:
-    """(stack, row) strides of q, scale and min (0 for a single matrix; min = scale when absent)."""
+def _strides(w: QuantWeight, algo: int = 0) -> tuple[int, int, int, int, int, int]:
+    """(stack, row) strides of q, scale and min (0 for a single matrix; min = scale when absent); q's in int32
+    words under the word tile (algo 2), else in its own elements."""
     m = w.min if w.min is not None else w.scale
+    u = 4 if algo == 2 else 1
     if not w.lead:
-        return 0, w.q.stride(-2), 0, w.scale.stride(-2), 0, m.stride(-2)
-    return w.q.stride(0), w.q.stride(-2), w.scale.stride(0), w.scale.stride(-2), m.stride(0), m.stride(-2)
+        return 0, w.q.stride(-2) // u, 0, w.scale.stride(-2), 0, m.stride(-2)
+    return w.q.stride(0) // u, w.q.stride(-2) // u, w.scale.stride(0), w.scale.stride(-2), m.stride(0), m.stride(-2)
 
 
 def quant_matvec(x: Tensor, w: QuantWeight, slots: Tensor | None = None, *, out_dtype: torch.dtype | None = None,
@@ -492,8 +606,10 @@ def quant_matvec(x: Tensor, w: QuantWeight, slots: Tensor | None = None, *, out_
     m = w.min if w.min is not None else w.scale
     sl = slots if w.lead else out  # an unused pointer when there are no slots
     qgemv = _kernels()[0]
-    qgemv[(triton.cdiv(n, cfg.bn), T)](x, sl, _codes(w), w.scale, m, out, n, x.stride(0), *_strides(w), out.stride(0),
-                                      **_geometry(w), **_tiles(cfg, w), HAS_SLOTS=bool(w.lead),
+    tiles = _tiles(cfg, w)
+    a = tiles["ALGO"]
+    qgemv[(triton.cdiv(n, cfg.bn), T)](x, sl, _codes(w, a), w.scale, m, out, n, x.stride(0), *_strides(w, a),
+                                      out.stride(0), **_geometry(w), **tiles, HAS_SLOTS=bool(w.lead),
                                       num_warps=cfg.warps)
     return out
 
@@ -520,9 +636,13 @@ def quant_gate_up(x: Tensor, slots: Tensor, gate: QuantWeight, up: QuantWeight,
     h = torch.empty(T * K, Fe, dtype=torch.float32, device=x.device)
     gm = gate.min if gate.min is not None else gate.scale
     um = up.min if up.min is not None else up.scale
+    tiles = _tiles(cfg, gate)
+    if tiles["ALGO"] == 2 and not words_ok(up):  # gate and up share a layout; be safe if they ever do not
+        tiles = _tiles(QConfig(**{**vars(cfg), "algo": 1}), gate)
+    a = tiles["ALGO"]
     _kernels()[1][(triton.cdiv(Fe, cfg.bn), T * K)](
-        x, flat, _codes(gate), gate.scale, gm, _codes(up), up.scale, um, h, x.stride(0), *_strides(gate), F=Fe, K=K,
-        **_geometry(gate), **_tiles(cfg, gate), num_warps=cfg.warps)
+        x, flat, _codes(gate, a), gate.scale, gm, _codes(up, a), up.scale, um, h, x.stride(0), *_strides(gate, a),
+        F=Fe, K=K, **_geometry(gate), **tiles, num_warps=cfg.warps)
     return h
 
 
@@ -539,9 +659,11 @@ def quant_down(h: Tensor, slots: Tensor, weights: Tensor, down: QuantWeight, dty
     y = (torch.empty(T, D, dtype=dtype, device=h.device) if split == 1
          else torch.zeros(T, D, dtype=torch.float32, device=h.device))
     dm = down.min if down.min is not None else down.scale
+    tiles = _tiles(cfg, down)
+    a = tiles["ALGO"]
     _kernels()[2][(triton.cdiv(D, cfg.bn), T * split)](
-        h, flat, wts, _codes(down), down.scale, dm, y, *_strides(down), y.stride(0), D=D, K=K, K_PER=K // split,
-        SPLIT=split, **_geometry(down), **_tiles(cfg, down), num_warps=cfg.warps)
+        h, flat, wts, _codes(down, a), down.scale, dm, y, *_strides(down, a), y.stride(0), D=D, K=K,
+        K_PER=K // split, SPLIT=split, **_geometry(down), **tiles, num_warps=cfg.warps)
     return y if split == 1 else y.to(dtype)
 
 
