@@ -174,7 +174,7 @@ def test_experts_match_reference_loop(fmt, F, D, T):
 
 def test_bench_small_runs_on_cpu(tmp_path):
     """benchmarks/bench_quant_kernels.py --small (the CPU smoke run: interpreter, tiny shapes) runs every path
-    of the decode phase without a failed row, and suggests TUNED lines that mention both algorithms. q4 only: the
+    of the decode phase without a failed row, and suggests TUNED lines that mention the three algorithms. q4 only: the
     pipeline is the same for every format (q8's kernels are checked against the reference above), and each format
     costs minutes under the interpreter."""
     import json
@@ -191,10 +191,10 @@ def test_bench_small_runs_on_cpu(tmp_path):
     assert res["failed"] == [], res["failed"]
     keys = {"gate_up/q4/128/32", "down/q4/32/128", "gemv/q4/128/20"}
     assert keys <= set(res["suggested"]), sorted(res["suggested"])
-    assert {"0", "1"} <= set(res["suggested"]["gate_up/q4/128/32"]["best_by_algo"])
+    assert {"0", "1", "2"} <= set(res["suggested"]["gate_up/q4/128/32"]["best_by_algo"])
     assert all(line.startswith("(") and "QConfig(" in line for line in res["tuned_lines"])
     parts = [r for r in res["rows"] if r["section"] == "parts"]
-    assert {(r["fmt"], r["algo"]) for r in parts} >= {("q4", 0), ("q4", 1)}
+    assert {(r["fmt"], r["algo"]) for r in parts} >= {("q4", 0), ("q4", 1), ("q4", 2)}
 
 
 def test_reference_path_off_cuda():
