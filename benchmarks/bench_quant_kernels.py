@@ -108,8 +108,8 @@ UP4 = [C(4, 32, 4, algo=A2), C(2, 32, 2, algo=A2), C(8, 32, 4, algo=A2), C(4, 16
        C(4, 32, 4, algo=A1), C(2, 32, 2, algo=A1), C(8, 32, 4, algo=A1), C(4, 8, 2, algo=A1), C(8, 16, 4, algo=A1),
        C(2, 64, 4, algo=A1), C(4, 64, 8, algo=A1), C(4, 32, 4, conv=0, algo=A1),
        C(8, 8, 4), C(4, 16, 4), C(4, 8, 2, conv=0)]
-DOWN4 = [C(4, 16, 4, algo=A2), C(2, 16, 2, algo=A2), C(8, 16, 4, algo=A2), C(4, 4, 2, algo=A2), C(1, 16, 1, algo=A2),
-         C(8, 8, 4, algo=A2), C(16, 16, 8, algo=A2), C(8, 4, 4, split=SPLIT_K, algo=A2),
+DOWN4 = [C(4, 16, 4, algo=A2), C(2, 16, 2, algo=A2), C(8, 16, 4, algo=A2), C(4, 16, 8, algo=A2), C(1, 16, 1, algo=A2),
+         C(2, 16, 4, algo=A2), C(8, 16, 8, algo=A2), C(1, 16, 2, algo=A2), C(8, 4, 4, split=SPLIT_K, algo=A2),
          C(4, 16, 4, algo=A1), C(2, 16, 2, algo=A1), C(8, 16, 4, algo=A1), C(4, 4, 2, algo=A1), C(1, 16, 1, algo=A1),
          C(8, 4, 4, split=SPLIT_K, algo=A1),
          C(4, 4, 1), C(8, 8, 4), C(16, 4, 4, split=SPLIT_K)]

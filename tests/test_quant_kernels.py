@@ -277,7 +277,7 @@ def compile_kernels_sm90(fmt: str) -> None:
             _compile_for_sm90(qdown, {"h_ptr": h, "slot_ptr": slots, "wt_ptr": h, **parts(W.down, "d", algo),
                                       "y_ptr": x if split == 1 else h, "stride_yt": 200,
                                       **dict(zip(names, qm._strides(W.down, algo)))},
-                              {**gdown, **dtiles, "D": 200, "K": 2, "K_PER": 2 // split, "SPLIT": split})
+                              {**gdown, **dtiles, "D": 200, "K": 2, "KP": 2, "K_PER": 2 // split, "SPLIT": split})
 
 
 def test_kernels_compile_for_sm90():

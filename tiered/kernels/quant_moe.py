@@ -129,6 +129,11 @@ TUNED: dict[tuple, QConfig] = {
     ('gemv', 'q4', 2048, 151936): QConfig(bn=4, bg=32, warps=2, split=1, conv=1, algo=1),
     ('gemv', 'q4', 2048, 5120): QConfig(bn=4, bg=32, warps=2, split=1, conv=1, algo=1),
     ('gemv', 'q4', 4096, 2048): QConfig(bn=8, bg=32, warps=4, split=1, conv=1, algo=1),
+    # applied by tools/apply_tuned.py from a bench_quant_kernels.py run (fastest deterministic tiles)
+    ('down', 'q4', 768, 2048): QConfig(bn=4, bg=16, warps=4, split=1, conv=1, algo=2),
+    ('gate_up', 'q4', 2048, 768): QConfig(bn=8, bg=16, warps=4, split=1, conv=1, algo=2),
+    ('gemv', 'q4', 2048, 151936): QConfig(bn=32, bg=32, warps=8, split=1, conv=1, algo=2),
+    ('gemv', 'q4', 2048, 5120): QConfig(bn=8, bg=32, warps=4, split=1, conv=1, algo=2),
 }
 
 
@@ -234,6 +239,7 @@ def decorate_kernels():
     helpers["word_nibble"] = bind(_word_nibble)
     helpers["dot_rows"] = bind(_dot_rows)
     helpers["dot_rows_words"] = bind(_dot_rows_words)
+    helpers["down_words"] = bind(_down_words)
     helpers["flat_step"] = bind(_flat_step)
     helpers["dot_rows_flat"] = bind(_dot_rows_flat)
     return bind(_qgemv), bind(_qgate_up), bind(_qdown)
@@ -478,6 +484,52 @@ def _dot_rows_words(x_row, q1, s1, m1, q2, s2, m2, mask_n, KIN: tl.constexpr, KQ
     return tl.sum(acc1, axis=1), tl.sum(acc2, axis=1)
 
 
+def _down_words(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, t, d64, mask_d, stride_qs, stride_qn, stride_ss, stride_sn,
+                stride_ms, stride_mn, K: tl.constexpr, KP: tl.constexpr, KIN: tl.constexpr, KQ: tl.constexpr,
+                NG: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, BK: tl.constexpr,
+                UK: tl.constexpr):
+    """[BN] fp32: sum over token t's K experts of w_k * (h_k @ down[slot_k].T) for the BN output rows d64, q4 read
+    as int32 words with every expert's codes of a step in one [KP, BN, UK] load (KP = K padded to a power of
+    two): all K experts' bytes are in flight at once, where a loop over experts would wait for each in turn
+    (the down projection's rows are short, so a program's per-expert work is one small load). The per-expert
+    sums are reduced over k in a fixed order (deterministic)."""
+    KW: tl.constexpr = KQ // 4
+    WG: tl.constexpr = GROUP // 8
+    offs_k = tl.arange(0, KP)
+    mk = offs_k < K
+    pair = t * K + offs_k  # [KP]
+    slot = tl.load(slot_ptr + pair, mask=mk, other=0).to(tl.int64)
+    wk = tl.load(wt_ptr + pair, mask=mk, other=0).to(tl.float32)
+    offs_w = tl.arange(0, UK)
+    offs_g = tl.arange(0, BG)
+    mkd = mk[:, None] & mask_d[None, :]  # [KP, BN]
+    qrow = dq + slot[:, None] * stride_qs + d64[None, :] * stride_qn  # [KP, BN] int32 row pointers
+    srow = ds + slot[:, None] * stride_ss + d64[None, :] * stride_sn
+    mrow = dm + slot[:, None] * stride_ms + d64[None, :] * stride_mn
+    hrow = h_ptr + pair.to(tl.int64) * KIN  # [KP]
+    acc = tl.zeros([KP, BN, BG], tl.float32)
+    for k0 in tl.static_range(0, KIN, BK):
+        wi = k0 // 8 + offs_w  # [UK]
+        wm = wi < KW
+        c = tl.load(qrow[:, :, None] + wi[None, None, :], mask=mkd[:, :, None] & wm[None, None, :], other=0)
+        tacc = tl.zeros([KP, BN, UK], tl.float32)
+        xw = tl.zeros([KP, UK], tl.float32)
+        for j in tl.static_range(8):
+            xj = tl.load(hrow[:, None] + wi[None, :] * 8 + j, mask=mk[:, None] & wm[None, :], other=0.0)
+            xj = xj.to(tl.float32)  # [KP, UK] inputs 8w + j of each expert's h row
+            xw += xj
+            tacc += word_nibble(c, j) * xj[:, None, :]
+        xs = tl.sum(tl.reshape(xw, [KP, BG, WG]), axis=2)[:, None, :]  # [KP, 1, BG]
+        d = tl.sum(tl.reshape(tacc, [KP, BN, BG, WG]), axis=3)  # [KP, BN, BG]
+        g = k0 // GROUP + offs_g
+        ms = mkd[:, :, None] & (g[None, None, :] < NG)
+        sv = tl.load(srow[:, :, None] + g[None, None, :], mask=ms, other=0).to(tl.float32)
+        mv = tl.load(mrow[:, :, None] + g[None, None, :], mask=ms, other=0).to(tl.float32)
+        acc += (d - xs) * 16.0 * sv + mv * xs
+    yk = tl.sum(acc, axis=2)  # [KP, BN]
+    return tl.sum(yk * wk[:, None], axis=0)
+
+
 def _qgemv(x_ptr, slot_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_xt, stride_qs, stride_qn, stride_ss,
           stride_sn, stride_ms, stride_mn, stride_ot, KIN: tl.constexpr, KQ: tl.constexpr, NG: tl.constexpr,
           FMT: tl.constexpr, GROUP: tl.constexpr, GSTRIDE: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr,
@@ -541,11 +593,13 @@ def _qgate_up(x_ptr, slot_ptr, gq, gs, gm, uq, us, um, h_ptr, stride_xt, stride_
     tl.store(h_ptr + pair * F + offs_f, g * tl.sigmoid(g) * u, mask=mask_f)
 
 def _qdown(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, y_ptr, stride_qs, stride_qn, stride_ss, stride_sn, stride_ms,
-          stride_mn, stride_yt, D: tl.constexpr, K: tl.constexpr, K_PER: tl.constexpr, SPLIT: tl.constexpr,
+          stride_mn, stride_yt, D: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, K_PER: tl.constexpr,
+          SPLIT: tl.constexpr,
           KIN: tl.constexpr, KQ: tl.constexpr, NG: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr,
           GSTRIDE: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, CONV: tl.constexpr,
           ALGO: tl.constexpr, BK: tl.constexpr, UK: tl.constexpr):
-    """Grid (cdiv(D, BN), T*SPLIT): y[t, d-block] = sum over K_PER experts of w * (h @ down.T)."""
+    """Grid (cdiv(D, BN), T*SPLIT): y[t, d-block] = sum over K_PER experts of w * (h @ down.T); the word tile
+    at SPLIT 1 reads all K experts together (down_words), the other tiles one expert after another."""
     pid = tl.program_id(1)
     t = pid // SPLIT
     offs_d = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -556,7 +610,10 @@ def _qdown(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, y_ptr, stride_qs, stride_qn, str
     else:
         srow = d64
     y = tl.zeros([BN], tl.float32)
-    for kk in tl.static_range(K_PER):
+    if ALGO == 2 and SPLIT == 1:  # every expert's codes in one load (the word tile over K experts)
+        y = down_words(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, t, d64, mask_d, stride_qs, stride_qn, stride_ss,
+                       stride_sn, stride_ms, stride_mn, K, KP, KIN, KQ, NG, GROUP, BN, BG, BK, UK)
+    for kk in tl.static_range(K_PER if ALGO != 2 or SPLIT != 1 else 0):
         pair = t * K + (pid % SPLIT) * K_PER + kk
         slot = tl.load(slot_ptr + pair).to(tl.int64)
         w = tl.load(wt_ptr + pair).to(tl.float32)
@@ -663,7 +720,7 @@ def quant_down(h: Tensor, slots: Tensor, weights: Tensor, down: QuantWeight, dty
     a = tiles["ALGO"]
     _kernels()[2][(triton.cdiv(D, cfg.bn), T * split)](
         h, flat, wts, _codes(down, a), down.scale, dm, y, *_strides(down, a), y.stride(0), D=D, K=K,
-        K_PER=K // split, SPLIT=split, **_geometry(down), **tiles, num_warps=cfg.warps)
+        KP=triton.next_power_of_2(K), K_PER=K // split, SPLIT=split, **_geometry(down), **tiles, num_warps=cfg.warps)
     return y if split == 1 else y.to(dtype)
 
 
