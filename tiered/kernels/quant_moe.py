@@ -129,11 +129,12 @@ TUNED: dict[tuple, QConfig] = {
     ('gemv', 'q4', 2048, 151936): QConfig(bn=4, bg=32, warps=2, split=1, conv=1, algo=1),
     ('gemv', 'q4', 2048, 5120): QConfig(bn=4, bg=32, warps=2, split=1, conv=1, algo=1),
     ('gemv', 'q4', 4096, 2048): QConfig(bn=8, bg=32, warps=4, split=1, conv=1, algo=1),
-    # applied by tools/apply_tuned.py from a bench_quant_kernels.py run (fastest deterministic tiles)
-    ('down', 'q4', 768, 2048): QConfig(bn=4, bg=16, warps=4, split=1, conv=1, algo=2),
+    # the word tile (algo 2), from the sweeps of session 7's calls A (gate_up, gemv) and B (down, after
+    # _down_words), quant-kernels-2026-12-01-h200-s7.json; applied by tools/apply_tuned.py
     ('gate_up', 'q4', 2048, 768): QConfig(bn=8, bg=16, warps=4, split=1, conv=1, algo=2),
     ('gemv', 'q4', 2048, 151936): QConfig(bn=32, bg=32, warps=8, split=1, conv=1, algo=2),
     ('gemv', 'q4', 2048, 5120): QConfig(bn=8, bg=32, warps=4, split=1, conv=1, algo=2),
+    ('down', 'q4', 768, 2048): QConfig(bn=8, bg=16, warps=8, split=1, conv=1, algo=2),
 }
 
 
