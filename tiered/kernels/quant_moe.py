@@ -5,7 +5,7 @@ Owns: the Triton kernels `_qgemv` (out[t] = x[t] @ W[slot[t]]^T: dense matrices 
 stack), `_qgate_up` (one token's K experts: gate and up, SwiGLU, into h [T*K, F] fp32) and `_qdown`
 (h through the K experts' down projections, routing weights applied and summed over K); their tile
 configs (`QConfig`, picked per format and shape by `pick_config` from the table `TUNED`; `algo` chooses the
-grouped or the flat tile, below); the launchers
+grouped, the flat or the word tile, below); the launchers
 `quant_matvec`, `quant_gate_up`, `quant_down`; the reference `quant_matvec_ref` (dequantize then matmul,
 tiered/layout/quant.py); and the two callers the model uses: `qlinear` (a dense matrix, quantized or
 not) and `experts_quant_decode` (one token's K quantized experts).
@@ -26,6 +26,14 @@ contiguous [BK] vector for all BN rows; the group sums (of c x and, for q4, of x
 product's own layout; the gate and up rows of an expert are read in one pass (both code tiles in flight
 together) and the next step's codes are loaded before the current step is computed. TUNED picks the algo
 per (kernel, format, shape); the grouped tile stays the default until the H200 sweep shows otherwise.
+The word tile (QConfig.algo = 2, _dot_rows_words; q4 only, power-of-two groups of 8 inputs or more, else the flat
+tile): the flat tile spends about 16 SASS instructions per input (byte unpacking, the interleave, x's group sums
+per row, cross-thread reductions) and is bound by them, not by bytes. Here the codes are read as int32 words of
+8 inputs; for each nibble position j one shift puts the code at mantissa bits 19..22 and one lop3 (inline PTX)
+or-s it into 1.0, and x[8w + j] (a strided load shared by the rows) meets it in one FMA, accumulated per word and
+reduced per group once per step: 6.5 instructions per input compiled. Its down kernel (_down_words) loads every
+expert's codes of a step in one [K, BN, UK] tile, since the down rows are short and a loop over experts waits
+for each load in turn; the sum over k is in a fixed order.
 The expert kernels follow moe_decode.py: grid (F blocks, T*K) for gate/up, (D blocks, T*SPLIT) for down;
 slots are a device tensor and the grid depends only on T, K and the shapes, so CUDA graphs capture them.
 With SPLIT = 1 each output is summed by one program in a fixed order (deterministic).
@@ -408,6 +416,7 @@ def _dot_rows_flat(x_row, q1, s1, m1, q2, s2, m2, mask_n, KIN: tl.constexpr, KQ:
             acc2 += o2
     return tl.sum(acc1, axis=1), tl.sum(acc2, axis=1)
 
+
 def _word_nibble(w, J: tl.constexpr):
     """fp32 1 + c/16 for the 4-bit code c at nibble J (bits 4J..4J+3) of each int32 word in w: the code is
     shifted to mantissa bits 19..22 and or-ed into 1.0 (one shift and one and-or: the module docstring's
@@ -595,8 +604,7 @@ def _qgate_up(x_ptr, slot_ptr, gq, gs, gm, uq, us, um, h_ptr, stride_xt, stride_
 
 def _qdown(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, y_ptr, stride_qs, stride_qn, stride_ss, stride_sn, stride_ms,
           stride_mn, stride_yt, D: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, K_PER: tl.constexpr,
-          SPLIT: tl.constexpr,
-          KIN: tl.constexpr, KQ: tl.constexpr, NG: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr,
+          SPLIT: tl.constexpr, KIN: tl.constexpr, KQ: tl.constexpr, NG: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr,
           GSTRIDE: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, CONV: tl.constexpr,
           ALGO: tl.constexpr, BK: tl.constexpr, UK: tl.constexpr):
     """Grid (cdiv(D, BN), T*SPLIT): y[t, d-block] = sum over K_PER experts of w * (h @ down.T); the word tile
@@ -611,10 +619,11 @@ def _qdown(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, y_ptr, stride_qs, stride_qn, str
     else:
         srow = d64
     y = tl.zeros([BN], tl.float32)
-    if ALGO == 2 and SPLIT == 1:  # every expert's codes in one load (the word tile over K experts)
+    ALL_K: tl.constexpr = ALGO == 2 and SPLIT == 1  # the word tile reads every expert's codes in one load
+    if ALL_K:
         y = down_words(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, t, d64, mask_d, stride_qs, stride_qn, stride_ss,
                        stride_sn, stride_ms, stride_mn, K, KP, KIN, KQ, NG, GROUP, BN, BG, BK, UK)
-    for kk in tl.static_range(K_PER if ALGO != 2 or SPLIT != 1 else 0):
+    for kk in tl.static_range(0 if ALL_K else K_PER):  # otherwise one expert after another
         pair = t * K + (pid % SPLIT) * K_PER + kk
         slot = tl.load(slot_ptr + pair).to(tl.int64)
         w = tl.load(wt_ptr + pair).to(tl.float32)
