@@ -112,7 +112,8 @@ class SlotPool:
                         for _ in range(ring)] if self.cuda else None
         self._timer_live = [False] * ring  # recorded, elapsed not yet added
         self._timer_i = 0
-        self._timer_open = False
+        self._timer_open = False  # between begin_copies and end_copies
+        self._timer_started = False  # ... and the batch's first copy recorded the start
         self._t0 = 0.0
         # Compute-side waits on copies: (before, after) event pairs on the compute stream.
         self._wait_ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
@@ -153,21 +154,20 @@ class SlotPool:
                 self.stream.wait_event(self._handoff_ev)
             else:
                 self.stream.wait_stream(torch.cuda.current_stream(self.device))
-            i = self._timer_i % len(self._timers)
-            self._harvest(i)
-            self._timers[i][0].record(self.stream)
-            self._timer_open = True
+            self._timer_open = True  # the start is recorded at the batch's first copy (copy_in): the host's
+            # work before it (the RAM tier finding the first block) is not time the link spent copying
+            self._timer_started = False
         else:
             self._t0 = time.perf_counter()
 
     def end_copies(self) -> None:
         if self.cuda:
-            if self._timer_open:
+            if self._timer_open and self._timer_started:
                 i = self._timer_i % len(self._timers)
                 self._timers[i][1].record(self.stream)
                 self._timer_live[i] = True
                 self._timer_i += 1
-                self._timer_open = False
+            self._timer_open = False
         else:
             self.copy_s += time.perf_counter() - self._t0
 
@@ -196,6 +196,11 @@ class SlotPool:
         (set_pace) the copy is followed by a wait on the side stream (CUDA) or the host (CPU) so that the
         block takes block_size / h2d_gbps seconds."""
         if self.cuda:
+            if self._timer_open and not self._timer_started:  # the batch's first copy starts its timer
+                i = self._timer_i % len(self._timers)
+                self._harvest(i)
+                self._timers[i][0].record(self.stream)
+                self._timer_started = True
             self._rows[slot].copy_(src, non_blocking=True)
             if self._sleep_cycles_per_byte:
                 torch.cuda._sleep(int(self._sleep_cycles_per_byte * self.block_size))
