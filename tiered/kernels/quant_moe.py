@@ -27,11 +27,11 @@ product's own layout; the gate and up rows of an expert are read in one pass (bo
 together) and the next step's codes are loaded before the current step is computed. TUNED picks the algo
 per (kernel, format, shape); the grouped tile stays the default until the H200 sweep shows otherwise.
 The word tile (QConfig.algo = 2, _dot_rows_words; q4 only, power-of-two groups of 8 inputs or more, else the flat
-tile): the flat tile spends about 16 SASS instructions per input (byte unpacking, the interleave, x's group sums
-per row, cross-thread reductions) and is bound by them, not by bytes. Here the codes are read as int32 words of
-8 inputs; for each nibble position j one shift puts the code at mantissa bits 19..22 and one lop3 (inline PTX)
-or-s it into 1.0, and x[8w + j] (a strided load shared by the rows) meets it in one FMA, accumulated per word and
-reduced per group once per step: 6.5 instructions per input compiled. Its down kernel (_down_words) loads every
+tile): the flat tile spends 5.9-6.8 SASS instructions per input (sm_90, byte unpacking, the interleave, x's group
+sums) and is bound by them about as much as by bytes. Here the codes are read as int32 words of 8 inputs; for each
+nibble position j one shift puts the code at mantissa bits 19..22 and one lop3 (inline PTX) or-s it into 1.0, and
+x[8w + j] (a strided load shared by the rows) meets it in one FMA, accumulated per word and reduced per group once
+per step: 4.4-5.8 instructions per input compiled. Its down kernel (_down_words) loads every
 expert's codes of a step in one [K, BN, UK] tile, since the down rows are short and a loop over experts waits
 for each load in turn; the sum over k is in a fixed order.
 The expert kernels follow moe_decode.py: grid (F blocks, T*K) for gate/up, (D blocks, T*SPLIT) for down;
@@ -479,7 +479,7 @@ def _dot_rows_words(x_row, q1, s1, m1, q2, s2, m2, mask_n, KIN: tl.constexpr, KQ
                 t2 += word_nibble(c2, j) * xj[None, :]
         g = k0 // GROUP + offs_g  # [BG]
         ms = mask_n[:, None] & (g[None, :] < NG)
-        # the group sums of x from the words' sums (a separate contiguous load and reduction measured 1.5x the
+        # the group sums of x from the words' sums (a separate contiguous load and reduction compiled to more
         # instructions: its reduction crosses threads)
         xs = tl.sum(tl.reshape(xw, [BG, WG]), axis=1)[None, :]  # [1, BG]
         sv = tl.load(s1[:, None] + g[None, :], mask=ms, other=0).to(tl.float32)

@@ -1,0 +1,97 @@
+"""SASS instructions per input of the q4 decode GEMV (tiered/kernels/quant_moe.py `_qgemv`), compiled for sm_90
+without a GPU: the evidence behind the word tile (QConfig.algo = 2) against the flat tile (algo 1).
+
+Compiles the kernel as a launch would (pointers and arguments divisible by 16 carry Triton's 16-byte divisibility
+specialisation, so code loads vectorise), disassembles it with the cuobjdump that ships with Triton, and prints per
+tile: the static instruction count of one program (the rows' steps are unrolled), inputs per thread, instructions per
+input, and the most frequent opcodes. Static counts: a guide to the arithmetic per input, not a timing.
+
+    python3 tools/count_sass.py                                   # flat vs word tiles, lm_head-like rows (K 2048)
+    python3 tools/count_sass.py --k 4096 --tiles 1:8:32:4,2:8:32:4    # algo:bn:bg:warps
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ["TRITON_INTERPRET"] = "0"  # compile, do not interpret (set before triton is imported)
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # as launches compile: multiply-adds fused
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+_SIG = {"torch.uint8": "*u8", "torch.int32": "*i32", "torch.bfloat16": "*bf16", "torch.float32": "*fp32",
+        "torch.int64": "*i64"}
+
+
+def count(k: int, n: int, algo: int, bn: int, bg: int, warps: int) -> tuple[int, float, collections.Counter]:
+    """(static SASS instructions of one program, inputs per thread, opcode counts) of _qgemv over a q4 [n, k]."""
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from tiered.kernels import quant_moe as qm
+    from tiered.layout.quant import quantize
+
+    qgemv = qm.decorate_kernels()[0]
+    w = quantize(torch.randn(n, k) * k ** -0.5, "q4")
+    cfg = qm.QConfig(bn=bn, bg=bg, warps=warps, algo=algo)
+    tiles = qm._tiles(cfg, w)
+    a = tiles["ALGO"]
+    x = torch.zeros(1, k, dtype=torch.bfloat16)
+    names = ("stride_qs", "stride_qn", "stride_ss", "stride_sn", "stride_ms", "stride_mn")
+    args = {"x_ptr": x, "slot_ptr": x, "q_ptr": qm._codes(w, a), "s_ptr": w.scale, "m_ptr": w.min, "out_ptr": x,
+            "N": n, "stride_xt": k, "stride_ot": n, **dict(zip(names, qm._strides(w, a)))}
+    consts = {**qm._geometry(w), **tiles, "HAS_SLOTS": False}
+    sig, attrs = {}, {}
+    for i, name in enumerate(qgemv.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+            continue
+        v = args[name]
+        sig[name] = _SIG[str(v.dtype)] if isinstance(v, torch.Tensor) else "i32"
+        if isinstance(v, torch.Tensor) or v % 16 == 0:  # what the launcher's specialisation would mark
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    kern = triton.compile(ASTSource(qgemv, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": warps})
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kern.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    ops: collections.Counter = collections.Counter()
+    for line in sass.splitlines():
+        line = line.strip()
+        if not (line.startswith("/*") and "*/" in line):
+            continue
+        body = line.split("*/", 1)[1].strip()
+        if not body or body.startswith("/*"):
+            continue
+        parts = body.split()
+        op = parts[1] if parts[0].startswith("@") and len(parts) > 1 else parts[0]
+        ops[op.split(".")[0].rstrip(";")] += 1
+    return sum(ops.values()), bn * k / (32 * warps), ops
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--k", type=int, default=2048, help="inputs per row")
+    ap.add_argument("--n", type=int, default=1024, help="rows (only the grid depends on it)")
+    ap.add_argument("--tiles", default="1:4:32:2,2:4:32:2,1:32:32:8,2:32:32:8",
+                    help="comma list of algo:bn:bg:warps")
+    a = ap.parse_args()
+    for spec in a.tiles.split(","):
+        algo, bn, bg, warps = (int(v) for v in spec.split(":"))
+        total, per_thread, ops = count(a.k, a.n, algo, bn, bg, warps)
+        top = ", ".join(f"{o} {c}" for o, c in ops.most_common(8))
+        print(f"algo {algo} bn {bn:>2} bg {bg:>2} warps {warps}: {total:>5} instructions, {per_thread:.0f} inputs per "
+              f"thread, {total / per_thread:.2f} per input  ({top})")
+
+
+if __name__ == "__main__":
+    main()
