@@ -8,6 +8,7 @@ shapes, inside a CUDA graph.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -137,8 +138,6 @@ def test_flat_fallback_constexprs():
     assert (t["ALGO"], t["BK"], t["UK"]) == (2, 256, 32)  # 32 int32 words of 8 inputs per step
     assert qm._tiles(words, quantize(torch.randn(8, 200), "q8"))["ALGO"] == 1
     assert qm._tiles(words, quantize(torch.randn(8, 40), "q4"))["ALGO"] == 0
-    import dataclasses
-
     q4 = quantize(torch.randn(8, 200), "q4")
     # codes starting one byte into their storage: not readable as int32 words, the flat tile serves
     shifted = torch.zeros(8 * 100 + 1, dtype=torch.uint8)[1:].view(8, 100)
