@@ -278,3 +278,32 @@ def test_cuda_greedy_identical_to_resident(reference_layout, slots, extra):
     if extra.get("io_register") == "off":
         assert s["io"] == "mmap-staged"
     prov.close()
+
+
+@pytest.mark.cuda
+def test_cuda_copy_timer_starts_at_the_first_copy(layout):
+    """The device tier's copy time (vram.copy_s, the achieved GB/s) runs from a batch's first copy to its end: host
+    work between begin_copies and the first copy_in (the RAM tier finding the block) is not time the link copied.
+    A 50 ms host pause there must not show up, and a batch without copies adds no time."""
+    from tiered.store.vram import SlotPool
+
+    pool = SlotPool(2, layout.block_size, layout.tensor_specs, make_policy("lru"), device=torch.device("cuda"),
+                    max_per_call=2)
+    src, owner = aligned_empty(layout.block_size, pin=True)
+    try:
+        src.fill_(1)
+        pool.begin_copies()
+        time.sleep(0.05)  # host work before the batch's first copy
+        with pool.copy_context():
+            pool.copy_in(0, src)
+        pool.end_copies()
+        pool.harvest_all()
+        assert 0 < pool.copy_s < 0.01, pool.copy_s
+        assert bool((pool.pool[0] == 1).all())
+        before = pool.copy_s
+        pool.begin_copies()  # a batch with no copy records no time at all
+        pool.end_copies()
+        pool.harvest_all()
+        assert pool.copy_s == before
+    finally:
+        owner.release()
