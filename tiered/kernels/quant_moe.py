@@ -231,9 +231,10 @@ def _kernels():
 def decorate_kernels():
     """(qgemv, qgate_up, qdown) freshly decorated with triton.jit (compiled or interpreted, as TRITON_INTERPRET
     says now); the three see the decorated helpers (`dot_rows`, `dot_rows_flat`, `flat_step`, `add_pairs`,
-    `nibbles`, `fp8_bits`, `dot_rows_words`, `word_nibble`). Tests use it to compile for a GPU target without one."""
+    `nibbles`, `fp8_bits`, `dot_rows_words`, `word_nibble`, `step_codes`, `down_words`). Tests use it to compile
+    for a GPU target without one."""
     helpers = {"add_pairs": triton.jit(_add_pairs), "nibbles": triton.jit(_nibbles),
-               "fp8_bits": triton.jit(_fp8_bits)}
+               "fp8_bits": triton.jit(_fp8_bits), "step_codes": triton.jit(_step_codes)}
 
     def bind(f):
         g = types.FunctionType(f.__code__, {**f.__globals__, **helpers}, f.__name__, f.__defaults__,
@@ -372,6 +373,19 @@ def _flat_step(codes, xv, s, m_ptrs, ms, xs_in, FMT: tl.constexpr, GROUP: tl.con
     return out, xs
 
 
+def _step_codes(q1, q2, mask_n, step, UK: tl.constexpr, NU: tl.constexpr, TWO: tl.constexpr):
+    """([BN, UK], [BN, UK]): packed units [step * UK, step * UK + UK) of the rows at q1 (and q2 with TWO, else
+    q1's again), units past the row's NU masked to 0: one step's codes for the flat and word tiles."""
+    u = step * UK + tl.arange(0, UK)
+    um = mask_n[:, None] & (u[None, :] < NU)
+    c1 = tl.load(q1[:, None] + u[None, :], mask=um, other=0)
+    if TWO:
+        c2 = tl.load(q2[:, None] + u[None, :], mask=um, other=0)
+    else:
+        c2 = c1
+    return c1, c2
+
+
 def _dot_rows_flat(x_row, q1, s1, m1, q2, s2, m2, mask_n, KIN: tl.constexpr, KQ: tl.constexpr,
                   NG: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr,
                   BK: tl.constexpr, UK: tl.constexpr, CONV: tl.constexpr, TWO: tl.constexpr):
@@ -383,26 +397,16 @@ def _dot_rows_flat(x_row, q1, s1, m1, q2, s2, m2, mask_n, KIN: tl.constexpr, KQ:
     each group's partial sum is taken within the product's own layout (no data movement for the scales).
     The codes of step i + 1 (both sets) are loaded before step i is computed (registers as a double buffer:
     the loads are in flight during the step's arithmetic and its x layout exchange)."""
-    offs_u = tl.arange(0, UK)
     offs_k = tl.arange(0, BK)
     offs_g = tl.arange(0, BG)
     acc1 = tl.zeros([BN, BG], tl.float32)
     acc2 = tl.zeros([BN, BG], tl.float32)
-    cmask = mask_n[:, None] & (offs_u[None, :] < KQ)
-    nxt1 = tl.load(q1[:, None] + offs_u[None, :], mask=cmask, other=0)  # [BN, UK] step 0
-    if TWO:
-        nxt2 = tl.load(q2[:, None] + offs_u[None, :], mask=cmask, other=0)
-    else:
-        nxt2 = nxt1
+    nxt1, nxt2 = step_codes(q1, q2, mask_n, 0, UK, KQ, TWO)  # [BN, UK] step 0
     for k0 in tl.static_range(0, KIN, BK):
         c1 = nxt1
         c2 = nxt2
         if k0 + BK < KIN:  # prefetch the next step's codes
-            u = (k0 // BK + 1) * UK + offs_u
-            um = mask_n[:, None] & (u[None, :] < KQ)
-            nxt1 = tl.load(q1[:, None] + u[None, :], mask=um, other=0)
-            if TWO:
-                nxt2 = tl.load(q2[:, None] + u[None, :], mask=um, other=0)
+            nxt1, nxt2 = step_codes(q1, q2, mask_n, k0 // BK + 1, UK, KQ, TWO)
         kk = k0 + offs_k
         xv = tl.load(x_row + kk, mask=kk < KIN, other=0.0).to(tl.float32)  # [BK]
         g = k0 // GROUP + offs_g  # [BG]
@@ -451,21 +455,12 @@ def _dot_rows_words(x_row, q1, s1, m1, q2, s2, m2, mask_n, KIN: tl.constexpr, KQ
     offs_g = tl.arange(0, BG)
     acc1 = tl.zeros([BN, BG], tl.float32)
     acc2 = tl.zeros([BN, BG], tl.float32)
-    cmask = mask_n[:, None] & (offs_w[None, :] < KW)
-    nxt1 = tl.load(q1[:, None] + offs_w[None, :], mask=cmask, other=0)  # [BN, UK] step 0
-    if TWO:
-        nxt2 = tl.load(q2[:, None] + offs_w[None, :], mask=cmask, other=0)
-    else:
-        nxt2 = nxt1
+    nxt1, nxt2 = step_codes(q1, q2, mask_n, 0, UK, KW, TWO)  # [BN, UK] words of step 0
     for k0 in tl.static_range(0, KIN, BK):
         c1 = nxt1
         c2 = nxt2
         if k0 + BK < KIN:  # prefetch the next step's codes
-            u = (k0 // BK + 1) * UK + offs_w
-            um = mask_n[:, None] & (u[None, :] < KW)
-            nxt1 = tl.load(q1[:, None] + u[None, :], mask=um, other=0)
-            if TWO:
-                nxt2 = tl.load(q2[:, None] + u[None, :], mask=um, other=0)
+            nxt1, nxt2 = step_codes(q1, q2, mask_n, k0 // BK + 1, UK, KW, TWO)
         wi = k0 // 8 + offs_w  # [UK] word index within the row
         wm = wi < KW
         t1 = tl.zeros([BN, UK], tl.float32)
@@ -604,8 +599,8 @@ def _qgate_up(x_ptr, slot_ptr, gq, gs, gm, uq, us, um, h_ptr, stride_xt, stride_
 
 def _qdown(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, y_ptr, stride_qs, stride_qn, stride_ss, stride_sn, stride_ms,
           stride_mn, stride_yt, D: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, K_PER: tl.constexpr,
-          SPLIT: tl.constexpr, KIN: tl.constexpr, KQ: tl.constexpr, NG: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr,
-          GSTRIDE: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, CONV: tl.constexpr,
+          SPLIT: tl.constexpr, KIN: tl.constexpr, KQ: tl.constexpr, NG: tl.constexpr, FMT: tl.constexpr,
+          GROUP: tl.constexpr, GSTRIDE: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, CONV: tl.constexpr,
           ALGO: tl.constexpr, BK: tl.constexpr, UK: tl.constexpr):
     """Grid (cdiv(D, BN), T*SPLIT): y[t, d-block] = sum over K_PER experts of w * (h @ down.T); the word tile
     at SPLIT 1 reads all K experts together (down_words), the other tiles one expert after another."""
