@@ -8,3 +8,16 @@ pack() { tar czf $BACK/$(basename "$0" .sh).tgz -C $R . 2>/dev/null; }
 trap pack EXIT
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl 2>&1 | tail -2
 export PYTHONPATH=/tmp/site
+# Session 7 on: the peers checkpoint (qwen3-10b-8l, seed 0) and its repacks under $W, each made only when absent
+# (a warm box keeps them); el prints the seconds since T0.
+W=/root/peers; mkdir -p $W
+T0=$(date +%s)
+el() { echo "$(( $(date +%s) - T0 )) s"; }
+peers_ckpt() {
+  [ -f $W/ckpt/config.json ] || python3 tools/make_random_checkpoint.py --preset qwen3-10b-8l --out $W/ckpt --seed 0 \
+    --device cuda --tokenizer tiered/data/olmoe-code-17m > $OUT/make.log 2>&1; echo "make rc=$? $(el)"
+}
+peers_layout() {  # NAME EXPERTS DENSE: repack $W/ckpt into $W/NAME with --experts EXPERTS --dense DENSE
+  [ -f $W/$1/manifest.json ] || python3 -c "import json; from tiered.layout.repack import repack; print(json.dumps(repack('$W/ckpt', '$W/$1', experts='$2', dense='$3', force=True, progress=False, quant_device='cuda')))" > $OUT/repack-$1.log 2>&1
+  echo "repack $1 rc=$? $(el)"
+}

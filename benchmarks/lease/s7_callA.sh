@@ -5,15 +5,9 @@
 # to this copy's TUNED (tools/apply_tuned.py; the diff comes back as tuned.diff), then bench_peers' tiered VRAM
 # decode of each layout one after the other, nothing beside them.
 source "$(dirname "$0")/lib.sh"
-W=/root/peers; mkdir -p $W
-T0=$(date +%s)
-el() { echo "$(( $(date +%s) - T0 )) s"; }
-python3 tools/make_random_checkpoint.py --preset qwen3-10b-8l --out $W/ckpt --seed 0 --device cuda \
-  --tokenizer tiered/data/olmoe-code-17m > $OUT/make.log 2>&1; echo "make rc=$? $(el)"
-for v in "layout source source" "layout-q4 q4 q4"; do set -- $v
-  python3 -c "import json; from tiered.layout.repack import repack; print(json.dumps(repack('$W/ckpt', '$W/$1', experts='$2', dense='$3', force=True, progress=False, quant_device='cuda')))" > $OUT/repack-$1.log 2>&1
-  echo "repack $1 rc=$? $(el)"
-done
+peers_ckpt
+peers_layout layout source source
+peers_layout layout-q4 q4 q4
 timeout 200 python3 benchmarks/bench_quant_kernels.py --formats q4 > $OUT/sweep.log 2>&1; echo "sweep rc=$? $(el)"
 grep -E "^ *\(|best|parts" $OUT/sweep.log | tail -20
 python3 tools/apply_tuned.py $OUT/quant_kernels.json > $OUT/apply.log 2>&1; echo "apply rc=$?"; tail -c 1500 $OUT/apply.log

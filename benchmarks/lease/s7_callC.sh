@@ -3,15 +3,9 @@
 # replayed reference routing of one eval document (bench_cpu_experts_gpu.py: lru with the host step, lru and
 # nextuse with the device step), as session 5's calls E and F ran them; same checkpoint (qwen3-10b-8l, seed 0).
 source "$(dirname "$0")/lib.sh"
-W=/root/peers; mkdir -p $W
-T0=$(date +%s)
-el() { echo "$(( $(date +%s) - T0 )) s"; }
-[ -f $W/ckpt/config.json ] || python3 tools/make_random_checkpoint.py --preset qwen3-10b-8l --out $W/ckpt --seed 0 \
-  --device cuda --tokenizer tiered/data/olmoe-code-17m > $OUT/make.log 2>&1; echo "make rc=$? $(el)"
-for v in "layout source source" "layout-q4 q4 q4"; do set -- $v
-  [ -f $W/$1/manifest.json ] || python3 -c "import json; from tiered.layout.repack import repack; print(json.dumps(repack('$W/ckpt', '$W/$1', experts='$2', dense='$3', force=True, progress=False, quant_device='cuda')))" > $OUT/repack-$1.log 2>&1
-  echo "repack $1 rc=$? $(el)"
-done
+peers_ckpt
+peers_layout layout source source
+peers_layout layout-q4 q4 q4
 for v in layout-q4 layout; do
   timeout 150 python3 benchmarks/bench_cpu_experts_gpu.py --layout $W/$v --text .carry/shared/text --docs 1 --paced "" \
     --only "lru/off,lru/device,nextuse/device" > $OUT/offload-$v.log 2>&1
