@@ -600,8 +600,8 @@ def _qgate_up(x_ptr, slot_ptr, gq, gs, gm, uq, us, um, h_ptr, stride_xt, stride_
 def _qdown(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, y_ptr, stride_qs, stride_qn, stride_ss, stride_sn, stride_ms,
           stride_mn, stride_yt, D: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, K_PER: tl.constexpr,
           SPLIT: tl.constexpr, KIN: tl.constexpr, KQ: tl.constexpr, NG: tl.constexpr, FMT: tl.constexpr,
-          GROUP: tl.constexpr, GSTRIDE: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, CONV: tl.constexpr,
-          ALGO: tl.constexpr, BK: tl.constexpr, UK: tl.constexpr):
+          GROUP: tl.constexpr, GSTRIDE: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr,
+          CONV: tl.constexpr, ALGO: tl.constexpr, BK: tl.constexpr, UK: tl.constexpr):
     """Grid (cdiv(D, BN), T*SPLIT): y[t, d-block] = sum over K_PER experts of w * (h @ down.T); the word tile
     at SPLIT 1 reads all K experts together (down_words), the other tiles one expert after another."""
     pid = tl.program_id(1)

@@ -559,7 +559,8 @@ class ExpertCache(HostSlotProvider):
         h_work = h_ram - d.ram_blocked_s if self.ram is not None else 0.0
         ram_ok = d.ram_misses and self.ram is not None
         copied = d.misses - d.cpu  # the miss path's time is spent on these (a CPU expert is not copied)
-        out["host"] = {"vram_misses": d.misses, "cpu_misses": d.cpu, "ram_misses": d.ram_misses, "miss_s": d.miss_host_s,
+        out["host"] = {"vram_misses": d.misses, "cpu_misses": d.cpu, "ram_misses": d.ram_misses,
+                       "miss_s": d.miss_host_s,
                        "ram_s": h_ram, "ram_blocked_s": d.ram_blocked_s if self.ram is not None else 0.0,
                        "s_per_vram_miss": (d.miss_host_s - h_ram) / copied if copied else None,
                        "s_per_ram_miss": h_ram / d.ram_misses if ram_ok else None,
