@@ -365,26 +365,27 @@ sig = {"ids_ptr": "*i64", "base": "i64", "slot_of": "*i32", "key_of": "*i32", "l
        "clock": "*i64", "counts": "*i64", "host_row": "*i64", "out_slot": "*i64", "out_src": "*i64",
        "pin_ptr": "*i64", "nt_ptr": "*i64", "n_ids": "i32", "n_slots": "i32", "n_pin": "i32", "w": "i64",
        "margin": "i64", "K_P": "constexpr", "S_P": "constexpr", "P_P": "constexpr", "PREFETCH": "constexpr",
-       "SCORED": "constexpr"}
+       "SCORED": "constexpr", "GDC": "constexpr"}
 for pf in (False, True):
     for scored in (False, True):
-        cx = {"K_P": 8, "S_P": 256, "P_P": 8 if pf else 1, "PREFETCH": pf, "SCORED": scored}
+        cx = {"K_P": 8, "S_P": 256, "P_P": 8 if pf else 1, "PREFETCH": pf, "SCORED": scored, "GDC": pf}
         assert triton.compile(ASTSource(st._resolve_kernel, sig, constexprs=cx), target=tgt).asm["cubin"]
 sig2 = {"src": "*i32", "row_src": "*i64", "row_dst": "*i64", "dst": "*i32", "row_words": "i64",
-        "BLOCK": "constexpr", "CHUNKS": "constexpr"}
-assert triton.compile(ASTSource(st._gather_kernel, sig2, constexprs={"BLOCK": 1024, "CHUNKS": 4}), target=tgt).asm["cubin"]
+        "BLOCK": "constexpr", "CHUNKS": "constexpr", "GDC": "constexpr"}
+k = triton.compile(ASTSource(st._gather_kernel, sig2, constexprs={"BLOCK": 1024, "CHUNKS": 4, "GDC": True}), target=tgt)
+assert k.asm["cubin"] and "griddepcontrol.wait" in k.asm["ptx"]
 sig3 = {"src": "*i32", "row_src": "*i64", "row_dst": "*i64", "dst": "*i32", "row_words": "i64", "n_items": "i32",
-        "n_chunks": "i32", "BLOCK": "constexpr", "CHUNKS": "constexpr"}
-assert triton.compile(ASTSource(st._gather_strided_kernel, sig3, constexprs={"BLOCK": 1024, "CHUNKS": 4}),
+        "n_chunks": "i32", "BLOCK": "constexpr", "CHUNKS": "constexpr", "GDC": "constexpr"}
+assert triton.compile(ASTSource(st._gather_strided_kernel, sig3, constexprs={"BLOCK": 1024, "CHUNKS": 4, "GDC": False}),
                       target=tgt).asm["cubin"]
 from tiered.kernels import next_use as nu
 sig4 = {"ids_ptr": "*i64", "prev_ptr": "*i64", "tt_ptr": "*fp32", "lt_ptr": "*fp32", "fast_ptr": "*fp32",
         "slow_ptr": "*fp32", "prob_ptr": "*fp32", "pfp_ptr": "*fp32", "base_ptr": "*i64", "w_ptr": "*fp32", "j": "i32",
         "key_j": "i32", "key_j1": "i32", "n_ids": "i32", "E": "i32", "M": "i32", "fa": "fp32", "sa": "fp32",
         "eps": "fp32", "p_min": "fp32", "scale": "fp32", "HAS_NEXT": "constexpr", "K_P": "constexpr",
-        "E_P": "constexpr"}
+        "E_P": "constexpr", "GDC": "constexpr"}
 for nxt in (False, True):
-    cx = {"HAS_NEXT": nxt, "K_P": 8, "E_P": 128}
+    cx = {"HAS_NEXT": nxt, "K_P": 8, "E_P": 128, "GDC": nxt}
     assert triton.compile(ASTSource(nu._next_use_kernel, sig4, constexprs=cx), target=tgt).asm["cubin"]
 print("ok")
 """

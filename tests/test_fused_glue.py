@@ -270,8 +270,9 @@ from triton.compiler import ASTSource
 from tiered.kernels import fused_norm, fused_rope, fused_route
 tgt = GPUTarget("cuda", 90, 32)
 
-def cubin(fn, sig, cx):
-    assert triton.compile(ASTSource(fn, sig, constexprs=cx), target=tgt).asm["cubin"]
+def cubin(fn, sig, cx):  # with programmatic dependent launch (kernels/pdl.py), as the launchers pass it on sm_90
+    k = triton.compile(ASTSource(fn, {**sig, "GDC": "constexpr"}, constexprs={**cx, "GDC": True}), target=tgt)
+    assert k.asm["cubin"] and "griddepcontrol.wait" in k.asm["ptx"]
 
 for dt, wdt in (("bf16", "bf16"), ("bf16", "fp32"), ("fp32", "fp32"), ("fp16", "fp16")):
     for add in (False, True):

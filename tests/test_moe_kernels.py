@@ -88,6 +88,22 @@ def test_decode_bf16_pool_interpreted():
 
 
 @interp
+@pytest.mark.parametrize("cfg", [DecodeConfig(block_f=16, block_d=32, down_block_d=16, down_block_f=32),
+                                 DecodeConfig(variant="fused", block_f=16, block_d=64, block_o=32)])
+def test_decode_slot_base_and_weight_rounding(cfg):
+    """moe_decode with slot_base (added in the kernels) and fp32 weights rounded to bf16 inside (round_to) equals,
+    bit for bit, the call with the slots added and the weights cast by torch first (what model/moe.py did)."""
+    K, D, F = 4, 64, 32
+    W = _pool(3 * K + 5, F, D, torch.bfloat16)
+    ids, w = _routing(1, K, 3 * K)
+    x = torch.randn(1, D).bfloat16()
+    assert not torch.equal(w, w.bfloat16().float())
+    want = moe_decode(x, ids[0] + 5, w.bfloat16(), W, cfg)
+    got = moe_decode(x, ids[0], w, W, cfg, slot_base=5, round_to=torch.bfloat16)
+    assert torch.equal(got, want)
+
+
+@interp
 @pytest.mark.parametrize("T,K,E,bm", [(1, 1, 4, 16), (1, 4, 8, 16), (5, 3, 6, 16), (13, 2, 40, 32), (9, 4, 4, 16)])
 def test_align_rows_matches_reference(T, K, E, bm):
     """align_rows groups rows by expert in (t, k) order, pads each group to block_m with the sentinel,

@@ -171,6 +171,27 @@ def test_experts_match_reference_loop(fmt, F, D, T):
         assert rel(got, want) < 1e-5
 
 
+@pytest.mark.parametrize("algo", [1, 2])
+def test_experts_slot_base_and_weight_rounding_in_the_kernels(algo):
+    """experts_quant_decode with slot_base (the resident pool's layer * E, added in the kernels) and fp32 routing
+    weights rounded to bf16 in the kernel (round_to) gives exactly what the engine's former path gave: the slots
+    added and the weights cast by torch before the call. Both tiles (flat: one expert after another; word: every
+    expert in one load), bf16 input as in the engine."""
+    W = _pool("q4", 9, 64, 128)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 128, generator=g).bfloat16().to(DEV)
+    ids = torch.randperm(4, generator=g)[:3].to(DEV)
+    wts = torch.softmax(torch.randn(1, 3, generator=g), -1).to(DEV)  # fp32, not bf16-exact
+    assert not torch.equal(wts, wts.bfloat16().float())
+    cfg = (QConfig(bn=4, bg=1, algo=algo), QConfig(bn=4, bg=1, algo=algo))
+    want = experts_quant_decode(x, ids + 5, wts.bfloat16(), W.gate, W.up, W.down, interpret=INTERP, configs=cfg)
+    got = experts_quant_decode(x, ids, wts, W.gate, W.up, W.down, interpret=INTERP, configs=cfg, slot_base=5,
+                               round_to=torch.bfloat16)
+    assert torch.equal(got, want)
+    unrounded = experts_quant_decode(x, ids, wts, W.gate, W.up, W.down, interpret=INTERP, configs=cfg, slot_base=5)
+    assert not torch.equal(unrounded, want)  # the rounding is what made them equal
+
+
 def test_bench_small_runs_on_cpu(tmp_path):
     """benchmarks/bench_quant_kernels.py --small (the CPU smoke run: interpreter, tiny shapes) runs every path
     of the decode phase without a failed row, and suggests TUNED lines that mention the three algorithms. q4 only: the
@@ -227,11 +248,15 @@ def _compile_for_sm90(kernel, args: dict, consts: dict):
     from triton.compiler import ASTSource
 
     sig = {}
-    for name in kernel.arg_names:
+    consts = dict(consts)
+    for p in kernel.params:  # a constexpr with a default (GDC, WR) takes it unless `consts` names it
+        name = p.name
+        if name not in consts and name not in args and p.is_constexpr and p.has_default:
+            consts[name] = p.default
         if name in consts:
             sig[name] = "constexpr"
         else:
-            v = args[name]
+            v = args.get(name, 0)  # slot_base: an int
             sig[name] = _SIG[v.dtype] if isinstance(v, torch.Tensor) else "i32"
     return triton.compile(ASTSource(kernel, sig, consts), target=GPUTarget("cuda", 90, 32))
 
@@ -268,6 +293,12 @@ def compile_kernels_sm90(fmt: str) -> None:
                                   {**geo, **tiles, "HAS_SLOTS": has_slots})
             if fmt == "fp8":  # the e4m3 bytes go through the hardware conversion
                 assert "e4m3" in k.asm["ptx"]
+        if algo == 2:  # with programmatic dependent launch (kernels/pdl.py), as the launchers pass it on sm_90
+            k = _compile_for_sm90(qgemv, {"x_ptr": x, "slot_ptr": slots, "q_ptr": p["q"], "s_ptr": p["s"],
+                                          "m_ptr": p["m"], "out_ptr": x, "N": 96, "stride_xt": 200,
+                                          "stride_ot": 96, **dict(zip(names, qm._strides(W.gate, algo)))},
+                                  {**geo, **tiles, "HAS_SLOTS": False, "GDC": True})
+            assert "griddepcontrol.wait" in k.asm["ptx"]
         _compile_for_sm90(qgate_up, {"x_ptr": x, "slot_ptr": slots, **parts(W.gate, "g", algo),
                                      **parts(W.up, "u", algo), "h_ptr": h, "stride_xt": 200,
                                      **dict(zip(names, qm._strides(W.gate, algo)))},
@@ -276,7 +307,8 @@ def compile_kernels_sm90(fmt: str) -> None:
             _compile_for_sm90(qdown, {"h_ptr": h, "slot_ptr": slots, "wt_ptr": h, **parts(W.down, "d", algo),
                                       "y_ptr": x if split == 1 else h, "stride_yt": 200,
                                       **dict(zip(names, qm._strides(W.down, algo)))},
-                              {**gdown, **dtiles, "D": 200, "K": 2, "KP": 2, "K_PER": 2 // split, "SPLIT": split})
+                              {**gdown, **dtiles, "D": 200, "K": 2, "KP": 2, "K_PER": 2 // split, "SPLIT": split,
+                               "WR": 1, "GDC": split == 1})
 
 
 def test_kernels_compile_for_sm90():

@@ -31,6 +31,8 @@ import math
 import torch
 from torch import Tensor
 
+from tiered.kernels.pdl import gdc_enter, launch_args
+
 try:  # the CPU torch wheel does not bring triton; the runtime must import without it
     import triton
     import triton.language as tl
@@ -181,6 +183,7 @@ def decode_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: T
     sinks_arg = sinks.float().contiguous() if has_sinks else q  # a placeholder pointer, never read
     common = dict(T=T, G=G, HD=hd, M_PAD=m_pad, HD_PAD=hd_pad, HAS_SINKS=has_sinks)
     split_fn, combine_fn = _kernels(q.device)
+    common.update(launch_args(q.device))
     # fp32 dots (not TF32) for fp32 inputs; also under the interpreter, whose dots mis-read bf16 operands.
     common["DOT_F32"] = q.dtype == torch.float32 or interpreted()
     if ns == 1:
@@ -228,7 +231,8 @@ def _split_kernel(Q, K, V, BT, SEQ, SINKS, O, PO, PM, PL,
                   so_b, so_t, so_h, so_d,
                   T: tl.constexpr, G: tl.constexpr, HD: tl.constexpr, M_PAD: tl.constexpr, HD_PAD: tl.constexpr,
                   PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, SPLIT: tl.constexpr,
-                  HAS_SINKS: tl.constexpr, DOT_F32: tl.constexpr):
+                  HAS_SINKS: tl.constexpr, DOT_F32: tl.constexpr, GDC: tl.constexpr = False):
+    gdc_enter(GDC)
     pid = tl.program_id(0)  # b * KV + kv head
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
@@ -309,7 +313,8 @@ def _split_kernel(Q, K, V, BT, SEQ, SINKS, O, PO, PM, PL,
 def _combine_kernel(PO, PM, PL, SINKS, O, KV, NS,
                     so_b, so_t, so_h, so_d,
                     T: tl.constexpr, G: tl.constexpr, HD: tl.constexpr, M_PAD: tl.constexpr,
-                    HD_PAD: tl.constexpr, HAS_SINKS: tl.constexpr, NS_PAD: tl.constexpr):
+                    HD_PAD: tl.constexpr, HAS_SINKS: tl.constexpr, NS_PAD: tl.constexpr, GDC: tl.constexpr = False):
+    gdc_enter(GDC)
     pid = tl.program_id(0)  # b * KV + kv head
     row = tl.program_id(1)  # query row (t, g)
     b = pid // KV

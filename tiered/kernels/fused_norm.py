@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tiered.kernels.pdl import gdc_enter, launch_args
+
 try:  # the CPU torch wheel does not bring triton; the runtime imports this module only after triton_available
     import triton
     import triton.language as tl
@@ -66,7 +68,8 @@ def add_rms_norm(h: Tensor, delta: Tensor | None, weight: Tensor, eps: float) ->
     w = weight if weight.stride(0) == 1 else weight.contiguous()
     block = triton.next_power_of_2(D)
     _ADD_NORM[(T,)](h, d, w, out, x, D, float(eps), h.stride(0), d.stride(0), out.stride(0), x.stride(0),
-                    BLOCK=block, ADD=delta is not None, W32=w.dtype == torch.float32, num_warps=_warps(block))
+                    BLOCK=block, ADD=delta is not None, W32=w.dtype == torch.float32, num_warps=_warps(block),
+                    **launch_args(h.device))
     return out, x
 
 
@@ -91,8 +94,28 @@ def _round_to(x, dtype: tl.constexpr):
         return x.to(dtype)
 
 
+def weight_rounding(dtype: torch.dtype | None) -> int:
+    """The WR constexpr of the expert kernels (moe_decode.py, quant_moe.py): routing weights arrive in fp32 and are
+    rounded to `dtype` inside the kernel (what a torch cast to the compute dtype would give); None or fp32: as
+    given."""
+    codes = {None: 0, torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+    if dtype not in codes:
+        raise ValueError(f"routing weights cannot be rounded to {dtype} in the expert kernels")
+    return codes[dtype]
+
+
+def _round_weight(w, WR: tl.constexpr):
+    """w (fp32) rounded as `weight_rounding` says (WR 0: unchanged), back in fp32."""
+    if WR == 1:
+        w = _round_to(w, tl.bfloat16).to(tl.float32)
+    elif WR == 2:
+        w = _round_to(w, tl.float16).to(tl.float32)
+    return w
+
+
 def _add_norm_kernel(H, DELTA, W, HOUT, X, D, eps, s_h, s_d, s_ho, s_x,
-                     BLOCK: tl.constexpr, ADD: tl.constexpr, W32: tl.constexpr):
+                     BLOCK: tl.constexpr, ADD: tl.constexpr, W32: tl.constexpr, GDC: tl.constexpr = False):
+    gdc_enter(GDC)
     t = tl.program_id(0).to(tl.int64)
     o = tl.arange(0, BLOCK)
     m = o < D
@@ -114,7 +137,9 @@ def _add_norm_kernel(H, DELTA, W, HOUT, X, D, eps, s_h, s_d, s_ho, s_x,
 
 _INTERPRETED = False
 _ADD_NORM = None
+round_weight = None
 if triton is not None:
     _round_to = triton.jit(_round_to)
+    round_weight = triton.jit(_round_weight)
     _ADD_NORM = triton.jit(_add_norm_kernel)
     _INTERPRETED = type(_ADD_NORM).__name__ == "InterpretedFunction"

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from tiered.kernels.fused_norm import _check_device, _round_to, _warps, triton, tl
+from tiered.kernels.pdl import gdc_enter, launch_args
 
 NORMS = (None, "head", "proj")
 
@@ -91,7 +92,7 @@ def qk_rope(qkv: Tensor, cos: Tensor, sin: Tensor, *, heads: int, kv_heads: int,
         v_out.stride(0), v_out.stride(1),
         NQ=nq, NK=nk, HD=hd, R=r, NQG=nqg, GLEN_Q=glen_q, GLEN_K=glen_k, BLOCK=block, NORM=norm is not None,
         W32=nw.dtype == torch.float32 and norm is not None, CLIP=clip is not None, HAS_POS=has_pos,
-        num_warps=_warps(block))
+        num_warps=_warps(block), **launch_args(qkv.device))
     return q, k_out, v_out
 
 
@@ -101,7 +102,8 @@ def _qk_rope_kernel(QKV, NW, COS, SIN, Q, KO, VO, POS, pos0, eps, clip,
                     s_qkv, s_cos, s_sin, s_q, s_kr, s_kh, s_vr, s_vh,
                     NQ: tl.constexpr, NK: tl.constexpr, HD: tl.constexpr, R: tl.constexpr, NQG: tl.constexpr,
                     GLEN_Q: tl.constexpr, GLEN_K: tl.constexpr, BLOCK: tl.constexpr, NORM: tl.constexpr,
-                    W32: tl.constexpr, CLIP: tl.constexpr, HAS_POS: tl.constexpr):
+                    W32: tl.constexpr, CLIP: tl.constexpr, HAS_POS: tl.constexpr, GDC: tl.constexpr = False):
+    gdc_enter(GDC)
     t = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     is_k = g >= NQG

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from tiered.kernels.fused_norm import _check_device, _warps, triton, tl
+from tiered.kernels.pdl import gdc_enter, launch_args
 
 
 def softmax_topk(logits: Tensor, top_k: int, norm_topk: bool) -> tuple[Tensor, Tensor]:
@@ -42,12 +43,14 @@ def softmax_topk(logits: Tensor, top_k: int, norm_topk: bool) -> tuple[Tensor, T
         return ids, w
     block = triton.next_power_of_2(E)
     _SOFTMAX_TOPK[(T,)](lg, ids, w, E, lg.stride(0), K=K, K_P=triton.next_power_of_2(K), BLOCK_E=block,
-                        NORM=bool(norm_topk), num_warps=_warps(block))
+                        NORM=bool(norm_topk), num_warps=_warps(block),
+                        **launch_args(logits.device))
     return ids, w
 
 
 def _softmax_topk_kernel(LOGITS, IDS, W, E, s_l, K: tl.constexpr, K_P: tl.constexpr, BLOCK_E: tl.constexpr,
-                         NORM: tl.constexpr):
+                         NORM: tl.constexpr, GDC: tl.constexpr = False):
+    gdc_enter(GDC)
     t = tl.program_id(0).to(tl.int64)
     o = tl.arange(0, BLOCK_E)
     m = o < E

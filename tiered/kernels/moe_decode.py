@@ -31,7 +31,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from tiered.kernels.fused_norm import round_weight, weight_rounding
 from tiered.kernels.moe_operands import ExpertOperands, check_built
+from tiered.kernels.pdl import gdc_enter, launch_args
 
 
 @dataclass(frozen=True)
@@ -99,13 +101,14 @@ def _gate_up_rows(x_ptr, gate_ptr, up_ptr, t, slot, offs_f, mask_f, stride_xt, s
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, slot_ptr, gate_ptr, up_ptr, h_ptr, stride_xt, stride_gs, stride_gf, stride_us,
-                    stride_uf, D: tl.constexpr, F: tl.constexpr, K: tl.constexpr, BLOCK_F: tl.constexpr,
-                    BLOCK_D: tl.constexpr, WFMT: tl.constexpr, ACT: tl.constexpr):
-    """Grid (cdiv(F, BLOCK_F), T*K): h[t*K + k, f-block] of token t's k-th expert, fp32."""
+def _gate_up_kernel(x_ptr, slot_ptr, gate_ptr, up_ptr, h_ptr, slot_base, stride_xt, stride_gs, stride_gf,
+                    stride_us, stride_uf, D: tl.constexpr, F: tl.constexpr, K: tl.constexpr, BLOCK_F: tl.constexpr,
+                    BLOCK_D: tl.constexpr, WFMT: tl.constexpr, ACT: tl.constexpr, GDC: tl.constexpr = False):
+    """Grid (cdiv(F, BLOCK_F), T*K): h[t*K + k, f-block] of token t's k-th expert (row slot_base + slot), fp32."""
+    gdc_enter(GDC)
     pid_f = tl.program_id(0)
     pair = tl.program_id(1)  # t * K + k
-    slot = tl.load(slot_ptr + pair).to(tl.int64)
+    slot = tl.load(slot_ptr + pair).to(tl.int64) + slot_base
     offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
     mask_f = offs_f < F
     h = _gate_up_rows(x_ptr, gate_ptr, up_ptr, pair // K, slot, offs_f, mask_f, stride_xt, stride_gs, stride_gf,
@@ -114,10 +117,13 @@ def _gate_up_kernel(x_ptr, slot_ptr, gate_ptr, up_ptr, h_ptr, stride_xt, stride_
 
 
 @triton.jit
-def _down_kernel(h_ptr, slot_ptr, wt_ptr, down_ptr, y_ptr, stride_ds, stride_dd, stride_yt,
+def _down_kernel(h_ptr, slot_ptr, wt_ptr, down_ptr, y_ptr, slot_base, stride_ds, stride_dd, stride_yt,
                  D: tl.constexpr, F: tl.constexpr, K: tl.constexpr, K_PER: tl.constexpr, SPLIT: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, WFMT: tl.constexpr):
-    """Grid (cdiv(D, BLOCK_D), T*SPLIT): y[t, d-block] = sum over K_PER experts of w * (h @ down.T)."""
+                 BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, WFMT: tl.constexpr, WR: tl.constexpr = 0,
+                 GDC: tl.constexpr = False):
+    """Grid (cdiv(D, BLOCK_D), T*SPLIT): y[t, d-block] = sum over K_PER experts of w * (h @ down.T); w rounded as
+    fused_norm.weight_rounding says (WR)."""
+    gdc_enter(GDC)
     pid_d = tl.program_id(0)
     pid = tl.program_id(1)  # t * SPLIT + part
     t = pid // SPLIT
@@ -126,8 +132,8 @@ def _down_kernel(h_ptr, slot_ptr, wt_ptr, down_ptr, y_ptr, stride_ds, stride_dd,
     acc = tl.zeros([BLOCK_D, BLOCK_F], tl.float32)
     for kk in tl.static_range(K_PER):
         pair = t * K + (pid % SPLIT) * K_PER + kk
-        slot = tl.load(slot_ptr + pair).to(tl.int64)
-        w = tl.load(wt_ptr + pair).to(tl.float32)
+        slot = tl.load(slot_ptr + pair).to(tl.int64) + slot_base
+        w = round_weight(tl.load(wt_ptr + pair).to(tl.float32), WR)
         rows = down_ptr + slot * stride_ds + offs_d[:, None] * stride_dd
         for f0 in tl.static_range(0, F, BLOCK_F):
             offs_f = f0 + tl.arange(0, BLOCK_F)
@@ -142,20 +148,21 @@ def _down_kernel(h_ptr, slot_ptr, wt_ptr, down_ptr, y_ptr, stride_ds, stride_dd,
 
 
 @triton.jit
-def _fused_kernel(x_ptr, slot_ptr, wt_ptr, gate_ptr, up_ptr, down_ptr, y_ptr, stride_xt, stride_gs, stride_gf,
-                  stride_us, stride_uf, stride_ds, stride_dd, stride_yt, D: tl.constexpr, F: tl.constexpr,
+def _fused_kernel(x_ptr, slot_ptr, wt_ptr, gate_ptr, up_ptr, down_ptr, y_ptr, slot_base, stride_xt, stride_gs,
+                  stride_gf, stride_us, stride_uf, stride_ds, stride_dd, stride_yt, D: tl.constexpr, F: tl.constexpr,
                   K: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr,
-                  WFMT: tl.constexpr, ACT: tl.constexpr):
+                  WFMT: tl.constexpr, ACT: tl.constexpr, WR: tl.constexpr = 0, GDC: tl.constexpr = False):
     """Grid (cdiv(F, BLOCK_F), T*K): h's f-block, times w, through down[:, f-block] into fp32 y (atomics)."""
+    gdc_enter(GDC)
     pid_f = tl.program_id(0)
     pair = tl.program_id(1)
     t = pair // K
-    slot = tl.load(slot_ptr + pair).to(tl.int64)
+    slot = tl.load(slot_ptr + pair).to(tl.int64) + slot_base
     offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
     mask_f = offs_f < F
     h = _gate_up_rows(x_ptr, gate_ptr, up_ptr, t, slot, offs_f, mask_f, stride_xt, stride_gs, stride_gf,
                       stride_us, stride_uf, D, BLOCK_F, BLOCK_D, WFMT, ACT)
-    h = h * tl.load(wt_ptr + pair).to(tl.float32)
+    h = h * round_weight(tl.load(wt_ptr + pair).to(tl.float32), WR)
     cols = down_ptr + slot * stride_ds + offs_f[None, :]
     for o0 in tl.static_range(0, D, BLOCK_O):
         offs_o = o0 + tl.arange(0, BLOCK_O)
@@ -175,8 +182,10 @@ def _prep(x: Tensor, slots: Tensor, ops: ExpertOperands) -> tuple[ExpertOperands
     return ops, x.contiguous(), slots.reshape(-1).contiguous(), slots.numel() // T
 
 
-def decode_gate_up(x: Tensor, slots: Tensor, ops: ExpertOperands, config: DecodeConfig | None = None) -> Tensor:
-    """The first kernel of the "split" variant: x [T, D], slots [T, K] -> h [T*K, F] fp32."""
+def decode_gate_up(x: Tensor, slots: Tensor, ops: ExpertOperands, config: DecodeConfig | None = None, *,
+                   slot_base: int = 0) -> Tensor:
+    """The first kernel of the "split" variant: x [T, D], slots [T, K] (rows slot_base + slots) -> h [T*K, F]
+    fp32."""
     ops, x, slots, K = _prep(x, slots, ops)
     T, D = x.shape
     cfg = config or DecodeConfig.for_shape(D, ops.ffn)
@@ -184,15 +193,17 @@ def decode_gate_up(x: Tensor, slots: Tensor, ops: ExpertOperands, config: Decode
     g, u = ops.gate, ops.up
     h = torch.empty(T * K, Fe, dtype=torch.float32, device=x.device)  # [T*K, F]
     _gate_up_kernel[(triton.cdiv(Fe, cfg.block_f), T * K)](
-        x, slots, g, u, h, x.stride(0), g.stride(0), g.stride(1), u.stride(0), u.stride(1), D=D, F=Fe, K=K,
-        BLOCK_F=cfg.block_f, BLOCK_D=min(cfg.block_d, triton.next_power_of_2(D)), WFMT=int(ops.fmt),
-        ACT=int(ops.act), num_warps=cfg.warps)
+        x, slots, g, u, h, int(slot_base), x.stride(0), g.stride(0), g.stride(1), u.stride(0), u.stride(1), D=D,
+        F=Fe, K=K, BLOCK_F=cfg.block_f, BLOCK_D=min(cfg.block_d, triton.next_power_of_2(D)), WFMT=int(ops.fmt),
+        ACT=int(ops.act), num_warps=cfg.warps, **launch_args(x.device))
     return h
 
 
 def decode_down(h: Tensor, slots: Tensor, weights: Tensor, ops: ExpertOperands, dtype: torch.dtype,
-                config: DecodeConfig | None = None) -> Tensor:
-    """The second kernel of the "split" variant: h [T*K, F] fp32, slots and weights [T, K] -> [T, D] dtype."""
+                config: DecodeConfig | None = None, *, slot_base: int = 0,
+                round_to: torch.dtype | None = None) -> Tensor:
+    """The second kernel of the "split" variant: h [T*K, F] fp32, slots and weights [T, K] -> [T, D] dtype
+    (rows slot_base + slots; weights rounded to `round_to` in the kernel, None: as given)."""
     ops = ExpertOperands.of(ops)
     D, Fe = ops.hidden, ops.ffn
     cfg = config or DecodeConfig.for_shape(D, Fe)
@@ -205,14 +216,16 @@ def decode_down(h: Tensor, slots: Tensor, weights: Tensor, ops: ExpertOperands, 
     y = (torch.empty(T, D, dtype=dtype, device=h.device) if split == 1
          else torch.zeros(T, D, dtype=torch.float32, device=h.device))
     _down_kernel[(triton.cdiv(D, cfg.down_block_d), T * split)](
-        h, slots, weights, d, y, d.stride(0), d.stride(1), y.stride(0), D=D, F=Fe, K=K, K_PER=K // split,
-        SPLIT=split, BLOCK_D=cfg.down_block_d, BLOCK_F=min(cfg.down_block_f, triton.next_power_of_2(Fe)),
-        WFMT=int(ops.fmt), num_warps=cfg.down_warps)
+        h, slots, weights, d, y, int(slot_base), d.stride(0), d.stride(1), y.stride(0), D=D, F=Fe, K=K,
+        K_PER=K // split, SPLIT=split, BLOCK_D=cfg.down_block_d,
+        BLOCK_F=min(cfg.down_block_f, triton.next_power_of_2(Fe)), WFMT=int(ops.fmt), WR=weight_rounding(round_to),
+        num_warps=cfg.down_warps, **launch_args(h.device))
     return y if split == 1 else y.to(dtype)
 
 
 def moe_decode(x: Tensor, slots: Tensor, weights: Tensor, ops: ExpertOperands,
-               config: DecodeConfig | None = None) -> Tensor:
+               config: DecodeConfig | None = None, *, slot_base: int = 0,
+               round_to: torch.dtype | None = None) -> Tensor:
     """Routed experts of T tokens, read in place from a pool.
 
     Args:
@@ -221,6 +234,9 @@ def moe_decode(x: Tensor, slots: Tensor, weights: Tensor, ops: ExpertOperands,
         weights: [T, K] routing weights (fp32 or compute dtype).
         ops: ExpertOperands (or store.disk.ExpertWeights) over the pool.
         config: tile sizes; DecodeConfig.for_shape(D, F) when None.
+        slot_base: added to every slot inside the kernels (the resident pool's layer * E: no add kernel).
+        round_to: round the (fp32) weights to this dtype inside the kernels, as a cast before the call would;
+            None = as given.
     Returns:
         [T, D] in x's dtype: sum over k of weights[t, k] * expert(slots[t, k])(x[t]).
     """
@@ -229,14 +245,15 @@ def moe_decode(x: Tensor, slots: Tensor, weights: Tensor, ops: ExpertOperands,
     cfg = config or DecodeConfig.for_shape(D, ops.ffn)
     weights = weights.reshape(T, K)
     if cfg.variant == "split":
-        return decode_down(decode_gate_up(x, flat, ops, cfg), flat.view(T, K), weights, ops, x.dtype, cfg)
+        h = decode_gate_up(x, flat, ops, cfg, slot_base=slot_base)
+        return decode_down(h, flat.view(T, K), weights, ops, x.dtype, cfg, slot_base=slot_base, round_to=round_to)
     Fe = ops.ffn
     g, u, d = ops.gate, ops.up, ops.down
     weights = weights.reshape(-1).contiguous()
     y32 = torch.zeros(T, D, dtype=torch.float32, device=x.device)
     _fused_kernel[(triton.cdiv(Fe, cfg.block_f), T * K)](
-        x, flat, weights, g, u, d, y32, x.stride(0), g.stride(0), g.stride(1), u.stride(0), u.stride(1),
-        d.stride(0), d.stride(1), y32.stride(0), D=D, F=Fe, K=K, BLOCK_F=cfg.block_f,
+        x, flat, weights, g, u, d, y32, int(slot_base), x.stride(0), g.stride(0), g.stride(1), u.stride(0),
+        u.stride(1), d.stride(0), d.stride(1), y32.stride(0), D=D, F=Fe, K=K, BLOCK_F=cfg.block_f,
         BLOCK_D=min(cfg.block_d, triton.next_power_of_2(D)), BLOCK_O=cfg.block_o, WFMT=int(ops.fmt),
-        ACT=int(ops.act), num_warps=cfg.warps)
+        ACT=int(ops.act), WR=weight_rounding(round_to), num_warps=cfg.warps, **launch_args(x.device))
     return y32.to(x.dtype)

@@ -20,6 +20,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from tiered.kernels.pdl import gdc_enter, launch_args
+
 
 @triton.jit
 def _feature_rows(mat, rows, mk, oe, me, E):
@@ -40,7 +42,8 @@ def _p_and_base(z, p_min, M, scale):
 @triton.jit
 def _next_use_kernel(ids_ptr, prev_ptr, tt_ptr, lt_ptr, fast_ptr, slow_ptr, prob_ptr, pfp_ptr, base_ptr, w_ptr,
                      j, key_j, key_j1, n_ids, E, M, fa, sa, eps, p_min, scale, HAS_NEXT: tl.constexpr,
-                     K_P: tl.constexpr, E_P: tl.constexpr):
+                     K_P: tl.constexpr, E_P: tl.constexpr, GDC: tl.constexpr = False):
+    gdc_enter(GDC)
     oe = tl.arange(0, E_P)
     me = oe < E
     ok = tl.arange(0, K_P)
@@ -95,4 +98,4 @@ def next_use_update(ids: Tensor, j: int, key_j: int, key_j1: int, *, prev: Tenso
     _next_use_kernel[(1,)](ids, prev, tt, lt if lt.numel() else tt, fast, slow, prob, pf_prob, base, w, j, key_j,
                            key_j1 if nxt else 0, K, E, M, float(decay[0]), float(decay[1]), float(eps),
                            float(p_min), float(scale), HAS_NEXT=nxt, K_P=_p2(K), E_P=_p2(E),
-                           num_warps=4 if E <= 256 else 8)
+                           num_warps=4 if E <= 256 else 8, **launch_args(ids.device))

@@ -66,6 +66,9 @@ try:
 except ImportError:  # the CPU runtime does not need Triton
     triton = None
 
+from tiered.kernels.fused_norm import round_weight, weight_rounding  # noqa: E402 (None without Triton)
+from tiered.kernels.pdl import gdc_enter, launch_args  # noqa: E402
+
 FUSED_FORMATS = {"q8": 0, "q4": 1, "mxfp4": 2, "fp8": 3}  # the kernels' FMT (4: fp8 decoded from bits)
 MAX_ROWS = 16  # above this many rows qlinear takes the tiled GEMM (quant_grouped.quant_matmul)
 MAX_STEPS = 32  # a row's groups are walked in at most this many (unrolled) steps: BG grows for long rows
@@ -489,10 +492,10 @@ def _dot_rows_words(x_row, q1, s1, m1, q2, s2, m2, mask_n, KIN: tl.constexpr, KQ
     return tl.sum(acc1, axis=1), tl.sum(acc2, axis=1)
 
 
-def _down_words(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, t, d64, mask_d, stride_qs, stride_qn, stride_ss, stride_sn,
-                stride_ms, stride_mn, K: tl.constexpr, KP: tl.constexpr, KIN: tl.constexpr, KQ: tl.constexpr,
-                NG: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, BK: tl.constexpr,
-                UK: tl.constexpr):
+def _down_words(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, t, d64, mask_d, slot_base, stride_qs, stride_qn, stride_ss,
+                stride_sn, stride_ms, stride_mn, K: tl.constexpr, KP: tl.constexpr, KIN: tl.constexpr,
+                KQ: tl.constexpr, NG: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr,
+                BK: tl.constexpr, UK: tl.constexpr, WR: tl.constexpr):
     """[BN] fp32: sum over token t's K experts of w_k * (h_k @ down[slot_k].T) for the BN output rows d64, q4 read
     as int32 words with every expert's codes of a step in one [KP, BN, UK] load (KP = K padded to a power of
     two): all K experts' bytes are in flight at once, where a loop over experts would wait for each in turn
@@ -503,8 +506,8 @@ def _down_words(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, t, d64, mask_d, stride_qs, 
     offs_k = tl.arange(0, KP)
     mk = offs_k < K
     pair = t * K + offs_k  # [KP]
-    slot = tl.load(slot_ptr + pair, mask=mk, other=0).to(tl.int64)
-    wk = tl.load(wt_ptr + pair, mask=mk, other=0).to(tl.float32)
+    slot = tl.load(slot_ptr + pair, mask=mk, other=0).to(tl.int64) + slot_base
+    wk = round_weight(tl.load(wt_ptr + pair, mask=mk, other=0).to(tl.float32), WR)
     offs_w = tl.arange(0, UK)
     offs_g = tl.arange(0, BG)
     mkd = mk[:, None] & mask_d[None, :]  # [KP, BN]
@@ -539,8 +542,9 @@ def _qgemv(x_ptr, slot_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_xt, stride_q
           stride_sn, stride_ms, stride_mn, stride_ot, KIN: tl.constexpr, KQ: tl.constexpr, NG: tl.constexpr,
           FMT: tl.constexpr, GROUP: tl.constexpr, GSTRIDE: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr,
           BG: tl.constexpr, CONV: tl.constexpr, HAS_SLOTS: tl.constexpr, ALGO: tl.constexpr, BK: tl.constexpr,
-          UK: tl.constexpr):
+          UK: tl.constexpr, GDC: tl.constexpr = False):
     """Grid (cdiv(N, BN), T): out[t, n-block] = x[t] @ W[slot[t]][n-block]^T."""
+    gdc_enter(GDC)
     t = tl.program_id(1)
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
     mask_n = offs_n < N
@@ -566,17 +570,18 @@ def _qgemv(x_ptr, slot_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_xt, stride_q
         y = dot_rows(xr, qr, sr, mr, mask_n, KIN, KQ, NG, FMT, GROUP, GSTRIDE, GP, BN, BG, CONV)
     tl.store(out_ptr + t * stride_ot + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
 
-def _qgate_up(x_ptr, slot_ptr, gq, gs, gm, uq, us, um, h_ptr, stride_xt, stride_qs, stride_qn, stride_ss,
-             stride_sn, stride_ms, stride_mn, F: tl.constexpr, K: tl.constexpr, KIN: tl.constexpr,
-             KQ: tl.constexpr, NG: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr,
-             GSTRIDE: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr,
-             CONV: tl.constexpr, ALGO: tl.constexpr, BK: tl.constexpr, UK: tl.constexpr):
-    """Grid (cdiv(F, BN), T*K): h[t*K + k, f-block] = silu(x[t] @ gate.T) * (x[t] @ up.T), expert slot[t, k].
-    gate and up share strides (views of one block layout)."""
+def _qgate_up(x_ptr, slot_ptr, gq, gs, gm, uq, us, um, h_ptr, slot_base, stride_xt, stride_qs, stride_qn,
+              stride_ss, stride_sn, stride_ms, stride_mn, F: tl.constexpr, K: tl.constexpr, KIN: tl.constexpr,
+              KQ: tl.constexpr, NG: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr,
+              GSTRIDE: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr,
+              CONV: tl.constexpr, ALGO: tl.constexpr, BK: tl.constexpr, UK: tl.constexpr, GDC: tl.constexpr = False):
+    """Grid (cdiv(F, BN), T*K): h[t*K + k, f-block] = silu(x[t] @ gate.T) * (x[t] @ up.T), expert row
+    slot_base + slot[t, k]. gate and up share strides (views of one block layout)."""
+    gdc_enter(GDC)
     pair = tl.program_id(1)
     offs_f = tl.program_id(0) * BN + tl.arange(0, BN)
     mask_f = offs_f < F
-    slot = tl.load(slot_ptr + pair).to(tl.int64)
+    slot = tl.load(slot_ptr + pair).to(tl.int64) + slot_base
     f64 = offs_f.to(tl.int64)
     if FMT >= 3:
         srow = f64 // GROUP
@@ -597,13 +602,16 @@ def _qgate_up(x_ptr, slot_ptr, gq, gs, gm, uq, us, um, h_ptr, stride_xt, stride_
         u = dot_rows(x_row, uq + qo, us + so, um + mo, mask_f, KIN, KQ, NG, FMT, GROUP, GSTRIDE, GP, BN, BG, CONV)
     tl.store(h_ptr + pair * F + offs_f, g * tl.sigmoid(g) * u, mask=mask_f)
 
-def _qdown(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, y_ptr, stride_qs, stride_qn, stride_ss, stride_sn, stride_ms,
-          stride_mn, stride_yt, D: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, K_PER: tl.constexpr,
-          SPLIT: tl.constexpr, KIN: tl.constexpr, KQ: tl.constexpr, NG: tl.constexpr, FMT: tl.constexpr,
-          GROUP: tl.constexpr, GSTRIDE: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr,
-          CONV: tl.constexpr, ALGO: tl.constexpr, BK: tl.constexpr, UK: tl.constexpr):
-    """Grid (cdiv(D, BN), T*SPLIT): y[t, d-block] = sum over K_PER experts of w * (h @ down.T); the word tile
-    at SPLIT 1 reads all K experts together (down_words), the other tiles one expert after another."""
+def _qdown(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, y_ptr, slot_base, stride_qs, stride_qn, stride_ss, stride_sn,
+           stride_ms, stride_mn, stride_yt, D: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+           K_PER: tl.constexpr, SPLIT: tl.constexpr, KIN: tl.constexpr, KQ: tl.constexpr, NG: tl.constexpr,
+           FMT: tl.constexpr, GROUP: tl.constexpr, GSTRIDE: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr,
+           BG: tl.constexpr, CONV: tl.constexpr, ALGO: tl.constexpr, BK: tl.constexpr, UK: tl.constexpr,
+           WR: tl.constexpr = 0, GDC: tl.constexpr = False):
+    """Grid (cdiv(D, BN), T*SPLIT): y[t, d-block] = sum over K_PER experts (rows slot_base + slot) of
+    w * (h @ down.T), w rounded as fused_norm.weight_rounding says (WR); the word tile at SPLIT 1 reads all K
+    experts together (down_words), the other tiles one expert after another."""
+    gdc_enter(GDC)
     pid = tl.program_id(1)
     t = pid // SPLIT
     offs_d = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -616,12 +624,12 @@ def _qdown(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, y_ptr, stride_qs, stride_qn, str
     y = tl.zeros([BN], tl.float32)
     ALL_K: tl.constexpr = ALGO == 2 and SPLIT == 1  # the word tile reads every expert's codes in one load
     if ALL_K:
-        y = down_words(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, t, d64, mask_d, stride_qs, stride_qn, stride_ss,
-                       stride_sn, stride_ms, stride_mn, K, KP, KIN, KQ, NG, GROUP, BN, BG, BK, UK)
+        y = down_words(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, t, d64, mask_d, slot_base, stride_qs, stride_qn,
+                       stride_ss, stride_sn, stride_ms, stride_mn, K, KP, KIN, KQ, NG, GROUP, BN, BG, BK, UK, WR)
     for kk in tl.static_range(0 if ALL_K else K_PER):  # otherwise one expert after another
         pair = t * K + (pid % SPLIT) * K_PER + kk
-        slot = tl.load(slot_ptr + pair).to(tl.int64)
-        w = tl.load(wt_ptr + pair).to(tl.float32)
+        slot = tl.load(slot_ptr + pair).to(tl.int64) + slot_base
+        w = round_weight(tl.load(wt_ptr + pair).to(tl.float32), WR)
         hr = h_ptr + pair * KIN
         qr = dq + slot * stride_qs + d64 * stride_qn
         sr = ds + slot * stride_ss + srow * stride_sn
@@ -672,7 +680,7 @@ def quant_matvec(x: Tensor, w: QuantWeight, slots: Tensor | None = None, *, out_
     a = tiles["ALGO"]
     qgemv[(triton.cdiv(n, cfg.bn), T)](x, sl, _codes(w, a), w.scale, m, out, n, x.stride(0), *_strides(w, a),
                                       out.stride(0), **_geometry(w), **tiles, HAS_SLOTS=bool(w.lead),
-                                      num_warps=cfg.warps)
+                                      num_warps=cfg.warps, **launch_args(x.device))
     return out
 
 
@@ -685,8 +693,9 @@ def quant_matvec_ref(x: Tensor, w: QuantWeight, slots: Tensor | None = None) -> 
 
 
 def quant_gate_up(x: Tensor, slots: Tensor, gate: QuantWeight, up: QuantWeight,
-                  config: QConfig | None = None) -> Tensor:
-    """x [T, D], slots [T, K] (or [K]) slot rows of the stacks -> h [T*K, F] fp32 = silu(x gate^T) * (x up^T)."""
+                  config: QConfig | None = None, *, slot_base: int = 0) -> Tensor:
+    """x [T, D], slots [T, K] (or [K]) slot rows of the stacks (slot_base + slots: the kernel adds it)
+    -> h [T*K, F] fp32 = silu(x gate^T) * (x up^T)."""
     Fe, D = gate.matrix
     if _strides(gate) != _strides(up) or gate.fmt != up.fmt:
         raise ValueError("quant_gate_up: gate and up must share their format and strides (one block layout)")
@@ -703,14 +712,15 @@ def quant_gate_up(x: Tensor, slots: Tensor, gate: QuantWeight, up: QuantWeight,
         tiles = _tiles(QConfig(**{**vars(cfg), "algo": 1}), gate)
     a = tiles["ALGO"]
     _kernels()[1][(triton.cdiv(Fe, cfg.bn), T * K)](
-        x, flat, _codes(gate, a), gate.scale, gm, _codes(up, a), up.scale, um, h, x.stride(0), *_strides(gate, a),
-        F=Fe, K=K, **_geometry(gate), **tiles, num_warps=cfg.warps)
+        x, flat, _codes(gate, a), gate.scale, gm, _codes(up, a), up.scale, um, h, int(slot_base), x.stride(0),
+        *_strides(gate, a), F=Fe, K=K, **_geometry(gate), **tiles, num_warps=cfg.warps, **launch_args(x.device))
     return h
 
 
 def quant_down(h: Tensor, slots: Tensor, weights: Tensor, down: QuantWeight, dtype: torch.dtype,
-               config: QConfig | None = None) -> Tensor:
-    """h [T*K, F] fp32, slots and weights [T, K] -> [T, D] in `dtype`: sum over k of w[t, k] * h @ down[slot]^T."""
+               config: QConfig | None = None, *, slot_base: int = 0, round_to: torch.dtype | None = None) -> Tensor:
+    """h [T*K, F] fp32, slots and weights [T, K] -> [T, D] in `dtype`: sum over k of w[t, k] * h @ down[slot]^T
+    (rows slot_base + slot; w rounded to `round_to` inside the kernel, None: as given)."""
     D, Fe = down.matrix
     flat = slots.reshape(-1)
     K = slots.shape[-1]
@@ -724,8 +734,9 @@ def quant_down(h: Tensor, slots: Tensor, weights: Tensor, down: QuantWeight, dty
     tiles = _tiles(cfg, down)
     a = tiles["ALGO"]
     _kernels()[2][(triton.cdiv(D, cfg.bn), T * split)](
-        h, flat, wts, _codes(down, a), down.scale, dm, y, *_strides(down, a), y.stride(0), D=D, K=K,
-        KP=triton.next_power_of_2(K), K_PER=K // split, SPLIT=split, **_geometry(down), **tiles, num_warps=cfg.warps)
+        h, flat, wts, _codes(down, a), down.scale, dm, y, int(slot_base), *_strides(down, a), y.stride(0), D=D, K=K,
+        KP=triton.next_power_of_2(K), K_PER=K // split, SPLIT=split, **_geometry(down), **tiles,
+        WR=weight_rounding(round_to), num_warps=cfg.warps, **launch_args(h.device))
     return y if split == 1 else y.to(dtype)
 
 
@@ -751,14 +762,17 @@ def qlinear(x: Tensor, w: Tensor | QuantWeight, bias: Tensor | None = None) -> T
 
 def experts_quant_decode(x: Tensor, slots: Tensor, weights: Tensor, gate: QuantWeight, up: QuantWeight,
                          down: QuantWeight, *, interpret: bool = False,
-                         configs: tuple[QConfig | None, QConfig | None] = (None, None)) -> Tensor | None:
-    """One token's K experts from quantized stacks, fused dequantization: x [1, D], slots [K] int64,
-    weights [1, K] -> [1, D] in x's dtype (SwiGLU and the weighted sum over K in fp32, one rounding).
+                         configs: tuple[QConfig | None, QConfig | None] = (None, None), slot_base: int = 0,
+                         round_to: torch.dtype | None = None) -> Tensor | None:
+    """One token's K experts from quantized stacks, fused dequantization: x [1, D], slots [K] int64 (rows
+    slot_base + slots), weights [1, K] (rounded to `round_to` in the kernel; None: as given) -> [1, D] in x's
+    dtype (SwiGLU and the weighted sum over K in fp32, one rounding).
     None when the kernels cannot serve it (the caller runs the reference). No host sync."""
     if not all(kernel_ok(x, w, interpret=interpret) for w in (gate, up, down)):
         return None
     if _strides(gate) != _strides(up) or gate.fmt != up.fmt:
         return None
     K = slots.shape[-1]
-    h = quant_gate_up(x, slots.reshape(1, K), gate, up, configs[0])  # [K, F] fp32
-    return quant_down(h, slots.reshape(1, K), weights.reshape(1, K), down, x.dtype, configs[1])
+    h = quant_gate_up(x, slots.reshape(1, K), gate, up, configs[0], slot_base=slot_base)  # [K, F] fp32
+    return quant_down(h, slots.reshape(1, K), weights.reshape(1, K), down, x.dtype, configs[1], slot_base=slot_base,
+                      round_to=round_to)

@@ -28,6 +28,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from tiered.kernels.pdl import gdc_enter, launch_args
+
 FREE_SCORE = -(2 ** 62)  # a free slot's score: taken before any resident expert is evicted
 PINNED_SCORE = 2 ** 62  # a slot this call uses: never a victim
 _FREE = tl.constexpr(FREE_SCORE)  # (Triton reads globals only when they are constexpr instances)
@@ -37,71 +39,72 @@ _PINNED = tl.constexpr(PINNED_SCORE)
 @triton.jit
 def _resolve_kernel(ids_ptr, base, slot_of, key_of, last, uses, clock, counts, host_row, out_slot, out_src,
                     pin_ptr, nt_ptr, n_ids, n_slots, n_pin, w, margin, K_P: tl.constexpr, S_P: tl.constexpr,
-                    P_P: tl.constexpr, PREFETCH: tl.constexpr, SCORED: tl.constexpr):
+                    P_P: tl.constexpr, PREFETCH: tl.constexpr, SCORED: tl.constexpr, GDC: tl.constexpr = False):
+    gdc_enter(GDC)
     ok = tl.arange(0, K_P)
-    raw = tl.load(ids_ptr + ok, mask=ok < n_ids, other=-1).to(tl.int64)
-    mk = (ok < n_ids) & (raw >= 0)  # an id < 0 is a skipped entry (a prefetch candidate dropped by the caller)
+    inb = ok < n_ids
+    raw = tl.load(ids_ptr + ok, mask=inb, other=-1).to(tl.int64)
+    mk = inb & (raw >= 0)  # an id < 0 is a skipped entry (a prefetch candidate dropped by the caller)
     keys = base + tl.where(mk, raw, 0)  # [K_P]
     s = tl.load(slot_of + keys, mask=mk, other=-1).to(tl.int64)  # [K_P] current slot, -1 = miss
     hit = mk & (s >= 0)
     miss = mk & (s < 0)
     t = tl.load(clock) + 1
-    os_ = tl.arange(0, S_P)
-    ms = os_ < n_slots
-    lst = tl.load(last + os_, mask=ms, other=0)
-    use = tl.load(uses + os_, mask=ms, other=0)
-    kof = tl.load(key_of + os_, mask=ms, other=-1)
-    # the hits are never victims of this call; a demand call also touches them (a prefetch does not: only a use
-    # counts as one), and the extra pinned slots (a prefetch: the slots the layer being computed reads) neither
-    pin = os_ < 0
-    for k in tl.static_range(K_P):
-        sk = tl.sum(tl.where((ok == k) & hit, s, 0), axis=0)
-        hk = tl.sum(tl.where((ok == k) & hit, 1, 0), axis=0) > 0
-        mark = (os_ == sk) & hk
-        pin = pin | mark
-        if not PREFETCH:
-            use = tl.where(mark, use + 1, use)
-            lst = tl.where(mark, t, lst)
-    for p in tl.static_range(P_P):
-        sp = tl.load(pin_ptr + p, mask=p < n_pin, other=-1)
-        pin = pin | (os_ == sp)
-    if SCORED:  # evict the latest predicted next use (nt: larger = later)
-        score = -tl.load(nt_ptr + kof.to(tl.int64), mask=ms & (kof >= 0), other=0)
-        nt_k = tl.load(nt_ptr + keys, mask=mk, other=0)  # [K_P] the candidates' own predicted next use
-    else:
-        score = use * w + lst
-    score = tl.where(kof < 0, _FREE, score)
-    score = tl.where(pin | (os_ >= n_slots), _PINNED, score)
-    slot = s
-    for k in tl.static_range(K_P):
-        mk_k = tl.sum(tl.where((ok == k) & miss, 1, 0), axis=0) > 0
-        v = tl.argmin(score, axis=0).to(tl.int64)
-        lo = tl.min(score, axis=0)
-        ok_v = lo < _PINNED  # a slot is left to take (a prefetch may run out; demand never does)
-        if SCORED and PREFETCH:  # a prefetch never evicts a block predicted to be needed before its candidate
-            ntc = tl.sum(tl.where(ok == k, nt_k, 0), axis=0)
-            ok_v = ok_v & ((lo == _FREE) | (-lo >= ntc + margin))
-        claim = (os_ == v) & mk_k & ok_v
-        score = tl.where(claim, _PINNED, score)
-        lst = tl.where(claim, 0 if PREFETCH else t, lst)  # a prefetched block enters cold: the first victim unless used
-        use = tl.where(claim, 0 if PREFETCH else 1, use)
-        slot = tl.where((ok == k) & mk_k & ok_v, v, slot)
-    load = miss & (slot >= 0)
-    # evict the victims' keys, then install the misses (distinct addresses: a victim is never a key of this call)
-    old = tl.load(key_of + slot, mask=load, other=-1).to(tl.int64)
-    tl.store(slot_of + old, -1, mask=load & (old >= 0))
-    tl.store(slot_of + keys, slot.to(tl.int32), mask=load)
-    tl.store(key_of + slot, keys.to(tl.int32), mask=load)
-    tl.store(last + os_, lst, mask=ms)
-    tl.store(uses + os_, use, mask=ms)
-    if not PREFETCH:
-        tl.store(clock, t)
-    tl.store(out_slot + ok, tl.where(mk, slot, -1), mask=ok < n_ids)
-    src = tl.load(host_row + keys, mask=load, other=-1)
-    tl.store(out_src + ok, tl.where(load, src, -1), mask=ok < n_ids)
     c0 = 2 if PREFETCH else 0
     tl.store(counts + c0, tl.load(counts + c0) + tl.sum(hit.to(tl.int64), axis=0))
-    tl.store(counts + c0 + 1, tl.load(counts + c0 + 1) + tl.sum(load.to(tl.int64), axis=0))
+    if not PREFETCH:  # a demand call touches its hits (a prefetch does not: only a use counts as one)
+        sh = tl.where(hit, s, 0)
+        tl.store(uses + sh, tl.load(uses + sh, mask=hit, other=0) + 1, mask=hit)
+        tl.store(last + sh, tl.zeros([K_P], dtype=tl.int64) + t, mask=hit)
+        tl.store(clock, t)
+    if tl.sum(miss.to(tl.int32), axis=0) == 0:  # every expert resident: no victim search (the common case)
+        tl.store(out_slot + ok, tl.where(mk, s, -1), mask=inb)
+        tl.store(out_src + ok, tl.full([K_P], -1, tl.int64), mask=inb)
+    else:
+        os_ = tl.arange(0, S_P)
+        ms = os_ < n_slots
+        kof = tl.load(key_of + os_, mask=ms, other=-1)
+        # the hits (read before this call's touch above; pinned, so their scores are not used) are never victims
+        # of this call, nor are the extra pinned slots (a prefetch: the slots the layer being computed reads)
+        pin = os_ < 0
+        for k in tl.static_range(K_P):
+            sk = tl.sum(tl.where((ok == k) & hit, s, 0), axis=0)
+            hk = tl.sum(tl.where((ok == k) & hit, 1, 0), axis=0) > 0
+            pin = pin | ((os_ == sk) & hk)
+        for p in tl.static_range(P_P):
+            sp = tl.load(pin_ptr + p, mask=p < n_pin, other=-1)
+            pin = pin | (os_ == sp)
+        if SCORED:  # evict the latest predicted next use (nt: larger = later)
+            score = -tl.load(nt_ptr + kof.to(tl.int64), mask=ms & (kof >= 0), other=0)
+            nt_k = tl.load(nt_ptr + keys, mask=mk, other=0)  # [K_P] the candidates' own predicted next use
+        else:
+            score = tl.load(uses + os_, mask=ms, other=0) * w + tl.load(last + os_, mask=ms, other=0)
+        score = tl.where(kof < 0, _FREE, score)
+        score = tl.where(pin | (os_ >= n_slots), _PINNED, score)
+        slot = s
+        for k in tl.static_range(K_P):
+            mk_k = tl.sum(tl.where((ok == k) & miss, 1, 0), axis=0) > 0
+            v = tl.argmin(score, axis=0).to(tl.int64)
+            lo = tl.min(score, axis=0)
+            ok_v = lo < _PINNED  # a slot is left to take (a prefetch may run out; demand never does)
+            if SCORED and PREFETCH:  # a prefetch never evicts a block predicted to be needed before its candidate
+                ntc = tl.sum(tl.where(ok == k, nt_k, 0), axis=0)
+                ok_v = ok_v & ((lo == _FREE) | (-lo >= ntc + margin))
+            score = tl.where((os_ == v) & mk_k & ok_v, _PINNED, score)
+            slot = tl.where((ok == k) & mk_k & ok_v, v, slot)
+        load = miss & (slot >= 0)
+        # evict the victims' keys, then install the misses (distinct addresses: a victim is never a key of this
+        # call); a claimed slot is used now (a demand miss) or enters cold (a prefetch: the first victim unless used)
+        old = tl.load(key_of + slot, mask=load, other=-1).to(tl.int64)
+        tl.store(slot_of + old, -1, mask=load & (old >= 0))
+        tl.store(slot_of + keys, slot.to(tl.int32), mask=load)
+        tl.store(key_of + slot, keys.to(tl.int32), mask=load)
+        tl.store(last + slot, tl.zeros([K_P], dtype=tl.int64) + (0 if PREFETCH else t), mask=load)
+        tl.store(uses + slot, tl.zeros([K_P], dtype=tl.int64) + (0 if PREFETCH else 1), mask=load)
+        tl.store(out_slot + ok, tl.where(mk, slot, -1), mask=inb)
+        src = tl.load(host_row + keys, mask=load, other=-1)
+        tl.store(out_src + ok, tl.where(load, src, -1), mask=inb)
+        tl.store(counts + c0 + 1, tl.load(counts + c0 + 1) + tl.sum(load.to(tl.int64), axis=0))
 
 
 @triton.jit
@@ -118,15 +121,18 @@ def _copy_chunk(src, row_src, row_dst, dst, row_words, r, c, BLOCK: tl.constexpr
 
 
 @triton.jit
-def _gather_kernel(src, row_src, row_dst, dst, row_words, BLOCK: tl.constexpr, CHUNKS: tl.constexpr):
+def _gather_kernel(src, row_src, row_dst, dst, row_words, BLOCK: tl.constexpr, CHUNKS: tl.constexpr,
+                   GDC: tl.constexpr = False):
+    gdc_enter(GDC)
     _copy_chunk(src, row_src, row_dst, dst, row_words, tl.program_id(0), tl.program_id(1), BLOCK, CHUNKS)
 
 
 @triton.jit
 def _gather_strided_kernel(src, row_src, row_dst, dst, row_words, n_items, n_chunks, BLOCK: tl.constexpr,
-                           CHUNKS: tl.constexpr):
+                           CHUNKS: tl.constexpr, GDC: tl.constexpr = False):
     """The gather with a fixed number of programs, each looping over (row, chunk) items: a copy that runs beside
     compute on another stream without taking every SM."""
+    gdc_enter(GDC)
     for it in range(tl.program_id(0), n_items, tl.num_programs(0)):
         _copy_chunk(src, row_src, row_dst, dst, row_words, it // n_chunks, it % n_chunks, BLOCK, CHUNKS)
 
@@ -177,7 +183,8 @@ def resolve(ids: Tensor, layer: int, num_experts: int, t: dict[str, Tensor], w: 
     _resolve_kernel[(1,)](ids, layer * num_experts, t["slot_of"], t["key_of"], t["last"], t["uses"], t["clock"],
                           t["counts"], t["host_row"], out_slot, out_src, pin if pin is not None else out_slot,
                           nt if nt is not None else out_slot, K, S, P, int(w), int(margin), K_P=_p2(K), S_P=_p2(S),
-                          P_P=_p2(P) if P else 1, PREFETCH=prefetch, SCORED=nt is not None, num_warps=nw)
+                          P_P=_p2(P) if P else 1, PREFETCH=prefetch, SCORED=nt is not None, num_warps=nw,
+                          **launch_args(ids.device))
 
 
 def resolve_reference(ids: Tensor, layer: int, num_experts: int, t: dict[str, Tensor], w: int, out_slot: Tensor,
@@ -259,8 +266,8 @@ def gather(host_pool: Tensor, row_src: Tensor, row_dst: Tensor, slots: Tensor, *
     src = HostPointer(host_pool.view(torch.int32)) if host_pool.device.type == "cpu" else host_pool.view(torch.int32)
     if ctas is None:
         _gather_kernel[(row_src.shape[0], n_c)](src, row_src, row_dst, slots.view(torch.int32), words,
-                                                BLOCK=BLOCK, CHUNKS=chunks)
+                                                BLOCK=BLOCK, CHUNKS=chunks, **launch_args(slots.device))
     else:
         n = row_src.shape[0] * n_c
         _gather_strided_kernel[(max(1, min(ctas, n)),)](src, row_src, row_dst, slots.view(torch.int32), words, n, n_c,
-                                                        BLOCK=BLOCK, CHUNKS=chunks)
+                                                        BLOCK=BLOCK, CHUNKS=chunks, **launch_args(slots.device))

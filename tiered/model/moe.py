@@ -166,12 +166,13 @@ def experts_one_token(x: Tensor, ids: Tensor, weights: Tensor, provider: ExpertP
     return experts_from_slots(x, provider.get(layer, ids[0]), weights, provider.weights, act)
 
 
-def experts_from_slots(x: Tensor, slots: Tensor, weights: Tensor, W: Any, act: ClampedSwiGLU | None = None) -> Tensor:
+def experts_from_slots(x: Tensor, slots: Tensor, weights: Tensor, W: Any, act: ClampedSwiGLU | None = None, *,
+                       slot_base: int = 0, round_to: torch.dtype | None = None) -> Tensor:
     """One token's K experts, given their slot rows in W: gather the weights, then GEMMs with no host sync.
 
-    x [1, D], slots [K] int64 on W's device, weights [1, K] (compute dtype, or fp32), W = provider.weights
-    -> [1, D]. The K experts' gate (and up) rows are stacked into one [K*F, D] matrix, so each projection is
-    a single GEMV; the down projection is one batched [1, F] x [F, D] product per expert over the transposed
+    x [1, D], slots [K] int64 on W's device (the rows are slot_base + slots), weights [1, K] (compute dtype, or
+    fp32; rounded to `round_to` first when given, inside the fused kernels), W = provider.weights -> [1, D].
+    The K experts' gate (and up) rows are stacked into one [K*F, D] matrix, so each projection is a single GEMV; the down projection is one batched [1, F] x [F, D] product per expert over the transposed
     view (no copy). Measured on CPU, about 3x faster than batched matmuls with one column. Rounding follows
     transformers' grouped_mm experts: each expert's output in the compute dtype, times its weight, summed
     over K with one rounding. Every shape depends only on K, so a CUDA graph can capture it with `slots` a
@@ -180,9 +181,13 @@ def experts_from_slots(x: Tensor, slots: Tensor, weights: Tensor, W: Any, act: C
     dt = x.dtype
     # fused dequantization on CUDA (plain SwiGLU without biases only); None -> the reference below
     if isinstance(W.gate, QuantWeight) and act is None and getattr(W, "gate_bias", None) is None:
-        y = experts_quant_decode(x, slots, weights, W.gate, W.up, W.down)
+        y = experts_quant_decode(x, slots, weights, W.gate, W.up, W.down, slot_base=slot_base, round_to=round_to)
         if y is not None:
             return y
+    if slot_base:
+        slots = slots + slot_base
+    if round_to is not None:
+        weights = weights.to(round_to)
     g = dense(W.gate.index_select(0, slots), dt)  # [K, F, D] (quantized: dequantized, the K experts only)
     u = dense(W.up.index_select(0, slots), dt)  # [K, F, D]
     d = dense(W.down.index_select(0, slots), dt)  # [K, D, F]
@@ -282,7 +287,9 @@ def expert_mix(x: Tensor, ids: Tensor, wts: Tensor, w: MoEWeights, provider: Exp
     the device computes the others, and their weighted sum is added after the device's routed experts.
     `partial` [1, D] (piecewise step): that sum, already computed, to add the same way.
     """
-    wc = wts if fp32_weights else wts.to(x.dtype)
+    # transformers casts the routing weights to the compute dtype (Mixtral keeps fp32): one token's paths pass
+    # them as they are with `round_to`, and the fused kernels round them (no cast kernel per layer)
+    round_to = None if fp32_weights else x.dtype
     # the Triton kernels compute the plain SwiGLU without biases: gpt-oss's experts take the torch paths.
     # Quantized pools: one token takes experts_from_slots (its fused GEMV kernels), several tokens
     # moe_gpu.experts_tokens (fused GEMV or grouped kernels) when those serve the pool.
@@ -290,33 +297,37 @@ def expert_mix(x: Tensor, ids: Tensor, wts: Tensor, w: MoEWeights, provider: Exp
     plain = kernels and w.act is None and getattr(provider.weights, "gate_bias", None) is None
     quant = isinstance(provider.weights.gate, QuantWeight)
     kernels = plain and not quant
-    if kernels:
-        def one(x, s, wc, W):
-            return moe_gpu.experts_decode(x, s, wc, W)
-    else:
-        def one(x, s, wc, W):
-            return experts_from_slots(x, s, wc, W, w.act)
+
+    def one(s: Tensor, base: int = 0) -> Tensor:  # one token's K experts at rows base + s
+        if kernels:
+            return moe_gpu.experts_decode(x, s, wts, provider.weights, slot_base=base, round_to=round_to)
+        return experts_from_slots(x, s, wts, provider.weights, w.act, slot_base=base, round_to=round_to)
+
     if slots is not None:
-        out = one(x, slots, wc, provider.weights)
+        out = one(slots)
     elif x.shape[0] == 1 and getattr(provider, "split", False):
         from tiered.model import cpu_experts  # imports this module
 
         s, jobs = provider.get_split(layer, ids[0])
         fut = cpu_experts.start(provider, x.cpu(), wts[0].cpu(), jobs, w.act, fp32_weights) if jobs else None
-        out = one(x, s, wc, provider.weights)
+        out = one(s)
         if fut is not None:
             partial = cpu_experts.finish(provider, fut, len(jobs)).to(x.device)
         if prefetch_hook is not None:  # after the CPU jobs: its prefetches may reuse the RAM blocks they read
             prefetch_hook(layer, ids[0].cpu())
     elif x.shape[0] == 1:
-        s = provider.get(layer, ids[0])
+        # a provider whose slots are ids + a base (every expert resident) lets the kernels add it: no add kernel
+        base = provider.slot_base(layer, ids) if hasattr(provider, "slot_base") else None
+        s = ids[0] if base is not None else provider.get(layer, ids[0])
         if prefetch_hook is not None:
             prefetch_hook(layer, ids[0].cpu())
-        out = one(x, s, wc, provider.weights)
-    elif plain and (not quant or moe_gpu.quant_kernels_ok(provider.weights)):  # checked for T > 1 only
-        out = moe_gpu.experts_tokens(x, ids, wc, provider, layer, w.router.shape[0])
+        out = one(s, base or 0)
     else:
-        out = experts_grouped(x, ids, wc, provider, layer, w.act)
+        wc = wts if round_to is None else wts.to(round_to)
+        if plain and (not quant or moe_gpu.quant_kernels_ok(provider.weights)):  # checked for T > 1 only
+            out = moe_gpu.experts_tokens(x, ids, wc, provider, layer, w.router.shape[0])
+        else:
+            out = experts_grouped(x, ids, wc, provider, layer, w.act)
     if partial is not None:
         out = out + partial
     if w.shared_gate is not None:

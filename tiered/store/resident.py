@@ -2,7 +2,8 @@
 
 Owns: the "all experts in memory" provider of SEAMS.md. On CPU its weights are the zero-copy views
 over the layout's mmap of experts.bin; on CUDA it copies the whole expert pool to the device once,
-at start-up. Slot = layer * E + expert, so `get` is one add on the ids' device and never syncs,
+at start-up. Slot = layer * E + expert, so `get` is one add on the ids' device and never syncs (and
+`slot_base` lets the one-token kernels do that add themselves),
 which lets a whole decode step be captured in a CUDA graph. It is the reference path that the
 expert cache (store/cache.py) must match.
 Does not own: budgets, eviction or I/O scheduling (that is the cache), nor dtype conversion
@@ -79,6 +80,15 @@ class ResidentExperts(HostSlotProvider):
             self.checker.check((expert_ids + layer * self.num_experts).tolist())
         ids = expert_ids.to(self.device, non_blocking=True)
         return ids + layer * self.num_experts
+
+    def slot_base(self, layer: int, expert_ids: Tensor) -> int | None:
+        """layer * E when get(layer, ids) would only add it (ids [..., U] on the weights' device, no block left to
+        check): the one-token expert kernels then add the base themselves, with no add kernel per layer (the
+        optional provider call of SEAMS.md; model/moe.py expert_mix). None: call get()."""
+        if expert_ids.device != self.device or (self.checker is not None and self.checker.pending):
+            return None
+        self._served += expert_ids.shape[-1]
+        return layer * self.num_experts
 
     def slot_map(self, layer: int) -> Tensor:
         """Slot row of every expert of `layer` (int64 [E] on the weights' device), no host sync: the optional

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Session 8, lease call A: programmatic dependent launch (kernels/pdl.py), the slot table's all-hit fast path and the
+# two small torch kernels per layer moved into the expert kernels (slot_base, round_to). Checkpoint (qwen3-10b-8l,
+# seed 0), bf16 and q4+q4 repacks; the slot-table kernels alone, before (the saved 9ba170a copy) and after; tiered's
+# VRAM decode of q4 and bf16 with PDL on and off (TIERED_PDL), one after the other; the offload figures of issue 13
+# (bench_cpu_experts_gpu.py at --vram-gb 4, replayed routing, device steps) on both layouts; the q4 step's profile.
+source "$(dirname "$0")/lib.sh"
+peers_ckpt
+peers_layout layout source source
+peers_layout layout-q4 q4 q4
+timeout 60 python3 benchmarks/bench_slot_table.py --old .carry/old/slot_table_9ba170a.py > $OUT/slot-table.log 2>&1
+echo "slot-table rc=$? $(el)"; grep -v '^{' $OUT/slot-table.log | tail -40; pack
+for pdl in 1 0; do
+  for v in q4 bf16; do
+    rm -f $W/tiered.json $W/tiered-q4.json
+    TIERED_PDL=$pdl timeout 100 python3 benchmarks/bench_peers.py --phase tiered --work $W --variant $v \
+      --tiered-only vram > $OUT/peers-$v-pdl$pdl.log 2>&1
+    echo "tiered $v pdl=$pdl rc=$? $(el)"; grep -iE "decode tok/s" $OUT/peers-$v-pdl$pdl.log | grep -v '^{' | tail -2
+    cp $W/tiered.json $OUT/tiered-bf16-pdl$pdl.json 2>/dev/null; cp $W/tiered-q4.json $OUT/tiered-q4-pdl$pdl.json 2>/dev/null
+    pack
+  done
+done
+for v in layout-q4 layout; do
+  timeout 150 python3 benchmarks/bench_cpu_experts_gpu.py --layout $W/$v --text .carry/shared/text --docs 1 --paced "" \
+    --only "lru/device,nextuse/device" > $OUT/offload-$v.log 2>&1
+  echo "offload $v rc=$? $(el)"; grep -v '^{' $OUT/offload-$v.log | tail -8
+  tail -1 $OUT/offload-$v.log > $OUT/offload-$v.json; pack
+done
+timeout 60 python3 tools/profile_kernels.py -m $W/layout-q4 --glue on --tokens 16 > $OUT/profile-q4.log 2>&1
+echo "profile rc=$? $(el)"; grep -v '^{' $OUT/profile-q4.log | head -30; pack

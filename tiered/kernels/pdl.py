@@ -1,0 +1,73 @@
+"""Programmatic dependent launch (PDL, Hopper and later): a kernel's programs start while the kernel before it in
+the stream is still finishing, and wait for it only where they read its results.
+
+Owns: `launch_args(device)` (the extra launch arguments of a decode kernel: {"GDC": True, "launch_pdl": True} where
+PDL is on, else {}), `gdc_enter` (the kernels' first statement: with GDC, wait until the previous kernel of the
+stream has completed and its writes are visible, then let the next kernel launch) and `pdl_enabled(device)`.
+Does not own: the kernels (each adds a `GDC: tl.constexpr = False` parameter and calls gdc_enter(GDC) first).
+
+Why: a one-token decode step is about 110 launches of a few microseconds each (notes/Q4_DECODE.md); between two
+kernels the GPU drains the first one's last programs, then launches and ramps up the next. With PDL the next
+kernel is launched while the first one's last wave runs (each program calls griddepcontrol.launch_dependents
+right after its wait), so its launch, scheduling and prologue overlap the tail. Every kernel launched with PDL
+waits (griddepcontrol.wait) before any read or write, in every program, so ordering is transitive: kernel C
+waiting for B implies A, which B waited for, has completed too. Kernels launched without the attribute (torch's,
+cuBLAS) keep the ordinary stream order. CUDA graphs capture the attribute as a programmatic edge (CUDA 12.3+).
+
+Switch: TIERED_PDL=0 turns it off (the benchmarks time both); it is on where the device is CUDA of compute
+capability 9.0 or later and Triton has the griddepcontrol intrinsics (3.4+), never under the interpreter.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - the CPU torch wheel without triton
+    triton = None
+    tl = None
+
+ENV = "TIERED_PDL"
+
+
+def _triton_has_gdc() -> bool:
+    try:
+        from triton.language.extra import cuda as tl_cuda
+    except ImportError:  # pragma: no cover
+        return False
+    return hasattr(tl_cuda, "gdc_wait") and hasattr(tl_cuda, "gdc_launch_dependents")
+
+
+@functools.lru_cache(maxsize=None)
+def _device_ok(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9 and _triton_has_gdc()
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Whether decode kernels on `device` launch with PDL (TIERED_PDL=0 turns it off)."""
+    if device.type != "cuda" or os.environ.get(ENV, "1").strip().lower() in ("0", "off", "false", "no"):
+        return False
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return False
+    return _device_ok(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def launch_args(device: torch.device) -> dict:
+    """The extra arguments of a PDL-aware kernel's launch on `device`: {} when PDL is off."""
+    return {"GDC": True, "launch_pdl": True} if pdl_enabled(device) else {}
+
+
+def _gdc_enter(GDC: tl.constexpr):
+    """First statement of a PDL-aware kernel: wait for the previous kernel, then let the next one launch."""
+    if GDC:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+gdc_enter = None
+if triton is not None:
+    gdc_enter = triton.jit(_gdc_enter)
