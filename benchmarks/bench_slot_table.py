@@ -7,7 +7,7 @@ bf16: 420 slots of 9.4 MB), K = 8:
   resolve_hits   every id resident (the steady state of a warm cache);
   resolve_mixed  ids drawn from 2 * S keys, so about half miss (the victim search runs);
   gather_hits    no row to copy (what every layer pays when all its experts hit), per grid: one program per
-                 (row, chunk) (the default) and a fixed number of looping programs (--ctas);
+                 (row, chunk) ("grid", ctas=0) and a fixed number of looping programs (--ctas; the default is 4 per SM);
   gather_misses  1 and K rows copied from pinned RAM over UVA, in GB/s, sources rotating over --rows host rows.
 --old PATH times a saved copy of kernels/slot_table.py too (the same tables and ids), for a before/after in one run.
 
@@ -116,8 +116,8 @@ def gather_figures(mod, S: int, B: int, K: int, rows: int, calls: int, ctas: lis
     none = torch.full((K,), -1, dtype=torch.int64, device=dev)
     dst = torch.arange(K, dtype=torch.int64, device=dev)
     res = {}
-    for c in [None, *ctas]:
-        name = "grid" if c is None else f"ctas{c}"
+    for c in [0, *ctas]:
+        name = "grid" if c == 0 else f"ctas{c}"
         res[f"gather_hits_us_{name}"] = graph_us(lambda i: mod.gather(host, none, dst, slots, ctas=c), calls)
         for m in (1, K):
             srcs = torch.full((calls, K), -1, dtype=torch.int64)

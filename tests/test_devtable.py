@@ -233,10 +233,10 @@ def test_gather_kernel_copies_only_misses():
     host = torch.randint(0, 255, (R, B), dtype=torch.uint8)
     slots = torch.zeros(S, B, dtype=torch.uint8)
     src, dst = torch.tensor([4, -1, 1]), torch.tensor([2, 0, 3])
-    if CUDA:
+    if CUDA:  # a program per (row, chunk) (ctas 0); the default looping grid in the test above and the steps
         pinned = host.pin_memory()
         dslots = slots.cuda()
-        st.gather(pinned, src.cuda(), dst.cuda(), dslots)
+        st.gather(pinned, src.cuda(), dst.cuda(), dslots, ctas=0)
         slots = dslots.cpu()
     else:
         words = B // 4

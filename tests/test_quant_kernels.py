@@ -286,23 +286,20 @@ def compile_kernels_sm90(fmt: str) -> None:
         dtiles = qm._tiles(QConfig(bn=4, bg=2, algo=algo), W.down)
         assert tiles["ALGO"] == dtiles["ALGO"] == algo
         p = parts(W.gate, "", algo)
-        for has_slots in (True, False):  # a stack read by slot rows; one matrix (qlinear)
+        for has_slots in (True, False):  # a stack read by slot rows; one matrix (qlinear: with PDL, the L2 prefetch)
+            pf = {} if has_slots else {"GDC": True, "PF_LINES": 2, "PF_STEP": 32 if algo == 2 else 128}
             k = _compile_for_sm90(qgemv, {"x_ptr": x, "slot_ptr": slots, "q_ptr": p["q"], "s_ptr": p["s"],
                                           "m_ptr": p["m"], "out_ptr": x, "N": 96, "stride_xt": 200,
                                           "stride_ot": 96, **dict(zip(names, qm._strides(W.gate, algo)))},
-                                  {**geo, **tiles, "HAS_SLOTS": has_slots})
+                                  {**geo, **tiles, "HAS_SLOTS": has_slots, **pf})
+            if not has_slots:
+                assert "prefetch.global.L2" in k.asm["ptx"] and "griddepcontrol.wait" in k.asm["ptx"]
             if fmt == "fp8":  # the e4m3 bytes go through the hardware conversion
                 assert "e4m3" in k.asm["ptx"]
-        if algo == 2:  # with programmatic dependent launch (kernels/pdl.py), as the launchers pass it on sm_90
-            k = _compile_for_sm90(qgemv, {"x_ptr": x, "slot_ptr": slots, "q_ptr": p["q"], "s_ptr": p["s"],
-                                          "m_ptr": p["m"], "out_ptr": x, "N": 96, "stride_xt": 200,
-                                          "stride_ot": 96, **dict(zip(names, qm._strides(W.gate, algo)))},
-                                  {**geo, **tiles, "HAS_SLOTS": False, "GDC": True})
-            assert "griddepcontrol.wait" in k.asm["ptx"]
         _compile_for_sm90(qgate_up, {"x_ptr": x, "slot_ptr": slots, **parts(W.gate, "g", algo),
                                      **parts(W.up, "u", algo), "h_ptr": h, "stride_xt": 200,
                                      **dict(zip(names, qm._strides(W.gate, algo)))},
-                          {**geo, **tiles, "F": 96, "K": 2})
+                          {**geo, **tiles, "F": 96, "K": 2, "GDC": True})
         for split in (1, 2):
             _compile_for_sm90(qdown, {"h_ptr": h, "slot_ptr": slots, "wt_ptr": h, **parts(W.down, "d", algo),
                                       "y_ptr": x if split == 1 else h, "stride_yt": 200,

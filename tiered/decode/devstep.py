@@ -20,9 +20,8 @@ Legend: L layers, K top-k, V vocab.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -107,10 +106,12 @@ class DeviceStep:
         r = m.segment_first(self.step_dev[0:1], plan)
         out = None
         joined = True
+        rows = self._replay_rows() if self.routing is not None else None
         for l in range(self.L):
             if m.layers[l].moe is not None:
-                if self.routing is not None:
-                    self._replayed(l, r)
+                if rows is not None:  # the override's row for this layer replaces the router's choice
+                    i = self.routing._layer(l)
+                    r = dataclasses.replace(r, ids=rows[0][i:i + 1], weights=rows[1][i:i + 1])
                 if not joined:  # layer l's prefetch (issued during layer l-1) lands before its lookups
                     torch.cuda.current_stream(self.device).wait_stream(self.pf_stream)
                     joined = True
@@ -151,13 +152,12 @@ class DeviceStep:
             self.table.gather(self.pf_src[l + 1], self.pf_slot[l + 1], ctas=self.pf_ctas)
         return not cuda
 
-    def _replayed(self, l: int, r: Any) -> None:
-        """Layer l's routing replaced by the override's row at the step's position (device gathers, no sync)."""
+    def _replay_rows(self) -> tuple[Tensor, Tensor]:
+        """The override's rows at the step's position, every MoE layer at once (two device gathers a step, no sync):
+        ids int64 [L', K] and weights fp32 [L', K], read by the layers through views."""
         ro = self.routing
-        i = ro._layer(l)
         pos = self.step_dev[1:2]
-        r.ids[0].copy_(ro.ids.index_select(0, pos)[0, i])
-        r.weights[0].copy_(ro.weights.index_select(0, pos)[0, i])
+        return ro.ids.index_select(0, pos)[0], ro.weights.index_select(0, pos)[0]
 
     # --- capture ---
     def capture_all(self) -> None:

@@ -3,7 +3,9 @@ the stream is still finishing, and wait for it only where they read its results.
 
 Owns: `launch_args(device)` (the extra launch arguments of a decode kernel: {"GDC": True, "launch_pdl": True} where
 PDL is on, else {}), `gdc_enter` (the kernels' first statement: with GDC, wait until the previous kernel of the
-stream has completed and its writes are visible, then let the next kernel launch) and `pdl_enabled(device)`.
+stream has completed and its writes are visible, then let the next kernel launch), `l2_prefetch` (what may run
+before that wait: an L2 prefetch of data the previous kernel does not write, e.g. a dense GEMV's weights in
+quant_moe._qgemv) and `pdl_enabled(device)`.
 Does not own: the kernels (each adds a `GDC: tl.constexpr = False` parameter and calls gdc_enter(GDC) first).
 
 Why: a one-token decode step is about 110 launches of a few microseconds each (notes/Q4_DECODE.md); between two
@@ -68,6 +70,16 @@ def _gdc_enter(GDC: tl.constexpr):
         tl.extra.cuda.gdc_launch_dependents()
 
 
+def _l2_prefetch(ptrs):
+    """Ask L2 for the 128-byte lines at `ptrs` (a tensor of global pointers; valid addresses): no value comes back,
+    nothing waits. What a PDL-launched kernel can do before its wait with data that does not depend on the
+    previous kernel (its weights)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
 gdc_enter = None
+l2_prefetch = None
 if triton is not None:
     gdc_enter = triton.jit(_gdc_enter)
+    l2_prefetch = triton.jit(_l2_prefetch)

@@ -67,7 +67,7 @@ except ImportError:  # the CPU runtime does not need Triton
     triton = None
 
 from tiered.kernels.fused_norm import round_weight, weight_rounding  # noqa: E402 (None without Triton)
-from tiered.kernels.pdl import gdc_enter, launch_args  # noqa: E402
+from tiered.kernels.pdl import gdc_enter, l2_prefetch, launch_args  # noqa: E402
 
 FUSED_FORMATS = {"q8": 0, "q4": 1, "mxfp4": 2, "fp8": 3}  # the kernels' FMT (4: fp8 decoded from bits)
 MAX_ROWS = 16  # above this many rows qlinear takes the tiled GEMM (quant_grouped.quant_matmul)
@@ -542,21 +542,31 @@ def _qgemv(x_ptr, slot_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_xt, stride_q
           stride_sn, stride_ms, stride_mn, stride_ot, KIN: tl.constexpr, KQ: tl.constexpr, NG: tl.constexpr,
           FMT: tl.constexpr, GROUP: tl.constexpr, GSTRIDE: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr,
           BG: tl.constexpr, CONV: tl.constexpr, HAS_SLOTS: tl.constexpr, ALGO: tl.constexpr, BK: tl.constexpr,
-          UK: tl.constexpr, GDC: tl.constexpr = False):
-    """Grid (cdiv(N, BN), T): out[t, n-block] = x[t] @ W[slot[t]][n-block]^T."""
-    gdc_enter(GDC)
+          UK: tl.constexpr, GDC: tl.constexpr = False, PF_LINES: tl.constexpr = 1, PF_STEP: tl.constexpr = 1):
+    """Grid (cdiv(N, BN), T): out[t, n-block] = x[t] @ W[slot[t]][n-block]^T.
+    With PDL (GDC) a single matrix's rows are asked into L2 before the wait for the previous kernel: they do not
+    depend on it, so their reads overlap its tail (PF_LINES 128-byte lines a code row, PF_STEP code elements a
+    line)."""
     t = tl.program_id(1)
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
     mask_n = offs_n < N
-    if HAS_SLOTS:
-        slot = tl.load(slot_ptr + t).to(tl.int64)
-    else:
-        slot = 0
     n64 = offs_n.to(tl.int64)
     if FMT >= 3:  # fp8: one scale row per GROUP output rows
         srow = n64 // GROUP
     else:
         srow = n64
+    if GDC and not HAS_SLOTS:
+        nn = tl.where(mask_n, n64, 0)  # rows past N prefetch row 0 again (a valid address)
+        lo = tl.arange(0, PF_LINES)
+        lo = tl.where(lo * 128 < KQ, lo, 0)
+        l2_prefetch(q_ptr + nn[:, None] * stride_qn + lo[None, :] * PF_STEP)
+        l2_prefetch(s_ptr + tl.where(mask_n, srow, 0) * stride_sn)
+        l2_prefetch(m_ptr + nn * stride_mn)
+    gdc_enter(GDC)
+    if HAS_SLOTS:
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+    else:
+        slot = 0
     xr = x_ptr + t * stride_xt
     qr = q_ptr + slot * stride_qs + n64 * stride_qn
     sr = s_ptr + slot * stride_ss + srow * stride_sn
@@ -678,9 +688,14 @@ def quant_matvec(x: Tensor, w: QuantWeight, slots: Tensor | None = None, *, out_
     qgemv = _kernels()[0]
     tiles = _tiles(cfg, w)
     a = tiles["ALGO"]
-    qgemv[(triton.cdiv(n, cfg.bn), T)](x, sl, _codes(w, a), w.scale, m, out, n, x.stride(0), *_strides(w, a),
+    codes = _codes(w, a)
+    pdl = launch_args(x.device)
+    if pdl and not w.lead:  # the L2 prefetch of a single matrix's rows before the PDL wait
+        pdl.update(PF_LINES=triton.next_power_of_2(triton.cdiv(w.q.shape[-1] * w.q.element_size(), 128)),
+                   PF_STEP=128 // codes.element_size())
+    qgemv[(triton.cdiv(n, cfg.bn), T)](x, sl, codes, w.scale, m, out, n, x.stride(0), *_strides(w, a),
                                       out.stride(0), **_geometry(w), **tiles, HAS_SLOTS=bool(w.lead),
-                                      num_warps=cfg.warps, **launch_args(x.device))
+                                      num_warps=cfg.warps, **pdl)
     return out
 
 
