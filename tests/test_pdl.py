@@ -18,6 +18,10 @@ def test_off_on_cpu_and_by_switch(monkeypatch):
     for off in ("0", "off", "false"):
         monkeypatch.setenv(pdl.ENV, off)
         assert not pdl.pdl_enabled(torch.device("cuda", 0)) and pdl.launch_args(torch.device("cuda", 0)) == {}
+        monkeypatch.setenv(pdl.PREFETCH_ENV, off)
+        assert not pdl.l2_prefetch_enabled()
+    monkeypatch.delenv(pdl.PREFETCH_ENV)
+    assert pdl.l2_prefetch_enabled()
 
 
 @pytest.mark.cuda

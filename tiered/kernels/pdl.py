@@ -16,8 +16,9 @@ waits (griddepcontrol.wait) before any read or write, in every program, so order
 waiting for B implies A, which B waited for, has completed too. Kernels launched without the attribute (torch's,
 cuBLAS) keep the ordinary stream order. CUDA graphs capture the attribute as a programmatic edge (CUDA 12.3+).
 
-Switch: TIERED_PDL=0 turns it off (the benchmarks time both); it is on where the device is CUDA of compute
+Switches: TIERED_PDL=0 turns it off (the benchmarks time both); it is on where the device is CUDA of compute
 capability 9.0 or later and Triton has the griddepcontrol intrinsics (3.4+), never under the interpreter.
+TIERED_PDL_PREFETCH=0 keeps PDL but drops the dense GEMV's L2 prefetch before the wait.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ except ImportError:  # pragma: no cover - the CPU torch wheel without triton
     tl = None
 
 ENV = "TIERED_PDL"
+PREFETCH_ENV = "TIERED_PDL_PREFETCH"
 
 
 def _triton_has_gdc() -> bool:
@@ -56,6 +58,12 @@ def pdl_enabled(device: torch.device) -> bool:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         return False
     return _device_ok(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def l2_prefetch_enabled() -> bool:
+    """Whether PDL-launched dense GEMVs prefetch their weights into L2 before the wait (TIERED_PDL_PREFETCH=0: no;
+    the benchmarks time both)."""
+    return os.environ.get(PREFETCH_ENV, "1").strip().lower() not in ("0", "off", "false", "no")
 
 
 def launch_args(device: torch.device) -> dict:

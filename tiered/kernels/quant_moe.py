@@ -67,7 +67,7 @@ except ImportError:  # the CPU runtime does not need Triton
     triton = None
 
 from tiered.kernels.fused_norm import round_weight, weight_rounding  # noqa: E402 (None without Triton)
-from tiered.kernels.pdl import gdc_enter, l2_prefetch, launch_args  # noqa: E402
+from tiered.kernels.pdl import gdc_enter, l2_prefetch, l2_prefetch_enabled, launch_args  # noqa: E402
 
 FUSED_FORMATS = {"q8": 0, "q4": 1, "mxfp4": 2, "fp8": 3}  # the kernels' FMT (4: fp8 decoded from bits)
 MAX_ROWS = 16  # above this many rows qlinear takes the tiled GEMM (quant_grouped.quant_matmul)
@@ -690,7 +690,7 @@ def quant_matvec(x: Tensor, w: QuantWeight, slots: Tensor | None = None, *, out_
     a = tiles["ALGO"]
     codes = _codes(w, a)
     pdl = launch_args(x.device)
-    if pdl and not w.lead:  # the L2 prefetch of a single matrix's rows before the PDL wait
+    if pdl and not w.lead and l2_prefetch_enabled():  # the L2 prefetch of a single matrix's rows before the wait
         pdl.update(PF_LINES=triton.next_power_of_2(triton.cdiv(w.q.shape[-1] * w.q.element_size(), 128)),
                    PF_STEP=128 // codes.element_size())
     qgemv[(triton.cdiv(n, cfg.bn), T)](x, sl, codes, w.scale, m, out, n, x.stride(0), *_strides(w, a),
