@@ -304,6 +304,29 @@ def test_device_step_greedy_identical(reference_layout, unlimited, slots, w):
     eng.model.provider.vram.table.check()  # the host table handed back is consistent
 
 
+def test_device_step_runs_ahead(reference_layout, unlimited):
+    """Greedy decoding with the host one step ahead of the device step (decode/ahead.py over DeviceStep.launch, the
+    token and position left on the device by the step before): every-expert-resident tokens, and the same steps,
+    hits and misses as the per-token loop; a stop string ends it with the one extra step discarded."""
+    B = 49152
+    runs = {}
+    for ahead in (True, False):
+        eng = load(reference_layout, device="cpu", budget={"expert_slots": 8, "ram_gb": 600 * B / 2**30})
+        step = _attach(eng)
+        eng.step_ahead = ahead
+        g = eng.generate(PROMPT, max_new_tokens=NEW)
+        assert g.token_ids == unlimited
+        assert eng.stats["step_ahead"] is ahead and eng.stats["decode_graphs"] == "device"
+        d = eng.stats["decode"]
+        runs[ahead] = (d["hits"], d["misses"], step.steps)
+        if ahead:
+            text = eng.tokenizer.decode(unlimited)
+            stop = text[len(text) // 2:len(text) // 2 + 3]
+            g = eng.generate(PROMPT, max_new_tokens=NEW, stop=[stop])
+            assert g.stop_reason == "stop" and len(g.token_ids) < NEW and eng.stats["ahead_extra_steps"] == 1
+    assert runs[True] == runs[False] and runs[True][1] > 0
+
+
 def test_device_step_with_replayed_routing_matches_host_step(reference_layout):
     """A routing override replayed inside the device step gives the same logits as the host-routed step with
     the same override, and the same expert misses with LRU on both sides."""

@@ -21,6 +21,8 @@ def test_off_on_cpu_and_by_switch(monkeypatch):
         monkeypatch.setenv(pdl.PREFETCH_ENV, off)
         assert not pdl.l2_prefetch_enabled()
     monkeypatch.delenv(pdl.PREFETCH_ENV)
+    assert not pdl.l2_prefetch_enabled()  # off by default (measured slower)
+    monkeypatch.setenv(pdl.PREFETCH_ENV, "1")
     assert pdl.l2_prefetch_enabled()
 
 

@@ -428,11 +428,14 @@ class Engine:
 
     def _ahead_step(self, params: Sampling) -> GreedyStep | None:
         """The step greedy decoding runs one step ahead of (decode/ahead.py), or None for the per-token loop:
-        the whole-step graphs when every span is captured; the eager step only when step_ahead is True."""
+        the whole-step graphs (or the device slot table's step) when every span is captured; the eager step only
+        when step_ahead is True."""
         if params.temperature != 0 or self.step_ahead is False:
             return None
         if self.graphed is not None and self.graphed.ready():
             return self.graphed
+        if self.devstep is not None and (self.step_ahead or (self.devstep.graphed and self.devstep.ready())):
+            return self.devstep  # the offloaded step in one graph (decode/devstep.py)
         if self.step_ahead and self._planned_mode() == "eager":
             return EagerGreedy(self.model)
         return None

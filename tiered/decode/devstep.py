@@ -9,7 +9,9 @@ step (piecewise.py) reads each layer's top-k back to the host, resolves slots in
 each MoE layer inside the graph runs
     router (in the model's segment) -> resolve (kernels/slot_table.py: hits, victims, table updates)
     -> gather (the misses' blocks copied from pinned RAM over UVA by a kernel) -> the experts read the slots,
-so the host launches one graph per token and waits only for the logits.
+so the host launches one graph per token and waits only for the logits. Greedy decoding runs the host one step
+ahead (decode/ahead.py: `launch` reads the token and position the previous step left on the device), so even the
+host's launch work overlaps the device's previous step.
 A routing override (predict/replay.py, benchmarks) is applied inside the graph too: its rows for the step's
 position are gathered on the device.
 Does not own: the math (model/transformer.py segments), the tables and kernels, nor the choice of step
@@ -26,6 +28,7 @@ import torch
 from torch import Tensor
 
 from tiered.decode.devpolicy import DEFAULT_PARAMS, NextUse, NextUseParams
+from tiered.decode.sampling import argmax_into
 from tiered.model.transformer import Transformer
 
 
@@ -58,6 +61,9 @@ class DeviceStep:
         self.step_host = torch.zeros(2, dtype=torch.int64, pin_memory=cuda)  # token, position
         self._step_ev = torch.cuda.Event() if cuda else None
         self.step_dev = torch.zeros(2, dtype=torch.int64, device=dev) if cuda else self.step_host
+        # decode/ahead.py's GreedyStep: the step reads its token and position here and leaves its argmax and
+        # position + 1 (views of step_dev, which `step` fills from the host instead)
+        self.token, self.pos = self.step_dev[0:1], self.step_dev[1:2]
         self.slots = torch.zeros(self.L, self.K, dtype=torch.int64, device=dev)  # [L, K] rows the experts read
         self.src = torch.full((self.L, self.K), -1, dtype=torch.int64, device=dev)  # [L, K] RAM rows of misses
         self.routing = model.routing
@@ -129,6 +135,8 @@ class DeviceStep:
                 r = m.segment_mid(l + 1, r, self.slots[l], plan, None)
             else:
                 out = m.segment_last(r, self.slots[l], None)
+        argmax_into(out, self.token)  # the greedy pick and the next position, for `launch` (ahead.py)
+        self.pos.add_(1)
         return out
 
     def _prefetch_next(self, l: int, ids: Tensor) -> bool:
@@ -175,6 +183,7 @@ class DeviceStep:
         torch.cuda.empty_cache()
         mem0 = torch.cuda.memory_reserved(dev)
         counts = self.table.t["counts"].clone()
+        inputs = self.step_dev.clone()  # the warm-ups and the upload replay advance the token and position
         with self.model.preserve_state():
             # Warm-ups execute the step (Triton compiles, cuBLAS workspaces): slot lookups, evictions and copies
             # happen for real, so the table and the slots stay consistent; only this step's own K/V position is
@@ -191,14 +200,30 @@ class DeviceStep:
             graph.replay()  # the first launch uploads the graph: not in the first timed step
             torch.cuda.synchronize(dev)
         self.table.t["counts"].copy_(counts)
+        self.step_dev.copy_(inputs)
         self.graphs[span] = (graph, out)
         self.capture_s += time.perf_counter() - t0
         self.graph_mem_bytes += torch.cuda.memory_reserved(dev) - mem0
 
     # --- one step ---
+    def ready(self) -> bool:
+        """Every span's graph is captured (or no graphs are used): `launch` never captures."""
+        return not self.graphed or all(s in self.graphs for s in self.model.graph_spans())
+
     @torch.inference_mode()
     def step(self, token: int, pos: int) -> Tensor:
         """Logits [1, V] (a static buffer: read it before the next step) of `token` at position `pos`."""
+        return self._run(pos, token)
+
+    @torch.inference_mode()
+    def launch(self, pos: int) -> Tensor:
+        """One step from the device buffers as they are (decode/ahead.py's GreedyStep): the token and position the
+        previous step left in self.token and self.pos (or the prefill's argmax put there). pos: the host's count of
+        that position (it picks the span's graph; the device buffer is never read back). Returns the logits."""
+        return self._run(pos, None)
+
+    def _run(self, pos: int, token: int | None) -> Tensor:
+        """A step at `pos`: with `token`, copied from the host first (step); None: the device buffers (launch)."""
         m = self.model
         if pos >= m.max_context:
             raise ValueError(f"position {pos} is beyond max_context={m.max_context}")
@@ -209,25 +234,24 @@ class DeviceStep:
             self.table.take()
         span = m.graph_span(pos)
         if not self.graphed:
-            self.step_host[0] = token
-            self.step_host[1] = pos
-            if self.step_dev is not self.step_host:
-                self.step_dev.copy_(self.step_host)
+            if token is not None:
+                self.step_host[0] = token
+                self.step_host[1] = pos
+                if self.step_dev is not self.step_host:
+                    self.step_dev.copy_(self.step_host)
             out = self._body(span)
-            self.model.provider.note_device_token()
-            self.steps += 1
-            self.launch_s += time.perf_counter() - t0
-            return out
-        if span not in self.graphs:
-            self._add(span)
-            t0 = time.perf_counter()
-        self._step_ev.synchronize()  # the previous step's copy of step_host is done
-        self.step_host[0] = token
-        self.step_host[1] = pos
-        self.step_dev.copy_(self.step_host, non_blocking=True)
-        self._step_ev.record(torch.cuda.current_stream(self.device))
-        graph, out = self.graphs[span]
-        graph.replay()
+        else:
+            if span not in self.graphs:
+                self._add(span)
+                t0 = time.perf_counter()
+            if token is not None:
+                self._step_ev.synchronize()  # the previous step's copy of step_host is done
+                self.step_host[0] = token
+                self.step_host[1] = pos
+                self.step_dev.copy_(self.step_host, non_blocking=True)
+                self._step_ev.record(torch.cuda.current_stream(self.device))
+            graph, out = self.graphs[span]
+            graph.replay()
         self.model.provider.note_device_token()
         self.steps += 1
         self.launch_s += time.perf_counter() - t0

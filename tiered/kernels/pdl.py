@@ -18,7 +18,7 @@ cuBLAS) keep the ordinary stream order. CUDA graphs capture the attribute as a p
 
 Switches: TIERED_PDL=0 turns it off (the benchmarks time both); it is on where the device is CUDA of compute
 capability 9.0 or later and Triton has the griddepcontrol intrinsics (3.4+), never under the interpreter.
-TIERED_PDL_PREFETCH=0 keeps PDL but drops the dense GEMV's L2 prefetch before the wait.
+TIERED_PDL_PREFETCH=1 adds the dense GEMV's L2 prefetch before the wait (off: it measured 1% slower).
 """
 from __future__ import annotations
 
@@ -61,9 +61,11 @@ def pdl_enabled(device: torch.device) -> bool:
 
 
 def l2_prefetch_enabled() -> bool:
-    """Whether PDL-launched dense GEMVs prefetch their weights into L2 before the wait (TIERED_PDL_PREFETCH=0: no;
-    the benchmarks time both)."""
-    return os.environ.get(PREFETCH_ENV, "1").strip().lower() not in ("0", "off", "false", "no")
+    """Whether PDL-launched dense GEMVs prefetch their weights into L2 before the wait: off unless
+    TIERED_PDL_PREFETCH=1. Measured on the H200 (benchmarks/results/quant-2026-12-01-h200-s8.json), the q4+q4
+    decode of the 10.6B shape gained nothing: 2,176-2,186 tok/s with it, 2,197-2,209 without (or with one line a
+    row)."""
+    return os.environ.get(PREFETCH_ENV, "0").strip().lower() in ("1", "on", "true", "yes")
 
 
 def launch_args(device: torch.device) -> dict:

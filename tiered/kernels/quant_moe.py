@@ -542,11 +542,11 @@ def _qgemv(x_ptr, slot_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_xt, stride_q
           stride_sn, stride_ms, stride_mn, stride_ot, KIN: tl.constexpr, KQ: tl.constexpr, NG: tl.constexpr,
           FMT: tl.constexpr, GROUP: tl.constexpr, GSTRIDE: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr,
           BG: tl.constexpr, CONV: tl.constexpr, HAS_SLOTS: tl.constexpr, ALGO: tl.constexpr, BK: tl.constexpr,
-          UK: tl.constexpr, GDC: tl.constexpr = False, PF_LINES: tl.constexpr = 1, PF_STEP: tl.constexpr = 1):
+          UK: tl.constexpr, GDC: tl.constexpr = False, PF_LINES: tl.constexpr = 0, PF_STEP: tl.constexpr = 1):
     """Grid (cdiv(N, BN), T): out[t, n-block] = x[t] @ W[slot[t]][n-block]^T.
-    With PDL (GDC) a single matrix's rows are asked into L2 before the wait for the previous kernel: they do not
-    depend on it, so their reads overlap its tail (PF_LINES 128-byte lines a code row, PF_STEP code elements a
-    line)."""
+    PF_LINES > 0 (with PDL, GDC; pdl.l2_prefetch_enabled): a single matrix's rows are asked into L2 before the wait
+    for the previous kernel, which does not write them, so their reads overlap its tail (PF_LINES 128-byte lines a
+    code row, PF_STEP code elements a line)."""
     t = tl.program_id(1)
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
     mask_n = offs_n < N
@@ -555,7 +555,7 @@ def _qgemv(x_ptr, slot_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_xt, stride_q
         srow = n64 // GROUP
     else:
         srow = n64
-    if GDC and not HAS_SLOTS:
+    if GDC and not HAS_SLOTS and PF_LINES > 0:
         nn = tl.where(mask_n, n64, 0)  # rows past N prefetch row 0 again (a valid address)
         lo = tl.arange(0, PF_LINES)
         lo = tl.where(lo * 128 < KQ, lo, 0)
