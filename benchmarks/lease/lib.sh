@@ -1,6 +1,10 @@
 # Sourced by the lease scripts (benchmarks/lease/s4_call*.sh): results go to /root/res_<script> and are packed into
 # $OUT/<script>.tgz after each step (`pack`) and on exit, so a call cut by its time limit still brings back what it
 # finished; the carried wheels (.whl: fla, gemlite) install under /tmp/site.
+# Timing lessons (session 8): the llama.cpp build (tools/build_llamacpp.sh) takes about 240 s alone but 560 s beside
+# a repack and CUDA tests, and the CUDA tests of the kernel files take well over 300 s beside a q4 repack (which
+# itself went from 100 to 350 s). Run the CUDA tests alone, first, in their own call; build llama.cpp beside
+# untimed GPU-only work at most.
 set -u
 export PYTHONUNBUFFERED=1
 BACK=$OUT; R=/root/res_$(basename "$0" .sh); mkdir -p $R; export OUT=$R

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+
 import torch
 from torch import Tensor
 
