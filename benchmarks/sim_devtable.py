@@ -130,7 +130,7 @@ class SimModel:
         return _Routed(self.ids[self.pos, l].clone()[None])
 
     def segment_last(self, r, slots, partial):
-        return None
+        return torch.zeros(1, 2)  # logits [1, V] (the step's argmax reads them; their values do not matter here)
 
 
 def mapped(trace: Trace, layers: int, experts: int, top_k: int) -> Trace:
