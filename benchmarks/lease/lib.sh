@@ -25,3 +25,21 @@ peers_layout() {  # NAME EXPERTS DENSE: repack $W/ckpt into $W/NAME with --exper
   [ -f $W/$1/manifest.json ] || python3 -c "import json; from tiered.layout.repack import repack; print(json.dumps(repack('$W/ckpt', '$W/$1', experts='$2', dense='$3', force=True, progress=False, quant_device='cuda')))" > $OUT/repack-$1.log 2>&1
   echo "repack $1 rc=$? $(el)"
 }
+peers_vram() {  # VARIANT TAG [VAR=VALUE ...]: tiered's VRAM decode of layout VARIANT (bf16 | q4) under those
+  # environment settings -> $OUT/peers-VARIANT-TAG.log and $OUT/tiered-VARIANT-TAG.json
+  local v=$1 tag=$2 f=$W/tiered.json; shift 2
+  [ $v = bf16 ] || f=$W/tiered-$v.json
+  rm -f $f
+  env "$@" timeout 100 python3 benchmarks/bench_peers.py --phase tiered --work $W --variant $v --tiered-only vram \
+    > $OUT/peers-$v-$tag.log 2>&1
+  echo "tiered $v $tag rc=$? $(el)"; grep -iE "decode tok/s" $OUT/peers-$v-$tag.log | grep -v '^{' | tail -1
+  cp $f $OUT/tiered-$v-$tag.json 2>/dev/null; pack
+}
+peers_offload() {  # LAYOUT RUNS [ARGS ...]: bench_cpu_experts_gpu.py on $W/LAYOUT (one eval document, native link)
+  # with --only RUNS -> $OUT/offload-LAYOUT.log and .json
+  local lay=$1 only=$2; shift 2
+  timeout 150 python3 benchmarks/bench_cpu_experts_gpu.py --layout $W/$lay --text .carry/shared/text --docs 1 \
+    --paced "" --only "$only" "$@" > $OUT/offload-$lay.log 2>&1
+  echo "offload $lay rc=$? $(el)"; grep -v '^{' $OUT/offload-$lay.log | grep -E "device|resident" | tail -6
+  tail -1 $OUT/offload-$lay.log > $OUT/offload-$lay.json; pack
+}

@@ -11,20 +11,8 @@ peers_layout layout-q4 q4 q4
 timeout 60 python3 benchmarks/bench_slot_table.py --old .carry/old/slot_table_9ba170a.py > $OUT/slot-table.log 2>&1
 echo "slot-table rc=$? $(el)"; grep -v '^{' $OUT/slot-table.log | tail -40; pack
 for pdl in 1 0; do
-  for v in q4 bf16; do
-    rm -f $W/tiered.json $W/tiered-q4.json
-    TIERED_PDL=$pdl timeout 100 python3 benchmarks/bench_peers.py --phase tiered --work $W --variant $v \
-      --tiered-only vram > $OUT/peers-$v-pdl$pdl.log 2>&1
-    echo "tiered $v pdl=$pdl rc=$? $(el)"; grep -iE "decode tok/s" $OUT/peers-$v-pdl$pdl.log | grep -v '^{' | tail -2
-    cp $W/tiered.json $OUT/tiered-bf16-pdl$pdl.json 2>/dev/null; cp $W/tiered-q4.json $OUT/tiered-q4-pdl$pdl.json 2>/dev/null
-    pack
-  done
+  for v in q4 bf16; do peers_vram $v pdl$pdl TIERED_PDL=$pdl; done
 done
-for v in layout-q4 layout; do
-  timeout 150 python3 benchmarks/bench_cpu_experts_gpu.py --layout $W/$v --text .carry/shared/text --docs 1 --paced "" \
-    --only "lru/device,nextuse/device" > $OUT/offload-$v.log 2>&1
-  echo "offload $v rc=$? $(el)"; grep -v '^{' $OUT/offload-$v.log | tail -8
-  tail -1 $OUT/offload-$v.log > $OUT/offload-$v.json; pack
-done
+for v in layout-q4 layout; do peers_offload $v "lru/device,nextuse/device"; done
 timeout 60 python3 tools/profile_kernels.py -m $W/layout-q4 --glue on --tokens 16 > $OUT/profile-q4.log 2>&1
 echo "profile rc=$? $(el)"; grep -v '^{' $OUT/profile-q4.log | head -30; pack

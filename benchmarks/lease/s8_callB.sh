@@ -26,16 +26,8 @@ timeout 110 python3 benchmarks/bench_peers.py --phase llama --work $W --llama-on
 echo "llama rc=$? $(el)"; tail -4 $OUT/llama.log; cp $W/llama.json $W/model.json $OUT/ 2>/dev/null
 pack
 for pdl in 1 0; do
-  for v in q4 bf16; do
-    rm -f $W/tiered.json $W/tiered-q4.json
-    TIERED_PDL=$pdl timeout 90 python3 benchmarks/bench_peers.py --phase tiered --work $W --variant $v \
-      --tiered-only vram > $OUT/peers-$v-pdl$pdl.log 2>&1
-    echo "tiered $v pdl=$pdl rc=$? $(el)"; grep -iE "decode tok/s" $OUT/peers-$v-pdl$pdl.log | grep -v '^{' | tail -1
-    cp $W/tiered.json $OUT/tiered-bf16-pdl$pdl.json 2>/dev/null; cp $W/tiered-q4.json $OUT/tiered-q4-pdl$pdl.json 2>/dev/null
-    pack
-  done
-  [ $pdl = 1 ] && { rm -f $W/tiered.json $W/tiered-q4.json; cp $OUT/tiered-bf16-pdl1.json $W/tiered.json;
-    cp $OUT/tiered-q4-pdl1.json $W/tiered-q4.json;
+  for v in q4 bf16; do peers_vram $v pdl$pdl TIERED_PDL=$pdl; done
+  [ $pdl = 1 ] && { cp $OUT/tiered-bf16-pdl1.json $W/tiered.json; cp $OUT/tiered-q4-pdl1.json $W/tiered-q4.json;
     python3 benchmarks/bench_peers.py --phase report --work $W --results-dir $OUT > $OUT/report.log 2>&1;
     echo "report rc=$?"; grep -iE "q4|decode" $OUT/report.log | grep -v '^{' | head -12; pack; }
 done

@@ -17,18 +17,6 @@ wait $TESTS; grep -E "FAILED|ERROR|passed|failed|rc=" $OUT/cuda-tests.log | tail
 pack
 timeout 45 python3 benchmarks/bench_slot_table.py --old .carry/old/slot_table_9ba170a.py > $OUT/slot-table.log 2>&1
 echo "slot-table rc=$? $(el)"; pack
-for pf in 1 0; do
-  rm -f $W/tiered-q4.json
-  TIERED_PDL_PREFETCH=$pf timeout 60 python3 benchmarks/bench_peers.py --phase tiered --work $W --variant q4 \
-    --tiered-only vram > $OUT/peers-q4-pf$pf.log 2>&1
-  echo "tiered q4 l2pf=$pf rc=$? $(el)"; grep -iE "decode tok/s" $OUT/peers-q4-pf$pf.log | grep -v '^{' | tail -1
-  cp $W/tiered-q4.json $OUT/tiered-q4-l2pf$pf.json 2>/dev/null; pack
-done
-timeout 130 python3 benchmarks/bench_cpu_experts_gpu.py --layout $W/layout-q4 --text .carry/shared/text --docs 1 \
-  --paced "" --device-prefetch 16 --only "lru/device,lru+pf16/device" > $OUT/offload-layout-q4.log 2>&1
-echo "offload q4 rc=$? $(el)"; grep -v '^{' $OUT/offload-layout-q4.log | grep -E "device|resident" | tail -6
-tail -1 $OUT/offload-layout-q4.log > $OUT/offload-layout-q4.json; pack
-timeout $(( 585 - ($(date +%s) - T0) )) python3 benchmarks/bench_cpu_experts_gpu.py --layout $W/layout \
-  --text .carry/shared/text --docs 1 --paced "" --only "lru/device,nextuse/device" > $OUT/offload-layout.log 2>&1
-echo "offload bf16 rc=$? $(el)"; grep -v '^{' $OUT/offload-layout.log | grep -E "device|resident" | tail -6
-tail -1 $OUT/offload-layout.log > $OUT/offload-layout.json; pack
+for pf in 1 0; do peers_vram q4 l2pf$pf TIERED_PDL_PREFETCH=$pf; done
+peers_offload layout-q4 "lru/device,lru+pf16/device" --device-prefetch 16
+peers_offload layout "lru/device,nextuse/device"
