@@ -74,8 +74,9 @@ def mapped(trace, cfg):
 
 
 def one_run(lay: Path, device: torch.device, prompt: list[int], new: int, doc, *, budget: dict | None,
-            predictor=None, warmup: int) -> dict:
-    """One engine run, routing replayed from `doc` (None: the model's own routing, for the resident run)."""
+            predictor=None, warmup: int, profile: bool = False) -> dict:
+    """One engine run, routing replayed from `doc` (None: the model's own routing, for the resident run);
+    profile: then profile its device step (profile_device_step)."""
     replay = ReplayRouting(doc.topk_ids, doc.topk_weights, device=device) if doc is not None else None
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     engine = load(lay, device=device, dtype=dtype, budget=budget, max_context=len(prompt) + new + warmup + 8,
@@ -94,8 +95,59 @@ def one_run(lay: Path, device: torch.device, prompt: list[int], new: int, doc, *
     s["get_trace"] = prov.record_gets(False) if cache else None
     if engine.pieces is not None:
         s["pieces"] = engine.pieces.stats()
+    if profile and engine.devstep is not None and engine.devstep.graphed:
+        try:
+            s["profile"] = profile_device_step(engine, prompt, new)
+        except Exception as e:  # the timed figures stand; the profile says why it is missing
+            s["profile"] = {"error": f"{type(e).__name__}: {e}"}
+            log(f"profile failed: {e}")
     free(engine)
     return s
+
+
+def profile_device_step(engine, prompt: list[int], new: int) -> dict:
+    """After the timed run, the same prompt's decode steps again on the warm cache (the timed run's experts are
+    resident, so few misses): the graphed device step launched as greedy run-ahead launches it (DeviceStep.launch,
+    one step after another, no host read), first timed, then under torch.profiler (CUPTI lists the kernels a graph
+    replay runs). Per token: wall us, kernel count, device us by kernel name, and the misses of each pass."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ds, dev, table = engine.devstep, engine.device, engine.devstep.table
+    P = len(prompt)
+    n = max(2, new - 1)
+    out: dict = {"tokens": n}
+    for phase in ("timed", "profiled"):
+        g = engine.generate(prompt, max_new_tokens=1, stop_at_eos=False)  # the prefill, as the timed run's
+        table.harvest()
+        h0, m0 = table.hits, table.misses
+        ctx = profile(activities=[ProfilerActivity.CUDA]) if phase == "profiled" else None
+        with torch.inference_mode():
+            if ctx is not None:
+                ctx.__enter__()
+            torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            ds.step(g.token_ids[-1], P)
+            for i in range(1, n):
+                ds.launch(P + i)
+            torch.cuda.synchronize(dev)
+            wall = time.perf_counter() - t0
+            if ctx is not None:
+                ctx.__exit__(None, None, None)
+        table.harvest()
+        out[phase] = {"wall_us_per_token": wall * 1e6 / n, "hits": table.hits - h0, "misses": table.misses - m0}
+        if ctx is None:
+            continue
+        cnt: dict = {}
+        us: dict = {}
+        for e in ctx.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                cnt[e.name] = cnt.get(e.name, 0) + 1
+                us[e.name] = us.get(e.name, 0.0) + e.time_range.elapsed_us()
+        top = sorted(us, key=us.get, reverse=True)[:30]
+        out[phase].update({"kernels_per_token": sum(cnt.values()) / n, "kernel_us_per_token": sum(us.values()) / n,
+                           "top": [{"kernel": k[:100], "per_token": cnt[k] / n, "us_per_token": us[k] / n}
+                                   for k in top]})
+    return out
 
 
 def breakdown(s: dict, compute_s: float, L: int) -> dict:
@@ -128,6 +180,9 @@ def summarise(s: dict, bounds: dict, compute_s: float, L: int) -> dict:
     v["time_per_token_s"] = breakdown(s, compute_s, L)
     for name, b in bounds.items():
         v[f"vs_{name}"] = s["decode_tok_s"] * b if s.get("decode_tok_s") else None  # b is seconds per token
+    if s.get("profile"):
+        v["profile"] = s["profile"]
+    v["step_ahead"] = s.get("step_ahead")
     return v
 
 
@@ -163,7 +218,11 @@ def main() -> None:
     ap.add_argument("--only", default=None,
                     help="comma-separated run labels to make (e.g. 'predicted+4/off,predicted+4/auto' for a second "
                          "layout); lru/off always runs. Default: all")
+    ap.add_argument("--profile", default="",
+                    help="comma-separated device-step run labels (e.g. lru/device) to profile after their timed run: "
+                         "the warm step's wall time and its kernels per token (row key 'profile')")
     a = ap.parse_args()
+    a.profile = set(filter(None, a.profile.split(",")))
     a.only = None if a.only is None else set(a.only.split(","))
     cuda = torch.cuda.is_available() and not a.small
     device = torch.device("cuda" if cuda else "cpu")
@@ -214,7 +273,8 @@ def main() -> None:
                       "cpu_experts": cpu, "h2d_gbps": h2d, "slot_table": table, "device_prefetch": dpf,
                       "device_evict": evict, "cpu_write_behind": wb}
             log(f"doc {name}: {label}")
-            s = one_run(a.layout, device, prompt, a.new_tokens, doc, budget=budget, predictor=pred, warmup=a.warmup)
+            s = one_run(a.layout, device, prompt, a.new_tokens, doc, budget=budget, predictor=pred, warmup=a.warmup,
+                        profile=label in a.profile)
             if table == "device" and s.get("decode_graphs") != "device":  # a fallback is not a device-step figure
                 log(f"doc {name}: {label} did not decode with the device step ({s.get('decode_graphs')}): row dropped")
                 res.setdefault("failed_runs", []).append({"doc": name, "run": label, "decode_graphs": s.get("decode_graphs")})
