@@ -8,7 +8,8 @@ observer, no prefetch hook, no CPU experts, no pacing). Where the piecewise
 step (piecewise.py) reads each layer's top-k back to the host, resolves slots in Python and issues copies, here
 each MoE layer inside the graph runs
     router (in the model's segment) -> resolve (kernels/slot_table.py: hits, victims, table updates)
-    -> gather (the misses' blocks copied from pinned RAM over UVA by a kernel) -> the experts read the slots,
+    -> gather (the misses' blocks copied from pinned RAM over UVA; both in one launch, resolve_gather)
+    -> the experts read the slots,
 so the host launches one graph per token and waits only for the logits. Greedy decoding runs the host one step
 ahead (decode/ahead.py: `launch` reads the token and position the previous step left on the device), so even the
 host's launch work overlaps the device's previous step.
@@ -123,9 +124,8 @@ class DeviceStep:
                     torch.cuda.current_stream(self.device).wait_stream(self.pf_stream)
                     joined = True
                 nu = self.nu
-                self.table.resolve(l, r.ids[0], self.slots[l], self.src[l],
-                                   nt=nu.demand_nt(self.moe_index[l]) if nu is not None else None)
-                self.table.gather(self.src[l], self.slots[l])
+                self.table.resolve_gather(l, r.ids[0], self.slots[l], self.src[l],
+                                          nt=nu.demand_nt(self.moe_index[l]) if nu is not None else None)
                 if nu is not None:
                     nu.update(self.moe_index[l], r.ids[0])
                 if self.prefetch and l + 1 < self.L and m.layers[l + 1].moe is not None:

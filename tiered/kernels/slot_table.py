@@ -43,6 +43,15 @@ def _resolve_kernel(ids_ptr, base, slot_of, key_of, last, uses, clock, counts, h
                     pin_ptr, nt_ptr, n_ids, n_slots, n_pin, w, margin, K_P: tl.constexpr, S_P: tl.constexpr,
                     P_P: tl.constexpr, PREFETCH: tl.constexpr, SCORED: tl.constexpr, GDC: tl.constexpr = False):
     gdc_enter(GDC)
+    _resolve_body(ids_ptr, base, slot_of, key_of, last, uses, clock, counts, host_row, out_slot, out_src, pin_ptr,
+                  nt_ptr, n_ids, n_slots, n_pin, w, margin, K_P, S_P, P_P, PREFETCH, SCORED)
+
+
+@triton.jit
+def _resolve_body(ids_ptr, base, slot_of, key_of, last, uses, clock, counts, host_row, out_slot, out_src,
+                  pin_ptr, nt_ptr, n_ids, n_slots, n_pin, w, margin, K_P: tl.constexpr, S_P: tl.constexpr,
+                  P_P: tl.constexpr, PREFETCH: tl.constexpr, SCORED: tl.constexpr):
+    """resolve's work, in one program (module doc)."""
     ok = tl.arange(0, K_P)
     inb = ok < n_ids
     raw = tl.load(ids_ptr + ok, mask=inb, other=-1).to(tl.int64)
@@ -137,6 +146,34 @@ def _gather_strided_kernel(src, row_src, row_dst, dst, row_words, n_items, n_chu
     gdc_enter(GDC)
     for it in range(tl.program_id(0), n_items, tl.num_programs(0)):
         _copy_chunk(src, row_src, row_dst, dst, row_words, it // n_chunks, it % n_chunks, BLOCK, CHUNKS)
+
+
+@triton.jit
+def _resolve_gather_kernel(ids_ptr, base, slot_of, key_of, last, uses, clock, counts, host_row, out_slot, out_src,
+                           nt_ptr, n_ids, n_slots, w, sync, src, dst, row_words, n_items, n_chunks,
+                           K_P: tl.constexpr, S_P: tl.constexpr, SCORED: tl.constexpr, BLOCK: tl.constexpr,
+                           CHUNKS: tl.constexpr, GDC: tl.constexpr = False):
+    """A demand resolve and its gather in one launch: program 0 resolves, then raises sync[0]; the other programs
+    wait for it (every program of this small grid is resident at once, and program 0 is dispatched first), then
+    all copy the misses, looping over (row, chunk) items as _gather_strided_kernel does. The last program out
+    lowers sync[0] and zeroes sync[1] (the exit count) for the next launch, which stream order puts after this one."""
+    gdc_enter(GDC)
+    pid = tl.program_id(0)
+    G = tl.num_programs(0)
+    if pid == 0:
+        _resolve_body(ids_ptr, base, slot_of, key_of, last, uses, clock, counts, host_row, out_slot, out_src,
+                      out_slot, nt_ptr, n_ids, n_slots, 0, w, 0, K_P, S_P, 1, False, SCORED)
+        tl.debug_barrier()  # every thread's stores of out_slot / out_src are issued before the release
+        tl.atomic_xchg(sync, 1, sem="release")
+    else:
+        while tl.load(sync, volatile=True) == 0:
+            pass
+        tl.atomic_add(sync, 0, sem="acquire")  # program 0's writes are visible from here on
+    for it in range(pid, n_items, G):
+        _copy_chunk(src, out_src, out_slot, dst, row_words, it // n_chunks, it % n_chunks, BLOCK, CHUNKS)
+    if tl.atomic_add(sync + 1, 1) == G - 1:  # the last program out resets the flag
+        tl.atomic_xchg(sync + 1, 0)
+        tl.atomic_xchg(sync, 0)
 
 
 class HostPointer:
@@ -250,6 +287,43 @@ def resolve_reference(ids: Tensor, layer: int, num_experts: int, t: dict[str, Te
     t["counts"][c0 + 1] += n_load
     out_slot.copy_(torch.tensor(slots, dtype=torch.int64))
     out_src.copy_(torch.tensor(src, dtype=torch.int64))
+
+
+def fused_resolve_gather(t: dict[str, Tensor]) -> bool:
+    """Whether resolve_gather runs as one kernel for this table (on CUDA): up to 4096 slots, where its grid of 4
+    programs an SM of 4-8 warps stays resident."""
+    return t["key_of"].shape[0] <= 4096
+
+
+def resolve_gather(ids: Tensor, layer: int, num_experts: int, t: dict[str, Tensor], w: int, out_slot: Tensor,
+                   out_src: Tensor, host_pool: Tensor, slots: Tensor, sync: Tensor, *, nt: Tensor | None = None,
+                   chunks: int = 4) -> None:
+    """A demand `resolve` then `gather` of its misses (same arguments, same results), in one launch on CUDA
+    (_resolve_gather_kernel: one launch a layer fewer in the decode step); sync int32 [2], zero before the first
+    call, is the programs' hand-off flag and exit count (one per caller, not shared with another stream). Where the
+    table is too large for the fused kernel's grid to stay resident (S > 4096), or off CUDA, the two calls."""
+    S = t["key_of"].shape[0]
+    if ids.device.type != "cuda" or not fused_resolve_gather(t):
+        resolve(ids, layer, num_experts, t, w, out_slot, out_src, nt=nt)
+        gather(host_pool, out_src, out_slot, slots, chunks=chunks)
+        return
+    K, B = ids.shape[0], slots.shape[1]
+    if S < K:
+        raise ValueError(f"a device slot table of {S} slots cannot hold one layer's {K} experts")
+    if B % 4:
+        raise ValueError(f"gather copies 4-byte words: block size {B} is not a multiple of 4")
+    words = B // 4
+    BLOCK = 1024
+    n_c = triton.cdiv(words, BLOCK * chunks)
+    n = K * n_c
+    src = HostPointer(host_pool.view(torch.int32)) if host_pool.device.type == "cpu" else host_pool.view(torch.int32)
+    grid = max(2, min(4 * _sm_count(slots.device), n))
+    _resolve_gather_kernel[(grid,)](ids, layer * num_experts, t["slot_of"], t["key_of"], t["last"], t["uses"],
+                                    t["clock"], t["counts"], t["host_row"], out_slot, out_src,
+                                    nt if nt is not None else out_slot, K, S, int(w), sync, src,
+                                    slots.view(torch.int32), words, n, n_c, K_P=_p2(K), S_P=_p2(S),
+                                    SCORED=nt is not None, BLOCK=BLOCK, CHUNKS=chunks,
+                                    num_warps=4 if S <= 1024 else 8, **launch_args(ids.device))
 
 
 def gather(host_pool: Tensor, row_src: Tensor, row_dst: Tensor, slots: Tensor, *, chunks: int = 4,
