@@ -24,6 +24,7 @@ host_row int64 [N] (the key's row in the host pool; every key must have one).
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -32,6 +33,7 @@ from torch import Tensor
 
 from tiered.kernels.pdl import gdc_enter, launch_args
 
+FUSED_ENV = "TIERED_FUSED_RESOLVE"
 FREE_SCORE = -(2 ** 62)  # a free slot's score: taken before any resident expert is evicted
 PINNED_SCORE = 2 ** 62  # a slot this call uses: never a victim
 _FREE = tl.constexpr(FREE_SCORE)  # (Triton reads globals only when they are constexpr instances)
@@ -150,30 +152,35 @@ def _gather_strided_kernel(src, row_src, row_dst, dst, row_words, n_items, n_chu
 
 @triton.jit
 def _resolve_gather_kernel(ids_ptr, base, slot_of, key_of, last, uses, clock, counts, host_row, out_slot, out_src,
-                           nt_ptr, n_ids, n_slots, w, sync, src, dst, row_words, n_items, n_chunks,
+                           nt_ptr, n_ids, n_slots, w, flag, gen_ptr, src, dst, row_words, n_items, n_chunks,
                            K_P: tl.constexpr, S_P: tl.constexpr, SCORED: tl.constexpr, BLOCK: tl.constexpr,
                            CHUNKS: tl.constexpr, GDC: tl.constexpr = False):
-    """A demand resolve and its gather in one launch: program 0 resolves, then raises sync[0]; the other programs
-    wait for it (every program of this small grid is resident at once, and program 0 is dispatched first), then
-    all copy the misses, looping over (row, chunk) items as _gather_strided_kernel does. The last program out
-    lowers sync[0] and zeroes sync[1] (the exit count) for the next launch, which stream order puts after this one."""
+    """A demand resolve and its gather in one launch: program 0 resolves, then writes the call's generation
+    (gen_ptr[0], which the caller raises between calls) into `flag`; the other programs wait until flag holds it
+    (the grid is small enough to be resident at once, and program 0 is dispatched first), then every program copies
+    the misses, looping over (row, chunk) items as _gather_strided_kernel does. The rows are read through L2
+    (volatile), where program 0's release made them visible before the flag."""
     gdc_enter(GDC)
     pid = tl.program_id(0)
-    G = tl.num_programs(0)
     if pid == 0:
         _resolve_body(ids_ptr, base, slot_of, key_of, last, uses, clock, counts, host_row, out_slot, out_src,
                       out_slot, nt_ptr, n_ids, n_slots, 0, w, 0, K_P, S_P, 1, False, SCORED)
         tl.debug_barrier()  # every thread's stores of out_slot / out_src are issued before the release
-        tl.atomic_xchg(sync, 1, sem="release")
+        tl.atomic_xchg(flag, tl.load(gen_ptr), sem="release")
     else:
-        while tl.load(sync, volatile=True) == 0:
+        g = tl.load(gen_ptr)
+        while tl.load(flag, volatile=True) != g:
             pass
-        tl.atomic_add(sync, 0, sem="acquire")  # program 0's writes are visible from here on
-    for it in range(pid, n_items, G):
-        _copy_chunk(src, out_src, out_slot, dst, row_words, it // n_chunks, it % n_chunks, BLOCK, CHUNKS)
-    if tl.atomic_add(sync + 1, 1) == G - 1:  # the last program out resets the flag
-        tl.atomic_xchg(sync + 1, 0)
-        tl.atomic_xchg(sync, 0)
+    for it in range(pid, n_items, tl.num_programs(0)):
+        r = it // n_chunks
+        s = tl.load(out_src + r, volatile=True)
+        if s >= 0:
+            d = tl.load(out_slot + r, volatile=True)
+            start = (it % n_chunks).to(tl.int64) * (CHUNKS * BLOCK)
+            for i in tl.static_range(CHUNKS):
+                offs = start + i * BLOCK + tl.arange(0, BLOCK)
+                m = offs < row_words
+                tl.store(dst + d * row_words + offs, tl.load(src + s * row_words + offs, mask=m), mask=m)
 
 
 class HostPointer:
@@ -291,23 +298,26 @@ def resolve_reference(ids: Tensor, layer: int, num_experts: int, t: dict[str, Te
 
 def fused_resolve_gather(t: dict[str, Tensor]) -> bool:
     """Whether resolve_gather runs as one kernel for this table (on CUDA): up to 4096 slots, where its grid of 4
-    programs an SM of 4-8 warps stays resident."""
+    programs an SM of 4-8 warps stays resident, unless TIERED_FUSED_RESOLVE=0 (the benchmarks time both)."""
+    if os.environ.get(FUSED_ENV, "1").strip().lower() in ("0", "off", "false", "no"):
+        return False
     return t["key_of"].shape[0] <= 4096
 
 
 def resolve_gather(ids: Tensor, layer: int, num_experts: int, t: dict[str, Tensor], w: int, out_slot: Tensor,
-                   out_src: Tensor, host_pool: Tensor, slots: Tensor, sync: Tensor, *, nt: Tensor | None = None,
-                   chunks: int = 4) -> None:
+                   out_src: Tensor, host_pool: Tensor, slots: Tensor, flag: Tensor, gen: Tensor, *,
+                   nt: Tensor | None = None, chunks: int = 4) -> None:
     """A demand `resolve` then `gather` of its misses (same arguments, same results), in one launch on CUDA
-    (_resolve_gather_kernel: one launch a layer fewer in the decode step); sync int32 [2], zero before the first
-    call, is the programs' hand-off flag and exit count (one per caller, not shared with another stream). Where the
-    table is too large for the fused kernel's grid to stay resident (S > 4096), or off CUDA, the two calls."""
-    S = t["key_of"].shape[0]
+    (_resolve_gather_kernel: one launch a layer fewer in the decode step). flag int64 [1]: the programs' hand-off,
+    one per call site (a layer), never shared by calls that may run at once; gen int64 [1] on the device: this
+    call's generation, which must differ from every value flag held before (the caller raises it between calls:
+    DeviceStep's step counter). Off CUDA, or where the fused kernel does not apply (fused_resolve_gather), the two
+    calls."""
     if ids.device.type != "cuda" or not fused_resolve_gather(t):
         resolve(ids, layer, num_experts, t, w, out_slot, out_src, nt=nt)
         gather(host_pool, out_src, out_slot, slots, chunks=chunks)
         return
-    K, B = ids.shape[0], slots.shape[1]
+    K, B, S = ids.shape[0], slots.shape[1], t["key_of"].shape[0]
     if S < K:
         raise ValueError(f"a device slot table of {S} slots cannot hold one layer's {K} experts")
     if B % 4:
@@ -320,7 +330,7 @@ def resolve_gather(ids: Tensor, layer: int, num_experts: int, t: dict[str, Tenso
     grid = max(2, min(4 * _sm_count(slots.device), n))
     _resolve_gather_kernel[(grid,)](ids, layer * num_experts, t["slot_of"], t["key_of"], t["last"], t["uses"],
                                     t["clock"], t["counts"], t["host_row"], out_slot, out_src,
-                                    nt if nt is not None else out_slot, K, S, int(w), sync, src,
+                                    nt if nt is not None else out_slot, K, S, int(w), flag, gen, src,
                                     slots.view(torch.int32), words, n, n_c, K_P=_p2(K), S_P=_p2(S),
                                     SCORED=nt is not None, BLOCK=BLOCK, CHUNKS=chunks,
                                     num_warps=4 if S <= 1024 else 8, **launch_args(ids.device))
