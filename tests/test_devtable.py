@@ -219,51 +219,6 @@ def test_gather_strided_kernel_copies_only_misses():
     assert slots[1].eq(0).all() and slots[3].eq(0).all()
 
 
-@pytest.mark.parametrize("scored,grid", [(False, 3), (True, 5)])
-def test_resolve_gather_kernel_matches_resolve_then_copy(scored, grid):
-    """The fused kernel (program 0 resolves, every program copies once the flag holds the call's generation) gives
-    the reference's slots, miss rows, tables and counters, and the slots hold the host rows of what it loaded, over
-    a random trace with hits, free slots and evictions; the flag ends at each call's generation."""
-    L, E, K, S, B = 3, 5, 3, 9, 4096 * 3
-    N = L * E
-    dev = "cuda" if CUDA else "cpu"
-    a, b = _tables(N, S, seed=1), _tables(N, S, dev, seed=1)
-    host = torch.randint(0, 255, (N, B), dtype=torch.uint8)
-    pool = host.pin_memory() if CUDA else host
-    ref_slots, slots = torch.zeros(S, B, dtype=torch.uint8), torch.zeros(S, B, dtype=torch.uint8, device=dev)
-    flag = torch.zeros(1, dtype=torch.int64, device=dev)
-    gen = torch.zeros(1, dtype=torch.int64, device=dev)
-    rng = random.Random(7)
-    g = torch.Generator().manual_seed(3)
-    for step in range(24):
-        layer = step % L
-        ids = torch.tensor(rng.sample(range(E), K), dtype=torch.int64)
-        nt = torch.randint(0, 1000, (N,), generator=g) if scored else None
-        o1, s1 = torch.empty(K, dtype=torch.int64), torch.empty(K, dtype=torch.int64)
-        o2, s2 = o1.to(dev), s1.to(dev)
-        st.resolve_reference(ids, layer, E, a, 0, o1, s1, nt=nt)
-        for r, d in zip(s1.tolist(), o1.tolist()):
-            if r >= 0:
-                ref_slots[d].copy_(host[r])
-        ntd = nt.to(dev) if nt is not None else None
-        gen += 1
-        if CUDA:
-            st.resolve_gather(ids.to(dev), layer, E, b, 0, o2, s2, pool, slots, flag, gen, nt=ntd)
-        else:
-            words, n_c = B // 4, (B // 4 + 1023) // 1024
-            st._resolve_gather_kernel[(grid,)](ids, layer * E, b["slot_of"], b["key_of"], b["last"], b["uses"],
-                                              b["clock"], b["counts"], b["host_row"], o2, s2,
-                                              ntd if ntd is not None else o2, K, S, 0, flag, gen, pool.view(torch.int32),
-                                              slots.view(torch.int32), words, K * n_c, n_c, K_P=st._p2(K),
-                                              S_P=st._p2(S), SCORED=scored, BLOCK=1024, CHUNKS=1)
-        assert torch.equal(o1, o2.cpu()) and torch.equal(s1, s2.cpu()), f"call {step}: {o1} {o2} / {s1} {s2}"
-        for k in a:
-            assert torch.equal(a[k], b[k].cpu()), f"call {step}: table {k} differs"
-        assert torch.equal(ref_slots, slots.cpu()), f"call {step}: slot bytes differ"
-        assert int(flag) == step + 1, f"call {step}: flag at {int(flag)}"
-    assert int(a["counts"][0]) > 0 and int(a["counts"][1]) > S  # hits, and misses beyond the free slots
-
-
 def test_device_prefetch_needs_the_device_table(reference_layout):
     with pytest.raises(EngineError, match="--device-prefetch needs the device slot table"):
         load(reference_layout, device="cpu", budget={"expert_slots": 16, "device_prefetch": 4})
@@ -442,15 +397,6 @@ sig2 = {"src": "*i32", "row_src": "*i64", "row_dst": "*i64", "dst": "*i32", "row
         "BLOCK": "constexpr", "CHUNKS": "constexpr", "GDC": "constexpr"}
 k = triton.compile(ASTSource(st._gather_kernel, sig2, constexprs={"BLOCK": 1024, "CHUNKS": 4, "GDC": True}), target=tgt)
 assert k.asm["cubin"] and "griddepcontrol.wait" in k.asm["ptx"]
-sig5 = {"ids_ptr": "*i64", "base": "i64", "slot_of": "*i32", "key_of": "*i32", "last": "*i64", "uses": "*i64",
-        "clock": "*i64", "counts": "*i64", "host_row": "*i64", "out_slot": "*i64", "out_src": "*i64",
-        "nt_ptr": "*i64", "n_ids": "i32", "n_slots": "i32", "w": "i64", "flag": "*i64", "gen_ptr": "*i64", "src": "*i32",
-        "dst": "*i32", "row_words": "i64", "n_items": "i32", "n_chunks": "i32", "K_P": "constexpr",
-        "S_P": "constexpr", "SCORED": "constexpr", "BLOCK": "constexpr", "CHUNKS": "constexpr", "GDC": "constexpr"}
-for scored in (False, True):
-    cx = {"K_P": 8, "S_P": 1024, "SCORED": scored, "BLOCK": 1024, "CHUNKS": 4, "GDC": scored}
-    k = triton.compile(ASTSource(st._resolve_gather_kernel, sig5, constexprs=cx), target=tgt)
-    assert k.asm["cubin"] and "atom" in k.asm["ptx"] and "ld.volatile" in k.asm["ptx"]
 sig3 = {"src": "*i32", "row_src": "*i64", "row_dst": "*i64", "dst": "*i32", "row_words": "i64", "n_items": "i32",
         "n_chunks": "i32", "BLOCK": "constexpr", "CHUNKS": "constexpr", "GDC": "constexpr"}
 assert triton.compile(ASTSource(st._gather_strided_kernel, sig3, constexprs={"BLOCK": 1024, "CHUNKS": 4, "GDC": False}),

@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# (The fused kernel it measured was slower than resolve + gather and was reverted after call D: to rerun, check
+# out the commit the call ran at, a5a733a for C and 8140bd6 for D.)
 # Session 9, lease call C: the fused resolve-and-gather (one launch a layer fewer in the device step). Its CUDA tests
 # alone first (test_devtable: the fused kernel against the reference, the device steps against the host step;
 # test_pdl, test_ahead), then the checkpoint and both repacks, then call B's offload runs again with the profile.

@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# (The fused kernel it measured was slower than resolve + gather and was reverted after call D: to rerun, check
+# out the commit the call ran at, a5a733a for C and 8140bd6 for D.)
 # Session 9, lease call D: the fused resolve-and-gather with a generation flag (no atomics but program 0's release;
 # call C's exit-count design measured slower than the two kernels). Its CUDA tests alone first, then the checkpoint
 # and both repacks, then the q4 offload with the fused kernel off (TIERED_FUSED_RESOLVE=0: resolve + gather) and on,

@@ -8,8 +8,7 @@ observer, no prefetch hook, no CPU experts, no pacing). Where the piecewise
 step (piecewise.py) reads each layer's top-k back to the host, resolves slots in Python and issues copies, here
 each MoE layer inside the graph runs
     router (in the model's segment) -> resolve (kernels/slot_table.py: hits, victims, table updates)
-    -> gather (the misses' blocks copied from pinned RAM over UVA; both in one launch, resolve_gather)
-    -> the experts read the slots,
+    -> gather (the misses' blocks copied from pinned RAM over UVA by a kernel) -> the experts read the slots,
 so the host launches one graph per token and waits only for the logits. Greedy decoding runs the host one step
 ahead (decode/ahead.py: `launch` reads the token and position the previous step left on the device), so even the
 host's launch work overlaps the device's previous step.
@@ -62,15 +61,10 @@ class DeviceStep:
         cuda = dev.type == "cuda"
         self.step_host = torch.zeros(2, dtype=torch.int64, pin_memory=cuda)  # token, position
         self._step_ev = torch.cuda.Event() if cuda else None
-        # token, position and (CUDA) the step's generation: the fused resolve-and-gather's hand-off value
-        # (kernels/slot_table.resolve_gather), raised with the position at the end of every step, never restored
-        self.step_dev = torch.tensor([0, 0, 1], dtype=torch.int64, device=dev) if cuda else self.step_host
+        self.step_dev = torch.zeros(2, dtype=torch.int64, device=dev) if cuda else self.step_host
         # decode/ahead.py's GreedyStep: the step reads its token and position here and leaves its argmax and
         # position + 1 (views of step_dev, which `step` fills from the host instead)
         self.token, self.pos = self.step_dev[0:1], self.step_dev[1:2]
-        self.gen = self.step_dev[2:3] if cuda else None
-        if cuda:
-            table.reset_flags()
         self.slots = torch.zeros(self.L, self.K, dtype=torch.int64, device=dev)  # [L, K] rows the experts read
         self.src = torch.full((self.L, self.K), -1, dtype=torch.int64, device=dev)  # [L, K] RAM rows of misses
         self.routing = model.routing
@@ -129,8 +123,9 @@ class DeviceStep:
                     torch.cuda.current_stream(self.device).wait_stream(self.pf_stream)
                     joined = True
                 nu = self.nu
-                self.table.resolve_gather(l, r.ids[0], self.slots[l], self.src[l], self.gen,
-                                          nt=nu.demand_nt(self.moe_index[l]) if nu is not None else None)
+                self.table.resolve(l, r.ids[0], self.slots[l], self.src[l],
+                                   nt=nu.demand_nt(self.moe_index[l]) if nu is not None else None)
+                self.table.gather(self.src[l], self.slots[l])
                 if nu is not None:
                     nu.update(self.moe_index[l], r.ids[0])
                 if self.prefetch and l + 1 < self.L and m.layers[l + 1].moe is not None:
@@ -142,7 +137,7 @@ class DeviceStep:
             else:
                 out = m.segment_last(r, self.slots[l], None)
         argmax_into(out, self.token)  # the greedy pick and the next position, for `launch` (ahead.py)
-        self.step_dev[1:].add_(1)  # the position and (CUDA) the generation, in one kernel
+        self.pos.add_(1)
         return out
 
     def _prefetch_next(self, l: int, ids: Tensor) -> bool:
@@ -189,7 +184,7 @@ class DeviceStep:
         torch.cuda.empty_cache()
         mem0 = torch.cuda.memory_reserved(dev)
         counts = self.table.t["counts"].clone()
-        inputs = self.step_dev[0:2].clone()  # the warm-ups and the upload replay advance the token and position
+        inputs = self.step_dev.clone()  # the warm-ups and the upload replay advance the token and position
         with self.model.preserve_state():
             # Warm-ups execute the step (Triton compiles, cuBLAS workspaces): slot lookups, evictions and copies
             # happen for real, so the table and the slots stay consistent; only this step's own K/V position is
@@ -206,7 +201,7 @@ class DeviceStep:
             graph.replay()  # the first launch uploads the graph: not in the first timed step
             torch.cuda.synchronize(dev)
         self.table.t["counts"].copy_(counts)
-        self.step_dev[0:2].copy_(inputs)  # not the generation: it only ever rises
+        self.step_dev.copy_(inputs)
         self.graphs[span] = (graph, out)
         self.capture_s += time.perf_counter() - t0
         self.graph_mem_bytes += torch.cuda.memory_reserved(dev) - mem0
@@ -244,7 +239,7 @@ class DeviceStep:
                 self.step_host[0] = token
                 self.step_host[1] = pos
                 if self.step_dev is not self.step_host:
-                    self.step_dev[0:2].copy_(self.step_host)
+                    self.step_dev.copy_(self.step_host)
             out = self._body(span)
         else:
             if span not in self.graphs:
@@ -254,7 +249,7 @@ class DeviceStep:
                 self._step_ev.synchronize()  # the previous step's copy of step_host is done
                 self.step_host[0] = token
                 self.step_host[1] = pos
-                self.step_dev[0:2].copy_(self.step_host, non_blocking=True)
+                self.step_dev.copy_(self.step_host, non_blocking=True)
                 self._step_ev.record(torch.cuda.current_stream(self.device))
             graph, out = self.graphs[span]
             graph.replay()

@@ -12,6 +12,11 @@ Owns two kernels and their plain torch references (the references are the CPU pa
     driven from inside a graph with data-dependent addresses; measured on the H200 box this kernel reads pinned
     host memory at 49-50 GB/s for 4-10 blocks of 2.6-9.4 MB, against 51-54 GB/s for cudaMemcpyAsync
     (benchmarks/results/uva-probe-2026-11-30-h200.json).
+Measured and not kept: both in one launch (program 0 resolves and raises a flag the others wait on before they
+copy; session 9, benchmarks/results/offload-devstep-2026-12-01-h200-s9.json). With an exit counter (528 atomics on
+one address a call) the warm q4 step took 524.5 us against 500.6 for the two kernels; with the step's generation as
+the flag (no atomics but the release), 518.2 against 500.1 in the same call. The waiting programs' polling costs more
+than the launch it saves: with programmatic dependent launch, gather's launch already overlaps resolve.
 Does not own: the tensors (store/devtable.py allocates and syncs them with the host tables), nor the step that
 calls these (decode/devstep.py).
 
@@ -24,7 +29,6 @@ host_row int64 [N] (the key's row in the host pool; every key must have one).
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -33,7 +37,6 @@ from torch import Tensor
 
 from tiered.kernels.pdl import gdc_enter, launch_args
 
-FUSED_ENV = "TIERED_FUSED_RESOLVE"
 FREE_SCORE = -(2 ** 62)  # a free slot's score: taken before any resident expert is evicted
 PINNED_SCORE = 2 ** 62  # a slot this call uses: never a victim
 _FREE = tl.constexpr(FREE_SCORE)  # (Triton reads globals only when they are constexpr instances)
@@ -45,15 +48,6 @@ def _resolve_kernel(ids_ptr, base, slot_of, key_of, last, uses, clock, counts, h
                     pin_ptr, nt_ptr, n_ids, n_slots, n_pin, w, margin, K_P: tl.constexpr, S_P: tl.constexpr,
                     P_P: tl.constexpr, PREFETCH: tl.constexpr, SCORED: tl.constexpr, GDC: tl.constexpr = False):
     gdc_enter(GDC)
-    _resolve_body(ids_ptr, base, slot_of, key_of, last, uses, clock, counts, host_row, out_slot, out_src, pin_ptr,
-                  nt_ptr, n_ids, n_slots, n_pin, w, margin, K_P, S_P, P_P, PREFETCH, SCORED)
-
-
-@triton.jit
-def _resolve_body(ids_ptr, base, slot_of, key_of, last, uses, clock, counts, host_row, out_slot, out_src,
-                  pin_ptr, nt_ptr, n_ids, n_slots, n_pin, w, margin, K_P: tl.constexpr, S_P: tl.constexpr,
-                  P_P: tl.constexpr, PREFETCH: tl.constexpr, SCORED: tl.constexpr):
-    """resolve's work, in one program (module doc)."""
     ok = tl.arange(0, K_P)
     inb = ok < n_ids
     raw = tl.load(ids_ptr + ok, mask=inb, other=-1).to(tl.int64)
@@ -148,39 +142,6 @@ def _gather_strided_kernel(src, row_src, row_dst, dst, row_words, n_items, n_chu
     gdc_enter(GDC)
     for it in range(tl.program_id(0), n_items, tl.num_programs(0)):
         _copy_chunk(src, row_src, row_dst, dst, row_words, it // n_chunks, it % n_chunks, BLOCK, CHUNKS)
-
-
-@triton.jit
-def _resolve_gather_kernel(ids_ptr, base, slot_of, key_of, last, uses, clock, counts, host_row, out_slot, out_src,
-                           nt_ptr, n_ids, n_slots, w, flag, gen_ptr, src, dst, row_words, n_items, n_chunks,
-                           K_P: tl.constexpr, S_P: tl.constexpr, SCORED: tl.constexpr, BLOCK: tl.constexpr,
-                           CHUNKS: tl.constexpr, GDC: tl.constexpr = False):
-    """A demand resolve and its gather in one launch: program 0 resolves, then writes the call's generation
-    (gen_ptr[0], which the caller raises between calls) into `flag`; the other programs wait until flag holds it
-    (the grid is small enough to be resident at once, and program 0 is dispatched first), then every program copies
-    the misses, looping over (row, chunk) items as _gather_strided_kernel does. The rows are read through L2
-    (volatile), where program 0's release made them visible before the flag."""
-    gdc_enter(GDC)
-    pid = tl.program_id(0)
-    if pid == 0:
-        _resolve_body(ids_ptr, base, slot_of, key_of, last, uses, clock, counts, host_row, out_slot, out_src,
-                      out_slot, nt_ptr, n_ids, n_slots, 0, w, 0, K_P, S_P, 1, False, SCORED)
-        tl.debug_barrier()  # every thread's stores of out_slot / out_src are issued before the release
-        tl.atomic_xchg(flag, tl.load(gen_ptr), sem="release")
-    else:
-        g = tl.load(gen_ptr)
-        while tl.load(flag, volatile=True) != g:
-            pass
-    for it in range(pid, n_items, tl.num_programs(0)):
-        r = it // n_chunks
-        s = tl.load(out_src + r, volatile=True)
-        if s >= 0:
-            d = tl.load(out_slot + r, volatile=True)
-            start = (it % n_chunks).to(tl.int64) * (CHUNKS * BLOCK)
-            for i in tl.static_range(CHUNKS):
-                offs = start + i * BLOCK + tl.arange(0, BLOCK)
-                m = offs < row_words
-                tl.store(dst + d * row_words + offs, tl.load(src + s * row_words + offs, mask=m), mask=m)
 
 
 class HostPointer:
@@ -294,46 +255,6 @@ def resolve_reference(ids: Tensor, layer: int, num_experts: int, t: dict[str, Te
     t["counts"][c0 + 1] += n_load
     out_slot.copy_(torch.tensor(slots, dtype=torch.int64))
     out_src.copy_(torch.tensor(src, dtype=torch.int64))
-
-
-def fused_resolve_gather(t: dict[str, Tensor]) -> bool:
-    """Whether resolve_gather runs as one kernel for this table (on CUDA): up to 4096 slots, where its grid of 4
-    programs an SM of 4-8 warps stays resident, unless TIERED_FUSED_RESOLVE=0 (the benchmarks time both)."""
-    if os.environ.get(FUSED_ENV, "1").strip().lower() in ("0", "off", "false", "no"):
-        return False
-    return t["key_of"].shape[0] <= 4096
-
-
-def resolve_gather(ids: Tensor, layer: int, num_experts: int, t: dict[str, Tensor], w: int, out_slot: Tensor,
-                   out_src: Tensor, host_pool: Tensor, slots: Tensor, flag: Tensor, gen: Tensor, *,
-                   nt: Tensor | None = None, chunks: int = 4) -> None:
-    """A demand `resolve` then `gather` of its misses (same arguments, same results), in one launch on CUDA
-    (_resolve_gather_kernel: one launch a layer fewer in the decode step). flag int64 [1]: the programs' hand-off,
-    one per call site (a layer), never shared by calls that may run at once; gen int64 [1] on the device: this
-    call's generation, which must differ from every value flag held before (the caller raises it between calls:
-    DeviceStep's step counter). Off CUDA, or where the fused kernel does not apply (fused_resolve_gather), the two
-    calls."""
-    if ids.device.type != "cuda" or not fused_resolve_gather(t):
-        resolve(ids, layer, num_experts, t, w, out_slot, out_src, nt=nt)
-        gather(host_pool, out_src, out_slot, slots, chunks=chunks)
-        return
-    K, B, S = ids.shape[0], slots.shape[1], t["key_of"].shape[0]
-    if S < K:
-        raise ValueError(f"a device slot table of {S} slots cannot hold one layer's {K} experts")
-    if B % 4:
-        raise ValueError(f"gather copies 4-byte words: block size {B} is not a multiple of 4")
-    words = B // 4
-    BLOCK = 1024
-    n_c = triton.cdiv(words, BLOCK * chunks)
-    n = K * n_c
-    src = HostPointer(host_pool.view(torch.int32)) if host_pool.device.type == "cpu" else host_pool.view(torch.int32)
-    grid = max(2, min(4 * _sm_count(slots.device), n))
-    _resolve_gather_kernel[(grid,)](ids, layer * num_experts, t["slot_of"], t["key_of"], t["last"], t["uses"],
-                                    t["clock"], t["counts"], t["host_row"], out_slot, out_src,
-                                    nt if nt is not None else out_slot, K, S, int(w), flag, gen, src,
-                                    slots.view(torch.int32), words, n, n_c, K_P=_p2(K), S_P=_p2(S),
-                                    SCORED=nt is not None, BLOCK=BLOCK, CHUNKS=chunks,
-                                    num_warps=4 if S <= 1024 else 8, **launch_args(ids.device))
 
 
 def gather(host_pool: Tensor, row_src: Tensor, row_dst: Tensor, slots: Tensor, *, chunks: int = 4,

@@ -78,9 +78,6 @@ class DeviceSlotTable:
             "counts": torch.zeros(4, dtype=torch.int64, device=dev),  # hits, misses, prefetch: resident, loaded
             "host_row": torch.full((N,), -1, dtype=torch.int64, device=dev),
         }
-        # per layer, the fused resolve-and-gather's hand-off flag (kernels/slot_table.resolve_gather): the generation
-        # of the layer's last call; the caller's generations start above every value here (reset_flags)
-        self.flags = torch.zeros(cache.num_layers, 1, dtype=torch.int64, device=dev)
         self.host_pool = ram.rows  # uint8 [R, B] pinned
         self.slots = vram.pool[:S]  # uint8 [S, B] device (the zero slot, if any, is never handed out here)
         self.owner = "host"
@@ -152,22 +149,6 @@ class DeviceSlotTable:
         """ids int64 [K] of `layer` -> out_slot [K] slot rows, out_src [K] RAM rows of the misses (-1 on hits).
         nt int64 [N]: evict by these predicted next uses instead of the table's lru/flru (kernels/slot_table)."""
         self.kern.resolve(ids, layer, self.num_experts, self.t, self.w, out_slot, out_src, nt=nt)
-
-    def resolve_gather(self, layer: int, ids: Tensor, out_slot: Tensor, out_src: Tensor, gen: Tensor, *,
-                       nt: Tensor | None = None) -> None:
-        """`resolve` then `gather` of its misses (what the decode step runs a layer): one launch on CUDA, else these
-        two methods. gen int64 [1] (device): the caller's step counter, raised between steps and started above the
-        flags (reset_flags)."""
-        if ids.device.type != "cuda" or not self.kern.fused_resolve_gather(self.t):
-            self.resolve(layer, ids, out_slot, out_src, nt=nt)
-            self.gather(out_src, out_slot)
-            return
-        self.kern.resolve_gather(ids, layer, self.num_experts, self.t, self.w, out_slot, out_src, self.host_pool,
-                                 self.slots, self.flags[layer], gen, nt=nt)
-
-    def reset_flags(self) -> None:
-        """Zero the fused kernel's flags: a new caller's generations (from 1) are then all above them."""
-        self.flags.zero_()
 
     def gather(self, src: Tensor, slot: Tensor, *, ctas: int | None = None) -> None:
         """Copy the misses resolve found from the pinned RAM tier into their slots (on the current stream); ctas
