@@ -15,7 +15,8 @@ Measured in one run, batch 1, greedy, each eval document's mapped routing replay
     bandwidths of the link the run used (paced runs: the paced rate);
   - llama.cpp's `-ot exps=CPU -t 16` tg128 on the same model, from bench_peers.py's llama phase of this lease.
 Per run, the per-token time breakdown: host work between segments, copy-stream busy time, CPU-expert time,
-GPU compute (the resident figure), and host waits.
+GPU compute (the resident figure), and host waits. --profile RUNS: for those device-step runs, the same prompt's steps
+again on the warm cache, timed and then under torch.profiler (the step's own cost without misses, and its kernels).
 
     python3 benchmarks/bench_cpu_experts_gpu.py --layout /root/peers/layout --llama-json /root/peers/llama.json \\
         --text .carry/shared/text                          # GPU box, about 3 minutes
