@@ -25,6 +25,9 @@ peers_layout() {  # NAME EXPERTS DENSE: repack $W/ckpt into $W/NAME with --exper
   [ -f $W/$1/manifest.json ] || python3 -c "import json; from tiered.layout.repack import repack; print(json.dumps(repack('$W/ckpt', '$W/$1', experts='$2', dense='$3', force=True, progress=False, quant_device='cuda')))" > $OUT/repack-$1.log 2>&1
   echo "repack $1 rc=$? $(el)"
 }
+peers_layouts() {  # the checkpoint and its q4+q4 (layout-q4) and bf16 (layout) repacks, one after the other
+  peers_ckpt; peers_layout layout-q4 q4 q4; peers_layout layout source source; pack
+}
 peers_vram() {  # VARIANT TAG [VAR=VALUE ...]: tiered's VRAM decode of layout VARIANT (bf16 | q4) under those
   # environment settings -> $OUT/peers-VARIANT-TAG.log and $OUT/tiered-VARIANT-TAG.json
   local v=$1 tag=$2 f=$W/tiered.json; shift 2

@@ -4,9 +4,6 @@
 # and issue 12's bf16 offload (lru/device, nextuse/device) at --vram-gb 4 with replayed routing, each with a profile
 # of one device-step run on the warm cache (bench_cpu_experts_gpu.py --profile: wall and kernels per token).
 source "$(dirname "$0")/lib.sh"
-peers_ckpt
-peers_layout layout-q4 q4 q4
-peers_layout layout source source
-pack
+peers_layouts
 peers_offload layout-q4 "lru/device,nextuse/device" --profile lru/device
 peers_offload layout "lru/device,nextuse/device" --profile nextuse/device

@@ -9,10 +9,7 @@ source "$(dirname "$0")/lib.sh"
 timeout 150 python3 -m pytest -q -m cuda -p no:cacheprovider --tb=short tests/test_devtable.py tests/test_ahead.py \
   > $OUT/cuda-tests.log 2>&1; echo "rc=$?" >> $OUT/cuda-tests.log
 grep -E "FAILED|ERROR|passed|failed|rc=" $OUT/cuda-tests.log | tail -8; echo "tests done $(el)"; pack
-peers_ckpt
-peers_layout layout-q4 q4 q4
-peers_layout layout source source
-pack
+peers_layouts
 for f in 0 1; do
   export TIERED_FUSED_RESOLVE=$f
   peers_offload layout-q4 "lru/device,nextuse/device" --profile lru/device,nextuse/device
