@@ -75,15 +75,27 @@ def mapped(trace, cfg):
 
 
 def one_run(lay: Path, device: torch.device, prompt: list[int], new: int, doc, *, budget: dict | None,
-            predictor=None, warmup: int, profile: bool = False) -> dict:
+            predictor=None, warmup: int, profile: bool = False, fill_ctas: int | None = None) -> dict:
     """One engine run, routing replayed from `doc` (None: the model's own routing, for the resident run);
-    profile: then profile its device step (profile_device_step)."""
+    profile: then profile its device step (profile_device_step). fill_ctas: the device step's background fill
+    copies with that many programs (its graphs captured again). The warm-up generate runs without the fill, so
+    the timed run starts from the cache a demand run would have."""
     replay = ReplayRouting(doc.topk_ids, doc.topk_weights, device=device) if doc is not None else None
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     engine = load(lay, device=device, dtype=dtype, budget=budget, max_context=len(prompt) + new + warmup + 8,
                   routing=replay, predictor=predictor)
     prov = engine.model.provider
+    ds = engine.devstep
+    fill = bool(ds is not None and ds.fill)
+    if fill and fill_ctas is not None and fill_ctas != ds.fill_ctas:
+        ds.fill_ctas = int(fill_ctas)
+        ds.graphs.clear()
+        ds.capture_all()
+    if fill:
+        ds.fill_n.zero_()
     engine.generate(prompt[:16], max_new_tokens=warmup, stop_at_eos=False)
+    if fill:
+        ds.fill_n.fill_(ds.fill)
     if predictor is not None:
         predictor.reset()
     cache = isinstance(prov, ExpertCache)
@@ -212,6 +224,9 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=4, help="history prefetch candidates per layer (depth 1)")
     ap.add_argument("--device-prefetch", type=int, default=8,
                     help="experts per layer the device step prefetches one layer ahead (run lru+pfN/device)")
+    ap.add_argument("--device-fill", default="8",
+                    help="comma-separated experts per step the device step's background fill copies into free slots "
+                         "(runs lru+fillN/device; N:C also sets the fill copy's programs, e.g. 8:64)")
     ap.add_argument("--nextuse-prefetch", type=int, default=1,
                     help="prefetch candidates per layer with --device-evict nextuse (run nextuse+pfN/device)")
     ap.add_argument("--paced", default="25,12", help="--h2d-gbps rates to emulate (comma-separated GB/s)")
@@ -267,15 +282,16 @@ def main() -> None:
         runs: dict[str, dict] = {}
 
         def go(label: str, policy: str, cand: int, cpu: str, h2d: float = 0.0, table: str = "host",
-               dpf: int = 0, evict: str = "policy", wb: str = "off") -> None:
+               dpf: int = 0, evict: str = "policy", wb: str = "off", fill: int = 0,
+               fill_ctas: int | None = None) -> None:
             pred = (History(L, cfg.num_experts, params) if cand or dpf or evict != "policy"
                     else NoPrediction(L, cfg.num_experts))
             budget = {**base, "policy": policy, "prefetch_depth": 1 if cand else 0, "prefetch_budget": cand or 1,
                       "cpu_experts": cpu, "h2d_gbps": h2d, "slot_table": table, "device_prefetch": dpf,
-                      "device_evict": evict, "cpu_write_behind": wb}
+                      "device_evict": evict, "cpu_write_behind": wb, "device_fill": fill}
             log(f"doc {name}: {label}")
             s = one_run(a.layout, device, prompt, a.new_tokens, doc, budget=budget, predictor=pred, warmup=a.warmup,
-                        profile=label in a.profile)
+                        profile=label in a.profile, fill_ctas=fill_ctas)
             if table == "device" and s.get("decode_graphs") != "device":  # a fallback is not a device-step figure
                 log(f"doc {name}: {label} did not decode with the device step ({s.get('decode_graphs')}): row dropped")
                 res.setdefault("failed_runs", []).append({"doc": name, "run": label, "decode_graphs": s.get("decode_graphs")})
@@ -293,6 +309,10 @@ def main() -> None:
                      ("nextuse/device", "lru", 0, "off", 0.0, "device", 0, "nextuse"),
                      (f"nextuse+pf{a.nextuse_prefetch}/device", "lru", 0, "off", 0.0, "device", a.nextuse_prefetch,
                       "nextuse")]
+            for f in filter(None, a.device_fill.split(",")):  # the background fill of free slots
+                n, _, c = f.partition(":")
+                plan.append((f"lru+fill{f}/device", "lru", 0, "off", 0.0, "device", 0, "policy", "off", int(n),
+                             int(c) if c else None))
         for r in paced:  # with history prefetch, and demand paging alone (lru: no prefetch copies on the slow link)
             plan += [(f"{pf}/off@{r:g}", "predicted", a.candidates, "off", r),
                      (f"{pf}/auto@{r:g}", "predicted", a.candidates, "auto", r),
@@ -358,6 +378,14 @@ def main() -> None:
             res["vs_serial_belady_bound_demand_device"] = get(bd, "vs_serial_belady_bound")
             res["device_over_host_lru"] = (M[bd]["decode_tok_s"] / M["lru/off"]["decode_tok_s"]
                                            if M.get("lru/off", {}).get("decode_tok_s") else None)
+        fl = [lab for lab in M if "+fill" in lab and M[lab]["decode_tok_s"]]
+        if fl:  # the background fill: what demand paging takes as first-use misses, loaded ahead
+            bf = max(fl, key=lambda lab: M[lab]["decode_tok_s"])
+            res["best_device_fill"] = bf
+            res["vs_pcie_bound_fill"] = get(bf, "vs_pcie_bound")
+            res["vs_serial_belady_bound_fill"] = get(bf, "vs_serial_belady_bound")
+            res["device_fill_over_demand"] = (M[bf]["decode_tok_s"] / M["lru/device"]["decode_tok_s"]
+                                              if M.get("lru/device", {}).get("decode_tok_s") else None)
         res["vs_pcie_bound_best"] = get(best, "vs_pcie_bound")
         res["paced_auto_over_off"] = {
             f"{r:g}": get(f"{pf}/auto@{r:g}", "decode_tok_s") / get(f"{pf}/off@{r:g}", "decode_tok_s")
@@ -385,6 +413,7 @@ def main() -> None:
     for k in ("decode_vs_llamacpp_cpu_experts", "vs_combined_bound", "vs_serial_belady_bound_demand",
               "vs_serial_belady_bound_demand_device", "device_over_host_lru", "vs_serial_belady_bound_prefetch_device",
               "device_prefetch_over_demand", "vs_serial_belady_bound_prefetch_nextuse", "best_device_step",
+              "best_device_fill", "vs_pcie_bound_fill", "vs_serial_belady_bound_fill", "device_fill_over_demand",
               "vs_serial_belady_bound_prefetch", "paced_auto_over_off", "paced_auto_over_off_demand", "cpu_expert_gbps",
               "llamacpp_cpu_experts_tg_tok_s"):
         print(f"{k}: {res.get(k)}")

@@ -114,6 +114,71 @@ def test_prefetch_resolve_matches_reference_and_respects_pins(w):
     assert po.tolist() == [-1, -1] and ps.tolist() == [-1, -1]
 
 
+def _kernel_fill(order, cursor, t, n_fill, keep_free, ok, os_, osrc, install=False):
+    """The fill kernels: on CUDA through fill_pick / fill_install, on CPU straight into the interpreter."""
+    if not install:
+        n_fill = torch.tensor([n_fill], dtype=torch.int64, device=order.device)
+    if CUDA:
+        return st.fill_install(ok, os_, t) if install else st.fill_pick(order, cursor, t, n_fill, keep_free, ok, os_,
+                                                                          osrc)
+    if install:
+        return st._fill_install_kernel[(1,)](ok, os_, t["slot_of"], t["key_of"], t["last"], t["uses"], t["counts"],
+                                             ok.shape[0], C_P=st._p2(ok.shape[0]))
+    n, S = order.shape[0], t["key_of"].shape[0]
+    C = ok.shape[0]
+    st._fill_pick_kernel[(1,)](order, cursor, t["slot_of"], t["key_of"], t["host_row"], ok, os_, osrc, n, S, C, n_fill,
+                               keep_free, C_P=st._p2(C), S_P=st._p2(S), W_P=min(st.FILL_WINDOW, st._p2(n)))
+
+
+@pytest.mark.parametrize("L,E,K,S,C,keep", [(3, 12, 4, 40, 3, 4), (2, 10, 3, 12, 5, 3), (4, 8, 2, 40, 6, 0)])
+def test_fill_kernels_match_reference(L, E, K, S, C, keep):
+    """Fill picks and installs interleaved with demand resolves (which may load a key whose fill is in flight):
+    kernel == reference in every table, slot, row and cursor; resolve never takes or evicts a reserved slot; a
+    fill leaves `keep` slots free and never evicts; each key sits in one slot at most; once the table has no free
+    slot beyond `keep`, nothing is picked."""
+    dev = "cuda" if CUDA else "cpu"
+    a, b = _tables(L * E, S), _tables(L * E, S, dev)
+    order = torch.tensor([l * E + e for e in range(E) for l in range(L)], dtype=torch.int64)
+    ca, cb = torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64, device=dev)
+    rng = random.Random(S * 10 + C)
+    picked = 0
+    for step in range(30):
+        ka, sa, ra = (torch.empty(C, dtype=torch.int64) for _ in range(3))
+        kb, sb, rb = (x.to(dev) for x in (ka, sa, ra))
+        free_before = int((a["key_of"] == -1).sum())
+        resident_before = set(k for k in a["key_of"].tolist() if k >= 0)
+        nf = C - step % 2  # the device scalar may ask for fewer than the rows
+        st.fill_pick_reference(order, ca, a, torch.tensor([nf]), keep, ka, sa, ra)
+        _kernel_fill(order.to(dev), cb, b, nf, keep, kb, sb, rb)
+        assert torch.equal(ka, kb.cpu()) and torch.equal(sa, sb.cpu()) and torch.equal(ra, rb.cpu()), f"pick {step}"
+        assert torch.equal(ca, cb.cpu()), f"cursor {step}"
+        n = int((ka >= 0).sum())
+        picked += n
+        assert n <= max(0, free_before - keep) and set(k for k in a["key_of"].tolist() if k >= 0) == resident_before
+        reserved = {int(s) for s in sa.tolist() if s >= 0}
+        assert all(int(a["key_of"][s]) < -1 for s in reserved)
+        for _ in range(2):  # demand resolves meanwhile (the step's layers)
+            layer = rng.randrange(L)
+            ids = torch.tensor(rng.sample(range(E), K), dtype=torch.int64)
+            o1, s1 = torch.empty(K, dtype=torch.int64), torch.empty(K, dtype=torch.int64)
+            o2, s2 = o1.to(dev), s1.to(dev)
+            st.resolve_reference(ids, layer, E, a, 0, o1, s1)
+            _kernel_resolve(ids.to(dev), layer, E, b, 0, o2, s2)
+            assert torch.equal(o1, o2.cpu()) and torch.equal(s1, s2.cpu())
+            assert not reserved & set(o1.tolist())
+        st.fill_install_reference(ka, sa, a)
+        _kernel_fill(None, None, b, C, keep, kb, sb, None, install=True)
+        for k in a:
+            assert torch.equal(a[k], b[k].cpu()), f"step {step}: table {k} differs"
+        kof = a["key_of"].tolist()
+        assert min(kof) >= -1 and len([k for k in kof if k >= 0]) == len({k for k in kof if k >= 0})
+        for s_, k in enumerate(kof):
+            if k >= 0:
+                assert int(a["slot_of"][k]) == s_
+    assert picked > 0 and int(a["counts"][3]) == picked
+    assert int((a["key_of"] == -1).sum()) <= keep or int((a["slot_of"] < 0).sum()) == 0
+
+
 @pytest.mark.parametrize("S,margin", [(10, 0), (26, 0), (26, 40), (7, 5)])
 def test_scored_resolve_matches_reference(S, margin):
     """Eviction by predicted next use (nt), demand and prefetch calls, prefetch candidates skipped by the caller
@@ -265,12 +330,12 @@ def test_slot_table_device_refused_on_cpu_auto_stays_on_host(reference_layout):
     assert eng.stats["slot_table"]["mode"] == "host" and "CUDA" in eng.stats["slot_table"]["device_refused"]
 
 
-def _attach(eng, w: int = 0) -> DeviceStep:
+def _attach(eng, w: int = 0, fill: int = 0) -> DeviceStep:
     """The device table and an eager device step on a CPU engine (what --slot-table device does on CUDA)."""
     cache = eng.model.provider
     cache.ram.preload(list(range(cache.num_layers * cache.num_experts)), 0)
     cache.devtable = DeviceSlotTable(cache, w=w, kernels=st)
-    eng.devstep = DeviceStep(eng.model, graphs=False)
+    eng.devstep = DeviceStep(eng.model, graphs=False, fill=fill)
     eng.pieces = None
     return eng.devstep
 
@@ -302,6 +367,38 @@ def test_device_step_greedy_identical(reference_layout, unlimited, slots, w):
     assert eng.model.provider.devtable.handovers == 3  # take, give back for the second prefill, take
     assert step.steps == NEW - 1  # reset per generate
     eng.model.provider.vram.table.check()  # the host table handed back is consistent
+
+
+@pytest.mark.parametrize("slots", [512, 40])
+def test_device_step_fill_greedy_identical(reference_layout, unlimited, slots):
+    """The background fill (free slots filled with experts not yet resident, beside each step) gives the every-
+    expert-resident tokens; with room for every expert it takes the misses of first uses away, and the counters
+    add up (filled blocks cross PCIe and count as prefetches); with a table the prefill filled, it copies and
+    evicts nothing (the kernel test covers the top-k slots it leaves free)."""
+    B = 49152
+    got = {}
+    for fill in (0, 16):
+        eng = load(reference_layout, device="cpu", budget={"expert_slots": slots, "ram_gb": 600 * B / 2**30})
+        step = _attach(eng, fill=fill)
+        assert eng.generate(PROMPT, max_new_tokens=NEW).token_ids == unlimited
+        s = eng.stats
+        d = s["decode"]
+        assert d["hits"] + d["misses"] == d["tokens"] * 8 * 8
+        assert d["bytes_h2d"] == (d["misses"] + s["slot_table"]["prefetched"]) * B
+        assert s["device_step"]["fill"] == fill
+        got[fill] = (d["misses"], s["slot_table"]["prefetched"])
+        t = eng.model.provider.devtable.t
+        free = int((t["key_of"] == -1).sum())
+        assert int(t["key_of"].min()) >= -1  # no reservation outlives its step
+        if fill and slots == 512:
+            assert got[fill][1] > 0 and got[fill][0] < got[0][0]
+        if fill and slots == 40:  # the prefill left no slot free: the fill copies and changes nothing
+            assert free == 0 and got[fill] == (got[0][0], 0)
+        eng.model.provider.devtable.give_back()
+        eng.model.provider.vram.table.check()
+        del step
+    if slots == 512:
+        assert got[0][0] > 0 and got[0][1] == 0
 
 
 def test_device_step_runs_ahead(reference_layout, unlimited):
@@ -401,6 +498,15 @@ sig3 = {"src": "*i32", "row_src": "*i64", "row_dst": "*i64", "dst": "*i32", "row
         "n_chunks": "i32", "BLOCK": "constexpr", "CHUNKS": "constexpr", "GDC": "constexpr"}
 assert triton.compile(ASTSource(st._gather_strided_kernel, sig3, constexprs={"BLOCK": 1024, "CHUNKS": 4, "GDC": False}),
                       target=tgt).asm["cubin"]
+sig5 = {"order": "*i64", "cursor": "*i64", "slot_of": "*i32", "key_of": "*i32", "host_row": "*i64", "out_key": "*i64",
+        "out_slot": "*i64", "out_src": "*i64", "n_keys": "i32", "n_slots": "i32", "n_rows": "i32", "fill_n": "*i64",
+        "keep_free": "i32",
+        "C_P": "constexpr", "S_P": "constexpr", "W_P": "constexpr", "GDC": "constexpr"}
+assert triton.compile(ASTSource(st._fill_pick_kernel, sig5, constexprs={"C_P": 8, "S_P": 2048, "W_P": 1024, "GDC": True}),
+                      target=tgt).asm["cubin"]
+sig6 = {"fill_key": "*i64", "fill_slot": "*i64", "slot_of": "*i32", "key_of": "*i32", "last": "*i64", "uses": "*i64",
+        "counts": "*i64", "n_fill": "i32", "C_P": "constexpr", "GDC": "constexpr"}
+assert triton.compile(ASTSource(st._fill_install_kernel, sig6, constexprs={"C_P": 8, "GDC": True}), target=tgt).asm["cubin"]
 from tiered.kernels import next_use as nu
 sig4 = {"ids_ptr": "*i64", "prev_ptr": "*i64", "tt_ptr": "*fp32", "lt_ptr": "*fp32", "fast_ptr": "*fp32",
         "slow_ptr": "*fp32", "prob_ptr": "*fp32", "pfp_ptr": "*fp32", "base_ptr": "*i64", "w_ptr": "*fp32", "j": "i32",
@@ -474,6 +580,25 @@ def test_cuda_device_step_prefetch_matches_host_step(reference_layout):
     assert eng.generate(PROMPT, max_new_tokens=32).token_ids == want
     s = eng.stats
     assert s["decode_graphs"] == "device" and s["slot_table"]["prefetched"] > 0
+
+
+@pytest.mark.cuda
+def test_cuda_device_step_fill_matches_host_step(reference_layout):
+    """The captured step with its background fill (a side stream across the whole graph, reserved slots installed
+    at its end) decodes the host step's greedy tokens; with room for every expert it loads blocks ahead and takes
+    misses away."""
+    budget = {"expert_slots": 512, "ram_gb": 0.05}
+    want = load(reference_layout, device="cuda", budget={**budget, "slot_table": "host"}).generate(
+        PROMPT, max_new_tokens=48).token_ids
+    misses = {}
+    for fill in (0, 8):
+        eng = load(reference_layout, device="cuda", budget={**budget, "slot_table": "device", "device_fill": fill})
+        assert eng.generate(PROMPT, max_new_tokens=48).token_ids == want
+        s = eng.stats
+        assert s["decode_graphs"] == "device" and (s["slot_table"]["prefetched"] > 0) == bool(fill)
+        misses[fill] = s["decode"]["misses"]
+        assert int(eng.model.provider.devtable.t["key_of"].min()) >= -1
+    assert misses[8] < misses[0]
 
 
 def _code_transitions(reference_layout):

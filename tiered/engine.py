@@ -212,6 +212,10 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
         provider.drop_device_table(why)
     dpf = int((budget or {}).get("device_prefetch") or 0)
     dev_evict = (budget or {}).get("device_evict") or "policy"
+    dev_fill = int((budget or {}).get("device_fill") or 0)
+    if dev_fill and getattr(provider, "devtable", None) is None:
+        raise EngineError(f"--device-fill needs the device slot table (--slot-table device or auto), which this run "
+                          f"does not use: {getattr(provider, 'slot_table_note', None) or 'no expert cache'}")
     transitions = None
     if dpf or dev_evict != "policy":
         if getattr(provider, "devtable", None) is None:
@@ -227,7 +231,7 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
     tok = Tokenizer.from_dir(layout.path) if layout.tokenizer_path else None
     engine = Engine(model, tok, layout_path=layout.path, cuda_graphs=cuda_graphs and dev.type == "cuda",
                     prefetcher=prefetcher, device_prefetch=(dpf, transitions) if transitions is not None else None,
-                    device_evict=dev_evict)
+                    device_evict=dev_evict, device_fill=dev_fill)
     engine._sync()
     engine.load_s = time.perf_counter() - t0
     engine.capture_graphs()
@@ -272,7 +276,7 @@ class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None, *, layout_path: Path | None = None,
                  cuda_graphs: bool = False, prefetcher: Prefetcher | None = None,
                  device_prefetch: tuple[int, tuple[Tensor, Tensor]] | None = None,
-                 device_evict: str = "policy") -> None:
+                 device_evict: str = "policy", device_fill: int = 0) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.config: ModelConfig = model.config
@@ -291,7 +295,7 @@ class Engine:
         self.devstep: DeviceStep | None = None
         if cuda_graphs and not resident and getattr(model.provider, "devtable", None) is not None:
             n, tr = device_prefetch or (0, None)
-            self.devstep = DeviceStep(model, prefetch=n, transitions=tr, evict=device_evict)
+            self.devstep = DeviceStep(model, prefetch=n, transitions=tr, evict=device_evict, fill=device_fill)
         elif cuda_graphs and not resident:
             try:
                 self.pieces = PiecewiseDecode(model, graphs=True)

@@ -41,10 +41,13 @@ class DeviceStep:
 
     def __init__(self, model: Transformer, *, graphs: bool = True, prefetch: int = 0,
                  transitions: tuple[Tensor, Tensor] | None = None, time_mix: float = 0.5, prefetch_ctas: int = 32,
-                 evict: str = "policy", nextuse: NextUseParams | None = None) -> None:
+                 evict: str = "policy", nextuse: NextUseParams | None = None, fill: int = 0,
+                 fill_ctas: int = 32) -> None:
         """evict: "policy" (the table's lru/flru) or "nextuse" (decode/devpolicy.py: evict the latest predicted next
         use; a prefetch then takes the non-resident candidates of highest probability, over victims predicted
-        later only). nextuse: its weights (default DEFAULT_PARAMS). Both prediction modes need `transitions`."""
+        later only). nextuse: its weights (default DEFAULT_PARAMS). Both prediction modes need `transitions`.
+        fill: experts per step copied into free slots in the background (0 = off); fill_ctas: the programs of
+        that copy (it runs beside the step's compute, which keeps the other SMs)."""
         table = getattr(model.provider, "devtable", None)
         if table is None:
             raise ValueError("DeviceStep needs an expert cache with a device slot table (--slot-table device)")
@@ -99,6 +102,28 @@ class DeviceStep:
             self.pf_src = torch.full((self.L, C), -1, dtype=torch.int64, device=dev)
             self.pf_stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
             self.pf_ctas = int(prefetch_ctas)
+        # Background fill: while the table has free slots (more than one layer's K, kept for demand misses), each
+        # step copies `fill` experts that are not resident into them, on a side stream beside the whole step, and
+        # installs them at its end. The order interleaves the layers (expert 0 of every MoE layer, then expert 1,
+        # ...), so every layer fills at the same pace. A fill never evicts: once the table is full it copies
+        # nothing (two small kernels a step remain). It beats demand paging where the budget has room to spare:
+        # misses a demand policy takes at a key's first use are loaded before it.
+        self.fill = int(fill)
+        if self.fill < 0:
+            raise ValueError(f"fill must be >= 0 experts per step, got {fill}")
+        if self.fill:
+            E = cfg.num_experts
+            self.fill_order = torch.tensor([l * E + e for e in range(E) for l in cfg.moe_layers], dtype=torch.int64,
+                                           device=dev)
+            self.fill_cursor = torch.zeros(1, dtype=torch.int64, device=dev)
+            # experts a step fills, read by the captured kernel at each replay: 0 while graphs are captured (their
+            # warm-ups run the step for real, and a fill there would load blocks no step counts)
+            self.fill_n = torch.full((1,), self.fill, dtype=torch.int64, device=dev)
+            self.fill_key = torch.full((self.fill,), -1, dtype=torch.int64, device=dev)
+            self.fill_slot = torch.full((self.fill,), -1, dtype=torch.int64, device=dev)
+            self.fill_src = torch.full((self.fill,), -1, dtype=torch.int64, device=dev)
+            self.fill_stream = torch.cuda.Stream(dev) if cuda else None
+            self.fill_ctas = int(fill_ctas)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.graphed else None
         self.steps = 0
@@ -109,6 +134,8 @@ class DeviceStep:
     # --- the step's body (captured) ---
     def _body(self, span: int) -> Tensor:
         m = self.model
+        if self.fill:
+            self._fill_start()
         plan = m.static_plan(self.step_dev[1:2], span)
         r = m.segment_first(self.step_dev[0:1], plan)
         out = None
@@ -138,7 +165,26 @@ class DeviceStep:
                 out = m.segment_last(r, self.slots[l], None)
         argmax_into(out, self.token)  # the greedy pick and the next position, for `launch` (ahead.py)
         self.pos.add_(1)
+        if self.fill:
+            self._fill_end()
         return out
+
+    def _fill_start(self) -> None:
+        """Reserve free slots for the next non-resident experts (on the step's stream: it orders the reservation
+        with the step's resolves) and copy them on the fill stream, beside the step."""
+        self.table.fill_pick(self.fill_order, self.fill_cursor, self.fill_n, self.K, self.fill_key, self.fill_slot,
+                             self.fill_src)
+        cuda = self.fill_stream is not None
+        if cuda:
+            self.fill_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.fill_stream) if cuda else contextlib.nullcontext():
+            self.table.gather(self.fill_src, self.fill_slot, ctas=self.fill_ctas)
+
+    def _fill_end(self) -> None:
+        """The fill's copies have landed: its slots take their keys (a graph joins its side streams anyway)."""
+        if self.fill_stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.fill_stream)
+        self.table.fill_install(self.fill_key, self.fill_slot)
 
     def _prefetch_next(self, l: int, ids: Tensor) -> bool:
         """Issue layer l+1's prefetch; on CUDA on the side stream, after layer l's copies, beside its experts.
@@ -185,6 +231,8 @@ class DeviceStep:
         mem0 = torch.cuda.memory_reserved(dev)
         counts = self.table.t["counts"].clone()
         inputs = self.step_dev.clone()  # the warm-ups and the upload replay advance the token and position
+        if self.fill:
+            self.fill_n.zero_()
         with self.model.preserve_state():
             # Warm-ups execute the step (Triton compiles, cuBLAS workspaces): slot lookups, evictions and copies
             # happen for real, so the table and the slots stay consistent; only this step's own K/V position is
@@ -202,6 +250,8 @@ class DeviceStep:
             torch.cuda.synchronize(dev)
         self.table.t["counts"].copy_(counts)
         self.step_dev.copy_(inputs)
+        if self.fill:
+            self.fill_n.fill_(self.fill)
         self.graphs[span] = (graph, out)
         self.capture_s += time.perf_counter() - t0
         self.graph_mem_bytes += torch.cuda.memory_reserved(dev) - mem0
@@ -268,7 +318,7 @@ class DeviceStep:
         return {"spans": sorted(self.graphs), "steps": self.steps, "launch_s": self.launch_s,
                 "host_s_per_layer": self.host_s_per_layer, "capture_s": self.capture_s,
                 "graph_mem_bytes": self.graph_mem_bytes, "evict": "nextuse" if self.nu is not None else "policy",
-                "prefetch": self.prefetch}
+                "prefetch": self.prefetch, "fill": self.fill}
 
     def reset_stats(self) -> None:
         self.steps = 0

@@ -86,8 +86,8 @@ def _resolve_kernel(ids_ptr, base, slot_of, key_of, last, uses, clock, counts, h
             nt_k = tl.load(nt_ptr + keys, mask=mk, other=0)  # [K_P] the candidates' own predicted next use
         else:
             score = tl.load(uses + os_, mask=ms, other=0) * w + tl.load(last + os_, mask=ms, other=0)
-        score = tl.where(kof < 0, _FREE, score)
-        score = tl.where(pin | (os_ >= n_slots), _PINNED, score)
+        score = tl.where(kof == -1, _FREE, score)
+        score = tl.where(pin | (os_ >= n_slots) | (kof < -1), _PINNED, score)  # < -1: a fill copy in flight
         slot = s
         for k in tl.static_range(K_P):
             mk_k = tl.sum(tl.where((ok == k) & miss, 1, 0), axis=0) > 0
@@ -142,6 +142,64 @@ def _gather_strided_kernel(src, row_src, row_dst, dst, row_words, n_items, n_chu
     gdc_enter(GDC)
     for it in range(tl.program_id(0), n_items, tl.num_programs(0)):
         _copy_chunk(src, row_src, row_dst, dst, row_words, it // n_chunks, it % n_chunks, BLOCK, CHUNKS)
+
+
+@triton.jit
+def _fill_pick_kernel(order, cursor, slot_of, key_of, host_row, out_key, out_slot, out_src, n_keys, n_slots, n_rows,
+                      fill_n, keep_free, C_P: tl.constexpr, S_P: tl.constexpr, W_P: tl.constexpr,
+                      GDC: tl.constexpr = False):
+    """One program: the first fill_n[0] (<= n_rows) non-resident keys of `order` from the cursor on (a window of
+    W_P) and as many free slots (lowest first), keeping keep_free free; the slots are reserved (key_of = -2 - key)."""
+    gdc_enter(GDC)
+    oc = tl.arange(0, C_P)
+    mc = oc < n_rows
+    n_fill = tl.minimum(tl.load(fill_n), n_rows).to(tl.int32)
+    tl.store(out_key + oc, tl.full([C_P], -1, tl.int64), mask=mc)
+    tl.store(out_slot + oc, tl.full([C_P], -1, tl.int64), mask=mc)
+    tl.store(out_src + oc, tl.full([C_P], -1, tl.int64), mask=mc)
+    os_ = tl.arange(0, S_P)
+    kof = tl.load(key_of + os_, mask=os_ < n_slots, other=0)
+    free = (os_ < n_slots) & (kof == -1)
+    frank = tl.cumsum(free.to(tl.int32), axis=0) - 1
+    n_free = tl.sum(free.to(tl.int32), axis=0)
+    c0 = tl.load(cursor)
+    ow = tl.arange(0, W_P)
+    inw = ow < n_keys
+    keys = tl.load(order + (c0 + ow) % n_keys, mask=inw, other=0).to(tl.int64)
+    nonres = inw & (tl.load(slot_of + keys, mask=inw, other=0) < 0)
+    krank = tl.cumsum(nonres.to(tl.int32), axis=0) - 1
+    n_non = tl.sum(nonres.to(tl.int32), axis=0)
+    take = tl.minimum(tl.minimum(n_non, n_fill), tl.maximum(n_free - keep_free, 0))
+    tl.debug_barrier()  # the -1 rows above land before the picks overwrite theirs
+    pk = nonres & (krank < take)
+    tl.store(out_key + krank, keys, mask=pk)
+    tl.store(out_src + krank, tl.load(host_row + keys, mask=pk, other=-1), mask=pk)
+    tl.store(out_slot + frank, os_.to(tl.int64), mask=free & (frank < take))
+    tl.debug_barrier()  # every row written before each slot is paired with its key
+    k = tl.load(out_key + oc, mask=mc, other=-1)
+    sl = tl.load(out_slot + oc, mask=mc, other=-1)
+    tl.store(key_of + sl, (-2 - k).to(tl.int32), mask=mc & (k >= 0))
+    last_pos = tl.max(tl.where(pk, ow, -1), axis=0)
+    step = tl.where(take > 0, last_pos + 1, tl.where(n_non == 0, tl.minimum(n_keys, W_P), 0))
+    tl.store(cursor, (c0 + step) % n_keys)
+
+
+@triton.jit
+def _fill_install_kernel(fill_key, fill_slot, slot_of, key_of, last, uses, counts, n_fill, C_P: tl.constexpr,
+                         GDC: tl.constexpr = False):
+    """After the fill's copies: each reserved slot gets its key (entering cold: last use 0, no uses), unless the
+    key became resident meanwhile (a demand miss loaded it), which frees the slot again."""
+    gdc_enter(GDC)
+    oc = tl.arange(0, C_P)
+    k = tl.load(fill_key + oc, mask=oc < n_fill, other=-1)
+    v = (oc < n_fill) & (k >= 0)
+    sl = tl.load(fill_slot + oc, mask=v, other=0)
+    ok = v & (tl.load(slot_of + k, mask=v, other=0) < 0)
+    tl.store(slot_of + k, sl.to(tl.int32), mask=ok)
+    tl.store(key_of + sl, tl.where(ok, k, -1).to(tl.int32), mask=v)
+    tl.store(last + sl, tl.zeros([C_P], dtype=tl.int64), mask=ok)
+    tl.store(uses + sl, tl.zeros([C_P], dtype=tl.int64), mask=ok)
+    tl.store(counts + 3, tl.load(counts + 3) + tl.sum(v.to(tl.int64), axis=0))
 
 
 class HostPointer:
@@ -227,6 +285,9 @@ def resolve_reference(ids: Tensor, layer: int, num_experts: int, t: dict[str, Te
         score = [FREE_SCORE if kof[i] < 0 else -int(ntl[kof[i]]) for i in range(S)]
     for i in pinned:
         score[i] = PINNED_SCORE
+    for i in range(S):
+        if kof[i] < -1:  # reserved by a fill whose copy is in flight
+            score[i] = PINNED_SCORE
     src = [-1] * len(keys)
     for j, k in enumerate(keys):
         if k < 0 or slots[j] >= 0:
@@ -288,3 +349,74 @@ def gather(host_pool: Tensor, row_src: Tensor, row_dst: Tensor, slots: Tensor, *
         n = row_src.shape[0] * n_c
         _gather_strided_kernel[(max(1, min(ctas, n)),)](src, row_src, row_dst, slots.view(torch.int32), words, n, n_c,
                                                         BLOCK=BLOCK, CHUNKS=chunks, **launch_args(slots.device))
+
+
+FILL_WINDOW = 1024  # keys of the fill order one pick scans
+
+
+def fill_pick(order: Tensor, cursor: Tensor, t: dict[str, Tensor], n_fill: Tensor, keep_free: int, out_key: Tensor,
+              out_slot: Tensor, out_src: Tensor) -> None:
+    """Background fill, step 1: up to n_fill[0] (int64 [1] on the device: a captured step reads it at each replay;
+    at most out_key's length) keys not resident, the first of `order` (int64 [N'], the keys in
+    fill order) from cursor (int64 [1], advanced past the last key taken) within FILL_WINDOW keys, each paired
+    with a free slot (lowest index first), leaving keep_free slots free for demand misses. Each chosen slot is
+    reserved (key_of = -2 - key: resolve neither takes nor evicts it) until `fill_install`. Writes out_key,
+    out_slot, out_src (the key's RAM row, for `gather`) int64 [C], -1 where nothing was picked."""
+    S, n = t["key_of"].shape[0], order.shape[0]
+    if order.device.type != "cuda":
+        return fill_pick_reference(order, cursor, t, n_fill, keep_free, out_key, out_slot, out_src)
+    W = min(FILL_WINDOW, _p2(n))
+    C = out_key.shape[0]
+    _fill_pick_kernel[(1,)](order, cursor, t["slot_of"], t["key_of"], t["host_row"], out_key, out_slot, out_src, n,
+                            S, C, n_fill, int(keep_free), C_P=_p2(C), S_P=_p2(S), W_P=W,
+                            num_warps=4 if S <= 1024 else 8 if S <= 4096 else 16, **launch_args(order.device))
+
+
+def fill_pick_reference(order: Tensor, cursor: Tensor, t: dict[str, Tensor], n_fill: Tensor, keep_free: int,
+                        out_key: Tensor, out_slot: Tensor, out_src: Tensor) -> None:
+    """fill_pick in plain torch on host values (CPU path and test reference)."""
+    key_of, slot_of = t["key_of"], t["slot_of"]
+    C = out_key.shape[0]
+    n_fill = min(int(n_fill[0]), C)
+    n = order.shape[0]
+    c0 = int(cursor[0])
+    window = [int(order[(c0 + i) % n]) for i in range(min(n, FILL_WINDOW, _p2(n)))]
+    pos = [i for i, k in enumerate(window) if int(slot_of[k]) < 0]
+    free = [s for s in range(key_of.shape[0]) if int(key_of[s]) == -1]
+    take = max(0, min(len(pos), int(n_fill), len(free) - int(keep_free)))
+    keys, slots, src = [-1] * C, [-1] * C, [-1] * C
+    for r in range(take):
+        keys[r], slots[r] = window[pos[r]], free[r]
+        src[r] = int(t["host_row"][keys[r]])
+        key_of[slots[r]] = -2 - keys[r]
+    step = pos[take - 1] + 1 if take else (min(n, len(window)) if not pos else 0)
+    cursor[0] = (c0 + step) % n
+    out_key.copy_(torch.tensor(keys, dtype=torch.int64))
+    out_slot.copy_(torch.tensor(slots, dtype=torch.int64))
+    out_src.copy_(torch.tensor(src, dtype=torch.int64))
+
+
+def fill_install(fill_key: Tensor, fill_slot: Tensor, t: dict[str, Tensor]) -> None:
+    """Background fill, step 2 (after the copies into the reserved slots): each picked key takes its slot, entering
+    cold (last use 0, no uses), unless a demand miss made it resident meanwhile (the slot is freed); every copied
+    block counts in counts[3] (loaded ahead of use)."""
+    n = fill_key.shape[0]
+    if fill_key.device.type != "cuda":
+        return fill_install_reference(fill_key, fill_slot, t)
+    _fill_install_kernel[(1,)](fill_key, fill_slot, t["slot_of"], t["key_of"], t["last"], t["uses"], t["counts"], n,
+                               C_P=_p2(n), **launch_args(fill_key.device))
+
+
+def fill_install_reference(fill_key: Tensor, fill_slot: Tensor, t: dict[str, Tensor]) -> None:
+    """fill_install in plain torch on host values (CPU path and test reference)."""
+    for k, s in zip(fill_key.tolist(), fill_slot.tolist()):
+        if k < 0:
+            continue
+        if int(t["slot_of"][k]) < 0:
+            t["slot_of"][k] = s
+            t["key_of"][s] = k
+            t["last"][s] = 0
+            t["uses"][s] = 0
+        else:
+            t["key_of"][s] = -1
+        t["counts"][3] += 1

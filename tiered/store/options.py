@@ -86,6 +86,9 @@ class TierConfig:
     device_prefetch: int = _opt(0, "With the device slot table: experts per layer prefetched one layer ahead on a side "
                                    "stream, ranked by router-history transitions (fitted by `tiered tune --fit-trace`)",
                                 ("min", 0))
+    device_fill: int = _opt(0, "With the device slot table: experts per decode step copied in the background into "
+                               "free slots (never evicting; a budget with room to spare loads what demand paging "
+                               "would miss at first use). 0 = off", ("min", 0))
     device_evict: str = _opt("policy", "With the device slot table: evict by --policy (lru/flru), or by nextuse (each "
                                        "expert's predicted next use from router-history transitions and its use "
                                        "history; the prefetch then loads only likely experts over later-needed ones)",
