@@ -284,7 +284,7 @@ def main() -> None:
         def go(label: str, policy: str, cand: int, cpu: str, h2d: float = 0.0, table: str = "host",
                dpf: int = 0, evict: str = "policy", wb: str = "off", fill: int = 0,
                fill_ctas: int | None = None) -> None:
-            pred = (History(L, cfg.num_experts, params) if cand or dpf or evict != "policy"
+            pred = (History(L, cfg.num_experts, params) if cand or dpf or evict != "policy" or fill
                     else NoPrediction(L, cfg.num_experts))
             budget = {**base, "policy": policy, "prefetch_depth": 1 if cand else 0, "prefetch_budget": cand or 1,
                       "cpu_experts": cpu, "h2d_gbps": h2d, "slot_table": table, "device_prefetch": dpf,

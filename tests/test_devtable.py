@@ -114,19 +114,20 @@ def test_prefetch_resolve_matches_reference_and_respects_pins(w):
     assert po.tolist() == [-1, -1] and ps.tolist() == [-1, -1]
 
 
-def _kernel_fill(order, cursor, t, n_fill, keep_free, ok, os_, osrc, install=False):
+def _kernel_fill(order, cursor, t, n_fill, keep_free, ok, os_, osrc, picked=None, install=False):
     """The fill kernels: on CUDA through fill_pick / fill_install, on CPU straight into the interpreter."""
     if not install:
         n_fill = torch.tensor([n_fill], dtype=torch.int64, device=order.device)
     if CUDA:
         return st.fill_install(ok, os_, t) if install else st.fill_pick(order, cursor, t, n_fill, keep_free, ok, os_,
-                                                                          osrc)
+                                                                          osrc, picked)
     if install:
         return st._fill_install_kernel[(1,)](ok, os_, t["slot_of"], t["key_of"], t["last"], t["uses"], t["counts"],
                                              ok.shape[0], C_P=st._p2(ok.shape[0]))
     n, S = order.shape[0], t["key_of"].shape[0]
     C = ok.shape[0]
-    st._fill_pick_kernel[(1,)](order, cursor, t["slot_of"], t["key_of"], t["host_row"], ok, os_, osrc, n, S, C, n_fill,
+    st._fill_pick_kernel[(1,)](order, cursor, t["slot_of"], t["key_of"], t["host_row"], ok, os_, osrc, picked, n, S, C,
+                               n_fill,
                                keep_free, C_P=st._p2(C), S_P=st._p2(S), W_P=min(st.FILL_WINDOW, st._p2(n)))
 
 
@@ -140,6 +141,7 @@ def test_fill_kernels_match_reference(L, E, K, S, C, keep):
     a, b = _tables(L * E, S), _tables(L * E, S, dev)
     order = torch.tensor([l * E + e for e in range(E) for l in range(L)], dtype=torch.int64)
     ca, cb = torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64, device=dev)
+    pa, pb = torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64, device=dev)
     rng = random.Random(S * 10 + C)
     picked = 0
     for step in range(30):
@@ -148,10 +150,10 @@ def test_fill_kernels_match_reference(L, E, K, S, C, keep):
         free_before = int((a["key_of"] == -1).sum())
         resident_before = set(k for k in a["key_of"].tolist() if k >= 0)
         nf = C - step % 2  # the device scalar may ask for fewer than the rows
-        st.fill_pick_reference(order, ca, a, torch.tensor([nf]), keep, ka, sa, ra)
-        _kernel_fill(order.to(dev), cb, b, nf, keep, kb, sb, rb)
+        st.fill_pick_reference(order, ca, a, torch.tensor([nf]), keep, ka, sa, ra, pa)
+        _kernel_fill(order.to(dev), cb, b, nf, keep, kb, sb, rb, pb)
         assert torch.equal(ka, kb.cpu()) and torch.equal(sa, sb.cpu()) and torch.equal(ra, rb.cpu()), f"pick {step}"
-        assert torch.equal(ca, cb.cpu()), f"cursor {step}"
+        assert torch.equal(ca, cb.cpu()) and torch.equal(pa, pb.cpu()), f"cursor {step}"
         n = int((ka >= 0).sum())
         picked += n
         assert n <= max(0, free_before - keep) and set(k for k in a["key_of"].tolist() if k >= 0) == resident_before
@@ -175,7 +177,7 @@ def test_fill_kernels_match_reference(L, E, K, S, C, keep):
         for s_, k in enumerate(kof):
             if k >= 0:
                 assert int(a["slot_of"][k]) == s_
-    assert picked > 0 and int(a["counts"][3]) == picked
+    assert picked > 0 and int(a["counts"][3]) == picked and int(pa[0]) == picked
     assert int((a["key_of"] == -1).sum()) <= keep or int((a["slot_of"] < 0).sum()) == 0
 
 
@@ -369,15 +371,16 @@ def test_device_step_greedy_identical(reference_layout, unlimited, slots, w):
     eng.model.provider.vram.table.check()  # the host table handed back is consistent
 
 
-@pytest.mark.parametrize("slots", [512, 40])
-def test_device_step_fill_greedy_identical(reference_layout, unlimited, slots):
+@pytest.mark.parametrize("slots,n", [(512, 2), (512, 64), (40, 16)])
+def test_device_step_fill_greedy_identical(reference_layout, unlimited, slots, n):
     """The background fill (free slots filled with experts not yet resident, beside each step) gives the every-
     expert-resident tokens; with room for every expert it takes the misses of first uses away, and the counters
     add up (filled blocks cross PCIe and count as prefetches); with a table the prefill filled, it copies and
-    evicts nothing (the kernel test covers the top-k slots it leaves free)."""
+    evicts nothing (the kernel test covers the top-k slots it leaves free). Once the fill has run dry, the steps
+    stop running it (what makes the graphed step replay its graphs without the fill)."""
     B = 49152
     got = {}
-    for fill in (0, 16):
+    for fill in (0, n):
         eng = load(reference_layout, device="cpu", budget={"expert_slots": slots, "ram_gb": 600 * B / 2**30})
         step = _attach(eng, fill=fill)
         assert eng.generate(PROMPT, max_new_tokens=NEW).token_ids == unlimited
@@ -391,14 +394,23 @@ def test_device_step_fill_greedy_identical(reference_layout, unlimited, slots):
         free = int((t["key_of"] == -1).sum())
         assert int(t["key_of"].min()) >= -1  # no reservation outlives its step
         if fill and slots == 512:
-            assert got[fill][1] > 0 and got[fill][0] < got[0][0]
+            assert got[fill][1] > 0 and got[fill][0] <= got[0][0]
         if fill and slots == 40:  # the prefill left no slot free: the fill copies and changes nothing
             assert free == 0 and got[fill] == (got[0][0], 0)
+        if fill:
+            ds = s["device_step"]
+            assert ds["fill_picked"] == got[fill][1]
+            dry = slots == 40 or n == 64  # nothing to fill, or all of it filled within a few steps (2 a step: not)
+            assert ds["fill_active"] is not dry
+            if dry:  # the pick count stopped growing for fill_windows reads, then the steps ran without the fill
+                assert int(step.fill_cursor[0]) >= 0 and step._fill_dry >= st.fill_windows(8 * 64)
         eng.model.provider.devtable.give_back()
         eng.model.provider.vram.table.check()
         del step
     if slots == 512:
         assert got[0][0] > 0 and got[0][1] == 0
+    if n == 64:
+        assert got[n][0] < got[0][0]
 
 
 def test_device_step_runs_ahead(reference_layout, unlimited):
@@ -499,7 +511,8 @@ sig3 = {"src": "*i32", "row_src": "*i64", "row_dst": "*i64", "dst": "*i32", "row
 assert triton.compile(ASTSource(st._gather_strided_kernel, sig3, constexprs={"BLOCK": 1024, "CHUNKS": 4, "GDC": False}),
                       target=tgt).asm["cubin"]
 sig5 = {"order": "*i64", "cursor": "*i64", "slot_of": "*i32", "key_of": "*i32", "host_row": "*i64", "out_key": "*i64",
-        "out_slot": "*i64", "out_src": "*i64", "n_keys": "i32", "n_slots": "i32", "n_rows": "i32", "fill_n": "*i64",
+        "out_slot": "*i64", "out_src": "*i64", "picked": "*i64", "n_keys": "i32", "n_slots": "i32", "n_rows": "i32",
+        "fill_n": "*i64",
         "keep_free": "i32",
         "C_P": "constexpr", "S_P": "constexpr", "W_P": "constexpr", "GDC": "constexpr"}
 assert triton.compile(ASTSource(st._fill_pick_kernel, sig5, constexprs={"C_P": 8, "S_P": 2048, "W_P": 1024, "GDC": True}),
@@ -585,20 +598,23 @@ def test_cuda_device_step_prefetch_matches_host_step(reference_layout):
 @pytest.mark.cuda
 def test_cuda_device_step_fill_matches_host_step(reference_layout):
     """The captured step with its background fill (a side stream across the whole graph, reserved slots installed
-    at its end) decodes the host step's greedy tokens; with room for every expert it loads blocks ahead and takes
-    misses away."""
+    at its end) decodes the host step's greedy tokens; with room for every expert it loads blocks ahead, takes
+    misses away, runs dry and hands over to the graphs without the fill."""
     budget = {"expert_slots": 512, "ram_gb": 0.05}
     want = load(reference_layout, device="cuda", budget={**budget, "slot_table": "host"}).generate(
         PROMPT, max_new_tokens=48).token_ids
     misses = {}
-    for fill in (0, 8):
+    for fill in (0, 32):
         eng = load(reference_layout, device="cuda", budget={**budget, "slot_table": "device", "device_fill": fill})
         assert eng.generate(PROMPT, max_new_tokens=48).token_ids == want
         s = eng.stats
         assert s["decode_graphs"] == "device" and (s["slot_table"]["prefetched"] > 0) == bool(fill)
         misses[fill] = s["decode"]["misses"]
         assert int(eng.model.provider.devtable.t["key_of"].min()) >= -1
-    assert misses[8] < misses[0]
+        if fill:  # every expert filled within a few steps: the later steps replayed the graphs without the fill
+            assert s["device_step"]["fill_active"] is False and eng.devstep.idle
+            assert eng.generate(PROMPT, max_new_tokens=48).token_ids == want  # a new phase fills again, dry at once
+    assert misses[32] < misses[0]
 
 
 def _code_transitions(reference_layout):

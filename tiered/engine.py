@@ -223,6 +223,11 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
             raise EngineError(f"{flag} needs the device slot table (--slot-table device or auto), which this "
                               f"run does not use: {getattr(provider, 'slot_table_note', None) or 'no expert cache'}")
         transitions = _transitions(layout, predictor)
+    elif dev_fill and getattr(provider, "devtable", None) is not None:
+        try:  # the fill's order: each layer's likeliest experts first; without transitions, by expert id
+            transitions = _transitions(layout, predictor)
+        except EngineError:
+            transitions = None
     model = Transformer(cfg, dense, provider, device=dev, dtype=dt, max_context=ctx, attn=backend,
                         linear_attn=linear_attn, delta_step=delta_step,
                         observer=observer, prefetch_hook=prefetch_hook, routing=routing, kernels=kernels,

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from tiered.decode.devpolicy import DEFAULT_PARAMS, NextUse, NextUseParams
 from tiered.decode.sampling import argmax_into
+from tiered.kernels.slot_table import fill_windows
 from tiered.model.transformer import Transformer
 
 
@@ -104,18 +105,34 @@ class DeviceStep:
             self.pf_ctas = int(prefetch_ctas)
         # Background fill: while the table has free slots (more than one layer's K, kept for demand misses), each
         # step copies `fill` experts that are not resident into them, on a side stream beside the whole step, and
-        # installs them at its end. The order interleaves the layers (expert 0 of every MoE layer, then expert 1,
-        # ...), so every layer fills at the same pace. A fill never evicts: once the table is full it copies
-        # nothing (two small kernels a step remain). It beats demand paging where the budget has room to spare:
-        # misses a demand policy takes at a key's first use are loaded before it.
+        # installs them at its end. The order interleaves the layers (each layer's likeliest expert, then its
+        # second, ...; likeliest by the column sums of the router-history time transitions when given, else by
+        # expert id), so every layer fills at the same pace. A fill never evicts. It beats demand paging where the
+        # budget has room to spare: the misses a demand policy takes at a key's first use are loaded before it.
+        # The host watches how many blocks the fill has picked (read back without waiting, a step or more late);
+        # once it has picked nothing for `fill_windows` reads in a row, the steps replay graphs without the fill
+        # (captured beside the others), until the next decode phase.
         self.fill = int(fill)
         if self.fill < 0:
             raise ValueError(f"fill must be >= 0 experts per step, got {fill}")
+        self.idle: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}  # span -> the graph without the fill
+        self.fill_active = self.fill > 0
         if self.fill:
             E = cfg.num_experts
-            self.fill_order = torch.tensor([l * E + e for e in range(E) for l in cfg.moe_layers], dtype=torch.int64,
-                                           device=dev)
+            if transitions is not None:  # [M, E]: how often each expert follows any other, per MoE layer
+                rank = transitions[1].to(torch.float32).sum(1).argsort(dim=1, descending=True, stable=True).tolist()
+            else:
+                rank = [list(range(E))] * len(cfg.moe_layers)
+            self.fill_order = torch.tensor([l * E + rank[i][r] for r in range(E)
+                                            for i, l in enumerate(cfg.moe_layers)], dtype=torch.int64, device=dev)
             self.fill_cursor = torch.zeros(1, dtype=torch.int64, device=dev)
+            self.fill_picked = torch.zeros(1, dtype=torch.int64, device=dev)
+            self._fill_seen = torch.zeros(1, dtype=torch.int64, pin_memory=cuda)
+            self._fill_ev = torch.cuda.Event() if cuda else None
+            self._fill_pending = False
+            self._fill_last = -1
+            self._fill_dry = 0
+            self._fill_windows = fill_windows(self.fill_order.shape[0])
             # experts a step fills, read by the captured kernel at each replay: 0 while graphs are captured (their
             # warm-ups run the step for real, and a fill there would load blocks no step counts)
             self.fill_n = torch.full((1,), self.fill, dtype=torch.int64, device=dev)
@@ -132,9 +149,9 @@ class DeviceStep:
         self.graph_mem_bytes = 0
 
     # --- the step's body (captured) ---
-    def _body(self, span: int) -> Tensor:
+    def _body(self, span: int, fill: bool) -> Tensor:
         m = self.model
-        if self.fill:
+        if fill:
             self._fill_start()
         plan = m.static_plan(self.step_dev[1:2], span)
         r = m.segment_first(self.step_dev[0:1], plan)
@@ -165,7 +182,7 @@ class DeviceStep:
                 out = m.segment_last(r, self.slots[l], None)
         argmax_into(out, self.token)  # the greedy pick and the next position, for `launch` (ahead.py)
         self.pos.add_(1)
-        if self.fill:
+        if fill:
             self._fill_end()
         return out
 
@@ -173,7 +190,7 @@ class DeviceStep:
         """Reserve free slots for the next non-resident experts (on the step's stream: it orders the reservation
         with the step's resolves) and copy them on the fill stream, beside the step."""
         self.table.fill_pick(self.fill_order, self.fill_cursor, self.fill_n, self.K, self.fill_key, self.fill_slot,
-                             self.fill_src)
+                             self.fill_src, self.fill_picked)
         cuda = self.fill_stream is not None
         if cuda:
             self.fill_stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -185,6 +202,31 @@ class DeviceStep:
         if self.fill_stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(self.fill_stream)
         self.table.fill_install(self.fill_key, self.fill_slot)
+
+    def _fill_watch(self) -> None:
+        """After a step with the fill: read the fill's pick count copied after an earlier step, if it has landed
+        (never waiting; eager on CPU it has), and copy the current one. Picks that stop growing for `_fill_windows` reads in a row
+        mean the fill has run dry (no free slot beyond top-k, or every key resident): the fill goes idle."""
+        if self._fill_pending and (self._fill_ev is None or self._fill_ev.query()):
+            self._fill_pending = False
+            v = int(self._fill_seen[0])
+            self._fill_dry = self._fill_dry + 1 if v == self._fill_last else 0
+            self._fill_last = v
+            if self._fill_dry >= self._fill_windows:
+                self.fill_active = False
+                return
+        if not self._fill_pending:
+            self._fill_seen.copy_(self.fill_picked, non_blocking=True)
+            if self._fill_ev is not None:
+                self._fill_ev.record(torch.cuda.current_stream(self.device))
+            self._fill_pending = True
+
+    def _fill_restart(self) -> None:
+        """A decode phase starts (the table just came to the device): fill again until it runs dry."""
+        if self.fill:
+            self.fill_active = True
+            self._fill_dry = 0
+            self._fill_last = -1
 
     def _prefetch_next(self, l: int, ids: Tensor) -> bool:
         """Issue layer l+1's prefetch; on CUDA on the side stream, after layer l's copies, beside its experts.
@@ -223,6 +265,13 @@ class DeviceStep:
             if span not in self.graphs:
                 self._add(span)
 
+    def _capture(self, span: int, fill: bool) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self._body(span, fill)
+        graph.replay()  # the first launch uploads the graph: not in the first timed step
+        return graph, out
+
     def _add(self, span: int) -> None:
         dev = self.device
         t0 = time.perf_counter()
@@ -241,12 +290,11 @@ class DeviceStep:
             side.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(side):
                 for _ in range(2):
-                    self._body(span)
+                    self._body(span, self.fill > 0)
             torch.cuda.current_stream(dev).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                out = self._body(span)
-            graph.replay()  # the first launch uploads the graph: not in the first timed step
+            graph, out = self._capture(span, self.fill > 0)
+            if self.fill:
+                self.idle[span] = self._capture(span, False)
             torch.cuda.synchronize(dev)
         self.table.t["counts"].copy_(counts)
         self.step_dev.copy_(inputs)
@@ -283,6 +331,7 @@ class DeviceStep:
         t0 = time.perf_counter()
         if self.table.owner != "device":
             self.table.take()
+            self._fill_restart()
         span = m.graph_span(pos)
         if not self.graphed:
             if token is not None:
@@ -290,7 +339,9 @@ class DeviceStep:
                 self.step_host[1] = pos
                 if self.step_dev is not self.step_host:
                     self.step_dev.copy_(self.step_host)
-            out = self._body(span)
+            out = self._body(span, self.fill_active)
+            if self.fill_active:
+                self._fill_watch()
         else:
             if span not in self.graphs:
                 self._add(span)
@@ -301,8 +352,10 @@ class DeviceStep:
                 self.step_host[1] = pos
                 self.step_dev.copy_(self.step_host, non_blocking=True)
                 self._step_ev.record(torch.cuda.current_stream(self.device))
-            graph, out = self.graphs[span]
+            graph, out = self.graphs[span] if self.fill_active or not self.fill else self.idle[span]  # fill idle
             graph.replay()
+            if self.fill and self.fill_active:
+                self._fill_watch()
         self.model.provider.note_device_token()
         self.steps += 1
         self.launch_s += time.perf_counter() - t0
@@ -318,7 +371,9 @@ class DeviceStep:
         return {"spans": sorted(self.graphs), "steps": self.steps, "launch_s": self.launch_s,
                 "host_s_per_layer": self.host_s_per_layer, "capture_s": self.capture_s,
                 "graph_mem_bytes": self.graph_mem_bytes, "evict": "nextuse" if self.nu is not None else "policy",
-                "prefetch": self.prefetch, "fill": self.fill}
+                "prefetch": self.prefetch, "fill": self.fill,
+                "fill_picked": int(self.fill_picked[0]) if self.fill else 0,
+                "fill_active": self.fill_active}
 
     def reset_stats(self) -> None:
         self.steps = 0

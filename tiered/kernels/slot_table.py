@@ -145,11 +145,12 @@ def _gather_strided_kernel(src, row_src, row_dst, dst, row_words, n_items, n_chu
 
 
 @triton.jit
-def _fill_pick_kernel(order, cursor, slot_of, key_of, host_row, out_key, out_slot, out_src, n_keys, n_slots, n_rows,
-                      fill_n, keep_free, C_P: tl.constexpr, S_P: tl.constexpr, W_P: tl.constexpr,
+def _fill_pick_kernel(order, cursor, slot_of, key_of, host_row, out_key, out_slot, out_src, picked, n_keys, n_slots,
+                      n_rows, fill_n, keep_free, C_P: tl.constexpr, S_P: tl.constexpr, W_P: tl.constexpr,
                       GDC: tl.constexpr = False):
     """One program: the first fill_n[0] (<= n_rows) non-resident keys of `order` from the cursor on (a window of
-    W_P) and as many free slots (lowest first), keeping keep_free free; the slots are reserved (key_of = -2 - key)."""
+    W_P) and as many free slots (lowest first), keeping keep_free free; the slots are reserved (key_of = -2 - key);
+    picked[0] counts them."""
     gdc_enter(GDC)
     oc = tl.arange(0, C_P)
     mc = oc < n_rows
@@ -179,6 +180,7 @@ def _fill_pick_kernel(order, cursor, slot_of, key_of, host_row, out_key, out_slo
     k = tl.load(out_key + oc, mask=mc, other=-1)
     sl = tl.load(out_slot + oc, mask=mc, other=-1)
     tl.store(key_of + sl, (-2 - k).to(tl.int32), mask=mc & (k >= 0))
+    tl.store(picked, tl.load(picked) + take)
     last_pos = tl.max(tl.where(pk, ow, -1), axis=0)
     step = tl.where(take > 0, last_pos + 1, tl.where(n_non == 0, tl.minimum(n_keys, W_P), 0))
     tl.store(cursor, (c0 + step) % n_keys)
@@ -354,26 +356,33 @@ def gather(host_pool: Tensor, row_src: Tensor, row_dst: Tensor, slots: Tensor, *
 FILL_WINDOW = 1024  # keys of the fill order one pick scans
 
 
+def fill_windows(n_keys: int) -> int:
+    """Picks in a row that find nothing before the fill has surely run dry: the order's windows, plus one (a pick
+    that finds no key not resident in its window moves the cursor a whole window on)."""
+    return -(-n_keys // min(FILL_WINDOW, _p2(n_keys))) + 1
+
+
 def fill_pick(order: Tensor, cursor: Tensor, t: dict[str, Tensor], n_fill: Tensor, keep_free: int, out_key: Tensor,
-              out_slot: Tensor, out_src: Tensor) -> None:
+              out_slot: Tensor, out_src: Tensor, picked: Tensor) -> None:
     """Background fill, step 1: up to n_fill[0] (int64 [1] on the device: a captured step reads it at each replay;
     at most out_key's length) keys not resident, the first of `order` (int64 [N'], the keys in
     fill order) from cursor (int64 [1], advanced past the last key taken) within FILL_WINDOW keys, each paired
     with a free slot (lowest index first), leaving keep_free slots free for demand misses. Each chosen slot is
     reserved (key_of = -2 - key: resolve neither takes nor evicts it) until `fill_install`. Writes out_key,
-    out_slot, out_src (the key's RAM row, for `gather`) int64 [C], -1 where nothing was picked."""
+    out_slot, out_src (the key's RAM row, for `gather`) int64 [C], -1 where nothing was picked; adds their number
+    to picked int64 [1] (what the host watches to know when the fill has run dry)."""
     S, n = t["key_of"].shape[0], order.shape[0]
     if order.device.type != "cuda":
-        return fill_pick_reference(order, cursor, t, n_fill, keep_free, out_key, out_slot, out_src)
+        return fill_pick_reference(order, cursor, t, n_fill, keep_free, out_key, out_slot, out_src, picked)
     W = min(FILL_WINDOW, _p2(n))
     C = out_key.shape[0]
-    _fill_pick_kernel[(1,)](order, cursor, t["slot_of"], t["key_of"], t["host_row"], out_key, out_slot, out_src, n,
-                            S, C, n_fill, int(keep_free), C_P=_p2(C), S_P=_p2(S), W_P=W,
+    _fill_pick_kernel[(1,)](order, cursor, t["slot_of"], t["key_of"], t["host_row"], out_key, out_slot, out_src,
+                            picked, n, S, C, n_fill, int(keep_free), C_P=_p2(C), S_P=_p2(S), W_P=W,
                             num_warps=4 if S <= 1024 else 8 if S <= 4096 else 16, **launch_args(order.device))
 
 
 def fill_pick_reference(order: Tensor, cursor: Tensor, t: dict[str, Tensor], n_fill: Tensor, keep_free: int,
-                        out_key: Tensor, out_slot: Tensor, out_src: Tensor) -> None:
+                        out_key: Tensor, out_slot: Tensor, out_src: Tensor, picked: Tensor) -> None:
     """fill_pick in plain torch on host values (CPU path and test reference)."""
     key_of, slot_of = t["key_of"], t["slot_of"]
     C = out_key.shape[0]
@@ -389,6 +398,7 @@ def fill_pick_reference(order: Tensor, cursor: Tensor, t: dict[str, Tensor], n_f
         keys[r], slots[r] = window[pos[r]], free[r]
         src[r] = int(t["host_row"][keys[r]])
         key_of[slots[r]] = -2 - keys[r]
+    picked[0] += take
     step = pos[take - 1] + 1 if take else (min(n, len(window)) if not pos else 0)
     cursor[0] = (c0 + step) % n
     out_key.copy_(torch.tensor(keys, dtype=torch.int64))
