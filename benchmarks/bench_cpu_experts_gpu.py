@@ -122,15 +122,19 @@ def profile_device_step(engine, prompt: list[int], new: int) -> dict:
     """After the timed run, the same prompt's decode steps again on the warm cache (the timed run's experts are
     resident, so few misses): the graphed device step launched as greedy run-ahead launches it (DeviceStep.launch,
     one step after another, no host read), first timed, then under torch.profiler (CUPTI lists the kernels a graph
-    replay runs). Per token: wall us, kernel count, device us by kernel name, and the misses of each pass."""
+    replay runs); with a background fill, a third pass timed on the graphs without the fill from its first step. Per token: wall us, kernel count, device us by kernel name, and the misses of each pass."""
     from torch.profiler import ProfilerActivity, profile
 
     ds, dev, table = engine.devstep, engine.device, engine.devstep.table
     P = len(prompt)
     n = max(2, new - 1)
     out: dict = {"tokens": n}
-    for phase in ("timed", "profiled"):
+    phases = ("timed", "profiled") + (("timed_idle",) if ds.fill else ())
+    for phase in phases:
         g = engine.generate(prompt, max_new_tokens=1, stop_at_eos=False)  # the prefill, as the timed run's
+        if phase == "timed_idle":  # the graphs without the fill from the first step (the host watch not waited for)
+            table.take()
+            ds.fill_active = False
         table.harvest()
         h0, m0 = table.hits, table.misses
         ctx = profile(activities=[ProfilerActivity.CUDA]) if phase == "profiled" else None
@@ -148,6 +152,8 @@ def profile_device_step(engine, prompt: list[int], new: int) -> dict:
                 ctx.__exit__(None, None, None)
         table.harvest()
         out[phase] = {"wall_us_per_token": wall * 1e6 / n, "hits": table.hits - h0, "misses": table.misses - m0}
+        if ds.fill:
+            out[phase]["fill_active_after"] = ds.fill_active
         if ctx is None:
             continue
         cnt: dict = {}
@@ -226,7 +232,8 @@ def main() -> None:
                     help="experts per layer the device step prefetches one layer ahead (run lru+pfN/device)")
     ap.add_argument("--device-fill", default="8",
                     help="comma-separated experts per step the device step's background fill copies into free slots "
-                         "(runs lru+fillN/device; N:C also sets the fill copy's programs, e.g. 8:64)")
+                         "(runs lru+fillN/device; N:C also sets the fill copy's programs, e.g. 8:64; N/id fills in "
+                         "expert-id order instead of the fitted popularity, run lru+fillNid/device)")
     ap.add_argument("--nextuse-prefetch", type=int, default=1,
                     help="prefetch candidates per layer with --device-evict nextuse (run nextuse+pfN/device)")
     ap.add_argument("--paced", default="25,12", help="--h2d-gbps rates to emulate (comma-separated GB/s)")
@@ -283,8 +290,8 @@ def main() -> None:
 
         def go(label: str, policy: str, cand: int, cpu: str, h2d: float = 0.0, table: str = "host",
                dpf: int = 0, evict: str = "policy", wb: str = "off", fill: int = 0,
-               fill_ctas: int | None = None) -> None:
-            pred = (History(L, cfg.num_experts, params) if cand or dpf or evict != "policy" or fill
+               fill_ctas: int | None = None, fill_ranked: bool = True) -> None:
+            pred = (History(L, cfg.num_experts, params) if cand or dpf or evict != "policy" or (fill and fill_ranked)
                     else NoPrediction(L, cfg.num_experts))
             budget = {**base, "policy": policy, "prefetch_depth": 1 if cand else 0, "prefetch_budget": cand or 1,
                       "cpu_experts": cpu, "h2d_gbps": h2d, "slot_table": table, "device_prefetch": dpf,
@@ -310,9 +317,10 @@ def main() -> None:
                      (f"nextuse+pf{a.nextuse_prefetch}/device", "lru", 0, "off", 0.0, "device", a.nextuse_prefetch,
                       "nextuse")]
             for f in filter(None, a.device_fill.split(",")):  # the background fill of free slots
+                f, _, order = f.partition("/")
                 n, _, c = f.partition(":")
-                plan.append((f"lru+fill{f}/device", "lru", 0, "off", 0.0, "device", 0, "policy", "off", int(n),
-                             int(c) if c else None))
+                plan.append((f"lru+fill{f}{order}/device", "lru", 0, "off", 0.0, "device", 0, "policy", "off", int(n),
+                             int(c) if c else None, order != "id"))
         for r in paced:  # with history prefetch, and demand paging alone (lru: no prefetch copies on the slow link)
             plan += [(f"{pf}/off@{r:g}", "predicted", a.candidates, "off", r),
                      (f"{pf}/auto@{r:g}", "predicted", a.candidates, "auto", r),
