@@ -1,7 +1,8 @@
 """The offloaded one-token decode step as one CUDA graph: slot lookup, eviction and miss copies on the device.
 
 Owns: `DeviceStep` (static token/position buffers, per-layer slot and miss rows, one captured graph per attended
-span, `capture_all`, the hand-over of the slot table to the device before a step) and its stats.
+span, `capture_all`, the hand-over of the slot table to the device before a step, the background fill of free
+slots and its host watch, with a second graph per span without the fill) and its stats.
 Used with the expert cache when its slot table lives on the device (store/devtable.py: every expert in the
 pinned RAM tier, lru/flru eviction or eviction by predicted next use (devpolicy.py, --device-evict nextuse), no
 observer, no prefetch hook, no CPU experts, no pacing). Where the piecewise
@@ -14,6 +15,8 @@ ahead (decode/ahead.py: `launch` reads the token and position the previous step 
 host's launch work overlaps the device's previous step.
 A routing override (predict/replay.py, benchmarks) is applied inside the graph too: its rows for the step's
 position are gathered on the device.
+With --device-fill N, each step also copies up to N experts that are not resident into free slots beside its
+compute (a pick kernel before the first layer, a gather on a side stream, an install kernel after the argmax).
 Does not own: the math (model/transformer.py segments), the tables and kernels, nor the choice of step
 (engine.py).
 

@@ -12,6 +12,10 @@ Owns two kernels and their plain torch references (the references are the CPU pa
     driven from inside a graph with data-dependent addresses; measured on the H200 box this kernel reads pinned
     host memory at 49-50 GB/s for 4-10 blocks of 2.6-9.4 MB, against 51-54 GB/s for cudaMemcpyAsync
     (benchmarks/results/uva-probe-2026-11-30-h200.json).
+  - `fill_pick` / `fill_install`: the device step's background fill (--device-fill). pick reserves free slots
+    for keys that are not resident (key_of = -2 - key: resolve neither takes nor evicts a reserved slot) and
+    writes their host rows for `gather`, which copies them on a side stream beside the step; install gives each
+    slot its key afterwards, or frees it when a demand miss loaded that key meanwhile.
 Measured and not kept: both in one launch (program 0 resolves and raises a flag the others wait on before they
 copy; session 9, benchmarks/results/offload-devstep-2026-12-01-h200-s9.json). With an exit counter (528 atomics on
 one address a call) the warm q4 step took 524.5 us against 500.6 for the two kernels; with the step's generation as
@@ -21,7 +25,8 @@ Does not own: the tensors (store/devtable.py allocates and syncs them with the h
 calls these (decode/devstep.py).
 
 Legend: K top-k, S device slots, N keys = L * E, B block bytes, R host pool rows.
-Tables: slot_of int32 [N] (-1 = not resident), key_of int32 [S] (-1 = free), last int64 [S], uses int64 [S],
+Tables: slot_of int32 [N] (-1 = not resident), key_of int32 [S] (-1 = free, <= -2 = reserved by a fill whose copy
+is in flight, within one step), last int64 [S], uses int64 [S],
 clock int64 [1] (ticks once per resolve, like the host cache's get() clock), counts int64 [4] (hits, misses;
 prefetch: already resident, loaded),
 host_row int64 [N] (the key's row in the host pool; every key must have one).
