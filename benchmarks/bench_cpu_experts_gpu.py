@@ -122,7 +122,8 @@ def profile_device_step(engine, prompt: list[int], new: int) -> dict:
     """After the timed run, the same prompt's decode steps again on the warm cache (the timed run's experts are
     resident, so few misses): the graphed device step launched as greedy run-ahead launches it (DeviceStep.launch,
     one step after another, no host read), first timed, then under torch.profiler (CUPTI lists the kernels a graph
-    replay runs); with a background fill, a third pass timed on the graphs without the fill from its first step. Per token: wall us, kernel count, device us by kernel name, and the misses of each pass."""
+    replay runs); with a background fill, a third pass timed on the graphs without the fill from its first step.
+    Per token: wall us, kernel count, device us by kernel name, and the misses of each pass."""
     from torch.profiler import ProfilerActivity, profile
 
     ds, dev, table = engine.devstep, engine.device, engine.devstep.table

@@ -515,11 +515,12 @@ sig5 = {"order": "*i64", "cursor": "*i64", "slot_of": "*i32", "key_of": "*i32", 
         "fill_n": "*i64",
         "keep_free": "i32",
         "C_P": "constexpr", "S_P": "constexpr", "W_P": "constexpr", "GDC": "constexpr"}
-assert triton.compile(ASTSource(st._fill_pick_kernel, sig5, constexprs={"C_P": 8, "S_P": 2048, "W_P": 1024, "GDC": True}),
-                      target=tgt).asm["cubin"]
+cx5 = {"C_P": 8, "S_P": 2048, "W_P": 1024, "GDC": True}
+assert triton.compile(ASTSource(st._fill_pick_kernel, sig5, constexprs=cx5), target=tgt).asm["cubin"]
 sig6 = {"fill_key": "*i64", "fill_slot": "*i64", "slot_of": "*i32", "key_of": "*i32", "last": "*i64", "uses": "*i64",
         "counts": "*i64", "n_fill": "i32", "C_P": "constexpr", "GDC": "constexpr"}
-assert triton.compile(ASTSource(st._fill_install_kernel, sig6, constexprs={"C_P": 8, "GDC": True}), target=tgt).asm["cubin"]
+assert triton.compile(ASTSource(st._fill_install_kernel, sig6, constexprs={"C_P": 8, "GDC": True}),
+                      target=tgt).asm["cubin"]
 from tiered.kernels import next_use as nu
 sig4 = {"ids_ptr": "*i64", "prev_ptr": "*i64", "tt_ptr": "*fp32", "lt_ptr": "*fp32", "fast_ptr": "*fp32",
         "slow_ptr": "*fp32", "prob_ptr": "*fp32", "pfp_ptr": "*fp32", "base_ptr": "*i64", "w_ptr": "*fp32", "j": "i32",

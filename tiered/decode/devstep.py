@@ -208,8 +208,8 @@ class DeviceStep:
 
     def _fill_watch(self) -> None:
         """After a step with the fill: read the fill's pick count copied after an earlier step, if it has landed
-        (never waiting; eager on CPU it has), and copy the current one. Picks that stop growing for `_fill_windows` reads in a row
-        mean the fill has run dry (no free slot beyond top-k, or every key resident): the fill goes idle."""
+        (never waiting; eager on CPU it has), and copy the current one. Picks that stop growing for `_fill_windows`
+        reads in a row mean the fill has run dry (no free slot beyond top-k, or every key resident): it goes idle."""
         if self._fill_pending and (self._fill_ev is None or self._fill_ev.query()):
             self._fill_pending = False
             v = int(self._fill_seen[0])

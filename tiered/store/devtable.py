@@ -166,8 +166,9 @@ class DeviceSlotTable:
 
     def fill_pick(self, order: Tensor, cursor: Tensor, n_fill: Tensor, keep_free: int, out_key: Tensor,
                   out_slot: Tensor, out_src: Tensor, picked: Tensor) -> None:
-        """Background fill: reserve up to n_fill[0] (a device scalar) free slots (leaving keep_free) for the first non-resident keys of
-        `order` from `cursor` on; out_src holds their RAM rows for `gather` (kernels/slot_table.fill_pick)."""
+        """Background fill: reserve up to n_fill[0] (a device scalar) free slots (leaving keep_free) for the first
+        keys of `order` from `cursor` on that are not resident; out_src holds their RAM rows for `gather`, picked
+        counts them (kernels/slot_table.fill_pick)."""
         self.kern.fill_pick(order, cursor, self.t, n_fill, keep_free, out_key, out_slot, out_src, picked)
 
     def fill_install(self, fill_key: Tensor, fill_slot: Tensor) -> None:
