@@ -152,7 +152,7 @@ class DeviceStep:
         self.graph_mem_bytes = 0
 
     # --- the step's body (captured) ---
-    def _body(self, span: int, fill: bool) -> Tensor:
+    def _body(self, span: int, fill: bool = False) -> Tensor:
         m = self.model
         if fill:
             self._fill_start()
