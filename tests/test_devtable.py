@@ -371,6 +371,28 @@ def test_device_step_greedy_identical(reference_layout, unlimited, slots, w):
     eng.model.provider.vram.table.check()  # the host table handed back is consistent
 
 
+def test_device_step_fill_order_by_popularity(reference_layout):
+    """With router-history transitions the fill order takes each MoE layer's experts by descending column sum of
+    the time transitions (how often an expert follows any other), the layers interleaved; without them, by id."""
+    B = 49152
+    tr = _code_transitions(reference_layout)
+    for transitions in (tr, None):
+        eng = load(reference_layout, device="cpu", budget={"expert_slots": 64, "ram_gb": 600 * B / 2**30})
+        cache = eng.model.provider
+        cache.ram.preload(list(range(512)), 0)
+        cache.devtable = DeviceSlotTable(cache, w=0, kernels=st)
+        step = DeviceStep(eng.model, graphs=False, fill=4, transitions=transitions)
+        order = step.fill_order.view(64, 8)  # [rank, layer]: key = layer * 64 + expert
+        assert sorted(step.fill_order.tolist()) == list(range(512))
+        for m in range(8):
+            experts = (order[:, m] - m * 64).tolist()
+            if transitions is None:
+                assert experts == list(range(64))
+            else:
+                pop = tr[1][m].float().sum(0)
+                assert pop[experts].tolist() == sorted(pop.tolist(), reverse=True)
+
+
 @pytest.mark.parametrize("slots,n", [(512, 2), (512, 64), (40, 16)])
 def test_device_step_fill_greedy_identical(reference_layout, unlimited, slots, n):
     """The background fill (free slots filled with experts not yet resident, beside each step) gives the every-
