@@ -213,17 +213,15 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
     dpf = int((budget or {}).get("device_prefetch") or 0)
     dev_evict = (budget or {}).get("device_evict") or "policy"
     dev_fill = int((budget or {}).get("device_fill") or 0)
-    if dev_fill and getattr(provider, "devtable", None) is None:
-        raise EngineError(f"--device-fill needs the device slot table (--slot-table device or auto), which this run "
+    flags = [f for f, on in (("--device-prefetch", dpf), (f"--device-evict {dev_evict}", dev_evict != "policy"),
+                             ("--device-fill", dev_fill)) if on]
+    if flags and getattr(provider, "devtable", None) is None:
+        raise EngineError(f"{flags[0]} needs the device slot table (--slot-table device or auto), which this run "
                           f"does not use: {getattr(provider, 'slot_table_note', None) or 'no expert cache'}")
     transitions = None
     if dpf or dev_evict != "policy":
-        if getattr(provider, "devtable", None) is None:
-            flag = "--device-prefetch" if dpf else f"--device-evict {dev_evict}"
-            raise EngineError(f"{flag} needs the device slot table (--slot-table device or auto), which this "
-                              f"run does not use: {getattr(provider, 'slot_table_note', None) or 'no expert cache'}")
         transitions = _transitions(layout, predictor)
-    elif dev_fill and getattr(provider, "devtable", None) is not None:
+    elif dev_fill:
         try:  # the fill's order: each layer's likeliest experts first; without transitions, by expert id
             transitions = _transitions(layout, predictor)
         except EngineError:

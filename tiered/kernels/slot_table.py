@@ -364,7 +364,7 @@ FILL_WINDOW = 1024  # keys of the fill order one pick scans
 def fill_windows(n_keys: int) -> int:
     """Picks in a row that find nothing before the fill has surely run dry: the order's windows, plus one (a pick
     that finds no key not resident in its window moves the cursor a whole window on)."""
-    return -(-n_keys // min(FILL_WINDOW, _p2(n_keys))) + 1
+    return -(-n_keys // min(FILL_WINDOW, n_keys)) + 1
 
 
 def fill_pick(order: Tensor, cursor: Tensor, t: dict[str, Tensor], n_fill: Tensor, keep_free: int, out_key: Tensor,
@@ -394,7 +394,7 @@ def fill_pick_reference(order: Tensor, cursor: Tensor, t: dict[str, Tensor], n_f
     n_fill = min(int(n_fill[0]), C)
     n = order.shape[0]
     c0 = int(cursor[0])
-    window = [int(order[(c0 + i) % n]) for i in range(min(n, FILL_WINDOW, _p2(n)))]
+    window = [int(order[(c0 + i) % n]) for i in range(min(n, FILL_WINDOW))]
     pos = [i for i, k in enumerate(window) if int(slot_of[k]) < 0]
     free = [s for s in range(key_of.shape[0]) if int(key_of[s]) == -1]
     take = max(0, min(len(pos), int(n_fill), len(free) - int(keep_free)))

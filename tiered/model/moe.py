@@ -173,7 +173,8 @@ def experts_from_slots(x: Tensor, slots: Tensor, weights: Tensor, W: Any, act: C
     x [1, D], slots [K] int64 on W's device (the rows are slot_base + slots), weights [1, K] (compute dtype, or
     fp32; rounded to `round_to` first when given, inside the fused kernels), W = provider.weights -> [1, D].
     The K experts' gate (and up) rows are stacked into one [K*F, D] matrix, so each projection is a single GEMV;
-    the down projection is one batched [1, F] x [F, D] product per expert over the transposed view (no copy). Measured on CPU, about 3x faster than batched matmuls with one column. Rounding follows
+    the down projection is one batched [1, F] x [F, D] product per expert over the transposed view (no copy).
+    Measured on CPU, about 3x faster than batched matmuls with one column. Rounding follows
     transformers' grouped_mm experts: each expert's output in the compute dtype, times its weight, summed
     over K with one rounding. Every shape depends only on K, so a CUDA graph can capture it with `slots` a
     static buffer (the piecewise decode step).
