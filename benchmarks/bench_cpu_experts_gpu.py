@@ -316,7 +316,11 @@ def main() -> None:
                      (f"lru+pf{a.device_prefetch}/device", "lru", 0, "off", 0.0, "device", a.device_prefetch),
                      ("nextuse/device", "lru", 0, "off", 0.0, "device", 0, "nextuse"),
                      (f"nextuse+pf{a.nextuse_prefetch}/device", "lru", 0, "off", 0.0, "device", a.nextuse_prefetch,
-                      "nextuse")]
+                      "nextuse"),
+                     # CPU experts inside the device step (model/cpu_mailbox.py): the cost model splits each
+                     # layer's misses between the link and the CPU
+                     ("lru+cpu/device", "lru", 0, "auto", 0.0, "device"),
+                     ("nextuse+cpu/device", "lru", 0, "auto", 0.0, "device", 0, "nextuse")]
             for f in filter(None, a.device_fill.split(",")):  # the background fill of free slots
                 f, _, order = f.partition("/")
                 n, _, c = f.partition(":")
@@ -334,6 +338,9 @@ def main() -> None:
         same = {k: v["tokens"] == ref["tokens"] for k, v in runs.items()}
         bel = belady_bytes(ref["get_trace"], ref["expert_slots"], bs, ref["decode"]["tokens"])
         cpu_gbps = (runs.get("all", {}).get("cpu_experts") or {}).get("gbps")
+        if not cpu_gbps:  # "all" not run: the CPU rate a device-step run with CPU experts measured
+            cpu_gbps = next((g for lab in ("nextuse+cpu/device", "lru+cpu/device")
+                             if (g := (runs.get(lab, {}).get("cpu_experts") or {}).get("gbps"))), None)
         row = {"doc": name, "expert_slots": ref["expert_slots"], "belady": bel, "cpu_expert_gbps": cpu_gbps,
                "tokens_identical": same, "links": {}, "runs": {}}
         for label, s in runs.items():
@@ -362,7 +369,8 @@ def main() -> None:
 
         cands = [lab for lab in (f"{pf}/auto", "predicted/auto", f"{pf}/off", "predicted/off", "lru/off",
                                  "lru/device", "flru/device", "nextuse/device",
-                                 f"nextuse+pf{a.nextuse_prefetch}/device") if lab in M]
+                                 f"nextuse+pf{a.nextuse_prefetch}/device", "lru+cpu/device",
+                                 "nextuse+cpu/device") if lab in M]
         best = max(cands, key=lambda lab: M[lab]["decode_tok_s"] or 0)
         res["best"] = best
         res["best_decode_tok_s"] = M[best]["decode_tok_s"]
@@ -380,13 +388,23 @@ def main() -> None:
         nul = f"nextuse+pf{a.nextuse_prefetch}/device"
         if nul in M and M[nul]["decode_tok_s"]:  # prefetch by predicted next use (decode/devpolicy.py)
             res["vs_serial_belady_bound_prefetch_nextuse"] = get(nul, "vs_serial_belady_bound")
-        dev = [lab for lab in ("lru/device", "flru/device", "nextuse/device") if lab in M and M[lab]["decode_tok_s"]]
+        dev = [lab for lab in ("lru/device", "flru/device", "nextuse/device", "lru+cpu/device", "nextuse+cpu/device")
+               if lab in M and M[lab]["decode_tok_s"]]
         if dev:  # demand paging with the slot table on the device (no host round trip per layer)
             bd = max(dev, key=lambda lab: M[lab]["decode_tok_s"])
             res["best_device_step"] = bd
             res["vs_serial_belady_bound_demand_device"] = get(bd, "vs_serial_belady_bound")
             res["device_over_host_lru"] = (M[bd]["decode_tok_s"] / M["lru/off"]["decode_tok_s"]
                                            if M.get("lru/off", {}).get("decode_tok_s") else None)
+        dc = [lab for lab in ("lru+cpu/device", "nextuse+cpu/device") if lab in M and M[lab]["decode_tok_s"]]
+        if dc:  # CPU experts inside the device step: both paths of a miss in use, the combined bound's run
+            bc = max(dc, key=lambda lab: M[lab]["decode_tok_s"])
+            nocpu = bc.replace("+cpu", "")
+            res["best_device_cpu"] = bc
+            res["vs_combined_bound_device"] = get(bc, "vs_combined_bound")
+            res["vs_serial_belady_bound_demand_device_cpu"] = get(bc, "vs_serial_belady_bound")
+            res["device_cpu_over_device"] = (M[bc]["decode_tok_s"] / M[nocpu]["decode_tok_s"]
+                                             if M.get(nocpu, {}).get("decode_tok_s") else None)
         fl = [lab for lab in M if "+fill" in lab and M[lab]["decode_tok_s"]]
         if fl:  # the background fill: what demand paging takes as first-use misses, loaded ahead
             bf = max(fl, key=lambda lab: M[lab]["decode_tok_s"])

@@ -28,7 +28,7 @@ def _tables(N: int, S: int, device: str = "cpu", seed: int = 0) -> dict[str, tor
     g = torch.Generator().manual_seed(seed)
     t = {"slot_of": torch.full((N,), -1, dtype=torch.int32), "key_of": torch.full((S,), -1, dtype=torch.int32),
          "last": torch.zeros(S, dtype=torch.int64), "uses": torch.zeros(S, dtype=torch.int64),
-         "clock": torch.zeros(1, dtype=torch.int64), "counts": torch.zeros(4, dtype=torch.int64),
+         "clock": torch.zeros(1, dtype=torch.int64), "counts": torch.zeros(5, dtype=torch.int64),
          "host_row": torch.randperm(N, generator=g).to(torch.int64)}
     return {k: v.to(device) for k, v in t.items()}
 
@@ -319,7 +319,8 @@ def test_refusal_says_what_to_change():
     assert "CUDA" in refusal(**{**ok, "cuda": False})
     assert "--ram-gb" in refusal(**{**ok, "ram_slots": 100})
     assert "predicted" in refusal(**{**ok, "policy": "predicted"})
-    assert "--cpu-experts" in refusal(**{**ok, "cpu_experts": "auto"})
+    assert refusal(**{**ok, "cpu_experts": "auto"}) is None  # the device step hands misses to the CPU itself
+    assert "--cpu-experts all" in refusal(**{**ok, "cpu_experts": "all"})
     assert "--h2d-gbps" in refusal(**{**ok, "h2d_gbps": 12.0})
     assert "--prefetch-depth" in refusal(**{**ok, "prefetch_depth": 1})
 

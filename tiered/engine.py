@@ -33,6 +33,8 @@ from tiered.layout.families import default_model_path
 from tiered.layout.format import DTYPES, MANIFEST
 from tiered.layout.tokenizer import Tokenizer
 from tiered.model import cpu_experts
+from tiered.model.cpu_kernel import KernelUnavailable
+from tiered.model.cpu_mailbox import CpuMailbox
 from tiered.model.layers import pick_backend
 from tiered.model.moe import PrefetchHook, RoutingObserver
 from tiered.model.transformer import RoutingOverride, Transformer
@@ -231,14 +233,41 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
                         observer=observer, prefetch_hook=prefetch_hook, routing=routing, kernels=kernels,
                         glue=glue)
     cpu_experts.prepare(provider, dt, model.layers[cfg.first_moe_layer].moe.act)  # --cpu-experts dtype, rate
+    box = None
+    if getattr(provider, "devtable", None) is not None and getattr(provider, "split", False):
+        box, why = _cpu_mailbox(provider, cfg, dt, model.fp32_route_weights)
+        if box is None:
+            if (budget or {}).get("slot_table") == "device":
+                raise EngineError(f"--slot-table device with --cpu-experts {provider.cpu_mode}: {why}")
+            provider.drop_device_table(why)
     tok = Tokenizer.from_dir(layout.path) if layout.tokenizer_path else None
     engine = Engine(model, tok, layout_path=layout.path, cuda_graphs=cuda_graphs and dev.type == "cuda",
                     prefetcher=prefetcher, device_prefetch=(dpf, transitions) if transitions is not None else None,
-                    device_evict=dev_evict, device_fill=dev_fill)
+                    device_evict=dev_evict, device_fill=dev_fill, cpu_box=box)
     engine._sync()
     engine.load_s = time.perf_counter() - t0
     engine.capture_graphs()
     return engine
+
+
+def _cpu_mailbox(provider: Any, cfg: Any, dtype: torch.dtype, fp32_weights: bool) -> tuple[Any, str | None]:
+    """The device step's CPU experts: a started mailbox over the pinned RAM tier (model/cpu_mailbox.py) with its
+    round trip measured, or (None, why not)."""
+    kern = getattr(provider, "cpu_kernel", None)
+    if kern is None:
+        return None, ("CPU experts in the device step need the native CPU kernel (model/cpu_kernel.c), which is "
+                      "unavailable here (see the warning above); --slot-table host computes them with torch")
+    try:
+        box = CpuMailbox(kern, provider.ram_views(), K=cfg.top_k, D=cfg.hidden_size, dtype=dtype,
+                         threads=provider.cpu_threads, fp32_weights=fp32_weights,
+                         pin=provider.device.type == "cuda")
+    except (KernelUnavailable, ValueError) as e:
+        return None, f"CPU experts in the device step: {e}; --slot-table host computes them with torch"
+    box.start()
+    table = provider.ram.table
+    box.probe([table.lookup(k) for k in range(min(4, provider.num_layers * provider.num_experts))])
+    provider.cpu_box = box
+    return box, None
 
 
 def _transitions(layout: Any, predictor: Predictor | None) -> tuple[Tensor, Tensor]:
@@ -279,7 +308,7 @@ class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None, *, layout_path: Path | None = None,
                  cuda_graphs: bool = False, prefetcher: Prefetcher | None = None,
                  device_prefetch: tuple[int, tuple[Tensor, Tensor]] | None = None,
-                 device_evict: str = "policy", device_fill: int = 0) -> None:
+                 device_evict: str = "policy", device_fill: int = 0, cpu_box: Any = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.config: ModelConfig = model.config
@@ -298,7 +327,8 @@ class Engine:
         self.devstep: DeviceStep | None = None
         if cuda_graphs and not resident and getattr(model.provider, "devtable", None) is not None:
             n, tr = device_prefetch or (0, None)
-            self.devstep = DeviceStep(model, prefetch=n, transitions=tr, evict=device_evict, fill=device_fill)
+            self.devstep = DeviceStep(model, prefetch=n, transitions=tr, evict=device_evict, fill=device_fill,
+                                      cpu=cpu_box)
         elif cuda_graphs and not resident:
             try:
                 self.pieces = PiecewiseDecode(model, graphs=True)

@@ -27,12 +27,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from tiered.decode.devpolicy import DEFAULT_PARAMS, NextUse, NextUseParams
 from tiered.decode.sampling import argmax_into
+from tiered.kernels import cpu_handoff
 from tiered.kernels.slot_table import fill_windows
 from tiered.model.transformer import Transformer
 
@@ -46,12 +48,14 @@ class DeviceStep:
     def __init__(self, model: Transformer, *, graphs: bool = True, prefetch: int = 0,
                  transitions: tuple[Tensor, Tensor] | None = None, time_mix: float = 0.5, prefetch_ctas: int = 32,
                  evict: str = "policy", nextuse: NextUseParams | None = None, fill: int = 0,
-                 fill_ctas: int = 32) -> None:
+                 fill_ctas: int = 32, cpu: Any = None, cpu_take: list[int] | None = None) -> None:
         """evict: "policy" (the table's lru/flru) or "nextuse" (decode/devpolicy.py: evict the latest predicted next
         use; a prefetch then takes the non-resident candidates of highest probability, over victims predicted
         later only). nextuse: its weights (default DEFAULT_PARAMS). Both prediction modes need `transitions`.
         fill: experts per step copied into free slots in the background (0 = off); fill_ctas: the programs of
-        that copy (it runs beside the step's compute, which keeps the other SMs)."""
+        that copy (it runs beside the step's compute, which keeps the other SMs).
+        cpu: a started CpuMailbox (model/cpu_mailbox.py; --cpu-experts auto): resolve sends some of a layer's misses
+        to it, by cpu_take[m] of m misses (None: the provider's cost model, `cpu_split`)."""
         table = getattr(model.provider, "devtable", None)
         if table is None:
             raise ValueError("DeviceStep needs an expert cache with a device slot table (--slot-table device)")
@@ -144,6 +148,18 @@ class DeviceStep:
             self.fill_src = torch.full((self.fill,), -1, dtype=torch.int64, device=dev)
             self.fill_stream = torch.cuda.Stream(dev) if cuda else None
             self.fill_ctas = int(fill_ctas)
+        # CPU experts: per MoE layer, resolve's RAM rows of the misses sent to the CPU, and the worker's sum [1, D]
+        # that the layer adds after its device experts; seq: the handshake's numbers (kernels/cpu_handoff.py)
+        self.cpu = cpu
+        self.cpu_take: list[int] | None = None
+        if cpu is not None:
+            self.cpu_row = torch.full((self.L, self.K), -1, dtype=torch.int64, device=dev)
+            self.cpu_y = torch.zeros(self.L, 1, cfg.hidden_size, dtype=model.dtype, device=dev)
+            self.cpu_seq = torch.zeros(3, dtype=torch.int32, device=dev)
+            self.cpu_take = list(cpu_take) if cpu_take is not None else cpu_split(model.provider, self.K, cpu)
+            if len(self.cpu_take) != self.K + 1:
+                raise ValueError(f"cpu_take needs K + 1 = {self.K + 1} entries (misses 0..K), got {len(self.cpu_take)}")
+            table.set_cpu_take(self.cpu_take)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.graphed else None
         self.steps = 0
@@ -170,19 +186,26 @@ class DeviceStep:
                     torch.cuda.current_stream(self.device).wait_stream(self.pf_stream)
                     joined = True
                 nu = self.nu
+                cpu = self.cpu is not None
                 self.table.resolve(l, r.ids[0], self.slots[l], self.src[l],
-                                   nt=nu.demand_nt(self.moe_index[l]) if nu is not None else None)
+                                   nt=nu.demand_nt(self.moe_index[l]) if nu is not None else None,
+                                   cpu_row=self.cpu_row[l] if cpu else None)
+                if cpu:  # the CPU starts on its share before the copies of the others
+                    cpu_handoff.post(r.x, r.weights[0], self.cpu_row[l], self.cpu_seq, self.cpu)
                 self.table.gather(self.src[l], self.slots[l])
+                if cpu:
+                    cpu_handoff.wait(self.cpu_seq, self.cpu, self.cpu_y[l])
                 if nu is not None:
                     nu.update(self.moe_index[l], r.ids[0])
                 if self.prefetch and l + 1 < self.L and m.layers[l + 1].moe is not None:
                     joined = self._prefetch_next(l, r.ids[0])
                 if self.prefetch:
                     self.prev_ids[l].copy_(r.ids[0])
+            part = self.cpu_y[l] if self.cpu is not None and m.layers[l].moe is not None else None
             if l + 1 < self.L:
-                r = m.segment_mid(l + 1, r, self.slots[l], plan, None)
+                r = m.segment_mid(l + 1, r, self.slots[l], plan, part)
             else:
-                out = m.segment_last(r, self.slots[l], None)
+                out = m.segment_last(r, self.slots[l], part)
         argmax_into(out, self.token)  # the greedy pick and the next position, for `launch` (ahead.py)
         self.pos.add_(1)
         if fill:
@@ -376,8 +399,24 @@ class DeviceStep:
                 "graph_mem_bytes": self.graph_mem_bytes, "evict": "nextuse" if self.nu is not None else "policy",
                 "prefetch": self.prefetch, "fill": self.fill,
                 "fill_picked": int(self.fill_picked[0]) if self.fill else 0,
-                "fill_active": self.fill_active}
+                "fill_active": self.fill_active,
+                "cpu": None if self.cpu is None else {**self.cpu.stats(), "take": self.cpu_take}}
 
     def reset_stats(self) -> None:
         self.steps = 0
         self.launch_s = self.capture_s = 0.0
+
+
+def cpu_split(provider: Any, K: int, box: Any) -> list[int]:
+    """take[m], m = 0..K: how many of a layer's m misses the CPU computes, by the provider's cost model
+    (store/offload.py CostModel.place: each miss where it would finish first, the copies queued on the link and
+    the CPU's jobs on the worker; its CPU rate from the load-time probe), with the mailbox's measured round trip as
+    the CPU's fixed cost per layer. No cost model (or no CPU rate yet): nothing goes to the CPU."""
+    from tiered.store.offload import CostModel
+
+    cm = getattr(provider, "cost_model", None)
+    if cm is None or cm.cpu_gbps <= 0:
+        return [0] * (K + 1)
+    over = box.overhead_s if box.overhead_s is not None else cm.cpu_overhead_s
+    dm = CostModel(cm.pcie_gbps, cm.cpu_gbps, cpu_overhead_s=over, fixed=True)
+    return [sum(dm.place(m, provider.block_size)) for m in range(K + 1)]

@@ -27,8 +27,8 @@ calls these (decode/devstep.py).
 Legend: K top-k, S device slots, N keys = L * E, B block bytes, R host pool rows.
 Tables: slot_of int32 [N] (-1 = not resident), key_of int32 [S] (-1 = free, <= -2 = reserved by a fill whose copy
 is in flight, within one step), last int64 [S], uses int64 [S],
-clock int64 [1] (ticks once per resolve, like the host cache's get() clock), counts int64 [4] (hits, misses;
-prefetch: already resident, loaded),
+clock int64 [1] (ticks once per resolve, like the host cache's get() clock), counts int64 [5] (hits, misses;
+prefetch: already resident, loaded; misses computed on the CPU),
 host_row int64 [N] (the key's row in the host pool; every key must have one).
 """
 from __future__ import annotations
@@ -51,7 +51,8 @@ _PINNED = tl.constexpr(PINNED_SCORE)
 @triton.jit
 def _resolve_kernel(ids_ptr, base, slot_of, key_of, last, uses, clock, counts, host_row, out_slot, out_src,
                     pin_ptr, nt_ptr, n_ids, n_slots, n_pin, w, margin, K_P: tl.constexpr, S_P: tl.constexpr,
-                    P_P: tl.constexpr, PREFETCH: tl.constexpr, SCORED: tl.constexpr, GDC: tl.constexpr = False):
+                    P_P: tl.constexpr, PREFETCH: tl.constexpr, SCORED: tl.constexpr, GDC: tl.constexpr = False,
+                    cpu_take=None, cpu_row=None, zero_slot=0, CPU: tl.constexpr = False):
     gdc_enter(GDC)
     ok = tl.arange(0, K_P)
     inb = ok < n_ids
@@ -69,10 +70,23 @@ def _resolve_kernel(ids_ptr, base, slot_of, key_of, last, uses, clock, counts, h
         tl.store(uses + sh, tl.load(uses + sh, mask=hit, other=0) + 1, mask=hit)
         tl.store(last + sh, tl.zeros([K_P], dtype=tl.int64) + t, mask=hit)
         tl.store(clock, t)
+    if CPU:
+        tl.store(cpu_row + ok, tl.full([K_P], -1, tl.int64), mask=inb)
     if tl.sum(miss.to(tl.int32), axis=0) == 0:  # every expert resident: no victim search (the common case)
         tl.store(out_slot + ok, tl.where(mk, s, -1), mask=inb)
         tl.store(out_src + ok, tl.full([K_P], -1, tl.int64), mask=inb)
     else:
+        on_cpu = miss & (ok < 0)
+        if CPU:  # the first cpu_take[misses] misses in order of latest predicted next use (by position without nt)
+            c = tl.load(cpu_take + tl.sum(miss.to(tl.int32), axis=0))
+            if SCORED:
+                pri = tl.load(nt_ptr + keys, mask=mk, other=0)
+            else:
+                pri = ok.to(tl.int64) * 0
+            ahead = (pri[None, :] > pri[:, None]) | ((pri[None, :] == pri[:, None]) & (ok[None, :] > ok[:, None]))
+            rank = tl.sum((ahead & miss[None, :]).to(tl.int32), axis=1)  # [K_P] misses before each
+            on_cpu = miss & (rank < c)
+            miss = miss & (rank >= c)
         os_ = tl.arange(0, S_P)
         ms = os_ < n_slots
         kof = tl.load(key_of + os_, mask=ms, other=-1)
@@ -113,10 +127,14 @@ def _resolve_kernel(ids_ptr, base, slot_of, key_of, last, uses, clock, counts, h
         tl.store(key_of + slot, keys.to(tl.int32), mask=load)
         tl.store(last + slot, tl.zeros([K_P], dtype=tl.int64) + (0 if PREFETCH else t), mask=load)
         tl.store(uses + slot, tl.zeros([K_P], dtype=tl.int64) + (0 if PREFETCH else 1), mask=load)
-        tl.store(out_slot + ok, tl.where(mk, slot, -1), mask=inb)
-        src = tl.load(host_row + keys, mask=load, other=-1)
+        tl.store(out_slot + ok, tl.where(on_cpu, zero_slot, tl.where(mk, slot, -1)), mask=inb)
+        src = tl.load(host_row + keys, mask=load | on_cpu, other=-1)
         tl.store(out_src + ok, tl.where(load, src, -1), mask=inb)
-        tl.store(counts + c0 + 1, tl.load(counts + c0 + 1) + tl.sum(load.to(tl.int64), axis=0))
+        n_cpu = tl.sum(on_cpu.to(tl.int64), axis=0)
+        tl.store(counts + c0 + 1, tl.load(counts + c0 + 1) + tl.sum(load.to(tl.int64), axis=0) + n_cpu)
+        if CPU:
+            tl.store(cpu_row + ok, tl.where(on_cpu, src, -1), mask=inb)
+            tl.store(counts + 4, tl.load(counts + 4) + n_cpu)
 
 
 @triton.jit
@@ -234,7 +252,7 @@ def _p2(n: int) -> int:
 
 def resolve(ids: Tensor, layer: int, num_experts: int, t: dict[str, Tensor], w: int, out_slot: Tensor,
             out_src: Tensor, *, pin: Tensor | None = None, prefetch: bool = False, nt: Tensor | None = None,
-            margin: int = 0) -> None:
+            margin: int = 0, cpu: tuple[Tensor, Tensor, int] | None = None) -> None:
     """ids int64 [K] (device) of `layer` -> out_slot int64 [K], out_src int64 [K] (host row of a miss, -1 on a hit);
     `t` holds the tables of the module docstring (updated in place). CUDA: one program; else the reference.
     An id < 0 is skipped (out_slot and out_src -1).
@@ -247,11 +265,19 @@ def resolve(ids: Tensor, layer: int, num_experts: int, t: dict[str, Tensor], w: 
     uses it; measured on the H200 box, inserting them as the newest evicted useful experts), never evicting a slot
     in `pin` (int64 [P]: the slots compute reads meanwhile); with nt, only a free slot or a victim whose nt is at
     least the candidate's nt + margin is taken (a prefetch never evicts a block predicted to be needed sooner). A
-    candidate left without a slot gets -1. Counted in counts[2] (already resident) and counts[3] (loaded)."""
+    candidate left without a slot gets -1. Counted in counts[2] (already resident) and counts[3] (loaded).
+
+    cpu = (take int32 [K + 1], cpu_row int64 [K], zero_slot) (demand calls only: CPU experts in the device step):
+    of a call's m misses, the first take[m] in order of latest predicted next use (with nt; else the last misses
+    in id order) are computed on the CPU: they get no slot and evict nothing, their slot row is zero_slot (an
+    all-zero expert that outputs exactly 0) and cpu_row holds their RAM row (-1 elsewhere), for the mailbox
+    (kernels/cpu_handoff.py). They count as misses (counts[1]) and in counts[4]."""
     S = t["key_of"].shape[0]
     if ids.device.type != "cuda":
         return resolve_reference(ids, layer, num_experts, t, w, out_slot, out_src, pin=pin, prefetch=prefetch, nt=nt,
-                                 margin=margin)
+                                 margin=margin, cpu=cpu)
+    if cpu is not None and prefetch:
+        raise ValueError("CPU experts are a demand decision: resolve(prefetch=True) takes no cpu")
     K = ids.shape[0]
     if S < K and not prefetch:
         raise ValueError(f"a device slot table of {S} slots cannot hold one layer's {K} experts")
@@ -261,12 +287,19 @@ def resolve(ids: Tensor, layer: int, num_experts: int, t: dict[str, Tensor], w: 
                           t["counts"], t["host_row"], out_slot, out_src, pin if pin is not None else out_slot,
                           nt if nt is not None else out_slot, K, S, P, int(w), int(margin), K_P=_p2(K), S_P=_p2(S),
                           P_P=_p2(P) if P else 1, PREFETCH=prefetch, SCORED=nt is not None, num_warps=nw,
-                          **launch_args(ids.device))
+                          **launch_args(ids.device), **_cpu_args(cpu))
+
+
+def _cpu_args(cpu: tuple[Tensor, Tensor, int] | None) -> dict:
+    if cpu is None:
+        return {}
+    take, row, zero = cpu
+    return {"cpu_take": take, "cpu_row": row, "zero_slot": int(zero), "CPU": True}
 
 
 def resolve_reference(ids: Tensor, layer: int, num_experts: int, t: dict[str, Tensor], w: int, out_slot: Tensor,
                       out_src: Tensor, *, pin: Tensor | None = None, prefetch: bool = False, nt: Tensor | None = None,
-                      margin: int = 0) -> None:
+                      margin: int = 0, cpu: tuple[Tensor, Tensor, int] | None = None) -> None:
     """The same algorithm in plain torch on host values (CPU path and test reference): ties go to the lowest slot,
     as argmin's do in the kernel."""
     slot_of, key_of, last, uses = t["slot_of"], t["key_of"], t["last"], t["uses"]
@@ -296,8 +329,19 @@ def resolve_reference(ids: Tensor, layer: int, num_experts: int, t: dict[str, Te
         if kof[i] < -1:  # reserved by a fill whose copy is in flight
             score[i] = PINNED_SCORE
     src = [-1] * len(keys)
+    on_cpu: set[int] = set()
+    if cpu is not None:
+        miss = [j for j, k in enumerate(keys) if k >= 0 and slots[j] < 0]
+        pri = {j: (int(ntl[keys[j]]) if ntl is not None else 0, j) for j in miss}
+        c = int(cpu[0][len(miss)]) if miss else 0
+        on_cpu = set(sorted(miss, key=lambda j: pri[j], reverse=True)[:c])
+        cpu[1].fill_(-1)
     for j, k in enumerate(keys):
         if k < 0 or slots[j] >= 0:
+            continue
+        if j in on_cpu:
+            slots[j] = int(cpu[2])
+            cpu[1][j] = int(t["host_row"][k])
             continue
         v = min(range(S), key=lambda i: (score[i], i))
         if score[v] >= PINNED_SCORE:  # no slot left (a prefetch may run out)
@@ -317,10 +361,12 @@ def resolve_reference(ids: Tensor, layer: int, num_experts: int, t: dict[str, Te
     if not prefetch:
         t["clock"][0] = now
     n_load = sum(1 for s in src if s >= 0)
-    n_hit = sum(1 for k, s in zip(keys, slots) if s >= 0) - n_load
+    n_hit = sum(1 for k, s in zip(keys, slots) if s >= 0) - n_load - len(on_cpu)
     c0 = 2 if prefetch else 0
     t["counts"][c0] += n_hit
-    t["counts"][c0 + 1] += n_load
+    t["counts"][c0 + 1] += n_load + len(on_cpu)
+    if on_cpu:
+        t["counts"][4] += len(on_cpu)
     out_slot.copy_(torch.tensor(slots, dtype=torch.int64))
     out_src.copy_(torch.tensor(src, dtype=torch.int64))
 

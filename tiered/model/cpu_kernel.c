@@ -15,6 +15,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -372,44 +373,15 @@ int tiered_cpu_caps(void) {
 /* Which vector path this build uses: 512 (AVX-512F), 256 (AVX2+FMA+F16C) or 0 (portable C). */
 int tiered_cpu_simd(void) { return SIMD; }
 
-/* One token's CPU experts.
- *   fmt      weight format (FMT_*), shared by every job
- *   n        jobs (experts); job j reads pool view views[j] (views NULL: view 0 for all), row rows[j]
- *   base, stride [V * 9]: per pool view, for gate, up, down x (codes, scales, mins): the address of row 0 and the
- *            row stride in bytes (0, 0 where a part is absent)
- *   wts[n]   routing weights (fp32); round_w rounds them to the compute dtype first (as the device path does)
- *   D, F     hidden and FFN sizes; Gi / Gf the quantization group along D (gate, up) and along F (down)
- *   x[D]     the token (dtype `rnd_mode`: fp32, bf16 or fp16), out[D] the result in the same dtype
- *   rnd_mode compute dtype rounding (RND_*); threads > 0 the OpenMP threads (0: OpenMP's default)
- * Returns 0, or -1 when the format or dtype is not supported by this build, -2 when out of memory. */
-int tiered_cpu_experts(int fmt, int n, const uintptr_t *base, const int64_t *stride, const int32_t *views,
-                       const int64_t *rows, const float *wts_in, int round_w, int D, int F, int Gi, int Gf,
-                       const void *x, void *out, int rnd_mode, int threads) {
-    if (fmt < FMT_F32 || fmt > FMT_Q4 || !(tiered_cpu_caps() >> fmt & 1)) return -1;
-    if (rnd_mode == RND_F16 && !HAVE_F16) return -1;
-    if (n <= 0) {
-        for (int d = 0; d < D; d++) {
-            if (rnd_mode == RND_NONE) ((float *)out)[d] = 0.f;
-            else ((uint16_t *)out)[d] = 0;
-        }
-        return 0;
-    }
-    uintptr_t *parts = (uintptr_t *)malloc((size_t)n * P_PER_JOB * sizeof(uintptr_t));
-    float *wts = (float *)malloc((size_t)n * sizeof(float));
-    if (!parts || !wts) { free(parts); free(wts); return -2; }
-    for (int j = 0; j < n; j++) {
-        const int v = views ? views[j] : 0;
-        for (int p = 0; p < P_PER_JOB; p++) {
-            const uintptr_t b = base[v * P_PER_JOB + p];
-            parts[j * P_PER_JOB + p] = b ? b + (uintptr_t)(rows[j] * stride[v * P_PER_JOB + p]) : 0;
-        }
-        wts[j] = round_w ? rnd(wts_in[j], rnd_mode) : wts_in[j];
-    }
+/* The jobs' math once each job's part addresses (parts [n * P_PER_JOB]) and fp32 weights (wts [n], already
+ * rounded as the caller wants) are known; 0, or -2 when out of memory. */
+static int run_jobs(int fmt, int n, const uintptr_t *parts, const float *wts, int D, int F, int Gi, int Gf,
+                    const void *x, void *out, int rnd_mode, int threads) {
     const long ngi = (D + Gi - 1) / Gi, ngf = (F + Gf - 1) / Gf;
     /* scratch: x fp32, its q4 forms, h fp32 [n, F] and h's q4 forms per job */
     const size_t nfl = (size_t)2 * D + ngi + (size_t)n * (2 * F + ngf) + (size_t)D + (D / 2 + 1) + (size_t)n * (F / 2 + 1);
     float *buf = (float *)malloc(nfl * sizeof(float));
-    if (!buf) { free(parts); free(wts); return -2; }
+    if (!buf) return -2;
     float *xf = buf, *xp = xf + D, *xs = xp + D, *h = xs + ngi, *hp = h + (size_t)n * F, *hs = hp + (size_t)n * F;
     float *acc = hs + (size_t)n * ngf;
     /* q4 in bf16 with AVX512-BF16 (groups of 64): the bf16 pair layouts of x and of each job's h */
@@ -489,6 +461,125 @@ int tiered_cpu_experts(int fmt, int n, const uintptr_t *base, const int64_t *str
         }
     }
     free(buf);
+    return 0;
+}
+
+/* One token's CPU experts.
+ *   fmt      weight format (FMT_*), shared by every job
+ *   n        jobs (experts); job j reads pool view views[j] (views NULL: view 0 for all), row rows[j]
+ *   base, stride [V * 9]: per pool view, for gate, up, down x (codes, scales, mins): the address of row 0 and the
+ *            row stride in bytes (0, 0 where a part is absent)
+ *   wts[n]   routing weights (fp32); round_w rounds them to the compute dtype first (as the device path does)
+ *   D, F     hidden and FFN sizes; Gi / Gf the quantization group along D (gate, up) and along F (down)
+ *   x[D]     the token (dtype `rnd_mode`: fp32, bf16 or fp16), out[D] the result in the same dtype
+ *   rnd_mode compute dtype rounding (RND_*); threads > 0 the OpenMP threads (0: OpenMP's default)
+ * Returns 0, or -1 when the format or dtype is not supported by this build, -2 when out of memory. */
+int tiered_cpu_experts(int fmt, int n, const uintptr_t *base, const int64_t *stride, const int32_t *views,
+                       const int64_t *rows, const float *wts_in, int round_w, int D, int F, int Gi, int Gf,
+                       const void *x, void *out, int rnd_mode, int threads) {
+    if (fmt < FMT_F32 || fmt > FMT_Q4 || !(tiered_cpu_caps() >> fmt & 1)) return -1;
+    if (rnd_mode == RND_F16 && !HAVE_F16) return -1;
+    if (n <= 0) {
+        for (int d = 0; d < D; d++) {
+            if (rnd_mode == RND_NONE) ((float *)out)[d] = 0.f;
+            else ((uint16_t *)out)[d] = 0;
+        }
+        return 0;
+    }
+    uintptr_t *parts = (uintptr_t *)malloc((size_t)n * P_PER_JOB * sizeof(uintptr_t));
+    float *wts = (float *)malloc((size_t)n * sizeof(float));
+    if (!parts || !wts) { free(parts); free(wts); return -2; }
+    for (int j = 0; j < n; j++) {
+        const int v = views ? views[j] : 0;
+        for (int p = 0; p < P_PER_JOB; p++) {
+            const uintptr_t b = base[v * P_PER_JOB + p];
+            parts[j * P_PER_JOB + p] = b ? b + (uintptr_t)(rows[j] * stride[v * P_PER_JOB + p]) : 0;
+        }
+        wts[j] = round_w ? rnd(wts_in[j], rnd_mode) : wts_in[j];
+    }
+    const int rc = run_jobs(fmt, n, parts, wts, D, F, Gi, Gf, x, out, rnd_mode, threads);
+    free(parts);
+    free(wts);
+    return rc;
+}
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+/* The device step's CPU experts (tiered/model/cpu_mailbox.py, decode/devstep.py): a loop, on the calling thread,
+ * that serves the jobs a CUDA graph posts into page-locked memory (the GPU writes it over PCIe) and answers there.
+ *   ctl int32 [4]  [0] post: the GPU writes a new number here after the jobs and x; [1] done: written here (release)
+ *                  after out; [2] stop: the host sets it to end the loop; [3] the last nonzero run_jobs code
+ *   rows int64 [K] per top-k position the job's row in the pool view (base, stride: view 0 of tiered_cpu_experts),
+ *                  -1 = not a CPU job; wts fp32 [K] the routing weights (round_w as there)
+ *   x [D], out [D] in rnd_mode's dtype (out is zero when no row is a job)
+ *   stat int64 [4] layers served, experts computed, nanoseconds computing, nanoseconds from post seen to done
+ *   spin_ns        after this long without a post the loop sleeps sleep_ns between looks (the first post after
+ *                  a pause pays up to that); 0 = always spin
+ * Returns 0 once stopped, -1 when the format or dtype is not supported by this build, -2 when out of memory. */
+int tiered_cpu_serve(int32_t *ctl, const int64_t *rows, const float *wts_in, const void *x, void *out, int K,
+                     int fmt, const uintptr_t *base, const int64_t *stride, int round_w, int D, int F, int Gi,
+                     int Gf, int rnd_mode, int threads, int64_t *stat, int64_t spin_ns, int64_t sleep_ns) {
+    if (fmt < FMT_F32 || fmt > FMT_Q4 || !(tiered_cpu_caps() >> fmt & 1)) return -1;
+    if (rnd_mode == RND_F16 && !HAVE_F16) return -1;
+    uintptr_t *parts = (uintptr_t *)malloc((size_t)K * P_PER_JOB * sizeof(uintptr_t));
+    float *wts = (float *)malloc((size_t)K * sizeof(float));
+    if (!parts || !wts) { free(parts); free(wts); return -2; }
+    int32_t last = __atomic_load_n(&ctl[0], __ATOMIC_ACQUIRE);
+    int64_t idle_since = now_ns();
+    long looks = 0;
+    for (;;) {
+        const int32_t s = __atomic_load_n(&ctl[0], __ATOMIC_ACQUIRE);
+        if (s != last) {
+            const int64_t t0 = now_ns();
+            int n = 0;
+            for (int k = 0; k < K; k++) {
+                const int64_t r = rows[k];
+                if (r < 0) continue;
+                for (int p = 0; p < P_PER_JOB; p++) {
+                    const uintptr_t b = base[p];
+                    parts[n * P_PER_JOB + p] = b ? b + (uintptr_t)(r * stride[p]) : 0;
+                }
+                wts[n] = round_w ? rnd(wts_in[k], rnd_mode) : wts_in[k];
+                n++;
+            }
+            int rc = 0;
+            if (n > 0) rc = run_jobs(fmt, n, parts, wts, D, F, Gi, Gf, x, out, rnd_mode, threads);
+            if (n == 0 || rc != 0) {
+                for (int d = 0; d < D; d++) {
+                    if (rnd_mode == RND_NONE) ((float *)out)[d] = 0.f;
+                    else ((uint16_t *)out)[d] = 0;
+                }
+                if (rc != 0) __atomic_store_n(&ctl[3], rc, __ATOMIC_RELAXED);
+            }
+            const int64_t t1 = now_ns();
+            __atomic_store_n(&ctl[1], s, __ATOMIC_RELEASE);
+            stat[0] += 1;
+            stat[1] += n;
+            stat[2] += t1 - t0;
+            stat[3] += now_ns() - t0;
+            last = s;
+            idle_since = t1;
+            looks = 0;
+            continue;
+        }
+        if (__atomic_load_n(&ctl[2], __ATOMIC_ACQUIRE)) break;
+        if (spin_ns > 0 && (++looks & 255) == 0 && now_ns() - idle_since > spin_ns) {
+            struct timespec ts = {0, (long)sleep_ns};
+            nanosleep(&ts, NULL);
+        } else {
+            cpu_relax();
+        }
+    }
     free(parts);
     free(wts);
     return 0;

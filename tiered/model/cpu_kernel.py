@@ -6,7 +6,8 @@ flags; written under a temporary name and renamed, so concurrent first uses are 
 with a one-line warning saying why when there is no compiler or the build fails: the caller falls back to
 torch), and `CpuKernel.partial` (one token's CPU experts of a layer, read in place from the block views).
 Does not own: the torch reference and the choice between the two paths (cpu_experts.py), the worker thread and
-the thread count (store/offload.py), which experts go to the CPU (store/cache.py).
+the thread count (store/offload.py), which experts go to the CPU (store/cache.py), the device step's mailbox
+(model/cpu_mailbox.py, which runs the library's `tiered_cpu_serve` loop through `serve_fn`).
 
 The kernel takes, per job, the base address of each stored part (gate, up, down: codes, and the q8/q4 scales
 and q4 mins) of that expert's row in its pool view (`ExpertWeights` over the file mapping or the RAM tier's
@@ -138,6 +139,12 @@ class CpuKernel:
                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
         self._fn = f
         self._lib = lib
+        g = getattr(lib, "tiered_cpu_serve", None)  # the device step's mailbox loop (model/cpu_mailbox.py)
+        if g is not None:
+            g.restype = ctypes.c_int
+            g.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int] * 7 \
+                + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+        self.serve_fn = g
         self.caps = int(lib.tiered_cpu_caps())
         self.simd = int(lib.tiered_cpu_simd())  # 512, 256 or 0
         self._plans: dict[int, tuple[Any, _Plan | None]] = {}  # id(ExpertWeights) -> (the object, its plan)

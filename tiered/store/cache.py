@@ -150,6 +150,7 @@ class ExpertCache(HostSlotProvider):
         self.cpu_worker: CpuWorker | None = CpuWorker(self.cpu_threads) if self.split else None
         self.cpu_dtype: str | None = None  # set by the model's CPU-expert code (model/cpu_experts.py)
         self.cpu_kernel: Any = None  # the native CPU expert kernel (model/cpu_experts.prepare), None = torch
+        self.cpu_box: Any = None  # the device step's CPU-expert mailbox (model/cpu_mailbox.py; engine.load)
         # --cpu-experts auto: the cost model. CUDA: the PCIe rate is measured now (or the paced target), the CPU
         # rate by the model's probe (model/cpu_experts.prepare). A CPU device has no link to save (its device
         # tier is RAM), so auto places nothing on the CPU there, unless the copies are paced (--h2d-gbps: a
@@ -382,6 +383,14 @@ class ExpertCache(HostSlotProvider):
                 out.append((where[k], self._file_views, k))
         out.sort(key=lambda j: j[0])
 
+    def ram_views(self) -> Any:
+        """The expert views over the pinned RAM tier's rows (row r = the block in RAM row r), read in place."""
+        if self.ram is None or self.ram.rows is None:
+            raise ValueError("this expert cache has no RAM tier rows to read experts from")
+        if self._ram_views is None:
+            self._ram_views = expert_views(self.ram.rows, self.layout.tensor_specs)
+        return self._ram_views
+
     def get_split(self, layer: int, expert_ids: torch.Tensor | Sequence[int]) -> tuple[torch.Tensor, list]:
         """get() for a one-token step that may compute some experts on the CPU: (int64 [U] slot rows on the
         device, the CPU jobs of get_slots(cpu=...)); a CPU expert's slot row is the zero slot."""
@@ -602,6 +611,8 @@ class ExpertCache(HostSlotProvider):
             self.cpu_worker.close()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        if self.cpu_box is not None:  # after the device: a step in flight may wait on it
+            self.cpu_box.close()
         if self.ram is not None:
             self.ram.close()
         self.reader.close()

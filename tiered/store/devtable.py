@@ -10,7 +10,9 @@ Does not own: the bytes (vram.SlotPool's slots, ram.PinnedPool's pinned rows), t
 
 What it needs: CUDA; every expert in the pinned RAM tier (copy mode: one page-locked buffer the GPU reads over
 UVA), so a miss is a copy from RAM, never a disk read; an eviction policy the device runs (lru, or flru with its
-weight); no CPU experts and no pacing (both are host decisions per miss).
+weight); no pacing (a host decision per copy). CPU experts (--cpu-experts auto) are a device decision: resolve
+splits a call's misses between copies and the CPU by the cost model's table (`set_cpu_take`), and the step hands
+the CPU's share to a native worker through mapped memory (model/cpu_mailbox.py).
 
 Legend: N keys = L * E, S device slots.
 """
@@ -38,8 +40,8 @@ def refusal(*, cuda: bool, ram_slots: int, num_keys: int, block_size: int, polic
     if policy not in DEVICE_TABLE_POLICIES:
         return (f"the device slot table evicts by {' or '.join(DEVICE_TABLE_POLICIES)}; --policy {policy} is "
                 "scored on the host")
-    if cpu_experts != "off":
-        return "--cpu-experts places misses from the host: use --slot-table host with it"
+    if cpu_experts == "all":
+        return "--cpu-experts all computes every expert on the host's worker: use --slot-table host with it"
     if prefetch_depth > 0:
         return "--prefetch-depth runs the predictor on the host: use --slot-table host with it"
     if h2d_gbps > 0:
@@ -75,7 +77,8 @@ class DeviceSlotTable:
             "last": torch.zeros(S, dtype=torch.int64, device=dev),
             "uses": torch.zeros(S, dtype=torch.int64, device=dev),
             "clock": torch.zeros(1, dtype=torch.int64, device=dev),
-            "counts": torch.zeros(4, dtype=torch.int64, device=dev),  # hits, misses, prefetch: resident, loaded
+            # hits, misses (CPU experts included), prefetch: resident, loaded; misses computed on the CPU
+            "counts": torch.zeros(5, dtype=torch.int64, device=dev),
             "host_row": torch.full((N,), -1, dtype=torch.int64, device=dev),
         }
         self.host_pool = ram.rows  # uint8 [R, B] pinned
@@ -84,6 +87,11 @@ class DeviceSlotTable:
         self.hits = self.misses = 0  # harvested from the device counters
         self.prefetched = 0  # blocks the device step's prefetch loaded
         self.handovers = 0
+        self.cpu_misses = 0  # misses the device step computed on the CPU (--cpu-experts auto)
+        # CPU experts in the device step: of m misses in a call, cpu_take[m] go to the CPU (set_cpu_take), into the
+        # all-zero slot row after the S slots
+        self.zero_slot = vram.zero_slot
+        self.cpu_take: Tensor | None = None
 
     # --- the hand-over ---
     def take(self) -> None:
@@ -146,10 +154,28 @@ class DeviceSlotTable:
         self.handovers += 1
 
     # --- the step's calls (captured in its graph) ---
-    def resolve(self, layer: int, ids: Tensor, out_slot: Tensor, out_src: Tensor, *, nt: Tensor | None = None) -> None:
+    def set_cpu_take(self, take: list[int]) -> None:
+        """take[m] (m = 0..K): how many of a call's m misses the CPU computes (the cost model's split, decided per
+        miss count once, so that the captured step only looks it up)."""
+        if self.zero_slot is None:
+            raise ValueError("CPU experts need the zero slot row (an expert cache built with --cpu-experts)")
+        v = torch.tensor(take, dtype=torch.int32)
+        if self.cpu_take is None or self.cpu_take.shape != v.shape:
+            self.cpu_take = torch.zeros(v.shape, dtype=torch.int32, device=self.device)
+        self.cpu_take.copy_(v)
+
+    def resolve(self, layer: int, ids: Tensor, out_slot: Tensor, out_src: Tensor, *, nt: Tensor | None = None,
+                cpu_row: Tensor | None = None) -> None:
         """ids int64 [K] of `layer` -> out_slot [K] slot rows, out_src [K] RAM rows of the misses (-1 on hits).
-        nt int64 [N]: evict by these predicted next uses instead of the table's lru/flru (kernels/slot_table)."""
-        self.kern.resolve(ids, layer, self.num_experts, self.t, self.w, out_slot, out_src, nt=nt)
+        nt int64 [N]: evict by these predicted next uses instead of the table's lru/flru (kernels/slot_table).
+        cpu_row int64 [K]: send misses to the CPU by set_cpu_take's split; their RAM rows land here (-1 elsewhere)
+        and their slot row is the zero slot."""
+        cpu = None
+        if cpu_row is not None:
+            if self.cpu_take is None:
+                raise ValueError("resolve(cpu_row=...) before set_cpu_take")
+            cpu = (self.cpu_take, cpu_row, self.zero_slot)
+        self.kern.resolve(ids, layer, self.num_experts, self.t, self.w, out_slot, out_src, nt=nt, cpu=cpu)
 
     def gather(self, src: Tensor, slot: Tensor, *, ctas: int | None = None) -> None:
         """Copy the misses resolve found from the pinned RAM tier into their slots (on the current stream); ctas
@@ -180,33 +206,46 @@ class DeviceSlotTable:
         """Fold the device's counters into the cache's (its device tier and its decode phase: the device step runs
         one-token decode steps only; prefetched blocks count as bytes crossing PCIe and as prefetches) and zero
         them; returns the (hits, misses) added. Syncs the device."""
-        h, m, pr, pl = (int(x) for x in self.t["counts"].tolist())
-        if h or m or pr or pl:
+        h, m, pr, pl, nc = (int(x) for x in self.t["counts"].tolist())
+        if h or m or pr or pl or nc:
             self.t["counts"].zero_()
             c = self.cache
             B = self.block_size
             self.hits += h
             self.misses += m
             self.prefetched += pl
+            self.cpu_misses += nc
             c.vram.hits += h
             c.vram.misses += m
-            c.vram.bytes_in += (m + pl) * B
+            c.vram.bytes_in += (m - nc + pl) * B  # a CPU expert is not copied
             ph = c._phases["decode"]
             ph.hits += h
             ph.misses += m
-            ph.bytes_h2d += (m + pl) * B
+            ph.cpu += nc
+            ph.bytes_h2d += (m - nc + pl) * B
+            if nc:
+                with c.cpu.lock:
+                    c.cpu.count += nc
+                    c.cpu.bytes += nc * B
             ph.bytes_prefetch += pl * B
             c.prefetch_issued += pl
+        box = getattr(self.cache, "cpu_box", None)
+        if box is not None:  # the mailbox worker's compute time and layers served since the last harvest
+            secs, layers = box.take_times()
+            with self.cache.cpu.lock:
+                self.cache.cpu.seconds += secs
+                self.cache.cpu.layers += layers
         return h, m
 
     def stats(self) -> dict:
         return {"mode": "device", "owner": self.owner, "hits": self.hits, "misses": self.misses,
-                "bytes": (self.misses + self.prefetched) * self.block_size, "prefetched": self.prefetched,
+                "bytes": (self.misses - self.cpu_misses + self.prefetched) * self.block_size,
+                "prefetched": self.prefetched, "cpu_misses": self.cpu_misses,
                 "handovers": self.handovers,
                 "policy": "lru" if self.w == 0 else f"flru(w={self.w})"}
 
     def reset_stats(self) -> None:
-        self.hits = self.misses = self.prefetched = 0
+        self.hits = self.misses = self.prefetched = self.cpu_misses = 0
 
 
 def _policy_state(policy: Any, key_of: list[int]) -> tuple[list[int], list[int]]:
