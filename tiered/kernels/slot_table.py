@@ -287,12 +287,13 @@ def resolve(ids: Tensor, layer: int, num_experts: int, t: dict[str, Tensor], w: 
                           t["counts"], t["host_row"], out_slot, out_src, pin if pin is not None else out_slot,
                           nt if nt is not None else out_slot, K, S, P, int(w), int(margin), K_P=_p2(K), S_P=_p2(S),
                           P_P=_p2(P) if P else 1, PREFETCH=prefetch, SCORED=nt is not None, num_warps=nw,
-                          **launch_args(ids.device), **_cpu_args(cpu))
+                          **launch_args(ids.device), **_cpu_args(cpu, out_slot))
 
 
-def _cpu_args(cpu: tuple[Tensor, Tensor, int] | None) -> dict:
+def _cpu_args(cpu: tuple[Tensor, Tensor, int] | None, dummy: Tensor) -> dict:
+    """resolve's CPU-split arguments (a dummy pointer when off: the real compiler wants every argument typed)."""
     if cpu is None:
-        return {}
+        return {"cpu_take": dummy, "cpu_row": dummy, "zero_slot": 0, "CPU": False}
     take, row, zero = cpu
     return {"cpu_take": take, "cpu_row": row, "zero_slot": int(zero), "CPU": True}
 
