@@ -195,7 +195,11 @@ def summarise(s: dict, bounds: dict, compute_s: float, L: int) -> dict:
                                  "prefetch_issued", "prefetch_used", "host_s_per_layer", "h2d_gbps_target",
                                  "expert_slots")}
     v["hit_rate"] = dec.get("hits", 0) / max(1, dec.get("hits", 0) + dec.get("misses", 0))
-    v["cpu_experts"] = {k: ce.get(k) for k in ("count", "bytes", "gbps")}
+    v["cpu_experts"] = {k: ce.get(k) for k in ("count", "bytes", "gbps", "threads", "model_pcie_gbps",
+                                                "model_cpu_gbps")}
+    dcpu = (s.get("device_step") or {}).get("cpu")
+    if dcpu:  # the device step's mailbox: the cost model's split, its round trip, the worker's time
+        v["device_cpu"] = dcpu
     v["h2d_gbps_achieved"] = (s.get("vram") or {}).get("gbps")
     v["time_per_token_s"] = breakdown(s, compute_s, L)
     for name, b in bounds.items():

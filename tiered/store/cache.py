@@ -533,7 +533,7 @@ class ExpertCache(HostSlotProvider):
         read_s = self.reader.read_s - self._read_base[2]
         vram = self.vram.stats()
         if self.devtable is not None and self.devtable.misses:  # copied in the device step's graph: not timed
-            host_bytes = vram["bytes_in"] - self.devtable.misses * self.block_size
+            host_bytes = vram["bytes_in"] - (self.devtable.misses - self.devtable.cpu_misses) * self.block_size
             vram["gbps"] = host_bytes / self.vram.copy_s / 1e9 if self.vram.copy_s > 0 else 0.0
         if self.ram is not None:
             r = self.ram.stats()
