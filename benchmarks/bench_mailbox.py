@@ -14,13 +14,15 @@ import argparse
 import json
 import os
 import random
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from tiered.engine import load
-from tiered.model.cpu_mailbox import CpuMailbox
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tiered.engine import load  # noqa: E402
+from tiered.model.cpu_mailbox import CpuMailbox  # noqa: E402
 
 
 def measure(box: CpuMailbox, n: int, repeats: int, rng: random.Random, rows_all: list[int], B: int) -> dict:
@@ -70,7 +72,8 @@ def main() -> None:
     kern = cache.cpu_kernel
     res = {"bench": "mailbox", "commit": os.environ.get("TIERED_COMMIT"), "date": time.strftime("%Y-%m-%d"),
            "device": torch.cuda.get_device_name() if cuda else "cpu", "block_bytes": B, "cpu_count": os.cpu_count(),
-           "kernel": getattr(cache, "cpu_kernel_name", None), "runs": []}
+           "kernel": getattr(cache, "cpu_kernel_name", None),
+           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "runs": []}
     if cache.cpu_box is not None:
         cache.cpu_box.close()
         cache.cpu_box = None
