@@ -67,17 +67,24 @@ class SimTable(DeviceSlotTable):
         self.kern, self.w, self.num_experts = st, int(w), num_experts
         self.t = {"slot_of": torch.full((N,), -1, dtype=torch.int32), "key_of": torch.full((slots,), -1, dtype=torch.int32),
                   "last": torch.zeros(slots, dtype=torch.int64), "uses": torch.zeros(slots, dtype=torch.int64),
-                  "clock": torch.zeros(1, dtype=torch.int64), "counts": torch.zeros(4, dtype=torch.int64),
+                  "clock": torch.zeros(1, dtype=torch.int64), "counts": torch.zeros(5, dtype=torch.int64),
                   "host_row": torch.arange(N, dtype=torch.int64)}
+        self.zero_slot = slots  # CPU experts (kernels/slot_table.resolve's cpu split): their slot row
+        self.device = torch.device("cpu")
+        self.cpu_take = None
+        self.cpu = 0  # misses sent to the CPU
         self.owner = "device"
         self.pending: set[int] = set()  # keys a prefetch loaded that no demand call has used yet
         self.demand = self.pf = self.pf_used = 0
         self.gathers: list[tuple[str, int]] = []  # ("demand" | "prefetch", blocks) in issue order
 
-    def resolve(self, layer, ids, out_slot, out_src, *, nt=None):
+    def resolve(self, layer, ids, out_slot, out_src, *, nt=None, cpu_row=None):
         keys = [layer * self.num_experts + int(e) for e in ids.tolist()]
         res = [int(self.t["slot_of"][k]) >= 0 for k in keys]
-        super().resolve(layer, ids, out_slot, out_src, nt=nt)
+        super().resolve(layer, ids, out_slot, out_src, nt=nt, cpu_row=cpu_row)
+        nc = int((cpu_row >= 0).sum()) if cpu_row is not None else 0
+        self.cpu += nc
+        self.gathers.append(("cpu", nc))
         for k, r in zip(keys, res):
             if r and k in self.pending:
                 self.pf_used += 1
@@ -104,6 +111,25 @@ class _Routed:
     def __init__(self, ids: torch.Tensor) -> None:
         self.ids = ids  # [1, K]
         self.weights = torch.ones_like(ids, dtype=torch.float32)
+        self.x = torch.zeros(1, 1)
+
+
+class SimBox:
+    """The CPU-expert mailbox's host side (model/cpu_mailbox.py) without a worker: posts are counted, answers zero."""
+
+    overhead_s = None
+
+    def __init__(self) -> None:
+        self._seq = 0
+
+    def post(self, x, rows, wts) -> bool:
+        if not bool((rows >= 0).any()):
+            return False
+        self._seq += 1
+        return True
+
+    def wait(self, out, posted, *, timeout_s=0.0):
+        return out.zero_()
 
 
 class SimModel:
@@ -113,7 +139,8 @@ class SimModel:
         T, L, K = ids.shape
         self.ids = torch.from_numpy(ids.astype(np.int64))
         self.config = SimpleNamespace(num_layers=L, top_k=K, num_experts=int(table.num_experts),
-                                      moe_layers=list(range(L)))
+                                      moe_layers=list(range(L)), hidden_size=1)
+        self.dtype = torch.float32
         self.provider = SimpleNamespace(devtable=table)
         self.device = torch.device("cpu")
         self.observer = self.prefetch_hook = self.routing = None
@@ -160,23 +187,27 @@ def parse_run(spec: str) -> dict:
     """'lru', 'flru:W', 'nextuse', each optionally '+pfN' (device prefetch of N per layer); 'nextuse+oracleN': the
     prefetch given the next layer's true missing experts (up to N; a ceiling for any next-layer predictor)."""
     oracle = "+oracle" in spec
+    cpu = spec.endswith("+cpu")
+    spec = spec.removesuffix("+cpu")
     base, _, pf = spec.replace("+oracle", "+pf").partition("+pf")
     name, _, w = base.partition(":")
     if name not in ("lru", "flru", "nextuse") or (oracle and name != "nextuse"):
         raise SystemExit(f"unknown run {spec!r}: use lru, flru:W or nextuse, optionally +pfN (nextuse: +oracleN)")
     return {"evict": "nextuse" if name == "nextuse" else "policy", "w": int(w or (8 if name == "flru" else 0)),
-            "prefetch": int(pf or 0), "oracle": oracle}
+            "prefetch": int(pf or 0), "oracle": oracle, "cpu": cpu}
 
 
 def simulate_doc(ids: np.ndarray, prompt: int, run: dict, *, slots: int, num_experts: int, transitions, params,
-                 block: int, pcie: float, compute: float) -> dict:
+                 block: int, pcie: float, compute: float, cpu_take: list[int] | None = None,
+                 cpu_gbps: float = 0.0, cpu_overhead: float = 0.0) -> dict:
     """One run over one document's routing ids [T, L, K]: positions 0..prompt-1 prefilled, the rest decoded."""
     T, L, K = ids.shape
     E = num_experts
     table = SimTable(L, E, slots, run["w"])
     model = SimModel(ids, table)
     step = DeviceStep(model, graphs=False, prefetch=run["prefetch"], transitions=transitions,
-                      evict=run["evict"], nextuse=params)
+                      evict=run["evict"], nextuse=params, cpu=SimBox() if run["cpu"] else None,
+                      cpu_take=cpu_take if run["cpu"] else None)
     if run.get("oracle"):
         nu = step.nu
 
@@ -195,7 +226,9 @@ def simulate_doc(ids: np.ndarray, prompt: int, run: dict, *, slots: int, num_exp
         u = torch.from_numpy(np.unique(ids[:prompt, l]).astype(np.int64))
         st.resolve_reference(u, l, E, table.t, 0, out[:len(u)], src[:len(u)])
     table.t["counts"].zero_()
+    table.cpu = 0
     c = block / (pcie * 1e9)
+    cc = block / (cpu_gbps * 1e9) if cpu_gbps > 0 else 0.0
     comp_l = compute / L
     tim = 0.0
     n = T - prompt
@@ -207,6 +240,10 @@ def simulate_doc(ids: np.ndarray, prompt: int, run: dict, *, slots: int, num_exp
         g = table.gathers
         i = 0
         for l in range(L):
+            nc = 0
+            if g[i][0] == "cpu":  # the CPU's share, posted before the copies and waited for after them
+                nc = g[i][1]
+                i += 1
             kind, d = g[i]
             assert kind == "demand"
             i += 1
@@ -214,13 +251,14 @@ def simulate_doc(ids: np.ndarray, prompt: int, run: dict, *, slots: int, num_exp
             if i < len(g) and g[i][0] == "prefetch":
                 pf = g[i][1]
                 i += 1
-            tim += d * c + max(comp_l, pf * c)
+            tim += max(d * c, cpu_overhead + nc * cc if nc else 0.0) + max(comp_l, pf * c)
     steps = [sorted(set((l * E + ids[:prompt, l]).ravel().tolist())) for l in range(L)]
     steps += [(l * E + ids[t, l]).tolist() for t in range(prompt, T) for l in range(L)]
     _, bm = belady(steps, slots, count_from=L)
     bound = compute + bm * c / n
     uses = n * L * K
-    return {"tokens": n, "demand_misses": table.demand, "hit_rate": 1 - table.demand / uses,
+    return {"tokens": n, "demand_misses": table.demand, "cpu_misses": table.cpu,
+            "hit_rate": 1 - (table.demand + table.cpu) / uses,
             "demand_mb_per_token": table.demand * block / n / 1e6, "prefetch_mb_per_token": table.pf * block / n / 1e6,
             "prefetch_issued": table.pf, "prefetch_used": table.pf_used,
             "prefetch_unused_mb_per_token": (table.pf - table.pf_used) * block / n / 1e6,
@@ -246,6 +284,9 @@ def main() -> None:
     ap.add_argument("--split", choices=("eval", "fit"), default="eval", help="report on (fit: for tuning)")
     ap.add_argument("--runs", default="lru,flru:8,nextuse,lru+pf8,lru+pf1,nextuse+pf1,nextuse+pf2,nextuse+oracle1")
     ap.add_argument("--fit", action="store_true", help="refit the next-use weights on fit/ (else DEFAULT_PARAMS)")
+    ap.add_argument("--cpu-gbps", type=float, default=65.0, help="the CPU experts' rate (runs ending in +cpu)")
+    ap.add_argument("--cpu-overhead-us", type=float, default=10.0, help="a CPU post's fixed cost")
+    ap.add_argument("--cpu-take", default="", help="comma-separated take[m], m = 0..K (default: the cost model's)")
     a = ap.parse_args()
     t0 = time.perf_counter()
     fit_ref, eval_ref = reference_traces(a.text, a.cache)
@@ -255,9 +296,16 @@ def main() -> None:
     transitions = (tp.layer_trans, tp.time_trans)
     params = fit_next_use(fit, *transitions) if a.fit else DEFAULT_PARAMS
     n_tok = a.prompt_tokens + a.new_tokens - 1
+    if a.cpu_take:
+        take = [int(v) for v in a.cpu_take.split(",")]
+    else:
+        from tiered.store.offload import CostModel
+
+        cm = CostModel(a.pcie_gbps, a.cpu_gbps, cpu_overhead_s=a.cpu_overhead_us * 1e-6, fixed=True)
+        take = [sum(cm.place(m, a.block_bytes)) for m in range(a.top_k + 1)]
     res: dict = {"bench": "sim_devtable", "commit": git_commit(), "date": time.strftime("%Y-%m-%d"), "slots": a.slots, "block_bytes": a.block_bytes, "pcie_gbps": a.pcie_gbps,
                  "compute_ms": a.compute_ms, "prompt_tokens": a.prompt_tokens, "decode_steps": a.new_tokens - 1,
-                 "split": a.split, "next_use_params": params.__dict__, "mapping": ev.meta.get("mapped_from"), "docs": {}}
+                 "split": a.split, "next_use_params": params.__dict__, "cpu_take": take, "cpu_gbps": a.cpu_gbps, "mapping": ev.meta.get("mapped_from"), "docs": {}}
     runs = [r for r in a.runs.split(",") if r]
     for d in range(min(a.docs, ev.num_docs)):
         doc = ev.doc(d)
@@ -267,7 +315,8 @@ def main() -> None:
         res["docs"][ev.doc_names[d]] = {
             r: simulate_doc(ids, a.prompt_tokens, parse_run(r), slots=a.slots, num_experts=a.experts,
                             transitions=transitions, params=params, block=a.block_bytes, pcie=a.pcie_gbps,
-                            compute=a.compute_ms * 1e-3)
+                            compute=a.compute_ms * 1e-3, cpu_take=take, cpu_gbps=a.cpu_gbps,
+                            cpu_overhead=a.cpu_overhead_us * 1e-6)
             for r in runs}
     docs = res["docs"]
     res["mean"] = {r: {k: float(np.mean([docs[d][r][k] for d in docs]))

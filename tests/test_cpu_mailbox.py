@@ -97,6 +97,9 @@ def test_cpu_split_follows_the_cost_model():
     P.cost_model = CostModel(12.0, 70.0)
     slow = cpu_split(P, 8, Box)
     assert all(s >= f for s, f in zip(slow, fast)) and slow[8] > fast[8]
+    Box.gbps = 1000.0  # the mailbox's own rate, when measured, wins over the provider's probe
+    assert cpu_split(P, 8, Box)[8] > slow[8]
+    Box.gbps = None
     Box.overhead_s = 1.0
     assert cpu_split(P, 8, Box) == [0] * 9
     P.cost_model = CostModel(50.0, 0.0)
@@ -154,6 +157,31 @@ def test_handoff_kernels_and_worker(reference_layout):
     finally:
         cache.close()
     assert not box.running
+
+
+@needs_kernel
+def test_worker_serves_a_post_made_before_it_started(reference_layout):
+    """The worker starts from the last number answered, not the last posted: a post that lands before its thread
+    runs (a busy machine) is served, not lost (which hung the waiting step)."""
+    from tiered.model.cpu_mailbox import CpuMailbox
+
+    eng, cache = _engine(reference_layout)
+    box = CpuMailbox(cache.cpu_kernel or CpuKernel.load(), cache.ram_views(), K=eng.config.top_k,
+                     D=eng.config.hidden_size, dtype=eng.dtype, threads=1)
+    try:
+        D = eng.config.hidden_size
+        x = torch.randn(1, D, generator=torch.Generator().manual_seed(5))
+        rows = torch.full((eng.config.top_k,), -1, dtype=torch.int64)
+        rows[2] = 9
+        w = torch.rand(eng.config.top_k, generator=torch.Generator().manual_seed(6))
+        posted = box.post(x, rows, w)
+        box.start()
+        out = box.wait(torch.empty(1, D), posted, timeout_s=20)
+        want = cpu_partial(x, w, [(2, cache.ram_views(), 9)], None, kernel=None)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    finally:
+        box.close()
+        cache.close()
 
 
 @pytest.fixture(scope="module")
@@ -264,6 +292,7 @@ def test_cuda_device_step_cpu_experts_match_host(reference_layout, evict):
     try:
         box = cache.cpu_box
         assert box is not None and eng.devstep is not None and eng.devstep.cpu is box
+        assert 0 <= box.overhead_s < 0.01 and box.gbps > 0  # probe_device: the kernels' round trip, the rate
         K = eng.config.top_k
         eng.devstep = DeviceStep(eng.model, cpu=box, cpu_take=[min(m, 2) for m in range(K + 1)], evict=evict,
                                  transitions=tr)

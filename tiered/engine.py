@@ -264,12 +264,16 @@ def _cpu_mailbox(provider: Any, cfg: Any, dtype: torch.dtype, fp32_weights: bool
     try:
         box = CpuMailbox(kern, provider.ram_views(), K=cfg.top_k, D=cfg.hidden_size, dtype=dtype,
                          threads=threads, fp32_weights=fp32_weights,
-                         pin=provider.device.type == "cuda")
+                         pin=provider.device.type == "cuda", block_bytes=provider.block_size)
     except (KernelUnavailable, ValueError) as e:
         return None, f"CPU experts in the device step: {e}; --slot-table host computes them with torch"
     box.start()
     table = provider.ram.table
-    box.probe([table.lookup(k) for k in range(min(4, provider.num_layers * provider.num_experts))])
+    rows = [table.lookup(k) for k in range(min(8, provider.num_layers * provider.num_experts))]
+    if provider.device.type == "cuda":  # the round trip and the rate the step's kernels see
+        box.probe_device(rows, provider.device)
+    else:
+        box.probe(rows)
     provider.cpu_box = box
     return box, None
 

@@ -407,16 +407,26 @@ class DeviceStep:
         self.launch_s = self.capture_s = 0.0
 
 
+# The worker's rate beside the step's own copies, against its rate alone: on the H200 box (bench_mailbox.py, session
+# 11 call D, 15 threads, 1 / 2 / 4 experts a post) 57 / 63 / 64 GB/s against 67 / 69 / 76 while the gather kernel
+# pulled other blocks out of the same RAM.
+CPU_CONTENTION = 0.85
+
+
 def cpu_split(provider: Any, K: int, box: Any) -> list[int]:
     """take[m], m = 0..K: how many of a layer's m misses the CPU computes, by the provider's cost model
     (store/offload.py CostModel.place: each miss where it would finish first, the copies queued on the link and
-    the CPU's jobs on the worker; its CPU rate from the load-time probe), with the mailbox's measured round trip as
-    the CPU's fixed cost per layer. No cost model (or no CPU rate yet): nothing goes to the CPU."""
+    the CPU's jobs on the worker). The CPU's rate and fixed cost are the mailbox's own, as the step's kernels see
+    them (CpuMailbox.probe_device; the rate times CPU_CONTENTION), else the provider's load-time probe. No cost
+    model (or no CPU rate): nothing goes to the CPU."""
     from tiered.store.offload import CostModel
 
     cm = getattr(provider, "cost_model", None)
-    if cm is None or cm.cpu_gbps <= 0:
+    if cm is None:
+        return [0] * (K + 1)
+    rate = box.gbps * CPU_CONTENTION if getattr(box, "gbps", None) else cm.cpu_gbps
+    if rate <= 0:
         return [0] * (K + 1)
     over = box.overhead_s if box.overhead_s is not None else cm.cpu_overhead_s
-    dm = CostModel(cm.pcie_gbps, cm.cpu_gbps, cpu_overhead_s=over, fixed=True)
+    dm = CostModel(cm.pcie_gbps, rate, cpu_overhead_s=over, fixed=True)
     return [sum(dm.place(m, provider.block_size)) for m in range(K + 1)]

@@ -590,7 +590,8 @@ int tiered_cpu_serve(int32_t *ctl, const int64_t *rows, const float *wts_in, con
     int stopping = 0;
     jobs_t c = {.fmt = fmt, .D = D, .F = F, .Gi = Gi, .Gf = Gf, .rnd_mode = rnd_mode, .parts = parts, .wts = wts,
                 .out = out};
-    int32_t last = __atomic_load_n(&ctl[0], __ATOMIC_ACQUIRE), s = last;
+    /* the last number answered, not the last posted: a post made before this thread ran is served too */
+    int32_t last = __atomic_load_n(&ctl[1], __ATOMIC_ACQUIRE), s = last;
     int64_t t0 = 0, idle_since = now_ns();
 #ifdef _OPENMP
     if (threads <= 0) threads = omp_get_max_threads();

@@ -43,11 +43,12 @@ class CpuMailbox:
         (else rounded to the compute dtype, as the device path rounds them).
         pin: page-lock the tensors (CUDA: the step's kernels read and write them over PCIe).
         spin_s / sleep_s: the worker's idle policy (spin this long after a post, then sleep this long per look).
+        block_bytes: one expert's block (the rate `probe_device` reports).
     """
 
     def __init__(self, kernel: CpuKernel, W: Any, *, K: int, D: int, dtype: torch.dtype, threads: int,
                  fp32_weights: bool = False, pin: bool = False, spin_s: float = 0.02,
-                 sleep_s: float = 20e-6) -> None:
+                 sleep_s: float = 20e-6, block_bytes: int = 0) -> None:
         if kernel.serve_fn is None:
             raise KernelUnavailable(f"{kernel.path.name} has no tiered_cpu_serve (a stale build)")
         plan = kernel._plan(W)
@@ -72,7 +73,9 @@ class CpuMailbox:
         self.rc: int | None = None
         self._seq = 0  # the host side's post number (post / wait)
         self._thread: threading.Thread | None = None
-        self.overhead_s: float | None = None  # a one-expert round trip beyond its compute (`probe`)
+        self.overhead_s: float | None = None  # a one-expert round trip beyond its compute (`probe`, `probe_device`)
+        self.gbps: float | None = None  # one expert's bytes / its compute time, the worker alone (`probe_device`)
+        self.block_bytes = int(block_bytes)
 
     # --- the worker ---
     def start(self) -> "CpuMailbox":
@@ -154,6 +157,40 @@ class CpuMailbox:
                 best = min(best, dt)
         self.overhead_s = max(best, 0.0)
         return self.overhead_s
+
+    def probe_device(self, rows: list[int], device: torch.device, repeats: int = 5) -> tuple[float, float]:
+        """The round trip as a captured step sees it: the device's post and wait kernels (kernels/cpu_handoff.py)
+        around a one-expert job at RAM row rows[i], timed with CUDA events. Sets `overhead_s` (the best round trip
+        beyond the worker's compute: PCIe writes, the worker's notice, the answer's poll and read) and `gbps` (the
+        expert's bytes / the best compute time, the worker alone). Returns (overhead_s, gbps)."""
+        from tiered.kernels import cpu_handoff  # the device side of this mailbox
+
+        K, D = self.K, self.D
+        x = torch.zeros(1, D, dtype=self.dtype, device=device)
+        w = torch.zeros(K, dtype=torch.float32, device=device)
+        r = torch.full((K,), -1, dtype=torch.int64, device=device)
+        seq = torch.zeros(3, dtype=torch.int32, device=device)
+        out = torch.empty(1, D, dtype=self.dtype, device=device)
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        over, comp = float("inf"), float("inf")
+        for i in range(repeats + 1):
+            r.fill_(-1)
+            r[0] = rows[i % len(rows)]
+            torch.cuda.synchronize(device)
+            ns0 = int(self.stat[2])
+            e0.record()
+            cpu_handoff.post(x, w, r, seq, self)
+            cpu_handoff.wait(seq, self, out)
+            e1.record()
+            e1.synchronize()
+            cpu_handoff.check(seq)
+            c = (int(self.stat[2]) - ns0) * 1e-9
+            if i:  # the first wakes the team from its idle sleep
+                over = min(over, e0.elapsed_time(e1) * 1e-3 - c)
+                comp = min(comp, c)
+        self.overhead_s = max(over, 0.0)
+        self.gbps = self.block_bytes / comp / 1e9 if comp > 0 and self.block_bytes else None
+        return self.overhead_s, self.gbps
 
     def take_times(self) -> tuple[float, int]:
         """Seconds computing and layers served since the last call (the stats fold them in)."""
