@@ -270,9 +270,15 @@ def _cpu_mailbox(provider: Any, cfg: Any, dtype: torch.dtype, fp32_weights: bool
     box.start()
     table = provider.ram.table
     rows = [table.lookup(k) for k in range(min(8, provider.num_layers * provider.num_experts))]
+    probed = False
     if provider.device.type == "cuda":  # the round trip and the rate the step's kernels see
-        box.probe_device(rows, provider.device)
-    else:
+        try:
+            box.probe_device(rows, provider.device)
+            probed = True
+        except Exception as e:  # noqa: BLE001 - a refusal of this driver or Triton: the host-side probe instead
+            print(f"tiered: the CPU experts' device-side probe failed ({type(e).__name__}: {e}); the split uses "
+                  "the host-side round trip", file=sys.stderr)
+    if not probed:
         box.probe(rows)
     provider.cpu_box = box
     return box, None

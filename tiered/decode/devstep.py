@@ -5,7 +5,7 @@ span, `capture_all`, the hand-over of the slot table to the device before a step
 slots and its host watch, with a second graph per span without the fill) and its stats.
 Used with the expert cache when its slot table lives on the device (store/devtable.py: every expert in the
 pinned RAM tier, lru/flru eviction or eviction by predicted next use (devpolicy.py, --device-evict nextuse), no
-observer, no prefetch hook, no CPU experts, no pacing). Where the piecewise
+observer, no prefetch hook, no pacing; CPU experts through the mailbox). Where the piecewise
 step (piecewise.py) reads each layer's top-k back to the host, resolves slots in Python and issues copies, here
 each MoE layer inside the graph runs
     router (in the model's segment) -> resolve (kernels/slot_table.py: hits, victims, table updates)
@@ -17,6 +17,10 @@ A routing override (predict/replay.py, benchmarks) is applied inside the graph t
 position are gathered on the device.
 With --device-fill N, each step also copies up to N experts that are not resident into free slots beside its
 compute (a pick kernel before the first layer, a gather on a side stream, an install kernel after the argmax).
+With --cpu-experts auto (a CpuMailbox, model/cpu_mailbox.py), each MoE layer runs
+    resolve (some misses to the CPU, by `cpu_split`'s table) -> post (kernels/cpu_handoff.py: their rows, weights
+    and x to the mailbox) -> gather (the others) -> wait (the worker's sum) -> the experts, + that sum,
+so the CPU computes its share while the link copies the rest.
 Does not own: the math (model/transformer.py segments), the tables and kernels, nor the choice of step
 (engine.py).
 
