@@ -24,6 +24,11 @@ measured run, offload-devstep-prefetch-2026-12-01-h200.json) hit rates 0.792/0.8
 measured, 0.792/0.854 and 189/120 MB here, ratio 0.38/0.47 measured, 0.46/0.56 here. So the counts are the
 engine's; the times run 10% (demand) to 17% (prefetch) optimistic.
 
+CPU experts (runs ending in +cpu, decode/devstep.py with a mailbox): resolve sends take[m] of a layer's m misses to
+the CPU (--cpu-take, default the cost model's at --pcie-gbps, --cpu-gbps and --cpu-overhead-us); a layer then
+takes max(its copies, the CPU's fixed cost + its experts at --cpu-gbps). Against the H200 (session 11 call E,
+csv.py.txt, take 0,0,1,1,2,2,3,3,4): lru+cpu measured 0.71 of serial Belady, 0.78 here at 49 GB/s, 65 GB/s, 10 us.
+
     python3 benchmarks/sim_devtable.py --text ../shared/text                     # all runs, five eval docs
     python3 benchmarks/sim_devtable.py --text ../shared/text --docs 2 --runs lru,nextuse,nextuse+pf1
     python3 benchmarks/sim_devtable.py --text ../shared/text --fit               # refit the next-use weights

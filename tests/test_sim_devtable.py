@@ -70,3 +70,8 @@ def test_sim_lru_counts_match_a_plain_replay_and_bounds_hold():
     o = runs["nextuse+oracle2"]
     assert o["prefetch_used"] == o["prefetch_issued"] > 0  # the oracle only loads what is then used
     assert o["demand_misses"] < runs["nextuse"]["demand_misses"]
+    # CPU experts: take[m] = m (every miss to the CPU): nothing is copied, every miss costs the CPU's time instead
+    cpu = sim.simulate_doc(ids, P, sim.parse_run("lru+cpu"), **kw, cpu_take=list(range(K + 1)), cpu_gbps=2e-3,
+                           cpu_overhead=1e-4)
+    assert cpu["demand_misses"] == 0 and cpu["cpu_misses"] > 0
+    assert cpu["hit_rate"] == 1 - cpu["cpu_misses"] / (n * L * K)
