@@ -520,11 +520,11 @@ sig = {"ids_ptr": "*i64", "base": "i64", "slot_of": "*i32", "key_of": "*i32", "l
        "clock": "*i64", "counts": "*i64", "host_row": "*i64", "out_slot": "*i64", "out_src": "*i64",
        "pin_ptr": "*i64", "nt_ptr": "*i64", "n_ids": "i32", "n_slots": "i32", "n_pin": "i32", "w": "i64",
        "margin": "i64", "K_P": "constexpr", "S_P": "constexpr", "P_P": "constexpr", "PREFETCH": "constexpr",
-       "SCORED": "constexpr", "GDC": "constexpr", "cpu_take": "*i64", "cpu_row": "*i64", "zero_slot": "i32",
+       "SCORED": "constexpr", "GDC": "constexpr", "cpu_take": "*i32", "cpu_row": "*i64", "zero_slot": "i32",
        "CPU": "constexpr"}
-for pf in (False, True):
+for pf, cpu in ((False, False), (True, False), (False, True)):  # cpu: the CPU-expert split (demand calls only)
     for scored in (False, True):
-        cx = {"K_P": 8, "S_P": 256, "P_P": 8 if pf else 1, "PREFETCH": pf, "SCORED": scored, "GDC": pf, "CPU": False}
+        cx = {"K_P": 8, "S_P": 256, "P_P": 8 if pf else 1, "PREFETCH": pf, "SCORED": scored, "GDC": pf, "CPU": cpu}
         assert triton.compile(ASTSource(st._resolve_kernel, sig, constexprs=cx), target=tgt).asm["cubin"]
 sig2 = {"src": "*i32", "row_src": "*i64", "row_dst": "*i64", "dst": "*i32", "row_words": "i64",
         "BLOCK": "constexpr", "CHUNKS": "constexpr", "GDC": "constexpr"}
