@@ -217,6 +217,10 @@ def test_device_step_cpu_experts_greedy_identical(reference_layout, unlimited, s
         assert d["bytes_h2d"] == (d["misses"] - c["count"]) * cache.block_size
         assert int(box.stat[1]) - served == c["count"] and c["gbps"] > 0
         assert s["device_step"]["cpu"]["take"] == [min(m, 2) for m in range(K + 1)]
+        eng.devstep.cpu_seq[2] = 1  # a wait that gave up: the stats say so instead of passing zeros off as y
+        with pytest.raises(RuntimeError, match="in vain"):
+            eng.devstep.stats()
+        eng.devstep.cpu_seq[2] = 0
         cache.devtable.give_back()
         cache.vram.table.check()  # no CPU expert entered the host's table either
     finally:

@@ -398,6 +398,8 @@ class DeviceStep:
         return self.launch_s / (self.steps * self.L) if self.steps else None
 
     def stats(self) -> dict:
+        if self.cpu is not None:  # a wait that gave up added zeros: the tokens since are not the model's
+            cpu_handoff.check(self.cpu_seq)
         return {"spans": sorted(self.graphs), "steps": self.steps, "launch_s": self.launch_s,
                 "host_s_per_layer": self.host_s_per_layer, "capture_s": self.capture_s,
                 "graph_mem_bytes": self.graph_mem_bytes, "evict": "nextuse" if self.nu is not None else "policy",
