@@ -62,11 +62,15 @@ class TierConfig:
                                       "one token]")
     prefetch_depth: int | None = _opt(None, "Layers ahead to prefetch (the predictor's prefetcher)", ("min", 0))
     prefetch_budget: int | None = _opt(None, "Experts prefetched per layer [default: 1.5 x top-k]", ("min", 0))
-    # default off: on the H200 box's native PCIe (54 GB/s) copies win; on paced links auto pays from about 12 GB/s
-    # (offload-paced-demand-2026-12-01-h200-s6.json: 1.36-1.47x off at 12, 0.93-1.05x at 25)
+    # default off: on the H200 box's native PCIe (54 GB/s) copies win on the host path; on paced links auto pays
+    # from about 12 GB/s (offload-paced-demand-2026-12-01-h200-s6.json: 1.36-1.47x off at 12, 0.93-1.05x at 25).
+    # With the device slot table auto measured 1.28x at 54 GB/s (offload-cpu-device-2026-12-01-h200-s11.json, one
+    # document), but its thread team spins on all cores but one while decoding: opt-in until measured wider.
     cpu_experts: str = _opt("off", "Decode misses computed on the CPU from the RAM tier: off, auto (per miss, where "
                                    "it finishes first: PCIe copy or CPU; on a CPU device only with --h2d-gbps), or "
-                                   "all (every routed expert on the CPU, like llama.cpp's -ot exps=CPU)",
+                                   "all (every routed expert on the CPU, like llama.cpp's -ot exps=CPU). auto "
+                                   "works with --slot-table device too (a native thread team answers the step's "
+                                   "kernels; it spins on all cores but one while decoding)",
                             CPU_EXPERT_MODES)
     # default off: measured on the H200 box (offload-paced-demand-2026-12-01-h200-s6.json, call D3) it lifted auto
     # from 143.8 to 153.9 tok/s at --h2d-gbps 12 but cost 15% at 25 GB/s (202.1 -> 172.3), where the link is busier
