@@ -19,8 +19,8 @@ With --device-fill N, each step also copies up to N experts that are not residen
 compute (a pick kernel before the first layer, a gather on a side stream, an install kernel after the argmax).
 With --cpu-experts auto (a CpuMailbox, model/cpu_mailbox.py), each MoE layer runs
     resolve (some misses to the CPU, by `cpu_split`'s table) -> post (kernels/cpu_handoff.py: their rows, weights
-    and x to the mailbox) -> gather (the others) -> wait (the worker's sum) -> the experts, + that sum,
-so the CPU computes its share while the link copies the rest.
+    and x to the mailbox) -> gather (the others) -> the device's experts -> wait (the worker's sum, added),
+so the CPU computes its share while the link copies the rest and the device computes its experts.
 Does not own: the math (model/transformer.py segments), the tables and kernels, nor the choice of step
 (engine.py).
 
@@ -152,13 +152,12 @@ class DeviceStep:
             self.fill_src = torch.full((self.fill,), -1, dtype=torch.int64, device=dev)
             self.fill_stream = torch.cuda.Stream(dev) if cuda else None
             self.fill_ctas = int(fill_ctas)
-        # CPU experts: per MoE layer, resolve's RAM rows of the misses sent to the CPU, and the worker's sum [1, D]
-        # that the layer adds after its device experts; seq: the handshake's numbers (kernels/cpu_handoff.py)
+        # CPU experts: per MoE layer, resolve's RAM rows of the misses sent to the CPU (the worker's sum is added
+        # to the layer's device experts' output, `_cpu_add`); seq: the handshake's numbers (kernels/cpu_handoff.py)
         self.cpu = cpu
         self.cpu_take: list[int] | None = None
         if cpu is not None:
             self.cpu_row = torch.full((self.L, self.K), -1, dtype=torch.int64, device=dev)
-            self.cpu_y = torch.zeros(self.L, 1, cfg.hidden_size, dtype=model.dtype, device=dev)
             self.cpu_seq = torch.zeros(3, dtype=torch.int32, device=dev)
             self.cpu_take = list(cpu_take) if cpu_take is not None else cpu_split(model.provider, self.K, cpu)
             if len(self.cpu_take) != self.K + 1:
@@ -197,15 +196,13 @@ class DeviceStep:
                 if cpu:  # the CPU starts on its share before the copies of the others
                     cpu_handoff.post(r.x, r.weights[0], self.cpu_row[l], self.cpu_seq, self.cpu)
                 self.table.gather(self.src[l], self.slots[l])
-                if cpu:
-                    cpu_handoff.wait(self.cpu_seq, self.cpu, self.cpu_y[l])
                 if nu is not None:
                     nu.update(self.moe_index[l], r.ids[0])
                 if self.prefetch and l + 1 < self.L and m.layers[l + 1].moe is not None:
                     joined = self._prefetch_next(l, r.ids[0])
                 if self.prefetch:
                     self.prev_ids[l].copy_(r.ids[0])
-            part = self.cpu_y[l] if self.cpu is not None and m.layers[l].moe is not None else None
+            part = self._cpu_add if self.cpu is not None and m.layers[l].moe is not None else None
             if l + 1 < self.L:
                 r = m.segment_mid(l + 1, r, self.slots[l], plan, part)
             else:
@@ -214,6 +211,12 @@ class DeviceStep:
         self.pos.add_(1)
         if fill:
             self._fill_end()
+        return out
+
+    def _cpu_add(self, out: Tensor) -> Tensor:
+        """moe.expert_mix's `partial`: after the layer's device experts (which run while the CPU computes), wait for
+        the worker's answer to this layer's post, if any, and add it to `out` in place."""
+        cpu_handoff.wait(self.cpu_seq, self.cpu, out)
         return out
 
     def _fill_start(self) -> None:

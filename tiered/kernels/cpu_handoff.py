@@ -6,8 +6,10 @@ Owns two one-program kernels and their plain torch references (the eager CPU ste
     weights and the layer's input x into the mailbox's page-locked tensors over PCIe, then, after a system-scope
     fence, the next post number (the mailbox's ctl[0] + 1) into ctl[0] and into seq[0] on the device.
   - `wait`: when this layer posted (seq[0] != seq[1]), polls ctl[1] (volatile loads over PCIe) until the worker
-    answers with that number, then copies y into the layer's partial-sum row; else writes zeros. It gives up after
-    `spin_max` looks (seq[2] = 1, zeros: the step finishes and the host raises, instead of the GPU hanging).
+    answers with that number, then adds y to the layer's device-expert output in place (the step calls it from
+    moe.expert_mix, after those experts: they run while the CPU computes); else leaves it. It gives up after
+    `spin_max` looks (seq[2] = 1, nothing added: the step finishes and the host raises, instead of the GPU
+    hanging).
 seq int32 [3] (device): the last post number, the last one answered, a timeout flag.
 Why a polling kernel (one program on one SM for the worker's compute time) and not cuStreamWaitValue32: torch
 does not expose stream memory operations, and a kernel is captured like any other (not measured against it).
@@ -77,14 +79,13 @@ def _wait_kernel(seq, ctl, box_y, out, D, spin_max, D_P: tl.constexpr, FENCE: tl
             i += 1
         if FENCE:
             done = _sys_fence(done)
-        ok = done == s
-        y = tl.load(box_y + od, mask=md, other=0.0, volatile=True)
-        tl.store(out + od, tl.where(ok, y, tl.zeros_like(y)), mask=md)
-        tl.store(seq + 1, s)
-        if not ok:
+        if done == s:
+            y = tl.load(box_y + od, mask=md, other=0.0, volatile=True).to(tl.float32)
+            o = tl.load(out + od, mask=md, other=0.0).to(tl.float32)
+            tl.store(out + od, (o + y).to(out.dtype.element_ty), mask=md)  # torch's add: fp32, rounded once
+        else:
             tl.store(seq + 2, 1)
-    else:
-        tl.store(out + od, tl.zeros([D_P], dtype=out.dtype.element_ty), mask=md)
+        tl.store(seq + 1, s)
 
 
 def _p2(n: int) -> int:
@@ -110,7 +111,8 @@ def post(x: Tensor, wts: Tensor, cpu_row: Tensor, seq: Tensor, box: Any) -> None
 
 
 def wait(seq: Tensor, box: Any, out: Tensor, *, spin_max: int = SPIN_MAX) -> None:
-    """out [1, D] (device) <- the worker's y for this layer's post, or zeros when the layer posted nothing."""
+    """out [1, D] (device, the layer's device experts) += the worker's y for this layer's post; unchanged when the
+    layer posted nothing."""
     if out.device.type != "cuda":
         return wait_reference(seq, box, out)
     D = out.shape[-1]
@@ -125,9 +127,10 @@ def post_reference(x: Tensor, wts: Tensor, cpu_row: Tensor, seq: Tensor, box: An
 
 
 def wait_reference(seq: Tensor, box: Any, out: Tensor, *, timeout_s: float = 30.0) -> None:
-    """wait on host values: spins (yielding) until the worker answers seq[0]; zeros when nothing was posted."""
-    posted = int(seq[0]) != int(seq[1])
-    box.wait(out, posted, timeout_s=timeout_s)
+    """wait on host values: spins (yielding) until the worker answers seq[0], then out += y; nothing when nothing
+    was posted."""
+    if int(seq[0]) != int(seq[1]):
+        out.add_(box.wait(torch.empty_like(out), True, timeout_s=timeout_s))
     seq[1] = seq[0]
 
 

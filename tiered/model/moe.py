@@ -18,7 +18,7 @@ Legend: T tokens, D hidden, E experts per layer, K top-k, F expert FFN, U distin
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -271,7 +271,7 @@ def moe_block(h: Tensor, x: Tensor, w: MoEWeights, provider: ExpertProvider, lay
 def expert_mix(x: Tensor, ids: Tensor, wts: Tensor, w: MoEWeights, provider: ExpertProvider, layer: int, *,
                slots: Tensor | None = None, fp32_weights: bool = False,
                prefetch_hook: PrefetchHook | None = None, kernels: bool = False,
-               partial: Tensor | None = None) -> Tensor:
+               partial: Tensor | Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """The MoE output once routing is known: routed experts (+ the shared expert) -> [T, D].
 
     x [T, D] normed, ids [T, K] int64, wts [T, K] fp32 routing weights. With `slots` ([K] int64, T = 1)
@@ -286,7 +286,9 @@ def expert_mix(x: Tensor, ids: Tensor, wts: Tensor, w: MoEWeights, provider: Exp
     CPU experts (--cpu-experts, a provider with `split`): for one token without known slots, the provider's
     get_split sends some experts to the CPU (their slot is a zero expert); they run on its worker thread while
     the device computes the others, and their weighted sum is added after the device's routed experts.
-    `partial` [1, D] (piecewise step): that sum, already computed, to add the same way.
+    `partial` [1, D] (piecewise step): that sum, already computed, to add the same way; or a callable that adds it
+    to the device experts' output in place (the device step: it waits there for the CPU worker's answer, so the
+    device's experts run while the CPU computes, kernels/cpu_handoff.py).
     """
     # transformers casts the routing weights to the compute dtype (Mixtral keeps fp32): one token's paths pass
     # them as they are with `round_to`, and the fused kernels round them (no cast kernel per layer)
@@ -330,7 +332,7 @@ def expert_mix(x: Tensor, ids: Tensor, wts: Tensor, w: MoEWeights, provider: Exp
         else:
             out = experts_grouped(x, ids, wc, provider, layer, w.act)
     if partial is not None:
-        out = out + partial
+        out = partial(out) if callable(partial) else out + partial
     if w.shared_gate is not None:
         out = add_shared_expert(out, x, w, fused=fused_shared)
     return out

@@ -398,10 +398,11 @@ class Transformer:
             logits = routed_logits(ids, wts, logits.shape[-1])
         return logits, ids, wts
 
-    def experts_out(self, l: int, r: Routed, slots: Tensor | None = None, partial: Tensor | None = None) -> Tensor:
+    def experts_out(self, l: int, r: Routed, slots: Tensor | None = None, partial: Any = None) -> Tensor:
         """Layer l's MoE output [T, D] (routed + shared experts); `slots` [K] = known slot rows (T = 1),
         else the provider resolves them (and the prefetch hook runs, for one token). `partial` [1, D]: the
-        CPU-computed experts' sum, added after the device's (model/cpu_experts.py). A dense layer runs its MLP."""
+        CPU-computed experts' sum, added after the device's (model/cpu_experts.py), or a callable that adds it in
+        place (moe.expert_mix). A dense layer runs its MLP."""
         lw = self.layers[l]
         if lw.dense_mlp is not None:
             g, u, d = lw.dense_mlp
@@ -423,12 +424,12 @@ class Transformer:
         """Segment 0: embedding, layer 0's attention, norm and router."""
         return self.attend_route(0, F.embedding(tokens, self.embed), plan)
 
-    def segment_mid(self, l: int, prev: Routed, slots: Tensor, plan: StepPlan, partial: Tensor | None = None) -> Routed:
+    def segment_mid(self, l: int, prev: Routed, slots: Tensor, plan: StepPlan, partial: Any = None) -> Routed:
         """Segment l (1..L-1): layer l-1's experts from `slots` [K] (+ `partial`, its CPU experts' sum) +
         residual, then layer l up to its router."""
         return self.attend_route(l, prev.h, plan, self.experts_out(l - 1, prev, slots, partial))
 
-    def segment_last(self, prev: Routed, slots: Tensor, partial: Tensor | None = None) -> Tensor:
+    def segment_last(self, prev: Routed, slots: Tensor, partial: Any = None) -> Tensor:
         """Segment L: layer L-1's experts from `slots` [K] (+ `partial`) + residual, final norm, lm_head -> logits [1, V]."""
         return self.head(prev.h, False, self.experts_out(len(self.layers) - 1, prev, slots, partial))
 
