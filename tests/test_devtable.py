@@ -295,6 +295,31 @@ def test_device_prefetch_needs_the_device_table(reference_layout):
         load(reference_layout, device="cpu", budget={"expert_slots": 16, "device_evict": "belady"})
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("gbps", [4.0, 12.0])
+def test_cuda_paced_gather_copies_and_keeps_to_the_rate(gbps):
+    """--h2d-gbps in the device step: the paced gather copies the same blocks (hits skipped) and takes at least
+    the bytes / the target rate, and not much longer (within 25%, beyond a few microseconds of launch)."""
+    B, R, S = 1 << 20, 12, 8
+    pool = torch.randint(0, 255, (R, B), dtype=torch.uint8).pin_memory()
+    slots = torch.zeros(S, B, dtype=torch.uint8, device="cuda")
+    src = torch.tensor([3, -1, 7, 0, -1, 11], dtype=torch.int64, device="cuda")
+    dst = torch.tensor([0, 1, 2, 3, 4, 5], dtype=torch.int64, device="cuda")
+    st.gather(pool, src, dst, slots, gbps=gbps)  # warm-up: compiles
+    slots.zero_()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    st.gather(pool, src, dst, slots, gbps=gbps)
+    e1.record()
+    e1.synchronize()
+    for s_, d in zip(src.tolist(), dst.tolist()):
+        want = pool[s_] if s_ >= 0 else torch.zeros(B, dtype=torch.uint8)
+        assert torch.equal(slots[d].cpu(), want)
+    need = 4 * B / (gbps * 1e9)  # four copied blocks
+    took = e0.elapsed_time(e1) * 1e-3
+    assert need <= took <= 1.25 * need + 50e-6, (took, need)
+
+
 def test_gather_kernel_copies_only_misses():
     R, S, B = 6, 4, 4096 * 3
     host = torch.randint(0, 255, (R, B), dtype=torch.uint8)
@@ -321,7 +346,7 @@ def test_refusal_says_what_to_change():
     assert "predicted" in refusal(**{**ok, "policy": "predicted"})
     assert refusal(**{**ok, "cpu_experts": "auto"}) is None  # the device step hands misses to the CPU itself
     assert "--cpu-experts all" in refusal(**{**ok, "cpu_experts": "all"})
-    assert "--h2d-gbps" in refusal(**{**ok, "h2d_gbps": 12.0})
+    assert refusal(**{**ok, "h2d_gbps": 12.0}) is None  # the device step's gather kernel paces itself
     assert "--prefetch-depth" in refusal(**{**ok, "prefetch_depth": 1})
 
 
@@ -531,9 +556,12 @@ sig2 = {"src": "*i32", "row_src": "*i64", "row_dst": "*i64", "dst": "*i32", "row
 k = triton.compile(ASTSource(st._gather_kernel, sig2, constexprs={"BLOCK": 1024, "CHUNKS": 4, "GDC": True}), target=tgt)
 assert k.asm["cubin"] and "griddepcontrol.wait" in k.asm["ptx"]
 sig3 = {"src": "*i32", "row_src": "*i64", "row_dst": "*i64", "dst": "*i32", "row_words": "i64", "n_items": "i32",
-        "n_chunks": "i32", "BLOCK": "constexpr", "CHUNKS": "constexpr", "GDC": "constexpr"}
-assert triton.compile(ASTSource(st._gather_strided_kernel, sig3, constexprs={"BLOCK": 1024, "CHUNKS": 4, "GDC": False}),
-                      target=tgt).asm["cubin"]
+        "n_chunks": "i32", "BLOCK": "constexpr", "CHUNKS": "constexpr", "GDC": "constexpr", "ns_per_chunk": "fp32",
+        "R_P": "constexpr", "PACED": "constexpr"}
+for paced in (False, True):  # paced: --h2d-gbps in the device step
+    cx3 = {"BLOCK": 1024, "CHUNKS": 4, "GDC": paced, "R_P": 8 if paced else 2, "PACED": paced}
+    k = triton.compile(ASTSource(st._gather_strided_kernel, sig3, constexprs=cx3), target=tgt)
+    assert k.asm["cubin"] and ("%globaltimer" in k.asm["ptx"]) == paced
 sig5 = {"order": "*i64", "cursor": "*i64", "slot_of": "*i32", "key_of": "*i32", "host_row": "*i64", "out_key": "*i64",
         "out_slot": "*i64", "out_src": "*i64", "picked": "*i64", "n_keys": "i32", "n_slots": "i32", "n_rows": "i32",
         "fill_n": "*i64",

@@ -158,13 +158,35 @@ def _gather_kernel(src, row_src, row_dst, dst, row_words, BLOCK: tl.constexpr, C
 
 
 @triton.jit
+def _globaltimer(v):
+    """The GPU's nanosecond clock (%globaltimer); v: any int32 value (the asm's operand, unused)."""
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [v], dtype=tl.int64, is_pure=False,
+                                     pack=1)
+
+
+@triton.jit
 def _gather_strided_kernel(src, row_src, row_dst, dst, row_words, n_items, n_chunks, BLOCK: tl.constexpr,
-                           CHUNKS: tl.constexpr, GDC: tl.constexpr = False):
+                           CHUNKS: tl.constexpr, GDC: tl.constexpr = False, ns_per_chunk=0.0, R_P: tl.constexpr = 2,
+                           PACED: tl.constexpr = False):
     """The gather with a fixed number of programs, each looping over (row, chunk) items: a copy that runs beside
-    compute on another stream without taking every SM."""
+    compute on another stream without taking every SM. PACED (--h2d-gbps, a benchmark's slower link): the copied
+    chunk of ordinal n (counting only rows with a copy, in row order) is not done before n * ns_per_chunk
+    nanoseconds after the program started, so a launch moves its bytes no faster than the target."""
     gdc_enter(GDC)
+    if PACED:
+        orr = tl.arange(0, R_P)
+        srcs = tl.load(row_src + orr, mask=orr < n_items // n_chunks, other=-1)
+        t0 = _globaltimer(orr.to(tl.int32) * 0)
     for it in range(tl.program_id(0), n_items, tl.num_programs(0)):
-        _copy_chunk(src, row_src, row_dst, dst, row_words, it // n_chunks, it % n_chunks, BLOCK, CHUNKS)
+        r = it // n_chunks
+        _copy_chunk(src, row_src, row_dst, dst, row_words, r, it % n_chunks, BLOCK, CHUNKS)
+        if PACED:
+            if tl.load(row_src + r) >= 0:
+                before = tl.sum(((orr < r) & (srcs >= 0)).to(tl.int32), axis=0)
+                target = ((before * n_chunks + it % n_chunks + 1).to(tl.float32) * ns_per_chunk).to(tl.int64)
+                now = tl.max(_globaltimer(orr.to(tl.int32) * 0) - t0, axis=0)
+                while now < target:
+                    now = tl.max(_globaltimer(orr.to(tl.int32) * 0) - t0, axis=0)
 
 
 @triton.jit
@@ -373,7 +395,7 @@ def resolve_reference(ids: Tensor, layer: int, num_experts: int, t: dict[str, Te
 
 
 def gather(host_pool: Tensor, row_src: Tensor, row_dst: Tensor, slots: Tensor, *, chunks: int = 4,
-           ctas: int | None = None) -> None:
+           ctas: int | None = None, gbps: float = 0.0) -> None:
     """slots[row_dst[r]] = host_pool[row_src[r]] for every r with row_src[r] >= 0 (whole blocks).
 
     host_pool uint8 [R, B] (pinned on CUDA), slots uint8 [S, B] on the device, row_src / row_dst int64 [K] on the
@@ -381,7 +403,10 @@ def gather(host_pool: Tensor, row_src: Tensor, row_dst: Tensor, slots: Tensor, *
     (row, chunk) items; None = 4 per SM; 0 = one program per item.
     Measured on the H200 (benchmarks/results/slot-table-2026-12-01-h200-s8.json): when every row hits (most
     layers), 4 per SM take 1.4 / 2.1 us at the q4 / bf16 block sizes against 1.9 / 6.3 for a program per item,
-    and copy at the same 49-51 GB/s."""
+    and copy at the same 49-51 GB/s.
+    gbps > 0 (CUDA): paced to that many GB/s (10^9 B/s), a benchmark's emulation of a slower link (--h2d-gbps):
+    the strided kernel holds each copied chunk until its share of the launch's time has passed (not measured on
+    the GPU yet: DeviceSlotTable.measure_pace reports the rate reached)."""
     B = slots.shape[1]
     if slots.device.type != "cuda":
         for r, (s, d) in enumerate(zip(row_src.tolist(), row_dst.tolist())):
@@ -396,13 +421,18 @@ def gather(host_pool: Tensor, row_src: Tensor, row_dst: Tensor, slots: Tensor, *
     src = HostPointer(host_pool.view(torch.int32)) if host_pool.device.type == "cpu" else host_pool.view(torch.int32)
     if ctas is None:
         ctas = 4 * _sm_count(slots.device)
-    if ctas == 0:
+    if ctas == 0 and gbps <= 0:
         _gather_kernel[(row_src.shape[0], n_c)](src, row_src, row_dst, slots.view(torch.int32), words,
                                                 BLOCK=BLOCK, CHUNKS=chunks, **launch_args(slots.device))
     else:
         n = row_src.shape[0] * n_c
+        pace = {"ns_per_chunk": 0.0, "R_P": 2, "PACED": False}  # every argument typed (the real compiler)
+        if gbps > 0:
+            pace = {"ns_per_chunk": BLOCK * chunks * 4 / float(gbps), "R_P": _p2(row_src.shape[0]), "PACED": True}
+            ctas = ctas or 4 * _sm_count(slots.device)
         _gather_strided_kernel[(max(1, min(ctas, n)),)](src, row_src, row_dst, slots.view(torch.int32), words, n, n_c,
-                                                        BLOCK=BLOCK, CHUNKS=chunks, **launch_args(slots.device))
+                                                        BLOCK=BLOCK, CHUNKS=chunks, **launch_args(slots.device),
+                                                        **pace)
 
 
 FILL_WINDOW = 1024  # keys of the fill order one pick scans

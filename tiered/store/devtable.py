@@ -10,7 +10,8 @@ Does not own: the bytes (vram.SlotPool's slots, ram.PinnedPool's pinned rows), t
 
 What it needs: CUDA; every expert in the pinned RAM tier (copy mode: one page-locked buffer the GPU reads over
 UVA), so a miss is a copy from RAM, never a disk read; an eviction policy the device runs (lru, or flru with its
-weight); no pacing (a host decision per copy). CPU experts (--cpu-experts auto) are a device decision: resolve
+weight). Pacing (--h2d-gbps, a benchmark's slower link) is the gather kernel's (kernels/slot_table.gather, gbps),
+`measure_pace` reports the rate it reaches. CPU experts (--cpu-experts auto) are a device decision: resolve
 splits a call's misses between copies and the CPU by the cost model's table (`set_cpu_take`), and the step hands
 the CPU's share to a native worker through mapped memory (model/cpu_mailbox.py).
 
@@ -44,9 +45,7 @@ def refusal(*, cuda: bool, ram_slots: int, num_keys: int, block_size: int, polic
         return "--cpu-experts all computes every expert on the host's worker: use --slot-table host with it"
     if prefetch_depth > 0:
         return "--prefetch-depth runs the predictor on the host: use --slot-table host with it"
-    if h2d_gbps > 0:
-        return "--h2d-gbps paces copies issued by the host: use --slot-table host with it"
-    return None
+    return None  # --h2d-gbps: the device step's gather kernel paces its own copies (DeviceSlotTable.h2d_gbps)
 
 
 class DeviceSlotTable:
@@ -92,6 +91,10 @@ class DeviceSlotTable:
         # all-zero slot row after the S slots
         self.zero_slot = vram.zero_slot
         self.cpu_take: Tensor | None = None
+        # --h2d-gbps: every gather of the device step (demand, prefetch, fill) paced to this rate; measure_pace, at
+        # the first hand-over, times one and reports the rate reached
+        self.h2d_gbps = float(getattr(vram, "h2d_gbps", 0.0) or 0.0)
+        self.h2d_gbps_achieved: float | None = None
 
     # --- the hand-over ---
     def take(self) -> None:
@@ -127,6 +130,27 @@ class DeviceSlotTable:
             self.t[name].copy_(v)
         self.owner = "device"
         self.handovers += 1
+        if self.h2d_gbps > 0 and self.h2d_gbps_achieved is None and vram.cuda:
+            self.measure_pace()
+
+    def measure_pace(self, blocks: int = 8) -> float | None:
+        """Time one paced gather of up to `blocks` resident blocks onto themselves (each slot re-copied from its own
+        key's RAM row: the table's contents do not change) with CUDA events; sets and returns the GB/s reached (None
+        when no slot is resident yet)."""
+        key_of = self.t["key_of"][: self.slots.shape[0]]
+        res = (key_of >= 0).nonzero().flatten()[:blocks]
+        if res.numel() == 0:
+            return None
+        dst = res.to(torch.int64)
+        src = self.t["host_row"].index_select(0, key_of.index_select(0, res).to(torch.int64))
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        self.gather(src, dst)  # warm: compiles the paced kernel
+        e0.record()
+        self.gather(src, dst)
+        e1.record()
+        e1.synchronize()
+        self.h2d_gbps_achieved = dst.numel() * self.block_size / (e0.elapsed_time(e1) * 1e-3) / 1e9
+        return self.h2d_gbps_achieved
 
     def give_back(self) -> None:
         """The device's table -> the host's SlotTable, policy and clock (syncs: a phase change, not per token)."""
@@ -180,7 +204,7 @@ class DeviceSlotTable:
     def gather(self, src: Tensor, slot: Tensor, *, ctas: int | None = None) -> None:
         """Copy the misses resolve found from the pinned RAM tier into their slots (on the current stream); ctas
         bounds the copy's programs (a prefetch beside compute should not take every SM)."""
-        self.kern.gather(self.host_pool, src, slot, self.slots, ctas=ctas)
+        self.kern.gather(self.host_pool, src, slot, self.slots, ctas=ctas, gbps=self.h2d_gbps)
 
     def prefetch(self, layer: int, ids: Tensor, pin: Tensor, out_slot: Tensor, out_src: Tensor, *,
                  nt: Tensor | None = None, margin: int = 0) -> None:
@@ -241,6 +265,8 @@ class DeviceSlotTable:
         return {"mode": "device", "owner": self.owner, "hits": self.hits, "misses": self.misses,
                 "bytes": (self.misses - self.cpu_misses + self.prefetched) * self.block_size,
                 "prefetched": self.prefetched, "cpu_misses": self.cpu_misses,
+                **({"h2d_gbps_target": self.h2d_gbps, "h2d_gbps_achieved": self.h2d_gbps_achieved}
+                   if self.h2d_gbps > 0 else {}),
                 "handovers": self.handovers,
                 "policy": "lru" if self.w == 0 else f"flru(w={self.w})"}
 
