@@ -193,11 +193,13 @@ def unlimited(reference_layout) -> list[int]:
 
 
 @needs_kernel
-@pytest.mark.parametrize("slots,evict", [(8, "policy"), (24, "policy"), (24, "nextuse")])
-def test_device_step_cpu_experts_greedy_identical(reference_layout, unlimited, slots, evict):
+@pytest.mark.parametrize("slots,evict,prefetch", [(8, "policy", 0), (24, "policy", 0), (24, "nextuse", 0),
+                                                  (24, "nextuse", 3)])
+def test_device_step_cpu_experts_greedy_identical(reference_layout, unlimited, slots, evict, prefetch):
     """The eager device step sending misses to the CPU worker (a forced split: up to 2 of a layer's misses, the
-    latest predicted next use first under nextuse) gives every-expert-resident greedy tokens; the counters add up:
-    CPU experts are misses, not copies; the worker served them."""
+    latest predicted next use first under nextuse; with a device prefetch too, whose pins then include the zero
+    slot) gives every-expert-resident greedy tokens; the counters add up: CPU experts are misses, not copies; the
+    worker served them."""
     eng, cache = _engine(reference_layout, slots)
     try:
         cache.devtable = DeviceSlotTable(cache, w=0, kernels=st)
@@ -210,14 +212,14 @@ def test_device_step_cpu_experts_greedy_identical(reference_layout, unlimited, s
             from test_devtable import _code_transitions
             tr = _code_transitions(reference_layout)
         eng.devstep = DeviceStep(eng.model, graphs=False, cpu=box, cpu_take=[min(m, 2) for m in range(K + 1)],
-                                 evict=evict, transitions=tr)
+                                 evict=evict, transitions=tr, prefetch=prefetch)
         eng.pieces = None
         assert eng.generate(PROMPT, max_new_tokens=NEW).token_ids == unlimited
         s = eng.stats
         d, c = s["decode"], s["cpu_experts"]
         assert d["hits"] + d["misses"] == d["tokens"] * 8 * K
         assert c["count"] > 0 and s["slot_table"]["cpu_misses"] == c["count"]
-        assert d["bytes_h2d"] == (d["misses"] - c["count"]) * cache.block_size
+        assert d["bytes_h2d"] == (d["misses"] - c["count"] + s["slot_table"]["prefetched"]) * cache.block_size
         assert int(box.stat[1]) - served == c["count"] and c["gbps"] > 0
         assert s["device_step"]["cpu"]["take"] == [min(m, 2) for m in range(K + 1)]
         eng.devstep.cpu_seq[2] = 1  # a wait that gave up: the stats say so instead of passing zeros off as y

@@ -339,7 +339,7 @@ def resolve_reference(ids: Tensor, layer: int, num_experts: int, t: dict[str, Te
                 last[s] = now
             pinned.add(s)
     if pin is not None:
-        pinned.update(int(p) for p in pin.tolist() if p >= 0)
+        pinned.update(int(p) for p in pin.tolist() if 0 <= p < S)  # S: the zero slot of a CPU expert
     ntl = nt.tolist() if nt is not None else None
     kof = key_of.tolist()
     if ntl is None:
