@@ -41,6 +41,7 @@ from tiered.decode.sampling import argmax_into
 from tiered.kernels import cpu_handoff
 from tiered.kernels.slot_table import fill_windows
 from tiered.model.transformer import Transformer
+from tiered.store.offload import CostModel
 
 
 class DeviceStep:
@@ -428,8 +429,6 @@ def cpu_split(provider: Any, K: int, box: Any) -> list[int]:
     the CPU's jobs on the worker). The CPU's rate and fixed cost are the mailbox's own, as the step's kernels see
     them (CpuMailbox.probe_device; the rate times CPU_CONTENTION), else the provider's load-time probe. No cost
     model (or no CPU rate): nothing goes to the CPU."""
-    from tiered.store.offload import CostModel
-
     cm = getattr(provider, "cost_model", None)
     if cm is None:
         return [0] * (K + 1)

@@ -20,7 +20,6 @@ Legend: K top-k, D hidden.
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -28,8 +27,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from tiered.kernels.fused_norm import interpreted
 from tiered.kernels.pdl import gdc_enter, launch_args
-from tiered.kernels.slot_table import HostPointer
+from tiered.kernels.slot_table import HostPointer, _p2
 
 SPIN_MAX = 1 << 23  # looks before the wait gives up: each is a PCIe read of about 1 us, so several seconds
 MAX_SEQ = 0x7FFFFFFF
@@ -88,14 +88,6 @@ def _wait_kernel(seq, ctl, box_y, out, D, spin_max, D_P: tl.constexpr, FENCE: tl
         tl.store(seq + 1, s)
 
 
-def _p2(n: int) -> int:
-    return max(2, triton.next_power_of_2(int(n)))
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _ptr(t: Tensor) -> Any:
     return HostPointer(t) if t.device.type == "cpu" and t.is_pinned() else t
 
@@ -107,7 +99,7 @@ def post(x: Tensor, wts: Tensor, cpu_row: Tensor, seq: Tensor, box: Any) -> None
         return post_reference(x, wts, cpu_row, seq, box)
     K, D = cpu_row.shape[0], x.shape[-1]
     _post_kernel[(1,)](x, wts, cpu_row, seq, _ptr(box.rows), _ptr(box.wts), _ptr(box.x), _ptr(box.ctl), K, D,
-                       K_P=_p2(K), D_P=_p2(D), FENCE=not _interpreted(), num_warps=4, **launch_args(x.device))
+                       K_P=_p2(K), D_P=_p2(D), FENCE=not interpreted(), num_warps=4, **launch_args(x.device))
 
 
 def wait(seq: Tensor, box: Any, out: Tensor, *, spin_max: int = SPIN_MAX) -> None:
@@ -116,7 +108,7 @@ def wait(seq: Tensor, box: Any, out: Tensor, *, spin_max: int = SPIN_MAX) -> Non
     if out.device.type != "cuda":
         return wait_reference(seq, box, out)
     D = out.shape[-1]
-    _wait_kernel[(1,)](seq, _ptr(box.ctl), _ptr(box.y), out, D, int(spin_max), D_P=_p2(D), FENCE=not _interpreted(),
+    _wait_kernel[(1,)](seq, _ptr(box.ctl), _ptr(box.y), out, D, int(spin_max), D_P=_p2(D), FENCE=not interpreted(),
                        num_warps=4, **launch_args(out.device))
 
 

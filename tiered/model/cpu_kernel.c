@@ -547,12 +547,10 @@ static inline void cpu_relax(void) {
 }
 
 /* Wait while *p == v: spin (pause) while jobs keep coming, then, spin_ns after `since`, sleep sleep_ns between
- * looks; returns when *p != v or *stop is set. */
-static void idle_wait(const volatile int64_t *p, int64_t v, const int32_t *stop, int64_t since, int64_t spin_ns,
-                      int64_t sleep_ns) {
+ * looks; returns when *p != v. */
+static void idle_wait(const volatile int64_t *p, int64_t v, int64_t since, int64_t spin_ns, int64_t sleep_ns) {
     long looks = 0;
     while (__atomic_load_n(p, __ATOMIC_ACQUIRE) == v) {
-        if (stop && __atomic_load_n(stop, __ATOMIC_ACQUIRE)) return;
         if (spin_ns > 0 && (++looks & 255) == 0 && now_ns() - since > spin_ns) {
             struct timespec ts = {0, (long)sleep_ns};
             nanosleep(&ts, NULL);
@@ -637,7 +635,7 @@ int tiered_cpu_serve(int32_t *ctl, const int64_t *rows, const float *wts_in, con
                 }
                 __atomic_store_n(&gen, seen + 1, __ATOMIC_RELEASE);
             } else {
-                idle_wait(&gen, seen, NULL, since, spin_ns, sleep_ns);
+                idle_wait(&gen, seen, since, spin_ns, sleep_ns);
             }
             seen++;
             if (stopping) break;

@@ -139,11 +139,10 @@ class CpuKernel:
                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
         self._fn = f
         self._lib = lib
-        g = getattr(lib, "tiered_cpu_serve", None)  # the device step's mailbox loop (model/cpu_mailbox.py)
-        if g is not None:
-            g.restype = ctypes.c_int
-            g.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int] * 7 \
-                + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+        g = lib.tiered_cpu_serve  # the device step's mailbox loop (model/cpu_mailbox.py)
+        g.restype = ctypes.c_int
+        g.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int] * 7 \
+            + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
         self.serve_fn = g
         self.caps = int(lib.tiered_cpu_caps())
         self.simd = int(lib.tiered_cpu_simd())  # 512, 256 or 0

@@ -49,8 +49,6 @@ class CpuMailbox:
     def __init__(self, kernel: CpuKernel, W: Any, *, K: int, D: int, dtype: torch.dtype, threads: int,
                  fp32_weights: bool = False, pin: bool = False, spin_s: float = 0.02,
                  sleep_s: float = 20e-6, block_bytes: int = 0) -> None:
-        if kernel.serve_fn is None:
-            raise KernelUnavailable(f"{kernel.path.name} has no tiered_cpu_serve (a stale build)")
         plan = kernel._plan(W)
         if plan is None:
             raise KernelUnavailable("the native CPU kernel does not read this expert format (fp8, mxfp4, biases)")
