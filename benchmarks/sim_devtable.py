@@ -204,7 +204,7 @@ def parse_run(spec: str) -> dict:
 
 def simulate_doc(ids: np.ndarray, prompt: int, run: dict, *, slots: int, num_experts: int, transitions, params,
                  block: int, pcie: float, compute: float, cpu_take: list[int] | None = None,
-                 cpu_gbps: float = 0.0, cpu_overhead: float = 0.0) -> dict:
+                 cpu_gbps: float = 0.0, cpu_overhead: float = 0.0, cpu_frac: bool = False) -> dict:
     """One run over one document's routing ids [T, L, K]: positions 0..prompt-1 prefilled, the rest decoded."""
     T, L, K = ids.shape
     E = num_experts
@@ -256,7 +256,12 @@ def simulate_doc(ids: np.ndarray, prompt: int, run: dict, *, slots: int, num_exp
             if i < len(g) and g[i][0] == "prefetch":
                 pf = g[i][1]
                 i += 1
-            tim += max(d * c, cpu_overhead + nc * cc if nc else 0.0) + max(comp_l, pf * c)
+            if cpu_frac and nc:  # the layer's misses split by rows: the CPU's share f where both sides finish together
+                m = d + nc
+                f = min(max((m * c - cpu_overhead) / (c + cc), 0.0), m)
+                tim += max((m - f) * c, cpu_overhead + f * cc if f > 0 else 0.0) + max(comp_l, pf * c)
+            else:
+                tim += max(d * c, cpu_overhead + nc * cc if nc else 0.0) + max(comp_l, pf * c)
     steps = [sorted(set((l * E + ids[:prompt, l]).ravel().tolist())) for l in range(L)]
     steps += [(l * E + ids[t, l]).tolist() for t in range(prompt, T) for l in range(L)]
     _, bm = belady(steps, slots, count_from=L)
@@ -291,6 +296,8 @@ def main() -> None:
     ap.add_argument("--fit", action="store_true", help="refit the next-use weights on fit/ (else DEFAULT_PARAMS)")
     ap.add_argument("--cpu-gbps", type=float, default=65.0, help="the CPU experts' rate (runs ending in +cpu)")
     ap.add_argument("--cpu-overhead-us", type=float, default=10.0, help="a CPU post's fixed cost")
+    ap.add_argument("--cpu-frac", action="store_true",
+                    help="time a layer's misses as split by rows between the link and the CPU (an upper bound)")
     ap.add_argument("--cpu-take", default="", help="comma-separated take[m], m = 0..K (default: the cost model's)")
     a = ap.parse_args()
     t0 = time.perf_counter()
@@ -321,7 +328,7 @@ def main() -> None:
             r: simulate_doc(ids, a.prompt_tokens, parse_run(r), slots=a.slots, num_experts=a.experts,
                             transitions=transitions, params=params, block=a.block_bytes, pcie=a.pcie_gbps,
                             compute=a.compute_ms * 1e-3, cpu_take=take, cpu_gbps=a.cpu_gbps,
-                            cpu_overhead=a.cpu_overhead_us * 1e-6)
+                            cpu_overhead=a.cpu_overhead_us * 1e-6, cpu_frac=a.cpu_frac)
             for r in runs}
     docs = res["docs"]
     res["mean"] = {r: {k: float(np.mean([docs[d][r][k] for d in docs]))

@@ -23,7 +23,8 @@ peers_ckpt() {
 }
 peers_layout() {  # NAME EXPERTS DENSE: repack $W/ckpt into $W/NAME with --experts EXPERTS --dense DENSE
   [ -f $W/$1/manifest.json ] || python3 -c "import json; from tiered.layout.repack import repack; print(json.dumps(repack('$W/ckpt', '$W/$1', experts='$2', dense='$3', force=True, progress=False, quant_device='cuda')))" > $OUT/repack-$1.log 2>&1
-  echo "repack $1 rc=$? $(el)"
+  echo "repack $1 rc=$? $(el)"; sync  # session 12: a fresh repack's dirty pages, written back during the timed runs,
+  # slowed the CPU experts (s11 call F: lru+cpu's worker at 26 GB/s against 57 in G, whose layout was already made)
 }
 peers_layouts() {  # the checkpoint and its q4+q4 (layout-q4) and bf16 (layout) repacks, one after the other
   peers_ckpt; peers_layout layout-q4 q4 q4; peers_layout layout source source; pack

@@ -31,6 +31,10 @@ from torch import Tensor
 
 from tiered.model.cpu_kernel import ROUND, CpuKernel, KernelUnavailable
 
+# probe_device's device sleep before each timed round trip: about 0.5 ms at the H200's 1.98 GHz, more than the host
+# takes to enqueue the post and wait kernels from Python
+SLEEP_CYCLES = 1_000_000
+
 
 class CpuMailbox:
     """The mailbox of one expert pool view (`W`: the RAM tier's blocks, rows = host rows of the device table).
@@ -158,7 +162,8 @@ class CpuMailbox:
 
     def probe_device(self, rows: list[int], device: torch.device, repeats: int = 5) -> tuple[float, float]:
         """The round trip as a captured step sees it: the device's post and wait kernels (kernels/cpu_handoff.py)
-        around a one-expert job at RAM row rows[i], timed with CUDA events. Sets `overhead_s` (the best round trip
+        around a one-expert job at RAM row rows[i], timed with CUDA events from after a device sleep that covers
+        the host's launches. Sets `overhead_s` (the best round trip
         beyond the worker's compute: PCIe writes, the worker's notice, the answer's poll and read) and `gbps` (the
         expert's bytes / the best compute time, the worker alone). Returns (overhead_s, gbps)."""
         from tiered.kernels import cpu_handoff  # the device side of this mailbox
@@ -176,6 +181,9 @@ class CpuMailbox:
             r[0] = rows[i % len(rows)]
             torch.cuda.synchronize(device)
             ns0 = int(self.stat[2])
+            # the device sleeps while the host enqueues the kernels, so that their launch (tens of us of Python,
+            # which a captured step never pays) is not timed as the round trip's fixed cost
+            torch.cuda._sleep(SLEEP_CYCLES)
             e0.record()
             cpu_handoff.post(x, w, r, seq, self)
             cpu_handoff.wait(seq, self, out)
