@@ -201,6 +201,9 @@ def summarise(s: dict, bounds: dict, compute_s: float, L: int) -> dict:
     dcpu = (s.get("device_step") or {}).get("cpu")
     if dcpu:  # the device step's mailbox: the cost model's split, its round trip, the worker's time
         v["device_cpu"] = dcpu
+        st = s.get("slot_table") or {}
+        v["device_cpu"]["split_misses"] = st.get("cpu_split_misses")
+        v["device_cpu"]["split_rows"] = st.get("cpu_split_rows")
     v["h2d_gbps_achieved"] = (s.get("vram") or {}).get("gbps")
     if (s.get("slot_table") or {}).get("h2d_gbps_achieved"):  # the device step's paced gather, timed at load
         v["h2d_gbps_achieved"] = s["slot_table"]["h2d_gbps_achieved"]
@@ -298,12 +301,12 @@ def main() -> None:
 
         def go(label: str, policy: str, cand: int, cpu: str, h2d: float = 0.0, table: str = "host",
                dpf: int = 0, evict: str = "policy", wb: str = "off", fill: int = 0,
-               fill_ctas: int | None = None, fill_ranked: bool = True) -> None:
+               fill_ctas: int | None = None, fill_ranked: bool = True, split: str = "auto") -> None:
             pred = (History(L, cfg.num_experts, params) if cand or dpf or evict != "policy" or (fill and fill_ranked)
                     else NoPrediction(L, cfg.num_experts))
             budget = {**base, "policy": policy, "prefetch_depth": 1 if cand else 0, "prefetch_budget": cand or 1,
                       "cpu_experts": cpu, "h2d_gbps": h2d, "slot_table": table, "device_prefetch": dpf,
-                      "device_evict": evict, "cpu_write_behind": wb, "device_fill": fill}
+                      "device_evict": evict, "cpu_write_behind": wb, "device_fill": fill, "cpu_split": split}
             log(f"doc {name}: {label}")
             s = one_run(a.layout, device, prompt, a.new_tokens, doc, budget=budget, predictor=pred, warmup=a.warmup,
                         profile=label in a.profile, fill_ctas=fill_ctas)
@@ -327,7 +330,12 @@ def main() -> None:
                      # CPU experts inside the device step (model/cpu_mailbox.py): the cost model splits each
                      # layer's misses between the link and the CPU
                      ("lru+cpu/device", "lru", 0, "auto", 0.0, "device"),
-                     ("nextuse+cpu/device", "lru", 0, "auto", 0.0, "device", 0, "nextuse")]
+                     ("nextuse+cpu/device", "lru", 0, "auto", 0.0, "device", 0, "nextuse"),
+                     # the same, whole experts only (--cpu-split off: no miss split by rows with the CPU)
+                     ("lru+cpu:whole/device", "lru", 0, "auto", 0.0, "device", 0, "policy", "off", 0, None, True,
+                      "off"),
+                     ("nextuse+cpu:whole/device", "lru", 0, "auto", 0.0, "device", 0, "nextuse", "off", 0, None,
+                      True, "off")]
             for f in filter(None, a.device_fill.split(",")):  # the background fill of free slots
                 f, _, order = f.partition("/")
                 n, _, c = f.partition(":")
@@ -406,15 +414,20 @@ def main() -> None:
             res["vs_serial_belady_bound_demand_device"] = get(bd, "vs_serial_belady_bound")
             res["device_over_host_lru"] = (M[bd]["decode_tok_s"] / M["lru/off"]["decode_tok_s"]
                                            if M.get("lru/off", {}).get("decode_tok_s") else None)
-        dc = [lab for lab in ("lru+cpu/device", "nextuse+cpu/device") if lab in M and M[lab]["decode_tok_s"]]
+        dc = [lab for lab in ("lru+cpu/device", "nextuse+cpu/device", "lru+cpu:whole/device",
+                              "nextuse+cpu:whole/device") if lab in M and M[lab]["decode_tok_s"]]
         if dc:  # CPU experts inside the device step: both paths of a miss in use, the combined bound's run
             bc = max(dc, key=lambda lab: M[lab]["decode_tok_s"])
-            nocpu = bc.replace("+cpu", "")
+            nocpu = bc.replace("+cpu", "").replace(":whole", "")
             res["best_device_cpu"] = bc
             res["vs_combined_bound_device"] = get(bc, "vs_combined_bound")
             res["vs_serial_belady_bound_demand_device_cpu"] = get(bc, "vs_serial_belady_bound")
             res["device_cpu_over_device"] = (M[bc]["decode_tok_s"] / M[nocpu]["decode_tok_s"]
                                              if M.get(nocpu, {}).get("decode_tok_s") else None)
+            res["device_cpu_split_over_whole"] = {  # the row split against whole experts only, per policy
+                p: M[f"{p}+cpu/device"]["decode_tok_s"] / M[f"{p}+cpu:whole/device"]["decode_tok_s"]
+                for p in ("lru", "nextuse") if (M.get(f"{p}+cpu/device") or {}).get("decode_tok_s")
+                and (M.get(f"{p}+cpu:whole/device") or {}).get("decode_tok_s")}
         fl = [lab for lab in M if "+fill" in lab and M[lab]["decode_tok_s"]]
         if fl:  # the background fill: what demand paging takes as first-use misses, loaded ahead
             bf = max(fl, key=lambda lab: M[lab]["decode_tok_s"])
@@ -455,7 +468,8 @@ def main() -> None:
               "device_prefetch_over_demand", "vs_serial_belady_bound_prefetch_nextuse", "best_device_step",
               "best_device_fill", "vs_pcie_bound_fill", "vs_serial_belady_bound_fill", "device_fill_over_demand",
               "vs_serial_belady_bound_prefetch", "paced_auto_over_off", "paced_auto_over_off_demand", "cpu_expert_gbps",
-              "llamacpp_cpu_experts_tg_tok_s"):
+              "llamacpp_cpu_experts_tg_tok_s", "best_device_cpu", "vs_serial_belady_bound_demand_device_cpu",
+              "device_cpu_over_device", "device_cpu_split_over_whole", "paced_device_cpu_over_off"):
         print(f"{k}: {res.get(k)}")
     print(write_out(res, "offload_cpu_experts.json"))
 

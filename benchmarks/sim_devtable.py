@@ -204,7 +204,8 @@ def parse_run(spec: str) -> dict:
 
 def simulate_doc(ids: np.ndarray, prompt: int, run: dict, *, slots: int, num_experts: int, transitions, params,
                  block: int, pcie: float, compute: float, cpu_take: list[int] | None = None,
-                 cpu_gbps: float = 0.0, cpu_overhead: float = 0.0, cpu_frac: bool = False) -> dict:
+                 cpu_gbps: float = 0.0, cpu_overhead: float = 0.0, cpu_frac: bool = False,
+                 cpu_split: list[int] | None = None, split_f: float = 0.0, split_share: float = 2 / 3) -> dict:
     """One run over one document's routing ids [T, L, K]: positions 0..prompt-1 prefilled, the rest decoded."""
     T, L, K = ids.shape
     E = num_experts
@@ -256,7 +257,10 @@ def simulate_doc(ids: np.ndarray, prompt: int, run: dict, *, slots: int, num_exp
             if i < len(g) and g[i][0] == "prefetch":
                 pf = g[i][1]
                 i += 1
-            if cpu_frac and nc:  # the layer's misses split by rows: the CPU's share f where both sides finish together
+            if cpu_split is not None and nc and cpu_split[d + nc]:  # one of the CPU's misses split by rows: the
+                # CPU computes split_f of its intermediate rows, the link copies the rest of gate/up and all of down
+                tim += max((d + 1 - split_f * split_share) * c, cpu_overhead + (nc - 1 + split_f) * cc) + max(comp_l, pf * c)
+            elif cpu_frac and nc:  # the layer's misses split by rows: the CPU's share f where both sides finish together
                 m = d + nc
                 f = min(max((m * c - cpu_overhead) / (c + cc), 0.0), m)
                 tim += max((m - f) * c, cpu_overhead + f * cc if f > 0 else 0.0) + max(comp_l, pf * c)
@@ -298,6 +302,10 @@ def main() -> None:
     ap.add_argument("--cpu-overhead-us", type=float, default=10.0, help="a CPU post's fixed cost")
     ap.add_argument("--cpu-frac", action="store_true",
                     help="time a layer's misses as split by rows between the link and the CPU (an upper bound)")
+    ap.add_argument("--cpu-split", type=float, default=0.0,
+                    help="a fixed row fraction of one miss a layer computed on the CPU (the rest of its gate/up rows "
+                         "and all of its down copied); the cost model picks per miss count whether to split")
+    ap.add_argument("--split-down", action="store_true", help="--cpu-split: down's columns split too (not copied whole)")
     ap.add_argument("--cpu-take", default="", help="comma-separated take[m], m = 0..K (default: the cost model's)")
     a = ap.parse_args()
     t0 = time.perf_counter()
@@ -315,9 +323,20 @@ def main() -> None:
 
         cm = CostModel(a.pcie_gbps, a.cpu_gbps, cpu_overhead_s=a.cpu_overhead_us * 1e-6, fixed=True)
         take = [sum(cm.place(m, a.block_bytes)) for m in range(a.top_k + 1)]
+    split = None
+    if a.cpu_split:
+        share = 1.0 if a.split_down else 2 / 3  # the block's share the split saves the link (down copied whole: 2/3)
+        c, cc, o, f = a.block_bytes / (a.pcie_gbps * 1e9), a.block_bytes / (a.cpu_gbps * 1e9), a.cpu_overhead_us * 1e-6, a.cpu_split
+        take, split = [0], [0]
+        for m in range(1, a.top_k + 1):
+            opts = [(max((m - t) * c, o + t * cc if t else 0.0), t, 0) for t in range(m + 1)]
+            opts += [(max((m - t - 1 + 1 - f * share) * c, o + (t + f) * cc), t + 1, 1) for t in range(m)]
+            _, tk, sp = min(opts)
+            take.append(tk)
+            split.append(sp)
     res: dict = {"bench": "sim_devtable", "commit": git_commit(), "date": time.strftime("%Y-%m-%d"), "slots": a.slots, "block_bytes": a.block_bytes, "pcie_gbps": a.pcie_gbps,
                  "compute_ms": a.compute_ms, "prompt_tokens": a.prompt_tokens, "decode_steps": a.new_tokens - 1,
-                 "split": a.split, "next_use_params": params.__dict__, "cpu_take": take, "cpu_gbps": a.cpu_gbps, "mapping": ev.meta.get("mapped_from"), "docs": {}}
+                 "split": a.split, "next_use_params": params.__dict__, "cpu_take": take, "cpu_split": split, "cpu_gbps": a.cpu_gbps, "mapping": ev.meta.get("mapped_from"), "docs": {}}
     runs = [r for r in a.runs.split(",") if r]
     for d in range(min(a.docs, ev.num_docs)):
         doc = ev.doc(d)
@@ -328,7 +347,8 @@ def main() -> None:
             r: simulate_doc(ids, a.prompt_tokens, parse_run(r), slots=a.slots, num_experts=a.experts,
                             transitions=transitions, params=params, block=a.block_bytes, pcie=a.pcie_gbps,
                             compute=a.compute_ms * 1e-3, cpu_take=take, cpu_gbps=a.cpu_gbps,
-                            cpu_overhead=a.cpu_overhead_us * 1e-6, cpu_frac=a.cpu_frac)
+                            cpu_overhead=a.cpu_overhead_us * 1e-6, cpu_frac=a.cpu_frac, cpu_split=split,
+                            split_f=a.cpu_split, split_share=1.0 if a.split_down else 2 / 3)
             for r in runs}
     docs = res["docs"]
     res["mean"] = {r: {k: float(np.mean([docs[d][r][k] for d in docs]))

@@ -33,41 +33,59 @@ def _tables(N: int, S: int, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {"slot_of": torch.full((N,), -1, dtype=torch.int32), "key_of": torch.full((S,), -1, dtype=torch.int32),
             "last": torch.zeros(S, dtype=torch.int64), "uses": torch.zeros(S, dtype=torch.int64),
-            "clock": torch.zeros(1, dtype=torch.int64), "counts": torch.zeros(5, dtype=torch.int64),
+            "clock": torch.zeros(1, dtype=torch.int64), "counts": torch.zeros(7, dtype=torch.int64),
             "host_row": torch.randperm(N, generator=g).to(torch.int64)}
 
 
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("scored", [False, True])
 @pytest.mark.parametrize("L,E,K,S", [(3, 8, 4, 9), (2, 12, 8, 10)])
-def test_resolve_cpu_split_matches_reference(L, E, K, S, scored):
+def test_resolve_cpu_split_matches_reference(L, E, K, S, scored, split):
     """With a CPU split, the kernel (interpreter) equals the reference after every call of a random trace: the
     misses it sends to the CPU get the zero slot, their RAM row and no table entry; the others are resolved as
-    before; counts[4] counts the CPU's, which are misses too."""
+    before; counts[4] counts the CPU's, which are misses too. split: besides, the next miss in the CPU's order is
+    split by rows when split[m] > 0: the split slot, its RAM row to copy, its row code for the CPU, no table
+    entry; split_c the call's rows; counts[5] and [6] count them."""
     a, b = _tables(L * E, S), _tables(L * E, S)
     rng = random.Random(L * 10 + S + scored)
-    zero = S
-    n_cpu = 0
+    zero, sslot = S, S + 1
+    n_cpu = n_split = 0
     for step in range(60):
         layer = step % L
         ids = torch.tensor(rng.sample(range(E), K), dtype=torch.int64)
         take = torch.tensor([0] + [rng.randint(0, m) for m in range(1, K + 1)], dtype=torch.int32)
+        rows = torch.tensor([0] + [rng.choice([0, 32, 64]) if take[m] < m else 0 for m in range(1, K + 1)],
+                            dtype=torch.int32)
         nt = torch.tensor([rng.randint(0, 40) for _ in range(L * E)], dtype=torch.int64) if scored else None
         outs = []
         for t in (a, b):
             slot, src, row = (torch.full((K,), -7, dtype=torch.int64) for _ in range(3))
+            sc = torch.full((1,), -7, dtype=torch.int64)
+            cpu = (take, row, zero) + ((rows, sslot, sc) if split else ())
             if t is a:
                 st._resolve_kernel[(1,)](ids, layer * E, t["slot_of"], t["key_of"], t["last"], t["uses"], t["clock"],
                                          t["counts"], t["host_row"], slot, src, slot, nt if scored else slot, K, S, 0,
                                          0, 0, K_P=st._p2(K), S_P=st._p2(S), P_P=1, PREFETCH=False, SCORED=scored,
-                                         cpu_take=take, cpu_row=row, zero_slot=zero, CPU=True)
+                                         **st._cpu_args(cpu, slot))
             else:
-                st.resolve_reference(ids, layer, E, t, 0, slot, src, nt=nt, cpu=(take, row, zero))
-            outs.append((slot, src, row))
-        for x, y in zip(outs[0], outs[1]):
+                st.resolve_reference(ids, layer, E, t, 0, slot, src, nt=nt, cpu=cpu)
+            outs.append((slot, src, row, sc))
+        for x, y in zip(outs[0][:3], outs[1][:3]):
             assert torch.equal(x, y), (step, outs)
+        if split:
+            assert torch.equal(outs[0][3], outs[1][3]), (step, outs)
         for k in a:
             assert torch.equal(a[k], b[k]), (step, k)
-        slot, src, row = outs[0]
+        slot, src, row, sc = outs[0]
+        sp = row < -1
+        if split and int(sp.sum()):
+            n_split += 1
+            keys = layer * E + ids
+            assert int(sp.sum()) == 1 and int(slot[sp]) == sslot and int(sc[0]) > 0
+            assert int(src[sp]) == int(a["host_row"][keys[sp]]) and int(a["slot_of"][keys[sp]]) == -1
+            assert int(row[sp]) == -2 - int(src[sp]) * st.SPLIT_BASE - int(sc[0])
+        elif split:
+            assert int(sc[0]) == 0
         on_cpu = row >= 0
         n_cpu += int(on_cpu.sum())
         assert bool((slot[on_cpu] == zero).all()) and bool((src[on_cpu] == -1).all())
@@ -80,6 +98,58 @@ def test_resolve_cpu_split_matches_reference(L, E, K, S, scored):
             assert int(nt[keys[on_cpu]].min()) >= max(copied, default=-1)
     assert n_cpu > 0 and int(a["counts"][4]) == n_cpu
     assert int(a["counts"][0]) + int(a["counts"][1]) == 60 * K
+    if split:
+        assert n_split > 0 and int(a["counts"][5]) == n_split and int(a["counts"][6]) >= 32 * n_split
+
+
+def test_split_gather_matches_reference():
+    """The gather (interpreter, both kernels) into the split slot skips the CPU's rows: gate's and up's first c
+    rows become zero without being read, down's first c columns keep what the slot held; other rows copy whole;
+    c = 0 copies the split slot whole."""
+    S, F, D, esz = 4, 64, 8, 2  # bf16 gate [F, D], up [F, D], down [D, F] per block, then 16 bytes of padding
+    B = 3 * F * D * esz + 16
+    torch.manual_seed(0)
+    host = torch.randint(0, 255, (6, B), dtype=torch.uint8)
+    base = torch.randint(0, 255, (S, B), dtype=torch.uint8)
+
+    class W:
+        pool = base
+        gate = base[:, :F * D * esz].view(torch.bfloat16).view(S, F, D)
+        up = base[:, F * D * esz:2 * F * D * esz].view(torch.bfloat16).view(S, F, D)
+        down = base[:, 2 * F * D * esz:3 * F * D * esz].view(torch.bfloat16).view(S, D, F)
+
+    spec = st.split_spec(base, W)
+    assert spec is not None and spec[1:] == [0, F * D // 2, D // 2, F * D, F // 2, D * F // 2, 2]
+    spec[0] = 3
+    spec_t = torch.tensor(spec, dtype=torch.int64)
+    src = torch.tensor([2, -1, 5, 1], dtype=torch.int64)
+    dst = torch.tensor([0, 1, 3, 2], dtype=torch.int64)
+    for c in (0, 32):
+        sc = torch.tensor([c], dtype=torch.int64)
+        want = base.clone()
+        st.gather(host, src, dst, want, split=(spec_t, sc))  # the CPU path: the reference
+        exp = base.clone()
+        for s_, d_ in ((2, 0), (1, 2)):
+            exp[d_] = host[s_]
+        e = exp[3].view(torch.int32)
+        e.copy_(host[5].view(torch.int32))
+        if c:
+            e[:c * D // 2] = 0
+            e[F * D // 2:F * D // 2 + c * D // 2] = 0
+            e[F * D:F * D + D * F // 2].view(D, F // 2)[:, :c // 2] = \
+                base[3].view(torch.int32)[F * D:F * D + D * F // 2].view(D, F // 2)[:, :c // 2]
+        assert torch.equal(want, exp), c
+        for strided in (False, True):
+            got = base.clone()
+            words = B // 4
+            n_c = -(-words // (16 * 2))
+            if strided:
+                st._gather_strided_kernel[(3,)](host.view(torch.int32), src, dst, got.view(torch.int32), words,
+                                                4 * n_c, n_c, BLOCK=16, CHUNKS=2, spec=spec_t, split_c=sc, SPLIT=True)
+            else:
+                st._gather_kernel[(4, n_c)](host.view(torch.int32), src, dst, got.view(torch.int32), words, BLOCK=16,
+                                            CHUNKS=2, spec=spec_t, split_c=sc, SPLIT=True)
+            assert torch.equal(got, exp), (c, strided)
 
 
 def test_cpu_split_follows_the_cost_model():
@@ -104,6 +174,37 @@ def test_cpu_split_follows_the_cost_model():
     assert cpu_split(P, 8, Box) == [0] * 9
     P.cost_model = CostModel(50.0, 0.0)
     assert cpu_split(P, 8, Box) == [0] * 9
+
+
+def test_cpu_row_split_follows_the_cost_model():
+    """(take, split) from the same costs: at the H200 box's rates a lone miss is split (the CPU its first rows, a
+    multiple of the granule, the link the rest) rather than copied whole or sent whole; more misses send whole
+    ones too; a split only where a miss is left to split; a large fixed cost or no CPU rate: nothing to the CPU."""
+    from tiered.decode.devstep import cpu_row_split
+
+    class P:
+        block_size = 9437184
+        cost_model = CostModel(54.0, 47.0, cpu_overhead_s=17e-6)
+
+    class Box:
+        overhead_s, gbps = 17e-6, None
+
+    take, split = cpu_row_split(P, 8, Box, 768, 24)
+    assert take[0] == split[0] == 0 and take[1] == 0 and 0 < split[1] < 768 and split[1] % 24 == 0
+    assert all(0 <= t <= m and (not r or t < m) for m, (t, r) in enumerate(zip(take, split)))
+    assert take == sorted(take) and take[8] >= 2
+    c, cc = P.block_size / 54e9, P.block_size / 47e9
+    for m in range(1, 9):  # never slower than the best whole split, nor than copying all
+        f = take[m] + split[m] / 768
+        t = max((m - f) * c, 17e-6 + f * cc)
+        whole = min(max((m - k) * c, 17e-6 + k * cc if k else 0.0) for k in range(m + 1))
+        assert t <= whole + 1e-12 and t < m * c
+    Box.overhead_s = 1.0
+    assert cpu_row_split(P, 8, Box, 768, 24) == ([0] * 9, [0] * 9)
+    P.cost_model = CostModel(54.0, 0.0)
+    Box.overhead_s = 17e-6
+    assert cpu_row_split(P, 8, Box, 768, 24) is None
+    assert cpu_row_split(P, 8, Box, 32, 24) is None  # too few rows to split
 
 
 def _engine(reference_layout, slots: int = 8, **budget):
@@ -163,6 +264,37 @@ def test_handoff_kernels_and_worker(reference_layout):
 
 
 @needs_kernel
+def test_worker_computes_a_split_job(reference_layout):
+    """A split job (row code <= -2) next to a whole one: the worker computes only the split expert's first c FFN
+    rows (gate's and up's rows, down's columns), the rest being the device's; the post's other jobs are whole."""
+    eng, cache = _engine(reference_layout)
+    try:
+        box, why = _cpu_mailbox(cache, eng.config, eng.dtype, False)
+        assert box is not None, why
+        K, D = eng.config.top_k, eng.config.hidden_size
+        g = torch.Generator().manual_seed(4)
+        x, w = torch.randn(1, D, generator=g), torch.rand(K, generator=g)
+        V = cache.ram_views()
+        F = V.gate.shape[1]
+        c = st.split_granule(F)
+        rows = torch.full((K,), -1, dtype=torch.int64)
+        rows[6], rows[2] = -2 - 17 * st.SPLIT_BASE - c, 5  # the split one first: the worker puts it last
+        seq = torch.zeros(3, dtype=torch.int32)
+        out = torch.zeros(1, D)
+        ch.post_reference(x, w, rows, seq, box)
+        ch.wait_reference(seq, box, out)
+        xf = x.float().view(-1)
+        gt, up, dn = (m[17].float() for m in (V.gate, V.up, V.down))
+        h = torch.nn.functional.silu(gt[:c] @ xf) * (up[:c] @ xf)
+        part = (dn[:, :c] @ h) * w[6]
+        ref = cpu_partial(x, w, [(2, V, 5)], None, kernel=None).float() + part
+        torch.testing.assert_close(out.float(), ref, rtol=1e-4, atol=1e-5)
+        assert int(box.ctl[3]) == 0
+    finally:
+        cache.close()
+
+
+@needs_kernel
 def test_worker_serves_a_post_made_before_it_started(reference_layout):
     """The worker starts from the last number answered, not the last posted: a post that lands before its thread
     runs (a busy machine) is served, not lost (which hung the waiting step)."""
@@ -193,13 +325,16 @@ def unlimited(reference_layout) -> list[int]:
 
 
 @needs_kernel
-@pytest.mark.parametrize("slots,evict,prefetch", [(8, "policy", 0), (24, "policy", 0), (24, "nextuse", 0),
-                                                  (24, "nextuse", 3)])
-def test_device_step_cpu_experts_greedy_identical(reference_layout, unlimited, slots, evict, prefetch):
+@pytest.mark.parametrize("slots,evict,prefetch,rows", [(8, "policy", 0, False), (24, "policy", 0, False),
+                                                       (24, "nextuse", 0, False), (24, "nextuse", 3, False),
+                                                       (8, "policy", 0, True), (24, "nextuse", 3, True)])
+def test_device_step_cpu_experts_greedy_identical(reference_layout, unlimited, slots, evict, prefetch, rows):
     """The eager device step sending misses to the CPU worker (a forced split: up to 2 of a layer's misses, the
     latest predicted next use first under nextuse; with a device prefetch too, whose pins then include the zero
     slot) gives every-expert-resident greedy tokens; the counters add up: CPU experts are misses, not copies; the
-    worker served them."""
+    worker served them. rows: none of a lone miss, else 1 whole miss, and the next one split by FFN rows (the CPU its first 2, 16 or
+    30 of 32 by the miss count; the split row copies the rest): the same tokens, and the bytes copied are the
+    misses' less the CPU's share."""
     eng, cache = _engine(reference_layout, slots)
     try:
         cache.devtable = DeviceSlotTable(cache, w=0, kernels=st)
@@ -211,17 +346,25 @@ def test_device_step_cpu_experts_greedy_identical(reference_layout, unlimited, s
         if evict == "nextuse":
             from test_devtable import _code_transitions
             tr = _code_transitions(reference_layout)
-        eng.devstep = DeviceStep(eng.model, graphs=False, cpu=box, cpu_take=[min(m, 2) for m in range(K + 1)],
-                                 evict=evict, transitions=tr, prefetch=prefetch)
+        take = [min(m - 1, 1) if rows and m else min(m, 2) for m in range(K + 1)]
+        split = [0, 2, 16, 30] + [16] * (K - 3) if rows else None
+        eng.devstep = DeviceStep(eng.model, graphs=False, cpu=box, cpu_take=take, cpu_rows=split, evict=evict,
+                                 transitions=tr, prefetch=prefetch)
         eng.pieces = None
         assert eng.generate(PROMPT, max_new_tokens=NEW).token_ids == unlimited
         s = eng.stats
-        d, c = s["decode"], s["cpu_experts"]
+        d, c, sl = s["decode"], s["cpu_experts"], s["slot_table"]
         assert d["hits"] + d["misses"] == d["tokens"] * 8 * K
-        assert c["count"] > 0 and s["slot_table"]["cpu_misses"] == c["count"]
-        assert d["bytes_h2d"] == (d["misses"] - c["count"] + s["slot_table"]["prefetched"]) * cache.block_size
+        assert c["count"] > 0 and sl["cpu_misses"] == c["count"]
+        B = cache.block_size
+        assert d["bytes_h2d"] == (d["misses"] + sl["prefetched"]) * B - c["bytes"]
+        if rows:
+            assert sl["cpu_split_misses"] > 0 and sl["cpu_split_rows"] >= 2 * sl["cpu_split_misses"]
+            assert c["bytes"] == (c["count"] - sl["cpu_split_misses"]) * B + sl["cpu_split_rows"] * B // 32
+        else:
+            assert c["bytes"] == c["count"] * B and sl["cpu_split_misses"] == 0
         assert int(box.stat[1]) - served == c["count"] and c["gbps"] > 0
-        assert s["device_step"]["cpu"]["take"] == [min(m, 2) for m in range(K + 1)]
+        assert s["device_step"]["cpu"]["take"] == take and s["device_step"]["cpu"]["split"] == split
         eng.devstep.cpu_seq[2] = 1  # a wait that gave up: the stats say so instead of passing zeros off as y
         with pytest.raises(RuntimeError, match="in vain"):
             eng.devstep.stats()
@@ -272,10 +415,11 @@ def test_handoff_kernels_compile_for_sm90():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("evict", ["policy", "nextuse"])
-def test_cuda_device_step_cpu_experts_match_host(reference_layout, evict):
+@pytest.mark.parametrize("evict,rows", [("policy", False), ("nextuse", False), ("policy", True)])
+def test_cuda_device_step_cpu_experts_match_host(reference_layout, evict, rows):
     """The captured device step whose kernels post misses to the worker over PCIe and wait for its answer (a forced
-    split, so the tiny model's blocks, which the cost model would all copy, go there): in fp32 (the CPU sums in
+    split, so the tiny model's blocks, which the cost model would all copy, go there; rows: and a miss split by
+    FFN rows, the gather's split mask and the worker's partial job): in fp32 (the CPU sums in
     another order; bf16 is held to tolerances in test_cpu_experts.py) greedy tokens identical to the host step
     without CPU experts, the worker served every CPU miss, no wait gave up."""
     budget = {"expert_slots": 16, "ram_gb": 0.05}
@@ -294,14 +438,16 @@ def test_cuda_device_step_cpu_experts_match_host(reference_layout, evict):
         assert box is not None and eng.devstep is not None and eng.devstep.cpu is box
         assert 0 <= box.overhead_s < 0.01 and box.gbps > 0  # probe_device: the kernels' round trip, the rate
         K = eng.config.top_k
-        eng.devstep = DeviceStep(eng.model, cpu=box, cpu_take=[min(m, 2) for m in range(K + 1)], evict=evict,
-                                 transitions=tr)
+        take = [min(m - 1, 1) if rows and m else min(m, 2) for m in range(K + 1)]
+        eng.devstep = DeviceStep(eng.model, cpu=box, cpu_take=take, evict=evict, transitions=tr,
+                                 cpu_rows=[0, 2, 16, 30] + [16] * (K - 3) if rows else None)
         eng.devstep.capture_all()
         g = eng.generate(PROMPT, max_new_tokens=32)
         assert g.token_ids == want
         s = eng.stats
         assert s["decode_graphs"] == "device" and s["cpu_experts"]["count"] > 0
         assert s["slot_table"]["cpu_misses"] == s["cpu_experts"]["count"]
+        assert (s["slot_table"]["cpu_split_misses"] > 0) == rows
         ch.check(eng.devstep.cpu_seq)
         assert int(eng.devstep.cpu_seq[0]) == int(box.ctl[1])  # the last post was answered
     finally:

@@ -244,7 +244,8 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
     tok = Tokenizer.from_dir(layout.path) if layout.tokenizer_path else None
     engine = Engine(model, tok, layout_path=layout.path, cuda_graphs=cuda_graphs and dev.type == "cuda",
                     prefetcher=prefetcher, device_prefetch=(dpf, transitions) if transitions is not None else None,
-                    device_evict=dev_evict, device_fill=dev_fill, cpu_box=box)
+                    device_evict=dev_evict, device_fill=dev_fill, cpu_box=box,
+                    cpu_split=(budget or {}).get("cpu_split") != "off")
     engine._sync()
     engine.load_s = time.perf_counter() - t0
     engine.capture_graphs()
@@ -322,7 +323,8 @@ class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None, *, layout_path: Path | None = None,
                  cuda_graphs: bool = False, prefetcher: Prefetcher | None = None,
                  device_prefetch: tuple[int, tuple[Tensor, Tensor]] | None = None,
-                 device_evict: str = "policy", device_fill: int = 0, cpu_box: Any = None) -> None:
+                 device_evict: str = "policy", device_fill: int = 0, cpu_box: Any = None,
+                 cpu_split: bool = True) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.config: ModelConfig = model.config
@@ -342,7 +344,7 @@ class Engine:
         if cuda_graphs and not resident and getattr(model.provider, "devtable", None) is not None:
             n, tr = device_prefetch or (0, None)
             self.devstep = DeviceStep(model, prefetch=n, transitions=tr, evict=device_evict, fill=device_fill,
-                                      cpu=cpu_box)
+                                      cpu=cpu_box, cpu_rows=None if cpu_split else False)
         elif cuda_graphs and not resident:
             try:
                 self.pieces = PiecewiseDecode(model, graphs=True)

@@ -39,7 +39,7 @@ from torch import Tensor
 from tiered.decode.devpolicy import DEFAULT_PARAMS, NextUse, NextUseParams
 from tiered.decode.sampling import argmax_into
 from tiered.kernels import cpu_handoff
-from tiered.kernels.slot_table import fill_windows
+from tiered.kernels.slot_table import fill_windows, split_granule
 from tiered.model.transformer import Transformer
 from tiered.store.offload import CostModel
 
@@ -53,14 +53,17 @@ class DeviceStep:
     def __init__(self, model: Transformer, *, graphs: bool = True, prefetch: int = 0,
                  transitions: tuple[Tensor, Tensor] | None = None, time_mix: float = 0.5, prefetch_ctas: int = 32,
                  evict: str = "policy", nextuse: NextUseParams | None = None, fill: int = 0,
-                 fill_ctas: int = 32, cpu: Any = None, cpu_take: list[int] | None = None) -> None:
+                 fill_ctas: int = 32, cpu: Any = None, cpu_take: list[int] | None = None,
+                 cpu_rows: list[int] | bool | None = None) -> None:
         """evict: "policy" (the table's lru/flru) or "nextuse" (decode/devpolicy.py: evict the latest predicted next
         use; a prefetch then takes the non-resident candidates of highest probability, over victims predicted
         later only). nextuse: its weights (default DEFAULT_PARAMS). Both prediction modes need `transitions`.
         fill: experts per step copied into free slots in the background (0 = off); fill_ctas: the programs of
         that copy (it runs beside the step's compute, which keeps the other SMs).
         cpu: a started CpuMailbox (model/cpu_mailbox.py; --cpu-experts auto): resolve sends some of a layer's misses
-        to it, by cpu_take[m] of m misses (None: the provider's cost model, `cpu_split`)."""
+        to it, by cpu_take[m] of m misses (None: the provider's cost model, `cpu_split`). cpu_rows: besides, one
+        miss a layer split by FFN rows, the CPU computing its first cpu_rows[m] (None: the cost model's
+        `cpu_row_split` where the table can split, with cpu_take None; False: no split)."""
         table = getattr(model.provider, "devtable", None)
         if table is None:
             raise ValueError("DeviceStep needs an expert cache with a device slot table (--slot-table device)")
@@ -157,13 +160,21 @@ class DeviceStep:
         # to the layer's device experts' output, `_cpu_add`); seq: the handshake's numbers (kernels/cpu_handoff.py)
         self.cpu = cpu
         self.cpu_take: list[int] | None = None
+        self.cpu_split: list[int] | None = None
         if cpu is not None:
             self.cpu_row = torch.full((self.L, self.K), -1, dtype=torch.int64, device=dev)
             self.cpu_seq = torch.zeros(3, dtype=torch.int32, device=dev)
-            self.cpu_take = list(cpu_take) if cpu_take is not None else cpu_split(model.provider, self.K, cpu)
+            rs = None
+            if cpu_take is None and cpu_rows is None and table.split_spec is not None:
+                rs = cpu_row_split(model.provider, self.K, cpu, table.split_F, split_granule(table.split_F))
+            if rs is not None:
+                self.cpu_take, self.cpu_split = rs
+            else:
+                self.cpu_take = list(cpu_take) if cpu_take is not None else cpu_split(model.provider, self.K, cpu)
+                self.cpu_split = list(cpu_rows) if cpu_rows not in (None, False) else None
             if len(self.cpu_take) != self.K + 1:
                 raise ValueError(f"cpu_take needs K + 1 = {self.K + 1} entries (misses 0..K), got {len(self.cpu_take)}")
-            table.set_cpu_take(self.cpu_take)
+            table.set_cpu_take(self.cpu_take, self.cpu_split)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.graphed else None
         self.steps = 0
@@ -196,7 +207,7 @@ class DeviceStep:
                                    cpu_row=self.cpu_row[l] if cpu else None)
                 if cpu:  # the CPU starts on its share before the copies of the others
                     cpu_handoff.post(r.x, r.weights[0], self.cpu_row[l], self.cpu_seq, self.cpu)
-                self.table.gather(self.src[l], self.slots[l])
+                self.table.gather(self.src[l], self.slots[l], demand=True)
                 if nu is not None:
                     nu.update(self.moe_index[l], r.ids[0])
                 if self.prefetch and l + 1 < self.L and m.layers[l + 1].moe is not None:
@@ -404,13 +415,17 @@ class DeviceStep:
     def stats(self) -> dict:
         if self.cpu is not None:  # a wait that gave up added zeros: the tokens since are not the model's
             cpu_handoff.check(self.cpu_seq)
+            if int(self.cpu.ctl[3]):  # the worker refused a job (a row split of a quantized expert: -3)
+                raise RuntimeError(f"the CPU expert worker refused a job (code {int(self.cpu.ctl[3])}): the tokens "
+                                   "since are not the model's; rerun with --cpu-experts off")
         return {"spans": sorted(self.graphs), "steps": self.steps, "launch_s": self.launch_s,
                 "host_s_per_layer": self.host_s_per_layer, "capture_s": self.capture_s,
                 "graph_mem_bytes": self.graph_mem_bytes, "evict": "nextuse" if self.nu is not None else "policy",
                 "prefetch": self.prefetch, "fill": self.fill,
                 "fill_picked": int(self.fill_picked[0]) if self.fill else 0,
                 "fill_active": self.fill_active,
-                "cpu": None if self.cpu is None else {**self.cpu.stats(), "take": self.cpu_take}}
+                "cpu": None if self.cpu is None else {**self.cpu.stats(), "take": self.cpu_take,
+                                                      "split": self.cpu_split}}
 
     def reset_stats(self) -> None:
         self.steps = 0
@@ -438,3 +453,32 @@ def cpu_split(provider: Any, K: int, box: Any) -> list[int]:
     over = box.overhead_s if box.overhead_s is not None else cm.cpu_overhead_s
     dm = CostModel(cm.pcie_gbps, rate, cpu_overhead_s=over, fixed=True)
     return [sum(dm.place(m, provider.block_size)) for m in range(K + 1)]
+
+
+def cpu_row_split(provider: Any, K: int, box: Any, F: int, granule: int) -> tuple[list[int], list[int]] | None:
+    """(take[m], split[m]), m = 0..K: of a layer's m misses, take[m] whole ones on the CPU and, when split[m] > 0,
+    one more split by FFN rows (the CPU its first split[m], a multiple of `granule` below F; the link copies the
+    rest): per m the choice that finishes first, max(link: (m - take - split / F) blocks, CPU: its fixed cost +
+    (take + split / F) blocks at its rate), with cpu_split's rates and fixed cost; ties go to less CPU work. A
+    split shortens a layer's copies where whole experts cannot balance the two sides (a lone miss: the link alone
+    takes a block's time, the CPU its fixed cost and a block at its rate). None without a CPU rate."""
+    cm = getattr(provider, "cost_model", None)
+    if cm is None or F < 2 * granule:
+        return None
+    rate = box.gbps * CPU_CONTENTION if getattr(box, "gbps", None) else cm.cpu_gbps
+    over = box.overhead_s if box.overhead_s is not None else cm.cpu_overhead_s
+    if rate <= 0 or cm.pcie_gbps <= 0:
+        return None
+    c, cc = provider.block_size / (cm.pcie_gbps * 1e9), provider.block_size / (rate * 1e9)
+    take, split = [0], [0]
+    for m in range(1, K + 1):
+        best = (m * c, 0.0, 0, 0)  # (time, the CPU's blocks, take, split rows)
+        for t in range(m + 1):
+            for r in range(0, F, granule) if t < m else (0,):
+                f = t + r / F
+                if f == 0:
+                    continue
+                best = min(best, (max((m - f) * c, over + f * cc), f, t, r))
+        take.append(best[2])
+        split.append(best[3])
+    return take, split

@@ -50,7 +50,7 @@ def _post_kernel(x_ptr, wts_ptr, cpu_row, seq, box_rows, box_wts, box_x, ctl, n_
     ok = tl.arange(0, K_P)
     mk = ok < n_k
     rows = tl.load(cpu_row + ok, mask=mk, other=-1)
-    if tl.sum((rows >= 0).to(tl.int32), axis=0) > 0:
+    if tl.sum((rows != -1).to(tl.int32), axis=0) > 0:  # <= -2: a split job (slot_table.resolve)
         tl.store(box_rows + ok, rows, mask=mk)
         tl.store(box_wts + ok, tl.load(wts_ptr + ok, mask=mk, other=0.0), mask=mk)
         od = tl.arange(0, D_P)

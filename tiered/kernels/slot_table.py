@@ -34,6 +34,7 @@ host_row int64 [N] (the key's row in the host pool; every key must have one).
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 import triton
@@ -42,8 +43,18 @@ from torch import Tensor
 
 from tiered.kernels.pdl import gdc_enter, launch_args
 
+SPLIT_BASE = 1 << 16  # a split miss's cpu_row: -2 - (RAM row * SPLIT_BASE + the FFN rows the CPU computes)
+
+
+def split_granule(F: int) -> int:
+    """A split's FFN rows are a multiple of this: F / 32, even (a down row's skipped columns are whole 4-byte
+    words in every dtype the split takes; 24 rows of the 10.6B shape's 768)."""
+    return max(2, F // 32 // 2 * 2)
+
+
 FREE_SCORE = -(2 ** 62)  # a free slot's score: taken before any resident expert is evicted
 PINNED_SCORE = 2 ** 62  # a slot this call uses: never a victim
+_SPLIT_BASE = tl.constexpr(SPLIT_BASE)
 _FREE = tl.constexpr(FREE_SCORE)  # (Triton reads globals only when they are constexpr instances)
 _PINNED = tl.constexpr(PINNED_SCORE)
 
@@ -52,7 +63,8 @@ _PINNED = tl.constexpr(PINNED_SCORE)
 def _resolve_kernel(ids_ptr, base, slot_of, key_of, last, uses, clock, counts, host_row, out_slot, out_src,
                     pin_ptr, nt_ptr, n_ids, n_slots, n_pin, w, margin, K_P: tl.constexpr, S_P: tl.constexpr,
                     P_P: tl.constexpr, PREFETCH: tl.constexpr, SCORED: tl.constexpr, GDC: tl.constexpr = False,
-                    cpu_take=None, cpu_row=None, zero_slot=0, CPU: tl.constexpr = False):
+                    cpu_take=None, cpu_row=None, zero_slot=0, CPU: tl.constexpr = False, cpu_split=None,
+                    split_slot=0, split_c=None, SPLIT: tl.constexpr = False):
     gdc_enter(GDC)
     ok = tl.arange(0, K_P)
     inb = ok < n_ids
@@ -75,8 +87,12 @@ def _resolve_kernel(ids_ptr, base, slot_of, key_of, last, uses, clock, counts, h
     if tl.sum(miss.to(tl.int32), axis=0) == 0:  # every expert resident: no victim search (the common case)
         tl.store(out_slot + ok, tl.where(mk, s, -1), mask=inb)
         tl.store(out_src + ok, tl.full([K_P], -1, tl.int64), mask=inb)
+        if SPLIT:
+            tl.store(split_c, 0)
     else:
         on_cpu = miss & (ok < 0)
+        split = miss & (ok < 0)
+        sr = 0
         if CPU:  # the first cpu_take[misses] misses in order of latest predicted next use (by position without nt)
             c = tl.load(cpu_take + tl.sum(miss.to(tl.int32), axis=0))
             if SCORED:
@@ -86,7 +102,13 @@ def _resolve_kernel(ids_ptr, base, slot_of, key_of, last, uses, clock, counts, h
             ahead = (pri[None, :] > pri[:, None]) | ((pri[None, :] == pri[:, None]) & (ok[None, :] > ok[:, None]))
             rank = tl.sum((ahead & miss[None, :]).to(tl.int32), axis=1)  # [K_P] misses before each
             on_cpu = miss & (rank < c)
+            if SPLIT:  # the next miss in that order is split by rows: the CPU computes its first sr FFN rows
+                sr = tl.load(cpu_split + tl.sum(miss.to(tl.int32), axis=0)).to(tl.int64)
+                split = miss & (rank == c) & ((rank.to(tl.int64) * 0 + sr) > 0)  # (full shape: the interpreter)
+                tl.store(split_c, tl.where(tl.sum(split.to(tl.int32), axis=0) > 0, sr, 0))
             miss = miss & (rank >= c)
+            if SPLIT:
+                miss = miss & (split == 0)
         os_ = tl.arange(0, S_P)
         ms = os_ < n_slots
         kof = tl.load(key_of + os_, mask=ms, other=-1)
@@ -127,34 +149,62 @@ def _resolve_kernel(ids_ptr, base, slot_of, key_of, last, uses, clock, counts, h
         tl.store(key_of + slot, keys.to(tl.int32), mask=load)
         tl.store(last + slot, tl.zeros([K_P], dtype=tl.int64) + (0 if PREFETCH else t), mask=load)
         tl.store(uses + slot, tl.zeros([K_P], dtype=tl.int64) + (0 if PREFETCH else 1), mask=load)
-        tl.store(out_slot + ok, tl.where(on_cpu, zero_slot, tl.where(mk, slot, -1)), mask=inb)
-        src = tl.load(host_row + keys, mask=load | on_cpu, other=-1)
-        tl.store(out_src + ok, tl.where(load, src, -1), mask=inb)
+        tl.store(out_slot + ok, tl.where(on_cpu, zero_slot, tl.where(split, split_slot, tl.where(mk, slot, -1))),
+                 mask=inb)
+        src = tl.load(host_row + keys, mask=load | on_cpu | split, other=-1)
+        tl.store(out_src + ok, tl.where(load | split, src, -1), mask=inb)
         n_cpu = tl.sum(on_cpu.to(tl.int64), axis=0)
-        tl.store(counts + c0 + 1, tl.load(counts + c0 + 1) + tl.sum(load.to(tl.int64), axis=0) + n_cpu)
+        n_split = tl.sum(split.to(tl.int64), axis=0)
+        tl.store(counts + c0 + 1, tl.load(counts + c0 + 1) + tl.sum(load.to(tl.int64), axis=0) + n_cpu + n_split)
         if CPU:
-            tl.store(cpu_row + ok, tl.where(on_cpu, src, -1), mask=inb)
+            tl.store(cpu_row + ok, tl.where(on_cpu, src, tl.where(split, -2 - src * _SPLIT_BASE - sr, -1)), mask=inb)
             tl.store(counts + 4, tl.load(counts + 4) + n_cpu)
+            if SPLIT:
+                tl.store(counts + 5, tl.load(counts + 5) + n_split)
+                tl.store(counts + 6, tl.load(counts + 6) + n_split * sr)
 
 
 @triton.jit
-def _copy_chunk(src, row_src, row_dst, dst, row_words, r, c, BLOCK: tl.constexpr, CHUNKS: tl.constexpr):
-    """Chunk c (CHUNKS * BLOCK words) of row r: dst[row_dst[r]] <- src[row_src[r]] when row_src[r] >= 0."""
+def _copy_chunk(src, row_src, row_dst, dst, row_words, r, c, BLOCK: tl.constexpr, CHUNKS: tl.constexpr,
+                spec=None, split_c=None, SPLIT: tl.constexpr = False):
+    """Chunk c (CHUNKS * BLOCK words) of row r: dst[row_dst[r]] <- src[row_src[r]] when row_src[r] >= 0.
+    SPLIT: a row whose destination is the split slot (spec, `split_spec`) skips the first split_c[0] FFN rows:
+    zeros for gate's and up's (not read), and down's columns left as they are (the zero h rows make them count
+    for nothing)."""
     s = tl.load(row_src + r)
     if s >= 0:
         d = tl.load(row_dst + r)
         start = c.to(tl.int64) * (CHUNKS * BLOCK)
-        for i in tl.static_range(CHUNKS):
-            offs = start + i * BLOCK + tl.arange(0, BLOCK)
-            m = offs < row_words
-            tl.store(dst + d * row_words + offs, tl.load(src + s * row_words + offs, mask=m), mask=m)
+        cr = 0
+        if SPLIT:
+            cr = tl.where(d == tl.load(spec), tl.load(split_c), 0)
+        if cr > 0:  # the split slot's row (a runtime branch: the other rows copy without the masks' arithmetic)
+            g, u, rw = tl.load(spec + 1), tl.load(spec + 2), tl.load(spec + 3)
+            dd, dw, nd = tl.load(spec + 4), tl.load(spec + 5), tl.load(spec + 6)
+            zw = cr * rw  # gate's (and up's) words of the CPU's rows
+            cw = (cr * tl.load(spec + 7) // 4).to(tl.int32)  # a down row's words of the CPU's columns
+            for i in tl.static_range(CHUNKS):
+                offs = start + i * BLOCK + tl.arange(0, BLOCK)
+                m = offs < row_words
+                zero = ((offs >= g) & (offs < g + zw)) | ((offs >= u) & (offs < u + zw))
+                rel = offs - dd
+                inside = (rel >= 0) & (rel < nd)
+                keep = inside & (tl.where(inside, rel, 0).to(tl.int32) % dw.to(tl.int32) < cw)
+                v = tl.load(src + s * row_words + offs, mask=m & (zero == 0) & (keep == 0), other=0)
+                tl.store(dst + d * row_words + offs, v, mask=m & (keep == 0))
+        else:
+            for i in tl.static_range(CHUNKS):
+                offs = start + i * BLOCK + tl.arange(0, BLOCK)
+                m = offs < row_words
+                tl.store(dst + d * row_words + offs, tl.load(src + s * row_words + offs, mask=m), mask=m)
 
 
 @triton.jit
 def _gather_kernel(src, row_src, row_dst, dst, row_words, BLOCK: tl.constexpr, CHUNKS: tl.constexpr,
-                   GDC: tl.constexpr = False):
+                   GDC: tl.constexpr = False, spec=None, split_c=None, SPLIT: tl.constexpr = False):
     gdc_enter(GDC)
-    _copy_chunk(src, row_src, row_dst, dst, row_words, tl.program_id(0), tl.program_id(1), BLOCK, CHUNKS)
+    _copy_chunk(src, row_src, row_dst, dst, row_words, tl.program_id(0), tl.program_id(1), BLOCK, CHUNKS,
+                spec, split_c, SPLIT)
 
 
 @triton.jit
@@ -167,7 +217,7 @@ def _globaltimer(v):
 @triton.jit
 def _gather_strided_kernel(src, row_src, row_dst, dst, row_words, n_items, n_chunks, BLOCK: tl.constexpr,
                            CHUNKS: tl.constexpr, GDC: tl.constexpr = False, ns_per_chunk=0.0, R_P: tl.constexpr = 2,
-                           PACED: tl.constexpr = False):
+                           PACED: tl.constexpr = False, spec=None, split_c=None, SPLIT: tl.constexpr = False):
     """The gather with a fixed number of programs, each looping over (row, chunk) items: a copy that runs beside
     compute on another stream without taking every SM. PACED (--h2d-gbps, a benchmark's slower link): the copied
     chunk of ordinal n (counting only rows with a copy, in row order) is not done before n * ns_per_chunk
@@ -179,7 +229,7 @@ def _gather_strided_kernel(src, row_src, row_dst, dst, row_words, n_items, n_chu
         t0 = _globaltimer(orr.to(tl.int32) * 0)
     for it in range(tl.program_id(0), n_items, tl.num_programs(0)):
         r = it // n_chunks
-        _copy_chunk(src, row_src, row_dst, dst, row_words, r, it % n_chunks, BLOCK, CHUNKS)
+        _copy_chunk(src, row_src, row_dst, dst, row_words, r, it % n_chunks, BLOCK, CHUNKS, spec, split_c, SPLIT)
         if PACED:
             if tl.load(row_src + r) >= 0:
                 before = tl.sum(((orr < r) & (srcs >= 0)).to(tl.int32), axis=0)
@@ -274,7 +324,7 @@ def _p2(n: int) -> int:
 
 def resolve(ids: Tensor, layer: int, num_experts: int, t: dict[str, Tensor], w: int, out_slot: Tensor,
             out_src: Tensor, *, pin: Tensor | None = None, prefetch: bool = False, nt: Tensor | None = None,
-            margin: int = 0, cpu: tuple[Tensor, Tensor, int] | None = None) -> None:
+            margin: int = 0, cpu: tuple | None = None) -> None:
     """ids int64 [K] (device) of `layer` -> out_slot int64 [K], out_src int64 [K] (host row of a miss, -1 on a hit);
     `t` holds the tables of the module docstring (updated in place). CUDA: one program; else the reference.
     An id < 0 is skipped (out_slot and out_src -1).
@@ -293,7 +343,13 @@ def resolve(ids: Tensor, layer: int, num_experts: int, t: dict[str, Tensor], w: 
     of a call's m misses, the first take[m] in order of latest predicted next use (with nt; else the last misses
     in id order) are computed on the CPU: they get no slot and evict nothing, their slot row is zero_slot (an
     all-zero expert that outputs exactly 0) and cpu_row holds their RAM row (-1 elsewhere), for the mailbox
-    (kernels/cpu_handoff.py). They count as misses (counts[1]) and in counts[4]."""
+    (kernels/cpu_handoff.py). They count as misses (counts[1]) and in counts[4].
+    cpu = (take, cpu_row, zero_slot, split int32 [K + 1], split_slot, split_c int64 [1]): besides, of m misses, the
+    next one in that order (if split[m] > 0) is split by FFN rows: the CPU computes its first split[m] rows (its
+    cpu_row is -2 - (RAM row * SPLIT_BASE + split[m])), and its other rows are copied into split_slot (a scratch row
+    outside the table: no eviction, no entry; `gather` with the split's spec zeroes the CPU's gate and up rows
+    there). split_c[0] gets split[m] when a call splits a miss, else 0. Counted in counts[1], counts[5] (splits)
+    and counts[6] (the FFN rows the CPU computed)."""
     S = t["key_of"].shape[0]
     if ids.device.type != "cuda":
         return resolve_reference(ids, layer, num_experts, t, w, out_slot, out_src, pin=pin, prefetch=prefetch, nt=nt,
@@ -312,17 +368,21 @@ def resolve(ids: Tensor, layer: int, num_experts: int, t: dict[str, Tensor], w: 
                           **launch_args(ids.device), **_cpu_args(cpu, out_slot))
 
 
-def _cpu_args(cpu: tuple[Tensor, Tensor, int] | None, dummy: Tensor) -> dict:
+def _cpu_args(cpu: tuple | None, dummy: Tensor) -> dict:
     """resolve's CPU-split arguments (a dummy pointer when off: the real compiler wants every argument typed)."""
+    off = {"cpu_split": dummy, "split_slot": 0, "split_c": dummy, "SPLIT": False}
     if cpu is None:
-        return {"cpu_take": dummy, "cpu_row": dummy, "zero_slot": 0, "CPU": False}
-    take, row, zero = cpu
-    return {"cpu_take": take, "cpu_row": row, "zero_slot": int(zero), "CPU": True}
+        return {"cpu_take": dummy, "cpu_row": dummy, "zero_slot": 0, "CPU": False, **off}
+    take, row, zero = cpu[:3]
+    if len(cpu) > 3:
+        split, split_slot, split_c = cpu[3:]
+        off = {"cpu_split": split, "split_slot": int(split_slot), "split_c": split_c, "SPLIT": True}
+    return {"cpu_take": take, "cpu_row": row, "zero_slot": int(zero), "CPU": True, **off}
 
 
 def resolve_reference(ids: Tensor, layer: int, num_experts: int, t: dict[str, Tensor], w: int, out_slot: Tensor,
                       out_src: Tensor, *, pin: Tensor | None = None, prefetch: bool = False, nt: Tensor | None = None,
-                      margin: int = 0, cpu: tuple[Tensor, Tensor, int] | None = None) -> None:
+                      margin: int = 0, cpu: tuple | None = None) -> None:
     """The same algorithm in plain torch on host values (CPU path and test reference): ties go to the lowest slot,
     as argmin's do in the kernel."""
     slot_of, key_of, last, uses = t["slot_of"], t["key_of"], t["last"], t["uses"]
@@ -353,18 +413,32 @@ def resolve_reference(ids: Tensor, layer: int, num_experts: int, t: dict[str, Te
             score[i] = PINNED_SCORE
     src = [-1] * len(keys)
     on_cpu: set[int] = set()
+    split_j, sr = -1, 0
     if cpu is not None:
         miss = [j for j, k in enumerate(keys) if k >= 0 and slots[j] < 0]
         pri = {j: (int(ntl[keys[j]]) if ntl is not None else 0, j) for j in miss}
         c = int(cpu[0][len(miss)]) if miss else 0
-        on_cpu = set(sorted(miss, key=lambda j: pri[j], reverse=True)[:c])
+        order = sorted(miss, key=lambda j: pri[j], reverse=True)
+        on_cpu = set(order[:c])
         cpu[1].fill_(-1)
+        if len(cpu) > 3:
+            sr = int(cpu[3][len(miss)])
+            if sr > 0 and c < len(order):
+                split_j = order[c]
+            else:
+                sr = 0
+            cpu[5][0] = sr
     for j, k in enumerate(keys):
         if k < 0 or slots[j] >= 0:
             continue
         if j in on_cpu:
             slots[j] = int(cpu[2])
             cpu[1][j] = int(t["host_row"][k])
+            continue
+        if j == split_j:
+            slots[j] = int(cpu[4])
+            src[j] = int(t["host_row"][k])
+            cpu[1][j] = -2 - src[j] * SPLIT_BASE - sr
             continue
         v = min(range(S), key=lambda i: (score[i], i))
         if score[v] >= PINNED_SCORE:  # no slot left (a prefetch may run out)
@@ -390,12 +464,15 @@ def resolve_reference(ids: Tensor, layer: int, num_experts: int, t: dict[str, Te
     t["counts"][c0 + 1] += n_load + len(on_cpu)
     if on_cpu:
         t["counts"][4] += len(on_cpu)
+    if split_j >= 0:
+        t["counts"][5] += 1
+        t["counts"][6] += sr
     out_slot.copy_(torch.tensor(slots, dtype=torch.int64))
     out_src.copy_(torch.tensor(src, dtype=torch.int64))
 
 
 def gather(host_pool: Tensor, row_src: Tensor, row_dst: Tensor, slots: Tensor, *, chunks: int = 4,
-           ctas: int | None = None, gbps: float = 0.0) -> None:
+           ctas: int | None = None, gbps: float = 0.0, split: tuple[Tensor, Tensor] | None = None) -> None:
     """slots[row_dst[r]] = host_pool[row_src[r]] for every r with row_src[r] >= 0 (whole blocks).
 
     host_pool uint8 [R, B] (pinned on CUDA), slots uint8 [S, B] on the device, row_src / row_dst int64 [K] on the
@@ -406,12 +483,18 @@ def gather(host_pool: Tensor, row_src: Tensor, row_dst: Tensor, slots: Tensor, *
     and copy at the same 49-51 GB/s.
     gbps > 0 (CUDA): paced to that many GB/s (10^9 B/s), a benchmark's emulation of a slower link (--h2d-gbps):
     the strided kernel holds each copied chunk until its share of the launch's time has passed (not measured on
-    the GPU yet: DeviceSlotTable.measure_pace reports the rate reached)."""
+    the GPU yet: DeviceSlotTable.measure_pace reports the rate reached).
+    split = (spec int64 [8] from `split_spec`, split_c int64 [1], both on the device): the row copied into the split
+    slot spec[0] skips the first split_c[0] FFN rows of its expert (resolve's split; zero: a whole block). A paced
+    gather paces such a row as a whole block."""
     B = slots.shape[1]
     if slots.device.type != "cuda":
         for r, (s, d) in enumerate(zip(row_src.tolist(), row_dst.tolist())):
             if s >= 0:
-                slots[d].copy_(host_pool[s])
+                if split is not None and d == int(split[0][0]) and int(split[1][0]) > 0:
+                    split_copy_reference(host_pool[s], slots[d], split[0], int(split[1][0]))
+                else:
+                    slots[d].copy_(host_pool[s])
         return
     if B % 4:
         raise ValueError(f"gather copies 4-byte words: block size {B} is not a multiple of 4")
@@ -421,9 +504,11 @@ def gather(host_pool: Tensor, row_src: Tensor, row_dst: Tensor, slots: Tensor, *
     src = HostPointer(host_pool.view(torch.int32)) if host_pool.device.type == "cpu" else host_pool.view(torch.int32)
     if ctas is None:
         ctas = 4 * _sm_count(slots.device)
+    sp = ({"spec": split[0], "split_c": split[1], "SPLIT": True} if split is not None else
+          {"spec": row_src, "split_c": row_src, "SPLIT": False})  # every argument typed (the real compiler)
     if ctas == 0 and gbps <= 0:
         _gather_kernel[(row_src.shape[0], n_c)](src, row_src, row_dst, slots.view(torch.int32), words,
-                                                BLOCK=BLOCK, CHUNKS=chunks, **launch_args(slots.device))
+                                                BLOCK=BLOCK, CHUNKS=chunks, **launch_args(slots.device), **sp)
     else:
         n = row_src.shape[0] * n_c
         pace = {"ns_per_chunk": 0.0, "R_P": 2, "PACED": False}  # every argument typed (the real compiler)
@@ -432,7 +517,41 @@ def gather(host_pool: Tensor, row_src: Tensor, row_dst: Tensor, slots: Tensor, *
             ctas = ctas or 4 * _sm_count(slots.device)
         _gather_strided_kernel[(max(1, min(ctas, n)),)](src, row_src, row_dst, slots.view(torch.int32), words, n, n_c,
                                                         BLOCK=BLOCK, CHUNKS=chunks, **launch_args(slots.device),
-                                                        **pace)
+                                                        **pace, **sp)
+
+
+def split_spec(pool: Tensor, W: Any) -> list[int] | None:
+    """The split slot's copy mask for expert views W (gate, up [S, F, D], down [S, D, F], plain tensors of one
+    dtype, views of `pool` uint8 [S, B] with B a row's bytes) as int64 words: [split slot (filled by the caller),
+    gate's offset, up's offset, words per gate row, down's offset, words per down row, down's words, bytes per
+    element]; None when the views are not such (quantized or biased experts: no row split)."""
+    mats = [getattr(W, n, None) for n in ("gate", "up", "down")]
+    if getattr(W, "gate_bias", None) is not None or not all(isinstance(m, Tensor) and m.dim() == 3 for m in mats):
+        return None
+    g, u, dn = mats
+    F, D = g.shape[1:]
+    esz = g.element_size()
+    B = pool.shape[1]
+    if (any(m.dtype != g.dtype for m in mats) or tuple(u.shape[1:]) != (F, D) or tuple(dn.shape[1:]) != (D, F)
+            or any(m.stride(0) * esz != B or not m[0].is_contiguous() for m in mats) or B % 4
+            or (D * esz) % 4 or (F * esz) % 4 or F < 2 * split_granule(F)):
+        return None
+    base = pool.data_ptr()
+    off = [m.data_ptr() - base for m in mats]
+    if any(o % 4 or o < 0 or o >= B for o in off):
+        return None
+    return [-1, off[0] // 4, off[1] // 4, D * esz // 4, off[2] // 4, F * esz // 4, D * F * esz // 4, esz]
+
+
+def split_copy_reference(src: Tensor, dst: Tensor, spec: Tensor, rows: int) -> None:
+    """One block's split copy in plain torch (uint8 [B] each): as _copy_chunk with SPLIT."""
+    _, g, u, rw, d, dw, nd, esz = (int(v) for v in spec.tolist())
+    s32, d32 = src.view(torch.int32), dst.view(torch.int32)
+    keep = d32[d:d + nd].view(-1, dw)[:, :rows * esz // 4].clone()
+    d32.copy_(s32)
+    d32[g:g + rows * rw] = 0
+    d32[u:u + rows * rw] = 0
+    d32[d:d + nd].view(-1, dw)[:, :rows * esz // 4] = keep
 
 
 FILL_WINDOW = 1024  # keys of the fill order one pick scans

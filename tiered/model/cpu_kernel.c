@@ -376,6 +376,7 @@ int tiered_cpu_simd(void) { return SIMD; }
 /* A call's jobs as every thread reads them: the jobs (part addresses, fp32 weights), sizes and the scratch. */
 typedef struct {
     int fmt, n, D, F, Gi, Gf, rnd_mode;
+    int Flast; /* the last job's FFN rows: F, or a split job's first Flast rows (the device computes the rest) */
     long ngi, ngf, rows1;
     const uintptr_t *parts;
     const float *wts;
@@ -395,7 +396,8 @@ static void jobs_prep(jobs_t *c, float *buf, const void *x) {
     const int D = c->D, F = c->F, n = c->n;
     c->ngi = (D + c->Gi - 1) / c->Gi;
     c->ngf = (F + c->Gf - 1) / c->Gf;
-    c->rows1 = (long)n * F;
+    if (c->Flast <= 0 || c->Flast > F) c->Flast = F;
+    c->rows1 = n > 0 ? (long)(n - 1) * F + c->Flast : 0;
     c->xf = buf; c->xp = c->xf + D; c->xs = c->xp + D; c->h = c->xs + c->ngi; c->hp = c->h + (size_t)n * F;
     c->hs = c->hp + (size_t)n * F; c->acc = c->hs + (size_t)n * c->ngf;
     /* q4 in bf16 with AVX512-BF16 (groups of 64): the bf16 pair layouts of x and of each job's h */
@@ -456,13 +458,14 @@ static void jobs_body(const jobs_t *c, int t, int nt) {
             const uintptr_t *pj = parts + (size_t)j * P_PER_JOB + 2 * P_PER_MAT;
             const vec_t vh = {h + (size_t)j * F, hp + (size_t)j * F, hs + (size_t)j * ngf, hb ? hb + (size_t)j * F : NULL};
             const float wj = wts[j];
+            const int Fj = j == n - 1 ? c->Flast : F; /* a split job: down's first Fj columns (its h) */
             const void *q[4];
             const uint16_t *sp[4], *mp[4];
             float o[4];
             for (int d = d0; d < d1;) { /* four rows of down at a time, sharing each load of h */
                 const int R = d + 4 <= d1 ? 4 : 1;
                 for (int k = 0; k < R; k++) row_parts(fmt, pj, d + k, F, ngf, &q[k], &sp[k], &mp[k]);
-                dots(fmt, R, q, sp, mp, &vh, F, Gf, (int)ngf, o);
+                dots(fmt, R, q, sp, mp, &vh, Fj, Gf, (int)ngf, o);
                 for (int k = 0; k < R; k++) acc[d + k] += wj * rnd(o[k], rnd_mode);
                 d += R;
             }
@@ -481,8 +484,8 @@ static int run_jobs(int fmt, int n, const uintptr_t *parts, const float *wts, in
                     const void *x, void *out, int rnd_mode, int threads) {
     float *buf = (float *)malloc(jobs_scratch(n, D, F, Gi, Gf) * sizeof(float));
     if (!buf) return -2;
-    jobs_t c = {.fmt = fmt, .n = n, .D = D, .F = F, .Gi = Gi, .Gf = Gf, .rnd_mode = rnd_mode, .parts = parts,
-                .wts = wts, .out = out};
+    jobs_t c = {.fmt = fmt, .n = n, .D = D, .F = F, .Flast = F, .Gi = Gi, .Gf = Gf, .rnd_mode = rnd_mode,
+                .parts = parts, .wts = wts, .out = out};
     jobs_prep(&c, buf, x);
 #ifdef _OPENMP
     if (threads <= 0) threads = omp_get_max_threads();
@@ -565,7 +568,10 @@ static void idle_wait(const volatile int64_t *p, int64_t v, int64_t since, int64
  *   ctl int32 [4]  [0] post: the GPU writes a new number here after the jobs and x; [1] done: written here (release)
  *                  after out; [2] stop: the host sets it to end the loop; [3] the last nonzero error code
  *   rows int64 [K] per top-k position the job's row in the pool view (base, stride: view 0 of tiered_cpu_experts),
- *                  -1 = not a CPU job; wts fp32 [K] the routing weights (round_w as there)
+ *                  -1 = not a CPU job; wts fp32 [K] the routing weights (round_w as there). A value <= -2 is a
+ *                  split job (at most one a post): v = -2 - value, row v >> 16, and only its first v & 0xffff
+ *                  FFN rows (gate, up rows; down columns) are computed here, the device computing the others
+ *                  (kernels/slot_table.resolve's split; dense formats only: a quantized row split is refused)
  *   x [D], out [D] in rnd_mode's dtype (out is zero when no row is a job)
  *   stat int64 [4] layers served, experts computed, nanoseconds computing, nanoseconds from post seen to done
  *   spin_ns        after this long without a post the team sleeps sleep_ns between looks (the first post after
@@ -619,16 +625,27 @@ int tiered_cpu_serve(int32_t *ctl, const int64_t *rows, const float *wts_in, con
                     stopping = 1;
                 } else {
                     t0 = now_ns();
-                    int n = 0;
-                    for (int k = 0; k < K; k++) {
-                        const int64_t r = rows[k];
-                        if (r < 0) continue;
-                        for (int q = 0; q < P_PER_JOB; q++) {
-                            const uintptr_t b = base[q];
-                            parts[n * P_PER_JOB + q] = b ? b + (uintptr_t)(r * stride[q]) : 0;
+                    int n = 0, ks = -1;
+                    for (int pass = 0; pass < 2; pass++) { /* the full jobs, then the split one (last) */
+                        for (int k = 0; k < K; k++) {
+                            int64_t r = rows[k];
+                            if (r == -1 || (pass == 0) != (r >= 0) || (pass == 1 && ks >= 0)) continue;
+                            if (r < -1) {
+                                ks = k;
+                                r = (-2 - r) >> 16;
+                            }
+                            for (int q = 0; q < P_PER_JOB; q++) {
+                                const uintptr_t b = base[q];
+                                parts[n * P_PER_JOB + q] = b ? b + (uintptr_t)(r * stride[q]) : 0;
+                            }
+                            wts[n] = round_w ? rnd(wts_in[k], rnd_mode) : wts_in[k];
+                            n++;
                         }
-                        wts[n] = round_w ? rnd(wts_in[k], rnd_mode) : wts_in[k];
-                        n++;
+                    }
+                    c.Flast = ks >= 0 ? (int)((-2 - rows[ks]) & 0xffff) : F;
+                    if (ks >= 0 && (fmt == FMT_Q8 || fmt == FMT_Q4 || c.Flast <= 0 || c.Flast >= F)) {
+                        __atomic_store_n(&ctl[3], -3, __ATOMIC_RELEASE); /* a row split of a quantized job */
+                        c.Flast = F;
                     }
                     c.n = n;
                     if (n > 0) jobs_prep(&c, buf, x);

@@ -115,8 +115,9 @@ class CpuMailbox:
     # --- the host side of the handshake (the eager step; the device kernels do the same) ---
     def post(self, x: Tensor, rows: Tensor, wts: Tensor) -> bool:
         """Hand one layer's CPU jobs to the worker: x [1, D] or [D] (compute dtype), rows int64 [K] (RAM rows, -1 =
-        none), wts fp32 [K]. Returns False (nothing posted) when no row is a job."""
-        if not bool((rows >= 0).any()):
+        none, <= -2 a split job: the rows encoding of kernels/slot_table.resolve), wts fp32 [K]. Returns False
+        (nothing posted) when no row is a job."""
+        if not bool((rows != -1).any()):
             return False
         self.rows.copy_(rows)
         self.wts.copy_(wts.reshape(-1).to(torch.float32))

@@ -95,6 +95,8 @@ def plan_budget(cfg: Any, block_size: int, tiers: TierConfig, *, device: torch.d
     notes: list[str] = []
     if tiers.cpu_experts != "off" and cuda:  # the all-zero expert row the CPU-expert steps point at (vram.py)
         scratch_bytes += block_size
+        if tiers.slot_table != "host":  # and the device step's split row (an expert shared with the CPU)
+            scratch_bytes += block_size
     fixed = dense_bytes + kv_bytes + scratch_bytes
     brk = {"dense": dense_bytes, "kv_cache": kv_bytes, "scratch": scratch_bytes}
     need_min = f"one layer's top-k = {K} slots x {block_size / MiB:.2f} MiB = {K * block_size / GiB:.3f} GiB"

@@ -76,8 +76,9 @@ class DeviceSlotTable:
             "last": torch.zeros(S, dtype=torch.int64, device=dev),
             "uses": torch.zeros(S, dtype=torch.int64, device=dev),
             "clock": torch.zeros(1, dtype=torch.int64, device=dev),
-            # hits, misses (CPU experts included), prefetch: resident, loaded; misses computed on the CPU
-            "counts": torch.zeros(5, dtype=torch.int64, device=dev),
+            # hits, misses (CPU experts included), prefetch: resident, loaded; misses computed on the CPU; misses
+            # split with the CPU, and the FFN rows the CPU computed of them
+            "counts": torch.zeros(7, dtype=torch.int64, device=dev),
             "host_row": torch.full((N,), -1, dtype=torch.int64, device=dev),
         }
         self.host_pool = ram.rows  # uint8 [R, B] pinned
@@ -91,6 +92,21 @@ class DeviceSlotTable:
         # all-zero slot row after the S slots
         self.zero_slot = vram.zero_slot
         self.cpu_take: Tensor | None = None
+        # ... and of the rest, a miss split by FFN rows (cpu_split[m] rows on the CPU, the others copied into the
+        # split row after the zero row: kernels/slot_table.resolve, gather's split mask)
+        self.split_slot = getattr(vram, "split_slot", None)
+        self.cpu_split: Tensor | None = None
+        self.split_spec: Tensor | None = None  # gather's mask (slot_table.split_spec), None: no split possible
+        self.split_c = torch.zeros(1, dtype=torch.int64, device=dev)  # the call's split rows (resolve -> gather)
+        self.split_F = 0  # the experts' FFN rows, when a split is possible
+        self.cpu_split_misses = 0
+        self.cpu_split_rows = 0
+        if self.split_slot is not None:
+            spec = kernels.split_spec(vram.pool, vram.weights)
+            if spec is not None:
+                spec[0] = self.split_slot
+                self.split_spec = torch.tensor(spec, dtype=torch.int64, device=dev)
+                self.split_F = spec[5] * 4 // spec[7]
         # --h2d-gbps: every gather of the device step (demand, prefetch, fill) paced to this rate; measure_pace, at
         # the first hand-over, times one and reports the rate reached
         self.h2d_gbps = float(getattr(vram, "h2d_gbps", 0.0) or 0.0)
@@ -178,15 +194,25 @@ class DeviceSlotTable:
         self.handovers += 1
 
     # --- the step's calls (captured in its graph) ---
-    def set_cpu_take(self, take: list[int]) -> None:
+    def set_cpu_take(self, take: list[int], split: list[int] | None = None) -> None:
         """take[m] (m = 0..K): how many of a call's m misses the CPU computes (the cost model's split, decided per
-        miss count once, so that the captured step only looks it up)."""
+        miss count once, so that the captured step only looks it up); split[m]: the FFN rows of one more miss the
+        CPU computes, the device the others (0: none; None: no split at all)."""
         if self.zero_slot is None:
             raise ValueError("CPU experts need the zero slot row (an expert cache built with --cpu-experts)")
         v = torch.tensor(take, dtype=torch.int32)
         if self.cpu_take is None or self.cpu_take.shape != v.shape:
             self.cpu_take = torch.zeros(v.shape, dtype=torch.int32, device=self.device)
         self.cpu_take.copy_(v)
+        self.cpu_split = None
+        if split is not None and any(split):
+            if self.split_spec is None:
+                raise ValueError("a row split needs the split row and plain (unquantized, unbiased) expert weights")
+            if len(split) != len(take) or any(not 0 <= r < self.split_F for r in split) or any(
+                    r and take[m] >= m for m, r in enumerate(split)):
+                raise ValueError(f"split needs {len(take)} entries, each below the FFN's {self.split_F} rows, and a "
+                                 f"split only where take[m] < m: got {split} with take {take}")
+            self.cpu_split = torch.tensor(split, dtype=torch.int32, device=self.device)
 
     def resolve(self, layer: int, ids: Tensor, out_slot: Tensor, out_src: Tensor, *, nt: Tensor | None = None,
                 cpu_row: Tensor | None = None) -> None:
@@ -199,12 +225,19 @@ class DeviceSlotTable:
             if self.cpu_take is None:
                 raise ValueError("resolve(cpu_row=...) before set_cpu_take")
             cpu = (self.cpu_take, cpu_row, self.zero_slot)
+            if self.cpu_split is not None:
+                cpu += (self.cpu_split, self.split_slot, self.split_c)
         self.kern.resolve(ids, layer, self.num_experts, self.t, self.w, out_slot, out_src, nt=nt, cpu=cpu)
 
-    def gather(self, src: Tensor, slot: Tensor, *, ctas: int | None = None) -> None:
+    def gather(self, src: Tensor, slot: Tensor, *, ctas: int | None = None, demand: bool = False) -> None:
         """Copy the misses resolve found from the pinned RAM tier into their slots (on the current stream); ctas
-        bounds the copy's programs (a prefetch beside compute should not take every SM)."""
-        self.kern.gather(self.host_pool, src, slot, self.slots, ctas=ctas, gbps=self.h2d_gbps)
+        bounds the copy's programs (a prefetch beside compute should not take every SM). demand: a demand call's
+        copies, the split miss's rows among them (the split row; the device slots' pool, split row included)."""
+        if demand and self.cpu_split is not None:
+            self.kern.gather(self.host_pool, src, slot, self.cache.vram.pool, ctas=ctas, gbps=self.h2d_gbps,
+                             split=(self.split_spec, self.split_c))
+        else:
+            self.kern.gather(self.host_pool, src, slot, self.slots, ctas=ctas, gbps=self.h2d_gbps)
 
     def prefetch(self, layer: int, ids: Tensor, pin: Tensor, out_slot: Tensor, out_src: Tensor, *,
                  nt: Tensor | None = None, margin: int = 0) -> None:
@@ -230,27 +263,31 @@ class DeviceSlotTable:
         """Fold the device's counters into the cache's (its device tier and its decode phase: the device step runs
         one-token decode steps only; prefetched blocks count as bytes crossing PCIe and as prefetches) and zero
         them; returns the (hits, misses) added. Syncs the device."""
-        h, m, pr, pl, nc = (int(x) for x in self.t["counts"].tolist())
-        if h or m or pr or pl or nc:
+        h, m, pr, pl, nc, ns, nr = (int(x) for x in self.t["counts"].tolist())
+        if h or m or pr or pl or nc or ns:
             self.t["counts"].zero_()
             c = self.cache
             B = self.block_size
+            # a CPU expert is not copied; a split one is, but for the CPU's rows (nr of them, all splits together)
+            cpu_b = nc * B + (nr * B // self.split_F if ns else 0)
             self.hits += h
             self.misses += m
             self.prefetched += pl
-            self.cpu_misses += nc
+            self.cpu_misses += nc + ns
+            self.cpu_split_misses += ns
+            self.cpu_split_rows += nr
             c.vram.hits += h
             c.vram.misses += m
-            c.vram.bytes_in += (m - nc + pl) * B  # a CPU expert is not copied
+            c.vram.bytes_in += (m + pl) * B - cpu_b
             ph = c._phases["decode"]
             ph.hits += h
             ph.misses += m
-            ph.cpu += nc
-            ph.bytes_h2d += (m - nc + pl) * B
-            if nc:
+            ph.cpu += nc + ns
+            ph.bytes_h2d += (m + pl) * B - cpu_b
+            if nc or ns:
                 with c.cpu.lock:
-                    c.cpu.count += nc
-                    c.cpu.bytes += nc * B
+                    c.cpu.count += nc + ns
+                    c.cpu.bytes += cpu_b
             ph.bytes_prefetch += pl * B
             c.prefetch_issued += pl
         box = getattr(self.cache, "cpu_box", None)
@@ -262,9 +299,13 @@ class DeviceSlotTable:
         return h, m
 
     def stats(self) -> dict:
+        B = self.block_size
+        cpu_b = (self.cpu_misses - self.cpu_split_misses) * B + (
+            self.cpu_split_rows * B // self.split_F if self.cpu_split_misses else 0)
         return {"mode": "device", "owner": self.owner, "hits": self.hits, "misses": self.misses,
-                "bytes": (self.misses - self.cpu_misses + self.prefetched) * self.block_size,
+                "bytes": (self.misses + self.prefetched) * B - cpu_b,
                 "prefetched": self.prefetched, "cpu_misses": self.cpu_misses,
+                "cpu_split_misses": self.cpu_split_misses, "cpu_split_rows": self.cpu_split_rows,
                 **({"h2d_gbps_target": self.h2d_gbps, "h2d_gbps_achieved": self.h2d_gbps_achieved}
                    if self.h2d_gbps > 0 else {}),
                 "handovers": self.handovers,
@@ -272,6 +313,7 @@ class DeviceSlotTable:
 
     def reset_stats(self) -> None:
         self.hits = self.misses = self.prefetched = self.cpu_misses = 0
+        self.cpu_split_misses = self.cpu_split_rows = 0
 
 
 def _policy_state(policy: Any, key_of: list[int]) -> tuple[list[int], list[int]]:

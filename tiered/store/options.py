@@ -78,6 +78,10 @@ class TierConfig:
                                         "the CPU computed into a device slot, so that its next use hits (on, off; pays "
                                         "on slow links: measured +7% at 12 GB/s, -15% at 25)",
                                  ("on", "off"))
+    cpu_split: str = _opt("auto", "With --cpu-experts auto and the device slot table: also split one miss a layer "
+                                  "by FFN rows between the CPU and the link where the cost model says that "
+                                  "finishes first (auto; dense bf16/fp16/fp32 experts only), or never (off)",
+                          ("auto", "off"))
     cpu_threads: int = _opt(0, "Threads of the CPU-expert worker (0 = the physical cores: the usable CPUs, halved "
                                "when SMT is on)", ("min", 0))
     # default auto: measured on the H200 box (offload-devstep-2026-12-01-h200*.json, replayed routing, --vram-gb 4) the
@@ -123,6 +127,8 @@ class TierConfig:
             raise BudgetError(f"--io-threads must be >= 1, got {self.io_threads}")
         if self.cpu_experts not in CPU_EXPERT_MODES:
             raise BudgetError(f"--cpu-experts must be one of {list(CPU_EXPERT_MODES)}, got {self.cpu_experts!r}")
+        if self.cpu_split not in ("auto", "off"):
+            raise BudgetError(f"--cpu-split must be auto or off, got {self.cpu_split!r}")
         if self.slot_table not in ("host", "device", "auto"):
             raise BudgetError(f"--slot-table must be host, device or auto, got {self.slot_table!r}")
         if not isinstance(self.cpu_threads, int) or self.cpu_threads < 0:
@@ -144,7 +150,7 @@ class TierConfig:
 BUDGET_KEYS = tuple(f.name for f in fields(TierConfig))  # what load(budget=...) accepts
 # Keys that apply with or without the expert cache: alone they keep every expert resident (engine.make_provider).
 # The CPU-expert and pacing options act on the expert cache's misses; with resident experts there are none.
-NON_CACHE_KEYS = ("verify", "cpu_experts", "cpu_threads", "cpu_write_behind", "h2d_gbps", "slot_table")
+NON_CACHE_KEYS = ("verify", "cpu_experts", "cpu_threads", "cpu_write_behind", "cpu_split", "h2d_gbps", "slot_table")
 
 
 def physical_cores() -> int:

@@ -74,24 +74,28 @@ class SlotPool:
         zero_slot: add one more row of zero bytes after the S slots, never assigned (`zero_slot` = S): an expert
             whose weights are all zero outputs exactly 0 (SwiGLU, biases and quantized formats alike), so the
             GPU computes a step's CPU-assigned experts there at no cost to the result (CPU experts, offload.py).
+        split_slot: and one more, zeroed, after it (`split_slot` = S + 1): the device step copies the rows of an
+            expert it splits with the CPU there (kernels/slot_table.resolve's split), outside the table.
     """
 
     def __init__(self, n_slots: int, block_size: int, specs: Any, policy: Policy, *, device: torch.device,
-                 max_per_call: int, ring: int = 64, zero_slot: bool = False) -> None:
+                 max_per_call: int, ring: int = 64, zero_slot: bool = False, split_slot: bool = False) -> None:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.n_slots = n_slots
         self.block_size = block_size
         self.table = SlotTable(n_slots, policy)
-        rows = n_slots + (1 if zero_slot else 0)
+        split_slot = split_slot and zero_slot
+        rows = n_slots + (1 if zero_slot else 0) + (1 if split_slot else 0)
         self.zero_slot = n_slots if zero_slot else None
+        self.split_slot = n_slots + 1 if split_slot else None
         if self.cuda:
             self.pool = torch.empty((rows, block_size), dtype=torch.uint8, device=self.device)  # [S(+1), block]
         else:  # page aligned, so O_DIRECT can read straight into a slot when there is no RAM tier
             flat, self._owner = aligned_empty(rows * block_size, pin=False)
             self.pool = flat.view(rows, block_size)
         if zero_slot:
-            self.pool[n_slots].zero_()
+            self.pool[n_slots:].zero_()
         self.weights = expert_views(self.pool, specs)
         self._rows = list(self.pool.unbind(0))  # per-slot views made once: no view creation per copy
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
