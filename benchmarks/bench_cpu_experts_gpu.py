@@ -301,7 +301,7 @@ def main() -> None:
 
         def go(label: str, policy: str, cand: int, cpu: str, h2d: float = 0.0, table: str = "host",
                dpf: int = 0, evict: str = "policy", wb: str = "off", fill: int = 0,
-               fill_ctas: int | None = None, fill_ranked: bool = True, split: str = "auto") -> None:
+               fill_ctas: int | None = None, fill_ranked: bool = True, split: str = "off") -> None:
             pred = (History(L, cfg.num_experts, params) if cand or dpf or evict != "policy" or (fill and fill_ranked)
                     else NoPrediction(L, cfg.num_experts))
             budget = {**base, "policy": policy, "prefetch_depth": 1 if cand else 0, "prefetch_budget": cand or 1,
@@ -331,11 +331,11 @@ def main() -> None:
                      # layer's misses between the link and the CPU
                      ("lru+cpu/device", "lru", 0, "auto", 0.0, "device"),
                      ("nextuse+cpu/device", "lru", 0, "auto", 0.0, "device", 0, "nextuse"),
-                     # the same, whole experts only (--cpu-split off: no miss split by rows with the CPU)
-                     ("lru+cpu:whole/device", "lru", 0, "auto", 0.0, "device", 0, "policy", "off", 0, None, True,
-                      "off"),
-                     ("nextuse+cpu:whole/device", "lru", 0, "auto", 0.0, "device", 0, "nextuse", "off", 0, None,
-                      True, "off")]
+                     # and one miss a layer split by FFN rows with the CPU (--cpu-split auto)
+                     ("lru+cpu:split/device", "lru", 0, "auto", 0.0, "device", 0, "policy", "off", 0, None, True,
+                      "auto"),
+                     ("nextuse+cpu:split/device", "lru", 0, "auto", 0.0, "device", 0, "nextuse", "off", 0, None,
+                      True, "auto")]
             for f in filter(None, a.device_fill.split(",")):  # the background fill of free slots
                 f, _, order = f.partition("/")
                 n, _, c = f.partition(":")
@@ -414,20 +414,20 @@ def main() -> None:
             res["vs_serial_belady_bound_demand_device"] = get(bd, "vs_serial_belady_bound")
             res["device_over_host_lru"] = (M[bd]["decode_tok_s"] / M["lru/off"]["decode_tok_s"]
                                            if M.get("lru/off", {}).get("decode_tok_s") else None)
-        dc = [lab for lab in ("lru+cpu/device", "nextuse+cpu/device", "lru+cpu:whole/device",
-                              "nextuse+cpu:whole/device") if lab in M and M[lab]["decode_tok_s"]]
+        dc = [lab for lab in ("lru+cpu/device", "nextuse+cpu/device", "lru+cpu:split/device",
+                              "nextuse+cpu:split/device") if lab in M and M[lab]["decode_tok_s"]]
         if dc:  # CPU experts inside the device step: both paths of a miss in use, the combined bound's run
             bc = max(dc, key=lambda lab: M[lab]["decode_tok_s"])
-            nocpu = bc.replace("+cpu", "").replace(":whole", "")
+            nocpu = bc.replace("+cpu", "").replace(":split", "")
             res["best_device_cpu"] = bc
             res["vs_combined_bound_device"] = get(bc, "vs_combined_bound")
             res["vs_serial_belady_bound_demand_device_cpu"] = get(bc, "vs_serial_belady_bound")
             res["device_cpu_over_device"] = (M[bc]["decode_tok_s"] / M[nocpu]["decode_tok_s"]
                                              if M.get(nocpu, {}).get("decode_tok_s") else None)
             res["device_cpu_split_over_whole"] = {  # the row split against whole experts only, per policy
-                p: M[f"{p}+cpu/device"]["decode_tok_s"] / M[f"{p}+cpu:whole/device"]["decode_tok_s"]
-                for p in ("lru", "nextuse") if (M.get(f"{p}+cpu/device") or {}).get("decode_tok_s")
-                and (M.get(f"{p}+cpu:whole/device") or {}).get("decode_tok_s")}
+                p: M[f"{p}+cpu:split/device"]["decode_tok_s"] / M[f"{p}+cpu/device"]["decode_tok_s"]
+                for p in ("lru", "nextuse") if (M.get(f"{p}+cpu:split/device") or {}).get("decode_tok_s")
+                and (M.get(f"{p}+cpu/device") or {}).get("decode_tok_s")}
         fl = [lab for lab in M if "+fill" in lab and M[lab]["decode_tok_s"]]
         if fl:  # the background fill: what demand paging takes as first-use misses, loaded ahead
             bf = max(fl, key=lambda lab: M[lab]["decode_tok_s"])

@@ -28,6 +28,12 @@ CPU experts (runs ending in +cpu, decode/devstep.py with a mailbox): resolve sen
 the CPU (--cpu-take, default the cost model's at --pcie-gbps, --cpu-gbps and --cpu-overhead-us); a layer then
 takes max(its copies, the CPU's fixed cost + its experts at --cpu-gbps). Against the H200 (session 11 call E,
 csv.py.txt, take 0,0,1,1,2,2,3,3,4): lru+cpu measured 0.71 of serial Belady, 0.78 here at 49 GB/s, 65 GB/s, 10 us.
+A row split (--cpu-split F: the CPU computes F of one more miss's FFN rows, the link the rest; --split-down: down's
+columns split too, else copied whole; --cpu-frac: a continuous split, an upper bound) is timed the same way, the
+split miss not admitted, as the device step does it. Session 12 (fit/, 54 GB/s, 44 GB/s CPU, 17 us): nextuse+cpu
+0.759 whole, 0.795 at --cpu-split 0.5, 0.820 with --split-down 0.375, 0.86-0.875 --cpu-frac; but the device step
+(--cpu-split auto: rows per miss count, down's columns too, the --cpu-frac case) measured 1.03x lru and 0.96x
+nextuse against whole experts: its hit rate fell 3 points (csv.py.txt) where this predicts under 1.
 
     python3 benchmarks/sim_devtable.py --text ../shared/text                     # all runs, five eval docs
     python3 benchmarks/sim_devtable.py --text ../shared/text --docs 2 --runs lru,nextuse,nextuse+pf1
@@ -259,8 +265,9 @@ def simulate_doc(ids: np.ndarray, prompt: int, run: dict, *, slots: int, num_exp
                 i += 1
             if cpu_split is not None and nc and cpu_split[d + nc]:  # one of the CPU's misses split by rows: the
                 # CPU computes split_f of its intermediate rows, the link copies the rest of gate/up and all of down
-                tim += max((d + 1 - split_f * split_share) * c, cpu_overhead + (nc - 1 + split_f) * cc) + max(comp_l, pf * c)
-            elif cpu_frac and nc:  # the layer's misses split by rows: the CPU's share f where both sides finish together
+                link = (d + 1 - split_f * split_share) * c
+                tim += max(link, cpu_overhead + (nc - 1 + split_f) * cc) + max(comp_l, pf * c)
+            elif cpu_frac and nc:  # misses split by rows: the CPU's share f where both sides finish together
                 m = d + nc
                 f = min(max((m * c - cpu_overhead) / (c + cc), 0.0), m)
                 tim += max((m - f) * c, cpu_overhead + f * cc if f > 0 else 0.0) + max(comp_l, pf * c)
@@ -305,7 +312,8 @@ def main() -> None:
     ap.add_argument("--cpu-split", type=float, default=0.0,
                     help="a fixed row fraction of one miss a layer computed on the CPU (the rest of its gate/up rows "
                          "and all of its down copied); the cost model picks per miss count whether to split")
-    ap.add_argument("--split-down", action="store_true", help="--cpu-split: down's columns split too (not copied whole)")
+    ap.add_argument("--split-down", action="store_true",
+                    help="--cpu-split: down's columns split too (not copied whole)")
     ap.add_argument("--cpu-take", default="", help="comma-separated take[m], m = 0..K (default: the cost model's)")
     a = ap.parse_args()
     t0 = time.perf_counter()
@@ -326,7 +334,8 @@ def main() -> None:
     split = None
     if a.cpu_split:
         share = 1.0 if a.split_down else 2 / 3  # the block's share the split saves the link (down copied whole: 2/3)
-        c, cc, o, f = a.block_bytes / (a.pcie_gbps * 1e9), a.block_bytes / (a.cpu_gbps * 1e9), a.cpu_overhead_us * 1e-6, a.cpu_split
+        c, cc = a.block_bytes / (a.pcie_gbps * 1e9), a.block_bytes / (a.cpu_gbps * 1e9)
+        o, f = a.cpu_overhead_us * 1e-6, a.cpu_split
         take, split = [0], [0]
         for m in range(1, a.top_k + 1):
             opts = [(max((m - t) * c, o + t * cc if t else 0.0), t, 0) for t in range(m + 1)]
@@ -336,7 +345,8 @@ def main() -> None:
             split.append(sp)
     res: dict = {"bench": "sim_devtable", "commit": git_commit(), "date": time.strftime("%Y-%m-%d"), "slots": a.slots, "block_bytes": a.block_bytes, "pcie_gbps": a.pcie_gbps,
                  "compute_ms": a.compute_ms, "prompt_tokens": a.prompt_tokens, "decode_steps": a.new_tokens - 1,
-                 "split": a.split, "next_use_params": params.__dict__, "cpu_take": take, "cpu_split": split, "cpu_gbps": a.cpu_gbps, "mapping": ev.meta.get("mapped_from"), "docs": {}}
+                 "split": a.split, "next_use_params": params.__dict__, "cpu_take": take, "cpu_split": split,
+                 "cpu_gbps": a.cpu_gbps, "mapping": ev.meta.get("mapped_from"), "docs": {}}
     runs = [r for r in a.runs.split(",") if r]
     for d in range(min(a.docs, ev.num_docs)):
         doc = ev.doc(d)

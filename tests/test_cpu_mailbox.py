@@ -215,6 +215,28 @@ def _engine(reference_layout, slots: int = 8, **budget):
     return eng, cache
 
 
+def test_split_row_only_with_cpu_split_auto(reference_layout):
+    """--cpu-split off (the default) keeps no split row and the table cannot split; auto adds the zeroed row after
+    the zero row, whose mask the table derives from the expert views (the tiny model's fp32 rows)."""
+    for mode in ("off", "auto"):
+        eng, cache = _engine(reference_layout, 8, cpu_split=mode)
+        try:
+            t = DeviceSlotTable(cache, w=0, kernels=st)
+            S = cache.vram.n_slots
+            if mode == "off":
+                assert cache.vram.split_slot is None and t.split_spec is None
+                with pytest.raises(ValueError, match="split row"):
+                    t.set_cpu_take([0] * 9, [0, 2] + [0] * 7)
+            else:
+                assert cache.vram.split_slot == S + 1 and cache.vram.pool.shape[0] == S + 2
+                assert int(t.split_spec[0]) == S + 1 and t.split_F == 32
+                assert not bool(cache.vram.pool[S + 1].any())
+        finally:
+            cache.close()
+    with pytest.raises(Exception, match="cpu-split"):
+        load(reference_layout, device="cpu", budget={"expert_slots": 8, "cpu_split": "sometimes"})
+
+
 @needs_kernel
 def test_handoff_kernels_and_worker(reference_layout):
     """post and wait (interpreter) against the worker thread: y is the jobs' weighted sum as cpu_partial computes
@@ -332,10 +354,10 @@ def test_device_step_cpu_experts_greedy_identical(reference_layout, unlimited, s
     """The eager device step sending misses to the CPU worker (a forced split: up to 2 of a layer's misses, the
     latest predicted next use first under nextuse; with a device prefetch too, whose pins then include the zero
     slot) gives every-expert-resident greedy tokens; the counters add up: CPU experts are misses, not copies; the
-    worker served them. rows: none of a lone miss, else 1 whole miss, and the next one split by FFN rows (the CPU its first 2, 16 or
-    30 of 32 by the miss count; the split row copies the rest): the same tokens, and the bytes copied are the
-    misses' less the CPU's share."""
-    eng, cache = _engine(reference_layout, slots)
+    worker served them. rows: none of a lone miss, else 1 whole miss, and the next one split by FFN rows (the CPU
+    its first 2, 16 or 30 of 32 by the miss count; the split row copies the rest): the same tokens, and the bytes
+    copied are the misses' less the CPU's share."""
+    eng, cache = _engine(reference_layout, slots, **({"cpu_split": "auto"} if rows else {}))
     try:
         cache.devtable = DeviceSlotTable(cache, w=0, kernels=st)
         box, why = _cpu_mailbox(cache, eng.config, eng.dtype, eng.model.fp32_route_weights)
@@ -431,7 +453,7 @@ def test_cuda_device_step_cpu_experts_match_host(reference_layout, evict, rows):
         from test_devtable import _code_transitions
         tr = _code_transitions(reference_layout)
     eng = load(reference_layout, device="cuda", dtype="float32",
-               budget={**budget, "slot_table": "device", "cpu_experts": "auto"})
+               budget={**budget, "slot_table": "device", "cpu_experts": "auto", "cpu_split": "auto" if rows else "off"})
     cache = eng.model.provider
     try:
         box = cache.cpu_box

@@ -245,7 +245,7 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
     engine = Engine(model, tok, layout_path=layout.path, cuda_graphs=cuda_graphs and dev.type == "cuda",
                     prefetcher=prefetcher, device_prefetch=(dpf, transitions) if transitions is not None else None,
                     device_evict=dev_evict, device_fill=dev_fill, cpu_box=box,
-                    cpu_split=(budget or {}).get("cpu_split") != "off")
+                    cpu_split=(budget or {}).get("cpu_split") == "auto")
     engine._sync()
     engine.load_s = time.perf_counter() - t0
     engine.capture_graphs()
@@ -324,7 +324,7 @@ class Engine:
                  cuda_graphs: bool = False, prefetcher: Prefetcher | None = None,
                  device_prefetch: tuple[int, tuple[Tensor, Tensor]] | None = None,
                  device_evict: str = "policy", device_fill: int = 0, cpu_box: Any = None,
-                 cpu_split: bool = True) -> None:
+                 cpu_split: bool = False) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.config: ModelConfig = model.config

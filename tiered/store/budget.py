@@ -95,7 +95,7 @@ def plan_budget(cfg: Any, block_size: int, tiers: TierConfig, *, device: torch.d
     notes: list[str] = []
     if tiers.cpu_experts != "off" and cuda:  # the all-zero expert row the CPU-expert steps point at (vram.py)
         scratch_bytes += block_size
-        if tiers.slot_table != "host":  # and the device step's split row (an expert shared with the CPU)
+        if tiers.slot_table != "host" and tiers.cpu_split == "auto":  # and the split row (--cpu-split auto)
             scratch_bytes += block_size
     fixed = dense_bytes + kv_bytes + scratch_bytes
     brk = {"dense": dense_bytes, "kv_cache": kv_bytes, "scratch": scratch_bytes}

@@ -91,7 +91,8 @@ class ExpertCache(HostSlotProvider):
         self.split = self.cpu_mode != "off"
         self.vram = SlotPool(S, self.block_size, layout.tensor_specs, pol(tiers.policy), device=self.device,
                              max_per_call=S, ring=max(64, 2 * cfg.num_layers + 2), zero_slot=self.split,
-                             split_slot=self.split and tiers.slot_table != "host")
+                             split_slot=(self.split and tiers.slot_table != "host"
+                                         and tiers.cpu_split == "auto"))
         self.weights = self.vram.weights
         self.max_experts_per_call = S
         self.ram: PinnedPool | None = None

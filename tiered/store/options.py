@@ -78,9 +78,13 @@ class TierConfig:
                                         "the CPU computed into a device slot, so that its next use hits (on, off; pays "
                                         "on slow links: measured +7% at 12 GB/s, -15% at 25)",
                                  ("on", "off"))
-    cpu_split: str = _opt("auto", "With --cpu-experts auto and the device slot table: also split one miss a layer "
-                                  "by FFN rows between the CPU and the link where the cost model says that "
-                                  "finishes first (auto; dense bf16/fp16/fp32 experts only), or never (off)",
+    # default off: measured on the H200 box (offload-cpu-device-2026-12-01-h200-s12.json, call J) lru 509.5 against
+    # 495.1 whole (1.03x), nextuse 478.1 against 495.5 (0.96x): the link copies less, but a split expert is not
+    # admitted to VRAM, so the hit rate falls (0.853 -> 0.825 under lru) and the misses it saves come back
+    cpu_split: str = _opt("off", "With --cpu-experts auto and the device slot table: also split one miss a layer "
+                                 "by FFN rows between the CPU and the link where the cost model says that finishes "
+                                 "first (auto; dense bf16/fp16/fp32 experts only; one more expert row of VRAM), or "
+                                 "never (off; measured 1.03x under lru and 0.96x under nextuse on the H200 box)",
                           ("auto", "off"))
     cpu_threads: int = _opt(0, "Threads of the CPU-expert worker (0 = the physical cores: the usable CPUs, halved "
                                "when SMT is on)", ("min", 0))
