@@ -8,7 +8,9 @@ Owns two kernels and their plain torch references (the references are the CPU pa
     tables, the clock and the hit/miss counters are updated in place, and each miss's source row in the host pool
     is written out for `gather`.
   - `gather`: copy whole expert blocks from a host pool (page-locked memory the GPU reads over UVA) into the slots
-    resolve chose, one program per (expert, chunk); rows without a miss exit at once. The copy engine cannot be
+    resolve chose, one program per (expert, chunk); rows without a miss exit at once. A miss resolve split with
+    the CPU (--cpu-split auto) goes to the split row without the CPU's FFN rows (`split_spec`: their gate and up
+    rows zeroed, not read; their down columns left). The copy engine cannot be
     driven from inside a graph with data-dependent addresses; measured on the H200 box this kernel reads pinned
     host memory at 49-50 GB/s for 4-10 blocks of 2.6-9.4 MB, against 51-54 GB/s for cudaMemcpyAsync
     (benchmarks/results/uva-probe-2026-11-30-h200.json).
@@ -27,8 +29,9 @@ calls these (decode/devstep.py).
 Legend: K top-k, S device slots, N keys = L * E, B block bytes, R host pool rows.
 Tables: slot_of int32 [N] (-1 = not resident), key_of int32 [S] (-1 = free, <= -2 = reserved by a fill whose copy
 is in flight, within one step), last int64 [S], uses int64 [S],
-clock int64 [1] (ticks once per resolve, like the host cache's get() clock), counts int64 [5] (hits, misses;
-prefetch: already resident, loaded; misses computed on the CPU),
+clock int64 [1] (ticks once per resolve, like the host cache's get() clock), counts int64 [7] (hits, misses;
+prefetch: already resident, loaded; misses computed on the CPU; misses split by rows with it, and their CPU rows;
+a table of 5 serves every call without a row split),
 host_row int64 [N] (the key's row in the host pool; every key must have one).
 """
 from __future__ import annotations

@@ -13,7 +13,8 @@ UVA), so a miss is a copy from RAM, never a disk read; an eviction policy the de
 weight). Pacing (--h2d-gbps, a benchmark's slower link) is the gather kernel's (kernels/slot_table.gather, gbps),
 `measure_pace` reports the rate it reaches. CPU experts (--cpu-experts auto) are a device decision: resolve
 splits a call's misses between copies and the CPU by the cost model's table (`set_cpu_take`), and the step hands
-the CPU's share to a native worker through mapped memory (model/cpu_mailbox.py).
+the CPU's share to a native worker through mapped memory (model/cpu_mailbox.py); with --cpu-split auto one more
+miss may be split by FFN rows, its other rows copied into the split row after the zero row.
 
 Legend: N keys = L * E, S device slots.
 """
