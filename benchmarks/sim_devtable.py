@@ -83,6 +83,7 @@ class SimTable(DeviceSlotTable):
         self.zero_slot = slots  # CPU experts (kernels/slot_table.resolve's cpu split): their slot row
         self.device = torch.device("cpu")
         self.cpu_take = None
+        self.cpu_split = self.split_spec = None  # the row split is timed by --cpu-split/--cpu-frac, not resolved
         self.cpu = 0  # misses sent to the CPU
         self.owner = "device"
         self.pending: set[int] = set()  # keys a prefetch loaded that no demand call has used yet
@@ -114,7 +115,7 @@ class SimTable(DeviceSlotTable):
         self.pf += n
         self.gathers.append(("prefetch", n))
 
-    def gather(self, src, slot, *, ctas=None):
+    def gather(self, src, slot, *, ctas=None, demand=False):
         pass
 
 
