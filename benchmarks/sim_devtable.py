@@ -78,7 +78,7 @@ class SimTable(DeviceSlotTable):
         self.kern, self.w, self.num_experts = st, int(w), num_experts
         self.t = {"slot_of": torch.full((N,), -1, dtype=torch.int32), "key_of": torch.full((slots,), -1, dtype=torch.int32),
                   "last": torch.zeros(slots, dtype=torch.int64), "uses": torch.zeros(slots, dtype=torch.int64),
-                  "clock": torch.zeros(1, dtype=torch.int64), "counts": torch.zeros(5, dtype=torch.int64),
+                  "clock": torch.zeros(1, dtype=torch.int64), "counts": torch.zeros(7, dtype=torch.int64),
                   "host_row": torch.arange(N, dtype=torch.int64)}
         self.zero_slot = slots  # CPU experts (kernels/slot_table.resolve's cpu split): their slot row
         self.device = torch.device("cpu")
