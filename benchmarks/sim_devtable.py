@@ -212,7 +212,8 @@ def parse_run(spec: str) -> dict:
 def simulate_doc(ids: np.ndarray, prompt: int, run: dict, *, slots: int, num_experts: int, transitions, params,
                  block: int, pcie: float, compute: float, cpu_take: list[int] | None = None,
                  cpu_gbps: float = 0.0, cpu_overhead: float = 0.0, cpu_frac: bool = False,
-                 cpu_split: list[int] | None = None, split_f: float = 0.0, split_share: float = 2 / 3) -> dict:
+                 cpu_split: list[int] | None = None, split_f: float = 0.0, split_share: float = 2 / 3,
+                 split_admit: float | None = None) -> dict:
     """One run over one document's routing ids [T, L, K]: positions 0..prompt-1 prefilled, the rest decoded."""
     T, L, K = ids.shape
     E = num_experts
@@ -244,6 +245,7 @@ def simulate_doc(ids: np.ndarray, prompt: int, run: dict, *, slots: int, num_exp
     cc = block / (cpu_gbps * 1e9) if cpu_gbps > 0 else 0.0
     comp_l = compute / L
     tim = 0.0
+    link_free = 0.0  # split_admit: when the link is done with the deferred rows of admitted split misses
     n = T - prompt
     for p in range(prompt, T):
         model.pos = p
@@ -264,7 +266,15 @@ def simulate_doc(ids: np.ndarray, prompt: int, run: dict, *, slots: int, num_exp
             if i < len(g) and g[i][0] == "prefetch":
                 pf = g[i][1]
                 i += 1
-            if cpu_split is not None and nc and cpu_split[d + nc]:  # one of the CPU's misses split by rows: the
+            if split_admit is not None:  # one copied miss's first rows on the CPU now, copied after the layer
+                pre, post = comp_l * split_admit, comp_l * (1 - split_admit)
+                f = min(max((d * c - (0.0 if nc else cpu_overhead) - nc * cc) / (c + cc), 0.0), 1.0) if d else 0.0
+                t1 = tim + pre  # the layer's attention and router, then its resolve
+                copy_end = max(t1, link_free) + (d - f) * c
+                cpu_end = t1 + (cpu_overhead + (nc + f) * cc if nc or f > 0 else 0.0)
+                tim = max(copy_end, cpu_end) + max(post, pf * c)
+                link_free = max(copy_end, tim) + f * c if f > 0 else copy_end
+            elif cpu_split is not None and nc and cpu_split[d + nc]:  # one of the CPU's misses split by rows: the
                 # CPU computes split_f of its intermediate rows, the link copies the rest of gate/up and all of down
                 link = (d + 1 - split_f * split_share) * c
                 tim += max(link, cpu_overhead + (nc - 1 + split_f) * cc) + max(comp_l, pf * c)
@@ -313,6 +323,10 @@ def main() -> None:
     ap.add_argument("--cpu-split", type=float, default=0.0,
                     help="a fixed row fraction of one miss a layer computed on the CPU (the rest of its gate/up rows "
                          "and all of its down copied); the cost model picks per miss count whether to split")
+    ap.add_argument("--split-admit", type=float, default=None,
+                    help="+cpu runs: one copied miss a layer also has its first rows computed on the CPU now and "
+                         "copied after the layer (admitted); the value is the compute share before the copy "
+                         "(attention, router)")
     ap.add_argument("--split-down", action="store_true",
                     help="--cpu-split: down's columns split too (not copied whole)")
     ap.add_argument("--cpu-take", default="", help="comma-separated take[m], m = 0..K (default: the cost model's)")
@@ -359,7 +373,8 @@ def main() -> None:
                             transitions=transitions, params=params, block=a.block_bytes, pcie=a.pcie_gbps,
                             compute=a.compute_ms * 1e-3, cpu_take=take, cpu_gbps=a.cpu_gbps,
                             cpu_overhead=a.cpu_overhead_us * 1e-6, cpu_frac=a.cpu_frac, cpu_split=split,
-                            split_f=a.cpu_split, split_share=1.0 if a.split_down else 2 / 3)
+                            split_f=a.cpu_split, split_share=1.0 if a.split_down else 2 / 3,
+                            split_admit=a.split_admit)
             for r in runs}
     docs = res["docs"]
     res["mean"] = {r: {k: float(np.mean([docs[d][r][k] for d in docs]))
