@@ -335,7 +335,12 @@ def main() -> None:
                      ("lru+cpu:split/device", "lru", 0, "auto", 0.0, "device", 0, "policy", "off", 0, None, True,
                       "auto"),
                      ("nextuse+cpu:split/device", "lru", 0, "auto", 0.0, "device", 0, "nextuse", "off", 0, None,
-                      True, "auto")]
+                      True, "auto"),
+                     # the split miss admitted: a slot of its own, its CPU rows copied after the layer
+                     ("lru+cpu:admit/device", "lru", 0, "auto", 0.0, "device", 0, "policy", "off", 0, None, True,
+                      "admit"),
+                     ("nextuse+cpu:admit/device", "lru", 0, "auto", 0.0, "device", 0, "nextuse", "off", 0, None,
+                      True, "admit")]
             for f in filter(None, a.device_fill.split(",")):  # the background fill of free slots
                 f, _, order = f.partition("/")
                 n, _, c = f.partition(":")
@@ -415,10 +420,11 @@ def main() -> None:
             res["device_over_host_lru"] = (M[bd]["decode_tok_s"] / M["lru/off"]["decode_tok_s"]
                                            if M.get("lru/off", {}).get("decode_tok_s") else None)
         dc = [lab for lab in ("lru+cpu/device", "nextuse+cpu/device", "lru+cpu:split/device",
-                              "nextuse+cpu:split/device") if lab in M and M[lab]["decode_tok_s"]]
+                              "nextuse+cpu:split/device", "lru+cpu:admit/device", "nextuse+cpu:admit/device")
+              if lab in M and M[lab]["decode_tok_s"]]
         if dc:  # CPU experts inside the device step: both paths of a miss in use, the combined bound's run
             bc = max(dc, key=lambda lab: M[lab]["decode_tok_s"])
-            nocpu = bc.replace("+cpu", "").replace(":split", "")
+            nocpu = bc.replace("+cpu", "").replace(":split", "").replace(":admit", "")
             res["best_device_cpu"] = bc
             res["vs_combined_bound_device"] = get(bc, "vs_combined_bound")
             res["vs_serial_belady_bound_demand_device_cpu"] = get(bc, "vs_serial_belady_bound")
@@ -427,6 +433,10 @@ def main() -> None:
             res["device_cpu_split_over_whole"] = {  # the row split against whole experts only, per policy
                 p: M[f"{p}+cpu:split/device"]["decode_tok_s"] / M[f"{p}+cpu/device"]["decode_tok_s"]
                 for p in ("lru", "nextuse") if (M.get(f"{p}+cpu:split/device") or {}).get("decode_tok_s")
+                and (M.get(f"{p}+cpu/device") or {}).get("decode_tok_s")}
+            res["device_cpu_admit_over_whole"] = {  # the admitted split against whole experts only
+                p: M[f"{p}+cpu:admit/device"]["decode_tok_s"] / M[f"{p}+cpu/device"]["decode_tok_s"]
+                for p in ("lru", "nextuse") if (M.get(f"{p}+cpu:admit/device") or {}).get("decode_tok_s")
                 and (M.get(f"{p}+cpu/device") or {}).get("decode_tok_s")}
         fl = [lab for lab in M if "+fill" in lab and M[lab]["decode_tok_s"]]
         if fl:  # the background fill: what demand paging takes as first-use misses, loaded ahead
@@ -469,7 +479,8 @@ def main() -> None:
               "best_device_fill", "vs_pcie_bound_fill", "vs_serial_belady_bound_fill", "device_fill_over_demand",
               "vs_serial_belady_bound_prefetch", "paced_auto_over_off", "paced_auto_over_off_demand", "cpu_expert_gbps",
               "llamacpp_cpu_experts_tg_tok_s", "best_device_cpu", "vs_serial_belady_bound_demand_device_cpu",
-              "device_cpu_over_device", "device_cpu_split_over_whole", "paced_device_cpu_over_off"):
+              "device_cpu_over_device", "device_cpu_split_over_whole", "device_cpu_admit_over_whole",
+              "paced_device_cpu_over_off"):
         print(f"{k}: {res.get(k)}")
     print(write_out(res, "offload_cpu_experts.json"))
 

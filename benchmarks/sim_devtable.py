@@ -84,6 +84,7 @@ class SimTable(DeviceSlotTable):
         self.device = torch.device("cpu")
         self.cpu_take = None
         self.cpu_split = self.split_spec = None  # the row split is timed by --cpu-split/--cpu-frac, not resolved
+        self.split_admit = False
         self.cpu = 0  # misses sent to the CPU
         self.owner = "device"
         self.pending: set[int] = set()  # keys a prefetch loaded that no demand call has used yet
@@ -115,7 +116,7 @@ class SimTable(DeviceSlotTable):
         self.pf += n
         self.gathers.append(("prefetch", n))
 
-    def gather(self, src, slot, *, ctas=None, demand=False):
+    def gather(self, src, slot, *, ctas=None, layer=None):
         pass
 
 

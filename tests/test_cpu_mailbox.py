@@ -37,7 +37,7 @@ def _tables(N: int, S: int, seed: int = 0) -> dict[str, torch.Tensor]:
             "host_row": torch.randperm(N, generator=g).to(torch.int64)}
 
 
-@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("split", [False, True, "admit"])
 @pytest.mark.parametrize("scored", [False, True])
 @pytest.mark.parametrize("L,E,K,S", [(3, 8, 4, 9), (2, 12, 8, 10)])
 def test_resolve_cpu_split_matches_reference(L, E, K, S, scored, split):
@@ -45,7 +45,8 @@ def test_resolve_cpu_split_matches_reference(L, E, K, S, scored, split):
     misses it sends to the CPU get the zero slot, their RAM row and no table entry; the others are resolved as
     before; counts[4] counts the CPU's, which are misses too. split: besides, the next miss in the CPU's order is
     split by rows when split[m] > 0: the split slot, its RAM row to copy, its row code for the CPU, no table
-    entry; split_c the call's rows; counts[5] and [6] count them."""
+    entry; split_c the call's rows, slot and RAM row; counts[5] and [6] count them. admit: the split miss takes
+    a slot of its own, as a copied miss does, and enters the table."""
     a, b = _tables(L * E, S), _tables(L * E, S)
     rng = random.Random(L * 10 + S + scored)
     zero, sslot = S, S + 1
@@ -60,8 +61,8 @@ def test_resolve_cpu_split_matches_reference(L, E, K, S, scored, split):
         outs = []
         for t in (a, b):
             slot, src, row = (torch.full((K,), -7, dtype=torch.int64) for _ in range(3))
-            sc = torch.full((1,), -7, dtype=torch.int64)
-            cpu = (take, row, zero) + ((rows, sslot, sc) if split else ())
+            sc = torch.full((3,), -7, dtype=torch.int64)
+            cpu = (take, row, zero) + ((rows, sslot, sc, split == "admit") if split else ())
             if t is a:
                 st._resolve_kernel[(1,)](ids, layer * E, t["slot_of"], t["key_of"], t["last"], t["uses"], t["clock"],
                                          t["counts"], t["host_row"], slot, src, slot, nt if scored else slot, K, S, 0,
@@ -81,11 +82,15 @@ def test_resolve_cpu_split_matches_reference(L, E, K, S, scored, split):
         if split and int(sp.sum()):
             n_split += 1
             keys = layer * E + ids
-            assert int(sp.sum()) == 1 and int(slot[sp]) == sslot and int(sc[0]) > 0
-            assert int(src[sp]) == int(a["host_row"][keys[sp]]) and int(a["slot_of"][keys[sp]]) == -1
+            assert int(sp.sum()) == 1 and int(sc[0]) > 0 and int(sc[1]) == int(slot[sp]) and int(sc[2]) == int(src[sp])
+            assert int(src[sp]) == int(a["host_row"][keys[sp]])
+            if split == "admit":  # a slot of its own, in the table
+                assert 0 <= int(slot[sp]) < S and int(a["slot_of"][keys[sp]]) == int(slot[sp])
+            else:
+                assert int(slot[sp]) == sslot and int(a["slot_of"][keys[sp]]) == -1
             assert int(row[sp]) == -2 - int(src[sp]) * st.SPLIT_BASE - int(sc[0])
         elif split:
-            assert int(sc[0]) == 0
+            assert sc.tolist() == [0, -1, -1]
         on_cpu = row >= 0
         n_cpu += int(on_cpu.sum())
         assert bool((slot[on_cpu] == zero).all()) and bool((src[on_cpu] == -1).all())
@@ -125,7 +130,7 @@ def test_split_gather_matches_reference():
     src = torch.tensor([2, -1, 5, 1], dtype=torch.int64)
     dst = torch.tensor([0, 1, 3, 2], dtype=torch.int64)
     for c in (0, 32):
-        sc = torch.tensor([c], dtype=torch.int64)
+        sc = torch.tensor([c, 3, 5], dtype=torch.int64)  # the call's split: rows, slot, RAM row
         want = base.clone()
         st.gather(host, src, dst, want, split=(spec_t, sc))  # the CPU path: the reference
         exp = base.clone()
@@ -150,6 +155,22 @@ def test_split_gather_matches_reference():
                 st._gather_kernel[(4, n_c)](host.view(torch.int32), src, dst, got.view(torch.int32), words, BLOCK=16,
                                             CHUNKS=2, spec=spec_t, split_c=sc, SPLIT=True)
             assert torch.equal(got, exp), (c, strided)
+        # the admitted split's later copy: only the CPU's rows of the split slot, the rest untouched
+        inv = exp.clone()
+        st.gather(host, src, dst, inv, split=(spec_t, sc), inverse=True)
+        assert torch.equal(inv[3], host[5]) and torch.equal(inv[[0, 1, 2]], exp[[0, 1, 2]])
+        for strided in (False, True):
+            got = exp.clone()
+            words = B // 4
+            n_c = -(-words // (16 * 2))
+            if strided:
+                st._gather_strided_kernel[(3,)](host.view(torch.int32), src, dst, got.view(torch.int32), words,
+                                                4 * n_c, n_c, BLOCK=16, CHUNKS=2, spec=spec_t, split_c=sc, SPLIT=True,
+                                                INVERSE=True)
+            else:
+                st._gather_kernel[(4, n_c)](host.view(torch.int32), src, dst, got.view(torch.int32), words, BLOCK=16,
+                                            CHUNKS=2, spec=spec_t, split_c=sc, SPLIT=True, INVERSE=True)
+            assert torch.equal(got, inv), (c, strided)
 
 
 def test_cpu_split_follows_the_cost_model():
@@ -216,17 +237,20 @@ def _engine(reference_layout, slots: int = 8, **budget):
 
 
 def test_split_row_only_with_cpu_split_auto(reference_layout):
-    """--cpu-split off (the default) keeps no split row and the table cannot split; auto adds the zeroed row after
-    the zero row, whose mask the table derives from the expert views (the tiny model's fp32 rows)."""
-    for mode in ("off", "auto"):
+    """--cpu-split off (the default) and admit keep no split row: a split that is not admitted is refused there,
+    an admitted one is taken (it needs only the views' mask); auto adds the zeroed row after the zero row, whose
+    mask the table derives from the expert views."""
+    for mode in ("off", "admit", "auto"):
         eng, cache = _engine(reference_layout, 8, cpu_split=mode)
         try:
             t = DeviceSlotTable(cache, w=0, kernels=st)
             S = cache.vram.n_slots
-            if mode == "off":
-                assert cache.vram.split_slot is None and t.split_spec is None
+            if mode != "auto":
+                assert cache.vram.split_slot is None and int(t.split_spec[0]) == -1 and t.split_F == 32
                 with pytest.raises(ValueError, match="split row"):
                     t.set_cpu_take([0] * 9, [0, 2] + [0] * 7)
+                t.set_cpu_take([0] * 9, [0, 2] + [0] * 7, admit=True)
+                assert t.split_admit and t.cpu_split is not None
             else:
                 assert cache.vram.split_slot == S + 1 and cache.vram.pool.shape[0] == S + 2
                 assert int(t.split_spec[0]) == S + 1 and t.split_F == 32
@@ -349,15 +373,17 @@ def unlimited(reference_layout) -> list[int]:
 @needs_kernel
 @pytest.mark.parametrize("slots,evict,prefetch,rows", [(8, "policy", 0, False), (24, "policy", 0, False),
                                                        (24, "nextuse", 0, False), (24, "nextuse", 3, False),
-                                                       (8, "policy", 0, True), (24, "nextuse", 3, True)])
+                                                       (8, "policy", 0, True), (24, "nextuse", 3, True),
+                                                       (8, "policy", 0, "admit"), (24, "nextuse", 0, "admit")])
 def test_device_step_cpu_experts_greedy_identical(reference_layout, unlimited, slots, evict, prefetch, rows):
     """The eager device step sending misses to the CPU worker (a forced split: up to 2 of a layer's misses, the
     latest predicted next use first under nextuse; with a device prefetch too, whose pins then include the zero
     slot) gives every-expert-resident greedy tokens; the counters add up: CPU experts are misses, not copies; the
     worker served them. rows: none of a lone miss, else 1 whole miss, and the next one split by FFN rows (the CPU
     its first 2, 16 or 30 of 32 by the miss count; the split row copies the rest): the same tokens, and the bytes
-    copied are the misses' less the CPU's share."""
-    eng, cache = _engine(reference_layout, slots, **({"cpu_split": "auto"} if rows else {}))
+    copied are the misses' less the CPU's share. admit: the split miss takes a slot and its CPU rows are copied
+    after the layer (the next use hits): the same tokens, every miss but the CPU's whole ones copied."""
+    eng, cache = _engine(reference_layout, slots, **({"cpu_split": "auto" if rows is True else rows} if rows else {}))
     try:
         cache.devtable = DeviceSlotTable(cache, w=0, kernels=st)
         box, why = _cpu_mailbox(cache, eng.config, eng.dtype, eng.model.fp32_route_weights)
@@ -371,7 +397,7 @@ def test_device_step_cpu_experts_greedy_identical(reference_layout, unlimited, s
         take = [min(m - 1, 1) if rows and m else min(m, 2) for m in range(K + 1)]
         split = [0, 2, 16, 30] + [16] * (K - 3) if rows else None
         eng.devstep = DeviceStep(eng.model, graphs=False, cpu=box, cpu_take=take, cpu_rows=split, evict=evict,
-                                 transitions=tr, prefetch=prefetch)
+                                 transitions=tr, prefetch=prefetch, cpu_admit=rows == "admit")
         eng.pieces = None
         assert eng.generate(PROMPT, max_new_tokens=NEW).token_ids == unlimited
         s = eng.stats
@@ -379,14 +405,22 @@ def test_device_step_cpu_experts_greedy_identical(reference_layout, unlimited, s
         assert d["hits"] + d["misses"] == d["tokens"] * 8 * K
         assert c["count"] > 0 and sl["cpu_misses"] == c["count"]
         B = cache.block_size
-        assert d["bytes_h2d"] == (d["misses"] + sl["prefetched"]) * B - c["bytes"]
+        if rows != "admit":
+            assert d["bytes_h2d"] == (d["misses"] + sl["prefetched"]) * B - c["bytes"]
         if rows:
             assert sl["cpu_split_misses"] > 0 and sl["cpu_split_rows"] >= 2 * sl["cpu_split_misses"]
             assert c["bytes"] == (c["count"] - sl["cpu_split_misses"]) * B + sl["cpu_split_rows"] * B // 32
         else:
             assert c["bytes"] == c["count"] * B and sl["cpu_split_misses"] == 0
+        if rows == "admit":  # the split experts were copied too (their CPU rows after the layer)
+            assert d["bytes_h2d"] == (d["misses"] + sl["prefetched"] - c["count"] + sl["cpu_split_misses"]) * B
         assert int(box.stat[1]) - served == c["count"] and c["gbps"] > 0
         assert s["device_step"]["cpu"]["take"] == take and s["device_step"]["cpu"]["split"] == split
+        assert s["device_step"]["cpu"]["admit"] == (rows == "admit")
+        t = cache.devtable  # every resident slot holds its expert whole (an admitted split's rows were copied)
+        for slot_i, key in enumerate(t.t["key_of"].tolist()):
+            if key >= 0:
+                assert torch.equal(t.slots[slot_i], t.host_pool[int(t.t["host_row"][key])]), (slot_i, key)
         eng.devstep.cpu_seq[2] = 1  # a wait that gave up: the stats say so instead of passing zeros off as y
         with pytest.raises(RuntimeError, match="in vain"):
             eng.devstep.stats()
@@ -437,7 +471,8 @@ def test_handoff_kernels_compile_for_sm90():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("evict,rows", [("policy", False), ("nextuse", False), ("policy", True)])
+@pytest.mark.parametrize("evict,rows", [("policy", False), ("nextuse", False), ("policy", True),
+                                        ("policy", "admit")])
 def test_cuda_device_step_cpu_experts_match_host(reference_layout, evict, rows):
     """The captured device step whose kernels post misses to the worker over PCIe and wait for its answer (a forced
     split, so the tiny model's blocks, which the cost model would all copy, go there; rows: and a miss split by
@@ -453,7 +488,8 @@ def test_cuda_device_step_cpu_experts_match_host(reference_layout, evict, rows):
         from test_devtable import _code_transitions
         tr = _code_transitions(reference_layout)
     eng = load(reference_layout, device="cuda", dtype="float32",
-               budget={**budget, "slot_table": "device", "cpu_experts": "auto", "cpu_split": "auto" if rows else "off"})
+               budget={**budget, "slot_table": "device", "cpu_experts": "auto",
+                       "cpu_split": ("auto" if rows is True else rows) if rows else "off"})
     cache = eng.model.provider
     try:
         box = cache.cpu_box
@@ -462,14 +498,15 @@ def test_cuda_device_step_cpu_experts_match_host(reference_layout, evict, rows):
         K = eng.config.top_k
         take = [min(m - 1, 1) if rows and m else min(m, 2) for m in range(K + 1)]
         eng.devstep = DeviceStep(eng.model, cpu=box, cpu_take=take, evict=evict, transitions=tr,
-                                 cpu_rows=[0, 2, 16, 30] + [16] * (K - 3) if rows else None)
+                                 cpu_rows=[0, 2, 16, 30] + [16] * (K - 3) if rows else None,
+                                 cpu_admit=rows == "admit")
         eng.devstep.capture_all()
         g = eng.generate(PROMPT, max_new_tokens=32)
         assert g.token_ids == want
         s = eng.stats
         assert s["decode_graphs"] == "device" and s["cpu_experts"]["count"] > 0
         assert s["slot_table"]["cpu_misses"] == s["cpu_experts"]["count"]
-        assert (s["slot_table"]["cpu_split_misses"] > 0) == rows
+        assert (s["slot_table"]["cpu_split_misses"] > 0) == bool(rows)
         ch.check(eng.devstep.cpu_seq)
         assert int(eng.devstep.cpu_seq[0]) == int(box.ctl[1])  # the last post was answered
     finally:

@@ -546,25 +546,30 @@ sig = {"ids_ptr": "*i64", "base": "i64", "slot_of": "*i32", "key_of": "*i32", "l
        "pin_ptr": "*i64", "nt_ptr": "*i64", "n_ids": "i32", "n_slots": "i32", "n_pin": "i32", "w": "i64",
        "margin": "i64", "K_P": "constexpr", "S_P": "constexpr", "P_P": "constexpr", "PREFETCH": "constexpr",
        "SCORED": "constexpr", "GDC": "constexpr", "cpu_take": "*i32", "cpu_row": "*i64", "zero_slot": "i32",
-       "CPU": "constexpr", "cpu_split": "*i32", "split_slot": "i32", "split_c": "*i64", "SPLIT": "constexpr"}
-# cpu: the CPU-expert split (demand calls only); split: and a miss split by rows with the CPU
-for pf, cpu, split in ((False, False, False), (True, False, False), (False, True, False), (False, True, True)):
+       "CPU": "constexpr", "cpu_split": "*i32", "split_slot": "i32", "split_c": "*i64", "SPLIT": "constexpr",
+       "ADMIT": "constexpr"}
+# cpu: the CPU-expert split (demand calls only); split: and a miss split by rows with the CPU (admit: into a slot)
+for pf, cpu, split, admit in ((False, False, False, False), (True, False, False, False), (False, True, False, False),
+                              (False, True, True, False), (False, True, True, True)):
     for scored in (False, True):
         cx = {"K_P": 8, "S_P": 256, "P_P": 8 if pf else 1, "PREFETCH": pf, "SCORED": scored, "GDC": pf, "CPU": cpu,
-              "SPLIT": split}
+              "SPLIT": split, "ADMIT": admit}
         assert triton.compile(ASTSource(st._resolve_kernel, sig, constexprs=cx), target=tgt).asm["cubin"]
 sig2 = {"src": "*i32", "row_src": "*i64", "row_dst": "*i64", "dst": "*i32", "row_words": "i64",
         "BLOCK": "constexpr", "CHUNKS": "constexpr", "GDC": "constexpr", "spec": "*i64", "split_c": "*i64",
-        "SPLIT": "constexpr"}
-for split in (False, True):
-    cx2 = {"BLOCK": 1024, "CHUNKS": 4, "GDC": True, "SPLIT": split}
+        "SPLIT": "constexpr", "INVERSE": "constexpr"}
+for split, inv in ((False, False), (True, False), (True, True)):  # inv: an admitted split's later copy
+    cx2 = {"BLOCK": 1024, "CHUNKS": 4, "GDC": True, "SPLIT": split, "INVERSE": inv}
     k = triton.compile(ASTSource(st._gather_kernel, sig2, constexprs=cx2), target=tgt)
     assert k.asm["cubin"] and "griddepcontrol.wait" in k.asm["ptx"]
 sig3 = {"src": "*i32", "row_src": "*i64", "row_dst": "*i64", "dst": "*i32", "row_words": "i64", "n_items": "i32",
         "n_chunks": "i32", "BLOCK": "constexpr", "CHUNKS": "constexpr", "GDC": "constexpr", "ns_per_chunk": "fp32",
-        "R_P": "constexpr", "PACED": "constexpr", "spec": "*i64", "split_c": "*i64", "SPLIT": "constexpr"}
-for paced, split in ((False, False), (True, False), (False, True), (True, True)):  # paced: --h2d-gbps
-    cx3 = {"BLOCK": 1024, "CHUNKS": 4, "GDC": paced, "R_P": 8 if paced else 2, "PACED": paced, "SPLIT": split}
+        "R_P": "constexpr", "PACED": "constexpr", "spec": "*i64", "split_c": "*i64", "SPLIT": "constexpr",
+        "INVERSE": "constexpr"}
+for paced, split, inv in ((False, False, False), (True, False, False), (False, True, False), (True, True, False),
+                          (False, True, True)):  # paced: --h2d-gbps
+    cx3 = {"BLOCK": 1024, "CHUNKS": 4, "GDC": paced, "R_P": 8 if paced else 2, "PACED": paced, "SPLIT": split,
+           "INVERSE": inv}
     k = triton.compile(ASTSource(st._gather_strided_kernel, sig3, constexprs=cx3), target=tgt)
     assert k.asm["cubin"] and ("%globaltimer" in k.asm["ptx"]) == paced
 sig5 = {"order": "*i64", "cursor": "*i64", "slot_of": "*i32", "key_of": "*i32", "host_row": "*i64", "out_key": "*i64",

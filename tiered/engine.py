@@ -245,7 +245,7 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
     engine = Engine(model, tok, layout_path=layout.path, cuda_graphs=cuda_graphs and dev.type == "cuda",
                     prefetcher=prefetcher, device_prefetch=(dpf, transitions) if transitions is not None else None,
                     device_evict=dev_evict, device_fill=dev_fill, cpu_box=box,
-                    cpu_split=(budget or {}).get("cpu_split") == "auto")
+                    cpu_split=(budget or {}).get("cpu_split") or "off")
     engine._sync()
     engine.load_s = time.perf_counter() - t0
     engine.capture_graphs()
@@ -324,7 +324,7 @@ class Engine:
                  cuda_graphs: bool = False, prefetcher: Prefetcher | None = None,
                  device_prefetch: tuple[int, tuple[Tensor, Tensor]] | None = None,
                  device_evict: str = "policy", device_fill: int = 0, cpu_box: Any = None,
-                 cpu_split: bool = False) -> None:
+                 cpu_split: str = "off") -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.config: ModelConfig = model.config
@@ -344,7 +344,8 @@ class Engine:
         if cuda_graphs and not resident and getattr(model.provider, "devtable", None) is not None:
             n, tr = device_prefetch or (0, None)
             self.devstep = DeviceStep(model, prefetch=n, transitions=tr, evict=device_evict, fill=device_fill,
-                                      cpu=cpu_box, cpu_rows=None if cpu_split else False)
+                                      cpu=cpu_box, cpu_rows=None if cpu_split != "off" else False,
+                                      cpu_admit=cpu_split == "admit")
         elif cuda_graphs and not resident:
             try:
                 self.pieces = PiecewiseDecode(model, graphs=True)

@@ -54,7 +54,7 @@ class DeviceStep:
                  transitions: tuple[Tensor, Tensor] | None = None, time_mix: float = 0.5, prefetch_ctas: int = 32,
                  evict: str = "policy", nextuse: NextUseParams | None = None, fill: int = 0,
                  fill_ctas: int = 32, cpu: Any = None, cpu_take: list[int] | None = None,
-                 cpu_rows: list[int] | bool | None = None) -> None:
+                 cpu_rows: list[int] | bool | None = None, cpu_admit: bool = False) -> None:
         """evict: "policy" (the table's lru/flru) or "nextuse" (decode/devpolicy.py: evict the latest predicted next
         use; a prefetch then takes the non-resident candidates of highest probability, over victims predicted
         later only). nextuse: its weights (default DEFAULT_PARAMS). Both prediction modes need `transitions`.
@@ -63,7 +63,9 @@ class DeviceStep:
         cpu: a started CpuMailbox (model/cpu_mailbox.py; --cpu-experts auto): resolve sends some of a layer's misses
         to it, by cpu_take[m] of m misses (None: the provider's cost model, `cpu_split`). cpu_rows: besides, one
         miss a layer split by FFN rows, the CPU computing its first cpu_rows[m] (None: the cost model's
-        `cpu_row_split` where the table can split, with cpu_take None; False: no split)."""
+        `cpu_row_split` where the table can split, with cpu_take None; False: no split). cpu_admit: the split miss
+        takes a slot of its own, and the CPU's rows are copied after the layer's experts on a side stream that the
+        next layer's resolve waits for (else it goes to the split row and is not kept)."""
         table = getattr(model.provider, "devtable", None)
         if table is None:
             raise ValueError("DeviceStep needs an expert cache with a device slot table (--slot-table device)")
@@ -161,6 +163,8 @@ class DeviceStep:
         self.cpu = cpu
         self.cpu_take: list[int] | None = None
         self.cpu_split: list[int] | None = None
+        self.cpu_admit = False
+        self._layer = 0  # the MoE layer whose experts run now (`_cpu_add` copies its split's rest)
         if cpu is not None:
             self.cpu_row = torch.full((self.L, self.K), -1, dtype=torch.int64, device=dev)
             self.cpu_seq = torch.zeros(3, dtype=torch.int32, device=dev)
@@ -174,7 +178,13 @@ class DeviceStep:
                 self.cpu_split = list(cpu_rows) if cpu_rows not in (None, False) else None
             if len(self.cpu_take) != self.K + 1:
                 raise ValueError(f"cpu_take needs K + 1 = {self.K + 1} entries (misses 0..K), got {len(self.cpu_take)}")
-            table.set_cpu_take(self.cpu_take, self.cpu_split)
+            self.cpu_admit = bool(cpu_admit) and self.cpu_split is not None
+            if self.cpu_admit and (self.prefetch or self.fill):
+                raise ValueError("--cpu-split admit runs without device prefetch or fill (their copies and pins "
+                                 "would race the split's later copy)")
+            table.set_cpu_take(self.cpu_take, self.cpu_split, admit=self.cpu_admit)
+            # the admitted split's later copies: on their own stream beside the next layer's attention
+            self.split_stream = torch.cuda.Stream(dev) if cuda and self.cpu_admit else None
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.graphed else None
         self.steps = 0
@@ -202,12 +212,16 @@ class DeviceStep:
                     joined = True
                 nu = self.nu
                 cpu = self.cpu is not None
+                if self.cpu_admit and self.split_stream is not None:  # the last layer's later copy has landed (a
+                    # resolve may evict its slot)
+                    torch.cuda.current_stream(self.device).wait_stream(self.split_stream)
+                self._layer = l
                 self.table.resolve(l, r.ids[0], self.slots[l], self.src[l],
                                    nt=nu.demand_nt(self.moe_index[l]) if nu is not None else None,
                                    cpu_row=self.cpu_row[l] if cpu else None)
                 if cpu:  # the CPU starts on its share before the copies of the others
                     cpu_handoff.post(r.x, r.weights[0], self.cpu_row[l], self.cpu_seq, self.cpu)
-                self.table.gather(self.src[l], self.slots[l], demand=True)
+                self.table.gather(self.src[l], self.slots[l], layer=l)
                 if nu is not None:
                     nu.update(self.moe_index[l], r.ids[0])
                 if self.prefetch and l + 1 < self.L and m.layers[l + 1].moe is not None:
@@ -219,6 +233,8 @@ class DeviceStep:
                 r = m.segment_mid(l + 1, r, self.slots[l], plan, part)
             else:
                 out = m.segment_last(r, self.slots[l], part)
+        if self.cpu_admit and self.split_stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.split_stream)
         argmax_into(out, self.token)  # the greedy pick and the next position, for `launch` (ahead.py)
         self.pos.add_(1)
         if fill:
@@ -229,6 +245,13 @@ class DeviceStep:
         """moe.expert_mix's `partial`: after the layer's device experts (which run while the CPU computes), wait for
         the worker's answer to this layer's post, if any, and add it to `out` in place."""
         cpu_handoff.wait(self.cpu_seq, self.cpu, out)
+        if self.cpu_admit:  # the layer's experts have read its split's slot: copy the CPU's rows into it, beside
+            # the next layer's attention and router
+            cuda = self.split_stream is not None
+            if cuda:
+                self.split_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.split_stream) if cuda else contextlib.nullcontext():
+                self.table.split_rest(self._layer, ctas=32)
         return out
 
     def _fill_start(self) -> None:
@@ -425,7 +448,7 @@ class DeviceStep:
                 "fill_picked": int(self.fill_picked[0]) if self.fill else 0,
                 "fill_active": self.fill_active,
                 "cpu": None if self.cpu is None else {**self.cpu.stats(), "take": self.cpu_take,
-                                                      "split": self.cpu_split}}
+                                                      "split": self.cpu_split, "admit": self.cpu_admit}}
 
     def reset_stats(self) -> None:
         self.steps = 0

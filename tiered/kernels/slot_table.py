@@ -67,7 +67,7 @@ def _resolve_kernel(ids_ptr, base, slot_of, key_of, last, uses, clock, counts, h
                     pin_ptr, nt_ptr, n_ids, n_slots, n_pin, w, margin, K_P: tl.constexpr, S_P: tl.constexpr,
                     P_P: tl.constexpr, PREFETCH: tl.constexpr, SCORED: tl.constexpr, GDC: tl.constexpr = False,
                     cpu_take=None, cpu_row=None, zero_slot=0, CPU: tl.constexpr = False, cpu_split=None,
-                    split_slot=0, split_c=None, SPLIT: tl.constexpr = False):
+                    split_slot=0, split_c=None, SPLIT: tl.constexpr = False, ADMIT: tl.constexpr = False):
     gdc_enter(GDC)
     ok = tl.arange(0, K_P)
     inb = ok < n_ids
@@ -90,8 +90,10 @@ def _resolve_kernel(ids_ptr, base, slot_of, key_of, last, uses, clock, counts, h
     if tl.sum(miss.to(tl.int32), axis=0) == 0:  # every expert resident: no victim search (the common case)
         tl.store(out_slot + ok, tl.where(mk, s, -1), mask=inb)
         tl.store(out_src + ok, tl.full([K_P], -1, tl.int64), mask=inb)
-        if SPLIT:
+        if SPLIT:  # no split: rows 0, no slot, no RAM row
             tl.store(split_c, 0)
+            tl.store(split_c + 1, -1)
+            tl.store(split_c + 2, -1)
     else:
         on_cpu = miss & (ok < 0)
         split = miss & (ok < 0)
@@ -108,9 +110,8 @@ def _resolve_kernel(ids_ptr, base, slot_of, key_of, last, uses, clock, counts, h
             if SPLIT:  # the next miss in that order is split by rows: the CPU computes its first sr FFN rows
                 sr = tl.load(cpu_split + tl.sum(miss.to(tl.int32), axis=0)).to(tl.int64)
                 split = miss & (rank == c) & ((rank.to(tl.int64) * 0 + sr) > 0)  # (full shape: the interpreter)
-                tl.store(split_c, tl.where(tl.sum(split.to(tl.int32), axis=0) > 0, sr, 0))
             miss = miss & (rank >= c)
-            if SPLIT:
+            if SPLIT and not ADMIT:  # the split row, outside the table; ADMIT: a slot of its own, as a copy
                 miss = miss & (split == 0)
         os_ = tl.arange(0, S_P)
         ms = os_ < n_slots
@@ -152,13 +153,25 @@ def _resolve_kernel(ids_ptr, base, slot_of, key_of, last, uses, clock, counts, h
         tl.store(key_of + slot, keys.to(tl.int32), mask=load)
         tl.store(last + slot, tl.zeros([K_P], dtype=tl.int64) + (0 if PREFETCH else t), mask=load)
         tl.store(uses + slot, tl.zeros([K_P], dtype=tl.int64) + (0 if PREFETCH else 1), mask=load)
-        tl.store(out_slot + ok, tl.where(on_cpu, zero_slot, tl.where(split, split_slot, tl.where(mk, slot, -1))),
-                 mask=inb)
+        if ADMIT:
+            tl.store(out_slot + ok, tl.where(on_cpu, zero_slot, tl.where(mk, slot, -1)), mask=inb)
+        else:
+            tl.store(out_slot + ok, tl.where(on_cpu, zero_slot, tl.where(split, split_slot, tl.where(mk, slot, -1))),
+                     mask=inb)
         src = tl.load(host_row + keys, mask=load | on_cpu | split, other=-1)
         tl.store(out_src + ok, tl.where(load | split, src, -1), mask=inb)
         n_cpu = tl.sum(on_cpu.to(tl.int64), axis=0)
         n_split = tl.sum(split.to(tl.int64), axis=0)
-        tl.store(counts + c0 + 1, tl.load(counts + c0 + 1) + tl.sum(load.to(tl.int64), axis=0) + n_cpu + n_split)
+        n_copy = tl.sum((load & (split == 0)).to(tl.int64), axis=0)  # (ADMIT: the split miss is a load too)
+        tl.store(counts + c0 + 1, tl.load(counts + c0 + 1) + n_copy + n_cpu + n_split)
+        if SPLIT:  # the call's split: its rows, its slot (the split row, or its own with ADMIT), its RAM row
+            tl.store(split_c, tl.where(n_split > 0, sr, 0))
+            if ADMIT:
+                ss = tl.sum(tl.where(split, slot, 0), axis=0)
+            else:
+                ss = tl.sum(tl.where(split, split_slot, 0), axis=0)
+            tl.store(split_c + 1, tl.where(n_split > 0, ss, -1))
+            tl.store(split_c + 2, tl.where(n_split > 0, tl.sum(tl.where(split, src, 0), axis=0), -1))
         if CPU:
             tl.store(cpu_row + ok, tl.where(on_cpu, src, tl.where(split, -2 - src * _SPLIT_BASE - sr, -1)), mask=inb)
             tl.store(counts + 4, tl.load(counts + 4) + n_cpu)
@@ -169,18 +182,19 @@ def _resolve_kernel(ids_ptr, base, slot_of, key_of, last, uses, clock, counts, h
 
 @triton.jit
 def _copy_chunk(src, row_src, row_dst, dst, row_words, r, c, BLOCK: tl.constexpr, CHUNKS: tl.constexpr,
-                spec=None, split_c=None, SPLIT: tl.constexpr = False):
+                spec=None, split_c=None, SPLIT: tl.constexpr = False, INVERSE: tl.constexpr = False):
     """Chunk c (CHUNKS * BLOCK words) of row r: dst[row_dst[r]] <- src[row_src[r]] when row_src[r] >= 0.
-    SPLIT: a row whose destination is the split slot (spec, `split_spec`) skips the first split_c[0] FFN rows:
-    zeros for gate's and up's (not read), and down's columns left as they are (the zero h rows make them count
-    for nothing)."""
+    SPLIT: a row whose destination is the call's split slot (split_c [rows, slot, RAM row]; spec: `split_spec`)
+    skips the first split_c[0] FFN rows: zeros for gate's and up's (not read), and down's columns left as they are
+    (the zero h rows make them count for nothing). INVERSE: only those rows and columns of that row are copied
+    (the rest of the block is in place already; other rows are skipped)."""
     s = tl.load(row_src + r)
     if s >= 0:
         d = tl.load(row_dst + r)
         start = c.to(tl.int64) * (CHUNKS * BLOCK)
         cr = 0
         if SPLIT:
-            cr = tl.where(d == tl.load(spec), tl.load(split_c), 0)
+            cr = tl.where(d == tl.load(split_c + 1), tl.load(split_c), 0)
         if cr > 0:  # the split slot's row (a runtime branch: the other rows copy without the masks' arithmetic)
             g, u, rw = tl.load(spec + 1), tl.load(spec + 2), tl.load(spec + 3)
             dd, dw, nd = tl.load(spec + 4), tl.load(spec + 5), tl.load(spec + 6)
@@ -193,9 +207,13 @@ def _copy_chunk(src, row_src, row_dst, dst, row_words, r, c, BLOCK: tl.constexpr
                 rel = offs - dd
                 inside = (rel >= 0) & (rel < nd)
                 keep = inside & (tl.where(inside, rel, 0).to(tl.int32) % dw.to(tl.int32) < cw)
-                v = tl.load(src + s * row_words + offs, mask=m & (zero == 0) & (keep == 0), other=0)
-                tl.store(dst + d * row_words + offs, v, mask=m & (keep == 0))
-        else:
+                if INVERSE:
+                    sel = m & (zero | keep)
+                    tl.store(dst + d * row_words + offs, tl.load(src + s * row_words + offs, mask=sel), mask=sel)
+                else:
+                    v = tl.load(src + s * row_words + offs, mask=m & (zero == 0) & (keep == 0), other=0)
+                    tl.store(dst + d * row_words + offs, v, mask=m & (keep == 0))
+        elif not INVERSE:
             for i in tl.static_range(CHUNKS):
                 offs = start + i * BLOCK + tl.arange(0, BLOCK)
                 m = offs < row_words
@@ -204,10 +222,11 @@ def _copy_chunk(src, row_src, row_dst, dst, row_words, r, c, BLOCK: tl.constexpr
 
 @triton.jit
 def _gather_kernel(src, row_src, row_dst, dst, row_words, BLOCK: tl.constexpr, CHUNKS: tl.constexpr,
-                   GDC: tl.constexpr = False, spec=None, split_c=None, SPLIT: tl.constexpr = False):
+                   GDC: tl.constexpr = False, spec=None, split_c=None, SPLIT: tl.constexpr = False,
+                   INVERSE: tl.constexpr = False):
     gdc_enter(GDC)
     _copy_chunk(src, row_src, row_dst, dst, row_words, tl.program_id(0), tl.program_id(1), BLOCK, CHUNKS,
-                spec, split_c, SPLIT)
+                spec, split_c, SPLIT, INVERSE)
 
 
 @triton.jit
@@ -220,7 +239,8 @@ def _globaltimer(v):
 @triton.jit
 def _gather_strided_kernel(src, row_src, row_dst, dst, row_words, n_items, n_chunks, BLOCK: tl.constexpr,
                            CHUNKS: tl.constexpr, GDC: tl.constexpr = False, ns_per_chunk=0.0, R_P: tl.constexpr = 2,
-                           PACED: tl.constexpr = False, spec=None, split_c=None, SPLIT: tl.constexpr = False):
+                           PACED: tl.constexpr = False, spec=None, split_c=None, SPLIT: tl.constexpr = False,
+                           INVERSE: tl.constexpr = False):
     """The gather with a fixed number of programs, each looping over (row, chunk) items: a copy that runs beside
     compute on another stream without taking every SM. PACED (--h2d-gbps, a benchmark's slower link): the copied
     chunk of ordinal n (counting only rows with a copy, in row order) is not done before n * ns_per_chunk
@@ -232,7 +252,8 @@ def _gather_strided_kernel(src, row_src, row_dst, dst, row_words, n_items, n_chu
         t0 = _globaltimer(orr.to(tl.int32) * 0)
     for it in range(tl.program_id(0), n_items, tl.num_programs(0)):
         r = it // n_chunks
-        _copy_chunk(src, row_src, row_dst, dst, row_words, r, it % n_chunks, BLOCK, CHUNKS, spec, split_c, SPLIT)
+        _copy_chunk(src, row_src, row_dst, dst, row_words, r, it % n_chunks, BLOCK, CHUNKS, spec, split_c, SPLIT,
+                    INVERSE)
         if PACED:
             if tl.load(row_src + r) >= 0:
                 before = tl.sum(((orr < r) & (srcs >= 0)).to(tl.int32), axis=0)
@@ -347,12 +368,14 @@ def resolve(ids: Tensor, layer: int, num_experts: int, t: dict[str, Tensor], w: 
     in id order) are computed on the CPU: they get no slot and evict nothing, their slot row is zero_slot (an
     all-zero expert that outputs exactly 0) and cpu_row holds their RAM row (-1 elsewhere), for the mailbox
     (kernels/cpu_handoff.py). They count as misses (counts[1]) and in counts[4].
-    cpu = (take, cpu_row, zero_slot, split int32 [K + 1], split_slot, split_c int64 [1]): besides, of m misses, the
-    next one in that order (if split[m] > 0) is split by FFN rows: the CPU computes its first split[m] rows (its
-    cpu_row is -2 - (RAM row * SPLIT_BASE + split[m])), and its other rows are copied into split_slot (a scratch row
-    outside the table: no eviction, no entry; `gather` with the split's spec zeroes the CPU's gate and up rows
-    there). split_c[0] gets split[m] when a call splits a miss, else 0. Counted in counts[1], counts[5] (splits)
-    and counts[6] (the FFN rows the CPU computed)."""
+    cpu = (take, cpu_row, zero_slot, split int32 [K + 1], split_slot, split_c int64 [3][, admit]): besides, of m
+    misses, the next one in that order (if split[m] > 0) is split by FFN rows: the CPU computes its first split[m]
+    rows (its cpu_row is -2 - (RAM row * SPLIT_BASE + split[m])), and its other rows are copied into split_slot (a
+    scratch row outside the table: no eviction, no entry; `gather` with the split's spec zeroes the CPU's gate and
+    up rows there), or with admit into a slot of its own that it takes as any miss does (the CPU's rows are
+    copied later: `gather(..., inverse=True)`). split_c gets [split[m], its slot, its RAM row] when a call splits a
+    miss, else [0, -1, -1]. Counted in counts[1], counts[5] (splits) and counts[6] (the FFN rows the CPU
+    computed)."""
     S = t["key_of"].shape[0]
     if ids.device.type != "cuda":
         return resolve_reference(ids, layer, num_experts, t, w, out_slot, out_src, pin=pin, prefetch=prefetch, nt=nt,
@@ -373,13 +396,14 @@ def resolve(ids: Tensor, layer: int, num_experts: int, t: dict[str, Tensor], w: 
 
 def _cpu_args(cpu: tuple | None, dummy: Tensor) -> dict:
     """resolve's CPU-split arguments (a dummy pointer when off: the real compiler wants every argument typed)."""
-    off = {"cpu_split": dummy, "split_slot": 0, "split_c": dummy, "SPLIT": False}
+    off = {"cpu_split": dummy, "split_slot": 0, "split_c": dummy, "SPLIT": False, "ADMIT": False}
     if cpu is None:
         return {"cpu_take": dummy, "cpu_row": dummy, "zero_slot": 0, "CPU": False, **off}
     take, row, zero = cpu[:3]
     if len(cpu) > 3:
-        split, split_slot, split_c = cpu[3:]
-        off = {"cpu_split": split, "split_slot": int(split_slot), "split_c": split_c, "SPLIT": True}
+        split, split_slot, split_c = cpu[3:6]
+        off = {"cpu_split": split, "split_slot": int(split_slot), "split_c": split_c, "SPLIT": True,
+               "ADMIT": bool(cpu[6]) if len(cpu) > 6 else False}
     return {"cpu_take": take, "cpu_row": row, "zero_slot": int(zero), "CPU": True, **off}
 
 
@@ -430,7 +454,7 @@ def resolve_reference(ids: Tensor, layer: int, num_experts: int, t: dict[str, Te
                 split_j = order[c]
             else:
                 sr = 0
-            cpu[5][0] = sr
+    admit = cpu is not None and len(cpu) > 6 and bool(cpu[6])
     for j, k in enumerate(keys):
         if k < 0 or slots[j] >= 0:
             continue
@@ -439,10 +463,11 @@ def resolve_reference(ids: Tensor, layer: int, num_experts: int, t: dict[str, Te
             cpu[1][j] = int(t["host_row"][k])
             continue
         if j == split_j:
-            slots[j] = int(cpu[4])
-            src[j] = int(t["host_row"][k])
-            cpu[1][j] = -2 - src[j] * SPLIT_BASE - sr
-            continue
+            cpu[1][j] = -2 - int(t["host_row"][k]) * SPLIT_BASE - sr
+            if not admit:  # the split row; with admit it takes a slot below, as any miss
+                slots[j] = int(cpu[4])
+                src[j] = int(t["host_row"][k])
+                continue
         v = min(range(S), key=lambda i: (score[i], i))
         if score[v] >= PINNED_SCORE:  # no slot left (a prefetch may run out)
             continue
@@ -470,12 +495,15 @@ def resolve_reference(ids: Tensor, layer: int, num_experts: int, t: dict[str, Te
     if split_j >= 0:
         t["counts"][5] += 1
         t["counts"][6] += sr
+    if cpu is not None and len(cpu) > 3:
+        cpu[5].copy_(torch.tensor([sr, slots[split_j], src[split_j]] if split_j >= 0 else [0, -1, -1]))
     out_slot.copy_(torch.tensor(slots, dtype=torch.int64))
     out_src.copy_(torch.tensor(src, dtype=torch.int64))
 
 
 def gather(host_pool: Tensor, row_src: Tensor, row_dst: Tensor, slots: Tensor, *, chunks: int = 4,
-           ctas: int | None = None, gbps: float = 0.0, split: tuple[Tensor, Tensor] | None = None) -> None:
+           ctas: int | None = None, gbps: float = 0.0, split: tuple[Tensor, Tensor] | None = None,
+           inverse: bool = False) -> None:
     """slots[row_dst[r]] = host_pool[row_src[r]] for every r with row_src[r] >= 0 (whole blocks).
 
     host_pool uint8 [R, B] (pinned on CUDA), slots uint8 [S, B] on the device, row_src / row_dst int64 [K] on the
@@ -487,16 +515,17 @@ def gather(host_pool: Tensor, row_src: Tensor, row_dst: Tensor, slots: Tensor, *
     gbps > 0 (CUDA): paced to that many GB/s (10^9 B/s), a benchmark's emulation of a slower link (--h2d-gbps):
     the strided kernel holds each copied chunk until its share of the launch's time has passed (not measured on
     the GPU yet: DeviceSlotTable.measure_pace reports the rate reached).
-    split = (spec int64 [8] from `split_spec`, split_c int64 [1], both on the device): the row copied into the split
-    slot spec[0] skips the first split_c[0] FFN rows of its expert (resolve's split; zero: a whole block). A paced
-    gather paces such a row as a whole block."""
+    split = (spec int64 [8] from `split_spec`, split_c int64 [3] from resolve, both on the device): the row copied
+    into the call's split slot split_c[1] skips the first split_c[0] FFN rows of its expert (zero rows: a whole
+    block). A paced gather paces such a row as a whole block. inverse (with split): copy only those rows of that
+    row, nothing else (the admitted split's later copy)."""
     B = slots.shape[1]
     if slots.device.type != "cuda":
         for r, (s, d) in enumerate(zip(row_src.tolist(), row_dst.tolist())):
             if s >= 0:
-                if split is not None and d == int(split[0][0]) and int(split[1][0]) > 0:
-                    split_copy_reference(host_pool[s], slots[d], split[0], int(split[1][0]))
-                else:
+                if split is not None and d == int(split[1][1]) and int(split[1][0]) > 0:
+                    split_copy_reference(host_pool[s], slots[d], split[0], int(split[1][0]), inverse=inverse)
+                elif not inverse:
                     slots[d].copy_(host_pool[s])
         return
     if B % 4:
@@ -507,8 +536,10 @@ def gather(host_pool: Tensor, row_src: Tensor, row_dst: Tensor, slots: Tensor, *
     src = HostPointer(host_pool.view(torch.int32)) if host_pool.device.type == "cpu" else host_pool.view(torch.int32)
     if ctas is None:
         ctas = 4 * _sm_count(slots.device)
-    sp = ({"spec": split[0], "split_c": split[1], "SPLIT": True} if split is not None else
-          {"spec": row_src, "split_c": row_src, "SPLIT": False})  # every argument typed (the real compiler)
+    if inverse and split is None:
+        raise ValueError("gather(inverse=True) copies a split's CPU rows: it needs split=")
+    sp = ({"spec": split[0], "split_c": split[1], "SPLIT": True, "INVERSE": bool(inverse)} if split is not None else
+          {"spec": row_src, "split_c": row_src, "SPLIT": False, "INVERSE": False})  # every argument typed
     if ctas == 0 and gbps <= 0:
         _gather_kernel[(row_src.shape[0], n_c)](src, row_src, row_dst, slots.view(torch.int32), words,
                                                 BLOCK=BLOCK, CHUNKS=chunks, **launch_args(slots.device), **sp)
@@ -546,15 +577,21 @@ def split_spec(pool: Tensor, W: Any) -> list[int] | None:
     return [-1, off[0] // 4, off[1] // 4, D * esz // 4, off[2] // 4, F * esz // 4, D * F * esz // 4, esz]
 
 
-def split_copy_reference(src: Tensor, dst: Tensor, spec: Tensor, rows: int) -> None:
-    """One block's split copy in plain torch (uint8 [B] each): as _copy_chunk with SPLIT."""
+def split_copy_reference(src: Tensor, dst: Tensor, spec: Tensor, rows: int, *, inverse: bool = False) -> None:
+    """One block's split copy in plain torch (uint8 [B] each): as _copy_chunk with SPLIT (and INVERSE)."""
     _, g, u, rw, d, dw, nd, esz = (int(v) for v in spec.tolist())
     s32, d32 = src.view(torch.int32), dst.view(torch.int32)
-    keep = d32[d:d + nd].view(-1, dw)[:, :rows * esz // 4].clone()
+    cw = rows * esz // 4
+    if inverse:  # only the CPU's rows: gate's and up's first rows, down's first columns
+        d32[g:g + rows * rw] = s32[g:g + rows * rw]
+        d32[u:u + rows * rw] = s32[u:u + rows * rw]
+        d32[d:d + nd].view(-1, dw)[:, :cw] = s32[d:d + nd].view(-1, dw)[:, :cw]
+        return
+    keep = d32[d:d + nd].view(-1, dw)[:, :cw].clone()
     d32.copy_(s32)
     d32[g:g + rows * rw] = 0
     d32[u:u + rows * rw] = 0
-    d32[d:d + nd].view(-1, dw)[:, :rows * esz // 4] = keep
+    d32[d:d + nd].view(-1, dw)[:, :cw] = keep
 
 
 FILL_WINDOW = 1024  # keys of the fill order one pick scans

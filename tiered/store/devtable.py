@@ -95,19 +95,23 @@ class DeviceSlotTable:
         self.cpu_take: Tensor | None = None
         # ... and of the rest, a miss split by FFN rows (cpu_split[m] rows on the CPU, the others copied into the
         # split row after the zero row: kernels/slot_table.resolve, gather's split mask)
+        # (--cpu-split auto), or, admitted (--cpu-split admit), into a slot of its own, the CPU's rows copied after
+        # the layer (`split_rest`)
         self.split_slot = getattr(vram, "split_slot", None)
         self.cpu_split: Tensor | None = None
+        self.split_admit = False
         self.split_spec: Tensor | None = None  # gather's mask (slot_table.split_spec), None: no split possible
-        self.split_c = torch.zeros(1, dtype=torch.int64, device=dev)  # the call's split rows (resolve -> gather)
+        # per layer, its call's split [rows, slot, RAM row] (resolve -> the gathers; the later copy of layer l runs
+        # while layer l+1 resolves into its own row)
+        self.split_c = torch.zeros(cache.num_layers, 3, dtype=torch.int64, device=dev)
         self.split_F = 0  # the experts' FFN rows, when a split is possible
         self.cpu_split_misses = 0
         self.cpu_split_rows = 0
-        if self.split_slot is not None:
-            spec = kernels.split_spec(vram.pool, vram.weights)
-            if spec is not None:
-                spec[0] = self.split_slot
-                self.split_spec = torch.tensor(spec, dtype=torch.int64, device=dev)
-                self.split_F = spec[5] * 4 // spec[7]
+        spec = kernels.split_spec(vram.pool, vram.weights) if vram.zero_slot is not None else None
+        if spec is not None:
+            spec[0] = -1 if self.split_slot is None else self.split_slot
+            self.split_spec = torch.tensor(spec, dtype=torch.int64, device=dev)
+            self.split_F = spec[5] * 4 // spec[7]
         # --h2d-gbps: every gather of the device step (demand, prefetch, fill) paced to this rate; measure_pace, at
         # the first hand-over, times one and reports the rate reached
         self.h2d_gbps = float(getattr(vram, "h2d_gbps", 0.0) or 0.0)
@@ -195,10 +199,11 @@ class DeviceSlotTable:
         self.handovers += 1
 
     # --- the step's calls (captured in its graph) ---
-    def set_cpu_take(self, take: list[int], split: list[int] | None = None) -> None:
+    def set_cpu_take(self, take: list[int], split: list[int] | None = None, *, admit: bool = False) -> None:
         """take[m] (m = 0..K): how many of a call's m misses the CPU computes (the cost model's split, decided per
         miss count once, so that the captured step only looks it up); split[m]: the FFN rows of one more miss the
-        CPU computes, the device the others (0: none; None: no split at all)."""
+        CPU computes, the device the others (0: none; None: no split at all); admit: that miss takes a slot (the
+        step copies the CPU's rows after the layer, `split_rest`), else the split row."""
         if self.zero_slot is None:
             raise ValueError("CPU experts need the zero slot row (an expert cache built with --cpu-experts)")
         v = torch.tensor(take, dtype=torch.int32)
@@ -207,13 +212,15 @@ class DeviceSlotTable:
         self.cpu_take.copy_(v)
         self.cpu_split = None
         if split is not None and any(split):
-            if self.split_spec is None:
-                raise ValueError("a row split needs the split row and plain (unquantized, unbiased) expert weights")
+            if self.split_spec is None or (not admit and self.split_slot is None):
+                raise ValueError("a row split needs plain (unquantized, unbiased) expert weights, and without admit "
+                                 "the split row (--cpu-split auto)")
             if len(split) != len(take) or any(not 0 <= r < self.split_F for r in split) or any(
                     r and take[m] >= m for m, r in enumerate(split)):
                 raise ValueError(f"split needs {len(take)} entries, each below the FFN's {self.split_F} rows, and a "
                                  f"split only where take[m] < m: got {split} with take {take}")
             self.cpu_split = torch.tensor(split, dtype=torch.int32, device=self.device)
+            self.split_admit = bool(admit)
 
     def resolve(self, layer: int, ids: Tensor, out_slot: Tensor, out_src: Tensor, *, nt: Tensor | None = None,
                 cpu_row: Tensor | None = None) -> None:
@@ -227,18 +234,26 @@ class DeviceSlotTable:
                 raise ValueError("resolve(cpu_row=...) before set_cpu_take")
             cpu = (self.cpu_take, cpu_row, self.zero_slot)
             if self.cpu_split is not None:
-                cpu += (self.cpu_split, self.split_slot, self.split_c)
+                cpu += (self.cpu_split, -1 if self.split_slot is None else self.split_slot, self.split_c[layer],
+                        self.split_admit)
         self.kern.resolve(ids, layer, self.num_experts, self.t, self.w, out_slot, out_src, nt=nt, cpu=cpu)
 
-    def gather(self, src: Tensor, slot: Tensor, *, ctas: int | None = None, demand: bool = False) -> None:
+    def gather(self, src: Tensor, slot: Tensor, *, ctas: int | None = None, layer: int | None = None) -> None:
         """Copy the misses resolve found from the pinned RAM tier into their slots (on the current stream); ctas
-        bounds the copy's programs (a prefetch beside compute should not take every SM). demand: a demand call's
-        copies, the split miss's rows among them (the split row; the device slots' pool, split row included)."""
-        if demand and self.cpu_split is not None:
+        bounds the copy's programs (a prefetch beside compute should not take every SM). layer: a demand call's
+        copies, the split miss's rows among them (the device slots' pool, split row included)."""
+        if layer is not None and self.cpu_split is not None:
             self.kern.gather(self.host_pool, src, slot, self.cache.vram.pool, ctas=ctas, gbps=self.h2d_gbps,
-                             split=(self.split_spec, self.split_c))
+                             split=(self.split_spec, self.split_c[layer]))
         else:
             self.kern.gather(self.host_pool, src, slot, self.slots, ctas=ctas, gbps=self.h2d_gbps)
+
+    def split_rest(self, layer: int, *, ctas: int | None = None) -> None:
+        """--cpu-split admit: copy the CPU's rows of `layer`'s split miss into its slot (after the layer's experts
+        read the slot with those rows zeroed); nothing when the call split none."""
+        sc = self.split_c[layer]
+        self.kern.gather(self.host_pool, sc[2:3], sc[1:2], self.slots, ctas=ctas, gbps=self.h2d_gbps,
+                         split=(self.split_spec, sc), inverse=True)
 
     def prefetch(self, layer: int, ids: Tensor, pin: Tensor, out_slot: Tensor, out_src: Tensor, *,
                  nt: Tensor | None = None, margin: int = 0) -> None:
@@ -269,8 +284,10 @@ class DeviceSlotTable:
             self.t["counts"].zero_()
             c = self.cache
             B = self.block_size
-            # a CPU expert is not copied; a split one is, but for the CPU's rows (nr of them, all splits together)
-            cpu_b = nc * B + (nr * B // self.split_F if ns else 0)
+            # a CPU expert is not copied; a split one is, but for the CPU's rows (nr of them, all splits together),
+            # which an admitted split copies after the layer
+            cpu_w = nc * B + (nr * B // self.split_F if ns else 0)  # what the CPU computed
+            cpu_b = nc * B if self.split_admit else cpu_w  # what was not copied
             self.hits += h
             self.misses += m
             self.prefetched += pl
@@ -288,7 +305,7 @@ class DeviceSlotTable:
             if nc or ns:
                 with c.cpu.lock:
                     c.cpu.count += nc + ns
-                    c.cpu.bytes += cpu_b
+                    c.cpu.bytes += cpu_w
             ph.bytes_prefetch += pl * B
             c.prefetch_issued += pl
         box = getattr(self.cache, "cpu_box", None)
@@ -302,7 +319,7 @@ class DeviceSlotTable:
     def stats(self) -> dict:
         B = self.block_size
         cpu_b = (self.cpu_misses - self.cpu_split_misses) * B + (
-            self.cpu_split_rows * B // self.split_F if self.cpu_split_misses else 0)
+            self.cpu_split_rows * B // self.split_F if self.cpu_split_misses and not self.split_admit else 0)
         return {"mode": "device", "owner": self.owner, "hits": self.hits, "misses": self.misses,
                 "bytes": (self.misses + self.prefetched) * B - cpu_b,
                 "prefetched": self.prefetched, "cpu_misses": self.cpu_misses,

@@ -83,9 +83,11 @@ class TierConfig:
     # admitted to VRAM, so the hit rate falls (0.853 -> 0.825 under lru) and the misses it saves come back
     cpu_split: str = _opt("off", "With --cpu-experts auto and the device slot table: also split one miss a layer "
                                  "by FFN rows between the CPU and the link where the cost model says that finishes "
-                                 "first (auto; dense bf16/fp16/fp32 experts only; one more expert row of VRAM), or "
-                                 "never (off; measured 1.03x under lru and 0.96x under nextuse on the H200 box)",
-                          ("auto", "off"))
+                                 "first (dense bf16/fp16/fp32 experts only). auto: the link's rows go to a split row "
+                                 "(one more expert row of VRAM) and the expert is not kept; admit: the expert takes a "
+                                 "slot and the CPU's rows are copied after the layer, beside the next one (not yet "
+                                 "measured on a GPU); off (measured auto 1.03x under lru, 0.96x under nextuse)",
+                          ("auto", "admit", "off"))
     cpu_threads: int = _opt(0, "Threads of the CPU-expert worker (0 = the physical cores: the usable CPUs, halved "
                                "when SMT is on)", ("min", 0))
     # default auto: measured on the H200 box (offload-devstep-2026-12-01-h200*.json, replayed routing, --vram-gb 4) the
@@ -131,8 +133,8 @@ class TierConfig:
             raise BudgetError(f"--io-threads must be >= 1, got {self.io_threads}")
         if self.cpu_experts not in CPU_EXPERT_MODES:
             raise BudgetError(f"--cpu-experts must be one of {list(CPU_EXPERT_MODES)}, got {self.cpu_experts!r}")
-        if self.cpu_split not in ("auto", "off"):
-            raise BudgetError(f"--cpu-split must be auto or off, got {self.cpu_split!r}")
+        if self.cpu_split not in ("auto", "admit", "off"):
+            raise BudgetError(f"--cpu-split must be auto, admit or off, got {self.cpu_split!r}")
         if self.slot_table not in ("host", "device", "auto"):
             raise BudgetError(f"--slot-table must be host, device or auto, got {self.slot_table!r}")
         if not isinstance(self.cpu_threads, int) or self.cpu_threads < 0:
