@@ -169,7 +169,8 @@ class DeviceStep:
             self.cpu_row = torch.full((self.L, self.K), -1, dtype=torch.int64, device=dev)
             self.cpu_seq = torch.zeros(3, dtype=torch.int32, device=dev)
             rs = None
-            if cpu_take is None and cpu_rows is None and table.split_spec is not None:
+            if (cpu_take is None and cpu_rows is None and table.split_spec is not None
+                    and (cpu_admit or table.split_slot is not None)):  # (a split needs its row, unless admitted)
                 rs = cpu_row_split(model.provider, self.K, cpu, table.split_F, split_granule(table.split_F))
             if rs is not None:
                 self.cpu_take, self.cpu_split = rs
