@@ -165,6 +165,7 @@ class DeviceStep:
         self.cpu_split: list[int] | None = None
         self.cpu_admit = False
         self._layer = 0  # the MoE layer whose experts run now (`_cpu_add` copies its split's rest)
+        self._split_forked = False  # an admitted split's later copy is on split_stream, not joined yet
         if cpu is not None:
             self.cpu_row = torch.full((self.L, self.K), -1, dtype=torch.int64, device=dev)
             self.cpu_seq = torch.zeros(3, dtype=torch.int32, device=dev)
@@ -213,9 +214,7 @@ class DeviceStep:
                     joined = True
                 nu = self.nu
                 cpu = self.cpu is not None
-                if self.cpu_admit and self.split_stream is not None:  # the last layer's later copy has landed (a
-                    # resolve may evict its slot)
-                    torch.cuda.current_stream(self.device).wait_stream(self.split_stream)
+                self._split_join()  # the last layer's later copy has landed (a resolve may evict its slot)
                 self._layer = l
                 self.table.resolve(l, r.ids[0], self.slots[l], self.src[l],
                                    nt=nu.demand_nt(self.moe_index[l]) if nu is not None else None,
@@ -234,8 +233,7 @@ class DeviceStep:
                 r = m.segment_mid(l + 1, r, self.slots[l], plan, part)
             else:
                 out = m.segment_last(r, self.slots[l], part)
-        if self.cpu_admit and self.split_stream is not None:
-            torch.cuda.current_stream(self.device).wait_stream(self.split_stream)
+        self._split_join()
         argmax_into(out, self.token)  # the greedy pick and the next position, for `launch` (ahead.py)
         self.pos.add_(1)
         if fill:
@@ -251,9 +249,17 @@ class DeviceStep:
             cuda = self.split_stream is not None
             if cuda:
                 self.split_stream.wait_stream(torch.cuda.current_stream(self.device))
+                self._split_forked = True
             with torch.cuda.stream(self.split_stream) if cuda else contextlib.nullcontext():
                 self.table.split_rest(self._layer, ctas=32)
         return out
+
+    def _split_join(self) -> None:
+        """The step's stream waits for the admitted split's later copy, when one was issued since the last join
+        (only then: a captured stream may wait only on work forked from it in the same capture)."""
+        if self._split_forked:
+            torch.cuda.current_stream(self.device).wait_stream(self.split_stream)
+            self._split_forked = False
 
     def _fill_start(self) -> None:
         """Reserve free slots for the next non-resident experts (on the step's stream: it orders the reservation
