@@ -145,32 +145,27 @@ def test_split_gather_matches_reference():
                 base[3].view(torch.int32)[F * D:F * D + D * F // 2].view(D, F // 2)[:, :c // 2]
         assert torch.equal(want, exp), c
         for strided in (False, True):
-            got = base.clone()
-            words = B // 4
-            n_c = -(-words // (16 * 2))
-            if strided:
-                st._gather_strided_kernel[(3,)](host.view(torch.int32), src, dst, got.view(torch.int32), words,
-                                                4 * n_c, n_c, BLOCK=16, CHUNKS=2, spec=spec_t, split_c=sc, SPLIT=True)
-            else:
-                st._gather_kernel[(4, n_c)](host.view(torch.int32), src, dst, got.view(torch.int32), words, BLOCK=16,
-                                            CHUNKS=2, spec=spec_t, split_c=sc, SPLIT=True)
-            assert torch.equal(got, exp), (c, strided)
+            assert torch.equal(_split_gather_kernel(host, src, dst, base, spec_t, sc, strided, False), exp), (c, strided)
         # the admitted split's later copy: only the CPU's rows of the split slot, the rest untouched
         inv = exp.clone()
         st.gather(host, src, dst, inv, split=(spec_t, sc), inverse=True)
         assert torch.equal(inv[3], host[5]) and torch.equal(inv[[0, 1, 2]], exp[[0, 1, 2]])
         for strided in (False, True):
-            got = exp.clone()
-            words = B // 4
-            n_c = -(-words // (16 * 2))
-            if strided:
-                st._gather_strided_kernel[(3,)](host.view(torch.int32), src, dst, got.view(torch.int32), words,
-                                                4 * n_c, n_c, BLOCK=16, CHUNKS=2, spec=spec_t, split_c=sc, SPLIT=True,
-                                                INVERSE=True)
-            else:
-                st._gather_kernel[(4, n_c)](host.view(torch.int32), src, dst, got.view(torch.int32), words, BLOCK=16,
-                                            CHUNKS=2, spec=spec_t, split_c=sc, SPLIT=True, INVERSE=True)
-            assert torch.equal(got, inv), (c, strided)
+            assert torch.equal(_split_gather_kernel(host, src, dst, exp, spec_t, sc, strided, True), inv), (c, strided)
+
+
+def _split_gather_kernel(host, src, dst, before, spec, sc, strided: bool, inverse: bool) -> torch.Tensor:
+    """One split gather by the kernel (interpreter, tiny blocks: BLOCK 16, CHUNKS 2) into a copy of `before`."""
+    got = before.clone()
+    words = got.shape[1] // 4
+    n_c = -(-words // (16 * 2))
+    kw = {"BLOCK": 16, "CHUNKS": 2, "spec": spec, "split_c": sc, "SPLIT": True, "INVERSE": inverse}
+    if strided:
+        st._gather_strided_kernel[(3,)](host.view(torch.int32), src, dst, got.view(torch.int32), words,
+                                        src.shape[0] * n_c, n_c, **kw)
+    else:
+        st._gather_kernel[(src.shape[0], n_c)](host.view(torch.int32), src, dst, got.view(torch.int32), words, **kw)
+    return got
 
 
 def test_cpu_split_follows_the_cost_model():

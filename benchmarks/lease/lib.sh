@@ -47,3 +47,14 @@ peers_offload() {  # LAYOUT RUNS [ARGS ...]: bench_cpu_experts_gpu.py on $W/LAYO
   echo "offload $lay rc=$? $(el)"; grep -v '^{' $OUT/offload-$lay.log | grep -E "device|resident" | tail -6
   tail -1 $OUT/offload-$lay.log > $OUT/offload-$lay.json; pack
 }
+offload_variant() {  # TAG RUNS: bench_cpu_experts_gpu.py on $W/layout in a fresh process (CPU-expert runs late in one
+  # process ran 2-3x slower, session 12 call I) with --only RUNS -> $OUT/offload-bf16-TAG.log and .json
+  local v=$1 only=$2
+  timeout 200 python3 benchmarks/bench_cpu_experts_gpu.py --layout $W/layout --text .carry/shared/text --docs 1 \
+    --paced "" --device-fill "" --only "$only" > $OUT/offload-bf16-$v.log 2>&1
+  echo "offload bf16 $v rc=$? $(el)"; grep -E "^csv" $OUT/offload-bf16-$v.log | tail -3
+  tail -1 $OUT/offload-bf16-$v.log > $OUT/offload-bf16-$v.json; pack
+  python3 -c "
+import json; d = json.loads(open('$OUT/offload-bf16-$v.json').read())
+for k, r in d['docs'][0]['runs'].items(): print(k, round(r['decode_tok_s'], 1), round(r['hit_rate'], 3), r.get('vs_serial_belady_bound'), r.get('device_cpu'))"
+}

@@ -9,14 +9,5 @@ timeout 150 python3 -m pytest -q -m cuda -p no:cacheprovider --tb=short tests/te
   > $OUT/cuda-tests.log 2>&1; echo "rc=$?" >> $OUT/cuda-tests.log
 grep -E "FAILED|ERROR|passed|failed|rc=" $OUT/cuda-tests.log | tail -4; echo "tests done $(el)"; pack
 peers_ckpt; peers_layout layout source source; pack
-for v in whole admit; do
-  only="lru+cpu/device,nextuse+cpu/device"
-  [ $v = admit ] && only="lru+cpu:admit/device,nextuse+cpu:admit/device"
-  timeout 200 python3 benchmarks/bench_cpu_experts_gpu.py --layout $W/layout --text .carry/shared/text --docs 1 \
-    --paced "" --device-fill "" --only "$only" > $OUT/offload-bf16-$v.log 2>&1
-  echo "offload bf16 $v rc=$? $(el)"; grep -E "^csv" $OUT/offload-bf16-$v.log | tail -3
-  tail -1 $OUT/offload-bf16-$v.log > $OUT/offload-bf16-$v.json; pack
-  python3 -c "
-import json; d = json.loads(open('$OUT/offload-bf16-$v.json').read())
-for k, r in d['docs'][0]['runs'].items(): print(k, round(r['decode_tok_s'], 1), round(r['hit_rate'], 3), r.get('vs_serial_belady_bound'), r.get('device_cpu'))"
-done
+offload_variant whole "lru+cpu/device,nextuse+cpu/device"
+offload_variant admit "lru+cpu:admit/device,nextuse+cpu:admit/device"

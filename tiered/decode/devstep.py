@@ -474,15 +474,25 @@ def cpu_split(provider: Any, K: int, box: Any) -> list[int]:
     the CPU's jobs on the worker). The CPU's rate and fixed cost are the mailbox's own, as the step's kernels see
     them (CpuMailbox.probe_device; the rate times CPU_CONTENTION), else the provider's load-time probe. No cost
     model (or no CPU rate): nothing goes to the CPU."""
+    costs = _cpu_costs(provider, box)
+    if costs is None:
+        return [0] * (K + 1)
+    pcie, rate, over = costs
+    dm = CostModel(pcie, rate, cpu_overhead_s=over, fixed=True)
+    return [sum(dm.place(m, provider.block_size)) for m in range(K + 1)]
+
+
+def _cpu_costs(provider: Any, box: Any) -> tuple[float, float, float] | None:
+    """(link GB/s, CPU GB/s, the CPU's fixed cost in s) for the split tables: the provider's cost model, the CPU's
+    rate and fixed cost the mailbox's own when measured (the rate times CPU_CONTENTION); None without a cost model
+    or a CPU rate."""
     cm = getattr(provider, "cost_model", None)
     if cm is None:
-        return [0] * (K + 1)
+        return None
     rate = box.gbps * CPU_CONTENTION if getattr(box, "gbps", None) else cm.cpu_gbps
     if rate <= 0:
-        return [0] * (K + 1)
-    over = box.overhead_s if box.overhead_s is not None else cm.cpu_overhead_s
-    dm = CostModel(cm.pcie_gbps, rate, cpu_overhead_s=over, fixed=True)
-    return [sum(dm.place(m, provider.block_size)) for m in range(K + 1)]
+        return None
+    return cm.pcie_gbps, rate, box.overhead_s if box.overhead_s is not None else cm.cpu_overhead_s
 
 
 def cpu_row_split(provider: Any, K: int, box: Any, F: int, granule: int) -> tuple[list[int], list[int]] | None:
@@ -492,14 +502,11 @@ def cpu_row_split(provider: Any, K: int, box: Any, F: int, granule: int) -> tupl
     (take + split / F) blocks at its rate), with cpu_split's rates and fixed cost; ties go to less CPU work. A
     split shortens a layer's copies where whole experts cannot balance the two sides (a lone miss: the link alone
     takes a block's time, the CPU its fixed cost and a block at its rate). None without a CPU rate."""
-    cm = getattr(provider, "cost_model", None)
-    if cm is None or F < 2 * granule:
+    costs = _cpu_costs(provider, box)
+    if costs is None or costs[0] <= 0 or F < 2 * granule:
         return None
-    rate = box.gbps * CPU_CONTENTION if getattr(box, "gbps", None) else cm.cpu_gbps
-    over = box.overhead_s if box.overhead_s is not None else cm.cpu_overhead_s
-    if rate <= 0 or cm.pcie_gbps <= 0:
-        return None
-    c, cc = provider.block_size / (cm.pcie_gbps * 1e9), provider.block_size / (rate * 1e9)
+    pcie, rate, over = costs
+    c, cc = provider.block_size / (pcie * 1e9), provider.block_size / (rate * 1e9)
     take, split = [0], [0]
     for m in range(1, K + 1):
         best = (m * c, 0.0, 0, 0)  # (time, the CPU's blocks, take, split rows)
