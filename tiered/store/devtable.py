@@ -13,8 +13,9 @@ UVA), so a miss is a copy from RAM, never a disk read; an eviction policy the de
 weight). Pacing (--h2d-gbps, a benchmark's slower link) is the gather kernel's (kernels/slot_table.gather, gbps),
 `measure_pace` reports the rate it reaches. CPU experts (--cpu-experts auto) are a device decision: resolve
 splits a call's misses between copies and the CPU by the cost model's table (`set_cpu_take`), and the step hands
-the CPU's share to a native worker through mapped memory (model/cpu_mailbox.py); with --cpu-split auto one more
-miss may be split by FFN rows, its other rows copied into the split row after the zero row.
+the CPU's share to a native worker through mapped memory (model/cpu_mailbox.py); with --cpu-split auto|admit one
+more miss may be split by FFN rows, its other rows copied into the split row after the zero row (auto) or into a
+slot of its own, whose CPU rows are copied after the layer (admit).
 
 Legend: N keys = L * E, S device slots.
 """
@@ -93,10 +94,9 @@ class DeviceSlotTable:
         # all-zero slot row after the S slots
         self.zero_slot = vram.zero_slot
         self.cpu_take: Tensor | None = None
-        # ... and of the rest, a miss split by FFN rows (cpu_split[m] rows on the CPU, the others copied into the
-        # split row after the zero row: kernels/slot_table.resolve, gather's split mask)
-        # (--cpu-split auto), or, admitted (--cpu-split admit), into a slot of its own, the CPU's rows copied after
-        # the layer (`split_rest`)
+        # ... and of the rest, a miss split by FFN rows (cpu_split[m] rows on the CPU; kernels/slot_table.resolve,
+        # gather's split mask): the others copied into the split row after the zero row (--cpu-split auto), or,
+        # admitted (--cpu-split admit), into a slot of its own, the CPU's rows copied after the layer (`split_rest`)
         self.split_slot = getattr(vram, "split_slot", None)
         self.cpu_split: Tensor | None = None
         self.split_admit = False
