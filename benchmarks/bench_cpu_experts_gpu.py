@@ -171,6 +171,17 @@ def profile_device_step(engine, prompt: list[int], new: int) -> dict:
     return out
 
 
+def copy_busy(s: dict, n: int) -> float:
+    """Per-token seconds of decode copies. The host table's copies are timed with events; the device step's gathers
+    run inside its graph, untimed, so there: the decode bytes that crossed / the link rate the run's own timed
+    copies reached (the prefill's hand-over), an estimate."""
+    vram = s.get("vram") or {}
+    if (s.get("slot_table") or {}).get("mode") == "device":
+        gbps = vram.get("gbps") or 0
+        return (s.get("bytes_h2d_per_token") or 0) / (gbps * 1e9) if gbps else 0.0
+    return (vram.get("copy_s") or 0) / n
+
+
 def breakdown(s: dict, compute_s: float, L: int) -> dict:
     """Per-token seconds: host work between segments, copy-stream busy, CPU experts, GPU compute, host waits."""
     n = max(1, (s.get("decode") or {}).get("tokens") or s.get("tokens_generated") or 1)
@@ -183,7 +194,7 @@ def breakdown(s: dict, compute_s: float, L: int) -> dict:
     return {"total": 1 / s["decode_tok_s"] if s.get("decode_tok_s") else None,
             "host": host * L if host is not None else None,
             "host_route": pw.get("route_s", 0) / max(1, pw.get("steps", 1)) if pw else None,
-            "copy_busy": ((s.get("vram") or {}).get("copy_s") or 0) / n,
+            "copy_busy": copy_busy(s, n),
             "cpu_experts": (cpu_s or 0) / n, "gpu_compute": compute_s,
             "wait": pw.get("wait_s", 0) / max(1, pw.get("steps", 1)) if pw else None,
             "stall": (s.get("stall_s") or 0) / n}

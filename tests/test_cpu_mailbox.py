@@ -409,6 +409,9 @@ def test_device_step_cpu_experts_greedy_identical(reference_layout, unlimited, s
             assert c["bytes"] == c["count"] * B and sl["cpu_split_misses"] == 0
         if rows == "admit":  # the split experts were copied too (their CPU rows after the layer)
             assert d["bytes_h2d"] == (d["misses"] + sl["prefetched"] - c["count"] + sl["cpu_split_misses"]) * B
+        assert sl["bytes"] == d["bytes_h2d"]  # the slot table's copied bytes are the decode phase's (admit too)
+        # the link rate is the host's timed copies (the prefill's) alone: the graph's gathers are not timed
+        assert s["vram"]["gbps"] == pytest.approx(s["prefill"]["bytes_h2d"] / s["vram"]["copy_s"] / 1e9)
         assert int(box.stat[1]) - served == c["count"] and c["gbps"] > 0
         assert s["device_step"]["cpu"]["take"] == take and s["device_step"]["cpu"]["split"] == split
         assert s["device_step"]["cpu"]["admit"] == (rows == "admit")

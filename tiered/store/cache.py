@@ -534,8 +534,8 @@ class ExpertCache(HostSlotProvider):
         blocks_read = self.reader.blocks_read - self._read_base[1]
         read_s = self.reader.read_s - self._read_base[2]
         vram = self.vram.stats()
-        if self.devtable is not None and self.devtable.misses:  # copied in the device step's graph: not timed
-            host_bytes = vram["bytes_in"] - (self.devtable.misses - self.devtable.cpu_misses) * self.block_size
+        if self.devtable is not None and self.devtable.bytes_h2d:  # copied in the device step's graph: not timed
+            host_bytes = vram["bytes_in"] - self.devtable.bytes_h2d
             vram["gbps"] = host_bytes / self.vram.copy_s / 1e9 if self.vram.copy_s > 0 else 0.0
         if self.ram is not None:
             r = self.ram.stats()

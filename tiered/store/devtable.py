@@ -90,6 +90,7 @@ class DeviceSlotTable:
         self.prefetched = 0  # blocks the device step's prefetch loaded
         self.handovers = 0
         self.cpu_misses = 0  # misses the device step computed on the CPU (--cpu-experts auto)
+        self.bytes_h2d = 0  # what the device step's gathers copied (demand, prefetch, an admitted split's later rows)
         # CPU experts in the device step: of m misses in a call, cpu_take[m] go to the CPU (set_cpu_take), into the
         # all-zero slot row after the S slots
         self.zero_slot = vram.zero_slot
@@ -296,6 +297,7 @@ class DeviceSlotTable:
             self.cpu_split_rows += nr
             c.vram.hits += h
             c.vram.misses += m
+            self.bytes_h2d += (m + pl) * B - cpu_b
             c.vram.bytes_in += (m + pl) * B - cpu_b
             ph = c._phases["decode"]
             ph.hits += h
@@ -317,11 +319,8 @@ class DeviceSlotTable:
         return h, m
 
     def stats(self) -> dict:
-        B = self.block_size
-        cpu_b = (self.cpu_misses - self.cpu_split_misses) * B + (
-            self.cpu_split_rows * B // self.split_F if self.cpu_split_misses and not self.split_admit else 0)
         return {"mode": "device", "owner": self.owner, "hits": self.hits, "misses": self.misses,
-                "bytes": (self.misses + self.prefetched) * B - cpu_b,
+                "bytes": self.bytes_h2d,
                 "prefetched": self.prefetched, "cpu_misses": self.cpu_misses,
                 "cpu_split_misses": self.cpu_split_misses, "cpu_split_rows": self.cpu_split_rows,
                 **({"h2d_gbps_target": self.h2d_gbps, "h2d_gbps_achieved": self.h2d_gbps_achieved}
@@ -330,7 +329,7 @@ class DeviceSlotTable:
                 "policy": "lru" if self.w == 0 else f"flru(w={self.w})"}
 
     def reset_stats(self) -> None:
-        self.hits = self.misses = self.prefetched = self.cpu_misses = 0
+        self.hits = self.misses = self.prefetched = self.cpu_misses = self.bytes_h2d = 0
         self.cpu_split_misses = self.cpu_split_rows = 0
 
 
