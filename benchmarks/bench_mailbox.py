@@ -49,6 +49,17 @@ def measure(box: CpuMailbox, n: int, repeats: int, rng: random.Random, rows_all:
             "gbps_wall": n * B / med_w / 1e9, "overhead_us": (med_w - med_c) * 1e6}
 
 
+def anon_huge_gib() -> float | None:
+    """GiB of this process's memory in transparent huge pages (the RAM tier asks for them: store/hostmem.py)."""
+    try:
+        for line in open("/proc/self/smaps_rollup"):
+            if line.startswith("AnonHugePages:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layout", type=Path, required=True)
@@ -73,7 +84,7 @@ def main() -> None:
     res = {"bench": "mailbox", "commit": os.environ.get("TIERED_COMMIT"), "date": time.strftime("%Y-%m-%d"),
            "device": torch.cuda.get_device_name() if cuda else "cpu", "block_bytes": B, "cpu_count": os.cpu_count(),
            "kernel": getattr(cache, "cpu_kernel_name", None),
-           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "runs": []}
+           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "anon_huge_gib": anon_huge_gib(), "runs": []}
     if cache.cpu_box is not None:
         cache.cpu_box.close()
         cache.cpu_box = None

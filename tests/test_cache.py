@@ -307,3 +307,32 @@ def test_cuda_copy_timer_starts_at_the_first_copy(layout):
         assert pool.copy_s == before
     finally:
         owner.release()
+
+
+def test_host_buffer_huge_pages_and_no_fork_copy():
+    """A RAM-tier-sized host buffer starts on a 2 MiB boundary, in a private mapping advised for transparent huge
+    pages (the CPU experts stream it; a shared anonymous mapping is shmem, which THP skips) and not copied into a
+    forked child. A small one keeps 4 KiB alignment only."""
+    import re
+    from tiered.store.hostmem import HUGE_PAGE
+    buf, owner = aligned_empty(3 * HUGE_PAGE + 4096, pin=False)
+    small, small_owner = aligned_empty(8192, pin=False)
+    assert buf.data_ptr() % HUGE_PAGE == 0 and buf.numel() == 3 * HUGE_PAGE + 4096
+    assert small.data_ptr() % 4096 == 0 and small.numel() == 8192
+    buf.fill_(7)
+    assert int(buf[-1]) == 7
+    a = buf.data_ptr()
+    lines = open("/proc/self/smaps").read().splitlines()
+    head = next(i for i, ln in enumerate(lines)
+                if (m := re.match(r"([0-9a-f]+)-([0-9a-f]+) (\S+)", ln)) and int(m[1], 16) <= a < int(m[2], 16))
+    assert lines[head].split()[1].endswith("p"), lines[head]  # private
+    fields = {}
+    for ln in lines[head + 1:]:
+        if re.match(r"[0-9a-f]+-[0-9a-f]+ ", ln):
+            break
+        k, _, v = ln.partition(":")
+        fields[k] = v.strip()
+    assert "dc" in fields["VmFlags"].split()  # MADV_DONTFORK ("do not copy")
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if thp.exists() and "[never]" not in thp.read_text():
+        assert "hg" in fields["VmFlags"].split() and fields.get("THPeligible") == "1", fields

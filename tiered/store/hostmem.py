@@ -16,6 +16,9 @@ import torch
 from tiered.layout.format import ALIGN
 
 
+HUGE_PAGE = 2 << 20  # x86-64's transparent huge page
+
+
 def _unpin(ptrs: set[int], keep: Any = None) -> None:
     """Unregister host ranges at garbage collection, before their memory can be unmapped and its addresses
     reused (CUDA would refuse a later registration there: error 712). Never raises. `keep` holds the
@@ -35,13 +38,27 @@ class _HostBuffer:
     def __init__(self, nbytes: int, pin: bool) -> None:
         import mmap
 
-        self.map = mmap.mmap(-1, max(nbytes, ALIGN))
-        self.tensor = torch.frombuffer(self.map, dtype=torch.uint8)[:nbytes]  # uint8 [nbytes]
+        huge = nbytes >= HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE")
+        # A buffer of a huge page or more starts on a huge page boundary (the mapping is one huge page longer; the
+        # pages before the start are never touched, so never backed) and asks for transparent huge pages: the CPU
+        # experts stream the RAM tier's blocks, and 4 KiB pages cost them a page walk every 4 KiB of each row.
+        self.map = mmap.mmap(-1, max(nbytes, ALIGN) + (HUGE_PAGE if huge else 0),  # private: shared anonymous
+                             flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # memory is shmem, which THP skips
+        whole = torch.frombuffer(self.map, dtype=torch.uint8)
+        start = -whole.data_ptr() % HUGE_PAGE if huge else 0
+        for advice in ([mmap.MADV_HUGEPAGE] if huge else []) + [getattr(mmap, "MADV_DONTFORK", None)]:
+            # DONTFORK: a forked child would copy page-locked private pages (gigabytes); none of ours needs them
+            try:
+                if advice is not None:
+                    self.map.madvise(advice, start, len(self.map) - start)
+            except OSError:  # THP compiled out: 4 KiB pages, as without the advice
+                pass
+        self.tensor = whole[start:start + nbytes]  # uint8 [nbytes]
         self._pinned: set[int] = set()
         if pin:
             # torch's pinned allocator rounds sizes up to a power of two (a 19 GiB pool would lock
-            # 32 GiB); registering an exact-size mapping locks only what is asked for.
-            code = HostRegistrar.register_raw(self.tensor.data_ptr(), len(self.map), 0)
+            # 32 GiB); registering an exact-size range locks only what is asked for.
+            code = HostRegistrar.register_raw(self.tensor.data_ptr(), max(nbytes, ALIGN), 0)
             if code:
                 raise RuntimeError(f"cudaHostRegister of a {nbytes / 2**30:.2f} GiB host buffer failed (CUDA error "
                                    f"{code}): lower --ram-gb, or raise the locked-memory limit (ulimit -l)")
