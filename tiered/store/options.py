@@ -80,13 +80,15 @@ class TierConfig:
                                  ("on", "off"))
     # default off: measured on the H200 box (offload-cpu-device-2026-12-01-h200-s12.json, call J) lru 509.5 against
     # 495.1 whole (1.03x), nextuse 478.1 against 495.5 (0.96x): the link copies less, but a split expert is not
-    # admitted to VRAM, so the hit rate falls (0.853 -> 0.825 under lru) and the misses it saves come back
+    # admitted to VRAM, so the hit rate falls (0.853 -> 0.825 under lru) and the misses it saves come back.
+    # admit (offload-cpu-admit-2026-12-02-h200-s13.json): lru 497.2 against 512.0, nextuse 486.9 against 523.3: the
+    # hit rate holds, but the CPU computes more and the later copy stalls the next layer's lookup
     cpu_split: str = _opt("off", "With --cpu-experts auto and the device slot table: also split one miss a layer "
                                  "by FFN rows between the CPU and the link where the cost model says that finishes "
                                  "first (dense bf16/fp16/fp32 experts only). auto: the link's rows go to a split row "
                                  "(one more expert row of VRAM) and the expert is not kept; admit: the expert takes a "
-                                 "slot and the CPU's rows are copied after the layer, beside the next one (not yet "
-                                 "measured on a GPU); off (measured auto 1.03x under lru, 0.96x under nextuse)",
+                                 "slot and the CPU's rows are copied after the layer, beside the next one; off (measured "
+                                 "auto 1.03x under lru, 0.96x under nextuse; admit 0.97x and 0.93x)",
                           ("auto", "admit", "off"))
     cpu_threads: int = _opt(0, "Threads of the CPU-expert worker (0 = the physical cores: the usable CPUs, halved "
                                "when SMT is on)", ("min", 0))
