@@ -270,7 +270,8 @@ def _cpu_mailbox(provider: Any, cfg: Any, dtype: torch.dtype, fp32_weights: bool
         return None, f"CPU experts in the device step: {e}; --slot-table host computes them with torch"
     box.start()
     table = provider.ram.table
-    rows = [table.lookup(k) for k in range(min(8, provider.num_layers * provider.num_experts))]
+    n = provider.num_layers * provider.num_experts  # experts across the tier, as a step's misses fall
+    rows = [table.lookup(k) for k in sorted({i * n // 16 for i in range(16)})]
     probed = False
     if provider.device.type == "cuda":  # the round trip and the rate the step's kernels see
         try:
