@@ -138,6 +138,11 @@ ALWAYS_INLINE float lds(int fmt, const void *p, long i) {
     return f16_to_f32(((const uint16_t *)p)[i]);
 }
 
+/* Software prefetch distance of the dense rows, bytes ahead of the current load (0: none). A thread's rows are
+ * contiguous (gate f, f+1, ... and up f, f+1, ...), so reading ahead past a row's end fetches the next call's row. */
+#ifndef PF_BYTES
+#define PF_BYTES 0
+#endif
 /* ---- R dense rows w[r][0:K] dotted with one x (x loaded once for all R rows) ---- */
 ALWAYS_INLINE void dots_dense(int fmt, int R, const void *const *w, const float *x, int K, float *out) {
     vf a0[RMAX], a1[RMAX];
@@ -146,6 +151,9 @@ ALWAYS_INLINE void dots_dense(int fmt, int R, const void *const *w, const float 
     for (; i + 2 * VW <= K; i += 2 * VW) {
         const vf x0 = VLD(x + i), x1 = VLD(x + i + VW);
         FOR_R(r) {
+#if PF_BYTES > 0 && SIMD > 0
+            _mm_prefetch((const char *)w[r] + (long)i * (fmt == FMT_F32 ? 4 : 2) + PF_BYTES, _MM_HINT_T0);
+#endif
             a0[r] = VFMA(ldw(fmt, w[r], i), x0, a0[r]);
             a1[r] = VFMA(ldw(fmt, w[r], i + VW), x1, a1[r]);
         }
