@@ -6,11 +6,12 @@ source "$(dirname "$0")/lib.sh"
 peers_ckpt; peers_layout layout source source; pack
 mb() {
   timeout 120 python3 benchmarks/bench_mailbox.py --layout $W/layout --threads 15 --experts 1,2,4 --repeats 25 \
-    > $OUT/mailbox-pf$1.log 2>&1; echo "mailbox pf$1 rc=$? $(el)"
-  tail -1 $OUT/mailbox-pf$1.log | python3 -c "
+    > $OUT/mailbox-$2-pf$1.log 2>&1; echo "mailbox $2 pf$1 rc=$? $(el)"
+  tail -1 $OUT/mailbox-$2-pf$1.log | python3 -c "
 import json, sys; d = json.loads(sys.stdin.read()); print('gather', d.get('gather_gbps_during'))
 for r in d['runs']: print(r['experts'], r['contend'], round(r['gbps'], 1), round(r['overhead_us']))"; pack
 }
+n=0
 for pf in 0 1024 512 2048 0; do
-  sed -i "s/^#define PF_BYTES .*/#define PF_BYTES $pf/" tiered/model/cpu_kernel.c; mb $pf
+  n=$((n + 1)); sed -i "s/^#define PF_BYTES .*/#define PF_BYTES $pf/" tiered/model/cpu_kernel.c; mb $pf $n
 done
