@@ -141,9 +141,11 @@ ALWAYS_INLINE float lds(int fmt, const void *p, long i) {
 /* Software prefetch distance of the dense rows, bytes ahead of the current load (0: none). A thread's rows are
  * contiguous (gate f, f+1, ... and up f, f+1, ...), so reading ahead past a row's end fetches the next call's row.
  * Measured on the H200 box (bench_mailbox.py, 15 threads, 1/2/4 bf16 experts a post beside the GPU's gather, session
- * 13 call E): none 54/55/61 and 46/52/54 GB/s, 512 53/57/61, 1024 52/54/62, 2048 58/65/75. */
+ * 13 call E): none 54/55/61 and 46/52/54 GB/s, 512 53/57/61, 1024 52/54/62, 2048 58/65/75; but end to end (call F,
+ * bf16 at --vram-gb 4, two fresh processes) 2048 gave lru+cpu 492.1 / 512.5 tok/s and the worker 49-61 GB/s in the
+ * step, against 515.6-520.6 and 52-58 without (call C): no gain, so none by default. */
 #ifndef PF_BYTES
-#define PF_BYTES 2048
+#define PF_BYTES 0
 #endif
 /* ---- R dense rows w[r][0:K] dotted with one x (x loaded once for all R rows) ---- */
 ALWAYS_INLINE void dots_dense(int fmt, int R, const void *const *w, const float *x, int K, float *out) {
