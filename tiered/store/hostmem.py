@@ -40,8 +40,9 @@ class _HostBuffer:
 
         huge = nbytes >= HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE")
         # A buffer of a huge page or more starts on a huge page boundary (the mapping is one huge page longer; the
-        # pages before the start are never touched, so never backed) and asks for transparent huge pages: the CPU
-        # experts stream the RAM tier's blocks, and 4 KiB pages cost them a page walk every 4 KiB of each row.
+        # pages before the start are never touched, so never backed) and asks for transparent huge pages, for the
+        # CPU experts that stream the RAM tier's blocks (fewer page walks). On the H200 box it took (9 GiB in huge
+        # pages) but measured neutral end to end (session 13, offload-cpu-probe-thp-2026-12-02-h200-s13.json).
         self.map = mmap.mmap(-1, max(nbytes, ALIGN) + (HUGE_PAGE if huge else 0),  # private: shared anonymous
                              flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # memory is shmem, which THP skips
         whole = torch.frombuffer(self.map, dtype=torch.uint8)
