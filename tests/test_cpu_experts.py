@@ -611,3 +611,14 @@ def test_cuda_auto_moves_misses_to_the_cpu_on_a_slow_link(reference_layout, ids)
     assert fast_toks == ref and slow_toks == ref
     assert cm_fast.cpu_gbps > 0 and cm_slow.pcie_gbps == 0.05
     assert slow > 0.5 and fast < slow, (fast, slow, cm_fast.describe(), cm_slow.describe())
+
+
+def test_slow_link_hint_only_below_the_laptop_rate():
+    """Load prints a hint for --cpu-experts auto when the device slot table runs without CPU experts on a link
+    slower than SLOW_LINK_GBPS (a laptop's 12-25 GB/s), never at a desktop link or with one core."""
+    from tiered.store.offload import SLOW_LINK_GBPS, slow_link_hint
+    h = slow_link_hint(12.0, 16)
+    assert h is not None and "--cpu-experts auto" in h and "12 GB/s" in h and "15 CPU threads" in h
+    assert slow_link_hint(SLOW_LINK_GBPS - 1, 8) is not None
+    assert slow_link_hint(54.0, 16) is None and slow_link_hint(SLOW_LINK_GBPS, 16) is None
+    assert slow_link_hint(12.0, 1) is None and slow_link_hint(0.0, 16) is None

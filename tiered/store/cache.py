@@ -31,8 +31,8 @@ from tiered.store.budget import (GiB, CachePlan, estimate_dense_bytes, estimate_
 from tiered.store.hostmem import HostRegistrar
 from tiered.store.disk import expert_views
 from tiered.store.io import BlockReader, Faults
-from tiered.store.offload import CostModel, CpuExpertCounts, CpuWorker, cpu_threads
-from tiered.store.options import BudgetError, TierConfig, default_context
+from tiered.store.offload import CostModel, CpuExpertCounts, CpuWorker, cpu_threads, slow_link_hint
+from tiered.store.options import BudgetError, TierConfig, default_context, physical_cores
 from tiered.store.policy import PREDICTED, ScoredEviction, make_policy
 from tiered.store.provider import HostSlotProvider
 from tiered.store.ram import PinnedPool
@@ -145,6 +145,10 @@ class ExpertCache(HostSlotProvider):
             n = self.num_layers * self.num_experts
             print(f"tiered: slot table on the device (--slot-table {tiers.slot_table}): {n} experts in pinned RAM "
                   f"({n * self.block_size / GiB:.2f} GiB, loaded in {time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+            if self.cpu_mode == "off":
+                hint = slow_link_hint(tiers.h2d_gbps or self.vram.measure_h2d_gbps(), physical_cores())
+                if hint:
+                    print("tiered: " + hint, file=sys.stderr)
         self._read_base = (self.reader.bytes_read, self.reader.blocks_read, self.reader.read_s)
         self.pace = self.vram.set_pace(tiers.h2d_gbps)
         self.cpu_threads = cpu_threads(tiers.cpu_threads) if self.split else 0

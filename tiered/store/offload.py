@@ -32,6 +32,20 @@ def cpu_threads(n: int) -> int:
     return int(n) if n and n > 0 else physical_cores()
 
 
+# Below this host->GPU rate the device step's CPU experts paid most (H200 box, bf16 at --vram-gb 4, replayed routing:
+# 1.27x at the native 54 GB/s, 1.68x paced to 25, 2.16-2.55x paced to 12; sessions 12-13): a laptop's link.
+SLOW_LINK_GBPS = 30.0
+
+
+def slow_link_hint(link_gbps: float, cores: int) -> str | None:
+    """The line to print when the device slot table runs without CPU experts on a slow link, else None."""
+    if not (0 < link_gbps < SLOW_LINK_GBPS) or cores < 2:
+        return None
+    return (f"hint: the host->GPU link moves {link_gbps:.0f} GB/s; --cpu-experts auto lets {cores - 1} CPU threads "
+            "compute misses from the RAM tier beside the copies (measured 2.2-2.6x at 12 GB/s, 1.7x at 25 on an "
+            "H200 box; the threads spin while decoding)")
+
+
 class CostModel:
     """Per-miss placement from two measured bandwidths (GB/s, 10^9 B/s).
 
