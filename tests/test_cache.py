@@ -336,3 +336,22 @@ def test_host_buffer_huge_pages_and_no_fork_copy():
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if thp.exists() and "[never]" not in thp.read_text():
         assert "hg" in fields["VmFlags"].split() and fields.get("THPeligible") == "1", fields
+
+
+def test_host_buffer_release_returns_its_pages():
+    """owner.release() gives the buffer's pages back at once (a closed RAM tier must not wait for the garbage
+    collector while someone still holds the tensor); the tensor then reads zeros."""
+    import re
+    buf, owner = aligned_empty(8 << 20, pin=False)
+    buf.fill_(3)
+
+    def rss_kib() -> int:
+        a = buf.data_ptr()
+        lines = open("/proc/self/smaps").read().splitlines()
+        head = next(i for i, ln in enumerate(lines)
+                    if (m := re.match(r"([0-9a-f]+)-([0-9a-f]+) ", ln)) and int(m[1], 16) <= a < int(m[2], 16))
+        return int(next(ln for ln in lines[head + 1:] if ln.startswith("Rss:")).split()[1])
+
+    assert rss_kib() >= 8 << 10
+    owner.release()
+    assert rss_kib() == 0 and int(buf.sum()) == 0

@@ -8,6 +8,7 @@ Does not own: reads from disk (io.py), nor what the buffers hold (ram.py, vram.p
 from __future__ import annotations
 
 import ctypes
+import mmap
 import weakref
 from typing import Any
 
@@ -36,8 +37,6 @@ class _HostBuffer:
     """Owner of a page-aligned anonymous mapping, page-locked with cudaHostRegister when pinned."""
 
     def __init__(self, nbytes: int, pin: bool) -> None:
-        import mmap
-
         huge = nbytes >= HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE")
         # A buffer of a huge page or more starts on a huge page boundary (the mapping is one huge page longer; the
         # pages before the start are never touched, so never backed) and asks for transparent huge pages, for the
@@ -71,16 +70,23 @@ class _HostBuffer:
         return bool(self._pinned)
 
     def release(self) -> None:
+        """Unpin (after the device's last use) and give the pages back to the system now, whoever still holds the
+        tensor (it reads zeros afterwards): a closed cache's RAM tier (gigabytes) must not wait for the garbage
+        collector, which a caller's frame or a reference cycle can hold off for several engine loads."""
         if self._pinned:
             torch.cuda.synchronize()
             _unpin(self._pinned)
+        try:
+            self.map.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError, AttributeError):  # closed, or no madvise here: the collector frees it later
+            pass
 
 
 def aligned_empty(nbytes: int, *, pin: bool) -> tuple[torch.Tensor, Any]:
     """A uint8 [nbytes] host tensor, 4 KiB aligned (O_DIRECT); page-locked when `pin`.
 
     Returns (tensor, owner); keep `owner` alive as long as the tensor, and call owner.release()
-    to unpin before dropping it.
+    to unpin before dropping it (it also returns the pages to the system: the tensor then reads zeros).
     """
     owner = _HostBuffer(nbytes, pin)
     t = owner.tensor
