@@ -8,6 +8,10 @@ in one process (bf16, --vram-gb 4, replayed routing of the first eval document, 
 step, as bench_cpu_experts_gpu.py's lru+cpu/device; then one lru/device without CPU experts) and prints per run
 tok/s, the CPU experts' rate, the process's RSS and the machine's MemAvailable.
 
+Session 13 call G (H200, 3 + 1 runs, 64 new tokens): with the release returning the pages, RSS 1.8 GiB after every
+run; without it, 10.7 GiB (one closed run's tier waits for the collector; it did not pile up); tok/s held either way,
+so this did not reproduce session 12's slowdown.
+
     python3 benchmarks/bench_reload.py --layout /root/peers/layout --text ../shared/text --runs 4
 
 Prints a line per run and one JSON object last; writes $OUT/reload.json when OUT is set.
