@@ -21,6 +21,21 @@ peers_ckpt() {
   [ -f $W/ckpt/config.json ] || python3 tools/make_random_checkpoint.py --preset qwen3-10b-8l --out $W/ckpt --seed 0 \
     --device cuda --tokenizer tiered/data/olmoe-code-17m > $OUT/make.log 2>&1; echo "make rc=$? $(el)"
 }
+cuda_tests() {  # TIMEOUT PYTEST-ARGS...: the CUDA tests named -> $OUT/cuda-tests.log, its summary printed
+  local t=$1; shift
+  timeout $t python3 -m pytest -q -m cuda -p no:cacheprovider --tb=short "$@" > $OUT/cuda-tests.log 2>&1
+  echo "rc=$?" >> $OUT/cuda-tests.log
+  grep -E "FAILED|ERROR|passed|failed|rc=" $OUT/cuda-tests.log | tail -14; echo "tests done $(el)"; pack
+}
+llama_bg() {  # in the background: llama.cpp's build into /root/lb (BUILD: its pid) and, once the peers checkpoint
+  # exists, its bf16 GGUF $W/model-bf16.gguf (CONV: its pid); the caller waits for both
+  (JOBS=14 bash tools/build_llamacpp.sh .carry/llama.cpp /root/lb > $OUT/build.log 2>&1; echo "build rc=$?" >> $OUT/build.log) &
+  BUILD=$!
+  peers_ckpt
+  (python3 tools/convert_gguf.py --llama-dir .carry/llama.cpp $W/ckpt --outtype bf16 --outfile $W/model-bf16.gguf.tmp \
+     > $W/convert.log 2>&1 && mv $W/model-bf16.gguf.tmp $W/model-bf16.gguf; echo "convert rc=$? $(el)") &
+  CONV=$!
+}
 peers_layout() {  # NAME EXPERTS DENSE: repack $W/ckpt into $W/NAME with --experts EXPERTS --dense DENSE
   [ -f $W/$1/manifest.json ] || python3 -c "import json; from tiered.layout.repack import repack; print(json.dumps(repack('$W/ckpt', '$W/$1', experts='$2', dense='$3', force=True, progress=False, quant_device='cuda')))" > $OUT/repack-$1.log 2>&1
   echo "repack $1 rc=$? $(el)"; sync  # session 12: a fresh repack's dirty pages, written back during the timed runs,
@@ -47,14 +62,18 @@ peers_offload() {  # LAYOUT RUNS [ARGS ...]: bench_cpu_experts_gpu.py on $W/LAYO
   echo "offload $lay rc=$? $(el)"; grep -v '^{' $OUT/offload-$lay.log | grep -E "device|resident" | tail -6
   tail -1 $OUT/offload-$lay.log > $OUT/offload-$lay.json; pack
 }
-offload_variant() {  # TAG RUNS: bench_cpu_experts_gpu.py on $W/layout in a fresh process (CPU-expert runs late in one
-  # process ran 2-3x slower, session 12 call I) with --only RUNS -> $OUT/offload-bf16-TAG.log and .json
-  local v=$1 only=$2
-  timeout 200 python3 benchmarks/bench_cpu_experts_gpu.py --layout $W/layout --text .carry/shared/text --docs 1 \
-    --paced "" --device-fill "" --only "$only" > $OUT/offload-bf16-$v.log 2>&1
-  echo "offload bf16 $v rc=$? $(el)"; grep -E "^csv" $OUT/offload-bf16-$v.log | tail -3
+offload_variant() {  # TAG RUNS [ARGS...]: bench_cpu_experts_gpu.py on $W/layout in a fresh process (CPU-expert runs
+  # late in one process ran 2-3x slower, session 12 call I) with --only RUNS, unpaced and without the fill unless ARGS
+  # say otherwise (TIMEOUT: seconds, default 200) -> $OUT/offload-bf16-TAG.log and .json; prints the runs and the
+  # issue's ratios
+  local v=$1 only=$2; shift 2
+  timeout ${TIMEOUT:-200} python3 benchmarks/bench_cpu_experts_gpu.py --layout $W/layout --text .carry/shared/text \
+    --docs 1 --paced "" --device-fill "" --only "$only" "$@" > $OUT/offload-bf16-$v.log 2>&1
+  echo "offload bf16 $v rc=$? $(el)"; grep -E "^csv" $OUT/offload-bf16-$v.log | tail -12
   tail -1 $OUT/offload-bf16-$v.log > $OUT/offload-bf16-$v.json; pack
   python3 -c "
 import json; d = json.loads(open('$OUT/offload-bf16-$v.json').read())
+print({k: v for k, v in d.items() if k.startswith(('vs_', 'decode_vs', 'device_cpu', 'paced_', 'best_device_cpu'))
+       and v is not None})
 for k, r in d['docs'][0]['runs'].items(): print(k, round(r['decode_tok_s'], 1), round(r['hit_rate'], 3), r.get('vs_serial_belady_bound'), r.get('device_cpu'))"
 }

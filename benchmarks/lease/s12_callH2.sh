@@ -7,14 +7,5 @@ source "$(dirname "$0")/lib.sh"
 timeout 200 python3 benchmarks/bench_peers.py --phase llama --work $W --llama-bin /root/lb/bin \
   --llama-only cpu_experts_bf16 > $OUT/llama.log 2>&1
 echo "llama rc=$? $(el)"; tail -4 $OUT/llama.log; cp $W/llama.json $OUT/ 2>/dev/null; pack
-timeout 300 python3 benchmarks/bench_cpu_experts_gpu.py --layout $W/layout --text .carry/shared/text --docs 1 \
-  --llama-json $W/llama.json --paced "12" --device-fill "" \
-  --only "lru/device,nextuse/device,lru+cpu/device,nextuse+cpu/device,lru/device@12,lru+cpu/device@12" \
-  > $OUT/offload-bf16.log 2>&1
-echo "offload bf16 rc=$? $(el)"; grep -E "^csv|vs_llama" $OUT/offload-bf16.log | tail -8
-tail -1 $OUT/offload-bf16.log > $OUT/offload-bf16.json; pack
-python3 -c "
-import json; d = json.loads(open('$OUT/offload-bf16.json').read())
-print({k: d.get(k) for k in ('llamacpp_cpu_experts_tg_tok_s', 'decode_vs_llamacpp_cpu_experts', 'best_device_cpu',
-       'vs_serial_belady_bound_demand_device_cpu', 'paced_device_cpu_over_off')})
-for k, r in d['docs'][0]['runs'].items(): print(k, r.get('device_cpu'), r['cpu_experts'].get('gbps'))"
+TIMEOUT=300 offload_variant h2 "lru/device,nextuse/device,lru+cpu/device,nextuse+cpu/device,lru/device@12,lru+cpu/device@12" \
+  --llama-json $W/llama.json --paced "12"

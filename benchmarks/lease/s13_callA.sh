@@ -5,9 +5,7 @@
 # runs late in one process ran 2-3x slower). The simulator (sim_devtable.py --split-admit 0.6, fit/) puts
 # nextuse+cpu at 0.831 of serial Belady against 0.759 whole.
 source "$(dirname "$0")/lib.sh"
-timeout 150 python3 -m pytest -q -m cuda -p no:cacheprovider --tb=short tests/test_cpu_mailbox.py \
-  > $OUT/cuda-tests.log 2>&1; echo "rc=$?" >> $OUT/cuda-tests.log
-grep -E "FAILED|ERROR|passed|failed|rc=" $OUT/cuda-tests.log | tail -4; echo "tests done $(el)"; pack
+cuda_tests 150 tests/test_cpu_mailbox.py
 peers_ckpt; peers_layout layout source source; pack
 offload_variant whole "lru+cpu/device,nextuse+cpu/device"
 offload_variant admit "lru+cpu:admit/device,nextuse+cpu:admit/device"

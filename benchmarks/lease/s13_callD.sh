@@ -3,7 +3,5 @@
 # RAM tier is now a private THP mapping with MADV_DONTFORK; the device probe takes medians; the slot table counts
 # its copied bytes once): cache, CPU mailbox, device table, CPU experts, miss path, engine.
 source "$(dirname "$0")/lib.sh"
-timeout 520 python3 -m pytest -q -m cuda -p no:cacheprovider --tb=short tests/test_cache.py tests/test_cpu_mailbox.py \
-  tests/test_devtable.py tests/test_cpu_experts.py tests/test_miss_path.py tests/test_engine.py \
-  > $OUT/cuda-tests.log 2>&1; echo "rc=$?" >> $OUT/cuda-tests.log
-grep -E "FAILED|ERROR|passed|failed|rc=" $OUT/cuda-tests.log | tail -14; echo "tests done $(el)"; pack
+cuda_tests 520 tests/test_cache.py tests/test_cpu_mailbox.py tests/test_devtable.py tests/test_cpu_experts.py \
+  tests/test_miss_path.py tests/test_engine.py

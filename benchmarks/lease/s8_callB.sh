@@ -7,12 +7,7 @@
 source "$(dirname "$0")/lib.sh"
 CUDA_TESTS="tests/test_pdl.py tests/test_devtable.py tests/test_moe_kernels.py tests/test_quant_kernels.py
  tests/test_cache.py tests/test_fused_glue.py tests/test_attention_decode.py"
-(JOBS=14 bash tools/build_llamacpp.sh .carry/llama.cpp /root/lb > $OUT/build.log 2>&1; echo "build rc=$?" >> $OUT/build.log) &
-BUILD=$!
-peers_ckpt
-(python3 tools/convert_gguf.py --llama-dir .carry/llama.cpp $W/ckpt --outtype bf16 --outfile $W/model-bf16.gguf.tmp \
-   > $W/convert.log 2>&1 && mv $W/model-bf16.gguf.tmp $W/model-bf16.gguf; echo "convert rc=$? $(el)") &
-CONV=$!
+llama_bg
 (timeout 260 python3 -m pytest -q -m cuda -p no:cacheprovider --tb=short $CUDA_TESTS > $OUT/cuda-tests.log 2>&1
  echo "rc=$?" >> $OUT/cuda-tests.log) &
 TESTS=$!

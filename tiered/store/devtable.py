@@ -288,7 +288,7 @@ class DeviceSlotTable:
             # a CPU expert is not copied; a split one is, but for the CPU's rows (nr of them, all splits together),
             # which an admitted split copies after the layer
             cpu_w = nc * B + (nr * B // self.split_F if ns else 0)  # what the CPU computed
-            cpu_b = nc * B if self.split_admit else cpu_w  # what was not copied
+            copied = (m + pl) * B - (nc * B if self.split_admit else cpu_w)  # the CPU's share was not copied
             self.hits += h
             self.misses += m
             self.prefetched += pl
@@ -297,13 +297,13 @@ class DeviceSlotTable:
             self.cpu_split_rows += nr
             c.vram.hits += h
             c.vram.misses += m
-            self.bytes_h2d += (m + pl) * B - cpu_b
-            c.vram.bytes_in += (m + pl) * B - cpu_b
+            self.bytes_h2d += copied
+            c.vram.bytes_in += copied
             ph = c._phases["decode"]
             ph.hits += h
             ph.misses += m
             ph.cpu += nc + ns
-            ph.bytes_h2d += (m + pl) * B - cpu_b
+            ph.bytes_h2d += copied
             if nc or ns:
                 with c.cpu.lock:
                     c.cpu.count += nc + ns
