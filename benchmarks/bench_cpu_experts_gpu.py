@@ -328,7 +328,8 @@ def main() -> None:
             runs[label] = s
 
         pf = f"predicted+{a.candidates}"
-        plan = [("lru/off", "lru", 0, "off", 0.0), ("predicted/off", "predicted", 0, "off", 0.0),
+        plan = [("lru/off", "lru", 0, "off", 0.0), ("lru/auto", "lru", 0, "auto", 0.0),
+                ("predicted/off", "predicted", 0, "off", 0.0),
                 (f"{pf}/off", "predicted", a.candidates, "off", 0.0),
                 ("predicted/auto", "predicted", 0, "auto", 0.0), (f"{pf}/auto", "predicted", a.candidates, "auto", 0.0),
                 ("all", "lru", 0, "all", 0.0)]
@@ -357,6 +358,8 @@ def main() -> None:
                 n, _, c = f.partition(":")
                 plan.append((f"lru+fill{f}{order}/device", "lru", 0, "off", 0.0, "device", 0, "policy", "off", int(n),
                              int(c) if c else None, order != "id"))
+                plan.append((f"lru+cpu+fill{f}{order}/device", "lru", 0, "auto", 0.0, "device", 0, "policy", "off",
+                             int(n), int(c) if c else None, order != "id"))  # and CPU experts for the misses left
         for r in paced:  # with history prefetch, and demand paging alone (lru: no prefetch copies on the slow link)
             plan += [(f"{pf}/off@{r:g}", "predicted", a.candidates, "off", r),
                      (f"{pf}/auto@{r:g}", "predicted", a.candidates, "auto", r),

@@ -46,11 +46,14 @@ def test_resolve_cpu_split_matches_reference(L, E, K, S, scored, split):
     before; counts[4] counts the CPU's, which are misses too. split: besides, the next miss in the CPU's order is
     split by rows when split[m] > 0: the split slot, its RAM row to copy, its row code for the CPU, no table
     entry; split_c the call's rows, slot and RAM row; counts[5] and [6] count them. admit: the split miss takes
-    a slot of its own, as a copied miss does, and enters the table."""
+    a slot of its own, as a copied miss does, reserved (the later layers neither find nor evict it) until the
+    step's end, when split_install (kernel and reference) enters it."""
     a, b = _tables(L * E, S), _tables(L * E, S)
     rng = random.Random(L * 10 + S + scored)
     zero, sslot = S, S + 1
     n_cpu = n_split = 0
+    split_c = torch.zeros(L, 3, dtype=torch.int64)  # admit: each layer's split, installed after the last layer
+    admitted: list[tuple[int, int]] = []
     for step in range(60):
         layer = step % L
         ids = torch.tensor(rng.sample(range(E), K), dtype=torch.int64)
@@ -84,13 +87,25 @@ def test_resolve_cpu_split_matches_reference(L, E, K, S, scored, split):
             keys = layer * E + ids
             assert int(sp.sum()) == 1 and int(sc[0]) > 0 and int(sc[1]) == int(slot[sp]) and int(sc[2]) == int(src[sp])
             assert int(src[sp]) == int(a["host_row"][keys[sp]])
-            if split == "admit":  # a slot of its own, in the table
-                assert 0 <= int(slot[sp]) < S and int(a["slot_of"][keys[sp]]) == int(slot[sp])
+            if split == "admit":  # a slot of its own, reserved (neither found nor evicted) until the step's end
+                assert 0 <= int(slot[sp]) < S and int(a["slot_of"][keys[sp]]) == -1
+                assert int(a["key_of"][slot[sp]]) == -2 - int(keys[sp])
+                admitted.append((int(keys[sp]), int(slot[sp])))
             else:
                 assert int(slot[sp]) == sslot and int(a["slot_of"][keys[sp]]) == -1
             assert int(row[sp]) == -2 - int(src[sp]) * st.SPLIT_BASE - int(sc[0])
         elif split:
             assert sc.tolist() == [0, -1, -1]
+        if split == "admit":
+            split_c[layer] = sc
+            if layer == L - 1:  # the step's end: the reserved slots enter the table (kernel, then reference)
+                st._split_install_kernel[(1,)](split_c, a["slot_of"], a["key_of"], L, R_P=st._p2(L))
+                st.split_install_reference(split_c, b)
+                for k, s_ in admitted:
+                    assert int(a["slot_of"][k]) == s_ and int(a["key_of"][s_]) == k
+                admitted.clear()
+                split_c.zero_()
+                assert bool((a["key_of"] >= -1).all())
         on_cpu = row >= 0
         n_cpu += int(on_cpu.sum())
         assert bool((slot[on_cpu] == zero).all()) and bool((src[on_cpu] == -1).all())
@@ -369,15 +384,27 @@ def unlimited(reference_layout) -> list[int]:
 @pytest.mark.parametrize("slots,evict,prefetch,rows", [(8, "policy", 0, False), (24, "policy", 0, False),
                                                        (24, "nextuse", 0, False), (24, "nextuse", 3, False),
                                                        (8, "policy", 0, True), (24, "nextuse", 3, True),
-                                                       (8, "policy", 0, "admit"), (24, "nextuse", 0, "admit")])
+                                                       (16, "policy", 0, "admit"), (24, "nextuse", 0, "admit")])
 def test_device_step_cpu_experts_greedy_identical(reference_layout, unlimited, slots, evict, prefetch, rows):
     """The eager device step sending misses to the CPU worker (a forced split: up to 2 of a layer's misses, the
     latest predicted next use first under nextuse; with a device prefetch too, whose pins then include the zero
     slot) gives every-expert-resident greedy tokens; the counters add up: CPU experts are misses, not copies; the
     worker served them. rows: none of a lone miss, else 1 whole miss, and the next one split by FFN rows (the CPU
     its first 2, 16 or 30 of 32 by the miss count; the split row copies the rest): the same tokens, and the bytes
-    copied are the misses' less the CPU's share. admit: the split miss takes a slot and its CPU rows are copied
-    after the layer (the next use hits): the same tokens, every miss but the CPU's whole ones copied."""
+    copied are the misses' less the CPU's share. admit: the split miss takes a slot, reserved while its CPU rows
+    are copied after the layer and entered at the step's end (the next use hits): the same tokens, every miss but
+    the CPU's whole ones copied, no slot left reserved; fewer than top-k + 8 slots are refused."""
+    if rows == "admit" and slots == 16:
+        eng, cache = _engine(reference_layout, 8, cpu_split="admit")
+        try:
+            cache.devtable = DeviceSlotTable(cache, w=0, kernels=st)
+            box, _ = _cpu_mailbox(cache, eng.config, eng.dtype, eng.model.fp32_route_weights)
+            with pytest.raises(ValueError, match="top-k \\+ 8 device slots"):
+                DeviceStep(eng.model, graphs=False, cpu=box, cpu_take=[0] + [1] * 8, cpu_rows=[0, 2] + [16] * 7,
+                           cpu_admit=True)
+            box.close()
+        finally:
+            cache.close()
     eng, cache = _engine(reference_layout, slots, **({"cpu_split": "auto" if rows is True else rows} if rows else {}))
     try:
         cache.devtable = DeviceSlotTable(cache, w=0, kernels=st)
@@ -416,6 +443,7 @@ def test_device_step_cpu_experts_greedy_identical(reference_layout, unlimited, s
         assert s["device_step"]["cpu"]["take"] == take and s["device_step"]["cpu"]["split"] == split
         assert s["device_step"]["cpu"]["admit"] == (rows == "admit")
         t = cache.devtable  # every resident slot holds its expert whole (an admitted split's rows were copied)
+        assert min(t.t["key_of"].tolist()) >= -1  # no slot left reserved: every admitted split was entered
         for slot_i, key in enumerate(t.t["key_of"].tolist()):
             if key >= 0:
                 assert torch.equal(t.slots[slot_i], t.host_pool[int(t.t["host_row"][key])]), (slot_i, key)
@@ -507,5 +535,6 @@ def test_cuda_device_step_cpu_experts_match_host(reference_layout, evict, rows):
         assert (s["slot_table"]["cpu_split_misses"] > 0) == bool(rows)
         ch.check(eng.devstep.cpu_seq)
         assert int(eng.devstep.cpu_seq[0]) == int(box.ctl[1])  # the last post was answered
+        assert min(cache.devtable.t["key_of"].tolist()) >= -1  # admit: every reserved split slot was entered
     finally:
         cache.close()

@@ -583,6 +583,9 @@ sig6 = {"fill_key": "*i64", "fill_slot": "*i64", "slot_of": "*i32", "key_of": "*
         "counts": "*i64", "n_fill": "i32", "C_P": "constexpr", "GDC": "constexpr"}
 assert triton.compile(ASTSource(st._fill_install_kernel, sig6, constexprs={"C_P": 8, "GDC": True}),
                       target=tgt).asm["cubin"]
+sig7 = {"split_c": "*i64", "slot_of": "*i32", "key_of": "*i32", "n_rows": "i32", "R_P": "constexpr", "GDC": "constexpr"}
+assert triton.compile(ASTSource(st._split_install_kernel, sig7, constexprs={"R_P": 8, "GDC": True}),
+                      target=tgt).asm["cubin"]
 from tiered.kernels import next_use as nu
 sig4 = {"ids_ptr": "*i64", "prev_ptr": "*i64", "tt_ptr": "*fp32", "lt_ptr": "*fp32", "fast_ptr": "*fp32",
         "slow_ptr": "*fp32", "prob_ptr": "*fp32", "pfp_ptr": "*fp32", "base_ptr": "*i64", "w_ptr": "*fp32", "j": "i32",

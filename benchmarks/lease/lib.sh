@@ -64,15 +64,16 @@ peers_offload() {  # LAYOUT RUNS [ARGS ...]: bench_cpu_experts_gpu.py on $W/LAYO
 }
 offload_variant() {  # TAG RUNS [ARGS...]: bench_cpu_experts_gpu.py on $W/layout in a fresh process (CPU-expert runs
   # late in one process ran 2-3x slower, session 12 call I) with --only RUNS, unpaced and without the fill unless ARGS
-  # say otherwise (TIMEOUT: seconds, default 200) -> $OUT/offload-bf16-TAG.log and .json; prints the runs and the
-  # issue's ratios
-  local v=$1 only=$2; shift 2
-  timeout ${TIMEOUT:-200} python3 benchmarks/bench_cpu_experts_gpu.py --layout $W/layout --text .carry/shared/text \
-    --docs 1 --paced "" --device-fill "" --only "$only" "$@" > $OUT/offload-bf16-$v.log 2>&1
-  echo "offload bf16 $v rc=$? $(el)"; grep -E "^csv" $OUT/offload-bf16-$v.log | tail -12
-  tail -1 $OUT/offload-bf16-$v.log > $OUT/offload-bf16-$v.json; pack
+  # say otherwise (TIMEOUT: seconds, default 200; LAYOUT: another layout under $W, e.g. layout-q4) ->
+  # $OUT/offload-bf16-TAG.log and .json (offload-LAYOUT-TAG with LAYOUT); prints the runs and the issue's ratios
+  local v=$1 only=$2 lay=${LAYOUT:-layout} n=bf16; shift 2
+  [ "$lay" = layout ] || n=$lay
+  timeout ${TIMEOUT:-200} python3 benchmarks/bench_cpu_experts_gpu.py --layout $W/$lay --text .carry/shared/text \
+    --docs 1 --paced "" --device-fill "" --only "$only" "$@" > $OUT/offload-$n-$v.log 2>&1
+  echo "offload $n $v rc=$? $(el)"; grep -E "^csv" $OUT/offload-$n-$v.log | tail -12
+  tail -1 $OUT/offload-$n-$v.log > $OUT/offload-$n-$v.json; pack
   python3 -c "
-import json; d = json.loads(open('$OUT/offload-bf16-$v.json').read())
+import json; d = json.loads(open('$OUT/offload-$n-$v.json').read())
 print({k: v for k, v in d.items() if k.startswith(('vs_', 'decode_vs', 'device_cpu', 'paced_', 'best_device_cpu'))
        and v is not None})
 for k, r in d['docs'][0]['runs'].items(): print(k, round(r['decode_tok_s'], 1), round(r['hit_rate'], 3), r.get('vs_serial_belady_bound'), r.get('device_cpu'))"

@@ -54,7 +54,7 @@ class DeviceStep:
                  transitions: tuple[Tensor, Tensor] | None = None, time_mix: float = 0.5, prefetch_ctas: int = 32,
                  evict: str = "policy", nextuse: NextUseParams | None = None, fill: int = 0,
                  fill_ctas: int = 32, cpu: Any = None, cpu_take: list[int] | None = None,
-                 cpu_rows: list[int] | bool | None = None, cpu_admit: bool = False) -> None:
+                 cpu_rows: list[int] | bool | None = None, cpu_admit: bool = False, split_ctas: int = 32) -> None:
         """evict: "policy" (the table's lru/flru) or "nextuse" (decode/devpolicy.py: evict the latest predicted next
         use; a prefetch then takes the non-resident candidates of highest probability, over victims predicted
         later only). nextuse: its weights (default DEFAULT_PARAMS). Both prediction modes need `transitions`.
@@ -64,8 +64,9 @@ class DeviceStep:
         to it, by cpu_take[m] of m misses (None: the provider's cost model, `cpu_split`). cpu_rows: besides, one
         miss a layer split by FFN rows, the CPU computing its first cpu_rows[m] (None: the cost model's
         `cpu_row_split` where the table can split, with cpu_take None; False: no split). cpu_admit: the split miss
-        takes a slot of its own, and the CPU's rows are copied after the layer's experts on a side stream that the
-        next layer's resolve waits for (else it goes to the split row and is not kept)."""
+        takes a slot of its own, reserved while the CPU's rows are copied after the layer's experts on a side stream
+        (split_ctas programs), and enters the table at the step's end (else it goes to the split row and is not
+        kept)."""
         table = getattr(model.provider, "devtable", None)
         if table is None:
             raise ValueError("DeviceStep needs an expert cache with a device slot table (--slot-table device)")
@@ -184,9 +185,15 @@ class DeviceStep:
             if self.cpu_admit and (self.prefetch or self.fill):
                 raise ValueError("--cpu-split admit runs without device prefetch or fill (their copies and pins "
                                  "would race the split's later copy)")
+            if self.cpu_admit and table.slots.shape[0] < self.K + len(cfg.moe_layers):
+                raise ValueError(f"--cpu-split admit reserves up to one slot a MoE layer until the step's end: it needs "
+                                 f"at least top-k + {len(cfg.moe_layers)} device slots, the table has "
+                                 f"{table.slots.shape[0]} (raise --vram-gb)")
             table.set_cpu_take(self.cpu_take, self.cpu_split, admit=self.cpu_admit)
-            # the admitted split's later copies: on their own stream beside the next layer's attention
+            # the admitted splits' later copies: on their own stream beside the CPU's tail and the next layers, joined
+            # at the step's end
             self.split_stream = torch.cuda.Stream(dev) if cuda and self.cpu_admit else None
+            self.split_ctas = int(split_ctas)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.graphed else None
         self.steps = 0
@@ -214,7 +221,6 @@ class DeviceStep:
                     joined = True
                 nu = self.nu
                 cpu = self.cpu is not None
-                self._split_join()  # the last layer's later copy has landed (a resolve may evict its slot)
                 self._layer = l
                 self.table.resolve(l, r.ids[0], self.slots[l], self.src[l],
                                    nt=nu.demand_nt(self.moe_index[l]) if nu is not None else None,
@@ -233,7 +239,9 @@ class DeviceStep:
                 r = m.segment_mid(l + 1, r, self.slots[l], plan, part)
             else:
                 out = m.segment_last(r, self.slots[l], part)
-        self._split_join()
+        if self.cpu_admit:  # the later copies have landed: their reserved slots enter the table
+            self._split_join()
+            self.table.split_install()
         argmax_into(out, self.token)  # the greedy pick and the next position, for `launch` (ahead.py)
         self.pos.add_(1)
         if fill:
@@ -243,19 +251,19 @@ class DeviceStep:
     def _cpu_add(self, out: Tensor) -> Tensor:
         """moe.expert_mix's `partial`: after the layer's device experts (which run while the CPU computes), wait for
         the worker's answer to this layer's post, if any, and add it to `out` in place."""
-        cpu_handoff.wait(self.cpu_seq, self.cpu, out)
-        if self.cpu_admit:  # the layer's experts have read its split's slot: copy the CPU's rows into it, beside
-            # the next layer's attention and router
+        if self.cpu_admit:  # the layer's experts have read its split's slot: copy the CPU's rows into it on a side
+            # stream, beside the CPU's tail and the next layers (the slot stays reserved until the step's end)
             cuda = self.split_stream is not None
             if cuda:
                 self.split_stream.wait_stream(torch.cuda.current_stream(self.device))
                 self._split_forked = True
             with torch.cuda.stream(self.split_stream) if cuda else contextlib.nullcontext():
-                self.table.split_rest(self._layer, ctas=32)
+                self.table.split_rest(self._layer, ctas=self.split_ctas)
+        cpu_handoff.wait(self.cpu_seq, self.cpu, out)
         return out
 
     def _split_join(self) -> None:
-        """The step's stream waits for the admitted split's later copy, when one was issued since the last join
+        """The step's stream waits for the admitted splits' later copies, when any was issued since the last join
         (only then: a captured stream may wait only on work forked from it in the same capture)."""
         if self._split_forked:
             torch.cuda.current_stream(self.device).wait_stream(self.split_stream)

@@ -149,8 +149,13 @@ def _resolve_kernel(ids_ptr, base, slot_of, key_of, last, uses, clock, counts, h
         # call); a claimed slot is used now (a demand miss) or enters cold (a prefetch: the first victim unless used)
         old = tl.load(key_of + slot, mask=load, other=-1).to(tl.int64)
         tl.store(slot_of + old, -1, mask=load & (old >= 0))
-        tl.store(slot_of + keys, slot.to(tl.int32), mask=load)
-        tl.store(key_of + slot, keys.to(tl.int32), mask=load)
+        if ADMIT:  # the admitted split's slot is reserved (key_of -2 - key: neither found nor evicted) until the
+            # step's end, when its later copy has landed (`split_install`)
+            tl.store(slot_of + keys, slot.to(tl.int32), mask=load & (split == 0))
+            tl.store(key_of + slot, tl.where(split, -2 - keys, keys).to(tl.int32), mask=load)
+        else:
+            tl.store(slot_of + keys, slot.to(tl.int32), mask=load)
+            tl.store(key_of + slot, keys.to(tl.int32), mask=load)
         tl.store(last + slot, tl.zeros([K_P], dtype=tl.int64) + (0 if PREFETCH else t), mask=load)
         tl.store(uses + slot, tl.zeros([K_P], dtype=tl.int64) + (0 if PREFETCH else 1), mask=load)
         if ADMIT:
@@ -323,6 +328,23 @@ def _fill_install_kernel(fill_key, fill_slot, slot_of, key_of, last, uses, count
     tl.store(counts + 3, tl.load(counts + 3) + tl.sum(v.to(tl.int64), axis=0))
 
 
+@triton.jit
+def _split_install_kernel(split_c, slot_of, key_of, n_rows, R_P: tl.constexpr, GDC: tl.constexpr = False):
+    """--cpu-split admit, at the step's end: each layer's admitted split slot (split_c [rows, slot, RAM row] with
+    rows > 0), reserved by resolve as key_of = -2 - key, takes its key (its later copy has landed)."""
+    gdc_enter(GDC)
+    o = tl.arange(0, R_P)
+    m = o < n_rows
+    rows = tl.load(split_c + o * 3, mask=m, other=0)
+    sl = tl.load(split_c + o * 3 + 1, mask=m, other=-1)
+    v = m & (rows > 0) & (sl >= 0)
+    kof = tl.load(key_of + sl, mask=v, other=-1).to(tl.int64)
+    v = v & (kof < -1)
+    k = -2 - kof
+    tl.store(key_of + sl, k.to(tl.int32), mask=v)
+    tl.store(slot_of + k, sl.to(tl.int32), mask=v)
+
+
 class HostPointer:
     """A page-locked host tensor handed to a Triton kernel as a device-readable pointer (UVA): CUDA maps pinned
     memory into the device's address space, so the kernel reads it over PCIe."""
@@ -372,8 +394,9 @@ def resolve(ids: Tensor, layer: int, num_experts: int, t: dict[str, Tensor], w: 
     misses, the next one in that order (if split[m] > 0) is split by FFN rows: the CPU computes its first split[m]
     rows (its cpu_row is -2 - (RAM row * SPLIT_BASE + split[m])), and its other rows are copied into split_slot (a
     scratch row outside the table: no eviction, no entry; `gather` with the split's spec zeroes the CPU's gate and
-    up rows there), or with admit into a slot of its own that it takes as any miss does (the CPU's rows are
-    copied later: `gather(..., inverse=True)`). split_c gets [split[m], its slot, its RAM row] when a call splits a
+    up rows there), or with admit into a slot of its own that it takes as any miss does, reserved (key_of = -2 - key:
+    neither found nor evicted) until the step's later copy of the CPU's rows (`gather(..., inverse=True)`) has
+    landed and `split_install` enters it. split_c gets [split[m], its slot, its RAM row] when a call splits a
     miss, else [0, -1, -1]. Counted in counts[1], counts[5] (splits) and counts[6] (the FFN rows the CPU
     computed)."""
     S = t["key_of"].shape[0]
@@ -477,8 +500,11 @@ def resolve_reference(ids: Tensor, layer: int, num_experts: int, t: dict[str, Te
         old = int(key_of[v])
         if old >= 0:
             slot_of[old] = -1
-        slot_of[k] = v
-        key_of[v] = k
+        if admit and j == split_j:  # reserved until the step's end (split_install)
+            key_of[v] = -2 - k
+        else:
+            slot_of[k] = v
+            key_of[v] = k
         last[v] = 0 if prefetch else now
         uses[v] = 0 if prefetch else 1
         slots[j] = v
@@ -671,3 +697,22 @@ def fill_install_reference(fill_key: Tensor, fill_slot: Tensor, t: dict[str, Ten
         else:
             t["key_of"][s] = -1
         t["counts"][3] += 1
+
+
+def split_install(split_c: Tensor, t: dict[str, Tensor]) -> None:
+    """--cpu-split admit, after the step's later copies landed: every admitted split slot in split_c int64 [L, 3]
+    (rows > 0, its slot reserved by resolve as key_of = -2 - key) enters the table under its key. CUDA: one
+    program; else the reference."""
+    if split_c.device.type != "cuda":
+        return split_install_reference(split_c, t)
+    n = split_c.shape[0]
+    _split_install_kernel[(1,)](split_c, t["slot_of"], t["key_of"], n, R_P=_p2(n), **launch_args(split_c.device))
+
+
+def split_install_reference(split_c: Tensor, t: dict[str, Tensor]) -> None:
+    """split_install in plain torch on host values (CPU path and test reference)."""
+    for rows, s, _ in split_c.tolist():
+        if rows > 0 and s >= 0 and int(t["key_of"][s]) < -1:
+            k = -2 - int(t["key_of"][s])
+            t["key_of"][s] = k
+            t["slot_of"][k] = s

@@ -15,7 +15,7 @@ weight). Pacing (--h2d-gbps, a benchmark's slower link) is the gather kernel's (
 splits a call's misses between copies and the CPU by the cost model's table (`set_cpu_take`), and the step hands
 the CPU's share to a native worker through mapped memory (model/cpu_mailbox.py); with --cpu-split auto|admit one
 more miss may be split by FFN rows, its other rows copied into the split row after the zero row (auto) or into a
-slot of its own, whose CPU rows are copied after the layer (admit).
+slot of its own, reserved while its CPU rows are copied after the layer and entered at the step's end (admit).
 
 Legend: N keys = L * E, S device slots.
 """
@@ -255,6 +255,11 @@ class DeviceSlotTable:
         sc = self.split_c[layer]
         self.kern.gather(self.host_pool, sc[2:3], sc[1:2], self.slots, ctas=ctas, gbps=self.h2d_gbps,
                          split=(self.split_spec, sc), inverse=True)
+
+    def split_install(self) -> None:
+        """--cpu-split admit, at the step's end (after its later copies landed): each layer's admitted split slot,
+        reserved by resolve, enters the table under its key (kernels/slot_table.split_install)."""
+        self.kern.split_install(self.split_c, self.t)
 
     def prefetch(self, layer: int, ids: Tensor, pin: Tensor, out_slot: Tensor, out_src: Tensor, *,
                  nt: Tensor | None = None, margin: int = 0) -> None:
