@@ -7,3 +7,4 @@ peers_ckpt; peers_layout layout-q4 q4 q4; pack
 LAYOUT=layout-q4 offload_variant demand "lru/device,lru+cpu/device"
 LAYOUT=layout-q4 offload_variant fill "lru+fill8/device,lru+cpu+fill8/device" --device-fill 8
 LAYOUT=layout-q4 offload_variant demand2 "lru+cpu/device,lru/device"
+offload_variant host2 "lru/auto"
