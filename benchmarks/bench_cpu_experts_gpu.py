@@ -207,8 +207,8 @@ def summarise(s: dict, bounds: dict, compute_s: float, L: int) -> dict:
                                  "prefetch_issued", "prefetch_used", "host_s_per_layer", "h2d_gbps_target",
                                  "expert_slots")}
     v["hit_rate"] = dec.get("hits", 0) / max(1, dec.get("hits", 0) + dec.get("misses", 0))
-    v["cpu_experts"] = {k: ce.get(k) for k in ("count", "bytes", "gbps", "threads", "model_pcie_gbps",
-                                                "model_cpu_gbps")}
+    v["cpu_experts"] = {k: ce.get(k) for k in ("mode", "default", "note", "count", "bytes", "gbps", "threads",
+                                                "model_pcie_gbps", "model_cpu_gbps")}
     dcpu = (s.get("device_step") or {}).get("cpu")
     if dcpu:  # the device step's mailbox: the cost model's split, its round trip, the worker's time
         v["device_cpu"] = dcpu
@@ -310,7 +310,7 @@ def main() -> None:
         name = ev.doc_names[d]
         runs: dict[str, dict] = {}
 
-        def go(label: str, policy: str, cand: int, cpu: str, h2d: float = 0.0, table: str = "host",
+        def go(label: str, policy: str, cand: int, cpu: str | None, h2d: float = 0.0, table: str = "host",
                dpf: int = 0, evict: str = "policy", wb: str = "off", fill: int = 0,
                fill_ctas: int | None = None, fill_ranked: bool = True, split: str = "off") -> None:
             pred = (History(L, cfg.num_experts, params) if cand or dpf or evict != "policy" or (fill and fill_ranked)
@@ -334,7 +334,8 @@ def main() -> None:
                 ("predicted/auto", "predicted", 0, "auto", 0.0), (f"{pf}/auto", "predicted", a.candidates, "auto", 0.0),
                 ("all", "lru", 0, "all", 0.0)]
         if cuda:  # the slot table on the device: the whole step in one CUDA graph (decode/devstep.py)
-            plan += [("lru/device", "lru", 0, "off", 0.0, "device"), ("flru/device", "flru", 0, "off", 0.0, "device"),
+            plan += [("default", "lru", 0, None, 0.0, "auto"),  # every option at its default (--cpu-experts unset)
+                     ("lru/device", "lru", 0, "off", 0.0, "device"), ("flru/device", "flru", 0, "off", 0.0, "device"),
                      (f"lru+pf{a.device_prefetch}/device", "lru", 0, "off", 0.0, "device", a.device_prefetch),
                      ("nextuse/device", "lru", 0, "off", 0.0, "device", 0, "nextuse"),
                      (f"nextuse+pf{a.nextuse_prefetch}/device", "lru", 0, "off", 0.0, "device", a.nextuse_prefetch,
@@ -366,7 +367,8 @@ def main() -> None:
                      (f"lru/off@{r:g}", "lru", 0, "off", r), (f"lru/auto@{r:g}", "lru", 0, "auto", r),
                      (f"lru/auto+wb@{r:g}", "lru", 0, "auto", r, "host", 0, "policy", "on")]
             if cuda:  # the device step, its gather kernel paced; with CPU experts through the mailbox
-                plan += [(f"lru/device@{r:g}", "lru", 0, "off", r, "device"),
+                plan += [(f"default@{r:g}", "lru", 0, None, r, "auto"),
+                         (f"lru/device@{r:g}", "lru", 0, "off", r, "device"),
                          (f"lru+cpu/device@{r:g}", "lru", 0, "auto", r, "device")]
         for label, *spec in plan:
             if a.only is None or label in a.only or label == "lru/off":  # lru/off: Belady's trace and the tokens

@@ -78,12 +78,61 @@ def test_options_validated(kw, msg):
 
 def test_options_defaults_and_resident(reference_layout):
     t = TierConfig()
-    assert (t.cpu_experts, t.cpu_threads, t.h2d_gbps) == ("off", 0, 0.0)
+    assert (t.cpu_experts, t.cpu_threads, t.h2d_gbps) == (None, 0, 0.0)  # None: resolved by the plan
     # alone they keep every expert resident (there are no misses to move)
     e = load(reference_layout, device="cpu", budget={"cpu_experts": "all", "h2d_gbps": 3.0})
     assert type(e.model.provider).__name__ == "ResidentExperts"
     with pytest.raises(EngineError, match="--cpu-experts"):
         load(reference_layout, device="cpu", budget={"expert_slots": 8, "cpu_experts": "maybe"})
+
+
+def test_cpu_experts_default_resolution():
+    """Unset --cpu-experts: auto exactly where the device slot table will run (CUDA, every expert in the RAM tier,
+    lru/flru, no host prefetch, --slot-table auto|device), else off; a given mode is kept."""
+    from tiered.store.budget import resolve_cpu_experts
+
+    def mode(cuda=True, ram=64, **kw):
+        return resolve_cpu_experts(TierConfig(**kw), cuda=cuda, ram_slots=ram, num_keys=64, block_size=4096)
+
+    assert mode() == "auto" and mode(slot_table="device") == "auto" and mode(policy="flru") == "auto"
+    assert mode(cuda=False) == "off"  # a CPU device has no link to save
+    assert mode(ram=63) == "off"  # the host path (a miss may be a disk read)
+    assert mode(slot_table="host") == "off" and mode(policy="lfu") == "off" and mode(prefetch_depth=1) == "off"
+    assert mode(cpu_experts="off") == "off" and mode(cpu_experts="all", cuda=False) == "all"
+    assert mode(cpu_experts="auto", slot_table="host") == "auto"
+
+
+def test_default_cpu_dropped_when_the_probe_finds_it_not_worth_it():
+    """engine._default_cpu_refusal: a default auto stays when the cost model gives the CPU one of a layer's two misses
+    (the CPU near the link's rate: bf16 on the H200 box), and is refused with a reason when it gives none (a CPU far
+    slower than the link: q4 there)."""
+    from types import SimpleNamespace
+
+    from tiered.engine import _default_cpu_refusal
+
+    B = 1 << 20
+    for cpu_gbps, kept in ((60.0, True), (20.0, False)):
+        prov = SimpleNamespace(cost_model=CostModel(50.0, cpu_gbps), block_size=B)
+        box = SimpleNamespace(gbps=cpu_gbps / 0.85, overhead_s=2e-5)
+        why = _default_cpu_refusal(prov, 8, box)
+        assert (why is None) == kept, why
+        if not kept:
+            assert "--cpu-experts auto" in why and "take [0, 0, 0" in why
+
+
+def test_drop_cpu_experts(reference_layout):
+    """ExpertCache.drop_cpu_experts: no CPU experts afterwards (the host path copies every miss), the worker stopped,
+    the reason in the stats; the tokens are the model's."""
+    want = load(reference_layout, device="cpu").generate(list(range(5, 15)), max_new_tokens=8).token_ids
+    e = load(reference_layout, device="cpu", budget={"expert_slots": 16, "cpu_experts": "auto", "h2d_gbps": 1.0})
+    c = e.model.provider
+    assert c.split and not c.cpu_default and c.cpu_worker is not None
+    c.drop_cpu_experts("test: not worth it")
+    assert not c.split and c.cpu_worker is None and c.cost_model is None
+    assert e.generate(list(range(5, 15)), max_new_tokens=8).token_ids == want
+    s = e.stats["cpu_experts"]
+    assert s["mode"] == "off" and s["count"] == 0 and s["note"] == "test: not worth it" and s["default"] is False
+    c.close()
 
 
 # --- the split on CPU ---

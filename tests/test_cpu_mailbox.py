@@ -538,3 +538,28 @@ def test_cuda_device_step_cpu_experts_match_host(reference_layout, evict, rows):
         assert min(cache.devtable.t["key_of"].tolist()) >= -1  # admit: every reserved split slot was entered
     finally:
         cache.close()
+
+
+@pytest.mark.cuda
+def test_cuda_default_cpu_experts(reference_layout):
+    """--cpu-experts unset where the device slot table runs: the default resolves to auto; the engine keeps the CPU
+    path only when the load-time probe's table gives the CPU one of a layer's two misses, else drops it with a note
+    (no mailbox, no handshake kernels). Either way the fp32 greedy tokens are the host step's without CPU experts."""
+    budget = {"expert_slots": 16, "ram_gb": 0.05}
+    ref = load(reference_layout, device="cuda", dtype="float32", budget={**budget, "slot_table": "host"})
+    want = ref.generate(PROMPT, max_new_tokens=32).token_ids
+    assert ref.stats["cpu_experts"]["mode"] == "off" and ref.stats["cpu_experts"]["default"] is True
+    ref.model.provider.close()
+    eng = load(reference_layout, device="cuda", dtype="float32", budget=budget)
+    cache = eng.model.provider
+    try:
+        assert eng.generate(PROMPT, max_new_tokens=32).token_ids == want
+        s = eng.stats
+        c = s["cpu_experts"]
+        assert s["decode_graphs"] == "device" and c["default"] is True
+        if c["mode"] == "auto":
+            assert eng.devstep.cpu is cache.cpu_box is not None and eng.devstep.cpu_take[2] > 0
+        else:
+            assert c["mode"] == "off" and "probe" in c["note"] and eng.devstep.cpu is None and cache.cpu_box is None
+    finally:
+        cache.close()

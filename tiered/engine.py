@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from tiered.decode.ahead import EagerGreedy, GreedyStep, Readback, TokenSink, run_ahead
-from tiered.decode.devstep import DeviceStep
+from tiered.decode.devstep import CPU_CONTENTION, DeviceStep, cpu_split
 from tiered.kernels import slot_table as slot_table_kernels
 from tiered.store.devtable import DeviceSlotTable
 from tiered.decode.graphed import GraphedDecode
@@ -237,10 +237,17 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
     box = None
     if getattr(provider, "devtable", None) is not None and getattr(provider, "split", False):
         box, why = _cpu_mailbox(provider, cfg, dt, model.fp32_route_weights)
-        if box is None:
+        if box is None and getattr(provider, "cpu_default", False):  # the default's CPU path only: keep the table
+            provider.drop_cpu_experts(why)
+        elif box is None:
             if (budget or {}).get("slot_table") == "device":
                 raise EngineError(f"--slot-table device with --cpu-experts {provider.cpu_mode}: {why}")
             provider.drop_device_table(why)
+        elif getattr(provider, "cpu_default", False):
+            why = _default_cpu_refusal(provider, cfg.top_k, box)
+            if why is not None:
+                provider.drop_cpu_experts(why)
+                box = None
     tok = Tokenizer.from_dir(layout.path) if layout.tokenizer_path else None
     engine = Engine(model, tok, layout_path=layout.path, cuda_graphs=cuda_graphs and dev.type == "cuda",
                     prefetcher=prefetcher, device_prefetch=(dpf, transitions) if transitions is not None else None,
@@ -284,6 +291,22 @@ def _cpu_mailbox(provider: Any, cfg: Any, dtype: torch.dtype, fp32_weights: bool
         box.probe(rows)
     provider.cpu_box = box
     return box, None
+
+
+def _default_cpu_refusal(provider: Any, K: int, box: Any) -> str | None:
+    """Why the default --cpu-experts (auto with the device slot table) is not worth its per-layer handshake here, or
+    None: the cost model's table (devstep.cpu_split, from the probe's rates) gives the CPU none of a layer's two
+    misses, so the CPU would take a miss only when several miss at once, which is rare where a lone miss is not worth
+    it. Measured on the H200 box at --vram-gb 4 (offload-default-2026-12-02-h200-s14.json): q4, take[2] = 0,
+    0.956-0.985x without CPU experts; bf16, take[2] = 1, 1.25x."""
+    take = cpu_split(provider, K, box)
+    m = min(2, K)
+    if take[m] > 0:
+        return None
+    return (f"--cpu-experts default: off here, since the load-time probe gives the CPU none of a layer's {m} misses "
+            f"(CPU {box.gbps or 0:.0f} GB/s x {CPU_CONTENTION} against the link's "
+            f"{provider.cost_model.pcie_gbps if provider.cost_model else 0:.0f}; take {take}); pass --cpu-experts auto "
+            "to keep it")
 
 
 def _transitions(layout: Any, predictor: Predictor | None) -> tuple[Tensor, Tensor]:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from tiered.layout.format import DENSE_FILE, ST_ITEMSIZE, read_safetensors_header
+from tiered.store.devtable import refusal as device_table_refusal
 from tiered.store.options import PREFILL_CHUNK, BudgetError, TierConfig
 
 GiB = 1 << 30
@@ -29,6 +30,7 @@ class CachePlan:
     vram_budget_gib: float | None  # the --vram-gb it came from, if any
     breakdown: dict[str, int] = field(default_factory=dict)  # bytes by use (dense, kv_cache, scratch, ...)
     notes: tuple[str, ...] = ()
+    cpu_experts: str = "off"  # --cpu-experts as given, or its default resolved (`resolve_cpu_experts`)
 
     def describe(self) -> str:
         b = self.breakdown
@@ -93,7 +95,23 @@ def plan_budget(cfg: Any, block_size: int, tiers: TierConfig, *, device: torch.d
     K = cfg.top_k
     cuda = device.type == "cuda"
     notes: list[str] = []
-    if tiers.cpu_experts != "off" and cuda:  # the all-zero expert row the CPU-expert steps point at (vram.py)
+    if tiers.ram_gb is not None:
+        R = int(tiers.ram_gb * GiB) // block_size
+        if R < 1:
+            raise BudgetError(f"--ram-gb {tiers.ram_gb} holds no expert block ({block_size / MiB:.2f} MiB each): "
+                              f"pass --ram-gb {block_size / GiB:.4f} or more")
+        if ram_total is not None and tiers.ram_gb * GiB > ram_total:
+            notes.append(f"warning: --ram-gb {tiers.ram_gb} is above MemTotal ({ram_total / GiB:.1f} GiB); "
+                         "kept, since explicit flags win (some machines grow their RAM as it is used)")
+        R = min(R, n_all)
+    elif cuda:
+        avail = ram_avail if ram_avail is not None else 8 * GiB
+        R = max(1, min(n_all, avail // 2 // block_size))
+        notes.append(f"no --ram-gb: {R} RAM slots from half of MemAvailable ({avail / GiB:.1f} GiB)")
+    else:
+        R = 0  # CPU: the device tier is RAM already; slots are filled straight from the file
+    cpu_mode = resolve_cpu_experts(tiers, cuda=cuda, ram_slots=R, num_keys=n_all, block_size=block_size)
+    if cpu_mode != "off" and cuda:  # the all-zero expert row the CPU-expert steps point at (vram.py)
         scratch_bytes += block_size
         if tiers.slot_table != "host" and tiers.cpu_split == "auto":  # and the split row (--cpu-split auto)
             scratch_bytes += block_size
@@ -140,20 +158,19 @@ def plan_budget(cfg: Any, block_size: int, tiers: TierConfig, *, device: torch.d
     brk["slots"] = S * block_size
     brk["unused"] = max(0, int((tiers.vram_gb or 0) * GiB) - fixed - S * block_size) if tiers.vram_gb else 0
 
-    if tiers.ram_gb is not None:
-        R = int(tiers.ram_gb * GiB) // block_size
-        if R < 1:
-            raise BudgetError(f"--ram-gb {tiers.ram_gb} holds no expert block ({block_size / MiB:.2f} MiB each): "
-                              f"pass --ram-gb {block_size / GiB:.4f} or more")
-        if ram_total is not None and tiers.ram_gb * GiB > ram_total:
-            notes.append(f"warning: --ram-gb {tiers.ram_gb} is above MemTotal ({ram_total / GiB:.1f} GiB); "
-                         "kept, since explicit flags win (some machines grow their RAM as it is used)")
-        R = min(R, n_all)
-    elif cuda:
-        avail = ram_avail if ram_avail is not None else 8 * GiB
-        R = max(1, min(n_all, avail // 2 // block_size))
-        notes.append(f"no --ram-gb: {R} RAM slots from half of MemAvailable ({avail / GiB:.1f} GiB)")
-    else:
-        R = 0  # CPU: the device tier is RAM already; slots are filled straight from the file
-    return CachePlan(S, R, block_size, tiers.vram_gb, brk, tuple(notes))
+    return CachePlan(S, R, block_size, tiers.vram_gb, brk, tuple(notes), cpu_mode)
+
+
+def resolve_cpu_experts(tiers: TierConfig, *, cuda: bool, ram_slots: int, num_keys: int, block_size: int) -> str:
+    """--cpu-experts as given; unset: auto where the device slot table will run (CUDA, every expert in the RAM
+    tier, lru/flru, no host prefetch, --slot-table auto|device: store/devtable.refusal finds nothing), else off.
+    The engine drops a default auto again when the load-time probe gives the CPU none of a layer's two misses."""
+    if tiers.cpu_experts is not None:
+        return tiers.cpu_experts
+    if tiers.slot_table == "host":
+        return "off"
+    why = device_table_refusal(cuda=cuda, ram_slots=ram_slots, num_keys=num_keys, block_size=block_size,
+                               policy=tiers.policy, cpu_experts="auto", h2d_gbps=tiers.h2d_gbps,
+                               prefetch_depth=tiers.prefetch_depth or 0)
+    return "auto" if why is None else "off"
 

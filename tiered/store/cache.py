@@ -87,7 +87,10 @@ class ExpertCache(HostSlotProvider):
         self.reader = BlockReader(layout, io=tiers.io, verify=tiers.verify, threads=tiers.io_threads, faults=faults)
         S = plan.expert_slots
         # CPU experts (offload.py): a zero slot for the experts a step computes on the CPU, a worker thread
-        self.cpu_mode = tiers.cpu_experts
+        # unset --cpu-experts: the plan's default (budget.resolve_cpu_experts: auto where the device slot table runs)
+        self.cpu_mode = tiers.cpu_experts if tiers.cpu_experts is not None else plan.cpu_experts
+        self.cpu_default = tiers.cpu_experts is None  # the engine may drop a default auto after its probe
+        self.cpu_note: str | None = None  # why a default auto was dropped
         self.split = self.cpu_mode != "off"
         self.vram = SlotPool(S, self.block_size, layout.tensor_specs, pol(tiers.policy), device=self.device,
                              max_per_call=S, ring=max(64, 2 * cfg.num_layers + 2), zero_slot=self.split,
@@ -440,6 +443,21 @@ class ExpertCache(HostSlotProvider):
         self.device_table_w = None
         self.slot_table_note = why
 
+    def drop_cpu_experts(self, why: str) -> None:
+        """No CPU experts from now on (a default auto the load-time probe found not worth it): the host path copies
+        every miss, the worker threads stop; the zero slot stays (one block of VRAM)."""
+        self.cpu_mode = "off"
+        self.split = False
+        self.cost_model = None
+        self.write_behind = False
+        self.cpu_note = why
+        if self.cpu_worker is not None:
+            self.cpu_worker.close()
+            self.cpu_worker = None
+        if self.cpu_box is not None:
+            self.cpu_box.close()
+            self.cpu_box = None
+
     def note_device_token(self) -> None:
         """The device step decoded one token (its hits and misses arrive with DeviceSlotTable.harvest)."""
         self._phases["decode"].tokens += 1
@@ -587,6 +605,9 @@ class ExpertCache(HostSlotProvider):
         out["cpu_experts"] = self.cpu.stats(self.cpu_mode, self.cpu_threads, self.cpu_dtype, self.cost_model)
         out["cpu_experts"]["kernel"] = getattr(self, "cpu_kernel_name", None)
         out["cpu_experts"]["write_behind"] = self.write_behind_n
+        out["cpu_experts"]["default"] = self.cpu_default  # --cpu-experts was not given: mode is the default's
+        if self.cpu_note:
+            out["cpu_experts"]["note"] = self.cpu_note
         out["h2d_gbps_target"] = self.tiers.h2d_gbps or None
         for key in ("h2d_gbps_native", "h2d_gbps_calibrated", "h2d_gbps_floor"):  # set_pace's findings (CUDA)
             if self.pace.get(key):

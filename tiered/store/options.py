@@ -62,16 +62,21 @@ class TierConfig:
                                       "one token]")
     prefetch_depth: int | None = _opt(None, "Layers ahead to prefetch (the predictor's prefetcher)", ("min", 0))
     prefetch_budget: int | None = _opt(None, "Experts prefetched per layer [default: 1.5 x top-k]", ("min", 0))
-    # default off: on the H200 box's native PCIe (54 GB/s) copies win on the host path; on paced links auto pays
-    # from about 12 GB/s (offload-paced-demand-2026-12-01-h200-s6.json: 1.36-1.47x off at 12, 0.93-1.05x at 25).
-    # With the device slot table auto measured 1.28x at 54 GB/s (offload-cpu-device-2026-12-01-h200-s11.json, one
-    # document), but its thread team spins on all cores but one while decoding: opt-in until measured wider.
-    cpu_experts: str = _opt("off", "Decode misses computed on the CPU from the RAM tier: off, auto (per miss, where "
-                                   "it finishes first: PCIe copy or CPU; on a CPU device only with --h2d-gbps), or "
-                                   "all (every routed expert on the CPU, like llama.cpp's -ot exps=CPU). auto "
-                                   "works with --slot-table device too (a native thread team answers the step's "
-                                   "kernels; it spins on all cores but one while decoding)",
-                            CPU_EXPERT_MODES)
+    # default (unset): auto where the device slot table runs, off on the host path, resolved by budget.py
+    # (`resolve_cpu_experts`). Measured on the H200 box, bf16, --vram-gb 4, replayed routing: with the device slot table
+    # auto gives 1.25-1.28x (offload-cpu-device-2026-12-01-h200-s11.json, s12, offload-default-2026-12-02-h200-s14.json)
+    # and 2.2-2.6x at 12 GB/s; on the host path at the native link it measured 1.23x and 0.91x in two processes (s14)
+    # and 0.93-1.05x at 25 GB/s (s6), so it stays off there. Where the load-time probe gives the CPU none of a layer's
+    # two misses (q4 on the H200 box: 0.96-0.99x with the handshake kernels and nothing to hand over), the default
+    # drops the CPU path again (engine.py).
+    cpu_experts: str | None = _opt(None, "Decode misses computed on the CPU from the RAM tier: off, auto (per miss, "
+                                         "where it finishes first: PCIe copy or CPU; on a CPU device only with "
+                                         "--h2d-gbps), or all (every routed expert on the CPU, like llama.cpp's -ot "
+                                         "exps=CPU). auto works with --slot-table device too (a native thread team "
+                                         "answers the step's kernels; it spins on all cores but one while decoding). "
+                                         "[default: auto where the device slot table runs and the load-time probe "
+                                         "finds the CPU worth one of a layer's two misses, else off]",
+                                   CPU_EXPERT_MODES)
     # default off: measured on the H200 box (offload-paced-demand-2026-12-01-h200-s6.json, call D3) it lifted auto
     # from 143.8 to 153.9 tok/s at --h2d-gbps 12 but cost 15% at 25 GB/s (202.1 -> 172.3), where the link is busier
     cpu_write_behind: str = _opt("off", "With --cpu-experts auto on CUDA: while the link is idle, also copy one expert "
@@ -133,7 +138,7 @@ class TierConfig:
             raise BudgetError(f"--expert-slots must be >= 1, got {self.expert_slots}")
         if self.io_threads < 1:
             raise BudgetError(f"--io-threads must be >= 1, got {self.io_threads}")
-        if self.cpu_experts not in CPU_EXPERT_MODES:
+        if self.cpu_experts is not None and self.cpu_experts not in CPU_EXPERT_MODES:
             raise BudgetError(f"--cpu-experts must be one of {list(CPU_EXPERT_MODES)}, got {self.cpu_experts!r}")
         if self.cpu_split not in ("auto", "admit", "off"):
             raise BudgetError(f"--cpu-split must be auto, admit or off, got {self.cpu_split!r}")
