@@ -132,6 +132,7 @@ def test_drop_cpu_experts(reference_layout):
     assert e.generate(list(range(5, 15)), max_new_tokens=8).token_ids == want
     s = e.stats["cpu_experts"]
     assert s["mode"] == "off" and s["count"] == 0 and s["note"] == "test: not worth it" and s["default"] is False
+    assert s["threads"] == 0
     c.close()
 
 

@@ -118,8 +118,9 @@ def run(prompt, model, revision, prompt_file, max_new_tokens, temperature, top_k
       tiered run --prompt-file prompt.txt --temperature 0.8 --top-p 0.95 --seed 1 --json
       tiered run -m Qwen/Qwen3-30B-A3B --chat "Write a haiku about caches"
       git diff | tiered run --prompt-file - --max-new-tokens 64
-      # larger than the GPU: 4 GiB of VRAM, every expert in pinned RAM, misses split between the link and the CPU
-      tiered run -m ~/layouts/qwen3-30b --device cuda --vram-gb 4 --ram-gb 64 --cpu-experts auto "Hello"
+      # larger than the GPU: 4 GiB of VRAM, every expert in pinned RAM (the device slot table: misses split
+      # between the link and the CPU by default; --cpu-experts off copies them all)
+      tiered run -m ~/layouts/qwen3-30b --device cuda --vram-gb 4 --ram-gb 64 "Hello"
     """
     text = _read_prompt(prompt, prompt_file)
     model = _resolve_model(model, revision)

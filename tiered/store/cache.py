@@ -448,6 +448,7 @@ class ExpertCache(HostSlotProvider):
         every miss, the worker threads stop; the zero slot stays (one block of VRAM)."""
         self.cpu_mode = "off"
         self.split = False
+        self.cpu_threads = 0
         self.cost_model = None
         self.write_behind = False
         self.cpu_note = why

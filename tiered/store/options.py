@@ -87,13 +87,16 @@ class TierConfig:
     # 495.1 whole (1.03x), nextuse 478.1 against 495.5 (0.96x): the link copies less, but a split expert is not
     # admitted to VRAM, so the hit rate falls (0.853 -> 0.825 under lru) and the misses it saves come back.
     # admit (offload-cpu-admit-2026-12-02-h200-s13.json): lru 497.2 against 512.0, nextuse 486.9 against 523.3: the
-    # hit rate holds, but the CPU computes more and the later copy stalls the next layer's lookup
+    # hit rate holds, but the CPU computes more and the later copy stalled the next layer's lookup. Without that stall
+    # (the slot reserved until the step's end; offload-default-2026-12-02-h200-s14.json, call A): lru 0.93x, nextuse
+    # 1.00x and 1.01x: the link moves the same bytes either way, and the CPU computes more
     cpu_split: str = _opt("off", "With --cpu-experts auto and the device slot table: also split one miss a layer "
                                  "by FFN rows between the CPU and the link where the cost model says that finishes "
                                  "first (dense bf16/fp16/fp32 experts only). auto: the link's rows go to a split row "
                                  "(one more expert row of VRAM) and the expert is not kept; admit: the expert takes a "
-                                 "slot and the CPU's rows are copied after the layer, beside the next one; off (measured "
-                                 "auto 1.03x under lru, 0.96x under nextuse; admit 0.97x and 0.93x)",
+                                 "slot, reserved while the CPU's rows are copied after the layer beside the next ones, "
+                                 "and kept from the step's end; off (measured auto 1.03x under lru, 0.96x under "
+                                 "nextuse; admit 0.93x and 1.00-1.01x)",
                           ("auto", "admit", "off"))
     cpu_threads: int = _opt(0, "Threads of the CPU-expert worker (0 = the physical cores: the usable CPUs, halved "
                                "when SMT is on)", ("min", 0))
