@@ -248,6 +248,11 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
             if why is not None:
                 provider.drop_cpu_experts(why)
                 box = None
+                print(f"tiered: {why}", file=sys.stderr)
+            else:
+                print(f"tiered: --cpu-experts default: auto with the device slot table ({box.threads} CPU threads at "
+                      f"{box.gbps or 0:.0f} GB/s beside the link; of m misses a layer the CPU computes "
+                      f"{cpu_split(provider, cfg.top_k, box)}[m]; --cpu-experts off copies them all)", file=sys.stderr)
     tok = Tokenizer.from_dir(layout.path) if layout.tokenizer_path else None
     engine = Engine(model, tok, layout_path=layout.path, cuda_graphs=cuda_graphs and dev.type == "cuda",
                     prefetcher=prefetcher, device_prefetch=(dpf, transitions) if transitions is not None else None,
@@ -298,7 +303,7 @@ def _default_cpu_refusal(provider: Any, K: int, box: Any) -> str | None:
     None: the cost model's table (devstep.cpu_split, from the probe's rates) gives the CPU none of a layer's two
     misses, so the CPU would take a miss only when several miss at once, which is rare where a lone miss is not worth
     it. Measured on the H200 box at --vram-gb 4 (offload-default-2026-12-02-h200-s14.json): q4, take[2] = 0,
-    0.956-0.985x without CPU experts; bf16, take[2] = 1, 1.25x."""
+    0.956-0.985x without CPU experts; bf16, take[2] = 1, 1.29x."""
     take = cpu_split(provider, K, box)
     m = min(2, K)
     if take[m] > 0:
