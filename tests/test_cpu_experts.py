@@ -136,6 +136,23 @@ def test_drop_cpu_experts(reference_layout):
     c.close()
 
 
+def test_default_cpu_goes_with_the_device_table(reference_layout, monkeypatch):
+    """A default auto (as budget.resolve_cpu_experts gives it where the device slot table runs) is dropped with the
+    table when the run falls back to the host (an observer, a failed capture): the host path keeps the default off."""
+    from tiered.store import budget
+
+    monkeypatch.setattr(budget, "resolve_cpu_experts", lambda tiers, **kw: "auto")
+    e = load(reference_layout, device="cpu", budget={"expert_slots": 16, "h2d_gbps": 1.0})
+    c = e.model.provider
+    assert c.cpu_default and c.split and c.cpu_mode == "auto"
+    c.drop_device_table("test: an observer")
+    assert not c.split and c.cpu_mode == "off" and "host slot table (test: an observer)" in c.cpu_note
+    e.generate(list(range(5, 15)), max_new_tokens=4)
+    s = e.stats["cpu_experts"]
+    assert s["default"] is True and s["mode"] == "off" and "host slot table" in s["note"] and s["count"] == 0
+    c.close()
+
+
 # --- the split on CPU ---
 def _engine(layout, cpu: str, *, pieces: bool, slots: int = 16, **extra):
     e = load(layout, device="cpu", max_context=256,

@@ -436,12 +436,15 @@ class ExpertCache(HostSlotProvider):
         return [(base + int(e)) in slot_of for e in expert_ids]
 
     def drop_device_table(self, why: str = "the device step was not captured") -> None:
-        """Resolve slots on the host from now on (the table handed back first)."""
+        """Resolve slots on the host from now on (the table handed back first); a default --cpu-experts auto, which
+        applies with the device slot table only (budget.resolve_cpu_experts), goes with it."""
         if self.devtable is not None:
             self.devtable.give_back()
             self.devtable = None
         self.device_table_w = None
         self.slot_table_note = why
+        if self.cpu_default and self.split:
+            self.drop_cpu_experts(f"--cpu-experts default: off with the host slot table ({why})")
 
     def drop_cpu_experts(self, why: str) -> None:
         """No CPU experts from now on (a default auto the load-time probe found not worth it): the host path copies
