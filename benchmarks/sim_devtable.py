@@ -38,6 +38,8 @@ nextuse against whole experts: its hit rate fell 3 points (csv.py.txt) where thi
     python3 benchmarks/sim_devtable.py --text ../shared/text                     # all runs, five eval docs
     python3 benchmarks/sim_devtable.py --text ../shared/text --docs 2 --runs lru,nextuse,nextuse+pf1
     python3 benchmarks/sim_devtable.py --text ../shared/text --fit               # refit the next-use weights
+    python3 benchmarks/sim_devtable.py --text ../shared/text --runs nextuse+cpu,nextuse+gate1+cpu --gate-top 4
+        # the reference model's next-gate predictor as the prefetch's candidates (traced once with hidden states)
 Prints a table, then one JSON line last; writes $OUT/sim_devtable.json when OUT is set.
 """
 from __future__ import annotations
@@ -182,6 +184,35 @@ def mapped(trace: Trace, layers: int, experts: int, top_k: int) -> Trace:
         return map_routing(trace, num_layers=layers, num_experts=experts, top_k=top_k, jitter=0.0)
 
 
+def gate_predictions(text: Path, cache: Path, ref: Trace, ev: Trace, experts: int, count: int) -> list[np.ndarray]:
+    """The reference model's next-gate candidates on the documents of `ref` (traced again with hidden states, cached
+    as npz; its routing must be ref's), mapped onto the target as `ev` was (map_routing, one stream)."""
+    from tiered.layout.families import default_model_path
+    from tiered.predict.predictors import GateWeights
+    from tiered.predict.replay import map_predictions
+    from tiered.predict.trace import TraceRecorder, record, split_ids
+    from tiered.store.disk import Layout
+
+    mf = ev.meta.get("mapped_from") or {}
+    if mf.get("rule") != "map_routing" or mf.get("streams") != 1 or mf.get("jitter"):
+        raise SystemExit(f"+gate runs replay map_routing's mapping with one stream and no jitter, not {mf}")
+    from tiered import load
+
+    rec = TraceRecorder(logits=False, hidden=True)
+    eng = load(default_model_path(), device="cpu", dtype=torch.float32, observer=rec)  # (its layout: the gates)
+    if not cache.is_file():
+        docs = []
+        for p in sorted(text.iterdir()):
+            docs += split_ids(p.name, eng.encode(p.read_text()), eng.max_context)[:1]
+        save_trace(record(eng, rec, docs), cache)
+    hid = load_trace(cache)
+    if not np.array_equal(hid.topk_ids, ref.topk_ids):
+        raise SystemExit(f"{cache}: its routing is not the reference trace's: delete it to trace again")
+    gates = GateWeights.from_layout(Layout.open(eng.layout_path))
+    return map_predictions(hid, gates, num_experts=experts, count=count, segment=int(mf["segment"]),
+                           seed=int(mf["seed"]))
+
+
 def reference_traces(text: Path, cache: Path) -> tuple[Trace, Trace]:
     """The reference model's routing over fit/ and eval/ (bench_predict_gpu.reference_trace), cached as npz."""
     out = []
@@ -198,24 +229,30 @@ def reference_traces(text: Path, cache: Path) -> tuple[Trace, Trace]:
 
 def parse_run(spec: str) -> dict:
     """'lru', 'flru:W', 'nextuse', each optionally '+pfN' (device prefetch of N per layer); 'nextuse+oracleN': the
-    prefetch given the next layer's true missing experts (up to N; a ceiling for any next-layer predictor)."""
+    prefetch given the next layer's true missing experts (up to N; a ceiling for any next-layer predictor);
+    'nextuse+gateN': the prefetch given the reference model's next-gate predictions (replay.map_predictions: layer
+    l+1's norm and router on the hidden state after layer l's attention, mapped as the routing is), the first N of
+    its top-K that are not resident. Any of them may end in '+cpu'."""
     oracle = "+oracle" in spec
+    gate = "+gate" in spec
     cpu = spec.endswith("+cpu")
     spec = spec.removesuffix("+cpu")
-    base, _, pf = spec.replace("+oracle", "+pf").partition("+pf")
+    base, _, pf = spec.replace("+oracle", "+pf").replace("+gate", "+pf").partition("+pf")
     name, _, w = base.partition(":")
-    if name not in ("lru", "flru", "nextuse") or (oracle and name != "nextuse"):
-        raise SystemExit(f"unknown run {spec!r}: use lru, flru:W or nextuse, optionally +pfN (nextuse: +oracleN)")
+    if name not in ("lru", "flru", "nextuse") or ((oracle or gate) and name != "nextuse"):
+        raise SystemExit(f"unknown run {spec!r}: use lru, flru:W or nextuse, optionally +pfN (nextuse: +oracleN, "
+                         "+gateN)")
     return {"evict": "nextuse" if name == "nextuse" else "policy", "w": int(w or (8 if name == "flru" else 0)),
-            "prefetch": int(pf or 0), "oracle": oracle, "cpu": cpu}
+            "prefetch": int(pf or 0), "oracle": oracle, "gate": gate, "cpu": cpu}
 
 
 def simulate_doc(ids: np.ndarray, prompt: int, run: dict, *, slots: int, num_experts: int, transitions, params,
                  block: int, pcie: float, compute: float, cpu_take: list[int] | None = None,
                  cpu_gbps: float = 0.0, cpu_overhead: float = 0.0, cpu_frac: bool = False,
                  cpu_split: list[int] | None = None, split_f: float = 0.0, split_share: float = 2 / 3,
-                 split_admit: float | None = None) -> dict:
-    """One run over one document's routing ids [T, L, K]: positions 0..prompt-1 prefilled, the rest decoded."""
+                 split_admit: float | None = None, pred: np.ndarray | None = None) -> dict:
+    """One run over one document's routing ids [T, L, K]: positions 0..prompt-1 prefilled, the rest decoded.
+    pred [T, L, C]: the next-gate candidates of a '+gate' run (map_predictions)."""
     T, L, K = ids.shape
     E = num_experts
     table = SimTable(L, E, slots, run["w"])
@@ -235,6 +272,22 @@ def simulate_doc(ids: np.ndarray, prompt: int, run: dict, *, slots: int, num_exp
             return torch.tensor(miss + [-1] * (count - len(miss)), dtype=torch.int64)
 
         nu.prefetch = oracle
+    if run.get("gate"):
+        if pred is None:
+            raise SystemExit("a +gate run needs the next-gate predictions (map_predictions)")
+        nu = step.nu
+        P = torch.from_numpy(pred)
+
+        def gate(j: int, slot_of: torch.Tensor, count: int) -> torch.Tensor:
+            """The predictor's candidates for the next layer that are not resident, in its order, accepted as the
+            oracle's are (over any victim): the same prefetch with a real predictor's recall."""
+            torch.add(nu.dist[j], nu.base, out=nu.nt_pf)
+            cand = [int(e) for e in P[model.pos, j + 1] if e >= 0 and int(slot_of[(j + 1) * E + int(e)]) < 0][:count]
+            for e in cand:
+                nu.nt_pf[(j + 1) * E + e] = 0
+            return torch.tensor(cand + [-1] * (count - len(cand)), dtype=torch.int64)
+
+        nu.prefetch = gate
     out = torch.empty(E, dtype=torch.int64)
     src = torch.empty(E, dtype=torch.int64)
     for l in range(L):  # prefill: the prompt's experts per layer, LRU (the host cache), then handed over
@@ -330,6 +383,8 @@ def main() -> None:
                          "(attention, router)")
     ap.add_argument("--split-down", action="store_true",
                     help="--cpu-split: down's columns split too (not copied whole)")
+    ap.add_argument("--gate-top", type=int, default=0,
+                    help="+gate runs: candidates from the gate's top R only (default: top-k)")
     ap.add_argument("--cpu-take", default="", help="comma-separated take[m], m = 0..K (default: the cost model's)")
     a = ap.parse_args()
     t0 = time.perf_counter()
@@ -362,8 +417,13 @@ def main() -> None:
     res: dict = {"bench": "sim_devtable", "commit": git_commit(), "date": time.strftime("%Y-%m-%d"), "slots": a.slots, "block_bytes": a.block_bytes, "pcie_gbps": a.pcie_gbps,
                  "compute_ms": a.compute_ms, "prompt_tokens": a.prompt_tokens, "decode_steps": a.new_tokens - 1,
                  "split": a.split, "next_use_params": params.__dict__, "cpu_take": take, "cpu_split": split,
-                 "cpu_gbps": a.cpu_gbps, "mapping": ev.meta.get("mapped_from"), "docs": {}}
+                 "cpu_gbps": a.cpu_gbps, "gate_top": a.gate_top or a.top_k, "mapping": ev.meta.get("mapped_from"),
+                 "docs": {}}
     runs = [r for r in a.runs.split(",") if r]
+    preds = None
+    if any("+gate" in r for r in runs):
+        preds = gate_predictions(a.text / a.split, a.cache / f"ref_{a.split}_hidden.npz",
+                                 eval_ref if a.split == "eval" else fit_ref, ev, a.experts, a.gate_top or a.top_k)
     for d in range(min(a.docs, ev.num_docs)):
         doc = ev.doc(d)
         if doc.num_tokens < n_tok:
@@ -375,7 +435,7 @@ def main() -> None:
                             compute=a.compute_ms * 1e-3, cpu_take=take, cpu_gbps=a.cpu_gbps,
                             cpu_overhead=a.cpu_overhead_us * 1e-6, cpu_frac=a.cpu_frac, cpu_split=split,
                             split_f=a.cpu_split, split_share=1.0 if a.split_down else 2 / 3,
-                            split_admit=a.split_admit)
+                            split_admit=a.split_admit, pred=None if preds is None else preds[d][:n_tok])
             for r in runs}
     docs = res["docs"]
     res["mean"] = {r: {k: float(np.mean([docs[d][r][k] for d in docs]))

@@ -214,3 +214,33 @@ def test_uniform_routing():
     assert s["distinct_experts_per_layer"] == 64 and abs(s["reuse_t1"] - 10 / 64) < 0.03
     np.testing.assert_array_equal(u.topk_ids, uniform_routing(300, num_layers=3, num_experts=64, top_k=10,
                                                               seed=1).topk_ids)
+
+
+def test_map_predictions_follow_map_routing():
+    """Next-gate candidates mapped as the routing is: where the recorded routing of layer l is exactly the gate's
+    top-K on the hidden state after layer l-1, the mapped candidates (any count <= K) are the mapped routing's first
+    ids, segment switches included; layer 0 is -1; a trace without hidden states is refused."""
+    from types import SimpleNamespace
+
+    from tiered.predict.replay import map_predictions, map_routing
+
+    rng = np.random.default_rng(3)
+    n, L, E, K, D = 300, 3, 8, 3, 5
+    router = torch.from_numpy(rng.standard_normal((L, E, D)).astype(np.float32))
+    gates = SimpleNamespace(logits=lambda h, l: h.float() @ router[l].T)
+    hidden = rng.standard_normal((n, L, D)).astype(np.float16)
+    ids = np.zeros((n, L, K), dtype=np.int16)
+    ids[:, 0] = np.stack([rng.permutation(E)[:K] for _ in range(n)])
+    for l in range(1, L):
+        ids[:, l] = gates.logits(torch.from_numpy(hidden[:, l - 1].astype(np.float32)), l).topk(K, -1).indices.numpy()
+    w = np.sort(rng.random((n, L, K)).astype(np.float32), axis=-1)[..., ::-1].copy()  # best first, as recorded
+    t = Trace(np.arange(n, dtype=np.int32), np.array([0, n], dtype=np.int64), ids, w, hidden=hidden,
+              meta={"num_experts": E})
+    m = map_routing(t, num_layers=L, num_experts=4 * E, top_k=K, jitter=0.0, segment=64)
+    for count in (1, K):
+        (pred,) = map_predictions(t, gates, num_experts=4 * E, count=count, segment=64)
+        assert pred.shape == (n, L, count) and bool((pred[:, 0] == -1).all())
+        np.testing.assert_array_equal(pred[:, 1:], m.topk_ids[:, 1:, :count])
+    assert len(np.unique(m.topk_ids[:, 1, 0] % 4)) > 1  # the members do switch across segments
+    with pytest.raises(ValueError, match="hidden"):
+        map_predictions(Trace(t.tokens, t.doc_offsets, ids, w, meta=t.meta), gates, num_experts=4 * E, count=1)

@@ -75,3 +75,34 @@ def test_sim_lru_counts_match_a_plain_replay_and_bounds_hold():
                            cpu_overhead=1e-4)
     assert cpu["demand_misses"] == 0 and cpu["cpu_misses"] > 0
     assert cpu["hit_rate"] == 1 - cpu["cpu_misses"] / (n * L * K)
+
+
+def test_sim_gate_prefetch_replays_given_candidates():
+    """A '+gate' run prefetches the given candidates of the next layer that are not resident, in their order: with
+    the true routing as its candidates it is the oracle, to the count; with candidates that are never routed, its
+    prefetches go unused; without candidates it refuses to run."""
+    sim = _sim()
+    L, E, K, S, P = 3, 16, 3, 14, 6
+    ids = _routing(40, L, E, K, seed=1)
+    tt = torch.softmax(torch.randn(L, E, E), -1)
+    lt = torch.softmax(torch.randn(L - 1, E, E), -1)
+    kw = dict(slots=S, num_experts=E, transitions=(lt, tt), params=sim.DEFAULT_PARAMS, block=4096, pcie=1e-3,
+              compute=1e-3)
+    assert sim.parse_run("nextuse+gate2+cpu") == {"evict": "nextuse", "w": 0, "prefetch": 2, "oracle": False,
+                                                   "gate": True, "cpu": True}
+    oracle = sim.simulate_doc(ids, P, sim.parse_run("nextuse+oracle2"), **kw)
+    gate = sim.simulate_doc(ids, P, sim.parse_run("nextuse+gate2"), **kw, pred=ids)
+    for k in ("demand_misses", "prefetch_issued", "prefetch_used", "time_ms_per_token"):
+        assert gate[k] == oracle[k], k
+    never = np.empty_like(ids)
+    for t in range(len(ids)):
+        for l in range(L):
+            never[t, l] = [e for e in range(E) if e not in ids[t, l]][:K]
+    bad = sim.simulate_doc(ids, P, sim.parse_run("nextuse+gate2"), **kw, pred=never)
+    assert bad["prefetch_issued"] > 0 and bad["prefetch_used"] <= bad["prefetch_issued"] // 2
+    try:
+        sim.simulate_doc(ids, P, sim.parse_run("nextuse+gate2"), **kw)
+    except SystemExit as e:
+        assert "predictions" in str(e)
+    else:
+        raise AssertionError("a +gate run without candidates ran")

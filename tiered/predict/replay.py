@@ -4,8 +4,8 @@ Random weights route almost uniformly, so no cache policy or predictor can be ju
 bandwidth benchmarks on a large random model, the router's choice is replaced by a recorded trace of
 the trained reference model, mapped onto the large model's layers and experts.
 
-Owns: `map_trace` (the documented, deterministic mapping) and `ReplayRouting` (the override the
-model calls instead of its router). Does not own: recording traces (trace.py) or the model.
+Owns: `map_trace` (the documented, deterministic mapping), `map_predictions` (a next-gate predictor's candidates
+mapped the same way) and `ReplayRouting` (the override the model calls instead of its router). Does not own: recording traces (trace.py) or the model.
 
 The mapping (no lookahead: token t of the mapped trace is made only from token t of the source):
     source: L layers, E experts, top-K;   target: L' = H*L layers, E' = H*E experts, the same K,
@@ -209,6 +209,36 @@ def map_routing(trace: Trace, *, num_layers: int, num_experts: int, top_k: int, 
                        "mapped_from": {"num_layers": L, "num_experts": E, "top_k": trace.top_k, "group": G,
                                        "streams": S, "segment": segment, "jitter": jitter, "seed": seed,
                                        "rule": "map_routing"}})
+
+
+def map_predictions(trace: Trace, gates: "object", *, num_experts: int, count: int, segment: int = 128,
+                    seed: int = 0) -> list[np.ndarray]:
+    """Next-gate predictions of `trace` (recorded with hidden states) mapped as `map_routing(trace, num_layers=L,
+    num_experts=num_experts, jitter=0)` maps its routing: per document, int64 [n, L, count], row (t, l) layer l's
+    `count` likeliest experts predicted at token t from the hidden state after layer l-1's attention (predictors.
+    NextGate: layer l's norm and router applied one layer early; `gates` a GateWeights of the source model), each
+    source expert e put on the member of its group that map_routing gives a routed use of e at (l, t); layer 0
+    (nothing earlier to predict from) is -1. A prefetch of these candidates replays the predictor a trained model
+    of the target's shape would run on its own hidden states (benchmark mode, with the replayed routing).
+    Same target layers as the source's only (one stream)."""
+    L, E = trace.num_layers, trace.num_experts
+    if trace.hidden is None:
+        raise ValueError("next-gate predictions need the trace's hidden states (TraceRecorder(hidden=True))")
+    if num_experts % E or num_experts < E or not 1 <= count <= E:
+        raise ValueError(f"cannot map {E} experts onto {num_experts} with {count} candidates")
+    G = num_experts // E
+    out = []
+    for d in range(trace.num_docs):
+        doc = trace.doc(d)
+        n = doc.num_tokens
+        h = torch.from_numpy(doc.hidden.astype(np.float32))  # [n, L, D]
+        pred = np.full((n, L, count), -1, dtype=np.int64)
+        t = np.arange(n, dtype=np.uint64)[:, None]
+        for l in range(1, L):
+            sid = gates.logits(h[:, l - 1], l).topk(count, dim=-1).indices.numpy().astype(np.int64)  # [n, count]
+            pred[:, l] = sid * G + (_hash(l, sid, t // np.uint64(segment), seed, 1) % np.uint64(G)).astype(np.int64)
+        out.append(pred)
+    return out
 
 
 def uniform_routing(num_tokens: int, *, num_layers: int, num_experts: int, top_k: int, seed: int = 0) -> Trace:
