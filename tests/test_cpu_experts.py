@@ -50,6 +50,7 @@ def test_hot_and_resident_experts_stay_on_the_device(reference_layout):
 
     from tiered.store.cache import make_provider
     from tiered.store.disk import Layout
+    from tiered.store.disk import Layout
 
     lay = Layout.open(reference_layout)
     c = make_provider(lay, device="cpu", quiet=True, expert_slots=8, policy="predicted", cpu_experts="auto",
@@ -136,20 +137,33 @@ def test_drop_cpu_experts(reference_layout):
     c.close()
 
 
-def test_default_cpu_goes_with_the_device_table(reference_layout, monkeypatch):
-    """A default auto (as budget.resolve_cpu_experts gives it where the device slot table runs) is dropped with the
-    table when the run falls back to the host (an observer, a failed capture): the host path keeps the default off."""
+def test_default_cpu_is_the_device_steps_alone(reference_layout, monkeypatch):
+    """A default auto (budget.resolve_cpu_experts gives it only where the device slot table will run) never runs on
+    the host path: a cache without the table drops it at load, and a table dropped later (an observer, a failed
+    capture) takes it along; with the table, one-token host steps (a batch of one row) copy every miss
+    (host_split), while an explicit auto keeps the host path's CPU experts."""
     from tiered.store import budget
 
     monkeypatch.setattr(budget, "resolve_cpu_experts", lambda tiers, **kw: "auto")
     e = load(reference_layout, device="cpu", budget={"expert_slots": 16, "h2d_gbps": 1.0})
     c = e.model.provider
-    assert c.cpu_default and c.split and c.cpu_mode == "auto"
-    c.drop_device_table("test: an observer")
-    assert not c.split and c.cpu_mode == "off" and "host slot table (test: an observer)" in c.cpu_note
+    assert c.cpu_default and not c.split and c.cpu_mode == "off" and "without the device slot table" in c.cpu_note
     e.generate(list(range(5, 15)), max_new_tokens=4)
     s = e.stats["cpu_experts"]
-    assert s["default"] is True and s["mode"] == "off" and "host slot table" in s["note"] and s["count"] == 0
+    assert s["default"] is True and s["mode"] == "off" and s["count"] == 0 and "device slot table" in s["note"]
+    c.close()
+    # a default auto still on (as with the device table), then the table dropped: it goes too
+    from tiered.store.cache import make_provider
+    from tiered.store.disk import Layout
+
+    lay = Layout.open(reference_layout)
+    c = make_provider(lay, device="cpu", quiet=True, expert_slots=16, h2d_gbps=1.0)
+    assert c.cpu_default and c.split and c.cpu_mode == "auto" and not c.host_split
+    c.drop_device_table("test: an observer")
+    assert not c.split and c.cpu_mode == "off" and "host slot table (test: an observer)" in c.cpu_note
+    c.close()
+    c = make_provider(lay, device="cpu", quiet=True, expert_slots=16, h2d_gbps=1.0, cpu_experts="auto")
+    assert c.split and c.host_split and not c.cpu_default
     c.close()
 
 

@@ -253,6 +253,8 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
                 print(f"tiered: --cpu-experts default: auto with the device slot table ({box.threads} CPU threads at "
                       f"{box.gbps or 0:.0f} GB/s beside the link; of m misses a layer the CPU computes "
                       f"{cpu_split(provider, cfg.top_k, box)}[m]; --cpu-experts off copies them all)", file=sys.stderr)
+    if getattr(provider, "cpu_default", False) and provider.split and getattr(provider, "devtable", None) is None:
+        provider.drop_cpu_experts("--cpu-experts default: off without the device slot table")
     tok = Tokenizer.from_dir(layout.path) if layout.tokenizer_path else None
     engine = Engine(model, tok, layout_path=layout.path, cuda_graphs=cuda_graphs and dev.type == "cuda",
                     prefetcher=prefetcher, device_prefetch=(dpf, transitions) if transitions is not None else None,

@@ -149,7 +149,7 @@ class PiecewiseDecode:
         self._stream: Any = None  # the compute stream of the current step (the host waits on it for the top-k)
         self._get_slots = host_slots_api(model.provider)  # None: the provider is served through get()
         # CPU experts: layer l's partial sum, on the host [L, D] and (CUDA) in static device rows seg l+1 adds
-        self.split = self._get_slots is not None and bool(getattr(model.provider, "split", False))
+        self.split = self._get_slots is not None and bool(getattr(model.provider, "host_split", False))
         D = cfg.hidden_size
         self._partial_next: Tensor | None = None  # CPU, eager segments: the sum seg l+1 adds (None: nothing)
         self._x_host = self._partial_host = self._partial_dev = None

@@ -283,7 +283,7 @@ def expert_mix(x: Tensor, ids: Tensor, wts: Tensor, w: MoEWeights, provider: Exp
     experts_from_slots, which reads them with the fused dequantizing kernels on CUDA (kernels/quant_moe.py);
     several tokens with kernels=True take moe_gpu.experts_tokens (fused GEMV or grouped dequantizing kernels,
     kernels/quant_grouped.py), else experts_grouped, which dequantizes one expert at a time.
-    CPU experts (--cpu-experts, a provider with `split`): for one token without known slots, the provider's
+    CPU experts (--cpu-experts, a provider with `host_split`): for one token without known slots, the provider's
     get_split sends some experts to the CPU (their slot is a zero expert); they run on its worker thread while
     the device computes the others, and their weighted sum is added after the device's routed experts.
     `partial` [1, D] (piecewise step): that sum, already computed, to add the same way; or a callable that adds it
@@ -308,7 +308,7 @@ def expert_mix(x: Tensor, ids: Tensor, wts: Tensor, w: MoEWeights, provider: Exp
 
     if slots is not None:
         out = one(slots)
-    elif x.shape[0] == 1 and getattr(provider, "split", False):
+    elif x.shape[0] == 1 and getattr(provider, "host_split", False):
         from tiered.model import cpu_experts  # imports this module
 
         s, jobs = provider.get_split(layer, ids[0])

@@ -446,6 +446,13 @@ class ExpertCache(HostSlotProvider):
         if self.cpu_default and self.split:
             self.drop_cpu_experts(f"--cpu-experts default: off with the host slot table ({why})")
 
+    @property
+    def host_split(self) -> bool:
+        """Whether one-token steps resolved on the host (the piecewise step, a batch of one row) send misses to the
+        CPU: with an explicit --cpu-experts auto|all; a default auto is the device step's alone (on the host path at
+        the native link it measured 1.23x and 0.91x, offload-default-2026-12-02-h200-s14.json)."""
+        return self.split and not self.cpu_default
+
     def drop_cpu_experts(self, why: str) -> None:
         """No CPU experts from now on (a default auto the load-time probe found not worth it): the host path copies
         every miss, the worker threads stop; the zero slot stays (one block of VRAM)."""
