@@ -64,7 +64,7 @@ class TierConfig:
     prefetch_budget: int | None = _opt(None, "Experts prefetched per layer [default: 1.5 x top-k]", ("min", 0))
     # default (unset): auto where the device slot table runs, off on the host path, resolved by budget.py
     # (`resolve_cpu_experts`). Measured on the H200 box, bf16, --vram-gb 4, replayed routing: with the device slot table
-    # auto gives 1.27-1.29x (offload-cpu-device-2026-12-01-h200-s11.json, s12, offload-default-2026-12-02-h200-s14.json)
+    # auto gives 1.25-1.29x (offload-cpu-device-2026-12-01-h200-s11.json, s12, offload-default-2026-12-02-h200-s14.json)
     # and 2.2-2.6x at 12 GB/s; on the host path at the native link it measured 1.23x and 0.91x in two processes (s14)
     # and 0.93-1.05x at 25 GB/s (s6), so it stays off there. Where the load-time probe gives the CPU none of a layer's
     # two misses (q4 on the H200 box: 0.96-0.99x with the handshake kernels and nothing to hand over), the default
