@@ -109,13 +109,14 @@ def test_default_cpu_dropped_when_the_probe_finds_it_not_worth_it():
     slower than the link: q4 there)."""
     from types import SimpleNamespace
 
+    from tiered.decode.devstep import cpu_split
     from tiered.engine import _default_cpu_refusal
 
     B = 1 << 20
     for cpu_gbps, kept in ((60.0, True), (20.0, False)):
         prov = SimpleNamespace(cost_model=CostModel(50.0, cpu_gbps), block_size=B)
         box = SimpleNamespace(gbps=cpu_gbps / 0.85, overhead_s=2e-5)
-        why = _default_cpu_refusal(prov, 8, box)
+        why = _default_cpu_refusal(prov, cpu_split(prov, 8, box), box)
         assert (why is None) == kept, why
         if not kept:
             assert "--cpu-experts auto" in why and "take [0, 0, 0" in why

@@ -244,7 +244,8 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
                 raise EngineError(f"--slot-table device with --cpu-experts {provider.cpu_mode}: {why}")
             provider.drop_device_table(why)
         elif getattr(provider, "cpu_default", False):
-            why = _default_cpu_refusal(provider, cfg.top_k, box)
+            take = cpu_split(provider, cfg.top_k, box)
+            why = _default_cpu_refusal(provider, take, box)
             if why is not None:
                 provider.drop_cpu_experts(why)
                 box = None
@@ -252,7 +253,7 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
             else:
                 print(f"tiered: --cpu-experts default: auto with the device slot table ({box.threads} CPU threads at "
                       f"{box.gbps or 0:.0f} GB/s beside the link; of m misses a layer the CPU computes "
-                      f"{cpu_split(provider, cfg.top_k, box)}[m]; --cpu-experts off copies them all)", file=sys.stderr)
+                      f"{take}[m]; --cpu-experts off copies them all)", file=sys.stderr)
     if getattr(provider, "cpu_default", False) and provider.split and getattr(provider, "devtable", None) is None:
         provider.drop_cpu_experts("--cpu-experts default: off without the device slot table")
     tok = Tokenizer.from_dir(layout.path) if layout.tokenizer_path else None
@@ -300,14 +301,13 @@ def _cpu_mailbox(provider: Any, cfg: Any, dtype: torch.dtype, fp32_weights: bool
     return box, None
 
 
-def _default_cpu_refusal(provider: Any, K: int, box: Any) -> str | None:
+def _default_cpu_refusal(provider: Any, take: list[int], box: Any) -> str | None:
     """Why the default --cpu-experts (auto with the device slot table) is not worth its per-layer handshake here, or
-    None: the cost model's table (devstep.cpu_split, from the probe's rates) gives the CPU none of a layer's two
-    misses, so the CPU would take a miss only when several miss at once, which is rare where a lone miss is not worth
+    None: the cost model's table `take` (devstep.cpu_split, from the probe's rates; take[m] of m misses to the CPU)
+    gives the CPU none of a layer's two misses, so the CPU would take a miss only when several miss at once, which is rare where a lone miss is not worth
     it. Measured on the H200 box at --vram-gb 4 (offload-default-2026-12-02-h200-s14.json): q4, take[2] = 0,
     0.956-0.985x without CPU experts; bf16, take[2] = 1, 1.29x."""
-    take = cpu_split(provider, K, box)
-    m = min(2, K)
+    m = min(2, len(take) - 1)
     if take[m] > 0:
         return None
     return (f"--cpu-experts default: off here, since the load-time probe gives the CPU none of a layer's {m} misses "
