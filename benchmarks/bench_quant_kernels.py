@@ -133,10 +133,9 @@ SWEEPS = {"q4": (UP4, DOWN4, GEMV4), "q8": (UP8, DOWN8, GEMV8)}
 # the fused q4 MoE (quant_moe_fused.py): FFN rows a program (bf), gate/up rows a pass (bn), groups a step (bg), down
 # rows a step (bd), warps
 FUSED4 = [FusedConfig(bf=bf, bn=bn, bg=bg, bd=bd, warps=w) for bf, bn, bg, bd, w in
-          [(64, 8, 16, 256, 4), (32, 8, 16, 256, 4), (128, 8, 16, 256, 4), (64, 16, 16, 256, 8), (64, 8, 32, 256, 4),
-           (64, 4, 16, 256, 4), (64, 8, 16, 128, 4), (64, 8, 16, 512, 8), (32, 8, 32, 256, 4), (32, 4, 16, 128, 2),
-           (32, 16, 16, 256, 8), (128, 16, 16, 512, 8), (128, 16, 32, 256, 8), (64, 16, 32, 512, 8),
-           (32, 8, 16, 512, 8), (16, 8, 16, 256, 4), (16, 16, 16, 128, 4)]]
+          [(16, 16, 8, 2048, 8), (8, 8, 16, 2048, 4), (32, 32, 8, 1024, 8), (16, 16, 16, 2048, 4),
+           (8, 8, 32, 2048, 8), (32, 16, 16, 2048, 8), (16, 8, 16, 1024, 4), (8, 8, 8, 1024, 2),
+           (32, 32, 4, 2048, 8), (64, 32, 8, 512, 8), (16, 16, 4, 512, 4), (32, 8, 16, 256, 4)]]
 SMALL_FUSED = [FusedConfig(bf=16, bn=8, bg=1, bd=32, warps=1, br=32), FusedConfig(bf=32, bn=16, bg=2, bd=64, warps=2)]
 SMALL_SWEEP = [C(2, 1, 1, algo=A2), C(2, 1, 1, algo=A1), C(4, 2, 2, conv=0, algo=A1), C(2, 1, 1)]  # --small
 SMALL_DOWN = SMALL_SWEEP + [C(2, 1, 1, split=SPLIT_K, algo=A1)]

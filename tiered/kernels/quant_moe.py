@@ -240,12 +240,12 @@ def decorate_kernels():
     return bind(_qgemv), bind(_qgate_up), bind(_qdown)
 
 
-def helper_binder():
+def helper_binder(extra: dict | None = None):
     """A function that decorates a kernel body with triton.jit so that it sees this module's decorated helpers
-    (see decorate_kernels), made afresh (compiled or interpreted, as TRITON_INTERPRET says now). Other kernel
-    modules (quant_moe_fused.py) bind their bodies with it."""
+    (see decorate_kernels) and `extra` (name -> decorated helper), made afresh (compiled or interpreted, as
+    TRITON_INTERPRET says now). Other kernel modules (quant_moe_fused.py) bind their bodies with it."""
     helpers = {"add_pairs": triton.jit(_add_pairs), "nibbles": triton.jit(_nibbles),
-               "fp8_bits": triton.jit(_fp8_bits), "step_codes": triton.jit(_step_codes)}
+               "fp8_bits": triton.jit(_fp8_bits), "step_codes": triton.jit(_step_codes), **(extra or {})}
 
     def bind(f):
         g = types.FunctionType(f.__code__, {**f.__globals__, **helpers}, f.__name__, f.__defaults__,

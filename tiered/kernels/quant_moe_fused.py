@@ -58,11 +58,11 @@ class FusedConfig:
     """Tiles of the fused q4 MoE (powers of two): `bf` FFN rows a program (a multiple of 8), `bn` gate/up rows per
     word-tile pass and `bg` groups per step of it, `bd` down rows per step, `warps`; `br` outputs per program of
     the partial sum."""
-    bf: int = 64
-    bn: int = 8
-    bg: int = 16
-    bd: int = 256
-    warps: int = 4
+    bf: int = 16
+    bn: int = 16
+    bg: int = 8
+    bd: int = 2048
+    warps: int = 8
     br: int = 256
 
     def __post_init__(self) -> None:
@@ -120,7 +120,7 @@ def _kernels():
 
 def decorate_kernels():
     """(qmoe, qsum) freshly decorated (compiled or interpreted, as TRITON_INTERPRET says now)."""
-    bind = qm.helper_binder()
+    bind = qm.helper_binder({"down_step": triton.jit(_down_step)})
     return bind(_qmoe), triton.jit(_qsum)
 
 
@@ -142,6 +142,18 @@ def _qmoe(x_ptr, slot_ptr, wt_ptr, gq, gs, gm, uq, us, um, dq, ds, dm, h_ptr, pa
     w = round_weight(tl.load(wt_ptr + pair).to(tl.float32), WR)
     x_row = x_ptr + (pair // K) * stride_xt
     h_row = h_ptr + pair.to(tl.int64) * F
+    # the down projection's columns [b*BF, b*BF + BF) of every output row, BD rows a step: the first step's codes,
+    # scales and minima are loaded now, so that they are in flight during gate and up (they depend on the slot only)
+    WB: tl.constexpr = BF // 8  # int32 words of the slice in a row
+    PART: tl.constexpr = BF if BF < DGROUP else DGROUP  # inputs of the slice in one group (all of it, or a group)
+    NP: tl.constexpr = BF // PART  # groups (or parts of one) in the slice
+    WP: tl.constexpr = PART // 8
+    offs_w = tl.arange(0, WB)
+    gi = (b * BF) // DGROUP + tl.arange(0, NP)  # [NP] the groups of the slice
+    dq_row = dq + slot * dstride_qs + b * WB + offs_w  # [WB] the slice's words in row 0
+    ds_row = ds + slot * dstride_ss + gi
+    dm_row = dm + slot * dstride_ms + gi
+    nc, ns, nm = down_step(dq_row, ds_row, dm_row, 0, dstride_qn, dstride_sn, dstride_mn, D, BD)
     # gate and up for this program's BF rows, BN at a time (the word tile, both matrices in one pass)
     for r0 in tl.static_range(0, BF, BN):
         offs_f = b * BF + r0 + tl.arange(0, BN)
@@ -154,36 +166,36 @@ def _qmoe(x_ptr, slot_ptr, wt_ptr, gq, gs, gm, uq, us, um, dq, ds, dm, h_ptr, pa
                               GROUP, BN, BG, BK, UK, True)
         tl.store(h_row + offs_f, g * tl.sigmoid(g) * u * w, mask=mask_f)
     tl.debug_barrier()  # the slice of h, written by all threads, is read by all threads below
-    # the down projection's columns [b*BF, b*BF + BF) for every output row, BD rows a step
-    WB: tl.constexpr = BF // 8  # int32 words of the slice in a row
-    PART: tl.constexpr = BF if BF < DGROUP else DGROUP  # inputs of the slice in one group (all of it, or a group)
-    NP: tl.constexpr = BF // PART  # groups (or parts of one) in the slice
-    WP: tl.constexpr = PART // 8
-    offs_w = tl.arange(0, WB)
-    w0 = b * WB  # the slice's first word in a row
     hw = h_row + b * BF + offs_w * 8  # [WB] pointers: input 8w + j of the slice at hw + j
     xw = tl.zeros([WB], tl.float32)
     for j in tl.static_range(8):
         xw += tl.load(hw + j)
     xs = tl.sum(tl.reshape(xw, [NP, WP]), axis=1)[None, :]  # [1, NP] sums of h over each group's part
-    gi = (b * BF) // DGROUP + tl.arange(0, NP)  # [NP] the groups of the slice
     out = part_ptr + (pair.to(tl.int64) * NB + b) * D
     for d0 in tl.static_range(0, D, BD):
-        offs_d = d0 + tl.arange(0, BD)
-        mask_d = offs_d < D
-        d64 = offs_d.to(tl.int64)
-        c = tl.load(dq + slot * dstride_qs + d64[:, None] * dstride_qn + (w0 + offs_w)[None, :],
-                    mask=mask_d[:, None], other=0)  # [BD, WB] int32 words
+        c = nc
+        sv = ns
+        mv = nm
+        if d0 + BD < D:  # the next step's codes, scales and minima in flight during this step
+            nc, ns, nm = down_step(dq_row, ds_row, dm_row, d0 + BD, dstride_qn, dstride_sn, dstride_mn, D, BD)
         t = tl.zeros([BD, WB], tl.float32)
         for j in tl.static_range(8):
             t += word_nibble(c, j) * tl.load(hw + j)[None, :]
         dsum = tl.sum(tl.reshape(t, [BD, NP, WP]), axis=2)  # [BD, NP]
-        sv = tl.load(ds + slot * dstride_ss + d64[:, None] * dstride_sn + gi[None, :], mask=mask_d[:, None],
-                     other=0).to(tl.float32)
-        mv = tl.load(dm + slot * dstride_ms + d64[:, None] * dstride_mn + gi[None, :], mask=mask_d[:, None],
-                     other=0).to(tl.float32)
         y = tl.sum((dsum - xs) * 16.0 * sv + mv * xs, axis=1)  # [BD]
-        tl.store(out + offs_d, y, mask=mask_d)
+        offs_d = d0 + tl.arange(0, BD)
+        tl.store(out + offs_d, y, mask=offs_d < D)
+
+
+def _down_step(dq_row, ds_row, dm_row, d0, dstride_qn, dstride_sn, dstride_mn, D: tl.constexpr, BD: tl.constexpr):
+    """([BD, WB] int32 codes, [BD, NP] fp32 scales, [BD, NP] fp32 minima) of down rows [d0, d0 + BD) of a slice
+    (rows past D: zeros)."""
+    d64 = (d0 + tl.arange(0, BD)).to(tl.int64)
+    md = (d64 < D)[:, None]
+    c = tl.load(dq_row[None, :] + d64[:, None] * dstride_qn, mask=md, other=0)
+    sv = tl.load(ds_row[None, :] + d64[:, None] * dstride_sn, mask=md, other=0).to(tl.float32)
+    mv = tl.load(dm_row[None, :] + d64[:, None] * dstride_mn, mask=md, other=0).to(tl.float32)
+    return c, sv, mv
 
 
 def _qsum(part_ptr, y_ptr, stride_yt, D: tl.constexpr, P: tl.constexpr, PC: tl.constexpr, BR: tl.constexpr,
