@@ -75,7 +75,6 @@ from bench_moe_kernels import hbm_read_gbps, make_pool, rel, time_eager, time_gr
 from tiered.kernels.moe_decode import moe_decode  # noqa: E402
 from tiered.kernels.quant_moe import (QConfig, experts_quant_decode, pick_config, quant_down,  # noqa: E402
                                       quant_gate_up, qlinear)
-from tiered.kernels.quant_moe_fused import FusedConfig, fused_ok, pick_fused, quant_moe_fused  # noqa: E402
 from tiered.layout.format import plan_block  # noqa: E402
 from tiered.layout.quant import QuantWeight, quantize  # noqa: E402
 from tiered.store.disk import expert_views  # noqa: E402
@@ -91,10 +90,6 @@ SMALL_DENSE = {"lm_head": (20, 128), "qkv": (12, 64), "o_proj": (8, 256)}
 
 def C(bn, bg, warps, conv=1, split=1, algo=0) -> QConfig:
     return QConfig(bn=bn, bg=bg, warps=warps, split=split, conv=conv, algo=algo)
-
-
-def flabel(c: FusedConfig) -> str:
-    return f"bf{c.bf} bn{c.bn} bg{c.bg} bd{c.bd} w{c.warps} br{c.br}"
 
 
 def label(c: QConfig) -> str:
@@ -130,13 +125,6 @@ GEMV4 = [C(8, 32, 4, algo=A2), C(4, 32, 2, algo=A2), C(16, 32, 8, algo=A2), C(2,
 GEMV8 = [C(4, 16, 4, algo=A1), C(8, 16, 8, algo=A1), C(4, 4, 2, algo=A1), C(2, 16, 2, algo=A1),
          C(8, 2, 4), C(2, 4, 2)]
 SWEEPS = {"q4": (UP4, DOWN4, GEMV4), "q8": (UP8, DOWN8, GEMV8)}
-# the fused q4 MoE (quant_moe_fused.py): FFN rows a program (bf), gate/up rows a pass (bn), groups a step (bg), down
-# rows a step (bd), warps
-FUSED4 = [FusedConfig(bf=bf, bn=bn, bg=bg, bd=bd, warps=w) for bf, bn, bg, bd, w in
-          [(16, 16, 8, 2048, 8), (8, 8, 16, 2048, 4), (32, 32, 8, 1024, 8), (16, 16, 16, 2048, 4),
-           (8, 8, 32, 2048, 8), (32, 16, 16, 2048, 8), (16, 8, 16, 1024, 4), (8, 8, 8, 1024, 2),
-           (32, 32, 4, 2048, 8), (64, 32, 8, 512, 8), (16, 16, 4, 512, 4), (32, 8, 16, 256, 4)]]
-SMALL_FUSED = [FusedConfig(bf=16, bn=8, bg=1, bd=32, warps=1, br=32), FusedConfig(bf=32, bn=16, bg=2, bd=64, warps=2)]
 SMALL_SWEEP = [C(2, 1, 1, algo=A2), C(2, 1, 1, algo=A1), C(4, 2, 2, conv=0, algo=A1), C(2, 1, 1)]  # --small
 SMALL_DOWN = SMALL_SWEEP + [C(2, 1, 1, split=SPLIT_K, algo=A1)]
 
@@ -205,7 +193,7 @@ def layer_inputs(S: int, K: int, D: int, layers: int, seed: int = 1):
 
 
 def bench_experts(shape: str, fmts: list[str], layers: int, quick: bool, end: float, rows: list, best_cfg: dict,
-                  small: bool = False, fused_sweep: bool | None = None):
+                  small: bool = False):
     D, Fe, K = (SMALL_SHAPES if small else SHAPES)[shape]
     S = layers * K + 8
     per = layer_inputs(S, K, D, layers)
@@ -254,36 +242,9 @@ def bench_experts(shape: str, fmts: list[str], layers: int, quick: bool, end: fl
             print(_line(r), flush=True)
             return r
 
-        def run_fused(label_, cfg, t_bf16, two_us):
-            if time.perf_counter() > end:
-                return None
-            r = {"section": "experts", "shape": shape, "fmt": fmt, "variant": label_, "fused": vars(cfg)}
-            try:
-                if not fused_ok(x0, W.gate, W.up, W.down, cfg, interpret=small):
-                    raise RuntimeError("fused_ok refused this config at this shape")
-                out = quant_moe_fused(x0, s0[None], w0, W.gate, W.up, W.down, x0.dtype, cfg)
-                r["rel_err"] = rel(out.float(), ref)
-                if not r["rel_err"] <= TOL:
-                    r["error"] = f"wrong result: rel err {r['rel_err']:.3g} > {TOL}: not timed"
-                else:
-                    t = timer([lambda x=x, s=s, w=w: quant_moe_fused(x, s[None], w, W.gate, W.up, W.down, x.dtype,
-                                                                      cfg) for x, s, w in per], small)
-                    r.update(us=t * 1e6, gbps=K * ebytes / t / 1e9, vs_bf16=t_bf16 / t,
-                             vs_two_kernels=(two_us / (t * 1e6)) if two_us else None)
-            except Exception as e:
-                r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            rows.append(r)
-            print(_line(r), flush=True)
-            return r
-
         default_up, default_down = pick_config("gate_up", fmt, D, Fe), pick_config("down", fmt, Fe, D)
         d = run("default (TUNED)", None, None)
         default_us = d.get("us") if d else None
-        if fmt == "q4":  # the fused kernel (quant_moe_fused.py): its picked config, then a sweep
-            sweep = not quick if fused_sweep is None else fused_sweep
-            fcfgs = [pick_fused(D, Fe)] + ((SMALL_FUSED if small else FUSED4) if sweep else [])
-            for i, c in enumerate(dict.fromkeys(fcfgs)):
-                run_fused(("fused default " if i == 0 else "fused ") + flabel(c), c, t_bf16, default_us)
         inf = float("inf")
         best = (d.get("us", inf) if d else inf, default_up, default_down)
         best_by = {default_up.algo: best}  # algo -> (us, up, down)
@@ -466,9 +427,6 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8, help="decode calls per graph (each on other slots)")
     ap.add_argument("--quick", action="store_true", help="default configs only, no sweep")
     ap.add_argument("--formats", default="q4,q8,mxfp4,fp8")
-    ap.add_argument("--fused-sweep", action="store_true",
-                    help="sweep the fused q4 MoE's tiles even with --quick (which keeps the two kernels' defaults)")
-    ap.add_argument("--no-dense", action="store_true", help="skip the dense GEMVs (experts only)")
     ap.add_argument("--max-seconds", type=float, default=None,
                     help="decode (default 140): sweeps stop at shares of this (experts 10.6B 35%%, 397B 60%%, "
                          "dense 93%%, libraries 100%%); prefill (default 100): rows past it are skipped")
@@ -504,13 +462,11 @@ def main() -> None:
         print(f"HBM read {bw['read_gbps']:.0f} GB/s (sum over 4 GiB)", flush=True)
     rows: list = []
     best_cfg: dict = {}
-    fs = True if a.fused_sweep else None
-    bench_experts("10.6B", fmts, a.layers, a.quick, t0 + 0.35 * a.max_seconds, rows, best_cfg, a.small, fs)
+    bench_experts("10.6B", fmts, a.layers, a.quick, t0 + 0.35 * a.max_seconds, rows, best_cfg, a.small)
     bench_experts("397B", [f for f in fmts if f in ("q4", "q8")], a.layers, a.quick, t0 + 0.6 * a.max_seconds,
-                  rows, best_cfg, a.small, fs)
-    if not a.no_dense:
-        bench_dense([f for f in fmts if f in ("q4", "q8")], a.quick, t0 + 0.93 * a.max_seconds, rows, best_cfg,
-                    t0 + a.max_seconds, a.small)
+                  rows, best_cfg, a.small)
+    bench_dense([f for f in fmts if f in ("q4", "q8")], a.quick, t0 + 0.93 * a.max_seconds, rows, best_cfg,
+                t0 + a.max_seconds, a.small)
     hbm = bw["read_gbps"]
     print(f"\n{'section':<8} {'shape':<14} {'fmt':<6} {'us':>8} {'GB/s':>7} {'xHBM':>5} {'vs bf16':>7} {'err':>8}  "
           "variant")
@@ -526,30 +482,13 @@ def main() -> None:
     for r in rows:
         if r["section"] == "experts" and "us" in r and (r["fmt"] == "bf16" or r["variant"].startswith("default")):
             summary[f"{r['shape']}/{r['fmt']}"] = {"us": r["us"], "gbps": r["gbps"], "vs_bf16": r["vs_bf16"]}
-    fused_default = {}  # shape -> the picked fused config's time
-    fused_best = {}  # shape -> the fastest fused config and its time (the line for quant_moe_fused.TUNED_FUSED)
-    for r in rows:
-        if r["section"] == "experts" and "fused" in r and "us" in r:
-            if r["shape"] not in fused_best or r["us"] < fused_best[r["shape"]]["us"]:
-                D_, F_, _ = (SMALL_SHAPES if a.small else SHAPES)[r["shape"]]
-                c = r["fused"]
-                fused_best[r["shape"]] = {"us": r["us"], "config": c, "vs_two_kernels": r.get("vs_two_kernels"),
-                                          "tuned": f"({D_}, {F_}): FusedConfig(bf={c['bf']}, bn={c['bn']}, "
-                                                   f"bg={c['bg']}, bd={c['bd']}, warps={c['warps']}, br={c['br']}),"}
-        if r["section"] == "experts" and "us" in r and r["variant"].startswith("fused default"):
-            fused_default[r["shape"]] = r["us"]
-            summary[f"{r['shape']}/{r['fmt']}/fused"] = {"us": r["us"], "gbps": r["gbps"], "vs_bf16": r["vs_bf16"],
-                                                         "vs_two_kernels": r.get("vs_two_kernels")}
-    for shape, v in fused_best.items():
-        v["default_us"] = fused_default.get(shape)
-        print(f"fused {shape}: fastest {v['tuned']}  # {v['us']:.1f} us, {v['vs_two_kernels']} x the two kernels")
     failed = [f"{r['section']}/{r.get('shape') or r.get('gemv')}/{r['fmt']}/{r.get('variant')}: {r['error']}"
               for r in rows if "error" in r and not r.get("variant", "").startswith(("gemlite", "torchao"))]
     dev = "cpu (Triton interpreter, --small)" if a.small else torch.cuda.get_device_name()
     res = {"bench": "quant_kernels", "commit": git_commit(), "device": dev,
            "torch": torch.__version__, "triton": __import__("triton").__version__,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "hbm": bw, "experts_default": summary,
-           "suggested": best_cfg, "fused_best": fused_best, "tuned_lines": [v["tuned"] for v in best_cfg.values()], "failed": failed,
+           "suggested": best_cfg, "tuned_lines": [v["tuned"] for v in best_cfg.values()], "failed": failed,
            "rows": rows, "seconds": time.perf_counter() - t0}
     print(write_out(res, "quant_kernels_small.json" if a.small else "quant_kernels.json"))
 

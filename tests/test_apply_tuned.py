@@ -45,32 +45,3 @@ def test_apply_tuned_edits_the_table(tmp_path):
     before = target.read_text()
     again = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
     assert again["applied"] == [] and target.read_text() == before
-
-
-def test_apply_tuned_fused_edits_the_fused_table(tmp_path):
-    """--fused: fused_best entries that beat the picked config by more than 2% become TUNED_FUSED lines of (a copy
-    of) quant_moe_fused.py, whose pick_fused then returns them; one within 2% is skipped; twice changes nothing."""
-    target = tmp_path / "quant_moe_fused_copy.py"
-    target.write_text((REPO / "tiered/kernels/quant_moe_fused.py").read_text())
-    res = {"commit": "x", "fused_best": {
-        "10.6B": {"us": 10.0, "default_us": 12.0, "config": {}, "tuned":
-                  "(2048, 768): FusedConfig(bf=32, bn=16, bg=32, bd=512, warps=8, br=256),"},
-        "397B": {"us": 10.0, "default_us": 10.1, "config": {}, "tuned":
-                 "(4096, 1024): FusedConfig(bf=16, bn=8, bg=16, bd=128, warps=4, br=256),"}}}
-    (tmp_path / "r.json").write_text(json.dumps(res) + "\n")
-    cmd = [sys.executable, str(REPO / "tools/apply_tuned.py"), str(tmp_path / "r.json"), "--fused", "--target",
-           str(target)]
-    out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
-    assert len(out["applied"]) == 1 and [s["key"] for s in out["skipped"]] == ["397B"]
-    spec = importlib.util.spec_from_file_location("quant_moe_fused_copy", target)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["quant_moe_fused_copy"] = mod
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        del sys.modules["quant_moe_fused_copy"]
-    assert mod.pick_fused(2048, 768) == mod.FusedConfig(bf=32, bn=16, bg=32, bd=512, warps=8, br=256)
-    assert mod.pick_fused(4096, 1024) == mod.FusedConfig()
-    before = target.read_text()
-    again = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
-    assert again["applied"] == [] and target.read_text() == before

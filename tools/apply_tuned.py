@@ -10,11 +10,6 @@ added again).
 
     python3 tools/apply_tuned.py quant_kernels.json                       # edits tiered/kernels/quant_moe.py
     python3 tools/apply_tuned.py quant_kernels.json --dry-run             # prints the lines only
-    python3 tools/apply_tuned.py quant_kernels.json --fused               # the fused MoE's table instead
-
-With --fused it reads the JSON's "fused_best" (per expert shape: the fastest fused q4 MoE config of a --fused-sweep
-run and the picked config's time) and adds the entries that beat the picked config by more than 2% to TUNED_FUSED
-in tiered/kernels/quant_moe_fused.py (every fused config is deterministic).
 """
 from __future__ import annotations
 
@@ -25,7 +20,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 END = "}\n\n\ndef pick_config("
-END_FUSED = "}\n\n\ndef pick_fused("
 
 
 def pick(suggested: dict) -> tuple[list[str], list[dict]]:
@@ -44,51 +38,32 @@ def pick(suggested: dict) -> tuple[list[str], list[dict]]:
     return lines, skipped
 
 
-def pick_fused(best: dict) -> tuple[list[str], list[dict]]:
-    """(TUNED_FUSED lines to add, skipped shapes with the reason) from a result's "fused_best"."""
-    lines, skipped = [], []
-    for shape, v in sorted(best.items()):
-        if not v.get("default_us"):
-            skipped.append({"key": shape, "why": "the picked config was not measured"})
-        elif v["us"] >= 0.98 * v["default_us"]:
-            skipped.append({"key": shape, "why": "the picked config is within 2%"})
-        else:
-            lines.append(v["tuned"])
-    return lines, skipped
-
-
-def apply(src: str, lines: list[str], end: str = END) -> tuple[str, list[str]]:
-    """src with `lines` inserted at the end of the table that `end` closes (TUNED, or TUNED_FUSED with END_FUSED;
-    those not already there), and the lines inserted."""
-    if end not in src:
-        raise SystemExit(f"apply_tuned: the end of the table (a '}}' line before `{end.split('def ')[1]}`) was not "
-                         "found in the target: update tools/apply_tuned.py to the file's shape")
-    head, tail = src.split(end, 1)
+def apply(src: str, lines: list[str]) -> tuple[str, list[str]]:
+    """src with `lines` inserted at the end of TUNED (those not already there), and the lines inserted."""
+    if END not in src:
+        raise SystemExit("apply_tuned: the end of TUNED (a '}' line before `def pick_config`) was not found in "
+                         "quant_moe.py: update tools/apply_tuned.py to the file's shape")
+    head, tail = src.split(END, 1)
     new = [ln for ln in lines if ln.strip() not in {x.strip() for x in head.splitlines()}]
     block = "".join(f"    {ln}\n" for ln in new)
     note = ("    # applied by tools/apply_tuned.py from a bench_quant_kernels.py run (fastest deterministic tiles)\n"
             if new else "")
-    return head + note + block + end + tail, new
+    return head + note + block + END + tail, new
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("result", type=Path, help="bench_quant_kernels.py's JSON ($OUT/quant_kernels.json)")
-    ap.add_argument("--target", type=Path, default=None,
-                    help="the file to edit (default: tiered/kernels/quant_moe.py, with --fused quant_moe_fused.py)")
-    ap.add_argument("--fused", action="store_true", help="apply the fused q4 MoE's fastest configs (fused_best)")
+    ap.add_argument("--target", type=Path, default=REPO / "tiered" / "kernels" / "quant_moe.py")
     ap.add_argument("--dry-run", action="store_true")
     a = ap.parse_args()
-    a.target = a.target or REPO / "tiered" / "kernels" / ("quant_moe_fused.py" if a.fused else "quant_moe.py")
     res = json.loads(a.result.read_text().strip().splitlines()[-1])
-    key = "fused_best" if a.fused else "suggested"
-    if key not in res:
-        raise SystemExit(f"apply_tuned: {a.result} has no {key!r} (is it bench_quant_kernels.py's decode JSON"
-                         + (", run with --fused-sweep?)" if a.fused else "?)"))
-    lines, skipped = pick_fused(res[key]) if a.fused else pick(res[key])
+    if "suggested" not in res:
+        raise SystemExit(f"apply_tuned: {a.result} has no 'suggested' (is it bench_quant_kernels.py's decode JSON?)")
+    lines, skipped = pick(res["suggested"])
     src = a.target.read_text()
-    out, new = apply(src, lines, END_FUSED if a.fused else END)
+    out, new = apply(src, lines)
     for ln in new:
         print(ln)
     if not a.dry_run and out != src:

@@ -236,16 +236,8 @@ def decorate_kernels():
     says now); the three see the decorated helpers (`dot_rows`, `dot_rows_flat`, `flat_step`, `add_pairs`,
     `nibbles`, `fp8_bits`, `dot_rows_words`, `word_nibble`, `step_codes`, `down_words`). Tests use it to compile
     for a GPU target without one."""
-    bind = helper_binder()
-    return bind(_qgemv), bind(_qgate_up), bind(_qdown)
-
-
-def helper_binder(extra: dict | None = None):
-    """A function that decorates a kernel body with triton.jit so that it sees this module's decorated helpers
-    (see decorate_kernels) and `extra` (name -> decorated helper), made afresh (compiled or interpreted, as
-    TRITON_INTERPRET says now). Other kernel modules (quant_moe_fused.py) bind their bodies with it."""
     helpers = {"add_pairs": triton.jit(_add_pairs), "nibbles": triton.jit(_nibbles),
-               "fp8_bits": triton.jit(_fp8_bits), "step_codes": triton.jit(_step_codes), **(extra or {})}
+               "fp8_bits": triton.jit(_fp8_bits), "step_codes": triton.jit(_step_codes)}
 
     def bind(f):
         g = types.FunctionType(f.__code__, {**f.__globals__, **helpers}, f.__name__, f.__defaults__,
@@ -263,7 +255,7 @@ def helper_binder(extra: dict | None = None):
     helpers["down_words"] = bind(_down_words)
     helpers["flat_step"] = bind(_flat_step)
     helpers["dot_rows_flat"] = bind(_dot_rows_flat)
-    return bind
+    return bind(_qgemv), bind(_qgate_up), bind(_qdown)
 
 
 # The kernel bodies below are plain functions until _kernels() decorates them (Triton reads their source).

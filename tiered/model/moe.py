@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tiered.kernels.quant_moe import qlinear as linear
-from tiered.kernels.quant_moe_fused import experts_quant_step
+from tiered.kernels.quant_moe import experts_quant_decode, qlinear as linear
 from tiered.layout.quant import QuantWeight, dense
 from tiered.model import moe_gpu
 from tiered.model.routing import Rule, softmax_topk
@@ -183,7 +182,7 @@ def experts_from_slots(x: Tensor, slots: Tensor, weights: Tensor, W: Any, act: C
     dt = x.dtype
     # fused dequantization on CUDA (plain SwiGLU without biases only); None -> the reference below
     if isinstance(W.gate, QuantWeight) and act is None and getattr(W, "gate_bias", None) is None:
-        y = experts_quant_step(x, slots, weights, W.gate, W.up, W.down, slot_base=slot_base, round_to=round_to)
+        y = experts_quant_decode(x, slots, weights, W.gate, W.up, W.down, slot_base=slot_base, round_to=round_to)
         if y is not None:
             return y
     if slot_base:
