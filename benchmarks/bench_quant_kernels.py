@@ -55,6 +55,7 @@ and listed).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -93,7 +94,8 @@ def C(bn, bg, warps, conv=1, split=1, algo=0) -> QConfig:
 
 
 def label(c: QConfig) -> str:
-    return f"a{c.algo} bn{c.bn} bg{c.bg} w{c.warps} c{c.conv}" + (f" split{c.split}" if c.split != 1 else "")
+    return (f"a{c.algo} bn{c.bn} bg{c.bg} w{c.warps} c{c.conv}" + (f" split{c.split}" if c.split != 1 else "")
+            + (f" regs{c.regs}" if c.regs else ""))
 
 
 # Sweeps per format: (gate_up, down, gemv) tiles. Algo 0 (the grouped tile): the fastest of the 2026-11-30 sweep
@@ -149,7 +151,8 @@ def note_best(best_cfg: dict, key: str, cfg: QConfig, us: float | None, dflt: QC
                      "default_within_5pct": bool(default_us and us and default_us <= 1.05 * us),
                      "best_by_algo": {str(a): {"us": v[0], "config": vars(v[1])} for a, v in sorted(by_algo.items())},
                      "tuned": f"({kernel!r}, {fmt!r}, {k}, {n}): QConfig(bn={c['bn']}, bg={c['bg']}, "
-                              f"warps={c['warps']}, split={c['split']}, conv={c['conv']}, algo={c['algo']}),"}
+                              f"warps={c['warps']}, split={c['split']}, conv={c['conv']}, algo={c['algo']}"
+                              + (f", regs={c['regs']}" if c.get("regs") else "") + "),"}
 
 
 def qpool(fmt: str, S: int, D: int, Fe: int, seed: int = 0):
@@ -193,7 +196,7 @@ def layer_inputs(S: int, K: int, D: int, layers: int, seed: int = 1):
 
 
 def bench_experts(shape: str, fmts: list[str], layers: int, quick: bool, end: float, rows: list, best_cfg: dict,
-                  small: bool = False):
+                  small: bool = False, regs: list[int] | None = None):
     D, Fe, K = (SMALL_SHAPES if small else SHAPES)[shape]
     S = layers * K + 8
     per = layer_inputs(S, K, D, layers)
@@ -248,9 +251,13 @@ def bench_experts(shape: str, fmts: list[str], layers: int, quick: bool, end: fl
         inf = float("inf")
         best = (d.get("us", inf) if d else inf, default_up, default_down)
         best_by = {default_up.algo: best}  # algo -> (us, up, down)
-        if not quick and fmt in SWEEPS:
+        if regs:  # --regs: the default tiles under each register cap, in place of the tile sweep
+            ups = [dataclasses.replace(default_up, regs=r) for r in regs]
+            downs = [dataclasses.replace(default_down, regs=r) for r in regs]
+        elif not quick and fmt in SWEEPS:
             ups, downs, _ = SWEEPS[fmt]
             ups, downs = (SMALL_SWEEP, SMALL_DOWN) if small else (ups, downs)
+        if regs or (not quick and fmt in SWEEPS):
             # gate/up tiles with the default down; then, per algo, down tiles with that algo's best gate/up
             for c in ups:
                 r = run(f"up {label(c)}", c, default_down)
@@ -292,7 +299,7 @@ def bench_experts(shape: str, fmts: list[str], layers: int, quick: bool, end: fl
 
 
 def bench_dense(fmts: list[str], quick: bool, end: float, rows: list, best_cfg: dict, lib_end: float,
-                small: bool = False):
+                small: bool = False, regs: list[int] | None = None):
     from tiered.kernels.quant_moe import quant_matvec
 
     for name, (n, k) in (SMALL_DENSE if small else DENSE).items():
@@ -309,7 +316,9 @@ def bench_dense(fmts: list[str], quick: bool, end: float, rows: list, best_cfg: 
             inf = float("inf")
             dflt = pick_config("gemv", fmt, k, n)
             cfgs = [("default (TUNED)", None)]
-            if not quick and fmt in SWEEPS:
+            if regs:  # --regs: the default tiles under each register cap, in place of the tile sweep
+                cfgs += [(label(c), c) for c in (dataclasses.replace(dflt, regs=r) for r in regs)]
+            elif not quick and fmt in SWEEPS:
                 sweep = SWEEPS[fmt][2]
                 cfgs += [(label(c), c) for c in (SMALL_SWEEP if small else sweep)]
             default_us = None
@@ -427,6 +436,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8, help="decode calls per graph (each on other slots)")
     ap.add_argument("--quick", action="store_true", help="default configs only, no sweep")
     ap.add_argument("--formats", default="q4,q8,mxfp4,fp8")
+    ap.add_argument("--regs", default="",
+                    help="decode: comma-separated register caps (QConfig.regs, ptxas maxnreg) to time the default tiles "
+                         "under, in place of the tile sweeps (e.g. 64,80,96)")
     ap.add_argument("--max-seconds", type=float, default=None,
                     help="decode (default 140): sweeps stop at shares of this (experts 10.6B 35%%, 397B 60%%, "
                          "dense 93%%, libraries 100%%); prefill (default 100): rows past it are skipped")
@@ -435,7 +447,7 @@ def main() -> None:
                          "run of every path of the script; its times mean nothing)")
     ap.add_argument("--prefill-formats", default="q8,q4,mxfp4", help="prefill: quantized formats besides bf16")
     ap.add_argument("--tokens", default="16,128,512,2048", help="prefill: token counts T")
-    ap.add_argument("--shapes", default="10.6B,397B", help="prefill: expert shapes (10.6B, 397B)")
+    ap.add_argument("--shapes", default="10.6B,397B", help="expert shapes (10.6B, 397B), decode and prefill")
     ap.add_argument("--prefill-sweep", action="store_true", help="prefill: also time a few other tiles")
     ap.add_argument("--no-gemlite", action="store_true", help="prefill: skip the GemLite row")
     ap.add_argument("--with-dense", action="store_true",
@@ -462,11 +474,15 @@ def main() -> None:
         print(f"HBM read {bw['read_gbps']:.0f} GB/s (sum over 4 GiB)", flush=True)
     rows: list = []
     best_cfg: dict = {}
-    bench_experts("10.6B", fmts, a.layers, a.quick, t0 + 0.35 * a.max_seconds, rows, best_cfg, a.small)
-    bench_experts("397B", [f for f in fmts if f in ("q4", "q8")], a.layers, a.quick, t0 + 0.6 * a.max_seconds,
-                  rows, best_cfg, a.small)
+    regs = [int(r) for r in a.regs.split(",") if r]
+    shapes = a.shapes.split(",")
+    if "10.6B" in shapes:
+        bench_experts("10.6B", fmts, a.layers, a.quick, t0 + 0.35 * a.max_seconds, rows, best_cfg, a.small, regs)
+    if "397B" in shapes:
+        bench_experts("397B", [f for f in fmts if f in ("q4", "q8")], a.layers, a.quick, t0 + 0.6 * a.max_seconds,
+                      rows, best_cfg, a.small, regs)
     bench_dense([f for f in fmts if f in ("q4", "q8")], a.quick, t0 + 0.93 * a.max_seconds, rows, best_cfg,
-                t0 + a.max_seconds, a.small)
+                t0 + a.max_seconds, a.small, regs)
     hbm = bw["read_gbps"]
     print(f"\n{'section':<8} {'shape':<14} {'fmt':<6} {'us':>8} {'GB/s':>7} {'xHBM':>5} {'vs bf16':>7} {'err':>8}  "
           "variant")

@@ -82,13 +82,16 @@ class QConfig:
     ([BN, BG, GP], _dot_rows), 1 = the flat tile ([BN, BG * group] inputs per step, _dot_rows_flat), which
     serves power-of-two groups only (the launchers fall back to 0 for others, e.g. q4 rows narrower than 64
     of odd width), 2 = the word tile (q4 only, _dot_rows_words: codes read as int32 words of 8 inputs, one
-    shift and one and-or per input; falls back to 1, then 0, where it cannot serve)."""
+    shift and one and-or per input; falls back to 1, then 0, where it cannot serve); `regs` caps the registers a
+    thread may use (ptxas' maxnreg; 0: the compiler's choice), which sets how many programs an SM holds: the decode
+    kernels are one wave whose programs wait on memory, and occupancy is what hides that wait."""
     bn: int = 4
     bg: int = 8
     warps: int = 2
     split: int = 1
     conv: int = 1
     algo: int = 0
+    regs: int = 0
 
     def __post_init__(self) -> None:
         for name in ("bn", "bg", "warps"):
@@ -98,6 +101,8 @@ class QConfig:
         if self.split < 1 or self.conv not in (0, 1) or self.algo not in (0, 1, 2):
             raise ValueError(f"QConfig split must be >= 1, conv 0 or 1 and algo 0, 1 or 2, got {self.split}, "
                              f"{self.conv}, {self.algo}")
+        if self.regs and not 24 <= self.regs <= 255:
+            raise ValueError(f"QConfig.regs must be 0 (the compiler's choice) or 24..255, got {self.regs}")
 
 
 # (kernel, format) -> config; kernel is "gate_up", "down" or "gemv". Chosen by benchmarks/bench_quant_kernels.py
@@ -659,6 +664,15 @@ def _qdown(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, y_ptr, slot_base, stride_qs, str
         tl.atomic_add(y_ptr + t * stride_yt + offs_d, y, mask=mask_d, sem="relaxed")
 
 
+def _launch_opts(cfg: QConfig, device: torch.device) -> dict:
+    """The launch's compile options beyond the tiles: num_warps, maxnreg where cfg.regs caps the registers (CUDA
+    only: Triton's interpreter has no registers), and PDL's arguments (pdl.launch_args)."""
+    opts = {"num_warps": cfg.warps, **launch_args(device)}
+    if cfg.regs and device.type == "cuda":
+        opts["maxnreg"] = cfg.regs
+    return opts
+
+
 def _strides(w: QuantWeight, algo: int = 0) -> tuple[int, int, int, int, int, int]:
     """(stack, row) strides of q, scale and min (0 for a single matrix; min = scale when absent); q's in int32
     words under the word tile (algo 2), else in its own elements."""
@@ -689,13 +703,13 @@ def quant_matvec(x: Tensor, w: QuantWeight, slots: Tensor | None = None, *, out_
     tiles = _tiles(cfg, w)
     a = tiles["ALGO"]
     codes = _codes(w, a)
-    pdl = launch_args(x.device)
-    if pdl and not w.lead and l2_prefetch_enabled():  # the L2 prefetch of a single matrix's rows before the wait
+    pdl = _launch_opts(cfg, x.device)
+    if "GDC" in pdl and not w.lead and l2_prefetch_enabled():  # the L2 prefetch of a single matrix's rows before the wait
         pdl.update(PF_LINES=triton.next_power_of_2(triton.cdiv(w.q.shape[-1] * w.q.element_size(), 128)),
                    PF_STEP=128 // codes.element_size())
     qgemv[(triton.cdiv(n, cfg.bn), T)](x, sl, codes, w.scale, m, out, n, x.stride(0), *_strides(w, a),
                                       out.stride(0), **_geometry(w), **tiles, HAS_SLOTS=bool(w.lead),
-                                      num_warps=cfg.warps, **pdl)
+                                      **pdl)
     return out
 
 
@@ -728,7 +742,7 @@ def quant_gate_up(x: Tensor, slots: Tensor, gate: QuantWeight, up: QuantWeight,
     a = tiles["ALGO"]
     _kernels()[1][(triton.cdiv(Fe, cfg.bn), T * K)](
         x, flat, _codes(gate, a), gate.scale, gm, _codes(up, a), up.scale, um, h, int(slot_base), x.stride(0),
-        *_strides(gate, a), F=Fe, K=K, **_geometry(gate), **tiles, num_warps=cfg.warps, **launch_args(x.device))
+        *_strides(gate, a), F=Fe, K=K, **_geometry(gate), **tiles, **_launch_opts(cfg, x.device))
     return h
 
 
@@ -751,7 +765,7 @@ def quant_down(h: Tensor, slots: Tensor, weights: Tensor, down: QuantWeight, dty
     _kernels()[2][(triton.cdiv(D, cfg.bn), T * split)](
         h, flat, wts, _codes(down, a), down.scale, dm, y, int(slot_base), *_strides(down, a), y.stride(0), D=D, K=K,
         KP=triton.next_power_of_2(K), K_PER=K // split, SPLIT=split, **_geometry(down), **tiles,
-        WR=weight_rounding(round_to), num_warps=cfg.warps, **launch_args(h.device))
+        WR=weight_rounding(round_to), **_launch_opts(cfg, h.device))
     return y if split == 1 else y.to(dtype)
 
 
