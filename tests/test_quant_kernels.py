@@ -422,3 +422,23 @@ def test_cuda_engine_runs_the_fused_kernels(reference_model, tmp_path, monkeypat
     ref = tiered.load(lay, device="cuda", dtype="float32", max_context=200, budget=budget, cuda_graphs=False)
     b = ref.generate(prompt, max_new_tokens=40, stop_at_eos=False)
     assert a.token_ids == b.token_ids
+
+
+def test_register_cap_is_a_cuda_launch_option():
+    """QConfig.regs (ptxas maxnreg) is checked at construction, passed to CUDA launches only (Triton's interpreter
+    has no registers), and a capped config computes what the uncapped one does (here, interpreted: the same
+    kernel)."""
+    from tiered.kernels import quant_moe as qm
+
+    with pytest.raises(ValueError, match="regs"):
+        QConfig(regs=8)
+    capped = QConfig(bn=4, bg=2, algo=2, regs=96)
+    assert qm._launch_opts(capped, torch.device("cpu")).get("maxnreg") is None
+    assert qm._launch_opts(QConfig(), torch.device("cuda")).get("maxnreg") is None
+    assert qm._launch_opts(capped, torch.device("cuda"))["maxnreg"] == 96
+    qw = quantize(torch.randn(2, 24, 128) * 0.1, "q4").to_device(DEV)
+    x = torch.randn(3, 128).to(DEV)
+    slots = torch.tensor([1, 0, 1]).to(DEV)
+    a = quant_matvec(x, qw, slots, config=capped)
+    b = quant_matvec(x, qw, slots, config=QConfig(bn=4, bg=2, algo=2))
+    assert torch.equal(a, b) and rel(a, quant_matvec_ref(x, qw, slots)) < 1e-5

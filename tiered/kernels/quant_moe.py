@@ -151,6 +151,10 @@ TUNED: dict[tuple, QConfig] = {
     ('gemv', 'q4', 2048, 151936): QConfig(bn=32, bg=32, warps=8, split=1, conv=1, algo=2),
     ('gemv', 'q4', 2048, 5120): QConfig(bn=8, bg=32, warps=4, split=1, conv=1, algo=2),
     ('down', 'q4', 768, 2048): QConfig(bn=8, bg=16, warps=8, split=1, conv=1, algo=2),
+    # register caps (session 15, calls D and E, quant-regs-2026-12-02-h200-s15.json): the qkv GEMV at 96 registers a
+    # thread took 4.6 us against 5.9-6.0 (three runs); lm_head (80: 68.9-71.9 against qlinear's 71.7-71.8 under the
+    # same tiles) and o_proj (4.1 against 4.2) moved within noise, and capped expert kernels only slowed down
+    ('gemv', 'q4', 2048, 5120): QConfig(bn=8, bg=32, warps=4, split=1, conv=1, algo=2, regs=96),
 }
 
 
