@@ -9,7 +9,8 @@ What it measures, in one run (tiered/kernels/quant_moe.py against tiered/kernels
   - HBM read bandwidth (bench_moe_kernels.hbm_read_gbps).
   - Experts, one decode token, per shape (10.6B: D 2048, F 768, K 8; 397B: D 4096, F 1024, K 10): the bf16
     Triton decode kernel (its default config) and, per format (q4, q8, mxfp4, fp8), `experts_quant_decode`
-    with the default tiles (quant_moe.TUNED) and, for q4 and q8, a sweep over the tile algorithms
+    with the default tiles (quant_moe.TUNED; timed again after a sweep, the faster row counting) and, for q4 and
+    q8, a sweep over the tile algorithms
     (QConfig.algo 0 = the grouped tile, 1 = the flat tile, 2 = the word tile, q4 only): gate/up tiles first
     (default down), then per algorithm down tiles with that algorithm's best gate/up (the best pair is taken
     among split-1 downs: split rows are timed, not chosen); then each algorithm's best gate_up and down
@@ -17,8 +18,9 @@ What it measures, in one run (tiered/kernels/quant_moe.py against tiered/kernels
     other slots of a pool larger than L2 (bench_moe_kernels.time_graph). GB/s = bytes of the K experts'
     stored parts (codes, scales, mins) / time per layer; `vs_bf16` = bf16 time / this time.
   - Dense GEMVs of one decode token (lm_head 151936 x 2048, qkv 5120 x 2048, o_proj 2048 x 4096) through
-    `quant_matvec` in q4 and q8 (default tiles and a sweep over both algorithms), `qlinear` (the model's
-    entry) once, against cuBLAS bf16 (F.linear).
+    `quant_matvec` in q4 and q8 (default tiles, a sweep over both algorithms, the default again), `qlinear` (the
+    model's entry) once, against cuBLAS bf16 (F.linear).
+  - With --regs 64,80,...: the default tiles under those register caps (QConfig.regs) in place of the sweeps.
   - GemLite and torchao A16W4 GEMVs at the same dense shapes when they import (else the reason is recorded).
 Every variant is checked against the plain reference (dequantize, fp32 matmul) before it is timed; one
 that fails (relative error > 2e-2) is reported as failed and not timed. The sweeps stop at shares of
@@ -273,6 +275,14 @@ def bench_experts(shape: str, fmts: list[str], layers: int, quick: bool, end: fl
                     # reported, but their atomics are not deterministic, so they are not what TUNED takes
                     if r and c.split == 1 and r.get("us", inf) < best_by[algo][0]:
                         best_by[algo] = (r["us"], up, c)
+            # the default again after the others (a row timed first can read slow: see bench_dense); its time is
+            # the faster of its two rows
+            again = run("default (TUNED), again", None, None)
+            if again and "us" in again:
+                default_us = min(default_us or inf, again["us"])
+                a0 = default_up.algo
+                if best_by[a0][1:] == (default_up, default_down) or default_us < best_by[a0][0]:
+                    best_by[a0] = (default_us, default_up, default_down)
             best = min(best_by.values(), key=lambda v: v[0])
             # the two kernels of each algo's best config alone (where the time goes)
             for algo, (us, up, down) in sorted(best_by.items()):
@@ -321,6 +331,10 @@ def bench_dense(fmts: list[str], quick: bool, end: float, rows: list, best_cfg: 
             elif not quick and fmt in SWEEPS:
                 sweep = SWEEPS[fmt][2]
                 cfgs += [(label(c), c) for c in (SMALL_SWEEP if small else sweep)]
+            if len(cfgs) > 1:  # the default again after the others: a row timed first can read slow (session 15's
+                # calls D and E: lm_head's first q4 row 78.7-79.2 us, the same tiles 71.7 later), and the default's
+                # time (the faster of its two rows) decides whether TUNED takes another config
+                cfgs.append(("default (TUNED), again", None))
             default_us = None
             best_by = {}
             for label_, c in cfgs:
@@ -339,7 +353,7 @@ def bench_dense(fmts: list[str], quick: bool, end: float, rows: list, best_cfg: 
                         if t * 1e6 < best_by.get(cc.algo, (inf,))[0]:
                             best_by[cc.algo] = (t * 1e6, cc)
                         if c is None:
-                            default_us = t * 1e6
+                            default_us = min(default_us or inf, t * 1e6)
                 except Exception as e:
                     import traceback
 
@@ -496,8 +510,10 @@ def main() -> None:
               f"within 5%: {v['default_within_5pct']}")
     summary = {}
     for r in rows:
-        if r["section"] == "experts" and "us" in r and (r["fmt"] == "bf16" or r["variant"].startswith("default")):
-            summary[f"{r['shape']}/{r['fmt']}"] = {"us": r["us"], "gbps": r["gbps"], "vs_bf16": r["vs_bf16"]}
+        key = f"{r['shape']}/{r['fmt']}" if r["section"] == "experts" else None
+        if (key and "us" in r and (r["fmt"] == "bf16" or r["variant"].startswith("default"))
+                and r["us"] < summary.get(key, {}).get("us", float("inf"))):  # the default's faster row
+            summary[key] = {"us": r["us"], "gbps": r["gbps"], "vs_bf16": r["vs_bf16"]}
     failed = [f"{r['section']}/{r.get('shape') or r.get('gemv')}/{r['fmt']}/{r.get('variant')}: {r['error']}"
               for r in rows if "error" in r and not r.get("variant", "").startswith(("gemlite", "torchao"))]
     dev = "cpu (Triton interpreter, --small)" if a.small else torch.cuda.get_device_name()
