@@ -116,7 +116,11 @@ DOWN4 = [C(4, 16, 4, algo=A2), C(2, 16, 2, algo=A2), C(8, 16, 4, algo=A2), C(4, 
          C(2, 16, 4, algo=A2), C(8, 16, 8, algo=A2), C(1, 16, 2, algo=A2), C(8, 4, 4, split=SPLIT_K, algo=A2),
          C(4, 16, 4, algo=A1), C(2, 16, 2, algo=A1), C(8, 16, 4, algo=A1), C(4, 4, 2, algo=A1), C(1, 16, 1, algo=A1),
          C(8, 4, 4, split=SPLIT_K, algo=A1),
-         C(4, 4, 1), C(8, 8, 4), C(16, 4, 4, split=SPLIT_K)]
+         C(4, 4, 1), C(8, 8, 4), C(16, 4, 4, split=SPLIT_K),
+         # word tiles of several steps (the next step's codes in flight): 32-64 registers a thread against the
+         # default's 128, so an SM holds 2-4x the warps (tools/kernel_regs.py under Triton 3.6, session 15)
+         C(4, 4, 8, algo=A2), C(2, 4, 8, algo=A2), C(8, 4, 8, algo=A2), C(4, 2, 8, algo=A2), C(2, 8, 8, algo=A2),
+         C(4, 8, 8, algo=A2), C(2, 4, 4, algo=A2), C(8, 2, 8, algo=A2)]
 UP8 = [C(2, 4, 2, algo=A1), C(4, 8, 4, algo=A1), C(2, 16, 4, algo=A1), C(1, 16, 2, algo=A1),
        C(2, 4, 2), C(4, 4, 4)]
 DOWN8 = [C(4, 8, 4, algo=A1), C(2, 8, 2, algo=A1), C(1, 8, 1, algo=A1),

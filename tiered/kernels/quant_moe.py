@@ -525,10 +525,16 @@ def _down_words(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, t, d64, mask_d, slot_base, 
     mrow = dm + slot[:, None] * stride_ms + d64[None, :] * stride_mn
     hrow = h_ptr + pair.to(tl.int64) * KIN  # [KP]
     acc = tl.zeros([KP, BN, BG], tl.float32)
+    wi = offs_w  # [UK] step 0's words
+    nxt = tl.load(qrow[:, :, None] + wi[None, None, :], mask=mkd[:, :, None] & (wi < KW)[None, None, :], other=0)
     for k0 in tl.static_range(0, KIN, BK):
         wi = k0 // 8 + offs_w  # [UK]
         wm = wi < KW
-        c = tl.load(qrow[:, :, None] + wi[None, None, :], mask=mkd[:, :, None] & wm[None, None, :], other=0)
+        c = nxt
+        if k0 + BK < KIN:  # the next step's codes in flight while this step computes
+            wn = wi + BK // 8
+            nxt = tl.load(qrow[:, :, None] + wn[None, None, :], mask=mkd[:, :, None] & (wn < KW)[None, None, :],
+                          other=0)
         tacc = tl.zeros([KP, BN, UK], tl.float32)
         xw = tl.zeros([KP, UK], tl.float32)
         for j in tl.static_range(8):
