@@ -23,6 +23,7 @@ os.environ["TRITON_INTERPRET"] = "0"  # compile, do not interpret (set before tr
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # as launches compile: multiply-adds fused
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))
 
 _SIG = {"torch.uint8": "*u8", "torch.int32": "*i32", "torch.bfloat16": "*bf16", "torch.float32": "*fp32",
         "torch.int64": "*i64"}
@@ -32,8 +33,7 @@ def count(k: int, n: int, algo: int, bn: int, bg: int, warps: int) -> tuple[int,
     """(static SASS instructions of one program, inputs per thread, opcode counts) of _qgemv over a q4 [n, k]."""
     import torch
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from kernel_regs import compile_sm90
 
     from tiered.kernels import quant_moe as qm
     from tiered.layout.quant import quantize
@@ -48,20 +48,10 @@ def count(k: int, n: int, algo: int, bn: int, bg: int, warps: int) -> tuple[int,
     args = {"x_ptr": x, "slot_ptr": x, "q_ptr": qm._codes(w, a), "s_ptr": w.scale, "m_ptr": w.min, "out_ptr": x,
             "N": n, "stride_xt": k, "stride_ot": n, **dict(zip(names, qm._strides(w, a)))}
     consts = {**qm._geometry(w), **tiles, "HAS_SLOTS": False}
-    sig, attrs = {}, {}
-    for i, name in enumerate(qgemv.arg_names):
-        if name in consts:
-            sig[name] = "constexpr"
-            continue
-        v = args[name]
-        sig[name] = _SIG[str(v.dtype)] if isinstance(v, torch.Tensor) else "i32"
-        if isinstance(v, torch.Tensor) or v % 16 == 0:  # what the launcher's specialisation would mark
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    kern = triton.compile(ASTSource(qgemv, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": warps})
+    cubin = compile_sm90(qgemv, args, consts, warps)
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kern.asm["cubin"])
+        f.write(cubin)
         f.flush()
         sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True, check=True).stdout
     ops: collections.Counter = collections.Counter()
