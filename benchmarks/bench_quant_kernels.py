@@ -76,8 +76,8 @@ from benchmeta import git_commit, write_out  # noqa: E402
 from bench_moe_kernels import hbm_read_gbps, make_pool, rel, time_eager, time_graph  # noqa: E402
 
 from tiered.kernels.moe_decode import moe_decode  # noqa: E402
-from tiered.kernels.quant_moe import (QConfig, experts_quant_decode, pick_config, quant_down,  # noqa: E402
-                                      quant_gate_up, qlinear)
+from tiered.kernels.quant_moe import (QConfig, down_h_layout, experts_quant_decode, pick_config,  # noqa: E402
+                                      quant_down, quant_gate_up, qlinear)
 from tiered.layout.format import plan_block  # noqa: E402
 from tiered.layout.quant import QuantWeight, quantize  # noqa: E402
 from tiered.store.disk import expert_views  # noqa: E402
@@ -91,13 +91,13 @@ SMALL_SHAPES = {"10.6B": (128, 32, 2), "397B": (64, 64, 3)}
 SMALL_DENSE = {"lm_head": (20, 128), "qkv": (12, 64), "o_proj": (8, 256)}
 
 
-def C(bn, bg, warps, conv=1, split=1, algo=0) -> QConfig:
-    return QConfig(bn=bn, bg=bg, warps=warps, split=split, conv=conv, algo=algo)
+def C(bn, bg, warps, conv=1, split=1, algo=0, hw=0) -> QConfig:
+    return QConfig(bn=bn, bg=bg, warps=warps, split=split, conv=conv, algo=algo, hw=hw)
 
 
 def label(c: QConfig) -> str:
     return (f"a{c.algo} bn{c.bn} bg{c.bg} w{c.warps} c{c.conv}" + (f" split{c.split}" if c.split != 1 else "")
-            + (f" regs{c.regs}" if c.regs else ""))
+            + (f" regs{c.regs}" if c.regs else "") + (f" hw{c.hw}" if c.hw else ""))
 
 
 # Sweeps per format: (gate_up, down, gemv) tiles. Algo 0 (the grouped tile): the fastest of the 2026-11-30 sweep
@@ -120,7 +120,9 @@ DOWN4 = [C(4, 16, 4, algo=A2), C(2, 16, 2, algo=A2), C(8, 16, 4, algo=A2), C(4, 
          # word tiles of several steps (the next step's codes in flight): 32-64 registers a thread against the
          # default's 128, so an SM holds 2-4x the warps (tools/kernel_regs.py under Triton 3.6, session 15)
          C(4, 4, 8, algo=A2), C(2, 4, 8, algo=A2), C(8, 4, 8, algo=A2), C(4, 2, 8, algo=A2), C(2, 8, 8, algo=A2),
-         C(4, 8, 8, algo=A2), C(2, 4, 4, algo=A2), C(8, 2, 8, algo=A2)]
+         C(4, 8, 8, algo=A2), C(2, 4, 4, algo=A2), C(8, 2, 8, algo=A2),
+         # h handed over word-major (QConfig.hw 1: fp32, 2: bf16): the down kernel's loads of x_j contiguous
+         C(8, 16, 8, algo=A2, hw=1), C(8, 16, 8, algo=A2, hw=2), C(4, 4, 8, algo=A2, hw=2), C(2, 4, 8, algo=A2, hw=2)]
 UP8 = [C(2, 4, 2, algo=A1), C(4, 8, 4, algo=A1), C(2, 16, 4, algo=A1), C(1, 16, 2, algo=A1),
        C(2, 4, 2), C(4, 4, 4)]
 DOWN8 = [C(4, 8, 4, algo=A1), C(2, 8, 2, algo=A1), C(1, 8, 1, algo=A1),
@@ -134,7 +136,7 @@ GEMV8 = [C(4, 16, 4, algo=A1), C(8, 16, 8, algo=A1), C(4, 4, 2, algo=A1), C(2, 1
          C(8, 2, 4), C(2, 4, 2)]
 SWEEPS = {"q4": (UP4, DOWN4, GEMV4), "q8": (UP8, DOWN8, GEMV8)}
 SMALL_SWEEP = [C(2, 1, 1, algo=A2), C(2, 1, 1, algo=A1), C(4, 2, 2, conv=0, algo=A1), C(2, 1, 1)]  # --small
-SMALL_DOWN = SMALL_SWEEP + [C(2, 1, 1, split=SPLIT_K, algo=A1)]
+SMALL_DOWN = SMALL_SWEEP + [C(2, 1, 1, split=SPLIT_K, algo=A1), C(2, 1, 1, algo=A2, hw=2)]
 
 
 def timer(fns: list, small: bool) -> float:
@@ -158,7 +160,8 @@ def note_best(best_cfg: dict, key: str, cfg: QConfig, us: float | None, dflt: QC
                      "best_by_algo": {str(a): {"us": v[0], "config": vars(v[1])} for a, v in sorted(by_algo.items())},
                      "tuned": f"({kernel!r}, {fmt!r}, {k}, {n}): QConfig(bn={c['bn']}, bg={c['bg']}, "
                               f"warps={c['warps']}, split={c['split']}, conv={c['conv']}, algo={c['algo']}"
-                              + (f", regs={c['regs']}" if c.get("regs") else "") + "),"}
+                              + (f", regs={c['regs']}" if c.get("regs") else "")
+                              + (f", hw={c['hw']}" if c.get("hw") else "") + "),"}
 
 
 def qpool(fmt: str, S: int, D: int, Fe: int, seed: int = 0):
@@ -291,9 +294,12 @@ def bench_experts(shape: str, fmts: list[str], layers: int, quick: bool, end: fl
             # the two kernels of each algo's best config alone (where the time goes)
             for algo, (us, up, down) in sorted(best_by.items()):
                 try:
-                    hs = [quant_gate_up(x, s[None], W.gate, W.up, up) for x, s, w in per]
-                    tu = timer([lambda x=x, s=s: quant_gate_up(x, s[None], W.gate, W.up, up) for x, s, w in per], small)
-                    td = timer([lambda h=h, s=s, w=w: quant_down(h, s[None], w, W.down, torch.bfloat16, down)
+                    hl = down_h_layout(W.down, down, K)
+                    hs = [quant_gate_up(x, s[None], W.gate, W.up, up, h_layout=hl) for x, s, w in per]
+                    tu = timer([lambda x=x, s=s: quant_gate_up(x, s[None], W.gate, W.up, up, h_layout=hl)
+                                for x, s, w in per], small)
+                    td = timer([lambda h=h, s=s, w=w: quant_down(h, s[None], w, W.down, torch.bfloat16, down,
+                                                                 h_layout=hl)
                                 for h, (x, s, w) in zip(hs, per)], small)
                     r = {"section": "parts", "shape": shape, "fmt": fmt, "algo": algo, "gate_up_us": tu * 1e6,
                          "down_us": td * 1e6, "up": vars(up), "down": vars(down),

@@ -442,3 +442,33 @@ def test_register_cap_is_a_cuda_launch_option():
     a = quant_matvec(x, qw, slots, config=capped)
     b = quant_matvec(x, qw, slots, config=QConfig(bn=4, bg=2, algo=2))
     assert torch.equal(a, b) and rel(a, quant_matvec_ref(x, qw, slots)) < 1e-5
+
+
+@pytest.mark.parametrize("F,D", [(64, 128), (96, 64)])
+def test_word_major_h_between_the_expert_kernels(F, D):
+    """QConfig.hw on a word-tile down config: gate_up writes h word-major (1: fp32, 2: bf16) and down reads it so.
+    fp32 equals the loop within fp32 rounding (and the default layout's result to the same tolerance); bf16 within
+    its rounding of h. Configs that cannot read it (the flat tile, split-K) keep h in input order, and quant_down
+    refuses a word-major h for them."""
+    from tiered.kernels.quant_moe import down_h_layout
+
+    W = _pool("q4", 6, F, D)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, D, generator=g).to(DEV)
+    slots = torch.randperm(6, generator=g)[:3].to(DEV)
+    wts = torch.rand(1, 3, generator=g).to(DEV)
+    want = _experts_ref(x, slots[None], wts, W)
+    up = QConfig(bn=4, bg=1, algo=2)
+    plain = experts_quant_decode(x, slots, wts, W.gate, W.up, W.down, interpret=INTERP,
+                                 configs=(up, QConfig(bn=4, bg=1, warps=2, algo=2)))
+    for hw, tol in ((1, 1e-5), (2, 1e-2)):
+        down = QConfig(bn=4, bg=1, warps=2, algo=2, hw=hw)
+        assert down_h_layout(W.down, down, 3) == hw
+        got = experts_quant_decode(x, slots, wts, W.gate, W.up, W.down, interpret=INTERP, configs=(up, down))
+        assert rel(got, want) < tol, hw
+        assert rel(got, plain.double()) < tol, hw
+    assert down_h_layout(W.down, QConfig(bn=4, bg=1, algo=1, hw=2), 3) == 0  # the flat tile reads rows in order
+    assert down_h_layout(W.down, QConfig(bn=4, bg=1, algo=2, split=3, hw=2), 3) == 0  # split-K: one expert a program
+    h = torch.zeros(3, F, device=DEV)
+    with pytest.raises(ValueError, match="word tile"):
+        quant_down(h, slots[None], wts, W.down, torch.float32, QConfig(bn=4, bg=1, algo=1), h_layout=1)

@@ -12,6 +12,7 @@ warps a SM, and the grid's waves over 132 SMs.
     python3 tools/kernel_regs.py                                   # TUNED's tiles of the three kernels
     python3 tools/kernel_regs.py --kernel down --tiles 2:8:4:8,2:4:4:4,2:8:16:8   # algo:bn:bg:warps[:regs]
     python3 tools/kernel_regs.py --kernel gemv --n 5120 --tiles 2:8:32:4,2:8:32:4:96
+    python3 tools/kernel_regs.py --kernel down --tiles 2:8:16:8:0:0,2:8:16:8:0:2     # h word-major bf16 (hw 2)
 
 The last stdout line is one JSON list of the rows.
 """
@@ -97,7 +98,7 @@ def occupancy(regs: int, warps: int, programs: int) -> dict:
 
 
 def row(kernel: str, algo: int, bn: int, bg: int, warps: int, regs: int, d: int, f: int, k_experts: int,
-        n: int) -> dict:
+        n: int, hw: int = 0) -> dict:
     """Compile one tile of one kernel at the shape and report its resources."""
     import torch
     import triton
@@ -106,7 +107,8 @@ def row(kernel: str, algo: int, bn: int, bg: int, warps: int, regs: int, d: int,
     from tiered.layout.quant import quantize
 
     qgemv, qgate_up, qdown = qm.decorate_kernels()
-    cfg = qm.QConfig(bn=bn, bg=bg, warps=warps, algo=algo, regs=regs)
+    cfg = qm.QConfig(bn=bn, bg=bg, warps=warps, algo=algo, regs=regs, hw=hw)
+    hdt = torch.bfloat16 if hw == 2 else torch.float32  # the h between the expert kernels (QConfig.hw)
     names = ("stride_qs", "stride_qn", "stride_ss", "stride_sn", "stride_ms", "stride_mn")
     if kernel == "gemv":
         w = quantize(torch.randn(n, d) * d ** -0.5, "q4")
@@ -126,26 +128,28 @@ def row(kernel: str, algo: int, bn: int, bg: int, warps: int, regs: int, d: int,
         if kernel == "gate_up":
             x = torch.zeros(1, d, dtype=torch.bfloat16)
             args = {"x_ptr": x, "slot_ptr": slots, "gq": codes, "gs": w.scale, "gm": w.min, "uq": codes,
-                    "us": w.scale, "um": w.min, "h_ptr": torch.zeros(k_experts, f), "slot_base": 0,
+                    "us": w.scale, "um": w.min, "h_ptr": torch.zeros(k_experts, f, dtype=hdt), "slot_base": 0,
                     "stride_xt": d, **st}
-            consts = {"F": f, "K": k_experts, **qm._geometry(w), **t}
+            consts = {"F": f, "K": k_experts, **qm._geometry(w), **t, "HW": hw}
             jit, programs = qgate_up, triton.cdiv(f, bn) * k_experts
         else:
-            args = {"h_ptr": torch.zeros(k_experts, f), "slot_ptr": slots, "wt_ptr": torch.zeros(k_experts),
+            args = {"h_ptr": torch.zeros(k_experts, f, dtype=hdt), "slot_ptr": slots, "wt_ptr": torch.zeros(k_experts),
                     "dq": codes, "ds": w.scale, "dm": w.min, "y_ptr": torch.zeros(1, d, dtype=torch.bfloat16),
                     "slot_base": 0, "stride_yt": d, **st}
             consts = {"D": d, "K": k_experts, "KP": triton.next_power_of_2(k_experts), "K_PER": k_experts,
-                      "SPLIT": 1, **qm._geometry(w), **t, "WR": 1}
+                      "SPLIT": 1, **qm._geometry(w), **t, "WR": 1, "HW": hw}
             jit, programs = qdown, triton.cdiv(d, bn)
     u = usage(compile_sm90(jit, args, consts, warps, regs))
-    return {"kernel": kernel, "algo": t["ALGO"], "bn": bn, "bg": t["BG"], "warps": warps, "regs_cap": regs,
+    return {"kernel": kernel, "algo": t["ALGO"], "bn": bn, "bg": t["BG"], "warps": warps, "regs_cap": regs, "hw": hw,
             **u, "programs": programs, **occupancy(u["reg"], warps, programs)}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kernel", choices=("all", "gate_up", "down", "gemv"), default="all")
-    ap.add_argument("--tiles", default="", help="comma list of algo:bn:bg:warps[:regs] (default: TUNED's)")
+    ap.add_argument("--tiles", default="",
+                    help="comma list of algo:bn:bg:warps[:regs[:hw]] (default: TUNED's; hw: QConfig.hw, the h layout "
+                         "between the expert kernels, ignored by the GEMV)")
     ap.add_argument("--d", type=int, default=2048, help="hidden size (gate/up inputs, down outputs, GEMV inputs)")
     ap.add_argument("--f", type=int, default=768, help="expert FFN")
     ap.add_argument("--k", type=int, default=8, help="experts a token")
@@ -161,12 +165,14 @@ def main() -> int:
         else:
             key = {"gate_up": (a.d, a.f), "down": (a.f, a.d), "gemv": (a.d, a.n)}[kern]
             c = pick_config(kern, "q4", *key)
-            specs = [(c.algo, c.bn, c.bg, c.warps, c.regs)]
+            specs = [(c.algo, c.bn, c.bg, c.warps, c.regs, c.hw)]
         for s in specs:
             algo, bn, bg, warps = s[:4]
-            r = row(kern, algo, bn, bg, warps, s[4] if len(s) > 4 else 0, a.d, a.f, a.k, a.n)
+            hw = s[5] if len(s) > 5 and kern != "gemv" else 0
+            r = row(kern, algo, bn, bg, warps, s[4] if len(s) > 4 else 0, a.d, a.f, a.k, a.n, hw)
             rows.append(r)
-            print(f"{kern:<8} algo {r['algo']} bn {bn:>2} bg {r['bg']:>2} warps {warps} cap {r['regs_cap'] or '-':>3}: "
+            print(f"{kern:<8} algo {r['algo']} bn {bn:>2} bg {r['bg']:>2} warps {warps} cap {r['regs_cap'] or '-':>3} "
+                  f"hw {hw}: "
                   f"{r['reg']:>3} registers, local {r.get('local', 0):>4} B, {r['sass']:>5} SASS, "
                   f"{r['programs_per_sm']} programs ({r['warps_per_sm']} warps) a SM, {r['waves']} waves of "
                   f"{r['programs']}", flush=True)

@@ -84,7 +84,11 @@ class QConfig:
     of odd width), 2 = the word tile (q4 only, _dot_rows_words: codes read as int32 words of 8 inputs, one
     shift and one and-or per input; falls back to 1, then 0, where it cannot serve); `regs` caps the registers a
     thread may use (ptxas' maxnreg; 0: the compiler's choice), which sets how many programs an SM holds: the decode
-    kernels are one wave whose programs wait on memory, and occupancy is what hides that wait."""
+    kernels are one wave whose programs wait on memory, and occupancy is what hides that wait. `hw` (a down config's,
+    read by experts_quant_decode): how gate_up hands h to a word-tile down kernel that reads every expert at once
+    (algo 2, split 1): 0 rows of fp32 in input order; 1 word-major fp32 (input 8w + j at j * F / 8 + w, so the down
+    kernel's loads of x_j are contiguous instead of stride 8); 2 word-major bf16 (half the bytes; the reference
+    rounds h to the compute dtype too). Other tiles read h in input order, so hw is ignored there."""
     bn: int = 4
     bg: int = 8
     warps: int = 2
@@ -92,6 +96,7 @@ class QConfig:
     conv: int = 1
     algo: int = 0
     regs: int = 0
+    hw: int = 0
 
     def __post_init__(self) -> None:
         for name in ("bn", "bg", "warps"):
@@ -103,6 +108,9 @@ class QConfig:
                              f"{self.conv}, {self.algo}")
         if self.regs and not 24 <= self.regs <= 255:
             raise ValueError(f"QConfig.regs must be 0 (the compiler's choice) or 24..255, got {self.regs}")
+        if self.hw not in (0, 1, 2):
+            raise ValueError(f"QConfig.hw must be 0 (fp32 rows), 1 (word-major fp32) or 2 (word-major bf16), got "
+                             f"{self.hw}")
 
 
 # (kernel, format) -> config; kernel is "gate_up", "down" or "gemv". Chosen by benchmarks/bench_quant_kernels.py
@@ -504,12 +512,13 @@ def _dot_rows_words(x_row, q1, s1, m1, q2, s2, m2, mask_n, KIN: tl.constexpr, KQ
 def _down_words(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, t, d64, mask_d, slot_base, stride_qs, stride_qn, stride_ss,
                 stride_sn, stride_ms, stride_mn, K: tl.constexpr, KP: tl.constexpr, KIN: tl.constexpr,
                 KQ: tl.constexpr, NG: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr,
-                BK: tl.constexpr, UK: tl.constexpr, WR: tl.constexpr):
+                BK: tl.constexpr, UK: tl.constexpr, WR: tl.constexpr, HW: tl.constexpr = 0):
     """[BN] fp32: sum over token t's K experts of w_k * (h_k @ down[slot_k].T) for the BN output rows d64, q4 read
     as int32 words with every expert's codes of a step in one [KP, BN, UK] load (KP = K padded to a power of
     two): all K experts' bytes are in flight at once, where a loop over experts would wait for each in turn
     (the down projection's rows are short, so a program's per-expert work is one small load). The per-expert
-    sums are reduced over k in a fixed order (deterministic)."""
+    sums are reduced over k in a fixed order (deterministic). HW > 0: h rows are word-major (QConfig.hw), input
+    8w + j at j * KW + w."""
     KW: tl.constexpr = KQ // 4
     WG: tl.constexpr = GROUP // 8
     offs_k = tl.arange(0, KP)
@@ -538,7 +547,10 @@ def _down_words(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, t, d64, mask_d, slot_base, 
         tacc = tl.zeros([KP, BN, UK], tl.float32)
         xw = tl.zeros([KP, UK], tl.float32)
         for j in tl.static_range(8):
-            xj = tl.load(hrow[:, None] + wi[None, :] * 8 + j, mask=mk[:, None] & wm[None, :], other=0.0)
+            if HW:
+                xj = tl.load(hrow[:, None] + j * KW + wi[None, :], mask=mk[:, None] & wm[None, :], other=0.0)
+            else:
+                xj = tl.load(hrow[:, None] + wi[None, :] * 8 + j, mask=mk[:, None] & wm[None, :], other=0.0)
             xj = xj.to(tl.float32)  # [KP, UK] inputs 8w + j of each expert's h row
             xw += xj
             tacc += word_nibble(c, j) * xj[:, None, :]
@@ -599,7 +611,8 @@ def _qgate_up(x_ptr, slot_ptr, gq, gs, gm, uq, us, um, h_ptr, slot_base, stride_
               stride_ss, stride_sn, stride_ms, stride_mn, F: tl.constexpr, K: tl.constexpr, KIN: tl.constexpr,
               KQ: tl.constexpr, NG: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr,
               GSTRIDE: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr,
-              CONV: tl.constexpr, ALGO: tl.constexpr, BK: tl.constexpr, UK: tl.constexpr, GDC: tl.constexpr = False):
+              CONV: tl.constexpr, ALGO: tl.constexpr, BK: tl.constexpr, UK: tl.constexpr, HW: tl.constexpr = 0,
+              GDC: tl.constexpr = False):
     """Grid (cdiv(F, BN), T*K): h[t*K + k, f-block] = silu(x[t] @ gate.T) * (x[t] @ up.T), expert row
     slot_base + slot[t, k]. gate and up share strides (views of one block layout)."""
     gdc_enter(GDC)
@@ -625,14 +638,18 @@ def _qgate_up(x_ptr, slot_ptr, gq, gs, gm, uq, us, um, h_ptr, slot_base, stride_
     else:
         g = dot_rows(x_row, gq + qo, gs + so, gm + mo, mask_f, KIN, KQ, NG, FMT, GROUP, GSTRIDE, GP, BN, BG, CONV)
         u = dot_rows(x_row, uq + qo, us + so, um + mo, mask_f, KIN, KQ, NG, FMT, GROUP, GSTRIDE, GP, BN, BG, CONV)
-    tl.store(h_ptr + pair * F + offs_f, g * tl.sigmoid(g) * u, mask=mask_f)
+    if HW:  # word-major (QConfig.hw): input 8w + j of the down kernel at j * F / 8 + w
+        hi = (offs_f % 8) * (F // 8) + offs_f // 8
+    else:
+        hi = offs_f
+    tl.store(h_ptr + pair * F + hi, (g * tl.sigmoid(g) * u).to(h_ptr.dtype.element_ty), mask=mask_f)
 
 def _qdown(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, y_ptr, slot_base, stride_qs, stride_qn, stride_ss, stride_sn,
            stride_ms, stride_mn, stride_yt, D: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
            K_PER: tl.constexpr, SPLIT: tl.constexpr, KIN: tl.constexpr, KQ: tl.constexpr, NG: tl.constexpr,
            FMT: tl.constexpr, GROUP: tl.constexpr, GSTRIDE: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr,
            BG: tl.constexpr, CONV: tl.constexpr, ALGO: tl.constexpr, BK: tl.constexpr, UK: tl.constexpr,
-           WR: tl.constexpr = 0, GDC: tl.constexpr = False):
+           WR: tl.constexpr = 0, HW: tl.constexpr = 0, GDC: tl.constexpr = False):
     """Grid (cdiv(D, BN), T*SPLIT): y[t, d-block] = sum over K_PER experts (rows slot_base + slot) of
     w * (h @ down.T), w rounded as fused_norm.weight_rounding says (WR); the word tile at SPLIT 1 reads all K
     experts together (down_words), the other tiles one expert after another."""
@@ -650,7 +667,7 @@ def _qdown(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, y_ptr, slot_base, stride_qs, str
     ALL_K: tl.constexpr = ALGO == 2 and SPLIT == 1  # the word tile reads every expert's codes in one load
     if ALL_K:
         y = down_words(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, t, d64, mask_d, slot_base, stride_qs, stride_qn,
-                       stride_ss, stride_sn, stride_ms, stride_mn, K, KP, KIN, KQ, NG, GROUP, BN, BG, BK, UK, WR)
+                       stride_ss, stride_sn, stride_ms, stride_mn, K, KP, KIN, KQ, NG, GROUP, BN, BG, BK, UK, WR, HW)
     for kk in tl.static_range(0 if ALL_K else K_PER):  # otherwise one expert after another
         pair = t * K + (pid % SPLIT) * K_PER + kk
         slot = tl.load(slot_ptr + pair).to(tl.int64) + slot_base
@@ -732,9 +749,10 @@ def quant_matvec_ref(x: Tensor, w: QuantWeight, slots: Tensor | None = None) -> 
 
 
 def quant_gate_up(x: Tensor, slots: Tensor, gate: QuantWeight, up: QuantWeight,
-                  config: QConfig | None = None, *, slot_base: int = 0) -> Tensor:
+                  config: QConfig | None = None, *, slot_base: int = 0, h_layout: int = 0) -> Tensor:
     """x [T, D], slots [T, K] (or [K]) slot rows of the stacks (slot_base + slots: the kernel adds it)
-    -> h [T*K, F] fp32 = silu(x gate^T) * (x up^T)."""
+    -> h [T*K, F] fp32 = silu(x gate^T) * (x up^T); h_layout 1 / 2 (QConfig.hw): each row word-major, in fp32 / bf16,
+    for a word-tile down kernel that reads it so (quant_down with the same h_layout)."""
     Fe, D = gate.matrix
     if _strides(gate) != _strides(up) or gate.fmt != up.fmt:
         raise ValueError("quant_gate_up: gate and up must share their format and strides (one block layout)")
@@ -742,8 +760,10 @@ def quant_gate_up(x: Tensor, slots: Tensor, gate: QuantWeight, up: QuantWeight,
     flat = slots.reshape(-1)
     K = flat.numel() // T
     cfg = config or pick_config("gate_up", gate.fmt, D, Fe)
+    if h_layout and Fe % 8:
+        raise ValueError(f"quant_gate_up: a word-major h (h_layout {h_layout}) needs F a multiple of 8, got {Fe}")
     x = x.contiguous()
-    h = torch.empty(T * K, Fe, dtype=torch.float32, device=x.device)
+    h = torch.empty(T * K, Fe, dtype=torch.bfloat16 if h_layout == 2 else torch.float32, device=x.device)
     gm = gate.min if gate.min is not None else gate.scale
     um = up.min if up.min is not None else up.scale
     tiles = _tiles(cfg, gate)
@@ -752,14 +772,17 @@ def quant_gate_up(x: Tensor, slots: Tensor, gate: QuantWeight, up: QuantWeight,
     a = tiles["ALGO"]
     _kernels()[1][(triton.cdiv(Fe, cfg.bn), T * K)](
         x, flat, _codes(gate, a), gate.scale, gm, _codes(up, a), up.scale, um, h, int(slot_base), x.stride(0),
-        *_strides(gate, a), F=Fe, K=K, **_geometry(gate), **tiles, **_launch_opts(cfg, x.device))
+        *_strides(gate, a), F=Fe, K=K, **_geometry(gate), **tiles, HW=int(h_layout), **_launch_opts(cfg, x.device))
     return h
 
 
 def quant_down(h: Tensor, slots: Tensor, weights: Tensor, down: QuantWeight, dtype: torch.dtype,
-               config: QConfig | None = None, *, slot_base: int = 0, round_to: torch.dtype | None = None) -> Tensor:
+               config: QConfig | None = None, *, slot_base: int = 0, round_to: torch.dtype | None = None,
+               h_layout: int = 0) -> Tensor:
     """h [T*K, F] fp32, slots and weights [T, K] -> [T, D] in `dtype`: sum over k of w[t, k] * h @ down[slot]^T
-    (rows slot_base + slot; w rounded to `round_to` inside the kernel, None: as given)."""
+    (rows slot_base + slot; w rounded to `round_to` inside the kernel, None: as given). h_layout 1 / 2: h as
+    quant_gate_up wrote it with the same h_layout (word-major rows), which only the word tile reading every expert at
+    once takes (down_h_layout says whether a config does)."""
     D, Fe = down.matrix
     flat = slots.reshape(-1)
     K = slots.shape[-1]
@@ -772,10 +795,13 @@ def quant_down(h: Tensor, slots: Tensor, weights: Tensor, down: QuantWeight, dty
     dm = down.min if down.min is not None else down.scale
     tiles = _tiles(cfg, down)
     a = tiles["ALGO"]
+    if h_layout and not (a == 2 and split == 1):
+        raise ValueError(f"quant_down: h_layout {h_layout} (word-major h) is read by the word tile with split 1 only; "
+                         f"this launch takes algo {a}, split {split}")
     _kernels()[2][(triton.cdiv(D, cfg.bn), T * split)](
         h, flat, wts, _codes(down, a), down.scale, dm, y, int(slot_base), *_strides(down, a), y.stride(0), D=D, K=K,
         KP=triton.next_power_of_2(K), K_PER=K // split, SPLIT=split, **_geometry(down), **tiles,
-        WR=weight_rounding(round_to), **_launch_opts(cfg, h.device))
+        WR=weight_rounding(round_to), HW=int(h_layout), **_launch_opts(cfg, h.device))
     return y if split == 1 else y.to(dtype)
 
 
@@ -812,6 +838,19 @@ def experts_quant_decode(x: Tensor, slots: Tensor, weights: Tensor, gate: QuantW
     if _strides(gate) != _strides(up) or gate.fmt != up.fmt:
         return None
     K = slots.shape[-1]
-    h = quant_gate_up(x, slots.reshape(1, K), gate, up, configs[0], slot_base=slot_base)  # [K, F] fp32
+    hl = down_h_layout(down, configs[1], K)
+    h = quant_gate_up(x, slots.reshape(1, K), gate, up, configs[0], slot_base=slot_base, h_layout=hl)  # [K, F]
     return quant_down(h, slots.reshape(1, K), weights.reshape(1, K), down, x.dtype, configs[1], slot_base=slot_base,
-                      round_to=round_to)
+                      round_to=round_to, h_layout=hl)
+
+
+def down_h_layout(down: QuantWeight, config: QConfig | None, k: int) -> int:
+    """The h layout (QConfig.hw) a down launch over `down` with this config (None: TUNED's) and k experts a token
+    reads: the config's hw where the launch takes the word tile over every expert at once (algo 2, split 1) and F
+    is a multiple of 8, else 0 (rows in input order)."""
+    d, fe = down.matrix
+    cfg = config or pick_config("down", down.fmt, fe, d)
+    split = cfg.split if k % cfg.split == 0 else 1
+    if not cfg.hw or split != 1 or fe % 8 or _tiles(cfg, down)["ALGO"] != 2:
+        return 0
+    return cfg.hw
