@@ -461,8 +461,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="default configs only, no sweep")
     ap.add_argument("--formats", default="q4,q8,mxfp4,fp8")
     ap.add_argument("--regs", default="",
-                    help="decode: comma-separated register caps (QConfig.regs, ptxas maxnreg) to time the default tiles "
-                         "under, in place of the tile sweeps (e.g. 64,80,96)")
+                    help="decode: comma-separated register caps (QConfig.regs, ptxas maxnreg) to time the default "
+                         "tiles under, in place of the tile sweeps (e.g. 64,80,96)")
     ap.add_argument("--max-seconds", type=float, default=None,
                     help="decode (default 140): sweeps stop at shares of this (experts 10.6B 35%%, 397B 60%%, "
                          "dense 93%%, libraries 100%%); prefill (default 100): rows past it are skipped")

@@ -6,7 +6,8 @@ stack), `_qgate_up` (one token's K experts: gate and up, SwiGLU, into h [T*K, F]
 (h through the K experts' down projections, routing weights applied and summed over K); their tile
 configs (`QConfig`, picked per format and shape by `pick_config` from the table `TUNED`; `algo` chooses the
 grouped, the flat or the word tile, below); the launchers
-`quant_matvec`, `quant_gate_up`, `quant_down`; the reference `quant_matvec_ref` (dequantize then matmul,
+`quant_matvec`, `quant_gate_up`, `quant_down` (and `down_h_layout`: how h passes between the last two); the
+reference `quant_matvec_ref` (dequantize then matmul,
 tiered/layout/quant.py); and the two callers the model uses: `qlinear` (a dense matrix, quantized or
 not) and `experts_quant_decode` (one token's K quantized experts).
 Does not own: the formats or their reference dequantization (layout/quant.py), the bf16 MoE kernels.
@@ -731,7 +732,7 @@ def quant_matvec(x: Tensor, w: QuantWeight, slots: Tensor | None = None, *, out_
     a = tiles["ALGO"]
     codes = _codes(w, a)
     pdl = _launch_opts(cfg, x.device)
-    if "GDC" in pdl and not w.lead and l2_prefetch_enabled():  # the L2 prefetch of a single matrix's rows before the wait
+    if "GDC" in pdl and not w.lead and l2_prefetch_enabled():  # a single matrix's rows asked into L2 before the wait
         pdl.update(PF_LINES=triton.next_power_of_2(triton.cdiv(w.q.shape[-1] * w.q.element_size(), 128)),
                    PF_STEP=128 // codes.element_size())
     qgemv[(triton.cdiv(n, cfg.bn), T)](x, sl, codes, w.scale, m, out, n, x.stride(0), *_strides(w, a),
