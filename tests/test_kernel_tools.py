@@ -44,3 +44,17 @@ def test_count_sass_runs():
                           "2:8:4:4"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "per input" in out.stdout
+
+
+def test_compiling_restores_the_environment(monkeypatch):
+    """kernel_regs.compiling sets TRITON_INTERPRET=0 only while kernels are decorated and compiled: the suite's
+    interpreted kernels (decorated later in the same process) keep the interpreter."""
+    import os
+
+    from kernel_regs import compiling
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("TRITON_DEFAULT_FP_FUSION", raising=False)
+    with compiling():
+        assert os.environ["TRITON_INTERPRET"] == "0" and os.environ["TRITON_DEFAULT_FP_FUSION"] == "1"
+    assert os.environ["TRITON_INTERPRET"] == "1" and "TRITON_DEFAULT_FP_FUSION" not in os.environ

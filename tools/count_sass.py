@@ -14,31 +14,26 @@ from __future__ import annotations
 import argparse
 import collections
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "0"  # compile, do not interpret (set before triton is imported)
+# a script: kernels decorated at import (fused_norm, pdl) must be compiled, not interpreted, so before tiered loads
+os.environ["TRITON_INTERPRET"] = "0"
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # as launches compile: multiply-adds fused
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
-_SIG = {"torch.uint8": "*u8", "torch.int32": "*i32", "torch.bfloat16": "*bf16", "torch.float32": "*fp32",
-        "torch.int64": "*i64"}
-
-
 def count(k: int, n: int, algo: int, bn: int, bg: int, warps: int) -> tuple[int, float, collections.Counter]:
     """(static SASS instructions of one program, inputs per thread, opcode counts) of _qgemv over a q4 [n, k]."""
     import torch
-    import triton
-    from kernel_regs import compile_sm90
+    from kernel_regs import compile_sm90, compiling, sass_ops
 
     from tiered.kernels import quant_moe as qm
     from tiered.layout.quant import quantize
 
-    qgemv = qm.decorate_kernels()[0]
+    with compiling():
+        qgemv = qm.decorate_kernels()[0]
     w = quantize(torch.randn(n, k) * k ** -0.5, "q4")
     cfg = qm.QConfig(bn=bn, bg=bg, warps=warps, algo=algo)
     tiles = qm._tiles(cfg, w)
@@ -48,23 +43,8 @@ def count(k: int, n: int, algo: int, bn: int, bg: int, warps: int) -> tuple[int,
     args = {"x_ptr": x, "slot_ptr": x, "q_ptr": qm._codes(w, a), "s_ptr": w.scale, "m_ptr": w.min, "out_ptr": x,
             "N": n, "stride_xt": k, "stride_ot": n, **dict(zip(names, qm._strides(w, a)))}
     consts = {**qm._geometry(w), **tiles, "HAS_SLOTS": False}
-    cubin = compile_sm90(qgemv, args, consts, warps)
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True, check=True).stdout
-    ops: collections.Counter = collections.Counter()
-    for line in sass.splitlines():
-        line = line.strip()
-        if not (line.startswith("/*") and "*/" in line):
-            continue
-        body = line.split("*/", 1)[1].strip()
-        if not body or body.startswith("/*"):
-            continue
-        parts = body.split()
-        op = parts[1] if parts[0].startswith("@") and len(parts) > 1 else parts[0]
-        ops[op.split(".")[0].rstrip(";")] += 1
+    with compiling():
+        ops = sass_ops(compile_sm90(qgemv, args, consts, warps))
     return sum(ops.values()), bn * k / (32 * warps), ops
 
 

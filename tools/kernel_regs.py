@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import re
@@ -28,15 +29,34 @@ import sys
 import tempfile
 from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "0"  # compile, do not interpret (set before triton is imported)
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-os.environ["TIERED_PDL"] = "0"
+if __name__ == "__main__":  # run as a script: kernels decorated at import (fused_norm, pdl) compile, not interpret.
+    # Imported (tests), the environment is left alone and `compiling` covers what is decorated here.
+    os.environ["TRITON_INTERPRET"] = "0"
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 _SIG = {"torch.uint8": "*u8", "torch.int32": "*i32", "torch.bfloat16": "*bf16", "torch.float32": "*fp32",
         "torch.int64": "*i64"}
 SMS, REGS_SM, WARPS_SM, PROGS_SM = 132, 65536, 64, 32  # sm_90 (H200)
+
+
+@contextlib.contextmanager
+def compiling():
+    """Kernels decorated inside are compiled, not interpreted (TRITON_INTERPRET 0 while Triton decorates them), with
+    multiply-adds fused as launches compile them; the environment is restored after (tests import this module)."""
+    keys = ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ["TRITON_INTERPRET"] = "0"
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def compile_sm90(kernel, args: dict, consts: dict, warps: int, regs: int = 0) -> bytes:
@@ -65,25 +85,38 @@ def compile_sm90(kernel, args: dict, consts: dict, warps: int, regs: int = 0) ->
     return kern.asm["cubin"]
 
 
-def usage(cubin: bytes) -> dict:
-    """{regs, stack, local, sass} of a single-kernel cubin (cuobjdump -res-usage and -sass)."""
+def cuobjdump(cubin: bytes, flag: str) -> str:
+    """The text of Triton's own cuobjdump `flag` (-sass, -res-usage) over a cubin."""
     import triton
 
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        res = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True, check=True).stdout
-    out = {k.lower(): int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", res)}
+        return subprocess.run([str(tool), flag, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def sass_ops(cubin: bytes) -> collections.Counter:
+    """Static SASS instructions of a cubin by opcode (without modifiers; a predicate guard is skipped)."""
     ops: collections.Counter = collections.Counter()
-    for line in sass.splitlines():
+    for line in cuobjdump(cubin, "-sass").splitlines():
         line = line.strip()
-        if line.startswith("/*") and "*/" in line:
-            body = line.split("*/", 1)[1].strip()
-            if body and not body.startswith("/*"):
-                ops[body.split()[0]] += 1
-    out["sass"] = sum(ops.values())
+        if not (line.startswith("/*") and "*/" in line):
+            continue
+        body = line.split("*/", 1)[1].strip()
+        if not body or body.startswith("/*"):
+            continue
+        parts = body.split()
+        op = parts[1] if parts[0].startswith("@") and len(parts) > 1 else parts[0]
+        ops[op.split(".")[0].rstrip(";")] += 1
+    return ops
+
+
+def usage(cubin: bytes) -> dict:
+    """{reg, stack, local, shared, sass} of a single-kernel cubin (cuobjdump -res-usage; sass_ops)."""
+    res = cuobjdump(cubin, "-res-usage")
+    out = {k.lower(): int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", res)}
+    out["sass"] = sum(sass_ops(cubin).values())
     return out
 
 
@@ -106,7 +139,8 @@ def row(kernel: str, algo: int, bn: int, bg: int, warps: int, regs: int, d: int,
     from tiered.kernels import quant_moe as qm
     from tiered.layout.quant import quantize
 
-    qgemv, qgate_up, qdown = qm.decorate_kernels()
+    with compiling():
+        qgemv, qgate_up, qdown = qm.decorate_kernels()
     cfg = qm.QConfig(bn=bn, bg=bg, warps=warps, algo=algo, regs=regs, hw=hw)
     hdt = torch.bfloat16 if hw == 2 else torch.float32  # the h between the expert kernels (QConfig.hw)
     names = ("stride_qs", "stride_qn", "stride_ss", "stride_sn", "stride_ms", "stride_mn")
@@ -139,7 +173,8 @@ def row(kernel: str, algo: int, bn: int, bg: int, warps: int, regs: int, d: int,
             consts = {"D": d, "K": k_experts, "KP": triton.next_power_of_2(k_experts), "K_PER": k_experts,
                       "SPLIT": 1, **qm._geometry(w), **t, "WR": 1, "HW": hw}
             jit, programs = qdown, triton.cdiv(d, bn)
-    u = usage(compile_sm90(jit, args, consts, warps, regs))
+    with compiling():
+        u = usage(compile_sm90(jit, args, consts, warps, regs))
     return {"kernel": kernel, "algo": t["ALGO"], "bn": bn, "bg": t["BG"], "warps": warps, "regs_cap": regs, "hw": hw,
             **u, "programs": programs, **occupancy(u["reg"], warps, programs)}
 

@@ -186,8 +186,8 @@ class DeviceStep:
                 raise ValueError("--cpu-split admit runs without device prefetch or fill (their copies and pins "
                                  "would race the split's later copy)")
             if self.cpu_admit and table.slots.shape[0] < self.K + len(cfg.moe_layers):
-                raise ValueError(f"--cpu-split admit reserves up to one slot a MoE layer until the step's end: it needs "
-                                 f"at least top-k + {len(cfg.moe_layers)} device slots, the table has "
+                raise ValueError(f"--cpu-split admit reserves up to one slot a MoE layer until the step's end: it "
+                                 f"needs at least top-k + {len(cfg.moe_layers)} device slots, the table has "
                                  f"{table.slots.shape[0]} (raise --vram-gb)")
             table.set_cpu_take(self.cpu_take, self.cpu_split, admit=self.cpu_admit)
             # the admitted splits' later copies: on their own stream beside the CPU's tail and the next layers, joined

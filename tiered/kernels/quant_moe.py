@@ -731,13 +731,13 @@ def quant_matvec(x: Tensor, w: QuantWeight, slots: Tensor | None = None, *, out_
     tiles = _tiles(cfg, w)
     a = tiles["ALGO"]
     codes = _codes(w, a)
-    pdl = _launch_opts(cfg, x.device)
-    if "GDC" in pdl and not w.lead and l2_prefetch_enabled():  # a single matrix's rows asked into L2 before the wait
-        pdl.update(PF_LINES=triton.next_power_of_2(triton.cdiv(w.q.shape[-1] * w.q.element_size(), 128)),
+    opts = _launch_opts(cfg, x.device)
+    if "GDC" in opts and not w.lead and l2_prefetch_enabled():  # a single matrix's rows asked into L2 before the wait
+        opts.update(PF_LINES=triton.next_power_of_2(triton.cdiv(w.q.shape[-1] * w.q.element_size(), 128)),
                    PF_STEP=128 // codes.element_size())
     qgemv[(triton.cdiv(n, cfg.bn), T)](x, sl, codes, w.scale, m, out, n, x.stride(0), *_strides(w, a),
                                       out.stride(0), **_geometry(w), **tiles, HAS_SLOTS=bool(w.lead),
-                                      **pdl)
+                                      **opts)
     return out
 
 

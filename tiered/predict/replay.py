@@ -5,7 +5,8 @@ bandwidth benchmarks on a large random model, the router's choice is replaced by
 the trained reference model, mapped onto the large model's layers and experts.
 
 Owns: `map_trace` (the documented, deterministic mapping), `map_predictions` (a next-gate predictor's candidates
-mapped the same way) and `ReplayRouting` (the override the model calls instead of its router). Does not own: recording traces (trace.py) or the model.
+mapped the same way) and `ReplayRouting` (the override the model calls instead of its router). Does not own:
+recording traces (trace.py) or the model.
 
 The mapping (no lookahead: token t of the mapped trace is made only from token t of the source):
     source: L layers, E experts, top-K;   target: L' = H*L layers, E' = H*E experts, the same K,
@@ -40,11 +41,16 @@ deterministic:
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from torch import Tensor
 
 from tiered.predict.trace import Trace
+
+if TYPE_CHECKING:
+    from tiered.predict.predictors import GateWeights
 
 
 def map_trace(trace: Trace, *, num_layers: int, num_experts: int) -> Trace:
@@ -211,7 +217,7 @@ def map_routing(trace: Trace, *, num_layers: int, num_experts: int, top_k: int, 
                                        "rule": "map_routing"}})
 
 
-def map_predictions(trace: Trace, gates: "object", *, num_experts: int, count: int, segment: int = 128,
+def map_predictions(trace: Trace, gates: GateWeights, *, num_experts: int, count: int, segment: int = 128,
                     seed: int = 0) -> list[np.ndarray]:
     """Next-gate predictions of `trace` (recorded with hidden states) mapped as `map_routing(trace, num_layers=L,
     num_experts=num_experts, jitter=0)` maps its routing: per document, int64 [n, L, count], row (t, l) layer l's
