@@ -205,7 +205,7 @@ def layer_inputs(S: int, K: int, D: int, layers: int, seed: int = 1):
 
 
 def bench_experts(shape: str, fmts: list[str], layers: int, quick: bool, end: float, rows: list, best_cfg: dict,
-                  small: bool = False, regs: list[int] | None = None):
+                  small: bool = False, regs: list[int] | None = None, down_only: bool = False):
     D, Fe, K = (SMALL_SHAPES if small else SHAPES)[shape]
     S = layers * K + 8
     per = layer_inputs(S, K, D, layers)
@@ -266,6 +266,8 @@ def bench_experts(shape: str, fmts: list[str], layers: int, quick: bool, end: fl
         elif not quick and fmt in SWEEPS:
             ups, downs, _ = SWEEPS[fmt]
             ups, downs = (SMALL_SWEEP, SMALL_DOWN) if small else (ups, downs)
+            if down_only:  # --down-only: the default gate/up with every down tile
+                ups = []
         if regs or (not quick and fmt in SWEEPS):
             # gate/up tiles with the default down; then, per algo, down tiles with that algo's best gate/up
             for c in ups:
@@ -463,6 +465,9 @@ def main() -> None:
     ap.add_argument("--regs", default="",
                     help="decode: comma-separated register caps (QConfig.regs, ptxas maxnreg) to time the default "
                          "tiles under, in place of the tile sweeps (e.g. 64,80,96)")
+    ap.add_argument("--no-dense", action="store_true", help="decode: skip the dense GEMVs")
+    ap.add_argument("--down-only", action="store_true",
+                    help="decode: sweep the down tiles only (gate/up keeps its default tile)")
     ap.add_argument("--max-seconds", type=float, default=None,
                     help="decode (default 140): sweeps stop at shares of this (experts 10.6B 35%%, 397B 60%%, "
                          "dense 93%%, libraries 100%%); prefill (default 100): rows past it are skipped")
@@ -501,12 +506,14 @@ def main() -> None:
     regs = [int(r) for r in a.regs.split(",") if r]
     shapes = a.shapes.split(",")
     if "10.6B" in shapes:
-        bench_experts("10.6B", fmts, a.layers, a.quick, t0 + 0.35 * a.max_seconds, rows, best_cfg, a.small, regs)
+        bench_experts("10.6B", fmts, a.layers, a.quick, t0 + 0.35 * a.max_seconds, rows, best_cfg, a.small, regs,
+                      a.down_only)
     if "397B" in shapes:
         bench_experts("397B", [f for f in fmts if f in ("q4", "q8")], a.layers, a.quick, t0 + 0.6 * a.max_seconds,
-                      rows, best_cfg, a.small, regs)
-    bench_dense([f for f in fmts if f in ("q4", "q8")], a.quick, t0 + 0.93 * a.max_seconds, rows, best_cfg,
-                t0 + a.max_seconds, a.small, regs)
+                      rows, best_cfg, a.small, regs, a.down_only)
+    if not a.no_dense:
+        bench_dense([f for f in fmts if f in ("q4", "q8")], a.quick, t0 + 0.93 * a.max_seconds, rows, best_cfg,
+                    t0 + a.max_seconds, a.small, regs)
     hbm = bw["read_gbps"]
     print(f"\n{'section':<8} {'shape':<14} {'fmt':<6} {'us':>8} {'GB/s':>7} {'xHBM':>5} {'vs bf16':>7} {'err':>8}  "
           "variant")

@@ -186,6 +186,87 @@ def test_softmax_topk_ties_take_lowest_ids():
     torch.testing.assert_close(w, torch.full((2, 2), 0.5))
 
 
+# --- the router GEMV with softmax-top-k (one token) ---
+
+ROUTER_CASES = [(8, 7, 2, None), (64, 96, 8, None), (60, 130, 4, (4, 64, 4)), (128, 300, 8, (8, 128, 4)),
+                (512, 40, 10, (2, 16, 2))]
+
+
+@interp
+@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("E,D,K,tile", ROUTER_CASES)
+def test_router_topk(E, D, K, tile, dtype, fuse):
+    """Logits = x @ router.T rounded once from fp32 (compared with the float64 product rounded: exact in bf16, to
+    fp32's last bits in fp32), then the softmax_topk kernel's ids and weights on those logits; the counter is back
+    at 0 after every launch, so a second launch (a graph replay) works alike. Tiles with E % BLOCK_R != 0 and
+    D > BLOCK_D (the column loop)."""
+    from tiered.kernels.fused_route import router_topk
+
+    g = torch.Generator().manual_seed(E * D + K)
+    counter = torch.zeros(1, dtype=torch.int32)
+    for rep in range(2):
+        x = torch.randn(1, D, generator=g).to(dtype)
+        r = (torch.randn(E, D, generator=g) / D ** 0.5 * 3).to(dtype)
+        logits, ids, w = router_topk(x, r, K, rep == 0, counter, fuse=fuse, tile=tile)
+        exact = x.double() @ r.double().T
+        assert logits.dtype == dtype and logits.shape == (1, E) and counter.item() == 0
+        if dtype == torch.bfloat16:
+            assert torch.equal(logits, exact.to(dtype))
+        else:
+            torch.testing.assert_close(logits, exact.float(), rtol=1e-5, atol=1e-5)
+        rids, rw = fused_softmax_topk(logits, K, rep == 0)
+        assert torch.equal(ids, rids) and torch.equal(w, rw)
+
+
+@interp
+def test_router_topk_refuses_what_it_does_not_serve():
+    from tiered.kernels.fused_route import router_mode, router_topk
+
+    c = torch.zeros(1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="x \\[1, D\\]"):
+        router_topk(torch.zeros(2, 8), torch.zeros(4, 8), 2, True, c)
+    with pytest.raises(ValueError, match="dtype"):
+        router_topk(torch.zeros(1, 8), torch.zeros(4, 8, dtype=torch.bfloat16), 2, True, c)
+    with pytest.raises(ValueError, match="top_k=5 with 4"):
+        router_topk(torch.zeros(1, 8), torch.zeros(4, 8), 5, True, c)
+    os.environ["TIERED_ROUTER"] = "cublas"
+    try:
+        with pytest.raises(ValueError, match="fused, gemv, torch"):
+            router_mode()
+    finally:
+        del os.environ["TIERED_ROUTER"]
+
+
+@interp
+@pytest.mark.parametrize("mode", ["fused", "gemv", "torch"])
+def test_model_router_modes(tmp_path, monkeypatch, mode):
+    """TIERED_ROUTER's three paths give the glue-off model's greedy tokens (bf16, the interpreter); fused and gemv
+    take the router kernel for one-token steps."""
+    from tiered.kernels import fused_route
+    from tiered.layout.repack import repack
+    from tiered.store.disk import Layout
+
+    ck = make_checkpoint(tmp_path / "q", "qwen3_moe", seed=3, norm_topk_prob=True)
+    repack(ck, tmp_path / "l", progress=False)
+    lay = Layout.open(tmp_path / "l")
+    monkeypatch.setenv("TIERED_ROUTER", mode)
+    calls = []
+    real = fused_route.router_topk
+    monkeypatch.setattr(fused_route, "router_topk", lambda *a, **k: calls.append(k["fuse"]) or real(*a, **k))
+    toks = {}
+    for glue in (False, True):
+        m = _model(lay, glue, torch.bfloat16)
+        prompt, out = torch.arange(3, 9), []
+        logits = m.forward(prompt, 0)
+        for i in range(4):
+            out.append(int(logits[-1].argmax()))
+            logits = m.forward(torch.tensor(out[-1:]), 6 + i)
+        toks[glue] = out
+    assert toks[True] == toks[False]
+    assert calls == ([] if mode == "torch" else [mode == "fused"] * (4 * lay.config.num_layers))
+
+
 # --- the whole model, glue on vs off (CPU, interpreter) ---
 
 MODEL_CASES = {  # name -> (family, overrides): every q/k norm kind, clip, window, shared expert, ...
@@ -296,6 +377,14 @@ for dt, wdt in (("bf16", "bf16"), ("bf16", "fp32"), ("fp32", "fp32"), ("fp16", "
     for norm in (False, True):
         cubin(fused_route._SOFTMAX_TOPK, sig, {"K": 8, "K_P": 8, "BLOCK_E": 128, "NORM": norm})
     cubin(fused_route._SOFTMAX_TOPK, sig, {"K": 10, "K_P": 16, "BLOCK_E": 512, "NORM": True})
+    sig = {"X": f"*{dt}", "R": f"*{dt}", "LOGITS": f"*{dt}", "IDS": "*i64", "W": "*fp32", "COUNTER": "*i32",
+           "E": "i32", "D": "i32", "s_r": "i64", **{k: "constexpr" for k in ("K", "K_P", "BLOCK_R", "BLOCK_D",
+                                                                               "BLOCK_E", "NORM", "FUSE")}}
+    for fuse in (False, True):
+        cubin(fused_route._ROUTER, sig, {"K": 8, "K_P": 8, "BLOCK_R": 1, "BLOCK_D": 2048, "BLOCK_E": 128,
+                                         "NORM": True, "FUSE": fuse})
+        cubin(fused_route._ROUTER, sig, {"K": 10, "K_P": 16, "BLOCK_R": 4, "BLOCK_D": 2048, "BLOCK_E": 512,
+                                         "NORM": False, "FUSE": fuse})
 print("ok")
 """
 
@@ -309,6 +398,41 @@ def test_glue_kernels_compile_for_sm90():
 
 
 # --- CUDA: the graphed decode, glue on vs off ---
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("E,D,K", [(128, 2048, 8), (64, 1024, 8), (512, 4096, 10)])
+def test_router_topk_cuda(E, D, K):
+    """On the GPU, with PDL where the device has it: bf16 logits equal the float64 product rounded (the fp32 sums'
+    order may move a logit by one ulp where the sum sits on a rounding boundary: at most 1 in 500), the fused
+    launch's ids and weights equal the softmax_topk kernel's on its own logits, over 200 launches replayed from a
+    CUDA graph (the counter's reset between launches), and agree with cuBLAS's route on all but ulp-near ties."""
+    from tiered.kernels.fused_route import router_topk
+    from tiered.model.moe import route
+
+    g = torch.Generator(device="cuda").manual_seed(E + D)
+    xs = torch.randn(200, 1, D, device="cuda", generator=g).to(torch.bfloat16)
+    r = (torch.randn(E, D, device="cuda", generator=g) / D ** 0.5 * 3).to(torch.bfloat16)
+    counter = torch.zeros(1, dtype=torch.int32, device="cuda")
+    x = xs[0].clone()
+    router_topk(x, r, K, True, counter)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = router_topk(x, r, K, True, counter)
+    off, same_ids = 0, 0
+    for i in range(xs.shape[0]):
+        x.copy_(xs[i])
+        graph.replay()
+        logits, ids, w = (t.clone() for t in out)
+        assert counter.item() == 0
+        exact = (x.double() @ r.double().T).to(torch.bfloat16)
+        off += int((logits != exact).sum())
+        rids, rw = fused_softmax_topk(logits, K, True)
+        assert torch.equal(ids, rids) and torch.equal(w, rw)
+        _, cids, _ = route(x, r, K, True)
+        same_ids += bool(torch.equal(ids.sort(-1).values, cids.sort(-1).values))
+    assert off <= xs.shape[0] * E // 500, off
+    assert same_ids >= xs.shape[0] - 2, same_ids
+
 
 @pytest.mark.cuda
 def test_graphed_decode_glue_cuda():
@@ -354,7 +478,8 @@ def test_batch_step_glue_matches_torch():
 @interp
 def test_launch_count_per_layer(tmp_path):
     """tools/profile_kernels.py's CPU count of the graphed step's launches: with the glue on, each layer's glue is
-    3 Triton launches (2 add+norm, 1 q/k rope) + the router's, and the torch glue's 20+ small ops per layer are gone."""
+    3 Triton launches (2 add+norm, 1 q/k rope) + the router's (its GEMV and softmax-top-k in one launch: no
+    aten:linear left for it), and the torch glue's 20+ small ops per layer are gone."""
     import sys
     from pathlib import Path
 
@@ -374,7 +499,26 @@ def test_launch_count_per_layer(tmp_path):
         m.forward(torch.arange(3, 9), 0)
         runs[glue] = count_cpu(m, 2, 6)
     on, off = runs[True]["by_op"], runs[False]["by_op"]
-    assert on["triton:add_rms_norm"] == 2 * L + 1 and on["triton:qk_rope"] == L and on["triton:softmax_topk"] == L
+    assert on["triton:add_rms_norm"] == 2 * L + 1 and on["triton:qk_rope"] == L and on["triton:router_topk"] == L
+    assert "triton:softmax_topk" not in on and on["aten:linear"] == runs[False]["by_op"]["aten:linear"] - L
     assert not any(k in on for k in ("aten:rms_norm", "aten:flip", "aten:softmax", "aten:topk", "aten:index_copy_"))
     saved = (runs[False]["launches_per_token"] - runs[True]["launches_per_token"]) / L
     assert saved >= 20, (off, on)
+
+
+@interp
+def test_bench_router_small(tmp_path, monkeypatch):
+    """benchmarks/bench_router.py --small: every variant's routing checked against torch's on the interpreter."""
+    import sys
+    from pathlib import Path
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from bench_router import main
+
+    assert main(["--small"]) == 0
+    import json
+
+    rows = json.loads((tmp_path / "router_small.json").read_text())["rows"]
+    assert {r["variant"].split()[0] for r in rows} == {"torch", "gemv", "fused"} and len(rows) == 5
+    assert all(r["sets_differ"] == 0 for r in rows)

@@ -114,10 +114,11 @@ def count_cpu(model, tokens: int, start: int, trace: list | None = None) -> dict
 
     from tiered.kernels import fused_norm, fused_rope, fused_route
 
-    saved = (fused_norm._ADD_NORM, fused_rope._QK_ROPE, fused_route._SOFTMAX_TOPK)
+    saved = (fused_norm._ADD_NORM, fused_rope._QK_ROPE, fused_route._SOFTMAX_TOPK, fused_route._ROUTER)
     fused_norm._ADD_NORM = _Counting(saved[0], "add_rms_norm", counts, state)
     fused_rope._QK_ROPE = _Counting(saved[1], "qk_rope", counts, state)
     fused_route._SOFTMAX_TOPK = _Counting(saved[2], "softmax_topk", counts, state)
+    fused_route._ROUTER = _Counting(saved[3], "router_topk", counts, state)
     try:
         toks = torch.arange(7, 7 + tokens)
         pos = torch.arange(start, start + tokens)
@@ -126,7 +127,7 @@ def count_cpu(model, tokens: int, start: int, trace: list | None = None) -> dict
             for i in range(tokens):  # the step the graphs capture
                 model.decode_static(toks[i:i + 1], pos[i:i + 1], span)
     finally:
-        fused_norm._ADD_NORM, fused_rope._QK_ROPE, fused_route._SOFTMAX_TOPK = saved
+        fused_norm._ADD_NORM, fused_rope._QK_ROPE, fused_route._SOFTMAX_TOPK, fused_route._ROUTER = saved
     per_tok = {k: v / tokens for k, v in counts.most_common()}
     return {"launches_per_token": sum(per_tok.values()), "by_op": per_tok}
 

@@ -16,14 +16,26 @@ orders equal weights by ascending id. Equal probabilities come from equal logits
 Exponentials: Triton's exp (ex2-based on CUDA) is not torch's expf, so weights may differ in their last fp32 bits;
 a choice can flip only where two logits differ by less than that, i.e. practically never for bf16 logits.
 
-Legend: T tokens, E experts, K top-k.
+The router GEMV with it (`router_topk`, one token): logits = x @ router.T in fp32, rounded to the compute dtype
+(F.linear's result; the fp32 sum runs in another order than cuBLAS's, so a logit may round to the neighbouring
+value where the fp32 sum sits within an ulp of a rounding boundary), then the same rule. Each program owns BLOCK_R
+router rows; the router's first BLOCK_D columns are loaded before the PDL wait (they do not depend on the previous
+kernel), so that load overlaps the previous kernel's tail. Fused (the default): each program stores its logits,
+then counts itself done on a per-layer int32 counter (acq_rel); the program that finds the count complete loads
+every logit and runs softmax-top-k, then sets the counter back to 0 for the next step (the counter must be 0
+when a launch starts; a CUDA graph replays the same buffer). Unfused (`fuse=False`): the softmax_topk kernel runs
+after the GEMV. TIERED_ROUTER picks the path the model takes: fused (default), gemv, torch (cuBLAS + softmax_topk).
+
+Legend: T tokens, E experts, K top-k, D hidden.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import Tensor
 
-from tiered.kernels.fused_norm import _check_device, _warps, triton, tl
+from tiered.kernels.fused_norm import _check_device, _round_to, _warps, triton, tl
 from tiered.kernels.pdl import gdc_enter, launch_args
 
 
@@ -48,13 +60,69 @@ def softmax_topk(logits: Tensor, top_k: int, norm_topk: bool) -> tuple[Tensor, T
     return ids, w
 
 
+ROUTER_ENV = "TIERED_ROUTER"
+ROUTER_MODES = ("fused", "gemv", "torch")
+
+
+def router_mode() -> str:
+    """TIERED_ROUTER: fused (default: the router GEMV and softmax-top-k in one launch), gemv (the GEMV kernel, then
+    softmax_topk's), torch (F.linear, then softmax_topk's kernel)."""
+    mode = os.environ.get(ROUTER_ENV, "fused").strip().lower() or "fused"
+    if mode not in ROUTER_MODES:
+        raise ValueError(f"{ROUTER_ENV}={mode!r}: expected one of {', '.join(ROUTER_MODES)}")
+    return mode
+
+
+def router_tile(E: int, D: int) -> tuple[int, int, int]:
+    """(BLOCK_R rows a program, BLOCK_D columns a step, warps) for a router [E, D]: enough programs to spread the
+    router's bytes over the SMs (E / BLOCK_R of them), a whole row of up to 2,048 columns in one load."""
+    block_d = min(triton.next_power_of_2(D), 2048)
+    block_r = 1 if E <= 128 else 2 if E <= 256 else 4
+    return block_r, block_d, 4 if block_r * block_d <= 4096 else 8
+
+
+def router_topk(x: Tensor, router: Tensor, top_k: int, norm_topk: bool, counter: Tensor, *,
+                fuse: bool = True, tile: tuple[int, int, int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """One token's router and routing rule: x [1, D], router [E, D] (same dtype), counter int32 [1] at 0 ->
+    (logits [1, E] x.dtype, ids [1, K] int64, weights [1, K] fp32), route(x, router, K, norm, rule=softmax_topk)'s
+    contract. tile: (BLOCK_R, BLOCK_D, warps), default router_tile(E, D)."""
+    _check_device(x, "router_topk")
+    if x.dim() != 2 or x.shape[0] != 1 or router.dim() != 2 or router.shape[1] != x.shape[1]:
+        raise ValueError(f"router_topk wants x [1, D] and router [E, D]; got {tuple(x.shape)}, {tuple(router.shape)}")
+    if router.dtype != x.dtype or router.stride(-1) != 1:
+        raise ValueError(f"router_topk wants a contiguous router of x's dtype {x.dtype}; got {router.dtype}, "
+                         f"strides {router.stride()}")
+    E, D = router.shape
+    K = int(top_k)
+    if not 0 < K <= E:
+        raise ValueError(f"router_topk: top_k={K} with {E} experts")
+    xc = x if x.stride(-1) == 1 else x.contiguous()
+    br, bd, warps = tile or router_tile(E, D)
+    logits = torch.empty((1, E), dtype=x.dtype, device=x.device)
+    ids = torch.empty((1, K), dtype=torch.int64, device=x.device)
+    w = torch.empty((1, K), dtype=torch.float32, device=x.device)
+    _ROUTER[(triton.cdiv(E, br),)](xc, router, logits, ids, w, counter, E, D, router.stride(0), K=K,
+                                   K_P=triton.next_power_of_2(K), BLOCK_R=br, BLOCK_D=bd,
+                                   BLOCK_E=triton.next_power_of_2(E), NORM=bool(norm_topk), FUSE=bool(fuse),
+                                   num_warps=warps, **launch_args(x.device))
+    if not fuse:
+        ids, w = softmax_topk(logits, K, norm_topk)
+    return logits, ids, w
+
+
 def _softmax_topk_kernel(LOGITS, IDS, W, E, s_l, K: tl.constexpr, K_P: tl.constexpr, BLOCK_E: tl.constexpr,
                          NORM: tl.constexpr, GDC: tl.constexpr = False):
     gdc_enter(GDC)
     t = tl.program_id(0).to(tl.int64)
     o = tl.arange(0, BLOCK_E)
+    x = tl.load(LOGITS + t * s_l + o, mask=o < E, other=float("-inf")).to(tl.float32)
+    _topk_store(x, E, IDS + t * K, W + t * K, K, K_P, BLOCK_E, NORM)
+
+
+def _topk_store_fn(x, E, IDS, W, K: tl.constexpr, K_P: tl.constexpr, BLOCK_E: tl.constexpr, NORM: tl.constexpr):
+    """fp32 logits x [BLOCK_E] (-inf past E) -> one token's K ids (int64) and weights (fp32) at IDS, W."""
+    o = tl.arange(0, BLOCK_E)
     m = o < E
-    x = tl.load(LOGITS + t * s_l + o, mask=m, other=float("-inf")).to(tl.float32)
     e = tl.exp(x - tl.max(x, axis=0))  # padding: exp(-inf) = 0
     p = e / tl.sum(e, axis=0)
     p = tl.where(m, p, -1.0)  # padding is never chosen
@@ -70,10 +138,40 @@ def _softmax_topk_kernel(LOGITS, IDS, W, E, s_l, K: tl.constexpr, K_P: tl.conste
     if NORM:
         vals = vals / tl.sum(vals, axis=0)  # entries past K are 0
     km = ko < K
-    tl.store(IDS + t * K + ko, idx.to(tl.int64), mask=km)
-    tl.store(W + t * K + ko, vals, mask=km)
+    tl.store(IDS + ko, idx.to(tl.int64), mask=km)
+    tl.store(W + ko, vals, mask=km)
 
 
-_SOFTMAX_TOPK = None
+def _router_kernel(X, R, LOGITS, IDS, W, COUNTER, E, D, s_r, K: tl.constexpr, K_P: tl.constexpr,
+                   BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, NORM: tl.constexpr,
+                   FUSE: tl.constexpr, GDC: tl.constexpr = False):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mr = rows < E
+    od = tl.arange(0, BLOCK_D)
+    rp = R + rows.to(tl.int64)[:, None] * s_r
+    w0 = tl.load(rp + od[None, :], mask=mr[:, None] & (od[None, :] < D), other=0.0)  # static: before the wait
+    if GDC:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    acc = w0.to(tl.float32) * tl.load(X + od, mask=od < D, other=0.0).to(tl.float32)[None, :]
+    for d0 in range(BLOCK_D, D, BLOCK_D):
+        o = d0 + od
+        m = o < D
+        wv = tl.load(rp + o[None, :], mask=mr[:, None] & m[None, :], other=0.0)
+        acc += wv.to(tl.float32) * tl.load(X + o, mask=m, other=0.0).to(tl.float32)[None, :]
+    tl.store(LOGITS + rows, _round_to(tl.sum(acc, axis=1), LOGITS.dtype.element_ty), mask=mr)
+    if FUSE:
+        tl.debug_barrier()  # every thread's logits stored before the count (its release orders them)
+        done = tl.atomic_add(COUNTER, 1, sem="acq_rel")
+        if done == tl.num_programs(0) - 1:  # the last program: every other program's logits are visible
+            o = tl.arange(0, BLOCK_E)
+            x = tl.load(LOGITS + o, mask=o < E, other=float("-inf"), volatile=True).to(tl.float32)
+            _topk_store(x, E, IDS, W, K, K_P, BLOCK_E, NORM)
+            tl.store(COUNTER, 0)
+
+
+_SOFTMAX_TOPK = _ROUTER = _topk_store = None
 if triton is not None:
+    _topk_store = triton.jit(_topk_store_fn)
     _SOFTMAX_TOPK = triton.jit(_softmax_topk_kernel)
+    _ROUTER = triton.jit(_router_kernel)

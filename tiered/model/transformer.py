@@ -284,10 +284,20 @@ class Transformer:
         if glue and not glue_available(dev):
             raise ValueError(f"glue=True needs a CUDA device and Triton (or Triton's interpreter); device is {dev}")
         self.glue = (dev.type == "cuda" and glue_available(dev)) if glue is None else bool(glue)
+        # one token's router GEMV and softmax-top-k in one launch (kernels/fused_route.py router_topk; TIERED_ROUTER
+        # picks fused, gemv or torch); its per-layer counters start at 0 and each launch leaves its own at 0
+        self._router_kernel = self._router_rule = None
+        self._router_fuse = False
+        self._router_count: Tensor | None = None
         if self.glue:
             from tiered.kernels import fused_route
 
             self.layer_rules = [fused_route.softmax_topk if r is softmax_topk else r for r in self.layer_rules]
+            mode = fused_route.router_mode()
+            if mode != "torch":
+                self._router_kernel, self._router_rule = fused_route.router_topk, fused_route.softmax_topk
+                self._router_fuse = mode == "fused"
+                self._router_count = torch.zeros(config.num_layers, dtype=torch.int32, device=dev)
 
     @property
     def observer(self) -> RoutingObserver | None:
@@ -387,6 +397,11 @@ class Transformer:
             return empty.to(x.dtype), empty.long(), empty
         if moe.score_bias is not None:  # DeepSeek-V3 scores in fp32, as transformers' router does
             return route(x.float(), moe.router.float(), cfg.top_k, cfg.norm_topk_prob, rule=self.layer_rules[l])
+        if (self._router_kernel is not None and x.shape[0] == 1 and moe.router_bias is None
+                and self.layer_rules[l] is self._router_rule
+                and moe.router.dtype == x.dtype and moe.router.is_contiguous()):
+            return self._router_kernel(x, moe.router, cfg.top_k, cfg.norm_topk_prob, self._router_count[l:l + 1],
+                                       fuse=self._router_fuse)
         return route(x, moe.router, cfg.top_k, cfg.norm_topk_prob, bias=moe.router_bias, rule=self.layer_rules[l])
 
     def _route_replayed(self, l: int, x: Tensor, plan: StepPlan) -> tuple[Tensor, Tensor, Tensor]:
