@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         except KeyError as e:
             ap.error(f"--shapes: unknown shape {e}; known: {', '.join(SHAPES)}")
         tiles = _parse_tiles(args.sweep)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:0] = [here, os.path.dirname(here)]  # bench_moe_kernels; tiered from the checkout
     t0 = time.time()
     rows = []
     for name, (E, D, K) in shapes.items():

@@ -67,7 +67,7 @@ ROUTER_MODES = ("fused", "gemv", "torch")
 def router_mode() -> str:
     """TIERED_ROUTER: fused (default: the router GEMV and softmax-top-k in one launch), gemv (the GEMV kernel, then
     softmax_topk's), torch (F.linear, then softmax_topk's kernel)."""
-    mode = os.environ.get(ROUTER_ENV, "fused").strip().lower() or "fused"
+    mode = os.environ.get(ROUTER_ENV, "gemv").strip().lower() or "gemv"
     if mode not in ROUTER_MODES:
         raise ValueError(f"{ROUTER_ENV}={mode!r}: expected one of {', '.join(ROUTER_MODES)}")
     return mode

@@ -164,6 +164,8 @@ TUNED: dict[tuple, QConfig] = {
     # thread took 4.6 us against 5.9-6.0 (three runs); lm_head (80: 68.9-71.9 against qlinear's 71.7-71.8 under the
     # same tiles) and o_proj (4.1 against 4.2) moved within noise, and capped expert kernels only slowed down
     ('gemv', 'q4', 2048, 5120): QConfig(bn=8, bg=32, warps=4, split=1, conv=1, algo=2, regs=96),
+    # applied by tools/apply_tuned.py from a bench_quant_kernels.py run (fastest deterministic tiles)
+    ('down', 'q4', 768, 2048): QConfig(bn=8, bg=16, warps=8, split=1, conv=1, algo=2, hw=1),
 }
 
 
