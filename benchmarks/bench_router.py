@@ -11,8 +11,11 @@ router's bytes is larger than L2, so each router is read from HBM as in the step
   - "norm only": the add+norm kernels alone (subtracted from the rows below: `route_us` is the routing's share);
   - "torch": F.linear (cuBLAS) then fused_route.softmax_topk (TIERED_ROUTER=torch);
   - "gemv": fused_route.router_topk(fuse=False): the GEMV kernel, then softmax_topk (TIERED_ROUTER=gemv);
-  - "fused": router_topk (TIERED_ROUTER=fused, the default), with the default tile (fused_route.router_tile)
-    and the tiles of --sweep (BLOCK_R:BLOCK_D:warps).
+  - "fused": router_topk (TIERED_ROUTER=fused) with the default tile (fused_route.router_tile) and the tiles of
+    --sweep (BLOCK_R:BLOCK_D:warps);
+  - "norm+gemv", "norm+fused": norm_router_topk, the add+norm inside the router's launch (the model's one-token
+    path; gemv is TIERED_ROUTER's default): no separate add+norm kernel, so `route_us` = its time - "norm only";
+    norm+gemv also with the --sweep tiles.
 Before timing, every variant's ids and weights are checked against torch's (F.linear then model/routing.py's
 softmax_topk, same logits rounding): the chosen sets must agree on all but ulp-level ties; a variant that does not
 is reported as failed and not timed. PDL on where the device has it (kernels/pdl.py; TIERED_PDL=0 turns it off).
@@ -48,7 +51,7 @@ def _agree(a: torch.Tensor, b: torch.Tensor) -> int:
 
 def run_shape(name: str, E: int, D: int, K: int, layers: int, tiles: list, dev: torch.device, timed: bool) -> list:
     from tiered.kernels.fused_norm import add_rms_norm
-    from tiered.kernels.fused_route import router_tile, router_topk, softmax_topk
+    from tiered.kernels.fused_route import norm_router_topk, router_tile, router_topk, softmax_topk
     from tiered.model.routing import softmax_topk as torch_softmax_topk
 
     g = torch.Generator(device=dev).manual_seed(E + D)
@@ -62,12 +65,24 @@ def run_shape(name: str, E: int, D: int, K: int, layers: int, tiles: list, dev: 
     def norm(i: int) -> torch.Tensor:
         return add_rms_norm(h[i], delta[i], nw, 1e-6)[1]
 
-    variants = {"torch": lambda i, x: (lambda lg: softmax_topk(lg, K, True))(F.linear(x, routers[i])),
-                "gemv": lambda i, x: router_topk(x, routers[i], K, True, counters[i:i + 1], fuse=False)[1:]}
+    def after_norm(route):  # a layer: the add+norm kernel, then `route` of its output
+        return lambda i: route(i, norm(i))
+
+    def norm_in(fuse, tile=None):  # a layer: one launch for the add+norm and the router (+ top-k when fused)
+        return lambda i: norm_router_topk(h[i], delta[i], nw, 1e-6, routers[i], K, True, counters[i:i + 1],
+                                          fuse=fuse, tile=tile)[3:]
+
+    variants = {"torch": after_norm(lambda i, x: softmax_topk(F.linear(x, routers[i]), K, True)),
+                "gemv": after_norm(lambda i, x: router_topk(x, routers[i], K, True, counters[i:i + 1],
+                                                            fuse=False)[1:]),
+                "norm+gemv": norm_in(False), "norm+fused": norm_in(True)}
     default = router_tile(E, D)
     for t in [default] + [t for t in tiles if t != default]:
         variants[f"fused {t[0]}:{t[1]}:{t[2]}" + (" (default)" if t == default else "")] = \
-            (lambda tile: lambda i, x: router_topk(x, routers[i], K, True, counters[i:i + 1], tile=tile)[1:])(t)
+            (lambda tile: after_norm(lambda i, x: router_topk(x, routers[i], K, True, counters[i:i + 1],
+                                                               tile=tile)[1:]))(t)
+        if t != default:
+            variants[f"norm+gemv {t[0]}:{t[1]}:{t[2]}"] = norm_in(False, t)
     rows = []
     ref = []
     for i in range(min(layers, 8)):
@@ -83,7 +98,7 @@ def run_shape(name: str, E: int, D: int, K: int, layers: int, tiles: list, dev: 
     for vname, fn in variants.items():
         row = {"shape": name, "variant": vname}
         try:
-            diff = sum(_agree(fn(i, norm(i))[0], ref[i]) for i in range(len(ref)))
+            diff = sum(_agree(fn(i)[0], ref[i]) for i in range(len(ref)))
         except Exception as e:  # a tile the compiler refuses is a row, not the end of the run
             row.update(failed=f"{type(e).__name__}: {e}"[:300])
             rows.append(row)
@@ -98,7 +113,7 @@ def run_shape(name: str, E: int, D: int, K: int, layers: int, tiles: list, dev: 
         if timed:
             from bench_moe_kernels import time_graph
 
-            t = time_graph([lambda i=i: fn(i, norm(i)) for i in range(layers)]) * 1e6
+            t = time_graph([lambda i=i: fn(i) for i in range(layers)]) * 1e6
             row.update(us_per_layer=t, route_us=t - norm_us,
                        router_gbps=E * D * 2 / ((t - norm_us) * 1e-6) / 1e9 if t > norm_us else None)
             print(f"{name:6} {vname:28} {t:7.2f} us a layer, routing {t - norm_us:6.2f} us", flush=True)
@@ -112,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shapes", default="10.6B,397B", help="comma list of " + ", ".join(SHAPES))
     ap.add_argument("--layers", type=int, default=160, help="layers in the graph (default 160: 80 MB of 10.6B "
                     "routers, above the H200's L2)")
-    ap.add_argument("--sweep", default="1:2048:4,1:2048:8,2:2048:4,2:2048:8,2:1024:4,4:2048:8,4:1024:4,8:512:4,"
-                    "8:1024:8", help="fused tiles BLOCK_R:BLOCK_D:warps besides the default")
+    ap.add_argument("--sweep", default="1:2048:1,1:2048:2,1:2048:8,2:2048:2,2:2048:4,2:2048:8,2:1024:4,4:2048:4,"
+                    "4:2048:8,4:1024:4,8:1024:8", help="fused tiles BLOCK_R:BLOCK_D:warps besides the default")
     ap.add_argument("--small", action="store_true", help="CPU smoke run under Triton's interpreter (tiny shape)")
     args = ap.parse_args(argv)
     if args.small:

@@ -220,6 +220,34 @@ def test_router_topk(E, D, K, tile, dtype, fuse):
 
 
 @interp
+@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("dtype,w32", [(torch.bfloat16, False), (torch.bfloat16, True), (torch.float32, True)])
+@pytest.mark.parametrize("E,D,K,tile", ROUTER_CASES[1:4])
+def test_norm_router_topk(E, D, K, tile, dtype, w32, fuse):
+    """The add+norm inside the router's launch: h' and x equal add_rms_norm's (bf16 bit for bit; fp32 to rstd's
+    last bits), logits, ids and weights equal router_topk's on add_rms_norm's x; D > BLOCK_D takes the two
+    passes over the row in chunks."""
+    from tiered.kernels.fused_route import norm_router_topk, router_topk
+
+    g = torch.Generator().manual_seed(E + D + K)
+    h = torch.randn(1, D, generator=g).to(dtype)
+    delta = torch.randn(1, D, generator=g).to(dtype)
+    w = (torch.rand(D, generator=g) + 0.5).to(torch.float32 if w32 else dtype)
+    r = (torch.randn(E, D, generator=g) / D ** 0.5 * 3).to(dtype)
+    counter = torch.zeros(1, dtype=torch.int32)
+    h2, x, logits, ids, wts = norm_router_topk(h, delta, w, 1e-6, r, K, True, counter, fuse=fuse, tile=tile)
+    rh, rx = add_rms_norm(h, delta, w, 1e-6)
+    assert torch.equal(h2, rh) and counter.item() == 0
+    _same(x, rx)
+    rl, ri, rw = router_topk(rx, r, K, True, counter, fuse=fuse, tile=tile)
+    if dtype == torch.bfloat16:
+        assert torch.equal(logits, rl) and torch.equal(ids, ri) and torch.equal(wts, rw)
+    else:
+        torch.testing.assert_close(logits, rl, rtol=1e-5, atol=1e-5)
+        assert torch.equal(ids, ri)
+
+
+@interp
 def test_router_topk_refuses_what_it_does_not_serve():
     from tiered.kernels.fused_route import router_mode, router_topk
 
@@ -230,6 +258,10 @@ def test_router_topk_refuses_what_it_does_not_serve():
         router_topk(torch.zeros(1, 8), torch.zeros(4, 8, dtype=torch.bfloat16), 2, True, c)
     with pytest.raises(ValueError, match="top_k=5 with 4"):
         router_topk(torch.zeros(1, 8), torch.zeros(4, 8), 5, True, c)
+    from tiered.kernels.fused_route import norm_router_topk
+
+    with pytest.raises(ValueError, match="weight \\[D\\]"):
+        norm_router_topk(torch.zeros(1, 8), torch.zeros(1, 8), torch.ones(7), 1e-6, torch.zeros(4, 8), 2, True, c)
     os.environ["TIERED_ROUTER"] = "cublas"
     try:
         with pytest.raises(ValueError, match="fused, gemv, torch"):
@@ -242,7 +274,7 @@ def test_router_topk_refuses_what_it_does_not_serve():
 @pytest.mark.parametrize("mode", ["fused", "gemv", "torch"])
 def test_model_router_modes(tmp_path, monkeypatch, mode):
     """TIERED_ROUTER's three paths give the glue-off model's greedy tokens (bf16, the interpreter); fused and gemv
-    take the router kernel for one-token steps."""
+    take the router kernel for one-token steps, with the add+norm before it in the same launch."""
     from tiered.kernels import fused_route
     from tiered.layout.repack import repack
     from tiered.store.disk import Layout
@@ -252,8 +284,8 @@ def test_model_router_modes(tmp_path, monkeypatch, mode):
     lay = Layout.open(tmp_path / "l")
     monkeypatch.setenv("TIERED_ROUTER", mode)
     calls = []
-    real = fused_route.router_topk
-    monkeypatch.setattr(fused_route, "router_topk", lambda *a, **k: calls.append(k["fuse"]) or real(*a, **k))
+    real = fused_route._launch
+    monkeypatch.setattr(fused_route, "_launch", lambda *a: calls.append((a[1] is not None, a[6])) or real(*a))
     toks = {}
     for glue in (False, True):
         m = _model(lay, glue, torch.bfloat16)
@@ -264,7 +296,7 @@ def test_model_router_modes(tmp_path, monkeypatch, mode):
             logits = m.forward(torch.tensor(out[-1:]), 6 + i)
         toks[glue] = out
     assert toks[True] == toks[False]
-    assert calls == ([] if mode == "torch" else [mode == "fused"] * (4 * lay.config.num_layers))
+    assert calls == ([] if mode == "torch" else [(True, mode == "fused")] * (4 * lay.config.num_layers))
 
 
 # --- the whole model, glue on vs off (CPU, interpreter) ---
@@ -378,13 +410,16 @@ for dt, wdt in (("bf16", "bf16"), ("bf16", "fp32"), ("fp32", "fp32"), ("fp16", "
         cubin(fused_route._SOFTMAX_TOPK, sig, {"K": 8, "K_P": 8, "BLOCK_E": 128, "NORM": norm})
     cubin(fused_route._SOFTMAX_TOPK, sig, {"K": 10, "K_P": 16, "BLOCK_E": 512, "NORM": True})
     sig = {"X": f"*{dt}", "R": f"*{dt}", "LOGITS": f"*{dt}", "IDS": "*i64", "W": "*fp32", "COUNTER": "*i32",
-           "E": "i32", "D": "i32", "s_r": "i64", **{k: "constexpr" for k in ("K", "K_P", "BLOCK_R", "BLOCK_D",
-                                                                               "BLOCK_E", "NORM", "FUSE")}}
+           "E": "i32", "D": "i32", "s_r": "i64", "H": f"*{dt}", "DELTA": f"*{dt}", "NW": f"*{wdt}",
+           "HOUT": f"*{dt}", "eps": "fp32",
+           **{k: "constexpr" for k in ("K", "K_P", "BLOCK_R", "BLOCK_D", "BLOCK_E", "NORM", "FUSE", "NORM_IN", "W32")}}
     for fuse in (False, True):
-        cubin(fused_route._ROUTER, sig, {"K": 8, "K_P": 8, "BLOCK_R": 1, "BLOCK_D": 2048, "BLOCK_E": 128,
-                                         "NORM": True, "FUSE": fuse})
+        for norm_in in (False, True):
+            cubin(fused_route._ROUTER, sig, {"K": 8, "K_P": 8, "BLOCK_R": 1, "BLOCK_D": 2048, "BLOCK_E": 128,
+                                             "NORM": True, "FUSE": fuse, "NORM_IN": norm_in,
+                                             "W32": norm_in and wdt == "fp32"})
         cubin(fused_route._ROUTER, sig, {"K": 10, "K_P": 16, "BLOCK_R": 4, "BLOCK_D": 2048, "BLOCK_E": 512,
-                                         "NORM": False, "FUSE": fuse})
+                                         "NORM": False, "FUSE": fuse, "NORM_IN": True, "W32": wdt == "fp32"})
 print("ok")
 """
 
@@ -437,6 +472,44 @@ def test_router_topk_cuda(E, D, K, fuse):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("fuse", [False, True])
+@pytest.mark.parametrize("E,D,K", [(128, 2048, 8), (512, 4096, 10)])
+def test_norm_router_topk_cuda(E, D, K, fuse):
+    """On the GPU, replayed from a CUDA graph: the add+norm inside the router's launch gives add_rms_norm's h' (bit
+    for bit) and x (its rstd may differ in the last bit: at most 1 in 500 elements off, by one ulp), and
+    router_topk's routing on that x."""
+    from tiered.kernels.fused_norm import add_rms_norm
+    from tiered.kernels.fused_route import norm_router_topk, router_topk
+
+    g = torch.Generator(device="cuda").manual_seed(E * 7 + D)
+    hs = torch.randn(50, 1, D, device="cuda", generator=g).to(torch.bfloat16)
+    ds = torch.randn(50, 1, D, device="cuda", generator=g).to(torch.bfloat16)
+    w = (torch.rand(D, device="cuda", generator=g) + 0.5).to(torch.bfloat16)
+    r = (torch.randn(E, D, device="cuda", generator=g) / D ** 0.5 * 3).to(torch.bfloat16)
+    counter = torch.zeros(1, dtype=torch.int32, device="cuda")
+    h, d = hs[0].clone(), ds[0].clone()
+    norm_router_topk(h, d, w, 1e-6, r, K, True, counter, fuse=fuse)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = norm_router_topk(h, d, w, 1e-6, r, K, True, counter, fuse=fuse)
+    x_off = 0
+    for i in range(hs.shape[0]):
+        h.copy_(hs[i])
+        d.copy_(ds[i])
+        graph.replay()
+        h2, x, logits, ids, wts = (t.clone() for t in out)
+        rh, rx = add_rms_norm(h, d, w, 1e-6)
+        assert torch.equal(h2, rh) and counter.item() == 0
+        bad = x != rx
+        x_off += int(bad.sum())
+        assert ((x.float() - rx.float()).abs()[bad] <= rx.float().abs()[bad] * 2 ** -7).all()
+        rl, ri, rw = router_topk(x, r, K, True, counter, fuse=fuse)
+        assert torch.equal(ids, ri)
+        torch.testing.assert_close(wts, rw, rtol=1e-6, atol=1e-7)
+    assert x_off <= hs.shape[0] * D // 500, x_off
+
+
+@pytest.mark.cuda
 def test_graphed_decode_glue_cuda():
     """The reference model in bf16 on CUDA, every expert resident, the step replayed from a CUDA graph: glue on gives
     the torch glue's greedy tokens, and teacher-forced logits within 2e-2 relative."""
@@ -480,8 +553,8 @@ def test_batch_step_glue_matches_torch():
 @interp
 def test_launch_count_per_layer(tmp_path):
     """tools/profile_kernels.py's CPU count of the graphed step's launches: with the glue on, each layer's glue is
-    3 Triton launches (2 add+norm, 1 q/k rope) + the router's (its GEMV and softmax-top-k in one launch: no
-    aten:linear left for it), and the torch glue's 20+ small ops per layer are gone."""
+    4 Triton launches (1 add+norm, 1 q/k rope, the router's GEMV with the add+norm before it, softmax-top-k: no
+    aten:linear left for the router), and the torch glue's 20+ small ops per layer are gone."""
     import sys
     from pathlib import Path
 
@@ -501,8 +574,9 @@ def test_launch_count_per_layer(tmp_path):
         m.forward(torch.arange(3, 9), 0)
         runs[glue] = count_cpu(m, 2, 6)
     on, off = runs[True]["by_op"], runs[False]["by_op"]
-    assert on["triton:add_rms_norm"] == 2 * L + 1 and on["triton:qk_rope"] == L and on["triton:router_topk"] == L
-    assert "triton:softmax_topk" not in on and on["aten:linear"] == runs[False]["by_op"]["aten:linear"] - L
+    # the norm before the router runs in the router's launch: add+norm once a layer (+ the final norm)
+    assert on["triton:add_rms_norm"] == L + 1 and on["triton:qk_rope"] == L and on["triton:router_topk"] == L
+    assert on["triton:softmax_topk"] == L and on["aten:linear"] == runs[False]["by_op"]["aten:linear"] - L
     assert not any(k in on for k in ("aten:rms_norm", "aten:flip", "aten:softmax", "aten:topk", "aten:index_copy_"))
     saved = (runs[False]["launches_per_token"] - runs[True]["launches_per_token"]) / L
     assert saved >= 20, (off, on)
@@ -522,5 +596,6 @@ def test_bench_router_small(tmp_path, monkeypatch):
     import json
 
     rows = json.loads((tmp_path / "router_small.json").read_text())["rows"]
-    assert {r["variant"].split()[0] for r in rows} == {"torch", "gemv", "fused"} and len(rows) == 5
+    assert {r["variant"].split()[0] for r in rows} == {"torch", "gemv", "fused", "norm+gemv", "norm+fused"}
+    assert len(rows) == 9
     assert all(r["sets_differ"] == 0 for r in rows)

@@ -65,8 +65,9 @@ ROUTER_MODES = ("fused", "gemv", "torch")
 
 
 def router_mode() -> str:
-    """TIERED_ROUTER: fused (default: the router GEMV and softmax-top-k in one launch), gemv (the GEMV kernel, then
-    softmax_topk's), torch (F.linear, then softmax_topk's kernel)."""
+    """TIERED_ROUTER: gemv (default: the router GEMV kernel, then softmax_topk's), fused (GEMV and softmax-top-k in
+    one launch: slower on the H200, benchmarks/results/quant-router-2026-12-02-h200-s16.json), torch (F.linear,
+    then softmax_topk's kernel)."""
     mode = os.environ.get(ROUTER_ENV, "gemv").strip().lower() or "gemv"
     if mode not in ROUTER_MODES:
         raise ValueError(f"{ROUTER_ENV}={mode!r}: expected one of {', '.join(ROUTER_MODES)}")
@@ -89,6 +90,33 @@ def router_topk(x: Tensor, router: Tensor, top_k: int, norm_topk: bool, counter:
     _check_device(x, "router_topk")
     if x.dim() != 2 or x.shape[0] != 1 or router.dim() != 2 or router.shape[1] != x.shape[1]:
         raise ValueError(f"router_topk wants x [1, D] and router [E, D]; got {tuple(x.shape)}, {tuple(router.shape)}")
+    xc = x if x.stride(-1) == 1 else x.contiguous()
+    return _launch(xc, None, router, top_k, norm_topk, counter, fuse, tile)
+
+
+def norm_router_topk(h: Tensor, delta: Tensor, weight: Tensor, eps: float, router: Tensor, top_k: int,
+                     norm_topk: bool, counter: Tensor, *, fuse: bool = True,
+                     tile: tuple[int, int, int] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The residual add and RMSNorm before the router in the same launch (one token): h, delta [1, D], weight [D]
+    (compute dtype or fp32) -> (h' = h + delta, x = rms_norm(h', weight), logits, ids, weights): what
+    fused_norm.add_rms_norm(h, delta, weight, eps) then router_topk(x, ...) return, with the same roundings (the
+    sum of squares in this kernel's order). Every program computes x for its dot; program 0 writes h' and x."""
+    _check_device(h, "norm_router_topk")
+    D = h.shape[-1]
+    if h.dim() != 2 or h.shape[0] != 1 or delta.shape != h.shape or weight.shape != (D,) or router.dim() != 2 \
+            or router.shape[1] != D:
+        raise ValueError(f"norm_router_topk wants h, delta [1, D], weight [D], router [E, D]; got {tuple(h.shape)}, "
+                         f"{tuple(delta.shape)}, {tuple(weight.shape)}, {tuple(router.shape)}")
+    norm = (h if h.stride(-1) == 1 else h.contiguous(), delta if delta.stride(-1) == 1 else delta.contiguous(),
+            weight if weight.stride(0) == 1 else weight.contiguous(), float(eps))
+    x = torch.empty_like(norm[0])
+    h2 = torch.empty_like(norm[0])
+    logits, ids, w = _launch(x, (*norm, h2), router, top_k, norm_topk, counter, fuse, tile)
+    return h2, x, logits, ids, w
+
+
+def _launch(x: Tensor, norm: tuple | None, router: Tensor, top_k: int, norm_topk: bool, counter: Tensor, fuse: bool,
+            tile: tuple[int, int, int] | None) -> tuple[Tensor, Tensor, Tensor]:
     if router.dtype != x.dtype or router.stride(-1) != 1:
         raise ValueError(f"router_topk wants a contiguous router of x's dtype {x.dtype}; got {router.dtype}, "
                          f"strides {router.stride()}")
@@ -96,14 +124,15 @@ def router_topk(x: Tensor, router: Tensor, top_k: int, norm_topk: bool, counter:
     K = int(top_k)
     if not 0 < K <= E:
         raise ValueError(f"router_topk: top_k={K} with {E} experts")
-    xc = x if x.stride(-1) == 1 else x.contiguous()
     br, bd, warps = tile or router_tile(E, D)
     logits = torch.empty((1, E), dtype=x.dtype, device=x.device)
     ids = torch.empty((1, K), dtype=torch.int64, device=x.device)
     w = torch.empty((1, K), dtype=torch.float32, device=x.device)
-    _ROUTER[(triton.cdiv(E, br),)](xc, router, logits, ids, w, counter, E, D, router.stride(0), K=K,
-                                   K_P=triton.next_power_of_2(K), BLOCK_R=br, BLOCK_D=bd,
+    h, delta, nw, eps, h2 = norm if norm is not None else (x, x, x, 0.0, x)  # placeholders, never read
+    _ROUTER[(triton.cdiv(E, br),)](x, router, logits, ids, w, counter, E, D, router.stride(0), h, delta, nw, h2,
+                                   eps, K=K, K_P=triton.next_power_of_2(K), BLOCK_R=br, BLOCK_D=bd,
                                    BLOCK_E=triton.next_power_of_2(E), NORM=bool(norm_topk), FUSE=bool(fuse),
+                                   NORM_IN=norm is not None, W32=nw.dtype == torch.float32 and norm is not None,
                                    num_warps=warps, **launch_args(x.device))
     if not fuse:
         ids, w = softmax_topk(logits, K, norm_topk)
@@ -142,10 +171,33 @@ def _topk_store_fn(x, E, IDS, W, K: tl.constexpr, K_P: tl.constexpr, BLOCK_E: tl
     tl.store(W + ko, vals, mask=km)
 
 
-def _router_kernel(X, R, LOGITS, IDS, W, COUNTER, E, D, s_r, K: tl.constexpr, K_P: tl.constexpr,
-                   BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, NORM: tl.constexpr,
-                   FUSE: tl.constexpr, GDC: tl.constexpr = False):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+def _x_chunk_fn(X, H, DELTA, NW, HOUT, o, m, rstd, lim, NORM_IN: tl.constexpr, W32: tl.constexpr):
+    """x[o] in fp32: loaded, or (NORM_IN) the norm of round(h + delta) at o computed here (fused_norm's roundings),
+    stored with h' where o < lim (D in the first program, 0 in the others)."""
+    if NORM_IN:
+        dt = HOUT.dtype.element_ty
+        hv = _round_to(tl.load(H + o, mask=m, other=0.0).to(tl.float32)
+                       + tl.load(DELTA + o, mask=m, other=0.0).to(tl.float32), dt)
+        n = hv.to(tl.float32) * rstd
+        w = tl.load(NW + o, mask=m, other=0.0).to(tl.float32)
+        if W32:
+            y = n * w
+        else:
+            y = _round_to(n, dt).to(tl.float32) * w
+        xv = _round_to(y, dt)
+        tl.store(HOUT + o, hv, mask=o < lim)
+        tl.store(X + o, xv, mask=o < lim)
+        return xv.to(tl.float32)
+    else:
+        return tl.load(X + o, mask=m, other=0.0).to(tl.float32)
+
+
+def _router_kernel(X, R, LOGITS, IDS, W, COUNTER, E, D, s_r, H, DELTA, NW, HOUT, eps, K: tl.constexpr,
+                   K_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+                   NORM: tl.constexpr, FUSE: tl.constexpr, NORM_IN: tl.constexpr, W32: tl.constexpr,
+                   GDC: tl.constexpr = False):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     mr = rows < E
     od = tl.arange(0, BLOCK_D)
     rp = R + rows.to(tl.int64)[:, None] * s_r
@@ -153,12 +205,24 @@ def _router_kernel(X, R, LOGITS, IDS, W, COUNTER, E, D, s_r, K: tl.constexpr, K_
     if GDC:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    acc = w0.to(tl.float32) * tl.load(X + od, mask=od < D, other=0.0).to(tl.float32)[None, :]
+    rstd = 0.0
+    if NORM_IN:  # the sum of squares of h' = round(h + delta) over the whole row first
+        ss = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            o = d0 + od
+            m = o < D
+            hv = _round_to(tl.load(H + o, mask=m, other=0.0).to(tl.float32)
+                           + tl.load(DELTA + o, mask=m, other=0.0).to(tl.float32), HOUT.dtype.element_ty)
+            hf = hv.to(tl.float32)
+            ss += hf * hf
+        rstd = tl.math.rsqrt(tl.sum(ss, axis=0) / D + eps)
+    lim = D * (pid == 0).to(tl.int32)  # the first program writes h' and x
+    acc = w0.to(tl.float32) * _x_chunk(X, H, DELTA, NW, HOUT, od, od < D, rstd, lim, NORM_IN, W32)[None, :]
     for d0 in range(BLOCK_D, D, BLOCK_D):
         o = d0 + od
         m = o < D
         wv = tl.load(rp + o[None, :], mask=mr[:, None] & m[None, :], other=0.0)
-        acc += wv.to(tl.float32) * tl.load(X + o, mask=m, other=0.0).to(tl.float32)[None, :]
+        acc += wv.to(tl.float32) * _x_chunk(X, H, DELTA, NW, HOUT, o, m, rstd, lim, NORM_IN, W32)[None, :]
     tl.store(LOGITS + rows, _round_to(tl.sum(acc, axis=1), LOGITS.dtype.element_ty), mask=mr)
     if FUSE:
         tl.debug_barrier()  # every thread's logits stored before the count (its release orders them)
@@ -170,8 +234,9 @@ def _router_kernel(X, R, LOGITS, IDS, W, COUNTER, E, D, s_r, K: tl.constexpr, K_
             tl.store(COUNTER, 0)
 
 
-_SOFTMAX_TOPK = _ROUTER = _topk_store = None
+_SOFTMAX_TOPK = _ROUTER = _topk_store = _x_chunk = None
 if triton is not None:
     _topk_store = triton.jit(_topk_store_fn)
+    _x_chunk = triton.jit(_x_chunk_fn)
     _SOFTMAX_TOPK = triton.jit(_softmax_topk_kernel)
     _ROUTER = triton.jit(_router_kernel)

@@ -284,9 +284,11 @@ class Transformer:
         if glue and not glue_available(dev):
             raise ValueError(f"glue=True needs a CUDA device and Triton (or Triton's interpreter); device is {dev}")
         self.glue = (dev.type == "cuda" and glue_available(dev)) if glue is None else bool(glue)
-        # one token's router GEMV and softmax-top-k in one launch (kernels/fused_route.py router_topk; TIERED_ROUTER
-        # picks fused, gemv or torch); its per-layer counters start at 0 and each launch leaves its own at 0
-        self._router_kernel = self._router_rule = None
+        # one token's routing through the router kernel (kernels/fused_route.py: the residual add and norm before it,
+        # the GEMV, and with TIERED_ROUTER=fused softmax-top-k in the same launch; gemv, the default, launches
+        # softmax_topk after it; torch keeps F.linear); the fused launches' per-layer counters start at 0 and each
+        # launch leaves its own at 0
+        self._router_kernel = self._router_norm_kernel = self._router_rule = None
         self._router_fuse = False
         self._router_count: Tensor | None = None
         if self.glue:
@@ -296,6 +298,7 @@ class Transformer:
             mode = fused_route.router_mode()
             if mode != "torch":
                 self._router_kernel, self._router_rule = fused_route.router_topk, fused_route.softmax_topk
+                self._router_norm_kernel = fused_route.norm_router_topk
                 self._router_fuse = mode == "fused"
                 self._router_count = torch.zeros(config.num_layers, dtype=torch.int32, device=dev)
 
@@ -372,9 +375,26 @@ class Transformer:
         if plan.sliding is not None and self.layer_sliding[l]:
             plan = plan.sliding
         h, x = self.add_norm(h, delta, lw.attn_norm)
-        h, x = self.add_norm(h, self.mix(l, x, plan), lw.mlp_norm)
+        mixed = self.mix(l, x, plan)
+        if self._router_kernel is not None and h.shape[0] == 1 and self._router_serves(l, h):
+            # one token: the residual add and the norm run inside the router's launch (fused_route.norm_router_topk)
+            h, x, logits, ids, wts = self._router_norm_kernel(
+                h, mixed, lw.mlp_norm, self.config.rms_norm_eps, lw.moe.router, self.config.top_k,
+                self.config.norm_topk_prob, self._router_count[l:l + 1], fuse=self._router_fuse)
+            if self._routing is not None:
+                logits, ids, wts = self._replayed(l, plan, logits, ids, wts)
+            return Routed(h, x, logits, ids, wts)
+        h, x = self.add_norm(h, mixed, lw.mlp_norm)
         logits, ids, wts = self._route(l, x, plan)
         return Routed(h, x, logits, ids, wts)
+
+    def _router_serves(self, l: int, x: Tensor) -> bool:
+        """Whether layer l's routing of one token takes the router kernel (kernels/fused_route.py): softmax-top-k
+        routers without bias of the compute dtype."""
+        moe = self.layers[l].moe
+        return (moe is not None and moe.score_bias is None and moe.router_bias is None
+                and self.layer_rules[l] is self._router_rule and moe.router.dtype == x.dtype
+                and moe.router.is_contiguous())
 
     def mix(self, l: int, x: Tensor, plan: StepPlan) -> Tensor:
         """Layer l's token mixer over x [T, D] (normed): attention over its KV rows, or Gated DeltaNet over its
@@ -397,9 +417,7 @@ class Transformer:
             return empty.to(x.dtype), empty.long(), empty
         if moe.score_bias is not None:  # DeepSeek-V3 scores in fp32, as transformers' router does
             return route(x.float(), moe.router.float(), cfg.top_k, cfg.norm_topk_prob, rule=self.layer_rules[l])
-        if (self._router_kernel is not None and x.shape[0] == 1 and moe.router_bias is None
-                and self.layer_rules[l] is self._router_rule
-                and moe.router.dtype == x.dtype and moe.router.is_contiguous()):
+        if self._router_kernel is not None and x.shape[0] == 1 and self._router_serves(l, x):
             return self._router_kernel(x, moe.router, cfg.top_k, cfg.norm_topk_prob, self._router_count[l:l + 1],
                                        fuse=self._router_fuse)
         return route(x, moe.router, cfg.top_k, cfg.norm_topk_prob, bias=moe.router_bias, rule=self.layer_rules[l])
@@ -407,9 +425,12 @@ class Transformer:
     def _route_replayed(self, l: int, x: Tensor, plan: StepPlan) -> tuple[Tensor, Tensor, Tensor]:
         """The override's rows for host positions; static (device-position) plans route on the device and the
         piecewise step substitutes the override's rows between segments."""
-        logits, ids, wts = self._route_own(l, x, plan)
+        return self._replayed(l, plan, *self._route_own(l, x, plan))
+
+    def _replayed(self, l: int, plan: StepPlan, logits: Tensor, ids: Tensor, wts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The model's own routing replaced by the override's rows where the plan's positions are on the host."""
         if isinstance(plan.write_at, int) and self.layers[l].moe is not None:
-            ids, wts = self._routing(l, plan.write_at, x.shape[0])
+            ids, wts = self._routing(l, plan.write_at, ids.shape[0])
             logits = routed_logits(ids, wts, logits.shape[-1])
         return logits, ids, wts
 
