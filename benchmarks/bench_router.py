@@ -80,7 +80,7 @@ def run_shape(name: str, E: int, D: int, K: int, layers: int, tiles: list, dev: 
     for t in [default] + [t for t in tiles if t != default]:
         variants[f"fused {t[0]}:{t[1]}:{t[2]}" + (" (default)" if t == default else "")] = \
             (lambda tile: after_norm(lambda i, x: router_topk(x, routers[i], K, True, counters[i:i + 1],
-                                                               tile=tile)[1:]))(t)
+                                                               fuse=True, tile=tile)[1:]))(t)
         if t != default:
             variants[f"norm+gemv {t[0]}:{t[1]}:{t[2]}"] = norm_in(False, t)
     rows = []

@@ -1,9 +1,11 @@
-"""The softmax-then-top-k routing rule (Mixtral, Qwen, OLMoE) in one Triton launch per call.
+"""One token's routing in Triton: the softmax-then-top-k rule (Mixtral, Qwen, OLMoE), and the router GEMV before it.
 
 Owns: `softmax_topk(logits, top_k, norm_topk)` -> (ids [T, K] int64, weights [T, K] fp32), the same contract as
-model/routing.py's `softmax_topk` (the torch reference, which the CPU path keeps and the tests compare with).
-Does not own: the router's GEMV (logits come in), the other rules (gpt-oss's top-k-then-softmax and DeepSeek's
-grouped sigmoid stay on torch: model/routing.py), nor what happens to the ids afterwards.
+model/routing.py's `softmax_topk` (the torch reference, which the CPU path keeps and the tests compare with);
+`router_topk` (one token: the router GEMV, then the rule) and `norm_router_topk` (the residual add and RMSNorm
+before the router too, in the same launch), and `router_mode` (TIERED_ROUTER).
+Does not own: the other rules (gpt-oss's top-k-then-softmax and DeepSeek's grouped sigmoid stay on torch:
+model/routing.py), routers with a bias, nor what happens to the ids afterwards.
 
 One program per token: the E logits in registers, softmax in fp32 (max subtracted, exp, divided by the sum), then
 K rounds of arg-max, each taking the largest remaining probability and, among equal ones, the LOWEST expert id;
@@ -20,11 +22,17 @@ The router GEMV with it (`router_topk`, one token): logits = x @ router.T in fp3
 (F.linear's result; the fp32 sum runs in another order than cuBLAS's, so a logit may round to the neighbouring
 value where the fp32 sum sits within an ulp of a rounding boundary), then the same rule. Each program owns BLOCK_R
 router rows; the router's first BLOCK_D columns are loaded before the PDL wait (they do not depend on the previous
-kernel), so that load overlaps the previous kernel's tail. Fused (the default): each program stores its logits,
-then counts itself done on a per-layer int32 counter (acq_rel); the program that finds the count complete loads
-every logit and runs softmax-top-k, then sets the counter back to 0 for the next step (the counter must be 0
-when a launch starts; a CUDA graph replays the same buffer). Unfused (`fuse=False`): the softmax_topk kernel runs
-after the GEMV. TIERED_ROUTER picks the path the model takes: fused (default), gemv, torch (cuBLAS + softmax_topk).
+kernel), so that load overlaps the previous kernel's tail. Unfused (`fuse=False`, the model's default): the
+softmax_topk kernel runs after the GEMV. Fused: each program stores its logits, then counts itself done on a
+per-layer int32 counter (acq_rel); the program that finds the count complete loads every logit and runs
+softmax-top-k, then sets the counter back to 0 for the next step (the counter must be 0 when a launch starts; a
+CUDA graph replays the same buffer). On the H200 the fused launch is the slower (its last program's serial tail
+and the count cost more than the second launch, which PDL overlaps): 4.7 against 3.2 us a layer at the 10.6B
+shape (benchmarks/results/quant-router-2026-12-02-h200-s16.json). With the norm in (`norm_router_topk`), every
+program first sums the squares of round(h + delta) over the row, then normalises each chunk for its dot; program 0
+writes h' and x for the kernels after it (one add+norm launch a layer fewer: 3.95 against 4.41 us a layer with
+the add+norm kernel, the same file). TIERED_ROUTER picks the model's path: gemv (default), fused, torch (cuBLAS
+F.linear + softmax_topk).
 
 Legend: T tokens, E experts, K top-k, D hidden.
 """
@@ -83,10 +91,11 @@ def router_tile(E: int, D: int) -> tuple[int, int, int]:
 
 
 def router_topk(x: Tensor, router: Tensor, top_k: int, norm_topk: bool, counter: Tensor, *,
-                fuse: bool = True, tile: tuple[int, int, int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                fuse: bool = False, tile: tuple[int, int, int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """One token's router and routing rule: x [1, D], router [E, D] (same dtype), counter int32 [1] at 0 ->
     (logits [1, E] x.dtype, ids [1, K] int64, weights [1, K] fp32), route(x, router, K, norm, rule=softmax_topk)'s
-    contract. tile: (BLOCK_R, BLOCK_D, warps), default router_tile(E, D)."""
+    contract. fuse: softmax-top-k in the same launch (else softmax_topk's kernel after it); counter: read and reset
+    by fused launches only. tile: (BLOCK_R, BLOCK_D, warps), default router_tile(E, D)."""
     _check_device(x, "router_topk")
     if x.dim() != 2 or x.shape[0] != 1 or router.dim() != 2 or router.shape[1] != x.shape[1]:
         raise ValueError(f"router_topk wants x [1, D] and router [E, D]; got {tuple(x.shape)}, {tuple(router.shape)}")
@@ -95,7 +104,7 @@ def router_topk(x: Tensor, router: Tensor, top_k: int, norm_topk: bool, counter:
 
 
 def norm_router_topk(h: Tensor, delta: Tensor, weight: Tensor, eps: float, router: Tensor, top_k: int,
-                     norm_topk: bool, counter: Tensor, *, fuse: bool = True,
+                     norm_topk: bool, counter: Tensor, *, fuse: bool = False,
                      tile: tuple[int, int, int] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The residual add and RMSNorm before the router in the same launch (one token): h, delta [1, D], weight [D]
     (compute dtype or fp32) -> (h' = h + delta, x = rms_norm(h', weight), logits, ids, weights): what
