@@ -439,9 +439,9 @@ def test_glue_kernels_compile_for_sm90():
 @pytest.mark.parametrize("E,D,K", [(128, 2048, 8), (64, 1024, 8), (512, 4096, 10)])
 def test_router_topk_cuda(E, D, K, fuse):
     """On the GPU, with PDL where the device has it: bf16 logits equal the float64 product rounded (the fp32 sums'
-    order may move a logit by one ulp where the sum sits on a rounding boundary: at most 1 in 500), the fused
-    launch's ids equal the softmax_topk kernel's on its own logits (weights to fp32's last bits), over 200 launches replayed from a
-    CUDA graph (the counter's reset between launches), and agree with cuBLAS's route on all but ulp-near ties."""
+    order may move a logit by one ulp where the sum sits on a rounding boundary: at most 1 in 500), the ids equal
+    the softmax_topk kernel's on the launch's own logits (weights to fp32's last bits), over 200 launches replayed
+    from a CUDA graph (a fused launch resets its counter), and agree with cuBLAS's route on all but ulp-near ties."""
     from tiered.kernels.fused_route import router_topk
     from tiered.model.moe import route
 

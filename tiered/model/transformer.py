@@ -427,7 +427,8 @@ class Transformer:
         piecewise step substitutes the override's rows between segments."""
         return self._replayed(l, plan, *self._route_own(l, x, plan))
 
-    def _replayed(self, l: int, plan: StepPlan, logits: Tensor, ids: Tensor, wts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _replayed(self, l: int, plan: StepPlan, logits: Tensor, ids: Tensor,
+                  wts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The model's own routing replaced by the override's rows where the plan's positions are on the host."""
         if isinstance(plan.write_at, int) and self.layers[l].moe is not None:
             ids, wts = self._routing(l, plan.write_at, ids.shape[0])
