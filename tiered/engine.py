@@ -305,8 +305,9 @@ def _default_cpu_refusal(provider: Any, take: list[int], box: Any) -> str | None
     """Why the default --cpu-experts (auto with the device slot table) is not worth its per-layer handshake here, or
     None: the cost model's table `take` (devstep.cpu_split, from the probe's rates; take[m] of m misses to the CPU)
     gives the CPU none of a layer's two misses, so the CPU would take a miss only when several miss at once, which
-    is rare where a lone miss is not worth it. Measured on the H200 box at --vram-gb 4 (offload-default-2026-12-02-h200-s14.json): q4, take[2] = 0,
-    0.956-0.985x without CPU experts; bf16, take[2] = 1, 1.29x."""
+    is rare where a lone miss is not worth it. Measured on the H200 box at --vram-gb 4
+    (offload-default-2026-12-02-h200-s14.json): q4, take[2] = 0, 0.956-0.985x without CPU experts; bf16,
+    take[2] = 1, 1.29x."""
     m = min(2, len(take) - 1)
     if take[m] > 0:
         return None

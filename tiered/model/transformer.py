@@ -288,19 +288,24 @@ class Transformer:
         # the GEMV, and with TIERED_ROUTER=fused softmax-top-k in the same launch; gemv, the default, launches
         # softmax_topk after it; torch keeps F.linear); the fused launches' per-layer counters start at 0 and each
         # launch leaves its own at 0
-        self._router_kernel = self._router_norm_kernel = self._router_rule = None
+        self._router_kernel = self._router_norm_kernel = None
         self._router_fuse = False
         self._router_count: Tensor | None = None
+        self._router_layers: tuple[bool, ...] = (False,) * config.num_layers  # layers whose one token takes it
         if self.glue:
             from tiered.kernels import fused_route
 
             self.layer_rules = [fused_route.softmax_topk if r is softmax_topk else r for r in self.layer_rules]
             mode = fused_route.router_mode()
             if mode != "torch":
-                self._router_kernel, self._router_rule = fused_route.router_topk, fused_route.softmax_topk
-                self._router_norm_kernel = fused_route.norm_router_topk
+                self._router_kernel, self._router_norm_kernel = fused_route.router_topk, fused_route.norm_router_topk
                 self._router_fuse = mode == "fused"
                 self._router_count = torch.zeros(config.num_layers, dtype=torch.int32, device=dev)
+                # softmax-top-k routers without bias, stored in the compute dtype
+                self._router_layers = tuple(
+                    lw.moe is not None and lw.moe.score_bias is None and lw.moe.router_bias is None
+                    and rule is fused_route.softmax_topk and lw.moe.router.dtype == self.dtype
+                    and lw.moe.router.is_contiguous() for lw, rule in zip(self.layers, self.layer_rules))
 
     @property
     def observer(self) -> RoutingObserver | None:
@@ -376,7 +381,7 @@ class Transformer:
             plan = plan.sliding
         h, x = self.add_norm(h, delta, lw.attn_norm)
         mixed = self.mix(l, x, plan)
-        if self._router_kernel is not None and h.shape[0] == 1 and self._router_serves(l, h):
+        if h.shape[0] == 1 and self._router_layers[l]:
             # one token: the residual add and the norm run inside the router's launch (fused_route.norm_router_topk)
             h, x, logits, ids, wts = self._router_norm_kernel(
                 h, mixed, lw.mlp_norm, self.config.rms_norm_eps, lw.moe.router, self.config.top_k,
@@ -387,14 +392,6 @@ class Transformer:
         h, x = self.add_norm(h, mixed, lw.mlp_norm)
         logits, ids, wts = self._route(l, x, plan)
         return Routed(h, x, logits, ids, wts)
-
-    def _router_serves(self, l: int, x: Tensor) -> bool:
-        """Whether layer l's routing of one token takes the router kernel (kernels/fused_route.py): softmax-top-k
-        routers without bias of the compute dtype."""
-        moe = self.layers[l].moe
-        return (moe is not None and moe.score_bias is None and moe.router_bias is None
-                and self.layer_rules[l] is self._router_rule and moe.router.dtype == x.dtype
-                and moe.router.is_contiguous())
 
     def mix(self, l: int, x: Tensor, plan: StepPlan) -> Tensor:
         """Layer l's token mixer over x [T, D] (normed): attention over its KV rows, or Gated DeltaNet over its
@@ -417,7 +414,7 @@ class Transformer:
             return empty.to(x.dtype), empty.long(), empty
         if moe.score_bias is not None:  # DeepSeek-V3 scores in fp32, as transformers' router does
             return route(x.float(), moe.router.float(), cfg.top_k, cfg.norm_topk_prob, rule=self.layer_rules[l])
-        if self._router_kernel is not None and x.shape[0] == 1 and self._router_serves(l, x):
+        if x.shape[0] == 1 and self._router_layers[l]:
             return self._router_kernel(x, moe.router, cfg.top_k, cfg.norm_topk_prob, self._router_count[l:l + 1],
                                        fuse=self._router_fuse)
         return route(x, moe.router, cfg.top_k, cfg.norm_topk_prob, bias=moe.router_bias, rule=self.layer_rules[l])
