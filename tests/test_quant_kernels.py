@@ -286,26 +286,37 @@ def compile_kernels_sm90(fmt: str) -> None:
         dtiles = qm._tiles(QConfig(bn=4, bg=2, algo=algo), W.down)
         assert tiles["ALGO"] == dtiles["ALGO"] == algo
         p = parts(W.gate, "", algo)
-        for has_slots in (True, False):  # a stack read by slot rows; one matrix (qlinear: with PDL, the L2 prefetch)
-            pf = {} if has_slots else {"GDC": True, "PF_LINES": 2, "PF_STEP": 32 if algo == 2 else 128}
+        # a stack read by slot rows; one matrix (qlinear: with PDL, the L2 prefetch; the word tile: the preload)
+        for has_slots, pre in ((True, False), (False, False), (False, True)):
+            if pre and algo != 2:
+                continue
+            pf = {} if has_slots else {"GDC": True, "PF_LINES": 2, "PF_STEP": 32 if algo == 2 else 128, "PRE": pre}
             k = _compile_for_sm90(qgemv, {"x_ptr": x, "slot_ptr": slots, "q_ptr": p["q"], "s_ptr": p["s"],
                                           "m_ptr": p["m"], "out_ptr": x, "N": 96, "stride_xt": 200,
                                           "stride_ot": 96, **dict(zip(names, qm._strides(W.gate, algo)))},
                                   {**geo, **tiles, "HAS_SLOTS": has_slots, **pf})
             if not has_slots:
                 assert "prefetch.global.L2" in k.asm["ptx"] and "griddepcontrol.wait" in k.asm["ptx"]
+            if pre:  # code loads (ld.global) come before the wait in the PTX
+                ptx = k.asm["ptx"]
+                assert ptx.find("ld.global") < ptx.find("griddepcontrol.wait"), "no load before the wait"
             if fmt == "fp8":  # the e4m3 bytes go through the hardware conversion
                 assert "e4m3" in k.asm["ptx"]
         _compile_for_sm90(qgate_up, {"x_ptr": x, "slot_ptr": slots, **parts(W.gate, "g", algo),
                                      **parts(W.up, "u", algo), "h_ptr": h, "stride_xt": 200,
                                      **dict(zip(names, qm._strides(W.gate, algo)))},
                           {**geo, **tiles, "F": 96, "K": 2, "GDC": True})
-        for split in (1, 2):
-            _compile_for_sm90(qdown, {"h_ptr": h, "slot_ptr": slots, "wt_ptr": h, **parts(W.down, "d", algo),
-                                      "y_ptr": x if split == 1 else h, "stride_yt": 200,
-                                      **dict(zip(names, qm._strides(W.down, algo)))},
-                              {**gdown, **dtiles, "D": 200, "K": 2, "KP": 2, "K_PER": 2 // split, "SPLIT": split,
-                               "WR": 1, "GDC": split == 1})
+        for split, pre in ((1, False), (2, False), (1, True)):
+            if pre and algo != 2:
+                continue
+            k = _compile_for_sm90(qdown, {"h_ptr": h, "slot_ptr": slots, "wt_ptr": h, **parts(W.down, "d", algo),
+                                          "y_ptr": x if split == 1 else h, "stride_yt": 200,
+                                          **dict(zip(names, qm._strides(W.down, algo)))},
+                                  {**gdown, **dtiles, "D": 200, "K": 2, "KP": 2, "K_PER": 2 // split, "SPLIT": split,
+                                   "WR": 1, "GDC": split == 1, "PRE": pre})
+            if pre:  # the slots and codes are read before the wait, h after it
+                ptx = k.asm["ptx"]
+                assert ptx.find("ld.global") < ptx.find("griddepcontrol.wait") < ptx.rfind("ld.global")
 
 
 def test_kernels_compile_for_sm90():
@@ -442,6 +453,37 @@ def test_register_cap_is_a_cuda_launch_option():
     a = quant_matvec(x, qw, slots, config=capped)
     b = quant_matvec(x, qw, slots, config=QConfig(bn=4, bg=2, algo=2))
     assert torch.equal(a, b) and rel(a, quant_matvec_ref(x, qw, slots)) < 1e-5
+
+
+@pytest.mark.parametrize("bg", [1, 8])
+def test_preload_before_the_wait_computes_the_same(monkeypatch, bg):
+    """PRE (the dense word-tile GEMV's first step and the down kernel's slots and first codes loaded before the PDL
+    wait): forced on under the interpreter (no PDL there), the word tiles give bit for bit what they give without
+    it, over one step (bg 8: the whole row) and several (bg 1: step 0 preloaded, the rest loaded in the loop)."""
+    from tiered.kernels import quant_moe as qm
+
+    g = torch.Generator().manual_seed(11)
+    qw = quantize(torch.randn(40, 320, generator=g) * 0.1, "q4").to_device(DEV)
+    x = torch.randn(2, 320, generator=g).to(DEV)
+    W = _pool("q4", 6, 64, 128)
+    xe = torch.randn(1, 128, generator=g).to(DEV)
+    slots = torch.randperm(6, generator=g)[:3].to(DEV)
+    wts = torch.rand(1, 3, generator=g).to(DEV)
+    cfg = QConfig(bn=4, bg=bg, warps=2, algo=2)
+    down = QConfig(bn=4, bg=bg, warps=2, algo=2, hw=1)
+    seen = []
+
+    def run():
+        return (quant_matvec(x, qw, config=cfg),
+                experts_quant_decode(xe, slots, wts, W.gate, W.up, W.down, interpret=INTERP, configs=(cfg, down)))
+
+    plain = run()
+    monkeypatch.setattr(qm, "_preload_ok", lambda opts: seen.append(1) or True)
+    pre = run()
+    assert len(seen) == 2  # the dense GEMV and the down launch asked
+    assert torch.equal(pre[0], plain[0]) and torch.equal(pre[1], plain[1])
+    assert rel(pre[0], quant_matvec_ref(x, qw)) < 1e-5
+    assert rel(pre[1], _experts_ref(xe, slots[None], wts, W)) < 1e-5
 
 
 @pytest.mark.parametrize("F,D", [(64, 128), (96, 64)])

@@ -2,7 +2,7 @@
 the stream is still finishing, and wait for it only where they read its results.
 
 Owns: `launch_args(device)` (the extra launch arguments of a decode kernel: {"GDC": True, "launch_pdl": True} where
-PDL is on, else {}), `gdc_enter` (the kernels' first statement: with GDC, wait until the previous kernel of the
+PDL is on, else {}), `preload_enabled()`, `gdc_enter` (the kernels' first statement: with GDC, wait until the previous kernel of the
 stream has completed and its writes are visible, then let the next kernel launch), `l2_prefetch` (what may run
 before that wait: an L2 prefetch of data the previous kernel does not write, e.g. a dense GEMV's weights in
 quant_moe._qgemv) and `pdl_enabled(device)`.
@@ -19,6 +19,10 @@ cuBLAS) keep the ordinary stream order. CUDA graphs capture the attribute as a p
 Switches: TIERED_PDL=0 turns it off (the benchmarks time both); it is on where the device is CUDA of compute
 capability 9.0 or later and Triton has the griddepcontrol intrinsics (3.4+), never under the interpreter.
 TIERED_PDL_PREFETCH=1 adds the dense GEMV's L2 prefetch before the wait (off: it measured 1% slower).
+TIERED_PRELOAD=0 stops the q4 kernels' register loads before the wait (on by default; see preload_enabled).
+What may be read before the wait: data no kernel of the step writes (weights), and data written two or more kernels
+back: a PDL-aware kernel lets its dependents launch only after its own wait, so when kernel C starts, the kernel
+before B has completed and its writes are visible. Data the previous kernel writes is read after the wait only.
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ except ImportError:  # pragma: no cover - the CPU torch wheel without triton
 
 ENV = "TIERED_PDL"
 PREFETCH_ENV = "TIERED_PDL_PREFETCH"
+PRELOAD_ENV = "TIERED_PRELOAD"
 
 
 def _triton_has_gdc() -> bool:
@@ -66,6 +71,13 @@ def l2_prefetch_enabled() -> bool:
     decode of the 10.6B shape gained nothing: 2,176-2,186 tok/s with it, 2,197-2,209 without (or with one line a
     row)."""
     return os.environ.get(PREFETCH_ENV, "0").strip().lower() in ("1", "on", "true", "yes")
+
+
+def preload_enabled() -> bool:
+    """Whether PDL-launched kernels load what the previous kernel does not write (a dense GEMV's first step of weights,
+    the expert down kernel's slots and codes) into registers before their wait: on unless TIERED_PRELOAD=0. The
+    router kernel (fused_route) always does; this switch serves quant_moe's kernels and lets a benchmark time both."""
+    return os.environ.get(PRELOAD_ENV, "1").strip().lower() not in ("0", "off", "false", "no")
 
 
 def launch_args(device: torch.device) -> dict:

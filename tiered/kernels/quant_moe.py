@@ -68,7 +68,8 @@ except ImportError:  # the CPU runtime does not need Triton
     triton = None
 
 from tiered.kernels.fused_norm import round_weight, weight_rounding  # noqa: E402 (None without Triton)
-from tiered.kernels.pdl import gdc_enter, l2_prefetch, l2_prefetch_enabled, launch_args  # noqa: E402
+from tiered.kernels.pdl import (gdc_enter, l2_prefetch, l2_prefetch_enabled, launch_args,  # noqa: E402
+                                preload_enabled)
 
 FUSED_FORMATS = {"q8": 0, "q4": 1, "mxfp4": 2, "fp8": 3}  # the kernels' FMT (4: fp8 decoded from bits)
 MAX_ROWS = 16  # above this many rows qlinear takes the tiled GEMM (quant_grouped.quant_matmul)
@@ -273,6 +274,7 @@ def decorate_kernels():
     helpers["dot_rows"] = bind(_dot_rows)
     helpers["dot_rows_words"] = bind(_dot_rows_words)
     helpers["down_words"] = bind(_down_words)
+    helpers["pre_words"] = bind(_pre_words)
     helpers["flat_step"] = bind(_flat_step)
     helpers["dot_rows_flat"] = bind(_dot_rows_flat)
     return bind(_qgemv), bind(_qgate_up), bind(_qdown)
@@ -464,21 +466,26 @@ def _word_nibble(w, J: tl.constexpr):
 
 def _dot_rows_words(x_row, q1, s1, m1, q2, s2, m2, mask_n, KIN: tl.constexpr, KQ: tl.constexpr,
                     NG: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, BK: tl.constexpr,
-                    UK: tl.constexpr, TWO: tl.constexpr):
+                    UK: tl.constexpr, TWO: tl.constexpr, PRE: tl.constexpr, pc, psv, pmv):
     """([BN], [BN]) fp32: _dot_rows_flat for q4 read as int32 words (q1 / q2: [BN] int32 row pointers; a word
     holds inputs 8w..8w+7, nibble j = input 8w + j). Per step the [BN, UK] words of each row; for each nibble
     position j the values 1 + c/16 (word_nibble) meet x[8w + j] (a strided [UK] load shared by the BN rows)
     in one fused multiply-add into a [BN, UK] sum, which is reduced over each group's GROUP / 8 words once
     per step. Per input: a shift, an and-or, an FMA. The group sums of x are taken once per step for all rows
     (not per row), and sum(c x) = 16 (sum((1 + c/16) x) - sum x) as in the other tiles. Codes of step i + 1
-    are loaded before step i is computed. KQ is the row's bytes (KQ // 4 words)."""
+    are loaded before step i is computed. KQ is the row's bytes (KQ // 4 words). PRE (one matrix, not TWO): step 0's
+    codes, scales and minima come in as pc, psv, pmv (pre_words, loaded before the PDL wait)."""
     KW: tl.constexpr = KQ // 4
     WG: tl.constexpr = GROUP // 8
     offs_w = tl.arange(0, UK)
     offs_g = tl.arange(0, BG)
     acc1 = tl.zeros([BN, BG], tl.float32)
     acc2 = tl.zeros([BN, BG], tl.float32)
-    nxt1, nxt2 = step_codes(q1, q2, mask_n, 0, UK, KW, TWO)  # [BN, UK] words of step 0
+    if PRE:
+        nxt1 = pc
+        nxt2 = pc
+    else:
+        nxt1, nxt2 = step_codes(q1, q2, mask_n, 0, UK, KW, TWO)  # [BN, UK] words of step 0
     for k0 in tl.static_range(0, KIN, BK):
         c1 = nxt1
         c2 = nxt2
@@ -500,8 +507,12 @@ def _dot_rows_words(x_row, q1, s1, m1, q2, s2, m2, mask_n, KIN: tl.constexpr, KQ
         # the group sums of x from the words' sums (a separate contiguous load and reduction compiled to more
         # instructions: its reduction crosses threads)
         xs = tl.sum(tl.reshape(xw, [BG, WG]), axis=1)[None, :]  # [1, BG]
-        sv = tl.load(s1[:, None] + g[None, :], mask=ms, other=0).to(tl.float32)
-        mv = tl.load(m1[:, None] + g[None, :], mask=ms, other=0).to(tl.float32)
+        if PRE and k0 == 0:
+            sv = psv.to(tl.float32)
+            mv = pmv.to(tl.float32)
+        else:
+            sv = tl.load(s1[:, None] + g[None, :], mask=ms, other=0).to(tl.float32)
+            mv = tl.load(m1[:, None] + g[None, :], mask=ms, other=0).to(tl.float32)
         d1 = tl.sum(tl.reshape(t1, [BN, BG, WG]), axis=2)  # [BN, BG]
         acc1 += (d1 - xs) * 16.0 * sv + mv * xs
         if TWO:
@@ -512,16 +523,28 @@ def _dot_rows_words(x_row, q1, s1, m1, q2, s2, m2, mask_n, KIN: tl.constexpr, KQ
     return tl.sum(acc1, axis=1), tl.sum(acc2, axis=1)
 
 
+def _pre_words(q1, s1, m1, mask_n, KQ: tl.constexpr, NG: tl.constexpr, BG: tl.constexpr, UK: tl.constexpr):
+    """(codes [BN, UK] int32, scales [BN, BG], minima [BN, BG]) of step 0 of the rows at q1 / s1 / m1 for
+    dot_rows_words(PRE=True): what a kernel loads before its PDL wait when the previous kernel does not write them."""
+    c, _ = step_codes(q1, q1, mask_n, 0, UK, KQ // 4, False)
+    g = tl.arange(0, BG)
+    ms = mask_n[:, None] & (g[None, :] < NG)
+    return c, tl.load(s1[:, None] + g[None, :], mask=ms, other=0), tl.load(m1[:, None] + g[None, :], mask=ms, other=0)
+
+
 def _down_words(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, t, d64, mask_d, slot_base, stride_qs, stride_qn, stride_ss,
                 stride_sn, stride_ms, stride_mn, K: tl.constexpr, KP: tl.constexpr, KIN: tl.constexpr,
                 KQ: tl.constexpr, NG: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr,
-                BK: tl.constexpr, UK: tl.constexpr, WR: tl.constexpr, HW: tl.constexpr = 0):
+                BK: tl.constexpr, UK: tl.constexpr, WR: tl.constexpr, HW: tl.constexpr = 0, PRE: tl.constexpr = False,
+                GDC: tl.constexpr = False):
     """[BN] fp32: sum over token t's K experts of w_k * (h_k @ down[slot_k].T) for the BN output rows d64, q4 read
     as int32 words with every expert's codes of a step in one [KP, BN, UK] load (KP = K padded to a power of
     two): all K experts' bytes are in flight at once, where a loop over experts would wait for each in turn
     (the down projection's rows are short, so a program's per-expert work is one small load). The per-expert
     sums are reduced over k in a fixed order (deterministic). HW > 0: h rows are word-major (QConfig.hw), input
-    8w + j at j * KW + w."""
+    8w + j at j * KW + w. PRE: the slots, routing weights and step 0's codes, scales and minima are loaded first,
+    then the PDL wait (gdc_enter(GDC), which the caller has not made): only h comes from the previous kernel
+    (quant_down's `early`)."""
     KW: tl.constexpr = KQ // 4
     WG: tl.constexpr = GROUP // 8
     offs_k = tl.arange(0, KP)
@@ -539,6 +562,11 @@ def _down_words(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, t, d64, mask_d, slot_base, 
     acc = tl.zeros([KP, BN, BG], tl.float32)
     wi = offs_w  # [UK] step 0's words
     nxt = tl.load(qrow[:, :, None] + wi[None, None, :], mask=mkd[:, :, None] & (wi < KW)[None, None, :], other=0)
+    if PRE:
+        ms0 = mkd[:, :, None] & (offs_g[None, None, :] < NG)
+        psv = tl.load(srow[:, :, None] + offs_g[None, None, :], mask=ms0, other=0)
+        pmv = tl.load(mrow[:, :, None] + offs_g[None, None, :], mask=ms0, other=0)
+        gdc_enter(GDC)
     for k0 in tl.static_range(0, KIN, BK):
         wi = k0 // 8 + offs_w  # [UK]
         wm = wi < KW
@@ -561,8 +589,12 @@ def _down_words(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, t, d64, mask_d, slot_base, 
         d = tl.sum(tl.reshape(tacc, [KP, BN, BG, WG]), axis=3)  # [KP, BN, BG]
         g = k0 // GROUP + offs_g
         ms = mkd[:, :, None] & (g[None, None, :] < NG)
-        sv = tl.load(srow[:, :, None] + g[None, None, :], mask=ms, other=0).to(tl.float32)
-        mv = tl.load(mrow[:, :, None] + g[None, None, :], mask=ms, other=0).to(tl.float32)
+        if PRE and k0 == 0:
+            sv = psv.to(tl.float32)
+            mv = pmv.to(tl.float32)
+        else:
+            sv = tl.load(srow[:, :, None] + g[None, None, :], mask=ms, other=0).to(tl.float32)
+            mv = tl.load(mrow[:, :, None] + g[None, None, :], mask=ms, other=0).to(tl.float32)
         acc += (d - xs) * 16.0 * sv + mv * xs
     yk = tl.sum(acc, axis=2)  # [KP, BN]
     return tl.sum(yk * wk[:, None], axis=0)
@@ -572,11 +604,14 @@ def _qgemv(x_ptr, slot_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_xt, stride_q
           stride_sn, stride_ms, stride_mn, stride_ot, KIN: tl.constexpr, KQ: tl.constexpr, NG: tl.constexpr,
           FMT: tl.constexpr, GROUP: tl.constexpr, GSTRIDE: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr,
           BG: tl.constexpr, CONV: tl.constexpr, HAS_SLOTS: tl.constexpr, ALGO: tl.constexpr, BK: tl.constexpr,
-          UK: tl.constexpr, GDC: tl.constexpr = False, PF_LINES: tl.constexpr = 0, PF_STEP: tl.constexpr = 1):
+          UK: tl.constexpr, GDC: tl.constexpr = False, PF_LINES: tl.constexpr = 0, PF_STEP: tl.constexpr = 1,
+          PRE: tl.constexpr = False):
     """Grid (cdiv(N, BN), T): out[t, n-block] = x[t] @ W[slot[t]][n-block]^T.
     PF_LINES > 0 (with PDL, GDC; pdl.l2_prefetch_enabled): a single matrix's rows are asked into L2 before the wait
     for the previous kernel, which does not write them, so their reads overlap its tail (PF_LINES 128-byte lines a
-    code row, PF_STEP code elements a line)."""
+    code row, PF_STEP code elements a line). PRE (a single matrix, the word tile, with PDL; pdl.preload_enabled): the
+    first step's codes, scales and minima are loaded into registers before the wait (pre_words), so a kernel whose
+    whole row is one step reads nothing but x after it."""
     t = tl.program_id(1)
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
     mask_n = offs_n < N
@@ -592,6 +627,13 @@ def _qgemv(x_ptr, slot_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_xt, stride_q
         l2_prefetch(q_ptr + nn[:, None] * stride_qn + lo[None, :] * PF_STEP)
         l2_prefetch(s_ptr + tl.where(mask_n, srow, 0) * stride_sn)
         l2_prefetch(m_ptr + nn * stride_mn)
+    if PRE:  # a single matrix (no slots): its rows do not depend on the previous kernel
+        pc, psv, pmv = pre_words(q_ptr + n64 * stride_qn, s_ptr + srow * stride_sn, m_ptr + n64 * stride_mn, mask_n,
+                                 KQ, NG, BG, UK)
+    else:
+        pc = 0
+        psv = 0
+        pmv = 0
     gdc_enter(GDC)
     if HAS_SLOTS:
         slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -602,7 +644,8 @@ def _qgemv(x_ptr, slot_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_xt, stride_q
     sr = s_ptr + slot * stride_ss + srow * stride_sn
     mr = m_ptr + slot * stride_ms + n64 * stride_mn
     if ALGO == 2:
-        y, _ = dot_rows_words(xr, qr, sr, mr, qr, sr, mr, mask_n, KIN, KQ, NG, GROUP, BN, BG, BK, UK, False)
+        y, _ = dot_rows_words(xr, qr, sr, mr, qr, sr, mr, mask_n, KIN, KQ, NG, GROUP, BN, BG, BK, UK, False, PRE, pc,
+                              psv, pmv)
     elif ALGO == 1:
         y, _ = dot_rows_flat(xr, qr, sr, mr, qr, sr, mr, mask_n, KIN, KQ, NG, FMT, GROUP, BN, BG, BK, UK, CONV,
                              False)
@@ -634,7 +677,7 @@ def _qgate_up(x_ptr, slot_ptr, gq, gs, gm, uq, us, um, h_ptr, slot_base, stride_
     mo = slot * stride_ms + f64 * stride_mn
     if ALGO == 2:  # the word tile, gate and up in one pass
         g, u = dot_rows_words(x_row, gq + qo, gs + so, gm + mo, uq + qo, us + so, um + mo, mask_f, KIN, KQ, NG,
-                              GROUP, BN, BG, BK, UK, True)
+                              GROUP, BN, BG, BK, UK, True, False, 0, 0, 0)
     elif ALGO == 1:  # gate and up in one pass: both rows' codes in flight together
         g, u = dot_rows_flat(x_row, gq + qo, gs + so, gm + mo, uq + qo, us + so, um + mo, mask_f, KIN, KQ, NG, FMT,
                              GROUP, BN, BG, BK, UK, CONV, True)
@@ -652,11 +695,15 @@ def _qdown(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, y_ptr, slot_base, stride_qs, str
            K_PER: tl.constexpr, SPLIT: tl.constexpr, KIN: tl.constexpr, KQ: tl.constexpr, NG: tl.constexpr,
            FMT: tl.constexpr, GROUP: tl.constexpr, GSTRIDE: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr,
            BG: tl.constexpr, CONV: tl.constexpr, ALGO: tl.constexpr, BK: tl.constexpr, UK: tl.constexpr,
-           WR: tl.constexpr = 0, HW: tl.constexpr = 0, GDC: tl.constexpr = False):
+           WR: tl.constexpr = 0, HW: tl.constexpr = 0, GDC: tl.constexpr = False, PRE: tl.constexpr = False):
     """Grid (cdiv(D, BN), T*SPLIT): y[t, d-block] = sum over K_PER experts (rows slot_base + slot) of
     w * (h @ down.T), w rounded as fused_norm.weight_rounding says (WR); the word tile at SPLIT 1 reads all K
-    experts together (down_words), the other tiles one expert after another."""
-    gdc_enter(GDC)
+    experts together (down_words), the other tiles one expert after another. PRE (that tile only; quant_down's
+    `early`): down_words loads the slots, weights and first codes before the PDL wait."""
+    ALL_K: tl.constexpr = ALGO == 2 and SPLIT == 1  # the word tile reads every expert's codes in one load
+    EARLY: tl.constexpr = PRE and ALL_K
+    if not EARLY:
+        gdc_enter(GDC)
     pid = tl.program_id(1)
     t = pid // SPLIT
     offs_d = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -667,10 +714,10 @@ def _qdown(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, y_ptr, slot_base, stride_qs, str
     else:
         srow = d64
     y = tl.zeros([BN], tl.float32)
-    ALL_K: tl.constexpr = ALGO == 2 and SPLIT == 1  # the word tile reads every expert's codes in one load
     if ALL_K:
         y = down_words(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, t, d64, mask_d, slot_base, stride_qs, stride_qn,
-                       stride_ss, stride_sn, stride_ms, stride_mn, K, KP, KIN, KQ, NG, GROUP, BN, BG, BK, UK, WR, HW)
+                       stride_ss, stride_sn, stride_ms, stride_mn, K, KP, KIN, KQ, NG, GROUP, BN, BG, BK, UK, WR, HW,
+                       EARLY, GDC)
     for kk in tl.static_range(0 if ALL_K else K_PER):  # otherwise one expert after another
         pair = t * K + (pid % SPLIT) * K_PER + kk
         slot = tl.load(slot_ptr + pair).to(tl.int64) + slot_base
@@ -680,7 +727,8 @@ def _qdown(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, y_ptr, slot_base, stride_qs, str
         sr = ds + slot * stride_ss + srow * stride_sn
         mr = dm + slot * stride_ms + d64 * stride_mn
         if ALGO == 2:
-            yk, _ = dot_rows_words(hr, qr, sr, mr, qr, sr, mr, mask_d, KIN, KQ, NG, GROUP, BN, BG, BK, UK, False)
+            yk, _ = dot_rows_words(hr, qr, sr, mr, qr, sr, mr, mask_d, KIN, KQ, NG, GROUP, BN, BG, BK, UK, False, False,
+                                   0, 0, 0)
             y += w * yk
         elif ALGO == 1:
             yk, _ = dot_rows_flat(hr, qr, sr, mr, qr, sr, mr, mask_d, KIN, KQ, NG, FMT, GROUP, BN, BG, BK, UK, CONV,
@@ -701,6 +749,13 @@ def _launch_opts(cfg: QConfig, device: torch.device) -> dict:
     if cfg.regs and device.type == "cuda":
         opts["maxnreg"] = cfg.regs
     return opts
+
+
+def _preload_ok(opts: dict) -> bool:
+    """Whether a launch with these options loads what the previous kernel does not write before its PDL wait (the
+    kernels' PRE): PDL on (opts carry GDC) and pdl.preload_enabled(). Without PDL there is no wait to load before;
+    tests patch this to run the PRE code under the interpreter."""
+    return "GDC" in opts and preload_enabled()
 
 
 def _strides(w: QuantWeight, algo: int = 0) -> tuple[int, int, int, int, int, int]:
@@ -737,6 +792,8 @@ def quant_matvec(x: Tensor, w: QuantWeight, slots: Tensor | None = None, *, out_
     if "GDC" in opts and not w.lead and l2_prefetch_enabled():  # a single matrix's rows asked into L2 before the wait
         opts.update(PF_LINES=triton.next_power_of_2(triton.cdiv(w.q.shape[-1] * w.q.element_size(), 128)),
                    PF_STEP=128 // codes.element_size())
+    if not w.lead and a == 2 and _preload_ok(opts):  # its first step in registers before the wait
+        opts["PRE"] = True
     qgemv[(triton.cdiv(n, cfg.bn), T)](x, sl, codes, w.scale, m, out, n, x.stride(0), *_strides(w, a),
                                       out.stride(0), **_geometry(w), **tiles, HAS_SLOTS=bool(w.lead),
                                       **opts)
@@ -781,11 +838,14 @@ def quant_gate_up(x: Tensor, slots: Tensor, gate: QuantWeight, up: QuantWeight,
 
 def quant_down(h: Tensor, slots: Tensor, weights: Tensor, down: QuantWeight, dtype: torch.dtype,
                config: QConfig | None = None, *, slot_base: int = 0, round_to: torch.dtype | None = None,
-               h_layout: int = 0) -> Tensor:
+               h_layout: int = 0, early: bool = False) -> Tensor:
     """h [T*K, F] fp32, slots and weights [T, K] -> [T, D] in `dtype`: sum over k of w[t, k] * h @ down[slot]^T
     (rows slot_base + slot; w rounded to `round_to` inside the kernel, None: as given). h_layout 1 / 2: h as
     quant_gate_up wrote it with the same h_layout (word-major rows), which only the word tile reading every expert at
-    once takes (down_h_layout says whether a config does)."""
+    once takes (down_h_layout says whether a config does). early: the caller launched the kernel that writes h
+    (quant_gate_up) right before this one on the same stream, after the kernels that wrote slots, weights and the
+    stacks' rows, so with PDL the word tile loads those before its wait (pdl.preload_enabled; pdl.py says why that
+    is safe)."""
     D, Fe = down.matrix
     flat = slots.reshape(-1)
     K = slots.shape[-1]
@@ -798,13 +858,16 @@ def quant_down(h: Tensor, slots: Tensor, weights: Tensor, down: QuantWeight, dty
     dm = down.min if down.min is not None else down.scale
     tiles = _tiles(cfg, down)
     a = tiles["ALGO"]
+    opts = _launch_opts(cfg, h.device)
+    if early and a == 2 and split == 1 and _preload_ok(opts):
+        opts["PRE"] = True
     if h_layout and not (a == 2 and split == 1):
         raise ValueError(f"quant_down: h_layout {h_layout} (word-major h) is read by the word tile with split 1 only; "
                          f"this launch takes algo {a}, split {split}")
     _kernels()[2][(triton.cdiv(D, cfg.bn), T * split)](
         h, flat, wts, _codes(down, a), down.scale, dm, y, int(slot_base), *_strides(down, a), y.stride(0), D=D, K=K,
         KP=triton.next_power_of_2(K), K_PER=K // split, SPLIT=split, **_geometry(down), **tiles,
-        WR=weight_rounding(round_to), HW=int(h_layout), **_launch_opts(cfg, h.device))
+        WR=weight_rounding(round_to), HW=int(h_layout), **opts)
     return y if split == 1 else y.to(dtype)
 
 
@@ -844,7 +907,7 @@ def experts_quant_decode(x: Tensor, slots: Tensor, weights: Tensor, gate: QuantW
     hl = down_h_layout(down, configs[1], K)
     h = quant_gate_up(x, slots.reshape(1, K), gate, up, configs[0], slot_base=slot_base, h_layout=hl)  # [K, F]
     return quant_down(h, slots.reshape(1, K), weights.reshape(1, K), down, x.dtype, configs[1], slot_base=slot_base,
-                      round_to=round_to, h_layout=hl)
+                      round_to=round_to, h_layout=hl, early=True)
 
 
 def down_h_layout(down: QuantWeight, config: QConfig | None, k: int) -> int:

@@ -64,7 +64,7 @@ def _decode_quant(x: Tensor, slots: Tensor, weights: Tensor, W: Any) -> Tensor:
     from tiered.kernels.quant_moe import quant_down, quant_gate_up
 
     h = quant_gate_up(x, slots, W.gate, W.up)  # [T*K, F] fp32
-    return quant_down(h, slots, weights, W.down, x.dtype)
+    return quant_down(h, slots, weights, W.down, x.dtype, early=True)  # gate_up launched right before
 
 
 def _grouped(x: Tensor, ids: Tensor, weights: Tensor, num_experts: int, W: Any):
