@@ -229,6 +229,24 @@ def test_reference_path_off_cuda():
                                     W.down) is None
 
 
+def test_config_overrides_from_the_environment(monkeypatch):
+    """TIERED_QCONFIG replaces TUNED's tile for the shapes it names, leaves the others, and a malformed entry is an
+    error that names it."""
+    from tiered.kernels.quant_moe import pick_config
+
+    base = pick_config("gemv", "q4", 4096, 2048)
+    monkeypatch.setenv("TIERED_QCONFIG", "gemv,q4,4096,2048:bn=8,bg=64,warps=4,algo=2; down,q4,768,2048:bn=4,hw=1")
+    assert pick_config("gemv", "q4", 4096, 2048) == QConfig(bn=8, bg=64, warps=4, algo=2) != base
+    assert pick_config("down", "q4", 768, 2048) == QConfig(bn=4, hw=1)
+    assert pick_config("gemv", "q4", 2048, 5120) == TUNED[("gemv", "q4", 2048, 5120)]
+    monkeypatch.setenv("TIERED_QCONFIG", "gemv,q4,4096:bn=8")
+    with pytest.raises(ValueError, match="gemv,q4,4096:bn=8"):
+        pick_config("gemv", "q4", 4096, 2048)
+    monkeypatch.setenv("TIERED_QCONFIG", "gemv,q4,4096,2048:bn=3")
+    with pytest.raises(ValueError, match="power of two"):
+        pick_config("gemv", "q4", 4096, 2048)
+
+
 def test_tuned_table_is_complete():
     """Every fused format has a config for each kernel (pick_config's fallback)."""
     for fmt in FUSED_FORMATS:

@@ -170,9 +170,33 @@ TUNED: dict[tuple, QConfig] = {
 }
 
 
+CONFIG_ENV = "TIERED_QCONFIG"
+
+
+@functools.lru_cache(maxsize=8)
+def parse_overrides(spec: str) -> dict[tuple, QConfig]:
+    """TIERED_QCONFIG's entries, `kernel,fmt,K,N:field=value,...` separated by `;` (fields of QConfig), e.g.
+    `gemv,q4,4096,2048:bn=8,bg=64,warps=4,algo=2`: tiles to try on a new GPU or a new shape without editing TUNED
+    (benchmarks time them this way). A malformed entry raises ValueError naming it."""
+    out = {}
+    for entry in filter(None, (e.strip() for e in spec.split(";"))):
+        try:
+            key, fields = entry.split(":", 1)
+            kernel, fmt, k, n = key.split(",")
+            cfg = QConfig(**{f.split("=")[0].strip(): int(f.split("=")[1]) for f in fields.split(",") if f.strip()})
+        except (ValueError, TypeError, IndexError) as e:
+            raise ValueError(f"{CONFIG_ENV}: cannot read {entry!r} (want kernel,fmt,K,N:field=value,..., e.g. "
+                             f"gemv,q4,4096,2048:bn=8,bg=64,warps=4,algo=2): {e}") from None
+        out[(kernel.strip(), fmt.strip(), int(k), int(n))] = cfg
+    return out
+
+
 def pick_config(kernel: str, fmt: str, k: int, n: int) -> QConfig:
-    """The tile config for `kernel` over a [n, k] matrix (per expert) in `fmt`."""
-    return TUNED.get((kernel, fmt, k, n)) or TUNED[(kernel, fmt)]
+    """The tile config for `kernel` over a [n, k] matrix (per expert) in `fmt`: TIERED_QCONFIG's entry for the shape
+    (parse_overrides), else TUNED's for the shape, else TUNED's for the format."""
+    spec = os.environ.get(CONFIG_ENV, "")
+    over = parse_overrides(spec).get((kernel, fmt, k, n)) if spec else None
+    return over or TUNED.get((kernel, fmt, k, n)) or TUNED[(kernel, fmt)]
 
 
 def _bg(cfg: QConfig, w: QuantWeight) -> int:
