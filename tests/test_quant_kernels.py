@@ -235,8 +235,8 @@ def test_config_overrides_from_the_environment(monkeypatch):
     from tiered.kernels.quant_moe import pick_config
 
     base = pick_config("gemv", "q4", 4096, 2048)
-    monkeypatch.setenv("TIERED_QCONFIG", "gemv,q4,4096,2048:bn=8,bg=64,warps=4,algo=2; down,q4,768,2048:bn=4,hw=1")
-    assert pick_config("gemv", "q4", 4096, 2048) == QConfig(bn=8, bg=64, warps=4, algo=2) != base
+    monkeypatch.setenv("TIERED_QCONFIG", "gemv,q4,4096,2048:bn=4,bg=64,warps=2,algo=2; down,q4,768,2048:bn=4,hw=1")
+    assert pick_config("gemv", "q4", 4096, 2048) == QConfig(bn=4, bg=64, warps=2, algo=2) != base
     assert pick_config("down", "q4", 768, 2048) == QConfig(bn=4, hw=1)
     assert pick_config("gemv", "q4", 2048, 5120) == TUNED[("gemv", "q4", 2048, 5120)]
     monkeypatch.setenv("TIERED_QCONFIG", "gemv,q4,4096:bn=8")
