@@ -12,6 +12,7 @@ set -euo pipefail
 VERSION="${LLAMACPP_PY_VERSION:-0.3.36}"
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 DEST="${1:-$REPO/.carry/llama.cpp}"
+case "$DEST" in /*) ;; *) DEST="$PWD/$DEST" ;; esac  # the script cds into the sdist below: a relative DEST would land there
 TMP="$(mktemp -d)"
 trap 'rm -rf "$TMP"' EXIT
 
