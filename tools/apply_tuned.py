@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-END = "}\n\n\ndef pick_config("
+START = "\nTUNED: dict"  # the table's first line; it ends at the first line that is just "}"
 
 
 def pick(suggested: dict) -> tuple[list[str], list[dict]]:
@@ -40,15 +40,17 @@ def pick(suggested: dict) -> tuple[list[str], list[dict]]:
 
 def apply(src: str, lines: list[str]) -> tuple[str, list[str]]:
     """src with `lines` inserted at the end of TUNED (those not already there), and the lines inserted."""
-    if END not in src:
-        raise SystemExit("apply_tuned: the end of TUNED (a '}' line before `def pick_config`) was not found in "
+    i = src.find(START)
+    j = src.find("\n}\n", i) if i >= 0 else -1
+    if j < 0:
+        raise SystemExit("apply_tuned: TUNED (a `TUNED: dict` line, then a line that is just '}') was not found in "
                          "quant_moe.py: update tools/apply_tuned.py to the file's shape")
-    head, tail = src.split(END, 1)
+    head, tail = src[:j + 1], src[j + 1:]
     new = [ln for ln in lines if ln.strip() not in {x.strip() for x in head.splitlines()}]
     block = "".join(f"    {ln}\n" for ln in new)
     note = ("    # applied by tools/apply_tuned.py from a bench_quant_kernels.py run (fastest deterministic tiles)\n"
             if new else "")
-    return head + note + block + END + tail, new
+    return head + note + block + tail, new
 
 
 def main() -> None:
