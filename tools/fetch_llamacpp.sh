@@ -12,7 +12,8 @@ set -euo pipefail
 VERSION="${LLAMACPP_PY_VERSION:-0.3.36}"
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 DEST="${1:-$REPO/.carry/llama.cpp}"
-case "$DEST" in /*) ;; *) DEST="$PWD/$DEST" ;; esac  # the script cds into the sdist below: a relative DEST would land there
+# the script cds into the sdist below, where a relative DEST would land
+case "$DEST" in /*) ;; *) DEST="$PWD/$DEST" ;; esac
 TMP="$(mktemp -d)"
 trap 'rm -rf "$TMP"' EXIT
 

@@ -4,7 +4,8 @@
 # preload on) and q4+q4 without the preload, all in this call on a quiet box.
 source "$(dirname "$0")/lib.sh"
 timeout 200 python3 benchmarks/bench_peers.py --phase model --work $W --llama-bin /root/lb/bin > $OUT/model.log 2>&1
-echo "model rc=$? $(el)"; tail -6 $OUT/model.log; cp $W/model.json $OUT/ 2>/dev/null; cp $W/*quant*.log $OUT/ 2>/dev/null
+echo "model rc=$? $(el)"; tail -6 $OUT/model.log
+cp $W/model.json $OUT/ 2>/dev/null; cp $W/*quant*.log $OUT/ 2>/dev/null
 timeout 200 python3 benchmarks/bench_peers.py --phase llama --work $W --llama-bin /root/lb/bin \
   --llama-only gpu_bf16,gpu_q4_0 > $OUT/llama.log 2>&1
 echo "llama rc=$? $(el)"; tail -6 $OUT/llama.log; cp $W/llama.json $OUT/ 2>/dev/null; pack

@@ -20,7 +20,8 @@ def decode(p: Path) -> dict:
     v = d["modes"]["vram"]
     b = hbm_bound(d, FULL)
     short = v["decode_short"]["decode_tok_s"]
-    return {"decode_short_tok_s": round(short, 1), "decode_short_first_tok_s": round(v["decode_short_first"]["decode_tok_s"], 1),
+    return {"decode_short_tok_s": round(short, 1),
+            "decode_short_first_tok_s": round(v["decode_short_first"]["decode_tok_s"], 1),
             "decode_long_tok_s": round(v["decode_long"]["decode_tok_s"], 1), "commit": d.get("commit"),
             "hbm_bound_tok_s": round(b["tok_s"], 1), "vs_hbm_bound": round(short / b["tok_s"], 3),
             "bytes_per_token": b["bytes_per_token"], "read_gbps": round(b["read_gbps"], 1)}
@@ -31,6 +32,11 @@ def offload(p: Path) -> dict:
     runs = d["docs"][0]["runs"]
     return {k: {"decode_tok_s": round(r["decode_tok_s"], 1), "hit_rate": round(r["hit_rate"], 3),
                 "vs_serial_belady_bound": r.get("vs_serial_belady_bound")} for k, r in runs.items()}
+
+
+def graphed(p: Path) -> list[str]:
+    """The profiler's summary lines (kernel time, graphed step) of one log."""
+    return [ln for ln in p.read_text().splitlines() if "graphed" in ln and not ln.startswith("{")]
 
 
 def main(root: Path, out: Path) -> None:
@@ -51,8 +57,9 @@ def main(root: Path, out: Path) -> None:
         "device": "NVIDIA H200 (nvidia-h200 lease), Triton 3.6.0, torch 2.11+cu130",
         "model": "8-layer Qwen3-MoE of the 10.6B shape (qwen3-10b-8l, random weights, seed 0): q4+q4 (--experts q4 "
                  "--dense q4) and bf16 layouts, every expert in VRAM unless said",
-        "what": "The q4 kernels load what the previous kernel does not write before their PDL wait (pdl.preload_enabled, "
-                "TIERED_PRELOAD=0 turns it off): the dense word-tile GEMV its first step of codes, scales and minima, "
+        "what": "The q4 kernels load what the previous kernel does not write before their PDL wait "
+                "(pdl.preload_enabled, TIERED_PRELOAD=0 turns it off): the dense word-tile GEMV its first step of "
+                "codes, scales and minima, "
                 "the expert down kernel its slots, routing weights and first codes (gate_up, launched right before, "
                 "writes only h). Then TUNED: o_proj in one step (bn 8, bg 64: its whole row before the wait) and the "
                 "lm_head at bn 32, 4 warps, chosen in the q4+q4 decode through TIERED_QCONFIG (sweep below).",
@@ -78,7 +85,8 @@ def main(root: Path, out: Path) -> None:
         "offload_d": off,
         "cuda_tests": (A / "cuda-tests.log").read_text().strip().splitlines()[-2],
         "calls": {"A": "c066251 s17_callA.sh: CUDA tests (quant kernels, fused glue, engine), layouts",
-                  "B": "c066251 s17_callB.sh: decode with and without the preload, o_proj in one step, profile, offload",
+                  "B": "c066251 s17_callB.sh: decode with and without the preload, o_proj in one step, profile, "
+                       "offload",
                   "sweep": "c066251, warm box: peers_vram q4 TAG TIERED_QCONFIG=... (three calls)",
                   "C1": "bab2360 s17_callC1.sh: llama.cpp build, bf16 GGUF, layouts",
                   "C2": "bab2360 s17_callC2.sh: Q4_0, llama-bench, tiered decode",
@@ -89,8 +97,7 @@ def main(root: Path, out: Path) -> None:
                       "tile sweep: on the warm box after B, source benchmarks/lease/lib.sh; peers_vram q4 TAG "
                       "TIERED_QCONFIG='gemv,q4,2048,151936:bn=32,bg=32,warps=4,algo=2;...'",
                       "python3 benchmarks/lease/s17_report.py DIR this.json (DIR: the calls' files, one folder each)"],
-        "profile_q4": [ln for ln in (P / "profile-q4.log").read_text().splitlines() if "graphed" in ln and not ln.startswith("{")],
-        "profile_bf16": [ln for ln in (P / "profile-bf16.log").read_text().splitlines() if "graphed" in ln and not ln.startswith("{")],
+        "profile_q4": graphed(P / "profile-q4.log"), "profile_bf16": graphed(P / "profile-bf16.log"),
     }
     out.write_text(json.dumps(res, indent=1) + "\n")
     print(json.dumps({k: res[k] for k in ("q4_vs_bf16_decode", "q4_vs_llamacpp_q4_0", "q4_vs_bf16_offload")}))

@@ -2,10 +2,10 @@
 the stream is still finishing, and wait for it only where they read its results.
 
 Owns: `launch_args(device)` (the extra launch arguments of a decode kernel: {"GDC": True, "launch_pdl": True} where
-PDL is on, else {}), `preload_enabled()`, `gdc_enter` (the kernels' first statement: with GDC, wait until the previous kernel of the
+PDL is on, else {}), `gdc_enter` (the kernels' first statement: with GDC, wait until the previous kernel of the
 stream has completed and its writes are visible, then let the next kernel launch), `l2_prefetch` (what may run
 before that wait: an L2 prefetch of data the previous kernel does not write, e.g. a dense GEMV's weights in
-quant_moe._qgemv) and `pdl_enabled(device)`.
+quant_moe._qgemv), `pdl_enabled(device)` and `preload_enabled()`.
 Does not own: the kernels (each adds a `GDC: tl.constexpr = False` parameter and calls gdc_enter(GDC) first).
 
 Why: a one-token decode step is about 110 launches of a few microseconds each (notes/Q4_DECODE.md); between two

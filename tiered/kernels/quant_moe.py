@@ -170,8 +170,9 @@ TUNED: dict[tuple, QConfig] = {
     # with the preload before the PDL wait (session 17, the q4+q4 VRAM decode of the 10.6B shape through
     # TIERED_QCONFIG, one warm box, quant-preload-2026-12-02-h200-s17.json): o_proj read in one step (its whole row
     # loaded before the wait) 2,683 tok/s against 2,620 (bn 4: 2,671, bn 16 w 8: 2,619, bn 8 w 8: 2,653); then the
-    # lm_head at 32 rows and 4 warps 2,744-2,752 against 2,683 (bn 16 w 4 2,700-2,720, bn 16 w 2 2,706, bn 8 2,674-2,688,
-    # bn 64 w 8 2,572; bn 32 w 2 and bn 64 w 4 spill: under 400). qkv (bn 4 / 16, w 2) and the expert tiles stayed.
+    # lm_head at 32 rows and 4 warps 2,744-2,752 against 2,683 (bn 16 w 4 2,700-2,720, bn 16 w 2 2,706, bn 8
+    # 2,674-2,688, bn 64 w 8 2,572; bn 32 w 2 and bn 64 w 4 spill: under 400). qkv (bn 4 / 16, w 2) and the expert
+    # tiles stayed.
     ('gemv', 'q4', 4096, 2048): QConfig(bn=8, bg=64, warps=4, algo=2),
     ('gemv', 'q4', 2048, 151936): QConfig(bn=32, bg=32, warps=4, algo=2),
 }
