@@ -1,6 +1,6 @@
 """Session 17: assemble benchmarks/results/quant-preload-2026-12-02-h200-s17.json from the files the lease calls
 brought back (unpacked under one folder per call: A, B, sweep (the warm-box TIERED_QCONFIG runs), C2, P (profiles),
-D (offload)). Every figure is read from those files; the HBM bound is bench_peers.hbm_bound of the same run.
+D (offload), E (the last CUDA tests)). Every figure is read from those files; the HBM bound is bench_peers.hbm_bound of the same run.
 
     python3 benchmarks/lease/s17_report.py /tmp/s17 benchmarks/results/quant-preload-2026-12-02-h200-s17.json
 """
@@ -84,6 +84,10 @@ def main(root: Path, out: Path) -> None:
                            "lm32w4 kept; qkv*, dn*, gu*: qkv, down and gate_up tiles over oproj1 (none kept).",
         "offload_d": off,
         "cuda_tests": (A / "cuda-tests.log").read_text().strip().splitlines()[-2],
+        "cuda_tests_final": (root / "E" / "cuda-tests.log").read_text().strip().splitlines()[-1],
+        "cuda_tests_note": "A at c066251: the quant kernels (the preload on), fused glue, engine; E at c9efbd2: qlinear "
+                           "at the 10.6B dense shapes (the new o_proj and lm_head tiles) against the reference, and the "
+                           "engine over the fused kernels",
         "calls": {"A": "c066251 s17_callA.sh: CUDA tests (quant kernels, fused glue, engine), layouts",
                   "B": "c066251 s17_callB.sh: decode with and without the preload, o_proj in one step, profile, "
                        "offload",
