@@ -1,6 +1,7 @@
 """Session 17: assemble benchmarks/results/quant-preload-2026-12-02-h200-s17.json from the files the lease calls
 brought back (unpacked under one folder per call: A, B, sweep (the warm-box TIERED_QCONFIG runs), C2, P (profiles),
-D (offload), E (the last CUDA tests)). Every figure is read from those files; the HBM bound is bench_peers.hbm_bound of the same run.
+D (offload), E (the last CUDA tests)). Every figure is read from those files; the HBM bound is bench_peers.hbm_bound
+of the same run.
 
     python3 benchmarks/lease/s17_report.py /tmp/s17 benchmarks/results/quant-preload-2026-12-02-h200-s17.json
 """
