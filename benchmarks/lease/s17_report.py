@@ -86,9 +86,9 @@ def main(root: Path, out: Path) -> None:
         "offload_d": off,
         "cuda_tests": (A / "cuda-tests.log").read_text().strip().splitlines()[-2],
         "cuda_tests_final": (root / "E" / "cuda-tests.log").read_text().strip().splitlines()[-1],
-        "cuda_tests_note": "A at c066251: the quant kernels (the preload on), fused glue, engine; E at c9efbd2: qlinear "
-                           "at the 10.6B dense shapes (the new o_proj and lm_head tiles) against the reference, and the "
-                           "engine over the fused kernels",
+        "cuda_tests_note": "A at c066251: the quant kernels (the preload on), fused glue, engine; E at c9efbd2: "
+                           "qlinear at the 10.6B dense shapes (the new o_proj and lm_head tiles) against the "
+                           "reference, and the engine over the fused kernels",
         "calls": {"A": "c066251 s17_callA.sh: CUDA tests (quant kernels, fused glue, engine), layouts",
                   "B": "c066251 s17_callB.sh: decode with and without the preload, o_proj in one step, profile, "
                        "offload",
