@@ -681,11 +681,12 @@ int tiered_cpu_serve(int32_t *ctl, const int64_t *rows, const float *wts_in, con
                     }
                 }
                 const int64_t t1 = now_ns();
-                __atomic_store_n(&ctl[1], s, __ATOMIC_RELEASE);
+                /* the counters first: the release store of the done flag publishes them with the result */
                 stat[0] += 1;
                 stat[1] += c.n;
                 stat[2] += t1 - t0;
                 stat[3] += now_ns() - t0;
+                __atomic_store_n(&ctl[1], s, __ATOMIC_RELEASE);
                 last = s;
                 idle_since = t1;
             }
