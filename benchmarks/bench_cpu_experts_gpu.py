@@ -93,10 +93,10 @@ def one_run(lay: Path, device: torch.device, prompt: list[int], new: int, doc, *
         ds.graphs.clear()
         ds.capture_all()
     if fill:
-        ds.fill_n.zero_()
+        ds.hold_fill(True)
     engine.generate(prompt[:16], max_new_tokens=warmup, stop_at_eos=False)
     if fill:
-        ds.fill_n.fill_(ds.fill)
+        ds.hold_fill(False)
     if predictor is not None:
         predictor.reset()
     cache = isinstance(prov, ExpertCache)
@@ -252,9 +252,10 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=4, help="history prefetch candidates per layer (depth 1)")
     ap.add_argument("--device-prefetch", type=int, default=8,
                     help="experts per layer the device step prefetches one layer ahead (run lru+pfN/device)")
-    ap.add_argument("--device-fill", default="8",
+    ap.add_argument("--device-fill", default="auto,8",
                     help="comma-separated experts per step the device step's background fill copies into free slots "
-                         "(runs lru+fillN/device; N:C also sets the fill copy's programs, e.g. 8:64; N/id fills in "
+                         "(runs lru+fillN/device; auto: --device-fill auto; N:C also sets the fill copy's programs, "
+                         "e.g. 8:64; N/id fills in "
                          "expert-id order instead of the fitted popularity, run lru+fillNid/device)")
     ap.add_argument("--nextuse-prefetch", type=int, default=1,
                     help="prefetch candidates per layer with --device-evict nextuse (run nextuse+pfN/device)")
@@ -311,13 +312,14 @@ def main() -> None:
         runs: dict[str, dict] = {}
 
         def go(label: str, policy: str, cand: int, cpu: str | None, h2d: float = 0.0, table: str = "host",
-               dpf: int = 0, evict: str = "policy", wb: str = "off", fill: int = 0,
+               dpf: int = 0, evict: str = "policy", wb: str = "off", fill: int | str | None = 0,
                fill_ctas: int | None = None, fill_ranked: bool = True, split: str = "off") -> None:
             pred = (History(L, cfg.num_experts, params) if cand or dpf or evict != "policy" or (fill and fill_ranked)
                     else NoPrediction(L, cfg.num_experts))
             budget = {**base, "policy": policy, "prefetch_depth": 1 if cand else 0, "prefetch_budget": cand or 1,
                       "cpu_experts": cpu, "h2d_gbps": h2d, "slot_table": table, "device_prefetch": dpf,
-                      "device_evict": evict, "cpu_write_behind": wb, "device_fill": fill, "cpu_split": split}
+                      "device_evict": evict, "cpu_write_behind": wb, "cpu_split": split,
+                      **({"device_fill": fill} if fill is not None else {})}  # None: its default (auto)
             log(f"doc {name}: {label}")
             s = one_run(a.layout, device, prompt, a.new_tokens, doc, budget=budget, predictor=pred, warmup=a.warmup,
                         profile=label in a.profile, fill_ctas=fill_ctas)
@@ -334,7 +336,7 @@ def main() -> None:
                 ("predicted/auto", "predicted", 0, "auto", 0.0), (f"{pf}/auto", "predicted", a.candidates, "auto", 0.0),
                 ("all", "lru", 0, "all", 0.0)]
         if cuda:  # the slot table on the device: the whole step in one CUDA graph (decode/devstep.py)
-            plan += [("default", "lru", 0, None, 0.0, "auto"),  # every option at its default (--cpu-experts unset)
+            plan += [("default", "lru", 0, None, 0.0, "auto", 0, "policy", "off", None),  # every option at its default
                      ("lru/device", "lru", 0, "off", 0.0, "device"), ("flru/device", "flru", 0, "off", 0.0, "device"),
                      (f"lru+pf{a.device_prefetch}/device", "lru", 0, "off", 0.0, "device", a.device_prefetch),
                      ("nextuse/device", "lru", 0, "off", 0.0, "device", 0, "nextuse"),
@@ -357,17 +359,18 @@ def main() -> None:
             for f in filter(None, a.device_fill.split(",")):  # the background fill of free slots
                 f, _, order = f.partition("/")
                 n, _, c = f.partition(":")
-                plan.append((f"lru+fill{f}{order}/device", "lru", 0, "off", 0.0, "device", 0, "policy", "off", int(n),
+                n = n if n == "auto" else int(n)
+                plan.append((f"lru+fill{f}{order}/device", "lru", 0, "off", 0.0, "device", 0, "policy", "off", n,
                              int(c) if c else None, order != "id"))
                 plan.append((f"lru+cpu+fill{f}{order}/device", "lru", 0, "auto", 0.0, "device", 0, "policy", "off",
-                             int(n), int(c) if c else None, order != "id"))  # and CPU experts for the misses left
+                             n, int(c) if c else None, order != "id"))  # and CPU experts for the misses left
         for r in paced:  # with history prefetch, and demand paging alone (lru: no prefetch copies on the slow link)
             plan += [(f"{pf}/off@{r:g}", "predicted", a.candidates, "off", r),
                      (f"{pf}/auto@{r:g}", "predicted", a.candidates, "auto", r),
                      (f"lru/off@{r:g}", "lru", 0, "off", r), (f"lru/auto@{r:g}", "lru", 0, "auto", r),
                      (f"lru/auto+wb@{r:g}", "lru", 0, "auto", r, "host", 0, "policy", "on")]
             if cuda:  # the device step, its gather kernel paced; with CPU experts through the mailbox
-                plan += [(f"default@{r:g}", "lru", 0, None, r, "auto"),
+                plan += [(f"default@{r:g}", "lru", 0, None, r, "auto", 0, "policy", "off", None),
                          (f"lru/device@{r:g}", "lru", 0, "off", r, "device"),
                          (f"lru+cpu/device@{r:g}", "lru", 0, "auto", r, "device")]
         for label, *spec in plan:

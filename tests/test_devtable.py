@@ -358,7 +358,7 @@ def test_slot_table_device_refused_on_cpu_auto_stays_on_host(reference_layout):
     assert eng.stats["slot_table"]["mode"] == "host" and "CUDA" in eng.stats["slot_table"]["device_refused"]
 
 
-def _attach(eng, w: int = 0, fill: int = 0) -> DeviceStep:
+def _attach(eng, w: int = 0, fill: int | str = 0) -> DeviceStep:
     """The device table and an eager device step on a CPU engine (what --slot-table device does on CUDA)."""
     cache = eng.model.provider
     cache.ram.preload(list(range(cache.num_layers * cache.num_experts)), 0)
@@ -459,6 +459,45 @@ def test_device_step_fill_greedy_identical(reference_layout, unlimited, slots, n
         assert got[0][0] > 0 and got[0][1] == 0
     if n == 64:
         assert got[n][0] < got[0][0]
+
+
+@pytest.mark.parametrize("gbps", [None, 1e-6])
+def test_device_step_fill_auto(reference_layout, unlimited, monkeypatch, gbps):
+    """--device-fill auto: the first window of steps runs the fill graph with nothing picked (and is not taken for a
+    dry fill), then the pace sets N from the timed step and the link's rate and the fill loads what demand paging
+    would miss; the tokens are every-expert-resident's. A link too slow for one block in a step (gbps 1e-6) turns
+    the fill off: nothing is copied but the misses, and a later decode phase does not restart it. With --cpu-split
+    admit, auto is off (its later copies would race a fill)."""
+    import tiered.decode.devstep as ds_mod
+
+    B = 49152
+    if gbps is not None:
+        monkeypatch.setattr(ds_mod, "_link_gbps", lambda table: gbps)
+    eng = load(reference_layout, device="cpu", budget={"expert_slots": 512, "ram_gb": 600 * B / 2**30})
+    step = _attach(eng, fill="auto")
+    assert step.fill == 32 and step.pace is not None and int(step.fill_n[0]) == 0
+    for i in range(2):
+        assert eng.generate(PROMPT, max_new_tokens=NEW).token_ids == unlimited
+        s = eng.stats
+        d, ds = s["decode"], s["device_step"]
+        assert ds["fill"] == "auto" and ds["fill_auto"]["step_s"] > 0
+        assert d["bytes_h2d"] == (d["misses"] + s["slot_table"]["prefetched"]) * B
+        if gbps is None:  # (eager on CPU the fill's copies lengthen the step: the pace may back off, not to 0 in 13
+            # steps from 32; the second phase finds most keys resident)
+            assert int(step.fill_n[0]) == step.pace.n
+            if i == 0:
+                assert step.pace.n > 0 and ds["fill_picked"] > 0
+        else:
+            assert step.pace.n == 0 and ds["fill_picked"] == 0 and not ds["fill_active"]
+            assert int(step.fill_n[0]) == 0
+    assert step.pace.step_s == ds["fill_auto"]["step_s"]  # timed once, in the first phase
+    eng.model.provider.devtable.give_back()
+    eng.model.provider.vram.table.check()
+    cache = eng.model.provider
+    assert DeviceStep(eng.model, graphs=False, fill="auto", cpu=None, cpu_admit=True).fill == 0
+    with pytest.raises(ValueError, match="'auto' or >= 0"):
+        DeviceStep(eng.model, graphs=False, fill="fast")
+    del cache
 
 
 def test_device_step_runs_ahead(reference_layout, unlimited):
@@ -665,22 +704,27 @@ def test_cuda_device_step_prefetch_matches_host_step(reference_layout):
 def test_cuda_device_step_fill_matches_host_step(reference_layout):
     """The captured step with its background fill (a side stream across the whole graph, reserved slots installed
     at its end) decodes the host step's greedy tokens; with room for every expert it loads blocks ahead, takes
-    misses away, runs dry and hands over to the graphs without the fill."""
+    misses away, runs dry and hands over to the graphs without the fill; auto (the default) times its first steps
+    with CUDA events, then fills as much."""
     budget = {"expert_slots": 512, "ram_gb": 0.05}
     want = load(reference_layout, device="cuda", budget={**budget, "slot_table": "host"}).generate(
         PROMPT, max_new_tokens=48).token_ids
     misses = {}
-    for fill in (0, 32):
-        eng = load(reference_layout, device="cuda", budget={**budget, "slot_table": "device", "device_fill": fill})
+    for fill in (0, 32, None):
+        eng = load(reference_layout, device="cuda", budget={**budget, "slot_table": "device",
+                                                            **({"device_fill": fill} if fill is not None else {})})
         assert eng.generate(PROMPT, max_new_tokens=48).token_ids == want
         s = eng.stats
-        assert s["decode_graphs"] == "device" and (s["slot_table"]["prefetched"] > 0) == bool(fill)
+        assert s["decode_graphs"] == "device" and (s["slot_table"]["prefetched"] > 0) == (fill != 0)
         misses[fill] = s["decode"]["misses"]
         assert int(eng.model.provider.devtable.t["key_of"].min()) >= -1
-        if fill:  # every expert filled within a few steps: the later steps replayed the graphs without the fill
+        if fill is None:  # auto: the first window timed on the device, N chosen (the tiny model's step and blocks)
+            a = s["device_step"]["fill_auto"]
+            assert s["device_step"]["fill"] == "auto" and a["step_s"] > 0 and a["n"] > 0 and a["gbps"] > 1
+        if fill != 0:  # every expert filled within a few steps: the later steps replayed the graphs without the fill
             assert s["device_step"]["fill_active"] is False and eng.devstep.idle
             assert eng.generate(PROMPT, max_new_tokens=48).token_ids == want  # a new phase fills again, dry at once
-    assert misses[32] < misses[0]
+    assert misses[32] < misses[0] and misses[None] < misses[0]
 
 
 def _code_transitions(reference_layout):

@@ -215,16 +215,17 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
         provider.drop_device_table(why)
     dpf = int((budget or {}).get("device_prefetch") or 0)
     dev_evict = (budget or {}).get("device_evict") or "policy"
-    dev_fill = int((budget or {}).get("device_fill") or 0)
+    dev_fill = (budget or {}).get("device_fill")
+    dev_fill = "auto" if dev_fill in (None, "auto") else int(dev_fill)  # auto: only where the device table runs
     flags = [f for f, on in (("--device-prefetch", dpf), (f"--device-evict {dev_evict}", dev_evict != "policy"),
-                             ("--device-fill", dev_fill)) if on]
+                             ("--device-fill", dev_fill != "auto" and dev_fill > 0)) if on]
     if flags and getattr(provider, "devtable", None) is None:
         raise EngineError(f"{flags[0]} needs the device slot table (--slot-table device or auto), which this run "
                           f"does not use: {getattr(provider, 'slot_table_note', None) or 'no expert cache'}")
     transitions = None
     if dpf or dev_evict != "policy":
         transitions = _transitions(layout, predictor)
-    elif dev_fill:
+    elif dev_fill and getattr(provider, "devtable", None) is not None:
         try:  # the fill's order: each layer's likeliest experts first; without transitions, by expert id
             transitions = _transitions(layout, predictor)
         except EngineError:
@@ -355,7 +356,7 @@ class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None, *, layout_path: Path | None = None,
                  cuda_graphs: bool = False, prefetcher: Prefetcher | None = None,
                  device_prefetch: tuple[int, tuple[Tensor, Tensor]] | None = None,
-                 device_evict: str = "policy", device_fill: int = 0, cpu_box: Any = None,
+                 device_evict: str = "policy", device_fill: int | str = 0, cpu_box: Any = None,
                  cpu_split: str = "off") -> None:
         self.model = model
         self.tokenizer = tokenizer

@@ -38,6 +38,8 @@ def _click_type(f: Any, hints: dict[str, Any]) -> dict[str, Any]:
         return {"is_flag": True, "default": None}
     if isinstance(kind, tuple) and kind and kind[0] == "min":
         return {"type": click.IntRange(min=kind[1])}
+    if isinstance(kind, tuple) and kind and kind[0] == "auto-or-min":
+        return {"type": AutoOrInt(kind[1])}
     if isinstance(kind, tuple):
         return {"type": click.Choice(list(kind))}
     hint = hints[f.name]
@@ -60,6 +62,26 @@ def budget_options(command: Callable) -> Callable:
 
 BUDGET_CLAUSE = ("Any of these selects the expert cache, which streams experts disk -> RAM -> device slots; "
                  "without them every expert stays in memory. --verify applies either way.")
+
+
+class AutoOrInt(click.ParamType):
+    """"auto" or an integer >= lo (returned as an int)."""
+
+    name = "auto|N"
+
+    def __init__(self, lo: int) -> None:
+        self.lo = lo
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and value >= self.lo):
+            return value
+        try:
+            n = int(str(value))
+        except ValueError:
+            n = None
+        if n is None or n < self.lo:
+            self.fail(f"{value!r} is neither auto nor an integer >= {self.lo}", param, ctx)
+        return n
 
 
 class BudgetOption(click.Option):

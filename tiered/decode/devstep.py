@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from tiered.decode.devpolicy import DEFAULT_PARAMS, NextUse, NextUseParams
+from tiered.decode.fillpace import FILL_AUTO_MAX, FillPace
 from tiered.decode.sampling import argmax_into
 from tiered.kernels import cpu_handoff
 from tiered.kernels.slot_table import fill_windows, split_granule
@@ -52,14 +53,16 @@ class DeviceStep:
 
     def __init__(self, model: Transformer, *, graphs: bool = True, prefetch: int = 0,
                  transitions: tuple[Tensor, Tensor] | None = None, time_mix: float = 0.5, prefetch_ctas: int = 32,
-                 evict: str = "policy", nextuse: NextUseParams | None = None, fill: int = 0,
+                 evict: str = "policy", nextuse: NextUseParams | None = None, fill: int | str = 0,
                  fill_ctas: int = 32, cpu: Any = None, cpu_take: list[int] | None = None,
                  cpu_rows: list[int] | bool | None = None, cpu_admit: bool = False, split_ctas: int = 32) -> None:
         """evict: "policy" (the table's lru/flru) or "nextuse" (decode/devpolicy.py: evict the latest predicted next
         use; a prefetch then takes the non-resident candidates of highest probability, over victims predicted
         later only). nextuse: its weights (default DEFAULT_PARAMS). Both prediction modes need `transitions`.
-        fill: experts per step copied into free slots in the background (0 = off); fill_ctas: the programs of
-        that copy (it runs beside the step's compute, which keeps the other SMs).
+        fill: experts per step copied into free slots in the background (0 = off; "auto": as many as the link
+        moves in FILL_SHARE of a step, timed in the first steps of a decode (decode/fillpace.py); off with
+        cpu_admit); fill_ctas: the programs of that copy (it runs beside the step's compute, which keeps the other
+        SMs).
         cpu: a started CpuMailbox (model/cpu_mailbox.py; --cpu-experts auto): resolve sends some of a layer's misses
         to it, by cpu_take[m] of m misses (None: the provider's cost model, `cpu_split`). cpu_rows: besides, one
         miss a layer split by FFN rows, the CPU computing its first cpu_rows[m] (None: the cost model's
@@ -130,11 +133,17 @@ class DeviceStep:
         # The host watches how many blocks the fill has picked (read back without waiting, a step or more late);
         # once it has picked nothing for `fill_windows` reads in a row, the steps replay graphs without the fill
         # (captured beside the others), until the next decode phase.
+        self.pace: FillPace | None = None
+        if fill == "auto":
+            fill = 0 if cpu_admit else FILL_AUTO_MAX  # (admit's later copies race a fill: auto leaves it off)
+            if fill:
+                self.pace = FillPace(_link_gbps(table), table.block_size, cap=fill)
+        elif isinstance(fill, str) or int(fill) < 0:
+            raise ValueError(f"fill must be 'auto' or >= 0 experts per step, got {fill!r}")
         self.fill = int(fill)
-        if self.fill < 0:
-            raise ValueError(f"fill must be >= 0 experts per step, got {fill}")
         self.idle: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}  # span -> the graph without the fill
         self.fill_active = self.fill > 0
+        self._fill_held = False  # hold_fill: a benchmark's warm-up without the fill
         if self.fill:
             E = cfg.num_experts
             if transitions is not None:  # [M, E]: how often each expert follows any other, per MoE layer
@@ -153,12 +162,16 @@ class DeviceStep:
             self._fill_windows = fill_windows(self.fill_order.shape[0])
             # experts a step fills, read by the captured kernel at each replay: 0 while graphs are captured (their
             # warm-ups run the step for real, and a fill there would load blocks no step counts)
-            self.fill_n = torch.full((1,), self.fill, dtype=torch.int64, device=dev)
+            self.fill_n = torch.full((1,), self._fill_count(), dtype=torch.int64, device=dev)
             self.fill_key = torch.full((self.fill,), -1, dtype=torch.int64, device=dev)
             self.fill_slot = torch.full((self.fill,), -1, dtype=torch.int64, device=dev)
             self.fill_src = torch.full((self.fill,), -1, dtype=torch.int64, device=dev)
             self.fill_stream = torch.cuda.Stream(dev) if cuda else None
             self.fill_ctas = int(fill_ctas)
+            # auto: the steps timed (CUDA events recorded after a replay, or the host clock when eager), one mark
+            # every pace.window steps; the oldest two give a window's mean step once the later one has completed
+            self._pace_marks: list[tuple[int, Any]] = []
+            self._pace_count = 0
         # CPU experts: per MoE layer, resolve's RAM rows of the misses sent to the CPU (the worker's sum is added
         # to the layer's device experts' output, `_cpu_add`); seq: the handshake's numbers (kernels/cpu_handoff.py)
         self.cpu = cpu
@@ -290,6 +303,8 @@ class DeviceStep:
         """After a step with the fill: read the fill's pick count copied after an earlier step, if it has landed
         (never waiting; eager on CPU it has), and copy the current one. Picks that stop growing for `_fill_windows`
         reads in a row mean the fill has run dry (no free slot beyond top-k, or every key resident): it goes idle."""
+        if self.pace is not None and (self._pace_tick() or not self.pace.settled):
+            return  # (while the first window is timed, nothing is picked: that is not a dry fill)
         if self._fill_pending and (self._fill_ev is None or self._fill_ev.query()):
             self._fill_pending = False
             v = int(self._fill_seen[0])
@@ -305,11 +320,58 @@ class DeviceStep:
             self._fill_pending = True
 
     def _fill_restart(self) -> None:
-        """A decode phase starts (the table just came to the device): fill again until it runs dry."""
+        """A decode phase starts (the table just came to the device): fill again until it runs dry (under auto,
+        with the N chosen in an earlier phase; none when it chose 0)."""
         if self.fill:
-            self.fill_active = True
+            self.fill_active = self.pace is None or self.pace.n != 0
             self._fill_dry = 0
             self._fill_last = -1
+            if self.pace is not None:
+                self._pace_marks.clear()  # a mark from the last phase would time the prefill too
+                self._pace_count = 0
+
+    def hold_fill(self, held: bool) -> None:
+        """Benchmarks: steps without the fill while held (the graphs without it replay, nothing is picked and auto's
+        pace times nothing), e.g. a warm-up that should leave the cache a demand run would; False restores it."""
+        self._fill_held = bool(held)
+        if self.fill:
+            self.fill_n.fill_(0 if held else self._fill_count())
+
+    def _fill_count(self) -> int:
+        """The experts a step fills now: --device-fill N, or auto's choice (0 while its first window is timed)."""
+        if self.pace is None:
+            return self.fill
+        return self.pace.n or 0
+
+    def _pace_tick(self) -> bool:
+        """--device-fill auto, after a step with the fill graph: mark every pace.window steps (an event on the
+        step's stream, or the host clock when eager) and, once the later of the two oldest marks has completed
+        (never waiting), hand the window's mean step to the pace and write its N where the captured pick reads it.
+        True when the fill goes off (auto chose or backed off to 0)."""
+        p = self.pace
+        self._pace_count += 1
+        if self._pace_count % p.window == 0:
+            if self.device.type == "cuda":
+                ev = torch.cuda.Event(enable_timing=True)
+                ev.record(torch.cuda.current_stream(self.device))
+            else:
+                ev = time.perf_counter()
+            self._pace_marks.append((self._pace_count, ev))
+        if len(self._pace_marks) >= 2:
+            (c0, e0), (c1, e1) = self._pace_marks[0], self._pace_marks[1]
+            cuda = self.device.type == "cuda"
+            if cuda and not e1.query():
+                return False
+            dt = e0.elapsed_time(e1) * 1e-3 if cuda else e1 - e0
+            self._pace_marks.pop(0)
+            before = p.n
+            n = p.observe(dt / (c1 - c0))
+            if n != before:
+                self.fill_n.fill_(n)  # on the step's stream: the next replay's pick reads it
+            if n == 0:
+                self.fill_active = False
+                return True
+        return False
 
     def _prefetch_next(self, l: int, ids: Tensor) -> bool:
         """Issue layer l+1's prefetch; on CUDA on the side stream, after layer l's copies, beside its experts.
@@ -382,7 +444,7 @@ class DeviceStep:
         self.table.t["counts"].copy_(counts)
         self.step_dev.copy_(inputs)
         if self.fill:
-            self.fill_n.fill_(self.fill)
+            self.fill_n.fill_(self._fill_count())
         self.graphs[span] = (graph, out)
         self.capture_s += time.perf_counter() - t0
         self.graph_mem_bytes += torch.cuda.memory_reserved(dev) - mem0
@@ -422,8 +484,9 @@ class DeviceStep:
                 self.step_host[1] = pos
                 if self.step_dev is not self.step_host:
                     self.step_dev.copy_(self.step_host)
-            out = self._body(span, self.fill_active)
-            if self.fill_active:
+            fill = self.fill_active and not self._fill_held
+            out = self._body(span, fill)
+            if fill:
                 self._fill_watch()
         else:
             if span not in self.graphs:
@@ -435,9 +498,10 @@ class DeviceStep:
                 self.step_host[1] = pos
                 self.step_dev.copy_(self.step_host, non_blocking=True)
                 self._step_ev.record(torch.cuda.current_stream(self.device))
-            graph, out = self.graphs[span] if self.fill_active or not self.fill else self.idle[span]  # fill idle
+            fill = self.fill_active and not self._fill_held
+            graph, out = self.graphs[span] if fill or not self.fill else self.idle[span]  # fill idle
             graph.replay()
-            if self.fill and self.fill_active:
+            if self.fill and fill:
                 self._fill_watch()
         self.model.provider.note_device_token()
         self.steps += 1
@@ -459,7 +523,8 @@ class DeviceStep:
         return {"spans": sorted(self.graphs), "steps": self.steps, "launch_s": self.launch_s,
                 "host_s_per_layer": self.host_s_per_layer, "capture_s": self.capture_s,
                 "graph_mem_bytes": self.graph_mem_bytes, "evict": "nextuse" if self.nu is not None else "policy",
-                "prefetch": self.prefetch, "fill": self.fill,
+                "prefetch": self.prefetch, "fill": "auto" if self.pace is not None else self.fill,
+                "fill_auto": self.pace.stats() if self.pace is not None else None,
                 "fill_picked": int(self.fill_picked[0]) if self.fill else 0,
                 "fill_active": self.fill_active,
                 "cpu": None if self.cpu is None else {**self.cpu.stats(), "take": self.cpu_take,
@@ -468,6 +533,17 @@ class DeviceStep:
     def reset_stats(self) -> None:
         self.steps = 0
         self.launch_s = self.capture_s = 0.0
+
+
+def _link_gbps(table: Any) -> float:
+    """The host->device rate the fill's copies see (GB/s): the paced target under --h2d-gbps, else the cost
+    model's measured rate when the cache has one, else block copies into scratch memory timed now."""
+    if getattr(table, "h2d_gbps", 0.0):
+        return float(table.h2d_gbps)
+    cm = getattr(table.cache, "cost_model", None)
+    if cm is not None and cm.pcie_gbps > 0:
+        return float(cm.pcie_gbps)
+    return float(table.cache.vram.measure_h2d_gbps(scratch=True))
 
 
 # The worker's rate beside the step's own copies, against its rate alone: on the H200 box (bench_mailbox.py, session

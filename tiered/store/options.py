@@ -110,9 +110,14 @@ class TierConfig:
     device_prefetch: int = _opt(0, "With the device slot table: experts per layer prefetched one layer ahead on a side "
                                    "stream, ranked by router-history transitions (fitted by `tiered tune --fit-trace`)",
                                 ("min", 0))
-    device_fill: int = _opt(0, "With the device slot table: experts per decode step copied in the background into "
-                               "free slots (never evicting; a budget with room to spare loads what demand paging "
-                               "would miss at first use). 0 = off", ("min", 0))
+    # default auto (session 18): N from the step timed in the first steps of a decode and the link's rate
+    # (decode/fillpace.py); on the H200 box --device-fill 8 measured 1.15x demand paging where the budget had room
+    # (offload-fill-2026-12-01-h200-s10.json), and a table the prefill filled runs dry within a few dozen steps
+    device_fill: int | str = _opt("auto", "With the device slot table: experts per decode step copied in the "
+                                          "background into free slots (never evicting; a budget with room to spare "
+                                          "loads what demand paging would miss at first use). auto: as many as the "
+                                          "link moves in 3/4 of a step, timed in the decode's first steps; 0 = off",
+                                  ("auto-or-min", 0))
     device_evict: str = _opt("policy", "With the device slot table: evict by --policy (lru/flru), or by nextuse (each "
                                        "expert's predicted next use from router-history transitions and its use "
                                        "history; the prefetch then loads only likely experts over later-needed ones)",
@@ -129,6 +134,10 @@ class TierConfig:
             if getattr(self, name) not in allowed:
                 raise BudgetError(f"--{name.replace('_', '-')} must be one of {sorted(allowed)}, "
                                   f"got {getattr(self, name)!r}")
+        f = self.device_fill
+        if not (f == "auto" or (isinstance(f, int) and not isinstance(f, bool) and f >= 0)):
+            raise BudgetError(f"--device-fill must be auto or an integer >= 0 (experts a step; 0 = off), got "
+                              f"{self.device_fill!r}")
         if self.device_evict not in ("policy", "nextuse"):
             raise BudgetError(f"--device-evict must be policy or nextuse, got {self.device_evict!r}")
         if self.io_register not in ("auto", "off"):

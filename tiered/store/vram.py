@@ -316,24 +316,30 @@ class SlotPool:
         b.synchronize()
         return a.elapsed_time(b) / 1e3 / n
 
-    def measure_h2d_gbps(self, blocks: int = 8) -> float:
-        """The unpaced host->device rate of whole-block copies from pinned memory into the slots (GB/s). On
-        CPU: memcpy into a slot."""
+    def measure_h2d_gbps(self, blocks: int = 8, *, scratch: bool = False) -> float:
+        """The unpaced host->device rate of whole-block copies from pinned memory into the slots (GB/s), which
+        overwrites the first `blocks` slots; scratch: into one block of new device memory instead (the slots may
+        hold experts). On CPU: memcpy."""
         n = max(1, min(blocks, self.n_slots))
         src, owner = aligned_empty(self.block_size, pin=self.cuda)
         src.fill_(0)
+        if scratch:
+            buf = torch.empty(self.block_size, dtype=torch.uint8, device=self.device)
+            rows = [buf] * n
+        else:
+            rows = self._rows[:n]
         if not self.cuda:
             t0 = time.perf_counter()
-            for i in range(n):
-                self._rows[i].copy_(src)
+            for r in rows:
+                r.copy_(src)
             return n * self.block_size / max(time.perf_counter() - t0, 1e-9) / 1e9
         best = 0.0
         for _ in range(3):
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             with torch.cuda.stream(self.stream):
                 a.record(self.stream)
-                for i in range(n):
-                    self._rows[i].copy_(src, non_blocking=True)
+                for r in rows:
+                    r.copy_(src, non_blocking=True)
                 b.record(self.stream)
             b.synchronize()
             best = max(best, n * self.block_size / (a.elapsed_time(b) / 1e3) / 1e9)

@@ -1,0 +1,61 @@
+"""--device-fill auto's pace (decode/fillpace.py): N from a timed step and the link's rate, the back-off on a stall,
+the option's parsing; and the eager device step on CPU under auto (tests/test_devtable.py covers a fixed N)."""
+from __future__ import annotations
+
+import click
+import pytest
+
+from tiered.cli.options import AutoOrInt
+from tiered.decode.fillpace import FILL_SHARE, STALL, FillPace
+from tiered.store.options import BudgetError, TierConfig
+
+
+def test_pace_sets_n_from_the_step_and_the_link():
+    """N = the blocks the link moves in FILL_SHARE of the step timed without the fill, capped; session 10's H200
+    figures (a 593 us step, 50 GB/s, 2.65 MB q4 blocks) give its best fixed N, 8."""
+    p = FillPace(50.0, 2_650_000)
+    assert not p.settled and p.n is None
+    assert p.observe(593e-6) == 8 and p.settled and p.step_s == 593e-6
+    assert FillPace(50.0, 2_650_000).blocks_for(1.0) == 32  # capped by the pick buffers
+    assert FillPace(12.0, 2_650_000).blocks_for(400e-6) == 1  # a paced link: one block a step
+    assert FillPace(5.0, 2_650_000).blocks_for(400e-6) == 0  # the link cannot move one: off
+    n = FillPace(50.0, 1_000_000, cap=100).blocks_for(1e-3)
+    assert n == int(FILL_SHARE * 1e-3 * 50e9 // 1_000_000) == 37
+
+
+def test_pace_backs_off_when_the_step_stalls():
+    """A window slower than STALL x the measured step drops N to 3/4 (at least by one), down to 0; a step that stays
+    under it (the fill saves misses: steps get faster) keeps N; a timing that is not a positive number is ignored."""
+    p = FillPace(50.0, 2_650_000)
+    p.observe(500e-6)
+    n0 = p.n
+    assert p.observe(480e-6) == n0 and p.observe(500e-6 * STALL * 0.99) == n0 and p.backoffs == 0
+    assert p.observe(500e-6 * STALL * 1.05) == n0 * 3 // 4 and p.backoffs == 1
+    seen = [p.n]
+    while p.n:
+        seen.append(p.observe(1.0))
+    assert seen == sorted(seen, reverse=True) and len(set(seen)) == len(seen)  # strictly down to 0
+    assert p.observe(float("nan")) == 0 and p.observe(-1.0) == 0
+    assert p.stats()["backoffs"] == len(seen) and p.stats()["checked_step_s"] == 1.0
+
+
+def test_pace_refuses_a_rate_it_cannot_use():
+    for bad in (0.0, -3.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="measured link rate"):
+            FillPace(bad, 4096)
+    with pytest.raises(ValueError, match="block_bytes"):
+        FillPace(10.0, 0)
+
+
+def test_device_fill_option_parses_auto_or_a_count():
+    """--device-fill takes auto (the default) or N >= 0; anything else is an error that names the flag."""
+    assert TierConfig().device_fill == "auto"
+    assert TierConfig(device_fill=8).device_fill == 8 and TierConfig(device_fill=0).device_fill == 0
+    for bad in (-1, "8", "fast", True, 1.5):
+        with pytest.raises(BudgetError, match="--device-fill"):
+            TierConfig(device_fill=bad)
+    t = AutoOrInt(0)
+    assert t.convert("auto", None, None) == "auto" and t.convert("12", None, None) == 12
+    for bad in ("-2", "x", "1.5"):
+        with pytest.raises(click.BadParameter, match="neither auto nor an integer"):
+            t.convert(bad, None, None)

@@ -1,0 +1,72 @@
+"""--device-fill auto: how many experts a decode step's background fill copies, from the step's measured time.
+
+Owns: `FillPace` (the measure -> set -> check cycle, pure host arithmetic over step times the device step hands it),
+`FILL_SHARE`, `FILL_AUTO_MAX`.
+Does not own: the fill itself (decode/devstep.py and kernels/slot_table.py fill_pick / fill_install), nor the timing
+(the device step records its events and reads them back without waiting).
+
+The fill copies N blocks on a side stream beside the whole step and the step joins them at its end, so N blocks
+must cross the link within a step: more stalls the step (measured on the H200 box, q4 at --vram-gb 4, session 10:
+16 a step at 2.6 MiB each took 1,646 tok/s against 1,938 for 8), fewer leaves misses that a free slot could have
+saved (4: 1,747; 6: 1,911). The best, 8, moved its blocks in about 0.75 of the step timed without the fill. So:
+  1. measure: `window` steps with nothing filled (the fill graph runs, its pick takes 0), timed: step_s;
+  2. set N = floor(FILL_SHARE x step_s x link GB/s / block bytes), at most `cap` (0: the link cannot move one block
+     in FILL_SHARE of a step; the fill stays off);
+  3. check: each later `window` of steps timed again; a step slower than `STALL` x the measured one means the copies
+     stall the join: N drops to 3/4 (at least by one), down to 0.
+"""
+from __future__ import annotations
+
+import math
+
+FILL_SHARE = 0.75  # the share of a step the fill's copies may take (session 10's best N, above)
+FILL_AUTO_MAX = 32  # the most blocks a step fills under auto (its pick buffers' length)
+STALL = 1.10  # a step this much slower than the one measured without the fill means the join waits on the copies
+
+
+class FillPace:
+    """The fill's experts per step under --device-fill auto.
+
+    gbps: the host->device rate of block copies (GB/s, 10^9 B/s; the paced rate under --h2d-gbps); block_bytes: one
+    expert block; window: steps per timing; cap: the largest N (the pick buffers' length)."""
+
+    def __init__(self, gbps: float, block_bytes: int, *, window: int = 3, cap: int = FILL_AUTO_MAX) -> None:
+        if not (gbps > 0 and math.isfinite(gbps)):
+            raise ValueError(f"--device-fill auto needs a measured link rate > 0 GB/s, got {gbps!r}")
+        if block_bytes <= 0 or window < 1 or cap < 1:
+            raise ValueError(f"FillPace: block_bytes {block_bytes}, window {window} and cap {cap} must be >= 1")
+        self.gbps = float(gbps)
+        self.block_bytes = int(block_bytes)
+        self.window = int(window)
+        self.cap = int(cap)
+        self.n: int | None = None  # None while measuring; then the experts a step fills
+        self.step_s: float | None = None  # the step timed without the fill
+        self.checked_s: float | None = None  # the last window's step with the fill
+        self.backoffs = 0
+
+    @property
+    def settled(self) -> bool:
+        """N is chosen (the first window was timed)."""
+        return self.n is not None
+
+    def blocks_for(self, step_s: float) -> int:
+        """N for a step of step_s seconds: the blocks the link moves in FILL_SHARE of it, capped."""
+        return max(0, min(self.cap, int(FILL_SHARE * step_s * self.gbps * 1e9 // self.block_bytes)))
+
+    def observe(self, step_s: float) -> int:
+        """One window's mean step time (seconds). Returns the experts a step fills from now on."""
+        if not (step_s > 0 and math.isfinite(step_s)):
+            return self.n or 0
+        if self.n is None:
+            self.step_s = step_s
+            self.n = self.blocks_for(step_s)
+        else:
+            self.checked_s = step_s
+            if self.n > 0 and step_s > STALL * self.step_s:
+                self.n = min(self.n - 1, self.n * 3 // 4)
+                self.backoffs += 1
+        return self.n
+
+    def stats(self) -> dict:
+        return {"n": self.n, "step_s": self.step_s, "checked_step_s": self.checked_s, "gbps": self.gbps,
+                "backoffs": self.backoffs}
