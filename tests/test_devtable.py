@@ -704,27 +704,26 @@ def test_cuda_device_step_prefetch_matches_host_step(reference_layout):
 def test_cuda_device_step_fill_matches_host_step(reference_layout):
     """The captured step with its background fill (a side stream across the whole graph, reserved slots installed
     at its end) decodes the host step's greedy tokens; with room for every expert it loads blocks ahead, takes
-    misses away, runs dry and hands over to the graphs without the fill; auto (the default) times its first steps
-    with CUDA events, then fills as much."""
+    misses away, runs dry and hands over to the graphs without the fill; auto times its first steps with CUDA
+    events, then fills as much."""
     budget = {"expert_slots": 512, "ram_gb": 0.05}
     want = load(reference_layout, device="cuda", budget={**budget, "slot_table": "host"}).generate(
         PROMPT, max_new_tokens=48).token_ids
     misses = {}
-    for fill in (0, 32, None):
-        eng = load(reference_layout, device="cuda", budget={**budget, "slot_table": "device",
-                                                            **({"device_fill": fill} if fill is not None else {})})
+    for fill in (0, 32, "auto"):
+        eng = load(reference_layout, device="cuda", budget={**budget, "slot_table": "device", "device_fill": fill})
         assert eng.generate(PROMPT, max_new_tokens=48).token_ids == want
         s = eng.stats
         assert s["decode_graphs"] == "device" and (s["slot_table"]["prefetched"] > 0) == (fill != 0)
         misses[fill] = s["decode"]["misses"]
         assert int(eng.model.provider.devtable.t["key_of"].min()) >= -1
-        if fill is None:  # auto: the first window timed on the device, N chosen (the tiny model's step and blocks)
+        if fill == "auto":  # the first window timed on the device, N chosen (the tiny model's step and blocks)
             a = s["device_step"]["fill_auto"]
             assert s["device_step"]["fill"] == "auto" and a["step_s"] > 0 and a["n"] > 0 and a["gbps"] > 1
         if fill != 0:  # every expert filled within a few steps: the later steps replayed the graphs without the fill
             assert s["device_step"]["fill_active"] is False and eng.devstep.idle
             assert eng.generate(PROMPT, max_new_tokens=48).token_ids == want  # a new phase fills again, dry at once
-    assert misses[32] < misses[0] and misses[None] < misses[0]
+    assert misses[32] < misses[0] and misses["auto"] < misses[0]
 
 
 def _code_transitions(reference_layout):

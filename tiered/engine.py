@@ -215,10 +215,10 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
         provider.drop_device_table(why)
     dpf = int((budget or {}).get("device_prefetch") or 0)
     dev_evict = (budget or {}).get("device_evict") or "policy"
-    dev_fill = (budget or {}).get("device_fill")
-    dev_fill = "auto" if dev_fill in (None, "auto") else int(dev_fill)  # auto: only where the device table runs
+    dev_fill = (budget or {}).get("device_fill") or 0
+    dev_fill = dev_fill if dev_fill == "auto" else int(dev_fill)
     flags = [f for f, on in (("--device-prefetch", dpf), (f"--device-evict {dev_evict}", dev_evict != "policy"),
-                             ("--device-fill", dev_fill != "auto" and dev_fill > 0)) if on]
+                             (f"--device-fill {dev_fill}", dev_fill)) if on]
     if flags and getattr(provider, "devtable", None) is None:
         raise EngineError(f"{flags[0]} needs the device slot table (--slot-table device or auto), which this run "
                           f"does not use: {getattr(provider, 'slot_table_note', None) or 'no expert cache'}")

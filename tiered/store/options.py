@@ -110,13 +110,13 @@ class TierConfig:
     device_prefetch: int = _opt(0, "With the device slot table: experts per layer prefetched one layer ahead on a side "
                                    "stream, ranked by router-history transitions (fitted by `tiered tune --fit-trace`)",
                                 ("min", 0))
-    # default auto (session 18): N from the step timed in the first steps of a decode and the link's rate
-    # (decode/fillpace.py); on the H200 box --device-fill 8 measured 1.15x demand paging where the budget had room
-    # (offload-fill-2026-12-01-h200-s10.json), and a table the prefill filled runs dry within a few dozen steps
-    device_fill: int | str = _opt("auto", "With the device slot table: experts per decode step copied in the "
-                                          "background into free slots (never evicting; a budget with room to spare "
-                                          "loads what demand paging would miss at first use). auto: as many as the "
-                                          "link moves in 3/4 of a step, timed in the decode's first steps; 0 = off",
+    # default 0 (off) until auto is timed on the GPU: on the H200 box --device-fill 8 measured 1.15x demand paging where
+    # the budget had room (offload-fill-2026-12-01-h200-s10.json); auto (session 18, decode/fillpace.py) is written
+    # and CPU-tested, and benchmarks/lease/s18_call{A,B}.sh time it against 0, 6 and 8 before it may become the default
+    device_fill: int | str = _opt(0, "With the device slot table: experts per decode step copied in the "
+                                     "background into free slots (never evicting; a budget with room to spare "
+                                     "loads what demand paging would miss at first use). auto: as many as the "
+                                     "link moves in 3/4 of a step, timed in the decode's first steps; 0 = off",
                                   ("auto-or-min", 0))
     device_evict: str = _opt("policy", "With the device slot table: evict by --policy (lru/flru), or by nextuse (each "
                                        "expert's predicted next use from router-history transitions and its use "
