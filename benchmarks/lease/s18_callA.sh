@@ -5,5 +5,5 @@
 source "$(dirname "$0")/lib.sh"
 cuda_tests 200 tests/test_devtable.py -k "fill or device_step_matches"
 peers_layouts
-TIMEOUT=330 LAYOUT=layout-q4 offload_variant fill "default,lru/device,lru+fillauto/device,lru+fill8/device,lru+fill6/device" \
-  --device-fill auto,8,6
+TIMEOUT=330 LAYOUT=layout-q4 offload_variant fill \
+  "default,lru/device,lru+fillauto/device,lru+fill8/device,lru+fill6/device" --device-fill auto,8,6
