@@ -60,3 +60,65 @@ def test_device_fill_option_parses_auto_or_a_count():
     for bad in ("-2", "x", "1.5"):
         with pytest.raises(click.BadParameter, match="neither auto nor an integer"):
             t.convert(bad, None, None)
+
+
+class _FakeMark:
+    """A StepMark whose completion and time the test sets."""
+
+    def __init__(self, t: float, ready: list[bool]) -> None:
+        self.t, self.ready = t, ready
+
+    def done(self) -> bool:
+        return self.ready[0]
+
+    def seconds_to(self, later: "_FakeMark") -> float:
+        return later.t - self.t
+
+
+def test_pace_tick_waits_for_marks_without_blocking(reference_layout, monkeypatch):
+    """The device step's timing of auto: a mark every window steps; while the later mark has not completed, nothing
+    is decided (and the dry watch does not count); once it has, the window's mean step sets N, which the captured
+    pick reads from fill_n; a later window slower than STALL x that step backs N off; a pace that reaches 0 turns
+    the fill off."""
+    from tiered import load
+    from tiered.decode.devstep import DeviceStep
+    from tiered.kernels import slot_table as st
+    from tiered.store.devtable import DeviceSlotTable
+
+    B = 49152
+    eng = load(reference_layout, device="cpu", budget={"expert_slots": 512, "ram_gb": 600 * B / 2**30})
+    cache = eng.model.provider
+    cache.ram.preload(list(range(512)), 0)
+    cache.devtable = DeviceSlotTable(cache, w=0, kernels=st)
+    step = DeviceStep(eng.model, graphs=False, fill="auto")
+    step.pace.gbps = B * 4 / 0.75 / 1e9 / 1e-3  # a link that moves 4 blocks in 3/4 of a 1 ms step
+    clock, ready = [0.0], [False]
+
+    def mark():
+        return _FakeMark(clock[0], ready)
+
+    monkeypatch.setattr(step, "_pace_mark", mark)
+    for i in range(1, 9):  # steps of 1 ms; marks at 3 and 6 (not done yet)
+        clock[0] = i * 1e-3
+        assert step._pace_tick() is False
+    assert not step.pace.settled and len(step._pace_marks) == 2 and int(step.fill_n[0]) == 0
+    clock[0] = 9e-3
+    step._fill_watch()  # (the 9th step, marked) unsettled: the watch returns before its dry count
+    assert step._fill_dry == 0 and not step._fill_pending and len(step._pace_marks) == 3
+    ready[0] = True
+    clock[0] = 10e-3
+    assert step._pace_tick() is False  # the 10th step: the 3 -> 6 window read: 1 ms a step
+    assert step.pace.n == 4 and int(step.fill_n[0]) == 4 and step.pace.step_s == pytest.approx(1e-3)
+    for i in range(11, 13):  # the window 6 -> 9 (marked at 9 ms) read at the 12th: still 1 ms a step
+        clock[0] = i * 1e-3
+        step._pace_tick()
+    assert step.pace.n == 4 and step.pace.backoffs == 0
+    t = 12e-3
+    for i in range(13, 40):  # 2 ms a step from here: a stall; N backs off to 0 and the fill goes off
+        t += 2e-3
+        clock[0] = t
+        if step._pace_tick():
+            break
+    assert step.pace.n == 0 and int(step.fill_n[0]) == 0 and not step.fill_active and step.pace.backoffs >= 3
+    step._fill_restart()  # a new decode phase: auto chose 0, the fill stays off
+    assert not step.fill_active

@@ -351,18 +351,12 @@ class DeviceStep:
         p = self.pace
         self._pace_count += 1
         if self._pace_count % p.window == 0:
-            if self.device.type == "cuda":
-                ev = torch.cuda.Event(enable_timing=True)
-                ev.record(torch.cuda.current_stream(self.device))
-            else:
-                ev = time.perf_counter()
-            self._pace_marks.append((self._pace_count, ev))
+            self._pace_marks.append((self._pace_count, self._pace_mark()))
         if len(self._pace_marks) >= 2:
             (c0, e0), (c1, e1) = self._pace_marks[0], self._pace_marks[1]
-            cuda = self.device.type == "cuda"
-            if cuda and not e1.query():
+            if not e1.done():
                 return False
-            dt = e0.elapsed_time(e1) * 1e-3 if cuda else e1 - e0
+            dt = e0.seconds_to(e1)
             self._pace_marks.pop(0)
             before = p.n
             n = p.observe(dt / (c1 - c0))
@@ -372,6 +366,10 @@ class DeviceStep:
                 self.fill_active = False
                 return True
         return False
+
+    def _pace_mark(self) -> "StepMark":
+        """A time mark after the steps launched so far: a CUDA event on the step's stream, or the host clock."""
+        return StepMark(torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None)
 
     def _prefetch_next(self, l: int, ids: Tensor) -> bool:
         """Issue layer l+1's prefetch; on CUDA on the side stream, after layer l's copies, beside its experts.
@@ -533,6 +531,30 @@ class DeviceStep:
     def reset_stats(self) -> None:
         self.steps = 0
         self.launch_s = self.capture_s = 0.0
+
+
+class StepMark:
+    """A point in the step stream for --device-fill auto's timing: a timing event recorded on `stream` (CUDA), or
+    the host clock now (stream None: an eager step on the CPU has finished when the host goes on)."""
+
+    def __init__(self, stream: Any = None) -> None:
+        self.event = None
+        self.t = 0.0
+        if stream is not None:
+            self.event = torch.cuda.Event(enable_timing=True)
+            self.event.record(stream)
+        else:
+            self.t = time.perf_counter()
+
+    def done(self) -> bool:
+        """The work before the mark has finished (never waits)."""
+        return self.event is None or self.event.query()
+
+    def seconds_to(self, later: "StepMark") -> float:
+        """Seconds from this mark to a later one (both done)."""
+        if self.event is not None:
+            return self.event.elapsed_time(later.event) * 1e-3
+        return later.t - self.t
 
 
 def _link_gbps(table: Any) -> float:
