@@ -80,7 +80,9 @@ MAX_STEPS = 32  # a row's groups are walked in at most this many (unrolled) step
 class QConfig:
     """Tiles of one kernel launch (powers of two): BN rows per program, BG groups per step, warps; `split`
     (down only) spreads a token's K experts over that many programs (fp32 atomics when > 1); `conv` 1 =
-    the mantissa trick for 4-bit codes, 0 = plain int->float conversion; `algo` 0 = the grouped tile
+    the mantissa trick for 4-bit codes, 0 = plain int->float conversion, 2 = the mantissa trick with the gemv and
+    gate_up word tiles' nibbles taken in pairs (word_pair: one shift per two inputs; other tiles read it as 1);
+    `algo` 0 = the grouped tile
     ([BN, BG, GP], _dot_rows), 1 = the flat tile ([BN, BG * group] inputs per step, _dot_rows_flat), which
     serves power-of-two groups only (the launchers fall back to 0 for others, e.g. q4 rows narrower than 64
     of odd width), 2 = the word tile (q4 only, _dot_rows_words: codes read as int32 words of 8 inputs, one
@@ -105,8 +107,8 @@ class QConfig:
             v = getattr(self, name)
             if v < 1 or v & (v - 1):
                 raise ValueError(f"QConfig.{name} must be a power of two, got {v}")
-        if self.split < 1 or self.conv not in (0, 1) or self.algo not in (0, 1, 2):
-            raise ValueError(f"QConfig split must be >= 1, conv 0 or 1 and algo 0, 1 or 2, got {self.split}, "
+        if self.split < 1 or self.conv not in (0, 1, 2) or self.algo not in (0, 1, 2):
+            raise ValueError(f"QConfig split must be >= 1, conv 0, 1 or 2 and algo 0, 1 or 2, got {self.split}, "
                              f"{self.conv}, {self.algo}")
         if self.regs and not 24 <= self.regs <= 255:
             raise ValueError(f"QConfig.regs must be 0 (the compiler's choice) or 24..255, got {self.regs}")
@@ -245,7 +247,8 @@ def _tiles(cfg: QConfig, w: QuantWeight) -> dict:
         bg = min(bg, triton.next_power_of_2(w.scale.shape[-1]))
     bk = bg * w.group
     uk = bk // 8 if algo == 2 else bk // 2 if w.fmt in ("q4", "mxfp4") else bk
-    return dict(BN=cfg.bn, BG=bg, CONV=cfg.conv, ALGO=algo, BK=bk, UK=uk)
+    conv = 1 if cfg.conv == 2 and algo != 2 else cfg.conv  # the pairs are the word tile's
+    return dict(BN=cfg.bn, BG=bg, CONV=conv, ALGO=algo, BK=bk, UK=uk)
 
 
 def _geometry(w: QuantWeight) -> dict:
@@ -303,6 +306,7 @@ def decorate_kernels():
     # the inline PTX of word_nibble only when compiling (TRITON_INTERPRET decides, as it does for triton.jit)
     helpers["WORD_ASM"] = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
     helpers["word_nibble"] = bind(_word_nibble)
+    helpers["word_pair"] = bind(_word_pair)
     helpers["dot_rows"] = bind(_dot_rows)
     helpers["dot_rows_words"] = bind(_dot_rows_words)
     helpers["down_words"] = bind(_down_words)
@@ -496,9 +500,31 @@ def _word_nibble(w, J: tl.constexpr):
     return v.to(tl.float32, bitcast=True)
 
 
+def _word_pair(w, J: tl.constexpr):
+    """(fp32 1 + c_J/16, fp32 1 + c_(J-1)/256) for the codes at nibbles J (odd) and J - 1 of each int32 word in w:
+    one shift puts nibble J at mantissa bits 19..22 and nibble J - 1 at 15..18, and one and-or each takes its
+    nibble into 1.0 (QConfig.conv 2: a shift per two inputs instead of one per input)."""
+    if J < 5:
+        b = w << (19 - 4 * J)
+    else:
+        b = w >> (4 * J - 19)
+    if WORD_ASM:
+        hi = tl.inline_asm_elementwise("{ .reg .b32 m, o; mov.b32 m, 0x780000; mov.b32 o, 0x3F800000; "
+                                       "lop3.b32 $0, $1, m, o, 0xEA; }", "=r,r", [b], dtype=tl.int32,
+                                       is_pure=True, pack=1)
+        lo = tl.inline_asm_elementwise("{ .reg .b32 m, o; mov.b32 m, 0x78000; mov.b32 o, 0x3F800000; "
+                                       "lop3.b32 $0, $1, m, o, 0xEA; }", "=r,r", [b], dtype=tl.int32,
+                                       is_pure=True, pack=1)
+    else:
+        hi = (b & 0x780000) | 0x3F800000
+        lo = (b & 0x78000) | 0x3F800000
+    return hi.to(tl.float32, bitcast=True), lo.to(tl.float32, bitcast=True)
+
+
 def _dot_rows_words(x_row, q1, s1, m1, q2, s2, m2, mask_n, KIN: tl.constexpr, KQ: tl.constexpr,
                     NG: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, BK: tl.constexpr,
-                    UK: tl.constexpr, TWO: tl.constexpr, PRE: tl.constexpr, pc, psv, pmv):
+                    UK: tl.constexpr, TWO: tl.constexpr, PRE: tl.constexpr, pc, psv, pmv,
+                    PAIR: tl.constexpr = False):
     """([BN], [BN]) fp32: _dot_rows_flat for q4 read as int32 words (q1 / q2: [BN] int32 row pointers; a word
     holds inputs 8w..8w+7, nibble j = input 8w + j). Per step the [BN, UK] words of each row; for each nibble
     position j the values 1 + c/16 (word_nibble) meet x[8w + j] (a strided [UK] load shared by the BN rows)
@@ -506,7 +532,10 @@ def _dot_rows_words(x_row, q1, s1, m1, q2, s2, m2, mask_n, KIN: tl.constexpr, KQ
     per step. Per input: a shift, an and-or, an FMA. The group sums of x are taken once per step for all rows
     (not per row), and sum(c x) = 16 (sum((1 + c/16) x) - sum x) as in the other tiles. Codes of step i + 1
     are loaded before step i is computed. KQ is the row's bytes (KQ // 4 words). PRE (one matrix, not TWO): step 0's
-    codes, scales and minima come in as pc, psv, pmv (pre_words, loaded before the PDL wait)."""
+    codes, scales and minima come in as pc, psv, pmv (pre_words, loaded before the PDL wait).
+    PAIR (QConfig.conv 2): nibbles taken two at a time (word_pair: one shift for J odd and J - 1), the even one as
+    1 + c/256 against 16 x (exact: a power of two), so one sum holds both: per word sum_odd x + 16 sum_even x +
+    sum(c x) / 16, and sum(c x) = 16 (d - xs_odd - 16 xs_even). Per input: half a shift, an and-or, an FMA."""
     KW: tl.constexpr = KQ // 4
     WG: tl.constexpr = GROUP // 8
     offs_w = tl.arange(0, UK)
@@ -528,17 +557,39 @@ def _dot_rows_words(x_row, q1, s1, m1, q2, s2, m2, mask_n, KIN: tl.constexpr, KQ
         t1 = tl.zeros([BN, UK], tl.float32)
         t2 = tl.zeros([BN, UK], tl.float32)
         xw = tl.zeros([UK], tl.float32)
-        for j in tl.static_range(8):
-            xj = tl.load(x_row + wi * 8 + j, mask=wm, other=0.0).to(tl.float32)  # [UK] inputs 8w + j
-            xw += xj
-            t1 += word_nibble(c1, j) * xj[None, :]
-            if TWO:
-                t2 += word_nibble(c2, j) * xj[None, :]
+        xe = tl.zeros([UK], tl.float32)  # PAIR: the even inputs' sum
+        if PAIR:
+            for jp in tl.static_range(4):
+                xo = tl.load(x_row + wi * 8 + 2 * jp + 1, mask=wm, other=0.0).to(tl.float32)  # [UK] 8w + 2jp + 1
+                xv = tl.load(x_row + wi * 8 + 2 * jp, mask=wm, other=0.0).to(tl.float32)  # [UK] 8w + 2jp
+                xw += xo
+                xe += xv
+                x16 = xv * 16.0
+                hi, lo = word_pair(c1, 2 * jp + 1)
+                t1 += hi * xo[None, :]  # (two statements: two FMAs, not a product, an FMA and an add)
+                t1 += lo * x16[None, :]
+                if TWO:
+                    hi2, lo2 = word_pair(c2, 2 * jp + 1)
+                    t2 += hi2 * xo[None, :]
+                    t2 += lo2 * x16[None, :]
+        else:
+            for j in tl.static_range(8):
+                xj = tl.load(x_row + wi * 8 + j, mask=wm, other=0.0).to(tl.float32)  # [UK] inputs 8w + j
+                xw += xj
+                t1 += word_nibble(c1, j) * xj[None, :]
+                if TWO:
+                    t2 += word_nibble(c2, j) * xj[None, :]
         g = k0 // GROUP + offs_g  # [BG]
         ms = mask_n[:, None] & (g[None, :] < NG)
         # the group sums of x from the words' sums (a separate contiguous load and reduction compiled to more
         # instructions: its reduction crosses threads)
-        xs = tl.sum(tl.reshape(xw, [BG, WG]), axis=1)[None, :]  # [1, BG]
+        xs = tl.sum(tl.reshape(xw, [BG, WG]), axis=1)[None, :]  # [1, BG] (PAIR: the odd inputs')
+        if PAIR:
+            xse = tl.sum(tl.reshape(xe, [BG, WG]), axis=1)[None, :]  # [1, BG] the even inputs'
+            xoff = xs + 16.0 * xse  # what the sum of a word's values adds beyond sum(c x) / 16
+            xs = xs + xse
+        else:
+            xoff = xs
         if PRE and k0 == 0:
             sv = psv.to(tl.float32)
             mv = pmv.to(tl.float32)
@@ -546,12 +597,12 @@ def _dot_rows_words(x_row, q1, s1, m1, q2, s2, m2, mask_n, KIN: tl.constexpr, KQ
             sv = tl.load(s1[:, None] + g[None, :], mask=ms, other=0).to(tl.float32)
             mv = tl.load(m1[:, None] + g[None, :], mask=ms, other=0).to(tl.float32)
         d1 = tl.sum(tl.reshape(t1, [BN, BG, WG]), axis=2)  # [BN, BG]
-        acc1 += (d1 - xs) * 16.0 * sv + mv * xs
+        acc1 += (d1 - xoff) * 16.0 * sv + mv * xs
         if TWO:
             sv2 = tl.load(s2[:, None] + g[None, :], mask=ms, other=0).to(tl.float32)
             mv2 = tl.load(m2[:, None] + g[None, :], mask=ms, other=0).to(tl.float32)
             d2 = tl.sum(tl.reshape(t2, [BN, BG, WG]), axis=2)
-            acc2 += (d2 - xs) * 16.0 * sv2 + mv2 * xs
+            acc2 += (d2 - xoff) * 16.0 * sv2 + mv2 * xs
     return tl.sum(acc1, axis=1), tl.sum(acc2, axis=1)
 
 
@@ -677,7 +728,7 @@ def _qgemv(x_ptr, slot_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_xt, stride_q
     mr = m_ptr + slot * stride_ms + n64 * stride_mn
     if ALGO == 2:
         y, _ = dot_rows_words(xr, qr, sr, mr, qr, sr, mr, mask_n, KIN, KQ, NG, GROUP, BN, BG, BK, UK, False, PRE, pc,
-                              psv, pmv)
+                              psv, pmv, CONV == 2)
     elif ALGO == 1:
         y, _ = dot_rows_flat(xr, qr, sr, mr, qr, sr, mr, mask_n, KIN, KQ, NG, FMT, GROUP, BN, BG, BK, UK, CONV,
                              False)
@@ -709,7 +760,7 @@ def _qgate_up(x_ptr, slot_ptr, gq, gs, gm, uq, us, um, h_ptr, slot_base, stride_
     mo = slot * stride_ms + f64 * stride_mn
     if ALGO == 2:  # the word tile, gate and up in one pass
         g, u = dot_rows_words(x_row, gq + qo, gs + so, gm + mo, uq + qo, us + so, um + mo, mask_f, KIN, KQ, NG,
-                              GROUP, BN, BG, BK, UK, True, False, 0, 0, 0)
+                              GROUP, BN, BG, BK, UK, True, False, 0, 0, 0, CONV == 2)
     elif ALGO == 1:  # gate and up in one pass: both rows' codes in flight together
         g, u = dot_rows_flat(x_row, gq + qo, gs + so, gm + mo, uq + qo, us + so, um + mo, mask_f, KIN, KQ, NG, FMT,
                              GROUP, BN, BG, BK, UK, CONV, True)
