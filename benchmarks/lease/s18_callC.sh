@@ -11,4 +11,9 @@ ALL="$LM;gemv,q4,2048,5120:bn=8,bg=32,warps=4,algo=2,regs=96,conv=2;gemv,q4,4096
 ALL="$ALL;gate_up,q4,2048,768:bn=8,bg=16,warps=4,algo=2,conv=2"
 peers_vram q4 default; peers_vram q4 pairlm TIERED_QCONFIG="$LM"; peers_vram q4 pairall TIERED_QCONFIG="$ALL"
 peers_vram q4 default2; peers_vram bf16 default; peers_vram q4 pairall2 TIERED_QCONFIG="$ALL"
+# the lm_head's pairs at fewer registers (offline, Triton 3.6): bg 16 128 registers (4 programs a SM, 3.97 SASS an
+# input), a cap of 128 at bg 32 (4.27), bn 16 96 registers (5 programs, 4.5)
+peers_vram q4 pairlm16 TIERED_QCONFIG="gemv,q4,2048,151936:bn=32,bg=16,warps=4,algo=2,conv=2"
+peers_vram q4 pairlm128 TIERED_QCONFIG="gemv,q4,2048,151936:bn=32,bg=32,warps=4,algo=2,conv=2,regs=128"
+peers_vram q4 pairlmbn16 TIERED_QCONFIG="gemv,q4,2048,151936:bn=16,bg=32,warps=4,algo=2,conv=2"
 cuda_tests 200 tests/test_quant_kernels.py -k "words or pairs or experts_match"
