@@ -120,8 +120,8 @@ def test_matvec_words_matches_reference(fmt, N, K, T):
     assert words_ok(qw) == (fmt == "q4" and K != 33), (fmt, K)
     x = torch.randn(T, K, generator=g).to(DEV)
     slots = torch.tensor([2, 0, 1, 2][:T], device=DEV)
-    for cfg in WORDS + [PAIRS]:
-        tol = PAIR_TOL if cfg.conv == 2 and fmt == "q4" and K != 33 else 1e-5
+    for cfg in WORDS + ([PAIRS] if fmt == "q4" else []):  # (q8 reads conv 2 as 1: the flat tile's, tested above)
+        tol = PAIR_TOL if cfg.conv == 2 and K != 33 else 1e-5
         assert rel(quant_matvec(x, qw, slots, config=cfg), quant_matvec_ref(x, qw, slots)) < tol, cfg
         assert rel(quant_matvec(x, qw[1], config=cfg), quant_matvec_ref(x, qw[1])) < tol, cfg
 
@@ -185,8 +185,9 @@ def test_experts_match_reference_loop(fmt, F, D, T):
     cfgs = [(None, None), (CONFIGS[1], QConfig(bn=2, bg=1, split=3, conv=0)), (CONFIGS[2], QConfig(bn=16, bg=2))]
     flat = [(FLAT[0], QConfig(bn=2, bg=1, split=3, conv=0, algo=1)), (FLAT[1], QConfig(bn=4, bg=2, algo=1)),
             (FLAT[2], QConfig(bn=16, bg=8, warps=4, algo=1))]
-    words = [(WORDS[0], QConfig(bn=2, bg=1, split=3, algo=2)), (WORDS[2], QConfig(bn=4, bg=2, algo=2)),
-             (PAIRS, QConfig(bn=4, bg=2, algo=2, conv=2))]  # (a down config reads conv 2 as the word tile's 1)
+    words = [(WORDS[0], QConfig(bn=2, bg=1, split=3, algo=2)), (WORDS[2], QConfig(bn=4, bg=2, algo=2))]
+    if T == 1:  # gate_up's pairs (a word tile at D 32 and 64; a down config reads conv 2 as the word tile's 1)
+        words.append((PAIRS, QConfig(bn=4, bg=2, algo=2, conv=2)))
     for up_cfg, down_cfg in cfgs[:1] + cfgs[1 + T % 2:2 + T % 2] + flat + (words if fmt == "q4" else []):
         h = quant_gate_up(x, slots, W.gate, W.up, up_cfg)
         got = quant_down(h, slots, wts, W.down, torch.float32, down_cfg)
