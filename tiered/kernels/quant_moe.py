@@ -303,8 +303,13 @@ def decorate_kernels():
                                                                       f.__module__, f.__doc__)
         return triton.jit(g)
 
-    # the inline PTX of word_nibble only when compiling (TRITON_INTERPRET decides, as it does for triton.jit)
+    # the inline PTX of or_one only when compiling (TRITON_INTERPRET decides, as it does for triton.jit)
     helpers["WORD_ASM"] = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
+    for name, mask in (("LOP3_HI", "0x780000"), ("LOP3_LO", "0x78000")):  # or_one's masks: bits 19..22, 15..18
+        helpers[name] = tl.constexpr(f"{{ .reg .b32 m, o; mov.b32 m, {mask}; mov.b32 o, 0x3F800000; "
+                                     "lop3.b32 $0, $1, m, o, 0xEA; }")
+    helpers["or_one"] = bind(_or_one)
+    helpers["nibble_shift"] = bind(_nibble_shift)
     helpers["word_nibble"] = bind(_word_nibble)
     helpers["word_pair"] = bind(_word_pair)
     helpers["dot_rows"] = bind(_dot_rows)
@@ -482,43 +487,43 @@ def _dot_rows_flat(x_row, q1, s1, m1, q2, s2, m2, mask_n, KIN: tl.constexpr, KQ:
     return tl.sum(acc1, axis=1), tl.sum(acc2, axis=1)
 
 
-def _word_nibble(w, J: tl.constexpr):
-    """fp32 1 + c/16 for the 4-bit code c at nibble J (bits 4J..4J+3) of each int32 word in w: the code is
-    shifted to mantissa bits 19..22 and or-ed into 1.0 (one shift and one and-or: the module docstring's
-    mantissa trick, without unpacking bytes). Compiled, the and-or is one lop3 written in PTX: left to
-    itself ptxas emits two (a LOP3 takes one immediate). WORD_ASM is False under Triton's interpreter."""
+def _or_one(b, MASK: tl.constexpr):
+    """fp32 1 + (the bits of b under MASK (0x780000 or 0x78000), read as mantissa bits) for each int32 in b: one
+    and-or into 1.0.
+    Compiled, the and-or is one lop3 written in PTX: left to itself ptxas emits two (a LOP3 takes one immediate).
+    WORD_ASM is False under Triton's interpreter."""
+    if WORD_ASM:  # (the mask an immediate of the PTX: as a register operand it cost a few moves a kernel)
+        if MASK == 0x780000:
+            v = tl.inline_asm_elementwise(LOP3_HI, "=r,r", [b], dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            v = tl.inline_asm_elementwise(LOP3_LO, "=r,r", [b], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        v = (b & MASK) | 0x3F800000
+    return v.to(tl.float32, bitcast=True)
+
+
+def _nibble_shift(w, J: tl.constexpr):
+    """w shifted so that nibble J (bits 4J..4J+3) of each int32 word sits at mantissa bits 19..22."""
     if J < 5:
         b = w << (19 - 4 * J)
     else:
         b = w >> (4 * J - 19)
-    if WORD_ASM:
-        v = tl.inline_asm_elementwise("{ .reg .b32 m, o; mov.b32 m, 0x780000; mov.b32 o, 0x3F800000; "
-                                      "lop3.b32 $0, $1, m, o, 0xEA; }", "=r,r", [b], dtype=tl.int32,
-                                      is_pure=True, pack=1)
-    else:
-        v = (b & 0x780000) | 0x3F800000
-    return v.to(tl.float32, bitcast=True)
+    return b
+
+
+def _word_nibble(w, J: tl.constexpr):
+    """fp32 1 + c/16 for the 4-bit code c at nibble J (bits 4J..4J+3) of each int32 word in w: the code is
+    shifted to mantissa bits 19..22 and or-ed into 1.0 (one shift and one and-or: the module docstring's
+    mantissa trick, without unpacking bytes)."""
+    return or_one(nibble_shift(w, J), 0x780000)
 
 
 def _word_pair(w, J: tl.constexpr):
     """(fp32 1 + c_J/16, fp32 1 + c_(J-1)/256) for the codes at nibbles J (odd) and J - 1 of each int32 word in w:
     one shift puts nibble J at mantissa bits 19..22 and nibble J - 1 at 15..18, and one and-or each takes its
     nibble into 1.0 (QConfig.conv 2: a shift per two inputs instead of one per input)."""
-    if J < 5:
-        b = w << (19 - 4 * J)
-    else:
-        b = w >> (4 * J - 19)
-    if WORD_ASM:
-        hi = tl.inline_asm_elementwise("{ .reg .b32 m, o; mov.b32 m, 0x780000; mov.b32 o, 0x3F800000; "
-                                       "lop3.b32 $0, $1, m, o, 0xEA; }", "=r,r", [b], dtype=tl.int32,
-                                       is_pure=True, pack=1)
-        lo = tl.inline_asm_elementwise("{ .reg .b32 m, o; mov.b32 m, 0x78000; mov.b32 o, 0x3F800000; "
-                                       "lop3.b32 $0, $1, m, o, 0xEA; }", "=r,r", [b], dtype=tl.int32,
-                                       is_pure=True, pack=1)
-    else:
-        hi = (b & 0x780000) | 0x3F800000
-        lo = (b & 0x78000) | 0x3F800000
-    return hi.to(tl.float32, bitcast=True), lo.to(tl.float32, bitcast=True)
+    b = nibble_shift(w, J)
+    return or_one(b, 0x780000), or_one(b, 0x78000)
 
 
 def _dot_rows_words(x_row, q1, s1, m1, q2, s2, m2, mask_n, KIN: tl.constexpr, KQ: tl.constexpr,
