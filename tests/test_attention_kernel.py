@@ -106,6 +106,25 @@ def test_kernel_matches_reference(case):
 
 
 @needs_kernel
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[3]], ids=["ragged", "window", "T3"])
+def test_preload_before_the_wait_computes_the_same(monkeypatch, case):
+    """PRE (with PDL: the length, block table and first tile's older keys and values loaded before the wait, this
+    call's T rows after it), forced on under the interpreter: the same output bit for bit, over ragged rows with
+    several splits, a window and three query tokens. (Which load sees the new rows on the GPU, the interpreter
+    cannot show: the CUDA engine tests run the chain with PDL.)"""
+    B, T, H, KV, hd, PS, seqlens, window, splits = case
+    dev = "cuda" if CUDA else "cpu"
+    q, kp, vp, bt, sl = _paged_case(B, T, H, KV, hd, PS, seqlens, device=dev)
+    plain = ka.decode_attention(q, kp, vp, bt, sl, scale=hd ** -0.5, window=window, num_splits=splits)
+    seen = []
+    monkeypatch.setattr(ka, "_preload_ok", lambda opts: seen.append(1) or True)
+    pre = ka.decode_attention(q, kp, vp, bt, sl, scale=hd ** -0.5, window=window, num_splits=splits)
+    assert seen and torch.equal(pre, plain)
+    r = ka.decode_attention_ref(q, kp, vp, bt, sl, scale=hd ** -0.5, window=window)
+    _check(pre, r, 1e-5)
+
+
+@needs_kernel
 @pytest.mark.parametrize("splits", [1, 3])
 def test_kernel_sinks(splits):
     """Per-head sink logits (gpt-oss) in the single-split and the merged path."""
@@ -191,6 +210,72 @@ def test_validation_errors():
 
 
 # --- CUDA: bf16 at model shapes, and one graph for every length ---
+
+def compile_split_sm90(pre: bool) -> tuple[str, dict]:
+    """(PTX, resource usage) of the split kernel compiled for sm_90 as the 10.6B shape's decode launches it (bf16,
+    G 8, hd 128, strides of 1 specialised and the others divisible by 16), with PDL. Needs a process where Triton
+    was imported with TRITON_INTERPRET off."""
+    import re
+    import sys
+    from pathlib import Path
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    from kernel_regs import _SIG, cuobjdump
+
+    ptrs = {"Q": "bfloat16", "K": "bfloat16", "V": "bfloat16", "BT": "int32", "SEQ": "int32", "SINKS": "bfloat16",
+            "O": "bfloat16", "PO": "float32", "PM": "float32", "PL": "float32"}
+    consts = {"sq_d": 1, "sk_d": 1, "sv_d": 1, "so_d": 1, "sbt_p": 1, "T": 1, "G": 8, "HD": 128, "M_PAD": 16,
+              "HD_PAD": 128, "PAGE": 528, "BLOCK_N": 64, "HAS_WINDOW": False, "SPLIT": True, "HAS_SINKS": False,
+              "DOT_F32": False, "GDC": True, "PRE": pre}
+    sig, attrs = {}, {}
+    for i, p in enumerate(ka._SPLIT.params):
+        if p.name in consts:
+            sig[p.name] = "constexpr"
+        elif p.name in ptrs:
+            sig[p.name] = _SIG[f"torch.{ptrs[p.name]}"]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[p.name] = "fp32" if p.name == "scale_log2" else "i32"
+            if p.name.startswith("s"):  # strides of a page pool [P, 528, 4, 128]
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    k = triton.compile(ASTSource(ka._SPLIT, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": 4})
+    res = {n.lower(): int(v) for n, v in re.findall(r"\b(REG|STACK|LOCAL)\:(\d+)", cuobjdump(k.asm["cubin"], "-res-usage"))}
+    return k.asm["ptx"], res
+
+
+def test_split_kernel_preload_compiles_for_sm90():
+    """With PRE the sm_90 PTX loads before griddepcontrol.wait (the length, block table, first tile's older rows)
+    and after it (q and the new rows), without spilling; without PRE nothing is loaded before the wait. In a
+    subprocess: this one may have imported Triton interpreted."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from triton.backends import backends
+
+    if "nvidia" not in backends:
+        pytest.skip("this Triton build has no NVIDIA backend")
+    here = Path(__file__).resolve().parent
+    code = (f"import sys; sys.path[:0] = [{str(here.parent)!r}, {str(here)!r}]\n"
+            "import test_attention_kernel as t\n"
+            "for pre in (False, True):\n"
+            "    ptx, res = t.compile_split_sm90(pre)\n"
+            "    w = ptx.find('griddepcontrol.wait')\n"
+            "    print(pre, ptx[:w].count('ld.global'), ptx[w:].count('ld.global'), res['stack'], res['local'])\n")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1", "CUDA_VISIBLE_DEVICES": ""}
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=here.parent, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {line.split()[0]: [int(v) for v in line.split()[1:]] for line in r.stdout.splitlines()}
+    assert rows["False"][0] == 0 and rows["False"][1] > 0, rows
+    assert rows["True"][0] > 0 and rows["True"][1] > 0, rows
+    assert rows["False"][2:] == rows["True"][2:] == [0, 0], rows  # no stack, no local memory: nothing spilled
+
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("B,H,KV,hd,PS,window", [(1, 32, 4, 128, 4096, None), (4, 32, 4, 128, 16, None),

@@ -20,6 +20,9 @@ Kernel layout: program (b * KV + kv_head, split) takes the G*T query rows of one
 (t, g), padded to 16 rows for tl.dot) and one contiguous slice of the row's keys; the slices are
 sized from the device length, so the grid is fixed for every length. With more than one split, a
 second kernel merges the partial (max, sum, acc) triples. All softmax arithmetic is fp32 in base 2.
+With PDL the split kernel loads the length, the block table and its first tile's older keys and values before
+its wait (`_preload_ok`: what the kernel before it, which stores this call's k and v, does not write), and the
+T new rows after it.
 
 Legend: B rows, T query tokens per row, H query heads, KV key/value heads, G = H // KV, hd head dim,
 P pages in a pool, PS tokens per page, MP max pages per row, NS splits.
@@ -31,7 +34,7 @@ import math
 import torch
 from torch import Tensor
 
-from tiered.kernels.pdl import gdc_enter, launch_args
+from tiered.kernels.pdl import gdc_enter, launch_args, preload_enabled
 
 try:  # the CPU torch wheel does not bring triton; the runtime must import without it
     import triton
@@ -184,6 +187,7 @@ def decode_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: T
     common = dict(T=T, G=G, HD=hd, M_PAD=m_pad, HD_PAD=hd_pad, HAS_SINKS=has_sinks)
     split_fn, combine_fn = _kernels(q.device)
     common.update(launch_args(q.device))
+    pre = _preload_ok(common)
     # fp32 dots (not TF32) for fp32 inputs; also under the interpreter, whose dots mis-read bf16 operands.
     common["DOT_F32"] = q.dtype == torch.float32 or interpreted()
     if ns == 1:
@@ -196,7 +200,7 @@ def decode_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: T
         q, k_pages, v_pages, block_table, seqlens, sinks_arg, o, part_o, part_m, part_l,
         scale * LOG2E, 0 if window is None else int(window), KV,
         *q.stride(), *k_pages.stride(), *v_pages.stride(), *block_table.stride(), *o.stride(),
-        PAGE=PS, BLOCK_N=BLOCK_N, HAS_WINDOW=window is not None, SPLIT=ns > 1, **common,
+        PAGE=PS, BLOCK_N=BLOCK_N, HAS_WINDOW=window is not None, SPLIT=ns > 1, PRE=pre, **common,
         num_warps=4)
     if ns > 1:
         combine_fn[(B * KV, G * T)](
@@ -204,6 +208,14 @@ def decode_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: T
             NS_PAD=max(2, triton.next_power_of_2(ns)), **{k: v for k, v in common.items() if k != "DOT_F32"},
             num_warps=4)
     return o
+
+
+def _preload_ok(opts: dict) -> bool:
+    """Whether the split kernel loads the length, the block table and its first tile's older keys and values before
+    its PDL wait (PRE): PDL on (opts carry GDC) and pdl.preload_enabled() (TIERED_PRELOAD=0 turns it off). Those are
+    written two or more kernels back (pdl.py: then they are visible); the T new rows, which the kernel right before
+    stores, are loaded after the wait. Tests patch this to run the PRE code under the interpreter."""
+    return "GDC" in opts and preload_enabled()
 
 
 def _kernels(device: torch.device) -> tuple:
@@ -222,6 +234,32 @@ def interpreted() -> bool:
 
 # --- kernels (plain functions, wrapped by triton.jit below or by the interpreter) ---
 
+def _tile(q, k, v, s, s_ok, qpos, m_i, l_i, acc, scale_log2, window,
+          HAS_WINDOW: tl.constexpr, DOT_F32: tl.constexpr):
+    """One tile of keys s [BLOCK_N] (k, v [BLOCK_N, HD_PAD] loaded, zero where masked) folded into the running
+    (max, sum, acc) of the query rows (online softmax, base 2)."""
+    if DOT_F32:
+        qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        qk = tl.dot(q, tl.trans(k))
+    qk = qk * scale_log2  # [M_PAD, BLOCK_N], base-2 logits
+    ok = s_ok[None, :] & (s[None, :] <= qpos[:, None])
+    if HAS_WINDOW:
+        ok = ok & (s[None, :] > qpos[:, None] - window)
+    qk = tl.where(ok, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet stay at zero
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(qk - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if DOT_F32:
+        pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + pv
+    return m_new, l_i, acc
+
+
 def _split_kernel(Q, K, V, BT, SEQ, SINKS, O, PO, PM, PL,
                   scale_log2, window, KV,
                   sq_b, sq_t, sq_h, sq_d,
@@ -231,24 +269,19 @@ def _split_kernel(Q, K, V, BT, SEQ, SINKS, O, PO, PM, PL,
                   so_b, so_t, so_h, so_d,
                   T: tl.constexpr, G: tl.constexpr, HD: tl.constexpr, M_PAD: tl.constexpr, HD_PAD: tl.constexpr,
                   PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, SPLIT: tl.constexpr,
-                  HAS_SINKS: tl.constexpr, DOT_F32: tl.constexpr, GDC: tl.constexpr = False):
-    gdc_enter(GDC)
+                  HAS_SINKS: tl.constexpr, DOT_F32: tl.constexpr, GDC: tl.constexpr = False,
+                  PRE: tl.constexpr = False):
+    # PRE (with PDL): the length, the block table and the first tile's keys and values of positions before this
+    # call's T (rows the previous kernel, which stores the new k and v, does not write) are loaded before the wait;
+    # the T new rows after it. Without PRE every load follows the wait. The same sums either way.
+    if not PRE:
+        gdc_enter(GDC)
     pid = tl.program_id(0)  # b * KV + kv head
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
     b = pid // KV
     kvh = pid % KV
     n = tl.load(SEQ + b)  # tokens in this row's cache
-
-    rows = tl.arange(0, M_PAD)  # query rows (t, g): t = rows // G, g = rows % G
-    t = rows // G
-    h = kvh * G + rows % G
-    row_ok = rows < T * G
-    d = tl.arange(0, HD_PAD)
-    d_ok = d < HD
-    q = tl.load(Q + b * sq_b + t[:, None] * sq_t + h[:, None] * sq_h + d[None, :] * sq_d,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [M_PAD, HD_PAD]
-    qpos = n - T + t  # [M_PAD] position of each row's query
 
     lo = n * 0  # the oldest key any query sees
     if HAS_WINDOW:
@@ -258,10 +291,40 @@ def _split_kernel(Q, K, V, BT, SEQ, SINKS, O, PO, PM, PL,
     start = lo + split * per
     end = tl.minimum(start + per, n)
 
+    d = tl.arange(0, HD_PAD)
+    d_ok = d < HD
+    # the first tile, its keys and values loaded together (the rest: the loop below)
+    s = start + tl.arange(0, BLOCK_N)
+    s_ok = s < end
+    page = tl.load(BT + b * sbt_b + (s // PAGE) * sbt_p, mask=s_ok, other=0).to(tl.int64)
+    slot = (s % PAGE).to(tl.int64)
+    k_at = K + page[:, None] * sk_p + slot[:, None] * sk_s + kvh * sk_h + d[None, :] * sk_d
+    v_at = V + page[:, None] * sv_p + slot[:, None] * sv_s + kvh * sv_h + d[None, :] * sv_d
+    kv_ok = s_ok[:, None] & d_ok[None, :]
+    if PRE:
+        fresh = (s >= n - T)[:, None]  # this call's rows: stored by the previous kernel
+        k = tl.load(k_at, mask=kv_ok & ~fresh, other=0.0)
+        v = tl.load(v_at, mask=kv_ok & ~fresh, other=0.0)
+        gdc_enter(GDC)
+        k = tl.where(fresh, tl.load(k_at, mask=kv_ok & fresh, other=0.0), k)
+        v = tl.where(fresh, tl.load(v_at, mask=kv_ok & fresh, other=0.0), v)
+    else:
+        k = tl.load(k_at, mask=kv_ok, other=0.0)  # [BLOCK_N, HD_PAD]
+        v = tl.load(v_at, mask=kv_ok, other=0.0)
+
+    rows = tl.arange(0, M_PAD)  # query rows (t, g): t = rows // G, g = rows % G
+    t = rows // G
+    h = kvh * G + rows % G
+    row_ok = rows < T * G
+    q = tl.load(Q + b * sq_b + t[:, None] * sq_t + h[:, None] * sq_h + d[None, :] * sq_d,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [M_PAD, HD_PAD]
+    qpos = n - T + t  # [M_PAD] position of each row's query
+
     m_i = tl.full([M_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([M_PAD], tl.float32)
     acc = tl.zeros([M_PAD, HD_PAD], tl.float32)
-    for s0 in tl.range(start, end, BLOCK_N):
+    m_i, l_i, acc = _tile(q, k, v, s, s_ok, qpos, m_i, l_i, acc, scale_log2, window, HAS_WINDOW, DOT_F32)
+    for s0 in tl.range(start + BLOCK_N, end, BLOCK_N):
         s = s0 + tl.arange(0, BLOCK_N)
         s_ok = s < end
         page = tl.load(BT + b * sbt_b + (s // PAGE) * sbt_p, mask=s_ok, other=0).to(tl.int64)
@@ -269,28 +332,9 @@ def _split_kernel(Q, K, V, BT, SEQ, SINKS, O, PO, PM, PL,
         kv_ok = s_ok[:, None] & d_ok[None, :]
         k = tl.load(K + page[:, None] * sk_p + slot[:, None] * sk_s + kvh * sk_h + d[None, :] * sk_d,
                     mask=kv_ok, other=0.0)  # [BLOCK_N, HD_PAD]
-        if DOT_F32:
-            qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            qk = tl.dot(q, tl.trans(k))
-        qk = qk * scale_log2  # [M_PAD, BLOCK_N], base-2 logits
-        ok = s_ok[None, :] & (s[None, :] <= qpos[:, None])
-        if HAS_WINDOW:
-            ok = ok & (s[None, :] > qpos[:, None] - window)
-        qk = tl.where(ok, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet stay at zero
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(qk - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + page[:, None] * sv_p + slot[:, None] * sv_s + kvh * sv_h + d[None, :] * sv_d,
-                    mask=kv_ok, other=0.0)  # [BLOCK_N, HD_PAD]
-        if DOT_F32:
-            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+                    mask=kv_ok, other=0.0)
+        m_i, l_i, acc = _tile(q, k, v, s, s_ok, qpos, m_i, l_i, acc, scale_log2, window, HAS_WINDOW, DOT_F32)
 
     if SPLIT:
         base = pid * num_splits + split
@@ -343,6 +387,7 @@ def _combine_kernel(PO, PM, PL, SINKS, O, KV, NS,
 
 _INTERPRETED = False
 if triton is not None:
+    _tile = triton.jit(_tile)
     _SPLIT = triton.jit(_split_kernel)
     _COMBINE = triton.jit(_combine_kernel)
     _INTERPRETED = type(_SPLIT).__name__ == "InterpretedFunction"  # TRITON_INTERPRET=1 at triton's import

@@ -19,7 +19,8 @@ cuBLAS) keep the ordinary stream order. CUDA graphs capture the attribute as a p
 Switches: TIERED_PDL=0 turns it off (the benchmarks time both); it is on where the device is CUDA of compute
 capability 9.0 or later and Triton has the griddepcontrol intrinsics (3.4+), never under the interpreter.
 TIERED_PDL_PREFETCH=1 adds the dense GEMV's L2 prefetch before the wait (off: it measured 1% slower).
-TIERED_PRELOAD=0 stops the q4 kernels' register loads before the wait (on by default; see preload_enabled).
+TIERED_PRELOAD=0 stops the q4 kernels' and the attention split kernel's loads before the wait (on by default; see
+preload_enabled).
 What may be read before the wait: data no kernel of the step writes (weights), and data written two or more kernels
 back: a PDL-aware kernel lets its dependents launch only after its own wait, so when kernel C starts, the kernel
 before B has completed and its writes are visible. Data the previous kernel writes is read after the wait only.
@@ -75,7 +76,8 @@ def l2_prefetch_enabled() -> bool:
 
 def preload_enabled() -> bool:
     """Whether PDL-launched kernels load what the previous kernel does not write (a dense GEMV's first step of weights,
-    the expert down kernel's slots and codes) into registers before their wait: on unless TIERED_PRELOAD=0. The
+    the expert down kernel's slots and codes, the attention's older keys and values) into registers before their
+    wait: on unless TIERED_PRELOAD=0. The
     router kernel (fused_route) always does; this switch serves quant_moe's kernels and lets a benchmark time both."""
     return os.environ.get(PRELOAD_ENV, "1").strip().lower() not in ("0", "off", "false", "no")
 
