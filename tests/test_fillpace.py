@@ -25,18 +25,39 @@ def test_pace_sets_n_from_the_step_and_the_link():
 
 def test_pace_backs_off_when_the_step_stalls():
     """A window slower than STALL x the measured step drops N to 3/4 (at least by one), down to 0; a step that stays
-    under it (the fill saves misses: steps get faster) keeps N; a timing that is not a positive number is ignored."""
+    under it and still fits N blocks keeps N; a timing that is not a positive number is ignored."""
     p = FillPace(50.0, 2_650_000)
     p.observe(500e-6)
     n0 = p.n
-    assert p.observe(480e-6) == n0 and p.observe(500e-6 * STALL * 0.99) == n0 and p.backoffs == 0
+    assert p.observe(505e-6) == n0 and p.observe(500e-6 * STALL * 0.99) == n0 and p.backoffs == 0
     assert p.observe(500e-6 * STALL * 1.05) == n0 * 3 // 4 and p.backoffs == 1
     seen = [p.n]
     while p.n:
         seen.append(p.observe(1.0))
     assert seen == sorted(seen, reverse=True) and len(set(seen)) == len(seen)  # strictly down to 0
     assert p.observe(float("nan")) == 0 and p.observe(-1.0) == 0
-    assert p.stats()["backoffs"] == len(seen) and p.stats()["checked_step_s"] == 1.0
+    assert p.stats()["backoffs"] == len(seen) and p.stats()["checked_step_s"] == 1.0 and p.stats()["retunes"] == 0
+
+
+def test_pace_follows_the_step_down_to_what_it_fits():
+    """A first window timed right after the prefill (misses lengthen it) sets too many blocks; the later windows,
+    timed with the fill, lower N to what FILL_SHARE of their step fits (no stall counted), so a copy-bound step
+    settles where the copies take FILL_SHARE of it; N never rises again; the stall rule still applies."""
+    block, rate = 2_650_000, 50.0
+    p = FillPace(rate, block)
+    assert p.observe(1e-3) == 14  # cold: 1 ms steps
+    compute = 430e-6  # the warm step without copies
+
+    def step(n: int) -> float:  # the step with n blocks copied beside it: compute-bound or copy-bound
+        return max(compute, n * block / (rate * 1e9))
+
+    seen = [p.n]
+    for _ in range(8):
+        seen.append(p.observe(step(p.n)))
+    assert seen == sorted(seen, reverse=True) and seen[-1] == p.blocks_for(compute) == 6
+    assert p.backoffs == 0 and p.retunes == len(set(seen)) - 1
+    assert p.observe(1.05e-3) == 6  # a longer step (a longer context), under the stall, does not raise N
+    assert p.observe(1e-3 * STALL * 1.01) == 4 and p.backoffs == 1  # a stall against the first timing
 
 
 def test_pace_refuses_a_rate_it_cannot_use():
@@ -91,7 +112,7 @@ def test_pace_tick_waits_for_marks_without_blocking(reference_layout, monkeypatc
     cache.ram.preload(list(range(512)), 0)
     cache.devtable = DeviceSlotTable(cache, w=0, kernels=st)
     step = DeviceStep(eng.model, graphs=False, fill="auto")
-    step.pace.gbps = B * 4 / 0.75 / 1e9 / 1e-3  # a link that moves 4 blocks in 3/4 of a 1 ms step
+    step.pace.gbps = B * 4.1 / 0.75 / 1e9 / 1e-3  # a link that moves 4.1 blocks in 3/4 of a 1 ms step
     clock, ready = [0.0], [False]
 
     def mark():

@@ -12,8 +12,12 @@ saved (4: 1,747; 6: 1,911). The best, 8, moved its blocks in about 0.75 of the s
   1. measure: `window` steps with nothing filled (the fill graph runs, its pick takes 0), timed: step_s;
   2. set N = floor(FILL_SHARE x step_s x link GB/s / block bytes), at most `cap` (0: the link cannot move one block
      in FILL_SHARE of a step; the fill stays off);
-  3. check: each later `window` of steps timed again; a step slower than `STALL` x the measured one means the copies
-     stall the join: N drops to 3/4 (at least by one), down to 0.
+  3. check: each later `window` of steps timed again (with the fill). N never exceeds what FILL_SHARE of that step
+     fits (`blocks_for`): the first windows follow the prefill, when many misses lengthen the step, and an N set
+     from them alone was too many once the cache warmed (session 19, q4 at --vram-gb 4: auto 2,109-2,114 tok/s
+     against 2,310 for a fixed 6 or 8). A step that the fill's copies lengthen gives a smaller N in turn, so a
+     copy-bound step settles where the fill takes FILL_SHARE of it. And a step slower than `STALL` x the measured
+     one means the copies stall the join: N drops to 3/4 (at least by one), down to 0.
 """
 from __future__ import annotations
 
@@ -43,6 +47,7 @@ class FillPace:
         self.step_s: float | None = None  # the step timed without the fill
         self.checked_s: float | None = None  # the last window's step with the fill
         self.backoffs = 0
+        self.retunes = 0  # windows whose step fit fewer blocks than N (N lowered to that)
 
     @property
     def settled(self) -> bool:
@@ -62,11 +67,15 @@ class FillPace:
             self.n = self.blocks_for(step_s)
         else:
             self.checked_s = step_s
+            fit = self.blocks_for(step_s)
             if self.n > 0 and step_s > STALL * self.step_s:
-                self.n = min(self.n - 1, self.n * 3 // 4)
+                self.n = min(self.n - 1, self.n * 3 // 4, fit)
                 self.backoffs += 1
+            elif fit < self.n:
+                self.n = fit
+                self.retunes += 1
         return self.n
 
     def stats(self) -> dict:
         return {"n": self.n, "step_s": self.step_s, "checked_step_s": self.checked_s, "gbps": self.gbps,
-                "backoffs": self.backoffs}
+                "backoffs": self.backoffs, "retunes": self.retunes}

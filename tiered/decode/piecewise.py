@@ -500,8 +500,8 @@ class PiecewiseDecode:
     def _reserved(self, *, settle: bool = False) -> int:
         """Bytes the CUDA caching allocator holds (graph pools included); 0 without CUDA. settle=True first
         releases cached free blocks, as torch.cuda.graph does on entry (else a capture's delta can be negative)."""
-        if not torch.cuda.is_available():
-            return 0
+        if torch.device(self.device).type != "cuda" or not torch.cuda.is_available():
+            return 0  # CPU (a test's stand-in chain), also on a box that has a GPU
         if settle:
             torch.cuda.empty_cache()
         return torch.cuda.memory_reserved(self.device)
