@@ -6,7 +6,7 @@ import click
 import pytest
 
 from tiered.cli.options import AutoOrInt
-from tiered.decode.fillpace import FILL_SHARE, STALL, FillPace
+from tiered.decode.fillpace import FILL_SHARE, FillPace
 from tiered.store.options import BudgetError, TierConfig
 
 
@@ -23,26 +23,25 @@ def test_pace_sets_n_from_the_step_and_the_link():
     assert n == int(FILL_SHARE * 1e-3 * 50e9 // 1_000_000) == 37
 
 
-def test_pace_backs_off_when_the_step_stalls():
-    """A window slower than STALL x the measured step drops N to 3/4 (at least by one), down to 0; a step that stays
-    under it and still fits N blocks keeps N; a timing that is not a positive number is ignored."""
+def test_pace_holds_n_when_the_fill_lengthens_the_step():
+    """The fill's copies may lengthen a step (they buy hits later, and stop when the free slots are full): a slower
+    window keeps N, a faster one that fits fewer blocks lowers it (never to more than before); a timing that is not
+    a positive number is ignored."""
     p = FillPace(50.0, 2_650_000)
     p.observe(500e-6)
     n0 = p.n
-    assert p.observe(505e-6) == n0 and p.observe(500e-6 * STALL * 0.99) == n0 and p.backoffs == 0
-    assert p.observe(500e-6 * STALL * 1.05) == n0 * 3 // 4 and p.backoffs == 1
-    seen = [p.n]
-    while p.n:
-        seen.append(p.observe(1.0))
-    assert seen == sorted(seen, reverse=True) and len(set(seen)) == len(seen)  # strictly down to 0
+    assert p.observe(800e-6) == n0 and p.observe(2e-3) == n0 and p.retunes == 0
+    assert p.observe(300e-6) == p.blocks_for(300e-6) < n0 and p.retunes == 1
+    assert p.observe(1.0) == p.blocks_for(300e-6)  # never rises
+    assert p.observe(20e-6) == 0 and p.retunes == 2  # a step too short for one block: off
     assert p.observe(float("nan")) == 0 and p.observe(-1.0) == 0
-    assert p.stats()["backoffs"] == len(seen) and p.stats()["checked_step_s"] == 1.0 and p.stats()["retunes"] == 0
+    assert p.stats()["checked_step_s"] == 20e-6 and p.stats()["retunes"] == 2
 
 
 def test_pace_follows_the_step_down_to_what_it_fits():
     """A first window timed right after the prefill (misses lengthen it) sets too many blocks; the later windows,
     timed with the fill, lower N to what FILL_SHARE of their step fits (no stall counted), so a copy-bound step
-    settles where the copies take FILL_SHARE of it; N never rises again; the stall rule still applies."""
+    settles where the copies take FILL_SHARE of it; N never rises again."""
     block, rate = 2_650_000, 50.0
     p = FillPace(rate, block)
     assert p.observe(1e-3) == 14  # cold: 1 ms steps
@@ -55,9 +54,8 @@ def test_pace_follows_the_step_down_to_what_it_fits():
     for _ in range(8):
         seen.append(p.observe(step(p.n)))
     assert seen == sorted(seen, reverse=True) and seen[-1] == p.blocks_for(compute) == 6
-    assert p.backoffs == 0 and p.retunes == len(set(seen)) - 1
-    assert p.observe(1.05e-3) == 6  # a longer step (a longer context), under the stall, does not raise N
-    assert p.observe(1e-3 * STALL * 1.01) == 4 and p.backoffs == 1  # a stall against the first timing
+    assert p.retunes == len(set(seen)) - 1
+    assert p.observe(2e-3) == 6  # a longer step (a longer context, or the copies) does not raise N
 
 
 def test_pace_refuses_a_rate_it_cannot_use():
@@ -69,9 +67,9 @@ def test_pace_refuses_a_rate_it_cannot_use():
 
 
 def test_device_fill_option_parses_auto_or_a_count():
-    """--device-fill takes auto or N >= 0 (default 0 until auto is timed on the GPU); anything else is an error that
+    """--device-fill takes auto (the default) or N >= 0; anything else is an error that
     names the flag."""
-    assert TierConfig().device_fill == 0 and TierConfig(device_fill="auto").device_fill == "auto"
+    assert TierConfig().device_fill == "auto" and TierConfig(device_fill=0).device_fill == 0
     assert TierConfig(device_fill=8).device_fill == 8 and TierConfig(device_fill=0).device_fill == 0
     for bad in (-1, "8", "fast", True, 1.5):
         with pytest.raises(BudgetError, match="--device-fill"):
@@ -99,8 +97,8 @@ class _FakeMark:
 def test_pace_tick_waits_for_marks_without_blocking(reference_layout, monkeypatch):
     """The device step's timing of auto: a mark every window steps; while the later mark has not completed, nothing
     is decided (and the dry watch does not count); once it has, the window's mean step sets N, which the captured
-    pick reads from fill_n; a later window slower than STALL x that step backs N off; a pace that reaches 0 turns
-    the fill off."""
+    pick reads from fill_n; a later window too short for N blocks lowers N; a pace that reaches 0 turns the fill
+    off."""
     from tiered import load
     from tiered.decode.devstep import DeviceStep
     from tiered.kernels import slot_table as st
@@ -133,13 +131,13 @@ def test_pace_tick_waits_for_marks_without_blocking(reference_layout, monkeypatc
     for i in range(11, 13):  # the window 6 -> 9 (marked at 9 ms) read at the 12th: still 1 ms a step
         clock[0] = i * 1e-3
         step._pace_tick()
-    assert step.pace.n == 4 and step.pace.backoffs == 0
+    assert step.pace.n == 4 and step.pace.retunes == 0
     t = 12e-3
-    for i in range(13, 40):  # 2 ms a step from here: a stall; N backs off to 0 and the fill goes off
-        t += 2e-3
+    for i in range(13, 40):  # 0.1 ms a step from here: too short for a block; N drops to 0 and the fill goes off
+        t += 0.1e-3
         clock[0] = t
         if step._pace_tick():
             break
-    assert step.pace.n == 0 and int(step.fill_n[0]) == 0 and not step.fill_active and step.pace.backoffs >= 3
+    assert step.pace.n == 0 and int(step.fill_n[0]) == 0 and not step.fill_active and step.pace.retunes == 1
     step._fill_restart()  # a new decode phase: auto chose 0, the fill stays off
     assert not step.fill_active

@@ -215,10 +215,13 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
         provider.drop_device_table(why)
     dpf = int((budget or {}).get("device_prefetch") or 0)
     dev_evict = (budget or {}).get("device_evict") or "policy"
-    dev_fill = (budget or {}).get("device_fill") or 0
+    fill_given = (budget or {}).get("device_fill")
+    dev_fill = TierConfig.device_fill if fill_given is None else fill_given  # the default: auto
     dev_fill = dev_fill if dev_fill == "auto" else int(dev_fill)
     flags = [f for f, on in (("--device-prefetch", dpf), (f"--device-evict {dev_evict}", dev_evict != "policy"),
-                             (f"--device-fill {dev_fill}", dev_fill)) if on]
+                             (f"--device-fill {dev_fill}", fill_given)) if on]
+    if getattr(provider, "devtable", None) is None and fill_given is None:
+        dev_fill = 0  # the default applies to the device step only
     if flags and getattr(provider, "devtable", None) is None:
         raise EngineError(f"{flags[0]} needs the device slot table (--slot-table device or auto), which this run "
                           f"does not use: {getattr(provider, 'slot_table_note', None) or 'no expert cache'}")

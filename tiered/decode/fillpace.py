@@ -12,12 +12,14 @@ saved (4: 1,747; 6: 1,911). The best, 8, moved its blocks in about 0.75 of the s
   1. measure: `window` steps with nothing filled (the fill graph runs, its pick takes 0), timed: step_s;
   2. set N = floor(FILL_SHARE x step_s x link GB/s / block bytes), at most `cap` (0: the link cannot move one block
      in FILL_SHARE of a step; the fill stays off);
-  3. check: each later `window` of steps timed again (with the fill). N never exceeds what FILL_SHARE of that step
-     fits (`blocks_for`): the first windows follow the prefill, when many misses lengthen the step, and an N set
-     from them alone was too many once the cache warmed (session 19, q4 at --vram-gb 4: auto 2,109-2,114 tok/s
-     against 2,310 for a fixed 6 or 8). A step that the fill's copies lengthen gives a smaller N in turn, so a
-     copy-bound step settles where the fill takes FILL_SHARE of it. And a step slower than `STALL` x the measured
-     one means the copies stall the join: N drops to 3/4 (at least by one), down to 0.
+  3. follow: each later `window` of steps is timed again (with the fill), and N drops to what FILL_SHARE of that step
+     fits (`blocks_for`) when that is fewer; it never rises. A window after the prefill, when misses lengthen the
+     step, may set too many; a step that the copies themselves lengthen fits more, not fewer, so N holds.
+A slower step is not a reason to fill less: the fill takes only free slots (it never evicts, so it cannot lower the
+hit rate) and it stops when they are full, so its copies are paid once and buy hits for the rest of the decode.
+Session 19 measured the opposite rule (back off when a window is 10% slower than the first) on the H200, q4 at
+--vram-gb 4 with replayed routing: the filling steps took 669 us against 423 measured without it, N backed off from
+5 to 0 in 4 windows, and auto decoded 2,108 tok/s against 2,316-2,326 for a fixed 6 or 8 (hit rates 0.983 / 0.998).
 """
 from __future__ import annotations
 
@@ -25,7 +27,6 @@ import math
 
 FILL_SHARE = 0.75  # the share of a step the fill's copies may take (session 10's best N, above)
 FILL_AUTO_MAX = 32  # the most blocks a step fills under auto (its pick buffers' length)
-STALL = 1.10  # a step this much slower than the one measured without the fill means the join waits on the copies
 
 
 class FillPace:
@@ -46,7 +47,6 @@ class FillPace:
         self.n: int | None = None  # None while measuring; then the experts a step fills
         self.step_s: float | None = None  # the step timed without the fill
         self.checked_s: float | None = None  # the last window's step with the fill
-        self.backoffs = 0
         self.retunes = 0  # windows whose step fit fewer blocks than N (N lowered to that)
 
     @property
@@ -68,14 +68,11 @@ class FillPace:
         else:
             self.checked_s = step_s
             fit = self.blocks_for(step_s)
-            if self.n > 0 and step_s > STALL * self.step_s:
-                self.n = min(self.n - 1, self.n * 3 // 4, fit)
-                self.backoffs += 1
-            elif fit < self.n:
+            if fit < self.n:
                 self.n = fit
                 self.retunes += 1
         return self.n
 
     def stats(self) -> dict:
         return {"n": self.n, "step_s": self.step_s, "checked_step_s": self.checked_s, "gbps": self.gbps,
-                "backoffs": self.backoffs, "retunes": self.retunes}
+                "retunes": self.retunes}

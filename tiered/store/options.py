@@ -110,10 +110,10 @@ class TierConfig:
     device_prefetch: int = _opt(0, "With the device slot table: experts per layer prefetched one layer ahead on a side "
                                    "stream, ranked by router-history transitions (fitted by `tiered tune --fit-trace`)",
                                 ("min", 0))
-    # default 0 (off) until auto is timed on the GPU: on the H200 box --device-fill 8 measured 1.15x demand paging where
-    # the budget had room (offload-fill-2026-12-01-h200-s10.json); auto (session 18, decode/fillpace.py) is written
-    # and CPU-tested, and benchmarks/lease/s18_call{A,B}.sh time it against 0, 6 and 8 before it may become the default
-    device_fill: int | str = _opt(0, "With the device slot table: experts per decode step copied in the "
+    # default auto (session 19, benchmarks/results/offload-fill-auto-2026-12-02-h200-s19.json): on the H200 box, q4 at
+    # --vram-gb 4 with replayed routing, auto against the fill off, 6 and 8 in the same call; the bf16 table has no
+    # free slot after the prefill, so the fill runs dry at once (decode/fillpace.py)
+    device_fill: int | str = _opt("auto", "With the device slot table: experts per decode step copied in the "
                                      "background into free slots (never evicting; a budget with room to spare "
                                      "loads what demand paging would miss at first use). auto: as many as the "
                                      "link moves in 3/4 of a step, timed in the decode's first steps; 0 = off",
