@@ -177,6 +177,10 @@ TUNED: dict[tuple, QConfig] = {
     # tiles stayed.
     ('gemv', 'q4', 4096, 2048): QConfig(bn=8, bg=64, warps=4, algo=2),
     ('gemv', 'q4', 2048, 151936): QConfig(bn=32, bg=32, warps=4, algo=2),
+    # the nibbles in pairs (conv 2; session 19, quant-pairs-attn-2026-12-02-h200-s19.json): at TUNED's lm_head tile
+    # 2,707 tok/s against 2,750 (fewer SASS offline, slower on the box), over every word GEMV and gate_up 2,669-2,678;
+    # at bg 16 (128 registers, 4 programs a SM) 2,756-2,761 against 2,741-2,752 in three comparisons over two calls
+    ('gemv', 'q4', 2048, 151936): QConfig(bn=32, bg=16, warps=4, algo=2, conv=2),
 }
 
 
