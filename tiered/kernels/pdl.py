@@ -77,8 +77,8 @@ def l2_prefetch_enabled() -> bool:
 def preload_enabled() -> bool:
     """Whether PDL-launched kernels load what the previous kernel does not write (a dense GEMV's first step of weights,
     the expert down kernel's slots and codes, the attention's older keys and values) into registers before their
-    wait: on unless TIERED_PRELOAD=0. The
-    router kernel (fused_route) always does; this switch serves quant_moe's kernels and lets a benchmark time both."""
+    wait: on unless TIERED_PRELOAD=0. The router kernel (fused_route) always does; this switch serves quant_moe's
+    kernels and the attention's split kernel, and lets a benchmark time both."""
     return os.environ.get(PRELOAD_ENV, "1").strip().lower() not in ("0", "off", "false", "no")
 
 
