@@ -15,22 +15,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from bench_peers import FULL, hbm_bound  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from s17_report import decode  # noqa: E402  (a bench_peers JSON's decode figures and its HBM bound)
 
 DEVICE = "NVIDIA H200 (nvidia-h200 lease), Triton 3.6.0, torch 2.11+cu130"
 MODEL = ("8-layer Qwen3-MoE of the 10.6B shape (qwen3-10b-8l, random weights, seed 0): q4+q4 (--experts q4 --dense "
          "q4) and bf16 layouts")
-
-
-def decode(p: Path) -> dict:
-    d = json.loads(p.read_text())
-    v = d["modes"]["vram"]
-    b = hbm_bound(d, FULL)
-    short = v["decode_short"]["decode_tok_s"]
-    return {"decode_short_tok_s": round(short, 1),
-            "decode_short_first_tok_s": round(v["decode_short_first"]["decode_tok_s"], 1),
-            "decode_long_tok_s": round(v["decode_long"]["decode_tok_s"], 1), "commit": d.get("commit"),
-            "hbm_bound_tok_s": round(b["tok_s"], 1), "vs_hbm_bound": round(short / b["tok_s"], 3)}
 
 
 def offload(p: Path) -> dict:
