@@ -76,11 +76,13 @@ def mapped(trace, cfg):
 
 
 def one_run(lay: Path, device: torch.device, prompt: list[int], new: int, doc, *, budget: dict | None,
-            predictor=None, warmup: int, profile: bool = False, fill_ctas: int | None = None) -> dict:
+            predictor=None, warmup: int, profile: bool = False, fill_ctas: int | None = None,
+            timeline: bool = False) -> dict:
     """One engine run, routing replayed from `doc` (None: the model's own routing, for the resident run);
     profile: then profile its device step (profile_device_step). fill_ctas: the device step's background fill
     copies with that many programs (its graphs captured again). The warm-up generate runs without the fill, so
-    the timed run starts from the cache a demand run would have."""
+    the timed run starts from the cache a demand run would have. timeline: the timed run's device steps are
+    recorded one by one (StepTimeline: a few us a step of its own, so its tok/s is not a headline figure)."""
     replay = ReplayRouting(doc.topk_ids, doc.topk_weights, device=device) if doc is not None else None
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     engine = load(lay, device=device, dtype=dtype, budget=budget, max_context=len(prompt) + new + warmup + 8,
@@ -103,8 +105,15 @@ def one_run(lay: Path, device: torch.device, prompt: list[int], new: int, doc, *
     if cache:
         prov.reset_stats()
         prov.record_gets()
+    tl = StepTimeline(ds, new + 8) if timeline and ds is not None and ds.graphed else None
     g = engine.generate(prompt, max_new_tokens=new, stop_at_eos=False)
     s = dict(g.stats)
+    if tl is not None:
+        try:
+            s["timeline"] = tl.finish()
+        except Exception as e:  # the timed figures stand; the timeline says why it is missing
+            s["timeline"] = {"error": f"{type(e).__name__}: {e}"}
+            log(f"timeline failed: {e}")
     s["tokens"] = g.token_ids
     s["get_trace"] = prov.record_gets(False) if cache else None
     if engine.pieces is not None:
@@ -117,6 +126,69 @@ def one_run(lay: Path, device: torch.device, prompt: list[int], new: int, doc, *
             log(f"profile failed: {e}")
     free(engine)
     return s
+
+
+class StepTimeline:
+    """The device step's decode recorded step by step: after each step (DeviceStep._run, wrapped), the fill's
+    cumulative pick count and the table's hit / miss counters are copied into a device row and a timing event is
+    recorded on the step's stream. Per step: its device time (event to event; the host runs a step ahead, so the
+    stream does not idle between steps), the blocks the fill picked and the demand misses. Two tiny copies and an
+    event a step: a few us of its own."""
+
+    def __init__(self, ds, rows: int) -> None:
+        self.ds, self.orig = ds, ds._run
+        self.rows = torch.zeros(rows, 3, dtype=torch.int64, device=ds.device)  # picked, hits, misses (cumulative)
+        self.events: list = []
+        self.n_fill: list[int] = []  # the fill's N in force at each launch (auto: 0 until it settles)
+        ev0 = torch.cuda.Event(enable_timing=True)
+        self.first = ev0
+
+        def run(pos, token):
+            if not self.events:
+                self.first.record(torch.cuda.current_stream(ds.device))
+            out = self.orig(pos, token)
+            i = len(self.events)
+            if i < self.rows.shape[0]:
+                if ds.fill:
+                    self.rows[i, 0:1].copy_(ds.fill_picked)
+                self.rows[i, 1:3].copy_(ds.table.t["counts"][0:2])
+                ev = torch.cuda.Event(enable_timing=True)
+                ev.record(torch.cuda.current_stream(ds.device))
+                self.events.append(ev)
+                self.n_fill.append(ds._fill_count() if ds.fill and ds.fill_active and not ds._fill_held else 0)
+            return out
+
+        ds._run = run
+
+    def finish(self) -> dict:
+        """Unwrap the step; per-step lists and a summary (the fill's steps against the rest)."""
+        self.ds._run = self.orig
+        torch.cuda.synchronize(self.ds.device)
+        n = len(self.events)
+        if n == 0:
+            return {"steps": 0}
+        marks = [self.first] + self.events
+        us = [marks[i].elapsed_time(marks[i + 1]) * 1e3 for i in range(n)]
+        rows = self.rows[:n].tolist()
+        prev = [0, rows[0][1], rows[0][2]]
+        picks, misses = [rows[0][0]], [0]
+        for r in rows[1:]:
+            picks.append(r[0] - prev[0])
+            misses.append(r[2] - prev[2])
+            prev = r
+        # (the first step's counts include the hand-over's; its misses are left out)
+        filling = [i for i in range(n) if picks[i] > 0]
+        rest = [i for i in range(1, n) if picks[i] == 0]
+
+        def mean(ix):
+            return sum(us[i] for i in ix) / len(ix) if ix else None
+
+        return {"steps": n, "step_us": [round(v, 1) for v in us], "picks": picks, "misses": misses,
+                "fill_n": self.n_fill, "first_fill_step": filling[0] if filling else None,
+                "last_fill_step": filling[-1] if filling else None, "fill_steps": len(filling),
+                "mean_us_filling": mean(filling), "mean_us_rest": mean(rest),
+                "misses_filling": sum(misses[i] for i in filling), "misses_rest": sum(misses[i] for i in rest),
+                "mean_us": sum(us) / n}
 
 
 def profile_device_step(engine, prompt: list[int], new: int) -> dict:
@@ -226,6 +298,8 @@ def summarise(s: dict, bounds: dict, compute_s: float, L: int) -> dict:
         v[f"vs_{name}"] = s["decode_tok_s"] * b if s.get("decode_tok_s") else None  # b is seconds per token
     if s.get("profile"):
         v["profile"] = s["profile"]
+    if s.get("timeline"):
+        v["timeline"] = s["timeline"]
     v["step_ahead"] = s.get("step_ahead")
     return v
 
@@ -270,8 +344,13 @@ def main() -> None:
     ap.add_argument("--profile", default="",
                     help="comma-separated device-step run labels (e.g. lru/device) to profile after their timed run: "
                          "the warm step's wall time and its kernels per token (row key 'profile')")
+    ap.add_argument("--timeline", default="",
+                    help="comma-separated device-step run labels whose timed run is recorded step by step (row key "
+                         "'timeline': each step's device us, the fill's picks and the demand misses; a few us a step "
+                         "of its own, so time those labels in a separate invocation from the headline rows)")
     a = ap.parse_args()
     a.profile = set(filter(None, a.profile.split(",")))
+    a.timeline = set(filter(None, a.timeline.split(",")))
     a.only = None if a.only is None else set(a.only.split(","))
     cuda = torch.cuda.is_available() and not a.small
     device = torch.device("cuda" if cuda else "cpu")
@@ -325,7 +404,7 @@ def main() -> None:
                       **({"device_fill": fill} if fill is not None else {})}  # None: its default (auto)
             log(f"doc {name}: {label}")
             s = one_run(a.layout, device, prompt, a.new_tokens, doc, budget=budget, predictor=pred, warmup=a.warmup,
-                        profile=label in a.profile, fill_ctas=fill_ctas)
+                        profile=label in a.profile, fill_ctas=fill_ctas, timeline=label in a.timeline)
             if table == "device" and s.get("decode_graphs") != "device":  # a fallback is not a device-step figure
                 log(f"doc {name}: {label} did not decode with the device step ({s.get('decode_graphs')}): row dropped")
                 res.setdefault("failed_runs", []).append({"doc": name, "run": label, "decode_graphs": s.get("decode_graphs")})

@@ -58,6 +58,21 @@ def test_pace_follows_the_step_down_to_what_it_fits():
     assert p.observe(2e-3) == 6  # a longer step (a longer context, or the copies) does not raise N
 
 
+def test_pace_share_from_the_argument_or_the_benchmark_knob(monkeypatch):
+    """share= overrides FILL_SHARE; TIERED_FILL_SHARE (a benchmark's knob) sets the default; a share outside
+    (0, 4] is refused with the variable's name."""
+    monkeypatch.delenv("TIERED_FILL_SHARE", raising=False)
+    assert FillPace(50.0, 2_650_000).share == FILL_SHARE
+    assert FillPace(50.0, 1_000_000, cap=100, share=0.9).blocks_for(1e-3) == 45
+    monkeypatch.setenv("TIERED_FILL_SHARE", "0.5")
+    p = FillPace(50.0, 1_000_000, cap=100)
+    assert p.share == 0.5 and p.blocks_for(1e-3) == 25 and p.stats()["share"] == 0.5
+    for bad in ("0", "-1", "5", "x"):
+        monkeypatch.setenv("TIERED_FILL_SHARE", bad)
+        with pytest.raises(ValueError, match="TIERED_FILL_SHARE"):
+            FillPace(50.0, 1_000_000)
+
+
 def test_pace_refuses_a_rate_it_cannot_use():
     for bad in (0.0, -3.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="measured link rate"):

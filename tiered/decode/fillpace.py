@@ -24,18 +24,36 @@ Session 19 measured the opposite rule (back off when a window is 10% slower than
 from __future__ import annotations
 
 import math
+import os
 
 FILL_SHARE = 0.75  # the share of a step the fill's copies may take (session 10's best N, above)
 FILL_AUTO_MAX = 32  # the most blocks a step fills under auto (its pick buffers' length)
+SHARE_ENV = "TIERED_FILL_SHARE"  # benchmarks: another share, to time it against the default
+
+
+def fill_share() -> float:
+    """FILL_SHARE, or TIERED_FILL_SHARE when set (a benchmark's knob: a share in (0, 4])."""
+    v = os.environ.get(SHARE_ENV, "").strip()
+    if not v:
+        return FILL_SHARE
+    try:
+        share = float(v)
+    except ValueError:
+        share = float("nan")
+    if not (0 < share <= 4):
+        raise ValueError(f"{SHARE_ENV}={v!r}: the share of a step the fill's copies may take must be in (0, 4]")
+    return share
 
 
 class FillPace:
     """The fill's experts per step under --device-fill auto.
 
     gbps: the host->device rate of block copies (GB/s, 10^9 B/s; the paced rate under --h2d-gbps); block_bytes: one
-    expert block; window: steps per timing; cap: the largest N (the pick buffers' length)."""
+    expert block; window: steps per timing; cap: the largest N (the pick buffers' length); share: the share of a
+    step the copies may take (None: `fill_share()`)."""
 
-    def __init__(self, gbps: float, block_bytes: int, *, window: int = 3, cap: int = FILL_AUTO_MAX) -> None:
+    def __init__(self, gbps: float, block_bytes: int, *, window: int = 3, cap: int = FILL_AUTO_MAX,
+                 share: float | None = None) -> None:
         if not (gbps > 0 and math.isfinite(gbps)):
             raise ValueError(f"--device-fill auto needs a measured link rate > 0 GB/s, got {gbps!r}")
         if block_bytes <= 0 or window < 1 or cap < 1:
@@ -44,6 +62,7 @@ class FillPace:
         self.block_bytes = int(block_bytes)
         self.window = int(window)
         self.cap = int(cap)
+        self.share = fill_share() if share is None else float(share)
         self.n: int | None = None  # None while measuring; then the experts a step fills
         self.step_s: float | None = None  # the step timed without the fill
         self.checked_s: float | None = None  # the last window's step with the fill
@@ -55,8 +74,8 @@ class FillPace:
         return self.n is not None
 
     def blocks_for(self, step_s: float) -> int:
-        """N for a step of step_s seconds: the blocks the link moves in FILL_SHARE of it, capped."""
-        return max(0, min(self.cap, int(FILL_SHARE * step_s * self.gbps * 1e9 // self.block_bytes)))
+        """N for a step of step_s seconds: the blocks the link moves in `share` of it, capped."""
+        return max(0, min(self.cap, int(self.share * step_s * self.gbps * 1e9 // self.block_bytes)))
 
     def observe(self, step_s: float) -> int:
         """One window's mean step time (seconds). Returns the experts a step fills from now on."""
@@ -75,4 +94,4 @@ class FillPace:
 
     def stats(self) -> dict:
         return {"n": self.n, "step_s": self.step_s, "checked_step_s": self.checked_s, "gbps": self.gbps,
-                "retunes": self.retunes}
+                "retunes": self.retunes, "share": self.share}
