@@ -118,7 +118,7 @@ class SimTable(DeviceSlotTable):
         self.pf += n
         self.gathers.append(("prefetch", n))
 
-    def gather(self, src, slot, *, ctas=None, layer=None):
+    def gather(self, src, slot, *, ctas=None, layer=None, **shape):
         pass
 
 

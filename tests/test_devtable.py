@@ -286,6 +286,41 @@ def test_gather_strided_kernel_copies_only_misses():
     assert slots[1].eq(0).all() and slots[3].eq(0).all()
 
 
+@pytest.mark.parametrize("warps,block,chunks", [(1, 256, 4), (2, 512, 2)])
+def test_gather_copy_shapes_copy_the_same(warps, block, chunks):
+    """The fill's copy shapes (TIERED_FILL_GATHER's warps:block:chunks) copy the same rows as the default: a row
+    whose words are not a multiple of block * chunks included."""
+    R, S, B = 5, 4, 4096 + 1024
+    host = torch.randint(0, 255, (R, B), dtype=torch.uint8)
+    slots = torch.zeros(S, B, dtype=torch.uint8)
+    src, dst = torch.tensor([2, -1, 4]), torch.tensor([3, 1, 0])
+    if CUDA:
+        dslots = slots.cuda()
+        st.gather(host.pin_memory(), src.cuda(), dst.cuda(), dslots, ctas=3, chunks=chunks, warps=warps, block=block)
+        slots = dslots.cpu()
+    else:
+        words = B // 4
+        n_c = -(-words // (block * chunks))
+        st._gather_strided_kernel[(3,)](host.view(torch.int32), src, dst, slots.view(torch.int32), words, 3 * n_c, n_c,
+                                        BLOCK=block, CHUNKS=chunks, num_warps=warps)
+    assert torch.equal(slots[3], host[2]) and torch.equal(slots[0], host[4])
+    assert slots[1].eq(0).all() and slots[2].eq(0).all()
+
+
+def test_fill_gather_options_parse_and_refuse(monkeypatch):
+    monkeypatch.delenv("TIERED_FILL_GATHER", raising=False)
+    assert st.fill_gather_options() == {}
+    monkeypatch.setenv("TIERED_FILL_GATHER", "1:256:4")
+    assert st.fill_gather_options() == {"warps": 1, "block": 256, "chunks": 4}
+    for bad in ("3:256:4", "1:100:4", "1:256:0", "1:256", "a:b:c"):
+        monkeypatch.setenv("TIERED_FILL_GATHER", bad)
+        with pytest.raises(ValueError, match="TIERED_FILL_GATHER"):
+            st.fill_gather_options()
+    with pytest.raises(ValueError, match="power of two"):
+        st.gather(torch.zeros(1, 64, dtype=torch.uint8), torch.tensor([0]), torch.tensor([0]),
+                  torch.zeros(1, 64, dtype=torch.uint8), block=100)
+
+
 def test_device_prefetch_needs_the_device_table(reference_layout):
     with pytest.raises(EngineError, match="--device-prefetch needs the device slot table"):
         load(reference_layout, device="cpu", budget={"expert_slots": 16, "device_prefetch": 4})

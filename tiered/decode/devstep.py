@@ -40,7 +40,7 @@ from tiered.decode.devpolicy import DEFAULT_PARAMS, NextUse, NextUseParams
 from tiered.decode.fillpace import FILL_AUTO_MAX, FillPace
 from tiered.decode.sampling import argmax_into
 from tiered.kernels import cpu_handoff
-from tiered.kernels.slot_table import fill_windows, split_granule
+from tiered.kernels.slot_table import fill_gather_options, fill_windows, split_granule
 from tiered.model.transformer import Transformer
 from tiered.store.offload import CostModel
 
@@ -168,6 +168,7 @@ class DeviceStep:
             self.fill_src = torch.full((self.fill,), -1, dtype=torch.int64, device=dev)
             self.fill_stream = torch.cuda.Stream(dev) if cuda else None
             self.fill_ctas = int(fill_ctas)
+            self.fill_gather = fill_gather_options()  # the copy's warps:block:chunks (TIERED_FILL_GATHER)
             # auto: the steps timed (CUDA events recorded after a replay, or the host clock when eager), one mark
             # every pace.window steps; the oldest two give a window's mean step once the later one has completed
             self._pace_marks: list[tuple[int, Any]] = []
@@ -291,7 +292,7 @@ class DeviceStep:
         if cuda:
             self.fill_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.fill_stream) if cuda else contextlib.nullcontext():
-            self.table.gather(self.fill_src, self.fill_slot, ctas=self.fill_ctas)
+            self.table.gather(self.fill_src, self.fill_slot, ctas=self.fill_ctas, **self.fill_gather)
 
     def _fill_end(self) -> None:
         """The fill's copies have landed: its slots take their keys (a graph joins its side streams anyway)."""

@@ -37,6 +37,7 @@ host_row int64 [N] (the key's row in the host pool; every key must have one).
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import torch
@@ -529,7 +530,7 @@ def resolve_reference(ids: Tensor, layer: int, num_experts: int, t: dict[str, Te
 
 def gather(host_pool: Tensor, row_src: Tensor, row_dst: Tensor, slots: Tensor, *, chunks: int = 4,
            ctas: int | None = None, gbps: float = 0.0, split: tuple[Tensor, Tensor] | None = None,
-           inverse: bool = False) -> None:
+           inverse: bool = False, warps: int = 4, block: int = 1024) -> None:
     """slots[row_dst[r]] = host_pool[row_src[r]] for every r with row_src[r] >= 0 (whole blocks).
 
     host_pool uint8 [R, B] (pinned on CUDA), slots uint8 [S, B] on the device, row_src / row_dst int64 [K] on the
@@ -546,6 +547,8 @@ def gather(host_pool: Tensor, row_src: Tensor, row_dst: Tensor, slots: Tensor, *
     block). A paced gather paces such a row as a whole block. inverse (with split): copy only those rows of that
     row, nothing else (the admitted split's later copy)."""
     B = slots.shape[1]
+    if block < 32 or block & (block - 1) or warps not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"gather: block {block} must be a power of two >= 32 and warps {warps} one of 1..32")
     if slots.device.type != "cuda":
         for r, (s, d) in enumerate(zip(row_src.tolist(), row_dst.tolist())):
             if s >= 0:
@@ -557,7 +560,7 @@ def gather(host_pool: Tensor, row_src: Tensor, row_dst: Tensor, slots: Tensor, *
     if B % 4:
         raise ValueError(f"gather copies 4-byte words: block size {B} is not a multiple of 4")
     words = B // 4
-    BLOCK = 1024
+    BLOCK = int(block)
     n_c = triton.cdiv(words, BLOCK * chunks)
     src = HostPointer(host_pool.view(torch.int32)) if host_pool.device.type == "cpu" else host_pool.view(torch.int32)
     if ctas is None:
@@ -568,7 +571,8 @@ def gather(host_pool: Tensor, row_src: Tensor, row_dst: Tensor, slots: Tensor, *
           {"spec": row_src, "split_c": row_src, "SPLIT": False, "INVERSE": False})  # every argument typed
     if ctas == 0 and gbps <= 0:
         _gather_kernel[(row_src.shape[0], n_c)](src, row_src, row_dst, slots.view(torch.int32), words,
-                                                BLOCK=BLOCK, CHUNKS=chunks, **launch_args(slots.device), **sp)
+                                                BLOCK=BLOCK, CHUNKS=chunks, num_warps=warps,
+                                                **launch_args(slots.device), **sp)
     else:
         n = row_src.shape[0] * n_c
         pace = {"ns_per_chunk": 0.0, "R_P": 2, "PACED": False}  # every argument typed (the real compiler)
@@ -576,8 +580,8 @@ def gather(host_pool: Tensor, row_src: Tensor, row_dst: Tensor, slots: Tensor, *
             pace = {"ns_per_chunk": BLOCK * chunks * 4 / float(gbps), "R_P": _p2(row_src.shape[0]), "PACED": True}
             ctas = ctas or 4 * _sm_count(slots.device)
         _gather_strided_kernel[(max(1, min(ctas, n)),)](src, row_src, row_dst, slots.view(torch.int32), words, n, n_c,
-                                                        BLOCK=BLOCK, CHUNKS=chunks, **launch_args(slots.device),
-                                                        **pace, **sp)
+                                                        BLOCK=BLOCK, CHUNKS=chunks, num_warps=warps,
+                                                        **launch_args(slots.device), **pace, **sp)
 
 
 def split_spec(pool: Tensor, W: Any) -> list[int] | None:
@@ -621,6 +625,26 @@ def split_copy_reference(src: Tensor, dst: Tensor, spec: Tensor, rows: int, *, i
 
 
 FILL_WINDOW = 1024  # keys of the fill order one pick scans
+
+
+FILL_GATHER_ENV = "TIERED_FILL_GATHER"  # benchmarks: the fill copy's warps:block:chunks
+
+
+def fill_gather_options() -> dict:
+    """The background fill's copy shape, warps:block:chunks (each program's warps, the words of one load, loads per
+    item), from TIERED_FILL_GATHER (a benchmark's knob); unset: gather's defaults (4 warps, 1,024-word loads, 4 per
+    item)."""
+    v = os.environ.get(FILL_GATHER_ENV, "").strip()
+    if not v:
+        return {}
+    try:
+        w, b, c = (int(x) for x in v.split(":"))
+    except ValueError:
+        raise ValueError(f"{FILL_GATHER_ENV}={v!r}: expected warps:block:chunks, e.g. 4:1024:4") from None
+    if w not in (1, 2, 4, 8, 16, 32) or b < 32 or b & (b - 1) or not 1 <= c <= 16:
+        raise ValueError(f"{FILL_GATHER_ENV}={v!r}: warps one of 1..32 (a power of two), block a power of two >= 32, "
+                         "chunks 1..16")
+    return {"warps": w, "block": b, "chunks": c}
 
 
 def fill_windows(n_keys: int) -> int:
