@@ -321,6 +321,17 @@ def test_fill_gather_options_parse_and_refuse(monkeypatch):
                   torch.zeros(1, 64, dtype=torch.uint8), block=100)
 
 
+def test_demand_gather_ctas_parse_and_refuse(monkeypatch):
+    monkeypatch.delenv("TIERED_GATHER_CTAS", raising=False)
+    assert st.demand_gather_ctas() is None
+    monkeypatch.setenv("TIERED_GATHER_CTAS", "64")
+    assert st.demand_gather_ctas() == 64
+    for bad in ("0", "-2", "x", "1.5"):
+        monkeypatch.setenv("TIERED_GATHER_CTAS", bad)
+        with pytest.raises(ValueError, match="TIERED_GATHER_CTAS"):
+            st.demand_gather_ctas()
+
+
 def test_device_prefetch_needs_the_device_table(reference_layout):
     with pytest.raises(EngineError, match="--device-prefetch needs the device slot table"):
         load(reference_layout, device="cpu", budget={"expert_slots": 16, "device_prefetch": 4})

@@ -40,7 +40,7 @@ from tiered.decode.devpolicy import DEFAULT_PARAMS, NextUse, NextUseParams
 from tiered.decode.fillpace import FILL_AUTO_MAX, FillPace
 from tiered.decode.sampling import argmax_into
 from tiered.kernels import cpu_handoff
-from tiered.kernels.slot_table import fill_gather_options, fill_windows, split_granule
+from tiered.kernels.slot_table import demand_gather_ctas, fill_gather_options, fill_windows, split_granule
 from tiered.model.transformer import Transformer
 from tiered.store.offload import CostModel
 
@@ -208,6 +208,7 @@ class DeviceStep:
             # at the step's end
             self.split_stream = torch.cuda.Stream(dev) if cuda and self.cpu_admit else None
             self.split_ctas = int(split_ctas)
+        self.demand_ctas = demand_gather_ctas()  # the misses' copy programs (None: 4 per SM; TIERED_GATHER_CTAS)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.graphed else None
         self.steps = 0
@@ -241,7 +242,7 @@ class DeviceStep:
                                    cpu_row=self.cpu_row[l] if cpu else None)
                 if cpu:  # the CPU starts on its share before the copies of the others
                     cpu_handoff.post(r.x, r.weights[0], self.cpu_row[l], self.cpu_seq, self.cpu)
-                self.table.gather(self.src[l], self.slots[l], layer=l)
+                self.table.gather(self.src[l], self.slots[l], layer=l, ctas=self.demand_ctas)
                 if nu is not None:
                     nu.update(self.moe_index[l], r.ids[0])
                 if self.prefetch and l + 1 < self.L and m.layers[l + 1].moe is not None:

@@ -647,6 +647,20 @@ def fill_gather_options() -> dict:
     return {"warps": w, "block": b, "chunks": c}
 
 
+DEMAND_CTAS_ENV = "TIERED_GATHER_CTAS"  # benchmarks: the demand gather's programs
+
+
+def demand_gather_ctas() -> int | None:
+    """The device step's demand gather programs from TIERED_GATHER_CTAS (a benchmark's knob); unset: None (gather's
+    default, 4 per SM)."""
+    v = os.environ.get(DEMAND_CTAS_ENV, "").strip()
+    if not v:
+        return None
+    if not v.isdigit() or int(v) < 1:
+        raise ValueError(f"{DEMAND_CTAS_ENV}={v!r}: expected the demand gather's programs, an integer >= 1")
+    return int(v)
+
+
 def fill_windows(n_keys: int) -> int:
     """Picks in a row that find nothing before the fill has surely run dry: the order's windows, plus one (a pick
     that finds no key not resident in its window moves the cursor a whole window on)."""
