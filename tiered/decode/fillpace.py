@@ -17,6 +17,11 @@ saved (4: 1,747; 6: 1,911). The best, 8, moved its blocks in about 0.75 of the s
      step, may set too many; a step that the copies themselves lengthen fits more, not fewer, so N holds.
 A slower step is not a reason to fill less: the fill takes only free slots (it never evicts, so it cannot lower the
 hit rate) and it stops when they are full, so its copies are paid once and buy hits for the rest of the decode.
+The share: session 10's best N, 8, moved its blocks in about 0.75 of its 593 us step, but with the step at 420 us
+0.75 gives 5, below the plateau. Session 20 (H200, q4 at --vram-gb 4, replayed routing, 127 tokens, popularity order
+from the first step, one call): N 4 / 5 / 6 / 7 took 2,187 / 2,234 / 2,291 / 2,326 tok/s (copies at 0.50-0.88 of the
+step), and 6 and 8 (0.99 of it) measured within 1% of each other in five calls; session 10's 16 (1.4 of its step)
+stalled it (1,646 against 1,938). So the copies may take 0.9 of the step: N 7 at 420 us and 50 GB/s, 10 at 593 us.
 Session 19 measured the opposite rule (back off when a window is 10% slower than the first) on the H200, q4 at
 --vram-gb 4 with replayed routing: the filling steps took 669 us against 423 measured without it, N backed off from
 5 to 0 in 4 windows, and auto decoded 2,108 tok/s against 2,316-2,326 for a fixed 6 or 8 (hit rates 0.983 / 0.998).
@@ -26,7 +31,7 @@ from __future__ import annotations
 import math
 import os
 
-FILL_SHARE = 0.75  # the share of a step the fill's copies may take (session 10's best N, above)
+FILL_SHARE = 0.9  # the share of a step the fill's copies may take (sessions 10 and 20, above)
 FILL_AUTO_MAX = 32  # the most blocks a step fills under auto (its pick buffers' length)
 SHARE_ENV = "TIERED_FILL_SHARE"  # benchmarks: another share, to time it against the default
 

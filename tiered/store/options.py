@@ -116,7 +116,7 @@ class TierConfig:
     device_fill: int | str = _opt("auto", "With the device slot table: experts per decode step copied in the "
                                      "background into free slots (never evicting; a budget with room to spare "
                                      "loads what demand paging would miss at first use). auto: as many as the "
-                                     "link moves in 3/4 of a step, timed in the decode's first steps; 0 = off",
+                                     "link moves in 0.9 of a step, timed in the decode's first steps; 0 = off",
                                   ("auto-or-min", 0))
     device_evict: str = _opt("policy", "With the device slot table: evict by --policy (lru/flru), or by nextuse (each "
                                        "expert's predicted next use from router-history transitions and its use "
