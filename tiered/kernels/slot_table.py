@@ -545,7 +545,9 @@ def gather(host_pool: Tensor, row_src: Tensor, row_dst: Tensor, slots: Tensor, *
     split = (spec int64 [8] from `split_spec`, split_c int64 [3] from resolve, both on the device): the row copied
     into the call's split slot split_c[1] skips the first split_c[0] FFN rows of its expert (zero rows: a whole
     block). A paced gather paces such a row as a whole block. inverse (with split): copy only those rows of that
-    row, nothing else (the admitted split's later copy)."""
+    row, nothing else (the admitted split's later copy). warps, block: each program's warps and the words of one
+    load (`chunks` of them per item): the strided copy's footprint beside compute (the fill's copy: TIERED_FILL_GATHER,
+    `fill_gather_options`; session 20 on the H200 found the defaults best for the fill)."""
     B = slots.shape[1]
     if block < 32 or block & (block - 1) or warps not in (1, 2, 4, 8, 16, 32):
         raise ValueError(f"gather: block {block} must be a power of two >= 32 and warps {warps} one of 1..32")
