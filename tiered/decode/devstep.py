@@ -169,8 +169,8 @@ class DeviceStep:
             self.fill_stream = torch.cuda.Stream(dev) if cuda else None
             self.fill_ctas = int(fill_ctas)
             self.fill_gather = fill_gather_options()  # the copy's warps:block:chunks (TIERED_FILL_GATHER)
-            # auto: the steps timed (CUDA events recorded after a replay, or the host clock when eager), one mark
-            # every pace.window steps; the oldest two give a window's mean step once the later one has completed
+            # auto: the steps timed (CUDA events recorded after a replay, or the host clock when eager), marks
+            # where pace.marks_at says; the oldest two give a window's mean step once the later one has completed
             self._pace_marks: list[tuple[int, Any]] = []
             self._pace_count = 0
         # CPU experts: per MoE layer, resolve's RAM rows of the misses sent to the CPU (the worker's sum is added
@@ -346,13 +346,14 @@ class DeviceStep:
         return self.pace.n or 0
 
     def _pace_tick(self) -> bool:
-        """--device-fill auto, after a step with the fill graph: mark every pace.window steps (an event on the
-        step's stream, or the host clock when eager) and, once the later of the two oldest marks has completed
+        """--device-fill auto, after a step with the fill graph: mark where the pace says (pace.marks_at: after
+        the phase's first step, after its first window, then every pace.window steps; an event on the step's stream,
+        or the host clock when eager) and, once the later of the two oldest marks has completed
         (never waiting), hand the window's mean step to the pace and write its N where the captured pick reads it.
         True when the fill goes off (auto chose or backed off to 0)."""
         p = self.pace
         self._pace_count += 1
-        if self._pace_count % p.window == 0:
+        if p.marks_at(self._pace_count):
             self._pace_marks.append((self._pace_count, self._pace_mark()))
         if len(self._pace_marks) >= 2:
             (c0, e0), (c1, e1) = self._pace_marks[0], self._pace_marks[1]

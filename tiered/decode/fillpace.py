@@ -9,7 +9,9 @@ The fill copies N blocks on a side stream beside the whole step and the step joi
 must cross the link within a step: more stalls the step (measured on the H200 box, q4 at --vram-gb 4, session 10:
 16 a step at 2.6 MiB each took 1,646 tok/s against 1,938 for 8), fewer leaves misses that a free slot could have
 saved (4: 1,747; 6: 1,911). The best, 8, moved its blocks in about 0.75 of the step timed without the fill. So:
-  1. measure: `window` steps with nothing filled (the fill graph runs, its pick takes 0), timed: step_s;
+  1. measure: `first` steps with nothing filled (the fill graph runs, its pick takes 0), timed: step_s; the
+     decode's first `skip` steps are not timed (the first carries the table's hand-over: 1.1-1.5 ms on the H200
+     against 0.4 after, session 20's timeline);
   2. set N = floor(FILL_SHARE x step_s x link GB/s / block bytes), at most `cap` (0: the link cannot move one block
      in FILL_SHARE of a step; the fill stays off);
   3. follow: each later `window` of steps is timed again (with the fill), and N drops to what FILL_SHARE of that step
@@ -54,24 +56,35 @@ class FillPace:
     """The fill's experts per step under --device-fill auto.
 
     gbps: the host->device rate of block copies (GB/s, 10^9 B/s; the paced rate under --h2d-gbps); block_bytes: one
-    expert block; window: steps per timing; cap: the largest N (the pick buffers' length); share: the share of a
-    step the copies may take (None: `fill_share()`)."""
+    expert block; window: steps per timing after the first; cap: the largest N (the pick buffers' length); share:
+    the share of a step the copies may take (None: `fill_share()`); skip: a decode phase's steps before the first
+    mark; first: the steps of the first (unfilled) window. So the fill starts about skip + first + 1 steps into a
+    phase (the later mark must have completed: the host runs a step ahead), not 2 x window + 1: session 20's sweep
+    and simulation put 13 first uses of a 127-token decode on 7 steps' delay."""
 
     def __init__(self, gbps: float, block_bytes: int, *, window: int = 3, cap: int = FILL_AUTO_MAX,
-                 share: float | None = None) -> None:
+                 share: float | None = None, skip: int = 1, first: int = 2) -> None:
         if not (gbps > 0 and math.isfinite(gbps)):
             raise ValueError(f"--device-fill auto needs a measured link rate > 0 GB/s, got {gbps!r}")
-        if block_bytes <= 0 or window < 1 or cap < 1:
-            raise ValueError(f"FillPace: block_bytes {block_bytes}, window {window} and cap {cap} must be >= 1")
+        if block_bytes <= 0 or window < 1 or cap < 1 or first < 1 or skip < 1:
+            raise ValueError(f"FillPace: block_bytes {block_bytes}, window {window}, first {first} and cap {cap} must "
+                             f"be >= 1, skip {skip} >= 1")
         self.gbps = float(gbps)
         self.block_bytes = int(block_bytes)
         self.window = int(window)
         self.cap = int(cap)
+        self.skip, self.first = int(skip), int(first)
         self.share = fill_share() if share is None else float(share)
         self.n: int | None = None  # None while measuring; then the experts a step fills
         self.step_s: float | None = None  # the step timed without the fill
         self.checked_s: float | None = None  # the last window's step with the fill
         self.retunes = 0  # windows whose step fit fewer blocks than N (N lowered to that)
+
+    def marks_at(self, count: int) -> bool:
+        """Whether the step timing takes a mark after a phase's count-th step (1-based): after `skip`, after
+        skip + first (the first window), then every `window` steps."""
+        k = count - self.skip - self.first
+        return count == self.skip or (k >= 0 and k % self.window == 0)
 
     @property
     def settled(self) -> bool:
