@@ -73,10 +73,13 @@ def test_pace_share_from_the_argument_or_the_benchmark_knob(monkeypatch):
             FillPace(50.0, 1_000_000)
 
 
-def test_pace_marks_skip_the_first_step_then_a_short_window():
-    """Marks after the phase's first step (the hand-over's), after the first window of 2, then every 3 steps."""
+def test_pace_marks_after_skip_then_the_first_window_then_every_window():
+    """Marks after `skip` steps, after the first window, then every `window`: by default steps 3, 6, 9, ... (the
+    first window is steps 4-6); a window after the hand-over's step alone was timed and not kept (fillpace's
+    docstring)."""
     p = FillPace(50.0, 2_650_000)
-    assert [c for c in range(1, 16) if p.marks_at(c)] == [1, 3, 6, 9, 12, 15]
+    assert [c for c in range(1, 16) if p.marks_at(c)] == [3, 6, 9, 12, 15]
+    assert [c for c in range(1, 16) if FillPace(50.0, 2_650_000, skip=1, first=2).marks_at(c)] == [1, 3, 6, 9, 12, 15]
     q = FillPace(50.0, 2_650_000, skip=2, first=3, window=4)
     assert [c for c in range(1, 16) if q.marks_at(c)] == [2, 5, 9, 13]
     with pytest.raises(ValueError, match="skip"):
@@ -142,18 +145,18 @@ def test_pace_tick_waits_for_marks_without_blocking(reference_layout, monkeypatc
         return _FakeMark(clock[0], ready)
 
     monkeypatch.setattr(step, "_pace_mark", mark)
-    for i in range(1, 5):  # steps of 1 ms; marks after the 1st and the 3rd (not done yet)
+    for i in range(1, 9):  # steps of 1 ms; marks at 3 and 6 (not done yet)
         clock[0] = i * 1e-3
         assert step._pace_tick() is False
     assert not step.pace.settled and len(step._pace_marks) == 2 and int(step.fill_n[0]) == 0
-    step._fill_watch()  # (a 5th step) unsettled: the watch returns before its dry count
-    assert step._fill_dry == 0 and not step._fill_pending and len(step._pace_marks) == 2
+    clock[0] = 9e-3
+    step._fill_watch()  # (the 9th step, marked) unsettled: the watch returns before its dry count
+    assert step._fill_dry == 0 and not step._fill_pending and len(step._pace_marks) == 3
     ready[0] = True
-    clock[0] = 6e-3
-    assert step._pace_tick() is False  # the 6th step (marked): the 1 -> 3 window read: 1 ms a step
+    clock[0] = 10e-3
+    assert step._pace_tick() is False  # the 10th step: the 3 -> 6 window read: 1 ms a step
     assert step.pace.n == 4 and int(step.fill_n[0]) == 4 and step.pace.step_s == pytest.approx(1e-3)
-    assert [c for c, _ in step._pace_marks] == [3, 6]
-    for i in range(7, 13):  # windows 3 -> 6 and 6 -> 9 read: still 1 ms a step
+    for i in range(11, 13):  # the window 6 -> 9 (marked at 9 ms) read at the 12th: still 1 ms a step
         clock[0] = i * 1e-3
         step._pace_tick()
     assert step.pace.n == 4 and step.pace.retunes == 0

@@ -1,6 +1,6 @@
 """Session 20: assemble benchmarks/results/offload-fill-share-2026-12-02-h200-s20.json (the background fill's pace,
 order and copy shape, q4+q4 at --vram-gb 4 with replayed routing; issue 13's offload goal) from the files the lease
-calls brought back, unpacked under one folder per call (A-D: benchmarks/lease/s20_call*.sh). Every figure is read
+calls brought back, unpacked under one folder per call (A-E: benchmarks/lease/s20_call*.sh). Every figure is read
 from those files.
 
     python3 benchmarks/lease/s20_report.py /tmp/s20r benchmarks/results
@@ -44,7 +44,7 @@ def offload(p: Path) -> dict:
 
 
 def main(root: Path, out_dir: Path) -> None:
-    A, B, C, D = (root / n for n in "ABCD")
+    A, B, C, D, E = (root / n for n in "ABCDE")
     q = lambda c, tag: offload(c / f"offload-layout-q4-{tag}.json")  # noqa: E731
     res = {
         "bench": "bench_cpu_experts_gpu.py (offload_variant in benchmarks/lease/lib.sh): one eval document "
@@ -55,7 +55,8 @@ def main(root: Path, out_dir: Path) -> None:
                 "under TIERED_FILL_SHARE=0.9; 512-token runs. B (ee2ab63, TIERED_FILL_GATHER): the fill "
                 "copy's shape, and the warm step profiled. C (017f47f): N swept with the timeline (popularity order), the "
                 "default on an untuned and a tuned layout, the demand gather's programs (TIERED_GATHER_CTAS). D "
-                "(66c1f8e, FILL_SHARE 0.9): the final rows, q4 and bf16.",
+                "(66c1f8e, FILL_SHARE 0.9): the final rows, q4 and bf16. E (fc1de49): auto's first window at steps 2-3 "
+                "instead of 4-6 (not kept: the final commit times steps 4-6 again, as D), and the CLI's hint.",
         "findings": [
             "The default row's layout has no fitted router history, so its fill goes in expert-id order: 88-112 "
             "misses while filling against 25 for a fixed 6 in popularity order (A, C timelines). `default/tuned` "
@@ -77,6 +78,9 @@ def main(root: Path, out_dir: Path) -> None:
         "C": {t: q(C, t) for t in ("sweep", "ctas132", "ctas64", "ctas32", "head", "long")},
         "D": {**{t: q(D, t) for t in ("head", "long")}, "bf16": offload(D / "offload-bf16-head.json"),
               "cuda_tests": summary(D / "cuda-tests.log")},
+        "E": {**{t: q(E, t) for t in ("head", "long")}, "cuda_tests": summary(E / "cuda-tests.log"),
+              "auto_first_window": "steps 2-3 (skip 1, first 2); not kept",
+              "cli_hint": [ln for ln in (E / "cli.log").read_text().splitlines() if "expert-id order" in ln]},
     }
     for c, tags in (("B", {"tl-w1b256": "1:256:4 x64", "tl-w1b512": "1:512:4 x32", "tl-w2b512": "2:512:4 x32",
                            "tl-w8b1024": "8:1024:4 x16", "tl-w16b1024": "16:1024:4 x8",
@@ -88,7 +92,7 @@ def main(root: Path, out_dir: Path) -> None:
     res["A"]["share09"]["fill_share"] = 0.9
     # the device box's copy of the tree reports its base commit (fc50d5b) to git_commit(): each call's commit is
     # the one its script was committed in
-    for c, commit in (("A", "4f18f4b"), ("B", "ee2ab63"), ("C", "017f47f"), ("D", "66c1f8e")):
+    for c, commit in (("A", "4f18f4b"), ("B", "ee2ab63"), ("C", "017f47f"), ("D", "66c1f8e"), ("E", "fc1de49")):
         res[c]["commit"] = commit
     h, lg, bf = res["D"]["head"]["runs"], res["D"]["long"]["runs"], res["D"]["bf16"]["runs"]
     res["goals"] = {"vs_pcie_bound": 0.85, "q4_vs_bf16_offload": 2.5}

@@ -11,7 +11,10 @@ must cross the link within a step: more stalls the step (measured on the H200 bo
 saved (4: 1,747; 6: 1,911). The best, 8, moved its blocks in about 0.75 of the step timed without the fill. So:
   1. measure: `first` steps with nothing filled (the fill graph runs, its pick takes 0), timed: step_s; the
      decode's first `skip` steps are not timed (the first carries the table's hand-over: 1.1-1.5 ms on the H200
-     against 0.4 after, session 20's timeline);
+     against 0.4 after, session 20's timeline). Steps 4-6 by default: session 20 timed steps 2-3 instead (call E,
+     the fill from about the 4th step): N 6 at once where steps 4-6 gave 7 (then 6 after a retune), and 0.826 /
+     0.788 of the PCIe bound (tuned / untuned layout) against 0.842 / 0.803 at steps 4-6 (call D), a fixed 7
+     0.860 / 0.859 in both: kept at 4-6;
   2. set N = floor(FILL_SHARE x step_s x link GB/s / block bytes), at most `cap` (0: the link cannot move one block
      in FILL_SHARE of a step; the fill stays off);
   3. follow: each later `window` of steps is timed again (with the fill), and N drops to what FILL_SHARE of that step
@@ -58,12 +61,11 @@ class FillPace:
     gbps: the host->device rate of block copies (GB/s, 10^9 B/s; the paced rate under --h2d-gbps); block_bytes: one
     expert block; window: steps per timing after the first; cap: the largest N (the pick buffers' length); share:
     the share of a step the copies may take (None: `fill_share()`); skip: a decode phase's steps before the first
-    mark; first: the steps of the first (unfilled) window. So the fill starts about skip + first + 1 steps into a
-    phase (the later mark must have completed: the host runs a step ahead), not 2 x window + 1: session 20's sweep
-    and simulation put 13 first uses of a 127-token decode on 7 steps' delay."""
+    mark; first: the steps of the first (unfilled) window. The fill starts about skip + first + 1 steps into a phase
+    (the later mark must have completed: the host runs a step ahead)."""
 
     def __init__(self, gbps: float, block_bytes: int, *, window: int = 3, cap: int = FILL_AUTO_MAX,
-                 share: float | None = None, skip: int = 1, first: int = 2) -> None:
+                 share: float | None = None, skip: int = 3, first: int = 3) -> None:
         if not (gbps > 0 and math.isfinite(gbps)):
             raise ValueError(f"--device-fill auto needs a measured link rate > 0 GB/s, got {gbps!r}")
         if block_bytes <= 0 or window < 1 or cap < 1 or first < 1 or skip < 1:
