@@ -35,6 +35,13 @@ split miss not admitted, as the device step does it. Session 12 (fit/, 54 GB/s, 
 (--cpu-split auto: rows per miss count, down's columns too, the --cpu-frac case) measured 1.03x lru and 0.96x
 nextuse against whole experts: its hit rate fell 3 points (csv.py.txt) where this predicts under 1.
 
+The background fill (runs lru+fillN, lru+fillNid, @S: decode/devstep.py's pick and install references): its blocks
+share the link with the step's demand copies while it picks, and cost the fill graph's own --fill-overhead-us.
+Against the H200 (session 20, call D, q4+q4 at --vram-gb 4 = 1,024 slots, csv.py.txt, 127 tokens; here --slots 1024
+--block-bytes 2654208 --pcie-gbps 50 --compute-ms 0.405, the device step without misses): lru 0.507 ms a token
+(measured 0.496), fill 6 0.430 (0.426), 7 0.424 (0.420), 8 0.423 (0.429), 6 in id order from the 8th step 0.456
+(the untuned default: 0.449); hit rates the same to the third decimal (0.970 / 0.997 / 0.998).
+
     python3 benchmarks/sim_devtable.py --text ../shared/text                     # all runs, five eval docs
     python3 benchmarks/sim_devtable.py --text ../shared/text --docs 2 --runs lru,nextuse,nextuse+pf1
     python3 benchmarks/sim_devtable.py --text ../shared/text --fit               # refit the next-use weights
@@ -232,7 +239,20 @@ def parse_run(spec: str) -> dict:
     prefetch given the next layer's true missing experts (up to N; a ceiling for any next-layer predictor);
     'nextuse+gateN': the prefetch given the reference model's next-gate predictions (replay.map_predictions: layer
     l+1's norm and router on the hidden state after layer l's attention, mapped as the routing is), the first N of
-    its top-K that are not resident. Any of them may end in '+cpu'."""
+    its top-K that are not resident. Any of them may end in '+cpu'. 'lru+fillN' (or flru): the background fill of
+    free slots, N a step in the popularity order (the fitted time transitions' column sums), 'lru+fillNid' in
+    expert-id order (a layout without fitted router history), '@S' after either: from the S-th decode step on
+    (--device-fill auto's timed windows come first)."""
+    if "+fill" in spec:
+        base, _, f = spec.partition("+fill")
+        f, _, start = f.partition("@")
+        order = "id" if f.endswith("id") else "popularity"
+        n = f.removesuffix("id")
+        if base not in ("lru", "flru") and not base.startswith("flru:") or not n.isdigit() or int(n) < 1 or (
+                start and not start.isdigit()):
+            raise SystemExit(f"unknown run {spec!r}: the fill runs are lru+fillN, lru+fillNid, optionally @S")
+        run = parse_run(base)
+        return {**run, "fill": int(n), "fill_order": order, "fill_start": int(start or 0)}
     oracle = "+oracle" in spec
     gate = "+gate" in spec
     cpu = spec.endswith("+cpu")
@@ -243,23 +263,29 @@ def parse_run(spec: str) -> dict:
         raise SystemExit(f"unknown run {spec!r}: use lru, flru:W or nextuse, optionally +pfN (nextuse: +oracleN, "
                          "+gateN)")
     return {"evict": "nextuse" if name == "nextuse" else "policy", "w": int(w or (8 if name == "flru" else 0)),
-            "prefetch": int(pf or 0), "oracle": oracle, "gate": gate, "cpu": cpu}
+            "prefetch": int(pf or 0), "oracle": oracle, "gate": gate, "cpu": cpu, "fill": 0}
 
 
 def simulate_doc(ids: np.ndarray, prompt: int, run: dict, *, slots: int, num_experts: int, transitions, params,
                  block: int, pcie: float, compute: float, cpu_take: list[int] | None = None,
                  cpu_gbps: float = 0.0, cpu_overhead: float = 0.0, cpu_frac: bool = False,
                  cpu_split: list[int] | None = None, split_f: float = 0.0, split_share: float = 2 / 3,
-                 split_admit: float | None = None, pred: np.ndarray | None = None) -> dict:
+                 split_admit: float | None = None, pred: np.ndarray | None = None,
+                 fill_overhead: float = 17e-6) -> dict:
     """One run over one document's routing ids [T, L, K]: positions 0..prompt-1 prefilled, the rest decoded.
-    pred [T, L, C]: the next-gate candidates of a '+gate' run (map_predictions)."""
+    pred [T, L, C]: the next-gate candidates of a '+gate' run (map_predictions). A fill run: its blocks cross the
+    link beside the step with the step's demand copies, so a step takes max(its own time + fill_overhead (the fill
+    graph's pick, install and side stream: 17 us on the H200, session 20), (fill + demand blocks) x the copy time)
+    while the fill picks."""
     T, L, K = ids.shape
     E = num_experts
     table = SimTable(L, E, slots, run["w"])
     model = SimModel(ids, table)
-    step = DeviceStep(model, graphs=False, prefetch=run["prefetch"], transitions=transitions,
+    fill = run.get("fill", 0)
+    step = DeviceStep(model, graphs=False, prefetch=run["prefetch"],
+                      transitions=None if fill and run["fill_order"] == "id" else transitions,
                       evict=run["evict"], nextuse=params, cpu=SimBox() if run["cpu"] else None,
-                      cpu_take=cpu_take if run["cpu"] else None)
+                      cpu_take=cpu_take if run["cpu"] else None, fill=fill)
     if run.get("oracle"):
         nu = step.nu
 
@@ -300,11 +326,16 @@ def simulate_doc(ids: np.ndarray, prompt: int, run: dict, *, slots: int, num_exp
     comp_l = compute / L
     tim = 0.0
     link_free = 0.0  # split_admit: when the link is done with the deferred rows of admitted split misses
+    fills: list[int] = []  # a fill run's blocks picked per step
     n = T - prompt
     for p in range(prompt, T):
         model.pos = p
         table.gathers = []
-        step._body(0)
+        t_step = tim
+        picked = int(step.fill_picked[0]) if fill else 0
+        if fill:
+            step.fill_n.fill_(fill if p - prompt >= run["fill_start"] else 0)
+        step._body(0, fill=bool(fill))
         # per layer: its demand gather, then (issued after it) the prefetch for l+1 beside its compute
         g = table.gathers
         i = 0
@@ -338,6 +369,12 @@ def simulate_doc(ids: np.ndarray, prompt: int, run: dict, *, slots: int, num_exp
                 tim += max((m - f) * c, cpu_overhead + f * cc if f > 0 else 0.0) + max(comp_l, pf * c)
             else:
                 tim += max(d * c, cpu_overhead + nc * cc if nc else 0.0) + max(comp_l, pf * c)
+        if fill:
+            nf = int(step.fill_picked[0]) - picked
+            fills.append(nf)
+            if nf:  # the fill's copies beside the step, sharing the link with its demand copies
+                dem = sum(n for kind, n in g if kind == "demand")
+                tim = t_step + max(tim - t_step + fill_overhead, (nf + dem) * c)
     steps = [sorted(set((l * E + ids[:prompt, l]).ravel().tolist())) for l in range(L)]
     steps += [(l * E + ids[t, l]).tolist() for t in range(prompt, T) for l in range(L)]
     _, bm = belady(steps, slots, count_from=L)
@@ -350,7 +387,10 @@ def simulate_doc(ids: np.ndarray, prompt: int, run: dict, *, slots: int, num_exp
             "prefetch_unused_mb_per_token": (table.pf - table.pf_used) * block / n / 1e6,
             "belady_misses": bm, "belady_mb_per_token": bm * block / n / 1e6,
             "time_ms_per_token": tim / n * 1e3, "serial_belady_ms_per_token": bound * 1e3,
-            "vs_serial_belady": bound / (tim / n)}
+            "vs_serial_belady": bound / (tim / n),
+            "pcie_bound_ms_per_token": max(compute, bm * c / n) * 1e3,
+            "vs_pcie_bound": max(compute, bm * c / n) / (tim / n),
+            "fill_picked": sum(fills), "fill_steps": sum(1 for f in fills if f)}
 
 
 def main() -> None:
@@ -371,6 +411,8 @@ def main() -> None:
     ap.add_argument("--runs", default="lru,flru:8,nextuse,lru+pf8,lru+pf1,nextuse+pf1,nextuse+pf2,nextuse+oracle1")
     ap.add_argument("--fit", action="store_true", help="refit the next-use weights on fit/ (else DEFAULT_PARAMS)")
     ap.add_argument("--cpu-gbps", type=float, default=65.0, help="the CPU experts' rate (runs ending in +cpu)")
+    ap.add_argument("--fill-overhead-us", type=float, default=17.0,
+                    help="+fill runs: the fill graph's own cost a step while it picks (H200, session 20: 17 us)")
     ap.add_argument("--cpu-overhead-us", type=float, default=10.0, help="a CPU post's fixed cost")
     ap.add_argument("--cpu-frac", action="store_true",
                     help="time a layer's misses as split by rows between the link and the CPU (an upper bound)")
@@ -435,7 +477,8 @@ def main() -> None:
                             compute=a.compute_ms * 1e-3, cpu_take=take, cpu_gbps=a.cpu_gbps,
                             cpu_overhead=a.cpu_overhead_us * 1e-6, cpu_frac=a.cpu_frac, cpu_split=split,
                             split_f=a.cpu_split, split_share=1.0 if a.split_down else 2 / 3,
-                            split_admit=a.split_admit, pred=None if preds is None else preds[d][:n_tok])
+                            split_admit=a.split_admit, pred=None if preds is None else preds[d][:n_tok],
+                            fill_overhead=a.fill_overhead_us * 1e-6)
             for r in runs}
     docs = res["docs"]
     res["mean"] = {r: {k: float(np.mean([docs[d][r][k] for d in docs]))

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -89,7 +90,7 @@ def test_sim_gate_prefetch_replays_given_candidates():
     kw = dict(slots=S, num_experts=E, transitions=(lt, tt), params=sim.DEFAULT_PARAMS, block=4096, pcie=1e-3,
               compute=1e-3)
     assert sim.parse_run("nextuse+gate2+cpu") == {"evict": "nextuse", "w": 0, "prefetch": 2, "oracle": False,
-                                                   "gate": True, "cpu": True}
+                                                   "gate": True, "cpu": True, "fill": 0}
     oracle = sim.simulate_doc(ids, P, sim.parse_run("nextuse+oracle2"), **kw)
     gate = sim.simulate_doc(ids, P, sim.parse_run("nextuse+gate2"), **kw, pred=ids)
     for k in ("demand_misses", "prefetch_issued", "prefetch_used", "time_ms_per_token"):
@@ -106,3 +107,35 @@ def test_sim_gate_prefetch_replays_given_candidates():
         assert "predictions" in str(e)
     else:
         raise AssertionError("a +gate run without candidates ran")
+
+
+def test_sim_fill_loads_free_slots_ahead_and_times_its_copies():
+    """'+fillN' runs the device step's background fill (the reference pick and install): with room for every expert
+    it takes first uses off demand paging (never more misses than lru), picks no more blocks than the free slots,
+    and an id-order or late-starting fill misses at least as often as the popularity order from the first step
+    here; a step with fill copies takes at least their link time. Bad specs are refused."""
+    sim = _sim()
+    L, E, K, P = 3, 16, 3, 6
+    ids = _routing(40, L, E, K, seed=1)
+    tt = torch.softmax(torch.randn(L, E, E), -1)
+    lt = torch.softmax(torch.randn(L - 1, E, E), -1)
+    kw = dict(slots=L * E, num_experts=E, transitions=(lt, tt), params=sim.DEFAULT_PARAMS, block=4096, pcie=1e-3,
+              compute=1e-3)
+    assert sim.parse_run("lru+fill4id@3") == {**sim.parse_run("lru"), "fill": 4, "fill_order": "id",
+                                              "fill_start": 3}
+    lru = sim.simulate_doc(ids, P, sim.parse_run("lru"), **kw)
+    runs = {r: sim.simulate_doc(ids, P, sim.parse_run(r), **kw) for r in ("lru+fill4", "lru+fill4id",
+                                                                         "lru+fill4@20", "lru+fill1")}
+    resident = len({(l, int(e)) for l in range(L) for e in ids[:P, l].ravel()})
+    for r, v in runs.items():
+        assert v["demand_misses"] <= lru["demand_misses"], r
+        assert 0 < v["fill_picked"] <= L * E - resident, r
+        assert v["fill_steps"] * 1 <= v["fill_picked"], r
+    assert runs["lru+fill4"]["demand_misses"] < lru["demand_misses"]
+    assert runs["lru+fill4@20"]["demand_misses"] >= runs["lru+fill4"]["demand_misses"]
+    big = sim.simulate_doc(ids, P, sim.parse_run("lru+fill8"), **{**kw, "block": 40960})  # copies longer than a step
+    n = len(ids) - P
+    assert big["time_ms_per_token"] * n >= big["fill_picked"] * 40960 / 1e6 * 1e3 * 0.999
+    for bad in ("nextuse+fill2", "lru+fill0", "lru+fillx", "lru+fill2@x"):
+        with pytest.raises(SystemExit, match="fill runs"):
+            sim.parse_run(bad)
