@@ -373,7 +373,7 @@ def simulate_doc(ids: np.ndarray, prompt: int, run: dict, *, slots: int, num_exp
             nf = int(step.fill_picked[0]) - picked
             fills.append(nf)
             if nf:  # the fill's copies beside the step, sharing the link with its demand copies
-                dem = sum(n for kind, n in g if kind == "demand")
+                dem = sum(cnt for kind, cnt in g if kind == "demand")
                 tim = t_step + max(tim - t_step + fill_overhead, (nf + dem) * c)
     steps = [sorted(set((l * E + ids[:prompt, l]).ravel().tolist())) for l in range(L)]
     steps += [(l * E + ids[t, l]).tolist() for t in range(prompt, T) for l in range(L)]
