@@ -7,24 +7,12 @@
 # times lru+fill6 with the timeline; then the best candidates without it, and the warm step profiled.
 source "$(dirname "$0")/lib.sh"
 peers_ckpt; peers_layout layout-q4 q4 q4; pack
-summary() {
-python3 - "$1" <<'PY'
-import json, sys
-d = json.loads(open(sys.argv[1]).read())
-for k, r in d["docs"][0]["runs"].items():
-    t = r.get("timeline") or {}
-    print(" ", k, round(r["decode_tok_s"], 1), round(r["hit_rate"], 4), round(r.get("vs_pcie_bound") or 0, 4),
-          {x: (round(t[x], 1) if isinstance(t.get(x), float) else t.get(x)) for x in
-           ("first_fill_step", "last_fill_step", "mean_us_filling", "mean_us_rest", "misses_filling", "mean_us")
-           if x in t})
-PY
-}
 for v in "base,,32" "w1b256,1:256:4,64" "w1b512,1:512:4,32" "w2b512,2:512:4,32" "w8b1024,8:1024:4,16" \
          "w16b1024,16:1024:4,8" "w1b256x132,1:256:4,132"; do
   IFS=, read tag shape ctas <<< "$v"
   TIERED_FILL_GATHER=$shape TIMEOUT=80 LAYOUT=layout-q4 offload_variant "tl-$tag" "lru+fill6:$ctas/device" \
     --device-fill 6:$ctas --timeline "lru+fill6:$ctas/device" > /dev/null
-  echo "shape $tag ($shape, $ctas programs) $(el)"; summary $OUT/offload-layout-q4-tl-$tag.json
+  echo "shape $tag ($shape, $ctas programs) $(el)"; python3 benchmarks/lease/offload_summary.py $OUT/offload-layout-q4-tl-$tag.json
 done
 TIMEOUT=120 LAYOUT=layout-q4 offload_variant prof "lru+fill6/device" --device-fill 6 --profile "lru+fill6/device" \
   > /dev/null

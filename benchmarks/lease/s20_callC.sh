@@ -10,31 +10,18 @@
 #   3. the headline rows without the timeline, 127 tokens and 511.
 source "$(dirname "$0")/lib.sh"
 peers_ckpt; peers_layout layout-q4 q4 q4; pack
-summary() {
-python3 - "$1" <<'PY'
-import json, sys
-d = json.loads(open(sys.argv[1]).read())
-for k, r in d["docs"][0]["runs"].items():
-    t = r.get("timeline") or {}
-    f = (r.get("device_fill") or {}).get("auto") or {}
-    print(" ", k, round(r["decode_tok_s"], 1), round(r["hit_rate"], 4), round(r.get("vs_pcie_bound") or 0, 4),
-          {x: (round(t[x], 1) if isinstance(t.get(x), float) else t.get(x)) for x in
-           ("first_fill_step", "last_fill_step", "mean_us_filling", "mean_us_rest", "misses_filling", "mean_us")
-           if x in t}, {k: f.get(k) for k in ("n", "retunes", "step_s", "checked_step_s")} if f else "")
-PY
-}
 S="lru+fill4/device,lru+fill5/device,lru+fill6/device,lru+fill7/device,default/tuned,default"
 TIMEOUT=150 LAYOUT=layout-q4 offload_variant sweep "$S" --device-fill 4,5,6,7 --timeline "$S" > /dev/null
-echo "sweep $(el)"; summary $OUT/offload-layout-q4-sweep.json; pack
+echo "sweep $(el)"; python3 benchmarks/lease/offload_summary.py $OUT/offload-layout-q4-sweep.json; pack
 for c in 132 64 32; do
   TIERED_GATHER_CTAS=$c TIMEOUT=80 LAYOUT=layout-q4 offload_variant "ctas$c" "lru/device,lru+fill6/device" \
     --device-fill 6 > /dev/null
-  echo "demand ctas $c $(el)"; summary $OUT/offload-layout-q4-ctas$c.json
+  echo "demand ctas $c $(el)"; python3 benchmarks/lease/offload_summary.py $OUT/offload-layout-q4-ctas$c.json
 done
 TIMEOUT=120 LAYOUT=layout-q4 offload_variant head "default,default/tuned,lru/device,lru+fill6/device,lru+fill8/device" \
   --device-fill 6,8 > /dev/null
-echo "head $(el)"; summary $OUT/offload-layout-q4-head.json
+echo "head $(el)"; python3 benchmarks/lease/offload_summary.py $OUT/offload-layout-q4-head.json
 TIMEOUT=120 LAYOUT=layout-q4 offload_variant long "default,default/tuned,lru/device,lru+fill6/device" --device-fill 6 \
   --new-tokens 512 > /dev/null
-echo "long $(el)"; summary $OUT/offload-layout-q4-long.json
+echo "long $(el)"; python3 benchmarks/lease/offload_summary.py $OUT/offload-layout-q4-long.json
 pack

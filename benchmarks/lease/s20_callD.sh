@@ -5,23 +5,13 @@
 # budget (issue 13's q4/bf16 offload ratio). Then the CUDA tests of the gather's shapes and the fill.
 source "$(dirname "$0")/lib.sh"
 peers_ckpt; peers_layout layout-q4 q4 q4; pack
-summary() {
-python3 - "$1" <<'PY'
-import json, sys
-d = json.loads(open(sys.argv[1]).read())
-for k, r in d["docs"][0]["runs"].items():
-    f = (r.get("device_fill") or {}).get("auto") or {}
-    print(" ", k, round(r["decode_tok_s"], 1), round(r["hit_rate"], 4), round(r.get("vs_pcie_bound") or 0, 4),
-          round(r.get("vs_serial_belady_bound") or 0, 4), {k: f.get(k) for k in ("n", "retunes", "share")} if f else "")
-PY
-}
 TIMEOUT=150 LAYOUT=layout-q4 offload_variant head \
   "default,default/tuned,lru/device,lru+fill6/device,lru+fill7/device,lru+fill8/device" --device-fill 6,7,8 > /dev/null
-echo "head $(el)"; summary $OUT/offload-layout-q4-head.json; pack
+echo "head $(el)"; python3 benchmarks/lease/offload_summary.py $OUT/offload-layout-q4-head.json; pack
 TIMEOUT=120 LAYOUT=layout-q4 offload_variant long "default,default/tuned,lru/device,lru+fill7/device" \
   --device-fill 7 --new-tokens 512 > /dev/null
-echo "long $(el)"; summary $OUT/offload-layout-q4-long.json; pack
+echo "long $(el)"; python3 benchmarks/lease/offload_summary.py $OUT/offload-layout-q4-long.json; pack
 peers_layout layout source source; pack
 TIMEOUT=120 offload_variant head "default,default/tuned,lru/device" > /dev/null
-echo "bf16 $(el)"; summary $OUT/offload-bf16-head.json; pack
+echo "bf16 $(el)"; python3 benchmarks/lease/offload_summary.py $OUT/offload-bf16-head.json; pack
 cuda_tests 150 tests/test_devtable.py -k "gather or fill"

@@ -5,21 +5,11 @@
 # on the layout (its fill-order hint); the CUDA tests of the fill.
 source "$(dirname "$0")/lib.sh"
 peers_ckpt; peers_layout layout-q4 q4 q4; pack
-summary() {
-python3 - "$1" <<'PY'
-import json, sys
-d = json.loads(open(sys.argv[1]).read())
-for k, r in d["docs"][0]["runs"].items():
-    f = (r.get("device_fill") or {}).get("auto") or {}
-    print(" ", k, round(r["decode_tok_s"], 1), round(r["hit_rate"], 4), round(r.get("vs_pcie_bound") or 0, 4),
-          round(r.get("vs_serial_belady_bound") or 0, 4), {k: f.get(k) for k in ("n", "retunes", "share")} if f else "")
-PY
-}
 TIMEOUT=150 LAYOUT=layout-q4 offload_variant head "default,default/tuned,lru/device,lru+fill7/device" \
   --device-fill 7 > /dev/null
-echo "head $(el)"; summary $OUT/offload-layout-q4-head.json; pack
+echo "head $(el)"; python3 benchmarks/lease/offload_summary.py $OUT/offload-layout-q4-head.json; pack
 TIMEOUT=120 LAYOUT=layout-q4 offload_variant long "default,default/tuned" --new-tokens 512 > /dev/null
-echo "long $(el)"; summary $OUT/offload-layout-q4-long.json; pack
+echo "long $(el)"; python3 benchmarks/lease/offload_summary.py $OUT/offload-layout-q4-long.json; pack
 timeout 120 python3 -m tiered run -m $W/layout-q4 --vram-gb 4 --max-new-tokens 32 --json "The quick brown fox" \
   > $OUT/cli.log 2>&1; echo "cli rc=$? $(el)"; grep -E "^tiered:" $OUT/cli.log | tail -8; tail -1 $OUT/cli.log | cut -c1-300
 cuda_tests 150 tests/test_devtable.py tests/test_fillpace.py -k "gather or fill or pace"

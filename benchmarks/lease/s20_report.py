@@ -8,38 +8,35 @@ from those files.
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from s19_report import DEVICE, MODEL, summary  # noqa: E402
+from s19_report import DEVICE, MODEL, summary, offload as s19_offload  # noqa: E402
 
 TL_KEYS = ("steps", "first_fill_step", "last_fill_step", "fill_steps", "mean_us_filling", "mean_us_rest",
            "misses_filling", "misses_rest", "mean_us")
 
 
 def offload(p: Path) -> dict:
-    """One bench_cpu_experts_gpu.py invocation: per run, tok/s, hit rate, the bounds' ratios, the fill's pace and,
-    with --timeline, its summary (the per-step lists stay in the call's files)."""
+    """One bench_cpu_experts_gpu.py invocation: s19_report's rows (tok/s, hit rate, the bounds' ratios, the fill's
+    pace), the resident step and link rate, and per run, with --timeline, its summary (the per-step lists stay in the
+    call's files) and with --profile, the warm step's phases and top kernels."""
     d = json.loads(p.read_text().strip().splitlines()[-1])
     doc = d["docs"][0]
-    out = {"doc": doc["doc"], "expert_slots": doc["expert_slots"],
-           "belady_hit_rate": doc["belady"]["hit_rate"], "resident_decode_tok_s": round(d["resident"]["decode_tok_s"], 1),
-           "pcie_gbps": doc["links"]["lru/off"]["pcie_gbps"], "runs": {}}
+    base = s19_offload(p)
+    base.pop("commit")  # (the box's base commit: main records each call's own)
+    out = {**base, "resident_decode_tok_s": round(d["resident"]["decode_tok_s"], 1),
+           "pcie_gbps": doc["links"]["lru/off"]["pcie_gbps"]}
     for k, r in doc["runs"].items():
-        v = {"decode_tok_s": round(r["decode_tok_s"], 1), "hit_rate": round(r["hit_rate"], 4),
-             "vs_serial_belady_bound": r.get("vs_serial_belady_bound"), "vs_pcie_bound": r.get("vs_pcie_bound"),
-             "device_fill": r.get("device_fill"), "tokens_identical_to_lru_off": doc["tokens_identical"].get(k)}
-        t = r.get("timeline")
-        if t:
-            v["timeline"] = {x: t.get(x) for x in TL_KEYS}
+        v = out["runs"][k]
+        if r.get("timeline"):
+            v["timeline"] = {x: r["timeline"].get(x) for x in TL_KEYS}
         if r.get("profile"):
             v["profile"] = {ph: {x: (r["profile"].get(ph) or {}).get(x) for x in
                                  ("wall_us_per_token", "misses", "kernels_per_token", "kernel_us_per_token")}
                             for ph in ("timed", "timed_idle", "profiled")}
             v["profile"]["top"] = (r["profile"].get("profiled") or {}).get("top", [])[:12]
-        out["runs"][k] = v
     return out
 
 

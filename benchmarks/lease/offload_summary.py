@@ -1,0 +1,27 @@
+"""One line per run of a bench_cpu_experts_gpu.py JSON (its last line), for the lease scripts' logs: tok/s, hit rate,
+the PCIe and serial Belady bounds' ratios, the fill auto's pace (N, retunes, share) and, with --timeline, the
+timeline's summary.
+
+    python3 benchmarks/lease/offload_summary.py $OUT/offload-layout-q4-head.json
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+TL = ("first_fill_step", "last_fill_step", "mean_us_filling", "mean_us_rest", "misses_filling", "mean_us")
+
+
+def main(path: str) -> None:
+    d = json.loads(open(path).read().strip().splitlines()[-1])
+    for k, r in d["docs"][0]["runs"].items():
+        t = r.get("timeline") or {}
+        f = (r.get("device_fill") or {}).get("auto") or {}
+        print(" ", k, round(r["decode_tok_s"], 1), round(r["hit_rate"], 4), round(r.get("vs_pcie_bound") or 0, 4),
+              round(r.get("vs_serial_belady_bound") or 0, 4),
+              {x: f.get(x) for x in ("n", "retunes", "share")} if f else "",
+              {x: round(t[x], 1) if isinstance(t[x], float) else t[x] for x in TL if x in t} if t else "")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
