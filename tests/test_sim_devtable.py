@@ -85,6 +85,7 @@ def test_sim_gate_prefetch_replays_given_candidates():
     sim = _sim()
     L, E, K, S, P = 3, 16, 3, 14, 6
     ids = _routing(40, L, E, K, seed=1)
+    torch.manual_seed(0)  # (the transitions' popularity order: the same every run)
     tt = torch.softmax(torch.randn(L, E, E), -1)
     lt = torch.softmax(torch.randn(L - 1, E, E), -1)
     kw = dict(slots=S, num_experts=E, transitions=(lt, tt), params=sim.DEFAULT_PARAMS, block=4096, pcie=1e-3,
