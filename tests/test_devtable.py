@@ -33,17 +33,18 @@ def _tables(N: int, S: int, device: str = "cpu", seed: int = 0) -> dict[str, tor
     return {k: v.to(device) for k, v in t.items()}
 
 
-def _kernel_resolve(ids, layer, E, t, w, out_slot, out_src, pin=None, prefetch=False, nt=None, margin=0):
+def _kernel_resolve(ids, layer, E, t, w, out_slot, out_src, pin=None, prefetch=False, nt=None, margin=0, topk=None):
     """The Triton kernel: on CUDA through resolve(), on CPU straight into the interpreter."""
     if CUDA:
-        return st.resolve(ids, layer, E, t, w, out_slot, out_src, pin=pin, prefetch=prefetch, nt=nt, margin=margin)
+        return st.resolve(ids, layer, E, t, w, out_slot, out_src, pin=pin, prefetch=prefetch, nt=nt, margin=margin,
+                          topk=topk)
     K, S = ids.shape[0], t["key_of"].shape[0]
     P = 0 if pin is None else pin.shape[0]
     st._resolve_kernel[(1,)](ids, layer * E, t["slot_of"], t["key_of"], t["last"], t["uses"], t["clock"],
                              t["counts"], t["host_row"], out_slot, out_src, pin if P else out_slot,
                              nt if nt is not None else out_slot, K, S, P, w, margin,
                              K_P=st._p2(K), S_P=st._p2(S), P_P=st._p2(P) if P else 1, PREFETCH=prefetch,
-                             SCORED=nt is not None)
+                             SCORED=nt is not None, **st._topk_args(topk, K))
 
 
 @pytest.mark.parametrize("L,E,K,S,w", [(3, 6, 4, 10, 0), (3, 6, 4, 10, 5), (2, 9, 3, 5, 0), (2, 10, 8, 17, 2),
@@ -67,6 +68,60 @@ def test_resolve_kernel_matches_reference(L, E, K, S, w):
             assert torch.equal(a[k], b[k].cpu()), f"call {step}: table {k} differs"
         hits = int(a["counts"][0])
     assert hits > 0 and int(a["counts"][1]) > 0  # the trace exercised both paths
+
+
+@pytest.mark.parametrize("E,K,norm,override", [(6, 4, False, False), (6, 4, True, True), (9, 3, True, False),
+                                               (128, 8, True, True), (5, 1, False, False)])
+def test_topk_resolve_kernel_matches_two_launches(E, K, norm, override):
+    """resolve(topk=...) (the router's softmax-top-k inside resolve's launch) stores the same ids and weights as
+    fused_route.softmax_topk and resolves the same slots as the plain kernel, tables included; with an override
+    (a replayed routing) it stores the router's choice and resolves the override's ids."""
+    from tiered.kernels import fused_route
+
+    L, S, w = 3, max(K + 2, 2 * E), 0
+    dev = "cuda" if CUDA else "cpu"
+    a, b = _tables(L * E, S, dev), _tables(L * E, S, dev)
+    g = torch.Generator().manual_seed(E * 10 + K)
+    rng = random.Random(E + K)
+    for step in range(24):
+        layer = step % L
+        lg = torch.randn(E, generator=g).to(torch.bfloat16)
+        if step % 3 == 0:  # ties among bf16 logits: the lowest id first in both
+            lg[1::2] = lg[0]
+        lg = lg.to(dev)
+        ref_ids, ref_w = fused_route.softmax_topk(lg[None], K, norm)
+        ids_a = torch.tensor(rng.sample(range(E), K), dtype=torch.int64, device=dev) if override else ref_ids[0]
+        o1, s1 = torch.empty(K, dtype=torch.int64, device=dev), torch.empty(K, dtype=torch.int64, device=dev)
+        _kernel_resolve(ids_a, layer, E, a, w, o1, s1)
+        tid, tw = torch.full((K,), -7, dtype=torch.int64, device=dev), torch.zeros(K, dtype=torch.float32, device=dev)
+        o2, s2 = torch.empty_like(o1), torch.empty_like(s1)
+        _kernel_resolve(ids_a if override else tid, layer, E, b, w, o2, s2, topk=(lg, tid, tw, norm))
+        assert torch.equal(tid, ref_ids[0]) and torch.equal(tw, ref_w[0]), f"call {step}: top-k {tid} {ref_ids}"
+        assert torch.equal(o1, o2) and torch.equal(s1, s2), f"call {step}: {o1} {o2} / {s1} {s2}"
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"call {step}: table {k} differs"
+    assert int(a["counts"][0]) > 0 and int(a["counts"][1]) > 0
+
+
+def test_topk_resolve_refuses_what_it_cannot_do():
+    """resolve(topk=...) names the shapes it wants and refuses a prefetch; the knob takes 0 or 1 only."""
+    t = _tables(12, 6)
+    o, s_ = torch.empty(4, dtype=torch.int64), torch.empty(4, dtype=torch.int64)
+    ids = torch.zeros(4, dtype=torch.int64)
+    with pytest.raises(ValueError, match="logits \\[E\\] contiguous"):
+        st.resolve(ids, 0, 6, t, 0, o, s_, topk=(torch.zeros(1, 6), ids, torch.zeros(4), False))
+    with pytest.raises(ValueError, match="prefetch"):
+        st.resolve(ids, 0, 6, t, 0, o, s_, prefetch=True, topk=(torch.zeros(6), ids, torch.zeros(4), False))
+
+
+def test_topk_resolve_knob(monkeypatch):
+    monkeypatch.delenv(st.TOPK_RESOLVE_ENV, raising=False)
+    assert st.topk_resolve_enabled()
+    monkeypatch.setenv(st.TOPK_RESOLVE_ENV, "0")
+    assert not st.topk_resolve_enabled()
+    monkeypatch.setenv(st.TOPK_RESOLVE_ENV, "yes")
+    with pytest.raises(ValueError, match="TIERED_TOPK_RESOLVE"):
+        st.topk_resolve_enabled()
 
 
 @pytest.mark.parametrize("w", [0, 3])
@@ -546,6 +601,27 @@ def test_device_step_fill_auto(reference_layout, unlimited, monkeypatch, gbps):
     del cache
 
 
+@pytest.mark.skipif(CUDA, reason="the CPU's interpreter path (CUDA: test_cuda_device_step_matches_host_step)")
+def test_device_step_topk_in_resolve_greedy_identical(reference_layout, unlimited, monkeypatch):
+    """With the glue's router kernel (the interpreter), the device step leaves each layer's softmax-top-k to
+    resolve (Routed.topk_pending; the reference path runs fused_route's rule there): the same greedy tokens as every
+    expert resident (glue off), with misses, and a top-k at every MoE layer's resolve of every decode step."""
+    B = 49152
+    calls = []
+    real = st.softmax_topk
+    monkeypatch.setattr(st, "softmax_topk", lambda *a: calls.append(a[1]) or real(*a))
+    eng = load(reference_layout, device="cpu", glue=True, budget={"expert_slots": 12, "ram_gb": 600 * B / 2**30})
+    cache = eng.model.provider
+    cache.ram.preload(list(range(cache.num_layers * cache.num_experts)), 0)
+    cache.devtable = DeviceSlotTable(cache, w=0, kernels=st)
+    eng.devstep = DeviceStep(eng.model, graphs=False)
+    assert eng.devstep.topk_resolve and eng.model.glue
+    n = 6
+    assert eng.generate(PROMPT, max_new_tokens=n).token_ids == unlimited[:n]
+    assert calls == [eng.config.top_k] * ((n - 1) * len(eng.config.moe_layers))
+    assert eng.stats["decode"]["misses"] > 0
+
+
 def test_device_step_runs_ahead(reference_layout, unlimited):
     """Greedy decoding with the host one step ahead of the device step (decode/ahead.py over DeviceStep.launch, the
     token and position left on the device by the step before): every-expert-resident tokens, and the same steps,
@@ -632,14 +708,21 @@ sig = {"ids_ptr": "*i64", "base": "i64", "slot_of": "*i32", "key_of": "*i32", "l
        "margin": "i64", "K_P": "constexpr", "S_P": "constexpr", "P_P": "constexpr", "PREFETCH": "constexpr",
        "SCORED": "constexpr", "GDC": "constexpr", "cpu_take": "*i32", "cpu_row": "*i64", "zero_slot": "i32",
        "CPU": "constexpr", "cpu_split": "*i32", "split_slot": "i32", "split_c": "*i64", "SPLIT": "constexpr",
-       "ADMIT": "constexpr"}
+       "ADMIT": "constexpr", "logits": "*bf16", "top_ids": "*i64", "top_w": "*fp32", "n_logits": "i32",
+       "TOPK": "constexpr", "TK": "constexpr", "NORM_TOPK": "constexpr", "BLOCK_E": "constexpr"}
 # cpu: the CPU-expert split (demand calls only); split: and a miss split by rows with the CPU (admit: into a slot)
 for pf, cpu, split, admit in ((False, False, False, False), (True, False, False, False), (False, True, False, False),
                               (False, True, True, False), (False, True, True, True)):
     for scored in (False, True):
         cx = {"K_P": 8, "S_P": 256, "P_P": 8 if pf else 1, "PREFETCH": pf, "SCORED": scored, "GDC": pf, "CPU": cpu,
-              "SPLIT": split, "ADMIT": admit}
+              "SPLIT": split, "ADMIT": admit, "TOPK": False, "TK": 1, "NORM_TOPK": False, "BLOCK_E": 2}
         assert triton.compile(ASTSource(st._resolve_kernel, sig, constexprs=cx), target=tgt).asm["cubin"]
+# the router's softmax-top-k first (resolve(topk=...)), with and without the CPU split, 128 experts
+for cpu in (False, True):
+    cx = {"K_P": 8, "S_P": 1024, "P_P": 1, "PREFETCH": False, "SCORED": False, "GDC": True, "CPU": cpu,
+          "SPLIT": False, "ADMIT": False, "TOPK": True, "TK": 8, "NORM_TOPK": True, "BLOCK_E": 128}
+    k = triton.compile(ASTSource(st._resolve_kernel, sig, constexprs=cx), target=tgt)
+    assert k.asm["cubin"] and "bar.sync" in k.asm["ptx"]
 sig2 = {"src": "*i32", "row_src": "*i64", "row_dst": "*i64", "dst": "*i32", "row_words": "i64",
         "BLOCK": "constexpr", "CHUNKS": "constexpr", "GDC": "constexpr", "spec": "*i64", "split_c": "*i64",
         "SPLIT": "constexpr", "INVERSE": "constexpr"}

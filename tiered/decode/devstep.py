@@ -40,7 +40,8 @@ from tiered.decode.devpolicy import DEFAULT_PARAMS, NextUse, NextUseParams
 from tiered.decode.fillpace import FILL_AUTO_MAX, FillPace
 from tiered.decode.sampling import argmax_into
 from tiered.kernels import cpu_handoff
-from tiered.kernels.slot_table import demand_gather_ctas, fill_gather_options, fill_windows, split_granule
+from tiered.kernels.slot_table import (demand_gather_ctas, fill_gather_options, fill_windows, split_granule,
+                                       topk_resolve_enabled)
 from tiered.model.transformer import Transformer
 from tiered.store.offload import CostModel
 
@@ -55,7 +56,8 @@ class DeviceStep:
                  transitions: tuple[Tensor, Tensor] | None = None, time_mix: float = 0.5, prefetch_ctas: int = 32,
                  evict: str = "policy", nextuse: NextUseParams | None = None, fill: int | str = 0,
                  fill_ctas: int = 32, cpu: Any = None, cpu_take: list[int] | None = None,
-                 cpu_rows: list[int] | bool | None = None, cpu_admit: bool = False, split_ctas: int = 32) -> None:
+                 cpu_rows: list[int] | bool | None = None, cpu_admit: bool = False, split_ctas: int = 32,
+                 topk_resolve: bool | None = None) -> None:
         """evict: "policy" (the table's lru/flru) or "nextuse" (decode/devpolicy.py: evict the latest predicted next
         use; a prefetch then takes the non-resident candidates of highest probability, over victims predicted
         later only). nextuse: its weights (default DEFAULT_PARAMS). Both prediction modes need `transitions`.
@@ -69,7 +71,10 @@ class DeviceStep:
         `cpu_row_split` where the table can split, with cpu_take None; False: no split). cpu_admit: the split miss
         takes a slot of its own, reserved while the CPU's rows are copied after the layer's experts on a side stream
         (split_ctas programs), and enters the table at the step's end (else it goes to the split row and is not
-        kept)."""
+        kept).
+        topk_resolve: where the model's one-token router runs as its Triton kernel, its softmax-top-k runs inside
+        each layer's resolve launch (one launch a layer less); None = on unless TIERED_TOPK_RESOLVE=0 (a benchmark
+        knob: the two launches, for timing)."""
         table = getattr(model.provider, "devtable", None)
         if table is None:
             raise ValueError("DeviceStep needs an expert cache with a device slot table (--slot-table device)")
@@ -209,6 +214,8 @@ class DeviceStep:
             self.split_stream = torch.cuda.Stream(dev) if cuda and self.cpu_admit else None
             self.split_ctas = int(split_ctas)
         self.demand_ctas = demand_gather_ctas()  # the misses' copy programs (None: 4 per SM; TIERED_GATHER_CTAS)
+        self.topk_resolve = topk_resolve_enabled() if topk_resolve is None else bool(topk_resolve)
+        self.norm_topk = bool(cfg.norm_topk_prob)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.graphed else None
         self.steps = 0
@@ -222,12 +229,16 @@ class DeviceStep:
         if fill:
             self._fill_start()
         plan = m.static_plan(self.step_dev[1:2], span)
-        r = m.segment_first(self.step_dev[0:1], plan)
+        defer = self.topk_resolve
+        r = m.segment_first(self.step_dev[0:1], plan, defer_topk=defer)
         out = None
         joined = True
         rows = self._replay_rows() if self.routing is not None else None
         for l in range(self.L):
             if m.layers[l].moe is not None:
+                # the router's own top-k, when it left it to resolve (computed there even under an override, whose
+                # row then replaces it: the step does the real path's work)
+                topk = (r.logits[0], r.ids[0], r.weights[0], self.norm_topk) if r.topk_pending else None
                 if rows is not None:  # the override's row for this layer replaces the router's choice
                     i = self.routing._layer(l)
                     r = dataclasses.replace(r, ids=rows[0][i:i + 1], weights=rows[1][i:i + 1])
@@ -239,7 +250,9 @@ class DeviceStep:
                 self._layer = l
                 self.table.resolve(l, r.ids[0], self.slots[l], self.src[l],
                                    nt=nu.demand_nt(self.moe_index[l]) if nu is not None else None,
-                                   cpu_row=self.cpu_row[l] if cpu else None)
+                                   cpu_row=self.cpu_row[l] if cpu else None, topk=topk)
+                if topk is not None:
+                    r = dataclasses.replace(r, topk_pending=False)
                 if cpu:  # the CPU starts on its share before the copies of the others
                     cpu_handoff.post(r.x, r.weights[0], self.cpu_row[l], self.cpu_seq, self.cpu)
                 self.table.gather(self.src[l], self.slots[l], layer=l, ctas=self.demand_ctas)
@@ -251,7 +264,7 @@ class DeviceStep:
                     self.prev_ids[l].copy_(r.ids[0])
             part = self._cpu_add if self.cpu is not None and m.layers[l].moe is not None else None
             if l + 1 < self.L:
-                r = m.segment_mid(l + 1, r, self.slots[l], plan, part)
+                r = m.segment_mid(l + 1, r, self.slots[l], plan, part, defer_topk=defer)
             else:
                 out = m.segment_last(r, self.slots[l], part)
         if self.cpu_admit:  # the later copies have landed: their reserved slots enter the table

@@ -91,25 +91,30 @@ def router_tile(E: int, D: int) -> tuple[int, int, int]:
 
 
 def router_topk(x: Tensor, router: Tensor, top_k: int, norm_topk: bool, counter: Tensor, *,
-                fuse: bool = False, tile: tuple[int, int, int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                fuse: bool = False, tile: tuple[int, int, int] | None = None,
+                defer: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """One token's router and routing rule: x [1, D], router [E, D] (same dtype), counter int32 [1] at 0 ->
     (logits [1, E] x.dtype, ids [1, K] int64, weights [1, K] fp32), route(x, router, K, norm, rule=softmax_topk)'s
     contract. fuse: softmax-top-k in the same launch (else softmax_topk's kernel after it); counter: read and reset
-    by fused launches only. tile: (BLOCK_R, BLOCK_D, warps), default router_tile(E, D)."""
+    by fused launches only. tile: (BLOCK_R, BLOCK_D, warps), default router_tile(E, D). defer (unfused only): no
+    softmax-top-k launch; ids and weights are left unwritten for the kernel after it to fill (the device step's
+    resolve: kernels/slot_table.resolve(topk=...))."""
     _check_device(x, "router_topk")
     if x.dim() != 2 or x.shape[0] != 1 or router.dim() != 2 or router.shape[1] != x.shape[1]:
         raise ValueError(f"router_topk wants x [1, D] and router [E, D]; got {tuple(x.shape)}, {tuple(router.shape)}")
     xc = x if x.stride(-1) == 1 else x.contiguous()
-    return _launch(xc, None, router, top_k, norm_topk, counter, fuse, tile)
+    return _launch(xc, None, router, top_k, norm_topk, counter, fuse, tile, defer)
 
 
 def norm_router_topk(h: Tensor, delta: Tensor, weight: Tensor, eps: float, router: Tensor, top_k: int,
                      norm_topk: bool, counter: Tensor, *, fuse: bool = False,
-                     tile: tuple[int, int, int] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                     tile: tuple[int, int, int] | None = None,
+                     defer: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The residual add and RMSNorm before the router in the same launch (one token): h, delta [1, D], weight [D]
     (compute dtype or fp32) -> (h' = h + delta, x = rms_norm(h', weight), logits, ids, weights): what
     fused_norm.add_rms_norm(h, delta, weight, eps) then router_topk(x, ...) return, with the same roundings (the
-    sum of squares in this kernel's order). Every program computes x for its dot; program 0 writes h' and x."""
+    sum of squares in this kernel's order). Every program computes x for its dot; program 0 writes h' and x.
+    defer: as router_topk's."""
     _check_device(h, "norm_router_topk")
     D = h.shape[-1]
     if h.dim() != 2 or h.shape[0] != 1 or delta.shape != h.shape or weight.shape != (D,) or router.dim() != 2 \
@@ -120,12 +125,14 @@ def norm_router_topk(h: Tensor, delta: Tensor, weight: Tensor, eps: float, route
             weight if weight.stride(0) == 1 else weight.contiguous(), float(eps))
     x = torch.empty_like(norm[0])
     h2 = torch.empty_like(norm[0])
-    logits, ids, w = _launch(x, (*norm, h2), router, top_k, norm_topk, counter, fuse, tile)
+    logits, ids, w = _launch(x, (*norm, h2), router, top_k, norm_topk, counter, fuse, tile, defer)
     return h2, x, logits, ids, w
 
 
 def _launch(x: Tensor, norm: tuple | None, router: Tensor, top_k: int, norm_topk: bool, counter: Tensor, fuse: bool,
-            tile: tuple[int, int, int] | None) -> tuple[Tensor, Tensor, Tensor]:
+            tile: tuple[int, int, int] | None, defer: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    if defer and fuse:
+        raise ValueError("router_topk: defer leaves the top-k to the next kernel; a fused launch computes it")
     if router.dtype != x.dtype or router.stride(-1) != 1:
         raise ValueError(f"router_topk wants a contiguous router of x's dtype {x.dtype}; got {router.dtype}, "
                          f"strides {router.stride()}")
@@ -143,7 +150,7 @@ def _launch(x: Tensor, norm: tuple | None, router: Tensor, top_k: int, norm_topk
                                    BLOCK_E=triton.next_power_of_2(E), NORM=bool(norm_topk), FUSE=bool(fuse),
                                    NORM_IN=norm is not None, W32=nw.dtype == torch.float32 and norm is not None,
                                    num_warps=warps, **launch_args(x.device))
-    if not fuse:
+    if not fuse and not defer:
         ids, w = softmax_topk(logits, K, norm_topk)
     return logits, ids, w
 

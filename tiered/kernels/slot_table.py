@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from tiered.kernels.fused_route import _topk_store, softmax_topk
 from tiered.kernels.pdl import gdc_enter, launch_args
 
 SPLIT_BASE = 1 << 16  # a split miss's cpu_row: -2 - (RAM row * SPLIT_BASE + the FFN rows the CPU computes)
@@ -68,8 +69,17 @@ def _resolve_kernel(ids_ptr, base, slot_of, key_of, last, uses, clock, counts, h
                     pin_ptr, nt_ptr, n_ids, n_slots, n_pin, w, margin, K_P: tl.constexpr, S_P: tl.constexpr,
                     P_P: tl.constexpr, PREFETCH: tl.constexpr, SCORED: tl.constexpr, GDC: tl.constexpr = False,
                     cpu_take=None, cpu_row=None, zero_slot=0, CPU: tl.constexpr = False, cpu_split=None,
-                    split_slot=0, split_c=None, SPLIT: tl.constexpr = False, ADMIT: tl.constexpr = False):
+                    split_slot=0, split_c=None, SPLIT: tl.constexpr = False, ADMIT: tl.constexpr = False,
+                    logits=None, top_ids=None, top_w=None, n_logits=0, TOPK: tl.constexpr = False,
+                    TK: tl.constexpr = 1, NORM_TOPK: tl.constexpr = False, BLOCK_E: tl.constexpr = 2):
     gdc_enter(GDC)
+    if TOPK:  # the router's softmax-top-k first (fused_route's rule, one launch less a layer): ids and weights
+        # stored where the model's Routed holds them, then read back by every thread (ids_ptr is top_ids, or an
+        # override's row that replaces them)
+        oe = tl.arange(0, BLOCK_E)
+        xl = tl.load(logits + oe, mask=oe < n_logits, other=float("-inf")).to(tl.float32)
+        _topk_store(xl, n_logits, top_ids, top_w, TK, K_P, BLOCK_E, NORM_TOPK)
+        tl.debug_barrier()  # the block's stores visible to all its threads before the ids are loaded
     ok = tl.arange(0, K_P)
     inb = ok < n_ids
     raw = tl.load(ids_ptr + ok, mask=inb, other=-1).to(tl.int64)
@@ -371,10 +381,15 @@ def _p2(n: int) -> int:
 
 def resolve(ids: Tensor, layer: int, num_experts: int, t: dict[str, Tensor], w: int, out_slot: Tensor,
             out_src: Tensor, *, pin: Tensor | None = None, prefetch: bool = False, nt: Tensor | None = None,
-            margin: int = 0, cpu: tuple | None = None) -> None:
+            margin: int = 0, cpu: tuple | None = None, topk: tuple | None = None) -> None:
     """ids int64 [K] (device) of `layer` -> out_slot int64 [K], out_src int64 [K] (host row of a miss, -1 on a hit);
     `t` holds the tables of the module docstring (updated in place). CUDA: one program; else the reference.
     An id < 0 is skipped (out_slot and out_src -1).
+
+    topk = (logits [E], top_ids int64 [K], top_w fp32 [K], norm_topk) (demand calls): the layer's softmax-top-k
+    (fused_route.softmax_topk's rule) runs first in the same program and stores the router's choice into top_ids and
+    top_w; `ids` is top_ids itself, or an override's row that replaces that choice (a replayed routing). The router
+    kernel left the top-k to this call (fused_route's defer): the step saves a launch a layer.
 
     nt: None = evict by score uses * w + last use (LRU, flru). Else int64 [N], each key's predicted next use (larger
     = later, decode/devpolicy.py): the victim is the resident slot whose key has the largest nt.
@@ -401,12 +416,24 @@ def resolve(ids: Tensor, layer: int, num_experts: int, t: dict[str, Tensor], w: 
     miss, else [0, -1, -1]. Counted in counts[1], counts[5] (splits) and counts[6] (the FFN rows the CPU
     computed)."""
     S = t["key_of"].shape[0]
+    K = ids.shape[0]
+    if topk is not None:
+        if prefetch:
+            raise ValueError("the router's top-k is a demand call's: resolve(prefetch=True) takes no topk")
+        lg, tid, tw, _ = topk
+        if lg.dim() != 1 or tid.shape != (K,) or tw.shape != (K,) or tid.dtype != torch.int64 or \
+                tw.dtype != torch.float32 or lg.stride(0) != 1:
+            raise ValueError(f"resolve(topk=...) wants logits [E] contiguous, ids int64 [{K}], weights fp32 [{K}]; "
+                             f"got {tuple(lg.shape)} {tuple(tid.shape)} {tid.dtype} {tuple(tw.shape)} {tw.dtype}")
     if ids.device.type != "cuda":
+        if topk is not None:  # the rule's own function (the kernel on CUDA or the interpreter, else torch's)
+            i_, w_ = softmax_topk(topk[0][None], K, bool(topk[3]))
+            topk[1].copy_(i_[0])
+            topk[2].copy_(w_[0])
         return resolve_reference(ids, layer, num_experts, t, w, out_slot, out_src, pin=pin, prefetch=prefetch, nt=nt,
                                  margin=margin, cpu=cpu)
     if cpu is not None and prefetch:
         raise ValueError("CPU experts are a demand decision: resolve(prefetch=True) takes no cpu")
-    K = ids.shape[0]
     if S < K and not prefetch:
         raise ValueError(f"a device slot table of {S} slots cannot hold one layer's {K} experts")
     nw = 4 if S <= 1024 else 8 if S <= 4096 else 16
@@ -415,7 +442,16 @@ def resolve(ids: Tensor, layer: int, num_experts: int, t: dict[str, Tensor], w: 
                           t["counts"], t["host_row"], out_slot, out_src, pin if pin is not None else out_slot,
                           nt if nt is not None else out_slot, K, S, P, int(w), int(margin), K_P=_p2(K), S_P=_p2(S),
                           P_P=_p2(P) if P else 1, PREFETCH=prefetch, SCORED=nt is not None, num_warps=nw,
-                          **launch_args(ids.device), **_cpu_args(cpu, out_slot))
+                          **launch_args(ids.device), **_cpu_args(cpu, out_slot), **_topk_args(topk, K))
+
+
+def _topk_args(topk: tuple | None, K: int) -> dict:
+    """resolve's router top-k arguments (none when off: the kernel's defaults)."""
+    if topk is None:
+        return {}
+    lg, tid, tw, norm = topk
+    return {"logits": lg, "top_ids": tid, "top_w": tw, "n_logits": lg.shape[0], "TOPK": True, "TK": int(K),
+            "NORM_TOPK": bool(norm), "BLOCK_E": _p2(lg.shape[0])}
 
 
 def _cpu_args(cpu: tuple | None, dummy: Tensor) -> dict:
@@ -650,6 +686,7 @@ def fill_gather_options() -> dict:
 
 
 DEMAND_CTAS_ENV = "TIERED_GATHER_CTAS"  # benchmarks: the demand gather's programs
+TOPK_RESOLVE_ENV = "TIERED_TOPK_RESOLVE"
 
 
 def demand_gather_ctas() -> int | None:
@@ -661,6 +698,15 @@ def demand_gather_ctas() -> int | None:
     if not v.isdigit() or int(v) < 1:
         raise ValueError(f"{DEMAND_CTAS_ENV}={v!r}: expected the demand gather's programs, an integer >= 1")
     return int(v)
+
+
+def topk_resolve_enabled() -> bool:
+    """TIERED_TOPK_RESOLVE (a benchmark's knob): 0 keeps the router's softmax-top-k in its own launch before resolve;
+    unset or 1: inside resolve's (resolve(topk=...))."""
+    v = os.environ.get(TOPK_RESOLVE_ENV, "").strip()
+    if v not in ("", "0", "1"):
+        raise ValueError(f"{TOPK_RESOLVE_ENV}={v!r}: expected 0 (top-k in its own launch) or 1 (inside resolve)")
+    return v != "0"
 
 
 def fill_windows(n_keys: int) -> int:

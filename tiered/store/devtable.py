@@ -224,11 +224,13 @@ class DeviceSlotTable:
             self.split_admit = bool(admit)
 
     def resolve(self, layer: int, ids: Tensor, out_slot: Tensor, out_src: Tensor, *, nt: Tensor | None = None,
-                cpu_row: Tensor | None = None) -> None:
+                cpu_row: Tensor | None = None, topk: tuple | None = None) -> None:
         """ids int64 [K] of `layer` -> out_slot [K] slot rows, out_src [K] RAM rows of the misses (-1 on hits).
         nt int64 [N]: evict by these predicted next uses instead of the table's lru/flru (kernels/slot_table).
         cpu_row int64 [K]: send misses to the CPU by set_cpu_take's split; their RAM rows land here (-1 elsewhere)
-        and their slot row is the zero slot."""
+        and their slot row is the zero slot.
+        topk = (logits [E], router ids [K], weights [K], norm_topk): the router's softmax-top-k first, in the same
+        launch (kernels/slot_table.resolve's topk)."""
         cpu = None
         if cpu_row is not None:
             if self.cpu_take is None:
@@ -237,7 +239,7 @@ class DeviceSlotTable:
             if self.cpu_split is not None:
                 cpu += (self.cpu_split, -1 if self.split_slot is None else self.split_slot, self.split_c[layer],
                         self.split_admit)
-        self.kern.resolve(ids, layer, self.num_experts, self.t, self.w, out_slot, out_src, nt=nt, cpu=cpu)
+        self.kern.resolve(ids, layer, self.num_experts, self.t, self.w, out_slot, out_src, nt=nt, cpu=cpu, topk=topk)
 
     def gather(self, src: Tensor, slot: Tensor, *, ctas: int | None = None, layer: int | None = None,
                **shape: int) -> None:
