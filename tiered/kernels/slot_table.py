@@ -436,7 +436,7 @@ def resolve(ids: Tensor, layer: int, num_experts: int, t: dict[str, Tensor], w: 
         raise ValueError("CPU experts are a demand decision: resolve(prefetch=True) takes no cpu")
     if S < K and not prefetch:
         raise ValueError(f"a device slot table of {S} slots cannot hold one layer's {K} experts")
-    nw = 4 if S <= 1024 else 8 if S <= 4096 else 16
+    nw = resolve_warps() or (4 if S <= 1024 else 8 if S <= 4096 else 16)
     P = 0 if pin is None else pin.shape[0]
     _resolve_kernel[(1,)](ids, layer * num_experts, t["slot_of"], t["key_of"], t["last"], t["uses"], t["clock"],
                           t["counts"], t["host_row"], out_slot, out_src, pin if pin is not None else out_slot,
@@ -687,6 +687,7 @@ def fill_gather_options() -> dict:
 
 DEMAND_CTAS_ENV = "TIERED_GATHER_CTAS"  # benchmarks: the demand gather's programs
 TOPK_RESOLVE_ENV = "TIERED_TOPK_RESOLVE"
+RESOLVE_WARPS_ENV = "TIERED_RESOLVE_WARPS"
 
 
 def demand_gather_ctas() -> int | None:
@@ -697,6 +698,16 @@ def demand_gather_ctas() -> int | None:
         return None
     if not v.isdigit() or int(v) < 1:
         raise ValueError(f"{DEMAND_CTAS_ENV}={v!r}: expected the demand gather's programs, an integer >= 1")
+    return int(v)
+
+
+def resolve_warps() -> int | None:
+    """TIERED_RESOLVE_WARPS (a benchmark's knob): resolve's warps (1, 2, 4, 8 or 16); unset: by the table's slots."""
+    v = os.environ.get(RESOLVE_WARPS_ENV, "").strip()
+    if not v:
+        return None
+    if v not in ("1", "2", "4", "8", "16"):
+        raise ValueError(f"{RESOLVE_WARPS_ENV}={v!r}: expected resolve's warps, 1, 2, 4, 8 or 16")
     return int(v)
 
 
