@@ -116,9 +116,9 @@ def test_topk_resolve_refuses_what_it_cannot_do():
 
 def test_topk_resolve_knob(monkeypatch):
     monkeypatch.delenv(st.TOPK_RESOLVE_ENV, raising=False)
-    assert st.topk_resolve_enabled()
-    monkeypatch.setenv(st.TOPK_RESOLVE_ENV, "0")
     assert not st.topk_resolve_enabled()
+    monkeypatch.setenv(st.TOPK_RESOLVE_ENV, "1")
+    assert st.topk_resolve_enabled()
     monkeypatch.setenv(st.TOPK_RESOLVE_ENV, "yes")
     with pytest.raises(ValueError, match="TIERED_TOPK_RESOLVE"):
         st.topk_resolve_enabled()
@@ -614,7 +614,7 @@ def test_device_step_topk_in_resolve_greedy_identical(reference_layout, unlimite
     cache = eng.model.provider
     cache.ram.preload(list(range(cache.num_layers * cache.num_experts)), 0)
     cache.devtable = DeviceSlotTable(cache, w=0, kernels=st)
-    eng.devstep = DeviceStep(eng.model, graphs=False)
+    eng.devstep = DeviceStep(eng.model, graphs=False, topk_resolve=True)
     assert eng.devstep.topk_resolve and eng.model.glue
     n = 6
     assert eng.generate(PROMPT, max_new_tokens=n).token_ids == unlimited[:n]

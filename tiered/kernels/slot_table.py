@@ -712,12 +712,13 @@ def resolve_warps() -> int | None:
 
 
 def topk_resolve_enabled() -> bool:
-    """TIERED_TOPK_RESOLVE (a benchmark's knob): 0 keeps the router's softmax-top-k in its own launch before resolve;
-    unset or 1: inside resolve's (resolve(topk=...))."""
+    """TIERED_TOPK_RESOLVE (a benchmark's knob): 1 runs the router's softmax-top-k inside resolve's launch
+    (resolve(topk=...)); unset or 0: in its own launch before it. Off by default: on the H200 (session 21, calls
+    A-C) the merged launch made the q4 offload step about 2% slower at 4, 2 or 1 warps."""
     v = os.environ.get(TOPK_RESOLVE_ENV, "").strip()
     if v not in ("", "0", "1"):
         raise ValueError(f"{TOPK_RESOLVE_ENV}={v!r}: expected 0 (top-k in its own launch) or 1 (inside resolve)")
-    return v != "0"
+    return v == "1"
 
 
 def fill_windows(n_keys: int) -> int:
