@@ -100,10 +100,10 @@ class SimTable(DeviceSlotTable):
         self.demand = self.pf = self.pf_used = 0
         self.gathers: list[tuple[str, int]] = []  # ("demand" | "prefetch", blocks) in issue order
 
-    def resolve(self, layer, ids, out_slot, out_src, *, nt=None, cpu_row=None):
+    def resolve(self, layer, ids, out_slot, out_src, *, nt=None, cpu_row=None, topk=None):
         keys = [layer * self.num_experts + int(e) for e in ids.tolist()]
         res = [int(self.t["slot_of"][k]) >= 0 for k in keys]
-        super().resolve(layer, ids, out_slot, out_src, nt=nt, cpu_row=cpu_row)
+        super().resolve(layer, ids, out_slot, out_src, nt=nt, cpu_row=cpu_row, topk=topk)
         nc = int((cpu_row >= 0).sum()) if cpu_row is not None else 0
         self.cpu += nc
         self.gathers.append(("cpu", nc))
@@ -134,6 +134,7 @@ class _Routed:
         self.ids = ids  # [1, K]
         self.weights = torch.ones_like(ids, dtype=torch.float32)
         self.x = torch.zeros(1, 1)
+        self.topk_pending = False  # the replayed ids are the routing: no router top-k is left to resolve
 
 
 class SimBox:
@@ -161,7 +162,7 @@ class SimModel:
         T, L, K = ids.shape
         self.ids = torch.from_numpy(ids.astype(np.int64))
         self.config = SimpleNamespace(num_layers=L, top_k=K, num_experts=int(table.num_experts),
-                                      moe_layers=list(range(L)), hidden_size=1)
+                                      moe_layers=list(range(L)), hidden_size=1, norm_topk_prob=False)
         self.dtype = torch.float32
         self.provider = SimpleNamespace(devtable=table)
         self.device = torch.device("cpu")
@@ -172,10 +173,10 @@ class SimModel:
     def static_plan(self, pos, span):
         return None
 
-    def segment_first(self, tok, plan):
+    def segment_first(self, tok, plan, *, defer_topk=False):
         return _Routed(self.ids[self.pos, 0].clone()[None])
 
-    def segment_mid(self, l, r, slots, plan, partial):
+    def segment_mid(self, l, r, slots, plan, partial, *, defer_topk=False):
         return _Routed(self.ids[self.pos, l].clone()[None])
 
     def segment_last(self, r, slots, partial):

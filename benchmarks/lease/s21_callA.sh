@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 21, call A (cold box): the router's softmax-top-k inside resolve's launch (TIERED_TOPK_RESOLVE=1, the
+# Session 21, call A (cold box): the router's softmax-top-k inside resolve's launch (TIERED_TOPK_RESOLVE=1, then the
 # default now) against the two launches (=0), in fresh processes, q4+q4 at --vram-gb 4, replayed routing, 127 tokens:
 # the default (untuned layout), the default on a tuned layout, the fill off and a fixed 7. Then the CUDA tests of the
 # device step (the captured step against the host step, with the top-k in resolve) and the kernels' sm_90 compile.

@@ -215,7 +215,7 @@ class DeviceStep:
             self.split_ctas = int(split_ctas)
         self.demand_ctas = demand_gather_ctas()  # the misses' copy programs (None: 4 per SM; TIERED_GATHER_CTAS)
         self.topk_resolve = topk_resolve_enabled() if topk_resolve is None else bool(topk_resolve)
-        self.norm_topk = bool(getattr(cfg, "norm_topk_prob", False))  # (read only when a router left its top-k)
+        self.norm_topk = bool(cfg.norm_topk_prob)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.graphed else None
         self.steps = 0
@@ -229,8 +229,8 @@ class DeviceStep:
         if fill:
             self._fill_start()
         plan = m.static_plan(self.step_dev[1:2], span)
-        defer = {"defer_topk": True} if self.topk_resolve else {}  # (stand-in models of the simulator take none)
-        r = m.segment_first(self.step_dev[0:1], plan, **defer)
+        defer = self.topk_resolve
+        r = m.segment_first(self.step_dev[0:1], plan, defer_topk=defer)
         out = None
         joined = True
         rows = self._replay_rows() if self.routing is not None else None
@@ -238,8 +238,7 @@ class DeviceStep:
             if m.layers[l].moe is not None:
                 # the router's own top-k, when it left it to resolve (computed there even under an override, whose
                 # row then replaces it: the step does the real path's work)
-                pending = getattr(r, "topk_pending", False)  # (the simulator's stand-in Routed has none)
-                topk = (r.logits[0], r.ids[0], r.weights[0], self.norm_topk) if pending else None
+                topk = (r.logits[0], r.ids[0], r.weights[0], self.norm_topk) if r.topk_pending else None
                 if rows is not None:  # the override's row for this layer replaces the router's choice
                     i = self.routing._layer(l)
                     r = dataclasses.replace(r, ids=rows[0][i:i + 1], weights=rows[1][i:i + 1])
@@ -251,7 +250,7 @@ class DeviceStep:
                 self._layer = l
                 self.table.resolve(l, r.ids[0], self.slots[l], self.src[l],
                                    nt=nu.demand_nt(self.moe_index[l]) if nu is not None else None,
-                                   cpu_row=self.cpu_row[l] if cpu else None, **({"topk": topk} if pending else {}))
+                                   cpu_row=self.cpu_row[l] if cpu else None, topk=topk)
                 if topk is not None:
                     r = dataclasses.replace(r, topk_pending=False)
                 if cpu:  # the CPU starts on its share before the copies of the others
@@ -265,7 +264,7 @@ class DeviceStep:
                     self.prev_ids[l].copy_(r.ids[0])
             part = self._cpu_add if self.cpu is not None and m.layers[l].moe is not None else None
             if l + 1 < self.L:
-                r = m.segment_mid(l + 1, r, self.slots[l], plan, part, **defer)
+                r = m.segment_mid(l + 1, r, self.slots[l], plan, part, defer_topk=defer)
             else:
                 out = m.segment_last(r, self.slots[l], part)
         if self.cpu_admit:  # the later copies have landed: their reserved slots enter the table
