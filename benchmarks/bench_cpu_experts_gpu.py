@@ -89,8 +89,8 @@ def one_run(lay: Path, device: torch.device, prompt: list[int], new: int, doc, *
                   routing=replay, predictor=predictor)
     prov = engine.model.provider
     ds = engine.devstep
-    fill = bool(ds is not None and ds.fill)
-    if fill and fill_ctas is not None and fill_ctas != ds.fill_ctas:
+    fill = bool(ds is not None and ds.filling)  # (the gather fill or the copy engines')
+    if ds is not None and ds.fill and fill_ctas is not None and fill_ctas != ds.fill_ctas:
         ds.fill_ctas = int(fill_ctas)
         ds.graphs.clear()
         ds.capture_all()
@@ -151,6 +151,8 @@ class StepTimeline:
             if i < self.rows.shape[0]:
                 if ds.fill:
                     self.rows[i, 0:1].copy_(ds.fill_picked)
+                elif ds.copy is not None:  # the copy engines' blocks entered so far
+                    self.rows[i, 0:1].copy_(ds.copy.installed)
                 self.rows[i, 1:3].copy_(ds.table.t["counts"][0:2])
                 ev = torch.cuda.Event(enable_timing=True)
                 ev.record(torch.cuda.current_stream(ds.device))
@@ -203,7 +205,7 @@ def profile_device_step(engine, prompt: list[int], new: int) -> dict:
     P = len(prompt)
     n = max(2, new - 1)
     out: dict = {"tokens": n}
-    phases = ("timed", "profiled") + (("timed_idle",) if ds.fill else ())
+    phases = ("timed", "profiled") + (("timed_idle",) if ds.filling else ())
     for phase in phases:
         g = engine.generate(prompt, max_new_tokens=1, stop_at_eos=False)  # the prefill, as the timed run's
         if phase == "timed_idle":  # the graphs without the fill from the first step (the host watch not waited for)
@@ -226,7 +228,7 @@ def profile_device_step(engine, prompt: list[int], new: int) -> dict:
                 ctx.__exit__(None, None, None)
         table.harvest()
         out[phase] = {"wall_us_per_token": wall * 1e6 / n, "hits": table.hits - h0, "misses": table.misses - m0}
-        if ds.fill:
+        if ds.filling:
             out[phase]["fill_active_after"] = ds.fill_active
         if ctx is None:
             continue
@@ -289,7 +291,7 @@ def summarise(s: dict, bounds: dict, compute_s: float, L: int) -> dict:
         v["device_cpu"]["split_rows"] = st.get("cpu_split_rows")
     ds = s.get("device_step") or {}
     if ds.get("fill"):  # the background fill: N (or "auto") and, under auto, its pace (n, timed steps, retunes)
-        v["device_fill"] = {"fill": ds.get("fill"), "auto": ds.get("fill_auto")}
+        v["device_fill"] = {"fill": ds.get("fill"), "auto": ds.get("fill_auto"), "copy": ds.get("fill_copy")}
     v["h2d_gbps_achieved"] = (s.get("vram") or {}).get("gbps")
     if (s.get("slot_table") or {}).get("h2d_gbps_achieved"):  # the device step's paced gather, timed at load
         v["h2d_gbps_achieved"] = s["slot_table"]["h2d_gbps_achieved"]
@@ -331,7 +333,7 @@ def main() -> None:
                     help="experts per layer the device step prefetches one layer ahead (run lru+pfN/device)")
     ap.add_argument("--device-fill", default="auto,8",
                     help="comma-separated experts per step the device step's background fill copies into free slots "
-                         "(runs lru+fillN/device; auto: --device-fill auto; N:C also sets the fill copy's programs, "
+                         "(runs lru+fillN/device; auto: --device-fill auto; copy: the copy engines; N:C also sets the fill copy's programs, "
                          "e.g. 8:64; N/id fills in "
                          "expert-id order instead of the fitted popularity, run lru+fillNid/device)")
     ap.add_argument("--nextuse-prefetch", type=int, default=1,
@@ -444,7 +446,7 @@ def main() -> None:
             for f in filter(None, a.device_fill.split(",")):  # the background fill of free slots
                 f, _, order = f.partition("/")
                 n, _, c = f.partition(":")
-                n = n if n == "auto" else int(n)
+                n = n if n in ("auto", "copy") else int(n)
                 plan.append((f"lru+fill{f}{order}/device", "lru", 0, "off", 0.0, "device", 0, "policy", "off", n,
                              int(c) if c else None, order != "id"))
                 plan.append((f"lru+cpu+fill{f}{order}/device", "lru", 0, "auto", 0.0, "device", 0, "policy", "off",

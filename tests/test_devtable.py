@@ -236,6 +236,90 @@ def test_fill_kernels_match_reference(L, E, K, S, C, keep):
     assert int((a["key_of"] == -1).sum()) <= keep or int((a["slot_of"] < 0).sum()) == 0
 
 
+def _kernel_land(plan_key, plan_slot, landed, installed, t):
+    """The copy fill's install: on CUDA through fill_land, on CPU straight into the interpreter."""
+    if CUDA:
+        return st.fill_land(plan_key, plan_slot, landed, installed, t)
+    st._fill_land_kernel[(1,)](plan_key, plan_slot, landed, installed, t["slot_of"], t["key_of"], t["last"],
+                               t["uses"], plan_key.shape[0], C_P=4)
+
+
+@pytest.mark.parametrize("L,E,K,S,keep,seed", [(3, 12, 4, 40, 4, 0), (2, 10, 3, 14, 3, 1), (4, 8, 2, 40, 0, 2)])
+def test_copy_fill_kernels_match_reference(L, E, K, S, keep, seed):
+    """The copy-engine fill's reservations (slot_of = -2 - slot, key_of = -2 - key), demand resolves that hit planned
+    keys, and installs of what has landed, in random steps: kernel == reference in every table, slot and row; a
+    demand miss on a planned key is loaded into its reserved slot and evicts nothing; no call takes or evicts a
+    reserved slot; an install enters a key cold, or keeps the one a demand miss loaded; entries never copied are
+    released by fill_cancel; each key sits in one slot at most, and every resident slot's key points back to it."""
+    dev = "cuda" if CUDA else "cpu"
+    a, b = _tables(L * E, S), _tables(L * E, S, dev)
+    rng = random.Random(seed)
+    for step in range(2):  # two demand calls first: some keys resident, some slots free
+        layer, ids = rng.randrange(L), torch.tensor(rng.sample(range(E), K), dtype=torch.int64)
+        o, r = torch.empty(K, dtype=torch.int64), torch.empty(K, dtype=torch.int64)
+        st.resolve_reference(ids, layer, E, a, 0, o, r)
+        _kernel_resolve(ids.to(dev), layer, E, b, 0, o.to(dev), r.to(dev))
+    resident = {int(k) for k in a["key_of"].tolist() if k >= 0}
+    free = [s_ for s_ in range(S - 1, -1, -1) if int(a["key_of"][s_]) == -1]
+    order = [l * E + e for e in range(E) for l in range(L)]
+    keys = [k for k in order if k not in resident][: max(0, len(free) - keep)]
+    slots = free[: len(keys)]
+    assert keys, "the test needs a plan"
+    pk, ps = torch.tensor(keys, dtype=torch.int64), torch.tensor(slots, dtype=torch.int64)
+    for t in (a, b):  # what DeviceSlotTable.plan_fill writes
+        t["slot_of"][pk.to(t["slot_of"].device)] = (-2 - ps).to(torch.int32).to(t["slot_of"].device)
+        t["key_of"][ps.to(t["key_of"].device)] = (-2 - pk).to(torch.int32).to(t["key_of"].device)
+    la, ia = torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
+    lb, ib = la.clone().to(dev), ia.clone().to(dev)  # (not views of the reference's: .to on CPU is a no-op)
+    landed, planned_hits = 0, 0
+    half = len(keys) // 2 + 1  # the rest is never copied: cancelled at the end
+    for step in range(24):
+        for _ in range(2):
+            layer = rng.randrange(L)
+            ids = torch.tensor(rng.sample(range(E), K), dtype=torch.int64)
+            before = {int(k) for k in a["key_of"].tolist() if k >= 0}
+            plan_slot = {layer * E + int(e): -2 - int(a["slot_of"][layer * E + int(e)]) for e in ids.tolist()
+                         if int(a["slot_of"][layer * E + int(e)]) < -1}
+            o1, s1 = torch.empty(K, dtype=torch.int64), torch.empty(K, dtype=torch.int64)
+            o2, s2 = o1.to(dev), s1.to(dev)
+            st.resolve_reference(ids, layer, E, a, 0, o1, s1)
+            _kernel_resolve(ids.to(dev), layer, E, b, 0, o2, s2)
+            assert torch.equal(o1, o2.cpu()) and torch.equal(s1, s2.cpu()), f"step {step}"
+            for j, e in enumerate(ids.tolist()):
+                k = layer * E + e
+                if k in plan_slot:  # loaded into its reserved slot, which stays reserved until it lands
+                    planned_hits += 1
+                    assert int(o1[j]) == plan_slot[k] and int(s1[j]) == int(a["host_row"][k])
+                    assert int(a["slot_of"][k]) == plan_slot[k] and int(a["key_of"][plan_slot[k]]) == -2 - k
+            after = {int(k) for k in a["key_of"].tolist() if k >= 0}
+            n_plain = sum(1 for e in ids.tolist() if int(a["slot_of"][layer * E + e]) >= 0) - len(plan_slot)
+            assert len(before - after) <= max(0, n_plain)  # only plain misses may evict
+            for k in a:
+                assert torch.equal(a[k], b[k].cpu()), f"step {step}: table {k} differs after a resolve"
+        if landed < half and step % 2:
+            landed = min(half, landed + rng.randrange(1, 4))
+            la[0], lb[0] = landed, landed
+            st.fill_land_reference(pk, ps, la, ia, a)
+            _kernel_land(pk.to(dev), ps.to(dev), lb, ib, b)
+            assert int(ia[0]) == int(ib[0]) == landed
+        for k in a:
+            assert torch.equal(a[k], b[k].cpu()), f"step {step}: table {k} differs"
+    assert planned_hits > 0
+    for t, d in ((a, "cpu"), (b, dev)):
+        st.fill_cancel(pk[landed:].to(d), ps[landed:].to(d), t)
+    for k in a:
+        assert torch.equal(a[k], b[k].cpu()), f"after the cancel: table {k} differs"
+    kof, sof = a["key_of"].tolist(), a["slot_of"].tolist()
+    assert min(kof) >= -1 and min(sof) >= -1
+    assert len([k for k in kof if k >= 0]) == len({k for k in kof if k >= 0})
+    for s_, k in enumerate(kof):
+        if k >= 0:
+            assert sof[k] == s_
+    for k, s_ in enumerate(sof):
+        if s_ >= 0:
+            assert kof[s_] == k
+
+
 @pytest.mark.parametrize("S,margin", [(10, 0), (26, 0), (26, 40), (7, 5)])
 def test_scored_resolve_matches_reference(S, margin):
     """Eviction by predicted next use (nt), demand and prefetch calls, prefetch candidates skipped by the caller
@@ -562,6 +646,90 @@ def test_device_step_fill_greedy_identical(reference_layout, unlimited, slots, n
         assert got[n][0] < got[0][0]
 
 
+@pytest.mark.parametrize("slots", [512, 40])
+def test_device_step_copy_fill_greedy_identical(reference_layout, unlimited, slots):
+    """--device-fill copy (store/copyfill.py: a plan of the keys not resident at the decode's start, reserved in free
+    slots, copied outside the step and entered by each step's install) gives the every-expert-resident tokens over
+    two decode phases; with room for every expert it takes first-use misses away and every block lands; every
+    resident slot then holds its key's RAM block, and no reservation outlives the phase (give_back drains it);
+    with a table the prefill filled, nothing is planned."""
+    B = 49152
+    got = {}
+    for fill in (0, "copy"):
+        eng = load(reference_layout, device="cpu", budget={"expert_slots": slots, "ram_gb": 600 * B / 2**30})
+        step = _attach(eng, fill=fill)
+        for phase in range(2):
+            assert eng.generate(PROMPT, max_new_tokens=NEW).token_ids == unlimited
+            s = eng.stats
+            d = s["decode"]
+            assert d["hits"] + d["misses"] == d["tokens"] * 8 * 8
+            assert d["bytes_h2d"] == (d["misses"] + s["slot_table"]["prefetched"]) * B
+            if phase == 0:
+                got[fill] = (d["misses"], s["slot_table"]["prefetched"])
+                if fill == "copy" and slots == 512:  # every planned block landed and was counted; the fill went idle
+                    assert step.copy.done_blocks == step.copy.n == got[fill][1] > 0
+                    assert not s["device_step"]["fill_active"]
+            if fill == "copy":
+                c = s["device_step"]["fill_copy"]
+                assert s["device_step"]["fill"] == "copy" and c["mode"] == "copy"
+                if slots == 40:
+                    assert c["planned"] == 0 and not s["device_step"]["fill_active"]
+        table = eng.model.provider.devtable
+        t = table.t
+        if fill == "copy" and slots == 512:
+            for slot, k in enumerate(t["key_of"].tolist()):
+                if k >= 0:
+                    assert torch.equal(table.slots[slot], table.host_pool[int(t["host_row"][k])]), f"slot {slot}"
+        table.give_back()
+        assert int(t["key_of"].min()) >= -1 and int(t["slot_of"].min()) >= -1
+        eng.model.provider.vram.table.check()
+        del step
+    if slots == 512:
+        assert got["copy"][1] > 0 and got["copy"][0] < got[0][0]
+    else:
+        assert got["copy"] == got[0]
+
+
+def test_copy_fill_drains_a_cut_phase(reference_layout, unlimited):
+    """A decode phase that ends before its copies are all issued (a queue of one block): give_back waits for what
+    was issued, enters it, and releases the rest (fill_cancel); the host table is consistent and the next phase
+    plans again."""
+    B = 49152
+    eng = load(reference_layout, device="cpu", budget={"expert_slots": 512, "ram_gb": 600 * B / 2**30})
+    step = _attach(eng, fill="copy")
+    step.copy.batch, step.copy.depth = 1, 1
+    assert eng.generate(PROMPT, max_new_tokens=4).token_ids == unlimited[:4]
+    planned, issued = step.copy.n, step.copy.issued
+    assert 0 < issued < planned
+    table = eng.model.provider.devtable
+    table.give_back()
+    t = table.t
+    assert int(t["key_of"].min()) >= -1 and int(t["slot_of"].min()) >= -1
+    eng.model.provider.vram.table.check()
+    assert eng.generate(PROMPT, max_new_tokens=NEW).token_ids == unlimited
+    assert eng.stats["device_step"]["fill_copy"]["phases"] == 2
+
+
+def test_copy_fill_refusals(reference_layout):
+    """--device-fill copy is not paced by --h2d-gbps and does not run with --cpu-split admit; the option parses."""
+    from tiered.cli.options import AutoOrInt
+    from tiered.store.options import TierConfig
+
+    B = 49152
+    eng = load(reference_layout, device="cpu", budget={"expert_slots": 512, "ram_gb": 600 * B / 2**30})
+    _attach(eng)
+    with pytest.raises(ValueError, match="--cpu-split admit"):
+        DeviceStep(eng.model, graphs=False, fill="copy", cpu=None, cpu_admit=True)
+    eng.model.provider.devtable.h2d_gbps = 12.0
+    with pytest.raises(ValueError, match="--h2d-gbps"):
+        DeviceStep(eng.model, graphs=False, fill="copy")
+    assert TierConfig(device_fill="copy").device_fill == "copy"
+    with pytest.raises(BudgetError, match="auto, copy"):
+        TierConfig(device_fill="dma")
+    t = AutoOrInt(0, ("auto", "copy"))
+    assert t.convert("copy", None, None) == "copy" and t.convert("3", None, None) == 3 and t.name == "auto|copy|N"
+
+
 @pytest.mark.parametrize("gbps", [None, 1e-6])
 def test_device_step_fill_auto(reference_layout, unlimited, monkeypatch, gbps):
     """--device-fill auto: the first window of steps runs the fill graph with nothing picked (and is not taken for a
@@ -751,6 +919,10 @@ sig6 = {"fill_key": "*i64", "fill_slot": "*i64", "slot_of": "*i32", "key_of": "*
         "counts": "*i64", "n_fill": "i32", "C_P": "constexpr", "GDC": "constexpr"}
 assert triton.compile(ASTSource(st._fill_install_kernel, sig6, constexprs={"C_P": 8, "GDC": True}),
                       target=tgt).asm["cubin"]
+sig8 = {"plan_key": "*i64", "plan_slot": "*i64", "landed": "*i64", "installed": "*i64", "slot_of": "*i32",
+        "key_of": "*i32", "last": "*i64", "uses": "*i64", "n_plan": "i32", "C_P": "constexpr", "GDC": "constexpr"}
+k = triton.compile(ASTSource(st._fill_land_kernel, sig8, constexprs={"C_P": 64, "GDC": True}), target=tgt)
+assert k.asm["cubin"] and "ld.volatile" in k.asm["ptx"]  # landed is written by the copy stream meanwhile
 sig7 = {"split_c": "*i64", "slot_of": "*i32", "key_of": "*i32", "n_rows": "i32", "R_P": "constexpr", "GDC": "constexpr"}
 assert triton.compile(ASTSource(st._split_install_kernel, sig7, constexprs={"R_P": 8, "GDC": True}),
                       target=tgt).asm["cubin"]
@@ -834,12 +1006,13 @@ def test_cuda_device_step_fill_matches_host_step(reference_layout):
     """The captured step with its background fill (a side stream across the whole graph, reserved slots installed
     at its end) decodes the host step's greedy tokens; with room for every expert it loads blocks ahead, takes
     misses away, runs dry and hands over to the graphs without the fill; auto times its first steps with CUDA
-    events, then fills as much."""
+    events, then fills as much; copy (the copy engines outside the graph, entered by each step's first kernel)
+    leaves every resident slot holding its key's RAM block."""
     budget = {"expert_slots": 512, "ram_gb": 0.05}
     want = load(reference_layout, device="cuda", budget={**budget, "slot_table": "host"}).generate(
         PROMPT, max_new_tokens=48).token_ids
     misses = {}
-    for fill in (0, 32, "auto"):
+    for fill in (0, 32, "auto", "copy"):
         eng = load(reference_layout, device="cuda", budget={**budget, "slot_table": "device", "device_fill": fill})
         assert eng.generate(PROMPT, max_new_tokens=48).token_ids == want
         s = eng.stats
@@ -852,7 +1025,14 @@ def test_cuda_device_step_fill_matches_host_step(reference_layout):
         if fill != 0:  # every expert filled within a few steps: the later steps replayed the graphs without the fill
             assert s["device_step"]["fill_active"] is False and eng.devstep.idle
             assert eng.generate(PROMPT, max_new_tokens=48).token_ids == want  # a new phase fills again, dry at once
-    assert misses[32] < misses[0] and misses["auto"] < misses[0]
+        if fill == "copy":  # the copy engines' blocks landed where the table says (CopyFill's plan and fill_land)
+            table = eng.model.provider.devtable
+            assert s["device_step"]["fill_copy"]["planned"] > 0
+            table.give_back()
+            for slot, k in enumerate(table.t["key_of"].tolist()):
+                if k >= 0:
+                    assert torch.equal(table.slots[slot], table.host_pool[int(table.t["host_row"][k])].cuda())
+    assert misses[32] < misses[0] and misses["auto"] < misses[0] and misses["copy"] < misses[0]
 
 
 def _code_transitions(reference_layout):

@@ -217,7 +217,7 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
     dev_evict = (budget or {}).get("device_evict") or "policy"
     fill_given = (budget or {}).get("device_fill")
     dev_fill = TierConfig.device_fill if fill_given is None else fill_given  # the default: auto
-    dev_fill = dev_fill if dev_fill == "auto" else int(dev_fill)
+    dev_fill = dev_fill if dev_fill in ("auto", "copy") else int(dev_fill)
     flags = [f for f, on in (("--device-prefetch", dpf), (f"--device-evict {dev_evict}", dev_evict != "policy"),
                              (f"--device-fill {dev_fill}", fill_given)) if on]
     if getattr(provider, "devtable", None) is None and fill_given is None:

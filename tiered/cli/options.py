@@ -39,7 +39,7 @@ def _click_type(f: Any, hints: dict[str, Any]) -> dict[str, Any]:
     if isinstance(kind, tuple) and kind and kind[0] == "min":
         return {"type": click.IntRange(min=kind[1])}
     if isinstance(kind, tuple) and kind and kind[0] == "auto-or-min":
-        return {"type": AutoOrInt(kind[1])}
+        return {"type": AutoOrInt(kind[1], *(kind[2:3] or ()))}
     if isinstance(kind, tuple):
         return {"type": click.Choice(list(kind))}
     hint = hints[f.name]
@@ -65,22 +65,22 @@ BUDGET_CLAUSE = ("Any of these selects the expert cache, which streams experts d
 
 
 class AutoOrInt(click.ParamType):
-    """"auto" or an integer >= lo (returned as an int)."""
+    """"auto" (or another of `words`) or an integer >= lo (returned as an int)."""
 
-    name = "auto|N"
-
-    def __init__(self, lo: int) -> None:
+    def __init__(self, lo: int, words: tuple[str, ...] = ("auto",)) -> None:
         self.lo = lo
+        self.words = tuple(words)
+        self.name = "|".join(self.words) + "|N"
 
     def convert(self, value: Any, param: Any, ctx: Any) -> Any:
-        if value == "auto" or (isinstance(value, int) and value >= self.lo):
+        if value in self.words or (isinstance(value, int) and value >= self.lo):
             return value
         try:
             n = int(str(value))
         except ValueError:
             n = None
         if n is None or n < self.lo:
-            self.fail(f"{value!r} is neither auto nor an integer >= {self.lo}", param, ctx)
+            self.fail(f"{value!r} is neither {' nor '.join(self.words)} nor an integer >= {self.lo}", param, ctx)
         return n
 
 

@@ -43,6 +43,7 @@ from tiered.kernels import cpu_handoff
 from tiered.kernels.slot_table import (demand_gather_ctas, fill_gather_options, fill_windows, split_granule,
                                        topk_resolve_enabled)
 from tiered.model.transformer import Transformer
+from tiered.store.copyfill import CopyFill
 from tiered.store.offload import CostModel
 
 
@@ -139,6 +140,15 @@ class DeviceStep:
         # once it has picked nothing for `fill_windows` reads in a row, the steps replay graphs without the fill
         # (captured beside the others), until the next decode phase.
         self.pace: FillPace | None = None
+        self.copy: CopyFill | None = None
+        copy = fill == "copy"
+        if copy:  # the copy engines fill instead (store/copyfill.py): no pick, copy or join in the step's graph
+            if cpu_admit:
+                raise ValueError("--device-fill copy runs without --cpu-split admit (its later copies take slots too)")
+            if table.h2d_gbps > 0:
+                raise ValueError("--device-fill copy moves blocks with the copy engines, which --h2d-gbps cannot "
+                                 "pace: use --device-fill auto or N with a paced link")
+            fill = 0
         if fill == "auto":
             fill = 0 if cpu_admit else FILL_AUTO_MAX  # (admit's later copies race a fill: auto leaves it off)
             if fill:
@@ -147,9 +157,10 @@ class DeviceStep:
             raise ValueError(f"fill must be 'auto' or >= 0 experts per step, got {fill!r}")
         self.fill = int(fill)
         self.idle: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}  # span -> the graph without the fill
+        self.filling = self.fill > 0 or copy  # a second graph per span: with the fill's kernels
         self.fill_active = self.fill > 0
         self._fill_held = False  # hold_fill: a benchmark's warm-up without the fill
-        if self.fill:
+        if self.filling:
             E = cfg.num_experts
             if transitions is not None:  # [M, E]: how often each expert follows any other, per MoE layer
                 rank = transitions[1].to(torch.float32).sum(1).argsort(dim=1, descending=True, stable=True).tolist()
@@ -157,6 +168,13 @@ class DeviceStep:
                 rank = [list(range(E))] * len(cfg.moe_layers)
             self.fill_order = torch.tensor([l * E + rank[i][r] for r in range(E)
                                             for i, l in enumerate(cfg.moe_layers)], dtype=torch.int64, device=dev)
+        if table.copy_fill is not None:  # a step made before on this table: its plan released first
+            table.copy_fill.drain()
+        if copy:
+            self.copy = CopyFill(table, self.fill_order.tolist(), keep_free=self.K)
+            self._copy_last = False  # every block has landed: one more step with the install, then idle
+        table.copy_fill = self.copy  # drained by the table's give_back
+        if self.fill:
             self.fill_cursor = torch.zeros(1, dtype=torch.int64, device=dev)
             self.fill_picked = torch.zeros(1, dtype=torch.int64, device=dev)
             self._fill_seen = torch.zeros(1, dtype=torch.int64, pin_memory=cuda)
@@ -226,7 +244,9 @@ class DeviceStep:
     # --- the step's body (captured) ---
     def _body(self, span: int, fill: bool = False) -> Tensor:
         m = self.model
-        if fill:
+        if fill and self.copy is not None:
+            self.copy.install()
+        elif fill:
             self._fill_start()
         plan = m.static_plan(self.step_dev[1:2], span)
         defer = self.topk_resolve
@@ -272,7 +292,7 @@ class DeviceStep:
             self.table.split_install()
         argmax_into(out, self.token)  # the greedy pick and the next position, for `launch` (ahead.py)
         self.pos.add_(1)
-        if fill:
+        if fill and self.copy is None:
             self._fill_end()
         return out
 
@@ -334,9 +354,23 @@ class DeviceStep:
                 self._fill_ev.record(torch.cuda.current_stream(self.device))
             self._fill_pending = True
 
+    def _copy_watch(self) -> None:
+        """After a step with the copy fill's install: queue more copies (never waiting); once the host has seen every
+        block land, the next step's install enters the last of them, and the steps after replay the graphs without
+        it."""
+        if self._copy_last:
+            self.fill_active = False
+            return
+        self._copy_last = self.copy.pump()
+
     def _fill_restart(self) -> None:
         """A decode phase starts (the table just came to the device): fill again until it runs dry (under auto,
         with the N chosen in an earlier phase; none when it chose 0)."""
+        if self.copy is not None:
+            self._copy_last = False
+            self.fill_active = not self._fill_held and self.copy.start() > 0
+            if self.fill_active:
+                self.copy.pump()  # the first copies go out before the first step
         if self.fill:
             self.fill_active = self.pace is None or self.pace.n != 0
             self._fill_dry = 0
@@ -449,10 +483,10 @@ class DeviceStep:
             side.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(side):
                 for _ in range(2):
-                    self._body(span, self.fill > 0)
+                    self._body(span, self.filling)
             torch.cuda.current_stream(dev).wait_stream(side)
-            graph, out = self._capture(span, self.fill > 0)
-            if self.fill:
+            graph, out = self._capture(span, self.filling)
+            if self.filling:
                 self.idle[span] = self._capture(span, False)
             torch.cuda.synchronize(dev)
         self.table.t["counts"].copy_(counts)
@@ -500,7 +534,9 @@ class DeviceStep:
                     self.step_dev.copy_(self.step_host)
             fill = self.fill_active and not self._fill_held
             out = self._body(span, fill)
-            if fill:
+            if fill and self.copy is not None:
+                self._copy_watch()
+            elif fill:
                 self._fill_watch()
         else:
             if span not in self.graphs:
@@ -513,9 +549,11 @@ class DeviceStep:
                 self.step_dev.copy_(self.step_host, non_blocking=True)
                 self._step_ev.record(torch.cuda.current_stream(self.device))
             fill = self.fill_active and not self._fill_held
-            graph, out = self.graphs[span] if fill or not self.fill else self.idle[span]  # fill idle
+            graph, out = self.graphs[span] if fill or not self.filling else self.idle[span]  # fill idle
             graph.replay()
-            if self.fill and fill:
+            if fill and self.copy is not None:
+                self._copy_watch()
+            elif self.fill and fill:
                 self._fill_watch()
         self.model.provider.note_device_token()
         self.steps += 1
@@ -537,9 +575,11 @@ class DeviceStep:
         return {"spans": sorted(self.graphs), "steps": self.steps, "launch_s": self.launch_s,
                 "host_s_per_layer": self.host_s_per_layer, "capture_s": self.capture_s,
                 "graph_mem_bytes": self.graph_mem_bytes, "evict": "nextuse" if self.nu is not None else "policy",
-                "prefetch": self.prefetch, "fill": "auto" if self.pace is not None else self.fill,
+                "prefetch": self.prefetch,
+                "fill": "copy" if self.copy is not None else "auto" if self.pace is not None else self.fill,
                 "fill_auto": self.pace.stats() if self.pace is not None else None,
                 "fill_picked": int(self.fill_picked[0]) if self.fill else 0,
+                "fill_copy": self.copy.stats() if self.copy is not None else None,
                 "fill_active": self.fill_active,
                 "cpu": None if self.cpu is None else {**self.cpu.stats(), "take": self.cpu_take,
                                                       "split": self.cpu_split, "admit": self.cpu_admit}}

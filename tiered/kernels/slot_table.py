@@ -18,6 +18,10 @@ Owns two kernels and their plain torch references (the references are the CPU pa
     for keys that are not resident (key_of = -2 - key: resolve neither takes nor evicts a reserved slot) and
     writes their host rows for `gather`, which copies them on a side stream beside the step; install gives each
     slot its key afterwards, or frees it when a demand miss loaded that key meanwhile.
+  - `fill_land`: the copy-engine fill's install (store/copyfill.py): cudaMemcpyAsync on a side stream, outside the
+    graph, copies a plan made on the host at the decode's start into reserved slots; each step's first kernel
+    enters what has landed. A demand miss on a planned key is copied into its reserved slot (the same bytes the
+    copy engine writes there), so it evicts nothing.
 Measured and not kept: both in one launch (program 0 resolves and raises a flag the others wait on before they
 copy; session 9, benchmarks/results/offload-devstep-2026-12-01-h200-s9.json). With an exit counter (528 atomics on
 one address a call) the warm q4 step took 524.5 us against 500.6 for the two kernels; with the step's generation as
@@ -27,8 +31,9 @@ Does not own: the tensors (store/devtable.py allocates and syncs them with the h
 calls these (decode/devstep.py).
 
 Legend: K top-k, S device slots, N keys = L * E, B block bytes, R host pool rows.
-Tables: slot_of int32 [N] (-1 = not resident), key_of int32 [S] (-1 = free, <= -2 = reserved by a fill whose copy
-is in flight, within one step), last int64 [S], uses int64 [S],
+Tables: slot_of int32 [N] (-1 = not resident; <= -2: the copy-engine fill copies the key into slot -2 - slot_of),
+key_of int32 [S] (-1 = free, <= -2 = reserved by a fill whose copy is in flight: within one step for the gather
+fill, until `fill_land` for the copy-engine fill), last int64 [S], uses int64 [S],
 clock int64 [1] (ticks once per resolve, like the host cache's get() clock), counts int64 [7] (hits, misses;
 prefetch: already resident, loaded; misses computed on the CPU; misses split by rows with it, and their CPU rows;
 a table of 5 serves every call without a row split),
@@ -85,7 +90,9 @@ def _resolve_kernel(ids_ptr, base, slot_of, key_of, last, uses, clock, counts, h
     raw = tl.load(ids_ptr + ok, mask=inb, other=-1).to(tl.int64)
     mk = inb & (raw >= 0)  # an id < 0 is a skipped entry (a prefetch candidate dropped by the caller)
     keys = base + tl.where(mk, raw, 0)  # [K_P]
-    s = tl.load(slot_of + keys, mask=mk, other=-1).to(tl.int64)  # [K_P] current slot, -1 = miss
+    # [K_P] current slot; -1 = miss; <= -2: a miss whose slot -2 - s the copy-engine fill reserved (its copy in
+    # flight): the miss is loaded there, evicting nothing
+    s = tl.load(slot_of + keys, mask=mk, other=-1).to(tl.int64)
     hit = mk & (s >= 0)
     miss = mk & (s < 0)
     t = tl.load(clock) + 1
@@ -144,9 +151,11 @@ def _resolve_kernel(ids_ptr, base, slot_of, key_of, last, uses, clock, counts, h
             score = tl.load(uses + os_, mask=ms, other=0) * w + tl.load(last + os_, mask=ms, other=0)
         score = tl.where(kof == -1, _FREE, score)
         score = tl.where(pin | (os_ >= n_slots) | (kof < -1), _PINNED, score)  # < -1: a fill copy in flight
-        slot = s
+        planned = miss & (s < -1)  # its slot is the copy fill's reservation (key_of stays -2 - key: pinned until
+        # the fill's copy lands, since that copy writes the same bytes into it)
+        slot = tl.where(planned, -2 - s, s)
         for k in tl.static_range(K_P):
-            mk_k = tl.sum(tl.where((ok == k) & miss, 1, 0), axis=0) > 0
+            mk_k = tl.sum(tl.where((ok == k) & miss & (planned == 0), 1, 0), axis=0) > 0
             v = tl.argmin(score, axis=0).to(tl.int64)
             lo = tl.min(score, axis=0)
             ok_v = lo < _PINNED  # a slot is left to take (a prefetch may run out; demand never does)
@@ -163,10 +172,10 @@ def _resolve_kernel(ids_ptr, base, slot_of, key_of, last, uses, clock, counts, h
         if ADMIT:  # the admitted split's slot is reserved (key_of -2 - key: neither found nor evicted) until the
             # step's end, when its later copy has landed (`split_install`)
             tl.store(slot_of + keys, slot.to(tl.int32), mask=load & (split == 0))
-            tl.store(key_of + slot, tl.where(split, -2 - keys, keys).to(tl.int32), mask=load)
+            tl.store(key_of + slot, tl.where(split, -2 - keys, keys).to(tl.int32), mask=load & (planned == 0))
         else:
             tl.store(slot_of + keys, slot.to(tl.int32), mask=load)
-            tl.store(key_of + slot, keys.to(tl.int32), mask=load)
+            tl.store(key_of + slot, keys.to(tl.int32), mask=load & (planned == 0))
         tl.store(last + slot, tl.zeros([K_P], dtype=tl.int64) + (0 if PREFETCH else t), mask=load)
         tl.store(uses + slot, tl.zeros([K_P], dtype=tl.int64) + (0 if PREFETCH else 1), mask=load)
         if ADMIT:
@@ -337,6 +346,30 @@ def _fill_install_kernel(fill_key, fill_slot, slot_of, key_of, last, uses, count
     tl.store(last + sl, tl.zeros([C_P], dtype=tl.int64), mask=ok)
     tl.store(uses + sl, tl.zeros([C_P], dtype=tl.int64), mask=ok)
     tl.store(counts + 3, tl.load(counts + 3) + tl.sum(v.to(tl.int64), axis=0))
+
+
+@triton.jit
+def _fill_land_kernel(plan_key, plan_slot, landed, installed, slot_of, key_of, last, uses, n_plan,
+                      C_P: tl.constexpr, GDC: tl.constexpr = False):
+    """The copy-engine fill: the plan's entries [installed, landed) have landed (landed is written by the copy
+    stream, read volatile): each key not demanded meanwhile (slot_of still -2 - its slot) takes its slot cold (last
+    use 0, no uses); one demanded meanwhile is resident there already. Either way its slot becomes evictable."""
+    gdc_enter(GDC)
+    lo = tl.load(installed)
+    hi = tl.minimum(tl.load(landed, volatile=True), n_plan)
+    oc = tl.arange(0, C_P)
+    for c0 in range(lo, hi, C_P):
+        i = c0 + oc
+        v = i < hi
+        k = tl.load(plan_key + i, mask=v, other=0)
+        sl = tl.load(plan_slot + i, mask=v, other=0)
+        s = tl.load(slot_of + k, mask=v, other=0).to(tl.int64)
+        fresh = v & (s == -2 - sl)
+        tl.store(slot_of + k, sl.to(tl.int32), mask=fresh)
+        tl.store(last + sl, tl.zeros([C_P], dtype=tl.int64), mask=fresh)
+        tl.store(uses + sl, tl.zeros([C_P], dtype=tl.int64), mask=fresh)
+        tl.store(key_of + sl, tl.where(fresh | (s == sl), k, -1).to(tl.int32), mask=v)
+    tl.store(installed, tl.maximum(hi, lo))
 
 
 @triton.jit
@@ -519,6 +552,8 @@ def resolve_reference(ids: Tensor, layer: int, num_experts: int, t: dict[str, Te
     for j, k in enumerate(keys):
         if k < 0 or slots[j] >= 0:
             continue
+        planned = slots[j] < -1  # the copy fill's reserved slot -2 - slot_of (key_of stays reserved until it lands)
+        slots[j] = -1
         if j in on_cpu:
             slots[j] = int(cpu[2])
             cpu[1][j] = int(t["host_row"][k])
@@ -529,6 +564,14 @@ def resolve_reference(ids: Tensor, layer: int, num_experts: int, t: dict[str, Te
                 slots[j] = int(cpu[4])
                 src[j] = int(t["host_row"][k])
                 continue
+        if planned and j != split_j:
+            v = -2 - int(slot_of[k])
+            slot_of[k] = v
+            last[v] = 0 if prefetch else now
+            uses[v] = 0 if prefetch else 1
+            slots[j] = v
+            src[j] = int(t["host_row"][k])
+            continue
         v = min(range(S), key=lambda i: (score[i], i))
         if score[v] >= PINNED_SCORE:  # no slot left (a prefetch may run out)
             continue
@@ -796,6 +839,47 @@ def fill_install_reference(fill_key: Tensor, fill_slot: Tensor, t: dict[str, Ten
         else:
             t["key_of"][s] = -1
         t["counts"][3] += 1
+
+
+def fill_land(plan_key: Tensor, plan_slot: Tensor, landed: Tensor, installed: Tensor, t: dict[str, Tensor]) -> None:
+    """The copy-engine fill (store/copyfill.py), at a step's start: the plan's entries (plan_key, plan_slot int64
+    [P] on the device; each key reserved as slot_of = -2 - slot, its slot as key_of = -2 - key) from installed[0] up
+    to landed[0] (int64 [1]: the copy stream writes it after each batch of copies) enter the table: a key no demand
+    miss loaded meanwhile takes its slot cold (last use 0, no uses); one a demand miss loaded into that reserved slot
+    (resolve does, evicting nothing) is resident already. Either way the slot becomes evictable (key_of = key).
+    installed[0] moves to landed[0]. CUDA: one program; else the reference."""
+    n = plan_key.shape[0]
+    if plan_key.device.type != "cuda":
+        return fill_land_reference(plan_key, plan_slot, landed, installed, t)
+    _fill_land_kernel[(1,)](plan_key, plan_slot, landed, installed, t["slot_of"], t["key_of"], t["last"], t["uses"],
+                            n, C_P=64, **launch_args(plan_key.device))
+
+
+def fill_land_reference(plan_key: Tensor, plan_slot: Tensor, landed: Tensor, installed: Tensor,
+                        t: dict[str, Tensor]) -> None:
+    """fill_land in plain torch on host values (CPU path and test reference)."""
+    lo, hi = int(installed[0]), min(int(landed[0]), plan_key.shape[0])
+    for i in range(lo, hi):
+        k, sl = int(plan_key[i]), int(plan_slot[i])
+        s = int(t["slot_of"][k])
+        if s == -2 - sl:
+            t["slot_of"][k] = sl
+            t["last"][sl] = 0
+            t["uses"][sl] = 0
+        t["key_of"][sl] = k if s in (sl, -2 - sl) else -1
+    installed[0] = max(hi, lo)
+
+
+def fill_cancel(plan_key: Tensor, plan_slot: Tensor, t: dict[str, Tensor]) -> None:
+    """The copy-engine fill's entries never copied (a decode phase ended first): each reserved slot is freed and
+    its key is not resident again, unless a demand miss loaded the key into it (then it is resident there and
+    evictable). torch ops on the table's device (a phase change, not a step)."""
+    if plan_key.numel() == 0:
+        return
+    s = t["slot_of"].index_select(0, plan_key).to(torch.int64)
+    dem = s == plan_slot
+    t["key_of"].index_copy_(0, plan_slot, torch.where(dem, plan_key, -1).to(torch.int32))
+    t["slot_of"].index_copy_(0, plan_key, torch.where(dem, s, -1).to(torch.int32))
 
 
 def split_install(split_c: Tensor, t: dict[str, Tensor]) -> None:

@@ -117,6 +117,10 @@ class DeviceSlotTable:
         # the first hand-over, times one and reports the rate reached
         self.h2d_gbps = float(getattr(vram, "h2d_gbps", 0.0) or 0.0)
         self.h2d_gbps_achieved: float | None = None
+        # --device-fill copy (store/copyfill.py, attached by the device step): drained before a give_back; its plan
+        # is made from the host's table as `take` handed it over (_taken: key_of, slot_of, host rows)
+        self.copy_fill: Any = None
+        self._taken: tuple[list[int], dict[int, int], list[int]] | None = None
 
     # --- the hand-over ---
     def take(self) -> None:
@@ -150,6 +154,7 @@ class DeviceSlotTable:
         vram._pending.clear()
         for name, v in cpu.items():
             self.t[name].copy_(v)
+        self._taken = (list(vt.key_of), dict(vt.slot_of), host_row)
         self.owner = "device"
         self.handovers += 1
         if self.h2d_gbps > 0 and self.h2d_gbps_achieved is None and vram.cuda:
@@ -178,7 +183,10 @@ class DeviceSlotTable:
         """The device's table -> the host's SlotTable, policy and clock (syncs: a phase change, not per token)."""
         if self.owner == "host":
             return
+        if self.copy_fill is not None:
+            self.copy_fill.drain()
         self.harvest()
+        self._taken = None
         c = self.cache
         vt = c.vram.table
         key_of = self.t["key_of"].tolist()
@@ -280,6 +288,26 @@ class DeviceSlotTable:
         counts them (kernels/slot_table.fill_pick)."""
         self.kern.fill_pick(order, cursor, self.t, n_fill, keep_free, out_key, out_slot, out_src, picked)
 
+    def plan_fill(self, order: list[int], keep_free: int) -> tuple[list[int], list[int], list[int]]:
+        """The copy-engine fill's plan, right after `take` (the device's table is then the host's, so no read-back):
+        the keys of `order` not resident, each paired with a free slot (highest first: demand misses take the lowest),
+        leaving keep_free free, with its RAM row. Each is reserved on the device (slot_of = -2 - slot, key_of = -2 -
+        key) until the fill's install (kernels/slot_table.fill_land). Returns (keys, slots, rows)."""
+        if self._taken is None or self.owner != "device":
+            raise RuntimeError("plan_fill follows a hand-over to the device (take), before any step")
+        key_of, slot_of, host_row = self._taken
+        self._taken = None
+        free = [s for s in range(len(key_of) - 1, -1, -1) if key_of[s] == -1]
+        keys = [k for k in order if k not in slot_of]
+        n = max(0, min(len(keys), len(free) - int(keep_free)))
+        keys, slots = keys[:n], free[:n]
+        if n:
+            kt = torch.tensor(keys, dtype=torch.int64, device=self.device)
+            st = torch.tensor(slots, dtype=torch.int64, device=self.device)
+            self.t["slot_of"].index_copy_(0, kt, (-2 - st).to(torch.int32))
+            self.t["key_of"].index_copy_(0, st, (-2 - kt).to(torch.int32))
+        return keys, slots, [int(host_row[k]) for k in keys]
+
     def fill_install(self, fill_key: Tensor, fill_slot: Tensor) -> None:
         """After the fill's copies landed: the reserved slots take their keys (kernels/slot_table.fill_install)."""
         self.kern.fill_install(fill_key, fill_slot, self.t)
@@ -290,6 +318,8 @@ class DeviceSlotTable:
         one-token decode steps only; prefetched blocks count as bytes crossing PCIe and as prefetches) and zero
         them; returns the (hits, misses) added. Syncs the device."""
         h, m, pr, pl, nc, ns, nr = (int(x) for x in self.t["counts"].tolist())
+        if self.copy_fill is not None:  # the copy engine's blocks seen landed: loaded ahead of use, as a fill's
+            pl += self.copy_fill.take_landed()
         if h or m or pr or pl or nc or ns:
             self.t["counts"].zero_()
             c = self.cache

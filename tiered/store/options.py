@@ -116,8 +116,10 @@ class TierConfig:
     device_fill: int | str = _opt("auto", "With the device slot table: experts per decode step copied in the "
                                      "background into free slots (never evicting; a budget with room to spare "
                                      "loads what demand paging would miss at first use). auto: as many as the "
-                                     "link moves in 0.9 of a step, timed in the decode's first steps; 0 = off",
-                                  ("auto-or-min", 0))
+                                     "link moves in 0.9 of a step, timed in the decode's first steps; copy: "
+                                     "the copy engines fill outside the step, as fast as the link moves them "
+                                     "(not with --h2d-gbps); 0 = off",
+                                  ("auto-or-min", 0, ("auto", "copy")))
     device_evict: str = _opt("policy", "With the device slot table: evict by --policy (lru/flru), or by nextuse (each "
                                        "expert's predicted next use from router-history transitions and its use "
                                        "history; the prefetch then loads only likely experts over later-needed ones)",
@@ -135,8 +137,8 @@ class TierConfig:
                 raise BudgetError(f"--{name.replace('_', '-')} must be one of {sorted(allowed)}, "
                                   f"got {getattr(self, name)!r}")
         f = self.device_fill
-        if not (f == "auto" or (isinstance(f, int) and not isinstance(f, bool) and f >= 0)):
-            raise BudgetError(f"--device-fill must be auto or an integer >= 0 (experts a step; 0 = off), got "
+        if not (f in ("auto", "copy") or (isinstance(f, int) and not isinstance(f, bool) and f >= 0)):
+            raise BudgetError(f"--device-fill must be auto, copy or an integer >= 0 (experts a step; 0 = off), got "
                               f"{self.device_fill!r}")
         if self.device_evict not in ("policy", "nextuse"):
             raise BudgetError(f"--device-evict must be policy or nextuse, got {self.device_evict!r}")
