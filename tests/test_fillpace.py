@@ -95,9 +95,10 @@ def test_pace_refuses_a_rate_it_cannot_use():
 
 
 def test_device_fill_option_parses_auto_or_a_count():
-    """--device-fill takes auto (the default) or N >= 0; anything else is an error that
+    """--device-fill takes copy (the default), auto or N >= 0; anything else is an error that
     names the flag."""
-    assert TierConfig().device_fill == "auto" and TierConfig(device_fill=0).device_fill == 0
+    assert TierConfig().device_fill == "copy" and TierConfig(device_fill="auto").device_fill == "auto"
+    assert TierConfig(device_fill=0).device_fill == 0
     assert TierConfig(device_fill=8).device_fill == 8 and TierConfig(device_fill=0).device_fill == 0
     for bad in (-1, "8", "fast", True, 1.5):
         with pytest.raises(BudgetError, match="--device-fill"):

@@ -110,15 +110,17 @@ class TierConfig:
     device_prefetch: int = _opt(0, "With the device slot table: experts per layer prefetched one layer ahead on a side "
                                    "stream, ranked by router-history transitions (fitted by `tiered tune --fit-trace`)",
                                 ("min", 0))
-    # default auto (session 19, benchmarks/results/offload-fill-auto-2026-12-02-h200-s19.json): on the H200 box, q4 at
-    # --vram-gb 4 with replayed routing, auto against the fill off, 6 and 8 in the same call; the bf16 table has no
-    # free slot after the prefill, so the fill runs dry at once (decode/fillpace.py)
-    device_fill: int | str = _opt("auto", "With the device slot table: experts per decode step copied in the "
+    # default copy (session 22, benchmarks/results/offload-fill-copy-2026-12-03-h200-s22.json): on the H200 box, q4
+    # at --vram-gb 4 with replayed routing, the copy engines against the gather fill (auto, the default since session
+    # 19) and a fixed 7 in the same calls; the bf16 table has no free slot after the prefill, so nothing is planned.
+    # With --h2d-gbps (the copy engines cannot be paced) or --cpu-split admit the default is auto.
+    device_fill: int | str = _opt("copy", "With the device slot table: how experts not resident are copied in the "
                                      "background into free slots (never evicting; a budget with room to spare "
-                                     "loads what demand paging would miss at first use). auto: as many as the "
-                                     "link moves in 0.9 of a step, timed in the decode's first steps; copy: "
-                                     "the copy engines fill outside the step, as fast as the link moves them "
-                                     "(not with --h2d-gbps); 0 = off",
+                                     "loads what demand paging would miss at first use). copy: the copy engines, "
+                                     "outside the decode step, as fast as the link moves them; auto: N a step by a "
+                                     "kernel beside the step, N what the link moves in 0.9 of a step timed in the "
+                                     "decode's first steps (the default with --h2d-gbps or --cpu-split admit); N: "
+                                     "that many a step; 0 = off",
                                   ("auto-or-min", 0, ("auto", "copy")))
     device_evict: str = _opt("policy", "With the device slot table: evict by --policy (lru/flru), or by nextuse (each "
                                        "expert's predicted next use from router-history transitions and its use "
