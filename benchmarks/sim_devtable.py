@@ -94,6 +94,8 @@ class SimTable(DeviceSlotTable):
         self.cpu_take = None
         self.cpu_split = self.split_spec = None  # the row split is timed by --cpu-split/--cpu-frac, not resolved
         self.split_admit = False
+        self.copy_fill = None  # (the copy engines' fill is not simulated: --fill N times the gather fill)
+        self.h2d_gbps = 0.0
         self.cpu = 0  # misses sent to the CPU
         self.owner = "device"
         self.pending: set[int] = set()  # keys a prefetch loaded that no demand call has used yet

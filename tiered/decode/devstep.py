@@ -17,6 +17,8 @@ A routing override (predict/replay.py, benchmarks) is applied inside the graph t
 position are gathered on the device.
 With --device-fill N, each step also copies up to N experts that are not resident into free slots beside its
 compute (a pick kernel before the first layer, a gather on a side stream, an install kernel after the argmax).
+With --device-fill copy (the default), the copy engines do it outside the graph (store/copyfill.py): the step's
+first kernel enters the blocks that have landed, and the host queues more copies after each launch.
 With --cpu-experts auto (a CpuMailbox, model/cpu_mailbox.py), each MoE layer runs
     resolve (some misses to the CPU, by `cpu_split`'s table) -> post (kernels/cpu_handoff.py: their rows, weights
     and x to the mailbox) -> gather (the others) -> the device's experts -> wait (the worker's sum, added),
@@ -65,7 +67,9 @@ class DeviceStep:
         fill: experts per step copied into free slots in the background (0 = off; "auto": as many as the link
         moves in FILL_SHARE of a step, timed in the first steps of a decode (decode/fillpace.py); off with
         cpu_admit); fill_ctas: the programs of that copy (it runs beside the step's compute, which keeps the other
-        SMs).
+        SMs). fill "copy": the copy engines instead (store/copyfill.py): a plan of every key not resident at the
+        decode's start, reserved in free slots, copied by cudaMemcpyAsync outside the graph, which only enters
+        what has landed (its first kernel); not with cpu_admit nor a paced link (--h2d-gbps).
         cpu: a started CpuMailbox (model/cpu_mailbox.py; --cpu-experts auto): resolve sends some of a layer's misses
         to it, by cpu_take[m] of m misses (None: the provider's cost model, `cpu_split`). cpu_rows: besides, one
         miss a layer split by FFN rows, the CPU computing its first cpu_rows[m] (None: the cost model's
