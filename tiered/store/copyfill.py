@@ -96,17 +96,20 @@ class CopyFill:
         self.fill_s = None
         return n
 
-    def pump(self) -> bool:
-        """After a step's launch: retire the batches that have landed (never waits) and queue more. True when every
-        planned block has landed (the next step's install enters the last of them)."""
+    def pump(self, most: int | None = None) -> bool:
+        """After a step's launch: retire the batches that have landed (never waits) and queue more (at most `most`
+        batches this call: the decode's first step is launched after one batch, not after the host has queued
+        them all). True when every planned block has landed (the next step's install enters the last of them)."""
         while self._pending:
             b, ev = self._pending[0]
             if ev is not None and not ev.query():
                 break
             self._pending.popleft()
             self.done_blocks = b
-        while self.issued < self.n and len(self._pending) < self.depth:
+        room = self.depth if most is None else min(self.depth, int(most))
+        while self.issued < self.n and len(self._pending) < self.depth and room > 0:
             self._issue()
+            room -= 1
         if self.n and self.done_blocks >= self.n and self.fill_s is None:
             self.fill_s = time.perf_counter() - self._t0
         return self.done_blocks >= self.n
