@@ -1,6 +1,6 @@
 """Session 22: assemble benchmarks/results/offload-fill-copy-2026-12-03-h200-s22.json (the copy-engine fill,
 --device-fill copy, against the gather fill; issue 13's offload goal) from the files the lease calls brought back,
-unpacked under one folder per call (A-C: benchmarks/lease/s22_call*.sh). Every figure is read from those files.
+unpacked under one folder per call (A-D: benchmarks/lease/s22_call*.sh). Every figure is read from those files.
 
     python3 benchmarks/lease/s22_report.py /tmp/s22r benchmarks/results
 """
@@ -40,11 +40,26 @@ def means(calls: list[dict], pairs: list[tuple[str, str]]) -> dict:
 
 
 def main(root: Path, out_dir: Path) -> None:
-    A, B, C = (root / n for n in "ABC")
+    A, B, C, D = (root / n for n in "ABCD")
     a1 = offload(A / "offload-layout-q4-a1.json")
     bs = [offload(B / f"offload-layout-q4-b{i}.json") for i in (1, 2)]
     tl = offload(B / "offload-layout-q4-tl.json")
     bf = offload(C / "offload-bf16-bf16.json")
+    ds = [offload(D / f"offload-layout-q4-d{i}.json") for i in (1, 2)]
+    tld = offload(D / "offload-layout-q4-tl.json")
+    tl_steps = {}
+    for c, f in (("B", B / "offload-layout-q4-tl.json"), ("D", D / "offload-layout-q4-tl.json")):
+        t = json.loads(f.read_text().strip().splitlines()[-1])["docs"][0]["runs"]["default"]["timeline"]
+        us, m = t["step_us"], t["misses"]
+        last = t["last_fill_step"]
+        filling = range(1, last + 1)
+        quiet = [us[i] for i in filling if m[i] == 0]
+        missed = [i for i in filling if m[i] > 0]
+        tl_steps[c] = {"first_step_us": us[0], "filling_steps_without_a_miss": len(quiet),
+                       "their_mean_us": round(statistics.mean(quiet), 1), "steps_with_misses": len(missed),
+                       "their_misses": sum(m[i] for i in missed),
+                       "their_mean_us_with_misses": round(statistics.mean(us[i] for i in missed), 1),
+                       "after_the_fill_mean_us": round(statistics.mean(us[last + 1:]), 1)}
     run = json.loads((C / "run.err").read_text().strip().splitlines()[-1])
     run = run.get("stats", run)
     res = {
@@ -57,19 +72,24 @@ def main(root: Path, out_dir: Path) -> None:
                 "kernel on a side stream and an install inside each step's graph: `auto`, the default of sessions "
                 "19-21, and a fixed 7). A (9d4e527, default auto): copy in popularity and expert-id order beside the "
                 "then default. B (24d0742, default copy): the new default against the old, two processes, and a "
-                "timeline of the default. C (24d0742): the CUDA tests with the new default, `tiered run`, bf16.",
-        "commits": {"A": "9d4e527", "B": "24d0742", "C": "24d0742"},
+                "timeline of the default. C (24d0742): the CUDA tests with the new default, `tiered run`, bf16. D "
+                "(0db08c9): one batch queued before the decode's first step, the rest after its launch; two processes "
+                "and a timeline.",
+        "commits": {"A": "9d4e527", "B": "24d0742", "C": "24d0742", "D": "0db08c9"},
         "q4": {"A": {**a1, "copy": copy_stats(A / "offload-layout-q4-a1.json")},
                "B1": {**bs[0], "copy": copy_stats(B / "offload-layout-q4-b1.json")},
                "B2": {**bs[1], "copy": copy_stats(B / "offload-layout-q4-b2.json")},
                "B_timeline": {**tl, "copy": copy_stats(B / "offload-layout-q4-tl.json")}},
         "q4_means_B": means(bs, [("default", "lru+fillautoid/device"), ("default/tuned", "lru+fillauto/device"),
                                  ("default/tuned", "lru+fill7/device")]),
+        "q4_D": {"D1": ds[0], "D2": ds[1], "D_timeline": tld},
+        "q4_means_D": means(ds, [("default", "lru+fillautoid/device")]),
+        "timeline_steps": tl_steps,
         "bf16_C": {**bf, "copy": copy_stats(C / "offload-bf16-bf16.json")},
         "cuda_tests_C": summary(C / "cuda-tests.log"),
         "tiered_run_C": {k: run.get(k) for k in ("decode_graphs", "decode_tok_s")} | {
             "fill_copy": (run.get("device_step") or {}).get("fill_copy")},
-        "reproduce": "bash benchmarks/lease/s22_call{A,B,C}.sh (carry .carry/shared), TIERED_COMMIT=<commit>; then "
+        "reproduce": "bash benchmarks/lease/s22_call{A,B,C,D}.sh (carry .carry/shared), TIERED_COMMIT=<commit>; then "
                      "this script over the unpacked calls",
     }
     out = out_dir / "offload-fill-copy-2026-12-03-h200-s22.json"
