@@ -218,8 +218,8 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
     fill_given = (budget or {}).get("device_fill")
     dev_fill = TierConfig.device_fill if fill_given is None else fill_given  # the default: copy
     dev_fill = dev_fill if dev_fill in ("auto", "copy") else int(dev_fill)
-    if fill_given is None and dev_fill == "copy" and (
-            getattr(getattr(provider, "devtable", None), "h2d_gbps", 0) > 0 or (budget or {}).get("cpu_split") == "admit"):
+    paced = getattr(getattr(provider, "devtable", None), "h2d_gbps", 0) > 0
+    if fill_given is None and dev_fill == "copy" and (paced or (budget or {}).get("cpu_split") == "admit"):
         dev_fill = "auto"  # the default where the copy engines cannot go: a paced link (--h2d-gbps), an admitted split
     flags = [f for f, on in (("--device-prefetch", dpf), (f"--device-evict {dev_evict}", dev_evict != "policy"),
                              (f"--device-fill {dev_fill}", fill_given)) if on]
