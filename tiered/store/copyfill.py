@@ -76,7 +76,7 @@ class CopyFill:
     def start(self) -> int:
         """At a decode phase's start, right after the table's hand-over (table.take): plan and reserve; the copy
         stream waits for the reservations. Returns the blocks planned."""
-        if self.active or self.issued < self.n:
+        if self.active:  # (blocks not issued yet are not landed either)
             raise RuntimeError("CopyFill.start: the last plan is still in flight (drain it first)")
         keys, slots, rows = self.table.plan_fill(self.order, self.keep_free)
         n = len(keys)
