@@ -85,6 +85,8 @@ def main(root: Path, out_dir: Path) -> None:
         "q4_D": {"D1": ds[0], "D2": ds[1], "D_timeline": tld},
         "q4_means_D": means(ds, [("default", "lru+fillautoid/device")]),
         "timeline_steps": tl_steps,
+        # issue 13's offload ratio: the q4 default (D's mean) over bf16's default (C), calls on the same day's box
+        "q4_vs_bf16_offload": None,
         "bf16_C": {**bf, "copy": copy_stats(C / "offload-bf16-bf16.json")},
         "cuda_tests_C": summary(C / "cuda-tests.log"),
         "tiered_run_C": {k: run.get(k) for k in ("decode_graphs", "decode_tok_s")} | {
@@ -92,6 +94,8 @@ def main(root: Path, out_dir: Path) -> None:
         "reproduce": "bash benchmarks/lease/s22_call{A,B,C,D}.sh (carry .carry/shared), TIERED_COMMIT=<commit>; then "
                      "this script over the unpacked calls",
     }
+    q4, b16 = res["q4_means_D"]["default"]["decode_tok_s"], bf["runs"]["default"]["decode_tok_s"]
+    res["q4_vs_bf16_offload"] = round(q4 / b16, 3)
     out = out_dir / "offload-fill-copy-2026-12-03-h200-s22.json"
     out.write_text(json.dumps(res, indent=1) + "\n")
     print(out)

@@ -154,7 +154,8 @@ class DeviceSlotTable:
         vram._pending.clear()
         for name, v in cpu.items():
             self.t[name].copy_(v)
-        self._taken = (list(vt.key_of), dict(vt.slot_of), host_row)
+        # (kept for the copy fill's plan only: a hand-over without one copies nothing more)
+        self._taken = (list(vt.key_of), dict(vt.slot_of), host_row) if self.copy_fill is not None else None
         self.owner = "device"
         self.handovers += 1
         if self.h2d_gbps > 0 and self.h2d_gbps_achieved is None and vram.cuda:
