@@ -674,6 +674,15 @@ def test_device_step_copy_fill_greedy_identical(reference_layout, unlimited, slo
                 assert s["device_step"]["fill"] == "copy" and c["mode"] == "copy"
                 if slots == 40:
                     assert c["planned"] == 0 and not s["device_step"]["fill_active"]
+                    assert c["left"] > 0 and s["device_step"]["complete_steps"] == 0
+                else:  # the plan held every key not resident (keep_free needs none then): after it landed, the
+                    # steps looked their slots up only; the next phase found the table complete at once
+                    assert c["left"] == 0 and s["device_step"]["complete"]
+                    cs = s["device_step"]["complete_steps"]
+                    n = s["device_step"]["steps"]
+                    assert 0 < cs < n if phase == 0 else cs == n
+            else:
+                assert s["device_step"]["complete_steps"] == 0
         table = eng.model.provider.devtable
         t = table.t
         if fill == "copy" and slots == 512:
@@ -688,6 +697,72 @@ def test_device_step_copy_fill_greedy_identical(reference_layout, unlimited, slo
         assert got["copy"][1] > 0 and got["copy"][0] < got[0][0]
     else:
         assert got["copy"] == got[0]
+
+
+@pytest.mark.parametrize("R,K,E", [(1, 4, 16), (3, 8, 12), (5, 2, 8)])
+def test_lookup_kernel_matches_reference(R, K, E):
+    """A complete table's lookup: each row's ids (rows picked by id_row) -> slot_of's slots at out_row; kernel ==
+    reference; a key not resident reads slot 0 and raises bad to the largest such key + 1; bad only grows."""
+    dev = "cuda" if CUDA else "cpu"
+    g = torch.Generator().manual_seed(R * 100 + K)
+    L = R + 1
+    slot_of = torch.randperm(L * E, generator=g).to(torch.int32)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(R + 2)])
+    id_row = torch.randperm(R + 2, generator=g)[:R]
+    out_row = torch.randperm(L, generator=g)[:R]
+    base = torch.randint(0, L, (R,), generator=g) * E
+    for missing in (False, True):
+        so = slot_of.clone()
+        if missing:  # two looked-up keys not resident
+            so[int(base[0]) + int(ids[int(id_row[0]), 0])] = -1
+            so[int(base[-1]) + int(ids[int(id_row[-1]), K - 1])] = -3
+        want, bad_w = torch.full((L, K), 7, dtype=torch.int64), torch.tensor([2], dtype=torch.int64)
+        st.lookup_reference(ids, id_row, want, out_row, base, so, bad_w)
+        got, bad_g = want.new_full((L, K), 7).to(dev), torch.tensor([2], dtype=torch.int64, device=dev)
+        args = [x.to(dev) for x in (ids, id_row)] + [got] + [x.to(dev) for x in (out_row, base, so)] + [bad_g]
+        if CUDA:
+            st.lookup(*args)
+        else:
+            st._lookup_kernel[(1,)](args[0], args[0].stride(0), *args[1:], R, K=K, R_P=st._p2(R), K_P=st._p2(K))
+        assert torch.equal(got.cpu(), want) and torch.equal(bad_g.cpu(), bad_w)
+        keys = ids[id_row] + base[:, None]
+        if missing:
+            k_bad = [int(k) for k in keys.flatten() if int(so[k]) < 0]
+            assert int(bad_w[0]) == max(k_bad) + 1 and len(k_bad) == 2
+        else:
+            assert int(bad_w[0]) == 2
+            assert torch.equal(want[out_row], so[keys].to(torch.int64))
+
+
+def test_complete_step_matches_the_resolving_step(reference_layout, unlimited, monkeypatch):
+    """TIERED_COMPLETE_STEP=0 keeps resolve and gather after the copy fill: the same tokens, hits and misses as the
+    lookup-only steps, and the same resident keys; a complete step that finds a key not resident (made here by
+    hand) is reported at the next harvest, naming its layer and expert."""
+    B = 49152
+    got = {}
+    for knob in ("0", "1"):
+        monkeypatch.setenv("TIERED_COMPLETE_STEP", knob)
+        eng = load(reference_layout, device="cpu", budget={"expert_slots": 512, "ram_gb": 600 * B / 2**30})
+        step = _attach(eng, fill="copy")
+        assert step.can_complete == (knob == "1")
+        assert eng.generate(PROMPT, max_new_tokens=NEW).token_ids == unlimited
+        s = eng.stats
+        got[knob] = (s["decode"]["hits"], s["decode"]["misses"], s["slot_table"]["prefetched"])
+        assert (s["device_step"]["complete_steps"] > 0) == (knob == "1")
+        table = eng.model.provider.devtable
+        table.give_back()
+        got[knob] += (sorted(k for k in table.t["key_of"].tolist() if k >= 0),)
+    assert got["0"] == got["1"] and len(got["1"][3]) == 512
+    with pytest.raises(ValueError, match="TIERED_COMPLETE_STEP"):
+        monkeypatch.setenv("TIERED_COMPLETE_STEP", "yes")
+        DeviceStep(eng.model, graphs=False, fill="copy")
+    monkeypatch.setenv("TIERED_COMPLETE_STEP", "1")
+    eng.generate(PROMPT, max_new_tokens=2)  # the table is complete at the decode's start
+    assert step.complete and table.owner == "device"
+    table.t["slot_of"][3 * 64:4 * 64] = -1  # (by hand: layer 3's experts are no longer resident)
+    step.step(1, 10)
+    with pytest.raises(RuntimeError, match="complete-table step looked up layer 3 expert [0-9]+, which was not"):
+        table.harvest()
 
 
 def test_copy_fill_drains_a_cut_phase(reference_layout, unlimited):
@@ -862,6 +937,17 @@ def test_cuda_device_step_replayed_routing(reference_layout):
         toks.append(eng.generate(list(range(5, 15)), max_new_tokens=16).token_ids)
         assert eng.stats["decode_graphs"] == ("device" if mode == "device" else "piecewise")
     assert toks[0] == toks[1]
+    # with room for every expert and the copy fill (the default), the steps after the fill look the replayed rows'
+    # slots up all at once (lookup-only graphs): the same tokens, over two phases
+    eng = load(reference_layout, device="cuda", budget={"expert_slots": 512, "ram_gb": 0.05, "slot_table": "device"},
+               routing=ReplayRouting(ids, w, device="cuda"))
+    want = load(reference_layout, device="cuda", routing=ReplayRouting(ids, w, device="cuda")).generate(
+        list(range(5, 15)), max_new_tokens=40).token_ids
+    for phase in range(2):
+        assert eng.generate(list(range(5, 15)), max_new_tokens=40).token_ids == want
+        ds = eng.stats["device_step"]
+        assert ds["complete_steps"] > 0 and (phase == 0 or ds["complete_steps"] == ds["steps"])
+    eng.model.provider.devtable.harvest()  # (raises if a lookup found a key not resident)
 
 
 _COMPILE = """
@@ -923,6 +1009,13 @@ sig8 = {"plan_key": "*i64", "plan_slot": "*i64", "landed": "*i64", "installed": 
         "key_of": "*i32", "last": "*i64", "uses": "*i64", "n_plan": "i32", "C_P": "constexpr", "GDC": "constexpr"}
 k = triton.compile(ASTSource(st._fill_land_kernel, sig8, constexprs={"C_P": 64, "GDC": True}), target=tgt)
 assert k.asm["cubin"] and "ld.volatile" in k.asm["ptx"]  # landed is written by the copy stream meanwhile
+sig9 = {"ids": "*i64", "s_ids": "i32", "id_row": "*i64", "out": "*i64", "out_row": "*i64", "base": "*i64",
+        "slot_of": "*i32", "bad": "*i64", "n_rows": "i32", "K": "constexpr", "R_P": "constexpr", "K_P": "constexpr",
+        "GDC": "constexpr"}
+for R in (1, 8):  # one layer's lookup, a replayed routing's rows at once
+    k = triton.compile(ASTSource(st._lookup_kernel, sig9, constexprs={"K": 8, "R_P": max(2, R), "K_P": 8,
+                                                                        "GDC": True}), target=tgt)
+    assert k.asm["cubin"] and "griddepcontrol.wait" in k.asm["ptx"]
 sig7 = {"split_c": "*i64", "slot_of": "*i32", "key_of": "*i32", "n_rows": "i32", "R_P": "constexpr", "GDC": "constexpr"}
 assert triton.compile(ASTSource(st._split_install_kernel, sig7, constexprs={"R_P": 8, "GDC": True}),
                       target=tgt).asm["cubin"]
@@ -1028,6 +1121,12 @@ def test_cuda_device_step_fill_matches_host_step(reference_layout):
         if fill == "copy":  # the copy engines' blocks landed where the table says (CopyFill's plan and fill_land)
             table = eng.model.provider.devtable
             assert s["device_step"]["fill_copy"]["planned"] > 0
+            # the plan held every key: after it landed, the steps replayed the lookup-only graphs, and the next
+            # phase (above) found the table complete from its first step
+            d = eng.devstep
+            assert eng.devstep.whole and s["device_step"]["complete"]
+            assert d.stats()["complete_steps"] == d.steps and d.steps > 0
+            assert s["decode"]["hits"] + s["decode"]["misses"] == s["decode"]["tokens"] * 8 * 8
             table.give_back()
             for slot, k in enumerate(table.t["key_of"].tolist()):
                 if k >= 0:

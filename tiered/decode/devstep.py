@@ -18,7 +18,10 @@ position are gathered on the device.
 With --device-fill N, each step also copies up to N experts that are not resident into free slots beside its
 compute (a pick kernel before the first layer, a gather on a side stream, an install kernel after the argmax).
 With --device-fill copy (the default), the copy engines do it outside the graph (store/copyfill.py): the step's
-first kernel enters the blocks that have landed, and the host queues more copies after each launch.
+first kernel enters the blocks that have landed, and the host queues more copies after each launch. Once its
+plan, which then holds every key not resident, has landed, the table is complete (every MoE key resident, nothing
+to evict): the steps after replay a third graph per span whose MoE layers only look their slots up (the table's
+`lookup`: no resolve, gather, CPU hand-off or prefetch).
 With --cpu-experts auto (a CpuMailbox, model/cpu_mailbox.py), each MoE layer runs
     resolve (some misses to the CPU, by `cpu_split`'s table) -> post (kernels/cpu_handoff.py: their rows, weights
     and x to the mailbox) -> gather (the others) -> the device's experts -> wait (the worker's sum, added),
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import time
 from typing import Any
 
@@ -47,6 +51,17 @@ from tiered.kernels.slot_table import (demand_gather_ctas, fill_gather_options, 
 from tiered.model.transformer import Transformer
 from tiered.store.copyfill import CopyFill
 from tiered.store.offload import CostModel
+
+COMPLETE_STEP_ENV = "TIERED_COMPLETE_STEP"
+
+
+def complete_step_enabled() -> bool:
+    """TIERED_COMPLETE_STEP (a benchmark's knob): 0 keeps resolve and gather in the steps after the copy fill has
+    made every MoE key resident; unset or 1 (the default): those steps look the slots up only."""
+    v = os.environ.get(COMPLETE_STEP_ENV, "").strip()
+    if v not in ("", "0", "1"):
+        raise ValueError(f"{COMPLETE_STEP_ENV}={v!r}: expected 1 (the lookup-only step, the default) or 0")
+    return v != "0"
 
 
 class DeviceStep:
@@ -178,6 +193,25 @@ class DeviceStep:
             self.copy = CopyFill(table, self.fill_order.tolist(), keep_free=self.K)
             self._copy_last = False  # every block has landed: one more step with the install, then idle
         table.copy_fill = self.copy  # drained by the table's give_back
+        # A complete table: the copy fill's plan held every MoE key not resident and has landed, so every key the
+        # step can route to is resident and no miss, eviction or copy can happen until the table goes back to the
+        # host. Those steps replay `whole` (a graph per span whose layers only look their slots up). Possible when
+        # the slots can hold every MoE key.
+        moe = list(cfg.moe_layers)
+        E = cfg.num_experts
+        self.can_complete = (self.copy is not None and table.slots.shape[0] >= len(moe) * E
+                             and complete_step_enabled())
+        self.complete = False
+        self.complete_steps = 0
+        self.n_lookups = len(moe) * self.K  # a complete step's hits
+        self.whole: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        if self.can_complete:
+            def lt(v):
+                return torch.tensor(v, dtype=torch.int64, device=dev)
+            # lookup's rows: per MoE layer, its own routed ids (row 0); a replayed routing's rows, all layers at once
+            self._lookup_one = {l: (lt([0]), lt([l]), lt([l * E])) for l in moe}
+            if self.routing is not None:
+                self._lookup_all = (lt([self.routing._layer(l) for l in moe]), lt(moe), lt([l * E for l in moe]))
         if self.fill:
             self.fill_cursor = torch.zeros(1, dtype=torch.int64, device=dev)
             self.fill_picked = torch.zeros(1, dtype=torch.int64, device=dev)
@@ -246,20 +280,32 @@ class DeviceStep:
         self.graph_mem_bytes = 0
 
     # --- the step's body (captured) ---
-    def _body(self, span: int, fill: bool = False) -> Tensor:
+    def _body(self, span: int, fill: bool = False, complete: bool = False) -> Tensor:
+        """complete: the table holds every MoE key (the copy fill has landed its whole plan): each MoE layer looks
+        its slots up and does nothing else of the table's (no fill either)."""
         m = self.model
         if fill and self.copy is not None:
             self.copy.install()
         elif fill:
             self._fill_start()
         plan = m.static_plan(self.step_dev[1:2], span)
-        defer = self.topk_resolve
+        defer = self.topk_resolve and not complete
         r = m.segment_first(self.step_dev[0:1], plan, defer_topk=defer)
         out = None
         joined = True
         rows = self._replay_rows() if self.routing is not None else None
+        if complete and rows is not None:  # every layer's replayed ids are known now: one lookup for all of them
+            id_row, out_row, base = self._lookup_all
+            self.table.lookup(rows[0], id_row, self.slots, out_row, base)
         for l in range(self.L):
-            if m.layers[l].moe is not None:
+            if m.layers[l].moe is not None and complete:
+                if rows is not None:
+                    i = self.routing._layer(l)
+                    r = dataclasses.replace(r, ids=rows[0][i:i + 1], weights=rows[1][i:i + 1])
+                else:
+                    one = self._lookup_one[l]
+                    self.table.lookup(r.ids, one[0], self.slots, one[1], one[2])
+            elif m.layers[l].moe is not None:
                 # the router's own top-k, when it left it to resolve (computed there even under an override, whose
                 # row then replaces it: the step does the real path's work)
                 topk = (r.logits[0], r.ids[0], r.weights[0], self.norm_topk) if r.topk_pending else None
@@ -286,7 +332,7 @@ class DeviceStep:
                     joined = self._prefetch_next(l, r.ids[0])
                 if self.prefetch:
                     self.prev_ids[l].copy_(r.ids[0])
-            part = self._cpu_add if self.cpu is not None and m.layers[l].moe is not None else None
+            part = self._cpu_add if self.cpu is not None and m.layers[l].moe is not None and not complete else None
             if l + 1 < self.L:
                 r = m.segment_mid(l + 1, r, self.slots[l], plan, part, defer_topk=defer)
             else:
@@ -364,6 +410,7 @@ class DeviceStep:
         it."""
         if self._copy_last:
             self.fill_active = False
+            self.complete = self.can_complete and self.copy.completes
             return
         self._copy_last = self.copy.pump()
 
@@ -372,10 +419,13 @@ class DeviceStep:
         with the N chosen in an earlier phase; none when it chose 0)."""
         if self.copy is not None:
             self._copy_last = False
+            self.complete = False
             self.fill_active = not self._fill_held and self.copy.start() > 0
             if self.fill_active:
                 self.copy.pump(most=1)  # one batch before the first step; the rest after its launch (session 22's
                 # timeline: the first step took 2.25 ms with the whole queue issued before it)
+            elif not self._fill_held:  # nothing to plan: complete when every key is resident already
+                self.complete = self.can_complete and self.copy.completes
         if self.fill:
             self.fill_active = self.pace is None or self.pace.n != 0
             self._fill_dry = 0
@@ -463,10 +513,10 @@ class DeviceStep:
             if span not in self.graphs:
                 self._add(span)
 
-    def _capture(self, span: int, fill: bool) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+    def _capture(self, span: int, fill: bool, complete: bool = False) -> tuple[torch.cuda.CUDAGraph, Tensor]:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            out = self._body(span, fill)
+            out = self._body(span, fill, complete)
         graph.replay()  # the first launch uploads the graph: not in the first timed step
         return graph, out
 
@@ -477,6 +527,7 @@ class DeviceStep:
         torch.cuda.empty_cache()
         mem0 = torch.cuda.memory_reserved(dev)
         counts = self.table.t["counts"].clone()
+        bad = self.table.t["bad_key"].clone()
         inputs = self.step_dev.clone()  # the warm-ups and the upload replay advance the token and position
         if self.fill:
             self.fill_n.zero_()
@@ -493,7 +544,15 @@ class DeviceStep:
             graph, out = self._capture(span, self.filling)
             if self.filling:
                 self.idle[span] = self._capture(span, False)
+            if self.can_complete:  # (warmed up first: its lookup kernel compiles outside the capture)
+                with torch.cuda.stream(side):
+                    self._body(span, False, True)
+                torch.cuda.current_stream(dev).wait_stream(side)
+                self.whole[span] = self._capture(span, False, True)
             torch.cuda.synchronize(dev)
+        # (the table is rarely complete here: the complete body's warm-up and upload looked up keys not resident,
+        # which raised bad_key; nothing else of the table changed)
+        self.table.t["bad_key"].copy_(bad)
         self.table.t["counts"].copy_(counts)
         self.step_dev.copy_(inputs)
         if self.fill:
@@ -538,7 +597,8 @@ class DeviceStep:
                 if self.step_dev is not self.step_host:
                     self.step_dev.copy_(self.step_host)
             fill = self.fill_active and not self._fill_held
-            out = self._body(span, fill)
+            complete = self.complete and not fill
+            out = self._body(span, fill, complete)
             if fill and self.copy is not None:
                 self._copy_watch()
             elif fill:
@@ -554,12 +614,19 @@ class DeviceStep:
                 self.step_dev.copy_(self.step_host, non_blocking=True)
                 self._step_ev.record(torch.cuda.current_stream(self.device))
             fill = self.fill_active and not self._fill_held
-            graph, out = self.graphs[span] if fill or not self.filling else self.idle[span]  # fill idle
+            complete = self.complete and not fill
+            if complete:
+                graph, out = self.whole[span]
+            else:
+                graph, out = self.graphs[span] if fill or not self.filling else self.idle[span]  # fill idle
             graph.replay()
             if fill and self.copy is not None:
                 self._copy_watch()
             elif self.fill and fill:
                 self._fill_watch()
+        if complete:  # its lookups are hits the device does not count
+            self.table.host_hits += self.n_lookups
+            self.complete_steps += 1
         self.model.provider.note_device_token()
         self.steps += 1
         self.launch_s += time.perf_counter() - t0
@@ -586,11 +653,12 @@ class DeviceStep:
                 "fill_picked": int(self.fill_picked[0]) if self.fill else 0,
                 "fill_copy": self.copy.stats() if self.copy is not None else None,
                 "fill_active": self.fill_active,
+                "complete": self.complete, "complete_steps": self.complete_steps,
                 "cpu": None if self.cpu is None else {**self.cpu.stats(), "take": self.cpu_take,
                                                       "split": self.cpu_split, "admit": self.cpu_admit}}
 
     def reset_stats(self) -> None:
-        self.steps = 0
+        self.steps = self.complete_steps = 0
         self.launch_s = self.capture_s = 0.0
 
 

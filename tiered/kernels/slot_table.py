@@ -22,6 +22,8 @@ Owns two kernels and their plain torch references (the references are the CPU pa
     graph, copies a plan made on the host at the decode's start into reserved slots; each step's first kernel
     enters what has landed. A demand miss on a planned key is copied into its reserved slot (the same bytes the
     copy engine writes there), so it evicts nothing.
+  - `lookup`: once the copy fill has made every MoE key resident (a budget that holds them all), the step needs no
+    resolve or gather: ids -> slots, nothing else (decode/devstep.py's complete graphs).
 Measured and not kept: both in one launch (program 0 resolves and raises a flag the others wait on before they
 copy; session 9, benchmarks/results/offload-devstep-2026-12-01-h200-s9.json). With an exit counter (528 atomics on
 one address a call) the warm q4 step took 524.5 us against 500.6 for the two kernels; with the step's generation as
@@ -387,6 +389,27 @@ def _split_install_kernel(split_c, slot_of, key_of, n_rows, R_P: tl.constexpr, G
     k = -2 - kof
     tl.store(key_of + sl, k.to(tl.int32), mask=v)
     tl.store(slot_of + k, sl.to(tl.int32), mask=v)
+
+
+@triton.jit
+def _lookup_kernel(ids, s_ids, id_row, out, out_row, base, slot_of, bad, n_rows, K: tl.constexpr, R_P: tl.constexpr,
+                   K_P: tl.constexpr, GDC: tl.constexpr = False):
+    """A complete table's lookup: row r's K ids (at ids + id_row[r] * s_ids) -> their slots at out + out_row[r] * K,
+    key base[r] + id. No bookkeeping (nothing is evicted while every key is resident). A key found not resident
+    (an internal error) reads slot 0 and raises bad[0] to at least key + 1."""
+    gdc_enter(GDC)
+    r = tl.arange(0, R_P)[:, None]
+    k = tl.arange(0, K_P)[None, :]
+    rm = r < n_rows
+    m = rm & (k < K)
+    ir = tl.load(id_row + r, mask=rm, other=0)
+    orow = tl.load(out_row + r, mask=rm, other=0)
+    b = tl.load(base + r, mask=rm, other=0)
+    key = b + tl.load(ids + ir * s_ids + k, mask=m, other=0)
+    s = tl.load(slot_of + key, mask=m, other=0).to(tl.int64)
+    worst = tl.max(tl.max(tl.where(m & (s < 0), key + 1, 0), axis=1), axis=0)
+    tl.store(bad, tl.maximum(tl.load(bad), worst))
+    tl.store(out + orow * K + k, tl.where(s < 0, 0, s), mask=m)
 
 
 class HostPointer:
@@ -839,6 +862,36 @@ def fill_install_reference(fill_key: Tensor, fill_slot: Tensor, t: dict[str, Ten
         else:
             t["key_of"][s] = -1
         t["counts"][3] += 1
+
+
+def lookup(ids: Tensor, id_row: Tensor, out: Tensor, out_row: Tensor, base: Tensor, slot_of: Tensor,
+           bad: Tensor) -> None:
+    """A complete table's lookup (every MoE key resident: the copy fill has landed them all, and nothing is evicted
+    while that holds), in place of resolve and gather: for each row r, ids[id_row[r]] (int64 [K]) of the layer whose
+    keys start at base[r] -> slots into out[out_row[r]] (out int64 [*, K] contiguous). id_row, out_row, base: int64
+    [R] on the device. No clock, use or counter is touched. A key found not resident (an internal error) reads
+    slot 0 and raises bad (int64 [1]) to at least key + 1, which the table's harvest reports. CUDA: one program;
+    else the reference."""
+    if ids.dim() != 2 or out.dim() != 2 or ids.shape[1] != out.shape[1] or not out.is_contiguous() \
+            or ids.stride(1) != 1:
+        raise ValueError(f"lookup wants ids [*, K] with unit stride and out [*, K] contiguous; got {tuple(ids.shape)}"
+                         f" and {tuple(out.shape)}")
+    if ids.device.type != "cuda":
+        return lookup_reference(ids, id_row, out, out_row, base, slot_of, bad)
+    R, K = id_row.shape[0], ids.shape[1]
+    _lookup_kernel[(1,)](ids, ids.stride(0), id_row, out, out_row, base, slot_of, bad, R, K=K, R_P=_p2(R),
+                         K_P=_p2(K), **launch_args(ids.device))
+
+
+def lookup_reference(ids: Tensor, id_row: Tensor, out: Tensor, out_row: Tensor, base: Tensor, slot_of: Tensor,
+                     bad: Tensor) -> None:
+    """lookup in plain torch (CPU path and test reference)."""
+    for ir, orow, b in zip(id_row.tolist(), out_row.tolist(), base.tolist()):
+        keys = ids[ir].to(torch.int64) + b
+        s = slot_of.index_select(0, keys).to(torch.int64)
+        if bool((s < 0).any()):
+            bad[0] = max(int(bad[0]), int(keys[s < 0].max()) + 1)
+        out[orow].copy_(s.clamp(min=0))
 
 
 def fill_land(plan_key: Tensor, plan_slot: Tensor, landed: Tensor, installed: Tensor, t: dict[str, Tensor]) -> None:

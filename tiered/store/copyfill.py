@@ -59,6 +59,7 @@ class CopyFill:
         self._rows: list[int] = []
         self._slots: list[int] = []
         self.n = 0  # planned this phase
+        self.left: int | None = None  # keys of the order neither resident nor planned this phase (0: it completes)
         self.issued = 0
         self._pending: collections.deque = collections.deque()  # (blocks landed once done, event or None)
         self.done_blocks = 0  # landed, as the host knows it (events)
@@ -79,6 +80,7 @@ class CopyFill:
         if self.active:  # (blocks not issued yet are not landed either)
             raise RuntimeError("CopyFill.start: the last plan is still in flight (drain it first)")
         keys, slots, rows = self.table.plan_fill(self.order, self.keep_free)
+        self.left = int(self.table.plan_left)
         n = len(keys)
         self.n, self.issued, self.done_blocks, self._counted = n, 0, 0, 0
         self._rows, self._slots = rows, slots
@@ -155,7 +157,14 @@ class CopyFill:
         self._counted = self.done_blocks
         return v
 
+    @property
+    def completes(self) -> bool:
+        """This phase's plan holds every key of the order that was not resident: once it has landed (and nothing
+        evicts: every miss meanwhile is on a planned key), each of them is resident."""
+        return self.left == 0
+
     def stats(self) -> dict:
-        return {"mode": "copy", "planned": self.planned_total, "phases": self.phases, "issued": self.issued,
+        return {"mode": "copy", "planned": self.planned_total, "left": self.left, "phases": self.phases,
+                "issued": self.issued,
                 "landed": self.done_blocks, "batch": self.batch, "depth": self.depth, "fill_s": self.fill_s}
 

@@ -82,12 +82,15 @@ class DeviceSlotTable:
             # split with the CPU, and the FFN rows the CPU computed of them
             "counts": torch.zeros(7, dtype=torch.int64, device=dev),
             "host_row": torch.full((N,), -1, dtype=torch.int64, device=dev),
+            # a complete table's lookup found a key not resident: key + 1 (an internal error; harvest raises)
+            "bad_key": torch.zeros(1, dtype=torch.int64, device=dev),
         }
         self.host_pool = ram.rows  # uint8 [R, B] pinned
         self.slots = vram.pool[:S]  # uint8 [S, B] device (the zero slot, if any, is never handed out here)
         self.owner = "host"
         self.hits = self.misses = 0  # harvested from the device counters
         self.prefetched = 0  # blocks the device step's prefetch loaded
+        self.host_hits = 0  # hits of the steps that looked up a complete table (`lookup`: no device counter), unharvested
         self.handovers = 0
         self.cpu_misses = 0  # misses the device step computed on the CPU (--cpu-experts auto)
         self.bytes_h2d = 0  # what the device step's gathers copied (demand, prefetch, an admitted split's later rows)
@@ -120,6 +123,7 @@ class DeviceSlotTable:
         # --device-fill copy (store/copyfill.py, attached by the device step): drained before a give_back; its plan
         # is made from the host's table as `take` handed it over (_taken: key_of, slot_of, host rows)
         self.copy_fill: Any = None
+        self.plan_left: int | None = None  # plan_fill's keys of its order left out (None before a plan)
         self._taken: tuple[list[int], dict[int, int], list[int]] | None = None
 
     # --- the hand-over ---
@@ -293,14 +297,19 @@ class DeviceSlotTable:
         """The copy-engine fill's plan, right after `take` (the device's table is then the host's, so no read-back):
         the keys of `order` not resident, each paired with a free slot (highest first: demand misses take the lowest),
         leaving keep_free free, with its RAM row. Each is reserved on the device (slot_of = -2 - slot, key_of = -2 -
-        key) until the fill's install (kernels/slot_table.fill_land). Returns (keys, slots, rows)."""
+        key) until the fill's install (kernels/slot_table.fill_land). keep_free applies only when the free slots
+        cannot take every such key. Returns (keys, slots, rows); plan_left is then the keys of `order` neither
+        resident nor planned (0: once the plan has landed, every key of `order` is resident)."""
         if self._taken is None or self.owner != "device":
             raise RuntimeError("plan_fill follows a hand-over to the device (take), before any step")
         key_of, slot_of, host_row = self._taken
         self._taken = None
         free = [s for s in range(len(key_of) - 1, -1, -1) if key_of[s] == -1]
         keys = [k for k in order if k not in slot_of]
-        n = max(0, min(len(keys), len(free) - int(keep_free)))
+        # keep_free is room for demand misses on keys the plan leaves out; a plan of every key needs none (a miss on
+        # a planned key loads into its reserved slot), and once it has landed the table is complete
+        n = len(keys) if len(keys) <= len(free) else max(0, min(len(keys), len(free) - int(keep_free)))
+        self.plan_left = len(keys) - n
         keys, slots = keys[:n], free[:n]
         if n:
             kt = torch.tensor(keys, dtype=torch.int64, device=self.device)
@@ -308,6 +317,11 @@ class DeviceSlotTable:
             self.t["slot_of"].index_copy_(0, kt, (-2 - st).to(torch.int32))
             self.t["key_of"].index_copy_(0, st, (-2 - kt).to(torch.int32))
         return keys, slots, [int(host_row[k]) for k in keys]
+
+    def lookup(self, ids: Tensor, id_row: Tensor, out: Tensor, out_row: Tensor, base: Tensor) -> None:
+        """A complete table (every key the step can route to is resident, and nothing is evicted): slots only, in
+        place of resolve and gather (kernels/slot_table.lookup; the caller counts the hits, `host_hits`)."""
+        self.kern.lookup(ids, id_row, out, out_row, base, self.t["slot_of"], self.t["bad_key"])
 
     def fill_install(self, fill_key: Tensor, fill_slot: Tensor) -> None:
         """After the fill's copies landed: the reserved slots take their keys (kernels/slot_table.fill_install)."""
@@ -319,6 +333,14 @@ class DeviceSlotTable:
         one-token decode steps only; prefetched blocks count as bytes crossing PCIe and as prefetches) and zero
         them; returns the (hits, misses) added. Syncs the device."""
         h, m, pr, pl, nc, ns, nr = (int(x) for x in self.t["counts"].tolist())
+        bad = int(self.t["bad_key"][0])
+        if bad:
+            E = self.num_experts
+            raise RuntimeError(f"the device slot table: a complete-table step looked up layer {(bad - 1) // E} expert "
+                               f"{(bad - 1) % E}, which was not resident (an internal error; the tokens since are "
+                               "wrong). Rerun with TIERED_COMPLETE_STEP=0 and report it")
+        h += self.host_hits
+        self.host_hits = 0
         if self.copy_fill is not None:  # the copy engine's blocks seen landed: loaded ahead of use, as a fill's
             pl += self.copy_fill.take_landed()
         if h or m or pr or pl or nc or ns:
