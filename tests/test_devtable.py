@@ -865,6 +865,53 @@ def test_device_step_topk_in_resolve_greedy_identical(reference_layout, unlimite
     assert eng.stats["decode"]["misses"] > 0
 
 
+@pytest.mark.skipif(CUDA, reason="the CPU's interpreter path (CUDA: test_cuda_device_step_fill_matches_host_step)")
+def test_complete_step_router_writes_the_slots(reference_layout, unlimited, monkeypatch):
+    """With the glue's router kernel (the interpreter) and room for every expert, the complete steps take their
+    slots from the router's softmax-top-k launch (its lookup) and launch no lookup of their own: the same greedy
+    tokens as every expert resident (glue off), over two phases, the second complete from its first step."""
+    B = 49152
+    launched = []
+    real = st.lookup
+    monkeypatch.setattr(st, "lookup", lambda *a: launched.append(1) or real(*a))
+    eng = load(reference_layout, device="cpu", glue=True, budget={"expert_slots": 512, "ram_gb": 600 * B / 2**30})
+    step = _attach(eng, fill="copy")
+    assert eng.model.glue and step.can_complete
+    n = 4  # (the interpreter is slow: the first phase's fill lands in its first step, its last step is complete)
+    for phase in range(2):
+        assert eng.generate(PROMPT, max_new_tokens=n).token_ids == unlimited[:n]
+        ds = eng.stats["device_step"]
+        assert ds["complete_steps"] > 0 and (phase == 0 or ds["complete_steps"] == ds["steps"] == n - 1)
+    assert not launched
+    eng.model.provider.devtable.harvest()
+
+
+def test_softmax_topk_lookup_matches_reference():
+    """fused_route.softmax_topk's lookup (the interpreter on CPU): the same ids and weights as without it, and the
+    slots slot_table.lookup's reference gives for them, bad raised the same way for a key not resident."""
+    from tiered.kernels import fused_route
+
+    g = torch.Generator().manual_seed(3)
+    dev = "cuda" if CUDA else "cpu"
+    E, K, L = 16, 4, 3
+    logits = torch.randn(1, E, generator=g).to(dev)
+    slot_of = torch.randperm(L * E, generator=g).to(torch.int32)
+    i0, w0 = fused_route.softmax_topk(logits, K, True)
+    for hole in (False, True):
+        so = slot_of.clone()
+        if hole:
+            so[2 * E + int(i0[0, 1])] = -1
+        slots, bad = torch.full((K,), 9, dtype=torch.int64, device=dev), torch.zeros(1, dtype=torch.int64, device=dev)
+        i1, w1 = fused_route.softmax_topk(logits, K, True, (so.to(dev), 2 * E, slots, bad))
+        assert torch.equal(i1, i0) and torch.equal(w1, w0)
+        want, bw = torch.empty(1, K, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
+        one = torch.zeros(1, dtype=torch.int64)
+        st.lookup_reference(i0.cpu(), one, want, one, torch.tensor([2 * E]), so, bw)
+        assert torch.equal(slots.cpu(), want[0]) and torch.equal(bad.cpu(), bw) and (int(bw[0]) > 0) == hole
+    with pytest.raises(ValueError, match="one token"):
+        fused_route.softmax_topk(logits.expand(2, E), K, True, (slot_of.to(dev), 0, slots, bad))
+
+
 def test_device_step_runs_ahead(reference_layout, unlimited):
     """Greedy decoding with the host one step ahead of the device step (decode/ahead.py over DeviceStep.launch, the
     token and position left on the device by the step before): every-expert-resident tokens, and the same steps,

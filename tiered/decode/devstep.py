@@ -290,10 +290,11 @@ class DeviceStep:
             self._fill_start()
         plan = m.static_plan(self.step_dev[1:2], span)
         defer = self.topk_resolve and not complete
-        r = m.segment_first(self.step_dev[0:1], plan, defer_topk=defer)
+        rows = self._replay_rows() if self.routing is not None else None
+        look = complete and rows is None  # the router's top-k launches write the slots too (their `lookup`)
+        r = m.segment_first(self.step_dev[0:1], plan, defer_topk=defer, lookup=self._lookup_args(0) if look else None)
         out = None
         joined = True
-        rows = self._replay_rows() if self.routing is not None else None
         if complete and rows is not None:  # every layer's replayed ids are known now: one lookup for all of them
             id_row, out_row, base = self._lookup_all
             self.table.lookup(rows[0], id_row, self.slots, out_row, base)
@@ -302,7 +303,7 @@ class DeviceStep:
                 if rows is not None:
                     i = self.routing._layer(l)
                     r = dataclasses.replace(r, ids=rows[0][i:i + 1], weights=rows[1][i:i + 1])
-                else:
+                elif not r.looked_up:  # (a router the softmax-top-k kernel does not serve: a launch of its own)
                     one = self._lookup_one[l]
                     self.table.lookup(r.ids, one[0], self.slots, one[1], one[2])
             elif m.layers[l].moe is not None:
@@ -334,7 +335,8 @@ class DeviceStep:
                     self.prev_ids[l].copy_(r.ids[0])
             part = self._cpu_add if self.cpu is not None and m.layers[l].moe is not None and not complete else None
             if l + 1 < self.L:
-                r = m.segment_mid(l + 1, r, self.slots[l], plan, part, defer_topk=defer)
+                r = m.segment_mid(l + 1, r, self.slots[l], plan, part, defer_topk=defer,
+                                  lookup=self._lookup_args(l + 1) if look else None)
             else:
                 out = m.segment_last(r, self.slots[l], part)
         if self.cpu_admit:  # the later copies have landed: their reserved slots enter the table
@@ -345,6 +347,13 @@ class DeviceStep:
         if fill and self.copy is None:
             self._fill_end()
         return out
+
+    def _lookup_args(self, l: int) -> tuple | None:
+        """fused_route.softmax_topk's lookup for MoE layer l of a complete table (None for a dense layer)."""
+        if self.model.layers[l].moe is None:
+            return None
+        t = self.table.t
+        return t["slot_of"], l * self.model.config.num_experts, self.slots[l], t["bad_key"]
 
     def _cpu_add(self, out: Tensor) -> Tensor:
         """moe.expert_mix's `partial`: after the layer's device experts (which run while the CPU computes), wait for

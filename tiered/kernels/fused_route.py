@@ -47,8 +47,12 @@ from tiered.kernels.fused_norm import _check_device, _round_to, _warps, triton, 
 from tiered.kernels.pdl import gdc_enter, launch_args
 
 
-def softmax_topk(logits: Tensor, top_k: int, norm_topk: bool) -> tuple[Tensor, Tensor]:
-    """logits [T, E] (any float dtype) -> ids [T, K] int64, weights [T, K] fp32 (routing.softmax_topk's contract)."""
+def softmax_topk(logits: Tensor, top_k: int, norm_topk: bool,
+                 lookup: tuple | None = None) -> tuple[Tensor, Tensor]:
+    """logits [T, E] (any float dtype) -> ids [T, K] int64, weights [T, K] fp32 (routing.softmax_topk's contract).
+    lookup = (slot_of int32 [N], base, slots int64 [K], bad int64 [1]) (one token): the chosen experts' slots in a
+    complete device slot table too, slots[k] = slot_of[base + ids[k]] (kernels/slot_table.lookup's contract: a key
+    not resident reads slot 0 and raises bad to at least key + 1)."""
     _check_device(logits, "softmax_topk")
     if logits.dim() != 2:
         raise ValueError(f"softmax_topk wants logits [T, E], got {tuple(logits.shape)}")
@@ -61,10 +65,18 @@ def softmax_topk(logits: Tensor, top_k: int, norm_topk: bool) -> tuple[Tensor, T
     w = torch.empty((T, K), dtype=torch.float32, device=logits.device)
     if T == 0:
         return ids, w
+    if lookup is not None:
+        slot_of, base, slots, bad = lookup
+        if T != 1 or slots.shape != (K,) or slots.dtype != torch.int64 or slot_of.dtype != torch.int32 \
+                or bad.dtype != torch.int64 or not slots.is_contiguous():
+            raise ValueError(f"softmax_topk(lookup=...) is one token's: slot_of int32, slots int64 [{K}] contiguous, "
+                             f"bad int64; got T={T}, {slot_of.dtype}, {slots.dtype} {tuple(slots.shape)}, {bad.dtype}")
+    else:
+        slot_of, base, slots, bad = ids, 0, ids, ids  # placeholders, never read
     block = triton.next_power_of_2(E)
-    _SOFTMAX_TOPK[(T,)](lg, ids, w, E, lg.stride(0), K=K, K_P=triton.next_power_of_2(K), BLOCK_E=block,
-                        NORM=bool(norm_topk), num_warps=_warps(block),
-                        **launch_args(logits.device))
+    _SOFTMAX_TOPK[(T,)](lg, ids, w, E, lg.stride(0), slot_of, int(base), slots, bad, K=K,
+                        K_P=triton.next_power_of_2(K), BLOCK_E=block, NORM=bool(norm_topk),
+                        LOOKUP=lookup is not None, num_warps=_warps(block), **launch_args(logits.device))
     return ids, w
 
 
@@ -92,29 +104,30 @@ def router_tile(E: int, D: int) -> tuple[int, int, int]:
 
 def router_topk(x: Tensor, router: Tensor, top_k: int, norm_topk: bool, counter: Tensor, *,
                 fuse: bool = False, tile: tuple[int, int, int] | None = None,
-                defer: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                defer: bool = False, lookup: tuple | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """One token's router and routing rule: x [1, D], router [E, D] (same dtype), counter int32 [1] at 0 ->
     (logits [1, E] x.dtype, ids [1, K] int64, weights [1, K] fp32), route(x, router, K, norm, rule=softmax_topk)'s
     contract. fuse: softmax-top-k in the same launch (else softmax_topk's kernel after it); counter: read and reset
     by fused launches only. tile: (BLOCK_R, BLOCK_D, warps), default router_tile(E, D). defer (unfused only): no
     softmax-top-k launch; ids and weights are left unwritten for the kernel after it to fill (the device step's
-    resolve: kernels/slot_table.resolve(topk=...))."""
+    resolve: kernels/slot_table.resolve(topk=...)). lookup (unfused, not deferred): softmax_topk's, the chosen
+    experts' slots in a complete device slot table."""
     _check_device(x, "router_topk")
     if x.dim() != 2 or x.shape[0] != 1 or router.dim() != 2 or router.shape[1] != x.shape[1]:
         raise ValueError(f"router_topk wants x [1, D] and router [E, D]; got {tuple(x.shape)}, {tuple(router.shape)}")
     xc = x if x.stride(-1) == 1 else x.contiguous()
-    return _launch(xc, None, router, top_k, norm_topk, counter, fuse, tile, defer)
+    return _launch(xc, None, router, top_k, norm_topk, counter, fuse, tile, defer, lookup)
 
 
 def norm_router_topk(h: Tensor, delta: Tensor, weight: Tensor, eps: float, router: Tensor, top_k: int,
                      norm_topk: bool, counter: Tensor, *, fuse: bool = False,
-                     tile: tuple[int, int, int] | None = None,
-                     defer: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                     tile: tuple[int, int, int] | None = None, defer: bool = False,
+                     lookup: tuple | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The residual add and RMSNorm before the router in the same launch (one token): h, delta [1, D], weight [D]
     (compute dtype or fp32) -> (h' = h + delta, x = rms_norm(h', weight), logits, ids, weights): what
     fused_norm.add_rms_norm(h, delta, weight, eps) then router_topk(x, ...) return, with the same roundings (the
     sum of squares in this kernel's order). Every program computes x for its dot; program 0 writes h' and x.
-    defer: as router_topk's."""
+    defer, lookup: as router_topk's."""
     _check_device(h, "norm_router_topk")
     D = h.shape[-1]
     if h.dim() != 2 or h.shape[0] != 1 or delta.shape != h.shape or weight.shape != (D,) or router.dim() != 2 \
@@ -125,14 +138,17 @@ def norm_router_topk(h: Tensor, delta: Tensor, weight: Tensor, eps: float, route
             weight if weight.stride(0) == 1 else weight.contiguous(), float(eps))
     x = torch.empty_like(norm[0])
     h2 = torch.empty_like(norm[0])
-    logits, ids, w = _launch(x, (*norm, h2), router, top_k, norm_topk, counter, fuse, tile, defer)
+    logits, ids, w = _launch(x, (*norm, h2), router, top_k, norm_topk, counter, fuse, tile, defer, lookup)
     return h2, x, logits, ids, w
 
 
 def _launch(x: Tensor, norm: tuple | None, router: Tensor, top_k: int, norm_topk: bool, counter: Tensor, fuse: bool,
-            tile: tuple[int, int, int] | None, defer: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+            tile: tuple[int, int, int] | None, defer: bool = False,
+            lookup: tuple | None = None) -> tuple[Tensor, Tensor, Tensor]:
     if defer and fuse:
         raise ValueError("router_topk: defer leaves the top-k to the next kernel; a fused launch computes it")
+    if lookup is not None and (defer or fuse):
+        raise ValueError("router_topk: lookup runs in the softmax_topk launch (not with fuse or defer)")
     if router.dtype != x.dtype or router.stride(-1) != 1:
         raise ValueError(f"router_topk wants a contiguous router of x's dtype {x.dtype}; got {router.dtype}, "
                          f"strides {router.stride()}")
@@ -151,21 +167,31 @@ def _launch(x: Tensor, norm: tuple | None, router: Tensor, top_k: int, norm_topk
                                    NORM_IN=norm is not None, W32=nw.dtype == torch.float32 and norm is not None,
                                    num_warps=warps, **launch_args(x.device))
     if not fuse and not defer:
-        ids, w = softmax_topk(logits, K, norm_topk)
+        ids, w = softmax_topk(logits, K, norm_topk, lookup)
     return logits, ids, w
 
 
-def _softmax_topk_kernel(LOGITS, IDS, W, E, s_l, K: tl.constexpr, K_P: tl.constexpr, BLOCK_E: tl.constexpr,
-                         NORM: tl.constexpr, GDC: tl.constexpr = False):
+def _softmax_topk_kernel(LOGITS, IDS, W, E, s_l, SLOT_OF, base, SLOTS, BAD, K: tl.constexpr, K_P: tl.constexpr,
+                         BLOCK_E: tl.constexpr, NORM: tl.constexpr, LOOKUP: tl.constexpr = False,
+                         GDC: tl.constexpr = False):
     gdc_enter(GDC)
     t = tl.program_id(0).to(tl.int64)
     o = tl.arange(0, BLOCK_E)
     x = tl.load(LOGITS + t * s_l + o, mask=o < E, other=float("-inf")).to(tl.float32)
-    _topk_store(x, E, IDS + t * K, W + t * K, K, K_P, BLOCK_E, NORM)
+    idx = _topk_store(x, E, IDS + t * K, W + t * K, K, K_P, BLOCK_E, NORM)
+    if LOOKUP:  # (one token) a complete slot table's slots of the chosen experts (slot_table.lookup's contract)
+        ko = tl.arange(0, K_P)
+        km = ko < K
+        key = base + idx.to(tl.int64)
+        s = tl.load(SLOT_OF + key, mask=km, other=0).to(tl.int64)
+        worst = tl.max(tl.where(km & (s < 0), key + 1, 0), axis=0)
+        tl.store(BAD, tl.maximum(tl.load(BAD), worst))
+        tl.store(SLOTS + ko, tl.where(s < 0, 0, s), mask=km)
 
 
 def _topk_store_fn(x, E, IDS, W, K: tl.constexpr, K_P: tl.constexpr, BLOCK_E: tl.constexpr, NORM: tl.constexpr):
-    """fp32 logits x [BLOCK_E] (-inf past E) -> one token's K ids (int64) and weights (fp32) at IDS, W."""
+    """fp32 logits x [BLOCK_E] (-inf past E) -> one token's K ids (int64) and weights (fp32) at IDS, W; returns the
+    ids (int32 [K_P], entries past K 0)."""
     o = tl.arange(0, BLOCK_E)
     m = o < E
     e = tl.exp(x - tl.max(x, axis=0))  # padding: exp(-inf) = 0
@@ -185,6 +211,7 @@ def _topk_store_fn(x, E, IDS, W, K: tl.constexpr, K_P: tl.constexpr, BLOCK_E: tl
     km = ko < K
     tl.store(IDS + ko, idx.to(tl.int64), mask=km)
     tl.store(W + ko, vals, mask=km)
+    return idx
 
 
 def _x_chunk_fn(X, H, DELTA, NW, HOUT, o, m, rstd, lim, NORM_IN: tl.constexpr, W32: tl.constexpr):

@@ -77,6 +77,9 @@ class Routed:
     # True: ids and weights are not written yet; the kernel after the router computes the top-k from `logits`
     # (attend_route's defer_topk: the device step's resolve, kernels/slot_table.resolve(topk=...))
     topk_pending: bool = False
+    # True: the router's launch also wrote the chosen experts' slots of a complete device slot table (attend_route's
+    # lookup)
+    looked_up: bool = False
 
 
 @dataclass(frozen=True)
@@ -376,11 +379,14 @@ class Transformer:
 
     # --- the pieces of a layer (the eager loop above and the piecewise decode step share them) ---
     def attend_route(self, l: int, h: Tensor, plan: StepPlan, delta: Tensor | None = None, *,
-                     defer_topk: bool = False) -> Routed:
+                     defer_topk: bool = False, lookup: tuple | None = None) -> Routed:
         """Layer l up to its router: h [T, D] entering layer l (+ delta [T, D], the previous layer's MoE output,
         when given: the residual add fused with this layer's first norm) -> Routed (h after attention, norm,
         top-k). defer_topk: where one token goes through the unfused router kernel, leave its softmax-top-k to the
-        caller's next kernel (Routed.topk_pending says whether it was left)."""
+        caller's next kernel (Routed.topk_pending says whether it was left). lookup = (slot_of, base, slots [K],
+        bad): where one token goes through the unfused router kernel without an override, its softmax-top-k launch
+        also writes the chosen experts' slots in a complete device slot table (fused_route.softmax_topk's lookup;
+        Routed.looked_up says whether it did)."""
         lw = self.layers[l]
         if plan.sliding is not None and self.layer_sliding[l]:
             plan = plan.sliding
@@ -389,15 +395,17 @@ class Transformer:
         if h.shape[0] == 1 and self._router_layers[l]:
             # one token: the residual add and the norm run inside the router's launch (fused_route.norm_router_topk)
             defer = defer_topk and not self._router_fuse
+            look = lookup if not (defer or self._router_fuse or self._routing is not None) else None
             h, x, logits, ids, wts = self._router_norm_kernel(
                 h, mixed, lw.mlp_norm, self.config.rms_norm_eps, lw.moe.router, self.config.top_k,
-                self.config.norm_topk_prob, self._router_count[l:l + 1], fuse=self._router_fuse, defer=defer)
+                self.config.norm_topk_prob, self._router_count[l:l + 1], fuse=self._router_fuse, defer=defer,
+                lookup=look)
             if self._routing is not None:
                 if defer and isinstance(plan.write_at, int):
                     raise ValueError("defer_topk with a host-position routing override: the override would replace "
                                      "ids the router has not written yet")
                 logits, ids, wts = self._replayed(l, plan, logits, ids, wts)
-            return Routed(h, x, logits, ids, wts, topk_pending=defer)
+            return Routed(h, x, logits, ids, wts, topk_pending=defer, looked_up=look is not None)
         h, x = self.add_norm(h, mixed, lw.mlp_norm)
         logits, ids, wts = self._route(l, x, plan)
         return Routed(h, x, logits, ids, wts)
@@ -463,18 +471,19 @@ class Transformer:
         return linear(self.add_norm(h, delta, self.final_norm)[1], self.lm_head)
 
     # --- the one-token step in L+1 segments (tiered/decode/piecewise.py runs them, with host routing between) ---
-    def segment_first(self, tokens: Tensor, plan: StepPlan, *, defer_topk: bool = False) -> Routed:
-        """Segment 0: embedding, layer 0's attention, norm and router (defer_topk: attend_route's)."""
-        return self.attend_route(0, F.embedding(tokens, self.embed), plan, defer_topk=defer_topk)
+    def segment_first(self, tokens: Tensor, plan: StepPlan, *, defer_topk: bool = False,
+                      lookup: tuple | None = None) -> Routed:
+        """Segment 0: embedding, layer 0's attention, norm and router (defer_topk, lookup: attend_route's)."""
+        return self.attend_route(0, F.embedding(tokens, self.embed), plan, defer_topk=defer_topk, lookup=lookup)
 
     def segment_mid(self, l: int, prev: Routed, slots: Tensor, plan: StepPlan, partial: Any = None, *,
-                    defer_topk: bool = False) -> Routed:
+                    defer_topk: bool = False, lookup: tuple | None = None) -> Routed:
         """Segment l (1..L-1): layer l-1's experts from `slots` [K] (+ `partial`, its CPU experts' sum) +
-        residual, then layer l up to its router (defer_topk: attend_route's)."""
+        residual, then layer l up to its router (defer_topk, lookup: attend_route's)."""
         if prev.topk_pending:
             raise ValueError(f"segment_mid({l}): layer {l - 1}'s top-k was deferred and nothing computed it")
         return self.attend_route(l, prev.h, plan, self.experts_out(l - 1, prev, slots, partial),
-                                 defer_topk=defer_topk)
+                                 defer_topk=defer_topk, lookup=lookup)
 
     def segment_last(self, prev: Routed, slots: Tensor, partial: Any = None) -> Tensor:
         """Segment L: layer L-1's experts from `slots` [K] (+ `partial`) + residual, final norm, lm_head -> logits [1, V]."""
