@@ -1,6 +1,6 @@
 """One line per run of a bench_cpu_experts_gpu.py JSON (its last line), for the lease scripts' logs: tok/s, hit rate,
-the PCIe and serial Belady bounds' ratios, the fill auto's pace (N, retunes, share), the copy fill's blocks and
-seconds and, with --timeline, the timeline's summary.
+the PCIe and serial Belady bounds' ratios, the fill auto's pace (N, retunes, share), the copy fill's blocks, seconds
+and complete steps and, with --timeline, the timeline's summary.
 
     python3 benchmarks/lease/offload_summary.py $OUT/offload-layout-q4-head.json
 """
@@ -21,7 +21,8 @@ def main(path: str) -> None:
         print(" ", k, round(r["decode_tok_s"], 1), round(r["hit_rate"], 4), round(r.get("vs_pcie_bound") or 0, 4),
               round(r.get("vs_serial_belady_bound") or 0, 4),
               {x: f.get(x) for x in ("n", "retunes", "share")} if f else "",
-              {x: c.get(x) for x in ("planned", "landed", "batch", "depth", "fill_s")} if c else "",
+              {x: c.get(x) for x in ("planned", "left", "landed", "batch", "depth", "fill_s")} if c else "",
+              {"complete_steps": (r.get("device_fill") or {}).get("complete_steps")} if c else "",
               {x: round(t[x], 1) if isinstance(t[x], float) else t[x] for x in TL if x in t} if t else "")
 
 
