@@ -78,6 +78,7 @@ class CpuMailbox:
         self._thread: threading.Thread | None = None
         self.overhead_s: float | None = None  # a one-expert round trip beyond its compute (`probe`, `probe_device`)
         self.gbps: float | None = None  # one expert's bytes / its compute time, the worker alone (`probe_device`)
+        self.probe_rows: list[int] | None = None  # the RAM rows `probe_device` last timed
         self.block_bytes = int(block_bytes)
 
     # --- the worker ---
@@ -200,6 +201,7 @@ class CpuMailbox:
                 overs.append(e0.elapsed_time(e1) * 1e-3 - c)
                 comps.append(c)
         over, comp = statistics.median(overs), statistics.median(comps)
+        self.probe_rows = list(rows)
         self.overhead_s = max(over, 0.0)
         self.gbps = self.block_bytes / comp / 1e9 if comp > 0 and self.block_bytes else None
         return self.overhead_s, self.gbps
