@@ -43,7 +43,8 @@ def timeline(p: Path) -> dict:
             "their_mean_us": round(statistics.mean(quiet), 1), "steps_with_misses": len(missed),
             "their_misses": sum(m[i] for i in missed),
             "their_mean_us_with_misses": round(statistics.mean(us[i] for i in missed), 1),
-            "after_the_fill_steps": len(us) - last - 1, "after_the_fill_mean_us": round(statistics.mean(us[last + 1:]), 1)}
+            "after_the_fill_steps": len(us) - last - 1,
+            "after_the_fill_mean_us": round(statistics.mean(us[last + 1:]), 1)}
 
 
 def main(root: Path, out_dir: Path) -> None:
@@ -85,7 +86,7 @@ def main(root: Path, out_dir: Path) -> None:
         "q4_complete_against_resolving": pair,
         "q4_511_tokens": {"complete": long_on, "resolving": long_off,
                           "complete_over_resolving": round(tok(long_on) / tok(long_off), 3)},
-        "timeline_steps": {"B": timeline(B / "offload-layout-q4-tl.json"), "E": timeline(E / "offload-layout-q4-tl.json")},
+        "timeline_steps": {c: timeline(d / "offload-layout-q4-tl.json") for c, d in (("B", B), ("E", E))},
         "timelines": {"B": offload(B / "offload-layout-q4-tl.json"), "E": offload(E / "offload-layout-q4-tl.json")},
         "profile_C": defaults["C"],
         "default_vs_pcie_bound_by_process": ratios,
