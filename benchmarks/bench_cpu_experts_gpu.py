@@ -292,7 +292,7 @@ def summarise(s: dict, bounds: dict, compute_s: float, L: int) -> dict:
     ds = s.get("device_step") or {}
     if ds.get("fill"):  # the background fill: N (or "auto") and, under auto, its pace (n, timed steps, retunes)
         v["device_fill"] = {"fill": ds.get("fill"), "auto": ds.get("fill_auto"), "copy": ds.get("fill_copy"),
-                            "complete_steps": ds.get("complete_steps")}
+                            "complete_steps": ds.get("complete_steps"), "planned_steps": ds.get("planned_steps")}
     v["h2d_gbps_achieved"] = (s.get("vram") or {}).get("gbps")
     if (s.get("slot_table") or {}).get("h2d_gbps_achieved"):  # the device step's paced gather, timed at load
         v["h2d_gbps_achieved"] = s["slot_table"]["h2d_gbps_achieved"]

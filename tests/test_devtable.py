@@ -699,60 +699,80 @@ def test_device_step_copy_fill_greedy_identical(reference_layout, unlimited, slo
         assert got["copy"] == got[0]
 
 
-@pytest.mark.parametrize("R,K,E", [(1, 4, 16), (3, 8, 12), (5, 2, 8)])
-def test_lookup_kernel_matches_reference(R, K, E):
+@pytest.mark.parametrize("R,K,E,load", [(1, 4, 16, False), (3, 8, 12, False), (5, 2, 8, False), (1, 4, 16, True),
+                                         (3, 8, 12, True)])
+def test_lookup_kernel_matches_reference(R, K, E, load):
     """A complete table's lookup: each row's ids (rows picked by id_row) -> slot_of's slots at out_row; kernel ==
-    reference; a key not resident reads slot 0 and raises bad to the largest such key + 1; bad only grows."""
+    reference; a key not resident reads slot 0 and raises bad to the largest such key + 1; bad only grows. With
+    load (a plan of every key in flight): a planned key (slot_of = -2 - slot) takes its reserved slot, its RAM row
+    goes to src (-1 elsewhere), and counts add the hits and the loads."""
     dev = "cuda" if CUDA else "cpu"
     g = torch.Generator().manual_seed(R * 100 + K)
     L = R + 1
     slot_of = torch.randperm(L * E, generator=g).to(torch.int32)
+    if load:  # every third key planned: reserved in its slot
+        slot_of[::3] = -2 - slot_of[::3]
+    host_row = torch.randperm(L * E, generator=g)
     ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(R + 2)])
     id_row = torch.randperm(R + 2, generator=g)[:R]
     out_row = torch.randperm(L, generator=g)[:R]
-    base = torch.randint(0, L, (R,), generator=g) * E
+    base = torch.randperm(L, generator=g)[:R] * E  # (rows of different layers: no key twice, as in a step)
+    keys = ids[id_row] + base[:, None]
     for missing in (False, True):
         so = slot_of.clone()
         if missing:  # two looked-up keys not resident
-            so[int(base[0]) + int(ids[int(id_row[0]), 0])] = -1
-            so[int(base[-1]) + int(ids[int(id_row[-1]), K - 1])] = -3
+            so[int(keys[0, 0])] = -1
+            so[int(keys[-1, K - 1])] = -1
         want, bad_w = torch.full((L, K), 7, dtype=torch.int64), torch.tensor([2], dtype=torch.int64)
-        st.lookup_reference(ids, id_row, want, out_row, base, so, bad_w)
+        src_w, cnt_w, so_w = torch.full((L, K), 5, dtype=torch.int64), torch.tensor([10, 20]), so.clone()
+        st.lookup_reference(ids, id_row, want, out_row, base, so_w, bad_w, (host_row, src_w, cnt_w) if load else None)
         got, bad_g = want.new_full((L, K), 7).to(dev), torch.tensor([2], dtype=torch.int64, device=dev)
-        args = [x.to(dev) for x in (ids, id_row)] + [got] + [x.to(dev) for x in (out_row, base, so)] + [bad_g]
+        src_g, cnt_g, so_g = torch.full((L, K), 5, dtype=torch.int64, device=dev), torch.tensor([10, 20]).to(dev), \
+            so.clone().to(dev)
+        args = [x.to(dev) for x in (ids, id_row)] + [got] + [x.to(dev) for x in (out_row, base)] + [so_g, bad_g]
         if CUDA:
-            st.lookup(*args)
+            st.lookup(*args, (host_row.to(dev), src_g, cnt_g) if load else None)
         else:
-            st._lookup_kernel[(1,)](args[0], args[0].stride(0), *args[1:], R, K=K, R_P=st._p2(R), K_P=st._p2(K))
-        assert torch.equal(got.cpu(), want) and torch.equal(bad_g.cpu(), bad_w)
-        keys = ids[id_row] + base[:, None]
+            st._lookup_kernel[(1,)](args[0], args[0].stride(0), *args[1:], host_row, src_g, cnt_g, R, K=K,
+                                    R_P=st._p2(R), K_P=st._p2(K), LOAD=load)
+        assert torch.equal(got.cpu(), want) and torch.equal(bad_g.cpu(), bad_w) and torch.equal(so_g.cpu(), so_w)
+        if load:
+            assert torch.equal(src_g.cpu(), src_w) and torch.equal(cnt_g.cpu(), cnt_w)
+            planned = so[keys] <= -2
+            assert int(cnt_w[1]) == 20 + int(planned.sum()) and int(cnt_w[0]) == 10 + int((so[keys] >= 0).sum())
+            assert torch.equal(src_w[out_row], torch.where(planned, host_row[keys], -1))
+            assert torch.equal(so_w[keys[planned]].to(torch.int64), -2 - so[keys[planned]].to(torch.int64))
         if missing:
-            k_bad = [int(k) for k in keys.flatten() if int(so[k]) < 0]
+            k_bad = [int(k) for k in keys.flatten() if int(so[k]) == -1]
             assert int(bad_w[0]) == max(k_bad) + 1 and len(k_bad) == 2
         else:
             assert int(bad_w[0]) == 2
-            assert torch.equal(want[out_row], so[keys].to(torch.int64))
+            assert torch.equal(want[out_row], torch.where(so[keys] <= -2, -2 - so[keys], so[keys]).to(torch.int64))
 
 
 def test_complete_step_matches_the_resolving_step(reference_layout, unlimited, monkeypatch):
-    """TIERED_COMPLETE_STEP=0 keeps resolve and gather after the copy fill: the same tokens, hits and misses as the
-    lookup-only steps, and the same resident keys; a complete step that finds a key not resident (made here by
-    hand) is reported at the next harvest, naming its layer and expert."""
+    """TIERED_COMPLETE_STEP=0 keeps resolve and gather in every step, `after` only while the copy fill's plan is in
+    flight: the same tokens, hits, misses and resident keys as the default's lookups (its filling steps loading
+    planned keys without resolve, its steps after the fill looking up only); a complete step that finds a key not
+    resident (made here by hand) is reported at the next harvest, naming its layer and expert; with a fill too slow
+    to land in the decode, the demand misses load planned keys through the lookups, with the resolving steps'
+    counts and resident keys."""
     B = 49152
     got = {}
-    for knob in ("0", "1"):
+    for knob in ("0", "after", "1"):
         monkeypatch.setenv("TIERED_COMPLETE_STEP", knob)
         eng = load(reference_layout, device="cpu", budget={"expert_slots": 512, "ram_gb": 600 * B / 2**30})
         step = _attach(eng, fill="copy")
-        assert step.can_complete == (knob == "1")
+        assert step.can_complete == (knob != "0") and step.can_plan == (knob == "1")
         assert eng.generate(PROMPT, max_new_tokens=NEW).token_ids == unlimited
         s = eng.stats
         got[knob] = (s["decode"]["hits"], s["decode"]["misses"], s["slot_table"]["prefetched"])
-        assert (s["device_step"]["complete_steps"] > 0) == (knob == "1")
+        assert (s["device_step"]["complete_steps"] > 0) == (knob != "0")
+        assert (s["device_step"]["planned_steps"] > 0) == (knob == "1")  # the filling steps without resolve
         table = eng.model.provider.devtable
         table.give_back()
         got[knob] += (sorted(k for k in table.t["key_of"].tolist() if k >= 0),)
-    assert got["0"] == got["1"] and len(got["1"][3]) == 512
+    assert got["0"] == got["after"] == got["1"] and len(got["1"][3]) == 512
     with pytest.raises(ValueError, match="TIERED_COMPLETE_STEP"):
         monkeypatch.setenv("TIERED_COMPLETE_STEP", "yes")
         DeviceStep(eng.model, graphs=False, fill="copy")
@@ -763,6 +783,22 @@ def test_complete_step_matches_the_resolving_step(reference_layout, unlimited, m
     step.step(1, 10)
     with pytest.raises(RuntimeError, match="complete-table step looked up layer 3 expert [0-9]+, which was not"):
         table.harvest()
+    slow = {}
+    for knob in ("0", "1"):  # a fill of 2 blocks a step: the plan is in flight all decode, demand misses load planned
+        monkeypatch.setenv("TIERED_COMPLETE_STEP", knob)  # keys (by the lookups' load under 1)
+        eng = load(reference_layout, device="cpu", budget={"expert_slots": 512, "ram_gb": 600 * B / 2**30})
+        step = _attach(eng, fill="copy")
+        step.copy.batch, step.copy.depth = 2, 1
+        assert eng.generate(PROMPT, max_new_tokens=NEW).token_ids == unlimited
+        s = eng.stats
+        ds = s["device_step"]
+        assert ds["complete_steps"] == 0 and ds["planned_steps"] == (ds["steps"] if knob == "1" else 0)
+        slow[knob] = (s["decode"]["hits"], s["decode"]["misses"], s["slot_table"]["prefetched"])
+        table = eng.model.provider.devtable
+        table.give_back()
+        slow[knob] += (sorted(k for k in table.t["key_of"].tolist() if k >= 0),)
+        eng.model.provider.vram.table.check()
+    assert slow["0"] == slow["1"] and slow["1"][1] > 0
 
 
 def test_copy_fill_drains_a_cut_phase(reference_layout, unlimited):
@@ -908,6 +944,19 @@ def test_softmax_topk_lookup_matches_reference():
         one = torch.zeros(1, dtype=torch.int64)
         st.lookup_reference(i0.cpu(), one, want, one, torch.tensor([2 * E]), so, bw)
         assert torch.equal(slots.cpu(), want[0]) and torch.equal(bad.cpu(), bw) and (int(bw[0]) > 0) == hole
+    # with the load (a plan of every key in flight): a planned key takes its reserved slot, its RAM row to src
+    so = slot_of.clone()
+    so[2 * E + int(i0[0, 0])] = -2 - so[2 * E + int(i0[0, 0])]
+    host_row = torch.arange(L * E) + 1000
+    want, bw, sw, cw, sow = (torch.empty(1, K, dtype=torch.int64), torch.zeros(1, dtype=torch.int64),
+                             torch.empty(1, K, dtype=torch.int64), torch.zeros(2, dtype=torch.int64), so.clone())
+    one = torch.zeros(1, dtype=torch.int64)
+    st.lookup_reference(i0.cpu(), one, want, one, torch.tensor([2 * E]), sow, bw, (host_row, sw, cw))
+    so_d, src, cnt = so.clone().to(dev), torch.empty(K, dtype=torch.int64, device=dev), torch.zeros(2).long().to(dev)
+    bad.zero_()
+    i1, w1 = fused_route.softmax_topk(logits, K, True, (so_d, 2 * E, slots, bad, host_row.to(dev), src, cnt))
+    assert torch.equal(i1, i0) and torch.equal(slots.cpu(), want[0]) and torch.equal(src.cpu(), sw[0])
+    assert torch.equal(cnt.cpu(), cw) and torch.equal(so_d.cpu(), sow) and cw.tolist() == [K - 1, 1]
     with pytest.raises(ValueError, match="one token"):
         fused_route.softmax_topk(logits.expand(2, E), K, True, (slot_of.to(dev), 0, slots, bad))
 
@@ -1057,11 +1106,11 @@ sig8 = {"plan_key": "*i64", "plan_slot": "*i64", "landed": "*i64", "installed": 
 k = triton.compile(ASTSource(st._fill_land_kernel, sig8, constexprs={"C_P": 64, "GDC": True}), target=tgt)
 assert k.asm["cubin"] and "ld.volatile" in k.asm["ptx"]  # landed is written by the copy stream meanwhile
 sig9 = {"ids": "*i64", "s_ids": "i32", "id_row": "*i64", "out": "*i64", "out_row": "*i64", "base": "*i64",
-        "slot_of": "*i32", "bad": "*i64", "n_rows": "i32", "K": "constexpr", "R_P": "constexpr", "K_P": "constexpr",
-        "GDC": "constexpr"}
-for R in (1, 8):  # one layer's lookup, a replayed routing's rows at once
+        "slot_of": "*i32", "bad": "*i64", "host_row": "*i64", "src": "*i64", "counts": "*i64", "n_rows": "i32",
+        "K": "constexpr", "R_P": "constexpr", "K_P": "constexpr", "LOAD": "constexpr", "GDC": "constexpr"}
+for R, load in ((1, False), (8, False), (1, True), (8, True)):  # one layer's lookup, a replayed routing's rows
     k = triton.compile(ASTSource(st._lookup_kernel, sig9, constexprs={"K": 8, "R_P": max(2, R), "K_P": 8,
-                                                                        "GDC": True}), target=tgt)
+                                                                        "LOAD": load, "GDC": True}), target=tgt)
     assert k.asm["cubin"] and "griddepcontrol.wait" in k.asm["ptx"]
 sig7 = {"split_c": "*i64", "slot_of": "*i32", "key_of": "*i32", "n_rows": "i32", "R_P": "constexpr", "GDC": "constexpr"}
 assert triton.compile(ASTSource(st._split_install_kernel, sig7, constexprs={"R_P": 8, "GDC": True}),
@@ -1157,6 +1206,8 @@ def test_cuda_device_step_fill_matches_host_step(reference_layout):
         assert eng.generate(PROMPT, max_new_tokens=48).token_ids == want
         s = eng.stats
         assert s["decode_graphs"] == "device" and (s["slot_table"]["prefetched"] > 0) == (fill != 0)
+        if fill == "copy":  # its plan holds every key: the filling steps looked their slots up (no resolve)
+            assert s["device_step"]["planned_steps"] > 0
         misses[fill] = s["decode"]["misses"]
         assert int(eng.model.provider.devtable.t["key_of"].min()) >= -1
         if fill == "auto":  # the first window timed on the device, N chosen (the tiny model's step and blocks)

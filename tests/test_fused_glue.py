@@ -405,11 +405,15 @@ for dt, wdt in (("bf16", "bf16"), ("bf16", "fp32"), ("fp32", "fp32"), ("fp16", "
         cx.update(NQG=1, GLEN_Q=4096, GLEN_K=512, BLOCK=4096)  # whole-projection norms (OLMoE)
         cubin(fused_rope._QK_ROPE, sig, cx)
     sig = {"LOGITS": f"*{dt}", "IDS": "*i64", "W": "*fp32", "E": "i32", "s_l": "i64", "SLOT_OF": "*i32",
-           "base": "i64", "SLOTS": "*i64", "BAD": "*i64", "K": "constexpr", "K_P": "constexpr",
-           "BLOCK_E": "constexpr", "NORM": "constexpr", "LOOKUP": "constexpr"}
-    for norm, lookup in ((False, False), (True, False), (True, True)):  # lookup: a complete slot table's slots
-        cubin(fused_route._SOFTMAX_TOPK, sig, {"K": 8, "K_P": 8, "BLOCK_E": 128, "NORM": norm, "LOOKUP": lookup})
-    cubin(fused_route._SOFTMAX_TOPK, sig, {"K": 10, "K_P": 16, "BLOCK_E": 512, "NORM": True, "LOOKUP": False})
+           "base": "i64", "SLOTS": "*i64", "BAD": "*i64", "HOST_ROW": "*i64", "SRC": "*i64", "COUNTS": "*i64",
+           "K": "constexpr", "K_P": "constexpr", "BLOCK_E": "constexpr", "NORM": "constexpr", "LOOKUP": "constexpr",
+           "LOAD": "constexpr"}
+    # lookup: a complete slot table's slots; load: planned keys loaded while the copy fill's plan is in flight
+    for norm, lookup, load in ((False, False, False), (True, False, False), (True, True, False), (True, True, True)):
+        cubin(fused_route._SOFTMAX_TOPK, sig, {"K": 8, "K_P": 8, "BLOCK_E": 128, "NORM": norm, "LOOKUP": lookup,
+                                               "LOAD": load})
+    cubin(fused_route._SOFTMAX_TOPK, sig, {"K": 10, "K_P": 16, "BLOCK_E": 512, "NORM": True, "LOOKUP": False,
+                                           "LOAD": False})
     sig = {"X": f"*{dt}", "R": f"*{dt}", "LOGITS": f"*{dt}", "IDS": "*i64", "W": "*fp32", "COUNTER": "*i32",
            "E": "i32", "D": "i32", "s_r": "i64", "H": f"*{dt}", "DELTA": f"*{dt}", "NW": f"*{wdt}",
            "HOUT": f"*{dt}", "eps": "fp32",

@@ -22,7 +22,7 @@ def main(path: str) -> None:
               round(r.get("vs_serial_belady_bound") or 0, 4),
               {x: f.get(x) for x in ("n", "retunes", "share")} if f else "",
               {x: c.get(x) for x in ("planned", "left", "landed", "batch", "depth", "fill_s")} if c else "",
-              {"complete_steps": (r.get("device_fill") or {}).get("complete_steps")} if c else "",
+              {x: (r.get("device_fill") or {}).get(x) for x in ("complete_steps", "planned_steps")} if c else "",
               {x: round(t[x], 1) if isinstance(t[x], float) else t[x] for x in TL if x in t} if t else "")
 
 

@@ -21,7 +21,9 @@ With --device-fill copy (the default), the copy engines do it outside the graph 
 first kernel enters the blocks that have landed, and the host queues more copies after each launch. Once its
 plan, which then holds every key not resident, has landed, the table is complete (every MoE key resident, nothing
 to evict): the steps after replay a third graph per span whose MoE layers only look their slots up (the table's
-`lookup`: no resolve, gather, CPU hand-off or prefetch).
+`lookup`: no resolve, gather, CPU hand-off or prefetch). While such a plan is in flight nothing is evicted either:
+the filling steps replay a fourth graph whose layers look their slots up, loading a planned key into its reserved
+slot, and gather those (no resolve).
 With --cpu-experts auto (a CpuMailbox, model/cpu_mailbox.py), each MoE layer runs
     resolve (some misses to the CPU, by `cpu_split`'s table) -> post (kernels/cpu_handoff.py: their rows, weights
     and x to the mailbox) -> gather (the others) -> the device's experts -> wait (the worker's sum, added),
@@ -55,13 +57,15 @@ from tiered.store.offload import CostModel
 COMPLETE_STEP_ENV = "TIERED_COMPLETE_STEP"
 
 
-def complete_step_enabled() -> bool:
-    """TIERED_COMPLETE_STEP (a benchmark's knob): 0 keeps resolve and gather in the steps after the copy fill has
-    made every MoE key resident; unset or 1 (the default): those steps look the slots up only."""
-    v = os.environ.get(COMPLETE_STEP_ENV, "").strip()
-    if v not in ("", "0", "1"):
-        raise ValueError(f"{COMPLETE_STEP_ENV}={v!r}: expected 1 (the lookup-only step, the default) or 0")
-    return v != "0"
+def complete_step_mode() -> str:
+    """TIERED_COMPLETE_STEP (a benchmark's knob): where the copy fill plans every key not resident, unset or 1 (the
+    default) looks the slots up without resolve both while the plan is in flight (planned keys load into their
+    reserved slots, the gather copies them) and after it has landed (no gather either); `after`: only after it has
+    landed; 0: neither (resolve and gather in every step)."""
+    v = os.environ.get(COMPLETE_STEP_ENV, "").strip() or "1"
+    if v not in ("0", "1", "after"):
+        raise ValueError(f"{COMPLETE_STEP_ENV}={v!r}: expected 1 (the default), after or 0")
+    return v
 
 
 class DeviceStep:
@@ -197,12 +201,18 @@ class DeviceStep:
         # step can route to is resident and no miss, eviction or copy can happen until the table goes back to the
         # host. Those steps replay `whole` (a graph per span whose layers only look their slots up). Possible when
         # the slots can hold every MoE key.
+        # While such a plan is in flight, nothing is evicted either (a miss is on a planned key, which loads into its
+        # reserved slot): the filling steps replay `planned` graphs, whose layers look their slots up and load a
+        # planned key in place of resolve, then gather.
         moe = list(cfg.moe_layers)
         E = cfg.num_experts
-        self.can_complete = (self.copy is not None and table.slots.shape[0] >= len(moe) * E
-                             and complete_step_enabled())
+        mode = complete_step_mode()
+        self.can_complete = (self.copy is not None and table.slots.shape[0] >= len(moe) * E and mode != "0")
+        self.can_plan = self.can_complete and mode == "1"
         self.complete = False
-        self.complete_steps = 0
+        self.planned = False  # this phase's plan holds every key not resident (and can_plan)
+        self.complete_steps = self.planned_steps = 0
+        self.planned_graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self.n_lookups = len(moe) * self.K  # a complete step's hits
         self.whole: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         if self.can_complete:
@@ -280,32 +290,39 @@ class DeviceStep:
         self.graph_mem_bytes = 0
 
     # --- the step's body (captured) ---
-    def _body(self, span: int, fill: bool = False, complete: bool = False) -> Tensor:
+    def _body(self, span: int, fill: bool = False, complete: bool = False, planned: bool = False) -> Tensor:
         """complete: the table holds every MoE key (the copy fill has landed its whole plan): each MoE layer looks
-        its slots up and does nothing else of the table's (no fill either)."""
+        its slots up and does nothing else of the table's (no fill either). planned (with fill, the copy fill's):
+        its plan holds every key not resident and is in flight: each MoE layer looks its slots up, loading a planned
+        key into its reserved slot, then gathers those."""
         m = self.model
         if fill and self.copy is not None:
             self.copy.install()
         elif fill:
             self._fill_start()
         plan = m.static_plan(self.step_dev[1:2], span)
-        defer = self.topk_resolve and not complete
+        only = complete or planned  # no resolve: slots by lookup
+        src = self.src if planned else None
+        defer = self.topk_resolve and not only
         rows = self._replay_rows() if self.routing is not None else None
-        look = complete and rows is None  # the router's top-k launches write the slots too (their `lookup`)
-        r = m.segment_first(self.step_dev[0:1], plan, defer_topk=defer, lookup=self._lookup_args(0) if look else None)
+        look = only and rows is None  # the router's top-k launches write the slots too (their `lookup`)
+        r = m.segment_first(self.step_dev[0:1], plan, defer_topk=defer,
+                            lookup=self._lookup_args(0, planned) if look else None)
         out = None
         joined = True
-        if complete and rows is not None:  # every layer's replayed ids are known now: one lookup for all of them
+        if only and rows is not None:  # every layer's replayed ids are known now: one lookup for all of them
             id_row, out_row, base = self._lookup_all
-            self.table.lookup(rows[0], id_row, self.slots, out_row, base)
+            self.table.lookup(rows[0], id_row, self.slots, out_row, base, src)
         for l in range(self.L):
-            if m.layers[l].moe is not None and complete:
+            if m.layers[l].moe is not None and only:
                 if rows is not None:
                     i = self.routing._layer(l)
                     r = dataclasses.replace(r, ids=rows[0][i:i + 1], weights=rows[1][i:i + 1])
                 elif not r.looked_up:  # (a router the softmax-top-k kernel does not serve: a launch of its own)
                     one = self._lookup_one[l]
-                    self.table.lookup(r.ids, one[0], self.slots, one[1], one[2])
+                    self.table.lookup(r.ids, one[0], self.slots, one[1], one[2], src)
+                if planned:  # the planned keys this layer loads (no split: the CPU takes none of them)
+                    self.table.gather(self.src[l], self.slots[l], ctas=self.demand_ctas)
             elif m.layers[l].moe is not None:
                 # the router's own top-k, when it left it to resolve (computed there even under an override, whose
                 # row then replaces it: the step does the real path's work)
@@ -333,10 +350,10 @@ class DeviceStep:
                     joined = self._prefetch_next(l, r.ids[0])
                 if self.prefetch:
                     self.prev_ids[l].copy_(r.ids[0])
-            part = self._cpu_add if self.cpu is not None and m.layers[l].moe is not None and not complete else None
+            part = self._cpu_add if self.cpu is not None and m.layers[l].moe is not None and not only else None
             if l + 1 < self.L:
                 r = m.segment_mid(l + 1, r, self.slots[l], plan, part, defer_topk=defer,
-                                  lookup=self._lookup_args(l + 1) if look else None)
+                                  lookup=self._lookup_args(l + 1, planned) if look else None)
             else:
                 out = m.segment_last(r, self.slots[l], part)
         if self.cpu_admit:  # the later copies have landed: their reserved slots enter the table
@@ -348,12 +365,14 @@ class DeviceStep:
             self._fill_end()
         return out
 
-    def _lookup_args(self, l: int) -> tuple | None:
-        """fused_route.softmax_topk's lookup for MoE layer l of a complete table (None for a dense layer)."""
+    def _lookup_args(self, l: int, planned: bool = False) -> tuple | None:
+        """fused_route.softmax_topk's lookup for MoE layer l of a complete table (planned: with its load, a plan of
+        every key in flight; None for a dense layer)."""
         if self.model.layers[l].moe is None:
             return None
         t = self.table.t
-        return t["slot_of"], l * self.model.config.num_experts, self.slots[l], t["bad_key"]
+        a = (t["slot_of"], l * self.model.config.num_experts, self.slots[l], t["bad_key"])
+        return a + (t["host_row"], self.src[l], t["counts"]) if planned else a
 
     def _cpu_add(self, out: Tensor) -> Tensor:
         """moe.expert_mix's `partial`: after the layer's device experts (which run while the CPU computes), wait for
@@ -420,6 +439,7 @@ class DeviceStep:
         if self._copy_last:
             self.fill_active = False
             self.complete = self.can_complete and self.copy.completes
+            self.planned = False
             return
         self._copy_last = self.copy.pump()
 
@@ -428,9 +448,10 @@ class DeviceStep:
         with the N chosen in an earlier phase; none when it chose 0)."""
         if self.copy is not None:
             self._copy_last = False
-            self.complete = False
+            self.complete = self.planned = False
             self.fill_active = not self._fill_held and self.copy.start() > 0
             if self.fill_active:
+                self.planned = self.can_plan and self.copy.completes
                 self.copy.pump(most=1)  # one batch before the first step; the rest after its launch (session 22's
                 # timeline: the first step took 2.25 ms with the whole queue issued before it)
             elif not self._fill_held:  # nothing to plan: complete when every key is resident already
@@ -522,10 +543,11 @@ class DeviceStep:
             if span not in self.graphs:
                 self._add(span)
 
-    def _capture(self, span: int, fill: bool, complete: bool = False) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+    def _capture(self, span: int, fill: bool, complete: bool = False,
+                 planned: bool = False) -> tuple[torch.cuda.CUDAGraph, Tensor]:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            out = self._body(span, fill, complete)
+            out = self._body(span, fill, complete, planned)
         graph.replay()  # the first launch uploads the graph: not in the first timed step
         return graph, out
 
@@ -556,8 +578,12 @@ class DeviceStep:
             if self.can_complete:  # (warmed up first: its lookup kernel compiles outside the capture)
                 with torch.cuda.stream(side):
                     self._body(span, False, True)
+                    if self.can_plan:
+                        self._body(span, True, False, True)
                 torch.cuda.current_stream(dev).wait_stream(side)
                 self.whole[span] = self._capture(span, False, True)
+                if self.can_plan:
+                    self.planned_graphs[span] = self._capture(span, True, False, True)
             torch.cuda.synchronize(dev)
         # (the table is rarely complete here: the complete body's warm-up and upload looked up keys not resident,
         # which raised bad_key; nothing else of the table changed)
@@ -607,7 +633,8 @@ class DeviceStep:
                     self.step_dev.copy_(self.step_host)
             fill = self.fill_active and not self._fill_held
             complete = self.complete and not fill
-            out = self._body(span, fill, complete)
+            planned = self.planned and fill
+            out = self._body(span, fill, complete, planned)
             if fill and self.copy is not None:
                 self._copy_watch()
             elif fill:
@@ -624,8 +651,11 @@ class DeviceStep:
                 self._step_ev.record(torch.cuda.current_stream(self.device))
             fill = self.fill_active and not self._fill_held
             complete = self.complete and not fill
+            planned = self.planned and fill
             if complete:
                 graph, out = self.whole[span]
+            elif planned:
+                graph, out = self.planned_graphs[span]
             else:
                 graph, out = self.graphs[span] if fill or not self.filling else self.idle[span]  # fill idle
             graph.replay()
@@ -636,6 +666,7 @@ class DeviceStep:
         if complete:  # its lookups are hits the device does not count
             self.table.host_hits += self.n_lookups
             self.complete_steps += 1
+        self.planned_steps += planned
         self.model.provider.note_device_token()
         self.steps += 1
         self.launch_s += time.perf_counter() - t0
@@ -663,11 +694,12 @@ class DeviceStep:
                 "fill_copy": self.copy.stats() if self.copy is not None else None,
                 "fill_active": self.fill_active,
                 "complete": self.complete, "complete_steps": self.complete_steps,
+                "planned_steps": self.planned_steps,
                 "cpu": None if self.cpu is None else {**self.cpu.stats(), "take": self.cpu_take,
                                                       "split": self.cpu_split, "admit": self.cpu_admit}}
 
     def reset_stats(self) -> None:
-        self.steps = self.complete_steps = 0
+        self.steps = self.complete_steps = self.planned_steps = 0
         self.launch_s = self.capture_s = 0.0
 
 

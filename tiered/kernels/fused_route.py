@@ -52,7 +52,8 @@ def softmax_topk(logits: Tensor, top_k: int, norm_topk: bool,
     """logits [T, E] (any float dtype) -> ids [T, K] int64, weights [T, K] fp32 (routing.softmax_topk's contract).
     lookup = (slot_of int32 [N], base, slots int64 [K], bad int64 [1]) (one token): the chosen experts' slots in a
     complete device slot table too, slots[k] = slot_of[base + ids[k]] (kernels/slot_table.lookup's contract: a key
-    not resident reads slot 0 and raises bad to at least key + 1)."""
+    not resident reads slot 0 and raises bad to at least key + 1); with (host_row int64 [N], src int64 [K], counts
+    int64 [>= 2]) after those, lookup's `load`: a planned key is loaded into its reserved slot, its RAM row to src."""
     _check_device(logits, "softmax_topk")
     if logits.dim() != 2:
         raise ValueError(f"softmax_topk wants logits [T, E], got {tuple(logits.shape)}")
@@ -65,18 +66,21 @@ def softmax_topk(logits: Tensor, top_k: int, norm_topk: bool,
     w = torch.empty((T, K), dtype=torch.float32, device=logits.device)
     if T == 0:
         return ids, w
+    load = lookup is not None and len(lookup) == 7
     if lookup is not None:
-        slot_of, base, slots, bad = lookup
+        slot_of, base, slots, bad = lookup[:4]
+        host_row, src, counts = lookup[4:] if load else (ids, ids, ids)  # (placeholders, never read)
         if T != 1 or slots.shape != (K,) or slots.dtype != torch.int64 or slot_of.dtype != torch.int32 \
-                or bad.dtype != torch.int64 or not slots.is_contiguous():
-            raise ValueError(f"softmax_topk(lookup=...) is one token's: slot_of int32, slots int64 [{K}] contiguous, "
-                             f"bad int64; got T={T}, {slot_of.dtype}, {slots.dtype} {tuple(slots.shape)}, {bad.dtype}")
+                or bad.dtype != torch.int64 or not slots.is_contiguous() or (load and src.shape != (K,)):
+            raise ValueError(f"softmax_topk(lookup=...) is one token's: slot_of int32, slots (and src) int64 [{K}] "
+                             f"contiguous, bad int64; got T={T}, {slot_of.dtype}, {slots.dtype} {tuple(slots.shape)}, "
+                             f"{bad.dtype}")
     else:
-        slot_of, base, slots, bad = ids, 0, ids, ids  # placeholders, never read
+        slot_of, base, slots, bad, host_row, src, counts = ids, 0, ids, ids, ids, ids, ids  # placeholders, never read
     block = triton.next_power_of_2(E)
-    _SOFTMAX_TOPK[(T,)](lg, ids, w, E, lg.stride(0), slot_of, int(base), slots, bad, K=K,
+    _SOFTMAX_TOPK[(T,)](lg, ids, w, E, lg.stride(0), slot_of, int(base), slots, bad, host_row, src, counts, K=K,
                         K_P=triton.next_power_of_2(K), BLOCK_E=block, NORM=bool(norm_topk),
-                        LOOKUP=lookup is not None, num_warps=_warps(block), **launch_args(logits.device))
+                        LOOKUP=lookup is not None, LOAD=load, num_warps=_warps(block), **launch_args(logits.device))
     return ids, w
 
 
@@ -171,9 +175,9 @@ def _launch(x: Tensor, norm: tuple | None, router: Tensor, top_k: int, norm_topk
     return logits, ids, w
 
 
-def _softmax_topk_kernel(LOGITS, IDS, W, E, s_l, SLOT_OF, base, SLOTS, BAD, K: tl.constexpr, K_P: tl.constexpr,
-                         BLOCK_E: tl.constexpr, NORM: tl.constexpr, LOOKUP: tl.constexpr = False,
-                         GDC: tl.constexpr = False):
+def _softmax_topk_kernel(LOGITS, IDS, W, E, s_l, SLOT_OF, base, SLOTS, BAD, HOST_ROW, SRC, COUNTS, K: tl.constexpr,
+                         K_P: tl.constexpr, BLOCK_E: tl.constexpr, NORM: tl.constexpr, LOOKUP: tl.constexpr = False,
+                         LOAD: tl.constexpr = False, GDC: tl.constexpr = False):
     gdc_enter(GDC)
     t = tl.program_id(0).to(tl.int64)
     o = tl.arange(0, BLOCK_E)
@@ -184,6 +188,13 @@ def _softmax_topk_kernel(LOGITS, IDS, W, E, s_l, SLOT_OF, base, SLOTS, BAD, K: t
         km = ko < K
         key = base + idx.to(tl.int64)
         s = tl.load(SLOT_OF + key, mask=km, other=0).to(tl.int64)
+        if LOAD:  # a plan of every key in flight: a planned key loads into its reserved slot (slot_table.lookup)
+            planned = km & (s <= -2)
+            s = tl.where(planned, -2 - s, s)
+            tl.store(SLOT_OF + key, s.to(tl.int32), mask=planned)
+            tl.store(SRC + ko, tl.where(planned, tl.load(HOST_ROW + key, mask=planned, other=-1), -1), mask=km)
+            tl.store(COUNTS, tl.load(COUNTS) + tl.sum((km & (s >= 0) & ~planned).to(tl.int64), axis=0))
+            tl.store(COUNTS + 1, tl.load(COUNTS + 1) + tl.sum(planned.to(tl.int64), axis=0))
         worst = tl.max(tl.where(km & (s < 0), key + 1, 0), axis=0)
         tl.store(BAD, tl.maximum(tl.load(BAD), worst))
         tl.store(SLOTS + ko, tl.where(s < 0, 0, s), mask=km)

@@ -392,11 +392,14 @@ def _split_install_kernel(split_c, slot_of, key_of, n_rows, R_P: tl.constexpr, G
 
 
 @triton.jit
-def _lookup_kernel(ids, s_ids, id_row, out, out_row, base, slot_of, bad, n_rows, K: tl.constexpr, R_P: tl.constexpr,
-                   K_P: tl.constexpr, GDC: tl.constexpr = False):
+def _lookup_kernel(ids, s_ids, id_row, out, out_row, base, slot_of, bad, host_row, src, counts, n_rows,
+                   K: tl.constexpr, R_P: tl.constexpr, K_P: tl.constexpr, LOAD: tl.constexpr,
+                   GDC: tl.constexpr = False):
     """A complete table's lookup: row r's K ids (at ids + id_row[r] * s_ids) -> their slots at out + out_row[r] * K,
     key base[r] + id. No bookkeeping (nothing is evicted while every key is resident). A key found not resident
-    (an internal error) reads slot 0 and raises bad[0] to at least key + 1."""
+    (an internal error) reads slot 0 and raises bad[0] to at least key + 1. LOAD (a plan of every key in flight):
+    a planned key (slot_of <= -2) is loaded into its reserved slot: slot_of takes it, its RAM row goes to src (-1
+    for the others) for the gather, and counts[0] / counts[1] count the hits and loads."""
     gdc_enter(GDC)
     r = tl.arange(0, R_P)[:, None]
     k = tl.arange(0, K_P)[None, :]
@@ -407,6 +410,14 @@ def _lookup_kernel(ids, s_ids, id_row, out, out_row, base, slot_of, bad, n_rows,
     b = tl.load(base + r, mask=rm, other=0)
     key = b + tl.load(ids + ir * s_ids + k, mask=m, other=0)
     s = tl.load(slot_of + key, mask=m, other=0).to(tl.int64)
+    if LOAD:
+        planned = m & (s <= -2)
+        s = tl.where(planned, -2 - s, s)
+        tl.store(slot_of + key, s.to(tl.int32), mask=planned)
+        row = tl.load(host_row + key, mask=planned, other=-1)
+        tl.store(src + orow * K + k, tl.where(planned, row, -1), mask=m)
+        tl.store(counts, tl.load(counts) + tl.sum(tl.sum((m & (s >= 0) & ~planned).to(tl.int64), axis=1), axis=0))
+        tl.store(counts + 1, tl.load(counts + 1) + tl.sum(tl.sum(planned.to(tl.int64), axis=1), axis=0))
     worst = tl.max(tl.max(tl.where(m & (s < 0), key + 1, 0), axis=1), axis=0)
     tl.store(bad, tl.maximum(tl.load(bad), worst))
     tl.store(out + orow * K + k, tl.where(s < 0, 0, s), mask=m)
@@ -865,30 +876,45 @@ def fill_install_reference(fill_key: Tensor, fill_slot: Tensor, t: dict[str, Ten
 
 
 def lookup(ids: Tensor, id_row: Tensor, out: Tensor, out_row: Tensor, base: Tensor, slot_of: Tensor,
-           bad: Tensor) -> None:
+           bad: Tensor, load: tuple | None = None) -> None:
     """A complete table's lookup (every MoE key resident: the copy fill has landed them all, and nothing is evicted
     while that holds), in place of resolve and gather: for each row r, ids[id_row[r]] (int64 [K]) of the layer whose
     keys start at base[r] -> slots into out[out_row[r]] (out int64 [*, K] contiguous). id_row, out_row, base: int64
-    [R] on the device. No clock, use or counter is touched. A key found not resident (an internal error) reads
-    slot 0 and raises bad (int64 [1]) to at least key + 1, which the table's harvest reports. CUDA: one program;
-    else the reference."""
+    [R] on the device, the rows' keys distinct (a step's layers). No clock, use or counter is touched. A key found not resident (an internal error) reads
+    slot 0 and raises bad (int64 [1]) to at least key + 1, which the table's harvest reports.
+    load = (host_row int64 [N], src int64 [*, K] contiguous, counts int64 [>= 2]): a plan of every key is still in
+    flight (the copy fill; nothing is evicted then either): a planned key (slot_of = -2 - its reserved slot) is
+    loaded there as resolve would (slot_of takes the slot; its RAM row goes to src[out_row[r]], -1 for the others,
+    for `gather`), and counts[0] / counts[1] add the hits and the loads. The clock, last use and use counts are
+    not touched (with room for every key, no eviction reads them). CUDA: one program; else the reference."""
     if ids.dim() != 2 or out.dim() != 2 or ids.shape[1] != out.shape[1] or not out.is_contiguous() \
             or ids.stride(1) != 1:
         raise ValueError(f"lookup wants ids [*, K] with unit stride and out [*, K] contiguous; got {tuple(ids.shape)}"
                          f" and {tuple(out.shape)}")
+    if load is not None and (load[1].shape != out.shape or not load[1].is_contiguous()):
+        raise ValueError(f"lookup's src must be shaped as out {tuple(out.shape)}, contiguous")
     if ids.device.type != "cuda":
-        return lookup_reference(ids, id_row, out, out_row, base, slot_of, bad)
+        return lookup_reference(ids, id_row, out, out_row, base, slot_of, bad, load)
     R, K = id_row.shape[0], ids.shape[1]
-    _lookup_kernel[(1,)](ids, ids.stride(0), id_row, out, out_row, base, slot_of, bad, R, K=K, R_P=_p2(R),
-                         K_P=_p2(K), **launch_args(ids.device))
+    host_row, src, counts = load if load is not None else (out, out, out)  # (placeholders, never read)
+    _lookup_kernel[(1,)](ids, ids.stride(0), id_row, out, out_row, base, slot_of, bad, host_row, src, counts, R, K=K,
+                         R_P=_p2(R), K_P=_p2(K), LOAD=load is not None, **launch_args(ids.device))
 
 
 def lookup_reference(ids: Tensor, id_row: Tensor, out: Tensor, out_row: Tensor, base: Tensor, slot_of: Tensor,
-                     bad: Tensor) -> None:
+                     bad: Tensor, load: tuple | None = None) -> None:
     """lookup in plain torch (CPU path and test reference)."""
     for ir, orow, b in zip(id_row.tolist(), out_row.tolist(), base.tolist()):
         keys = ids[ir].to(torch.int64) + b
         s = slot_of.index_select(0, keys).to(torch.int64)
+        if load is not None:
+            host_row, src, counts = load
+            planned = s <= -2
+            s = torch.where(planned, -2 - s, s)
+            slot_of[keys[planned]] = s[planned].to(slot_of.dtype)
+            src[orow].copy_(torch.where(planned, host_row.index_select(0, keys), -1))
+            counts[0] += int(((s >= 0) & ~planned).sum())
+            counts[1] += int(planned.sum())
         if bool((s < 0).any()):
             bad[0] = max(int(bad[0]), int(keys[s < 0].max()) + 1)
         out[orow].copy_(s.clamp(min=0))

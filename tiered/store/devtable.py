@@ -318,10 +318,14 @@ class DeviceSlotTable:
             self.t["key_of"].index_copy_(0, st, (-2 - kt).to(torch.int32))
         return keys, slots, [int(host_row[k]) for k in keys]
 
-    def lookup(self, ids: Tensor, id_row: Tensor, out: Tensor, out_row: Tensor, base: Tensor) -> None:
+    def lookup(self, ids: Tensor, id_row: Tensor, out: Tensor, out_row: Tensor, base: Tensor,
+               src: Tensor | None = None) -> None:
         """A complete table (every key the step can route to is resident, and nothing is evicted): slots only, in
-        place of resolve and gather (kernels/slot_table.lookup; the caller counts the hits, `host_hits`)."""
-        self.kern.lookup(ids, id_row, out, out_row, base, self.t["slot_of"], self.t["bad_key"])
+        place of resolve and gather (kernels/slot_table.lookup; the caller counts the hits, `host_hits`). src (shaped
+        as out): a plan of every key is in flight instead: planned keys load into their reserved slots, their RAM
+        rows go to src for `gather`, and the device counts hits and loads (lookup's `load`)."""
+        load = None if src is None else (self.t["host_row"], src, self.t["counts"])
+        self.kern.lookup(ids, id_row, out, out_row, base, self.t["slot_of"], self.t["bad_key"], load)
 
     def fill_install(self, fill_key: Tensor, fill_slot: Tensor) -> None:
         """After the fill's copies landed: the reserved slots take their keys (kernels/slot_table.fill_install)."""
