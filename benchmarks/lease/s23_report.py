@@ -1,6 +1,6 @@
 """Session 23: assemble benchmarks/results/offload-complete-2026-12-03-h200-s23.json (the complete table: once the
 copy fill has landed a plan of every key, the steps look their slots up only; issue 13's offload goal) from the files
-the lease calls brought back, unpacked under one folder per call (A-E: benchmarks/lease/s23_call*.sh). Every figure
+the lease calls brought back, unpacked under one folder per call (A-F: benchmarks/lease/s23_call*.sh). Every figure
 is read from those files.
 
     python3 benchmarks/lease/s23_report.py /tmp/s23r benchmarks/results
@@ -48,7 +48,7 @@ def timeline(p: Path) -> dict:
 
 
 def main(root: Path, out_dir: Path) -> None:
-    A, B, C, D, E = (root / n for n in "ABCDE")
+    A, B, C, D, E, F = (root / n for n in "ABCDEF")
     on = [row(A / "offload-layout-q4-on1.json"), row(B / "offload-layout-q4-on2.json")]
     off = [row(A / "offload-layout-q4-off1.json"), row(B / "offload-layout-q4-off2.json")]
     m_on, m_off = means(on, []), means(off, [])
@@ -68,6 +68,9 @@ def main(root: Path, out_dir: Path) -> None:
     ratios = {c: round(r["runs"]["default"]["vs_pcie_bound"], 4) for c, r in defaults.items()}
     tok = lambda r: r["runs"]["default"]["decode_tok_s"]  # noqa: E731
     e_q4 = statistics.mean(tok(r) for r in eq)
+    fp = [row(F / f"offload-layout-q4-p{i}.json") for i in (1, 2)]
+    fa = [row(F / f"offload-layout-q4-a{i}.json") for i in (1, 2)]
+    m_p, m_a = means(fp, []), means(fa, [])
     res = {
         "bench": "bench_cpu_experts_gpu.py (offload_variant in benchmarks/lease/lib.sh): one eval document "
                  "(csv.py.txt), 127 decode tokens unless a row says 511, --vram-gb 4 (q4+q4: 1,024 slots, every "
@@ -80,8 +83,11 @@ def main(root: Path, out_dir: Path) -> None:
                 "same code with TIERED_COMPLETE_STEP=0 (the resolving steps), in fresh processes. A (9377649): the "
                 "tests on the GPU, `tiered run`, the first pair. B (9377649, warm): the second pair, 511 tokens, a "
                 "timeline. C (ce3211a): the CUDA tests of five files, a profile of the complete step. D (ce3211a, "
-                "warm): bf16 then q4. E (1667454): q4, bf16, q4, a timeline.",
-        "commits": {"A": "9377649", "B": "9377649", "C": "ce3211a", "D": "ce3211a", "E": "1667454"},
+                "warm): bf16 then q4. E (1667454): q4, bf16, q4, a timeline. F (07018d5): the filling steps of such a "
+                "plan without resolve too (a planned key loads into its reserved slot in the lookup, the gather "
+                "copies it; the default since) against TIERED_COMPLETE_STEP=after (A-E's default), two processes "
+                "each, and the CUDA tests of the captured step with both routings.",
+        "commits": {"A": "9377649", "B": "9377649", "C": "ce3211a", "D": "ce3211a", "E": "1667454", "F": "07018d5"},
         "q4_pairs": {"on1": on[0], "off1": off[0], "on2": on[1], "off2": off[1]},
         "q4_complete_against_resolving": pair,
         "q4_511_tokens": {"complete": long_on, "resolving": long_off,
@@ -89,9 +95,16 @@ def main(root: Path, out_dir: Path) -> None:
         "timeline_steps": {c: timeline(d / "offload-layout-q4-tl.json") for c, d in (("B", B), ("E", E))},
         "timelines": {"B": offload(B / "offload-layout-q4-tl.json"), "E": offload(E / "offload-layout-q4-tl.json")},
         "profile_C": defaults["C"],
+        # A-E's default (complete steps after the fill, resolve while it fills), every process
         "default_vs_pcie_bound_by_process": ratios,
         "default_vs_pcie_bound_mean": round(statistics.mean(ratios.values()), 4),
         "default_vs_pcie_bound_median": round(statistics.median(ratios.values()), 4),
+        "F": {"p1": fp[0], "p2": fp[1], "a1": fa[0], "a2": fa[1],
+              "planned_and_complete": m_p["default"], "complete_after_only": m_a["default"],
+              "planned_over_after": round(m_p["default"]["decode_tok_s"] / m_a["default"]["decode_tok_s"], 3)},
+        # the default since F (07018d5): lookups without resolve while the plan fills and after it has landed
+        "final_default_vs_pcie_bound": [round(r["runs"]["default"]["vs_pcie_bound"], 4) for r in fp],
+        "cuda_tests_F": summary(F / "cuda-tests.log"),
         "D": {"q4": dq, "bf16": db, "q4_vs_bf16_offload": round(tok(dq) / tok(db), 3)},
         "E": {"q4_e1": eq[0], "q4_e2": eq[1], "bf16": eb, "q4_vs_bf16_offload": round(e_q4 / tok(eb), 3)},
         # issue 13's ratio: the lower of the two same-call figures
@@ -100,7 +113,7 @@ def main(root: Path, out_dir: Path) -> None:
         "cuda_tests_C": summary(C / "cuda-tests.log"),
         "tiered_run_A": {k: run.get(k) for k in ("decode_graphs", "decode_tok_s")} | {
             "fill_copy": rds.get("fill_copy"), "steps": rds.get("steps"), "complete_steps": rds.get("complete_steps")},
-        "reproduce": "bash benchmarks/lease/s23_call{A,B,C,D,E}.sh (carry .carry/shared), TIERED_COMMIT=<commit>; "
+        "reproduce": "bash benchmarks/lease/s23_call{A,B,C,D,E,F}.sh (carry .carry/shared), TIERED_COMMIT=<commit>; "
                      "then this script over the unpacked calls",
     }
     out = out_dir / "offload-complete-2026-12-03-h200-s23.json"
