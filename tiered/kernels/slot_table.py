@@ -880,8 +880,9 @@ def lookup(ids: Tensor, id_row: Tensor, out: Tensor, out_row: Tensor, base: Tens
     """A complete table's lookup (every MoE key resident: the copy fill has landed them all, and nothing is evicted
     while that holds), in place of resolve and gather: for each row r, ids[id_row[r]] (int64 [K]) of the layer whose
     keys start at base[r] -> slots into out[out_row[r]] (out int64 [*, K] contiguous). id_row, out_row, base: int64
-    [R] on the device, the rows' keys distinct (a step's layers). No clock, use or counter is touched. A key found not resident (an internal error) reads
-    slot 0 and raises bad (int64 [1]) to at least key + 1, which the table's harvest reports.
+    [R] on the device, the rows' keys distinct (a step's layers). No clock, use or counter is touched. A key found
+    not resident (an internal error) reads slot 0 and raises bad (int64 [1]) to at least key + 1, which the table's
+    harvest reports.
     load = (host_row int64 [N], src int64 [*, K] contiguous, counts int64 [>= 2]): a plan of every key is still in
     flight (the copy fill; nothing is evicted then either): a planned key (slot_of = -2 - its reserved slot) is
     loaded there as resolve would (slot_of takes the slot; its RAM row goes to src[out_row[r]], -1 for the others,

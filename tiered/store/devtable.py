@@ -90,7 +90,7 @@ class DeviceSlotTable:
         self.owner = "host"
         self.hits = self.misses = 0  # harvested from the device counters
         self.prefetched = 0  # blocks the device step's prefetch loaded
-        self.host_hits = 0  # hits of the steps that looked up a complete table (`lookup`: no device counter), unharvested
+        self.host_hits = 0  # unharvested hits of steps that looked a complete table up (`lookup`: no device counter)
         self.handovers = 0
         self.cpu_misses = 0  # misses the device step computed on the CPU (--cpu-experts auto)
         self.bytes_h2d = 0  # what the device step's gathers copied (demand, prefetch, an admitted split's later rows)
