@@ -137,6 +137,7 @@ class _Routed:
         self.weights = torch.ones_like(ids, dtype=torch.float32)
         self.x = torch.zeros(1, 1)
         self.topk_pending = False  # the replayed ids are the routing: no router top-k is left to resolve
+        self.looked_up = False  # (no complete table here: the copy fill is not simulated)
 
 
 class SimBox:
@@ -175,10 +176,10 @@ class SimModel:
     def static_plan(self, pos, span):
         return None
 
-    def segment_first(self, tok, plan, *, defer_topk=False):
+    def segment_first(self, tok, plan, *, defer_topk=False, lookup=None):
         return _Routed(self.ids[self.pos, 0].clone()[None])
 
-    def segment_mid(self, l, r, slots, plan, partial, *, defer_topk=False):
+    def segment_mid(self, l, r, slots, plan, partial, *, defer_topk=False, lookup=None):
         return _Routed(self.ids[self.pos, l].clone()[None])
 
     def segment_last(self, r, slots, partial):
