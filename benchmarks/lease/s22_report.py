@@ -25,6 +25,22 @@ def copy_stats(p: Path) -> dict:
             if (r.get("device_fill") or {}).get("copy")}
 
 
+def timeline_steps(p: Path) -> tuple[dict, int, int]:
+    """The default's timeline (--timeline default): the first step, the filling steps with and without a demand
+    miss, and the steps after the fill; with the last filling step and the step count."""
+    t = json.loads(p.read_text().strip().splitlines()[-1])["docs"][0]["runs"]["default"]["timeline"]
+    us, m = t["step_us"], t["misses"]
+    last = t["last_fill_step"]
+    filling = range(1, last + 1)
+    quiet = [us[i] for i in filling if m[i] == 0]
+    missed = [i for i in filling if m[i] > 0]
+    return ({"first_step_us": us[0], "filling_steps_without_a_miss": len(quiet),
+             "their_mean_us": round(statistics.mean(quiet), 1), "steps_with_misses": len(missed),
+             "their_misses": sum(m[i] for i in missed),
+             "their_mean_us_with_misses": round(statistics.mean(us[i] for i in missed), 1),
+             "after_the_fill_mean_us": round(statistics.mean(us[last + 1:]), 1)}, last, len(us))
+
+
 def means(calls: list[dict], pairs: list[tuple[str, str]]) -> dict:
     """Mean tok/s and PCIe-bound ratio of each label over the processes, and the ratios `pairs` names (a over b)."""
     out: dict = {}
@@ -47,19 +63,7 @@ def main(root: Path, out_dir: Path) -> None:
     bf = offload(C / "offload-bf16-bf16.json")
     ds = [offload(D / f"offload-layout-q4-d{i}.json") for i in (1, 2)]
     tld = offload(D / "offload-layout-q4-tl.json")
-    tl_steps = {}
-    for c, f in (("B", B / "offload-layout-q4-tl.json"), ("D", D / "offload-layout-q4-tl.json")):
-        t = json.loads(f.read_text().strip().splitlines()[-1])["docs"][0]["runs"]["default"]["timeline"]
-        us, m = t["step_us"], t["misses"]
-        last = t["last_fill_step"]
-        filling = range(1, last + 1)
-        quiet = [us[i] for i in filling if m[i] == 0]
-        missed = [i for i in filling if m[i] > 0]
-        tl_steps[c] = {"first_step_us": us[0], "filling_steps_without_a_miss": len(quiet),
-                       "their_mean_us": round(statistics.mean(quiet), 1), "steps_with_misses": len(missed),
-                       "their_misses": sum(m[i] for i in missed),
-                       "their_mean_us_with_misses": round(statistics.mean(us[i] for i in missed), 1),
-                       "after_the_fill_mean_us": round(statistics.mean(us[last + 1:]), 1)}
+    tl_steps = {c: timeline_steps(d / "offload-layout-q4-tl.json")[0] for c, d in (("B", B), ("D", D))}
     run = json.loads((C / "run.err").read_text().strip().splitlines()[-1])
     run = run.get("stats", run)
     res = {

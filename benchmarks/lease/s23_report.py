@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from s19_report import MODEL, summary  # noqa: E402
 from s20_report import offload  # noqa: E402
-from s22_report import DEVICE, means  # noqa: E402
+from s22_report import DEVICE, means, timeline_steps  # noqa: E402
 
 
 def fill_stats(p: Path) -> dict:
@@ -31,20 +31,9 @@ def row(p: Path) -> dict:
 
 
 def timeline(p: Path) -> dict:
-    """The default's steps: the first, the filling steps with and without a demand miss, and the steps after the
-    fill (the complete ones)."""
-    t = json.loads(p.read_text().strip().splitlines()[-1])["docs"][0]["runs"]["default"]["timeline"]
-    us, m = t["step_us"], t["misses"]
-    last = t["last_fill_step"]
-    filling = range(1, last + 1)
-    quiet = [us[i] for i in filling if m[i] == 0]
-    missed = [i for i in filling if m[i] > 0]
-    return {"first_step_us": us[0], "filling_steps": last, "filling_steps_without_a_miss": len(quiet),
-            "their_mean_us": round(statistics.mean(quiet), 1), "steps_with_misses": len(missed),
-            "their_misses": sum(m[i] for i in missed),
-            "their_mean_us_with_misses": round(statistics.mean(us[i] for i in missed), 1),
-            "after_the_fill_steps": len(us) - last - 1,
-            "after_the_fill_mean_us": round(statistics.mean(us[last + 1:]), 1)}
+    """s22_report.timeline_steps, with the filling steps' and the later steps' counts."""
+    steps, last, n = timeline_steps(p)
+    return {**steps, "filling_steps": last, "after_the_fill_steps": n - last - 1}
 
 
 def main(root: Path, out_dir: Path) -> None:

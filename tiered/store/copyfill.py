@@ -79,8 +79,7 @@ class CopyFill:
         stream waits for the reservations. Returns the blocks planned."""
         if self.active:  # (blocks not issued yet are not landed either)
             raise RuntimeError("CopyFill.start: the last plan is still in flight (drain it first)")
-        keys, slots, rows = self.table.plan_fill(self.order, self.keep_free)
-        self.left = int(self.table.plan_left)
+        keys, slots, rows, self.left = self.table.plan_fill(self.order, self.keep_free)
         n = len(keys)
         self.n, self.issued, self.done_blocks, self._counted = n, 0, 0, 0
         self._rows, self._slots = rows, slots

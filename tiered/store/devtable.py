@@ -123,7 +123,6 @@ class DeviceSlotTable:
         # --device-fill copy (store/copyfill.py, attached by the device step): drained before a give_back; its plan
         # is made from the host's table as `take` handed it over (_taken: key_of, slot_of, host rows)
         self.copy_fill: Any = None
-        self.plan_left: int | None = None  # plan_fill's keys of its order left out (None before a plan)
         self._taken: tuple[list[int], dict[int, int], list[int]] | None = None
 
     # --- the hand-over ---
@@ -293,13 +292,13 @@ class DeviceSlotTable:
         counts them (kernels/slot_table.fill_pick)."""
         self.kern.fill_pick(order, cursor, self.t, n_fill, keep_free, out_key, out_slot, out_src, picked)
 
-    def plan_fill(self, order: list[int], keep_free: int) -> tuple[list[int], list[int], list[int]]:
+    def plan_fill(self, order: list[int], keep_free: int) -> tuple[list[int], list[int], list[int], int]:
         """The copy-engine fill's plan, right after `take` (the device's table is then the host's, so no read-back):
         the keys of `order` not resident, each paired with a free slot (highest first: demand misses take the lowest),
         leaving keep_free free, with its RAM row. Each is reserved on the device (slot_of = -2 - slot, key_of = -2 -
         key) until the fill's install (kernels/slot_table.fill_land). keep_free applies only when the free slots
-        cannot take every such key. Returns (keys, slots, rows); plan_left is then the keys of `order` neither
-        resident nor planned (0: once the plan has landed, every key of `order` is resident)."""
+        cannot take every such key. Returns (keys, slots, rows, left): left, the keys of `order` neither resident nor
+        planned (0: once the plan has landed, every key of `order` is resident)."""
         if self._taken is None or self.owner != "device":
             raise RuntimeError("plan_fill follows a hand-over to the device (take), before any step")
         key_of, slot_of, host_row = self._taken
@@ -309,14 +308,14 @@ class DeviceSlotTable:
         # keep_free is room for demand misses on keys the plan leaves out; a plan of every key needs none (a miss on
         # a planned key loads into its reserved slot), and once it has landed the table is complete
         n = len(keys) if len(keys) <= len(free) else max(0, min(len(keys), len(free) - int(keep_free)))
-        self.plan_left = len(keys) - n
+        left = len(keys) - n
         keys, slots = keys[:n], free[:n]
         if n:
             kt = torch.tensor(keys, dtype=torch.int64, device=self.device)
             st = torch.tensor(slots, dtype=torch.int64, device=self.device)
             self.t["slot_of"].index_copy_(0, kt, (-2 - st).to(torch.int32))
             self.t["key_of"].index_copy_(0, st, (-2 - kt).to(torch.int32))
-        return keys, slots, [int(host_row[k]) for k in keys]
+        return keys, slots, [int(host_row[k]) for k in keys], left
 
     def lookup(self, ids: Tensor, id_row: Tensor, out: Tensor, out_row: Tensor, base: Tensor,
                src: Tensor | None = None) -> None:
