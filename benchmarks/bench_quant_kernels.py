@@ -21,7 +21,9 @@ What it measures, in one run (tiered/kernels/quant_moe.py against tiered/kernels
     `quant_matvec` in q4 and q8 (default tiles, a sweep over both algorithms, the default again), `qlinear` (the
     model's entry) once, against cuBLAS bf16 (F.linear).
   - With --regs 64,80,...: the default tiles under those register caps (QConfig.regs) in place of the sweeps.
-  - GemLite and torchao A16W4 GEMVs at the same dense shapes when they import (else the reason is recorded).
+  - Kept libraries' A16W4 GEMVs at the same dense shapes and copies: PyTorch's tinygemm (aten _weight_int4pack_mm,
+    torchao's int4 kernel) on our q4 parts, GemLite and torchao when they import (else the reason is recorded;
+    carry them as wheels: `pip wheel --no-deps gemlite`, `pip download torchao`).
 Every variant is checked against the plain reference (dequantize, fp32 matmul) before it is timed; one
 that fails (relative error > 2e-2) is reported as failed and not timed. The sweeps stop at shares of
 --max-seconds (the rows not reached are simply absent).
@@ -389,7 +391,7 @@ def bench_dense(fmts: list[str], quick: bool, end: float, rows: list, best_cfg: 
                 note_best(best_cfg, f"gemv/{fmt}/{k}/{n}", cfg, us, dflt, default_us, best_by)
             del qs
         if not small and time.perf_counter() < lib_end - 15:  # a library's own autotuning can take seconds
-            bench_libraries(name, n, k, x, ws[0], t_bf16, rows)
+            bench_libraries(name, n, k, x, ws, t_bf16, rows)
         del ws
         if not small:
             torch.cuda.empty_cache()
@@ -410,35 +412,76 @@ def _line(r: dict, hbm: float | None = None) -> str:
             f"{r['vs_bf16']:7.2f} {r['rel_err']:8.1e}  {r['variant']}")
 
 
-def bench_libraries(name: str, n: int, k: int, x, w, t_bf16: float, rows: list) -> None:
-    """GemLite and torchao A16W4 at one dense shape, when they import; the failure is recorded otherwise."""
-    ref = F.linear(x.float(), w.float())
+def tinygemm_parts(qw, k: int, device) -> tuple:
+    """Our q4 parts in PyTorch's tinygemm convention (aten `_weight_int4pack_mm`, torchao's int4 tile-packed kernel):
+    w = (code - 8) * scale + zero, so zero = min + 8 * scale (rounded to bf16: the only difference from our
+    dequantization). Returns (packed codes, scales_and_zeros [K / group, N, 2] bf16). On the CPU the packing is
+    `_convert_weight_to_int4pack_for_cpu` of the int32 codes; on CUDA two codes a byte, the even one high."""
+    from tiered.layout.quant import unpack_nibbles
 
-    def rec(lib, fn, nbytes):
+    codes = unpack_nibbles(qw.q, k)
+    s, m = qw.scale.float(), qw.min.float()
+    sz = torch.stack([s, m + 8 * s], -1).transpose(0, 1).contiguous().to(torch.bfloat16).to(device)
+    if torch.device(device).type == "cpu":
+        return torch._convert_weight_to_int4pack_for_cpu(codes.int(), 2), sz
+    byte = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8).to(device)
+    return torch._convert_weight_to_int4pack(byte, 8), sz  # 8 inner k tiles: K a multiple of 128
+
+
+def tinygemm_matvec(x, packed, group: int, sz):
+    """x @ w.T through tinygemm (CUDA) or its CPU twin, from `tinygemm_parts`."""
+    if x.device.type == "cpu":
+        return torch._weight_int4pack_mm_for_cpu(x, packed, group, sz)
+    return torch._weight_int4pack_mm(x, packed, group, sz)
+
+
+def bench_libraries(name: str, n: int, k: int, x, ws: list, t_bf16: float, rows: list) -> None:
+    """Kept libraries' A16W4 GEMVs at one dense shape, over the same copies as our kernel's row (so that the small
+    matrices are not served from L2 for them either): PyTorch's own tinygemm on our q4 parts, GemLite on our q4
+    parts, torchao's int4 weight-only on the bf16 weights (its own rounding). A library that does not import or
+    fails is recorded with the reason; a wrong result is not timed."""
+    qs = [quantize(w, "q4") for w in ws]
+    ref_q = F.linear(x.float(), qs[0].dequantize(torch.float32))  # the same quantized weights as ours
+    ref_w = F.linear(x.float(), ws[0].float())  # torchao rounds the bf16 weights itself
+
+    def rec(lib, fns, nbytes, ref, tol):
         r = {"section": "dense", "gemv": name, "shape": [n, k], "fmt": "q4", "variant": lib}
         try:
-            r["rel_err"] = rel(fn().float(), ref)
-            if not r["rel_err"] <= 0.1:  # a library's own rounding; wrong results are still not timed
-                r["error"] = f"wrong result: rel err {r['rel_err']:.3g}"
+            r["rel_err"] = rel(fns[0]().float(), ref)
+            if not r["rel_err"] <= tol:
+                r["error"] = f"wrong result: rel err {r['rel_err']:.3g} > {tol}: not timed"
             else:
-                t = time_graph([fn])
+                t = time_graph(fns)
                 r.update(us=t * 1e6, gbps=nbytes / t / 1e9 if nbytes else None, vs_bf16=t_bf16 / t)
         except Exception as e:
             r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         rows.append(r)
+        print(_line(r), flush=True)
 
+    try:
+        parts = [tinygemm_parts(q, k, DEV) for q in qs]
+        rec(f"torch {torch.__version__} tinygemm _weight_int4pack_mm g64",
+            [lambda p=p: tinygemm_matvec(x, p[0], qs[0].group, p[1]) for p in parts],
+            sum(t.nbytes for t in parts[0]), ref_q, TOL)
+        del parts
+    except Exception as e:
+        rows.append({"section": "dense", "gemv": name, "fmt": "q4", "variant": "torch tinygemm",
+                     "error": f"{type(e).__name__}: {str(e)[:200]}"})
     try:  # our q4 parts in GemLite's convention: w = (code - zero) * scale, so zero = -min / scale
         import gemlite
         from gemlite.helper import A16Wn
 
         from tiered.layout.quant import unpack_nibbles
 
-        qw = quantize(w, "q4")
-        sc = qw.scale.float()
-        zero = torch.where(sc > 0, -qw.min.float() / sc.clamp_min(1e-30), torch.zeros_like(sc))
-        gl = A16Wn(device=f"{DEV.type}:0", dtype=torch.bfloat16).from_weights(
-            unpack_nibbles(qw.q, k), qw.scale, zero.to(torch.bfloat16), W_nbits=4, group_size=qw.group)
-        rec(f"gemlite {getattr(gemlite, '__version__', '?')} A16W4 g64", lambda: gl(x), qw.nbytes)
+        gls = []
+        for qw in qs:
+            sc = qw.scale.float()
+            zero = torch.where(sc > 0, -qw.min.float() / sc.clamp_min(1e-30), torch.zeros_like(sc))
+            gls.append(A16Wn(device=f"{DEV.type}:0", dtype=torch.bfloat16).from_weights(
+                unpack_nibbles(qw.q, k), qw.scale, zero.to(torch.bfloat16), W_nbits=4, group_size=qw.group))
+        rec(f"gemlite {getattr(gemlite, '__version__', '?')} A16W4 g64", [lambda g=g: g(x) for g in gls],
+            qs[0].nbytes, ref_q, TOL)
+        del gls
     except Exception as e:
         rows.append({"section": "dense", "gemv": name, "fmt": "q4", "variant": "gemlite",
                      "error": f"{type(e).__name__}: {str(e)[:200]}"})
@@ -446,10 +489,23 @@ def bench_libraries(name: str, n: int, k: int, x, w, t_bf16: float, rows: list) 
         import torchao
         from torchao.quantization import Int4WeightOnlyConfig, quantize_
 
-        lin = torch.nn.Sequential(torch.nn.Linear(k, n, bias=False, device=DEV, dtype=torch.bfloat16))
-        lin[0].weight.data.copy_(w)
-        quantize_(lin, Int4WeightOnlyConfig(group_size=64))
-        rec(f"torchao {torchao.__version__} int4 weight-only g64", lambda: lin(x), n * k // 2)
+        for fmt_kw in ({"int4_packing_format": "tile_packed_to_4d"}, {}):
+            lins = []
+            for w in ws:
+                lin = torch.nn.Sequential(torch.nn.Linear(k, n, bias=False, device=DEV, dtype=torch.bfloat16))
+                lin[0].weight.data.copy_(w)
+                try:
+                    quantize_(lin, Int4WeightOnlyConfig(group_size=64, **fmt_kw))
+                except Exception as e:
+                    rows.append({"section": "dense", "gemv": name, "fmt": "q4",
+                                 "variant": f"torchao {fmt_kw or 'default'}",
+                                 "error": f"{type(e).__name__}: {str(e)[:200]}"})
+                    break
+                lins.append(lin)
+            if len(lins) == len(ws):
+                rec(f"torchao {torchao.__version__} int4 weight-only g64 {fmt_kw or 'default'}",
+                    [lambda m=m: m(x) for m in lins], n * k // 2 + n * k // 64 * 4, ref_w, 0.1)
+            del lins
     except Exception as e:
         rows.append({"section": "dense", "gemv": name, "fmt": "q4", "variant": "torchao",
                      "error": f"{type(e).__name__}: {str(e)[:200]}"})

@@ -243,6 +243,32 @@ def test_bench_small_runs_on_cpu(tmp_path):
     assert {(r["fmt"], r["algo"]) for r in parts} >= {("q4", 0), ("q4", 1), ("q4", 2)}
 
 
+def test_tinygemm_parts_match_our_dequantization():
+    """The benchmark's PyTorch tinygemm row runs on our q4 parts: its (code - 8) * scale + zero form, with
+    zero = min + 8 * scale rounded to bf16, gives our dequantized product (checked through the op's CPU twin)."""
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(repo / "benchmarks"))
+    from bench_quant_kernels import tinygemm_matvec, tinygemm_parts
+
+    torch.manual_seed(0)
+    n, k = 96, 256
+    w = torch.randn(n, k).bfloat16()
+    qw = quantize(w, "q4")
+    x = torch.randn(1, k).bfloat16()
+    ref = torch.nn.functional.linear(x.float(), qw.dequantize(torch.float32))
+    packed, sz = tinygemm_parts(qw, k, "cpu")
+    assert sz.shape == (k // 64, n, 2) and sz.dtype == torch.bfloat16
+    y = tinygemm_matvec(x, packed, qw.group, sz).float()
+    assert ((y - ref).norm() / ref.norm()).item() < 1e-2
+    sz_bad = sz.clone()
+    sz_bad[..., 1] -= 8 * sz[..., 0]  # the plain minimum as zero would shift every weight by 8 scales
+    y_bad = tinygemm_matvec(x, packed, qw.group, sz_bad).float()
+    assert ((y_bad - ref).norm() / ref.norm()).item() > 0.1
+
+
 def test_reference_path_off_cuda():
     """Without CUDA (and without the test-only interpreter flag) qlinear and the expert path take the
     reference: qlinear equals dequantize-then-F.linear exactly, and the expert path declines."""
