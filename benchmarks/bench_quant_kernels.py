@@ -467,18 +467,10 @@ def bench_libraries(name: str, n: int, k: int, x, ws: list, t_bf16: float, rows:
     except Exception as e:
         rows.append({"section": "dense", "gemv": name, "fmt": "q4", "variant": "torch tinygemm",
                      "error": f"{type(e).__name__}: {str(e)[:200]}"})
-    try:  # our q4 parts in GemLite's convention: w = (code - zero) * scale, so zero = -min / scale
+    try:
         import gemlite
-        from gemlite.helper import A16Wn
 
-        from tiered.layout.quant import unpack_nibbles
-
-        gls = []
-        for qw in qs:
-            sc = qw.scale.float()
-            zero = torch.where(sc > 0, -qw.min.float() / sc.clamp_min(1e-30), torch.zeros_like(sc))
-            gls.append(A16Wn(device=f"{DEV.type}:0", dtype=torch.bfloat16).from_weights(
-                unpack_nibbles(qw.q, k), qw.scale, zero.to(torch.bfloat16), W_nbits=4, group_size=qw.group))
+        gls = [gemlite_layer(qw) for qw in qs]
         rec(f"gemlite {getattr(gemlite, '__version__', '?')} A16W4 g64", [lambda g=g: g(x) for g in gls],
             qs[0].nbytes, ref_q, TOL)
         del gls
@@ -503,8 +495,12 @@ def bench_libraries(name: str, n: int, k: int, x, ws: list, t_bf16: float, rows:
                     break
                 lins.append(lin)
             if len(lins) == len(ws):
+                try:  # its own rounding: checked against its own dequantized weight where it gives one
+                    ref_t, tol = F.linear(x.float(), lins[0][0].weight.dequantize().float()), TOL
+                except Exception:
+                    ref_t, tol = ref_w, 0.2  # q4 of Gaussian weights is about 0.1 from them
                 rec(f"torchao {torchao.__version__} int4 weight-only g64 {fmt_kw or 'default'}",
-                    [lambda m=m: m(x) for m in lins], n * k // 2 + n * k // 64 * 4, ref_w, 0.1)
+                    [lambda m=m: m(x) for m in lins], n * k // 2 + n * k // 64 * 4, ref_t, tol)
             del lins
     except Exception as e:
         rows.append({"section": "dense", "gemv": name, "fmt": "q4", "variant": "torchao",
@@ -532,7 +528,8 @@ def main() -> None:
                          "run of every path of the script; its times mean nothing)")
     ap.add_argument("--prefill-formats", default="q8,q4,mxfp4", help="prefill: quantized formats besides bf16")
     ap.add_argument("--tokens", default="16,128,512,2048", help="prefill: token counts T")
-    ap.add_argument("--shapes", default="10.6B,397B", help="expert shapes (10.6B, 397B), decode and prefill")
+    ap.add_argument("--shapes", default="10.6B,397B",
+                    help="expert shapes (10.6B, 397B), decode and prefill; none: the dense matrices alone")
     ap.add_argument("--prefill-sweep", action="store_true", help="prefill: also time a few other tiles")
     ap.add_argument("--no-gemlite", action="store_true", help="prefill: skip the GemLite row")
     ap.add_argument("--with-dense", action="store_true",
@@ -588,7 +585,8 @@ def main() -> None:
                 and r["us"] < summary.get(key, {}).get("us", float("inf"))):  # the default's faster row
             summary[key] = {"us": r["us"], "gbps": r["gbps"], "vs_bf16": r["vs_bf16"]}
     failed = [f"{r['section']}/{r.get('shape') or r.get('gemv')}/{r['fmt']}/{r.get('variant')}: {r['error']}"
-              for r in rows if "error" in r and not r.get("variant", "").startswith(("gemlite", "torchao"))]
+              for r in rows
+              if "error" in r and not r.get("variant", "").startswith(("gemlite", "torchao", "torch "))]
     dev = "cpu (Triton interpreter, --small)" if a.small else torch.cuda.get_device_name()
     res = {"bench": "quant_kernels", "commit": git_commit(), "device": dev,
            "torch": torch.__version__, "triton": __import__("triton").__version__,
@@ -660,21 +658,23 @@ def ref_tokens(x, ids, wts, W) -> torch.Tensor:
     return out
 
 
-def gemlite_experts(W, E: int):
-    """GemLite A16W4 layers of every expert's gate/up/down from our q4 parts (w = (code - zero) * scale with
-    zero = -min / scale), or raise why not."""
+def gemlite_layer(q):
+    """A GemLite A16W4 layer from one matrix's q4 parts (w = (code - zero) * scale with zero = -min / scale, rounded
+    to bf16), or raise why not."""
     from gemlite.helper import A16Wn
 
     from tiered.layout.quant import unpack_nibbles
 
-    def one(q):
-        sc = q.scale.float()
-        zero = torch.where(sc > 0, -q.min.float() / sc.clamp_min(1e-30), torch.zeros_like(sc))
-        return A16Wn(device=f"{DEV.type}:0", dtype=torch.bfloat16).from_weights(
-            unpack_nibbles(q.q, q.matrix[1]).contiguous(), q.scale.contiguous(), zero.to(torch.bfloat16),
-            W_nbits=4, group_size=q.group)
+    sc = q.scale.float()
+    zero = torch.where(sc > 0, -q.min.float() / sc.clamp_min(1e-30), torch.zeros_like(sc))
+    return A16Wn(device=f"{DEV.type}:0", dtype=torch.bfloat16).from_weights(
+        unpack_nibbles(q.q, q.matrix[1]).contiguous(), q.scale.contiguous(), zero.to(torch.bfloat16),
+        W_nbits=4, group_size=q.group)
 
-    return [tuple(one(w[e]) for w in (W.gate, W.up, W.down)) for e in range(E)]
+
+def gemlite_experts(W, E: int):
+    """GemLite layers of every expert's gate/up/down from our q4 parts, or raise why not."""
+    return [tuple(gemlite_layer(w[e]) for w in (W.gate, W.up, W.down)) for e in range(E)]
 
 
 def gemlite_loop(x, ids, wts, layers):
@@ -833,6 +833,20 @@ def _prefill_line(r: dict) -> str:
     return (f"{head} {r['us']:10.1f} {r['tflops']:7.1f} {r['gbps']:7.0f} {vs} {r['rel_err']:8.1e}  {r['config']}")
 
 
+class LibParts(dict):
+    """A q4 matrix's parts for the kept libraries, built on first use: "tinygemm" (packed codes, group, scales and
+    zeros) and "gemlite" (a layer). A library that cannot build them raises its reason at each use."""
+
+    def __init__(self, q, k: int):
+        super().__init__()
+        self.q, self.k = q, k
+
+    def __missing__(self, lib: str):
+        self[lib] = ((lambda p: (p[0], self.q.group, p[1]))(tinygemm_parts(self.q, self.k, DEV))
+                     if lib == "tinygemm" else gemlite_layer(self.q))
+        return self[lib]
+
+
 PREFILL_DENSE = {"qkv": (5120, 2048), "o_proj": (2048, 4096), "lm_head": (151936, 2048)}  # N, K (10.6B)
 
 
@@ -846,6 +860,7 @@ def bench_dense_prefill(fmts: list[str], tokens: list[int], end: float, rows: li
     for name, (n, k) in PREFILL_DENSE.items():
         w = (torch.randn(n, k, device=DEV, generator=gen) * k ** -0.5).bfloat16()
         qs = {f: quantize(w, f) for f in fmts}
+        libs = LibParts(qs["q4"], k) if "q4" in qs else None
         for T in tokens:
             x = torch.randn(T, k, device=DEV, generator=gen).bfloat16()
             flops = 2 * T * n * k
@@ -855,6 +870,10 @@ def bench_dense_prefill(fmts: list[str], tokens: list[int], end: float, rows: li
                 ref = x.float() @ q.dequantize(torch.float32).T
                 variants += [(f, "quant_matmul", lambda q=q: quant_matmul(x, q), q.nbytes, ref),
                              (f, "dequantize + cuBLAS", lambda q=q: linear_ref(x, q), q.nbytes, ref)]
+                if f == "q4":  # the kept libraries on the same q4 parts (absent ones recorded with the reason)
+                    variants += [(f, "torch tinygemm", lambda L=libs: tinygemm_matvec(x, *L["tinygemm"]),
+                                  q.nbytes, ref),
+                                 (f, "gemlite A16W4", lambda L=libs: L["gemlite"](x), q.nbytes, ref)]
             for fmt, variant, fn, nbytes, ref in variants:
                 if time.perf_counter() > end:
                     skipped.append(f"dense/{name}/T{T}/{fmt}/{variant}")
@@ -874,7 +893,7 @@ def bench_dense_prefill(fmts: list[str], tokens: list[int], end: float, rows: li
                     r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 rows.append(r)
                 print(_prefill_line(r), flush=True)
-        del w, qs
+        del w, qs, libs
         torch.cuda.empty_cache()
 
 
@@ -890,7 +909,8 @@ def main_prefill(a) -> None:
           f"{'err':>8}  config", flush=True)
     bf16_us = {}
     for shape in a.shapes.split(","):
-        bf16_us[shape] = bench_prefill(shape, fmts, tokens, a, end, rows, skipped)
+        if shape != "none":  # --shapes none --with-dense: the dense matrices alone
+            bf16_us[shape] = bench_prefill(shape, fmts, tokens, a, end, rows, skipped)
     if a.with_dense:
         bench_dense_prefill([f for f in fmts if f in ("q4", "q8")], tokens, end, rows, skipped)
     if not a.no_gemlite and "q4" in fmts and "10.6B" in bf16_us:  # last: 3 E GemLite layers, the 10.6B shape
@@ -899,7 +919,7 @@ def main_prefill(a) -> None:
                                                                                            "vs_bf16")}
                for r in rows if "us" in r and (r["variant"] != "triton grouped" or r["config"].startswith("auto"))}
     failed = [f"{r['shape']}/T{r['T']}/{r['fmt']}/{r['variant']} {r['config']}: {r['error']}" for r in rows
-              if "error" in r and r["variant"] != "gemlite"]
+              if "error" in r and not r["variant"].startswith(("gemlite", "torch tinygemm"))]
     if skipped:
         print(f"skipped (time budget --max-seconds): {len(skipped)} rows", flush=True)
     res = {"bench": "quant_prefill", "commit": git_commit(), "device": torch.cuda.get_device_name(),
