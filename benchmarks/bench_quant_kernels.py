@@ -532,6 +532,8 @@ def main() -> None:
                     help="expert shapes (10.6B, 397B), decode and prefill; none: the dense matrices alone")
     ap.add_argument("--prefill-sweep", action="store_true", help="prefill: also time a few other tiles")
     ap.add_argument("--no-gemlite", action="store_true", help="prefill: skip the GemLite row")
+    ap.add_argument("--dense-sweep", action="store_true",
+                    help="prefill with --with-dense: also quant_matmul under DENSE_SWEEP's tiles")
     ap.add_argument("--with-dense", action="store_true",
                     help="prefill: also qlinear's dense GEMM (quant_matmul) at the 10.6B dense shapes")
     a = ap.parse_args()
@@ -847,12 +849,18 @@ class LibParts(dict):
         return self[lib]
 
 
+DENSE_SWEEP = [(16, 64, 64, 4, 4), (16, 128, 64, 4, 4), (16, 32, 64, 2, 4), (32, 32, 64, 2, 4), (32, 64, 64, 4, 4),
+               (32, 128, 64, 4, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (64, 128, 64, 8, 3),
+               (128, 64, 64, 4, 3), (128, 128, 64, 8, 3)]  # block_m, block_n, block_k, warps, stages
 PREFILL_DENSE = {"qkv": (5120, 2048), "o_proj": (2048, 4096), "lm_head": (151936, 2048)}  # N, K (10.6B)
 
 
-def bench_dense_prefill(fmts: list[str], tokens: list[int], end: float, rows: list, skipped: list) -> None:
-    """qlinear at prefill rows over the 10.6B dense shapes: quant_matmul (tiles dequantized in registers)
-    against the reference (dequantize into bf16, then cuBLAS) and cuBLAS over a bf16 weight."""
+def bench_dense_prefill(fmts: list[str], tokens: list[int], end: float, rows: list, skipped: list,
+                        sweep: bool = False) -> None:
+    """qlinear at prefill rows over the 10.6B dense shapes: quant_matmul (tiles dequantized in registers; with
+    `sweep` also DENSE_SWEEP's tiles) against the reference (dequantize into bf16, then cuBLAS), cuBLAS over a
+    bf16 weight and, for q4, the kept libraries on the same parts."""
+    from tiered.kernels.moe_grouped import GroupedConfig
     from tiered.kernels.quant_grouped import quant_matmul
     from tiered.layout.quant import linear as linear_ref
 
@@ -870,6 +878,9 @@ def bench_dense_prefill(fmts: list[str], tokens: list[int], end: float, rows: li
                 ref = x.float() @ q.dequantize(torch.float32).T
                 variants += [(f, "quant_matmul", lambda q=q: quant_matmul(x, q), q.nbytes, ref),
                              (f, "dequantize + cuBLAS", lambda q=q: linear_ref(x, q), q.nbytes, ref)]
+                for c in (DENSE_SWEEP if sweep else ()):  # --dense-sweep: quant_matmul's tiles at this shape
+                    variants.append((f, "quant_matmul m{} n{} k{} w{} s{}".format(*c),
+                                     lambda q=q, c=c: quant_matmul(x, q, GroupedConfig(*c)), q.nbytes, ref))
                 if f == "q4":  # the kept libraries on the same q4 parts (absent ones recorded with the reason)
                     variants += [(f, "torch tinygemm", lambda L=libs: tinygemm_matvec(x, *L["tinygemm"]),
                                   q.nbytes, ref),
@@ -912,7 +923,7 @@ def main_prefill(a) -> None:
         if shape != "none":  # --shapes none --with-dense: the dense matrices alone
             bf16_us[shape] = bench_prefill(shape, fmts, tokens, a, end, rows, skipped)
     if a.with_dense:
-        bench_dense_prefill([f for f in fmts if f in ("q4", "q8")], tokens, end, rows, skipped)
+        bench_dense_prefill([f for f in fmts if f in ("q4", "q8")], tokens, end, rows, skipped, a.dense_sweep)
     if not a.no_gemlite and "q4" in fmts and "10.6B" in bf16_us:  # last: 3 E GemLite layers, the 10.6B shape
         bench_gemlite("10.6B", tokens, end, rows, skipped, bf16_us["10.6B"])
     summary = {f"{r['shape']}/T{r['T']}/{r['fmt']}/{r['variant']}": {k: r.get(k) for k in ("us", "tflops", "gbps",

@@ -329,6 +329,25 @@ def qmatmul_ok(x: Tensor, w: QuantWeight, *, interpret: bool = False) -> bool:
             and all(t.stride(-1) == 1 for t in w.parts().values()))
 
 
+# quant_matmul's tiles, largest first: (block_m, block_n, warps, stages); block_k is the format's group cap
+_MATMUL_TILES = ((128, 128, 8, 3), (64, 128, 4, 3), (64, 64, 4, 4), (32, 64, 4, 4), (16, 128, 4, 4), (16, 64, 4, 4),
+                 (16, 32, 2, 4))
+MATMUL_MIN_PROGRAMS = 264  # two waves of the H200's 132 multiprocessors
+
+
+def pick_matmul_config(rows: int, n: int, fmt: str) -> GroupedConfig:
+    """Tiles for one dense [n, K] matrix at `rows` rows: the largest tile (no taller than the rows need) whose grid
+    still has MATMUL_MIN_PROGRAMS programs, else the smallest. The experts' per-expert choice (pick_qconfig) gave a
+    dense o_proj (n 2048) at 128 rows 16 programs."""
+    cap = {"q8": 128, "q4": 64, "fp8": 128, "mxfp4": 64}[fmt]
+    tall = max(16, triton.next_power_of_2(rows))
+    fits = [t for t in _MATMUL_TILES if t[0] <= tall]
+    for bm, bn, wp, st in fits:
+        if triton.cdiv(n, bn) * triton.cdiv(rows, bm) >= MATMUL_MIN_PROGRAMS:
+            break
+    return GroupedConfig(block_m=bm, block_n=bn, block_k=min(64, cap), warps=wp, stages=st)
+
+
 def quant_matmul(x: Tensor, w: QuantWeight, config: GroupedConfig | None = None) -> Tensor:
     """x [T, K] @ dequantize(w)^T -> [T, N] in x's dtype, dequantizing tiles in registers (no dense copy of w):
     the prefill-sized product of a quantized dense layer. No host sync."""
@@ -336,7 +355,7 @@ def quant_matmul(x: Tensor, w: QuantWeight, config: GroupedConfig | None = None)
     T = x.shape[0]
     if x.stride(-1) != 1:
         x = x.contiguous()
-    cfg = config or pick_qconfig(T, 1, w.fmt)
+    cfg = config or pick_matmul_config(T, n, w.fmt)
     out = torch.empty(T, n, dtype=x.dtype, device=x.device)
     m = w.min if w.min is not None else w.scale
     _qmatmul_kernel[(triton.cdiv(n, cfg.block_n), triton.cdiv(T, cfg.block_m))](
