@@ -152,6 +152,26 @@ def test_quant_matmul_matches_reference(fmt, T, N, K, cfg):
     assert _rel(got, x @ w.dequantize(torch.float32).T) < 1e-5
 
 
+def test_dense_matmul_tiles_fill_the_grid():
+    """quant_matmul's own tile choice: a tile no taller than the rows need, and two waves of programs where any tile
+    gives them (the experts' per-expert choice gave o_proj, n 2048, at 128 rows 16 programs)."""
+    from tiered.kernels.quant_grouped import MATMUL_MIN_PROGRAMS, _MATMUL_TILES, pick_matmul_config
+
+    def programs(c, rows, n):
+        return -(-n // c.block_n) * -(-rows // c.block_m)
+
+    for fmt in ("q4", "q8", "fp8", "mxfp4"):
+        for n in (2048, 5120, 151936):
+            for rows in (1, 16, 17, 128, 300, 512, 2048, 8192):
+                c = pick_matmul_config(rows, n, fmt)
+                assert c.block_m <= max(16, 1 << (rows - 1).bit_length()) and c.block_k == 64
+                best = max(-(-n // bn) * -(-rows // bm) for bm, bn, _, _ in _MATMUL_TILES
+                           if bm <= max(16, 1 << (rows - 1).bit_length()))
+                assert programs(c, rows, n) >= min(MATMUL_MIN_PROGRAMS, best), (fmt, n, rows, c)
+    assert pick_matmul_config(128, 2048, "q4").block_m <= 32
+    assert pick_matmul_config(2048, 151936, "q4") == pick_matmul_config(8192, 151936, "q4")
+
+
 def test_block_k_rules():
     """A step lies inside one group, spans whole groups, or the row is one group; nibble formats step >= 32."""
     W = _pool("q4", 1, 8, 130, device="cpu")
