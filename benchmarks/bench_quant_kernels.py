@@ -859,9 +859,11 @@ PREFILL_DENSE = {"qkv": (5120, 2048), "o_proj": (2048, 4096), "lm_head": (151936
 def bench_dense_prefill(fmts: list[str], tokens: list[int], end: float, rows: list, skipped: list,
                         sweep: bool = False) -> None:
     """qlinear at prefill rows over the 10.6B dense shapes: quant_matmul (tiles dequantized in registers; with
-    `sweep` also DENSE_SWEEP's tiles) against the reference (dequantize into bf16, then cuBLAS), cuBLAS over a
-    bf16 weight and, for q4, the kept libraries on the same parts."""
+    `sweep` also DENSE_SWEEP's tiles) and dequant_matmul (a dense copy by a kernel, then cuBLAS, in slices of
+    64 MB) against the reference (dequantize into bf16 by torch, then cuBLAS), cuBLAS over a bf16 weight and,
+    for q4, the kept libraries on the same parts."""
     from tiered.kernels.moe_grouped import GroupedConfig
+    from tiered.kernels.quant_dequant import dequant_matmul
     from tiered.kernels.quant_grouped import quant_matmul
     from tiered.layout.quant import linear as linear_ref
 
@@ -878,7 +880,8 @@ def bench_dense_prefill(fmts: list[str], tokens: list[int], end: float, rows: li
             for f, q in qs.items():
                 ref = x.float() @ q.dequantize(torch.float32).T
                 variants += [(f, "quant_matmul", lambda q=q: quant_matmul(x, q), q.nbytes, ref),
-                             (f, "dequantize + cuBLAS", lambda q=q: linear_ref(x, q), q.nbytes, ref)]
+                             (f, "dequantize + cuBLAS", lambda q=q: linear_ref(x, q), q.nbytes, ref),
+                             (f, "dequant kernel + cuBLAS", lambda q=q: dequant_matmul(x, q), q.nbytes, ref)]
                 for c in (DENSE_SWEEP if sweep else ()):  # --dense-sweep: quant_matmul's tiles at this shape
                     variants.append((f, "quant_matmul m{} n{} k{} w{} s{}".format(*c),
                                      lambda q=q, c=c: quant_matmul(x, q, GroupedConfig(*c)), q.nbytes, ref))

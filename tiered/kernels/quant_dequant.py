@@ -1,0 +1,87 @@
+"""Dense copies of quantized matrices for the many-row end of qlinear: a Triton kernel that writes
+dequantize(w) (q4, q8) in the compute dtype, and `dequant_matmul`, which multiplies through cuBLAS over that
+copy in slices of at most `max_scratch` bytes.
+
+Owns: `_dequant_kernel`, `dequant_ok`, `dequantize_rows` and `dequant_matmul`.
+Does not own: the formats and their reference dequantization (layout/quant.py, which this kernel equals up to
+fp32 rounding before the one rounding to the dtype: the kernel may fuse code * scale + min into one FMA), the
+fused tile-by-tile GEMM (quant_grouped.quant_matmul), the choice between the two (quant_moe.qlinear).
+
+Why: the fused GEMM dequantizes each weight tile once per row block, so at thousands of rows it runs at about
+half of cuBLAS's bf16 rate (session 24, call B: the 10.6B lm_head at 2,048 rows 3.9 ms against 1.7 ms). A dense
+copy costs one pass over the matrix (read the codes, write 2 bytes an input) and then runs at cuBLAS's rate.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from tiered.layout.quant import QuantWeight
+
+DEQUANT_FORMATS = ("q4", "q8")
+
+
+@triton.jit
+def _dequant_kernel(q, s, m, out, n0, rows, KIN: tl.constexpr, KQ: tl.constexpr, NG: tl.constexpr,
+                    GROUP: tl.constexpr, NIB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Grid (cdiv(rows, BLOCK_N), cdiv(KIN, BLOCK_K)): out[r, k] = code * scale (+ min) of row n0 + r for r < rows,
+    in out's dtype (fp32 arithmetic, one rounding). NIB: two codes a byte, the even input in the low nibble."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row = (n0 + rn).to(tl.int64)
+    mask_n = rn < rows
+    if NIB:
+        kb = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+        byte = tl.load(q + row[:, None] * KQ + kb[None, :], mask=mask_n[:, None] & (kb[None, :] < KQ), other=0)
+        byte = byte.to(tl.int32)
+        code = tl.reshape(tl.join(byte & 0xF, byte >> 4), (BLOCK_N, BLOCK_K)).to(tl.float32)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = mask_n[:, None] & (offs_k[None, :] < KIN)
+    if not NIB:
+        code = tl.load(q + row[:, None] * KQ + offs_k[None, :], mask=mask, other=0).to(tl.float32)
+    g = offs_k // GROUP
+    sc = tl.load(s + row[:, None] * NG + g[None, :], mask=mask, other=0.0).to(tl.float32)
+    w = code * sc
+    if NIB:
+        w += tl.load(m + row[:, None] * NG + g[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(out + rn.to(tl.int64)[:, None] * KIN + offs_k[None, :], w.to(out.dtype.element_ty), mask=mask)
+
+
+def dequant_ok(x: Tensor, w: QuantWeight, *, interpret: bool = False) -> bool:
+    """Whether this module serves x @ w^T: one q4 or q8 matrix (no stack dims), parts contiguous, x on CUDA (or the
+    interpreter, for tests)."""
+    return (w.fmt in DEQUANT_FORMATS and not w.lead and (x.is_cuda or interpret)
+            and all(t.is_contiguous() for t in w.parts().values()))
+
+
+def dequantize_rows(w: QuantWeight, n0: int, rows: int, dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
+    """Rows [n0, n0 + rows) of dequantize(w) as a dense [rows, K] tensor in `dtype` (into `out` when given)."""
+    n, k = w.matrix
+    if not 0 <= n0 <= n0 + rows <= n:
+        raise ValueError(f"dequantize_rows: rows [{n0}, {n0 + rows}) outside the matrix's {n}")
+    out = torch.empty(rows, k, dtype=dtype, device=w.q.device) if out is None else out
+    nib = w.fmt == "q4"
+    bn, bk = 16, 256
+    _dequant_kernel[(triton.cdiv(rows, bn), triton.cdiv(k, bk))](
+        w.q, w.scale, w.min if nib else w.scale, out, n0, rows, KIN=k, KQ=w.q.shape[-1], NG=w.scale.shape[-1],
+        GROUP=w.group, NIB=nib, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+    return out
+
+
+def dequant_matmul(x: Tensor, w: QuantWeight, max_scratch: int = 64 << 20) -> Tensor:
+    """x [T, K] @ dequantize(w)^T -> [T, N] in x's dtype through cuBLAS, over dense copies of at most
+    `max_scratch` bytes (a matrix above it in slices of rows, each written into its columns of the output).
+    The same rounding as the reference (the weight rounded to x's dtype, then the matmul). No host sync."""
+    n, k = w.matrix
+    per = max(16, min(n, max_scratch // (k * x.element_size())) // 16 * 16)
+    if per >= n:
+        return F.linear(x, dequantize_rows(w, 0, n, x.dtype))
+    out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    scratch = torch.empty(per, k, dtype=x.dtype, device=x.device)
+    for n0 in range(0, n, per):
+        r = min(per, n - n0)
+        dq = dequantize_rows(w, n0, r, x.dtype, scratch[:r])
+        out[:, n0:n0 + r] = F.linear(x, dq)
+    return out
