@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
 
 from tiered.kernels.quant_dequant import dequant_matmul, dequant_ok, dequantize_rows  # noqa: E402
 from tiered.layout.quant import quantize  # noqa: E402
@@ -21,6 +23,10 @@ def _close_ulp(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(((a32 - b32).abs() <= ulp).all())
 
 
+interp = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter tests run on CPU")
+
+
+@interp
 @pytest.mark.parametrize("fmt", ["q4", "q8"])
 @pytest.mark.parametrize("N,K", [(40, 256), (33, 200), (17, 48)])  # whole groups; a short last group; K < group
 def test_dense_copy_equals_reference(fmt, N, K):
@@ -32,6 +38,7 @@ def test_dense_copy_equals_reference(fmt, N, K):
         assert _close_ulp(dequantize_rows(w, 5, N - 9, dtype), ref[5:N - 4])
 
 
+@interp
 @pytest.mark.parametrize("fmt", ["q4", "q8"])
 def test_dequant_matmul_in_slices(fmt):
     g = torch.Generator().manual_seed(3)
@@ -45,3 +52,33 @@ def test_dequant_matmul_in_slices(fmt):
         assert got.shape == (T, N) and ((got - ref).norm() / ref.norm()).item() < 1e-5
     assert dequant_ok(x, w, interpret=True) and not dequant_ok(x, w)  # x on the CPU: CUDA or the interpreter only
     assert not dequant_ok(x, quantize(torch.randn(N, K, generator=g), "fp8"), interpret=True)
+
+
+def test_qlinear_threshold_knob(monkeypatch):
+    """TIERED_DEQUANT_ROWS: a row count, 0 for never; anything else is refused with what to give."""
+    from tiered.kernels.quant_moe import DEQUANT_ROWS, DEQUANT_ROWS_ENV, dequant_rows
+
+    monkeypatch.delenv(DEQUANT_ROWS_ENV, raising=False)
+    assert dequant_rows() == DEQUANT_ROWS
+    monkeypatch.setenv(DEQUANT_ROWS_ENV, "64")
+    assert dequant_rows() == 64
+    monkeypatch.setenv(DEQUANT_ROWS_ENV, "0")
+    assert dequant_rows() > 1 << 40
+    monkeypatch.setenv(DEQUANT_ROWS_ENV, "many")
+    with pytest.raises(ValueError, match="row count"):
+        dequant_rows()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", ["q4", "q8"])
+def test_cuda_dense_copy_at_model_shapes(fmt):
+    """On the GPU: the copy of the 10.6B qkv and o_proj equals the reference, and the lm_head's product in slices
+    matches the reference product."""
+    for N, K in ((5120, 2048), (2048, 4096)):
+        w = quantize(torch.randn(N, K, device="cuda") * K ** -0.5, fmt)
+        assert _close_ulp(dequantize_rows(w, 0, N, torch.bfloat16), w.dequantize(torch.bfloat16))
+    w = quantize(torch.randn(151936, 2048, device="cuda") * 2048 ** -0.5, fmt)
+    x = torch.randn(300, 2048, device="cuda", dtype=torch.bfloat16)
+    ref = x.float() @ w.dequantize(torch.float32).T
+    got = dequant_matmul(x, w).float()
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-2

@@ -294,14 +294,22 @@ def test_cuda_grouped_quant_10b_shape(fmt, T):
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("N,K", [(5120, 2048), (2048, 4096), (151936, 2048), (100, 70)])
 def test_cuda_qlinear_prefill_rows(fmt, N, K):
-    """qlinear above its GEMV rows (17 and 300 rows) takes quant_matmul: within bf16 rounding of the fp32
-    reference at the 10.6B dense shapes (qkv, o_proj, lm_head) and an odd one."""
-    from tiered.kernels.quant_moe import qlinear
+    """qlinear above its GEMV rows (17 and 300 rows: quant_matmul, and from DEQUANT_ROWS for q4 and q8 the dense
+    copy through cuBLAS, with the knob both ways) is within bf16 rounding of the fp32 reference at the 10.6B dense
+    shapes (qkv, o_proj, lm_head: sliced) and an odd one."""
+    import os
+
+    from tiered.kernels.quant_moe import DEQUANT_ROWS_ENV, qlinear
 
     w = quantize(torch.randn(N, K, device=DEV) * K ** -0.5, fmt)
-    for T in (17, 300):
+    for T, knob in ((17, ""), (300, ""), (300, "0"), (17, "1")):
         x = torch.randn(T, K, device=DEV, dtype=torch.bfloat16)
-        assert _rel(qlinear(x, w).float(), x.float() @ w.dequantize(torch.float32).T) <= 1e-2
+        os.environ[DEQUANT_ROWS_ENV] = knob
+        try:
+            got = qlinear(x, w)
+        finally:
+            os.environ.pop(DEQUANT_ROWS_ENV)
+        assert _rel(got.float(), x.float() @ w.dequantize(torch.float32).T) <= 1e-2, (T, knob)
 
 
 @pytest.mark.cuda

@@ -73,6 +73,20 @@ from tiered.kernels.pdl import (gdc_enter, l2_prefetch, l2_prefetch_enabled, lau
 
 FUSED_FORMATS = {"q8": 0, "q4": 1, "mxfp4": 2, "fp8": 3}  # the kernels' FMT (4: fp8 decoded from bits)
 MAX_ROWS = 16  # above this many rows qlinear takes the tiled GEMM (quant_grouped.quant_matmul)
+DEQUANT_ROWS = 256  # from this many rows, a dense copy then cuBLAS (quant_dequant.dequant_matmul), q4 and q8
+DEQUANT_ROWS_ENV = "TIERED_DEQUANT_ROWS"  # a benchmark knob: another threshold (0: never)
+
+
+def dequant_rows() -> int:
+    """The row count from which qlinear multiplies through a dense copy (DEQUANT_ROWS, or the knob's value)."""
+    v = os.environ.get(DEQUANT_ROWS_ENV, "")
+    if not v:
+        return DEQUANT_ROWS
+    try:
+        n = int(v)
+    except ValueError:
+        raise ValueError(f"{DEQUANT_ROWS_ENV}={v!r}: give a row count (0 turns the dense copy off)") from None
+    return n if n > 0 else 1 << 62
 MAX_STEPS = 32  # a row's groups are walked in at most this many (unrolled) steps: BG grows for long rows
 
 
@@ -964,14 +978,21 @@ def quant_down(h: Tensor, slots: Tensor, weights: Tensor, down: QuantWeight, dty
 
 
 def qlinear(x: Tensor, w: Tensor | QuantWeight, bias: Tensor | None = None) -> Tensor:
-    """F.linear over a dense or quantized weight: on CUDA the fused GEMV for up to MAX_ROWS rows and the tiled
-    dequantizing GEMM (quant_grouped.quant_matmul) above; else the reference (dequantize into x's dtype, then
+    """F.linear over a dense or quantized weight: on CUDA the fused GEMV for up to MAX_ROWS rows, the tiled
+    dequantizing GEMM (quant_grouped.quant_matmul) above, and from dequant_rows() rows (q4, q8) a dense copy
+    multiplied by cuBLAS (quant_dequant.dequant_matmul); else the reference (dequantize into x's dtype, then
     matmul). x [..., K] -> [..., N]."""
     if not isinstance(w, QuantWeight):
         return F.linear(x, w, bias)
     rows = x.reshape(-1, x.shape[-1])
     if not kernel_ok(x, w):
         return linear_ref(x, w, bias)
+    if rows.shape[0] >= dequant_rows():  # many rows: a dense copy, then cuBLAS (about twice the fused GEMM's rate)
+        from tiered.kernels.quant_dequant import dequant_matmul, dequant_ok
+
+        if dequant_ok(rows, w):
+            y = dequant_matmul(rows, w).view(*x.shape[:-1], w.matrix[0])
+            return y + bias if bias is not None else y
     if rows.shape[0] > MAX_ROWS:  # prefill sizes: the tiled GEMM of quant_grouped.py
         from tiered.kernels.quant_grouped import qmatmul_ok, quant_matmul
 
