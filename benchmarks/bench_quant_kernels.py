@@ -849,6 +849,7 @@ class LibParts(dict):
         return self[lib]
 
 
+DEQUANT_SWEEP = [(16, 256, 4), (32, 256, 4), (64, 128, 4), (32, 512, 8), (64, 256, 8), (128, 128, 8)]
 DENSE_SWEEP = [(16, 64, 64, 4, 4), (16, 128, 64, 4, 4), (16, 32, 64, 2, 4), (32, 32, 64, 2, 4), (32, 64, 64, 4, 4),
                (32, 128, 64, 4, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (64, 128, 64, 8, 3),
                (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3),
@@ -863,7 +864,7 @@ def bench_dense_prefill(fmts: list[str], tokens: list[int], end: float, rows: li
     64 MB) against the reference (dequantize into bf16 by torch, then cuBLAS), cuBLAS over a bf16 weight and,
     for q4, the kept libraries on the same parts."""
     from tiered.kernels.moe_grouped import GroupedConfig
-    from tiered.kernels.quant_dequant import dequant_matmul
+    from tiered.kernels.quant_dequant import dequant_matmul, dequantize_rows
     from tiered.kernels.quant_grouped import quant_matmul
     from tiered.layout.quant import linear as linear_ref
 
@@ -882,6 +883,10 @@ def bench_dense_prefill(fmts: list[str], tokens: list[int], end: float, rows: li
                 variants += [(f, "quant_matmul", lambda q=q: quant_matmul(x, q), q.nbytes, ref),
                              (f, "dequantize + cuBLAS", lambda q=q: linear_ref(x, q), q.nbytes, ref),
                              (f, "dequant kernel + cuBLAS", lambda q=q: dequant_matmul(x, q), q.nbytes, ref)]
+                for b in (DEQUANT_SWEEP if sweep and T == tokens[0] else ()):  # the dense copy alone, once a matrix
+                    variants.append((f, "dense copy bn{} bk{} w{}".format(*b),
+                                     lambda q=q, b=b: dequantize_rows(q, 0, n, torch.bfloat16, block=b),
+                                     q.nbytes + n * k * 2, None))
                 for c in (DENSE_SWEEP if sweep else ()):  # --dense-sweep: quant_matmul's tiles at this shape
                     variants.append((f, "quant_matmul m{} n{} k{} w{} s{}".format(*c),
                                      lambda q=q, c=c: quant_matmul(x, q, GroupedConfig(*c)), q.nbytes, ref))
@@ -895,6 +900,8 @@ def bench_dense_prefill(fmts: list[str], tokens: list[int], end: float, rows: li
                     continue
                 r = {"section": "prefill", "shape": name, "T": T, "fmt": fmt, "variant": variant, "config": f"{n}x{k}"}
                 try:
+                    if ref is None:  # a dense copy: against the reference dequantization
+                        ref = qs[fmt].dequantize(torch.bfloat16).float()
                     r["rel_err"] = rel(fn().float(), ref)
                     if not r["rel_err"] <= TOL:
                         r["error"] = f"wrong result: rel err {r['rel_err']:.3g} > {TOL}: not timed"

@@ -302,7 +302,7 @@ def test_cuda_qlinear_prefill_rows(fmt, N, K):
     from tiered.kernels.quant_moe import DEQUANT_ROWS_ENV, qlinear
 
     w = quantize(torch.randn(N, K, device=DEV) * K ** -0.5, fmt)
-    for T, knob in ((17, ""), (300, ""), (300, "0"), (17, "1")):
+    for T, knob in ((17, ""), (300, ""), (300, "0"), (17, "1"), (300, "256")):
         x = torch.randn(T, K, device=DEV, dtype=torch.bfloat16)
         os.environ[DEQUANT_ROWS_ENV] = knob
         try:

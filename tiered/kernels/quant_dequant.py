@@ -56,17 +56,22 @@ def dequant_ok(x: Tensor, w: QuantWeight, *, interpret: bool = False) -> bool:
             and all(t.is_contiguous() for t in w.parts().values()))
 
 
-def dequantize_rows(w: QuantWeight, n0: int, rows: int, dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
-    """Rows [n0, n0 + rows) of dequantize(w) as a dense [rows, K] tensor in `dtype` (into `out` when given)."""
+DEQUANT_BLOCK = (32, 256, 4)  # BLOCK_N, BLOCK_K, warps
+
+
+def dequantize_rows(w: QuantWeight, n0: int, rows: int, dtype: torch.dtype, out: Tensor | None = None,
+                    block: tuple[int, int, int] = DEQUANT_BLOCK) -> Tensor:
+    """Rows [n0, n0 + rows) of dequantize(w) as a dense [rows, K] tensor in `dtype` (into `out` when given);
+    `block`: the kernel's (BLOCK_N, BLOCK_K, warps)."""
     n, k = w.matrix
     if not 0 <= n0 <= n0 + rows <= n:
         raise ValueError(f"dequantize_rows: rows [{n0}, {n0 + rows}) outside the matrix's {n}")
     out = torch.empty(rows, k, dtype=dtype, device=w.q.device) if out is None else out
     nib = w.fmt == "q4"
-    bn, bk = 16, 256
+    bn, bk, warps = block
     _dequant_kernel[(triton.cdiv(rows, bn), triton.cdiv(k, bk))](
         w.q, w.scale, w.min if nib else w.scale, out, n0, rows, KIN=k, KQ=w.q.shape[-1], NG=w.scale.shape[-1],
-        GROUP=w.group, NIB=nib, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+        GROUP=w.group, NIB=nib, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
     return out
 
 

@@ -329,23 +329,26 @@ def qmatmul_ok(x: Tensor, w: QuantWeight, *, interpret: bool = False) -> bool:
             and all(t.stride(-1) == 1 for t in w.parts().values()))
 
 
-# quant_matmul's tiles, largest first: (block_m, block_n, warps, stages); block_k is the format's group cap
-_MATMUL_TILES = ((128, 128, 8, 3), (64, 128, 4, 3), (64, 64, 4, 4), (32, 64, 4, 4), (16, 128, 4, 4), (16, 64, 4, 4),
-                 (16, 32, 2, 4))
-MATMUL_MIN_PROGRAMS = 264  # two waves of the H200's 132 multiprocessors
+# quant_matmul's tiles, largest first: (block_m, block_n, warps, stages); block_k is 64. Session 24's call C swept
+# 14 tiles at the 10.6B dense shapes (qkv 5120 x 2048, o_proj 2048 x 4096, lm_head 151936 x 2048) and 16-2048 rows;
+# these are the ones that won somewhere (benchmarks/results/quant-libraries-2026-12-03-h200-s24.json)
+_MATMUL_TILES = ((256, 128, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4), (32, 64, 4, 4), (16, 32, 2, 4))
+MATMUL_MIN_PROGRAMS = 128  # about one wave of the H200's 132 multiprocessors
 
 
 def pick_matmul_config(rows: int, n: int, fmt: str) -> GroupedConfig:
-    """Tiles for one dense [n, K] matrix at `rows` rows: the largest tile (no taller than the rows need) whose grid
-    still has MATMUL_MIN_PROGRAMS programs, else the smallest. The experts' per-expert choice (pick_qconfig) gave a
-    dense o_proj (n 2048) at 128 rows 16 programs."""
-    cap = {"q8": 128, "q4": 64, "fp8": 128, "mxfp4": 64}[fmt]
+    """Tiles for one dense [n, K] matrix at `rows` rows: the largest tile no taller than the rows need whose grid
+    still has MATMUL_MIN_PROGRAMS programs, else the smallest (up to 16 rows: always the smallest). Larger tiles
+    dequantize each weight tile for more rows; smaller ones keep the multiprocessors busy on a narrow matrix. In
+    call C (from which the rule was read, so in-sample) it picks the fastest of the 14 tiles at 9 of the 12
+    (matrix, rows) points and is within 15% at the others; the experts' per-expert choice it replaces took 1.0-2.0x as long (o_proj at 2,048 rows 194.8 us
+    against 95.8)."""
     tall = max(16, triton.next_power_of_2(rows))
-    fits = [t for t in _MATMUL_TILES if t[0] <= tall]
+    fits = [t for t in _MATMUL_TILES if t[0] <= tall] if rows > 16 else [_MATMUL_TILES[-1]]
     for bm, bn, wp, st in fits:
         if triton.cdiv(n, bn) * triton.cdiv(rows, bm) >= MATMUL_MIN_PROGRAMS:
             break
-    return GroupedConfig(block_m=bm, block_n=bn, block_k=min(64, cap), warps=wp, stages=st)
+    return GroupedConfig(block_m=bm, block_n=bn, block_k=64, warps=wp, stages=st)
 
 
 def quant_matmul(x: Tensor, w: QuantWeight, config: GroupedConfig | None = None) -> Tensor:

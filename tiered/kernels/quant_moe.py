@@ -73,7 +73,7 @@ from tiered.kernels.pdl import (gdc_enter, l2_prefetch, l2_prefetch_enabled, lau
 
 FUSED_FORMATS = {"q8": 0, "q4": 1, "mxfp4": 2, "fp8": 3}  # the kernels' FMT (4: fp8 decoded from bits)
 MAX_ROWS = 16  # above this many rows qlinear takes the tiled GEMM (quant_grouped.quant_matmul)
-DEQUANT_ROWS = 256  # from this many rows, a dense copy then cuBLAS (quant_dequant.dequant_matmul), q4 and q8
+DEQUANT_ROWS = 1024  # from this many rows a dense copy, then cuBLAS (quant_dequant.dequant_matmul; q4, q8)
 DEQUANT_ROWS_ENV = "TIERED_DEQUANT_ROWS"  # a benchmark knob: another threshold (0: never)
 
 
