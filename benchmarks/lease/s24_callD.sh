@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Session 24, call D: the dense copy's kernel tiles (DEQUANT_SWEEP, once a matrix) and quant_matmul's new tile rule
 # at 512 and 2048 rows; then the whole model: q4+q4 10.6B 8-layer model in VRAM (bench_peers' tiered phase:
-# prefill of a 512-token prompt, first and warm; decode) under TIERED_DEQUANT_ROWS default (1024: the fused GEMM
+# prefill of a 512-token prompt, first and warm; decode) under TIERED_DEQUANT_ROWS default (2048: the fused GEMM
 # at 512 rows), 256 (the dense copy at 512 rows) and 0 (never), fresh processes.
 source "$(dirname "$0")/lib.sh"
 cuda_tests 150 tests/test_quant_dequant.py tests/test_quant_grouped.py -k "dense_copy or qlinear_prefill_rows"

@@ -1,6 +1,6 @@
 """Session 24: assemble benchmarks/results/quant-libraries-2026-12-03-h200-s24.json (issue 13's kept libraries,
 measured for the first time, and quant_matmul's dense tiles) from the files the lease calls brought back, unpacked
-under one folder per call (A, B, C: benchmarks/lease/s24_call*.sh). Every figure is read from those files.
+under one folder per call (A-D: benchmarks/lease/s24_call*.sh). Every figure is read from those files.
 
     python3 benchmarks/lease/s24_report.py /tmp/s24 benchmarks/results
 """
@@ -60,7 +60,7 @@ def meta(p: Path) -> dict:
 
 
 def main(root: Path, out_dir: Path) -> None:
-    A, B, C = (root / n for n in "ABC")
+    A, B, C, D = (root / n for n in "ABCD")
     res = {
         "bench": "quant_libraries", "date": "2026-12-03", "device": "NVIDIA H200 (one, lent)",
         "setup": "10.6B shape's dense matrices (lm_head 151936 x 2048, qkv 5120 x 2048, o_proj 2048 x 4096), q4 "
@@ -79,6 +79,27 @@ def main(root: Path, out_dir: Path) -> None:
     if (C / "quant_prefill.json").exists():
         res["calls"]["C"] = {**meta(C / "quant_prefill.json"), "script": "benchmarks/lease/s24_callC.sh"}
         res["prefill_dense_C"] = prefill_rows(C / "quant_prefill.json")
+    if (D / "quant_prefill.json").exists():
+        res["calls"]["D"] = {**meta(D / "quant_prefill.json"), "script": "benchmarks/lease/s24_callD.sh"}
+        res["prefill_dense_D"] = prefill_rows(D / "quant_prefill.json")
+        res["dense_copy_tiles_D"] = {
+            f"{r['shape']}/{r['variant']}": {"us": round(r["us"], 2), "gbps": round(r["gbps"], 1)}
+            for r in json.loads((D / "quant_prefill.json").read_text())["rows"]
+            if r["variant"].startswith("dense copy") and "us" in r}
+    runs = {}
+    for f in sorted(D.glob("tiered-q4-*.json")) if D.exists() else ():
+        r = json.loads(f.read_text())
+        runs[f.stem.removeprefix("tiered-q4-")] = {
+            "prefill512_tok_s_warm": r["prefill_warm"]["prefill_tok_s"],
+            "prefill512_tok_s_first": r["prefill_first"]["prefill_tok_s"],
+            "ttft_s_warm": r["prefill_warm"]["ttft_s"], "decode_tok_s": r["decode_long"]["decode_tok_s"]}
+    if runs:
+        res["model_q4q4_vram_D"] = {
+            "setup": "bench_peers --phase tiered --variant q4 --tiered-only vram: the 10.6B-shape 8-layer random "
+                     "Qwen3-MoE, --experts q4 --dense q4, prefill of a 512-token prompt (median of warm repeats) and "
+                     "decode (256 tokens), one fresh process each; TIERED_DEQUANT_ROWS: dflt = 2048 (the fused GEMM "
+                     "at 512 rows), dq256 = the dense copy at 512 rows, never = 0",
+            "runs": runs}
     out = out_dir / "quant-libraries-2026-12-03-h200-s24.json"
     out.write_text(json.dumps(res, indent=1) + "\n")
     print(out)

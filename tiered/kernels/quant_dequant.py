@@ -7,9 +7,14 @@ Does not own: the formats and their reference dequantization (layout/quant.py, w
 fp32 rounding before the one rounding to the dtype: the kernel may fuse code * scale + min into one FMA), the
 fused tile-by-tile GEMM (quant_grouped.quant_matmul), the choice between the two (quant_moe.qlinear).
 
-Why: the fused GEMM dequantizes each weight tile once per row block, so at thousands of rows it runs at about
-half of cuBLAS's bf16 rate (session 24, call B: the 10.6B lm_head at 2,048 rows 3.9 ms against 1.7 ms). A dense
-copy costs one pass over the matrix (read the codes, write 2 bytes an input) and then runs at cuBLAS's rate.
+Why: the fused GEMM dequantizes each weight tile once per row block, so at thousands of rows it runs at under
+half of cuBLAS's bf16 rate (session 24, call C: the 10.6B lm_head at 2,048 rows 3.4 ms at its best tile against
+1.7 ms). A dense copy costs one pass over the matrix (read the codes, write 2 bytes an input) and then runs at
+cuBLAS's rate. Measured at 2,048 rows (call C, q4, this kernel at BLOCK_N 16, BLOCK_K 256, 4 warps): qkv 90.0 us
+against 134.3 for the fused GEMM's best tile, o_proj 88.2 against 95.8, lm_head 3,268 against 3,377; at 512 rows
+the fused GEMM was as fast or faster (qkv 48.3 against 48.0, o_proj 58.3 against 49.3, lm_head 1,461 against 846),
+so qlinear takes the copy from quant_moe.DEQUANT_ROWS (2,048) rows. The copy itself ran at about 0.7 TB/s (qkv:
+29 us for 5.9 MB read and 21 MB written), well under HBM's rate: its tiles are untuned.
 """
 from __future__ import annotations
 
@@ -56,7 +61,7 @@ def dequant_ok(x: Tensor, w: QuantWeight, *, interpret: bool = False) -> bool:
             and all(t.is_contiguous() for t in w.parts().values()))
 
 
-DEQUANT_BLOCK = (32, 256, 4)  # BLOCK_N, BLOCK_K, warps
+DEQUANT_BLOCK = (16, 256, 4)  # BLOCK_N, BLOCK_K, warps (the tile session 24 call C measured)
 
 
 def dequantize_rows(w: QuantWeight, n0: int, rows: int, dtype: torch.dtype, out: Tensor | None = None,

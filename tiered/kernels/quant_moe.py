@@ -73,7 +73,7 @@ from tiered.kernels.pdl import (gdc_enter, l2_prefetch, l2_prefetch_enabled, lau
 
 FUSED_FORMATS = {"q8": 0, "q4": 1, "mxfp4": 2, "fp8": 3}  # the kernels' FMT (4: fp8 decoded from bits)
 MAX_ROWS = 16  # above this many rows qlinear takes the tiled GEMM (quant_grouped.quant_matmul)
-DEQUANT_ROWS = 1024  # from this many rows a dense copy, then cuBLAS (quant_dequant.dequant_matmul; q4, q8)
+DEQUANT_ROWS = 2048  # from this many rows a dense copy, then cuBLAS (quant_dequant.dequant_matmul; q4, q8)
 DEQUANT_ROWS_ENV = "TIERED_DEQUANT_ROWS"  # a benchmark knob: another threshold (0: never)
 
 
@@ -987,7 +987,7 @@ def qlinear(x: Tensor, w: Tensor | QuantWeight, bias: Tensor | None = None) -> T
     rows = x.reshape(-1, x.shape[-1])
     if not kernel_ok(x, w):
         return linear_ref(x, w, bias)
-    if rows.shape[0] >= dequant_rows():  # many rows: a dense copy, then cuBLAS (about twice the fused GEMM's rate)
+    if rows.shape[0] >= dequant_rows():  # many rows: a dense copy, then cuBLAS (quant_dequant's docstring)
         from tiered.kernels.quant_dequant import dequant_matmul, dequant_ok
 
         if dequant_ok(rows, w):
