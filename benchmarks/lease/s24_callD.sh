@@ -7,7 +7,7 @@ source "$(dirname "$0")/lib.sh"
 cuda_tests 150 tests/test_quant_dequant.py tests/test_quant_grouped.py -k "dense_copy or qlinear_prefill_rows"
 timeout 200 python3 benchmarks/bench_quant_kernels.py --phase prefill --prefill-formats q4 --shapes none --with-dense \
   --dense-sweep --no-gemlite --tokens 512,2048 --max-seconds 170 > $OUT/prefill-sweep.log 2>&1
-echo "sweep rc=$? $(el)"; grep -E "dense copy|quant_matmul  |dequant kernel|cuBLAS" $OUT/prefill-sweep.log | tail -40; pack
+echo "sweep rc=$? $(el)"; grep -vE '^\{' $OUT/prefill-sweep.log | grep -E "dense copy|quant_matmul  |dequant kernel|cuBLAS" | tail -40; pack
 peers_ckpt; peers_layout layout-q4 q4 q4; pack
 for tag in dflt1 dq256 never dflt2; do
   case $tag in dq256) k=256 ;; never) k=0 ;; *) k= ;; esac

@@ -87,11 +87,13 @@ def main(root: Path, out_dir: Path) -> None:
             for r in json.loads((D / "quant_prefill.json").read_text())["rows"]
             if r["variant"].startswith("dense copy") and "us" in r}
     runs = {}
-    for f in sorted(D.glob("tiered-q4-*.json")) if D.exists() else ():
-        r = json.loads(f.read_text())
+    for f in sorted(D.glob("tiered-q4-*.json")) if D.exists() else ():  # one per process (tag after the dash)
+        r = json.loads(f.read_text())["modes"]["vram"]
         runs[f.stem.removeprefix("tiered-q4-")] = {
             "prefill512_tok_s_warm": r["prefill_warm"]["prefill_tok_s"],
             "prefill512_tok_s_first": r["prefill_first"]["prefill_tok_s"],
+            "prefill512_tok_s_warm_runs": [w["prefill_tok_s"] for w in r["prefill_warm"]["runs"]]
+            if "runs" in r["prefill_warm"] and isinstance(r["prefill_warm"]["runs"][0], dict) else None,
             "ttft_s_warm": r["prefill_warm"]["ttft_s"], "decode_tok_s": r["decode_long"]["decode_tok_s"]}
     if runs:
         res["model_q4q4_vram_D"] = {
