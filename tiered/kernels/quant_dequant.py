@@ -13,8 +13,9 @@ half of cuBLAS's bf16 rate (session 24, call C: the 10.6B lm_head at 2,048 rows 
 cuBLAS's rate. Measured at 2,048 rows (call C, q4, this kernel at BLOCK_N 16, BLOCK_K 256, 4 warps): qkv 90.0 us
 against 134.3 for the fused GEMM's best tile, o_proj 88.2 against 95.8, lm_head 3,268 against 3,377; at 512 rows
 the fused GEMM was as fast or faster (qkv 48.3 against 48.0, o_proj 58.3 against 49.3, lm_head 1,461 against 846),
-so qlinear takes the copy from quant_moe.DEQUANT_ROWS (2,048) rows. The copy itself ran at about 0.7 TB/s (qkv:
-29 us for 5.9 MB read and 21 MB written), well under HBM's rate: its tiles are untuned.
+so qlinear takes the copy from quant_moe.DEQUANT_ROWS (2,048) rows. The copy itself runs at 0.5-1.0 TB/s (call D:
+qkv 30.5 us for 5.9 MB read and 21 MB written, lm_head 779 us), well under HBM's rate; this tile was the fastest of
+six there (larger ones ran at about half of it).
 """
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def dequant_ok(x: Tensor, w: QuantWeight, *, interpret: bool = False) -> bool:
             and all(t.is_contiguous() for t in w.parts().values()))
 
 
-DEQUANT_BLOCK = (16, 256, 4)  # BLOCK_N, BLOCK_K, warps (the tile session 24 call C measured)
+DEQUANT_BLOCK = (16, 256, 4)  # BLOCK_N, BLOCK_K, warps: the fastest of six in session 24's call D
 
 
 def dequantize_rows(w: QuantWeight, n0: int, rows: int, dtype: torch.dtype, out: Tensor | None = None,

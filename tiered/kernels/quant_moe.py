@@ -87,6 +87,8 @@ def dequant_rows() -> int:
     except ValueError:
         raise ValueError(f"{DEQUANT_ROWS_ENV}={v!r}: give a row count (0 turns the dense copy off)") from None
     return n if n > 0 else 1 << 62
+
+
 MAX_STEPS = 32  # a row's groups are walked in at most this many (unrolled) steps: BG grows for long rows
 
 
