@@ -47,7 +47,9 @@ default q8, q4, mxfp4):
   - "torch loop": model/moe.experts_grouped, the torch path (quantized: each expert dequantized to bf16, then
     matmuls), timed eagerly (it syncs with the host);
   - with --with-dense, the 10.6B dense matrices (qkv, o_proj, lm_head) at the same T in q4 and q8: qlinear's
-    quant_matmul against dequantize-then-cuBLAS and cuBLAS over bf16 (shape column = the matrix);
+    quant_matmul against dequantize-then-cuBLAS and cuBLAS over bf16 (shape column = the matrix), and "qlinear
+    (model)", the path the model takes at that T (the GEMV up to quant_moe.MAX_ROWS rows); with --split-sweep
+    also quant_matmul under SPLIT_TILES x SPLITS (split-K) at T <= 256 for qkv and o_proj;
   - "gemlite": last, q4 at the 10.6B shape, GemLite's A16W4 GEMM per expert in the torch loop's plan, when
     gemlite imports (`pip install --no-deps gemlite-*.whl` first; --no-gemlite skips). Optional: never a failure.
 Each is checked against the fp32 loop over the first 16 tokens' experts (dequantized) before timing; a
@@ -534,6 +536,8 @@ def main() -> None:
     ap.add_argument("--no-gemlite", action="store_true", help="prefill: skip the GemLite row")
     ap.add_argument("--dense-sweep", action="store_true",
                     help="prefill with --with-dense: also quant_matmul under DENSE_SWEEP's tiles")
+    ap.add_argument("--split-sweep", action="store_true",
+                    help="prefill with --with-dense: also quant_matmul's split-K (SPLIT_TILES x SPLITS) at T <= 256")
     ap.add_argument("--with-dense", action="store_true",
                     help="prefill: also qlinear's dense GEMM (quant_matmul) at the 10.6B dense shapes")
     a = ap.parse_args()
@@ -854,11 +858,14 @@ DENSE_SWEEP = [(16, 64, 64, 4, 4), (16, 128, 64, 4, 4), (16, 32, 64, 2, 4), (32,
                (32, 128, 64, 4, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (64, 128, 64, 8, 3),
                (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3),
                (256, 128, 64, 8, 3)]  # block_m, block_n, block_k, warps, stages
+SPLIT_TILES = [(16, 32, 64, 2, 4), (16, 64, 64, 4, 4), (32, 64, 64, 4, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 3),
+               (128, 64, 64, 4, 3), (128, 128, 64, 8, 3)]
+SPLITS = (1, 2, 4, 8)
 PREFILL_DENSE = {"qkv": (5120, 2048), "o_proj": (2048, 4096), "lm_head": (151936, 2048)}  # N, K (10.6B)
 
 
 def bench_dense_prefill(fmts: list[str], tokens: list[int], end: float, rows: list, skipped: list,
-                        sweep: bool = False) -> None:
+                        sweep: bool = False, split_sweep: bool = False) -> None:
     """qlinear at prefill rows over the 10.6B dense shapes: quant_matmul (tiles dequantized in registers; with
     `sweep` also DENSE_SWEEP's tiles) and dequant_matmul (a dense copy by a kernel, then cuBLAS, in slices of
     64 MB) against the reference (dequantize into bf16 by torch, then cuBLAS), cuBLAS over a bf16 weight and,
@@ -866,6 +873,7 @@ def bench_dense_prefill(fmts: list[str], tokens: list[int], end: float, rows: li
     from tiered.kernels.moe_grouped import GroupedConfig
     from tiered.kernels.quant_dequant import dequant_matmul, dequantize_rows
     from tiered.kernels.quant_grouped import quant_matmul
+    from tiered.kernels.quant_moe import qlinear
     from tiered.layout.quant import linear as linear_ref
 
     gen = torch.Generator(device=DEV).manual_seed(11)
@@ -880,7 +888,8 @@ def bench_dense_prefill(fmts: list[str], tokens: list[int], end: float, rows: li
             variants = [("bf16", "cuBLAS F.linear", lambda: F.linear(x, w), n * k * 2, x.float() @ w.float().T)]
             for f, q in qs.items():
                 ref = x.float() @ q.dequantize(torch.float32).T
-                variants += [(f, "quant_matmul", lambda q=q: quant_matmul(x, q), q.nbytes, ref),
+                variants += [(f, "qlinear (model)", lambda q=q: qlinear(x, q), q.nbytes, ref),
+                             (f, "quant_matmul", lambda q=q: quant_matmul(x, q), q.nbytes, ref),
                              (f, "dequantize + cuBLAS", lambda q=q: linear_ref(x, q), q.nbytes, ref),
                              (f, "dequant kernel + cuBLAS", lambda q=q: dequant_matmul(x, q), q.nbytes, ref)]
                 for b in (DEQUANT_SWEEP if sweep and T == tokens[0] else ()):  # the dense copy alone, once a matrix
@@ -890,6 +899,12 @@ def bench_dense_prefill(fmts: list[str], tokens: list[int], end: float, rows: li
                 for c in (DENSE_SWEEP if sweep else ()):  # --dense-sweep: quant_matmul's tiles at this shape
                     variants.append((f, "quant_matmul m{} n{} k{} w{} s{}".format(*c),
                                      lambda q=q, c=c: quant_matmul(x, q, GroupedConfig(*c)), q.nbytes, ref))
+                tall = max(16, 1 << (T - 1).bit_length())
+                for c in (SPLIT_TILES if split_sweep and T <= 256 and name != "lm_head" else ()):
+                    for sp in (SPLITS if c[0] <= tall else ()):  # --split-sweep: split-K at few rows
+                        variants.append((f, "quant_matmul m{} n{} k{} w{} s{} split{}".format(*c, sp),
+                                         lambda q=q, c=c, sp=sp: quant_matmul(x, q, GroupedConfig(*c, split=sp)),
+                                         q.nbytes, ref))
                 if f == "q4":  # the kept libraries on the same q4 parts (absent ones recorded with the reason)
                     variants += [(f, "torch tinygemm", lambda L=libs: tinygemm_matvec(x, *L["tinygemm"]),
                                   q.nbytes, ref),
@@ -934,7 +949,8 @@ def main_prefill(a) -> None:
         if shape != "none":  # --shapes none --with-dense: the dense matrices alone
             bf16_us[shape] = bench_prefill(shape, fmts, tokens, a, end, rows, skipped)
     if a.with_dense:
-        bench_dense_prefill([f for f in fmts if f in ("q4", "q8")], tokens, end, rows, skipped, a.dense_sweep)
+        bench_dense_prefill([f for f in fmts if f in ("q4", "q8")], tokens, end, rows, skipped, a.dense_sweep,
+                            a.split_sweep)
     if not a.no_gemlite and "q4" in fmts and "10.6B" in bf16_us:  # last: 3 E GemLite layers, the 10.6B shape
         bench_gemlite("10.6B", tokens, end, rows, skipped, bf16_us["10.6B"])
     summary = {f"{r['shape']}/T{r['T']}/{r['fmt']}/{r['variant']}": {k: r.get(k) for k in ("us", "tflops", "gbps",

@@ -138,10 +138,14 @@ def test_grouped_quant_half_within_rounding(fmt):
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("T,N,K,cfg", [(1, 40, 48, None), (17, 130, 130, GroupedConfig(block_m=16, block_n=64,
                                                                                          block_k=128)),
-                                       (33, 24, 200, GroupedConfig(block_m=32, block_n=32, block_k=32))])
+                                       (33, 24, 200, GroupedConfig(block_m=32, block_n=32, block_k=32)),
+                                       (5, 40, 200, GroupedConfig(block_m=16, block_n=32, block_k=32, split=4)),
+                                       (17, 130, 130, GroupedConfig(block_m=16, block_n=64, block_k=128, split=2)),
+                                       (3, 24, 48, GroupedConfig(block_m=16, block_n=32, block_k=32, split=8))])
 def test_quant_matmul_matches_reference(fmt, T, N, K, cfg):
     """The dense tiled GEMM (qlinear above its GEMV rows) equals x @ dequantize(w)^T in fp32: one row, odd
-    rows, a q4 row of one group, groups cut short, steps over several groups, fp8 scale rows of 128 outputs."""
+    rows, a q4 row of one group, groups cut short, steps over several groups, fp8 scale rows of 128 outputs; and
+    split-K: four splits with a short last one, two splits over several groups, more splits asked than steps."""
     from tiered.kernels.quant_grouped import quant_matmul
 
     g = torch.Generator().manual_seed(N + K)
@@ -310,6 +314,27 @@ def test_cuda_qlinear_prefill_rows(fmt, N, K):
         finally:
             os.environ.pop(DEQUANT_ROWS_ENV)
         assert _rel(got.float(), x.float() @ w.dequantize(torch.float32).T) <= 1e-2, (T, knob)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("N,K", [(5120, 2048), (2048, 4096), (100, 70)])
+def test_cuda_quant_matmul_split_k(fmt, N, K):
+    """quant_matmul with its reduction split over 2-8 programs (the fp32 partials added in order by a second
+    launch) is within bf16 rounding of the fp32 reference, equals itself run to run, and its own tile choice (which
+    may split) too; at 16-128 rows of the 10.6B qkv and o_proj and an odd shape."""
+    from tiered.kernels.moe_grouped import GroupedConfig
+    from tiered.kernels.quant_grouped import quant_matmul
+
+    w = quantize(torch.randn(N, K, device=DEV) * K ** -0.5, fmt)
+    for T in (16, 33, 128):
+        x = torch.randn(T, K, device=DEV, dtype=torch.bfloat16)
+        ref = x.float() @ w.dequantize(torch.float32).T
+        for cfg in (None, GroupedConfig(16, 32, 64, 2, 4, split=2), GroupedConfig(32, 64, 64, 4, 4, split=8),
+                    GroupedConfig(128, 64, 64, 4, 3, split=4)):
+            got = quant_matmul(x, w, cfg)
+            assert _rel(got.float(), ref) <= 1e-2, (T, cfg)
+            assert torch.equal(got, quant_matmul(x, w, cfg)), (T, cfg)
 
 
 @pytest.mark.cuda

@@ -70,7 +70,18 @@ def main() -> int:
                               out_ptr="*bf16", **STRIDES), dict(D=D, F=Fe)),
                         (qg._qmatmul_kernel, gate,
                          dict(x_ptr="*bf16", q=qt, s=st, m=st, out_ptr="*bf16", T="i32", stride_xt="i32",
-                              stride_ot="i32", sq1="i32", ss1="i32", sm1="i32"), dict(N=Fe, KIN=D))):
+                              stride_ot="i32", sq1="i32", ss1="i32", sm1="i32", KSPLIT="i32"), dict(N=Fe, KIN=D)),
+                        (qg._split_sum_kernel, None, dict(part_ptr="*fp32", out_ptr="*bf16", numel="i32"),
+                         dict(SPLITS=4, BLOCK=qg.SUM_BLOCK))):
+                    if w is None:  # the split-K sum: no weight geometry
+                        consts = extra
+                        sig = {n: ("constexpr" if n in consts else types[n]) for n in fn.arg_names}
+                        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+                                 if sig[n] != "constexpr" and n != "numel"}
+                        k = triton.compile(ASTSource(fn, sig, consts, attrs), target=target, options=dict(num_warps=4))
+                        if "cubin" not in k.asm:
+                            raise RuntimeError("no cubin produced")
+                        continue
                     geo = qg._geometry(w, bk)
                     if fmt == "fp8":
                         geo["WFMT"] = qg.WFMT["fp8"]  # the CUDA branch (the zeros above sit on the CPU)

@@ -40,11 +40,12 @@ class GroupedConfig:
     block_k: int = 64  # reduction step (D for gate/up, F for down)
     warps: int = 4
     stages: int = 3
+    split: int = 1  # programs sharing one output tile's reduction (quant_grouped.quant_matmul only; experts take 1)
 
     def __post_init__(self) -> None:
-        for name in ("block_m", "block_n", "block_k", "warps"):
+        for name in ("block_m", "block_n", "block_k", "warps", "split"):
             v = getattr(self, name)
-            if v < 1 or v & (v - 1) or (name != "warps" and v < 16):
+            if v < 1 or v & (v - 1) or (name.startswith("block") and v < 16):
                 raise ValueError(f"GroupedConfig.{name} must be a power of two (>= 16 for blocks), got {v}")
 
 
@@ -182,6 +183,9 @@ class GroupedMoE:
         """x [T, D] compute dtype, ids [T, K] int64 experts in [0, E), weights [T, K] routing weights."""
         T, K = ids.shape
         self.cfg = config or pick_config(T * K, num_experts)
+        if self.cfg.split != 1:
+            raise ValueError(f"the grouped expert kernels do not split the reduction: GroupedConfig.split must be 1, "
+                             f"got {self.cfg.split} (split is quant_matmul's)")
         self.x = x.contiguous()
         self.K = K
         self.aligned = align_rows(ids, num_experts, self.cfg.block_m)

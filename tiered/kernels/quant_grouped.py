@@ -200,11 +200,14 @@ def _qgrouped_down_kernel(h_ptr, rows_ptr, bslot_ptr, wt_ptr, dq, ds, dm, out_pt
 def _qmatmul_kernel(x_ptr, q, s, m, out_ptr, T, stride_xt, stride_ot, sq1, ss1, sm1, N: tl.constexpr,
                     KIN: tl.constexpr, KQ: tl.constexpr, NG: tl.constexpr, GROUP: tl.constexpr,
                     ROWBLK: tl.constexpr, WFMT: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr):
-    """Grid (cdiv(N, BLOCK_N), cdiv(T, BLOCK_M)): out[m-block, n-block] = x[m-block] @ W[n-block]^T, one
-    quantized [N, KIN] matrix (a dense layer's weight at prefill sizes)."""
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, KSPLIT):
+    """Grid (cdiv(N, BLOCK_N), cdiv(T, BLOCK_M), splits): out[m-block, n-block] = x[m-block] @ W[n-block]^T, one
+    quantized [N, KIN] matrix (a dense layer's weight at prefill sizes). Split s sums inputs [s KSPLIT, (s + 1)
+    KSPLIT) (KSPLIT a multiple of BLOCK_K); with more than one split, out is the fp32 partials [splits, T, N]
+    (row stride stride_ot) that `_split_sum_kernel` adds in split order."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
+    ks = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < T
     m64 = offs_m.to(tl.int64)
@@ -213,11 +216,24 @@ def _qmatmul_kernel(x_ptr, q, s, m, out_ptr, T, stride_xt, stride_ot, sq1, ss1, 
     n64 = offs_n.to(tl.int64)
     DT = x_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, KIN, BLOCK_K):
+    for k0 in range(ks * KSPLIT, tl.minimum(ks * KSPLIT + KSPLIT, KIN), BLOCK_K):
         acc = _qdot(acc, x_ptr + m64 * stride_xt, mask_m, q + n64 * sq1, s + (n64 // ROWBLK) * ss1, m + n64 * sm1,
                     mask_n, k0, KIN, KQ, NG, GROUP, WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC)
-    tl.store(out_ptr + m64[:, None] * stride_ot + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+    base = out_ptr + ks.to(tl.int64) * T * stride_ot  # split ks's [T, N] partial (ks is 0 unless split)
+    tl.store(base + m64[:, None] * stride_ot + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _split_sum_kernel(part_ptr, out_ptr, numel, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+    """out[i] = sum over s in order of part[s, i] (fp32), rounded once to out's dtype: split-K's fixed-order
+    reduction (the same sum every run, unlike atomics)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    acc = tl.load(part_ptr + offs, mask=mask, other=0.0)
+    for sp in range(1, SPLITS):
+        acc += tl.load(part_ptr + sp * numel + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def block_k_for(w: QuantWeight, block_k: int) -> tuple[int, int]:
@@ -334,6 +350,7 @@ def qmatmul_ok(x: Tensor, w: QuantWeight, *, interpret: bool = False) -> bool:
 # these are the ones that won somewhere (benchmarks/results/quant-libraries-2026-12-03-h200-s24.json)
 _MATMUL_TILES = ((256, 128, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4), (32, 64, 4, 4), (16, 32, 2, 4))
 MATMUL_MIN_PROGRAMS = 128  # about one wave of the H200's 132 multiprocessors
+SUM_BLOCK = 1024  # outputs a program of the split-K sum adds
 
 
 def pick_matmul_config(rows: int, n: int, fmt: str) -> GroupedConfig:
@@ -355,16 +372,27 @@ def pick_matmul_config(rows: int, n: int, fmt: str) -> GroupedConfig:
 
 def quant_matmul(x: Tensor, w: QuantWeight, config: GroupedConfig | None = None) -> Tensor:
     """x [T, K] @ dequantize(w)^T -> [T, N] in x's dtype, dequantizing tiles in registers (no dense copy of w):
-    the prefill-sized product of a quantized dense layer. No host sync."""
+    the prefill-sized product of a quantized dense layer. With config.split > 1 the reduction is shared by that
+    many programs (whole steps each), which write fp32 partials that one more launch adds in split order. No host
+    sync."""
     n, k = w.matrix
     T = x.shape[0]
     if x.stride(-1) != 1:
         x = x.contiguous()
     cfg = config or pick_matmul_config(T, n, w.fmt)
+    geo = _geometry(w, cfg.block_k)
+    bk = geo["BLOCK_K"]
+    ksplit = triton.cdiv(triton.cdiv(k, cfg.split), bk) * bk  # inputs a split, whole steps
+    splits = triton.cdiv(k, ksplit)
     out = torch.empty(T, n, dtype=x.dtype, device=x.device)
+    dst = out if splits == 1 else torch.empty(splits, T, n, dtype=torch.float32, device=x.device)
     m = w.min if w.min is not None else w.scale
-    _qmatmul_kernel[(triton.cdiv(n, cfg.block_n), triton.cdiv(T, cfg.block_m))](
-        x, _codes(w), w.scale, m, out, T, x.stride(0), out.stride(0), w.q.stride(0), w.scale.stride(0), m.stride(0),
-        N=n, KIN=k, **_geometry(w, cfg.block_k), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        PREC="ieee" if x.dtype == torch.float32 else "tf32", num_warps=cfg.warps, num_stages=cfg.stages)
+    _qmatmul_kernel[(triton.cdiv(n, cfg.block_n), triton.cdiv(T, cfg.block_m), splits)](
+        x, _codes(w), w.scale, m, dst, T, x.stride(0), n, w.q.stride(0), w.scale.stride(0), m.stride(0),
+        N=n, KIN=k, **geo, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        PREC="ieee" if x.dtype == torch.float32 else "tf32", KSPLIT=ksplit, num_warps=cfg.warps,
+        num_stages=cfg.stages)
+    if splits > 1:
+        _split_sum_kernel[(triton.cdiv(T * n, SUM_BLOCK),)](dst, out, T * n, SPLITS=splits, BLOCK=SUM_BLOCK,
+                                                             num_warps=4)
     return out
