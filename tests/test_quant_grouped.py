@@ -176,6 +176,28 @@ def test_dense_matmul_tiles_fill_the_grid():
     assert pick_matmul_config(2048, 151936, "q4") == pick_matmul_config(8192, 151936, "q4")
 
 
+def test_dense_matmul_splits_narrow_matrices():
+    """Given k, up to SPLIT_MAX_ROWS rows a narrow matrix (qkv, o_proj) splits its reduction until the grid has
+    SPLIT_PROGRAMS programs or a split would keep fewer than SPLIT_MIN_INPUTS inputs, with a tile as tall as the rows;
+    a wide one (the lm_head), a short k and more rows keep the unsplit rule."""
+    from tiered.kernels.quant_grouped import (SPLIT_MAX_ROWS, SPLIT_MIN_INPUTS, SPLIT_PROGRAMS,
+                                              pick_matmul_config)
+
+    for n, k in ((5120, 2048), (2048, 4096)):
+        for rows in (2, 8, 16, 33, 64, 128, 256):
+            c = pick_matmul_config(rows, n, "q4", k)
+            programs = -(-n // c.block_n) * -(-rows // c.block_m)
+            assert c.split > 1 and c.block_m == min(128, max(16, 1 << (rows - 1).bit_length())), (n, rows, c)
+            assert k // c.split >= SPLIT_MIN_INPUTS
+            assert programs * c.split >= SPLIT_PROGRAMS or k // (2 * c.split) < SPLIT_MIN_INPUTS, (n, rows, c)
+            assert programs * c.split // 2 < SPLIT_PROGRAMS, (n, rows, c)  # the fewest splits that do
+    assert pick_matmul_config(8, 2048, "q4", 4096).split == 8 and pick_matmul_config(128, 5120, "q4", 2048).split == 4
+    for rows in (8, 256):
+        assert pick_matmul_config(rows, 151936, "q4", 2048) == pick_matmul_config(rows, 151936, "q4")
+    assert pick_matmul_config(64, 2048, "q4", 512) == pick_matmul_config(64, 2048, "q4")  # k too short to split
+    assert pick_matmul_config(SPLIT_MAX_ROWS + 1, 2048, "q4", 4096).split == 1
+
+
 def test_block_k_rules():
     """A step lies inside one group, spans whole groups, or the row is one group; nibble formats step >= 32."""
     W = _pool("q4", 1, 8, 130, device="cpu")

@@ -351,17 +351,35 @@ def qmatmul_ok(x: Tensor, w: QuantWeight, *, interpret: bool = False) -> bool:
 _MATMUL_TILES = ((256, 128, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4), (32, 64, 4, 4), (16, 32, 2, 4))
 MATMUL_MIN_PROGRAMS = 128  # about one wave of the H200's 132 multiprocessors
 SUM_BLOCK = 1024  # outputs a program of the split-K sum adds
+SPLIT_MAX_ROWS = 256  # up to this many rows pick_matmul_config splits the reduction of a narrow matrix
+SPLIT_PROGRAMS = 256  # ... until the grid has this many programs (about two a multiprocessor)
+SPLIT_MIN_INPUTS = 512  # ... keeping at least this many inputs (8 steps of 64) in each split
 
 
-def pick_matmul_config(rows: int, n: int, fmt: str) -> GroupedConfig:
-    """Tiles for one dense [n, K] matrix at `rows` rows: the largest tile no taller than the rows need whose grid
-    still has MATMUL_MIN_PROGRAMS programs, else the smallest (up to 16 rows: always the smallest). Larger tiles
-    dequantize each weight tile for more rows; smaller ones keep the multiprocessors busy on a narrow matrix. In
-    call C (from which the rule was read, so in-sample) it picks the fastest of the 14 tiles at 9 of the 12
-    (matrix, rows) points and is within 15% at the others. The experts' per-expert choice it replaces gave o_proj
-    at 128 rows 16 programs: 69.1 us against 35.2 now (qkv at 128 rows 35.1 against 27.4, o_proj at 512 68.6
-    against 49.3). `fmt` does not change the choice: every format's group allows a 64-input step.
+def pick_matmul_config(rows: int, n: int, fmt: str, k: int | None = None) -> GroupedConfig:
+    """Tiles for one dense [n, k] matrix at `rows` rows.
+
+    Up to SPLIT_MAX_ROWS rows of a narrow matrix: a tile as tall as the rows (16 to 128) and 64 outputs wide, with
+    the reduction split over the fewest programs (a power of two) that give SPLIT_PROGRAMS programs, each keeping at
+    least SPLIT_MIN_INPUTS inputs; where that needs no split (a wide matrix such as the lm_head, or k short; k None:
+    never), the rule below. Session 25's call A swept 7 tiles x splits 1-8 at 8-256 rows of the
+    10.6B qkv (5120 x 2048) and o_proj (2048 x 4096): this rule's pick is the fastest or within 6% of it at all 12
+    points (o_proj at 128 rows 18.4 us against 31.4 without a split, qkv at 8 rows 11.4 against 14.0).
+    Else: the largest tile no taller than the rows need whose grid still has MATMUL_MIN_PROGRAMS programs, else the
+    smallest. Larger tiles dequantize each weight tile for more rows; smaller ones keep the multiprocessors busy on
+    a narrow matrix. Session 24's call C read that rule at 512 and 2,048 rows (in-sample: the fastest of 14 tiles
+    at 9 of 12 points, within 15% at the others; out of sample in call D 0.87-1.0 of the best). `fmt` does not
+    change the choice: every format's group allows a 64-input step.
     """
+    if rows <= SPLIT_MAX_ROWS and k is not None:
+        bm = min(128, max(16, triton.next_power_of_2(rows)))
+        programs = triton.cdiv(n, 64) * triton.cdiv(rows, bm)
+        split = 1
+        while split * programs < SPLIT_PROGRAMS and 2 * split * SPLIT_MIN_INPUTS <= k:
+            split *= 2
+        if split > 1:
+            return GroupedConfig(block_m=bm, block_n=64, block_k=64, warps=4, stages=3 if bm == 128 else 4,
+                                 split=split)
     tall = max(16, triton.next_power_of_2(rows))
     fits = [t for t in _MATMUL_TILES if t[0] <= tall] if rows > 16 else [_MATMUL_TILES[-1]]
     for bm, bn, wp, st in fits:
@@ -379,7 +397,7 @@ def quant_matmul(x: Tensor, w: QuantWeight, config: GroupedConfig | None = None)
     T = x.shape[0]
     if x.stride(-1) != 1:
         x = x.contiguous()
-    cfg = config or pick_matmul_config(T, n, w.fmt)
+    cfg = config or pick_matmul_config(T, n, w.fmt, k)
     geo = _geometry(w, cfg.block_k)
     bk = geo["BLOCK_K"]
     ksplit = triton.cdiv(triton.cdiv(k, cfg.split), bk) * bk  # inputs a split, whole steps
