@@ -39,8 +39,9 @@ The expert kernels follow moe_decode.py: grid (F blocks, T*K) for gate/up, (D bl
 slots are a device tensor and the grid depends only on T, K and the shapes, so CUDA graphs capture them.
 With SPLIT = 1 each output is summed by one program in a fixed order (deterministic).
 Without CUDA (or Triton) the reference path runs: the model dequantizes one expert or one matrix at a time.
-For more rows than MAX_ROWS (prefill) on CUDA, qlinear takes quant_grouped.quant_matmul (tiles dequantized
-in registers) and the experts moe_gpu's grouped kernels (quant_grouped.QuantGroupedMoE).
+For more rows than MAX_ROWS (batches, prefill) on CUDA, qlinear takes quant_grouped.quant_matmul (tiles dequantized
+in registers; the GEMV's grid gives each row its own programs, which read the matrix again) and the experts above
+moe_gpu.DECODE_MAX_T tokens moe_gpu's grouped kernels (quant_grouped.QuantGroupedMoE).
 
 Kernels are decorated on first use (`_kernels()`): Triton picks compiled or interpreted code when a function
 is decorated, so a CPU test may switch TRITON_INTERPRET on before its first launch.
@@ -72,7 +73,12 @@ from tiered.kernels.pdl import (gdc_enter, l2_prefetch, l2_prefetch_enabled, lau
                                 preload_enabled)
 
 FUSED_FORMATS = {"q8": 0, "q4": 1, "mxfp4": 2, "fp8": 3}  # the kernels' FMT (4: fp8 decoded from bits)
-MAX_ROWS = 16  # above this many rows qlinear takes the tiled GEMM (quant_grouped.quant_matmul)
+# above this many rows qlinear takes the tiled GEMM (quant_grouped.quant_matmul, split-K for narrow matrices). Session
+# 25 call B, us at 1 / 2 / 3 / 4 / 8 / 16 rows, the GEMV against the GEMM: qkv 6.1 / 9.4 / 12.1 / 14.3 / 23.5 / 42.3
+# against 11.3 / 11.1 / 11.5 / 11.4 / 11.3 / 11.5; o_proj 9.1 / 9.6 / 10.0 / 11.2 / 18.3 / 32.4 against 10.5 / 10.7 /
+# 10.7 / 10.3 / 10.5 / 10.5; lm_head 59.3 / 116.6 / 165.2 / 222.6 / 427 (call A) / 847 against 144.0 / 146.7 / 147.5 /
+# 146.8 / 147.4 / 143.7. Until session 25 it was 16.
+MAX_ROWS = 2
 DEQUANT_ROWS = 2048  # from this many rows a dense copy, then cuBLAS (quant_dequant.dequant_matmul; q4, q8)
 DEQUANT_ROWS_ENV = "TIERED_DEQUANT_ROWS"  # a benchmark knob: another threshold (0: never)
 
