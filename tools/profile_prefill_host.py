@@ -12,9 +12,13 @@ import argparse
 import cProfile
 import io
 import pstats
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main() -> None:
