@@ -426,6 +426,7 @@ class Engine:
         self.stats: dict[str, Any] = {}
         self.load_s: float | None = None  # set by load(): seconds from the call to a ready model (no capture)
         self.capture_s = 0.0  # seconds spent capturing CUDA graphs (at load, or before a generate's clock)
+        self.prefill_chunk = PREFILL_CHUNK  # tokens per prefill forward (store/options.py)
 
     def capture_graphs(self) -> float:
         """Capture every CUDA graph the one-token steps may replay, now: all span buckets with SDPA, a
@@ -527,14 +528,15 @@ class Engine:
     def logits(self, token_ids: str | Sequence[int] | Tensor) -> Tensor:
         """Teacher-forced logits [T, V] (float32, on the engine's device) of a whole sequence from position 0."""
         ids = self._ids(token_ids)
-        outs = [self.model.forward(ids[a:a + PREFILL_CHUNK], a, all_logits=True).float()
-                for a in range(0, ids.numel(), PREFILL_CHUNK)]
+        n = self.prefill_chunk
+        outs = [self.model.forward(ids[a:a + n], a, all_logits=True).float() for a in range(0, ids.numel(), n)]
         return torch.cat(outs)
 
     def _prefill(self, ids: Tensor) -> Tensor:
         out = None
-        for a in range(0, ids.numel(), PREFILL_CHUNK):
-            out = self.model.forward(ids[a:a + PREFILL_CHUNK], a)
+        n = self.prefill_chunk
+        for a in range(0, ids.numel(), n):
+            out = self.model.forward(ids[a:a + n], a)
         return out  # [1, V]
 
     def _whole_step_graphs(self) -> bool:

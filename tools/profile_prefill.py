@@ -7,6 +7,7 @@ device time).
 
     python3 tools/profile_prefill.py -m LAYOUT --tokens 512,2048,8192
     python3 tools/profile_prefill.py -m LAYOUT --tokens 512 --top 30 --json     # also $OUT/profile-prefill.json
+    python3 tools/profile_prefill.py -m LAYOUT --tokens 4000 --chunks 512,2048,4096 --no-profile  # the chunk's effect
 
 The last stdout line is one JSON object: per length, the warm prefill tok/s (median of --repeats), the profiled
 run's wall ms, kernel ms (sum over kernels; streams that overlap count twice), launches, and the top kernels.
@@ -40,17 +41,23 @@ def _kernel_table(prof) -> tuple[collections.Counter, collections.Counter]:
     return n, us
 
 
-def profile_length(eng, vocab: int, tokens: int, repeats: int, top: int) -> dict:
-    """The warm prefill rate of a `tokens`-long prompt, and one profiled prefill of it."""
+def profile_length(eng, vocab: int, tokens: int, repeats: int, top: int, profiled: bool = True) -> dict:
+    """The warm prefill rate of a `tokens`-long prompt (each run synchronised), and one profiled prefill of it."""
     from torch.profiler import ProfilerActivity, profile
 
     g = torch.Generator().manual_seed(tokens)
     prompt = torch.randint(10, vocab - 10, (tokens,), generator=g).tolist()
     rates = []
+    ids = torch.tensor(prompt, device=eng.device)
     for _ in range(repeats + 1):  # the first run compiles and is dropped
-        out = eng.generate(prompt, max_new_tokens=1, stop_at_eos=False)
-        rates.append(out.stats["prefill_tok_s"])
-    torch.cuda.synchronize()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            eng._prefill(ids)
+        torch.cuda.synchronize()
+        rates.append(tokens / (time.perf_counter() - t0))
+    if not profiled:
+        return {"tokens": tokens, "prefill_tok_s_warm": statistics.median(rates[1:]), "runs": rates[1:]}
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
         eng.generate(prompt, max_new_tokens=1, stop_at_eos=False)
@@ -70,6 +77,9 @@ def main() -> None:
     ap.add_argument("--tokens", default="512,2048", help="prompt lengths, comma-separated")
     ap.add_argument("--repeats", type=int, default=3, help="warm prefills timed per length (median)")
     ap.add_argument("--top", type=int, default=20, help="kernels listed per length")
+    ap.add_argument("--chunks", default="", help="prefill chunks (Engine.prefill_chunk) to run each length at, "
+                                                 "comma-separated (default: the engine's)")
+    ap.add_argument("--no-profile", action="store_true", help="only the warm rates (no profiled run)")
     ap.add_argument("--json", action="store_true", help="also write $OUT/profile-prefill.json")
     a = ap.parse_args()
     if not torch.cuda.is_available():
@@ -81,13 +91,20 @@ def main() -> None:
     vocab = eng.model.config.vocab_size
     res: dict = {"layout": a.model, "device": torch.cuda.get_device_name(), "commit": git_commit(),
                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "lengths": []}
-    for t in lengths:
-        r = profile_length(eng, vocab, t, a.repeats, a.top)
-        res["lengths"].append(r)
-        print(f"\n== {t} tokens: warm {r['prefill_tok_s_warm']:,.0f} tok/s; profiled run {r['profiled_wall_ms']:.2f} ms "
-              f"wall, {r['kernel_ms']:.2f} ms of kernels ({r['kernel_share']:.0%}), {r['launches']} launches")
-        for k in r["top"]:
-            print(f"   {k['kernel'][:96]:<96} {k['launches']:>5} {k['ms']:>8.3f} ms")
+    for chunk in [int(c) for c in a.chunks.split(",") if c] or [eng.prefill_chunk]:
+        eng.prefill_chunk = chunk
+        for t in lengths:
+            r = profile_length(eng, vocab, t, a.repeats, a.top, profiled=not a.no_profile)
+            r["chunk"] = chunk
+            res["lengths"].append(r)
+            print(f"\n== {t} tokens, chunk {chunk}: warm {r['prefill_tok_s_warm']:,.0f} tok/s", end="")
+            if a.no_profile:
+                print(f" {[round(x) for x in r['runs']]}")
+                continue
+            print(f"; profiled run {r['profiled_wall_ms']:.2f} ms wall, {r['kernel_ms']:.2f} ms of kernels "
+                  f"({r['kernel_share']:.0%}), {r['launches']} launches")
+            for k in r["top"]:
+                print(f"   {k['kernel'][:96]:<96} {k['launches']:>5} {k['ms']:>8.3f} ms")
     print(write_out(res, "profile-prefill.json") if a.json else json.dumps(res))
 
 
