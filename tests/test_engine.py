@@ -187,3 +187,56 @@ def test_cuda_graphs_match_eager_decode(reference_layout):
     a = g.generate(prompt, max_new_tokens=150, stop_at_eos=False).token_ids  # crosses the 128-position span
     b = e.generate(prompt, max_new_tokens=150, stop_at_eos=False).token_ids
     assert a == b
+
+
+def test_prefill_chunk_changes_no_result(reference_layout):
+    """The prompt split into chunks of 7 tokens, or read in one chunk longer than it, gives the same logits (within
+    fp32 summation order) and greedy tokens as the default chunk; a chunk is capped at the context."""
+    a = tiered.load(reference_layout, device="cpu", max_context=256)
+    b = tiered.load(reference_layout, device="cpu", max_context=256, prefill_chunk=7)
+    c = tiered.load(reference_layout, device="cpu", max_context=256, prefill_chunk=100_000)
+    assert (a.prefill_chunk, b.prefill_chunk, c.prefill_chunk) == (256, 7, 256)  # 512 capped at 256 positions
+    ids = a.encode("import os\nimport sys\n\ndef main(argv):\n    parser = argparse.ArgumentParser()\n")
+    assert len(ids) > 2 * 7
+    la = a.logits(ids)
+    for e in (b, c):
+        assert torch.allclose(e.logits(ids), la, rtol=1e-4, atol=1e-4)
+        assert e.generate(ids, max_new_tokens=12).token_ids == a.generate(ids, max_new_tokens=12).token_ids
+    with pytest.raises(EngineError, match="prefill_chunk"):
+        tiered.load(reference_layout, device="cpu", prefill_chunk=0)
+
+
+def test_pick_prefill_chunk_rules(monkeypatch):
+    """The chunk without a request: 512 with an expert cache or off CUDA; with every expert resident on CUDA the
+    longest of 4,096, 2,048, ... whose scratch estimate takes at most a tenth of the free memory, never below 512,
+    and never above the context."""
+    from tiered.engine import pick_prefill_chunk
+    from tiered.store.budget import estimate_scratch_bytes
+
+    cfg = tiered.load(None, device="cpu").config
+    kw = dict(cfg=cfg, block_size=1 << 20, dtype=torch.bfloat16)
+    cuda = torch.device("cuda")
+    assert pick_prefill_chunk(None, resident=True, device=torch.device("cpu"), max_context=8192, **kw) == 512
+    assert pick_prefill_chunk(None, resident=False, device=cuda, max_context=8192, **kw) == 512
+    assert pick_prefill_chunk(300, resident=False, device=cuda, max_context=8192, **kw) == 300
+    for free, want in ((1 << 50, 4096), (10 * estimate_scratch_bytes(cfg, 1 << 20, torch.bfloat16, 2048), 2048),
+                       (1 << 20, 512)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, f=free: (f, 1 << 50))
+        assert pick_prefill_chunk(None, resident=True, device=cuda, max_context=8192, **kw) == want, free
+        assert pick_prefill_chunk(None, resident=True, device=cuda, max_context=1000, **kw) == min(want, 1000)
+
+
+@pytest.mark.cuda
+def test_cuda_long_prefill_chunk_matches_512(reference_layout):
+    """On CUDA with every expert resident the default chunk reads a 1,100-token prompt in one forward; its logits
+    and greedy tokens equal those of 512-token chunks (fp32: the grouped experts and SDPA at other row counts differ
+    only by rounding)."""
+    a = tiered.load(reference_layout, device="cuda", dtype="float32", max_context=1200)
+    b = tiered.load(reference_layout, device="cuda", dtype="float32", max_context=1200, prefill_chunk=512)
+    assert a.prefill_chunk == 1200 and b.prefill_chunk == 512
+    text = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(80))
+    ids = a.encode(text)[:1100]
+    assert len(ids) == 1100
+    assert torch.allclose(a.logits(ids), b.logits(ids), rtol=1e-3, atol=1e-3)
+    assert (a.generate(ids, max_new_tokens=16, stop_at_eos=False).token_ids
+            == b.generate(ids, max_new_tokens=16, stop_at_eos=False).token_ids)

@@ -44,7 +44,9 @@ from tiered.predict.prefetch import Prefetcher, prefetcher_for_layout
 from tiered.store.cache import ExpertCache
 from tiered.store.cache import make_provider as make_cache
 from tiered.store.disk import Layout
-from tiered.store.options import BUDGET_KEYS, NON_CACHE_KEYS, PREFILL_CHUNK, BudgetError, TierConfig, default_context
+from tiered.store.budget import estimate_scratch_bytes
+from tiered.store.options import (BUDGET_KEYS, NON_CACHE_KEYS, PREFILL_CHUNK, RESIDENT_PREFILL_CHUNK, BudgetError,
+                                  TierConfig, default_context)
 from tiered.store.provider import ExpertProvider
 from tiered.store.resident import ResidentExperts
 
@@ -129,7 +131,7 @@ def config_with_experts_per_token(cfg: ModelConfig, k: int | None) -> ModelConfi
 
 def make_provider(layout: Any, *, device: torch.device, budget: dict[str, Any] | None,
                   dtype: torch.dtype | None = None, max_context: int | None = None,
-                  state_bytes: int = 0) -> ExpertProvider:
+                  state_bytes: int = 0, prefill_chunk: int = PREFILL_CHUNK) -> ExpertProvider:
     """ResidentExperts when no budget option is set; otherwise the expert cache (store/cache.py)."""
     budget = {k: v for k, v in (budget or {}).items() if v is not None}
     try:
@@ -138,7 +140,32 @@ def make_provider(layout: Any, *, device: torch.device, budget: dict[str, Any] |
         raise EngineError(str(e)) from None
     if not set(budget) - set(NON_CACHE_KEYS):  # --verify applies to resident experts too; the cache options need it
         return ResidentExperts.from_layout(layout, device=device, verify=budget.get("verify", "first-use"))
-    return make_cache(layout, device=device, dtype=dtype, max_context=max_context, state_bytes=state_bytes, **budget)
+    return make_cache(layout, device=device, dtype=dtype, max_context=max_context, state_bytes=state_bytes,
+                      prefill_chunk=prefill_chunk, **budget)
+
+
+def pick_prefill_chunk(requested: int | None, *, resident: bool, device: torch.device, cfg: Any, block_size: int,
+                       dtype: torch.dtype, max_context: int) -> int:
+    """Tokens per prefill forward. A request (>= 1) is kept, capped at max_context. None: PREFILL_CHUNK (512)
+    with an expert cache, whose budget counted that; with every expert resident on CUDA, the longest chunk from
+    RESIDENT_PREFILL_CHUNK (4,096) down, halving, whose scratch estimate (activations and the [H, T, S] scores:
+    store/budget.py) takes at most a tenth of the free GPU memory, and not below PREFILL_CHUNK.
+
+    Why longer: a prefill's host work (Python and launches, about 20 ms a chunk for the 8-layer 10.6B model) is per
+    chunk, and at 512 tokens it is 4-5x the kernels' time. Session 25 call E (H200, the 8-layer 10.6B shape in VRAM,
+    a 4,000-token prompt): q4+q4 39.7k tok/s at 512, 53.8k at 1,024, 130.4k at 2,048, 143.5k at 4,096; bf16 39.1k,
+    94.4k, 124.5k, 188.7k (benchmarks/results/prefill-chunk-2026-12-03-h200-s25.json)."""
+    if requested is not None:
+        if int(requested) < 1:
+            raise EngineError(f"prefill_chunk must be at least 1 token, got {requested}")
+        return min(int(requested), max_context)
+    if not resident or device.type != "cuda":
+        return min(PREFILL_CHUNK, max_context)
+    free = torch.cuda.mem_get_info(device)[0]
+    chunk = RESIDENT_PREFILL_CHUNK
+    while chunk > PREFILL_CHUNK and estimate_scratch_bytes(cfg, block_size, dtype, chunk) > free // 10:
+        chunk //= 2
+    return min(chunk, max_context)
 
 
 def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
@@ -148,7 +175,8 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
          predictor: Predictor | None = None, cuda_graphs: bool = True,
          kernels: bool | None = None, state_bytes: int = 0, revision: str | None = None,
          experts: str = "source", dense: str = "source", experts_per_token: int | None = None,
-         linear_attn: str = "auto", delta_step: str = "auto", glue: bool | None = None) -> "Engine":
+         linear_attn: str = "auto", delta_step: str = "auto", glue: bool | None = None,
+         prefill_chunk: int | None = None) -> "Engine":
     """Open a model for generation.
 
     Args:
@@ -182,6 +210,8 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
         linear_attn: Gated DeltaNet layers' backend for several tokens: "auto" (fla on CUDA when it imports), "fla",
             "torch". delta_step: their one-token step: "auto" (our fused Triton kernels where the Triton kernels
             run), "triton", "fla", "torch" (model/deltanet.py).
+        prefill_chunk: tokens per prefill forward; None = `pick_prefill_chunk`'s choice (longer chunks with every
+            expert resident on CUDA: a prefill's host work is per chunk).
     Returns:
         an Engine (engine.load_s: seconds to load; engine.capture_s: seconds capturing graphs).
     """
@@ -200,7 +230,11 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
                           f"positions (max_position_embeddings): use at most {cfg.max_position_embeddings}")
     dense = layout.dense()
     backend = pick_backend(attn, dev, dt, sinks=any(name.endswith(".sinks") for name in dense))
-    provider = make_provider(layout, device=dev, budget=budget, dtype=dt, max_context=ctx, state_bytes=state_bytes)
+    cached = bool(set(k for k, v in (budget or {}).items() if v is not None) - set(NON_CACHE_KEYS))
+    chunk = pick_prefill_chunk(prefill_chunk, resident=not cached, device=dev, cfg=cfg,
+                               block_size=layout.block_size, dtype=dt, max_context=ctx)
+    provider = make_provider(layout, device=dev, budget=budget, dtype=dt, max_context=ctx, state_bytes=state_bytes,
+                             prefill_chunk=chunk)
     prefetcher = make_prefetcher(layout, provider, budget or {}, predictor=predictor, chain=observer,
                                  chain_hook=prefetch_hook)
     if prefetcher is not None:
@@ -271,6 +305,7 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
                     prefetcher=prefetcher, device_prefetch=(dpf, transitions) if transitions is not None else None,
                     device_evict=dev_evict, device_fill=dev_fill, cpu_box=box,
                     cpu_split=(budget or {}).get("cpu_split") or "off")
+    engine.prefill_chunk = chunk
     engine._sync()
     engine.load_s = time.perf_counter() - t0
     engine.capture_graphs()

@@ -78,7 +78,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="warm prefills timed per length (median)")
     ap.add_argument("--top", type=int, default=20, help="kernels listed per length")
     ap.add_argument("--chunks", default="", help="prefill chunks (Engine.prefill_chunk) to run each length at, "
-                                                 "comma-separated (default: the engine's)")
+                                                 "comma-separated; 0 = the engine's own choice (the default)")
     ap.add_argument("--no-profile", action="store_true", help="only the warm rates (no profiled run)")
     ap.add_argument("--json", action="store_true", help="also write $OUT/profile-prefill.json")
     a = ap.parse_args()
@@ -89,9 +89,10 @@ def main() -> None:
     lengths = [int(t) for t in a.tokens.split(",") if t]
     eng = tiered.load(a.model, device="cuda", dtype="bfloat16", max_context=max(lengths) + 16)
     vocab = eng.model.config.vocab_size
-    res: dict = {"layout": a.model, "device": torch.cuda.get_device_name(), "commit": git_commit(),
+    res: dict = {"layout": a.model, "default_chunk": eng.prefill_chunk, "device": torch.cuda.get_device_name(), "commit": git_commit(),
                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "lengths": []}
-    for chunk in [int(c) for c in a.chunks.split(",") if c] or [eng.prefill_chunk]:
+    default = eng.prefill_chunk
+    for chunk in [int(c) or default for c in a.chunks.split(",") if c] or [default]:
         eng.prefill_chunk = chunk
         for t in lengths:
             r = profile_length(eng, vocab, t, a.repeats, a.top, profiled=not a.no_profile)

@@ -101,6 +101,10 @@ def _summary(s: dict) -> str:
               help="Attention backend: on CUDA our Triton decode kernel when triton imports (one CUDA graph for "
                    "every length), else flash-attn when importable, else PyTorch SDPA (one graph per span); "
                    "SDPA on CPU.")
+@click.option("--prefill-chunk", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Prompt tokens per prefill forward. Longer chunks amortise the host's per-layer work (measured "
+                   "3.6-4.8x on a 4,000-token prompt at 4,096 against 512) and cost activation memory [default: "
+                   "up to 4,096 with every expert resident on CUDA, else 512].")
 @click.option("--chat", is_flag=True, help="Wrap the prompt as a user message in the model's chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Stats as one JSON line, the last line of stderr.")
 @click.option("--no-cuda-graphs", is_flag=True, help="Run the decode step eagerly on CUDA.")
@@ -108,7 +112,7 @@ def _summary(s: dict) -> str:
 @budget_options
 @storage_options
 def run(prompt, model, revision, prompt_file, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, max_context,
-        attn, chat, as_json, no_cuda_graphs, experts, dense, experts_per_token, **flags) -> None:
+        attn, prefill_chunk, chat, as_json, no_cuda_graphs, experts, dense, experts_per_token, **flags) -> None:
     """Continue PROMPT with a model; only the continuation goes to stdout.
 
     \b
@@ -141,7 +145,7 @@ def run(prompt, model, revision, prompt_file, max_new_tokens, temperature, top_k
     try:
         engine = load(model, device=device, dtype=dtype, max_context=max_context, attn=attn, budget=budget,
                       cuda_graphs=not no_cuda_graphs, experts=experts, dense=dense,
-                      experts_per_token=experts_per_token)
+                      experts_per_token=experts_per_token, prefill_chunk=prefill_chunk)
         ids = engine.encode(text, chat=chat)
     except (EngineError, FamilyError, TokenizerError) as e:
         raise _usage(str(e)) from None

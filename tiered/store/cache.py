@@ -32,7 +32,7 @@ from tiered.store.hostmem import HostRegistrar
 from tiered.store.disk import expert_views
 from tiered.store.io import BlockReader, Faults
 from tiered.store.offload import CostModel, CpuExpertCounts, CpuWorker, cpu_threads, slow_link_hint
-from tiered.store.options import BudgetError, TierConfig, default_context, physical_cores
+from tiered.store.options import PREFILL_CHUNK, BudgetError, TierConfig, default_context, physical_cores
 from tiered.store.policy import PREDICTED, ScoredEviction, make_policy
 from tiered.store.provider import HostSlotProvider
 from tiered.store.ram import PinnedPool
@@ -658,10 +658,11 @@ class ExpertCache(HostSlotProvider):
 
 def make_provider(layout: Any, *, device: torch.device | str, dtype: torch.dtype | None = None,
                   max_context: int | None = None, faults: Faults | None = None, quiet: bool = False,
-                  state_bytes: int = 0, **flags: Any) -> ExpertCache:
+                  state_bytes: int = 0, prefill_chunk: int = PREFILL_CHUNK, **flags: Any) -> ExpertCache:
     """The engine's entry point: budget options (TierConfig fields; None = default) -> an ExpertCache; prints the
     plan on stderr. state_bytes: per-row state a batch scheduler will allocate (its paged KV pool), counted with
-    the KV cache inside --vram-gb."""
+    the KV cache inside --vram-gb; prefill_chunk: tokens per prefill forward, whose activations the scratch
+    estimate counts."""
     device = torch.device(device)
     tiers = TierConfig.from_flags(flags)
     cfg = layout.config
@@ -672,7 +673,7 @@ def make_provider(layout: Any, *, device: torch.device | str, dtype: torch.dtype
         gpu_free, gpu_total = torch.cuda.mem_get_info(device)
     plan = plan_budget(cfg, layout.block_size, tiers, device=device,
                        dense_bytes=estimate_dense_bytes(layout, dtype), kv_bytes=estimate_kv_bytes(cfg, ctx, dtype) + state_bytes,
-                       scratch_bytes=estimate_scratch_bytes(cfg, layout.block_size, dtype),
+                       scratch_bytes=estimate_scratch_bytes(cfg, layout.block_size, dtype, prefill_chunk),
                        gpu_total=gpu_total, gpu_free=gpu_free, ram_total=meminfo("MemTotal"),
                        ram_avail=meminfo("MemAvailable"))
     if not quiet:

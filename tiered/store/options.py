@@ -17,6 +17,7 @@ from tiered.store.policy import DEVICE_POLICIES, POLICIES
 
 DEFAULT_CONTEXT = 4096  # KV cache positions when none are asked for (capped by the model's limit)
 PREFILL_CHUNK = 512  # tokens per prefill forward: bounds the [H, T, S] attention scores and expert groups
+RESIDENT_PREFILL_CHUNK = 4096  # the longest chunk engine.pick_prefill_chunk gives a prefill with every expert resident
 
 
 def default_context(cfg: Any, max_context: int | None = None) -> int:
