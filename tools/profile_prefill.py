@@ -89,7 +89,8 @@ def main() -> None:
     lengths = [int(t) for t in a.tokens.split(",") if t]
     eng = tiered.load(a.model, device="cuda", dtype="bfloat16", max_context=max(lengths) + 16)
     vocab = eng.model.config.vocab_size
-    res: dict = {"layout": a.model, "default_chunk": eng.prefill_chunk, "device": torch.cuda.get_device_name(), "commit": git_commit(),
+    res: dict = {"layout": a.model, "default_chunk": eng.prefill_chunk, "device": torch.cuda.get_device_name(),
+                 "commit": git_commit(),
                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "lengths": []}
     default = eng.prefill_chunk
     for chunk in [int(c) or default for c in a.chunks.split(",") if c] or [default]:
