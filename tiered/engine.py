@@ -129,6 +129,12 @@ def config_with_experts_per_token(cfg: ModelConfig, k: int | None) -> ModelConfi
         raise EngineError(str(e)) from None
 
 
+def uses_cache(budget: dict[str, Any] | None) -> bool:
+    """Whether these budget options need the expert cache (any set option but NON_CACHE_KEYS'); else every expert
+    stays resident."""
+    return bool({k for k, v in (budget or {}).items() if v is not None} - set(NON_CACHE_KEYS))
+
+
 def make_provider(layout: Any, *, device: torch.device, budget: dict[str, Any] | None,
                   dtype: torch.dtype | None = None, max_context: int | None = None,
                   state_bytes: int = 0, prefill_chunk: int = PREFILL_CHUNK) -> ExpertProvider:
@@ -138,7 +144,7 @@ def make_provider(layout: Any, *, device: torch.device, budget: dict[str, Any] |
         TierConfig.from_flags(budget)  # unknown keys and bad values, before anything is opened
     except BudgetError as e:
         raise EngineError(str(e)) from None
-    if not set(budget) - set(NON_CACHE_KEYS):  # --verify applies to resident experts too; the cache options need it
+    if not uses_cache(budget):  # --verify applies to resident experts too; the cache options need it
         return ResidentExperts.from_layout(layout, device=device, verify=budget.get("verify", "first-use"))
     return make_cache(layout, device=device, dtype=dtype, max_context=max_context, state_bytes=state_bytes,
                       prefill_chunk=prefill_chunk, **budget)
@@ -230,8 +236,7 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
                           f"positions (max_position_embeddings): use at most {cfg.max_position_embeddings}")
     dense = layout.dense()
     backend = pick_backend(attn, dev, dt, sinks=any(name.endswith(".sinks") for name in dense))
-    cached = bool(set(k for k, v in (budget or {}).items() if v is not None) - set(NON_CACHE_KEYS))
-    chunk = pick_prefill_chunk(prefill_chunk, resident=not cached, device=dev, cfg=cfg,
+    chunk = pick_prefill_chunk(prefill_chunk, resident=not uses_cache(budget), device=dev, cfg=cfg,
                                block_size=layout.block_size, dtype=dt, max_context=ctx)
     provider = make_provider(layout, device=dev, budget=budget, dtype=dt, max_context=ctx, state_bytes=state_bytes,
                              prefill_chunk=chunk)
