@@ -53,6 +53,26 @@ def test_batched_greedy_equals_batch1(engine, reference, max_batch, page_size, p
     assert sch.state.free_pages == sch.state.num_pages  # every page came back
 
 
+def test_model_expert_path_matches_major(engine, reference):
+    """experts='model' (the model's own expert path, the step's distinct experts marked on the device and read
+    once after the lm_head; the CUDA default when every expert is resident) gives the batch-1 greedy tokens and
+    the same per-step expert keys and counts as the expert-major path."""
+    runs = {}
+    for path in ("major", "model"):
+        sch = Scheduler(engine, max_batch=9, page_size=8, prefill_tokens=40, record_keys=True, experts=path)
+        assert sch.step_fn.experts == path
+        reqs = _run(sch, engine, PROMPTS)
+        for r, ref in zip(reqs, reference):
+            assert r.out_ids == ref, f"{path}: row {r.id} differs from batch-1 greedy"
+        runs[path] = sch
+    major, model = runs["major"], runs["model"]
+    assert model.step_keys == major.step_keys and len(model.step_keys) > 5
+    assert all(len(k) == engine.config.num_layers for k in model.step_keys)
+    assert model.distinct_sum == major.distinct_sum == sum(len(k) for s in model.step_keys for k in s)
+    with pytest.raises(ValueError, match="auto, major or model"):
+        Scheduler(engine, max_batch=2, experts="rows")
+
+
 def test_preemption_keeps_greedy_tokens(engine, reference):
     """A pool too small for every row at once: rows are preempted and recomputed, tokens unchanged."""
     sch = Scheduler(engine, max_batch=9, page_size=4, kv_pages=24)

@@ -1,10 +1,13 @@
 """The expert-major step: one forward over every row of a batch, each row on its own pages and slot.
 
 Owns: `Segment` (one row's tokens in a step: a one-token decode or a chunk of its prompt), `BatchStep`
-(the forward: per layer, the token mixer of every row over its per-layer state, the router, every (token, k)
-entry grouped by expert, each distinct expert resolved ONCE per step through the provider, one grouped
-computation per projection, rows scattered back), the decode-attention seam (`paged_decode_attention`,
-plain torch; a Triton kernel with the same signature replaces it on CUDA) and the step's counters.
+(the forward: per layer, the token mixer of every row over its per-layer state, the router, then the experts by
+one of two paths: "major", every (token, k) entry grouped by expert, each distinct expert resolved ONCE per
+step through the provider, one grouped computation per projection, rows scattered back (an expert cache must
+read the routing on the host); or "model", when every expert is resident, the model's own several-token path
+with no host read until the step's end), `model_path_ok`, the decode-attention seam (`paged_decode_attention`,
+plain torch; on CUDA `paged_decode_kernel`, kernels/attention.py's Triton kernel behind the same signature) and
+the step's counters.
 Does not own: which rows run (scheduler.py), page and slot allocation (state.py), the per-layer math (model/:
 project_qkv, mla_project / mla_attend, deltanet / deltanet_rows, the family's router and dense layers).
 
@@ -97,14 +100,22 @@ def paged_decode_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tabl
     return o.reshape(B, H, hd)
 
 
+def paged_decode_kernel(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, seqlens: Tensor,
+                        *, window: int | None = None) -> Tensor:
+    """`paged_decode_attention` through kernels/attention.py's Triton split-K kernel (one query token per row;
+    the lengths read on the device, so a CUDA graph of the step serves every length): q [B, H, hd] -> [B, H, hd]."""
+    from tiered.kernels.attention import decode_attention
+
+    hd = q.shape[-1]
+    return decode_attention(q[:, None], k_pool, v_pool, block_table, seqlens, scale=hd ** -0.5, window=window)[:, 0]
+
+
 def find_decode_kernel(device: torch.device) -> Callable[..., Tensor]:
-    """kattn's Triton kernel on CUDA when this build has it, else the torch reference above."""
-    if device.type == "cuda":
-        try:
-            from tiered.kernels.paged_attention import paged_decode_attention as kernel  # type: ignore
-            return kernel
-        except ImportError:
-            pass
+    """The Triton kernel (`paged_decode_kernel`) on CUDA when Triton is installed, else the torch reference."""
+    from tiered.kernels.attention import triton_available
+
+    if device.type == "cuda" and triton_available(device):
+        return paged_decode_kernel
     return paged_decode_attention
 
 
@@ -117,10 +128,17 @@ class BatchStep:
         decode_attention: "auto" (rows loop on CPU: the same SDPA call per row as batch-1 decode, so batched
             greedy equals batch-1 greedy; the paged kernel/reference on CUDA), "rows" or "paged".
         record_keys: keep each step's per-layer expert keys in `last.keys` (Belady over the run's steps).
+        experts: "auto", "major" or "model". "major" resolves each distinct expert of a layer once through
+            the provider (`_experts`: the layer's routing read on the host, which an expert cache needs to
+            know what to load). "model" runs the model's own several-token expert path (model/moe.py
+            expert_mix: on CUDA the Triton kernels over the provider's `slot_map`, with no host read of the
+            routing); the step's distinct experts are then marked on the device and read once, after the
+            lm_head. "auto": "model" when the kernels run and the provider maps every expert (all resident
+            on the GPU), else "major".
     """
 
     def __init__(self, model: Any, state: StatePool, *, decode_attention: str = "auto",
-                 record_keys: bool = False) -> None:
+                 record_keys: bool = False, experts: str = "auto") -> None:
         self.model = model
         self.state = state
         self.cfg = model.config
@@ -140,6 +158,15 @@ class BatchStep:
         self.grouped_mm = _grouped_mm_fn(self.device)
         self.quant_interpret = False  # tests: the fused quantized-expert kernels through Triton's CPU interpreter
         self._kinds = {ls.kind for ls in state.layers}
+        if experts == "auto":
+            experts = "model" if model.kernels and model_path_ok(model) else "major"
+        if experts not in ("major", "model"):
+            raise ValueError(f"experts must be auto, major or model, got {experts!r}")
+        if experts == "model" and not model_path_ok(model):
+            raise ValueError("experts='model' needs a provider that maps every expert (slot_map: all resident) "
+                             "and experts without biases or a custom activation; use 'major'")
+        self.experts = experts
+        self._used: Tensor | None = None  # [L, E] bool: the experts each layer used in this step ("model")
 
     @torch.inference_mode()
     def forward(self, segs: list[Segment]) -> Tensor:
@@ -169,6 +196,10 @@ class BatchStep:
         plan = self._plan(segs, offs)
         plan.update(flat=flat, cos=cos, sin=sin)
         self.last = StepCounts(rows=len(segs), tokens=T)
+        if self.experts == "model":
+            if self._used is None or self._used.device != dev:
+                self._used = torch.zeros(len(m.layers), cfg.num_experts, dtype=torch.bool, device=dev)
+            self._used.zero_()
         h = F.embedding(tokens, m.embed)  # [T, D]
         delta = None  # the previous layer's MLP/MoE output: its residual add is fused with this layer's first norm
         for l, lw in enumerate(m.layers):
@@ -190,6 +221,10 @@ class BatchStep:
                     ri, rw = s.routing(l, s.start, len(s.tokens))
                     ids[a:a + len(s.tokens)] = ri.to(dev)
                     wts[a:a + len(s.tokens)] = rw.to(dev)
+            if self.experts == "model":  # the model's expert path (routed + shared), no host read of ids
+                self._used[l].index_fill_(0, ids.reshape(-1), True)
+                delta = m.experts_out(l, Routed(h, x, None, ids, wts))
+                continue
             wc = wts if m.fp32_route_weights else wts.to(x.dtype)
             out = self._experts(x, ids, wc, l, lw.moe.act)
             if lw.moe.shared_gate is not None:
@@ -197,10 +232,29 @@ class BatchStep:
             delta = out
         last = [offs[i + 1] - 1 for i, s in enumerate(segs) if s.want_logits]
         if not last:
-            return h.new_zeros((0, m.lm_head.shape[0]))
-        rows = torch.tensor(last, dtype=torch.int64, device=dev)
-        hl, dl = h.index_select(0, rows), None if delta is None else delta.index_select(0, rows)
-        return linear(m.add_norm(hl, dl, m.final_norm)[1], m.lm_head)  # [R, V]
+            logits = h.new_zeros((0, m.lm_head.shape[0]))
+        else:
+            rows = torch.tensor(last, dtype=torch.int64, device=dev)
+            hl, dl = h.index_select(0, rows), None if delta is None else delta.index_select(0, rows)
+            logits = linear(m.add_norm(hl, dl, m.final_norm)[1], m.lm_head)  # [R, V]
+        if self.experts == "model":
+            self._count_used()
+        return logits
+
+    def _count_used(self) -> None:
+        """The step's distinct experts (and keys) from the device marks: one host read per step."""
+        c, E = self.last, self.cfg.num_experts
+        moe = [l for l, lw in enumerate(self.model.layers) if lw.moe is not None]
+        if self.record_keys:
+            keys = self._used.flatten().nonzero().flatten().tolist()  # layer * E + e, ascending
+            per: dict[int, list[int]] = {l: [] for l in moe}
+            for k in keys:
+                per[k // E].append(k)
+            c.keys = [per[l] for l in moe]
+            c.distinct_experts = len(keys)
+        else:
+            c.distinct_experts = int(self._used.sum())
+        c.provider_calls = len(moe)
 
     # --- per-step plan ---
     def _plan(self, segs: list[Segment], offs: list[int]) -> dict:
@@ -476,6 +530,21 @@ class BatchStep:
             y.index_copy_(0, idx, self.grouped_mm(F.silu(g) * u, W.down[lo:hi].transpose(1, 2), offs=offs))
             a = b
         return y
+
+
+def model_path_ok(model: Any) -> bool:
+    """Whether the model's own several-token expert path can serve a step without a host read of the routing:
+    the provider maps every expert (`slot_map`) and the experts are plain SwiGLU without biases (quantized
+    pools: in a format the grouped kernels read)."""
+    from tiered.model import moe_gpu
+
+    prov = model.provider
+    W = getattr(prov, "weights", None)
+    if not hasattr(prov, "slot_map") or W is None or getattr(W, "gate_bias", None) is not None:
+        return False
+    if any(lw.moe is not None and lw.moe.act is not None for lw in model.layers):
+        return False
+    return not isinstance(W.gate, QuantWeight) or not model.kernels or moe_gpu.quant_kernels_ok(W)
 
 
 def _grouped_mm_fn(device: torch.device) -> Callable[..., Tensor] | None:

@@ -112,12 +112,13 @@ class Scheduler:
         prefill_tokens: prompt tokens per step at most (chunks of new prompts ride the decode steps).
         record_keys: keep each step's per-layer expert keys (benchmarks: Belady over the run).
         decode_attention: BatchStep's choice ("auto", "rows", "paged").
+        experts: BatchStep's expert path ("auto", "major", "model").
         kv_pages: the page count itself (wins over kv_gb; tests).
     """
 
     def __init__(self, engine: Any, *, max_batch: int = 8, kv_gb: float | None = None, page_size: int = 16,
                  max_queue: int = 256, prefill_tokens: int = 256, record_keys: bool = False,
-                 decode_attention: str = "auto", kv_pages: int | None = None) -> None:
+                 decode_attention: str = "auto", kv_pages: int | None = None, experts: str = "auto") -> None:
         if max_batch < 1:
             raise RequestError(f"--max-batch must be >= 1, got {max_batch}")
         self.engine = engine
@@ -135,7 +136,8 @@ class Scheduler:
             pages = pool_pages(opts, cfg, self.max_context, dt)
         self.state = StatePool(cfg, num_pages=max(1, pages), page_size=page_size, device=self.model.device, dtype=dt,
                                num_slots=pool_slots(opts, cfg))
-        self.step_fn = BatchStep(self.model, self.state, record_keys=record_keys, decode_attention=decode_attention)
+        self.step_fn = BatchStep(self.model, self.state, record_keys=record_keys, decode_attention=decode_attention,
+                                 experts=experts)
         self.eos = set(cfg.eos_token_ids)
         self._lock = threading.Lock()
         self.waiting: collections.deque[Request] = collections.deque()
