@@ -158,10 +158,18 @@ def slots_for(lay: Layout, vram_gb: float, kv_pages: int, ctx: int, prefill_toke
     return max(0, room // lay.block_size), brk
 
 
-def run_b(engine, B: int, prompts: list, new: int, routings: list | None, kv_pages: int, prefill: int) -> dict:
+PATHS = {  # --paths: the batch step's expert path and whether decode-only steps replay CUDA graphs
+    "graphs": dict(experts="auto", cuda_graphs=True),  # the default: graphs when every expert is resident
+    "model": dict(experts="auto", cuda_graphs=False),  # the model's expert path, eager steps
+    "major": dict(experts="major", cuda_graphs=False),  # the expert-major path (the routing read per layer)
+}
+
+
+def run_b(engine, B: int, prompts: list, new: int, routings: list | None, kv_pages: int, prefill: int,
+          path: str = "graphs") -> dict:
     """One batch job of B rows; per-step times, keys and own misses of the decode steps."""
     sch = Scheduler(engine, max_batch=B, kv_pages=kv_pages, page_size=PAGE, prefill_tokens=prefill, max_queue=B + 1,
-                    record_keys=True)
+                    record_keys=True, **PATHS[path])
     prov = engine.model.provider
 
     def submit(n_new: int) -> list:
@@ -189,7 +197,8 @@ def run_b(engine, B: int, prompts: list, new: int, routings: list | None, kv_pag
            "distinct_experts_per_step": st["distinct_experts_per_step"],
            "bytes_per_generated_token": st["bytes_per_generated_token"], "steps": st["steps"],
            "step_s_median": statistics.median(sch.step_times[i] for i in dec) if dec else None,
-           "tokens": st["tokens_generated"], "hit_rate": (st.get("decode") or {}).get("hit_rate")}
+           "tokens": st["tokens_generated"], "hit_rate": (st.get("decode") or {}).get("hit_rate"),
+           "path": path, "experts_path": st["experts_path"], "cuda_graphs": st["cuda_graphs"]}
     n0 = len(warm_keys)
     out["_keys"] = warm_keys + sch.step_keys
     out["_rows"] = [0] * n0 + sch.step_rows
@@ -247,6 +256,10 @@ def main() -> None:
     ap.add_argument("--prefill-tokens", type=int, default=2048, help="prompt tokens per step")
     ap.add_argument("--text", type=Path, default=Path("/work/shared/text"), help="folder with fit/ and eval/")
     ap.add_argument("--routing", default="own,replay")
+    ap.add_argument("--paths", default="graphs",
+                    help="vram phase: comma list of step paths (graphs: the default, decode-only steps from CUDA "
+                         "graphs; model: the same expert path, eager; major: the expert-major path); results of "
+                         "the first go under vram[routing], the others under vram_paths[path][routing]")
     ap.add_argument("--layout", type=Path, default=None,
                     help="an existing layout of the model (e.g. bench_peers.py's /root/peers/layout): no build")
     ap.add_argument("--llama-json", type=Path, default=None,
@@ -306,13 +319,26 @@ def main() -> None:
                       experts_per_token=a.experts_per_token)
         log(f"{phase}: loaded in {time.perf_counter() - t0:.1f} s")
         out: dict = {}
+        paths = [x for x in a.paths.split(",") if x] if phase == "vram" else ["graphs"]
+        bad = [x for x in paths if x not in PATHS]
+        if bad:
+            raise SystemExit(f"unknown --paths {bad}: choose from {sorted(PATHS)}")
+        for path in paths[1:]:  # the other paths first, so the default's figures come from the same warm process
+            other = res.setdefault("vram_paths", {}).setdefault(path, {})
+            for mode in modes:
+                other[mode] = {}
+                for B in batches:
+                    r = run_b(engine, B, prompts, a.new_tokens, rows if mode == "replay" else None, kv_pages,
+                              a.prefill_tokens, path)
+                    log(f"{phase} {path} {mode} B={B}: {r['tok_s']:.1f} tok/s")
+                    other[mode][str(B)] = public(r)
         for mode in modes:
             runs = []
             for B in batches:
                 t0 = time.perf_counter()
                 r = run_b(engine, B, prompts, a.new_tokens, rows if mode == "replay" else None, kv_pages,
-                          a.prefill_tokens)
-                log(f"{phase} {mode} B={B}: {r['tok_s']:.1f} tok/s ({time.perf_counter() - t0:.1f} s)")
+                          a.prefill_tokens, paths[0])
+                log(f"{phase} {paths[0]} {mode} B={B}: {r['tok_s']:.1f} tok/s ({time.perf_counter() - t0:.1f} s)")
                 if phase == "offload":
                     comp = (res.get("vram", {}).get(mode, {}).get(str(B)) or {}).get("step_s_median")
                     if comp is None:

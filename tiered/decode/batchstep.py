@@ -79,10 +79,11 @@ class StepCounts:
 
 def paged_decode_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, seqlens: Tensor,
                            *, window: int | None = None) -> Tensor:
-    """One query token per row over its pages (torch reference; kattn's Triton kernel has this signature).
+    """One query token per row over its pages (torch reference; `paged_decode_kernel` has this signature).
 
     q [B, H, hd], k_pool / v_pool [N, P, KV, hd], block_table [B, maxp] int32 (page ids; unused entries any
-    valid id), seqlens [B] int32 (tokens in each row's state, this token included) -> [B, H, hd].
+    valid id), seqlens [B] int32 (tokens in each row's state, this token included; 0 = a padding row, whose
+    output is zeros) -> [B, H, hd].
     """
     B, H, hd = q.shape
     N, P, KV, _ = k_pool.shape
@@ -97,6 +98,7 @@ def paged_decode_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tabl
         ok &= s[None, :] > seqlens[:, None].long() - 1 - window
     qg = q.view(B, KV, G, hd)  # query head h uses kv head h // G
     o = F.scaled_dot_product_attention(qg, k, v, attn_mask=ok[:, None, None, :], scale=hd ** -0.5)  # [B, KV, G, hd]
+    o = o.masked_fill((seqlens == 0)[:, None, None, None], 0.0)  # padding rows (no keys): zeros, as the kernel
     return o.reshape(B, H, hd)
 
 
@@ -166,7 +168,7 @@ class BatchStep:
             raise ValueError("experts='model' needs a provider that maps every expert (slot_map: all resident) "
                              "and experts without biases or a custom activation; use 'major'")
         self.experts = experts
-        self._used: Tensor | None = None  # [L, E] bool: the experts each layer used in this step ("model")
+        self._used: Tensor | None = None  # [L, E + 1] bool: the experts each layer used in a step (used_marks)
 
     @torch.inference_mode()
     def forward(self, segs: list[Segment]) -> Tensor:
@@ -197,10 +199,33 @@ class BatchStep:
         plan.update(flat=flat, cos=cos, sin=sin)
         self.last = StepCounts(rows=len(segs), tokens=T)
         if self.experts == "model":
-            if self._used is None or self._used.device != dev:
-                self._used = torch.zeros(len(m.layers), cfg.num_experts, dtype=torch.bool, device=dev)
-            self._used.zero_()
-        h = F.embedding(tokens, m.embed)  # [T, D]
+            self.used_marks().zero_()
+        h, delta = self.layers(F.embedding(tokens, m.embed), plan, segs, offs)  # [T, D] each
+        last = [offs[i + 1] - 1 for i, s in enumerate(segs) if s.want_logits]
+        if not last:
+            logits = h.new_zeros((0, m.lm_head.shape[0]))
+        else:
+            rows = torch.tensor(last, dtype=torch.int64, device=dev)
+            hl, dl = h.index_select(0, rows), None if delta is None else delta.index_select(0, rows)
+            logits = linear(m.add_norm(hl, dl, m.final_norm)[1], m.lm_head)  # [R, V]
+        if self.experts == "model":
+            self._count_used()
+        return logits
+
+    def used_marks(self) -> Tensor:
+        """[L, E + 1] bool on the device: the experts each layer used in this step ("model" path; column E
+        collects the padding rows of a graphed step, which `valid` sends there, and is never counted)."""
+        if self._used is None:
+            self._used = torch.zeros(len(self.model.layers), self.cfg.num_experts + 1, dtype=torch.bool,
+                                     device=self.device)
+        return self._used
+
+    def layers(self, h: Tensor, plan: dict, segs: list[Segment] | None, offs: list[int] | None) -> tuple[Tensor, Tensor | None]:
+        """Every layer over the step's tokens: h [T, D] embedded -> (h, delta), the residual stream entering the
+        final norm and the last layer's MLP/MoE output (added there). segs / offs None: a graphed decode-only
+        step (decode/batchgraph.py), whose plan holds device buffers only: every row decodes, none has a routing
+        override, and plan["valid"] [T] bool marks the real rows."""
+        m, st, dev = self.model, self.state, self.device
         delta = None  # the previous layer's MLP/MoE output: its residual add is fused with this layer's first norm
         for l, lw in enumerate(m.layers):
             h, x = m.add_norm(h, delta, lw.attn_norm)
@@ -216,13 +241,15 @@ class BatchStep:
                 delta = m.experts_out(l, Routed(h, x, None, None, None))
                 continue
             _, ids, wts = m._route_own(l, x, None)  # the family's rule: [T, K] int64, [T, K] fp32
-            for s, a in zip(segs, offs):
+            for s, a in zip(segs or (), offs or ()):
                 if s.routing is not None:
                     ri, rw = s.routing(l, s.start, len(s.tokens))
                     ids[a:a + len(s.tokens)] = ri.to(dev)
                     wts[a:a + len(s.tokens)] = rw.to(dev)
             if self.experts == "model":  # the model's expert path (routed + shared), no host read of ids
-                self._used[l].index_fill_(0, ids.reshape(-1), True)
+                valid = plan.get("valid")
+                marks = ids if valid is None else ids.masked_fill(~valid[:, None], self.cfg.num_experts)
+                self._used[l].index_fill_(0, marks.reshape(-1), True)
                 delta = m.experts_out(l, Routed(h, x, None, ids, wts))
                 continue
             wc = wts if m.fp32_route_weights else wts.to(x.dtype)
@@ -230,30 +257,22 @@ class BatchStep:
             if lw.moe.shared_gate is not None:
                 out = add_shared_expert(out, x, lw.moe, fused=m.kernels and lw.moe.act is None)
             delta = out
-        last = [offs[i + 1] - 1 for i, s in enumerate(segs) if s.want_logits]
-        if not last:
-            logits = h.new_zeros((0, m.lm_head.shape[0]))
-        else:
-            rows = torch.tensor(last, dtype=torch.int64, device=dev)
-            hl, dl = h.index_select(0, rows), None if delta is None else delta.index_select(0, rows)
-            logits = linear(m.add_norm(hl, dl, m.final_norm)[1], m.lm_head)  # [R, V]
-        if self.experts == "model":
-            self._count_used()
-        return logits
+        return h, delta
 
     def _count_used(self) -> None:
         """The step's distinct experts (and keys) from the device marks: one host read per step."""
         c, E = self.last, self.cfg.num_experts
         moe = [l for l, lw in enumerate(self.model.layers) if lw.moe is not None]
         if self.record_keys:
-            keys = self._used.flatten().nonzero().flatten().tolist()  # layer * E + e, ascending
+            nz = self._used[:, :E].nonzero().tolist()  # (layer, e), ascending
             per: dict[int, list[int]] = {l: [] for l in moe}
-            for k in keys:
-                per[k // E].append(k)
+            for l, e in nz:
+                per[l].append(l * E + e)
+            keys = nz
             c.keys = [per[l] for l in moe]
             c.distinct_experts = len(keys)
         else:
-            c.distinct_experts = int(self._used.sum())
+            c.distinct_experts = int(self._used[:, :E].sum())
         c.provider_calls = len(moe)
 
     # --- per-step plan ---
@@ -275,6 +294,7 @@ class BatchStep:
                 plan["bt"] = torch.tensor(bt, dtype=torch.int32).to(dev, non_blocking=True)
                 plan["seqlens"] = torch.tensor([s.start + 1 for s in rows], dtype=torch.int32).to(dev, non_blocking=True)
                 plan["rows"] = torch.tensor([offs[i] for i in plan["decode"]], dtype=torch.int64).to(dev, non_blocking=True)
+                plan["all_decode"] = len(plan["decode"]) == len(segs)
         if "kv" in kinds:
             G = self.cfg.num_heads // self.cfg.num_kv_heads
             plan["row"] = {i: self._row_plan(segs[i], G, self.cfg.sliding_window) for i in plan["other"]}
@@ -326,6 +346,9 @@ class BatchStep:
     def _attend(self, q: Tensor, ls: LayerState, segs: list[Segment], offs: list[int], plan: dict) -> Tensor:
         """q [T, H, hd] -> attention output [T, H*hd], each row over its own pages (K/V already written)."""
         T, H, hd = q.shape
+        if plan.get("all_decode"):  # every row is one decoding token: the kernel's rows are the step's rows
+            return self.decode_kernel(q, ls.k, ls.v, plan["bt"], plan["seqlens"],
+                                      window=self.cfg.sliding_window).reshape(T, H * hd)
         out = q.new_empty((T, H * hd))
         if plan["decode"]:
             o = self.decode_kernel(q.index_select(0, plan["rows"]), ls.k, ls.v, plan["bt"], plan["seqlens"],

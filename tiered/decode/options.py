@@ -25,6 +25,9 @@ class BatchConfig:
     page_size: int = _opt(16, "Tokens per K/V page", ("min", 1))
     max_queue: int = _opt(256, "Requests waiting for a row at most (the server answers 503 beyond it)", ("min", 1))
     prefill_tokens: int = _opt(256, "Prompt tokens per step at most (prompt chunks ride the decode steps)", ("min", 1))
+    no_cuda_graphs: bool = _opt(False, "Run every step eagerly: no CUDA graphs of the decode-only steps (taken on "
+                                        "CUDA when every expert is resident and the model has attention layers "
+                                        "only)", "flag")
 
     def __post_init__(self) -> None:
         if self.kv_gb is not None and not self.kv_gb > 0:

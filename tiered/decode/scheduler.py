@@ -113,12 +113,15 @@ class Scheduler:
         record_keys: keep each step's per-layer expert keys (benchmarks: Belady over the run).
         decode_attention: BatchStep's choice ("auto", "rows", "paged").
         experts: BatchStep's expert path ("auto", "major", "model").
+        cuda_graphs: replay decode-only steps from CUDA graphs (decode/batchgraph.py) when the step allows it:
+            CUDA, every expert resident (experts "model"), attention layers only; other steps run eagerly.
         kv_pages: the page count itself (wins over kv_gb; tests).
     """
 
     def __init__(self, engine: Any, *, max_batch: int = 8, kv_gb: float | None = None, page_size: int = 16,
                  max_queue: int = 256, prefill_tokens: int = 256, record_keys: bool = False,
-                 decode_attention: str = "auto", kv_pages: int | None = None, experts: str = "auto") -> None:
+                 decode_attention: str = "auto", kv_pages: int | None = None, experts: str = "auto",
+                 cuda_graphs: bool = True) -> None:
         if max_batch < 1:
             raise RequestError(f"--max-batch must be >= 1, got {max_batch}")
         self.engine = engine
@@ -138,6 +141,12 @@ class Scheduler:
                                num_slots=pool_slots(opts, cfg))
         self.step_fn = BatchStep(self.model, self.state, record_keys=record_keys, decode_attention=decode_attention,
                                  experts=experts)
+        self.graphs = None  # BatchGraphs of the decode-only steps, when they can be graphed
+        if cuda_graphs and self.model.device.type == "cuda":
+            from tiered.decode.batchgraph import BatchGraphs, unsupported
+
+            if unsupported(self.step_fn) is None:
+                self.graphs = BatchGraphs(self.step_fn)
         self.eos = set(cfg.eos_token_ids)
         self._lock = threading.Lock()
         self.waiting: collections.deque[Request] = collections.deque()
@@ -148,6 +157,7 @@ class Scheduler:
 
     @classmethod
     def from_config(cls, engine: Any, config: BatchConfig, **kw: Any) -> "Scheduler":
+        kw.setdefault("cuda_graphs", not config.no_cuda_graphs)
         return cls(engine, max_batch=config.max_batch, kv_gb=config.kv_gb, page_size=config.page_size,
                    max_queue=config.max_queue, prefill_tokens=config.prefill_tokens, **kw)
 
@@ -213,7 +223,9 @@ class Scheduler:
         prefill = any(len(s.tokens) > 1 for s in segs)
         if set_phase is not None:
             set_phase("prefill" if prefill else "decode")
-        logits = self.step_fn.forward(segs)
+        logits = self.graphs.run(segs) if self.graphs is not None and self.graphs.eligible(segs) else None
+        if logits is None:
+            logits = self.step_fn.forward(segs)
         for r, s in zip(rows, segs):
             if not s.want_logits:  # a prompt chunk short of the end: its K/V are in, nothing to sample
                 r.cached += len(s.tokens)
@@ -425,6 +437,7 @@ class Scheduler:
             "state_slots": self.state.num_slots, "slot_bytes": self.state.slot_bytes,
             "page_bytes": self.state.page_bytes,
             "device": str(self.model.device), "dtype": str(self.model.dtype).removeprefix("torch."),
-            "decode_attention": self.step_fn.decode_attention,
+            "decode_attention": self.step_fn.decode_attention, "experts_path": self.step_fn.experts,
+            "cuda_graphs": self.graphs.stats() if self.graphs is not None else None,
         })
         return s

@@ -219,6 +219,11 @@ class StatePool:
         out = [self._free.pop() for _ in range(n)]
         return out
 
+    def peek_free_page(self) -> int | None:
+        """A free page's id without taking it (None when every page is taken): a graphed step's padding rows
+        store their K/V there, which no row reads (decode/batchgraph.py)."""
+        return self._free[-1] if self._free else None
+
     def free(self, pages: list[int]) -> None:
         """Return pages to the pool (a double free is a bug: asserted)."""
         assert len(set(pages)) == len(pages) and not set(pages) & set(self._free), f"double free of pages {pages}"
