@@ -179,8 +179,14 @@ def run_b(engine, B: int, prompts: list, new: int, routings: list | None, kv_pag
     submit(4)
     sch.run_until_idle()  # warm-up: kernels, allocator, the cache's first fills
     reqs = submit(new)
-    while any(not r.out_ids for r in reqs):
+    sync = torch.cuda.synchronize if engine.model.device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    while any(not r.out_ids for r in reqs):  # the prompts (each row's first token comes from its last chunk)
         sch.step()
+    sync()
+    prefill_s = time.perf_counter() - t0
+    prompt_tokens = sum(len(r.prompt_ids) for r in reqs)
     if hasattr(prov, "reset_stats"):
         prov.reset_stats()
     warm_keys = list(sch.step_keys)  # Belady sees the warm-up and prefill steps too (uncounted), as the cache did
@@ -198,7 +204,11 @@ def run_b(engine, B: int, prompts: list, new: int, routings: list | None, kv_pag
            "bytes_per_generated_token": st["bytes_per_generated_token"], "steps": st["steps"],
            "step_s_median": statistics.median(sch.step_times[i] for i in dec) if dec else None,
            "tokens": st["tokens_generated"], "hit_rate": (st.get("decode") or {}).get("hit_rate"),
-           "path": path, "experts_path": st["experts_path"], "cuda_graphs": st["cuda_graphs"]}
+           "path": path, "experts_path": st["experts_path"], "cuda_graphs": st["cuda_graphs"],
+           "prefill_tokens_per_step": st["prefill_tokens"], "prefill_attention": st["prefill_attention"],
+           "prefill_s": prefill_s, "prefill_tok_s": prompt_tokens / prefill_s,
+           # llama-batched-bench's S: every prompt token and every generated token over the time of both phases
+           "s_tok_s": (prompt_tokens + B + st["tokens_generated"]) / (prefill_s + st["decode_s"])}
     n0 = len(warm_keys)
     out["_keys"] = warm_keys + sch.step_keys
     out["_rows"] = [0] * n0 + sch.step_rows
@@ -253,7 +263,9 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--vram-gb", type=float, default=4.0)
-    ap.add_argument("--prefill-tokens", type=int, default=2048, help="prompt tokens per step")
+    ap.add_argument("--prefill-tokens", type=int, default=None,
+                    help="prompt tokens per step (default: the scheduler's, 2048 with every expert resident on CUDA, "
+                         "else 256)")
     ap.add_argument("--text", type=Path, default=Path("/work/shared/text"), help="folder with fit/ and eval/")
     ap.add_argument("--routing", default="own,replay")
     ap.add_argument("--paths", default="graphs",
@@ -305,6 +317,7 @@ def main() -> None:
             continue
         budget = None
         if phase == "offload":
+            a.prefill_tokens = a.prefill_tokens or 2048  # the offload figures of earlier sessions used 2048
             slots, brk = slots_for(lay, a.vram_gb, kv_pages, ctx, a.prefill_tokens, max(batches))
             if a.small:
                 slots = max(cfg.top_k, cfg.num_layers * cfg.num_experts // 4)

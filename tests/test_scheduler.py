@@ -35,14 +35,18 @@ def _run(sch: Scheduler, engine, prompts, max_tokens=20, **kw) -> list[Request]:
     return reqs
 
 
-@pytest.mark.parametrize("max_batch,page_size,prefill_tokens,attn", [(9, 16, 256, "rows"), (4, 4, 7, "rows"),
-                                                                      (3, 5, 3, "rows"), (9, 4, 256, "paged")])
-def test_batched_greedy_equals_batch1(engine, reference, max_batch, page_size, prefill_tokens, attn):
+@pytest.mark.parametrize("max_batch,page_size,prefill_tokens,attn,prefill_attn",
+                         [(9, 16, 256, "rows", "rows"), (4, 4, 7, "rows", "rows"), (3, 5, 3, "rows", "rows"),
+                          (9, 4, 256, "paged", "rows"), (9, 4, 256, "paged", "batched"),
+                          (5, 4, 13, "paged", "batched")])
+def test_batched_greedy_equals_batch1(engine, reference, max_batch, page_size, prefill_tokens, attn, prefill_attn):
     """fp32 reference model: each of 9 rows of different lengths gets exactly the batch-1 greedy tokens,
-    whether all rows run together or join as others finish, with prompts prefilled in odd chunks, and with
-    the decode rows' attention in one paged call (the CUDA default) instead of row by row."""
+    whether all rows run together or join as others finish, with prompts prefilled in odd chunks, with the
+    decode rows' attention in one paged call (the CUDA default) instead of row by row, and with the fresh
+    prompts' chunks attended together under one block-diagonal mask (the CUDA default)."""
     sch = Scheduler(engine, max_batch=max_batch, page_size=page_size, prefill_tokens=prefill_tokens,
-                    decode_attention=attn)
+                    decode_attention=attn, prefill_attention=prefill_attn)
+    assert sch.step_fn.prefill_attention == prefill_attn
     reqs = _run(sch, engine, PROMPTS)
     for r, ref in zip(reqs, reference):
         assert r.out_ids == ref, f"row {r.id} ({PROMPTS[int(r.id)]!r}) differs from batch-1 greedy"

@@ -53,6 +53,7 @@ from tiered.store.provider import HostSlotProvider
 MAX_GROUPS = 1024  # torch's grouped_mm refuses more groups per call
 QUANT_ROWS = 16  # quantized experts with at most this many rows in a step take the fused kernels (each row reads
 #                 its expert: decode); experts with more (prefill) are dequantized once and multiplied
+FRESH_TOKENS = 2048  # fresh prompt rows (start 0) share one masked attention call up to this many tokens in all
 RowRouting = Callable[[int, int, int], tuple[Tensor, Tensor]]  # (layer, start, T) -> ids [T, K], weights [T, K]
 
 
@@ -137,10 +138,15 @@ class BatchStep:
             routing); the step's distinct experts are then marked on the device and read once, after the
             lm_head. "auto": "model" when the kernels run and the provider maps every expert (all resident
             on the GPU), else "major".
+        prefill_attention: "auto" (batched on CUDA, rows on CPU), "rows" (each prompt chunk its own SDPA call
+            over its gathered pages: the single-sequence call, so CPU batches equal batch-1 bit for bit) or
+            "batched" (the chunks of fresh prompts, start 0, in groups of up to FRESH_TOKENS tokens, one SDPA call
+            per group with a block-diagonal causal mask over the step's own K/V: one call where a step of many
+            short prompts made one per row and layer).
     """
 
     def __init__(self, model: Any, state: StatePool, *, decode_attention: str = "auto",
-                 record_keys: bool = False, experts: str = "auto") -> None:
+                 record_keys: bool = False, experts: str = "auto", prefill_attention: str = "auto") -> None:
         self.model = model
         self.state = state
         self.cfg = model.config
@@ -154,6 +160,11 @@ class BatchStep:
         if decode_attention not in ("rows", "paged"):
             raise ValueError(f"decode_attention must be auto, rows or paged, got {decode_attention!r}")
         self.decode_attention = decode_attention
+        if prefill_attention == "auto":
+            prefill_attention = "batched" if self.device.type == "cuda" else "rows"
+        if prefill_attention not in ("rows", "batched"):
+            raise ValueError(f"prefill_attention must be auto, rows or batched, got {prefill_attention!r}")
+        self.prefill_attention = prefill_attention
         self.decode_kernel = find_decode_kernel(self.device)
         self.record_keys = record_keys
         self.last = StepCounts()
@@ -297,7 +308,8 @@ class BatchStep:
                 plan["all_decode"] = len(plan["decode"]) == len(segs)
         if "kv" in kinds:
             G = self.cfg.num_heads // self.cfg.num_kv_heads
-            plan["row"] = {i: self._row_plan(segs[i], G, self.cfg.sliding_window) for i in plan["other"]}
+            plan["fresh"], plan["other_kv"] = self._fresh_groups(segs, offs, plan["other"])
+            plan["row"] = {i: self._row_plan(segs[i], G, self.cfg.sliding_window) for i in plan["other_kv"]}
         if "latent" in kinds:
             plan["mla_other"] = plan["other"]
             plan["mla_row"] = {i: self._row_plan(segs[i], 1, None) for i in plan["other"]}
@@ -309,6 +321,42 @@ class BatchStep:
                 plan["rec_rows"] = torch.tensor([offs[i] for i in one], dtype=torch.int64).to(dev, non_blocking=True)
                 plan["rec_slots"] = torch.tensor([segs[i].slot for i in one], dtype=torch.int64).to(dev, non_blocking=True)
         return plan
+
+    def _fresh_groups(self, segs: list[Segment], offs: list[int],
+                      other: list[int]) -> tuple[list[tuple[Tensor, Tensor]], list[int]]:
+        """prefill_attention "batched": the fresh prompt rows (start 0: nothing before this step) of `other` in
+        groups of at most FRESH_TOKENS tokens, each (token rows [n] int64, mask [n, n] bool: same row, causal,
+        within the window), and the rows left to the per-row path (other rows, lone fresh rows)."""
+        if self.prefill_attention != "batched":
+            return [], other
+        fresh = [i for i in other if segs[i].start == 0 and 1 < len(segs[i].tokens) <= FRESH_TOKENS]
+        groups: list[list[int]] = []
+        n = FRESH_TOKENS + 1
+        for i in fresh:
+            t = len(segs[i].tokens)
+            if n + t > FRESH_TOKENS:
+                groups.append([])
+                n = 0
+            groups[-1].append(i)
+            n += t
+        groups = [g for g in groups if len(g) > 1]
+        batched = {i for g in groups for i in g}
+        out = []
+        W = self.cfg.sliding_window
+        for g in groups:
+            idx, rid, pos = [], [], []
+            for j, i in enumerate(g):
+                t = len(segs[i].tokens)
+                idx.extend(range(offs[i], offs[i] + t))
+                rid.extend([j] * t)
+                pos.extend(range(t))
+            rid_t = torch.tensor(rid).to(self.device, non_blocking=True)
+            pos_t = torch.tensor(pos).to(self.device, non_blocking=True)
+            ok = (rid_t[:, None] == rid_t[None, :]) & (pos_t[None, :] <= pos_t[:, None])
+            if W is not None:
+                ok &= pos_t[None, :] > pos_t[:, None] - W
+            out.append((torch.tensor(idx, dtype=torch.int64).to(self.device, non_blocking=True), ok))
+        return out, [i for i in other if i not in batched]
 
     def _row_plan(self, s: Segment, groups: int, window: int | None) -> tuple[Tensor, int, int, Tensor | None]:
         """A row's page ids, the span [lo, end) it reads and its mask (None for one query): the same for
@@ -354,10 +402,25 @@ class BatchStep:
             o = self.decode_kernel(q.index_select(0, plan["rows"]), ls.k, ls.v, plan["bt"], plan["seqlens"],
                                    window=self.cfg.sliding_window)  # [B, H, hd]
             out.index_copy_(0, plan["rows"], o.reshape(-1, H * hd))
-        for i in plan["other"]:
+        for idx, ok in plan["fresh"]:
+            out.index_copy_(0, idx, self._attend_fresh(q.index_select(0, idx), ls, plan["flat"].index_select(0, idx),
+                                                       ok))
+        for i in plan["other_kv"]:
             a, b = offs[i], offs[i + 1]
             out[a:b] = self._attend_row(q[a:b], ls, *plan["row"][i])
         return out
+
+    def _attend_fresh(self, q: Tensor, ls: LayerState, flat: Tensor, ok: Tensor) -> Tensor:
+        """Fresh prompt rows together: q [n, H, hd] over their own K/V (read back from the pages at `flat` [n]),
+        ok [n, n] (same row, causal) -> [n, H*hd]."""
+        n, H, hd = q.shape
+        N, P, KV, _ = ls.k.shape
+        k = ls.k.view(N * P, KV, hd).index_select(0, flat).transpose(0, 1)  # [KV, n, hd]
+        v = ls.v.view(N * P, KV, hd).index_select(0, flat).transpose(0, 1)
+        if H != KV:  # query head h reads KV head h // G
+            k, v = k.repeat_interleave(H // KV, 0), v.repeat_interleave(H // KV, 0)
+        o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], attn_mask=ok, scale=hd ** -0.5)
+        return o[0].transpose(0, 1).reshape(n, H * hd)
 
     def _attend_row(self, q: Tensor, ls: LayerState, pages: Tensor, lo: int, end: int, mask: Tensor | None) -> Tensor:
         """One row's queries q [t, H, hd] at positions end-t..end-1 over its pages -> [t, H*hd].

@@ -10,6 +10,10 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 
+PREFILL_TOKENS = 256  # prompt tokens per step with an expert cache (or on CPU)
+RESIDENT_PREFILL_TOKENS = 2048  # ... with every expert resident on CUDA (the model's expert path)
+
+
 def _opt(default: Any, help: str, kind: Any = None) -> Any:
     """A BatchConfig field with its command-line description (cli/options.py builds the click option from it)."""
     return field(default=default, metadata={"help": help, "kind": kind})
@@ -24,7 +28,9 @@ class BatchConfig:
                                      "[default: max-batch full contexts, at most 2]")
     page_size: int = _opt(16, "Tokens per K/V page", ("min", 1))
     max_queue: int = _opt(256, "Requests waiting for a row at most (the server answers 503 beyond it)", ("min", 1))
-    prefill_tokens: int = _opt(256, "Prompt tokens per step at most (prompt chunks ride the decode steps)", ("min", 1))
+    prefill_tokens: int | None = _opt(None, "Prompt tokens per step at most (prompt chunks ride the decode steps) "
+                                            "[default: 2048 when every expert is resident on CUDA, else 256]",
+                                      ("min", 1))
     no_cuda_graphs: bool = _opt(False, "Run every step eagerly: no CUDA graphs of the decode-only steps (taken on "
                                         "CUDA when every expert is resident and the model has attention layers "
                                         "only)", "flag")

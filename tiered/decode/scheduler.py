@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from tiered.decode.batchstep import BatchStep, RowRouting, Segment
-from tiered.decode.options import BatchConfig
+from tiered.decode.options import PREFILL_TOKENS, RESIDENT_PREFILL_TOKENS, BatchConfig
 from tiered.decode.state import StatePool, pool_pages, pool_slots
 from tiered.decode.sampling import Sampling, SamplingError, check_sampling, sample
 from tiered.layout.tokenizer import StreamDecoder
@@ -109,19 +109,23 @@ class Scheduler:
             capped at 2 GiB. On CUDA it is part of --vram-gb.
         page_size: tokens per page.
         max_queue: waiting requests at most (submit raises QueueFull beyond it).
-        prefill_tokens: prompt tokens per step at most (chunks of new prompts ride the decode steps).
+        prefill_tokens: prompt tokens per step at most (chunks of new prompts ride the decode steps); None =
+            RESIDENT_PREFILL_TOKENS when the step takes the model's expert path on CUDA (every expert resident:
+            a step's host work is paid once for more tokens), else PREFILL_TOKENS (an expert cache's scratch and
+            the decode rows' wait stay small).
         record_keys: keep each step's per-layer expert keys (benchmarks: Belady over the run).
         decode_attention: BatchStep's choice ("auto", "rows", "paged").
         experts: BatchStep's expert path ("auto", "major", "model").
+        prefill_attention: BatchStep's attention of prompt chunks ("auto", "rows", "batched").
         cuda_graphs: replay decode-only steps from CUDA graphs (decode/batchgraph.py) when the step allows it:
             CUDA, every expert resident (experts "model"), attention layers only; other steps run eagerly.
         kv_pages: the page count itself (wins over kv_gb; tests).
     """
 
     def __init__(self, engine: Any, *, max_batch: int = 8, kv_gb: float | None = None, page_size: int = 16,
-                 max_queue: int = 256, prefill_tokens: int = 256, record_keys: bool = False,
+                 max_queue: int = 256, prefill_tokens: int | None = None, record_keys: bool = False,
                  decode_attention: str = "auto", kv_pages: int | None = None, experts: str = "auto",
-                 cuda_graphs: bool = True) -> None:
+                 cuda_graphs: bool = True, prefill_attention: str = "auto") -> None:
         if max_batch < 1:
             raise RequestError(f"--max-batch must be >= 1, got {max_batch}")
         self.engine = engine
@@ -130,7 +134,6 @@ class Scheduler:
         self.tokenizer = engine.tokenizer
         self.max_batch = max_batch
         self.max_queue = max_queue
-        self.prefill_tokens = max(1, prefill_tokens)
         self.max_context = engine.max_context
         cfg, dt = self.config, self.model.dtype
         opts = BatchConfig(max_batch=max_batch, kv_gb=kv_gb, page_size=page_size)
@@ -140,7 +143,11 @@ class Scheduler:
         self.state = StatePool(cfg, num_pages=max(1, pages), page_size=page_size, device=self.model.device, dtype=dt,
                                num_slots=pool_slots(opts, cfg))
         self.step_fn = BatchStep(self.model, self.state, record_keys=record_keys, decode_attention=decode_attention,
-                                 experts=experts)
+                                 experts=experts, prefill_attention=prefill_attention)
+        if prefill_tokens is None:
+            resident = self.step_fn.experts == "model" and self.model.device.type == "cuda"
+            prefill_tokens = RESIDENT_PREFILL_TOKENS if resident else PREFILL_TOKENS
+        self.prefill_tokens = max(1, int(prefill_tokens))
         self.graphs = None  # BatchGraphs of the decode-only steps, when they can be graphed
         if cuda_graphs and self.model.device.type == "cuda":
             from tiered.decode.batchgraph import BatchGraphs, unsupported
@@ -438,6 +445,7 @@ class Scheduler:
             "page_bytes": self.state.page_bytes,
             "device": str(self.model.device), "dtype": str(self.model.dtype).removeprefix("torch."),
             "decode_attention": self.step_fn.decode_attention, "experts_path": self.step_fn.experts,
+            "prefill_attention": self.step_fn.prefill_attention, "prefill_tokens": self.prefill_tokens,
             "cuda_graphs": self.graphs.stats() if self.graphs is not None else None,
         })
         return s
