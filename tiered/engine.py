@@ -27,6 +27,7 @@ from tiered.decode.devstep import CPU_CONTENTION, DeviceStep, cpu_split
 from tiered.kernels import slot_table as slot_table_kernels
 from tiered.store.devtable import DeviceSlotTable
 from tiered.decode.graphed import GraphedDecode
+from tiered.decode.graphedprefill import GraphedPrefill
 from tiered.decode.piecewise import GraphCaptureError, PiecewiseDecode
 from tiered.decode.sampling import Sampling, SamplingError, check_sampling, sample
 from tiered.layout.config import ModelConfig
@@ -444,6 +445,9 @@ class Engine:
         # Resident experts, no observer, no routing override: the whole step in one graph per span.
         self.graphed = (GraphedDecode(model) if cuda_graphs and resident and model.observer is None
                         and model.routing is None else None)
+        # With the whole step graphed, a prompt's first chunk too (a bucket's second use captures it).
+        self.prefill_graphs = (GraphedPrefill(model, max_tokens=model.max_context)
+                               if self.graphed is not None and model.prefill_graphable else None)
         # A provider whose get() needs the routing on the host: L+1 graphs per span, host routing between.
         self.pieces: PiecewiseDecode | None = None
         # The expert cache with its slot table on the device: the whole step in one graph per span.
@@ -575,6 +579,10 @@ class Engine:
     def _prefill(self, ids: Tensor) -> Tensor:
         out = None
         n = self.prefill_chunk
+        if self.prefill_graphs is not None and ids.numel() <= n:  # one chunk: from its bucket's graph if captured
+            out = self.prefill_graphs.run(ids)
+            if out is not None:
+                return out
         for a in range(0, ids.numel(), n):
             out = self.model.forward(ids[a:a + n], a)
         return out  # [1, V]
@@ -751,6 +759,7 @@ class Engine:
             "attention": self.model.attn, "linear_attention": self.model.linear_attn,
             "delta_step": self.model.delta_step,
             "cuda_graphs": self.decode_mode != "eager",
+            "prefill_graphs": self.prefill_graphs.stats() if self.prefill_graphs is not None else None,
             "decode_graphs": self.decode_mode, "expert_kernels": "triton" if self.model.kernels else "torch",
             "glue_kernels": "triton" if self.model.glue else "torch",
             "max_context": self.max_context, "family": self.config.family,

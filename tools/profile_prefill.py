@@ -8,6 +8,7 @@ device time).
     python3 tools/profile_prefill.py -m LAYOUT --tokens 512,2048,8192
     python3 tools/profile_prefill.py -m LAYOUT --tokens 512 --top 30 --json     # also $OUT/profile-prefill.json
     python3 tools/profile_prefill.py -m LAYOUT --tokens 4000 --chunks 512,2048,4096 --no-profile  # the chunk's effect
+    python3 tools/profile_prefill.py -m LAYOUT --tokens 64,512 --modes graphs,eager --no-profile --repeats 5
 
 The last stdout line is one JSON object: per length, the warm prefill tok/s (median of --repeats), the profiled
 run's wall ms, kernel ms (sum over kernels; streams that overlap count twice), launches, and the top kernels.
@@ -57,7 +58,8 @@ def profile_length(eng, vocab: int, tokens: int, repeats: int, top: int, profile
         torch.cuda.synchronize()
         rates.append(tokens / (time.perf_counter() - t0))
     if not profiled:
-        return {"tokens": tokens, "prefill_tok_s_warm": statistics.median(rates[1:]), "runs": rates[1:]}
+        return {"tokens": tokens, "prefill_tok_s_warm": statistics.median(rates[1:]), "runs": rates[1:],
+                "first_run_tok_s": rates[0]}
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
         eng.generate(prompt, max_new_tokens=1, stop_at_eos=False)
@@ -81,6 +83,9 @@ def main() -> None:
                                                  "comma-separated; 0 = the engine's own choice (the default)")
     ap.add_argument("--no-profile", action="store_true", help="only the warm rates (no profiled run)")
     ap.add_argument("--json", action="store_true", help="also write $OUT/profile-prefill.json")
+    ap.add_argument("--modes", default="graphs",
+                    help="comma list: graphs (the engine as loaded: a single-chunk prompt's bucket is captured on "
+                         "its second prefill and replayed after), eager (the prefill graphs off)")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("profile_prefill needs CUDA: the CPU has no device time to split from the host's")
@@ -93,13 +98,20 @@ def main() -> None:
                  "commit": git_commit(),
                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "lengths": []}
     default = eng.prefill_chunk
-    for chunk in [int(c) or default for c in a.chunks.split(",") if c] or [default]:
+    graphs = eng.prefill_graphs
+    for mode, chunk in [(m, int(c) or default) for m in a.modes.split(",") if m
+                        for c in (a.chunks.split(",") if a.chunks else ["0"]) if c]:
+        if mode not in ("graphs", "eager"):
+            sys.exit(f"--modes: graphs or eager, not {mode!r}")
         eng.prefill_chunk = chunk
+        eng.prefill_graphs = graphs if mode == "graphs" else None
         for t in lengths:
             r = profile_length(eng, vocab, t, a.repeats, a.top, profiled=not a.no_profile)
-            r["chunk"] = chunk
+            r["chunk"], r["mode"] = chunk, mode
+            if mode == "graphs":
+                r["prefill_graphs"] = graphs.stats() if graphs is not None else None
             res["lengths"].append(r)
-            print(f"\n== {t} tokens, chunk {chunk}: warm {r['prefill_tok_s_warm']:,.0f} tok/s", end="")
+            print(f"\n== {t} tokens, chunk {chunk}, {mode}: warm {r['prefill_tok_s_warm']:,.0f} tok/s", end="")
             if a.no_profile:
                 print(f" {[round(x) for x in r['runs']]}")
                 continue

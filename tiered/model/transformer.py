@@ -534,6 +534,33 @@ class Transformer:
         return self._run(token, self.static_plan(pos, span), False)
 
 
+    # --- graph-capturable first prompt chunk ---
+    @property
+    def prefill_graphable(self) -> bool:
+        """Whether `prefill_static` may run in a CUDA graph with padding: every layer's state is addressed by
+        position (attention only: a DeltaNet state or MLA's own path would take the padding in), one attention
+        window for all layers, no observer and no routing override (a replay skips them)."""
+        c = self.config
+        return (not c.num_linear_layers and not c.num_mla_layers and not self.mixed_windows
+                and self._observer is None and self._routing is None)
+
+    def prefill_static(self, tokens: Tensor, last: Tensor) -> Tensor:
+        """tokens [T] int64 at positions 0..T-1 (a fresh sequence), last [1] int64 on the device -> the logits
+        [1, V] of position `last`. Every shape depends on T only, so one CUDA graph per T serves every prompt
+        of at most T tokens, padded after its last token: causal attention keeps the padding out of the
+        positions before it, and the K/V it stores past the prompt are rewritten by the decode steps before
+        any of them reads there (decode/graphedprefill.py)."""
+        plan = plan_eager(self.rope, 0, tokens.shape[0], groups=self.groups, window=self.config.sliding_window,
+                          paged=self.attn == "triton")
+        h = F.embedding(tokens, self.embed)  # [T, D]
+        delta = None
+        for l in range(len(self.layers)):
+            r = self.attend_route(l, h, plan, delta)
+            h, delta = r.h, self.experts_out(l, r)
+        h, delta = h.index_select(0, last), None if delta is None else delta.index_select(0, last)
+        return linear(self.add_norm(h, delta, self.final_norm)[1], self.lm_head)
+
+
 def span_for(pos: int, max_context: int) -> int:
     """The attended span of a one-token SDPA step at `pos`: a power of two >= 128, capped at max_context."""
     return min(max_context, max(128, 1 << math.ceil(math.log2(pos + 1))))
