@@ -162,6 +162,7 @@ PATHS = {  # --paths: the batch step's expert path and whether decode-only steps
     "graphs": dict(experts="auto", cuda_graphs=True),  # the default: graphs when every expert is resident
     "model": dict(experts="auto", cuda_graphs=False),  # the model's expert path, eager steps
     "major": dict(experts="major", cuda_graphs=False),  # the expert-major path (the routing read per layer)
+    "rowattn": dict(experts="auto", cuda_graphs=True, prefill_attention="rows"),  # prompts attended row by row
 }
 
 
@@ -270,7 +271,8 @@ def main() -> None:
     ap.add_argument("--routing", default="own,replay")
     ap.add_argument("--paths", default="graphs",
                     help="vram phase: comma list of step paths (graphs: the default, decode-only steps from CUDA "
-                         "graphs; model: the same expert path, eager; major: the expert-major path); results of "
+                         "graphs; model: the same expert path, eager; major: the expert-major path; rowattn: graphs "
+                         "with each prompt chunk attended on its own); results of "
                          "the first go under vram[routing], the others under vram_paths[path][routing]")
     ap.add_argument("--layout", type=Path, default=None,
                     help="an existing layout of the model (e.g. bench_peers.py's /root/peers/layout): no build")
@@ -343,7 +345,8 @@ def main() -> None:
                 for B in batches:
                     r = run_b(engine, B, prompts, a.new_tokens, rows if mode == "replay" else None, kv_pages,
                               a.prefill_tokens, path)
-                    log(f"{phase} {path} {mode} B={B}: {r['tok_s']:.1f} tok/s")
+                    log(f"{phase} {path} {mode} B={B}: {r['tok_s']:.1f} tok/s, prompts {r['prefill_tok_s']:.0f} tok/s, "
+                        f"S {r['s_tok_s']:.0f} tok/s")
                     other[mode][str(B)] = public(r)
         for mode in modes:
             runs = []
@@ -351,7 +354,8 @@ def main() -> None:
                 t0 = time.perf_counter()
                 r = run_b(engine, B, prompts, a.new_tokens, rows if mode == "replay" else None, kv_pages,
                           a.prefill_tokens, paths[0])
-                log(f"{phase} {paths[0]} {mode} B={B}: {r['tok_s']:.1f} tok/s ({time.perf_counter() - t0:.1f} s)")
+                log(f"{phase} {paths[0]} {mode} B={B}: {r['tok_s']:.1f} tok/s, prompts {r['prefill_tok_s']:.0f} tok/s, "
+                    f"S {r['s_tok_s']:.0f} tok/s ({time.perf_counter() - t0:.1f} s)")
                 if phase == "offload":
                     comp = (res.get("vram", {}).get(mode, {}).get(str(B)) or {}).get("step_s_median")
                     if comp is None:
