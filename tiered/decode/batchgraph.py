@@ -84,6 +84,7 @@ class BatchGraphs:
             return False
         return bucket_for(len(segs)) not in self.failed
 
+    @torch.inference_mode()
     def run(self, segs: list[Segment]) -> Tensor | None:
         """The step's logits [B, V] (a view of the bucket's static buffer: read it before the next step), or
         None when no graph can run it (the caller runs it eagerly): padding needs a free page and none is, or

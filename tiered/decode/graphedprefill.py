@@ -72,6 +72,7 @@ class GraphedPrefill:
         self.graph_mem_bytes = 0
         self.replays = 0
 
+    @torch.inference_mode()
     def run(self, ids: Tensor) -> Tensor | None:
         """ids [n] int64 on the device, a fresh sequence's prompt -> the logits [1, V] of its last token (a
         static buffer when replayed: read it before the next prefill), or None: the caller prefills eagerly
