@@ -231,7 +231,8 @@ class BatchStep:
                                      device=self.device)
         return self._used
 
-    def layers(self, h: Tensor, plan: dict, segs: list[Segment] | None, offs: list[int] | None) -> tuple[Tensor, Tensor | None]:
+    def layers(self, h: Tensor, plan: dict, segs: list[Segment] | None,
+               offs: list[int] | None) -> tuple[Tensor, Tensor | None]:
         """Every layer over the step's tokens: h [T, D] embedded -> (h, delta), the residual stream entering the
         final norm and the last layer's MLP/MoE output (added there). segs / offs None: a graphed decode-only
         step (decode/batchgraph.py), whose plan holds device buffers only: every row decodes, none has a routing
