@@ -4,7 +4,7 @@ Owns: `BatchGraphs` (the static input buffers of each bucket, its captured step 
 steps a graph may run), `run` (fill the buffers, capture on a bucket's first step, replay), what capturing
 cost, and the buckets that could not be captured) and `bucket_for` (rows -> the bucket's row count).
 A step whose rows all decode one token runs with every shape fixed by its bucket: the tokens, positions, K/V
-store places, block tables [bucket, max_context / page] and lengths are copied into the bucket's buffers, the
+store places, lengths and block tables [bucket, max_context / page] go into the bucket's buffer in one copy, the
 paged decode kernel reads the lengths on the device, the experts take the model's own path over the
 resident pool (BatchStep experts="model": no host read), and padding rows (token 0 at position 0, length 0:
 zero attention, a K/V store into a free page, routing marks sent to the uncounted column) fill the bucket.
@@ -15,14 +15,15 @@ Legend: B rows of the step, Bb its bucket, MP pages per row (max_context / page 
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from tiered.decode.batchstep import BatchStep, Segment, StepCounts
+from tiered.decode.capture import capture
 from tiered.kernels.quant_moe import qlinear as linear
 
 SMALL = 16  # up to this many rows the buckets are powers of two; above it, multiples of STEP
@@ -41,12 +42,8 @@ def bucket_for(rows: int) -> int:
 
 @dataclass
 class _Bucket:
-    tokens: Tensor  # [Bb] int64
-    pos: Tensor  # [Bb] int64
-    flat: Tensor  # [Bb] int64: K/V store place in the pools viewed as [N * P, ...]
-    block_table: Tensor  # [Bb, MP] int32
-    seqlens: Tensor  # [Bb] int32 (0 for padding rows)
-    valid: Tensor  # [Bb] bool
+    rows: Tensor  # [4 + MP, Bb] int64, one copy a step: token, position, K/V store place (pools viewed as
+    #               [N * P, ...]), length (0 for padding rows), then the block table, row b in column b
     graph: torch.cuda.CUDAGraph | None = None
     logits: Tensor | None = None  # [Bb, V], written by each replay
 
@@ -93,49 +90,36 @@ class BatchGraphs:
         P, MP = st.page_size, self.max_pages
         B = len(segs)
         Bb = bucket_for(B)
-        pad = Bb - B
-        scratch = st.peek_free_page() if pad else 0
-        if scratch is None:
+        scratch = st.peek_free_page() if Bb > B else 0
+        if scratch is None or any(s.start >= MP * P for s in segs):
             return None
-        tokens, pos, flat, seqlens, table = [], [], [], [], []
-        for s in segs:
+        # padding rows: token 0 at position 0, length 0 (no keys read), K/V stored into the free page; unused
+        # block-table entries stay page 0 (any valid id: the kernel reads a row's pages up to its length)
+        host = np.zeros((4 + MP, Bb), dtype=np.int64)
+        host[2, B:] = scratch * P
+        for i, s in enumerate(segs):
             p = s.start
-            if p >= MP * P:
-                return None
-            tokens.append(s.tokens[0])
-            pos.append(p)
-            flat.append(s.pages[p // P] * P + p % P)
-            seqlens.append(p + 1)
-            row = s.pages[:MP]
-            table.append(row + [row[0]] * (MP - len(row)))
-        for _ in range(pad):
-            tokens.append(0)
-            pos.append(0)
-            flat.append(scratch * P)
-            seqlens.append(0)
-            table.append([scratch] * MP)
+            host[:4, i] = (s.tokens[0], p, s.pages[p // P] * P + p % P, p + 1)
+            pages = s.pages[:MP]
+            host[4:4 + len(pages), i] = pages
         b = self.buckets.get(Bb)
         if b is None:
-            b = self._buffers(Bb)
-        b.tokens.copy_(torch.tensor(tokens, dtype=torch.int64), non_blocking=True)
-        b.pos.copy_(torch.tensor(pos, dtype=torch.int64), non_blocking=True)
-        b.flat.copy_(torch.tensor(flat, dtype=torch.int64), non_blocking=True)
-        b.seqlens.copy_(torch.tensor(seqlens, dtype=torch.int32), non_blocking=True)
-        b.block_table.copy_(torch.tensor(table, dtype=torch.int32), non_blocking=True)
-        b.valid.copy_(torch.arange(Bb) < B, non_blocking=True)
+            b = self.buckets[Bb] = _Bucket(rows=torch.zeros(4 + MP, Bb, dtype=torch.int64, device=self.device))
+        b.rows.copy_(torch.from_numpy(host), non_blocking=True)
         self.step.last = StepCounts(rows=B, tokens=B)
         if not self.graphed:
             out = self._body(b)
             self.step._count_used()
             return out[:B]
         if b.graph is None:
-            try:
-                self._capture(Bb, b)
-            except RuntimeError as e:  # e.g. an operation that cannot be captured: run this bucket eagerly
-                self.failed[Bb] = f"{type(e).__name__}: {e}"[:500]
-                self.buckets.pop(Bb, None)
-                torch.cuda.synchronize(self.device)
+            got = capture(lambda: self._body(b), self.device, self.pool, warmups=2)
+            if isinstance(got, str):  # e.g. an operation that cannot be captured: run this bucket eagerly
+                self.failed[Bb] = got
+                del self.buckets[Bb]
                 return None
+            b.graph, b.logits = got.graph, got.out
+            self.capture_s += got.seconds
+            self.graph_mem_bytes += got.mem_bytes
         b.graph.replay()
         self.replays += 1
         self.step._count_used()
@@ -146,49 +130,16 @@ class BatchGraphs:
                 "capture_s": self.capture_s, "graph_mem_bytes": self.graph_mem_bytes,
                 "failed": dict(self.failed)}
 
-    # --- internals ---
-    def _buffers(self, Bb: int) -> _Bucket:
-        dev = self.device
-        b = _Bucket(tokens=torch.zeros(Bb, dtype=torch.int64, device=dev),
-                    pos=torch.zeros(Bb, dtype=torch.int64, device=dev),
-                    flat=torch.zeros(Bb, dtype=torch.int64, device=dev),
-                    block_table=torch.zeros(Bb, self.max_pages, dtype=torch.int32, device=dev),
-                    seqlens=torch.zeros(Bb, dtype=torch.int32, device=dev),
-                    valid=torch.zeros(Bb, dtype=torch.bool, device=dev))
-        self.buckets[Bb] = b
-        return b
-
     def _body(self, b: _Bucket) -> Tensor:
         """The graphed step: every shape depends on the bucket only."""
         m, step = self.model, self.step
-        plan = {"decode": [0], "other": [], "all_decode": True, "bt": b.block_table, "seqlens": b.seqlens,
-                "flat": b.flat, "valid": b.valid,
-                "cos": m.rope.cos.index_select(0, b.pos), "sin": m.rope.sin.index_select(0, b.pos)}
+        tokens, pos, flat, seqlens = b.rows[0], b.rows[1], b.rows[2], b.rows[3].to(torch.int32)
+        plan = {"decode": [0], "other": [], "all_decode": True, "seqlens": seqlens, "flat": flat,
+                "bt": b.rows[4:].t().to(torch.int32).contiguous(), "valid": seqlens > 0,
+                "cos": m.rope.cos.index_select(0, pos), "sin": m.rope.sin.index_select(0, pos)}
         step.used_marks().zero_()
-        h, delta = step.layers(F.embedding(b.tokens, m.embed), plan, None, None)
+        h, delta = step.layers(F.embedding(tokens, m.embed), plan, None, None)
         return linear(m.add_norm(h, delta, m.final_norm)[1], m.lm_head)  # [Bb, V]
-
-    def _capture(self, Bb: int, b: _Bucket) -> None:
-        """Warm up on a side stream (Triton compiles, cuBLAS workspaces; the warm-ups store this step's own
-        K/V, which the replay stores again), capture, and upload with one replay now."""
-        dev = self.device
-        t0 = time.perf_counter()
-        torch.cuda.synchronize(dev)
-        torch.cuda.empty_cache()
-        mem0 = torch.cuda.memory_reserved(dev)
-        side = torch.cuda.Stream(device=dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._body(b)
-        torch.cuda.current_stream(dev).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = self._body(b)
-        b.graph, b.logits = graph, out
-        torch.cuda.synchronize(dev)
-        self.capture_s += time.perf_counter() - t0
-        self.graph_mem_bytes += torch.cuda.memory_reserved(dev) - mem0
 
 
 def unsupported(step: BatchStep) -> str | None:

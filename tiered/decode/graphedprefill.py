@@ -15,12 +15,12 @@ Legend: n prompt tokens, Tb the bucket's length, V vocabulary.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from tiered.decode.capture import capture
 from tiered.model.transformer import Transformer
 
 STEP = 64  # buckets are multiples of STEP up to FINE, then of COARSE
@@ -96,14 +96,15 @@ class GraphedPrefill:
         b.last.fill_(n - 1)
         if not self.graphed:
             return self.model.prefill_static(b.tokens, b.last)
-        if b.graph is None:
-            try:
-                self._capture(b)
-            except RuntimeError as e:  # an operation that cannot be captured: this bucket stays eager
-                self.failed[Tb] = f"{type(e).__name__}: {e}"[:500]
-                self.buckets.pop(Tb, None)
-                torch.cuda.synchronize(self.device)
+        if b.graph is None:  # one warm-up: the bucket's first prompt already ran (eagerly, at its own length)
+            got = capture(lambda: self.model.prefill_static(b.tokens, b.last), self.device, self.pool, warmups=1)
+            if isinstance(got, str):  # an operation that cannot be captured: this bucket stays eager
+                self.failed[Tb] = got
+                del self.buckets[Tb]
                 return None
+            b.graph, b.logits = got.graph, got.out
+            self.capture_s += got.seconds
+            self.graph_mem_bytes += got.mem_bytes
         b.graph.replay()
         self.replays += 1
         return b.logits
@@ -112,23 +113,3 @@ class GraphedPrefill:
         return {"buckets": sorted(t for t, b in self.buckets.items() if b.graph is not None),
                 "replays": self.replays, "capture_s": self.capture_s, "graph_mem_bytes": self.graph_mem_bytes,
                 "failed": dict(self.failed)}
-
-    def _capture(self, b: _Bucket) -> None:
-        """Warm up on a side stream (each run stores this prompt's K/V, which the replay stores again),
-        capture, and upload with the first replay (the caller's)."""
-        dev = self.device
-        t0 = time.perf_counter()
-        torch.cuda.synchronize(dev)
-        mem0 = torch.cuda.memory_reserved(dev)
-        side = torch.cuda.Stream(device=dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            self.model.prefill_static(b.tokens, b.last)
-        torch.cuda.current_stream(dev).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = self.model.prefill_static(b.tokens, b.last)
-        b.graph, b.logits = graph, out
-        torch.cuda.synchronize(dev)
-        self.capture_s += time.perf_counter() - t0
-        self.graph_mem_bytes += torch.cuda.memory_reserved(dev) - mem0

@@ -1,0 +1,46 @@
+"""Capturing one CUDA graph of a step body, for the bucketed graphs (batchgraph.py, graphedprefill.py).
+
+Owns: `capture` (warm-ups on a side stream, the capture into a shared pool, what it cost) and `Captured`.
+Does not own: the bodies, their buffers, nor when to capture (the callers); graphed.py's whole decode step keeps
+its own capture, which also restores the token and position its warm-ups advance.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+
+@dataclass
+class Captured:
+    graph: torch.cuda.CUDAGraph
+    out: Any  # what the captured body returned: static tensors each replay rewrites
+    seconds: float
+    mem_bytes: int  # growth of reserved CUDA memory while capturing
+
+
+def capture(body: Callable[[], Any], device: torch.device, pool: Any, *, warmups: int) -> Captured | str:
+    """Run `body` `warmups` times on a side stream (Triton compiles, cuBLAS workspaces, lazy inits; each run
+    must leave the state as the replay will), then capture it into `pool`. Returns the graph, or why the
+    capture failed (an operation that cannot be captured: the caller runs that body eagerly from then on)."""
+    t0 = time.perf_counter()
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()  # torch.cuda.graph empties the cache on entry: start from there, or the delta is negative
+    mem0 = torch.cuda.memory_reserved(device)
+    try:
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(warmups):
+                body()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = body()
+    except RuntimeError as e:
+        torch.cuda.synchronize(device)
+        return f"{type(e).__name__}: {e}"[:500]
+    torch.cuda.synchronize(device)
+    return Captured(graph, out, time.perf_counter() - t0, torch.cuda.memory_reserved(device) - mem0)
