@@ -533,6 +533,8 @@ def main() -> None:
     ap.add_argument("--shapes", default="10.6B,397B",
                     help="expert shapes (10.6B, 397B), decode and prefill; none: the dense matrices alone")
     ap.add_argument("--prefill-sweep", action="store_true", help="prefill: also time a few other tiles")
+    ap.add_argument("--swap-sweep", action="store_true",
+                    help="prefill: also the transposed-product tiles (GroupedConfig.swap) of the quantized formats")
     ap.add_argument("--no-gemlite", action="store_true", help="prefill: skip the GemLite row")
     ap.add_argument("--dense-sweep", action="store_true",
                     help="prefill with --with-dense: also quant_matmul under DENSE_SWEEP's tiles")
@@ -608,6 +610,11 @@ PREFILL_SHAPES = {"10.6B": (2048, 768, 128, 8), "397B": (4096, 1024, 512, 10)}  
 PREFILL_SWEEP = [(16, 64, 64, 4, 4), (16, 64, 128, 4, 4), (16, 128, 64, 4, 4), (32, 64, 128, 4, 4),
                  (64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4),
                  (64, 64, 32, 4, 4)]  # block_m, block_n, block_k, warps, stages
+# --swap-sweep (quantized formats only): the transposed products (GroupedConfig.swap 1-3) at few rows per expert
+SWAP_SWEEP = [(16, 64, 64, 4, 4, 1), (16, 64, 64, 4, 4, 2), (16, 128, 64, 4, 4, 2), (16, 64, 64, 4, 4, 3),
+              (16, 128, 64, 4, 4, 3), (16, 128, 64, 8, 4, 3), (16, 64, 64, 8, 4, 3), (16, 64, 64, 4, 3, 3),
+              (16, 256, 64, 8, 3, 3), (32, 64, 64, 4, 4, 3), (32, 128, 64, 8, 4, 3), (64, 64, 64, 4, 4, 3),
+              (64, 128, 64, 4, 3, 3)]  # ..., swap
 
 
 class _Resident:
@@ -795,6 +802,10 @@ def bench_prefill(shape: str, fmts: list[str], tokens: list[int], a, end: float,
                 variants += [("triton grouped", f"m{m} n{n} k{k} w{wp} s{st}",
                               (lambda c=GroupedConfig(m, n, k, wp, st): grouped(c)), True)
                              for m, n, k, wp, st in PREFILL_SWEEP]
+            if a.swap_sweep and fmt != "bf16":
+                variants += [("triton grouped", f"m{m} n{n} k{k} w{wp} s{st} swap{sw}",
+                              (lambda c=GroupedConfig(m, n, k, wp, st, swap=sw): grouped(c)), True)
+                             for m, n, k, wp, st, sw in SWAP_SWEEP]
             if T <= 16:
                 if fmt == "bf16":
                     variants.append(("triton gemv", "moe_decode over T*K pairs",

@@ -82,6 +82,12 @@ CASES = [
     (7, 3, 6, 130, 72, GroupedConfig(block_m=16, block_n=64, block_k=32)),
     (5, 2, 12, 130, 72, GroupedConfig(block_m=16, block_n=32, block_k=128)),
     (3, 1, 4, 64, 33, GroupedConfig(block_m=16, block_n=16, block_k=64)),
+    # the products transposed (the weight tile the MMA's first operand): the same tiles (swap 1), loaded as
+    # stored (2), and with the scales applied after each step's product (3; its step kept inside one group)
+    (7, 3, 6, 130, 72, GroupedConfig(block_m=16, block_n=64, block_k=32, swap=1)),
+    (5, 2, 12, 130, 72, GroupedConfig(block_m=16, block_n=32, block_k=128, swap=2)),
+    (7, 3, 6, 130, 72, GroupedConfig(block_m=16, block_n=64, block_k=64, swap=3)),
+    (1, 2, 8, 48, 40, GroupedConfig(block_m=16, block_n=32, block_k=128, swap=3)),
 ]
 
 
@@ -121,15 +127,18 @@ def test_grouped_quant_waves_equal_one_wave():
 
 @interp
 @pytest.mark.parametrize("fmt", ["q4", "mxfp4"])
-def test_grouped_quant_half_within_rounding(fmt):
+@pytest.mark.parametrize("swap", [0, 3])
+def test_grouped_quant_half_within_rounding(fmt, swap):
     """16-bit activations: the dequantized tile is rounded to the compute dtype for tl.dot, within that
     rounding of the fp32 loop. fp16 here: the interpreter's tl.dot is wrong for bf16 (numpy has no bf16);
-    the CUDA tests below run bf16."""
-    T, K, E, D, F_ = 5, 2, 4, 64, 32
+    the CUDA tests below run bf16. Swap 3 feeds q4's codes as 1024 + c (fp16's exponent or-ed in) and takes
+    the offset out after the product: several groups a row, so a wrong offset or scale per group shows."""
+    T, K, E, D, F_ = 5, 2, 4, 130, 32
     W = _pool(fmt, E, F_, D)
     ids, w = _routing(T, K, E)
     x = torch.randn(T, D).half()
-    out = moe_grouped_quant(x, ids, w, W, torch.arange(E), GroupedConfig(block_m=16, block_n=32, block_k=64))
+    out = moe_grouped_quant(x, ids, w, W, torch.arange(E),
+                            GroupedConfig(block_m=16, block_n=32, block_k=64, swap=swap))
     assert out.dtype == torch.float16
     assert _rel(out.float(), _reference(x, ids, w, W, torch.arange(E))) < 2e-2
 
@@ -296,7 +305,7 @@ def test_kernels_compile_for_sm90():
     if r.returncode == 3:
         pytest.skip(r.stdout.strip().splitlines()[-1])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    assert r.stdout.count(" ok ") == len(FORMATS)  # each line: the grouped gate/up, down and dense kernels
+    assert r.stdout.count(" ok ") == 2 * len(FORMATS)  # a line a format and swap (0, 3): gate/up, down, dense
 
 
 # --- CUDA, bf16, the 10.6B expert shape ---
@@ -304,15 +313,19 @@ def test_kernels_compile_for_sm90():
 @pytest.mark.cuda
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("T", [9, 128, 513])
-def test_cuda_grouped_quant_10b_shape(fmt, T):
-    """D 2048, F 768, E 128, K 8 in bf16 with the picked tiles: within bf16 rounding of the fp32 loop."""
+@pytest.mark.parametrize("swap", [None, 2, 3])
+def test_cuda_grouped_quant_10b_shape(fmt, T, swap):
+    """D 2048, F 768, E 128, K 8 in bf16 with the picked tiles (swap None) or the transposed products at 16 rows
+    a block (swap 3: bf16's exponent or-ed into q4's codes, scales after the product): within bf16 rounding of
+    the fp32 loop."""
     D, F_, E, K = 2048, 768, 128, 8
+    cfg = None if swap is None else GroupedConfig(block_m=16, block_n=128, block_k=64, warps=8, stages=4, swap=swap)
     W = _pool(fmt, E + 3, F_, D)
     ids, w = _routing(T, K, E)
     ids, w = ids.to(DEV), w.to(DEV)
     slot_map = torch.randperm(E + 3, device=DEV)[:E]
     x = torch.randn(T, D, device=DEV, dtype=torch.bfloat16)
-    out = moe_grouped_quant(x, ids, w, W, slot_map)
+    out = moe_grouped_quant(x, ids, w, W, slot_map, cfg)
     assert _rel(out.float(), _reference(x, ids, w, W, slot_map)) <= 1e-2
 
 

@@ -46,19 +46,23 @@ def main() -> int:
     import torch
 
     from tiered.kernels import quant_grouped as qg
+    from tiered.kernels.moe_grouped import GroupedConfig
     from tiered.layout.quant import quantize
 
     target = GPUTarget("cuda", a.arch, 32)
     D, Fe, K = 2048, 768, 8
     # (block_m, block_n, block_k, warps, stages): the runtime's picks for few and many rows per expert, and a
     # step over several groups
-    tiles = [(16, 64, 128, 4, 4)] if a.quick else [(16, 64, 128, 4, 4), (64, 64, 64, 4, 4), (128, 128, 64, 8, 3)]
+    # (block_m, block_n, block_k, warps, stages, swap): swap 1-3, the transposed products for few rows an expert
+    tiles = ([(16, 64, 128, 4, 4, 0), (16, 64, 128, 4, 4, 3)] if a.quick else
+             [(16, 64, 128, 4, 4, 0), (64, 64, 64, 4, 4, 0), (128, 128, 64, 8, 3, 0), (16, 64, 64, 4, 4, 1),
+              (16, 64, 64, 4, 4, 2), (16, 128, 64, 4, 4, 3)])
     failed = 0
     for fmt, (qt, st) in TYPES.items():
         # one matrix of each orientation gives the geometry (groups, packed width) the launcher derives
         gate = quantize(torch.zeros(1, Fe, D), fmt)
         down = quantize(torch.zeros(1, D, Fe), fmt)
-        for bm, bn, bk, warps, stages in tiles:
+        for bm, bn, bk, warps, stages, swap in tiles:
             t0 = time.perf_counter()
             try:
                 for fn, w, types, extra in (
@@ -82,10 +86,12 @@ def main() -> int:
                         if "cubin" not in k.asm:
                             raise RuntimeError("no cubin produced")
                         continue
-                    geo = qg._geometry(w, bk)
+                    geo = qg._geometry(w, qg._step(w, GroupedConfig(bm, bn, bk, warps, stages, swap=swap)))
                     if fmt == "fp8":
                         geo["WFMT"] = qg.WFMT["fp8"]  # the CUDA branch (the zeros above sit on the CPU)
                     consts = dict(extra, **geo, BLOCK_M=bm, BLOCK_N=bn, PREC="tf32")
+                    if "SWAP" in fn.arg_names:
+                        consts["SWAP"] = swap
                     sig = {n: ("constexpr" if n in consts else types[n]) for n in fn.arg_names}
                     # what the launcher's specialization sees: pointers and strides divisible by 16
                     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
@@ -100,10 +106,11 @@ def main() -> int:
                               f"{ptx.count('mma.sync')}, ld.global {ptx.count('ld.global')} (vector "
                               f"{ptx.count('ld.global.v')}), cp.async {ptx.count('cp.async')}, shared "
                               f"{k.metadata.shared} B")
-                print(f"{fmt} bm{bm} bn{bn} bk{bk} R{geo['R']} ok {time.perf_counter() - t0:.1f}s", flush=True)
+                print(f"{fmt} bm{bm} bn{bn} bk{bk} swap{swap} R{geo['R']} ok {time.perf_counter() - t0:.1f}s",
+                      flush=True)
             except Exception as e:  # report every format, then fail
                 failed += 1
-                print(f"{fmt} bm{bm} bn{bn} bk{bk} FAILED {type(e).__name__}: {str(e)[:1500]}", flush=True)
+                print(f"{fmt} bm{bm} bn{bn} bk{bk} swap{swap} FAILED {type(e).__name__}: {str(e)[:1500]}", flush=True)
     return 1 if failed else 0
 
 

@@ -37,6 +37,9 @@ per row, R groups per reduction step.
 """
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -78,6 +81,29 @@ def _grouped(v, s, m, BK: tl.constexpr, BN: tl.constexpr, R: tl.constexpr, HAS_M
 
 
 @triton.jit
+def _scales_t(sn, mask_n, k0, NG: tl.constexpr, GROUP: tl.constexpr, R: tl.constexpr):
+    """[BLOCK_N, R] fp32: `_scales` for a weight tile stored [BLOCK_N, BLOCK_K] (SWAP 2)."""
+    g = k0 // GROUP + tl.arange(0, R)
+    return tl.load(sn[:, None] + g[None, :], mask=mask_n[:, None] & (g < NG)[None, :], other=0).to(tl.float32)
+
+
+@triton.jit
+def _grouped_t(v, s, m, BN: tl.constexpr, BK: tl.constexpr, R: tl.constexpr, HAS_MIN: tl.constexpr):
+    """v [BN, BK] fp32 codes' values over R consecutive groups along BK; s, m [BN, R] -> v * s (+ m)."""
+    if R == 1:
+        out = v * s
+        if HAS_MIN:
+            out = out + m
+    else:
+        v3 = tl.reshape(v, (BN, R, BK // R))
+        out3 = v3 * s[:, :, None]
+        if HAS_MIN:
+            out3 = out3 + m[:, :, None]
+        out = tl.reshape(out3, (BN, BK))
+    return out
+
+
+@triton.jit
 def _e2m1(c):
     """e2m1 codes (int32 0..15) -> fp32 values, built from bits: sign bit 3, exponent bits 2..1, mantissa 0."""
     em = c & 7
@@ -88,8 +114,10 @@ def _e2m1(c):
 @triton.jit
 def _qdot(acc, a_rows, mask_m, qn, sn, mn, mask_n, k0, KIN: tl.constexpr, KQ: tl.constexpr, NG: tl.constexpr,
           GROUP: tl.constexpr, WFMT: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-          BLOCK_N: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+          BLOCK_N: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, SWAP: tl.constexpr = 0):
     """acc [BLOCK_M, BLOCK_N] += a[:, k0:k0+BLOCK_K] @ W[n-block, k0:k0+BLOCK_K]^T, W dequantized in registers.
+    SWAP 1: acc is [BLOCK_N, BLOCK_M] and the product is taken as W @ a^T (the weight tile the MMA's first
+    operand, the few rows its second), from the same tiles.
 
     a_rows [BLOCK_M] pointers to each activation row; qn / sn / mn [BLOCK_N] pointers to each output row's
     packed codes / scales / minimums (mn unused but for q4)."""
@@ -109,8 +137,12 @@ def _qdot(acc, a_rows, mask_m, qn, sn, mn, mask_n, k0, KIN: tl.constexpr, KQ: tl
             e = tl.exp2(s - 127.0)
             w_e = _grouped(_e2m1(b & 15), e, e, BLOCK_K // 2, BLOCK_N, R, False)
             w_o = _grouped(_e2m1((b >> 4) & 15), e, e, BLOCK_K // 2, BLOCK_N, R, False)
-        acc = tl.dot(a_e, w_e.to(DT), acc=acc, input_precision=PREC)
-        acc = tl.dot(a_o, w_o.to(DT), acc=acc, input_precision=PREC)
+        if SWAP == 1:
+            acc = tl.dot(tl.trans(w_e.to(DT)), tl.trans(a_e), acc=acc, input_precision=PREC)
+            acc = tl.dot(tl.trans(w_o.to(DT)), tl.trans(a_o), acc=acc, input_precision=PREC)
+        else:
+            acc = tl.dot(a_e, w_e.to(DT), acc=acc, input_precision=PREC)
+            acc = tl.dot(a_o, w_o.to(DT), acc=acc, input_precision=PREC)
     else:  # q8 (int8), fp8 (e4m3): one code per input, value * scale
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mk = offs_k < KIN
@@ -127,7 +159,96 @@ def _qdot(acc, a_rows, mask_m, qn, sn, mn, mask_n, k0, KIN: tl.constexpr, KQ: tl
             v = tl.load(qn[None, :] + offs_k[:, None], mask=mb, other=0).to(tl.float32)
         s = _scales(sn, mask_n, k0, NG, GROUP, R)
         w = _grouped(v, s, s, BLOCK_K, BLOCK_N, R, False)
-        acc = tl.dot(a, w.to(DT), acc=acc, input_precision=PREC)
+        if SWAP == 1:
+            acc = tl.dot(tl.trans(w.to(DT)), tl.trans(a), acc=acc, input_precision=PREC)
+        else:
+            acc = tl.dot(a, w.to(DT), acc=acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _magic(c, DT: tl.constexpr):
+    """Codes c (int32, 0..15) -> (values in DT, their offset): in bf16 / fp16 the exponent bits are or-ed in, so the
+    value is OFF + c exactly with no conversion instruction (bf16 0x4300 = 128, fp16 0x6400 = 1024); else c."""
+    if DT == tl.bfloat16:
+        v = (c | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        off = 128.0
+    elif DT == tl.float16:
+        v = (c | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+        off = 1024.0
+    else:
+        v = c.to(DT)
+        off = 0.0
+    return v, off
+
+
+@triton.jit
+def _qdot_t(acc, a_rows, mask_m, qn, sn, mn, mask_n, k0, KIN: tl.constexpr, KQ: tl.constexpr, NG: tl.constexpr,
+            GROUP: tl.constexpr, WFMT: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+            BLOCK_N: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, POST: tl.constexpr = 0):
+    """SWAP 2: acc [BLOCK_N, BLOCK_M] += W[n-block, k0:k0+BLOCK_K] @ a[:, k0:k0+BLOCK_K]^T, the weight tile loaded,
+    dequantized and multiplied as stored ([BLOCK_N, inputs], inputs contiguous): the MMA's first operand, so
+    few rows (the second operand, at least 16 wide) waste none of the weight tile's work.
+    POST 1 (SWAP 3; a step inside one group, R 1): the codes' values go into the MMA as they are (exact in the
+    compute dtype) and the group's scale (and q4's minimum, times the step's sum of each activation row) is applied
+    to the fp32 product: acc += s * (codes @ a^T) + m * sum(a). No per-weight multiply; the weight is never rounded
+    (the reference rounds w = code * s + m to the compute dtype first: within that rounding of it)."""
+    if POST:
+        tl.static_assert(R == 1, "swap 3 takes steps inside one group (quant_grouped._step)")
+    if WFMT == 2 or WFMT == 4:  # q4, mxfp4: two codes per byte
+        offs_j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(a_rows[:, None] + offs_k[None, :], mask=mask_m[:, None] & (offs_k < KIN)[None, :], other=0.0)
+        a_e, a_o = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))  # [BLOCK_M, BLOCK_K/2] even, odd inputs
+        b = tl.load(qn[:, None] + offs_j[None, :], mask=mask_n[:, None] & (offs_j < KQ)[None, :],
+                    other=0).to(tl.int32)  # [BLOCK_N, BLOCK_K/2]
+        s = _scales_t(sn, mask_n, k0, NG, GROUP, R)
+        if POST:
+            if WFMT == 2:  # q4: (OFF + c) s + (m - OFF s) = c s + m
+                v_e, off = _magic(b & 15, DT)
+                v_o, off = _magic((b >> 4) & 15, DT)
+            else:  # mxfp4: e2m1 values are exact in 16-bit floats
+                v_e = _e2m1(b & 15).to(DT)
+                v_o = _e2m1((b >> 4) & 15).to(DT)
+            p = tl.dot(v_e, tl.trans(a_e), input_precision=PREC)
+            p = tl.dot(v_o, tl.trans(a_o), acc=p, input_precision=PREC)
+            if WFMT == 2:
+                m = _scales_t(mn, mask_n, k0, NG, GROUP, R)
+                asum = tl.sum(a.to(tl.float32), axis=1)  # [BLOCK_M]
+                acc += p * s + (m - off * s) * asum[None, :]
+            else:
+                acc += p * tl.exp2(s - 127.0)
+        else:
+            if WFMT == 2:
+                m = _scales_t(mn, mask_n, k0, NG, GROUP, R)
+                w_e = _grouped_t((b & 15).to(tl.float32), s, m, BLOCK_N, BLOCK_K // 2, R, True)
+                w_o = _grouped_t(((b >> 4) & 15).to(tl.float32), s, m, BLOCK_N, BLOCK_K // 2, R, True)
+            else:
+                e = tl.exp2(s - 127.0)
+                w_e = _grouped_t(_e2m1(b & 15), e, e, BLOCK_N, BLOCK_K // 2, R, False)
+                w_o = _grouped_t(_e2m1((b >> 4) & 15), e, e, BLOCK_N, BLOCK_K // 2, R, False)
+            acc = tl.dot(w_e.to(DT), tl.trans(a_e), acc=acc, input_precision=PREC)
+            acc = tl.dot(w_o.to(DT), tl.trans(a_o), acc=acc, input_precision=PREC)
+    else:  # q8, fp8
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mk = offs_k < KIN
+        a = tl.load(a_rows[:, None] + offs_k[None, :], mask=mask_m[:, None] & mk[None, :], other=0.0)
+        mb = mask_n[:, None] & mk[None, :]
+        if WFMT == 5:
+            c = tl.load(qn[:, None] + offs_k[None, :], mask=mb, other=0).to(tl.int32)
+            mag = tl.where((c & 0x78) != 0, (((c & 0x7F) << 20) + (120 << 23)).to(tl.float32, bitcast=True),
+                           (c & 7).to(tl.float32) * 0.001953125)
+            v = tl.where((c & 0x80) != 0, -mag, mag)
+        elif WFMT == 3:
+            v = tl.where(mb, tl.load(qn[:, None] + offs_k[None, :], mask=mb).to(tl.float32), 0.0)
+        else:
+            v = tl.load(qn[:, None] + offs_k[None, :], mask=mb, other=0).to(tl.float32)
+        s = _scales_t(sn, mask_n, k0, NG, GROUP, R)
+        if POST:  # int8 and e4m3 values are exact in 16-bit floats
+            acc += tl.dot(v.to(DT), tl.trans(a), input_precision=PREC) * s
+        else:
+            w = _grouped_t(v, s, s, BLOCK_N, BLOCK_K, R, False)
+            acc = tl.dot(w.to(DT), tl.trans(a), acc=acc, input_precision=PREC)
     return acc
 
 
@@ -136,9 +257,11 @@ def _qgrouped_gate_up_kernel(x_ptr, rows_ptr, bslot_ptr, gq, gs, gm, uq, us, um,
                              sq0, sq1, ss0, ss1, sm0, sm1, D: tl.constexpr, F: tl.constexpr, K: tl.constexpr,
                              KQ: tl.constexpr, NG: tl.constexpr, GROUP: tl.constexpr, ROWBLK: tl.constexpr,
                              WFMT: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_K: tl.constexpr, PREC: tl.constexpr):
+                             BLOCK_K: tl.constexpr, PREC: tl.constexpr, SWAP: tl.constexpr = 0):
     """Grid (cdiv(F, BLOCK_N), P / BLOCK_M): h[rows, n-block] = silu(x[tok] @ gate.T) * (x[tok] @ up.T).
-    gate and up share their strides (one block layout); ROWBLK output rows share a scale row (fp8: 128)."""
+    gate and up share their strides (one block layout); ROWBLK output rows share a scale row (fp8: 128).
+    SWAP (GroupedConfig.swap) 1, 2 or 3: the products are taken transposed (weight tile first), see _qdot / _qdot_t
+    (3: with the scales applied after the product)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     slot = tl.load(bslot_ptr + pid_m).to(tl.int64)
@@ -154,16 +277,34 @@ def _qgrouped_gate_up_kernel(x_ptr, rows_ptr, bslot_ptr, gq, gs, gm, uq, us, um,
     so = slot * ss0 + (n64 // ROWBLK) * ss1
     mo = slot * sm0 + n64 * sm1
     DT = x_ptr.dtype.element_ty
-    acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        acc_g = _qdot(acc_g, a_rows, mask_m, gq + qo, gs + so, gm + mo, mask_n, k0, D, KQ, NG, GROUP, WFMT, R,
-                      BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC)
-        acc_u = _qdot(acc_u, a_rows, mask_m, uq + qo, us + so, um + mo, mask_n, k0, D, KQ, NG, GROUP, WFMT, R,
-                      BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC)
-    h = acc_g * tl.sigmoid(acc_g) * acc_u
-    tl.store(h_ptr + rows[:, None].to(tl.int64) * F + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])
+    if SWAP == 0:
+        acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            acc_g = _qdot(acc_g, a_rows, mask_m, gq + qo, gs + so, gm + mo, mask_n, k0, D, KQ, NG, GROUP, WFMT, R,
+                          BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC)
+            acc_u = _qdot(acc_u, a_rows, mask_m, uq + qo, us + so, um + mo, mask_n, k0, D, KQ, NG, GROUP, WFMT, R,
+                          BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC)
+        h = acc_g * tl.sigmoid(acc_g) * acc_u
+        tl.store(h_ptr + rows[:, None].to(tl.int64) * F + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_n[None, :])
+    else:
+        acc_g = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        acc_u = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            if SWAP == 1:
+                acc_g = _qdot(acc_g, a_rows, mask_m, gq + qo, gs + so, gm + mo, mask_n, k0, D, KQ, NG, GROUP, WFMT,
+                              R, BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC, 1)
+                acc_u = _qdot(acc_u, a_rows, mask_m, uq + qo, us + so, um + mo, mask_n, k0, D, KQ, NG, GROUP, WFMT,
+                              R, BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC, 1)
+            else:
+                acc_g = _qdot_t(acc_g, a_rows, mask_m, gq + qo, gs + so, gm + mo, mask_n, k0, D, KQ, NG, GROUP,
+                                WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC, SWAP == 3)
+                acc_u = _qdot_t(acc_u, a_rows, mask_m, uq + qo, us + so, um + mo, mask_n, k0, D, KQ, NG, GROUP,
+                                WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC, SWAP == 3)
+        h = acc_g * tl.sigmoid(acc_g) * acc_u  # [BLOCK_N, BLOCK_M]
+        tl.store(h_ptr + rows[None, :].to(tl.int64) * F + offs_n[:, None], h.to(h_ptr.dtype.element_ty),
+                 mask=mask_n[:, None] & mask_m[None, :])
 
 
 @triton.jit
@@ -171,7 +312,7 @@ def _qgrouped_down_kernel(h_ptr, rows_ptr, bslot_ptr, wt_ptr, dq, ds, dm, out_pt
                           sm0, sm1, D: tl.constexpr, F: tl.constexpr, KQ: tl.constexpr, NG: tl.constexpr,
                           GROUP: tl.constexpr, ROWBLK: tl.constexpr, WFMT: tl.constexpr, R: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          PREC: tl.constexpr):
+                          PREC: tl.constexpr, SWAP: tl.constexpr = 0):
     """Grid (cdiv(D, BLOCK_N), P / BLOCK_M): out[rows, n-block] = w[rows] * (h[rows] @ down.T)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -185,15 +326,29 @@ def _qgrouped_down_kernel(h_ptr, rows_ptr, bslot_ptr, wt_ptr, dq, ds, dm, out_pt
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < D
     n64 = offs_n.to(tl.int64)
+    qn = dq + slot * sq0 + n64 * sq1
+    sn = ds + slot * ss0 + (n64 // ROWBLK) * ss1
+    mn = dm + slot * sm0 + n64 * sm1
     DT = h_ptr.dtype.element_ty
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, F, BLOCK_K):
-        acc = _qdot(acc, a_rows, mask_m, dq + slot * sq0 + n64 * sq1, ds + slot * ss0 + (n64 // ROWBLK) * ss1,
-                    dm + slot * sm0 + n64 * sm1, mask_n, k0, F, KQ, NG, GROUP, WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N, DT,
-                    PREC)
     w = tl.load(wt_ptr + rows, mask=mask_m, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rows64[:, None] * D + offs_n[None, :], (acc * w[:, None]).to(out_ptr.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])
+    if SWAP == 0:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, F, BLOCK_K):
+            acc = _qdot(acc, a_rows, mask_m, qn, sn, mn, mask_n, k0, F, KQ, NG, GROUP, WFMT, R, BLOCK_M, BLOCK_K,
+                        BLOCK_N, DT, PREC)
+        tl.store(out_ptr + rows64[:, None] * D + offs_n[None, :], (acc * w[:, None]).to(out_ptr.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_n[None, :])
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        for k0 in range(0, F, BLOCK_K):
+            if SWAP == 1:
+                acc = _qdot(acc, a_rows, mask_m, qn, sn, mn, mask_n, k0, F, KQ, NG, GROUP, WFMT, R, BLOCK_M,
+                            BLOCK_K, BLOCK_N, DT, PREC, 1)
+            else:
+                acc = _qdot_t(acc, a_rows, mask_m, qn, sn, mn, mask_n, k0, F, KQ, NG, GROUP, WFMT, R, BLOCK_M,
+                              BLOCK_K, BLOCK_N, DT, PREC, SWAP == 3)
+        tl.store(out_ptr + rows64[None, :] * D + offs_n[:, None], (acc * w[None, :]).to(out_ptr.dtype.element_ty),
+                 mask=mask_n[:, None] & mask_m[None, :])
 
 
 @triton.jit
@@ -249,10 +404,32 @@ def block_k_for(w: QuantWeight, block_k: int) -> tuple[int, int]:
     return bk, bk // w.group
 
 
+FEW_ENV = "TIERED_QGROUPED_FEW"  # benchmarks: the tiles at <= 16 rows an expert, e.g. "m16:n128:k64:w8:s4:swap3"
+_FEW_KEYS = {"m": "block_m", "n": "block_n", "k": "block_k", "w": "warps", "s": "stages", "swap": "swap"}
+
+
+@functools.lru_cache(maxsize=8)
+def parse_few(spec: str) -> GroupedConfig:
+    """TIERED_QGROUPED_FEW's tiles: fields `m16:n128:k64:w8:s4:swap3` (any subset; the rest GroupedConfig's
+    defaults). A malformed spec raises ValueError naming it."""
+    fields = {}
+    for part in filter(None, (p.strip() for p in spec.split(":"))):
+        key = part.rstrip("0123456789")
+        if key not in _FEW_KEYS or key == part:
+            raise ValueError(f"{FEW_ENV}: cannot read {part!r} in {spec!r} (want fields such as "
+                             "m16:n128:k64:w8:s4:swap3)")
+        fields[_FEW_KEYS[key]] = int(part[len(key):])
+    return GroupedConfig(**fields)
+
+
 def pick_qconfig(rows: int, num_experts: int, fmt: str) -> GroupedConfig:
     """Tiles for a quantized pool: moe_grouped's choice by rows per expert (measured for bf16 on the H200), with
-    the reduction step capped at the format's group (one scale per step and row)."""
+    the reduction step capped at the format's group (one scale per step and row). At 16 rows an expert or fewer
+    (the batch decode regime), TIERED_QGROUPED_FEW's tiles when set (benchmarks compare tiles that way)."""
     c = bf16_config(rows, num_experts)
+    spec = os.environ.get(FEW_ENV, "")
+    if spec and c.block_m == 16:
+        return parse_few(spec)
     cap = {"q8": 128, "q4": 64, "fp8": 128, "mxfp4": 64}[fmt]
     return GroupedConfig(block_m=c.block_m, block_n=c.block_n, block_k=min(c.block_k, cap), warps=c.warps,
                          stages=c.stages)
@@ -274,6 +451,12 @@ def _geometry(w: QuantWeight, block_k: int) -> dict:
     fmt = FP8_BITS if w.fmt == "fp8" and not w.q.is_cuda else WFMT[w.fmt]
     return dict(KQ=w.q.shape[-1], NG=w.scale.shape[-1], GROUP=w.group, ROWBLK=w.group if w.fmt == "fp8" else 1,
                 WFMT=fmt, R=r, BLOCK_K=bk)
+
+
+def _step(w: QuantWeight, cfg: GroupedConfig) -> int:
+    """The reduction step the expert kernels take over `w`: the config's, kept inside one group under swap 3 (its
+    scales multiply each step's product; a row of one group has one scale whatever the step)."""
+    return min(cfg.block_k, w.group) if cfg.swap == 3 and w.scale.shape[-1] > 1 else cfg.block_k
 
 
 def qgrouped_ok(W, *, interpret: bool = False) -> bool:
@@ -321,12 +504,12 @@ class QuantGroupedMoE(GroupedMoE):
         dm = d.min if d.min is not None else d.scale
         _qgrouped_gate_up_kernel[(triton.cdiv(Fe, cfg.block_n), nb)](
             x, al.rows, bslot, _codes(g), g.scale, gm, _codes(u), u.scale, um, self.h, al.num_rows, x.stride(0),
-            *_strides(g), D=D, F=Fe, K=self.K, **_geometry(g, cfg.block_k), BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n, PREC=prec, num_warps=cfg.warps, num_stages=cfg.stages)
+            *_strides(g), D=D, F=Fe, K=self.K, **_geometry(g, _step(g, cfg)), BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n, PREC=prec, SWAP=cfg.swap, num_warps=cfg.warps, num_stages=cfg.stages)
         _qgrouped_down_kernel[(triton.cdiv(D, cfg.block_n), nb)](
             self.h, al.rows, bslot, self.weights, _codes(d), d.scale, dm, self.out, al.num_rows, *_strides(d), D=D,
-            F=Fe, **_geometry(d, cfg.block_k), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PREC=prec,
-            num_warps=cfg.warps, num_stages=cfg.stages)
+            F=Fe, **_geometry(d, _step(d, cfg)), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PREC=prec,
+            SWAP=cfg.swap, num_warps=cfg.warps, num_stages=cfg.stages)
 
 
 def moe_grouped_quant(x: Tensor, ids: Tensor, weights: Tensor, W, slot_map: Tensor,
