@@ -1,7 +1,8 @@
 """Grouped expert GEMMs for prefill and batched decode: rows sorted by expert, one launch per projection.
 
 Owns: `align_rows` (the (token, k) rows sorted by expert and padded to the block size, computed on the
-device with static shapes: no host sync, no .tolist()), `GroupedMoE` (a layer's experts over those rows,
+device with static shapes: no host sync, no .tolist(); on CUDA one launch of `_align_kernel`, elsewhere
+`align_rows_torch`, the kernel's reference), `GroupedMoE` (a layer's experts over those rows,
 in one or more waves of experts) with its Triton kernels `_grouped_gate_up_kernel` and
 `_grouped_down_kernel` and `GroupedConfig`, the one-call `moe_grouped`, and `grouped_mm_layer`, the same
 computation through torch._grouped_mm (kept to compare against; it needs a layer's experts as one
@@ -75,11 +76,81 @@ class AlignedRows:
     block_m: int
 
 
+def padded_rows(n: int, num_experts: int, block_m: int) -> int:
+    """P = n + min(E, n) * (block_m - 1), rounded up to block_m: enough rows for every expert's padding."""
+    return -(-(n + min(num_experts, n) * (block_m - 1)) // block_m) * block_m
+
+
 def align_rows(ids: Tensor, num_experts: int, block_m: int) -> AlignedRows:
     """ids [T, K] int64 experts in [0, E) -> AlignedRows; static shapes, no host sync (graph-capturable).
+    On CUDA one launch (`_align_kernel`); elsewhere (and as its reference) `align_rows_torch`."""
+    if not ids.is_cuda:
+        return align_rows_torch(ids, num_experts, block_m)
+    T, K = ids.shape
+    n = T * K
+    P = padded_rows(n, num_experts, block_m)
+    rows = torch.empty(P, dtype=torch.int32, device=ids.device)
+    be = torch.empty(P // block_m, dtype=torch.int64, device=ids.device)
+    align_launch(ids.reshape(n), rows, be, num_experts, block_m)
+    return AlignedRows(rows, be, n, block_m)
 
-    P = T*K + min(E, T*K)*(block_m - 1), rounded up to block_m: enough for every expert's padding.
-    """
+
+ALIGN_CHUNK = 1024  # ids an align program reads at a time
+
+
+def align_launch(flat: Tensor, rows: Tensor, block_expert: Tensor, num_experts: int, block_m: int) -> None:
+    """`_align_kernel` over flat [n] int64 expert ids into rows [P] int32 and block_expert [P / block_m] int64
+    (every element written). Runs on CUDA or under Triton's interpreter (tests)."""
+    n = flat.shape[0]
+    _align_kernel[(num_experts,)](flat, rows, block_expert, n, rows.shape[0], E=num_experts,
+                                  EP=triton.next_power_of_2(num_experts), BLOCK_M=block_m, CHUNK=ALIGN_CHUNK,
+                                  num_warps=4)
+
+
+@triton.jit
+def _align_kernel(ids_ptr, rows_ptr, be_ptr, n, P, E: tl.constexpr, EP: tl.constexpr, BLOCK_M: tl.constexpr,
+                  CHUNK: tl.constexpr):
+    """Grid (E,): program e counts every expert's rows (a histogram of the ids), so it knows where its padded
+    group starts (the sum of the padded counts before it), then writes its rows in (t, k) order (an exclusive
+    prefix sum of its matches, chunk by chunk), the sentinel n into its padding, e into its blocks'
+    block_expert, and its share of the tail past the last group (sentinel rows, block_expert -1). One launch
+    for what align_rows_torch does in about twenty; the same result, element for element."""
+    e = tl.program_id(0)
+    counts = tl.zeros([EP], tl.int32)
+    for c0 in range(0, n, CHUNK):
+        offs = c0 + tl.arange(0, CHUNK)
+        m = offs < n
+        x = tl.load(ids_ptr + offs, mask=m, other=0).to(tl.int32)
+        counts += tl.histogram(x, EP, mask=m)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    pend = tl.cumsum(padded, 0)
+    mine = tl.arange(0, EP) == e
+    end = tl.sum(tl.where(mine, pend, 0))
+    pad = tl.sum(tl.where(mine, padded, 0))
+    cnt = tl.sum(tl.where(mine, counts, 0))
+    total = tl.sum(padded)
+    start = end - pad
+    base = start
+    for c0 in range(0, n, CHUNK):
+        offs = c0 + tl.arange(0, CHUNK)
+        m = offs < n
+        hit = ((tl.load(ids_ptr + offs, mask=m, other=-1) == e) & m).to(tl.int32)
+        tl.store(rows_ptr + base + tl.cumsum(hit, 0) - hit, offs, mask=hit != 0)
+        base += tl.sum(hit)
+    p = tl.arange(0, BLOCK_M)
+    tl.store(rows_ptr + start + cnt + p, n, mask=p < pad - cnt)
+    for b0 in range(0, pad // BLOCK_M, CHUNK):
+        b = b0 + tl.arange(0, CHUNK)
+        tl.store(be_ptr + start // BLOCK_M + b, e, mask=b < pad // BLOCK_M)
+    for t0 in range(total + e * CHUNK, P, E * CHUNK):  # the tail, CHUNK rows a program in turn
+        t = t0 + tl.arange(0, CHUNK)
+        tm = t < P
+        tl.store(rows_ptr + t, n, mask=tm)
+        tl.store(be_ptr + t // BLOCK_M, -1, mask=tm & (t % BLOCK_M == 0))
+
+
+def align_rows_torch(ids: Tensor, num_experts: int, block_m: int) -> AlignedRows:
+    """align_rows in torch operations (about twenty launches on a GPU): the CPU path and the kernel's reference."""
     T, K = ids.shape
     n, dev = T * K, ids.device
     flat = ids.reshape(n)
@@ -91,7 +162,7 @@ def align_rows(ids: Tensor, num_experts: int, block_m: int) -> AlignedRows:
     order = torch.argsort(flat, stable=True)  # [n] rows sorted by expert, (t, k) order inside
     e_sorted = flat.index_select(0, order)
     dest = (pend - padded).index_select(0, e_sorted) + torch.arange(n, device=dev) - cstart.index_select(0, e_sorted)
-    P = -(-(n + min(num_experts, n) * (block_m - 1)) // block_m) * block_m
+    P = padded_rows(n, num_experts, block_m)
     rows = torch.full((P,), n, dtype=torch.int32, device=dev).scatter_(0, dest, order.to(torch.int32))
     starts = torch.arange(0, P, block_m, device=dev)  # [P / block_m]
     be = torch.searchsorted(pend, starts, right=True)  # expert whose padded range holds the block start
