@@ -302,3 +302,32 @@ def test_grouped_mm_experts_match_loop(T, max_groups, monkeypatch):
         outs.append(step._experts(x, ids, wts, 3).float())
     assert calls and max(calls) <= max_groups and len(calls) % 3 == 0  # three projections per run of slots
     torch.testing.assert_close(outs[1], outs[0], rtol=2e-2, atol=2e-2)
+
+
+def test_batch_rows_decode_their_text_at_the_end(engine):
+    """stream=False (what `tiered batch` submits): a row without stop strings is detokenised once when it ends, and
+    its text equals the streamed row's; with a stop string it still streams and is cut at the stop; a sink still
+    gets the whole text with done=True."""
+    prompts = PROMPTS[:4]
+    seen: dict[str, list] = {}
+
+    def sink(r, piece, done):
+        seen.setdefault(r.id, []).append((piece, done))
+
+    out = {}
+    for stream in (True, False):
+        sch = Scheduler(engine, max_batch=4, page_size=8)
+        reqs = [sch.submit(Request(f"{stream}{i}", engine.encode(p), SamplingParams(max_tokens=12), sink=sink,
+                                   stream=stream)) for i, p in enumerate(prompts)]
+        while not sch.idle():
+            sch.step()
+        out[stream] = reqs
+    for a, b in zip(out[True], out[False]):
+        assert a.out_ids == b.out_ids and a.text == b.text and a.text
+        assert "".join(p for p, _ in seen[b.id]) == b.text and seen[b.id] == [(b.text, True)]
+    stop = out[True][0].text[3:6]
+    sch = Scheduler(engine, max_batch=1, page_size=8)
+    r = sch.submit(Request("s", engine.encode(prompts[0]), SamplingParams(max_tokens=12, stop=(stop,)), stream=False))
+    while not sch.idle():
+        sch.step()
+    assert r.finish_reason == "stop" and r.text == out[True][0].text[:out[True][0].text.find(stop)]

@@ -70,6 +70,7 @@ class Request:
     params: SamplingParams = field(default_factory=SamplingParams)
     sink: Sink | None = None
     routing: RowRouting | None = None  # benchmark mode: this row's replayed routing
+    stream: bool = True  # False (batch jobs): with no stop strings the text is decoded once, when the row ends
     out_ids: list[int] = field(default_factory=list)
     text: str = ""  # generated text (cut at a stop string)
     emitted: int = 0  # characters of `text` handed to the sink
@@ -219,12 +220,12 @@ class Scheduler:
     @torch.inference_mode()
     def step(self) -> int:
         """Admit, run one step over every row, sample, emit. Returns the rows that ran (0 = nothing to do)."""
+        t0 = time.perf_counter()  # the step's host work counts: admission and segments too
         self._apply_cancels()
         self._admit()
         segs, rows = self._segments()
         if not segs:
             return 0
-        t0 = time.perf_counter()
         prov = self.model.provider
         set_phase = getattr(prov, "set_phase", None)
         prefill = any(len(s.tokens) > 1 for s in segs)
@@ -291,19 +292,24 @@ class Scheduler:
         budget = self.prefill_tokens
         segs: list[Segment] = []
         rows: list[Request] = []
-        for r in sorted(self.running, key=lambda r: (r.seq_len - r.cached > 1, r._admitted)):
-            if r.done or r not in self.running:  # finished, or preempted by an earlier row of this loop
-                continue
-            todo = r.seq_len - r.cached
-            n = 1 if todo == 1 else min(todo, budget)
-            if n <= 0 or (todo > 1 and budget <= 0):
+        todo = {id(r): r.seq_len - r.cached for r in self.running}
+        preempted0 = self.preemptions
+        for r in sorted(self.running, key=lambda r: (todo[id(r)] > 1, r._admitted)):
+            if r.done or (self.preemptions != preempted0 and r not in self.running):  # finished, or preempted
+                continue  # by an earlier row of this loop
+            left = todo[id(r)]
+            n = 1 if left == 1 else min(left, budget)
+            if n <= 0 or (left > 1 and budget <= 0):
                 continue
             if not self._ensure_pages(r, r.cached + n, segs, rows):
                 continue
-            if todo > 1:
+            if left > 1:
                 budget -= n
-            toks = [r.token_at(i) for i in range(r.cached, r.cached + n)]
-            segs.append(Segment(toks, r.cached, r.pages, r.cached + n == r.seq_len, r.routing, r.slot))
+            if n == 1 and r.cached >= len(r.prompt_ids):  # a decode row: its last sampled token
+                toks = [r.out_ids[r.cached - len(r.prompt_ids)]]
+            else:
+                toks = [r.token_at(i) for i in range(r.cached, r.cached + n)]
+            segs.append(Segment(toks, r.cached, r.pages, r.cached + n == r.cached + left, r.routing, r.slot))
             rows.append(r)
         return segs, rows
 
@@ -342,7 +348,9 @@ class Scheduler:
         """Pick each row's next token, advance its state, emit text; returns tokens sampled."""
         greedy = [i for i, r in enumerate(rows) if r.params.temperature == 0]
         picks: dict[int, int] = {}
-        if greedy:
+        if len(greedy) == len(rows) and logits.shape[0] == len(rows):  # every row greedy: no gather first
+            picks = dict(enumerate(torch.argmax(logits, dim=-1).tolist()))
+        elif greedy:
             idx = torch.tensor(greedy, device=logits.device)
             for i, t in zip(greedy, torch.argmax(logits.index_select(0, idx), dim=-1).tolist()):
                 picks[i] = t
@@ -369,7 +377,7 @@ class Scheduler:
             return
         r.out_ids.append(tok)
         self.tokens_generated += 1
-        if r._decoder is not None:
+        if r._decoder is not None and (r.stream or p.stop):
             r.text += r._decoder.feed(tok)
             if self._cut_stop(r):
                 return
@@ -394,7 +402,9 @@ class Scheduler:
     def _finish(self, r: Request, reason: str, *, flush: bool = True, error: str | None = None) -> None:
         if r.done:
             return
-        if flush and reason in ("stop", "length") and r._decoder is not None:
+        if r._decoder is not None and not (r.stream or r.params.stop):  # the text was left to the end
+            r.text = self.tokenizer.decode(r.out_ids)
+        elif flush and reason in ("stop", "length") and r._decoder is not None:
             r.text += r._decoder.flush()
             if self._cut_stop(r):
                 return

@@ -140,7 +140,7 @@ def _request(body: dict, url: str, sch: Scheduler, greedy_default: bool, cid: st
                             top_p=float(_num(body, "top_p", 1.0)), top_k=_num(body, "top_k", 0, kind=int),
                             seed=seed, stop=tuple(stop or ()))
     params.check()
-    return Request(id=cid, prompt_ids=ids, params=params), tools
+    return Request(id=cid, prompt_ids=ids, params=params, stream=False), tools  # its text is written at the end
 
 
 def response_body(job: Job, model: str) -> dict[str, Any]:
