@@ -96,9 +96,11 @@ def build(work: Path, preset: str, layers: int | None = None, experts: str = "q4
 
 
 def replay_rows(cfg, n_rows: int, length: int, device: torch.device, text: Path) -> list:
-    """Per row: a ReplayRouting over a different window of the reference model's trace of the texts."""
+    """Per row: a ReplayRouting over a different window of the reference model's trace of the texts, every row's
+    from one ReplayBank (its arrays on the device once), so the decode-only steps replay the batch graphs as the
+    own-routing runs do (decode/batchgraph.py gathers each row's routing from the bank)."""
     from tiered.layout.families import default_model_path
-    from tiered.predict.replay import ReplayRouting
+    from tiered.predict.replay import ReplayBank
     from tiered.predict.trace import TraceRecorder, record, split_ids
 
     rec = TraceRecorder(logits=True, hidden=False)  # map_routing needs the logits above the source's top-k
@@ -127,20 +129,21 @@ def replay_rows(cfg, n_rows: int, length: int, device: torch.device, text: Path)
         out = [d for d in out if d.num_tokens == length]
         if len(out) < n_rows:
             raise SystemExit(f"the mapped routing gives only {len(out)} rows of {length} tokens for {n_rows} rows")
-        return [ReplayRouting(d.topk_ids.astype(np.int64), d.topk_weights, device=device) for d in out[:n_rows]]
+        bank = ReplayBank([d.topk_ids for d in out[:n_rows]], [d.topk_weights for d in out[:n_rows]], device=device)
+        return [bank.routing(i) for i in range(n_rows)]
     L, E = tr.num_layers, tr.num_experts
     if cfg.num_layers % L or cfg.num_experts % E:
         raise SystemExit(f"cannot map the reference routing ({L} layers x {E} experts) onto "
                          f"{cfg.num_layers} x {cfg.num_experts}")
     HL, HE = cfg.num_layers // L, cfg.num_experts // E
-    rows = []
+    ids, w = [], []
     for d in range(n_rows):
         doc = tr.doc(d)
-        h = len(rows) % HE  # rows alternate between the two halves of the experts
-        ids = np.concatenate([doc.topk_ids[:length].astype(np.int64) * HE + h] * HL, axis=1)  # [length, L', K]
-        w = np.concatenate([doc.topk_weights[:length]] * HL, axis=1)
-        rows.append(ReplayRouting(ids, w, device=device))
-    return rows
+        h = d % HE  # rows alternate between the two halves of the experts
+        ids.append(np.concatenate([doc.topk_ids[:length].astype(np.int64) * HE + h] * HL, axis=1))  # [length, L', K]
+        w.append(np.concatenate([doc.topk_weights[:length]] * HL, axis=1))
+    bank = ReplayBank(ids, w, device=device)
+    return [bank.routing(i) for i in range(n_rows)]
 
 
 def slots_for(lay: Layout, vram_gb: float, kv_pages: int, ctx: int, prefill_tokens: int,

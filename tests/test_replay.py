@@ -244,3 +244,32 @@ def test_map_predictions_follow_map_routing():
     assert len(np.unique(m.topk_ids[:, 1, 0] % 4)) > 1  # the members do switch across segments
     with pytest.raises(ValueError, match="hidden"):
         map_predictions(Trace(t.tokens, t.doc_offsets, ids, w, meta=t.meta), gates, num_experts=4 * E, count=1)
+
+
+def test_bank_routing_equals_direct():
+    """A ReplayRouting taken from a ReplayBank answers exactly as one built from that member's arrays: device and
+    host rows of every layer and position, the moe_layers mapping and its error, the end-of-trace error at the
+    member's own length (not the bank's); its `base` is the member's first bank row."""
+    from tiered.predict.replay import ReplayBank
+
+    docs = [_trace(n_docs=1, n=n, L=3, E=6, K=2, seed=s).doc(0) for s, n in enumerate((7, 12, 4))]
+    moe = [1, 3, 4]
+    bank = ReplayBank([d.topk_ids for d in docs], [d.topk_weights for d in docs], device="cpu", moe_layers=moe)
+    assert len(bank) == 3 and bank.bases == [0, 7, 19, 23] and tuple(bank.ids.shape) == (23, 3, 2)
+    for i, d in enumerate(docs):
+        r, want = bank.routing(i), ReplayRouting(d.topk_ids, d.topk_weights, device="cpu", moe_layers=moe)
+        assert r.bank is bank and r.base == bank.bases[i] and want.bank is None and want.base == 0
+        assert torch.equal(r.ids, want.ids) and torch.equal(r.weights, want.weights)
+        for layer in moe:
+            for start in range(d.num_tokens):
+                for got, ref in ((r(layer, start, 1), want(layer, start, 1)), (r.host(layer, 0, start + 1),
+                                                                              want.host(layer, 0, start + 1))):
+                    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), (i, layer, start)
+            assert r._layer(layer) == want._layer(layer) == bank.layer(layer)
+        with pytest.raises(IndexError, match="longer trace"):
+            r(1, d.num_tokens, 1)
+        with pytest.raises(IndexError, match="replayed MoE layers"):
+            r(0, 0, 1)
+    with pytest.raises(ValueError, match="shape"):
+        ReplayBank([docs[0].topk_ids, docs[1].topk_ids[:, :2]], [docs[0].topk_weights, docs[1].topk_weights[:, :2]],
+                   device="cpu")

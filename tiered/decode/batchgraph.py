@@ -2,12 +2,21 @@
 
 Owns: `BatchGraphs` (the static input buffers of each bucket, its captured step and logits, `eligible` (which
 steps a graph may run), `run` (fill the buffers, capture on a bucket's first step, replay), what capturing
-cost, and the buckets that could not be captured) and `bucket_for` (rows -> the bucket's row count).
+cost, and the buckets that could not be captured), `bucket_for` (rows -> the bucket's row count), `shared_bank`
+(whether the rows' routing overrides come from one replay bank) and `bank_layers` (the bank layer of each MoE
+layer, or why the bank cannot serve the model).
 A step whose rows all decode one token runs with every shape fixed by its bucket: the tokens, positions, K/V
-store places, lengths and block tables [bucket, max_context / page] go into the bucket's buffer in one copy, the
-paged decode kernel reads the lengths on the device, the experts take the model's own path over the
+store places, lengths, bank rows and block tables [bucket, max_context / page] go into the bucket's buffer in one
+copy, the paged decode kernel reads the lengths on the device, the experts take the model's own path over the
 resident pool (BatchStep experts="model": no host read), and padding rows (token 0 at position 0, length 0:
 zero attention, a K/V store into a free page, routing marks sent to the uncounted column) fill the bucket.
+Replayed routing (benchmark mode, predict/replay.py): rows whose routing comes from one ReplayBank are graphed
+too; each row's bank row (base + position, -1 for own routing and padding) is in the buffer and the step gathers
+the bank's ids and weights on the device (batchstep.py `replay_gather`). A bucket is bound to the bank of the
+first replayed step it runs (its graph reads that bank's tensors; own-routing steps run it with every row -1); a
+replayed step of another bank, or on a graph captured before any bank, binds it again and captures it again
+(`recaptures`: the simple correct choice, which a benchmark with one bank per job does not pay). Rows whose
+routing is not a bank's, or of two banks in one step, run eagerly.
 Does not own: the step's math (batchstep.py `BatchStep.layers`, shared with the eager step), the pages
 (state.py), nor which rows run (scheduler.py).
 
@@ -16,13 +25,14 @@ Legend: B rows of the step, Bb its bucket, MP pages per row (max_context / page 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tiered.decode.batchstep import BatchStep, Segment, StepCounts
+from tiered.decode.batchstep import BankRows, BatchStep, Segment, StepCounts
 from tiered.decode.capture import capture
 from tiered.kernels.quant_moe import qlinear as linear
 
@@ -42,10 +52,13 @@ def bucket_for(rows: int) -> int:
 
 @dataclass
 class _Bucket:
-    rows: Tensor  # [4 + MP, Bb] int64, one copy a step: token, position, K/V store place (pools viewed as
-    #               [N * P, ...]), length (0 for padding rows), then the block table, row b in column b
+    rows: Tensor  # [5 + MP, Bb] int64, one copy a step: token, position, K/V store place (pools viewed as
+    #               [N * P, ...]), length (0 for padding rows), bank row (-1: own routing), then the block
+    #               table, row b in column b
     graph: torch.cuda.CUDAGraph | None = None
     logits: Tensor | None = None  # [Bb, V], written by each replay
+    bank: Any = None  # the ReplayBank whose tensors the body gathers from (None: every row routes itself)
+    layers: dict[int, int] | None = None  # model layer -> bank layer (bank_layers), with `bank`
 
 
 class BatchGraphs:
@@ -71,40 +84,51 @@ class BatchGraphs:
         self.failed: dict[int, str] = {}  # bucket -> why its capture failed (those steps run eagerly)
         self.pool = torch.cuda.graph_pool_handle() if self.graphed else None
         self.capture_s = 0.0
-        self.graph_mem_bytes = 0
+        self.graph_mem_bytes = 0  # summed over captures (recaptures included)
         self.replays = 0
+        self.recaptures = 0  # captures of a bucket again: a replayed step of a bank its graph was not captured with
 
     def eligible(self, segs: list[Segment]) -> bool:
-        """A graph may run this step: every row decodes one token, wants its logits and has no routing
-        override, and the bucket was not refused before."""
-        if not segs or any(len(s.tokens) != 1 or not s.want_logits or s.routing is not None for s in segs):
+        """A graph may run this step: every row decodes one token and wants its logits, the rows' routing
+        overrides (if any) all come from one ReplayBank, and the bucket was not refused before."""
+        if not segs or any(len(s.tokens) != 1 or not s.want_logits for s in segs):
             return False
-        return bucket_for(len(segs)) not in self.failed
+        return shared_bank(segs)[0] and bucket_for(len(segs)) not in self.failed
 
     @torch.inference_mode()
     def run(self, segs: list[Segment]) -> Tensor | None:
         """The step's logits [B, V] (a view of the bucket's static buffer: read it before the next step), or
         None when no graph can run it (the caller runs it eagerly): padding needs a free page and none is, or
-        the bucket's capture failed."""
+        the bucket's capture failed, or the rows' routing is not one bank's (see `eligible`).
+        Raises ValueError when the rows' replay bank cannot serve the model (`bank_layers`), IndexError when a
+        row's position is past its replayed routing (as the eager step does)."""
         st = self.step.state
         P, MP = st.page_size, self.max_pages
         B = len(segs)
         Bb = bucket_for(B)
+        ok, bank = shared_bank(segs)
         scratch = st.peek_free_page() if Bb > B else 0
-        if scratch is None or any(s.start >= MP * P for s in segs):
+        if not ok or scratch is None or any(s.start >= MP * P for s in segs):
             return None
-        # padding rows: token 0 at position 0, length 0 (no keys read), K/V stored into the free page; unused
-        # block-table entries stay page 0 (any valid id: the kernel reads a row's pages up to its length)
-        host = np.zeros((4 + MP, Bb), dtype=np.int64)
+        # padding rows: token 0 at position 0, length 0 (no keys read), K/V stored into the free page, own
+        # routing (bank row -1); unused block-table entries stay page 0 (any valid id: the kernel reads a row's
+        # pages up to its length)
+        host = np.zeros((5 + MP, Bb), dtype=np.int64)
         host[2, B:] = scratch * P
+        host[4] = -1
         for i, s in enumerate(segs):
             p = s.start
             host[:4, i] = (s.tokens[0], p, s.pages[p // P] * P + p % P, p + 1)
+            if s.routing is not None:
+                s.routing._check(p, 1)  # past its end the gather would read the next member's rows
+                host[4, i] = s.routing.base + p
             pages = s.pages[:MP]
-            host[4:4 + len(pages), i] = pages
+            host[5:5 + len(pages), i] = pages
         b = self.buckets.get(Bb)
         if b is None:
-            b = self.buckets[Bb] = _Bucket(rows=torch.zeros(4 + MP, Bb, dtype=torch.int64, device=self.device))
+            b = self.buckets[Bb] = _Bucket(rows=torch.zeros(5 + MP, Bb, dtype=torch.int64, device=self.device))
+        if bank is not None and b.bank is not bank:
+            self._bind(b, bank)
         b.rows.copy_(torch.from_numpy(host), non_blocking=True)
         self.step.last = StepCounts(rows=B, tokens=B)
         if not self.graphed:
@@ -128,18 +152,71 @@ class BatchGraphs:
     def stats(self) -> dict:
         return {"buckets": sorted(k for k, b in self.buckets.items() if b.graph is not None), "replays": self.replays,
                 "capture_s": self.capture_s, "graph_mem_bytes": self.graph_mem_bytes,
-                "failed": dict(self.failed)}
+                "recaptures": self.recaptures, "failed": dict(self.failed)}
+
+    def _bind(self, b: _Bucket, bank: Any) -> None:
+        """Tie bucket b to `bank`: its body gathers from the bank's tensors, so a graph captured without it or
+        with another bank is dropped (captured again on this step). ValueError when the bank cannot serve."""
+        b.layers = bank_layers(self.step, bank)
+        if b.graph is not None:
+            b.graph = b.logits = None
+            self.recaptures += 1
+        b.bank = bank
 
     def _body(self, b: _Bucket) -> Tensor:
         """The graphed step: every shape depends on the bucket only."""
         m, step = self.model, self.step
         tokens, pos, flat, seqlens = b.rows[0], b.rows[1], b.rows[2], b.rows[3].to(torch.int32)
         plan = {"decode": [0], "other": [], "all_decode": True, "seqlens": seqlens, "flat": flat,
-                "bt": b.rows[4:].t().to(torch.int32).contiguous(), "valid": seqlens > 0,
+                "bt": b.rows[5:].t().to(torch.int32).contiguous(), "valid": seqlens > 0,
                 "cos": m.rope.cos.index_select(0, pos), "sin": m.rope.sin.index_select(0, pos)}
+        if b.bank is not None:
+            plan["replay"] = BankRows(b.rows[4], b.bank.ids, b.bank.weights, b.layers)
         step.used_marks().zero_()
         h, delta = step.layers(F.embedding(tokens, m.embed), plan, None, None)
         return linear(m.add_norm(h, delta, m.final_norm)[1], m.lm_head)  # [Bb, V]
+
+
+def shared_bank(segs: list[Segment]) -> tuple[bool, Any]:
+    """(ok, bank): whether the rows' routing overrides allow a graph, and their ReplayBank. (True, None): no row
+    has one; (True, bank): every row that has one reads `bank` (predict/replay.py ReplayBank.routing); (False,
+    None): a row's routing is not a bank's (a host callback), or two rows' banks differ."""
+    bank = None
+    for s in segs:
+        if s.routing is None:
+            continue
+        rb = getattr(s.routing, "bank", None)
+        if rb is None or (bank is not None and rb is not bank):
+            return False, None
+        bank = rb
+    return True, bank
+
+
+def bank_layers(step: BatchStep, bank: Any) -> dict[int, int]:
+    """The bank layer of each MoE layer of the step's model (dense layers route nothing). Raises ValueError,
+    saying what to change, when the bank cannot serve the model's steps: another top-k, another device, or a
+    MoE layer it does not replay."""
+    _, Lb, K = bank.ids.shape
+    if K != step.cfg.top_k:
+        raise ValueError(f"the replay bank routes top-{K} and the model top-{step.cfg.top_k}: map the routing onto "
+                         f"the model's top-k (predict/replay.py map_routing)")
+    dev = bank.ids.device
+    if dev.type != step.device.type or (None not in (dev.index, step.device.index) and dev.index != step.device.index):
+        raise ValueError(f"the replay bank is on {dev} and the model on {step.device}: build the ReplayBank with "
+                         f"device={step.device}")
+    out = {}
+    for l, lw in enumerate(step.model.layers):
+        if lw.moe is None:
+            continue
+        try:
+            j = bank.layer(l)
+        except IndexError as e:
+            raise ValueError(f"{e}: build the ReplayBank with moe_layers naming every MoE layer of the model") from None
+        if not 0 <= j < Lb:
+            raise ValueError(f"the replay bank has {Lb} layers and MoE layer {l} of the model maps to its layer {j}: "
+                             f"give moe_layers (the model layer of each bank layer) for a model with dense layers")
+        out[l] = j
+    return out
 
 
 def unsupported(step: BatchStep) -> str | None:

@@ -1,6 +1,7 @@
 """The expert-major step: one forward over every row of a batch, each row on its own pages and slot.
 
-Owns: `Segment` (one row's tokens in a step: a one-token decode or a chunk of its prompt), `BatchStep`
+Owns: `Segment` (one row's tokens in a step: a one-token decode or a chunk of its prompt), `BankRows` and
+`replay_gather` (a graphed step's replayed routing, gathered from a replay bank on the device), `BatchStep`
 (the forward: per layer, the token mixer of every row over its per-layer state, the router, then the experts by
 one of two paths: "major", every (token, k) entry grouped by expert, each distinct expert resolved ONCE per
 step through the provider, one grouped computation per projection, rows scattered back (an expert cache must
@@ -66,6 +67,27 @@ class Segment:
     want_logits: bool  # return the logits of the last token (decode, or the last chunk of a prompt)
     routing: RowRouting | None = None  # benchmark mode: replayed routing for this row (predict/replay.py)
     slot: int = -1  # the row's recurrent-state slot (models with DeltaNet layers; StatePool.alloc_slot)
+
+
+@dataclass(frozen=True)
+class BankRows:
+    """A graphed step's replayed routing (decode/batchgraph.py): the rows' routing gathered from one
+    predict/replay.py ReplayBank on the device, instead of a host call per row and layer."""
+    idx: Tensor  # [T] int64: each row's bank row (its routing's base + its position); -1: own routing, padding
+    ids: Tensor  # [N, L', K] int64: the bank's ids (N bank rows, L' bank layers)
+    weights: Tensor  # [N, L', K] fp32: the bank's weights
+    layers: dict[int, int]  # model layer -> bank layer, for every MoE layer of the model
+
+
+def replay_gather(rows: BankRows, layer: int, ids: Tensor, wts: Tensor) -> tuple[Tensor, Tensor]:
+    """ids [T, K] int64 and wts [T, K] of model layer `layer`, the rows with a bank row replaced by that row's
+    routing at the layer's bank layer; on the device (no host read, no loop over rows: graph-capturable)."""
+    j = rows.layers[layer]
+    use = (rows.idx >= 0)[:, None]  # [T, 1]
+    at = rows.idx.clamp(min=0)  # own-routing and padding rows read bank row 0, then keep their own
+    ri = rows.ids.select(1, j).index_select(0, at)  # [T, K]
+    rw = rows.weights.select(1, j).index_select(0, at)
+    return torch.where(use, ri, ids), torch.where(use, rw.to(wts.dtype), wts)
 
 
 @dataclass
@@ -235,8 +257,9 @@ class BatchStep:
                offs: list[int] | None) -> tuple[Tensor, Tensor | None]:
         """Every layer over the step's tokens: h [T, D] embedded -> (h, delta), the residual stream entering the
         final norm and the last layer's MLP/MoE output (added there). segs / offs None: a graphed decode-only
-        step (decode/batchgraph.py), whose plan holds device buffers only: every row decodes, none has a routing
-        override, and plan["valid"] [T] bool marks the real rows."""
+        step (decode/batchgraph.py), whose plan holds device buffers only: every row decodes, plan["valid"] [T]
+        bool marks the real rows, and plan["replay"] (BankRows, when the step's bucket is bound to a replay
+        bank) gives the rows whose routing is replayed; with segs, each row's override is called on the host."""
         m, st, dev = self.model, self.state, self.device
         delta = None  # the previous layer's MLP/MoE output: its residual add is fused with this layer's first norm
         for l, lw in enumerate(m.layers):
@@ -253,6 +276,8 @@ class BatchStep:
                 delta = m.experts_out(l, Routed(h, x, None, None, None))
                 continue
             _, ids, wts = m._route_own(l, x, None)  # the family's rule: [T, K] int64, [T, K] fp32
+            if segs is None and "replay" in plan:  # graphed: replayed rows gathered from their bank on the device
+                ids, wts = replay_gather(plan["replay"], l, ids, wts)
             for s, a in zip(segs or (), offs or ()):
                 if s.routing is not None:
                     ri, rw = s.routing(l, s.start, len(s.tokens))

@@ -5,8 +5,10 @@ bandwidth benchmarks on a large random model, the router's choice is replaced by
 the trained reference model, mapped onto the large model's layers and experts.
 
 Owns: `map_trace` (the documented, deterministic mapping), `map_predictions` (a next-gate predictor's candidates
-mapped the same way) and `ReplayRouting` (the override the model calls instead of its router). Does not own:
-recording traces (trace.py) or the model.
+mapped the same way), `ReplayRouting` (the override the model calls instead of its router) and `ReplayBank` (many
+rows' routing concatenated on the device, each row a ReplayRouting over views of it, so a graphed batch step can
+gather every row's routing in one index: decode/batchgraph.py). Does not own: recording traces (trace.py) or the
+model.
 
 The mapping (no lookahead: token t of the mapped trace is made only from token t of the source):
     source: L layers, E experts, top-K;   target: L' = H*L layers, E' = H*E experts, the same K,
@@ -41,6 +43,7 @@ deterministic:
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -86,28 +89,38 @@ class ReplayRouting:
 
     Called as routing(layer, start, T) for positions start..start+T-1; stateless, so warm-ups and
     graph captures that run a step twice see the same rows. No lookahead: row p is the routing the
-    source model chose at position p.
+    source model chose at position p. One made by `ReplayBank.routing` reads views of the bank's arrays:
+    `bank` is that bank and `base` the bank row of its position 0 (a graphed batch step gathers bank row
+    base + position on the device); one made here has bank None, base 0.
     """
 
     def __init__(self, topk_ids: np.ndarray, topk_weights: np.ndarray, *, device: torch.device | str,
                  moe_layers: list[int] | None = None) -> None:
         """moe_layers: the model layer of each of the arrays' L layers (Trace.moe_layers, for a model with dense
         layers); None = array layer l is model layer l."""
-        self.ids_host = torch.as_tensor(topk_ids.astype(np.int64))  # [N, L, K] (the host reads rows without a sync)
-        self.weights_host = torch.as_tensor(topk_weights, dtype=torch.float32)  # [N, L, K]
-        self.ids = self.ids_host.to(device)
-        self.weights = self.weights_host.to(device)
-        L = self.ids_host.shape[1]
-        if moe_layers is not None and len(moe_layers) != L:
-            raise ValueError(f"moe_layers lists {len(moe_layers)} layers for routing arrays of {L}")
-        self._index = None if moe_layers is None else {int(m): i for i, m in enumerate(moe_layers)}
+        ids_host = torch.as_tensor(topk_ids.astype(np.int64))  # [N, L, K] (the host reads rows without a sync)
+        weights_host = torch.as_tensor(topk_weights, dtype=torch.float32)  # [N, L, K]
+        self._set(ids_host, weights_host, ids_host.to(device), weights_host.to(device), moe_layers)
+        self.bank: ReplayBank | None = None
+        self.base = 0
+
+    @classmethod
+    def _of_bank(cls, bank: ReplayBank, i: int) -> ReplayRouting:
+        """Member i of `bank`: views of its rows base..base+n-1 (no copy)."""
+        r = cls.__new__(cls)
+        a, b = bank.bases[i], bank.bases[i + 1]
+        r._set(bank.ids_host[a:b], bank.weights_host[a:b], bank.ids[a:b], bank.weights[a:b], bank.moe_layers)
+        r.bank, r.base = bank, a
+        return r
+
+    def _set(self, ids_host: Tensor, weights_host: Tensor, ids: Tensor, weights: Tensor,
+             moe_layers: list[int] | None) -> None:
+        self.ids_host, self.weights_host = ids_host, weights_host  # [N, L, K] int64, fp32 on the host
+        self.ids, self.weights = ids, weights  # the same on the device
+        self._index = _layer_index(moe_layers, ids_host.shape[1])
 
     def _layer(self, layer: int) -> int:
-        if self._index is None:
-            return layer
-        if layer not in self._index:
-            raise IndexError(f"model layer {layer} is not among the replayed MoE layers {sorted(self._index)}")
-        return self._index[layer]
+        return _array_layer(self._index, layer)
 
     def __call__(self, layer: int, start: int, T: int) -> tuple[Tensor, Tensor]:
         """ids [T, K] int64 and weights [T, K] fp32 of model layer `layer` for positions start..start+T-1 (on the
@@ -127,6 +140,66 @@ class ReplayRouting:
             raise IndexError(f"replayed routing has {self.ids.shape[0]} positions; position {start + T - 1} asked "
                              f"for: use a longer trace or fewer tokens")
 
+
+class ReplayBank:
+    """Several rows' replayed routing in one pair of device arrays, so that one CUDA graph can serve them all.
+
+    ids [N, L, K] int64 and weights [N, L, K] fp32 are the members' arrays concatenated over positions (N their
+    total length); member i's position p is bank row bases[i] + p. `routing(i)` is member i as a ReplayRouting
+    (views of these arrays: it answers exactly as one built from member i's arrays). A graphed batch step
+    (decode/batchgraph.py) gathers bank rows on the device instead of calling each row's routing on the host.
+    Every member shares the layer mapping `moe_layers` (see ReplayRouting).
+    """
+
+    def __init__(self, topk_ids: Sequence[np.ndarray], topk_weights: Sequence[np.ndarray], *,
+                 device: torch.device | str, moe_layers: list[int] | None = None) -> None:
+        """topk_ids / topk_weights: per member, [n_i, L, K] arrays (the same L and K for all)."""
+        if len(topk_ids) != len(topk_weights) or not topk_ids:
+            raise ValueError(f"a replay bank needs one weights array per ids array and at least one member, got "
+                             f"{len(topk_ids)} ids and {len(topk_weights)} weights arrays")
+        shape = topk_ids[0].shape[1:]
+        for i, (a, w) in enumerate(zip(topk_ids, topk_weights)):
+            if a.ndim != 3 or a.shape[1:] != shape or w.shape != a.shape:
+                raise ValueError(f"member {i} of the replay bank has ids {a.shape} and weights {w.shape}; every "
+                                 f"member needs ids and weights of shape [n, {shape[0]}, {shape[1]}]")
+        self.ids_host = torch.as_tensor(np.concatenate([a.astype(np.int64) for a in topk_ids]))  # [N, L, K]
+        self.weights_host = torch.as_tensor(np.concatenate(topk_weights), dtype=torch.float32)  # [N, L, K]
+        self.ids = self.ids_host.to(device)
+        self.weights = self.weights_host.to(device)
+        self.bases = np.concatenate([[0], np.cumsum([len(a) for a in topk_ids])]).tolist()  # [members + 1]
+        self.moe_layers = None if moe_layers is None else [int(m) for m in moe_layers]
+        self._index = _layer_index(self.moe_layers, self.ids_host.shape[1])
+
+    def __len__(self) -> int:
+        """Members."""
+        return len(self.bases) - 1
+
+    def routing(self, i: int) -> ReplayRouting:
+        """Member i's routing (its position p is bank row `base` + p)."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"the replay bank has {len(self)} members, member {i} asked for")
+        return ReplayRouting._of_bank(self, i)
+
+    def layer(self, layer: int) -> int:
+        """The bank's array layer of model layer `layer` (IndexError when the bank does not replay it)."""
+        return _array_layer(self._index, layer)
+
+
+def _layer_index(moe_layers: list[int] | None, L: int) -> dict[int, int] | None:
+    """model layer -> array layer, or None when array layer l is model layer l."""
+    if moe_layers is None:
+        return None
+    if len(moe_layers) != L:
+        raise ValueError(f"moe_layers lists {len(moe_layers)} layers for routing arrays of {L}")
+    return {int(m): i for i, m in enumerate(moe_layers)}
+
+
+def _array_layer(index: dict[int, int] | None, layer: int) -> int:
+    if index is None:
+        return layer
+    if layer not in index:
+        raise IndexError(f"model layer {layer} is not among the replayed MoE layers {sorted(index)}")
+    return index[layer]
 
 
 JITTER = 0.25  # map_routing's default: the t+1 reuse at K=10 near Flash-MoE's 25.6% for the real 397B (module doc)
