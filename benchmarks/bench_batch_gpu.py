@@ -178,7 +178,8 @@ def run_b(engine, B: int, prompts: list, new: int, routings: list | None, kv_pag
 
     def submit(n_new: int) -> list:
         return [sch.submit(Request(str(i), prompts[i], SamplingParams(max_tokens=n_new, stop_at_eos=False),
-                                   routing=routings[i] if routings else None)) for i in range(B)]
+                                   routing=routings[i] if routings else None, stream=False))  # as `tiered batch`
+                for i in range(B)]
 
     submit(4)
     sch.run_until_idle()  # warm-up: kernels, allocator, the cache's first fills
@@ -248,6 +249,40 @@ def bound(run: dict, compute_s: float, slots: int, block: int, gbps: float) -> d
             "compute_s_per_step": compute_s}
 
 
+def profile_b(engine, B: int, prompts: list, kv_pages: int, prefill: int, path: str = "graphs",
+              steps: int = 8) -> dict:
+    """Device time by kernel over `steps` decode steps of B rows (own routing) under torch.profiler, after
+    the prompts and a few unprofiled steps: what a decode step of the timed runs spends its time on."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sch = Scheduler(engine, max_batch=B, kv_pages=kv_pages, page_size=PAGE, prefill_tokens=prefill, max_queue=B + 1,
+                    **PATHS[path])
+    reqs = [sch.submit(Request(str(i), prompts[i], SamplingParams(max_tokens=steps + 8, stop_at_eos=False)))
+            for i in range(B)]
+    while any(len(r.out_ids) < 4 for r in reqs):  # prompts, then unprofiled decode steps (captures included)
+        sch.step()
+    torch.cuda.synchronize()
+    by: dict = {}
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            sch.step()
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            name = ev.name[:60]
+            d = by.setdefault(name, [0.0, 0])
+            d[0] += ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+            d[1] += 1
+    sch.run_until_idle()
+    total = sum(v[0] for v in by.values())
+    top = sorted(by.items(), key=lambda kv: -kv[1][0])[:25]
+    return {"B": B, "path": path, "steps": steps, "wall_ms_per_step": wall / steps * 1e3,
+            "kernel_us_per_step": total / steps, "launches_per_step": sum(v[1] for v in by.values()) / steps,
+            "top": [{"kernel": k, "us_per_step": v[0] / steps, "launches_per_step": v[1] / steps} for k, v in top]}
+
+
 def public(run: dict) -> dict:
     return {k: v for k, v in run.items() if not k.startswith("_")}
 
@@ -282,6 +317,8 @@ def main() -> None:
     ap.add_argument("--llama-json", type=Path, default=None,
                     help="bench_peers.py's llama.json (same lease): its llama-batched-bench S_TG per B replaces "
                          "--llamacpp-vram / --llamacpp-cpu")
+    ap.add_argument("--profile", default="",
+                    help="vram phase: B values whose decode steps are profiled by kernel (torch.profiler, own routing)")
     ap.add_argument("--llamacpp-vram", default=LLAMA_VRAM, help="llama-batched-bench S_TG at B = 1,8,32,128, all on GPU")
     ap.add_argument("--llamacpp-cpu", default=LLAMA_CPU, help="the same with experts on the CPU (-ot exps=CPU)")
     a = ap.parse_args()
@@ -371,6 +408,13 @@ def main() -> None:
                 runs.append(pub)
                 del r
             out[mode] = {str(r["B"]): r for r in runs}
+        if phase == "vram" and a.profile and device.type == "cuda":
+            for B in (int(x) for x in a.profile.split(",") if x):
+                pr = profile_b(engine, B, prompts, kv_pages, a.prefill_tokens, paths[0])
+                log(f"profile B={B}: {pr['kernel_us_per_step']:.0f} us of kernels a step, "
+                    f"{pr['launches_per_step']:.0f} launches; " + ", ".join(
+                        f"{t['kernel'][:40]} {t['us_per_step']:.0f}" for t in pr["top"][:8]))
+                res.setdefault("vram_profile", {})[str(B)] = pr
         if device.type == "cuda":
             out["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GiB
         res[phase] = out

@@ -610,11 +610,16 @@ PREFILL_SHAPES = {"10.6B": (2048, 768, 128, 8), "397B": (4096, 1024, 512, 10)}  
 PREFILL_SWEEP = [(16, 64, 64, 4, 4), (16, 64, 128, 4, 4), (16, 128, 64, 4, 4), (32, 64, 128, 4, 4),
                  (64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4),
                  (64, 64, 32, 4, 4)]  # block_m, block_n, block_k, warps, stages
-# --swap-sweep (quantized formats only): the transposed products (GroupedConfig.swap 1-3) at few rows per expert
+# --swap-sweep (quantized formats only): the transposed products (GroupedConfig.swap 1-3) at few rows per expert,
+# and longer reduction steps (swap 0, several groups a step): a q4 step of 64 inputs reads 32 bytes of each weight
+# row, 256 inputs a whole 128-byte line (session 27)
 SWAP_SWEEP = [(16, 64, 64, 4, 4, 1), (16, 64, 64, 4, 4, 2), (16, 128, 64, 4, 4, 2), (16, 64, 64, 4, 4, 3),
               (16, 128, 64, 4, 4, 3), (16, 128, 64, 8, 4, 3), (16, 64, 64, 8, 4, 3), (16, 64, 64, 4, 3, 3),
               (16, 256, 64, 8, 3, 3), (32, 64, 64, 4, 4, 3), (32, 128, 64, 8, 4, 3), (64, 64, 64, 4, 4, 3),
-              (64, 128, 64, 4, 3, 3)]  # ..., swap
+              (64, 128, 64, 4, 3, 3),
+              (16, 64, 128, 4, 3, 0), (16, 64, 128, 8, 3, 0), (16, 128, 128, 8, 3, 0), (16, 32, 256, 4, 3, 0),
+              (16, 32, 256, 8, 3, 0), (16, 64, 256, 8, 3, 0), (16, 64, 256, 8, 2, 0), (16, 64, 128, 4, 3, 2),
+              (32, 64, 256, 8, 3, 0), (64, 64, 128, 8, 3, 0), (64, 64, 256, 8, 3, 0), (64, 128, 128, 8, 3, 0)]
 
 
 class _Resident:
