@@ -207,6 +207,25 @@ def test_dense_matmul_splits_narrow_matrices():
     assert pick_matmul_config(SPLIT_MAX_ROWS + 1, 2048, "q4", 4096).split == 1
 
 
+def test_expert_tiles_by_rows(monkeypatch):
+    """pick_qconfig: at <= 16 rows an expert q4 steps over two groups (128 inputs), the other formats keep their
+    capped step; more rows keep one q4 group a step; TIERED_QGROUPED_FEW replaces the few-row tiles only, and a
+    malformed spec names itself."""
+    from tiered.kernels.quant_grouped import FEW_ENV, pick_qconfig
+
+    monkeypatch.delenv(FEW_ENV, raising=False)
+    few = pick_qconfig(1024, 128, "q4")
+    assert (few.block_m, few.block_k, few.stages, few.swap) == (16, 128, 3, 0)
+    assert pick_qconfig(1024, 128, "mxfp4").block_k == 64 and pick_qconfig(1024, 128, "q8").block_k == 128
+    assert pick_qconfig(8192, 128, "q4").block_k == 64  # 64 rows an expert
+    monkeypatch.setenv(FEW_ENV, "m32:n128:w8:swap3")
+    c = pick_qconfig(1024, 128, "q4")
+    assert (c.block_m, c.block_n, c.warps, c.swap) == (32, 128, 8, 3) and pick_qconfig(8192, 128, "q4").swap == 0
+    monkeypatch.setenv(FEW_ENV, "m16:z4")
+    with pytest.raises(ValueError, match="z4"):
+        pick_qconfig(1024, 128, "q4")
+
+
 def test_block_k_rules():
     """A step lies inside one group, spans whole groups, or the row is one group; nibble formats step >= 32."""
     W = _pool("q4", 1, 8, 130, device="cpu")

@@ -36,6 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -300,16 +301,10 @@ class BatchStep:
         """The step's distinct experts (and keys) from the device marks: one host read per step."""
         c, E = self.last, self.cfg.num_experts
         moe = [l for l, lw in enumerate(self.model.layers) if lw.moe is not None]
-        if self.record_keys:
-            nz = self._used[:, :E].nonzero().tolist()  # (layer, e), ascending
-            per: dict[int, list[int]] = {l: [] for l in moe}
-            for l, e in nz:
-                per[l].append(l * E + e)
-            keys = nz
-            c.keys = [per[l] for l in moe]
-            c.distinct_experts = len(keys)
-        else:
-            c.distinct_experts = int(self._used[:, :E].sum())
+        used = self._used[:, :E].cpu().numpy()  # [L, E] bool, one copy
+        if self.record_keys:  # (layer, e) keys, ascending, per MoE layer
+            c.keys = [(np.flatnonzero(used[l]) + l * E).tolist() for l in moe]
+        c.distinct_experts = int(used.sum())
         c.provider_calls = len(moe)
 
     # --- per-step plan ---

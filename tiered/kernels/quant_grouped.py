@@ -430,6 +430,11 @@ def pick_qconfig(rows: int, num_experts: int, fmt: str) -> GroupedConfig:
     spec = os.environ.get(FEW_ENV, "")
     if spec and c.block_m == 16:
         return parse_few(spec)
+    if fmt == "q4" and c.block_m == 16:
+        # two groups a step (64 bytes of each weight row): session 27 (batch-align-2026-12-03-h200-s27.json, call C)
+        # timed it against one group a step at 1 / 8 rows an expert, 181 / 257 us a layer against 191 / 271 in the
+        # sweep, and gate_up + down 239 against 251 us a layer in the B = 128 decode's profile (about 5%)
+        return GroupedConfig(block_m=16, block_n=c.block_n, block_k=128, warps=c.warps, stages=3)
     cap = {"q8": 128, "q4": 64, "fp8": 128, "mxfp4": 64}[fmt]
     return GroupedConfig(block_m=c.block_m, block_n=c.block_n, block_k=min(c.block_k, cap), warps=c.warps,
                          stages=c.stages)
