@@ -17,28 +17,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from s26_report import batch_runs, jsonl, prefill, tests  # noqa: E402
+from s26_report import batch_runs, llama, prefill, tests  # noqa: E402 (llama: call F has its files)
 
 COMMITS = {"A": "91accc9", "B": "91accc9 (+ the bench's --profile, committed in d621d03)", "C": "d621d03",
            "D": "d621d03", "E": "fd6cf29", "F": "c8a9005"}
 BATCHES = ("1", "8", "32", "128")
 S26 = {"prefill_512_graphs": {"q4": 98_000.0, "bf16": 138_800.0}, "prefill_64_graphs": {"q4": 24_800.0,
        "bf16": 25_600.0}, "prefill_512_eager": {"q4": 27_100.0, "bf16": 25_100.0}}  # session 26 call D (notes)
-
-
-def llama(d: Path) -> dict:
-    """Call F: llama-bench (pp512, tg128) and llama-batched-bench (64-token prompts, 64 new tokens, all on the GPU)
-    on the bf16 and Q4_0 GGUFs."""
-    out: dict = {"model": json.loads((d / "model.json").read_text()).get("q4_0_kept")}
-    for q in ("bf16", "q4_0"):
-        e = out[q] = {}
-        for r in jsonl(d / f"llama-bench-{q}.jsonl"):
-            key = f"pp{r['n_prompt']}_tok_s" if r["n_gen"] == 0 else f"tg{r['n_gen']}_tok_s"
-            e[key] = round(r["avg_ts"], 1)
-        e["batched"] = {str(r["pl"]): {"s_pp_tok_s": round(r["speed_pp"], 1), "s_tg_tok_s": round(r["speed_tg"], 1),
-                                       "s_tok_s": round(r["speed"], 1)} for r in jsonl(d / f"llama-batched-{q}.jsonl")}
-        e["build_commit"] = jsonl(d / f"llama-bench-{q}.jsonl")[0].get("build_commit")
-    return out
 
 
 def profile(p: Path) -> dict | None:
