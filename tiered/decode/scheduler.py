@@ -309,7 +309,7 @@ class Scheduler:
                 toks = [r.out_ids[r.cached - len(r.prompt_ids)]]
             else:
                 toks = [r.token_at(i) for i in range(r.cached, r.cached + n)]
-            segs.append(Segment(toks, r.cached, r.pages, r.cached + n == r.cached + left, r.routing, r.slot))
+            segs.append(Segment(toks, r.cached, r.pages, n == left, r.routing, r.slot))  # its last token: logits
             rows.append(r)
         return segs, rows
 
