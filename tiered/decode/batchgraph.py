@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tiered.decode.batchstep import BankRows, BatchStep, Segment, StepCounts
-from tiered.decode.capture import capture
+from tiered.decode.capture import BucketGraphs
 from tiered.kernels.quant_moe import qlinear as linear
 
 SMALL = 16  # up to this many rows the buckets are powers of two; above it, multiples of STEP
@@ -61,7 +61,7 @@ class _Bucket:
     layers: dict[int, int] | None = None  # model layer -> bank layer (bank_layers), with `bank`
 
 
-class BatchGraphs:
+class BatchGraphs(BucketGraphs):
     """CUDA graphs of a BatchStep's decode-only steps (every expert resident, attention layers only).
 
     graphs=False runs the same bucketed body eagerly (any device): what the CPU tests of the buffers, the
@@ -70,22 +70,15 @@ class BatchGraphs:
     def __init__(self, step: BatchStep, *, graphs: bool = True) -> None:
         self.step = step
         self.model = step.model
-        self.device = step.device
-        self.graphed = bool(graphs)
-        if self.graphed and self.device.type != "cuda":
-            raise ValueError(f"CUDA graphs need a CUDA device, the model is on {self.device}: "
+        if graphs and step.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, the model is on {step.device}: "
                              "use BatchGraphs(step, graphs=False)")
         why = unsupported(step)
         if why:
             raise ValueError(f"the batch step cannot be graphed: {why}")
+        super().__init__(step.device, graphs)
         P = step.state.page_size
         self.max_pages = -(-self.model.max_context // P)
-        self.buckets: dict[int, _Bucket] = {}
-        self.failed: dict[int, str] = {}  # bucket -> why its capture failed (those steps run eagerly)
-        self.pool = torch.cuda.graph_pool_handle() if self.graphed else None
-        self.capture_s = 0.0
-        self.graph_mem_bytes = 0  # summed over captures (recaptures included)
-        self.replays = 0
         self.recaptures = 0  # captures of a bucket again: a replayed step of a bank its graph was not captured with
 
     def eligible(self, segs: list[Segment]) -> bool:
@@ -136,23 +129,17 @@ class BatchGraphs:
             self.step._count_used()
             return out[:B]
         if b.graph is None:
-            got = capture(lambda: self._body(b), self.device, self.pool, warmups=2)
-            if isinstance(got, str):  # e.g. an operation that cannot be captured: run this bucket eagerly
-                self.failed[Bb] = got
-                del self.buckets[Bb]
+            got = self._capture(Bb, lambda: self._body(b), warmups=2)
+            if got is None:  # e.g. an operation that cannot be captured: this bucket runs eagerly
                 return None
             b.graph, b.logits = got.graph, got.out
-            self.capture_s += got.seconds
-            self.graph_mem_bytes += got.mem_bytes
         b.graph.replay()
         self.replays += 1
         self.step._count_used()
         return b.logits[:B]
 
     def stats(self) -> dict:
-        return {"buckets": sorted(k for k, b in self.buckets.items() if b.graph is not None), "replays": self.replays,
-                "capture_s": self.capture_s, "graph_mem_bytes": self.graph_mem_bytes,
-                "recaptures": self.recaptures, "failed": dict(self.failed)}
+        return {**super().stats(), "recaptures": self.recaptures}
 
     def _bind(self, b: _Bucket, bank: Any) -> None:
         """Tie bucket b to `bank`: its body gathers from the bank's tensors, so a graph captured without it or

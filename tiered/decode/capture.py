@@ -1,6 +1,8 @@
 """Capturing one CUDA graph of a step body, for the bucketed graphs (batchgraph.py, graphedprefill.py).
 
-Owns: `capture` (warm-ups on a side stream, the capture into a shared pool, what it cost) and `Captured`.
+Owns: `capture` (warm-ups on a side stream, the capture into a shared pool, what it cost), `Captured`, and
+`BucketGraphs` (what both bucketed graph sets keep: their buckets, the shared pool, the buckets whose capture
+failed, and the capture time, memory and replays they report).
 Does not own: the bodies, their buffers, nor when to capture (the callers); graphed.py's whole decode step keeps
 its own capture, which also restores the token and position its warm-ups advance.
 """
@@ -44,3 +46,35 @@ def capture(body: Callable[[], Any], device: torch.device, pool: Any, *, warmups
         return f"{type(e).__name__}: {e}"[:500]
     torch.cuda.synchronize(device)
     return Captured(graph, out, time.perf_counter() - t0, torch.cuda.memory_reserved(device) - mem0)
+
+
+class BucketGraphs:
+    """The state both bucketed graph sets share (batchgraph.BatchGraphs, graphedprefill.GraphedPrefill): buckets
+    (key -> an object with a `graph` attribute), one memory pool, the buckets whose capture failed (those run
+    eagerly), and the capture seconds, memory and replays their stats report."""
+
+    def __init__(self, device: torch.device, graphed: bool) -> None:
+        self.device = device
+        self.graphed = bool(graphed)
+        self.buckets: dict[int, Any] = {}
+        self.failed: dict[int, str] = {}  # bucket -> why its capture failed (that bucket runs eagerly)
+        self.pool = torch.cuda.graph_pool_handle() if self.graphed else None
+        self.capture_s = 0.0
+        self.graph_mem_bytes = 0  # summed over captures (recaptures included)
+        self.replays = 0
+
+    def _capture(self, key: int, body: Callable[[], Any], *, warmups: int) -> Captured | None:
+        """`capture` of bucket `key`'s body, counted; None when it failed: the bucket is dropped and refused
+        from then on (its steps run eagerly)."""
+        got = capture(body, self.device, self.pool, warmups=warmups)
+        if isinstance(got, str):
+            self.failed[key] = got
+            del self.buckets[key]
+            return None
+        self.capture_s += got.seconds
+        self.graph_mem_bytes += got.mem_bytes
+        return got
+
+    def stats(self) -> dict:
+        return {"buckets": sorted(k for k, b in self.buckets.items() if b.graph is not None), "replays": self.replays,
+                "capture_s": self.capture_s, "graph_mem_bytes": self.graph_mem_bytes, "failed": dict(self.failed)}

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from tiered.decode.capture import capture
+from tiered.decode.capture import BucketGraphs
 from tiered.model.transformer import Transformer
 
 STEP = 64  # buckets are multiples of STEP up to FINE, then of COARSE
@@ -47,7 +47,7 @@ class _Bucket:
     logits: Tensor | None = None  # [1, V], written by each replay
 
 
-class GraphedPrefill:
+class GraphedPrefill(BucketGraphs):
     """The first chunk of a prompt from CUDA graphs (graphs=False: the same padded body run eagerly, for the
     CPU tests of the padding)."""
 
@@ -57,20 +57,13 @@ class GraphedPrefill:
         if not model.prefill_graphable:
             raise ValueError("this model's prefill cannot be graphed with padding (DeltaNet or MLA layers, mixed "
                              "attention windows, an observer or a routing override)")
-        self.model = model
-        self.device = model.device
-        self.graphed = bool(graphs)
-        if self.graphed and self.device.type != "cuda":
-            raise ValueError(f"CUDA graphs need a CUDA device, the model is on {self.device}: "
+        if graphs and model.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, the model is on {model.device}: "
                              "use GraphedPrefill(..., graphs=False)")
+        super().__init__(model.device, graphs)
+        self.model = model
         self.max_tokens = min(int(max_tokens), model.max_context)
         self.capture_on = max(1, int(capture_on))
-        self.buckets: dict[int, _Bucket] = {}
-        self.failed: dict[int, str] = {}
-        self.pool = torch.cuda.graph_pool_handle() if self.graphed else None
-        self.capture_s = 0.0
-        self.graph_mem_bytes = 0
-        self.replays = 0
 
     @torch.inference_mode()
     def run(self, ids: Tensor) -> Tensor | None:
@@ -97,19 +90,11 @@ class GraphedPrefill:
         if not self.graphed:
             return self.model.prefill_static(b.tokens, b.last)
         if b.graph is None:  # one warm-up: the bucket's first prompt already ran (eagerly, at its own length)
-            got = capture(lambda: self.model.prefill_static(b.tokens, b.last), self.device, self.pool, warmups=1)
-            if isinstance(got, str):  # an operation that cannot be captured: this bucket stays eager
-                self.failed[Tb] = got
-                del self.buckets[Tb]
+            got = self._capture(Tb, lambda: self.model.prefill_static(b.tokens, b.last), warmups=1)
+            if got is None:  # an operation that cannot be captured: this bucket stays eager
                 return None
             b.graph, b.logits = got.graph, got.out
-            self.capture_s += got.seconds
-            self.graph_mem_bytes += got.mem_bytes
         b.graph.replay()
         self.replays += 1
         return b.logits
 
-    def stats(self) -> dict:
-        return {"buckets": sorted(t for t, b in self.buckets.items() if b.graph is not None),
-                "replays": self.replays, "capture_s": self.capture_s, "graph_mem_bytes": self.graph_mem_bytes,
-                "failed": dict(self.failed)}
