@@ -166,6 +166,7 @@ PATHS = {  # --paths: the batch step's expert path and whether decode-only steps
     "model": dict(experts="auto", cuda_graphs=False),  # the model's expert path, eager steps
     "major": dict(experts="major", cuda_graphs=False),  # the expert-major path (the routing read per layer)
     "rowattn": dict(experts="auto", cuda_graphs=True, prefill_attention="rows"),  # prompts attended row by row
+    "serial": dict(experts="auto", cuda_graphs=True, ahead=False),  # graphs, each step's picks read before the next
 }
 
 
@@ -310,8 +311,9 @@ def main() -> None:
     ap.add_argument("--paths", default="graphs",
                     help="vram phase: comma list of step paths (graphs: the default, decode-only steps from CUDA "
                          "graphs; model: the same expert path, eager; major: the expert-major path; rowattn: graphs "
-                         "with each prompt chunk attended on its own); results of "
-                         "the first go under vram[routing], the others under vram_paths[path][routing]")
+                         "with each prompt chunk attended on its own; serial: graphs without steps ahead, each "
+                         "step's picks read before the next step is built); results of the first go under "
+                         "vram[routing], the others under vram_paths[path][routing]")
     ap.add_argument("--layout", type=Path, default=None,
                     help="an existing layout of the model (e.g. bench_peers.py's /root/peers/layout): no build")
     ap.add_argument("--llama-json", type=Path, default=None,

@@ -52,8 +52,8 @@ def _run(engine, bucketed: bool, jobs: list[list]) -> tuple[Scheduler, list, int
         g = sch.graphs = BatchGraphs(sch.step_fn, graphs=False)
         run = g.run
 
-        def counted(segs):
-            out = run(segs)
+        def counted(segs, **kw):
+            out = run(segs, **kw)
             ran[0] += out is not None
             return out
         g.run = counted

@@ -89,10 +89,14 @@ class BatchGraphs(BucketGraphs):
         return shared_bank(segs)[0] and bucket_for(len(segs)) not in self.failed
 
     @torch.inference_mode()
-    def run(self, segs: list[Segment]) -> Tensor | None:
+    def run(self, segs: list[Segment], *, prev: Tensor | None = None, src: list[int] | None = None,
+            count: bool = True) -> Tensor | None:
         """The step's logits [B, V] (a view of the bucket's static buffer: read it before the next step), or
         None when no graph can run it (the caller runs it eagerly): padding needs a free page and none is, or
         the bucket's capture failed, or the rows' routing is not one bank's (see `eligible`).
+        prev [B'] int64 on the device with src [B]: row i's token is prev[src[i]] (the previous step's picks,
+        never read by the host: decode/scheduler.py's steps ahead), not segs[i].tokens. count=False leaves the
+        step's expert marks on the device for the caller (BatchStep.marks_to_host, count_marks): no host read.
         Raises ValueError when the rows' replay bank cannot serve the model (`bank_layers`), IndexError when a
         row's position is past its replayed routing (as the eager step does)."""
         st = self.step.state
@@ -106,12 +110,20 @@ class BatchGraphs(BucketGraphs):
         # padding rows: token 0 at position 0, length 0 (no keys read), K/V stored into the free page, own
         # routing (bank row -1); unused block-table entries stay page 0 (any valid id: the kernel reads a row's
         # pages up to its length)
-        host = np.zeros((5 + MP, Bb), dtype=np.int64)
+        if self.device.type == "cuda":  # pinned: the copy does not wait for the stream (a step may still run)
+            buf = torch.empty((5 + MP, Bb), dtype=torch.int64, pin_memory=True)
+            host = buf.numpy()
+            host.fill(0)
+        else:
+            host = np.zeros((5 + MP, Bb), dtype=np.int64)
+            buf = torch.from_numpy(host)
         host[2, B:] = scratch * P
         host[4] = -1
+        if (prev is None) != (src is None) or (src is not None and len(src) != B):
+            raise ValueError("prev and src go together, src with one index per row")
         for i, s in enumerate(segs):
             p = s.start
-            host[:4, i] = (s.tokens[0], p, s.pages[p // P] * P + p % P, p + 1)
+            host[:4, i] = (s.tokens[0] if src is None else src[i], p, s.pages[p // P] * P + p % P, p + 1)
             if s.routing is not None:
                 s.routing._check(p, 1)  # past its end the gather would read the next member's rows
                 host[4, i] = s.routing.base + p
@@ -122,11 +134,14 @@ class BatchGraphs(BucketGraphs):
             b = self.buckets[Bb] = _Bucket(rows=torch.zeros(5 + MP, Bb, dtype=torch.int64, device=self.device))
         if bank is not None and b.bank is not bank:
             self._bind(b, bank)
-        b.rows.copy_(torch.from_numpy(host), non_blocking=True)
+        b.rows.copy_(buf, non_blocking=True)
+        if prev is not None:  # the tokens from the device: row i's column holds src[i] until here
+            b.rows[0, :B].copy_(prev.index_select(0, b.rows[0, :B]))
         self.step.last = StepCounts(rows=B, tokens=B)
         if not self.graphed:
             out = self._body(b)
-            self.step._count_used()
+            if count:
+                self.step._count_used()
             return out[:B]
         if b.graph is None:
             got = self._capture(Bb, lambda: self._body(b), warmups=2)
@@ -135,7 +150,8 @@ class BatchGraphs(BucketGraphs):
             b.graph, b.logits = got.graph, got.out
         b.graph.replay()
         self.replays += 1
-        self.step._count_used()
+        if count:
+            self.step._count_used()
         return b.logits[:B]
 
     def stats(self) -> dict:

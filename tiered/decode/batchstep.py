@@ -299,9 +299,21 @@ class BatchStep:
 
     def _count_used(self) -> None:
         """The step's distinct experts (and keys) from the device marks: one host read per step."""
-        c, E = self.last, self.cfg.num_experts
+        self.count_marks(self.last, self._used[:, :self.cfg.num_experts].cpu().numpy())  # [L, E] bool, one copy
+
+    def marks_to_host(self) -> Tensor:
+        """The step's marks [L, E] bool copied to the host without waiting (pinned memory on CUDA): read them
+        with `count_marks` once the stream has passed this point (decode/scheduler.py's steps ahead)."""
+        used = self.used_marks()[:, :self.cfg.num_experts]
+        if used.device.type != "cuda":
+            return used.clone()
+        out = torch.empty(used.shape, dtype=used.dtype, pin_memory=True)
+        return out.copy_(used, non_blocking=True)
+
+    def count_marks(self, c: StepCounts, used: np.ndarray) -> None:
+        """Fill c's distinct experts, provider calls and (record_keys) keys from marks [L, E] bool."""
+        E = self.cfg.num_experts
         moe = [l for l, lw in enumerate(self.model.layers) if lw.moe is not None]
-        used = self._used[:, :E].cpu().numpy()  # [L, E] bool, one copy
         if self.record_keys:  # (layer, e) keys, ascending, per MoE layer
             c.keys = [(np.flatnonzero(used[l]) + l * E).tolist() for l in moe]
         c.distinct_experts = int(used.sum())

@@ -10,6 +10,13 @@ Does not own: the forward (batchstep.py), page storage (state.py), threads or HT
 Thread rule: `submit` and `cancel` may be called from any thread; `step` and `run_until_idle` run on the one
 thread that owns the model (the engine thread).
 
+Steps ahead (`ahead`, on by default): when every row decodes one greedy token from a CUDA graph, the step's picks
+stay on the device and the next step is launched from them before the host reads them; the host then accepts the
+first step's tokens (detokenise, stop checks, sinks) while the device runs the second. A row that a pick ends (EOS,
+a stop string) has run one step too many: that pick is dropped. Rows the length limit ends are known in advance and
+are left out. A cancel, a request that could be admitted, a row short of pages, or a step no graph can run ends the
+chain: the step in flight is accepted and the next step runs as before.
+
 A row's tokens are `seq` = prompt + generated; `cached` of them have their K/V in the row's pages. Each step
 feeds a row seq[cached:cached+n]: n = 1 for a decoding row, a chunk of the prompt while it prefills, and
 the whole sequence again after a preemption. The logits of the last token of seq are sampled.
@@ -24,7 +31,7 @@ from typing import Any, Callable
 
 import torch
 
-from tiered.decode.batchstep import BatchStep, RowRouting, Segment
+from tiered.decode.batchstep import BatchStep, RowRouting, Segment, StepCounts
 from tiered.decode.options import PREFILL_TOKENS, RESIDENT_PREFILL_TOKENS, BatchConfig
 from tiered.decode.state import StatePool, pool_pages, pool_slots
 from tiered.decode.sampling import Sampling, SamplingError, check_sampling, sample
@@ -99,6 +106,17 @@ class Request:
         return self.finish_reason is not None
 
 
+@dataclass
+class _Ahead:
+    """A graphed decode step whose greedy picks the host has not read yet (see "Steps ahead")."""
+    rows: list[Request]  # the step's rows, in its order
+    picks: torch.Tensor  # [B] int64 on the device: each row's pick, the next step's tokens
+    host: torch.Tensor  # [B] int64 on the host (pinned on CUDA): the picks, once `ready`
+    marks: torch.Tensor  # [L, E] bool on the host: the experts the step used, once `ready`
+    ready: Any  # torch.cuda.Event recorded after both copies (None off CUDA: already there)
+    counts: StepCounts
+
+
 class Scheduler:
     """Continuous batching over one Engine (its model, provider and tokenizer).
 
@@ -121,12 +139,14 @@ class Scheduler:
         cuda_graphs: replay decode-only steps from CUDA graphs (decode/batchgraph.py) when the step allows it:
             CUDA, every expert resident (experts "model"), attention layers only; other steps run eagerly.
         kv_pages: the page count itself (wins over kv_gb; tests).
+        ahead: launch a graphed greedy decode step before the host reads the previous one's picks (the module's
+            "Steps ahead"); False: every step's picks are read and accepted before the next step is built.
     """
 
     def __init__(self, engine: Any, *, max_batch: int = 8, kv_gb: float | None = None, page_size: int = 16,
                  max_queue: int = 256, prefill_tokens: int | None = None, record_keys: bool = False,
                  decode_attention: str = "auto", kv_pages: int | None = None, experts: str = "auto",
-                 cuda_graphs: bool = True, prefill_attention: str = "auto") -> None:
+                 cuda_graphs: bool = True, prefill_attention: str = "auto", ahead: bool = True) -> None:
         if max_batch < 1:
             raise RequestError(f"--max-batch must be >= 1, got {max_batch}")
         self.engine = engine
@@ -156,6 +176,8 @@ class Scheduler:
             if unsupported(self.step_fn) is None:
                 self.graphs = BatchGraphs(self.step_fn)
         self.eos = set(cfg.eos_token_ids)
+        self.ahead = bool(ahead)
+        self._ahead: _Ahead | None = None  # the launched step whose picks are still on their way
         self._lock = threading.Lock()
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
@@ -210,7 +232,7 @@ class Scheduler:
 
     def idle(self) -> bool:
         with self._lock:
-            return not self.waiting and not self.running and not self._cancel
+            return not self.waiting and not self.running and not self._cancel and self._ahead is None
 
     # --- the engine thread ---
     def run_until_idle(self) -> None:
@@ -221,6 +243,14 @@ class Scheduler:
     def step(self) -> int:
         """Admit, run one step over every row, sample, emit. Returns the rows that ran (0 = nothing to do)."""
         t0 = time.perf_counter()  # the step's host work counts: admission and segments too
+        if self._ahead is not None:
+            try:
+                c, sampled = self._step_ahead()
+            except BaseException:
+                self._ahead = None
+                raise
+            self._tally(time.perf_counter() - t0, False, c, sampled)
+            return c.rows
         self._apply_cancels()
         self._admit()
         segs, rows = self._segments()
@@ -231,7 +261,13 @@ class Scheduler:
         prefill = any(len(s.tokens) > 1 for s in segs)
         if set_phase is not None:
             set_phase("prefill" if prefill else "decode")
-        logits = self.graphs.run(segs) if self.graphs is not None and self.graphs.eligible(segs) else None
+        graphed = self.graphs is not None and self.graphs.eligible(segs)
+        ahead = graphed and self.ahead and all(r.params.temperature == 0 for r in rows)
+        logits = self.graphs.run(segs, count=not ahead) if graphed else None
+        if logits is not None and ahead:  # the picks stay on the device: the next call launches from them
+            self._ahead = self._launch(rows, logits)
+            self._tally(time.perf_counter() - t0, False, None, 0)
+            return len(segs)
         if logits is None:
             logits = self.step_fn.forward(segs)
         for r, s in zip(rows, segs):
@@ -240,22 +276,103 @@ class Scheduler:
         sampled = self._sample(logits, [r for r, s in zip(rows, segs) if s.want_logits])
         if self.model.device.type == "cuda":
             torch.cuda.synchronize(self.model.device)
-        dt = time.perf_counter() - t0
-        c = self.step_fn.last
-        self.steps += 1
-        self.rows_sum += c.rows
-        self.distinct_sum += c.distinct_experts
-        self.provider_calls += c.provider_calls
+        self._tally(time.perf_counter() - t0, prefill, self.step_fn.last, sampled)
+        return len(segs)
+
+    def _tally(self, dt: float, prefill: bool, c: StepCounts | None, sampled: int) -> None:
+        """Count a step() call of dt seconds; c None: it only launched a step (its counts come when accepted)."""
         self.busy_s += dt
         if not prefill:
             self.decode_s += dt
             self.decode_tokens += sampled
+        if c is None:
+            return
+        self.steps += 1
+        self.rows_sum += c.rows
+        self.distinct_sum += c.distinct_experts
+        self.provider_calls += c.provider_calls
         if self.step_fn.record_keys:
             self.step_keys.append(c.keys)
             self.step_times.append(dt)
             self.step_prefill.append(prefill)
             self.step_rows.append(c.rows)
-        return len(segs)
+
+    # --- steps ahead ---
+    def _launch(self, rows: list[Request], logits: torch.Tensor) -> _Ahead:
+        """The greedy picks of a launched step, left on the device, and their copies (and the step's expert
+        marks) to the host, not waited for."""
+        picks = torch.argmax(logits, dim=-1)
+        if picks.device.type == "cuda":
+            host = torch.empty(picks.shape, dtype=picks.dtype, pin_memory=True).copy_(picks, non_blocking=True)
+            marks = self.step_fn.marks_to_host()
+            ready = torch.cuda.Event()
+            ready.record()
+        else:
+            host, marks, ready = picks.clone(), self.step_fn.marks_to_host(), None
+        return _Ahead(rows, picks, host, marks, ready, self.step_fn.last)
+
+    def _step_ahead(self) -> tuple[StepCounts, int]:
+        """Launch the next step from the picks of the one in flight (when `_chain` allows), then wait for the
+        one in flight and accept its picks. Returns its counts and the tokens accepted."""
+        a = self._ahead
+        self._ahead = self._chain(a)
+        if a.ready is not None:
+            a.ready.synchronize()
+        self.step_fn.count_marks(a.counts, a.marks.numpy())
+        now, sampled = time.perf_counter(), 0
+        for r, tok in zip(a.rows, a.host.tolist()):
+            if r.done:  # ended by the previous step's pick (or cancelled): this pick ran one step too many
+                continue
+            r.cached = r.seq_len
+            if r.t_first is None:
+                r.t_first = now
+            self._accept(r, tok)
+            sampled += 1
+        if self._ahead is not None and all(r.done for r in self._ahead.rows):
+            self._ahead = None  # every row of the launched step has ended: nothing of it will be read
+        return a.counts, sampled
+
+    def _chain(self, a: _Ahead) -> _Ahead | None:
+        """The step after `a`, launched with a's picks as its tokens, or None when the chain must end: a cancel
+        or an admissible request waits, a row runs short of pages or past its replayed routing, a row is
+        not a's (or not greedy), or no graph can run the step. Rows the length limit ends at a's pick are left
+        out; rows an EOS or a stop string ends there cannot be known yet, and run."""
+        rows, src, segs = [], [], []
+        need = live = ending = 0
+        for i, r in enumerate(a.rows):
+            if r.done:
+                continue
+            live += 1
+            if r.cached != r.seq_len - 1 or r.params.temperature != 0:
+                return None
+            if len(r.out_ids) + 1 >= r.params.max_tokens or r.seq_len >= self.max_context:
+                ending += 1
+                continue  # a's pick is its last token
+            start = r.seq_len  # a's pick goes here
+            if r.routing is not None and hasattr(r.routing, "_check"):
+                try:
+                    r.routing._check(start, 1)
+                except IndexError:
+                    return None
+            need += max(0, self.state.pages_needed(start + 1) - len(r.pages))
+            rows.append(r)
+            src.append(i)
+            segs.append(Segment([0], start, r.pages, True, r.routing, r.slot))
+        if not rows or need > self.state.free_pages or len(self.running) != live:  # a running row is not a's
+            return None
+        with self._lock:  # a request the rows left after a's pick would admit joins now, as without the chain
+            if self._cancel or (self.waiting and live - ending < self.max_batch):
+                return None
+        if not self.graphs.eligible(segs):
+            return None
+        for r, s in zip(rows, segs):
+            grow = self.state.pages_needed(s.start + 1) - len(r.pages)
+            if grow > 0:
+                r.pages += self.state.alloc(grow)  # s.pages is r.pages: the segment sees them
+        logits = self.graphs.run(segs, prev=a.picks, src=src, count=False)
+        if logits is None:
+            return None
+        return self._launch(rows, logits)
 
     def _apply_cancels(self) -> None:
         with self._lock:
