@@ -381,3 +381,17 @@ def test_cuda_align_kernel_equals_torch(T, K, E, bm):
     ids = ids.cuda()
     got, ref = align_rows(ids, E, bm), align_rows_torch(ids, E, bm)
     assert torch.equal(got.rows, ref.rows) and torch.equal(got.block_expert, ref.block_expert)
+
+
+def test_decode_max_t_knob(monkeypatch):
+    """TIERED_DECODE_MAX_T moves the GEMV/grouped cut-over (a benchmark knob); unset, DECODE_MAX_T; garbage is
+    refused with the variable's name."""
+    from tiered.model import moe_gpu
+
+    monkeypatch.delenv(moe_gpu.DECODE_MAX_T_ENV, raising=False)
+    assert moe_gpu.decode_max_t() == moe_gpu.DECODE_MAX_T
+    monkeypatch.setenv(moe_gpu.DECODE_MAX_T_ENV, "4")
+    assert moe_gpu.decode_max_t() == 4
+    monkeypatch.setenv(moe_gpu.DECODE_MAX_T_ENV, "four")
+    with pytest.raises(ValueError, match="TIERED_DECODE_MAX_T"):
+        moe_gpu.decode_max_t()

@@ -17,6 +17,7 @@ Legend: T tokens, D hidden, K top-k, E experts per layer, U distinct experts.
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -29,6 +30,19 @@ from tiered.layout.quant import QuantWeight
 # on the H200 at the 10.6B shape, T = 8 took 156-188 us per layer against 193 us grouped, T = 1 25 against 96
 # (benchmarks/results/moe-kernels-2026-11-30-h200.json).
 DECODE_MAX_T = 8
+DECODE_MAX_T_ENV = "TIERED_DECODE_MAX_T"  # a benchmark knob: another cut-over, to time it (docs/cli.md)
+
+
+def decode_max_t() -> int:
+    """The cut-over in force: DECODE_MAX_T, or TIERED_DECODE_MAX_T when set (read at each call: graphs keep what
+    their capture read)."""
+    raw = os.environ.get(DECODE_MAX_T_ENV, "").strip()
+    if not raw:
+        return DECODE_MAX_T
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{DECODE_MAX_T_ENV}={raw!r}: give a token count, e.g. 8") from None
 
 
 def kernels_enabled(device: torch.device | str) -> bool:
@@ -97,7 +111,7 @@ def experts_tokens(x: Tensor, ids: Tensor, weights: Tensor, provider: Any, layer
     whole = getattr(provider, "slot_map", None)
     if whole is not None:
         slot_map = whole(layer).to(device=dev, dtype=torch.int64)  # [E]
-        if T <= DECODE_MAX_T:
+        if T <= decode_max_t():
             return decode(x, slot_map[ids], weights, W)
         run = _grouped(x, ids, weights, num_experts, W)
         run.wave(W, slot_map)
@@ -105,7 +119,7 @@ def experts_tokens(x: Tensor, ids: Tensor, weights: Tensor, provider: Any, layer
     used = torch.unique(ids.reshape(-1))  # [U] sorted distinct experts (one host sync)
     n = max(1, int(provider.max_experts_per_call))
     U = used.numel()
-    if T <= DECODE_MAX_T and U <= n:
+    if T <= decode_max_t() and U <= n:
         return decode(x, _wave_map(provider, layer, used, num_experts, dev)[ids], weights, W)
     run = _grouped(x, ids, weights, num_experts, W)
     for w0 in range(0, U, n):

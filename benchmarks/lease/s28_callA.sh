@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Session 28, call A (cold box): llama.cpp's build in the background (with the peers checkpoint and its bf16 GGUF),
+# the CUDA tests not run since session 27's call D (the scheduler's steps ahead, batch graphs with replay, prefill
+# graphs, the align kernel, the grouped q4 kernels at <= 16 rows an expert), the peers layouts, then Q4_0 by
+# llama-quantize and llama-batched-bench (64-token prompts, 64 new, B = 1, 8, 32, 128) on both GGUFs.
+source "$(dirname "$0")/lib.sh"
+llama_bg
+cuda_tests 280 tests/test_scheduler_ahead.py tests/test_scheduler.py tests/test_batchgraph_replay.py \
+  tests/test_engine.py tests/test_quant_grouped.py tests/test_moe_kernels.py \
+  -k "cuda_ahead or prefill_graphs or cuda_graphed or cuda_batched or replay or grouped_quant_10b or align"
+peers_layout layout-q4 q4 q4; peers_layout layout source source; pack
+wait $CONV; wait $BUILD; grep -E "built|rc=" $OUT/build.log | tail -3; echo "build done $(el)"; pack
+timeout 150 python3 benchmarks/bench_peers.py --phase model --work $W --llama-bin /root/lb/bin > $OUT/model.log 2>&1
+echo "model rc=$? $(el)"; tail -3 $OUT/model.log; cp $W/model.json $OUT/ 2>/dev/null; pack
+for q in q4_0 bf16; do
+  timeout 100 /root/lb/bin/llama-batched-bench -m $W/model-$q.gguf -ngl 99 -c 18432 -b 2048 -ub 512 -npp 64 -ntg 64 \
+    -npl 1,8,32,128 --output-format jsonl > $OUT/llama-batched-$q.jsonl 2> $OUT/llama-batched-$q.err
+  echo "batched $q rc=$? $(el)"; grep -o '"pl": [0-9]*\|"speed_tg": [0-9.]*' $OUT/llama-batched-$q.jsonl | paste - - ; pack
+done
