@@ -334,10 +334,10 @@ class _WholeProvider(_WaveProvider):
 
 
 @interp
-@pytest.mark.parametrize("T,n,whole", [(5, 2, False), (5, 100, False), (11, 3, False), (11, 100, False),
-                                       (5, 100, True), (11, 100, True)])
+@pytest.mark.parametrize("T,n,whole", [(3, 100, False), (5, 2, False), (5, 100, False), (11, 3, False),
+                                       (11, 100, False), (3, 100, True), (5, 100, True), (11, 100, True)])
 def test_model_tokens_path_matches_torch_loop(T, n, whole):
-    """model/moe_gpu.experts_tokens (decode kernel for T <= DECODE_MAX_T when one wave serves, else the
+    """model/moe_gpu.experts_tokens (decode kernel for T <= DECODE_MAX_T_FLOAT when one wave serves, else the
     grouped kernel in waves of at most n experts; or the provider's slot_map) equals moe.experts_grouped,
     the torch loop the CPU keeps, and asks the provider for each used expert once."""
     from tiered.model import moe, moe_gpu
@@ -390,8 +390,9 @@ def test_decode_max_t_knob(monkeypatch):
 
     monkeypatch.delenv(moe_gpu.DECODE_MAX_T_ENV, raising=False)
     assert moe_gpu.decode_max_t() == moe_gpu.DECODE_MAX_T
-    monkeypatch.setenv(moe_gpu.DECODE_MAX_T_ENV, "4")
-    assert moe_gpu.decode_max_t() == 4
+    assert moe_gpu.decode_max_t(quant=False) == moe_gpu.DECODE_MAX_T_FLOAT
+    monkeypatch.setenv(moe_gpu.DECODE_MAX_T_ENV, "6")
+    assert moe_gpu.decode_max_t() == moe_gpu.decode_max_t(quant=False) == 6
     monkeypatch.setenv(moe_gpu.DECODE_MAX_T_ENV, "four")
     with pytest.raises(ValueError, match="TIERED_DECODE_MAX_T"):
         moe_gpu.decode_max_t()

@@ -2,8 +2,8 @@
 
 Owns: `kernels_enabled` (whether a model on this device uses the kernels), `experts_decode` (one token,
 slot rows known: the fused decode kernel, graph-capturable) and `experts_tokens` (several tokens: the
-decode kernel up to DECODE_MAX_T tokens, else rows grouped by expert with the provider's experts in
-waves of `max_experts_per_call`, one grouped launch per projection per wave). A pool of quantized experts
+decode kernel up to DECODE_MAX_T_FLOAT tokens, else rows grouped by expert with the provider's experts
+in waves of `max_experts_per_call`, one grouped launch per projection per wave). A pool of quantized experts
 (QuantWeight stacks, `quant_kernels_ok`) takes the fused dequantizing kernels on the same plan: the GEMV
 kernels of kernels/quant_moe.py up to DECODE_MAX_T tokens, the grouped ones of kernels/quant_grouped.py above.
 Does not own: the kernels (tiered/kernels), the plain torch paths (model/moe.py, which CPU keeps), where
@@ -26,19 +26,25 @@ from torch import Tensor
 from tiered.kernels import triton_available
 from tiered.layout.quant import QuantWeight
 
-# Up to this many tokens the decode kernel (one program set per (token, k)) beats the grouped kernel:
-# on the H200 at the 10.6B shape, T = 8 took 156-188 us per layer against 193 us grouped, T = 1 25 against 96
-# (benchmarks/results/moe-kernels-2026-11-30-h200.json).
-DECODE_MAX_T = 8
-DECODE_MAX_T_ENV = "TIERED_DECODE_MAX_T"  # a benchmark knob: another cut-over, to time it (docs/cli.md)
+# Up to this many tokens the decode kernels (one program set per (token, k)) beat the grouped kernels. Measured on
+# the H200 at the 10.6B shape, uniform top-8 routing, timed in CUDA graphs (session 28, call C:
+# benchmarks/results/batch-ahead-2026-12-03-h200-s28.json, us per layer, GEMV against grouped):
+#   bf16: T 1 26.0 / 44.2, 2 46.7 / 69.6, 4 84.9 / 89.8, 8 160.7 / 144.4, 12 234.4 / 186.1, 16 307.0 / 201.3;
+#   q4:   T 1 15.9 / 41.3, 2 27.5 / 63.1, 4 50.2 / 84.0, 8 92.3 / 124.8, 12 132.2 / 160.2, 16 171.1 / 176.7.
+# So bf16 crosses over between 4 and 8 tokens; q4's GEMV stays ahead to 16 (kept at 8: the batch graphs' bucket 16
+# would gain 3%, and the short-prompt paths above 8 tokens are tested on the grouped kernels).
+DECODE_MAX_T = 8  # quantized experts
+DECODE_MAX_T_FLOAT = 4  # bf16 / fp16 / fp32 experts (8 until session 28: T 8 took 156-188 us against 193 grouped
+#                        in session 1, before the grouped kernel's tiles were tuned)
+DECODE_MAX_T_ENV = "TIERED_DECODE_MAX_T"  # a benchmark knob: one cut-over for both, to time it (docs/cli.md)
 
 
-def decode_max_t() -> int:
-    """The cut-over in force: DECODE_MAX_T, or TIERED_DECODE_MAX_T when set (read at each call: graphs keep what
-    their capture read)."""
+def decode_max_t(quant: bool = True) -> int:
+    """The cut-over in force for quantized (or float) experts: DECODE_MAX_T (DECODE_MAX_T_FLOAT), or
+    TIERED_DECODE_MAX_T when set (read at each call: graphs keep what their capture read)."""
     raw = os.environ.get(DECODE_MAX_T_ENV, "").strip()
     if not raw:
-        return DECODE_MAX_T
+        return DECODE_MAX_T if quant else DECODE_MAX_T_FLOAT
     try:
         return int(raw)
     except ValueError:
@@ -111,7 +117,7 @@ def experts_tokens(x: Tensor, ids: Tensor, weights: Tensor, provider: Any, layer
     whole = getattr(provider, "slot_map", None)
     if whole is not None:
         slot_map = whole(layer).to(device=dev, dtype=torch.int64)  # [E]
-        if T <= decode_max_t():
+        if T <= decode_max_t(quant):
             return decode(x, slot_map[ids], weights, W)
         run = _grouped(x, ids, weights, num_experts, W)
         run.wave(W, slot_map)
@@ -119,7 +125,7 @@ def experts_tokens(x: Tensor, ids: Tensor, weights: Tensor, provider: Any, layer
     used = torch.unique(ids.reshape(-1))  # [U] sorted distinct experts (one host sync)
     n = max(1, int(provider.max_experts_per_call))
     U = used.numel()
-    if T <= decode_max_t() and U <= n:
+    if T <= decode_max_t(quant) and U <= n:
         return decode(x, _wave_map(provider, layer, used, num_experts, dev)[ids], weights, W)
     run = _grouped(x, ids, weights, num_experts, W)
     for w0 in range(0, U, n):
