@@ -107,7 +107,7 @@ def test_ahead_eos_and_stop_strings(engine):
 
 def test_ahead_cancel_and_sampled_rows(engine):
     """A cancel ends the chain (the row ends 'cancelled' with a prefix of its serial tokens; the others as serial);
-    a sampled row keeps every step serial, with the same seeded tokens."""
+    sampled rows go ahead too (their picks drawn on the device) and draw the serial run's seeded tokens."""
     params = [_greedy(n, stop_at_eos=False) for n in LENGTHS]
     sch, _ = _sched(engine, False)
     ref = _drive(sch, _requests(engine, params))
@@ -120,11 +120,15 @@ def test_ahead_cancel_and_sampled_rows(engine):
 
     mixed = list(params)
     mixed[4] = SamplingParams(max_tokens=9, temperature=0.8, top_k=20, seed=7, stop_at_eos=False)
+    mixed[6] = SamplingParams(max_tokens=12, temperature=1.1, top_p=0.9, seed=11, stop_at_eos=False)
     outs = []
     for ahead in (False, True):
         sch, chained = _sched(engine, ahead)
         outs.append(_drive(sch, _requests(engine, mixed)))
+        assert bool(chained) == ahead
     assert outs[0] == outs[1]
+    sch, _ = _sched(engine, True, max_batch=1)  # alone in its batch: the same seeded draws
+    assert _drive(sch, _requests(engine, mixed)[6:7])[0] == outs[0][6]
 
 
 def test_ahead_short_of_pages(engine):

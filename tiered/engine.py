@@ -669,7 +669,7 @@ class Engine:
             check_sampling(params)
         except SamplingError as e:
             raise EngineError(str(e)) from None
-        gen = torch.Generator(device="cpu")
+        gen = torch.Generator(device=self.device)  # sampling draws its noise on the logits' device
         if seed is None:
             gen.seed()
         else:
@@ -707,7 +707,7 @@ class Engine:
         elif max_new_tokens:
             i = 0
             while True:
-                tok_t = sample(logits[0], params, gen)  # [1] int64 on the logits' device (greedy) or CPU
+                tok_t = sample(logits[0], params, gen)  # [1] int64 on the logits' device
                 tok = int(tok_t)
                 if i == 0:
                     t_first = time.perf_counter()

@@ -10,7 +10,10 @@ Does not own: the forward (batchstep.py), page storage (state.py), threads or HT
 Thread rule: `submit` and `cancel` may be called from any thread; `step` and `run_until_idle` run on the one
 thread that owns the model (the engine thread).
 
-Steps ahead (`ahead`, on by default): when every row decodes one greedy token from a CUDA graph, the step's picks
+Sampling runs on the model's device for the whole step (decode/sampling.py `sample_rows`: each row's noise from its
+own generator there, so a seeded request draws the same tokens whatever its batch).
+
+Steps ahead (`ahead`, on by default): when every row decodes one token from a CUDA graph, the step's picks
 stay on the device and the next step is launched from them before the host reads them; the host then accepts the
 first step's tokens (detokenise, stop checks, sinks) while the device runs the second. A row that a pick ends (EOS,
 a stop string) has run one step too many: that pick is dropped. Rows the length limit ends are known in advance and
@@ -34,7 +37,7 @@ import torch
 from tiered.decode.batchstep import BatchStep, RowRouting, Segment, StepCounts
 from tiered.decode.options import PREFILL_TOKENS, RESIDENT_PREFILL_TOKENS, BatchConfig
 from tiered.decode.state import StatePool, pool_pages, pool_slots
-from tiered.decode.sampling import Sampling, SamplingError, check_sampling, sample
+from tiered.decode.sampling import Sampling, SamplingError, check_sampling, sample_rows
 from tiered.layout.tokenizer import StreamDecoder
 
 Sink = Callable[["Request", str, bool], None]  # (request, new text, finished), called on the engine thread
@@ -58,11 +61,15 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # generation ends before the first occurrence of any of these
     stop_at_eos: bool = True
 
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(self.temperature, self.top_k, self.top_p, self.seed)
+
     def check(self) -> None:
         if self.max_tokens < 0:
             raise RequestError(f"max_tokens must be >= 0, got {self.max_tokens}")
         try:
-            check_sampling(Sampling(self.temperature, self.top_k, self.top_p, self.seed))
+            check_sampling(self.sampling)
         except SamplingError as e:
             raise RequestError(str(e)) from None
         if any(not isinstance(s, str) or not s for s in self.stop):
@@ -89,7 +96,8 @@ class Request:
     t_submit: float = 0.0
     t_first: float | None = None  # when the first token was sampled
     t_done: float | None = None
-    _gen: torch.Generator | None = None
+    _gen: torch.Generator | None = None  # on the model's device: sampling draws its noise there
+    _sampling: Sampling | None = None
     _decoder: StreamDecoder | None = None
     _admitted: int = -1  # admission order (preemption takes the youngest)
 
@@ -108,7 +116,7 @@ class Request:
 
 @dataclass
 class _Ahead:
-    """A graphed decode step whose greedy picks the host has not read yet (see "Steps ahead")."""
+    """A graphed decode step whose picks the host has not read yet (see "Steps ahead")."""
     rows: list[Request]  # the step's rows, in its order
     picks: torch.Tensor  # [B] int64 on the device: each row's pick, the next step's tokens
     host: torch.Tensor  # [B] int64 on the host (pinned on CUDA): the picks, once `ready`
@@ -139,7 +147,7 @@ class Scheduler:
         cuda_graphs: replay decode-only steps from CUDA graphs (decode/batchgraph.py) when the step allows it:
             CUDA, every expert resident (experts "model"), attention layers only; other steps run eagerly.
         kv_pages: the page count itself (wins over kv_gb; tests).
-        ahead: launch a graphed greedy decode step before the host reads the previous one's picks (the module's
+        ahead: launch a graphed decode step before the host reads the previous one's picks (the module's
             "Steps ahead"); False: every step's picks are read and accepted before the next step is built.
     """
 
@@ -211,12 +219,13 @@ class Scheduler:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting (the queue holds {self.max_queue})")
             req.t_submit = time.perf_counter()
-            gen = torch.Generator(device="cpu")
+            gen = torch.Generator(device=self.model.device)
             if req.params.seed is None:
                 gen.seed()
             else:
                 gen.manual_seed(req.params.seed)
             req._gen = gen
+            req._sampling = req.params.sampling
             req._decoder = StreamDecoder(self.tokenizer) if self.tokenizer is not None else None
             self.waiting.append(req)
         return req
@@ -262,7 +271,7 @@ class Scheduler:
         if set_phase is not None:
             set_phase("prefill" if prefill else "decode")
         graphed = self.graphs is not None and self.graphs.eligible(segs)
-        ahead = graphed and self.ahead and all(r.params.temperature == 0 for r in rows)
+        ahead = graphed and self.ahead
         logits = self.graphs.run(segs, count=not ahead) if graphed else None
         if logits is not None and ahead:  # the picks stay on the device: the next call launches from them
             self._ahead = self._launch(rows, logits)
@@ -297,11 +306,17 @@ class Scheduler:
             self.step_prefill.append(prefill)
             self.step_rows.append(c.rows)
 
+    def _picks(self, logits: torch.Tensor, rows: list[Request]) -> torch.Tensor:
+        """[R] int64 on the logits' device: argmax for greedy rows, a draw from each sampled row's generator."""
+        if all(r._sampling.temperature == 0 for r in rows):
+            return torch.argmax(logits, dim=-1)
+        return sample_rows(logits, [r._sampling for r in rows], [r._gen for r in rows])
+
     # --- steps ahead ---
     def _launch(self, rows: list[Request], logits: torch.Tensor) -> _Ahead:
-        """The greedy picks of a launched step, left on the device, and their copies (and the step's expert
-        marks) to the host, not waited for."""
-        picks = torch.argmax(logits, dim=-1)
+        """The picks of a launched step (greedy or sampled, on the device), left there, and their copies (and the
+        step's expert marks) to the host, not waited for."""
+        picks = self._picks(logits, rows)
         if picks.device.type == "cuda":
             host = torch.empty(picks.shape, dtype=picks.dtype, pin_memory=True).copy_(picks, non_blocking=True)
             marks = self.step_fn.marks_to_host()
@@ -335,7 +350,7 @@ class Scheduler:
     def _chain(self, a: _Ahead) -> _Ahead | None:
         """The step after `a`, launched with a's picks as its tokens, or None when the chain must end: a cancel
         or an admissible request waits, a row runs short of pages or past its replayed routing, a row is
-        not a's (or not greedy), or no graph can run the step. Rows the length limit ends at a's pick are left
+        not a's, or no graph can run the step. Rows the length limit ends at a's pick are left
         out; rows an EOS or a stop string ends there cannot be known yet, and run."""
         rows, src, segs = [], [], []
         need = live = ending = 0
@@ -343,7 +358,7 @@ class Scheduler:
             if r.done:
                 continue
             live += 1
-            if r.cached != r.seq_len - 1 or r.params.temperature != 0:
+            if r.cached != r.seq_len - 1:
                 return None
             if len(r.out_ids) + 1 >= r.params.max_tokens or r.seq_len >= self.max_context:
                 ending += 1
@@ -462,19 +477,8 @@ class Scheduler:
             self.waiting.appendleft(v)
 
     def _sample(self, logits: torch.Tensor, rows: list[Request]) -> int:
-        """Pick each row's next token, advance its state, emit text; returns tokens sampled."""
-        greedy = [i for i, r in enumerate(rows) if r.params.temperature == 0]
-        picks: dict[int, int] = {}
-        if len(greedy) == len(rows) and logits.shape[0] == len(rows):  # every row greedy: no gather first
-            picks = dict(enumerate(torch.argmax(logits, dim=-1).tolist()))
-        elif greedy:
-            idx = torch.tensor(greedy, device=logits.device)
-            for i, t in zip(greedy, torch.argmax(logits.index_select(0, idx), dim=-1).tolist()):
-                picks[i] = t
-        for i, r in enumerate(rows):
-            if i not in picks:
-                p = r.params
-                picks[i] = int(sample(logits[i], Sampling(p.temperature, p.top_k, p.top_p, p.seed), r._gen))
+        """Pick each row's next token (on the logits' device), advance its state, emit text; returns tokens sampled."""
+        picks = self._picks(logits, rows).tolist()
         now = time.perf_counter()
         for i, r in enumerate(rows):
             r.cached = r.seq_len
