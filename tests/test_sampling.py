@@ -72,3 +72,31 @@ def test_sample_rows_greedy_only_and_top_k_1():
     got = sample_rows(logits, [Sampling(2.0, top_k=1)] * 5, gens)
     assert torch.equal(got, torch.argmax(logits, -1))
     assert not math.isnan(float(got.float().sum()))
+
+
+@pytest.mark.cuda
+def test_cuda_sample_rows_distribution_and_seeds():
+    """On CUDA: the draws follow the reference distribution (top-k and top-p rows in one step) and a seeded row's
+    tokens do not depend on its neighbours, with the generators on the device."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA")
+    dev = torch.device("cuda")
+    logits = (torch.randn(2, 12, generator=torch.Generator().manual_seed(7)) * 2).to(dev)
+    params = [Sampling(0.9, top_k=6), Sampling(1.2, top_p=0.85)]
+    gens = [torch.Generator(device=dev).manual_seed(s) for s in (1, 2)]
+    n, counts = 20_000, torch.zeros(2, 12, dtype=torch.float64)
+    for _ in range(n // 500):
+        picks = sample_rows(logits.repeat(500, 1), params * 500, gens * 500).view(500, 2).cpu()
+        for j in range(2):
+            counts[j] += torch.bincount(picks[:, j], minlength=12).double()
+    for j in range(2):
+        want = _expected(logits[j].cpu(), params[j])
+        freq = counts[j] / n
+        assert (counts[j][want == 0] == 0).all()
+        assert ((freq - want).abs() <= 5 * torch.sqrt(want * (1 - want) / n) + 1e-12).all(), (freq, want)
+    a = [int(sample(logits[1], params[1], torch.Generator(device=dev).manual_seed(9))) for _ in range(1)]
+    g1, g2 = torch.Generator(device=dev).manual_seed(9), torch.Generator(device=dev).manual_seed(9)
+    alone = [int(sample(logits[1], params[1], g1)) for _ in range(10)]
+    other = torch.Generator(device=dev).manual_seed(4)
+    beside = [int(sample_rows(logits, params, [other, g2])[1]) for _ in range(10)]
+    assert alone == beside and a[0] == alone[0]
