@@ -78,3 +78,15 @@ print({k: v for k, v in d.items() if k.startswith(('vs_', 'decode_vs', 'device_c
        and v is not None})
 for k, r in d['docs'][0]['runs'].items(): print(k, round(r['decode_tok_s'], 1), round(r['hit_rate'], 3), r.get('vs_serial_belady_bound'), r.get('device_cpu'))"
 }
+llama_batched() {  # after llama_bg's build and GGUF: Q4_0 by llama-quantize (bench_peers.py --phase model), then
+  # llama-batched-bench (64-token prompts, 64 new tokens, B = 1, 8, 32, 128, all layers on the GPU) on both GGUFs
+  timeout 150 python3 benchmarks/bench_peers.py --phase model --work $W --llama-bin /root/lb/bin > $OUT/model.log 2>&1
+  echo "model rc=$? $(el)"; tail -3 $OUT/model.log; cp $W/model.json $OUT/ 2>/dev/null; pack
+  local q
+  for q in q4_0 bf16; do
+    timeout 100 /root/lb/bin/llama-batched-bench -m $W/model-$q.gguf -ngl 99 -c 18432 -b 2048 -ub 512 -npp 64 \
+      -ntg 64 -npl 1,8,32,128 --output-format jsonl > $OUT/llama-batched-$q.jsonl 2> $OUT/llama-batched-$q.err
+    echo "batched $q rc=$? $(el)"; grep -o '"pl": [0-9]*\|"speed_tg": [0-9.]*' $OUT/llama-batched-$q.jsonl | paste - -
+    pack
+  done
+}

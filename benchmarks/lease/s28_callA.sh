@@ -10,10 +10,4 @@ cuda_tests 280 tests/test_scheduler_ahead.py tests/test_scheduler.py tests/test_
   -k "cuda_ahead or prefill_graphs or cuda_graphed or cuda_batched or replay or grouped_quant_10b or align"
 peers_layout layout-q4 q4 q4; peers_layout layout source source; pack
 wait $CONV; wait $BUILD; grep -E "built|rc=" $OUT/build.log | tail -3; echo "build done $(el)"; pack
-timeout 150 python3 benchmarks/bench_peers.py --phase model --work $W --llama-bin /root/lb/bin > $OUT/model.log 2>&1
-echo "model rc=$? $(el)"; tail -3 $OUT/model.log; cp $W/model.json $OUT/ 2>/dev/null; pack
-for q in q4_0 bf16; do
-  timeout 100 /root/lb/bin/llama-batched-bench -m $W/model-$q.gguf -ngl 99 -c 18432 -b 2048 -ub 512 -npp 64 -ntg 64 \
-    -npl 1,8,32,128 --output-format jsonl > $OUT/llama-batched-$q.jsonl 2> $OUT/llama-batched-$q.err
-  echo "batched $q rc=$? $(el)"; grep -o '"pl": [0-9]*\|"speed_tg": [0-9.]*' $OUT/llama-batched-$q.jsonl | paste - - ; pack
-done
+llama_batched

@@ -11,13 +11,7 @@ timeout 100 python3 benchmarks/bench_quant_kernels.py --phase prefill --prefill-
   --shapes 10.6B --no-gemlite --max-seconds 90 > $OUT/cutover.log 2>&1
 echo "cutover rc=$? $(el)"; grep -E "grouped|gemv" $OUT/cutover.log | grep -v "^{" | cut -c1-150 | tail -30; pack
 wait $CONV; wait $BUILD; grep -E "built|rc=" $OUT/build.log | tail -2; echo "build done $(el)"; pack
-timeout 60 python3 benchmarks/bench_peers.py --phase model --work $W --llama-bin /root/lb/bin > $OUT/model.log 2>&1
-echo "model rc=$? $(el)"; cp $W/model.json $OUT/ 2>/dev/null; pack
-for q in q4_0 bf16; do
-  timeout 60 /root/lb/bin/llama-batched-bench -m $W/model-$q.gguf -ngl 99 -c 18432 -b 2048 -ub 512 -npp 64 -ntg 64 \
-    -npl 1,8,32,128 --output-format jsonl > $OUT/llama-batched-$q.jsonl 2> $OUT/llama-batched-$q.err
-  echo "batched $q rc=$? $(el)"; grep -o '"pl": [0-9]*\|"speed_tg": [0-9.]*' $OUT/llama-batched-$q.jsonl | paste - - ; pack
-done
+llama_batched
 batch() {  # TAG LAYOUT BATCHES PATHS [VAR=VALUE ...]
   local tag=$1 lay=$2 bs=$3 paths=$4; shift 4
   rm -f /root/bb-$tag/batch_gpu.json

@@ -16,3 +16,4 @@ batch q4 layout-q4 1,8,32,128 graphs,serial
 batch bf16 layout 1,8,32,128 graphs,serial
 batch q4-t4 layout-q4 8 graphs TIERED_DECODE_MAX_T=4
 batch bf16-t4 layout 8 graphs TIERED_DECODE_MAX_T=4
+batch bf16-t8 layout 8 graphs TIERED_DECODE_MAX_T=8  # the cut-over before session 28
