@@ -171,14 +171,16 @@ PATHS = {  # --paths: the batch step's expert path and whether decode-only steps
 
 
 def run_b(engine, B: int, prompts: list, new: int, routings: list | None, kv_pages: int, prefill: int,
-          path: str = "graphs") -> dict:
-    """One batch job of B rows; per-step times, keys and own misses of the decode steps."""
+          path: str = "graphs", temperature: float = 0.0, top_p: float = 1.0) -> dict:
+    """One batch job of B rows; per-step times, keys and own misses of the decode steps. temperature > 0: every
+    row samples (seed = its index), on the device."""
     sch = Scheduler(engine, max_batch=B, kv_pages=kv_pages, page_size=PAGE, prefill_tokens=prefill, max_queue=B + 1,
                     record_keys=True, **PATHS[path])
     prov = engine.model.provider
 
     def submit(n_new: int) -> list:
-        return [sch.submit(Request(str(i), prompts[i], SamplingParams(max_tokens=n_new, stop_at_eos=False),
+        return [sch.submit(Request(str(i), prompts[i], SamplingParams(max_tokens=n_new, stop_at_eos=False,
+                                                                      temperature=temperature, top_p=top_p, seed=i),
                                    routing=routings[i] if routings else None, stream=False))  # as `tiered batch`
                 for i in range(B)]
 
@@ -210,7 +212,8 @@ def run_b(engine, B: int, prompts: list, new: int, routings: list | None, kv_pag
            "bytes_per_generated_token": st["bytes_per_generated_token"], "steps": st["steps"],
            "step_s_median": statistics.median(sch.step_times[i] for i in dec) if dec else None,
            "tokens": st["tokens_generated"], "hit_rate": (st.get("decode") or {}).get("hit_rate"),
-           "path": path, "experts_path": st["experts_path"], "cuda_graphs": st["cuda_graphs"],
+           "path": path, "temperature": temperature, "top_p": top_p, "experts_path": st["experts_path"],
+           "cuda_graphs": st["cuda_graphs"],
            "prefill_tokens_per_step": st["prefill_tokens"], "prefill_attention": st["prefill_attention"],
            "prefill_s": prefill_s, "prefill_tok_s": prompt_tokens / prefill_s,
            # llama-batched-bench's S: every prompt token and every generated token over the time of both phases
@@ -319,6 +322,10 @@ def main() -> None:
     ap.add_argument("--llama-json", type=Path, default=None,
                     help="bench_peers.py's llama.json (same lease): its llama-batched-bench S_TG per B replaces "
                          "--llamacpp-vram / --llamacpp-cpu")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="vram and offload phases: every row samples at this temperature (0: greedy), seeded by its "
+                         "index, on the device")
+    ap.add_argument("--top-p", type=float, default=1.0, help="with --temperature: nucleus sampling's mass")
     ap.add_argument("--profile", default="",
                     help="vram phase: B values whose decode steps are profiled by kernel (torch.profiler, own routing)")
     ap.add_argument("--llamacpp-vram", default=LLAMA_VRAM, help="llama-batched-bench S_TG at B = 1,8,32,128, all on GPU")
@@ -386,7 +393,7 @@ def main() -> None:
                 other[mode] = {}
                 for B in batches:
                     r = run_b(engine, B, prompts, a.new_tokens, rows if mode == "replay" else None, kv_pages,
-                              a.prefill_tokens, path)
+                              a.prefill_tokens, path, a.temperature, a.top_p)
                     log(f"{phase} {path} {mode} B={B}: {r['tok_s']:.1f} tok/s, prompts {r['prefill_tok_s']:.0f} tok/s, "
                         f"S {r['s_tok_s']:.0f} tok/s")
                     other[mode][str(B)] = public(r)
@@ -395,7 +402,7 @@ def main() -> None:
             for B in batches:
                 t0 = time.perf_counter()
                 r = run_b(engine, B, prompts, a.new_tokens, rows if mode == "replay" else None, kv_pages,
-                          a.prefill_tokens, paths[0])
+                          a.prefill_tokens, paths[0], a.temperature, a.top_p)
                 log(f"{phase} {paths[0]} {mode} B={B}: {r['tok_s']:.1f} tok/s, prompts {r['prefill_tok_s']:.0f} tok/s, "
                     f"S {r['s_tok_s']:.0f} tok/s ({time.perf_counter() - t0:.1f} s)")
                 if phase == "offload":

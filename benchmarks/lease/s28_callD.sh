@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Session 28, call D (call C's box, warm: its layouts and llama.cpp's figures): our batch decode with and without
-# steps ahead (serial runs first in the process, then graphs: the default), then B = 8 with the grouped kernels at
-# T = 8 (TIERED_DECODE_MAX_T=4).
+# Session 28, call D (prepared, not run: refused for lack of device time; needs a warm box with the peers layouts):
+# our batch decode with and without steps ahead (serial runs first in the process, then graphs: the default), B = 8
+# at the GEMV/grouped cut-over of 4 and 8 tokens (TIERED_DECODE_MAX_T), then sampled rows (temperature 0.8, top-p
+# 0.95, drawn on the device) with and without steps ahead.
 source "$(dirname "$0")/lib.sh"
 [ -f $W/layout-q4/manifest.json ] && [ -f $W/layout/manifest.json ] || { echo "cold box: no layouts"; exit 3; }
 batch() {  # TAG LAYOUT BATCHES PATHS [VAR=VALUE ...]
   local tag=$1 lay=$2 bs=$3 paths=$4; shift 4
   rm -f /root/bb-$tag/batch_gpu.json
   env "$@" timeout 70 python3 benchmarks/bench_batch_gpu.py --layout $W/$lay --work /root/bb-$tag --phases vram \
-    --batches $bs --paths $paths --routing own --text .carry/shared/text > $OUT/batch-$tag.log 2>&1
+    --batches $bs --paths $paths --routing own --text .carry/shared/text ${SAMPLE:+--temperature 0.8 --top-p 0.95} \
+    > $OUT/batch-$tag.log 2>&1
   echo "batch $tag rc=$? $(el)"; grep -E "tok/s" $OUT/batch-$tag.log | cut -c1-200 | tail -8
   cp /root/bb-$tag/batch_gpu.json $OUT/batch-$tag.json 2>/dev/null; pack
 }
@@ -17,3 +19,5 @@ batch bf16 layout 1,8,32,128 graphs,serial
 batch q4-t4 layout-q4 8 graphs TIERED_DECODE_MAX_T=4
 batch bf16-t4 layout 8 graphs TIERED_DECODE_MAX_T=4
 batch bf16-t8 layout 8 graphs TIERED_DECODE_MAX_T=8  # the cut-over before session 28
+SAMPLE=1 batch q4-sampled layout-q4 1,8,32 graphs,serial
+SAMPLE=1 batch bf16-sampled layout 1,8,32 graphs,serial
