@@ -4,6 +4,7 @@
 # --phase prefill at T = 1-16, bf16 and q4, timed in CUDA graphs); once it is built, Q4_0 and llama-batched-bench;
 # then our batch decode with and without steps ahead (serial runs first in the process, then graphs: the default),
 # the bf16 B = 8 step profiled, and B = 8 with the grouped kernels at T = 8 (TIERED_DECODE_MAX_T=4).
+# (As run, the llama.cpp block was written out here with 60 s timeouts; it is lib.sh's llama_batched now.)
 source "$(dirname "$0")/lib.sh"
 llama_bg
 peers_layout layout-q4 q4 q4; peers_layout layout source source; pack

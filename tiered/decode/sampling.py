@@ -57,16 +57,16 @@ def sample_rows(logits: Tensor, params: list[Sampling], gens: list[torch.Generat
     if not rows:
         return out
     dev = logits.device
-    idx = torch.tensor(rows, device=dev)
+    idx = _on(dev, rows, torch.int64)
     ps = [params[i] for i in rows]
-    temp = torch.tensor([p.temperature for p in ps], dtype=torch.float32, device=dev)
+    temp = _on(dev, [p.temperature for p in ps], torch.float32)
     x = logits.index_select(0, idx).float() / temp[:, None]  # [S, V]
     ks = [p.top_k if 0 < p.top_k < V else V for p in ps]
     tp = [p.top_p for p in ps]
     if max(ks) < V:  # every row keeps at most kmax tokens: rank those only (topk sorts them), not the vocabulary
         sx, order = torch.topk(x, max(ks), dim=-1)  # [S, kmax], descending
         rank = torch.arange(sx.shape[1], device=dev)[None, :]
-        sx = sx.masked_fill(rank >= torch.tensor(ks, device=dev)[:, None], float("-inf"))
+        sx = sx.masked_fill(rank >= _on(dev, ks, torch.int64)[:, None], float("-inf"))
     elif min(tp) < 1.0:
         if min(ks) < V:  # some rows' k-th largest value: everything below it goes
             x = _cut_top_k(x, ks)
@@ -79,7 +79,7 @@ def sample_rows(logits: Tensor, params: list[Sampling], gens: list[torch.Generat
         if min(tp) < 1.0:
             probs = torch.softmax(sx, dim=-1)
             before = torch.cumsum(probs, dim=-1) - probs  # mass of the tokens ranked above each one
-            drop = before >= torch.tensor(tp, dtype=torch.float32, device=dev)[:, None]
+            drop = before >= _on(dev, tp, torch.float32)[:, None]
             sx = sx.masked_fill(drop, float("-inf"))
         x = torch.full_like(x, float("-inf")).scatter(1, order, sx)
     u = torch.stack([torch.rand(V, generator=gens[i], device=dev) for i in rows])  # [S, V] in [0, 1)
@@ -92,9 +92,16 @@ def _cut_top_k(x: Tensor, ks: list[int]) -> Tensor:
     V = x.shape[1]
     kmax = max(k for k in ks if k < V)
     top = torch.topk(x, kmax, dim=-1).values  # [S, kmax]
-    kth = top.gather(1, torch.tensor([k - 1 if k < V else kmax - 1 for k in ks], device=x.device)[:, None])
-    cut = torch.tensor([k < V for k in ks], device=x.device)[:, None]
+    kth = top.gather(1, _on(x.device, [k - 1 if k < V else kmax - 1 for k in ks], torch.int64)[:, None])
+    cut = _on(x.device, [k < V for k in ks], torch.bool)[:, None]
     return x.masked_fill(cut & (x < kth), float("-inf"))
+
+
+def _on(dev: torch.device, values: list, dtype: torch.dtype) -> Tensor:
+    """A small host list as a tensor on dev without waiting for the stream (torch.tensor(..., device=cuda) copies
+    from pageable memory and synchronises: the batch scheduler samples right after launching a step)."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t
 
 
 def argmax_into(logits: Tensor, token: Tensor) -> None:

@@ -308,8 +308,6 @@ class Scheduler:
 
     def _picks(self, logits: torch.Tensor, rows: list[Request]) -> torch.Tensor:
         """[R] int64 on the logits' device: argmax for greedy rows, a draw from each sampled row's generator."""
-        if all(r._sampling.temperature == 0 for r in rows):
-            return torch.argmax(logits, dim=-1)
         return sample_rows(logits, [r._sampling for r in rows], [r._gen for r in rows])
 
     # --- steps ahead ---
