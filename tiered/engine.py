@@ -29,7 +29,7 @@ from tiered.store.devtable import DeviceSlotTable
 from tiered.decode.graphed import GraphedDecode
 from tiered.decode.graphedprefill import GraphedPrefill
 from tiered.decode.piecewise import GraphCaptureError, PiecewiseDecode
-from tiered.decode.sampling import Sampling, SamplingError, check_sampling, sample
+from tiered.decode.sampling import Sampling, SamplingError, check_sampling, row_noise, sample
 from tiered.layout.config import ModelConfig
 from tiered.layout.families import default_model_path
 from tiered.layout.format import DTYPES, MANIFEST
@@ -669,11 +669,7 @@ class Engine:
             check_sampling(params)
         except SamplingError as e:
             raise EngineError(str(e)) from None
-        gen = torch.Generator(device=self.device)  # sampling draws its noise on the logits' device
-        if seed is None:
-            gen.seed()
-        else:
-            gen.manual_seed(seed)
+        noise = row_noise(seed)  # the draws' keys: sampling runs on the logits' device
         ids = self._ids(prompt)
         stops = (stop,) if isinstance(stop, str) else tuple(stop)
         if any(not isinstance(x, str) or not x for x in stops):
@@ -707,7 +703,7 @@ class Engine:
         elif max_new_tokens:
             i = 0
             while True:
-                tok_t = sample(logits[0], params, gen)  # [1] int64 on the logits' device
+                tok_t = sample(logits[0], params, noise)  # [1] int64 on the logits' device
                 tok = int(tok_t)
                 if i == 0:
                     t_first = time.perf_counter()

@@ -1,12 +1,15 @@
 """Sampling: logits -> the next token id, greedy or with temperature / top-k / top-p and a seeded generator.
 
-Owns: `Sampling` (the parameters), `check_sampling`, `sample` (one row), `sample_rows` (a step's rows at once, on
-the logits' device: no copy to the host, no sync) and `argmax_into` (the greedy pick written into a device buffer,
-which the one-token graph captures). Does not own: the generation loops (engine.py, decode/ahead.py).
+Owns: `Sampling` (the parameters), `check_sampling`, `RowNoise` / `row_noise` (a sequence's random stream: a
+seed and a draw count, one 63-bit key a draw), `sample` (one row), `sample_rows` (a step's rows at once, on the
+logits' device: no copy to the host, no sync), its torch path (`kept_mask`, the nucleus rule) and `argmax_into`
+(the greedy pick written into a device buffer, which the one-token graph captures). Does not own: the generation
+loops (engine.py, decode/ahead.py, decode/scheduler.py) nor the CUDA kernels (kernels/nucleus.py).
 """
 from __future__ import annotations
 
 import math
+import secrets
 from dataclasses import dataclass
 
 import torch
@@ -34,73 +37,127 @@ def check_sampling(p: Sampling) -> None:
         raise SamplingError(f"top_p must be in (0, 1], got {p.top_p}")
 
 
-def sample(logits: Tensor, p: Sampling, gen: torch.Generator) -> Tensor:
-    """logits [V] -> next token id [1] int64 on the logits' device (sample_rows over one row; greedy is argmax).
-    gen: a generator on the logits' device (sampling draws its noise there: no copy of the logits to the host)."""
+MASK63 = (1 << 63) - 1
+
+
+def _mix(seed: int, draw: int) -> int:
+    """A 63-bit key from (seed, draw): splitmix64's finaliser over seed * golden + draw (any seed, any draw)."""
+    z = (int(seed) * 0x9E3779B97F4A7C15 + int(draw) + 0x632BE59BD9B4E019) & ((1 << 64) - 1)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & ((1 << 64) - 1)
+    return (z ^ (z >> 31)) & MASK63
+
+
+@dataclass
+class RowNoise:
+    """One sequence's random stream: its seed and how many draws it has made. Draw d is keyed by _mix(seed, d), so
+    a seeded sequence draws the same tokens whatever runs beside it and wherever it sits in a step."""
+    seed: int
+    draws: int = 0
+
+    def take(self) -> int:
+        """The key of the next draw (and count it)."""
+        k = _mix(self.seed, self.draws)
+        self.draws += 1
+        return k
+
+
+def row_noise(seed: int | None) -> RowNoise:
+    """A row's stream: seeded, or from the OS's entropy when seed is None."""
+    return RowNoise(secrets.randbits(63) if seed is None else int(seed))
+
+
+def sample(logits: Tensor, p: Sampling, noise: RowNoise | None) -> Tensor:
+    """logits [V] -> next token id [1] int64 on the logits' device (sample_rows over one row; greedy is argmax)."""
     if p.temperature == 0:
         return torch.argmax(logits).view(1)  # argmax_into picks the same token (the same op on the same logits)
-    return sample_rows(logits[None], [p], [gen])
+    return sample_rows(logits[None], [p], [noise])
 
 
-def sample_rows(logits: Tensor, params: list[Sampling], gens: list[torch.Generator | None]) -> Tensor:
+def sample_rows(logits: Tensor, params: list[Sampling], noises: list[RowNoise | None], *,
+                kernel: bool | None = None) -> Tensor:
     """logits [R, V] -> one token id a row, [R] int64 on the logits' device, with no host sync.
 
     A greedy row (temperature 0) takes the argmax. A sampled row scales its logits by 1 / temperature (fp32), keeps
-    its top_k largest (0: all) and the smallest prefix of those, by descending probability, whose mass reaches
-    top_p (always at least one token), and picks argmax(x + Gumbel noise) over what it kept: a draw from the
-    softmax of the kept logits. The noise is V uniforms from the row's own generator (on the logits' device), so a
-    seeded row draws the same tokens whatever the other rows of its step are.
+    its top_k largest (0: all; torch.topk's choice among ties) and, of those, every token whose probability mass
+    strictly above it is below top_p (the smallest prefix by descending probability whose mass reaches top_p,
+    tokens tied at its boundary kept together), and picks argmax(x + Gumbel noise) over what it kept: a draw from
+    the softmax of the kept logits. The noise of a draw depends on the row's key (`RowNoise.take`) and each token's
+    id only.
+
+    kernel: None = the Triton kernels (kernels/nucleus.py: three launches for every row of the step, no sort of
+    the vocabulary) on CUDA, the torch path (a sort per row, torch's generator keyed by the same key) elsewhere;
+    True / False force one (tests run the kernels under Triton's interpreter). The two draw the same distribution
+    from different random streams.
     """
     R, V = logits.shape
     out = torch.argmax(logits, dim=-1)  # [R]: the greedy rows' picks (and a placeholder for the others)
     rows = [i for i, p in enumerate(params) if p.temperature != 0]
     if not rows:
         return out
+    from tiered.kernels import nucleus
+
+    keys = [noises[i].take() for i in rows]
+    if kernel is None:
+        kernel = logits.device.type == "cuda" and nucleus.kernel_ok(logits.device)
+    if not kernel:
+        for i, key in zip(rows, keys):
+            out[i] = _draw_torch(logits[i], params[i], key)
+        return out
     dev = logits.device
-    idx = _on(dev, rows, torch.int64)
-    ps = [params[i] for i in rows]
-    temp = _on(dev, [p.temperature for p in ps], torch.float32)
-    x = logits.index_select(0, idx).float() / temp[:, None]  # [S, V]
-    ks = [p.top_k if 0 < p.top_k < V else V for p in ps]
-    tp = [p.top_p for p in ps]
-    if max(ks) < V:  # every row keeps at most kmax tokens: rank those only (topk sorts them), not the vocabulary
-        sx, order = torch.topk(x, max(ks), dim=-1)  # [S, kmax], descending
-        rank = torch.arange(sx.shape[1], device=dev)[None, :]
-        sx = sx.masked_fill(rank >= _on(dev, ks, torch.int64)[:, None], float("-inf"))
-    elif min(tp) < 1.0:
-        if min(ks) < V:  # some rows' k-th largest value: everything below it goes
-            x = _cut_top_k(x, ks)
-        sx, order = torch.sort(x, dim=-1, descending=True)
-    else:
-        sx = order = None
-        if min(ks) < V:
-            x = _cut_top_k(x, ks)
-    if sx is not None:
-        if min(tp) < 1.0:
-            probs = torch.softmax(sx, dim=-1)
-            before = torch.cumsum(probs, dim=-1) - probs  # mass of the tokens ranked above each one
-            drop = before >= _on(dev, tp, torch.float32)[:, None]
-            sx = sx.masked_fill(drop, float("-inf"))
-        x = torch.full_like(x, float("-inf")).scatter(1, order, sx)
-    u = torch.stack([torch.rand(V, generator=gens[i], device=dev) for i in rows])  # [S, V] in [0, 1)
+    ks = [params[i].top_k if 0 < params[i].top_k < V else 0 for i in rows]
+    for cut in (False, True):  # rows keeping every token, then rows keeping their top-k
+        sel = [j for j, k in enumerate(ks) if (k > 0) == cut]
+        if not sel:
+            continue
+        r = [rows[j] for j in sel]
+        temps = [params[i].temperature for i in r]
+        tps = [params[i].top_p for i in r]
+        top_p = min(tps) < 1.0
+        if not cut:
+            pk = nucleus.pack_params(r, [V] * len(r), r, [keys[j] for j in sel], temps, tps)
+            nucleus.draw_rows(logits, _on(dev, pk), out, top_p=top_p)
+        else:
+            kk = [ks[j] for j in sel]
+            vals, ids = torch.topk(logits.index_select(0, _on(dev, torch.tensor(r))), max(kk), dim=-1)
+            own = list(range(len(r)))
+            pk = nucleus.pack_params(own, kk, r, [keys[j] for j in sel], temps, tps, own)
+            nucleus.draw_rows(vals, _on(dev, pk), out, ids=ids, top_p=top_p)
+    return out
+
+
+def kept_mask(x: Tensor, top_p: float) -> Tensor:
+    """x [n] fp32 (scaled logits) -> bool [n]: the nucleus sample_rows keeps, every token whose mass strictly above
+    it is below top_p (ties at the boundary kept together)."""
+    if top_p >= 1.0:
+        return torch.ones_like(x, dtype=torch.bool)
+    sx = torch.sort(x, descending=True).values
+    probs = torch.softmax(sx, dim=-1)
+    before = torch.cumsum(probs, dim=-1) - probs  # mass ranked above each sorted position
+    n_keep = max(1, int((before < top_p).sum()))
+    return x >= sx[n_keep - 1]
+
+
+def _draw_torch(logits: Tensor, p: Sampling, key: int) -> Tensor:
+    """One row on the torch path: the same rule as the kernels, noise from torch's generator seeded by key."""
+    V = logits.shape[0]
+    x = logits.float() / p.temperature
+    gen = torch.Generator(device=logits.device)
+    gen.manual_seed(key)
+    u = torch.rand(V, generator=gen, device=logits.device)
     gumbel = -torch.log(-torch.log(u.clamp_(min=torch.finfo(torch.float32).tiny)))
-    return out.index_copy(0, idx, torch.argmax(x + gumbel, dim=-1))
+    if 0 < p.top_k < V:
+        vals, ids = torch.topk(x, p.top_k)
+        keep = kept_mask(vals, p.top_p)
+        y = torch.where(keep, vals + gumbel[ids], float("-inf"))
+        return ids[torch.argmax(y)]
+    keep = kept_mask(x, p.top_p)
+    return torch.argmax(torch.where(keep, x + gumbel, float("-inf")))
 
 
-def _cut_top_k(x: Tensor, ks: list[int]) -> Tensor:
-    """x [S, V] with each row's values below its k-th largest set to -inf (k = V: the row is left whole)."""
-    V = x.shape[1]
-    kmax = max(k for k in ks if k < V)
-    top = torch.topk(x, kmax, dim=-1).values  # [S, kmax]
-    kth = top.gather(1, _on(x.device, [k - 1 if k < V else kmax - 1 for k in ks], torch.int64)[:, None])
-    cut = _on(x.device, [k < V for k in ks], torch.bool)[:, None]
-    return x.masked_fill(cut & (x < kth), float("-inf"))
-
-
-def _on(dev: torch.device, values: list, dtype: torch.dtype) -> Tensor:
-    """A small host list as a tensor on dev without waiting for the stream (torch.tensor(..., device=cuda) copies
-    from pageable memory and synchronises: the batch scheduler samples right after launching a step)."""
-    t = torch.tensor(values, dtype=dtype)
+def _on(dev: torch.device, t: Tensor) -> Tensor:
+    """A small host tensor on dev without waiting for the stream (a pageable copy to CUDA synchronises: the batch
+    scheduler samples right after launching a step): through pinned memory, non-blocking."""
     return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t
 
 

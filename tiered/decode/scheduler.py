@@ -10,8 +10,9 @@ Does not own: the forward (batchstep.py), page storage (state.py), threads or HT
 Thread rule: `submit` and `cancel` may be called from any thread; `step` and `run_until_idle` run on the one
 thread that owns the model (the engine thread).
 
-Sampling runs on the model's device for the whole step (decode/sampling.py `sample_rows`: each row's noise from its
-own generator there, so a seeded request draws the same tokens whatever its batch).
+Sampling runs on the model's device for the whole step (decode/sampling.py `sample_rows`: on CUDA three kernel
+launches for all the step's sampled rows; each draw's noise is keyed by its row's seed and draw count, so a seeded
+request draws the same tokens whatever its batch).
 
 Steps ahead (`ahead`, on by default): when every row decodes one token from a CUDA graph, the step's picks
 stay on the device and the next step is launched from them before the host reads them; the host then accepts the
@@ -37,7 +38,7 @@ import torch
 from tiered.decode.batchstep import BatchStep, RowRouting, Segment, StepCounts
 from tiered.decode.options import PREFILL_TOKENS, RESIDENT_PREFILL_TOKENS, BatchConfig
 from tiered.decode.state import StatePool, pool_pages, pool_slots
-from tiered.decode.sampling import Sampling, SamplingError, check_sampling, sample_rows
+from tiered.decode.sampling import RowNoise, Sampling, SamplingError, check_sampling, row_noise, sample_rows
 from tiered.layout.tokenizer import StreamDecoder
 
 Sink = Callable[["Request", str, bool], None]  # (request, new text, finished), called on the engine thread
@@ -96,7 +97,7 @@ class Request:
     t_submit: float = 0.0
     t_first: float | None = None  # when the first token was sampled
     t_done: float | None = None
-    _gen: torch.Generator | None = None  # on the model's device: sampling draws its noise there
+    _noise: RowNoise | None = None  # the row's random stream (seed, draws made)
     _sampling: Sampling | None = None
     _decoder: StreamDecoder | None = None
     _admitted: int = -1  # admission order (preemption takes the youngest)
@@ -219,12 +220,7 @@ class Scheduler:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting (the queue holds {self.max_queue})")
             req.t_submit = time.perf_counter()
-            gen = torch.Generator(device=self.model.device)
-            if req.params.seed is None:
-                gen.seed()
-            else:
-                gen.manual_seed(req.params.seed)
-            req._gen = gen
+            req._noise = row_noise(req.params.seed)
             req._sampling = req.params.sampling
             req._decoder = StreamDecoder(self.tokenizer) if self.tokenizer is not None else None
             self.waiting.append(req)
@@ -307,8 +303,8 @@ class Scheduler:
             self.step_rows.append(c.rows)
 
     def _picks(self, logits: torch.Tensor, rows: list[Request]) -> torch.Tensor:
-        """[R] int64 on the logits' device: argmax for greedy rows, a draw from each sampled row's generator."""
-        return sample_rows(logits, [r._sampling for r in rows], [r._gen for r in rows])
+        """[R] int64 on the logits' device: argmax for greedy rows, a draw keyed by each sampled row's stream."""
+        return sample_rows(logits, [r._sampling for r in rows], [r._noise for r in rows])
 
     # --- steps ahead ---
     def _launch(self, rows: list[Request], logits: torch.Tensor) -> _Ahead:
