@@ -50,16 +50,18 @@ def sort_way(logits, temps, top_ps, gens):
     return torch.argmax(x + gumbel, dim=-1)
 
 
-def timed(fn, iters: int, sync) -> float:
+def timed(fn, iters: int, sync) -> tuple[float, float]:
+    """(median seconds from the first launch to the stream's end, median seconds the host spent launching)."""
     fn()
     sync()
-    ts = []
+    ts, hs = [], []
     for _ in range(iters):
         t = time.perf_counter()
         fn()
+        hs.append(time.perf_counter() - t)
         sync()
         ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    return statistics.median(ts), statistics.median(hs)
 
 
 def main() -> int:
@@ -95,15 +97,17 @@ def main() -> int:
                 print(f"FAILED: the kernels' picks differ from the reference at R={R} {name}", file=sys.stderr)
                 return 1
             noises = [RowNoise(i) for i in range(R)]
-            t_k = timed(lambda: sample_rows(logits, params, noises, kernel=True), a.iters, sync)
-            t_t = timed(lambda: sample_rows(logits, params, noises, kernel=False), max(2, a.iters // 5), sync)
-            row = {"rows": R, "params": name, "kernels_us": t_k * 1e6, "torch_us": t_t * 1e6}
+            t_k, h_k = timed(lambda: sample_rows(logits, params, noises, kernel=True), a.iters, sync)
+            t_t, h_t = timed(lambda: sample_rows(logits, params, noises, kernel=False), max(2, a.iters // 5), sync)
+            row = {"rows": R, "params": name, "kernels_us": t_k * 1e6, "kernels_host_us": h_k * 1e6,
+                   "torch_us": t_t * 1e6, "torch_host_us": h_t * 1e6}
             if name == "top_p":
                 gens = [torch.Generator(device=dev).manual_seed(i) for i in range(R)]
-                row["sort_us"] = timed(lambda: sort_way(logits, [0.8] * R, [0.95] * R, gens), a.iters, sync) * 1e6
+                t_s, h_s = timed(lambda: sort_way(logits, [0.8] * R, [0.95] * R, gens), a.iters, sync)
+                row["sort_us"], row["sort_host_us"] = t_s * 1e6, h_s * 1e6
             out["runs"].append(row)
-            print(f"R={R:4d} {name:12s} kernels {row['kernels_us']:9.1f} us  torch {row['torch_us']:9.1f} us"
-                  + (f"  sort {row['sort_us']:9.1f} us" if "sort_us" in row else ""), flush=True)
+            print(f"R={R:4d} {name:12s} kernels {t_k * 1e6:9.1f} us (host {h_k * 1e6:7.1f})  torch {t_t * 1e6:9.1f} us"
+                  + (f"  sort {t_s * 1e6:9.1f} us (host {h_s * 1e6:7.1f})" if name == "top_p" else ""), flush=True)
     line = json.dumps(out)
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "sampling.json").write_text(line + "\n")

@@ -115,7 +115,7 @@ def uniforms(keys: Tensor, ids: Tensor) -> Tensor:
     S, n = ids.shape
     ids = ids.contiguous()
     out = torch.empty((S, n), dtype=torch.float32, device=keys.device)
-    _UNIFORM[(S,)](keys, ids, out, n, BLOCK=triton.next_power_of_2(max(n, 2)))
+    _UNIFORM[(S,)](keys, ids, out, n, BLOCK=1024)
     return out
 
 
@@ -133,12 +133,13 @@ def _gumbel(key, vid):
 
 
 def _uniform_kernel(KEYS, IDS, OUT, n, BLOCK: tl.constexpr):
-    s = tl.program_id(0)
+    s = tl.program_id(0).to(tl.int64)
     key = tl.load(KEYS + s)
-    o = tl.arange(0, BLOCK)
-    ok = o < n
-    vid = tl.load(IDS + s * n + o, mask=ok, other=0)
-    tl.store(OUT + s * n + o, tl.rand(key, vid), mask=ok)
+    for b0 in range(0, n, BLOCK):
+        o = b0 + tl.arange(0, BLOCK)
+        ok = o < n
+        vid = tl.load(IDS + s * n + o, mask=ok, other=0)
+        tl.store(OUT + s * n + o, tl.rand(key, vid), mask=ok)
 
 
 def _chunk_kernel(X, sx, IDS, sid, P, PM, PZ, PY, PI, PX, S, C,
