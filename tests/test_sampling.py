@@ -152,6 +152,21 @@ def test_sample_rows_kernel_path():
     assert int(alone[0]) == int(got[6])
 
 
+@needs_kernel
+def test_kernels_skip_greedy_rows():
+    """A row of temperature 0 in the parameter block (a batch graph's greedy and padding rows) is left as the caller
+    wrote it; the others are drawn."""
+    dev = torch.device("cuda" if CUDA else "cpu")
+    logits, _ = _case(3, 40, 2)
+    logits = logits.to(dev)
+    out = torch.full((3,), 77, dtype=torch.int64, device=dev)
+    keys = [RowNoise(9).take(), 0, RowNoise(10).take()]
+    pk = nucleus.pack_params([0, 1, 2], [40] * 3, [0, 1, 2], keys, [0.9, 0.0, 1.1], [0.7, 1.0, 1.0]).to(dev)
+    nucleus.draw_rows(logits, pk, out, chunk=16, block=8)
+    want = _reference_picks(logits[[0, 2]], [Sampling(0.9, top_p=0.7), Sampling(1.1)], [keys[0], keys[2]])
+    assert out.tolist() == [want[0], 77, want[1]]
+
+
 def test_kept_mask_rule():
     """The nucleus: every token whose mass strictly above it is below top_p; ties at the boundary kept together;
     at least one token; top_p 1 keeps all."""

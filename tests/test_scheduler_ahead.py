@@ -174,6 +174,56 @@ def test_graph_run_prev_tokens(engine):
         g.run(segs, prev=prev)
 
 
+def _graph_draws(g, sch, V):
+    """One bucketed step of four rows (greedy, two top-p draws, full-distribution draw) with the draws in its body,
+    against sample_rows over the same logits with streams at the same seeds and draw counts."""
+    from tiered.decode.batchstep import Segment
+    from tiered.decode.sampling import RowNoise, Sampling, sample_rows
+
+    pages = sch.state.alloc(2)
+    segs = [Segment([t], 3, pages, True) for t in (11, 12, 13, 14)]
+    params = [Sampling(0.0), Sampling(0.8, top_p=0.9), Sampling(1.2, top_p=0.5), Sampling(0.7)]
+    noises = [None, RowNoise(3), RowNoise(4), RowNoise(5)]
+    for n in noises[1:]:
+        n.take()  # a stream part way through
+    logits = g.run(segs, sampling=list(zip(params, noises))).clone()
+    got = g.picks.tolist()
+    assert [n.draws for n in noises[1:]] == [2, 2, 2]
+    again = [None] + [RowNoise(s, 1) for s in (3, 4, 5)]
+    want = sample_rows(logits, params, again).tolist()
+    assert got == want and got[0] == int(torch.argmax(logits[0]))
+    g.run(segs)  # no sampling given: every row's argmax
+    assert g.picks.tolist() == torch.argmax(logits, -1).tolist()
+    return got
+
+
+def test_graph_draws_in_body(engine):
+    """The bucketed body draws the sampled rows itself (the torch path on CPU): the tokens sample_rows draws from
+    the same logits and keys; greedy rows keep the argmax."""
+    sch = Scheduler(engine, max_batch=4, page_size=8, decode_attention="paged", experts="model")
+    _graph_draws(BatchGraphs(sch.step_fn, graphs=False), sch, engine.config.vocab_size)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_draws_and_sampled_ahead():
+    """On CUDA: the captured graph's draws (the nucleus kernels inside it) equal sample_rows' over its logits, and
+    a batch of sampled rows (top-p, no top-k) with greedy ones gives the same tokens ahead as serial."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA")
+    eng = load(None, device="cuda", dtype="bfloat16", max_context=256)
+    sch = Scheduler(eng, max_batch=4, page_size=16)
+    assert sch.graphs is not None and sch.graphs.graphed
+    _graph_draws(sch.graphs, sch, eng.config.vocab_size)
+    params = [SamplingParams(max_tokens=n, temperature=0.8 if i % 2 else 0.0, top_p=0.9, seed=i, stop_at_eos=False)
+              for i, n in enumerate(LENGTHS)]
+    outs = []
+    for ahead in (False, True):
+        sch = Scheduler(eng, max_batch=6, page_size=16, ahead=ahead)
+        outs.append(_drive(sch, _requests(eng, params)))
+        assert sch.graphs.replays >= 10
+    assert outs[0] == outs[1]
+
+
 @pytest.mark.cuda
 def test_cuda_ahead_matches_serial():
     """On CUDA, with captured graphs: steps ahead (pinned copies, an event per step, the tokens gathered on the

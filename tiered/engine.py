@@ -597,12 +597,35 @@ class Engine:
             return "device"
         return "piecewise" if self.pieces is not None else "eager"
 
+    def _capture_sampled(self, params: Sampling) -> float:
+        """Capture the whole-step graphs' sampled variants (decode/graphed.py) the first time a generation samples
+        with parameters they serve, before its clock; returns the seconds spent (added to self.capture_s)."""
+        g = self.graphed
+        if g is None or not g.graphed or not g.can_sample(params) or g.ready(sampled=True):
+            return 0.0
+        t0 = time.perf_counter()
+        try:
+            g.capture_all(sampled=True)
+        except RuntimeError as e:  # a refusal of this torch/driver/Triton: sampled decoding keeps its per-token loop
+            print(f"tiered: the sampled step's CUDA graphs could not be captured ({e}); sampling per token",
+                  file=sys.stderr)
+            g.sgraphs.clear()
+            g.sampled = False
+            self._sync()
+        spent = time.perf_counter() - t0
+        self.capture_s += spent
+        return spent
+
     def _ahead_step(self, params: Sampling) -> GreedyStep | None:
-        """The step greedy decoding runs one step ahead of (decode/ahead.py), or None for the per-token loop:
-        the whole-step graphs (or the device slot table's step) when every span is captured; the eager step only
-        when step_ahead is True."""
-        if params.temperature != 0 or self.step_ahead is False:
+        """The step decoding runs one step ahead of (decode/ahead.py), or None for the per-token loop: the
+        whole-step graphs (or the device slot table's step) when every span is captured; the eager step only
+        when step_ahead is True. Sampling runs ahead on the whole-step graphs' sampled variants only (temperature
+        and top-p; a top-k keeps the per-token loop)."""
+        if self.step_ahead is False:
             return None
+        if params.temperature != 0:
+            g = self.graphed
+            return g if g is not None and g.can_sample(params) and g.ready(sampled=True) else None
         if self.graphed is not None and self.graphed.ready():
             return self.graphed
         if self.devstep is not None and (self.step_ahead or (self.devstep.graphed and self.devstep.ready())):
@@ -662,13 +685,15 @@ class Engine:
         """
         if max_new_tokens < 0:
             raise EngineError("max_new_tokens must be >= 0")
-        capture_now = self.capture_graphs() if max_new_tokens > 1 else 0.0  # no-op once captured
-        t_call = time.perf_counter()
         params = Sampling(temperature, top_k, top_p, seed)
         try:
             check_sampling(params)
         except SamplingError as e:
             raise EngineError(str(e)) from None
+        capture_now = self.capture_graphs() if max_new_tokens > 1 else 0.0  # no-op once captured
+        if max_new_tokens > 1 and self.step_ahead is not False:
+            capture_now += self._capture_sampled(params)
+        t_call = time.perf_counter()
         noise = row_noise(seed)  # the draws' keys: sampling runs on the logits' device
         ids = self._ids(prompt)
         stops = (stop,) if isinstance(stop, str) else tuple(stop)
@@ -696,8 +721,16 @@ class Engine:
         if ahead is not None:
             if self._readback is None:
                 self._readback = Readback(self.device)
-            run = run_ahead(ahead, logits, pos, max_new=max_new_tokens, max_context=self.max_context, sink=sink,
-                            ring=self._readback)
+            first = None
+            if params.temperature != 0:  # draw 0 here, the graphs draw the rest with the stream's next keys
+                first = sample(logits[0], params, noise)
+                ahead.set_sampling(params, noise, min(max_new_tokens - 1, self.max_context))
+            try:
+                run = run_ahead(ahead, logits, pos, max_new=max_new_tokens, max_context=self.max_context,
+                                sink=sink, ring=self._readback, first=first)
+            finally:
+                if first is not None:
+                    ahead.set_sampling(None)
             reason, t_first, t2, extra = run.stop, run.t_first, run.t_last, run.launched - run.used
             self._sync()  # the step computed past EOS or a stop string, if any: after the clock (its token is dropped)
         elif max_new_tokens:

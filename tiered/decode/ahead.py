@@ -160,12 +160,16 @@ class AheadRun:
 
 
 def run_ahead(step: GreedyStep, logits: Tensor, pos: int, *, max_new: int, max_context: int,
-              sink: Callable[[int], str | None], ring: Readback) -> AheadRun:
-    """Greedy decoding from the prefill's logits [1, V] (the last prompt token's, at position pos - 1) with the
-    host one step ahead. Token 0 is the argmax of `logits`; step i (i >= 1) reads token i - 1 at position
-    pos + i - 1 and makes token i. Stops as the engine's per-token loop does: at the sink's reason, after max_new
-    tokens (max_new >= 1), or when the next step's position would reach max_context."""
-    argmax_into(logits, step.token)
+              sink: Callable[[int], str | None], ring: Readback, first: Tensor | None = None) -> AheadRun:
+    """Decoding from the prefill's logits [1, V] (the last prompt token's, at position pos - 1) with the host one
+    step ahead. Token 0 is the argmax of `logits` (or `first` [1] int64 on the device, a draw); step i (i >= 1)
+    reads token i - 1 at position pos + i - 1 and makes token i (its argmax, or its draw: graphed.py's sampled
+    graphs). Stops as the engine's per-token loop does: at the sink's reason, after max_new tokens (max_new >= 1),
+    or when the next step's position would reach max_context."""
+    if first is None:
+        argmax_into(logits, step.token)
+    else:
+        step.token.copy_(first.view(1))
     step.pos.fill_(pos)
     ring.push(0, step.token)
     launched = 0

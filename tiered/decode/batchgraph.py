@@ -6,8 +6,9 @@ cost, and the buckets that could not be captured), `bucket_for` (rows -> the buc
 (whether the rows' routing overrides come from one replay bank) and `bank_layers` (the bank layer of each MoE
 layer, or why the bank cannot serve the model).
 A step whose rows all decode one token runs with every shape fixed by its bucket: the tokens, positions, K/V
-store places, lengths, bank rows and block tables [bucket, max_context / page] go into the bucket's buffer in one
-copy, the paged decode kernel reads the lengths on the device, the experts take the model's own path over the
+store places, lengths, bank rows, sampling parameters and block tables [bucket, max_context / page] go into the
+bucket's buffer in one copy, the graph ends with each row's next token (argmax; a draw by kernels/nucleus.py for
+rows that sample, with no top-k: no launch of the host's after the replay), the paged decode kernel reads the lengths on the device, the experts take the model's own path over the
 resident pool (BatchStep experts="model": no host read), and padding rows (token 0 at position 0, length 0:
 zero attention, a K/V store into a free page, routing marks sent to the uncounted column) fill the bucket.
 Replayed routing (benchmark mode, predict/replay.py): rows whose routing comes from one ReplayBank are graphed
@@ -34,10 +35,14 @@ from torch import Tensor
 
 from tiered.decode.batchstep import BankRows, BatchStep, Segment, StepCounts
 from tiered.decode.capture import BucketGraphs
+from tiered.decode.sampling import RowNoise, Sampling, draw_step
+from tiered.kernels import nucleus
 from tiered.kernels.quant_moe import qlinear as linear
 
 SMALL = 16  # up to this many rows the buckets are powers of two; above it, multiples of STEP
 STEP = 16
+HEAD = 5 + nucleus.PARAMS  # buffer rows before the block table: token, position, store place, length, bank row,
+#                            then the sampling kernels' parameters of each row (kernels/nucleus.py fill_params)
 
 
 def bucket_for(rows: int) -> int:
@@ -52,11 +57,12 @@ def bucket_for(rows: int) -> int:
 
 @dataclass
 class _Bucket:
-    rows: Tensor  # [5 + MP, Bb] int64, one copy a step: token, position, K/V store place (pools viewed as
-    #               [N * P, ...]), length (0 for padding rows), bank row (-1: own routing), then the block
-    #               table, row b in column b
+    rows: Tensor  # [HEAD + MP, Bb] int64, one copy a step: token, position, K/V store place (pools viewed as
+    #               [N * P, ...]), length (0 for padding rows), bank row (-1: own routing), the sampling
+    #               parameters (nucleus.PARAMS rows: temperature 0 = greedy), then the block table, row b in column b
     graph: torch.cuda.CUDAGraph | None = None
     logits: Tensor | None = None  # [Bb, V], written by each replay
+    picks: Tensor | None = None  # [Bb] int64: each row's next token (argmax, or its draw), written by each replay
     bank: Any = None  # the ReplayBank whose tensors the body gathers from (None: every row routes itself)
     layers: dict[int, int] | None = None  # model layer -> bank layer (bank_layers), with `bank`
 
@@ -80,6 +86,8 @@ class BatchGraphs(BucketGraphs):
         P = step.state.page_size
         self.max_pages = -(-self.model.max_context // P)
         self.recaptures = 0  # captures of a bucket again: a replayed step of a bank its graph was not captured with
+        self.vocab = int(self.model.lm_head.shape[-2])  # the logits' width (the sampling kernels' candidates)
+        self.picks: Tensor | None = None  # the last run's picks [B] (on the device)
 
     def eligible(self, segs: list[Segment]) -> bool:
         """A graph may run this step: every row decodes one token and wants its logits, the rows' routing
@@ -90,10 +98,14 @@ class BatchGraphs(BucketGraphs):
 
     @torch.inference_mode()
     def run(self, segs: list[Segment], *, prev: Tensor | None = None, src: list[int] | None = None,
-            count: bool = True) -> Tensor | None:
+            count: bool = True, sampling: list[tuple[Sampling, RowNoise | None]] | None = None) -> Tensor | None:
         """The step's logits [B, V] (a view of the bucket's static buffer: read it before the next step), or
         None when no graph can run it (the caller runs it eagerly): padding needs a free page and none is, or
         the bucket's capture failed, or the rows' routing is not one bank's (see `eligible`).
+        sampling: each row's parameters and stream (decode/sampling.py graph_ok must hold: no top-k): the graph
+        then also draws each row's next token (greedy rows: the argmax), left in `self.picks` [B] (the bucket's
+        static buffer, on the device), one key taken from each sampled row's stream. None: `self.picks` holds
+        every row's argmax.
         prev [B'] int64 on the device with src [B]: row i's token is prev[src[i]] (the previous step's picks,
         never read by the host: decode/scheduler.py's steps ahead), not segs[i].tokens. count=False leaves the
         step's expert marks on the device for the caller (BatchStep.marks_to_host, count_marks): no host read.
@@ -111,14 +123,20 @@ class BatchGraphs(BucketGraphs):
         # routing (bank row -1); unused block-table entries stay page 0 (any valid id: the kernel reads a row's
         # pages up to its length)
         if self.device.type == "cuda":  # pinned: the copy does not wait for the stream (a step may still run)
-            buf = torch.empty((5 + MP, Bb), dtype=torch.int64, pin_memory=True)
+            buf = torch.empty((HEAD + MP, Bb), dtype=torch.int64, pin_memory=True)
             host = buf.numpy()
             host.fill(0)
         else:
-            host = np.zeros((5 + MP, Bb), dtype=np.int64)
+            host = np.zeros((HEAD + MP, Bb), dtype=np.int64)
             buf = torch.from_numpy(host)
         host[2, B:] = scratch * P
         host[4] = -1
+        cols = np.arange(Bb)
+        temps, top_ps, keys = np.zeros(Bb), np.ones(Bb), np.zeros(Bb, dtype=np.int64)
+        for i, (p, noise) in enumerate(sampling or ()):
+            if p.temperature != 0:
+                temps[i], top_ps[i], keys[i] = p.temperature, p.top_p, noise.take()
+        nucleus.fill_params(host[5:HEAD], cols, self.vocab, cols, keys, temps, top_ps, cols)
         if (prev is None) != (src is None) or (src is not None and len(src) != B):
             raise ValueError("prev and src go together, src with one index per row")
         for i, s in enumerate(segs):
@@ -128,10 +146,10 @@ class BatchGraphs(BucketGraphs):
                 s.routing._check(p, 1)  # past its end the gather would read the next member's rows
                 host[4, i] = s.routing.base + p
             pages = s.pages[:MP]
-            host[5:5 + len(pages), i] = pages
+            host[HEAD:HEAD + len(pages), i] = pages
         b = self.buckets.get(Bb)
         if b is None:
-            b = self.buckets[Bb] = _Bucket(rows=torch.zeros(5 + MP, Bb, dtype=torch.int64, device=self.device))
+            b = self.buckets[Bb] = _Bucket(rows=torch.zeros(HEAD + MP, Bb, dtype=torch.int64, device=self.device))
         if bank is not None and b.bank is not bank:
             self._bind(b, bank)
         b.rows.copy_(buf, non_blocking=True)
@@ -139,19 +157,21 @@ class BatchGraphs(BucketGraphs):
             b.rows[0, :B].copy_(prev.index_select(0, b.rows[0, :B]))
         self.step.last = StepCounts(rows=B, tokens=B)
         if not self.graphed:
-            out = self._body(b)
+            logits, picks = self._body(b)
             if count:
                 self.step._count_used()
-            return out[:B]
+            self.picks = picks[:B]
+            return logits[:B]
         if b.graph is None:
             got = self._capture(Bb, lambda: self._body(b), warmups=2)
             if got is None:  # e.g. an operation that cannot be captured: this bucket runs eagerly
                 return None
-            b.graph, b.logits = got.graph, got.out
+            b.graph, (b.logits, b.picks) = got.graph, got.out
         b.graph.replay()
         self.replays += 1
         if count:
             self.step._count_used()
+        self.picks = b.picks[:B]
         return b.logits[:B]
 
     def stats(self) -> dict:
@@ -162,22 +182,26 @@ class BatchGraphs(BucketGraphs):
         with another bank is dropped (captured again on this step). ValueError when the bank cannot serve."""
         b.layers = bank_layers(self.step, bank)
         if b.graph is not None:
-            b.graph = b.logits = None
+            b.graph = b.logits = b.picks = None
             self.recaptures += 1
         b.bank = bank
 
-    def _body(self, b: _Bucket) -> Tensor:
-        """The graphed step: every shape depends on the bucket only."""
+    def _body(self, b: _Bucket) -> tuple[Tensor, Tensor]:
+        """The graphed step: every shape depends on the bucket only. Returns (logits [Bb, V], picks [Bb] int64:
+        the argmax, replaced by a draw in rows whose temperature is not 0)."""
         m, step = self.model, self.step
         tokens, pos, flat, seqlens = b.rows[0], b.rows[1], b.rows[2], b.rows[3].to(torch.int32)
         plan = {"decode": [0], "other": [], "all_decode": True, "seqlens": seqlens, "flat": flat,
-                "bt": b.rows[5:].t().to(torch.int32).contiguous(), "valid": seqlens > 0,
+                "bt": b.rows[HEAD:].t().to(torch.int32).contiguous(), "valid": seqlens > 0,
                 "cos": m.rope.cos.index_select(0, pos), "sin": m.rope.sin.index_select(0, pos)}
         if b.bank is not None:
             plan["replay"] = BankRows(b.rows[4], b.bank.ids, b.bank.weights, b.layers)
         step.used_marks().zero_()
         h, delta = step.layers(F.embedding(tokens, m.embed), plan, None, None)
-        return linear(m.add_norm(h, delta, m.final_norm)[1], m.lm_head)  # [Bb, V]
+        logits = linear(m.add_norm(h, delta, m.final_norm)[1], m.lm_head)  # [Bb, V]
+        picks = torch.argmax(logits, dim=-1)
+        draw_step(logits, b.rows[5:HEAD], picks, kernel=self.graphed)
+        return logits, picks
 
 
 def shared_bank(segs: list[Segment]) -> tuple[bool, Any]:

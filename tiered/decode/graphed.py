@@ -6,6 +6,10 @@ every graph a step may replay before the first timed step, and what capturing co
 Each graph ends with the greedy pick: it writes the argmax of its logits into the token buffer and adds 1 to the
 position buffer, so consecutive replays (`launch`) decode greedily with no host input (decode/ahead.py runs the
 host one step ahead of them); `step` overwrites both buffers first and returns the logits (sampling).
+Sampled decoding (temperature, top-p; no top-k) has graphs of its own (`capture_all(sampled=True)`, on first use):
+after the argmax they draw the token with kernels/nucleus.py, keyed by the next entry of a device table of the
+sequence's draw keys (`set_sampling` fills it: decode/sampling.py RowNoise), so sampled replays chain with no host
+input either, and the engine runs the host ahead of them as for greedy decoding.
 Used when every expert is on the device (ResidentExperts: `get` never syncs), with no observer and no
 routing override (a replay would skip them).
 Does not own: the step itself (model/transformer.py, `decode_static`, and which spans exist:
@@ -19,7 +23,8 @@ import time
 import torch
 from torch import Tensor
 
-from tiered.decode.sampling import argmax_into
+from tiered.decode.sampling import RowNoise, Sampling, argmax_into, draw_step, graph_ok
+from tiered.kernels import nucleus
 from tiered.model.transformer import Transformer
 
 
@@ -36,7 +41,15 @@ class GraphedDecode:
             raise ValueError(f"CUDA graphs need a CUDA device, the model is on {dev}: use GraphedDecode(graphs=False)")
         self.token = torch.zeros(1, dtype=torch.int64, device=dev)  # static buffers the graphs read and advance
         self.pos = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.vocab = int(model.lm_head.shape[-2])
+        # sampled graphs: the kernels' parameters of the one row (its key copied in from keys[draw] each step), the
+        # sequence's draw keys in order, the index of the next one (advanced by each sampled replay)
+        self.sparams = nucleus.pack_params([0], [self.vocab], [0], [0], [0.0], [1.0]).to(dev)
+        self.keys = torch.zeros(model.max_context + 1, dtype=torch.int64, device=dev)
+        self.draw = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.sampled = False  # launch replays the sampled graphs (set_sampling)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self.sgraphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.graphed else None
         self.capture_s = 0.0  # seconds spent capturing, over the object's life
         self.graph_mem_bytes = 0  # growth of reserved CUDA memory while capturing (the graphs' pool)
@@ -44,17 +57,38 @@ class GraphedDecode:
     def span(self, pos: int) -> int:
         return self.model.graph_span(pos)
 
-    def capture_all(self) -> None:
-        """Capture every graph a step may replay (`model.graph_spans()`) now, not inside a timed decode."""
+    def capture_all(self, sampled: bool = False) -> None:
+        """Capture every graph a step may replay (`model.graph_spans()`) now, not inside a timed decode; sampled:
+        the sampled graphs."""
         if not self.graphed:
             return
+        have = self.sgraphs if sampled else self.graphs
         for span in self.model.graph_spans():
-            if span not in self.graphs:
-                self._add(span)
+            if span not in have:
+                self._add(span, sampled)
 
-    def ready(self) -> bool:
-        """Every span's graph is captured (or no graphs are used): `launch` never captures."""
-        return not self.graphed or all(s in self.graphs for s in self.model.graph_spans())
+    def ready(self, sampled: bool = False) -> bool:
+        """Every span's graph (sampled: sampled graph) is captured, or no graphs are used: `launch` never captures."""
+        have = self.sgraphs if sampled else self.graphs
+        return not self.graphed or all(s in have for s in self.model.graph_spans())
+
+    def can_sample(self, params: Sampling) -> bool:
+        """Whether the sampled graphs can draw for these parameters (no top-k: decode/sampling.py graph_ok)."""
+        return params.temperature != 0 and graph_ok([params], self.vocab)
+
+    def set_sampling(self, params: Sampling | None, noise: RowNoise | None = None, draws: int = 0) -> None:
+        """Make `launch` replay the sampled graphs, drawing with `params` and the keys of `noise`'s next `draws`
+        draws (taken from it now, in order; at most max_context + 1); None: greedy graphs again."""
+        if params is None:
+            self.sampled = False
+            return
+        if not self.can_sample(params):
+            raise ValueError(f"the sampled graphs draw with temperature > 0 and no top-k, got {params}")
+        n = min(draws, self.keys.shape[0])
+        self.keys[:n].copy_(torch.tensor([noise.take() for _ in range(n)], dtype=torch.int64))
+        self.sparams.copy_(nucleus.pack_params([0], [self.vocab], [0], [0], [params.temperature], [params.top_p]))
+        self.draw.zero_()
+        self.sampled = True
 
     def step(self, token: Tensor, pos: int) -> Tensor:
         """token [1] int64 on device at position pos -> logits [1, V] (a static buffer: read before the next step)."""
@@ -74,45 +108,54 @@ class GraphedDecode:
         device buffer back). Returns the logits [1, V] (a static buffer)."""
         span = self.span(pos)
         if not self.graphed:
-            return self._body(span)
-        if span not in self.graphs:  # only when capture_all was not called (or a span was added since)
-            self._add(span)
-        graph, out = self.graphs[span]
+            return self._body(span, self.sampled)
+        have = self.sgraphs if self.sampled else self.graphs
+        if span not in have:  # only when capture_all was not called (or a span was added since)
+            self._add(span, self.sampled)
+        graph, out = have[span]
         graph.replay()
         return out
 
     def stats(self) -> dict:
-        return {"spans": sorted(self.graphs), "capture_s": self.capture_s, "graph_mem_bytes": self.graph_mem_bytes}
+        return {"spans": sorted(self.graphs), "sampled_spans": sorted(self.sgraphs), "capture_s": self.capture_s,
+                "graph_mem_bytes": self.graph_mem_bytes}
 
-    def _body(self, span: int) -> Tensor:
-        """The captured step: logits of (token, pos), then the greedy pick into token and pos + 1."""
+    def _body(self, span: int, sampled: bool = False) -> Tensor:
+        """The captured step: logits of (token, pos), then the greedy pick into token (sampled: replaced by the
+        draw keyed by keys[draw], and draw + 1) and pos + 1."""
         out = self.model.decode_static(self.token, self.pos, span)
         argmax_into(out, self.token)
+        if sampled:
+            self.sparams[3:4].copy_(self.keys.index_select(0, self.draw))
+            draw_step(out, self.sparams, self.token, kernel=self.graphed)
+            self.draw.add_(1)
         self.pos.add_(1)
         return out
 
-    def _add(self, span: int) -> None:
+    def _add(self, span: int, sampled: bool = False) -> None:
         dev = self.model.device
         t0 = time.perf_counter()
         torch.cuda.empty_cache()  # torch.cuda.graph empties the cache on entry: start from there, or the delta is negative
         mem0 = torch.cuda.memory_reserved(dev)
-        inputs = self.token.clone(), self.pos.clone()  # stream-ordered after any step in flight
-        graph, out = self._capture(span, inputs)
+        inputs = self.token.clone(), self.pos.clone(), self.draw.clone()  # stream-ordered after any step in flight
+        graph, out = self._capture(span, inputs, sampled)
         # One replay now: the first launch of a graph pays for its upload, which would land in the first step.
         # Like the warm-up it writes only the K/V of the position in self.pos, rewritten by the step using it.
         graph.replay()
         self._restore(inputs)
         torch.cuda.synchronize(dev)
-        self.graphs[span] = (graph, out)
+        (self.sgraphs if sampled else self.graphs)[span] = (graph, out)
         self.capture_s += time.perf_counter() - t0
         self.graph_mem_bytes += torch.cuda.memory_reserved(dev) - mem0
 
-    def _restore(self, inputs: tuple[Tensor, Tensor]) -> None:
-        """Put back the token and position a warm-up or upload replay advanced."""
+    def _restore(self, inputs: tuple[Tensor, Tensor, Tensor]) -> None:
+        """Put back the token, position and draw index a warm-up or upload replay advanced."""
         self.token.copy_(inputs[0])
         self.pos.copy_(inputs[1])
+        self.draw.copy_(inputs[2])
 
-    def _capture(self, span: int, inputs: tuple[Tensor, Tensor]) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+    def _capture(self, span: int, inputs: tuple[Tensor, Tensor, Tensor],
+                 sampled: bool) -> tuple[torch.cuda.CUDAGraph, Tensor]:
         # Warm-up runs on a side stream (cuBLAS workspaces, lazy inits, Triton compiles); they write this step's
         # own K/V, which the replay rewrites with the same values. The DeltaNet state is not addressed by
         # position, so it is restored after the warm-ups, and so are the token and position they advance.
@@ -121,10 +164,10 @@ class GraphedDecode:
             side.wait_stream(torch.cuda.current_stream(self.model.device))
             with torch.cuda.stream(side):
                 for _ in range(2):
-                    self._body(span)
+                    self._body(span, sampled)
                     self._restore(inputs)
             torch.cuda.current_stream(self.model.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                out = self._body(span)
+                out = self._body(span, sampled)
         return graph, out

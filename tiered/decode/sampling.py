@@ -4,7 +4,8 @@ Owns: `Sampling` (the parameters), `check_sampling`, `RowNoise` / `row_noise` (a
 seed and a draw count, one 63-bit key a draw), `sample` (one row), `sample_rows` (a step's rows at once, on the
 logits' device: no copy to the host, no sync), its torch path (`kept_mask`, the nucleus rule) and `argmax_into`
 (the greedy pick written into a device buffer, which the one-token graph captures). Does not own: the generation
-loops (engine.py, decode/ahead.py, decode/scheduler.py) nor the CUDA kernels (kernels/nucleus.py).
+loops (engine.py, decode/ahead.py, decode/scheduler.py) nor the CUDA kernels (kernels/nucleus.py). `graph_ok` and
+`draw_step` serve the batch graphs (decode/batchgraph.py), which draw their rows inside the graph.
 """
 from __future__ import annotations
 
@@ -91,8 +92,11 @@ def sample_rows(logits: Tensor, params: list[Sampling], noises: list[RowNoise | 
     from different random streams.
     """
     R, V = logits.shape
-    out = torch.argmax(logits, dim=-1)  # [R]: the greedy rows' picks (and a placeholder for the others)
     rows = [i for i, p in enumerate(params) if p.temperature != 0]
+    if len(rows) < R:
+        out = torch.argmax(logits, dim=-1)  # [R]: the greedy rows' picks (and a placeholder for the others)
+    else:
+        out = torch.empty(R, dtype=torch.int64, device=logits.device)
     if not rows:
         return out
     from tiered.kernels import nucleus
@@ -114,16 +118,39 @@ def sample_rows(logits: Tensor, params: list[Sampling], noises: list[RowNoise | 
         temps = [params[i].temperature for i in r]
         tps = [params[i].top_p for i in r]
         top_p = min(tps) < 1.0
+        pin = dev.type == "cuda"
         if not cut:
-            pk = nucleus.pack_params(r, [V] * len(r), r, [keys[j] for j in sel], temps, tps)
-            nucleus.draw_rows(logits, _on(dev, pk), out, top_p=top_p)
+            pk = nucleus.pack_params(r, [V] * len(r), r, [keys[j] for j in sel], temps, tps, pin=pin)
+            nucleus.draw_rows(logits, pk.to(dev, non_blocking=True), out, top_p=top_p)
         else:
             kk = [ks[j] for j in sel]
-            vals, ids = torch.topk(logits.index_select(0, _on(dev, torch.tensor(r))), max(kk), dim=-1)
+            x = logits if len(r) == R else logits.index_select(0, _on(dev, torch.tensor(r)))
+            vals, ids = torch.topk(x, max(kk), dim=-1)
             own = list(range(len(r)))
-            pk = nucleus.pack_params(own, kk, r, [keys[j] for j in sel], temps, tps, own)
-            nucleus.draw_rows(vals, _on(dev, pk), out, ids=ids, top_p=top_p)
+            pk = nucleus.pack_params(own, kk, r, [keys[j] for j in sel], temps, tps, own, pin=pin)
+            nucleus.draw_rows(vals, pk.to(dev, non_blocking=True), out, ids=ids, top_p=top_p)
     return out
+
+
+def graph_ok(params: list[Sampling], vocab: int) -> bool:
+    """Whether a graphed batch step can draw these rows inside its graph (decode/batchgraph.py): top-k needs a
+    torch.topk of its own, so such rows are drawn after it by sample_rows."""
+    return all(p.temperature == 0 or not 0 < p.top_k < vocab for p in params)
+
+
+def draw_step(logits: Tensor, params: Tensor, picks: Tensor, *, kernel: bool) -> None:
+    """The sampled rows of a dense step (row b of logits [Bb, V] is row b of the step; params int64 [PARAMS, Bb]
+    as kernels/nucleus.py's fill_params writes them, temperature 0 for greedy and padding rows) drawn into picks
+    [Bb] int64, which holds the argmax: the kernels (kernel=True: capturable in a CUDA graph), else the torch path
+    row by row (the same rule and keys; reads params on the host)."""
+    from tiered.kernels import nucleus
+
+    if kernel:
+        nucleus.draw_rows(logits, params, picks, top_p=True)
+        return
+    for x_row, _, out_row, key, temp, top_p, _ in nucleus.read_params(params.cpu()):
+        if temp > 0:
+            picks[out_row] = _draw_torch(logits[x_row], Sampling(temp, 0, top_p), key)
 
 
 def kept_mask(x: Tensor, top_p: float) -> Tensor:

@@ -38,7 +38,8 @@ import torch
 from tiered.decode.batchstep import BatchStep, RowRouting, Segment, StepCounts
 from tiered.decode.options import PREFILL_TOKENS, RESIDENT_PREFILL_TOKENS, BatchConfig
 from tiered.decode.state import StatePool, pool_pages, pool_slots
-from tiered.decode.sampling import RowNoise, Sampling, SamplingError, check_sampling, row_noise, sample_rows
+from tiered.decode.sampling import (RowNoise, Sampling, SamplingError, check_sampling, graph_ok, row_noise,
+                                    sample_rows)
 from tiered.layout.tokenizer import StreamDecoder
 
 Sink = Callable[["Request", str, bool], None]  # (request, new text, finished), called on the engine thread
@@ -268,9 +269,11 @@ class Scheduler:
             set_phase("prefill" if prefill else "decode")
         graphed = self.graphs is not None and self.graphs.eligible(segs)
         ahead = graphed and self.ahead
-        logits = self.graphs.run(segs, count=not ahead) if graphed else None
+        samp = self._in_graph(rows) if graphed else None
+        logits = self.graphs.run(segs, count=not ahead, sampling=samp) if graphed else None
+        picks = self.graphs.picks if logits is not None and samp is not None else None
         if logits is not None and ahead:  # the picks stay on the device: the next call launches from them
-            self._ahead = self._launch(rows, logits)
+            self._ahead = self._launch(rows, logits, picks)
             self._tally(time.perf_counter() - t0, False, None, 0)
             return len(segs)
         if logits is None:
@@ -278,7 +281,7 @@ class Scheduler:
         for r, s in zip(rows, segs):
             if not s.want_logits:  # a prompt chunk short of the end: its K/V are in, nothing to sample
                 r.cached += len(s.tokens)
-        sampled = self._sample(logits, [r for r, s in zip(rows, segs) if s.want_logits])
+        sampled = self._sample(logits, [r for r, s in zip(rows, segs) if s.want_logits], picks)
         if self.model.device.type == "cuda":
             torch.cuda.synchronize(self.model.device)
         self._tally(time.perf_counter() - t0, prefill, self.step_fn.last, sampled)
@@ -306,11 +309,18 @@ class Scheduler:
         """[R] int64 on the logits' device: argmax for greedy rows, a draw keyed by each sampled row's stream."""
         return sample_rows(logits, [r._sampling for r in rows], [r._noise for r in rows])
 
+    def _in_graph(self, rows: list[Request]) -> list[tuple[Sampling, RowNoise | None]] | None:
+        """The rows' sampling for a graphed step to draw inside its graph, or None when a row's top-k keeps it out
+        (those steps draw after the graph, by sample_rows)."""
+        params = [r._sampling for r in rows]
+        return list(zip(params, [r._noise for r in rows])) if graph_ok(params, self.graphs.vocab) else None
+
     # --- steps ahead ---
-    def _launch(self, rows: list[Request], logits: torch.Tensor) -> _Ahead:
-        """The picks of a launched step (greedy or sampled, on the device), left there, and their copies (and the
-        step's expert marks) to the host, not waited for."""
-        picks = self._picks(logits, rows)
+    def _launch(self, rows: list[Request], logits: torch.Tensor, picks: torch.Tensor | None = None) -> _Ahead:
+        """The picks of a launched step (greedy or sampled, on the device; drawn here unless its graph drew them),
+        left there, and their copies (and the step's expert marks) to the host, not waited for."""
+        if picks is None:
+            picks = self._picks(logits, rows)
         if picks.device.type == "cuda":
             host = torch.empty(picks.shape, dtype=picks.dtype, pin_memory=True).copy_(picks, non_blocking=True)
             marks = self.step_fn.marks_to_host()
@@ -378,10 +388,11 @@ class Scheduler:
             grow = self.state.pages_needed(s.start + 1) - len(r.pages)
             if grow > 0:
                 r.pages += self.state.alloc(grow)  # s.pages is r.pages: the segment sees them
-        logits = self.graphs.run(segs, prev=a.picks, src=src, count=False)
+        samp = self._in_graph(rows)
+        logits = self.graphs.run(segs, prev=a.picks, src=src, count=False, sampling=samp)
         if logits is None:
             return None
-        return self._launch(rows, logits)
+        return self._launch(rows, logits, self.graphs.picks if samp is not None else None)
 
     def _apply_cancels(self) -> None:
         with self._lock:
@@ -470,9 +481,10 @@ class Scheduler:
         with self._lock:
             self.waiting.appendleft(v)
 
-    def _sample(self, logits: torch.Tensor, rows: list[Request]) -> int:
-        """Pick each row's next token (on the logits' device), advance its state, emit text; returns tokens sampled."""
-        picks = self._picks(logits, rows).tolist()
+    def _sample(self, logits: torch.Tensor, rows: list[Request], picks: torch.Tensor | None = None) -> int:
+        """Pick each row's next token (on the logits' device; `picks`: the graph drew them), advance its state, emit
+        text; returns tokens sampled."""
+        picks = (self._picks(logits, rows) if picks is None else picks).tolist()
         now = time.perf_counter()
         for i, r in enumerate(rows):
             r.cached = r.seq_len

@@ -1,8 +1,10 @@
 """A step's sampled rows drawn on the GPU in three launches, whatever the number of rows: temperature, top-p (the
 nucleus) and Gumbel-max with counter-based noise, no sort of the vocabulary.
 
-Owns: `draw_rows` (the launcher), `uniforms` (the noise the kernels draw, written out: tests), `kernel_ok` (whether
-the kernels can run on a device) and the three kernels. Does not own: top-k (the caller passes each row's top-k
+Owns: `draw_rows` (the launcher), the per-row parameter block (`pack_params`, `fill_params`, `read_params`: what
+a batch graph's buffer carries too), `uniforms` (the noise the kernels draw, written out: tests), `kernel_ok`
+(whether the kernels can run on a device) and the three kernels. Rows of temperature 0 are skipped: the caller's
+argmax stays (decode/batchgraph.py runs every row of a step through them inside its graph). Does not own: top-k (the caller passes each row's top-k
 candidates, from torch.topk, with their vocabulary ids), greedy rows, the per-row keys (decode/sampling.py
 `RowNoise`), nor the plain torch path these must match in distribution (decode/sampling.py).
 
@@ -54,18 +56,36 @@ def interpreted() -> bool:
 
 
 def pack_params(x_rows: list[int], n: list[int], out_rows: list[int], keys: list[int], temps: list[float],
-                top_ps: list[float], ids_rows: list[int] | None = None) -> Tensor:
-    """The launch's per-row parameters as one int64 [PARAMS, S] host tensor (one copy to the device): floats as their
-    fp32 bit patterns, keys as 63-bit integers."""
+                top_ps: list[float], ids_rows: list[int] | None = None, *, pin: bool = False) -> Tensor:
+    """The launch's per-row parameters as one int64 [PARAMS, S] host tensor (one copy to the device; pin: in
+    pinned memory, so that a non-blocking copy does not wait for the stream)."""
+    t = torch.empty((PARAMS, len(x_rows)), dtype=torch.int64, pin_memory=pin)
+    fill_params(t.numpy(), x_rows, n, out_rows, keys, temps, top_ps, x_rows if ids_rows is None else ids_rows)
+    return t
+
+
+def fill_params(a, x_rows, n, out_rows, keys, temps, top_ps, ids_rows) -> None:
+    """Write rows' parameters into a [PARAMS, S] int64 numpy array (or a view of one): floats as their fp32 bit
+    patterns, keys as 63-bit integers. A row of temperature 0 is left alone by the kernels (greedy: the caller's
+    argmax stays)."""
     import numpy as np
 
-    S = len(x_rows)
-    a = np.empty((PARAMS, S), dtype=np.int64)
     a[0], a[1], a[2], a[3] = x_rows, n, out_rows, keys
     a[4] = np.asarray(temps, dtype=np.float32).view(np.int32)
     a[5] = np.asarray(top_ps, dtype=np.float32).view(np.int32)
-    a[6] = x_rows if ids_rows is None else ids_rows
-    return torch.from_numpy(a)
+    a[6] = ids_rows
+
+
+def read_params(a) -> list[tuple[int, int, int, int, float, float, int]]:
+    """fill_params backwards: per row (x row, n, out row, key, temperature, top_p, ids row) (the torch path of
+    an in-graph step on CPU reads its buffer with it)."""
+    import numpy as np
+
+    a = np.asarray(a, dtype=np.int64)
+    t = a[4].astype(np.int32).view(np.float32)
+    p = a[5].astype(np.int32).view(np.float32)
+    return [(int(a[0, i]), int(a[1, i]), int(a[2, i]), int(a[3, i]), float(t[i]), float(p[i]), int(a[6, i]))
+            for i in range(a.shape[1])]
 
 
 def draw_rows(x: Tensor, params: Tensor, out: Tensor, *, ids: Tensor | None = None, top_p: bool = True,
@@ -89,9 +109,8 @@ def draw_rows(x: Tensor, params: Tensor, out: Tensor, *, ids: Tensor | None = No
     if x.stride(-1) != 1 or (ids is not None and (ids.stride(-1) != 1 or ids.shape != x.shape)):
         raise ValueError(f"draw_rows: x {tuple(x.shape)} and ids need contiguous rows of the same shape")
     C = max(1, -(-N // chunk))
-    f32 = dict(dtype=torch.float32, device=x.device)
-    pm, pz, py, px = (torch.empty(S * C, **f32) for _ in range(4))
-    pa = torch.empty(S * C, **f32) if top_p else pm
+    part = torch.empty((5, S * C), dtype=torch.float32, device=x.device)  # one allocation for the fp32 partials
+    pm, pz, py, px, pa = part.unbind(0)
     pi = torch.empty(S * C, dtype=torch.int64, device=x.device)
     has_ids = ids is not None
     ids_t = ids if has_ids else params  # never read without HAS_IDS
@@ -150,38 +169,39 @@ def _chunk_kernel(X, sx, IDS, sid, P, PM, PZ, PY, PI, PX, S, C,
     n = tl.load(P + S + s)
     key = tl.load(P + 3 * S + s)
     temp = _f32(tl.load(P + 4 * S + s))
-    idrow = tl.load(P + 6 * S + s)
-    o = tl.arange(0, BLOCK)
-    m = -float("inf")
-    z = 0.0
-    by = -float("inf")
-    bi = (xrow * 0).to(tl.int64)
-    bx = -float("inf")
-    for b0 in tl.static_range(0, CHUNK, BLOCK):
-        col = c * CHUNK + b0 + o
-        ok = col < n
-        x = tl.load(X + xrow * sx + col, mask=ok, other=-float("inf")).to(tl.float32) / temp
-        if HAS_IDS:
-            vid = tl.load(IDS + idrow * sid + col, mask=ok, other=0).to(tl.int64)
-        else:
-            vid = col.to(tl.int64)
-        y = tl.where(ok, x + _gumbel(key, vid), -float("inf"))
-        m_new = tl.maximum(m, tl.max(x, 0))
-        m_use = tl.where(m_new == -float("inf"), 0.0, m_new)  # nothing valid yet: keep the sum at zero
-        z = z * tl.exp(m - m_use) + tl.sum(tl.exp(x - m_use), 0)
-        m = m_new
-        j = tl.argmax(y, 0)
-        yj = tl.max(y, 0)
-        better = yj > by
-        by = tl.where(better, yj, by)
-        bi = tl.where(better, tl.sum(tl.where(o == j, vid, 0), 0), bi)
-        bx = tl.where(better, tl.sum(tl.where(o == j, x, 0.0), 0), bx)
-    at = s * C + c
-    tl.store(PM + at, m)
-    tl.store(PZ + at, z)
-    tl.store(PY + at, by)
-    tl.store(PI + at, bi)
-    tl.store(PX + at, bx)
+    if temp > 0:  # greedy rows (temperature 0: the in-graph steps) keep the argmax the caller wrote
+        idrow = tl.load(P + 6 * S + s)
+        o = tl.arange(0, BLOCK)
+        m = -float("inf")
+        z = 0.0
+        by = -float("inf")
+        bi = (xrow * 0).to(tl.int64)
+        bx = -float("inf")
+        for b0 in tl.static_range(0, CHUNK, BLOCK):
+            col = c * CHUNK + b0 + o
+            ok = col < n
+            x = tl.load(X + xrow * sx + col, mask=ok, other=-float("inf")).to(tl.float32) / temp
+            if HAS_IDS:
+                vid = tl.load(IDS + idrow * sid + col, mask=ok, other=0).to(tl.int64)
+            else:
+                vid = col.to(tl.int64)
+            y = tl.where(ok, x + _gumbel(key, vid), -float("inf"))
+            m_new = tl.maximum(m, tl.max(x, 0))
+            m_use = tl.where(m_new == -float("inf"), 0.0, m_new)  # nothing valid yet: keep the sum at zero
+            z = z * tl.exp(m - m_use) + tl.sum(tl.exp(x - m_use), 0)
+            m = m_new
+            j = tl.argmax(y, 0)
+            yj = tl.max(y, 0)
+            better = yj > by
+            by = tl.where(better, yj, by)
+            bi = tl.where(better, tl.sum(tl.where(o == j, vid, 0), 0), bi)
+            bx = tl.where(better, tl.sum(tl.where(o == j, x, 0.0), 0), bx)
+        at = s * C + c
+        tl.store(PM + at, m)
+        tl.store(PZ + at, z)
+        tl.store(PY + at, by)
+        tl.store(PI + at, bi)
+        tl.store(PX + at, bx)
 
 
 def _row_totals(PM, PZ, PY, PX, s, C, C_PAD: tl.constexpr):
@@ -207,15 +227,16 @@ def _above_kernel(X, sx, P, PM, PZ, PY, PX, PA, S, C, C_PAD: tl.constexpr, CHUNK
     xrow = tl.load(P + s)
     n = tl.load(P + S + s)
     temp = _f32(tl.load(P + 4 * S + s))
-    m, z, w, xw = _row_totals(PM, PZ, PY, PX, s, C, C_PAD)
-    o = tl.arange(0, BLOCK)
-    a = 0.0
-    for b0 in tl.static_range(0, CHUNK, BLOCK):
-        col = c * CHUNK + b0 + o
-        ok = col < n
-        x = tl.load(X + xrow * sx + col, mask=ok, other=-float("inf")).to(tl.float32) / temp
-        a += tl.sum(tl.where(x > xw, tl.exp(x - m), 0.0), 0)
-    tl.store(PA + s * C + c, a)
+    if temp > 0:
+        m, z, w, xw = _row_totals(PM, PZ, PY, PX, s, C, C_PAD)
+        o = tl.arange(0, BLOCK)
+        a = 0.0
+        for b0 in tl.static_range(0, CHUNK, BLOCK):
+            col = c * CHUNK + b0 + o
+            ok = col < n
+            x = tl.load(X + xrow * sx + col, mask=ok, other=-float("inf")).to(tl.float32) / temp
+            a += tl.sum(tl.where(x > xw, tl.exp(x - m), 0.0), 0)
+        tl.store(PA + s * C + c, a)
 
 
 def _pick_kernel(X, sx, IDS, sid, P, PM, PZ, PY, PI, PX, PA, OUT, S, C, C_PAD: tl.constexpr,
@@ -227,62 +248,63 @@ def _pick_kernel(X, sx, IDS, sid, P, PM, PZ, PY, PI, PX, PA, OUT, S, C, C_PAD: t
     orow = tl.load(P + 2 * S + s)
     key = tl.load(P + 3 * S + s)
     temp = _f32(tl.load(P + 4 * S + s))
-    idrow = tl.load(P + 6 * S + s)
-    m, z, w, xw = _row_totals(PM, PZ, PY, PX, s, C, C_PAD)
-    pick = tl.load(PI + s * C + w)
-    if TOP_P:
-        top_p = _f32(tl.load(P + 5 * S + s))
-        cc = tl.arange(0, C_PAD)
-        mass = tl.sum(tl.load(PA + s * C + cc, mask=cc < C, other=0.0), 0)
-        done = ((top_p >= 1.0) | (mass < top_p * z)).to(tl.int32)  # top_p 1 keeps everything
-        o = tl.arange(0, BLOCK)
-        rounds = 0
-        while (done == 0) & (rounds < MAX_ROUNDS):  # the winner lies outside the nucleus: raise the pivot to it
-            pivot = xw
-            by = -float("inf")
-            bi = pick
-            bx = -float("inf")
-            for b0 in range(0, n, BLOCK):
-                col = b0 + o
-                ok = col < n
-                x = tl.load(X + xrow * sx + col, mask=ok, other=-float("inf")).to(tl.float32) / temp
-                if HAS_IDS:
-                    vid = tl.load(IDS + idrow * sid + col, mask=ok, other=0).to(tl.int64)
-                else:
-                    vid = col.to(tl.int64)
-                y = tl.where(ok & (x > pivot), x + _gumbel(key, vid), -float("inf"))
-                j = tl.argmax(y, 0)
-                yj = tl.max(y, 0)
-                better = yj > by
-                by = tl.where(better, yj, by)
-                bi = tl.where(better, tl.sum(tl.where(o == j, vid, 0), 0), bi)
-                bx = tl.where(better, tl.sum(tl.where(o == j, x, 0.0), 0), bx)
-            a = 0.0
-            for b0 in range(0, n, BLOCK):
-                col = b0 + o
-                ok = col < n
-                x = tl.load(X + xrow * sx + col, mask=ok, other=-float("inf")).to(tl.float32) / temp
-                a += tl.sum(tl.where(x > bx, tl.exp(x - m), 0.0), 0)
-            pick = bi
-            xw = bx
-            done = (a < top_p * z).to(tl.int32)
-            rounds += 1
-        if done == 0:  # MAX_ROUNDS without an accepted draw (NaN logits): the row's largest x, always in the nucleus
-            bx = -float("inf")
-            for b0 in range(0, n, BLOCK):
-                col = b0 + o
-                ok = col < n
-                x = tl.load(X + xrow * sx + col, mask=ok, other=-float("inf")).to(tl.float32)
-                if HAS_IDS:
-                    vid = tl.load(IDS + idrow * sid + col, mask=ok, other=0).to(tl.int64)
-                else:
-                    vid = col.to(tl.int64)
-                j = tl.argmax(x, 0)
-                xj = tl.max(x, 0)
-                better = xj > bx
-                bx = tl.where(better, xj, bx)
-                pick = tl.where(better, tl.sum(tl.where(o == j, vid, 0), 0), pick)
-    tl.store(OUT + orow, pick)
+    if temp > 0:
+        idrow = tl.load(P + 6 * S + s)
+        m, z, w, xw = _row_totals(PM, PZ, PY, PX, s, C, C_PAD)
+        pick = tl.load(PI + s * C + w)
+        if TOP_P:
+            top_p = _f32(tl.load(P + 5 * S + s))
+            cc = tl.arange(0, C_PAD)
+            mass = tl.sum(tl.load(PA + s * C + cc, mask=cc < C, other=0.0), 0)
+            done = ((top_p >= 1.0) | (mass < top_p * z)).to(tl.int32)  # top_p 1 keeps everything
+            o = tl.arange(0, BLOCK)
+            rounds = 0
+            while (done == 0) & (rounds < MAX_ROUNDS):  # the winner lies outside the nucleus: raise the pivot to it
+                pivot = xw
+                by = -float("inf")
+                bi = pick
+                bx = -float("inf")
+                for b0 in range(0, n, BLOCK):
+                    col = b0 + o
+                    ok = col < n
+                    x = tl.load(X + xrow * sx + col, mask=ok, other=-float("inf")).to(tl.float32) / temp
+                    if HAS_IDS:
+                        vid = tl.load(IDS + idrow * sid + col, mask=ok, other=0).to(tl.int64)
+                    else:
+                        vid = col.to(tl.int64)
+                    y = tl.where(ok & (x > pivot), x + _gumbel(key, vid), -float("inf"))
+                    j = tl.argmax(y, 0)
+                    yj = tl.max(y, 0)
+                    better = yj > by
+                    by = tl.where(better, yj, by)
+                    bi = tl.where(better, tl.sum(tl.where(o == j, vid, 0), 0), bi)
+                    bx = tl.where(better, tl.sum(tl.where(o == j, x, 0.0), 0), bx)
+                a = 0.0
+                for b0 in range(0, n, BLOCK):
+                    col = b0 + o
+                    ok = col < n
+                    x = tl.load(X + xrow * sx + col, mask=ok, other=-float("inf")).to(tl.float32) / temp
+                    a += tl.sum(tl.where(x > bx, tl.exp(x - m), 0.0), 0)
+                pick = bi
+                xw = bx
+                done = (a < top_p * z).to(tl.int32)
+                rounds += 1
+            if done == 0:  # MAX_ROUNDS without an accepted draw (NaN logits): the row's largest x, always in the nucleus
+                bx = -float("inf")
+                for b0 in range(0, n, BLOCK):
+                    col = b0 + o
+                    ok = col < n
+                    x = tl.load(X + xrow * sx + col, mask=ok, other=-float("inf")).to(tl.float32)
+                    if HAS_IDS:
+                        vid = tl.load(IDS + idrow * sid + col, mask=ok, other=0).to(tl.int64)
+                    else:
+                        vid = col.to(tl.int64)
+                    j = tl.argmax(x, 0)
+                    xj = tl.max(x, 0)
+                    better = xj > bx
+                    bx = tl.where(better, xj, bx)
+                    pick = tl.where(better, tl.sum(tl.where(o == j, vid, 0), 0), pick)
+        tl.store(OUT + orow, pick)
 
 
 _INTERPRETED = False
