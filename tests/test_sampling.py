@@ -167,6 +167,17 @@ def test_kernels_skip_greedy_rows():
     assert out.tolist() == [want[0], 77, want[1]]
 
 
+def test_row_noise_keys():
+    """Keys depend on (seed, draw) only: take_many equals take() repeated, streams of other seeds differ, and keys
+    are 63-bit non-negative (the kernels' int64 seed)."""
+    a, b = RowNoise(12345, 3), RowNoise(12345, 3)
+    one = [a.take() for _ in range(50)]
+    assert b.take_many(50).tolist() == one and a.draws == b.draws == 53
+    assert len(set(one)) == 50 and all(0 <= k < 2 ** 63 for k in one)
+    assert RowNoise(12346, 3).take() != one[0] and RowNoise(2 ** 70 + 5).take_many(2).tolist() == \
+        [RowNoise(2 ** 70 + 5).take(), RowNoise(2 ** 70 + 5, 1).take()]
+
+
 def test_kept_mask_rule():
     """The nucleus: every token whose mass strictly above it is below top_p; ties at the boundary kept together;
     at least one token; top_p 1 keeps all."""

@@ -470,6 +470,7 @@ class Engine:
         self.stats: dict[str, Any] = {}
         self.load_s: float | None = None  # set by load(): seconds from the call to a ready model (no capture)
         self.capture_s = 0.0  # seconds spent capturing CUDA graphs (at load, or before a generate's clock)
+        self._sampled_refused = False  # the sampled whole-step graphs failed to capture once (_capture_sampled)
         self.prefill_chunk = PREFILL_CHUNK  # tokens per prefill forward (store/options.py)
 
     def capture_graphs(self) -> float:
@@ -601,7 +602,7 @@ class Engine:
         """Capture the whole-step graphs' sampled variants (decode/graphed.py) the first time a generation samples
         with parameters they serve, before its clock; returns the seconds spent (added to self.capture_s)."""
         g = self.graphed
-        if g is None or not g.graphed or not g.can_sample(params) or g.ready(sampled=True):
+        if g is None or not g.graphed or not g.can_sample(params) or g.ready(sampled=True) or self._sampled_refused:
             return 0.0
         t0 = time.perf_counter()
         try:
@@ -611,6 +612,7 @@ class Engine:
                   file=sys.stderr)
             g.sgraphs.clear()
             g.sampled = False
+            self._sampled_refused = True  # not tried again: every later sampled generation loops per token
             self._sync()
         spent = time.perf_counter() - t0
         self.capture_s += spent

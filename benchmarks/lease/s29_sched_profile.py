@@ -1,14 +1,16 @@
 """Session 29: where a sampled batch step's time goes (the embedded model on CUDA, steps ahead): the step medians of
 greedy and sampled rows at B = 1 and 8, then torch.profiler over sampled B = 1 steps (host ops by self CPU time,
-kernels by CUDA time)."""
-import statistics
+kernels by CUDA time). Call C's run stopped at the import (the repository was not on the path, fixed since); it was
+not run again: the sampler's own timing (bench_sampling.py) showed the host's launches, and call D moved them."""
 import sys
-import time
+from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import tiered
-from tiered.decode.scheduler import Request, SamplingParams, Scheduler
+import torch  # noqa: E402
+
+import tiered  # noqa: E402
+from tiered.decode.scheduler import Request, SamplingParams, Scheduler  # noqa: E402
 
 e = tiered.load(device="cuda")
 ids = e.encode("def fibonacci(n):\n    ")
@@ -35,7 +37,7 @@ for B in (1, 8):
     for temp in (0.0, 0.8):
         job(B, temp, 8)
         print(f"B={B} temp={temp}: {job(B, temp):.1f} tok/s", flush=True)
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 p = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
 job(1, 0.8, 24, p)

@@ -7,10 +7,11 @@ cost, and the buckets that could not be captured), `bucket_for` (rows -> the buc
 layer, or why the bank cannot serve the model).
 A step whose rows all decode one token runs with every shape fixed by its bucket: the tokens, positions, K/V
 store places, lengths, bank rows, sampling parameters and block tables [bucket, max_context / page] go into the
-bucket's buffer in one copy, the graph ends with each row's next token (argmax; a draw by kernels/nucleus.py for
-rows that sample, with no top-k: no launch of the host's after the replay), the paged decode kernel reads the lengths on the device, the experts take the model's own path over the
-resident pool (BatchStep experts="model": no host read), and padding rows (token 0 at position 0, length 0:
-zero attention, a K/V store into a free page, routing marks sent to the uncounted column) fill the bucket.
+bucket's buffer in one copy, the paged decode kernel reads the lengths on the device, the experts take the
+model's own path over the resident pool (BatchStep experts="model": no host read), the graph ends with each row's
+next token (the argmax, or a draw by kernels/nucleus.py for rows that sample without top-k: no launch of the
+host's after the replay), and padding rows (token 0 at position 0, length 0: zero attention, a K/V store into a
+free page, routing marks sent to the uncounted column) fill the bucket.
 Replayed routing (benchmark mode, predict/replay.py): rows whose routing comes from one ReplayBank are graphed
 too; each row's bank row (base + position, -1 for own routing and padding) is in the buffer and the step gathers
 the bank's ids and weights on the device (batchstep.py `replay_gather`). A bucket is bound to the bank of the

@@ -85,7 +85,7 @@ class GraphedDecode:
         if not self.can_sample(params):
             raise ValueError(f"the sampled graphs draw with temperature > 0 and no top-k, got {params}")
         n = min(draws, self.keys.shape[0])
-        self.keys[:n].copy_(torch.tensor([noise.take() for _ in range(n)], dtype=torch.int64))
+        self.keys[:n].copy_(noise.take_many(n))
         self.sparams.copy_(nucleus.pack_params([0], [self.vocab], [0], [0], [params.temperature], [params.top_p]))
         self.draw.zero_()
         self.sampled = True
@@ -135,7 +135,7 @@ class GraphedDecode:
     def _add(self, span: int, sampled: bool = False) -> None:
         dev = self.model.device
         t0 = time.perf_counter()
-        torch.cuda.empty_cache()  # torch.cuda.graph empties the cache on entry: start from there, or the delta is negative
+        torch.cuda.empty_cache()  # torch.cuda.graph empties the cache on entry: start there, or the delta is negative
         mem0 = torch.cuda.memory_reserved(dev)
         inputs = self.token.clone(), self.pos.clone(), self.draw.clone()  # stream-ordered after any step in flight
         graph, out = self._capture(span, inputs, sampled)

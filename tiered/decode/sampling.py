@@ -1,4 +1,4 @@
-"""Sampling: logits -> the next token id, greedy or with temperature / top-k / top-p and a seeded generator.
+"""Sampling: logits -> the next token id, greedy or with temperature / top-k / top-p, keyed by a seeded stream.
 
 Owns: `Sampling` (the parameters), `check_sampling`, `RowNoise` / `row_noise` (a sequence's random stream: a
 seed and a draw count, one 63-bit key a draw), `sample` (one row), `sample_rows` (a step's rows at once, on the
@@ -61,6 +61,18 @@ class RowNoise:
         k = _mix(self.seed, self.draws)
         self.draws += 1
         return k
+
+    def take_many(self, n: int) -> Tensor:
+        """The keys of the next n draws as int64 [n] (and count them): take() n times, in numpy's wrapping uint64."""
+        import numpy as np
+
+        d = np.arange(self.draws, self.draws + n, dtype=np.uint64)
+        z = d + np.uint64((int(self.seed) * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) & ((1 << 64) - 1))
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = (z ^ (z >> np.uint64(31))) & np.uint64(MASK63)
+        self.draws += n
+        return torch.from_numpy(z.astype(np.int64))
 
 
 def row_noise(seed: int | None) -> RowNoise:

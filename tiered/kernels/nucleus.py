@@ -4,9 +4,10 @@ nucleus) and Gumbel-max with counter-based noise, no sort of the vocabulary.
 Owns: `draw_rows` (the launcher), the per-row parameter block (`pack_params`, `fill_params`, `read_params`: what
 a batch graph's buffer carries too), `uniforms` (the noise the kernels draw, written out: tests), `kernel_ok`
 (whether the kernels can run on a device) and the three kernels. Rows of temperature 0 are skipped: the caller's
-argmax stays (decode/batchgraph.py runs every row of a step through them inside its graph). Does not own: top-k (the caller passes each row's top-k
-candidates, from torch.topk, with their vocabulary ids), greedy rows, the per-row keys (decode/sampling.py
-`RowNoise`), nor the plain torch path these must match in distribution (decode/sampling.py).
+argmax stays (decode/batchgraph.py runs every row of a step through them inside its graph).
+Does not own: top-k (the caller passes each row's top-k candidates, from torch.topk, with their vocabulary ids),
+greedy rows, the per-row keys (decode/sampling.py `RowNoise`), nor the plain torch path these must match in
+distribution (decode/sampling.py).
 
 The math, for one row with n candidates x_i = logit_i / temperature (fp32), vocabulary ids id_i, key k:
     g_i = -log(-log(u_i)), u_i = Philox(k, id_i) in [0, 1) (triton's tl.rand: the noise of a token depends on the
@@ -289,7 +290,7 @@ def _pick_kernel(X, sx, IDS, sid, P, PM, PZ, PY, PI, PX, PA, OUT, S, C, C_PAD: t
                 xw = bx
                 done = (a < top_p * z).to(tl.int32)
                 rounds += 1
-            if done == 0:  # MAX_ROUNDS without an accepted draw (NaN logits): the row's largest x, always in the nucleus
+            if done == 0:  # MAX_ROUNDS without an accepted draw (NaN logits): the row's largest x (in any nucleus)
                 bx = -float("inf")
                 for b0 in range(0, n, BLOCK):
                     col = b0 + o
