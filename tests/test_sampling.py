@@ -178,6 +178,19 @@ def test_row_noise_keys():
         [RowNoise(2 ** 70 + 5).take(), RowNoise(2 ** 70 + 5, 1).take()]
 
 
+@needs_kernel
+def test_kernels_end_on_nan_logits():
+    """NaN logits never pass the nucleus test: after MAX_ROUNDS the pick falls back to a valid id instead of
+    looping for ever."""
+    dev = torch.device("cuda" if CUDA else "cpu")
+    logits = torch.randn(1, 40, generator=torch.Generator().manual_seed(3)).to(dev)
+    logits[0, 5] = float("nan")
+    out = torch.full((1,), -1, dtype=torch.int64, device=dev)
+    pk = nucleus.pack_params([0], [40], [0], [RowNoise(1).take()], [1.0], [0.5]).to(dev)
+    nucleus.draw_rows(logits, pk, out, chunk=64, block=64)
+    assert 0 <= int(out[0]) < 40
+
+
 def test_kept_mask_rule():
     """The nucleus: every token whose mass strictly above it is below top_p; ties at the boundary kept together;
     at least one token; top_p 1 keeps all."""

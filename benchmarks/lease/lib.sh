@@ -90,3 +90,21 @@ llama_batched() {  # after llama_bg's build and GGUF: Q4_0 by llama-quantize (be
     pack
   done
 }
+batch_vram() {  # TAG LAYOUT BATCHES PATHS [VAR=VALUE ...]: bench_batch_gpu.py's VRAM phase on $W/LAYOUT, own
+  # routing, under those environment settings (SAMPLE=1: every row samples, temperature 0.8, top-p 0.95;
+  # BATCH_TIMEOUT: seconds, default 80) -> $OUT/batch-TAG.log and .json
+  local tag=$1 lay=$2 bs=$3 paths=$4; shift 4
+  rm -f /root/bb-$tag/batch_gpu.json
+  env "$@" timeout ${BATCH_TIMEOUT:-80} python3 benchmarks/bench_batch_gpu.py --layout $W/$lay --work /root/bb-$tag \
+    --phases vram --batches $bs --paths $paths --routing own --text .carry/shared/text \
+    ${SAMPLE:+--temperature 0.8 --top-p 0.95} > $OUT/batch-$tag.log 2>&1
+  echo "batch $tag rc=$? $(el)"; grep -E "tok/s" $OUT/batch-$tag.log | cut -c1-200 | tail -8
+  cp /root/bb-$tag/batch_gpu.json $OUT/batch-$tag.json 2>/dev/null; pack
+}
+run_q4() {  # TAG LAYOUT ARGS...: `tiered run` on $W/LAYOUT, 256 new tokens -> $OUT/run-TAG.{out,err}, prints decode_tok_s
+  local tag=$1 lay=$2; shift 2
+  timeout 60 python3 -m tiered run -m $W/$lay --device cuda --max-new-tokens 256 --json "$@" "def fibonacci(n):" \
+    > $OUT/run-$tag.out 2> $OUT/run-$tag.err
+  echo "run $tag rc=$? $(el) $(tail -1 $OUT/run-$tag.err | python3 -c 'import json,sys; d=json.loads(sys.stdin.read()); print(d["decode_tok_s"], d["tokens_generated"], d["step_ahead"], d["capture_in_call_s"])' 2>&1 | tail -1)"
+  pack
+}

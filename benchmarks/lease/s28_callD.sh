@@ -5,19 +5,10 @@
 # 0.95, drawn on the device) with and without steps ahead.
 source "$(dirname "$0")/lib.sh"
 [ -f $W/layout-q4/manifest.json ] && [ -f $W/layout/manifest.json ] || { echo "cold box: no layouts"; exit 3; }
-batch() {  # TAG LAYOUT BATCHES PATHS [VAR=VALUE ...]
-  local tag=$1 lay=$2 bs=$3 paths=$4; shift 4
-  rm -f /root/bb-$tag/batch_gpu.json
-  env "$@" timeout 70 python3 benchmarks/bench_batch_gpu.py --layout $W/$lay --work /root/bb-$tag --phases vram \
-    --batches $bs --paths $paths --routing own --text .carry/shared/text ${SAMPLE:+--temperature 0.8 --top-p 0.95} \
-    > $OUT/batch-$tag.log 2>&1
-  echo "batch $tag rc=$? $(el)"; grep -E "tok/s" $OUT/batch-$tag.log | cut -c1-200 | tail -8
-  cp /root/bb-$tag/batch_gpu.json $OUT/batch-$tag.json 2>/dev/null; pack
-}
-batch q4 layout-q4 1,8,32,128 graphs,serial
-batch bf16 layout 1,8,32,128 graphs,serial
-batch q4-t4 layout-q4 8 graphs TIERED_DECODE_MAX_T=4
-batch bf16-t4 layout 8 graphs TIERED_DECODE_MAX_T=4
-batch bf16-t8 layout 8 graphs TIERED_DECODE_MAX_T=8  # the cut-over before session 28
-SAMPLE=1 batch q4-sampled layout-q4 1,8,32 graphs,serial
-SAMPLE=1 batch bf16-sampled layout 1,8,32 graphs,serial
+BATCH_TIMEOUT=70 batch_vram q4 layout-q4 1,8,32,128 graphs,serial
+BATCH_TIMEOUT=70 batch_vram bf16 layout 1,8,32,128 graphs,serial
+BATCH_TIMEOUT=70 batch_vram q4-t4 layout-q4 8 graphs TIERED_DECODE_MAX_T=4
+BATCH_TIMEOUT=70 batch_vram bf16-t4 layout 8 graphs TIERED_DECODE_MAX_T=4
+BATCH_TIMEOUT=70 batch_vram bf16-t8 layout 8 graphs TIERED_DECODE_MAX_T=8  # the cut-over before session 28
+SAMPLE=1 BATCH_TIMEOUT=70 batch_vram q4-sampled layout-q4 1,8,32 graphs,serial
+SAMPLE=1 BATCH_TIMEOUT=70 batch_vram bf16-sampled layout 1,8,32 graphs,serial

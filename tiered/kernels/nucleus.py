@@ -152,6 +152,26 @@ def _gumbel(key, vid):
     return -tl.log(-tl.log(u))
 
 
+def _cands(X, xrow, sx, IDS, idrow, sid, col, n, temp, HAS_IDS: tl.constexpr):
+    """A block of a row's candidates at columns col: x = logit / temperature (-inf past n), their ids, the mask."""
+    ok = col < n
+    x = tl.load(X + xrow * sx + col, mask=ok, other=-float("inf")).to(tl.float32) / temp
+    if HAS_IDS:
+        vid = tl.load(IDS + idrow * sid + col, mask=ok, other=0).to(tl.int64)
+    else:
+        vid = col.to(tl.int64)
+    return x, vid, ok
+
+
+def _keep_best(y, vid, x, o, by, bi, bx):
+    """The running argmax of y folded with a block's: (best y, its id, its x); an earlier block wins a tie."""
+    j = tl.argmax(y, 0)
+    yj = tl.max(y, 0)
+    better = yj > by
+    return (tl.where(better, yj, by), tl.where(better, tl.sum(tl.where(o == j, vid, 0), 0), bi),
+            tl.where(better, tl.sum(tl.where(o == j, x, 0.0), 0), bx))
+
+
 def _uniform_kernel(KEYS, IDS, OUT, n, BLOCK: tl.constexpr):
     s = tl.program_id(0).to(tl.int64)
     key = tl.load(KEYS + s)
@@ -179,24 +199,13 @@ def _chunk_kernel(X, sx, IDS, sid, P, PM, PZ, PY, PI, PX, S, C,
         bi = (xrow * 0).to(tl.int64)
         bx = -float("inf")
         for b0 in tl.static_range(0, CHUNK, BLOCK):
-            col = c * CHUNK + b0 + o
-            ok = col < n
-            x = tl.load(X + xrow * sx + col, mask=ok, other=-float("inf")).to(tl.float32) / temp
-            if HAS_IDS:
-                vid = tl.load(IDS + idrow * sid + col, mask=ok, other=0).to(tl.int64)
-            else:
-                vid = col.to(tl.int64)
+            x, vid, ok = _cands(X, xrow, sx, IDS, idrow, sid, c * CHUNK + b0 + o, n, temp, HAS_IDS)
             y = tl.where(ok, x + _gumbel(key, vid), -float("inf"))
             m_new = tl.maximum(m, tl.max(x, 0))
             m_use = tl.where(m_new == -float("inf"), 0.0, m_new)  # nothing valid yet: keep the sum at zero
             z = z * tl.exp(m - m_use) + tl.sum(tl.exp(x - m_use), 0)
             m = m_new
-            j = tl.argmax(y, 0)
-            yj = tl.max(y, 0)
-            better = yj > by
-            by = tl.where(better, yj, by)
-            bi = tl.where(better, tl.sum(tl.where(o == j, vid, 0), 0), bi)
-            bx = tl.where(better, tl.sum(tl.where(o == j, x, 0.0), 0), bx)
+            by, bi, bx = _keep_best(y, vid, x, o, by, bi, bx)
         at = s * C + c
         tl.store(PM + at, m)
         tl.store(PZ + at, z)
@@ -233,9 +242,7 @@ def _above_kernel(X, sx, P, PM, PZ, PY, PX, PA, S, C, C_PAD: tl.constexpr, CHUNK
         o = tl.arange(0, BLOCK)
         a = 0.0
         for b0 in tl.static_range(0, CHUNK, BLOCK):
-            col = c * CHUNK + b0 + o
-            ok = col < n
-            x = tl.load(X + xrow * sx + col, mask=ok, other=-float("inf")).to(tl.float32) / temp
+            x, _, _ = _cands(X, xrow, sx, X, 0, 0, c * CHUNK + b0 + o, n, temp, False)
             a += tl.sum(tl.where(x > xw, tl.exp(x - m), 0.0), 0)
         tl.store(PA + s * C + c, a)
 
@@ -266,25 +273,12 @@ def _pick_kernel(X, sx, IDS, sid, P, PM, PZ, PY, PI, PX, PA, OUT, S, C, C_PAD: t
                 bi = pick
                 bx = -float("inf")
                 for b0 in range(0, n, BLOCK):
-                    col = b0 + o
-                    ok = col < n
-                    x = tl.load(X + xrow * sx + col, mask=ok, other=-float("inf")).to(tl.float32) / temp
-                    if HAS_IDS:
-                        vid = tl.load(IDS + idrow * sid + col, mask=ok, other=0).to(tl.int64)
-                    else:
-                        vid = col.to(tl.int64)
+                    x, vid, ok = _cands(X, xrow, sx, IDS, idrow, sid, b0 + o, n, temp, HAS_IDS)
                     y = tl.where(ok & (x > pivot), x + _gumbel(key, vid), -float("inf"))
-                    j = tl.argmax(y, 0)
-                    yj = tl.max(y, 0)
-                    better = yj > by
-                    by = tl.where(better, yj, by)
-                    bi = tl.where(better, tl.sum(tl.where(o == j, vid, 0), 0), bi)
-                    bx = tl.where(better, tl.sum(tl.where(o == j, x, 0.0), 0), bx)
+                    by, bi, bx = _keep_best(y, vid, x, o, by, bi, bx)
                 a = 0.0
                 for b0 in range(0, n, BLOCK):
-                    col = b0 + o
-                    ok = col < n
-                    x = tl.load(X + xrow * sx + col, mask=ok, other=-float("inf")).to(tl.float32) / temp
+                    x, vid, ok = _cands(X, xrow, sx, IDS, idrow, sid, b0 + o, n, temp, HAS_IDS)
                     a += tl.sum(tl.where(x > bx, tl.exp(x - m), 0.0), 0)
                 pick = bi
                 xw = bx
@@ -293,18 +287,8 @@ def _pick_kernel(X, sx, IDS, sid, P, PM, PZ, PY, PI, PX, PA, OUT, S, C, C_PAD: t
             if done == 0:  # MAX_ROUNDS without an accepted draw (NaN logits): the row's largest x (in any nucleus)
                 bx = -float("inf")
                 for b0 in range(0, n, BLOCK):
-                    col = b0 + o
-                    ok = col < n
-                    x = tl.load(X + xrow * sx + col, mask=ok, other=-float("inf")).to(tl.float32)
-                    if HAS_IDS:
-                        vid = tl.load(IDS + idrow * sid + col, mask=ok, other=0).to(tl.int64)
-                    else:
-                        vid = col.to(tl.int64)
-                    j = tl.argmax(x, 0)
-                    xj = tl.max(x, 0)
-                    better = xj > bx
-                    bx = tl.where(better, xj, bx)
-                    pick = tl.where(better, tl.sum(tl.where(o == j, vid, 0), 0), pick)
+                    x, vid, ok = _cands(X, xrow, sx, IDS, idrow, sid, b0 + o, n, temp, HAS_IDS)
+                    bx, pick, _ = _keep_best(x, vid, x, o, bx, pick, bx)
         tl.store(OUT + orow, pick)
 
 
@@ -314,6 +298,8 @@ if triton is not None:
     _f32 = triton.jit(_f32)
     _gumbel = triton.jit(_gumbel)
     _row_totals = triton.jit(_row_totals)
+    _cands = triton.jit(_cands)
+    _keep_best = triton.jit(_keep_best)
     _UNIFORM = triton.jit(_uniform_kernel)
     _CHUNK = triton.jit(_chunk_kernel)
     _ABOVE = triton.jit(_above_kernel)
