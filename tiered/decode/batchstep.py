@@ -25,7 +25,8 @@ Token mixers by the layer's state kind (decode/state.py):
                `deltanet_rows` call over their slots' states (gathered, updated, scattered back).
 Dense layers (DeepSeek-V3's first layers) run the model's MLP; routing is the model's own rule (softmax,
 top-k-then-softmax, sigmoid + groups).
-Not here: CUDA graphs of this step, attention sinks (gpt-oss: refused).
+Attention windows per layer (gpt-oss alternates sliding and full layers) and per-head sinks (gpt-oss: the
+paged kernel's sinks, layers.sinks_attend elsewhere). Not here: CUDA graphs of this step (batchgraph.py).
 
 Legend: T tokens in the step (all rows), B rows, D hidden, H query heads, KV kv heads, G = H // KV,
 hd head dim, P tokens per page, N pages, E experts, K top-k, U distinct experts of a layer, S slots,
@@ -46,7 +47,7 @@ from tiered.kernels.grouped import _grouped_mm
 from tiered.kernels.quant_moe import qlinear as linear
 from tiered.layout.quant import QuantWeight
 from tiered.model.deltanet import deltanet, deltanet_rows
-from tiered.model.layers import attn_mask, project_qkv, project_qkv_fused
+from tiered.model.layers import attn_mask, project_qkv, project_qkv_fused, sink_rows, sinks_attend
 from tiered.model.mla import mla_attend, mla_attend_rows, mla_project
 from tiered.model.moe import _expert, add_shared_expert
 from tiered.model.transformer import Routed
@@ -102,12 +103,12 @@ class StepCounts:
 
 
 def paged_decode_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, seqlens: Tensor,
-                           *, window: int | None = None) -> Tensor:
+                           *, window: int | None = None, sinks: Tensor | None = None) -> Tensor:
     """One query token per row over its pages (torch reference; `paged_decode_kernel` has this signature).
 
     q [B, H, hd], k_pool / v_pool [N, P, KV, hd], block_table [B, maxp] int32 (page ids; unused entries any
     valid id), seqlens [B] int32 (tokens in each row's state, this token included; 0 = a padding row, whose
-    output is zeros) -> [B, H, hd].
+    output is zeros), sinks [H] per-head sink logits (gpt-oss) or None -> [B, H, hd].
     """
     B, H, hd = q.shape
     N, P, KV, _ = k_pool.shape
@@ -121,19 +122,23 @@ def paged_decode_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tabl
     if window is not None:
         ok &= s[None, :] > seqlens[:, None].long() - 1 - window
     qg = q.view(B, KV, G, hd)  # query head h uses kv head h // G
-    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=ok[:, None, None, :], scale=hd ** -0.5)  # [B, KV, G, hd]
+    if sinks is not None:
+        o = sinks_attend(qg, k, v, ok[:, None, None, :], sinks.view(KV, G, 1), hd ** -0.5)  # [B, KV, G, hd]
+    else:
+        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=ok[:, None, None, :], scale=hd ** -0.5)
     o = o.masked_fill((seqlens == 0)[:, None, None, None], 0.0)  # padding rows (no keys): zeros, as the kernel
     return o.reshape(B, H, hd)
 
 
 def paged_decode_kernel(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, seqlens: Tensor,
-                        *, window: int | None = None) -> Tensor:
+                        *, window: int | None = None, sinks: Tensor | None = None) -> Tensor:
     """`paged_decode_attention` through kernels/attention.py's Triton split-K kernel (one query token per row;
     the lengths read on the device, so a CUDA graph of the step serves every length): q [B, H, hd] -> [B, H, hd]."""
     from tiered.kernels.attention import decode_attention
 
     hd = q.shape[-1]
-    return decode_attention(q[:, None], k_pool, v_pool, block_table, seqlens, scale=hd ** -0.5, window=window)[:, 0]
+    return decode_attention(q[:, None], k_pool, v_pool, block_table, seqlens, scale=hd ** -0.5, window=window,
+                            sinks=sinks)[:, 0]
 
 
 def find_decode_kernel(device: torch.device) -> Callable[..., Tensor]:
@@ -174,10 +179,11 @@ class BatchStep:
         self.state = state
         self.cfg = model.config
         self.device = model.device
-        if any(lw.attn is not None and lw.attn.sinks is not None for lw in model.layers):
-            raise NotImplementedError(
-                f"the batch step does not run {self.cfg.family} yet (attention sinks and mixed sliding/full "
-                "layers are not in decode/batchstep.py): use `tiered run` for this model")
+        # each attention layer's window (gpt-oss alternates sliding and full layers; Mixtral slides in all)
+        W = self.cfg.sliding_window
+        self._window = [W if slide else None for slide in model.layer_sliding]
+        self._windows = sorted({self._window[l] for l, ls in enumerate(state.layers) if ls.kind == "kv"},
+                               key=lambda w: -1 if w is None else w)
         if decode_attention == "auto":
             decode_attention = "paged" if self.device.type == "cuda" else "rows"
         if decode_attention not in ("rows", "paged"):
@@ -267,7 +273,7 @@ class BatchStep:
             h, x = m.add_norm(h, delta, lw.attn_norm)
             ls = st.layers[l]
             if ls.kind == "kv":
-                mixed = self._attention(x, lw.attn, ls, segs, offs, plan)
+                mixed = self._attention(x, lw.attn, ls, segs, offs, plan, self._window[l])
             elif ls.kind == "latent":
                 mixed = self._mla(x, lw.mla, ls, segs, offs, plan)
             else:
@@ -342,7 +348,7 @@ class BatchStep:
         if "kv" in kinds:
             G = self.cfg.num_heads // self.cfg.num_kv_heads
             plan["fresh"], plan["other_kv"] = self._fresh_groups(segs, offs, plan["other"])
-            plan["row"] = {i: self._row_plan(segs[i], G, self.cfg.sliding_window) for i in plan["other_kv"]}
+            plan["row"] = {w: {i: self._row_plan(segs[i], G, w) for i in plan["other_kv"]} for w in self._windows}
         if "latent" in kinds:
             plan["mla_other"] = plan["other"]
             plan["mla_row"] = {i: self._row_plan(segs[i], 1, None) for i in plan["other"]}
@@ -356,10 +362,11 @@ class BatchStep:
         return plan
 
     def _fresh_groups(self, segs: list[Segment], offs: list[int],
-                      other: list[int]) -> tuple[list[tuple[Tensor, Tensor]], list[int]]:
+                      other: list[int]) -> tuple[list[tuple[Tensor, dict]], list[int]]:
         """prefill_attention "batched": the fresh prompt rows (start 0: nothing before this step) of `other` in
-        groups of at most FRESH_TOKENS tokens, each (token rows [n] int64, mask [n, n] bool: same row, causal,
-        within the window), and the rows left to the per-row path (other rows, lone fresh rows)."""
+        groups of at most FRESH_TOKENS tokens, each (token rows [n] int64, {window: mask [n, n] bool: same row,
+        causal, within that window} for each window the layers use), and the rows left to the per-row path (other
+        rows, lone fresh rows)."""
         if self.prefill_attention != "batched":
             return [], other
         fresh = [i for i in other if segs[i].start == 0 and 1 < len(segs[i].tokens) <= FRESH_TOKENS]
@@ -375,7 +382,6 @@ class BatchStep:
         groups = [g for g in groups if len(g) > 1]
         batched = {i for g in groups for i in g}
         out = []
-        W = self.cfg.sliding_window
         for g in groups:
             idx, rid, pos = [], [], []
             for j, i in enumerate(g):
@@ -386,9 +392,8 @@ class BatchStep:
             rid_t = torch.tensor(rid).to(self.device, non_blocking=True)
             pos_t = torch.tensor(pos).to(self.device, non_blocking=True)
             ok = (rid_t[:, None] == rid_t[None, :]) & (pos_t[None, :] <= pos_t[:, None])
-            if W is not None:
-                ok &= pos_t[None, :] > pos_t[:, None] - W
-            out.append((torch.tensor(idx, dtype=torch.int64).to(self.device, non_blocking=True), ok))
+            oks = {w: ok if w is None else ok & (pos_t[None, :] > pos_t[:, None] - w) for w in self._windows}
+            out.append((torch.tensor(idx, dtype=torch.int64).to(self.device, non_blocking=True), oks))
         return out, [i for i in other if i not in batched]
 
     def _row_plan(self, s: Segment, groups: int, window: int | None) -> tuple[Tensor, int, int, Tensor | None]:
@@ -406,8 +411,9 @@ class BatchStep:
 
     # --- token mixers ---
     def _attention(self, x: Tensor, w: Any, ls: LayerState, segs: list[Segment], offs: list[int],
-                   plan: dict) -> Tensor:
-        """Attention of every row over its pages (this step's K/V written first); x [T, D] -> [T, D]."""
+                   plan: dict, window: int | None) -> Tensor:
+        """Attention of every row over its pages (this step's K/V written first), within the layer's window and
+        with its sinks (gpt-oss); x [T, D] -> [T, D]."""
         cfg = self.cfg
         P = self.state.page_size
         N = ls.k.shape[0]
@@ -419,53 +425,64 @@ class BatchStep:
             q, k, v, *gate = project_qkv(x, w, plan["cos"], plan["sin"], cfg, with_gate=cfg.attn_output_gate)
             k_rows.index_copy_(0, plan["flat"], k)
             v_rows.index_copy_(0, plan["flat"], v)
-        o = self._attend(q, ls, segs, offs, plan)  # [T, H*hd]
+        o = self._attend(q, ls, segs, offs, plan, window, w.sinks)  # [T, H*hd]
         if gate:  # Qwen3.5's gated attention, as layers.attention applies it
             o = o * torch.sigmoid(gate[0])
         return linear(o, w.o, w.o_bias)
 
-    def _attend(self, q: Tensor, ls: LayerState, segs: list[Segment], offs: list[int], plan: dict) -> Tensor:
-        """q [T, H, hd] -> attention output [T, H*hd], each row over its own pages (K/V already written)."""
+    def _attend(self, q: Tensor, ls: LayerState, segs: list[Segment], offs: list[int], plan: dict,
+                window: int | None, sinks: Tensor | None) -> Tensor:
+        """q [T, H, hd] -> attention output [T, H*hd], each row over its own pages (K/V already written), keys
+        within `window` of each query (None: all before it), with per-head `sinks` [H] (None: none)."""
         T, H, hd = q.shape
         if plan.get("all_decode"):  # every row is one decoding token: the kernel's rows are the step's rows
-            return self.decode_kernel(q, ls.k, ls.v, plan["bt"], plan["seqlens"],
-                                      window=self.cfg.sliding_window).reshape(T, H * hd)
+            return self.decode_kernel(q, ls.k, ls.v, plan["bt"], plan["seqlens"], window=window,
+                                      sinks=sinks).reshape(T, H * hd)
         out = q.new_empty((T, H * hd))
         if plan["decode"]:
             o = self.decode_kernel(q.index_select(0, plan["rows"]), ls.k, ls.v, plan["bt"], plan["seqlens"],
-                                   window=self.cfg.sliding_window)  # [B, H, hd]
+                                   window=window, sinks=sinks)  # [B, H, hd]
             out.index_copy_(0, plan["rows"], o.reshape(-1, H * hd))
-        for idx, ok in plan["fresh"]:
+        for idx, oks in plan["fresh"]:
             out.index_copy_(0, idx, self._attend_fresh(q.index_select(0, idx), ls, plan["flat"].index_select(0, idx),
-                                                       ok))
+                                                       oks[window], sinks))
+        rows = plan["row"].get(window, {})
         for i in plan["other_kv"]:
             a, b = offs[i], offs[i + 1]
-            out[a:b] = self._attend_row(q[a:b], ls, *plan["row"][i])
+            out[a:b] = self._attend_row(q[a:b], ls, *rows[i], sinks)
         return out
 
-    def _attend_fresh(self, q: Tensor, ls: LayerState, flat: Tensor, ok: Tensor) -> Tensor:
+    def _attend_fresh(self, q: Tensor, ls: LayerState, flat: Tensor, ok: Tensor, sinks: Tensor | None) -> Tensor:
         """Fresh prompt rows together: q [n, H, hd] over their own K/V (read back from the pages at `flat` [n]),
-        ok [n, n] (same row, causal) -> [n, H*hd]."""
+        ok [n, n] (same row, causal, window) -> [n, H*hd]."""
         n, H, hd = q.shape
         N, P, KV, _ = ls.k.shape
         k = ls.k.view(N * P, KV, hd).index_select(0, flat).transpose(0, 1)  # [KV, n, hd]
         v = ls.v.view(N * P, KV, hd).index_select(0, flat).transpose(0, 1)
         if H != KV:  # query head h reads KV head h // G
             k, v = k.repeat_interleave(H // KV, 0), v.repeat_interleave(H // KV, 0)
+        if sinks is not None:
+            o = sinks_attend(q.transpose(0, 1), k, v, ok, sinks.view(H, 1, 1), hd ** -0.5)  # [H, n, hd]
+            return o.transpose(0, 1).reshape(n, H * hd)
         o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], attn_mask=ok, scale=hd ** -0.5)
         return o[0].transpose(0, 1).reshape(n, H * hd)
 
-    def _attend_row(self, q: Tensor, ls: LayerState, pages: Tensor, lo: int, end: int, mask: Tensor | None) -> Tensor:
+    def _attend_row(self, q: Tensor, ls: LayerState, pages: Tensor, lo: int, end: int, mask: Tensor | None,
+                    sinks: Tensor | None) -> Tensor:
         """One row's queries q [t, H, hd] at positions end-t..end-1 over its pages -> [t, H*hd].
 
-        The same SDPA call as the contiguous-cache path (layers._sdpa), over the row's gathered keys."""
+        The same call as the contiguous-cache path (layers._sdpa, or layers.attention_with_sinks with sinks),
+        over the row's gathered keys."""
         t, H, hd = q.shape
         KV = ls.k.shape[2]
         G = H // KV
         kc = ls.k.index_select(0, pages).view(-1, KV, hd)[lo:end].transpose(0, 1)  # [KV, S, hd]
         vc = ls.v.index_select(0, pages).view(-1, KV, hd)[lo:end].transpose(0, 1)
         qg = q.transpose(0, 1).reshape(1, KV, G * t, hd)  # rows (g, t)
-        o = F.scaled_dot_product_attention(qg, kc[None], vc[None], attn_mask=mask, scale=hd ** -0.5)
+        if sinks is not None:
+            o = sinks_attend(qg[0], kc, vc, mask, sink_rows(sinks, KV, G, t), hd ** -0.5)  # [KV, G*t, hd]
+        else:
+            o = F.scaled_dot_product_attention(qg, kc[None], vc[None], attn_mask=mask, scale=hd ** -0.5)
         return o.reshape(H, t, hd).transpose(0, 1).reshape(t, H * hd)
 
     def _mla(self, x: Tensor, w: Any, ls: LayerState, segs: list[Segment], offs: list[int], plan: dict) -> Tensor:

@@ -328,15 +328,28 @@ def attention_with_sinks(q: Tensor, k: Tensor | None, v: Tensor | None, cache: K
     KV = kc.shape[0]
     ks, vs = kc[:, plan.read_lo:plan.read_hi], vc[:, plan.read_lo:plan.read_hi]  # [KV, S, hd]
     qg = q.transpose(0, 1).reshape(KV, G * T, hd)  # rows (g, t)
-    s = torch.matmul(qg, ks.transpose(1, 2)) * hd ** -0.5  # [KV, G*T, S]
-    if plan.mask is not None:
-        s = s.masked_fill(~plan.mask[None], float("-inf"))
-    sink = sinks.to(s.dtype).view(KV, G, 1, 1).expand(KV, G, T, 1).reshape(KV, G * T, 1)
-    s = torch.cat([s, sink], dim=-1)
-    s = s - s.max(dim=-1, keepdim=True).values
-    p = torch.softmax(s, dim=-1)[..., :-1].to(vs.dtype)
-    o = torch.matmul(p, vs)  # [KV, G*T, hd]
+    o = sinks_attend(qg, ks, vs, plan.mask, sink_rows(sinks, KV, G, T), hd ** -0.5)  # [KV, G*T, hd]
     return o.reshape(H, T, hd).transpose(0, 1).reshape(T, H * hd)
+
+
+def sink_rows(sinks: Tensor, KV: int, G: int, T: int) -> Tensor:
+    """The per-head sinks [H] as one logit per query row [KV, G*T, 1], rows (g, t) of each KV head (the grouped
+    layout of attention_with_sinks and the batch step's rows)."""
+    return sinks.view(KV, G, 1, 1).expand(KV, G, T, 1).reshape(KV, G * T, 1)
+
+
+def sinks_attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, sink: Tensor, scale: float) -> Tensor:
+    """Attention with one more logit per query row, the sink, which takes weight and adds no value (gpt-oss):
+    q [..., R, hd], k / v [..., S, hd], mask broadcastable to [..., R, S] (True = attend) or None, sink
+    broadcastable to [..., R, 1] -> [..., R, hd]. Plain matmuls, as transformers' eager path: scores, the sink
+    column appended, max subtracted, softmax, the sink column dropped."""
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale  # [..., R, S]
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    s = torch.cat([s, sink.to(s.dtype).expand(*s.shape[:-1], 1)], dim=-1)
+    s = s - s.max(dim=-1, keepdim=True).values
+    p = torch.softmax(s, dim=-1)[..., :-1].to(v.dtype)
+    return torch.matmul(p, v)
 
 
 def _sdpa(q: Tensor, k: Tensor | None, v: Tensor | None, cache: KVCache, layer: int, plan: StepPlan, G: int) -> Tensor:
