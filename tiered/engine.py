@@ -602,16 +602,19 @@ class Engine:
         """Capture the whole-step graphs' sampled variants (decode/graphed.py) the first time a generation samples
         with parameters they serve, before its clock; returns the seconds spent (added to self.capture_s)."""
         g = self.graphed
-        if g is None or not g.graphed or not g.can_sample(params) or g.ready(sampled=True) or self._sampled_refused:
+        if g is None or not g.graphed or not g.can_sample(params) or self._sampled_refused:
+            return 0.0
+        k = g.variant(params)
+        if g.ready(sampled=k):
             return 0.0
         t0 = time.perf_counter()
         try:
-            g.capture_all(sampled=True)
+            g.capture_all(sampled=k)
         except RuntimeError as e:  # a refusal of this torch/driver/Triton: sampled decoding keeps its per-token loop
             print(f"tiered: the sampled step's CUDA graphs could not be captured ({e}); sampling per token",
                   file=sys.stderr)
             g.sgraphs.clear()
-            g.sampled = False
+            g.sampled = None
             self._sampled_refused = True  # not tried again: every later sampled generation loops per token
             self._sync()
         spent = time.perf_counter() - t0
@@ -621,13 +624,13 @@ class Engine:
     def _ahead_step(self, params: Sampling) -> GreedyStep | None:
         """The step decoding runs one step ahead of (decode/ahead.py), or None for the per-token loop: the
         whole-step graphs (or the device slot table's step) when every span is captured; the eager step only
-        when step_ahead is True. Sampling runs ahead on the whole-step graphs' sampled variants only (temperature
-        and top-p; a top-k keeps the per-token loop)."""
+        when step_ahead is True. Sampling runs ahead on the whole-step graphs' sampled variants only (one set per
+        top-k, captured by _capture_sampled)."""
         if self.step_ahead is False:
             return None
         if params.temperature != 0:
             g = self.graphed
-            return g if g is not None and g.can_sample(params) and g.ready(sampled=True) else None
+            return g if g is not None and g.can_sample(params) and g.ready(sampled=g.variant(params)) else None
         if self.graphed is not None and self.graphed.ready():
             return self.graphed
         if self.devstep is not None and (self.step_ahead or (self.devstep.graphed and self.devstep.ready())):

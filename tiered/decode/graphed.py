@@ -6,10 +6,11 @@ every graph a step may replay before the first timed step, and what capturing co
 Each graph ends with the greedy pick: it writes the argmax of its logits into the token buffer and adds 1 to the
 position buffer, so consecutive replays (`launch`) decode greedily with no host input (decode/ahead.py runs the
 host one step ahead of them); `step` overwrites both buffers first and returns the logits (sampling).
-Sampled decoding (temperature, top-p; no top-k) has graphs of its own (`capture_all(sampled=True)`, on first use):
-after the argmax they draw the token with kernels/nucleus.py, keyed by the next entry of a device table of the
-sequence's draw keys (`set_sampling` fills it: decode/sampling.py RowNoise), so sampled replays chain with no host
-input either, and the engine runs the host ahead of them as for greedy decoding.
+Sampled decoding has graphs of its own, one set per top-k (`capture_all(sampled=k)`, 0 for none, on first use):
+after the argmax they draw the token with kernels/nucleus.py (over the top-k logits of a torch.topk in the graph,
+or the whole vocabulary), keyed by the next entry of a device table of the sequence's draw keys (`set_sampling`
+fills it: decode/sampling.py RowNoise), so sampled replays chain with no host input either, and the engine runs
+the host ahead of them as for greedy decoding.
 Used when every expert is on the device (ResidentExperts: `get` never syncs), with no observer and no
 routing override (a replay would skip them).
 Does not own: the step itself (model/transformer.py, `decode_static`, and which spans exist:
@@ -23,7 +24,7 @@ import time
 import torch
 from torch import Tensor
 
-from tiered.decode.sampling import RowNoise, Sampling, argmax_into, draw_step, graph_ok
+from tiered.decode.sampling import RowNoise, Sampling, argmax_into, draw_step
 from tiered.kernels import nucleus
 from tiered.model.transformer import Transformer
 
@@ -47,9 +48,9 @@ class GraphedDecode:
         self.sparams = nucleus.pack_params([0], [self.vocab], [0], [0], [0.0], [1.0]).to(dev)
         self.keys = torch.zeros(model.max_context + 1, dtype=torch.int64, device=dev)
         self.draw = torch.zeros(1, dtype=torch.int64, device=dev)
-        self.sampled = False  # launch replays the sampled graphs (set_sampling)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
-        self.sgraphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self.sampled: int | None = None  # launch replays the greedy graphs (None), or the sampled ones of this top-k
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}  # greedy, by span
+        self.sgraphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}  # sampled, by (span, top-k)
         self.pool = torch.cuda.graph_pool_handle() if self.graphed else None
         self.capture_s = 0.0  # seconds spent capturing, over the object's life
         self.graph_mem_bytes = 0  # growth of reserved CUDA memory while capturing (the graphs' pool)
@@ -57,38 +58,43 @@ class GraphedDecode:
     def span(self, pos: int) -> int:
         return self.model.graph_span(pos)
 
-    def capture_all(self, sampled: bool = False) -> None:
+    def capture_all(self, sampled: int | None = None) -> None:
         """Capture every graph a step may replay (`model.graph_spans()`) now, not inside a timed decode; sampled:
-        the sampled graphs."""
+        the sampled graphs of that top-k (0: none; None: the greedy graphs)."""
         if not self.graphed:
             return
-        have = self.sgraphs if sampled else self.graphs
         for span in self.model.graph_spans():
-            if span not in have:
+            if not self._has(span, sampled):
                 self._add(span, sampled)
 
-    def ready(self, sampled: bool = False) -> bool:
-        """Every span's graph (sampled: sampled graph) is captured, or no graphs are used: `launch` never captures."""
-        have = self.sgraphs if sampled else self.graphs
-        return not self.graphed or all(s in have for s in self.model.graph_spans())
+    def ready(self, sampled: int | None = None) -> bool:
+        """Every span's graph (sampled: sampled graph of that top-k) is captured, or no graphs are used: `launch`
+        never captures."""
+        return not self.graphed or all(self._has(s, sampled) for s in self.model.graph_spans())
 
     def can_sample(self, params: Sampling) -> bool:
-        """Whether the sampled graphs can draw for these parameters (no top-k: decode/sampling.py graph_ok)."""
-        return params.temperature != 0 and graph_ok([params], self.vocab)
+        """Whether the sampled graphs can draw for these parameters: temperature > 0 (any top-p, any top-k)."""
+        return params.temperature != 0
+
+    def variant(self, params: Sampling) -> int:
+        """The sampled graphs that draw for `params`: their top-k (0: the whole vocabulary)."""
+        return params.top_k if 0 < params.top_k < self.vocab else 0
 
     def set_sampling(self, params: Sampling | None, noise: RowNoise | None = None, draws: int = 0) -> None:
         """Make `launch` replay the sampled graphs, drawing with `params` and the keys of `noise`'s next `draws`
         draws (taken from it now, in order; at most max_context + 1); None: greedy graphs again."""
         if params is None:
-            self.sampled = False
+            self.sampled = None
             return
         if not self.can_sample(params):
-            raise ValueError(f"the sampled graphs draw with temperature > 0 and no top-k, got {params}")
+            raise ValueError(f"the sampled graphs draw with temperature > 0, got {params}")
+        k = self.variant(params)
         n = min(draws, self.keys.shape[0])
         self.keys[:n].copy_(noise.take_many(n))
-        self.sparams.copy_(nucleus.pack_params([0], [self.vocab], [0], [0], [params.temperature], [params.top_p]))
+        self.sparams.copy_(nucleus.pack_params([0], [k or self.vocab], [0], [0], [params.temperature],
+                                               [params.top_p]))
         self.draw.zero_()
-        self.sampled = True
+        self.sampled = k
 
     def step(self, token: Tensor, pos: int) -> Tensor:
         """token [1] int64 on device at position pos -> logits [1, V] (a static buffer: read before the next step)."""
@@ -109,10 +115,9 @@ class GraphedDecode:
         span = self.span(pos)
         if not self.graphed:
             return self._body(span, self.sampled)
-        have = self.sgraphs if self.sampled else self.graphs
-        if span not in have:  # only when capture_all was not called (or a span was added since)
+        if not self._has(span, self.sampled):  # only when capture_all was not called (or a span was added since)
             self._add(span, self.sampled)
-        graph, out = have[span]
+        graph, out = self.graphs[span] if self.sampled is None else self.sgraphs[(span, self.sampled)]
         graph.replay()
         return out
 
@@ -120,19 +125,22 @@ class GraphedDecode:
         return {"spans": sorted(self.graphs), "sampled_spans": sorted(self.sgraphs), "capture_s": self.capture_s,
                 "graph_mem_bytes": self.graph_mem_bytes}
 
-    def _body(self, span: int, sampled: bool = False) -> Tensor:
+    def _has(self, span: int, sampled: int | None) -> bool:
+        return span in self.graphs if sampled is None else (span, sampled) in self.sgraphs
+
+    def _body(self, span: int, sampled: int | None = None) -> Tensor:
         """The captured step: logits of (token, pos), then the greedy pick into token (sampled: replaced by the
-        draw keyed by keys[draw], and draw + 1) and pos + 1."""
+        draw keyed by keys[draw] among the top `sampled` logits (0: all), and draw + 1) and pos + 1."""
         out = self.model.decode_static(self.token, self.pos, span)
         argmax_into(out, self.token)
-        if sampled:
+        if sampled is not None:
             self.sparams[3:4].copy_(self.keys.index_select(0, self.draw))
-            draw_step(out, self.sparams, self.token, kernel=self.graphed)
+            draw_step(out, self.sparams, self.token, kernel=self.graphed, top_k=sampled)
             self.draw.add_(1)
         self.pos.add_(1)
         return out
 
-    def _add(self, span: int, sampled: bool = False) -> None:
+    def _add(self, span: int, sampled: int | None = None) -> None:
         dev = self.model.device
         t0 = time.perf_counter()
         torch.cuda.empty_cache()  # torch.cuda.graph empties the cache on entry: start there, or the delta is negative
@@ -144,7 +152,10 @@ class GraphedDecode:
         graph.replay()
         self._restore(inputs)
         torch.cuda.synchronize(dev)
-        (self.sgraphs if sampled else self.graphs)[span] = (graph, out)
+        if sampled is None:
+            self.graphs[span] = (graph, out)
+        else:
+            self.sgraphs[(span, sampled)] = (graph, out)
         self.capture_s += time.perf_counter() - t0
         self.graph_mem_bytes += torch.cuda.memory_reserved(dev) - mem0
 
@@ -155,7 +166,7 @@ class GraphedDecode:
         self.draw.copy_(inputs[2])
 
     def _capture(self, span: int, inputs: tuple[Tensor, Tensor, Tensor],
-                 sampled: bool) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+                 sampled: int | None) -> tuple[torch.cuda.CUDAGraph, Tensor]:
         # Warm-up runs on a side stream (cuBLAS workspaces, lazy inits, Triton compiles); they write this step's
         # own K/V, which the replay rewrites with the same values. The DeltaNet state is not addressed by
         # position, so it is restored after the warm-ups, and so are the token and position they advance.

@@ -150,19 +150,24 @@ def graph_ok(params: list[Sampling], vocab: int) -> bool:
     return all(p.temperature == 0 or not 0 < p.top_k < vocab for p in params)
 
 
-def draw_step(logits: Tensor, params: Tensor, picks: Tensor, *, kernel: bool) -> None:
+def draw_step(logits: Tensor, params: Tensor, picks: Tensor, *, kernel: bool, top_k: int = 0) -> None:
     """The sampled rows of a dense step (row b of logits [Bb, V] is row b of the step; params int64 [PARAMS, Bb]
     as kernels/nucleus.py's fill_params writes them, temperature 0 for greedy and padding rows) drawn into picks
     [Bb] int64, which holds the argmax: the kernels (kernel=True: capturable in a CUDA graph), else the torch path
-    row by row (the same rule and keys; reads params on the host)."""
+    row by row (the same rule and keys; reads params on the host). top_k > 0: every row draws among its top_k
+    logits (a torch.topk, then the kernels over the candidates; params' n must be top_k), as sample_rows does."""
     from tiered.kernels import nucleus
 
     if kernel:
-        nucleus.draw_rows(logits, params, picks, top_p=True)
+        if top_k:
+            vals, ids = torch.topk(logits, top_k, dim=-1)
+            nucleus.draw_rows(vals, params, picks, ids=ids, top_p=True)
+        else:
+            nucleus.draw_rows(logits, params, picks, top_p=True)
         return
     for x_row, _, out_row, key, temp, top_p, _ in nucleus.read_params(params.cpu()):
         if temp > 0:
-            picks[out_row] = _draw_torch(logits[x_row], Sampling(temp, 0, top_p), key)
+            picks[out_row] = _draw_torch(logits[x_row], Sampling(temp, top_k, top_p), key)
 
 
 def kept_mask(x: Tensor, top_p: float) -> Tensor:
