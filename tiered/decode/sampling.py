@@ -39,13 +39,21 @@ def check_sampling(p: Sampling) -> None:
 
 
 MASK63 = (1 << 63) - 1
+MASK64 = (1 << 64) - 1
+# splitmix64: the stream's base (seed * golden + offset) and its finaliser's shifts and multipliers
+GOLDEN, OFFSET = 0x9E3779B97F4A7C15, 0x632BE59BD9B4E019
+MIX = ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB))
+
+
+def _base(seed: int) -> int:
+    return (int(seed) * GOLDEN + OFFSET) & MASK64
 
 
 def _mix(seed: int, draw: int) -> int:
     """A 63-bit key from (seed, draw): splitmix64's finaliser over seed * golden + draw (any seed, any draw)."""
-    z = (int(seed) * 0x9E3779B97F4A7C15 + int(draw) + 0x632BE59BD9B4E019) & ((1 << 64) - 1)
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & ((1 << 64) - 1)
+    z = (_base(seed) + int(draw)) & MASK64
+    for shift, mul in MIX:
+        z = ((z ^ (z >> shift)) * mul) & MASK64
     return (z ^ (z >> 31)) & MASK63
 
 
@@ -66,10 +74,9 @@ class RowNoise:
         """The keys of the next n draws as int64 [n] (and count them): take() n times, in numpy's wrapping uint64."""
         import numpy as np
 
-        d = np.arange(self.draws, self.draws + n, dtype=np.uint64)
-        z = d + np.uint64((int(self.seed) * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) & ((1 << 64) - 1))
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = np.arange(self.draws, self.draws + n, dtype=np.uint64) + np.uint64(_base(self.seed))
+        for shift, mul in MIX:
+            z = (z ^ (z >> np.uint64(shift))) * np.uint64(mul)
         z = (z ^ (z >> np.uint64(31))) & np.uint64(MASK63)
         self.draws += n
         return torch.from_numpy(z.astype(np.int64))
