@@ -377,6 +377,28 @@ def test_batched_greedy_equals_single_sequence(pair, attn, prefill, page, chunk)
     assert sch.step_fn._windows == [None, WINDOW]  # both kinds of layer ran
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("attn", [None, "rows"])
+def test_cuda_batched_greedy_equals_single_sequence(pair, attn):
+    """On CUDA (fp32): the scheduler's default paths (the paged Triton kernel with sinks and each layer's window,
+    the batch graphs) and the rows path give the single-sequence engine's greedy tokens."""
+    from tiered.decode.scheduler import Request, SamplingParams, Scheduler
+    from tiered.engine import load
+
+    *_, root = pair
+    eng = load(root / "layout", device="cuda", dtype="float32", max_context=64)
+    lengths, news = [1, 4, 9, 17, 3], [8, 5, 11, 6, 9]
+    prompts = [prompt(n, 96, seed=i).tolist() for i, n in enumerate(lengths)]
+    want = [eng.generate(p, max_new_tokens=n, stop_at_eos=False).token_ids for p, n in zip(prompts, news)]
+    kw = {} if attn is None else {"decode_attention": attn}
+    sch = Scheduler(eng, max_batch=3, page_size=8, **kw)
+    reqs = [sch.submit(Request(str(i), p, SamplingParams(max_tokens=n, stop_at_eos=False)))
+            for i, (p, n) in enumerate(zip(prompts, news))]
+    sch.run_until_idle()
+    assert [r.out_ids for r in reqs] == want
+    assert sch.state.free_pages == sch.state.num_pages
+
+
 def test_paged_reference_with_sinks_and_window():
     """The batch step's torch paged decode (one token a row over its pages) with sinks and a window equals the
     single-sequence attention_with_sinks over each row's contiguous keys; padding rows give zeros."""

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Protocol
@@ -39,7 +38,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tiered.kernels.l2warm import L2Warm
 from tiered.kernels.quant_moe import qlinear as linear
 from tiered.layout.config import ModelConfig
 from tiered.layout.quant import QuantWeight, cat_rows
@@ -314,31 +312,6 @@ class Transformer:
                     lw.moe is not None and lw.moe.score_bias is None and lw.moe.router_bias is None
                     and rule is fused_route.softmax_topk and lw.moe.router.dtype == self.dtype
                     and lw.moe.router.is_contiguous() for lw, rule in zip(self.layers, self.layer_rules))
-        # one-token steps: after layer l's router, a side stream asks L2 for layer l + 1's qkv and o_proj (after
-        # the last layer's, the lm_head's first bytes) while the experts run (kernels/l2warm.py; TIERED_L2_WARM)
-        self.l2warm = L2Warm(dev)
-        if self.l2warm.on:
-            self._warm_targets()
-
-    def _warm_targets(self) -> None:
-        def parts(w: Tensor | QuantWeight) -> list[Tensor]:
-            return list(w.parts().values()) if isinstance(w, QuantWeight) else [w]
-
-        for l, lw in enumerate(self.layers):
-            if l > 0 and lw.attn is not None and lw.mla is None:
-                self.l2warm.add(l, parts(lw.attn.qkv) + parts(lw.attn.o))
-        # every expert resident at slot layer * E + id (store/resident.py's slot_base): the chosen experts' down
-        # matrices are warmed while gate_up runs (TIERED_L2_WARM_DOWN=0 leaves them out)
-        E = getattr(self.provider, "num_experts", None)
-        down = getattr(getattr(self.provider, "weights", None), "down", None)
-        if (hasattr(self.provider, "slot_base") and E and down is not None
-                and os.environ.get("TIERED_L2_WARM_DOWN", "1") != "0"):
-            for l, lw in enumerate(self.layers):
-                if lw.moe is not None:
-                    self.l2warm.add_rows(("down", l), [t[l * E:(l + 1) * E] for t in parts(down)])
-        mb = float(os.environ.get("TIERED_L2_WARM_HEAD_MB", "24"))
-        if mb > 0:
-            self.l2warm.add("head", parts(self.lm_head), limit=int(mb * 2**20))
 
     @property
     def observer(self) -> RoutingObserver | None:
@@ -387,20 +360,12 @@ class Transformer:
     def _run(self, tokens: Tensor, plan: StepPlan, all_logits: bool) -> Tensor:
         h = F.embedding(tokens, self.embed)  # [T, D]
         delta = None  # the previous layer's MoE output, added at the top of the next layer
-        warm = self.l2warm.on and tokens.shape[0] == 1
-        last = len(self.layers) - 1
         for l in range(len(self.layers)):
             r = self.attend_route(l, h, plan, delta)
-            if warm:
-                self.l2warm.fork(("down", l), r.ids[0])
-                self.l2warm.fork(l + 1 if l < last else "head")
             if self._observer is not None and self.layers[l].moe is not None:
                 self._observer.on_route(l, r.h, r.ids, r.weights, r.logits.float())
             h, delta = r.h, self.experts_out(l, r)
-        logits = self.head(h, all_logits, delta)
-        if warm:
-            self.l2warm.join()
-        return logits
+        return self.head(h, all_logits, delta)
 
     def add_norm(self, h: Tensor, delta: Tensor | None, weight: Tensor) -> tuple[Tensor, Tensor]:
         """(h + delta, rms_norm(h + delta, weight)); delta None = no add. One launch with the glue kernels."""
