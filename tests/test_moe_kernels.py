@@ -206,6 +206,71 @@ def test_grouped_mm_layer_matches_loop():
     assert _rel(out, experts_loop(x, ids, w, W)) < 1e-5
 
 
+def _gpt_oss_pool(S: int, F: int, D: int, dtype: torch.dtype, seed: int = 0):
+    """_pool with gpt-oss's expert biases in the blocks (gate_bias, up_bias [S, F], down_bias [S, D]), large enough
+    that the clamp at `limit` bites."""
+    from tiered.store.disk import ExpertWeights
+
+    name = str(dtype).removeprefix("torch.")
+    specs, bs = plan_block({"gate": ((F, D), name), "up": ((F, D), name), "down": ((D, F), name),
+                            "gate_bias": ((F,), name), "up_bias": ((F,), name), "down_bias": ((D,), name)})
+    pool = torch.zeros(S, bs, dtype=torch.uint8)
+    W = expert_views(pool, specs)
+    g = torch.Generator().manual_seed(seed)
+    for t in (W.gate, W.up, W.down):
+        t.copy_((torch.randn(t.shape, generator=g) * D ** -0.5 * 6).to(dtype))
+    for t in (W.gate_bias, W.up_bias, W.down_bias):
+        t.copy_((torch.randn(t.shape, generator=g) * 0.5).to(dtype))
+    assert isinstance(W, ExpertWeights) and W.down_bias is not None
+    return W
+
+
+@interp
+@pytest.mark.parametrize("T,K,D,F,cfg", [c for c in DECODE_CASES if c[4].variant == "split"])
+def test_decode_clamped_swiglu_with_biases(T, K, D, F, cfg):
+    """gpt-oss's experts (biases, the clamped activation) through moe_decode equal the loop with the same act; the
+    clamp is exercised (some gate/up values past the limit) and the biases matter (a run without them differs)."""
+    from tiered.model.moe import ClampedSwiGLU
+
+    act = ClampedSwiGLU(alpha=1.702, limit=0.6)
+    S = 2 * K + 3
+    W = _gpt_oss_pool(S, F, D, torch.float32)
+    ids, w = _routing(T, K, S)
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(2))
+    out = moe_decode(x, ids if T > 1 else ids[0], w, W, cfg, act=act)
+    ref = experts_loop(x, ids, w, W, act)
+    assert _rel(out, ref) < 1e-5, _rel(out, ref)
+    gx = torch.einsum("td,sfd->tsf", x, W.gate) + W.gate_bias
+    assert (gx > act.limit).any() and (gx < act.limit).any()
+    from types import SimpleNamespace
+
+    plain = SimpleNamespace(gate=W.gate, up=W.up, down=W.down)
+    assert _rel(experts_loop(x, ids, w, plain, act), ref) > 1e-2  # the biases count
+    assert _rel(experts_loop(x, ids, w, W), ref) > 1e-2  # the activation counts
+
+
+@interp
+def test_decode_biases_slot_base_and_rounding():
+    """With biases, slot_base and round_to behave as without: equal, bit for bit, to shifted slots and weights cast
+    first; the fused variant and the grouped kernel refuse biases loudly."""
+    from tiered.model.moe import ClampedSwiGLU
+
+    K, D, F = 4, 64, 32
+    W = _gpt_oss_pool(3 * K + 5, F, D, torch.bfloat16)
+    ids, w = _routing(1, K, 3 * K)
+    x = torch.randn(1, D).bfloat16()
+    cfg = DecodeConfig(block_f=16, block_d=32, down_block_d=16, down_block_f=32)
+    act = ClampedSwiGLU()
+    want = moe_decode(x, ids[0] + 5, w.bfloat16(), W, cfg, act=act)
+    got = moe_decode(x, ids[0], w, W, cfg, slot_base=5, round_to=torch.bfloat16, act=act)
+    assert torch.equal(got, want)
+    assert _rel(got.float(), experts_loop(x.float(), ids + 5, w, W, act)) < 2e-2
+    with pytest.raises(NotImplementedError, match="fused"):
+        moe_decode(x, ids[0], w, W, DecodeConfig(variant="fused", block_f=16, block_d=64, block_o=32), act=act)
+    with pytest.raises(NotImplementedError, match="biases"):
+        moe_grouped(x, ids, w, W, torch.arange(3 * K + 5))
+
+
 def test_unbuilt_formats_raise():
     """Formats other than FLOAT are named but not built: kernels and reference refuse them loudly."""
     W = _pool(4, 16, 32, torch.float32)

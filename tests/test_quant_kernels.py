@@ -19,6 +19,7 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 from tiered.layout.format import plan_block  # noqa: E402
+from tiered.kernels import quant_moe as qm  # noqa: E402
 from tiered.kernels.quant_moe import (FUSED_FORMATS, TUNED, QConfig, experts_quant_decode,  # noqa: E402
                                       flat_ok, quant_down, quant_gate_up, quant_matvec, quant_matvec_ref, qlinear)
 from tiered.layout.quant import quantize  # noqa: E402
@@ -197,6 +198,48 @@ def test_experts_match_reference_loop(fmt, F, D, T):
         assert rel(got, want) < 1e-5
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("F,D,T", [(33, 40, 2), (96, 64, 1)])
+def test_experts_clamped_swiglu_with_biases(fmt, F, D, T):
+    """gpt-oss's experts (bf16 biases beside quantized weights, the clamped activation) through the fused kernels
+    equal the plain loop with the same activation and biases, for every tile family (default, flat, and q4's word
+    tile with its word-major h), and through experts_quant_decode; the clamp is exercised and a run without the
+    biases differs."""
+    from tiered.model.moe import ClampedSwiGLU
+
+    act = ClampedSwiGLU(alpha=1.702, limit=0.5)
+    W = _pool(fmt, 7, F, D)
+    g = torch.Generator().manual_seed(4)
+    gb, ub, db = (torch.randn(7, n, generator=g).bfloat16().to(DEV) * 0.3 for n in (F, F, D))
+    x = torch.randn(T, D, generator=g).to(DEV)
+    slots = torch.stack([torch.randperm(7, generator=g)[:3] for _ in range(T)]).to(DEV)
+    wts = torch.rand(T, 3, generator=g).to(DEV)
+    want = torch.zeros(T, D, dtype=torch.float64, device=DEV)
+    clamped = 0
+    for t in range(T):
+        xf = x[t:t + 1].float()
+        for k, s in enumerate(slots[t].tolist()):
+            gw, uw, dw = (w[s].dequantize(torch.float32) for w in (W.gate, W.up, W.down))
+            gx, ux = xf @ gw.T + gb[s].float(), xf @ uw.T + ub[s].float()
+            clamped += int((gx > act.limit).sum() + (ux.abs() > act.limit).sum())
+            want[t] += (wts[t, k].float() * (act(gx, ux) @ dw.T + db[s].float()))[0].double()
+    assert clamped > 0
+    cfgs = [(None, None), (FLAT[1], QConfig(bn=4, bg=2, algo=1))]
+    if fmt == "q4":
+        cfgs.append((WORDS[2], QConfig(bn=4, bg=2, algo=2, hw=1)))
+    for up_cfg, down_cfg in cfgs:
+        hl = qm.down_h_layout(W.down, down_cfg, 3) if down_cfg is not None else 0
+        h = quant_gate_up(x, slots, W.gate, W.up, up_cfg, h_layout=hl, act=act, biases=(gb, ub))
+        got = quant_down(h, slots, wts, W.down, torch.float32, down_cfg, h_layout=hl, bias=db)
+        assert rel(got, want) < 1e-5, (up_cfg, down_cfg, rel(got, want))
+    if T == 1:
+        got = experts_quant_decode(x, slots[0], wts, W.gate, W.up, W.down, interpret=INTERP, act=act,
+                                   biases=(gb, ub, db))
+        assert rel(got, want) < 1e-5
+        plain = experts_quant_decode(x, slots[0], wts, W.gate, W.up, W.down, interpret=INTERP, act=act)
+        assert rel(plain, want) > 1e-2
+
+
 @pytest.mark.parametrize("algo", [1, 2])
 def test_experts_slot_base_and_weight_rounding_in_the_kernels(algo):
     """experts_quant_decode with slot_base (the resident pool's layer * E, added in the kernels) and fp32 routing
@@ -327,7 +370,7 @@ def _compile_for_sm90(kernel, args: dict, consts: dict):
             sig[name] = "constexpr"
         else:
             v = args.get(name, 0)  # slot_base: an int
-            sig[name] = _SIG[v.dtype] if isinstance(v, torch.Tensor) else "i32"
+            sig[name] = _SIG[v.dtype] if isinstance(v, torch.Tensor) else "fp32" if isinstance(v, float) else "i32"
     return triton.compile(ASTSource(kernel, sig, consts), target=GPUTarget("cuda", 90, 32))
 
 
@@ -376,6 +419,18 @@ def compile_kernels_sm90(fmt: str) -> None:
                                      **parts(W.up, "u", algo), "h_ptr": h, "stride_xt": 200,
                                      **dict(zip(names, qm._strides(W.gate, algo)))},
                           {**geo, **tiles, "F": 96, "K": 2, "GDC": True})
+        # gpt-oss's experts: bf16 biases, the clamped activation (alpha and limit fp32 arguments)
+        bias = torch.zeros(3, 96, dtype=torch.bfloat16)
+        _compile_for_sm90(qgate_up, {"x_ptr": x, "slot_ptr": slots, **parts(W.gate, "g", algo),
+                                     **parts(W.up, "u", algo), "h_ptr": h, "stride_xt": 200, "gb_ptr": bias,
+                                     "ub_ptr": bias, "stride_bs": 96, "alpha": 1.702, "limit": 7.0,
+                                     **dict(zip(names, qm._strides(W.gate, algo)))},
+                          {**geo, **tiles, "F": 96, "K": 2, "GDC": True, "ACT": 1, "HAS_BIAS": True})
+        _compile_for_sm90(qdown, {"h_ptr": h, "slot_ptr": slots, "wt_ptr": h, **parts(W.down, "d", algo),
+                                  "y_ptr": x, "stride_yt": 200, "db_ptr": torch.zeros(3, 200, dtype=torch.bfloat16),
+                                  "stride_bs": 200, **dict(zip(names, qm._strides(W.down, algo)))},
+                          {**gdown, **dtiles, "D": 200, "K": 2, "KP": 2, "K_PER": 2, "SPLIT": 1, "WR": 1,
+                           "GDC": True, "PRE": algo == 2, "HAS_BIAS": True})
         for split, pre in ((1, False), (2, False), (1, True)):
             if pre and algo != 2:
                 continue

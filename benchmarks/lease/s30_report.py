@@ -1,6 +1,6 @@
 """Session 30's result file from the unpacked calls (s30_call*.sh): python3 benchmarks/lease/s30_report.py /tmp/s30
 benchmarks/results -> l2warm-2026-12-04-h200-s30.json. Every figure is read from the calls' own logs and JSON;
-nothing is typed in. /tmp/s30/A holds call A's unpacked tgz."""
+nothing is typed in. /tmp/s30/A and /tmp/s30/B hold calls A's and B's unpacked tgz."""
 import json
 import re
 import sys
@@ -8,13 +8,14 @@ from pathlib import Path
 
 src, dst = Path(sys.argv[1]), Path(sys.argv[2])
 A = src / "A"
+B = src / "B"
 WARM = {"off": "off", "lines": "TIERED_L2_WARM=lines", "bulk": "TIERED_L2_WARM=bulk",
         "last": "TIERED_L2_WARM=last", "nodown": "TIERED_L2_WARM=lines TIERED_L2_WARM_DOWN=0", "off2": "off (again)",
         "lines2": "TIERED_L2_WARM=lines (again)"}
 
 
-def vram(variant, tag):
-    f = A / f"tiered-{variant}-{tag}.json"
+def vram(variant, tag, call=A):
+    f = call / f"tiered-{variant}-{tag}.json"
     if not f.exists():
         return None
     d = json.loads(f.read_text())
@@ -60,6 +61,37 @@ res["ratios"] = {"q4_warm_lines_vs_off": q["lines"]["decode_tok_s_32"] / q["off"
                  "q4_warm_nodown_vs_off": q["nodown"]["decode_tok_s_32"] / q["off"]["decode_tok_s_32"],
                  "bf16_warm_lines_vs_off": b["lines"]["decode_tok_s_32"] / b["off"]["decode_tok_s_32"],
                  "q4_vs_bf16_decode": q["off"]["decode_tok_s_32"] / b["off"]["decode_tok_s_32"]}
+
+
+def offload(name):
+    d = json.loads((B / f"offload-{name}.json").read_text().strip().splitlines()[-1])
+    doc = d["docs"][0]
+    r = doc["runs"]["default"]
+    keep = ("decode_tok_s", "hit_rate", "vs_serial_belady_bound", "vs_pcie_bound", "bytes_h2d_per_token",
+            "host_s_per_layer", "h2d_gbps_achieved", "time_per_token_s", "cpu_experts", "device_fill")
+    return {"doc": doc["doc"], "expert_slots": doc["expert_slots"], "belady": doc["belady"],
+            "tokens_identical": doc["tokens_identical"], "resident": d["resident"], "bandwidth": d["bandwidth"],
+            "default": {k: r.get(k) for k in keep},
+            "lru_off": {k: doc["runs"]["lru/off"].get(k) for k in ("decode_tok_s", "hit_rate", "vs_serial_belady_bound",
+                                                                   "vs_pcie_bound")}}
+
+
+tb = (B / "cuda-tests.log").read_text()
+ob, oq = offload("bf16-bf16"), offload("layout-q4-q4")
+vq, vb = vram("q4", "default", B), vram("bf16", "default", B)
+res["B"] = {"commit": "4c588ba (the box's copy reported 82ee1bb in the benchmarks' own commit field)",
+            "what": "the offload goals at HEAD: --vram-gb 4, replayed routing (csv.py.txt), 127 tokens, defaults, "
+                    "fresh processes; the VRAM decode of both layouts in the same call",
+            "cuda_tests": {"summary": re.findall(r"(\d+ passed[^\n]*)", tb)[-1],
+                           "failed": re.findall(r"FAILED (\S+)", tb), "files": "tests/test_gpt_oss.py -k cuda"},
+            "offload_bf16": ob, "offload_q4": oq, "vram_q4": vq, "vram_bf16": vb,
+            "ratios": {"issue12_bf16_demand_vs_serial_belady": ob["default"]["vs_serial_belady_bound"],
+                       "issue13_q4_offload_vs_pcie_bound": oq["default"]["vs_pcie_bound"],
+                       "issue13_q4_vs_bf16_offload": oq["default"]["decode_tok_s"] / ob["default"]["decode_tok_s"],
+                       "issue13_q4_vs_bf16_decode": vq["decode_tok_s_32"] / vb["decode_tok_s_32"],
+                       "bf16_misses_vs_belady": (1 - ob["default"]["hit_rate"]) / (1 - ob["belady"]["hit_rate"])}}
+res["reproduce"] += "; call B: git checkout 4c588ba; bash benchmarks/lease/s30_callB.sh"
 out = dst / "l2warm-2026-12-04-h200-s30.json"
 out.write_text(json.dumps(res, indent=1) + "\n")
 print(json.dumps(res["ratios"], indent=1))
+print(json.dumps(res["B"]["ratios"], indent=1))

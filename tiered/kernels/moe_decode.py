@@ -18,7 +18,9 @@ a layer's K experts spread over hundreds of programs and all SMs stream. Gather-
 slots are a device tensor and the grid depends only on T, K and the shapes, so CUDA graphs capture it.
 
 Hooks for the formats and activations of moe_operands.py: `_load_w` (a weight tile to fp32; the
-quantized formats add a branch reading codes and scales) and `_act` (SwiGLU; gpt-oss's clamped form).
+quantized formats add a branch reading codes and scales) and `_act` (SwiGLU; gpt-oss's clamped form, ACT 1,
+with its expert biases: gate and up biases added before the activation, the down bias to each expert's output
+before its routing weight; "split" only).
 
 Legend: T tokens, D hidden, K top-k, F expert FFN, S slots in the pool.
 """
@@ -74,17 +76,40 @@ def _load_w(ptrs, mask, WFMT: tl.constexpr):
     return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
 
 
-@triton.jit
-def _act(g, u, ACT: tl.constexpr):
-    """The gated activation in fp32. ACT 0 (SWIGLU): silu(g) * u."""
+def act_fn(g, u, ACT: tl.constexpr, alpha=1.702, limit=7.0):
+    """The gated activation in fp32. ACT 0 (SWIGLU): silu(g) * u; 1 (SWIGLU_CLAMP, gpt-oss): g clamped above at
+    limit, u to [-limit, limit], g * sigmoid(alpha g) * (u + 1). A plain function: quant_moe.py binds it too."""
+    if ACT == 1:
+        g = tl.minimum(g, limit)
+        u = tl.minimum(tl.maximum(u, -limit), limit)
+        return g * tl.sigmoid(g * alpha) * (u + 1.0)
     return g * tl.sigmoid(g) * u
+
+
+def bias_sum_fn(b_ptr, slot_ptr, wt_ptr, t, offs, mask, slot_base, stride_bs, K: tl.constexpr, KP: tl.constexpr,
+                WR: tl.constexpr):
+    """[len(offs)] fp32: sum over token t's K experts of w_k * bias[slot_k][offs] (the down biases' share of the
+    MoE output, with the same weight rounding as the experts' products). A plain function: quant_moe.py binds it
+    too."""
+    ko = tl.arange(0, KP)
+    mk = ko < K
+    slot = tl.load(slot_ptr + t * K + ko, mask=mk, other=0).to(tl.int64) + slot_base
+    w = round_weight(tl.load(wt_ptr + t * K + ko, mask=mk, other=0).to(tl.float32), WR)
+    b = tl.load(b_ptr + slot[:, None] * stride_bs + offs[None, :], mask=mk[:, None] & mask[None, :], other=0.0)
+    return tl.sum(b.to(tl.float32) * w[:, None], axis=0)
+
+
+_act = triton.jit(act_fn)
+_bias_sum = triton.jit(bias_sum_fn)
 
 
 @triton.jit
 def _gate_up_rows(x_ptr, gate_ptr, up_ptr, t, slot, offs_f, mask_f, stride_xt, stride_gs, stride_gf,
                   stride_us, stride_uf, D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
-                  WFMT: tl.constexpr, ACT: tl.constexpr):
-    """act(x[t] @ gate[slot][offs_f].T, x[t] @ up[slot][offs_f].T) -> [BLOCK_F] fp32 (0 where masked)."""
+                  WFMT: tl.constexpr, ACT: tl.constexpr, gb_ptr=None, ub_ptr=None, stride_bs=0, alpha=1.702,
+                  limit=7.0, HAS_BIAS: tl.constexpr = False):
+    """act(x[t] @ gate[slot][offs_f].T (+ gate bias), x[t] @ up[slot][offs_f].T (+ up bias)) -> [BLOCK_F] fp32
+    (0 where masked)."""
     g_rows = gate_ptr + slot * stride_gs + offs_f[:, None] * stride_gf
     u_rows = up_ptr + slot * stride_us + offs_f[:, None] * stride_uf
     x_row = x_ptr + t * stride_xt
@@ -97,14 +122,21 @@ def _gate_up_rows(x_ptr, gate_ptr, up_ptr, t, slot, offs_f, mask_f, stride_xt, s
         m = mask_f[:, None] & mask_d[None, :]
         acc_g += _load_w(g_rows + offs_d[None, :], m, WFMT) * xv
         acc_u += _load_w(u_rows + offs_d[None, :], m, WFMT) * xv
-    return _act(tl.sum(acc_g, axis=1), tl.sum(acc_u, axis=1), ACT)
+    g = tl.sum(acc_g, axis=1)
+    u = tl.sum(acc_u, axis=1)
+    if HAS_BIAS:
+        g += tl.load(gb_ptr + slot * stride_bs + offs_f, mask=mask_f, other=0.0).to(tl.float32)
+        u += tl.load(ub_ptr + slot * stride_bs + offs_f, mask=mask_f, other=0.0).to(tl.float32)
+    return _act(g, u, ACT, alpha, limit)
 
 
 @triton.jit
 def _gate_up_kernel(x_ptr, slot_ptr, gate_ptr, up_ptr, h_ptr, slot_base, stride_xt, stride_gs, stride_gf,
-                    stride_us, stride_uf, D: tl.constexpr, F: tl.constexpr, K: tl.constexpr, BLOCK_F: tl.constexpr,
-                    BLOCK_D: tl.constexpr, WFMT: tl.constexpr, ACT: tl.constexpr, GDC: tl.constexpr = False):
-    """Grid (cdiv(F, BLOCK_F), T*K): h[t*K + k, f-block] of token t's k-th expert (row slot_base + slot), fp32."""
+                    stride_us, stride_uf, gb_ptr, ub_ptr, stride_bs, alpha, limit, D: tl.constexpr, F: tl.constexpr,
+                    K: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, WFMT: tl.constexpr,
+                    ACT: tl.constexpr, HAS_BIAS: tl.constexpr = False, GDC: tl.constexpr = False):
+    """Grid (cdiv(F, BLOCK_F), T*K): h[t*K + k, f-block] of token t's k-th expert (row slot_base + slot), fp32;
+    HAS_BIAS: the gate and up biases [S, F] (row stride stride_bs) added before the activation."""
     gdc_enter(GDC)
     pid_f = tl.program_id(0)
     pair = tl.program_id(1)  # t * K + k
@@ -112,17 +144,19 @@ def _gate_up_kernel(x_ptr, slot_ptr, gate_ptr, up_ptr, h_ptr, slot_base, stride_
     offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
     mask_f = offs_f < F
     h = _gate_up_rows(x_ptr, gate_ptr, up_ptr, pair // K, slot, offs_f, mask_f, stride_xt, stride_gs, stride_gf,
-                      stride_us, stride_uf, D, BLOCK_F, BLOCK_D, WFMT, ACT)
+                      stride_us, stride_uf, D, BLOCK_F, BLOCK_D, WFMT, ACT, gb_ptr, ub_ptr, stride_bs, alpha, limit,
+                      HAS_BIAS)
     tl.store(h_ptr + pair * F + offs_f, h, mask=mask_f)
 
 
 @triton.jit
-def _down_kernel(h_ptr, slot_ptr, wt_ptr, down_ptr, y_ptr, slot_base, stride_ds, stride_dd, stride_yt,
-                 D: tl.constexpr, F: tl.constexpr, K: tl.constexpr, K_PER: tl.constexpr, SPLIT: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, WFMT: tl.constexpr, WR: tl.constexpr = 0,
+def _down_kernel(h_ptr, slot_ptr, wt_ptr, down_ptr, y_ptr, slot_base, stride_ds, stride_dd, stride_yt, db_ptr,
+                 stride_bs, D: tl.constexpr, F: tl.constexpr, K: tl.constexpr, K_PER: tl.constexpr,
+                 SPLIT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, WFMT: tl.constexpr,
+                 WR: tl.constexpr = 0, HAS_BIAS: tl.constexpr = False, KP: tl.constexpr = 1,
                  GDC: tl.constexpr = False):
-    """Grid (cdiv(D, BLOCK_D), T*SPLIT): y[t, d-block] = sum over K_PER experts of w * (h @ down.T); w rounded as
-    fused_norm.weight_rounding says (WR)."""
+    """Grid (cdiv(D, BLOCK_D), T*SPLIT): y[t, d-block] = sum over K_PER experts of w * (h @ down.T (+ down bias,
+    HAS_BIAS: [S, D], split 1 only)); w rounded as fused_norm.weight_rounding says (WR)."""
     gdc_enter(GDC)
     pid_d = tl.program_id(0)
     pid = tl.program_id(1)  # t * SPLIT + part
@@ -141,6 +175,8 @@ def _down_kernel(h_ptr, slot_ptr, wt_ptr, down_ptr, y_ptr, slot_base, stride_ds,
             hv = tl.load(h_ptr + pair * F + offs_f, mask=mask_f, other=0.0) * w
             acc += _load_w(rows + offs_f[None, :], mask_d[:, None] & mask_f[None, :], WFMT) * hv[None, :]
     y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += _bias_sum(db_ptr, slot_ptr, wt_ptr, t, offs_d, mask_d, slot_base, stride_bs, K, KP, WR)
     if SPLIT == 1:
         tl.store(y_ptr + t * stride_yt + offs_d, y.to(y_ptr.dtype.element_ty), mask=mask_d)
     else:
@@ -171,8 +207,8 @@ def _fused_kernel(x_ptr, slot_ptr, wt_ptr, gate_ptr, up_ptr, down_ptr, y_ptr, sl
         tl.atomic_add(y_ptr + t * stride_yt + offs_o, tl.sum(dw * h[None, :], axis=1), mask=mask_o, sem="relaxed")
 
 
-def _prep(x: Tensor, slots: Tensor, ops: ExpertOperands) -> tuple[ExpertOperands, Tensor, Tensor, int]:
-    ops = ExpertOperands.of(ops)
+def _prep(x: Tensor, slots: Tensor, ops: ExpertOperands, act=None) -> tuple[ExpertOperands, Tensor, Tensor, int]:
+    ops = ExpertOperands.of(ops, act)
     check_built(ops)
     T, D = x.shape
     if D != ops.hidden:
@@ -182,20 +218,32 @@ def _prep(x: Tensor, slots: Tensor, ops: ExpertOperands) -> tuple[ExpertOperands
     return ops, x.contiguous(), slots.reshape(-1).contiguous(), slots.numel() // T
 
 
+def _bias_args(ops: ExpertOperands, which: tuple[str, ...]) -> tuple:
+    """The bias pointers a launch takes (placeholders when the experts have none: never read) and their row stride."""
+    if not ops.has_bias:
+        return (*(ops.down for _ in which), 0)
+    bs = [getattr(ops, n) for n in which]
+    if len({b.stride(0) for b in bs}) != 1:
+        raise ValueError(f"expert biases {which} need one row stride, got {[b.stride(0) for b in bs]}")
+    return (*bs, bs[0].stride(0))
+
+
 def decode_gate_up(x: Tensor, slots: Tensor, ops: ExpertOperands, config: DecodeConfig | None = None, *,
-                   slot_base: int = 0) -> Tensor:
+                   slot_base: int = 0, act=None) -> Tensor:
     """The first kernel of the "split" variant: x [T, D], slots [T, K] (rows slot_base + slots) -> h [T*K, F]
-    fp32."""
-    ops, x, slots, K = _prep(x, slots, ops)
+    fp32. act: None (SwiGLU) or gpt-oss's ClampedSwiGLU (ExpertOperands.of); the experts' biases are applied."""
+    ops, x, slots, K = _prep(x, slots, ops, act)
     T, D = x.shape
     cfg = config or DecodeConfig.for_shape(D, ops.ffn)
     Fe = ops.ffn
     g, u = ops.gate, ops.up
     h = torch.empty(T * K, Fe, dtype=torch.float32, device=x.device)  # [T*K, F]
+    gb, ub, sb = _bias_args(ops, ("gate_bias", "up_bias"))
     _gate_up_kernel[(triton.cdiv(Fe, cfg.block_f), T * K)](
-        x, slots, g, u, h, int(slot_base), x.stride(0), g.stride(0), g.stride(1), u.stride(0), u.stride(1), D=D,
-        F=Fe, K=K, BLOCK_F=cfg.block_f, BLOCK_D=min(cfg.block_d, triton.next_power_of_2(D)), WFMT=int(ops.fmt),
-        ACT=int(ops.act), num_warps=cfg.warps, **launch_args(x.device))
+        x, slots, g, u, h, int(slot_base), x.stride(0), g.stride(0), g.stride(1), u.stride(0), u.stride(1), gb, ub,
+        sb, ops.alpha, ops.limit, D=D, F=Fe, K=K, BLOCK_F=cfg.block_f,
+        BLOCK_D=min(cfg.block_d, triton.next_power_of_2(D)), WFMT=int(ops.fmt), ACT=int(ops.act),
+        HAS_BIAS=ops.has_bias, num_warps=cfg.warps, **launch_args(x.device))
     return h
 
 
@@ -203,7 +251,9 @@ def decode_down(h: Tensor, slots: Tensor, weights: Tensor, ops: ExpertOperands, 
                 config: DecodeConfig | None = None, *, slot_base: int = 0,
                 round_to: torch.dtype | None = None) -> Tensor:
     """The second kernel of the "split" variant: h [T*K, F] fp32, slots and weights [T, K] -> [T, D] dtype
-    (rows slot_base + slots; weights rounded to `round_to` in the kernel, None: as given)."""
+    (rows slot_base + slots; weights rounded to `round_to` in the kernel, None: as given); the experts' down
+    biases, where they have them, are added to each expert's output before its weight (one program sums a row's
+    K experts then: no split)."""
     ops = ExpertOperands.of(ops)
     D, Fe = ops.hidden, ops.ffn
     cfg = config or DecodeConfig.for_shape(D, Fe)
@@ -212,20 +262,21 @@ def decode_down(h: Tensor, slots: Tensor, weights: Tensor, ops: ExpertOperands, 
     slots = slots.reshape(-1).contiguous()
     weights = weights.reshape(-1).contiguous()
     d = ops.down
-    split = cfg.down_split if K % cfg.down_split == 0 else 1
+    split = cfg.down_split if K % cfg.down_split == 0 and not ops.has_bias else 1
     y = (torch.empty(T, D, dtype=dtype, device=h.device) if split == 1
          else torch.zeros(T, D, dtype=torch.float32, device=h.device))
+    db, sb = _bias_args(ops, ("down_bias",))
     _down_kernel[(triton.cdiv(D, cfg.down_block_d), T * split)](
-        h, slots, weights, d, y, int(slot_base), d.stride(0), d.stride(1), y.stride(0), D=D, F=Fe, K=K,
+        h, slots, weights, d, y, int(slot_base), d.stride(0), d.stride(1), y.stride(0), db, sb, D=D, F=Fe, K=K,
         K_PER=K // split, SPLIT=split, BLOCK_D=cfg.down_block_d,
         BLOCK_F=min(cfg.down_block_f, triton.next_power_of_2(Fe)), WFMT=int(ops.fmt), WR=weight_rounding(round_to),
-        num_warps=cfg.down_warps, **launch_args(h.device))
+        HAS_BIAS=ops.has_bias, KP=triton.next_power_of_2(K), num_warps=cfg.down_warps, **launch_args(h.device))
     return y if split == 1 else y.to(dtype)
 
 
 def moe_decode(x: Tensor, slots: Tensor, weights: Tensor, ops: ExpertOperands,
                config: DecodeConfig | None = None, *, slot_base: int = 0,
-               round_to: torch.dtype | None = None) -> Tensor:
+               round_to: torch.dtype | None = None, act=None) -> Tensor:
     """Routed experts of T tokens, read in place from a pool.
 
     Args:
@@ -237,13 +288,17 @@ def moe_decode(x: Tensor, slots: Tensor, weights: Tensor, ops: ExpertOperands,
         slot_base: added to every slot inside the kernels (the resident pool's layer * E: no add kernel).
         round_to: round the (fp32) weights to this dtype inside the kernels, as a cast before the call would;
             None = as given.
+        act: None (SwiGLU) or gpt-oss's ClampedSwiGLU (model/moe.py); the experts' biases (ops' gate_bias,
+            up_bias, down_bias) are applied whenever the operands carry them.
     Returns:
         [T, D] in x's dtype: sum over k of weights[t, k] * expert(slots[t, k])(x[t]).
     """
-    ops, x, flat, K = _prep(x, slots, ops)
+    ops, x, flat, K = _prep(x, slots, ops, act)
     T, D = x.shape
     cfg = config or DecodeConfig.for_shape(D, ops.ffn)
     weights = weights.reshape(T, K)
+    if cfg.variant == "fused" and (ops.has_bias or ops.act != 0):
+        raise NotImplementedError("moe_decode: the fused variant computes SwiGLU without biases; use 'split'")
     if cfg.variant == "split":
         h = decode_gate_up(x, flat, ops, cfg, slot_base=slot_base)
         return decode_down(h, flat.view(T, K), weights, ops, x.dtype, cfg, slot_base=slot_base, round_to=round_to)

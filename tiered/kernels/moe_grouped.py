@@ -271,7 +271,7 @@ class GroupedMoE:
     def wave(self, ops: ExpertOperands, slot_map: Tensor) -> None:
         """Compute the rows of the experts that `slot_map` ([E] int64: slot row, -1 = not this wave) places."""
         ops = ExpertOperands.of(ops)
-        check_built(ops)
+        check_built(ops, swiglu_only=True)
         x, cfg, al = self.x, self.cfg, self.aligned
         D, Fe = x.shape[1], ops.ffn
         if D != ops.hidden:

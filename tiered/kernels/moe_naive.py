@@ -26,17 +26,28 @@ def expert_matrices(ops: ExpertOperands, slot: int, dtype: torch.dtype) -> tuple
     return ops.gate[slot].to(dtype), ops.up[slot].to(dtype), ops.down[slot].to(dtype)
 
 
-def experts_loop(x: Tensor, slots: Tensor, weights: Tensor, ops: ExpertOperands) -> Tensor:
-    """x [T, D], slots [T, K] int64 rows of the pool, weights [T, K] -> [T, D] in x's dtype."""
-    ops = ExpertOperands.of(ops)
+def experts_loop(x: Tensor, slots: Tensor, weights: Tensor, ops: ExpertOperands, act=None) -> Tensor:
+    """x [T, D], slots [T, K] int64 rows of the pool, weights [T, K] -> [T, D] in x's dtype. act: None (SwiGLU)
+    or gpt-oss's ClampedSwiGLU (model/moe.py); the operands' biases, where they carry them, are added (gate and up
+    before the activation, down to the expert's output)."""
+    ops = ExpertOperands.of(ops, act)
     T, K = slots.shape
     dt = x.dtype
     out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
     for t in range(T):
         for k in range(K):
-            g, u, d = expert_matrices(ops, int(slots[t, k]), dt)
+            s = int(slots[t, k])
+            g, u, d = expert_matrices(ops, s, dt)
             xt = x[t:t + 1]
-            y = F.linear(F.silu(F.linear(xt, g)) * F.linear(xt, u), d)  # [1, D] compute dtype
+            b = (ops.gate_bias[s].to(dt), ops.up_bias[s].to(dt), ops.down_bias[s].to(dt)) if ops.has_bias \
+                else (None, None, None)
+            gx, ux = F.linear(xt, g, b[0]), F.linear(xt, u, b[1])
+            if ops.act == 0:
+                h = F.silu(gx) * ux
+            else:
+                gc = gx.clamp(max=ops.limit)
+                h = (ux.clamp(-ops.limit, ops.limit) + 1) * (gc * torch.sigmoid(gc * ops.alpha))
+            y = F.linear(h, d, b[2])  # [1, D] compute dtype
             out[t] += y[0].float() * weights[t, k].float()
     return out.to(dt)
 

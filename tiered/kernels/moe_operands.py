@@ -5,12 +5,12 @@ quantization scales and expert biases), `WeightFormat` and `Activation` (the con
 kernels branch on) and `check_built`, which says what the kernels do not do yet.
 Does not own: the pool or its layout (store/disk.py `expert_views` builds the views), the kernels.
 
-Only `WeightFormat.FLOAT` (elements in a float dtype, read in place) and `Activation.SWIGLU` are built here.
-Quantized experts are served by their own kernels, which read QuantWeight stacks (codes, scales, mins)
-directly: quant_moe.py (a few tokens) and quant_grouped.py (prefill and batches; its WFMT constexpr takes
-the WeightFormat values below). The other activations are named so that a kernel's signature need not change
-when they are added: each becomes one branch in the kernels' activation (`_act`), fed by the bias views
-carried here.
+Only `WeightFormat.FLOAT` (elements in a float dtype, read in place) is built here, with both activations:
+SwiGLU and gpt-oss's clamped form with its expert biases (the decode kernels of moe_decode.py; the grouped
+kernels of moe_grouped.py take SwiGLU without biases only). Quantized experts are served by their own kernels,
+which read QuantWeight stacks (codes, scales, mins) directly: quant_moe.py (a few tokens; both activations and
+the biases) and quant_grouped.py (prefill and batches, SwiGLU; its WFMT constexpr takes the WeightFormat
+values below).
 
 Legend: S slots in the pool, D hidden, F expert FFN.
 """
@@ -35,7 +35,7 @@ class WeightFormat(IntEnum):
 class Activation(IntEnum):
     """The gated activation between the up and down projections (a kernel constexpr)."""
     SWIGLU = 0  # silu(gate) * up
-    SWIGLU_CLAMP = 1  # gpt-oss: gate/up interleaved, clamp at 7.0, gate * sigmoid(1.702 gate) * (up + 1) (not built)
+    SWIGLU_CLAMP = 1  # gpt-oss: gate clamped above at limit, up to [-limit, limit], gate * sigmoid(alpha gate) * (up + 1)
 
 
 @dataclass(frozen=True)
@@ -52,13 +52,27 @@ class ExpertOperands:
     gate_bias: Tensor | None = None  # [S, F] expert biases (gpt-oss); None = no bias
     up_bias: Tensor | None = None  # [S, F]
     down_bias: Tensor | None = None  # [S, D]
+    alpha: float = 1.702  # SWIGLU_CLAMP's sigmoid slope and clamp limit
+    limit: float = 7.0
 
     @classmethod
-    def of(cls, weights: Any) -> "ExpertOperands":
-        """From store.disk.ExpertWeights (or anything with gate/up/down views): FLOAT, SwiGLU."""
+    def of(cls, weights: Any, act: Any = None) -> "ExpertOperands":
+        """From store.disk.ExpertWeights (or anything with gate/up/down views, and optional gate_bias, up_bias,
+        down_bias): FLOAT, with the weights' biases; act None = SwiGLU, else an object with `alpha` and `limit`
+        (model/moe.py ClampedSwiGLU) = SWIGLU_CLAMP. An ExpertOperands is returned as it is (act must be None)."""
         if isinstance(weights, ExpertOperands):
+            if act is not None:
+                raise ValueError("ExpertOperands.of: the operands carry their activation already")
             return weights
-        return cls(weights.gate, weights.up, weights.down)
+        b = {n: getattr(weights, n, None) for n in ("gate_bias", "up_bias", "down_bias")}
+        if act is None:
+            return cls(weights.gate, weights.up, weights.down, **b)
+        return cls(weights.gate, weights.up, weights.down, act=Activation.SWIGLU_CLAMP, alpha=float(act.alpha),
+                   limit=float(act.limit), **b)
+
+    @property
+    def has_bias(self) -> bool:
+        return self.gate_bias is not None
 
     @property
     def hidden(self) -> int:
@@ -73,15 +87,23 @@ class ExpertOperands:
         return self.gate.shape[0]  # S
 
 
-def check_built(ops: ExpertOperands) -> None:
-    """Raise NotImplementedError for the formats, activations and biases the kernels do not handle yet."""
+def check_built(ops: ExpertOperands, *, swiglu_only: bool = False) -> None:
+    """Raise NotImplementedError for the formats, activations and biases the kernels do not handle yet
+    (swiglu_only: a kernel without the clamped activation and the biases, the grouped one)."""
     if ops.fmt != WeightFormat.FLOAT:
         raise NotImplementedError(f"MoE kernels: weight format {ops.fmt.name} is not built yet (FLOAT only)")
-    if ops.act != Activation.SWIGLU:
-        raise NotImplementedError(f"MoE kernels: activation {ops.act.name} is not built yet (SWIGLU only)")
-    if any(b is not None for b in (ops.gate_bias, ops.up_bias, ops.down_bias)):
-        raise NotImplementedError("MoE kernels: expert biases are not built yet")
+    if swiglu_only and (ops.act != Activation.SWIGLU or ops.has_bias):
+        raise NotImplementedError("MoE kernels: this kernel computes SwiGLU without expert biases (gpt-oss's "
+                                  "experts take the decode kernels or model/moe.py's torch path)")
     D, F = ops.hidden, ops.ffn
+    biases = (ops.gate_bias, ops.up_bias, ops.down_bias)
+    if any(b is not None for b in biases):
+        S = ops.num_slots
+        want = ((S, F), (S, F), (S, D))
+        for name, b, w in zip(("gate_bias", "up_bias", "down_bias"), biases, want):
+            if b is None or tuple(b.shape) != w or b.stride(-1) != 1:
+                raise ValueError(f"expert biases: {name} is {None if b is None else list(b.shape)}, want {list(w)} "
+                                 "contiguous along its last dimension (all three or none)")
     if tuple(ops.gate.shape[1:]) != (F, D) or tuple(ops.up.shape[1:]) != (F, D):
         raise ValueError(f"expert views disagree: gate {list(ops.gate.shape)}, up {list(ops.up.shape)}, "
                          f"down {list(ops.down.shape)} (want [S, F, D], [S, F, D], [S, D, F])")

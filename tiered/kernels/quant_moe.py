@@ -69,6 +69,7 @@ except ImportError:  # the CPU runtime does not need Triton
     triton = None
 
 from tiered.kernels.fused_norm import round_weight, weight_rounding  # noqa: E402 (None without Triton)
+from tiered.kernels.moe_decode import act_fn, bias_sum_fn  # noqa: E402
 from tiered.kernels.pdl import (gdc_enter, l2_prefetch, l2_prefetch_enabled, launch_args,  # noqa: E402
                                 preload_enabled)
 
@@ -344,6 +345,8 @@ def decorate_kernels():
     helpers["pre_words"] = bind(_pre_words)
     helpers["flat_step"] = bind(_flat_step)
     helpers["dot_rows_flat"] = bind(_dot_rows_flat)
+    helpers["act_fn"] = bind(act_fn)
+    helpers["bias_sum"] = bind(bias_sum_fn)
     return bind(_qgemv), bind(_qgate_up), bind(_qdown)
 
 
@@ -768,13 +771,16 @@ def _qgemv(x_ptr, slot_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_xt, stride_q
     tl.store(out_ptr + t * stride_ot + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 def _qgate_up(x_ptr, slot_ptr, gq, gs, gm, uq, us, um, h_ptr, slot_base, stride_xt, stride_qs, stride_qn,
-              stride_ss, stride_sn, stride_ms, stride_mn, F: tl.constexpr, K: tl.constexpr, KIN: tl.constexpr,
+              stride_ss, stride_sn, stride_ms, stride_mn, gb_ptr, ub_ptr, stride_bs, alpha, limit,
+              F: tl.constexpr, K: tl.constexpr, KIN: tl.constexpr,
               KQ: tl.constexpr, NG: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr,
               GSTRIDE: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr,
               CONV: tl.constexpr, ALGO: tl.constexpr, BK: tl.constexpr, UK: tl.constexpr, HW: tl.constexpr = 0,
-              GDC: tl.constexpr = False):
-    """Grid (cdiv(F, BN), T*K): h[t*K + k, f-block] = silu(x[t] @ gate.T) * (x[t] @ up.T), expert row
-    slot_base + slot[t, k]. gate and up share strides (views of one block layout)."""
+              ACT: tl.constexpr = 0, HAS_BIAS: tl.constexpr = False, GDC: tl.constexpr = False):
+    """Grid (cdiv(F, BN), T*K): h[t*K + k, f-block] = act(x[t] @ gate.T, x[t] @ up.T), expert row
+    slot_base + slot[t, k]: SwiGLU (ACT 0) or gpt-oss's clamped form (ACT 1, moe_decode.act_fn), HAS_BIAS: the
+    gate and up biases [S, F] (row stride stride_bs, bf16 as stored) added first. gate and up share strides (views
+    of one block layout)."""
     gdc_enter(GDC)
     pair = tl.program_id(1)
     offs_f = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -802,18 +808,23 @@ def _qgate_up(x_ptr, slot_ptr, gq, gs, gm, uq, us, um, h_ptr, slot_base, stride_
         hi = (offs_f % 8) * (F // 8) + offs_f // 8
     else:
         hi = offs_f
-    tl.store(h_ptr + pair * F + hi, (g * tl.sigmoid(g) * u).to(h_ptr.dtype.element_ty), mask=mask_f)
+    if HAS_BIAS:
+        g += tl.load(gb_ptr + slot * stride_bs + f64, mask=mask_f, other=0.0).to(tl.float32)
+        u += tl.load(ub_ptr + slot * stride_bs + f64, mask=mask_f, other=0.0).to(tl.float32)
+    tl.store(h_ptr + pair * F + hi, act_fn(g, u, ACT, alpha, limit).to(h_ptr.dtype.element_ty), mask=mask_f)
 
 def _qdown(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, y_ptr, slot_base, stride_qs, stride_qn, stride_ss, stride_sn,
-           stride_ms, stride_mn, stride_yt, D: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+           stride_ms, stride_mn, stride_yt, db_ptr, stride_bs, D: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
            K_PER: tl.constexpr, SPLIT: tl.constexpr, KIN: tl.constexpr, KQ: tl.constexpr, NG: tl.constexpr,
            FMT: tl.constexpr, GROUP: tl.constexpr, GSTRIDE: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr,
            BG: tl.constexpr, CONV: tl.constexpr, ALGO: tl.constexpr, BK: tl.constexpr, UK: tl.constexpr,
-           WR: tl.constexpr = 0, HW: tl.constexpr = 0, GDC: tl.constexpr = False, PRE: tl.constexpr = False):
+           WR: tl.constexpr = 0, HW: tl.constexpr = 0, HAS_BIAS: tl.constexpr = False, GDC: tl.constexpr = False,
+           PRE: tl.constexpr = False):
     """Grid (cdiv(D, BN), T*SPLIT): y[t, d-block] = sum over K_PER experts (rows slot_base + slot) of
-    w * (h @ down.T), w rounded as fused_norm.weight_rounding says (WR); the word tile at SPLIT 1 reads all K
-    experts together (down_words), the other tiles one expert after another. PRE (that tile only; quant_down's
-    `early`): down_words loads the slots, weights and first codes before the PDL wait."""
+    w * (h @ down.T (+ the down bias [S, D], HAS_BIAS, SPLIT 1 only)), w rounded as fused_norm.weight_rounding
+    says (WR); the word tile at SPLIT 1 reads all K experts together (down_words), the other tiles one expert
+    after another. PRE (that tile only; quant_down's `early`): down_words loads the slots, weights and first codes
+    before the PDL wait."""
     ALL_K: tl.constexpr = ALGO == 2 and SPLIT == 1  # the word tile reads every expert's codes in one load
     EARLY: tl.constexpr = PRE and ALL_K
     if not EARLY:
@@ -850,6 +861,8 @@ def _qdown(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, y_ptr, slot_base, stride_qs, str
             y += w * yk
         else:
             y += w * dot_rows(hr, qr, sr, mr, mask_d, KIN, KQ, NG, FMT, GROUP, GSTRIDE, GP, BN, BG, CONV)
+    if HAS_BIAS:
+        y += bias_sum(db_ptr, slot_ptr, wt_ptr, t, d64, mask_d, slot_base, stride_bs, K, KP, WR)
     if SPLIT == 1:
         tl.store(y_ptr + t * stride_yt + offs_d, y.to(y_ptr.dtype.element_ty), mask=mask_d)
     else:
@@ -922,11 +935,23 @@ def quant_matvec_ref(x: Tensor, w: QuantWeight, slots: Tensor | None = None) -> 
     return torch.bmm(mats, x.float()[:, :, None])[:, :, 0].to(x.dtype)
 
 
+def _bias_rows(biases: tuple, like: Tensor) -> tuple:
+    """(bias tensors..., their row stride, HAS_BIAS) for a launch: placeholders (never read) when `biases` is None."""
+    if biases is None:
+        return (*(like for _ in range(2)), 0, False)
+    if len({b.stride(0) for b in biases}) != 1 or any(b.stride(-1) != 1 for b in biases):
+        raise ValueError(f"expert biases need one row stride and contiguous rows, got strides "
+                         f"{[b.stride() for b in biases]}")
+    return (*biases, *([biases[0]] if len(biases) == 1 else []), biases[0].stride(0), True)
+
+
 def quant_gate_up(x: Tensor, slots: Tensor, gate: QuantWeight, up: QuantWeight,
-                  config: QConfig | None = None, *, slot_base: int = 0, h_layout: int = 0) -> Tensor:
+                  config: QConfig | None = None, *, slot_base: int = 0, h_layout: int = 0, act=None,
+                  biases: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """x [T, D], slots [T, K] (or [K]) slot rows of the stacks (slot_base + slots: the kernel adds it)
     -> h [T*K, F] fp32 = silu(x gate^T) * (x up^T); h_layout 1 / 2 (QConfig.hw): each row word-major, in fp32 / bf16,
-    for a word-tile down kernel that reads it so (quant_down with the same h_layout)."""
+    for a word-tile down kernel that reads it so (quant_down with the same h_layout). act: gpt-oss's ClampedSwiGLU
+    (model/moe.py) in place of SwiGLU; biases: (gate_bias, up_bias) [S, F], added before it."""
     Fe, D = gate.matrix
     if _strides(gate) != _strides(up) or gate.fmt != up.fmt:
         raise ValueError("quant_gate_up: gate and up must share their format and strides (one block layout)")
@@ -944,28 +969,32 @@ def quant_gate_up(x: Tensor, slots: Tensor, gate: QuantWeight, up: QuantWeight,
     if tiles["ALGO"] == 2 and not words_ok(up):  # gate and up share a layout; be safe if they ever do not
         tiles = _tiles(QConfig(**{**vars(cfg), "algo": 1}), gate)
     a = tiles["ALGO"]
+    gb, ub, sb, has_bias = _bias_rows(biases, h)
     _kernels()[1][(triton.cdiv(Fe, cfg.bn), T * K)](
         x, flat, _codes(gate, a), gate.scale, gm, _codes(up, a), up.scale, um, h, int(slot_base), x.stride(0),
-        *_strides(gate, a), F=Fe, K=K, **_geometry(gate), **tiles, HW=int(h_layout), **_launch_opts(cfg, x.device))
+        *_strides(gate, a), gb, ub, sb, float(act.alpha) if act is not None else 0.0,
+        float(act.limit) if act is not None else 0.0, F=Fe, K=K, **_geometry(gate), **tiles, HW=int(h_layout),
+        ACT=int(act is not None), HAS_BIAS=has_bias, **_launch_opts(cfg, x.device))
     return h
 
 
 def quant_down(h: Tensor, slots: Tensor, weights: Tensor, down: QuantWeight, dtype: torch.dtype,
                config: QConfig | None = None, *, slot_base: int = 0, round_to: torch.dtype | None = None,
-               h_layout: int = 0, early: bool = False) -> Tensor:
+               h_layout: int = 0, early: bool = False, bias: Tensor | None = None) -> Tensor:
     """h [T*K, F] fp32, slots and weights [T, K] -> [T, D] in `dtype`: sum over k of w[t, k] * h @ down[slot]^T
     (rows slot_base + slot; w rounded to `round_to` inside the kernel, None: as given). h_layout 1 / 2: h as
     quant_gate_up wrote it with the same h_layout (word-major rows), which only the word tile reading every expert at
     once takes (down_h_layout says whether a config does). early: the caller launched the kernel that writes h
     (quant_gate_up) right before this one on the same stream, after the kernels that wrote slots, weights and the
     stacks' rows, so with PDL the word tile loads those before its wait (pdl.preload_enabled; pdl.py says why that
-    is safe)."""
+    is safe). bias: the down biases [S, D] (gpt-oss), added to each expert's output before its weight (one
+    program sums a row's K experts then: split 1)."""
     D, Fe = down.matrix
     flat = slots.reshape(-1)
     K = slots.shape[-1]
     T = flat.numel() // K
     cfg = config or pick_config("down", down.fmt, Fe, D)
-    split = cfg.split if K % cfg.split == 0 else 1
+    split = cfg.split if K % cfg.split == 0 and bias is None else 1
     wts = weights.reshape(-1).contiguous()
     y = (torch.empty(T, D, dtype=dtype, device=h.device) if split == 1
          else torch.zeros(T, D, dtype=torch.float32, device=h.device))
@@ -978,10 +1007,11 @@ def quant_down(h: Tensor, slots: Tensor, weights: Tensor, down: QuantWeight, dty
     if h_layout and not (a == 2 and split == 1):
         raise ValueError(f"quant_down: h_layout {h_layout} (word-major h) is read by the word tile with split 1 only; "
                          f"this launch takes algo {a}, split {split}")
+    db, _, sb, has_bias = _bias_rows(None if bias is None else (bias,), h)
     _kernels()[2][(triton.cdiv(D, cfg.bn), T * split)](
-        h, flat, wts, _codes(down, a), down.scale, dm, y, int(slot_base), *_strides(down, a), y.stride(0), D=D, K=K,
-        KP=triton.next_power_of_2(K), K_PER=K // split, SPLIT=split, **_geometry(down), **tiles,
-        WR=weight_rounding(round_to), HW=int(h_layout), **opts)
+        h, flat, wts, _codes(down, a), down.scale, dm, y, int(slot_base), *_strides(down, a), y.stride(0), db, sb,
+        D=D, K=K, KP=triton.next_power_of_2(K), K_PER=K // split, SPLIT=split, **_geometry(down), **tiles,
+        WR=weight_rounding(round_to), HW=int(h_layout), HAS_BIAS=has_bias, **opts)
     return y if split == 1 else y.to(dtype)
 
 
@@ -1015,10 +1045,12 @@ def qlinear(x: Tensor, w: Tensor | QuantWeight, bias: Tensor | None = None) -> T
 def experts_quant_decode(x: Tensor, slots: Tensor, weights: Tensor, gate: QuantWeight, up: QuantWeight,
                          down: QuantWeight, *, interpret: bool = False,
                          configs: tuple[QConfig | None, QConfig | None] = (None, None), slot_base: int = 0,
-                         round_to: torch.dtype | None = None) -> Tensor | None:
+                         round_to: torch.dtype | None = None, act=None,
+                         biases: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor | None:
     """One token's K experts from quantized stacks, fused dequantization: x [1, D], slots [K] int64 (rows
     slot_base + slots), weights [1, K] (rounded to `round_to` in the kernel; None: as given) -> [1, D] in x's
-    dtype (SwiGLU and the weighted sum over K in fp32, one rounding).
+    dtype (SwiGLU and the weighted sum over K in fp32, one rounding). act: gpt-oss's ClampedSwiGLU in place of
+    SwiGLU; biases: its (gate_bias, up_bias, down_bias) stacks [S, F], [S, F], [S, D].
     None when the kernels cannot serve it (the caller runs the reference). No host sync."""
     if not all(kernel_ok(x, w, interpret=interpret) for w in (gate, up, down)):
         return None
@@ -1026,9 +1058,10 @@ def experts_quant_decode(x: Tensor, slots: Tensor, weights: Tensor, gate: QuantW
         return None
     K = slots.shape[-1]
     hl = down_h_layout(down, configs[1], K)
-    h = quant_gate_up(x, slots.reshape(1, K), gate, up, configs[0], slot_base=slot_base, h_layout=hl)  # [K, F]
+    h = quant_gate_up(x, slots.reshape(1, K), gate, up, configs[0], slot_base=slot_base, h_layout=hl, act=act,
+                      biases=None if biases is None else biases[:2])  # [K, F]
     return quant_down(h, slots.reshape(1, K), weights.reshape(1, K), down, x.dtype, configs[1], slot_base=slot_base,
-                      round_to=round_to, h_layout=hl, early=True)
+                      round_to=round_to, h_layout=hl, early=True, bias=None if biases is None else biases[2])
 
 
 def down_h_layout(down: QuantWeight, config: QConfig | None, k: int) -> int:

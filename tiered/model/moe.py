@@ -180,9 +180,11 @@ def experts_from_slots(x: Tensor, slots: Tensor, weights: Tensor, W: Any, act: C
     static buffer (the piecewise decode step).
     """
     dt = x.dtype
-    # fused dequantization on CUDA (plain SwiGLU without biases only); None -> the reference below
-    if isinstance(W.gate, QuantWeight) and act is None and getattr(W, "gate_bias", None) is None:
-        y = experts_quant_decode(x, slots, weights, W.gate, W.up, W.down, slot_base=slot_base, round_to=round_to)
+    # fused dequantization on CUDA (SwiGLU, or gpt-oss's clamped form with its biases); None -> the reference below
+    if isinstance(W.gate, QuantWeight):
+        b = getattr(W, "gate_bias", None)
+        y = experts_quant_decode(x, slots, weights, W.gate, W.up, W.down, slot_base=slot_base, round_to=round_to,
+                                 act=act, biases=None if b is None else (b, W.up_bias, W.down_bias))
         if y is not None:
             return y
     if slot_base:
@@ -293,17 +295,18 @@ def expert_mix(x: Tensor, ids: Tensor, wts: Tensor, w: MoEWeights, provider: Exp
     # transformers casts the routing weights to the compute dtype (Mixtral keeps fp32): one token's paths pass
     # them as they are with `round_to`, and the fused kernels round them (no cast kernel per layer)
     round_to = None if fp32_weights else x.dtype
-    # the Triton kernels compute the plain SwiGLU without biases: gpt-oss's experts take the torch paths.
-    # Quantized pools: one token takes experts_from_slots (its fused GEMV kernels), several tokens
-    # moe_gpu.experts_tokens (fused GEMV or grouped kernels) when those serve the pool.
+    # One token: the decode kernels take both activations and gpt-oss's biases (moe_decode for float pools;
+    # quantized pools through experts_from_slots, whose fused GEMV kernels do the same). Several tokens: the
+    # grouped kernels compute the plain SwiGLU without biases, so gpt-oss's experts take the torch paths there;
+    # quantized pools take moe_gpu.experts_tokens (fused GEMV or grouped kernels) when those serve the pool.
     fused_shared = kernels and w.act is None
     plain = kernels and w.act is None and getattr(provider.weights, "gate_bias", None) is None
     quant = isinstance(provider.weights.gate, QuantWeight)
-    kernels = plain and not quant
+    float_kernels = kernels and not quant
 
     def one(s: Tensor, base: int = 0) -> Tensor:  # one token's K experts at rows base + s
-        if kernels:
-            return moe_gpu.experts_decode(x, s, wts, provider.weights, slot_base=base, round_to=round_to)
+        if float_kernels:
+            return moe_gpu.experts_decode(x, s, wts, provider.weights, slot_base=base, round_to=round_to, act=w.act)
         return experts_from_slots(x, s, wts, provider.weights, w.act, slot_base=base, round_to=round_to)
 
     if slots is not None:

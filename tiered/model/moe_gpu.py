@@ -57,12 +57,13 @@ def kernels_enabled(device: torch.device | str) -> bool:
 
 
 def experts_decode(x: Tensor, slots: Tensor, weights: Tensor, W: Any, *, slot_base: int = 0,
-                   round_to: torch.dtype | None = None) -> Tensor:
+                   round_to: torch.dtype | None = None, act: Any = None) -> Tensor:
     """x [T, D], slots [T, K] (or [K]) slot rows of W on x's device (rows slot_base + slots), weights [T, K]
-    (rounded to `round_to` inside the kernel when given) -> [T, D] (no host sync)."""
+    (rounded to `round_to` inside the kernel when given) -> [T, D] (no host sync). act: None (SwiGLU) or gpt-oss's
+    ClampedSwiGLU; W's expert biases, where it has them, are applied."""
     from tiered.kernels.moe_decode import moe_decode
 
-    return moe_decode(x, slots, weights, W, slot_base=slot_base, round_to=round_to)
+    return moe_decode(x, slots, weights, W, slot_base=slot_base, round_to=round_to, act=act)
 
 
 def quant_kernels_ok(W: Any) -> bool:
