@@ -472,3 +472,24 @@ def test_paged_reference_with_sinks_and_window():
         want = sinks_attend(q[b].view(KV, H // KV, hd), k, v, None, sink_rows(sinks, KV, H // KV, 1), hd ** -0.5)
         torch.testing.assert_close(got[b], want.reshape(H, hd), rtol=1e-5, atol=1e-6)
     assert not got[2].any()
+
+
+def test_bench_gpt_oss_small_runs_on_cpu(tmp_path):
+    """benchmarks/bench_gpt_oss_gpu.py --small: the whole pipeline (a random gpt-oss checkpoint, bf16 and mxfp4
+    repacks, both expert paths timed) on a tiny shape; its JSON names both layouts and paths."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "OUT": str(tmp_path / "out")}
+    r = subprocess.run([sys.executable, "benchmarks/bench_gpt_oss_gpu.py", "--small", "--work", str(tmp_path / "w")],
+                       cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res == json.loads((tmp_path / "out" / "gpt_oss_gpu.json").read_text())
+    assert set(res["layouts"]) == {"source", "mxfp4"}
+    for row in res["layouts"].values():
+        assert row["kernels"]["decode_tok_s"] > 0 and row["torch_experts"]["decode_tok_s"] > 0
+        assert row["greedy_tokens_agree"] == res["new_tokens"]  # the same torch path on CPU: equal tokens

@@ -1,0 +1,137 @@
+"""gpt-oss decode in VRAM: its experts through the fused decode kernels against the torch expert path, same run.
+
+gpt-oss's experts have biases and a clamped SwiGLU. Until session 30 the decode kernels computed the plain SwiGLU
+only, so a gpt-oss token took model/moe.py's torch path: the K experts gathered into new tensors every layer
+(quantized ones dequantized into bf16 copies), then GEMVs over the copies. Now moe_decode (bf16) and quant_moe
+(mxfp4, q4, ...) read each expert in place with the biases and the clamp inside. This times both in one process
+per layout: the default engine (kernels) and `kernels=False` (the torch expert path, what gpt-oss ran before).
+
+From a random bf16 checkpoint of the gpt-oss-20b widths cut to 4 layers (tools/make_random_checkpoint.py
+gpt-oss-20b-4l: hidden 2880, 32 experts top-4 of FFN 2880, 64 q / 8 kv heads, sliding and full layers
+alternating), repacked with `--experts source` (bf16) and `--experts mxfp4` (gpt-oss's own format): per layout and
+path, greedy decode tok/s (median of --repeats after a warm-up: graphs captured, kernels compiled) of --new tokens
+after a --prompt-tokens prompt of random ids; the bytes one step reads (dense + K expert blocks a layer) over the
+measured HBM read rate as the bound; whether the two paths' greedy tokens agree (random weights give near-ties:
+informative, the CUDA tests check equality on the trained-shape tiny model).
+
+    python3 benchmarks/bench_gpt_oss_gpu.py --work /root/bench-gptoss     # GPU box: about 2-3 minutes
+    python3 benchmarks/bench_gpt_oss_gpu.py --small --work /tmp/bgo       # the same pipeline, tiny, CPU
+
+Prints a table, then one JSON line last; writes $OUT/gpt_oss_gpu.json when OUT is set.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+from benchmeta import git_commit, write_out  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(f"[gpt-oss] {msg}", file=sys.stderr, flush=True)
+
+
+def run_path(lay_dir: Path, device: str, ids: list[int], new: int, repeats: int, kernels: bool | None) -> dict:
+    import tiered
+    from tiered.store.disk import Layout
+
+    eng = tiered.load(lay_dir, device=device, max_context=len(ids) + new + 16, kernels=kernels)
+    eng.generate(ids, max_new_tokens=new, stop_at_eos=False)  # warm-up: kernels compiled, graphs captured
+    runs, g = [], None
+    for _ in range(repeats):
+        g = eng.generate(ids, max_new_tokens=new, stop_at_eos=False)
+        runs.append(g.stats["decode_tok_s"])
+    lay = Layout.open(lay_dir)
+    c = lay.config
+    step = lay.summary()["dense_bytes"] + c.num_layers * c.top_k * lay.block_size
+    out = {"decode_tok_s": statistics.median(runs), "runs": runs, "prefill_tok_s": g.stats["prefill_tok_s"],
+           "decode_graphs": g.stats.get("decode_graphs"), "attention": g.stats.get("attention"),
+           "tokens": g.token_ids, "bytes_per_step": step, "block_size": lay.block_size}
+    del eng
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/tiered-bench-gptoss"))
+    ap.add_argument("--preset", default=None, help="make_random_checkpoint preset (default gpt-oss-20b-4l; "
+                                                   "gpt-oss-tiny with --small)")
+    ap.add_argument("--experts", default="source,mxfp4", help="comma list of repack --experts formats")
+    ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--small", action="store_true", help="tiny shape on the CPU (tests this script anywhere)")
+    a = ap.parse_args()
+    from make_random_checkpoint import make
+
+    from tiered.layout.repack import repack
+
+    device = "cpu" if a.small or not torch.cuda.is_available() else "cuda"
+    preset = a.preset or ("gpt-oss-tiny" if a.small else "gpt-oss-20b-4l")
+    new, repeats = (4, 1) if a.small else (a.new, a.repeats)
+    ck = a.work / "ck"
+    shutil.rmtree(a.work, ignore_errors=True)
+    a.work.mkdir(parents=True)
+    t0 = time.perf_counter()
+    made = make(preset, ck, seed=a.seed, device=device)
+    log(f"checkpoint {preset}: {made['params'] / 1e9:.2f}B params in {time.perf_counter() - t0:.1f} s")
+    res = {"bench": "gpt_oss_gpu", "date": time.strftime("%Y-%m-%d"), "commit": git_commit(),
+           "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "preset": preset,
+           "params": made["params"], "prompt_tokens": a.prompt_tokens, "new_tokens": new, "layouts": {}}
+    if device == "cuda":
+        from bench_moe_kernels import hbm_read_gbps
+
+        res["hbm_read_gbps"] = hbm_read_gbps()
+    g = torch.Generator().manual_seed(a.seed + 1)
+    for fmt in a.experts.split(","):
+        lay = a.work / f"layout-{fmt}"
+        t0 = time.perf_counter()
+        repack(ck, lay, experts=fmt, progress=False, **({"quant_device": "cuda"} if device == "cuda" else {}))
+        log(f"repack --experts {fmt}: {time.perf_counter() - t0:.1f} s")
+        from tiered.store.disk import Layout
+
+        vocab = Layout.open(lay).config.vocab_size
+        ids = torch.randint(0, vocab, (a.prompt_tokens,), generator=g).tolist()
+        row = {}
+        for name, kernels in (("kernels", None), ("torch_experts", False)):
+            row[name] = run_path(lay, device, ids, new, repeats, kernels)
+            log(f"{fmt} {name}: {row[name]['decode_tok_s']:.1f} tok/s")
+        k, t = row["kernels"], row["torch_experts"]
+        row["kernels_vs_torch_experts"] = k["decode_tok_s"] / t["decode_tok_s"]
+        row["greedy_tokens_agree"] = sum(x == y for x, y in zip(k["tokens"], t["tokens"]))
+        if "hbm_read_gbps" in res:
+            bound = res["hbm_read_gbps"]["gbps"] * 1e9 / k["bytes_per_step"]
+            row["hbm_bound_tok_s"] = bound
+            row["kernels_vs_hbm_bound"] = k["decode_tok_s"] / bound
+        res["layouts"][fmt] = row
+    print(f"{'experts':<8} {'kernels tok/s':>14} {'torch tok/s':>12} {'ratio':>7} {'bytes/step':>14} {'vs HBM':>7} "
+          f"{'agree':>6}")
+    for fmt, r in res["layouts"].items():
+        print(f"{fmt:<8} {r['kernels']['decode_tok_s']:>14.1f} {r['torch_experts']['decode_tok_s']:>12.1f} "
+              f"{r['kernels_vs_torch_experts']:>7.2f} {r['kernels']['bytes_per_step']:>14,} "
+              f"{r.get('kernels_vs_hbm_bound', float('nan')):>7.3f} {r['greedy_tokens_agree']:>3}/{new}")
+    for r in res["layouts"].values():
+        for p in ("kernels", "torch_experts"):
+            r[p].pop("tokens")
+    if not a.small:
+        shutil.rmtree(a.work, ignore_errors=True)
+    print(write_out(res, "gpt_oss_gpu.json"))
+
+
+if __name__ == "__main__":
+    main()
