@@ -115,7 +115,7 @@ def main() -> None:
         row["kernels_vs_torch_experts"] = k["decode_tok_s"] / t["decode_tok_s"]
         row["greedy_tokens_agree"] = sum(x == y for x, y in zip(k["tokens"], t["tokens"]))
         if "hbm_read_gbps" in res:
-            bound = res["hbm_read_gbps"]["gbps"] * 1e9 / k["bytes_per_step"]
+            bound = res["hbm_read_gbps"]["read_gbps"] * 1e9 / k["bytes_per_step"]
             row["hbm_bound_tok_s"] = bound
             row["kernels_vs_hbm_bound"] = k["decode_tok_s"] / bound
         res["layouts"][fmt] = row
