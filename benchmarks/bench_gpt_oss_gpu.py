@@ -8,8 +8,8 @@ per layout: the default engine (kernels) and `kernels=False` (the torch expert p
 
 From a random bf16 checkpoint of the gpt-oss-20b widths cut to 4 layers (tools/make_random_checkpoint.py
 gpt-oss-20b-4l: hidden 2880, 32 experts top-4 of FFN 2880, 64 q / 8 kv heads, sliding and full layers
-alternating), repacked with `--experts source` (bf16) and `--experts mxfp4` (gpt-oss's own format): per layout and
-path, greedy decode tok/s (median of --repeats after a warm-up: graphs captured, kernels compiled) of --new tokens
+alternating), repacked with `--experts source` (bf16), `--experts mxfp4` (gpt-oss's own format) and `--experts q4`:
+per layout and path (for the quantized layouts also the kernels under other tiles, TILES, through TIERED_QCONFIG), greedy decode tok/s (median of --repeats after a warm-up: graphs captured, kernels compiled) of --new tokens
 after a --prompt-tokens prompt of random ids; the bytes one step reads (dense + K expert blocks a layer) over the
 measured HBM read rate as the bound; whether the two paths' greedy tokens agree (random weights give near-ties:
 informative, the CUDA tests check equality on the trained-shape tiny model).
@@ -42,10 +42,25 @@ def log(msg: str) -> None:
     print(f"[gpt-oss] {msg}", file=sys.stderr, flush=True)
 
 
-def run_path(lay_dir: Path, device: str, ids: list[int], new: int, repeats: int, kernels: bool | None) -> dict:
+# Tiles tried beside the defaults at the gpt-oss-20b widths (D = F = 2880, K = 4; no TUNED entry for that shape,
+# so the format's default, the grouped tile, serves it): the flat tile (algo 1) at the 397B-shape q4 picks, and for
+# q4 the word tile (algo 2) at the 10.6B-shape picks. Set through TIERED_QCONFIG for one engine.
+TILES = {
+    "flat": "gate_up,{f},2880,2880:bn=4,bg=32,warps=4,algo=1;down,{f},2880,2880:bn=8,bg=16,warps=4,algo=1",
+    "word": "gate_up,{f},2880,2880:bn=8,bg=16,warps=4,algo=2;down,{f},2880,2880:bn=8,bg=16,warps=8,algo=2,hw=1",
+}
+
+
+def run_path(lay_dir: Path, device: str, ids: list[int], new: int, repeats: int, kernels: bool | None,
+             tiles: str | None = None) -> dict:
+    import os
+
     import tiered
     from tiered.store.disk import Layout
 
+    os.environ.pop("TIERED_QCONFIG", None)
+    if tiles:
+        os.environ["TIERED_QCONFIG"] = tiles
     eng = tiered.load(lay_dir, device=device, max_context=len(ids) + new + 16, kernels=kernels)
     eng.generate(ids, max_new_tokens=new, stop_at_eos=False)  # warm-up: kernels compiled, graphs captured
     runs, g = [], None
@@ -59,6 +74,7 @@ def run_path(lay_dir: Path, device: str, ids: list[int], new: int, repeats: int,
            "decode_graphs": g.stats.get("decode_graphs"), "attention": g.stats.get("attention"),
            "tokens": g.token_ids, "bytes_per_step": step, "block_size": lay.block_size}
     del eng
+    os.environ.pop("TIERED_QCONFIG", None)
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -70,10 +86,10 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/tiered-bench-gptoss"))
     ap.add_argument("--preset", default=None, help="make_random_checkpoint preset (default gpt-oss-20b-4l; "
                                                    "gpt-oss-tiny with --small)")
-    ap.add_argument("--experts", default="source,mxfp4", help="comma list of repack --experts formats")
+    ap.add_argument("--experts", default="source,mxfp4,q4", help="comma list of repack --experts formats")
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--small", action="store_true", help="tiny shape on the CPU (tests this script anywhere)")
     a = ap.parse_args()
@@ -108,8 +124,14 @@ def main() -> None:
         vocab = Layout.open(lay).config.vocab_size
         ids = torch.randint(0, vocab, (a.prompt_tokens,), generator=g).tolist()
         row = {}
-        for name, kernels in (("kernels", None), ("torch_experts", False)):
-            row[name] = run_path(lay, device, ids, new, repeats, kernels)
+        paths = [("kernels", None, None), ("torch_experts", False, None)]
+        if fmt in ("mxfp4", "q4", "q8") and device == "cuda":
+            paths += [(f"kernels_{t}", None, TILES[t].format(f=fmt)) for t in (("flat", "word") if fmt == "q4"
+                                                                              else ("flat",))]
+        for name, kernels, tiles in paths:
+            row[name] = run_path(lay, device, ids, new, repeats, kernels, tiles)
+            if tiles:
+                row[name]["tiles"] = tiles
             log(f"{fmt} {name}: {row[name]['decode_tok_s']:.1f} tok/s")
         k, t = row["kernels"], row["torch_experts"]
         row["kernels_vs_torch_experts"] = k["decode_tok_s"] / t["decode_tok_s"]
@@ -126,8 +148,12 @@ def main() -> None:
               f"{r['kernels_vs_torch_experts']:>7.2f} {r['kernels']['bytes_per_step']:>14,} "
               f"{r.get('kernels_vs_hbm_bound', float('nan')):>7.3f} {r['greedy_tokens_agree']:>3}/{new}")
     for r in res["layouts"].values():
-        for p in ("kernels", "torch_experts"):
-            r[p].pop("tokens")
+        for k, v in list(r.items()):
+            if k.startswith("kernels_") and isinstance(v, dict):
+                print(f"  {k}: {v['decode_tok_s']:.1f} tok/s ({v['decode_tok_s'] / r['kernels']['decode_tok_s']:.3f}x "
+                      "the default tiles)")
+            if isinstance(v, dict):
+                v.pop("tokens", None)
     if not a.small:
         shutil.rmtree(a.work, ignore_errors=True)
     print(write_out(res, "gpt_oss_gpu.json"))

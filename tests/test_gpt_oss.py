@@ -475,8 +475,8 @@ def test_paged_reference_with_sinks_and_window():
 
 
 def test_bench_gpt_oss_small_runs_on_cpu(tmp_path):
-    """benchmarks/bench_gpt_oss_gpu.py --small: the whole pipeline (a random gpt-oss checkpoint, bf16 and mxfp4
-    repacks, both expert paths timed) on a tiny shape; its JSON names both layouts and paths."""
+    """benchmarks/bench_gpt_oss_gpu.py --small: the whole pipeline (a random gpt-oss checkpoint, bf16, mxfp4 and q4
+    repacks, both expert paths timed) on a tiny shape; its JSON names every layout and both paths."""
     import json
     import os
     import subprocess
@@ -489,7 +489,7 @@ def test_bench_gpt_oss_small_runs_on_cpu(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res == json.loads((tmp_path / "out" / "gpt_oss_gpu.json").read_text())
-    assert set(res["layouts"]) == {"source", "mxfp4"}
+    assert set(res["layouts"]) == {"source", "mxfp4", "q4"}
     for row in res["layouts"].values():
         assert row["kernels"]["decode_tok_s"] > 0 and row["torch_experts"]["decode_tok_s"] > 0
         assert row["greedy_tokens_agree"] == res["new_tokens"]  # the same torch path on CPU: equal tokens

@@ -167,7 +167,7 @@ def experts_one_token(x: Tensor, ids: Tensor, weights: Tensor, provider: ExpertP
 
 
 def experts_from_slots(x: Tensor, slots: Tensor, weights: Tensor, W: Any, act: ClampedSwiGLU | None = None, *,
-                       slot_base: int = 0, round_to: torch.dtype | None = None) -> Tensor:
+                       slot_base: int = 0, round_to: torch.dtype | None = None, fused: bool = True) -> Tensor:
     """One token's K experts, given their slot rows in W: gather the weights, then GEMMs with no host sync.
 
     x [1, D], slots [K] int64 on W's device (the rows are slot_base + slots), weights [1, K] (compute dtype, or
@@ -178,10 +178,11 @@ def experts_from_slots(x: Tensor, slots: Tensor, weights: Tensor, W: Any, act: C
     transformers' grouped_mm experts: each expert's output in the compute dtype, times its weight, summed
     over K with one rounding. Every shape depends only on K, so a CUDA graph can capture it with `slots` a
     static buffer (the piecewise decode step).
+    fused=False skips the fused kernels (expert_mix's kernels=False: the reference path on every device).
     """
     dt = x.dtype
     # fused dequantization on CUDA (SwiGLU, or gpt-oss's clamped form with its biases); None -> the reference below
-    if isinstance(W.gate, QuantWeight):
+    if fused and isinstance(W.gate, QuantWeight):
         b = getattr(W, "gate_bias", None)
         y = experts_quant_decode(x, slots, weights, W.gate, W.up, W.down, slot_base=slot_base, round_to=round_to,
                                  act=act, biases=None if b is None else (b, W.up_bias, W.down_bias))
@@ -307,7 +308,8 @@ def expert_mix(x: Tensor, ids: Tensor, wts: Tensor, w: MoEWeights, provider: Exp
     def one(s: Tensor, base: int = 0) -> Tensor:  # one token's K experts at rows base + s
         if float_kernels:
             return moe_gpu.experts_decode(x, s, wts, provider.weights, slot_base=base, round_to=round_to, act=w.act)
-        return experts_from_slots(x, s, wts, provider.weights, w.act, slot_base=base, round_to=round_to)
+        return experts_from_slots(x, s, wts, provider.weights, w.act, slot_base=base, round_to=round_to,
+                                  fused=kernels)
 
     if slots is not None:
         out = one(slots)
