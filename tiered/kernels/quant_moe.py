@@ -204,6 +204,14 @@ TUNED: dict[tuple, QConfig] = {
     # 2,707 tok/s against 2,750 (fewer SASS offline, slower on the box), over every word GEMV and gate_up 2,669-2,678;
     # at bg 16 (128 registers, 4 programs a SM) 2,756-2,761 against 2,741-2,752 in three comparisons over two calls
     ('gemv', 'q4', 2048, 151936): QConfig(bn=32, bg=16, warps=4, algo=2, conv=2),
+    # gpt-oss's experts (hidden 2880, FFN 2880: gpt-oss-20b and -120b), in the decode of bench_gpt_oss_gpu.py through
+    # TIERED_QCONFIG (session 30, call D, gpt-oss-decode-2026-12-04-h200-s30.json): against the formats' default
+    # (grouped) tiles, mxfp4 on the flat tile 1,118.8 tok/s against 908.5 (1.23x); q4 on the word tile 1,340.6 and
+    # the flat tile 1,328.8 against 1,086.0 (1.23x / 1.22x)
+    ('gate_up', 'mxfp4', 2880, 2880): QConfig(bn=4, bg=32, warps=4, algo=1),
+    ('down', 'mxfp4', 2880, 2880): QConfig(bn=8, bg=16, warps=4, algo=1),
+    ('gate_up', 'q4', 2880, 2880): QConfig(bn=8, bg=16, warps=4, algo=2),
+    ('down', 'q4', 2880, 2880): QConfig(bn=8, bg=16, warps=8, algo=2, hw=1),
 }
 
 
