@@ -304,9 +304,10 @@ def test_quantized_experts_keep_biases(pair, tmp_path, fmt):
 
 
 def test_expert_mix_decode_kernel_matches_torch_path(pair):
-    """One token's gpt-oss experts through the decode kernel (moe_decode: biases, clamped activation; Triton's
-    interpreter on CPU) equal the torch path (experts_from_slots) within fp32 rounding, for several tokens'
-    routings; expert_mix sends one token there when kernels are on."""
+    """gpt-oss's experts through the decode kernel (moe_decode: biases, clamped activation; Triton's interpreter on
+    CPU) equal the torch path within fp32 rounding: one token (experts_from_slots' place), and a few tokens
+    (experts_tokens over T*K pairs, up to decode_max_t tokens; more take the torch path, as the grouped kernels
+    compute plain SwiGLU)."""
     pytest.importorskip("triton")
     import os
 
@@ -320,13 +321,23 @@ def test_expert_mix_decode_kernel_matches_torch_path(pair):
                     attn="sdpa")
     moe = m.layers[0].moe
     g = torch.Generator().manual_seed(5)
-    for t in range(4):
-        x = torch.randn(1, layout.config.hidden_size, generator=g)
-        ids = torch.randperm(layout.config.num_experts, generator=g)[:layout.config.top_k][None]
-        wts = torch.softmax(torch.randn(ids.shape, generator=g), -1)
-        a = expert_mix(x.to(dev), ids.to(dev), wts.to(dev), moe, prov, 0, kernels=True)
-        b = expert_mix(x, ids, wts, moe, prov, 0, kernels=False)
-        assert rel(a.cpu(), b) < 1e-5, rel(a.cpu(), b)
+    from tiered.model import moe_gpu
+
+    calls = []
+    real = moe_gpu.experts_tokens
+    moe_gpu.experts_tokens = lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k)
+    try:
+        for T in (1, 1, 3, 4, 7):  # several tokens: the same kernels over T*K pairs up to decode_max_t, then torch
+            x = torch.randn(T, layout.config.hidden_size, generator=g)
+            ids = torch.stack([torch.randperm(layout.config.num_experts, generator=g)[:layout.config.top_k]
+                               for _ in range(T)])
+            wts = torch.softmax(torch.randn(ids.shape, generator=g), -1)
+            a = expert_mix(x.to(dev), ids.to(dev), wts.to(dev), moe, prov, 0, kernels=True)
+            b = expert_mix(x, ids, wts, moe, prov, 0, kernels=False)
+            assert rel(a.cpu(), b) < 1e-5, (T, rel(a.cpu(), b))
+    finally:
+        moe_gpu.experts_tokens = real
+    assert calls == [T for T in (3, 4, 7) if T <= moe_gpu.decode_max_t(False)]
 
 
 @pytest.mark.cuda

@@ -332,8 +332,10 @@ def expert_mix(x: Tensor, ids: Tensor, wts: Tensor, w: MoEWeights, provider: Exp
         out = one(s, base or 0)
     else:
         wc = wts if round_to is None else wts.to(round_to)
-        if plain and (not quant or moe_gpu.quant_kernels_ok(provider.weights)):  # checked for T > 1 only
-            out = moe_gpu.experts_tokens(x, ids, wc, provider, layer, w.router.shape[0])
+        # gpt-oss (biases, the clamped activation): the one-token kernels over T*K pairs, up to decode_max_t tokens
+        few = kernels and not plain and moe_gpu.decode_serves(x.shape[0], provider.weights)
+        if (plain or few) and (not quant or moe_gpu.quant_kernels_ok(provider.weights)):  # checked for T > 1 only
+            out = moe_gpu.experts_tokens(x, ids, wc, provider, layer, w.router.shape[0], act=w.act)
         else:
             out = experts_grouped(x, ids, wc, provider, layer, w.act)
     if partial is not None:

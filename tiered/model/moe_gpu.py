@@ -17,6 +17,7 @@ Legend: T tokens, D hidden, K top-k, E experts per layer, U distinct experts.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -74,18 +75,21 @@ def quant_kernels_ok(W: Any) -> bool:
     return qgrouped_ok(W)
 
 
-def _decode_float(x: Tensor, slots: Tensor, weights: Tensor, W: Any) -> Tensor:
+def _decode_float(x: Tensor, slots: Tensor, weights: Tensor, W: Any, act: Any = None) -> Tensor:
     from tiered.kernels.moe_decode import moe_decode
 
-    return moe_decode(x, slots, weights, W)
+    return moe_decode(x, slots, weights, W, act=act)
 
 
-def _decode_quant(x: Tensor, slots: Tensor, weights: Tensor, W: Any) -> Tensor:
-    """A few tokens over quantized experts: the one-token GEMV kernels over T*K (token, expert) pairs."""
+def _decode_quant(x: Tensor, slots: Tensor, weights: Tensor, W: Any, act: Any = None) -> Tensor:
+    """A few tokens over quantized experts: the one-token GEMV kernels over T*K (token, expert) pairs (gpt-oss's
+    activation and biases where W has them)."""
     from tiered.kernels.quant_moe import quant_down, quant_gate_up
 
-    h = quant_gate_up(x, slots, W.gate, W.up)  # [T*K, F] fp32
-    return quant_down(h, slots, weights, W.down, x.dtype, early=True)  # gate_up launched right before
+    b = getattr(W, "gate_bias", None)
+    h = quant_gate_up(x, slots, W.gate, W.up, act=act, biases=None if b is None else (b, W.up_bias))  # [T*K, F]
+    return quant_down(h, slots, weights, W.down, x.dtype, early=True,  # gate_up launched right before
+                      bias=None if b is None else W.down_bias)
 
 
 def _grouped(x: Tensor, ids: Tensor, weights: Tensor, num_experts: int, W: Any):
@@ -106,15 +110,26 @@ def _wave_map(provider: Any, layer: int, part: Tensor, num_experts: int, device:
     return m.index_copy_(0, part.to(device), slots.to(device=device, dtype=torch.int64))
 
 
+def decode_serves(T: int, W: Any) -> bool:
+    """Whether experts_tokens takes the one-token kernels over T*K pairs for T tokens over pool W (at most
+    decode_max_t tokens), which also compute gpt-oss's activation and biases (the grouped kernels do not)."""
+    return T <= decode_max_t(isinstance(W.gate, QuantWeight))
+
+
 def experts_tokens(x: Tensor, ids: Tensor, weights: Tensor, provider: Any, layer: int,
-                   num_experts: int) -> Tensor:
-    """x [T, D], ids [T, K] experts, weights [T, K] -> [T, D], experts from `provider`.
+                   num_experts: int, act: Any = None) -> Tensor:
+    """x [T, D], ids [T, K] experts, weights [T, K] -> [T, D], experts from `provider`. act: gpt-oss's ClampedSwiGLU
+    (with the pool's biases), which only the one-token kernels compute: the caller checks decode_serves first.
 
     Each wave's kernels are enqueued before the next get(), as model/moe.py's torch loop does.
     """
     W, dev, T = provider.weights, x.device, x.shape[0]
     quant = isinstance(W.gate, QuantWeight)
-    decode = _decode_quant if quant else _decode_float
+    if (act is not None or getattr(W, "gate_bias", None) is not None) and not decode_serves(T, W):
+        raise ValueError(f"experts_tokens: {T} tokens of experts with biases or the clamped activation need the "
+                         f"one-token kernels (at most {decode_max_t(quant)} tokens); the grouped kernels compute "
+                         "plain SwiGLU")
+    decode = functools.partial(_decode_quant if quant else _decode_float, act=act)
     whole = getattr(provider, "slot_map", None)
     if whole is not None:
         slot_map = whole(layer).to(device=dev, dtype=torch.int64)  # [E]
