@@ -2,8 +2,9 @@
 the packed codes and scales in place, so no dense copy of a quantized weight is made on the hot path.
 
 Owns: the Triton kernels `_qgemv` (out[t] = x[t] @ W[slot[t]]^T: dense matrices at a few rows, or rows of a
-stack), `_qgate_up` (one token's K experts: gate and up, SwiGLU, into h [T*K, F] fp32) and `_qdown`
-(h through the K experts' down projections, routing weights applied and summed over K); their tile
+stack), `_qgate_up` (one token's K experts: gate and up, SwiGLU or gpt-oss's clamped form with its gate and up
+biases, into h [T*K, F] fp32) and `_qdown` (h through the K experts' down projections, plus gpt-oss's down biases,
+routing weights applied and summed over K); their tile
 configs (`QConfig`, picked per format and shape by `pick_config` from the table `TUNED`; `algo` chooses the
 grouped, the flat or the word tile, below); the launchers
 `quant_matvec`, `quant_gate_up`, `quant_down` (and `down_h_layout`: how h passes between the last two); the

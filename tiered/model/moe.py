@@ -297,9 +297,10 @@ def expert_mix(x: Tensor, ids: Tensor, wts: Tensor, w: MoEWeights, provider: Exp
     # them as they are with `round_to`, and the fused kernels round them (no cast kernel per layer)
     round_to = None if fp32_weights else x.dtype
     # One token: the decode kernels take both activations and gpt-oss's biases (moe_decode for float pools;
-    # quantized pools through experts_from_slots, whose fused GEMV kernels do the same). Several tokens: the
-    # grouped kernels compute the plain SwiGLU without biases, so gpt-oss's experts take the torch paths there;
-    # quantized pools take moe_gpu.experts_tokens (fused GEMV or grouped kernels) when those serve the pool.
+    # quantized pools through experts_from_slots, whose fused GEMV kernels do the same). Several tokens:
+    # moe_gpu.experts_tokens (the one-token kernels over T*K pairs up to decode_max_t tokens, then the grouped
+    # kernels) when those serve the pool; the grouped kernels compute the plain SwiGLU without biases, so gpt-oss's
+    # experts take the torch path past decode_max_t tokens.
     fused_shared = kernels and w.act is None
     plain = kernels and w.act is None and getattr(provider.weights, "gate_bias", None) is None
     quant = isinstance(provider.weights.gate, QuantWeight)
