@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 from benchmeta import git_commit, write_out  # noqa: E402
+from bench_quant_gpu import step_bytes  # noqa: E402 (dense + K whole expert blocks a layer)
 
 
 def log(msg: str) -> None:
@@ -68,8 +69,7 @@ def run_path(lay_dir: Path, device: str, ids: list[int], new: int, repeats: int,
         g = eng.generate(ids, max_new_tokens=new, stop_at_eos=False)
         runs.append(g.stats["decode_tok_s"])
     lay = Layout.open(lay_dir)
-    c = lay.config
-    step = lay.summary()["dense_bytes"] + c.num_layers * c.top_k * lay.block_size
+    step = step_bytes(lay)
     out = {"decode_tok_s": statistics.median(runs), "runs": runs, "prefill_tok_s": g.stats["prefill_tok_s"],
            "decode_graphs": g.stats.get("decode_graphs"), "attention": g.stats.get("attention"),
            "tokens": g.token_ids, "bytes_per_step": step, "block_size": lay.block_size}
