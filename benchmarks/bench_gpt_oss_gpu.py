@@ -9,8 +9,9 @@ per layout: the default engine (kernels) and `kernels=False` (the torch expert p
 From a random bf16 checkpoint of the gpt-oss-20b widths cut to 4 layers (tools/make_random_checkpoint.py
 gpt-oss-20b-4l: hidden 2880, 32 experts top-4 of FFN 2880, 64 q / 8 kv heads, sliding and full layers
 alternating), repacked with `--experts source` (bf16), `--experts mxfp4` (gpt-oss's own format) and `--experts q4`:
-per layout and path (for the quantized layouts also the kernels under other tiles, TILES, through TIERED_QCONFIG), greedy decode tok/s (median of --repeats after a warm-up: graphs captured, kernels compiled) of --new tokens
-after a --prompt-tokens prompt of random ids; the bytes one step reads (dense + K expert blocks a layer) over the
+per layout and path (for the quantized layouts also the kernels under other tiles, TILES, through TIERED_QCONFIG),
+greedy decode tok/s (median of --repeats after a warm-up: graphs captured, kernels compiled) of --new tokens after
+a --prompt-tokens prompt of random ids; the bytes one step reads (dense + K expert blocks a layer) over the
 measured HBM read rate as the bound; whether the two paths' greedy tokens agree (random weights give near-ties:
 informative, the CUDA tests check equality on the trained-shape tiny model).
 

@@ -43,7 +43,8 @@ res = {"bench": "gpt_oss_decode", "date": "2026-12-04", "session": 30, "device":
                "experts gathered, quantized ones dequantized into bf16 copies, every layer of every token); for the "
                "quantized layouts also other tiles through TIERED_QCONFIG (the flat tile; q4's word tile), which "
                "TUNED now holds for this shape",
-       "D": {"commit": "b9f3da9 (the box's copy reported 82ee1bb in the bench's commit field)", "cuda_tests": tests("D"),
+       "D": {"commit": "b9f3da9 (the box's copy reported 82ee1bb in the bench's commit field)",
+             "cuda_tests": tests("D"),
              "cuda_tests_files": "tests/test_gpt_oss.py -k cuda", "bench": D},
        "C": {"commit": "02b7830 (tests), c4526f4 (the bench, re-run on the warm box)", "cuda_tests": tests("C"),
              "cuda_tests_files": "tests/test_gpt_oss.py tests/test_moe_kernels.py tests/test_quant_kernels.py -k 'cuda "

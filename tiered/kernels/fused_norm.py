@@ -1,7 +1,10 @@
 """RMSNorm of the residual stream, optionally fused with the residual add before it: one Triton launch per call.
 
 Owns: `add_rms_norm(h, delta, weight, eps)` -> (h + delta, rms_norm(h + delta, weight)) and, with delta None,
-the plain norm (h returned as is); `interpreted()` (the kernels were built for Triton's interpreter: CPU tensors).
+the plain norm (h returned as is); `interpreted()` (the kernels were built for Triton's interpreter: CPU tensors);
+the small helpers other kernels share: `round_weight` / `weight_rounding` (a routing weight rounded as a cast to
+the compute dtype would), and as plain functions for the expert kernels to decorate, `act_fn` (SwiGLU or gpt-oss's
+clamped form) and `bias_sum_fn` (the down biases' weighted sum).
 Does not own: the torch reference (model/layers.py `rms_norm`, which the CPU path keeps and the tests compare
 with), the per-head q/k norms (kernels/fused_rope.py), nor where the model calls it (model/transformer.py).
 
@@ -133,6 +136,31 @@ def _add_norm_kernel(H, DELTA, W, HOUT, X, D, eps, s_h, s_d, s_ho, s_x,
     else:  # cast back to the compute dtype, then scaled (the product rounded once)
         y = _round_to(n, X.dtype.element_ty).to(tl.float32) * w
     tl.store(X + t * s_x + o, _round_to(y, X.dtype.element_ty), mask=m)
+
+
+# shared by the expert kernels (moe_decode.py, quant_moe.py), which decorate them in their own mode
+def act_fn(g, u, ACT: tl.constexpr, alpha=1.702, limit=7.0):
+    """The gated activation in fp32. ACT 0 (SWIGLU): silu(g) * u; 1 (SWIGLU_CLAMP, gpt-oss): g clamped above at
+    limit, u to [-limit, limit], g * sigmoid(alpha g) * (u + 1). A plain function: moe_decode.py and
+    quant_moe.py decorate it."""
+    if ACT == 1:
+        g = tl.minimum(g, limit)
+        u = tl.minimum(tl.maximum(u, -limit), limit)
+        return g * tl.sigmoid(g * alpha) * (u + 1.0)
+    return g * tl.sigmoid(g) * u
+
+
+def bias_sum_fn(b_ptr, slot_ptr, wt_ptr, t, offs, mask, slot_base, stride_bs, K: tl.constexpr, KP: tl.constexpr,
+                WR: tl.constexpr):
+    """[len(offs)] fp32: sum over token t's K experts of w_k * bias[slot_k][offs] (the down biases' share of the
+    MoE output, with the same weight rounding as the experts' products). A plain function: moe_decode.py and
+    quant_moe.py decorate it."""
+    ko = tl.arange(0, KP)
+    mk = ko < K
+    slot = tl.load(slot_ptr + t * K + ko, mask=mk, other=0).to(tl.int64) + slot_base
+    w = round_weight(tl.load(wt_ptr + t * K + ko, mask=mk, other=0).to(tl.float32), WR)
+    b = tl.load(b_ptr + slot[:, None] * stride_bs + offs[None, :], mask=mk[:, None] & mask[None, :], other=0.0)
+    return tl.sum(b.to(tl.float32) * w[:, None], axis=0)
 
 
 _INTERPRETED = False

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from tiered.kernels.fused_norm import round_weight, weight_rounding
+from tiered.kernels.fused_norm import act_fn, bias_sum_fn, round_weight, weight_rounding
 from tiered.kernels.moe_operands import ExpertOperands, check_built
 from tiered.kernels.pdl import gdc_enter, launch_args
 
@@ -74,29 +74,6 @@ class DecodeConfig:
 def _load_w(ptrs, mask, WFMT: tl.constexpr):
     """A weight tile in fp32. WFMT 0 (FLOAT): the stored elements; quantized formats add branches here."""
     return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-
-
-def act_fn(g, u, ACT: tl.constexpr, alpha=1.702, limit=7.0):
-    """The gated activation in fp32. ACT 0 (SWIGLU): silu(g) * u; 1 (SWIGLU_CLAMP, gpt-oss): g clamped above at
-    limit, u to [-limit, limit], g * sigmoid(alpha g) * (u + 1). A plain function: quant_moe.py binds it too."""
-    if ACT == 1:
-        g = tl.minimum(g, limit)
-        u = tl.minimum(tl.maximum(u, -limit), limit)
-        return g * tl.sigmoid(g * alpha) * (u + 1.0)
-    return g * tl.sigmoid(g) * u
-
-
-def bias_sum_fn(b_ptr, slot_ptr, wt_ptr, t, offs, mask, slot_base, stride_bs, K: tl.constexpr, KP: tl.constexpr,
-                WR: tl.constexpr):
-    """[len(offs)] fp32: sum over token t's K experts of w_k * bias[slot_k][offs] (the down biases' share of the
-    MoE output, with the same weight rounding as the experts' products). A plain function: quant_moe.py binds it
-    too."""
-    ko = tl.arange(0, KP)
-    mk = ko < K
-    slot = tl.load(slot_ptr + t * K + ko, mask=mk, other=0).to(tl.int64) + slot_base
-    w = round_weight(tl.load(wt_ptr + t * K + ko, mask=mk, other=0).to(tl.float32), WR)
-    b = tl.load(b_ptr + slot[:, None] * stride_bs + offs[None, :], mask=mk[:, None] & mask[None, :], other=0.0)
-    return tl.sum(b.to(tl.float32) * w[:, None], axis=0)
 
 
 _act = triton.jit(act_fn)

@@ -35,7 +35,8 @@ class WeightFormat(IntEnum):
 class Activation(IntEnum):
     """The gated activation between the up and down projections (a kernel constexpr)."""
     SWIGLU = 0  # silu(gate) * up
-    SWIGLU_CLAMP = 1  # gpt-oss: gate clamped above at limit, up to [-limit, limit], gate * sigmoid(alpha gate) * (up + 1)
+    SWIGLU_CLAMP = 1  # gpt-oss: gate clamped above at limit, up to [-limit, limit],
+    #                   gate * sigmoid(alpha gate) * (up + 1)
 
 
 @dataclass(frozen=True)

@@ -69,8 +69,8 @@ try:
 except ImportError:  # the CPU runtime does not need Triton
     triton = None
 
-from tiered.kernels.fused_norm import round_weight, weight_rounding  # noqa: E402 (None without Triton)
-from tiered.kernels.moe_decode import act_fn, bias_sum_fn  # noqa: E402
+from tiered.kernels.fused_norm import (act_fn, bias_sum_fn, round_weight,  # noqa: E402 (None without Triton)
+                                       weight_rounding)
 from tiered.kernels.pdl import (gdc_enter, l2_prefetch, l2_prefetch_enabled, launch_args,  # noqa: E402
                                 preload_enabled)
 
@@ -787,7 +787,7 @@ def _qgate_up(x_ptr, slot_ptr, gq, gs, gm, uq, us, um, h_ptr, slot_base, stride_
               CONV: tl.constexpr, ALGO: tl.constexpr, BK: tl.constexpr, UK: tl.constexpr, HW: tl.constexpr = 0,
               ACT: tl.constexpr = 0, HAS_BIAS: tl.constexpr = False, GDC: tl.constexpr = False):
     """Grid (cdiv(F, BN), T*K): h[t*K + k, f-block] = act(x[t] @ gate.T, x[t] @ up.T), expert row
-    slot_base + slot[t, k]: SwiGLU (ACT 0) or gpt-oss's clamped form (ACT 1, moe_decode.act_fn), HAS_BIAS: the
+    slot_base + slot[t, k]: SwiGLU (ACT 0) or gpt-oss's clamped form (ACT 1, fused_norm.act_fn), HAS_BIAS: the
     gate and up biases [S, F] (row stride stride_bs, bf16 as stored) added first. gate and up share strides (views
     of one block layout)."""
     gdc_enter(GDC)
