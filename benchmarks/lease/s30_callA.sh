@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# Runs at 4ec4f6a (git checkout 4ec4f6a first): the warm and tests/test_l2warm.py were reverted after this call.
 # Session 30, call A (cold box): warming L2 a layer ahead (kernels/l2warm.py, TIERED_L2_WARM). The CUDA tests of the
 # warm and of session 29's unrun GPU paths (sampled top-k graphs, the refactored nucleus kernels, steps ahead with
 # sampled rows) while the peers checkpoint and its layouts are made; then the VRAM decode (bench_peers.py, one
