@@ -164,13 +164,13 @@ def row(kernel: str, algo: int, bn: int, bg: int, warps: int, regs: int, d: int,
             x = torch.zeros(1, d, dtype=torch.bfloat16)
             args = {"x_ptr": x, "slot_ptr": slots, "gq": codes, "gs": w.scale, "gm": w.min, "uq": codes,
                     "us": w.scale, "um": w.min, "h_ptr": torch.zeros(k_experts, f, dtype=hdt), "slot_base": 0,
-                    "stride_xt": d, **st}
+                    "stride_xt": d, **st, "gb_ptr": x, "ub_ptr": x, "stride_bs": 0, "alpha": 0, "limit": 0}
             consts = {"F": f, "K": k_experts, **qm._geometry(w), **t, "HW": hw}
             jit, programs = qgate_up, triton.cdiv(f, bn) * k_experts
         else:
             args = {"h_ptr": torch.zeros(k_experts, f, dtype=hdt), "slot_ptr": slots, "wt_ptr": torch.zeros(k_experts),
                     "dq": codes, "ds": w.scale, "dm": w.min, "y_ptr": torch.zeros(1, d, dtype=torch.bfloat16),
-                    "slot_base": 0, "stride_yt": d, **st}
+                    "slot_base": 0, "stride_yt": d, **st, "db_ptr": slots, "stride_bs": 0}
             consts = {"D": d, "K": k_experts, "KP": triton.next_power_of_2(k_experts), "K_PER": k_experts,
                       "SPLIT": 1, **qm._geometry(w), **t, "WR": 1, "HW": hw}
             jit, programs = qdown, triton.cdiv(d, bn)
