@@ -1,4 +1,5 @@
-"""gpt-oss decode in VRAM: its experts through the fused decode kernels against the torch expert path, same run.
+"""gpt-oss in VRAM: its experts through the fused kernels (decode) and the grouped kernels (prefill) against the
+torch expert path, same run.
 
 gpt-oss's experts have biases and a clamped SwiGLU. Until session 30 the decode kernels computed the plain SwiGLU
 only, so a gpt-oss token took model/moe.py's torch path: the K experts gathered into new tensors every layer
@@ -7,13 +8,15 @@ only, so a gpt-oss token took model/moe.py's torch path: the K experts gathered 
 per layout: the default engine (kernels) and `kernels=False` (the torch expert path, what gpt-oss ran before).
 
 From a random bf16 checkpoint of the gpt-oss-20b widths cut to 4 layers (tools/make_random_checkpoint.py
-gpt-oss-20b-4l: hidden 2880, 32 experts top-4 of FFN 2880, 64 q / 8 kv heads, sliding and full layers
-alternating), repacked with `--experts source` (bf16), `--experts mxfp4` (gpt-oss's own format) and `--experts q4`:
-per layout and path (for the quantized layouts also the kernels under other tiles, TILES, through TIERED_QCONFIG),
-greedy decode tok/s (median of --repeats after a warm-up: graphs captured, kernels compiled) of --new tokens after
-a --prompt-tokens prompt of random ids; the bytes one step reads (dense + K expert blocks a layer) over the
-measured HBM read rate as the bound; whether the two paths' greedy tokens agree (random weights give near-ties:
-informative, the CUDA tests check equality on the trained-shape tiny model).
+gpt-oss-20b-4l: hidden 2880, 32 experts top-4 of FFN 2880, 64 q / 8 kv heads, sliding and full layers alternating),
+repacked with `--experts source` (bf16), `--experts mxfp4` (gpt-oss's own format) and `--experts q4`: per layout and
+path (for the quantized layouts also the kernels under other tiles, TILES, through TIERED_QCONFIG), the prefill
+tok/s of a --prefill-tokens prompt (the experts' grouped kernels, with the biases and the clamp since session 31,
+against the torch path that dequantized each quantized expert), greedy decode tok/s (median of --repeats after a
+warm-up: graphs captured, kernels compiled) of --new tokens after a --prompt-tokens prompt of random ids; the bytes
+one step reads (dense + K expert blocks a layer) over the measured HBM read rate as the bound; whether the two
+paths' greedy tokens agree (random weights give near-ties: informative, the CUDA tests check equality on the
+trained-shape tiny model).
 
     python3 benchmarks/bench_gpt_oss_gpu.py --work /root/bench-gptoss     # GPU box: about 2-3 minutes
     python3 benchmarks/bench_gpt_oss_gpu.py --small --work /tmp/bgo       # the same pipeline, tiny, CPU
@@ -54,7 +57,7 @@ TILES = {
 
 
 def run_path(lay_dir: Path, device: str, ids: list[int], new: int, repeats: int, kernels: bool | None,
-             tiles: str | None = None) -> dict:
+             tiles: str | None = None, long_ids: list[int] | None = None) -> dict:
     import os
 
     import tiered
@@ -63,7 +66,8 @@ def run_path(lay_dir: Path, device: str, ids: list[int], new: int, repeats: int,
     os.environ.pop("TIERED_QCONFIG", None)
     if tiles:
         os.environ["TIERED_QCONFIG"] = tiles
-    eng = tiered.load(lay_dir, device=device, max_context=len(ids) + new + 16, kernels=kernels)
+    ctx = max(len(ids) + new, len(long_ids or []) + 1) + 16
+    eng = tiered.load(lay_dir, device=device, max_context=ctx, kernels=kernels)
     eng.generate(ids, max_new_tokens=new, stop_at_eos=False)  # warm-up: kernels compiled, graphs captured
     runs, g = [], None
     for _ in range(repeats):
@@ -74,6 +78,13 @@ def run_path(lay_dir: Path, device: str, ids: list[int], new: int, repeats: int,
     out = {"decode_tok_s": statistics.median(runs), "runs": runs, "prefill_tok_s": g.stats["prefill_tok_s"],
            "decode_graphs": g.stats.get("decode_graphs"), "attention": g.stats.get("attention"),
            "tokens": g.token_ids, "bytes_per_step": step, "block_size": lay.block_size}
+    if long_ids:  # prefill: a long prompt, one new token (the experts past decode_max_t: the grouped kernels)
+        eng.generate(long_ids, max_new_tokens=1, stop_at_eos=False)
+        pre = [eng.generate(long_ids, max_new_tokens=1, stop_at_eos=False).stats["prefill_tok_s"]
+               for _ in range(repeats)]
+        out["long_prefill_tok_s"] = statistics.median(pre)
+        out["long_prefill_runs"] = pre
+        out["long_prefill_tokens"] = len(long_ids)
     del eng
     os.environ.pop("TIERED_QCONFIG", None)
     gc.collect()
@@ -90,6 +101,8 @@ def main() -> None:
     ap.add_argument("--experts", default="source,mxfp4,q4", help="comma list of repack --experts formats")
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--prefill-tokens", type=int, default=512, help="the long prompt whose prefill is timed (0: none)")
+    ap.add_argument("--keep", action="store_true", help="keep the checkpoint and layouts in --work (for llama.cpp)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--small", action="store_true", help="tiny shape on the CPU (tests this script anywhere)")
@@ -124,19 +137,23 @@ def main() -> None:
 
         vocab = Layout.open(lay).config.vocab_size
         ids = torch.randint(0, vocab, (a.prompt_tokens,), generator=g).tolist()
+        n_long = min(a.prefill_tokens, 24) if a.small else a.prefill_tokens
+        long_ids = torch.randint(0, vocab, (n_long,), generator=g).tolist() if n_long else None
         row = {}
         paths = [("kernels", None, None), ("torch_experts", False, None)]
         if fmt in ("mxfp4", "q4", "q8") and device == "cuda":
             paths += [(f"kernels_{t}", None, TILES[t].format(f=fmt)) for t in (("flat", "word") if fmt == "q4"
                                                                               else ("flat",))]
         for name, kernels, tiles in paths:
-            row[name] = run_path(lay, device, ids, new, repeats, kernels, tiles)
+            row[name] = run_path(lay, device, ids, new, repeats, kernels, tiles, None if tiles else long_ids)
             if tiles:
                 row[name]["tiles"] = tiles
             log(f"{fmt} {name}: {row[name]['decode_tok_s']:.1f} tok/s")
         k, t = row["kernels"], row["torch_experts"]
         row["kernels_vs_torch_experts"] = k["decode_tok_s"] / t["decode_tok_s"]
         row["greedy_tokens_agree"] = sum(x == y for x, y in zip(k["tokens"], t["tokens"]))
+        if long_ids:
+            row["prefill_kernels_vs_torch_experts"] = k["long_prefill_tok_s"] / t["long_prefill_tok_s"]
         if "hbm_read_gbps" in res:
             bound = res["hbm_read_gbps"]["read_gbps"] * 1e9 / k["bytes_per_step"]
             row["hbm_bound_tok_s"] = bound
@@ -148,6 +165,11 @@ def main() -> None:
         print(f"{fmt:<8} {r['kernels']['decode_tok_s']:>14.1f} {r['torch_experts']['decode_tok_s']:>12.1f} "
               f"{r['kernels_vs_torch_experts']:>7.2f} {r['kernels']['bytes_per_step']:>14,} "
               f"{r.get('kernels_vs_hbm_bound', float('nan')):>7.3f} {r['greedy_tokens_agree']:>3}/{new}")
+    if any("long_prefill_tok_s" in r["kernels"] for r in res["layouts"].values()):
+        print(f"prefill of {n_long} tokens, tok/s: " + ", ".join(
+            f"{fmt} kernels {r['kernels']['long_prefill_tok_s']:.0f} / torch "
+            f"{r['torch_experts']['long_prefill_tok_s']:.0f} ({r['prefill_kernels_vs_torch_experts']:.2f}x)"
+            for fmt, r in res["layouts"].items()))
     for r in res["layouts"].values():
         for k, v in list(r.items()):
             if k.startswith("kernels_") and isinstance(v, dict):
@@ -155,7 +177,7 @@ def main() -> None:
                       "the default tiles)")
             if isinstance(v, dict):
                 v.pop("tokens", None)
-    if not a.small:
+    if not a.small and not a.keep:
         shutil.rmtree(a.work, ignore_errors=True)
     print(write_out(res, "gpt_oss_gpu.json"))
 

@@ -304,10 +304,9 @@ def test_quantized_experts_keep_biases(pair, tmp_path, fmt):
 
 
 def test_expert_mix_decode_kernel_matches_torch_path(pair):
-    """gpt-oss's experts through the decode kernel (moe_decode: biases, clamped activation; Triton's interpreter on
-    CPU) equal the torch path within fp32 rounding: one token (experts_from_slots' place), and a few tokens
-    (experts_tokens over T*K pairs, up to decode_max_t tokens; more take the torch path, as the grouped kernels
-    compute plain SwiGLU)."""
+    """gpt-oss's experts through the kernels (biases, clamped activation; Triton's interpreter on CPU) equal the
+    torch path within fp32 rounding: one token (moe_decode, experts_from_slots' place), a few tokens (experts_tokens
+    over T*K pairs, up to decode_max_t tokens) and more (experts_tokens' grouped kernels: a prefill chunk)."""
     pytest.importorskip("triton")
     import os
 
@@ -327,7 +326,7 @@ def test_expert_mix_decode_kernel_matches_torch_path(pair):
     real = moe_gpu.experts_tokens
     moe_gpu.experts_tokens = lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k)
     try:
-        for T in (1, 1, 3, 4, 7):  # several tokens: the same kernels over T*K pairs up to decode_max_t, then torch
+        for T in (1, 1, 3, 4, 7, 12):  # several tokens: the kernels over T*K pairs up to decode_max_t, then grouped
             x = torch.randn(T, layout.config.hidden_size, generator=g)
             ids = torch.stack([torch.randperm(layout.config.num_experts, generator=g)[:layout.config.top_k]
                                for _ in range(T)])
@@ -337,15 +336,16 @@ def test_expert_mix_decode_kernel_matches_torch_path(pair):
             assert rel(a.cpu(), b) < 1e-5, (T, rel(a.cpu(), b))
     finally:
         moe_gpu.experts_tokens = real
-    assert calls == [T for T in (3, 4, 7) if T <= moe_gpu.decode_max_t(False)]
+    assert calls == [3, 4, 7, 12]
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("experts", ["source", "mxfp4", "q4"])
 def test_cuda_decode_kernels_match_torch_path(pair, tmp_path, experts):
-    """On CUDA (fp32): gpt-oss's one-token steps through the fused expert kernels (bf16 pool: moe_decode; mxfp4 /
-    q4: quant_moe's GEMVs, no dequantized copy of an expert) give the greedy tokens of the torch expert path
-    (kernels=False) and logits within 1e-4 of it."""
+    """On CUDA (fp32): gpt-oss's prefill (the grouped kernels: moe_grouped / quant_grouped, past decode_max_t tokens)
+    and one-token steps through the fused expert kernels (bf16 pool: moe_decode; mxfp4 / q4: quant_moe's GEMVs), no
+    dequantized copy of an expert, give the greedy tokens of the torch expert path (kernels=False) and logits within
+    1e-4 of it."""
     from tiered.engine import load
 
     *_, root = pair
@@ -356,14 +356,17 @@ def test_cuda_decode_kernels_match_torch_path(pair, tmp_path, experts):
     kw = dict(device="cuda", dtype="float32", max_context=64)
     a = load(lay, **kw)
     b = load(lay, kernels=False, cuda_graphs=False, **kw)
-    ids = prompt(9, 96, seed=3).tolist()
-    ga = a.generate(ids, max_new_tokens=20, stop_at_eos=False)
-    gb = b.generate(ids, max_new_tokens=20, stop_at_eos=False)
-    assert ga.token_ids == gb.token_ids
-    toks = torch.tensor(ids + ga.token_ids[:10], device="cuda")
-    ra = torch.cat([a.model.forward(toks[:9], 0)] + [a.model.forward(toks[i:i + 1], i) for i in range(9, 19)])
-    rb = torch.cat([b.model.forward(toks[:9], 0)] + [b.model.forward(toks[i:i + 1], i) for i in range(9, 19)])
-    assert rel(ra, rb) < 1e-4, rel(ra, rb)
+    for n in (9, 33):
+        ids = prompt(n, 96, seed=3).tolist()
+        ga = a.generate(ids, max_new_tokens=20, stop_at_eos=False)
+        gb = b.generate(ids, max_new_tokens=20, stop_at_eos=False)
+        assert ga.token_ids == gb.token_ids, n
+        toks = torch.tensor(ids + ga.token_ids[:10], device="cuda")
+        ra = torch.cat([a.model.forward(toks[:n], 0, all_logits=True)]
+                       + [a.model.forward(toks[i:i + 1], i) for i in range(n, n + 10)])
+        rb = torch.cat([b.model.forward(toks[:n], 0, all_logits=True)]
+                       + [b.model.forward(toks[i:i + 1], i) for i in range(n, n + 10)])
+        assert rel(ra, rb) < 1e-4, (n, rel(ra, rb))
 
 
 def test_default_attention_picks_sdpa_for_sinks(pair, monkeypatch, capsys):

@@ -267,8 +267,57 @@ def test_decode_biases_slot_base_and_rounding():
     assert _rel(got.float(), experts_loop(x.float(), ids + 5, w, W, act)) < 2e-2
     with pytest.raises(NotImplementedError, match="fused"):
         moe_decode(x, ids[0], w, W, DecodeConfig(variant="fused", block_f=16, block_d=64, block_o=32), act=act)
-    with pytest.raises(NotImplementedError, match="biases"):
-        moe_grouped(x, ids, w, W, torch.arange(3 * K + 5))
+
+
+@interp
+@pytest.mark.parametrize("T,K,E,D,F,cfg", GROUPED_CASES)
+def test_grouped_clamped_swiglu_with_biases(T, K, E, D, F, cfg):
+    """gpt-oss's experts (biases, the clamped activation) through the grouped kernels over scattered slots equal the
+    loop with the same act and biases in fp32; the clamp bites, and dropping the biases or the activation shows."""
+    from types import SimpleNamespace
+
+    from tiered.model.moe import ClampedSwiGLU
+
+    act = ClampedSwiGLU(alpha=1.702, limit=0.6)
+    S = 2 * E + 1
+    W = _gpt_oss_pool(S, F, D, torch.float32)
+    ids, w = _routing(T, K, E)
+    slot_map = torch.randperm(S, generator=torch.Generator().manual_seed(3))[:E]
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(4))
+    out = moe_grouped(x, ids, w, W, slot_map, cfg, act=act)
+    ref = experts_loop(x, slot_map[ids], w, W, act)
+    assert _rel(out, ref) < 1e-5, _rel(out, ref)
+    gx = torch.einsum("td,sfd->tsf", x, W.gate[slot_map]) + W.gate_bias[slot_map]
+    assert (gx > act.limit).any() and (gx < act.limit).any()
+    plain = SimpleNamespace(gate=W.gate, up=W.up, down=W.down)
+    assert _rel(moe_grouped(x, ids, w, plain, slot_map, cfg, act=act), ref) > 1e-2  # the biases count
+    assert _rel(moe_grouped(x, ids, w, W, slot_map, cfg), ref) > 1e-2  # the activation counts
+
+
+@interp
+def test_grouped_biases_in_waves_and_bf16():
+    """With biases, waves give the one-wave result bit for bit, and bf16 pools stay within bf16 rounding of the
+    fp32 loop (each row's down bias is applied once, in the wave that holds its expert)."""
+    from tiered.model.moe import ClampedSwiGLU
+
+    act = ClampedSwiGLU()
+    T, K, E, D, F = 6, 3, 8, 32, 16
+    cfg = GroupedConfig(block_m=16, block_n=16, block_k=16)
+    W = _gpt_oss_pool(E + 2, F, D, torch.float32)
+    ids, w = _routing(T, K, E)
+    slot_map = torch.randperm(E + 2, generator=torch.Generator().manual_seed(5))[:E]
+    x = torch.randn(T, D)
+    one = moe_grouped(x, ids, w, W, slot_map, cfg, act=act)
+    run = GroupedMoE(x, ids, w, E, cfg)
+    for part in torch.randperm(E).split(3):
+        m = torch.full((E,), -1, dtype=torch.int64)
+        m[part] = slot_map[part]
+        run.wave(W, m, act)
+    assert torch.equal(run.result(), one)
+    Wh = _gpt_oss_pool(E + 2, F, D, torch.float16)
+    xh = x.half()
+    got = moe_grouped(xh, ids, w, Wh, slot_map, cfg, act=act)
+    assert _rel(got.float(), experts_loop(xh.float(), slot_map[ids], w, Wh, act)) < 1e-2
 
 
 def test_unbuilt_formats_raise():

@@ -108,6 +108,52 @@ def test_grouped_quant_matches_loop(fmt, T, K, E, D, F_, cfg):
 
 
 @interp
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("swap", [0, 1, 3])
+def test_grouped_quant_clamped_swiglu_with_biases(fmt, swap):
+    """gpt-oss's experts (bf16 biases beside quantized weights, the clamped activation) through the grouped kernels,
+    straight and transposed, equal the dequantize-then-matmul loop with the same activation and biases; the clamp
+    bites, a run without the biases differs, and waves give the one-wave result bit for bit."""
+    from types import SimpleNamespace
+
+    from tiered.model.moe import ClampedSwiGLU
+
+    act = ClampedSwiGLU(alpha=1.702, limit=0.5)
+    T, K, E, D, F_ = 7, 3, 6, 130, 72
+    cfg = GroupedConfig(block_m=16, block_n=32, block_k=64, swap=swap)
+    S = 2 * E + 1
+    Wq = _pool(fmt, S, F_, D)
+    g = torch.Generator().manual_seed(6)
+    gb, ub, db = (torch.randn(S, n, generator=g).bfloat16().to(DEV) * 0.3 for n in (F_, F_, D))
+    W = SimpleNamespace(gate=Wq.gate, up=Wq.up, down=Wq.down, gate_bias=gb, up_bias=ub, down_bias=db)
+    ids, w = _routing(T, K, E)
+    slot_map = torch.randperm(S, generator=torch.Generator().manual_seed(3))[:E]
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(4))
+    want = torch.zeros(T, D, dtype=torch.float64)
+    clamped = 0
+    for t in range(T):
+        for k in range(K):
+            s_ = int(slot_map[ids[t, k]])
+            gw, uw, dw = (m[s_].dequantize(torch.float32) for m in (W.gate, W.up, W.down))
+            gx, ux = x[t] @ gw.T + gb[s_].float(), x[t] @ uw.T + ub[s_].float()
+            clamped += int((gx > act.limit).sum() + (ux.abs() > act.limit).sum())
+            want[t] += (w[t, k] * (act(gx, ux) @ dw.T + db[s_].float())).double()
+    assert clamped > 0
+    out = moe_grouped_quant(x, ids, w, W, slot_map, cfg, act=act)
+    assert _rel(out, want) < 1e-5, (fmt, swap, _rel(out, want))
+    assert _rel(moe_grouped_quant(x, ids, w, Wq, slot_map, cfg, act=act), want) > 1e-2  # the biases count
+    run = QuantGroupedMoE(x, ids, w, E, fmt, cfg)
+    for part in torch.randperm(E, generator=torch.Generator().manual_seed(7)).split(4):
+        m = torch.full((E,), -1, dtype=torch.int64)
+        m[part] = slot_map[part]
+        run.wave(W, m, act)
+    assert torch.equal(run.result(), out)
+    bad = SimpleNamespace(gate=Wq.gate, up=Wq.up, down=Wq.down, gate_bias=gb, up_bias=ub, down_bias=None)
+    with pytest.raises(ValueError, match="down_bias"):
+        moe_grouped_quant(x, ids, w, bad, slot_map, cfg, act=act)
+
+
+@interp
 def test_grouped_quant_waves_equal_one_wave():
     """Experts computed in waves (slot maps that each place a subset) give the one-wave result bit for bit."""
     T, K, E, D, F_ = 6, 3, 8, 64, 40

@@ -4,7 +4,8 @@
 
 Triton's interpreter (the CPU tests) accepts code the real compiler rejects (casts, layouts, bit widths); this
 runs the whole pipeline (ttir, ttgir, llir, ptx, cubin through the bundled ptxas) for the three kernels
-(grouped gate/up, grouped down, the dense quant_matmul) in every format at the 10.6B expert shape, as the runtime's tile configs instantiate them. Run it with TRITON_INTERPRET
+(grouped gate/up and down, each also with gpt-oss's biases and clamped SwiGLU, the dense quant_matmul) in every
+format at the 10.6B expert shape, as the runtime's tile configs instantiate them. Run it with TRITON_INTERPRET
 unset. Prints one line per (format, tiles): "FMT tiles ok" or the compiler's error; exits 1 on any error and 3
 when this Triton has no NVIDIA backend or ptxas (nothing checked).
 """
@@ -21,6 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # format -> (code pointer type, scale pointer type)
 TYPES = {"q8": ("*i8", "*bf16"), "q4": ("*u8", "*bf16"), "fp8": ("*fp8e4nv", "*fp32"), "mxfp4": ("*u8", "*u8")}
 STRIDES = dict(num_rows="i32", sq0="i64", sq1="i32", ss0="i64", ss1="i32", sm0="i64", sm1="i32")
+# gpt-oss's expert biases and clamped SwiGLU (placeholders when HAS_BIAS is off)
+BIAS_GU = dict(gb_ptr="*bf16", ub_ptr="*bf16", stride_bs="i32", alpha="fp32", limit="fp32")
+BIAS_D = dict(db_ptr="*bf16", stride_bs="i32")
+SCALARS = ("num_rows", "T", "alpha", "limit")  # no divisibility hint
 
 
 def main() -> int:
@@ -68,10 +73,17 @@ def main() -> int:
                 for fn, w, types, extra in (
                         (qg._qgrouped_gate_up_kernel, gate,
                          dict(x_ptr="*bf16", rows_ptr="*i32", bslot_ptr="*i64", gq=qt, gs=st, gm=st, uq=qt, us=st,
-                              um=st, h_ptr="*bf16", stride_xt="i32", **STRIDES), dict(D=D, F=Fe, K=K)),
+                              um=st, h_ptr="*bf16", stride_xt="i32", **STRIDES, **BIAS_GU), dict(D=D, F=Fe, K=K)),
+                        (qg._qgrouped_gate_up_kernel, gate,
+                         dict(x_ptr="*bf16", rows_ptr="*i32", bslot_ptr="*i64", gq=qt, gs=st, gm=st, uq=qt, us=st,
+                              um=st, h_ptr="*bf16", stride_xt="i32", **STRIDES, **BIAS_GU),
+                         dict(D=D, F=Fe, K=K, ACT=1, HAS_BIAS=True)),  # gpt-oss: biases, the clamped SwiGLU
                         (qg._qgrouped_down_kernel, down,
                          dict(h_ptr="*bf16", rows_ptr="*i32", bslot_ptr="*i64", wt_ptr="*bf16", dq=qt, ds=st, dm=st,
-                              out_ptr="*bf16", **STRIDES), dict(D=D, F=Fe)),
+                              out_ptr="*bf16", **STRIDES, **BIAS_D), dict(D=D, F=Fe)),
+                        (qg._qgrouped_down_kernel, down,
+                         dict(h_ptr="*bf16", rows_ptr="*i32", bslot_ptr="*i64", wt_ptr="*bf16", dq=qt, ds=st, dm=st,
+                              out_ptr="*bf16", **STRIDES, **BIAS_D), dict(D=D, F=Fe, HAS_BIAS=True)),
                         (qg._qmatmul_kernel, gate,
                          dict(x_ptr="*bf16", q=qt, s=st, m=st, out_ptr="*bf16", T="i32", stride_xt="i32",
                               stride_ot="i32", sq1="i32", ss1="i32", sm1="i32", KSPLIT="i32"), dict(N=Fe, KIN=D)),
@@ -92,10 +104,13 @@ def main() -> int:
                     consts = dict(extra, **geo, BLOCK_M=bm, BLOCK_N=bn, PREC="tf32")
                     if "SWAP" in fn.arg_names:
                         consts["SWAP"] = swap
+                    for name, default in (("ACT", 0), ("HAS_BIAS", False)):
+                        if name in fn.arg_names:
+                            consts.setdefault(name, default)
                     sig = {n: ("constexpr" if n in consts else types[n]) for n in fn.arg_names}
                     # what the launcher's specialization sees: pointers and strides divisible by 16
                     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-                             if sig[n] != "constexpr" and n not in ("num_rows", "T")}
+                             if sig[n] != "constexpr" and n not in SCALARS}
                     k = triton.compile(ASTSource(fn, sig, consts, attrs), target=target,
                                        options=dict(num_warps=warps, num_stages=stages))
                     if "cubin" not in k.asm:

@@ -195,16 +195,6 @@ def _prep(x: Tensor, slots: Tensor, ops: ExpertOperands, act=None) -> tuple[Expe
     return ops, x.contiguous(), slots.reshape(-1).contiguous(), slots.numel() // T
 
 
-def _bias_args(ops: ExpertOperands, which: tuple[str, ...]) -> tuple:
-    """The bias pointers a launch takes (placeholders when the experts have none: never read) and their row stride."""
-    if not ops.has_bias:
-        return (*(ops.down for _ in which), 0)
-    bs = [getattr(ops, n) for n in which]
-    if len({b.stride(0) for b in bs}) != 1:
-        raise ValueError(f"expert biases {which} need one row stride, got {[b.stride(0) for b in bs]}")
-    return (*bs, bs[0].stride(0))
-
-
 def decode_gate_up(x: Tensor, slots: Tensor, ops: ExpertOperands, config: DecodeConfig | None = None, *,
                    slot_base: int = 0, act=None) -> Tensor:
     """The first kernel of the "split" variant: x [T, D], slots [T, K] (rows slot_base + slots) -> h [T*K, F]
@@ -215,7 +205,7 @@ def decode_gate_up(x: Tensor, slots: Tensor, ops: ExpertOperands, config: Decode
     Fe = ops.ffn
     g, u = ops.gate, ops.up
     h = torch.empty(T * K, Fe, dtype=torch.float32, device=x.device)  # [T*K, F]
-    gb, ub, sb = _bias_args(ops, ("gate_bias", "up_bias"))
+    gb, ub, sb = ops.bias_args(("gate_bias", "up_bias"))
     _gate_up_kernel[(triton.cdiv(Fe, cfg.block_f), T * K)](
         x, slots, g, u, h, int(slot_base), x.stride(0), g.stride(0), g.stride(1), u.stride(0), u.stride(1), gb, ub,
         sb, ops.alpha, ops.limit, D=D, F=Fe, K=K, BLOCK_F=cfg.block_f,
@@ -242,7 +232,7 @@ def decode_down(h: Tensor, slots: Tensor, weights: Tensor, ops: ExpertOperands, 
     split = cfg.down_split if K % cfg.down_split == 0 and not ops.has_bias else 1
     y = (torch.empty(T, D, dtype=dtype, device=h.device) if split == 1
          else torch.zeros(T, D, dtype=torch.float32, device=h.device))
-    db, sb = _bias_args(ops, ("down_bias",))
+    db, sb = ops.bias_args(("down_bias",))
     _down_kernel[(triton.cdiv(D, cfg.down_block_d), T * split)](
         h, slots, weights, d, y, int(slot_base), d.stride(0), d.stride(1), y.stride(0), db, sb, D=D, F=Fe, K=K,
         K_PER=K // split, SPLIT=split, BLOCK_D=cfg.down_block_d,

@@ -1,14 +1,14 @@
 """Grouped expert GEMMs for prefill and batched decode: rows sorted by expert, one launch per projection.
 
-Owns: `align_rows` (the (token, k) rows sorted by expert and padded to the block size, computed on the
-device with static shapes: no host sync, no .tolist(); on CUDA one launch of `_align_kernel`, elsewhere
-`align_rows_torch`, the kernel's reference), `GroupedMoE` (a layer's experts over those rows,
-in one or more waves of experts) with its Triton kernels `_grouped_gate_up_kernel` and
-`_grouped_down_kernel` and `GroupedConfig`, the one-call `moe_grouped`, and `grouped_mm_layer`, the same
-computation through torch._grouped_mm (kept to compare against; it needs a layer's experts as one
-[E, F, D] tensor and at most 1024 groups).
-Does not own: which slots hold which experts (the provider), the decode kernel for T = 1 (moe_decode.py),
-the reference (moe_naive.experts_loop).
+Owns: `align_rows` (the (token, k) rows sorted by expert and padded to the block size, computed on the device with
+static shapes: no host sync, no .tolist(); on CUDA one launch of `_align_kernel`, elsewhere `align_rows_torch`, the
+kernel's reference), `GroupedMoE` (a layer's experts over those rows, in one or more waves of experts; SwiGLU, or
+gpt-oss's clamped SwiGLU with its expert biases) with its Triton kernels `_grouped_gate_up_kernel` and
+`_grouped_down_kernel` and `GroupedConfig`, the one-call `moe_grouped`, and `grouped_mm_layer`, the same computation
+through torch._grouped_mm (kept to compare against; it needs a layer's experts as one [E, F, D] tensor and at most
+1024 groups).
+Does not own: which slots hold which experts (the provider), the decode kernel for T = 1 (moe_decode.py), the
+reference (moe_naive.experts_loop).
 
 The shape is vLLM's fused_moe: row r = t*K + k of the [T*K] (token, expert) pairs; `rows` lists them
 grouped by expert, each group padded with the sentinel T*K to a multiple of BLOCK_M, and `block_expert`
@@ -24,12 +24,14 @@ Legend: T tokens, D hidden, K top-k, F expert FFN, E experts per layer, S slots,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from tiered.kernels.fused_norm import act_fn
 from tiered.kernels.moe_operands import ExpertOperands, check_built
 
 
@@ -176,18 +178,18 @@ def _load_wt(ptrs, mask, WFMT: tl.constexpr, DT: tl.constexpr):
     return tl.load(ptrs, mask=mask, other=0.0).to(DT)
 
 
-@triton.jit
-def _act(g, u, ACT: tl.constexpr):
-    """The gated activation in fp32. ACT 0 (SWIGLU): silu(g) * u."""
-    return g * tl.sigmoid(g) * u
+_act = triton.jit(act_fn)  # the gated activation in fp32 (SwiGLU, or gpt-oss's clamped form)
 
 
 @triton.jit
 def _grouped_gate_up_kernel(x_ptr, rows_ptr, bslot_ptr, gate_ptr, up_ptr, h_ptr, num_rows, stride_xt,
                             stride_gs, stride_gf, stride_us, stride_uf, D: tl.constexpr, F: tl.constexpr,
                             K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, WFMT: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr):
-    """Grid (cdiv(F, BLOCK_N), P / BLOCK_M): h[rows, n-block] = act(x[tok] @ gate.T, x[tok] @ up.T)."""
+                            BLOCK_K: tl.constexpr, WFMT: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr,
+                            gb_ptr, ub_ptr, stride_bs, alpha, limit, HAS_BIAS: tl.constexpr = False):
+    """Grid (cdiv(F, BLOCK_N), P / BLOCK_M): h[rows, n-block] = act(x[tok] @ gate.T + bg, x[tok] @ up.T + bu).
+    HAS_BIAS: the slot's gate and up biases (rows of stride stride_bs) added in fp32 before the activation (gpt-oss;
+    ACT 1 is its clamped SwiGLU with alpha and limit)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     slot = tl.load(bslot_ptr + pid_m).to(tl.int64)
@@ -211,7 +213,10 @@ def _grouped_gate_up_kernel(x_ptr, rows_ptr, bslot_ptr, gate_ptr, up_ptr, h_ptr,
         mb = mask_k[:, None] & mask_n[None, :]
         acc_g = tl.dot(a, _load_wt(g_ptrs + offs_k[:, None], mb, WFMT, DT), acc=acc_g, input_precision=PREC)
         acc_u = tl.dot(a, _load_wt(u_ptrs + offs_k[:, None], mb, WFMT, DT), acc=acc_u, input_precision=PREC)
-    h = _act(acc_g, acc_u, ACT)
+    if HAS_BIAS:
+        acc_g += tl.load(gb_ptr + slot * stride_bs + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        acc_u += tl.load(ub_ptr + slot * stride_bs + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    h = _act(acc_g, acc_u, ACT, alpha, limit)
     tl.store(h_ptr + rows[:, None].to(tl.int64) * F + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])
 
@@ -219,8 +224,10 @@ def _grouped_gate_up_kernel(x_ptr, rows_ptr, bslot_ptr, gate_ptr, up_ptr, h_ptr,
 @triton.jit
 def _grouped_down_kernel(h_ptr, rows_ptr, bslot_ptr, wt_ptr, down_ptr, out_ptr, num_rows, stride_ds, stride_dd,
                          D: tl.constexpr, F: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr, WFMT: tl.constexpr, PREC: tl.constexpr):
-    """Grid (cdiv(D, BLOCK_N), P / BLOCK_M): out[rows, n-block] = w[rows] * (h[rows] @ down.T)."""
+                         BLOCK_K: tl.constexpr, WFMT: tl.constexpr, PREC: tl.constexpr, db_ptr, stride_bs,
+                         HAS_BIAS: tl.constexpr = False):
+    """Grid (cdiv(D, BLOCK_N), P / BLOCK_M): out[rows, n-block] = w[rows] * (h[rows] @ down.T + bd). HAS_BIAS: the
+    slot's down bias (a row of stride stride_bs) added to the product before the routing weight (gpt-oss)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     slot = tl.load(bslot_ptr + pid_m).to(tl.int64)
@@ -241,6 +248,8 @@ def _grouped_down_kernel(h_ptr, rows_ptr, bslot_ptr, wt_ptr, down_ptr, out_ptr, 
         a = tl.load(a_ptrs + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = _load_wt(b_ptrs + offs_k[:, None], mask_k[:, None] & mask_n[None, :], WFMT, DT)
         acc = tl.dot(a, b, acc=acc, input_precision=PREC)
+    if HAS_BIAS:
+        acc += tl.load(db_ptr + slot * stride_bs + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     w = tl.load(wt_ptr + rows, mask=mask_m, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows64[:, None] * D + offs_n[None, :], (acc * w[:, None]).to(out_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])
@@ -268,10 +277,11 @@ class GroupedMoE:
         self.out = torch.empty(T * K, x.shape[1], dtype=x.dtype, device=x.device)  # [T*K, D]
         self.h: Tensor | None = None  # [T*K, F], made at the first wave (F comes with the operands)
 
-    def wave(self, ops: ExpertOperands, slot_map: Tensor) -> None:
-        """Compute the rows of the experts that `slot_map` ([E] int64: slot row, -1 = not this wave) places."""
-        ops = ExpertOperands.of(ops)
-        check_built(ops, swiglu_only=True)
+    def wave(self, ops: ExpertOperands, slot_map: Tensor, act: Any = None) -> None:
+        """Compute the rows of the experts that `slot_map` ([E] int64: slot row, -1 = not this wave) places.
+        act: None (SwiGLU) or gpt-oss's ClampedSwiGLU (ExpertOperands.of); the experts' biases are applied."""
+        ops = ExpertOperands.of(ops, act)
+        check_built(ops)
         x, cfg, al = self.x, self.cfg, self.aligned
         D, Fe = x.shape[1], ops.ffn
         if D != ops.hidden:
@@ -284,14 +294,17 @@ class GroupedMoE:
         g, u, d = ops.gate, ops.up, ops.down
         prec = "ieee" if x.dtype == torch.float32 else "tf32"
         fmt = int(ops.fmt)
+        gb, ub, sb = ops.bias_args(("gate_bias", "up_bias"))
+        db, dbs = ops.bias_args(("down_bias",))
         _grouped_gate_up_kernel[(triton.cdiv(Fe, cfg.block_n), nb)](
             x, al.rows, bslot, g, u, self.h, al.num_rows, x.stride(0), g.stride(0), g.stride(1), u.stride(0),
             u.stride(1), D=D, F=Fe, K=self.K, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            WFMT=fmt, ACT=int(ops.act), PREC=prec, num_warps=cfg.warps, num_stages=cfg.stages)
+            WFMT=fmt, ACT=int(ops.act), PREC=prec, gb_ptr=gb, ub_ptr=ub, stride_bs=sb, alpha=ops.alpha,
+            limit=ops.limit, HAS_BIAS=ops.has_bias, num_warps=cfg.warps, num_stages=cfg.stages)
         _grouped_down_kernel[(triton.cdiv(D, cfg.block_n), nb)](
             self.h, al.rows, bslot, self.weights, d, self.out, al.num_rows, d.stride(0), d.stride(1), D=D, F=Fe,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, WFMT=fmt, PREC=prec,
-            num_warps=cfg.warps, num_stages=cfg.stages)
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, WFMT=fmt, PREC=prec, db_ptr=db,
+            stride_bs=dbs, HAS_BIAS=ops.has_bias, num_warps=cfg.warps, num_stages=cfg.stages)
 
     def result(self) -> Tensor:
         """[T, D] in x's dtype: the K rows of each token summed (fp32 accumulation, one rounding)."""
@@ -300,11 +313,12 @@ class GroupedMoE:
 
 
 def moe_grouped(x: Tensor, ids: Tensor, weights: Tensor, ops: ExpertOperands, slot_map: Tensor,
-                config: GroupedConfig | None = None) -> Tensor:
+                config: GroupedConfig | None = None, *, act: Any = None) -> Tensor:
     """All experts in one wave: x [T, D], ids [T, K] experts, weights [T, K], slot_map [E] int64 (slot of
-    each expert; every routed expert must have one) -> [T, D]. No host sync."""
+    each expert; every routed expert must have one) -> [T, D]. No host sync. act: None (SwiGLU) or gpt-oss's
+    ClampedSwiGLU; the experts' biases, where they have them, are applied."""
     run = GroupedMoE(x, ids, weights, slot_map.shape[0], config)
-    run.wave(ops, slot_map)
+    run.wave(ops, slot_map, act)
     return run.result()
 
 

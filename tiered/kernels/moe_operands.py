@@ -6,11 +6,10 @@ kernels branch on) and `check_built`, which says what the kernels do not do yet.
 Does not own: the pool or its layout (store/disk.py `expert_views` builds the views), the kernels.
 
 Only `WeightFormat.FLOAT` (elements in a float dtype, read in place) is built here, with both activations:
-SwiGLU and gpt-oss's clamped form with its expert biases (the decode kernels of moe_decode.py; the grouped
-kernels of moe_grouped.py take SwiGLU without biases only). Quantized experts are served by their own kernels,
-which read QuantWeight stacks (codes, scales, mins) directly: quant_moe.py (a few tokens; both activations and
-the biases) and quant_grouped.py (prefill and batches, SwiGLU; its WFMT constexpr takes the WeightFormat
-values below).
+SwiGLU and gpt-oss's clamped form with its expert biases (the decode kernels of moe_decode.py and the grouped
+kernels of moe_grouped.py). Quantized experts are served by their own kernels, which read QuantWeight stacks
+(codes, scales, mins) directly: quant_moe.py (a few tokens) and quant_grouped.py (prefill and batches; its WFMT
+constexpr takes the WeightFormat values below), both with both activations and the biases.
 
 Legend: S slots in the pool, D hidden, F expert FFN.
 """
@@ -71,6 +70,16 @@ class ExpertOperands:
         return cls(weights.gate, weights.up, weights.down, act=Activation.SWIGLU_CLAMP, alpha=float(act.alpha),
                    limit=float(act.limit), **b)
 
+    def bias_args(self, which: tuple[str, ...]) -> tuple:
+        """The bias pointers a kernel launch takes for the named biases, then their row stride; placeholders (the
+        down view, never read) and 0 when the experts have none."""
+        if not self.has_bias:
+            return (*(self.down for _ in which), 0)
+        bs = [getattr(self, n) for n in which]
+        if len({b.stride(0) for b in bs}) != 1:
+            raise ValueError(f"expert biases {which} need one row stride, got {[b.stride(0) for b in bs]}")
+        return (*bs, bs[0].stride(0))
+
     @property
     def has_bias(self) -> bool:
         return self.gate_bias is not None
@@ -88,14 +97,11 @@ class ExpertOperands:
         return self.gate.shape[0]  # S
 
 
-def check_built(ops: ExpertOperands, *, swiglu_only: bool = False) -> None:
-    """Raise NotImplementedError for the formats, activations and biases the kernels do not handle yet
-    (swiglu_only: a kernel without the clamped activation and the biases, the grouped one)."""
+def check_built(ops: ExpertOperands) -> None:
+    """Raise NotImplementedError for the formats the float kernels do not read, ValueError for views and biases of
+    the wrong shape."""
     if ops.fmt != WeightFormat.FLOAT:
         raise NotImplementedError(f"MoE kernels: weight format {ops.fmt.name} is not built yet (FLOAT only)")
-    if swiglu_only and (ops.act != Activation.SWIGLU or ops.has_bias):
-        raise NotImplementedError("MoE kernels: this kernel computes SwiGLU without expert biases (gpt-oss's "
-                                  "experts take the decode kernels or model/moe.py's torch path)")
     D, F = ops.hidden, ops.ffn
     biases = (ops.gate_bias, ops.up_bias, ops.down_bias)
     if any(b is not None for b in biases):

@@ -15,7 +15,8 @@ Same shape as moe_grouped.py (vLLM's fused_moe): the (token, k) rows sorted by e
 BLOCK_M (`align_rows`), one program per (output block, row block), blocks of experts outside the wave
 return at once, gate and up share the x tile and write h = silu(x gate^T) * (x up^T) [T*K, F] in the compute
 dtype, the down kernel scales each row by its routing weight into [T*K, D], and the K rows of a token are
-summed at the end (so waves do not change the result).
+summed at the end (so waves do not change the result). gpt-oss's experts add their bf16 gate and up biases in
+fp32 before its clamped SwiGLU, and the down bias to each row's product before its routing weight.
 
 How a weight tile is read. Every format groups its inputs along the reduction dimension (the last dim of
 the stored [N, Kin] matrix). A step covers BLOCK_K inputs of BLOCK_N output rows:
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Any
 
 import torch
 import triton
@@ -47,7 +49,8 @@ from torch import Tensor
 
 from tiered.kernels.moe_grouped import GroupedConfig, GroupedMoE
 from tiered.kernels.moe_grouped import pick_config as bf16_config
-from tiered.kernels.moe_operands import WeightFormat
+from tiered.kernels.fused_norm import act_fn
+from tiered.kernels.moe_operands import Activation, ExpertOperands, WeightFormat
 from tiered.layout.quant import QuantWeight
 
 # format -> the kernels' WFMT (moe_operands.WeightFormat's values); FP8_BITS: fp8 decoded from its bits (interpreter)
@@ -55,6 +58,9 @@ WFMT = {"q8": int(WeightFormat.Q8), "q4": int(WeightFormat.Q4), "fp8": int(Weigh
         "mxfp4": int(WeightFormat.MXFP4)}
 FP8_BITS = 5
 NIBBLES = ("q4", "mxfp4")
+
+
+_act = triton.jit(act_fn)  # the gated activation in fp32 (SwiGLU, or gpt-oss's clamped form)
 
 
 @triton.jit
@@ -257,11 +263,14 @@ def _qgrouped_gate_up_kernel(x_ptr, rows_ptr, bslot_ptr, gq, gs, gm, uq, us, um,
                              sq0, sq1, ss0, ss1, sm0, sm1, D: tl.constexpr, F: tl.constexpr, K: tl.constexpr,
                              KQ: tl.constexpr, NG: tl.constexpr, GROUP: tl.constexpr, ROWBLK: tl.constexpr,
                              WFMT: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_K: tl.constexpr, PREC: tl.constexpr, SWAP: tl.constexpr = 0):
-    """Grid (cdiv(F, BLOCK_N), P / BLOCK_M): h[rows, n-block] = silu(x[tok] @ gate.T) * (x[tok] @ up.T).
+                             BLOCK_K: tl.constexpr, PREC: tl.constexpr, SWAP: tl.constexpr = 0, gb_ptr=None,
+                             ub_ptr=None, stride_bs=0, alpha=1.702, limit=7.0, ACT: tl.constexpr = 0,
+                             HAS_BIAS: tl.constexpr = False):
+    """Grid (cdiv(F, BLOCK_N), P / BLOCK_M): h[rows, n-block] = act(x[tok] @ gate.T + bg, x[tok] @ up.T + bu).
     gate and up share their strides (one block layout); ROWBLK output rows share a scale row (fp8: 128).
     SWAP (GroupedConfig.swap) 1, 2 or 3: the products are taken transposed (weight tile first), see _qdot / _qdot_t
-    (3: with the scales applied after the product)."""
+    (3: with the scales applied after the product). ACT 0: SwiGLU; 1: gpt-oss's clamped form (alpha, limit).
+    HAS_BIAS: the slot's gate and up biases (rows of stride stride_bs) added in fp32 before the activation."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     slot = tl.load(bslot_ptr + pid_m).to(tl.int64)
@@ -285,7 +294,10 @@ def _qgrouped_gate_up_kernel(x_ptr, rows_ptr, bslot_ptr, gq, gs, gm, uq, us, um,
                           BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC)
             acc_u = _qdot(acc_u, a_rows, mask_m, uq + qo, us + so, um + mo, mask_n, k0, D, KQ, NG, GROUP, WFMT, R,
                           BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC)
-        h = acc_g * tl.sigmoid(acc_g) * acc_u
+        if HAS_BIAS:
+            acc_g += tl.load(gb_ptr + slot * stride_bs + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            acc_u += tl.load(ub_ptr + slot * stride_bs + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        h = _act(acc_g, acc_u, ACT, alpha, limit)
         tl.store(h_ptr + rows[:, None].to(tl.int64) * F + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
                  mask=mask_m[:, None] & mask_n[None, :])
     else:
@@ -302,7 +314,10 @@ def _qgrouped_gate_up_kernel(x_ptr, rows_ptr, bslot_ptr, gq, gs, gm, uq, us, um,
                                 WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC, SWAP == 3)
                 acc_u = _qdot_t(acc_u, a_rows, mask_m, uq + qo, us + so, um + mo, mask_n, k0, D, KQ, NG, GROUP,
                                 WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC, SWAP == 3)
-        h = acc_g * tl.sigmoid(acc_g) * acc_u  # [BLOCK_N, BLOCK_M]
+        if HAS_BIAS:
+            acc_g += tl.load(gb_ptr + slot * stride_bs + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+            acc_u += tl.load(ub_ptr + slot * stride_bs + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+        h = _act(acc_g, acc_u, ACT, alpha, limit)  # [BLOCK_N, BLOCK_M]
         tl.store(h_ptr + rows[None, :].to(tl.int64) * F + offs_n[:, None], h.to(h_ptr.dtype.element_ty),
                  mask=mask_n[:, None] & mask_m[None, :])
 
@@ -312,8 +327,10 @@ def _qgrouped_down_kernel(h_ptr, rows_ptr, bslot_ptr, wt_ptr, dq, ds, dm, out_pt
                           sm0, sm1, D: tl.constexpr, F: tl.constexpr, KQ: tl.constexpr, NG: tl.constexpr,
                           GROUP: tl.constexpr, ROWBLK: tl.constexpr, WFMT: tl.constexpr, R: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          PREC: tl.constexpr, SWAP: tl.constexpr = 0):
-    """Grid (cdiv(D, BLOCK_N), P / BLOCK_M): out[rows, n-block] = w[rows] * (h[rows] @ down.T)."""
+                          PREC: tl.constexpr, SWAP: tl.constexpr = 0, db_ptr=None, stride_bs=0,
+                          HAS_BIAS: tl.constexpr = False):
+    """Grid (cdiv(D, BLOCK_N), P / BLOCK_M): out[rows, n-block] = w[rows] * (h[rows] @ down.T + bd). HAS_BIAS: the
+    slot's down bias (a row of stride stride_bs) added to the product before the routing weight."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     slot = tl.load(bslot_ptr + pid_m).to(tl.int64)
@@ -336,6 +353,8 @@ def _qgrouped_down_kernel(h_ptr, rows_ptr, bslot_ptr, wt_ptr, dq, ds, dm, out_pt
         for k0 in range(0, F, BLOCK_K):
             acc = _qdot(acc, a_rows, mask_m, qn, sn, mn, mask_n, k0, F, KQ, NG, GROUP, WFMT, R, BLOCK_M, BLOCK_K,
                         BLOCK_N, DT, PREC)
+        if HAS_BIAS:
+            acc += tl.load(db_ptr + slot * stride_bs + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + rows64[:, None] * D + offs_n[None, :], (acc * w[:, None]).to(out_ptr.dtype.element_ty),
                  mask=mask_m[:, None] & mask_n[None, :])
     else:
@@ -347,6 +366,8 @@ def _qgrouped_down_kernel(h_ptr, rows_ptr, bslot_ptr, wt_ptr, dq, ds, dm, out_pt
             else:
                 acc = _qdot_t(acc, a_rows, mask_m, qn, sn, mn, mask_n, k0, F, KQ, NG, GROUP, WFMT, R, BLOCK_M,
                               BLOCK_K, BLOCK_N, DT, PREC, SWAP == 3)
+        if HAS_BIAS:
+            acc += tl.load(db_ptr + slot * stride_bs + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
         tl.store(out_ptr + rows64[None, :] * D + offs_n[:, None], (acc * w[None, :]).to(out_ptr.dtype.element_ty),
                  mask=mask_n[:, None] & mask_m[None, :])
 
@@ -487,9 +508,10 @@ class QuantGroupedMoE(GroupedMoE):
         T, K = ids.shape
         super().__init__(x, ids, weights, num_experts, config or pick_qconfig(T * K, num_experts, fmt))
 
-    def wave(self, W, slot_map: Tensor) -> None:
+    def wave(self, W, slot_map: Tensor, act: Any = None) -> None:
         """Compute the rows of the experts that `slot_map` ([E] int64: slot row, -1 = not this wave) places.
-        W: gate, up [S, F, D] and down [S, D, F] QuantWeight stacks (store.disk.ExpertWeights)."""
+        W: gate, up [S, F, D] and down [S, D, F] QuantWeight stacks (store.disk.ExpertWeights), with gpt-oss's
+        gate_bias, up_bias [S, F] and down_bias [S, D] where it has them; act: None (SwiGLU) or ClampedSwiGLU."""
         g, u, d = W.gate, W.up, W.down
         if not qgrouped_ok(W, interpret=True):
             raise ValueError("QuantGroupedMoE: gate/up/down must be [S, ...] QuantWeight stacks of one format "
@@ -507,22 +529,44 @@ class QuantGroupedMoE(GroupedMoE):
         gm = g.min if g.min is not None else g.scale
         um = u.min if u.min is not None else u.scale
         dm = d.min if d.min is not None else d.scale
+        ops = ExpertOperands(g.q, u.q, d.q, act=Activation.SWIGLU if act is None else Activation.SWIGLU_CLAMP,
+                             gate_bias=getattr(W, "gate_bias", None), up_bias=getattr(W, "up_bias", None),
+                             down_bias=getattr(W, "down_bias", None),
+                             **({} if act is None else {"alpha": float(act.alpha), "limit": float(act.limit)}))
+        _check_biases(ops, Fe, D)
+        gb, ub, sb = ops.bias_args(("gate_bias", "up_bias"))
+        db, dbs = ops.bias_args(("down_bias",))
         _qgrouped_gate_up_kernel[(triton.cdiv(Fe, cfg.block_n), nb)](
             x, al.rows, bslot, _codes(g), g.scale, gm, _codes(u), u.scale, um, self.h, al.num_rows, x.stride(0),
             *_strides(g), D=D, F=Fe, K=self.K, **_geometry(g, _step(g, cfg)), BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n, PREC=prec, SWAP=cfg.swap, num_warps=cfg.warps, num_stages=cfg.stages)
+            BLOCK_N=cfg.block_n, PREC=prec, SWAP=cfg.swap, gb_ptr=gb, ub_ptr=ub, stride_bs=sb, alpha=ops.alpha,
+            limit=ops.limit, ACT=int(ops.act), HAS_BIAS=ops.has_bias, num_warps=cfg.warps, num_stages=cfg.stages)
         _qgrouped_down_kernel[(triton.cdiv(D, cfg.block_n), nb)](
             self.h, al.rows, bslot, self.weights, _codes(d), d.scale, dm, self.out, al.num_rows, *_strides(d), D=D,
             F=Fe, **_geometry(d, _step(d, cfg)), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PREC=prec,
-            SWAP=cfg.swap, num_warps=cfg.warps, num_stages=cfg.stages)
+            SWAP=cfg.swap, db_ptr=db, stride_bs=dbs, HAS_BIAS=ops.has_bias, num_warps=cfg.warps,
+            num_stages=cfg.stages)
+
+
+def _check_biases(ops: ExpertOperands, F: int, D: int) -> None:
+    """All three biases or none, [S, F], [S, F], [S, D], contiguous along the last dim."""
+    biases = (ops.gate_bias, ops.up_bias, ops.down_bias)
+    if all(b is None for b in biases):
+        return
+    S = ops.gate.shape[0]
+    for name, b, want in zip(("gate_bias", "up_bias", "down_bias"), biases, ((S, F), (S, F), (S, D))):
+        if b is None or tuple(b.shape) != want or b.stride(-1) != 1:
+            raise ValueError(f"QuantGroupedMoE: {name} is {None if b is None else list(b.shape)}, want {list(want)} "
+                             "contiguous along its last dimension (all three biases or none)")
 
 
 def moe_grouped_quant(x: Tensor, ids: Tensor, weights: Tensor, W, slot_map: Tensor,
-                      config: GroupedConfig | None = None) -> Tensor:
-    """All experts in one wave: x [T, D], ids [T, K] experts, weights [T, K], W quantized stacks, slot_map [E]
-    int64 (every routed expert must have a slot) -> [T, D]. No host sync."""
+                      config: GroupedConfig | None = None, *, act: Any = None) -> Tensor:
+    """All experts in one wave: x [T, D], ids [T, K] experts, weights [T, K], W quantized stacks (with gpt-oss's
+    biases where it has them), slot_map [E] int64 (every routed expert must have a slot) -> [T, D]. No host sync.
+    act: None (SwiGLU) or gpt-oss's ClampedSwiGLU."""
     run = QuantGroupedMoE(x, ids, weights, slot_map.shape[0], W.gate.fmt, config)
-    run.wave(W, slot_map)
+    run.wave(W, slot_map, act)
     return run.result()
 
 

@@ -296,13 +296,11 @@ def expert_mix(x: Tensor, ids: Tensor, wts: Tensor, w: MoEWeights, provider: Exp
     # transformers casts the routing weights to the compute dtype (Mixtral keeps fp32): one token's paths pass
     # them as they are with `round_to`, and the fused kernels round them (no cast kernel per layer)
     round_to = None if fp32_weights else x.dtype
-    # One token: the decode kernels take both activations and gpt-oss's biases (moe_decode for float pools;
-    # quantized pools through experts_from_slots, whose fused GEMV kernels do the same). Several tokens:
-    # moe_gpu.experts_tokens (the one-token kernels over T*K pairs up to decode_max_t tokens, then the grouped
-    # kernels) when those serve the pool; the grouped kernels compute the plain SwiGLU without biases, so gpt-oss's
-    # experts take the torch path past decode_max_t tokens.
+    # One token: the decode kernels (moe_decode for float pools; quantized pools through experts_from_slots, whose
+    # fused GEMV kernels do the same). Several tokens: moe_gpu.experts_tokens (the one-token kernels over T*K pairs
+    # up to decode_max_t tokens, then the grouped kernels) when those serve the pool. Every kernel takes both
+    # activations and gpt-oss's expert biases.
     fused_shared = kernels and w.act is None
-    plain = kernels and w.act is None and getattr(provider.weights, "gate_bias", None) is None
     quant = isinstance(provider.weights.gate, QuantWeight)
     float_kernels = kernels and not quant
 
@@ -333,9 +331,7 @@ def expert_mix(x: Tensor, ids: Tensor, wts: Tensor, w: MoEWeights, provider: Exp
         out = one(s, base or 0)
     else:
         wc = wts if round_to is None else wts.to(round_to)
-        # gpt-oss (biases, the clamped activation): the one-token kernels over T*K pairs, up to decode_max_t tokens
-        few = kernels and not plain and moe_gpu.decode_serves(x.shape[0], provider.weights)
-        if (plain or few) and (not quant or moe_gpu.quant_kernels_ok(provider.weights)):  # checked for T > 1 only
+        if kernels and (not quant or moe_gpu.quant_kernels_ok(provider.weights)):  # checked for T > 1 only
             out = moe_gpu.experts_tokens(x, ids, wc, provider, layer, w.router.shape[0], act=w.act)
         else:
             out = experts_grouped(x, ids, wc, provider, layer, w.act)

@@ -110,25 +110,15 @@ def _wave_map(provider: Any, layer: int, part: Tensor, num_experts: int, device:
     return m.index_copy_(0, part.to(device), slots.to(device=device, dtype=torch.int64))
 
 
-def decode_serves(T: int, W: Any) -> bool:
-    """Whether experts_tokens takes the one-token kernels over T*K pairs for T tokens over pool W (at most
-    decode_max_t tokens), which also compute gpt-oss's activation and biases (the grouped kernels do not)."""
-    return T <= decode_max_t(isinstance(W.gate, QuantWeight))
-
-
 def experts_tokens(x: Tensor, ids: Tensor, weights: Tensor, provider: Any, layer: int,
                    num_experts: int, act: Any = None) -> Tensor:
-    """x [T, D], ids [T, K] experts, weights [T, K] -> [T, D], experts from `provider`. act: gpt-oss's ClampedSwiGLU
-    (with the pool's biases), which only the one-token kernels compute: the caller checks decode_serves first.
+    """x [T, D], ids [T, K] experts, weights [T, K] -> [T, D], experts from `provider`. act: None (SwiGLU) or
+    gpt-oss's ClampedSwiGLU; the pool's biases, where it has them, are applied (both kernel families compute them).
 
     Each wave's kernels are enqueued before the next get(), as model/moe.py's torch loop does.
     """
     W, dev, T = provider.weights, x.device, x.shape[0]
     quant = isinstance(W.gate, QuantWeight)
-    if (act is not None or getattr(W, "gate_bias", None) is not None) and not decode_serves(T, W):
-        raise ValueError(f"experts_tokens: {T} tokens of experts with biases or the clamped activation need the "
-                         f"one-token kernels (at most {decode_max_t(quant)} tokens); the grouped kernels compute "
-                         "plain SwiGLU")
     decode = functools.partial(_decode_quant if quant else _decode_float, act=act)
     whole = getattr(provider, "slot_map", None)
     if whole is not None:
@@ -136,7 +126,7 @@ def experts_tokens(x: Tensor, ids: Tensor, weights: Tensor, provider: Any, layer
         if T <= decode_max_t(quant):
             return decode(x, slot_map[ids], weights, W)
         run = _grouped(x, ids, weights, num_experts, W)
-        run.wave(W, slot_map)
+        run.wave(W, slot_map, act)
         return run.result()
     used = torch.unique(ids.reshape(-1))  # [U] sorted distinct experts (one host sync)
     n = max(1, int(provider.max_experts_per_call))
@@ -149,5 +139,5 @@ def experts_tokens(x: Tensor, ids: Tensor, weights: Tensor, provider: Any, layer
         slot_map = _wave_map(provider, layer, part, num_experts, dev)
         if w0 + n < U:
             provider.prefetch(layer, used[w0 + n:w0 + 2 * n])
-        run.wave(W, slot_map)
+        run.wave(W, slot_map, act)
     return run.result()
