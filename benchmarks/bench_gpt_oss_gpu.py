@@ -98,7 +98,10 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/tiered-bench-gptoss"))
     ap.add_argument("--preset", default=None, help="make_random_checkpoint preset (default gpt-oss-20b-4l; "
                                                    "gpt-oss-tiny with --small)")
-    ap.add_argument("--experts", default="source,mxfp4,q4", help="comma list of repack --experts formats")
+    ap.add_argument("--experts", default="source,mxfp4,q4",
+                    help="comma list of repack --experts formats, each optionally +DENSE (--dense), e.g. q4+q4")
+    ap.add_argument("--tiles", default="flat,word", help="other tiles timed beside the defaults for quantized experts "
+                    "(comma list of TILES keys; word: q4 only; empty: none)")
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--prefill-tokens", type=int, default=512, help="the long prompt whose prefill is timed (0: none)")
@@ -118,7 +121,9 @@ def main() -> None:
     shutil.rmtree(a.work, ignore_errors=True)
     a.work.mkdir(parents=True)
     t0 = time.perf_counter()
-    made = make(preset, ck, seed=a.seed, device=device)
+    # the embedded model's tokenizer (8,192 ids, inside gpt-oss's vocabulary): llama.cpp's converter needs one
+    tok = REPO / "tiered" / "data" / "olmoe-code-17m" if not a.small else None
+    made = make(preset, ck, seed=a.seed, device=device, tokenizer=tok)
     log(f"checkpoint {preset}: {made['params'] / 1e9:.2f}B params in {time.perf_counter() - t0:.1f} s")
     res = {"bench": "gpt_oss_gpu", "date": time.strftime("%Y-%m-%d"), "commit": git_commit(),
            "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "preset": preset,
@@ -128,11 +133,13 @@ def main() -> None:
 
         res["hbm_read_gbps"] = hbm_read_gbps()
     g = torch.Generator().manual_seed(a.seed + 1)
-    for fmt in a.experts.split(","):
-        lay = a.work / f"layout-{fmt}"
+    for spec in a.experts.split(","):
+        fmt, _, dense = spec.partition("+")
+        lay = a.work / f"layout-{spec}"
         t0 = time.perf_counter()
-        repack(ck, lay, experts=fmt, progress=False, **({"quant_device": "cuda"} if device == "cuda" else {}))
-        log(f"repack --experts {fmt}: {time.perf_counter() - t0:.1f} s")
+        repack(ck, lay, experts=fmt, dense=dense or "source", progress=False,
+               **({"quant_device": "cuda"} if device == "cuda" else {}))
+        log(f"repack --experts {fmt} --dense {dense or 'source'}: {time.perf_counter() - t0:.1f} s")
         from tiered.store.disk import Layout
 
         vocab = Layout.open(lay).config.vocab_size
@@ -142,13 +149,13 @@ def main() -> None:
         row = {}
         paths = [("kernels", None, None), ("torch_experts", False, None)]
         if fmt in ("mxfp4", "q4", "q8") and device == "cuda":
-            paths += [(f"kernels_{t}", None, TILES[t].format(f=fmt)) for t in (("flat", "word") if fmt == "q4"
-                                                                              else ("flat",))]
+            paths += [(f"kernels_{t}", None, TILES[t].format(f=fmt)) for t in a.tiles.split(",") if t
+                      and (t != "word" or fmt == "q4")]
         for name, kernels, tiles in paths:
             row[name] = run_path(lay, device, ids, new, repeats, kernels, tiles, None if tiles else long_ids)
             if tiles:
                 row[name]["tiles"] = tiles
-            log(f"{fmt} {name}: {row[name]['decode_tok_s']:.1f} tok/s")
+            log(f"{spec} {name}: {row[name]['decode_tok_s']:.1f} tok/s")
         k, t = row["kernels"], row["torch_experts"]
         row["kernels_vs_torch_experts"] = k["decode_tok_s"] / t["decode_tok_s"]
         row["greedy_tokens_agree"] = sum(x == y for x, y in zip(k["tokens"], t["tokens"]))
@@ -158,11 +165,12 @@ def main() -> None:
             bound = res["hbm_read_gbps"]["read_gbps"] * 1e9 / k["bytes_per_step"]
             row["hbm_bound_tok_s"] = bound
             row["kernels_vs_hbm_bound"] = k["decode_tok_s"] / bound
-        res["layouts"][fmt] = row
-    print(f"{'experts':<8} {'kernels tok/s':>14} {'torch tok/s':>12} {'ratio':>7} {'bytes/step':>14} {'vs HBM':>7} "
+        row["experts"], row["dense"] = fmt, dense or "source"
+        res["layouts"][spec] = row
+    print(f"{'layout':<10} {'kernels tok/s':>14} {'torch tok/s':>12} {'ratio':>7} {'bytes/step':>14} {'vs HBM':>7} "
           f"{'agree':>6}")
     for fmt, r in res["layouts"].items():
-        print(f"{fmt:<8} {r['kernels']['decode_tok_s']:>14.1f} {r['torch_experts']['decode_tok_s']:>12.1f} "
+        print(f"{fmt:<10} {r['kernels']['decode_tok_s']:>14.1f} {r['torch_experts']['decode_tok_s']:>12.1f} "
               f"{r['kernels_vs_torch_experts']:>7.2f} {r['kernels']['bytes_per_step']:>14,} "
               f"{r.get('kernels_vs_hbm_bound', float('nan')):>7.3f} {r['greedy_tokens_agree']:>3}/{new}")
     if any("long_prefill_tok_s" in r["kernels"] for r in res["layouts"].values()):

@@ -443,6 +443,19 @@ def test_batched_greedy_equals_single_sequence(pair, attn, prefill, page, chunk)
     assert sch.step_fn._windows == [None, WINDOW]  # both kinds of layer ran
 
 
+def test_batch_model_path_takes_gpt_oss_with_kernels(pair):
+    """The batch step's "model" expert path (expert_mix's kernels, no host read of the routing) serves gpt-oss when
+    the model runs the kernels (both kernel families compute its biases and clamped SwiGLU); the torch path, which
+    reads the routing per expert, does not."""
+    from tiered.decode.batchstep import model_path_ok
+
+    _, layout, prov, _ = pair
+    m = ours(layout, prov, max_context=32)
+    assert hasattr(prov, "slot_map") and not model_path_ok(m)
+    m.kernels = True
+    assert model_path_ok(m)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("attn", [None, "rows"])
 def test_cuda_batched_greedy_equals_single_sequence(pair, attn):
@@ -498,12 +511,15 @@ def test_bench_gpt_oss_small_runs_on_cpu(tmp_path):
 
     repo = Path(__file__).resolve().parent.parent
     env = {**os.environ, "OUT": str(tmp_path / "out")}
-    r = subprocess.run([sys.executable, "benchmarks/bench_gpt_oss_gpu.py", "--small", "--work", str(tmp_path / "w")],
-                       cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "benchmarks/bench_gpt_oss_gpu.py", "--small", "--work", str(tmp_path / "w"),
+                        "--experts", "source,mxfp4,q4+q4"], cwd=repo, env=env, capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res == json.loads((tmp_path / "out" / "gpt_oss_gpu.json").read_text())
-    assert set(res["layouts"]) == {"source", "mxfp4", "q4"}
+    assert set(res["layouts"]) == {"source", "mxfp4", "q4+q4"}
+    assert (res["layouts"]["q4+q4"]["experts"], res["layouts"]["q4+q4"]["dense"]) == ("q4", "q4")
     for row in res["layouts"].values():
         assert row["kernels"]["decode_tok_s"] > 0 and row["torch_experts"]["decode_tok_s"] > 0
         assert row["greedy_tokens_agree"] == res["new_tokens"]  # the same torch path on CPU: equal tokens
+        assert row["kernels"]["long_prefill_tok_s"] > 0 and row["prefill_kernels_vs_torch_experts"] > 0

@@ -395,6 +395,49 @@ def test_cuda_grouped_quant_10b_shape(fmt, T, swap):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("fmt", ["bf16", "mxfp4", "q4", "q8"])
+@pytest.mark.parametrize("T", [16, 300])
+def test_cuda_grouped_gpt_oss_shape(fmt, T):
+    """gpt-oss-20b's experts (D = F = 2880, top-4 of 32) in the grouped kernels with bf16 biases and the clamped
+    SwiGLU, bf16 activations, the picked tiles: within bf16 rounding of the fp32 loop (bf16 pools: moe_grouped)."""
+    from types import SimpleNamespace
+
+    from tiered.kernels.moe_grouped import moe_grouped
+    from tiered.model.moe import ClampedSwiGLU
+
+    D = F_ = 2880
+    E, K = 32, 4
+    act = ClampedSwiGLU()
+    g = torch.Generator().manual_seed(8)
+    gb, ub, db = (torch.randn(E + 3, n, generator=g).bfloat16().to(DEV) * 0.3 for n in (F_, F_, D))
+    if fmt == "bf16":
+        Wq = SimpleNamespace(**{n: (torch.randn(E + 3, *shape, generator=g) * D ** -0.5 * 2).bfloat16().to(DEV)
+                                for n, shape in (("gate", (F_, D)), ("up", (F_, D)), ("down", (D, F_)))})
+        mats = lambda s: (Wq.gate[s].float(), Wq.up[s].float(), Wq.down[s].float())  # noqa: E731
+    else:
+        Wq = _pool(fmt, E + 3, F_, D)
+        mats = lambda s: tuple(m[s].dequantize(torch.float32) for m in (Wq.gate, Wq.up, Wq.down))  # noqa: E731
+    W = SimpleNamespace(gate=Wq.gate, up=Wq.up, down=Wq.down, gate_bias=gb, up_bias=ub, down_bias=db)
+    ids, w = _routing(T, K, E)
+    ids, w = ids.to(DEV), w.to(DEV)
+    slot_map = torch.randperm(E + 3, device=DEV)[:E]
+    x = torch.randn(T, D, device=DEV, dtype=torch.bfloat16)
+    if fmt == "bf16":
+        out = moe_grouped(x, ids, w.bfloat16(), W, slot_map, act=act)
+    else:
+        out = moe_grouped_quant(x, ids, w.bfloat16(), W, slot_map, act=act)
+    want = torch.zeros(T, D, dtype=torch.float64, device=DEV)
+    xf = x.float()
+    for e in ids.unique().tolist():
+        t, k = (ids == e).nonzero(as_tuple=True)
+        s_ = int(slot_map[e])
+        gw, uw, dw = mats(s_)
+        y = act(xf[t] @ gw.T + gb[s_].float(), xf[t] @ uw.T + ub[s_].float()) @ dw.T + db[s_].float()
+        want.index_add_(0, t, (y * w[t, k].float()[:, None]).double())
+    assert _rel(out.float(), want) <= 1e-2, _rel(out.float(), want)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("N,K", [(5120, 2048), (2048, 4096), (151936, 2048), (100, 70)])
 def test_cuda_qlinear_prefill_rows(fmt, N, K):

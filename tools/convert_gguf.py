@@ -12,9 +12,30 @@ Every argument after the wrapper's own is passed to convert_hf_to_gguf.py unchan
 from __future__ import annotations
 
 import argparse
+import json
 import runpy
 import sys
 from pathlib import Path
+
+
+def check_tokenizer(ckpt: Path) -> None:
+    """Fail early, and say why, where the converter would fail late and cryptically: a checkpoint without a tokenizer
+    (make_random_checkpoint.py writes none unless given --tokenizer; transformers then asks for sentencepiece or
+    tiktoken), or one whose token ids do not fit config.json's vocab_size (a bare assert in get_vocab_base)."""
+    tok = ckpt / "tokenizer.json"
+    if not tok.is_file():
+        if (ckpt / "tokenizer.model").is_file():
+            return
+        raise SystemExit(f"{ckpt} has no tokenizer.json: llama.cpp's converter needs one. For a random checkpoint pass "
+                         "make_random_checkpoint.py --tokenizer tiered/data/olmoe-code-17m (8,192 tokens: the preset's "
+                         "vocab_size must be at least that), or copy a byte-level BPE tokenizer.json in")
+    cfg = json.loads((ckpt / "config.json").read_text())
+    vocab = cfg.get("vocab_size", cfg.get("text_config", {}).get("vocab_size"))
+    model = json.loads(tok.read_text()).get("model", {})
+    ids = [*model.get("vocab", {}).values()] if isinstance(model.get("vocab"), dict) else []
+    if vocab is not None and ids and max(ids) >= vocab:
+        raise SystemExit(f"{tok} has token ids up to {max(ids)} but {ckpt}/config.json has vocab_size {vocab}: "
+                         "the converter requires every id below vocab_size")
 
 
 def main() -> None:
@@ -38,6 +59,9 @@ def main() -> None:
     if not patched:
         raise SystemExit(f"{a.llama_dir}/conversion/base.py defines no get_vocab_base_pre: this llama.cpp version "
                          "checks the pre-tokenizer elsewhere; update tools/convert_gguf.py")
+    for ckpt in (Path(x) for x in rest if not x.startswith("-")):
+        if (ckpt / "config.json").is_file():
+            check_tokenizer(ckpt)
     sys.argv = [str(script), *rest]
     runpy.run_path(str(script), run_name="__main__")
 

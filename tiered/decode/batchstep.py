@@ -205,8 +205,8 @@ class BatchStep:
         if experts not in ("major", "model"):
             raise ValueError(f"experts must be auto, major or model, got {experts!r}")
         if experts == "model" and not model_path_ok(model):
-            raise ValueError("experts='model' needs a provider that maps every expert (slot_map: all resident) "
-                             "and experts without biases or a custom activation; use 'major'")
+            raise ValueError("experts='model' needs a provider that maps every expert (slot_map: all resident), "
+                             "and without the kernels experts without biases or a custom activation; use 'major'")
         self.experts = experts
         self._used: Tensor | None = None  # [L, E + 1] bool: the experts each layer used in a step (used_marks)
 
@@ -670,17 +670,18 @@ class BatchStep:
 
 def model_path_ok(model: Any) -> bool:
     """Whether the model's own several-token expert path can serve a step without a host read of the routing:
-    the provider maps every expert (`slot_map`) and the experts are plain SwiGLU without biases (quantized
-    pools: in a format the grouped kernels read)."""
+    the provider maps every expert (`slot_map`), and with the kernels quantized pools are in a format the grouped
+    kernels read (both kernel families compute gpt-oss's biases and clamped SwiGLU); without the kernels (the
+    torch path) only plain SwiGLU experts without biases."""
     from tiered.model import moe_gpu
 
     prov = model.provider
     W = getattr(prov, "weights", None)
-    if not hasattr(prov, "slot_map") or W is None or getattr(W, "gate_bias", None) is not None:
+    if not hasattr(prov, "slot_map") or W is None:
         return False
-    if any(lw.moe is not None and lw.moe.act is not None for lw in model.layers):
-        return False
-    return not isinstance(W.gate, QuantWeight) or not model.kernels or moe_gpu.quant_kernels_ok(W)
+    if model.kernels:
+        return not isinstance(W.gate, QuantWeight) or moe_gpu.quant_kernels_ok(W)
+    return getattr(W, "gate_bias", None) is None and all(lw.moe is None or lw.moe.act is None for lw in model.layers)
 
 
 def _grouped_mm_fn(device: torch.device) -> Callable[..., Tensor] | None:
