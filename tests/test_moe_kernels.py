@@ -505,8 +505,9 @@ def test_decode_max_t_knob(monkeypatch):
     monkeypatch.delenv(moe_gpu.DECODE_MAX_T_ENV, raising=False)
     assert moe_gpu.decode_max_t() == moe_gpu.DECODE_MAX_T
     assert moe_gpu.decode_max_t(quant=False) == moe_gpu.DECODE_MAX_T_FLOAT
+    assert moe_gpu.decode_max_t(fmt="mxfp4") == moe_gpu.DECODE_MAX_T_MXFP4 < moe_gpu.decode_max_t(fmt="q4")
     monkeypatch.setenv(moe_gpu.DECODE_MAX_T_ENV, "6")
-    assert moe_gpu.decode_max_t() == moe_gpu.decode_max_t(quant=False) == 6
+    assert moe_gpu.decode_max_t() == moe_gpu.decode_max_t(quant=False) == moe_gpu.decode_max_t(fmt="mxfp4") == 6
     monkeypatch.setenv(moe_gpu.DECODE_MAX_T_ENV, "four")
     with pytest.raises(ValueError, match="TIERED_DECODE_MAX_T"):
         moe_gpu.decode_max_t()

@@ -37,15 +37,22 @@ from tiered.layout.quant import QuantWeight
 DECODE_MAX_T = 8  # quantized experts
 DECODE_MAX_T_FLOAT = 4  # bf16 / fp16 / fp32 experts (8 until session 28: T 8 took 156-188 us against 193 grouped
 #                        in session 1, before the grouped kernel's tiles were tuned)
-DECODE_MAX_T_ENV = "TIERED_DECODE_MAX_T"  # a benchmark knob: one cut-over for both, to time it (docs/cli.md)
+# mxfp4 experts cross over lower: at gpt-oss-20b's widths (D = F = 2880, top-4 of 32) batches of 8 rows ran 3,179 and
+# 3,192 tok/s with the GEMVs against 3,607 and 3,598 grouped (1.13x; session 31 call E, a process each; q4 at that
+# shape kept the GEMVs ahead: 5,037 in call C against 4,706 grouped in call D, the same box).
+DECODE_MAX_T_MXFP4 = 4
+DECODE_MAX_T_ENV = "TIERED_DECODE_MAX_T"  # a benchmark knob: one cut-over for all, to time it (docs/cli.md)
 
 
-def decode_max_t(quant: bool = True) -> int:
-    """The cut-over in force for quantized (or float) experts: DECODE_MAX_T (DECODE_MAX_T_FLOAT), or
-    TIERED_DECODE_MAX_T when set (read at each call: graphs keep what their capture read)."""
+def decode_max_t(quant: bool = True, fmt: str | None = None) -> int:
+    """The cut-over in force for quantized (or float) experts of format `fmt`: DECODE_MAX_T (DECODE_MAX_T_FLOAT;
+    DECODE_MAX_T_MXFP4 for mxfp4), or TIERED_DECODE_MAX_T when set (read at each call: graphs keep what their capture
+    read)."""
     raw = os.environ.get(DECODE_MAX_T_ENV, "").strip()
     if not raw:
-        return DECODE_MAX_T if quant else DECODE_MAX_T_FLOAT
+        if not quant:
+            return DECODE_MAX_T_FLOAT
+        return DECODE_MAX_T_MXFP4 if fmt == "mxfp4" else DECODE_MAX_T
     try:
         return int(raw)
     except ValueError:
@@ -119,11 +126,12 @@ def experts_tokens(x: Tensor, ids: Tensor, weights: Tensor, provider: Any, layer
     """
     W, dev, T = provider.weights, x.device, x.shape[0]
     quant = isinstance(W.gate, QuantWeight)
+    cut = decode_max_t(quant, W.gate.fmt if quant else None)
     decode = functools.partial(_decode_quant if quant else _decode_float, act=act)
     whole = getattr(provider, "slot_map", None)
     if whole is not None:
         slot_map = whole(layer).to(device=dev, dtype=torch.int64)  # [E]
-        if T <= decode_max_t(quant):
+        if T <= cut:
             return decode(x, slot_map[ids], weights, W)
         run = _grouped(x, ids, weights, num_experts, W)
         run.wave(W, slot_map, act)
@@ -131,7 +139,7 @@ def experts_tokens(x: Tensor, ids: Tensor, weights: Tensor, provider: Any, layer
     used = torch.unique(ids.reshape(-1))  # [U] sorted distinct experts (one host sync)
     n = max(1, int(provider.max_experts_per_call))
     U = used.numel()
-    if T <= decode_max_t(quant) and U <= n:
+    if T <= cut and U <= n:
         return decode(x, _wave_map(provider, layer, used, num_experts, dev)[ids], weights, W)
     run = _grouped(x, ids, weights, num_experts, W)
     for w0 in range(0, U, n):
