@@ -1,0 +1,128 @@
+"""Session 31's gpt-oss result file from calls A-F: python3 benchmarks/lease/s31_report.py /tmp/s31 benchmarks/results
+-> gpt-oss-prefill-batch-2026-12-04-h200-s31.json. /tmp/s31/c1..c6 hold the unpacked tgz of call A (s31_callA.sh:
+the CUDA tests, bench_gpt_oss_gpu.py), B (s31_callB.sh: llama.cpp built, the checkpoint converted and quantized,
+llama-bench), C (s31_callC.sh: batches, ours and llama-batched-bench), D and E (mxfp4's GEMV/grouped cut-over at
+TIERED_DECODE_MAX_T 8 and 4) and F (the bf16 batches, ours and llama.cpp's), one box kept warm across them, all at
+21f1b5e. Every figure is read from the calls' own files; nothing is typed in."""
+import json
+import re
+import sys
+from pathlib import Path
+
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+# ours (layout) -> llama.cpp's GGUF of the same checkpoint with the closest bytes: bf16; MXFP4_MOE (experts MXFP4,
+# every other matrix Q8_0) against our mxfp4 experts with q8 dense; Q4_0 (output Q8_0: 2880 is no multiple of 256 for
+# its Q6_K) against our q4 experts with q4 dense (our lm_head in q4: fewer bytes than llama.cpp's)
+PAIRS = {"source": "bf16", "mxfp4+q8": "MXFP4_MOE", "q4+q4": "Q4_0"}
+# gpt-oss-20b-4l's shape (tools/make_random_checkpoint.py)
+L, D, F, E, K, V, H, KV, HD = 4, 2880, 2880, 32, 4, 201088, 64, 8, 64
+
+
+def jl(p):
+    return [json.loads(x) for x in p.read_text().splitlines() if x.strip().startswith("{")]
+
+
+def tests(call):
+    t = (src / call / "cuda-tests.log").read_text()
+    return {"summary": re.findall(r"(\d+ passed[^\n]*)", t)[-1], "failed": re.findall(r"FAILED (\S+)", t)}
+
+
+A = json.loads((src / "c1" / "gpt_oss_gpu.json").read_text())
+read = A["hbm_read_gbps"]["read_gbps"] * 1e9
+# prefill bound: every weight read once (at 512 tokens, 2,048 picks over 32 experts reach every expert) except the
+# embedding table (rows gathered), against the FLOPs of the projections and experts at the H200's dense bf16 peak
+attn = D * H * HD + 2 * D * KV * HD + H * HD * D  # q, k, v, o
+flops_tok = 2 * L * (attn + K * 3 * D * F + E * D)  # + the router; logits for the last token only
+PEAK_BF16 = 989e12  # H200 SXM dense bf16 tensor FLOP/s (NVIDIA's data sheet)
+llama = {q: {(r["n_prompt"], r["n_gen"]): r["avg_ts"] for r in json.loads((src / "c2" / f"llama-bench-{q}.json")
+                                                                           .read_text())} for q in PAIRS.values()}
+batched = {q: {r["pl"]: r for r in jl(src / c / f"llama-batched-{q}.jsonl")}
+           for q, c in (("MXFP4_MOE", "c3"), ("Q4_0", "c3"), ("bf16", "c6"))}
+ours_batch = {"mxfp4+q8": json.loads((src / "c3" / "batch-mxfp4+q8.json").read_text()),
+              "q4+q4": json.loads((src / "c3" / "batch-q4+q4.json").read_text()),
+              "source": json.loads((src / "c6" / "batch-source.json").read_text())}
+rows = {}
+for spec, q in PAIRS.items():
+    r = A["layouts"][spec]
+    k, t = r["kernels"], r["torch_experts"]
+    n = k["long_prefill_tokens"]
+    pbytes = k["bytes_per_step"] + (E - K) * L * k["block_size"] - V * D * 2
+    bound_s = max(pbytes / read, n * flops_tok / PEAK_BF16)
+    row = {"experts": r["experts"], "dense": r["dense"], "llamacpp_gguf": q,
+           "prefill": {"tokens": n, "kernels_tok_s": k["long_prefill_tok_s"], "kernels_runs": k["long_prefill_runs"],
+                       "torch_experts_tok_s": t["long_prefill_tok_s"],
+                       "kernels_vs_torch_experts": r["prefill_kernels_vs_torch_experts"],
+                       "llamacpp_pp512_tok_s": llama[q][(512, 0)],
+                       "vs_llamacpp": k["long_prefill_tok_s"] / llama[q][(512, 0)],
+                       "bound_bytes": pbytes, "bound_tok_s": n / bound_s,
+                       "bound_limited_by": "HBM" if pbytes / read >= n * flops_tok / PEAK_BF16 else "bf16 FLOPs",
+                       "vs_bound": k["long_prefill_tok_s"] / (n / bound_s)},
+           "decode": {"kernels_tok_s": k["decode_tok_s"], "torch_experts_tok_s": t["decode_tok_s"],
+                      "kernels_vs_torch_experts": r["kernels_vs_torch_experts"],
+                      "llamacpp_tg64_tok_s": llama[q][(0, 64)], "vs_llamacpp": k["decode_tok_s"] / llama[q][(0, 64)],
+                      "bytes_per_step": k["bytes_per_step"], "hbm_bound_tok_s": r["hbm_bound_tok_s"],
+                      "vs_hbm_bound": r["kernels_vs_hbm_bound"],
+                      "hbm_bound_tok_s_embedding_row_only": read / (k["bytes_per_step"] - V * D * 2),
+                      "vs_hbm_bound_embedding_row_only": k["decode_tok_s"] * (k["bytes_per_step"] - V * D * 2) / read},
+           "batch": {}}
+    for B in (1, 8, 32):
+        o = ours_batch[spec]["vram"]["own"][str(B)]
+        lb = batched[q][B]
+        row["batch"][str(B)] = {"tok_s": o["tok_s"], "llamacpp_s_tg": lb["speed_tg"],
+                                "vs_llamacpp": o["tok_s"] / lb["speed_tg"], "prompts_tok_s": o["prefill_tok_s"],
+                                "llamacpp_s_pp": lb["speed_pp"]}
+    rows[spec] = row
+
+
+def quantized(q):
+    """llama-quantize's log: each tensor kind's target type (blocks folded), and the file size line."""
+    t = (src / "c2" / f"quantize-{q}.log").read_text()
+    kinds = {}
+    for name, typ in re.findall(r"(blk\.\d+\.[a-z_]+\.weight|output\.weight|token_embd\.weight).*?converting to "
+                                r"([a-z0-9_]+)", t):
+        kinds[re.sub(r"blk\.\d+\.", "blk.N.", name)] = typ
+    return {"tensors": kinds, "quant_size": re.findall(r"quant size\s*=\s*([^\n]+)", t)}
+
+
+def cut(call, pat):
+    out = {}
+    for p in sorted((src / call).glob(pat)):
+        d = json.loads(p.read_text())
+        for B, r in d["vram"]["own"].items():
+            out.setdefault(B, []).append(r["tok_s"])
+    return out
+
+
+res = {"bench": "gpt_oss_prefill_batch", "date": "2026-12-04", "session": 31, "device": "NVIDIA H200",
+       "commit": "21f1b5e", "commit_note": "the box's copy reports c7a5392 in the benchmarks' own commit fields; the "
+       "calls ran the working tree of 21f1b5e (the cut-over change they led to is the next commit)",
+       "model": "gpt-oss-20b widths cut to 4 layers (tools/make_random_checkpoint.py gpt-oss-20b-4l: hidden 2880, 32 "
+                "experts top-4 of FFN 2880, 64 q / 8 kv heads of 64, sliding and full layers alternating, vocab "
+                "201,088; 4.4B params, random bf16 weights), everything in VRAM",
+       "method": {"prefill": "ours: engine.generate of a 512-token prompt of random ids, 1 new token, prefill_tok_s, "
+                             "median of 2 after a warm-up; llama.cpp: llama-bench -p 512 -n 64 -r 3 -ngl 99 avg_ts",
+                  "decode": "ours: 64 new tokens after a 64-token prompt, median of 2 (graphs captured); llama.cpp: "
+                            "llama-bench tg64",
+                  "batch": "ours: bench_batch_gpu.py --phases vram --routing own --paths graphs (64-token prompts, 64 "
+                           "new tokens, tok/s of the steps after every row has its first token); llama.cpp: "
+                           "llama-batched-bench -npp 64 -ntg 64 -npl 1,8,32 S_TG",
+                  "prefill_bound": "max(bytes of every weight but the embedding table / measured HBM read rate, "
+                                   "FLOPs of the projections and the K experts / 989 TFLOP/s)",
+                  "llamacpp_quantization": {q: quantized(q) for q in ("MXFP4_MOE", "Q4_0")}},
+       "hbm_read_gbps": A["hbm_read_gbps"]["read_gbps"], "cuda_tests_call_A": tests("c1"), "layouts": rows,
+       "mxfp4_cut_over_B8": {"decode_max_t_8_gemv": cut("c5", "batche-8-*.json"),
+                             "decode_max_t_4_grouped": cut("c5", "batche-4-*.json"),
+                             "call_D_decode_max_t_4": {lay: cut("c4", f"batchd-{lay}.json") for lay in
+                                                       ("mxfp4+q8", "q4+q4")}}}
+out = dst / "gpt-oss-prefill-batch-2026-12-04-h200-s31.json"
+out.write_text(json.dumps(res, indent=1) + "\n")
+print(out)
+for spec, r in rows.items():
+    p, d = r["prefill"], r["decode"]
+    print(f"{spec:9} prefill {p['kernels_tok_s']:8.0f} (torch {p['torch_experts_tok_s']:6.0f}, llama "
+          f"{p['llamacpp_pp512_tok_s']:7.0f}: {p['vs_llamacpp']:.2f}x, bound {p['bound_tok_s']:8.0f} {p['bound_limited_by']}: {p['vs_bound']:.3f}) | "
+          f"decode {d['kernels_tok_s']:6.0f} (llama {d['llamacpp_tg64_tok_s']:6.0f}: {d['vs_llamacpp']:.2f}x, "
+          f"HBM {d['vs_hbm_bound']:.2f} / row-only {d['vs_hbm_bound_embedding_row_only']:.2f}) | batch " +
+          " ".join(f"B{B} {b['tok_s']:.0f}/{b['llamacpp_s_tg']:.0f}={b['vs_llamacpp']:.2f}x"
+                   for B, b in r["batch"].items()))
+print(res["mxfp4_cut_over_B8"])
