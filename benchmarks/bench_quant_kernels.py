@@ -531,7 +531,8 @@ def main() -> None:
     ap.add_argument("--prefill-formats", default="q8,q4,mxfp4", help="prefill: quantized formats besides bf16")
     ap.add_argument("--tokens", default="16,128,512,2048", help="prefill: token counts T")
     ap.add_argument("--shapes", default="10.6B,397B",
-                    help="expert shapes (10.6B, 397B), decode and prefill; none: the dense matrices alone")
+                    help="expert shapes (10.6B, 397B: decode and prefill; gpt-oss: prefill); none: the dense "
+                         "matrices alone")
     ap.add_argument("--prefill-sweep", action="store_true", help="prefill: also time a few other tiles")
     ap.add_argument("--swap-sweep", action="store_true",
                     help="prefill: also the transposed-product tiles (GroupedConfig.swap) of the quantized formats")
@@ -606,7 +607,8 @@ def main() -> None:
 
 # --- prefill: grouped kernels over one resident layer ---
 
-PREFILL_SHAPES = {"10.6B": (2048, 768, 128, 8), "397B": (4096, 1024, 512, 10)}  # D, F, E, K
+PREFILL_SHAPES = {"10.6B": (2048, 768, 128, 8), "397B": (4096, 1024, 512, 10),
+                  "gpt-oss": (2880, 2880, 32, 4)}  # D, F, E, K (gpt-oss-20b's experts)
 PREFILL_SWEEP = [(16, 64, 64, 4, 4), (16, 64, 128, 4, 4), (16, 128, 64, 4, 4), (32, 64, 128, 4, 4),
                  (64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4),
                  (64, 64, 32, 4, 4)]  # block_m, block_n, block_k, warps, stages
