@@ -60,7 +60,8 @@ def main() -> int:
     # step over several groups
     # (block_m, block_n, block_k, warps, stages, swap): swap 1-3, the transposed products for few rows an expert
     tiles = ([(16, 64, 128, 4, 4, 0), (16, 64, 128, 4, 4, 3)] if a.quick else
-             [(16, 64, 128, 4, 4, 0), (64, 64, 64, 4, 4, 0), (128, 128, 64, 8, 3, 0), (16, 64, 64, 4, 4, 1),
+             [(16, 64, 128, 4, 4, 0), (64, 64, 64, 4, 4, 0), (128, 128, 64, 8, 3, 0), (128, 64, 64, 4, 4, 0),
+              (16, 64, 64, 4, 4, 1),
               (16, 64, 64, 4, 4, 2), (16, 128, 64, 4, 4, 3)])
     failed = 0
     for fmt, (qt, st) in TYPES.items():

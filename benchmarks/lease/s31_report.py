@@ -3,7 +3,8 @@
 the CUDA tests, bench_gpt_oss_gpu.py), B (s31_callB.sh: llama.cpp built, the checkpoint converted and quantized,
 llama-bench), C (s31_callC.sh: batches, ours and llama-batched-bench), D and E (mxfp4's GEMV/grouped cut-over at
 TIERED_DECODE_MAX_T 8 and 4) and F (the bf16 batches, ours and llama.cpp's), one box kept warm across them, all at
-21f1b5e. Every figure is read from the calls' own files; nothing is typed in."""
+21f1b5e; c7 and c8: calls G and H, the grouped kernels' tile sweeps (another box). Every figure is read from the
+calls' own files; nothing is typed in."""
 import json
 import re
 import sys
@@ -114,13 +115,37 @@ res = {"bench": "gpt_oss_prefill_batch", "date": "2026-12-04", "session": 31, "d
                              "decode_max_t_4_grouped": cut("c5", "batche-4-*.json"),
                              "call_D_decode_max_t_4": {lay: cut("c4", f"batchd-{lay}.json") for lay in
                                                        ("mxfp4+q8", "q4+q4")}}}
+def sweep(call):
+    """bench_quant_kernels.py --phase prefill's rows (us a layer of the grouped kernels per tile) from call G (the
+    gpt-oss shape) and H (the 10.6B and 397B shapes): the picked tile and the fastest, per (shape, T, format)."""
+    d = json.loads((src / call / "quant_prefill.json").read_text())
+    out = {}
+    for r in d["rows"] if isinstance(d, dict) and "rows" in d else d:
+        if r.get("variant") != "triton grouped" or "us" not in r:
+            continue
+        k = f"{r['shape']} T{r['T']} {r['fmt']}"
+        e = out.setdefault(k, {"tiles_us": {}})
+        e["tiles_us"][r["config"]] = round(r["us"], 1)
+        if r["config"].startswith("auto"):
+            e["picked"], e["picked_us"] = r["config"], r["us"]
+    for e in out.values():
+        e["best"], e["best_us"] = min(e["tiles_us"].items(), key=lambda kv: kv[1])
+        e["picked_vs_best"] = e["picked_us"] / e["best_us"]
+    return out
+
+
+res["tile_sweeps"] = {"call_G": sweep("c7"), "call_H": sweep("c8"),
+                      "note": "calls G (s31_callG.sh) and H (the same sweep at the 10.6B and 397B shapes on G's warm "
+                              "box) ran at a66f332, before pick_qconfig took m128 n64 w4 s4 for q4 and mxfp4 above 96 "
+                              "rows an expert"}
 out = dst / "gpt-oss-prefill-batch-2026-12-04-h200-s31.json"
 out.write_text(json.dumps(res, indent=1) + "\n")
 print(out)
 for spec, r in rows.items():
     p, d = r["prefill"], r["decode"]
     print(f"{spec:9} prefill {p['kernels_tok_s']:8.0f} (torch {p['torch_experts_tok_s']:6.0f}, llama "
-          f"{p['llamacpp_pp512_tok_s']:7.0f}: {p['vs_llamacpp']:.2f}x, bound {p['bound_tok_s']:8.0f} {p['bound_limited_by']}: {p['vs_bound']:.3f}) | "
+          f"{p['llamacpp_pp512_tok_s']:7.0f}: {p['vs_llamacpp']:.2f}x, bound {p['bound_tok_s']:8.0f} "
+          f"{p['bound_limited_by']}: {p['vs_bound']:.3f}) | "
           f"decode {d['kernels_tok_s']:6.0f} (llama {d['llamacpp_tg64_tok_s']:6.0f}: {d['vs_llamacpp']:.2f}x, "
           f"HBM {d['vs_hbm_bound']:.2f} / row-only {d['vs_hbm_bound_embedding_row_only']:.2f}) | batch " +
           " ".join(f"B{B} {b['tok_s']:.0f}/{b['llamacpp_s_tg']:.0f}={b['vs_llamacpp']:.2f}x"

@@ -445,7 +445,8 @@ def parse_few(spec: str) -> GroupedConfig:
 
 def pick_qconfig(rows: int, num_experts: int, fmt: str) -> GroupedConfig:
     """Tiles for a quantized pool: moe_grouped's choice by rows per expert (measured for bf16 on the H200), with
-    the reduction step capped at the format's group (one scale per step and row). At 16 rows an expert or fewer
+    the reduction step capped at the format's group (one scale per step and row); q4 and mxfp4 take their own tiles
+    at 16 rows an expert or fewer (q4) and above 96 (both), where they measured faster. At 16 rows an expert or fewer
     (the batch decode regime), TIERED_QGROUPED_FEW's tiles when set (benchmarks compare tiles that way)."""
     c = bf16_config(rows, num_experts)
     spec = os.environ.get(FEW_ENV, "")
@@ -456,6 +457,12 @@ def pick_qconfig(rows: int, num_experts: int, fmt: str) -> GroupedConfig:
         # timed it against one group a step at 1 / 8 rows an expert, 181 / 257 us a layer against 191 / 271 in the
         # sweep, and gate_up + down 239 against 251 us a layer in the B = 128 decode's profile (about 5%)
         return GroupedConfig(block_m=16, block_n=c.block_n, block_k=128, warps=c.warps, stages=3)
+    if fmt in NIBBLES and c.block_m == 128:
+        # many rows an expert: half as wide a tile on 4 warps. Session 31 (benchmarks/results/
+        # gpt-oss-prefill-batch-2026-12-04-h200-s31.json, tile_sweeps), T 2048, us a layer against bf16's m128 n128
+        # w8 s3: 10.6B shape mxfp4 1,041 / 1,153, q4 943 / 1,029; gpt-oss's shape mxfp4 2,188 / 2,472, q4 1,988 /
+        # 2,197 (1.09-1.13x); q8 gained nothing (858 / 857), so it keeps bf16's tiles
+        return GroupedConfig(block_m=128, block_n=64, block_k=64, warps=4, stages=4)
     cap = {"q8": 128, "q4": 64, "fp8": 128, "mxfp4": 64}[fmt]
     return GroupedConfig(block_m=c.block_m, block_n=c.block_n, block_k=min(c.block_k, cap), warps=c.warps,
                          stages=c.stages)
