@@ -3,7 +3,8 @@
 the CUDA tests, bench_gpt_oss_gpu.py), B (s31_callB.sh: llama.cpp built, the checkpoint converted and quantized,
 llama-bench), C (s31_callC.sh: batches, ours and llama-batched-bench), D and E (mxfp4's GEMV/grouped cut-over at
 TIERED_DECODE_MAX_T 8 and 4) and F (the bf16 batches, ours and llama.cpp's), one box kept warm across them, all at
-21f1b5e; c7 and c8: calls G and H, the grouped kernels' tile sweeps (another box). Every figure is read from the
+21f1b5e; c7 and c8: calls G and H, the grouped kernels' tile sweeps (another box); c9: call I, the CUDA tests at
+the final kernels (8a0c701). Every figure is read from the
 calls' own files; nothing is typed in."""
 import json
 import re
@@ -110,7 +111,8 @@ res = {"bench": "gpt_oss_prefill_batch", "date": "2026-12-04", "session": 31, "d
                   "prefill_bound": "max(bytes of every weight but the embedding table / measured HBM read rate, "
                                    "FLOPs of the projections and the K experts / 989 TFLOP/s)",
                   "llamacpp_quantization": {q: quantized(q) for q in ("MXFP4_MOE", "Q4_0")}},
-       "hbm_read_gbps": A["hbm_read_gbps"]["read_gbps"], "cuda_tests_call_A": tests("c1"), "layouts": rows,
+       "hbm_read_gbps": A["hbm_read_gbps"]["read_gbps"], "cuda_tests_call_A": tests("c1"),
+       "cuda_tests_call_I_at_8a0c701": tests("c9"), "layouts": rows,
        "mxfp4_cut_over_B8": {"decode_max_t_8_gemv": cut("c5", "batche-8-*.json"),
                              "decode_max_t_4_grouped": cut("c5", "batche-4-*.json"),
                              "call_D_decode_max_t_4": {lay: cut("c4", f"batchd-{lay}.json") for lay in
