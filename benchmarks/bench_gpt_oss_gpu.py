@@ -79,12 +79,19 @@ def run_path(lay_dir: Path, device: str, ids: list[int], new: int, repeats: int,
            "decode_graphs": g.stats.get("decode_graphs"), "attention": g.stats.get("attention"),
            "tokens": g.token_ids, "bytes_per_step": step, "block_size": lay.block_size}
     if long_ids:  # prefill: a long prompt, one new token (the experts past decode_max_t: the grouped kernels)
-        eng.generate(long_ids, max_new_tokens=1, stop_at_eos=False)
+        for _ in range(2):  # warm-up: eager, then (with prefill graphs) the bucket's capture
+            eng.generate(long_ids, max_new_tokens=1, stop_at_eos=False)
         pre = [eng.generate(long_ids, max_new_tokens=1, stop_at_eos=False).stats["prefill_tok_s"]
                for _ in range(repeats)]
         out["long_prefill_tok_s"] = statistics.median(pre)
         out["long_prefill_runs"] = pre
         out["long_prefill_tokens"] = len(long_ids)
+        out["prefill_graphs"] = eng.stats.get("prefill_graphs")
+        if eng.prefill_graphs is not None:  # the same prompt eagerly, in the same process
+            eng.prefill_graphs = None
+            eager = [eng.generate(long_ids, max_new_tokens=1, stop_at_eos=False).stats["prefill_tok_s"]
+                     for _ in range(repeats)]
+            out["long_prefill_eager_tok_s"] = statistics.median(eager)
     del eng
     os.environ.pop("TIERED_QCONFIG", None)
     gc.collect()
@@ -178,6 +185,12 @@ def main() -> None:
             f"{fmt} kernels {r['kernels']['long_prefill_tok_s']:.0f} / torch "
             f"{r['torch_experts']['long_prefill_tok_s']:.0f} ({r['prefill_kernels_vs_torch_experts']:.2f}x)"
             for fmt, r in res["layouts"].items()))
+    for fmt, r in res["layouts"].items():
+        if "long_prefill_eager_tok_s" in r["kernels"]:
+            k = r["kernels"]
+            print(f"  {fmt} prefill graphs {k['long_prefill_tok_s']:.0f} tok/s against eager "
+                  f"{k['long_prefill_eager_tok_s']:.0f} ({k['long_prefill_tok_s'] / k['long_prefill_eager_tok_s']:.2f}x;"
+                  f" {k['prefill_graphs']})")
     for r in res["layouts"].values():
         for k, v in list(r.items()):
             if k.startswith("kernels_") and isinstance(v, dict):

@@ -443,6 +443,27 @@ def test_batched_greedy_equals_single_sequence(pair, attn, prefill, page, chunk)
     assert sch.step_fn._windows == [None, WINDOW]  # both kinds of layer ran
 
 
+def test_padded_prefill_matches_eager(pair):
+    """The graph-capturable prefill (`prefill_static`, padded to its bucket; GraphedPrefill without graphs on CPU)
+    with gpt-oss's mixed windows and sinks: the last token's logits equal the unpadded eager prefill's, for prompts
+    shorter and longer than the sliding window, and the greedy tokens after it are the eager engine's."""
+    from tiered.decode.graphedprefill import GraphedPrefill
+    from tiered.engine import load
+
+    *_, root = pair
+    eng = load(root / "layout", device="cpu", dtype="float32", max_context=96)
+    assert eng.model.mixed_windows and eng.model.prefill_graphable
+    for n in (4, 17, 40):  # the window is 6: every sliding layer's mask cuts the longer prompts
+        ids = prompt(n, 96, seed=n)
+        want = eng.generate(ids.tolist(), max_new_tokens=8, stop_at_eos=False).token_ids
+        eager = eng.model.forward(ids, 0).float()
+        eng.prefill_graphs = GraphedPrefill(eng.model, max_tokens=64, graphs=False, capture_on=1)
+        padded = eng.prefill_graphs.run(ids).float()
+        torch.testing.assert_close(padded, eager, rtol=1e-5, atol=1e-5)
+        assert eng.generate(ids.tolist(), max_new_tokens=8, stop_at_eos=False).token_ids == want
+        eng.prefill_graphs = None
+
+
 def test_batch_model_path_takes_gpt_oss_with_kernels(pair):
     """The batch step's "model" expert path (expert_mix's kernels, no host read of the routing) serves gpt-oss when
     the model runs the kernels (both kernel families compute its biases and clamped SwiGLU); the torch path, which

@@ -338,14 +338,17 @@ class Transformer:
                              "raise --max-context or shorten the prompt")
         if start == 0:
             self.state.reset()
-        if self.mixed_windows:  # full layers read the whole prefix, sliding ones their window (sinks: SDPA path)
+        return self._run(tokens, self._eager_plan(start, T), all_logits)
+
+    def _eager_plan(self, start: int, T: int) -> StepPlan:
+        """The plan of T tokens at positions start..start+T-1: one window for every layer, or with mixed windows
+        (gpt-oss) the full layers' plan carrying the sliding layers' (`plan.sliding`; sinks: the SDPA path)."""
+        if self.mixed_windows:
             plan = plan_eager(self.rope, start, T, groups=self.groups, window=None)
             slide = plan_eager(self.rope, start, T, groups=self.groups, window=self.config.sliding_window)
-            plan = dataclasses.replace(plan, sliding=slide)
-        else:
-            plan = plan_eager(self.rope, start, T, groups=self.groups, window=self.config.sliding_window,
-                              paged=self.attn == "triton")
-        return self._run(tokens, plan, all_logits)
+            return dataclasses.replace(plan, sliding=slide)
+        return plan_eager(self.rope, start, T, groups=self.groups, window=self.config.sliding_window,
+                          paged=self.attn == "triton")
 
     @contextmanager
     def preserve_state(self) -> Iterator[None]:
@@ -538,11 +541,12 @@ class Transformer:
     @property
     def prefill_graphable(self) -> bool:
         """Whether `prefill_static` may run in a CUDA graph with padding: every layer's state is addressed by
-        position (attention only: a DeltaNet state or MLA's own path would take the padding in), one attention
-        window for all layers, no observer and no routing override (a replay skips them)."""
+        position (attention only: a DeltaNet state or MLA's own path would take the padding in; sliding layers
+        keep every position too, so gpt-oss's mixed windows qualify), no observer and no routing override (a
+        replay skips them)."""
         c = self.config
-        return (not c.num_linear_layers and not c.num_mla_layers and not self.mixed_windows
-                and self._observer is None and self._routing is None)
+        return (not c.num_linear_layers and not c.num_mla_layers and self._observer is None
+                and self._routing is None)
 
     def prefill_static(self, tokens: Tensor, last: Tensor) -> Tensor:
         """tokens [T] int64 at positions 0..T-1 (a fresh sequence), last [1] int64 on the device -> the logits
@@ -550,8 +554,7 @@ class Transformer:
         of at most T tokens, padded after its last token: causal attention keeps the padding out of the
         positions before it, and the K/V it stores past the prompt are rewritten by the decode steps before
         any of them reads there (decode/graphedprefill.py)."""
-        plan = plan_eager(self.rope, 0, tokens.shape[0], groups=self.groups, window=self.config.sliding_window,
-                          paged=self.attn == "triton")
+        plan = self._eager_plan(0, tokens.shape[0])
         h = F.embedding(tokens, self.embed)  # [T, D]
         delta = None
         for l in range(len(self.layers)):
