@@ -112,6 +112,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--prefill-tokens", type=int, default=512, help="the long prompt whose prefill is timed (0: none)")
+    ap.add_argument("--no-torch", action="store_true", help="time the kernels only (no torch expert path)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and layouts in --work (for llama.cpp)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -154,7 +155,7 @@ def main() -> None:
         n_long = min(a.prefill_tokens, 24) if a.small else a.prefill_tokens
         long_ids = torch.randint(0, vocab, (n_long,), generator=g).tolist() if n_long else None
         row = {}
-        paths = [("kernels", None, None), ("torch_experts", False, None)]
+        paths = [("kernels", None, None)] + ([] if a.no_torch else [("torch_experts", False, None)])
         if fmt in ("mxfp4", "q4", "q8") and device == "cuda":
             paths += [(f"kernels_{t}", None, TILES[t].format(f=fmt)) for t in a.tiles.split(",") if t
                       and (t != "word" or fmt == "q4")]
@@ -163,11 +164,12 @@ def main() -> None:
             if tiles:
                 row[name]["tiles"] = tiles
             log(f"{spec} {name}: {row[name]['decode_tok_s']:.1f} tok/s")
-        k, t = row["kernels"], row["torch_experts"]
-        row["kernels_vs_torch_experts"] = k["decode_tok_s"] / t["decode_tok_s"]
-        row["greedy_tokens_agree"] = sum(x == y for x, y in zip(k["tokens"], t["tokens"]))
-        if long_ids:
-            row["prefill_kernels_vs_torch_experts"] = k["long_prefill_tok_s"] / t["long_prefill_tok_s"]
+        k, t = row["kernels"], row.get("torch_experts")
+        if t is not None:
+            row["kernels_vs_torch_experts"] = k["decode_tok_s"] / t["decode_tok_s"]
+            row["greedy_tokens_agree"] = sum(x == y for x, y in zip(k["tokens"], t["tokens"]))
+            if long_ids:
+                row["prefill_kernels_vs_torch_experts"] = k["long_prefill_tok_s"] / t["long_prefill_tok_s"]
         if "hbm_read_gbps" in res:
             bound = res["hbm_read_gbps"]["read_gbps"] * 1e9 / k["bytes_per_step"]
             row["hbm_bound_tok_s"] = bound
@@ -176,11 +178,13 @@ def main() -> None:
         res["layouts"][spec] = row
     print(f"{'layout':<10} {'kernels tok/s':>14} {'torch tok/s':>12} {'ratio':>7} {'bytes/step':>14} {'vs HBM':>7} "
           f"{'agree':>6}")
+    nan = float("nan")
     for fmt, r in res["layouts"].items():
-        print(f"{fmt:<10} {r['kernels']['decode_tok_s']:>14.1f} {r['torch_experts']['decode_tok_s']:>12.1f} "
-              f"{r['kernels_vs_torch_experts']:>7.2f} {r['kernels']['bytes_per_step']:>14,} "
-              f"{r.get('kernels_vs_hbm_bound', float('nan')):>7.3f} {r['greedy_tokens_agree']:>3}/{new}")
-    if any("long_prefill_tok_s" in r["kernels"] for r in res["layouts"].values()):
+        t = r.get("torch_experts", {})
+        print(f"{fmt:<10} {r['kernels']['decode_tok_s']:>14.1f} {t.get('decode_tok_s', nan):>12.1f} "
+              f"{r.get('kernels_vs_torch_experts', nan):>7.2f} {r['kernels']['bytes_per_step']:>14,} "
+              f"{r.get('kernels_vs_hbm_bound', nan):>7.3f} {r.get('greedy_tokens_agree', -1):>3}/{new}")
+    if not a.no_torch and any("long_prefill_tok_s" in r["kernels"] for r in res["layouts"].values()):
         print(f"prefill of {n_long} tokens, tok/s: " + ", ".join(
             f"{fmt} kernels {r['kernels']['long_prefill_tok_s']:.0f} / torch "
             f"{r['torch_experts']['long_prefill_tok_s']:.0f} ({r['prefill_kernels_vs_torch_experts']:.2f}x)"

@@ -720,6 +720,7 @@ class Engine:
         t0 = time.perf_counter()
         self._phase("prefill")
         logits = self._prefill(ids) if max_new_tokens else None
+        self._sync()  # the prefill's kernels finished: a replayed or eager prefill returns before its GPU work does
         self._phase("decode")
         pos = ids.numel()
         t1 = t_first = t2 = time.perf_counter()
