@@ -1,12 +1,11 @@
-"""Session 31's gpt-oss result file from calls A-F: python3 benchmarks/lease/s31_report.py /tmp/s31 benchmarks/results
+"""Session 31's gpt-oss result file from calls A-J: python3 benchmarks/lease/s31_report.py /tmp/s31 benchmarks/results
 -> gpt-oss-prefill-batch-2026-12-04-h200-s31.json. /tmp/s31/c1..c6 hold the unpacked tgz of call A (s31_callA.sh:
 the CUDA tests, bench_gpt_oss_gpu.py), B (s31_callB.sh: llama.cpp built, the checkpoint converted and quantized,
 llama-bench), C (s31_callC.sh: batches, ours and llama-batched-bench), D and E (mxfp4's GEMV/grouped cut-over at
 TIERED_DECODE_MAX_T 8 and 4) and F (the bf16 batches, ours and llama.cpp's), one box kept warm across them, all at
 21f1b5e; c7 and c8: calls G and H, the grouped kernels' tile sweeps (another box); c9: call I, the CUDA tests at
 the final kernels (8a0c701); c10: call J (7391255), the graphed prefill whose figures exposed the clock. Every
-figure is read from the
-calls' own files; nothing is typed in."""
+figure is read from the calls' own files; nothing is typed in."""
 import json
 import re
 import sys
