@@ -298,3 +298,18 @@ def test_cuda_prefill_graphs(experts):
     assert eng.stats["prefill_graphs"]["buckets"] == [64]
     print(f"greedy agreement with the eager prefill {same / total:.3f}")
     assert same >= 0.9 * total
+
+
+def test_prefill_clock_waits_for_the_prefill():
+    """prefill_tok_s times the prefill's work, not its enqueue: generate synchronises the device before the clock
+    that ends the prefill (on CUDA a graph replay or an eager prefill returns before its kernels finish; s31 call J
+    read millions of tok/s before this). Here a synchronisation that takes 0.2 s stands for the GPU's work."""
+    import time
+
+    from tiered.engine import load
+
+    eng = load(None, device="cpu", dtype="float32", max_context=64)
+    ids = eng._ids("def fib(n):")
+    eng._sync = lambda: time.sleep(0.2)
+    eng.generate(ids, max_new_tokens=1)
+    assert eng.stats["prefill_tok_s"] <= ids.numel() / 0.2, eng.stats["prefill_tok_s"]
