@@ -2,7 +2,7 @@
 
 Owns: `ExpertOperands` (the gate/up/down views over any pool with the block layout, plus the room for
 quantization scales and expert biases), `WeightFormat` and `Activation` (the constexpr enums that the
-kernels branch on) and `check_built`, which says what the kernels do not do yet.
+kernels branch on), `check_built`, which says what the kernels do not do yet, and `check_biases`.
 Does not own: the pool or its layout (store/disk.py `expert_views` builds the views), the kernels.
 
 Only `WeightFormat.FLOAT` (elements in a float dtype, read in place) is built here, with both activations:
@@ -103,14 +103,7 @@ def check_built(ops: ExpertOperands) -> None:
     if ops.fmt != WeightFormat.FLOAT:
         raise NotImplementedError(f"MoE kernels: weight format {ops.fmt.name} is not built yet (FLOAT only)")
     D, F = ops.hidden, ops.ffn
-    biases = (ops.gate_bias, ops.up_bias, ops.down_bias)
-    if any(b is not None for b in biases):
-        S = ops.num_slots
-        want = ((S, F), (S, F), (S, D))
-        for name, b, w in zip(("gate_bias", "up_bias", "down_bias"), biases, want):
-            if b is None or tuple(b.shape) != w or b.stride(-1) != 1:
-                raise ValueError(f"expert biases: {name} is {None if b is None else list(b.shape)}, want {list(w)} "
-                                 "contiguous along its last dimension (all three or none)")
+    check_biases(ops, F, D)
     if tuple(ops.gate.shape[1:]) != (F, D) or tuple(ops.up.shape[1:]) != (F, D):
         raise ValueError(f"expert views disagree: gate {list(ops.gate.shape)}, up {list(ops.up.shape)}, "
                          f"down {list(ops.down.shape)} (want [S, F, D], [S, F, D], [S, D, F])")
@@ -118,3 +111,16 @@ def check_built(ops: ExpertOperands) -> None:
         if t.stride(-1) != 1:
             raise ValueError(f"expert view {name} must be contiguous along its last dimension, "
                              f"strides {t.stride()}")
+
+
+def check_biases(ops: ExpertOperands, F: int, D: int) -> None:
+    """Raise ValueError unless the operands carry all three expert biases or none, as gate_bias, up_bias [S, F] and
+    down_bias [S, D] contiguous along their last dim (F and D given: quantized stacks' views are packed)."""
+    biases = (ops.gate_bias, ops.up_bias, ops.down_bias)
+    if all(b is None for b in biases):
+        return
+    S = ops.num_slots
+    for name, b, w in zip(("gate_bias", "up_bias", "down_bias"), biases, ((S, F), (S, F), (S, D))):
+        if b is None or tuple(b.shape) != w or b.stride(-1) != 1:
+            raise ValueError(f"expert biases: {name} is {None if b is None else list(b.shape)}, want {list(w)} "
+                             "contiguous along its last dimension (all three or none)")

@@ -50,7 +50,7 @@ from torch import Tensor
 from tiered.kernels.moe_grouped import GroupedConfig, GroupedMoE
 from tiered.kernels.moe_grouped import pick_config as bf16_config
 from tiered.kernels.fused_norm import act_fn
-from tiered.kernels.moe_operands import Activation, ExpertOperands, WeightFormat
+from tiered.kernels.moe_operands import Activation, ExpertOperands, WeightFormat, check_biases
 from tiered.layout.quant import QuantWeight
 
 # format -> the kernels' WFMT (moe_operands.WeightFormat's values); FP8_BITS: fp8 decoded from its bits (interpreter)
@@ -540,7 +540,7 @@ class QuantGroupedMoE(GroupedMoE):
                              gate_bias=getattr(W, "gate_bias", None), up_bias=getattr(W, "up_bias", None),
                              down_bias=getattr(W, "down_bias", None),
                              **({} if act is None else {"alpha": float(act.alpha), "limit": float(act.limit)}))
-        _check_biases(ops, Fe, D)
+        check_biases(ops, Fe, D)
         gb, ub, sb = ops.bias_args(("gate_bias", "up_bias"))
         db, dbs = ops.bias_args(("down_bias",))
         _qgrouped_gate_up_kernel[(triton.cdiv(Fe, cfg.block_n), nb)](
@@ -553,18 +553,6 @@ class QuantGroupedMoE(GroupedMoE):
             F=Fe, **_geometry(d, _step(d, cfg)), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PREC=prec,
             SWAP=cfg.swap, db_ptr=db, stride_bs=dbs, HAS_BIAS=ops.has_bias, num_warps=cfg.warps,
             num_stages=cfg.stages)
-
-
-def _check_biases(ops: ExpertOperands, F: int, D: int) -> None:
-    """All three biases or none, [S, F], [S, F], [S, D], contiguous along the last dim."""
-    biases = (ops.gate_bias, ops.up_bias, ops.down_bias)
-    if all(b is None for b in biases):
-        return
-    S = ops.gate.shape[0]
-    for name, b, want in zip(("gate_bias", "up_bias", "down_bias"), biases, ((S, F), (S, F), (S, D))):
-        if b is None or tuple(b.shape) != want or b.stride(-1) != 1:
-            raise ValueError(f"QuantGroupedMoE: {name} is {None if b is None else list(b.shape)}, want {list(want)} "
-                             "contiguous along its last dimension (all three biases or none)")
 
 
 def moe_grouped_quant(x: Tensor, ids: Tensor, weights: Tensor, W, slot_map: Tensor,
