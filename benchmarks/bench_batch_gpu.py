@@ -287,6 +287,55 @@ def profile_b(engine, B: int, prompts: list, kv_pages: int, prefill: int, path: 
             "top": [{"kernel": k, "us_per_step": v[0] / steps, "launches_per_step": v[1] / steps} for k, v in top]}
 
 
+def profile_prompts(engine, B: int, prompts: list, kv_pages: int, prefill: int, path: str = "graphs") -> dict:
+    """The prompt steps of B fresh rows (after a warm-up job) under torch.profiler, host and device: each step's wall
+    time against its kernels' time (a step whose kernels are far below its wall is bound by the host), the top
+    kernels and the host ops with the most self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sch = Scheduler(engine, max_batch=B, kv_pages=kv_pages, page_size=PAGE, prefill_tokens=prefill, max_queue=B + 1,
+                    **PATHS[path])
+
+    def submit() -> list:
+        return [sch.submit(Request(str(i), prompts[i], SamplingParams(max_tokens=2, stop_at_eos=False)))
+                for i in range(B)]
+
+    cuda = engine.model.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    submit()
+    sch.run_until_idle()  # warm-up: kernels, allocator
+    reqs = submit()
+    sync()
+    steps, walls = 0, []
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        while any(not r.out_ids for r in reqs):
+            t0 = time.perf_counter()
+            sch.step()
+            sync()
+            walls.append(time.perf_counter() - t0)
+            steps += 1
+    sch.run_until_idle()
+    dev: dict = {}
+    host: dict = {}
+    for ev in prof.key_averages():
+        d_us = getattr(ev, "self_device_time_total", None)
+        if d_us is None:
+            d_us = getattr(ev, "self_cuda_time_total", 0.0)
+        if d_us:
+            dev[ev.key[:70]] = (d_us, ev.count)
+        if ev.self_cpu_time_total:
+            host[ev.key[:70]] = (ev.self_cpu_time_total, ev.count)
+    kernel_us = sum(v[0] for v in dev.values())
+    tokens = sum(len(r.prompt_ids) for r in reqs)
+    return {"B": B, "path": path, "prompt_tokens": tokens, "steps": steps, "wall_ms": sum(walls) * 1e3,
+            "wall_ms_per_step": [w * 1e3 for w in walls], "kernel_ms": kernel_us / 1e3,
+            "prompt_tok_s_profiled": tokens / sum(walls),
+            "top_kernels": [{"kernel": k, "ms": v[0] / 1e3, "calls": v[1]}
+                            for k, v in sorted(dev.items(), key=lambda kv: -kv[1][0])[:20]],
+            "top_host_ops": [{"op": k, "self_ms": v[0] / 1e3, "calls": v[1]}
+                             for k, v in sorted(host.items(), key=lambda kv: -kv[1][0])[:25]]}
+
+
 def public(run: dict) -> dict:
     return {k: v for k, v in run.items() if not k.startswith("_")}
 
@@ -328,6 +377,9 @@ def main() -> None:
     ap.add_argument("--top-p", type=float, default=1.0, help="with --temperature: nucleus sampling's mass")
     ap.add_argument("--profile", default="",
                     help="vram phase: B values whose decode steps are profiled by kernel (torch.profiler, own routing)")
+    ap.add_argument("--profile-prompts", default="",
+                    help="vram phase: B values whose prompt steps (B fresh 64-token prompts) are profiled, host and "
+                         "device (torch.profiler): is a batch of prompts bound by its kernels or by the host?")
     ap.add_argument("--llamacpp-vram", default=LLAMA_VRAM, help="llama-batched-bench S_TG at B = 1,8,32,128, all on GPU")
     ap.add_argument("--llamacpp-cpu", default=LLAMA_CPU, help="the same with experts on the CPU (-ot exps=CPU)")
     a = ap.parse_args()
@@ -355,7 +407,8 @@ def main() -> None:
     kv_pages = max(batches) * -(-ctx // PAGE)
     vocab = cfg.vocab_size
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(10, vocab, (a.prompt_tokens,), generator=g).tolist() for _ in range(max(batches))]
+    n_rows = max(batches + [int(x) for x in f"{a.profile},{a.profile_prompts}".split(",") if x])
+    prompts = [torch.randint(10, vocab, (a.prompt_tokens,), generator=g).tolist() for _ in range(n_rows)]
     modes = [m for m in a.routing.split(",") if m]
     phases = a.phases.split(",")
     rows = None
@@ -424,6 +477,13 @@ def main() -> None:
                     f"{pr['launches_per_step']:.0f} launches; " + ", ".join(
                         f"{t['kernel'][:40]} {t['us_per_step']:.0f}" for t in pr["top"][:8]))
                 res.setdefault("vram_profile", {})[str(B)] = pr
+        if phase == "vram" and a.profile_prompts:
+            for B in (int(x) for x in a.profile_prompts.split(",") if x):
+                pr = profile_prompts(engine, B, prompts, kv_pages, a.prefill_tokens, paths[0])
+                log(f"prompts B={B}: {pr['steps']} steps, wall {pr['wall_ms']:.1f} ms, kernels {pr['kernel_ms']:.1f} "
+                    f"ms; " + ", ".join(f"{t['kernel'][:40]} {t['ms']:.2f}" for t in pr["top_kernels"][:8])
+                    + " | host: " + ", ".join(f"{t['op'][:30]} {t['self_ms']:.2f}" for t in pr["top_host_ops"][:10]))
+                res.setdefault("vram_prompt_profile", {})[str(B)] = pr
         if device.type == "cuda":
             out["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GiB
         res[phase] = out

@@ -57,7 +57,7 @@ TILES = {
 
 
 def run_path(lay_dir: Path, device: str, ids: list[int], new: int, repeats: int, kernels: bool | None,
-             tiles: str | None = None, long_ids: list[int] | None = None) -> dict:
+             tiles: str | None = None, longs: list[list[int]] | None = None) -> dict:
     import os
 
     import tiered
@@ -66,7 +66,7 @@ def run_path(lay_dir: Path, device: str, ids: list[int], new: int, repeats: int,
     os.environ.pop("TIERED_QCONFIG", None)
     if tiles:
         os.environ["TIERED_QCONFIG"] = tiles
-    ctx = max(len(ids) + new, len(long_ids or []) + 1) + 16
+    ctx = max([len(ids) + new] + [len(x) + 1 for x in longs or []]) + 16
     eng = tiered.load(lay_dir, device=device, max_context=ctx, kernels=kernels)
     eng.generate(ids, max_new_tokens=new, stop_at_eos=False)  # warm-up: kernels compiled, graphs captured
     runs, g = [], None
@@ -78,20 +78,27 @@ def run_path(lay_dir: Path, device: str, ids: list[int], new: int, repeats: int,
     out = {"decode_tok_s": statistics.median(runs), "runs": runs, "prefill_tok_s": g.stats["prefill_tok_s"],
            "decode_graphs": g.stats.get("decode_graphs"), "attention": g.stats.get("attention"),
            "tokens": g.token_ids, "bytes_per_step": step, "block_size": lay.block_size}
-    if long_ids:  # prefill: a long prompt, one new token (the experts past decode_max_t: the grouped kernels)
+    for i, long_ids in enumerate(longs or []):  # prefill: a long prompt, one new token (past decode_max_t: grouped)
+        graphs = eng.prefill_graphs
         for _ in range(2):  # warm-up: eager, then (with prefill graphs) the bucket's capture
             eng.generate(long_ids, max_new_tokens=1, stop_at_eos=False)
         pre = [eng.generate(long_ids, max_new_tokens=1, stop_at_eos=False).stats["prefill_tok_s"]
                for _ in range(repeats)]
-        out["long_prefill_tok_s"] = statistics.median(pre)
-        out["long_prefill_runs"] = pre
-        out["long_prefill_tokens"] = len(long_ids)
-        out["prefill_graphs"] = eng.stats.get("prefill_graphs")
-        if eng.prefill_graphs is not None:  # the same prompt eagerly, in the same process
+        r = {"tokens": len(long_ids), "prefill_tok_s": statistics.median(pre), "runs": pre,
+             "prefill_graphs": eng.stats.get("prefill_graphs")}
+        if graphs is not None:  # the same prompt eagerly, in the same process
             eng.prefill_graphs = None
             eager = [eng.generate(long_ids, max_new_tokens=1, stop_at_eos=False).stats["prefill_tok_s"]
                      for _ in range(repeats)]
-            out["long_prefill_eager_tok_s"] = statistics.median(eager)
+            eng.prefill_graphs = graphs
+            r["eager_tok_s"] = statistics.median(eager)
+            r["eager_runs"] = eager
+        out.setdefault("long_prefills", []).append(r)
+        if i == 0:  # the first long prompt under the keys of earlier sessions
+            out["long_prefill_tok_s"], out["long_prefill_runs"] = r["prefill_tok_s"], pre
+            out["long_prefill_tokens"], out["prefill_graphs"] = len(long_ids), r["prefill_graphs"]
+            if "eager_tok_s" in r:
+                out["long_prefill_eager_tok_s"] = r["eager_tok_s"]
     del eng
     os.environ.pop("TIERED_QCONFIG", None)
     gc.collect()
@@ -111,7 +118,9 @@ def main() -> None:
                     "(comma list of TILES keys; word: q4 only; empty: none)")
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new", type=int, default=64)
-    ap.add_argument("--prefill-tokens", type=int, default=512, help="the long prompt whose prefill is timed (0: none)")
+    ap.add_argument("--prefill-tokens", default="512",
+                    help="comma-separated lengths of the long prompts whose prefill is timed, graphed and eager, on "
+                         "the synchronised clock (0 or empty: none)")
     ap.add_argument("--no-torch", action="store_true", help="time the kernels only (no torch expert path)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and layouts in --work (for llama.cpp)")
     ap.add_argument("--repeats", type=int, default=2)
@@ -152,15 +161,17 @@ def main() -> None:
 
         vocab = Layout.open(lay).config.vocab_size
         ids = torch.randint(0, vocab, (a.prompt_tokens,), generator=g).tolist()
-        n_long = min(a.prefill_tokens, 24) if a.small else a.prefill_tokens
-        long_ids = torch.randint(0, vocab, (n_long,), generator=g).tolist() if n_long else None
+        lens = [int(x) for x in str(a.prefill_tokens).split(",") if x and int(x) > 0]
+        lens = [min(n, 24) for n in lens] if a.small else lens
+        longs = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lens]
+        n_long = lens[0] if lens else 0
         row = {}
         paths = [("kernels", None, None)] + ([] if a.no_torch else [("torch_experts", False, None)])
         if fmt in ("mxfp4", "q4", "q8") and device == "cuda":
             paths += [(f"kernels_{t}", None, TILES[t].format(f=fmt)) for t in a.tiles.split(",") if t
                       and (t != "word" or fmt == "q4")]
         for name, kernels, tiles in paths:
-            row[name] = run_path(lay, device, ids, new, repeats, kernels, tiles, None if tiles else long_ids)
+            row[name] = run_path(lay, device, ids, new, repeats, kernels, tiles, None if tiles else longs)
             if tiles:
                 row[name]["tiles"] = tiles
             log(f"{spec} {name}: {row[name]['decode_tok_s']:.1f} tok/s")
@@ -168,7 +179,7 @@ def main() -> None:
         if t is not None:
             row["kernels_vs_torch_experts"] = k["decode_tok_s"] / t["decode_tok_s"]
             row["greedy_tokens_agree"] = sum(x == y for x, y in zip(k["tokens"], t["tokens"]))
-            if long_ids:
+            if longs:
                 row["prefill_kernels_vs_torch_experts"] = k["long_prefill_tok_s"] / t["long_prefill_tok_s"]
         if "hbm_read_gbps" in res:
             bound = res["hbm_read_gbps"]["read_gbps"] * 1e9 / k["bytes_per_step"]
@@ -190,11 +201,10 @@ def main() -> None:
             f"{r['torch_experts']['long_prefill_tok_s']:.0f} ({r['prefill_kernels_vs_torch_experts']:.2f}x)"
             for fmt, r in res["layouts"].items()))
     for fmt, r in res["layouts"].items():
-        if "long_prefill_eager_tok_s" in r["kernels"]:
-            k = r["kernels"]
-            print(f"  {fmt} prefill graphs {k['long_prefill_tok_s']:.0f} tok/s against eager "
-                  f"{k['long_prefill_eager_tok_s']:.0f} ({k['long_prefill_tok_s'] / k['long_prefill_eager_tok_s']:.2f}x;"
-                  f" {k['prefill_graphs']})")
+        for p in r["kernels"].get("long_prefills", []):
+            print(f"  {fmt} prefill of {p['tokens']} tokens: {p['prefill_tok_s']:.0f} tok/s"
+                  + (f" (graphs) against eager {p['eager_tok_s']:.0f} ({p['prefill_tok_s'] / p['eager_tok_s']:.2f}x; "
+                     f"{p['prefill_graphs']})" if "eager_tok_s" in p else " (eager)"))
     for r in res["layouts"].values():
         for k, v in list(r.items()):
             if k.startswith("kernels_") and isinstance(v, dict):
