@@ -90,9 +90,20 @@ def run_path(lay_dir: Path, device: str, ids: list[int], new: int, repeats: int,
             eng.prefill_graphs = None
             eager = [eng.generate(long_ids, max_new_tokens=1, stop_at_eos=False).stats["prefill_tok_s"]
                      for _ in range(repeats)]
-            eng.prefill_graphs = graphs
             r["eager_tok_s"] = statistics.median(eager)
             r["eager_runs"] = eager
+        if device == "cuda":  # eagerly again on the plain sink path (TIERED_SINK_ATTN=naive: scores in memory)
+            eng.prefill_graphs = None
+            os.environ["TIERED_SINK_ATTN"] = "naive"
+            try:
+                naive = [eng.generate(long_ids, max_new_tokens=1, stop_at_eos=False).stats["prefill_tok_s"]
+                         for _ in range(repeats)]
+            finally:
+                os.environ.pop("TIERED_SINK_ATTN", None)
+            r["eager_naive_sinks_tok_s"] = statistics.median(naive)
+        eng.prefill_graphs = graphs
+        log(f"prefill of {len(long_ids)} tokens: {r['prefill_tok_s']:.0f} tok/s"
+            + "".join(f", {k} {r[k]:.0f}" for k in ("eager_tok_s", "eager_naive_sinks_tok_s") if k in r))
         out.setdefault("long_prefills", []).append(r)
         if i == 0:  # the first long prompt under the keys of earlier sessions
             out["long_prefill_tok_s"], out["long_prefill_runs"] = r["prefill_tok_s"], pre
@@ -204,7 +215,9 @@ def main() -> None:
         for p in r["kernels"].get("long_prefills", []):
             print(f"  {fmt} prefill of {p['tokens']} tokens: {p['prefill_tok_s']:.0f} tok/s"
                   + (f" (graphs) against eager {p['eager_tok_s']:.0f} ({p['prefill_tok_s'] / p['eager_tok_s']:.2f}x; "
-                     f"{p['prefill_graphs']})" if "eager_tok_s" in p else " (eager)"))
+                     f"{p['prefill_graphs']})" if "eager_tok_s" in p else " (eager)")
+                  + (f"; eager on the plain sink path {p['eager_naive_sinks_tok_s']:.0f}"
+                     if "eager_naive_sinks_tok_s" in p else ""))
     for r in res["layouts"].values():
         for k, v in list(r.items()):
             if k.startswith("kernels_") and isinstance(v, dict):

@@ -47,6 +47,7 @@ from tiered.kernels.grouped import _grouped_mm
 from tiered.kernels.quant_moe import qlinear as linear
 from tiered.layout.quant import QuantWeight
 from tiered.model.deltanet import deltanet, deltanet_rows
+from tiered.model import sinkflash
 from tiered.model.layers import attn_mask, project_qkv, project_qkv_fused, sink_rows, sinks_attend
 from tiered.model.mla import mla_attend, mla_attend_rows, mla_project
 from tiered.model.moe import _expert, add_shared_expert
@@ -194,6 +195,9 @@ class BatchStep:
         if prefill_attention not in ("rows", "batched"):
             raise ValueError(f"prefill_attention must be auto, rows or batched, got {prefill_attention!r}")
         self.prefill_attention = prefill_attention
+        # fresh prompts' attention by flash over cu_seqlens (CUDA, fp16/bf16; TIERED_SINK_ATTN=naive: the masked path)
+        self._flash_fresh = "kv" in {ls.kind for ls in state.layers} and sinkflash.usable(
+            torch.empty(0, 1, self.cfg.head_dim, dtype=model.dtype, device=self.device))
         self.decode_kernel = find_decode_kernel(self.device)
         self.record_keys = record_keys
         self.last = StepCounts()
@@ -383,17 +387,23 @@ class BatchStep:
         batched = {i for g in groups for i in g}
         out = []
         for g in groups:
-            idx, rid, pos = [], [], []
+            idx, rid, pos, cu = [], [], [], [0]
             for j, i in enumerate(g):
                 t = len(segs[i].tokens)
                 idx.extend(range(offs[i], offs[i] + t))
                 rid.extend([j] * t)
                 pos.extend(range(t))
+                cu.append(cu[-1] + t)
+            idx_t = torch.tensor(idx, dtype=torch.int64).to(self.device, non_blocking=True)
+            if self._flash_fresh:  # flash over the rows' own tokens (cu_seqlens): no [n, n] mask
+                cu_t = torch.tensor(cu, dtype=torch.int32).to(self.device, non_blocking=True)
+                out.append((idx_t, (cu_t, max(len(segs[i].tokens) for i in g))))
+                continue
             rid_t = torch.tensor(rid).to(self.device, non_blocking=True)
             pos_t = torch.tensor(pos).to(self.device, non_blocking=True)
             ok = (rid_t[:, None] == rid_t[None, :]) & (pos_t[None, :] <= pos_t[:, None])
             oks = {w: ok if w is None else ok & (pos_t[None, :] > pos_t[:, None] - w) for w in self._windows}
-            out.append((torch.tensor(idx, dtype=torch.int64).to(self.device, non_blocking=True), oks))
+            out.append((idx_t, oks))
         return out, [i for i in other if i not in batched]
 
     def _row_plan(self, s: Segment, groups: int, window: int | None) -> tuple[Tensor, int, int, Tensor | None]:
@@ -445,18 +455,26 @@ class BatchStep:
             out.index_copy_(0, plan["rows"], o.reshape(-1, H * hd))
         for idx, oks in plan["fresh"]:
             out.index_copy_(0, idx, self._attend_fresh(q.index_select(0, idx), ls, plan["flat"].index_select(0, idx),
-                                                       oks[window], sinks))
+                                                       oks if isinstance(oks, tuple) else oks[window], sinks, window))
         rows = plan["row"].get(window, {})
         for i in plan["other_kv"]:
             a, b = offs[i], offs[i + 1]
             out[a:b] = self._attend_row(q[a:b], ls, *rows[i], sinks)
         return out
 
-    def _attend_fresh(self, q: Tensor, ls: LayerState, flat: Tensor, ok: Tensor, sinks: Tensor | None) -> Tensor:
+    def _attend_fresh(self, q: Tensor, ls: LayerState, flat: Tensor, ok: Tensor | tuple[Tensor, int],
+                      sinks: Tensor | None, window: int | None) -> Tensor:
         """Fresh prompt rows together: q [n, H, hd] over their own K/V (read back from the pages at `flat` [n]),
-        ok [n, n] (same row, causal, window) -> [n, H*hd]."""
+        ok [n, n] (same row, causal, window), or (cu_seqlens [rows + 1] int32, the longest row) for flash
+        attention (model/sinkflash.py, with the sinks' correction) -> [n, H*hd]."""
         n, H, hd = q.shape
         N, P, KV, _ = ls.k.shape
+        if isinstance(ok, tuple):
+            k = ls.k.view(N * P, KV, hd).index_select(0, flat)  # [n, KV, hd]
+            v = ls.v.view(N * P, KV, hd).index_select(0, flat)
+            o = sinkflash.flash_sinks(q, k, v, sinks, scale=hd ** -0.5, window=window, cu_seqlens=ok[0],
+                                      max_len=ok[1])
+            return o.reshape(n, H * hd)
         k = ls.k.view(N * P, KV, hd).index_select(0, flat).transpose(0, 1)  # [KV, n, hd]
         v = ls.v.view(N * P, KV, hd).index_select(0, flat).transpose(0, 1)
         if H != KV:  # query head h reads KV head h // G

@@ -30,6 +30,7 @@ from torch import Tensor
 from tiered.kernels import cuda_library_imports
 from tiered.kernels.quant_moe import qlinear as linear
 from tiered.layout.config import ModelConfig
+from tiered.model import sinkflash
 from tiered.model.rope import ROPE_TYPES, inv_freq_and_scale, rope_kind
 
 ATTN_BACKENDS = ("auto", "triton", "flash", "sdpa")
@@ -145,6 +146,7 @@ class StepPlan:
     seqlens: Tensor | None = None  # flash: int32 [1], tokens already in the cache before this call
     lengths: Tensor | None = None  # triton: int32 [1], tokens in the cache after this call's writes; None = SDPA
     sliding: "StepPlan | None" = None  # the plan of sliding-window layers, in models that mix them (gpt-oss)
+    window: int | None = None  # the window the mask applies (eager plans; sinkflash needs it without the mask)
 
 
 def plan_eager(rope: Rope, start: int, T: int, *, groups: int, window: int | None,
@@ -161,7 +163,7 @@ def plan_eager(rope: Rope, start: int, T: int, *, groups: int, window: int | Non
         mask = attn_mask(torch.arange(start, end, device=rope.cos.device), lo, end, window=window, groups=groups)
     elif paged:
         lengths = torch.full((1,), end, dtype=torch.int32, device=rope.cos.device)
-    return StepPlan(rope.cos[start:end], rope.sin[start:end], start, lo, end, mask, lengths=lengths)
+    return StepPlan(rope.cos[start:end], rope.sin[start:end], start, lo, end, mask, lengths=lengths, window=window)
 
 
 def attn_mask(qpos: Tensor, lo: int, hi: int, *, window: int | None, groups: int) -> Tensor:
@@ -321,12 +323,18 @@ def attention_with_sinks(q: Tensor, k: Tensor | None, v: Tensor | None, cache: K
                          G: int, sinks: Tensor) -> Tensor:
     """Attention whose softmax has one more logit per head, the learned sink, that takes weight but adds no value
     (gpt-oss). q [T, H, hd], k/v [T, KV, hd] -> [T, H*hd]. Plain matmuls, as transformers' eager path: scores
-    over the span, the sink column appended, max subtracted, softmax, the sink column dropped."""
+    over the span, the sink column appended, max subtracted, softmax, the sink column dropped. A prompt on CUDA
+    (T > 1, an eager plan) takes flash attention with the sink's exact correction instead (model/sinkflash.py)."""
     T, H, hd = q.shape
     _write_kv(k, v, cache, layer, plan)
     kc, vc = cache.k[layer], cache.v[layer]  # [KV, S, hd]
     KV = kc.shape[0]
     ks, vs = kc[:, plan.read_lo:plan.read_hi], vc[:, plan.read_lo:plan.read_hi]  # [KV, S, hd]
+    if T > 1 and isinstance(plan.write_at, int) and plan.read_hi == plan.write_at + T and sinkflash.usable(q):
+        # an eager (or padded first-chunk) prompt: flash over the span, keys token-major views of the cache
+        o = sinkflash.flash_sinks(q, ks.transpose(0, 1), vs.transpose(0, 1), sinks, scale=hd ** -0.5,
+                                  window=plan.window)  # [T, H, hd]
+        return o.reshape(T, H * hd)
     qg = q.transpose(0, 1).reshape(KV, G * T, hd)  # rows (g, t)
     o = sinks_attend(qg, ks, vs, plan.mask, sink_rows(sinks, KV, G, T), hd ** -0.5)  # [KV, G*T, hd]
     return o.reshape(H, T, hd).transpose(0, 1).reshape(T, H * hd)
