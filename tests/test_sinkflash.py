@@ -62,7 +62,7 @@ def _qkv(Tq, Tk, H=8, KV=2, hd=64, seed=0):
     q = torch.randn(Tq, H, hd, device="cuda", generator=g).bfloat16()
     k = torch.randn(Tk, KV, hd, device="cuda", generator=g).bfloat16()
     v = torch.randn(Tk, KV, hd, device="cuda", generator=g).bfloat16()
-    sinks = torch.randn(H, device="cuda", generator=g) + 1.5  # large enough that the correction matters
+    sinks = torch.randn(H, device="cuda", generator=g) + 3.0  # large enough that the correction matters
     return q, k, v, sinks
 
 
@@ -78,7 +78,7 @@ def test_cuda_flash_sinks_matches_plain_path(Tq, Tk, window):
     want = _reference(q, k, v, sinks, window=window)
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
     plain = _reference(q, k, v, sinks * 0 - 1e4, window=window)  # the same without sinks: must differ
-    assert (plain - want).abs().max() > 0.1
+    assert (plain - want).abs().max() > 0.06  # three times the tolerance
 
 
 @pytest.mark.cuda

@@ -6,7 +6,7 @@
 #  - bench_batch_gpu.py --profile-prompts 32 on both layouts (flash), and the bf16 one on the plain path.
 source "$(dirname "$0")/lib.sh"
 G=/root/bgo
-cuda_tests 200 tests/test_sinkflash.py tests/test_gpt_oss.py tests/test_scheduler.py tests/test_batch_hybrid.py
+cuda_tests 200 ${TESTS:-tests/test_sinkflash.py tests/test_gpt_oss.py tests/test_scheduler.py tests/test_batch_hybrid.py}
 grep -q "^rc=0" $OUT/cuda-tests.log || { grep -B2 -A25 "_ test_" $OUT/cuda-tests.log | head -80; exit 1; }
 timeout 330 python3 benchmarks/bench_gpt_oss_gpu.py --work $G --keep --experts source,q4+q4 --tiles "" --no-torch \
   --prefill-tokens 512,2048 --repeats 2 --new 16 > $OUT/gptoss.log 2>&1
