@@ -26,7 +26,9 @@ Token mixers by the layer's state kind (decode/state.py):
 Dense layers (DeepSeek-V3's first layers) run the model's MLP; routing is the model's own rule (softmax,
 top-k-then-softmax, sigmoid + groups).
 Attention windows per layer (gpt-oss alternates sliding and full layers) and per-head sinks (gpt-oss: the
-paged kernel's sinks, layers.sinks_attend elsewhere). Not here: CUDA graphs of this step (batchgraph.py).
+paged kernel's sinks; the fresh prompts' flash call corrected by its log-sum-exp, model/sinkflash.py, which also
+serves models without sinks on CUDA in bf16/fp16; layers.sinks_attend elsewhere). Not here: CUDA graphs of this
+step (batchgraph.py).
 
 Legend: T tokens in the step (all rows), B rows, D hidden, H query heads, KV kv heads, G = H // KV,
 hd head dim, P tokens per page, N pages, E experts, K top-k, U distinct experts of a layer, S slots,
