@@ -118,6 +118,8 @@ res = {
              "K experts and causal attention / 989 TFLOP/s)",
     "single_prompt": prompts,
     "batch_32_prompts_of_64": batch,
+    "profile_note": "the profiles' kernel_ms (session 32's runs) summed the aten ops' device time beside their kernels' "
+                    "(counted twice); top_kernels lists both: read the non-aten entries",
     "llamacpp": {"bench_call_C": llama, "bench_call_D_Q4_0": llama_d, "bench_call_A": llama_a,
                  "batched_call_C": {q: {str(k): v for k, v in b.items()} for q, b in batched.items()},
                  "note": "call A's llama-batched-bench ran B = 32 alone (cold: 10.4k / 21.0k S_PP) and is not used; "
