@@ -108,3 +108,31 @@ run_q4() {  # TAG LAYOUT ARGS...: `tiered run` on $W/LAYOUT, 256 new tokens -> $
   echo "run $tag rc=$? $(el) $(tail -1 $OUT/run-$tag.err | python3 -c 'import json,sys; d=json.loads(sys.stdin.read()); print(d["decode_tok_s"], d["tokens_generated"], d["step_ahead"], d["capture_in_call_s"])' 2>&1 | tail -1)"
   pack
 }
+gptoss_llama_bg() {  # G: llama.cpp's build (10 jobs; BUILD: its pid) now; gptoss_gguf_bg once $G/ck exists
+  (JOBS=10 bash tools/build_llamacpp.sh .carry/llama.cpp /root/lb > $OUT/build.log 2>&1; echo "build rc=$?" >> $OUT/build.log) &
+  BUILD=$!
+}
+gptoss_gguf_bg() {  # G: the bf16 GGUF of the gpt-oss checkpoint $G/ck, in the background (CONV: its pid)
+  (python3 tools/convert_gguf.py --llama-dir .carry/llama.cpp $1/ck --outtype bf16 --outfile $1/model-bf16.gguf.tmp \
+    > $OUT/convert.log 2>&1 && mv $1/model-bf16.gguf.tmp $1/model-bf16.gguf; echo "convert rc=$? $(el)") &
+  CONV=$!
+}
+gptoss_llama_prompts() {  # G NPL: after both, Q4_0 (unless there), llama-bench pp512 / pp2048 and llama-batched-bench
+  # (64-token prompts, 16 new, B in NPL) on the bf16 and Q4_0 GGUFs of $G
+  local G=$1 npl=$2 q
+  wait $CONV; wait $BUILD; echo "build $(tail -1 $OUT/build.log) $(el)"; pack
+  [ -f $G/model-Q4_0.gguf ] || timeout 100 /root/lb/bin/llama-quantize $G/model-bf16.gguf $G/model-Q4_0.gguf Q4_0 16 \
+    > $OUT/quantize.log 2>&1
+  echo "quantize rc=$? $(el)"
+  for q in bf16 Q4_0; do
+    timeout 80 /root/lb/bin/llama-bench -m $G/model-$q.gguf -ngl 99 -p 512,2048 -n 0 -r 3 -o json \
+      > $OUT/llama-bench-$q.json 2> $OUT/llama-bench-$q.err
+    echo "bench $q rc=$? $(el)"; python3 -c "
+import json; [print(r['n_prompt'], r['n_gen'], round(r['avg_ts'], 1)) for r in json.load(open('$OUT/llama-bench-$q.json'))]"
+    timeout 60 /root/lb/bin/llama-batched-bench -m $G/model-$q.gguf -ngl 99 -c 8192 -b 2048 -ub 512 -npp 64 \
+      -ntg 16 -npl $npl --output-format jsonl > $OUT/llama-batched-$q.jsonl 2> $OUT/llama-batched-$q.err
+    echo "batched $q rc=$? $(el)"; grep -o '"pl": [0-9]*\|"speed_pp": [0-9.]*\|"speed_tg": [0-9.]*' \
+      $OUT/llama-batched-$q.jsonl | paste - - -
+    pack
+  done
+}
