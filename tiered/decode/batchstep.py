@@ -48,8 +48,8 @@ from tiered.decode.state import LayerState, StatePool
 from tiered.kernels.grouped import _grouped_mm
 from tiered.kernels.quant_moe import qlinear as linear
 from tiered.layout.quant import QuantWeight
-from tiered.model.deltanet import deltanet, deltanet_rows
 from tiered.model import sinkflash
+from tiered.model.deltanet import deltanet, deltanet_rows
 from tiered.model.layers import attn_mask, project_qkv, project_qkv_fused, sink_rows, sinks_attend
 from tiered.model.mla import mla_attend, mla_attend_rows, mla_project
 from tiered.model.moe import _expert, add_shared_expert
