@@ -11,8 +11,10 @@ From a random bf16 checkpoint of the gpt-oss-20b widths cut to 4 layers (tools/m
 gpt-oss-20b-4l: hidden 2880, 32 experts top-4 of FFN 2880, 64 q / 8 kv heads, sliding and full layers alternating),
 repacked with `--experts source` (bf16), `--experts mxfp4` (gpt-oss's own format) and `--experts q4`: per layout and
 path (for the quantized layouts also the kernels under other tiles, TILES, through TIERED_QCONFIG), the prefill
-tok/s of a --prefill-tokens prompt (the experts' grouped kernels, with the biases and the clamp since session 31,
-against the torch path that dequantized each quantized expert), greedy decode tok/s (median of --repeats after a
+tok/s of each --prefill-tokens prompt (the experts' grouped kernels, with the biases and the clamp since session 31,
+against the torch path that dequantized each quantized expert; on CUDA replayed from the prefill graphs, eagerly,
+and eagerly with TIERED_SINK_ATTN=naive: the sinks' plain-matmul attention instead of flash, session 32), greedy
+decode tok/s (median of --repeats after a
 warm-up: graphs captured, kernels compiled) of --new tokens after a --prompt-tokens prompt of random ids; the bytes
 one step reads (dense + K expert blocks a layer) over the measured HBM read rate as the bound; whether the two
 paths' greedy tokens agree (random weights give near-ties: informative, the CUDA tests check equality on the
