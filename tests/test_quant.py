@@ -154,3 +154,37 @@ def test_errors_name_the_problem():
         quantize(torch.tensor([[1.0, math.nan]]), "q8")
     with pytest.raises(QuantError, match="part scale"):
         QuantWeight("q8", (2, 4), 128, torch.zeros(2, 4, dtype=torch.int8), torch.zeros(2, 2, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("fmt,refine", [("q4", "lsq"), ("q4", None), ("q8", None), ("fp8", None), ("mxfp4", None)])
+def test_repack_stack_in_chunks_equals_one_pass(fmt, refine):
+    """repack quantizes a layer's experts a few at a time (bounded memory): the parts are bit for bit those of
+    one pass over the whole stack, however the chunks fall (1, 2 or 3 experts of 5, a partial last chunk)."""
+    from tiered.layout.repack import quantize_stack
+
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randn(40, 192, generator=g).to(torch.bfloat16) for _ in range(5)]
+    whole = quantize(torch.stack(rows), fmt, refine=refine).parts()
+    for per in (1, 2, 3):
+        got = quantize_stack(rows, fmt, refine=refine, chunk_bytes=per * 4 * 40 * 192)
+        assert got.keys() == whole.keys()
+        for name in whole:
+            assert torch.equal(got[name].view(torch.uint8), whole[name].view(torch.uint8)), (fmt, per, name)
+
+
+def test_repack_quant_device_choice(monkeypatch):
+    """--quant-device: auto takes the CPU where no CUDA device is (or has too little free memory); cuda without a
+    device and an unknown value fail naming the fix."""
+    from tiered.layout import repack as rp
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert rp.resolve_quant_device("auto") == "cpu" and rp.resolve_quant_device("cpu") == "cpu"
+    with pytest.raises(rp.RepackError, match="--quant-device cpu"):
+        rp.resolve_quant_device("cuda")
+    with pytest.raises(rp.RepackError, match="auto, cpu or cuda"):
+        rp.resolve_quant_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (3 * 2 ** 30, 8 * 2 ** 30))
+    assert rp.resolve_quant_device("auto") == "cpu"  # 3 GiB free: below the working set's margin
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (6 * 2 ** 30, 8 * 2 ** 30))
+    assert rp.resolve_quant_device("auto") == "cuda"

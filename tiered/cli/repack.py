@@ -27,9 +27,12 @@ from tiered.layout.quant import DENSE_STORAGE, EXPERT_STORAGE
 @click.option("--q4-refine", type=click.Choice(["lsq", "none"]), default="lsq", show_default=True,
               help="q4 rounding: from each group's min/max, then a least-squares fit of scale and min (lsq), or "
               "min/max only (none).")
+@click.option("--quant-device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where --experts/--dense quantization computes: auto takes CUDA when a device has 4 GiB free "
+              "(much faster for large models), else the CPU. Memory stays bounded on either.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON line.")
 def repack(src: Path, dst: Path, force: bool, dtype: str, experts: str, dense: str, q4_refine: str,
-           as_json: bool) -> None:
+           quant_device: str, as_json: bool) -> None:
     """Rewrite a Hugging Face checkpoint SRC into an expert-contiguous layout DST.
 
     Every (layer, expert) block is 4 KiB-aligned with an xxh3 checksum; dense weights go to
@@ -39,6 +42,7 @@ def repack(src: Path, dst: Path, force: bool, dtype: str, experts: str, dense: s
     Example:
       tiered repack ~/models/Mixtral-8x7B-v0.1 ~/layouts/mixtral --dtype bf16
       tiered repack ~/models/Qwen3-30B-A3B ~/layouts/qwen3-30b-q4 --experts q4 --dense q8
+      tiered repack ~/models/gpt-oss-120b ~/layouts/gpt-oss-q4 --experts q4 --quant-device cpu
     """
     from tiered.layout.families import FamilyError
     from tiered.layout.format import LayoutError
@@ -50,7 +54,7 @@ def repack(src: Path, dst: Path, force: bool, dtype: str, experts: str, dense: s
         fail(str(e), 2)
     try:
         out = do_repack(src, dst, dtype=dtype, experts=experts, dense=dense, force=force, progress=True,
-                        q4_refine=q4_refine)
+                        q4_refine=q4_refine, quant_device=quant_device)
     except (RepackError, FamilyError, LayoutError) as e:
         fail(str(e))
     msg = (f"repacked {out['blocks']} expert blocks of {out['block_size']} bytes: {out['bytes'] / 1e9:.3f} GB "

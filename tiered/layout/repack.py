@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import torch
 import xxhash
+from torch import Tensor
 
 from tiered import __version__
 from tiered.layout.config import EXPERT_ROLES, FUSED_EXPERT_ROLES, ModelConfig
@@ -300,9 +301,9 @@ def _source_rows(rd: "_Reader", st: SourceTensor, r0: int, r1: int) -> torch.Ten
     return QuantWeight("fp8", (r1 - r0, k), g, rows, scale.float().contiguous()).dequantize(torch.float32)
 
 
-def _quant_chunks(o: _DenseOut, rd: "_Reader", refine: str | None):
-    """The bytes of one part of a quantized dense weight, quantized in row chunks (groups never span rows;
-    fp8's 128-row blocks stay whole), so memory stays near CHUNK however large the matrix."""
+def _quant_chunks(o: _DenseOut, rd: "_Reader", refine: str | None, device: str = "cpu"):
+    """The bytes of one part of a quantized dense weight, quantized in row chunks on `device` (groups never span
+    rows; fp8's 128-row blocks stay whole), so memory stays near CHUNK however large the matrix."""
     if o.fmt == "fp8" and o.src.scale is not None:  # an fp8 source kept fp8: its bytes, copied in CHUNK pieces
         if o.part == "scale":
             yield _fp8_scale_bytes(rd, o.src)
@@ -317,12 +318,12 @@ def _quant_chunks(o: _DenseOut, rd: "_Reader", refine: str | None):
     rows = max(128, CHUNK // (4 * k) // 128 * 128)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        qw = quantize(_source_rows(rd, o.src, r0, r1), o.fmt, refine=refine if o.fmt == "q4" else None)
-        yield qw.parts()[o.part].contiguous().view(torch.uint8).numpy().tobytes()
+        qw = quantize(_source_rows(rd, o.src, r0, r1).to(device), o.fmt, refine=refine if o.fmt == "q4" else None)
+        yield qw.parts()[o.part].cpu().contiguous().view(torch.uint8).numpy().tobytes()
 
 
 def _write_dense(path: Path, outs: list[_DenseOut], dtype: str, rd: "_Reader", tick: Callable[[int], None],
-                 refine: str | None = None) -> str:
+                 refine: str | None = None, device: str = "cpu") -> str:
     """Stream dense tensors into one safetensors file (header first, then data in chunks)."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt", "writer": f"tiered {__version__}"}}
     off = 0
@@ -339,7 +340,7 @@ def _write_dense(path: Path, outs: list[_DenseOut], dtype: str, rd: "_Reader", t
         buf = bytearray(CHUNK)
         for o in outs:
             if o.fmt is not None:
-                pieces = _quant_chunks(o, rd, refine)
+                pieces = _quant_chunks(o, rd, refine, device)
             elif o.src.scale is not None:  # an fp8 source dequantized into o.code
                 pieces = _dequant_chunks(o, rd)
             else:
@@ -470,6 +471,39 @@ def _plan_experts(experts, dtype: str, fmt: str = "source", rd: "_Reader | None"
     return plan_block(shapes)
 
 
+QUANT_STACK_BYTES = 256 * 2 ** 20  # fp32 input of one quantize call over a stack: its temporaries stay near 10x this
+
+
+def resolve_quant_device(device: str) -> str:
+    """--quant-device: "auto" is "cuda" when a CUDA device has 4 GiB free (a stack chunk's working set is about
+    2.5 GiB), else "cpu"; "cpu" and "cuda" are taken as given ("cuda" without a device fails by name)."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise RepackError(f"--quant-device must be auto, cpu or cuda, not {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RepackError("--quant-device cuda: no CUDA device is visible here; use --quant-device cpu (or auto)")
+    if device != "auto":
+        return device
+    if torch.cuda.is_available() and torch.cuda.mem_get_info()[0] >= 4 * 2 ** 30:
+        return "cuda"
+    return "cpu"
+
+
+def quantize_stack(rows: list[Tensor], scheme: str, *, refine: str | None, device: str = "cpu",
+                   chunk_bytes: int = QUANT_STACK_BYTES) -> dict[str, Tensor]:
+    """Quantize E matrices [N, K] (one role of a layer's experts) on `device`, a few experts at a time, so that the
+    fp32 working set stays near 10 x `chunk_bytes` whatever E, N and K (one pass over a 512-expert layer of the
+    397B shape would hold about 50 GB). Each matrix is quantized on its own either way (every reduction runs
+    within a group of one row), so the parts are bit for bit those of one pass. Returns part -> [E, ...] on CPU."""
+    n, k = rows[0].shape
+    step = max(1, chunk_bytes // (4 * n * k))
+    pieces: list[dict[str, Tensor]] = []
+    for e0 in range(0, len(rows), step):
+        chunk = torch.stack(rows[e0:e0 + step]).to(device)
+        pieces.append(quantize(chunk, scheme, refine=refine).to_device("cpu").parts())
+        del chunk
+    return {name: torch.cat([p[name] for p in pieces]) for name in pieces[0]}
+
+
 def _quantize_layer(experts, cfg: ModelConfig, layer: int, by_name: dict, rd: _Reader, refine: str | None,
                     device: str = "cpu"):
     """Quantize every expert of one layer, role by role, in one pass over a [E, N, K] stack (each matrix
@@ -515,10 +549,11 @@ def _quantize_layer(experts, cfg: ModelConfig, layer: int, by_name: dict, rd: _R
                                   f"checkpoint stores every expert in one format")
             out[role] = [(by_name[role], kept["q"]), (by_name[spec.quant["scale"]], kept["scale"])]
             continue
-        qw = quantize(torch.stack(rows).to(device), scheme, refine=refine if scheme == "q4" else None).to_device("cpu")
+        parts = quantize_stack(rows, scheme, refine=refine if scheme == "q4" else None, device=device)
+        rows.clear()
         names = {"q": role, **{p: spec.quant[p] for p in ("scale", "min") if p in spec.quant}}
         out[role] = [(by_name[names[part]], memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")
-                      .toreadonly()) for part, t in qw.parts().items()]
+                      .toreadonly()) for part, t in parts.items()]
         out[role] = [(ps, [mv[i * ps.nbytes:(i + 1) * ps.nbytes] for i in range(cfg.num_experts)])
                      for ps, mv in out[role]]
     return out
@@ -696,7 +731,7 @@ class _sigterm_as_interrupt:
 
 def repack(src: str | Path, dst: str | Path, *, dtype: str = "source", experts: str = "source",
            dense: str = "source", force: bool = False, progress: bool = True,
-           q4_refine: str = "lsq", quant_device: str = "cpu", fix: str = "choose another DST") -> dict[str, Any]:
+           q4_refine: str = "lsq", quant_device: str = "auto", fix: str = "choose another DST") -> dict[str, Any]:
     """Rewrite checkpoint `src` into a layout at `dst`, atomically.
 
     Args:
@@ -714,7 +749,9 @@ def repack(src: str | Path, dst: str | Path, *, dtype: str = "source", experts: 
         q4_refine: "lsq" (q4 starts from each group's min/max, then refines scale and min by least squares:
             12% lower weight MSE on olmoe-code-17m, better KL and top-1 on ../shared/text/fit) or "none"
             (min/max rounding only).
-        quant_device: where expert quantization computes ("cuda" on a GPU box: much faster at large shapes).
+        quant_device: where quantization computes, experts and dense matrices: "cuda", "cpu", or "auto" (CUDA when
+            a device has 4 GiB free; `resolve_quant_device`). Experts are quantized a few at a time
+            (`quantize_stack`), so memory stays bounded on either; the two may differ in a rare rounding.
         force: replace an existing `dst` (only a tiered layout or an empty directory; anything else is refused).
         progress: show a progress bar on stderr.
         fix: what to tell the user when `dst` cannot be written or has no room (the cache names its own remedy).
@@ -731,6 +768,7 @@ def repack(src: str | Path, dst: str | Path, *, dtype: str = "source", experts: 
     if q4_refine not in ("lsq", "none"):
         raise RepackError(f"--q4-refine must be lsq or none, not {q4_refine!r}")
     refine = None if q4_refine == "none" else q4_refine
+    quant_device = resolve_quant_device(quant_device)
     if not src.is_dir():
         raise RepackError(f"{src} is not a directory: pass a Hugging Face checkpoint directory")
     if is_layout(src):
@@ -813,7 +851,7 @@ def _write_layout(src: Path, dst: Path, tmp: Path, cfg: ModelConfig, dense_outs,
                   bs: int, dtype: str, rd: _Reader, tick: Callable[[int], None], refine, quant_device: str,
                   options: dict[str, Any]) -> int:
     """Write every file of the layout into `tmp`, then swap it into place at `dst`; returns the block count."""
-    dense_sum = _write_dense(tmp / DENSE_FILE, dense_outs, dtype, rd, tick, refine)
+    dense_sum = _write_dense(tmp / DENSE_FILE, dense_outs, dtype, rd, tick, refine, quant_device)
     sums = _write_experts(tmp / EXPERTS_FILE, cfg, expert_src, specs, bs, rd, tick, refine, quant_device)
     for name in TOKENIZER_FILES + ("config.json",):
         if (src / name).is_file():
