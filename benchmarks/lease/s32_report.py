@@ -118,8 +118,8 @@ res = {
              "K experts and causal attention / 989 TFLOP/s)",
     "single_prompt": prompts,
     "batch_32_prompts_of_64": batch,
-    "profile_note": "the profiles' kernel_ms (session 32's runs) summed the aten ops' device time beside their kernels' "
-                    "(counted twice); top_kernels lists both: read the non-aten entries",
+    "profile_note": "the profiles' kernel_ms (session 32's runs) summed the aten ops' device time beside their "
+                    "kernels' (counted twice); top_kernels lists both: read the non-aten entries",
     "llamacpp": {"bench_call_C": llama, "bench_call_D_Q4_0": llama_d, "bench_call_A": llama_a,
                  "batched_call_C": {q: {str(k): v for k, v in b.items()} for q, b in batched.items()},
                  "note": "call A's llama-batched-bench ran B = 32 alone (cold: 10.4k / 21.0k S_PP) and is not used; "
@@ -130,8 +130,8 @@ out.write_text(json.dumps(res, indent=1) + "\n")
 for spec, p in prompts.items():
     for n, r in p["by_tokens"].items():
         s = r["same_call_as_llamacpp"]
-        print(f"{spec} {n}: graphs {s['graphs_tok_s']:.0f} eager {s['eager_tok_s']:.0f} plain {s['eager_plain_sinks_tok_s']:.0f}"
-              f" | llama {s['llamacpp_pp_tok_s']:.0f} -> {s['vs_llamacpp']:.2f}x | bound {s['bound_tok_s']:.0f} "
+        print(f"{spec} {n}: graphs {s['graphs_tok_s']:.0f} eager {s['eager_tok_s']:.0f} "
+              f"plain {s['eager_plain_sinks_tok_s']:.0f} | llama {s['llamacpp_pp_tok_s']:.0f} -> {s['vs_llamacpp']:.2f}x | bound {s['bound_tok_s']:.0f} "
               f"({s['vs_bound']:.3f}) | B: eager flash/plain {r['call_B']['eager_flash_vs_plain']:.2f}x")
 for spec, b in batch.items():
     print(spec, {k: (round(v["prompts_tok_s"]) if isinstance(v, dict) and "prompts_tok_s" in v else v)

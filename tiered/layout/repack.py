@@ -476,7 +476,7 @@ QUANT_STACK_BYTES = 256 * 2 ** 20  # fp32 input of one quantize call over a stac
 
 def resolve_quant_device(device: str) -> str:
     """--quant-device: "auto" is "cuda" when a CUDA device has 4 GiB free (a stack chunk's working set is about
-    2.5 GiB), else "cpu"; "cpu" and "cuda" are taken as given ("cuda" without a device fails by name)."""
+    3 GiB), else "cpu"; "cpu" and "cuda" are taken as given ("cuda" without a device fails by name)."""
     if device not in ("auto", "cpu", "cuda"):
         raise RepackError(f"--quant-device must be auto, cpu or cuda, not {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
@@ -491,8 +491,8 @@ def resolve_quant_device(device: str) -> str:
 def quantize_stack(rows: list[Tensor], scheme: str, *, refine: str | None, device: str = "cpu",
                    chunk_bytes: int = QUANT_STACK_BYTES) -> dict[str, Tensor]:
     """Quantize E matrices [N, K] (one role of a layer's experts) on `device`, a few experts at a time, so that the
-    fp32 working set stays near 10 x `chunk_bytes` whatever E, N and K (one pass over a 512-expert layer of the
-    397B shape would hold about 50 GB). Each matrix is quantized on its own either way (every reduction runs
+    fp32 working set stays near 10 x `chunk_bytes` whatever E, N and K (one pass over a 512-expert role of the
+    397B shape would hold about 95 GB). Each matrix is quantized on its own either way (every reduction runs
     within a group of one row), so the parts are bit for bit those of one pass. Returns part -> [E, ...] on CPU."""
     n, k = rows[0].shape
     step = max(1, chunk_bytes // (4 * n * k))
@@ -506,8 +506,9 @@ def quantize_stack(rows: list[Tensor], scheme: str, *, refine: str | None, devic
 
 def _quantize_layer(experts, cfg: ModelConfig, layer: int, by_name: dict, rd: _Reader, refine: str | None,
                     device: str = "cpu"):
-    """Quantize every expert of one layer, role by role, in one pass over a [E, N, K] stack (each matrix
-    exactly as on its own). Returns role -> [(part spec, per-expert memoryviews of the part's bytes)]."""
+    """Quantize every expert of one layer, role by role, over a [E, N, K] stack a few experts at a time
+    (`quantize_stack`: each matrix exactly as on its own). Returns role -> [(part spec, per-expert memoryviews of
+    the part's bytes)]."""
     out = {}
     quant_roles = [r for r in EXPERT_ROLES if by_name[r].quant]
     derived = {}  # role -> [E] canonical tensors, for experts stored in another form (layout/fused.py)

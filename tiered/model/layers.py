@@ -407,8 +407,8 @@ def pick_backend(requested: str, device: torch.device, dtype: torch.dtype = torc
         return "sdpa"
     if sinks:
         if device.type == "cuda":
-            print("tiered: attention sinks (gpt-oss) run on the sdpa path: --attn auto picks sdpa (prompts in bf16/fp16 "
-                  "take flash attention with the sink's correction, model/sinkflash.py)", file=sys.stderr)
+            print("tiered: attention sinks (gpt-oss) run on the sdpa path: --attn auto picks sdpa (prompts in "
+                  "bf16/fp16 take flash attention with the sink's correction, model/sinkflash.py)", file=sys.stderr)
         return "sdpa"
     if requested == "triton" or (requested == "auto" and device.type == "cuda"):
         if triton_attention_available(device):
