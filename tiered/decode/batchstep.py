@@ -389,18 +389,15 @@ class BatchStep:
         batched = {i for g in groups for i in g}
         out = []
         for g in groups:
-            idx, rid, pos, cu = [], [], [], [0]
-            for j, i in enumerate(g):
-                t = len(segs[i].tokens)
-                idx.extend(range(offs[i], offs[i] + t))
-                rid.extend([j] * t)
-                pos.extend(range(t))
-                cu.append(cu[-1] + t)
+            lens = [len(segs[i].tokens) for i in g]
+            idx = [r for i, t in zip(g, lens) for r in range(offs[i], offs[i] + t)]
             idx_t = torch.tensor(idx, dtype=torch.int64).to(self.device, non_blocking=True)
             if self._flash_fresh:  # flash over the rows' own tokens (cu_seqlens): no [n, n] mask
-                cu_t = torch.tensor(cu, dtype=torch.int32).to(self.device, non_blocking=True)
-                out.append((idx_t, (cu_t, max(len(segs[i].tokens) for i in g))))
+                cu = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+                out.append((idx_t, (cu.to(self.device, non_blocking=True), max(lens))))
                 continue
+            rid = [j for j, t in enumerate(lens) for _ in range(t)]
+            pos = [p for t in lens for p in range(t)]
             rid_t = torch.tensor(rid).to(self.device, non_blocking=True)
             pos_t = torch.tensor(pos).to(self.device, non_blocking=True)
             ok = (rid_t[:, None] == rid_t[None, :]) & (pos_t[None, :] <= pos_t[:, None])

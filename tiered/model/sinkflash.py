@@ -83,9 +83,10 @@ def flash_sinks(q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | None, *, scale:
     else:
         out, lse, *_ = op(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, 0.0, True, False, scale=scale,
                           window_size_left=wl, window_size_right=0)
-        if lse.dim() == 3:  # [N, H, max_len] (older flash builds): back to [H, Tq]
-            lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-            lse = torch.cat([lse[i, :, :n] for i, n in enumerate(lens)], dim=1)
+        if tuple(lse.shape) != (q.shape[1], q.shape[0]):  # the layout of torch 2.11's flash build (session 32)
+            raise RuntimeError(f"flash attention returned a log-sum-exp of shape {list(lse.shape)}, not [H, Tq] = "
+                               f"{[q.shape[1], q.shape[0]]}: this torch's flash build is not supported; run with "
+                               f"TIERED_SINK_ATTN=naive")
     if sinks is None:
         return out
     return (out.float() * sink_scale(lse, sinks)[..., None]).to(q.dtype)
