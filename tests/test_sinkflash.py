@@ -135,3 +135,43 @@ def test_cuda_gpt_oss_prefill_and_batch_on_flash(tmp_path, monkeypatch):
     for got, want in zip(flash, naive):
         rel = ((got - want).norm() / want.norm()).item()
         assert rel < 2e-2, rel
+
+
+def test_batch_fresh_prompts_flash_plumbing_on_cpu(monkeypatch):
+    """The batch step's flash branch for fresh prompts (CUDA only in production) with flash_sinks replaced by the
+    plain path applied per cu_seqlens span: the spans, the window and the sinks reach it so that batched greedy
+    tokens equal the single-sequence engine's (gpt-oss: sinks, sliding and full layers)."""
+    from test_gpt_oss import make_gpt_oss, prompt
+
+    from tiered.decode import batchstep
+    from tiered.decode.scheduler import Request, SamplingParams, Scheduler
+    from tiered.engine import load
+    from tiered.layout.repack import repack
+    import tempfile
+    from pathlib import Path
+
+    calls = []
+
+    def spans(q, k, v, sinks, *, scale, window=None, cu_seqlens=None, max_len=0):
+        cu = cu_seqlens.tolist()
+        calls.append((cu, window, max_len))
+        assert max_len == max(b - a for a, b in zip(cu, cu[1:]))
+        s = sinks if sinks is not None else torch.full((q.shape[1],), -1e30)
+        return torch.cat([_reference(q[a:b], k[a:b], v[a:b], s, window=window) for a, b in zip(cu, cu[1:])]).to(q.dtype)
+
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        make_gpt_oss(root / "ck")
+        repack(root / "ck", root / "layout", progress=False)
+        eng = load(root / "layout", device="cpu", dtype="float32", max_context=64)
+        lengths, news = [4, 9, 17], [5, 4, 6]
+        prompts = [prompt(n, 96, seed=20 + i).tolist() for i, n in enumerate(lengths)]
+        want = [eng.generate(p, max_new_tokens=n, stop_at_eos=False).token_ids for p, n in zip(prompts, news)]
+        monkeypatch.setattr(batchstep.sinkflash, "flash_sinks", spans)
+        sch = Scheduler(eng, max_batch=3, page_size=4, prefill_tokens=64, prefill_attention="batched")
+        sch.step_fn._flash_fresh = True
+        reqs = [sch.submit(Request(str(i), p, SamplingParams(max_tokens=n, stop_at_eos=False)))
+                for i, (p, n) in enumerate(zip(prompts, news))]
+        sch.run_until_idle()
+    assert [r.out_ids for r in reqs] == want
+    assert calls and {c[0][-1] for c in calls} == {sum(lengths)} and {c[1] for c in calls} == {None, 6}
