@@ -175,3 +175,18 @@ def test_batch_fresh_prompts_flash_plumbing_on_cpu(monkeypatch):
         sch.run_until_idle()
     assert [r.out_ids for r in reqs] == want
     assert calls and {c[0][-1] for c in calls} == {sum(lengths)} and {c[1] for c in calls} == {None, 6}
+
+
+def test_unpad_lse_takes_each_token_from_its_sequence():
+    """A flash build that pads the varlen log-sum-exp per sequence ([N, H, max_len]): each token's row comes back
+    from its own sequence and position, in token order ([H, Tq])."""
+    lens, H = [3, 1, 4], 2
+    padded = torch.full((3, H, 4), float("nan"))
+    want = []
+    for i, n in enumerate(lens):
+        vals = torch.arange(n, dtype=torch.float32)[None, :] + 10 * i + 100 * torch.arange(H)[:, None]
+        padded[i, :, :n] = vals
+        want.append(vals)
+    cu = torch.tensor([0, 3, 4, 8], dtype=torch.int32)
+    got = sinkflash.unpad_lse(padded, cu, 8)
+    torch.testing.assert_close(got, torch.cat(want, dim=1))

@@ -2,7 +2,8 @@
 
 Owns: `sink_scale` (the exact correction of a sink-free softmax's output by its log-sum-exp), `flash_sinks` (causal,
 optionally windowed and variable-length attention through `torch.ops.aten._flash_attention_forward`, then the
-correction), `usable` (whether that path serves a call here) and `MODES` / `mode` (TIERED_SINK_ATTN: "auto" or
+correction; `unpad_lse` for flash builds that pad the varlen log-sum-exp per sequence), `usable` (whether that path
+serves a call here) and `MODES` / `mode` (TIERED_SINK_ATTN: "auto" or
 "naive", the plain-matmul path kept as the reference and for benchmarks' comparisons).
 Does not own: the plain path (layers.sinks_attend), the caches or the plans (layers.py, decode/batchstep.py).
 
@@ -57,6 +58,14 @@ def sink_scale(lse: Tensor, sinks: Tensor) -> Tensor:
     return torch.sigmoid(lse.float() - sinks.float()[:, None]).transpose(0, 1)
 
 
+def unpad_lse(lse: Tensor, cu_seqlens: Tensor, total: int) -> Tensor:
+    """A per-sequence padded log-sum-exp [N, H, max_len] -> [H, total] in token order, on the device (no host
+    read of the lengths)."""
+    t = torch.arange(total, device=lse.device)
+    seq = torch.searchsorted(cu_seqlens[1:].to(torch.int64), t, right=True)  # the sequence of each token
+    return lse[seq, :, t - cu_seqlens.to(torch.int64)[seq]].transpose(0, 1)
+
+
 def flash_sinks(q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | None, *, scale: float, window: int | None = None,
                 cu_seqlens: Tensor | None = None, max_len: int = 0) -> Tensor:
     """Causal attention with sinks.
@@ -83,10 +92,8 @@ def flash_sinks(q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | None, *, scale:
     else:
         out, lse, *_ = op(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, 0.0, True, False, scale=scale,
                           window_size_left=wl, window_size_right=0)
-        if tuple(lse.shape) != (q.shape[1], q.shape[0]):  # the layout of torch 2.11's flash build (session 32)
-            raise RuntimeError(f"flash attention returned a log-sum-exp of shape {list(lse.shape)}, not [H, Tq] = "
-                               f"{[q.shape[1], q.shape[0]]}: this torch's flash build is not supported; run with "
-                               f"TIERED_SINK_ATTN=naive")
+        if lse.dim() == 3:  # [N, H, max_len] (flash builds that pad it per sequence): back to [H, Tq]
+            lse = unpad_lse(lse, cu_seqlens, q.shape[0])
     if sinks is None:
         return out
     return (out.float() * sink_scale(lse, sinks)[..., None]).to(q.dtype)
