@@ -534,6 +534,9 @@ def main() -> None:
                     help="expert shapes (10.6B, 397B: decode and prefill; gpt-oss: prefill); none: the dense "
                          "matrices alone")
     ap.add_argument("--prefill-sweep", action="store_true", help="prefill: also time a few other tiles")
+    ap.add_argument("--many-sweep", action="store_true",
+                    help="prefill: at 32+ rows an expert also MANY_SWEEP's tiles of the quantized formats (the "
+                         "interleaved weight tile, swap 4 / 5), and with --with-dense DENSE_SWAP's")
     ap.add_argument("--swap-sweep", action="store_true",
                     help="prefill: also the transposed-product tiles (GroupedConfig.swap) of the quantized formats")
     ap.add_argument("--no-gemlite", action="store_true", help="prefill: skip the GemLite row")
@@ -771,6 +774,16 @@ def bench_gemlite(shape: str, tokens: list[int], end: float, rows: list, skipped
         print(_prefill_line(r), flush=True)
     del pool, W, layers
     torch.cuda.empty_cache()
+# --many-sweep (quantized formats, 32+ rows an expert): the weight tile interleaved back into input order (swap 4:
+# one tl.dot of BLOCK_K a step, the activation tile as loaded, shared by gate and up; 5: the same transposed, the
+# weight tile the MMA's first operand) against the split tiles the pick takes (swap 0)
+MANY_SWEEP = [(128, 64, 64, 4, 4, 0), (128, 64, 64, 4, 4, 4), (128, 64, 64, 4, 3, 4), (128, 128, 64, 8, 3, 4),
+              (128, 128, 64, 4, 3, 4), (128, 64, 128, 4, 3, 4), (128, 128, 128, 8, 3, 4), (64, 128, 64, 4, 3, 4),
+              (256, 64, 64, 8, 3, 4), (128, 256, 64, 8, 3, 4), (64, 64, 64, 4, 4, 4),
+              (128, 64, 64, 4, 4, 5), (128, 128, 64, 8, 3, 5), (64, 128, 64, 4, 3, 5), (128, 128, 128, 8, 3, 5),
+              (64, 256, 64, 8, 3, 5)]
+DENSE_SWAP = [(64, 128, 64, 4, 3, 4), (128, 128, 64, 8, 3, 4), (128, 64, 64, 4, 3, 4), (128, 256, 64, 8, 3, 4),
+              (64, 64, 64, 4, 4, 4), (128, 128, 128, 8, 3, 4)]
 
 
 def bench_prefill(shape: str, fmts: list[str], tokens: list[int], a, end: float, rows: list, skipped: list) -> dict:
@@ -809,6 +822,10 @@ def bench_prefill(shape: str, fmts: list[str], tokens: list[int], a, end: float,
                 variants += [("triton grouped", f"m{m} n{n} k{k} w{wp} s{st}",
                               (lambda c=GroupedConfig(m, n, k, wp, st): grouped(c)), True)
                              for m, n, k, wp, st in PREFILL_SWEEP]
+            if a.many_sweep and fmt != "bf16" and T * K >= 32 * E:
+                variants += [("triton grouped", f"m{m} n{n} k{k} w{wp} s{st} swap{sw}",
+                              (lambda c=GroupedConfig(m, n, k, wp, st, swap=sw): grouped(c)), True)
+                             for m, n, k, wp, st, sw in MANY_SWEEP]
             if a.swap_sweep and fmt != "bf16":
                 variants += [("triton grouped", f"m{m} n{n} k{k} w{wp} s{st} swap{sw}",
                               (lambda c=GroupedConfig(m, n, k, wp, st, swap=sw): grouped(c)), True)
@@ -883,7 +900,7 @@ PREFILL_DENSE = {"qkv": (5120, 2048), "o_proj": (2048, 4096), "lm_head": (151936
 
 
 def bench_dense_prefill(fmts: list[str], tokens: list[int], end: float, rows: list, skipped: list,
-                        sweep: bool = False, split_sweep: bool = False) -> None:
+                        sweep: bool = False, split_sweep: bool = False, swap: bool = False) -> None:
     """qlinear at prefill rows over the 10.6B dense shapes: quant_matmul (tiles dequantized in registers; with
     `sweep` also DENSE_SWEEP's tiles) and dequant_matmul (a dense copy by a kernel, then cuBLAS, in slices of
     64 MB) against the reference (dequantize into bf16 by torch, then cuBLAS), cuBLAS over a bf16 weight and,
@@ -917,6 +934,10 @@ def bench_dense_prefill(fmts: list[str], tokens: list[int], end: float, rows: li
                 for c in (DENSE_SWEEP if sweep else ()):  # --dense-sweep: quant_matmul's tiles at this shape
                     variants.append((f, "quant_matmul m{} n{} k{} w{} s{}".format(*c),
                                      lambda q=q, c=c: quant_matmul(x, q, GroupedConfig(*c)), q.nbytes, ref))
+                for c in (DENSE_SWAP if swap and T >= 128 else ()):  # --many-sweep: the interleaved weight tile
+                    variants.append((f, "quant_matmul m{} n{} k{} w{} s{} swap{}".format(*c),
+                                     lambda q=q, c=c: quant_matmul(x, q, GroupedConfig(*c[:5], swap=c[5])),
+                                     q.nbytes, ref))
                 tall = max(16, 1 << (T - 1).bit_length())
                 for c in (SPLIT_TILES if split_sweep and T <= 256 and name != "lm_head" else ()):
                     for sp in (SPLITS if c[0] <= tall else ()):  # --split-sweep: split-K at few rows
@@ -968,7 +989,7 @@ def main_prefill(a) -> None:
             bf16_us[shape] = bench_prefill(shape, fmts, tokens, a, end, rows, skipped)
     if a.with_dense:
         bench_dense_prefill([f for f in fmts if f in ("q4", "q8")], tokens, end, rows, skipped, a.dense_sweep,
-                            a.split_sweep)
+                            a.split_sweep, a.many_sweep)
     if not a.no_gemlite and "q4" in fmts and "10.6B" in bf16_us:  # last: 3 E GemLite layers, the 10.6B shape
         bench_gemlite("10.6B", tokens, end, rows, skipped, bf16_us["10.6B"])
     summary = {f"{r['shape']}/T{r['T']}/{r['fmt']}/{r['variant']}": {k: r.get(k) for k in ("us", "tflops", "gbps",

@@ -88,6 +88,12 @@ CASES = [
     (5, 2, 12, 130, 72, GroupedConfig(block_m=16, block_n=32, block_k=128, swap=2)),
     (7, 3, 6, 130, 72, GroupedConfig(block_m=16, block_n=64, block_k=64, swap=3)),
     (1, 2, 8, 48, 40, GroupedConfig(block_m=16, block_n=32, block_k=128, swap=3)),
+    # the weight tile interleaved back into input order, one tl.dot a step, as loaded (4) or transposed (5):
+    # steps of 2 q4 groups, of half a group, and of one short row (D 48)
+    (7, 3, 6, 130, 72, GroupedConfig(block_m=16, block_n=32, block_k=128, swap=4)),
+    (5, 2, 12, 130, 72, GroupedConfig(block_m=32, block_n=16, block_k=32, swap=4)),
+    (7, 3, 6, 130, 72, GroupedConfig(block_m=16, block_n=64, block_k=64, swap=5)),
+    (1, 2, 8, 48, 40, GroupedConfig(block_m=16, block_n=32, block_k=128, swap=5)),
 ]
 
 
@@ -109,7 +115,7 @@ def test_grouped_quant_matches_loop(fmt, T, K, E, D, F_, cfg):
 
 @interp
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("swap", [0, 1, 3])
+@pytest.mark.parametrize("swap", [0, 1, 3, 4, 5])
 def test_grouped_quant_clamped_swiglu_with_biases(fmt, swap):
     """gpt-oss's experts (bf16 biases beside quantized weights, the clamped activation) through the grouped kernels,
     straight and transposed, equal the dequantize-then-matmul loop with the same activation and biases; the clamp
@@ -173,7 +179,7 @@ def test_grouped_quant_waves_equal_one_wave():
 
 @interp
 @pytest.mark.parametrize("fmt", ["q4", "mxfp4"])
-@pytest.mark.parametrize("swap", [0, 3])
+@pytest.mark.parametrize("swap", [0, 3, 4])
 def test_grouped_quant_half_within_rounding(fmt, swap):
     """16-bit activations: the dequantized tile is rounded to the compute dtype for tl.dot, within that
     rounding of the fp32 loop. fp16 here: the interpreter's tl.dot is wrong for bf16 (numpy has no bf16);
@@ -196,11 +202,15 @@ def test_grouped_quant_half_within_rounding(fmt, swap):
                                        (33, 24, 200, GroupedConfig(block_m=32, block_n=32, block_k=32)),
                                        (5, 40, 200, GroupedConfig(block_m=16, block_n=32, block_k=32, split=4)),
                                        (17, 130, 130, GroupedConfig(block_m=16, block_n=64, block_k=128, split=2)),
-                                       (3, 24, 48, GroupedConfig(block_m=16, block_n=32, block_k=32, split=8))])
+                                       (3, 24, 48, GroupedConfig(block_m=16, block_n=32, block_k=32, split=8)),
+                                       (17, 130, 130, GroupedConfig(block_m=16, block_n=64, block_k=128, swap=4)),
+                                       (33, 24, 200, GroupedConfig(block_m=32, block_n=32, block_k=32, split=2,
+                                                                   swap=4))])
 def test_quant_matmul_matches_reference(fmt, T, N, K, cfg):
     """The dense tiled GEMM (qlinear above its GEMV rows) equals x @ dequantize(w)^T in fp32: one row, odd
-    rows, a q4 row of one group, groups cut short, steps over several groups, fp8 scale rows of 128 outputs; and
-    split-K: four splits with a short last one, two splits over several groups, more splits asked than steps."""
+    rows, a q4 row of one group, groups cut short, steps over several groups, fp8 scale rows of 128 outputs;
+    split-K: four splits with a short last one, two splits over several groups, more splits asked than steps;
+    and the interleaved weight tile (swap 4), alone and split."""
     from tiered.kernels.quant_grouped import quant_matmul
 
     g = torch.Generator().manual_seed(N + K)
@@ -382,7 +392,7 @@ def test_kernels_compile_for_sm90():
 @pytest.mark.cuda
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("T", [9, 128, 513])
-@pytest.mark.parametrize("swap", [None, 2, 3])
+@pytest.mark.parametrize("swap", [None, 2, 3, 4, 5])
 def test_cuda_grouped_quant_10b_shape(fmt, T, swap):
     """D 2048, F 768, E 128, K 8 in bf16 with the picked tiles (swap None) or the transposed products at 16 rows
     a block (swap 3: bf16's exponent or-ed into q4's codes, scales after the product): within bf16 rounding of

@@ -96,6 +96,27 @@ def ref_q4(reference_model, tmp_path_factory) -> Path:
     return dst
 
 
+@pytest.mark.cuda
+def test_cuda_repack_quantizes_on_the_gpu_like_the_cpu(reference_model, tmp_path):
+    """--quant-device cuda (auto's choice on a GPU box) writes the layout the CPU writes: the expert file and the
+    dense file within a few codes of it (q4's lsq search compares fp32 errors whose sums may round differently on
+    the two devices) and the same greedy tokens from both."""
+    import numpy as np
+
+    from tiered.engine import load
+
+    lay = {}
+    for dev in ("cpu", "cuda"):
+        lay[dev] = tmp_path / dev
+        repack(reference_model, lay[dev], experts="q4", dense="q4", progress=False, quant_device=dev)
+    for name in ("experts.bin", "dense.safetensors"):
+        a, b = (np.fromfile(lay[d] / name, dtype=np.uint8) for d in ("cpu", "cuda"))
+        assert a.shape == b.shape, name
+        assert (a != b).mean() < 1e-3, f"{name}: {(a != b).mean():.2%} of the bytes differ"
+    toks = [load(lay[d], device="cpu").generate("def fib(n):", max_new_tokens=16).token_ids for d in ("cpu", "cuda")]
+    assert toks[0] == toks[1]
+
+
 def test_expert_cache_serves_quantized_blocks(ref_q4):
     """The expert cache (blocks copied into slots) gives the resident path's greedy tokens on a q4 layout."""
     from tiered.engine import load

@@ -45,11 +45,12 @@ class GroupedConfig:
     stages: int = 3
     split: int = 1  # programs sharing one output tile's reduction (quant_grouped.quant_matmul only; experts take 1)
     swap: int = 0  # quant_grouped's expert kernels only: 1-3 take each product transposed (weight tile first; 3
-    #                scales applied after it: needs a step inside one group)
+    #                scales applied after it: needs a step inside one group); 4 / 5 interleave the weight tile back
+    #                into input order, one tl.dot a step (5: transposed)
 
     def __post_init__(self) -> None:
-        if self.swap not in (0, 1, 2, 3):
-            raise ValueError(f"GroupedConfig.swap must be 0, 1, 2 or 3, got {self.swap}")
+        if self.swap not in range(6):
+            raise ValueError(f"GroupedConfig.swap must be 0-5, got {self.swap}")
         for name in ("block_m", "block_n", "block_k", "warps", "split"):
             v = getattr(self, name)
             if v < 1 or v & (v - 1) or (name.startswith("block") and v < 16):

@@ -259,6 +259,63 @@ def _qdot_t(acc, a_rows, mask_m, qn, sn, mn, mask_n, k0, KIN: tl.constexpr, KQ: 
 
 
 @triton.jit
+def _wtile(qn, sn, mn, mask_n, k0, KQ: tl.constexpr, NG: tl.constexpr, GROUP: tl.constexpr, WFMT: tl.constexpr,
+           R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr):
+    """SWAP 4 / 5: the weight tile W[n-block, k0:k0+BLOCK_K] dequantized in DT, [BLOCK_N, BLOCK_K] in input order.
+    q4 and mxfp4 load [BLOCK_N, BLOCK_K/2] bytes and interleave the two nibbles' values back into input order
+    (tl.join along a new last axis, then a reshape that merges it: input 2j from the low nibble of byte j), so the
+    activation tile is used as loaded (no tl.split) and a step is one tl.dot of BLOCK_K. Inputs past the matrix
+    read codes, scales and minimums as 0, so their values are 0."""
+    if WFMT == 2 or WFMT == 4:
+        offs_j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        b = tl.load(qn[:, None] + offs_j[None, :], mask=mask_n[:, None] & (offs_j < KQ)[None, :],
+                    other=0).to(tl.int32)  # [BLOCK_N, BLOCK_K/2]
+        s = _scales_t(sn, mask_n, k0, NG, GROUP, R)
+        if WFMT == 2:
+            m = _scales_t(mn, mask_n, k0, NG, GROUP, R)
+            w_e = _grouped_t((b & 15).to(tl.float32), s, m, BLOCK_N, BLOCK_K // 2, R, True)
+            w_o = _grouped_t(((b >> 4) & 15).to(tl.float32), s, m, BLOCK_N, BLOCK_K // 2, R, True)
+        else:
+            e = tl.exp2(s - 127.0)
+            w_e = _grouped_t(_e2m1(b & 15), e, e, BLOCK_N, BLOCK_K // 2, R, False)
+            w_o = _grouped_t(_e2m1((b >> 4) & 15), e, e, BLOCK_N, BLOCK_K // 2, R, False)
+        w = tl.reshape(tl.join(w_e.to(DT), w_o.to(DT)), (BLOCK_N, BLOCK_K))
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mb = mask_n[:, None] & (offs_k < KQ)[None, :]
+        if WFMT == 5:
+            c = tl.load(qn[:, None] + offs_k[None, :], mask=mb, other=0).to(tl.int32)
+            mag = tl.where((c & 0x78) != 0, (((c & 0x7F) << 20) + (120 << 23)).to(tl.float32, bitcast=True),
+                           (c & 7).to(tl.float32) * 0.001953125)
+            v = tl.where((c & 0x80) != 0, -mag, mag)
+        elif WFMT == 3:
+            v = tl.where(mb, tl.load(qn[:, None] + offs_k[None, :], mask=mb).to(tl.float32), 0.0)
+        else:
+            v = tl.load(qn[:, None] + offs_k[None, :], mask=mb, other=0).to(tl.float32)
+        s = _scales_t(sn, mask_n, k0, NG, GROUP, R)
+        w = _grouped_t(v, s, s, BLOCK_N, BLOCK_K, R, False).to(DT)
+    return w
+
+
+@triton.jit
+def _atile(a_rows, mask_m, k0, KIN: tl.constexpr, BLOCK_K: tl.constexpr):
+    """SWAP 4 / 5: the activation tile [BLOCK_M, BLOCK_K] at input k0 (rows past num_rows and inputs past KIN 0)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    return tl.load(a_rows[:, None] + offs_k[None, :], mask=mask_m[:, None] & (offs_k < KIN)[None, :], other=0.0)
+
+
+@triton.jit
+def _jdot(acc, a, w, PREC: tl.constexpr, SWAP: tl.constexpr):
+    """SWAP 4: acc [BLOCK_M, BLOCK_N] += a @ w^T; 5: acc [BLOCK_N, BLOCK_M] += w @ a^T (the weight tile the MMA's
+    first operand, which Hopper's wgmma can take from registers). a: `_atile`'s, w: `_wtile`'s."""
+    if SWAP == 4:
+        acc = tl.dot(a, tl.trans(w), acc=acc, input_precision=PREC)
+    else:
+        acc = tl.dot(w, tl.trans(a), acc=acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
 def _qgrouped_gate_up_kernel(x_ptr, rows_ptr, bslot_ptr, gq, gs, gm, uq, us, um, h_ptr, num_rows, stride_xt,
                              sq0, sq1, ss0, ss1, sm0, sm1, D: tl.constexpr, F: tl.constexpr, K: tl.constexpr,
                              KQ: tl.constexpr, NG: tl.constexpr, GROUP: tl.constexpr, ROWBLK: tl.constexpr,
@@ -269,7 +326,9 @@ def _qgrouped_gate_up_kernel(x_ptr, rows_ptr, bslot_ptr, gq, gs, gm, uq, us, um,
     """Grid (cdiv(F, BLOCK_N), P / BLOCK_M): h[rows, n-block] = act(x[tok] @ gate.T + bg, x[tok] @ up.T + bu).
     gate and up share their strides (one block layout); ROWBLK output rows share a scale row (fp8: 128).
     SWAP (GroupedConfig.swap) 1, 2 or 3: the products are taken transposed (weight tile first), see _qdot / _qdot_t
-    (3: with the scales applied after the product). ACT 0: SwiGLU; 1: gpt-oss's clamped form (alpha, limit).
+    (3: with the scales applied after the product); 4 / 5: the weight tile interleaved back into input order
+    (`_wtile`), one activation tile a step for both products, as loaded (4) or transposed (5).
+    ACT 0: SwiGLU; 1: gpt-oss's clamped form (alpha, limit).
     HAS_BIAS: the slot's gate and up biases (rows of stride stride_bs) added in fp32 before the activation."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -286,14 +345,21 @@ def _qgrouped_gate_up_kernel(x_ptr, rows_ptr, bslot_ptr, gq, gs, gm, uq, us, um,
     so = slot * ss0 + (n64 // ROWBLK) * ss1
     mo = slot * sm0 + n64 * sm1
     DT = x_ptr.dtype.element_ty
-    if SWAP == 0:
+    if SWAP == 0 or SWAP == 4:
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k0 in range(0, D, BLOCK_K):
-            acc_g = _qdot(acc_g, a_rows, mask_m, gq + qo, gs + so, gm + mo, mask_n, k0, D, KQ, NG, GROUP, WFMT, R,
-                          BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC)
-            acc_u = _qdot(acc_u, a_rows, mask_m, uq + qo, us + so, um + mo, mask_n, k0, D, KQ, NG, GROUP, WFMT, R,
-                          BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC)
+            if SWAP == 4:  # one activation tile for both products, each one tl.dot of BLOCK_K
+                a = _atile(a_rows, mask_m, k0, D, BLOCK_K)
+                acc_g = _jdot(acc_g, a, _wtile(gq + qo, gs + so, gm + mo, mask_n, k0, KQ, NG, GROUP, WFMT, R, BLOCK_K,
+                                               BLOCK_N, DT), PREC, 4)
+                acc_u = _jdot(acc_u, a, _wtile(uq + qo, us + so, um + mo, mask_n, k0, KQ, NG, GROUP, WFMT, R, BLOCK_K,
+                                               BLOCK_N, DT), PREC, 4)
+            else:
+                acc_g = _qdot(acc_g, a_rows, mask_m, gq + qo, gs + so, gm + mo, mask_n, k0, D, KQ, NG, GROUP, WFMT,
+                              R, BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC)
+                acc_u = _qdot(acc_u, a_rows, mask_m, uq + qo, us + so, um + mo, mask_n, k0, D, KQ, NG, GROUP, WFMT,
+                              R, BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC)
         if HAS_BIAS:
             acc_g += tl.load(gb_ptr + slot * stride_bs + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             acc_u += tl.load(ub_ptr + slot * stride_bs + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -304,7 +370,13 @@ def _qgrouped_gate_up_kernel(x_ptr, rows_ptr, bslot_ptr, gq, gs, gm, uq, us, um,
         acc_g = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         acc_u = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         for k0 in range(0, D, BLOCK_K):
-            if SWAP == 1:
+            if SWAP == 5:
+                a = _atile(a_rows, mask_m, k0, D, BLOCK_K)
+                acc_g = _jdot(acc_g, a, _wtile(gq + qo, gs + so, gm + mo, mask_n, k0, KQ, NG, GROUP, WFMT, R, BLOCK_K,
+                                               BLOCK_N, DT), PREC, 5)
+                acc_u = _jdot(acc_u, a, _wtile(uq + qo, us + so, um + mo, mask_n, k0, KQ, NG, GROUP, WFMT, R, BLOCK_K,
+                                               BLOCK_N, DT), PREC, 5)
+            elif SWAP == 1:
                 acc_g = _qdot(acc_g, a_rows, mask_m, gq + qo, gs + so, gm + mo, mask_n, k0, D, KQ, NG, GROUP, WFMT,
                               R, BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC, 1)
                 acc_u = _qdot(acc_u, a_rows, mask_m, uq + qo, us + so, um + mo, mask_n, k0, D, KQ, NG, GROUP, WFMT,
@@ -348,11 +420,15 @@ def _qgrouped_down_kernel(h_ptr, rows_ptr, bslot_ptr, wt_ptr, dq, ds, dm, out_pt
     mn = dm + slot * sm0 + n64 * sm1
     DT = h_ptr.dtype.element_ty
     w = tl.load(wt_ptr + rows, mask=mask_m, other=0.0).to(tl.float32)
-    if SWAP == 0:
+    if SWAP == 0 or SWAP == 4:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k0 in range(0, F, BLOCK_K):
-            acc = _qdot(acc, a_rows, mask_m, qn, sn, mn, mask_n, k0, F, KQ, NG, GROUP, WFMT, R, BLOCK_M, BLOCK_K,
-                        BLOCK_N, DT, PREC)
+            if SWAP == 4:
+                acc = _jdot(acc, _atile(a_rows, mask_m, k0, F, BLOCK_K),
+                            _wtile(qn, sn, mn, mask_n, k0, KQ, NG, GROUP, WFMT, R, BLOCK_K, BLOCK_N, DT), PREC, 4)
+            else:
+                acc = _qdot(acc, a_rows, mask_m, qn, sn, mn, mask_n, k0, F, KQ, NG, GROUP, WFMT, R, BLOCK_M,
+                            BLOCK_K, BLOCK_N, DT, PREC)
         if HAS_BIAS:
             acc += tl.load(db_ptr + slot * stride_bs + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + rows64[:, None] * D + offs_n[None, :], (acc * w[:, None]).to(out_ptr.dtype.element_ty),
@@ -360,7 +436,10 @@ def _qgrouped_down_kernel(h_ptr, rows_ptr, bslot_ptr, wt_ptr, dq, ds, dm, out_pt
     else:
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         for k0 in range(0, F, BLOCK_K):
-            if SWAP == 1:
+            if SWAP == 5:
+                acc = _jdot(acc, _atile(a_rows, mask_m, k0, F, BLOCK_K),
+                            _wtile(qn, sn, mn, mask_n, k0, KQ, NG, GROUP, WFMT, R, BLOCK_K, BLOCK_N, DT), PREC, 5)
+            elif SWAP == 1:
                 acc = _qdot(acc, a_rows, mask_m, qn, sn, mn, mask_n, k0, F, KQ, NG, GROUP, WFMT, R, BLOCK_M,
                             BLOCK_K, BLOCK_N, DT, PREC, 1)
             else:
@@ -376,11 +455,13 @@ def _qgrouped_down_kernel(h_ptr, rows_ptr, bslot_ptr, wt_ptr, dq, ds, dm, out_pt
 def _qmatmul_kernel(x_ptr, q, s, m, out_ptr, T, stride_xt, stride_ot, sq1, ss1, sm1, N: tl.constexpr,
                     KIN: tl.constexpr, KQ: tl.constexpr, NG: tl.constexpr, GROUP: tl.constexpr,
                     ROWBLK: tl.constexpr, WFMT: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, KSPLIT):
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, KSPLIT,
+                    SWAP: tl.constexpr = 0):
     """Grid (cdiv(N, BLOCK_N), cdiv(T, BLOCK_M), splits): out[m-block, n-block] = x[m-block] @ W[n-block]^T, one
     quantized [N, KIN] matrix (a dense layer's weight at prefill sizes). Split s sums inputs [s KSPLIT, (s + 1)
     KSPLIT) (KSPLIT a multiple of BLOCK_K); with more than one split, out is the fp32 partials [splits, T, N]
-    (row stride stride_ot) that `_split_sum_kernel` adds in split order."""
+    (row stride stride_ot) that `_split_sum_kernel` adds in split order. SWAP 4: the weight tile interleaved into
+    input order (`_wtile`), one tl.dot a step; 0: `_qdot`'s split tiles (GroupedConfig.swap; others refused)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     ks = tl.program_id(2)
@@ -393,8 +474,13 @@ def _qmatmul_kernel(x_ptr, q, s, m, out_ptr, T, stride_xt, stride_ot, sq1, ss1, 
     DT = x_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(ks * KSPLIT, tl.minimum(ks * KSPLIT + KSPLIT, KIN), BLOCK_K):
-        acc = _qdot(acc, x_ptr + m64 * stride_xt, mask_m, q + n64 * sq1, s + (n64 // ROWBLK) * ss1, m + n64 * sm1,
-                    mask_n, k0, KIN, KQ, NG, GROUP, WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC)
+        if SWAP == 4:
+            acc = _jdot(acc, _atile(x_ptr + m64 * stride_xt, mask_m, k0, KIN, BLOCK_K),
+                        _wtile(q + n64 * sq1, s + (n64 // ROWBLK) * ss1, m + n64 * sm1, mask_n, k0, KQ, NG, GROUP,
+                               WFMT, R, BLOCK_K, BLOCK_N, DT), PREC, 4)
+        else:
+            acc = _qdot(acc, x_ptr + m64 * stride_xt, mask_m, q + n64 * sq1, s + (n64 // ROWBLK) * ss1,
+                        m + n64 * sm1, mask_n, k0, KIN, KQ, NG, GROUP, WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC)
     base = out_ptr + ks.to(tl.int64) * T * stride_ot  # split ks's [T, N] partial (ks is 0 unless split)
     tl.store(base + m64[:, None] * stride_ot + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])
@@ -625,6 +711,8 @@ def quant_matmul(x: Tensor, w: QuantWeight, config: GroupedConfig | None = None)
     if x.stride(-1) != 1:
         x = x.contiguous()
     cfg = config or pick_matmul_config(T, n, w.fmt, k)
+    if cfg.swap not in (0, 4):
+        raise ValueError(f"quant_matmul takes GroupedConfig.swap 0 or 4, got {cfg.swap}")
     geo = _geometry(w, cfg.block_k)
     bk = geo["BLOCK_K"]
     ksplit = triton.cdiv(triton.cdiv(k, cfg.split), bk) * bk  # inputs a split, whole steps
@@ -635,7 +723,7 @@ def quant_matmul(x: Tensor, w: QuantWeight, config: GroupedConfig | None = None)
     _qmatmul_kernel[(triton.cdiv(n, cfg.block_n), triton.cdiv(T, cfg.block_m), splits)](
         x, _codes(w), w.scale, m, dst, T, x.stride(0), n, w.q.stride(0), w.scale.stride(0), m.stride(0),
         N=n, KIN=k, **geo, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        PREC="ieee" if x.dtype == torch.float32 else "tf32", KSPLIT=ksplit, num_warps=cfg.warps,
+        PREC="ieee" if x.dtype == torch.float32 else "tf32", KSPLIT=ksplit, SWAP=cfg.swap, num_warps=cfg.warps,
         num_stages=cfg.stages)
     if splits > 1:
         _split_sum_kernel[(triton.cdiv(T * n, SUM_BLOCK),)](dst, out, T * n, SPLITS=splits, BLOCK=SUM_BLOCK,
