@@ -511,7 +511,7 @@ def block_k_for(w: QuantWeight, block_k: int) -> tuple[int, int]:
     return bk, bk // w.group
 
 
-INTERLEAVE_ENV = "TIERED_QGROUPED_INTERLEAVE"  # benchmarks: "0" keeps q4's split tiles above 16 rows an expert
+INTERLEAVE_ENV = "TIERED_QGROUPED_INTERLEAVE"  # benchmarks: "0" keeps the split tiles of q4 and mxfp4
 FEW_ENV = "TIERED_QGROUPED_FEW"  # benchmarks: the tiles at <= 16 rows an expert, e.g. "m16:n128:k64:w8:s4:swap3"
 _FEW_KEYS = {"m": "block_m", "n": "block_n", "k": "block_k", "w": "warps", "s": "stages", "swap": "swap"}
 
@@ -533,10 +533,10 @@ def parse_few(spec: str) -> GroupedConfig:
 def pick_qconfig(rows: int, num_experts: int, fmt: str) -> GroupedConfig:
     """Tiles for a quantized pool: moe_grouped's choice by rows per expert (measured for bf16 on the H200), with
     the reduction step capped at the format's group (one scale per step and row); q4 and mxfp4 take their own tiles
-    at 16 rows an expert or fewer (q4) and above 16 (q4: the interleaved weight tile; mxfp4 above 96), where they
-    measured faster. At 16 rows an expert or fewer
+    at 16 rows an expert or fewer (q4) and above 16 (the interleaved weight tile: q4 above 16 rows, mxfp4 above
+    96), where they measured faster. At 16 rows an expert or fewer
     (the batch decode regime), TIERED_QGROUPED_FEW's tiles when set (benchmarks compare tiles that way); with
-    TIERED_QGROUPED_INTERLEAVE=0, q4 keeps the split tiles above 16 rows (benchmarks time the two in one call)."""
+    TIERED_QGROUPED_INTERLEAVE=0, q4 and mxfp4 keep the split tiles (benchmarks time the two in one call)."""
     c = bf16_config(rows, num_experts)
     spec = os.environ.get(FEW_ENV, "")
     if spec and c.block_m == 16:
@@ -546,11 +546,12 @@ def pick_qconfig(rows: int, num_experts: int, fmt: str) -> GroupedConfig:
         # timed it against one group a step at 1 / 8 rows an expert, 181 / 257 us a layer against 191 / 271 in the
         # sweep, and gate_up + down 239 against 251 us a layer in the B = 128 decode's profile (about 5%)
         return GroupedConfig(block_m=16, block_n=c.block_n, block_k=128, warps=c.warps, stages=3)
-    interleave = fmt == "q4" and os.environ.get(INTERLEAVE_ENV, "1") != "0"
+    interleave = fmt in NIBBLES and os.environ.get(INTERLEAVE_ENV, "1") != "0"
     if interleave and c.block_m == 128:
         # many rows an expert, the weight tile interleaved and first (swap 5). Session 33 (benchmarks/results/
-        # quant-interleave-2026-12-04-h200-s33.json, call A), q4 at T 2048, us a layer against the split tiles
-        # below: 10.6B shape 787 / 937, gpt-oss's shape 1,614 / 1,974 (1.19x, 1.22x)
+        # quant-interleave-2026-12-04-h200-s33.json), T 2048, us a layer against the split tiles below: q4 (call A)
+        # 10.6B shape 787 / 937, gpt-oss's shape 1,614 / 1,974 (1.19x, 1.22x); mxfp4 (call B) gpt-oss's shape
+        # 1,814 / 2,187 (1.21x)
         return GroupedConfig(block_m=128, block_n=64, block_k=64, warps=4, stages=4, swap=5)
     if fmt in NIBBLES and c.block_m == 128:
         # many rows an expert: half as wide a tile on 4 warps. Session 31 (benchmarks/results/
@@ -558,7 +559,7 @@ def pick_qconfig(rows: int, num_experts: int, fmt: str) -> GroupedConfig:
         # w8 s3: 10.6B shape mxfp4 1,041 / 1,153, q4 943 / 1,029; gpt-oss's shape mxfp4 2,188 / 2,472, q4 1,988 /
         # 2,197 (1.09-1.13x); q8 gained nothing (858 / 857), so it keeps bf16's tiles
         return GroupedConfig(block_m=128, block_n=64, block_k=64, warps=4, stages=4)
-    if interleave and c.block_m == 64:
+    if interleave and fmt == "q4" and c.block_m == 64:
         # 17-96 rows an expert: bf16's tile with the weight tile interleaved (swap 4). Session 33 (call A), q4 at T
         # 512, us a layer against the split tile: 10.6B shape 375 / 395, gpt-oss's shape 734 / 801 (1.05x, 1.09x)
         return GroupedConfig(block_m=64, block_n=c.block_n, block_k=min(c.block_k, 64), warps=c.warps,
