@@ -537,6 +537,8 @@ def main() -> None:
     ap.add_argument("--many-sweep", action="store_true",
                     help="prefill: at 32+ rows an expert also MANY_SWEEP's tiles of the quantized formats (the "
                          "interleaved weight tile, swap 4 / 5), and with --with-dense DENSE_SWAP's")
+    ap.add_argument("--dq-sweep", action="store_true",
+                    help="prefill: at 32+ rows an expert also DQ_SWEEP's tiles of q4 (GroupedConfig.dq 0-2)")
     ap.add_argument("--swap-sweep", action="store_true",
                     help="prefill: also the transposed-product tiles (GroupedConfig.swap) of the quantized formats")
     ap.add_argument("--no-gemlite", action="store_true", help="prefill: skip the GemLite row")
@@ -782,6 +784,11 @@ MANY_SWEEP = [(128, 64, 64, 4, 4, 0), (128, 64, 64, 4, 4, 4), (128, 64, 64, 4, 3
               (256, 64, 64, 8, 3, 4), (128, 256, 64, 8, 3, 4), (64, 64, 64, 4, 4, 4),
               (128, 64, 64, 4, 4, 5), (128, 128, 64, 8, 3, 5), (64, 128, 64, 4, 3, 5), (128, 128, 128, 8, 3, 5),
               (64, 256, 64, 8, 3, 5)]
+# --dq-sweep (q4, 32+ rows an expert): how the interleaved tile turns codes into values (GroupedConfig.dq: 0 int->float
+# conversions, 1 exponent bits or-ed in, 2 in the compute dtype) on the picked tiles and two others
+DQ_SWEEP = [(128, 64, 64, 4, 4, 5, 0), (128, 64, 64, 4, 4, 5, 1), (128, 64, 64, 4, 4, 5, 2),
+            (64, 64, 64, 4, 4, 4, 0), (64, 64, 64, 4, 4, 4, 1), (64, 64, 64, 4, 4, 4, 2),
+            (128, 64, 64, 4, 3, 4, 1), (128, 64, 64, 4, 3, 4, 2), (128, 128, 64, 8, 3, 5, 1), (128, 128, 64, 8, 3, 5, 2)]
 DENSE_SWAP = [(64, 128, 64, 4, 3, 4), (128, 128, 64, 8, 3, 4), (128, 64, 64, 4, 3, 4), (128, 256, 64, 8, 3, 4),
               (64, 64, 64, 4, 4, 4), (128, 128, 128, 8, 3, 4)]
 
@@ -826,6 +833,10 @@ def bench_prefill(shape: str, fmts: list[str], tokens: list[int], a, end: float,
                 variants += [("triton grouped", f"m{m} n{n} k{k} w{wp} s{st} swap{sw}",
                               (lambda c=GroupedConfig(m, n, k, wp, st, swap=sw): grouped(c)), True)
                              for m, n, k, wp, st, sw in MANY_SWEEP]
+            if a.dq_sweep and fmt == "q4" and T * K >= 32 * E:
+                variants += [("triton grouped", f"m{m} n{n} k{k} w{wp} s{st} swap{sw} dq{dq}",
+                              (lambda c=GroupedConfig(m, n, k, wp, st, swap=sw, dq=dq): grouped(c)), True)
+                             for m, n, k, wp, st, sw, dq in DQ_SWEEP]
             if a.swap_sweep and fmt != "bf16":
                 variants += [("triton grouped", f"m{m} n{n} k{k} w{wp} s{st} swap{sw}",
                               (lambda c=GroupedConfig(m, n, k, wp, st, swap=sw): grouped(c)), True)

@@ -94,6 +94,10 @@ CASES = [
     (5, 2, 12, 130, 72, GroupedConfig(block_m=32, block_n=16, block_k=32, swap=4)),
     (7, 3, 6, 130, 72, GroupedConfig(block_m=16, block_n=64, block_k=64, swap=5)),
     (1, 2, 8, 48, 40, GroupedConfig(block_m=16, block_n=32, block_k=128, swap=5)),
+    # q4's codes to values without int->float conversions (dq 1) and in the compute dtype (dq 2; fp32 here)
+    (7, 3, 6, 130, 72, GroupedConfig(block_m=16, block_n=32, block_k=128, swap=4, dq=1)),
+    (5, 2, 12, 130, 72, GroupedConfig(block_m=32, block_n=16, block_k=32, swap=5, dq=1)),
+    (7, 3, 6, 130, 72, GroupedConfig(block_m=16, block_n=64, block_k=64, swap=5, dq=2)),
 ]
 
 
@@ -179,18 +183,19 @@ def test_grouped_quant_waves_equal_one_wave():
 
 @interp
 @pytest.mark.parametrize("fmt", ["q4", "mxfp4"])
-@pytest.mark.parametrize("swap", [0, 3, 4])
-def test_grouped_quant_half_within_rounding(fmt, swap):
+@pytest.mark.parametrize("swap,dq", [(0, 0), (3, 0), (4, 0), (4, 1), (5, 2)])
+def test_grouped_quant_half_within_rounding(fmt, swap, dq):
     """16-bit activations: the dequantized tile is rounded to the compute dtype for tl.dot, within that
     rounding of the fp32 loop. fp16 here: the interpreter's tl.dot is wrong for bf16 (numpy has no bf16);
     the CUDA tests below run bf16. Swap 3 feeds q4's codes as 1024 + c (fp16's exponent or-ed in) and takes
-    the offset out after the product: several groups a row, so a wrong offset or scale per group shows."""
+    the offset out after the product, dq 2 dequantizes in fp16 after the same trick: several groups a row, so a
+    wrong offset or scale per group shows."""
     T, K, E, D, F_ = 5, 2, 4, 130, 32
     W = _pool(fmt, E, F_, D)
     ids, w = _routing(T, K, E)
     x = torch.randn(T, D).half()
     out = moe_grouped_quant(x, ids, w, W, torch.arange(E),
-                            GroupedConfig(block_m=16, block_n=32, block_k=64, swap=swap))
+                            GroupedConfig(block_m=16, block_n=32, block_k=64, swap=swap, dq=dq))
     assert out.dtype == torch.float16
     assert _rel(out.float(), _reference(x, ids, w, W, torch.arange(E))) < 2e-2
 
@@ -268,9 +273,10 @@ def test_expert_tiles_by_rows(monkeypatch):
     capped step; more rows keep one q4 group a step with the interleaved weight tile (swap 4), and past 96 rows q4
     and mxfp4 take 64-column tiles on 4 warps, interleaved and first (swap 5); TIERED_QGROUPED_FEW replaces the
     few-row tiles only, and a malformed spec names itself."""
-    from tiered.kernels.quant_grouped import FEW_ENV, INTERLEAVE_ENV, pick_qconfig
+    from tiered.kernels.quant_grouped import DQ_ENV, FEW_ENV, INTERLEAVE_ENV, pick_qconfig
 
     monkeypatch.delenv(FEW_ENV, raising=False)
+    monkeypatch.delenv(DQ_ENV, raising=False)
     monkeypatch.delenv(INTERLEAVE_ENV, raising=False)
     few = pick_qconfig(1024, 128, "q4")
     assert (few.block_m, few.block_k, few.stages, few.swap) == (16, 128, 3, 0)
@@ -282,6 +288,12 @@ def test_expert_tiles_by_rows(monkeypatch):
         assert (many.block_m, many.block_n, many.block_k, many.warps, many.stages, many.swap) == (128, 64, 64, 4, 4,
                                                                                                   swap)
     assert (pick_qconfig(16384, 128, "q8").block_n, pick_qconfig(16384, 128, "q8").warps) == (128, 8)
+    monkeypatch.setenv(DQ_ENV, "2")  # the benchmarks' choice of how codes become values
+    assert pick_qconfig(8192, 128, "q4").dq == 2 and pick_qconfig(16384, 128, "mxfp4").dq == 0
+    monkeypatch.setenv(DQ_ENV, "3")
+    with pytest.raises(ValueError, match=DQ_ENV):
+        pick_qconfig(8192, 128, "q4")
+    monkeypatch.delenv(DQ_ENV)
     monkeypatch.setenv(INTERLEAVE_ENV, "0")  # the benchmarks' way back to the split tiles
     assert all(pick_qconfig(r, 128, f).swap == 0 for r in (8192, 16384) for f in ("q4", "mxfp4"))
     monkeypatch.delenv(INTERLEAVE_ENV)
@@ -399,13 +411,15 @@ def test_kernels_compile_for_sm90():
 @pytest.mark.cuda
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("T", [9, 128, 513])
-@pytest.mark.parametrize("swap", [None, 2, 3, 4, 5])
+@pytest.mark.parametrize("swap", [None, 2, 3, 4, 5, "5dq1", "4dq2"])
 def test_cuda_grouped_quant_10b_shape(fmt, T, swap):
     """D 2048, F 768, E 128, K 8 in bf16 with the picked tiles (swap None) or the transposed products at 16 rows
     a block (swap 3: bf16's exponent or-ed into q4's codes, scales after the product): within bf16 rounding of
     the fp32 loop."""
     D, F_, E, K = 2048, 768, 128, 8
-    cfg = None if swap is None else GroupedConfig(block_m=16, block_n=128, block_k=64, warps=8, stages=4, swap=swap)
+    sw, dq = (swap, 0) if not isinstance(swap, str) else (int(swap[0]), int(swap[-1]))
+    cfg = None if swap is None else GroupedConfig(block_m=16, block_n=128, block_k=64, warps=8, stages=4, swap=sw,
+                                                  dq=dq)
     W = _pool(fmt, E + 3, F_, D)
     ids, w = _routing(T, K, E)
     ids, w = ids.to(DEV), w.to(DEV)

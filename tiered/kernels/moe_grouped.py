@@ -47,10 +47,14 @@ class GroupedConfig:
     swap: int = 0  # quant_grouped's expert kernels only: 1-3 take each product transposed (weight tile first; 3
     #                scales applied after it: needs a step inside one group); 4 / 5 interleave the weight tile back
     #                into input order, one tl.dot a step (5: transposed)
+    dq: int = 0  # swap 4 / 5 over q4: how codes become values (quant_grouped._wtile): 0 int->float conversions,
+    #              1 exponent bits or-ed in (the same values, no conversion instruction), 2 in the compute dtype
 
     def __post_init__(self) -> None:
         if self.swap not in range(6):
             raise ValueError(f"GroupedConfig.swap must be 0-5, got {self.swap}")
+        if self.dq not in (0, 1, 2):
+            raise ValueError(f"GroupedConfig.dq must be 0, 1 or 2, got {self.dq}")
         for name in ("block_m", "block_n", "block_k", "warps", "split"):
             v = getattr(self, name)
             if v < 1 or v & (v - 1) or (name.startswith("block") and v < 16):

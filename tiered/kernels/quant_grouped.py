@@ -262,12 +262,17 @@ def _qdot_t(acc, a_rows, mask_m, qn, sn, mn, mask_n, k0, KIN: tl.constexpr, KQ: 
 
 @triton.jit
 def _wtile(qn, sn, mn, mask_n, k0, KQ: tl.constexpr, NG: tl.constexpr, GROUP: tl.constexpr, WFMT: tl.constexpr,
-           R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr):
+           R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, DQ: tl.constexpr = 0):
     """SWAP 4 / 5: the weight tile W[n-block, k0:k0+BLOCK_K] dequantized in DT, [BLOCK_N, BLOCK_K] in input order.
     q4 and mxfp4 load [BLOCK_N, BLOCK_K/2] bytes and interleave the two nibbles' values back into input order
     (tl.join along a new last axis, then a reshape that merges it: input 2j from the low nibble of byte j), so the
     activation tile is used as loaded (no tl.split) and a step is one tl.dot of BLOCK_K. Inputs past the matrix
-    read codes, scales and minimums as 0, so their values are 0."""
+    read codes, scales and minimums as 0, so their values are 0.
+    DQ (GroupedConfig.dq; q4): how a code becomes a value. 0: int -> fp32 conversions (a quarter-rate instruction a
+    weight on sm_90), then code * scale + min in fp32, rounded to DT; 1: the same values with no conversion
+    instruction (the code or-ed into the mantissa of 2^23, 2^23 subtracted: exact); 2: in DT itself (bf16's
+    exponent or-ed in, `_magic`, then (v - offset) * scale + min in DT: no fp32 round trip, one or two roundings in
+    DT where 0 and 1 round once)."""
     if WFMT == 2 or WFMT == 4:
         offs_j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
         b = tl.load(qn[:, None] + offs_j[None, :], mask=mask_n[:, None] & (offs_j < KQ)[None, :],
@@ -275,8 +280,21 @@ def _wtile(qn, sn, mn, mask_n, k0, KQ: tl.constexpr, NG: tl.constexpr, GROUP: tl
         s = _scales_t(sn, mask_n, k0, NG, GROUP, R)
         if WFMT == 2:
             m = _scales_t(mn, mask_n, k0, NG, GROUP, R)
-            w_e = _grouped_t((b & 15).to(tl.float32), s, m, BLOCK_N, BLOCK_K // 2, R, True)
-            w_o = _grouped_t(((b >> 4) & 15).to(tl.float32), s, m, BLOCK_N, BLOCK_K // 2, R, True)
+            if DQ == 2:
+                v_e, off = _magic(b & 15, DT)
+                v_o, off = _magic((b >> 4) & 15, DT)
+                sd = s.to(DT)
+                md = m.to(DT)
+                w_e = _grouped_t(v_e - off, sd, md, BLOCK_N, BLOCK_K // 2, R, True)
+                w_o = _grouped_t(v_o - off, sd, md, BLOCK_N, BLOCK_K // 2, R, True)
+            elif DQ == 1:
+                c_e = ((b & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                c_o = (((b >> 4) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                w_e = _grouped_t(c_e, s, m, BLOCK_N, BLOCK_K // 2, R, True)
+                w_o = _grouped_t(c_o, s, m, BLOCK_N, BLOCK_K // 2, R, True)
+            else:
+                w_e = _grouped_t((b & 15).to(tl.float32), s, m, BLOCK_N, BLOCK_K // 2, R, True)
+                w_o = _grouped_t(((b >> 4) & 15).to(tl.float32), s, m, BLOCK_N, BLOCK_K // 2, R, True)
         else:
             e = tl.exp2(s - 127.0)
             w_e = _grouped_t(_e2m1(b & 15), e, e, BLOCK_N, BLOCK_K // 2, R, False)
@@ -324,7 +342,7 @@ def _qgrouped_gate_up_kernel(x_ptr, rows_ptr, bslot_ptr, gq, gs, gm, uq, us, um,
                              WFMT: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_K: tl.constexpr, PREC: tl.constexpr, SWAP: tl.constexpr = 0, gb_ptr=None,
                              ub_ptr=None, stride_bs=0, alpha=1.702, limit=7.0, ACT: tl.constexpr = 0,
-                             HAS_BIAS: tl.constexpr = False):
+                             HAS_BIAS: tl.constexpr = False, DQ: tl.constexpr = 0):
     """Grid (cdiv(F, BLOCK_N), P / BLOCK_M): h[rows, n-block] = act(x[tok] @ gate.T + bg, x[tok] @ up.T + bu).
     gate and up share their strides (one block layout); ROWBLK output rows share a scale row (fp8: 128).
     SWAP (GroupedConfig.swap) 1, 2 or 3: the products are taken transposed (weight tile first), see _qdot / _qdot_t
@@ -354,9 +372,9 @@ def _qgrouped_gate_up_kernel(x_ptr, rows_ptr, bslot_ptr, gq, gs, gm, uq, us, um,
             if SWAP == 4:  # one activation tile for both products, each one tl.dot of BLOCK_K
                 a = _atile(a_rows, mask_m, k0, D, BLOCK_K)
                 acc_g = _jdot(acc_g, a, _wtile(gq + qo, gs + so, gm + mo, mask_n, k0, KQ, NG, GROUP, WFMT, R, BLOCK_K,
-                                               BLOCK_N, DT), PREC, 4)
+                                               BLOCK_N, DT, DQ), PREC, 4)
                 acc_u = _jdot(acc_u, a, _wtile(uq + qo, us + so, um + mo, mask_n, k0, KQ, NG, GROUP, WFMT, R, BLOCK_K,
-                                               BLOCK_N, DT), PREC, 4)
+                                               BLOCK_N, DT, DQ), PREC, 4)
             else:
                 acc_g = _qdot(acc_g, a_rows, mask_m, gq + qo, gs + so, gm + mo, mask_n, k0, D, KQ, NG, GROUP, WFMT,
                               R, BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC)
@@ -375,9 +393,9 @@ def _qgrouped_gate_up_kernel(x_ptr, rows_ptr, bslot_ptr, gq, gs, gm, uq, us, um,
             if SWAP == 5:
                 a = _atile(a_rows, mask_m, k0, D, BLOCK_K)
                 acc_g = _jdot(acc_g, a, _wtile(gq + qo, gs + so, gm + mo, mask_n, k0, KQ, NG, GROUP, WFMT, R, BLOCK_K,
-                                               BLOCK_N, DT), PREC, 5)
+                                               BLOCK_N, DT, DQ), PREC, 5)
                 acc_u = _jdot(acc_u, a, _wtile(uq + qo, us + so, um + mo, mask_n, k0, KQ, NG, GROUP, WFMT, R, BLOCK_K,
-                                               BLOCK_N, DT), PREC, 5)
+                                               BLOCK_N, DT, DQ), PREC, 5)
             elif SWAP == 1:
                 acc_g = _qdot(acc_g, a_rows, mask_m, gq + qo, gs + so, gm + mo, mask_n, k0, D, KQ, NG, GROUP, WFMT,
                               R, BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC, 1)
@@ -402,7 +420,7 @@ def _qgrouped_down_kernel(h_ptr, rows_ptr, bslot_ptr, wt_ptr, dq, ds, dm, out_pt
                           GROUP: tl.constexpr, ROWBLK: tl.constexpr, WFMT: tl.constexpr, R: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           PREC: tl.constexpr, SWAP: tl.constexpr = 0, db_ptr=None, stride_bs=0,
-                          HAS_BIAS: tl.constexpr = False):
+                          HAS_BIAS: tl.constexpr = False, DQ: tl.constexpr = 0):
     """Grid (cdiv(D, BLOCK_N), P / BLOCK_M): out[rows, n-block] = w[rows] * (h[rows] @ down.T + bd). HAS_BIAS: the
     slot's down bias (a row of stride stride_bs) added to the product before the routing weight."""
     pid_n = tl.program_id(0)
@@ -427,7 +445,7 @@ def _qgrouped_down_kernel(h_ptr, rows_ptr, bslot_ptr, wt_ptr, dq, ds, dm, out_pt
         for k0 in range(0, F, BLOCK_K):
             if SWAP == 4:
                 acc = _jdot(acc, _atile(a_rows, mask_m, k0, F, BLOCK_K),
-                            _wtile(qn, sn, mn, mask_n, k0, KQ, NG, GROUP, WFMT, R, BLOCK_K, BLOCK_N, DT), PREC, 4)
+                            _wtile(qn, sn, mn, mask_n, k0, KQ, NG, GROUP, WFMT, R, BLOCK_K, BLOCK_N, DT, DQ), PREC, 4)
             else:
                 acc = _qdot(acc, a_rows, mask_m, qn, sn, mn, mask_n, k0, F, KQ, NG, GROUP, WFMT, R, BLOCK_M,
                             BLOCK_K, BLOCK_N, DT, PREC)
@@ -440,7 +458,7 @@ def _qgrouped_down_kernel(h_ptr, rows_ptr, bslot_ptr, wt_ptr, dq, ds, dm, out_pt
         for k0 in range(0, F, BLOCK_K):
             if SWAP == 5:
                 acc = _jdot(acc, _atile(a_rows, mask_m, k0, F, BLOCK_K),
-                            _wtile(qn, sn, mn, mask_n, k0, KQ, NG, GROUP, WFMT, R, BLOCK_K, BLOCK_N, DT), PREC, 5)
+                            _wtile(qn, sn, mn, mask_n, k0, KQ, NG, GROUP, WFMT, R, BLOCK_K, BLOCK_N, DT, DQ), PREC, 5)
             elif SWAP == 1:
                 acc = _qdot(acc, a_rows, mask_m, qn, sn, mn, mask_n, k0, F, KQ, NG, GROUP, WFMT, R, BLOCK_M,
                             BLOCK_K, BLOCK_N, DT, PREC, 1)
@@ -458,7 +476,7 @@ def _qmatmul_kernel(x_ptr, q, s, m, out_ptr, T, stride_xt, stride_ot, sq1, ss1, 
                     KIN: tl.constexpr, KQ: tl.constexpr, NG: tl.constexpr, GROUP: tl.constexpr,
                     ROWBLK: tl.constexpr, WFMT: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, KSPLIT,
-                    SWAP: tl.constexpr = 0):
+                    SWAP: tl.constexpr = 0, DQ: tl.constexpr = 0):
     """Grid (cdiv(N, BLOCK_N), cdiv(T, BLOCK_M), splits): out[m-block, n-block] = x[m-block] @ W[n-block]^T, one
     quantized [N, KIN] matrix (a dense layer's weight at prefill sizes). Split s sums inputs [s KSPLIT, (s + 1)
     KSPLIT) (KSPLIT a multiple of BLOCK_K); with more than one split, out is the fp32 partials [splits, T, N]
@@ -479,7 +497,7 @@ def _qmatmul_kernel(x_ptr, q, s, m, out_ptr, T, stride_xt, stride_ot, sq1, ss1, 
         if SWAP == 4:
             acc = _jdot(acc, _atile(x_ptr + m64 * stride_xt, mask_m, k0, KIN, BLOCK_K),
                         _wtile(q + n64 * sq1, s + (n64 // ROWBLK) * ss1, m + n64 * sm1, mask_n, k0, KQ, NG, GROUP,
-                               WFMT, R, BLOCK_K, BLOCK_N, DT), PREC, 4)
+                               WFMT, R, BLOCK_K, BLOCK_N, DT, DQ), PREC, 4)
         else:
             acc = _qdot(acc, x_ptr + m64 * stride_xt, mask_m, q + n64 * sq1, s + (n64 // ROWBLK) * ss1,
                         m + n64 * sm1, mask_n, k0, KIN, KQ, NG, GROUP, WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC)
@@ -514,6 +532,7 @@ def block_k_for(w: QuantWeight, block_k: int) -> tuple[int, int]:
 
 
 INTERLEAVE_ENV = "TIERED_QGROUPED_INTERLEAVE"  # benchmarks: "0" keeps the split tiles of q4 and mxfp4
+DQ_ENV = "TIERED_QGROUPED_DQ"  # benchmarks: the picks' GroupedConfig.dq for q4's interleaved tiles (0, 1, 2)
 FEW_ENV = "TIERED_QGROUPED_FEW"  # benchmarks: the tiles at <= 16 rows an expert, e.g. "m16:n128:k64:w8:s4:swap3"
 _FEW_KEYS = {"m": "block_m", "n": "block_n", "k": "block_k", "w": "warps", "s": "stages", "swap": "swap"}
 
@@ -530,6 +549,19 @@ def parse_few(spec: str) -> GroupedConfig:
                              "m16:n128:k64:w8:s4:swap3)")
         fields[_FEW_KEYS[key]] = int(part[len(key):])
     return GroupedConfig(**fields)
+
+
+DQ_DEFAULT = 0  # q4's codes to values in the picked interleaved tiles (GroupedConfig.dq)
+
+
+def _dq(fmt: str) -> int:
+    """The picks' dq: DQ_DEFAULT for q4 (TIERED_QGROUPED_DQ overrides it), 0 for other formats (it reads q4 only)."""
+    if fmt != "q4":
+        return 0
+    v = os.environ.get(DQ_ENV, "")
+    if v not in ("", "0", "1", "2"):
+        raise ValueError(f"{DQ_ENV} must be 0, 1 or 2, got {v!r}")
+    return int(v) if v else DQ_DEFAULT
 
 
 def pick_qconfig(rows: int, num_experts: int, fmt: str) -> GroupedConfig:
@@ -554,7 +586,7 @@ def pick_qconfig(rows: int, num_experts: int, fmt: str) -> GroupedConfig:
         # quant-interleave-2026-12-04-h200-s33.json), T 2048, us a layer against the split tiles below: q4 (call A)
         # 10.6B shape 787 / 937, gpt-oss's shape 1,614 / 1,974 (1.19x, 1.22x); mxfp4 (call B) gpt-oss's shape
         # 1,814 / 2,187 (1.21x)
-        return GroupedConfig(block_m=128, block_n=64, block_k=64, warps=4, stages=4, swap=5)
+        return GroupedConfig(block_m=128, block_n=64, block_k=64, warps=4, stages=4, swap=5, dq=_dq(fmt))
     if fmt in NIBBLES and c.block_m == 128:
         # many rows an expert: half as wide a tile on 4 warps. Session 31 (benchmarks/results/
         # gpt-oss-prefill-batch-2026-12-04-h200-s31.json, tile_sweeps), T 2048, us a layer against bf16's m128 n128
@@ -565,7 +597,7 @@ def pick_qconfig(rows: int, num_experts: int, fmt: str) -> GroupedConfig:
         # 17-96 rows an expert: bf16's tile with the weight tile interleaved (swap 4). Session 33 (call A), q4 at T
         # 512, us a layer against the split tile: 10.6B shape 375 / 395, gpt-oss's shape 734 / 801 (1.05x, 1.09x)
         return GroupedConfig(block_m=64, block_n=c.block_n, block_k=min(c.block_k, 64), warps=c.warps,
-                             stages=c.stages, swap=4)
+                             stages=c.stages, swap=4, dq=_dq(fmt))
     cap = {"q8": 128, "q4": 64, "fp8": 128, "mxfp4": 64}[fmt]
     return GroupedConfig(block_m=c.block_m, block_n=c.block_n, block_k=min(c.block_k, cap), warps=c.warps,
                          stages=c.stages)
@@ -650,11 +682,12 @@ class QuantGroupedMoE(GroupedMoE):
             x, al.rows, bslot, _codes(g), g.scale, gm, _codes(u), u.scale, um, self.h, al.num_rows, x.stride(0),
             *_strides(g), D=D, F=Fe, K=self.K, **_geometry(g, _step(g, cfg)), BLOCK_M=cfg.block_m,
             BLOCK_N=cfg.block_n, PREC=prec, SWAP=cfg.swap, gb_ptr=gb, ub_ptr=ub, stride_bs=sb, alpha=ops.alpha,
-            limit=ops.limit, ACT=int(ops.act), HAS_BIAS=ops.has_bias, num_warps=cfg.warps, num_stages=cfg.stages)
+            limit=ops.limit, ACT=int(ops.act), HAS_BIAS=ops.has_bias, DQ=cfg.dq, num_warps=cfg.warps,
+            num_stages=cfg.stages)
         _qgrouped_down_kernel[(triton.cdiv(D, cfg.block_n), nb)](
             self.h, al.rows, bslot, self.weights, _codes(d), d.scale, dm, self.out, al.num_rows, *_strides(d), D=D,
             F=Fe, **_geometry(d, _step(d, cfg)), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PREC=prec,
-            SWAP=cfg.swap, db_ptr=db, stride_bs=dbs, HAS_BIAS=ops.has_bias, num_warps=cfg.warps,
+            SWAP=cfg.swap, db_ptr=db, stride_bs=dbs, HAS_BIAS=ops.has_bias, DQ=cfg.dq, num_warps=cfg.warps,
             num_stages=cfg.stages)
 
 
@@ -740,8 +773,8 @@ def quant_matmul(x: Tensor, w: QuantWeight, config: GroupedConfig | None = None)
     _qmatmul_kernel[(triton.cdiv(n, cfg.block_n), triton.cdiv(T, cfg.block_m), splits)](
         x, _codes(w), w.scale, m, dst, T, x.stride(0), n, w.q.stride(0), w.scale.stride(0), m.stride(0),
         N=n, KIN=k, **geo, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        PREC="ieee" if x.dtype == torch.float32 else "tf32", KSPLIT=ksplit, SWAP=cfg.swap, num_warps=cfg.warps,
-        num_stages=cfg.stages)
+        PREC="ieee" if x.dtype == torch.float32 else "tf32", KSPLIT=ksplit, SWAP=cfg.swap, DQ=cfg.dq,
+        num_warps=cfg.warps, num_stages=cfg.stages)
     if splits > 1:
         _split_sum_kernel[(triton.cdiv(T * n, SUM_BLOCK),)](dst, out, T * n, SPLITS=splits, BLOCK=SUM_BLOCK,
                                                              num_warps=4)
