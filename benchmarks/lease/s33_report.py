@@ -1,10 +1,11 @@
-"""Session 33's results JSON from calls A, A2, B, C, D (s33_call*.sh): the quantized grouped expert kernels with
+"""Session 33's results JSON from calls A, A2, B, C, D, E (s33_call*.sh): the quantized grouped expert kernels with
 the weight tile interleaved back into input order (GroupedConfig.swap 4 / 5), their effect on gpt-oss's prompts,
-and repack's quantization on the GPU against the CPU.
+how q4's codes become values in them (GroupedConfig.dq, call E), and repack's quantization on the GPU against the
+CPU.
 
     python3 benchmarks/lease/s33_report.py /tmp/s33 benchmarks/results
 
-SRC holds the calls unpacked: A/ (s33_callA.tgz), A2/, B/, C/, D/. The benchmarks' own commit fields name the box's
+SRC holds the calls unpacked: A/ (s33_callA.tgz), A2/, B/, C/, D/, E/. The benchmarks' own commit fields name the box's
 stale copy of the repository (7ef6616): the commits that ran are written here.
 """
 from __future__ import annotations
@@ -28,7 +29,8 @@ def attn_flops(n: int) -> float:
 
 
 def sweep(p: Path) -> dict:
-    """Grouped-kernel rows by shape / T / format: the pick, the bf16 pick, every tile, the best, failures."""
+    """Grouped-kernel rows by shape / T / format: the pick at that commit ("auto"), every other tile, the best,
+    the tiles that failed to compile."""
     out: dict = {}
     for r in json.loads(p.read_text())["rows"]:
         if r["variant"] != "triton grouped":
@@ -38,14 +40,14 @@ def sweep(p: Path) -> dict:
         if "us" not in r:
             o["compile_failed"].append(f"{r['config']}: {r.get('error', '')[:80]}")
         elif r["config"].startswith("auto"):
-            o["pick_before_us"], o["pick_before"] = r["us"], r["config"]
+            o["pick_us"], o["pick"] = r["us"], r["config"]
         else:
             o["tiles_us"][r["config"]] = round(r["us"], 1)
     for key, o in out.items():
         if o["tiles_us"]:
             best = min(o["tiles_us"], key=o["tiles_us"].get)
             o["best"] = {"tile": best, "us": o["tiles_us"][best],
-                         "vs_pick_before": o["pick_before_us"] / o["tiles_us"][best]}
+                         "vs_pick": o["pick_us"] / o["tiles_us"][best]}
     return out
 
 
@@ -87,6 +89,7 @@ for n in ("512", "2048"):
     q4[f"interleaved_vs_split_{n}"] = q4["interleaved"][n]["graphs_tok_s"] / max(
         q4["split_1"][n]["graphs_tok_s"], q4["split_2"][n]["graphs_tok_s"])
     mx[f"interleaved_vs_split_{n}"] = mx["interleaved"][n]["graphs_tok_s"] / mx["split"][n]["graphs_tok_s"]
+dq = {f"dq{v}": prompts(src / "E" / f"gptoss-dq{v}.json", "q4+q4") for v in (0, 1, 2)}
 s32_llama = {"Q4_0": {"512": 44773, "2048": 55706},
              "source": "session 32, call D (gpt-oss-prompts-flash-2026-12-04-h200-s32.json): another box, so a "
                        "cross-call figure"}
@@ -97,7 +100,7 @@ res = {
     "bench": "s33_quant_interleaved_tiles", "date": "2026-12-04", "device": "NVIDIA H200 (one, session 33 leases)",
     "commits": {"A": "a639fa5 (kernels of e1ba164)", "A2": "a639fa5 (A's warm box)",
                 "B": "bb4657f (picks of b6dd898)", "C": "bb4657f (B's warm box)",
-                "D": "d3e6e2a (mxfp4's pick)"},
+                "D": "d3e6e2a (mxfp4's pick)", "E": "65dc221 (GroupedConfig.dq)"},
     "triton_on_box": json.loads((src / "A" / "many.json").read_text()).get("triton"),
     "cuda_tests": {
         "A": tests(src / "A" / "cuda-tests.log") | {
@@ -107,18 +110,23 @@ res = {
                     "The grouped kernels' swap 4 / 5 at the 10.6B shape, every format, T 9 / 128 / 513, passed"},
         "B": tests(src / "B" / "cuda-tests.log") | {"note": "cut at 230 s: the repack test, gpt-oss, the scheduler, "
                                                             "hybrid batches, part of test_quant_kernels"},
-        "D": tests(src / "D" / "cuda-tests.log")},
+        "D": tests(src / "D" / "cuda-tests.log"),
+        "E": tests(src / "E" / "cuda-tests.log") | {"note": "dq 1 / 2 at the 10.6B shape, every format, T 9 / 128 / 513"}},
     "grouped_kernels": {"what": "one layer's experts (uniform random top-K routing), us a layer, CUDA graphs; every "
                                 "tile checked against the fp32 loop before timing (rel err <= 1e-2)",
                         "q4_call_A": sweep(src / "A" / "many.json"),
-                        "mxfp4_call_B": sweep(src / "B" / "many-mxfp4.json")},
+                        "mxfp4_call_B": sweep(src / "B" / "many-mxfp4.json"),
+                        "q4_dq_call_E": sweep(src / "E" / "dq.json") | {
+                            "note": "GroupedConfig.dq: 0 int->float conversions, 1 exponent bits or-ed in (no "
+                                    "conversion instruction), 2 in bf16. dq 1 within 1% of dq 0, dq 2 3-7% slower: "
+                                    "the conversions do not bound the kernel; the picks keep dq 0"}},
     "dense_q4_call_A": dense(src / "A" / "dense.json"),
     "gpt_oss_prompts": {
         "model": "gpt-oss-20b widths cut to 4 layers (random weights, in VRAM), one prompt of N tokens from CUDA "
                  "graphs, median of 3; TIERED_QGROUPED_INTERLEAVE=0 (split tiles) against the default, fresh "
                  "processes on one layout",
         "bound": "max(every weight but the embedding once / measured HBM read rate, FLOPs / 989 TFLOP/s)",
-        "q4+q4_call_C": q4, "mxfp4+q8_call_D": mx, "llamacpp_s32": s32_llama},
+        "q4+q4_call_C": q4, "mxfp4+q8_call_D": mx, "q4+q4_by_dq_call_E": dq, "llamacpp_s32": s32_llama},
     "repack_call_A2": {"parts": json.loads((src / "A2" / "repack_parts.json").read_text()),
                        "whole": json.loads((src / "A2" / "repack_whole.json").read_text())},
 }
@@ -127,9 +135,9 @@ out.write_text(json.dumps(res, indent=1) + "\n")
 for k, v in res["grouped_kernels"].items():
     if isinstance(v, dict):
         for key, o in v.items():
-            if "best" in o:
-                print(k, key, f"pick {o['pick_before_us']:.0f} best {o['best']}")
-for name, d in (("q4", q4), ("mxfp4", mx)):
+            if isinstance(o, dict) and "best" in o:
+                print(k, key, f"pick {o['pick_us']:.0f} best {o['best']}")
+for name, d in (("q4", q4), ("mxfp4", mx), ("q4 by dq", dq)):
     print(name, {k: (v if not isinstance(v, dict) else {n: round(r["graphs_tok_s"]) if isinstance(r, dict) else r
                                                        for n, r in v.items()}) for k, v in d.items()})
 print(res["cuda_tests"])
