@@ -188,3 +188,23 @@ def test_repack_quant_device_choice(monkeypatch):
     assert rp.resolve_quant_device("auto") == "cpu"  # 3 GiB free: below the working set's margin
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (6 * 2 ** 30, 8 * 2 ** 30))
     assert rp.resolve_quant_device("auto") == "cuda"
+
+
+def test_repack_quantizes_each_dense_weight_once(reference_model, tmp_path, monkeypatch):
+    """--dense q4 writes a weight's scale, min and codes at three places in the file; the one pass that makes them
+    keeps the later parts, so each dense chunk is quantized once (three times with nothing kept), and the file is
+    byte for byte the same either way."""
+    from tiered.layout import repack as rp
+
+    calls = []
+    real = rp.quantize
+    monkeypatch.setattr(rp, "quantize", lambda t, *a, **k: calls.append(tuple(t.shape)) or real(t, *a, **k))
+    files, counts = {}, {}
+    for name, limit in (("kept", rp.QUANT_KEEP_BYTES), ("redone", 0)):
+        monkeypatch.setattr(rp, "QUANT_KEEP_BYTES", limit)
+        calls.clear()
+        rp.repack(reference_model, tmp_path / name, experts="bf16", dense="q4", progress=False, quant_device="cpu")
+        files[name] = (tmp_path / name / "dense.safetensors").read_bytes()
+        counts[name] = len(calls)
+    assert files["kept"] == files["redone"]
+    assert counts["kept"] > 0 and counts["redone"] == 3 * counts["kept"], counts

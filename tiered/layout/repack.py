@@ -301,9 +301,39 @@ def _source_rows(rd: "_Reader", st: SourceTensor, r0: int, r1: int) -> torch.Ten
     return QuantWeight("fp8", (r1 - r0, k), g, rows, scale.float().contiguous()).dequantize(torch.float32)
 
 
-def _quant_chunks(o: _DenseOut, rd: "_Reader", refine: str | None, device: str = "cpu"):
+QUANT_KEEP_BYTES = 2 * 2**30  # a quantized dense weight's other parts kept for their turn in the file (else redone)
+
+
+class _PartsKept:
+    """The parts of quantized dense weights that are still to be written, kept from the one quantization pass that
+    made them (the file orders tensors by item size, so a weight's scale and min come long before its codes), up to
+    `limit` bytes in all; a weight whose parts would pass it is quantized again for each later part instead."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit, self.held = QUANT_KEEP_BYTES if limit is None else limit, 0
+        self.parts: dict[tuple[str, str], list[bytes]] = {}
+
+    def take(self, src: str, part: str) -> list[bytes] | None:
+        got = self.parts.pop((src, part), None)
+        if got is not None:
+            self.held -= sum(len(b) for b in got)
+        return got
+
+    def keep(self, src: str, parts: dict[str, list[bytes]]) -> None:
+        n = sum(len(b) for chunks in parts.values() for b in chunks)
+        if self.held + n > self.limit:
+            return
+        self.held += n
+        for part, chunks in parts.items():
+            self.parts[(src, part)] = chunks
+
+
+def _quant_chunks(o: _DenseOut, rd: "_Reader", refine: str | None, device: str = "cpu",
+                  kept: _PartsKept | None = None):
     """The bytes of one part of a quantized dense weight, quantized in row chunks on `device` (groups never span
-    rows; fp8's 128-row blocks stay whole), so memory stays near CHUNK however large the matrix."""
+    rows; fp8's 128-row blocks stay whole), so memory stays near CHUNK however large the matrix. With `kept`, the
+    weight's other parts from the same pass are kept for their turn (the first part written quantizes; the others
+    read what it kept), so each weight is quantized once while the kept bytes fit."""
     if o.fmt == "fp8" and o.src.scale is not None:  # an fp8 source kept fp8: its bytes, copied in CHUNK pieces
         if o.part == "scale":
             yield _fp8_scale_bytes(rd, o.src)
@@ -314,12 +344,25 @@ def _quant_chunks(o: _DenseOut, rd: "_Reader", refine: str | None, device: str =
             rd.read_into(o.src.path, ent.start + pos, memoryview(buf))
             yield buf
         return
+    if kept is not None:
+        got = kept.take(f"{o.src.path}:{o.src.entry.name}", o.part)
+        if got is not None:
+            yield from got
+            return
     n, k = o.src.entry.shape
     rows = max(128, CHUNK // (4 * k) // 128 * 128)
+    others: dict[str, list[bytes]] = {}
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         qw = quantize(_source_rows(rd, o.src, r0, r1).to(device), o.fmt, refine=refine if o.fmt == "q4" else None)
-        yield qw.parts()[o.part].cpu().contiguous().view(torch.uint8).numpy().tobytes()
+        for part, t in qw.parts().items():
+            b = t.cpu().contiguous().view(torch.uint8).numpy().tobytes()
+            if part == o.part:
+                yield b
+            elif kept is not None:
+                others.setdefault(part, []).append(b)
+    if kept is not None:
+        kept.keep(f"{o.src.path}:{o.src.entry.name}", others)
 
 
 def _write_dense(path: Path, outs: list[_DenseOut], dtype: str, rd: "_Reader", tick: Callable[[int], None],
@@ -338,9 +381,10 @@ def _write_dense(path: Path, outs: list[_DenseOut], dtype: str, rd: "_Reader", t
             f.write(piece)
             h.update(piece)
         buf = bytearray(CHUNK)
+        kept = _PartsKept()
         for o in outs:
             if o.fmt is not None:
-                pieces = _quant_chunks(o, rd, refine, device)
+                pieces = _quant_chunks(o, rd, refine, device, kept)
             elif o.src.scale is not None:  # an fp8 source dequantized into o.code
                 pieces = _dequant_chunks(o, rd)
             else:
