@@ -271,7 +271,7 @@ def test_dense_matmul_splits_narrow_matrices():
 def test_expert_tiles_by_rows(monkeypatch):
     """pick_qconfig: at <= 16 rows an expert q4 steps over two groups (128 inputs), the other formats keep their
     capped step; more rows keep one q4 group a step with the interleaved weight tile (swap 4), and past 96 rows q4
-    and mxfp4 take 64-column tiles on 4 warps, interleaved and first (swap 5); TIERED_QGROUPED_FEW replaces the
+    (mxfp4 from 64) take 64-column tiles on 4 warps, interleaved and first (swap 5); TIERED_QGROUPED_FEW replaces the
     few-row tiles only, and a malformed spec names itself."""
     from tiered.kernels.quant_grouped import DQ_ENV, FEW_ENV, INTERLEAVE_ENV, pick_qconfig
 
@@ -282,7 +282,9 @@ def test_expert_tiles_by_rows(monkeypatch):
     assert (few.block_m, few.block_k, few.stages, few.swap) == (16, 128, 3, 0)
     assert pick_qconfig(1024, 128, "mxfp4").block_k == 64 and pick_qconfig(1024, 128, "q8").block_k == 128
     mid = pick_qconfig(8192, 128, "q4")  # 64 rows an expert
-    assert (mid.block_m, mid.block_k, mid.swap) == (64, 64, 4) and pick_qconfig(8192, 128, "mxfp4").swap == 0
+    assert (mid.block_m, mid.block_k, mid.swap) == (64, 64, 4) and pick_qconfig(4096, 128, "mxfp4").swap == 0
+    mx64 = pick_qconfig(8192, 128, "mxfp4")  # 64 rows an expert: mxfp4 takes the many-rows tile already
+    assert (mx64.block_m, mx64.swap) == (128, 5) and pick_qconfig(8000, 128, "mxfp4").block_m == 64
     for fmt, swap in (("q4", 5), ("mxfp4", 5)):  # > 96 rows an expert: the narrower tile on 4 warps; q8 keeps bf16's
         many = pick_qconfig(16384, 128, fmt)
         assert (many.block_m, many.block_n, many.block_k, many.warps, many.stages, many.swap) == (128, 64, 64, 4, 4,

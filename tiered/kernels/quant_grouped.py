@@ -567,8 +567,8 @@ def _dq(fmt: str) -> int:
 def pick_qconfig(rows: int, num_experts: int, fmt: str) -> GroupedConfig:
     """Tiles for a quantized pool: moe_grouped's choice by rows per expert (measured for bf16 on the H200), with
     the reduction step capped at the format's group (one scale per step and row); q4 and mxfp4 take their own tiles
-    at 16 rows an expert or fewer (q4) and above 16 (the interleaved weight tile: q4 above 16 rows, mxfp4 above
-    96), where they measured faster. At 16 rows an expert or fewer
+    at 16 rows an expert or fewer (q4) and above 16 (the interleaved weight tile: q4 above 16 rows, mxfp4 from
+    64), where they measured faster. At 16 rows an expert or fewer
     (the batch decode regime), TIERED_QGROUPED_FEW's tiles when set (benchmarks compare tiles that way); with
     TIERED_QGROUPED_INTERLEAVE=0, q4 and mxfp4 keep the split tiles (benchmarks time the two in one call)."""
     c = bf16_config(rows, num_experts)
@@ -593,6 +593,10 @@ def pick_qconfig(rows: int, num_experts: int, fmt: str) -> GroupedConfig:
         # w8 s3: 10.6B shape mxfp4 1,041 / 1,153, q4 943 / 1,029; gpt-oss's shape mxfp4 2,188 / 2,472, q4 1,988 /
         # 2,197 (1.09-1.13x); q8 gained nothing (858 / 857), so it keeps bf16's tiles
         return GroupedConfig(block_m=128, block_n=64, block_k=64, warps=4, stages=4)
+    if interleave and fmt == "mxfp4" and c.block_m == 64 and rows >= 64 * min(num_experts, rows):
+        # 64-96 rows an expert: the many-rows tile (swap 5, m128) already. Session 33 (call B), gpt-oss's shape at T
+        # 512 (64 rows an expert): 807 us a layer against 1,004 for bf16's m64 split tile (1.24x); 17-63 rows keep it
+        return GroupedConfig(block_m=128, block_n=64, block_k=64, warps=4, stages=4, swap=5)
     if interleave and fmt == "q4" and c.block_m == 64:
         # 17-96 rows an expert: bf16's tile with the weight tile interleaved (swap 4). Session 33 (call A), q4 at T
         # 512, us a layer against the split tile: 10.6B shape 375 / 395, gpt-oss's shape 734 / 801 (1.05x, 1.09x)
