@@ -58,11 +58,12 @@ def main() -> int:
     D, Fe, K = 2048, 768, 8
     # (block_m, block_n, block_k, warps, stages): the runtime's picks for few and many rows per expert, and a
     # step over several groups
-    # (block_m, block_n, block_k, warps, stages, swap): swap 1-3, the transposed products for few rows an expert
-    tiles = ([(16, 64, 128, 4, 4, 0), (16, 64, 128, 4, 4, 3)] if a.quick else
+    # (block_m, block_n, block_k, warps, stages, swap): swap 1-3, the transposed products for few rows an expert;
+    # 4 / 5, the weight tile interleaved back into input order (the picks above 16 rows an expert)
+    tiles = ([(16, 64, 128, 4, 4, 0), (16, 64, 128, 4, 4, 3), (128, 64, 64, 4, 4, 5)] if a.quick else
              [(16, 64, 128, 4, 4, 0), (64, 64, 64, 4, 4, 0), (128, 128, 64, 8, 3, 0), (128, 64, 64, 4, 4, 0),
               (16, 64, 64, 4, 4, 1),
-              (16, 64, 64, 4, 4, 2), (16, 128, 64, 4, 4, 3)])
+              (16, 64, 64, 4, 4, 2), (16, 128, 64, 4, 4, 3), (64, 64, 64, 4, 4, 4), (128, 64, 64, 4, 4, 5)])
     failed = 0
     for fmt, (qt, st) in TYPES.items():
         # one matrix of each orientation gives the geometry (groups, packed width) the launcher derives
@@ -104,8 +105,8 @@ def main() -> int:
                         geo["WFMT"] = qg.WFMT["fp8"]  # the CUDA branch (the zeros above sit on the CPU)
                     consts = dict(extra, **geo, BLOCK_M=bm, BLOCK_N=bn, PREC="tf32")
                     if "SWAP" in fn.arg_names:
-                        consts["SWAP"] = swap
-                    for name, default in (("ACT", 0), ("HAS_BIAS", False)):
+                        consts["SWAP"] = swap if fn is not qg._qmatmul_kernel or swap in (0, 4) else 0
+                    for name, default in (("ACT", 0), ("HAS_BIAS", False), ("DQ", 0)):
                         if name in fn.arg_names:
                             consts.setdefault(name, default)
                     sig = {n: ("constexpr" if n in consts else types[n]) for n in fn.arg_names}

@@ -191,6 +191,38 @@ def _magic(c, DT: tl.constexpr):
 
 
 @triton.jit
+def _bytes_t(qn, offs_k, mb, WFMT: tl.constexpr):
+    """q8 / fp8 codes of a weight tile stored [BLOCK_N, inputs] (qn: each row's codes, offs_k the inputs, mb the mask)
+    -> fp32 values [BLOCK_N, BLOCK_K] before their scales; masked codes give 0."""
+    if WFMT == 5:  # fp8 e4m3 as uint8, decoded from its bits (the interpreter has no fp8)
+        c = tl.load(qn[:, None] + offs_k[None, :], mask=mb, other=0).to(tl.int32)
+        mag = tl.where((c & 0x78) != 0, (((c & 0x7F) << 20) + (120 << 23)).to(tl.float32, bitcast=True),
+                       (c & 7).to(tl.float32) * 0.001953125)
+        v = tl.where((c & 0x80) != 0, -mag, mag)
+    elif WFMT == 3:  # fp8 e4m3: no `other` (an int cannot be cast to fp8); masked values zeroed after
+        v = tl.where(mb, tl.load(qn[:, None] + offs_k[None, :], mask=mb).to(tl.float32), 0.0)
+    else:
+        v = tl.load(qn[:, None] + offs_k[None, :], mask=mb, other=0).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _nibbles_t(b, s, mn, mask_n, k0, NG: tl.constexpr, GROUP: tl.constexpr, WFMT: tl.constexpr, R: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """q4 / mxfp4 bytes b [BLOCK_N, BLOCK_K/2] (int32) with their scales s [BLOCK_N, R] -> the even- and odd-input
+    values (fp32) of the tile: q4 code * scale + min (mins from mn), mxfp4 e2m1 * 2^(e8m0 - 127)."""
+    if WFMT == 2:
+        m = _scales_t(mn, mask_n, k0, NG, GROUP, R)
+        w_e = _grouped_t((b & 15).to(tl.float32), s, m, BLOCK_N, BLOCK_K // 2, R, True)
+        w_o = _grouped_t(((b >> 4) & 15).to(tl.float32), s, m, BLOCK_N, BLOCK_K // 2, R, True)
+    else:
+        e = tl.exp2(s - 127.0)
+        w_e = _grouped_t(_e2m1(b & 15), e, e, BLOCK_N, BLOCK_K // 2, R, False)
+        w_o = _grouped_t(_e2m1((b >> 4) & 15), e, e, BLOCK_N, BLOCK_K // 2, R, False)
+    return w_e, w_o
+
+
+@triton.jit
 def _qdot_t(acc, a_rows, mask_m, qn, sn, mn, mask_n, k0, KIN: tl.constexpr, KQ: tl.constexpr, NG: tl.constexpr,
             GROUP: tl.constexpr, WFMT: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
             BLOCK_N: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, POST: tl.constexpr = 0):
@@ -227,14 +259,7 @@ def _qdot_t(acc, a_rows, mask_m, qn, sn, mn, mask_n, k0, KIN: tl.constexpr, KQ: 
             else:
                 acc += p * tl.exp2(s - 127.0)
         else:
-            if WFMT == 2:
-                m = _scales_t(mn, mask_n, k0, NG, GROUP, R)
-                w_e = _grouped_t((b & 15).to(tl.float32), s, m, BLOCK_N, BLOCK_K // 2, R, True)
-                w_o = _grouped_t(((b >> 4) & 15).to(tl.float32), s, m, BLOCK_N, BLOCK_K // 2, R, True)
-            else:
-                e = tl.exp2(s - 127.0)
-                w_e = _grouped_t(_e2m1(b & 15), e, e, BLOCK_N, BLOCK_K // 2, R, False)
-                w_o = _grouped_t(_e2m1((b >> 4) & 15), e, e, BLOCK_N, BLOCK_K // 2, R, False)
+            w_e, w_o = _nibbles_t(b, s, mn, mask_n, k0, NG, GROUP, WFMT, R, BLOCK_N, BLOCK_K)
             acc = tl.dot(w_e.to(DT), tl.trans(a_e), acc=acc, input_precision=PREC)
             acc = tl.dot(w_o.to(DT), tl.trans(a_o), acc=acc, input_precision=PREC)
     else:  # q8, fp8
@@ -242,15 +267,7 @@ def _qdot_t(acc, a_rows, mask_m, qn, sn, mn, mask_n, k0, KIN: tl.constexpr, KQ: 
         mk = offs_k < KIN
         a = tl.load(a_rows[:, None] + offs_k[None, :], mask=mask_m[:, None] & mk[None, :], other=0.0)
         mb = mask_n[:, None] & mk[None, :]
-        if WFMT == 5:
-            c = tl.load(qn[:, None] + offs_k[None, :], mask=mb, other=0).to(tl.int32)
-            mag = tl.where((c & 0x78) != 0, (((c & 0x7F) << 20) + (120 << 23)).to(tl.float32, bitcast=True),
-                           (c & 7).to(tl.float32) * 0.001953125)
-            v = tl.where((c & 0x80) != 0, -mag, mag)
-        elif WFMT == 3:
-            v = tl.where(mb, tl.load(qn[:, None] + offs_k[None, :], mask=mb).to(tl.float32), 0.0)
-        else:
-            v = tl.load(qn[:, None] + offs_k[None, :], mask=mb, other=0).to(tl.float32)
+        v = _bytes_t(qn, offs_k, mb, WFMT)
         s = _scales_t(sn, mask_n, k0, NG, GROUP, R)
         if POST:  # int8 and e4m3 values are exact in 16-bit floats
             acc += tl.dot(v.to(DT), tl.trans(a), input_precision=PREC) * s
@@ -278,42 +295,28 @@ def _wtile(qn, sn, mn, mask_n, k0, KQ: tl.constexpr, NG: tl.constexpr, GROUP: tl
         b = tl.load(qn[:, None] + offs_j[None, :], mask=mask_n[:, None] & (offs_j < KQ)[None, :],
                     other=0).to(tl.int32)  # [BLOCK_N, BLOCK_K/2]
         s = _scales_t(sn, mask_n, k0, NG, GROUP, R)
-        if WFMT == 2:
+        if WFMT == 2 and DQ == 2:
             m = _scales_t(mn, mask_n, k0, NG, GROUP, R)
-            if DQ == 2:
-                v_e, off = _magic(b & 15, DT)
-                v_o, off = _magic((b >> 4) & 15, DT)
-                sd = s.to(DT)
-                md = m.to(DT)
-                w_e = _grouped_t(v_e - off, sd, md, BLOCK_N, BLOCK_K // 2, R, True)
-                w_o = _grouped_t(v_o - off, sd, md, BLOCK_N, BLOCK_K // 2, R, True)
-            elif DQ == 1:
-                c_e = ((b & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                c_o = (((b >> 4) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                w_e = _grouped_t(c_e, s, m, BLOCK_N, BLOCK_K // 2, R, True)
-                w_o = _grouped_t(c_o, s, m, BLOCK_N, BLOCK_K // 2, R, True)
-            else:
-                w_e = _grouped_t((b & 15).to(tl.float32), s, m, BLOCK_N, BLOCK_K // 2, R, True)
-                w_o = _grouped_t(((b >> 4) & 15).to(tl.float32), s, m, BLOCK_N, BLOCK_K // 2, R, True)
+            v_e, off = _magic(b & 15, DT)
+            v_o, off = _magic((b >> 4) & 15, DT)
+            sd = s.to(DT)
+            md = m.to(DT)
+            w_e = _grouped_t(v_e - off, sd, md, BLOCK_N, BLOCK_K // 2, R, True)
+            w_o = _grouped_t(v_o - off, sd, md, BLOCK_N, BLOCK_K // 2, R, True)
+        elif WFMT == 2 and DQ == 1:
+            m = _scales_t(mn, mask_n, k0, NG, GROUP, R)
+            c_e = ((b & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            c_o = (((b >> 4) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            w_e = _grouped_t(c_e, s, m, BLOCK_N, BLOCK_K // 2, R, True)
+            w_o = _grouped_t(c_o, s, m, BLOCK_N, BLOCK_K // 2, R, True)
         else:
-            e = tl.exp2(s - 127.0)
-            w_e = _grouped_t(_e2m1(b & 15), e, e, BLOCK_N, BLOCK_K // 2, R, False)
-            w_o = _grouped_t(_e2m1((b >> 4) & 15), e, e, BLOCK_N, BLOCK_K // 2, R, False)
+            w_e, w_o = _nibbles_t(b, s, mn, mask_n, k0, NG, GROUP, WFMT, R, BLOCK_N, BLOCK_K)
         w = tl.reshape(tl.join(w_e.to(DT), w_o.to(DT)), (BLOCK_N, BLOCK_K))
     else:
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mb = mask_n[:, None] & (offs_k < KQ)[None, :]
-        if WFMT == 5:
-            c = tl.load(qn[:, None] + offs_k[None, :], mask=mb, other=0).to(tl.int32)
-            mag = tl.where((c & 0x78) != 0, (((c & 0x7F) << 20) + (120 << 23)).to(tl.float32, bitcast=True),
-                           (c & 7).to(tl.float32) * 0.001953125)
-            v = tl.where((c & 0x80) != 0, -mag, mag)
-        elif WFMT == 3:
-            v = tl.where(mb, tl.load(qn[:, None] + offs_k[None, :], mask=mb).to(tl.float32), 0.0)
-        else:
-            v = tl.load(qn[:, None] + offs_k[None, :], mask=mb, other=0).to(tl.float32)
         s = _scales_t(sn, mask_n, k0, NG, GROUP, R)
-        w = _grouped_t(v, s, s, BLOCK_N, BLOCK_K, R, False).to(DT)
+        w = _grouped_t(_bytes_t(qn, offs_k, mb, WFMT), s, s, BLOCK_N, BLOCK_K, R, False).to(DT)
     return w
 
 
