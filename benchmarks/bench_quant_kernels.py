@@ -776,6 +776,8 @@ def bench_gemlite(shape: str, tokens: list[int], end: float, rows: list, skipped
         print(_prefill_line(r), flush=True)
     del pool, W, layers
     torch.cuda.empty_cache()
+
+
 # --many-sweep (quantized formats, 32+ rows an expert): the weight tile interleaved back into input order (swap 4:
 # one tl.dot of BLOCK_K a step, the activation tile as loaded, shared by gate and up; 5: the same transposed, the
 # weight tile the MMA's first operand) against the split tiles the pick takes (swap 0)

@@ -319,9 +319,12 @@ class _PartsKept:
             self.held -= sum(len(b) for b in got)
         return got
 
+    def room(self) -> int:
+        return self.limit - self.held
+
     def keep(self, src: str, parts: dict[str, list[bytes]]) -> None:
         n = sum(len(b) for chunks in parts.values() for b in chunks)
-        if self.held + n > self.limit:
+        if n > self.room():
             return
         self.held += n
         for part, chunks in parts.items():
@@ -351,7 +354,8 @@ def _quant_chunks(o: _DenseOut, rd: "_Reader", refine: str | None, device: str =
             return
     n, k = o.src.entry.shape
     rows = max(128, CHUNK // (4 * k) // 128 * 128)
-    others: dict[str, list[bytes]] = {}
+    others: dict[str, list[bytes]] | None = {} if kept is not None else None
+    held = 0
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         qw = quantize(_source_rows(rd, o.src, r0, r1).to(device), o.fmt, refine=refine if o.fmt == "q4" else None)
@@ -359,9 +363,12 @@ def _quant_chunks(o: _DenseOut, rd: "_Reader", refine: str | None, device: str =
             b = t.cpu().contiguous().view(torch.uint8).numpy().tobytes()
             if part == o.part:
                 yield b
-            elif kept is not None:
+            elif others is not None:
                 others.setdefault(part, []).append(b)
-    if kept is not None:
+                held += len(b)
+        if others is not None and held > kept.room():
+            others = None  # past what may be kept: the later parts quantize again
+    if others is not None:
         kept.keep(f"{o.src.path}:{o.src.entry.name}", others)
 
 
