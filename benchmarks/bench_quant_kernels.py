@@ -785,7 +785,10 @@ MANY_SWEEP = [(128, 64, 64, 4, 4, 0), (128, 64, 64, 4, 4, 4), (128, 64, 64, 4, 3
               (128, 128, 64, 4, 3, 4), (128, 64, 128, 4, 3, 4), (128, 128, 128, 8, 3, 4), (64, 128, 64, 4, 3, 4),
               (256, 64, 64, 8, 3, 4), (128, 256, 64, 8, 3, 4), (64, 64, 64, 4, 4, 4),
               (128, 64, 64, 4, 4, 5), (128, 128, 64, 8, 3, 5), (64, 128, 64, 4, 3, 5), (128, 128, 128, 8, 3, 5),
-              (64, 256, 64, 8, 3, 5)]
+              (64, 256, 64, 8, 3, 5),
+              # 32 outputs a program: gate and up's two accumulators in half the registers (127 a thread for m128 n32
+              # w4 swap 4, against 255 at n64: offline, Triton 3.6, sm_90), each weight still used by 128 / 256 rows
+              (128, 32, 64, 4, 4, 4), (128, 32, 64, 4, 3, 4), (256, 32, 64, 8, 3, 4), (128, 64, 64, 8, 4, 5)]
 # --dq-sweep (q4, 32+ rows an expert): how the interleaved tile turns codes into values (GroupedConfig.dq: 0 int->float
 # conversions, 1 exponent bits or-ed in, 2 in the compute dtype) on the picked tiles and two others
 DQ_SWEEP = [(128, 64, 64, 4, 4, 5, 0), (128, 64, 64, 4, 4, 5, 1), (128, 64, 64, 4, 4, 5, 2),
