@@ -115,7 +115,10 @@ def test_cli_repack_verify_inspect(tiny_checkpoints, tmp_path):
     assert "MB/s" in r.stderr
     r = cli("repack", src, dst)
     assert r.returncode == 2 and "--force" in r.stderr
-    assert cli("repack", src, dst, "--force").returncode == 0
+    r = cli("repack", src, dst, "--force")
+    assert r.returncode == 0 and "MB/s)" in r.stderr and "quantized on" not in r.stderr  # nothing to quantize
+    r = cli("repack", src, tmp_path / "q8", "--experts", "q8", "--quant-device", "cpu")
+    assert r.returncode == 0 and "MB/s, quantized on cpu)" in r.stderr, r.stderr
     r = cli("verify", dst)
     assert r.returncode == 0 and "ok" in r.stdout
     for p in (src, dst):

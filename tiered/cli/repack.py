@@ -57,8 +57,9 @@ def repack(src: Path, dst: Path, force: bool, dtype: str, experts: str, dense: s
                         q4_refine=q4_refine, quant_device=quant_device)
     except (RepackError, FamilyError, LayoutError) as e:
         fail(str(e))
+    quant = f", quantized on {out['quant_device']}" if out.get("quant_device") else ""
     msg = (f"repacked {out['blocks']} expert blocks of {out['block_size']} bytes: {out['bytes'] / 1e9:.3f} GB "
-           f"in {out['seconds']:.1f} s ({out['mb_s']:.0f} MB/s) -> {out['dst']}")
+           f"in {out['seconds']:.1f} s ({out['mb_s']:.0f} MB/s{quant}) -> {out['dst']}")
     click.echo(json.dumps(out) if as_json else msg, err=not as_json)
 
 

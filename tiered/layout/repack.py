@@ -896,7 +896,8 @@ def repack(src: str | Path, dst: str | Path, *, dtype: str = "source", experts: 
                           f"(the partial copy was removed)") from None
     secs = time.perf_counter() - t0
     return {"bytes": written[0], "seconds": secs, "mb_s": written[0] / 1e6 / max(secs, 1e-9), "dst": str(dst),
-            "block_size": bs, "blocks": blocks, "skipped": skipped}
+            "block_size": bs, "blocks": blocks, "skipped": skipped,
+            "quant_device": quant_device if experts in QUANT_FORMATS or dense in QUANT_FORMATS else None}
 
 
 def _write_layout(src: Path, dst: Path, tmp: Path, cfg: ModelConfig, dense_outs, dense_quant, expert_src, specs,
