@@ -433,10 +433,11 @@ def test_cuda_grouped_quant_10b_shape(fmt, T, swap):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("fmt", ["bf16", "mxfp4", "q4", "q8"])
-@pytest.mark.parametrize("T", [16, 300])
+@pytest.mark.parametrize("T", [16, 300, 600])
 def test_cuda_grouped_gpt_oss_shape(fmt, T):
     """gpt-oss-20b's experts (D = F = 2880, top-4 of 32) in the grouped kernels with bf16 biases and the clamped
-    SwiGLU, bf16 activations, the picked tiles: within bf16 rounding of the fp32 loop (bf16 pools: moe_grouped)."""
+    SwiGLU, bf16 activations, the picked tiles: within bf16 rounding of the fp32 loop (bf16 pools: moe_grouped).
+    T 600 is 75 rows an expert, where mxfp4 takes the many-rows tile (swap 5, m128) and q4 bf16's m64 with swap 4."""
     from types import SimpleNamespace
 
     from tiered.kernels.moe_grouped import moe_grouped
