@@ -541,7 +541,8 @@ def main() -> None:
                     help="prefill: at 32+ rows an expert also DQ_SWEEP's tiles of q4 (GroupedConfig.dq 0-2)")
     ap.add_argument("--swap-sweep", action="store_true",
                     help="prefill: also the transposed-product tiles (GroupedConfig.swap) of the quantized formats")
-    ap.add_argument("--no-gemlite", action="store_true", help="prefill: skip the GemLite row")
+    ap.add_argument("--no-gemlite", action="store_true",
+                    help="prefill: skip the GemLite row (and, with --with-dense, the kept libraries' dense rows)")
     ap.add_argument("--dense-sweep", action="store_true",
                     help="prefill with --with-dense: also quant_matmul under DENSE_SWEEP's tiles")
     ap.add_argument("--split-sweep", action="store_true",
@@ -794,8 +795,12 @@ MANY_SWEEP = [(128, 64, 64, 4, 4, 0), (128, 64, 64, 4, 4, 4), (128, 64, 64, 4, 3
 DQ_SWEEP = [(128, 64, 64, 4, 4, 5, 0), (128, 64, 64, 4, 4, 5, 1), (128, 64, 64, 4, 4, 5, 2),
             (64, 64, 64, 4, 4, 4, 0), (64, 64, 64, 4, 4, 4, 1), (64, 64, 64, 4, 4, 4, 2),
             (128, 64, 64, 4, 3, 4, 1), (128, 64, 64, 4, 3, 4, 2), (128, 128, 64, 8, 3, 5, 1), (128, 128, 64, 8, 3, 5, 2)]
-DENSE_SWAP = [(64, 128, 64, 4, 3, 4), (128, 128, 64, 8, 3, 4), (128, 64, 64, 4, 3, 4), (128, 256, 64, 8, 3, 4),
-              (64, 64, 64, 4, 4, 4), (128, 128, 128, 8, 3, 4), (256, 128, 64, 8, 3, 4)]
+# --many-sweep --with-dense: quant_matmul's interleaved tiles (swap 4; 5: the weight tile the MMA's first operand,
+# taken from registers by wgmma: no shared-memory stores of it, offline under Triton 3.6). m64 n128 w4 and m128 n256
+# w8 at swap 4 fail Triton 3.6's compile (PassManager::run, "Illegal shared layout": session 34 call A)
+DENSE_SWAP = [(128, 128, 64, 8, 3, 4), (128, 64, 64, 4, 3, 4), (64, 64, 64, 4, 4, 4), (256, 128, 64, 8, 3, 4),
+              (128, 64, 64, 4, 3, 5), (128, 64, 64, 4, 4, 5), (128, 128, 64, 8, 3, 5), (256, 64, 64, 8, 3, 5),
+              (64, 128, 64, 4, 3, 5), (64, 256, 64, 8, 3, 5), (256, 128, 64, 8, 3, 5)]
 
 
 def bench_prefill(shape: str, fmts: list[str], tokens: list[int], a, end: float, rows: list, skipped: list) -> dict:
@@ -916,7 +921,8 @@ PREFILL_DENSE = {"qkv": (5120, 2048), "o_proj": (2048, 4096), "lm_head": (151936
 
 
 def bench_dense_prefill(fmts: list[str], tokens: list[int], end: float, rows: list, skipped: list,
-                        sweep: bool = False, split_sweep: bool = False, swap: bool = False) -> None:
+                        sweep: bool = False, split_sweep: bool = False, swap: bool = False,
+                        libs_too: bool = True) -> None:
     """qlinear at prefill rows over the 10.6B dense shapes: quant_matmul (tiles dequantized in registers; with
     `sweep` also DENSE_SWEEP's tiles) and dequant_matmul (a dense copy by a kernel, then cuBLAS, in slices of
     64 MB) against the reference (dequantize into bf16 by torch, then cuBLAS), cuBLAS over a bf16 weight and,
@@ -960,7 +966,7 @@ def bench_dense_prefill(fmts: list[str], tokens: list[int], end: float, rows: li
                         variants.append((f, "quant_matmul m{} n{} k{} w{} s{} split{}".format(*c, sp),
                                          lambda q=q, c=c, sp=sp: quant_matmul(x, q, GroupedConfig(*c, split=sp)),
                                          q.nbytes, ref))
-                if f == "q4":  # the kept libraries on the same q4 parts (absent ones recorded with the reason)
+                if f == "q4" and libs_too:  # the kept libraries on the same q4 parts (absent ones: the reason)
                     variants += [(f, "torch tinygemm", lambda L=libs: tinygemm_matvec(x, *L["tinygemm"]),
                                   q.nbytes, ref),
                                  (f, "gemlite A16W4", lambda L=libs: L["gemlite"](x), q.nbytes, ref)]
@@ -1005,7 +1011,7 @@ def main_prefill(a) -> None:
             bf16_us[shape] = bench_prefill(shape, fmts, tokens, a, end, rows, skipped)
     if a.with_dense:
         bench_dense_prefill([f for f in fmts if f in ("q4", "q8")], tokens, end, rows, skipped, a.dense_sweep,
-                            a.split_sweep, a.many_sweep)
+                            a.split_sweep, a.many_sweep, libs_too=not a.no_gemlite)
     if not a.no_gemlite and "q4" in fmts and "10.6B" in bf16_us:  # last: 3 E GemLite layers, the 10.6B shape
         bench_gemlite("10.6B", tokens, end, rows, skipped, bf16_us["10.6B"])
     summary = {f"{r['shape']}/T{r['T']}/{r['fmt']}/{r['variant']}": {k: r.get(k) for k in ("us", "tflops", "gbps",

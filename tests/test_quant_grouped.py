@@ -210,12 +210,16 @@ def test_grouped_quant_half_within_rounding(fmt, swap, dq):
                                        (3, 24, 48, GroupedConfig(block_m=16, block_n=32, block_k=32, split=8)),
                                        (17, 130, 130, GroupedConfig(block_m=16, block_n=64, block_k=128, swap=4)),
                                        (33, 24, 200, GroupedConfig(block_m=32, block_n=32, block_k=32, split=2,
-                                                                   swap=4))])
+                                                                   swap=4)),
+                                       (17, 130, 130, GroupedConfig(block_m=16, block_n=64, block_k=128, swap=5)),
+                                       (33, 24, 200, GroupedConfig(block_m=32, block_n=16, block_k=32, split=2,
+                                                                   swap=5, dq=1))])
 def test_quant_matmul_matches_reference(fmt, T, N, K, cfg):
     """The dense tiled GEMM (qlinear above its GEMV rows) equals x @ dequantize(w)^T in fp32: one row, odd
     rows, a q4 row of one group, groups cut short, steps over several groups, fp8 scale rows of 128 outputs;
     split-K: four splits with a short last one, two splits over several groups, more splits asked than steps;
-    and the interleaved weight tile (swap 4), alone and split."""
+    and the interleaved weight tile (swap 4), alone and split; the same tile first and the output stored transposed
+    (swap 5), alone and split (with q4's codes or-ed into 2^23, dq 1)."""
     from tiered.kernels.quant_grouped import quant_matmul
 
     g = torch.Generator().manual_seed(N + K)
@@ -516,6 +520,26 @@ def test_cuda_quant_matmul_split_k(fmt, N, K):
             got = quant_matmul(x, w, cfg)
             assert _rel(got.float(), ref) <= 1e-2, (T, cfg)
             assert torch.equal(got, quant_matmul(x, w, cfg)), (T, cfg)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("N,K", [(5120, 2048), (2048, 4096), (100, 70)])
+def test_cuda_quant_matmul_interleaved(fmt, N, K):
+    """quant_matmul's interleaved weight tile at prefill rows (300, 700), as loaded (swap 4) and as the MMA's first
+    operand with the output stored transposed (swap 5, alone and split over 2 programs): within bf16 rounding of the
+    fp32 reference, at the 10.6B qkv and o_proj and an odd shape; and its own tile choice at those rows."""
+    from tiered.kernels.moe_grouped import GroupedConfig
+    from tiered.kernels.quant_grouped import quant_matmul
+
+    w = quantize(torch.randn(N, K, device=DEV) * K ** -0.5, fmt)
+    for T in (300, 700):
+        x = torch.randn(T, K, device=DEV, dtype=torch.bfloat16)
+        ref = x.float() @ w.dequantize(torch.float32).T
+        for cfg in (None, GroupedConfig(128, 64, 64, 4, 3, swap=4), GroupedConfig(128, 64, 64, 4, 4, swap=5),
+                    GroupedConfig(128, 128, 64, 8, 3, swap=5), GroupedConfig(256, 64, 64, 8, 3, swap=5),
+                    GroupedConfig(64, 128, 64, 4, 3, split=2, swap=5)):
+            assert _rel(quant_matmul(x, w, cfg).float(), ref) <= 1e-2, (T, cfg)
 
 
 @pytest.mark.cuda

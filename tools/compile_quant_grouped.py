@@ -105,7 +105,7 @@ def main() -> int:
                         geo["WFMT"] = qg.WFMT["fp8"]  # the CUDA branch (the zeros above sit on the CPU)
                     consts = dict(extra, **geo, BLOCK_M=bm, BLOCK_N=bn, PREC="tf32")
                     if "SWAP" in fn.arg_names:
-                        consts["SWAP"] = swap if fn is not qg._qmatmul_kernel or swap in (0, 4) else 0
+                        consts["SWAP"] = swap if fn is not qg._qmatmul_kernel or swap in (0, 4, 5) else 0
                     for name, default in (("ACT", 0), ("HAS_BIAS", False), ("DQ", 0)):
                         if name in fn.arg_names:
                             consts.setdefault(name, default)

@@ -484,7 +484,8 @@ def _qmatmul_kernel(x_ptr, q, s, m, out_ptr, T, stride_xt, stride_ot, sq1, ss1, 
     quantized [N, KIN] matrix (a dense layer's weight at prefill sizes). Split s sums inputs [s KSPLIT, (s + 1)
     KSPLIT) (KSPLIT a multiple of BLOCK_K); with more than one split, out is the fp32 partials [splits, T, N]
     (row stride stride_ot) that `_split_sum_kernel` adds in split order. SWAP 4: the weight tile interleaved into
-    input order (`_wtile`), one tl.dot a step; 0: `_qdot`'s split tiles (GroupedConfig.swap; others refused)."""
+    input order (`_wtile`), one tl.dot a step; 5: the same with the weight tile the MMA's first operand (acc
+    [BLOCK_N, BLOCK_M], stored transposed); 0: `_qdot`'s split tiles (GroupedConfig.swap; others refused)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     ks = tl.program_id(2)
@@ -495,18 +496,28 @@ def _qmatmul_kernel(x_ptr, q, s, m, out_ptr, T, stride_xt, stride_ot, sq1, ss1, 
     mask_n = offs_n < N
     n64 = offs_n.to(tl.int64)
     DT = x_ptr.dtype.element_ty
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(ks * KSPLIT, tl.minimum(ks * KSPLIT + KSPLIT, KIN), BLOCK_K):
-        if SWAP == 4:
-            acc = _jdot(acc, _atile(x_ptr + m64 * stride_xt, mask_m, k0, KIN, BLOCK_K),
-                        _wtile(q + n64 * sq1, s + (n64 // ROWBLK) * ss1, m + n64 * sm1, mask_n, k0, KQ, NG, GROUP,
-                               WFMT, R, BLOCK_K, BLOCK_N, DT, DQ), PREC, 4)
-        else:
-            acc = _qdot(acc, x_ptr + m64 * stride_xt, mask_m, q + n64 * sq1, s + (n64 // ROWBLK) * ss1,
-                        m + n64 * sm1, mask_n, k0, KIN, KQ, NG, GROUP, WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC)
     base = out_ptr + ks.to(tl.int64) * T * stride_ot  # split ks's [T, N] partial (ks is 0 unless split)
-    tl.store(base + m64[:, None] * stride_ot + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])
+    if SWAP == 5:
+        acc_t = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        for k0 in range(ks * KSPLIT, tl.minimum(ks * KSPLIT + KSPLIT, KIN), BLOCK_K):
+            acc_t = _jdot(acc_t, _atile(x_ptr + m64 * stride_xt, mask_m, k0, KIN, BLOCK_K),
+                          _wtile(q + n64 * sq1, s + (n64 // ROWBLK) * ss1, m + n64 * sm1, mask_n, k0, KQ, NG, GROUP,
+                                 WFMT, R, BLOCK_K, BLOCK_N, DT, DQ), PREC, 5)
+        tl.store(base + m64[None, :] * stride_ot + offs_n[:, None], acc_t.to(out_ptr.dtype.element_ty),
+                 mask=mask_n[:, None] & mask_m[None, :])
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(ks * KSPLIT, tl.minimum(ks * KSPLIT + KSPLIT, KIN), BLOCK_K):
+            if SWAP == 4:
+                acc = _jdot(acc, _atile(x_ptr + m64 * stride_xt, mask_m, k0, KIN, BLOCK_K),
+                            _wtile(q + n64 * sq1, s + (n64 // ROWBLK) * ss1, m + n64 * sm1, mask_n, k0, KQ, NG,
+                                   GROUP, WFMT, R, BLOCK_K, BLOCK_N, DT, DQ), PREC, 4)
+            else:
+                acc = _qdot(acc, x_ptr + m64 * stride_xt, mask_m, q + n64 * sq1, s + (n64 // ROWBLK) * ss1,
+                            m + n64 * sm1, mask_n, k0, KIN, KQ, NG, GROUP, WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N, DT,
+                            PREC)
+        tl.store(base + m64[:, None] * stride_ot + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
@@ -768,8 +779,8 @@ def quant_matmul(x: Tensor, w: QuantWeight, config: GroupedConfig | None = None)
     if x.stride(-1) != 1:
         x = x.contiguous()
     cfg = config or pick_matmul_config(T, n, w.fmt, k)
-    if cfg.swap not in (0, 4):
-        raise ValueError(f"quant_matmul takes GroupedConfig.swap 0 or 4, got {cfg.swap}")
+    if cfg.swap not in (0, 4, 5):
+        raise ValueError(f"quant_matmul takes GroupedConfig.swap 0, 4 or 5, got {cfg.swap}")
     geo = _geometry(w, cfg.block_k)
     bk = geo["BLOCK_K"]
     ksplit = triton.cdiv(triton.cdiv(k, cfg.split), bk) * bk  # inputs a split, whole steps
