@@ -545,6 +545,9 @@ def main() -> None:
                     help="prefill: skip the GemLite row (and, with --with-dense, the kept libraries' dense rows)")
     ap.add_argument("--dense-sweep", action="store_true",
                     help="prefill with --with-dense: also quant_matmul under DENSE_SWEEP's tiles")
+    ap.add_argument("--dequant-sweep", action="store_true",
+                    help="prefill with --with-dense: the dense copy alone (quant_dequant.dequantize_rows) under "
+                         "DEQUANT_SWEEP's blocks, at the first T (implied by --dense-sweep)")
     ap.add_argument("--split-sweep", action="store_true",
                     help="prefill with --with-dense: also quant_matmul's split-K (SPLIT_TILES x SPLITS) at T <= 256")
     ap.add_argument("--with-dense", action="store_true",
@@ -909,7 +912,9 @@ class LibParts(dict):
         return self[lib]
 
 
-DEQUANT_SWEEP = [(16, 256, 4), (32, 256, 4), (64, 128, 4), (32, 512, 8), (64, 256, 8), (128, 128, 8)]
+# BLOCK_N, BLOCK_K, warps of the dense copy (session 34: the kernel reads quant_grouped's weight tile, `_wtile`)
+DEQUANT_SWEEP = [(16, 256, 4), (32, 256, 4), (64, 128, 4), (32, 512, 8), (64, 256, 8), (128, 128, 8), (8, 512, 4),
+                 (16, 512, 4), (64, 64, 4), (32, 128, 4)]
 DENSE_SWEEP = [(16, 64, 64, 4, 4), (16, 128, 64, 4, 4), (16, 32, 64, 2, 4), (32, 32, 64, 2, 4), (32, 64, 64, 4, 4),
                (32, 128, 64, 4, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (64, 128, 64, 8, 3),
                (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3),
@@ -922,7 +927,7 @@ PREFILL_DENSE = {"qkv": (5120, 2048), "o_proj": (2048, 4096), "lm_head": (151936
 
 def bench_dense_prefill(fmts: list[str], tokens: list[int], end: float, rows: list, skipped: list,
                         sweep: bool = False, split_sweep: bool = False, swap: bool = False,
-                        libs_too: bool = True) -> None:
+                        libs_too: bool = True, dequant_sweep: bool = False) -> None:
     """qlinear at prefill rows over the 10.6B dense shapes: quant_matmul (tiles dequantized in registers; with
     `sweep` also DENSE_SWEEP's tiles) and dequant_matmul (a dense copy by a kernel, then cuBLAS, in slices of
     64 MB) against the reference (dequantize into bf16 by torch, then cuBLAS), cuBLAS over a bf16 weight and,
@@ -949,7 +954,7 @@ def bench_dense_prefill(fmts: list[str], tokens: list[int], end: float, rows: li
                              (f, "quant_matmul", lambda q=q: quant_matmul(x, q), q.nbytes, ref),
                              (f, "dequantize + cuBLAS", lambda q=q: linear_ref(x, q), q.nbytes, ref),
                              (f, "dequant kernel + cuBLAS", lambda q=q: dequant_matmul(x, q), q.nbytes, ref)]
-                for b in (DEQUANT_SWEEP if sweep and T == tokens[0] else ()):  # the dense copy alone, once a matrix
+                for b in (DEQUANT_SWEEP if (sweep or dequant_sweep) and T == tokens[0] else ()):  # the copy alone
                     variants.append((f, "dense copy bn{} bk{} w{}".format(*b),
                                      lambda q=q, b=b: dequantize_rows(q, 0, n, torch.bfloat16, block=b),
                                      q.nbytes + n * k * 2, None))
@@ -1011,7 +1016,7 @@ def main_prefill(a) -> None:
             bf16_us[shape] = bench_prefill(shape, fmts, tokens, a, end, rows, skipped)
     if a.with_dense:
         bench_dense_prefill([f for f in fmts if f in ("q4", "q8")], tokens, end, rows, skipped, a.dense_sweep,
-                            a.split_sweep, a.many_sweep, libs_too=not a.no_gemlite)
+                            a.split_sweep, a.many_sweep, libs_too=not a.no_gemlite, dequant_sweep=a.dequant_sweep)
     if not a.no_gemlite and "q4" in fmts and "10.6B" in bf16_us:  # last: 3 E GemLite layers, the 10.6B shape
         bench_gemlite("10.6B", tokens, end, rows, skipped, bf16_us["10.6B"])
     summary = {f"{r['shape']}/T{r['T']}/{r['fmt']}/{r['variant']}": {k: r.get(k) for k in ("us", "tflops", "gbps",

@@ -1,6 +1,6 @@
 """kernels/quant_dequant.py under Triton's interpreter: the dense copy equals the reference dequantization (to one
-ulp of the dtype: the kernel may fuse code * scale + min into one FMA), rows cut at any offset, short last groups
-and odd widths; dequant_matmul's slices give the reference product."""
+ulp of the dtype: the kernel may fuse code * scale + min into one FMA) in every format, rows cut at any offset, short
+last groups, odd widths and steps of one or many groups; dequant_matmul's slices give the reference product."""
 from __future__ import annotations
 
 import os
@@ -27,15 +27,17 @@ interp = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="i
 
 
 @interp
-@pytest.mark.parametrize("fmt", ["q4", "q8"])
-@pytest.mark.parametrize("N,K", [(40, 256), (33, 200), (17, 48)])  # whole groups; a short last group; K < group
-def test_dense_copy_equals_reference(fmt, N, K):
+@pytest.mark.parametrize("fmt", ["q4", "q8", "mxfp4", "fp8"])
+@pytest.mark.parametrize("N,K", [(40, 256), (33, 200), (17, 48), (130, 130)])  # whole groups; a short last group;
+def test_dense_copy_equals_reference(fmt, N, K):  # K < group; fp8's scale rows of 128 outputs
     g = torch.Generator().manual_seed(N * K)
     w = quantize(torch.randn(N, K, generator=g), fmt)
     for dtype in (torch.float32, torch.bfloat16):
         ref = w.dequantize(dtype)
         assert _close_ulp(dequantize_rows(w, 0, N, dtype), ref)
         assert _close_ulp(dequantize_rows(w, 5, N - 9, dtype), ref[5:N - 4])
+        for block in ((16, 64, 4), (32, 512, 8)):  # a step inside one group (or a part of one); many groups a step
+            assert _close_ulp(dequantize_rows(w, 3, N - 3, dtype, block=block), ref[3:])
 
 
 @interp

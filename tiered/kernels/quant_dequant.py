@@ -25,34 +25,29 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from tiered.kernels.quant_grouped import _codes, _geometry, _wtile
 from tiered.layout.quant import QuantWeight
 
 DEQUANT_FORMATS = ("q4", "q8")
 
 
 @triton.jit
-def _dequant_kernel(q, s, m, out, n0, rows, KIN: tl.constexpr, KQ: tl.constexpr, NG: tl.constexpr,
-                    GROUP: tl.constexpr, NIB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Grid (cdiv(rows, BLOCK_N), cdiv(KIN, BLOCK_K)): out[r, k] = code * scale (+ min) of row n0 + r for r < rows,
-    in out's dtype (fp32 arithmetic, one rounding). NIB: two codes a byte, the even input in the low nibble."""
+def _dequant_kernel(q, s, m, out, n0, rows, sq1, ss1, sm1, KIN: tl.constexpr, KQ: tl.constexpr, NG: tl.constexpr,
+                    GROUP: tl.constexpr, ROWBLK: tl.constexpr, WFMT: tl.constexpr, R: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Grid (cdiv(rows, BLOCK_N), cdiv(KIN, BLOCK_K)): out[r, k] = the value of input k of row n0 + r, for r < rows,
+    in out's dtype: quant_grouped's weight tile (`_wtile`: the codes of a [BLOCK_N, BLOCK_K] tile, its R groups'
+    scales (and q4's minimums) loaded once a row and broadcast over each group, code * scale + min in fp32, one
+    rounding), stored as it comes."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row = (n0 + rn).to(tl.int64)
     mask_n = rn < rows
-    if NIB:
-        kb = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
-        byte = tl.load(q + row[:, None] * KQ + kb[None, :], mask=mask_n[:, None] & (kb[None, :] < KQ), other=0)
-        byte = byte.to(tl.int32)
-        code = tl.reshape(tl.join(byte & 0xF, byte >> 4), (BLOCK_N, BLOCK_K)).to(tl.float32)
-    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = mask_n[:, None] & (offs_k[None, :] < KIN)
-    if not NIB:
-        code = tl.load(q + row[:, None] * KQ + offs_k[None, :], mask=mask, other=0).to(tl.float32)
-    g = offs_k // GROUP
-    sc = tl.load(s + row[:, None] * NG + g[None, :], mask=mask, other=0.0).to(tl.float32)
-    w = code * sc
-    if NIB:
-        w += tl.load(m + row[:, None] * NG + g[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(out + rn.to(tl.int64)[:, None] * KIN + offs_k[None, :], w.to(out.dtype.element_ty), mask=mask)
+    n64 = (n0 + rn).to(tl.int64)
+    k0 = tl.program_id(1) * BLOCK_K
+    w = _wtile(q + n64 * sq1, s + (n64 // ROWBLK) * ss1, m + n64 * sm1, mask_n, k0, KQ, NG, GROUP, WFMT, R, BLOCK_K,
+               BLOCK_N, out.dtype.element_ty)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    tl.store(out + rn.to(tl.int64)[:, None] * KIN + offs_k[None, :], w,
+             mask=mask_n[:, None] & (offs_k < KIN)[None, :])
 
 
 def dequant_ok(x: Tensor, w: QuantWeight, *, interpret: bool = False) -> bool:
@@ -73,11 +68,12 @@ def dequantize_rows(w: QuantWeight, n0: int, rows: int, dtype: torch.dtype, out:
     if not 0 <= n0 <= n0 + rows <= n:
         raise ValueError(f"dequantize_rows: rows [{n0}, {n0 + rows}) outside the matrix's {n}")
     out = torch.empty(rows, k, dtype=dtype, device=w.q.device) if out is None else out
-    nib = w.fmt == "q4"
     bn, bk, warps = block
-    _dequant_kernel[(triton.cdiv(rows, bn), triton.cdiv(k, bk))](
-        w.q, w.scale, w.min if nib else w.scale, out, n0, rows, KIN=k, KQ=w.q.shape[-1], NG=w.scale.shape[-1],
-        GROUP=w.group, NIB=nib, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+    geo = _geometry(w, bk)
+    m = w.min if w.min is not None else w.scale
+    _dequant_kernel[(triton.cdiv(rows, bn), triton.cdiv(k, geo["BLOCK_K"]))](
+        _codes(w), w.scale, m, out, n0, rows, w.q.stride(0), w.scale.stride(0), m.stride(0), KIN=k, **geo,
+        BLOCK_N=bn, num_warps=warps)
     return out
 
 

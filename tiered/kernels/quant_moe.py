@@ -81,7 +81,11 @@ FUSED_FORMATS = {"q8": 0, "q4": 1, "mxfp4": 2, "fp8": 3}  # the kernels' FMT (4:
 # 10.7 / 10.3 / 10.5 / 10.5; lm_head 59.3 / 116.6 / 165.2 / 222.6 / 427 (call A) / 847 against 144.0 / 146.7 / 147.5 /
 # 146.8 / 147.4 / 143.7. Until session 25 it was 16.
 MAX_ROWS = 2
-DEQUANT_ROWS = 2048  # from this many rows a dense copy, then cuBLAS (quant_dequant.dequant_matmul; q4, q8)
+# from this many rows a dense copy, then cuBLAS (quant_dequant.dequant_matmul; q4, q8): above the split GEMM's rows
+# (quant_grouped.SPLIT_MAX_ROWS). Session 34 (call B, old copy kernel): q8's copy already won from 300 rows (qkv 27.9
+# against 31.2 us, o_proj 31.0 / 48.0), q4's from 1,024 (qkv 61.9 / 76.5 for the best tile); the copy kernel now
+# reads quant_grouped's weight tile (its scales once a group, not once an input). Until session 34 it was 2,048.
+DEQUANT_ROWS = 257
 DEQUANT_ROWS_ENV = "TIERED_DEQUANT_ROWS"  # a benchmark knob: another threshold (0: never)
 
 
