@@ -57,13 +57,19 @@ def test_dequant_matmul_in_slices(fmt):
 
 
 def test_qlinear_threshold_knob(monkeypatch):
-    """TIERED_DEQUANT_ROWS: a row count, 0 for never; anything else is refused with what to give."""
-    from tiered.kernels.quant_moe import DEQUANT_ROWS, DEQUANT_ROWS_ENV, dequant_rows
+    """The copy from DEQUANT_ROWS_ONE rows where it is one slice (the 10.6B qkv in bf16: 21 MB), from DEQUANT_ROWS
+    where it is several (the lm_head: 622 MB) or its size is not given; TIERED_DEQUANT_ROWS: a row count for every
+    matrix, 0 for never; anything else is refused with what to give."""
+    from tiered.kernels.quant_moe import (DEQUANT_ROWS, DEQUANT_ROWS_ENV, DEQUANT_ROWS_ONE, DEQUANT_SCRATCH,
+                                          dequant_rows)
 
     monkeypatch.delenv(DEQUANT_ROWS_ENV, raising=False)
+    assert DEQUANT_ROWS_ONE < DEQUANT_ROWS
     assert dequant_rows() == DEQUANT_ROWS
+    assert dequant_rows(5120 * 2048 * 2) == dequant_rows(DEQUANT_SCRATCH) == DEQUANT_ROWS_ONE
+    assert dequant_rows(151936 * 2048 * 2) == dequant_rows(DEQUANT_SCRATCH + 1) == DEQUANT_ROWS
     monkeypatch.setenv(DEQUANT_ROWS_ENV, "64")
-    assert dequant_rows() == 64
+    assert dequant_rows() == dequant_rows(5120 * 2048 * 2) == dequant_rows(151936 * 2048 * 2) == 64
     monkeypatch.setenv(DEQUANT_ROWS_ENV, "0")
     assert dequant_rows() > 1 << 40
     monkeypatch.setenv(DEQUANT_ROWS_ENV, "many")

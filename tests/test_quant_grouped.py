@@ -483,15 +483,16 @@ def test_cuda_grouped_gpt_oss_shape(fmt, T):
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("N,K", [(5120, 2048), (2048, 4096), (151936, 2048), (100, 70)])
 def test_cuda_qlinear_prefill_rows(fmt, N, K):
-    """qlinear above its GEMV rows (17 and 300 rows: quant_matmul, and from DEQUANT_ROWS for q4 and q8 the dense
-    copy through cuBLAS, with the knob both ways) is within bf16 rounding of the fp32 reference at the 10.6B dense
-    shapes (qkv, o_proj, lm_head: sliced) and an odd one."""
+    """qlinear above its GEMV rows (17, 128 and 300 rows: quant_matmul, and for q4 and q8 the dense copy through
+    cuBLAS from DEQUANT_ROWS_ONE rows where it is one slice, from DEQUANT_ROWS for the lm_head, with the knob both
+    ways) is within bf16 rounding of the fp32 reference at the 10.6B dense shapes (qkv, o_proj, lm_head: sliced) and
+    an odd one."""
     import os
 
     from tiered.kernels.quant_moe import DEQUANT_ROWS_ENV, qlinear
 
     w = quantize(torch.randn(N, K, device=DEV) * K ** -0.5, fmt)
-    for T, knob in ((17, ""), (300, ""), (300, "0"), (17, "1"), (300, "256")):
+    for T, knob in ((17, ""), (128, ""), (300, ""), (300, "0"), (17, "1"), (300, "256")):
         x = torch.randn(T, K, device=DEV, dtype=torch.bfloat16)
         os.environ[DEQUANT_ROWS_ENV] = knob
         try:

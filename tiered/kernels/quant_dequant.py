@@ -1,21 +1,21 @@
 """Dense copies of quantized matrices for the many-row end of qlinear: a Triton kernel that writes
-dequantize(w) (q4, q8) in the compute dtype, and `dequant_matmul`, which multiplies through cuBLAS over that
-copy in slices of at most `max_scratch` bytes.
+dequantize(w) in the compute dtype (every format; qlinear takes it for q4 and q8, the dense formats), and
+`dequant_matmul`, which multiplies through cuBLAS over that copy in slices of at most `max_scratch` bytes.
 
 Owns: `_dequant_kernel`, `dequant_ok`, `dequantize_rows` and `dequant_matmul`.
 Does not own: the formats and their reference dequantization (layout/quant.py, which this kernel equals up to
 fp32 rounding before the one rounding to the dtype: the kernel may fuse code * scale + min into one FMA), the
 fused tile-by-tile GEMM (quant_grouped.quant_matmul), the choice between the two (quant_moe.qlinear).
 
-Why: the fused GEMM dequantizes each weight tile once per row block, so at thousands of rows it runs at under
-half of cuBLAS's bf16 rate (session 24, call C: the 10.6B lm_head at 2,048 rows 3.4 ms at its best tile against
-1.7 ms). A dense copy costs one pass over the matrix (read the codes, write 2 bytes an input) and then runs at
-cuBLAS's rate. Measured at 2,048 rows (call C, q4, this kernel at BLOCK_N 16, BLOCK_K 256, 4 warps): qkv 90.0 us
-against 134.3 for the fused GEMM's best tile, o_proj 88.2 against 95.8, lm_head 3,268 against 3,377; at 512 rows
-the fused GEMM was as fast or faster (qkv 48.3 against 48.0, o_proj 58.3 against 49.3, lm_head 1,461 against 846),
-so qlinear takes the copy from quant_moe.DEQUANT_ROWS (2,048) rows. The copy itself runs at 0.5-1.0 TB/s (call D:
-qkv 30.5 us for 5.9 MB read and 21 MB written, lm_head 779 us), well under HBM's rate; this tile was the fastest of
-six there (larger ones ran at about half of it).
+Why: the fused GEMM dequantizes each weight tile once per row block, so it runs at a third to a half of cuBLAS's bf16
+rate (session 24, call C: the 10.6B lm_head at 2,048 rows 3.4 ms at its best tile against 1.7 ms). A dense copy costs
+one pass over the matrix (read the codes, write 2 bytes an input), then runs at cuBLAS's rate. Until session 34 the
+copy's kernel loaded a scale (and a minimum) for every input and ran at 0.5-1.0 TB/s (qkv 28-30 us), so qlinear took
+it only from 2,048 rows. It now reads quant_grouped's weight tile (`_wtile`: the R groups' scales once a row,
+broadcast over each group), every format: session 34's call C, q4, the 10.6B qkv in 8.3 us and the lm_head in 279 us
+(about 3 TB/s of bytes moved; the block (16, 256, 4) within 10% of the best of ten at each matrix), so the copy
++ cuBLAS beats the fused GEMM from 128 rows where the copy is one slice (qkv 15.3 against 24.4 us) and from 300 rows
+for the lm_head (639 against 1,050): quant_moe.dequant_rows.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from tiered.kernels.quant_grouped import _codes, _geometry, _wtile
+from tiered.kernels.quant_moe import DEQUANT_SCRATCH
 from tiered.layout.quant import QuantWeight
 
 DEQUANT_FORMATS = ("q4", "q8")
@@ -77,7 +78,7 @@ def dequantize_rows(w: QuantWeight, n0: int, rows: int, dtype: torch.dtype, out:
     return out
 
 
-def dequant_matmul(x: Tensor, w: QuantWeight, max_scratch: int = 64 << 20) -> Tensor:
+def dequant_matmul(x: Tensor, w: QuantWeight, max_scratch: int = DEQUANT_SCRATCH) -> Tensor:
     """x [T, K] @ dequantize(w)^T -> [T, N] in x's dtype through cuBLAS, over dense copies of at most
     `max_scratch` bytes (a matrix above it in slices of rows, each written into its columns of the output).
     The same rounding as the reference (the weight rounded to x's dtype, then the matmul). No host sync."""

@@ -81,18 +81,27 @@ FUSED_FORMATS = {"q8": 0, "q4": 1, "mxfp4": 2, "fp8": 3}  # the kernels' FMT (4:
 # 10.7 / 10.3 / 10.5 / 10.5; lm_head 59.3 / 116.6 / 165.2 / 222.6 / 427 (call A) / 847 against 144.0 / 146.7 / 147.5 /
 # 146.8 / 147.4 / 143.7. Until session 25 it was 16.
 MAX_ROWS = 2
-# from this many rows a dense copy, then cuBLAS (quant_dequant.dequant_matmul; q4, q8): above the split GEMM's rows
-# (quant_grouped.SPLIT_MAX_ROWS). Session 34 (call B, old copy kernel): q8's copy already won from 300 rows (qkv 27.9
-# against 31.2 us, o_proj 31.0 / 48.0), q4's from 1,024 (qkv 61.9 / 76.5 for the best tile); the copy kernel now
-# reads quant_grouped's weight tile (its scales once a group, not once an input). Until session 34 it was 2,048.
+# from this many rows a dense copy, then cuBLAS (quant_dequant.dequant_matmul; q4, q8); from DEQUANT_ROWS_ONE rows
+# where the copy is one slice (at most quant_dequant.DEQUANT_SCRATCH bytes). Session 34 (benchmarks/results/
+# dense-copy-2026-12-04-h200-s34.json, call C), once the copy's kernel read the weight tile (qkv's q4 copy 8.3 us,
+# about 3 TB/s, against 28-30 before), us, copy + cuBLAS against the fused GEMM (quant_matmul's pick), q4: qkv at
+# 128 / 256 / 300 / 512 rows 15.3 / 18.9 / 19.9 / 25.5 against 24.4 / 39.1 / 39.3 / 73.1, o_proj 16.5 / 18.8 / 21.9
+# / 25.1 against 17.9 / 26.5 / 57.2 / 51.1; the lm_head (ten slices) 526 / 609 against 327 / 531 at 128 / 256
+# rows, 639 / 869 against 1,050 / 1,058 at 300 / 512. Until session 34 it was 2,048 for every matrix.
 DEQUANT_ROWS = 257
+DEQUANT_ROWS_ONE = 128
 DEQUANT_ROWS_ENV = "TIERED_DEQUANT_ROWS"  # a benchmark knob: another threshold (0: never)
+DEQUANT_SCRATCH = 64 << 20  # the dense copy's slice, bytes (quant_dequant.dequant_matmul's max_scratch)
 
 
-def dequant_rows() -> int:
-    """The row count from which qlinear multiplies through a dense copy (DEQUANT_ROWS, or the knob's value)."""
+def dequant_rows(copy_bytes: int | None = None) -> int:
+    """The row count from which qlinear multiplies through a dense copy: the knob's value when set, else
+    DEQUANT_ROWS_ONE for a copy of `copy_bytes` that fits one slice of quant_dequant.DEQUANT_SCRATCH, else (and
+    with no size given) DEQUANT_ROWS."""
     v = os.environ.get(DEQUANT_ROWS_ENV, "")
     if not v:
+        if copy_bytes is not None and copy_bytes <= DEQUANT_SCRATCH:
+            return DEQUANT_ROWS_ONE
         return DEQUANT_ROWS
     try:
         n = int(v)
@@ -1038,7 +1047,8 @@ def qlinear(x: Tensor, w: Tensor | QuantWeight, bias: Tensor | None = None) -> T
     rows = x.reshape(-1, x.shape[-1])
     if not kernel_ok(x, w):
         return linear_ref(x, w, bias)
-    if rows.shape[0] >= dequant_rows():  # many rows: a dense copy, then cuBLAS (quant_dequant's docstring)
+    n, k = w.matrix
+    if rows.shape[0] >= dequant_rows(n * k * x.element_size()):  # many rows: a dense copy, then cuBLAS
         from tiered.kernels.quant_dequant import dequant_matmul, dequant_ok
 
         if dequant_ok(rows, w):
