@@ -1,5 +1,6 @@
 """Fused dequantize-and-multiply for quantized weights (q8, q4, fp8, mxfp4): decode-sized products that read
-the packed codes and scales in place, so no dense copy of a quantized weight is made on the hot path.
+the packed codes and scales in place, so no dense copy of a quantized weight is made on the decode path (a
+prompt's dense matrices, from dequant_rows() rows, are copied once a call: quant_dequant.py).
 
 Owns: the Triton kernels `_qgemv` (out[t] = x[t] @ W[slot[t]]^T: dense matrices at a few rows, or rows of a
 stack), `_qgate_up` (one token's K experts: gate and up, SwiGLU or gpt-oss's clamped form with its gate and up
