@@ -83,7 +83,7 @@ FUSED_FORMATS = {"q8": 0, "q4": 1, "mxfp4": 2, "fp8": 3}  # the kernels' FMT (4:
 # 146.8 / 147.4 / 143.7. Until session 25 it was 16.
 MAX_ROWS = 2
 # from this many rows a dense copy, then cuBLAS (quant_dequant.dequant_matmul; q4, q8); from DEQUANT_ROWS_ONE rows
-# where the copy is one slice (at most quant_dequant.DEQUANT_SCRATCH bytes). Session 34 (benchmarks/results/
+# where the copy is one slice (at most DEQUANT_SCRATCH bytes). Session 34 (benchmarks/results/
 # dense-copy-2026-12-04-h200-s34.json, call C), once the copy's kernel read the weight tile (qkv's q4 copy 8.3 us,
 # about 3 TB/s, against 28-30 before), us, copy + cuBLAS against the fused GEMM (quant_matmul's pick), q4: qkv at
 # 128 / 256 / 300 / 512 rows 15.3 / 18.9 / 19.9 / 25.5 against 24.4 / 39.1 / 39.3 / 73.1, o_proj 16.5 / 18.8 / 21.9
@@ -97,7 +97,7 @@ DEQUANT_SCRATCH = 64 << 20  # the dense copy's slice, bytes (quant_dequant.dequa
 
 def dequant_rows(copy_bytes: int | None = None) -> int:
     """The row count from which qlinear multiplies through a dense copy: the knob's value when set, else
-    DEQUANT_ROWS_ONE for a copy of `copy_bytes` that fits one slice of quant_dequant.DEQUANT_SCRATCH, else (and
+    DEQUANT_ROWS_ONE for a copy of `copy_bytes` that fits one slice (DEQUANT_SCRATCH), else (and
     with no size given) DEQUANT_ROWS."""
     v = os.environ.get(DEQUANT_ROWS_ENV, "")
     if not v:
