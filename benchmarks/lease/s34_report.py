@@ -4,7 +4,7 @@ tiles (a negative result), repack on the GPU end to end, and what the copy chang
 
     python3 benchmarks/lease/s34_report.py /tmp/s34 benchmarks/results
 
-SRC holds the calls unpacked: A/ (s34_callA.tgz) ... E/. The benchmarks' own commit fields name the box's stale copy of
+SRC holds the calls unpacked: A/ (s34_callA.tgz) ... F/. The benchmarks' own commit fields name the box's stale copy of
 the repository (18b771f): the commits that ran are written here.
 """
 from __future__ import annotations
@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 src, dst = Path(sys.argv[1]), Path(sys.argv[2])
-COMMITS = {"A": "01571d5", "B": "0b1843d", "C": "e41a865", "D": "4499394 (code of 6b40210)", "E": "69fbcca"}
+COMMITS = {"A": "01571d5", "B": "0b1843d", "C": "e41a865", "D": "4499394 (code of 6b40210)", "E": "69fbcca",
+           "F": "7467dc4"}
 
 
 def rows(p: Path) -> list:
@@ -113,6 +114,21 @@ out = {
         "ratio_512": {ex: round(gpt[f"{ex} default"]["512"]["graphs_tok_s"] / gpt[f"{ex} 2048"]["512"]["graphs_tok_s"],
                                 3) for ex in ("mxfp4+q8", "q4+q4")}},
 }
+
+
+def profile(p: Path) -> dict:
+    x = json.loads(p.read_text().strip().splitlines()[-1])["lengths"][0]
+    return {"warm_tok_s": round(x["prefill_tok_s_warm"], 1), "profiled_wall_ms": round(x["profiled_wall_ms"], 2),
+            "kernel_ms": round(x["kernel_ms"], 3), "launches": x["launches"],
+            "top_ms": {t["kernel"][:60]: round(t["ms"], 3) for t in x["top"]}}
+
+
+out["prefill_profile_call_F"] = {
+    "what": "tools/profile_prefill.py, one 512-token prompt of the 10.6B shape: the warm rate from graphs (median of "
+            "3), then one eager prefill under torch.profiler (wall and the sum of kernel times, 8 layers)",
+    "q4+q4": profile(S / "F/profile-layout-q4.log"), "bf16": profile(S / "F/profile-layout.log")}
+out["dense_low_rows_call_F"] = {"what": "qlinear's paths at 32-96 rows, us (is 128 rows too high for the copy?)",
+                                "us": dense(S / "F/quant_prefill.json")}
 (dst / "dense-copy-2026-12-04-h200-s34.json").write_text(json.dumps(out, indent=1) + "\n")
 print(json.dumps({k: out[k] for k in ("vram_10_6b_call_D", "prefill512_10_6b_call_C", "batch_10_6b_call_D")}))
 print(out["gpt_oss_prompts_call_E"]["ratio_512"], out["cuda_tests"])
