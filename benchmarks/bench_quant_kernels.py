@@ -38,8 +38,9 @@ its times mean nothing. Writes $OUT/quant_kernels_small.json.
 
 --phase prefill (tiered/kernels/quant_grouped.py against moe_grouped.py): one resident layer of E experts
 (slot = expert) per shape (10.6B: D 2048, F 768, E 128, K 8; 397B: D 4096, F 1024, E 512, K 10), T tokens
-(--tokens, default 16, 128, 512, 2048) with uniform random top-K routing, per format (bf16, then --prefill-formats,
-default q8, q4, mxfp4):
+(--tokens, default 16, 128, 512, 2048) with uniform random top-K routing (--routing replay: the reference model's
+routing over --text mapped onto the shape, as the offload benchmarks replay it), per format (bf16, then
+--prefill-formats, default q8, q4, mxfp4):
   - "triton grouped": the grouped kernels with the picked tiles (bf16: moe_grouped, else quant_grouped), timed
     inside a CUDA graph; with --prefill-sweep also a few other tiles;
   - "triton gemv": at T <= 16 the one-token kernels over the T*K (token, expert) pairs (moe_decode /
@@ -533,6 +534,13 @@ def main() -> None:
     ap.add_argument("--shapes", default="10.6B,397B",
                     help="expert shapes (10.6B, 397B: decode and prefill; gpt-oss: prefill); none: the dense "
                          "matrices alone")
+    ap.add_argument("--routing", choices=("uniform", "replay"), default="uniform",
+                    help="prefill: the experts' rows: distinct top-k drawn uniformly, or the reference model's "
+                         "routing over --text mapped onto the shape (tiered.predict.replay.map_routing; 10.6B and "
+                         "397B only: the shape's experts must be a multiple of its 64)")
+    ap.add_argument("--text", default=str(REPO.parent / "shared" / "text" / "fit"),
+                    help="prefill with --routing replay: the text files the reference model routes (default "
+                         "../shared/text/fit; on the GPU box .carry/shared/text/fit)")
     ap.add_argument("--prefill-sweep", action="store_true", help="prefill: also time a few other tiles")
     ap.add_argument("--many-sweep", action="store_true",
                     help="prefill: at 32+ rows an expert also MANY_SWEEP's tiles of the quantized formats (the "
@@ -725,9 +733,10 @@ def gemlite_loop(x, ids, wts, layers):
     return out.view(T, K, -1).sum(1).to(x.dtype)
 
 
-def prefill_inputs(shape: str, tokens: list[int]) -> dict:
-    """T -> (x [T, D] bf16, ids [T, K] uniform distinct top-K, weights [T, K] fp32, distinct experts); the same
-    on every call (fixed seed)."""
+def prefill_inputs(shape: str, tokens: list[int], trace=None) -> dict:
+    """T -> (x [T, D] bf16, ids [T, K], weights [T, K] fp32, distinct experts); the same on every call (fixed seed).
+    ids: distinct top-K drawn uniformly, or with `trace` (the reference model's, --routing replay) its first T
+    tokens of layer 0 mapped onto the shape's experts and top-k (`replayed_rows`)."""
     D, Fe, E, K = PREFILL_SHAPES[shape]
     gen = torch.Generator(device=DEV).manual_seed(7)
     inputs = {}
@@ -735,8 +744,46 @@ def prefill_inputs(shape: str, tokens: list[int]) -> dict:
         x = torch.randn(T, D, device=DEV, generator=gen).bfloat16()
         ids = torch.rand(T, E, device=DEV, generator=gen).topk(K, dim=-1).indices
         w = torch.softmax(torch.randn(T, K, device=DEV, generator=gen), -1)
+        if trace is not None:
+            ids, w = (t.to(DEV) for t in replayed_rows(trace, E, K, T))
         inputs[T] = (x, ids, w, int(torch.unique(ids).numel()))
     return inputs
+
+
+def replayed_rows(trace, num_experts: int, top_k: int, tokens: int, layer: int = 0) -> tuple:
+    """The reference routing of `tokens` tokens at one layer, as a prompt of a model with `num_experts` experts and
+    `top_k` would see it: `tiered.predict.replay.map_routing` (each source expert owns a group of target experts
+    whose members take turns every 128 tokens; top-k above the source's from its router logits), the trace's
+    documents in order -> (ids [T, top_k] int64, weights [T, top_k] fp32). The experts must be a multiple of the
+    source's (10.6B: 128 of 64; 397B: 512), and the trace must hold `tokens` tokens."""
+    from tiered.predict.replay import map_routing
+
+    m = map_routing(trace, num_layers=trace.num_layers, num_experts=num_experts, top_k=top_k)
+    if m.num_tokens < tokens:
+        raise ValueError(f"--routing replay: the trace maps {m.num_tokens} tokens, {tokens} asked: give --text "
+                         f"a directory with more text")
+    ids = torch.from_numpy(m.topk_ids[:tokens, layer].astype("int64"))
+    return ids, torch.from_numpy(m.topk_weights[:tokens, layer].astype("float32"))
+
+
+def reference_trace(text_dir: Path, device: torch.device):
+    """The reference model's routing (with router logits, for top-k above its 8) over every file of text_dir."""
+    from bench_offload_gpu import free
+
+    from tiered import load
+    from tiered.layout.families import default_model_path
+    from tiered.predict.trace import TraceRecorder, record, split_ids
+
+    if not text_dir.is_dir():
+        raise SystemExit(f"--routing replay: {text_dir} is not a directory of text files (give --text)")
+    rec = TraceRecorder(logits=True, hidden=False)
+    eng = load(default_model_path(), device=device, dtype=torch.float32, observer=rec)
+    docs = []
+    for p in sorted(text_dir.iterdir()):
+        docs += split_ids(p.name, eng.encode(p.read_text()), eng.max_context)
+    tr = record(eng, rec, docs)
+    free(eng)
+    return tr
 
 
 def bench_gemlite(shape: str, tokens: list[int], end: float, rows: list, skipped: list, bf16_us: dict) -> None:
@@ -797,7 +844,8 @@ MANY_SWEEP = [(128, 64, 64, 4, 4, 0), (128, 64, 64, 4, 4, 4), (128, 64, 64, 4, 3
 # conversions, 1 exponent bits or-ed in, 2 in the compute dtype) on the picked tiles and two others
 DQ_SWEEP = [(128, 64, 64, 4, 4, 5, 0), (128, 64, 64, 4, 4, 5, 1), (128, 64, 64, 4, 4, 5, 2),
             (64, 64, 64, 4, 4, 4, 0), (64, 64, 64, 4, 4, 4, 1), (64, 64, 64, 4, 4, 4, 2),
-            (128, 64, 64, 4, 3, 4, 1), (128, 64, 64, 4, 3, 4, 2), (128, 128, 64, 8, 3, 5, 1), (128, 128, 64, 8, 3, 5, 2)]
+            (128, 64, 64, 4, 3, 4, 1), (128, 64, 64, 4, 3, 4, 2), (128, 128, 64, 8, 3, 5, 1),
+            (128, 128, 64, 8, 3, 5, 2)]
 # --many-sweep --with-dense: quant_matmul's interleaved tiles (swap 4; 5: the weight tile the MMA's first operand,
 # taken from registers by wgmma: no shared-memory stores of it, offline under Triton 3.6). m64 n128 w4 and m128 n256
 # w8 at swap 4 fail Triton 3.6's compile (PassManager::run, "Illegal shared layout": session 34 call A)
@@ -814,7 +862,7 @@ def bench_prefill(shape: str, fmts: list[str], tokens: list[int], a, end: float,
     from tiered.model.moe import experts_grouped
 
     D, Fe, E, K = PREFILL_SHAPES[shape]
-    inputs = prefill_inputs(shape, tokens)
+    inputs = prefill_inputs(shape, tokens, a.trace)
     slot_map = torch.arange(E, device=DEV)
     bf16_us: dict = {}
     for fmt in ["bf16"] + fmts:
@@ -1011,6 +1059,13 @@ def main_prefill(a) -> None:
     print(f"{'shape':<6} {'T':>5} {'fmt':<6} {'variant':<15} {'us':>10} {'TFLOP/s':>7} {'GB/s':>7} {'vs bf16':>7} "
           f"{'err':>8}  config", flush=True)
     bf16_us = {}
+    a.trace = None
+    if a.routing == "replay":
+        odd = [sh for sh in a.shapes.split(",") if sh != "none" and PREFILL_SHAPES[sh][2] % 64]
+        if odd:
+            raise SystemExit(f"--routing replay maps the reference's 64 experts onto a multiple of them: "
+                             f"{', '.join(odd)} has {PREFILL_SHAPES[odd[0]][2]} (drop it from --shapes)")
+        a.trace = reference_trace(Path(a.text), DEV)
     for shape in a.shapes.split(","):
         if shape != "none":  # --shapes none --with-dense: the dense matrices alone
             bf16_us[shape] = bench_prefill(shape, fmts, tokens, a, end, rows, skipped)
@@ -1029,7 +1084,8 @@ def main_prefill(a) -> None:
     res = {"bench": "quant_prefill", "commit": git_commit(), "device": torch.cuda.get_device_name(),
            "torch": torch.__version__, "triton": __import__("triton").__version__,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "shapes": PREFILL_SHAPES, "summary": summary,
-           "failed": failed, "skipped": skipped, "rows": rows, "seconds": time.perf_counter() - t0}
+           "failed": failed, "skipped": skipped, "rows": rows, "seconds": time.perf_counter() - t0,
+           "routing": a.routing if a.routing == "uniform" else f"replay of {a.text} (map_routing, layer 0)"}
     print(write_out(res, "quant_prefill.json"))
 
 

@@ -664,3 +664,34 @@ def test_cuda_gpt_oss_shape_tuned_tiles(fmt):
         gw, uw, dw = (w[s].dequantize(torch.float32) for w in (W.gate, W.up, W.down))
         want += (wts[0, k] * (act(x @ gw.T + gb[s].float(), x @ uw.T + ub[s].float()) @ dw.T + db[s].float())).double()
     assert rel(got, want) < 1e-5, rel(got, want)
+
+
+def test_replayed_rows_are_the_reference_routing_mapped(tmp_path):
+    """bench_quant_kernels --routing replay: the reference model's routing of a text (recorded on the CPU here),
+    mapped onto the 10.6B shape's 128 experts at top-8 and the 397B's 512 at top-10: each row holds distinct experts
+    of the target, and the source expert of each (target // group) is one the reference chose at that token (top-8
+    as recorded; top-10 from its router logits); a prompt longer than the trace is refused with what to give."""
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(repo / "benchmarks"))
+    from bench_quant_kernels import reference_trace, replayed_rows
+
+    (tmp_path / "a.txt").write_text((repo / "README.md").read_text()[:3000])
+    (tmp_path / "b.txt").write_text((repo / "tiered" / "predict" / "replay.py").read_text()[:2000])
+    tr = reference_trace(tmp_path, torch.device("cpu"))
+    T = min(300, tr.num_tokens)
+    assert T >= 200
+    src8 = tr.topk_ids[:T, 0]
+    src10 = torch.from_numpy(tr.router_logits[:T, 0].astype("float32")).topk(10, dim=-1).indices
+    for E, K, src in ((128, 8, torch.from_numpy(src8.astype("int64"))), (512, 10, src10)):
+        ids, w = replayed_rows(tr, E, K, T)
+        assert ids.shape == w.shape == (T, K) and ids.dtype == torch.int64 and w.dtype == torch.float32
+        assert int(ids.min()) >= 0 and int(ids.max()) < E and bool((w > 0).all())
+        assert all(len(set(r)) == K for r in ids.tolist())
+        G = E // tr.num_experts
+        assert [sorted(r) for r in (ids // G).tolist()] == [sorted(r) for r in src.tolist()]
+        assert len(torch.unique(ids % G)) > 1  # the group's members take turns (not one fixed member)
+    with pytest.raises(ValueError, match="more text"):
+        replayed_rows(tr, 128, 8, tr.num_tokens + 1)
