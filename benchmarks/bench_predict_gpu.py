@@ -51,13 +51,15 @@ from tiered.store.cache import ExpertCache  # noqa: E402
 from tiered.store.disk import Layout  # noqa: E402
 
 
-def reference_trace(text_dir: Path, device: torch.device) -> "object":
-    """Trace every file of text_dir with the reference model (routing only), one document per file."""
-    rec = TraceRecorder(logits=False, hidden=False)
+def reference_trace(text_dir: Path, device: torch.device, *, logits: bool = False,
+                    whole: bool = False) -> "object":
+    """Trace every file of text_dir with the reference model (routing only; with `logits` its router logits too),
+    one document per file: its first context's worth of tokens, or with `whole` every context of it in turn."""
+    rec = TraceRecorder(logits=logits, hidden=False)
     eng = load(default_model_path(), device=device, dtype=torch.float32, observer=rec)  # context: the model's limit
     docs = []
     for p in sorted(text_dir.iterdir()):
-        docs += split_ids(p.name, eng.encode(p.read_text()), eng.max_context)[:1]
+        docs += split_ids(p.name, eng.encode(p.read_text()), eng.max_context)[slice(None) if whole else slice(1)]
     tr = record(eng, rec, docs)
     free(eng)
     return tr

@@ -767,23 +767,13 @@ def replayed_rows(trace, num_experts: int, top_k: int, tokens: int, layer: int =
 
 
 def reference_trace(text_dir: Path, device: torch.device):
-    """The reference model's routing (with router logits, for top-k above its 8) over every file of text_dir."""
-    from bench_offload_gpu import free
-
-    from tiered import load
-    from tiered.layout.families import default_model_path
-    from tiered.predict.trace import TraceRecorder, record, split_ids
+    """The reference model's routing (with router logits, for top-k above its 8) over every file of text_dir, whole
+    (bench_predict_gpu.reference_trace)."""
+    from bench_predict_gpu import reference_trace as trace_text
 
     if not text_dir.is_dir():
         raise SystemExit(f"--routing replay: {text_dir} is not a directory of text files (give --text)")
-    rec = TraceRecorder(logits=True, hidden=False)
-    eng = load(default_model_path(), device=device, dtype=torch.float32, observer=rec)
-    docs = []
-    for p in sorted(text_dir.iterdir()):
-        docs += split_ids(p.name, eng.encode(p.read_text()), eng.max_context)
-    tr = record(eng, rec, docs)
-    free(eng)
-    return tr
+    return trace_text(text_dir, device, logits=True, whole=True)
 
 
 def bench_gemlite(shape: str, tokens: list[int], end: float, rows: list, skipped: list, bf16_us: dict) -> None:
