@@ -208,3 +208,18 @@ def test_repack_quantizes_each_dense_weight_once(reference_model, tmp_path, monk
         counts[name] = len(calls)
     assert files["kept"] == files["redone"]
     assert counts["kept"] > 0 and counts["redone"] == 3 * counts["kept"], counts
+
+
+def test_parts_kept_hold_only_parts_still_to_write():
+    """A weight too large to keep on its first part's pass is quantized again for the next part; that pass keeps
+    the parts still to come, never the one already written (it would sit in the store for good)."""
+    from tiered.layout.repack import _PartsKept
+
+    kept = _PartsKept(limit=100)
+    assert kept.take("w", "scale") is None  # scale's turn: nothing kept, quantized; q (200 bytes) did not fit
+    kept.keep("w", {"q": [b"x" * 200], "min": [b"m" * 10]})
+    assert kept.held == 0
+    assert kept.take("w", "min") is None  # min's turn: quantized again; scale is past, q still to come
+    kept.keep("w", {"scale": [b"s" * 10], "q": [b"y" * 50]})
+    assert kept.held == 50 and kept.take("w", "scale") is None
+    assert kept.take("w", "q") == [b"y" * 50] and kept.held == 0

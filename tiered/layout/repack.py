@@ -312,8 +312,11 @@ class _PartsKept:
     def __init__(self, limit: int | None = None) -> None:
         self.limit, self.held = QUANT_KEEP_BYTES if limit is None else limit, 0
         self.parts: dict[tuple[str, str], list[bytes]] = {}
+        self.written: set[tuple[str, str]] = set()  # parts whose turn has come (never kept after it)
 
     def take(self, src: str, part: str) -> list[bytes] | None:
+        """The kept bytes of this part (None: quantize it), which is written now either way."""
+        self.written.add((src, part))
         got = self.parts.pop((src, part), None)
         if got is not None:
             self.held -= sum(len(b) for b in got)
@@ -323,6 +326,7 @@ class _PartsKept:
         return self.limit - self.held
 
     def keep(self, src: str, parts: dict[str, list[bytes]]) -> None:
+        parts = {p: c for p, c in parts.items() if (src, p) not in self.written}
         n = sum(len(b) for chunks in parts.values() for b in chunks)
         if n > self.room():
             return
