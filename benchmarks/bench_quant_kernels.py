@@ -545,6 +545,9 @@ def main() -> None:
     ap.add_argument("--many-sweep", action="store_true",
                     help="prefill: at 32+ rows an expert also MANY_SWEEP's tiles of the quantized formats (the "
                          "interleaved weight tile, swap 4 / 5), and with --with-dense DENSE_SWAP's")
+    ap.add_argument("--ps-sweep", action="store_true",
+                    help="prefill: the quantized formats' picked interleaved tile with GroupedConfig.ps flipped (the "
+                         "next step's scales loaded during this one, or not), and PS_SWEEP's tiles at both")
     ap.add_argument("--dq-sweep", action="store_true",
                     help="prefill: at 32+ rows an expert also DQ_SWEEP's tiles of q4 (GroupedConfig.dq 0-2)")
     ap.add_argument("--swap-sweep", action="store_true",
@@ -832,6 +835,10 @@ MANY_SWEEP = [(128, 64, 64, 4, 4, 0), (128, 64, 64, 4, 4, 4), (128, 64, 64, 4, 3
               (128, 32, 64, 4, 4, 4), (128, 32, 64, 4, 3, 4), (256, 32, 64, 8, 3, 4), (128, 64, 64, 8, 4, 5)]
 # --dq-sweep (q4, 32+ rows an expert): how the interleaved tile turns codes into values (GroupedConfig.dq: 0 int->float
 # conversions, 1 exponent bits or-ed in, 2 in the compute dtype) on the picked tiles and two others
+# --ps-sweep: tiles timed with the next step's scales loaded during this one (GroupedConfig.ps 1) and without, at
+# block_m / 2 rows an expert or more: the picks' and MANY_SWEEP's nearest rivals (session 33)
+PS_SWEEP = [(64, 64, 64, 4, 4, 4), (128, 64, 64, 4, 4, 5), (128, 64, 64, 4, 3, 4), (128, 128, 64, 8, 3, 5),
+            (64, 128, 64, 4, 3, 5)]  # block_m, block_n, block_k, warps, stages, swap
 DQ_SWEEP = [(128, 64, 64, 4, 4, 5, 0), (128, 64, 64, 4, 4, 5, 1), (128, 64, 64, 4, 4, 5, 2),
             (64, 64, 64, 4, 4, 4, 0), (64, 64, 64, 4, 4, 4, 1), (64, 64, 64, 4, 4, 4, 2),
             (128, 64, 64, 4, 3, 4, 1), (128, 64, 64, 4, 3, 4, 2), (128, 128, 64, 8, 3, 5, 1),
@@ -875,7 +882,7 @@ def bench_prefill(shape: str, fmts: list[str], tokens: list[int], a, end: float,
                 return moe_grouped_quant(x, ids, w, W, slot_map, cfg)
 
             variants = [("triton grouped", f"auto m{pick.block_m} n{pick.block_n} k{pick.block_k} w{pick.warps} "
-                         f"s{pick.stages}", grouped, True)]
+                         f"s{pick.stages}" + (f" swap{pick.swap} ps{pick.ps}" if pick.swap else ""), grouped, True)]
             if a.prefill_sweep:
                 variants += [("triton grouped", f"m{m} n{n} k{k} w{wp} s{st}",
                               (lambda c=GroupedConfig(m, n, k, wp, st): grouped(c)), True)
@@ -884,6 +891,12 @@ def bench_prefill(shape: str, fmts: list[str], tokens: list[int], a, end: float,
                 variants += [("triton grouped", f"m{m} n{n} k{k} w{wp} s{st} swap{sw}",
                               (lambda c=GroupedConfig(m, n, k, wp, st, swap=sw): grouped(c)), True)
                              for m, n, k, wp, st, sw in MANY_SWEEP]
+            if a.ps_sweep and fmt != "bf16":
+                flips = [dataclasses.replace(pick, ps=1 - pick.ps)] if pick.swap in (4, 5) else []
+                flips += [GroupedConfig(m, n, k, wp, st, swap=sw, ps=ps) for m, n, k, wp, st, sw in PS_SWEEP
+                          for ps in (0, 1) if T * K >= (m // 2) * E]
+                variants += [("triton grouped", f"m{c.block_m} n{c.block_n} k{c.block_k} w{c.warps} s{c.stages} "
+                              f"swap{c.swap} ps{c.ps}", (lambda c=c: grouped(c)), True) for c in flips]
             if a.dq_sweep and fmt == "q4" and T * K >= 32 * E:
                 variants += [("triton grouped", f"m{m} n{n} k{k} w{wp} s{st} swap{sw} dq{dq}",
                               (lambda c=GroupedConfig(m, n, k, wp, st, swap=sw, dq=dq): grouped(c)), True)

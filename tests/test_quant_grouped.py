@@ -98,6 +98,11 @@ CASES = [
     (7, 3, 6, 130, 72, GroupedConfig(block_m=16, block_n=32, block_k=128, swap=4, dq=1)),
     (5, 2, 12, 130, 72, GroupedConfig(block_m=32, block_n=16, block_k=32, swap=5, dq=1)),
     (7, 3, 6, 130, 72, GroupedConfig(block_m=16, block_n=64, block_k=64, swap=5, dq=2)),
+    # the next step's scales loaded during this step (ps 1): steps of 2 groups, half a group, one short row
+    (7, 3, 6, 130, 72, GroupedConfig(block_m=16, block_n=32, block_k=128, swap=4, ps=1)),
+    (5, 2, 12, 130, 72, GroupedConfig(block_m=32, block_n=16, block_k=32, swap=5, ps=1)),
+    (1, 2, 8, 48, 40, GroupedConfig(block_m=16, block_n=32, block_k=128, swap=5, ps=1)),
+    (7, 3, 6, 130, 72, GroupedConfig(block_m=16, block_n=64, block_k=64, swap=5, dq=1, ps=1)),
 ]
 
 
@@ -213,13 +218,18 @@ def test_grouped_quant_half_within_rounding(fmt, swap, dq):
                                                                    swap=4)),
                                        (17, 130, 130, GroupedConfig(block_m=16, block_n=64, block_k=128, swap=5)),
                                        (33, 24, 200, GroupedConfig(block_m=32, block_n=16, block_k=32, split=2,
-                                                                   swap=5, dq=1))])
+                                                                   swap=5, dq=1)),
+                                       (17, 130, 130, GroupedConfig(block_m=16, block_n=64, block_k=128, swap=4,
+                                                                   ps=1)),
+                                       (33, 24, 200, GroupedConfig(block_m=32, block_n=16, block_k=32, split=4,
+                                                                   swap=5, ps=1))])
 def test_quant_matmul_matches_reference(fmt, T, N, K, cfg):
     """The dense tiled GEMM (qlinear above its GEMV rows) equals x @ dequantize(w)^T in fp32: one row, odd
     rows, a q4 row of one group, groups cut short, steps over several groups, fp8 scale rows of 128 outputs;
     split-K: four splits with a short last one, two splits over several groups, more splits asked than steps;
     and the interleaved weight tile (swap 4), alone and split; the same tile first and the output stored transposed
-    (swap 5), alone and split (with q4's codes or-ed into 2^23, dq 1)."""
+    (swap 5), alone and split (with q4's codes or-ed into 2^23, dq 1); each with the next step's scales loaded a
+    step ahead (ps 1), split into four (the last split's look-ahead reads past its own inputs)."""
     from tiered.kernels.quant_grouped import quant_matmul
 
     g = torch.Generator().manual_seed(N + K)
@@ -276,8 +286,9 @@ def test_expert_tiles_by_rows(monkeypatch):
     """pick_qconfig: at <= 16 rows an expert q4 steps over two groups (128 inputs), the other formats keep their
     capped step; more rows keep one q4 group a step with the interleaved weight tile (swap 4), and past 96 rows q4
     (mxfp4 from 64) take 64-column tiles on 4 warps, interleaved and first (swap 5); TIERED_QGROUPED_FEW replaces the
-    few-row tiles only, and a malformed spec names itself."""
-    from tiered.kernels.quant_grouped import DQ_ENV, FEW_ENV, INTERLEAVE_ENV, pick_qconfig
+    few-row tiles only, and a malformed spec names itself. The interleaved tiles load the next step's scales during
+    this one (ps 1) unless TIERED_QGROUPED_PS=0."""
+    from tiered.kernels.quant_grouped import DQ_ENV, FEW_ENV, INTERLEAVE_ENV, PS_ENV, pick_qconfig
 
     monkeypatch.delenv(FEW_ENV, raising=False)
     monkeypatch.delenv(DQ_ENV, raising=False)
@@ -300,6 +311,15 @@ def test_expert_tiles_by_rows(monkeypatch):
     with pytest.raises(ValueError, match=DQ_ENV):
         pick_qconfig(8192, 128, "q4")
     monkeypatch.delenv(DQ_ENV)
+    monkeypatch.delenv(PS_ENV, raising=False)  # the interleaved tiles load the next step's scales a step ahead
+    assert [pick_qconfig(r, 128, f).ps for r, f in ((8192, "q4"), (16384, "q4"), (8192, "mxfp4"))] == [1, 1, 1]
+    assert pick_qconfig(1024, 128, "q4").ps == 0 and pick_qconfig(16384, 128, "q8").ps == 0
+    monkeypatch.setenv(PS_ENV, "0")
+    assert pick_qconfig(16384, 128, "q4").ps == 0 and pick_qconfig(8192, 128, "q4").ps == 0
+    monkeypatch.setenv(PS_ENV, "2")
+    with pytest.raises(ValueError, match=PS_ENV):
+        pick_qconfig(8192, 128, "q4")
+    monkeypatch.delenv(PS_ENV)
     monkeypatch.setenv(INTERLEAVE_ENV, "0")  # the benchmarks' way back to the split tiles
     assert all(pick_qconfig(r, 128, f).swap == 0 for r in (8192, 16384) for f in ("q4", "mxfp4"))
     monkeypatch.delenv(INTERLEAVE_ENV)
@@ -417,15 +437,16 @@ def test_kernels_compile_for_sm90():
 @pytest.mark.cuda
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("T", [9, 128, 513])
-@pytest.mark.parametrize("swap", [None, 2, 3, 4, 5, "5dq1", "4dq2"])
+@pytest.mark.parametrize("swap", [None, 2, 3, 4, 5, "5dq1", "4dq2", "4ps1", "5ps1"])
 def test_cuda_grouped_quant_10b_shape(fmt, T, swap):
     """D 2048, F 768, E 128, K 8 in bf16 with the picked tiles (swap None) or the transposed products at 16 rows
-    a block (swap 3: bf16's exponent or-ed into q4's codes, scales after the product): within bf16 rounding of
-    the fp32 loop."""
+    a block (swap 3: bf16's exponent or-ed into q4's codes, scales after the product; ps 1: the next step's scales
+    loaded a step ahead): within bf16 rounding of the fp32 loop."""
     D, F_, E, K = 2048, 768, 128, 8
-    sw, dq = (swap, 0) if not isinstance(swap, str) else (int(swap[0]), int(swap[-1]))
+    sw, dq, ps = (swap, 0, 0) if not isinstance(swap, str) else (int(swap[0]), int(swap[-1]) * ("dq" in swap),
+                                                                 int("ps" in swap))
     cfg = None if swap is None else GroupedConfig(block_m=16, block_n=128, block_k=64, warps=8, stages=4, swap=sw,
-                                                  dq=dq)
+                                                  dq=dq, ps=ps)
     W = _pool(fmt, E + 3, F_, D)
     ids, w = _routing(T, K, E)
     ids, w = ids.to(DEV), w.to(DEV)
@@ -539,7 +560,8 @@ def test_cuda_quant_matmul_interleaved(fmt, N, K):
         ref = x.float() @ w.dequantize(torch.float32).T
         for cfg in (None, GroupedConfig(128, 64, 64, 4, 3, swap=4), GroupedConfig(128, 64, 64, 4, 4, swap=5),
                     GroupedConfig(128, 128, 64, 8, 3, swap=5), GroupedConfig(256, 64, 64, 8, 3, swap=5),
-                    GroupedConfig(64, 128, 64, 4, 3, split=2, swap=5)):
+                    GroupedConfig(64, 128, 64, 4, 3, split=2, swap=5), GroupedConfig(128, 64, 64, 4, 4, swap=5, ps=1),
+                    GroupedConfig(128, 64, 64, 4, 3, swap=4, ps=1)):
             assert _rel(quant_matmul(x, w, cfg).float(), ref) <= 1e-2, (T, cfg)
 
 

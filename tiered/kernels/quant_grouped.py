@@ -278,6 +278,54 @@ def _qdot_t(acc, a_rows, mask_m, qn, sn, mn, mask_n, k0, KIN: tl.constexpr, KQ: 
 
 
 @triton.jit
+def _wscales(sn, mn, mask_n, k0, NG: tl.constexpr, GROUP: tl.constexpr, WFMT: tl.constexpr, R: tl.constexpr):
+    """The scales and minimums (q4; the scales again for the other formats) [BLOCK_N, R] fp32 of the weight tile at
+    input k0 (`_wtile_s`'s s, m). Groups past the matrix read 0: a kernel loads the next step's while it computes
+    this one's (GroupedConfig.ps), the last step's next included."""
+    s = _scales_t(sn, mask_n, k0, NG, GROUP, R)
+    if WFMT == 2:
+        m = _scales_t(mn, mask_n, k0, NG, GROUP, R)
+    else:
+        m = s
+    return s, m
+
+
+@triton.jit
+def _wtile_s(qn, s, m, mask_n, k0, KQ: tl.constexpr, WFMT: tl.constexpr, R: tl.constexpr, BLOCK_K: tl.constexpr,
+             BLOCK_N: tl.constexpr, DT: tl.constexpr, DQ: tl.constexpr = 0):
+    """`_wtile` with the tile's scales and minimums given (`_wscales`' s, m: loaded a step ahead, or just now)."""
+    if WFMT == 2 or WFMT == 4:
+        offs_j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        b = tl.load(qn[:, None] + offs_j[None, :], mask=mask_n[:, None] & (offs_j < KQ)[None, :],
+                    other=0).to(tl.int32)  # [BLOCK_N, BLOCK_K/2]
+        if WFMT == 2 and DQ == 2:
+            v_e, off = _magic(b & 15, DT)
+            v_o, off = _magic((b >> 4) & 15, DT)
+            sd = s.to(DT)
+            md = m.to(DT)
+            w_e = _grouped_t(v_e - off, sd, md, BLOCK_N, BLOCK_K // 2, R, True)
+            w_o = _grouped_t(v_o - off, sd, md, BLOCK_N, BLOCK_K // 2, R, True)
+        elif WFMT == 2 and DQ == 1:
+            c_e = ((b & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            c_o = (((b >> 4) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            w_e = _grouped_t(c_e, s, m, BLOCK_N, BLOCK_K // 2, R, True)
+            w_o = _grouped_t(c_o, s, m, BLOCK_N, BLOCK_K // 2, R, True)
+        elif WFMT == 2:
+            w_e = _grouped_t((b & 15).to(tl.float32), s, m, BLOCK_N, BLOCK_K // 2, R, True)
+            w_o = _grouped_t(((b >> 4) & 15).to(tl.float32), s, m, BLOCK_N, BLOCK_K // 2, R, True)
+        else:
+            e = tl.exp2(s - 127.0)
+            w_e = _grouped_t(_e2m1(b & 15), e, e, BLOCK_N, BLOCK_K // 2, R, False)
+            w_o = _grouped_t(_e2m1((b >> 4) & 15), e, e, BLOCK_N, BLOCK_K // 2, R, False)
+        w = tl.reshape(tl.join(w_e.to(DT), w_o.to(DT)), (BLOCK_N, BLOCK_K))
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mb = mask_n[:, None] & (offs_k < KQ)[None, :]
+        w = _grouped_t(_bytes_t(qn, offs_k, mb, WFMT), s, s, BLOCK_N, BLOCK_K, R, False).to(DT)
+    return w
+
+
+@triton.jit
 def _wtile(qn, sn, mn, mask_n, k0, KQ: tl.constexpr, NG: tl.constexpr, GROUP: tl.constexpr, WFMT: tl.constexpr,
            R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, DQ: tl.constexpr = 0):
     """SWAP 4 / 5: the weight tile W[n-block, k0:k0+BLOCK_K] dequantized in DT, [BLOCK_N, BLOCK_K] in input order.
@@ -290,34 +338,8 @@ def _wtile(qn, sn, mn, mask_n, k0, KQ: tl.constexpr, NG: tl.constexpr, GROUP: tl
     into the mantissa of 2^23, 2^23 subtracted: exact); 2: in DT itself (bf16's exponent or-ed in, `_magic`, then
     (v - offset) * scale + min in DT: no fp32 round trip, one or two roundings in DT where 0 and 1 round once).
     Session 33 measured 1 within 1% of 0 and 2 3-7% slower: the picks take 0."""
-    if WFMT == 2 or WFMT == 4:
-        offs_j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        b = tl.load(qn[:, None] + offs_j[None, :], mask=mask_n[:, None] & (offs_j < KQ)[None, :],
-                    other=0).to(tl.int32)  # [BLOCK_N, BLOCK_K/2]
-        s = _scales_t(sn, mask_n, k0, NG, GROUP, R)
-        if WFMT == 2 and DQ == 2:
-            m = _scales_t(mn, mask_n, k0, NG, GROUP, R)
-            v_e, off = _magic(b & 15, DT)
-            v_o, off = _magic((b >> 4) & 15, DT)
-            sd = s.to(DT)
-            md = m.to(DT)
-            w_e = _grouped_t(v_e - off, sd, md, BLOCK_N, BLOCK_K // 2, R, True)
-            w_o = _grouped_t(v_o - off, sd, md, BLOCK_N, BLOCK_K // 2, R, True)
-        elif WFMT == 2 and DQ == 1:
-            m = _scales_t(mn, mask_n, k0, NG, GROUP, R)
-            c_e = ((b & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-            c_o = (((b >> 4) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-            w_e = _grouped_t(c_e, s, m, BLOCK_N, BLOCK_K // 2, R, True)
-            w_o = _grouped_t(c_o, s, m, BLOCK_N, BLOCK_K // 2, R, True)
-        else:
-            w_e, w_o = _nibbles_t(b, s, mn, mask_n, k0, NG, GROUP, WFMT, R, BLOCK_N, BLOCK_K)
-        w = tl.reshape(tl.join(w_e.to(DT), w_o.to(DT)), (BLOCK_N, BLOCK_K))
-    else:
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mb = mask_n[:, None] & (offs_k < KQ)[None, :]
-        s = _scales_t(sn, mask_n, k0, NG, GROUP, R)
-        w = _grouped_t(_bytes_t(qn, offs_k, mb, WFMT), s, s, BLOCK_N, BLOCK_K, R, False).to(DT)
-    return w
+    s, m = _wscales(sn, mn, mask_n, k0, NG, GROUP, WFMT, R)
+    return _wtile_s(qn, s, m, mask_n, k0, KQ, WFMT, R, BLOCK_K, BLOCK_N, DT, DQ)
 
 
 @triton.jit
@@ -339,19 +361,53 @@ def _jdot(acc, a, w, PREC: tl.constexpr, SWAP: tl.constexpr):
 
 
 @triton.jit
+def _pair_ps(acc_g, acc_u, a_rows, mask_m, gqn, gsn, gmn, uqn, usn, umn, mask_n, KIN: tl.constexpr, KQ: tl.constexpr,
+             NG: tl.constexpr, GROUP: tl.constexpr, WFMT: tl.constexpr, R: tl.constexpr, BLOCK_K: tl.constexpr,
+             BLOCK_N: tl.constexpr, DT: tl.constexpr, DQ: tl.constexpr, PREC: tl.constexpr, SW: tl.constexpr):
+    """Gate and up over all KIN inputs (swap SW 4 / 5), each step loading the next step's scales and minimums before
+    its products (GroupedConfig.ps 1): the loads' latency overlaps a step's work instead of stalling its dequantize.
+    Triton's pipeliner stages the codes and activations (cp.async) but not these loads (2 bytes a row)."""
+    sg, mg = _wscales(gsn, gmn, mask_n, 0, NG, GROUP, WFMT, R)
+    su, mu = _wscales(usn, umn, mask_n, 0, NG, GROUP, WFMT, R)
+    for k0 in range(0, KIN, BLOCK_K):
+        sg2, mg2 = _wscales(gsn, gmn, mask_n, k0 + BLOCK_K, NG, GROUP, WFMT, R)
+        su2, mu2 = _wscales(usn, umn, mask_n, k0 + BLOCK_K, NG, GROUP, WFMT, R)
+        a = _atile(a_rows, mask_m, k0, KIN, BLOCK_K)
+        acc_g = _jdot(acc_g, a, _wtile_s(gqn, sg, mg, mask_n, k0, KQ, WFMT, R, BLOCK_K, BLOCK_N, DT, DQ), PREC, SW)
+        acc_u = _jdot(acc_u, a, _wtile_s(uqn, su, mu, mask_n, k0, KQ, WFMT, R, BLOCK_K, BLOCK_N, DT, DQ), PREC, SW)
+        sg, mg, su, mu = sg2, mg2, su2, mu2
+    return acc_g, acc_u
+
+
+@triton.jit
+def _one_ps(acc, a_rows, mask_m, qn, sn, mn, mask_n, k_lo, k_hi, KIN: tl.constexpr, KQ: tl.constexpr,
+            NG: tl.constexpr, GROUP: tl.constexpr, WFMT: tl.constexpr, R: tl.constexpr, BLOCK_K: tl.constexpr,
+            BLOCK_N: tl.constexpr, DT: tl.constexpr, DQ: tl.constexpr, PREC: tl.constexpr, SW: tl.constexpr):
+    """`_pair_ps` for one weight over inputs [k_lo, k_hi) (down, quant_matmul's splits)."""
+    s, m = _wscales(sn, mn, mask_n, k_lo, NG, GROUP, WFMT, R)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        s2, m2 = _wscales(sn, mn, mask_n, k0 + BLOCK_K, NG, GROUP, WFMT, R)
+        acc = _jdot(acc, _atile(a_rows, mask_m, k0, KIN, BLOCK_K),
+                    _wtile_s(qn, s, m, mask_n, k0, KQ, WFMT, R, BLOCK_K, BLOCK_N, DT, DQ), PREC, SW)
+        s, m = s2, m2
+    return acc
+
+
+@triton.jit
 def _qgrouped_gate_up_kernel(x_ptr, rows_ptr, bslot_ptr, gq, gs, gm, uq, us, um, h_ptr, num_rows, stride_xt,
                              sq0, sq1, ss0, ss1, sm0, sm1, D: tl.constexpr, F: tl.constexpr, K: tl.constexpr,
                              KQ: tl.constexpr, NG: tl.constexpr, GROUP: tl.constexpr, ROWBLK: tl.constexpr,
                              WFMT: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_K: tl.constexpr, PREC: tl.constexpr, SWAP: tl.constexpr = 0, gb_ptr=None,
                              ub_ptr=None, stride_bs=0, alpha=1.702, limit=7.0, ACT: tl.constexpr = 0,
-                             HAS_BIAS: tl.constexpr = False, DQ: tl.constexpr = 0):
+                             HAS_BIAS: tl.constexpr = False, DQ: tl.constexpr = 0, PS: tl.constexpr = 0):
     """Grid (cdiv(F, BLOCK_N), P / BLOCK_M): h[rows, n-block] = act(x[tok] @ gate.T + bg, x[tok] @ up.T + bu).
     gate and up share their strides (one block layout); ROWBLK output rows share a scale row (fp8: 128).
     SWAP (GroupedConfig.swap) 1, 2 or 3: the products are taken transposed (weight tile first), see _qdot / _qdot_t
     (3: with the scales applied after the product); 4 / 5: the weight tile interleaved back into input order
     (`_wtile`), one activation tile a step for both products, as loaded (4) or transposed (5).
-    ACT 0: SwiGLU; 1: gpt-oss's clamped form (alpha, limit).
+    ACT 0: SwiGLU; 1: gpt-oss's clamped form (alpha, limit). PS 1 (swap 4 / 5, GroupedConfig.ps): each step loads
+    the next step's scales and minimums before its products (`_wscales`), so their latency overlaps a step's work.
     HAS_BIAS: the slot's gate and up biases (rows of stride stride_bs) added in fp32 before the activation."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -371,18 +427,22 @@ def _qgrouped_gate_up_kernel(x_ptr, rows_ptr, bslot_ptr, gq, gs, gm, uq, us, um,
     if SWAP == 0 or SWAP == 4:
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            if SWAP == 4:  # one activation tile for both products, each one tl.dot of BLOCK_K
-                a = _atile(a_rows, mask_m, k0, D, BLOCK_K)
-                acc_g = _jdot(acc_g, a, _wtile(gq + qo, gs + so, gm + mo, mask_n, k0, KQ, NG, GROUP, WFMT, R, BLOCK_K,
-                                               BLOCK_N, DT, DQ), PREC, 4)
-                acc_u = _jdot(acc_u, a, _wtile(uq + qo, us + so, um + mo, mask_n, k0, KQ, NG, GROUP, WFMT, R, BLOCK_K,
-                                               BLOCK_N, DT, DQ), PREC, 4)
-            else:
-                acc_g = _qdot(acc_g, a_rows, mask_m, gq + qo, gs + so, gm + mo, mask_n, k0, D, KQ, NG, GROUP, WFMT,
-                              R, BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC)
-                acc_u = _qdot(acc_u, a_rows, mask_m, uq + qo, us + so, um + mo, mask_n, k0, D, KQ, NG, GROUP, WFMT,
-                              R, BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC)
+        if SWAP == 4 and PS == 1:
+            acc_g, acc_u = _pair_ps(acc_g, acc_u, a_rows, mask_m, gq + qo, gs + so, gm + mo, uq + qo, us + so,
+                                    um + mo, mask_n, D, KQ, NG, GROUP, WFMT, R, BLOCK_K, BLOCK_N, DT, DQ, PREC, 4)
+        else:
+            for k0 in range(0, D, BLOCK_K):
+                if SWAP == 4:  # one activation tile for both products, each one tl.dot of BLOCK_K
+                    a = _atile(a_rows, mask_m, k0, D, BLOCK_K)
+                    acc_g = _jdot(acc_g, a, _wtile(gq + qo, gs + so, gm + mo, mask_n, k0, KQ, NG, GROUP, WFMT, R,
+                                                   BLOCK_K, BLOCK_N, DT, DQ), PREC, 4)
+                    acc_u = _jdot(acc_u, a, _wtile(uq + qo, us + so, um + mo, mask_n, k0, KQ, NG, GROUP, WFMT, R,
+                                                   BLOCK_K, BLOCK_N, DT, DQ), PREC, 4)
+                else:
+                    acc_g = _qdot(acc_g, a_rows, mask_m, gq + qo, gs + so, gm + mo, mask_n, k0, D, KQ, NG, GROUP,
+                                  WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC)
+                    acc_u = _qdot(acc_u, a_rows, mask_m, uq + qo, us + so, um + mo, mask_n, k0, D, KQ, NG, GROUP,
+                                  WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC)
         if HAS_BIAS:
             acc_g += tl.load(gb_ptr + slot * stride_bs + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             acc_u += tl.load(ub_ptr + slot * stride_bs + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -392,23 +452,27 @@ def _qgrouped_gate_up_kernel(x_ptr, rows_ptr, bslot_ptr, gq, gs, gm, uq, us, um,
     else:
         acc_g = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         acc_u = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            if SWAP == 5:
-                a = _atile(a_rows, mask_m, k0, D, BLOCK_K)
-                acc_g = _jdot(acc_g, a, _wtile(gq + qo, gs + so, gm + mo, mask_n, k0, KQ, NG, GROUP, WFMT, R, BLOCK_K,
-                                               BLOCK_N, DT, DQ), PREC, 5)
-                acc_u = _jdot(acc_u, a, _wtile(uq + qo, us + so, um + mo, mask_n, k0, KQ, NG, GROUP, WFMT, R, BLOCK_K,
-                                               BLOCK_N, DT, DQ), PREC, 5)
-            elif SWAP == 1:
-                acc_g = _qdot(acc_g, a_rows, mask_m, gq + qo, gs + so, gm + mo, mask_n, k0, D, KQ, NG, GROUP, WFMT,
-                              R, BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC, 1)
-                acc_u = _qdot(acc_u, a_rows, mask_m, uq + qo, us + so, um + mo, mask_n, k0, D, KQ, NG, GROUP, WFMT,
-                              R, BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC, 1)
-            else:
-                acc_g = _qdot_t(acc_g, a_rows, mask_m, gq + qo, gs + so, gm + mo, mask_n, k0, D, KQ, NG, GROUP,
-                                WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC, SWAP == 3)
-                acc_u = _qdot_t(acc_u, a_rows, mask_m, uq + qo, us + so, um + mo, mask_n, k0, D, KQ, NG, GROUP,
-                                WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC, SWAP == 3)
+        if SWAP == 5 and PS == 1:
+            acc_g, acc_u = _pair_ps(acc_g, acc_u, a_rows, mask_m, gq + qo, gs + so, gm + mo, uq + qo, us + so,
+                                    um + mo, mask_n, D, KQ, NG, GROUP, WFMT, R, BLOCK_K, BLOCK_N, DT, DQ, PREC, 5)
+        else:
+            for k0 in range(0, D, BLOCK_K):
+                if SWAP == 5:
+                    a = _atile(a_rows, mask_m, k0, D, BLOCK_K)
+                    acc_g = _jdot(acc_g, a, _wtile(gq + qo, gs + so, gm + mo, mask_n, k0, KQ, NG, GROUP, WFMT, R,
+                                                   BLOCK_K, BLOCK_N, DT, DQ), PREC, 5)
+                    acc_u = _jdot(acc_u, a, _wtile(uq + qo, us + so, um + mo, mask_n, k0, KQ, NG, GROUP, WFMT, R,
+                                                   BLOCK_K, BLOCK_N, DT, DQ), PREC, 5)
+                elif SWAP == 1:
+                    acc_g = _qdot(acc_g, a_rows, mask_m, gq + qo, gs + so, gm + mo, mask_n, k0, D, KQ, NG, GROUP,
+                                  WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC, 1)
+                    acc_u = _qdot(acc_u, a_rows, mask_m, uq + qo, us + so, um + mo, mask_n, k0, D, KQ, NG, GROUP,
+                                  WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC, 1)
+                else:
+                    acc_g = _qdot_t(acc_g, a_rows, mask_m, gq + qo, gs + so, gm + mo, mask_n, k0, D, KQ, NG, GROUP,
+                                    WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC, SWAP == 3)
+                    acc_u = _qdot_t(acc_u, a_rows, mask_m, uq + qo, us + so, um + mo, mask_n, k0, D, KQ, NG, GROUP,
+                                    WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC, SWAP == 3)
         if HAS_BIAS:
             acc_g += tl.load(gb_ptr + slot * stride_bs + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
             acc_u += tl.load(ub_ptr + slot * stride_bs + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
@@ -423,9 +487,9 @@ def _qgrouped_down_kernel(h_ptr, rows_ptr, bslot_ptr, wt_ptr, dq, ds, dm, out_pt
                           GROUP: tl.constexpr, ROWBLK: tl.constexpr, WFMT: tl.constexpr, R: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           PREC: tl.constexpr, SWAP: tl.constexpr = 0, db_ptr=None, stride_bs=0,
-                          HAS_BIAS: tl.constexpr = False, DQ: tl.constexpr = 0):
+                          HAS_BIAS: tl.constexpr = False, DQ: tl.constexpr = 0, PS: tl.constexpr = 0):
     """Grid (cdiv(D, BLOCK_N), P / BLOCK_M): out[rows, n-block] = w[rows] * (h[rows] @ down.T + bd). HAS_BIAS: the
-    slot's down bias (a row of stride stride_bs) added to the product before the routing weight."""
+    slot's down bias (a row of stride stride_bs) added to the product before the routing weight. PS: as gate_up's."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     slot = tl.load(bslot_ptr + pid_m).to(tl.int64)
@@ -445,29 +509,39 @@ def _qgrouped_down_kernel(h_ptr, rows_ptr, bslot_ptr, wt_ptr, dq, ds, dm, out_pt
     w = tl.load(wt_ptr + rows, mask=mask_m, other=0.0).to(tl.float32)
     if SWAP == 0 or SWAP == 4:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, F, BLOCK_K):
-            if SWAP == 4:
-                acc = _jdot(acc, _atile(a_rows, mask_m, k0, F, BLOCK_K),
-                            _wtile(qn, sn, mn, mask_n, k0, KQ, NG, GROUP, WFMT, R, BLOCK_K, BLOCK_N, DT, DQ), PREC, 4)
-            else:
-                acc = _qdot(acc, a_rows, mask_m, qn, sn, mn, mask_n, k0, F, KQ, NG, GROUP, WFMT, R, BLOCK_M,
-                            BLOCK_K, BLOCK_N, DT, PREC)
+        if SWAP == 4 and PS == 1:
+            acc = _one_ps(acc, a_rows, mask_m, qn, sn, mn, mask_n, 0, F, F, KQ, NG, GROUP, WFMT, R, BLOCK_K, BLOCK_N,
+                          DT, DQ, PREC, 4)
+        else:
+            for k0 in range(0, F, BLOCK_K):
+                if SWAP == 4:
+                    acc = _jdot(acc, _atile(a_rows, mask_m, k0, F, BLOCK_K),
+                                _wtile(qn, sn, mn, mask_n, k0, KQ, NG, GROUP, WFMT, R, BLOCK_K, BLOCK_N, DT, DQ),
+                                PREC, 4)
+                else:
+                    acc = _qdot(acc, a_rows, mask_m, qn, sn, mn, mask_n, k0, F, KQ, NG, GROUP, WFMT, R, BLOCK_M,
+                                BLOCK_K, BLOCK_N, DT, PREC)
         if HAS_BIAS:
             acc += tl.load(db_ptr + slot * stride_bs + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + rows64[:, None] * D + offs_n[None, :], (acc * w[:, None]).to(out_ptr.dtype.element_ty),
                  mask=mask_m[:, None] & mask_n[None, :])
     else:
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-        for k0 in range(0, F, BLOCK_K):
-            if SWAP == 5:
-                acc = _jdot(acc, _atile(a_rows, mask_m, k0, F, BLOCK_K),
-                            _wtile(qn, sn, mn, mask_n, k0, KQ, NG, GROUP, WFMT, R, BLOCK_K, BLOCK_N, DT, DQ), PREC, 5)
-            elif SWAP == 1:
-                acc = _qdot(acc, a_rows, mask_m, qn, sn, mn, mask_n, k0, F, KQ, NG, GROUP, WFMT, R, BLOCK_M,
-                            BLOCK_K, BLOCK_N, DT, PREC, 1)
-            else:
-                acc = _qdot_t(acc, a_rows, mask_m, qn, sn, mn, mask_n, k0, F, KQ, NG, GROUP, WFMT, R, BLOCK_M,
-                              BLOCK_K, BLOCK_N, DT, PREC, SWAP == 3)
+        if SWAP == 5 and PS == 1:
+            acc = _one_ps(acc, a_rows, mask_m, qn, sn, mn, mask_n, 0, F, F, KQ, NG, GROUP, WFMT, R, BLOCK_K, BLOCK_N,
+                          DT, DQ, PREC, 5)
+        else:
+            for k0 in range(0, F, BLOCK_K):
+                if SWAP == 5:
+                    acc = _jdot(acc, _atile(a_rows, mask_m, k0, F, BLOCK_K),
+                                _wtile(qn, sn, mn, mask_n, k0, KQ, NG, GROUP, WFMT, R, BLOCK_K, BLOCK_N, DT, DQ),
+                                PREC, 5)
+                elif SWAP == 1:
+                    acc = _qdot(acc, a_rows, mask_m, qn, sn, mn, mask_n, k0, F, KQ, NG, GROUP, WFMT, R, BLOCK_M,
+                                BLOCK_K, BLOCK_N, DT, PREC, 1)
+                else:
+                    acc = _qdot_t(acc, a_rows, mask_m, qn, sn, mn, mask_n, k0, F, KQ, NG, GROUP, WFMT, R, BLOCK_M,
+                                  BLOCK_K, BLOCK_N, DT, PREC, SWAP == 3)
         if HAS_BIAS:
             acc += tl.load(db_ptr + slot * stride_bs + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
         tl.store(out_ptr + rows64[None, :] * D + offs_n[:, None], (acc * w[None, :]).to(out_ptr.dtype.element_ty),
@@ -479,13 +553,14 @@ def _qmatmul_kernel(x_ptr, q, s, m, out_ptr, T, stride_xt, stride_ot, sq1, ss1, 
                     KIN: tl.constexpr, KQ: tl.constexpr, NG: tl.constexpr, GROUP: tl.constexpr,
                     ROWBLK: tl.constexpr, WFMT: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, KSPLIT,
-                    SWAP: tl.constexpr = 0, DQ: tl.constexpr = 0):
+                    SWAP: tl.constexpr = 0, DQ: tl.constexpr = 0, PS: tl.constexpr = 0):
     """Grid (cdiv(N, BLOCK_N), cdiv(T, BLOCK_M), splits): out[m-block, n-block] = x[m-block] @ W[n-block]^T, one
     quantized [N, KIN] matrix (a dense layer's weight at prefill sizes). Split s sums inputs [s KSPLIT, (s + 1)
     KSPLIT) (KSPLIT a multiple of BLOCK_K); with more than one split, out is the fp32 partials [splits, T, N]
     (row stride stride_ot) that `_split_sum_kernel` adds in split order. SWAP 4: the weight tile interleaved into
     input order (`_wtile`), one tl.dot a step; 5: the same with the weight tile the MMA's first operand (acc
-    [BLOCK_N, BLOCK_M], stored transposed); 0: `_qdot`'s split tiles (GroupedConfig.swap; others refused)."""
+    [BLOCK_N, BLOCK_M], stored transposed); 0: `_qdot`'s split tiles (GroupedConfig.swap; others refused). PS 1
+    (swap 4 / 5): the next step's scales loaded during this one (`_one_ps`)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     ks = tl.program_id(2)
@@ -497,25 +572,37 @@ def _qmatmul_kernel(x_ptr, q, s, m, out_ptr, T, stride_xt, stride_ot, sq1, ss1, 
     n64 = offs_n.to(tl.int64)
     DT = x_ptr.dtype.element_ty
     base = out_ptr + ks.to(tl.int64) * T * stride_ot  # split ks's [T, N] partial (ks is 0 unless split)
+    k_lo = ks * KSPLIT
+    k_hi = tl.minimum(ks * KSPLIT + KSPLIT, KIN)
     if SWAP == 5:
         acc_t = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-        for k0 in range(ks * KSPLIT, tl.minimum(ks * KSPLIT + KSPLIT, KIN), BLOCK_K):
-            acc_t = _jdot(acc_t, _atile(x_ptr + m64 * stride_xt, mask_m, k0, KIN, BLOCK_K),
-                          _wtile(q + n64 * sq1, s + (n64 // ROWBLK) * ss1, m + n64 * sm1, mask_n, k0, KQ, NG, GROUP,
-                                 WFMT, R, BLOCK_K, BLOCK_N, DT, DQ), PREC, 5)
+        if PS == 1:
+            acc_t = _one_ps(acc_t, x_ptr + m64 * stride_xt, mask_m, q + n64 * sq1, s + (n64 // ROWBLK) * ss1,
+                            m + n64 * sm1, mask_n, k_lo, k_hi, KIN, KQ, NG, GROUP, WFMT, R, BLOCK_K, BLOCK_N, DT, DQ,
+                            PREC, 5)
+        else:
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                acc_t = _jdot(acc_t, _atile(x_ptr + m64 * stride_xt, mask_m, k0, KIN, BLOCK_K),
+                              _wtile(q + n64 * sq1, s + (n64 // ROWBLK) * ss1, m + n64 * sm1, mask_n, k0, KQ, NG,
+                                     GROUP, WFMT, R, BLOCK_K, BLOCK_N, DT, DQ), PREC, 5)
         tl.store(base + m64[None, :] * stride_ot + offs_n[:, None], acc_t.to(out_ptr.dtype.element_ty),
                  mask=mask_n[:, None] & mask_m[None, :])
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(ks * KSPLIT, tl.minimum(ks * KSPLIT + KSPLIT, KIN), BLOCK_K):
-            if SWAP == 4:
-                acc = _jdot(acc, _atile(x_ptr + m64 * stride_xt, mask_m, k0, KIN, BLOCK_K),
-                            _wtile(q + n64 * sq1, s + (n64 // ROWBLK) * ss1, m + n64 * sm1, mask_n, k0, KQ, NG,
-                                   GROUP, WFMT, R, BLOCK_K, BLOCK_N, DT, DQ), PREC, 4)
-            else:
-                acc = _qdot(acc, x_ptr + m64 * stride_xt, mask_m, q + n64 * sq1, s + (n64 // ROWBLK) * ss1,
-                            m + n64 * sm1, mask_n, k0, KIN, KQ, NG, GROUP, WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N, DT,
-                            PREC)
+        if SWAP == 4 and PS == 1:
+            acc = _one_ps(acc, x_ptr + m64 * stride_xt, mask_m, q + n64 * sq1, s + (n64 // ROWBLK) * ss1,
+                          m + n64 * sm1, mask_n, k_lo, k_hi, KIN, KQ, NG, GROUP, WFMT, R, BLOCK_K, BLOCK_N, DT, DQ,
+                          PREC, 4)
+        else:
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                if SWAP == 4:
+                    acc = _jdot(acc, _atile(x_ptr + m64 * stride_xt, mask_m, k0, KIN, BLOCK_K),
+                                _wtile(q + n64 * sq1, s + (n64 // ROWBLK) * ss1, m + n64 * sm1, mask_n, k0, KQ, NG,
+                                       GROUP, WFMT, R, BLOCK_K, BLOCK_N, DT, DQ), PREC, 4)
+                else:
+                    acc = _qdot(acc, x_ptr + m64 * stride_xt, mask_m, q + n64 * sq1, s + (n64 // ROWBLK) * ss1,
+                                m + n64 * sm1, mask_n, k0, KIN, KQ, NG, GROUP, WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N,
+                                DT, PREC)
         tl.store(base + m64[:, None] * stride_ot + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=mask_m[:, None] & mask_n[None, :])
 
@@ -548,7 +635,8 @@ def block_k_for(w: QuantWeight, block_k: int) -> tuple[int, int]:
 INTERLEAVE_ENV = "TIERED_QGROUPED_INTERLEAVE"  # benchmarks: "0" keeps the split tiles of q4 and mxfp4
 DQ_ENV = "TIERED_QGROUPED_DQ"  # benchmarks: the picks' GroupedConfig.dq for q4's interleaved tiles (0, 1, 2)
 FEW_ENV = "TIERED_QGROUPED_FEW"  # benchmarks: the tiles at <= 16 rows an expert, e.g. "m16:n128:k64:w8:s4:swap3"
-_FEW_KEYS = {"m": "block_m", "n": "block_n", "k": "block_k", "w": "warps", "s": "stages", "swap": "swap"}
+_FEW_KEYS = {"m": "block_m", "n": "block_n", "k": "block_k", "w": "warps", "s": "stages", "swap": "swap",
+             "dq": "dq", "ps": "ps"}
 
 
 @functools.lru_cache(maxsize=8)
@@ -566,6 +654,8 @@ def parse_few(spec: str) -> GroupedConfig:
 
 
 DQ_DEFAULT = 0  # q4's codes to values in the picked interleaved tiles (GroupedConfig.dq)
+PS_ENV = "TIERED_QGROUPED_PS"  # benchmarks: "0" loads each step's scales in that step in the picked interleaved tiles
+PS_DEFAULT = 1  # the picked interleaved tiles load the next step's scales during this one (GroupedConfig.ps)
 
 
 def _dq(fmt: str) -> int:
@@ -578,13 +668,21 @@ def _dq(fmt: str) -> int:
     return int(v) if v else DQ_DEFAULT
 
 
+def _ps() -> int:
+    v = os.environ.get(PS_ENV, "")
+    if v not in ("", "0", "1"):
+        raise ValueError(f"{PS_ENV} must be 0 or 1, got {v!r}")
+    return int(v) if v else PS_DEFAULT
+
+
 def pick_qconfig(rows: int, num_experts: int, fmt: str) -> GroupedConfig:
     """Tiles for a quantized pool: moe_grouped's choice by rows per expert (measured for bf16 on the H200), with
     the reduction step capped at the format's group (one scale per step and row); q4 and mxfp4 take their own tiles
     at 16 rows an expert or fewer (q4) and above 16 (the interleaved weight tile: q4 above 16 rows, mxfp4 from
     64), where they measured faster. At 16 rows an expert or fewer (the batch decode regime), TIERED_QGROUPED_FEW's
     tiles when set (benchmarks compare tiles that way); with TIERED_QGROUPED_INTERLEAVE=0, q4 and mxfp4 keep the
-    split tiles (benchmarks time the two in one call)."""
+    split tiles (benchmarks time the two in one call). The interleaved tiles load the next step's scales during
+    this one (GroupedConfig.ps = PS_DEFAULT; TIERED_QGROUPED_PS=0 turns it off for a comparison)."""
     c = bf16_config(rows, num_experts)
     spec = os.environ.get(FEW_ENV, "")
     if spec and c.block_m == 16:
@@ -600,7 +698,7 @@ def pick_qconfig(rows: int, num_experts: int, fmt: str) -> GroupedConfig:
         # quant-interleave-2026-12-04-h200-s33.json), T 2048, us a layer against the split tiles below: q4 (call A)
         # 10.6B shape 787 / 937, gpt-oss's shape 1,614 / 1,974 (1.19x, 1.22x); mxfp4 (call B) gpt-oss's shape
         # 1,814 / 2,187 (1.21x)
-        return GroupedConfig(block_m=128, block_n=64, block_k=64, warps=4, stages=4, swap=5, dq=_dq(fmt))
+        return GroupedConfig(block_m=128, block_n=64, block_k=64, warps=4, stages=4, swap=5, dq=_dq(fmt), ps=_ps())
     if fmt in NIBBLES and c.block_m == 128:
         # many rows an expert: half as wide a tile on 4 warps. Session 31 (benchmarks/results/
         # gpt-oss-prefill-batch-2026-12-04-h200-s31.json, tile_sweeps), T 2048, us a layer against bf16's m128 n128
@@ -610,12 +708,12 @@ def pick_qconfig(rows: int, num_experts: int, fmt: str) -> GroupedConfig:
     if interleave and fmt == "mxfp4" and c.block_m == 64 and rows >= 64 * min(num_experts, rows):
         # 64-96 rows an expert: the many-rows tile (swap 5, m128) already. Session 33 (call B), gpt-oss's shape at T
         # 512 (64 rows an expert): 807 us a layer against 1,004 for bf16's m64 split tile (1.24x); 17-63 rows keep it
-        return GroupedConfig(block_m=128, block_n=64, block_k=64, warps=4, stages=4, swap=5)
+        return GroupedConfig(block_m=128, block_n=64, block_k=64, warps=4, stages=4, swap=5, ps=_ps())
     if interleave and fmt == "q4" and c.block_m == 64:
         # 17-96 rows an expert: bf16's tile with the weight tile interleaved (swap 4). Session 33 (call A), q4 at T
         # 512, us a layer against the split tile: 10.6B shape 375 / 395, gpt-oss's shape 734 / 801 (1.05x, 1.09x)
         return GroupedConfig(block_m=64, block_n=c.block_n, block_k=min(c.block_k, 64), warps=c.warps,
-                             stages=c.stages, swap=4, dq=_dq(fmt))
+                             stages=c.stages, swap=4, dq=_dq(fmt), ps=_ps())
     cap = {"q8": 128, "q4": 64, "fp8": 128, "mxfp4": 64}[fmt]
     return GroupedConfig(block_m=c.block_m, block_n=c.block_n, block_k=min(c.block_k, cap), warps=c.warps,
                          stages=c.stages)
@@ -700,12 +798,12 @@ class QuantGroupedMoE(GroupedMoE):
             x, al.rows, bslot, _codes(g), g.scale, gm, _codes(u), u.scale, um, self.h, al.num_rows, x.stride(0),
             *_strides(g), D=D, F=Fe, K=self.K, **_geometry(g, _step(g, cfg)), BLOCK_M=cfg.block_m,
             BLOCK_N=cfg.block_n, PREC=prec, SWAP=cfg.swap, gb_ptr=gb, ub_ptr=ub, stride_bs=sb, alpha=ops.alpha,
-            limit=ops.limit, ACT=int(ops.act), HAS_BIAS=ops.has_bias, DQ=cfg.dq, num_warps=cfg.warps,
+            limit=ops.limit, ACT=int(ops.act), HAS_BIAS=ops.has_bias, DQ=cfg.dq, PS=cfg.ps, num_warps=cfg.warps,
             num_stages=cfg.stages)
         _qgrouped_down_kernel[(triton.cdiv(D, cfg.block_n), nb)](
             self.h, al.rows, bslot, self.weights, _codes(d), d.scale, dm, self.out, al.num_rows, *_strides(d), D=D,
             F=Fe, **_geometry(d, _step(d, cfg)), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PREC=prec,
-            SWAP=cfg.swap, db_ptr=db, stride_bs=dbs, HAS_BIAS=ops.has_bias, DQ=cfg.dq, num_warps=cfg.warps,
+            SWAP=cfg.swap, db_ptr=db, stride_bs=dbs, HAS_BIAS=ops.has_bias, DQ=cfg.dq, PS=cfg.ps, num_warps=cfg.warps,
             num_stages=cfg.stages)
 
 
@@ -791,7 +889,7 @@ def quant_matmul(x: Tensor, w: QuantWeight, config: GroupedConfig | None = None)
     _qmatmul_kernel[(triton.cdiv(n, cfg.block_n), triton.cdiv(T, cfg.block_m), splits)](
         x, _codes(w), w.scale, m, dst, T, x.stride(0), n, w.q.stride(0), w.scale.stride(0), m.stride(0),
         N=n, KIN=k, **geo, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        PREC="ieee" if x.dtype == torch.float32 else "tf32", KSPLIT=ksplit, SWAP=cfg.swap, DQ=cfg.dq,
+        PREC="ieee" if x.dtype == torch.float32 else "tf32", KSPLIT=ksplit, SWAP=cfg.swap, DQ=cfg.dq, PS=cfg.ps,
         num_warps=cfg.warps, num_stages=cfg.stages)
     if splits > 1:
         _split_sum_kernel[(triton.cdiv(T * n, SUM_BLOCK),)](dst, out, T * n, SPLITS=splits, BLOCK=SUM_BLOCK,
