@@ -284,10 +284,10 @@ def test_dense_matmul_splits_narrow_matrices():
 
 def test_expert_tiles_by_rows(monkeypatch):
     """pick_qconfig: at <= 16 rows an expert q4 steps over two groups (128 inputs), the other formats keep their
-    capped step; more rows keep one q4 group a step with the interleaved weight tile (swap 4), and past 96 rows q4
-    (mxfp4 from 64) take 64-column tiles on 4 warps, interleaved and first (swap 5); TIERED_QGROUPED_FEW replaces the
-    few-row tiles only, and a malformed spec names itself. The interleaved tiles load the next step's scales during
-    this one (ps 1) unless TIERED_QGROUPED_PS=0."""
+    capped step; more rows keep one q4 group a step with the interleaved weight tile (swap 4), and from 64 rows q4
+    and mxfp4 take 64-column tiles on 4 warps, interleaved and first (swap 5); TIERED_QGROUPED_FEW replaces the
+    few-row tiles only, and a malformed spec names itself. The swap-5 tiles load the next step's scales during this
+    one (ps 1), swap 4 does not, and TIERED_QGROUPED_PS sets it for both."""
     from tiered.kernels.quant_grouped import DQ_ENV, FEW_ENV, INTERLEAVE_ENV, PS_ENV, pick_qconfig
 
     monkeypatch.delenv(FEW_ENV, raising=False)
@@ -296,10 +296,11 @@ def test_expert_tiles_by_rows(monkeypatch):
     few = pick_qconfig(1024, 128, "q4")
     assert (few.block_m, few.block_k, few.stages, few.swap) == (16, 128, 3, 0)
     assert pick_qconfig(1024, 128, "mxfp4").block_k == 64 and pick_qconfig(1024, 128, "q8").block_k == 128
-    mid = pick_qconfig(8192, 128, "q4")  # 64 rows an expert
+    mid = pick_qconfig(8000, 128, "q4")  # 62.5 rows an expert
     assert (mid.block_m, mid.block_k, mid.swap) == (64, 64, 4) and pick_qconfig(4096, 128, "mxfp4").swap == 0
-    mx64 = pick_qconfig(8192, 128, "mxfp4")  # 64 rows an expert: mxfp4 takes the many-rows tile already
-    assert (mx64.block_m, mx64.swap) == (128, 5) and pick_qconfig(8000, 128, "mxfp4").block_m == 64
+    for fmt in ("q4", "mxfp4"):  # 64 rows an expert: the many-rows tile already
+        mx64 = pick_qconfig(8192, 128, fmt)
+        assert (mx64.block_m, mx64.swap) == (128, 5) and pick_qconfig(8000, 128, fmt).block_m == 64
     for fmt, swap in (("q4", 5), ("mxfp4", 5)):  # > 96 rows an expert: the narrower tile on 4 warps; q8 keeps bf16's
         many = pick_qconfig(16384, 128, fmt)
         assert (many.block_m, many.block_n, many.block_k, many.warps, many.stages, many.swap) == (128, 64, 64, 4, 4,
@@ -311,11 +312,13 @@ def test_expert_tiles_by_rows(monkeypatch):
     with pytest.raises(ValueError, match=DQ_ENV):
         pick_qconfig(8192, 128, "q4")
     monkeypatch.delenv(DQ_ENV)
-    monkeypatch.delenv(PS_ENV, raising=False)  # the interleaved tiles load the next step's scales a step ahead
+    monkeypatch.delenv(PS_ENV, raising=False)  # the swap-5 tiles load the next step's scales a step ahead
     assert [pick_qconfig(r, 128, f).ps for r, f in ((8192, "q4"), (16384, "q4"), (8192, "mxfp4"))] == [1, 1, 1]
-    assert pick_qconfig(1024, 128, "q4").ps == 0 and pick_qconfig(16384, 128, "q8").ps == 0
+    assert [pick_qconfig(r, 128, f).ps for r, f in ((8000, "q4"), (1024, "q4"), (16384, "q8"))] == [0, 0, 0]
     monkeypatch.setenv(PS_ENV, "0")
-    assert pick_qconfig(16384, 128, "q4").ps == 0 and pick_qconfig(8192, 128, "q4").ps == 0
+    assert pick_qconfig(16384, 128, "q4").ps == 0 and pick_qconfig(8192, 128, "mxfp4").ps == 0
+    monkeypatch.setenv(PS_ENV, "1")
+    assert pick_qconfig(8000, 128, "q4").ps == 1 and pick_qconfig(1024, 128, "q4").ps == 0
     monkeypatch.setenv(PS_ENV, "2")
     with pytest.raises(ValueError, match=PS_ENV):
         pick_qconfig(8192, 128, "q4")
@@ -325,7 +328,7 @@ def test_expert_tiles_by_rows(monkeypatch):
     monkeypatch.delenv(INTERLEAVE_ENV)
     monkeypatch.setenv(FEW_ENV, "m32:n128:w8:swap3")
     c = pick_qconfig(1024, 128, "q4")
-    assert (c.block_m, c.block_n, c.warps, c.swap) == (32, 128, 8, 3) and pick_qconfig(8192, 128, "q4").swap == 4
+    assert (c.block_m, c.block_n, c.warps, c.swap) == (32, 128, 8, 3) and pick_qconfig(8000, 128, "q4").swap == 4
     monkeypatch.setenv(FEW_ENV, "m16:z4")
     with pytest.raises(ValueError, match="z4"):
         pick_qconfig(1024, 128, "q4")
@@ -462,7 +465,7 @@ def test_cuda_grouped_quant_10b_shape(fmt, T, swap):
 def test_cuda_grouped_gpt_oss_shape(fmt, T):
     """gpt-oss-20b's experts (D = F = 2880, top-4 of 32) in the grouped kernels with bf16 biases and the clamped
     SwiGLU, bf16 activations, the picked tiles: within bf16 rounding of the fp32 loop (bf16 pools: moe_grouped).
-    T 600 is 75 rows an expert, where mxfp4 takes the many-rows tile (swap 5, m128) and q4 bf16's m64 with swap 4."""
+    T 600 is 75 rows an expert, where q4 and mxfp4 take the many-rows tile (swap 5, m128, the scales a step ahead)."""
     from types import SimpleNamespace
 
     from tiered.kernels.moe_grouped import moe_grouped

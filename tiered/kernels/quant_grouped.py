@@ -655,7 +655,10 @@ def parse_few(spec: str) -> GroupedConfig:
 
 DQ_DEFAULT = 0  # q4's codes to values in the picked interleaved tiles (GroupedConfig.dq)
 PS_ENV = "TIERED_QGROUPED_PS"  # benchmarks: "0" loads each step's scales in that step in the picked interleaved tiles
-PS_DEFAULT = 1  # the picked interleaved tiles load the next step's scales during this one (GroupedConfig.ps)
+# the picked swap-5 tiles (m128) load the next step's scales during this one (GroupedConfig.ps 1); swap 4 (m64) does
+# not. Session 35 (benchmarks/results/prefill-scales-2026-12-04-h200-s35.json, call B), us a layer, ps 1 against 0:
+# swap 5 m128, q4 10.6B T 2048 (reference routing) 757 / 837, gpt-oss's shape 1,395 / 1,609, mxfp4 10.6B 993 /
+# 1,063; swap 4 m64, q4 10.6B T 512 383 / 391, gpt-oss's shape 695 / 729, but the 397B shape at T 2048 4,753 / 4,432
 
 
 def _dq(fmt: str) -> int:
@@ -668,21 +671,22 @@ def _dq(fmt: str) -> int:
     return int(v) if v else DQ_DEFAULT
 
 
-def _ps() -> int:
+def _ps(default: int) -> int:
+    """GroupedConfig.ps of a picked interleaved tile: TIERED_QGROUPED_PS (0 / 1) when set, else `default`."""
     v = os.environ.get(PS_ENV, "")
     if v not in ("", "0", "1"):
         raise ValueError(f"{PS_ENV} must be 0 or 1, got {v!r}")
-    return int(v) if v else PS_DEFAULT
+    return int(v) if v else default
 
 
 def pick_qconfig(rows: int, num_experts: int, fmt: str) -> GroupedConfig:
     """Tiles for a quantized pool: moe_grouped's choice by rows per expert (measured for bf16 on the H200), with
     the reduction step capped at the format's group (one scale per step and row); q4 and mxfp4 take their own tiles
     at 16 rows an expert or fewer (q4) and above 16 (the interleaved weight tile: q4 above 16 rows, mxfp4 from
-    64), where they measured faster. At 16 rows an expert or fewer (the batch decode regime), TIERED_QGROUPED_FEW's
+    64; both take the many-rows tile from 64), where they measured faster. At 16 rows an expert or fewer (the batch decode regime), TIERED_QGROUPED_FEW's
     tiles when set (benchmarks compare tiles that way); with TIERED_QGROUPED_INTERLEAVE=0, q4 and mxfp4 keep the
-    split tiles (benchmarks time the two in one call). The interleaved tiles load the next step's scales during
-    this one (GroupedConfig.ps = PS_DEFAULT; TIERED_QGROUPED_PS=0 turns it off for a comparison)."""
+    split tiles (benchmarks time the two in one call). The swap-5 tiles load the next step's scales during this one
+    (GroupedConfig.ps 1; swap 4 does not); TIERED_QGROUPED_PS=0 / 1 sets it for both, for a comparison."""
     c = bf16_config(rows, num_experts)
     spec = os.environ.get(FEW_ENV, "")
     if spec and c.block_m == 16:
@@ -698,22 +702,24 @@ def pick_qconfig(rows: int, num_experts: int, fmt: str) -> GroupedConfig:
         # quant-interleave-2026-12-04-h200-s33.json), T 2048, us a layer against the split tiles below: q4 (call A)
         # 10.6B shape 787 / 937, gpt-oss's shape 1,614 / 1,974 (1.19x, 1.22x); mxfp4 (call B) gpt-oss's shape
         # 1,814 / 2,187 (1.21x)
-        return GroupedConfig(block_m=128, block_n=64, block_k=64, warps=4, stages=4, swap=5, dq=_dq(fmt), ps=_ps())
+        return GroupedConfig(block_m=128, block_n=64, block_k=64, warps=4, stages=4, swap=5, dq=_dq(fmt),
+                             ps=_ps(1))
     if fmt in NIBBLES and c.block_m == 128:
         # many rows an expert: half as wide a tile on 4 warps. Session 31 (benchmarks/results/
         # gpt-oss-prefill-batch-2026-12-04-h200-s31.json, tile_sweeps), T 2048, us a layer against bf16's m128 n128
         # w8 s3: 10.6B shape mxfp4 1,041 / 1,153, q4 943 / 1,029; gpt-oss's shape mxfp4 2,188 / 2,472, q4 1,988 /
         # 2,197 (1.09-1.13x); q8 gained nothing (858 / 857), so it keeps bf16's tiles
         return GroupedConfig(block_m=128, block_n=64, block_k=64, warps=4, stages=4)
-    if interleave and fmt == "mxfp4" and c.block_m == 64 and rows >= 64 * min(num_experts, rows):
-        # 64-96 rows an expert: the many-rows tile (swap 5, m128) already. Session 33 (call B), gpt-oss's shape at T
-        # 512 (64 rows an expert): 807 us a layer against 1,004 for bf16's m64 split tile (1.24x); 17-63 rows keep it
-        return GroupedConfig(block_m=128, block_n=64, block_k=64, warps=4, stages=4, swap=5, ps=_ps())
+    if interleave and c.block_m == 64 and rows >= 64 * min(num_experts, rows):
+        # 64-96 rows an expert: the many-rows tile (swap 5, m128) already. Session 33 (call B), mxfp4 at gpt-oss's
+        # shape, T 512 (64 rows an expert): 807 us a layer against 1,004 for bf16's m64 split tile (1.24x); session
+        # 35 (call B), q4 there: 598 with the scales a step ahead against 695 for the swap-4 m64 tile (1.16x)
+        return GroupedConfig(block_m=128, block_n=64, block_k=64, warps=4, stages=4, swap=5, dq=_dq(fmt), ps=_ps(1))
     if interleave and fmt == "q4" and c.block_m == 64:
-        # 17-96 rows an expert: bf16's tile with the weight tile interleaved (swap 4). Session 33 (call A), q4 at T
+        # 17-63 rows an expert: bf16's tile with the weight tile interleaved (swap 4). Session 33 (call A), q4 at T
         # 512, us a layer against the split tile: 10.6B shape 375 / 395, gpt-oss's shape 734 / 801 (1.05x, 1.09x)
         return GroupedConfig(block_m=64, block_n=c.block_n, block_k=min(c.block_k, 64), warps=c.warps,
-                             stages=c.stages, swap=4, dq=_dq(fmt), ps=_ps())
+                             stages=c.stages, swap=4, dq=_dq(fmt), ps=_ps(0))
     cap = {"q8": 128, "q4": 64, "fp8": 128, "mxfp4": 64}[fmt]
     return GroupedConfig(block_m=c.block_m, block_n=c.block_n, block_k=min(c.block_k, cap), warps=c.warps,
                          stages=c.stages)
