@@ -546,8 +546,8 @@ def main() -> None:
                     help="prefill: at 32+ rows an expert also MANY_SWEEP's tiles of the quantized formats (the "
                          "interleaved weight tile, swap 4 / 5), and with --with-dense DENSE_SWAP's")
     ap.add_argument("--ps-sweep", action="store_true",
-                    help="prefill: the quantized formats' picked interleaved tile with GroupedConfig.ps flipped (the "
-                         "next step's scales loaded during this one, or not), and PS_SWEEP's tiles at both")
+                    help="prefill: the quantized formats' picked tile with GroupedConfig.ps flipped (the next "
+                         "step's scales loaded during this one, or not), and PS_SWEEP's tiles at both")
     ap.add_argument("--dq-sweep", action="store_true",
                     help="prefill: at 32+ rows an expert also DQ_SWEEP's tiles of q4 (GroupedConfig.dq 0-2)")
     ap.add_argument("--swap-sweep", action="store_true",
@@ -882,7 +882,7 @@ def bench_prefill(shape: str, fmts: list[str], tokens: list[int], a, end: float,
                 return moe_grouped_quant(x, ids, w, W, slot_map, cfg)
 
             variants = [("triton grouped", f"auto m{pick.block_m} n{pick.block_n} k{pick.block_k} w{pick.warps} "
-                         f"s{pick.stages}" + (f" swap{pick.swap} ps{pick.ps}" if pick.swap else ""), grouped, True)]
+                         f"s{pick.stages}" + (f" swap{pick.swap} ps{pick.ps}" if fmt != "bf16" else ""), grouped, True)]
             if a.prefill_sweep:
                 variants += [("triton grouped", f"m{m} n{n} k{k} w{wp} s{st}",
                               (lambda c=GroupedConfig(m, n, k, wp, st): grouped(c)), True)
@@ -892,7 +892,7 @@ def bench_prefill(shape: str, fmts: list[str], tokens: list[int], a, end: float,
                               (lambda c=GroupedConfig(m, n, k, wp, st, swap=sw): grouped(c)), True)
                              for m, n, k, wp, st, sw in MANY_SWEEP]
             if a.ps_sweep and fmt != "bf16":
-                flips = [dataclasses.replace(pick, ps=1 - pick.ps)] if pick.swap in (4, 5) else []
+                flips = [dataclasses.replace(pick, ps=1 - pick.ps)] if pick.swap in (0, 1, 4, 5) else []
                 flips += [GroupedConfig(m, n, k, wp, st, swap=sw, ps=ps) for m, n, k, wp, st, sw in PS_SWEEP
                           for ps in (0, 1) if T * K >= (m // 2) * E]
                 variants += [("triton grouped", f"m{c.block_m} n{c.block_n} k{c.block_k} w{c.warps} s{c.stages} "

@@ -103,6 +103,9 @@ CASES = [
     (5, 2, 12, 130, 72, GroupedConfig(block_m=32, block_n=16, block_k=32, swap=5, ps=1)),
     (1, 2, 8, 48, 40, GroupedConfig(block_m=16, block_n=32, block_k=128, swap=5, ps=1)),
     (7, 3, 6, 130, 72, GroupedConfig(block_m=16, block_n=64, block_k=64, swap=5, dq=1, ps=1)),
+    (7, 3, 6, 130, 72, GroupedConfig(block_m=16, block_n=64, block_k=32, ps=1)),
+    (5, 2, 12, 130, 72, GroupedConfig(block_m=16, block_n=32, block_k=128, ps=1)),
+    (1, 2, 8, 48, 40, GroupedConfig(block_m=16, block_n=32, block_k=128, swap=1, ps=1)),
 ]
 
 
@@ -222,7 +225,9 @@ def test_grouped_quant_half_within_rounding(fmt, swap, dq):
                                        (17, 130, 130, GroupedConfig(block_m=16, block_n=64, block_k=128, swap=4,
                                                                    ps=1)),
                                        (33, 24, 200, GroupedConfig(block_m=32, block_n=16, block_k=32, split=4,
-                                                                   swap=5, ps=1))])
+                                                                   swap=5, ps=1)),
+                                       (5, 40, 200, GroupedConfig(block_m=16, block_n=32, block_k=32, split=4,
+                                                                  ps=1))])
 def test_quant_matmul_matches_reference(fmt, T, N, K, cfg):
     """The dense tiled GEMM (qlinear above its GEMV rows) equals x @ dequantize(w)^T in fp32: one row, odd
     rows, a q4 row of one group, groups cut short, steps over several groups, fp8 scale rows of 128 outputs;
@@ -287,7 +292,7 @@ def test_expert_tiles_by_rows(monkeypatch):
     capped step; more rows keep one q4 group a step with the interleaved weight tile (swap 4), and from 64 rows q4
     and mxfp4 take 64-column tiles on 4 warps, interleaved and first (swap 5); TIERED_QGROUPED_FEW replaces the
     few-row tiles only, and a malformed spec names itself. The swap-5 tiles load the next step's scales during this
-    one (ps 1), swap 4 does not, and TIERED_QGROUPED_PS sets it for both."""
+    one (ps 1), the others do not, and TIERED_QGROUPED_PS sets it for every pick."""
     from tiered.kernels.quant_grouped import DQ_ENV, FEW_ENV, INTERLEAVE_ENV, PS_ENV, pick_qconfig
 
     monkeypatch.delenv(FEW_ENV, raising=False)
@@ -318,7 +323,7 @@ def test_expert_tiles_by_rows(monkeypatch):
     monkeypatch.setenv(PS_ENV, "0")
     assert pick_qconfig(16384, 128, "q4").ps == 0 and pick_qconfig(8192, 128, "mxfp4").ps == 0
     monkeypatch.setenv(PS_ENV, "1")
-    assert pick_qconfig(8000, 128, "q4").ps == 1 and pick_qconfig(1024, 128, "q4").ps == 0
+    assert [pick_qconfig(r, 128, f).ps for r, f in ((8000, "q4"), (1024, "q4"), (16384, "q8"))] == [1, 1, 1]
     monkeypatch.setenv(PS_ENV, "2")
     with pytest.raises(ValueError, match=PS_ENV):
         pick_qconfig(8192, 128, "q4")
@@ -332,6 +337,16 @@ def test_expert_tiles_by_rows(monkeypatch):
     monkeypatch.setenv(FEW_ENV, "m16:z4")
     with pytest.raises(ValueError, match="z4"):
         pick_qconfig(1024, 128, "q4")
+
+
+def test_scales_ahead_needs_a_step_that_takes_them():
+    """GroupedConfig.ps loads the next step's scales for swaps 0, 1, 4 and 5; 2 and 3 apply theirs otherwise, so
+    ps with them is refused, naming both."""
+    for sw in (0, 1, 4, 5):
+        assert GroupedConfig(swap=sw, ps=1).ps == 1
+    for sw in (2, 3):
+        with pytest.raises(ValueError, match=f"ps 1 with swap {sw}"):
+            GroupedConfig(swap=sw, ps=1)
 
 
 def test_block_k_rules():
@@ -432,7 +447,8 @@ def test_kernels_compile_for_sm90():
     if r.returncode == 3:
         pytest.skip(r.stdout.strip().splitlines()[-1])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    assert r.stdout.count(" ok ") == 3 * len(FORMATS)  # a line a format and swap (0, 3, 5): gate/up, down, dense
+    # a line a format and tile (swap 0, 3, 5 with the scales a step ahead, 0 with them): gate/up, down, dense
+    assert r.stdout.count(" ok ") == 4 * len(FORMATS)
 
 
 # --- CUDA, bf16, the 10.6B expert shape ---
@@ -440,7 +456,7 @@ def test_kernels_compile_for_sm90():
 @pytest.mark.cuda
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("T", [9, 128, 513])
-@pytest.mark.parametrize("swap", [None, 2, 3, 4, 5, "5dq1", "4dq2", "4ps1", "5ps1"])
+@pytest.mark.parametrize("swap", [None, 2, 3, 4, 5, "5dq1", "4dq2", "4ps1", "5ps1", "0ps1", "1ps1"])
 def test_cuda_grouped_quant_10b_shape(fmt, T, swap):
     """D 2048, F 768, E 128, K 8 in bf16 with the picked tiles (swap None) or the transposed products at 16 rows
     a block (swap 3: bf16's exponent or-ed into q4's codes, scales after the product; ps 1: the next step's scales
@@ -564,7 +580,7 @@ def test_cuda_quant_matmul_interleaved(fmt, N, K):
         for cfg in (None, GroupedConfig(128, 64, 64, 4, 3, swap=4), GroupedConfig(128, 64, 64, 4, 4, swap=5),
                     GroupedConfig(128, 128, 64, 8, 3, swap=5), GroupedConfig(256, 64, 64, 8, 3, swap=5),
                     GroupedConfig(64, 128, 64, 4, 3, split=2, swap=5), GroupedConfig(128, 64, 64, 4, 4, swap=5, ps=1),
-                    GroupedConfig(128, 64, 64, 4, 3, swap=4, ps=1)):
+                    GroupedConfig(128, 64, 64, 4, 3, swap=4, ps=1), GroupedConfig(64, 64, 64, 4, 4, split=2, ps=1)):
             assert _rel(quant_matmul(x, w, cfg).float(), ref) <= 1e-2, (T, cfg)
 
 

@@ -58,18 +58,21 @@ def main() -> int:
     D, Fe, K = 2048, 768, 8
     # (block_m, block_n, block_k, warps, stages): the runtime's picks for few and many rows per expert, and a
     # step over several groups
-    # (block_m, block_n, block_k, warps, stages, swap): swap 1-3, the transposed products for few rows an expert;
-    # 4 / 5, the weight tile interleaved back into input order (the picks above 16 rows an expert)
-    tiles = ([(16, 64, 128, 4, 4, 0), (16, 64, 128, 4, 4, 3), (128, 64, 64, 4, 4, 5)] if a.quick else
-             [(16, 64, 128, 4, 4, 0), (64, 64, 64, 4, 4, 0), (128, 128, 64, 8, 3, 0), (128, 64, 64, 4, 4, 0),
-              (16, 64, 64, 4, 4, 1),
-              (16, 64, 64, 4, 4, 2), (16, 128, 64, 4, 4, 3), (64, 64, 64, 4, 4, 4), (128, 64, 64, 4, 4, 5)])
+    # (block_m, block_n, block_k, warps, stages, swap, ps): swap 1-3, the transposed products for few rows an expert;
+    # 4 / 5, the weight tile interleaved back into input order (the picks above 16 rows an expert); ps 1, the next
+    # step's scales loaded during this one (GroupedConfig.ps)
+    tiles = ([(16, 64, 128, 4, 4, 0, 0), (16, 64, 128, 4, 4, 3, 0), (128, 64, 64, 4, 4, 5, 1),
+              (16, 64, 128, 4, 4, 0, 1)] if a.quick else
+             [(16, 64, 128, 4, 4, 0, 0), (64, 64, 64, 4, 4, 0, 0), (128, 128, 64, 8, 3, 0, 0),
+              (128, 64, 64, 4, 4, 0, 0), (16, 64, 64, 4, 4, 1, 0), (16, 64, 64, 4, 4, 2, 0), (16, 128, 64, 4, 4, 3, 0),
+              (64, 64, 64, 4, 4, 4, 0), (128, 64, 64, 4, 4, 5, 0), (16, 64, 128, 4, 4, 0, 1), (16, 64, 64, 4, 4, 1, 1),
+              (64, 64, 64, 4, 4, 4, 1), (128, 64, 64, 4, 4, 5, 1)])
     failed = 0
     for fmt, (qt, st) in TYPES.items():
         # one matrix of each orientation gives the geometry (groups, packed width) the launcher derives
         gate = quantize(torch.zeros(1, Fe, D), fmt)
         down = quantize(torch.zeros(1, D, Fe), fmt)
-        for bm, bn, bk, warps, stages, swap in tiles:
+        for bm, bn, bk, warps, stages, swap, ps in tiles:
             t0 = time.perf_counter()
             try:
                 for fn, w, types, extra in (
@@ -106,6 +109,8 @@ def main() -> int:
                     consts = dict(extra, **geo, BLOCK_M=bm, BLOCK_N=bn, PREC="tf32")
                     if "SWAP" in fn.arg_names:
                         consts["SWAP"] = swap if fn is not qg._qmatmul_kernel or swap in (0, 4, 5) else 0
+                    if "PS" in fn.arg_names:
+                        consts["PS"] = ps if fn is not qg._qmatmul_kernel or swap in (0, 4, 5) else 0
                     for name, default in (("ACT", 0), ("HAS_BIAS", False), ("DQ", 0)):
                         if name in fn.arg_names:
                             consts.setdefault(name, default)
@@ -123,11 +128,12 @@ def main() -> int:
                               f"{ptx.count('mma.sync')}, ld.global {ptx.count('ld.global')} (vector "
                               f"{ptx.count('ld.global.v')}), cp.async {ptx.count('cp.async')}, shared "
                               f"{k.metadata.shared} B")
-                print(f"{fmt} bm{bm} bn{bn} bk{bk} swap{swap} R{geo['R']} ok {time.perf_counter() - t0:.1f}s",
+                print(f"{fmt} bm{bm} bn{bn} bk{bk} swap{swap} ps{ps} R{geo['R']} ok {time.perf_counter() - t0:.1f}s",
                       flush=True)
             except Exception as e:  # report every format, then fail
                 failed += 1
-                print(f"{fmt} bm{bm} bn{bn} bk{bk} swap{swap} FAILED {type(e).__name__}: {str(e)[:1500]}", flush=True)
+                print(f"{fmt} bm{bm} bn{bn} bk{bk} swap{swap} ps{ps} FAILED {type(e).__name__}: {str(e)[:1500]}",
+                      flush=True)
     return 1 if failed else 0
 
 

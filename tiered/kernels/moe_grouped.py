@@ -49,7 +49,7 @@ class GroupedConfig:
     #                into input order, one tl.dot a step (5: transposed)
     dq: int = 0  # swap 4 / 5 over q4: how codes become values (quant_grouped._wtile): 0 int->float conversions,
     #              1 exponent bits or-ed in (the same values, no conversion instruction), 2 in the compute dtype
-    ps: int = 0  # swap 4 / 5: 1 loads the next step's scales (and q4's minimums) during this step's products
+    ps: int = 0  # swap 0, 1, 4, 5: 1 loads the next step's scales (and q4's minimums) during this step's products
     #              (quant_grouped._pair_ps / _one_ps), which Triton's pipeliner leaves as a stall in every step
 
     def __post_init__(self) -> None:
@@ -57,8 +57,9 @@ class GroupedConfig:
             raise ValueError(f"GroupedConfig.swap must be 0-5, got {self.swap}")
         if self.dq not in (0, 1, 2):
             raise ValueError(f"GroupedConfig.dq must be 0, 1 or 2, got {self.dq}")
-        if self.ps not in (0, 1):
-            raise ValueError(f"GroupedConfig.ps must be 0 or 1, got {self.ps}")
+        if self.ps not in (0, 1) or (self.ps and self.swap in (2, 3)):
+            raise ValueError(f"GroupedConfig.ps must be 0 or 1 (1 with swap 0, 1, 4 or 5), got ps {self.ps} with "
+                             f"swap {self.swap}")
         for name in ("block_m", "block_n", "block_k", "warps", "split"):
             v = getattr(self, name)
             if v < 1 or v & (v - 1) or (name.startswith("block") and v < 16):

@@ -129,6 +129,28 @@ def _qdot(acc, a_rows, mask_m, qn, sn, mn, mask_n, k0, KIN: tl.constexpr, KQ: tl
 
     a_rows [BLOCK_M] pointers to each activation row; qn / sn / mn [BLOCK_N] pointers to each output row's
     packed codes / scales / minimums (mn unused but for q4)."""
+    return _qdot_s(acc, a_rows, mask_m, qn, sn, mn, mask_n, k0, KIN, KQ, WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC,
+                   SWAP, True, NG, GROUP)
+
+
+@triton.jit
+def _qscales(sn, mn, mask_n, k0, NG: tl.constexpr, GROUP: tl.constexpr, WFMT: tl.constexpr, R: tl.constexpr):
+    """`_qdot_s`'s s, m [R, BLOCK_N] fp32 (m: q4's minimums, else s again); groups past the matrix read 0."""
+    s = _scales(sn, mask_n, k0, NG, GROUP, R)
+    if WFMT == 2:
+        m = _scales(mn, mask_n, k0, NG, GROUP, R)
+    else:
+        m = s
+    return s, m
+
+
+@triton.jit
+def _qdot_s(acc, a_rows, mask_m, qn, s, m, mask_n, k0, KIN: tl.constexpr, KQ: tl.constexpr, WFMT: tl.constexpr,
+            R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr,
+            PREC: tl.constexpr, SWAP: tl.constexpr = 0, LOAD: tl.constexpr = False, NG: tl.constexpr = 1,
+            GROUP: tl.constexpr = 1):
+    """`_qdot` with the step's scales and minimums given (`_qscales`' s, m, loaded a step ahead), or with LOAD
+    their rows' pointers (sn, mn), loaded here after the codes (`_qdot`)."""
     if WFMT == 2 or WFMT == 4:  # q4, mxfp4: two codes per byte
         offs_j = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # byte of the row
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -136,9 +158,11 @@ def _qdot(acc, a_rows, mask_m, qn, sn, mn, mask_n, k0, KIN: tl.constexpr, KQ: tl
         a_e, a_o = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))  # even and odd inputs
         b = tl.load(qn[None, :] + offs_j[:, None], mask=(offs_j < KQ)[:, None] & mask_n[None, :],
                     other=0).to(tl.int32)  # [BLOCK_K/2, BLOCK_N]
-        s = _scales(sn, mask_n, k0, NG, GROUP, R)
+        if LOAD:
+            s = _scales(s, mask_n, k0, NG, GROUP, R)
         if WFMT == 2:  # q4: code * scale + min
-            m = _scales(mn, mask_n, k0, NG, GROUP, R)
+            if LOAD:
+                m = _scales(m, mask_n, k0, NG, GROUP, R)
             w_e = _grouped((b & 15).to(tl.float32), s, m, BLOCK_K // 2, BLOCK_N, R, True)
             w_o = _grouped(((b >> 4) & 15).to(tl.float32), s, m, BLOCK_K // 2, BLOCK_N, R, True)
         else:  # mxfp4: e2m1 value * 2^(e8m0 - 127)
@@ -165,7 +189,8 @@ def _qdot(acc, a_rows, mask_m, qn, sn, mn, mask_n, k0, KIN: tl.constexpr, KQ: tl
             v = tl.where(mb, tl.load(qn[None, :] + offs_k[:, None], mask=mb).to(tl.float32), 0.0)
         else:
             v = tl.load(qn[None, :] + offs_k[:, None], mask=mb, other=0).to(tl.float32)
-        s = _scales(sn, mask_n, k0, NG, GROUP, R)
+        if LOAD:
+            s = _scales(s, mask_n, k0, NG, GROUP, R)
         w = _grouped(v, s, s, BLOCK_K, BLOCK_N, R, False)
         if SWAP == 1:
             acc = tl.dot(tl.trans(w.to(DT)), tl.trans(a), acc=acc, input_precision=PREC)
@@ -292,12 +317,16 @@ def _wscales(sn, mn, mask_n, k0, NG: tl.constexpr, GROUP: tl.constexpr, WFMT: tl
 
 @triton.jit
 def _wtile_s(qn, s, m, mask_n, k0, KQ: tl.constexpr, WFMT: tl.constexpr, R: tl.constexpr, BLOCK_K: tl.constexpr,
-             BLOCK_N: tl.constexpr, DT: tl.constexpr, DQ: tl.constexpr = 0):
-    """`_wtile` with the tile's scales and minimums given (`_wscales`' s, m: loaded a step ahead, or just now)."""
+             BLOCK_N: tl.constexpr, DT: tl.constexpr, DQ: tl.constexpr = 0, LOAD: tl.constexpr = False,
+             NG: tl.constexpr = 1, GROUP: tl.constexpr = 1):
+    """`_wtile` with the tile's scales and minimums given (`_wscales`' s, m, loaded a step ahead), or with LOAD
+    their rows' pointers (sn, mn), loaded here after the codes (`_wtile`)."""
     if WFMT == 2 or WFMT == 4:
         offs_j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
         b = tl.load(qn[:, None] + offs_j[None, :], mask=mask_n[:, None] & (offs_j < KQ)[None, :],
                     other=0).to(tl.int32)  # [BLOCK_N, BLOCK_K/2]
+        if LOAD:
+            s, m = _wscales(s, m, mask_n, k0, NG, GROUP, WFMT, R)
         if WFMT == 2 and DQ == 2:
             v_e, off = _magic(b & 15, DT)
             v_o, off = _magic((b >> 4) & 15, DT)
@@ -321,6 +350,8 @@ def _wtile_s(qn, s, m, mask_n, k0, KQ: tl.constexpr, WFMT: tl.constexpr, R: tl.c
     else:
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mb = mask_n[:, None] & (offs_k < KQ)[None, :]
+        if LOAD:
+            s = _scales_t(s, mask_n, k0, NG, GROUP, R)
         w = _grouped_t(_bytes_t(qn, offs_k, mb, WFMT), s, s, BLOCK_N, BLOCK_K, R, False).to(DT)
     return w
 
@@ -338,8 +369,7 @@ def _wtile(qn, sn, mn, mask_n, k0, KQ: tl.constexpr, NG: tl.constexpr, GROUP: tl
     into the mantissa of 2^23, 2^23 subtracted: exact); 2: in DT itself (bf16's exponent or-ed in, `_magic`, then
     (v - offset) * scale + min in DT: no fp32 round trip, one or two roundings in DT where 0 and 1 round once).
     Session 33 measured 1 within 1% of 0 and 2 3-7% slower: the picks take 0."""
-    s, m = _wscales(sn, mn, mask_n, k0, NG, GROUP, WFMT, R)
-    return _wtile_s(qn, s, m, mask_n, k0, KQ, WFMT, R, BLOCK_K, BLOCK_N, DT, DQ)
+    return _wtile_s(qn, sn, mn, mask_n, k0, KQ, WFMT, R, BLOCK_K, BLOCK_N, DT, DQ, True, NG, GROUP)
 
 
 @triton.jit
@@ -361,34 +391,66 @@ def _jdot(acc, a, w, PREC: tl.constexpr, SWAP: tl.constexpr):
 
 
 @triton.jit
+def _pscales(sn, mn, mask_n, k0, NG: tl.constexpr, GROUP: tl.constexpr, WFMT: tl.constexpr, R: tl.constexpr,
+             SW: tl.constexpr):
+    """A step's scales and minimums in the orientation swap SW's step takes: [BLOCK_N, R] for 4 / 5, [R, BLOCK_N]
+    for 0 / 1."""
+    if SW == 4 or SW == 5:
+        s, m = _wscales(sn, mn, mask_n, k0, NG, GROUP, WFMT, R)
+    else:
+        s, m = _qscales(sn, mn, mask_n, k0, NG, GROUP, WFMT, R)
+    return s, m
+
+
+@triton.jit
+def _pstep(acc, a, a_rows, mask_m, qn, s, m, mask_n, k0, KIN: tl.constexpr, KQ: tl.constexpr, WFMT: tl.constexpr,
+           R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr,
+           DQ: tl.constexpr, PREC: tl.constexpr, SW: tl.constexpr):
+    """One step of swap SW's product with its scales given: 4 / 5 take the activation tile `a` (loaded once for
+    gate and up), 0 / 1 load theirs (`_qdot_s`; `a` unused)."""
+    if SW == 4 or SW == 5:
+        acc = _jdot(acc, a, _wtile_s(qn, s, m, mask_n, k0, KQ, WFMT, R, BLOCK_K, BLOCK_N, DT, DQ), PREC, SW)
+    else:
+        acc = _qdot_s(acc, a_rows, mask_m, qn, s, m, mask_n, k0, KIN, KQ, WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N, DT,
+                      PREC, SW)
+    return acc
+
+
+@triton.jit
 def _pair_ps(acc_g, acc_u, a_rows, mask_m, gqn, gsn, gmn, uqn, usn, umn, mask_n, KIN: tl.constexpr, KQ: tl.constexpr,
-             NG: tl.constexpr, GROUP: tl.constexpr, WFMT: tl.constexpr, R: tl.constexpr, BLOCK_K: tl.constexpr,
-             BLOCK_N: tl.constexpr, DT: tl.constexpr, DQ: tl.constexpr, PREC: tl.constexpr, SW: tl.constexpr):
-    """Gate and up over all KIN inputs (swap SW 4 / 5), each step loading the next step's scales and minimums before
-    its products (GroupedConfig.ps 1): the loads' latency overlaps a step's work instead of stalling its dequantize.
-    Triton's pipeliner stages the codes and activations (cp.async) but not these loads (2 bytes a row)."""
-    sg, mg = _wscales(gsn, gmn, mask_n, 0, NG, GROUP, WFMT, R)
-    su, mu = _wscales(usn, umn, mask_n, 0, NG, GROUP, WFMT, R)
+             NG: tl.constexpr, GROUP: tl.constexpr, WFMT: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, DQ: tl.constexpr, PREC: tl.constexpr,
+             SW: tl.constexpr):
+    """Gate and up over all KIN inputs (swap SW 0, 1, 4 or 5), each step loading the next step's scales and
+    minimums before its products (GroupedConfig.ps 1): the loads' latency overlaps a step's work instead of
+    stalling its dequantize. Triton's pipeliner stages the codes and activations (cp.async) but not these loads
+    (2 bytes a row)."""
+    sg, mg = _pscales(gsn, gmn, mask_n, 0, NG, GROUP, WFMT, R, SW)
+    su, mu = _pscales(usn, umn, mask_n, 0, NG, GROUP, WFMT, R, SW)
     for k0 in range(0, KIN, BLOCK_K):
-        sg2, mg2 = _wscales(gsn, gmn, mask_n, k0 + BLOCK_K, NG, GROUP, WFMT, R)
-        su2, mu2 = _wscales(usn, umn, mask_n, k0 + BLOCK_K, NG, GROUP, WFMT, R)
-        a = _atile(a_rows, mask_m, k0, KIN, BLOCK_K)
-        acc_g = _jdot(acc_g, a, _wtile_s(gqn, sg, mg, mask_n, k0, KQ, WFMT, R, BLOCK_K, BLOCK_N, DT, DQ), PREC, SW)
-        acc_u = _jdot(acc_u, a, _wtile_s(uqn, su, mu, mask_n, k0, KQ, WFMT, R, BLOCK_K, BLOCK_N, DT, DQ), PREC, SW)
+        sg2, mg2 = _pscales(gsn, gmn, mask_n, k0 + BLOCK_K, NG, GROUP, WFMT, R, SW)
+        su2, mu2 = _pscales(usn, umn, mask_n, k0 + BLOCK_K, NG, GROUP, WFMT, R, SW)
+        a = _atile(a_rows, mask_m, k0, KIN, BLOCK_K) if (SW == 4 or SW == 5) else None
+        acc_g = _pstep(acc_g, a, a_rows, mask_m, gqn, sg, mg, mask_n, k0, KIN, KQ, WFMT, R, BLOCK_M, BLOCK_K,
+                       BLOCK_N, DT, DQ, PREC, SW)
+        acc_u = _pstep(acc_u, a, a_rows, mask_m, uqn, su, mu, mask_n, k0, KIN, KQ, WFMT, R, BLOCK_M, BLOCK_K,
+                       BLOCK_N, DT, DQ, PREC, SW)
         sg, mg, su, mu = sg2, mg2, su2, mu2
     return acc_g, acc_u
 
 
 @triton.jit
 def _one_ps(acc, a_rows, mask_m, qn, sn, mn, mask_n, k_lo, k_hi, KIN: tl.constexpr, KQ: tl.constexpr,
-            NG: tl.constexpr, GROUP: tl.constexpr, WFMT: tl.constexpr, R: tl.constexpr, BLOCK_K: tl.constexpr,
-            BLOCK_N: tl.constexpr, DT: tl.constexpr, DQ: tl.constexpr, PREC: tl.constexpr, SW: tl.constexpr):
+            NG: tl.constexpr, GROUP: tl.constexpr, WFMT: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, DQ: tl.constexpr, PREC: tl.constexpr,
+            SW: tl.constexpr):
     """`_pair_ps` for one weight over inputs [k_lo, k_hi) (down, quant_matmul's splits)."""
-    s, m = _wscales(sn, mn, mask_n, k_lo, NG, GROUP, WFMT, R)
+    s, m = _pscales(sn, mn, mask_n, k_lo, NG, GROUP, WFMT, R, SW)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        s2, m2 = _wscales(sn, mn, mask_n, k0 + BLOCK_K, NG, GROUP, WFMT, R)
-        acc = _jdot(acc, _atile(a_rows, mask_m, k0, KIN, BLOCK_K),
-                    _wtile_s(qn, s, m, mask_n, k0, KQ, WFMT, R, BLOCK_K, BLOCK_N, DT, DQ), PREC, SW)
+        s2, m2 = _pscales(sn, mn, mask_n, k0 + BLOCK_K, NG, GROUP, WFMT, R, SW)
+        a = _atile(a_rows, mask_m, k0, KIN, BLOCK_K) if (SW == 4 or SW == 5) else None
+        acc = _pstep(acc, a, a_rows, mask_m, qn, s, m, mask_n, k0, KIN, KQ, WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N, DT,
+                     DQ, PREC, SW)
         s, m = s2, m2
     return acc
 
@@ -427,9 +489,10 @@ def _qgrouped_gate_up_kernel(x_ptr, rows_ptr, bslot_ptr, gq, gs, gm, uq, us, um,
     if SWAP == 0 or SWAP == 4:
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        if SWAP == 4 and PS == 1:
+        if PS == 1:
             acc_g, acc_u = _pair_ps(acc_g, acc_u, a_rows, mask_m, gq + qo, gs + so, gm + mo, uq + qo, us + so,
-                                    um + mo, mask_n, D, KQ, NG, GROUP, WFMT, R, BLOCK_K, BLOCK_N, DT, DQ, PREC, 4)
+                                    um + mo, mask_n, D, KQ, NG, GROUP, WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N, DT, DQ,
+                                    PREC, SWAP)
         else:
             for k0 in range(0, D, BLOCK_K):
                 if SWAP == 4:  # one activation tile for both products, each one tl.dot of BLOCK_K
@@ -452,9 +515,10 @@ def _qgrouped_gate_up_kernel(x_ptr, rows_ptr, bslot_ptr, gq, gs, gm, uq, us, um,
     else:
         acc_g = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         acc_u = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-        if SWAP == 5 and PS == 1:
+        if PS == 1:
             acc_g, acc_u = _pair_ps(acc_g, acc_u, a_rows, mask_m, gq + qo, gs + so, gm + mo, uq + qo, us + so,
-                                    um + mo, mask_n, D, KQ, NG, GROUP, WFMT, R, BLOCK_K, BLOCK_N, DT, DQ, PREC, 5)
+                                    um + mo, mask_n, D, KQ, NG, GROUP, WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N, DT, DQ,
+                                    PREC, SWAP)
         else:
             for k0 in range(0, D, BLOCK_K):
                 if SWAP == 5:
@@ -509,9 +573,9 @@ def _qgrouped_down_kernel(h_ptr, rows_ptr, bslot_ptr, wt_ptr, dq, ds, dm, out_pt
     w = tl.load(wt_ptr + rows, mask=mask_m, other=0.0).to(tl.float32)
     if SWAP == 0 or SWAP == 4:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        if SWAP == 4 and PS == 1:
-            acc = _one_ps(acc, a_rows, mask_m, qn, sn, mn, mask_n, 0, F, F, KQ, NG, GROUP, WFMT, R, BLOCK_K, BLOCK_N,
-                          DT, DQ, PREC, 4)
+        if PS == 1:
+            acc = _one_ps(acc, a_rows, mask_m, qn, sn, mn, mask_n, 0, F, F, KQ, NG, GROUP, WFMT, R, BLOCK_M, BLOCK_K,
+                          BLOCK_N, DT, DQ, PREC, SWAP)
         else:
             for k0 in range(0, F, BLOCK_K):
                 if SWAP == 4:
@@ -527,9 +591,9 @@ def _qgrouped_down_kernel(h_ptr, rows_ptr, bslot_ptr, wt_ptr, dq, ds, dm, out_pt
                  mask=mask_m[:, None] & mask_n[None, :])
     else:
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-        if SWAP == 5 and PS == 1:
-            acc = _one_ps(acc, a_rows, mask_m, qn, sn, mn, mask_n, 0, F, F, KQ, NG, GROUP, WFMT, R, BLOCK_K, BLOCK_N,
-                          DT, DQ, PREC, 5)
+        if PS == 1:
+            acc = _one_ps(acc, a_rows, mask_m, qn, sn, mn, mask_n, 0, F, F, KQ, NG, GROUP, WFMT, R, BLOCK_M, BLOCK_K,
+                          BLOCK_N, DT, DQ, PREC, SWAP)
         else:
             for k0 in range(0, F, BLOCK_K):
                 if SWAP == 5:
@@ -578,8 +642,8 @@ def _qmatmul_kernel(x_ptr, q, s, m, out_ptr, T, stride_xt, stride_ot, sq1, ss1, 
         acc_t = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         if PS == 1:
             acc_t = _one_ps(acc_t, x_ptr + m64 * stride_xt, mask_m, q + n64 * sq1, s + (n64 // ROWBLK) * ss1,
-                            m + n64 * sm1, mask_n, k_lo, k_hi, KIN, KQ, NG, GROUP, WFMT, R, BLOCK_K, BLOCK_N, DT, DQ,
-                            PREC, 5)
+                            m + n64 * sm1, mask_n, k_lo, k_hi, KIN, KQ, NG, GROUP, WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N,
+                            DT, DQ, PREC, 5)
         else:
             for k0 in range(k_lo, k_hi, BLOCK_K):
                 acc_t = _jdot(acc_t, _atile(x_ptr + m64 * stride_xt, mask_m, k0, KIN, BLOCK_K),
@@ -589,10 +653,10 @@ def _qmatmul_kernel(x_ptr, q, s, m, out_ptr, T, stride_xt, stride_ot, sq1, ss1, 
                  mask=mask_n[:, None] & mask_m[None, :])
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        if SWAP == 4 and PS == 1:
+        if PS == 1:
             acc = _one_ps(acc, x_ptr + m64 * stride_xt, mask_m, q + n64 * sq1, s + (n64 // ROWBLK) * ss1,
-                          m + n64 * sm1, mask_n, k_lo, k_hi, KIN, KQ, NG, GROUP, WFMT, R, BLOCK_K, BLOCK_N, DT, DQ,
-                          PREC, 4)
+                          m + n64 * sm1, mask_n, k_lo, k_hi, KIN, KQ, NG, GROUP, WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N,
+                          DT, DQ, PREC, SWAP)
         else:
             for k0 in range(k_lo, k_hi, BLOCK_K):
                 if SWAP == 4:
@@ -683,10 +747,11 @@ def pick_qconfig(rows: int, num_experts: int, fmt: str) -> GroupedConfig:
     """Tiles for a quantized pool: moe_grouped's choice by rows per expert (measured for bf16 on the H200), with
     the reduction step capped at the format's group (one scale per step and row); q4 and mxfp4 take their own tiles
     at 16 rows an expert or fewer (q4) and above 16 (the interleaved weight tile: q4 above 16 rows, mxfp4 from
-    64; both take the many-rows tile from 64), where they measured faster. At 16 rows an expert or fewer (the batch decode regime), TIERED_QGROUPED_FEW's
-    tiles when set (benchmarks compare tiles that way); with TIERED_QGROUPED_INTERLEAVE=0, q4 and mxfp4 keep the
-    split tiles (benchmarks time the two in one call). The swap-5 tiles load the next step's scales during this one
-    (GroupedConfig.ps 1; swap 4 does not); TIERED_QGROUPED_PS=0 / 1 sets it for both, for a comparison."""
+    64; both take the many-rows tile from 64), where they measured faster. At 16 rows an expert or fewer (the batch
+    decode regime), TIERED_QGROUPED_FEW's tiles when set (benchmarks compare tiles that way); with
+    TIERED_QGROUPED_INTERLEAVE=0, q4 and mxfp4 keep the split tiles (benchmarks time the two in one call). The
+    swap-5 tiles load the next step's scales during this one (GroupedConfig.ps 1; the others do not);
+    TIERED_QGROUPED_PS=0 / 1 sets it for every pick, for a comparison."""
     c = bf16_config(rows, num_experts)
     spec = os.environ.get(FEW_ENV, "")
     if spec and c.block_m == 16:
@@ -695,7 +760,7 @@ def pick_qconfig(rows: int, num_experts: int, fmt: str) -> GroupedConfig:
         # two groups a step (64 bytes of each weight row): session 27 (batch-align-2026-12-03-h200-s27.json, call C)
         # timed it against one group a step at 1 / 8 rows an expert, 181 / 257 us a layer against 191 / 271 in the
         # sweep, and gate_up + down 239 against 251 us a layer in the B = 128 decode's profile (about 5%)
-        return GroupedConfig(block_m=16, block_n=c.block_n, block_k=128, warps=c.warps, stages=3)
+        return GroupedConfig(block_m=16, block_n=c.block_n, block_k=128, warps=c.warps, stages=3, ps=_ps(0))
     interleave = fmt in NIBBLES and os.environ.get(INTERLEAVE_ENV, "1") != "0"
     if interleave and c.block_m == 128:
         # many rows an expert, the weight tile interleaved and first (swap 5). Session 33 (benchmarks/results/
@@ -709,7 +774,7 @@ def pick_qconfig(rows: int, num_experts: int, fmt: str) -> GroupedConfig:
         # gpt-oss-prefill-batch-2026-12-04-h200-s31.json, tile_sweeps), T 2048, us a layer against bf16's m128 n128
         # w8 s3: 10.6B shape mxfp4 1,041 / 1,153, q4 943 / 1,029; gpt-oss's shape mxfp4 2,188 / 2,472, q4 1,988 /
         # 2,197 (1.09-1.13x); q8 gained nothing (858 / 857), so it keeps bf16's tiles
-        return GroupedConfig(block_m=128, block_n=64, block_k=64, warps=4, stages=4)
+        return GroupedConfig(block_m=128, block_n=64, block_k=64, warps=4, stages=4, ps=_ps(0))
     if interleave and c.block_m == 64 and rows >= 64 * min(num_experts, rows):
         # 64-96 rows an expert: the many-rows tile (swap 5, m128) already. Session 33 (call B), mxfp4 at gpt-oss's
         # shape, T 512 (64 rows an expert): 807 us a layer against 1,004 for bf16's m64 split tile (1.24x); session
@@ -722,7 +787,7 @@ def pick_qconfig(rows: int, num_experts: int, fmt: str) -> GroupedConfig:
                              stages=c.stages, swap=4, dq=_dq(fmt), ps=_ps(0))
     cap = {"q8": 128, "q4": 64, "fp8": 128, "mxfp4": 64}[fmt]
     return GroupedConfig(block_m=c.block_m, block_n=c.block_n, block_k=min(c.block_k, cap), warps=c.warps,
-                         stages=c.stages)
+                         stages=c.stages, ps=_ps(0))
 
 
 def _strides(w: QuantWeight) -> tuple[int, int, int, int, int, int]:
@@ -854,7 +919,7 @@ def pick_matmul_config(rows: int, n: int, fmt: str, k: int | None = None) -> Gro
     smallest. Larger tiles dequantize each weight tile for more rows; smaller ones keep the multiprocessors busy on
     a narrow matrix. Session 24's call C read that rule at 512 and 2,048 rows (in-sample: the fastest of 14 tiles
     at 9 of 12 points, within 15% at the others; out of sample in call D 0.87-1.0 of the best). `fmt` does not
-    change the choice: every format's group allows a 64-input step.
+    change the choice: every format's group allows a 64-input step. ps: TIERED_QGROUPED_PS when set, else 0.
     """
     if rows <= SPLIT_MAX_ROWS and k is not None:
         bm = min(128, max(16, triton.next_power_of_2(rows)))
@@ -864,13 +929,13 @@ def pick_matmul_config(rows: int, n: int, fmt: str, k: int | None = None) -> Gro
             split *= 2
         if split > 1:
             return GroupedConfig(block_m=bm, block_n=64, block_k=64, warps=4, stages=3 if bm == 128 else 4,
-                                 split=split)
+                                 split=split, ps=_ps(0))
     tall = max(16, triton.next_power_of_2(rows))
     fits = [t for t in _MATMUL_TILES if t[0] <= tall] if rows > 16 else [_MATMUL_TILES[-1]]
     for bm, bn, wp, st in fits:
         if triton.cdiv(n, bn) * triton.cdiv(rows, bm) >= MATMUL_MIN_PROGRAMS:
             break
-    return GroupedConfig(block_m=bm, block_n=bn, block_k=64, warps=wp, stages=st)
+    return GroupedConfig(block_m=bm, block_n=bn, block_k=64, warps=wp, stages=st, ps=_ps(0))
 
 
 def quant_matmul(x: Tensor, w: QuantWeight, config: GroupedConfig | None = None) -> Tensor:
