@@ -719,10 +719,12 @@ def parse_few(spec: str) -> GroupedConfig:
 
 DQ_DEFAULT = 0  # q4's codes to values in the picked interleaved tiles (GroupedConfig.dq)
 PS_ENV = "TIERED_QGROUPED_PS"  # benchmarks: "0" loads each step's scales in that step in the picked interleaved tiles
-# the picked swap-5 tiles (m128) load the next step's scales during this one (GroupedConfig.ps 1); swap 4 (m64) does
-# not. Session 35 (benchmarks/results/prefill-scales-2026-12-04-h200-s35.json, call B), us a layer, ps 1 against 0:
-# swap 5 m128, q4 10.6B T 2048 (reference routing) 757 / 837, gpt-oss's shape 1,395 / 1,609, mxfp4 10.6B 993 /
-# 1,063; swap 4 m64, q4 10.6B T 512 383 / 391, gpt-oss's shape 695 / 729, but the 397B shape at T 2048 4,753 / 4,432
+# the picked swap-5 tiles (m128) load the next step's scales during this one (GroupedConfig.ps 1); the others do
+# not. Session 35 (benchmarks/results/prefill-scales-2026-12-04-h200-s35.json), us a layer, ps 1 against 0: swap 5
+# m128 (call B), q4 10.6B T 2048 (reference routing) 757 / 837, gpt-oss's shape 1,395 / 1,609, mxfp4 10.6B 993 /
+# 1,063; swap 4 m64, q4 10.6B T 512 383 / 391, gpt-oss's shape 695 / 729, but the 397B shape at T 2048 4,753 /
+# 4,432; swap 0 (call D), q4 m16 at 1 / 8 rows an expert 134 / 137 and 262 / 268, but q8 m16 173 / 135 and 350 /
+# 259, mxfp4 m16 238 / 228, q8 m128 at T 2048 933 / 938, and batches of 128 rows (q4+q4) 30,765 / 31,522 tok/s
 
 
 def _dq(fmt: str) -> int:
