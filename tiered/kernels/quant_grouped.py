@@ -780,7 +780,8 @@ def pick_qconfig(rows: int, num_experts: int, fmt: str) -> GroupedConfig:
     if interleave and c.block_m == 64 and rows >= 64 * min(num_experts, rows):
         # 64-96 rows an expert: the many-rows tile (swap 5, m128) already. Session 33 (call B), mxfp4 at gpt-oss's
         # shape, T 512 (64 rows an expert): 807 us a layer against 1,004 for bf16's m64 split tile (1.24x); session
-        # 35 (call B), q4 there: 598 with the scales a step ahead against 695 for the swap-4 m64 tile (1.16x)
+        # 35 (call B), q4 there: 598 with the scales a step ahead against 730 for the swap-4 m64 tile (1.22x; 695
+        # with its own scales a step ahead)
         return GroupedConfig(block_m=128, block_n=64, block_k=64, warps=4, stages=4, swap=5, dq=_dq(fmt), ps=_ps(1))
     if interleave and fmt == "q4" and c.block_m == 64:
         # 17-63 rows an expert: bf16's tile with the weight tile interleaved (swap 4). Session 33 (call A), q4 at T
