@@ -232,12 +232,10 @@ def _bytes_t(qn, offs_k, mb, WFMT: tl.constexpr):
 
 
 @triton.jit
-def _nibbles_t(b, s, mn, mask_n, k0, NG: tl.constexpr, GROUP: tl.constexpr, WFMT: tl.constexpr, R: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """q4 / mxfp4 bytes b [BLOCK_N, BLOCK_K/2] (int32) with their scales s [BLOCK_N, R] -> the even- and odd-input
-    values (fp32) of the tile: q4 code * scale + min (mins from mn), mxfp4 e2m1 * 2^(e8m0 - 127)."""
+def _nibbles_t(b, s, m, WFMT: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """q4 / mxfp4 bytes b [BLOCK_N, BLOCK_K/2] (int32) with their scales s and q4's minimums m [BLOCK_N, R] -> the
+    even- and odd-input values (fp32) of the tile: q4 code * scale + min, mxfp4 e2m1 * 2^(e8m0 - 127) (m unused)."""
     if WFMT == 2:
-        m = _scales_t(mn, mask_n, k0, NG, GROUP, R)
         w_e = _grouped_t((b & 15).to(tl.float32), s, m, BLOCK_N, BLOCK_K // 2, R, True)
         w_o = _grouped_t(((b >> 4) & 15).to(tl.float32), s, m, BLOCK_N, BLOCK_K // 2, R, True)
     else:
@@ -284,7 +282,8 @@ def _qdot_t(acc, a_rows, mask_m, qn, sn, mn, mask_n, k0, KIN: tl.constexpr, KQ: 
             else:
                 acc += p * tl.exp2(s - 127.0)
         else:
-            w_e, w_o = _nibbles_t(b, s, mn, mask_n, k0, NG, GROUP, WFMT, R, BLOCK_N, BLOCK_K)
+            m = _scales_t(mn, mask_n, k0, NG, GROUP, R) if WFMT == 2 else s
+            w_e, w_o = _nibbles_t(b, s, m, WFMT, R, BLOCK_N, BLOCK_K)
             acc = tl.dot(w_e.to(DT), tl.trans(a_e), acc=acc, input_precision=PREC)
             acc = tl.dot(w_o.to(DT), tl.trans(a_o), acc=acc, input_precision=PREC)
     else:  # q8, fp8
@@ -339,13 +338,8 @@ def _wtile_s(qn, s, m, mask_n, k0, KQ: tl.constexpr, WFMT: tl.constexpr, R: tl.c
             c_o = (((b >> 4) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
             w_e = _grouped_t(c_e, s, m, BLOCK_N, BLOCK_K // 2, R, True)
             w_o = _grouped_t(c_o, s, m, BLOCK_N, BLOCK_K // 2, R, True)
-        elif WFMT == 2:
-            w_e = _grouped_t((b & 15).to(tl.float32), s, m, BLOCK_N, BLOCK_K // 2, R, True)
-            w_o = _grouped_t(((b >> 4) & 15).to(tl.float32), s, m, BLOCK_N, BLOCK_K // 2, R, True)
         else:
-            e = tl.exp2(s - 127.0)
-            w_e = _grouped_t(_e2m1(b & 15), e, e, BLOCK_N, BLOCK_K // 2, R, False)
-            w_o = _grouped_t(_e2m1((b >> 4) & 15), e, e, BLOCK_N, BLOCK_K // 2, R, False)
+            w_e, w_o = _nibbles_t(b, s, m, WFMT, R, BLOCK_N, BLOCK_K)
         w = tl.reshape(tl.join(w_e.to(DT), w_o.to(DT)), (BLOCK_N, BLOCK_K))
     else:
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -468,8 +462,8 @@ def _qgrouped_gate_up_kernel(x_ptr, rows_ptr, bslot_ptr, gq, gs, gm, uq, us, um,
     SWAP (GroupedConfig.swap) 1, 2 or 3: the products are taken transposed (weight tile first), see _qdot / _qdot_t
     (3: with the scales applied after the product); 4 / 5: the weight tile interleaved back into input order
     (`_wtile`), one activation tile a step for both products, as loaded (4) or transposed (5).
-    ACT 0: SwiGLU; 1: gpt-oss's clamped form (alpha, limit). PS 1 (swap 4 / 5, GroupedConfig.ps): each step loads
-    the next step's scales and minimums before its products (`_wscales`), so their latency overlaps a step's work.
+    ACT 0: SwiGLU; 1: gpt-oss's clamped form (alpha, limit). PS 1 (swap 0, 1, 4, 5; GroupedConfig.ps): each step
+    loads the next step's scales and minimums before its products (`_pair_ps`), so their latency overlaps its work.
     HAS_BIAS: the slot's gate and up biases (rows of stride stride_bs) added in fp32 before the activation."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
