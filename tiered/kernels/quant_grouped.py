@@ -134,22 +134,11 @@ def _qdot(acc, a_rows, mask_m, qn, sn, mn, mask_n, k0, KIN: tl.constexpr, KQ: tl
 
 
 @triton.jit
-def _qscales(sn, mn, mask_n, k0, NG: tl.constexpr, GROUP: tl.constexpr, WFMT: tl.constexpr, R: tl.constexpr):
-    """`_qdot_s`'s s, m [R, BLOCK_N] fp32 (m: q4's minimums, else s again); groups past the matrix read 0."""
-    s = _scales(sn, mask_n, k0, NG, GROUP, R)
-    if WFMT == 2:
-        m = _scales(mn, mask_n, k0, NG, GROUP, R)
-    else:
-        m = s
-    return s, m
-
-
-@triton.jit
 def _qdot_s(acc, a_rows, mask_m, qn, s, m, mask_n, k0, KIN: tl.constexpr, KQ: tl.constexpr, WFMT: tl.constexpr,
             R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr,
             PREC: tl.constexpr, SWAP: tl.constexpr = 0, LOAD: tl.constexpr = False, NG: tl.constexpr = 1,
             GROUP: tl.constexpr = 1):
-    """`_qdot` with the step's scales and minimums given (`_qscales`' s, m, loaded a step ahead), or with LOAD
+    """`_qdot` with the step's scales and minimums given (`_scale_pair`'s s, m, loaded a step ahead), or with LOAD
     their rows' pointers (sn, mn), loaded here after the codes (`_qdot`)."""
     if WFMT == 2 or WFMT == 4:  # q4, mxfp4: two codes per byte
         offs_j = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # byte of the row
@@ -302,15 +291,17 @@ def _qdot_t(acc, a_rows, mask_m, qn, sn, mn, mask_n, k0, KIN: tl.constexpr, KQ: 
 
 
 @triton.jit
-def _wscales(sn, mn, mask_n, k0, NG: tl.constexpr, GROUP: tl.constexpr, WFMT: tl.constexpr, R: tl.constexpr):
-    """The scales and minimums (q4; the scales again for the other formats) [BLOCK_N, R] fp32 of the weight tile at
-    input k0 (`_wtile_s`'s s, m). Groups past the matrix read 0: a kernel loads the next step's while it computes
-    this one's (GroupedConfig.ps), the last step's next included."""
-    s = _scales_t(sn, mask_n, k0, NG, GROUP, R)
-    if WFMT == 2:
-        m = _scales_t(mn, mask_n, k0, NG, GROUP, R)
+def _scale_pair(sn, mn, mask_n, k0, NG: tl.constexpr, GROUP: tl.constexpr, WFMT: tl.constexpr, R: tl.constexpr,
+                T: tl.constexpr):
+    """A step's scales and minimums (q4's; the scales again for the other formats), fp32: [BLOCK_N, R] with T (the
+    interleaved tiles' orientation, `_wtile_s`), else [R, BLOCK_N] (`_qdot_s`). Groups past the matrix read 0: a
+    kernel loads the next step's while it computes this one's (GroupedConfig.ps), the last step's next included."""
+    if T:
+        s = _scales_t(sn, mask_n, k0, NG, GROUP, R)
+        m = _scales_t(mn, mask_n, k0, NG, GROUP, R) if WFMT == 2 else s
     else:
-        m = s
+        s = _scales(sn, mask_n, k0, NG, GROUP, R)
+        m = _scales(mn, mask_n, k0, NG, GROUP, R) if WFMT == 2 else s
     return s, m
 
 
@@ -318,14 +309,14 @@ def _wscales(sn, mn, mask_n, k0, NG: tl.constexpr, GROUP: tl.constexpr, WFMT: tl
 def _wtile_s(qn, s, m, mask_n, k0, KQ: tl.constexpr, WFMT: tl.constexpr, R: tl.constexpr, BLOCK_K: tl.constexpr,
              BLOCK_N: tl.constexpr, DT: tl.constexpr, DQ: tl.constexpr = 0, LOAD: tl.constexpr = False,
              NG: tl.constexpr = 1, GROUP: tl.constexpr = 1):
-    """`_wtile` with the tile's scales and minimums given (`_wscales`' s, m, loaded a step ahead), or with LOAD
+    """`_wtile` with the tile's scales and minimums given (`_scale_pair`'s s, m, loaded a step ahead), or with LOAD
     their rows' pointers (sn, mn), loaded here after the codes (`_wtile`)."""
     if WFMT == 2 or WFMT == 4:
         offs_j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
         b = tl.load(qn[:, None] + offs_j[None, :], mask=mask_n[:, None] & (offs_j < KQ)[None, :],
                     other=0).to(tl.int32)  # [BLOCK_N, BLOCK_K/2]
         if LOAD:
-            s, m = _wscales(s, m, mask_n, k0, NG, GROUP, WFMT, R)
+            s, m = _scale_pair(s, m, mask_n, k0, NG, GROUP, WFMT, R, True)
         if WFMT == 2 and DQ == 2:
             v_e, off = _magic(b & 15, DT)
             v_o, off = _magic((b >> 4) & 15, DT)
@@ -385,18 +376,6 @@ def _jdot(acc, a, w, PREC: tl.constexpr, SWAP: tl.constexpr):
 
 
 @triton.jit
-def _pscales(sn, mn, mask_n, k0, NG: tl.constexpr, GROUP: tl.constexpr, WFMT: tl.constexpr, R: tl.constexpr,
-             SW: tl.constexpr):
-    """A step's scales and minimums in the orientation swap SW's step takes: [BLOCK_N, R] for 4 / 5, [R, BLOCK_N]
-    for 0 / 1."""
-    if SW == 4 or SW == 5:
-        s, m = _wscales(sn, mn, mask_n, k0, NG, GROUP, WFMT, R)
-    else:
-        s, m = _qscales(sn, mn, mask_n, k0, NG, GROUP, WFMT, R)
-    return s, m
-
-
-@triton.jit
 def _pstep(acc, a, a_rows, mask_m, qn, s, m, mask_n, k0, KIN: tl.constexpr, KQ: tl.constexpr, WFMT: tl.constexpr,
            R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr,
            DQ: tl.constexpr, PREC: tl.constexpr, SW: tl.constexpr):
@@ -419,11 +398,13 @@ def _pair_ps(acc_g, acc_u, a_rows, mask_m, gqn, gsn, gmn, uqn, usn, umn, mask_n,
     minimums before its products (GroupedConfig.ps 1): the loads' latency overlaps a step's work instead of
     stalling its dequantize. Triton's pipeliner stages the codes and activations (cp.async) but not these loads
     (2 bytes a row)."""
-    sg, mg = _pscales(gsn, gmn, mask_n, 0, NG, GROUP, WFMT, R, SW)
-    su, mu = _pscales(usn, umn, mask_n, 0, NG, GROUP, WFMT, R, SW)
+    sg, mg = _scale_pair(gsn, gmn, mask_n, 0, NG, GROUP, WFMT, R, SW == 4 or SW == 5)
+    su, mu = _scale_pair(usn, umn, mask_n, 0, NG, GROUP, WFMT, R, SW == 4 or SW == 5)
     for k0 in range(0, KIN, BLOCK_K):
-        sg2, mg2 = _pscales(gsn, gmn, mask_n, k0 + BLOCK_K, NG, GROUP, WFMT, R, SW)
-        su2, mu2 = _pscales(usn, umn, mask_n, k0 + BLOCK_K, NG, GROUP, WFMT, R, SW)
+        sg2, mg2 = _scale_pair(gsn, gmn, mask_n, k0 + BLOCK_K, NG, GROUP, WFMT, R,
+                                 SW == 4 or SW == 5)
+        su2, mu2 = _scale_pair(usn, umn, mask_n, k0 + BLOCK_K, NG, GROUP, WFMT, R,
+                                 SW == 4 or SW == 5)
         a = _atile(a_rows, mask_m, k0, KIN, BLOCK_K) if (SW == 4 or SW == 5) else None
         acc_g = _pstep(acc_g, a, a_rows, mask_m, gqn, sg, mg, mask_n, k0, KIN, KQ, WFMT, R, BLOCK_M, BLOCK_K,
                        BLOCK_N, DT, DQ, PREC, SW)
@@ -439,9 +420,9 @@ def _one_ps(acc, a_rows, mask_m, qn, sn, mn, mask_n, k_lo, k_hi, KIN: tl.constex
             BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, DQ: tl.constexpr, PREC: tl.constexpr,
             SW: tl.constexpr):
     """`_pair_ps` for one weight over inputs [k_lo, k_hi) (down, quant_matmul's splits)."""
-    s, m = _pscales(sn, mn, mask_n, k_lo, NG, GROUP, WFMT, R, SW)
+    s, m = _scale_pair(sn, mn, mask_n, k_lo, NG, GROUP, WFMT, R, SW == 4 or SW == 5)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        s2, m2 = _pscales(sn, mn, mask_n, k0 + BLOCK_K, NG, GROUP, WFMT, R, SW)
+        s2, m2 = _scale_pair(sn, mn, mask_n, k0 + BLOCK_K, NG, GROUP, WFMT, R, SW == 4 or SW == 5)
         a = _atile(a_rows, mask_m, k0, KIN, BLOCK_K) if (SW == 4 or SW == 5) else None
         acc = _pstep(acc, a, a_rows, mask_m, qn, s, m, mask_n, k0, KIN, KQ, WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N, DT,
                      DQ, PREC, SW)
