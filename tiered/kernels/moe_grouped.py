@@ -50,7 +50,7 @@ class GroupedConfig:
     dq: int = 0  # swap 4 / 5 over q4: how codes become values (quant_grouped._wtile): 0 int->float conversions,
     #              1 exponent bits or-ed in (the same values, no conversion instruction), 2 in the compute dtype
     ps: int = 0  # swap 0, 1, 4, 5: 1 loads the next step's scales (and q4's minimums) during this step's products
-    #              (quant_grouped._pair_ps / _one_ps), which Triton's pipeliner leaves as a stall in every step
+    #              (quant_grouped._pair / _one), which Triton's pipeliner leaves as a stall in every step
 
     def __post_init__(self) -> None:
         if self.swap not in range(6):

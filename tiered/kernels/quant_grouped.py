@@ -378,55 +378,76 @@ def _jdot(acc, a, w, PREC: tl.constexpr, SWAP: tl.constexpr):
 @triton.jit
 def _pstep(acc, a, a_rows, mask_m, qn, s, m, mask_n, k0, KIN: tl.constexpr, KQ: tl.constexpr, WFMT: tl.constexpr,
            R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr,
-           DQ: tl.constexpr, PREC: tl.constexpr, SW: tl.constexpr):
-    """One step of swap SW's product with its scales given: 4 / 5 take the activation tile `a` (loaded once for
-    gate and up), 0 / 1 load theirs (`_qdot_s`; `a` unused)."""
+           DQ: tl.constexpr, PREC: tl.constexpr, SW: tl.constexpr, LOAD: tl.constexpr, NG: tl.constexpr,
+           GROUP: tl.constexpr):
+    """One step of swap SW's product: 4 / 5 take the activation tile `a` (loaded once for gate and up), the others
+    load theirs (`a` unused). s, m: the step's scales and minimums (`_scale_pair`'s, loaded a step ahead), or with
+    LOAD their rows' pointers, loaded in the step after the codes (swaps 2 / 3 always load them so)."""
     if SW == 4 or SW == 5:
-        acc = _jdot(acc, a, _wtile_s(qn, s, m, mask_n, k0, KQ, WFMT, R, BLOCK_K, BLOCK_N, DT, DQ), PREC, SW)
-    else:
+        acc = _jdot(acc, a, _wtile_s(qn, s, m, mask_n, k0, KQ, WFMT, R, BLOCK_K, BLOCK_N, DT, DQ, LOAD, NG, GROUP),
+                    PREC, SW)
+    elif SW == 0 or SW == 1:
         acc = _qdot_s(acc, a_rows, mask_m, qn, s, m, mask_n, k0, KIN, KQ, WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N, DT,
-                      PREC, SW)
+                      PREC, SW, LOAD, NG, GROUP)
+    else:
+        acc = _qdot_t(acc, a_rows, mask_m, qn, s, m, mask_n, k0, KIN, KQ, NG, GROUP, WFMT, R, BLOCK_M, BLOCK_K,
+                      BLOCK_N, DT, PREC, SW == 3)
     return acc
 
 
 @triton.jit
-def _pair_ps(acc_g, acc_u, a_rows, mask_m, gqn, gsn, gmn, uqn, usn, umn, mask_n, KIN: tl.constexpr, KQ: tl.constexpr,
-             NG: tl.constexpr, GROUP: tl.constexpr, WFMT: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr,
-             BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, DQ: tl.constexpr, PREC: tl.constexpr,
-             SW: tl.constexpr):
-    """Gate and up over all KIN inputs (swap SW 0, 1, 4 or 5), each step loading the next step's scales and
-    minimums before its products (GroupedConfig.ps 1): the loads' latency overlaps a step's work instead of
-    stalling its dequantize. Triton's pipeliner stages the codes and activations (cp.async) but not these loads
-    (2 bytes a row)."""
-    sg, mg = _scale_pair(gsn, gmn, mask_n, 0, NG, GROUP, WFMT, R, SW == 4 or SW == 5)
-    su, mu = _scale_pair(usn, umn, mask_n, 0, NG, GROUP, WFMT, R, SW == 4 or SW == 5)
-    for k0 in range(0, KIN, BLOCK_K):
-        sg2, mg2 = _scale_pair(gsn, gmn, mask_n, k0 + BLOCK_K, NG, GROUP, WFMT, R,
-                                 SW == 4 or SW == 5)
-        su2, mu2 = _scale_pair(usn, umn, mask_n, k0 + BLOCK_K, NG, GROUP, WFMT, R,
-                                 SW == 4 or SW == 5)
-        a = _atile(a_rows, mask_m, k0, KIN, BLOCK_K) if (SW == 4 or SW == 5) else None
-        acc_g = _pstep(acc_g, a, a_rows, mask_m, gqn, sg, mg, mask_n, k0, KIN, KQ, WFMT, R, BLOCK_M, BLOCK_K,
-                       BLOCK_N, DT, DQ, PREC, SW)
-        acc_u = _pstep(acc_u, a, a_rows, mask_m, uqn, su, mu, mask_n, k0, KIN, KQ, WFMT, R, BLOCK_M, BLOCK_K,
-                       BLOCK_N, DT, DQ, PREC, SW)
-        sg, mg, su, mu = sg2, mg2, su2, mu2
+def _pair(acc_g, acc_u, a_rows, mask_m, gqn, gsn, gmn, uqn, usn, umn, mask_n, KIN: tl.constexpr, KQ: tl.constexpr,
+          NG: tl.constexpr, GROUP: tl.constexpr, WFMT: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr,
+          BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, DQ: tl.constexpr, PREC: tl.constexpr,
+          SW: tl.constexpr, PS: tl.constexpr):
+    """Gate and up over all KIN inputs in swap SW's steps (gsn / usn, gmn / umn: each output row's scales and
+    minimums). PS 1 (swaps 0, 1, 4, 5; GroupedConfig.ps): each step loads the next step's scales and minimums before
+    its products, so their latency overlaps a step's work instead of stalling its dequantize: Triton's pipeliner
+    stages the codes and activations (cp.async) but not these loads (2 bytes a row). PS 0: each step loads its own
+    after its codes."""
+    T: tl.constexpr = SW == 4 or SW == 5
+    if PS == 1:
+        sg, mg = _scale_pair(gsn, gmn, mask_n, 0, NG, GROUP, WFMT, R, T)
+        su, mu = _scale_pair(usn, umn, mask_n, 0, NG, GROUP, WFMT, R, T)
+        for k0 in range(0, KIN, BLOCK_K):
+            sg2, mg2 = _scale_pair(gsn, gmn, mask_n, k0 + BLOCK_K, NG, GROUP, WFMT, R, T)
+            su2, mu2 = _scale_pair(usn, umn, mask_n, k0 + BLOCK_K, NG, GROUP, WFMT, R, T)
+            a = _atile(a_rows, mask_m, k0, KIN, BLOCK_K) if T else None
+            acc_g = _pstep(acc_g, a, a_rows, mask_m, gqn, sg, mg, mask_n, k0, KIN, KQ, WFMT, R, BLOCK_M, BLOCK_K,
+                           BLOCK_N, DT, DQ, PREC, SW, False, NG, GROUP)
+            acc_u = _pstep(acc_u, a, a_rows, mask_m, uqn, su, mu, mask_n, k0, KIN, KQ, WFMT, R, BLOCK_M, BLOCK_K,
+                           BLOCK_N, DT, DQ, PREC, SW, False, NG, GROUP)
+            sg, mg, su, mu = sg2, mg2, su2, mu2
+    else:
+        for k0 in range(0, KIN, BLOCK_K):
+            a = _atile(a_rows, mask_m, k0, KIN, BLOCK_K) if T else None
+            acc_g = _pstep(acc_g, a, a_rows, mask_m, gqn, gsn, gmn, mask_n, k0, KIN, KQ, WFMT, R, BLOCK_M, BLOCK_K,
+                           BLOCK_N, DT, DQ, PREC, SW, True, NG, GROUP)
+            acc_u = _pstep(acc_u, a, a_rows, mask_m, uqn, usn, umn, mask_n, k0, KIN, KQ, WFMT, R, BLOCK_M, BLOCK_K,
+                           BLOCK_N, DT, DQ, PREC, SW, True, NG, GROUP)
     return acc_g, acc_u
 
 
 @triton.jit
-def _one_ps(acc, a_rows, mask_m, qn, sn, mn, mask_n, k_lo, k_hi, KIN: tl.constexpr, KQ: tl.constexpr,
-            NG: tl.constexpr, GROUP: tl.constexpr, WFMT: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr,
-            BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, DQ: tl.constexpr, PREC: tl.constexpr,
-            SW: tl.constexpr):
-    """`_pair_ps` for one weight over inputs [k_lo, k_hi) (down, quant_matmul's splits)."""
-    s, m = _scale_pair(sn, mn, mask_n, k_lo, NG, GROUP, WFMT, R, SW == 4 or SW == 5)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        s2, m2 = _scale_pair(sn, mn, mask_n, k0 + BLOCK_K, NG, GROUP, WFMT, R, SW == 4 or SW == 5)
-        a = _atile(a_rows, mask_m, k0, KIN, BLOCK_K) if (SW == 4 or SW == 5) else None
-        acc = _pstep(acc, a, a_rows, mask_m, qn, s, m, mask_n, k0, KIN, KQ, WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N, DT,
-                     DQ, PREC, SW)
-        s, m = s2, m2
+def _one(acc, a_rows, mask_m, qn, sn, mn, mask_n, k_lo, k_hi, KIN: tl.constexpr, KQ: tl.constexpr,
+         NG: tl.constexpr, GROUP: tl.constexpr, WFMT: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr,
+         BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, DQ: tl.constexpr, PREC: tl.constexpr,
+         SW: tl.constexpr, PS: tl.constexpr):
+    """`_pair` for one weight over inputs [k_lo, k_hi) (down, quant_matmul's splits)."""
+    T: tl.constexpr = SW == 4 or SW == 5
+    if PS == 1:
+        s, m = _scale_pair(sn, mn, mask_n, k_lo, NG, GROUP, WFMT, R, T)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            s2, m2 = _scale_pair(sn, mn, mask_n, k0 + BLOCK_K, NG, GROUP, WFMT, R, T)
+            a = _atile(a_rows, mask_m, k0, KIN, BLOCK_K) if T else None
+            acc = _pstep(acc, a, a_rows, mask_m, qn, s, m, mask_n, k0, KIN, KQ, WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N,
+                         DT, DQ, PREC, SW, False, NG, GROUP)
+            s, m = s2, m2
+    else:
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            a = _atile(a_rows, mask_m, k0, KIN, BLOCK_K) if T else None
+            acc = _pstep(acc, a, a_rows, mask_m, qn, sn, mn, mask_n, k0, KIN, KQ, WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N,
+                         DT, DQ, PREC, SW, True, NG, GROUP)
     return acc
 
 
@@ -444,7 +465,7 @@ def _qgrouped_gate_up_kernel(x_ptr, rows_ptr, bslot_ptr, gq, gs, gm, uq, us, um,
     (3: with the scales applied after the product); 4 / 5: the weight tile interleaved back into input order
     (`_wtile`), one activation tile a step for both products, as loaded (4) or transposed (5).
     ACT 0: SwiGLU; 1: gpt-oss's clamped form (alpha, limit). PS 1 (swap 0, 1, 4, 5; GroupedConfig.ps): each step
-    loads the next step's scales and minimums before its products (`_pair_ps`), so their latency overlaps its work.
+    loads the next step's scales and minimums before its products (`_pair`), so their latency overlaps its work.
     HAS_BIAS: the slot's gate and up biases (rows of stride stride_bs) added in fp32 before the activation."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -464,23 +485,12 @@ def _qgrouped_gate_up_kernel(x_ptr, rows_ptr, bslot_ptr, gq, gs, gm, uq, us, um,
     if SWAP == 0 or SWAP == 4:
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        if PS == 1:
-            acc_g, acc_u = _pair_ps(acc_g, acc_u, a_rows, mask_m, gq + qo, gs + so, gm + mo, uq + qo, us + so,
-                                    um + mo, mask_n, D, KQ, NG, GROUP, WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N, DT, DQ,
-                                    PREC, SWAP)
-        else:
-            for k0 in range(0, D, BLOCK_K):
-                if SWAP == 4:  # one activation tile for both products, each one tl.dot of BLOCK_K
-                    a = _atile(a_rows, mask_m, k0, D, BLOCK_K)
-                    acc_g = _jdot(acc_g, a, _wtile(gq + qo, gs + so, gm + mo, mask_n, k0, KQ, NG, GROUP, WFMT, R,
-                                                   BLOCK_K, BLOCK_N, DT, DQ), PREC, 4)
-                    acc_u = _jdot(acc_u, a, _wtile(uq + qo, us + so, um + mo, mask_n, k0, KQ, NG, GROUP, WFMT, R,
-                                                   BLOCK_K, BLOCK_N, DT, DQ), PREC, 4)
-                else:
-                    acc_g = _qdot(acc_g, a_rows, mask_m, gq + qo, gs + so, gm + mo, mask_n, k0, D, KQ, NG, GROUP,
-                                  WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC)
-                    acc_u = _qdot(acc_u, a_rows, mask_m, uq + qo, us + so, um + mo, mask_n, k0, D, KQ, NG, GROUP,
-                                  WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC)
+    else:  # the products transposed: [BLOCK_N, BLOCK_M]
+        acc_g = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        acc_u = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    acc_g, acc_u = _pair(acc_g, acc_u, a_rows, mask_m, gq + qo, gs + so, gm + mo, uq + qo, us + so, um + mo, mask_n,
+                         D, KQ, NG, GROUP, WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N, DT, DQ, PREC, SWAP, PS)
+    if SWAP == 0 or SWAP == 4:
         if HAS_BIAS:
             acc_g += tl.load(gb_ptr + slot * stride_bs + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             acc_u += tl.load(ub_ptr + slot * stride_bs + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -488,30 +498,6 @@ def _qgrouped_gate_up_kernel(x_ptr, rows_ptr, bslot_ptr, gq, gs, gm, uq, us, um,
         tl.store(h_ptr + rows[:, None].to(tl.int64) * F + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
                  mask=mask_m[:, None] & mask_n[None, :])
     else:
-        acc_g = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-        acc_u = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-        if PS == 1:
-            acc_g, acc_u = _pair_ps(acc_g, acc_u, a_rows, mask_m, gq + qo, gs + so, gm + mo, uq + qo, us + so,
-                                    um + mo, mask_n, D, KQ, NG, GROUP, WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N, DT, DQ,
-                                    PREC, SWAP)
-        else:
-            for k0 in range(0, D, BLOCK_K):
-                if SWAP == 5:
-                    a = _atile(a_rows, mask_m, k0, D, BLOCK_K)
-                    acc_g = _jdot(acc_g, a, _wtile(gq + qo, gs + so, gm + mo, mask_n, k0, KQ, NG, GROUP, WFMT, R,
-                                                   BLOCK_K, BLOCK_N, DT, DQ), PREC, 5)
-                    acc_u = _jdot(acc_u, a, _wtile(uq + qo, us + so, um + mo, mask_n, k0, KQ, NG, GROUP, WFMT, R,
-                                                   BLOCK_K, BLOCK_N, DT, DQ), PREC, 5)
-                elif SWAP == 1:
-                    acc_g = _qdot(acc_g, a_rows, mask_m, gq + qo, gs + so, gm + mo, mask_n, k0, D, KQ, NG, GROUP,
-                                  WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC, 1)
-                    acc_u = _qdot(acc_u, a_rows, mask_m, uq + qo, us + so, um + mo, mask_n, k0, D, KQ, NG, GROUP,
-                                  WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC, 1)
-                else:
-                    acc_g = _qdot_t(acc_g, a_rows, mask_m, gq + qo, gs + so, gm + mo, mask_n, k0, D, KQ, NG, GROUP,
-                                    WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC, SWAP == 3)
-                    acc_u = _qdot_t(acc_u, a_rows, mask_m, uq + qo, us + so, um + mo, mask_n, k0, D, KQ, NG, GROUP,
-                                    WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC, SWAP == 3)
         if HAS_BIAS:
             acc_g += tl.load(gb_ptr + slot * stride_bs + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
             acc_u += tl.load(ub_ptr + slot * stride_bs + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
@@ -548,39 +534,16 @@ def _qgrouped_down_kernel(h_ptr, rows_ptr, bslot_ptr, wt_ptr, dq, ds, dm, out_pt
     w = tl.load(wt_ptr + rows, mask=mask_m, other=0.0).to(tl.float32)
     if SWAP == 0 or SWAP == 4:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        if PS == 1:
-            acc = _one_ps(acc, a_rows, mask_m, qn, sn, mn, mask_n, 0, F, F, KQ, NG, GROUP, WFMT, R, BLOCK_M, BLOCK_K,
-                          BLOCK_N, DT, DQ, PREC, SWAP)
-        else:
-            for k0 in range(0, F, BLOCK_K):
-                if SWAP == 4:
-                    acc = _jdot(acc, _atile(a_rows, mask_m, k0, F, BLOCK_K),
-                                _wtile(qn, sn, mn, mask_n, k0, KQ, NG, GROUP, WFMT, R, BLOCK_K, BLOCK_N, DT, DQ),
-                                PREC, 4)
-                else:
-                    acc = _qdot(acc, a_rows, mask_m, qn, sn, mn, mask_n, k0, F, KQ, NG, GROUP, WFMT, R, BLOCK_M,
-                                BLOCK_K, BLOCK_N, DT, PREC)
+    else:  # the product transposed: [BLOCK_N, BLOCK_M]
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    acc = _one(acc, a_rows, mask_m, qn, sn, mn, mask_n, 0, F, F, KQ, NG, GROUP, WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N, DT,
+               DQ, PREC, SWAP, PS)
+    if SWAP == 0 or SWAP == 4:
         if HAS_BIAS:
             acc += tl.load(db_ptr + slot * stride_bs + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + rows64[:, None] * D + offs_n[None, :], (acc * w[:, None]).to(out_ptr.dtype.element_ty),
                  mask=mask_m[:, None] & mask_n[None, :])
     else:
-        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-        if PS == 1:
-            acc = _one_ps(acc, a_rows, mask_m, qn, sn, mn, mask_n, 0, F, F, KQ, NG, GROUP, WFMT, R, BLOCK_M, BLOCK_K,
-                          BLOCK_N, DT, DQ, PREC, SWAP)
-        else:
-            for k0 in range(0, F, BLOCK_K):
-                if SWAP == 5:
-                    acc = _jdot(acc, _atile(a_rows, mask_m, k0, F, BLOCK_K),
-                                _wtile(qn, sn, mn, mask_n, k0, KQ, NG, GROUP, WFMT, R, BLOCK_K, BLOCK_N, DT, DQ),
-                                PREC, 5)
-                elif SWAP == 1:
-                    acc = _qdot(acc, a_rows, mask_m, qn, sn, mn, mask_n, k0, F, KQ, NG, GROUP, WFMT, R, BLOCK_M,
-                                BLOCK_K, BLOCK_N, DT, PREC, 1)
-                else:
-                    acc = _qdot_t(acc, a_rows, mask_m, qn, sn, mn, mask_n, k0, F, KQ, NG, GROUP, WFMT, R, BLOCK_M,
-                                  BLOCK_K, BLOCK_N, DT, PREC, SWAP == 3)
         if HAS_BIAS:
             acc += tl.load(db_ptr + slot * stride_bs + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
         tl.store(out_ptr + rows64[None, :] * D + offs_n[:, None], (acc * w[None, :]).to(out_ptr.dtype.element_ty),
@@ -599,7 +562,7 @@ def _qmatmul_kernel(x_ptr, q, s, m, out_ptr, T, stride_xt, stride_ot, sq1, ss1, 
     (row stride stride_ot) that `_split_sum_kernel` adds in split order. SWAP 4: the weight tile interleaved into
     input order (`_wtile`), one tl.dot a step; 5: the same with the weight tile the MMA's first operand (acc
     [BLOCK_N, BLOCK_M], stored transposed); 0: `_qdot`'s split tiles (GroupedConfig.swap; others refused). PS 1
-    (swap 4 / 5): the next step's scales loaded during this one (`_one_ps`)."""
+    (swaps 0, 4, 5): the next step's scales loaded during this one (`_one`)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     ks = tl.program_id(2)
@@ -613,35 +576,16 @@ def _qmatmul_kernel(x_ptr, q, s, m, out_ptr, T, stride_xt, stride_ot, sq1, ss1, 
     base = out_ptr + ks.to(tl.int64) * T * stride_ot  # split ks's [T, N] partial (ks is 0 unless split)
     k_lo = ks * KSPLIT
     k_hi = tl.minimum(ks * KSPLIT + KSPLIT, KIN)
-    if SWAP == 5:
-        acc_t = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-        if PS == 1:
-            acc_t = _one_ps(acc_t, x_ptr + m64 * stride_xt, mask_m, q + n64 * sq1, s + (n64 // ROWBLK) * ss1,
-                            m + n64 * sm1, mask_n, k_lo, k_hi, KIN, KQ, NG, GROUP, WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N,
-                            DT, DQ, PREC, 5)
-        else:
-            for k0 in range(k_lo, k_hi, BLOCK_K):
-                acc_t = _jdot(acc_t, _atile(x_ptr + m64 * stride_xt, mask_m, k0, KIN, BLOCK_K),
-                              _wtile(q + n64 * sq1, s + (n64 // ROWBLK) * ss1, m + n64 * sm1, mask_n, k0, KQ, NG,
-                                     GROUP, WFMT, R, BLOCK_K, BLOCK_N, DT, DQ), PREC, 5)
-        tl.store(base + m64[None, :] * stride_ot + offs_n[:, None], acc_t.to(out_ptr.dtype.element_ty),
-                 mask=mask_n[:, None] & mask_m[None, :])
+    if SWAP == 5:  # the product transposed: [BLOCK_N, BLOCK_M]
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        if PS == 1:
-            acc = _one_ps(acc, x_ptr + m64 * stride_xt, mask_m, q + n64 * sq1, s + (n64 // ROWBLK) * ss1,
-                          m + n64 * sm1, mask_n, k_lo, k_hi, KIN, KQ, NG, GROUP, WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N,
-                          DT, DQ, PREC, SWAP)
-        else:
-            for k0 in range(k_lo, k_hi, BLOCK_K):
-                if SWAP == 4:
-                    acc = _jdot(acc, _atile(x_ptr + m64 * stride_xt, mask_m, k0, KIN, BLOCK_K),
-                                _wtile(q + n64 * sq1, s + (n64 // ROWBLK) * ss1, m + n64 * sm1, mask_n, k0, KQ, NG,
-                                       GROUP, WFMT, R, BLOCK_K, BLOCK_N, DT, DQ), PREC, 4)
-                else:
-                    acc = _qdot(acc, x_ptr + m64 * stride_xt, mask_m, q + n64 * sq1, s + (n64 // ROWBLK) * ss1,
-                                m + n64 * sm1, mask_n, k0, KIN, KQ, NG, GROUP, WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N,
-                                DT, PREC)
+    acc = _one(acc, x_ptr + m64 * stride_xt, mask_m, q + n64 * sq1, s + (n64 // ROWBLK) * ss1, m + n64 * sm1, mask_n,
+               k_lo, k_hi, KIN, KQ, NG, GROUP, WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N, DT, DQ, PREC, SWAP, PS)
+    if SWAP == 5:
+        tl.store(base + m64[None, :] * stride_ot + offs_n[:, None], acc.to(out_ptr.dtype.element_ty),
+                 mask=mask_n[:, None] & mask_m[None, :])
+    else:
         tl.store(base + m64[:, None] * stride_ot + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=mask_m[:, None] & mask_n[None, :])
 
