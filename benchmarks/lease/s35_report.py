@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 src, dst = Path(sys.argv[1]), Path(sys.argv[2])
-COMMITS = {"A": "fe44ca9", "B": "24ef91d", "C": "736f6f1", "D": "0fe3994 (code of 14b478f); D2 (the quant_matmul CUDA tests) on the same box"}
+COMMITS = {"A": "fe44ca9", "B": "24ef91d", "C": "736f6f1",
+           "D": "0fe3994 (code of 14b478f); D2 (the quant_matmul CUDA tests) on the same box"}
 
 
 def rows(p: Path) -> list:
