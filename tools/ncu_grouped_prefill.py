@@ -8,8 +8,11 @@ first 16 tokens' experts (dequantized), so that ncu can profile the later, warm 
     ncu --clock-control none --kernel-name regex:'grouped' --launch-skip 4 --launch-count 4 \\
         --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats --section Occupancy \\
         --section InstructionStats --section LaunchStats --section MemoryWorkloadAnalysis \\
-        python3 tools/ncu_grouped_prefill.py --formats bf16,q4
-    python3 tools/ncu_grouped_prefill.py --formats q4 --tile m128:n64:k64:w4:s4:swap5   # one tile, no ncu
+        python3 tools/ncu_grouped_prefill.py --formats q4 --reps 4
+    python3 tools/ncu_grouped_prefill.py --formats q4 --tile m128:n64:k64:w4:s4:swap5:ps1   # one tile, no ncu
+
+Each rep launches two kernels (gate_up, down), and ncu's launch counts run over every format named: profile one
+format a run (session 35 named bf16,q4 with --launch-skip 4 --launch-count 4 and got bf16's kernels only).
 
 Each format runs its picked tiles (moe_grouped.bf16_config / quant_grouped.pick_qconfig) unless --tile names one
 (quant_grouped.parse_few's spec) for the quantized formats. TIERED_PDL is set to 0 (ncu serialises kernels).
