@@ -2,7 +2,7 @@
 codes and scales are read in place and dequantized in registers, tile by tile; no bf16 copy of an expert.
 
 Owns: the Triton kernels `_qgrouped_gate_up_kernel` and `_qgrouped_down_kernel` with their weight-tile
-loader `_qdot`, `QuantGroupedMoE` (GroupedMoE's rows and waves over quantized stacks), `pick_qconfig` (tile
+loader `_qdot` (and `_wtile`), `QuantGroupedMoE` (GroupedMoE's rows and waves over quantized stacks), `pick_qconfig` (tile
 sizes per format and rows), `block_k_for` (the reduction step a format and a matrix allow), `qgrouped_ok`
 (whether these kernels serve a pool) and the one-call `moe_grouped_quant`; and, on the same tile loader,
 `_qmatmul_kernel` / `quant_matmul` (one quantized dense matrix at prefill sizes, quant_moe.qlinear's path
@@ -120,26 +120,17 @@ def _e2m1(c):
 
 
 @triton.jit
-def _qdot(acc, a_rows, mask_m, qn, sn, mn, mask_n, k0, KIN: tl.constexpr, KQ: tl.constexpr, NG: tl.constexpr,
-          GROUP: tl.constexpr, WFMT: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-          BLOCK_N: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, SWAP: tl.constexpr = 0):
+def _qdot(acc, a_rows, mask_m, qn, s, m, mask_n, k0, KIN: tl.constexpr, KQ: tl.constexpr, WFMT: tl.constexpr,
+          R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr,
+          PREC: tl.constexpr, SWAP: tl.constexpr = 0, LOAD: tl.constexpr = False, NG: tl.constexpr = 1,
+          GROUP: tl.constexpr = 1):
     """acc [BLOCK_M, BLOCK_N] += a[:, k0:k0+BLOCK_K] @ W[n-block, k0:k0+BLOCK_K]^T, W dequantized in registers.
     SWAP 1: acc is [BLOCK_N, BLOCK_M] and the product is taken as W @ a^T (the weight tile the MMA's first
     operand, the few rows its second), from the same tiles.
 
-    a_rows [BLOCK_M] pointers to each activation row; qn / sn / mn [BLOCK_N] pointers to each output row's
-    packed codes / scales / minimums (mn unused but for q4)."""
-    return _qdot_s(acc, a_rows, mask_m, qn, sn, mn, mask_n, k0, KIN, KQ, WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N, DT, PREC,
-                   SWAP, True, NG, GROUP)
-
-
-@triton.jit
-def _qdot_s(acc, a_rows, mask_m, qn, s, m, mask_n, k0, KIN: tl.constexpr, KQ: tl.constexpr, WFMT: tl.constexpr,
-            R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr,
-            PREC: tl.constexpr, SWAP: tl.constexpr = 0, LOAD: tl.constexpr = False, NG: tl.constexpr = 1,
-            GROUP: tl.constexpr = 1):
-    """`_qdot` with the step's scales and minimums given (`_scale_pair`'s s, m, loaded a step ahead), or with LOAD
-    their rows' pointers (sn, mn), loaded here after the codes (`_qdot`)."""
+    a_rows [BLOCK_M] pointers to each activation row; qn [BLOCK_N] pointers to each output row's packed codes;
+    s, m the step's scales and minimums (`_scale_pair`'s, loaded a step ahead), or with LOAD each output row's
+    scale and minimum pointers, loaded here after the codes (m unused but for q4)."""
     if WFMT == 2 or WFMT == 4:  # q4, mxfp4: two codes per byte
         offs_j = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # byte of the row
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -294,7 +285,7 @@ def _qdot_t(acc, a_rows, mask_m, qn, sn, mn, mask_n, k0, KIN: tl.constexpr, KQ: 
 def _scale_pair(sn, mn, mask_n, k0, NG: tl.constexpr, GROUP: tl.constexpr, WFMT: tl.constexpr, R: tl.constexpr,
                 T: tl.constexpr):
     """A step's scales and minimums (q4's; the scales again for the other formats), fp32: [BLOCK_N, R] with T (the
-    interleaved tiles' orientation, `_wtile_s`), else [R, BLOCK_N] (`_qdot_s`). Groups past the matrix read 0: a
+    interleaved tiles' orientation, `_wtile_s`), else [R, BLOCK_N] (`_qdot`). Groups past the matrix read 0: a
     kernel loads the next step's while it computes this one's (GroupedConfig.ps), the last step's next included."""
     if T:
         s = _scales_t(sn, mask_n, k0, NG, GROUP, R)
@@ -387,8 +378,8 @@ def _pstep(acc, a, a_rows, mask_m, qn, s, m, mask_n, k0, KIN: tl.constexpr, KQ: 
         acc = _jdot(acc, a, _wtile_s(qn, s, m, mask_n, k0, KQ, WFMT, R, BLOCK_K, BLOCK_N, DT, DQ, LOAD, NG, GROUP),
                     PREC, SW)
     elif SW == 0 or SW == 1:
-        acc = _qdot_s(acc, a_rows, mask_m, qn, s, m, mask_n, k0, KIN, KQ, WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N, DT,
-                      PREC, SW, LOAD, NG, GROUP)
+        acc = _qdot(acc, a_rows, mask_m, qn, s, m, mask_n, k0, KIN, KQ, WFMT, R, BLOCK_M, BLOCK_K, BLOCK_N, DT,
+                    PREC, SW, LOAD, NG, GROUP)
     else:
         acc = _qdot_t(acc, a_rows, mask_m, qn, s, m, mask_n, k0, KIN, KQ, NG, GROUP, WFMT, R, BLOCK_M, BLOCK_K,
                       BLOCK_N, DT, PREC, SW == 3)
