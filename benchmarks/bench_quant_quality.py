@@ -30,19 +30,23 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
 # name -> (experts, dense, q4_refine). "q4" is min/max rounding; "q4-lsq" adds the least-squares refinement
-# (repack's default since it lowered weight MSE and fit-text KL); dense-q4 variants use min/max.
+# (repack's default since it lowered weight MSE and fit-text KL); "q4-search" starts that refinement from the best of
+# a grid of clipped ranges (--q4-refine search); dense-q4 variants use min/max unless their name says search.
 VARIANTS = {
     "q8": ("q8", "source", "none"),
     "q4": ("q4", "source", "none"),
     "q4-lsq": ("q4", "source", "lsq"),
+    "q4-search": ("q4", "source", "search"),
     "fp8": ("fp8", "source", "none"),
     "mxfp4": ("mxfp4", "source", "none"),
     "dense-q8": ("source", "q8", "none"),
     "dense-q4": ("source", "q4", "none"),
     "q4+dense-q4": ("q4", "q4", "none"),
+    "dense-q4-search": ("source", "q4", "search"),
+    "q4+dense-q4-search": ("q4", "q4", "search"),
 }
 Q4_GOALS = {"perplexity_ratio": ("<=", 1.03), "top1_agreement": (">=", 0.95), "kl_mean": ("<=", 0.03)}
-GOALS = {"q8": {"perplexity_ratio": ("<=", 1.005)}, "q4": Q4_GOALS, "q4-lsq": Q4_GOALS}
+GOALS = {"q8": {"perplexity_ratio": ("<=", 1.005)}, "q4": Q4_GOALS, "q4-lsq": Q4_GOALS, "q4-search": Q4_GOALS}
 PROMPT_TOKENS, GREEDY_TOKENS = 128, 64
 
 
@@ -58,11 +62,11 @@ def greedy(engine, ids: list[int]) -> list[int]:
 
 
 def q4_weight_mse(layout) -> dict:
-    """Relative weight MSE of q4 (min/max rounding) and q4 with the least-squares refinement, over every
+    """Relative weight MSE of q4 (min/max rounding) and q4 with each refinement (least squares, search), over every
     expert matrix of the bf16 layout: a data-free measure."""
     from tiered.layout.quant import quantize
 
-    num = {"q4": 0.0, "q4-lsq": 0.0}
+    num = {"q4": 0.0, "q4-lsq": 0.0, "q4-search": 0.0}
     den = 0.0
     c = layout.config
     for l in range(c.num_layers):
@@ -70,7 +74,7 @@ def q4_weight_mse(layout) -> dict:
             for w in layout.expert_tensors(l, e).values():
                 wf = w.float()
                 den += float((wf * wf).sum())
-                for name, refine in (("q4", None), ("q4-lsq", "lsq")):
+                for name, refine in (("q4", None), ("q4-lsq", "lsq"), ("q4-search", "search")):
                     d = quantize(w, "q4", refine=refine).dequantize(torch.float32) - wf
                     num[name] += float((d * d).sum())
     return {k: v / den for k, v in num.items()}

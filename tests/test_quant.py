@@ -76,6 +76,25 @@ def test_q4_lsq_refinement_not_worse():
     assert er.sum() < ep.sum(), "the refinement changed nothing on a gaussian matrix"
 
 
+@pytest.mark.parametrize("shape", [(64, 256), (16, 32), (8, 65)])
+def test_q4_search_refinement_not_worse_than_lsq(shape):
+    """--q4-refine search keeps, per group, the better of lsq's result and its own (a clipped start refined by least
+    squares): no group's error grows, and on a gaussian matrix the total falls (whole-row groups below 64 inputs and
+    a one-input last group included)."""
+    w = _weight(shape, seed=4).float()
+    n, k = shape
+    g = k if k < 64 else 64
+    pad = -k % g
+
+    def group_err(refine):
+        d = quantize(w, "q4", refine=refine).dequantize(torch.float32) - w
+        return torch.nn.functional.pad(d * d, (0, pad)).view(n, -1, g).sum(-1)
+
+    lsq, search = group_err("lsq"), group_err("search")
+    assert (search <= lsq * (1 + 1e-6) + 1e-12).all()
+    assert search.sum() < lsq.sum() * 0.99, "the search found nothing better than lsq on a gaussian matrix"
+
+
 def test_nibble_order():
     """Packing puts input 0 in the low nibble of byte 0 (MLX / gpt-oss order); odd K pads a zero code."""
     codes = torch.tensor([[1, 2, 3]], dtype=torch.uint8)
@@ -156,7 +175,8 @@ def test_errors_name_the_problem():
         QuantWeight("q8", (2, 4), 128, torch.zeros(2, 4, dtype=torch.int8), torch.zeros(2, 2, dtype=torch.bfloat16))
 
 
-@pytest.mark.parametrize("fmt,refine", [("q4", "lsq"), ("q4", None), ("q8", None), ("fp8", None), ("mxfp4", None)])
+@pytest.mark.parametrize("fmt,refine", [("q4", "lsq"), ("q4", "search"), ("q4", None), ("q8", None), ("fp8", None),
+                                        ("mxfp4", None)])
 def test_repack_stack_in_chunks_equals_one_pass(fmt, refine):
     """repack quantizes a layer's experts a few at a time (bounded memory): the parts are bit for bit those of
     one pass over the whole stack, however the chunks fall (1, 2 or 3 experts of 5, a partial last chunk)."""

@@ -53,6 +53,24 @@ def test_repack_experts_stores_the_reference_quantization(fmt, qwen_src, tmp_pat
     assert verify(dst, progress=False) == []
 
 
+def test_repack_q4_refine_search_recorded(qwen_src, tmp_path):
+    """--q4-refine search stores the parts quantize(refine="search") gives and records the choice in the manifest's
+    source; an unknown refinement is refused naming the choices."""
+    from tiered.layout.repack import RepackError
+
+    dst = tmp_path / "search"
+    repack(qwen_src, dst, experts="q4", q4_refine="search", progress=False)
+    lay = Layout.open(dst)
+    assert lay.manifest.raw["source"]["q4_refine"] == "search"
+    w = source_tensors(qwen_src)["model.layers.1.mlp.experts.2.up_proj.weight"]
+    want = quantize(w, "q4", refine="search").parts()
+    assert not torch.equal(want["scale"], quantize(w, "q4", refine="lsq").scale), "search = lsq here: pick another"
+    for name, t in want.items():
+        assert torch.equal(lay.expert_tensors(1, 2)["up"].parts()[name].view(torch.uint8), t.view(torch.uint8)), name
+    with pytest.raises(RepackError, match="lsq, search, none"):
+        repack(qwen_src, tmp_path / "bad", experts="q4", q4_refine="hqq", progress=False)
+
+
 def _dequantized(weights: ExpertWeights, dtype) -> ExpertWeights:
     return ExpertWeights(*(w.dequantize(dtype) if isinstance(w, QuantWeight) else w.to(dtype)
                            for w in (weights.gate, weights.up, weights.down)))
@@ -97,10 +115,11 @@ def ref_q4(reference_model, tmp_path_factory) -> Path:
 
 
 @pytest.mark.cuda
-def test_cuda_repack_quantizes_on_the_gpu_like_the_cpu(reference_model, tmp_path):
+@pytest.mark.parametrize("refine", ["lsq", "search"])
+def test_cuda_repack_quantizes_on_the_gpu_like_the_cpu(reference_model, tmp_path, refine):
     """--quant-device cuda (auto's choice on a GPU box) writes the layout the CPU writes: the expert file and the
     dense file within a few codes of it (q4's lsq search compares fp32 errors whose sums may round differently on
-    the two devices) and the same greedy tokens from both."""
+    the two devices) and the same greedy tokens from both; with either refinement."""
     import numpy as np
 
     from tiered.engine import load
@@ -108,7 +127,8 @@ def test_cuda_repack_quantizes_on_the_gpu_like_the_cpu(reference_model, tmp_path
     lay = {}
     for dev in ("cpu", "cuda"):
         lay[dev] = tmp_path / dev
-        repack(reference_model, lay[dev], experts="q4", dense="q4", progress=False, quant_device=dev)
+        repack(reference_model, lay[dev], experts="q4", dense="q4", q4_refine=refine, progress=False,
+               quant_device=dev)
     for name in ("experts.bin", "dense.safetensors"):
         a, b = (np.fromfile(lay[d] / name, dtype=np.uint8) for d in ("cpu", "cuda"))
         assert a.shape == b.shape, name

@@ -36,6 +36,7 @@ from torch import Tensor
 QUANT_FORMATS = ("q8", "q4", "fp8", "mxfp4")
 EXPERT_STORAGE = ("source", "bf16") + QUANT_FORMATS  # repack --experts
 DENSE_STORAGE = ("source", "bf16", "q8", "q4")  # repack --dense
+Q4_REFINES = ("lsq", "search", "none")  # repack --q4-refine (quantize's refine, "none" = None)
 GROUP = {"q8": 128, "q4": 64, "fp8": 128, "mxfp4": 32}  # inputs per group (fp8: the block edge)
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 # e2m1 code -> value; bit 3 is the sign
@@ -262,10 +263,12 @@ def _quant_q4(w: Tensor, g: int, refine: str | None) -> dict[str, Tensor]:
     m = _bf16_down(lo)  # the min rounds down and the scale up, so no weight falls outside the grid
     s = _bf16_up((hi - m.float()) / 15.0)
     q = _q4_codes(x, s, m)
-    if refine == "lsq":
+    if refine in ("lsq", "search"):
         s, m, q = _refine_lsq(x, valid, s, m, q)
+        if refine == "search":
+            s, m, q = _refine_search(x, valid, lo, hi, s, m, q)
     elif refine is not None:
-        raise QuantError(f"unknown q4 refinement {refine!r}: use None or 'lsq'")
+        raise QuantError(f"unknown q4 refinement {refine!r}: use None, 'lsq' or 'search'")
     q = q.to(torch.uint8).flatten(-2)[..., :k]
     return {"q": pack_nibbles(q), "scale": s, "min": m}
 
@@ -294,6 +297,37 @@ def _refine_lsq(x: Tensor, valid: Tensor, s: Tensor, m: Tensor, q: Tensor, iters
         best = (torch.where(better, s, best[0]), torch.where(better, m, best[1]),
                 torch.where(better[..., None], q, best[2]), torch.where(better, err, best[3]))
     return best[0], best[1], best[2]
+
+
+SEARCH_SHRINK = (0.0, 0.02, 0.04, 0.06, 0.08, 0.11)  # q4 "search": shares of a group's range cut from each end
+
+
+def _refine_search(x: Tensor, valid: Tensor, lo: Tensor, hi: Tensor, s: Tensor, m: Tensor, q: Tensor,
+                   shrink: tuple[float, ...] = SEARCH_SHRINK, iters: int = 6):
+    """A wider start for the least-squares alternation. Each group's range [lo, hi] with its bottom raised by a
+    and its top lowered by b (a, b in `shrink`, shares of hi - lo) is a grid to round onto; the start with the
+    lowest weight MSE after rounding is refined by `iters` rounds of _refine_lsq, and a group keeps that or
+    (s, m, q), the lsq refinement already made, whichever has the lower error (never worse than lsq).
+    Clipping the range's ends trades the two extreme weights' error for a finer grid under the others, which the
+    alternation from min/max alone does not reach. Measured on olmoe-code-17m's experts: relative weight MSE
+    5.96e-3 against lsq's 6.51e-3; about 4x lsq's time (notes in benchmarks/bench_quant_quality.py)."""
+    r = hi - lo
+    start = None
+    for a in shrink:
+        for b in shrink:
+            m0 = (lo + a * r).to(torch.bfloat16)
+            s0 = ((hi - b * r - m0.float()) / 15.0).clamp_min(0).to(torch.bfloat16)
+            q0 = _q4_codes(x, s0, m0)
+            e0 = _group_err(x, valid, s0, m0, q0)
+            if start is None:
+                start = (s0, m0, q0, e0)
+                continue
+            better = e0 < start[3]
+            start = (torch.where(better, s0, start[0]), torch.where(better, m0, start[1]),
+                     torch.where(better[..., None], q0, start[2]), torch.where(better, e0, start[3]))
+    s1, m1, q1 = _refine_lsq(x, valid, start[0], start[1], start[2], iters=iters)
+    better = _group_err(x, valid, s1, m1, q1) < _group_err(x, valid, s, m, q)
+    return (torch.where(better, s1, s), torch.where(better, m1, m), torch.where(better[..., None], q1, q))
 
 
 def _quant_fp8(w: Tensor, g: int) -> dict[str, Tensor]:
