@@ -426,7 +426,7 @@ def test_native_and_torch_paths_agree_in_the_engine(reference_layout, ids, refer
 
 def test_without_a_compiler_the_engine_uses_torch(reference_layout, ids, reference_run, monkeypatch, capsys):
     """No C compiler: one warning line at load, the torch path, the same tokens."""
-    from tiered.model import cpu_kernel
+    from tiered.kernels import cpu_kernel
 
     monkeypatch.setattr(cpu_kernel, "_compiler", lambda: None)
     e = _engine(reference_layout, "all", pieces=True)

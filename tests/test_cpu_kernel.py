@@ -1,4 +1,4 @@
-"""The native CPU expert kernel (model/cpu_kernel.c, cpu_kernel.py) against the torch reference (cpu_partial
+"""The native CPU expert kernel (kernels/cpu_kernel.c, cpu_kernel.py) against the torch reference (cpu_partial
 without a kernel): every stored format it reads, fp32 and bf16 compute, odd sizes, 1 and several experts, rows
 of the block layout's strided views, thread counts; its AVX2 and portable builds; what it refuses; the
 fallback without a compiler. Native-only checks skip when this machine cannot build the kernel."""
@@ -11,9 +11,9 @@ import torch
 
 from tiered.layout.format import plan_block
 from tiered.layout.quant import quantize
-from tiered.model import cpu_kernel
+from tiered.kernels import cpu_kernel
 from tiered.model.cpu_experts import cpu_partial
-from tiered.model.cpu_kernel import CpuKernel
+from tiered.kernels.cpu_kernel import CpuKernel
 from tiered.model.moe import ClampedSwiGLU
 from tiered.store.disk import expert_views
 

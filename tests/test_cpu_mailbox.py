@@ -1,5 +1,5 @@
 """CPU experts inside the device step: resolve's split of a layer's misses (kernels/slot_table.py), the mailbox and
-its native worker (model/cpu_mailbox.py, model/cpu_kernel.c `tiered_cpu_serve`), the device side of the handshake
+its native worker (model/cpu_mailbox.py, kernels/cpu_kernel.c `tiered_cpu_serve`), the device side of the handshake
 (kernels/cpu_handoff.py) and the eager device step that runs them all (decode/devstep.py).
 
 On CPU: the kernels under the Triton interpreter against the torch references, with the real worker thread
@@ -18,7 +18,7 @@ from tiered.engine import _cpu_mailbox, load
 from tiered.kernels import cpu_handoff as ch
 from tiered.kernels import slot_table as st
 from tiered.model.cpu_experts import cpu_partial
-from tiered.model.cpu_kernel import CpuKernel
+from tiered.kernels.cpu_kernel import CpuKernel
 from tiered.store.devtable import DeviceSlotTable
 from tiered.store.offload import CostModel
 

@@ -35,7 +35,7 @@ from tiered.layout.families import default_model_path
 from tiered.layout.format import DTYPES, MANIFEST
 from tiered.layout.tokenizer import Tokenizer
 from tiered.model import cpu_experts
-from tiered.model.cpu_kernel import KernelUnavailable
+from tiered.kernels.cpu_kernel import KernelUnavailable
 from tiered.model.cpu_mailbox import CpuMailbox
 from tiered.model.layers import pick_backend
 from tiered.model.moe import PrefetchHook, RoutingObserver
@@ -323,7 +323,7 @@ def _cpu_mailbox(provider: Any, cfg: Any, dtype: torch.dtype, fp32_weights: bool
     round trip measured, or (None, why not)."""
     kern = getattr(provider, "cpu_kernel", None)
     if kern is None:
-        return None, ("CPU experts in the device step need the native CPU kernel (model/cpu_kernel.c), which is "
+        return None, ("CPU experts in the device step need the native CPU kernel (kernels/cpu_kernel.c), which is "
                       "unavailable here (see the warning above); --slot-table host computes them with torch")
     # the worker's team spins between posts: it leaves one core to the thread that launches the steps (on the
     # H200 box, 16 spinning threads on its 16 cores took bf16 lru+cpu/device from 468 to 355 tok/s)

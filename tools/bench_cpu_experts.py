@@ -6,7 +6,7 @@ model counts: block_size per expert).
         [--paths torch-bf16,bf16,q8,q4] [--pool-gb 1.0] [--links 55,25,12]
 
 Paths: "torch-FMT" is the torch reference (cpu_partial: dequantize, F.linear), "FMT" the native kernel
-(model/cpu_kernel.c); FMT in fp32, bf16, q8, q4. The compute dtype is bf16 (fp32 for fp32 weights), as on GPU
+(kernels/cpu_kernel.c); FMT in fp32, bf16, q8, q4. The compute dtype is bf16 (fp32 for fp32 weights), as on GPU
 runs. The experts sit in a pool of blocks laid out as in experts.bin (layout/format.plan_block, views from
 store/disk.expert_views) of --pool-gb GB; each call takes the next K experts of the pool, so once the pool is
 larger than the last-level cache the weights come from DRAM, as they do in a run. Random codes and scales: the
@@ -39,7 +39,7 @@ import torch  # noqa: E402
 from tiered.layout.format import plan_block  # noqa: E402
 from tiered.layout.quant import QuantWeight  # noqa: E402
 from tiered.model.cpu_experts import cpu_partial, prepare  # noqa: E402
-from tiered.model.cpu_kernel import CpuKernel  # noqa: E402
+from tiered.kernels.cpu_kernel import CpuKernel  # noqa: E402
 from tiered.store.disk import expert_views  # noqa: E402
 from tiered.store.offload import CostModel, CpuWorker, cpu_threads  # noqa: E402
 

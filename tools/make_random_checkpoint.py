@@ -33,6 +33,12 @@ PRESETS = {
                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                              num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=2048,
                              rms_norm_eps=1e-6, tie_word_embeddings=False),
+    # qwen3-10b's widths (a layer's bytes) cut to 2 layers with the reference tokenizer's 8,192-token vocab (1.27B
+    # params, 2.5 GB bf16): CPU decode of dense GEMVs and experts that read DRAM, not cache (bench_decode_cpu.py)
+    "qwen3-10b-2l-v8k": dict(vocab_size=8192, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                             num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                             num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+                             max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False),
     # qwen3-10b's layer and expert counts at a CPU-sized width (replayed-routing benchmark checks)
     "qwen3-mini": dict(vocab_size=1024, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
                        num_hidden_layers=16, num_attention_heads=4, num_key_value_heads=2, head_dim=32,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 13, call E: software prefetch in the CPU kernel's dense rows (model/cpu_kernel.c PF_BYTES, 0 = none in
+# Session 13, call E: software prefetch in the CPU kernel's dense rows (kernels/cpu_kernel.c PF_BYTES, 0 = none in
 # the committed tree), set on the box to 0 / 512 / 1024 / 2048 bytes ahead; the mailbox alone and beside the gather
 # (bench_mailbox.py, 15 threads, 1/2/4 experts a post), the kernel rebuilt for each (its cache is keyed by source).
 source "$(dirname "$0")/lib.sh"
@@ -13,5 +13,5 @@ for r in d['runs']: print(r['experts'], r['contend'], round(r['gbps'], 1), round
 }
 n=0
 for pf in 0 1024 512 2048 0; do
-  n=$((n + 1)); sed -i "s/^#define PF_BYTES .*/#define PF_BYTES $pf/" tiered/model/cpu_kernel.c; mb $pf $n
+  n=$((n + 1)); sed -i "s/^#define PF_BYTES .*/#define PF_BYTES $pf/" tiered/kernels/cpu_kernel.c; mb $pf $n
 done

@@ -62,6 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tiered.kernels import cpu_kernel
 from tiered.layout.quant import QuantWeight, linear as linear_ref
 
 try:
@@ -1041,11 +1042,18 @@ def quant_down(h: Tensor, slots: Tensor, weights: Tensor, down: QuantWeight, dty
 def qlinear(x: Tensor, w: Tensor | QuantWeight, bias: Tensor | None = None) -> Tensor:
     """F.linear over a dense or quantized weight: on CUDA the fused GEMV for up to MAX_ROWS rows, the tiled
     dequantizing GEMM (quant_grouped.quant_matmul) above, and from dequant_rows() rows (q4, q8) a dense copy
-    multiplied by cuBLAS (quant_dequant.dequant_matmul); else the reference (dequantize into x's dtype, then
-    matmul). x [..., K] -> [..., N]."""
+    multiplied by cuBLAS (quant_dequant.dequant_matmul); one row on the CPU the native GEMV (cpu_kernel.gemv, q8 and
+    q4 read in place, fp32 sums; TIERED_CPU_KERNEL=torch turns it off); else the reference (dequantize into x's
+    dtype, then matmul). x [..., K] -> [..., N]."""
     if not isinstance(w, QuantWeight):
         return F.linear(x, w, bias)
     rows = x.reshape(-1, x.shape[-1])
+    if x.device.type == "cpu" and rows.shape[0] == 1:  # one token on the CPU: the native GEMV reads the parts in place
+        kern = cpu_kernel.shared()
+        y = None if kern is None else kern.gemv(rows, w, threads=torch.get_num_threads())
+        if y is not None:
+            y = y.view(*x.shape[:-1], w.matrix[0])
+            return y + bias if bias is not None else y
     if not kernel_ok(x, w):
         return linear_ref(x, w, bias)
     n, k = w.matrix

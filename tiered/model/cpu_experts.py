@@ -7,7 +7,7 @@ model).
 Does not own: which experts go to the CPU (store/cache.py with store/offload.py's cost model), the worker
 thread (store/offload.py), where the partial output is added (moe.expert_mix: after the GPU experts).
 
-Two implementations of one math: the native kernel (model/cpu_kernel.c through cpu_kernel.py, compiled on
+Two implementations of one math: the native kernel (kernels/cpu_kernel.c through cpu_kernel.py, compiled on
 first use; threads over output rows, AVX-512/AVX2 where present, reading bf16/fp32/fp16/q8/q4 blocks in place)
 and the torch reference below (`cpu_partial` without a kernel: quantized blocks are dequantized expert by
 expert with layout.quant.dense, F.linear in the compute dtype). `start` uses the kernel the provider holds
@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tiered.layout.quant import dense
-from tiered.model.cpu_kernel import CpuKernel
+from tiered.kernels.cpu_kernel import CpuKernel
 from tiered.model.moe import ClampedSwiGLU, _act
 
 

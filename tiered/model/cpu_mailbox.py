@@ -4,7 +4,7 @@ Owns: `CpuMailbox` (the shared tensors, the native worker thread that serves the
 counters) and the host side of the handshake (`post`, `wait`: what the eager CPU step runs, and the reference the
 device kernels follow).
 Does not own: which misses go to the CPU (kernels/slot_table.resolve, by the cost model's table), the device side
-of the handshake (kernels/cpu_handoff.py), the expert math (model/cpu_kernel.c, `tiered_cpu_serve` and the kernel
+of the handshake (kernels/cpu_handoff.py), the expert math (kernels/cpu_kernel.c, `tiered_cpu_serve` and the kernel
 it shares with the host path), nor where the result is added (moe.expert_mix's `partial`).
 
 The protocol (one layer at a time; every layer of a step that sends no miss to the CPU skips it):
@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tiered.model.cpu_kernel import ROUND, CpuKernel, KernelUnavailable
+from tiered.kernels.cpu_kernel import ROUND, CpuKernel, KernelUnavailable
 
 # probe_device's device sleep before each timed round trip: about 0.5 ms at the H200's 1.98 GHz, more than the host
 # takes to enqueue the post and wait kernels from Python
@@ -41,7 +41,7 @@ class CpuMailbox:
     """The mailbox of one expert pool view (`W`: the RAM tier's blocks, rows = host rows of the device table).
 
     Args:
-        kernel: the loaded native kernel (model/cpu_kernel.py); its plan of W must exist (a supported format).
+        kernel: the loaded native kernel (kernels/cpu_kernel.py); its plan of W must exist (a supported format).
         W: the pool view the rows index (ExpertWeights over the pinned RAM tier).
         K: top-k (the jobs' slots in the mailbox). D: hidden size. dtype: compute dtype (x, y).
         threads: the worker's OpenMP threads (--cpu-threads). fp32_weights: keep the routing weights in fp32

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tiered.kernels import cpu_kernel
 from tiered.kernels.quant_moe import experts_quant_decode, qlinear as linear
 from tiered.layout.quant import QuantWeight, dense
 from tiered.model import moe_gpu
@@ -167,7 +168,8 @@ def experts_one_token(x: Tensor, ids: Tensor, weights: Tensor, provider: ExpertP
 
 
 def experts_from_slots(x: Tensor, slots: Tensor, weights: Tensor, W: Any, act: ClampedSwiGLU | None = None, *,
-                       slot_base: int = 0, round_to: torch.dtype | None = None, fused: bool = True) -> Tensor:
+                       slot_base: int = 0, round_to: torch.dtype | None = None, fused: bool = True,
+                       native: bool = False) -> Tensor:
     """One token's K experts, given their slot rows in W: gather the weights, then GEMMs with no host sync.
 
     x [1, D], slots [K] int64 on W's device (the rows are slot_base + slots), weights [1, K] (compute dtype, or
@@ -179,8 +181,18 @@ def experts_from_slots(x: Tensor, slots: Tensor, weights: Tensor, W: Any, act: C
     over K with one rounding. Every shape depends only on K, so a CUDA graph can capture it with `slots` a
     static buffer (the piecewise decode step).
     fused=False skips the fused kernels (expert_mix's kernels=False: the reference path on every device).
+    native (host tensors): the native CPU kernel (kernels/cpu_kernel.py `partial`, the K experts read in place from
+    W, fp32 sums; the same math up to the summation order) where it supports W, the activation and the dtype.
     """
     dt = x.dtype
+    if native and x.device.type == "cpu":
+        kern = cpu_kernel.shared()
+        if kern is not None and kern.supports(W, act, dt):
+            jobs = [(k, W, slot_base + s) for k, s in enumerate(slots.tolist())]
+            y = kern.partial(x, weights[0], jobs, threads=torch.get_num_threads(), fp32_weights=round_to is None,
+                             act=act)
+            if y is not None:
+                return y
     # fused dequantization on CUDA (SwiGLU, or gpt-oss's clamped form with its biases); None -> the reference below
     if fused and isinstance(W.gate, QuantWeight):
         b = getattr(W, "gate_bias", None)
@@ -273,7 +285,7 @@ def moe_block(h: Tensor, x: Tensor, w: MoEWeights, provider: ExpertProvider, lay
 
 def expert_mix(x: Tensor, ids: Tensor, wts: Tensor, w: MoEWeights, provider: ExpertProvider, layer: int, *,
                slots: Tensor | None = None, fp32_weights: bool = False,
-               prefetch_hook: PrefetchHook | None = None, kernels: bool = False,
+               prefetch_hook: PrefetchHook | None = None, kernels: bool = False, native: bool = False,
                partial: Tensor | Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """The MoE output once routing is known: routed experts (+ the shared expert) -> [T, D].
 
@@ -282,7 +294,8 @@ def expert_mix(x: Tensor, ids: Tensor, wts: Tensor, w: MoEWeights, provider: Exp
     segments) and the provider is not called; otherwise the provider's get() resolves them, and for one
     token `prefetch_hook(layer, ids)` (ids int64 [K] on the host) runs right after it.
     kernels=True (CUDA) runs the Triton kernels of model/moe_gpu.py over the same slots; False keeps the
-    torch paths below (the CPU path and the kernels' reference). Quantized experts: one token takes
+    torch paths below (the CPU path and the kernels' reference). native=True (host tensors): one token's experts
+    through the native CPU kernel where it supports them (experts_from_slots). Quantized experts: one token takes
     experts_from_slots, which reads them with the fused dequantizing kernels on CUDA (kernels/quant_moe.py);
     several tokens with kernels=True take moe_gpu.experts_tokens (fused GEMV or grouped dequantizing kernels,
     kernels/quant_grouped.py), else experts_grouped, which dequantizes one expert at a time.
@@ -308,7 +321,7 @@ def expert_mix(x: Tensor, ids: Tensor, wts: Tensor, w: MoEWeights, provider: Exp
         if float_kernels:
             return moe_gpu.experts_decode(x, s, wts, provider.weights, slot_base=base, round_to=round_to, act=w.act)
         return experts_from_slots(x, s, wts, provider.weights, w.act, slot_base=base, round_to=round_to,
-                                  fused=kernels)
+                                  fused=kernels, native=native)
 
     if slots is not None:
         out = one(slots)

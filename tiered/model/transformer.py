@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tiered.kernels import cpu_kernel
 from tiered.kernels.quant_moe import qlinear as linear
 from tiered.layout.config import ModelConfig
 from tiered.layout.quant import QuantWeight, cat_rows
@@ -285,6 +286,9 @@ class Transformer:
         if kernels and not moe_gpu.kernels_enabled(dev):
             raise ValueError(f"kernels=True needs a CUDA device and Triton; device is {dev}")
         self.kernels = moe_gpu.kernels_enabled(dev) if kernels is None else bool(kernels)
+        # on the CPU, one token's experts through the native kernel (kernels/cpu_kernel.py; TIERED_CPU_KERNEL=torch
+        # keeps torch); its dense GEMVs take it through qlinear either way
+        self.cpu_native = dev.type == "cpu" and cpu_kernel.native_enabled()
         self.delta_step = (pick_delta_step(delta_step, self.linear_attn, self.kernels) if config.num_linear_layers
                            else "none")
         if glue and not glue_available(dev):
@@ -463,7 +467,7 @@ class Transformer:
             return linear(F.silu(linear(r.x, g)) * linear(r.x, u), d)
         return expert_mix(r.x, r.ids, r.weights, self.layers[l].moe, self.provider, l, slots=slots,
                           fp32_weights=self.fp32_route_weights, prefetch_hook=self._prefetch_hook,
-                          kernels=self.kernels, partial=partial)
+                          kernels=self.kernels, native=self.cpu_native, partial=partial)
 
     def head(self, h: Tensor, all_logits: bool = False, delta: Tensor | None = None) -> Tensor:
         """Final norm and lm_head: h [T, D] (+ delta [T, D], the last layer's MoE output) -> logits [T, V]

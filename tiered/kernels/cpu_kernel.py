@@ -20,6 +20,7 @@ Legend: D hidden, F expert FFN, n jobs, S rows of a pool view.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -144,6 +145,10 @@ class CpuKernel:
         g.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int] * 7 \
             + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
         self.serve_fn = g
+        v = lib.tiered_cpu_gemv
+        v.restype = ctypes.c_int
+        v.argtypes = [ctypes.c_int] * 4 + [ctypes.c_void_p] * 5 + [ctypes.c_int] * 2
+        self._gemv = v
         self.caps = int(lib.tiered_cpu_caps())
         self.simd = int(lib.tiered_cpu_simd())  # 512, 256 or 0
         self._plans: dict[int, tuple[Any, _Plan | None]] = {}  # id(ExpertWeights) -> (the object, its plan)
@@ -214,6 +219,32 @@ class CpuKernel:
         return _Plan(FMT[fmt], int(D), int(F), int(groups[0]), int(groups[1]), (ctypes.c_uint64 * 9)(*base),
                      (ctypes.c_int64 * 9)(*stride))
 
+    def gemv(self, x: Tensor, w: QuantWeight, *, threads: int = 0) -> Tensor | None:
+        """One token through one stored matrix, read in place: x [1, K] (or [K]) host, compute dtype -> [1, N] in
+        x's dtype, each output rounded once from its fp32 sum (tiered_cpu_gemv). None where this build, the format
+        (q8, q4), the dtype or the parts' layout (one contiguous matrix on the host) does not fit: the caller takes
+        the torch reference."""
+        dt = x.dtype
+        if dt not in ROUND or w.fmt not in FMT or w.lead or not self.caps >> FMT[w.fmt] & 1:
+            return None
+        if dt == torch.float16 and not self.caps >> 8 & 1:
+            return None
+        parts = [t for t in (w.q, w.scale, w.min) if t is not None]
+        if any(t.device.type != "cpu" or not t.is_contiguous() for t in parts) or x.device.type != "cpu":
+            return None
+        n, k = w.matrix
+        if x.numel() != k:
+            raise ValueError(f"CPU GEMV: x has {x.numel()} values, the matrix takes {k}")
+        x = x.contiguous()
+        out = torch.empty(1, n, dtype=dt)
+        rc = self._gemv(FMT[w.fmt], n, k, w.group, w.q.data_ptr(), w.scale.data_ptr(),
+                        0 if w.min is None else w.min.data_ptr(), x.data_ptr(), out.data_ptr(), ROUND[dt], int(threads))
+        if rc == -1:
+            return None
+        if rc != 0:
+            raise MemoryError(f"CPU GEMV {self.path.name}: out of memory for a [{n}, {k}] {w.fmt} matrix")
+        return out
+
     def supports(self, W: Any, act: Any, dtype: torch.dtype) -> bool:
         """Whether `partial` computes experts of this pool view with this activation in this compute dtype."""
         return act is None and dtype in ROUND and (dtype != torch.float16 or self.caps >> 8 & 1) \
@@ -267,3 +298,22 @@ class CpuKernel:
         if rc != 0:
             raise MemoryError(f"CPU expert kernel {self.path.name}: out of memory for {n} experts of D {D}, F {F}")
         return out
+
+
+ENV = "TIERED_CPU_KERNEL"
+
+
+def native_enabled() -> bool:
+    """Whether CPU work may take the native kernel: unless TIERED_CPU_KERNEL=torch."""
+    return os.environ.get(ENV, "native").strip().lower() != "torch"
+
+
+@functools.lru_cache(maxsize=None)
+def _loaded() -> "CpuKernel | None":
+    return CpuKernel.load()
+
+
+def shared() -> "CpuKernel | None":
+    """The kernel a CPU decode step uses for its dense GEMVs and its experts (built on first use, then the same
+    library for the process); None when TIERED_CPU_KERNEL=torch or it cannot be built (a one-line warning, once)."""
+    return _loaded() if native_enabled() else None

@@ -1,6 +1,6 @@
 /* CPU experts for one token: out = sum_j w_j * down_j(act(gate_j x, up_j x)), reading the stored expert
  * blocks in place (fp32, bf16, fp16, q8, q4 as laid out by tiered/layout/quant.py), fp32 accumulation,
- * threads (OpenMP) over output rows. Compiled on first use by tiered/model/cpu_kernel.py with
+ * threads (OpenMP) over output rows. Compiled on first use by tiered/kernels/cpu_kernel.py with
  * `cc -O3 -march=native -fopenmp -shared -fPIC`; the vector paths are AVX-512F, AVX2+FMA+F16C, or portable C,
  * and q4 computed in bf16 uses AVX512-BF16's dot products where the CPU has them.
  *
@@ -547,6 +547,61 @@ int tiered_cpu_experts(int fmt, int n, const uintptr_t *base, const int64_t *str
     free(parts);
     free(wts);
     return rc;
+}
+
+/* One token through one stored matrix: out[N] = W x, W [N, K] in format fmt with its rows' parts packed (q: N rows
+ * of row_bytes(fmt, K) bytes; s and m: N rows of ceil(K / G) bf16, 0 where absent), x[K] and out[N] in the compute
+ * dtype rnd_mode, each output rounded once from its fp32 sum; threads over contiguous slices of the rows, four rows
+ * sharing each load of x. The dense projections of a CPU decode step (layout/quant.py's formats read in place, as
+ * the expert jobs above read theirs). Returns 0, -1 when the format or dtype is not supported by this build, -2
+ * when out of memory. */
+int tiered_cpu_gemv(int fmt, int N, int K, int G, uintptr_t q, uintptr_t s, uintptr_t m, const void *x, void *out,
+                    int rnd_mode, int threads) {
+    if (fmt < FMT_F32 || fmt > FMT_Q4 || !(tiered_cpu_caps() >> fmt & 1)) return -1;
+    if (rnd_mode == RND_F16 && !HAVE_F16) return -1;
+    if (G <= 0) G = 1;
+    const long ng = (K + G - 1) / G;
+    const long rb = row_bytes(fmt, K);
+    float *buf = (float *)malloc(((size_t)2 * K + ng + (K / 2 + 1)) * sizeof(float));
+    if (!buf) return -2;
+    float *xf = buf, *xp = buf + K, *xs = xp + K;
+    uint16_t *xb = HAVE_BFDP && fmt == FMT_Q4 && rnd_mode == RND_BF16 && G == 64 ? (uint16_t *)(xs + ng) : NULL;
+    for (int k = 0; k < K; k++) xf[k] = load_x(x, rnd_mode, k);
+    if (fmt == FMT_Q4) prep_vec(xf, K, G, xp, xs, xb);
+    const vec_t v = {xf, xp, xs, xb};
+#ifdef _OPENMP
+    if (threads <= 0) threads = omp_get_max_threads();
+    if ((long)N * rb < (1L << 16)) threads = 1; /* under 64 KiB of weights a team costs more than it saves */
+#pragma omp parallel num_threads(threads)
+#endif
+    {
+#ifdef _OPENMP
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+        const int t = 0, nt = 1;
+#endif
+        const long r0 = (long)N * t / nt, r1 = (long)N * (t + 1) / nt;
+        const void *qp[4];
+        const uint16_t *sp[4], *mp[4];
+        float o[4];
+        for (long r = r0; r < r1;) {
+            const int R = r + 4 <= r1 ? 4 : 1;
+            for (int k = 0; k < R; k++) {
+                qp[k] = (const void *)(q + (uintptr_t)((r + k) * rb));
+                sp[k] = s ? (const uint16_t *)s + (r + k) * ng : NULL;
+                mp[k] = m ? (const uint16_t *)m + (r + k) * ng : NULL;
+            }
+            dots(fmt, R, qp, sp, mp, &v, K, G, (int)ng, o);
+            for (int k = 0; k < R; k++) {
+                if (rnd_mode == RND_NONE) ((float *)out)[r + k] = o[k];
+                else if (rnd_mode == RND_BF16) ((uint16_t *)out)[r + k] = f32_to_bf16(o[k]);
+                else ((uint16_t *)out)[r + k] = f32_to_f16(o[k]);
+            }
+            r += R;
+        }
+    }
+    free(buf);
+    return 0;
 }
 
 static int64_t now_ns(void) {
