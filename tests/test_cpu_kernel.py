@@ -196,3 +196,56 @@ def test_bench_tool_runs_and_reports(tmp_path):
         assert row["gbps"] > 0 and row["probe"]["cpu_gbps"] > 0
         assert set(row["probe"]["to_cpu_of_misses"]) == {"55.0", "12.0"}
         assert row["probe"]["kernel"] == ("torch" if row["path"].startswith("torch") else "native-" + row["simd"])
+
+
+# --- one token through one stored matrix (tiered_cpu_gemv: qlinear's one-row CPU path) ---
+
+GEMV_SHAPES = [(4, 64), (7, 100), (33, 65), (130, 257), (256, 2048)]  # (N, K): N not a multiple of 4, short groups
+
+
+def _matrix(fmt: str, n: int, k: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return quantize((torch.randn(n, k, generator=g) * 0.1).to(torch.bfloat16), fmt)
+
+
+@pytest.mark.parametrize("n,k", GEMV_SHAPES)
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+def test_gemv_matches_the_dequantized_reference(kern, fmt, n, k):
+    """fp32 compute: within 1e-5 relative of x @ dequantize(W).T (fp32 sums in another order); bf16 compute: within
+    bf16 rounding of it; on 1 and 2 threads alike."""
+    w = _matrix(fmt, n, k)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(1))
+    ref = x @ w.dequantize(torch.float32).T
+    for threads in (1, 2):
+        got = kern.gemv(x, w, threads=threads)
+        assert got is not None and got.dtype == torch.float32 and got.shape == (1, n)
+        assert _rel(got, ref) <= 1e-5, threads
+    got = kern.gemv(x.bfloat16(), w, threads=2)
+    assert got.dtype == torch.bfloat16 and _rel(got, x.bfloat16().float() @ w.dequantize(torch.float32).T) <= 8e-3
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 instruction-set variants")
+@pytest.mark.parametrize("march", ["haswell", "x86-64"])
+def test_gemv_other_instruction_sets(kern, march):
+    """The AVX2 and plain-C builds of the GEMV agree with the reference too."""
+    try:
+        k = CpuKernel(cpu_kernel.build(march))
+    except cpu_kernel.KernelUnavailable as e:
+        pytest.skip(str(e))
+    x = torch.randn(1, 257, generator=torch.Generator().manual_seed(2))
+    for fmt in ("q8", "q4"):
+        w = _matrix(fmt, 130, 257, seed=3)
+        assert _rel(k.gemv(x, w, threads=2), x @ w.dequantize(torch.float32).T) <= 1e-5, fmt
+
+
+def test_gemv_declines_what_it_does_not_read(kern):
+    """fp8 and mxfp4 matrices, a stack of matrices and parts that are not one contiguous matrix: None (qlinear then
+    takes the torch reference)."""
+    x = torch.randn(1, 128)
+    for fmt in ("fp8", "mxfp4"):
+        assert kern.gemv(x, _matrix(fmt, 8, 128), threads=1) is None, fmt
+    stack = quantize(torch.randn(2, 8, 128), "q4")
+    assert kern.gemv(x, stack, threads=1) is None
+    wide = _matrix("q4", 8, 256)
+    half = type(wide)(wide.fmt, (8, 128), wide.group, wide.q[:, :64], wide.scale[:, :2], wide.min[:, :2])
+    assert not half.q.is_contiguous() and kern.gemv(x, half, threads=1) is None

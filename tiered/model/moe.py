@@ -182,10 +182,12 @@ def experts_from_slots(x: Tensor, slots: Tensor, weights: Tensor, W: Any, act: C
     static buffer (the piecewise decode step).
     fused=False skips the fused kernels (expert_mix's kernels=False: the reference path on every device).
     native (host tensors): the native CPU kernel (kernels/cpu_kernel.py `partial`, the K experts read in place from
-    W, fp32 sums; the same math up to the summation order) where it supports W, the activation and the dtype.
+    W, fp32 sums) where it supports W, the activation and the dtype: fp32 compute (the same math up to the
+    summation order), or quantized experts in any compute dtype. Float experts in a bf16/fp16 compute dtype keep
+    the torch path, whose roundings are transformers' (the kernel rounds the SwiGLU once, torch after each op).
     """
     dt = x.dtype
-    if native and x.device.type == "cpu":
+    if native and x.device.type == "cpu" and (dt == torch.float32 or isinstance(W.gate, QuantWeight)):
         kern = cpu_kernel.shared()
         if kern is not None and kern.supports(W, act, dt):
             jobs = [(k, W, slot_base + s) for k, s in enumerate(slots.tolist())]
