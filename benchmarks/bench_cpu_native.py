@@ -1,0 +1,204 @@
+"""CPU decode through the native kernel (kernels/cpu_kernel.c: the dense q8/q4 GEMVs and one token's experts) against
+the torch path of the same engine (TIERED_CPU_KERNEL=torch) and against llama.cpp on the CPU, same model, same run.
+
+The model: a checkpoint (-m), or tools/make_random_checkpoint.py's qwen3-10b-2l-v8k built under --work (the 10.6B
+shape's layer widths, 2 layers, the reference tokenizer's vocabulary: 1.27B parameters, 2.5 GB in bf16), repacked as
+stored (bf16) and with --experts q4 --dense q4 (reused when present). Each tiered row is `tiered run --json` in a
+fresh process: a --prompt-tokens prompt from ../shared/text/eval's first file, then --new-tokens greedy tokens; the
+engine's own decode and prefill rates, median of --repeats processes. The torch path of q4 runs --torch-tokens tokens
+only (about 1 tok/s here: it dequantizes every expert and matrix each step).
+Correctness first: in fp32 the native and the torch runs must give the same greedy tokens (the first --torch-tokens),
+or the benchmark fails.
+llama.cpp (--llama-bin DIR with llama-bench and llama-quantize, built by tools/build_llamacpp.sh with LLAMA_CUDA=OFF):
+the checkpoint converted to a bf16 GGUF (tools/convert_gguf.py, --llama-dir) and quantized to Q4_0 (llama-quantize:
+it keeps output.weight at q6_K, the routers and norms at f32), then llama-bench tg and pp at the same sizes and
+threads.
+
+    python3 benchmarks/bench_cpu_native.py --work /tmp/cpu-native --llama-bin /tmp/lbcpu/bin \\
+        --llama-dir .carry/llama.cpp --threads 2
+
+Prints a table, then one JSON line last; writes benchmarks/results/cpu-native-<date>.json (--out) and $OUT/.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))
+from benchmeta import git_commit, write_out  # noqa: E402
+
+PRESET = "qwen3-10b-2l-v8k"
+
+
+def log(msg: str) -> None:
+    print(f"[cpu-native] {msg}", file=sys.stderr, flush=True)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def prepare(a: argparse.Namespace) -> tuple[Path, dict[str, Path]]:
+    """The checkpoint and its two layouts (bf16 as stored; q4 experts and dense), made when absent."""
+    from tiered.layout.repack import repack
+
+    ckpt = a.model or a.work / "ckpt"
+    if not (ckpt / "config.json").exists():
+        from make_random_checkpoint import make
+
+        log(f"building {PRESET} under {ckpt}")
+        make(PRESET, ckpt, device="cpu", tokenizer=REPO / "tiered" / "data" / "olmoe-code-17m")
+    lays = {"bf16": a.work / "layout-bf16", "q4": a.work / "layout-q4"}
+    for name, kw in (("bf16", {}), ("q4", {"experts": "q4", "dense": "q4"})):
+        if not (lays[name] / "manifest.json").exists():
+            log(f"repacking {name} (q4 on the CPU takes minutes)")
+            repack(ckpt, lays[name], force=True, progress=False, **kw)
+    return ckpt, lays
+
+
+def tiered_run(layout: Path, prompt: Path, new: int, dtype: str, mode: str, threads: int) -> dict:
+    """One `tiered run --json` in a fresh process; its stats plus the generated token ids."""
+    env = {**os.environ, "TIERED_CPU_KERNEL": mode, "OMP_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, "-m", "tiered", "run", "-m", str(layout), "--device", "cpu", "--dtype", dtype,
+           "--prompt-file", str(prompt), "--max-new-tokens", str(new), "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+    if r.returncode != 0:
+        raise SystemExit(f"tiered run failed ({' '.join(cmd)}):\n{r.stderr[-2000:]}")
+    stats = json.loads(r.stderr.strip().splitlines()[-1])
+    stats["text"] = r.stdout
+    return stats
+
+
+def tiered_rows(a: argparse.Namespace, lays: dict[str, Path], prompt: Path) -> dict:
+    rows: dict = {}
+    plan = [("bf16", "float32", "native", a.new_tokens), ("bf16", "float32", "torch", a.new_tokens),
+            ("q4", "float32", "native", a.new_tokens), ("q4", "float32", "torch", a.torch_tokens),
+            ("q4", "bfloat16", "native", a.new_tokens)]
+    for lay, dtype, mode, new in plan:
+        runs = [tiered_run(lays[lay], prompt, new, dtype, mode, a.threads) for _ in range(a.repeats)]
+        key = f"{lay}/{dtype}/{mode}"
+        rows[key] = {"layout": lay, "dtype": dtype, "kernel": mode, "new_tokens": new,
+                     "decode_tok_s": statistics.median(r["decode_tok_s"] for r in runs),
+                     "prefill_tok_s": statistics.median(r["prefill_tok_s"] for r in runs),
+                     "decode_runs": [r["decode_tok_s"] for r in runs], "prompt_tokens": runs[0]["tokens_prompt"],
+                     "text": runs[0]["text"]}
+        log(f"{key}: decode {rows[key]['decode_tok_s']:.2f} tok/s, prefill {rows[key]['prefill_tok_s']:.1f}")
+    return rows
+
+
+def check_tokens(rows: dict, a: argparse.Namespace) -> dict:
+    """fp32: the native run's text starts with the torch run's (the torch q4 run is shorter): else fail."""
+    out = {}
+    for lay in ("bf16", "q4"):
+        # the shorter text may end inside a character its next token completes (decoded as U+FFFD)
+        n, t = (rows[f"{lay}/float32/{m}"]["text"].rstrip("\n").rstrip("\ufffd") for m in ("native", "torch"))
+        same = n.startswith(t) if len(t) <= len(n) else t.startswith(n)
+        out[lay] = same
+        if not same:
+            raise SystemExit(f"{lay}: the native and torch runs generated different text in fp32:\n{n!r}\n{t!r}")
+    return out
+
+
+def llama_rows(a: argparse.Namespace, ckpt: Path, prompt_tokens: int) -> dict:
+    """llama-bench tg / pp on the bf16 GGUF and its Q4_0 (made when absent)."""
+    bf16, q40 = a.work / "model-bf16.gguf", a.work / "model-q4_0.gguf"
+    if not bf16.exists():
+        log("converting to a bf16 GGUF")
+        subprocess.run([sys.executable, str(REPO / "tools" / "convert_gguf.py"), "--llama-dir", str(a.llama_dir),
+                        str(ckpt), "--outtype", "bf16", "--outfile", str(bf16)], check=True, capture_output=True)
+    kept = []
+    if not q40.exists():
+        r = subprocess.run([str(a.llama_bin / "llama-quantize"), str(bf16), str(q40), "Q4_0"], capture_output=True,
+                           text=True, check=True)
+        kept = sorted({ln.split(" - ")[0].split("]")[-1].strip() + " " + ln.split("converting to")[1].split()[0]
+                       for ln in r.stdout.splitlines() + r.stderr.splitlines()
+                       if "converting to" in ln and "converting to q4_0" not in ln})
+    rows: dict = {}
+    for name, path in (("bf16", bf16), ("Q4_0", q40)):
+        r = subprocess.run([str(a.llama_bin / "llama-bench"), "-m", str(path), "-t", str(a.threads), "-p",
+                            str(prompt_tokens), "-n", str(a.new_tokens), "-r", str(a.repeats), "-o", "json"],
+                           capture_output=True, text=True, check=True, timeout=3600)
+        recs = json.loads(r.stdout)
+        tg = next(x for x in recs if x["n_gen"] > 0)
+        pp = next(x for x in recs if x["n_prompt"] > 0)
+        rows[name] = {"tg_tok_s": tg["avg_ts"], "tg_stddev": tg["stddev_ts"], "pp_tok_s": pp["avg_ts"],
+                      "pp_tokens": pp["n_prompt"], "gguf": path.name}
+        log(f"llama.cpp {name}: tg {tg['avg_ts']:.2f}, pp{pp['n_prompt']} {pp['avg_ts']:.1f}")
+    rows["q4_0_kept_higher"] = kept
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-m", "--model", type=Path, default=None, help=f"checkpoint (default: {PRESET} under --work)")
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "tiered-cpu-native")
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--torch-tokens", type=int, default=6, help="new tokens of the (slow) torch q4 row")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--llama-bin", type=Path, default=None, help="llama.cpp's bin/ (CPU build); omit to skip")
+    ap.add_argument("--llama-dir", type=Path, default=REPO / ".carry" / "llama.cpp", help="llama.cpp source")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" /
+                    f"cpu-native-{datetime.date.today().isoformat()}.json")
+    a = ap.parse_args()
+    a.work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    ckpt, lays = prepare(a)
+    from tiered.engine import load
+
+    eng = load(lays["bf16"], device="cpu")
+    text = sorted((REPO.parent / "shared" / "text" / "eval").glob("*"))[0].read_text()
+    ids = eng.tokenizer.encode(text)[:a.prompt_tokens]
+    prompt = a.work / "prompt.txt"
+    prompt.write_text(eng.tokenizer.decode(ids))
+    del eng
+    rows = tiered_rows(a, lays, prompt)
+    res: dict = {"bench": "cpu-native", "model": str(ckpt), "preset": None if a.model else PRESET,
+                 "threads": a.threads, "cpu": cpu_name(), "host": platform.node(), "tiered": rows,
+                 "tokens_identical_fp32": check_tokens(rows, a)}
+    for r in rows.values():
+        r.pop("text")
+    nat = {k: rows[f"{k}/float32/native"]["decode_tok_s"] for k in ("bf16", "q4")}
+    res["native_vs_torch_decode"] = {k: nat[k] / rows[f"{k}/float32/torch"]["decode_tok_s"] for k in nat}
+    res["q4_vs_bf16_native_decode"] = nat["q4"] / nat["bf16"]
+    if a.llama_bin:
+        lr = llama_rows(a, ckpt, rows["bf16/float32/native"]["prompt_tokens"])
+        res["llamacpp"] = lr
+        res["vs_llamacpp_decode"] = {"bf16": nat["bf16"] / lr["bf16"]["tg_tok_s"],
+                                     "q4_fp32": nat["q4"] / lr["Q4_0"]["tg_tok_s"],
+                                     "q4_bf16": rows["q4/bfloat16/native"]["decode_tok_s"] / lr["Q4_0"]["tg_tok_s"]}
+        res["vs_llamacpp_prefill"] = {"bf16": rows["bf16/float32/native"]["prefill_tok_s"] / lr["bf16"]["pp_tok_s"],
+                                      "q4": rows["q4/float32/native"]["prefill_tok_s"] / lr["Q4_0"]["pp_tok_s"]}
+    res.update({"commit": git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                "seconds": time.perf_counter() - t0})
+    print(f"{'row':<24} {'decode tok/s':>13} {'prefill tok/s':>14}")
+    for k, r in rows.items():
+        print(f"{k:<24} {r['decode_tok_s']:>13.2f} {r['prefill_tok_s']:>14.1f}")
+    for k, r in res.get("llamacpp", {}).items():
+        if isinstance(r, dict):
+            print(f"{'llama.cpp ' + k:<24} {r['tg_tok_s']:>13.2f} {r['pp_tok_s']:>14.1f}")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(res, indent=1) + "\n")
+    print(write_out(res, a.out.name))
+
+
+if __name__ == "__main__":
+    main()
