@@ -147,10 +147,11 @@ class QuantWeight:
         """The dense weight [..., N, K] in `dtype` (computed in fp32, rounded once)."""
         n, k = self.matrix
         if self.fmt == "q8":
-            w = self.q.float() * _expand(self.scale.float(), self.group, k)
+            w = _by_group(self.q, self.group, k) * self.scale.float()[..., None]
+            w = w.flatten(-2)[..., :k]
         elif self.fmt == "q4":
-            codes = unpack_nibbles(self.q, k).float()
-            w = codes * _expand(self.scale.float(), self.group, k) + _expand(self.min.float(), self.group, k)
+            codes = _by_group(unpack_nibbles(self.q, k), self.group, k)
+            w = (codes * self.scale.float()[..., None] + self.min.float()[..., None]).flatten(-2)[..., :k]
         elif self.fmt == "fp8":
             s = _expand(self.scale, self.group, k)  # [..., Nb, K]
             w = self.q.float() * s.repeat_interleave(self.group, dim=-2)[..., :n, :]
@@ -159,6 +160,14 @@ class QuantWeight:
             exp = torch.exp2(self.scale.float() - 127.0)  # [..., N, G]
             w = (vals.view(*vals.shape[:-1], -1, 32) * exp[..., None]).flatten(-2)[..., :k]
         return w.to(dtype)
+
+
+def _by_group(codes: Tensor, group: int, k: int) -> Tensor:
+    """Codes [..., K] -> fp32 [..., G, group] (the last group zero-padded), so that per-group values broadcast over
+    it: the same products and sums as expanding them per input, in half the time on a CPU."""
+    pad = -k % group
+    c = F.pad(codes[..., :k], (0, pad)) if pad else codes[..., :k]
+    return c.reshape(*c.shape[:-1], -1, group).float()
 
 
 def _expand(s: Tensor, group: int, k: int) -> Tensor:
