@@ -1,10 +1,12 @@
-"""The native CPU expert kernel: cpu_kernel.c compiled for this machine on first use, loaded with ctypes.
+"""The native CPU kernel: cpu_kernel.c compiled for this machine on first use, loaded with ctypes.
 
 Owns: building the shared library (`cc -O3 -march=native -fopenmp -shared -fPIC`, into
 $XDG_CACHE_HOME/tiered-kernels/cpu/, keyed by the source's hash, the compiler, the flags and the CPU's feature
 flags; written under a temporary name and renamed, so concurrent first uses are safe), `CpuKernel.load` (None
 with a one-line warning saying why when there is no compiler or the build fails: the caller falls back to
-torch), and `CpuKernel.partial` (one token's CPU experts of a layer, read in place from the block views).
+torch), `CpuKernel.partial` (one token's CPU experts of a layer, read in place from the block views),
+`CpuKernel.gemv` (one token through one stored q8/q4 matrix: qlinear's one-row CPU path), and `shared` (the kernel
+a CPU decode step uses, loaded once a process; None under TIERED_CPU_KERNEL=torch).
 Does not own: the torch reference and the choice between the two paths (cpu_experts.py), the worker thread and
 the thread count (store/offload.py), which experts go to the CPU (store/cache.py), the device step's mailbox
 (model/cpu_mailbox.py, which runs the library's `tiered_cpu_serve` loop through `serve_fn`).

@@ -319,7 +319,8 @@ def _refine_search(x: Tensor, valid: Tensor, lo: Tensor, hi: Tensor, s: Tensor, 
     (s, m, q), the lsq refinement already made, whichever has the lower error (never worse than lsq).
     Clipping the range's ends trades the two extreme weights' error for a finer grid under the others, which the
     alternation from min/max alone does not reach. Measured on olmoe-code-17m's experts: relative weight MSE
-    5.96e-3 against lsq's 6.51e-3; about 4x lsq's time (notes in benchmarks/bench_quant_quality.py)."""
+    5.996e-3 against lsq's 6.507e-3, about 5x lsq's quantizing time (benchmarks/results/quant-quality-2026-12-04.json,
+    notes/Q4_DECODE.md "Session 36")."""
     r = hi - lo
     start = None
     for a in shrink:
