@@ -150,3 +150,18 @@ def source_tensors(src: Path) -> dict[str, torch.Tensor]:
             for k in f.keys():
                 out[k] = f.get_tensor(k)
     return out
+
+
+def step_logits(e, ids: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy decode with an engine's one-token path (piecewise when set, else eager) after prefilling `ids`:
+    the tokens and each step's logits (fp32 copies)."""
+    logits = e.model.forward(torch.tensor(ids), 0)
+    toks, outs = [], []
+    pos = len(ids)
+    for _ in range(steps):
+        tok = int(logits[0].argmax())
+        toks.append(tok)
+        logits = e._step(torch.tensor([tok]), tok, pos)
+        outs.append(logits.float().clone())
+        pos += 1
+    return toks, outs

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import step_logits
 from tiered.engine import EngineError, load
 from tiered.layout.repack import repack
 from tiered.store.offload import CostModel
@@ -204,20 +205,6 @@ def _engine(layout, cpu: str, *, pieces: bool, slots: int = 16, **extra):
     return e
 
 
-def _step_logits(e, ids: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
-    """Greedy decode with the engine's one-token path (piecewise when set, else eager); logits of each step."""
-    logits = e.model.forward(torch.tensor(ids), 0)
-    toks, outs = [], []
-    pos = len(ids)
-    for _ in range(steps):
-        tok = int(logits[0].argmax())
-        toks.append(tok)
-        logits = e._step(torch.tensor([tok]), tok, pos)
-        outs.append(logits.float().clone())
-        pos += 1
-    return toks, outs
-
-
 @pytest.fixture(scope="module")
 def ids(reference_layout) -> list[int]:
     return load(reference_layout, device="cpu").encode(PROMPT)
@@ -225,7 +212,7 @@ def ids(reference_layout) -> list[int]:
 
 @pytest.fixture(scope="module")
 def reference_run(reference_layout, ids):
-    return _step_logits(_engine(reference_layout, "off", pieces=False), ids, NEW)
+    return step_logits(_engine(reference_layout, "off", pieces=False), ids, NEW)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -239,7 +226,7 @@ def test_tokens_identical_off_auto_all(reference_layout, ids, reference_run, cpu
     experts' sum is added after the slot experts', so the summation order changes); off and auto (which
     computes nothing on a CPU device without a cost model) bit for bit."""
     e = _engine(reference_layout, cpu, pieces=pieces)
-    toks, outs = _step_logits(e, ids, NEW)
+    toks, outs = step_logits(e, ids, NEW)
     ref_toks, ref_outs = reference_run
     assert toks == ref_toks
     for a, b in zip(outs, ref_outs):
@@ -263,7 +250,7 @@ def test_auto_forced_split_uses_both_paths(reference_layout, ids, reference_run,
     cache = e.model.provider
     cache.cost_model = CostModel(1.0, 1.0, fixed=True)
     cache.record_gets()
-    toks, outs = _step_logits(e, ids, NEW)
+    toks, outs = step_logits(e, ids, NEW)
     assert toks == reference_run[0]
     for a, b in zip(outs, reference_run[1]):
         assert _rel(a, b) <= 1e-5
@@ -287,7 +274,7 @@ def test_write_behind_caches_cpu_experts(reference_layout, ids, reference_run):
         assert cache.write_behind is False  # a CPU device: off unless forced
         cache.cost_model = CostModel(1.0, 1e3, fixed=True)  # a CPU far faster than the link takes every miss
         cache.write_behind = wb
-        toks, outs = _step_logits(e, ids, NEW)
+        toks, outs = step_logits(e, ids, NEW)
         assert toks == reference_run[0]
         for x, y in zip(outs, reference_run[1]):
             assert _rel(x, y) <= 1e-5
@@ -362,7 +349,7 @@ def test_auto_with_a_small_ram_tier_sends_only_ram_blocks_and_starts_the_cpu_fir
         return load_(keys, slot_of, t, pinned)
 
     cache._host_blocks, cache._load = spy_host_blocks, spy_load
-    toks, outs = _step_logits(e, ids, NEW)
+    toks, outs = step_logits(e, ids, NEW)
     assert toks == reference_run[0]
     for x, y in zip(outs, reference_run[1]):
         assert _rel(x, y) <= 1e-5
@@ -386,9 +373,9 @@ def test_quantized_experts_on_the_cpu(reference_model, ids, tmp_path, fmt):
     the layout's torch dequantization); tokens equal the slot path's, logits within 1e-5."""
     dst = tmp_path / fmt
     repack(reference_model, dst, experts=fmt, progress=False)
-    off = _step_logits(_engine(dst, "off", pieces=True), ids, 8)
+    off = step_logits(_engine(dst, "off", pieces=True), ids, 8)
     e = _engine(dst, "all", pieces=True)
-    on = _step_logits(e, ids, 8)
+    on = step_logits(e, ids, 8)
     assert on[0] == off[0]
     for a, b in zip(on[1], off[1]):
         assert _rel(a, b) <= 1e-5
@@ -412,13 +399,13 @@ def test_native_and_torch_paths_agree_in_the_engine(reference_layout, ids, refer
         return real(*a, **kw)
 
     monkeypatch.setattr(kern, "partial", spy)
-    toks, outs = _step_logits(e, ids, 6)
+    toks, outs = step_logits(e, ids, 6)
     assert set(seen) == {2} and len(seen) == 6 * e.config.num_layers
     assert e.model.provider.stats()["cpu_experts"]["kernel"].startswith("native")
     monkeypatch.setenv("TIERED_CPU_KERNEL", "torch")
     t = _engine(reference_layout, "all", pieces=True, cpu_threads=2)
     assert t.model.provider.cpu_kernel is None and t.model.provider.stats()["cpu_experts"]["kernel"] == "torch"
-    ttoks, touts = _step_logits(t, ids, 6)
+    ttoks, touts = step_logits(t, ids, 6)
     assert toks == ttoks == reference_run[0][:6]
     for a, b in zip(outs, touts):
         assert _rel(a, b) <= 1e-5
@@ -432,7 +419,7 @@ def test_without_a_compiler_the_engine_uses_torch(reference_layout, ids, referen
     e = _engine(reference_layout, "all", pieces=True)
     assert e.model.provider.cpu_kernel is None
     assert sum("native kernel is unavailable" in line for line in capsys.readouterr().err.splitlines()) == 1
-    toks, _ = _step_logits(e, ids, 6)
+    toks, _ = step_logits(e, ids, 6)
     assert toks == reference_run[0][:6]
 
 
@@ -498,7 +485,7 @@ def test_pacing_on_cpu(reference_layout, ids):
     is reported next to the target."""
     target = 0.01  # GB/s: 4.9 ms per 49 KB block
     e = _engine(reference_layout, "off", pieces=True, slots=8, h2d_gbps=target)
-    _step_logits(e, ids[:8], 4)
+    step_logits(e, ids[:8], 4)
     st = e.model.provider.stats()
     assert st["h2d_gbps_target"] == target
     assert st["vram"]["bytes_in"] > 0
@@ -566,7 +553,7 @@ def test_auto_moves_misses_to_the_cpu_as_the_link_slows(reference_layout, ids, r
         e = _engine(reference_layout, "auto", pieces=True, slots=8, h2d_gbps=gbps)
         cm = e.model.provider.cost_model
         assert cm is not None and cm.pcie_gbps == gbps and cm.cpu_gbps > 0  # probed by cpu_experts.prepare
-        toks, outs = _step_logits(e, ids, NEW)
+        toks, outs = step_logits(e, ids, NEW)
         assert toks == reference_run[0]
         d = e.model.provider.stats()
         share[gbps] = d["cpu_experts"]["count"] / max(1, d["decode"]["misses"])

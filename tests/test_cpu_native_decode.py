@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import step_logits
 from tiered.engine import load
 from tiered.kernels import cpu_kernel
 from tiered.kernels.cpu_kernel import CpuKernel
@@ -44,15 +45,7 @@ def _run(layout, monkeypatch, mode: str, calls: dict):
 
         monkeypatch.setattr(CpuKernel, name, spy)
     e = load(layout, device="cpu", dtype="float32", max_context=128)
-    ids = e.encode(PROMPT)
-    logits = e.model.forward(torch.tensor(ids), 0)
-    toks, outs, pos = [], [], len(ids)
-    for _ in range(NEW):
-        tok = int(logits[0].argmax())
-        toks.append(tok)
-        logits = e._step(torch.tensor([tok]), tok, pos)
-        outs.append(logits.float().clone())
-        pos += 1
+    toks, outs = step_logits(e, e.encode(PROMPT), NEW)
     monkeypatch.undo()
     return e, toks, outs
 
