@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tiered.layout.format import plan_block
-from tiered.layout.quant import quantize
+from tiered.layout.quant import QuantWeight, quantize
 from tiered.kernels import cpu_kernel
 from tiered.model.cpu_experts import cpu_partial
 from tiered.kernels.cpu_kernel import CpuKernel
@@ -208,20 +208,31 @@ def _matrix(fmt: str, n: int, k: int, seed: int = 0):
     return quantize((torch.randn(n, k, generator=g) * 0.1).to(torch.bfloat16), fmt)
 
 
+def _dense(w) -> torch.Tensor:
+    return w.dequantize(torch.float32) if isinstance(w, QuantWeight) else w.float()
+
+
 @pytest.mark.parametrize("n,k", GEMV_SHAPES)
-@pytest.mark.parametrize("fmt", ["q8", "q4"])
+@pytest.mark.parametrize("fmt", ["q8", "q4", "bf16", "fp16", "fp32"])
 def test_gemv_matches_the_dequantized_reference(kern, fmt, n, k):
-    """fp32 compute: within 1e-5 relative of x @ dequantize(W).T (fp32 sums in another order); bf16 compute: within
-    bf16 rounding of it; on 1 and 2 threads alike."""
-    w = _matrix(fmt, n, k)
-    x = torch.randn(1, k, generator=torch.Generator().manual_seed(1))
-    ref = x @ w.dequantize(torch.float32).T
-    for threads in (1, 2):
-        got = kern.gemv(x, w, threads=threads)
-        assert got is not None and got.dtype == torch.float32 and got.shape == (1, n)
-        assert _rel(got, ref) <= 1e-5, threads
-    got = kern.gemv(x.bfloat16(), w, threads=2)
-    assert got.dtype == torch.bfloat16 and _rel(got, x.bfloat16().float() @ w.dequantize(torch.float32).T) <= 8e-3
+    """q8 / q4 parts and plain float matrices read as stored, 1 and 3 tokens: in fp32 compute within 1e-5 relative of
+    x @ W.T over W in fp32 (the same products, summed in another order); in bf16 compute within bf16 rounding of it;
+    on 1 and 2 threads alike."""
+    if fmt == "fp16" and not kern.caps >> 2 & 1:
+        pytest.skip("this compiler has no _Float16")
+    if fmt in ("q8", "q4"):
+        w = _matrix(fmt, n, k)
+    else:
+        w = (torch.randn(n, k, generator=torch.Generator().manual_seed(0)) * 0.1).to(getattr(torch, STORED[fmt]))
+    for T in (1, 3):
+        x = torch.randn(T, k, generator=torch.Generator().manual_seed(1))
+        ref = x @ _dense(w).T
+        for threads in (1, 2):
+            got = kern.gemv(x, w, threads=threads)
+            assert got is not None and got.dtype == torch.float32 and got.shape == (T, n)
+            assert _rel(got, ref) <= 1e-5, (T, threads)
+        got = kern.gemv(x.bfloat16(), w, threads=2)
+        assert got.dtype == torch.bfloat16 and _rel(got, x.bfloat16().float() @ _dense(w).T) <= 8e-3
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 instruction-set variants")
@@ -232,20 +243,22 @@ def test_gemv_other_instruction_sets(kern, march):
         k = CpuKernel(cpu_kernel.build(march))
     except cpu_kernel.KernelUnavailable as e:
         pytest.skip(str(e))
-    x = torch.randn(1, 257, generator=torch.Generator().manual_seed(2))
-    for fmt in ("q8", "q4"):
-        w = _matrix(fmt, 130, 257, seed=3)
-        assert _rel(k.gemv(x, w, threads=2), x @ w.dequantize(torch.float32).T) <= 1e-5, fmt
+    x = torch.randn(2, 257, generator=torch.Generator().manual_seed(2))
+    for fmt in ("q8", "q4", "bf16"):
+        w = _matrix(fmt, 130, 257, seed=3) if fmt != "bf16" else torch.randn(130, 257).bfloat16()
+        assert _rel(k.gemv(x, w, threads=2), x @ _dense(w).T) <= 1e-5, fmt
 
 
 def test_gemv_declines_what_it_does_not_read(kern):
-    """fp8 and mxfp4 matrices, a stack of matrices and parts that are not one contiguous matrix: None (qlinear then
-    takes the torch reference)."""
+    """fp8 and mxfp4 matrices, a stack of matrices (quantized or plain) and parts that are not one contiguous matrix:
+    None (qlinear then takes the torch reference)."""
     x = torch.randn(1, 128)
     for fmt in ("fp8", "mxfp4"):
         assert kern.gemv(x, _matrix(fmt, 8, 128), threads=1) is None, fmt
     stack = quantize(torch.randn(2, 8, 128), "q4")
     assert kern.gemv(x, stack, threads=1) is None
+    assert kern.gemv(x, torch.randn(2, 8, 128), threads=1) is None
+    assert kern.gemv(x, torch.randn(128, 8).bfloat16().T, threads=1) is None  # a transposed view
     wide = _matrix("q4", 8, 256)
     half = type(wide)(wide.fmt, (8, 128), wide.group, wide.q[:, :64], wide.scale[:, :2], wide.min[:, :2])
     assert not half.q.is_contiguous() and kern.gemv(x, half, threads=1) is None

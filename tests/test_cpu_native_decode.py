@@ -52,9 +52,9 @@ def _run(layout, monkeypatch, mode: str, calls: dict):
 
 @pytest.mark.parametrize("which", ["q4", "bf16"])
 def test_native_decode_matches_torch(which, q4_layout, reference_layout, monkeypatch):
-    """q4 experts and dense (the GEMVs and the experts native) and the bf16 layout (the experts native): the same
-    greedy tokens as torch, logits within 1e-5 relative; the native kernel did the one-token work (every layer's
-    experts each step; the q4 projections through the GEMV) and torch's run never called it."""
+    """q4 experts and dense, and the bf16 layout (its projections kept in bf16 and read by the GEMV): the same greedy
+    tokens as torch, logits within 1e-5 relative; the native kernel did the one-token work (every layer's experts
+    each step, the projections through the GEMV) and torch's run never called it."""
     layout = q4_layout if which == "q4" else reference_layout
     native_calls, torch_calls = {}, {}
     e, toks, outs = _run(layout, monkeypatch, "native", native_calls)
@@ -65,25 +65,29 @@ def test_native_decode_matches_torch(which, q4_layout, reference_layout, monkeyp
         assert float((a - b).norm() / b.norm()) <= 1e-5
     layers = e.model.config.num_layers
     assert native_calls.get("partial", 0) >= NEW * layers
-    if which == "q4":  # q, k, v (one matrix or three) and o per layer, each step
-        assert native_calls.get("gemv", 0) >= NEW * layers * 2
-    else:
-        assert native_calls.get("gemv", 0) == 0  # plain weights stay on F.linear
+    assert native_calls.get("gemv", 0) >= NEW * layers * 2  # qkv (one matrix) and o per layer, each step
     assert torch_calls == {}
+    if which == "bf16":  # kept as stored under the native kernel, in the compute dtype without it
+        assert e.model.layers[0].attn.qkv.dtype == torch.bfloat16
 
 
-def test_qlinear_one_row_on_cpu_takes_the_native_gemv(monkeypatch):
-    """qlinear of one row on the CPU: the native GEMV's result (within 1e-5 of the reference) and the bias added;
-    several rows, and TIERED_CPU_KERNEL=torch, take the reference."""
-    w = quantize(torch.randn(40, 96) * 0.1, "q4")
+@pytest.mark.parametrize("kind", ["q4", "bf16"])
+def test_qlinear_few_rows_on_cpu_take_the_native_gemv(kind, monkeypatch):
+    """qlinear on the CPU, a q4 matrix or a bf16 one under fp32 compute: up to CPU_GEMV_ROWS rows the native GEMV's
+    result (within 1e-5 of the fp32 reference) with the bias added; more rows, and TIERED_CPU_KERNEL=torch, the
+    reference (a bf16 matrix widened per call)."""
+    from tiered.kernels.quant_moe import CPU_GEMV_ROWS
+
+    w = quantize(torch.randn(40, 96) * 0.1, "q4") if kind == "q4" else (torch.randn(40, 96) * 0.1).bfloat16()
+    wf = w.dequantize(torch.float32) if kind == "q4" else w.float()
     b = torch.randn(40)
-    x = torch.randn(1, 96)
-    ref = x @ w.dequantize(torch.float32).T + b
-    got = qlinear(x, w, b)
-    assert float((got - ref).norm() / ref.norm()) <= 1e-5
+    x = torch.randn(3, 96)
+    ref = x @ wf.T + b
+    assert float((qlinear(x, w, b) - ref).norm() / ref.norm()) <= 1e-5
     seen = []
-    monkeypatch.setattr(CpuKernel, "gemv", lambda self, x, w, **kw: seen.append(x.shape) or torch.zeros(1, 40))
-    assert torch.equal(qlinear(x, w, b), b.view(1, 40))  # the GEMV's (here: zero) output, plus the bias
-    assert qlinear(torch.randn(3, 96), w).shape == (3, 40) and seen == [(1, 96)]
+    monkeypatch.setattr(CpuKernel, "gemv", lambda self, x, w, **kw: seen.append(x.shape[0]) or torch.zeros(len(x), 40))
+    assert torch.equal(qlinear(x, w, b), b.expand(3, 40))  # the GEMV's (here: zero) output, plus the bias
+    many = torch.randn(CPU_GEMV_ROWS + 1, 96)
+    assert torch.allclose(qlinear(many, w), many @ wf.T, rtol=1e-5, atol=1e-5) and seen == [3]
     monkeypatch.setenv(cpu_kernel.ENV, "torch")
-    assert torch.allclose(qlinear(x, w, b), ref, rtol=1e-5, atol=1e-6) and seen == [(1, 96)]
+    assert torch.allclose(qlinear(x, w, b), ref, rtol=1e-5, atol=1e-5) and seen == [3]

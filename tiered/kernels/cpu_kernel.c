@@ -549,38 +549,47 @@ int tiered_cpu_experts(int fmt, int n, const uintptr_t *base, const int64_t *str
     return rc;
 }
 
-/* One token through one stored matrix: out[N] = W x, W [N, K] in format fmt with its rows' parts packed (q: N rows
- * of row_bytes(fmt, K) bytes; s and m: N rows of ceil(K / G) bf16, 0 where absent), x[K] and out[N] in the compute
- * dtype rnd_mode, each output rounded once from its fp32 sum; threads over contiguous slices of the rows, four rows
- * sharing each load of x. The dense projections of a CPU decode step (layout/quant.py's formats read in place, as
- * the expert jobs above read theirs). Returns 0, -1 when the format or dtype is not supported by this build, -2
- * when out of memory. */
-int tiered_cpu_gemv(int fmt, int N, int K, int G, uintptr_t q, uintptr_t s, uintptr_t m, const void *x, void *out,
-                    int rnd_mode, int threads) {
+/* T tokens through one stored matrix: out[T, N] = x W^T, W [N, K] in format fmt with its rows' parts packed (q: N
+ * rows of row_bytes(fmt, K) bytes; s and m: N rows of ceil(K / G) bf16, 0 where absent), x [T, K] and out [T, N]
+ * contiguous in the compute dtype rnd_mode, each output rounded once from its fp32 sum; threads over contiguous
+ * slices of the rows, four rows sharing each load of x, and every token's dots of a block of rows made while those
+ * rows are in L1 (the weights are read once for the T tokens). The dense projections of a CPU decode step or a few
+ * batch rows (layout/quant.py's formats, or a float matrix kept as stored, read in place). Returns 0, -1 when the
+ * format or dtype is not supported by this build, -2 when out of memory. */
+int tiered_cpu_gemv(int fmt, int N, int K, int G, uintptr_t q, uintptr_t s, uintptr_t m, const void *x, int T,
+                    void *out, int rnd_mode, int threads) {
     if (fmt < FMT_F32 || fmt > FMT_Q4 || !(tiered_cpu_caps() >> fmt & 1)) return -1;
     if (rnd_mode == RND_F16 && !HAVE_F16) return -1;
+    if (T <= 0) return 0;
     if (G <= 0) G = 1;
     const long ng = (K + G - 1) / G;
     const long rb = row_bytes(fmt, K);
-    float *buf = (float *)malloc(((size_t)2 * K + ng + (K / 2 + 1)) * sizeof(float));
-    if (!buf) return -2;
-    float *xf = buf, *xp = buf + K, *xs = xp + K;
-    uint16_t *xb = HAVE_BFDP && fmt == FMT_Q4 && rnd_mode == RND_BF16 && G == 64 ? (uint16_t *)(xs + ng) : NULL;
-    for (int k = 0; k < K; k++) xf[k] = load_x(x, rnd_mode, k);
-    if (fmt == FMT_Q4) prep_vec(xf, K, G, xp, xs, xb);
-    const vec_t v = {xf, xp, xs, xb};
+    const size_t per = (size_t)2 * K + ng + (K / 2 + 1); /* floats a token: x, its q4 forms */
+    float *buf = (float *)malloc(per * T * sizeof(float));
+    vec_t *vs = (vec_t *)malloc(sizeof(vec_t) * T);
+    if (!buf || !vs) { free(buf); free(vs); return -2; }
+    const int bfdp = HAVE_BFDP && fmt == FMT_Q4 && rnd_mode == RND_BF16 && G == 64;
+    const size_t xsz = rnd_mode == RND_NONE ? 4 : 2;
+    for (int t = 0; t < T; t++) {
+        float *xf = buf + per * t, *xp = xf + K, *xs = xp + K;
+        uint16_t *xb = bfdp ? (uint16_t *)(xs + ng) : NULL;
+        const void *xt = (const char *)x + (size_t)t * K * xsz;
+        for (int k = 0; k < K; k++) xf[k] = load_x(xt, rnd_mode, k);
+        if (fmt == FMT_Q4) prep_vec(xf, K, G, xp, xs, xb);
+        vs[t] = (vec_t){xf, xp, xs, xb};
+    }
 #ifdef _OPENMP
     if (threads <= 0) threads = omp_get_max_threads();
-    if ((long)N * rb < (1L << 16)) threads = 1; /* under 64 KiB of weights a team costs more than it saves */
+    if ((long)N * rb * T < (1L << 16)) threads = 1; /* under 64 KiB of work a team costs more than it saves */
 #pragma omp parallel num_threads(threads)
 #endif
     {
 #ifdef _OPENMP
-        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        const int t0 = omp_get_thread_num(), nt = omp_get_num_threads();
 #else
-        const int t = 0, nt = 1;
+        const int t0 = 0, nt = 1;
 #endif
-        const long r0 = (long)N * t / nt, r1 = (long)N * (t + 1) / nt;
+        const long r0 = (long)N * t0 / nt, r1 = (long)N * (t0 + 1) / nt;
         const void *qp[4];
         const uint16_t *sp[4], *mp[4];
         float o[4];
@@ -591,15 +600,19 @@ int tiered_cpu_gemv(int fmt, int N, int K, int G, uintptr_t q, uintptr_t s, uint
                 sp[k] = s ? (const uint16_t *)s + (r + k) * ng : NULL;
                 mp[k] = m ? (const uint16_t *)m + (r + k) * ng : NULL;
             }
-            dots(fmt, R, qp, sp, mp, &v, K, G, (int)ng, o);
-            for (int k = 0; k < R; k++) {
-                if (rnd_mode == RND_NONE) ((float *)out)[r + k] = o[k];
-                else if (rnd_mode == RND_BF16) ((uint16_t *)out)[r + k] = f32_to_bf16(o[k]);
-                else ((uint16_t *)out)[r + k] = f32_to_f16(o[k]);
+            for (int t = 0; t < T; t++) {
+                dots(fmt, R, qp, sp, mp, &vs[t], K, G, (int)ng, o);
+                const size_t at = (size_t)t * N + r;
+                for (int k = 0; k < R; k++) {
+                    if (rnd_mode == RND_NONE) ((float *)out)[at + k] = o[k];
+                    else if (rnd_mode == RND_BF16) ((uint16_t *)out)[at + k] = f32_to_bf16(o[k]);
+                    else ((uint16_t *)out)[at + k] = f32_to_f16(o[k]);
+                }
             }
             r += R;
         }
     }
+    free(vs);
     free(buf);
     return 0;
 }

@@ -5,7 +5,8 @@ $XDG_CACHE_HOME/tiered-kernels/cpu/, keyed by the source's hash, the compiler, t
 flags; written under a temporary name and renamed, so concurrent first uses are safe), `CpuKernel.load` (None
 with a one-line warning saying why when there is no compiler or the build fails: the caller falls back to
 torch), `CpuKernel.partial` (one token's CPU experts of a layer, read in place from the block views),
-`CpuKernel.gemv` (one token through one stored q8/q4 matrix: qlinear's one-row CPU path), and `shared` (the kernel
+`CpuKernel.gemv` (a few tokens through one stored matrix, q8/q4 or float: qlinear's CPU path for a few rows), and
+`shared` (the kernel
 a CPU decode step uses, loaded once a process; None under TIERED_CPU_KERNEL=torch).
 Does not own: the torch reference and the choice between the two paths (cpu_experts.py), the worker thread and
 the thread count (store/offload.py), which experts go to the CPU (store/cache.py), the device step's mailbox
@@ -149,7 +150,7 @@ class CpuKernel:
         self.serve_fn = g
         v = lib.tiered_cpu_gemv
         v.restype = ctypes.c_int
-        v.argtypes = [ctypes.c_int] * 4 + [ctypes.c_void_p] * 5 + [ctypes.c_int] * 2
+        v.argtypes = [ctypes.c_int] * 4 + [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int] * 2
         self._gemv = v
         self.caps = int(lib.tiered_cpu_caps())
         self.simd = int(lib.tiered_cpu_simd())  # 512, 256 or 0
@@ -221,30 +222,38 @@ class CpuKernel:
         return _Plan(FMT[fmt], int(D), int(F), int(groups[0]), int(groups[1]), (ctypes.c_uint64 * 9)(*base),
                      (ctypes.c_int64 * 9)(*stride))
 
-    def gemv(self, x: Tensor, w: QuantWeight, *, threads: int = 0) -> Tensor | None:
-        """One token through one stored matrix, read in place: x [1, K] (or [K]) host, compute dtype -> [1, N] in
-        x's dtype, each output rounded once from its fp32 sum (tiered_cpu_gemv). None where this build, the format
-        (q8, q4), the dtype or the parts' layout (one contiguous matrix on the host) does not fit: the caller takes
-        the torch reference."""
+    def gemv(self, x: Tensor, w: QuantWeight | Tensor, *, threads: int = 0) -> Tensor | None:
+        """A few tokens through one stored matrix, read in place: x [T, K] host, compute dtype -> [T, N] in x's
+        dtype, each output rounded once from its fp32 sum (tiered_cpu_gemv; the weights read once for the T
+        tokens). w: q8 / q4 parts, or a plain fp32 / bf16 / fp16 matrix (a bf16 one kept as stored under fp32
+        compute: widened exactly, the same sums as F.linear over its fp32 copy). None where this build, the
+        format, the dtype or the layout (one contiguous matrix on the host) does not fit: the caller takes torch."""
         dt = x.dtype
-        if dt not in ROUND or w.fmt not in FMT or w.lead or not self.caps >> FMT[w.fmt] & 1:
+        if dt not in ROUND or x.device.type != "cpu" or x.dim() != 2 or (dt == torch.float16 and not self.caps >> 8 & 1):
             return None
-        if dt == torch.float16 and not self.caps >> 8 & 1:
+        if isinstance(w, QuantWeight):
+            if w.fmt not in FMT or w.lead:
+                return None
+            fmt, (n, k), group, parts = FMT[w.fmt], w.matrix, w.group, (w.q, w.scale, w.min)
+        else:
+            if w.dim() != 2 or w.dtype not in FMT:
+                return None
+            fmt, (n, k), group, parts = FMT[w.dtype], tuple(w.shape), 1, (w, None, None)
+        if not self.caps >> fmt & 1:
             return None
-        parts = [t for t in (w.q, w.scale, w.min) if t is not None]
-        if any(t.device.type != "cpu" or not t.is_contiguous() for t in parts) or x.device.type != "cpu":
+        if any(t.device.type != "cpu" or not t.is_contiguous() for t in parts if t is not None):
             return None
-        n, k = w.matrix
-        if x.numel() != k:
-            raise ValueError(f"CPU GEMV: x has {x.numel()} values, the matrix takes {k}")
+        if x.shape[1] != k:
+            raise ValueError(f"CPU GEMV: x has {x.shape[1]} inputs, the matrix takes {k}")
         x = x.contiguous()
-        out = torch.empty(1, n, dtype=dt)
-        rc = self._gemv(FMT[w.fmt], n, k, w.group, w.q.data_ptr(), w.scale.data_ptr(),
-                        0 if w.min is None else w.min.data_ptr(), x.data_ptr(), out.data_ptr(), ROUND[dt], int(threads))
+        out = torch.empty(x.shape[0], n, dtype=dt)
+        q, sc, mn = (0 if t is None else t.data_ptr() for t in parts)
+        rc = self._gemv(fmt, n, k, group, q, sc, mn, x.data_ptr(), x.shape[0], out.data_ptr(), ROUND[dt],
+                        int(threads))
         if rc == -1:
             return None
         if rc != 0:
-            raise MemoryError(f"CPU GEMV {self.path.name}: out of memory for a [{n}, {k}] {w.fmt} matrix")
+            raise MemoryError(f"CPU GEMV {self.path.name}: out of memory for a [{n}, {k}] matrix and {x.shape[0]} rows")
         return out
 
     def supports(self, W: Any, act: Any, dtype: torch.dtype) -> bool:

@@ -1039,21 +1039,39 @@ def quant_down(h: Tensor, slots: Tensor, weights: Tensor, down: QuantWeight, dty
     return y if split == 1 else y.to(dtype)
 
 
+CPU_GEMV_ROWS = 8  # up to this many rows a CPU product reads a stored matrix once through the native GEMV
+
+
+def _cpu_linear(x: Tensor, w: Tensor | QuantWeight, bias: Tensor | None) -> Tensor | None:
+    """Up to CPU_GEMV_ROWS rows on the CPU through the native GEMV (cpu_kernel.gemv: q8 / q4 parts or a float
+    matrix read as stored, fp32 sums), the bias added after; None where it does not apply."""
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] > CPU_GEMV_ROWS:
+        return None
+    kern = cpu_kernel.shared()
+    y = None if kern is None else kern.gemv(rows, w, threads=torch.get_num_threads())
+    if y is None:
+        return None
+    y = y.view(*x.shape[:-1], y.shape[-1])
+    return y + bias if bias is not None else y
+
+
 def qlinear(x: Tensor, w: Tensor | QuantWeight, bias: Tensor | None = None) -> Tensor:
     """F.linear over a dense or quantized weight: on CUDA the fused GEMV for up to MAX_ROWS rows, the tiled
     dequantizing GEMM (quant_grouped.quant_matmul) above, and from dequant_rows() rows (q4, q8) a dense copy
-    multiplied by cuBLAS (quant_dequant.dequant_matmul); one row on the CPU the native GEMV (cpu_kernel.gemv, q8 and
-    q4 read in place, fp32 sums; TIERED_CPU_KERNEL=torch turns it off); else the reference (dequantize into x's
-    dtype, then matmul). x [..., K] -> [..., N]."""
+    multiplied by cuBLAS (quant_dequant.dequant_matmul); on the CPU up to CPU_GEMV_ROWS rows the native GEMV
+    (cpu_kernel.gemv, the stored matrix read in place, fp32 sums; TIERED_CPU_KERNEL=torch turns it off), which also
+    reads a float matrix kept in its stored dtype under another compute dtype (more rows widen it per call); else
+    the reference (dequantize into x's dtype, then matmul). x [..., K] -> [..., N]."""
+    if x.device.type == "cpu" and (isinstance(w, QuantWeight) or w.dtype != x.dtype):
+        y = _cpu_linear(x, w, bias)
+        if y is not None:
+            return y
+        if not isinstance(w, QuantWeight):  # a float matrix kept as stored (Transformer's _take): widened per call
+            return F.linear(x, w.to(x.dtype), bias)
     if not isinstance(w, QuantWeight):
         return F.linear(x, w, bias)
     rows = x.reshape(-1, x.shape[-1])
-    if x.device.type == "cpu" and rows.shape[0] == 1:  # one token on the CPU: the native GEMV reads the parts in place
-        kern = cpu_kernel.shared()
-        y = None if kern is None else kern.gemv(rows, w, threads=torch.get_num_threads())
-        if y is not None:
-            y = y.view(*x.shape[:-1], w.matrix[0])
-            return y + bias if bias is not None else y
     if not kernel_ok(x, w):
         return linear_ref(x, w, bias)
     n, k = w.matrix

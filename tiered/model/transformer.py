@@ -95,8 +95,11 @@ class LayerWeights:
 
 
 def _take(dense: dict[str, Tensor | QuantWeight], name: str, device: torch.device, dtype: torch.dtype,
-          required: bool = True) -> Tensor | QuantWeight | None:
-    """A dense weight on `device`: in the compute dtype, or kept quantized (dequantized on use by `linear`)."""
+          required: bool = True, keep: bool = False) -> Tensor | QuantWeight | None:
+    """A dense weight on `device`: in the compute dtype, or kept quantized (dequantized on use by `linear`).
+    keep (matrices only `linear` reads): a bf16 / fp16 matrix under fp32 compute on the CPU stays as stored when the
+    native kernel is there (qlinear reads it with the native GEMV, widening exactly: half the bytes a token, the
+    same sums)."""
     t = dense.get(name)
     if t is None:
         if required:
@@ -105,15 +108,20 @@ def _take(dense: dict[str, Tensor | QuantWeight], name: str, device: torch.devic
         return None
     if isinstance(t, QuantWeight):
         return t.to_device(device)
+    if (keep and device.type == "cpu" and dtype == torch.float32 and t.dtype in (torch.bfloat16, torch.float16)
+            and cpu_kernel.shared() is not None):
+        return t.to(device=device)
     return t.to(device=device, dtype=dtype)
 
 
-def _cat_rows(ws: list[Tensor | QuantWeight]) -> Tensor | QuantWeight:
-    """q, k and v stacked into one matrix along the output rows, quantized or not."""
+def _cat_rows(ws: list[Tensor | QuantWeight], dtype: torch.dtype) -> Tensor | QuantWeight:
+    """q, k and v stacked into one matrix along the output rows: quantized parts stacked, plain matrices of one
+    dtype (the compute dtype, or all kept as stored) concatenated, a mix in the compute dtype `dtype`."""
     if all(isinstance(w, QuantWeight) for w in ws):
         return cat_rows(ws)
-    dt = next(w.dtype for w in ws if not isinstance(w, QuantWeight))
-    return torch.cat([w.dequantize(dt) if isinstance(w, QuantWeight) else w for w in ws], dim=0)
+    if all(isinstance(w, Tensor) for w in ws) and len({w.dtype for w in ws}) == 1:
+        return torch.cat(ws, dim=0)
+    return torch.cat([w.dequantize(dtype) if isinstance(w, QuantWeight) else w.to(dtype) for w in ws], dim=0)
 
 
 def _split_output_gate(q: Tensor | QuantWeight, H: int, hd: int, dtype: torch.dtype) -> tuple[Tensor | QuantWeight, ...]:
@@ -146,8 +154,8 @@ def build_layer(cfg: ModelConfig, dense: dict[str, Tensor], l: int, device: torc
     """Layer l's dense weights in the compute dtype on `device`; q/k/v stacked into one matrix."""
     p = f"layers.{l}."
 
-    def t(name: str, required: bool = True) -> Tensor | None:
-        return _take(dense, p + name, device, dtype, required)
+    def t(name: str, required: bool = True, keep: bool = False) -> Tensor | None:
+        return _take(dense, p + name, device, dtype, required, keep)
 
     def nw(name: str) -> Tensor:
         return norm_weight(cfg, t(name), device, dtype)
@@ -179,11 +187,12 @@ def build_layer(cfg: ModelConfig, dense: dict[str, Tensor], l: int, device: torc
         return LayerWeights(attn_norm=nw("attn_norm"), attn=None, mlp_norm=nw("mlp_norm"), moe=moe,
                             linear=build_deltanet(cfg, dense, l, device, dtype))
     H, KV, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    q = t("q_proj")
+    q = t("q_proj", keep=True)
     gate = None
     if cfg.attn_output_gate:  # per head: hd query rows then hd gate rows
         q, gate = _split_output_gate(q, H, hd, dtype)
-    qkv = _cat_rows([q, t("k_proj"), t("v_proj")] + ([gate] if gate is not None else []))
+    qkv = _cat_rows([q, t("k_proj", keep=True), t("v_proj", keep=True)] + ([gate] if gate is not None else []),
+                    dtype)
     bias = None
     if cfg.attn_bias:
         bias = torch.cat([t("q_bias"), t("k_bias"), t("v_bias")], dim=0)
@@ -193,7 +202,7 @@ def build_layer(cfg: ModelConfig, dense: dict[str, Tensor], l: int, device: torc
     elif cfg.qk_norm == "head":  # one [H+KV, hd] table, so q and k are normed in one call
         q_norm = torch.cat([nw("q_norm").expand(H, hd), nw("k_norm").expand(KV, hd)], dim=0)
     sinks = t("sinks", False)
-    attn = AttnWeights(qkv=qkv, qkv_bias=bias, o=t("o_proj"), q_norm=q_norm, k_norm=k_norm,
+    attn = AttnWeights(qkv=qkv, qkv_bias=bias, o=t("o_proj", keep=True), q_norm=q_norm, k_norm=k_norm,
                        o_bias=t("o_bias", False), sinks=None if sinks is None else sinks.float(),
                        qk_cat=torch.cat([q_norm, k_norm]) if cfg.qk_norm == "proj" else None)
     return LayerWeights(attn_norm=nw("attn_norm"), attn=attn, mlp_norm=nw("mlp_norm"), moe=moe, dense_mlp=dense_mlp)
@@ -259,7 +268,7 @@ class Transformer:
         dev = self.device
         self.embed = _take(dense, "embed", dev, dtype)  # [V, D] (never quantized: F.embedding reads rows)
         self.final_norm = norm_weight(config, _take(dense, "final_norm", dev, dtype), dev, dtype)  # [D]
-        head = None if config.tie_word_embeddings else _take(dense, "lm_head", dev, dtype)
+        head = None if config.tie_word_embeddings else _take(dense, "lm_head", dev, dtype, keep=True)
         self.lm_head = self.embed if head is None else head  # [V, D]
         self.layers = [build_layer(config, dense, l, dev, dtype) for l in range(config.num_layers)]
         self.rope = Rope.build(config, self.max_context, device=dev, dtype=dtype)
