@@ -151,7 +151,8 @@ def norm_weight(cfg: ModelConfig, t: Tensor, device: torch.device, dtype: torch.
 
 def build_layer(cfg: ModelConfig, dense: dict[str, Tensor], l: int, device: torch.device,
                 dtype: torch.dtype) -> LayerWeights:
-    """Layer l's dense weights in the compute dtype on `device`; q/k/v stacked into one matrix."""
+    """Layer l's dense weights in the compute dtype on `device` (quantized ones as stored; on a CPU under fp32 the
+    bf16 attention projections too: `_take`'s keep); q/k/v stacked into one matrix."""
     p = f"layers.{l}."
 
     def t(name: str, required: bool = True, keep: bool = False) -> Tensor | None:
