@@ -198,7 +198,8 @@ def test_bench_tool_runs_and_reports(tmp_path):
         assert row["probe"]["kernel"] == ("torch" if row["path"].startswith("torch") else "native-" + row["simd"])
 
 
-# --- one token through one stored matrix (tiered_cpu_gemv: qlinear's one-row CPU path) ---
+# --- tokens through one stored matrix (tiered_cpu_gemv for a few, tiered_cpu_gemm's tiles for more: qlinear's and
+# the prefill experts' CPU path) ---
 
 GEMV_SHAPES = [(4, 64), (7, 100), (33, 65), (130, 257), (256, 2048)]  # (N, K): N not a multiple of 4, short groups
 
@@ -212,27 +213,43 @@ def _dense(w) -> torch.Tensor:
     return w.dequantize(torch.float32) if isinstance(w, QuantWeight) else w.float()
 
 
+def _plain_or_quant(fmt: str, n: int, k: int):
+    if fmt in ("q8", "q4"):
+        return _matrix(fmt, n, k)
+    return (torch.randn(n, k, generator=torch.Generator().manual_seed(0)) * 0.1).to(getattr(torch, STORED[fmt]))
+
+
 @pytest.mark.parametrize("n,k", GEMV_SHAPES)
 @pytest.mark.parametrize("fmt", ["q8", "q4", "bf16", "fp16", "fp32"])
-def test_gemv_matches_the_dequantized_reference(kern, fmt, n, k):
-    """q8 / q4 parts and plain float matrices read as stored, 1 and 3 tokens: in fp32 compute within 1e-5 relative of
-    x @ W.T over W in fp32 (the same products, summed in another order); in bf16 compute within bf16 rounding of it;
-    on 1 and 2 threads alike."""
+@pytest.mark.parametrize("tiled", [False, True])
+def test_gemv_matches_the_dequantized_reference(kern, fmt, n, k, tiled):
+    """q8 / q4 parts and plain float matrices read as stored, through either path (the GEMV's dots, or the GEMM's
+    dequantized row blocks and register tiles) at 1, 3, 5 and 37 tokens (short, full and several token tiles,
+    past one 32-token pass): in fp32 compute within 1e-5 relative of x @ W.T over W in fp32 (the same products,
+    summed in another order); in bf16 compute within bf16 rounding of it; on 1 and 2 threads alike."""
     if fmt == "fp16" and not kern.caps >> 2 & 1:
         pytest.skip("this compiler has no _Float16")
-    if fmt in ("q8", "q4"):
-        w = _matrix(fmt, n, k)
-    else:
-        w = (torch.randn(n, k, generator=torch.Generator().manual_seed(0)) * 0.1).to(getattr(torch, STORED[fmt]))
-    for T in (1, 3):
+    w = _plain_or_quant(fmt, n, k)
+    for T in (1, 3, 5, 37):
         x = torch.randn(T, k, generator=torch.Generator().manual_seed(1))
         ref = x @ _dense(w).T
         for threads in (1, 2):
-            got = kern.gemv(x, w, threads=threads)
+            got = kern.gemv(x, w, threads=threads, tiled=tiled)
             assert got is not None and got.dtype == torch.float32 and got.shape == (T, n)
             assert _rel(got, ref) <= 1e-5, (T, threads)
-        got = kern.gemv(x.bfloat16(), w, threads=2)
+        got = kern.gemv(x.bfloat16(), w, threads=2, tiled=tiled)
         assert got.dtype == torch.bfloat16 and _rel(got, x.bfloat16().float() @ _dense(w).T) <= 8e-3
+
+
+@pytest.mark.parametrize("n,k", [(7, 100), (5, 40), (6, 257)])
+@pytest.mark.parametrize("fmt", ["q8", "q4", "bf16"])
+def test_gemm_dequantizes_every_weight_exactly(kern, fmt, n, k):
+    """The GEMM's row blocks hold the reference's fp32 weights bit for bit (q4: q * s + m, one rounding; q8: q * s):
+    one-hot tokens pick single weights (0 * w and 1 * w are exact), so out[t] = W[:, t] for every input t, across
+    q4's per-32 reordering, its short blocks and groups, and a short last row block."""
+    w = _plain_or_quant(fmt, n, k)
+    got = kern.gemv(torch.eye(k), w, threads=2, tiled=True)
+    assert torch.equal(got, _dense(w).T.contiguous())
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 instruction-set variants")
@@ -243,10 +260,12 @@ def test_gemv_other_instruction_sets(kern, march):
         k = CpuKernel(cpu_kernel.build(march))
     except cpu_kernel.KernelUnavailable as e:
         pytest.skip(str(e))
-    x = torch.randn(2, 257, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(6, 257, generator=torch.Generator().manual_seed(2))
     for fmt in ("q8", "q4", "bf16"):
         w = _matrix(fmt, 130, 257, seed=3) if fmt != "bf16" else torch.randn(130, 257).bfloat16()
-        assert _rel(k.gemv(x, w, threads=2), x @ _dense(w).T) <= 1e-5, fmt
+        for tiled in (False, True):
+            assert _rel(k.gemv(x, w, threads=2, tiled=tiled), x @ _dense(w).T) <= 1e-5, (fmt, tiled)
+        assert torch.equal(k.gemv(torch.eye(257), w, threads=2, tiled=True), _dense(w).T.contiguous()), fmt
 
 
 def test_gemv_declines_what_it_does_not_read(kern):

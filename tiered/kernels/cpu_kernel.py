@@ -45,6 +45,7 @@ SOURCE = Path(__file__).with_name("cpu_kernel.c")
 FMT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, "q8": 3, "q4": 4}  # cpu_kernel.c's FMT_*
 ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # compute dtype -> RND_*
 CFLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
+GEMM_MIN_ROWS = 4  # from this many rows `gemv` takes tiered_cpu_gemm (rows dequantized once a block)
 
 
 @dataclass(frozen=True, eq=False)
@@ -152,6 +153,10 @@ class CpuKernel:
         v.restype = ctypes.c_int
         v.argtypes = [ctypes.c_int] * 4 + [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int] * 2
         self._gemv = v
+        t = lib.tiered_cpu_gemm  # the same arguments: the tiled path for many rows
+        t.restype = ctypes.c_int
+        t.argtypes = v.argtypes
+        self._gemm = t
         self.caps = int(lib.tiered_cpu_caps())
         self.simd = int(lib.tiered_cpu_simd())  # 512, 256 or 0
         self._plans: dict[int, tuple[Any, _Plan | None]] = {}  # id(ExpertWeights) -> (the object, its plan)
@@ -222,7 +227,7 @@ class CpuKernel:
         return _Plan(FMT[fmt], int(D), int(F), int(groups[0]), int(groups[1]), (ctypes.c_uint64 * 9)(*base),
                      (ctypes.c_int64 * 9)(*stride))
 
-    def gemv(self, x: Tensor, w: QuantWeight | Tensor, *, threads: int = 0) -> Tensor | None:
+    def gemv(self, x: Tensor, w: QuantWeight | Tensor, *, threads: int = 0, tiled: bool | None = None) -> Tensor | None:
         """A few tokens through one stored matrix, read in place: x [T, K] host, compute dtype -> [T, N] in x's
         dtype, each output rounded once from its fp32 sum (tiered_cpu_gemv; the weights read once for the T
         tokens). w: q8 / q4 parts, or a plain fp32 / bf16 / fp16 matrix (a bf16 one kept as stored under fp32
@@ -248,8 +253,10 @@ class CpuKernel:
         x = x.contiguous()
         out = torch.empty(x.shape[0], n, dtype=dt)
         q, sc, mn = (0 if t is None else t.data_ptr() for t in parts)
-        rc = self._gemv(fmt, n, k, group, q, sc, mn, x.data_ptr(), x.shape[0], out.data_ptr(), ROUND[dt],
-                        int(threads))
+        if tiled is None:
+            tiled = x.shape[0] >= GEMM_MIN_ROWS
+        fn = self._gemm if tiled else self._gemv
+        rc = fn(fmt, n, k, group, q, sc, mn, x.data_ptr(), x.shape[0], out.data_ptr(), ROUND[dt], int(threads))
         if rc == -1:
             return None
         if rc != 0:

@@ -238,13 +238,34 @@ def _expert(x: Tensor, W: Any, s: int, dt: torch.dtype, act: ClampedSwiGLU | Non
     return F.linear(h, d, W.down_bias[s].to(dt))
 
 
+def _expert_native(kern: Any, x: Tensor, W: Any, s: int) -> Tensor | None:
+    """One expert (slot row s, plain SwiGLU, no biases) over host rows x [n, D] -> [n, D] through the native CPU
+    GEMMs (cpu_kernel.gemv: the stored rows read in place, dequantized once for the n rows, fp32 sums, each
+    product rounded once to x's dtype, as F.linear rounds it); None where the kernel does not read W."""
+    threads = torch.get_num_threads()
+    g = kern.gemv(x, W.gate[s], threads=threads)
+    if g is None:
+        return None
+    u = kern.gemv(x, W.up[s], threads=threads)
+    h = F.silu(g) * u if u is not None else None  # _swiglu's ops in x's dtype
+    y = None if h is None else kern.gemv(h, W.down[s], threads=threads)
+    if y is None:
+        raise RuntimeError(f"CPU expert kernel: read the gate of slot {s} but not its up or down matrix")
+    return y
+
+
 def experts_grouped(x: Tensor, ids: Tensor, weights: Tensor, provider: ExpertProvider, layer: int,
-                    act: ClampedSwiGLU | None = None) -> Tensor:
+                    act: ClampedSwiGLU | None = None, *, native: bool = False) -> Tensor:
     """Prefill path: tokens grouped by expert, experts streamed through the provider in waves.
 
     x [T, D], ids [T, K], weights [T, K] (compute dtype, or fp32) -> [T, D]. Each (token, k) output
     lands in its own row and the K rows of a token are summed at the end, as transformers' grouped_mm
     experts do, so the result does not depend on the wave size.
+    native (host tensors, the plain SwiGLU without biases): each expert's rows through the native CPU GEMMs
+    (`_expert_native`), under the decode path's rule: fp32 compute (the same math up to the summation order), or
+    quantized experts in any compute dtype (read as q*s + m in fp32, not rounded to the compute dtype first);
+    float experts in bf16/fp16 keep the torch path, whose roundings are transformers'. Else `_expert`, which
+    dequantizes each expert whole.
     """
     T, K = ids.shape
     flat = ids.reshape(-1)  # [T*K]
@@ -260,13 +281,20 @@ def experts_grouped(x: Tensor, ids: Tensor, weights: Tensor, provider: ExpertPro
     n = max(1, int(provider.max_experts_per_call))
     W = provider.weights
     dt = x.dtype
+    kern = None
+    if native and act is None and x.device.type == "cpu" and getattr(W, "gate_bias", None) is None \
+            and (dt == torch.float32 or isinstance(W.gate, QuantWeight)):
+        kern = cpu_kernel.shared()
     for w0 in range(0, len(used_l), n):
         slots = provider.get(layer, used[w0:w0 + n]).tolist()  # the wave's slots, pinned until the next get()
         if w0 + n < len(used_l):
             provider.prefetch(layer, used[w0 + n:w0 + 2 * n])
         for j, s in enumerate(slots):
             a, b = starts[w0 + j], starts[w0 + j + 1]
-            y = _expert(x[tok[a:b]], W, s, dt, act)  # [n_e, D]
+            xe = x[tok[a:b]]
+            y = None if kern is None else _expert_native(kern, xe, W, s)
+            if y is None:
+                y = _expert(xe, W, s, dt, act)  # [n_e, D]
             rows.index_copy_(0, order[a:b], y * wsorted[a:b, None])
     return rows.view(T, K, -1).sum(1).to(dt)  # [T, D]
 
@@ -349,7 +377,7 @@ def expert_mix(x: Tensor, ids: Tensor, wts: Tensor, w: MoEWeights, provider: Exp
         if kernels and (not quant or moe_gpu.quant_kernels_ok(provider.weights)):  # checked for T > 1 only
             out = moe_gpu.experts_tokens(x, ids, wc, provider, layer, w.router.shape[0], act=w.act)
         else:
-            out = experts_grouped(x, ids, wc, provider, layer, w.act)
+            out = experts_grouped(x, ids, wc, provider, layer, w.act, native=native)
     if partial is not None:
         out = partial(out) if callable(partial) else out + partial
     if w.shared_gate is not None:
