@@ -266,6 +266,12 @@ def test_gemv_other_instruction_sets(kern, march):
         for tiled in (False, True):
             assert _rel(k.gemv(x, w, threads=2, tiled=tiled), x @ _dense(w).T) <= 1e-5, (fmt, tiled)
         assert torch.equal(k.gemv(torch.eye(257), w, threads=2, tiled=True), _dense(w).T.contiguous()), fmt
+    from tiered.model.moe import _expert
+
+    W = _pool("q4", 130, 200, 2)
+    xs = torch.randn(6, 130, generator=torch.Generator().manual_seed(5))
+    ref = torch.cat([_expert(xs[:1], W, 1, torch.float32, None), _expert(xs[1:], W, 0, torch.float32, None)])
+    assert _rel(k.expert_rows(xs, W, [1, 0], [1, 5], threads=2), ref) <= 1e-5
 
 
 def test_gemv_declines_what_it_does_not_read(kern):
@@ -281,3 +287,40 @@ def test_gemv_declines_what_it_does_not_read(kern):
     wide = _matrix("q4", 8, 256)
     half = type(wide)(wide.fmt, (8, 128), wide.group, wide.q[:, :64], wide.scale[:, :2], wide.min[:, :2])
     assert not half.q.is_contiguous() and kern.gemv(x, half, threads=1) is None
+
+
+# --- several experts over their own rows (tiered_cpu_expert_rows: a CPU prompt's and a batch step's experts) ---
+
+@pytest.mark.parametrize("D,F", SHAPES)
+@pytest.mark.parametrize("fmt", ["q4", "q8", "bf16", "fp32"])
+def test_expert_rows_match_the_per_expert_reference(kern, fmt, D, F):
+    """Experts of a block pool in a shuffled slot order over their own rows (none, fewer than 4 rows: each token's
+    dots; 4 and more: dequantized blocks and tiles; over 32: several passes) against moe._expert per expert in fp32:
+    within 1e-5 relative in fp32 compute; quantized experts in bf16 compute within bf16 rounding; 1 and 2 threads."""
+    from tiered.model.moe import _expert
+
+    W = _pool(fmt, D, F, 6)
+    slots = [5, 0, 2, 1, 3, 4]
+    g = torch.Generator().manual_seed(4)
+    for counts in ([1, 3, 5, 0, 40, 2], [1] * 6, [70, 4, 1, 33, 2, 9]):
+        x = torch.randn(sum(counts), D, generator=g)
+        for dt in (torch.float32, torch.bfloat16) if fmt in ("q4", "q8") else (torch.float32,):
+            xd = x.to(dt)
+            ref, a = [], 0
+            for s, c in zip(slots, counts):
+                ref.append(_expert(xd[a:a + c].float(), W, s, torch.float32, None))
+                a += c
+            ref = torch.cat(ref)
+            for threads in (1, 2):
+                got = kern.expert_rows(xd, W, slots, counts, threads=threads)
+                assert got is not None and got.dtype == dt and got.shape == x.shape
+                assert _rel(got, ref) <= (1e-5 if dt == torch.float32 else 8e-3), (counts, dt, threads)
+
+
+def test_expert_rows_decline_and_check(kern):
+    """fp8 pools and gpt-oss's biased experts: None (the caller takes torch); rows that do not add up: an error."""
+    W = _pool("fp8", 64, 48, 2)
+    assert kern.expert_rows(torch.randn(3, 64), W, [0, 1], [1, 2]) is None
+    Wq = _pool("q4", 64, 48, 2)
+    with pytest.raises(ValueError, match="rows"):
+        kern.expert_rows(torch.randn(4, 64), Wq, [0, 1], [1, 2])

@@ -4,6 +4,8 @@ TIERED_CPU_KERNEL=torch. fp32 on the reference model: greedy tokens identical, l
 sums in another order). Skips where the kernel cannot be built."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -104,6 +106,13 @@ def _teacher_forced(layout, monkeypatch, mode: str, dtype: str, rows: list[int])
         return real(self, x, *a, **kw)
 
     monkeypatch.setattr(CpuKernel, "gemv", spy)
+    real_rows = CpuKernel.expert_rows
+
+    def spy_rows(self, x, *a, **kw):
+        rows.append(("experts", x.shape[0]))
+        return real_rows(self, x, *a, **kw)
+
+    monkeypatch.setattr(CpuKernel, "expert_rows", spy_rows)
     e = load(layout, device="cpu", dtype=dtype, max_context=128)
     ids = e.encode(PROMPT * 6)[:60]
     out = e.logits(ids)
@@ -122,7 +131,11 @@ def test_native_prefill_matches_torch(which, q4_layout, reference_layout, monkey
     want = _teacher_forced(layout, monkeypatch, "torch", "float32", none)
     assert float((got - want).norm() / want.norm()) <= 1e-5
     assert torch.equal(got.argmax(-1), want.argmax(-1))
-    assert none == [] and max(rows) == 60 and sum(r >= cpu_kernel.GEMM_MIN_ROWS for r in rows) > 10
+    experts = [r for r in rows if isinstance(r, tuple)]
+    gemv = [r for r in rows if not isinstance(r, tuple)]
+    assert none == [] and max(gemv) == 60 and sum(r >= cpu_kernel.GEMM_MIN_ROWS for r in gemv) > 10
+    cfg = json.loads((layout / "manifest.json").read_text())["config"]
+    assert len(experts) == cfg["num_layers"] and all(n == 60 * cfg["top_k"] for _, n in experts)  # one call a layer
 
 
 def test_native_prefill_q4_in_bf16(q4_layout, monkeypatch):
@@ -132,3 +145,36 @@ def test_native_prefill_q4_in_bf16(q4_layout, monkeypatch):
     want = _teacher_forced(q4_layout, monkeypatch, "torch", "bfloat16", [])
     assert float((got - want).norm() / want.norm()) <= 2e-2
     assert float((got.argmax(-1) == want.argmax(-1)).float().mean()) >= 0.9
+
+
+def _batch(layout, monkeypatch, mode: str, calls: list):
+    from tiered.decode.scheduler import Request, SamplingParams, Scheduler
+
+    monkeypatch.setenv(cpu_kernel.ENV, mode)
+    real = CpuKernel.expert_rows
+
+    def spy(self, x, *a, **kw):
+        calls.append(x.shape[0])
+        return real(self, x, *a, **kw)
+
+    monkeypatch.setattr(CpuKernel, "expert_rows", spy)
+    e = load(layout, device="cpu", dtype="float32", max_context=128)
+    sch = Scheduler(e, max_batch=6, page_size=8, prefill_tokens=64)
+    prompts = [PROMPT, "import os\n", "class Foo:\n    def", "x = [1, 2, 3]\nfor", "print(", "while True:\n"]
+    reqs = [sch.submit(Request(str(i), e.encode(p), SamplingParams(max_tokens=NEW))) for i, p in enumerate(prompts)]
+    while not sch.idle():
+        sch.step()
+    monkeypatch.undo()
+    return [r.out_ids for r in reqs]
+
+
+@pytest.mark.parametrize("which", ["q4", "bf16"])
+def test_native_batch_matches_torch(which, q4_layout, reference_layout, monkeypatch):
+    """A batch of 6 rows on the CPU: each step's experts (prompt chunks and decode rows) in one native call per wave;
+    every row's greedy tokens are torch's, and torch's run never called the kernel."""
+    layout = q4_layout if which == "q4" else reference_layout
+    native, none = [], []
+    got = _batch(layout, monkeypatch, "native", native)
+    want = _batch(layout, monkeypatch, "torch", none)
+    assert got == want and none == []
+    assert len(native) >= NEW * 2 and max(native) > 6 * 8  # decode steps' rows, and a prompt chunk's

@@ -52,7 +52,7 @@ from tiered.model import sinkflash
 from tiered.model.deltanet import deltanet, deltanet_rows
 from tiered.model.layers import attn_mask, project_qkv, project_qkv_fused, sink_rows, sinks_attend
 from tiered.model.mla import mla_attend, mla_attend_rows, mla_project
-from tiered.model.moe import _expert, add_shared_expert
+from tiered.model.moe import _expert, add_shared_expert, native_rows, native_rows_ok
 from tiered.model.transformer import Routed
 from tiered.store.provider import HostSlotProvider
 
@@ -614,8 +614,9 @@ class BatchStep:
 
         Paths: torch's grouped GEMM (CUDA, unquantized plain SwiGLU); the fused dequantizing kernels of
         kernels/quant_moe.py with one (expert slot) per entry for quantized experts with <= QUANT_ROWS rows
-        (CUDA); else a loop over the experts through moe._expert (dequantized per expert, biases and gpt-oss's
-        activation included)."""
+        (CUDA); on the CPU, the native kernel's expert rows (moe.native_rows: one call for the wave, plain SwiGLU,
+        fp32 compute or quantized experts); else a loop over the experts through moe._expert (dequantized per
+        expert, biases and gpt-oss's activation included)."""
         W = self.model.provider.weights
         dev = x.device
         if all(starts[j] + counts[j] == starts[j + 1] for j in range(len(starts) - 1)):
@@ -626,7 +627,12 @@ class BatchStep:
         xs = x.index_select(0, tok.index_select(0, sel))  # [n, D]
         plain = act is None and getattr(W, "gate_bias", None) is None
         quant = isinstance(W.gate, QuantWeight)
-        if plain and not quant and self.grouped_mm is not None and W.gate.dtype == x.dtype:
+        y = None
+        if plain and self.model.cpu_native and native_rows_ok(x, W):  # CPU: the wave in one native call
+            y = native_rows(xs, W, slots, counts)
+        if y is not None:
+            pass
+        elif plain and not quant and self.grouped_mm is not None and W.gate.dtype == x.dtype:
             y = self._wave_grouped_mm(xs, slots, counts, W)
         else:
             y = torch.empty((xs.shape[0], x.shape[1]), dtype=x.dtype, device=dev)

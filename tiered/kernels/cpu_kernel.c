@@ -824,6 +824,200 @@ int tiered_cpu_gemm(int fmt, int N, int K, int G, uintptr_t q, uintptr_t s, uint
     return rc;
 }
 
+/* ---- several experts, each over its own rows of tokens (a prompt's or a batch step's experts) ---- */
+
+/* Floats a token's forms take (x fp32, q4's per-32 order, its group sums, its bf16 pairs), and their layout. */
+static size_t tok_floats(int K, int G) { return (size_t)2 * K + (K + G - 1) / G + (K / 2 + 1); }
+
+static vec_t tok_prep(float *buf, const float *x, int K, int G, int fmt, int bfdp) {
+    float *xf = buf, *xp = xf + K, *xs = xp + K;
+    uint16_t *xb = bfdp ? (uint16_t *)(xs + (K + G - 1) / G) : NULL;
+    if (x != xf) memcpy(xf, x, sizeof(float) * K);
+    if (fmt == FMT_Q4) {
+        prep_vec(xf, K, G, xp, xs, xb);
+        for (int c = K / 32 * 32; c < K; c++) xp[c] = xf[c]; /* the tail in place: the GEMM tile's order */
+    }
+    return (vec_t){xf, xp, xs, xb};
+}
+
+/* Rows r0..r0+nr-1 (nr <= GEMM_NB) of one matrix (parts at ps: codes, scales, mins; K inputs) dotted with T
+ * tokens v[0..T-1] -> o[t * GEMM_NB + r]: from GEMM_MIN_T tokens the rows are dequantized once into wf (Kp floats a
+ * row) and multiplied in register tiles, below that each token's dots read the codes (tiered_cpu_gemv's way). */
+#define GEMM_MIN_T 4
+static void block_rows(int fmt, const uintptr_t *ps, long r0, int nr, int K, int G, const vec_t *v, int T, float *wf,
+                       size_t Kp, float *o) {
+    const long ng = (K + G - 1) / G;
+    const void *q[GEMM_NB];
+    const uint16_t *s[GEMM_NB], *m[GEMM_NB];
+    for (int r = 0; r < GEMM_NB; r++) row_parts(fmt, ps, r0 + (r < nr ? r : 0), K, ng, &q[r], &s[r], &m[r]);
+    if (T < GEMM_MIN_T) {
+        for (int t = 0; t < T; t++) dots(fmt, GEMM_NB, q, s, m, &v[t], K, G, (int)ng, o + t * GEMM_NB);
+        return;
+    }
+    const float *w[GEMM_NB];
+    for (int r = 0; r < GEMM_NB; r++) {
+        if (fmt == FMT_F32) {
+            w[r] = (const float *)q[r];
+        } else {
+            if (r < nr) dequant_row(fmt, q[r], s[r], m[r], K, G, wf + Kp * r);
+            w[r] = wf + Kp * (r < nr ? r : 0);
+        }
+    }
+    for (int t = 0; t < T; t += GEMM_TT) {
+        const int tt = T - t < GEMM_TT ? T - t : GEMM_TT;
+        const float *xs[GEMM_TT];
+        for (int j = 0; j < tt; j++) xs[j] = fmt == FMT_Q4 ? v[t + j].xp : v[t + j].x;
+        float *ot = o + t * GEMM_NB;
+        switch (tt) {
+        case 4: gemm_tile4(w, xs, K, ot); break;
+        case 3: gemm_tile3(w, xs, K, ot); break;
+        case 2: gemm_tile2(w, xs, K, ot); break;
+        default: gemm_tile1(w, xs, K, ot); break;
+        }
+    }
+}
+
+/* A phase's work items: per expert, its tokens in passes of GEMM_TC, each pass over the matrix's row blocks. */
+typedef struct {
+    int n;
+    const int32_t *cnt;    /* [n] tokens of each expert */
+    const int64_t *first;  /* [n] the expert's first token (a prefix sum of cnt) */
+    long *at;              /* [n + 1] the first item of each expert */
+} items_t;
+
+static long items_count(items_t *it, long nblk) {
+    long k = 0;
+    for (int j = 0; j < it->n; j++) {
+        it->at[j] = k;
+        k += (it->cnt[j] + GEMM_TC - 1) / GEMM_TC * nblk;
+    }
+    it->at[it->n] = k;
+    return k;
+}
+
+/* Experts over their own tokens: for expert j (pool view row rows[j]: its gate, up, down parts at base[p] +
+ * rows[j] * stride[p], as tiered_cpu_experts reads them) and its cnt[j] tokens (consecutive rows of x, experts in
+ * order), out rows = down(silu(gate x) * up x), each output rounded as tiered_cpu_experts rounds one expert's (the
+ * products to the compute dtype, the SwiGLU once), not weighted. x [sum cnt, D] and out [sum cnt, D] in the compute
+ * dtype rnd_mode. Threads over the (expert, pass of up to GEMM_TC tokens, block of GEMM_NB rows) items of the gate
+ * and up rows, a barrier, then of the down rows; a block is dequantized once a pass from GEMM_MIN_T tokens (else each
+ * token's dots read its codes). Returns 0, -1 when the format or dtype is not supported by this build, -2 when out
+ * of memory. */
+int tiered_cpu_expert_rows(int fmt, int n, const uintptr_t *base, const int64_t *stride, const int64_t *rows,
+                           const int32_t *cnt, int D, int F, int Gi, int Gf, const void *x, void *out, int rnd_mode,
+                           int threads) {
+    if (fmt < FMT_F32 || fmt > FMT_Q4 || !(tiered_cpu_caps() >> fmt & 1)) return -1;
+    if (rnd_mode == RND_F16 && !HAVE_F16) return -1;
+    if (n <= 0) return 0;
+    long total = 0, cmax = 0;
+    for (int j = 0; j < n; j++) {
+        total += cnt[j];
+        if (cnt[j] > cmax) cmax = cnt[j];
+    }
+    if (total <= 0) return 0;
+    const int bfdp = HAVE_BFDP && fmt == FMT_Q4 && rnd_mode == RND_BF16;
+    const size_t px = tok_floats(D, Gi), ph = tok_floats(F, Gf);
+    const size_t Kp = (((size_t)(D > F ? D : F)) + 15) & ~(size_t)15;
+    float *xb = (float *)malloc(px * total * sizeof(float)), *hb = (float *)malloc(ph * total * sizeof(float));
+    vec_t *vx = (vec_t *)malloc(sizeof(vec_t) * total), *vh = (vec_t *)malloc(sizeof(vec_t) * total);
+    int64_t *first = (int64_t *)malloc(sizeof(int64_t) * n);
+    long *at1 = (long *)malloc(sizeof(long) * (n + 1)), *at2 = (long *)malloc(sizeof(long) * (n + 1));
+    uintptr_t *parts = (uintptr_t *)malloc(sizeof(uintptr_t) * (size_t)n * P_PER_JOB);
+    int rc = 0;
+    if (!xb || !hb || !vx || !vh || !first || !at1 || !at2 || !parts) { rc = -2; goto done; }
+    {
+        const size_t xsz = rnd_mode == RND_NONE ? 4 : 2;
+        for (long t = 0; t < total; t++) {
+            float *b = xb + px * t;
+            const void *xt = (const char *)x + (size_t)t * D * xsz;
+            for (int k = 0; k < D; k++) b[k] = load_x(xt, rnd_mode, k);
+            vx[t] = tok_prep(b, b, D, Gi, fmt, bfdp && Gi == 64);
+        }
+        for (int j = 0; j < n; j++) {
+            first[j] = j ? first[j - 1] + cnt[j - 1] : 0;
+            for (int p = 0; p < P_PER_JOB; p++)
+                parts[(size_t)j * P_PER_JOB + p] = base[p] ? base[p] + (uintptr_t)(rows[j] * stride[p]) : 0;
+        }
+        items_t i1 = {n, cnt, first, at1}, i2 = {n, cnt, first, at2};
+        const long nb1 = (F + GEMM_NB - 1) / GEMM_NB, nb2 = (D + GEMM_NB - 1) / GEMM_NB;
+        const long n1 = items_count(&i1, nb1), n2 = items_count(&i2, nb2);
+#ifdef _OPENMP
+        if (threads <= 0) threads = omp_get_max_threads();
+        if (total * (long)n * row_bytes(fmt, D) * 3 < (1L << 16)) threads = 1;
+#pragma omp parallel num_threads(threads) reduction(| : rc)
+#endif
+        {
+#ifdef _OPENMP
+            const int t0 = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+            const int t0 = 0, nt = 1;
+#endif
+            const int tc = cmax < GEMM_TC ? (int)cmax : GEMM_TC;
+            float *wf = (float *)malloc(sizeof(float) * Kp * GEMM_NB);
+            float *og = (float *)malloc(sizeof(float) * GEMM_NB * tc), *ou = (float *)malloc(sizeof(float) * GEMM_NB * tc);
+            if (!wf || !og || !ou) rc = -2;
+            /* phase 1: gate and up rows -> h = rnd(silu(rnd(g)) * rnd(u)) per token, in fp32 */
+            {
+                const long a = n1 * t0 / nt, b = n1 * (t0 + 1) / nt;
+                int j = 0;
+                for (long k = a; k < b && !rc; k++) {
+                    while (at1[j + 1] <= k) j++;
+                    const long rel = k - at1[j], pass = rel / nb1, blk = rel % nb1;
+                    const long tf = first[j] + pass * GEMM_TC;
+                    const int T = cnt[j] - pass * GEMM_TC < GEMM_TC ? (int)(cnt[j] - pass * GEMM_TC) : GEMM_TC;
+                    const long r0 = blk * GEMM_NB;
+                    const int nr = F - r0 < GEMM_NB ? (int)(F - r0) : GEMM_NB;
+                    const uintptr_t *pj = parts + (size_t)j * P_PER_JOB;
+                    block_rows(fmt, pj, r0, nr, D, Gi, vx + tf, T, wf, Kp, og);
+                    block_rows(fmt, pj + P_PER_MAT, r0, nr, D, Gi, vx + tf, T, wf, Kp, ou);
+                    for (int t = 0; t < T; t++)
+                        for (int r = 0; r < nr; r++)
+                            hb[ph * (tf + t) + r0 + r] = rnd(silu_mul(rnd(og[t * GEMM_NB + r], rnd_mode),
+                                                                      rnd(ou[t * GEMM_NB + r], rnd_mode)), rnd_mode);
+                }
+            }
+#ifdef _OPENMP
+#pragma omp barrier
+#pragma omp for schedule(static)
+#endif
+            for (long t = 0; t < total; t++) {
+                float *b = hb + ph * t;
+                vh[t] = tok_prep(b, b, F, Gf, fmt, bfdp && Gf == 64);
+            }
+            /* (the omp for's implied barrier: every h is ready) phase 2: down rows -> out */
+            {
+                const long a = n2 * t0 / nt, b = n2 * (t0 + 1) / nt;
+                int j = 0;
+                for (long k = a; k < b && !rc; k++) {
+                    while (at2[j + 1] <= k) j++;
+                    const long rel = k - at2[j], pass = rel / nb2, blk = rel % nb2;
+                    const long tf = first[j] + pass * GEMM_TC;
+                    const int T = cnt[j] - pass * GEMM_TC < GEMM_TC ? (int)(cnt[j] - pass * GEMM_TC) : GEMM_TC;
+                    const long r0 = blk * GEMM_NB;
+                    const int nr = D - r0 < GEMM_NB ? (int)(D - r0) : GEMM_NB;
+                    block_rows(fmt, parts + (size_t)j * P_PER_JOB + 2 * P_PER_MAT, r0, nr, F, Gf, vh + tf, T, wf, Kp,
+                               og);
+                    for (int t = 0; t < T; t++) {
+                        const size_t o = (size_t)(tf + t) * D + r0;
+                        for (int r = 0; r < nr; r++) {
+                            const float v = og[t * GEMM_NB + r];
+                            if (rnd_mode == RND_NONE) ((float *)out)[o + r] = v;
+                            else if (rnd_mode == RND_BF16) ((uint16_t *)out)[o + r] = f32_to_bf16(v);
+                            else ((uint16_t *)out)[o + r] = f32_to_f16(v);
+                        }
+                    }
+                }
+            }
+            free(wf);
+            free(og);
+            free(ou);
+        }
+    }
+done:
+    free(xb); free(hb); free(vx); free(vh); free(first); free(at1); free(at2); free(parts);
+    return rc;
+}
+
 static int64_t now_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);

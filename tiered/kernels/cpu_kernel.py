@@ -157,6 +157,11 @@ class CpuKernel:
         t.restype = ctypes.c_int
         t.argtypes = v.argtypes
         self._gemm = t
+        r = lib.tiered_cpu_expert_rows  # several experts over their own rows (a prompt's, a batch step's)
+        r.restype = ctypes.c_int
+        r.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4 \
+            + [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2
+        self._rows = r
         self.caps = int(lib.tiered_cpu_caps())
         self.simd = int(lib.tiered_cpu_simd())  # 512, 256 or 0
         self._plans: dict[int, tuple[Any, _Plan | None]] = {}  # id(ExpertWeights) -> (the object, its plan)
@@ -261,6 +266,34 @@ class CpuKernel:
             return None
         if rc != 0:
             raise MemoryError(f"CPU GEMV {self.path.name}: out of memory for a [{n}, {k}] matrix and {x.shape[0]} rows")
+        return out
+
+    def expert_rows(self, x: Tensor, W: Any, slots: list[int], counts: list[int], *, threads: int = 0) -> Tensor | None:
+        """Experts over their own rows, read in place: x [sum(counts), D] host, compute dtype, the rows of expert j
+        (pool view W, row slots[j]) consecutive and in order -> [sum(counts), D] in x's dtype: each row's
+        down(silu(gate x) * up x), unweighted, rounded as `partial` rounds one expert (tiered_cpu_expert_rows: one
+        call for them all, each block of rows dequantized once a pass from 4 tokens). None where the kernel does not
+        read W (format, biases) or this dtype: the caller takes torch."""
+        dt = x.dtype
+        if dt not in ROUND or x.device.type != "cpu" or x.dim() != 2 or (dt == torch.float16 and not self.caps >> 8 & 1):
+            return None
+        plan = self._plan(W)
+        if plan is None:
+            return None
+        fmt, D, F, gi, gf = plan.shape
+        n = len(slots)
+        if len(counts) != n or x.shape != (sum(counts), D):
+            raise ValueError(f"CPU expert rows: x is {list(x.shape)} for {n} experts of {sum(counts)} rows and D {D}")
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        rows = (ctypes.c_int64 * n)(*slots)
+        cnt = (ctypes.c_int32 * n)(*counts)
+        rc = self._rows(fmt, n, plan.base, plan.stride, rows, cnt, D, F, gi, gf, x.data_ptr(), out.data_ptr(),
+                        ROUND[dt], int(threads))
+        if rc == -1:
+            return None
+        if rc != 0:
+            raise MemoryError(f"CPU expert rows {self.path.name}: out of memory for {n} experts, {x.shape[0]} rows")
         return out
 
     def supports(self, W: Any, act: Any, dtype: torch.dtype) -> bool:

@@ -238,20 +238,21 @@ def _expert(x: Tensor, W: Any, s: int, dt: torch.dtype, act: ClampedSwiGLU | Non
     return F.linear(h, d, W.down_bias[s].to(dt))
 
 
-def _expert_native(kern: Any, x: Tensor, W: Any, s: int) -> Tensor | None:
-    """One expert (slot row s, plain SwiGLU, no biases) over host rows x [n, D] -> [n, D] through the native CPU
-    GEMMs (cpu_kernel.gemv: the stored rows read in place, dequantized once for the n rows, fp32 sums, each
-    product rounded once to x's dtype, as F.linear rounds it); None where the kernel does not read W."""
-    threads = torch.get_num_threads()
-    g = kern.gemv(x, W.gate[s], threads=threads)
-    if g is None:
+def native_rows_ok(x: Tensor, W: Any) -> bool:
+    """Whether `native_rows` may serve experts of pool W for host rows like x: the decode path's rule (fp32
+    compute, or quantized experts in any compute dtype; no biases) and the native kernel loaded."""
+    return x.device.type == "cpu" and getattr(W, "gate_bias", None) is None \
+        and (x.dtype == torch.float32 or isinstance(W.gate, QuantWeight)) and cpu_kernel.shared() is not None
+
+
+def native_rows(xs: Tensor, W: Any, slots: list[int], counts: list[int]) -> Tensor | None:
+    """Experts (pool W, rows `slots`) over their own rows of xs [sum(counts), D] (host, grouped by expert in slots'
+    order) -> [sum(counts), D] unweighted, through the native CPU kernel (cpu_kernel.expert_rows: read in place,
+    fp32 sums); None where it does not serve them (check native_rows_ok first)."""
+    kern = cpu_kernel.shared()
+    if kern is None or not slots:
         return None
-    u = kern.gemv(x, W.up[s], threads=threads)
-    h = F.silu(g) * u if u is not None else None  # _swiglu's ops in x's dtype
-    y = None if h is None else kern.gemv(h, W.down[s], threads=threads)
-    if y is None:
-        raise RuntimeError(f"CPU expert kernel: read the gate of slot {s} but not its up or down matrix")
-    return y
+    return kern.expert_rows(xs, W, slots, counts, threads=torch.get_num_threads())
 
 
 def experts_grouped(x: Tensor, ids: Tensor, weights: Tensor, provider: ExpertProvider, layer: int,
@@ -261,11 +262,11 @@ def experts_grouped(x: Tensor, ids: Tensor, weights: Tensor, provider: ExpertPro
     x [T, D], ids [T, K], weights [T, K] (compute dtype, or fp32) -> [T, D]. Each (token, k) output
     lands in its own row and the K rows of a token are summed at the end, as transformers' grouped_mm
     experts do, so the result does not depend on the wave size.
-    native (host tensors, the plain SwiGLU without biases): each expert's rows through the native CPU GEMMs
-    (`_expert_native`), under the decode path's rule: fp32 compute (the same math up to the summation order), or
-    quantized experts in any compute dtype (read as q*s + m in fp32, not rounded to the compute dtype first);
-    float experts in bf16/fp16 keep the torch path, whose roundings are transformers'. Else `_expert`, which
-    dequantizes each expert whole.
+    native (host tensors, the plain SwiGLU without biases): a wave's experts over their rows in one call of the
+    native CPU kernel (`native_rows`), under the decode path's rule: fp32 compute (the same math up to the
+    summation order), or quantized experts in any compute dtype (read as q*s + m in fp32, not rounded to the
+    compute dtype first; the SwiGLU rounded once); float experts in bf16/fp16 keep the torch path, whose roundings
+    are transformers'. Else `_expert`, which dequantizes each expert whole.
     """
     T, K = ids.shape
     flat = ids.reshape(-1)  # [T*K]
@@ -281,20 +282,19 @@ def experts_grouped(x: Tensor, ids: Tensor, weights: Tensor, provider: ExpertPro
     n = max(1, int(provider.max_experts_per_call))
     W = provider.weights
     dt = x.dtype
-    kern = None
-    if native and act is None and x.device.type == "cpu" and getattr(W, "gate_bias", None) is None \
-            and (dt == torch.float32 or isinstance(W.gate, QuantWeight)):
-        kern = cpu_kernel.shared()
+    use_native = native and act is None and native_rows_ok(x, W)
     for w0 in range(0, len(used_l), n):
         slots = provider.get(layer, used[w0:w0 + n]).tolist()  # the wave's slots, pinned until the next get()
         if w0 + n < len(used_l):
             provider.prefetch(layer, used[w0 + n:w0 + 2 * n])
+        A, B = starts[w0], starts[w0 + len(slots)]
+        y = native_rows(x[tok[A:B]], W, slots, counts_l[w0:w0 + len(slots)]) if use_native else None
+        if y is not None:  # the wave's experts in one native call
+            rows.index_copy_(0, order[A:B], y * wsorted[A:B, None])
+            continue
         for j, s in enumerate(slots):
             a, b = starts[w0 + j], starts[w0 + j + 1]
-            xe = x[tok[a:b]]
-            y = None if kern is None else _expert_native(kern, xe, W, s)
-            if y is None:
-                y = _expert(xe, W, s, dt, act)  # [n_e, D]
+            y = _expert(x[tok[a:b]], W, s, dt, act)  # [n_e, D]
             rows.index_copy_(0, order[a:b], y * wsorted[a:b, None])
     return rows.view(T, K, -1).sum(1).to(dt)  # [T, D]
 
