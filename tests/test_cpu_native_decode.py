@@ -75,10 +75,11 @@ def test_native_decode_matches_torch(which, q4_layout, reference_layout, monkeyp
 
 @pytest.mark.parametrize("kind", ["q4", "bf16"])
 def test_qlinear_few_rows_on_cpu_take_the_native_gemv(kind, monkeypatch):
-    """qlinear on the CPU, a q4 matrix or a bf16 one under fp32 compute: up to CPU_GEMV_ROWS rows the native GEMV's
+    """qlinear on the CPU, a q4 matrix or a bf16 one under fp32 compute: up to CPU_GEMV_ROWS (q4) or
+    CPU_GEMV_ROWS_FLOAT (bf16) rows the native GEMV's
     result (within 1e-5 of the fp32 reference) with the bias added; more rows, and TIERED_CPU_KERNEL=torch, the
     reference (a bf16 matrix widened per call)."""
-    from tiered.kernels.quant_moe import CPU_GEMV_ROWS
+    from tiered.kernels.quant_moe import CPU_GEMV_ROWS, CPU_GEMV_ROWS_FLOAT
 
     w = quantize(torch.randn(40, 96) * 0.1, "q4") if kind == "q4" else (torch.randn(40, 96) * 0.1).bfloat16()
     wf = w.dequantize(torch.float32) if kind == "q4" else w.float()
@@ -89,7 +90,7 @@ def test_qlinear_few_rows_on_cpu_take_the_native_gemv(kind, monkeypatch):
     seen = []
     monkeypatch.setattr(CpuKernel, "gemv", lambda self, x, w, **kw: seen.append(x.shape[0]) or torch.zeros(len(x), 40))
     assert torch.equal(qlinear(x, w, b), b.expand(3, 40))  # the GEMV's (here: zero) output, plus the bias
-    many = torch.randn(CPU_GEMV_ROWS + 1, 96)
+    many = torch.randn((CPU_GEMV_ROWS if kind == "q4" else CPU_GEMV_ROWS_FLOAT) + 1, 96)
     assert torch.allclose(qlinear(many, w), many @ wf.T, rtol=1e-5, atol=1e-5) and seen == [3]
     monkeypatch.setenv(cpu_kernel.ENV, "torch")
     assert torch.allclose(qlinear(x, w, b), ref, rtol=1e-5, atol=1e-5) and seen == [3]

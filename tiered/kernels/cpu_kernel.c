@@ -954,7 +954,8 @@ int tiered_cpu_expert_rows(int fmt, int n, const uintptr_t *base, const int64_t 
 #endif
             const int tc = cmax < GEMM_TC ? (int)cmax : GEMM_TC;
             float *wf = (float *)malloc(sizeof(float) * Kp * GEMM_NB);
-            float *og = (float *)malloc(sizeof(float) * GEMM_NB * tc), *ou = (float *)malloc(sizeof(float) * GEMM_NB * tc);
+            float *og = (float *)malloc(sizeof(float) * GEMM_NB * tc);
+            float *ou = (float *)malloc(sizeof(float) * GEMM_NB * tc);
             if (!wf || !og || !ou) rc = -2;
             /* phase 1: gate and up rows -> h = rnd(silu(rnd(g)) * rnd(u)) per token, in fp32 */
             {

@@ -275,7 +275,9 @@ class CpuKernel:
         call for them all, each block of rows dequantized once a pass from 4 tokens). None where the kernel does not
         read W (format, biases) or this dtype: the caller takes torch."""
         dt = x.dtype
-        if dt not in ROUND or x.device.type != "cpu" or x.dim() != 2 or (dt == torch.float16 and not self.caps >> 8 & 1):
+        if dt not in ROUND or x.device.type != "cpu" or x.dim() != 2:
+            return None
+        if dt == torch.float16 and not self.caps >> 8 & 1:
             return None
         plan = self._plan(W)
         if plan is None:

@@ -1040,16 +1040,18 @@ def quant_down(h: Tensor, slots: Tensor, weights: Tensor, down: QuantWeight, dty
 
 
 # up to this many rows a CPU product reads a stored matrix in place through the native kernels (cpu_kernel.gemv:
-# one token's GEMV, or from GEMM_MIN_ROWS the tiled GEMM); above, dequantizing and MKL's sgemm is as fast (q4 768 x
-# 2048 at 512 rows: 10.6 ms both, 2 Zen 4 cores; 4096 x 2048: 49 against 84)
-CPU_GEMV_ROWS = 512
+# one token's GEMV, or from GEMM_MIN_ROWS the tiled GEMM); above, dequantizing (or widening) and MKL's sgemm is as
+# fast. Measured on 2 Zen 4 cores: q4 4096 x 2048 at 512 / 1024 / 2048 rows 49 / 101 / 201 ms against 84 / 137 /
+# 222; a bf16 matrix under fp32 compute at 1024 rows 105 against 95 (the widened copy's sgemm at 181 GF/s)
+CPU_GEMV_ROWS = 1024  # quantized matrices
+CPU_GEMV_ROWS_FLOAT = 512  # float matrices kept as stored
 
 
 def _cpu_linear(x: Tensor, w: Tensor | QuantWeight, bias: Tensor | None) -> Tensor | None:
     """Up to CPU_GEMV_ROWS rows on the CPU through the native GEMV (cpu_kernel.gemv: q8 / q4 parts or a float
     matrix read as stored, fp32 sums), the bias added after; None where it does not apply."""
     rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] > CPU_GEMV_ROWS:
+    if rows.shape[0] > (CPU_GEMV_ROWS if isinstance(w, QuantWeight) else CPU_GEMV_ROWS_FLOAT):
         return None
     kern = cpu_kernel.shared()
     y = None if kern is None else kern.gemv(rows, w, threads=torch.get_num_threads())
@@ -1062,8 +1064,9 @@ def _cpu_linear(x: Tensor, w: Tensor | QuantWeight, bias: Tensor | None) -> Tens
 def qlinear(x: Tensor, w: Tensor | QuantWeight, bias: Tensor | None = None) -> Tensor:
     """F.linear over a dense or quantized weight: on CUDA the fused GEMV for up to MAX_ROWS rows, the tiled
     dequantizing GEMM (quant_grouped.quant_matmul) above, and from dequant_rows() rows (q4, q8) a dense copy
-    multiplied by cuBLAS (quant_dequant.dequant_matmul); on the CPU up to CPU_GEMV_ROWS rows the native GEMV
-    (cpu_kernel.gemv, the stored matrix read in place, fp32 sums; TIERED_CPU_KERNEL=torch turns it off), which also
+    multiplied by cuBLAS (quant_dequant.dequant_matmul); on the CPU up to CPU_GEMV_ROWS rows (CPU_GEMV_ROWS_FLOAT
+    for a float matrix) the native GEMV or GEMM (cpu_kernel.gemv, the stored matrix read in place, fp32 sums;
+    TIERED_CPU_KERNEL=torch turns it off), which also
     reads a float matrix kept in its stored dtype under another compute dtype (more rows widen it per call); else
     the reference (dequantize into x's dtype, then matmul). x [..., K] -> [..., N]."""
     if x.device.type == "cpu" and (isinstance(w, QuantWeight) or w.dtype != x.dtype):
