@@ -7,7 +7,9 @@ shape's layer widths, 2 layers, the reference tokenizer's vocabulary: 1.27B para
 stored (bf16) and with --experts q4 --dense q4 (reused when present). Each tiered row is `tiered run --json` in a
 fresh process: a --prompt-tokens prompt from ../shared/text/eval's first file, then --new-tokens greedy tokens; the
 engine's own decode and prefill rates, median of --repeats processes; then the prompt's prefill warm (--repeats
-more in one process after a first, as llama-bench times its pp). The torch path of q4 runs --torch-tokens tokens
+more in one process after a first, as llama-bench times its pp); then a batch job (`tiered batch`, --batch prompts
+of --batch-prompt-tokens asking --batch-new-tokens each, one step at most --batch rows) against llama-batched-bench
+at the same sizes (its S_TG against our decode rate; generated tokens over both phases against our job rate). The torch path of q4 runs --torch-tokens tokens
 only (about 1 tok/s here: it dequantizes every expert and matrix each step).
 Correctness first: in fp32 the native and the torch runs must give the same greedy tokens (the first --torch-tokens),
 or the benchmark fails.
@@ -148,6 +150,58 @@ def check_tokens(rows: dict, a: argparse.Namespace) -> dict:
     return out
 
 
+def batch_rows(a: argparse.Namespace, lays: dict[str, Path], tok) -> dict:
+    """`tiered batch` of --batch prompts (--batch-prompt-tokens tokens each, windows of the eval file) asking
+    --batch-new-tokens greedy tokens, --max-batch --batch, in fp32: native and torch kernels, same texts or fail."""
+    text = sorted((REPO.parent / "shared" / "text" / "eval").glob("*"))[0].read_text()
+    ids = tok.encode(text)
+    n, L = a.batch, a.batch_prompt_tokens
+    if len(ids) < n * L:
+        raise SystemExit(f"the eval file has {len(ids)} tokens, fewer than {n} prompts of {L}")
+    inp = a.work / f"batch-{n}x{L}.jsonl"
+    inp.write_text("".join(json.dumps({"prompt": tok.decode(ids[i * L:(i + 1) * L]), "max_tokens": a.batch_new_tokens})
+                           + "\n" for i in range(n)))
+    rows: dict = {}
+    for lay in ("bf16", "q4"):
+        texts = {}
+        for mode in ("native", "torch"):
+            out = a.work / f"batch-out-{lay}-{mode}.jsonl"
+            out.unlink(missing_ok=True)
+            env = {**os.environ, "TIERED_CPU_KERNEL": mode, "OMP_NUM_THREADS": str(a.threads)}
+            cmd = [sys.executable, "-m", "tiered", "batch", "-m", str(lays[lay]), "--device", "cpu", "--dtype",
+                   "float32", "--input", str(inp), "--output", str(out), "--max-batch", str(n), "--no-progress",
+                   "--json"]
+            r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+            if r.returncode != 0:
+                raise SystemExit(f"tiered batch failed ({' '.join(cmd)}):\n{r.stderr[-2000:]}")
+            st = json.loads(r.stderr.strip().splitlines()[-1])
+            recs = [json.loads(x) for x in out.read_text().splitlines()]
+            texts[mode] = {x["custom_id"]: x["response"]["body"]["choices"][0]["text"] for x in recs}
+            rows[f"{lay}/{mode}"] = {k: st[k] for k in ("tokens_generated", "tok_s", "decode_tok_s", "busy_s",
+                                                         "decode_s", "rows_per_step", "distinct_experts_per_step")}
+            log(f"batch {lay}/{mode}: {st['tok_s']:.1f} tok/s over the job, decode {st['decode_tok_s']:.1f}")
+        if texts["native"] != texts["torch"]:
+            raise SystemExit(f"batch {lay}: the native and torch runs generated different texts in fp32")
+        rows[f"{lay}/texts_identical"] = True
+    return rows
+
+
+def llama_batched(a: argparse.Namespace) -> dict:
+    """llama-batched-bench at --batch sequences of --batch-prompt-tokens + --batch-new-tokens, both GGUFs."""
+    B, pp, tg = a.batch, a.batch_prompt_tokens, a.batch_new_tokens
+    rows = {}
+    for name, path in (("bf16", a.work / "model-bf16.gguf"), ("Q4_0", a.work / "model-q4_0.gguf")):
+        r = subprocess.run([str(a.llama_bin / "llama-batched-bench"), "-m", str(path), "-t", str(a.threads),
+                            "-c", str(B * (pp + tg + 16)), "-b", "2048", "-ub", "512", "-npp", str(pp), "-ntg",
+                            str(tg), "-npl", str(B), "--output-format", "jsonl"],
+                           capture_output=True, text=True, check=True, timeout=3600)
+        rec = next(json.loads(x) for x in r.stdout.splitlines() if x.startswith("{") and "speed_tg" in x)
+        rows[name] = {"t_pp_s": rec["t_pp"], "t_tg_s": rec["t_tg"], "s_tg_tok_s": rec["speed_tg"],
+                      "gen_tok_s": B * tg / rec["t"], "pl": rec["pl"]}
+        log(f"llama.cpp batched {name}: S_TG {rec['speed_tg']:.1f}, generated / job {B * tg / rec['t']:.1f}")
+    return rows
+
+
 def llama_rows(a: argparse.Namespace, ckpt: Path, prompt_tokens: int) -> dict:
     """llama-bench tg / pp on the bf16 GGUF and its Q4_0 (made when absent)."""
     bf16, q40 = a.work / "model-bf16.gguf", a.work / "model-q4_0.gguf"
@@ -186,6 +240,9 @@ def main() -> None:
     ap.add_argument("--torch-tokens", type=int, default=6, help="new tokens of the (slow) torch q4 row")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--batch", type=int, default=16, help="prompts of the batch job (and --max-batch); 0 skips it")
+    ap.add_argument("--batch-prompt-tokens", type=int, default=64)
+    ap.add_argument("--batch-new-tokens", type=int, default=32)
     ap.add_argument("--llama-bin", type=Path, default=None, help="llama.cpp's bin/ (CPU build); omit to skip")
     ap.add_argument("--llama-dir", type=Path, default=REPO / ".carry" / "llama.cpp", help="llama.cpp source")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" /
@@ -197,12 +254,14 @@ def main() -> None:
     from tiered.engine import load
 
     eng = load(lays["bf16"], device="cpu")
+    tok = eng.tokenizer
     text = sorted((REPO.parent / "shared" / "text" / "eval").glob("*"))[0].read_text()
-    ids = eng.tokenizer.encode(text)[:a.prompt_tokens]
+    ids = tok.encode(text)[:a.prompt_tokens]
     prompt = a.work / "prompt.txt"
-    prompt.write_text(eng.tokenizer.decode(ids))
+    prompt.write_text(tok.decode(ids))
     del eng
     rows = tiered_rows(a, lays, prompt)
+    batch = batch_rows(a, lays, tok) if a.batch else None
     res: dict = {"bench": "cpu-native", "model": str(ckpt), "preset": None if a.model else PRESET,
                  "threads": a.threads, "cpu": cpu_name(), "host": platform.node(), "tiered": rows,
                  "tokens_identical_fp32": check_tokens(rows, a)}
@@ -224,6 +283,19 @@ def main() -> None:
             "bf16": rows["bf16/float32/native"]["prefill_warm_tok_s"] / lr["bf16"]["pp_tok_s"],
             "q4": rows["q4/float32/native"]["prefill_warm_tok_s"] / lr["Q4_0"]["pp_tok_s"],
             "q4_bf16": rows["q4/bfloat16/native"]["prefill_warm_tok_s"] / lr["Q4_0"]["pp_tok_s"]}
+    if batch:
+        res["batch"] = {"prompts": a.batch, "prompt_tokens": a.batch_prompt_tokens,
+                        "new_tokens": a.batch_new_tokens, "rows": batch}
+        res["batch"]["native_vs_torch_job"] = {k: batch[f"{k}/native"]["tok_s"] / batch[f"{k}/torch"]["tok_s"]
+                                               for k in ("bf16", "q4")}
+        if a.llama_bin:
+            lb = llama_batched(a)
+            res["batch"]["llamacpp"] = lb
+            res["batch"]["vs_llamacpp_decode"] = {
+                k: batch[f"{k}/native"]["decode_tok_s"] / lb[g]["s_tg_tok_s"] for k, g in (("bf16", "bf16"),
+                                                                                          ("q4", "Q4_0"))}
+            res["batch"]["vs_llamacpp_job"] = {
+                k: batch[f"{k}/native"]["tok_s"] / lb[g]["gen_tok_s"] for k, g in (("bf16", "bf16"), ("q4", "Q4_0"))}
     for k in ("bf16", "q4"):
         res.setdefault("native_vs_torch_prefill_warm", {})[k] = \
             rows[f"{k}/float32/native"]["prefill_warm_tok_s"] / rows[f"{k}/float32/torch"]["prefill_warm_tok_s"]
@@ -236,6 +308,11 @@ def main() -> None:
     for k, r in res.get("llamacpp", {}).items():
         if isinstance(r, dict):
             print(f"{'llama.cpp ' + k:<24} {r['tg_tok_s']:>13.2f} {r['pp_tok_s']:>14.1f}")
+    for k, r in (batch or {}).items():
+        if isinstance(r, dict):
+            print(f"{'batch ' + k:<24} {r['decode_tok_s']:>13.2f} {'':>14} job {r['tok_s']:.1f} tok/s")
+    for k, r in res.get("batch", {}).get("llamacpp", {}).items():
+        print(f"{'llama.cpp batched ' + k:<24} {r['s_tg_tok_s']:>13.2f} {'':>14} job {r['gen_tok_s']:.1f} tok/s")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=1) + "\n")
     print(write_out(res, a.out.name))
