@@ -221,7 +221,7 @@ def test_quantized_layout_batched_equals_single_sequence(tmp_path, reference_mod
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in (5, 70, 2)]
     ref = [eng.generate(p, max_new_tokens=5, stop_at_eos=False).token_ids for p in prompts]
-    reqs = _run(Scheduler(eng, max_batch=3, page_size=8), prompts, [5, 5, 5])  # CPU: the per-expert loop
+    reqs = _run(Scheduler(eng, max_batch=3, page_size=8), prompts, [5, 5, 5])  # CPU: the native expert rows
     assert [r.out_ids for r in reqs] == ref
     # the CUDA choice: experts with <= QUANT_ROWS rows of a step through quant_entries (the fused kernels, tested
     # against the loop above; here a torch stand-in, so the row bookkeeping is what is tested), busier experts
@@ -241,6 +241,7 @@ def test_quantized_layout_batched_equals_single_sequence(tmp_path, reference_mod
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(bs, "quant_entries", fake)
+        mp.setenv("TIERED_CPU_KERNEL", "torch")  # the native CPU kernel would serve every expert first
         reqs = _run(Scheduler(eng, max_batch=3, page_size=8), prompts, [5, 5, 5])
     assert calls and max(calls) <= bs.QUANT_ROWS and [r.out_ids for r in reqs] == ref
 
