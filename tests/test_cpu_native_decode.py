@@ -96,24 +96,23 @@ def test_qlinear_few_rows_on_cpu_take_the_native_gemv(kind, monkeypatch):
     assert torch.allclose(qlinear(x, w, b), ref, rtol=1e-5, atol=1e-5) and seen == [3]
 
 
-def _teacher_forced(layout, monkeypatch, mode: str, dtype: str, rows: list[int]):
-    """Teacher-forced logits of a 60-token text with TIERED_CPU_KERNEL=mode, recording each native GEMM/GEMV call's
-    row count."""
-    monkeypatch.setenv(cpu_kernel.ENV, mode)
-    real = CpuKernel.gemv
+def _spy_rows(monkeypatch, name: str, sink: list, tag: str | None = None) -> None:
+    """Record the row count (x.shape[0]) of every CpuKernel.<name> call in sink, as (tag, rows) when tagged."""
+    real = getattr(CpuKernel, name)
 
     def spy(self, x, *a, **kw):
-        rows.append(x.shape[0])
+        sink.append(x.shape[0] if tag is None else (tag, x.shape[0]))
         return real(self, x, *a, **kw)
 
-    monkeypatch.setattr(CpuKernel, "gemv", spy)
-    real_rows = CpuKernel.expert_rows
+    monkeypatch.setattr(CpuKernel, name, spy)
 
-    def spy_rows(self, x, *a, **kw):
-        rows.append(("experts", x.shape[0]))
-        return real_rows(self, x, *a, **kw)
 
-    monkeypatch.setattr(CpuKernel, "expert_rows", spy_rows)
+def _teacher_forced(layout, monkeypatch, mode: str, dtype: str, rows: list):
+    """Teacher-forced logits of a 60-token text with TIERED_CPU_KERNEL=mode, recording each native GEMM/GEMV call's
+    row count (and each expert-rows call's, tagged "experts")."""
+    monkeypatch.setenv(cpu_kernel.ENV, mode)
+    _spy_rows(monkeypatch, "gemv", rows)
+    _spy_rows(monkeypatch, "expert_rows", rows, "experts")
     e = load(layout, device="cpu", dtype=dtype, max_context=128)
     ids = e.encode(PROMPT * 6)[:60]
     out = e.logits(ids)
@@ -152,13 +151,7 @@ def _batch(layout, monkeypatch, mode: str, calls: list):
     from tiered.decode.scheduler import Request, SamplingParams, Scheduler
 
     monkeypatch.setenv(cpu_kernel.ENV, mode)
-    real = CpuKernel.expert_rows
-
-    def spy(self, x, *a, **kw):
-        calls.append(x.shape[0])
-        return real(self, x, *a, **kw)
-
-    monkeypatch.setattr(CpuKernel, "expert_rows", spy)
+    _spy_rows(monkeypatch, "expert_rows", calls)
     e = load(layout, device="cpu", dtype="float32", max_context=128)
     sch = Scheduler(e, max_batch=6, page_size=8, prefill_tokens=64)
     prompts = [PROMPT, "import os\n", "class Foo:\n    def", "x = [1, 2, 3]\nfor", "print(", "while True:\n"]

@@ -392,6 +392,13 @@ static inline float load_x(const void *p, int dt, int i) {
 
 static inline float silu_mul(float g, float u) { return g / (1.f + expf(-g)) * u; }
 
+/* out[i] = v rounded once to the compute dtype rnd_mode (fp32 kept as is). */
+static inline void put(void *out, size_t i, float v, int rnd_mode) {
+    if (rnd_mode == RND_NONE) ((float *)out)[i] = v;
+    else if (rnd_mode == RND_BF16) ((uint16_t *)out)[i] = f32_to_bf16(v);
+    else ((uint16_t *)out)[i] = f32_to_f16(v);
+}
+
 /* What this build supports: bit f set for each format f above, bit 8 when fp16 compute/storage works, bit 9
  * when q4 in bf16 takes the AVX512-BF16 path. */
 int tiered_cpu_caps(void) {
@@ -499,11 +506,7 @@ static void jobs_body(const jobs_t *c, int t, int nt) {
                 d += R;
             }
         }
-        for (int d = d0; d < d1; d++) {
-            if (rnd_mode == RND_NONE) ((float *)out)[d] = acc[d];
-            else if (rnd_mode == RND_BF16) ((uint16_t *)out)[d] = f32_to_bf16(acc[d]);
-            else ((uint16_t *)out)[d] = f32_to_f16(acc[d]);
-        }
+        for (int d = d0; d < d1; d++) put(out, d, acc[d], rnd_mode);
     }
 }
 
@@ -619,12 +622,7 @@ int tiered_cpu_gemv(int fmt, int N, int K, int G, uintptr_t q, uintptr_t s, uint
             }
             for (int t = 0; t < T; t++) {
                 dots(fmt, R, qp, sp, mp, &vs[t], K, G, (int)ng, o);
-                const size_t at = (size_t)t * N + r;
-                for (int k = 0; k < R; k++) {
-                    if (rnd_mode == RND_NONE) ((float *)out)[at + k] = o[k];
-                    else if (rnd_mode == RND_BF16) ((uint16_t *)out)[at + k] = f32_to_bf16(o[k]);
-                    else ((uint16_t *)out)[at + k] = f32_to_f16(o[k]);
-                }
+                for (int k = 0; k < R; k++) put(out, (size_t)t * N + r + k, o[k], rnd_mode);
             }
             r += R;
         }
@@ -729,101 +727,6 @@ GEMM_TILE(2)
 GEMM_TILE(3)
 GEMM_TILE(4)
 
-/* T tokens through one stored matrix, as tiered_cpu_gemv (same arguments, same results up to the summation
- * order), for many tokens: each block of GEMM_NB rows is dequantized once into fp32 scratch (fp32 rows are read
- * in place) and the dots of GEMM_TC tokens with it are made in register tiles of GEMM_TT tokens x GEMM_NB rows,
- * where tiered_cpu_gemv converts the codes again for each token. Threads over contiguous slices of the row
- * blocks. Measured on 2 Zen 4 cores (768 x 2048, fp32 compute): q4 at 4 / 16 / 64 tokens 93 / 143 / 153 GF/s
- * against tiered_cpu_gemv's 69 / 63 / 68; one token 30 against 60 (CpuKernel.gemv picks by GEMM_MIN_ROWS). */
-int tiered_cpu_gemm(int fmt, int N, int K, int G, uintptr_t q, uintptr_t s, uintptr_t m, const void *x, int T,
-                    void *out, int rnd_mode, int threads) {
-    if (fmt < FMT_F32 || fmt > FMT_Q4 || !(tiered_cpu_caps() >> fmt & 1)) return -1;
-    if (rnd_mode == RND_F16 && !HAVE_F16) return -1;
-    if (T <= 0 || N <= 0) return 0;
-    if (G <= 0) G = 1;
-    const long ng = (K + G - 1) / G;
-    const long rb = row_bytes(fmt, K);
-    const size_t Kp = ((size_t)K + 15) & ~(size_t)15; /* 64-byte rows */
-    float *xf = (float *)malloc(Kp * T * sizeof(float));
-    if (!xf) return -2;
-    for (int t = 0; t < T; t++) { /* fp32 tokens; in q4's per-32 order for q4 (prep_vec's xp) */
-        const void *xt = (const char *)x + (size_t)t * K * (rnd_mode == RND_NONE ? 4 : 2);
-        float *d = xf + Kp * t;
-        if (fmt == FMT_Q4) {
-            int c = 0;
-            for (; c + 32 <= K; c += 32)
-                for (int i = 0; i < 16; i++) {
-                    d[c + i] = load_x(xt, rnd_mode, c + 2 * i);
-                    d[c + 16 + i] = load_x(xt, rnd_mode, c + 2 * i + 1);
-                }
-            for (; c < K; c++) d[c] = load_x(xt, rnd_mode, c);
-        } else {
-            for (int k = 0; k < K; k++) d[k] = load_x(xt, rnd_mode, k);
-        }
-    }
-    const long nblk = (N + GEMM_NB - 1) / GEMM_NB;
-    int rc = 0;
-#ifdef _OPENMP
-    if (threads <= 0) threads = omp_get_max_threads();
-    if ((long)N * rb * T < (1L << 16)) threads = 1;
-    if (threads > nblk) threads = (int)nblk;
-#pragma omp parallel num_threads(threads) reduction(| : rc)
-#endif
-    {
-#ifdef _OPENMP
-        const int t0 = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-        const int t0 = 0, nt = 1;
-#endif
-        float *wf = fmt == FMT_F32 ? NULL : (float *)malloc(Kp * GEMM_NB * sizeof(float));
-        if (fmt != FMT_F32 && !wf) rc = -2;
-        const long b0 = nblk * t0 / nt, b1 = nblk * (t0 + 1) / nt;
-        for (int tc = 0; tc < T && !rc; tc += GEMM_TC)
-        for (long b = b0; b < b1 && !rc; b++) {
-            const int tend = T - tc < GEMM_TC ? T : tc + GEMM_TC;
-            const long r0 = b * GEMM_NB;
-            const int nr = N - r0 < GEMM_NB ? (int)(N - r0) : GEMM_NB;
-            const float *w[GEMM_NB];
-            for (int r = 0; r < GEMM_NB; r++) {
-                const long row = r0 + (r < nr ? r : 0); /* a short last block repeats its first row */
-                const void *qr = (const void *)(q + (uintptr_t)(row * rb));
-                if (fmt == FMT_F32) {
-                    w[r] = (const float *)qr;
-                } else {
-                    if (r < nr)
-                        dequant_row(fmt, qr, s ? (const uint16_t *)s + row * ng : NULL,
-                                    m ? (const uint16_t *)m + row * ng : NULL, K, G, wf + Kp * r);
-                    w[r] = wf + Kp * (r < nr ? r : 0);
-                }
-            }
-            float o[GEMM_TT * GEMM_NB];
-            for (int t = tc; t < tend; t += GEMM_TT) {
-                const int tt = tend - t < GEMM_TT ? tend - t : GEMM_TT;
-                const float *xs[GEMM_TT];
-                for (int j = 0; j < tt; j++) xs[j] = xf + Kp * (t + j);
-                switch (tt) {
-                case 4: gemm_tile4(w, xs, K, o); break;
-                case 3: gemm_tile3(w, xs, K, o); break;
-                case 2: gemm_tile2(w, xs, K, o); break;
-                default: gemm_tile1(w, xs, K, o); break;
-                }
-                for (int j = 0; j < tt; j++) {
-                    const size_t at = (size_t)(t + j) * N + r0;
-                    for (int r = 0; r < nr; r++) {
-                        const float v = o[j * GEMM_NB + r];
-                        if (rnd_mode == RND_NONE) ((float *)out)[at + r] = v;
-                        else if (rnd_mode == RND_BF16) ((uint16_t *)out)[at + r] = f32_to_bf16(v);
-                        else ((uint16_t *)out)[at + r] = f32_to_f16(v);
-                    }
-                }
-            }
-        }
-        free(wf);
-    }
-    free(xf);
-    return rc;
-}
-
 /* ---- several experts, each over its own rows of tokens (a prompt's or a batch step's experts) ---- */
 
 /* Floats a token's forms take (x fp32, q4's per-32 order, its group sums, its bf16 pairs), and their layout. */
@@ -844,13 +747,13 @@ static vec_t tok_prep(float *buf, const float *x, int K, int G, int fmt, int bfd
  * tokens v[0..T-1] -> o[t * GEMM_NB + r]: from GEMM_MIN_T tokens the rows are dequantized once into wf (Kp floats a
  * row) and multiplied in register tiles, below that each token's dots read the codes (tiered_cpu_gemv's way). */
 #define GEMM_MIN_T 4
-static void block_rows(int fmt, const uintptr_t *ps, long r0, int nr, int K, int G, const vec_t *v, int T, float *wf,
-                       size_t Kp, float *o) {
+static void block_rows(int fmt, const uintptr_t *ps, long r0, int nr, int K, int G, const vec_t *v, int T, int min_t,
+                       float *wf, size_t Kp, float *o) {
     const long ng = (K + G - 1) / G;
     const void *q[GEMM_NB];
     const uint16_t *s[GEMM_NB], *m[GEMM_NB];
     for (int r = 0; r < GEMM_NB; r++) row_parts(fmt, ps, r0 + (r < nr ? r : 0), K, ng, &q[r], &s[r], &m[r]);
-    if (T < GEMM_MIN_T) {
+    if (T < min_t) {
         for (int t = 0; t < T; t++) dots(fmt, GEMM_NB, q, s, m, &v[t], K, G, (int)ng, o + t * GEMM_NB);
         return;
     }
@@ -877,22 +780,88 @@ static void block_rows(int fmt, const uintptr_t *ps, long r0, int nr, int K, int
     }
 }
 
-/* A phase's work items: per expert, its tokens in passes of GEMM_TC, each pass over the matrix's row blocks. */
-typedef struct {
-    int n;
-    const int32_t *cnt;    /* [n] tokens of each expert */
-    const int64_t *first;  /* [n] the expert's first token (a prefix sum of cnt) */
-    long *at;              /* [n + 1] the first item of each expert */
-} items_t;
-
-static long items_count(items_t *it, long nblk) {
-    long k = 0;
-    for (int j = 0; j < it->n; j++) {
-        it->at[j] = k;
-        k += (it->cnt[j] + GEMM_TC - 1) / GEMM_TC * nblk;
+/* T tokens through one stored matrix, as tiered_cpu_gemv (same arguments, same results up to the summation
+ * order), for many tokens: each block of GEMM_NB rows is dequantized once into fp32 scratch (fp32 rows are read
+ * in place) and the dots of GEMM_TC tokens with it are made in register tiles of GEMM_TT tokens x GEMM_NB rows,
+ * where tiered_cpu_gemv converts the codes again for each token. Threads over contiguous slices of the row
+ * blocks. Measured on 2 Zen 4 cores (768 x 2048, fp32 compute): q4 at 4 / 16 / 64 tokens 93 / 143 / 153 GF/s
+ * against tiered_cpu_gemv's 69 / 63 / 68; one token 30 against 60 (CpuKernel.gemv picks by GEMM_MIN_ROWS). */
+int tiered_cpu_gemm(int fmt, int N, int K, int G, uintptr_t q, uintptr_t s, uintptr_t m, const void *x, int T,
+                    void *out, int rnd_mode, int threads) {
+    if (fmt < FMT_F32 || fmt > FMT_Q4 || !(tiered_cpu_caps() >> fmt & 1)) return -1;
+    if (rnd_mode == RND_F16 && !HAVE_F16) return -1;
+    if (T <= 0 || N <= 0) return 0;
+    if (G <= 0) G = 1;
+    const long rb = row_bytes(fmt, K);
+    const size_t Kp = ((size_t)K + 15) & ~(size_t)15, px = tok_floats(K, G);
+    float *xb = (float *)malloc(px * T * sizeof(float));
+    vec_t *vx = (vec_t *)malloc(sizeof(vec_t) * T);
+    if (!xb || !vx) { free(xb); free(vx); return -2; }
+    const size_t xsz = rnd_mode == RND_NONE ? 4 : 2;
+    for (int t = 0; t < T; t++) { /* fp32 tokens (and q4's per-32 order, which the tiles read) */
+        float *b = xb + px * t;
+        for (int k = 0; k < K; k++) b[k] = load_x((const char *)x + (size_t)t * K * xsz, rnd_mode, k);
+        vx[t] = tok_prep(b, b, K, G, fmt, 0);
     }
-    it->at[it->n] = k;
+    const uintptr_t ps[3] = {q, s, m};
+    const long nblk = (N + GEMM_NB - 1) / GEMM_NB;
+    int rc = 0;
+#ifdef _OPENMP
+    if (threads <= 0) threads = omp_get_max_threads();
+    if ((long)N * rb * T < (1L << 16)) threads = 1;
+    if (threads > nblk) threads = (int)nblk;
+#pragma omp parallel num_threads(threads) reduction(| : rc)
+#endif
+    {
+#ifdef _OPENMP
+        const int t0 = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+        const int t0 = 0, nt = 1;
+#endif
+        float *wf = (float *)malloc(Kp * GEMM_NB * sizeof(float));
+        float *o = (float *)malloc(sizeof(float) * GEMM_NB * (T < GEMM_TC ? T : GEMM_TC));
+        if (!wf || !o) rc = -2;
+        const long b0 = nblk * t0 / nt, b1 = nblk * (t0 + 1) / nt;
+        for (int tc = 0; tc < T && !rc; tc += GEMM_TC) {
+            const int tn = T - tc < GEMM_TC ? T - tc : GEMM_TC;
+            for (long b = b0; b < b1; b++) {
+                const long r0 = b * GEMM_NB;
+                const int nr = N - r0 < GEMM_NB ? (int)(N - r0) : GEMM_NB;
+                block_rows(fmt, ps, r0, nr, K, G, vx + tc, tn, 1, wf, Kp, o);
+                for (int t = 0; t < tn; t++)
+                    for (int r = 0; r < nr; r++) put(out, (size_t)(tc + t) * N + r0 + r, o[t * GEMM_NB + r], rnd_mode);
+            }
+        }
+        free(wf);
+        free(o);
+    }
+    free(xb);
+    free(vx);
+    return rc;
+}
+
+/* A phase's work items: per expert, its tokens in passes of GEMM_TC, each pass over the matrix's row blocks (nblk of
+ * them). at[j] is expert j's first item, at[n] the count. */
+static long items_count(int n, const int32_t *cnt, long nblk, long *at) {
+    long k = 0;
+    for (int j = 0; j < n; j++) {
+        at[j] = k;
+        k += (cnt[j] + GEMM_TC - 1) / GEMM_TC * nblk;
+    }
+    at[n] = k;
     return k;
+}
+
+/* Item k: expert j, tokens tf..tf+T-1 (first[j] is the expert's first), rows r0..r0+nr-1 of a matrix of `rows` rows. */
+typedef struct { int j, T, nr; long tf, r0; } item_t;
+static inline item_t item_of(const long *at, const int32_t *cnt, const int64_t *first, long nblk, int rows, long k,
+                             int j) { /* j: the previous item's expert (items go in order) */
+    while (at[j + 1] <= k) j++;
+    const long rel = k - at[j], pass = rel / nblk;
+    item_t it = {.j = j, .tf = first[j] + pass * GEMM_TC, .r0 = rel % nblk * GEMM_NB};
+    it.T = cnt[j] - pass * GEMM_TC < GEMM_TC ? (int)(cnt[j] - pass * GEMM_TC) : GEMM_TC;
+    it.nr = rows - it.r0 < GEMM_NB ? (int)(rows - it.r0) : GEMM_NB;
+    return it;
 }
 
 /* Experts over their own tokens: for expert j (pool view row rows[j]: its gate, up, down parts at base[p] +
@@ -938,12 +907,11 @@ int tiered_cpu_expert_rows(int fmt, int n, const uintptr_t *base, const int64_t 
             for (int p = 0; p < P_PER_JOB; p++)
                 parts[(size_t)j * P_PER_JOB + p] = base[p] ? base[p] + (uintptr_t)(rows[j] * stride[p]) : 0;
         }
-        items_t i1 = {n, cnt, first, at1}, i2 = {n, cnt, first, at2};
         const long nb1 = (F + GEMM_NB - 1) / GEMM_NB, nb2 = (D + GEMM_NB - 1) / GEMM_NB;
-        const long n1 = items_count(&i1, nb1), n2 = items_count(&i2, nb2);
+        const long n1 = items_count(n, cnt, nb1, at1), n2 = items_count(n, cnt, nb2, at2);
 #ifdef _OPENMP
         if (threads <= 0) threads = omp_get_max_threads();
-        if (total * (long)n * row_bytes(fmt, D) * 3 < (1L << 16)) threads = 1;
+        if ((long)n * F * row_bytes(fmt, D) * 3 * total < (1L << 16)) threads = 1; /* as tiered_cpu_gemv's rule */
 #pragma omp parallel num_threads(threads) reduction(| : rc)
 #endif
         {
@@ -962,19 +930,15 @@ int tiered_cpu_expert_rows(int fmt, int n, const uintptr_t *base, const int64_t 
                 const long a = n1 * t0 / nt, b = n1 * (t0 + 1) / nt;
                 int j = 0;
                 for (long k = a; k < b && !rc; k++) {
-                    while (at1[j + 1] <= k) j++;
-                    const long rel = k - at1[j], pass = rel / nb1, blk = rel % nb1;
-                    const long tf = first[j] + pass * GEMM_TC;
-                    const int T = cnt[j] - pass * GEMM_TC < GEMM_TC ? (int)(cnt[j] - pass * GEMM_TC) : GEMM_TC;
-                    const long r0 = blk * GEMM_NB;
-                    const int nr = F - r0 < GEMM_NB ? (int)(F - r0) : GEMM_NB;
-                    const uintptr_t *pj = parts + (size_t)j * P_PER_JOB;
-                    block_rows(fmt, pj, r0, nr, D, Gi, vx + tf, T, wf, Kp, og);
-                    block_rows(fmt, pj + P_PER_MAT, r0, nr, D, Gi, vx + tf, T, wf, Kp, ou);
-                    for (int t = 0; t < T; t++)
-                        for (int r = 0; r < nr; r++)
-                            hb[ph * (tf + t) + r0 + r] = rnd(silu_mul(rnd(og[t * GEMM_NB + r], rnd_mode),
-                                                                      rnd(ou[t * GEMM_NB + r], rnd_mode)), rnd_mode);
+                    const item_t it = item_of(at1, cnt, first, nb1, F, k, j);
+                    const uintptr_t *pj = parts + (size_t)(j = it.j) * P_PER_JOB;
+                    block_rows(fmt, pj, it.r0, it.nr, D, Gi, vx + it.tf, it.T, GEMM_MIN_T, wf, Kp, og);
+                    block_rows(fmt, pj + P_PER_MAT, it.r0, it.nr, D, Gi, vx + it.tf, it.T, GEMM_MIN_T, wf, Kp, ou);
+                    for (int t = 0; t < it.T; t++)
+                        for (int r = 0; r < it.nr; r++) {
+                            const float g = rnd(og[t * GEMM_NB + r], rnd_mode), u = rnd(ou[t * GEMM_NB + r], rnd_mode);
+                            hb[ph * (it.tf + t) + it.r0 + r] = rnd(silu_mul(g, u), rnd_mode);
+                        }
                 }
             }
 #ifdef _OPENMP
@@ -990,23 +954,12 @@ int tiered_cpu_expert_rows(int fmt, int n, const uintptr_t *base, const int64_t 
                 const long a = n2 * t0 / nt, b = n2 * (t0 + 1) / nt;
                 int j = 0;
                 for (long k = a; k < b && !rc; k++) {
-                    while (at2[j + 1] <= k) j++;
-                    const long rel = k - at2[j], pass = rel / nb2, blk = rel % nb2;
-                    const long tf = first[j] + pass * GEMM_TC;
-                    const int T = cnt[j] - pass * GEMM_TC < GEMM_TC ? (int)(cnt[j] - pass * GEMM_TC) : GEMM_TC;
-                    const long r0 = blk * GEMM_NB;
-                    const int nr = D - r0 < GEMM_NB ? (int)(D - r0) : GEMM_NB;
-                    block_rows(fmt, parts + (size_t)j * P_PER_JOB + 2 * P_PER_MAT, r0, nr, F, Gf, vh + tf, T, wf, Kp,
-                               og);
-                    for (int t = 0; t < T; t++) {
-                        const size_t o = (size_t)(tf + t) * D + r0;
-                        for (int r = 0; r < nr; r++) {
-                            const float v = og[t * GEMM_NB + r];
-                            if (rnd_mode == RND_NONE) ((float *)out)[o + r] = v;
-                            else if (rnd_mode == RND_BF16) ((uint16_t *)out)[o + r] = f32_to_bf16(v);
-                            else ((uint16_t *)out)[o + r] = f32_to_f16(v);
-                        }
-                    }
+                    const item_t it = item_of(at2, cnt, first, nb2, D, k, j);
+                    block_rows(fmt, parts + (size_t)(j = it.j) * P_PER_JOB + 2 * P_PER_MAT, it.r0, it.nr, F, Gf,
+                               vh + it.tf, it.T, GEMM_MIN_T, wf, Kp, og);
+                    for (int t = 0; t < it.T; t++)
+                        for (int r = 0; r < it.nr; r++)
+                            put(out, (size_t)(it.tf + t) * D + it.r0 + r, og[t * GEMM_NB + r], rnd_mode);
                 }
             }
             free(wf);
