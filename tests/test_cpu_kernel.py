@@ -294,8 +294,9 @@ def test_gemv_declines_what_it_does_not_read(kern):
 @pytest.mark.parametrize("D,F", SHAPES)
 @pytest.mark.parametrize("fmt", ["q4", "q8", "bf16", "fp32"])
 def test_expert_rows_match_the_per_expert_reference(kern, fmt, D, F):
-    """Experts of a block pool in a shuffled slot order over their own rows (none, fewer than 4 rows: each token's
-    dots; 4 and more: dequantized blocks and tiles; over 32: several passes) against moe._expert per expert in fp32:
+    """Experts of a block pool in a shuffled slot order over their own rows (none; one row: the token's dots; 2-3 rows:
+    dots_multi, each weight vector dequantized once in registers; 4 and more: dequantized blocks and tiles; over 32:
+    several passes) against moe._expert per expert in fp32:
     within 1e-5 relative in fp32 compute; quantized experts in bf16 compute within bf16 rounding; 1 and 2 threads."""
     from tiered.model.moe import _expert
 
