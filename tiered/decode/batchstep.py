@@ -627,14 +627,12 @@ class BatchStep:
         xs = x.index_select(0, tok.index_select(0, sel))  # [n, D]
         plain = act is None and getattr(W, "gate_bias", None) is None
         quant = isinstance(W.gate, QuantWeight)
-        y = None
-        if plain and self.model.cpu_native and native_rows_ok(x, W):  # CPU: the wave in one native call
+        y = None  # CPU: the wave in one native call where the kernel serves it
+        if plain and self.model.cpu_native and native_rows_ok(x, W):
             y = native_rows(xs, W, slots, counts)
-        if y is not None:
-            pass
-        elif plain and not quant and self.grouped_mm is not None and W.gate.dtype == x.dtype:
+        if y is None and plain and not quant and self.grouped_mm is not None and W.gate.dtype == x.dtype:
             y = self._wave_grouped_mm(xs, slots, counts, W)
-        else:
+        elif y is None:
             y = torch.empty((xs.shape[0], x.shape[1]), dtype=x.dtype, device=dev)
             loop = set(range(len(slots)))
             if plain and quant:  # experts with few rows: the fused kernels (each row reads its expert once)
