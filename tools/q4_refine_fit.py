@@ -5,7 +5,7 @@ layout holds, without its kernels) and scores the fp32 checkpoint with `tiered e
 fit texts: perplexity ratio, mean KL, top-1 agreement (mean and per file). The fake lsq reproduces the real
 `--experts q4` layout's figures (KL 0.00358, top-1 0.95776 on fit/).
 
-    python3 tools/q4_refine_fit.py fit lsq search hqq:0.7:10 hqqs:0.7:10 w1:0.5
+    python3 tools/q4_refine_fit.py fit lsq search hqq:0.7:10 hqqs:0.7:10
 
 Variants (MODE[@MATRICES], MATRICES a +-list of name parts, default experts.):
   none | lsq | search        layout/quant.py's rounding from min/max, its lsq refinement, lsq then search
@@ -13,11 +13,10 @@ Variants (MODE[@MATRICES], MATRICES a +-list of name parts, default experts.):
                              minimum, the scale fixed, from min/max; errors in units of the scale, the shrink
                              threshold (1 / beta) |e|^(P-1), beta from BETA (default 10) times 1.01 a round, 20 rounds
   hqqs[:P:BETA]              the same from search's result
-  wP[:EPS]                   (scale, min) by least squares weighted by |w|^P + EPS rms^P, from min/max and search's
-                             36 clipped starts (k-quants' weighting)
 Measured (session 37, fit/): lsq KL 0.00358 top-1 0.95776; search 0.00325 / 0.9591; hqq:0.7:3 / 10 / 30 0.00364 /
 0.00377 / 0.00393 (top-1 0.9581 / 0.9565 / 0.9575); hqqs:0.7:10 0.00326 / 0.9591: HQQ does not improve on lsq or
-search here (notes/Q4_DECODE.md, session 37).
+search here (notes/Q4_DECODE.md, session 37). Session 36's weighted least squares (k-quants' |w|^p weights) was
+measured with an earlier copy of this harness: KL 0.00324-0.00344, no better than search.
 """
 import json
 import math
@@ -37,30 +36,7 @@ from tiered.layout import quant as Q
 M = Path(__file__).resolve().parent.parent / 'tiered' / 'data' / 'olmoe-code-17m'
 TEXT = Path(__file__).resolve().parent.parent.parent / 'shared' / 'text'
 
-def wlsq(x, valid, c, s, m, q, iters=6):
-    """weighted alternation: codes by rounding, (s, m) by weighted LS (c: element weights)."""
-    def err(s, m, q):
-        d = (q * s.float()[..., None] + m.float()[..., None] - x)
-        return (c * d * d * valid).sum(-1)
-    best = (s, m, q, err(s, m, q))
-    v = valid.float() * c
-    cnt = v.sum(-1)
-    for _ in range(iters):
-        qv = q * v
-        sq, sx, sqq, sqx = qv.sum(-1), (x * v).sum(-1), (qv * q).sum(-1), (qv * x).sum(-1)
-        det = cnt * sqq - sq * sq
-        ok = det > 0
-        s_new = torch.where(ok, (cnt * sqx - sq * sx) / det.where(ok, torch.ones_like(det)), s.float())
-        m_new = torch.where(ok, (sx - s_new * sq) / cnt, m.float())
-        s, m = s_new.clamp_min(0).to(torch.bfloat16), m_new.to(torch.bfloat16)
-        q = Q._q4_codes(x, s, m)
-        e = err(s, m, q)
-        b = e < best[3]
-        best = (torch.where(b, s, best[0]), torch.where(b, m, best[1]), torch.where(b[..., None], q, best[2]),
-                torch.where(b, e, best[3]))
-    return best
-
-def hqq(x, valid, s, m, q, p=0.7, beta=10.0, kappa=1.01, iters=20, scale=False):
+def hqq(x, valid, s, m, q, p=0.7, beta=10.0, kappa=1.01, iters=20):
     """HQQ (half-quadratic, Lp with p < 1) over the zero point (the min m), scale fixed; errors in units of s so that
     the shrink threshold is scale free; the last iterate, as HQQ keeps it."""
     v = valid.float(); cnt = v.sum(-1, keepdim=True)
@@ -81,7 +57,7 @@ def fq(w, mode):
     big = torch.full_like(x, math.inf)
     lo = torch.where(valid, x, big).amin(-1); hi = torch.where(valid, x, -big).amax(-1)
     m = Q._bf16_down(lo); s = Q._bf16_up((hi - m.float()) / 15.0); q = Q._q4_codes(x, s, m)
-    kind, _, rest = mode.partition('/')
+    kind = mode
     if kind == 'none':
         pass
     elif kind.startswith('hqq'):  # hqq[:p:beta] from min/max; hqqs: from search's result
@@ -96,20 +72,8 @@ def fq(w, mode):
         s, m, q = Q._refine_lsq(x, valid, s, m, q)
         if kind == 'search':
             s, m, q = Q._refine_search(x, valid, lo, hi, s, m, q)
-    elif kind.startswith('w'):  # weighted by |x|^p + eps*mean
-        p = float(kind[1:])
-        ms = (x * x * valid).sum(-1, keepdim=True) / valid.sum(-1, keepdim=True)
-        c = x.abs() ** p + float(rest or 0) * ms.sqrt() ** p
-        best = wlsq(x, valid, c, s, m, q)
-        for a in Q.SEARCH_SHRINK:
-            for b in Q.SEARCH_SHRINK:
-                r = hi - lo
-                m0 = (lo + a * r).to(torch.bfloat16)
-                s0 = ((hi - b * r - m0.float()) / 15).clamp_min(0).to(torch.bfloat16)
-                c1 = wlsq(x, valid, c, s0, m0, Q._q4_codes(x, s0, m0), iters=2)
-                bt = c1[3] < best[3]
-                best = tuple(torch.where(bt[..., None] if t.dim() == x.dim() else bt, t, u) for t, u in zip(c1, best))
-        s, m, q = best[0], best[1], best[2]
+    else:
+        raise SystemExit(f"unknown variant {mode!r}: none, lsq, search, hqq[:P:BETA] or hqqs[:P:BETA]")
     y = (q * s.float()[..., None] + m.float()[..., None]).flatten(-2)[..., :wf.shape[-1]]
     return y
 
