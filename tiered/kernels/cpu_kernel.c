@@ -129,6 +129,13 @@ typedef int vi;
 #define SIMD 0
 #endif
 
+/* This thread's number and the team's size inside a parallel region (0 and 1 without OpenMP). */
+#ifdef _OPENMP
+#define TEAM_ID(t0, nt) const int t0 = omp_get_thread_num(), nt = omp_get_num_threads()
+#else
+#define TEAM_ID(t0, nt) const int t0 = 0, nt = 1
+#endif
+
 /* Keeps a loaded vector in a register: GCC otherwise folds each of its uses into a memory operand of an FMA,
  * which multiplies the loads of a register tile (the tiled GEMM ran at 72 GF/s here, 2 Zen 4 cores, against 180). */
 #if SIMD > 0
@@ -604,11 +611,7 @@ int tiered_cpu_gemv(int fmt, int N, int K, int G, uintptr_t q, uintptr_t s, uint
 #pragma omp parallel num_threads(threads)
 #endif
     {
-#ifdef _OPENMP
-        const int t0 = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-        const int t0 = 0, nt = 1;
-#endif
+        TEAM_ID(t0, nt);
         const long r0 = (long)N * t0 / nt, r1 = (long)N * (t0 + 1) / nt;
         const void *qp[4];
         const uint16_t *sp[4], *mp[4];
@@ -867,7 +870,6 @@ int tiered_cpu_gemm(int fmt, int N, int K, int G, uintptr_t q, uintptr_t s, uint
     if (rnd_mode == RND_F16 && !HAVE_F16) return -1;
     if (T <= 0 || N <= 0) return 0;
     if (G <= 0) G = 1;
-    const long rb = row_bytes(fmt, K);
     const size_t Kp = ((size_t)K + 15) & ~(size_t)15, px = tok_floats(K, G);
     float *xb = (float *)malloc(px * T * sizeof(float));
     vec_t *vx = (vec_t *)malloc(sizeof(vec_t) * T);
@@ -883,16 +885,12 @@ int tiered_cpu_gemm(int fmt, int N, int K, int G, uintptr_t q, uintptr_t s, uint
     int rc = 0;
 #ifdef _OPENMP
     if (threads <= 0) threads = omp_get_max_threads();
-    if ((long)N * rb * T < (1L << 16)) threads = 1;
+    if ((long)N * row_bytes(fmt, K) * T < (1L << 16)) threads = 1;
     if (threads > nblk) threads = (int)nblk;
 #pragma omp parallel num_threads(threads) reduction(| : rc)
 #endif
     {
-#ifdef _OPENMP
-        const int t0 = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-        const int t0 = 0, nt = 1;
-#endif
+        TEAM_ID(t0, nt);
         float *wf = (float *)malloc(Kp * GEMM_NB * sizeof(float));
         float *o = (float *)malloc(sizeof(float) * GEMM_NB * (T < GEMM_TC ? T : GEMM_TC));
         if (!wf || !o) rc = -2;
@@ -990,11 +988,7 @@ int tiered_cpu_expert_rows(int fmt, int n, const uintptr_t *base, const int64_t 
 #pragma omp parallel num_threads(threads) reduction(| : rc)
 #endif
         {
-#ifdef _OPENMP
-            const int t0 = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-            const int t0 = 0, nt = 1;
-#endif
+            TEAM_ID(t0, nt);
             const int tc = cmax < GEMM_TC ? (int)cmax : GEMM_TC;
             float *wf = (float *)malloc(sizeof(float) * Kp * GEMM_NB);
             float *og = (float *)malloc(sizeof(float) * GEMM_NB * tc);
