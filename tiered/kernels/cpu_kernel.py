@@ -5,9 +5,9 @@ $XDG_CACHE_HOME/tiered-kernels/cpu/, keyed by the source's hash, the compiler, t
 flags; written under a temporary name and renamed, so concurrent first uses are safe), `CpuKernel.load` (None
 with a one-line warning saying why when there is no compiler or the build fails: the caller falls back to
 torch), `CpuKernel.partial` (one token's CPU experts of a layer, read in place from the block views),
-`CpuKernel.gemv` (a few tokens through one stored matrix, q8/q4 or float: qlinear's CPU path for a few rows), and
-`shared` (the kernel
-a CPU decode step uses, loaded once a process; None under TIERED_CPU_KERNEL=torch).
+`CpuKernel.gemv` (tokens through one stored matrix, q8/q4 or float: qlinear's CPU path; from GEMM_MIN_ROWS the
+tiled GEMM), `CpuKernel.expert_rows` (a wave of experts, each over its own rows: a CPU prompt's or batch step's),
+and `shared` (the kernel a CPU step uses, loaded once a process; None under TIERED_CPU_KERNEL=torch).
 Does not own: the torch reference and the choice between the two paths (cpu_experts.py), the worker thread and
 the thread count (store/offload.py), which experts go to the CPU (store/cache.py), the device step's mailbox
 (model/cpu_mailbox.py, which runs the library's `tiered_cpu_serve` loop through `serve_fn`).
@@ -232,11 +232,13 @@ class CpuKernel:
         return _Plan(FMT[fmt], int(D), int(F), int(groups[0]), int(groups[1]), (ctypes.c_uint64 * 9)(*base),
                      (ctypes.c_int64 * 9)(*stride))
 
-    def gemv(self, x: Tensor, w: QuantWeight | Tensor, *, threads: int = 0, tiled: bool | None = None) -> Tensor | None:
-        """A few tokens through one stored matrix, read in place: x [T, K] host, compute dtype -> [T, N] in x's
-        dtype, each output rounded once from its fp32 sum (tiered_cpu_gemv; the weights read once for the T
-        tokens). w: q8 / q4 parts, or a plain fp32 / bf16 / fp16 matrix (a bf16 one kept as stored under fp32
-        compute: widened exactly, the same sums as F.linear over its fp32 copy). None where this build, the
+    def gemv(self, x: Tensor, w: QuantWeight | Tensor, *, threads: int = 0,
+             tiled: bool | None = None) -> Tensor | None:
+        """Tokens through one stored matrix, read in place: x [T, K] host, compute dtype -> [T, N] in x's dtype, each
+        output rounded once from its fp32 sum (tiered_cpu_gemv, the weights read once for the T tokens; or with
+        `tiled`, by default from GEMM_MIN_ROWS tokens, tiered_cpu_gemm: each block of rows dequantized once).
+        w: q8 / q4 parts, or a plain fp32 / bf16 / fp16 matrix (a bf16 one kept as stored under fp32 compute:
+        widened exactly, the same sums as F.linear over its fp32 copy). None where this build, the
         format, the dtype or the layout (one contiguous matrix on the host) does not fit: the caller takes torch."""
         dt = x.dtype
         if dt not in ROUND or x.device.type != "cpu" or x.dim() != 2 or (dt == torch.float16 and not self.caps >> 8 & 1):
