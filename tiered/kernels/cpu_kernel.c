@@ -148,11 +148,13 @@ typedef int vi;
 ALWAYS_INLINE vf ldw(int fmt, const void *p, long i) {
     if (fmt == FMT_F32) return VLD((const float *)p + i);
     if (fmt == FMT_BF16) return VLD_BF16((const uint16_t *)p + i);
+    if (fmt == FMT_Q8) return VLD_I8((const int8_t *)p + i); /* the code itself; the caller scales */
     return VLD_F16((const uint16_t *)p + i);
 }
 ALWAYS_INLINE float lds(int fmt, const void *p, long i) {
     if (fmt == FMT_F32) return ((const float *)p)[i];
     if (fmt == FMT_BF16) return bf16_to_f32(((const uint16_t *)p)[i]);
+    if (fmt == FMT_Q8) return (float)((const int8_t *)p)[i];
     return f16_to_f32(((const uint16_t *)p)[i]);
 }
 
@@ -165,27 +167,35 @@ ALWAYS_INLINE float lds(int fmt, const void *p, long i) {
 #ifndef PF_BYTES
 #define PF_BYTES 0
 #endif
-/* ---- R dense rows w[r][0:K] dotted with one x (x loaded once for all R rows) ---- */
-ALWAYS_INLINE void dots_dense(int fmt, int R, const void *const *w, const float *x, int K, float *out) {
-    vf a0[RMAX], a1[RMAX];
-    FOR_R(r) a0[r] = a1[r] = VZERO();
+/* a0[r] / a1[r] += w[r][off + i] * x[i] for i below n, by vectors (x loaded once for the R rows, two vectors a
+ * step); returns the first i not taken (the caller adds the rest, scalar). fmt: a float format, or q8's codes. */
+ALWAYS_INLINE int fma_rows(int fmt, int R, const void *const *w, long off, const float *x, int n, vf *a0, vf *a1) {
     int i = 0;
-    for (; i + 2 * VW <= K; i += 2 * VW) {
+    for (; i + 2 * VW <= n; i += 2 * VW) {
         vf x0 = VLD(x + i), x1 = VLD(x + i + VW);
         IN_REG(x0);
         IN_REG(x1);
         FOR_R(r) {
 #if PF_BYTES > 0 && SIMD > 0
-            _mm_prefetch((const char *)w[r] + (long)i * (fmt == FMT_F32 ? 4 : 2) + PF_BYTES, _MM_HINT_T0);
+            _mm_prefetch((const char *)w[r] + (off + i) * (fmt == FMT_F32 ? 4 : fmt == FMT_Q8 ? 1 : 2) + PF_BYTES,
+                         _MM_HINT_T0);
 #endif
-            a0[r] = VFMA(ldw(fmt, w[r], i), x0, a0[r]);
-            a1[r] = VFMA(ldw(fmt, w[r], i + VW), x1, a1[r]);
+            a0[r] = VFMA(ldw(fmt, w[r], off + i), x0, a0[r]);
+            a1[r] = VFMA(ldw(fmt, w[r], off + i + VW), x1, a1[r]);
         }
     }
-    for (; i + VW <= K; i += VW) {
+    for (; i + VW <= n; i += VW) {
         const vf x0 = VLD(x + i);
-        FOR_R(r) a0[r] = VFMA(ldw(fmt, w[r], i), x0, a0[r]);
+        FOR_R(r) a0[r] = VFMA(ldw(fmt, w[r], off + i), x0, a0[r]);
     }
+    return i;
+}
+
+/* ---- R dense rows w[r][0:K] dotted with one x (x loaded once for all R rows) ---- */
+ALWAYS_INLINE void dots_dense(int fmt, int R, const void *const *w, const float *x, int K, float *out) {
+    vf a0[RMAX], a1[RMAX];
+    FOR_R(r) a0[r] = a1[r] = VZERO();
+    const int i = fma_rows(fmt, R, w, 0, x, K, a0, a1);
     FOR_R(r) {
         float s = VHSUM(VADD(a0[r], a1[r]));
         for (int k = i; k < K; k++) s += lds(fmt, w[r], k) * x[k];
@@ -195,36 +205,21 @@ ALWAYS_INLINE void dots_dense(int fmt, int R, const void *const *w, const float 
 
 /* ---- q8: int8 codes [K], one bf16 scale per G inputs: sum_g s_g * sum_{i in g} q_i x_i. Each group's lane
  * sums are scaled into per-lane accumulators (one horizontal sum per row, not per group). ---- */
-ALWAYS_INLINE void dots_q8(int R, const void *const *qv, const uint16_t *const *sc, const float *x, int K, int G,
+ALWAYS_INLINE void dots_q8(int R, const void *const *q, const uint16_t *const *sc, const float *x, int K, int G,
                            float *out) {
-    const int8_t *q[RMAX];
     vf c[RMAX];
     float s[RMAX];
-    FOR_R(r) { q[r] = (const int8_t *)qv[r]; c[r] = VZERO(); s[r] = 0.f; }
+    FOR_R(r) { c[r] = VZERO(); s[r] = 0.f; }
     for (int g0 = 0, gi = 0; g0 < K; g0 += G, gi++) {
         const int n = K - g0 < G ? K - g0 : G;
-        const float *xx = x + g0;
         vf t0[RMAX], t1[RMAX];
         FOR_R(r) t0[r] = t1[r] = VZERO();
-        int i = 0;
-        for (; i + 2 * VW <= n; i += 2 * VW) {
-            vf x0 = VLD(xx + i), x1 = VLD(xx + i + VW);
-            IN_REG(x0);
-            IN_REG(x1);
-            FOR_R(r) {
-                t0[r] = VFMA(VLD_I8(q[r] + g0 + i), x0, t0[r]);
-                t1[r] = VFMA(VLD_I8(q[r] + g0 + i + VW), x1, t1[r]);
-            }
-        }
-        for (; i + VW <= n; i += VW) {
-            const vf x0 = VLD(xx + i);
-            FOR_R(r) t0[r] = VFMA(VLD_I8(q[r] + g0 + i), x0, t0[r]);
-        }
+        const int i = fma_rows(FMT_Q8, R, q, g0, x + g0, n, t0, t1);
         FOR_R(r) {
             const float sg = bf16_to_f32(sc[r][gi]);
             c[r] = VFMA(VADD(t0[r], t1[r]), VSET1(sg), c[r]);
             float tt = 0.f;
-            for (int k = i; k < n; k++) tt += (float)q[r][g0 + k] * xx[k];
+            for (int k = i; k < n; k++) tt += lds(FMT_Q8, q[r], g0 + k) * x[g0 + k];
             s[r] += sg * tt;
         }
     }
@@ -735,10 +730,9 @@ GEMM_TILE(4)
 /* Floats a token's forms take (x fp32, q4's per-32 order, its group sums, its bf16 pairs), and their layout. */
 static size_t tok_floats(int K, int G) { return (size_t)2 * K + (K + G - 1) / G + (K / 2 + 1); }
 
-static vec_t tok_prep(float *buf, const float *x, int K, int G, int fmt, int bfdp) {
+static vec_t tok_prep(float *buf, int K, int G, int fmt, int bfdp) { /* buf[0:K] holds the token in fp32 */
     float *xf = buf, *xp = xf + K, *xs = xp + K;
     uint16_t *xb = bfdp ? (uint16_t *)(xs + (K + G - 1) / G) : NULL;
-    if (x != xf) memcpy(xf, x, sizeof(float) * K);
     if (fmt == FMT_Q4) {
         prep_vec(xf, K, G, xp, xs, xb);
         for (int c = K / 32 * 32; c < K; c++) xp[c] = xf[c]; /* the tail in place: the GEMM tile's order */
@@ -818,10 +812,6 @@ DOTS_MULTI(3)
  * tokens v[0..T-1] -> o[t * GEMM_NB + r]: from GEMM_MIN_T tokens the rows are dequantized once into wf (Kp floats a
  * row) and multiplied in register tiles, below that each token's dots read the codes (tiered_cpu_gemv's way). */
 #define GEMM_MIN_T 4
-#ifndef MULTI_OK
-#define MULTI_OK(fmt) 1 /* every format takes dots_multi at 2-3 tokens (2 Zen 4 cores, 24 experts of 2048 x 768, 2 / 3
-                          * tokens each: q4 1.14x / 1.52x the per-token dots, q8 1.16x / 1.32x, bf16 1.05x / 1.22x) */
-#endif
 static void block_rows(int fmt, const uintptr_t *ps, long r0, int nr, int K, int G, const vec_t *v, int T, int min_t,
                        float *wf, size_t Kp, float *o) {
     const long ng = (K + G - 1) / G;
@@ -829,8 +819,10 @@ static void block_rows(int fmt, const uintptr_t *ps, long r0, int nr, int K, int
     const uint16_t *s[GEMM_NB], *m[GEMM_NB];
     for (int r = 0; r < GEMM_NB; r++) row_parts(fmt, ps, r0 + (r < nr ? r : 0), K, ng, &q[r], &s[r], &m[r]);
     if (T < min_t) {
-        if (T == 2 && MULTI_OK(fmt)) dots_multi2(fmt, q, s, m, v, K, G, o);
-        else if (T == 3 && MULTI_OK(fmt)) dots_multi3(fmt, q, s, m, v, K, G, o);
+        /* 2-3 tokens share each weight vector's dequantization (2 Zen 4 cores, 24 experts of 2048 x 768 at 2 / 3
+         * tokens each: q4 1.14x / 1.52x the per-token dots, q8 1.16x / 1.32x, bf16 1.05x / 1.22x) */
+        if (T == 2) dots_multi2(fmt, q, s, m, v, K, G, o);
+        else if (T == 3) dots_multi3(fmt, q, s, m, v, K, G, o);
         else
             for (int t = 0; t < T; t++) dots(fmt, GEMM_NB, q, s, m, &v[t], K, G, (int)ng, o + t * GEMM_NB);
         return;
@@ -878,7 +870,7 @@ int tiered_cpu_gemm(int fmt, int N, int K, int G, uintptr_t q, uintptr_t s, uint
     for (int t = 0; t < T; t++) { /* fp32 tokens (and q4's per-32 order, which the tiles read) */
         float *b = xb + px * t;
         for (int k = 0; k < K; k++) b[k] = load_x((const char *)x + (size_t)t * K * xsz, rnd_mode, k);
-        vx[t] = tok_prep(b, b, K, G, fmt, 0);
+        vx[t] = tok_prep(b, K, G, fmt, 0);
     }
     const uintptr_t ps[3] = {q, s, m};
     const long nblk = (N + GEMM_NB - 1) / GEMM_NB;
@@ -973,7 +965,7 @@ int tiered_cpu_expert_rows(int fmt, int n, const uintptr_t *base, const int64_t 
             float *b = xb + px * t;
             const void *xt = (const char *)x + (size_t)t * D * xsz;
             for (int k = 0; k < D; k++) b[k] = load_x(xt, rnd_mode, k);
-            vx[t] = tok_prep(b, b, D, Gi, fmt, bfdp && Gi == 64);
+            vx[t] = tok_prep(b, D, Gi, fmt, bfdp && Gi == 64);
         }
         for (int j = 0; j < n; j++) {
             first[j] = j ? first[j - 1] + cnt[j - 1] : 0;
@@ -1016,7 +1008,7 @@ int tiered_cpu_expert_rows(int fmt, int n, const uintptr_t *base, const int64_t 
 #endif
             for (long t = 0; t < total; t++) {
                 float *b = hb + ph * t;
-                vh[t] = tok_prep(b, b, F, Gf, fmt, bfdp && Gf == 64);
+                vh[t] = tok_prep(b, F, Gf, fmt, bfdp && Gf == 64);
             }
             /* (the omp for's implied barrier: every h is ready) phase 2: down rows -> out */
             {
