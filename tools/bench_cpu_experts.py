@@ -6,7 +6,8 @@ model counts: block_size per expert).
         [--paths torch-bf16,bf16,q8,q4] [--pool-gb 1.0] [--links 55,25,12]
 
 Paths: "torch-FMT" is the torch reference (cpu_partial: dequantize, F.linear), "FMT" the native kernel
-(kernels/cpu_kernel.c); FMT in fp32, bf16, q8, q4. The compute dtype is bf16 (fp32 for fp32 weights), as on GPU
+(kernels/cpu_kernel.c); FMT in fp32, bf16, q8, q4; "q4@q8" the native kernel in the q8 activation mode
+(TIERED_CPU_ACT=q8: q4 products from 8-bit inputs, integer dot products; the probe runs in that mode too). The compute dtype is bf16 (fp32 for fp32 weights), as on GPU
 runs. The experts sit in a pool of blocks laid out as in experts.bin (layout/format.plan_block, views from
 store/disk.expert_views) of --pool-gb GB; each call takes the next K experts of the pool, so once the pool is
 larger than the last-level cache the weights come from DRAM, as they do in a run. Random codes and scales: the
@@ -39,7 +40,7 @@ import torch  # noqa: E402
 from tiered.layout.format import plan_block  # noqa: E402
 from tiered.layout.quant import QuantWeight  # noqa: E402
 from tiered.model.cpu_experts import cpu_partial, prepare  # noqa: E402
-from tiered.kernels.cpu_kernel import CpuKernel  # noqa: E402
+from tiered.kernels.cpu_kernel import ACT_ENV, CpuKernel  # noqa: E402
 from tiered.store.disk import expert_views  # noqa: E402
 from tiered.store.offload import CostModel, CpuWorker, cpu_threads  # noqa: E402
 
@@ -118,12 +119,16 @@ def main() -> None:
     a = ap.parse_args()
     D, F, K = a.hidden, a.ffn, a.k
     links = [float(x) for x in a.links.split(",") if x]
-    kern = CpuKernel.load()
+    kerns = {"float": CpuKernel.load(), "q8": CpuKernel.load(act="q8", warn=False)}
     out = []
     pools: dict[str, tuple] = {}
     for path in a.paths.split(","):
         torch_path = path.startswith("torch-")
-        fmt = path.removeprefix("torch-")
+        fmt, _, act = path.removeprefix("torch-").partition("@")
+        act = act or "float"
+        if act != "float" and (torch_path or fmt != "q4"):
+            raise SystemExit(f"{path}: the activation mode @{act} applies to the native q4 path only (q4@q8)")
+        kern = kerns[act]
         if not torch_path and kern is None:
             print(f"{path}: skipped, no native kernel")
             continue
@@ -164,7 +169,12 @@ def main() -> None:
             line = (f"{path:>11} threads {th:2d}: {med * 1e3:8.3f} ms per {K} experts, {row['gbps']:7.2f} GB/s "
                     f"(best {row['gbps_best']:6.2f})")
             if links:
-                row["probe"] = probe(W, bs, n, D, K, th, not torch_path, cdt, links)
+                before = os.environ.get(ACT_ENV)
+                os.environ[ACT_ENV] = act  # the load-time probe builds its kernel in the path's mode
+                try:
+                    row["probe"] = probe(W, bs, n, D, K, th, not torch_path, cdt, links)
+                finally:
+                    os.environ.pop(ACT_ENV) if before is None else os.environ.__setitem__(ACT_ENV, before)
                 pr = row["probe"]
                 line += (f"; probe {pr['cpu_gbps']:6.2f} GB/s + {pr['cpu_overhead_s'] * 1e6:.0f} us/layer, to CPU of "
                          + ", ".join(f"{K} misses at {lk} GB/s: {pr['to_cpu_of_misses'][str(lk)][str(K)]}"

@@ -25,6 +25,11 @@
 
 enum { FMT_F32 = 0, FMT_BF16 = 1, FMT_F16 = 2, FMT_Q8 = 3, FMT_Q4 = 4 };
 enum { RND_NONE = 0, RND_BF16 = 1, RND_F16 = 2 };
+/* rnd_mode's bit 2 (every entry point): q4 rows take their inputs rounded to 8 bits, per group of the weights'
+ * quantization (d = max |x| / 127, x -> round(x / d) * d, ties to even): the opt-in `TIERED_CPU_ACT=q8` mode of
+ * cpu_kernel.py, whose full groups of 64 then take integer dot products (the products and their sums exact; the
+ * group's scales applied to the sum). Other formats ignore it. */
+enum { ACT_Q8 = 4, RND_MASK = 3 };
 
 /* Per job, the parts of gate, up, down (pointers as integers, 0 where a part is absent), in this order. */
 enum { P_Q = 0, P_S = 1, P_M = 2, P_PER_MAT = 3, P_PER_JOB = 9 };
@@ -142,6 +147,21 @@ typedef int vi;
 #define IN_REG(v) __asm__("" : "+v"(v))
 #else
 #define IN_REG(v) ((void)0)
+#endif
+
+/* acc (8 int32) += sums of 4 adjacent products u8 x s8 (32 bytes each): VNNI's vpdpbusd where the build has it,
+ * else AVX2's vpmaddubsw (q4 codes 0..15 times |x| <= 127: pairs under 3810, no saturation) and vpmaddwd. */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define I8DOT 2
+#define DP_U8S8(acc, u, s) _mm256_dpbusd_epi32(acc, u, s)
+#elif defined(__AVXVNNI__)
+#define I8DOT 2
+#define DP_U8S8(acc, u, s) _mm256_dpbusd_avx_epi32(acc, u, s)
+#elif defined(__AVX2__)
+#define I8DOT 1
+#define DP_U8S8(acc, u, s) _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)))
+#else
+#define I8DOT 0
 #endif
 
 /* One element / VW elements of a dense row of format fmt (a constant after inlining). */
@@ -275,9 +295,31 @@ typedef struct {
     const float *xs;    /* [ceil(K/G)] group sums (q4) */
     const uint16_t *xb; /* q4 in bf16 on AVX512-BF16, else NULL: per full group of 64, its 32 even inputs then its
                          * 32 odd ones as bf16 (exact: x is bf16 then) */
+    const int8_t *xq;   /* ACT_Q8 with groups of 64, else NULL: x's 8-bit codes, per group its 32 even inputs then
+                         * its 32 odd ones (a byte's low and high nibbles meet them lane by lane) */
+    const float *xd;    /* ACT_Q8: per group the codes' scale d */
 } vec_t;
 
-static void prep_vec(const float *x, int K, int G, float *xp, float *xs, uint16_t *xb) {
+/* ACT_Q8: x rounded in place to 8 bits per group of G (d = max |x| / 127, code round(x / d) in [-127, 127], ties
+ * to even; x becomes code * d), xd[g] = d, and with G 64 the codes of the full groups in vec_t.xq's order. */
+static void act_q8(float *x, int K, int G, int8_t *xq, float *xd) {
+    for (int g0 = 0, gi = 0; g0 < K; g0 += G, gi++) {
+        const int end = K - g0 < G ? K : g0 + G, full = G == 64 && end - g0 == 64;
+        float a = 0.f;
+        for (int i = g0; i < end; i++) a = fmaxf(a, fabsf(x[i]));
+        const float d = a / 127.f;
+        xd[gi] = d;
+        for (int i = g0; i < end; i++) {
+            const float c = d > 0.f ? fminf(fmaxf(nearbyintf(x[i] / d), -127.f), 127.f) : 0.f;
+            x[i] = c * d;
+            if (full) xq[g0 + ((i - g0) & 1) * 32 + (i - g0) / 2] = (int8_t)c;
+        }
+    }
+}
+
+/* x's q4 forms (xq, xd non-NULL: ACT_Q8's rounding first, x changed in place). */
+static void prep_vec(float *x, int K, int G, float *xp, float *xs, uint16_t *xb, int8_t *xq, float *xd) {
+    if (xq) act_q8(x, K, G, xq, xd);
     if (xb)
         for (int g0 = 0; g0 + 64 <= K; g0 += 64)
             for (int k = 0; k < 32; k++) {
@@ -341,6 +383,116 @@ ALWAYS_INLINE void dots_q4bf(int R, const void *const *qv, const uint16_t *const
 #define HAVE_BFDP 0
 #endif
 
+#if I8DOT
+/* Groups g and g + 1 of R q4 rows against ACT_Q8's codes: o[r] = hadd(t_g, t_g+1) of their 8 lanes of integer
+ * sums each (x's codes loaded once for the R rows). */
+ALWAYS_INLINE void q4i8_pair(int R, const uint8_t *const *q, const int8_t *xq, int g, __m256i *o) {
+    const __m256i lo4 = _mm256_set1_epi8(0x0f);
+    __m256i xe0 = _mm256_loadu_si256((const __m256i *)(xq + g * 64)), xo0 = _mm256_loadu_si256((const __m256i *)(xq + g * 64 + 32));
+    __m256i xe1 = _mm256_loadu_si256((const __m256i *)(xq + g * 64 + 64)), xo1 = _mm256_loadu_si256((const __m256i *)(xq + g * 64 + 96));
+    IN_REG(xe0);
+    IN_REG(xo0);
+    IN_REG(xe1);
+    IN_REG(xo1);
+    FOR_R(r) {
+        const __m256i w0 = _mm256_loadu_si256((const __m256i *)(q[r] + g * 32));
+        const __m256i w1 = _mm256_loadu_si256((const __m256i *)(q[r] + g * 32 + 32));
+        const __m256i t0 = DP_U8S8(DP_U8S8(_mm256_setzero_si256(), _mm256_and_si256(w0, lo4), xe0),
+                                   _mm256_and_si256(_mm256_srli_epi16(w0, 4), lo4), xo0);
+        const __m256i t1 = DP_U8S8(DP_U8S8(_mm256_setzero_si256(), _mm256_and_si256(w1, lo4), xe1),
+                                   _mm256_and_si256(_mm256_srli_epi16(w1, 4), lo4), xo1);
+        o[r] = _mm256_hadd_epi32(t0, t1);
+    }
+}
+
+/* 8 bf16 values -> fp32 */
+ALWAYS_INLINE __m256 ld8_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+#endif
+
+/* q4 with ACT_Q8 (groups of 64): per full group, t_g = sum c x_code exactly in integers (32 bytes of codes against
+ * 32 even and 32 odd input codes, vec_t.xq), the row sum_g s_g d_g t_g + m_g sum_g x. Eight groups at a time, their
+ * lane sums reduced to one vector of 8 group sums (hadd), scaled by 8 scales times 8 d at once; the groups past
+ * them one at a time; a short last group takes the scalar loop over the rounded x. */
+ALWAYS_INLINE void dots_q4i8(int R, const void *const *qv, const uint16_t *const *sc, const uint16_t *const *mn,
+                             const vec_t *v, int K, float *out) {
+    const uint8_t *q[RMAX];
+    float s[RMAX];
+    const int full = K / 64;
+#if I8DOT
+    __m256 c[RMAX];
+    const __m256i lo4 = _mm256_set1_epi8(0x0f);
+    FOR_R(r) { q[r] = (const uint8_t *)qv[r]; c[r] = _mm256_setzero_ps(); s[r] = 0.f; }
+    int g8 = 0;
+    {
+        __m256 cm[RMAX];
+        FOR_R(r) cm[r] = _mm256_setzero_ps();
+        for (; g8 + 8 <= full; g8 += 8) {
+            __m256i p0[RMAX], p1[RMAX], lo[RMAX];
+            q4i8_pair(R, q, v->xq, g8, p0);
+            q4i8_pair(R, q, v->xq, g8 + 2, p1);
+            FOR_R(r) lo[r] = _mm256_hadd_epi32(p0[r], p1[r]); /* groups 0-3: half sums in each 128-bit lane */
+            q4i8_pair(R, q, v->xq, g8 + 4, p0);
+            q4i8_pair(R, q, v->xq, g8 + 6, p1);
+            const __m256 dv = _mm256_loadu_ps(v->xd + g8), xv = _mm256_loadu_ps(v->xs + g8);
+            FOR_R(r) {
+                const __m256i hi = _mm256_hadd_epi32(p0[r], p1[r]); /* groups 4-7 */
+                const __m256i t = _mm256_add_epi32(_mm256_permute2x128_si256(lo[r], hi, 0x20),
+                                                   _mm256_permute2x128_si256(lo[r], hi, 0x31));
+                c[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_mul_ps(ld8_bf16(sc[r] + g8), dv), c[r]);
+                cm[r] = _mm256_fmadd_ps(ld8_bf16(mn[r] + g8), xv, cm[r]);
+            }
+        }
+        FOR_R(r) c[r] = _mm256_add_ps(c[r], cm[r]);
+    }
+    for (int gi = g8; gi < full; gi++) {
+        __m256i xe = _mm256_loadu_si256((const __m256i *)(v->xq + gi * 64));
+        __m256i xo = _mm256_loadu_si256((const __m256i *)(v->xq + gi * 64 + 32));
+        IN_REG(xe);
+        IN_REG(xo);
+        const float dg = v->xd[gi], xg = v->xs[gi];
+        FOR_R(r) {
+            const __m256i w = _mm256_loadu_si256((const __m256i *)(q[r] + gi * 32));
+            const __m256i wl = _mm256_and_si256(w, lo4), wh = _mm256_and_si256(_mm256_srli_epi16(w, 4), lo4);
+            const __m256i t = DP_U8S8(DP_U8S8(_mm256_setzero_si256(), wl, xe), wh, xo);
+            c[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_set1_ps(bf16_to_f32(sc[r][gi]) * dg), c[r]);
+            s[r] += bf16_to_f32(mn[r][gi]) * xg; /* scalar ports, beside the vector work */
+        }
+    }
+#else
+    FOR_R(r) { q[r] = (const uint8_t *)qv[r]; s[r] = 0.f; }
+    for (int gi = 0; gi < full; gi++) {
+        const int8_t *xe = v->xq + gi * 64, *xo = xe + 32;
+        FOR_R(r) {
+            int32_t t = 0;
+            for (int j = 0; j < 32; j++) {
+                const uint8_t b = q[r][gi * 32 + j];
+                t += (b & 0xf) * xe[j] + (b >> 4) * xo[j];
+            }
+            s[r] += bf16_to_f32(sc[r][gi]) * v->xd[gi] * (float)t + bf16_to_f32(mn[r][gi]) * v->xs[gi];
+        }
+    }
+#endif
+    FOR_R(r) {
+        if (full * 64 < K) { /* the short last group, gi = full */
+            float t = 0.f;
+            for (int k = full * 64; k < K; k++) {
+                const uint8_t b = q[r][k >> 1];
+                t += (float)((k & 1) ? (b >> 4) : (b & 0xf)) * v->x[k];
+            }
+            s[r] += bf16_to_f32(sc[r][full]) * t + bf16_to_f32(mn[r][full]) * v->xs[full];
+        }
+#if I8DOT
+        const __m128 h = _mm_add_ps(_mm256_castps256_ps128(c[r]), _mm256_extractf128_ps(c[r], 1));
+        const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        out[r] = _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2))) + s[r];
+#else
+        out[r] = s[r];
+#endif
+    }
+}
+
 /* Bytes of one code row of K inputs. */
 static inline long row_bytes(int fmt, int K) {
     switch (fmt) {
@@ -353,6 +505,7 @@ static inline long row_bytes(int fmt, int K) {
 
 ALWAYS_INLINE void dots_q4_any(int R, const void *const *q, const uint16_t *const *s, const uint16_t *const *m,
                                const vec_t *v, int K, int G, int ng, float *out) {
+    if (v->xq && G == 64) { dots_q4i8(R, q, s, m, v, K, out); return; }
 #if HAVE_BFDP
     if (v->xb) { dots_q4bf(R, q, s, m, v, K, out); return; }
 #endif
@@ -402,10 +555,17 @@ static inline void put(void *out, size_t i, float v, int rnd_mode) {
 }
 
 /* What this build supports: bit f set for each format f above, bit 8 when fp16 compute/storage works, bit 9
- * when q4 in bf16 takes the AVX512-BF16 path. */
+ * when q4 in bf16 takes the AVX512-BF16 path, bit 10 when ACT_Q8's dots are vector integer products (bit 11: VNNI's,
+ * else AVX2's; neither: a scalar loop). */
 int tiered_cpu_caps(void) {
     return (1 << FMT_F32) | (1 << FMT_BF16) | (HAVE_F16 << FMT_F16) | (1 << FMT_Q8) | (1 << FMT_Q4) | (HAVE_F16 << 8) |
-           (HAVE_BFDP << 9);
+           (HAVE_BFDP << 9) | ((I8DOT > 0) << 10) | ((I8DOT == 2) << 11);
+}
+
+/* rnd_mode split into its rounding (returned) and ACT_Q8 (*act8: for q4 rows only). */
+static inline int mode_split(int mode, int fmt, int *act8) {
+    *act8 = (mode & ACT_Q8) && fmt == FMT_Q4;
+    return mode & RND_MASK;
 }
 
 /* Which vector path this build uses: 512 (AVX-512F), 256 (AVX2+FMA+F16C) or 0 (portable C). */
@@ -413,20 +573,24 @@ int tiered_cpu_simd(void) { return SIMD; }
 
 /* A call's jobs as every thread reads them: the jobs (part addresses, fp32 weights), sizes and the scratch. */
 typedef struct {
-    int fmt, n, D, F, Gi, Gf, rnd_mode;
+    int fmt, n, D, F, Gi, Gf, rnd_mode, act8;
     int Flast; /* the last job's FFN rows: F, or a split job's first Flast rows (the device computes the rest) */
     long ngi, ngf, rows1;
     const uintptr_t *parts;
     const float *wts;
     float *xf, *xp, *xs, *h, *hp, *hs, *acc;
     uint16_t *xb, *hb;
+    int8_t *xq, *hq; /* ACT_Q8: x's and each job's h's 8-bit codes (vec_t.xq) */
+    float *xd, *hd;  /* ACT_Q8: their scales per group */
     void *out;
 } jobs_t;
 
-/* Scratch floats for up to n jobs: x fp32, its q4 forms, h fp32 [n, F] and h's q4 forms per job, the sum. */
+/* Scratch floats for up to n jobs: x fp32, its q4 forms, h fp32 [n, F] and h's q4 forms per job, the sum, then
+ * ACT_Q8's codes and scales of x and of each h. */
 static size_t jobs_scratch(int n, int D, int F, int Gi, int Gf) {
     const long ngi = (D + Gi - 1) / Gi, ngf = (F + Gf - 1) / Gf;
-    return (size_t)2 * D + ngi + (size_t)n * (2 * F + ngf) + (size_t)D + (D / 2 + 1) + (size_t)n * (F / 2 + 1);
+    return (size_t)2 * D + ngi + (size_t)n * (2 * F + ngf) + (size_t)D + (D / 2 + 1) + (size_t)n * (F / 2 + 1) +
+           (D / 4 + 1) + ngi + (size_t)n * (F / 4 + 1 + ngf);
 }
 
 /* Lay the scratch `buf` (jobs_scratch(n) floats) out for c's n jobs and convert x (one thread). */
@@ -439,11 +603,16 @@ static void jobs_prep(jobs_t *c, float *buf, const void *x) {
     c->xf = buf; c->xp = c->xf + D; c->xs = c->xp + D; c->h = c->xs + c->ngi; c->hp = c->h + (size_t)n * F;
     c->hs = c->hp + (size_t)n * F; c->acc = c->hs + (size_t)n * c->ngf;
     /* q4 in bf16 with AVX512-BF16 (groups of 64): the bf16 pair layouts of x and of each job's h */
-    const int bfdp = HAVE_BFDP && c->fmt == FMT_Q4 && c->rnd_mode == RND_BF16;
+    const int bfdp = HAVE_BFDP && c->fmt == FMT_Q4 && c->rnd_mode == RND_BF16 && !c->act8;
     c->xb = bfdp && c->Gi == 64 ? (uint16_t *)(c->acc + D) : NULL;
     c->hb = bfdp && c->Gf == 64 ? (uint16_t *)(c->acc + D + (D / 2 + 1)) : NULL;
+    float *q8 = c->acc + D + (D / 2 + 1) + (size_t)n * (F / 2 + 1); /* ACT_Q8's part of the scratch */
+    c->xq = c->act8 ? (int8_t *)q8 : NULL;
+    c->xd = c->act8 ? q8 + (D / 4 + 1) : NULL;
+    c->hq = c->act8 ? (int8_t *)(q8 + (D / 4 + 1) + c->ngi) : NULL;
+    c->hd = c->act8 ? q8 + (D / 4 + 1) + c->ngi + (size_t)n * (F / 4 + 1) : NULL;
     for (int d = 0; d < D; d++) c->xf[d] = load_x(x, c->rnd_mode, d);
-    if (c->fmt == FMT_Q4) prep_vec(c->xf, D, c->Gi, c->xp, c->xs, c->xb);
+    if (c->fmt == FMT_Q4) prep_vec(c->xf, D, c->Gi, c->xp, c->xs, c->xb, c->xq, c->xd);
 }
 
 /* Thread t of nt's share of the jobs' math (called by every thread of a team: it holds the team's barriers). */
@@ -455,7 +624,9 @@ static void jobs_body(const jobs_t *c, int t, int nt) {
     float *h = c->h, *hp = c->hp, *hs = c->hs, *acc = c->acc;
     uint16_t *hb = c->hb;
     void *out = c->out;
-    const vec_t vx = {c->xf, c->xp, c->xs, c->xb};
+    const vec_t vx = {c->xf, c->xp, c->xs, c->xb, c->xq, c->xd};
+    int8_t *hq = c->hq;
+    float *hd = c->hd;
     /* phase 1: gate and up rows of every job, a contiguous slice of the (job, row) space per thread; two
      * FFN rows at a time (gate f, up f, gate f+1, up f+1: four rows sharing each load of x) */
     {
@@ -486,7 +657,8 @@ static void jobs_body(const jobs_t *c, int t, int nt) {
 #pragma omp for schedule(static)
 #endif
         for (int j = 0; j < n; j++)
-            prep_vec(h + (size_t)j * F, F, Gf, hp + (size_t)j * F, hs + (size_t)j * ngf, hb ? hb + (size_t)j * F : NULL);
+            prep_vec(h + (size_t)j * F, F, Gf, hp + (size_t)j * F, hs + (size_t)j * ngf, hb ? hb + (size_t)j * F : NULL,
+                     hq ? hq + (size_t)j * F : NULL, hd ? hd + (size_t)j * ngf : NULL);
     }
     /* phase 2: rows of down, a contiguous slice of D per thread, jobs in order (the sum's order) */
     {
@@ -494,7 +666,8 @@ static void jobs_body(const jobs_t *c, int t, int nt) {
         for (int d = d0; d < d1; d++) acc[d] = 0.f;
         for (int j = 0; j < n; j++) {
             const uintptr_t *pj = parts + (size_t)j * P_PER_JOB + 2 * P_PER_MAT;
-            const vec_t vh = {h + (size_t)j * F, hp + (size_t)j * F, hs + (size_t)j * ngf, hb ? hb + (size_t)j * F : NULL};
+            const vec_t vh = {h + (size_t)j * F, hp + (size_t)j * F, hs + (size_t)j * ngf, hb ? hb + (size_t)j * F : NULL,
+                              hq ? hq + (size_t)j * F : NULL, hd ? hd + (size_t)j * ngf : NULL};
             const float wj = wts[j];
             const int Fj = j == n - 1 ? c->Flast : F; /* a split job: down's first Fj columns (its h) */
             const void *q[4];
@@ -515,11 +688,11 @@ static void jobs_body(const jobs_t *c, int t, int nt) {
 /* The jobs' math once each job's part addresses (parts [n * P_PER_JOB]) and fp32 weights (wts [n], already
  * rounded as the caller wants) are known; 0, or -2 when out of memory. */
 static int run_jobs(int fmt, int n, const uintptr_t *parts, const float *wts, int D, int F, int Gi, int Gf,
-                    const void *x, void *out, int rnd_mode, int threads) {
+                    const void *x, void *out, int rnd_mode, int act8, int threads) {
     float *buf = (float *)malloc(jobs_scratch(n, D, F, Gi, Gf) * sizeof(float));
     if (!buf) return -2;
     jobs_t c = {.fmt = fmt, .n = n, .D = D, .F = F, .Flast = F, .Gi = Gi, .Gf = Gf, .rnd_mode = rnd_mode,
-                .parts = parts, .wts = wts, .out = out};
+                .act8 = act8, .parts = parts, .wts = wts, .out = out};
     jobs_prep(&c, buf, x);
 #ifdef _OPENMP
     if (threads <= 0) threads = omp_get_max_threads();
@@ -546,6 +719,8 @@ int tiered_cpu_experts(int fmt, int n, const uintptr_t *base, const int64_t *str
                        const int64_t *rows, const float *wts_in, int round_w, int D, int F, int Gi, int Gf,
                        const void *x, void *out, int rnd_mode, int threads) {
     if (fmt < FMT_F32 || fmt > FMT_Q4 || !(tiered_cpu_caps() >> fmt & 1)) return -1;
+    int act8;
+    rnd_mode = mode_split(rnd_mode, fmt, &act8);
     if (rnd_mode == RND_F16 && !HAVE_F16) return -1;
     if (n <= 0) {
         for (int d = 0; d < D; d++) {
@@ -565,7 +740,7 @@ int tiered_cpu_experts(int fmt, int n, const uintptr_t *base, const int64_t *str
         }
         wts[j] = round_w ? rnd(wts_in[j], rnd_mode) : wts_in[j];
     }
-    const int rc = run_jobs(fmt, n, parts, wts, D, F, Gi, Gf, x, out, rnd_mode, threads);
+    const int rc = run_jobs(fmt, n, parts, wts, D, F, Gi, Gf, x, out, rnd_mode, act8, threads);
     free(parts);
     free(wts);
     return rc;
@@ -581,24 +756,28 @@ int tiered_cpu_experts(int fmt, int n, const uintptr_t *base, const int64_t *str
 int tiered_cpu_gemv(int fmt, int N, int K, int G, uintptr_t q, uintptr_t s, uintptr_t m, const void *x, int T,
                     void *out, int rnd_mode, int threads) {
     if (fmt < FMT_F32 || fmt > FMT_Q4 || !(tiered_cpu_caps() >> fmt & 1)) return -1;
+    int act8;
+    rnd_mode = mode_split(rnd_mode, fmt, &act8);
     if (rnd_mode == RND_F16 && !HAVE_F16) return -1;
     if (T <= 0) return 0;
     if (G <= 0) G = 1;
     const long ng = (K + G - 1) / G;
     const long rb = row_bytes(fmt, K);
-    const size_t per = (size_t)2 * K + ng + (K / 2 + 1); /* floats a token: x, its q4 forms */
+    const size_t per = (size_t)2 * K + ng + (K / 2 + 1) + (K / 4 + 1) + ng; /* floats a token: x, its q4 forms */
     float *buf = (float *)malloc(per * T * sizeof(float));
     vec_t *vs = (vec_t *)malloc(sizeof(vec_t) * T);
     if (!buf || !vs) { free(buf); free(vs); return -2; }
-    const int bfdp = HAVE_BFDP && fmt == FMT_Q4 && rnd_mode == RND_BF16 && G == 64;
+    const int bfdp = HAVE_BFDP && fmt == FMT_Q4 && rnd_mode == RND_BF16 && G == 64 && !act8;
     const size_t xsz = rnd_mode == RND_NONE ? 4 : 2;
     for (int t = 0; t < T; t++) {
         float *xf = buf + per * t, *xp = xf + K, *xs = xp + K;
         uint16_t *xb = bfdp ? (uint16_t *)(xs + ng) : NULL;
+        int8_t *xq = act8 ? (int8_t *)(xs + ng + (K / 2 + 1)) : NULL;
+        float *xd = act8 ? xs + ng + (K / 2 + 1) + (K / 4 + 1) : NULL;
         const void *xt = (const char *)x + (size_t)t * K * xsz;
         for (int k = 0; k < K; k++) xf[k] = load_x(xt, rnd_mode, k);
-        if (fmt == FMT_Q4) prep_vec(xf, K, G, xp, xs, xb);
-        vs[t] = (vec_t){xf, xp, xs, xb};
+        if (fmt == FMT_Q4) prep_vec(xf, K, G, xp, xs, xb, xq, xd);
+        vs[t] = (vec_t){xf, xp, xs, xb, xq, xd};
     }
 #ifdef _OPENMP
     if (threads <= 0) threads = omp_get_max_threads();
@@ -727,17 +906,25 @@ GEMM_TILE(4)
 
 /* ---- several experts, each over its own rows of tokens (a prompt's or a batch step's experts) ---- */
 
-/* Floats a token's forms take (x fp32, q4's per-32 order, its group sums, its bf16 pairs), and their layout. */
-static size_t tok_floats(int K, int G) { return (size_t)2 * K + (K + G - 1) / G + (K / 2 + 1); }
+/* Floats a token's forms take (x fp32, q4's per-32 order, its group sums, its bf16 pairs, ACT_Q8's codes and
+ * scales), and their layout. */
+static size_t tok_floats(int K, int G) {
+    const size_t ng = (K + G - 1) / G;
+    return (size_t)2 * K + ng + (K / 2 + 1) + (K / 4 + 1) + ng;
+}
 
-static vec_t tok_prep(float *buf, int K, int G, int fmt, int bfdp) { /* buf[0:K] holds the token in fp32 */
+/* buf[0:K] holds the token in fp32; ACT_Q8 (act8) rounds it in place first, for the tiles as for the dots. */
+static vec_t tok_prep(float *buf, int K, int G, int fmt, int bfdp, int act8) {
+    const size_t ng = (K + G - 1) / G;
     float *xf = buf, *xp = xf + K, *xs = xp + K;
-    uint16_t *xb = bfdp ? (uint16_t *)(xs + (K + G - 1) / G) : NULL;
+    uint16_t *xb = bfdp ? (uint16_t *)(xs + ng) : NULL;
+    int8_t *xq = act8 ? (int8_t *)(xs + ng + (K / 2 + 1)) : NULL;
+    float *xd = act8 ? xs + ng + (K / 2 + 1) + (K / 4 + 1) : NULL;
     if (fmt == FMT_Q4) {
-        prep_vec(xf, K, G, xp, xs, xb);
+        prep_vec(xf, K, G, xp, xs, xb, xq, xd);
         for (int c = K / 32 * 32; c < K; c++) xp[c] = xf[c]; /* the tail in place: the GEMM tile's order */
     }
-    return (vec_t){xf, xp, xs, xb};
+    return (vec_t){xf, xp, xs, xb, xq, xd};
 }
 
 /* 4 rows x TT_ tokens (2 or 3: an expert's few rows in a batch step), each weight vector dequantized once in
@@ -859,6 +1046,8 @@ static void block_rows(int fmt, const uintptr_t *ps, long r0, int nr, int K, int
 int tiered_cpu_gemm(int fmt, int N, int K, int G, uintptr_t q, uintptr_t s, uintptr_t m, const void *x, int T,
                     void *out, int rnd_mode, int threads) {
     if (fmt < FMT_F32 || fmt > FMT_Q4 || !(tiered_cpu_caps() >> fmt & 1)) return -1;
+    int act8;
+    rnd_mode = mode_split(rnd_mode, fmt, &act8);
     if (rnd_mode == RND_F16 && !HAVE_F16) return -1;
     if (T <= 0 || N <= 0) return 0;
     if (G <= 0) G = 1;
@@ -870,7 +1059,7 @@ int tiered_cpu_gemm(int fmt, int N, int K, int G, uintptr_t q, uintptr_t s, uint
     for (int t = 0; t < T; t++) { /* fp32 tokens (and q4's per-32 order, which the tiles read) */
         float *b = xb + px * t;
         for (int k = 0; k < K; k++) b[k] = load_x((const char *)x + (size_t)t * K * xsz, rnd_mode, k);
-        vx[t] = tok_prep(b, K, G, fmt, 0);
+        vx[t] = tok_prep(b, K, G, fmt, 0, act8);
     }
     const uintptr_t ps[3] = {q, s, m};
     const long nblk = (N + GEMM_NB - 1) / GEMM_NB;
@@ -941,6 +1130,8 @@ int tiered_cpu_expert_rows(int fmt, int n, const uintptr_t *base, const int64_t 
                            const int32_t *cnt, int D, int F, int Gi, int Gf, const void *x, void *out, int rnd_mode,
                            int threads) {
     if (fmt < FMT_F32 || fmt > FMT_Q4 || !(tiered_cpu_caps() >> fmt & 1)) return -1;
+    int act8;
+    rnd_mode = mode_split(rnd_mode, fmt, &act8);
     if (rnd_mode == RND_F16 && !HAVE_F16) return -1;
     if (n <= 0) return 0;
     long total = 0, cmax = 0;
@@ -949,7 +1140,7 @@ int tiered_cpu_expert_rows(int fmt, int n, const uintptr_t *base, const int64_t 
         if (cnt[j] > cmax) cmax = cnt[j];
     }
     if (total <= 0) return 0;
-    const int bfdp = HAVE_BFDP && fmt == FMT_Q4 && rnd_mode == RND_BF16;
+    const int bfdp = HAVE_BFDP && fmt == FMT_Q4 && rnd_mode == RND_BF16 && !act8;
     const size_t px = tok_floats(D, Gi), ph = tok_floats(F, Gf);
     const size_t Kp = (((size_t)(D > F ? D : F)) + 15) & ~(size_t)15;
     float *xb = (float *)malloc(px * total * sizeof(float)), *hb = (float *)malloc(ph * total * sizeof(float));
@@ -965,7 +1156,7 @@ int tiered_cpu_expert_rows(int fmt, int n, const uintptr_t *base, const int64_t 
             float *b = xb + px * t;
             const void *xt = (const char *)x + (size_t)t * D * xsz;
             for (int k = 0; k < D; k++) b[k] = load_x(xt, rnd_mode, k);
-            vx[t] = tok_prep(b, D, Gi, fmt, bfdp && Gi == 64);
+            vx[t] = tok_prep(b, D, Gi, fmt, bfdp && Gi == 64, act8);
         }
         for (int j = 0; j < n; j++) {
             first[j] = j ? first[j - 1] + cnt[j - 1] : 0;
@@ -1008,7 +1199,7 @@ int tiered_cpu_expert_rows(int fmt, int n, const uintptr_t *base, const int64_t 
 #endif
             for (long t = 0; t < total; t++) {
                 float *b = hb + ph * t;
-                vh[t] = tok_prep(b, F, Gf, fmt, bfdp && Gf == 64);
+                vh[t] = tok_prep(b, F, Gf, fmt, bfdp && Gf == 64, act8);
             }
             /* (the omp for's implied barrier: every h is ready) phase 2: down rows -> out */
             {
@@ -1081,6 +1272,8 @@ int tiered_cpu_serve(int32_t *ctl, const int64_t *rows, const float *wts_in, con
                      int fmt, const uintptr_t *base, const int64_t *stride, int round_w, int D, int F, int Gi,
                      int Gf, int rnd_mode, int threads, int64_t *stat, int64_t spin_ns, int64_t sleep_ns) {
     if (fmt < FMT_F32 || fmt > FMT_Q4 || !(tiered_cpu_caps() >> fmt & 1)) return -1;
+    int act8;
+    rnd_mode = mode_split(rnd_mode, fmt, &act8);
     if (rnd_mode == RND_F16 && !HAVE_F16) return -1;
     uintptr_t *parts = (uintptr_t *)malloc((size_t)K * P_PER_JOB * sizeof(uintptr_t));
     float *wts = (float *)malloc((size_t)K * sizeof(float));
@@ -1088,8 +1281,8 @@ int tiered_cpu_serve(int32_t *ctl, const int64_t *rows, const float *wts_in, con
     if (!parts || !wts || !buf) { free(parts); free(wts); free(buf); return -2; }
     volatile int64_t gen = 0; /* the master's count of jobs handed to the team (and the stop) */
     int stopping = 0;
-    jobs_t c = {.fmt = fmt, .D = D, .F = F, .Gi = Gi, .Gf = Gf, .rnd_mode = rnd_mode, .parts = parts, .wts = wts,
-                .out = out};
+    jobs_t c = {.fmt = fmt, .D = D, .F = F, .Gi = Gi, .Gf = Gf, .rnd_mode = rnd_mode, .act8 = act8, .parts = parts,
+                .wts = wts, .out = out};
     /* the last number answered, not the last posted: a post made before this thread ran is served too */
     int32_t last = __atomic_load_n(&ctl[1], __ATOMIC_ACQUIRE), s = last;
     int64_t t0 = 0, idle_since = now_ns();

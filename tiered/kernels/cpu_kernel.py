@@ -44,6 +44,8 @@ from tiered.layout.quant import QuantWeight
 SOURCE = Path(__file__).with_name("cpu_kernel.c")
 FMT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, "q8": 3, "q4": 4}  # cpu_kernel.c's FMT_*
 ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # compute dtype -> RND_*
+ACT_Q8 = 4  # cpu_kernel.c's ACT_Q8 bit of the rounding argument
+ACTS = ("float", "q8")  # CpuKernel's activation modes (TIERED_CPU_ACT)
 CFLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 GEMM_MIN_ROWS = 4  # from this many rows `gemv` takes tiered_cpu_gemm (rows dequantized once a block)
 
@@ -134,8 +136,12 @@ def build(march: str = "native", *, cc: str | None = None, quiet: bool = True) -
 class CpuKernel:
     """The loaded library. `partial` returns None for work it does not support (the caller uses torch)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, act: str = "float") -> None:
+        if act not in ACTS:
+            raise ValueError(f"CPU kernel activation mode {act!r}: use one of {', '.join(ACTS)}")
         self.path = Path(path)
+        # "q8": q4 products take their inputs rounded to 8 bits per group (integer dot products); "float": as given
+        self.act = act
         lib = ctypes.CDLL(str(path))  # ctypes releases the GIL during the call
         f = lib.tiered_cpu_experts
         f.restype = ctypes.c_int
@@ -168,10 +174,10 @@ class CpuKernel:
         self._joined: dict[tuple, tuple] = {}  # ids of several plans -> (the plans, their joined base, stride)
 
     @classmethod
-    def load(cls, march: str = "native", *, warn: bool = True) -> "CpuKernel | None":
+    def load(cls, march: str = "native", *, warn: bool = True, act: str = "float") -> "CpuKernel | None":
         """Build (or find) and load the kernel; None, with a one-line warning on stderr, when that fails."""
         try:
-            return cls(build(march))
+            return cls(build(march), act)
         except (KernelUnavailable, OSError, AttributeError) as e:
             if warn:
                 print(f"tiered: CPU experts use torch (the native kernel is unavailable: {e})", file=sys.stderr)
@@ -179,9 +185,17 @@ class CpuKernel:
 
     @property
     def simd_name(self) -> str:
-        """avx512 (+bf16 when q4 in bf16 uses AVX512-BF16), avx2 or scalar."""
+        """avx512 (+bf16 when q4 in bf16 uses AVX512-BF16), avx2 or scalar; +q8act (and vnni where its integer
+        products are VNNI's) in the q8 activation mode."""
         name = {512: "avx512", 256: "avx2"}.get(self.simd, "scalar")
-        return name + ("-bf16" if self.caps >> 9 & 1 else "")
+        name += "-bf16" if self.caps >> 9 & 1 else ""
+        if self.act == "q8":
+            name += "-q8act" + ("-vnni" if self.caps >> 11 & 1 else "")
+        return name
+
+    def mode(self, dtype: torch.dtype) -> int:
+        """The kernel's rounding argument for a compute dtype: RND_* plus ACT_Q8 in the q8 activation mode."""
+        return ROUND[dtype] | (ACT_Q8 if self.act == "q8" else 0)
 
     def _plan(self, W: Any) -> "_Plan | None":
         """A pool view's format, sizes and per-part (base address, row stride in bytes); None if unsupported."""
@@ -263,7 +277,8 @@ class CpuKernel:
         if tiled is None:
             tiled = x.shape[0] >= GEMM_MIN_ROWS
         fn = self._gemm if tiled else self._gemv
-        rc = fn(fmt, n, k, group, q, sc, mn, x.data_ptr(), x.shape[0], out.data_ptr(), ROUND[dt], int(threads))
+        rc = fn(fmt, n, k, group, q, sc, mn, x.data_ptr(), x.shape[0], out.data_ptr(), self.mode(dt),
+                int(threads))
         if rc == -1:
             return None
         if rc != 0:
@@ -293,7 +308,7 @@ class CpuKernel:
         rows = (ctypes.c_int64 * n)(*slots)
         cnt = (ctypes.c_int32 * n)(*counts)
         rc = self._rows(fmt, n, plan.base, plan.stride, rows, cnt, D, F, gi, gf, x.data_ptr(), out.data_ptr(),
-                        ROUND[dt], int(threads))
+                        self.mode(dt), int(threads))
         if rc == -1:
             return None
         if rc != 0:
@@ -347,7 +362,7 @@ class CpuKernel:
         out = torch.empty(1, D, dtype=dt)
         # the device path rounds the routing weights to the compute dtype unless fp32_weights: the kernel does
         rc = self._fn(fmt, n, bases, strides, views, rows, wts, int(not fp32_weights), D, F, gi, gf, x.data_ptr(),
-                      out.data_ptr(), ROUND[dt], int(threads))
+                      out.data_ptr(), self.mode(dt), int(threads))
         if rc == -1:
             return None
         if rc != 0:
@@ -363,12 +378,25 @@ def native_enabled() -> bool:
     return os.environ.get(ENV, "native").strip().lower() != "torch"
 
 
+ACT_ENV = "TIERED_CPU_ACT"
+
+
+def act_mode() -> str:
+    """The native kernel's activation mode for q4 products, from TIERED_CPU_ACT: "float" (the default: the inputs
+    as given, fp32 sums, the torch path's math) or "q8" (each input group rounded to 8 bits, integer dot products:
+    faster, with its own rounding error, measured with `tiered eval` in notes/Q4_DECODE.md)."""
+    v = os.environ.get(ACT_ENV, "").strip().lower() or "float"
+    if v not in ACTS:
+        raise ValueError(f"{ACT_ENV}={v!r}: use one of {', '.join(ACTS)}")
+    return v
+
+
 @functools.lru_cache(maxsize=None)
-def _loaded() -> "CpuKernel | None":
-    return CpuKernel.load()
+def _loaded(act: str) -> "CpuKernel | None":
+    return CpuKernel.load(act=act)
 
 
 def shared() -> "CpuKernel | None":
     """The kernel a CPU decode step uses for its dense GEMVs and its experts (built on first use, then the same
     library for the process); None when TIERED_CPU_KERNEL=torch or it cannot be built (a one-line warning, once)."""
-    return _loaded() if native_enabled() else None
+    return _loaded(act_mode()) if native_enabled() else None

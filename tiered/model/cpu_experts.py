@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tiered.layout.quant import dense
-from tiered.kernels.cpu_kernel import CpuKernel
+from tiered.kernels.cpu_kernel import CpuKernel, act_mode
 from tiered.model.moe import ClampedSwiGLU, _act
 
 
@@ -118,7 +118,7 @@ def prepare(provider: Any, dtype: torch.dtype, act: ClampedSwiGLU | None = None,
     provider.cpu_dtype = str(dtype).removeprefix("torch.")
     if native is None:
         native = os.environ.get("TIERED_CPU_KERNEL", "native") != "torch"
-    kern = CpuKernel.load() if native else None
+    kern = CpuKernel.load(act=act_mode()) if native else None
     provider.cpu_kernel = kern
     provider.cpu_kernel_name = "torch"
     if kern is not None:

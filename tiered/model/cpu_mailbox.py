@@ -93,7 +93,7 @@ class CpuMailbox:
         def serve() -> None:  # ctypes releases the GIL for the whole loop
             self.rc = int(fn(self.ctl.data_ptr(), self.rows.data_ptr(), self.wts.data_ptr(), self.x.data_ptr(),
                              self.y.data_ptr(), self.K, p.fmt, p.base, p.stride, int(not self.fp32_weights), p.D,
-                             p.F, p.gi, p.gf, ROUND[self.dtype], self.threads, self.stat.data_ptr(),
+                             p.F, p.gi, p.gf, self.kernel.mode(self.dtype), self.threads, self.stat.data_ptr(),
                              int(self.spin_s * 1e9), int(self.sleep_s * 1e9)))
 
         self._thread = threading.Thread(target=serve, name="tiered-cpu-mailbox", daemon=True)
