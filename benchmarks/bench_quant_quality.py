@@ -7,6 +7,8 @@ how many of 64 greedy tokens (prompt: each file's first 128 tokens) match bf16's
 and the length of the identical prefix. The q4 least-squares refinement is also judged on the weights
 alone (relative MSE, data-free) and on ../shared/text/fit (the text a choice may be tuned on).
 Bytes: block size per expert format on this model (4 KiB padding dominates) and on the 10.6B shape.
+A variant name with "@q8" (e.g. q4-search@q8) runs that storage with the native kernel's q8 activation mode
+(TIERED_CPU_ACT=q8: q4 products from inputs rounded to 8 bits per group, integer dot products), for eval and greedy.
 Prints a table, then one JSON line last; writes benchmarks/results/quant-quality-<date>.json (and $OUT/).
 
     python3 benchmarks/bench_quant_quality.py [-m CHECKPOINT] [--max-tokens N] [--variants q8,q4,...]
@@ -17,6 +19,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import platform
 import sys
 import tempfile
@@ -101,6 +104,7 @@ def block_bytes() -> dict:
 def main() -> None:
     from benchmeta import git_commit, write_out
     from tiered.engine import load
+    from tiered.kernels.cpu_kernel import ACT_ENV
     from tiered.serve.evaluate import RouteRecorder, evaluate
     from tiered.layout.families import default_model_path
     from tiered.layout.repack import repack
@@ -128,9 +132,14 @@ def main() -> None:
         base_greedy = {n: greedy(base, ids) for n, ids in prompts.items()}
         res: dict = {"variants": {}}
         for name in names:
-            experts, dense, refine = VARIANTS[name]
-            d = Path(tmp) / name
-            repack(args.model, d, experts=experts, dense=dense, q4_refine=refine, progress=False)
+            store, _, act = name.partition("@")
+            if store not in VARIANTS or act not in ("", "q8"):
+                raise SystemExit(f"unknown variant {name!r}: use one of {', '.join(VARIANTS)}, optionally with @q8")
+            experts, dense, refine = VARIANTS[store]
+            os.environ[ACT_ENV] = act or "float"  # read at each CPU product (kernels/cpu_kernel.shared)
+            d = Path(tmp) / store
+            if not (d / "manifest.json").exists():
+                repack(args.model, d, experts=experts, dense=dense, q4_refine=refine, progress=False)
             routes = (RouteRecorder(), base_routes)
             eng = load(d, device="cpu", dtype="float32", max_context=2048, observer=routes[0])
             out = evaluate(eng, evals, reference=base, max_tokens=args.max_tokens, routes=routes)
@@ -146,7 +155,8 @@ def main() -> None:
                               "greedy_match": same, "greedy_prefix": prefix})
             mean = {k: sum(f[k] for f in files) / len(files) for k in files[0] if k != "file"}
             summary = Layout.open(d).summary()
-            v = {"experts": experts, "dense": dense, "q4_refine": refine, "files": files, "mean": mean,
+            v = {"experts": experts, "dense": dense, "q4_refine": refine, "cpu_act": act or "float",
+                 "files": files, "mean": mean,
                  "pooled": {k: out[k] for k in ("tokens", "perplexity", "reference_perplexity", "perplexity_ratio",
                                                 "kl_mean", "kl_p99", "top1_agreement")},
                  "block_size": summary["block_size"], "bytes_per_expert": summary["bytes_per_expert"],
@@ -155,6 +165,7 @@ def main() -> None:
                 v["fit"] = {k: evaluate(eng, fits, reference=base, max_tokens=args.max_tokens)[k]
                             for k in ("perplexity_ratio", "kl_mean", "top1_agreement")}
             res["variants"][name] = v
+            os.environ[ACT_ENV] = "float"
             print(f"{name}: done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
         res["bf16"] = {"dense_bytes": Layout.open(base_dir).summary()["dense_bytes"],
                        "block_size": Layout.open(base_dir).block_size}
