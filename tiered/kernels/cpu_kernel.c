@@ -187,13 +187,18 @@ ALWAYS_INLINE float lds(int fmt, const void *p, long i) {
 #ifndef PF_BYTES
 #define PF_BYTES 0
 #endif
-/* Software prefetch of q4 codes: PFQ rows ahead of the row being read (0: none). The rows of a call are contiguous
- * (a thread's slice of a matrix, its R rows at a time), so 4 rows ahead is the next call's rows. Measured on 2 Zen 4
- * cores, q4 GEMVs over matrices that do not stay in cache (8 of them in turn, x rounded to 8 bits): 5120 x 2048
- * 19.7 / 20.1 / 26.9 / 28.2 GB/s at 0 / 2 / 4 / 8 rows, 2048 x 4096 24.0 / 30.1 / 37.9 / 35.7 (memory reads
- * 53 GB/s there: the stream's latency, not its bandwidth, bounded the dots). */
+/* Software prefetch of q4 codes into L2: PFQ rows ahead of the row being read (0: none). A call's rows are
+ * contiguous (a thread's slice of a matrix, R rows at a time; an expert's gate and up rows in step), so 4 rows
+ * ahead is a later call's rows. Measured on 2 Zen 4 cores over weights that do not stay in cache (memory reads 53
+ * GB/s there), GB/s at none / 4 rows into L1 / 4 rows into L2 / 8 rows into L2: a q4 GEMV 5120 x 2048 in bf16
+ * 17.7 / 32.4 / 30.6 / 31.3, with x rounded to 8 bits (ACT_Q8) 19.1 / 25.9 / 47.8 / 51.5; one token's 8 q4 experts
+ * of 2048 x 768 in bf16 18.6 / 24.0 / 26.9 / 28.2, ACT_Q8 22.4 / 19.9 / 28.3 / 26.2; fp32 compute (FMA-bound)
+ * 13.0 / 19.2 / 18.0 / 18.3. The stream's latency, not the bandwidth, bounded the dots. */
 #ifndef PFQ
 #define PFQ 4
+#endif
+#ifndef PFQ_HINT
+#define PFQ_HINT _MM_HINT_T1
 #endif
 /* a0[r] / a1[r] += w[r][off + i] * x[i] for i below n, by vectors (x loaded once for the R rows, two vectors a
  * step); returns the first i not taken (the caller adds the rest, scalar). fmt: a float format, or q8's codes. */
@@ -206,7 +211,7 @@ ALWAYS_INLINE int fma_rows(int fmt, int R, const void *const *w, long off, const
         FOR_R(r) {
 #if PF_BYTES > 0 && SIMD > 0
             _mm_prefetch((const char *)w[r] + (off + i) * (fmt == FMT_F32 ? 4 : fmt == FMT_Q8 ? 1 : 2) + PF_BYTES,
-                         _MM_HINT_T0);
+                         PFQ_HINT);
 #endif
             a0[r] = VFMA(ldw(fmt, w[r], off + i), x0, a0[r]);
             a1[r] = VFMA(ldw(fmt, w[r], off + i + VW), x1, a1[r]);
@@ -269,7 +274,7 @@ ALWAYS_INLINE void dots_q4(int R, const void *const *qv, const uint16_t *const *
         vf t0[RMAX], t1[RMAX];
         FOR_R(r) t0[r] = t1[r] = VZERO();
 #if PFQ > 0 && SIMD > 0
-        FOR_R(r) _mm_prefetch((const char *)q[r] + g0 / 2 + (long)PFQ * ((K + 1) / 2), _MM_HINT_T0);
+        FOR_R(r) _mm_prefetch((const char *)q[r] + g0 / 2 + (long)PFQ * ((K + 1) / 2), PFQ_HINT);
 #endif
         int i = 0;
         for (; i + 32 <= n; i += 32) {
@@ -397,7 +402,7 @@ ALWAYS_INLINE void dots_q4bf(int R, const void *const *qv, const uint16_t *const
         const float xg = v->xs[gi];
         FOR_R(r) {
 #if PFQ > 0
-            _mm_prefetch((const char *)q[r] + gi * 32 + (long)PFQ * ((K + 1) / 2), _MM_HINT_T0);
+            _mm_prefetch((const char *)q[r] + gi * 32 + (long)PFQ * ((K + 1) / 2), PFQ_HINT);
 #endif
             const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(q[r] + gi * 32)));
             const __m512i wl = _mm512_or_si512(_mm512_and_si512(w, lo4), magic);
@@ -438,7 +443,7 @@ ALWAYS_INLINE void q4i8_pair(int R, const uint8_t *const *q, const int8_t *xq, i
     IN_REG(xo1);
     FOR_R(r) {
 #if PFQ > 0
-        _mm_prefetch((const char *)q[r] + g * 32 + ahead, _MM_HINT_T0);
+        _mm_prefetch((const char *)q[r] + g * 32 + ahead, PFQ_HINT);
 #endif
         const __m256i w0 = _mm256_loadu_si256((const __m256i *)(q[r] + g * 32));
         const __m256i w1 = _mm256_loadu_si256((const __m256i *)(q[r] + g * 32 + 32));
