@@ -9,7 +9,9 @@ fresh process: a --prompt-tokens prompt from ../shared/text/eval's first file, t
 engine's own decode and prefill rates, median of --repeats processes; then the prompt's prefill warm (--repeats
 more in one process after a first, as llama-bench times its pp); then a batch job (`tiered batch`, --batch prompts
 of --batch-prompt-tokens asking --batch-new-tokens each, one step at most --batch rows) against llama-batched-bench
-at the same sizes (its S_TG against our decode rate; generated tokens over both phases against our job rate). The torch path of q4 runs --torch-tokens tokens
+at the same sizes (its S_TG against our decode rate; generated tokens over both phases against our job rate). The q4 rows also run in the native kernel's q8 activation
+mode (TIERED_CPU_ACT=q8: q4 products from inputs rounded to 8 bits per group, integer dot products; its own rounding,
+so its texts are reported, not required equal). The torch path of q4 runs --torch-tokens tokens
 only (about 1 tok/s here: it dequantizes every expert and matrix each step).
 Correctness first: in fp32 the native and the torch runs must give the same greedy tokens (the first --torch-tokens),
 or the benchmark fails.
@@ -77,9 +79,16 @@ def prepare(a: argparse.Namespace) -> tuple[Path, dict[str, Path]]:
     return ckpt, lays
 
 
+def kernel_env(mode: str, threads: int) -> dict:
+    """The environment of a row's process: mode "native", "torch" (TIERED_CPU_KERNEL) or "native-q8" (the native
+    kernel in its q8 activation mode, TIERED_CPU_ACT=q8)."""
+    return {**os.environ, "TIERED_CPU_KERNEL": "torch" if mode == "torch" else "native",
+            "TIERED_CPU_ACT": "q8" if mode == "native-q8" else "float", "OMP_NUM_THREADS": str(threads)}
+
+
 def tiered_run(layout: Path, prompt: Path, new: int, dtype: str, mode: str, threads: int) -> dict:
     """One `tiered run --json` in a fresh process; its stats plus the generated token ids."""
-    env = {**os.environ, "TIERED_CPU_KERNEL": mode, "OMP_NUM_THREADS": str(threads)}
+    env = kernel_env(mode, threads)
     cmd = [sys.executable, "-m", "tiered", "run", "-m", str(layout), "--device", "cpu", "--dtype", dtype,
            "--prompt-file", str(prompt), "--max-new-tokens", str(new), "--json"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
@@ -104,7 +113,7 @@ def warm_prefill(layout: Path, prompt: Path, dtype: str, mode: str, threads: int
     """The prompt's prefill `repeats` more times in one process after a first (cold) one, as llama-bench's pp times
     it (a warm-up run, then the average of its repetitions): the cold one pays the first touch of each mapped
     expert block, which a `tiered run` prefill includes."""
-    env = {**os.environ, "TIERED_CPU_KERNEL": mode, "OMP_NUM_THREADS": str(threads)}
+    env = kernel_env(mode, threads)
     r = subprocess.run([sys.executable, "-c", WARM, str(layout), dtype, str(prompt), str(repeats)],
                        capture_output=True, text=True, env=env, timeout=3600)
     if r.returncode != 0:
@@ -119,7 +128,8 @@ def tiered_rows(a: argparse.Namespace, lays: dict[str, Path], prompt: Path) -> d
     rows: dict = {}
     plan = [("bf16", "float32", "native", a.new_tokens), ("bf16", "float32", "torch", a.new_tokens),
             ("q4", "float32", "native", a.new_tokens), ("q4", "float32", "torch", a.torch_tokens),
-            ("q4", "bfloat16", "native", a.new_tokens)]
+            ("q4", "bfloat16", "native", a.new_tokens), ("q4", "float32", "native-q8", a.new_tokens),
+            ("q4", "bfloat16", "native-q8", a.new_tokens)]
     for lay, dtype, mode, new in plan:
         runs = [tiered_run(lays[lay], prompt, new, dtype, mode, a.threads) for _ in range(a.repeats)]
         key = f"{lay}/{dtype}/{mode}"
@@ -129,7 +139,7 @@ def tiered_rows(a: argparse.Namespace, lays: dict[str, Path], prompt: Path) -> d
                      "decode_runs": [r["decode_tok_s"] for r in runs], "prompt_tokens": runs[0]["tokens_prompt"],
                      "text": runs[0]["text"]}
         # the torch path's prefill (up to about 3 s a prompt here) is warm-timed once
-        w = warm_prefill(lays[lay], prompt, dtype, mode, a.threads, a.repeats if mode == "native" else 1)
+        w = warm_prefill(lays[lay], prompt, dtype, mode, a.threads, a.repeats if mode != "torch" else 1)
         rows[key]["prefill_warm_tok_s"] = w["warm_tok_s"]
         rows[key]["prefill_warm"] = w
         log(f"{key}: decode {rows[key]['decode_tok_s']:.2f} tok/s, prefill {rows[key]['prefill_tok_s']:.1f}, "
@@ -164,10 +174,10 @@ def batch_rows(a: argparse.Namespace, lays: dict[str, Path], tok) -> dict:
     rows: dict = {}
     for lay in ("bf16", "q4"):
         texts = {}
-        for mode in ("native", "torch"):
+        for mode in ("native", "torch") + (("native-q8",) if lay == "q4" else ()):
             out = a.work / f"batch-out-{lay}-{mode}.jsonl"
             out.unlink(missing_ok=True)
-            env = {**os.environ, "TIERED_CPU_KERNEL": mode, "OMP_NUM_THREADS": str(a.threads)}
+            env = kernel_env(mode, a.threads)
             cmd = [sys.executable, "-m", "tiered", "batch", "-m", str(lays[lay]), "--device", "cpu", "--dtype",
                    "float32", "--input", str(inp), "--output", str(out), "--max-batch", str(n), "--no-progress",
                    "--json"]
@@ -180,6 +190,8 @@ def batch_rows(a: argparse.Namespace, lays: dict[str, Path], tok) -> dict:
             rows[f"{lay}/{mode}"] = {k: st[k] for k in ("tokens_generated", "tok_s", "decode_tok_s", "busy_s",
                                                          "decode_s", "rows_per_step", "distinct_experts_per_step")}
             log(f"batch {lay}/{mode}: {st['tok_s']:.1f} tok/s over the job, decode {st['decode_tok_s']:.1f}")
+        if lay == "q4":  # the q8 mode's texts may differ (its own rounding): how many of the rows are the same
+            rows["q4/native-q8_texts_same"] = sum(texts["native-q8"][k] == v for k, v in texts["native"].items())
         if texts["native"] != texts["torch"]:
             raise SystemExit(f"batch {lay}: the native and torch runs generated different texts in fp32")
         rows[f"{lay}/texts_identical"] = True
@@ -275,14 +287,18 @@ def main() -> None:
         res["llamacpp"] = lr
         res["vs_llamacpp_decode"] = {"bf16": nat["bf16"] / lr["bf16"]["tg_tok_s"],
                                      "q4_fp32": nat["q4"] / lr["Q4_0"]["tg_tok_s"],
-                                     "q4_bf16": rows["q4/bfloat16/native"]["decode_tok_s"] / lr["Q4_0"]["tg_tok_s"]}
+                                     "q4_bf16": rows["q4/bfloat16/native"]["decode_tok_s"] / lr["Q4_0"]["tg_tok_s"],
+                                     "q4_fp32_q8act": rows["q4/float32/native-q8"]["decode_tok_s"] / lr["Q4_0"]["tg_tok_s"],
+                                     "q4_bf16_q8act": rows["q4/bfloat16/native-q8"]["decode_tok_s"] /
+                                     lr["Q4_0"]["tg_tok_s"]}
         res["vs_llamacpp_prefill"] = {"bf16": rows["bf16/float32/native"]["prefill_tok_s"] / lr["bf16"]["pp_tok_s"],
                                       "q4": rows["q4/float32/native"]["prefill_tok_s"] / lr["Q4_0"]["pp_tok_s"]}
         # llama-bench's pp is warm (a warm-up run first): the like-for-like ratio
         res["vs_llamacpp_prefill_warm"] = {
             "bf16": rows["bf16/float32/native"]["prefill_warm_tok_s"] / lr["bf16"]["pp_tok_s"],
             "q4": rows["q4/float32/native"]["prefill_warm_tok_s"] / lr["Q4_0"]["pp_tok_s"],
-            "q4_bf16": rows["q4/bfloat16/native"]["prefill_warm_tok_s"] / lr["Q4_0"]["pp_tok_s"]}
+            "q4_bf16": rows["q4/bfloat16/native"]["prefill_warm_tok_s"] / lr["Q4_0"]["pp_tok_s"],
+            "q4_q8act": rows["q4/float32/native-q8"]["prefill_warm_tok_s"] / lr["Q4_0"]["pp_tok_s"]}
     if batch:
         res["batch"] = {"prompts": a.batch, "prompt_tokens": a.batch_prompt_tokens,
                         "new_tokens": a.batch_new_tokens, "rows": batch}
@@ -296,6 +312,9 @@ def main() -> None:
                                                                                           ("q4", "Q4_0"))}
             res["batch"]["vs_llamacpp_job"] = {
                 k: batch[f"{k}/native"]["tok_s"] / lb[g]["gen_tok_s"] for k, g in (("bf16", "bf16"), ("q4", "Q4_0"))}
+            res["batch"]["vs_llamacpp_job"]["q4_q8act"] = batch["q4/native-q8"]["tok_s"] / lb["Q4_0"]["gen_tok_s"]
+            res["batch"]["vs_llamacpp_decode"]["q4_q8act"] = \
+                batch["q4/native-q8"]["decode_tok_s"] / lb["Q4_0"]["s_tg_tok_s"]
     for k in ("bf16", "q4"):
         res.setdefault("native_vs_torch_prefill_warm", {})[k] = \
             rows[f"{k}/float32/native"]["prefill_warm_tok_s"] / rows[f"{k}/float32/torch"]["prefill_warm_tok_s"]
