@@ -67,8 +67,22 @@ def test_repack_q4_refine_search_recorded(qwen_src, tmp_path):
     assert not torch.equal(want["scale"], quantize(w, "q4", refine="lsq").scale), "search = lsq here: pick another"
     for name, t in want.items():
         assert torch.equal(lay.expert_tensors(1, 2)["up"].parts()[name].view(torch.uint8), t.view(torch.uint8)), name
-    with pytest.raises(RepackError, match="lsq, search, none"):
+    with pytest.raises(RepackError, match="auto, lsq, search, none"):
         repack(qwen_src, tmp_path / "bad", experts="q4", q4_refine="hqq", progress=False)
+
+
+def test_repack_q4_refine_auto_follows_the_quantizing_device(qwen_src, tmp_path):
+    """auto, the default, rounds q4 with lsq where quantization computes on the CPU (search costs about 5x there),
+    and the manifest records the choice made, not "auto"."""
+    repack(qwen_src, tmp_path / "auto", experts="q4", progress=False, quant_device="cpu")
+    assert Layout.open(tmp_path / "auto").manifest.raw["source"]["q4_refine"] == "lsq"
+
+
+@pytest.mark.cuda
+def test_cuda_repack_q4_refine_auto_takes_search(qwen_src, tmp_path):
+    """On CUDA, auto takes search (1.55x lsq's repack time on the H200, session 38)."""
+    repack(qwen_src, tmp_path / "auto", experts="q4", progress=False, quant_device="cuda")
+    assert Layout.open(tmp_path / "auto").manifest.raw["source"]["q4_refine"] == "search"
 
 
 def _dequantized(weights: ExpertWeights, dtype) -> ExpertWeights:

@@ -24,10 +24,11 @@ from tiered.layout.quant import DENSE_STORAGE, EXPERT_STORAGE, Q4_REFINES
               help=EXPERTS_HELP + ".")
 @click.option("--dense", type=click.Choice(list(DENSE_STORAGE)), default="source", show_default=True,
               help=DENSE_HELP + ".")
-@click.option("--q4-refine", type=click.Choice(list(Q4_REFINES)), default="lsq", show_default=True,
+@click.option("--q4-refine", type=click.Choice(list(Q4_REFINES)), default="auto", show_default=True,
               help="q4 rounding: from each group's min/max, then a least-squares fit of scale and min (lsq); "
-              "search also tries clipped ranges and keeps each group's lowest error (lower error, about 5x lsq's "
-              "quantizing time); none: min/max only.")
+              "search also tries clipped ranges and keeps each group's lowest error (lower error: top-1 95.85%% "
+              "against 95.26%% on the reference model; about 5x lsq's quantizing time on the CPU, 1.55x its repack "
+              "time on a GPU); none: min/max only; auto: search when quantizing on CUDA, else lsq.")
 @click.option("--quant-device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where --experts/--dense quantization computes: auto takes CUDA when a device has 4 GiB free "
               "(much faster for large models), else the CPU. Memory stays bounded on either.")
