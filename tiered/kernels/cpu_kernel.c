@@ -382,6 +382,16 @@ static void prep_vec(float *x, int K, int G, float *xp, float *xs, uint16_t *xb,
     }
 }
 
+/* A q4 row's short last group (when K is not a multiple of 64: inputs 64 * (K / 64) on), scalar over x as given:
+ * s_g * sum c x + m_g * sum x; 0 when there is none. */
+static inline float q4_short_group(const uint8_t *q, const uint16_t *sc, const uint16_t *mn, const vec_t *v, int K) {
+    const int full = K / 64;
+    if (full * 64 == K) return 0.f;
+    float t = 0.f;
+    for (int k = full * 64; k < K; k++) t += (float)((k & 1) ? (q[k >> 1] >> 4) : (q[k >> 1] & 0xf)) * v->x[k];
+    return bf16_to_f32(sc[full]) * t + bf16_to_f32(mn[full]) * v->xs[full];
+}
+
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #define HAVE_BFDP 1
 /* q4 with bf16 compute on AVX512-BF16: a code c becomes the bf16 128 + c (0x4300 | c: exact), and vdpbf16ps
@@ -415,14 +425,7 @@ ALWAYS_INLINE void dots_q4bf(int R, const void *const *qv, const uint16_t *const
         }
     }
     FOR_R(r) {
-        if (full * 64 < K) { /* the short last group, gi = full */
-            float t = 0.f;
-            for (int k = full * 64; k < K; k++) {
-                const uint8_t b = q[r][k >> 1];
-                t += (float)((k & 1) ? (b >> 4) : (b & 0xf)) * v->x[k];
-            }
-            s[r] += bf16_to_f32(sc[r][full]) * t + bf16_to_f32(mn[r][full]) * v->xs[full];
-        }
+        s[r] += q4_short_group(q[r], sc[r], mn[r], v, K);
         out[r] = _mm512_reduce_add_ps(c[r]) + s[r];
     }
 }
@@ -526,14 +529,7 @@ ALWAYS_INLINE void dots_q4i8(int R, const void *const *qv, const uint16_t *const
     }
 #endif
     FOR_R(r) {
-        if (full * 64 < K) { /* the short last group, gi = full */
-            float t = 0.f;
-            for (int k = full * 64; k < K; k++) {
-                const uint8_t b = q[r][k >> 1];
-                t += (float)((k & 1) ? (b >> 4) : (b & 0xf)) * v->x[k];
-            }
-            s[r] += bf16_to_f32(sc[r][full]) * t + bf16_to_f32(mn[r][full]) * v->xs[full];
-        }
+        s[r] += q4_short_group(q[r], sc[r], mn[r], v, K);
 #if I8DOT
         const __m128 h = _mm_add_ps(_mm256_castps256_ps128(c[r]), _mm256_extractf128_ps(c[r], 1));
         const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
