@@ -9,10 +9,11 @@ fresh process: a --prompt-tokens prompt from ../shared/text/eval's first file, t
 engine's own decode and prefill rates, median of --repeats processes; then the prompt's prefill warm (--repeats
 more in one process after a first, as llama-bench times its pp); then a batch job (`tiered batch`, --batch prompts
 of --batch-prompt-tokens asking --batch-new-tokens each, one step at most --batch rows) against llama-batched-bench
-at the same sizes (its S_TG against our decode rate; generated tokens over both phases against our job rate). The q4 rows also run in the native kernel's q8 activation
-mode (TIERED_CPU_ACT=q8: q4 products from inputs rounded to 8 bits per group, integer dot products; its own rounding,
-so its texts are reported, not required equal). The torch path of q4 runs --torch-tokens tokens
-only (about 1 tok/s here: it dequantizes every expert and matrix each step).
+at the same sizes (its S_TG against our decode rate; generated tokens over both phases against our job rate).
+The q4 rows also run in the native kernel's q8 activation mode (TIERED_CPU_ACT=q8: q4 products from inputs rounded
+to 8 bits per group, integer dot products; its own rounding, so its texts are reported, not required equal). The
+torch path of q4 runs --torch-tokens tokens only (about 1 tok/s here: it dequantizes every expert and matrix each
+step).
 Correctness first: in fp32 the native and the torch runs must give the same greedy tokens (the first --torch-tokens),
 or the benchmark fails.
 llama.cpp (--llama-bin DIR with llama-bench and llama-quantize, built by tools/build_llamacpp.sh with LLAMA_CUDA=OFF):

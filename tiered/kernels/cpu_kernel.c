@@ -211,7 +211,7 @@ ALWAYS_INLINE int fma_rows(int fmt, int R, const void *const *w, long off, const
         FOR_R(r) {
 #if PF_BYTES > 0 && SIMD > 0
             _mm_prefetch((const char *)w[r] + (off + i) * (fmt == FMT_F32 ? 4 : fmt == FMT_Q8 ? 1 : 2) + PF_BYTES,
-                         PFQ_HINT);
+                         _MM_HINT_T0);
 #endif
             a0[r] = VFMA(ldw(fmt, w[r], off + i), x0, a0[r]);
             a1[r] = VFMA(ldw(fmt, w[r], off + i + VW), x1, a1[r]);
@@ -438,8 +438,9 @@ ALWAYS_INLINE void dots_q4bf(int R, const void *const *qv, const uint16_t *const
  * sums each (x's codes loaded once for the R rows). */
 ALWAYS_INLINE void q4i8_pair(int R, const uint8_t *const *q, const int8_t *xq, int g, long ahead, __m256i *o) {
     const __m256i lo4 = _mm256_set1_epi8(0x0f);
-    __m256i xe0 = _mm256_loadu_si256((const __m256i *)(xq + g * 64)), xo0 = _mm256_loadu_si256((const __m256i *)(xq + g * 64 + 32));
-    __m256i xe1 = _mm256_loadu_si256((const __m256i *)(xq + g * 64 + 64)), xo1 = _mm256_loadu_si256((const __m256i *)(xq + g * 64 + 96));
+    const __m256i *xv = (const __m256i *)(xq + g * 64);
+    __m256i xe0 = _mm256_loadu_si256(xv), xo0 = _mm256_loadu_si256(xv + 1);
+    __m256i xe1 = _mm256_loadu_si256(xv + 2), xo1 = _mm256_loadu_si256(xv + 3);
     IN_REG(xe0);
     IN_REG(xo0);
     IN_REG(xe1);
@@ -713,8 +714,9 @@ static void jobs_body(const jobs_t *c, int t, int nt) {
         for (int d = d0; d < d1; d++) acc[d] = 0.f;
         for (int j = 0; j < n; j++) {
             const uintptr_t *pj = parts + (size_t)j * P_PER_JOB + 2 * P_PER_MAT;
-            const vec_t vh = {h + (size_t)j * F, hp + (size_t)j * F, hs + (size_t)j * ngf, hb ? hb + (size_t)j * F : NULL,
-                              hq ? hq + (size_t)j * F : NULL, hd ? hd + (size_t)j * ngf : NULL};
+            const vec_t vh = {h + (size_t)j * F, hp + (size_t)j * F, hs + (size_t)j * ngf,
+                              hb ? hb + (size_t)j * F : NULL, hq ? hq + (size_t)j * F : NULL,
+                              hd ? hd + (size_t)j * ngf : NULL};
             const float wj = wts[j];
             const int Fj = j == n - 1 ? c->Flast : F; /* a split job: down's first Fj columns (its h) */
             const void *q[4];
