@@ -8,9 +8,10 @@ model counts: block_size per expert).
 Paths: "torch-FMT" is the torch reference (cpu_partial: dequantize, F.linear), "FMT" the native kernel
 (kernels/cpu_kernel.c); FMT in fp32, bf16, q8, q4; "q4@q8" the native kernel in the q8 activation mode
 (TIERED_CPU_ACT=q8: q4 products from 8-bit inputs, integer dot products; the probe runs in that mode too). The
-compute dtype is bf16 (fp32 for fp32 weights), as on GPU runs. The experts sit in a pool of blocks laid out as in experts.bin (layout/format.plan_block, views from
-store/disk.expert_views) of --pool-gb GB; each call takes the next K experts of the pool, so once the pool is
-larger than the last-level cache the weights come from DRAM, as they do in a run. Random codes and scales: the
+compute dtype is bf16 (fp32 for fp32 weights), as on GPU runs. The experts sit in a pool of blocks laid out as in
+experts.bin (layout/format.plan_block, views from store/disk.expert_views) of --pool-gb GB; each call takes the next
+K experts of the pool, so once the pool is larger than the last-level cache the weights come from DRAM, as they do
+in a run. Random codes and scales: the
 rate does not depend on the values. Prints a table, then one JSON line (also $OUT/bench_cpu_experts.json).
 
 Defaults are the 10.6B Qwen3-MoE shape of the benchmarks; the 397B shape is --hidden 4096 --ffn 1024 --k 10.

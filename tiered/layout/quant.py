@@ -36,7 +36,8 @@ from torch import Tensor
 QUANT_FORMATS = ("q8", "q4", "fp8", "mxfp4")
 EXPERT_STORAGE = ("source", "bf16") + QUANT_FORMATS  # repack --experts
 DENSE_STORAGE = ("source", "bf16", "q8", "q4")  # repack --dense
-Q4_REFINES = ("auto", "lsq", "search", "none")  # repack --q4-refine (quantize's refine, "none" = None; auto: repack picks)
+# repack --q4-refine (quantize's refine, "none" = None; "auto": repack picks by the quantizing device)
+Q4_REFINES = ("auto", "lsq", "search", "none")
 GROUP = {"q8": 128, "q4": 64, "fp8": 128, "mxfp4": 32}  # inputs per group (fp8: the block edge)
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 # e2m1 code -> value; bit 3 is the sign
