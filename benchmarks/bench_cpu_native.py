@@ -289,7 +289,8 @@ def main() -> None:
         res["vs_llamacpp_decode"] = {"bf16": nat["bf16"] / lr["bf16"]["tg_tok_s"],
                                      "q4_fp32": nat["q4"] / lr["Q4_0"]["tg_tok_s"],
                                      "q4_bf16": rows["q4/bfloat16/native"]["decode_tok_s"] / lr["Q4_0"]["tg_tok_s"],
-                                     "q4_fp32_q8act": rows["q4/float32/native-q8"]["decode_tok_s"] / lr["Q4_0"]["tg_tok_s"],
+                                     "q4_fp32_q8act": rows["q4/float32/native-q8"]["decode_tok_s"] /
+                                     lr["Q4_0"]["tg_tok_s"],
                                      "q4_bf16_q8act": rows["q4/bfloat16/native-q8"]["decode_tok_s"] /
                                      lr["Q4_0"]["tg_tok_s"]}
         res["vs_llamacpp_prefill"] = {"bf16": rows["bf16/float32/native"]["prefill_tok_s"] / lr["bf16"]["pp_tok_s"],
