@@ -18,8 +18,8 @@ from tiered.layout.quant import group_size, quantize
 from test_cpu_kernel import _jobs, _pool, _rel
 
 # (D, F): 9 groups of 64 (one block of 8, one left), 19 with a short last one, F under 64 (one whole-row group),
-# F with a short group of 16
-SHAPES = [(576, 208), (1200, 96), (130, 40), (64, 80)]
+# F with a short group of 16, 12 groups (a block of 8 and one of 4) and 5 (a block of 4 and one left)
+SHAPES = [(576, 208), (1200, 96), (130, 40), (64, 80), (768, 320)]
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_experts_match_the_rounded_reference(kq, D, F_):
     assert gb.dtype == torch.bfloat16 and _rel(gb, ref) <= 2e-2
 
 
-@pytest.mark.parametrize("n,k", [(7, 100), (33, 576), (130, 1200), (6, 40)])
+@pytest.mark.parametrize("n,k", [(7, 100), (33, 576), (130, 1200), (6, 40), (9, 768)])
 @pytest.mark.parametrize("tiled", [False, True])
 def test_gemv_and_gemm_match_the_rounded_reference(kq, n, k, tiled):
     """The GEMV's integer dots and the GEMM's fp32 tiles over the rounded inputs give the same math: 1, 3, 5 and 37

@@ -463,6 +463,10 @@ ALWAYS_INLINE void q4i8_pair(int R, const uint8_t *const *q, const int8_t *xq, i
 ALWAYS_INLINE __m256 ld8_bf16(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
+/* 4 bf16 values -> fp32 */
+ALWAYS_INLINE __m128 ld4_bf16(const uint16_t *p) {
+    return _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i *)p)), 16));
+}
 #endif
 
 /* q4 with ACT_Q8 (groups of 64): per full group, t_g = sum c x_code exactly in integers (32 bytes of codes against
@@ -501,6 +505,20 @@ ALWAYS_INLINE void dots_q4i8(int R, const void *const *qv, const uint16_t *const
         }
         FOR_R(r) c[r] = _mm256_add_ps(c[r], cm[r]);
     }
+    __m128 c4[RMAX]; /* four groups at a time past the blocks of eight (a 768-input row: 8 + 4) */
+    FOR_R(r) c4[r] = _mm_setzero_ps();
+    for (; g8 + 4 <= full; g8 += 4) {
+        __m256i p0[RMAX], p1[RMAX];
+        q4i8_pair(R, q, v->xq, g8, ahead, p0);
+        q4i8_pair(R, q, v->xq, g8 + 2, ahead, p1);
+        const __m128 dv = _mm_loadu_ps(v->xd + g8), xv = _mm_loadu_ps(v->xs + g8);
+        FOR_R(r) {
+            const __m256i h = _mm256_hadd_epi32(p0[r], p1[r]); /* groups 0-3, half sums in each 128-bit lane */
+            const __m128i t = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+            c4[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(t), _mm_mul_ps(ld4_bf16(sc[r] + g8), dv), c4[r]);
+            c4[r] = _mm_fmadd_ps(ld4_bf16(mn[r] + g8), xv, c4[r]);
+        }
+    }
     for (int gi = g8; gi < full; gi++) {
         __m256i xe = _mm256_loadu_si256((const __m256i *)(v->xq + gi * 64));
         __m256i xo = _mm256_loadu_si256((const __m256i *)(v->xq + gi * 64 + 32));
@@ -532,7 +550,7 @@ ALWAYS_INLINE void dots_q4i8(int R, const void *const *qv, const uint16_t *const
     FOR_R(r) {
         s[r] += q4_short_group(q[r], sc[r], mn[r], v, K);
 #if I8DOT
-        const __m128 h = _mm_add_ps(_mm256_castps256_ps128(c[r]), _mm256_extractf128_ps(c[r], 1));
+        const __m128 h = _mm_add_ps(_mm_add_ps(_mm256_castps256_ps128(c[r]), _mm256_extractf128_ps(c[r], 1)), c4[r]);
         const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
         out[r] = _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2))) + s[r];
 #else
