@@ -32,6 +32,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -170,12 +171,8 @@ def main() -> None:
             line = (f"{path:>11} threads {th:2d}: {med * 1e3:8.3f} ms per {K} experts, {row['gbps']:7.2f} GB/s "
                     f"(best {row['gbps_best']:6.2f})")
             if links:
-                before = os.environ.get(ACT_ENV)
-                os.environ[ACT_ENV] = act  # the load-time probe builds its kernel in the path's mode
-                try:
+                with mock.patch.dict(os.environ, {ACT_ENV: act}):  # the probe loads its kernel in the path's mode
                     row["probe"] = probe(W, bs, n, D, K, th, not torch_path, cdt, links)
-                finally:
-                    os.environ.pop(ACT_ENV) if before is None else os.environ.__setitem__(ACT_ENV, before)
                 pr = row["probe"]
                 line += (f"; probe {pr['cpu_gbps']:6.2f} GB/s + {pr['cpu_overhead_s'] * 1e6:.0f} us/layer, to CPU of "
                          + ", ".join(f"{K} misses at {lk} GB/s: {pr['to_cpu_of_misses'][str(lk)][str(K)]}"

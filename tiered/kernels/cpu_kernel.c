@@ -200,6 +200,8 @@ ALWAYS_INLINE float lds(int fmt, const void *p, long i) {
 #ifndef PFQ_HINT
 #define PFQ_HINT _MM_HINT_T1
 #endif
+/* Bytes from a q4 row's read to its prefetch: PFQ rows of K inputs. */
+static inline long pf_ahead(int K) { return (long)PFQ * ((K + 1) / 2); }
 /* a0[r] / a1[r] += w[r][off + i] * x[i] for i below n, by vectors (x loaded once for the R rows, two vectors a
  * step); returns the first i not taken (the caller adds the rest, scalar). fmt: a float format, or q8's codes. */
 ALWAYS_INLINE int fma_rows(int fmt, int R, const void *const *w, long off, const float *x, int n, vf *a0, vf *a1) {
@@ -274,7 +276,7 @@ ALWAYS_INLINE void dots_q4(int R, const void *const *qv, const uint16_t *const *
         vf t0[RMAX], t1[RMAX];
         FOR_R(r) t0[r] = t1[r] = VZERO();
 #if PFQ > 0 && SIMD > 0
-        FOR_R(r) _mm_prefetch((const char *)q[r] + g0 / 2 + (long)PFQ * ((K + 1) / 2), PFQ_HINT);
+        FOR_R(r) _mm_prefetch((const char *)q[r] + g0 / 2 + pf_ahead(K), PFQ_HINT);
 #endif
         int i = 0;
         for (; i + 32 <= n; i += 32) {
@@ -412,7 +414,7 @@ ALWAYS_INLINE void dots_q4bf(int R, const void *const *qv, const uint16_t *const
         const float xg = v->xs[gi];
         FOR_R(r) {
 #if PFQ > 0
-            _mm_prefetch((const char *)q[r] + gi * 32 + (long)PFQ * ((K + 1) / 2), PFQ_HINT);
+            _mm_prefetch((const char *)q[r] + gi * 32 + pf_ahead(K), PFQ_HINT);
 #endif
             const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(q[r] + gi * 32)));
             const __m512i wl = _mm512_or_si512(_mm512_and_si512(w, lo4), magic);
@@ -482,7 +484,7 @@ ALWAYS_INLINE void dots_q4i8(int R, const void *const *qv, const uint16_t *const
     __m256 c[RMAX];
     const __m256i lo4 = _mm256_set1_epi8(0x0f);
     FOR_R(r) { q[r] = (const uint8_t *)qv[r]; c[r] = _mm256_setzero_ps(); s[r] = 0.f; }
-    const long ahead = (long)PFQ * ((K + 1) / 2); /* PFQ rows ahead */
+    const long ahead = pf_ahead(K); /* PFQ rows ahead */
     int g8 = 0;
     {
         __m256 cm[RMAX];
