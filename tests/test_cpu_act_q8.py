@@ -85,6 +85,18 @@ def test_gemv_and_gemm_match_the_rounded_reference(kq, n, k, tiled):
     assert _rel(kq.gemv(x[:3], w8, threads=2, tiled=tiled), x[:3] @ w8.dequantize(torch.float32).T) <= 1e-5
 
 
+@pytest.mark.parametrize("n,k", [(13, 1200), (8, 640)])
+def test_gemm_integer_tiles_every_width(kq, n, k):
+    """The GEMM's integer tiles (AVX512-VNNI: 8, 4, 2 and 1 tokens a tile over 4 unpacked rows, the row count not a
+    multiple of 4, a short last group of 48 inputs) for 1 to 19 tokens, within 1e-5 of the reference."""
+    wq = quantize(torch.randn(n, k, generator=torch.Generator().manual_seed(8)) * 0.1, "q4")
+    x = torch.randn(19, k, generator=torch.Generator().manual_seed(9))
+    wf = wq.dequantize(torch.float32)
+    for T in range(1, 20):
+        ref = _act_q8(x[:T], 64) @ wf.T
+        assert _rel(kq.gemv(x[:T], wq, threads=1 + T % 2, tiled=True), ref) <= 1e-5, T
+
+
 def test_rounding_ties_to_even_and_zero_groups(kq):
     """Inputs at half steps (d = 1: max |x| = 127) round to even, as torch.round does, not away from zero (the two
     references differ by far more than the tolerance, so the check can fail); an all-zero group adds nothing."""

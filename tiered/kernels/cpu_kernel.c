@@ -1064,6 +1064,126 @@ static vec_t tok_prep(float *buf, int K, int G, int fmt, int bfdp, int act8) {
 DOTS_MULTI(2)
 DOTS_MULTI(3)
 
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+#define HAVE_Q4I8_TILE 1
+/* ACT_Q8's many-token tiles for q4 (groups of 64) on AVX512-VNNI, over a block of GEMM_NB = 4 rows: a group's codes
+ * are read as 4 pieces of 64 bytes, piece i holding rows 0-3's 16 codes that meet x's codes 16i..16i+15 (vec_t.xq's
+ * order: 32 even inputs, the low nibbles of the group's 32 bytes, then 32 odd ones, their high nibbles), the 128-bit
+ * lane r of a piece being row r. One vpdpbusd multiplies a piece with a token's 16 codes broadcast to the 4 lanes (64
+ * products), so a group's integer sums sit in 16 int32 lanes, 4 a row, and are scaled there by the row's scale times
+ * the token's d (S: each row's scale in its 4 lanes) and added to the mins' term (M: the row's min in its first lane,
+ * times the token's group sum). A row's 4 lanes are summed once at the end: the same math as dots_q4i8 (exact integer
+ * group sums, s * d applied to each), another fp32 summation order. The pieces are made again for each tile of up to
+ * 8 tokens (loads and shifts shared by the tile); S and M once a block, 16 floats a group each. */
+static void q4i8_scales(const uint16_t *const *s, const uint16_t *const *m, int full, float *S, float *M) {
+    const __m512i rep = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    for (int g = 0; g < full; g++) {
+        const __m128 sv = _mm_setr_ps(bf16_to_f32(s[0][g]), bf16_to_f32(s[1][g]), bf16_to_f32(s[2][g]),
+                                      bf16_to_f32(s[3][g]));
+        const __m128 mv = _mm_setr_ps(bf16_to_f32(m[0][g]), bf16_to_f32(m[1][g]), bf16_to_f32(m[2][g]),
+                                      bf16_to_f32(m[3][g]));
+        _mm512_storeu_ps(S + g * 16, _mm512_permutexvar_ps(rep, _mm512_castps128_ps512(sv)));
+        _mm512_storeu_ps(M + g * 16, _mm512_maskz_permutexvar_ps(0x1111, rep, _mm512_castps128_ps512(mv)));
+    }
+}
+
+/* 16 bytes at byte offset o of each of the 4 rows' codes, row r in 128-bit lane r. */
+ALWAYS_INLINE __m512i q4i8_rows16(const uint8_t *const *q, long o) {
+    __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(q[0] + o)));
+    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(q[1] + o)), 1);
+    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(q[2] + o)), 2);
+    return _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(q[3] + o)), 3);
+}
+
+#define Q4I8_TILE(TT_)                                                                                           \
+    ALWAYS_INLINE void q4i8_tile##TT_(const uint8_t *const *q, const float *S, const float *M, int full, const vec_t *v, \
+                                      long pf, uint8_t *wu, int build, __m512 *acc) {                                                             \
+        __m512 a[TT_];                                                                                           \
+        for (int t = 0; t < TT_; t++) a[t] = _mm512_setzero_ps();                                                \
+        for (int g = 0; g < full; g++) {                                                                         \
+            __m512i w0, w1, w2, w3;                                                                              \
+            if (wu && !build) {                                                                                  \
+                const __m512i *u = (const __m512i *)(wu + g * 256L);                                             \
+                w0 = _mm512_loadu_si512(u), w1 = _mm512_loadu_si512(u + 1);                                      \
+                w2 = _mm512_loadu_si512(u + 2), w3 = _mm512_loadu_si512(u + 3);                                  \
+            } else {                                                                                             \
+                if (pf && !(g & 1))                                                                              \
+                    for (int r = 0; r < GEMM_NB; r++) _mm_prefetch((const char *)q[r] + g * 32L + pf, PFQ_HINT);  \
+                const __m512i lo4 = _mm512_set1_epi8(0x0f);                                                      \
+                const __m512i A = q4i8_rows16(q, g * 32L), B = q4i8_rows16(q, g * 32L + 16);                      \
+                w0 = _mm512_and_si512(A, lo4), w1 = _mm512_and_si512(B, lo4);                                    \
+                w2 = _mm512_and_si512(_mm512_srli_epi16(A, 4), lo4);                                             \
+                w3 = _mm512_and_si512(_mm512_srli_epi16(B, 4), lo4);                                             \
+                if (wu) {                                                                                        \
+                    __m512i *u = (__m512i *)(wu + g * 256L);                                                     \
+                    _mm512_storeu_si512(u, w0), _mm512_storeu_si512(u + 1, w1);                                  \
+                    _mm512_storeu_si512(u + 2, w2), _mm512_storeu_si512(u + 3, w3);                              \
+                }                                                                                                \
+            }                                                                                                    \
+            IN_REG(w0);                                                                                          \
+            IN_REG(w1);                                                                                          \
+            IN_REG(w2);                                                                                          \
+            IN_REG(w3);                                                                                          \
+            const __m512 sg = _mm512_loadu_ps(S + g * 16), mg = _mm512_loadu_ps(M + g * 16);                     \
+            for (int t = 0; t < TT_; t++) {                                                                      \
+                const __m128i *xg = (const __m128i *)(v[t].xq + g * 64);                                         \
+                __m512i i = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0,                                      \
+                                                _mm512_broadcast_i32x4(_mm_loadu_si128(xg)));                    \
+                i = _mm512_dpbusd_epi32(i, w1, _mm512_broadcast_i32x4(_mm_loadu_si128(xg + 1)));                 \
+                i = _mm512_dpbusd_epi32(i, w2, _mm512_broadcast_i32x4(_mm_loadu_si128(xg + 2)));                 \
+                i = _mm512_dpbusd_epi32(i, w3, _mm512_broadcast_i32x4(_mm_loadu_si128(xg + 3)));                 \
+                a[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(sg, _mm512_set1_ps(v[t].xd[g])), a[t]); \
+                a[t] = _mm512_fmadd_ps(mg, _mm512_set1_ps(v[t].xs[g]), a[t]);                                    \
+            }                                                                                                    \
+        }                                                                                                        \
+        for (int t = 0; t < TT_; t++) acc[t] = a[t];                                                             \
+    }
+Q4I8_TILE(8)
+Q4I8_TILE(7)
+Q4I8_TILE(6)
+Q4I8_TILE(5)
+Q4I8_TILE(4)
+Q4I8_TILE(3)
+Q4I8_TILE(2)
+Q4I8_TILE(1)
+
+/* The block's T tokens through the tiles (8 at a time, then the rest in one) -> o[t * GEMM_NB + r], plus a short last
+ * group's scalar term. S / M as q4i8_scales filled them. */
+static void q4i8_block(const uint8_t *const *q, const uint16_t *const *s, const uint16_t *const *m, int K,
+                       const vec_t *v, int T, const float *S, const float *M, uint8_t *wu8, float *o) {
+    const int full = K / 64;
+    uint8_t *wu = T > 8 ? wu8 : NULL; /* past one tile, the first keeps its pieces there for the others */
+    const long pf = PFQ > 0 ? pf_ahead(K) : 0; /* the first tile asks L2 for the codes PFQ rows ahead */
+    for (int t = 0; t < T;) {
+        __m512 acc[8];
+        const int tt = T - t >= 8 ? 8 : T - t;
+        switch (tt) {
+        case 8: q4i8_tile8(q, S, M, full, v + t, t ? 0 : pf, wu, !t, acc); break;
+        case 7: q4i8_tile7(q, S, M, full, v + t, t ? 0 : pf, wu, !t, acc); break;
+        case 6: q4i8_tile6(q, S, M, full, v + t, t ? 0 : pf, wu, !t, acc); break;
+        case 5: q4i8_tile5(q, S, M, full, v + t, t ? 0 : pf, wu, !t, acc); break;
+        case 4: q4i8_tile4(q, S, M, full, v + t, t ? 0 : pf, wu, !t, acc); break;
+        case 3: q4i8_tile3(q, S, M, full, v + t, t ? 0 : pf, wu, !t, acc); break;
+        case 2: q4i8_tile2(q, S, M, full, v + t, t ? 0 : pf, wu, !t, acc); break;
+        default: q4i8_tile1(q, S, M, full, v + t, t ? 0 : pf, wu, !t, acc); break;
+        }
+        for (int j = 0; j < tt; j++) {
+            float l[16];
+            _mm512_storeu_ps(l, acc[j]);
+            for (int r = 0; r < GEMM_NB; r++)
+                o[(t + j) * GEMM_NB + r] = (l[4 * r] + l[4 * r + 1]) + (l[4 * r + 2] + l[4 * r + 3]) +
+                                           q4_short_group(q[r], s[r], m[r], &v[t + j], K);
+        }
+        t += tt;
+    }
+}
+#ifndef Q4I8_MIN_T
+#define Q4I8_MIN_T 2
+#endif
+#else
+#define HAVE_Q4I8_TILE 0
+#endif
+
 /* Rows r0..r0+nr-1 (nr <= GEMM_NB) of one matrix (parts at ps: codes, scales, mins; K inputs) dotted with T
  * tokens v[0..T-1] -> o[t * GEMM_NB + r]: from GEMM_MIN_T tokens the rows are dequantized once into wf (Kp floats a
  * row) and multiplied in register tiles, below that each token's dots read the codes (tiered_cpu_gemv's way). */
@@ -1074,6 +1194,14 @@ static void block_rows(int fmt, const uintptr_t *ps, long r0, int nr, int K, int
     const void *q[GEMM_NB];
     const uint16_t *s[GEMM_NB], *m[GEMM_NB];
     for (int r = 0; r < GEMM_NB; r++) row_parts(fmt, ps, r0 + (r < nr ? r : 0), K, ng, &q[r], &s[r], &m[r]);
+#if HAVE_Q4I8_TILE
+    if (fmt == FMT_Q4 && G == 64 && v[0].xq && T >= Q4I8_MIN_T) { /* ACT_Q8: integer tiles; S, M, pieces in wf */
+        float *S = wf, *M = S + (size_t)16 * (K / 64);
+        q4i8_scales(s, m, K / 64, S, M);
+        q4i8_block((const uint8_t *const *)q, s, m, K, v, T, S, M, (uint8_t *)(M + (size_t)16 * (K / 64)), o);
+        return;
+    }
+#endif
     if (T < min_t) {
         /* 2-3 tokens share each weight vector's dequantization (2 Zen 4 cores, 24 experts of 2048 x 768 at 2 / 3
          * tokens each: q4 1.14x / 1.52x the per-token dots, q8 1.16x / 1.32x, bf16 1.05x / 1.22x) */
