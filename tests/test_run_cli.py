@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from click.testing import CliRunner
@@ -61,6 +62,7 @@ def test_seeded_sampling_is_reproducible(reference_layout):
     (["--expert-slots", "7", "hello"], "expert-slots"),
     (["--policy", "random", "hello"], "policy"),
     (["--io-threads", "0", "hello"], "io-threads"),
+    (["--cpu-act", "q4", "hello"], "cpu-act"),
 ])
 def test_usage_errors_exit_2(args, needle, tmp_path, reference_layout):
     """Usage errors exit with code 2 and a message that names the problem."""
@@ -98,3 +100,20 @@ def test_every_budget_option_is_a_flag(reference_layout):
     assert r.exit_code == 0, r.stderr
     stats = json.loads(r.stderr.strip().splitlines()[-1])
     assert stats["expert_slots"] == 16 and stats["policy"] == "flru" and stats["ram_policy"] == "lfu"
+
+
+def test_cpu_act_flag_sets_the_kernel_mode(reference_layout, monkeypatch):
+    """--cpu-act q8 puts the CPU kernel in its q8 activation mode for the process (stats name it); without the flag
+    TIERED_CPU_ACT decides, and the stats say float's kernel."""
+    from tiered.kernels.cpu_kernel import ACT_ENV
+
+    monkeypatch.setenv(ACT_ENV, "float")  # restored after the test, whatever the flag sets
+    plain = invoke("-m", reference_layout, "--device", "cpu", "--max-new-tokens", 2, "--json", "def ")
+    kern = json.loads(plain.stderr.strip().splitlines()[-1])["cpu_kernel"]
+    if kern == "torch":
+        pytest.skip("no native CPU kernel on this machine")
+    assert kern.startswith("native-") and "q8act" not in kern
+    r = invoke("-m", reference_layout, "--device", "cpu", "--cpu-act", "q8", "--max-new-tokens", 2, "--json", "def ")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stderr.strip().splitlines()[-1])["cpu_kernel"].startswith(kern + "-q8act")
+    assert os.environ[ACT_ENV] == "q8"

@@ -35,7 +35,7 @@ from tiered.layout.families import default_model_path
 from tiered.layout.format import DTYPES, MANIFEST
 from tiered.layout.tokenizer import Tokenizer
 from tiered.model import cpu_experts
-from tiered.kernels.cpu_kernel import KernelUnavailable
+from tiered.kernels.cpu_kernel import KernelUnavailable, shared as cpu_kernel_shared
 from tiered.model.cpu_mailbox import CpuMailbox
 from tiered.model.layers import pick_backend
 from tiered.model.moe import PrefetchHook, RoutingObserver
@@ -316,6 +316,12 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
     engine.load_s = time.perf_counter() - t0
     engine.capture_graphs()
     return engine
+
+
+def _cpu_kernel_name() -> str:
+    """The kernel a CPU device's products take (kernels/cpu_kernel.py `shared`): native-<simd>[-q8act], or torch."""
+    kern = cpu_kernel_shared()
+    return f"native-{kern.simd_name}" if kern is not None else "torch"
 
 
 def _cpu_mailbox(provider: Any, cfg: Any, dtype: torch.dtype, fp32_weights: bool) -> tuple[Any, str | None]:
@@ -801,6 +807,7 @@ class Engine:
             "experts_per_token": self.config.top_k,
             "native_top_k": int(self.config.extra.get("native_top_k", self.config.top_k)),
             "model": str(self.layout_path) if self.layout_path else None,
+            "cpu_kernel": _cpu_kernel_name() if self.device.type == "cpu" else None,
         }
         ps = self.model.provider.stats()
         s.update(ps)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import click
 
-from tiered.cli.options import budget_from, budget_options, experts_per_token_option, storage_options
+from tiered.cli.options import (apply_cpu_act, budget_from, budget_options, cpu_act_option, experts_per_token_option,
+                                storage_options)
 
 
 def _load(model, *, device, dtype, max_context, attn, budget, observer, experts="source", dense="source",
@@ -40,10 +41,11 @@ def _load(model, *, device, dtype, max_context, attn, budget, observer, experts=
 @click.option("--attn", type=click.Choice(["auto", "flash", "sdpa"]), default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object, the last line of stdout.")
 @experts_per_token_option
+@cpu_act_option
 @storage_options
 @budget_options
 def eval_cmd(model, text_files, reference, max_tokens, max_context, device, dtype, attn, as_json, experts, dense,
-             experts_per_token, **flags) -> None:
+             experts_per_token, cpu_act, **flags) -> None:
     """Score MODEL on text files: perplexity over non-overlapping windows (each scored from position 0).
 
     With --reference, the same tokens also go through a second model: mean and 99th-percentile
@@ -57,6 +59,7 @@ def eval_cmd(model, text_files, reference, max_tokens, max_context, device, dtyp
       tiered eval -m ~/layouts/qwen3-30b-q4 --text-file notes.txt --reference ~/layouts/qwen3-30b --json
       tiered eval --text-file a.py --text-file b.md --max-tokens 4096
       tiered eval -m ~/models/Qwen3-30B-A3B --experts q4 --reference ~/models/Qwen3-30B-A3B --text-file a.py
+      tiered eval -m ~/layouts/qwen3-30b-q4 --device cpu --cpu-act q8 --reference ~/layouts/qwen3-30b --text-file a.py
     """
     texts = {}
     for f in text_files:
@@ -70,6 +73,7 @@ def eval_cmd(model, text_files, reference, max_tokens, max_context, device, dtyp
         if p is not None and not Path(p).is_dir():
             raise click.UsageError(f"{p}: no such directory; pass a tiered layout or a Hugging Face checkpoint")
     budget = budget_from(flags)
+    apply_cpu_act(cpu_act)  # both models' q4 products on the CPU, when --reference is q4 too
 
     from tiered.engine import EngineError
     from tiered.serve.evaluate import RouteRecorder, default_window, evaluate

@@ -11,14 +11,15 @@ from typing import Any
 
 import click
 
-from tiered.cli.options import batch_options, budget_from, budget_options, experts_per_token_option, usage
+from tiered.cli.options import (apply_cpu_act, batch_options, budget_from, budget_options, cpu_act_option,
+                                experts_per_token_option, usage)
 from tiered.cli.run import _check_model_path
 from tiered.store.options import DEFAULT_CONTEXT
 
 
 def model_options(command):
     """-m, --device, --dtype, --max-context, then every budget and scheduler flag."""
-    command = experts_per_token_option(batch_options(budget_options(command)))
+    command = cpu_act_option(experts_per_token_option(batch_options(budget_options(command))))
     for opt in reversed([
         click.option("-m", "--model", "model", metavar="PATH", default=None,
                      help="Layout or Hugging Face checkpoint directory (default: the embedded model)."),
@@ -34,9 +35,10 @@ def model_options(command):
 
 
 def open_scheduler(model: str | None, device: str, dtype: str | None, max_context: int | None,
-                   experts_per_token: int | None = None, **flags: Any) -> tuple[Any, Any]:
+                   experts_per_token: int | None = None, cpu_act: str | None = None, **flags: Any) -> tuple[Any, Any]:
     """Load the engine (the K/V pool reserved inside --vram-gb) and build its scheduler."""
     _check_model_path(model)
+    apply_cpu_act(cpu_act)
     from tiered.decode.options import BatchConfig
     from tiered.decode.scheduler import Scheduler
     from tiered.decode.state import StateBudgetError, pool_bytes

@@ -13,7 +13,8 @@ from pathlib import Path
 import click
 
 from tiered.store.options import DEFAULT_CONTEXT
-from tiered.cli.options import (BudgetCommand, budget_from, budget_options, experts_per_token_option, storage_options,
+from tiered.cli.options import (BudgetCommand, apply_cpu_act, budget_from, budget_options, cpu_act_option,
+                                experts_per_token_option, storage_options,
                                 usage as _usage)
 
 
@@ -109,10 +110,12 @@ def _summary(s: dict) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Stats as one JSON line, the last line of stderr.")
 @click.option("--no-cuda-graphs", is_flag=True, help="Run the decode step eagerly on CUDA.")
 @experts_per_token_option
+@cpu_act_option
 @budget_options
 @storage_options
 def run(prompt, model, revision, prompt_file, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, max_context,
-        attn, prefill_chunk, chat, as_json, no_cuda_graphs, experts, dense, experts_per_token, **flags) -> None:
+        attn, prefill_chunk, chat, as_json, no_cuda_graphs, experts, dense, experts_per_token, cpu_act,
+        **flags) -> None:
     """Continue PROMPT with a model; only the continuation goes to stdout.
 
     \b
@@ -122,6 +125,8 @@ def run(prompt, model, revision, prompt_file, max_new_tokens, temperature, top_k
       tiered run --prompt-file prompt.txt --temperature 0.8 --top-p 0.95 --seed 1 --json
       tiered run -m Qwen/Qwen3-30B-A3B --chat "Write a haiku about caches"
       git diff | tiered run --prompt-file - --max-new-tokens 64
+      # on the CPU with q4 experts: 8-bit inputs and integer dot products (faster prompts; see --cpu-act)
+      tiered run -m ~/layouts/qwen3-30b-q4 --device cpu --cpu-act q8 --prompt-file doc.txt
       # larger than the GPU: 4 GiB of VRAM, every expert in pinned RAM (the device slot table: misses split
       # between the link and the CPU by default; --cpu-experts off copies them all)
       tiered run -m ~/layouts/qwen3-30b --device cuda --vram-gb 4 --ram-gb 64 "Hello"
@@ -134,6 +139,7 @@ def run(prompt, model, revision, prompt_file, max_new_tokens, temperature, top_k
     if not 0 < top_p <= 1:
         raise _usage(f"--top-p must be in (0, 1], got {top_p}")
     budget = budget_from(flags)
+    apply_cpu_act(cpu_act)
 
     from tiered.engine import EngineError, load
     from tiered.layout.families import FamilyError
