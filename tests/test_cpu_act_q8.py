@@ -85,16 +85,45 @@ def test_gemv_and_gemm_match_the_rounded_reference(kq, n, k, tiled):
     assert _rel(kq.gemv(x[:3], w8, threads=2, tiled=tiled), x[:3] @ w8.dequantize(torch.float32).T) <= 1e-5
 
 
+def _kernel_for(kq: CpuKernel, march: str) -> CpuKernel:
+    if march == "native":
+        return kq
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86 instruction-set variants")
+    try:
+        return CpuKernel(cpu_kernel.build(march), "q8")
+    except cpu_kernel.KernelUnavailable as e:
+        pytest.skip(str(e))
+
+
+@pytest.mark.parametrize("march", ["native", "haswell"])
 @pytest.mark.parametrize("n,k", [(13, 1200), (8, 640)])
-def test_gemm_integer_tiles_every_width(kq, n, k):
-    """The GEMM's integer tiles (AVX512-VNNI: 8, 4, 2 and 1 tokens a tile over 4 unpacked rows, the row count not a
-    multiple of 4, a short last group of 48 inputs) for 1 to 19 tokens, within 1e-5 of the reference."""
+def test_gemm_integer_tiles_every_width(kq, march, n, k):
+    """The GEMM's integer tiles (AVX512-VNNI: up to 8 tokens a tile over 4 rows, the pieces kept past one tile;
+    AVX2: up to 4 tokens, 16-bit sums of vpmaddubsw) with the row count not a multiple of 4 and a short last group of
+    48 inputs, for 1 to 19 tokens, within 1e-5 of the reference."""
+    k_ = _kernel_for(kq, march)
     wq = quantize(torch.randn(n, k, generator=torch.Generator().manual_seed(8)) * 0.1, "q4")
     x = torch.randn(19, k, generator=torch.Generator().manual_seed(9))
     wf = wq.dequantize(torch.float32)
     for T in range(1, 20):
         ref = _act_q8(x[:T], 64) @ wf.T
-        assert _rel(kq.gemv(x[:T], wq, threads=1 + T % 2, tiled=True), ref) <= 1e-5, T
+        assert _rel(k_.gemv(x[:T], wq, threads=1 + T % 2, tiled=True), ref) <= 1e-5, T
+
+
+@pytest.mark.parametrize("march", ["native", "haswell"])
+def test_expert_rows_extreme_codes(kq, march):
+    """Codes of 15 against inputs at +-127 (the AVX2 tile's 16-bit sums at their largest, 15,240) in expert rows of
+    2 to 40 tokens: no saturation, within 1e-5 of the reference."""
+    k_ = _kernel_for(kq, march)
+    W = _pool("q4", 256, 128, 2)
+    for m in (W.gate, W.up, W.down):
+        m.q.fill_(0xFF)  # every code 15
+    counts = [2, 40]
+    x = torch.full((sum(counts), 256), 3.0)  # every code 127 (vpmaddubsw pairs adjacent even or odd inputs)
+    x[::3] *= -1
+    ref = torch.cat([_expert_q8(x[:2], W, 0), _expert_q8(x[2:], W, 1)])
+    assert _rel(k_.expert_rows(x, W, [0, 1], counts, threads=2), ref) <= 1e-5
 
 
 def test_rounding_ties_to_even_and_zero_groups(kq):

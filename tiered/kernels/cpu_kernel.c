@@ -1177,11 +1177,112 @@ static void q4i8_block(const uint8_t *const *q, const uint16_t *const *s, const 
         t += tt;
     }
 }
-#ifndef Q4I8_MIN_T
-#define Q4I8_MIN_T 2
+#elif I8DOT
+#define HAVE_Q4I8_TILE 2
+/* The same tiles on 256-bit integer dots (AVX2's vpmaddubsw, or AVX-VNNI's vpdpbusd): a 4-row block is two row
+ * pairs, a ymm piece holding rows 2p and 2p + 1 in its two 128-bit lanes, so S and M have q4i8_scales' layout (a
+ * row's 4 lanes). On AVX2 a piece set's 4 vpmaddubsw (pairs of codes 0..15 times |x| <= 127: at most 3,810) are
+ * summed in 16 bits (at most 15,240) before one vpmaddwd; up to 4 tokens a tile (16 vector registers). */
+static void q4i8_scales(const uint16_t *const *s, const uint16_t *const *m, int full, float *S, float *M) {
+    const __m256i lo2 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), hi2 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
+    for (int g = 0; g < full; g++) {
+        const __m256 sv = _mm256_castps128_ps256(_mm_setr_ps(bf16_to_f32(s[0][g]), bf16_to_f32(s[1][g]),
+                                                             bf16_to_f32(s[2][g]), bf16_to_f32(s[3][g])));
+        const __m256 mv = _mm256_castps128_ps256(_mm_setr_ps(bf16_to_f32(m[0][g]), bf16_to_f32(m[1][g]),
+                                                             bf16_to_f32(m[2][g]), bf16_to_f32(m[3][g])));
+        _mm256_storeu_ps(S + g * 16, _mm256_permutevar8x32_ps(sv, lo2));
+        _mm256_storeu_ps(S + g * 16 + 8, _mm256_permutevar8x32_ps(sv, hi2));
+        _mm256_storeu_ps(M + g * 16, _mm256_blend_ps(_mm256_setzero_ps(), _mm256_permutevar8x32_ps(mv, lo2), 0x11));
+        _mm256_storeu_ps(M + g * 16 + 8, _mm256_blend_ps(_mm256_setzero_ps(), _mm256_permutevar8x32_ps(mv, hi2), 0x11));
+    }
+}
+
+/* 16 bytes at byte offset o of rows a (low lane) and b (high lane). */
+ALWAYS_INLINE __m256i q4i8_pair16(const uint8_t *a, const uint8_t *b, long o) {
+    return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(a + o))),
+                                   _mm_loadu_si128((const __m128i *)(b + o)), 1);
+}
+
+/* sum over 4 pieces of codes times x's broadcast 16 bytes -> 8 int32 lanes */
+#if I8DOT == 2
+#define Q4I8_SUM4(w, x) DP_U8S8(DP_U8S8(DP_U8S8(DP_U8S8(_mm256_setzero_si256(), w[0], x[0]), w[1], x[1]), w[2], x[2]), \
+                                w[3], x[3])
+#else
+#define Q4I8_SUM4(w, x)                                                                                          \
+    _mm256_madd_epi16(_mm256_add_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(w[0], x[0]),                         \
+                                                        _mm256_maddubs_epi16(w[1], x[1])),                        \
+                                       _mm256_add_epi16(_mm256_maddubs_epi16(w[2], x[2]),                         \
+                                                        _mm256_maddubs_epi16(w[3], x[3]))),                       \
+                      _mm256_set1_epi16(1))
 #endif
+
+#define Q4I8_TILE2(TT_)                                                                                          \
+    ALWAYS_INLINE void q4i8_tile##TT_(const uint8_t *const *q, const float *S, const float *M, int full,          \
+                                      const vec_t *v, long pf, __m256 (*acc)[2]) {                                \
+        __m256 a[TT_][2];                                                                                        \
+        for (int t = 0; t < TT_; t++) a[t][0] = a[t][1] = _mm256_setzero_ps();                                   \
+        const __m256i lo4 = _mm256_set1_epi8(0x0f);                                                              \
+        for (int g = 0; g < full; g++) {                                                                         \
+            if (pf && !(g & 1))                                                                                  \
+                for (int r = 0; r < GEMM_NB; r++) _mm_prefetch((const char *)q[r] + g * 32L + pf, PFQ_HINT);      \
+            for (int p = 0; p < 2; p++) {                                                                        \
+                const __m256i A = q4i8_pair16(q[2 * p], q[2 * p + 1], g * 32L);                                  \
+                const __m256i B = q4i8_pair16(q[2 * p], q[2 * p + 1], g * 32L + 16);                             \
+                __m256i w[4] = {_mm256_and_si256(A, lo4), _mm256_and_si256(B, lo4),                              \
+                                _mm256_and_si256(_mm256_srli_epi16(A, 4), lo4),                                  \
+                                _mm256_and_si256(_mm256_srli_epi16(B, 4), lo4)};                                 \
+                for (int i = 0; i < 4; i++) IN_REG(w[i]);                                                        \
+                const __m256 sg = _mm256_loadu_ps(S + g * 16 + p * 8), mg = _mm256_loadu_ps(M + g * 16 + p * 8); \
+                for (int t = 0; t < TT_; t++) {                                                                  \
+                    const __m128i *xg = (const __m128i *)(v[t].xq + g * 64);                                     \
+                    const __m256i x[4] = {_mm256_broadcastsi128_si256(_mm_loadu_si128(xg)),                      \
+                                          _mm256_broadcastsi128_si256(_mm_loadu_si128(xg + 1)),                  \
+                                          _mm256_broadcastsi128_si256(_mm_loadu_si128(xg + 2)),                  \
+                                          _mm256_broadcastsi128_si256(_mm_loadu_si128(xg + 3))};                 \
+                    const __m256i i32 = Q4I8_SUM4(w, x);                                                         \
+                    a[t][p] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i32), _mm256_mul_ps(sg, _mm256_set1_ps(v[t].xd[g])), \
+                                              a[t][p]);                                                          \
+                    a[t][p] = _mm256_fmadd_ps(mg, _mm256_set1_ps(v[t].xs[g]), a[t][p]);                          \
+                }                                                                                                \
+            }                                                                                                    \
+        }                                                                                                        \
+        for (int t = 0; t < TT_; t++) acc[t][0] = a[t][0], acc[t][1] = a[t][1];                                  \
+    }
+Q4I8_TILE2(4)
+Q4I8_TILE2(3)
+Q4I8_TILE2(2)
+Q4I8_TILE2(1)
+
+static void q4i8_block(const uint8_t *const *q, const uint16_t *const *s, const uint16_t *const *m, int K,
+                       const vec_t *v, int T, const float *S, const float *M, uint8_t *wu8, float *o) {
+    (void)wu8;
+    const int full = K / 64;
+    const long pf = PFQ > 0 ? pf_ahead(K) : 0;
+    for (int t = 0; t < T;) {
+        __m256 acc[4][2];
+        const int tt = T - t >= 4 ? 4 : T - t;
+        switch (tt) {
+        case 4: q4i8_tile4(q, S, M, full, v + t, t ? 0 : pf, acc); break;
+        case 3: q4i8_tile3(q, S, M, full, v + t, t ? 0 : pf, acc); break;
+        case 2: q4i8_tile2(q, S, M, full, v + t, t ? 0 : pf, acc); break;
+        default: q4i8_tile1(q, S, M, full, v + t, t ? 0 : pf, acc); break;
+        }
+        for (int j = 0; j < tt; j++) {
+            float l[16];
+            _mm256_storeu_ps(l, acc[j][0]);
+            _mm256_storeu_ps(l + 8, acc[j][1]);
+            for (int r = 0; r < GEMM_NB; r++)
+                o[(t + j) * GEMM_NB + r] = (l[4 * r] + l[4 * r + 1]) + (l[4 * r + 2] + l[4 * r + 3]) +
+                                           q4_short_group(q[r], s[r], m[r], &v[t + j], K);
+        }
+        t += tt;
+    }
+}
 #else
 #define HAVE_Q4I8_TILE 0
+#endif
+#ifndef Q4I8_MIN_T
+#define Q4I8_MIN_T 2
 #endif
 
 /* Rows r0..r0+nr-1 (nr <= GEMM_NB) of one matrix (parts at ps: codes, scales, mins; K inputs) dotted with T
