@@ -117,3 +117,17 @@ def test_cpu_act_flag_sets_the_kernel_mode(reference_layout, monkeypatch):
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stderr.strip().splitlines()[-1])["cpu_kernel"].startswith(kern + "-q8act")
     assert os.environ[ACT_ENV] == "q8"
+    assert "has no effect" in r.stderr  # the reference layout's experts are bf16: nothing for the mode to change
+
+
+def test_cpu_act_note_only_without_q4(reference_model, tmp_path, monkeypatch):
+    """On a q4 layout --cpu-act q8 applies, so no note that it has no effect."""
+    from tiered.kernels.cpu_kernel import ACT_ENV
+    from tiered.layout.repack import repack
+
+    monkeypatch.setenv(ACT_ENV, "float")
+    dst = tmp_path / "q4"
+    repack(reference_model, dst, experts="q4", q4_refine="none", progress=False)
+    r = invoke("-m", dst, "--device", "cpu", "--cpu-act", "q8", "--max-new-tokens", 2, "def ")
+    assert r.exit_code == 0, r.stderr
+    assert "has no effect" not in r.stderr

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import click
 
-from tiered.cli.options import (apply_cpu_act, budget_from, budget_options, cpu_act_option, experts_per_token_option,
-                                storage_options)
+from tiered.cli.options import (apply_cpu_act, budget_from, budget_options, cpu_act_note, cpu_act_option,
+                                experts_per_token_option, storage_options)
 
 
 def _load(model, *, device, dtype, max_context, attn, budget, observer, experts="source", dense="source",
@@ -85,6 +85,7 @@ def eval_cmd(model, text_files, reference, max_tokens, max_context, device, dtyp
         routes = (RouteRecorder(), RouteRecorder())
         eng = _load(model, device=device, dtype=dtype, max_context=max_context, attn=attn, budget=budget,
                     experts=experts, dense=dense, observer=routes[0], experts_per_token=experts_per_token)
+        cpu_act_note(cpu_act, eng.layout_path)
         window = max_context or default_window(eng.config.max_position_embeddings)  # <= the engine's context
         ref = None
         if reference is not None:

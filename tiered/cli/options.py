@@ -147,6 +147,21 @@ def apply_cpu_act(value: str | None) -> None:
         os.environ["TIERED_CPU_ACT"] = value
 
 
+def cpu_act_note(value: str | None, layout_path: Any) -> None:
+    """After load: --cpu-act q8 on a layout without q4 weights changes nothing, so say so on stderr rather than
+    let the stats' `-q8act` suggest it applied."""
+    if value != "q8" or layout_path is None:
+        return
+    from tiered.store.disk import Layout
+
+    man = Layout.open(layout_path).manifest
+    schemes = {q["scheme"] for q in (man.dense_quant or {}).values()}
+    if man.expert_format != "q4" and "q4" not in schemes:
+        click.echo(f"tiered: --cpu-act q8 changes only q4 products, and {layout_path} has none (experts "
+                   f"{man.expert_format}, dense {'+'.join(sorted(schemes)) or 'unquantized'}): it has no effect; "
+                   "repack with --experts q4 (and --dense q4) to use it", err=True)
+
+
 def budget_from(flags: dict[str, Any]) -> dict[str, Any]:
     """The TierConfig fields among a command's parsed flags (None = not given; a False flag is not given)."""
     names = {f.name for f in fields(TierConfig)}

@@ -11,8 +11,8 @@ from typing import Any
 
 import click
 
-from tiered.cli.options import (apply_cpu_act, batch_options, budget_from, budget_options, cpu_act_option,
-                                experts_per_token_option, usage)
+from tiered.cli.options import (apply_cpu_act, batch_options, budget_from, budget_options, cpu_act_note,
+                                cpu_act_option, experts_per_token_option, usage)
 from tiered.cli.run import _check_model_path
 from tiered.store.options import DEFAULT_CONTEXT
 
@@ -56,6 +56,7 @@ def open_scheduler(model: str | None, device: str, dtype: str | None, max_contex
         state = pool_bytes(opts, cfg, default_context(cfg, max_context), resolve_dtype(dtype, dev))
         engine = load(model, device=dev, dtype=dtype, max_context=max_context, budget=budget_from(flags),
                       cuda_graphs=False, state_bytes=state, experts_per_token=experts_per_token)
+        cpu_act_note(cpu_act, engine.layout_path)
         sch = Scheduler.from_config(engine, opts)
     except LayoutError as e:
         click.echo(f"error: {e}", err=True)

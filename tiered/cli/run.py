@@ -13,9 +13,8 @@ from pathlib import Path
 import click
 
 from tiered.store.options import DEFAULT_CONTEXT
-from tiered.cli.options import (BudgetCommand, apply_cpu_act, budget_from, budget_options, cpu_act_option,
-                                experts_per_token_option, storage_options,
-                                usage as _usage)
+from tiered.cli.options import (BudgetCommand, apply_cpu_act, budget_from, budget_options, cpu_act_note,
+                                cpu_act_option, experts_per_token_option, storage_options, usage as _usage)
 
 
 def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
@@ -152,6 +151,7 @@ def run(prompt, model, revision, prompt_file, max_new_tokens, temperature, top_k
         engine = load(model, device=device, dtype=dtype, max_context=max_context, attn=attn, budget=budget,
                       cuda_graphs=not no_cuda_graphs, experts=experts, dense=dense,
                       experts_per_token=experts_per_token, prefill_chunk=prefill_chunk)
+        cpu_act_note(cpu_act, engine.layout_path)
         ids = engine.encode(text, chat=chat)
     except (EngineError, FamilyError, TokenizerError) as e:
         raise _usage(str(e)) from None
