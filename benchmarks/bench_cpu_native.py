@@ -23,6 +23,9 @@ threads.
 
     python3 benchmarks/bench_cpu_native.py --work /tmp/cpu-native --llama-bin /tmp/lbcpu/bin \\
         --llama-dir .carry/llama.cpp --threads 2
+    # a 2,048-token prompt's warm prefill (q4, both activation modes) against llama-bench pp2048, alone:
+    python3 benchmarks/bench_cpu_native.py --work /tmp/cpu-native --llama-bin /tmp/lbcpu/bin --threads 2 \\
+        --long-prompt-tokens 2048 --only-long --out benchmarks/results/cpu-native-long-DATE.json
 
 Prints a table, then one JSON line last; writes benchmarks/results/cpu-native-<date>.json (--out) and $OUT/.
 """
@@ -244,6 +247,36 @@ def llama_rows(a: argparse.Namespace, ckpt: Path, prompt_tokens: int) -> dict:
     return rows
 
 
+def long_prompt(a: argparse.Namespace, lays: dict[str, Path], tok, ckpt: Path) -> dict:
+    """--long-prompt-tokens N: the q4 layout's warm prefill of an N-token prompt (the eval files one after another)
+    in each activation mode and compute dtype, and llama-bench's ppN on the Q4_0 GGUF in the same run."""
+    n = a.long_prompt_tokens
+    text = "".join(f.read_text() for f in sorted((REPO.parent / "shared" / "text" / "eval").glob("*")))
+    ids = tok.encode(text)[:n]
+    if len(ids) < n:
+        raise SystemExit(f"the eval files hold {len(ids)} tokens, fewer than --long-prompt-tokens {n}")
+    prompt = a.work / f"prompt-{n}.txt"
+    prompt.write_text(tok.decode(ids))
+    out: dict = {"prompt_tokens": n, "rows": {}}
+    for dtype, mode in (("float32", "native"), ("bfloat16", "native"), ("float32", "native-q8"),
+                        ("bfloat16", "native-q8")):
+        w = warm_prefill(lays["q4"], prompt, dtype, mode, a.threads, 2)
+        out["rows"][f"q4/{dtype}/{mode}"] = w
+        log(f"long prompt q4/{dtype}/{mode}: {w['prompt_tokens']} tokens, warm {w['warm_tok_s']:.1f} tok/s")
+    if a.llama_bin:
+        q40 = a.work / "model-q4_0.gguf"
+        if not q40.exists():
+            llama_rows(a, ckpt, a.prompt_tokens)  # makes the GGUFs
+        r = subprocess.run([str(a.llama_bin / "llama-bench"), "-m", str(q40), "-t", str(a.threads), "-p", str(n),
+                            "-n", "0", "-r", "2", "-o", "json"], capture_output=True, text=True, check=True,
+                           timeout=3600)
+        pp = next(x for x in json.loads(r.stdout) if x["n_prompt"] > 0)
+        out["llamacpp_q4_0_pp_tok_s"] = pp["avg_ts"]
+        out["vs_llamacpp"] = {k: v["warm_tok_s"] / pp["avg_ts"] for k, v in out["rows"].items()}
+        log(f"llama.cpp Q4_0 pp{n}: {pp['avg_ts']:.1f}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-m", "--model", type=Path, default=None, help=f"checkpoint (default: {PRESET} under --work)")
@@ -258,6 +291,10 @@ def main() -> None:
     ap.add_argument("--batch-new-tokens", type=int, default=32)
     ap.add_argument("--llama-bin", type=Path, default=None, help="llama.cpp's bin/ (CPU build); omit to skip")
     ap.add_argument("--llama-dir", type=Path, default=REPO / ".carry" / "llama.cpp", help="llama.cpp source")
+    ap.add_argument("--long-prompt-tokens", type=int, default=0,
+                    help="also a long prompt's warm prefill (a document to summarise): q4 in both activation modes "
+                         "and compute dtypes against llama-bench's ppN (0: skip)")
+    ap.add_argument("--only-long", action="store_true", help="run the long prompt's rows only (needs the layouts)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" /
                     f"cpu-native-{datetime.date.today().isoformat()}.json")
     a = ap.parse_args()
@@ -273,6 +310,17 @@ def main() -> None:
     prompt = a.work / "prompt.txt"
     prompt.write_text(tok.decode(ids))
     del eng
+    if a.only_long:
+        if not a.long_prompt_tokens:
+            raise SystemExit("--only-long needs --long-prompt-tokens N")
+        res = {"bench": "cpu-native-long", "model": str(ckpt), "preset": None if a.model else PRESET,
+               "threads": a.threads, "cpu": cpu_name(), "host": platform.node(),
+               "long_prompt": long_prompt(a, lays, tok, ckpt), "commit": git_commit(),
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "seconds": time.perf_counter() - t0}
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(res, indent=1) + "\n")
+        print(write_out(res, a.out.name))
+        return
     rows = tiered_rows(a, lays, prompt)
     batch = batch_rows(a, lays, tok) if a.batch else None
     res: dict = {"bench": "cpu-native", "model": str(ckpt), "preset": None if a.model else PRESET,
@@ -320,6 +368,8 @@ def main() -> None:
     for k in ("bf16", "q4"):
         res.setdefault("native_vs_torch_prefill_warm", {})[k] = \
             rows[f"{k}/float32/native"]["prefill_warm_tok_s"] / rows[f"{k}/float32/torch"]["prefill_warm_tok_s"]
+    if a.long_prompt_tokens:
+        res["long_prompt"] = long_prompt(a, lays, tok, ckpt)
     res.update({"commit": git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                 "seconds": time.perf_counter() - t0})
     print(f"{'row':<24} {'decode tok/s':>13} {'prefill tok/s':>14} {'warm prefill':>13}")
