@@ -193,9 +193,13 @@ ALWAYS_INLINE float lds(int fmt, const void *p, long i) {
  * GB/s there), GB/s at none / 4 rows into L1 / 4 rows into L2 / 8 rows into L2: a q4 GEMV 5120 x 2048 in bf16
  * 17.7 / 32.4 / 30.6 / 31.3, with x rounded to 8 bits (ACT_Q8) 19.1 / 25.9 / 47.8 / 51.5; one token's 8 q4 experts
  * of 2048 x 768 in bf16 18.6 / 24.0 / 26.9 / 28.2, ACT_Q8 22.4 / 19.9 / 28.3 / 26.2; fp32 compute (FMA-bound)
- * 13.0 / 19.2 / 18.0 / 18.3. The stream's latency, not the bandwidth, bounded the dots. */
+ * 13.0 / 19.2 / 18.0 / 18.3. The stream's latency, not the bandwidth, bounded the dots. Session 39, end to end with
+ * the builds alternating in one process (benchmarks/ab_cpu_builds.py, the 2-layer 10.6B-width q4+q4 model;
+ * ab-cpu-pfq-2026-12-05-s39.json): 16 rows ahead against 4, decode in ACT_Q8 fp32 332.1 / 286.5 tok/s (earlier
+ * runs of the same comparison +2.5% to +12%; 8 rows +4.6%, 2 rows -26%, 32 rows -3%), the float mode in bf16 266.2
+ * / 251.7 (fp32: equal), a 128-token prompt 915.1 / 907.9 (ACT_Q8, bf16). Hence 16. */
 #ifndef PFQ
-#define PFQ 4
+#define PFQ 16
 #endif
 #ifndef PFQ_HINT
 #define PFQ_HINT _MM_HINT_T1
