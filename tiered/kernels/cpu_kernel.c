@@ -1068,6 +1068,13 @@ static vec_t tok_prep(float *buf, int K, int G, int fmt, int bfdp, int act8) {
 DOTS_MULTI(2)
 DOTS_MULTI(3)
 
+/* A token's 4 rows from an integer tile's 16 fp32 lanes (row r in lanes 4r..4r+3), plus a short last group. */
+static inline void q4i8_put(const float *l, const uint8_t *const *q, const uint16_t *const *s,
+                            const uint16_t *const *m, const vec_t *v, int K, float *o) {
+    for (int r = 0; r < GEMM_NB; r++)
+        o[r] = (l[4 * r] + l[4 * r + 1]) + (l[4 * r + 2] + l[4 * r + 3]) + q4_short_group(q[r], s[r], m[r], v, K);
+}
+
 #if defined(__AVX512VNNI__) && defined(__AVX512F__)
 #define HAVE_Q4I8_TILE 1
 /* ACT_Q8's many-token tiles for q4 (groups of 64) on AVX512-VNNI, over a block of GEMM_NB = 4 rows: a group's codes
@@ -1174,9 +1181,7 @@ static void q4i8_block(const uint8_t *const *q, const uint16_t *const *s, const 
         for (int j = 0; j < tt; j++) {
             float l[16];
             _mm512_storeu_ps(l, acc[j]);
-            for (int r = 0; r < GEMM_NB; r++)
-                o[(t + j) * GEMM_NB + r] = (l[4 * r] + l[4 * r + 1]) + (l[4 * r + 2] + l[4 * r + 3]) +
-                                           q4_short_group(q[r], s[r], m[r], &v[t + j], K);
+            q4i8_put(l, q, s, m, &v[t + j], K, o + (t + j) * GEMM_NB);
         }
         t += tt;
     }
@@ -1275,9 +1280,7 @@ static void q4i8_block(const uint8_t *const *q, const uint16_t *const *s, const 
             float l[16];
             _mm256_storeu_ps(l, acc[j][0]);
             _mm256_storeu_ps(l + 8, acc[j][1]);
-            for (int r = 0; r < GEMM_NB; r++)
-                o[(t + j) * GEMM_NB + r] = (l[4 * r] + l[4 * r + 1]) + (l[4 * r + 2] + l[4 * r + 3]) +
-                                           q4_short_group(q[r], s[r], m[r], &v[t + j], K);
+            q4i8_put(l, q, s, m, &v[t + j], K, o + (t + j) * GEMM_NB);
         }
         t += tt;
     }
