@@ -1084,8 +1084,9 @@ static inline void q4i8_put(const float *l, const uint8_t *const *q, const uint1
  * products), so a group's integer sums sit in 16 int32 lanes, 4 a row, and are scaled there by the row's scale times
  * the token's d (S: each row's scale in its 4 lanes) and added to the mins' term (M: the row's min in its first lane,
  * times the token's group sum). A row's 4 lanes are summed once at the end: the same math as dots_q4i8 (exact integer
- * group sums, s * d applied to each), another fp32 summation order. The pieces are made again for each tile of up to
- * 8 tokens (loads and shifts shared by the tile); S and M once a block, 16 floats a group each. */
+ * group sums, s * d applied to each), another fp32 summation order. A tile takes up to 8 tokens; the first tile of a
+ * block makes the pieces from the codes (loads, inserts, and/shift, shared by its tokens) and, when more tiles follow,
+ * keeps them in scratch (wu, 256 bytes a group) for the others; S and M are made once a block, 16 floats a group. */
 static void q4i8_scales(const uint16_t *const *s, const uint16_t *const *m, int full, float *S, float *M) {
     const __m512i rep = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
     for (int g = 0; g < full; g++) {
@@ -1107,8 +1108,8 @@ ALWAYS_INLINE __m512i q4i8_rows16(const uint8_t *const *q, long o) {
 }
 
 #define Q4I8_TILE(TT_)                                                                                           \
-    ALWAYS_INLINE void q4i8_tile##TT_(const uint8_t *const *q, const float *S, const float *M, int full, const vec_t *v, \
-                                      long pf, uint8_t *wu, int build, __m512 *acc) {                                                             \
+    ALWAYS_INLINE void q4i8_tile##TT_(const uint8_t *const *q, const float *S, const float *M, int full,         \
+                                      const vec_t *v, long pf, uint8_t *wu, int build, __m512 *acc) {            \
         __m512 a[TT_];                                                                                           \
         for (int t = 0; t < TT_; t++) a[t] = _mm512_setzero_ps();                                                \
         for (int g = 0; g < full; g++) {                                                                         \
@@ -1226,7 +1227,7 @@ ALWAYS_INLINE __m256i q4i8_pair16(const uint8_t *a, const uint8_t *b, long o) {
 #endif
 
 #define Q4I8_TILE2(TT_)                                                                                          \
-    ALWAYS_INLINE void q4i8_tile##TT_(const uint8_t *const *q, const float *S, const float *M, int full,          \
+    ALWAYS_INLINE void q4i8_tile##TT_(const uint8_t *const *q, const float *S, const float *M, int full,         \
                                       const vec_t *v, long pf, __m256 (*acc)[2]) {                                \
         __m256 a[TT_][2];                                                                                        \
         for (int t = 0; t < TT_; t++) a[t][0] = a[t][1] = _mm256_setzero_ps();                                   \
