@@ -1,9 +1,10 @@
 """Builds of the native CPU kernel against each other, end to end, in one process: each variant is kernels/cpu_kernel.c
-compiled with its own -D flags (e.g. PFQ=16: the q4 prefetch distance), and the engine's decode (or a prompt's
-prefill) runs with each in turn, round after round, so that the VM's drifting speed falls on every variant alike (two
-processes a minute apart differed by 10-20% on this 2-core VM; variants alternating in one process keep their order
-from round to round). The engine takes the variant through `cpu_kernel.shared` (patched), so every CPU product of the
-step (dense GEMVs, the experts, a prompt's GEMMs and expert rows) uses it.
+compiled with its own -D flags (cpu_kernel.build(defines=...); e.g. PFQ=16: the q4 prefetch distance), and the
+engine's decode (or a prompt's prefill) runs with each in turn, round after round, so that the VM's drifting speed
+falls on every variant alike (two processes a minute apart differed by 10-20% on this 2-core VM; variants
+alternating in one process keep their order from round to round). The engine takes the variant through
+`cpu_kernel.shared` (patched), so every CPU product of the step (dense GEMVs, the experts, a prompt's GEMMs and
+expert rows) uses it.
 
     python3 benchmarks/ab_cpu_builds.py -m /tmp/cn/layout-q4 --act q8 --variant base= --variant pf16=PFQ=16
     python3 benchmarks/ab_cpu_builds.py -m /tmp/cn/layout-q4 --phase prefill --dtype bfloat16 \\
@@ -16,25 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 from benchmeta import git_commit  # noqa: E402
-
-
-def build(defines: list[str], out: Path) -> Path:
-    """cpu_kernel.c with `-march=native`, the kernel's own flags and -D<defines>."""
-    from tiered.kernels import cpu_kernel
-
-    cmd = ["cc", "-march=native", *cpu_kernel.CFLAGS, *(f"-D{d}" for d in defines), str(cpu_kernel.SOURCE), "-o",
-           str(out), "-lm"]
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return out
 
 
 def main() -> None:
@@ -54,11 +43,10 @@ def main() -> None:
 
     from tiered.kernels import cpu_kernel
 
-    tmp = Path(tempfile.mkdtemp(prefix="ab-cpu-"))
     kerns = {}
     for v in a.variant:
         name, _, defs = v.partition("=")
-        path = build([d for d in defs.split(",") if d], tmp / f"{name}.so")
+        path = cpu_kernel.build(defines=tuple(d for d in defs.split(",") if d))
         kerns[name] = cpu_kernel.CpuKernel(path, a.act)
     cur = {"k": next(iter(kerns.values()))}
     cpu_kernel.shared = lambda: cur["k"]  # every caller looks it up through the module at each call

@@ -96,9 +96,10 @@ def _compiler() -> str | None:
     return shutil.which(cc) or shutil.which("gcc") or shutil.which("clang")
 
 
-def build(march: str = "native", *, cc: str | None = None, quiet: bool = True) -> Path:
+def build(march: str = "native", *, cc: str | None = None, quiet: bool = True, defines: tuple[str, ...] = ()) -> Path:
     """Compile cpu_kernel.c for `march` (e.g. "native"; tests also build "haswell" and "x86-64" to cover the
-    AVX2 and portable paths) unless a matching build is cached; returns the library's path."""
+    AVX2 and portable paths) unless a matching build is cached; returns the library's path. `defines`: -D flags
+    (e.g. "PFQ=8": benchmarks/ab_cpu_builds.py compares such builds), part of the cache key."""
     cc = cc or _compiler()
     if cc is None:
         raise KernelUnavailable("no C compiler found (set CC or install gcc)")
@@ -107,7 +108,7 @@ def build(march: str = "native", *, cc: str | None = None, quiet: bool = True) -
         ver = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout.split("\n")[0]
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelUnavailable(f"compiler {cc} does not run: {e}") from e
-    flags = (f"-march={march}",) + CFLAGS
+    flags = (f"-march={march}",) + CFLAGS + tuple(f"-D{d}" for d in defines)
     key = hashlib.sha256(b"\0".join([src, ver.encode(), " ".join(flags).encode(),
                                      _cpu_signature().encode()])).hexdigest()[:20]
     out = kernel_dir() / f"cpu_kernel-{march}-{key}.so"
