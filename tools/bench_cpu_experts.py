@@ -108,6 +108,60 @@ def probe(W, bs: int, n: int, D: int, K: int, th: int, native: bool, dtype: torc
             "to_cpu_of_misses": places}
 
 
+def compare_builds(a, variants: list[tuple[str, str]]) -> None:
+    """--variant: each native path under each build, the builds' calls alternating (rounds of --repeats calls)."""
+    from tiered.kernels.cpu_kernel import build
+    D, F, K = a.hidden, a.ffn, a.k
+    kerns = {}
+    for name, defs in variants:
+        path = build(defines=tuple(d for d in defs.split(",") if d))
+        for act in ("float", "q8"):
+            kerns[name, act] = CpuKernel(path, act)
+    out = []
+    for path in a.paths.split(","):
+        fmt, _, act = path.partition("@")
+        if fmt not in STORED or path.startswith("torch-"):
+            raise SystemExit(f"{path}: --variant compares native paths (fp32, bf16, q8, q4, q4@q8)")
+        bs = plan_block({"gate": ((F, D), STORED[fmt]), "up": ((F, D), STORED[fmt]), "down": ((D, F), STORED[fmt])})[1]
+        n = max(K, int(a.pool_gb * 1e9 // bs))
+        W, _ = make_pool(fmt, D, F, n)
+        cdt = torch.float32 if fmt == "fp32" else torch.bfloat16
+        x = torch.randn(1, D, generator=torch.Generator().manual_seed(1)).to(cdt)
+        w = torch.rand(K)
+        for th in [cpu_threads(int(t)) for t in a.threads.split(",")]:
+            wk = CpuWorker(th)
+            state = {"i": 0}
+            times: dict[str, list[float]] = {name: [] for name, _ in variants}
+
+            def call(kern) -> float:
+                i = state["i"]
+                state["i"] = (i + K) % (n - K + 1) if n > K else 0
+                jobs = [(k, W, i + k) for k in range(K)]
+                t0 = time.perf_counter()
+                kern.partial(x, w, jobs, threads=th)
+                return time.perf_counter() - t0
+
+            for _ in range(a.rounds):
+                for name, _ in variants:
+                    kern = kerns[name, act or "float"]
+                    wk.submit(call, kern).result()  # warm-up
+                    times[name] += [wk.submit(call, kern).result() for _ in range(a.repeats)]
+            wk.close()
+            for name, defs in variants:
+                ts = sorted(times[name])
+                med = ts[len(ts) // 2]
+                row = {"path": path, "variant": name, "defines": defs, "threads": th, "s_per_layer": med,
+                       "gbps": K * bs / med / 1e9, "gbps_best": K * bs / ts[0] / 1e9, "calls": len(ts)}
+                out.append(row)
+                print(f"{path:>8} {name:>10} threads {th:2d}: {med * 1e3:8.3f} ms per {K} experts, "
+                      f"{row['gbps']:7.2f} GB/s (best {row['gbps_best']:6.2f})")
+    res = {"bench": "cpu_experts_builds", "hidden": D, "ffn": F, "k": K, "pool_gb": a.pool_gb,
+           "cpu_count": os.cpu_count(), "physical_cores": cpu_threads(0), "runs": out}
+    if os.environ.get("OUT"):
+        (Path(os.environ["OUT"]) / f"bench_cpu_experts_builds_{D}x{F}x{K}.json").write_text(json.dumps(res, indent=1))
+    print(json.dumps(res))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--hidden", type=int, default=2048)
@@ -118,9 +172,17 @@ def main() -> None:
     ap.add_argument("--paths", default="torch-bf16,bf16,q8,q4")
     ap.add_argument("--pool-gb", type=float, default=1.0, help="expert pool per format, GB (10^9 B)")
     ap.add_argument("--links", default="55,25,12", help="host->GPU GB/s for the cost model's decisions ('' = skip)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=DEFINES",
+                    help="a native build with these comma-separated -D defines (e.g. pfd16=PFD=16; 'base=' for none); "
+                         "repeat to compare builds: their calls alternate in rounds of --repeats (--rounds), so "
+                         "drift on a shared machine hits every build alike. Native paths only; no probe")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds of the alternation with --variant")
     a = ap.parse_args()
     D, F, K = a.hidden, a.ffn, a.k
     links = [float(x) for x in a.links.split(",") if x]
+    variants = [v.partition("=")[::2] for v in a.variant]
+    if variants:
+        return compare_builds(a, variants)
     kerns = {"float": CpuKernel.load(), "q8": CpuKernel.load(act="q8", warn=False)}
     out = []
     pools: dict[str, tuple] = {}

@@ -23,7 +23,9 @@ def main(path: str) -> None:
               {x: f.get(x) for x in ("n", "retunes", "share")} if f else "",
               {x: c.get(x) for x in ("planned", "left", "landed", "batch", "depth", "fill_s")} if c else "",
               {x: (r.get("device_fill") or {}).get(x) for x in ("complete_steps", "planned_steps")} if c else "",
-              {x: round(t[x], 1) if isinstance(t[x], float) else t[x] for x in TL if x in t} if t else "")
+              {x: round(t[x], 1) if isinstance(t[x], float) else t[x] for x in TL if x in t} if t else "",
+              {x: (round(v, 2) if isinstance(v, float) else v) for x, v in (r.get("cpu_experts") or {}).items()
+               if x in ("count", "gbps", "model_cpu_gbps", "model_pcie_gbps")})
 
 
 if __name__ == "__main__":

@@ -178,7 +178,7 @@ class CpuKernel:
     def load(cls, march: str = "native", *, warn: bool = True, act: str = "float") -> "CpuKernel | None":
         """Build (or find) and load the kernel; None, with a one-line warning on stderr, when that fails."""
         try:
-            return cls(build(march), act)
+            return cls(build(march, defines=env_defines()), act)
         except (KernelUnavailable, OSError, AttributeError) as e:
             if warn:
                 print(f"tiered: CPU experts use torch (the native kernel is unavailable: {e})", file=sys.stderr)
@@ -372,6 +372,13 @@ class CpuKernel:
 
 
 ENV = "TIERED_CPU_KERNEL"
+DEFINES_ENV = "TIERED_CPU_DEFINES"
+
+
+def env_defines() -> tuple[str, ...]:
+    """A benchmark knob: TIERED_CPU_DEFINES, comma-separated -D defines for the native build every run loads (e.g.
+    "PFD=0" to time the build without dense-row prefetch against the default in one lease). Empty by default."""
+    return tuple(d.strip() for d in os.environ.get(DEFINES_ENV, "").split(",") if d.strip())
 
 
 def native_enabled() -> bool:
