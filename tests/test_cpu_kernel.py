@@ -136,6 +136,27 @@ def test_other_instruction_sets(kern, march):
         assert _rel(k.partial(xb, w, jobs, threads=2), cpu_partial(xb, w, jobs, None)) <= 2e-2, fmt
 
 
+def test_dense_row_prefetch_changes_no_result(kern):
+    """PFD (dense rows asked into L2 some rows ahead) only moves loads earlier: builds with it off and at another
+    distance give the default's experts and GEMV bit for bit, for every dense format."""
+    try:
+        others = [CpuKernel(cpu_kernel.build(defines=(d,))) for d in ("PFD=0", "PFD=3")]
+    except cpu_kernel.KernelUnavailable as e:
+        pytest.skip(str(e))
+    x = torch.randn(1, 257, generator=torch.Generator().manual_seed(8))
+    w = torch.rand(3)
+    for fmt in ("fp32", "bf16", "fp16", "q8"):
+        W = _pool(fmt, 257, 130, 3)
+        jobs = _jobs(W, [1, 2, 0])
+        m = _plain_or_quant(fmt, 130, 257)
+        for xx in (x, x.bfloat16()):
+            want = kern.partial(xx, w, jobs, threads=2)
+            want_gemv = kern.gemv(x, m, threads=2)
+            for k in others:
+                assert torch.equal(k.partial(xx, w, jobs, threads=2), want), fmt
+                assert torch.equal(k.gemv(x, m, threads=2), want_gemv), fmt
+
+
 def test_unsupported_work_takes_torch(kern):
     """fp8 blocks, gpt-oss's clamped activation and expert biases: the kernel declines (None) and cpu_partial
     computes the torch reference instead."""
@@ -196,6 +217,17 @@ def test_bench_tool_runs_and_reports(tmp_path):
         assert row["gbps"] > 0 and row["probe"]["cpu_gbps"] > 0
         assert set(row["probe"]["to_cpu_of_misses"]) == {"55.0", "12.0"}
         assert row["probe"]["kernel"] == ("torch" if row["path"].startswith("torch") else "native-" + row["simd"])
+    if not native:
+        return
+    r = subprocess.run([sys.executable, str(root / "tools" / "bench_cpu_experts.py"), "--hidden", "96", "--ffn", "40",
+                        "--k", "3", "--threads", "1", "--repeats", "2", "--rounds", "2", "--pool-gb", "0.001",
+                        "--paths", "bf16,q4@q8", "--variant", "a=", "--variant", "b=PFD=0,PFQ=0"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OUT": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert [(row["path"], row["variant"], row["calls"]) for row in res["runs"]] == [
+        ("bf16", "a", 4), ("bf16", "b", 4), ("q4@q8", "a", 4), ("q4@q8", "b", 4)]
+    assert all(row["gbps"] > 0 for row in res["runs"])
 
 
 # --- tokens through one stored matrix (tiered_cpu_gemv for a few, tiered_cpu_gemm's tiles for more: qlinear's and
