@@ -20,16 +20,35 @@ NEW = 16
 
 # --- the cost model ---
 def test_cost_model_balances_the_two_queues():
-    """Each miss goes where it finishes first given what is already queued on each side."""
-    assert CostModel(10, 10).place(4, 10**9) == [False, True, False, True]  # equal rates: ties copy, then alternate
-    assert CostModel(1, 3).place(4, 10**9) == [True, True, False, True]  # cpu 1/3 s each, pcie 1 s
-    assert CostModel(2.5, 1).place(4, 10**9) == [False, False, True, False]  # pcie 0.4 s each, cpu 1 s
-    assert CostModel(10, 0).place(5, 10**9) == [False] * 5  # no CPU rate measured: copy everything
-    assert CostModel(1, 100).place(3, 10**9, cpu_queue_s=10.0) == [False, False, False]  # the CPU is busy
-    assert CostModel(1, 1).place(2, 10**9, pcie_queue_s=5.0) == [True, True]  # the link is busy (prefetches)
+    """Each miss goes where it finishes first given what is already queued on each side (no reuse penalty)."""
+    def cm(*a, **k):
+        return CostModel(*a, reuse_penalty=0.0, **k)
+
+    assert cm(10, 10).place(4, 10**9) == [False, True, False, True]  # equal rates: ties copy, then alternate
+    assert cm(1, 3).place(4, 10**9) == [True, True, False, True]  # cpu 1/3 s each, pcie 1 s
+    assert cm(2.5, 1).place(4, 10**9) == [False, False, True, False]  # pcie 0.4 s each, cpu 1 s
+    assert cm(10, 0).place(5, 10**9) == [False] * 5  # no CPU rate measured: copy everything
+    assert cm(1, 100).place(3, 10**9, cpu_queue_s=10.0) == [False, False, False]  # the CPU is busy
+    assert cm(1, 1).place(2, 10**9, pcie_queue_s=5.0) == [True, True]  # the link is busy (prefetches)
     # a fixed per-layer CPU overhead pays off only when enough misses share it
-    assert CostModel(1, 2, cpu_overhead_s=0.9).place(1, 10**9) == [False]
-    assert CostModel(1, 2, cpu_overhead_s=0.9).place(3, 10**9) == [False, True, True]
+    assert cm(1, 2, cpu_overhead_s=0.9).place(1, 10**9) == [False]
+    assert cm(1, 2, cpu_overhead_s=0.9).place(3, 10**9) == [False, True, True]
+
+
+def test_cost_model_charges_the_cpu_the_admission_it_forgoes():
+    """A CPU placement costs reuse_penalty copies more (its result is not admitted; ADMIT_PENALTY by default): a
+    lone miss the CPU finishes a little sooner than the link stays a copy; the CPU still takes a share of several
+    misses, and a lone miss when it is far faster; the penalty is the default and cannot be negative."""
+    from tiered.store.offload import ADMIT_PENALTY
+
+    assert CostModel(1, 1).reuse_penalty == ADMIT_PENALTY > 0
+    assert CostModel(1, 1.1, reuse_penalty=0.0).place(1, 10**9) == [True]  # 0.91 s against 1 s
+    assert CostModel(1, 1.1, reuse_penalty=0.25).place(1, 10**9) == [False]  # 0.91 + 0.25 s against 1 s
+    assert CostModel(1, 1.1, reuse_penalty=0.25).place(2, 10**9) == [False, True]  # 1.16 s against 2 s
+    assert CostModel(1, 2, reuse_penalty=0.25).place(1, 10**9) == [True]  # 0.5 + 0.25 s against 1 s
+    assert CostModel(1, 1, reuse_penalty=0.25).place(4, 10**9) == [False, True, False, True]
+    with pytest.raises(ValueError):
+        CostModel(1, 1, reuse_penalty=-0.1)
 
 
 def test_cost_model_running_rates():
@@ -113,7 +132,7 @@ def test_default_cpu_dropped_when_the_probe_finds_it_not_worth_it():
     from tiered.decode.devstep import cpu_split
     from tiered.engine import _default_cpu_refusal
 
-    B = 1 << 20
+    B = 9 << 20  # a bf16 expert of the 10.6B shape
     for cpu_gbps, kept in ((60.0, True), (20.0, False)):
         prov = SimpleNamespace(cost_model=CostModel(50.0, cpu_gbps), block_size=B)
         box = SimpleNamespace(gbps=cpu_gbps / 0.85, overhead_s=2e-5)
@@ -132,7 +151,7 @@ def test_default_cpu_probe_window_timed_again_before_a_drop():
 
     from tiered.engine import _default_take
 
-    B = 1 << 20
+    B = 9 << 20
     for windows, kept in (((26.0, 60.0), True), ((20.0, 15.0), False), ((60.0, None), True)):
         seen = []
 

@@ -52,7 +52,7 @@ from tiered.kernels.slot_table import (demand_gather_ctas, fill_gather_options, 
                                        topk_resolve_enabled)
 from tiered.model.transformer import Transformer
 from tiered.store.copyfill import CopyFill
-from tiered.store.offload import CostModel
+from tiered.store.offload import CostModel, admit_penalty
 
 COMPLETE_STEP_ENV = "TIERED_COMPLETE_STEP"
 
@@ -747,14 +747,15 @@ CPU_CONTENTION = 0.85
 def cpu_split(provider: Any, K: int, box: Any) -> list[int]:
     """take[m], m = 0..K: how many of a layer's m misses the CPU computes, by the provider's cost model
     (store/offload.py CostModel.place: each miss where it would finish first, the copies queued on the link and
-    the CPU's jobs on the worker). The CPU's rate and fixed cost are the mailbox's own, as the step's kernels see
+    the CPU's jobs on the worker, a CPU placement charged offload.admit_penalty() of a copy for the admission it
+    forgoes). The CPU's rate and fixed cost are the mailbox's own, as the step's kernels see
     them (CpuMailbox.probe_device; the rate times CPU_CONTENTION), else the provider's load-time probe. No cost
     model (or no CPU rate): nothing goes to the CPU."""
     costs = _cpu_costs(provider, box)
     if costs is None:
         return [0] * (K + 1)
     pcie, rate, over = costs
-    dm = CostModel(pcie, rate, cpu_overhead_s=over, fixed=True)
+    dm = CostModel(pcie, rate, cpu_overhead_s=over, fixed=True, reuse_penalty=admit_penalty())
     return [sum(dm.place(m, provider.block_size)) for m in range(K + 1)]
 
 

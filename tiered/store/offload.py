@@ -10,13 +10,16 @@ Does not own: the expert math (model/cpu_experts.py), which experts are resident
 The decision, per layer of a one-token step (greedy over the layer's misses, in routing order):
     t_pcie = queue_pcie + bytes / pcie_gbps     (copy into a device slot; the GPU's compute is not counted)
     t_cpu  = queue_cpu  + bytes / cpu_gbps (+ cpu_overhead_s for the layer's first CPU expert)
-    send the miss to the smaller, add its time to that side's queue.
+    send the miss to the smaller, add its time to that side's queue;
+but the CPU side is charged `reuse_penalty` (ADMIT_PENALTY) of a copy more: a miss computed on the CPU is not
+admitted, so its next use misses again where a copied one may hit (see ADMIT_PENALTY).
 queue_pcie starts at the copies still in flight (prefetches), queue_cpu at 0 (the CPU experts of a layer are
 finished before the next layer starts). Prefetched experts are hits and hot experts (a predicted-eviction
 score above the layer's median) are always copied: they will be reused, a CPU computation is not kept.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -46,6 +49,32 @@ def slow_link_hint(link_gbps: float, cores: int) -> str | None:
             "H200 box; the threads spin while decoding)")
 
 
+# What a miss sent to the CPU is charged beyond its own time, as a fraction of its copy's time: the CPU's result is not
+# admitted to a device slot, so the expert's next use misses again where a copied expert may hit. Without it, a
+# lone miss went to the CPU as soon as the CPU computed it a few microseconds sooner than the link copied it, and the
+# hit rate fell. Fitted on fit/ (benchmarks/sim_devtable.py, the device step over replayed routing, five documents,
+# bf16 at 250 slots, 54 GB/s link, 17 us per layer's CPU hand-off; lru+cpu ratio to the serial Belady bound at
+# penalty 0 / 0.25 / 0.5): CPU 45 GB/s 0.716 / 0.716 / 0.717, 60 GB/s 0.738 / 0.757 / 0.757, 75 GB/s 0.794 / 0.786 /
+# 0.766, 90 GB/s 0.836 / 0.842 / 0.805; a 12 GB/s link with the CPU at 45 0.946 / 1.051; 25 GB/s 0.835 / 0.839.
+ADMIT_PENALTY = 0.25
+ADMIT_PENALTY_ENV = "TIERED_ADMIT_PENALTY"
+
+
+def admit_penalty() -> float:
+    """The reuse penalty the device step's split table uses: ADMIT_PENALTY, or TIERED_ADMIT_PENALTY (a benchmark knob:
+    0 gives the plain finish-first placement of sessions before 40)."""
+    v = os.environ.get(ADMIT_PENALTY_ENV, "").strip()
+    if not v:
+        return ADMIT_PENALTY
+    try:
+        out = float(v)
+    except ValueError:
+        raise ValueError(f"{ADMIT_PENALTY_ENV}={v!r}: give a number >= 0 (copies charged per CPU-computed miss)")
+    if out < 0:
+        raise ValueError(f"{ADMIT_PENALTY_ENV}={v!r}: give a number >= 0 (copies charged per CPU-computed miss)")
+    return out
+
+
 class CostModel:
     """Per-miss placement from two measured bandwidths (GB/s, 10^9 B/s).
 
@@ -55,17 +84,22 @@ class CostModel:
         cpu_overhead_s: fixed cost of a layer's CPU work (activations over PCIe, hand-off to the worker).
         fixed: keep the rates (tests, benchmarks); else `note_pcie` / `note_cpu` fold in what runs achieve.
         alpha: weight of a new measurement in the running average.
+        reuse_penalty: charged to a CPU placement, in copies of the same bytes (ADMIT_PENALTY: the admission it
+            forgoes).
     """
 
     def __init__(self, pcie_gbps: float, cpu_gbps: float, *, cpu_overhead_s: float = 0.0, fixed: bool = False,
-                 alpha: float = 0.2) -> None:
+                 alpha: float = 0.2, reuse_penalty: float = ADMIT_PENALTY) -> None:
         if not (pcie_gbps > 0 and cpu_gbps >= 0):
             raise ValueError(f"cost model rates must be positive GB/s, got pcie {pcie_gbps}, cpu {cpu_gbps}")
+        if reuse_penalty < 0:
+            raise ValueError(f"cost model reuse_penalty must be >= 0, got {reuse_penalty}")
         self.pcie_gbps = float(pcie_gbps)
         self.cpu_gbps = float(cpu_gbps)
         self.cpu_overhead_s = float(cpu_overhead_s)
         self.fixed = fixed
         self.alpha = alpha
+        self.reuse_penalty = float(reuse_penalty)
 
     def place(self, n: int, nbytes: int, *, pcie_queue_s: float = 0.0, cpu_queue_s: float = 0.0) -> list[bool]:
         """n misses of `nbytes` each -> [n] True = compute on the CPU, False = copy to a device slot."""
@@ -79,7 +113,7 @@ class CostModel:
         for i in range(n):
             c = tc + dc + (self.cpu_overhead_s if first else 0.0)
             g = tg + dg
-            if c < g:
+            if c + self.reuse_penalty * dg < g:
                 out[i] = True
                 tc = c
                 first = False
