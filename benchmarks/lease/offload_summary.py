@@ -25,7 +25,8 @@ def main(path: str) -> None:
               {x: (r.get("device_fill") or {}).get(x) for x in ("complete_steps", "planned_steps")} if c else "",
               {x: round(t[x], 1) if isinstance(t[x], float) else t[x] for x in TL if x in t} if t else "",
               {x: (round(v, 2) if isinstance(v, float) else v) for x, v in (r.get("cpu_experts") or {}).items()
-               if x in ("count", "gbps", "model_cpu_gbps", "model_pcie_gbps")})
+               if x in ("count", "gbps", "model_cpu_gbps", "model_pcie_gbps")},
+              "take", (r.get("device_cpu") or {}).get("take"))
 
 
 if __name__ == "__main__":

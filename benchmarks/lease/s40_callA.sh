@@ -16,5 +16,5 @@ for v in new old pfd-only pen-only; do
   case $v in old) d=PFD=0; p=0;; pfd-only) p=0;; pen-only) d=PFD=0;; esac
   TIERED_CPU_DEFINES=$d TIERED_ADMIT_PENALTY=$p TIMEOUT=110 offload_variant $v "default" > /dev/null
   echo "$v $(el)"; python3 benchmarks/lease/offload_summary.py $OUT/offload-bf16-$v.json; pack
-  grep -h "take\|cpu" $OUT/offload-bf16-$v.log | grep -v '^{' | head -3
+
 done
