@@ -207,9 +207,10 @@ ALWAYS_INLINE float lds(int fmt, const void *p, long i) {
 /* Bytes from a q4 row's read to its prefetch: PFQ rows of K inputs. */
 static inline long pf_ahead(int K) { return (long)PFQ * ((K + 1) / 2); }
 /* Software prefetch of dense rows (fp32, bf16, fp16 and q8's codes) into L2: PFD rows ahead of the row being read,
- * one line per line read (0: none); as PFQ for q4 codes. Measured on 2 Zen 4 cores (tools/bench_cpu_experts.py
- * --variant, builds alternating; one token's 8 experts of 2048 x 768 from a 3-4 GB pool), GB/s at none / 4 / 8 /
- * 16 rows: bf16 20.2 / 29.2 / 29.2 / 28.6, q8 12.6 / 23.1 / 24.5, fp32 (FMA-bound) 31.9 / 34.0 / 32.7. Hence 8. */
+ * one line per line read (0: none); as PFQ for q4 codes. Measured on 2 cores of an Intel Xeon VM (Sapphire Rapids;
+ * tools/bench_cpu_experts.py --variant, the builds alternating; one token's 8 experts of 2048 x 768 from a 3-4 GB
+ * pool), GB/s at none / 4 / 8 / 16 rows: bf16 20.2 / 29.2 / 29.2 / 28.6, q8 12.6 / 23.1 / 24.5, fp32 (FMA-bound)
+ * 31.9 / 34.0 / 32.7; a bf16 layout's decode in fp32 (benchmarks/ab_cpu_builds.py) 55.2 -> 74.2 tok/s. Hence 8. */
 #ifndef PFD
 #define PFD 8
 #endif
