@@ -131,3 +131,22 @@ def test_cpu_act_note_only_without_q4(reference_model, tmp_path, monkeypatch):
     r = invoke("-m", dst, "--device", "cpu", "--cpu-act", "q8", "--max-new-tokens", 2, "def ")
     assert r.exit_code == 0, r.stderr
     assert "has no effect" not in r.stderr
+
+
+def test_cpu_dtype_hint_names_the_faster_fp32_path():
+    """engine.cpu_dtype_hint: a CPU run in bf16 / fp16 over float experts is told that fp32 reads them natively; not
+    on CUDA, not in fp32, not for quantized experts (the native kernel serves those in any dtype)."""
+    import torch
+
+    from tiered.engine import cpu_dtype_hint
+    from tiered.kernels import cpu_kernel
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    native = cpu_kernel.shared() is not None
+    h = cpu_dtype_hint(cpu, torch.bfloat16, "bfloat16")
+    assert (h is not None) == native
+    if native:
+        assert "--dtype float32" in h and "bfloat16" in h
+    assert cpu_dtype_hint(cpu, torch.float32, "bfloat16") is None
+    assert cpu_dtype_hint(cuda, torch.bfloat16, "bfloat16") is None
+    assert cpu_dtype_hint(cpu, torch.bfloat16, "q4") is None
