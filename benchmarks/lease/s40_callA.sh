@@ -11,7 +11,7 @@ timeout 60 python3 tools/bench_cpu_experts.py --threads 15 --paths bf16 --pool-g
   --variant pfd0=PFD=0 --variant pfd8= --variant pfd16=PFD=16 > $OUT/cpu-experts-pfd.log 2>&1
 echo "cpu experts rc=$? $(el)"; grep threads $OUT/cpu-experts-pfd.log; pack
 for v in new old pfd-only pen-only; do
-  [ $(( $(date +%s) - T0 )) -lt 400 ] || break
+  [ $(( $(date +%s) - T0 )) -lt 340 ] || break
   d=""; p=""
   case $v in old) d=PFD=0; p=0;; pfd-only) p=0;; pen-only) d=PFD=0;; esac
   TIERED_CPU_DEFINES=$d TIERED_ADMIT_PENALTY=$p TIMEOUT=110 offload_variant $v "default" > /dev/null
