@@ -71,6 +71,32 @@ def make_pool(fmt: str, D: int, F: int, n: int, seed: int = 0):
     return W, bs
 
 
+def pool_for(fmt: str, D: int, F: int, K: int, pool_gb: float):
+    """(ExpertWeights views, block_size, n): a pool of n >= K experts of one format, about pool_gb GB."""
+    bs = plan_block({"gate": ((F, D), STORED[fmt]), "up": ((F, D), STORED[fmt]), "down": ((D, F), STORED[fmt])})[1]
+    n = max(K, int(pool_gb * 1e9 // bs))
+    return make_pool(fmt, D, F, n)[0], bs, n
+
+
+def token_inputs(fmt: str, D: int, K: int) -> tuple[torch.dtype, torch.Tensor, torch.Tensor]:
+    """(compute dtype, x [1, D], routing weights [K]): bf16 compute as on GPU runs, fp32 for fp32 weights."""
+    cdt = torch.float32 if fmt == "fp32" else torch.bfloat16
+    return cdt, torch.randn(1, D, generator=torch.Generator().manual_seed(1)).to(cdt), torch.rand(K)
+
+
+class PoolCycle:
+    """The next K experts of a pool of n at each call (wrapping), so the weights come from DRAM once the pool is
+    larger than the last-level cache."""
+
+    def __init__(self, W, n: int, K: int) -> None:
+        self.W, self.n, self.K, self.i = W, n, K, 0
+
+    def jobs(self) -> list:
+        i = self.i
+        self.i = (i + self.K) % (self.n - self.K + 1) if self.n > self.K else 0
+        return [(k, self.W, i + k) for k in range(self.K)]
+
+
 def measure(fn, repeats: int) -> tuple[float, float]:
     """(median, best) seconds of fn() (fn returns its own time), after one warm-up call."""
     fn()
@@ -122,21 +148,15 @@ def compare_builds(a, variants: list[tuple[str, str]]) -> None:
         fmt, _, act = path.partition("@")
         if fmt not in STORED or path.startswith("torch-"):
             raise SystemExit(f"{path}: --variant compares native paths (fp32, bf16, q8, q4, q4@q8)")
-        bs = plan_block({"gate": ((F, D), STORED[fmt]), "up": ((F, D), STORED[fmt]), "down": ((D, F), STORED[fmt])})[1]
-        n = max(K, int(a.pool_gb * 1e9 // bs))
-        W, _ = make_pool(fmt, D, F, n)
-        cdt = torch.float32 if fmt == "fp32" else torch.bfloat16
-        x = torch.randn(1, D, generator=torch.Generator().manual_seed(1)).to(cdt)
-        w = torch.rand(K)
+        W, bs, n = pool_for(fmt, D, F, K, a.pool_gb)
+        _, x, w = token_inputs(fmt, D, K)
         for th in [cpu_threads(int(t)) for t in a.threads.split(",")]:
             wk = CpuWorker(th)
-            state = {"i": 0}
+            cyc = PoolCycle(W, n, K)
             times: dict[str, list[float]] = {name: [] for name, _ in variants}
 
             def call(kern) -> float:
-                i = state["i"]
-                state["i"] = (i + K) % (n - K + 1) if n > K else 0
-                jobs = [(k, W, i + k) for k in range(K)]
+                jobs = cyc.jobs()
                 t0 = time.perf_counter()
                 kern.partial(x, w, jobs, threads=th)
                 return time.perf_counter() - t0
@@ -198,25 +218,19 @@ def main() -> None:
             continue
         if fmt not in pools:
             pools.clear()  # one format's pool at a time (give paths of one format one after the other)
-            bs = plan_block({"gate": ((F, D), STORED[fmt]), "up": ((F, D), STORED[fmt]),
-                             "down": ((D, F), STORED[fmt])})[1]
-            n = max(K, int(a.pool_gb * 1e9 // bs))
             t0 = time.perf_counter()
-            pools[fmt] = (*make_pool(fmt, D, F, n), n)
+            pools[fmt] = pool_for(fmt, D, F, K, a.pool_gb)
+            _, bs, n = pools[fmt]
             print(f"{fmt}: pool of {n} experts of {bs / 1e6:.2f} MB ({n * bs / 1e9:.2f} GB), "
                   f"built in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         W, bs, n = pools[fmt]
-        cdt = torch.float32 if fmt == "fp32" else torch.bfloat16
-        x = torch.randn(1, D, generator=torch.Generator().manual_seed(1)).to(cdt)
-        w = torch.rand(K)
+        cdt, x, w = token_inputs(fmt, D, K)
         for th in [cpu_threads(int(t)) for t in a.threads.split(",")]:
             wk = CpuWorker(th)
-            state = {"i": 0}
+            cyc = PoolCycle(W, n, K)
 
             def call() -> float:
-                i = state["i"]
-                state["i"] = (i + K) % (n - K + 1) if n > K else 0
-                jobs = [(k, W, i + k) for k in range(K)]
+                jobs = cyc.jobs()
                 t0 = time.perf_counter()
                 if torch_path:
                     with torch.inference_mode():

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Session 40, call C (s39_callA.sh, planned in session 39): the box's CPU through bench_cpu_native.py at 16 threads
-# against llama.cpp's CPU-only build in the same call: the q4 path in both activation modes (session 39's integer
+# Session 40, call C (session 39 planned it as s39_callA.sh, which it replaces): the box's CPU through
+# bench_cpu_native.py at 16 threads against llama.cpp's CPU-only build in the same call: the q4 path in both activation modes (session 39's integer
 # q4 x q8 tiles with --cpu-act q8), the bf16 path (session 40's dense-row prefetch), on the 2-layer 10.6B-width
 # model. CUDA_VISIBLE_DEVICES is empty for both engines. Carry [".whl", ".carry"].
 source "$(dirname "$0")/lib.sh"
