@@ -432,6 +432,9 @@ def main() -> None:
     ap.add_argument("--gate-top", type=int, default=0,
                     help="+gate runs: candidates from the gate's top R only (default: top-k)")
     ap.add_argument("--cpu-take", default="", help="comma-separated take[m], m = 0..K (default: the cost model's)")
+    ap.add_argument("--admit-penalty", type=float, default=None,
+                    help="the cost model's reuse penalty for its take table (default: the engine's, "
+                         "store/offload.admit_penalty(); 0 = finish first)")
     a = ap.parse_args()
     t0 = time.perf_counter()
     fit_ref, eval_ref = reference_traces(a.text, a.cache)
@@ -444,9 +447,11 @@ def main() -> None:
     if a.cpu_take:
         take = [int(v) for v in a.cpu_take.split(",")]
     else:
-        from tiered.store.offload import CostModel
+        from tiered.store.offload import CostModel, admit_penalty
 
-        cm = CostModel(a.pcie_gbps, a.cpu_gbps, cpu_overhead_s=a.cpu_overhead_us * 1e-6, fixed=True)
+        pen = admit_penalty() if a.admit_penalty is None else a.admit_penalty
+        cm = CostModel(a.pcie_gbps, a.cpu_gbps, cpu_overhead_s=a.cpu_overhead_us * 1e-6, fixed=True,
+                       reuse_penalty=pen)
         take = [sum(cm.place(m, a.block_bytes)) for m in range(a.top_k + 1)]
     split = None
     if a.cpu_split:
@@ -463,7 +468,8 @@ def main() -> None:
     res: dict = {"bench": "sim_devtable", "commit": git_commit(), "date": time.strftime("%Y-%m-%d"), "slots": a.slots, "block_bytes": a.block_bytes, "pcie_gbps": a.pcie_gbps,
                  "compute_ms": a.compute_ms, "prompt_tokens": a.prompt_tokens, "decode_steps": a.new_tokens - 1,
                  "split": a.split, "next_use_params": params.__dict__, "cpu_take": take, "cpu_split": split,
-                 "cpu_gbps": a.cpu_gbps, "gate_top": a.gate_top or a.top_k, "mapping": ev.meta.get("mapped_from"),
+                 "cpu_gbps": a.cpu_gbps, "admit_penalty": None if a.cpu_take else pen,
+                 "gate_top": a.gate_top or a.top_k, "mapping": ev.meta.get("mapped_from"),
                  "docs": {}}
     runs = [r for r in a.runs.split(",") if r]
     preds = None
