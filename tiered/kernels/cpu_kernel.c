@@ -210,7 +210,9 @@ static inline long pf_ahead(int K) { return (long)PFQ * ((K + 1) / 2); }
  * one line per line read (0: none); as PFQ for q4 codes. Measured on 2 cores of an Intel Xeon VM (Sapphire Rapids;
  * tools/bench_cpu_experts.py --variant, the builds alternating; one token's 8 experts of 2048 x 768 from a 3-4 GB
  * pool), GB/s at none / 4 / 8 / 16 rows: bf16 20.2 / 29.2 / 29.2 / 28.6, q8 12.6 / 23.1 / 24.5, fp32 (FMA-bound)
- * 31.9 / 34.0 / 32.7; a bf16 layout's decode in fp32 (benchmarks/ab_cpu_builds.py) 55.2 -> 74.2 tok/s. Hence 8. */
+ * 31.9 / 34.0 / 32.7; a bf16 layout's decode in fp32 (benchmarks/ab_cpu_builds.py) 55.2 -> 74.2 tok/s. The H200
+ * box's CPU (an Intel Xeon that day, 15 threads), none / 8 rows: bf16 67.6 / 79.7 GB/s (16 rows 78.2), q8 50.7 / 69.4,
+ * the 397B shape's 10 bf16 experts of 4096 x 1024 78.3 / 87.4 (offload-pfd-penalty-2026-12-05-h200-s40.json). Hence 8. */
 #ifndef PFD
 #define PFD 8
 #endif
