@@ -19,6 +19,10 @@ On the GPU box (16 cores; about a minute for both shapes, the kernel compiles in
     python3 tools/bench_cpu_experts.py --threads 16,8 --pool-gb 4 && \
     python3 tools/bench_cpu_experts.py --hidden 4096 --ffn 1024 --k 10 --threads 16,8 --pool-gb 4
 
+Builds against each other (--variant NAME=DEFINES, repeated; e.g. --variant pfd0=PFD=0 --variant pfd8=): each native
+path under each build of kernels/cpu_kernel.c with those -D defines, the builds' calls alternating in --rounds rounds
+of --repeats, medians per build (no probe; $OUT/bench_cpu_experts_builds_DxFxK.json).
+
 Then, per format and thread count, the load-time probe itself (model/cpu_experts.prepare, the code `--cpu-experts
 auto` runs at load, on a stand-in provider over the same pool) and what the cost model (store/offload.CostModel)
 decides with that CPU rate for a layer with 1, 2, 4 or K misses on links of --links GB/s (host->GPU; the per-layer
