@@ -446,6 +446,38 @@ def compile_kernels_sm90(fmt: str) -> None:
             if pre:  # the slots and codes are read before the wait, h after it
                 ptx = k.asm["ptx"]
                 assert ptx.find("ld.global") < ptx.find("griddepcontrol.wait") < ptx.rfind("ld.global")
+    if fmt == "q4":  # 8-bit inputs (QConfig.act 1): dp4a in PTX, the scratch rows written before the CTA barrier
+        scratch = {"ws_ptr": torch.zeros(1, dtype=torch.int32), "fs_ptr": torch.zeros(1)}
+        ngp = {"NGP": 4}
+        tiles = qm._tiles(QConfig(bn=4, bg=2, algo=2, act=1), W.gate)
+        dtiles = qm._tiles(QConfig(bn=4, bg=2, algo=2, act=1), W.down)
+        assert tiles["ACT8"] and dtiles["ACT8"]
+        p = parts(W.gate, "", 2)
+        built = [_compile_for_sm90(qgemv, {**scratch, "x_ptr": x, "slot_ptr": slots, "q_ptr": p["q"], "s_ptr": p["s"],
+                                           "m_ptr": p["m"], "out_ptr": x, "N": 96, "stride_xt": 200, "stride_ot": 96,
+                                           **dict(zip(names, qm._strides(W.gate, 2)))},
+                                   {**geo, **tiles, **ngp, "HAS_SLOTS": has_slots, "GDC": not has_slots,
+                                    "PRE": not has_slots})
+                 for has_slots in (True, False)]
+        built.append(_compile_for_sm90(qgemv, {**scratch, "x_ptr": x, "slot_ptr": slots, "q_ptr": p["q"],
+                                               "s_ptr": p["s"], "m_ptr": p["m"], "out_ptr": x, "N": 96,
+                                               "stride_xt": 200, "stride_ot": 96,
+                                               **dict(zip(names, qm._strides(W.gate, 2)))},
+                                       {**geo, **tiles, **ngp, "HAS_SLOTS": False, "GDC": True, "LOOP": True}))
+        built.append(_compile_for_sm90(qgate_up, {**scratch, "x_ptr": x, "slot_ptr": slots, **parts(W.gate, "g", 2),
+                                                  **parts(W.up, "u", 2), "h_ptr": h, "stride_xt": 200,
+                                                  **dict(zip(names, qm._strides(W.gate, 2)))},
+                                       {**geo, **tiles, **ngp, "F": 96, "K": 2, "GDC": True}))
+        for split, hw in ((1, 0), (1, 1), (2, 0)):
+            built.append(_compile_for_sm90(qdown, {**scratch, "h_ptr": h, "slot_ptr": slots, "wt_ptr": h,
+                                                   **parts(W.down, "d", 2), "y_ptr": x if split == 1 else h,
+                                                   "stride_yt": 200, **dict(zip(names, qm._strides(W.down, 2)))},
+                                           {**gdown, **dtiles, "NGP": 2, "D": 200, "K": 2, "KP": 2, "K_PER": 2 // split,
+                                            "SPLIT": split, "WR": 1, "GDC": split == 1, "PRE": split == 1, "HW": hw}))
+        for k in built:
+            ptx = k.asm["ptx"]
+            assert "dp4a.u32.s32" in ptx and "div.rn.f32" in ptx and "st.global" in ptx
+            assert ptx.rfind("bar.sync") > ptx.find("st.global"), "no CTA barrier after the scratch rows' stores"
 
 
 def test_kernels_compile_for_sm90():

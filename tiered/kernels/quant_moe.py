@@ -53,6 +53,7 @@ S stacked matrices (slots), BN rows per program, BG groups per step.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import types
@@ -131,7 +132,13 @@ class QConfig:
     read by experts_quant_decode): how gate_up hands h to a word-tile down kernel that reads every expert at once
     (algo 2, split 1): 0 rows of fp32 in input order; 1 word-major fp32 (input 8w + j at j * F / 8 + w, so the down
     kernel's loads of x_j are contiguous instead of stride 8); 2 word-major bf16 (half the bytes; the reference
-    rounds h to the compute dtype too). Other tiles read h in input order, so hw is ignored there."""
+    rounds h to the compute dtype too). Other tiles read h in input order, so hw is ignored there. `act` 1 (the
+    word tile only; q4 rows it reads): the inputs rounded to 8 bits per quantization group (d = max |x| / 127,
+    round(x / d) ties to even, cpu_kernel.c's ACT_Q8 rounding) and the products taken as integer dot products (dp4a:
+    four code-activation pairs an instruction), the group's scale and minimum applied to the exact integer sum;
+    0 the inputs as given (fp32 sums). TIERED_GPU_ACT=q8 sets it on every q4 launch (`act_mode`). `persist` (a dense
+    GEMV's with act 1): at most that many programs a SM, each looping over row blocks, so that each rounds x once
+    for several blocks (0: a program a row block)."""
     bn: int = 4
     bg: int = 8
     warps: int = 2
@@ -140,6 +147,8 @@ class QConfig:
     algo: int = 0
     regs: int = 0
     hw: int = 0
+    act: int = 0
+    persist: int = 0
 
     def __post_init__(self) -> None:
         for name in ("bn", "bg", "warps"):
@@ -151,6 +160,11 @@ class QConfig:
                              f"{self.conv}, {self.algo}")
         if self.regs and not 24 <= self.regs <= 255:
             raise ValueError(f"QConfig.regs must be 0 (the compiler's choice) or 24..255, got {self.regs}")
+        if self.persist < 0:
+            raise ValueError(f"QConfig.persist must be >= 0 (programs a SM; 0: one a row block), got {self.persist}")
+        if self.act not in (0, 1):
+            raise ValueError(f"QConfig.act must be 0 (float inputs) or 1 (8-bit inputs, integer products), got "
+                             f"{self.act}")
         if self.hw not in (0, 1, 2):
             raise ValueError(f"QConfig.hw must be 0 (fp32 rows), 1 (word-major fp32) or 2 (word-major bf16), got "
                              f"{self.hw}")
@@ -252,12 +266,45 @@ def parse_overrides(spec: str) -> dict[tuple, QConfig]:
     return out
 
 
+ACT_ENV = "TIERED_GPU_ACT"
+ACTS = ("float", "q8")
+
+
+def act_mode() -> str:
+    """The GPU kernels' activation mode for q4 products, from TIERED_GPU_ACT (`tiered run --gpu-act`): "float" (the
+    default: the inputs as given, fp32 sums) or "q8" (each input group rounded to 8 bits, integer dot products:
+    QConfig.act 1; the same rounding as the CPU kernel's TIERED_CPU_ACT=q8)."""
+    v = os.environ.get(ACT_ENV, "").strip().lower() or "float"
+    if v not in ACTS:
+        raise ValueError(f"{ACT_ENV}={v!r}: use one of {', '.join(ACTS)}")
+    return v
+
+
+def round_inputs_q8(x: Tensor, group: int) -> Tensor:
+    """The reference of act 1's input rounding: x [..., K] in fp32, each group of `group` inputs along K rounded to
+    code * d with d = max |x| / 127 and code = round(x / d) (ties to even, clamped to +-127; 0 for a zero group)."""
+    x = x.float()
+    out = torch.empty_like(x)
+    for g0 in range(0, x.shape[-1], group):
+        v = x[..., g0:g0 + group]
+        d = v.abs().amax(-1, keepdim=True) / 127
+        c = torch.round(v / torch.where(d > 0, d, torch.ones_like(d))).clamp(-127, 127)
+        out[..., g0:g0 + group] = torch.where(d > 0, c, torch.zeros_like(c)) * d
+    return out
+
+
 def pick_config(kernel: str, fmt: str, k: int, n: int) -> QConfig:
     """The tile config for `kernel` over a [n, k] matrix (per expert) in `fmt`: TIERED_QCONFIG's entry for the shape
-    (parse_overrides), else TUNED's for the shape, else TUNED's for the format."""
+    (parse_overrides), else TUNED's for the shape, else TUNED's for the format; q4 under TIERED_GPU_ACT=q8 with
+    act 1 (unless TIERED_QCONFIG's entry is the one picked: it says its own act)."""
     spec = os.environ.get(CONFIG_ENV, "")
     over = parse_overrides(spec).get((kernel, fmt, k, n)) if spec else None
-    return over or TUNED.get((kernel, fmt, k, n)) or TUNED[(kernel, fmt)]
+    if over is not None:
+        return over
+    cfg = TUNED.get((kernel, fmt, k, n)) or TUNED[(kernel, fmt)]
+    if fmt == "q4" and act_mode() == "q8":
+        cfg = dataclasses.replace(cfg, act=1)
+    return cfg
 
 
 def _bg(cfg: QConfig, w: QuantWeight) -> int:
@@ -282,8 +329,9 @@ def words_ok(w: QuantWeight) -> bool:
 
 
 def _algo(cfg: QConfig, w: QuantWeight) -> int:
-    """The tile algorithm a launch takes: the config's, or the next one down that serves this weight."""
-    if cfg.algo == 2 and words_ok(w):
+    """The tile algorithm a launch takes: the config's, or the next one down that serves this weight; the word tile
+    wherever it serves under act 1 (only it takes 8-bit inputs)."""
+    if (cfg.algo == 2 or cfg.act) and words_ok(w):
         return 2
     return 1 if cfg.algo >= 1 and flat_ok(w) else 0
 
@@ -299,7 +347,7 @@ def _tiles(cfg: QConfig, w: QuantWeight) -> dict:
     bk = bg * w.group
     uk = bk // 8 if algo == 2 else bk // 2 if w.fmt in ("q4", "mxfp4") else bk
     conv = 1 if cfg.conv == 2 and algo != 2 else cfg.conv  # the pairs are the word tile's
-    return dict(BN=cfg.bn, BG=bg, CONV=conv, ALGO=algo, BK=bk, UK=uk)
+    return dict(BN=cfg.bn, BG=bg, CONV=conv, ALGO=algo, BK=bk, UK=uk, ACT8=bool(cfg.act) and algo == 2)
 
 
 def _geometry(w: QuantWeight) -> dict:
@@ -364,6 +412,10 @@ def decorate_kernels():
     helpers["word_nibble"] = bind(_word_nibble)
     helpers["word_pair"] = bind(_word_pair)
     helpers["dot_rows"] = bind(_dot_rows)
+    helpers["dp4a"] = bind(_dp4a)
+    helpers["q8_code"] = bind(_q8_code)
+    for name in ("q8_fill", "q8_x", "q8_codes", "q8_codes_k", "q8_dot", "pre_q8", "dot_rows_q8", "gemv_q8_loop"):
+        helpers[name] = bind(globals()["_" + name])
     helpers["dot_rows_words"] = bind(_dot_rows_words)
     helpers["down_words"] = bind(_down_words)
     helpers["pre_words"] = bind(_pre_words)
@@ -579,6 +631,189 @@ def _word_pair(w, J: tl.constexpr):
     return or_one(b, 0x780000), or_one(b, 0x78000)
 
 
+def _dp4a(a, b, c):
+    """c + the dot product of a's four unsigned bytes with b's four signed bytes, per int32 (a, b, c one shape): PTX
+    dp4a.u32.s32, one instruction; under Triton's interpreter (WORD_ASM False) the same sum in integer ops."""
+    if WORD_ASM:
+        s = tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+                                      is_pure=True, pack=1)
+    else:
+        s = c
+        for i in tl.static_range(4):
+            s += ((a >> (8 * i)) & 255) * ((((b >> (8 * i)) & 255) ^ 128) - 128)
+    return s
+
+
+def _q8_code(v, d):
+    """round(v / d) to the nearest integer, ties to even, clamped to [-127, 127], as int32; 0 where d is 0
+    (cpu_kernel.c's act_q8): the correctly rounded quotient plus 1.5 * 2^23 leaves the rounded integer in the low
+    mantissa bits."""
+    r = tl.math.div_rn(v, tl.where(d > 0, d, 1.0))
+    c = (r + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
+    return tl.where(d > 0, tl.minimum(tl.maximum(c, -127), 127), 0)
+
+
+def _q8_fill(x_row, WS: tl.constexpr, JS: tl.constexpr, ws, fs, KW: tl.constexpr, NG: tl.constexpr,
+             GROUP: tl.constexpr, NGP: tl.constexpr):
+    """One row of KW code words' inputs (input 8w + j at x_row + w * WS + j * JS) rounded to 8 bits per group of
+    GROUP inputs (d = max |x| / 127, code = q8_code(x, d)) into a scratch row: ws[w] (int32) the codes of inputs 8w,
+    8w+2, 8w+4, 8w+6 as four signed bytes, low byte first (byte b meets the low nibble of a code word's byte b),
+    ws[KW + w] those of 8w+1, ..., 8w+7 (the high nibbles); fs[g] (fp32) the group's d, fs[NG + g] the sum of its
+    rounded inputs (codes times d), for the minima's term. Every program of a launch computes and stores the same
+    values (its threads each take a part of the row once; the products' layout would repeat the rounding in every
+    thread that holds a row of the tile), then waits on the CTA barrier and reads them back in the products'
+    layout (q8_x)."""
+    WG: tl.constexpr = GROUP // 8
+    g = tl.arange(0, NGP)
+    j = tl.arange(0, 8)[None, None, :]
+    word = g[:, None] * WG + tl.arange(0, WG)[None, :]  # [NGP, WG]
+    mw = (g[:, None] < NG) & (word < KW)
+    x = tl.load(x_row + word[:, :, None] * WS + j * JS, mask=mw[:, :, None], other=0.0).to(tl.float32)
+    d = tl.math.div_rn(tl.max(tl.max(tl.abs(x), axis=2), axis=1), 127.0)  # [NGP]
+    c = q8_code(x, d[:, None, None])  # [NGP, WG, 8]
+    cb = c & 255
+    even = tl.sum(tl.where(j % 2 == 0, cb << (4 * j), 0), axis=2)  # disjoint bytes: the sum is their or
+    odd = tl.sum(tl.where(j % 2 == 1, cb << (4 * (j - 1)), 0), axis=2)
+    tl.store(ws + word, even, mask=mw)
+    tl.store(ws + KW + word, odd, mask=mw)
+    mg = g < NG
+    tl.store(fs + g, d, mask=mg)
+    tl.store(fs + NG + g, tl.sum(tl.sum(c, axis=2), axis=1).to(tl.float32) * d, mask=mg)
+
+
+def _q8_x(ws, fs, w0, BG: tl.constexpr, WG: tl.constexpr, H: tl.constexpr, KW: tl.constexpr, NG: tl.constexpr):
+    """A step's 8-bit inputs from a q8_fill scratch row, for the code words w0 + [0, BG * WG) read as halves of groups
+    (q8_codes): (even_a, odd_a, even_b, odd_b [BG, H] int32, d [BG], xs [BG] fp32)."""
+    g = tl.arange(0, BG)
+    i = tl.arange(0, H)
+    wa = w0 + g[:, None] * WG + i[None, :]
+    wb = wa + H
+    ma = wa < KW
+    mb = (wb < KW) & (i[None, :] < WG - H)
+    gi = w0 // WG + g
+    mg = gi < NG
+    return (tl.load(ws + wa, mask=ma, other=0), tl.load(ws + KW + wa, mask=ma, other=0),
+            tl.load(ws + wb, mask=mb, other=0), tl.load(ws + KW + wb, mask=mb, other=0),
+            tl.load(fs + gi, mask=mg, other=0.0), tl.load(fs + NG + gi, mask=mg, other=0.0))
+
+
+def _q8_codes(q, mask_n, w0, BG: tl.constexpr, WG: tl.constexpr, H: tl.constexpr, KW: tl.constexpr):
+    """(a, b [BN, BG, H] int32): the code words w0 + [0, BG * WG) of the rows at q ([BN] int32 row pointers), the
+    first H words of each group in a and the rest in b (0 where WG - H < H or past the row's KW words): each thread
+    then holds whole halves of groups, so a group's sum needs no exchange between threads."""
+    g = tl.arange(0, BG)
+    i = tl.arange(0, H)
+    wa = w0 + g[:, None] * WG + i[None, :]
+    wb = wa + H
+    ma = mask_n[:, None, None] & (wa < KW)[None, :, :]
+    mb = mask_n[:, None, None] & ((wb < KW) & (i[None, :] < WG - H))[None, :, :]
+    a = tl.load(q[:, None, None] + wa[None, :, :], mask=ma, other=0)
+    if WG > H:
+        b = tl.load(q[:, None, None] + wb[None, :, :], mask=mb, other=0)
+    else:
+        b = tl.zeros_like(a)
+    return a, b
+
+
+def _q8_codes_k(q, mask, w0, BG: tl.constexpr, WG: tl.constexpr, H: tl.constexpr, KW: tl.constexpr):
+    """q8_codes over [KP, BN] row pointers (the down kernel's K experts at once; mask [KP, BN]) -> (a, b) [KP, BN, BG,
+    H]."""
+    g = tl.arange(0, BG)
+    i = tl.arange(0, H)
+    wa = w0 + g[:, None] * WG + i[None, :]
+    wb = wa + H
+    ma = mask[:, :, None, None] & (wa < KW)[None, None, :, :]
+    mb = mask[:, :, None, None] & ((wb < KW) & (i[None, :] < WG - H))[None, None, :, :]
+    a = tl.load(q[:, :, None, None] + wa[None, None, :, :], mask=ma, other=0)
+    if WG > H:
+        b = tl.load(q[:, :, None, None] + wb[None, None, :, :], mask=mb, other=0)
+    else:
+        b = tl.zeros_like(a)
+    return a, b
+
+
+def _q8_dot(a, b, ea, oa, eb, ob, HB: tl.constexpr):
+    """[BN, BG] int32: per row and group, sum(code x input code) over the halves a, b [BN, BG, H] against the inputs'
+    words ea, oa, eb, ob [BG, H] (q8_x): the low nibbles (c & 0x0F0F0F0F, the even inputs' codes byte by byte)
+    against even, the high ones ((c >> 4) & 0x0F0F0F0F) against odd, two dp4a per code word."""
+    z = tl.zeros(a.shape, tl.int32)
+    t = dp4a((a >> 4) & 0x0F0F0F0F, tl.broadcast_to(oa[None, :, :], a.shape),
+             dp4a(a & 0x0F0F0F0F, tl.broadcast_to(ea[None, :, :], a.shape), z))
+    if HB:
+        t = dp4a((b >> 4) & 0x0F0F0F0F, tl.broadcast_to(ob[None, :, :], a.shape),
+                 dp4a(b & 0x0F0F0F0F, tl.broadcast_to(eb[None, :, :], a.shape), t))
+    return tl.sum(t, axis=2)
+
+
+def _pre_q8(q1, s1, m1, mask_n, KQ: tl.constexpr, NG: tl.constexpr, GROUP: tl.constexpr, BG: tl.constexpr):
+    """(codes a, b [BN, BG, H], scales [BN, BG], minima [BN, BG]) of step 0 for dot_rows_q8(PRE=True): pre_words'
+    counterpart for the 8-bit-input tile."""
+    WG: tl.constexpr = GROUP // 8
+    H: tl.constexpr = (WG + 1) // 2
+    a, b = q8_codes(q1, mask_n, 0, BG, WG, H, KQ // 4)
+    g = tl.arange(0, BG)
+    ms = mask_n[:, None] & (g[None, :] < NG)
+    return a, b, tl.load(s1[:, None] + g[None, :], mask=ms, other=0), tl.load(m1[:, None] + g[None, :], mask=ms,
+                                                                               other=0)
+
+
+def _dot_rows_q8(x_row, q1, s1, m1, q2, s2, m2, mask_n, KIN: tl.constexpr, KQ: tl.constexpr, NG: tl.constexpr,
+                 GROUP: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, BK: tl.constexpr, TWO: tl.constexpr,
+                 PRE: tl.constexpr, pa, pb, psv, pmv, ws, fs, NGP: tl.constexpr, FILL: tl.constexpr = True):
+    """([BN], [BN]) fp32: dot_rows_words with 8-bit inputs (QConfig.act 1): x's row is rounded per group once into
+    the scratch row ws / fs (q8_fill, then the CTA barrier); each group's code words are read as two halves of H
+    words (q8_codes: a thread holds whole halves, 16-byte loads at groups of 64) and per code word two dp4a give
+    sum(c code) exactly in integers (q8_dot); then per group scale * d * that + min * sum(x'). Per eight inputs:
+    three logic ops and two dp4a. Codes of step i + 1 are loaded before step i is computed; PRE: step 0's come in
+    as pa, pb, psv, pmv (pre_q8). FILL False: the caller has filled the scratch row (and passed the barrier)."""
+    KW: tl.constexpr = KQ // 4
+    WG: tl.constexpr = GROUP // 8
+    H: tl.constexpr = (WG + 1) // 2
+    HB: tl.constexpr = WG > H
+    offs_g = tl.arange(0, BG)
+    acc1 = tl.zeros([BN, BG], tl.float32)
+    acc2 = tl.zeros([BN, BG], tl.float32)
+    if PRE:
+        na1 = pa
+        nb1 = pb
+        na2 = pa
+        nb2 = pb
+    else:
+        na1, nb1 = q8_codes(q1, mask_n, 0, BG, WG, H, KW)
+        if TWO:
+            na2, nb2 = q8_codes(q2, mask_n, 0, BG, WG, H, KW)
+        else:
+            na2 = na1
+            nb2 = nb1
+    if FILL:
+        q8_fill(x_row, 8, 1, ws, fs, KW, NG, GROUP, NGP)
+        tl.debug_barrier()
+    for k0 in tl.static_range(0, KIN, BK):
+        a1 = na1
+        b1 = nb1
+        a2 = na2
+        b2 = nb2
+        if k0 + BK < KIN:  # the next step's codes in flight while this step computes
+            na1, nb1 = q8_codes(q1, mask_n, (k0 + BK) // 8, BG, WG, H, KW)
+            if TWO:
+                na2, nb2 = q8_codes(q2, mask_n, (k0 + BK) // 8, BG, WG, H, KW)
+        ea, oa, eb, ob, d, xs = q8_x(ws, fs, k0 // 8, BG, WG, H, KW, NG)
+        g = k0 // GROUP + offs_g
+        ms = mask_n[:, None] & (g[None, :] < NG)
+        if PRE and k0 == 0:
+            sv = psv.to(tl.float32)
+            mv = pmv.to(tl.float32)
+        else:
+            sv = tl.load(s1[:, None] + g[None, :], mask=ms, other=0).to(tl.float32)
+            mv = tl.load(m1[:, None] + g[None, :], mask=ms, other=0).to(tl.float32)
+        acc1 += q8_dot(a1, b1, ea, oa, eb, ob, HB).to(tl.float32) * (sv * d[None, :]) + mv * xs[None, :]
+        if TWO:
+            sv2 = tl.load(s2[:, None] + g[None, :], mask=ms, other=0).to(tl.float32)
+            mv2 = tl.load(m2[:, None] + g[None, :], mask=ms, other=0).to(tl.float32)
+            acc2 += q8_dot(a2, b2, ea, oa, eb, ob, HB).to(tl.float32) * (sv2 * d[None, :]) + mv2 * xs[None, :]
+    return tl.sum(acc1, axis=1), tl.sum(acc2, axis=1)
+
+
 def _dot_rows_words(x_row, q1, s1, m1, q2, s2, m2, mask_n, KIN: tl.constexpr, KQ: tl.constexpr,
                     NG: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, BK: tl.constexpr,
                     UK: tl.constexpr, TWO: tl.constexpr, PRE: tl.constexpr, pc, psv, pmv,
@@ -640,7 +875,7 @@ def _dot_rows_words(x_row, q1, s1, m1, q2, s2, m2, mask_n, KIN: tl.constexpr, KQ
         g = k0 // GROUP + offs_g  # [BG]
         ms = mask_n[:, None] & (g[None, :] < NG)
         # the group sums of x from the words' sums (a separate contiguous load and reduction compiled to more
-        # instructions: its reduction crosses threads)
+        # instructions: its reduction crosses threads); ACT8: of the rounded inputs
         xs = tl.sum(tl.reshape(xw, [BG, WG]), axis=1)[None, :]  # [1, BG] (PAIR: the odd inputs')
         if PAIR:
             xse = tl.sum(tl.reshape(xe, [BG, WG]), axis=1)[None, :]  # [1, BG] the even inputs'
@@ -677,7 +912,7 @@ def _down_words(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, t, d64, mask_d, slot_base, 
                 stride_sn, stride_ms, stride_mn, K: tl.constexpr, KP: tl.constexpr, KIN: tl.constexpr,
                 KQ: tl.constexpr, NG: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr,
                 BK: tl.constexpr, UK: tl.constexpr, WR: tl.constexpr, HW: tl.constexpr = 0, PRE: tl.constexpr = False,
-                GDC: tl.constexpr = False):
+                GDC: tl.constexpr = False, ACT8: tl.constexpr = False, ws=0, fs=0, NGP: tl.constexpr = 1):
     """[BN] fp32: sum over token t's K experts of w_k * (h_k @ down[slot_k].T) for the BN output rows d64, q4 read
     as int32 words with every expert's codes of a step in one [KP, BN, UK] load (KP = K padded to a power of
     two): all K experts' bytes are in flight at once, where a loop over experts would wait for each in turn
@@ -685,9 +920,14 @@ def _down_words(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, t, d64, mask_d, slot_base, 
     sums are reduced over k in a fixed order (deterministic). HW > 0: h rows are word-major (QConfig.hw), input
     8w + j at j * KW + w. PRE: the slots, routing weights and step 0's codes, scales and minima are loaded first,
     then the PDL wait (gdc_enter(GDC), which the caller has not made): only h comes from the previous kernel
-    (quant_down's `early`)."""
+    (quant_down's `early`). ACT8: each expert's h rounded to 8 bits per group once into the scratch rows ws / fs
+    ([K, 2 KW] int32 and [K, 2 NG] fp32 for this token; q8_fill) and integer products, the codes read as halves of
+    groups (q8_codes_k; dot_rows_q8 says how)."""
     KW: tl.constexpr = KQ // 4
     WG: tl.constexpr = GROUP // 8
+    H: tl.constexpr = (WG + 1) // 2  # ACT8: words in a group's first half
+    HB: tl.constexpr = WG > H
+    offs_i = tl.arange(0, H)
     offs_k = tl.arange(0, KP)
     mk = offs_k < K
     pair = t * K + offs_k  # [KP]
@@ -702,32 +942,68 @@ def _down_words(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, t, d64, mask_d, slot_base, 
     hrow = h_ptr + pair.to(tl.int64) * KIN  # [KP]
     acc = tl.zeros([KP, BN, BG], tl.float32)
     wi = offs_w  # [UK] step 0's words
-    nxt = tl.load(qrow[:, :, None] + wi[None, None, :], mask=mkd[:, :, None] & (wi < KW)[None, None, :], other=0)
+    if ACT8:  # the codes as halves of groups, [KP, BN, BG, H] each
+        nxt, nxb = q8_codes_k(qrow, mkd, 0, BG, WG, H, KW)
+    else:
+        nxt = tl.load(qrow[:, :, None] + wi[None, None, :], mask=mkd[:, :, None] & (wi < KW)[None, None, :], other=0)
+        nxb = nxt
     if PRE:
         ms0 = mkd[:, :, None] & (offs_g[None, None, :] < NG)
         psv = tl.load(srow[:, :, None] + offs_g[None, None, :], mask=ms0, other=0)
         pmv = tl.load(mrow[:, :, None] + offs_g[None, None, :], mask=ms0, other=0)
         gdc_enter(GDC)
+    if ACT8:  # each expert's h rounded once into its scratch rows (q8_fill), then the CTA barrier
+        for k in tl.static_range(K):
+            q8_fill(h_ptr + (t * K + k).to(tl.int64) * KIN, 1 if HW else 8, KW if HW else 1, ws + k * (2 * KW),
+                    fs + k * (2 * NG), KW, NG, GROUP, NGP)
+        tl.debug_barrier()
     for k0 in tl.static_range(0, KIN, BK):
         wi = k0 // 8 + offs_w  # [UK]
         wm = wi < KW
         c = nxt
+        cb = nxb
         if k0 + BK < KIN:  # the next step's codes in flight while this step computes
             wn = wi + BK // 8
-            nxt = tl.load(qrow[:, :, None] + wn[None, None, :], mask=mkd[:, :, None] & (wn < KW)[None, None, :],
-                          other=0)
-        tacc = tl.zeros([KP, BN, UK], tl.float32)
-        xw = tl.zeros([KP, UK], tl.float32)
-        for j in tl.static_range(8):
-            if HW:
-                xj = tl.load(hrow[:, None] + j * KW + wi[None, :], mask=mk[:, None] & wm[None, :], other=0.0)
+            if ACT8:
+                nxt, nxb = q8_codes_k(qrow, mkd, (k0 + BK) // 8, BG, WG, H, KW)
             else:
-                xj = tl.load(hrow[:, None] + wi[None, :] * 8 + j, mask=mk[:, None] & wm[None, :], other=0.0)
-            xj = xj.to(tl.float32)  # [KP, UK] inputs 8w + j of each expert's h row
-            xw += xj
-            tacc += word_nibble(c, j) * xj[:, None, :]
-        xs = tl.sum(tl.reshape(xw, [KP, BG, WG]), axis=2)[:, None, :]  # [KP, 1, BG]
-        d = tl.sum(tl.reshape(tacc, [KP, BN, BG, WG]), axis=3)  # [KP, BN, BG]
+                nxt = tl.load(qrow[:, :, None] + wn[None, None, :], mask=mkd[:, :, None] & (wn < KW)[None, None, :],
+                              other=0)
+        if ACT8:  # the step's 8-bit inputs of every expert from the scratch rows, [KP, BG, H] / [KP, BG]
+            wa = k0 // 8 + offs_g[:, None] * WG + offs_i[None, :]  # [BG, H] the halves' first words
+            wb = wa + H
+            ma = mk[:, None, None] & (wa < KW)[None, :, :]
+            mb = mk[:, None, None] & ((wb < KW) & (offs_i[None, :] < WG - H))[None, :, :]
+            wsk = ws + offs_k[:, None, None] * (2 * KW)
+            ea = tl.load(wsk + wa[None, :, :], mask=ma, other=0)
+            oa = tl.load(wsk + KW + wa[None, :, :], mask=ma, other=0)
+            eb = tl.load(wsk + wb[None, :, :], mask=mb, other=0)
+            ob = tl.load(wsk + KW + wb[None, :, :], mask=mb, other=0)
+            gi = k0 // GROUP + offs_g
+            mg = mk[:, None] & (gi < NG)[None, :]
+            fk = fs + offs_k[:, None] * (2 * NG) + gi[None, :]
+            hd = tl.load(fk, mask=mg, other=0.0)  # [KP, BG]
+            hx = tl.load(fk + NG, mask=mg, other=0.0)
+            shape: tl.constexpr = [KP, BN, BG, H]
+            ic = dp4a((c >> 4) & 0x0F0F0F0F, tl.broadcast_to(oa[:, None, :, :], shape),
+                      dp4a(c & 0x0F0F0F0F, tl.broadcast_to(ea[:, None, :, :], shape), tl.zeros(shape, tl.int32)))
+            if HB:
+                ic = dp4a((cb >> 4) & 0x0F0F0F0F, tl.broadcast_to(ob[:, None, :, :], shape),
+                          dp4a(cb & 0x0F0F0F0F, tl.broadcast_to(eb[:, None, :, :], shape), ic))
+            d = tl.sum(ic, axis=3).to(tl.float32)  # [KP, BN, BG] sum(c code)
+        else:
+            tacc = tl.zeros([KP, BN, UK], tl.float32)
+            xw = tl.zeros([KP, UK], tl.float32)
+            for j in tl.static_range(8):
+                if HW:
+                    xj = tl.load(hrow[:, None] + j * KW + wi[None, :], mask=mk[:, None] & wm[None, :], other=0.0)
+                else:
+                    xj = tl.load(hrow[:, None] + wi[None, :] * 8 + j, mask=mk[:, None] & wm[None, :], other=0.0)
+                xj = xj.to(tl.float32)  # [KP, UK] inputs 8w + j of each expert's h row
+                xw += xj
+                tacc += word_nibble(c, j) * xj[:, None, :]
+            xs = tl.sum(tl.reshape(xw, [KP, BG, WG]), axis=2)[:, None, :]  # [KP, 1, BG]
+            d = tl.sum(tl.reshape(tacc, [KP, BN, BG, WG]), axis=3)  # [KP, BN, BG]
         g = k0 // GROUP + offs_g
         ms = mkd[:, :, None] & (g[None, None, :] < NG)
         if PRE and k0 == 0:
@@ -736,9 +1012,41 @@ def _down_words(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, t, d64, mask_d, slot_base, 
         else:
             sv = tl.load(srow[:, :, None] + g[None, None, :], mask=ms, other=0).to(tl.float32)
             mv = tl.load(mrow[:, :, None] + g[None, None, :], mask=ms, other=0).to(tl.float32)
-        acc += (d - xs) * 16.0 * sv + mv * xs
+        if ACT8:
+            acc += d * (sv * hd[:, None, :]) + mv * hx[:, None, :]
+        else:
+            acc += (d - xs) * 16.0 * sv + mv * xs
     yk = tl.sum(acc, axis=2)  # [KP, BN]
     return tl.sum(yk * wk[:, None], axis=0)
+
+
+def _gemv_q8_loop(x_ptr, slot_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_xt, stride_qs, stride_qn, stride_ss,
+                  stride_sn, stride_ms, stride_mn, stride_ot, KIN: tl.constexpr, KQ: tl.constexpr, NG: tl.constexpr,
+                  GROUP: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, BK: tl.constexpr, HAS_SLOTS: tl.constexpr,
+                  GDC: tl.constexpr, ws_ptr, fs_ptr, NGP: tl.constexpr):
+    """_qgemv's LOOP body: x[t] rounded once into its scratch row, then row blocks program_id(0), + num_programs(0),
+    ... each through dot_rows_q8 (FILL False)."""
+    gdc_enter(GDC)
+    t = tl.program_id(1)
+    if HAS_SLOTS:
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+    else:
+        slot = 0
+    xr = x_ptr + t * stride_xt
+    ws = ws_ptr + t * (KQ // 2)
+    fs = fs_ptr + t * (2 * NG)
+    q8_fill(xr, 8, 1, ws, fs, KQ // 4, NG, GROUP, NGP)
+    tl.debug_barrier()
+    for blk in range(tl.program_id(0), tl.cdiv(N, BN), tl.num_programs(0)):
+        offs_n = blk * BN + tl.arange(0, BN)
+        mask_n = offs_n < N
+        n64 = offs_n.to(tl.int64)
+        qr = q_ptr + slot * stride_qs + n64 * stride_qn
+        sr = s_ptr + slot * stride_ss + n64 * stride_sn
+        mr = m_ptr + slot * stride_ms + n64 * stride_mn
+        y, _ = dot_rows_q8(xr, qr, sr, mr, qr, sr, mr, mask_n, KIN, KQ, NG, GROUP, BN, BG, BK, False, False, 0, 0, 0,
+                           0, ws, fs, NGP, False)
+        tl.store(out_ptr + t * stride_ot + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
 def _qgemv(x_ptr, slot_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_xt, stride_qs, stride_qn, stride_ss,
@@ -746,53 +1054,69 @@ def _qgemv(x_ptr, slot_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_xt, stride_q
           FMT: tl.constexpr, GROUP: tl.constexpr, GSTRIDE: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr,
           BG: tl.constexpr, CONV: tl.constexpr, HAS_SLOTS: tl.constexpr, ALGO: tl.constexpr, BK: tl.constexpr,
           UK: tl.constexpr, GDC: tl.constexpr = False, PF_LINES: tl.constexpr = 0, PF_STEP: tl.constexpr = 1,
-          PRE: tl.constexpr = False):
+          PRE: tl.constexpr = False, ACT8: tl.constexpr = False, ws_ptr=None, fs_ptr=None, NGP: tl.constexpr = 1,
+          LOOP: tl.constexpr = False):
     """Grid (cdiv(N, BN), T): out[t, n-block] = x[t] @ W[slot[t]][n-block]^T.
     PF_LINES > 0 (with PDL, GDC; pdl.l2_prefetch_enabled): a single matrix's rows are asked into L2 before the wait
     for the previous kernel, which does not write them, so their reads overlap its tail (PF_LINES 128-byte lines a
     code row, PF_STEP code elements a line). PRE (a single matrix, the word tile, with PDL; pdl.preload_enabled): the
     first step's codes, scales and minima are loaded into registers before the wait (pre_words), so a kernel whose
-    whole row is one step reads nothing but x after it."""
-    t = tl.program_id(1)
-    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
-    mask_n = offs_n < N
-    n64 = offs_n.to(tl.int64)
-    if FMT >= 3:  # fp8: one scale row per GROUP output rows
-        srow = n64 // GROUP
+    whole row is one step reads nothing but x after it. ACT8 (QConfig.act 1): 8-bit inputs (dot_rows_q8), through the
+    scratch rows ws_ptr [T, 2 KW] int32 and fs_ptr [T, 2 NG] fp32 (NGP: NG padded to a power of two). LOOP (ACT8,
+    QConfig.persist): a grid of fewer programs than row blocks, each rounding x once and then taking the row blocks
+    program_id, program_id + programs, ... (the rounding's cost spread over several blocks; no PRE)."""
+    if LOOP:
+        gemv_q8_loop(x_ptr, slot_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_xt, stride_qs, stride_qn, stride_ss,
+                     stride_sn, stride_ms, stride_mn, stride_ot, KIN, KQ, NG, GROUP, BN, BG, BK, HAS_SLOTS, GDC,
+                     ws_ptr, fs_ptr, NGP)
     else:
-        srow = n64
-    if GDC and not HAS_SLOTS and PF_LINES > 0:
-        nn = tl.where(mask_n, n64, 0)  # rows past N prefetch row 0 again (a valid address)
-        lo = tl.arange(0, PF_LINES)
-        lo = tl.where(lo * 128 < KQ, lo, 0)
-        l2_prefetch(q_ptr + nn[:, None] * stride_qn + lo[None, :] * PF_STEP)
-        l2_prefetch(s_ptr + tl.where(mask_n, srow, 0) * stride_sn)
-        l2_prefetch(m_ptr + nn * stride_mn)
-    if PRE:  # a single matrix (no slots): its rows do not depend on the previous kernel
-        pc, psv, pmv = pre_words(q_ptr + n64 * stride_qn, s_ptr + srow * stride_sn, m_ptr + n64 * stride_mn, mask_n,
-                                 KQ, NG, BG, UK)
-    else:
-        pc = 0
-        psv = 0
-        pmv = 0
-    gdc_enter(GDC)
-    if HAS_SLOTS:
-        slot = tl.load(slot_ptr + t).to(tl.int64)
-    else:
-        slot = 0
-    xr = x_ptr + t * stride_xt
-    qr = q_ptr + slot * stride_qs + n64 * stride_qn
-    sr = s_ptr + slot * stride_ss + srow * stride_sn
-    mr = m_ptr + slot * stride_ms + n64 * stride_mn
-    if ALGO == 2:
-        y, _ = dot_rows_words(xr, qr, sr, mr, qr, sr, mr, mask_n, KIN, KQ, NG, GROUP, BN, BG, BK, UK, False, PRE, pc,
-                              psv, pmv, CONV == 2)
-    elif ALGO == 1:
-        y, _ = dot_rows_flat(xr, qr, sr, mr, qr, sr, mr, mask_n, KIN, KQ, NG, FMT, GROUP, BN, BG, BK, UK, CONV,
-                             False)
-    else:
-        y = dot_rows(xr, qr, sr, mr, mask_n, KIN, KQ, NG, FMT, GROUP, GSTRIDE, GP, BN, BG, CONV)
-    tl.store(out_ptr + t * stride_ot + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
+        t = tl.program_id(1)
+        offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+        mask_n = offs_n < N
+        n64 = offs_n.to(tl.int64)
+        if FMT >= 3:  # fp8: one scale row per GROUP output rows
+            srow = n64 // GROUP
+        else:
+            srow = n64
+        if GDC and not HAS_SLOTS and PF_LINES > 0:
+            nn = tl.where(mask_n, n64, 0)  # rows past N prefetch row 0 again (a valid address)
+            lo = tl.arange(0, PF_LINES)
+            lo = tl.where(lo * 128 < KQ, lo, 0)
+            l2_prefetch(q_ptr + nn[:, None] * stride_qn + lo[None, :] * PF_STEP)
+            l2_prefetch(s_ptr + tl.where(mask_n, srow, 0) * stride_sn)
+            l2_prefetch(m_ptr + nn * stride_mn)
+        pcb = 0
+        if PRE and ACT8:
+            pc, pcb, psv, pmv = pre_q8(q_ptr + n64 * stride_qn, s_ptr + srow * stride_sn, m_ptr + n64 * stride_mn,
+                                       mask_n, KQ, NG, GROUP, BG)
+        elif PRE:  # a single matrix (no slots): its rows do not depend on the previous kernel
+            pc, psv, pmv = pre_words(q_ptr + n64 * stride_qn, s_ptr + srow * stride_sn, m_ptr + n64 * stride_mn, mask_n,
+                                     KQ, NG, BG, UK)
+        else:
+            pc = 0
+            psv = 0
+            pmv = 0
+        gdc_enter(GDC)
+        if HAS_SLOTS:
+            slot = tl.load(slot_ptr + t).to(tl.int64)
+        else:
+            slot = 0
+        xr = x_ptr + t * stride_xt
+        qr = q_ptr + slot * stride_qs + n64 * stride_qn
+        sr = s_ptr + slot * stride_ss + srow * stride_sn
+        mr = m_ptr + slot * stride_ms + n64 * stride_mn
+        if ACT8:
+            y, _ = dot_rows_q8(xr, qr, sr, mr, qr, sr, mr, mask_n, KIN, KQ, NG, GROUP, BN, BG, BK, False, PRE, pc, pcb,
+                               psv, pmv, ws_ptr + t * (KQ // 2), fs_ptr + t * (2 * NG), NGP)
+        elif ALGO == 2:
+            y, _ = dot_rows_words(xr, qr, sr, mr, qr, sr, mr, mask_n, KIN, KQ, NG, GROUP, BN, BG, BK, UK, False, PRE,
+                                  pc, psv, pmv, CONV == 2)
+        elif ALGO == 1:
+            y, _ = dot_rows_flat(xr, qr, sr, mr, qr, sr, mr, mask_n, KIN, KQ, NG, FMT, GROUP, BN, BG, BK, UK, CONV,
+                                 False)
+        else:
+            y = dot_rows(xr, qr, sr, mr, mask_n, KIN, KQ, NG, FMT, GROUP, GSTRIDE, GP, BN, BG, CONV)
+        tl.store(out_ptr + t * stride_ot + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 def _qgate_up(x_ptr, slot_ptr, gq, gs, gm, uq, us, um, h_ptr, slot_base, stride_xt, stride_qs, stride_qn,
               stride_ss, stride_sn, stride_ms, stride_mn, gb_ptr, ub_ptr, stride_bs, alpha, limit,
@@ -800,7 +1124,8 @@ def _qgate_up(x_ptr, slot_ptr, gq, gs, gm, uq, us, um, h_ptr, slot_base, stride_
               KQ: tl.constexpr, NG: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr,
               GSTRIDE: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr,
               CONV: tl.constexpr, ALGO: tl.constexpr, BK: tl.constexpr, UK: tl.constexpr, HW: tl.constexpr = 0,
-              ACT: tl.constexpr = 0, HAS_BIAS: tl.constexpr = False, GDC: tl.constexpr = False):
+              ACT: tl.constexpr = 0, HAS_BIAS: tl.constexpr = False, GDC: tl.constexpr = False,
+              ACT8: tl.constexpr = False, ws_ptr=None, fs_ptr=None, NGP: tl.constexpr = 1):
     """Grid (cdiv(F, BN), T*K): h[t*K + k, f-block] = act(x[t] @ gate.T, x[t] @ up.T), expert row
     slot_base + slot[t, k]: SwiGLU (ACT 0) or gpt-oss's clamped form (ACT 1, fused_norm.act_fn), HAS_BIAS: the
     gate and up biases [S, F] (row stride stride_bs, bf16 as stored) added first. gate and up share strides (views
@@ -819,7 +1144,11 @@ def _qgate_up(x_ptr, slot_ptr, gq, gs, gm, uq, us, um, h_ptr, slot_base, stride_
     qo = slot * stride_qs + f64 * stride_qn
     so = slot * stride_ss + srow * stride_sn
     mo = slot * stride_ms + f64 * stride_mn
-    if ALGO == 2:  # the word tile, gate and up in one pass
+    if ACT8:  # the word tile's codes against 8-bit inputs, gate and up in one pass
+        g, u = dot_rows_q8(x_row, gq + qo, gs + so, gm + mo, uq + qo, us + so, um + mo, mask_f, KIN, KQ, NG, GROUP, BN,
+                           BG, BK, True, False, 0, 0, 0, 0, ws_ptr + (pair // K) * (KQ // 2),
+                           fs_ptr + (pair // K) * (2 * NG), NGP)
+    elif ALGO == 2:  # the word tile, gate and up in one pass
         g, u = dot_rows_words(x_row, gq + qo, gs + so, gm + mo, uq + qo, us + so, um + mo, mask_f, KIN, KQ, NG,
                               GROUP, BN, BG, BK, UK, True, False, 0, 0, 0, CONV == 2)
     elif ALGO == 1:  # gate and up in one pass: both rows' codes in flight together
@@ -843,7 +1172,7 @@ def _qdown(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, y_ptr, slot_base, stride_qs, str
            FMT: tl.constexpr, GROUP: tl.constexpr, GSTRIDE: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr,
            BG: tl.constexpr, CONV: tl.constexpr, ALGO: tl.constexpr, BK: tl.constexpr, UK: tl.constexpr,
            WR: tl.constexpr = 0, HW: tl.constexpr = 0, HAS_BIAS: tl.constexpr = False, GDC: tl.constexpr = False,
-           PRE: tl.constexpr = False):
+           PRE: tl.constexpr = False, ACT8: tl.constexpr = False, ws_ptr=None, fs_ptr=None, NGP: tl.constexpr = 1):
     """Grid (cdiv(D, BN), T*SPLIT): y[t, d-block] = sum over K_PER experts (rows slot_base + slot) of
     w * (h @ down.T (+ the down bias [S, D], HAS_BIAS, SPLIT 1 only)), w rounded as fused_norm.weight_rounding
     says (WR); the word tile at SPLIT 1 reads all K experts together (down_words), the other tiles one expert
@@ -864,9 +1193,15 @@ def _qdown(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, y_ptr, slot_base, stride_qs, str
         srow = d64
     y = tl.zeros([BN], tl.float32)
     if ALL_K:
+        if ACT8:  # this token's scratch rows
+            ws_t = ws_ptr + t * (K * (KQ // 2))
+            fs_t = fs_ptr + t * (K * 2 * NG)
+        else:
+            ws_t = 0
+            fs_t = 0
         y = down_words(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, t, d64, mask_d, slot_base, stride_qs, stride_qn,
                        stride_ss, stride_sn, stride_ms, stride_mn, K, KP, KIN, KQ, NG, GROUP, BN, BG, BK, UK, WR, HW,
-                       EARLY, GDC)
+                       EARLY, GDC, ACT8, ws_t, fs_t, NGP)
     for kk in tl.static_range(0 if ALL_K else K_PER):  # otherwise one expert after another
         pair = t * K + (pid % SPLIT) * K_PER + kk
         slot = tl.load(slot_ptr + pair).to(tl.int64) + slot_base
@@ -875,7 +1210,11 @@ def _qdown(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, y_ptr, slot_base, stride_qs, str
         qr = dq + slot * stride_qs + d64 * stride_qn
         sr = ds + slot * stride_ss + srow * stride_sn
         mr = dm + slot * stride_ms + d64 * stride_mn
-        if ALGO == 2:
+        if ACT8:
+            yk, _ = dot_rows_q8(hr, qr, sr, mr, qr, sr, mr, mask_d, KIN, KQ, NG, GROUP, BN, BG, BK, False, False, 0, 0,
+                                0, 0, ws_ptr + pair * (KQ // 2), fs_ptr + pair * (2 * NG), NGP)
+            y += w * yk
+        elif ALGO == 2:
             yk, _ = dot_rows_words(hr, qr, sr, mr, qr, sr, mr, mask_d, KIN, KQ, NG, GROUP, BN, BG, BK, UK, False, False,
                                    0, 0, 0)
             y += w * yk
@@ -891,6 +1230,23 @@ def _qdown(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, y_ptr, slot_base, stride_qs, str
         tl.store(y_ptr + t * stride_yt + offs_d, y.to(y_ptr.dtype.element_ty), mask=mask_d)
     else:
         tl.atomic_add(y_ptr + t * stride_yt + offs_d, y, mask=mask_d, sem="relaxed")
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 2 off CUDA (Triton's interpreter: two programs, so that the loops
+    over row blocks run more than once in tests)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+
+
+def _q8_scratch(tiles: dict, w: QuantWeight, rows: int, device: torch.device) -> dict:
+    """The ACT8 launch's scratch rows (q8_fill: per input row its 8-bit inputs, 2 KW int32, and its groups' d and
+    sums, 2 NG fp32) and NGP; nothing for other launches."""
+    if not tiles["ACT8"]:
+        return {}
+    ng = w.scale.shape[-1]
+    return dict(ws_ptr=torch.empty(rows, w.q.shape[-1] // 2, dtype=torch.int32, device=device),
+                fs_ptr=torch.empty(rows, 2 * ng, dtype=torch.float32, device=device), NGP=triton.next_power_of_2(ng))
 
 
 def _launch_opts(cfg: QConfig, device: torch.device) -> dict:
@@ -943,11 +1299,15 @@ def quant_matvec(x: Tensor, w: QuantWeight, slots: Tensor | None = None, *, out_
     if "GDC" in opts and not w.lead and l2_prefetch_enabled():  # a single matrix's rows asked into L2 before the wait
         opts.update(PF_LINES=triton.next_power_of_2(triton.cdiv(w.q.shape[-1] * w.q.element_size(), 128)),
                    PF_STEP=128 // codes.element_size())
-    if not w.lead and a == 2 and _preload_ok(opts):  # its first step in registers before the wait
+    blocks = triton.cdiv(n, cfg.bn)
+    if tiles["ACT8"] and cfg.persist:  # programs that loop over row blocks, x rounded once each
+        blocks = min(blocks, cfg.persist * _sm_count(x.device))
+        opts["LOOP"] = True
+    elif not w.lead and a == 2 and _preload_ok(opts):  # its first step in registers before the wait
         opts["PRE"] = True
-    qgemv[(triton.cdiv(n, cfg.bn), T)](x, sl, codes, w.scale, m, out, n, x.stride(0), *_strides(w, a),
+    qgemv[(blocks, T)](x, sl, codes, w.scale, m, out, n, x.stride(0), *_strides(w, a),
                                       out.stride(0), **_geometry(w), **tiles, HAS_SLOTS=bool(w.lead),
-                                      **opts)
+                                      **_q8_scratch(tiles, w, T, x.device), **opts)
     return out
 
 
@@ -991,14 +1351,15 @@ def quant_gate_up(x: Tensor, slots: Tensor, gate: QuantWeight, up: QuantWeight,
     um = up.min if up.min is not None else up.scale
     tiles = _tiles(cfg, gate)
     if tiles["ALGO"] == 2 and not words_ok(up):  # gate and up share a layout; be safe if they ever do not
-        tiles = _tiles(QConfig(**{**vars(cfg), "algo": 1}), gate)
+        tiles = _tiles(QConfig(**{**vars(cfg), "algo": 1, "act": 0}), gate)
     a = tiles["ALGO"]
     gb, ub, sb, has_bias = _bias_rows(biases, h)
     _kernels()[1][(triton.cdiv(Fe, cfg.bn), T * K)](
         x, flat, _codes(gate, a), gate.scale, gm, _codes(up, a), up.scale, um, h, int(slot_base), x.stride(0),
         *_strides(gate, a), gb, ub, sb, float(act.alpha) if act is not None else 0.0,
         float(act.limit) if act is not None else 0.0, F=Fe, K=K, **_geometry(gate), **tiles, HW=int(h_layout),
-        ACT=int(act is not None), HAS_BIAS=has_bias, **_launch_opts(cfg, x.device))
+        ACT=int(act is not None), HAS_BIAS=has_bias, **_q8_scratch(tiles, gate, T, x.device),
+        **_launch_opts(cfg, x.device))
     return h
 
 
@@ -1035,7 +1396,8 @@ def quant_down(h: Tensor, slots: Tensor, weights: Tensor, down: QuantWeight, dty
     _kernels()[2][(triton.cdiv(D, cfg.bn), T * split)](
         h, flat, wts, _codes(down, a), down.scale, dm, y, int(slot_base), *_strides(down, a), y.stride(0), db, sb,
         D=D, K=K, KP=triton.next_power_of_2(K), K_PER=K // split, SPLIT=split, **_geometry(down), **tiles,
-        WR=weight_rounding(round_to), HW=int(h_layout), HAS_BIAS=has_bias, **opts)
+        WR=weight_rounding(round_to), HW=int(h_layout), HAS_BIAS=has_bias, **_q8_scratch(tiles, down, T * K, h.device),
+        **opts)
     return y if split == 1 else y.to(dtype)
 
 
