@@ -307,6 +307,15 @@ def summarise(s: dict, bounds: dict, compute_s: float, L: int) -> dict:
     return v
 
 
+def first_divergence(ref: list[int], got: list[int]) -> dict:
+    """Where a run's greedy tokens leave the reference run's: the first differing position (of the shorter length),
+    both tokens there, and how many positions differ in all."""
+    n = min(len(ref), len(got))
+    i = next((j for j in range(n) if ref[j] != got[j]), n)
+    return {"position": i, "ref": ref[i] if i < len(ref) else None, "run": got[i] if i < len(got) else None,
+            "differing": sum(a != b for a, b in zip(ref, got)) + abs(len(ref) - len(got)), "of": len(ref)}
+
+
 def bounds_for(compute: float, bel_bytes: float, pcie_gbps: float, cpu_gbps: float | None) -> dict:
     """Seconds per token of each bound (CONTRACTS' metric definitions)."""
     out = {"serial_belady_bound": compute + bel_bytes / (pcie_gbps * 1e9),
@@ -472,7 +481,9 @@ def main() -> None:
             cpu_gbps = next((g for lab in ("nextuse+cpu/device", "lru+cpu/device")
                              if (g := (runs.get(lab, {}).get("cpu_experts") or {}).get("gbps"))), None)
         row = {"doc": name, "expert_slots": ref["expert_slots"], "belady": bel, "cpu_expert_gbps": cpu_gbps,
-               "tokens_identical": same, "links": {}, "runs": {}}
+               "tokens_identical": same, "divergence": {k: first_divergence(ref["tokens"], v["tokens"])
+                                                        for k, v in runs.items() if not same[k]},
+               "links": {}, "runs": {}}
         for label, s in runs.items():
             rate = float(label.split("@")[1]) if "@" in label else None
             link = pcie if rate is None else min(pcie, rate)  # the emulated link; its achieved rate is reported
