@@ -130,12 +130,13 @@ def _experts_q8(x, slots, wts, W, h_round=None):
 
 @pytest.mark.parametrize("down,h_round", [(QConfig(bn=4, bg=2, warps=2, algo=2, hw=1, act=1), None),
                                           (QConfig(bn=4, bg=1, warps=2, algo=2, hw=2, act=1), _round_bf16),
+                                          (QConfig(bn=4, bg=2, warps=2, algo=2, act=1), None),
                                           (QConfig(bn=4, bg=1, warps=2, algo=2, split=3, act=1), None)],
-                         ids=["word-major-fp32", "word-major-bf16", "split-k"])
+                         ids=["word-major-fp32", "word-major-bf16", "rows-fp32", "split-k"])
 def test_experts_match_the_rounded_reference(down, h_round):
     """gate_up and down with 8-bit inputs (h rounded per group in the down kernel): every expert's codes in one load
-    over a word-major h in fp32 and in bf16, and the per-expert loop of split-K (atomics), against the loop in the
-    mode's math (1e-5)."""
+    over a word-major h in fp32 and in bf16 and over h in input order, and the per-expert loop of split-K (atomics),
+    against the loop in the mode's math (1e-5)."""
     W = _pool("q4", 6, 64, 128)
     g = torch.Generator().manual_seed(5)
     x = torch.randn(1, 128, generator=g).to(DEV)
