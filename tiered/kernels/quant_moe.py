@@ -282,12 +282,15 @@ def act_mode() -> str:
 
 def round_inputs_q8(x: Tensor, group: int) -> Tensor:
     """The reference of act 1's input rounding: x [..., K] in fp32, each group of `group` inputs along K rounded to
-    code * d with d = max |x| / 127 and code = round(x / d) (ties to even, clamped to +-127; 0 for a zero group)."""
+    code * d with d = max |x| / 127 and code = round(x / d) (ties to even, clamped to +-127; 0 for a zero group),
+    both divisions correctly rounded on every device (PyTorch's CUDA division by a Python scalar multiplies by its
+    reciprocal, which can move d by an ulp and flip a code: 4-5e-4 of a GEMV's output on the H100)."""
     x = x.float()
     out = torch.empty_like(x)
     for g0 in range(0, x.shape[-1], group):
         v = x[..., g0:g0 + group]
-        d = v.abs().amax(-1, keepdim=True) / 127
+        a = v.abs().amax(-1, keepdim=True)
+        d = a / torch.full_like(a, 127.0)  # a tensor divisor: CUDA multiplies by 1/127 for a Python scalar's
         c = torch.round(v / torch.where(d > 0, d, torch.ones_like(d))).clamp(-127, 127)
         out[..., g0:g0 + group] = torch.where(d > 0, c, torch.zeros_like(c)) * d
     return out
