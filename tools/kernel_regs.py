@@ -71,8 +71,8 @@ def compile_sm90(kernel, args: dict, consts: dict, warps: int, regs: int = 0) ->
     sig, attrs, cst = {}, {}, {}
     for i, p in enumerate(kernel.params):
         name = p.name
-        if name in consts or p.is_constexpr:
-            sig[name] = "constexpr"
+        if name in consts or p.is_constexpr or (name not in args and p.has_default):
+            sig[name] = "constexpr"  # (a pointer argument left at its default None, e.g. ACT8's scratch rows)
             cst[name] = consts[name] if name in consts else p.default
             continue
         v = args[name]
