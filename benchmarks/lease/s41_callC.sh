@@ -6,7 +6,7 @@ source "$(dirname "$0")/lib.sh"
 cuda_tests 120 tests/test_gpu_act_q8.py
 timeout 200 python3 benchmarks/bench_act8_gpu.py --quick > $OUT/act8-kernels-quick.log 2>&1
 echo "act8 quick rc=$? $(el)"; grep -vE '^\{' $OUT/act8-kernels-quick.log | tail -8
-grep -E '"rel_err"' $OUT/act8-kernels-quick.log | python3 -c "
+grep -E '^\{"product' $OUT/act8-kernels-quick.log | python3 -c "
 import json, sys
 for l in sys.stdin:
     r = json.loads(l); print(r['product'], (r.get('config') or {}).get('act'), round(r.get('us', 0), 1), r.get('rel_err'), r.get('failed', ''))"
