@@ -37,6 +37,10 @@ x[8w + j] (a strided load shared by the rows) meets it in one FMA, accumulated p
 per step: 4.4-5.8 instructions per input compiled. Its down kernel (_down_words) loads every
 expert's codes of a step in one [K, BN, UK] tile, since the down rows are short and a loop over experts waits
 for each load in turn; the sum over k is in a fixed order.
+The 8-bit-input tile (QConfig.act 1, TIERED_GPU_ACT=q8; q4 where the word tile reads it, _dot_rows_q8): each
+program rounds its row of x once into a scratch row (_q8_fill), then two dp4a per code word sum the codes times the
+inputs' codes exactly. Measured slower than the float tiles on an H100 (session 41, notes/Q4_DECODE.md): off by
+default.
 The expert kernels follow moe_decode.py: grid (F blocks, T*K) for gate/up, (D blocks, T*SPLIT) for down;
 slots are a device tensor and the grid depends only on T, K and the shapes, so CUDA graphs capture them.
 With SPLIT = 1 each output is summed by one program in a fixed order (deterministic).
@@ -878,7 +882,7 @@ def _dot_rows_words(x_row, q1, s1, m1, q2, s2, m2, mask_n, KIN: tl.constexpr, KQ
         g = k0 // GROUP + offs_g  # [BG]
         ms = mask_n[:, None] & (g[None, :] < NG)
         # the group sums of x from the words' sums (a separate contiguous load and reduction compiled to more
-        # instructions: its reduction crosses threads); ACT8: of the rounded inputs
+        # instructions: its reduction crosses threads)
         xs = tl.sum(tl.reshape(xw, [BG, WG]), axis=1)[None, :]  # [1, BG] (PAIR: the odd inputs')
         if PAIR:
             xse = tl.sum(tl.reshape(xe, [BG, WG]), axis=1)[None, :]  # [1, BG] the even inputs'
