@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -30,21 +29,18 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_moe_kernels import time_graph  # noqa: E402
+from benchmeta import git_commit, write_out  # noqa: E402
+from bench_moe_kernels import rel, time_graph  # noqa: E402
+from bench_quant_kernels import qpool  # noqa: E402
 from tiered.kernels import quant_moe as qm  # noqa: E402
 from tiered.kernels.quant_moe import QConfig, round_inputs_q8  # noqa: E402
-from tiered.layout.format import plan_block  # noqa: E402
 from tiered.layout.quant import group_size, quantize  # noqa: E402
-from tiered.store.disk import expert_views  # noqa: E402
 
 DENSE = {"lm_head": (151936, 2048), "qkv": (5120, 2048), "o_proj": (2048, 4096)}
 D, F, K, POOL = 2048, 768, 8, 128
-
-
-def rel(a, b) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12))
 
 
 def dense_variants(kernel_shape: tuple[int, int], quick: bool) -> list[QConfig]:
@@ -95,18 +91,6 @@ def time_dense(name: str, quick: bool, layers: int) -> list[dict]:
     return rows
 
 
-def _pool(seed: int = 0):
-    specs, bs = plan_block({"gate": ((F, D), "q4"), "up": ((F, D), "q4"), "down": ((D, F), "q4")})
-    pool = torch.zeros(POOL, bs, dtype=torch.uint8, device="cuda")
-    W = expert_views(pool, specs)
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    for w in (W.gate, W.up, W.down):
-        q = quantize(torch.randn(w.shape, generator=g, device="cuda") * w.matrix[1] ** -0.5, "q4")
-        for name, t in q.parts().items():
-            w.parts()[name].copy_(t)
-    return W
-
-
 def _experts_ref(x, slots, wts, W, act: bool, hw: int):
     out = torch.zeros(1, D, dtype=torch.float64, device="cuda")
     xf = round_inputs_q8(x, group_size("q4", D)) if act else x.float()
@@ -135,7 +119,7 @@ def expert_variants(quick: bool) -> list[tuple[QConfig, QConfig]]:
 
 
 def time_experts(quick: bool, layers: int) -> list[dict]:
-    W = _pool()
+    _, W = qpool("q4", POOL, D, F)
     g = torch.Generator(device="cuda").manual_seed(1)
     x = torch.randn(1, D, generator=g, device="cuda")
     xb = x.to(torch.bfloat16)
@@ -209,15 +193,13 @@ def main() -> None:
                                                                                          args.layers)
     best, qconfig = summarize(rows)
     out = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
-           "commit": os.popen(f"git -C {REPO} rev-parse HEAD 2>/dev/null").read().strip() or None,
+           "commit": git_commit(),
            "seconds": round(time.time() - t0, 1), "rows": rows, "best": best, "qconfig": qconfig}
     for k, v in best.items():
         print(f"{k}: float {v['float_us']:.1f} us, best act8 {v.get('act8_us', v.get('best_us')):.1f} us "
               f"({v['speedup']:.2f}x)")
     print("TIERED_QCONFIG=" + qconfig)
-    print(json.dumps(out))
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "act8_kernels.json").write_text(json.dumps(out, indent=1))
+    print(write_out(out, "act8_kernels.json"))
 
 
 if __name__ == "__main__":

@@ -421,7 +421,8 @@ def decorate_kernels():
     helpers["dot_rows"] = bind(_dot_rows)
     helpers["dp4a"] = bind(_dp4a)
     helpers["q8_code"] = bind(_q8_code)
-    for name in ("q8_fill", "q8_x", "q8_codes", "q8_codes_k", "q8_dot", "pre_q8", "dot_rows_q8", "gemv_q8_loop"):
+    for name in ("q8_fill", "q8_words", "q8_x", "q8_codes", "q8_codes_k", "q8_dot", "pre_q8", "dot_rows_q8",
+                 "gemv_q8_loop"):
         helpers[name] = bind(globals()["_" + name])
     helpers["dot_rows_words"] = bind(_dot_rows_words)
     helpers["down_words"] = bind(_down_words)
@@ -688,16 +689,20 @@ def _q8_fill(x_row, WS: tl.constexpr, JS: tl.constexpr, ws, fs, KW: tl.constexpr
     tl.store(fs + NG + g, tl.sum(tl.sum(c, axis=2), axis=1).to(tl.float32) * d, mask=mg)
 
 
+def _q8_words(w0, BG: tl.constexpr, WG: tl.constexpr, H: tl.constexpr, KW: tl.constexpr):
+    """(wa, wb [BG, H] word indices, ma, mb [BG, H] masks) of a step's code words w0 + [0, BG * WG) read as halves of
+    groups: wa the first H words of each group, wb the rest (masked where WG - H < H or past the row's KW words)."""
+    i = tl.arange(0, H)
+    wa = w0 + tl.arange(0, BG)[:, None] * WG + i[None, :]
+    wb = wa + H
+    return wa, wb, wa < KW, (wb < KW) & (i[None, :] < WG - H)
+
+
 def _q8_x(ws, fs, w0, BG: tl.constexpr, WG: tl.constexpr, H: tl.constexpr, KW: tl.constexpr, NG: tl.constexpr):
     """A step's 8-bit inputs from a q8_fill scratch row, for the code words w0 + [0, BG * WG) read as halves of groups
     (q8_codes): (even_a, odd_a, even_b, odd_b [BG, H] int32, d [BG], xs [BG] fp32)."""
-    g = tl.arange(0, BG)
-    i = tl.arange(0, H)
-    wa = w0 + g[:, None] * WG + i[None, :]
-    wb = wa + H
-    ma = wa < KW
-    mb = (wb < KW) & (i[None, :] < WG - H)
-    gi = w0 // WG + g
+    wa, wb, ma, mb = q8_words(w0, BG, WG, H, KW)
+    gi = w0 // WG + tl.arange(0, BG)
     mg = gi < NG
     return (tl.load(ws + wa, mask=ma, other=0), tl.load(ws + KW + wa, mask=ma, other=0),
             tl.load(ws + wb, mask=mb, other=0), tl.load(ws + KW + wb, mask=mb, other=0),
@@ -708,15 +713,10 @@ def _q8_codes(q, mask_n, w0, BG: tl.constexpr, WG: tl.constexpr, H: tl.constexpr
     """(a, b [BN, BG, H] int32): the code words w0 + [0, BG * WG) of the rows at q ([BN] int32 row pointers), the
     first H words of each group in a and the rest in b (0 where WG - H < H or past the row's KW words): each thread
     then holds whole halves of groups, so a group's sum needs no exchange between threads."""
-    g = tl.arange(0, BG)
-    i = tl.arange(0, H)
-    wa = w0 + g[:, None] * WG + i[None, :]
-    wb = wa + H
-    ma = mask_n[:, None, None] & (wa < KW)[None, :, :]
-    mb = mask_n[:, None, None] & ((wb < KW) & (i[None, :] < WG - H))[None, :, :]
-    a = tl.load(q[:, None, None] + wa[None, :, :], mask=ma, other=0)
+    wa, wb, ma, mb = q8_words(w0, BG, WG, H, KW)
+    a = tl.load(q[:, None, None] + wa[None, :, :], mask=mask_n[:, None, None] & ma[None, :, :], other=0)
     if WG > H:
-        b = tl.load(q[:, None, None] + wb[None, :, :], mask=mb, other=0)
+        b = tl.load(q[:, None, None] + wb[None, :, :], mask=mask_n[:, None, None] & mb[None, :, :], other=0)
     else:
         b = tl.zeros_like(a)
     return a, b
@@ -725,15 +725,11 @@ def _q8_codes(q, mask_n, w0, BG: tl.constexpr, WG: tl.constexpr, H: tl.constexpr
 def _q8_codes_k(q, mask, w0, BG: tl.constexpr, WG: tl.constexpr, H: tl.constexpr, KW: tl.constexpr):
     """q8_codes over [KP, BN] row pointers (the down kernel's K experts at once; mask [KP, BN]) -> (a, b) [KP, BN, BG,
     H]."""
-    g = tl.arange(0, BG)
-    i = tl.arange(0, H)
-    wa = w0 + g[:, None] * WG + i[None, :]
-    wb = wa + H
-    ma = mask[:, :, None, None] & (wa < KW)[None, None, :, :]
-    mb = mask[:, :, None, None] & ((wb < KW) & (i[None, :] < WG - H))[None, None, :, :]
-    a = tl.load(q[:, :, None, None] + wa[None, None, :, :], mask=ma, other=0)
+    wa, wb, ma, mb = q8_words(w0, BG, WG, H, KW)
+    a = tl.load(q[:, :, None, None] + wa[None, None, :, :], mask=mask[:, :, None, None] & ma[None, None, :, :], other=0)
     if WG > H:
-        b = tl.load(q[:, :, None, None] + wb[None, None, :, :], mask=mb, other=0)
+        b = tl.load(q[:, :, None, None] + wb[None, None, :, :], mask=mask[:, :, None, None] & mb[None, None, :, :],
+                    other=0)
     else:
         b = tl.zeros_like(a)
     return a, b
@@ -934,7 +930,6 @@ def _down_words(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, t, d64, mask_d, slot_base, 
     WG: tl.constexpr = GROUP // 8
     H: tl.constexpr = (WG + 1) // 2  # ACT8: words in a group's first half
     HB: tl.constexpr = WG > H
-    offs_i = tl.arange(0, H)
     offs_k = tl.arange(0, KP)
     mk = offs_k < K
     pair = t * K + offs_k  # [KP]
@@ -977,10 +972,9 @@ def _down_words(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, t, d64, mask_d, slot_base, 
                 nxt = tl.load(qrow[:, :, None] + wn[None, None, :], mask=mkd[:, :, None] & (wn < KW)[None, None, :],
                               other=0)
         if ACT8:  # the step's 8-bit inputs of every expert from the scratch rows, [KP, BG, H] / [KP, BG]
-            wa = k0 // 8 + offs_g[:, None] * WG + offs_i[None, :]  # [BG, H] the halves' first words
-            wb = wa + H
-            ma = mk[:, None, None] & (wa < KW)[None, :, :]
-            mb = mk[:, None, None] & ((wb < KW) & (offs_i[None, :] < WG - H))[None, :, :]
+            wa, wb, ma, mb = q8_words(k0 // 8, BG, WG, H, KW)  # [BG, H] the halves' words
+            ma = mk[:, None, None] & ma[None, :, :]
+            mb = mk[:, None, None] & mb[None, :, :]
             wsk = ws + offs_k[:, None, None] * (2 * KW)
             ea = tl.load(wsk + wa[None, :, :], mask=ma, other=0)
             oa = tl.load(wsk + KW + wa[None, :, :], mask=ma, other=0)
