@@ -127,6 +127,25 @@ def test_matvec_words_matches_reference(fmt, N, K, T):
         assert rel(quant_matvec(x, qw[1], config=cfg), quant_matvec_ref(x, qw[1])) < tol, cfg
 
 
+@pytest.mark.parametrize("persist", [1, 3])
+@pytest.mark.parametrize("conv", [1, 2])
+def test_matvec_words_programs_looping_over_row_blocks(persist, conv):
+    """QConfig.persist under the word tile (gemv_loop): fewer programs than row blocks (the interpreter's 2 "SMs": 2
+    or 6 programs for 10 blocks of 4 rows, the last one short), each loading the next block's first step before
+    computing the current one; over a stack with two rows' slots and over one matrix, two steps a row: the
+    reference, and the same values as a program a block."""
+    g = torch.Generator().manual_seed(persist + 10 * conv)
+    qw = quantize(torch.randn(3, 37, 256, generator=g) * 0.1, "q4").to_device(DEV)
+    x = torch.randn(2, 256, generator=g).to(DEV)
+    slots = torch.tensor([2, 0], device=DEV)
+    cfg = QConfig(bn=4, bg=2, warps=2, algo=2, conv=conv, persist=persist)
+    tol = PAIR_TOL if conv == 2 else 1e-5
+    for w, s in ((qw, slots), (qw[1], None)):
+        got = quant_matvec(x, w, s, config=cfg)
+        assert rel(got, quant_matvec_ref(x, w, s)) < tol
+        assert torch.equal(got, quant_matvec(x, w, s, config=dataclasses.replace(cfg, persist=0)))
+
+
 def test_word_pairs_against_float64():
     """conv 2 against the float64 product of the dequantized weights, beside conv 1, at the lm_head's row length:
     the pairs stay within PAIR_TOL, conv 1 within 1e-5; the flat and grouped tiles read conv 2 as conv 1."""
@@ -478,6 +497,18 @@ def compile_kernels_sm90(fmt: str) -> None:
             ptx = k.asm["ptx"]
             assert "dp4a.u32.s32" in ptx and "div.rn.f32" in ptx and "st.global" in ptx
             assert ptx.rfind("bar.sync") > ptx.find("st.global"), "no CTA barrier after the scratch rows' stores"
+        # the float word tile's loop over row blocks (QConfig.persist): one matrix loads its first step before the
+        # PDL wait, a stack reads its slot after it; in both the loop carries the next block's codes
+        for has_slots, conv in ((False, 1), (False, 2), (True, 1)):
+            ftiles = qm._tiles(QConfig(bn=4, bg=2, algo=2, conv=conv), W.gate)
+            k = _compile_for_sm90(qgemv, {"x_ptr": x, "slot_ptr": slots, "q_ptr": p["q"], "s_ptr": p["s"],
+                                          "m_ptr": p["m"], "out_ptr": x, "N": 96, "stride_xt": 200, "stride_ot": 96,
+                                          **dict(zip(names, qm._strides(W.gate, 2)))},
+                                  {**geo, **ftiles, "HAS_SLOTS": has_slots, "GDC": True, "LOOP": True})
+            ptx = k.asm["ptx"]
+            first_load, wait = ptx.find("ld.global"), ptx.find("griddepcontrol.wait")
+            assert 0 <= wait and (first_load < wait) != has_slots, (has_slots, conv)
+            assert "dp4a" not in ptx
 
 
 def test_kernels_compile_for_sm90():
@@ -555,6 +586,30 @@ def test_cuda_qlinear_dense_shapes(fmt, N, K):
     for T in (1, 3):
         x = torch.randn(T, K, device=DEV, dtype=torch.bfloat16)
         assert rel(qlinear(x, w).float(), x.float() @ w.dequantize(torch.float32).T) <= 1e-2
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("N,K", [(151936, 2048), (5120, 2048), (2048, 4096)])
+def test_cuda_gemv_loop_dense_shapes(N, K):
+    """The looping GEMV (QConfig.persist; the next block's first step loaded ahead) at the 10.6B shape's lm_head, qkv
+    and o_proj, compiled, with and without the nibble pairs, in a CUDA graph: the reference, and what a program a
+    block gives (within 1e-6)."""
+    g = torch.Generator(device="cuda").manual_seed(N)
+    qw = quantize(torch.randn(N, K, generator=g, device="cuda") * K ** -0.5, "q4")
+    x = torch.randn(1, K, generator=g, device="cuda").to(torch.bfloat16)
+    want = quant_matvec_ref(x.float(), qw)
+    for cfg in (QConfig(bn=16, bg=16, warps=4, algo=2, conv=2, persist=4),
+                QConfig(bn=8, bg=32, warps=4, algo=2, conv=1, persist=2)):
+        plain = quant_matvec(x, qw, config=dataclasses.replace(cfg, persist=0), out_dtype=torch.float32)
+        out = torch.empty_like(plain)
+        graph = torch.cuda.CUDAGraph()
+        quant_matvec(x, qw, config=cfg, out_dtype=torch.float32)  # compiled outside the capture
+        with torch.cuda.graph(graph):
+            out.copy_(quant_matvec(x, qw, config=cfg, out_dtype=torch.float32))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel(out, want) < (PAIR_TOL if cfg.conv == 2 else 1e-5), cfg
+        assert rel(out, plain) < 1e-6, cfg  # the same sums (compiled apart: contractions may differ)
 
 
 @pytest.mark.cuda

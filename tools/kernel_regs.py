@@ -14,6 +14,7 @@ warps a SM, and the grid's waves over 132 SMs.
     python3 tools/kernel_regs.py --kernel gemv --n 5120 --tiles 2:8:32:4,2:8:32:4:96
     python3 tools/kernel_regs.py --kernel down --tiles 2:8:16:8:0:0,2:8:16:8:0:2     # h word-major bf16 (hw 2)
     python3 tools/kernel_regs.py --kernel gemv --tiles 2:32:32:4,2:32:32:4:0:0:2     # nibbles in pairs (conv 2)
+    python3 tools/kernel_regs.py --kernel gemv --tiles 2:16:16:4:0:0:2:3             # 3 programs a SM, looping
 
 The last stdout line is one JSON list of the rows.
 """
@@ -132,7 +133,7 @@ def occupancy(regs: int, warps: int, programs: int) -> dict:
 
 
 def row(kernel: str, algo: int, bn: int, bg: int, warps: int, regs: int, d: int, f: int, k_experts: int,
-        n: int, hw: int = 0, conv: int = 1) -> dict:
+        n: int, hw: int = 0, conv: int = 1, persist: int = 0) -> dict:
     """Compile one tile of one kernel at the shape and report its resources."""
     import torch
     import triton
@@ -142,7 +143,7 @@ def row(kernel: str, algo: int, bn: int, bg: int, warps: int, regs: int, d: int,
 
     with compiling():
         qgemv, qgate_up, qdown = qm.decorate_kernels()
-    cfg = qm.QConfig(bn=bn, bg=bg, warps=warps, algo=algo, regs=regs, hw=hw, conv=conv)
+    cfg = qm.QConfig(bn=bn, bg=bg, warps=warps, algo=algo, regs=regs, hw=hw, conv=conv, persist=persist)
     hdt = torch.bfloat16 if hw == 2 else torch.float32  # the h between the expert kernels (QConfig.hw)
     names = ("stride_qs", "stride_qn", "stride_ss", "stride_sn", "stride_ms", "stride_mn")
     if kernel == "gemv":
@@ -151,8 +152,8 @@ def row(kernel: str, algo: int, bn: int, bg: int, warps: int, regs: int, d: int,
         x = torch.zeros(1, d, dtype=torch.bfloat16)
         args = {"x_ptr": x, "slot_ptr": x, "q_ptr": qm._codes(w, t["ALGO"]), "s_ptr": w.scale, "m_ptr": w.min,
                 "out_ptr": x, "N": n, "stride_xt": d, "stride_ot": n, **dict(zip(names, qm._strides(w, t["ALGO"])))}
-        consts = {**qm._geometry(w), **t, "HAS_SLOTS": False}
-        jit, programs = qgemv, triton.cdiv(n, bn)
+        consts = {**qm._geometry(w), **t, "HAS_SLOTS": False, "LOOP": bool(persist)}
+        jit, programs = qgemv, triton.cdiv(n, bn) if not persist else min(triton.cdiv(n, bn), persist * 132)
     else:
         shape = (f, d) if kernel == "gate_up" else (d, f)
         w = quantize(torch.randn(4, *shape) * shape[1] ** -0.5, "q4")
@@ -177,7 +178,7 @@ def row(kernel: str, algo: int, bn: int, bg: int, warps: int, regs: int, d: int,
     with compiling():
         u = usage(compile_sm90(jit, args, consts, warps, regs))
     return {"kernel": kernel, "algo": t["ALGO"], "bn": bn, "bg": t["BG"], "warps": warps, "regs_cap": regs, "hw": hw,
-            "conv": conv,
+            "conv": conv, "persist": persist,
             **u, "programs": programs, **occupancy(u["reg"], warps, programs)}
 
 
@@ -185,9 +186,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kernel", choices=("all", "gate_up", "down", "gemv"), default="all")
     ap.add_argument("--tiles", default="",
-                    help="comma list of algo:bn:bg:warps[:regs[:hw[:conv]]] (default: TUNED's; hw: QConfig.hw, the h "
-                         "layout between the expert kernels, ignored by the GEMV; conv 2: the word tile's nibbles in "
-                         "pairs)")
+                    help="comma list of algo:bn:bg:warps[:regs[:hw[:conv[:persist]]]] (default: TUNED's; hw: QConfig.hw, "
+                         "the h layout between the expert kernels, ignored by the GEMV; conv 2: the word tile's "
+                         "nibbles in pairs; persist (the GEMV): programs a SM looping over row blocks)")
     ap.add_argument("--d", type=int, default=2048, help="hidden size (gate/up inputs, down outputs, GEMV inputs)")
     ap.add_argument("--f", type=int, default=768, help="expert FFN")
     ap.add_argument("--k", type=int, default=8, help="experts a token")
@@ -208,10 +209,11 @@ def main() -> int:
             algo, bn, bg, warps = s[:4]
             hw = s[5] if len(s) > 5 and kern != "gemv" else 0
             conv = s[6] if len(s) > 6 else 1
-            r = row(kern, algo, bn, bg, warps, s[4] if len(s) > 4 else 0, a.d, a.f, a.k, a.n, hw, conv)
+            persist = s[7] if len(s) > 7 and kern == "gemv" else 0
+            r = row(kern, algo, bn, bg, warps, s[4] if len(s) > 4 else 0, a.d, a.f, a.k, a.n, hw, conv, persist)
             rows.append(r)
             print(f"{kern:<8} algo {r['algo']} bn {bn:>2} bg {r['bg']:>2} warps {warps} cap {r['regs_cap'] or '-':>3} "
-                  f"hw {hw} conv {conv}: "
+                  f"hw {hw} conv {conv} persist {persist}: "
                   f"{r['reg']:>3} registers, local {r.get('local', 0):>4} B, {r['sass']:>5} SASS, "
                   f"{r['programs_per_sm']} programs ({r['warps_per_sm']} warps) a SM, {r['waves']} waves of "
                   f"{r['programs']}", flush=True)

@@ -141,8 +141,9 @@ class QConfig:
     round(x / d) ties to even, cpu_kernel.c's ACT_Q8 rounding) and the products taken as integer dot products (dp4a:
     four code-activation pairs an instruction), the group's scale and minimum applied to the exact integer sum;
     0 the inputs as given (fp32 sums). TIERED_GPU_ACT=q8 sets it on every q4 launch (`act_mode`). `persist` (a dense
-    GEMV's with act 1): at most that many programs a SM, each looping over row blocks, so that each rounds x once
-    for several blocks (0: a program a row block)."""
+    GEMV's under the word tile): at most that many programs a SM, each looping over row blocks with the next block's
+    first step loaded before the current one is computed (gemv_loop), so that its loads stay in flight between
+    blocks (and, with act 1, it rounds x once for several blocks); 0: a program a row block."""
     bn: int = 4
     bg: int = 8
     warps: int = 2
@@ -421,12 +422,12 @@ def decorate_kernels():
     helpers["dot_rows"] = bind(_dot_rows)
     helpers["dp4a"] = bind(_dp4a)
     helpers["q8_code"] = bind(_q8_code)
-    for name in ("q8_fill", "q8_words", "q8_x", "q8_codes", "q8_codes_k", "q8_dot", "pre_q8", "dot_rows_q8",
-                 "gemv_q8_loop"):
+    for name in ("q8_fill", "q8_words", "q8_x", "q8_codes", "q8_codes_k", "q8_dot", "pre_q8", "dot_rows_q8"):
         helpers[name] = bind(globals()["_" + name])
     helpers["dot_rows_words"] = bind(_dot_rows_words)
     helpers["down_words"] = bind(_down_words)
     helpers["pre_words"] = bind(_pre_words)
+    helpers["gemv_loop"] = bind(_gemv_loop)
     helpers["flat_step"] = bind(_flat_step)
     helpers["dot_rows_flat"] = bind(_dot_rows_flat)
     helpers["act_fn"] = bind(act_fn)
@@ -1021,6 +1022,188 @@ def _down_words(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, t, d64, mask_d, slot_base, 
     return tl.sum(yk * wk[:, None], axis=0)
 
 
+def _gemv_loop(x_ptr, slot_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_xt, stride_qs, stride_qn, stride_ss,
+               stride_sn, stride_ms, stride_mn, stride_ot, KIN: tl.constexpr, KQ: tl.constexpr, NG: tl.constexpr,
+               GROUP: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, BK: tl.constexpr, UK: tl.constexpr,
+               HAS_SLOTS: tl.constexpr, GDC: tl.constexpr, PAIR: tl.constexpr, ACT8: tl.constexpr, ws_ptr, fs_ptr,
+               NGP: tl.constexpr):
+    """_qgemv's LOOP body (QConfig.persist, the word tile): fewer programs than row blocks, each taking the blocks
+    program_id(0), + num_programs(0), ... in turn. The next block's first step (codes, scales, minima: pre_words, or
+    pre_q8 under ACT8) is loaded before the current block is computed, so a program's loads stay in flight from
+    one block to the next, where a program a block waits for its first step at its start and idles at its end. A
+    single matrix (no slots) loads its first block's first step before the PDL wait. ACT8: x[t] is rounded once
+    into its scratch row (q8_fill, then the CTA barrier) for all the program's blocks."""
+    t = tl.program_id(1)
+    nprog = tl.num_programs(0)
+    offs = tl.arange(0, BN)
+    if HAS_SLOTS:  # the slots come from the kernels before: read after the wait
+        gdc_enter(GDC)
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+    else:
+        slot = 0
+    qb = q_ptr + slot * stride_qs
+    sb = s_ptr + slot * stride_ss
+    mb = m_ptr + slot * stride_ms
+    n64 = (tl.program_id(0) * BN + offs).to(tl.int64)
+    mask_n = n64 < N
+    if ACT8:
+        pa, pb, psv, pmv = pre_q8(qb + n64 * stride_qn, sb + n64 * stride_sn, mb + n64 * stride_mn, mask_n, KQ, NG,
+                                  GROUP, BG)
+    else:
+        pa, psv, pmv = pre_words(qb + n64 * stride_qn, sb + n64 * stride_sn, mb + n64 * stride_mn, mask_n, KQ, NG,
+                                 BG, UK)
+    if not HAS_SLOTS:
+        gdc_enter(GDC)
+    xr = x_ptr + t * stride_xt
+    if ACT8:
+        ws = ws_ptr + t * (KQ // 2)
+        fs = fs_ptr + t * (2 * NG)
+        q8_fill(xr, 8, 1, ws, fs, KQ // 4, NG, GROUP, NGP)
+        tl.debug_barrier()
+    for blk in range(tl.program_id(0), tl.cdiv(N, BN), nprog):
+        n64 = (blk * BN + offs).to(tl.int64)
+        mask_n = n64 < N
+        qr = qb + n64 * stride_qn
+        sr = sb + n64 * stride_sn
+        mr = mb + n64 * stride_mn
+        nx = n64 + nprog * BN  # the next block's rows (masked off past N: no load)
+        mask_x = nx < N
+        if ACT8:
+            na, nb, nsv, nmv = pre_q8(qb + nx * stride_qn, sb + nx * stride_sn, mb + nx * stride_mn, mask_x, KQ, NG,
+                                      GROUP, BG)
+            y, _ = dot_rows_q8(xr, qr, sr, mr, qr, sr, mr, mask_n, KIN, KQ, NG, GROUP, BN, BG, BK, False, True, pa,
+                               pb, psv, pmv, ws, fs, NGP, False)
+            pb = nb
+        else:
+            na, nsv, nmv = pre_words(qb + nx * stride_qn, sb + nx * stride_sn, mb + nx * stride_mn, mask_x, KQ, NG,
+                                     BG, UK)
+            y, _ = dot_rows_words(xr, qr, sr, mr, qr, sr, mr, mask_n, KIN, KQ, NG, GROUP, BN, BG, BK, UK, False,
+                                  True, pa, psv, pmv, PAIR)
+        pa = na
+        psv = nsv
+        pmv = nmv
+        tl.store(out_ptr + t * stride_ot + blk * BN + offs, y.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+def _pre_words(q1, s1, m1, mask_n, KQ: tl.constexpr, NG: tl.constexpr, BG: tl.constexpr, UK: tl.constexpr):
+    """(codes [BN, UK] int32, scales [BN, BG], minima [BN, BG]) of step 0 of the rows at q1 / s1 / m1 for
+    dot_rows_words(PRE=True): what a kernel loads before its PDL wait when the previous kernel does not write them."""
+    c, _ = step_codes(q1, q1, mask_n, 0, UK, KQ // 4, False)
+    g = tl.arange(0, BG)
+    ms = mask_n[:, None] & (g[None, :] < NG)
+    return c, tl.load(s1[:, None] + g[None, :], mask=ms, other=0), tl.load(m1[:, None] + g[None, :], mask=ms, other=0)
+
+
+def _down_words(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, t, d64, mask_d, slot_base, stride_qs, stride_qn, stride_ss,
+                stride_sn, stride_ms, stride_mn, K: tl.constexpr, KP: tl.constexpr, KIN: tl.constexpr,
+                KQ: tl.constexpr, NG: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr,
+                BK: tl.constexpr, UK: tl.constexpr, WR: tl.constexpr, HW: tl.constexpr = 0, PRE: tl.constexpr = False,
+                GDC: tl.constexpr = False, ACT8: tl.constexpr = False, ws=0, fs=0, NGP: tl.constexpr = 1):
+    """[BN] fp32: sum over token t's K experts of w_k * (h_k @ down[slot_k].T) for the BN output rows d64, q4 read
+    as int32 words with every expert's codes of a step in one [KP, BN, UK] load (KP = K padded to a power of
+    two): all K experts' bytes are in flight at once, where a loop over experts would wait for each in turn
+    (the down projection's rows are short, so a program's per-expert work is one small load). The per-expert
+    sums are reduced over k in a fixed order (deterministic). HW > 0: h rows are word-major (QConfig.hw), input
+    8w + j at j * KW + w. PRE: the slots, routing weights and step 0's codes, scales and minima are loaded first,
+    then the PDL wait (gdc_enter(GDC), which the caller has not made): only h comes from the previous kernel
+    (quant_down's `early`). ACT8: each expert's h rounded to 8 bits per group once into the scratch rows ws / fs
+    ([K, 2 KW] int32 and [K, 2 NG] fp32 for this token; q8_fill) and integer products, the codes read as halves of
+    groups (q8_codes_k; dot_rows_q8 says how)."""
+    KW: tl.constexpr = KQ // 4
+    WG: tl.constexpr = GROUP // 8
+    H: tl.constexpr = (WG + 1) // 2  # ACT8: words in a group's first half
+    HB: tl.constexpr = WG > H
+    offs_k = tl.arange(0, KP)
+    mk = offs_k < K
+    pair = t * K + offs_k  # [KP]
+    slot = tl.load(slot_ptr + pair, mask=mk, other=0).to(tl.int64) + slot_base
+    wk = round_weight(tl.load(wt_ptr + pair, mask=mk, other=0).to(tl.float32), WR)
+    offs_w = tl.arange(0, UK)
+    offs_g = tl.arange(0, BG)
+    mkd = mk[:, None] & mask_d[None, :]  # [KP, BN]
+    qrow = dq + slot[:, None] * stride_qs + d64[None, :] * stride_qn  # [KP, BN] int32 row pointers
+    srow = ds + slot[:, None] * stride_ss + d64[None, :] * stride_sn
+    mrow = dm + slot[:, None] * stride_ms + d64[None, :] * stride_mn
+    hrow = h_ptr + pair.to(tl.int64) * KIN  # [KP]
+    acc = tl.zeros([KP, BN, BG], tl.float32)
+    wi = offs_w  # [UK] step 0's words
+    if ACT8:  # the codes as halves of groups, [KP, BN, BG, H] each
+        nxt, nxb = q8_codes_k(qrow, mkd, 0, BG, WG, H, KW)
+    else:
+        nxt = tl.load(qrow[:, :, None] + wi[None, None, :], mask=mkd[:, :, None] & (wi < KW)[None, None, :], other=0)
+        nxb = nxt
+    if PRE:
+        ms0 = mkd[:, :, None] & (offs_g[None, None, :] < NG)
+        psv = tl.load(srow[:, :, None] + offs_g[None, None, :], mask=ms0, other=0)
+        pmv = tl.load(mrow[:, :, None] + offs_g[None, None, :], mask=ms0, other=0)
+        gdc_enter(GDC)
+    if ACT8:  # each expert's h rounded once into its scratch rows (q8_fill), then the CTA barrier
+        for k in tl.static_range(K):
+            q8_fill(h_ptr + (t * K + k).to(tl.int64) * KIN, 1 if HW else 8, KW if HW else 1, ws + k * (2 * KW),
+                    fs + k * (2 * NG), KW, NG, GROUP, NGP)
+        tl.debug_barrier()
+    for k0 in tl.static_range(0, KIN, BK):
+        wi = k0 // 8 + offs_w  # [UK]
+        wm = wi < KW
+        c = nxt
+        cb = nxb
+        if k0 + BK < KIN:  # the next step's codes in flight while this step computes
+            wn = wi + BK // 8
+            if ACT8:
+                nxt, nxb = q8_codes_k(qrow, mkd, (k0 + BK) // 8, BG, WG, H, KW)
+            else:
+                nxt = tl.load(qrow[:, :, None] + wn[None, None, :], mask=mkd[:, :, None] & (wn < KW)[None, None, :],
+                              other=0)
+        if ACT8:  # the step's 8-bit inputs of every expert from the scratch rows, [KP, BG, H] / [KP, BG]
+            wa, wb, ma, mb = q8_words(k0 // 8, BG, WG, H, KW)  # [BG, H] the halves' words
+            ma = mk[:, None, None] & ma[None, :, :]
+            mb = mk[:, None, None] & mb[None, :, :]
+            wsk = ws + offs_k[:, None, None] * (2 * KW)
+            ea = tl.load(wsk + wa[None, :, :], mask=ma, other=0)
+            oa = tl.load(wsk + KW + wa[None, :, :], mask=ma, other=0)
+            eb = tl.load(wsk + wb[None, :, :], mask=mb, other=0)
+            ob = tl.load(wsk + KW + wb[None, :, :], mask=mb, other=0)
+            gi = k0 // GROUP + offs_g
+            mg = mk[:, None] & (gi < NG)[None, :]
+            fk = fs + offs_k[:, None] * (2 * NG) + gi[None, :]
+            hd = tl.load(fk, mask=mg, other=0.0)  # [KP, BG]
+            hx = tl.load(fk + NG, mask=mg, other=0.0)
+            shape: tl.constexpr = [KP, BN, BG, H]
+            ic = dp4a((c >> 4) & 0x0F0F0F0F, tl.broadcast_to(oa[:, None, :, :], shape),
+                      dp4a(c & 0x0F0F0F0F, tl.broadcast_to(ea[:, None, :, :], shape), tl.zeros(shape, tl.int32)))
+            if HB:
+                ic = dp4a((cb >> 4) & 0x0F0F0F0F, tl.broadcast_to(ob[:, None, :, :], shape),
+                          dp4a(cb & 0x0F0F0F0F, tl.broadcast_to(eb[:, None, :, :], shape), ic))
+            d = tl.sum(ic, axis=3).to(tl.float32)  # [KP, BN, BG] sum(c code)
+        else:
+            tacc = tl.zeros([KP, BN, UK], tl.float32)
+            xw = tl.zeros([KP, UK], tl.float32)
+            for j in tl.static_range(8):
+                if HW:
+                    xj = tl.load(hrow[:, None] + j * KW + wi[None, :], mask=mk[:, None] & wm[None, :], other=0.0)
+                else:
+                    xj = tl.load(hrow[:, None] + wi[None, :] * 8 + j, mask=mk[:, None] & wm[None, :], other=0.0)
+                xj = xj.to(tl.float32)  # [KP, UK] inputs 8w + j of each expert's h row
+                xw += xj
+                tacc += word_nibble(c, j) * xj[:, None, :]
+            xs = tl.sum(tl.reshape(xw, [KP, BG, WG]), axis=2)[:, None, :]  # [KP, 1, BG]
+            d = tl.sum(tl.reshape(tacc, [KP, BN, BG, WG]), axis=3)  # [KP, BN, BG]
+        g = k0 // GROUP + offs_g
+        ms = mkd[:, :, None] & (g[None, None, :] < NG)
+        if PRE and k0 == 0:
+            sv = psv.to(tl.float32)
+            mv = pmv.to(tl.float32)
+        else:
+            sv = tl.load(srow[:, :, None] + g[None, None, :], mask=ms, other=0).to(tl.float32)
+            mv = tl.load(mrow[:, :, None] + g[None, None, :], mask=ms, other=0).to(tl.float32)
+        if ACT8:
+            acc += d * (sv * hd[:, None, :]) + mv * hx[:, None, :]
+        else:
+            acc += (d - xs) * 16.0 * sv + mv * xs
+    yk = tl.sum(acc, axis=2)  # [KP, BN]
+    return tl.sum(yk * wk[:, None], axis=0)
+
+
 def _gemv_q8_loop(x_ptr, slot_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_xt, stride_qs, stride_qn, stride_ss,
                   stride_sn, stride_ms, stride_mn, stride_ot, KIN: tl.constexpr, KQ: tl.constexpr, NG: tl.constexpr,
                   GROUP: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, BK: tl.constexpr, HAS_SLOTS: tl.constexpr,
@@ -1063,13 +1246,13 @@ def _qgemv(x_ptr, slot_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_xt, stride_q
     code row, PF_STEP code elements a line). PRE (a single matrix, the word tile, with PDL; pdl.preload_enabled): the
     first step's codes, scales and minima are loaded into registers before the wait (pre_words), so a kernel whose
     whole row is one step reads nothing but x after it. ACT8 (QConfig.act 1): 8-bit inputs (dot_rows_q8), through the
-    scratch rows ws_ptr [T, 2 KW] int32 and fs_ptr [T, 2 NG] fp32 (NGP: NG padded to a power of two). LOOP (ACT8,
-    QConfig.persist): a grid of fewer programs than row blocks, each rounding x once and then taking the row blocks
-    program_id, program_id + programs, ... (the rounding's cost spread over several blocks; no PRE)."""
+    scratch rows ws_ptr [T, 2 KW] int32 and fs_ptr [T, 2 NG] fp32 (NGP: NG padded to a power of two). LOOP (the word
+    tile, QConfig.persist): a grid of fewer programs than row blocks, each taking the row blocks program_id,
+    program_id + programs, ... with the next block's first step loaded ahead (gemv_loop; PRE is its own)."""
     if LOOP:
-        gemv_q8_loop(x_ptr, slot_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_xt, stride_qs, stride_qn, stride_ss,
-                     stride_sn, stride_ms, stride_mn, stride_ot, KIN, KQ, NG, GROUP, BN, BG, BK, HAS_SLOTS, GDC,
-                     ws_ptr, fs_ptr, NGP)
+        gemv_loop(x_ptr, slot_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_xt, stride_qs, stride_qn, stride_ss,
+                  stride_sn, stride_ms, stride_mn, stride_ot, KIN, KQ, NG, GROUP, BN, BG, BK, UK, HAS_SLOTS, GDC,
+                  CONV == 2, ACT8, ws_ptr, fs_ptr, NGP)
     else:
         t = tl.program_id(1)
         offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -1301,7 +1484,7 @@ def quant_matvec(x: Tensor, w: QuantWeight, slots: Tensor | None = None, *, out_
         opts.update(PF_LINES=triton.next_power_of_2(triton.cdiv(w.q.shape[-1] * w.q.element_size(), 128)),
                    PF_STEP=128 // codes.element_size())
     blocks = triton.cdiv(n, cfg.bn)
-    if tiles["ACT8"] and cfg.persist:  # programs that loop over row blocks, x rounded once each
+    if a == 2 and cfg.persist:  # programs that loop over row blocks, the next block's loads ahead (gemv_loop)
         blocks = min(blocks, cfg.persist * _sm_count(x.device))
         opts["LOOP"] = True
     elif not w.lead and a == 2 and _preload_ok(opts):  # its first step in registers before the wait
