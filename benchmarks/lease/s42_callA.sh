@@ -15,8 +15,8 @@ grep -E '^\{"product' $OUT/gemv-loop.log | python3 -c "
 import json, sys
 for l in sys.stdin:
     r = json.loads(l); c = r['config']
-    print(r['product'], c['bn'], c['bg'], c['warps'], c['conv'], c['persist'], c['act'], round(r.get('us', 0), 1),
-          round(r.get('tbps', 0), 2), r.get('failed', ''))"
+    print(r['product'], c['bn'], c['bg'], c['warps'], c['conv'], c['persist'], c['act'], c['ahead'],
+          round(r.get('us', 0), 1), round(r.get('tbps', 0), 2), r.get('failed', ''))"
 pack
 [ $(( $(date +%s) - T0 )) -lt 420 ] && timeout 150 python3 benchmarks/bench_act8_gpu.py --quick \
   > $OUT/act8-kernels-quick.log 2>&1; grep -vE '^\{' $OUT/act8-kernels-quick.log | tail -6

@@ -143,7 +143,9 @@ class QConfig:
     0 the inputs as given (fp32 sums). TIERED_GPU_ACT=q8 sets it on every q4 launch (`act_mode`). `persist` (a dense
     GEMV's under the word tile): at most that many programs a SM, each looping over row blocks with the next block's
     first step loaded before the current one is computed (gemv_loop), so that its loads stay in flight between
-    blocks (and, with act 1, it rounds x once for several blocks); 0: a program a row block."""
+    blocks (and, with act 1, it rounds x once for several blocks); 0: a program a row block. `ahead` (with persist,
+    on CUDA): each program also asks L2 for the rows of its block that many turns ahead (prefetch.global.L2: no
+    registers held, nothing waits), so that more bytes are in flight than the registers hold; 0: none."""
     bn: int = 4
     bg: int = 8
     warps: int = 2
@@ -154,6 +156,7 @@ class QConfig:
     hw: int = 0
     act: int = 0
     persist: int = 0
+    ahead: int = 0
 
     def __post_init__(self) -> None:
         for name in ("bn", "bg", "warps"):
@@ -165,6 +168,9 @@ class QConfig:
                              f"{self.conv}, {self.algo}")
         if self.regs and not 24 <= self.regs <= 255:
             raise ValueError(f"QConfig.regs must be 0 (the compiler's choice) or 24..255, got {self.regs}")
+        if self.ahead < 0 or (self.ahead and not self.persist):
+            raise ValueError(f"QConfig.ahead must be >= 0 and needs persist (the looping GEMV), got ahead {self.ahead}, "
+                             f"persist {self.persist}")
         if self.persist < 0:
             raise ValueError(f"QConfig.persist must be >= 0 (programs a SM; 0: one a row block), got {self.persist}")
         if self.act not in (0, 1):
@@ -1026,13 +1032,15 @@ def _gemv_loop(x_ptr, slot_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_xt, stri
                stride_sn, stride_ms, stride_mn, stride_ot, KIN: tl.constexpr, KQ: tl.constexpr, NG: tl.constexpr,
                GROUP: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, BK: tl.constexpr, UK: tl.constexpr,
                HAS_SLOTS: tl.constexpr, GDC: tl.constexpr, PAIR: tl.constexpr, ACT8: tl.constexpr, ws_ptr, fs_ptr,
-               NGP: tl.constexpr):
+               NGP: tl.constexpr, AHEAD: tl.constexpr, PF_LINES: tl.constexpr, PF_STEP: tl.constexpr):
     """_qgemv's LOOP body (QConfig.persist, the word tile): fewer programs than row blocks, each taking the blocks
     program_id(0), + num_programs(0), ... in turn. The next block's first step (codes, scales, minima: pre_words, or
     pre_q8 under ACT8) is loaded before the current block is computed, so a program's loads stay in flight from
     one block to the next, where a program a block waits for its first step at its start and idles at its end. A
     single matrix (no slots) loads its first block's first step before the PDL wait. ACT8: x[t] is rounded once
-    into its scratch row (q8_fill, then the CTA barrier) for all the program's blocks."""
+    into its scratch row (q8_fill, then the CTA barrier) for all the program's blocks. AHEAD > 0 (QConfig.ahead, CUDA
+    only: inline PTX): before each block, the rows of the block AHEAD turns later are asked into L2 (PF_LINES 128-byte
+    lines a code row, PF_STEP code elements a line; rows past N ask for the current block's again)."""
     t = tl.program_id(1)
     nprog = tl.num_programs(0)
     offs = tl.arange(0, BN)
@@ -1068,6 +1076,14 @@ def _gemv_loop(x_ptr, slot_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_xt, stri
         mr = mb + n64 * stride_mn
         nx = n64 + nprog * BN  # the next block's rows (masked off past N: no load)
         mask_x = nx < N
+        if AHEAD > 0:
+            pn = n64 + AHEAD * nprog * BN
+            pn = tl.where(pn < N, pn, n64)
+            lo = tl.arange(0, PF_LINES)
+            lo = tl.where(lo * 128 < KQ, lo, 0)
+            l2_prefetch(qb + pn[:, None] * stride_qn + lo[None, :] * PF_STEP)
+            l2_prefetch(sb + pn * stride_sn)
+            l2_prefetch(mb + pn * stride_mn)
         if ACT8:
             na, nb, nsv, nmv = pre_q8(qb + nx * stride_qn, sb + nx * stride_sn, mb + nx * stride_mn, mask_x, KQ, NG,
                                       GROUP, BG)
@@ -1239,7 +1255,7 @@ def _qgemv(x_ptr, slot_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_xt, stride_q
           BG: tl.constexpr, CONV: tl.constexpr, HAS_SLOTS: tl.constexpr, ALGO: tl.constexpr, BK: tl.constexpr,
           UK: tl.constexpr, GDC: tl.constexpr = False, PF_LINES: tl.constexpr = 0, PF_STEP: tl.constexpr = 1,
           PRE: tl.constexpr = False, ACT8: tl.constexpr = False, ws_ptr=None, fs_ptr=None, NGP: tl.constexpr = 1,
-          LOOP: tl.constexpr = False):
+          LOOP: tl.constexpr = False, AHEAD: tl.constexpr = 0):
     """Grid (cdiv(N, BN), T): out[t, n-block] = x[t] @ W[slot[t]][n-block]^T.
     PF_LINES > 0 (with PDL, GDC; pdl.l2_prefetch_enabled): a single matrix's rows are asked into L2 before the wait
     for the previous kernel, which does not write them, so their reads overlap its tail (PF_LINES 128-byte lines a
@@ -1252,7 +1268,7 @@ def _qgemv(x_ptr, slot_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_xt, stride_q
     if LOOP:
         gemv_loop(x_ptr, slot_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_xt, stride_qs, stride_qn, stride_ss,
                   stride_sn, stride_ms, stride_mn, stride_ot, KIN, KQ, NG, GROUP, BN, BG, BK, UK, HAS_SLOTS, GDC,
-                  CONV == 2, ACT8, ws_ptr, fs_ptr, NGP)
+                  CONV == 2, ACT8, ws_ptr, fs_ptr, NGP, AHEAD, PF_LINES, PF_STEP)
     else:
         t = tl.program_id(1)
         offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -1487,6 +1503,10 @@ def quant_matvec(x: Tensor, w: QuantWeight, slots: Tensor | None = None, *, out_
     if a == 2 and cfg.persist:  # programs that loop over row blocks, the next block's loads ahead (gemv_loop)
         blocks = min(blocks, cfg.persist * _sm_count(x.device))
         opts["LOOP"] = True
+        if cfg.ahead and x.device.type == "cuda":  # L2 prefetches (inline PTX: not under the interpreter)
+            opts.update(AHEAD=cfg.ahead,
+                        PF_LINES=triton.next_power_of_2(triton.cdiv(w.q.shape[-1] * w.q.element_size(), 128)),
+                        PF_STEP=128 // codes.element_size())
     elif not w.lead and a == 2 and _preload_ok(opts):  # its first step in registers before the wait
         opts["PRE"] = True
     qgemv[(blocks, T)](x, sl, codes, w.scale, m, out, n, x.stride(0), *_strides(w, a),
