@@ -134,8 +134,8 @@ def test_matvec_words_programs_looping_over_row_blocks(persist, conv):
     or 6 programs for 10 blocks of 4 rows, the last one short), each loading the next block's first step before
     computing the current one; over a stack with two rows' slots and over one matrix, two steps a row: the
     reference, and the same values as a program a block."""
-    with pytest.raises(ValueError, match="needs persist"):
-        QConfig(algo=2, ahead=2)
+    with pytest.raises(ValueError, match="ahead must be >= 0"):
+        QConfig(algo=2, ahead=-1)
     g = torch.Generator().manual_seed(persist + 10 * conv)
     qw = quantize(torch.randn(3, 37, 256, generator=g) * 0.1, "q4").to_device(DEV)
     x = torch.randn(2, 256, generator=g).to(DEV)
@@ -500,14 +500,16 @@ def compile_kernels_sm90(fmt: str) -> None:
             assert "dp4a.u32.s32" in ptx and "div.rn.f32" in ptx and "st.global" in ptx
             assert ptx.rfind("bar.sync") > ptx.find("st.global"), "no CTA barrier after the scratch rows' stores"
         # the float word tile's loop over row blocks (QConfig.persist): one matrix loads its first step before the
-        # PDL wait, a stack reads its slot after it; in both the loop carries the next block's codes
-        for has_slots, conv, ahead in ((False, 1, 0), (False, 2, 2), (True, 1, 1)):
+        # PDL wait, a stack reads its slot after it; in both the loop carries the next block's codes. QConfig.ahead:
+        # L2 prefetches in the loop, or (a program a block, one matrix) of a later block's rows before the wait
+        for has_slots, conv, ahead, loop in ((False, 1, 0, True), (False, 2, 2, True), (True, 1, 1, True),
+                                             (False, 2, 6, False)):
             ftiles = qm._tiles(QConfig(bn=4, bg=2, algo=2, conv=conv), W.gate)
             k = _compile_for_sm90(qgemv, {"x_ptr": x, "slot_ptr": slots, "q_ptr": p["q"], "s_ptr": p["s"],
                                           "m_ptr": p["m"], "out_ptr": x, "N": 96, "stride_xt": 200, "stride_ot": 96,
                                           **dict(zip(names, qm._strides(W.gate, 2)))},
-                                  {**geo, **ftiles, "HAS_SLOTS": has_slots, "GDC": True, "LOOP": True,
-                                   "AHEAD": ahead, "PF_LINES": 2, "PF_STEP": 32})
+                                  {**geo, **ftiles, "HAS_SLOTS": has_slots, "GDC": True, "LOOP": loop,
+                                   "PRE": not loop, "AHEAD": ahead, "PF_LINES": 2, "PF_STEP": 32})
             ptx = k.asm["ptx"]
             first_load, wait = ptx.find("ld.global"), ptx.find("griddepcontrol.wait")
             assert 0 <= wait and (first_load < wait) != has_slots, (has_slots, conv)
@@ -603,7 +605,8 @@ def test_cuda_gemv_loop_dense_shapes(N, K):
     want = quant_matvec_ref(x.float(), qw)
     for cfg in (QConfig(bn=16, bg=16, warps=4, algo=2, conv=2, persist=4),
                 QConfig(bn=8, bg=32, warps=4, algo=2, conv=1, persist=2),
-                QConfig(bn=16, bg=16, warps=4, algo=2, conv=1, persist=4, ahead=2)):
+                QConfig(bn=16, bg=16, warps=4, algo=2, conv=1, persist=4, ahead=2),
+                QConfig(bn=32, bg=16, warps=4, algo=2, conv=2, ahead=528)):
         plain = quant_matvec(x, qw, config=dataclasses.replace(cfg, persist=0), out_dtype=torch.float32)
         out = torch.empty_like(plain)
         graph = torch.cuda.CUDAGraph()

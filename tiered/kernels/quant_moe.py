@@ -143,9 +143,11 @@ class QConfig:
     0 the inputs as given (fp32 sums). TIERED_GPU_ACT=q8 sets it on every q4 launch (`act_mode`). `persist` (a dense
     GEMV's under the word tile): at most that many programs a SM, each looping over row blocks with the next block's
     first step loaded before the current one is computed (gemv_loop), so that its loads stay in flight between
-    blocks (and, with act 1, it rounds x once for several blocks); 0: a program a row block. `ahead` (with persist,
-    on CUDA): each program also asks L2 for the rows of its block that many turns ahead (prefetch.global.L2: no
-    registers held, nothing waits), so that more bytes are in flight than the registers hold; 0: none."""
+    blocks (and, with act 1, it rounds x once for several blocks); 0: a program a row block. `ahead` (the word-tile
+    GEMV on CUDA): each program also asks L2 for rows it or another program reads later (prefetch.global.L2: no
+    registers held, nothing waits), so that more bytes are in flight than the registers hold: with persist, the rows
+    of its block that many turns ahead; without, of one matrix only, the block `ahead` blocks after its own (before
+    the PDL wait: a later wave's rows); 0: none."""
     bn: int = 4
     bg: int = 8
     warps: int = 2
@@ -168,9 +170,8 @@ class QConfig:
                              f"{self.conv}, {self.algo}")
         if self.regs and not 24 <= self.regs <= 255:
             raise ValueError(f"QConfig.regs must be 0 (the compiler's choice) or 24..255, got {self.regs}")
-        if self.ahead < 0 or (self.ahead and not self.persist):
-            raise ValueError(f"QConfig.ahead must be >= 0 and needs persist (the looping GEMV), got ahead {self.ahead}, "
-                             f"persist {self.persist}")
+        if self.ahead < 0:
+            raise ValueError(f"QConfig.ahead must be >= 0 (0: no L2 prefetches), got {self.ahead}")
         if self.persist < 0:
             raise ValueError(f"QConfig.persist must be >= 0 (programs a SM; 0: one a row block), got {self.persist}")
         if self.act not in (0, 1):
@@ -1264,7 +1265,9 @@ def _qgemv(x_ptr, slot_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_xt, stride_q
     whole row is one step reads nothing but x after it. ACT8 (QConfig.act 1): 8-bit inputs (dot_rows_q8), through the
     scratch rows ws_ptr [T, 2 KW] int32 and fs_ptr [T, 2 NG] fp32 (NGP: NG padded to a power of two). LOOP (the word
     tile, QConfig.persist): a grid of fewer programs than row blocks, each taking the row blocks program_id,
-    program_id + programs, ... with the next block's first step loaded ahead (gemv_loop; PRE is its own)."""
+    program_id + programs, ... with the next block's first step loaded ahead (gemv_loop; PRE is its own). AHEAD > 0
+    (QConfig.ahead, CUDA only): L2 prefetches of the rows of a later block (LOOP: AHEAD turns later; else, one matrix:
+    AHEAD blocks later, before the wait), PF_LINES and PF_STEP as above."""
     if LOOP:
         gemv_loop(x_ptr, slot_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_xt, stride_qs, stride_qn, stride_ss,
                   stride_sn, stride_ms, stride_mn, stride_ot, KIN, KQ, NG, GROUP, BN, BG, BK, UK, HAS_SLOTS, GDC,
@@ -1285,6 +1288,14 @@ def _qgemv(x_ptr, slot_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_xt, stride_q
             l2_prefetch(q_ptr + nn[:, None] * stride_qn + lo[None, :] * PF_STEP)
             l2_prefetch(s_ptr + tl.where(mask_n, srow, 0) * stride_sn)
             l2_prefetch(m_ptr + nn * stride_mn)
+        if AHEAD > 0 and not HAS_SLOTS:  # the rows of the block AHEAD blocks later (a later wave's) into L2
+            pn = n64 + AHEAD * BN
+            pn = tl.where(pn < N, pn, tl.where(mask_n, n64, 0))
+            lo = tl.arange(0, PF_LINES)
+            lo = tl.where(lo * 128 < KQ, lo, 0)
+            l2_prefetch(q_ptr + pn[:, None] * stride_qn + lo[None, :] * PF_STEP)
+            l2_prefetch(s_ptr + pn * stride_sn)
+            l2_prefetch(m_ptr + pn * stride_mn)
         pcb = 0
         if PRE and ACT8:
             pc, pcb, psv, pmv = pre_q8(q_ptr + n64 * stride_qn, s_ptr + srow * stride_sn, m_ptr + n64 * stride_mn,
@@ -1503,12 +1514,13 @@ def quant_matvec(x: Tensor, w: QuantWeight, slots: Tensor | None = None, *, out_
     if a == 2 and cfg.persist:  # programs that loop over row blocks, the next block's loads ahead (gemv_loop)
         blocks = min(blocks, cfg.persist * _sm_count(x.device))
         opts["LOOP"] = True
-        if cfg.ahead and x.device.type == "cuda":  # L2 prefetches (inline PTX: not under the interpreter)
-            opts.update(AHEAD=cfg.ahead,
-                        PF_LINES=triton.next_power_of_2(triton.cdiv(w.q.shape[-1] * w.q.element_size(), 128)),
-                        PF_STEP=128 // codes.element_size())
     elif not w.lead and a == 2 and _preload_ok(opts):  # its first step in registers before the wait
         opts["PRE"] = True
+    if cfg.ahead and a == 2 and x.device.type == "cuda" and (cfg.persist or not w.lead):  # L2 prefetches (inline PTX:
+        # not under the interpreter)
+        opts.update(AHEAD=cfg.ahead, PF_LINES=triton.next_power_of_2(triton.cdiv(w.q.shape[-1] * w.q.element_size(),
+                                                                                 128)),
+                    PF_STEP=128 // codes.element_size())
     qgemv[(blocks, T)](x, sl, codes, w.scale, m, out, n, x.stride(0), *_strides(w, a),
                                       out.stride(0), **_geometry(w), **tiles, HAS_SLOTS=bool(w.lead),
                                       **_q8_scratch(tiles, w, T, x.device), **opts)
