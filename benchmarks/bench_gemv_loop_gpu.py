@@ -8,7 +8,8 @@ the lm_head (151936 x 2048, 4,748 blocks of 32 rows) runs as 9 waves of such pro
 most P programs a SM each take every (P x SMs)-th block, with the next block's first step (codes, scales, minima)
 loaded before the current one is computed (quant_moe.gemv_loop), so their loads stay in flight from one block to
 the next; with QConfig.ahead each also asks L2 for the rows of its block that many turns ahead (no registers held).
-The float word tile (conv 1 and 2) and the 8-bit inputs (act 1) are both timed.
+The float word tile (conv 1 and 2) and the 8-bit inputs (act 1) are both timed; and TUNED's tile (a program a
+block) with L2 prefetches of a later wave's rows before its PDL wait (QConfig.ahead without persist).
 
 Each variant is first checked against the plain reference (dequantized rows, fp32 products; act 1 over the inputs
 rounded by round_inputs_q8) with fp32 outputs; a variant that misses (relative error over 1e-4; conv 2: 1e-4 too,
@@ -45,13 +46,15 @@ from tiered.layout.quant import group_size, quantize  # noqa: E402
 DENSE = {"lm_head": (151936, 2048), "qkv": (5120, 2048), "o_proj": (2048, 4096)}
 # (bn, bg, warps, conv, persist, act, ahead): offline (tools/kernel_regs.py, Triton 3.9, sm_90) the lm_head tiles
 # below fit P programs a SM by registers (bn 16 bg 16 w 4: 128 registers, 4 a SM; bn 16 bg 32 w 4: 168, 3; bn 32 bg
-# 16 w 4: 255, 2; bn 8 bg 32 w 4: 128, 4). ahead: L2 prefetches of the block that many turns ahead. Session 42's
-# first sweep (H100, s42_callA) timed the loop without them: 75.7-100 us against TUNED's 70.8.
+# 16 w 4: 255, 2; bn 8 bg 32 w 4: 128, 4). ahead: L2 prefetches of the block that many turns ahead; with persist 0
+# (TUNED's tile, 528 programs resident: 4 a SM), of the block that many blocks later. Session 42's first sweep (H100,
+# s42_callA) timed the loop without them: 75.7-100 us against TUNED's 70.8.
 LOOP_TILES = {
     "lm_head": [(16, 16, 4, 1, 4, 0, 0), (16, 16, 4, 1, 4, 0, 1), (16, 16, 4, 1, 4, 0, 2), (16, 16, 4, 1, 4, 0, 4),
                 (16, 16, 4, 2, 4, 0, 2), (32, 16, 4, 2, 2, 0, 0), (32, 16, 4, 2, 2, 0, 1), (32, 16, 4, 2, 2, 0, 2),
                 (16, 32, 4, 2, 3, 0, 2), (8, 32, 4, 2, 4, 0, 2), (8, 32, 4, 2, 4, 0, 4), (16, 16, 4, 0, 4, 1, 0),
-                (16, 16, 4, 0, 4, 1, 2)],
+                (16, 16, 4, 0, 4, 1, 2), (32, 16, 4, 2, 0, 0, 264), (32, 16, 4, 2, 0, 0, 528),
+                (32, 16, 4, 2, 0, 0, 1056)],
     "qkv": [(8, 32, 4, 1, 2, 0, 0), (4, 32, 4, 1, 4, 0, 1)],
     "o_proj": [(4, 64, 4, 1, 2, 0, 0), (4, 64, 4, 1, 2, 0, 1)],
 }
