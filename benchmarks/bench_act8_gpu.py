@@ -65,14 +65,16 @@ def dense_variants(kernel_shape: tuple[int, int], quick: bool) -> list[QConfig]:
     return uniq
 
 
-def time_dense(name: str, quick: bool, layers: int) -> list[dict]:
-    n, k = DENSE[name]
+def time_configs(name: str, n: int, k: int, cfgs: list[QConfig], layers: int) -> list[dict]:
+    """A row per config of the dense GEMV `name` [n, k] in q4: checked against the reference (act 1: over the
+    rounded inputs) with fp32 outputs, then timed as a graph of calls on other copies of the matrix (2 copies past
+    100 M weights, else `layers`) if within 1e-4; a tile that fails to compile is reported, not fatal."""
     g = torch.Generator(device="cuda").manual_seed(n)
     copies = 2 if n * k > 1e8 else layers
     mats = [quantize(torch.randn(n, k, generator=g, device="cuda") * k ** -0.5, "q4") for _ in range(copies)]
     x = torch.randn(1, k, generator=g, device="cuda").to(torch.bfloat16)
     rows = []
-    for cfg in dense_variants((n, k), quick):
+    for cfg in cfgs:
         ref = qm.quant_matvec_ref(round_inputs_q8(x, group_size("q4", k)) if cfg.act else x.float(), mats[0])
         row = {"product": name, "shape": [n, k], "config": dataclasses.asdict(cfg)}
         try:
@@ -89,6 +91,11 @@ def time_dense(name: str, quick: bool, layers: int) -> list[dict]:
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
+
+
+def time_dense(name: str, quick: bool, layers: int) -> list[dict]:
+    n, k = DENSE[name]
+    return time_configs(name, n, k, dense_variants((n, k), quick), layers)
 
 
 def _experts_ref(x, slots, wts, W, act: bool, hw: int):

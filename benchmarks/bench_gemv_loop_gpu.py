@@ -24,8 +24,6 @@ default by more than 2%).
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -38,10 +36,9 @@ sys.path.insert(0, str(REPO / "tools"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from benchmeta import git_commit, write_out  # noqa: E402
-from bench_moe_kernels import rel, time_graph  # noqa: E402
+from bench_act8_gpu import time_configs  # noqa: E402
 from tiered.kernels import quant_moe as qm  # noqa: E402
-from tiered.kernels.quant_moe import QConfig, round_inputs_q8  # noqa: E402
-from tiered.layout.quant import group_size, quantize  # noqa: E402
+from tiered.kernels.quant_moe import QConfig  # noqa: E402
 
 DENSE = {"lm_head": (151936, 2048), "qkv": (5120, 2048), "o_proj": (2048, 4096)}
 # (bn, bg, warps, conv, persist, act, ahead): offline (tools/kernel_regs.py, Triton 3.9, sm_90) the lm_head tiles
@@ -71,28 +68,12 @@ def variants(name: str) -> list[QConfig]:
 
 def time_product(name: str, layers: int) -> list[dict]:
     n, k = DENSE[name]
-    g = torch.Generator(device="cuda").manual_seed(n)
-    copies = 2 if n * k > 1e8 else layers
-    mats = [quantize(torch.randn(n, k, generator=g, device="cuda") * k ** -0.5, "q4") for _ in range(copies)]
-    x = torch.randn(1, k, generator=g, device="cuda").to(torch.bfloat16)
     cfgs = variants(name)
-    rows = []
-    for i, cfg in enumerate(cfgs + [cfgs[0]]):  # the default again last
-        ref = qm.quant_matvec_ref(round_inputs_q8(x, group_size("q4", k)) if cfg.act else x.float(), mats[0])
-        row = {"product": name, "shape": [n, k], "config": dataclasses.asdict(cfg), "default": i in (0, len(cfgs))}
-        try:
-            err = rel(qm.quant_matvec(x, mats[0], config=cfg, out_dtype=torch.float32), ref.float())
-            row["rel_err"] = err
-            if err > 1e-4:
-                row["failed"] = f"relative error {err:.2e}"
-            else:
-                t = time_graph([lambda m=m: qm.quant_matvec(x, m, config=cfg) for m in mats], reps=20)
-                row["us"] = t * 1e6
-                row["tbps"] = mats[0].nbytes / t / 1e12
-        except Exception as e:  # a tile that does not compile (registers, shared memory) is reported, not fatal
-            row["failed"] = f"{type(e).__name__}: {str(e)[:200]}"
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+    rows = time_configs(name, n, k, cfgs + [cfgs[0]], layers)  # the default again last
+    for i, r in enumerate(rows):
+        r["default"] = i in (0, len(cfgs))
+        if "gbps" in r:
+            r["tbps"] = r["gbps"] / 1e3
     return rows
 
 
