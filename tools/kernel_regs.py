@@ -186,9 +186,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kernel", choices=("all", "gate_up", "down", "gemv"), default="all")
     ap.add_argument("--tiles", default="",
-                    help="comma list of algo:bn:bg:warps[:regs[:hw[:conv[:persist]]]] (default: TUNED's; hw: QConfig.hw, "
-                         "the h layout between the expert kernels, ignored by the GEMV; conv 2: the word tile's "
-                         "nibbles in pairs; persist (the GEMV): programs a SM looping over row blocks)")
+                    help="comma list of algo:bn:bg:warps[:regs[:hw[:conv[:persist]]]] (default: TUNED's; hw: "
+                         "QConfig.hw, the h layout between the expert kernels, ignored by the GEMV; conv 2: the word "
+                         "tile's nibbles in pairs; persist (the GEMV): programs a SM looping over row blocks)")
     ap.add_argument("--d", type=int, default=2048, help="hidden size (gate/up inputs, down outputs, GEMV inputs)")
     ap.add_argument("--f", type=int, default=768, help="expert FFN")
     ap.add_argument("--k", type=int, default=8, help="experts a token")

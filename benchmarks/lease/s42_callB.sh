@@ -14,7 +14,7 @@ for f in $OUT/tiered-*.json; do python3 -c "
 import json; d = json.load(open('$f')); d = d.get('modes', {}).get('vram', d)
 print('$f'.split('/')[-1], {k: d[k]['decode_tok_s'] for k in ('decode_short', 'decode_long') if k in d})" 2>&1 | tail -1; done
 for v in layout-q4 layout; do
-  [ $(( $(date +%s) - T0 )) -lt 430 ] && timeout 80 python3 tools/profile_kernels.py -m $W/$v --glue on --tokens 16 \
-    > $OUT/profile-$v.log 2>&1; grep -v '^{' $OUT/profile-$v.log | grep -vE "^\[profile|Warn|warn" | head -14
+  [ $(( $(date +%s) - T0 )) -lt 430 ] && timeout 80 python3 tools/profile_kernels.py -m $W/$v --glue on \
+    --tokens 16 > $OUT/profile-$v.log 2>&1; grep -v '^{' $OUT/profile-$v.log | grep -vE "^\[profile|Warn|warn" | head -14
 done
 pack

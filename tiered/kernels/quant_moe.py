@@ -1368,11 +1368,10 @@ def quant_matvec(x: Tensor, w: QuantWeight, slots: Tensor | None = None, *, out_
         opts["LOOP"] = True
     elif not w.lead and a == 2 and _preload_ok(opts):  # its first step in registers before the wait
         opts["PRE"] = True
-    if cfg.ahead and a == 2 and x.device.type == "cuda" and (cfg.persist or not w.lead):  # L2 prefetches (inline PTX:
-        # not under the interpreter)
-        opts.update(AHEAD=cfg.ahead, PF_LINES=triton.next_power_of_2(triton.cdiv(w.q.shape[-1] * w.q.element_size(),
-                                                                                 128)),
-                    PF_STEP=128 // codes.element_size())
+    if cfg.ahead and a == 2 and x.device.type == "cuda" and (cfg.persist or not w.lead):
+        # L2 prefetches of later blocks (inline PTX: not under the interpreter)
+        lines = triton.cdiv(w.q.shape[-1] * w.q.element_size(), 128)
+        opts.update(AHEAD=cfg.ahead, PF_LINES=triton.next_power_of_2(lines), PF_STEP=128 // codes.element_size())
     qgemv[(blocks, T)](x, sl, codes, w.scale, m, out, n, x.stride(0), *_strides(w, a),
                                       out.stride(0), **_geometry(w), **tiles, HAS_SLOTS=bool(w.lead),
                                       **_q8_scratch(tiles, w, T, x.device), **opts)
