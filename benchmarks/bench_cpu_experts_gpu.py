@@ -77,12 +77,13 @@ def mapped(trace, cfg):
 
 def one_run(lay: Path, device: torch.device, prompt: list[int], new: int, doc, *, budget: dict | None,
             predictor=None, warmup: int, profile: bool = False, fill_ctas: int | None = None,
-            timeline: bool = False) -> dict:
+            timeline: bool = False, margins: bool = False) -> dict:
     """One engine run, routing replayed from `doc` (None: the model's own routing, for the resident run);
     profile: then profile its device step (profile_device_step). fill_ctas: the device step's background fill
     copies with that many programs (its graphs captured again). The warm-up generate runs without the fill, so
     the timed run starts from the cache a demand run would have. timeline: the timed run's device steps are
-    recorded one by one (StepTimeline: a few us a step of its own, so its tok/s is not a headline figure)."""
+    recorded one by one (StepTimeline: a few us a step of its own, so its tok/s is not a headline figure).
+    margins: after the timed run, its tokens teacher-forced (engine.logits) -> s["margins"] (decode_margins)."""
     replay = ReplayRouting(doc.topk_ids, doc.topk_weights, device=device) if doc is not None else None
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     engine = load(lay, device=device, dtype=dtype, budget=budget, max_context=len(prompt) + new + warmup + 8,
@@ -116,6 +117,8 @@ def one_run(lay: Path, device: torch.device, prompt: list[int], new: int, doc, *
             log(f"timeline failed: {e}")
     s["tokens"] = g.token_ids
     s["get_trace"] = prov.record_gets(False) if cache else None
+    if margins:
+        s["margins"] = decode_margins(engine, prompt, g.token_ids)
     if engine.pieces is not None:
         s["pieces"] = engine.pieces.stats()
     if profile and engine.devstep is not None and engine.devstep.graphed:
@@ -307,13 +310,33 @@ def summarise(s: dict, bounds: dict, compute_s: float, L: int) -> dict:
     return v
 
 
-def first_divergence(ref: list[int], got: list[int]) -> dict:
+def decode_margins(engine, prompt: list[int], tokens: list[int]) -> dict:
+    """The reference forward's view of each generated position: the prompt and the tokens teacher-forced through
+    engine.logits (the prompt path: its kernels, not the decode step's), and per new token i the two largest logits
+    of the row that chose it: "first" / "second" token ids and "gap" = their difference (fp32). A greedy run that
+    parts from the reference where the gap is within bf16 rounding of the logits met a near-tie."""
+    if not tokens:
+        return {"first": [], "second": [], "gap": []}
+    lg = engine.logits(list(prompt) + list(tokens[:-1]))[len(prompt) - 1:]  # [N, V]: row i chose token i
+    top = lg.topk(2, dim=-1)
+    return {"first": top.indices[:, 0].tolist(), "second": top.indices[:, 1].tolist(),
+            "gap": (top.values[:, 0] - top.values[:, 1]).tolist()}
+
+
+def first_divergence(ref: list[int], got: list[int], margins: dict | None = None) -> dict:
     """Where a run's greedy tokens leave the reference run's: the first differing position (of the shorter length),
-    both tokens there, and how many positions differ in all."""
+    both tokens there, and how many positions differ in all. margins (decode_margins of the reference run): also
+    the reference forward's top-two gap there, whether the run's token is its second choice, and the median gap
+    over all positions (how near a tie that position was, against the rest)."""
     n = min(len(ref), len(got))
     i = next((j for j in range(n) if ref[j] != got[j]), n)
-    return {"position": i, "ref": ref[i] if i < len(ref) else None, "run": got[i] if i < len(got) else None,
-            "differing": sum(a != b for a, b in zip(ref, got)) + abs(len(ref) - len(got)), "of": len(ref)}
+    out = {"position": i, "ref": ref[i] if i < len(ref) else None, "run": got[i] if i < len(got) else None,
+           "differing": sum(a != b for a, b in zip(ref, got)) + abs(len(ref) - len(got)), "of": len(ref)}
+    if margins and i < len(margins["gap"]):
+        gaps = sorted(margins["gap"])
+        out.update(ref_forward_gap=margins["gap"][i], run_is_second=margins["second"][i] == out["run"],
+                   ref_forward_first=margins["first"][i], median_gap=gaps[len(gaps) // 2])
+    return out
 
 
 def bounds_for(compute: float, bel_bytes: float, pcie_gbps: float, cpu_gbps: float | None) -> dict:
@@ -418,7 +441,8 @@ def main() -> None:
                       **({"device_fill": fill} if fill is not None else {})}  # None: its default (auto)
             log(f"doc {name}: {label}")
             s = one_run(a.layout, device, prompt, a.new_tokens, doc, budget=budget, predictor=pred, warmup=a.warmup,
-                        profile=label in a.profile, fill_ctas=fill_ctas, timeline=label in a.timeline)
+                        profile=label in a.profile, fill_ctas=fill_ctas, timeline=label in a.timeline,
+                        margins=label == "lru/off")
             if table == "device" and s.get("decode_graphs") != "device":  # a fallback is not a device-step figure
                 log(f"doc {name}: {label} did not decode with the device step ({s.get('decode_graphs')}): row dropped")
                 res.setdefault("failed_runs", []).append({"doc": name, "run": label, "decode_graphs": s.get("decode_graphs")})
@@ -481,8 +505,9 @@ def main() -> None:
             cpu_gbps = next((g for lab in ("nextuse+cpu/device", "lru+cpu/device")
                              if (g := (runs.get(lab, {}).get("cpu_experts") or {}).get("gbps"))), None)
         row = {"doc": name, "expert_slots": ref["expert_slots"], "belady": bel, "cpu_expert_gbps": cpu_gbps,
-               "tokens_identical": same, "divergence": {k: first_divergence(ref["tokens"], v["tokens"])
-                                                        for k, v in runs.items() if not same[k]},
+               "tokens_identical": same,
+               "divergence": {k: first_divergence(ref["tokens"], v["tokens"], ref.get("margins"))
+                              for k, v in runs.items() if not same[k]},
                "links": {}, "runs": {}}
         for label, s in runs.items():
             rate = float(label.split("@")[1]) if "@" in label else None
