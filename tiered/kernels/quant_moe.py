@@ -434,6 +434,7 @@ def decorate_kernels():
     helpers["dot_rows_words"] = bind(_dot_rows_words)
     helpers["down_words"] = bind(_down_words)
     helpers["pre_words"] = bind(_pre_words)
+    helpers["l2_rows"] = bind(_l2_rows)
     helpers["gemv_loop"] = bind(_gemv_loop)
     helpers["flat_step"] = bind(_flat_step)
     helpers["dot_rows_flat"] = bind(_dot_rows_flat)
@@ -1029,6 +1030,19 @@ def _down_words(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, t, d64, mask_d, slot_base, 
     return tl.sum(yk * wk[:, None], axis=0)
 
 
+def _l2_rows(q, s, m, rows, srows, stride_qn, stride_sn, stride_mn, KQ, PF_LINES: tl.constexpr,
+             PF_STEP: tl.constexpr):
+    """Ask L2 for the codes, scales and minima of `rows` (int64 [BN], valid rows: callers map those past N onto
+    one that exists): the first PF_LINES 128-byte lines of each code row (those past its KQ bytes fold onto line
+    0; PF_STEP codes a line), the scale rows `srows` (fp8: one per GROUP output rows) and the minima. CUDA only
+    (pdl.l2_prefetch is inline PTX); nothing is held in registers and nothing waits."""
+    lo = tl.arange(0, PF_LINES)
+    lo = tl.where(lo * 128 < KQ, lo, 0)
+    l2_prefetch(q + rows[:, None] * stride_qn + lo[None, :] * PF_STEP)
+    l2_prefetch(s + srows * stride_sn)
+    l2_prefetch(m + rows * stride_mn)
+
+
 def _gemv_loop(x_ptr, slot_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_xt, stride_qs, stride_qn, stride_ss,
                stride_sn, stride_ms, stride_mn, stride_ot, KIN: tl.constexpr, KQ: tl.constexpr, NG: tl.constexpr,
                GROUP: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, BK: tl.constexpr, UK: tl.constexpr,
@@ -1080,11 +1094,7 @@ def _gemv_loop(x_ptr, slot_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_xt, stri
         if AHEAD > 0:
             pn = n64 + AHEAD * nprog * BN
             pn = tl.where(pn < N, pn, n64)
-            lo = tl.arange(0, PF_LINES)
-            lo = tl.where(lo * 128 < KQ, lo, 0)
-            l2_prefetch(qb + pn[:, None] * stride_qn + lo[None, :] * PF_STEP)
-            l2_prefetch(sb + pn * stride_sn)
-            l2_prefetch(mb + pn * stride_mn)
+            l2_rows(qb, sb, mb, pn, pn, stride_qn, stride_sn, stride_mn, KQ, PF_LINES, PF_STEP)
         if ACT8:
             na, nb, nsv, nmv = pre_q8(qb + nx * stride_qn, sb + nx * stride_sn, mb + nx * stride_mn, mask_x, KQ, NG,
                                       GROUP, BG)
@@ -1135,19 +1145,12 @@ def _qgemv(x_ptr, slot_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_xt, stride_q
             srow = n64
         if GDC and not HAS_SLOTS and PF_LINES > 0:
             nn = tl.where(mask_n, n64, 0)  # rows past N prefetch row 0 again (a valid address)
-            lo = tl.arange(0, PF_LINES)
-            lo = tl.where(lo * 128 < KQ, lo, 0)
-            l2_prefetch(q_ptr + nn[:, None] * stride_qn + lo[None, :] * PF_STEP)
-            l2_prefetch(s_ptr + tl.where(mask_n, srow, 0) * stride_sn)
-            l2_prefetch(m_ptr + nn * stride_mn)
+            l2_rows(q_ptr, s_ptr, m_ptr, nn, tl.where(mask_n, srow, 0), stride_qn, stride_sn, stride_mn, KQ, PF_LINES,
+                    PF_STEP)
         if AHEAD > 0 and not HAS_SLOTS:  # the rows of the block AHEAD blocks later (a later wave's) into L2
             pn = n64 + AHEAD * BN
             pn = tl.where(pn < N, pn, tl.where(mask_n, n64, 0))
-            lo = tl.arange(0, PF_LINES)
-            lo = tl.where(lo * 128 < KQ, lo, 0)
-            l2_prefetch(q_ptr + pn[:, None] * stride_qn + lo[None, :] * PF_STEP)
-            l2_prefetch(s_ptr + pn * stride_sn)
-            l2_prefetch(m_ptr + pn * stride_mn)
+            l2_rows(q_ptr, s_ptr, m_ptr, pn, pn, stride_qn, stride_sn, stride_mn, KQ, PF_LINES, PF_STEP)
         pcb = 0
         if PRE and ACT8:
             pc, pcb, psv, pmv = pre_q8(q_ptr + n64 * stride_qn, s_ptr + srow * stride_sn, m_ptr + n64 * stride_mn,
