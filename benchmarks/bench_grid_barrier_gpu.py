@@ -42,7 +42,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
+from bench_moe_kernels import time_graph  # noqa: E402
 from benchmeta import git_commit, write_out  # noqa: E402
 from tiered.kernels.pdl import launch_args  # noqa: E402
 
@@ -151,25 +153,7 @@ def time_variant(variant: str, w: torch.Tensor, x: torch.Tensor, reps: int) -> d
     run()  # compile, and a first correctness run
     torch.cuda.synchronize()
     first = x[n].clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(stream):
-        run()  # warm on the side stream (as capture requires)
-        torch.cuda.synchronize()
-        with torch.cuda.graph(graph, stream=stream):
-            run()
-    torch.cuda.synchronize()
-    for _ in range(3):
-        graph.replay()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        graph.replay()
-    b.record()
-    torch.cuda.synchronize()
-    us = a.elapsed_time(b) * 1e3 / reps
+    us = time_graph([run], reps=reps) * 1e6  # (warmed on a side stream, captured, replayed)
     return {"variant": variant, "us": us, "us_per_phase": us / n, "spin_cap_hit": bool(err.item()),
             "x_n": x[n].clone(), "first_equal": bool(torch.equal(first, x[n]))}
 
