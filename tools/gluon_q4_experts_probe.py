@@ -1,9 +1,9 @@
-"""The experts' gate_up product on tensor cores in Gluon, with K split across warps: a probe for issue 13 beside
-tools/gluon_q4_probe.py (the dense GEMV), not used by the engine.
+"""The experts' gate_up and down products on tensor cores in Gluon, with K split across warps: a probe for issue 13
+beside tools/gluon_q4_probe.py (the dense GEMV), not used by the engine.
 
     python3 tools/gluon_q4_experts_probe.py          # offline: SASS per input for sm_90, the index math on CPU
     python3 tools/gluon_q4_experts_probe.py --gpu    # on the GPU box: checked against the reference, then timed
-                                                     # against TUNED's quant_gate_up (one token's 8 experts)
+                                                     # against TUNED's quant_gate_up / quant_down (8 experts)
 
 Why a second layout: gate_up's experts have 768 rows each, so the dense probe's blocks of 64+ rows stacked over 4
 warps leave too few programs (and loads in flight). Here the 4 warps of a program take the same 32 rows (16 gate
@@ -16,8 +16,11 @@ rows, K], so mma_v2 runs each warp's K slice as one batch element, and one cross
   16 apart (a gate row and its up row) sit in one thread, h = silu(gate) * up is taken there and stored.
 Programs: (F / 16 row blocks) x (8 experts): 384 programs of 4 warps at the 10.6B shape (TUNED's gate_up: 768 of
 4). Needs D a multiple of 4 x 64 (each warp the same number of groups), groups of 64, bf16 x.
-Offline (sm_90, Triton 3.9 / 3.6): 2.05 / 2.03 SASS an input with the epilogue and silu, 63-64 registers. The index
-math is emulated in torch against the dequantized reference on CPU; the kernel itself is checked only by --gpu.
+down: 8 warps, warp k taking expert k's rows and h[k] (fp32, rounded to bf16 for the tensor cores), its routing
+weight applied in its epilogue, the warps' sums added: 16 rows a program, 128 programs of 8 warps at the 10.6B shape.
+Offline (sm_90, Triton 3.9): gate_up 2.05 SASS an input with the epilogue and silu (63 registers; 3.6: 2.03), down
+2.69 (57 registers; h's conversion to bf16 included). The index math of both is emulated in torch against the
+dequantized reference on CPU; the kernels themselves are checked only by --gpu.
 """
 from __future__ import annotations
 
@@ -43,28 +46,34 @@ ROWS = 16  # FFN rows a program: 16 gate + 16 up
 WARPS = 4  # K slices
 
 
-def layouts() -> dict:
-    """The layouts of a program: 32 rows (gate 0-15, up 16-31), 4 warps each a quarter of K (see the docstring)."""
-    mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1, 1], instr_shape=[1, 16, 8])
-    warp = [[1, 0, 0, 0], [2, 0, 0, 0]]
-    # words [4 (b), 32 (row), 4 (t), 2 (h)]: word 2t + h of the step's group
-    w0 = gl.DistributedLinearLayout(reg_bases=[[0, 0, 0, 1], [0, 8, 0, 0], [0, 16, 0, 0]],
+def layouts(warps: int = WARPS, rows: int = 2 * ROWS) -> dict:
+    """The layouts of a program of `rows` rows (16 or 32) whose `warps` warps each take a K slice: the operands are
+    [warps, rows, 64] with the warps on the batch dimension (see the docstring)."""
+    if warps not in (4, 8) or rows not in (16, 32):
+        raise ValueError(f"warps 4 or 8 and rows 16 or 32, got {warps}, {rows}")
+    wb = [[1 << i] for i in range(warps.bit_length() - 1)]  # the batch (K slice) bits on the warps
+
+    def pad(v, n):  # a basis vector of rank n: v's entries first
+        return v + [0] * (n - len(v))
+
+    mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[warps, 1, 1], instr_shape=[1, 16, 8])
+    r16 = [[0, 16]] if rows == 32 else []
+    # words [W (b), R (row), 4 (t), 2 (h)]: word 2t + h of the step's group
+    w0 = gl.DistributedLinearLayout(reg_bases=[[0, 0, 0, 1], [0, 8, 0, 0]] + [pad(v, 4) for v in r16],
                                     lane_bases=[[0, 0, 1, 0], [0, 0, 2, 0], [0, 1, 0, 0], [0, 2, 0, 0], [0, 4, 0, 0]],
-                                    warp_bases=warp, block_bases=[], shape=[4, 32, 4, 2])
-    # [4, 32, 2 (h), 4 (t), 8 (l)] -> [4, 32, 64] with k = 32 h + 8 t + l: A's layout
+                                    warp_bases=[pad(v, 4) for v in wb], block_bases=[], shape=[warps, rows, 4, 2])
+    # [W, R, 2 (h), 4 (t), 8 (l)] -> [W, R, 64] with k = 32 h + 8 t + l: A's layout
     l5 = gl.DistributedLinearLayout(reg_bases=[[0, 0, 0, 0, 1], [0, 0, 0, 0, 2], [0, 0, 0, 0, 4], [0, 8, 0, 0, 0],
-                                               [0, 0, 1, 0, 0], [0, 16, 0, 0, 0]],
+                                               [0, 0, 1, 0, 0]] + [pad(v, 5) for v in r16],
                                     lane_bases=[[0, 0, 0, 1, 0], [0, 0, 0, 2, 0], [0, 1, 0, 0, 0], [0, 2, 0, 0, 0],
                                                 [0, 4, 0, 0, 0]],
-                                    warp_bases=[[1, 0, 0, 0, 0], [2, 0, 0, 0, 0]], block_bases=[],
-                                    shape=[4, 32, 2, 4, 8])
-    # x of a step [4 (b), 2 (h), 4 (t), 8 (j), 8 (n)], stored order j
+                                    warp_bases=[pad(v, 5) for v in wb], block_bases=[], shape=[warps, rows, 2, 4, 8])
+    # x of a step [W (b), 2 (h), 4 (t), 8 (j), 8 (n)], stored order j
     xb5 = gl.DistributedLinearLayout(reg_bases=[[0, 0, 0, 1, 0], [0, 0, 0, 2, 0], [0, 0, 0, 4, 0], [0, 1, 0, 0, 0]],
                                      lane_bases=[[0, 0, 1, 0, 0], [0, 0, 2, 0, 0], [0, 0, 0, 0, 1], [0, 0, 0, 0, 2],
                                                  [0, 0, 0, 0, 4]],
-                                     warp_bases=[[1, 0, 0, 0, 0], [2, 0, 0, 0, 0]], block_bases=[],
-                                     shape=[4, 2, 4, 8, 8])
-    xg = gl.BlockedLayout(size_per_thread=[1, 1, 8], threads_per_warp=[1, 4, 8], warps_per_cta=[4, 1, 1],
+                                     warp_bases=[pad(v, 5) for v in wb], block_bases=[], shape=[warps, 2, 4, 8, 8])
+    xg = gl.BlockedLayout(size_per_thread=[1, 1, 8], threads_per_warp=[1, 4, 8], warps_per_cta=[warps, 1, 1],
                           order=[2, 1, 0])
     return dict(MMA=mma, A_L=gl.DotOperandLayout(operand_index=0, parent=mma, k_width=8),
                 B_L=gl.DotOperandLayout(operand_index=1, parent=mma, k_width=8), W0_L=w0, L5=l5, XB_L=xb5, XG_L=xg)
@@ -147,7 +156,80 @@ def _gate_up_kernel(x_ptr, slot_ptr, gq, gs, gm, uq, us, um, h_ptr, F, stride_qs
     gl.store(h_ptr + kk * F + f_o, hv, mask=f_o < F)
 
 
-KERNEL = gluon.jit(_gate_up_kernel) if gluon is not None else None
+def _down_kernel(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, y_ptr, D, stride_qs, stride_qn, stride_ss, stride_sn,
+                 KW: gl.constexpr, NG: gl.constexpr, PAIR: gl.constexpr, MMA: gl.constexpr, A_L: gl.constexpr,
+                 B_L: gl.constexpr, W0_L: gl.constexpr, L5: gl.constexpr, XB_L: gl.constexpr, XG_L: gl.constexpr):
+    """Program db: y[db*16 .. +16] = sum_k wt[k] (down_k . h[k]); warp k takes expert k (slot_ptr[k]) and h[k] (fp32,
+    rounded to bf16 for the tensor cores); the warps' sums meet at the end."""
+    db = gl.program_id(0)
+    W3: gl.constexpr = gl.SliceLayout(3, W0_L)
+    b_w = gl.arange(0, 8, layout=gl.SliceLayout(1, gl.SliceLayout(2, W3)))
+    r_w = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, W3)))
+    t_w = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, W3)))
+    h_w = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, W0_L))))
+    slot_w = gl.load(slot_ptr + b_w)  # [8] each warp's expert
+    d_w = db * 16 + r_w
+    dw = gl.where(d_w < D, d_w, 0).to(gl.int64)
+    rbase = dq + slot_w[:, None] * stride_qs + dw[None, :] * stride_qn  # [8, 16] row pointers
+    col = (2 * t_w[None, None, :])[:, :, :, None] + h_w[None, None, None, :]  # [1, 1, 4, 2]
+    wptr = rbase[:, :, None, None] + col
+    l_s = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, L5)))))
+    sh = (4 * (l_s // 2))[None, None, None, None, :]
+    X4: gl.constexpr = gl.SliceLayout(4, XB_L)
+    b_x = gl.arange(0, 8, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, X4))))
+    h_x = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, X4))))
+    t_x = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, X4))))
+    j_x = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, X4))))
+    n_x = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, XB_L)))))
+    xo3 = (b_x[:, None, None] * (KW * 8) + 8 * (2 * t_x[None, None, :] + h_x[None, :, None]))[:, :, :, None] \
+        + j_x[None, None, None, :]  # [8, 2, 4, 8]: h[k] at its inputs
+    xoff, n5 = gl.broadcast(xo3[:, :, :, :, None], n_x[None, None, None, None, :])
+    C2: gl.constexpr = gl.SliceLayout(2, MMA)
+    b_c = gl.arange(0, 8, layout=gl.SliceLayout(1, C2))
+    r_c = gl.arange(0, 16, layout=gl.SliceLayout(0, C2))
+    slot_c = gl.load(slot_ptr + b_c)
+    d_c = db * 16 + r_c
+    dc = gl.where(d_c < D, d_c, 0).to(gl.int64)
+    srow = slot_c[:, None] * stride_ss + dc[None, :] * stride_sn  # [8, 16]
+    n_c = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, MMA)))
+    XG2: gl.constexpr = gl.SliceLayout(2, XG_L)
+    b_g = gl.arange(0, 8, layout=gl.SliceLayout(1, XG2))
+    n_g = gl.arange(0, 8, layout=gl.SliceLayout(0, XG2))
+    i_g = gl.arange(0, 64, layout=gl.SliceLayout(0, gl.SliceLayout(1, XG_L)))
+    tot = gl.zeros([8, 16], gl.float32, layout=C2)
+    acc = gl.zeros([8, 16, 8], gl.float32, layout=MMA)
+    for st in gl.static_range(NG):
+        w = gl.load(wptr + st * 8)  # [8, 16, 4, 2] int32
+        w = gl.convert_layout(gl.permute(w, [0, 1, 3, 2]), gl.SliceLayout(4, L5), assert_trivial=True)
+        w5, s5 = gl.broadcast(w[:, :, :, :, None], sh)
+        cb = gl.inline_asm_elementwise(PAIR, "=r,r,r,r,r", [w5, s5], dtype=gl.bfloat16, is_pure=True, pack=2)
+        a = gl.convert_layout(gl.reshape(cb, [8, 16, 64]), A_L, assert_trivial=True)
+        xv = gl.load(h_ptr + st * 64 + xoff, mask=n5 == st % 8, other=0.0).to(gl.bfloat16)  # [8, 2, 4, 8, 8]
+        xv = gl.reshape(gl.permute(gl.reshape(xv, [8, 2, 4, 2, 4, 8]), [0, 1, 2, 4, 3, 5]), [8, 64, 8])  # j -> l
+        acc = mma_v2(a, gl.convert_layout(xv, B_L, assert_trivial=True), acc)
+        if (st % 8 == 7) or (st == NG - 1):
+            gn = (st // 8) * 8 + n_c  # [8] the groups of these columns
+            ok = ((gn < NG)[None, :])[:, None, :]
+            gk = (gn[None, :])[:, None, :].to(gl.int64)
+            sv = gl.load(ds + srow[:, :, None] + gk, mask=ok, other=0.0).to(gl.float32)  # [8, 16, 8]
+            mv = gl.load(dm + srow[:, :, None] + gk, mask=ok, other=0.0).to(gl.float32)
+            gx = (st // 8) * 8 + n_g
+            okx = (gx < NG)[None, :]
+            hx = gl.load(h_ptr + b_g[:, None, None] * (KW * 8) + gx[None, :, None] * 64 + i_g[None, None, :],
+                         mask=okx[:, :, None], other=0.0)
+            xs = gl.convert_layout(gl.sum(hx.to(gl.bfloat16).to(gl.float32), axis=2), gl.SliceLayout(1, MMA))
+            tot += gl.sum(sv * (acc - 128.0 * xs[:, None, :]) + mv * xs[:, None, :], axis=2)
+            acc = gl.zeros([8, 16, 8], gl.float32, layout=MMA)
+    wt = gl.load(wt_ptr + b_c)  # [8] routing weights
+    y = gl.sum(tot * wt[:, None], axis=0)  # [16]
+    d_o = db * 16 + gl.arange(0, 16, layout=y.type.layout)
+    gl.store(y_ptr + d_o, y, mask=d_o < D)
+
+
+KERNEL = DOWN = None
+if gluon is not None:
+    KERNEL = gluon.jit(_gate_up_kernel)
+    DOWN = gluon.jit(_down_kernel)
 
 
 def _check(x, gate, up) -> None:
@@ -221,6 +303,65 @@ def reference(x, slots, gate, up):
                         * (up[s].dequantize(torch.float32) @ xf) for s in slots.tolist()])
 
 
+def down(h, slots, wts, dw):
+    """h [8, F] fp32, slots [8] int64, wts [8] fp32 (CUDA), dw q4 stack [E, D, F] -> y [D] fp32 = sum_k wts[k]
+    (dw[slots[k]] . h[k]) with h rounded to bf16."""
+    from tiered.kernels import quant_moe as qm
+
+    d, f = dw.matrix
+    if dw.fmt != "q4" or dw.group != GROUP or f % GROUP or slots.numel() != 8:
+        raise ValueError(f"the down probe takes a q4 stack with groups of {GROUP}, F a multiple of it and 8 experts; "
+                         f"got {dw.fmt}, group {dw.group}, {tuple(dw.matrix)}, {slots.numel()} experts")
+    q = qm._codes(dw, 2)
+    y = torch.empty(d, dtype=torch.float32, device=h.device)
+    DOWN[(triton.cdiv(d, 16),)](h, slots, wts, q, dw.scale, dw.min, y, d, q.stride(0), q.stride(1),
+                                dw.scale.stride(0), dw.scale.stride(1), KW=f // 8, NG=f // GROUP, PAIR=PAIR,
+                                **layouts(8, 16), num_warps=8)
+    return y
+
+
+def emulate_down(h, slots, wts, dw):
+    """The down kernel's logical computation in torch (CPU), fp64: warp k's expert, the same words, nibbles and h
+    offsets (h rounded to bf16), the 8-group epilogue, the routing weight, the warps' sum."""
+    from tiered.kernels import quant_moe as qm
+
+    d, f = dw.matrix
+    ng = f // GROUP
+    kk = torch.arange(64)
+    h_, t_, lo = kk // 32, (kk // 8) % 4, kk % 8
+    word, nib = 2 * t_ + h_, lo // 2 + 4 * (lo % 2)
+    y = torch.zeros(d, dtype=torch.float64)
+    for b, s in enumerate(slots.tolist()):
+        words = qm._codes(dw, 2)[s].long() & 0xFFFFFFFF  # [D, KW]
+        sc, mn = dw.scale[s].double(), dw.min[s].double()
+        xs = h[b].to(torch.bfloat16).double()
+        tot = torch.zeros(d, dtype=torch.float64)
+        acc = torch.zeros(d, 8, dtype=torch.float64)
+        for st in range(ng):
+            a = 128 + ((words[:, st * 8 + word] >> (4 * nib)) & 0xF)
+            bm = torch.zeros(64, 8, dtype=torch.float64)
+            bm[:, st % 8] = xs[st * 64 + 8 * word + nib]
+            acc += a.double() @ bm
+            if st % 8 == 7 or st == ng - 1:
+                gg = (st // 8) * 8 + torch.arange(8)
+                ok = gg < ng
+                gsum = torch.zeros(8, dtype=torch.float64)
+                gsum[ok] = xs.view(ng, GROUP)[gg[ok]].sum(1)
+                sv = torch.zeros(d, 8, dtype=torch.float64)
+                mv = torch.zeros(d, 8, dtype=torch.float64)
+                sv[:, ok], mv[:, ok] = sc[:, gg[ok]], mn[:, gg[ok]]
+                tot += (sv * (acc - 128 * gsum) + mv * gsum).sum(1)
+                acc.zero_()
+        y += float(wts[b]) * tot
+    return y
+
+
+def reference_down(h, slots, wts, dw):
+    """sum_k wts[k] (dequantized dw[slots[k]] @ round_bf16(h[k])) in fp32."""
+    return sum(float(wts[b]) * (dw[s].dequantize(torch.float32) @ h[b].to(torch.bfloat16).float())
+               for b, s in enumerate(slots.tolist()))
+
+
 def cpu_check(seed: int = 0) -> dict:
     from tiered.layout.quant import quantize
 
@@ -236,33 +377,58 @@ def cpu_check(seed: int = 0) -> dict:
         res[f"{e}x{f}x{d}"] = err
         if err > 1e-6:
             raise SystemExit(f"the emulated index math misses the reference at {e}x{f}x{d}: relative error {err:.2e}")
+    for e, d, f in ((10, 40, 768), (9, 24, 128)):  # down: 12 groups (a partial epilogue); 2
+        dw = quantize(torch.randn(e, d, f, generator=g) * f ** -0.5, "q4")
+        h = torch.randn(8, f, generator=g)
+        slots = torch.randperm(e, generator=g)[:8]
+        wts = torch.rand(8, generator=g)
+        ref = reference_down(h, slots, wts, dw).double()
+        err = float((emulate_down(h, slots, wts, dw) - ref).norm() / ref.norm())
+        res[f"down {e}x{d}x{f}"] = err
+        if err > 1e-6:
+            raise SystemExit(f"the emulated down misses the reference at {e}x{d}x{f}: relative error {err:.2e}")
     return res
 
 
-def sass_count(d: int = 2048) -> dict:
+def _sass(kernel, sig: dict, cst: dict, warps: int, per_thread: float) -> dict:
+    """Static SASS of one program of `kernel` compiled for sm_90 (pointers and strides marked divisible by 16)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from kernel_regs import cuobjdump, sass_ops
 
-    cst = {"KW": d // 8, "NG": d // GROUP, "PAIR": PAIR, **layouts()}
-    sig = {"x_ptr": "*bf16", "slot_ptr": "*i64", "gq": "*i32", "gs": "*bf16", "gm": "*bf16", "uq": "*i32",
-           "us": "*bf16", "um": "*bf16", "h_ptr": "*fp32", "F": "i32", "stride_qs": "i32", "stride_qn": "i32",
-           "stride_ss": "i32", "stride_sn": "i32", **{c: "constexpr" for c in cst}}
-    attrs = {(i,): [["tt.divisibility", 16]] for i in range(14) if i != 9}
-    kern = triton.compile(GluonASTSource(KERNEL, sig, cst, attrs), target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": WARPS})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (k, v) in enumerate(sig.items()) if v.startswith("*")
+             or k.startswith("stride")}
+    sig = {**sig, **{c: "constexpr" for c in cst}}
+    kern = triton.compile(GluonASTSource(kernel, sig, cst, attrs), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": warps})
     ops = sass_ops(kern.asm["cubin"])
     total = sum(ops.values())
     usage = cuobjdump(kern.asm["cubin"], "-res-usage")
     regs = next((w for line in usage.splitlines() for w in line.split() if w.startswith("REG")), "")
-    return {"instructions": total, "per_input": total / (2 * ROWS * d / (32 * WARPS)), "registers": regs,
+    return {"instructions": total, "per_input": total / per_thread, "registers": regs,
             "shared_stores": ops.get("STS", 0), "top": dict(ops.most_common(8))}
 
 
+def sass_counts(d: int = 2048, f: int = 768) -> dict:
+    """gate_up ([F, D] gate and up, 16 + 16 rows a program, 4 warps) and down ([D, F], 16 rows, 8 warps) at the
+    10.6B shape."""
+    gsig = {"x_ptr": "*bf16", "slot_ptr": "*i64", "gq": "*i32", "gs": "*bf16", "gm": "*bf16", "uq": "*i32",
+            "us": "*bf16", "um": "*bf16", "h_ptr": "*fp32", "F": "i32", "stride_qs": "i32", "stride_qn": "i32",
+            "stride_ss": "i32", "stride_sn": "i32"}
+    dsig = {"h_ptr": "*fp32", "slot_ptr": "*i64", "wt_ptr": "*fp32", "dq": "*i32", "ds": "*bf16", "dm": "*bf16",
+            "y_ptr": "*fp32", "D": "i32", "stride_qs": "i32", "stride_qn": "i32", "stride_ss": "i32",
+            "stride_sn": "i32"}
+    return {"gate_up": _sass(KERNEL, gsig, {"KW": d // 8, "NG": d // GROUP, "PAIR": PAIR, **layouts()}, WARPS,
+                             2 * ROWS * d / (32 * WARPS)),
+            "down": _sass(DOWN, dsig, {"KW": f // 8, "NG": f // GROUP, "PAIR": PAIR, **layouts(8, 16)}, 8,
+                          16 * f * 8 / (32 * 8))}
+
+
 def gpu_run() -> dict:
-    """One token's 8 experts at the 10.6B shape (D 2048, F 768, 128 experts): checked against `reference`, then
-    timed in a CUDA graph of calls on other slots against TUNED's quant_gate_up (without PDL, as this kernel)."""
+    """One token's 8 experts at the 10.6B shape (D 2048, F 768, 128 experts): gate_up and down each checked against
+    its reference, then timed in a CUDA graph of calls on other slots against TUNED's quant_gate_up / quant_down
+    (without PDL, as these kernels; TUNED's down reads h in fp32, this one rounds it to bf16)."""
     from bench_moe_kernels import rel, time_graph
 
     from tiered.kernels import quant_moe as qm
@@ -287,7 +453,23 @@ def gpu_run() -> dict:
         row["tbps"] = row["bytes"] / row["us"] / 1e6
         row["vs_tuned_nopdl"] = row["tuned_nopdl_us"] / row["us"]
     print("gate_up", json.dumps(row), flush=True)
-    return row
+    dw = quantize(torch.randn(e, d, f, generator=g, device="cuda") * f ** -0.5, "q4")
+    h = torch.randn(8, f, generator=g, device="cuda")
+    wts = torch.rand(8, generator=g, device="cuda")
+    drow = {"shape": [e, d, f], "bytes": 8 * dw.nbytes // e}
+    drow["rel_err"] = rel(down(h, sets[0], wts, dw), reference_down(h, sets[0], wts, dw))
+    os.environ["TIERED_PDL"] = "0"
+    try:
+        drow["tuned_nopdl_us"] = time_graph([lambda s=s: qm.quant_down(h, s[None], wts[None], dw, torch.float32)
+                                             for s in sets], reps=20) * 1e6
+    finally:
+        os.environ.pop("TIERED_PDL")
+    if drow["rel_err"] <= 1e-4:
+        drow["us"] = time_graph([lambda s=s: down(h, s, wts, dw) for s in sets], reps=20) * 1e6
+        drow["tbps"] = drow["bytes"] / drow["us"] / 1e6
+        drow["vs_tuned_nopdl"] = drow["tuned_nopdl_us"] / drow["us"]
+    print("down", json.dumps(drow), flush=True)
+    return {"gate_up": row, "down": drow}
 
 
 def main() -> None:
@@ -303,13 +485,13 @@ def main() -> None:
             sys.exit("--gpu needs CUDA")
         from benchmeta import git_commit, write_out
 
-        res.update(device=torch.cuda.get_device_name(), commit=git_commit(), gate_up=gpu_run())
+        res.update(device=torch.cuda.get_device_name(), commit=git_commit(), **gpu_run())
         print(write_out(res, "gluon_q4_experts.json"))
         return
-    res["sass"] = sass_count()
-    s = res["sass"]
-    print(f"gate_up: {s['instructions']} SASS, {s['per_input']:.2f} an input, {s['registers']}, "
-          f"STS {s['shared_stores']}; {s['top']}")
+    res["sass"] = sass_counts()
+    for name, c in res["sass"].items():
+        print(f"{name}: {c['instructions']} SASS, {c['per_input']:.2f} an input, {c['registers']}, "
+              f"STS {c['shared_stores']}; {c['top']}")
     print(json.dumps(res))
 
 
