@@ -44,169 +44,16 @@ if "--gpu" not in sys.argv:
 
 import torch  # noqa: E402
 
-try:
-    import triton
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
-except ImportError:  # pragma: no cover - a Triton without Gluon
-    triton = gluon = gl = mma_v2 = None
+from tiered.kernels import quant_gluon  # noqa: E402
+from tiered.kernels.quant_gluon import GROUP, PAIR, emulate, gl, gluon, layouts, mma_v2, triton  # noqa: E402,F401
 
-GROUP = 64
 DENSE = {"lm_head": (151936, 2048), "qkv": (5120, 2048), "o_proj": (2048, 4096)}
+__all__ = ["GROUP", "PAIR", "emulate", "gl", "gluon", "layouts", "mma_v2", "triton"]  # the experts probe's
 
 
-def layouts(bn: int) -> dict:
-    """The kernel's layouts for BN rows a program (64 x 2^i), 4 warps (see the module docstring)."""
-    if bn % 64 or bn & (bn - 1):
-        raise ValueError(f"BN must be 64 times a power of two, got {bn}")
-    hi = [64 << i for i in range((bn // 64).bit_length() - 1)]  # rows 64, 128, ... in registers
-    mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1], instr_shape=[16, 8])
-    rows3 = dict(lane=[[1, 0, 0], [2, 0, 0], [4, 0, 0]], warp=[[16, 0, 0], [32, 0, 0]])
-    w0 = gl.DistributedLinearLayout(reg_bases=[[0, 0, 1], [8, 0, 0]] + [[r, 0, 0] for r in hi],
-                                    lane_bases=[[0, 1, 0], [0, 2, 0]] + rows3["lane"], warp_bases=rows3["warp"],
-                                    block_bases=[], shape=[bn, 4, 2])
-    l4 = gl.DistributedLinearLayout(reg_bases=[[0, 0, 0, 1], [0, 0, 0, 2], [0, 0, 0, 4], [8, 0, 0, 0], [0, 1, 0, 0]]
-                                    + [[r, 0, 0, 0] for r in hi],
-                                    lane_bases=[[0, 0, 1, 0], [0, 0, 2, 0], [1, 0, 0, 0], [2, 0, 0, 0], [4, 0, 0, 0]],
-                                    warp_bases=[[16, 0, 0, 0], [32, 0, 0, 0]], block_bases=[], shape=[bn, 2, 4, 8])
-    xb4 = gl.DistributedLinearLayout(reg_bases=[[0, 0, 1, 0], [0, 0, 2, 0], [0, 0, 4, 0], [1, 0, 0, 0]],
-                                     lane_bases=[[0, 1, 0, 0], [0, 2, 0, 0], [0, 0, 0, 1], [0, 0, 0, 2], [0, 0, 0, 4]],
-                                     warp_bases=[[0, 0, 0, 0], [0, 0, 0, 0]], block_bases=[], shape=[2, 4, 8, 8])
-    xg = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[4, 1], order=[1, 0])
-    return dict(MMA=mma, A_L=gl.DotOperandLayout(operand_index=0, parent=mma, k_width=8),
-                B_L=gl.DotOperandLayout(operand_index=1, parent=mma, k_width=8), W0_L=w0, L4=l4, XB_L=xb4, XG_L=xg)
-
-
-def _kernel(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_qn, stride_sn, stride_mn,
-            KW: gl.constexpr, NG: gl.constexpr, BN: gl.constexpr, PAIR: gl.constexpr, PERSIST: gl.constexpr,
-            MMA: gl.constexpr, A_L: gl.constexpr, B_L: gl.constexpr, W0_L: gl.constexpr, L4: gl.constexpr,
-            XB_L: gl.constexpr, XG_L: gl.constexpr):
-    """A block of BN rows a program, or (PERSIST) blocks pid, pid + programs, ..."""
-    # what every block shares: the word columns, the pairs' shifts, x's offsets, the epilogue's columns
-    r_w = gl.arange(0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(2, W0_L)))
-    t_w = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, W0_L)))
-    h_w = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, W0_L)))
-    wcol = 2 * t_w[None, :, None] + h_w[None, None, :]  # [1, 4, 2]: word 2t + h of a step
-    l_s = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L4))))
-    sh = (4 * (l_s // 2))[None, None, None, :]  # the pair (2i, 2i + 1) shifts the word by 4i
-    XB3: gl.constexpr = gl.SliceLayout(3, XB_L)
-    h_x = gl.arange(0, 2, layout=gl.SliceLayout(1, gl.SliceLayout(2, XB3)))
-    t_x = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, XB3)))
-    j_x = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, XB3)))
-    n_x = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, XB_L))))
-    xoff = 8 * (2 * t_x[None, :, None] + h_x[:, None, None]) + j_x[None, None, :]  # [2, 4, 8] stored order
-    xoff4, n4 = gl.broadcast(xoff[:, :, :, None], n_x[None, None, None, :])  # [2, 4, 8, 8]
-    r_o = gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
-    n_c = gl.arange(0, 8, layout=gl.SliceLayout(0, MMA))
-    g_x = gl.arange(0, 8, layout=gl.SliceLayout(1, XG_L))
-    i_x = gl.arange(0, 64, layout=gl.SliceLayout(0, XG_L))
-    if PERSIST:
-        for blk in range(gl.program_id(0), gl.cdiv(N, BN), gl.num_programs(0)):
-            _block(blk, x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_qn, stride_sn, stride_mn, r_w, wcol, sh, xoff4,
-                   n4, r_o, n_c, g_x, i_x, KW, NG, BN, PAIR, MMA, A_L, B_L, L4)
-    else:
-        _block(gl.program_id(0), x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_qn, stride_sn, stride_mn, r_w, wcol, sh,
-               xoff4, n4, r_o, n_c, g_x, i_x, KW, NG, BN, PAIR, MMA, A_L, B_L, L4)
-
-
-def _block_fn(blk, x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_qn, stride_sn, stride_mn, r_w, wcol, sh, xoff4, n4,
-              r_o, n_c, g_x, i_x, KW: gl.constexpr, NG: gl.constexpr, BN: gl.constexpr, PAIR: gl.constexpr,
-              MMA: gl.constexpr, A_L: gl.constexpr, B_L: gl.constexpr, L4: gl.constexpr):
-    """Rows blk * BN .. of the product (the module docstring's steps and epilogue)."""
-    rows_w = blk * BN + r_w
-    rw = gl.where(rows_w < N, rows_w, 0).to(gl.int64)  # rows past N read row 0 (never stored)
-    wptr = q_ptr + rw[:, None, None] * stride_qn + wcol
-    r_c = blk * BN + r_o
-    rc = gl.where(r_c < N, r_c, 0).to(gl.int64)
-    out = gl.zeros([BN], gl.float32, layout=gl.SliceLayout(1, MMA))
-    acc = gl.zeros([BN, 8], gl.float32, layout=MMA)
-    for st in gl.static_range(KW // 8):  # a step: one group (8 words, 64 inputs)
-        w = gl.load(wptr + st * 8)  # [BN, 4 (t), 2 (h)] int32
-        w = gl.convert_layout(gl.permute(w, [0, 2, 1]), gl.SliceLayout(3, L4), assert_trivial=True)  # [BN, 2, 4]
-        w4, s4 = gl.broadcast(w[:, :, :, None], sh)
-        cb = gl.inline_asm_elementwise(PAIR, "=r,r,r,r,r", [w4, s4], dtype=gl.bfloat16, is_pure=True, pack=2)
-        a = gl.convert_layout(gl.reshape(cb, [BN, 64]), A_L, assert_trivial=True)
-        xv = gl.load(x_ptr + st * 64 + xoff4, mask=n4 == st % 8, other=0.0)  # [2, 4, 8 (j), 8 (n)]
-        xv = gl.reshape(gl.permute(gl.reshape(xv, [2, 4, 2, 4, 8]), [0, 1, 3, 2, 4]), [64, 8])  # j -> l
-        acc = mma_v2(a, gl.convert_layout(xv, B_L, assert_trivial=True), acc)
-        if (st % 8 == 7) or (st == KW // 8 - 1):  # the scales and minima of these (up to) 8 groups
-            gs = (st // 8) * 8 + n_c
-            gm = gs[None, :] < NG
-            sv = gl.load(s_ptr + rc[:, None] * stride_sn + gs[None, :], mask=gm, other=0.0).to(gl.float32)
-            mv = gl.load(m_ptr + rc[:, None] * stride_mn + gs[None, :], mask=gm, other=0.0).to(gl.float32)
-            gx = (st // 8) * 8 + g_x
-            xx = gl.load(x_ptr + gx[:, None] * 64 + i_x[None, :], mask=(gx < NG)[:, None], other=0.0)
-            xs = gl.convert_layout(gl.sum(xx.to(gl.float32), axis=1), gl.SliceLayout(0, MMA))
-            out += gl.sum(sv * (acc - 128.0 * xs[None, :]) + mv * xs[None, :], axis=1)
-            acc = gl.zeros([BN, 8], gl.float32, layout=MMA)
-    gl.store(out_ptr + r_c, out, mask=r_c < N)
-
-
-_block = KERNEL = None
-if gluon is not None:
-    _block = gluon.jit(_block_fn)
-    KERNEL = gluon.jit(_kernel)
-PAIR = "{ .reg .b32 t; shr.b32 t, $1, $3; lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA; }"
-
-
-def _check(w) -> None:
-    n, k = w.matrix
-    if w.fmt != "q4" or w.group != GROUP or k % GROUP or w.lead:
-        raise ValueError(f"the probe takes one q4 matrix with groups of {GROUP} and K a multiple of it; got "
-                         f"{w.fmt}, group {w.group}, shape {tuple(w.matrix)}")
-
-
-def matvec(x, w, bn: int = 128, persist: int = 0):
-    """x [K] bf16 (CUDA), w one q4 QuantWeight [N, K] -> y [N] fp32 through the Gluon kernel; persist P: at most P
-    programs a SM, each looping over blocks (0: a program a block)."""
-    from tiered.kernels import quant_moe as qm
-
-    _check(w)
-    n, k = w.matrix
-    codes = qm._codes(w, 2)
-    out = torch.empty(n, dtype=torch.float32, device=x.device)
-    blocks = triton.cdiv(n, bn)
-    grid = min(blocks, persist * torch.cuda.get_device_properties(x.device).multi_processor_count) if persist \
-        else blocks
-    KERNEL[(grid,)](x, codes, w.scale, w.min, out, n, codes.stride(0), w.scale.stride(0), w.min.stride(0), KW=k // 8,
-                    NG=k // GROUP, BN=bn, PAIR=PAIR, PERSIST=bool(persist), **layouts(bn), num_warps=4)
-    return out
-
-
-def emulate(x, w):
-    """The kernel's logical computation in torch (CPU): the same word, nibble and x indices, the 8-group
-    accumulator with its 128 offset and the epilogue; fp64 sums. Checks the index math without a GPU."""
-    from tiered.kernels import quant_moe as qm
-
-    _check(w)
-    n, k = w.matrix
-    words = qm._codes(w, 2).long() & 0xFFFFFFFF  # [N, KW]
-    xs = x.double()
-    s, m = w.scale.double(), w.min.double()
-    kk = torch.arange(64)
-    h, t, lo = kk // 32, (kk // 8) % 4, kk % 8
-    word = 2 * t + h  # the word of each K position in a step
-    nib = lo // 2 + 4 * (lo % 2)  # l = 2i + e holds stored nibble i + 4e
-    out = torch.zeros(n, dtype=torch.float64)
-    acc = torch.zeros(n, 8, dtype=torch.float64)
-    steps = k // GROUP
-    for st in range(steps):
-        a = 128 + ((words[:, st * 8 + word] >> (4 * nib)) & 0xF)  # [N, 64]
-        b = torch.zeros(64, 8, dtype=torch.float64)
-        b[:, st % 8] = xs[st * 64 + 8 * word + nib]  # B's column for this group: x at the same stored inputs
-        acc += a.double() @ b
-        if st % 8 == 7 or st == steps - 1:
-            g = (st // 8) * 8 + torch.arange(8)
-            ok = g < steps
-            gsum = torch.zeros(8, dtype=torch.float64)
-            gsum[ok] = xs.view(steps, GROUP)[g[ok]].sum(1)
-            sv = torch.zeros(n, 8, dtype=torch.float64)
-            mv = torch.zeros(n, 8, dtype=torch.float64)
-            sv[:, ok], mv[:, ok] = s[:, g[ok]], m[:, g[ok]]
-            out += (sv * (acc - 128 * gsum) + mv * gsum).sum(1)
-            acc.zero_()
-    return out
+def matvec(x, w, bn: int = 128, persist: int = 0, launch: dict | None = None):
+    """x [K] bf16 (CUDA), w one q4 QuantWeight [N, K] -> y [N] fp32 through the engine's Gluon kernel."""
+    return quant_gluon.matvec(x[None], w, out_dtype=torch.float32, bn=bn, persist=persist, launch=launch)[0]
 
 
 def cpu_check(seed: int = 0) -> dict:
@@ -236,11 +83,12 @@ def sass_counts(k: int = 2048) -> list[dict]:
 
     rows = []
     for bn in (64, 128, 256):
-        cst = {"KW": k // 8, "NG": k // GROUP, "BN": bn, "PAIR": PAIR, "PERSIST": False, **layouts(bn)}
+        cst = quant_gluon.constexprs(k, bn)
         sig = {"x_ptr": "*bf16", "q_ptr": "*i32", "s_ptr": "*bf16", "m_ptr": "*bf16", "out_ptr": "*fp32", "N": "i32",
-               "stride_qn": "i32", "stride_sn": "i32", "stride_mn": "i32", **{c: "constexpr" for c in cst}}
-        attrs = {(i,): [["tt.divisibility", 16]] for i in range(9) if i != 5}
-        kern = triton.compile(GluonASTSource(KERNEL, sig, cst, attrs), target=GPUTarget("cuda", 90, 32),
+               "stride_xt": "i32", "stride_qn": "i32", "stride_sn": "i32", "stride_mn": "i32", "stride_ot": "i32",
+               **{c: "constexpr" for c in cst}}
+        attrs = {(i,): [["tt.divisibility", 16]] for i in range(11) if i != 5}
+        kern = triton.compile(GluonASTSource(quant_gluon.KERNEL, sig, cst, attrs), target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": 4})
         ops = sass_ops(kern.asm["cubin"])
         total = sum(ops.values())
@@ -253,9 +101,11 @@ def sass_counts(k: int = 2048) -> list[dict]:
 
 def gpu_run(bns: list[int], persists: list[int]) -> dict:
     """On CUDA: each BN against quant_matvec_ref (fp32 outputs), then timed in CUDA graphs of calls on other copies
-    of the matrix against TUNED's quant_matvec (PDL as the engine launches it, and without)."""
+    of the matrix against TUNED's quant_matvec (PDL as the engine launches it, and without); then the engine's path
+    (quant_matvec with algo 3, PDL on, bf16 out) checked at 1 and 2 rows."""
     from bench_moe_kernels import rel, time_graph
 
+    from tiered.kernels import pdl
     from tiered.kernels import quant_moe as qm
     from tiered.layout.quant import quantize
 
@@ -274,6 +124,7 @@ def gpu_run(bns: list[int], persists: list[int]) -> dict:
             row["tuned_nopdl_us"] = time_graph([lambda m=m: qm.quant_matvec(x[None], m) for m in mats], reps=20) * 1e6
         finally:
             os.environ.pop("TIERED_PDL")
+        launch = pdl.launch_args(x.device)
         for bn in bns:
             for pp in persists:
                 r = {"rel_err": rel(matvec(x, mats[0], bn, pp), ref.float())}
@@ -281,7 +132,18 @@ def gpu_run(bns: list[int], persists: list[int]) -> dict:
                     r["us"] = time_graph([lambda m=m: matvec(x, m, bn, pp) for m in mats], reps=20) * 1e6
                     r["tbps"] = mats[0].nbytes / r["us"] / 1e6
                     r["vs_tuned_nopdl"] = row["tuned_nopdl_us"] / r["us"]
+                    if launch:
+                        r["rel_err_pdl"] = rel(matvec(x, mats[0], bn, pp, dict(launch)), ref.float())
+                        r["us_pdl"] = time_graph([lambda m=m: matvec(x, m, bn, pp, dict(launch)) for m in mats],
+                                                 reps=20) * 1e6
+                        r["vs_tuned_pdl"] = row["tuned_pdl_us"] / r["us_pdl"]
                 row[f"bn{bn}_p{pp}"] = r
+        # the engine's dispatch: algo 3 through quant_matvec, bf16 out, two rows (the second row's own x)
+        cfg = qm.QConfig(bn=128, algo=3)
+        x2 = torch.stack([x, torch.randn(k, generator=g, device="cuda").to(torch.bfloat16)])
+        y2 = qm.quant_matvec(x2, mats[0], config=cfg)
+        row["engine_rel_err_t2"] = rel(y2.float(), qm.quant_matvec_ref(x2.float(), mats[0]).float())
+        row["engine_dtype"] = str(y2.dtype)
         out[name] = row
         print(name, json.dumps(row), flush=True)
     return out

@@ -67,7 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tiered.kernels import cpu_kernel
+from tiered.kernels import cpu_kernel, quant_gluon
 from tiered.layout.quant import QuantWeight, linear as linear_ref
 
 try:
@@ -130,7 +130,9 @@ class QConfig:
     ([BN, BG, GP], _dot_rows), 1 = the flat tile ([BN, BG * group] inputs per step, _dot_rows_flat), which
     serves power-of-two groups only (the launchers fall back to 0 for others, e.g. q4 rows narrower than 64
     of odd width), 2 = the word tile (q4 only, _dot_rows_words: codes read as int32 words of 8 inputs, one
-    shift and one and-or per input; falls back to 1, then 0, where it cannot serve); `regs` caps the registers a
+    shift and one and-or per input; falls back to 1, then 0, where it cannot serve), 3 = the dense GEMV on tensor
+    cores (quant_gluon: one q4 matrix in groups of 64, bf16 inputs on CUDA; bn its rows a program, 64 x 2^i, and
+    persist its programs a SM; elsewhere the word tile of min(bn, 32) rows runs); `regs` caps the registers a
     thread may use (ptxas' maxnreg; 0: the compiler's choice), which sets how many programs an SM holds: the decode
     kernels are one wave whose programs wait on memory, and occupancy is what hides that wait. `hw` (a down config's,
     read by experts_quant_decode): how gate_up hands h to a word-tile down kernel that reads every expert at once
@@ -165,8 +167,8 @@ class QConfig:
             v = getattr(self, name)
             if v < 1 or v & (v - 1):
                 raise ValueError(f"QConfig.{name} must be a power of two, got {v}")
-        if self.split < 1 or self.conv not in (0, 1, 2) or self.algo not in (0, 1, 2):
-            raise ValueError(f"QConfig split must be >= 1, conv 0, 1 or 2 and algo 0, 1 or 2, got {self.split}, "
+        if self.split < 1 or self.conv not in (0, 1, 2) or self.algo not in (0, 1, 2, 3):
+            raise ValueError(f"QConfig split must be >= 1, conv 0, 1 or 2 and algo 0, 1, 2 or 3, got {self.split}, "
                              f"{self.conv}, {self.algo}")
         if self.regs and not 24 <= self.regs <= 255:
             raise ValueError(f"QConfig.regs must be 0 (the compiler's choice) or 24..255, got {self.regs}")
@@ -177,6 +179,9 @@ class QConfig:
         if self.act not in (0, 1):
             raise ValueError(f"QConfig.act must be 0 (float inputs) or 1 (8-bit inputs, integer products), got "
                              f"{self.act}")
+        if self.algo == 3 and (self.bn < 64 or self.act):
+            raise ValueError(f"QConfig.algo 3 (the Gluon q4 GEMV, quant_gluon) takes bn 64 x 2^i and act 0, got bn "
+                             f"{self.bn}, act {self.act}")
         if self.hw not in (0, 1, 2):
             raise ValueError(f"QConfig.hw must be 0 (fp32 rows), 1 (word-major fp32) or 2 (word-major bf16), got "
                              f"{self.hw}")
@@ -346,7 +351,7 @@ def words_ok(w: QuantWeight) -> bool:
 def _algo(cfg: QConfig, w: QuantWeight) -> int:
     """The tile algorithm a launch takes: the config's, or the next one down that serves this weight; the word tile
     wherever it serves under act 1 (only it takes 8-bit inputs)."""
-    if (cfg.algo == 2 or cfg.act) and words_ok(w):
+    if (cfg.algo >= 2 or cfg.act) and words_ok(w):
         return 2
     return 1 if cfg.algo >= 1 and flat_ok(w) else 0
 
@@ -1354,6 +1359,13 @@ def quant_matvec(x: Tensor, w: QuantWeight, slots: Tensor | None = None, *, out_
     if x.stride(-1) != 1:
         x = x.contiguous()
     cfg = config or pick_config("gemv", w.fmt, k, n)
+    if cfg.algo == 3:
+        if quant_gluon.gemv_ok(x, w):  # x bf16 on CUDA, one q4 matrix in groups of 64
+            launch = launch_args(x.device)
+            if launch and not preload_enabled():
+                launch["PRE"] = False
+            return quant_gluon.matvec(x, w, out_dtype=out_dtype, bn=cfg.bn, persist=cfg.persist, launch=launch)
+        cfg = dataclasses.replace(cfg, algo=2, bn=min(cfg.bn, 32), persist=0)
     out = torch.empty(T, n, dtype=out_dtype or x.dtype, device=x.device)
     m = w.min if w.min is not None else w.scale
     sl = slots if w.lead else out  # an unused pointer when there are no slots

@@ -1,0 +1,243 @@
+"""The dense q4 GEMV on tensor cores, written in Gluon (Triton's explicit-layout language): QConfig.algo 3 of
+quant_moe.quant_matvec for one q4 matrix in groups of 64.
+
+Owns: the kernel, its layouts (`layouts`), the launcher (`matvec`), where it serves (`gemv_ok`) and `emulate`, the
+kernel's own index math in torch (Gluon has no interpreter: the CPU tests check that, the GPU tests the kernel).
+Does not own: the quantized layout (tiered.layout.quant), the
+choice of tiles (quant_moe.TUNED / TIERED_QCONFIG), PDL's switches (pdl.launch_args).
+
+Why: the word tile (quant_moe._dot_rows_words) issues 3.69 SASS instructions an input (tools/count_sass.py), and on
+the H200 the q4 lm_head reads 57% of HBM there; this kernel issues 1.57 at 128 rows a program (Triton 3.6 and 3.9,
+sm_90, tools/gluon_q4_probe.py) and nothing goes through shared memory:
+- A [BN, 64] (one group of 64 inputs a step) is in DotOperandLayout(0, mma v2, k_width 8): a thread holds 8
+  consecutive K of a row, i.e. one stored int32 word (8 nibbles). The words are loaded as [BN, 4 (t), 2 (h)] (word
+  2t + h of the step: a thread's two words of a row are adjacent, one 8-byte load), permuted to [BN, 2, 4] and
+  widened to [BN, 2, 4, 8]; that reshapes to [BN, 64] with K order k = 32 h + 8 t + l, which is A's layout
+  exactly (every convert_layout here is asserted trivial at compile time).
+- A code pair becomes bf16x2 (128 + c) with one shift and one lop3 (inline PTX, two lanes of a pack): logical l =
+  2i + e holds stored nibble i + 4e, so l's pair (2i, 2i + 1) is nibbles (i, i + 4), 16 bits apart after w >> 4i.
+  128 + c is exact in bf16, so the tensor cores' products are exact up to x's own rounding.
+- B [64, 8] holds x block-diagonally: column n is x for the step's group when n = step mod 8, else 0 (a masked
+  16-byte load a thread, stored order, then the same nibble permutation in registers). The accumulator [BN, 8]
+  fp32 so holds each row's dot with each of 8 groups, and every 8 groups the scales and minima apply:
+  out += sum_n s (acc - 128 xs) + m xs, xs the group sums of x.
+With PDL (GDC) the program loads its first step of weights (PRE) before it waits for the previous kernel: weights
+are never written by a decode step (pdl.py says what may be read before the wait).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from tiered.layout.quant import QuantWeight
+
+try:
+    import triton
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    from triton.language.extra import cuda as tl_cuda
+except ImportError:  # pragma: no cover - the CPU torch wheel without triton, or a Triton without Gluon
+    triton = gluon = gl = mma_v2 = tl_cuda = None
+
+GROUP = 64  # inputs a quantization group: the kernel's step
+PAIR = "{ .reg .b32 t; shr.b32 t, $1, $3; lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA; }"
+# ^ (w >> s) & 0x000F000F | 0x43004300: nibbles s/4 and s/4 + 4 of word w as the bf16 pair (128 + c0, 128 + c1)
+
+
+def available() -> bool:
+    """Whether this Triton has Gluon (3.5+; the GPU box's 3.6 and CI's 3.9 do)."""
+    return gluon is not None
+
+
+def weight_ok(w: QuantWeight) -> bool:
+    """Whether the kernel reads this weight: one q4 matrix (no stack) in groups of 64, rows of whole groups, codes
+    and scales in contiguous rows that can be read as int32 words."""
+    q = w.q
+    return (w.fmt == "q4" and w.group == GROUP and not w.lead and w.matrix[1] % GROUP == 0 and q.stride(-1) == 1
+            and q.stride(0) % 4 == 0 and q.storage_offset() % 4 == 0 and q.data_ptr() % 16 == 0
+            and w.scale.stride(-1) == 1 and w.min is not None and w.min.stride(-1) == 1)
+
+
+def gemv_ok(x: Tensor, w: QuantWeight) -> bool:
+    """Whether `matvec` serves x @ w^T: Gluon, x bf16 on a CUDA device with mma.sync v2 (compute capability 8.0+)
+    in contiguous rows, and a weight weight_ok takes."""
+    if not (available() and x.is_cuda and x.dtype == torch.bfloat16 and x.stride(-1) == 1 and weight_ok(w)):
+        return False
+    return torch.cuda.get_device_capability(x.device)[0] >= 8
+
+
+def layouts(bn: int) -> dict:
+    """The kernel's layouts for BN rows a program (64 x 2^i), 4 warps (see the module docstring)."""
+    if bn < 64 or bn & (bn - 1):
+        raise ValueError(f"the Gluon q4 GEMV takes 64 x 2^i rows a program (QConfig.bn), got {bn}")
+    hi = [64 << i for i in range((bn // 64).bit_length() - 1)]  # rows 64, 128, ... in registers
+    mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1], instr_shape=[16, 8])
+    w0 = gl.DistributedLinearLayout(reg_bases=[[0, 0, 1], [8, 0, 0]] + [[r, 0, 0] for r in hi],
+                                    lane_bases=[[0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
+                                    warp_bases=[[16, 0, 0], [32, 0, 0]], block_bases=[], shape=[bn, 4, 2])
+    l4 = gl.DistributedLinearLayout(reg_bases=[[0, 0, 0, 1], [0, 0, 0, 2], [0, 0, 0, 4], [8, 0, 0, 0], [0, 1, 0, 0]]
+                                    + [[r, 0, 0, 0] for r in hi],
+                                    lane_bases=[[0, 0, 1, 0], [0, 0, 2, 0], [1, 0, 0, 0], [2, 0, 0, 0], [4, 0, 0, 0]],
+                                    warp_bases=[[16, 0, 0, 0], [32, 0, 0, 0]], block_bases=[], shape=[bn, 2, 4, 8])
+    xb4 = gl.DistributedLinearLayout(reg_bases=[[0, 0, 1, 0], [0, 0, 2, 0], [0, 0, 4, 0], [1, 0, 0, 0]],
+                                     lane_bases=[[0, 1, 0, 0], [0, 2, 0, 0], [0, 0, 0, 1], [0, 0, 0, 2], [0, 0, 0, 4]],
+                                     warp_bases=[[0, 0, 0, 0], [0, 0, 0, 0]], block_bases=[], shape=[2, 4, 8, 8])
+    xg = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[4, 1], order=[1, 0])
+    return dict(MMA=mma, A_L=gl.DotOperandLayout(operand_index=0, parent=mma, k_width=8),
+                B_L=gl.DotOperandLayout(operand_index=1, parent=mma, k_width=8), W0_L=w0, L4=l4, XB_L=xb4, XG_L=xg)
+
+
+def _kernel_fn(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_xt, stride_qn, stride_sn, stride_mn, stride_ot,
+               KW: gl.constexpr, NG: gl.constexpr, BN: gl.constexpr, PAIR: gl.constexpr, PERSIST: gl.constexpr,
+               GDC: gl.constexpr, PRE: gl.constexpr, MMA: gl.constexpr, A_L: gl.constexpr, B_L: gl.constexpr,
+               W0_L: gl.constexpr, L4: gl.constexpr, XB_L: gl.constexpr, XG_L: gl.constexpr):
+    """Row t = program_id(1) of x; a block of BN rows a program, or (PERSIST) blocks pid, pid + programs, ..."""
+    # what every block shares: the word columns, the pairs' shifts, x's offsets, the epilogue's columns
+    r_w = gl.arange(0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(2, W0_L)))
+    t_w = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, W0_L)))
+    h_w = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, W0_L)))
+    wcol = 2 * t_w[None, :, None] + h_w[None, None, :]  # [1, 4, 2]: word 2t + h of a step
+    l_s = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L4))))
+    sh = (4 * (l_s // 2))[None, None, None, :]  # the pair (2i, 2i + 1) shifts the word by 4i
+    XB3: gl.constexpr = gl.SliceLayout(3, XB_L)
+    h_x = gl.arange(0, 2, layout=gl.SliceLayout(1, gl.SliceLayout(2, XB3)))
+    t_x = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, XB3)))
+    j_x = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, XB3)))
+    n_x = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, XB_L))))
+    xoff = 8 * (2 * t_x[None, :, None] + h_x[:, None, None]) + j_x[None, None, :]  # [2, 4, 8] stored order
+    xoff4, n4 = gl.broadcast(xoff[:, :, :, None], n_x[None, None, None, :])  # [2, 4, 8, 8]
+    r_o = gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
+    n_c = gl.arange(0, 8, layout=gl.SliceLayout(0, MMA))
+    g_x = gl.arange(0, 8, layout=gl.SliceLayout(1, XG_L))
+    i_x = gl.arange(0, 64, layout=gl.SliceLayout(0, XG_L))
+    t = gl.program_id(1).to(gl.int64)
+    xt = x_ptr + t * stride_xt
+    ot = out_ptr + t * stride_ot
+    if PERSIST:
+        if GDC:
+            tl_cuda.gdc_wait()
+            tl_cuda.gdc_launch_dependents()
+        for blk in range(gl.program_id(0), gl.cdiv(N, BN), gl.num_programs(0)):
+            _block(blk, xt, q_ptr, s_ptr, m_ptr, ot, N, stride_qn, stride_sn, stride_mn, r_w, wcol, sh, xoff4, n4,
+                   r_o, n_c, g_x, i_x, KW, NG, BN, PAIR, False, False, MMA, A_L, B_L, L4)
+    else:
+        _block(gl.program_id(0), xt, q_ptr, s_ptr, m_ptr, ot, N, stride_qn, stride_sn, stride_mn, r_w, wcol, sh,
+               xoff4, n4, r_o, n_c, g_x, i_x, KW, NG, BN, PAIR, GDC, PRE, MMA, A_L, B_L, L4)
+
+
+def _block_fn(blk, x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_qn, stride_sn, stride_mn, r_w, wcol, sh, xoff4, n4,
+              r_o, n_c, g_x, i_x, KW: gl.constexpr, NG: gl.constexpr, BN: gl.constexpr, PAIR: gl.constexpr,
+              GDC: gl.constexpr, PRE: gl.constexpr, MMA: gl.constexpr, A_L: gl.constexpr, B_L: gl.constexpr,
+              L4: gl.constexpr):
+    """Rows blk * BN .. of the product (the module docstring's steps and epilogue); GDC: wait for the previous
+    kernel here, after the first step's weights are loaded when PRE."""
+    rows_w = blk * BN + r_w
+    rw = gl.where(rows_w < N, rows_w, 0).to(gl.int64)  # rows past N read row 0 (never stored)
+    wptr = q_ptr + rw[:, None, None] * stride_qn + wcol
+    r_c = blk * BN + r_o
+    rc = gl.where(r_c < N, r_c, 0).to(gl.int64)
+    if PRE:
+        w_pre = gl.load(wptr)
+    if GDC:
+        tl_cuda.gdc_wait()
+        tl_cuda.gdc_launch_dependents()
+    out = gl.zeros([BN], gl.float32, layout=gl.SliceLayout(1, MMA))
+    acc = gl.zeros([BN, 8], gl.float32, layout=MMA)
+    for st in gl.static_range(KW // 8):  # a step: one group (8 words, 64 inputs)
+        if PRE and st == 0:
+            w = w_pre
+        else:
+            w = gl.load(wptr + st * 8)  # [BN, 4 (t), 2 (h)] int32
+        w = gl.convert_layout(gl.permute(w, [0, 2, 1]), gl.SliceLayout(3, L4), assert_trivial=True)  # [BN, 2, 4]
+        w4, s4 = gl.broadcast(w[:, :, :, None], sh)
+        cb = gl.inline_asm_elementwise(PAIR, "=r,r,r,r,r", [w4, s4], dtype=gl.bfloat16, is_pure=True, pack=2)
+        a = gl.convert_layout(gl.reshape(cb, [BN, 64]), A_L, assert_trivial=True)
+        xv = gl.load(x_ptr + st * 64 + xoff4, mask=n4 == st % 8, other=0.0)  # [2, 4, 8 (j), 8 (n)]
+        xv = gl.reshape(gl.permute(gl.reshape(xv, [2, 4, 2, 4, 8]), [0, 1, 3, 2, 4]), [64, 8])  # j -> l
+        acc = mma_v2(a, gl.convert_layout(xv, B_L, assert_trivial=True), acc)
+        if (st % 8 == 7) or (st == KW // 8 - 1):  # the scales and minima of these (up to) 8 groups
+            gs = (st // 8) * 8 + n_c
+            gm = gs[None, :] < NG
+            sv = gl.load(s_ptr + rc[:, None] * stride_sn + gs[None, :], mask=gm, other=0.0).to(gl.float32)
+            mv = gl.load(m_ptr + rc[:, None] * stride_mn + gs[None, :], mask=gm, other=0.0).to(gl.float32)
+            gx = (st // 8) * 8 + g_x
+            xx = gl.load(x_ptr + gx[:, None] * 64 + i_x[None, :], mask=(gx < NG)[:, None], other=0.0)
+            xs = gl.convert_layout(gl.sum(xx.to(gl.float32), axis=1), gl.SliceLayout(0, MMA))
+            out += gl.sum(sv * (acc - 128.0 * xs[None, :]) + mv * xs[None, :], axis=1)
+            acc = gl.zeros([BN, 8], gl.float32, layout=MMA)
+    gl.store(out_ptr + r_c, out.to(out_ptr.dtype.element_ty), mask=r_c < N)
+
+
+_block = KERNEL = None
+if gluon is not None:
+    _block = gluon.jit(_block_fn)
+    KERNEL = gluon.jit(_kernel_fn)
+
+
+def constexprs(k: int, bn: int, *, persist: bool = False, gdc: bool = False, pre: bool = False) -> dict:
+    """The kernel's constexprs for rows of k inputs and bn rows a program (tools/gluon_q4_probe.py compiles with
+    these offline)."""
+    return dict(KW=k // 8, NG=k // GROUP, BN=bn, PAIR=PAIR, PERSIST=persist, GDC=gdc, PRE=pre and gdc and not persist,
+                **layouts(bn))
+
+
+def matvec(x: Tensor, w: QuantWeight, *, out_dtype: torch.dtype | None = None, bn: int = 128, persist: int = 0,
+           launch: dict | None = None) -> Tensor:
+    """out [T, N] = x [T, K] @ W^T for one q4 matrix (gemv_ok must hold). bn: rows a program (64 x 2^i); persist P:
+    at most P programs a SM, each looping over blocks (0: a program a block); launch: pdl.launch_args(device)'s
+    {"GDC": True, "launch_pdl": True} to launch with PDL (the first step of weights loaded before the wait unless
+    `launch` says PRE=False)."""
+    if not gemv_ok(x, w):
+        raise ValueError(f"the Gluon q4 GEMV does not serve x {x.dtype} {list(x.shape)} on {x.device} with a "
+                         f"{w.fmt} weight {list(w.shape)} in groups of {w.group} (it takes bf16 x on CUDA and one q4 "
+                         f"matrix in groups of {GROUP}); use quant_moe.quant_matvec")
+    n, k = w.matrix
+    T = x.shape[0]
+    opts = dict(launch or {})
+    gdc = bool(opts.pop("GDC", False))
+    pre = bool(opts.pop("PRE", True))
+    codes = w.q.view(torch.int32)
+    out = torch.empty(T, n, dtype=out_dtype or x.dtype, device=x.device)
+    blocks = triton.cdiv(n, bn)
+    if persist:
+        blocks = min(blocks, persist * torch.cuda.get_device_properties(x.device).multi_processor_count)
+    KERNEL[(blocks, T)](x, codes, w.scale, w.min, out, n, x.stride(0), codes.stride(0), w.scale.stride(0),
+                        w.min.stride(0), out.stride(0), **constexprs(k, bn, persist=bool(persist), gdc=gdc, pre=pre),
+                        num_warps=4, **opts)
+    return out
+
+
+def emulate(x: Tensor, w: QuantWeight) -> Tensor:
+    """The kernel's logical computation for one row x [K] in torch (CPU, fp64 sums): the same word, nibble and x
+    indices, the 8-group accumulator with its 128 offset and the epilogue. Checks the index math without a GPU."""
+    if w.fmt != "q4" or w.group != GROUP or w.lead or w.matrix[1] % GROUP:
+        raise ValueError(f"emulate takes one q4 matrix in groups of {GROUP}, got {w.fmt}, group {w.group}, "
+                         f"shape {list(w.shape)}")
+    n, k = w.matrix
+    words = w.q.view(torch.int32).long() & 0xFFFFFFFF  # [N, KW]
+    xs = x.double()
+    s, m = w.scale.double(), w.min.double()
+    kk = torch.arange(64)
+    h, t, lo = kk // 32, (kk // 8) % 4, kk % 8
+    word = 2 * t + h  # the word of each K position in a step
+    nib = lo // 2 + 4 * (lo % 2)  # l = 2i + e holds stored nibble i + 4e
+    out = torch.zeros(n, dtype=torch.float64)
+    acc = torch.zeros(n, 8, dtype=torch.float64)
+    steps = k // GROUP
+    for st in range(steps):
+        a = 128 + ((words[:, st * 8 + word] >> (4 * nib)) & 0xF)  # [N, 64]
+        b = torch.zeros(64, 8, dtype=torch.float64)
+        b[:, st % 8] = xs[st * 64 + 8 * word + nib]  # B's column for this group: x at the same stored inputs
+        acc += a.double() @ b
+        if st % 8 == 7 or st == steps - 1:
+            g = (st // 8) * 8 + torch.arange(8)
+            ok = g < steps
+            gsum = torch.zeros(8, dtype=torch.float64)
+            gsum[ok] = xs.view(steps, GROUP)[g[ok]].sum(1)
+            sv = torch.zeros(n, 8, dtype=torch.float64)
+            mv = torch.zeros(n, 8, dtype=torch.float64)
+            sv[:, ok], mv[:, ok] = s[:, g[ok]], m[:, g[ok]]
+            out += (sv * (acc - 128 * gsum) + mv * gsum).sum(1)
+            acc.zero_()
+    return out
