@@ -2,12 +2,13 @@
 # Session 44, call A: the Gluon q4 GEMV on tensor cores (tiered/kernels/quant_gluon.py, QConfig.algo 3), first
 # through tools/gluon_q4_probe.py --gpu (checked against the reference at lm_head, qkv and o_proj, then timed against
 # TUNED's word tile with and without PDL, BN 64 / 128 / 256, persist 0 / 4; the engine's dispatch checked at two
-# rows), then issue 13's VRAM decode on the peers checkpoint (8-layer 10.6B shape): q4+q4 with TUNED's tiles, q4+q4
+# rows) and its CUDA tests (tests/test_quant_gluon.py), then issue 13's VRAM decode on the peers checkpoint (8-layer 10.6B shape): q4+q4 with TUNED's tiles, q4+q4
 # with algo 3 on the lm_head, with algo 3 on every dense GEMV, and bf16 (fresh processes); then the experts probe.
 source "$(dirname "$0")/lib.sh"
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); echo "$GPU"
 timeout 240 python3 tools/gluon_q4_probe.py --gpu > $OUT/gluon-q4.log 2>&1
 echo "gluon q4 rc=$? $(el)"; grep -E '^(lm_head|qkv|o_proj|emulated)|Error|error' $OUT/gluon-q4.log | cut -c1-1500; pack
+cuda_tests 150 tests/test_quant_gluon.py
 peers_layouts
 peers_vram q4 default
 LM="gemv,q4,2048,151936:bn=128,algo=3"
