@@ -69,6 +69,9 @@ def test_where_it_serves():
         QConfig(bn=32, algo=3)
     with pytest.raises(ValueError, match="algo 3"):
         QConfig(bn=128, algo=3, act=1)
+    with pytest.raises(ValueError, match="algo 3"):
+        QConfig(bn=128, algo=3, ahead=3)
+    assert qg.constexprs(704, 64, ahead=4)["D"] == 1 and qg.constexprs(768, 64, ahead=4)["D"] == 4  # 11, 12 steps
 
 
 @pytest.mark.skipif(DEV == "cuda", reason="the fallback is the CPU path")
@@ -84,8 +87,8 @@ def test_algo3_falls_back_to_the_word_tile_off_cuda():
 
 
 def test_compiles_for_sm90_with_pdl():
-    """The kernel compiles for sm_90 with no GPU: a program a block with PDL loads its first step of weights before
-    griddepcontrol.wait (and x only after it); looping programs wait first; without GDC there is no wait. In a
+    """The kernel compiles for sm_90 with no GPU, 1, 2 and 4 steps a load: a program a block with PDL loads its first
+    steps of weights before griddepcontrol.wait (and x only after it); looping programs wait first; without GDC there is no wait. In a
     subprocess with the interpreter off (Gluon compiles only there)."""
     pytest.importorskip("triton.experimental.gluon")
     from triton.backends import backends
@@ -98,8 +101,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from tiered.kernels import quant_gluon as qg
-for persist, gdc, pre in ((False, True, True), (True, True, True), (False, False, False)):
-    cst = qg.constexprs(256, 64, persist=persist, gdc=gdc, pre=pre)
+for persist, gdc, pre, ahead in ((False, True, True, 4), (True, True, True, 2), (False, False, False, 1)):
+    cst = qg.constexprs(256, 64, ahead=ahead, persist=persist, gdc=gdc, pre=pre)
     sig = dict(x_ptr="*bf16", q_ptr="*i32", s_ptr="*bf16", m_ptr="*bf16", out_ptr="*bf16", N="i32", stride_xt="i32",
                stride_qn="i32", stride_sn="i32", stride_mn="i32", stride_ot="i32", **{{c: "constexpr" for c in cst}})
     ptx = triton.compile(GluonASTSource(qg.KERNEL, sig, cst, {{}}), target=GPUTarget("cuda", 90, 32),
@@ -120,7 +123,8 @@ print("ok")
 @pytest.mark.parametrize("N,K,T", [(151936, 2048, 1), (5120, 2048, 2), (2048, 4096, 1), (70, 704, 2)])
 def test_cuda_kernel_matches_reference(N, K, T):
     """The kernel at the 10.6B shape's lm_head, qkv and o_proj and at a small odd one (a partial block, a partial
-    epilogue): a program a block and looping programs, with and without PDL, fp32 and bf16 out, against the
+    epilogue, 11 steps: one a load where 2 and 4 do not divide them): 1, 2 and 4 steps a load, a program a block
+    and looping programs, with and without PDL, fp32 and bf16 out, against the
     dequantized reference; then inside a CUDA graph through quant_matvec's algo 3."""
     from tiered.kernels.pdl import launch_args
 
@@ -129,12 +133,12 @@ def test_cuda_kernel_matches_reference(N, K, T):
     x = torch.randn(T, K, generator=g, device=DEV).to(torch.bfloat16)
     ref = quant_matvec_ref(x.float(), w)
     assert qg.gemv_ok(x, w)
-    for bn in (64, 128):
+    for bn, ahead in ((64, 1), (64, 4), (128, 2)):
         for persist in (0, 2):
             for launch in (None, launch_args(x.device)):
-                got = qg.matvec(x, w, out_dtype=torch.float32, bn=bn, persist=persist, launch=launch)
-                assert rel(got, ref) < 1e-5, (bn, persist, launch)
-    cfg = QConfig(bn=128, algo=3)
+                got = qg.matvec(x, w, out_dtype=torch.float32, bn=bn, ahead=ahead, persist=persist, launch=launch)
+                assert rel(got, ref) < 1e-5, (bn, ahead, persist, launch)
+    cfg = QConfig(bn=64, algo=3, ahead=4)
     quant_matvec(x, w, config=cfg)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

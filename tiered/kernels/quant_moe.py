@@ -131,8 +131,9 @@ class QConfig:
     serves power-of-two groups only (the launchers fall back to 0 for others, e.g. q4 rows narrower than 64
     of odd width), 2 = the word tile (q4 only, _dot_rows_words: codes read as int32 words of 8 inputs, one
     shift and one and-or per input; falls back to 1, then 0, where it cannot serve), 3 = the dense GEMV on tensor
-    cores (quant_gluon: one q4 matrix in groups of 64, bf16 inputs on CUDA; bn its rows a program, 64 x 2^i, and
-    persist its programs a SM; elsewhere the word tile of min(bn, 32) rows runs); `regs` caps the registers a
+    cores (quant_gluon: one q4 matrix in groups of 64, bf16 inputs on CUDA; bn its rows a program, 64 x 2^i, ahead
+    its steps of words a load, 1, 2 or 4, and persist its programs a SM; elsewhere the word tile of min(bn, 32) rows
+    runs); `regs` caps the registers a
     thread may use (ptxas' maxnreg; 0: the compiler's choice), which sets how many programs an SM holds: the decode
     kernels are one wave whose programs wait on memory, and occupancy is what hides that wait. `hw` (a down config's,
     read by experts_quant_decode): how gate_up hands h to a word-tile down kernel that reads every expert at once
@@ -179,9 +180,9 @@ class QConfig:
         if self.act not in (0, 1):
             raise ValueError(f"QConfig.act must be 0 (float inputs) or 1 (8-bit inputs, integer products), got "
                              f"{self.act}")
-        if self.algo == 3 and (self.bn < 64 or self.act):
-            raise ValueError(f"QConfig.algo 3 (the Gluon q4 GEMV, quant_gluon) takes bn 64 x 2^i and act 0, got bn "
-                             f"{self.bn}, act {self.act}")
+        if self.algo == 3 and (self.bn < 64 or self.act or self.ahead not in (0, 1, 2, 4)):
+            raise ValueError(f"QConfig.algo 3 (the Gluon q4 GEMV, quant_gluon) takes bn 64 x 2^i, act 0 and ahead 0, "
+                             f"1, 2 or 4 (steps a load), got bn {self.bn}, act {self.act}, ahead {self.ahead}")
         if self.hw not in (0, 1, 2):
             raise ValueError(f"QConfig.hw must be 0 (fp32 rows), 1 (word-major fp32) or 2 (word-major bf16), got "
                              f"{self.hw}")
@@ -1364,7 +1365,8 @@ def quant_matvec(x: Tensor, w: QuantWeight, slots: Tensor | None = None, *, out_
             launch = launch_args(x.device)
             if launch and not preload_enabled():
                 launch["PRE"] = False
-            return quant_gluon.matvec(x, w, out_dtype=out_dtype, bn=cfg.bn, persist=cfg.persist, launch=launch)
+            return quant_gluon.matvec(x, w, out_dtype=out_dtype, bn=cfg.bn, ahead=max(cfg.ahead, 1),
+                                      persist=cfg.persist, launch=launch)
         cfg = dataclasses.replace(cfg, algo=2, bn=min(cfg.bn, 32), persist=0)
     out = torch.empty(T, n, dtype=out_dtype or x.dtype, device=x.device)
     m = w.min if w.min is not None else w.scale
