@@ -27,3 +27,7 @@ peers_vram q4 gluon-64a4 TIERED_QCONFIG="gemv,q4,2048,151936:bn=64,algo=3,ahead=
 peers_vram q4 gluon-128a2 TIERED_QCONFIG="gemv,q4,2048,151936:bn=128,algo=3,ahead=2"
 peers_vram q4 default2
 pack
+# then, time allowing, what a kernel boundary costs against a grid barrier (session 43's bench, never run yet)
+[ $(( $(date +%s) - T0 )) -lt 330 ] && timeout 120 python3 benchmarks/bench_grid_barrier_gpu.py \
+  > $OUT/grid-barrier.log 2>&1; echo "grid barrier rc=$? $(el)"; grep -vE '^\{' $OUT/grid-barrier.log | tail -8
+pack
