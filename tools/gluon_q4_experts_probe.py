@@ -41,6 +41,7 @@ if "--gpu" not in sys.argv:
 import torch  # noqa: E402
 
 from gluon_q4_probe import GROUP, PAIR, gl, gluon, mma_v2, triton  # noqa: E402
+from tiered.kernels.quant_gluon import emulate as emulate_rows  # noqa: E402
 
 ROWS = 16  # FFN rows a program: 16 gate + 16 up
 WARPS = 4  # K slices
@@ -255,44 +256,14 @@ def gate_up(x, slots, gate, up):
 
 
 def emulate(x, slots, gate, up):
-    """The kernel's logical computation in torch (CPU): each warp's K quarter, the same word, nibble and x indices,
-    the 8-group epilogue with its 128 offset, the warps' sum, silu(gate) * up. fp64."""
-    from tiered.kernels import quant_moe as qm
-
+    """The kernel's logical computation in torch (CPU): each warp's K quarter through quant_gluon.emulate (the same
+    word, nibble and x indices, the 8-group epilogue with its 128 offset), the warps' sum, silu(gate) * up. fp64."""
     f, d = gate.matrix
-    ng = d // GROUP
-    gpw = ng // WARPS
-    kk = torch.arange(64)
-    h_, t_, lo = kk // 32, (kk // 8) % 4, kk % 8
-    word, nib = 2 * t_ + h_, lo // 2 + 4 * (lo % 2)
-    xs = x.double()
+    gpw = d // GROUP // WARPS
     out = []
     for s in slots.tolist():
-        rows = []
-        for w in (gate, up):
-            words = qm._codes(w, 2)[s].long() & 0xFFFFFFFF  # [F, KW]
-            sc, mn = w.scale[s].double(), w.min[s].double()
-            tot = torch.zeros(f, dtype=torch.float64)
-            for b in range(WARPS):
-                acc = torch.zeros(f, 8, dtype=torch.float64)
-                for st in range(gpw):
-                    g = b * gpw + st
-                    a = 128 + ((words[:, g * 8 + word] >> (4 * nib)) & 0xF)
-                    bm = torch.zeros(64, 8, dtype=torch.float64)
-                    bm[:, st % 8] = xs[g * 64 + 8 * word + nib]
-                    acc += a.double() @ bm
-                    if st % 8 == 7 or st == gpw - 1:
-                        gg = b * gpw + (st // 8) * 8 + torch.arange(8)
-                        ok = (st // 8) * 8 + torch.arange(8) < gpw
-                        gsum = torch.zeros(8, dtype=torch.float64)
-                        gsum[ok] = xs.view(ng, GROUP)[gg[ok]].sum(1)
-                        sv = torch.zeros(f, 8, dtype=torch.float64)
-                        mv = torch.zeros(f, 8, dtype=torch.float64)
-                        sv[:, ok], mv[:, ok] = sc[:, gg[ok]], mn[:, gg[ok]]
-                        tot += (sv * (acc - 128 * gsum) + mv * gsum).sum(1)
-                        acc.zero_()
-            rows.append(tot)
-        out.append(torch.nn.functional.silu(rows[0]) * rows[1])
+        gate_row, up_row = (sum(emulate_rows(x, w[s], b * gpw, gpw) for b in range(WARPS)) for w in (gate, up))
+        out.append(torch.nn.functional.silu(gate_row) * up_row)
     return torch.stack(out)
 
 
@@ -321,39 +292,10 @@ def down(h, slots, wts, dw):
 
 
 def emulate_down(h, slots, wts, dw):
-    """The down kernel's logical computation in torch (CPU), fp64: warp k's expert, the same words, nibbles and h
-    offsets (h rounded to bf16), the 8-group epilogue, the routing weight, the warps' sum."""
-    from tiered.kernels import quant_moe as qm
-
-    d, f = dw.matrix
-    ng = f // GROUP
-    kk = torch.arange(64)
-    h_, t_, lo = kk // 32, (kk // 8) % 4, kk % 8
-    word, nib = 2 * t_ + h_, lo // 2 + 4 * (lo % 2)
-    y = torch.zeros(d, dtype=torch.float64)
-    for b, s in enumerate(slots.tolist()):
-        words = qm._codes(dw, 2)[s].long() & 0xFFFFFFFF  # [D, KW]
-        sc, mn = dw.scale[s].double(), dw.min[s].double()
-        xs = h[b].to(torch.bfloat16).double()
-        tot = torch.zeros(d, dtype=torch.float64)
-        acc = torch.zeros(d, 8, dtype=torch.float64)
-        for st in range(ng):
-            a = 128 + ((words[:, st * 8 + word] >> (4 * nib)) & 0xF)
-            bm = torch.zeros(64, 8, dtype=torch.float64)
-            bm[:, st % 8] = xs[st * 64 + 8 * word + nib]
-            acc += a.double() @ bm
-            if st % 8 == 7 or st == ng - 1:
-                gg = (st // 8) * 8 + torch.arange(8)
-                ok = gg < ng
-                gsum = torch.zeros(8, dtype=torch.float64)
-                gsum[ok] = xs.view(ng, GROUP)[gg[ok]].sum(1)
-                sv = torch.zeros(d, 8, dtype=torch.float64)
-                mv = torch.zeros(d, 8, dtype=torch.float64)
-                sv[:, ok], mv[:, ok] = sc[:, gg[ok]], mn[:, gg[ok]]
-                tot += (sv * (acc - 128 * gsum) + mv * gsum).sum(1)
-                acc.zero_()
-        y += float(wts[b]) * tot
-    return y
+    """The down kernel's logical computation in torch (CPU), fp64: warp k's expert through quant_gluon.emulate (the
+    same words, nibbles and h offsets, h rounded to bf16, the 8-group epilogue), the routing weight, the warps'
+    sum."""
+    return sum(float(wts[b]) * emulate_rows(h[b].to(torch.bfloat16), dw[s]) for b, s in enumerate(slots.tolist()))
 
 
 def reference_down(h, slots, wts, dw):

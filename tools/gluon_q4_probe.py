@@ -1,30 +1,18 @@
-"""A q4 GEMV on tensor cores written in Gluon (Triton's explicit-layout language): each thread loads the stored words
-whose nibbles are its own mma.sync fragment slots, so nothing goes through shared memory. A probe for issue 13: not
-used by the engine.
+"""The Gluon q4 GEMV on tensor cores (tiered/kernels/quant_gluon.py, QConfig.algo 3; its docstring has the
+layouts) counted, checked and timed: a probe for issue 13.
 
     python3 tools/gluon_q4_probe.py            # offline: SASS per input for sm_90, and the index math checked on CPU
     python3 tools/gluon_q4_probe.py --gpu      # on the GPU box: the kernel against the reference, then timed
                                                # against TUNED's q4 GEMV at the lm_head, qkv and o_proj shapes
+    python3 tools/gluon_q4_probe.py --gpu --bn 64 --persist 0 --ahead 1,4 --only lm_head
 
 Why: on the H200 the q4 lm_head (151,936 x 2,048) reads 57% of HBM at 3.69 SASS an input (tools/count_sass.py,
-TUNED's word tile), so fewer instructions an input is the lever there; tl.dot does not give it (tools/
-mma_q4_sass.py: 3.8-4.6, the operand goes through shared memory). Here the layouts are explicit:
-- A [BN, 64] (one group of 64 inputs a step) is in DotOperandLayout(0, mma v2, k_width 8): a thread holds 8
-  consecutive K of a row, i.e. one stored int32 word (8 nibbles). The words are loaded as [BN, 4 (t), 2 (h)] (word
-  2t + h of the step: a thread's two words of a row are adjacent, one 8-byte load), permuted to [BN, 2, 4] and
-  widened to [BN, 2, 4, 8]; that reshapes to [BN, 64] with K order k = 32 h + 8 t + l, which is A's layout
-  exactly (every convert_layout here is asserted trivial at compile time).
-- A code pair becomes bf16x2 (128 + c) with one shift and one lop3 (inline PTX, two lanes of a pack): logical l =
-  2i + e holds stored nibble i + 4e, so l's pair (2i, 2i + 1) is nibbles (i, i + 4), 16 bits apart after w >> 4i.
-- B [64, 8] holds x block-diagonally: column n is x for the step's group when n = step mod 8, else 0 (a masked
-  16-byte load a thread, stored order, then the same nibble permutation in registers). The accumulator [BN, 8]
-  fp32 so holds each row's dot with each of 8 groups, and every 8 groups the scales and minima apply:
-  out += sum_n s (acc - 128 xs) + m xs, xs the group sums of x.
-Counted offline (Triton 3.9 and 3.6, sm_90, 4 warps): 1.88 / 1.57 / 1.41 SASS an input at BN 64 / 128 / 256 (63 /
-92 / 180 registers) against the word tile's 3.69: per pair a lop3 and (3 in 4) a shift, plus PRMT for x's pairs.
-Needs: K a multiple of 64, a group of 64, bf16 x. The Gluon kernel cannot run under Triton's interpreter, so the
-CPU check runs `emulate`, the kernel's own index math in torch, against quant_matvec_ref; the kernel itself is
-checked only by --gpu.
+TUNED's word tile), so fewer instructions an input looked like the lever there; tl.dot does not give it (tools/
+mma_q4_sass.py: 3.8-4.6, the operand goes through shared memory). Counted offline (Triton 3.9 and 3.6, sm_90, 4
+warps): 1.88 / 1.57 / 1.41 SASS an input at BN 64 / 128 / 256 (63 / 92 / 180 registers) against the word tile's
+3.69. Timed (session 44, H100): exact, but slower than the word tile (notes/Q4_DECODE.md).
+Gluon cannot run under Triton's interpreter, so the CPU check runs `emulate`, the kernel's own index math in torch,
+against quant_matvec_ref; the kernel itself is checked only by --gpu (and tests/test_quant_gluon.py on CUDA).
 """
 from __future__ import annotations
 

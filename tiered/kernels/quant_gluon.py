@@ -254,9 +254,11 @@ def matvec(x: Tensor, w: QuantWeight, *, out_dtype: torch.dtype | None = None, b
     return out
 
 
-def emulate(x: Tensor, w: QuantWeight) -> Tensor:
+def emulate(x: Tensor, w: QuantWeight, first: int = 0, count: int | None = None) -> Tensor:
     """The kernel's logical computation for one row x [K] in torch (CPU, fp64 sums): the same word, nibble and x
-    indices, the 8-group accumulator with its 128 offset and the epilogue. Checks the index math without a GPU."""
+    indices, the 8-group accumulator with its 128 offset and the epilogue. Checks the index math without a GPU.
+    first, count: only groups first .. first + count - 1, the epilogue every 8 of them (a K slice, as
+    tools/gluon_q4_experts_probe.py's warps take)."""
     if w.fmt != "q4" or w.group != GROUP or w.lead or w.matrix[1] % GROUP:
         raise ValueError(f"emulate takes one q4 matrix in groups of {GROUP}, got {w.fmt}, group {w.group}, "
                          f"shape {list(w.shape)}")
@@ -270,20 +272,22 @@ def emulate(x: Tensor, w: QuantWeight) -> Tensor:
     nib = lo // 2 + 4 * (lo % 2)  # l = 2i + e holds stored nibble i + 4e
     out = torch.zeros(n, dtype=torch.float64)
     acc = torch.zeros(n, 8, dtype=torch.float64)
-    steps = k // GROUP
+    steps = k // GROUP - first if count is None else count
     for st in range(steps):
-        a = 128 + ((words[:, st * 8 + word] >> (4 * nib)) & 0xF)  # [N, 64]
+        g = first + st
+        a = 128 + ((words[:, g * 8 + word] >> (4 * nib)) & 0xF)  # [N, 64]
         b = torch.zeros(64, 8, dtype=torch.float64)
-        b[:, st % 8] = xs[st * 64 + 8 * word + nib]  # B's column for this group: x at the same stored inputs
+        b[:, st % 8] = xs[g * 64 + 8 * word + nib]  # B's column for this group: x at the same stored inputs
         acc += a.double() @ b
         if st % 8 == 7 or st == steps - 1:
-            g = (st // 8) * 8 + torch.arange(8)
-            ok = g < steps
+            j = (st // 8) * 8 + torch.arange(8)
+            ok = j < steps
+            gg = first + j[ok]
             gsum = torch.zeros(8, dtype=torch.float64)
-            gsum[ok] = xs.view(steps, GROUP)[g[ok]].sum(1)
+            gsum[ok] = xs.view(-1, GROUP)[gg].sum(1)
             sv = torch.zeros(n, 8, dtype=torch.float64)
             mv = torch.zeros(n, 8, dtype=torch.float64)
-            sv[:, ok], mv[:, ok] = s[:, g[ok]], m[:, g[ok]]
+            sv[:, ok], mv[:, ok] = s[:, gg], m[:, gg]
             out += (sv * (acc - 128 * gsum) + mv * gsum).sum(1)
             acc.zero_()
     return out
