@@ -33,14 +33,16 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12))
 
 
-@pytest.mark.parametrize("N,K", [(1, 64), (48, 64), (33, 512), (70, 704), (5, 1024)])
-def test_emulated_index_math_matches_reference(N, K):
+@pytest.mark.parametrize("N,K,G", [(1, 64, 1), (48, 64, 1), (33, 512, 1), (70, 704, 1), (5, 1024, 1), (48, 128, 2),
+                                   (33, 1024, 2), (70, 1408, 2), (5, 2048, 2)])
+def test_emulated_index_math_matches_reference(N, K, G):
     """emulate (the kernel's word, nibble and x indices, its 8-group accumulator with the 128 offset and the
-    epilogue) equals the dequantized product: one group, 8 groups (one epilogue), 11 (a partial one), 16 (two)."""
+    epilogue) equals the dequantized product: one group, 8 groups (one epilogue), 11 (a partial one), 16 (two);
+    two groups a step (16 words, a column each): one step, 8 steps, 11 (a partial epilogue), 16."""
     g = torch.Generator().manual_seed(N + K)
     w = quantize(torch.randn(N, K, generator=g) * K ** -0.5, "q4")
     x = torch.randn(K, generator=g).to(torch.bfloat16)
-    assert rel(qg.emulate(x, w), quant_matvec_ref(x.float()[None], w)[0]) < 1e-6
+    assert rel(qg.emulate(x, w, groups=G), quant_matvec_ref(x.float()[None], w)[0]) < 1e-6
 
 
 def test_emulate_catches_a_wrong_nibble_order():
@@ -87,8 +89,9 @@ def test_algo3_falls_back_to_the_word_tile_off_cuda():
 
 
 def test_compiles_for_sm90_with_pdl():
-    """The kernel compiles for sm_90 with no GPU, 1, 2 and 4 steps a load: a program a block with PDL loads its first
-    steps of weights before griddepcontrol.wait (and x only after it); looping programs wait first; without GDC there is no wait. In a
+    """The kernel compiles for sm_90 with no GPU, 1, 2 and 4 steps a load, 1 and 2 groups a step: a program a block
+    with PDL loads its first steps of weights before griddepcontrol.wait (and x only after it); looping programs
+    wait first; without GDC there is no wait; a row's words come 8 bytes a load, 16 at two groups a step. In a
     subprocess with the interpreter off (Gluon compiles only there)."""
     pytest.importorskip("triton.experimental.gluon")
     from triton.backends import backends
@@ -101,17 +104,20 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from tiered.kernels import quant_gluon as qg
-for persist, gdc, pre, ahead in ((False, True, True, 4), (True, True, True, 2), (False, False, False, 1)):
-    cst = qg.constexprs(256, 64, ahead=ahead, persist=persist, gdc=gdc, pre=pre)
+variants = ((False, True, True, 4, 1), (True, True, True, 2, 1), (False, False, False, 1, 1), (False, True, True, 2, 2))
+for persist, gdc, pre, ahead, groups in variants:
+    cst = qg.constexprs(512, 64, ahead=ahead, groups=groups, persist=persist, gdc=gdc, pre=pre)
     sig = dict(x_ptr="*bf16", q_ptr="*i32", s_ptr="*bf16", m_ptr="*bf16", out_ptr="*bf16", N="i32", stride_xt="i32",
                stride_qn="i32", stride_sn="i32", stride_mn="i32", stride_ot="i32", **{{c: "constexpr" for c in cst}})
-    ptx = triton.compile(GluonASTSource(qg.KERNEL, sig, cst, {{}}), target=GPUTarget("cuda", 90, 32),
+    attrs = {{(i,): [["tt.divisibility", 16]] for i in range(11) if i != 5}}  # 16-byte aligned pointers and strides
+    ptx = triton.compile(GluonASTSource(qg.KERNEL, sig, cst, attrs), target=GPUTarget("cuda", 90, 32),
                          options={{"num_warps": 4}}).asm["ptx"]
     wait = ptx.find("griddepcontrol.wait")
     first = ptx.find("ld.global")
     assert (wait >= 0) == gdc, (persist, gdc)
     assert (0 <= first < wait) == (gdc and not persist), (persist, gdc, first, wait)
     assert ptx.count("mma.sync") > 0 and "st.shared" not in ptx.split("mma.sync")[0], "an operand via shared memory"
+    assert ("ld.global.v2.b32" in ptx) == (groups == 1), "a row's words: 8 bytes a load, 16 at two groups a step"
 print("ok")
 """
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1", "CUDA_VISIBLE_DEVICES": ""}
@@ -123,7 +129,8 @@ print("ok")
 @pytest.mark.parametrize("N,K,T", [(151936, 2048, 1), (5120, 2048, 2), (2048, 4096, 1), (70, 704, 2)])
 def test_cuda_kernel_matches_reference(N, K, T):
     """The kernel at the 10.6B shape's lm_head, qkv and o_proj and at a small odd one (a partial block, a partial
-    epilogue, 11 steps: one a load where 2 and 4 do not divide them): 1, 2 and 4 steps a load, a program a block
+    epilogue, 11 groups: one a step and a load where 2 and 4 do not divide them): 1, 2 and 4 steps a load, 1 and 2
+    groups a step, a program a block
     and looping programs, with and without PDL, fp32 and bf16 out, against the
     dequantized reference; then inside a CUDA graph through quant_matvec's algo 3."""
     from tiered.kernels.pdl import launch_args
@@ -133,11 +140,12 @@ def test_cuda_kernel_matches_reference(N, K, T):
     x = torch.randn(T, K, generator=g, device=DEV).to(torch.bfloat16)
     ref = quant_matvec_ref(x.float(), w)
     assert qg.gemv_ok(x, w)
-    for bn, ahead in ((64, 1), (64, 4), (128, 2)):
+    for bn, ahead, groups in ((64, 1, 1), (64, 4, 1), (128, 2, 1), (64, 2, 2), (128, 4, 2)):
         for persist in (0, 2):
             for launch in (None, launch_args(x.device)):
-                got = qg.matvec(x, w, out_dtype=torch.float32, bn=bn, ahead=ahead, persist=persist, launch=launch)
-                assert rel(got, ref) < 1e-5, (bn, ahead, persist, launch)
+                got = qg.matvec(x, w, out_dtype=torch.float32, bn=bn, ahead=ahead, groups=groups, persist=persist,
+                                launch=launch)
+                assert rel(got, ref) < 1e-5, (bn, ahead, groups, persist, launch)
     cfg = QConfig(bn=64, algo=3, ahead=4)
     quant_matvec(x, w, config=cfg)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()

@@ -39,10 +39,10 @@ DENSE = {"lm_head": (151936, 2048), "qkv": (5120, 2048), "o_proj": (2048, 4096)}
 __all__ = ["GROUP", "PAIR", "emulate", "gl", "gluon", "layouts", "mma_v2", "triton"]  # the experts probe's
 
 
-def matvec(x, w, bn: int = 128, persist: int = 0, launch: dict | None = None, ahead: int = 1):
+def matvec(x, w, bn: int = 128, persist: int = 0, launch: dict | None = None, ahead: int = 1, groups: int = 1):
     """x [K] bf16 (CUDA), w one q4 QuantWeight [N, K] -> y [N] fp32 through the engine's Gluon kernel."""
-    return quant_gluon.matvec(x[None], w, out_dtype=torch.float32, bn=bn, ahead=ahead, persist=persist,
-                              launch=launch)[0]
+    return quant_gluon.matvec(x[None], w, out_dtype=torch.float32, bn=bn, ahead=ahead, groups=groups,
+                              persist=persist, launch=launch)[0]
 
 
 def cpu_check(seed: int = 0) -> dict:
@@ -88,7 +88,7 @@ def sass_counts(k: int = 2048) -> list[dict]:
     return rows
 
 
-def gpu_run(bns: list[int], persists: list[int], aheads: list[int], only: str = "") -> dict:
+def gpu_run(bns: list[int], persists: list[int], aheads: list[int], only: str = "", groups: tuple = (1,)) -> dict:
     """On CUDA: each BN against quant_matvec_ref (fp32 outputs), then timed in CUDA graphs of calls on other copies
     of the matrix against TUNED's quant_matvec (PDL as the engine launches it, and without); then the engine's path
     (quant_matvec with algo 3, PDL on, bf16 out) checked at 1 and 2 rows."""
@@ -116,20 +116,20 @@ def gpu_run(bns: list[int], persists: list[int], aheads: list[int], only: str = 
         finally:
             os.environ.pop("TIERED_PDL")
         launch = pdl.launch_args(x.device)
-        for bn in bns:
-            for pp in persists:
-                for ah in aheads:
-                    r = {"rel_err": rel(matvec(x, mats[0], bn, pp, ahead=ah), ref.float())}
-                    if r["rel_err"] <= 1e-4:
-                        r["us"] = time_graph([lambda m=m: matvec(x, m, bn, pp, ahead=ah) for m in mats], reps=20) * 1e6
-                        r["tbps"] = mats[0].nbytes / r["us"] / 1e6
-                        r["vs_tuned_nopdl"] = row["tuned_nopdl_us"] / r["us"]
-                        if launch:
-                            r["rel_err_pdl"] = rel(matvec(x, mats[0], bn, pp, dict(launch), ah), ref.float())
-                            r["us_pdl"] = time_graph([lambda m=m: matvec(x, m, bn, pp, dict(launch), ah)
-                                                      for m in mats], reps=20) * 1e6
-                            r["vs_tuned_pdl"] = row["tuned_pdl_us"] / r["us_pdl"]
-                    row[f"bn{bn}_p{pp}_a{ah}"] = r
+        variants = [(bn, pp, ah, gr) for bn in bns for pp in persists for ah in aheads for gr in groups]
+        for bn, pp, ah, gr in variants:
+            def run(m, launch=None, bn=bn, pp=pp, ah=ah, gr=gr):
+                return matvec(x, m, bn, pp, launch, ah, gr)
+            r = {"rel_err": rel(run(mats[0]), ref.float())}
+            if r["rel_err"] <= 1e-4:
+                r["us"] = time_graph([lambda m=m: run(m) for m in mats], reps=20) * 1e6
+                r["tbps"] = mats[0].nbytes / r["us"] / 1e6
+                r["vs_tuned_nopdl"] = row["tuned_nopdl_us"] / r["us"]
+                if launch:
+                    r["rel_err_pdl"] = rel(run(mats[0], dict(launch)), ref.float())
+                    r["us_pdl"] = time_graph([lambda m=m: run(m, dict(launch)) for m in mats], reps=20) * 1e6
+                    r["vs_tuned_pdl"] = row["tuned_pdl_us"] / r["us_pdl"]
+            row[f"bn{bn}_p{pp}_a{ah}_g{gr}"] = r
         # the engine's dispatch: algo 3 through quant_matvec, bf16 out, two rows (the second row's own x)
         cfg = qm.QConfig(bn=128, algo=3)
         x2 = torch.stack([x, torch.randn(k, generator=g, device="cuda").to(torch.bfloat16)])
@@ -147,6 +147,7 @@ def main() -> None:
     ap.add_argument("--bn", default="64,128,256", help="rows a program to try with --gpu")
     ap.add_argument("--persist", default="0,4", help="programs a SM looping over blocks to try (0: a program a block)")
     ap.add_argument("--ahead", default="1,2,4", help="steps of words a load to try (the next load ahead)")
+    ap.add_argument("--groups", default="1", help="groups a step to try (1: 8-byte loads, 2: 16-byte)")
     ap.add_argument("--only", default="", help="products to run, e.g. lm_head (default: all of lm_head, qkv, o_proj)")
     args = ap.parse_args()
     if gluon is None:
@@ -160,7 +161,8 @@ def main() -> None:
 
         res.update(device=torch.cuda.get_device_name(), commit=git_commit(),
                    products=gpu_run([int(b) for b in args.bn.split(",")], [int(v) for v in args.persist.split(",")],
-                                        [int(v) for v in args.ahead.split(",")], args.only))
+                                        [int(v) for v in args.ahead.split(",")], args.only,
+                                        tuple(int(v) for v in args.groups.split(","))))
         print(write_out(res, "gluon_q4.json"))
         return
     res["sass"] = sass_counts()

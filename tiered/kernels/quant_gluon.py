@@ -67,53 +67,63 @@ def gemv_ok(x: Tensor, w: QuantWeight) -> bool:
     return torch.cuda.get_device_capability(x.device)[0] >= 8
 
 
-def layouts(bn: int, ahead: int = 1) -> dict:
-    """The kernel's layouts for BN rows a program (64 x 2^i), 4 warps, `ahead` steps a load (1, 2 or 4; see the
-    module docstring)."""
+def layouts(bn: int, ahead: int = 1, groups: int = 1) -> dict:
+    """The kernel's layouts for BN rows a program (64 x 2^i), 4 warps, `ahead` steps a load (1, 2 or 4) and `groups`
+    groups a step (1 or 2; see the module docstring)."""
     if bn < 64 or bn & (bn - 1):
         raise ValueError(f"the Gluon q4 GEMV takes 64 x 2^i rows a program (QConfig.bn), got {bn}")
     if ahead not in (1, 2, 4):
         raise ValueError(f"the Gluon q4 GEMV loads 1, 2 or 4 steps at a time (QConfig.ahead), got {ahead}")
+    if groups not in (1, 2):
+        raise ValueError(f"the Gluon q4 GEMV takes 1 or 2 groups a step (QConfig.bg), got {groups}")
+    hs = range(groups.bit_length())  # the bits of h, a thread's word of a row in a step (2 x groups of them)
     hi = [64 << i for i in range((bn // 64).bit_length() - 1)]  # rows 64, 128, ... in registers
     mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1], instr_shape=[16, 8])
     steps = [[0, 0, 0, 1 << i] for i in range(ahead.bit_length() - 1)]  # the steps of a load, in registers
-    w0 = gl.DistributedLinearLayout(reg_bases=[[0, 0, 1, 0], [8, 0, 0, 0]] + [[r, 0, 0, 0] for r in hi] + steps,
+    w0 = gl.DistributedLinearLayout(reg_bases=[[0, 0, 1 << i, 0] for i in hs] + [[8, 0, 0, 0]]
+                                    + [[r, 0, 0, 0] for r in hi] + steps,
                                     lane_bases=[[0, 1, 0, 0], [0, 2, 0, 0], [1, 0, 0, 0], [2, 0, 0, 0], [4, 0, 0, 0]],
                                     warp_bases=[[16, 0, 0, 0], [32, 0, 0, 0]], block_bases=[],
-                                    shape=[bn, 4, 2, ahead])
-    l4 = gl.DistributedLinearLayout(reg_bases=[[0, 0, 0, 1], [0, 0, 0, 2], [0, 0, 0, 4], [8, 0, 0, 0], [0, 1, 0, 0]]
-                                    + [[r, 0, 0, 0] for r in hi],
+                                    shape=[bn, 4, 2 * groups, ahead])
+    l4 = gl.DistributedLinearLayout(reg_bases=[[0, 0, 0, 1], [0, 0, 0, 2], [0, 0, 0, 4], [8, 0, 0, 0]]
+                                    + [[0, 1 << i, 0, 0] for i in hs] + [[r, 0, 0, 0] for r in hi],
                                     lane_bases=[[0, 0, 1, 0], [0, 0, 2, 0], [1, 0, 0, 0], [2, 0, 0, 0], [4, 0, 0, 0]],
-                                    warp_bases=[[16, 0, 0, 0], [32, 0, 0, 0]], block_bases=[], shape=[bn, 2, 4, 8])
-    xb4 = gl.DistributedLinearLayout(reg_bases=[[0, 0, 1, 0], [0, 0, 2, 0], [0, 0, 4, 0], [1, 0, 0, 0]],
+                                    warp_bases=[[16, 0, 0, 0], [32, 0, 0, 0]], block_bases=[],
+                                    shape=[bn, 2 * groups, 4, 8])
+    xb4 = gl.DistributedLinearLayout(reg_bases=[[0, 0, 1, 0], [0, 0, 2, 0], [0, 0, 4, 0]]
+                                     + [[1 << i, 0, 0, 0] for i in hs],
                                      lane_bases=[[0, 1, 0, 0], [0, 2, 0, 0], [0, 0, 0, 1], [0, 0, 0, 2], [0, 0, 0, 4]],
-                                     warp_bases=[[0, 0, 0, 0], [0, 0, 0, 0]], block_bases=[], shape=[2, 4, 8, 8])
+                                     warp_bases=[[0, 0, 0, 0], [0, 0, 0, 0]], block_bases=[],
+                                     shape=[2 * groups, 4, 8, 8])
     xg = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[4, 1], order=[1, 0])
     return dict(MMA=mma, A_L=gl.DotOperandLayout(operand_index=0, parent=mma, k_width=8),
                 B_L=gl.DotOperandLayout(operand_index=1, parent=mma, k_width=8), W0_L=w0, L4=l4, XB_L=xb4, XG_L=xg)
 
 
 def _kernel_fn(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_xt, stride_qn, stride_sn, stride_mn, stride_ot,
-               KW: gl.constexpr, NG: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, PAIR: gl.constexpr,
-               PERSIST: gl.constexpr, GDC: gl.constexpr, PRE: gl.constexpr, MMA: gl.constexpr, A_L: gl.constexpr,
-               B_L: gl.constexpr, W0_L: gl.constexpr, L4: gl.constexpr, XB_L: gl.constexpr, XG_L: gl.constexpr):
+               KW: gl.constexpr, NG: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, G: gl.constexpr,
+               PAIR: gl.constexpr, PERSIST: gl.constexpr, GDC: gl.constexpr, PRE: gl.constexpr, MMA: gl.constexpr,
+               A_L: gl.constexpr, B_L: gl.constexpr, W0_L: gl.constexpr, L4: gl.constexpr, XB_L: gl.constexpr,
+               XG_L: gl.constexpr):
     """Row t = program_id(1) of x; a block of BN rows a program, or (PERSIST) blocks pid, pid + programs, ..."""
     # what every block shares: the word columns, the pairs' shifts, x's offsets, the epilogue's columns
     W3: gl.constexpr = gl.SliceLayout(3, W0_L)
     r_w = gl.arange(0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(2, W3)))
     t_w = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, W3)))
-    h_w = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, W3)))
+    h_w = gl.arange(0, 2 * G, layout=gl.SliceLayout(0, gl.SliceLayout(1, W3)))
     d_w = gl.arange(0, D, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, W0_L))))
-    wcol = 2 * t_w[None, :, None, None] + h_w[None, None, :, None] + 8 * d_w[None, None, None, :]  # [1, 4, 2, D]
+    wcol = 2 * G * t_w[None, :, None, None] + h_w[None, None, :, None] + 8 * G * d_w[None, None, None, :]  # [1,4,2G,D]
     l_s = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L4))))
     sh = (4 * (l_s // 2))[None, None, None, :]  # the pair (2i, 2i + 1) shifts the word by 4i
     XB3: gl.constexpr = gl.SliceLayout(3, XB_L)
-    h_x = gl.arange(0, 2, layout=gl.SliceLayout(1, gl.SliceLayout(2, XB3)))
+    h_x = gl.arange(0, 2 * G, layout=gl.SliceLayout(1, gl.SliceLayout(2, XB3)))
     t_x = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, XB3)))
     j_x = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, XB3)))
     n_x = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, XB_L))))
-    xoff = 8 * (2 * t_x[None, :, None] + h_x[:, None, None]) + j_x[None, None, :]  # [2, 4, 8] stored order
-    xoff4, n4 = gl.broadcast(xoff[:, :, :, None], n_x[None, None, None, :])  # [2, 4, 8, 8]
+    xw = 2 * G * t_x[None, :, None] + h_x[:, None, None]  # [2G, 4, 1]: the stored word of (h, t) in a step
+    xoff = 8 * xw + j_x[None, None, :]  # [2G, 4, 8] stored order
+    xoff4, n4 = gl.broadcast(xoff[:, :, :, None], n_x[None, None, None, :])  # [2G, 4, 8, 8]
+    g4 = gl.broadcast(xoff4, (xw // 8)[:, :, :, None])[1]  # the group (0 .. G - 1) of each x within its step
     r_o = gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
     n_c = gl.arange(0, 8, layout=gl.SliceLayout(0, MMA))
     g_x = gl.arange(0, 8, layout=gl.SliceLayout(1, XG_L))
@@ -127,22 +137,22 @@ def _kernel_fn(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_xt, stride_qn, str
             tl_cuda.gdc_launch_dependents()
         for blk in range(gl.program_id(0), gl.cdiv(N, BN), gl.num_programs(0)):
             _block(blk, xt, q_ptr, s_ptr, m_ptr, ot, N, stride_qn, stride_sn, stride_mn, r_w, wcol, sh, xoff4, n4,
-                   r_o, n_c, g_x, i_x, KW, NG, BN, D, PAIR, False, False, MMA, A_L, B_L, L4)
+                   g4, r_o, n_c, g_x, i_x, KW, NG, BN, D, G, PAIR, False, False, MMA, A_L, B_L, L4)
     else:
         _block(gl.program_id(0), xt, q_ptr, s_ptr, m_ptr, ot, N, stride_qn, stride_sn, stride_mn, r_w, wcol, sh,
-               xoff4, n4, r_o, n_c, g_x, i_x, KW, NG, BN, D, PAIR, GDC, PRE, MMA, A_L, B_L, L4)
+               xoff4, n4, g4, r_o, n_c, g_x, i_x, KW, NG, BN, D, G, PAIR, GDC, PRE, MMA, A_L, B_L, L4)
 
 
 def _block_fn(blk, x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_qn, stride_sn, stride_mn, r_w, wcol, sh, xoff4, n4,
-              r_o, n_c, g_x, i_x, KW: gl.constexpr, NG: gl.constexpr, BN: gl.constexpr, D: gl.constexpr,
-              PAIR: gl.constexpr, GDC: gl.constexpr, PRE: gl.constexpr, MMA: gl.constexpr, A_L: gl.constexpr,
-              B_L: gl.constexpr, L4: gl.constexpr):
+              g4, r_o, n_c, g_x, i_x, KW: gl.constexpr, NG: gl.constexpr, BN: gl.constexpr, D: gl.constexpr,
+              G: gl.constexpr, PAIR: gl.constexpr, GDC: gl.constexpr, PRE: gl.constexpr, MMA: gl.constexpr,
+              A_L: gl.constexpr, B_L: gl.constexpr, L4: gl.constexpr):
     """Rows blk * BN .. of the product: the words of D steps a load, the next D steps' load issued before the
     current ones are computed (so D to 2D steps of a thread's words are in flight); GDC: wait for the previous
     kernel here, after the first load when PRE."""
     rows_w = blk * BN + r_w
     rw = gl.where(rows_w < N, rows_w, 0).to(gl.int64)  # rows past N read row 0 (never stored)
-    wptr = q_ptr + rw[:, None, None, None] * stride_qn + wcol  # [BN, 4 (t), 2 (h), D (step)]
+    wptr = q_ptr + rw[:, None, None, None] * stride_qn + wcol  # [BN, 4 (t), 2G (h), D (step)]
     r_c = blk * BN + r_o
     rc = gl.where(r_c < N, r_c, 0).to(gl.int64)
     if PRE:
@@ -154,54 +164,58 @@ def _block_fn(blk, x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_qn, stride_sn,
         cur = gl.load(wptr)
     out = gl.zeros([BN], gl.float32, layout=gl.SliceLayout(1, MMA))
     acc = gl.zeros([BN, 8], gl.float32, layout=MMA)
-    SUP: gl.constexpr = KW // 8 // D
+    SUP: gl.constexpr = KW // (8 * G) // D
     for j in gl.static_range(SUP):
         if j + 1 < SUP:
-            nxt = gl.load(wptr + (j + 1) * 8 * D)
+            nxt = gl.load(wptr + (j + 1) * 8 * G * D)
         if D == 1:
-            out, acc = _step(gl.reshape(cur, [BN, 4, 2]), j, out, acc, x_ptr, s_ptr, m_ptr, rc, stride_sn, stride_mn,
-                             sh, xoff4, n4, n_c, g_x, i_x, KW, NG, BN, PAIR, MMA, A_L, B_L, L4)
+            out, acc = _step(gl.reshape(cur, [BN, 4, 2 * G]), j, out, acc, x_ptr, s_ptr, m_ptr, rc, stride_sn,
+                             stride_mn, sh, xoff4, n4, g4, n_c, g_x, i_x, KW, NG, BN, G, PAIR, MMA, A_L, B_L, L4)
         elif D == 2:
             w0, w1 = gl.split(cur)
-            out, acc = _step(w0, 2 * j, out, acc, x_ptr, s_ptr, m_ptr, rc, stride_sn, stride_mn, sh, xoff4, n4, n_c,
-                             g_x, i_x, KW, NG, BN, PAIR, MMA, A_L, B_L, L4)
+            out, acc = _step(w0, 2 * j, out, acc, x_ptr, s_ptr, m_ptr, rc, stride_sn, stride_mn, sh, xoff4, n4, g4,
+                             n_c, g_x, i_x, KW, NG, BN, G, PAIR, MMA, A_L, B_L, L4)
             out, acc = _step(w1, 2 * j + 1, out, acc, x_ptr, s_ptr, m_ptr, rc, stride_sn, stride_mn, sh, xoff4, n4,
-                             n_c, g_x, i_x, KW, NG, BN, PAIR, MMA, A_L, B_L, L4)
+                             g4, n_c, g_x, i_x, KW, NG, BN, G, PAIR, MMA, A_L, B_L, L4)
         else:  # D 4: step 2a + b at [..., a, b]
-            ev, od = gl.split(gl.reshape(cur, [BN, 4, 2, 2, 2]))
+            ev, od = gl.split(gl.reshape(cur, [BN, 4, 2 * G, 2, 2]))
             w0, w2 = gl.split(ev)
             w1, w3 = gl.split(od)
-            out, acc = _step(w0, 4 * j, out, acc, x_ptr, s_ptr, m_ptr, rc, stride_sn, stride_mn, sh, xoff4, n4, n_c,
-                             g_x, i_x, KW, NG, BN, PAIR, MMA, A_L, B_L, L4)
+            out, acc = _step(w0, 4 * j, out, acc, x_ptr, s_ptr, m_ptr, rc, stride_sn, stride_mn, sh, xoff4, n4, g4,
+                             n_c, g_x, i_x, KW, NG, BN, G, PAIR, MMA, A_L, B_L, L4)
             out, acc = _step(w1, 4 * j + 1, out, acc, x_ptr, s_ptr, m_ptr, rc, stride_sn, stride_mn, sh, xoff4, n4,
-                             n_c, g_x, i_x, KW, NG, BN, PAIR, MMA, A_L, B_L, L4)
+                             g4, n_c, g_x, i_x, KW, NG, BN, G, PAIR, MMA, A_L, B_L, L4)
             out, acc = _step(w2, 4 * j + 2, out, acc, x_ptr, s_ptr, m_ptr, rc, stride_sn, stride_mn, sh, xoff4, n4,
-                             n_c, g_x, i_x, KW, NG, BN, PAIR, MMA, A_L, B_L, L4)
+                             g4, n_c, g_x, i_x, KW, NG, BN, G, PAIR, MMA, A_L, B_L, L4)
             out, acc = _step(w3, 4 * j + 3, out, acc, x_ptr, s_ptr, m_ptr, rc, stride_sn, stride_mn, sh, xoff4, n4,
-                             n_c, g_x, i_x, KW, NG, BN, PAIR, MMA, A_L, B_L, L4)
+                             g4, n_c, g_x, i_x, KW, NG, BN, G, PAIR, MMA, A_L, B_L, L4)
         if j + 1 < SUP:
             cur = nxt
     gl.store(out_ptr + r_c, out.to(out_ptr.dtype.element_ty), mask=r_c < N)
 
 
-def _step_fn(w, st: gl.constexpr, out, acc, x_ptr, s_ptr, m_ptr, rc, stride_sn, stride_mn, sh, xoff4, n4, n_c, g_x,
-             i_x, KW: gl.constexpr, NG: gl.constexpr, BN: gl.constexpr, PAIR: gl.constexpr, MMA: gl.constexpr,
-             A_L: gl.constexpr, B_L: gl.constexpr, L4: gl.constexpr):
-    """Step st (one group: 8 words, 64 inputs) of a block from its words w [BN, 4 (t), 2 (h)]: the codes' pairs as
-    A, x block-diagonal as B, one mma; after every 8 groups (and the last) the scales and minima apply."""
-    w = gl.convert_layout(gl.permute(w, [0, 2, 1]), gl.SliceLayout(3, L4), assert_trivial=True)  # [BN, 2, 4]
+def _step_fn(w, st: gl.constexpr, out, acc, x_ptr, s_ptr, m_ptr, rc, stride_sn, stride_mn, sh, xoff4, n4, g4, n_c,
+             g_x, i_x, KW: gl.constexpr, NG: gl.constexpr, BN: gl.constexpr, G: gl.constexpr, PAIR: gl.constexpr,
+             MMA: gl.constexpr, A_L: gl.constexpr, B_L: gl.constexpr, L4: gl.constexpr):
+    """Step st (G groups: 8G words, 64G inputs) of a block from its words w [BN, 4 (t), 2G (h)]: the codes' pairs as
+    A, x block-diagonal as B (a column a group), one mma; after every 8 groups (and the last) the scales and minima
+    apply."""
+    w = gl.convert_layout(gl.permute(w, [0, 2, 1]), gl.SliceLayout(3, L4), assert_trivial=True)  # [BN, 2G, 4]
     w4, s4 = gl.broadcast(w[:, :, :, None], sh)
     cb = gl.inline_asm_elementwise(PAIR, "=r,r,r,r,r", [w4, s4], dtype=gl.bfloat16, is_pure=True, pack=2)
-    a = gl.convert_layout(gl.reshape(cb, [BN, 64]), A_L, assert_trivial=True)
-    xv = gl.load(x_ptr + st * 64 + xoff4, mask=n4 == st % 8, other=0.0)  # [2, 4, 8 (j), 8 (n)]
-    xv = gl.reshape(gl.permute(gl.reshape(xv, [2, 4, 2, 4, 8]), [0, 1, 3, 2, 4]), [64, 8])  # j -> l
+    a = gl.convert_layout(gl.reshape(cb, [BN, 64 * G]), A_L, assert_trivial=True)
+    if G == 1:
+        xv = gl.load(x_ptr + st * 64 + xoff4, mask=n4 == st % 8, other=0.0)  # [2, 4, 8 (j), 8 (n)]
+    else:  # x of group G st + g in column (G st + g) mod 8
+        xv = gl.load(x_ptr + st * 64 * G + xoff4, mask=n4 == (G * st + g4) % 8, other=0.0)
+    xv = gl.reshape(gl.permute(gl.reshape(xv, [2 * G, 4, 2, 4, 8]), [0, 1, 3, 2, 4]), [64 * G, 8])  # j -> l
     acc = mma_v2(a, gl.convert_layout(xv, B_L, assert_trivial=True), acc)
-    if (st % 8 == 7) or (st == KW // 8 - 1):  # the scales and minima of these (up to) 8 groups
-        gs = (st // 8) * 8 + n_c
+    if ((st + 1) * G % 8 == 0) or (st == KW // (8 * G) - 1):  # the scales and minima of these (up to) 8 groups
+        gs = (st * G // 8) * 8 + n_c
         gm = gs[None, :] < NG
         sv = gl.load(s_ptr + rc[:, None] * stride_sn + gs[None, :], mask=gm, other=0.0).to(gl.float32)
         mv = gl.load(m_ptr + rc[:, None] * stride_mn + gs[None, :], mask=gm, other=0.0).to(gl.float32)
-        gx = (st // 8) * 8 + g_x
+        gx = (st * G // 8) * 8 + g_x
         xx = gl.load(x_ptr + gx[:, None] * 64 + i_x[None, :], mask=(gx < NG)[:, None], other=0.0)
         xs = gl.convert_layout(gl.sum(xx.to(gl.float32), axis=1), gl.SliceLayout(0, MMA))
         out += gl.sum(sv * (acc - 128.0 * xs[None, :]) + mv * xs[None, :], axis=1)
@@ -216,21 +230,25 @@ if gluon is not None:
     KERNEL = gluon.jit(_kernel_fn)
 
 
-def constexprs(k: int, bn: int, *, ahead: int = 1, persist: bool = False, gdc: bool = False,
+def constexprs(k: int, bn: int, *, ahead: int = 1, groups: int = 1, persist: bool = False, gdc: bool = False,
                pre: bool = False) -> dict:
-    """The kernel's constexprs for rows of k inputs, bn rows a program and `ahead` steps a load (a divisor of the
-    row's steps: fewer where it does not divide them; tools/gluon_q4_probe.py compiles with these offline)."""
-    steps = k // GROUP
-    while steps % ahead:
+    """The kernel's constexprs for rows of k inputs, bn rows a program, `groups` groups a step and `ahead` steps a
+    load (each a divisor of what it divides: fewer where it does not; tools/gluon_q4_probe.py compiles with these
+    offline)."""
+    ng = k // GROUP
+    while ng % groups:
+        groups //= 2
+    while (ng // groups) % ahead:
         ahead //= 2
-    return dict(KW=k // 8, NG=steps, BN=bn, D=ahead, PAIR=PAIR, PERSIST=persist, GDC=gdc,
-                PRE=pre and gdc and not persist, **layouts(bn, ahead))
+    return dict(KW=k // 8, NG=ng, BN=bn, D=ahead, G=groups, PAIR=PAIR, PERSIST=persist, GDC=gdc,
+                PRE=pre and gdc and not persist, **layouts(bn, ahead, groups))
 
 
 def matvec(x: Tensor, w: QuantWeight, *, out_dtype: torch.dtype | None = None, bn: int = 128, ahead: int = 1,
-           persist: int = 0, launch: dict | None = None) -> Tensor:
+           groups: int = 1, persist: int = 0, launch: dict | None = None) -> Tensor:
     """out [T, N] = x [T, K] @ W^T for one q4 matrix (gemv_ok must hold). bn: rows a program (64 x 2^i); ahead: steps
-    of words a load (1, 2, 4), the next load issued before the current steps are computed; persist P:
+    of words a load (1, 2, 4), the next load issued before the current steps are computed; groups: groups a step (1:
+    a thread's words of a row in a step are 8 bytes, 2: 16); persist P:
     at most P programs a SM, each looping over blocks (0: a program a block); launch: pdl.launch_args(device)'s
     {"GDC": True, "launch_pdl": True} to launch with PDL (the first step of weights loaded before the wait unless
     `launch` says PRE=False)."""
@@ -249,16 +267,17 @@ def matvec(x: Tensor, w: QuantWeight, *, out_dtype: torch.dtype | None = None, b
     if persist:
         blocks = min(blocks, persist * torch.cuda.get_device_properties(x.device).multi_processor_count)
     KERNEL[(blocks, T)](x, codes, w.scale, w.min, out, n, x.stride(0), codes.stride(0), w.scale.stride(0),
-                        w.min.stride(0), out.stride(0), **constexprs(k, bn, ahead=ahead, persist=bool(persist), gdc=gdc, pre=pre),
+                        w.min.stride(0), out.stride(0),
+                        **constexprs(k, bn, ahead=ahead, groups=groups, persist=bool(persist), gdc=gdc, pre=pre),
                         num_warps=4, **opts)
     return out
 
 
-def emulate(x: Tensor, w: QuantWeight, first: int = 0, count: int | None = None) -> Tensor:
+def emulate(x: Tensor, w: QuantWeight, first: int = 0, count: int | None = None, groups: int = 1) -> Tensor:
     """The kernel's logical computation for one row x [K] in torch (CPU, fp64 sums): the same word, nibble and x
-    indices, the 8-group accumulator with its 128 offset and the epilogue. Checks the index math without a GPU.
-    first, count: only groups first .. first + count - 1, the epilogue every 8 of them (a K slice, as
-    tools/gluon_q4_experts_probe.py's warps take)."""
+    indices, the 8-group accumulator with its 128 offset and the epilogue, `groups` groups a step. Checks the index
+    math without a GPU. first, count: only groups first .. first + count - 1, the epilogue every 8 of them (a K
+    slice, as tools/gluon_q4_experts_probe.py's warps take)."""
     if w.fmt != "q4" or w.group != GROUP or w.lead or w.matrix[1] % GROUP:
         raise ValueError(f"emulate takes one q4 matrix in groups of {GROUP}, got {w.fmt}, group {w.group}, "
                          f"shape {list(w.shape)}")
@@ -266,22 +285,25 @@ def emulate(x: Tensor, w: QuantWeight, first: int = 0, count: int | None = None)
     words = w.q.view(torch.int32).long() & 0xFFFFFFFF  # [N, KW]
     xs = x.double()
     s, m = w.scale.double(), w.min.double()
-    kk = torch.arange(64)
+    kk = torch.arange(64 * groups)
     h, t, lo = kk // 32, (kk // 8) % 4, kk % 8
-    word = 2 * t + h  # the word of each K position in a step
+    word = 2 * groups * t + h  # the stored word (of the step's 8G) of each K position
     nib = lo // 2 + 4 * (lo % 2)  # l = 2i + e holds stored nibble i + 4e
     out = torch.zeros(n, dtype=torch.float64)
     acc = torch.zeros(n, 8, dtype=torch.float64)
-    steps = k // GROUP - first if count is None else count
+    total = k // GROUP - first if count is None else count
+    if total % groups:
+        raise ValueError(f"{total} groups do not make steps of {groups}")
+    steps = total // groups
     for st in range(steps):
-        g = first + st
-        a = 128 + ((words[:, g * 8 + word] >> (4 * nib)) & 0xF)  # [N, 64]
-        b = torch.zeros(64, 8, dtype=torch.float64)
-        b[:, st % 8] = xs[g * 64 + 8 * word + nib]  # B's column for this group: x at the same stored inputs
+        g0 = first + st * groups  # the step's first group
+        a = 128 + ((words[:, g0 * 8 + word] >> (4 * nib)) & 0xF)  # [N, 64G]
+        b = torch.zeros(64 * groups, 8, dtype=torch.float64)
+        b[kk, (st * groups + word // 8) % 8] = xs[g0 * 64 + 8 * word + nib]  # a column a group: x at the same inputs
         acc += a.double() @ b
-        if st % 8 == 7 or st == steps - 1:
-            j = (st // 8) * 8 + torch.arange(8)
-            ok = j < steps
+        if (st + 1) * groups % 8 == 0 or st == steps - 1:
+            j = (st * groups // 8) * 8 + torch.arange(8)
+            ok = j < total
             gg = first + j[ok]
             gsum = torch.zeros(8, dtype=torch.float64)
             gsum[ok] = xs.view(-1, GROUP)[gg].sum(1)
