@@ -34,11 +34,12 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("N,K,G", [(1, 64, 1), (48, 64, 1), (33, 512, 1), (70, 704, 1), (5, 1024, 1), (48, 128, 2),
-                                   (33, 1024, 2), (70, 1408, 2), (5, 2048, 2)])
+                                   (33, 1024, 2), (70, 1408, 2), (5, 2048, 2), (9, 256, 4), (7, 1280, 4)])
 def test_emulated_index_math_matches_reference(N, K, G):
     """emulate (the kernel's word, nibble and x indices, its 8-group accumulator with the 128 offset and the
     epilogue) equals the dequantized product: one group, 8 groups (one epilogue), 11 (a partial one), 16 (two);
-    two groups a step (16 words, a column each): one step, 8 steps, 11 (a partial epilogue), 16."""
+    two groups a step (16 words, a column each): one step, 8 steps, 11 (a partial epilogue), 16; four: one step,
+    five (a partial epilogue)."""
     g = torch.Generator().manual_seed(N + K)
     w = quantize(torch.randn(N, K, generator=g) * K ** -0.5, "q4")
     x = torch.randn(K, generator=g).to(torch.bfloat16)
@@ -89,10 +90,10 @@ def test_algo3_falls_back_to_the_word_tile_off_cuda():
 
 
 def test_compiles_for_sm90_with_pdl():
-    """The kernel compiles for sm_90 with no GPU, 1, 2 and 4 steps a load, 1 and 2 groups a step: a program a block
-    with PDL loads its first steps of weights before griddepcontrol.wait (and x only after it); looping programs
-    wait first; without GDC there is no wait; a row's words come 8 bytes a load, 16 at two groups a step. In a
-    subprocess with the interpreter off (Gluon compiles only there)."""
+    """The kernel compiles for sm_90 with no GPU, 1, 2 and 4 steps a load, 1, 2 and 4 groups a step: a program a
+    block with PDL loads its first steps of weights before griddepcontrol.wait (and x only after it); looping
+    programs wait first; without GDC there is no wait; a row's words come 8 bytes a load, 16 at two or four groups
+    a step. In a subprocess with the interpreter off (Gluon compiles only there)."""
     pytest.importorskip("triton.experimental.gluon")
     from triton.backends import backends
 
@@ -104,7 +105,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from tiered.kernels import quant_gluon as qg
-variants = ((False, True, True, 4, 1), (True, True, True, 2, 1), (False, False, False, 1, 1), (False, True, True, 2, 2))
+variants = ((False, True, True, 4, 1), (True, True, True, 2, 1), (False, False, False, 1, 1), (False, True, True, 2, 2),
+            (False, True, True, 1, 4))
 for persist, gdc, pre, ahead, groups in variants:
     cst = qg.constexprs(512, 64, ahead=ahead, groups=groups, persist=persist, gdc=gdc, pre=pre)
     sig = dict(x_ptr="*bf16", q_ptr="*i32", s_ptr="*bf16", m_ptr="*bf16", out_ptr="*bf16", N="i32", stride_xt="i32",
@@ -140,7 +142,7 @@ def test_cuda_kernel_matches_reference(N, K, T):
     x = torch.randn(T, K, generator=g, device=DEV).to(torch.bfloat16)
     ref = quant_matvec_ref(x.float(), w)
     assert qg.gemv_ok(x, w)
-    for bn, ahead, groups in ((64, 1, 1), (64, 4, 1), (128, 2, 1), (64, 2, 2), (128, 4, 2)):
+    for bn, ahead, groups in ((64, 1, 1), (64, 4, 1), (128, 2, 1), (64, 2, 2), (128, 4, 2), (64, 2, 4)):
         for persist in (0, 2):
             for launch in (None, launch_args(x.device)):
                 got = qg.matvec(x, w, out_dtype=torch.float32, bn=bn, ahead=ahead, groups=groups, persist=persist,

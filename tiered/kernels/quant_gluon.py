@@ -3,8 +3,8 @@ quant_moe.quant_matvec for one q4 matrix in groups of 64.
 
 Owns: the kernel, its layouts (`layouts`), the launcher (`matvec`), where it serves (`gemv_ok`) and `emulate`, the
 kernel's own index math in torch (Gluon has no interpreter: the CPU tests check that, the GPU tests the kernel).
-Does not own: the quantized layout (tiered.layout.quant), the
-choice of tiles (quant_moe.TUNED / TIERED_QCONFIG), PDL's switches (pdl.launch_args).
+Does not own: the quantized layout (tiered.layout.quant), the choice of tiles (quant_moe.TUNED / TIERED_QCONFIG),
+PDL's switches (pdl.launch_args).
 
 Why: the word tile (quant_moe._dot_rows_words) issues 3.69 SASS instructions an input (tools/count_sass.py), and on
 the H200 the q4 lm_head reads 57% of HBM there; this kernel issues 1.57 at 128 rows a program (Triton 3.6 and 3.9,
@@ -21,8 +21,15 @@ sm_90, tools/gluon_q4_probe.py) and nothing goes through shared memory:
   16-byte load a thread, stored order, then the same nibble permutation in registers). The accumulator [BN, 8]
   fp32 so holds each row's dot with each of 8 groups, and every 8 groups the scales and minima apply:
   out += sum_n s (acc - 128 xs) + m xs, xs the group sums of x.
-With PDL (GDC) the program loads its first step of weights (PRE) before it waits for the previous kernel: weights
-are never written by a decode step (pdl.py says what may be read before the wait).
+G groups a step (G 2 or 4): A [BN, 64G], B [64G, 8] with group G st + g in column (G st + g) mod 8, and the K order
+k = 32 h + 8 t + l (h < 2G) taken from stored word 2G t + h, so a thread's 2G words of a row are adjacent (16-byte
+loads). D steps a load: the words of D steps come in one load and the next D steps' load is issued before these
+are computed, so D to 2D steps of words are in flight. With PDL (GDC) the program loads its first steps of weights
+(PRE) before it waits for the previous kernel: weights are never written by a decode step (pdl.py says what may be
+read before the wait).
+Measured (session 44, H100, lm_head 151,936 x 2,048, us with PDL): G 1 D 1 88.1; G 1 D 4 74.3; G 2 D 4 at BN 128
+68.6, against the word tile's 70.9 (65.4 without PDL); in the decode step 0.99x of the word tile
+(benchmarks/results/gluon-q4-g2-2026-12-06-h100-s44.json), so TUNED keeps the word tile.
 """
 from __future__ import annotations
 
@@ -69,13 +76,13 @@ def gemv_ok(x: Tensor, w: QuantWeight) -> bool:
 
 def layouts(bn: int, ahead: int = 1, groups: int = 1) -> dict:
     """The kernel's layouts for BN rows a program (64 x 2^i), 4 warps, `ahead` steps a load (1, 2 or 4) and `groups`
-    groups a step (1 or 2; see the module docstring)."""
+    groups a step (1, 2 or 4; see the module docstring)."""
     if bn < 64 or bn & (bn - 1):
         raise ValueError(f"the Gluon q4 GEMV takes 64 x 2^i rows a program (QConfig.bn), got {bn}")
     if ahead not in (1, 2, 4):
         raise ValueError(f"the Gluon q4 GEMV loads 1, 2 or 4 steps at a time (QConfig.ahead), got {ahead}")
-    if groups not in (1, 2):
-        raise ValueError(f"the Gluon q4 GEMV takes 1 or 2 groups a step (QConfig.bg), got {groups}")
+    if groups not in (1, 2, 4):
+        raise ValueError(f"the Gluon q4 GEMV takes 1, 2 or 4 groups a step (QConfig.bg), got {groups}")
     hs = range(groups.bit_length())  # the bits of h, a thread's word of a row in a step (2 x groups of them)
     hi = [64 << i for i in range((bn // 64).bit_length() - 1)]  # rows 64, 128, ... in registers
     mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1], instr_shape=[16, 8])
@@ -248,7 +255,7 @@ def matvec(x: Tensor, w: QuantWeight, *, out_dtype: torch.dtype | None = None, b
            groups: int = 1, persist: int = 0, launch: dict | None = None) -> Tensor:
     """out [T, N] = x [T, K] @ W^T for one q4 matrix (gemv_ok must hold). bn: rows a program (64 x 2^i); ahead: steps
     of words a load (1, 2, 4), the next load issued before the current steps are computed; groups: groups a step (1:
-    a thread's words of a row in a step are 8 bytes, 2: 16); persist P:
+    a thread's words of a row in a step are 8 bytes, 2 or 4: 16 a load); persist P:
     at most P programs a SM, each looping over blocks (0: a program a block); launch: pdl.launch_args(device)'s
     {"GDC": True, "launch_pdl": True} to launch with PDL (the first step of weights loaded before the wait unless
     `launch` says PRE=False)."""

@@ -132,8 +132,8 @@ class QConfig:
     of odd width), 2 = the word tile (q4 only, _dot_rows_words: codes read as int32 words of 8 inputs, one
     shift and one and-or per input; falls back to 1, then 0, where it cannot serve), 3 = the dense GEMV on tensor
     cores (quant_gluon: one q4 matrix in groups of 64, bf16 inputs on CUDA; bn its rows a program, 64 x 2^i, ahead
-    its steps of words a load, 1, 2 or 4, bg 2 two groups a step (16-byte loads; any other bg one), and persist its
-    programs a SM; elsewhere the word tile of min(bn, 32) rows runs); `regs` caps the registers a
+    its steps of words a load, 1, 2 or 4, bg 2 or 4 that many groups a step (16-byte loads; any other bg one), and
+    persist its programs a SM; elsewhere the word tile of min(bn, 32) rows runs); `regs` caps the registers a
     thread may use (ptxas' maxnreg; 0: the compiler's choice), which sets how many programs an SM holds: the decode
     kernels are one wave whose programs wait on memory, and occupancy is what hides that wait. `hw` (a down config's,
     read by experts_quant_decode): how gate_up hands h to a word-tile down kernel that reads every expert at once
@@ -1366,7 +1366,7 @@ def quant_matvec(x: Tensor, w: QuantWeight, slots: Tensor | None = None, *, out_
             if launch and not preload_enabled():
                 launch["PRE"] = False
             return quant_gluon.matvec(x, w, out_dtype=out_dtype, bn=cfg.bn, ahead=max(cfg.ahead, 1),
-                                      groups=2 if cfg.bg == 2 else 1, persist=cfg.persist, launch=launch)
+                                      groups=cfg.bg if cfg.bg in (2, 4) else 1, persist=cfg.persist, launch=launch)
         cfg = dataclasses.replace(cfg, algo=2, bn=min(cfg.bn, 32), persist=0)
     out = torch.empty(T, n, dtype=out_dtype or x.dtype, device=x.device)
     m = w.min if w.min is not None else w.scale

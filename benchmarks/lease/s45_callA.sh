@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Next lease (written in session 44): the Gluon q4 GEMV (quant_gluon, QConfig.algo 3) on whichever card comes, the
+# H200 first if it is lent (its word-tile lm_head reads 2.5 TB/s of 4.8, the H100's 2.7 of 3.35). Session 44's call
+# C on the H100: two groups a step, 4 steps a load, BN 128: 68.6 us with PDL against the word tile's 70.9 (65.4
+# without), decode 0.99x. Here: its CUDA tests, then 2 and 4 groups a step at 2 and 4 steps a load, BN 64 / 128, at
+# the lm_head and o_proj; then the decode with TUNED and with the fastest lm_head variant, twice each (fresh
+# processes, alternating), and bf16 once for the ratio.
+source "$(dirname "$0")/lib.sh"
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); echo "$GPU"
+cuda_tests 150 tests/test_quant_gluon.py
+timeout 200 python3 tools/gluon_q4_probe.py --gpu --bn 64,128 --persist 0 --ahead 2,4 --groups 2,4 \
+  --only lm_head,o_proj > $OUT/gluon-q4.log 2>&1
+echo "gluon q4 rc=$? $(el)"; grep -E 'Error|error' $OUT/gluon-q4.log | tail -3
+BEST=$(python3 - <<'PY'
+import json, os, sys
+d = json.load(open(os.path.join(os.environ["OUT"], "gluon_q4.json")))
+best = None
+for name, row in d["products"].items():
+    print(name, "tuned", round(row["tuned_nopdl_us"], 1), round(row["tuned_pdl_us"], 1), file=sys.stderr)
+    for k, r in row.items():
+        if isinstance(r, dict):
+            print("  ", k, r.get("rel_err"), round(r.get("us", 0), 1), round(r.get("us_pdl", 0), 1), file=sys.stderr)
+            if name == "lm_head" and r.get("us_pdl") and (best is None or r["us_pdl"] < best[0]):
+                best = (r["us_pdl"], k)
+bn, _, a, g = best[1].split("_")
+print(f"gemv,q4,2048,151936:bn={bn[2:]},algo=3,ahead={a[1:]},bg={g[1:]}")
+PY
+)
+echo "best: $BEST"; pack
+peers_layouts
+peers_vram q4 default
+peers_vram q4 gluon TIERED_QCONFIG="$BEST"
+peers_vram q4 default2
+peers_vram q4 gluon2 TIERED_QCONFIG="$BEST"
+peers_vram bf16 base
+for f in $OUT/tiered-*.json; do python3 -c "
+import json; d = json.load(open('$f')); d = d.get('modes', {}).get('vram', d)
+print('$f'.split('/')[-1], {k: d[k]['decode_tok_s'] for k in ('decode_short', 'decode_long') if k in d})" 2>&1 | tail -1; done
+pack
