@@ -1367,7 +1367,7 @@ def quant_matvec(x: Tensor, w: QuantWeight, slots: Tensor | None = None, *, out_
                 launch["PRE"] = False
             return quant_gluon.matvec(x, w, out_dtype=out_dtype, bn=cfg.bn, ahead=max(cfg.ahead, 1),
                                       groups=cfg.bg if cfg.bg in (2, 4) else 1, persist=cfg.persist, launch=launch)
-        cfg = dataclasses.replace(cfg, algo=2, bn=min(cfg.bn, 32), persist=0, ahead=0)  # (ahead: the word tile's L2)
+        cfg = dataclasses.replace(cfg, algo=2, bn=min(cfg.bn, 32), persist=0, ahead=0)  # its ahead: L2 prefetches
     out = torch.empty(T, n, dtype=out_dtype or x.dtype, device=x.device)
     m = w.min if w.min is not None else w.scale
     sl = slots if w.lead else out  # an unused pointer when there are no slots
