@@ -4,13 +4,15 @@ layouts) counted, checked and timed: a probe for issue 13.
     python3 tools/gluon_q4_probe.py            # offline: SASS per input for sm_90, and the index math checked on CPU
     python3 tools/gluon_q4_probe.py --gpu      # on the GPU box: the kernel against the reference, then timed
                                                # against TUNED's q4 GEMV at the lm_head, qkv and o_proj shapes
-    python3 tools/gluon_q4_probe.py --gpu --bn 64 --persist 0 --ahead 1,4 --only lm_head
+    python3 tools/gluon_q4_probe.py --gpu --bn 64 --persist 0 --ahead 1,4 --groups 1,2 --only lm_head
+                                               # ... its last line: "best" and each product's fastest variant as
+                                               # a TIERED_QCONFIG entry
 
 Why: on the H200 the q4 lm_head (151,936 x 2,048) reads 57% of HBM at 3.69 SASS an input (tools/count_sass.py,
 TUNED's word tile), so fewer instructions an input looked like the lever there; tl.dot does not give it (tools/
 mma_q4_sass.py: 3.8-4.6, the operand goes through shared memory). Counted offline (Triton 3.9 and 3.6, sm_90, 4
 warps): 1.88 / 1.57 / 1.41 SASS an input at BN 64 / 128 / 256 (63 / 92 / 180 registers) against the word tile's
-3.69. Timed (session 44, H100): exact, but slower than the word tile (notes/Q4_DECODE.md).
+3.69. Timed (session 44, H100): exact; at best 0.99x of the word tile in the decode step (notes/Q4_DECODE.md).
 Gluon cannot run under Triton's interpreter, so the CPU check runs `emulate`, the kernel's own index math in torch,
 against quant_matvec_ref; the kernel itself is checked only by --gpu (and tests/test_quant_gluon.py on CUDA).
 """
@@ -141,6 +143,18 @@ def gpu_run(bns: list[int], persists: list[int], aheads: list[int], only: str = 
     return out
 
 
+def best_qconfigs(products: dict) -> list[str]:
+    """TIERED_QCONFIG entries for each product's fastest checked variant with PDL (as the engine launches it)."""
+    out = []
+    for row in products.values():
+        timed = [(r["us_pdl"], key) for key, r in row.items() if isinstance(r, dict) and r.get("us_pdl")]
+        if timed:
+            bn, _, ahead, groups = min(timed)[1].split("_")
+            n, k = row["shape"]
+            out.append(f"gemv,q4,{k},{n}:bn={bn[2:]},algo=3,ahead={ahead[1:]},bg={groups[1:]}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpu", action="store_true", help="check and time the kernel on this machine's GPU")
@@ -164,6 +178,12 @@ def main() -> None:
                                         [int(v) for v in args.ahead.split(",")], args.only,
                                         tuple(int(v) for v in args.groups.split(","))))
         print(write_out(res, "gluon_q4.json"))
+        for name, row in res["products"].items():
+            print(f"{name}: TUNED {row['tuned_nopdl_us']:.1f} / {row['tuned_pdl_us']:.1f} us (no PDL / PDL)")
+            for key, r in row.items():
+                if isinstance(r, dict):
+                    print(f"  {key}: rel err {r['rel_err']:.1e}, {r.get('us', 0):.1f} / {r.get('us_pdl', 0):.1f} us")
+        print("best", " ".join(best_qconfigs(res["products"])))
         return
     res["sass"] = sass_counts()
     for r in res["sass"]:

@@ -10,22 +10,8 @@ GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); echo "$GPU"
 cuda_tests 150 tests/test_quant_gluon.py
 timeout 200 python3 tools/gluon_q4_probe.py --gpu --bn 64,128 --persist 0 --ahead 2,4 --groups 2,4 \
   --only lm_head,o_proj > $OUT/gluon-q4.log 2>&1
-echo "gluon q4 rc=$? $(el)"; grep -E 'Error|error' $OUT/gluon-q4.log | tail -3
-BEST=$(python3 - <<'PY'
-import json, os, sys
-d = json.load(open(os.path.join(os.environ["OUT"], "gluon_q4.json")))
-best = None
-for name, row in d["products"].items():
-    print(name, "tuned", round(row["tuned_nopdl_us"], 1), round(row["tuned_pdl_us"], 1), file=sys.stderr)
-    for k, r in row.items():
-        if isinstance(r, dict):
-            print("  ", k, r.get("rel_err"), round(r.get("us", 0), 1), round(r.get("us_pdl", 0), 1), file=sys.stderr)
-            if name == "lm_head" and r.get("us_pdl") and (best is None or r["us_pdl"] < best[0]):
-                best = (r["us_pdl"], k)
-bn, _, a, g = best[1].split("_")
-print(f"gemv,q4,2048,151936:bn={bn[2:]},algo=3,ahead={a[1:]},bg={g[1:]}")
-PY
-)
+echo "gluon q4 rc=$? $(el)"; grep -vE '^\{' $OUT/gluon-q4.log | tail -24
+BEST=$(grep '^best ' $OUT/gluon-q4.log | tr ' ' '\n' | grep '151936')
 echo "best: $BEST"; pack
 peers_layouts
 peers_vram q4 default
