@@ -33,6 +33,8 @@ Measured (session 44, H100, lm_head 151,936 x 2,048, us with PDL): G 1 D 1 88.1;
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -74,9 +76,11 @@ def gemv_ok(x: Tensor, w: QuantWeight) -> bool:
     return torch.cuda.get_device_capability(x.device)[0] >= 8
 
 
+@functools.lru_cache(maxsize=64)
 def layouts(bn: int, ahead: int = 1, groups: int = 1) -> dict:
     """The kernel's layouts for BN rows a program (64 x 2^i), 4 warps, `ahead` steps a load (1, 2 or 4) and `groups`
-    groups a step (1, 2 or 4; see the module docstring)."""
+    groups a step (1, 2 or 4; see the module docstring). Cached (a launch would build them again): callers spread
+    the dict, never change it."""
     if bn < 64 or bn & (bn - 1):
         raise ValueError(f"the Gluon q4 GEMV takes 64 x 2^i rows a program (QConfig.bn), got {bn}")
     if ahead not in (1, 2, 4):
@@ -175,30 +179,26 @@ def _block_fn(blk, x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, stride_qn, stride_sn,
     for j in gl.static_range(SUP):
         if j + 1 < SUP:
             nxt = gl.load(wptr + (j + 1) * 8 * G * D)
-        if D == 1:
-            out, acc = _step(gl.reshape(cur, [BN, 4, 2 * G]), j, out, acc, x_ptr, s_ptr, m_ptr, rc, stride_sn,
-                             stride_mn, sh, xoff4, n4, g4, n_c, g_x, i_x, KW, NG, BN, G, PAIR, MMA, A_L, B_L, L4)
-        elif D == 2:
-            w0, w1 = gl.split(cur)
-            out, acc = _step(w0, 2 * j, out, acc, x_ptr, s_ptr, m_ptr, rc, stride_sn, stride_mn, sh, xoff4, n4, g4,
-                             n_c, g_x, i_x, KW, NG, BN, G, PAIR, MMA, A_L, B_L, L4)
-            out, acc = _step(w1, 2 * j + 1, out, acc, x_ptr, s_ptr, m_ptr, rc, stride_sn, stride_mn, sh, xoff4, n4,
-                             g4, n_c, g_x, i_x, KW, NG, BN, G, PAIR, MMA, A_L, B_L, L4)
-        else:  # D 4: step 2a + b at [..., a, b]
-            ev, od = gl.split(gl.reshape(cur, [BN, 4, 2 * G, 2, 2]))
-            w0, w2 = gl.split(ev)
-            w1, w3 = gl.split(od)
-            out, acc = _step(w0, 4 * j, out, acc, x_ptr, s_ptr, m_ptr, rc, stride_sn, stride_mn, sh, xoff4, n4, g4,
-                             n_c, g_x, i_x, KW, NG, BN, G, PAIR, MMA, A_L, B_L, L4)
-            out, acc = _step(w1, 4 * j + 1, out, acc, x_ptr, s_ptr, m_ptr, rc, stride_sn, stride_mn, sh, xoff4, n4,
-                             g4, n_c, g_x, i_x, KW, NG, BN, G, PAIR, MMA, A_L, B_L, L4)
-            out, acc = _step(w2, 4 * j + 2, out, acc, x_ptr, s_ptr, m_ptr, rc, stride_sn, stride_mn, sh, xoff4, n4,
-                             g4, n_c, g_x, i_x, KW, NG, BN, G, PAIR, MMA, A_L, B_L, L4)
-            out, acc = _step(w3, 4 * j + 3, out, acc, x_ptr, s_ptr, m_ptr, rc, stride_sn, stride_mn, sh, xoff4, n4,
-                             g4, n_c, g_x, i_x, KW, NG, BN, G, PAIR, MMA, A_L, B_L, L4)
+        parts = _steps_of(cur, BN, G, D)
+        for d in gl.static_range(D):
+            out, acc = _step(parts[d], D * j + d, out, acc, x_ptr, s_ptr, m_ptr, rc, stride_sn, stride_mn, sh, xoff4,
+                             n4, g4, n_c, g_x, i_x, KW, NG, BN, G, PAIR, MMA, A_L, B_L, L4)
         if j + 1 < SUP:
             cur = nxt
     gl.store(out_ptr + r_c, out.to(out_ptr.dtype.element_ty), mask=r_c < N)
+
+
+def _steps_of_fn(cur, BN: gl.constexpr, G: gl.constexpr, D: gl.constexpr):
+    """A load's words [BN, 4 (t), 2G (h), D] as the tuple of its D steps' [BN, 4, 2G] (step 2a + b at [..., a, b])."""
+    if D == 1:
+        return (gl.reshape(cur, [BN, 4, 2 * G]),)
+    elif D == 2:
+        return gl.split(cur)
+    else:
+        ev, od = gl.split(gl.reshape(cur, [BN, 4, 2 * G, 2, 2]))
+        w0, w2 = gl.split(ev)
+        w1, w3 = gl.split(od)
+        return (w0, w1, w2, w3)
 
 
 def _step_fn(w, st: gl.constexpr, out, acc, x_ptr, s_ptr, m_ptr, rc, stride_sn, stride_mn, sh, xoff4, n4, g4, n_c,
@@ -230,9 +230,10 @@ def _step_fn(w, st: gl.constexpr, out, acc, x_ptr, s_ptr, m_ptr, rc, stride_sn, 
     return out, acc
 
 
-_step = _block = KERNEL = None
+_step = _steps_of = _block = KERNEL = None
 if gluon is not None:
     _step = gluon.jit(_step_fn)
+    _steps_of = gluon.jit(_steps_of_fn)
     _block = gluon.jit(_block_fn)
     KERNEL = gluon.jit(_kernel_fn)
 
