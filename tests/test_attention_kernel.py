@@ -125,6 +125,27 @@ def test_preload_before_the_wait_computes_the_same(monkeypatch, case):
 
 
 @needs_kernel
+def test_empty_splits_and_padded_rows_are_never_read(monkeypatch):
+    """The splits store only the query rows' partials, and an empty split (a grid sized for a long max_context over
+    a short cache) stores no acc. The partial buffers are filled with NaN here: any read of an unstored entry would
+    reach the output (NaN * 0 is NaN). Rows of 3 and 200 keys over 8 splits of 64-key tiles: four splits hold keys
+    of the long row, one of the short; the rest are empty. G * T = 2 query rows, padded to 16."""
+    dev = "cuda" if CUDA else "cpu"
+    q, kp, vp, bt, sl = _paged_case(2, 1, 4, 2, 16, 8, [3, 200], device=dev)
+    real_empty = torch.empty
+
+    def nan_empty(*shape, **kw):
+        t = real_empty(*shape, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(ka.torch, "empty", nan_empty)
+    o = ka.decode_attention(q, kp, vp, bt, sl, scale=0.25, num_splits=8)
+    monkeypatch.undo()
+    assert torch.isfinite(o).all()
+    _check(o, ka.decode_attention_ref(q, kp, vp, bt, sl, scale=0.25), 1e-5)
+
+
+@needs_kernel
 @pytest.mark.parametrize("splits", [1, 3])
 def test_kernel_sinks(splits):
     """Per-head sink logits (gpt-oss) in the single-split and the merged path."""

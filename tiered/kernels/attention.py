@@ -337,10 +337,14 @@ def _split_kernel(Q, K, V, BT, SEQ, SINKS, O, PO, PM, PL,
         m_i, l_i, acc = _tile(q, k, v, s, s_ok, qpos, m_i, l_i, acc, scale_log2, window, HAS_WINDOW, DOT_F32)
 
     if SPLIT:
+        # the query rows' partials only (not the padding to M_PAD), and an empty split (no keys: short contexts
+        # under a grid sized for max_context) stores no acc: the combine reads zeros for it, as it would have stored
         base = pid * num_splits + split
-        tl.store(PM + base * M_PAD + rows, m_i)
-        tl.store(PL + base * M_PAD + rows, l_i)
-        tl.store(PO + (base * M_PAD + rows[:, None]) * HD_PAD + d[None, :], acc)
+        tl.store(PM + base * M_PAD + rows, m_i, mask=row_ok)
+        tl.store(PL + base * M_PAD + rows, l_i, mask=row_ok)
+        keep = row_ok & (rows * 0 + start < end)  # [M_PAD]
+        tl.store(PO + (base * M_PAD + rows[:, None]) * HD_PAD + d[None, :], acc,
+                 mask=keep[:, None] & (d < HD_PAD)[None, :])
     else:
         if HAS_SINKS:
             sink = tl.load(SINKS + h, mask=row_ok, other=0.0) * 1.4426950408889634
@@ -379,7 +383,9 @@ def _combine_kernel(PO, PM, PL, SINKS, O, KV, NS,
     if HAS_SINKS:
         l_tot += tl.exp2(sink - m_use)
     d = tl.arange(0, HD_PAD)
-    acc = tl.load(PO + (base[:, None] * M_PAD + row) * HD_PAD + d[None, :], mask=sp_ok[:, None], other=0.0)
+    # an empty split stored no acc (its m is -inf, its weight 0): zeros, as its masked tile left it
+    acc = tl.load(PO + (base[:, None] * M_PAD + row) * HD_PAD + d[None, :],
+                  mask=(sp_ok & (m > float("-inf")))[:, None] & (d < HD_PAD)[None, :], other=0.0)
     o = tl.sum(acc * w[:, None], 0)  # [HD_PAD]
     o = o / tl.where(l_tot > 0, l_tot, 1.0)
     tl.store(O + b * so_b + t * so_t + h * so_h + d * so_d, o.to(O.dtype.element_ty), mask=d < HD)
