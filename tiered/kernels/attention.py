@@ -29,8 +29,6 @@ P pages in a pool, PS tokens per page, MP max pages per row, NS splits.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
