@@ -91,9 +91,10 @@ def test_gluon_q4_probe_offline():
 
 def test_gluon_q4_experts_probe_offline():
     """tools/gluon_q4_experts_probe.py offline: gate_up and down with K split across warps (batched mma operands)
-    compile for sm_90 with every layout conversion trivial (gate_up 2.05 SASS an input with its epilogue and silu,
-    down 2.69 with h's bf16 conversion), and their emulated index math (each warp's K slice, the 8-group epilogue,
-    the warps' sum; silu(gate) * up; the routing weights) matches the dequantized references."""
+    compile for sm_90 at 1, 2 and 4 groups a step with every layout conversion trivial (gate_up 1.98 SASS an input
+    with its epilogue and silu, down 2.67 with h's bf16 conversion), their weights in 8- and 16-byte loads, and
+    their emulated index math (each warp's K slice, the 8-group epilogue, the warps' sum; silu(gate) * up; the
+    routing weights) matches the dequantized references."""
     import json
 
     pytest.importorskip("triton.experimental.gluon")
@@ -104,4 +105,9 @@ def test_gluon_q4_experts_probe_offline():
     assert all(err < 1e-6 for err in res["cpu_check"].values()), res["cpu_check"]
     assert res["sass"]["gate_up"]["per_input"] < 2.5 and res["sass"]["down"]["per_input"] < 3.2, res["sass"]
     assert all(c["shared_stores"] <= 8 for c in res["sass"].values()), res["sass"]
-    assert {"down 10x40x768", "down 9x24x128"} <= set(res["cpu_check"])
+    assert {"down 10x40x768", "down 9x24x128", "down 10x40x768 G4", "4x24x2048 G2"} <= set(res["cpu_check"])
+    # the weights' words arrive 8 bytes a load at one group a step, 16 from two: no 4-byte loads in gate_up (a select
+    # between the gate and up row pointers once hid their alignment from the compiler)
+    assert "LDG.E" not in res["sass"]["gate_up"]["loads"] and res["sass"]["gate_up"]["loads"]["LDG.E.64"] >= 32
+    assert res["sass"]["gate_up G2 D1"]["loads"]["LDG.E.128"] >= 34, res["sass"]["gate_up G2 D1"]["loads"]
+    assert res["sass"]["down G2 D1"]["loads"].get("LDG.E.64", 0) <= 1, res["sass"]["down G2 D1"]["loads"]

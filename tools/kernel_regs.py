@@ -115,10 +115,12 @@ def sass_ops(cubin: bytes) -> collections.Counter:
 
 
 def usage(cubin: bytes) -> dict:
-    """{reg, stack, local, shared, sass} of a single-kernel cubin (cuobjdump -res-usage; sass_ops)."""
+    """{reg, stack, local, shared, sass, loads} of a single-kernel cubin (cuobjdump -res-usage; sass_ops; the global
+    loads by width)."""
     res = cuobjdump(cubin, "-res-usage")
     out = {k.lower(): int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", res)}
     out["sass"] = sum(sass_ops(cubin).values())
+    out["loads"] = dict(collections.Counter(re.findall(r"\bLDG\.[\w.]+", cuobjdump(cubin, "-sass"))))  # by width
     return out
 
 
