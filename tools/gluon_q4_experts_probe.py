@@ -217,10 +217,16 @@ def gpu_run() -> dict:
             v["tbps"] = drow["bytes"] / v["us"] / 1e6
             v["vs_tuned_nopdl"] = drow["tuned_nopdl_us"] / v["us"]
     print("down", json.dumps(drow), flush=True)
-    for name, r in (("gate_up", row), ("down", drow)):
+    best = []
+    for name, r, k, n in (("gate_up", row, d, f), ("down", drow, f, d)):
         print(f"{name}: TUNED {r['tuned_nopdl_us']:.2f} us; " + ", ".join(
             f"{k} {v.get('us', float('nan')):.2f} (err {v['rel_err']:.1e})" for k, v in r.items()
             if isinstance(v, dict)), flush=True)
+        timed = {key: v["us"] for key, v in r.items() if isinstance(v, dict) and "us" in v}
+        if timed:
+            gr, ah = (int(t[1:]) for t in min(timed, key=timed.get).split("_"))
+            best.append(f"{name},q4,{k},{n}:bn=64,warps={WARPS if name == 'gate_up' else 8},algo=3,bg={gr},ahead={ah}")
+    print("best " + " ".join(best), flush=True)  # TIERED_QCONFIG entries (quant_moe.parse_overrides), for a lease
     return {"gate_up": row, "down": drow}
 
 

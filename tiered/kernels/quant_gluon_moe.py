@@ -82,11 +82,18 @@ def gate_up_ok(x: Tensor, gate: QuantWeight, up: QuantWeight) -> bool:
         up.q.data_ptr() - gate.q.data_ptr()) % 64 == 0
 
 
+def down_serves(device: torch.device, k: int, down: QuantWeight) -> bool:
+    """Whether `down` serves k experts a token on `device` over this stack: CUDA with mma.sync v2, k = 8, a q4
+    stack [E, D, F] in groups of 64 (h then comes as fp32 rows in input order: down_ok)."""
+    return (available() and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+            and k == DOWN_EXPERTS and _stack_ok(down))
+
+
 def down_ok(h: Tensor, slots: Tensor, down: QuantWeight) -> bool:
     """Whether `down` serves one token's 8 experts: h [8, F] fp32 rows in input order on CUDA, a q4 stack [E, D, F]
     in groups of 64."""
-    return (_cuda_ok(h) and h.dtype == torch.float32 and h.is_contiguous() and slots.numel() == DOWN_EXPERTS
-            and h.shape == (DOWN_EXPERTS, down.matrix[1]) and _stack_ok(down))
+    return (down_serves(h.device, slots.numel(), down) and h.dtype == torch.float32 and h.is_contiguous()
+            and h.shape == (DOWN_EXPERTS, down.matrix[1]))
 
 
 @functools.lru_cache(maxsize=64)

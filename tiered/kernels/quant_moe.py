@@ -67,7 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tiered.kernels import cpu_kernel, quant_gluon
+from tiered.kernels import cpu_kernel, quant_gluon, quant_gluon_moe
 from tiered.layout.quant import QuantWeight, linear as linear_ref
 
 try:
@@ -1426,7 +1426,7 @@ def quant_gate_up(x: Tensor, slots: Tensor, gate: QuantWeight, up: QuantWeight,
     T = x.shape[0]
     flat = slots.reshape(-1)
     K = flat.numel() // T
-    cfg = config or pick_config("gate_up", gate.fmt, D, Fe)
+    cfg = _word_tile_for(config or pick_config("gate_up", gate.fmt, D, Fe), 4)
     if h_layout and Fe % 8:
         raise ValueError(f"quant_gate_up: a word-major h (h_layout {h_layout}) needs F a multiple of 8, got {Fe}")
     x = x.contiguous()
@@ -1462,7 +1462,7 @@ def quant_down(h: Tensor, slots: Tensor, weights: Tensor, down: QuantWeight, dty
     flat = slots.reshape(-1)
     K = slots.shape[-1]
     T = flat.numel() // K
-    cfg = config or pick_config("down", down.fmt, Fe, D)
+    cfg = _word_tile_for(config or pick_config("down", down.fmt, Fe, D), 8)
     split = cfg.split if K % cfg.split == 0 and bias is None else 1
     wts = weights.reshape(-1).contiguous()
     y = (torch.empty(T, D, dtype=dtype, device=h.device) if split == 1
@@ -1559,11 +1559,37 @@ def experts_quant_decode(x: Tensor, slots: Tensor, weights: Tensor, gate: QuantW
     if _strides(gate) != _strides(up) or gate.fmt != up.fmt:
         return None
     K = slots.shape[-1]
-    hl = down_h_layout(down, configs[1], K)
-    h = quant_gate_up(x, slots.reshape(1, K), gate, up, configs[0], slot_base=slot_base, h_layout=hl, act=act,
-                      biases=None if biases is None else biases[:2])  # [K, F]
-    return quant_down(h, slots.reshape(1, K), weights.reshape(1, K), down, x.dtype, configs[1], slot_base=slot_base,
+    fe, d = gate.matrix
+    gcfg = configs[0] or pick_config("gate_up", gate.fmt, d, fe)
+    dcfg = configs[1] or pick_config("down", down.fmt, fe, d)
+    plain = act is None and biases is None
+    # algo 3: the Gluon kernels (quant_gluon_moe) where they serve; h then goes to a Gluon down in input order
+    gluon_down = (plain and dcfg.algo == 3 and quant_gluon_moe.down_serves(x.device, K, down)
+                  and weights.dtype == torch.float32)
+    hl = 0 if gluon_down else down_h_layout(down, dcfg, K)
+    launch = launch_args(x.device)
+    if plain and gcfg.algo == 3 and quant_gluon_moe.gate_up_ok(x, gate, up):
+        h = quant_gluon_moe.gate_up(x, slots.reshape(-1), gate, up, slot_base=slot_base, h_layout=hl,
+                                    groups=gcfg.bg, ahead=max(gcfg.ahead, 1), launch=launch)
+    else:
+        h = quant_gate_up(x, slots.reshape(1, K), gate, up, gcfg, slot_base=slot_base, h_layout=hl, act=act,
+                          biases=None if biases is None else biases[:2])  # [K, F]
+    if gluon_down:
+        if launch and not preload_enabled():
+            launch["PRE"] = False
+        return quant_gluon_moe.down(h, slots.reshape(-1), weights.reshape(-1), down, x.dtype, slot_base=slot_base,
+                                    round_to=round_to, groups=dcfg.bg, ahead=max(dcfg.ahead, 1), launch=launch)
+    return quant_down(h, slots.reshape(1, K), weights.reshape(1, K), down, x.dtype, dcfg, slot_base=slot_base,
                       round_to=round_to, h_layout=hl, early=True, bias=None if biases is None else biases[2])
+
+
+def _word_tile_for(cfg: QConfig, warps: int) -> QConfig:
+    """An expert config as the word-tile kernels take it: algo 3 (quant_gluon_moe's kernels, where
+    experts_quant_decode could not use them) becomes the word tile of 8 rows, 16 groups a step and `warps` warps (the
+    10.6B shape's TUNED tiles), its hw kept."""
+    if cfg.algo != 3:
+        return cfg
+    return dataclasses.replace(cfg, algo=2, bn=8, bg=16, warps=warps, ahead=0, persist=0)
 
 
 def down_h_layout(down: QuantWeight, config: QConfig | None, k: int) -> int:
@@ -1571,7 +1597,7 @@ def down_h_layout(down: QuantWeight, config: QConfig | None, k: int) -> int:
     reads: the config's hw where the launch takes the word tile over every expert at once (algo 2, split 1) and F
     is a multiple of 8, else 0 (rows in input order)."""
     d, fe = down.matrix
-    cfg = config or pick_config("down", down.fmt, fe, d)
+    cfg = _word_tile_for(config or pick_config("down", down.fmt, fe, d), 8)
     split = cfg.split if k % cfg.split == 0 else 1
     if not cfg.hw or split != 1 or fe % 8 or _tiles(cfg, down)["ALGO"] != 2:
         return 0
