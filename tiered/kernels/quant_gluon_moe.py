@@ -211,7 +211,7 @@ def _gate_up_fn(x_ptr, slot_ptr, slot_base, gq, uoff, gs, us, gm, um, h_ptr, F, 
         tl_cuda.gdc_launch_dependents()
     fb = gl.program_id(0)
     kk = gl.program_id(1)
-    slot = gl.load(slot_ptr + kk) + slot_base
+    slot = gl.load(slot_ptr + kk).to(gl.int64) + slot_base
     GPW: gl.constexpr = NG // 4  # groups a warp
     STEPS: gl.constexpr = GPW // G
     SUP: gl.constexpr = STEPS // D
@@ -298,7 +298,7 @@ def _down_fn(h_ptr, slot_ptr, slot_base, wt_ptr, dq, ds, dm, y_ptr, D_OUT, strid
     W3: gl.constexpr = gl.SliceLayout(3, gl.SliceLayout(4, W0_L))
     b_w = gl.arange(0, 8, layout=gl.SliceLayout(1, gl.SliceLayout(2, W3)))
     r_w = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, W3)))
-    slot_w = gl.load(slot_ptr + b_w) + slot_base  # [8] each warp's expert
+    slot_w = gl.load(slot_ptr + b_w).to(gl.int64) + slot_base  # [8] each warp's expert
     d_w = db * 16 + r_w
     dw = gl.where(d_w < D_OUT, d_w, 0).to(gl.int64)
     rbase = dq + slot_w[:, None] * stride_qs + dw[None, :] * stride_qn  # [8, 16] row pointers
@@ -309,7 +309,7 @@ def _down_fn(h_ptr, slot_ptr, slot_base, wt_ptr, dq, ds, dm, y_ptr, D_OUT, strid
     C2: gl.constexpr = gl.SliceLayout(2, MMA)
     b_c = gl.arange(0, 8, layout=gl.SliceLayout(1, C2))
     r_c = gl.arange(0, 16, layout=gl.SliceLayout(0, C2))
-    slot_c = gl.load(slot_ptr + b_c) + slot_base
+    slot_c = gl.load(slot_ptr + b_c).to(gl.int64) + slot_base
     d_c = db * 16 + r_c
     dc = gl.where(d_c < D_OUT, d_c, 0).to(gl.int64)
     srow = slot_c[:, None] * stride_ss + dc[None, :] * stride_sn  # [8, 16]
