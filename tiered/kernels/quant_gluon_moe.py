@@ -100,9 +100,9 @@ def down_ok(h: Tensor, slots: Tensor, down: QuantWeight) -> bool:
 def layouts(warps: int = WARPS, rows: int = 2 * ROWS, groups: int = 1, ahead: int = 1) -> dict:
     """The layouts of a program of `rows` rows (16 or 32) whose `warps` warps each take a K slice: the operands are
     [warps, rows, 64 G] with the warps on the batch dimension (see the docstring); `groups` G groups a step (1, 2,
-    4: a thread's 2G words of a row adjacent, 16-byte loads from G 2) and `ahead` steps a load (1, 2, 4). Cached:
-    callers spread the dict, never change it."""
-    if warps not in (4, 8) or rows not in (16, 32) or groups not in (1, 2, 4) or ahead not in (1, 2, 4):
+    4: a thread's 2G words of a row adjacent, 16-byte loads from G 2) and `ahead` steps a load (1, 2, 4; 0: one, the
+    words [W, R, 4, 2G] with no step dimension). Cached: callers spread the dict, never change it."""
+    if warps not in (4, 8) or rows not in (16, 32) or groups not in (1, 2, 4) or ahead not in (0, 1, 2, 4):
         raise ValueError(f"warps 4 or 8, rows 16 or 32, groups and ahead 1, 2 or 4; got {warps}, {rows}, {groups}, "
                          f"{ahead}")
     wb = [[1 << i] for i in range(warps.bit_length() - 1)]  # the batch (K slice) bits on the warps
@@ -120,7 +120,14 @@ def layouts(warps: int = WARPS, rows: int = 2 * ROWS, groups: int = 1, ahead: in
                                     lane_bases=[[0, 0, 1, 0, 0], [0, 0, 2, 0, 0], [0, 1, 0, 0, 0], [0, 2, 0, 0, 0],
                                                 [0, 4, 0, 0, 0]],
                                     warp_bases=[pad(v, 5) for v in wb], block_bases=[],
-                                    shape=[warps, rows, 4, 2 * groups, ahead])
+                                    shape=[warps, rows, 4, 2 * groups, max(ahead, 1)])
+    if ahead == 0:  # one step a load and no step dimension (the down kernel: see _down_fn)
+        w0 = gl.DistributedLinearLayout(reg_bases=[[0, 0, 0, 1 << i] for i in hs] + [[0, 8, 0, 0]]
+                                        + [pad(v, 4) for v in r16],
+                                        lane_bases=[[0, 0, 1, 0], [0, 0, 2, 0], [0, 1, 0, 0], [0, 2, 0, 0],
+                                                    [0, 4, 0, 0]],
+                                        warp_bases=[pad(v, 4) for v in wb], block_bases=[],
+                                        shape=[warps, rows, 4, 2 * groups])
     # [W, R, 2G (h), 4 (t), 8 (l)] -> [W, R, 64 G] with k = 32 h + 8 t + l: A's layout
     l5 = gl.DistributedLinearLayout(reg_bases=[[0, 0, 0, 0, 1], [0, 0, 0, 0, 2], [0, 0, 0, 0, 4], [0, 8, 0, 0, 0]]
                                     + [[0, 0, 1 << i, 0, 0] for i in hs] + [pad(v, 5) for v in r16],
@@ -154,7 +161,7 @@ def _steps_fn(cur, W: gl.constexpr, R: gl.constexpr, G: gl.constexpr, D: gl.cons
         return (w0, w1, w2, w3)
 
 
-def _word_ptrs_fn(rbase, bstride, W: gl.constexpr, R: gl.constexpr, G: gl.constexpr, D: gl.constexpr,
+def _word_ptrs_fn(rbase, bstride: gl.constexpr, W: gl.constexpr, R: gl.constexpr, G: gl.constexpr, D: gl.constexpr,
                   W0_L: gl.constexpr):
     """Pointers [W, R, 4 (t), 2G (h), D] of a load's words: rbase [W, R] (rows' first words), warp b's K slice
     from word b * bstride; step d's word 2G t + h at 8G d + 2G t + h."""
@@ -164,7 +171,10 @@ def _word_ptrs_fn(rbase, bstride, W: gl.constexpr, R: gl.constexpr, G: gl.conste
     t_w = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, W3)))
     h_w = gl.arange(0, 2 * G, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, W4))))
     d_w = gl.arange(0, D, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, W0_L)))))
-    col4 = (b_w[:, None, None] * bstride + 2 * G * t_w[None, None, :])[:, :, :, None] + h_w[None, None, None, :]
+    if bstride == 0:
+        col4 = (2 * G * t_w[None, None, :])[:, :, :, None] + h_w[None, None, None, :]  # [1, 1, 4, 2G]
+    else:
+        col4 = (b_w[:, None, None] * bstride + 2 * G * t_w[None, None, :])[:, :, :, None] + h_w[None, None, None, :]
     col = col4[:, :, :, :, None] + 8 * G * d_w[None, None, None, None, :]  # [W, 1, 4, 2G, D]
     return rbase[:, :, None, None, None] + col
 
@@ -280,29 +290,32 @@ def _gate_up_fn(x_ptr, slot_ptr, slot_base, gq, uoff, gs, us, gm, um, h_ptr, F, 
 
 
 def _down_fn(h_ptr, slot_ptr, slot_base, wt_ptr, dq, ds, dm, y_ptr, D_OUT, stride_qs, stride_qn, stride_ss,
-             stride_sn, stride_ms, stride_mn, KW: gl.constexpr, NG: gl.constexpr, G: gl.constexpr, D: gl.constexpr,
+             stride_sn, stride_ms, stride_mn, KW: gl.constexpr, NG: gl.constexpr, G: gl.constexpr,
              WR: gl.constexpr, GDC: gl.constexpr, PRE: gl.constexpr, PAIR: gl.constexpr, MMA: gl.constexpr,
              A_L: gl.constexpr, B_L: gl.constexpr, W0_L: gl.constexpr, L5: gl.constexpr, XB_L: gl.constexpr,
              XG_L: gl.constexpr):
     """Program db: y[db*16 .. +16] = sum_k wt[k] (down_k . h[k]); warp k takes expert k (row slot_base +
     slot_ptr[k]) and h[k] (fp32, rounded to bf16 for the tensor cores), wt[k] rounded as WR says
-    (fused_norm.weight_rounding); the warps' sums meet at the end. G groups a step, D steps a load. GDC: wait for
-    the previous kernel (which writes h); PRE: the slots, weights and first codes (written two or more kernels back)
-    loaded before that wait."""
+    (fused_norm.weight_rounding); the warps' sums meet at the end. G groups a step, a step's words a load (the
+    words [8, 16, 4, 2G] without a step dimension: layouts(ahead=0); the load-ahead structure of gate_up, with
+    its step index bound inside nested static loops, failed to lower in Triton 3.6 at G 1 and 2: an assertion in
+    ConvertTritonGPUToLLVM). GDC: wait for the previous kernel (which writes h); PRE: the slots, weights and first
+    codes (written two or more kernels back) loaded before that wait."""
     if GDC and not PRE:
         tl_cuda.gdc_wait()
         tl_cuda.gdc_launch_dependents()
     db = gl.program_id(0)
-    STEPS: gl.constexpr = NG // G
-    SUP: gl.constexpr = STEPS // D
-    W3: gl.constexpr = gl.SliceLayout(3, gl.SliceLayout(4, W0_L))
+    W3: gl.constexpr = gl.SliceLayout(3, W0_L)
     b_w = gl.arange(0, 8, layout=gl.SliceLayout(1, gl.SliceLayout(2, W3)))
     r_w = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, W3)))
+    t_w = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, W3)))
+    h_w = gl.arange(0, 2 * G, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, W0_L))))
     slot_w = gl.load(slot_ptr + b_w).to(gl.int64) + slot_base  # [8] each warp's expert
     d_w = db * 16 + r_w
     dw = gl.where(d_w < D_OUT, d_w, 0).to(gl.int64)
     rbase = dq + slot_w[:, None] * stride_qs + dw[None, :] * stride_qn  # [8, 16] row pointers
-    wptr = _word_ptrs(rbase, 0, 8, 16, G, D, W0_L)  # [8, 16, 4, 2G, D]
+    col = (2 * G * t_w[None, None, :])[:, :, :, None] + h_w[None, None, None, :]  # [1, 1, 4, 2G]
+    wptr = rbase[:, :, None, None] + col
     l_s = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, L5)))))
     sh = (4 * (l_s // 2))[None, None, None, None, :]
     xoff, n5, g5 = _x_offsets(KW * 8, 8, G, XB_L)  # h[k] at its inputs
@@ -326,30 +339,24 @@ def _down_fn(h_ptr, slot_ptr, slot_base, wt_ptr, dq, ds, dm, y_ptr, D_OUT, strid
     if GDC and PRE:
         tl_cuda.gdc_wait()
         tl_cuda.gdc_launch_dependents()
-    for j in gl.static_range(SUP):
-        if j + 1 < SUP:
-            nxt = gl.load(wptr + (j + 1) * 8 * G * D)
-        parts = _steps(cur, 8, 16, G, D)
-        for d in gl.static_range(D):
-            st = D * j + d
-            xv = gl.load(h_ptr + st * 64 * G + xoff, mask=n5 == (G * st + g5) % 8, other=0.0).to(gl.bfloat16)
-            acc = _mma_step(parts[d], xv, acc, sh, 8, 16, G, PAIR, A_L, B_L, L5)
-            if ((st + 1) * G % 8 == 0) or (st == STEPS - 1):
-                e8 = (st * G // 8) * 8
-                gn = e8 + n_c  # [8] the groups of these columns
-                ok = ((gn < NG)[None, :])[:, None, :]
-                gk = (gn[None, :])[:, None, :].to(gl.int64)
-                sv = gl.load(ds + srow[:, :, None] + gk, mask=ok, other=0.0).to(gl.float32)  # [8, 16, 8]
-                mv = gl.load(dm + mrow[:, :, None] + gk, mask=ok, other=0.0).to(gl.float32)
-                gx = e8 + n_g
-                okx = (gx < NG)[None, :]
-                hx = gl.load(h_ptr + b_g[:, None, None] * (KW * 8) + gx[None, :, None] * 64 + i_g[None, None, :],
-                             mask=okx[:, :, None], other=0.0)
-                xs = gl.convert_layout(gl.sum(hx.to(gl.bfloat16).to(gl.float32), axis=2), gl.SliceLayout(1, MMA))
-                tot += gl.sum(sv * (acc - 128.0 * xs[:, None, :]) + mv * xs[:, None, :], axis=2)
-                acc = gl.zeros([8, 16, 8], gl.float32, layout=MMA)
-        if j + 1 < SUP:
-            cur = nxt
+    for st in gl.static_range(NG // G):
+        if st > 0:
+            cur = gl.load(wptr + st * 8 * G)  # [8, 16, 4, 2G] int32
+        xv = gl.load(h_ptr + st * 64 * G + xoff, mask=n5 == (G * st + g5) % 8, other=0.0).to(gl.bfloat16)
+        acc = _mma_step(cur, xv, acc, sh, 8, 16, G, PAIR, A_L, B_L, L5)
+        if ((st + 1) * G % 8 == 0) or (st == NG // G - 1):
+            gn = (st * G // 8) * 8 + n_c  # [8] the groups of these columns
+            ok = ((gn < NG)[None, :])[:, None, :]
+            gk = (gn[None, :])[:, None, :].to(gl.int64)
+            sv = gl.load(ds + srow[:, :, None] + gk, mask=ok, other=0.0).to(gl.float32)  # [8, 16, 8]
+            mv = gl.load(dm + mrow[:, :, None] + gk, mask=ok, other=0.0).to(gl.float32)
+            gx = (st * G // 8) * 8 + n_g
+            okx = (gx < NG)[None, :]
+            hx = gl.load(h_ptr + b_g[:, None, None] * (KW * 8) + gx[None, :, None] * 64 + i_g[None, None, :],
+                         mask=okx[:, :, None], other=0.0)
+            xs = gl.convert_layout(gl.sum(hx.to(gl.bfloat16).to(gl.float32), axis=2), gl.SliceLayout(1, MMA))
+            tot += gl.sum(sv * (acc - 128.0 * xs[:, None, :]) + mv * xs[:, None, :], axis=2)
+            acc = gl.zeros([8, 16, 8], gl.float32, layout=MMA)
     if WR == 1:
         wt = wt.to(gl.bfloat16).to(gl.float32)
     elif WR == 2:
@@ -357,7 +364,6 @@ def _down_fn(h_ptr, slot_ptr, slot_base, wt_ptr, dq, ds, dm, y_ptr, D_OUT, strid
     y = gl.sum(tot * wt[:, None], axis=0)  # [16]
     d_o = db * 16 + gl.arange(0, 16, layout=y.type.layout)
     gl.store(y_ptr + d_o, y.to(y_ptr.dtype.element_ty), mask=d_o < D_OUT)
-
 
 
 _steps = _word_ptrs = _x_offsets = _mma_step = GATE_UP = DOWN = None
@@ -397,10 +403,11 @@ def gate_up(x: Tensor, slots: Tensor, gate: QuantWeight, up: QuantWeight, *, slo
 
 
 def down(h: Tensor, slots: Tensor, weights: Tensor, dw: QuantWeight, dtype: torch.dtype, *, slot_base: int = 0,
-         round_to: torch.dtype | None = None, groups: int = 2, ahead: int = 1, launch: dict | None = None) -> Tensor:
+         round_to: torch.dtype | None = None, groups: int = 4, launch: dict | None = None) -> Tensor:
     """h [8, F] fp32, slots [8] int64, weights [8] fp32 (CUDA) -> y [1, D] in `dtype` = sum_k w_k (dw[slot_base +
-    slots[k]] . round_bf16(h[k])), w_k rounded to `round_to` (None: as given). launch: pdl.launch_args(device) (with
-    PRE False: nothing loaded before the wait). down_ok must hold."""
+    slots[k]] . round_bf16(h[k])), w_k rounded to `round_to` (None: as given); groups: G (fewer where it does not
+    divide a row's groups). launch: pdl.launch_args(device) (with PRE False: nothing loaded before the wait). down_ok
+    must hold."""
     from tiered.kernels.fused_norm import weight_rounding
 
     if not down_ok(h, slots, dw):
@@ -410,14 +417,14 @@ def down(h: Tensor, slots: Tensor, weights: Tensor, dw: QuantWeight, dtype: torc
     d, f = dw.matrix
     q = dw.q.view(torch.int32)
     y = torch.empty(1, d, dtype=dtype, device=h.device)
-    G, D = fit(f // GROUP, groups, ahead)
+    G = fit(f // GROUP, groups, 1)[0]
     opts = dict(launch or {})
     gdc = bool(opts.pop("GDC", False))
     pre = bool(opts.pop("PRE", True)) and gdc
     DOWN[(-(-d // 16),)](h, slots.reshape(-1), int(slot_base), weights.reshape(-1).float(), q, dw.scale, dw.min, y,
                          d, q.stride(0), q.stride(1), dw.scale.stride(0), dw.scale.stride(1), dw.min.stride(0),
-                         dw.min.stride(1), KW=f // 8, NG=f // GROUP, G=G, D=D, WR=weight_rounding(round_to),
-                         GDC=gdc, PRE=pre, PAIR=PAIR, **layouts(DOWN_EXPERTS, 16, G, D), num_warps=DOWN_EXPERTS,
+                         dw.min.stride(1), KW=f // 8, NG=f // GROUP, G=G, WR=weight_rounding(round_to),
+                         GDC=gdc, PRE=pre, PAIR=PAIR, **layouts(DOWN_EXPERTS, 16, G, 0), num_warps=DOWN_EXPERTS,
                          **opts)
     return y
 

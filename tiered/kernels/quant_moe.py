@@ -1578,7 +1578,7 @@ def experts_quant_decode(x: Tensor, slots: Tensor, weights: Tensor, gate: QuantW
         if launch and not preload_enabled():
             launch["PRE"] = False
         return quant_gluon_moe.down(h, slots.reshape(-1), weights.reshape(-1), down, x.dtype, slot_base=slot_base,
-                                    round_to=round_to, groups=dcfg.bg, ahead=max(dcfg.ahead, 1), launch=launch)
+                                    round_to=round_to, groups=dcfg.bg, launch=launch)
     return quant_down(h, slots.reshape(1, K), weights.reshape(1, K), down, x.dtype, dcfg, slot_base=slot_base,
                       round_to=round_to, h_layout=hl, early=True, bias=None if biases is None else biases[2])
 
