@@ -260,6 +260,14 @@ TUNED: dict[tuple, QConfig] = {
     ('down', 'mxfp4', 2880, 2880): QConfig(bn=8, bg=16, warps=4, algo=1),
     ('gate_up', 'q4', 2880, 2880): QConfig(bn=8, bg=16, warps=4, algo=2),
     ('down', 'q4', 2880, 2880): QConfig(bn=8, bg=16, warps=8, algo=2, hw=1),
+    # the experts' gate_up on tensor cores in Gluon (quant_gluon_moe, session 45, H100, s45_callB.sh,
+    # gluon-q4-experts-2026-12-06-h100-s45.json): 4 groups a step, 2 steps a load, 8.25 us against the word tile's
+    # 10.45 (no PDL, 8 experts); the VRAM decode of the 8-layer 10.6B shape 2,645.7 tok/s against 2,557.8 / 2,564.5
+    # (h handed to the word-tile down word-major). The Gluon down (6.41 us against 9.64 alone) gave nothing in the
+    # decode (2,559 / 2,568 with both): down keeps the word tile. Where the Gluon kernel cannot serve (CPU, other
+    # shapes' stacks, T > 1), the word tile of bn 8, bg 16, 4 warps runs (_word_tile_for): the tile this entry
+    # replaced. Not yet timed on the H200.
+    ('gate_up', 'q4', 2048, 768): QConfig(bn=64, bg=4, warps=4, algo=3, ahead=2),
 }
 
 
