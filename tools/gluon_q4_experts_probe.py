@@ -87,6 +87,15 @@ def reference_down(h, slots, wts, dw):
                for b, s in enumerate(slots.tolist()))
 
 
+def _record(res: dict, name: str, groups: int, got, ref) -> None:
+    """res[name (+ " G<groups>")] = the relative error of an emulation; past 1e-6 the probe stops."""
+    err = float((got - ref).norm() / ref.norm())
+    res[name + (f" G{groups}" if groups > 1 else "")] = err
+    if err > 1e-6:
+        raise SystemExit(f"the emulated index math misses the reference at {name}, {groups} groups a step: relative "
+                         f"error {err:.2e}")
+
+
 def cpu_check(seed: int = 0) -> dict:
     from tiered.layout.quant import quantize
 
@@ -99,11 +108,7 @@ def cpu_check(seed: int = 0) -> dict:
         slots = torch.randperm(e, generator=g)[:k]
         ref = reference(x, slots, gate, up).double()
         for gr in (1, 2, 4):
-            err = float((emulate(x, slots, gate, up, gr) - ref).norm() / ref.norm())
-            res[f"{e}x{f}x{d}" + (f" G{gr}" if gr > 1 else "")] = err
-            if err > 1e-6:
-                raise SystemExit(f"the emulated index math misses the reference at {e}x{f}x{d}, {gr} groups a step: "
-                                 f"relative error {err:.2e}")
+            _record(res, f"{e}x{f}x{d}", gr, emulate(x, slots, gate, up, gr), ref)
     for e, d, f in ((10, 40, 768), (9, 24, 128)):  # down: 12 groups (a partial epilogue); 2
         dw = quantize(torch.randn(e, d, f, generator=g) * f ** -0.5, "q4")
         h = torch.randn(8, f, generator=g)
@@ -111,11 +116,7 @@ def cpu_check(seed: int = 0) -> dict:
         wts = torch.rand(8, generator=g)
         ref = reference_down(h, slots, wts, dw).double()
         for gr in (1, 2, 4):
-            err = float((emulate_down(h, slots, wts, dw, gr) - ref).norm() / ref.norm())
-            res[f"down {e}x{d}x{f}" + (f" G{gr}" if gr > 1 else "")] = err
-            if err > 1e-6:
-                raise SystemExit(f"the emulated down misses the reference at {e}x{d}x{f}, {gr} groups a step: "
-                                 f"relative error {err:.2e}")
+            _record(res, f"down {e}x{d}x{f}", gr, emulate_down(h, slots, wts, dw, gr), ref)
     return res
 
 
