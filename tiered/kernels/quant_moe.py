@@ -130,10 +130,12 @@ class QConfig:
     ([BN, BG, GP], _dot_rows), 1 = the flat tile ([BN, BG * group] inputs per step, _dot_rows_flat), which
     serves power-of-two groups only (the launchers fall back to 0 for others, e.g. q4 rows narrower than 64
     of odd width), 2 = the word tile (q4 only, _dot_rows_words: codes read as int32 words of 8 inputs, one
-    shift and one and-or per input; falls back to 1, then 0, where it cannot serve), 3 = the dense GEMV on tensor
-    cores (quant_gluon: one q4 matrix in groups of 64, bf16 inputs on CUDA; bn its rows a program, 64 x 2^i, ahead
-    its steps of words a load, 1, 2 or 4, bg 2 or 4 that many groups a step (16-byte loads; any other bg one), and
-    persist its programs a SM; elsewhere the word tile of min(bn, 32) rows runs); `regs` caps the registers a
+    shift and one and-or per input; falls back to 1, then 0, where it cannot serve), 3 = on tensor cores in Gluon:
+    the dense GEMV (quant_gluon: one q4 matrix in groups of 64, bf16 inputs on CUDA; bn its rows a program, 64 x 2^i,
+    ahead its steps of words a load, 1, 2 or 4, bg 2 or 4 that many groups a step (16-byte loads; any other bg one),
+    and persist its programs a SM; elsewhere the word tile of min(bn, 32) rows runs), and one token's expert gate_up
+    and down in experts_quant_decode (quant_gluon_moe: bg its groups a step, 1, 2 or 4; ahead gate_up's steps a load;
+    bn (64 to pass the check below) and warps not read; elsewhere the word tile of 8 rows, 16 groups a step); `regs` caps the registers a
     thread may use (ptxas' maxnreg; 0: the compiler's choice), which sets how many programs an SM holds: the decode
     kernels are one wave whose programs wait on memory, and occupancy is what hides that wait. `hw` (a down config's,
     read by experts_quant_decode): how gate_up hands h to a word-tile down kernel that reads every expert at once
