@@ -103,8 +103,8 @@ def layouts(warps: int = WARPS, rows: int = 2 * ROWS, groups: int = 1, ahead: in
     4: a thread's 2G words of a row adjacent, 16-byte loads from G 2) and `ahead` steps a load (1, 2, 4; 0: one, the
     words [W, R, 4, 2G] with no step dimension). Cached: callers spread the dict, never change it."""
     if warps not in (4, 8) or rows not in (16, 32) or groups not in (1, 2, 4) or ahead not in (0, 1, 2, 4):
-        raise ValueError(f"warps 4 or 8, rows 16 or 32, groups and ahead 1, 2 or 4; got {warps}, {rows}, {groups}, "
-                         f"{ahead}")
+        raise ValueError(f"warps 4 or 8, rows 16 or 32, groups 1, 2 or 4 and ahead 0, 1, 2 or 4; got {warps}, "
+                         f"{rows}, {groups}, {ahead}")
     wb = [[1 << i] for i in range(warps.bit_length() - 1)]  # the batch (K slice) bits on the warps
     hs = range(groups.bit_length())  # the bits of h: a thread's word of a row in a step (2G of them)
 
@@ -149,7 +149,8 @@ def layouts(warps: int = WARPS, rows: int = 2 * ROWS, groups: int = 1, ahead: in
 
 
 def _steps_fn(cur, W: gl.constexpr, R: gl.constexpr, G: gl.constexpr, D: gl.constexpr):
-    """A load's words [W, R, 4 (t), 2G (h), D] as the tuple of its D steps' [W, R, 4, 2G] (step 2a + b at [.., a, b])."""
+    """A load's words [W, R, 4 (t), 2G (h), D] as the tuple of its D steps' [W, R, 4, 2G] (step 2a + b at
+    [.., a, b])."""
     if D == 1:
         return (gl.reshape(cur, [W, R, 4, 2 * G]),)
     elif D == 2:
