@@ -135,8 +135,9 @@ class QConfig:
     ahead its steps of words a load, 1, 2 or 4, bg 2 or 4 that many groups a step (16-byte loads; any other bg one),
     and persist its programs a SM; elsewhere the word tile of min(bn, 32) rows runs), and one token's expert gate_up
     and down in experts_quant_decode (quant_gluon_moe: bg its groups a step, 1, 2 or 4; ahead gate_up's steps a load;
-    bn (64 to pass the check below) and warps not read; elsewhere the word tile of 8 rows, 16 groups a step); `regs` caps the registers a
-    thread may use (ptxas' maxnreg; 0: the compiler's choice), which sets how many programs an SM holds: the decode
+    bn (64 to pass the check below) and warps not read; elsewhere the word tile of 8 rows, 16 groups a step);
+    `regs` caps the registers a thread may use (ptxas' maxnreg; 0: the compiler's choice), which sets how many
+    programs an SM holds: the decode
     kernels are one wave whose programs wait on memory, and occupancy is what hides that wait. `hw` (a down config's,
     read by experts_quant_decode): how gate_up hands h to a word-tile down kernel that reads every expert at once
     (algo 2, split 1): 0 rows of fp32 in input order; 1 word-major fp32 (input 8w + j at j * F / 8 + w, so the down
