@@ -113,21 +113,18 @@ def layouts(warps: int = WARPS, rows: int = 2 * ROWS, groups: int = 1, ahead: in
 
     mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[warps, 1, 1], instr_shape=[1, 16, 8])
     r16 = [[0, 16]] if rows == 32 else []
-    # words [W (b), R (row), 4 (t), 2G (h), D (step of the load)]: word 2G t + h of a step's 8G
-    w0 = gl.DistributedLinearLayout(reg_bases=[[0, 0, 0, 1 << i, 0] for i in hs] + [[0, 8, 0, 0, 0]]
-                                    + [pad(v, 5) for v in r16] + [[0, 0, 0, 0, 1 << i]
-                                                                  for i in range(ahead.bit_length() - 1)],
-                                    lane_bases=[[0, 0, 1, 0, 0], [0, 0, 2, 0, 0], [0, 1, 0, 0, 0], [0, 2, 0, 0, 0],
-                                                [0, 4, 0, 0, 0]],
-                                    warp_bases=[pad(v, 5) for v in wb], block_bases=[],
-                                    shape=[warps, rows, 4, 2 * groups, max(ahead, 1)])
-    if ahead == 0:  # one step a load and no step dimension (the down kernel: see _down_fn)
+    lanes = [[0, 0, 1], [0, 0, 2], [0, 1, 0], [0, 2, 0], [0, 4, 0]]  # t, then rows 1, 2, 4
+    if ahead:  # words [W (b), R (row), 4 (t), 2G (h), D (step of the load)]: word 2G t + h of a step's 8G
+        w0 = gl.DistributedLinearLayout(reg_bases=[[0, 0, 0, 1 << i, 0] for i in hs] + [[0, 8, 0, 0, 0]]
+                                        + [pad(v, 5) for v in r16]
+                                        + [[0, 0, 0, 0, 1 << i] for i in range(ahead.bit_length() - 1)],
+                                        lane_bases=[pad(v, 5) for v in lanes], warp_bases=[pad(v, 5) for v in wb],
+                                        block_bases=[], shape=[warps, rows, 4, 2 * groups, ahead])
+    else:  # one step a load and no step dimension (the down kernel: see _down_fn)
         w0 = gl.DistributedLinearLayout(reg_bases=[[0, 0, 0, 1 << i] for i in hs] + [[0, 8, 0, 0]]
                                         + [pad(v, 4) for v in r16],
-                                        lane_bases=[[0, 0, 1, 0], [0, 0, 2, 0], [0, 1, 0, 0], [0, 2, 0, 0],
-                                                    [0, 4, 0, 0]],
-                                        warp_bases=[pad(v, 4) for v in wb], block_bases=[],
-                                        shape=[warps, rows, 4, 2 * groups])
+                                        lane_bases=[pad(v, 4) for v in lanes], warp_bases=[pad(v, 4) for v in wb],
+                                        block_bases=[], shape=[warps, rows, 4, 2 * groups])
     # [W, R, 2G (h), 4 (t), 8 (l)] -> [W, R, 64 G] with k = 32 h + 8 t + l: A's layout
     l5 = gl.DistributedLinearLayout(reg_bases=[[0, 0, 0, 0, 1], [0, 0, 0, 0, 2], [0, 0, 0, 0, 4], [0, 8, 0, 0, 0]]
                                     + [[0, 0, 1 << i, 0, 0] for i in hs] + [pad(v, 5) for v in r16],
@@ -172,10 +169,7 @@ def _word_ptrs_fn(rbase, bstride: gl.constexpr, W: gl.constexpr, R: gl.constexpr
     t_w = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, W3)))
     h_w = gl.arange(0, 2 * G, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, W4))))
     d_w = gl.arange(0, D, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, W0_L)))))
-    if bstride == 0:
-        col4 = (2 * G * t_w[None, None, :])[:, :, :, None] + h_w[None, None, None, :]  # [1, 1, 4, 2G]
-    else:
-        col4 = (b_w[:, None, None] * bstride + 2 * G * t_w[None, None, :])[:, :, :, None] + h_w[None, None, None, :]
+    col4 = (b_w[:, None, None] * bstride + 2 * G * t_w[None, None, :])[:, :, :, None] + h_w[None, None, None, :]
     col = col4[:, :, :, :, None] + 8 * G * d_w[None, None, None, None, :]  # [W, 1, 4, 2G, D]
     return rbase[:, :, None, None, None] + col
 
