@@ -146,63 +146,6 @@ def test_empty_splits_and_padded_rows_are_never_read(monkeypatch):
 
 
 @needs_kernel
-@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[3]], ids=["ragged", "window", "T3"])
-@pytest.mark.parametrize("sinks", [False, True])
-def test_fused_merge_equals_the_combine_kernel(case, sinks):
-    """counters given: the last split of each (row, KV head) merges the partials in the split kernel. The same
-    output bit for bit as the combine kernel (the same merge code), into an output filled with NaN (every query row
-    written), twice on the same counters (as a graph replays them), which are zero again after each call."""
-    B, T, H, KV, hd, PS, seqlens, window, splits = case
-    dev = "cuda" if CUDA else "cpu"
-    q, kp, vp, bt, sl = _paged_case(B, T, H, KV, hd, PS, seqlens, device=dev)
-    sk = torch.linspace(-1.0, 1.5, H, device=dev) if sinks else None
-    plain = ka.decode_attention(q, kp, vp, bt, sl, scale=hd ** -0.5, window=window, num_splits=splits, sinks=sk)
-    counters = torch.zeros(B * KV + 1, dtype=torch.int32, device=dev)  # one spare entry: never touched
-    for _ in range(2):
-        out = torch.full_like(q, float("nan"))
-        fused = ka.decode_attention(q, kp, vp, bt, sl, scale=hd ** -0.5, window=window, num_splits=splits,
-                                    sinks=sk, out=out, counters=counters)
-        assert torch.equal(fused, plain)
-        assert not counters.any()
-    _check(plain, ka.decode_attention_ref(q, kp, vp, bt, sl, scale=hd ** -0.5, window=window, sinks=sk), 1e-5)
-
-
-@needs_kernel
-def test_fused_merge_counts_each_split_once(monkeypatch):
-    """Negative control of the count: counters that start at 1 make a split before the last one merge (reading
-    partials not yet stored, NaN here) and the last one never: the output is wrong, so the test above can fail. The
-    merge does not run with one split, nor past FUSED_ROWS query rows (the combine kernel merges)."""
-    dev = "cuda" if CUDA else "cpu"
-    q, kp, vp, bt, sl = _paged_case(1, 1, 4, 2, 16, 8, [200], device=dev)
-    good = ka.decode_attention(q, kp, vp, bt, sl, scale=0.25, num_splits=4)
-    real_empty = torch.empty
-
-    def nan_empty(*shape, **kw):
-        t = real_empty(*shape, **kw)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(ka.torch, "empty", nan_empty)
-    bad = ka.decode_attention(q, kp, vp, bt, sl, scale=0.25, num_splits=4,
-                              counters=torch.ones(2, dtype=torch.int32, device=dev))
-    monkeypatch.undo()
-    assert not torch.equal(bad, good)
-    assert ka.fused_combine_ok(8, 2) and not ka.fused_combine_ok(8, 3)
-    with pytest.raises(ValueError, match="counters"):
-        ka.decode_attention(q, kp, vp, bt, sl, scale=0.25, num_splits=4,
-                            counters=torch.zeros(1, dtype=torch.int32, device=dev))
-
-
-def test_combine_mode_reads_the_environment(monkeypatch):
-    monkeypatch.delenv(ka.COMBINE_ENV, raising=False)
-    assert ka.combine_mode() == "launch"
-    monkeypatch.setenv(ka.COMBINE_ENV, "Fused")
-    assert ka.combine_mode() == "fused"
-    monkeypatch.setenv(ka.COMBINE_ENV, "both")
-    with pytest.raises(ValueError, match="launch or fused"):
-        ka.combine_mode()
-
-
-@needs_kernel
 @pytest.mark.parametrize("splits", [1, 3])
 def test_kernel_sinks(splits):
     """Per-head sink logits (gpt-oss) in the single-split and the merged path."""
@@ -289,7 +232,7 @@ def test_validation_errors():
 
 # --- CUDA: bf16 at model shapes, and one graph for every length ---
 
-def compile_split_sm90(pre: bool, fuse: bool = False) -> tuple[str, dict]:
+def compile_split_sm90(pre: bool) -> tuple[str, dict]:
     """(PTX, resource usage) of the split kernel compiled for sm_90 as the 10.6B shape's decode launches it (bf16,
     G 8, hd 128, strides of 1 specialised and the others divisible by 16), with PDL. Needs a process where Triton
     was imported with TRITON_INTERPRET off."""
@@ -305,10 +248,10 @@ def compile_split_sm90(pre: bool, fuse: bool = False) -> tuple[str, dict]:
     from kernel_regs import _SIG, cuobjdump
 
     ptrs = {"Q": "bfloat16", "K": "bfloat16", "V": "bfloat16", "BT": "int32", "SEQ": "int32", "SINKS": "bfloat16",
-            "O": "bfloat16", "PO": "float32", "PM": "float32", "PL": "float32", "CNT": "int32"}
+            "O": "bfloat16", "PO": "float32", "PM": "float32", "PL": "float32"}
     consts = {"sq_d": 1, "sk_d": 1, "sv_d": 1, "so_d": 1, "sbt_p": 1, "T": 1, "G": 8, "HD": 128, "M_PAD": 16,
               "HD_PAD": 128, "PAGE": 528, "BLOCK_N": 64, "HAS_WINDOW": False, "SPLIT": True, "HAS_SINKS": False,
-              "DOT_F32": False, "GDC": True, "PRE": pre, "FUSE": fuse, "NS_PAD": 16}
+              "DOT_F32": False, "GDC": True, "PRE": pre}
     sig, attrs = {}, {}
     for i, p in enumerate(ka._SPLIT.params):
         if p.name in consts:
@@ -355,34 +298,6 @@ def test_split_kernel_preload_compiles_for_sm90():
     assert rows["False"][2:] == rows["True"][2:] == [0, 0], rows  # no stack, no local memory: nothing spilled
 
 
-def test_split_kernel_fused_merge_compiles_for_sm90():
-    """FUSE on sm_90: one acq_rel atomic at gpu scope after a CTA barrier, the partials read back with volatile
-    loads (past L1), and nothing spilled."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from triton.backends import backends
-
-    if "nvidia" not in backends:
-        pytest.skip("this Triton build has no NVIDIA backend")
-    here = Path(__file__).resolve().parent
-    code = (f"import sys; sys.path[:0] = [{str(here.parent)!r}, {str(here)!r}]\n"
-            "import re, test_attention_kernel as t\n"
-            "ptx, res = t.compile_split_sm90(True, fuse=True)\n"
-            "a = ptx.find('atom.')\n"
-            "atoms = [x for x in re.findall(r'atom\\.[a-z0-9._:]+', ptx) if 'acq_rel' in x and '.gpu' in x]\n"
-            "print(len(atoms), ptx[:a].count('bar.sync'), "
-            "len(re.findall(r'ld\\.volatile', ptx[a:])), res['stack'], res['local'])\n")
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1", "CUDA_VISIBLE_DEVICES": ""}
-    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=here.parent, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    atoms, bars, vol, stack, local = (int(v) for v in r.stdout.split())
-    assert atoms == 1 and bars >= 1 and vol > 0, r.stdout
-    assert stack == local == 0, r.stdout
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("B,H,KV,hd,PS,window", [(1, 32, 4, 128, 4096, None), (4, 32, 4, 128, 16, None),
                                                  (3, 16, 8, 64, 64, 100), (2, 8, 8, 128, 256, None)])
@@ -396,11 +311,9 @@ def test_cuda_bf16_model_shapes(B, H, KV, hd, PS, window):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("fused", [False, True])
-def test_cuda_one_graph_serves_every_length(fused):
+def test_cuda_one_graph_serves_every_length():
     """One captured graph, replayed with the length written into the device tensor, equals eager calls at
-    lengths 1 .. 4096 (the grid never depends on the length); fused: the splits merge through counters, which the
-    replays leave zero, and the output equals the combine kernel's bit for bit."""
+    lengths 1 .. 4096 (the grid never depends on the length)."""
     KV, S, hd, H = 4, 4096, 128, 32
     torch.manual_seed(0)
     k = torch.randn(KV, S, hd, device="cuda", dtype=torch.bfloat16)
@@ -410,22 +323,17 @@ def test_cuda_one_graph_serves_every_length(fused):
     q = torch.randn(1, 1, H, hd, device="cuda", dtype=torch.bfloat16)
     sl = torch.ones(1, dtype=torch.int32, device="cuda")
     out = torch.empty_like(q)
-    cnt = torch.zeros(KV, dtype=torch.int32, device="cuda") if fused else None
-    ka.decode_attention(q, kp, vp, bt, sl, scale=hd ** -0.5, out=out, counters=cnt)  # compile outside the capture
+    ka.decode_attention(q, kp, vp, bt, sl, scale=hd ** -0.5, out=out)  # compile outside the capture
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        ka.decode_attention(q, kp, vp, bt, sl, scale=hd ** -0.5, out=out, counters=cnt)
+        ka.decode_attention(q, kp, vp, bt, sl, scale=hd ** -0.5, out=out)
     for n in (1, 2, 63, 64, 65, 500, 2049, 4096):
         sl.fill_(n)
-        out.fill_(float("nan"))
         g.replay()
         torch.cuda.synchronize()
         r = ka.decode_attention_ref(q, kp, vp, bt, sl, scale=hd ** -0.5)
         _check(out, r, 2e-2)
-        if fused:
-            assert not cnt.any()
-            assert torch.equal(out, ka.decode_attention(q, kp, vp, bt, sl, scale=hd ** -0.5))
 
 
 @needs_kernel

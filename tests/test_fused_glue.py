@@ -536,27 +536,6 @@ def test_graphed_decode_glue_cuda():
     assert runs[True][2]["glue_kernels"] == "triton" and runs[False][2]["glue_kernels"] == "torch"
 
 
-@pytest.mark.cuda
-def test_graphed_decode_fused_attention_merge_cuda(monkeypatch):
-    """TIERED_ATTN_COMBINE=fused (the decode attention's last split merges the partials, no combine kernel): the
-    reference model's graphed bf16 decode gives the combine kernel's greedy tokens (the same merge code, so the
-    same sums), and the cache's counters are zero after the run."""
-    import tiered
-
-    prompt = list(range(100, 140))
-    runs = {}
-    for mode in ("launch", "fused"):
-        monkeypatch.setenv("TIERED_ATTN_COMBINE", mode)
-        eng = tiered.load(None, device="cuda", dtype="bfloat16", max_context=1024, glue=True)
-        g = eng.generate(prompt, max_new_tokens=48, stop_at_eos=False)
-        assert g.stats["decode_graphs"] == "full"
-        assert not eng.model.cache.counts.any()
-        runs[mode] = g.token_ids
-        del eng
-        torch.cuda.empty_cache()
-    assert runs["fused"] == runs["launch"]
-
-
 @interp
 def test_batch_step_glue_matches_torch():
     """The batch scheduler's step (pages written by the fused kernel, norms fused across layers): the reference

@@ -29,8 +29,6 @@ P pages in a pool, PS tokens per page, MP max pages per row, NS splits.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
@@ -46,7 +44,6 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 LOG2E = 1.4426950408889634
 MAX_QUERY_ROWS = 128  # G*T per KV head per program: the query tile must stay in registers
 BLOCK_N = 64  # keys per tile
-FUSED_ROWS = 16  # query rows a KV head up to which the last split merges the partials (an unrolled loop)
 
 
 def triton_available(device: torch.device | str) -> bool:
@@ -138,28 +135,10 @@ def pick_splits(rows: int, max_seqlen: int, *, device: torch.device | str, block
     return max(1, min(tiles, -(-2 * sms // max(1, rows)), 256))
 
 
-COMBINE_ENV = "TIERED_ATTN_COMBINE"
-
-
-def combine_mode() -> str:
-    """TIERED_ATTN_COMBINE: launch (default: a second kernel merges the splits' partials) or fused (the last split
-    of each KV head merges them, through the cache's counters)."""
-    mode = os.environ.get(COMBINE_ENV, "launch").strip().lower() or "launch"
-    if mode not in ("launch", "fused"):
-        raise ValueError(f"{COMBINE_ENV}={mode!r}: expected launch or fused")
-    return mode
-
-
-def fused_combine_ok(G: int, T: int) -> bool:
-    """Whether the split kernel can merge its own partials (the last split to finish, `counters`): at most
-    FUSED_ROWS query rows a KV head (the merge is unrolled over them)."""
-    return G * T <= FUSED_ROWS
-
-
 def decode_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, seqlens: Tensor, *,
                      scale: float, window: int | None = None, sinks: Tensor | None = None,
                      num_splits: int | None = None, max_seqlen: int | None = None,
-                     out: Tensor | None = None, counters: Tensor | None = None) -> Tensor:
+                     out: Tensor | None = None) -> Tensor:
     """Attention of a few query tokens per row over a paged KV cache (the math: module docstring).
 
     Args:
@@ -173,9 +152,6 @@ def decode_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: T
         num_splits: programs per (row, KV head) along the sequence; None = `pick_splits`.
         max_seqlen: an upper bound of seqlens for `pick_splits` (None = the block table's capacity).
         out: [B, T, H, hd] to write into (e.g. a static buffer); None = a new tensor.
-        counters: [B * KV] int32 on the device, all zero (the kernel leaves them zero): with several splits and
-            G * T <= FUSED_ROWS, the last split of each (row, KV head) to finish merges the partials itself (one
-            launch, no combine kernel; `fused_combine_ok`). None: the combine kernel merges them.
     Returns:
         o [B, T, H, hd] in q's dtype.
     """
@@ -212,11 +188,6 @@ def decode_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: T
     pre = _preload_ok(common)
     # fp32 dots (not TF32) for fp32 inputs; also under the interpreter, whose dots mis-read bf16 operands.
     common["DOT_F32"] = q.dtype == torch.float32 or interpreted()
-    fuse = ns > 1 and counters is not None and fused_combine_ok(G, T)
-    if fuse and (counters.dtype != torch.int32 or counters.numel() < B * KV or counters.device != q.device
-                 or not counters.is_contiguous()):
-        raise ValueError(f"counters must be a contiguous int32 tensor of at least {B * KV} entries on {q.device}; "
-                         f"got {counters.dtype} {tuple(counters.shape)} on {counters.device}")
     if ns == 1:
         part_o = part_m = part_l = o  # placeholders: the single split writes o directly
     else:
@@ -225,11 +196,11 @@ def decode_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: T
         part_l = torch.empty((B * KV, ns, m_pad), dtype=torch.float32, device=q.device)
     split_fn[(B * KV, ns)](
         q, k_pages, v_pages, block_table, seqlens, sinks_arg, o, part_o, part_m, part_l,
-        counters if fuse else seqlens, scale * LOG2E, 0 if window is None else int(window), KV,
+        scale * LOG2E, 0 if window is None else int(window), KV,
         *q.stride(), *k_pages.stride(), *v_pages.stride(), *block_table.stride(), *o.stride(),
-        PAGE=PS, BLOCK_N=BLOCK_N, HAS_WINDOW=window is not None, SPLIT=ns > 1, PRE=pre, FUSE=fuse,
-        NS_PAD=max(2, triton.next_power_of_2(ns)), **common, num_warps=4)
-    if ns > 1 and not fuse:
+        PAGE=PS, BLOCK_N=BLOCK_N, HAS_WINDOW=window is not None, SPLIT=ns > 1, PRE=pre, **common,
+        num_warps=4)
+    if ns > 1:
         combine_fn[(B * KV, G * T)](
             part_o, part_m, part_l, sinks_arg, o, KV, ns, *o.stride(),
             NS_PAD=max(2, triton.next_power_of_2(ns)), **{k: v for k, v in common.items() if k != "DOT_F32"},
@@ -287,7 +258,7 @@ def _tile(q, k, v, s, s_ok, qpos, m_i, l_i, acc, scale_log2, window,
     return m_new, l_i, acc
 
 
-def _split_kernel(Q, K, V, BT, SEQ, SINKS, O, PO, PM, PL, CNT,
+def _split_kernel(Q, K, V, BT, SEQ, SINKS, O, PO, PM, PL,
                   scale_log2, window, KV,
                   sq_b, sq_t, sq_h, sq_d,
                   sk_p, sk_s, sk_h, sk_d,
@@ -297,7 +268,7 @@ def _split_kernel(Q, K, V, BT, SEQ, SINKS, O, PO, PM, PL, CNT,
                   T: tl.constexpr, G: tl.constexpr, HD: tl.constexpr, M_PAD: tl.constexpr, HD_PAD: tl.constexpr,
                   PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, SPLIT: tl.constexpr,
                   HAS_SINKS: tl.constexpr, DOT_F32: tl.constexpr, GDC: tl.constexpr = False,
-                  PRE: tl.constexpr = False, FUSE: tl.constexpr = False, NS_PAD: tl.constexpr = 2):
+                  PRE: tl.constexpr = False):
     # PRE (with PDL): the length, the block table and the first tile's keys and values of positions before this
     # call's T (rows the previous kernel, which stores the new k and v, does not write) are loaded before the wait;
     # the T new rows after it. Without PRE every load follows the wait. The same sums either way.
@@ -372,14 +343,6 @@ def _split_kernel(Q, K, V, BT, SEQ, SINKS, O, PO, PM, PL, CNT,
         keep = row_ok & (rows * 0 + start < end)  # [M_PAD]
         tl.store(PO + (base * M_PAD + rows[:, None]) * HD_PAD + d[None, :], acc,
                  mask=keep[:, None] & (d < HD_PAD)[None, :])
-        if FUSE:  # the last split of this (row, KV head) to finish merges every split's partials
-            tl.debug_barrier()  # every thread's partials stored before the count (its release orders them)
-            done = tl.atomic_add(CNT + pid, 1, sem="acq_rel")
-            if done == num_splits - 1:  # the other splits' partials are visible (read past L1: volatile)
-                for row in tl.static_range(T * G):
-                    _merge_row(PO, PM, PL, SINKS, O, pid, row, KV, num_splits, so_b, so_t, so_h, so_d,
-                               G, HD, M_PAD, HD_PAD, HAS_SINKS, NS_PAD, True)
-                tl.store(CNT + pid, 0)  # zero again for the next call (a graph replays the same counters)
     else:
         if HAS_SINKS:
             sink = tl.load(SINKS + h, mask=row_ok, other=0.0) * 1.4426950408889634
@@ -393,19 +356,21 @@ def _split_kernel(Q, K, V, BT, SEQ, SINKS, O, PO, PM, PL, CNT,
                  o.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-def _merge_row(PO, PM, PL, SINKS, O, pid, row, KV, NS, so_b, so_t, so_h, so_d,
-               G: tl.constexpr, HD: tl.constexpr, M_PAD: tl.constexpr, HD_PAD: tl.constexpr,
-               HAS_SINKS: tl.constexpr, NS_PAD: tl.constexpr, VOLATILE: tl.constexpr):
-    """Query row `row` (t, g) of program pid (b * KV + kv head): its NS splits' (max, sum, acc) merged into O.
-    VOLATILE: the loads bypass L1 (the fused merge reads partials other programs stored)."""
+def _combine_kernel(PO, PM, PL, SINKS, O, KV, NS,
+                    so_b, so_t, so_h, so_d,
+                    T: tl.constexpr, G: tl.constexpr, HD: tl.constexpr, M_PAD: tl.constexpr,
+                    HD_PAD: tl.constexpr, HAS_SINKS: tl.constexpr, NS_PAD: tl.constexpr, GDC: tl.constexpr = False):
+    gdc_enter(GDC)
+    pid = tl.program_id(0)  # b * KV + kv head
+    row = tl.program_id(1)  # query row (t, g)
     b = pid // KV
     t = row // G
     h = (pid % KV) * G + row % G
     sp = tl.arange(0, NS_PAD)
     sp_ok = sp < NS
     base = pid * NS + sp  # [NS_PAD]
-    m = tl.load(PM + base * M_PAD + row, mask=sp_ok, other=float("-inf"), volatile=VOLATILE)
-    l = tl.load(PL + base * M_PAD + row, mask=sp_ok, other=0.0, volatile=VOLATILE)
+    m = tl.load(PM + base * M_PAD + row, mask=sp_ok, other=float("-inf"))
+    l = tl.load(PL + base * M_PAD + row, mask=sp_ok, other=0.0)
     m_max = tl.max(m, 0)
     if HAS_SINKS:
         sink = tl.load(SINKS + h) * 1.4426950408889634
@@ -418,25 +383,15 @@ def _merge_row(PO, PM, PL, SINKS, O, pid, row, KV, NS, so_b, so_t, so_h, so_d,
     d = tl.arange(0, HD_PAD)
     # an empty split stored no acc (its m is -inf, its weight 0): zeros, as its masked tile left it
     acc = tl.load(PO + (base[:, None] * M_PAD + row) * HD_PAD + d[None, :],
-                  mask=(sp_ok & (m > float("-inf")))[:, None] & (d < HD_PAD)[None, :], other=0.0, volatile=VOLATILE)
+                  mask=(sp_ok & (m > float("-inf")))[:, None] & (d < HD_PAD)[None, :], other=0.0)
     o = tl.sum(acc * w[:, None], 0)  # [HD_PAD]
     o = o / tl.where(l_tot > 0, l_tot, 1.0)
     tl.store(O + b * so_b + t * so_t + h * so_h + d * so_d, o.to(O.dtype.element_ty), mask=d < HD)
 
 
-def _combine_kernel(PO, PM, PL, SINKS, O, KV, NS,
-                    so_b, so_t, so_h, so_d,
-                    T: tl.constexpr, G: tl.constexpr, HD: tl.constexpr, M_PAD: tl.constexpr,
-                    HD_PAD: tl.constexpr, HAS_SINKS: tl.constexpr, NS_PAD: tl.constexpr, GDC: tl.constexpr = False):
-    gdc_enter(GDC)
-    _merge_row(PO, PM, PL, SINKS, O, tl.program_id(0), tl.program_id(1), KV, NS, so_b, so_t, so_h, so_d,
-               G, HD, M_PAD, HD_PAD, HAS_SINKS, NS_PAD, False)
-
-
 _INTERPRETED = False
 if triton is not None:
     _tile = triton.jit(_tile)
-    _merge_row = triton.jit(_merge_row)
     _SPLIT = triton.jit(_split_kernel)
     _COMBINE = triton.jit(_combine_kernel)
     _INTERPRETED = type(_SPLIT).__name__ == "InterpretedFunction"  # TRITON_INTERPRET=1 at triton's import

@@ -107,7 +107,6 @@ class KVCache:
     flash: bool
     paged: tuple[tuple[Tensor, Tensor], ...] | None = None  # [L] (k, v) pages [1, S, KV, hd]
     table: Tensor | None = None  # [1, 1] int32 block table of the single sequence
-    counts: Tensor | None = None  # [L, KV] int32, zero between calls: the paged kernel's split counters (fused merge)
 
     @classmethod
     def allocate(cls, config: ModelConfig, max_context: int, *, device: torch.device, dtype: torch.dtype,
@@ -117,15 +116,14 @@ class KVCache:
         KV, hd = config.num_kv_heads, config.head_dim
         shape = (L, 1, max_context, KV, hd) if flash else (L, KV, max_context, hd)
         k, v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
-        views, table, counts = None, None, None
+        views, table = None, None
         if paged:  # only the triton backend asks: the kernels module (and triton) is imported for it alone
             from tiered.kernels.attention import paged_view
 
             views = tuple(tuple(paged_view(x[l][0] if flash else x[l], heads_first=not flash)[0] for x in (k, v))
                           for l in range(L))
             table = torch.zeros((1, 1), dtype=torch.int32, device=device)
-            counts = torch.zeros((L, KV), dtype=torch.int32, device=device)
-        return cls(k, v, flash, views, table, counts)
+        return cls(k, v, flash, views, table)
 
     @property
     def max_context(self) -> int:
@@ -311,15 +309,13 @@ def _paged(q: Tensor, k: Tensor | None, v: Tensor | None, cache: KVCache, layer:
     """Write k, v, then the Triton decode kernel over the cache seen as one page; the length comes from
     plan.lengths on the device, and the kernel's splits are sized for max_context, so eager and graphed
     steps compute the same sums in the same order."""
-    from tiered.kernels.attention import combine_mode, decode_attention
+    from tiered.kernels.attention import decode_attention
 
     T, H, hd = q.shape
     _write_kv(k, v, cache, layer, plan)
     kp, vp = cache.paged[layer]
-    counters = cache.counts[layer] if cache.counts is not None and combine_mode() == "fused" else None
     out = decode_attention(q[None], kp, vp, cache.table, plan.lengths, scale=hd ** -0.5,
-                           window=config.sliding_window, max_seqlen=cache.max_context,
-                           counters=counters)  # [1, T, H, hd]
+                           window=config.sliding_window, max_seqlen=cache.max_context)  # [1, T, H, hd]
     return out.view(T, H * hd)
 
 
