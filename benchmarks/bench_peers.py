@@ -468,7 +468,7 @@ def run_tiered(layout: Path, device: torch.device, dtype: torch.dtype, budget: d
                vocab: int) -> dict:
     import tiered
 
-    ctx = max(S["prefill"], S["decode_prompt"] + S["long"]) + 16
+    ctx = S.get("max_context") or max(S["prefill"], S["decode_prompt"] + S["long"]) + 16
     sync(device)
     t0 = time.perf_counter()
     eng = tiered.load(layout, device=device, dtype=dtype, budget=budget, max_context=ctx, attn=S.get("attn", "auto"))
@@ -544,6 +544,7 @@ def phase_tiered(a, S: dict, P: Paths) -> dict:
         offload = {"expert_slots": max(b["top_k"], b["layers"] * b["experts"] // 4)}
     res["modes"] = {}
     res["attn"] = S["attn"] = a.attn
+    res["max_context"] = S["max_context"] = a.max_context
     for mode, budget in (("vram", None), ("offload", offload)):
         if a.tiered_only and mode not in a.tiered_only.split(","):
             continue
@@ -778,6 +779,9 @@ def main() -> None:
     ap.add_argument("--llama-only", default=None, help="comma list of llama runs (others kept from an earlier call)")
     ap.add_argument("--tiered-only", default=None, help="comma list of tiered modes: vram,offload")
     ap.add_argument("--attn", default="auto", help="tiered's --attn (auto, triton, sdpa)")
+    ap.add_argument("--max-context", type=int, default=None,
+                    help="KV positions tiered's engine is loaded with (default: the longest run's + 16); the decode "
+                         "attention's splits are sized for it, e.g. 4096 as `tiered run` defaults to")
     ap.add_argument("--offload-budget", default=None,
                     help='budget of the offloaded tiered run as JSON (default {"vram_gb": 4} on CUDA), e.g. '
                          '\'{"vram_gb": 4, "ram_gb": 12, "io": "mmap"}\'')

@@ -44,6 +44,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 LOG2E = 1.4426950408889634
 MAX_QUERY_ROWS = 128  # G*T per KV head per program: the query tile must stay in registers
 BLOCK_N = 64  # keys per tile
+COMBINE_CHUNK = 16  # splits the combine kernel merges at a time
 
 
 def triton_available(device: torch.device | str) -> bool:
@@ -202,8 +203,9 @@ def decode_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: T
         num_warps=4)
     if ns > 1:
         combine_fn[(B * KV, G * T)](
-            part_o, part_m, part_l, sinks_arg, o, KV, ns, *o.stride(),
-            NS_PAD=max(2, triton.next_power_of_2(ns)), **{k: v for k, v in common.items() if k != "DOT_F32"},
+            part_o, part_m, part_l, sinks_arg, o, seqlens, 0 if window is None else int(window), KV, ns, *o.stride(),
+            NS_CH=min(COMBINE_CHUNK, max(2, triton.next_power_of_2(ns))), BLOCK_N=BLOCK_N,
+            HAS_WINDOW=window is not None, **{k: v for k, v in common.items() if k != "DOT_F32"},
             num_warps=4)
     return o
 
@@ -281,11 +283,7 @@ def _split_kernel(Q, K, V, BT, SEQ, SINKS, O, PO, PM, PL,
     kvh = pid % KV
     n = tl.load(SEQ + b)  # tokens in this row's cache
 
-    lo = n * 0  # the oldest key any query sees
-    if HAS_WINDOW:
-        lo = tl.maximum(n - T - window + 1, 0)
-    # keys per split, in whole tiles (plain integer arithmetic: tl.cdiv is a nested jit call, slow interpreted)
-    per = ((tl.maximum(n - lo, 0) + num_splits - 1) // num_splits + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    lo, per = _span(n, window, num_splits, T, BLOCK_N, HAS_WINDOW)
     start = lo + split * per
     end = tl.minimum(start + per, n)
 
@@ -335,12 +333,12 @@ def _split_kernel(Q, K, V, BT, SEQ, SINKS, O, PO, PM, PL,
         m_i, l_i, acc = _tile(q, k, v, s, s_ok, qpos, m_i, l_i, acc, scale_log2, window, HAS_WINDOW, DOT_F32)
 
     if SPLIT:
-        # the query rows' partials only (not the padding to M_PAD), and an empty split (no keys: short contexts
-        # under a grid sized for max_context) stores no acc: the combine reads zeros for it, as it would have stored
+        # the query rows' partials only (not the padding to M_PAD); an empty split (no keys: short contexts under a
+        # grid sized for max_context) stores nothing: the combine reads the splits that hold keys only
         base = pid * num_splits + split
-        tl.store(PM + base * M_PAD + rows, m_i, mask=row_ok)
-        tl.store(PL + base * M_PAD + rows, l_i, mask=row_ok)
         keep = row_ok & (rows * 0 + start < end)  # [M_PAD]
+        tl.store(PM + base * M_PAD + rows, m_i, mask=keep)
+        tl.store(PL + base * M_PAD + rows, l_i, mask=keep)
         tl.store(PO + (base * M_PAD + rows[:, None]) * HD_PAD + d[None, :], acc,
                  mask=keep[:, None] & (d < HD_PAD)[None, :])
     else:
@@ -356,42 +354,67 @@ def _split_kernel(Q, K, V, BT, SEQ, SINKS, O, PO, PM, PL,
                  o.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-def _combine_kernel(PO, PM, PL, SINKS, O, KV, NS,
+def _span(n, window, num_splits, T: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """(lo, per) of a row of n cached tokens: the oldest key any query sees, and the keys each split takes, in
+    whole tiles (split i takes [lo + i per, lo + (i + 1) per) up to n). Plain integer arithmetic: tl.cdiv is a
+    nested jit call, slow interpreted."""
+    lo = n * 0
+    if HAS_WINDOW:
+        lo = tl.maximum(n - T - window + 1, 0)
+    per = ((tl.maximum(n - lo, 0) + num_splits - 1) // num_splits + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    return lo, per
+
+
+def _combine_kernel(PO, PM, PL, SINKS, O, SEQ, window, KV, NS,
                     so_b, so_t, so_h, so_d,
                     T: tl.constexpr, G: tl.constexpr, HD: tl.constexpr, M_PAD: tl.constexpr,
-                    HD_PAD: tl.constexpr, HAS_SINKS: tl.constexpr, NS_PAD: tl.constexpr, GDC: tl.constexpr = False):
+                    HD_PAD: tl.constexpr, HAS_SINKS: tl.constexpr, NS_CH: tl.constexpr, BLOCK_N: tl.constexpr,
+                    HAS_WINDOW: tl.constexpr, GDC: tl.constexpr = False):
+    # Only the splits that hold keys (the first `live`, from the same length arithmetic as the split kernel) are
+    # read, NS_CH at a time, merged online: a grid sized for a long max_context costs a short cache no reads of
+    # empty splits. With live <= NS_CH (one chunk) the sums are those of a one-shot merge, bit for bit.
     gdc_enter(GDC)
     pid = tl.program_id(0)  # b * KV + kv head
     row = tl.program_id(1)  # query row (t, g)
     b = pid // KV
     t = row // G
     h = (pid % KV) * G + row % G
-    sp = tl.arange(0, NS_PAD)
-    sp_ok = sp < NS
-    base = pid * NS + sp  # [NS_PAD]
-    m = tl.load(PM + base * M_PAD + row, mask=sp_ok, other=float("-inf"))
-    l = tl.load(PL + base * M_PAD + row, mask=sp_ok, other=0.0)
-    m_max = tl.max(m, 0)
+    n = tl.load(SEQ + b)
+    lo, per = _span(n, window, NS, T, BLOCK_N, HAS_WINDOW)
+    live = tl.minimum((tl.maximum(n - lo, 0) + per - 1) // tl.maximum(per, 1), NS)
+    m_run = tl.full([], float("-inf"), tl.float32)
     if HAS_SINKS:
         sink = tl.load(SINKS + h) * 1.4426950408889634
-        m_max = tl.maximum(m_max, sink)
-    m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
-    w = tl.exp2(m - m_use)  # [NS_PAD], 0 for empty splits
-    l_tot = tl.sum(l * w, 0)
-    if HAS_SINKS:
-        l_tot += tl.exp2(sink - m_use)
+        m_run = tl.maximum(m_run, sink)
     d = tl.arange(0, HD_PAD)
-    # an empty split stored no acc (its m is -inf, its weight 0): zeros, as its masked tile left it
-    acc = tl.load(PO + (base[:, None] * M_PAD + row) * HD_PAD + d[None, :],
-                  mask=(sp_ok & (m > float("-inf")))[:, None] & (d < HD_PAD)[None, :], other=0.0)
-    o = tl.sum(acc * w[:, None], 0)  # [HD_PAD]
-    o = o / tl.where(l_tot > 0, l_tot, 1.0)
+    l_run = tl.zeros([], tl.float32)
+    o_run = tl.zeros([HD_PAD], tl.float32)
+    for c0 in range(0, live, NS_CH):
+        sp = c0 + tl.arange(0, NS_CH)
+        sp_ok = sp < live
+        base = pid * NS + sp  # [NS_CH]
+        m = tl.load(PM + base * M_PAD + row, mask=sp_ok, other=float("-inf"))
+        l = tl.load(PL + base * M_PAD + row, mask=sp_ok, other=0.0)
+        # a split whose keys this row cannot see (T > 1: a later token's keys) stored m -inf and zeros
+        acc = tl.load(PO + (base[:, None] * M_PAD + row) * HD_PAD + d[None, :],
+                      mask=(sp_ok & (m > float("-inf")))[:, None] & (d < HD_PAD)[None, :], other=0.0)
+        m_new = tl.maximum(m_run, tl.max(m, 0))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_run - m_use)  # 0 on the first chunk (nothing merged yet, or the sink alone)
+        w = tl.exp2(m - m_use)  # [NS_CH]
+        l_run = l_run * alpha + tl.sum(l * w, 0)
+        o_run = o_run * alpha + tl.sum(acc * w[:, None], 0)  # [HD_PAD]
+        m_run = m_new
+    if HAS_SINKS:
+        l_run += tl.exp2(sink - tl.where(m_run == float("-inf"), 0.0, m_run))
+    o = o_run / tl.where(l_run > 0, l_run, 1.0)
     tl.store(O + b * so_b + t * so_t + h * so_h + d * so_d, o.to(O.dtype.element_ty), mask=d < HD)
 
 
 _INTERPRETED = False
 if triton is not None:
     _tile = triton.jit(_tile)
+    _span = triton.jit(_span)
     _SPLIT = triton.jit(_split_kernel)
     _COMBINE = triton.jit(_combine_kernel)
     _INTERPRETED = type(_SPLIT).__name__ == "InterpretedFunction"  # TRITON_INTERPRET=1 at triton's import
