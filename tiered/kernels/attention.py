@@ -44,7 +44,6 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 LOG2E = 1.4426950408889634
 MAX_QUERY_ROWS = 128  # G*T per KV head per program: the query tile must stay in registers
 BLOCK_N = 64  # keys per tile
-COMBINE_CHUNK = 16  # splits the combine kernel merges at a time
 
 
 def triton_available(device: torch.device | str) -> bool:
@@ -204,7 +203,7 @@ def decode_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: T
     if ns > 1:
         combine_fn[(B * KV, G * T)](
             part_o, part_m, part_l, sinks_arg, o, seqlens, 0 if window is None else int(window), KV, ns, *o.stride(),
-            NS_CH=min(COMBINE_CHUNK, max(2, triton.next_power_of_2(ns))), BLOCK_N=BLOCK_N,
+            NS_PAD=max(2, triton.next_power_of_2(ns)), BLOCK_N=BLOCK_N,
             HAS_WINDOW=window is not None, **{k: v for k, v in common.items() if k != "DOT_F32"},
             num_warps=4)
     return o
@@ -368,11 +367,11 @@ def _span(n, window, num_splits, T: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WIN
 def _combine_kernel(PO, PM, PL, SINKS, O, SEQ, window, KV, NS,
                     so_b, so_t, so_h, so_d,
                     T: tl.constexpr, G: tl.constexpr, HD: tl.constexpr, M_PAD: tl.constexpr,
-                    HD_PAD: tl.constexpr, HAS_SINKS: tl.constexpr, NS_CH: tl.constexpr, BLOCK_N: tl.constexpr,
+                    HD_PAD: tl.constexpr, HAS_SINKS: tl.constexpr, NS_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                     HAS_WINDOW: tl.constexpr, GDC: tl.constexpr = False):
-    # Only the splits that hold keys (the first `live`, from the same length arithmetic as the split kernel) are
-    # read, NS_CH at a time, merged online: a grid sized for a long max_context costs a short cache no reads of
-    # empty splits. With live <= NS_CH (one chunk) the sums are those of a one-shot merge, bit for bit.
+    # Only the splits that hold keys (the first `live`, from the split kernel's own length arithmetic) are read: a
+    # grid sized for a long max_context costs a short cache no reads of empty splits, which store nothing. The
+    # masked entries take the values an empty split's tile would have stored (m -inf, l 0, acc 0): the same sums.
     gdc_enter(GDC)
     pid = tl.program_id(0)  # b * KV + kv head
     row = tl.program_id(1)  # query row (t, g)
@@ -382,32 +381,26 @@ def _combine_kernel(PO, PM, PL, SINKS, O, SEQ, window, KV, NS,
     n = tl.load(SEQ + b)
     lo, per = _span(n, window, NS, T, BLOCK_N, HAS_WINDOW)
     live = tl.minimum((tl.maximum(n - lo, 0) + per - 1) // tl.maximum(per, 1), NS)
-    m_run = tl.full([], float("-inf"), tl.float32)
+    sp = tl.arange(0, NS_PAD)
+    sp_ok = sp < live
+    base = pid * NS + sp  # [NS_PAD]
+    m = tl.load(PM + base * M_PAD + row, mask=sp_ok, other=float("-inf"))
+    l = tl.load(PL + base * M_PAD + row, mask=sp_ok, other=0.0)
+    m_max = tl.max(m, 0)
     if HAS_SINKS:
         sink = tl.load(SINKS + h) * 1.4426950408889634
-        m_run = tl.maximum(m_run, sink)
-    d = tl.arange(0, HD_PAD)
-    l_run = tl.zeros([], tl.float32)
-    o_run = tl.zeros([HD_PAD], tl.float32)
-    for c0 in range(0, live, NS_CH):
-        sp = c0 + tl.arange(0, NS_CH)
-        sp_ok = sp < live
-        base = pid * NS + sp  # [NS_CH]
-        m = tl.load(PM + base * M_PAD + row, mask=sp_ok, other=float("-inf"))
-        l = tl.load(PL + base * M_PAD + row, mask=sp_ok, other=0.0)
-        # a split whose keys this row cannot see (T > 1: a later token's keys) stored m -inf and zeros
-        acc = tl.load(PO + (base[:, None] * M_PAD + row) * HD_PAD + d[None, :],
-                      mask=(sp_ok & (m > float("-inf")))[:, None] & (d < HD_PAD)[None, :], other=0.0)
-        m_new = tl.maximum(m_run, tl.max(m, 0))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_run - m_use)  # 0 on the first chunk (nothing merged yet, or the sink alone)
-        w = tl.exp2(m - m_use)  # [NS_CH]
-        l_run = l_run * alpha + tl.sum(l * w, 0)
-        o_run = o_run * alpha + tl.sum(acc * w[:, None], 0)  # [HD_PAD]
-        m_run = m_new
+        m_max = tl.maximum(m_max, sink)
+    m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp2(m - m_use)  # [NS_PAD], 0 for empty splits
+    l_tot = tl.sum(l * w, 0)
     if HAS_SINKS:
-        l_run += tl.exp2(sink - tl.where(m_run == float("-inf"), 0.0, m_run))
-    o = o_run / tl.where(l_run > 0, l_run, 1.0)
+        l_tot += tl.exp2(sink - m_use)
+    d = tl.arange(0, HD_PAD)
+    # a live split whose keys this row cannot see (T > 1: a later token's keys) stored m -inf and zeros
+    acc = tl.load(PO + (base[:, None] * M_PAD + row) * HD_PAD + d[None, :],
+                  mask=(sp_ok & (m > float("-inf")))[:, None] & (d < HD_PAD)[None, :], other=0.0)
+    o = tl.sum(acc * w[:, None], 0)  # [HD_PAD]
+    o = o / tl.where(l_tot > 0, l_tot, 1.0)
     tl.store(O + b * so_b + t * so_t + h * so_h + d * so_d, o.to(O.dtype.element_ty), mask=d < HD)
 
 
