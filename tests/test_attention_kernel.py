@@ -125,11 +125,13 @@ def test_preload_before_the_wait_computes_the_same(monkeypatch, case):
 
 
 @needs_kernel
-def test_empty_splits_and_padded_rows_are_never_read(monkeypatch):
+@pytest.mark.parametrize("splits", [8, 40])
+def test_empty_splits_and_padded_rows_are_never_read(monkeypatch, splits):
     """The splits store only the query rows' partials, and an empty split (a grid sized for a long max_context over
     a short cache) stores no acc. The partial buffers are filled with NaN here: any read of an unstored entry would
     reach the output (NaN * 0 is NaN). Rows of 3 and 200 keys over 8 splits of 64-key tiles: four splits hold keys
-    of the long row, one of the short; the rest are empty. G * T = 2 query rows, padded to 16."""
+    of the long row, one of the short; the rest are empty. G * T = 2 query rows, padded to 16. 40 splits: the
+    combine's short tile (no split past COMBINE_LO holds keys)."""
     dev = "cuda" if CUDA else "cpu"
     q, kp, vp, bt, sl = _paged_case(2, 1, 4, 2, 16, 8, [3, 200], device=dev)
     real_empty = torch.empty
@@ -139,7 +141,7 @@ def test_empty_splits_and_padded_rows_are_never_read(monkeypatch):
         return t.fill_(float("nan")) if t.is_floating_point() else t
 
     monkeypatch.setattr(ka.torch, "empty", nan_empty)
-    o = ka.decode_attention(q, kp, vp, bt, sl, scale=0.25, num_splits=8)
+    o = ka.decode_attention(q, kp, vp, bt, sl, scale=0.25, num_splits=splits)
     monkeypatch.undo()
     assert torch.isfinite(o).all()
     _check(o, ka.decode_attention_ref(q, kp, vp, bt, sl, scale=0.25), 1e-5)
@@ -147,10 +149,10 @@ def test_empty_splits_and_padded_rows_are_never_read(monkeypatch):
 
 @needs_kernel
 @pytest.mark.parametrize("sinks", [False, True])
-def test_combine_reads_the_live_splits(sinks):
-    """40 splits of 64 keys: a row of 2,100 keys fills 33 of them, one of 70 keys 2, one of 0 none; then two query
-    tokens under a window of 300 over 1,500 keys in 24 splits. fp32 within 1e-5 of the reference, with and without
-    sinks. (test_empty_splits_and_padded_rows_are_never_read checks that the empty ones are not read.)"""
+def test_combine_short_and_full_tiles(sinks):
+    """40 splits of 64 keys: a row of 2,100 keys fills 33 of them (the combine's full tile), one of 70 keys 2 (its
+    short tile of COMBINE_LO), one of 0 none; then two query tokens under a window of 300 over 1,500 keys in 24
+    splits. fp32 within 1e-5 of the reference, with and without sinks."""
     dev = "cuda" if CUDA else "cpu"
     sk = torch.tensor([0.5, -1.0, 2.0, 0.0], device=dev) if sinks else None
     q, kp, vp, bt, sl = _paged_case(3, 1, 4, 2, 16, 32, [2100, 70, 0], device=dev)
@@ -300,9 +302,9 @@ def compile_combine_sm90() -> tuple[str, dict]:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
     from kernel_regs import _SIG, cuobjdump
 
-    ptrs = {"PO": "float32", "PM": "float32", "PL": "float32", "SINKS": "bfloat16", "O": "bfloat16", "SEQ": "int32"}
+    ptrs = {"PO": "float32", "PM": "float32", "PL": "float32", "SINKS": "bfloat16", "O": "bfloat16"}
     consts = {"so_d": 1, "T": 1, "G": 8, "HD": 128, "M_PAD": 16, "HD_PAD": 128, "HAS_SINKS": False, "NS_PAD": 64,
-              "BLOCK_N": 64, "HAS_WINDOW": False, "GDC": True}
+              "NS_LO": 16, "GDC": True}
     sig, attrs = {}, {}
     for i, p in enumerate(ka._COMBINE.params):
         if p.name in consts:
@@ -320,8 +322,8 @@ def compile_combine_sm90() -> tuple[str, dict]:
 
 
 def test_combine_kernel_compiles_for_sm90():
-    """The combine kernel (64 splits: a 4,096-position capacity) lowers for sm_90 without spilling (in a
-    subprocess)."""
+    """The combine kernel (64 splits: a 4,096-position capacity; its short and full tiles) lowers for sm_90 without
+    spilling (in a subprocess)."""
     import subprocess
     import sys
     from pathlib import Path

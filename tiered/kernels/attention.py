@@ -19,7 +19,9 @@ Rows with n = 0 (padding of a batch) get zeros.
 Kernel layout: program (b * KV + kv_head, split) takes the G*T query rows of one KV head (ordered
 (t, g), padded to 16 rows for tl.dot) and one contiguous slice of the row's keys; the slices are
 sized from the device length, so the grid is fixed for every length. With more than one split, a
-second kernel merges the partial (max, sum, acc) triples. All softmax arithmetic is fp32 in base 2.
+second kernel merges the partial (max, sum, acc) triples; under a grid of more than COMBINE_LO splits (a long
+max_context) it reads the accumulators of the first COMBINE_LO only when no later split holds keys (a short
+cache). All softmax arithmetic is fp32 in base 2.
 With PDL the split kernel loads the length, the block table and its first tile's older keys and values before
 its wait (`_preload_ok`: what the kernel before it, which stores this call's k and v, does not write), and the
 T new rows after it.
@@ -44,6 +46,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 LOG2E = 1.4426950408889634
 MAX_QUERY_ROWS = 128  # G*T per KV head per program: the query tile must stay in registers
 BLOCK_N = 64  # keys per tile
+COMBINE_LO = 16  # splits the combine merges in a short tile when no later split holds keys (grids of more splits)
 
 
 def triton_available(device: torch.device | str) -> bool:
@@ -202,9 +205,9 @@ def decode_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: T
         num_warps=4)
     if ns > 1:
         combine_fn[(B * KV, G * T)](
-            part_o, part_m, part_l, sinks_arg, o, seqlens, 0 if window is None else int(window), KV, ns, *o.stride(),
-            NS_PAD=max(2, triton.next_power_of_2(ns)), BLOCK_N=BLOCK_N,
-            HAS_WINDOW=window is not None, **{k: v for k, v in common.items() if k != "DOT_F32"},
+            part_o, part_m, part_l, sinks_arg, o, KV, ns, *o.stride(),
+            NS_PAD=max(2, triton.next_power_of_2(ns)), NS_LO=COMBINE_LO,
+            **{k: v for k, v in common.items() if k != "DOT_F32"},
             num_warps=4)
     return o
 
@@ -282,7 +285,11 @@ def _split_kernel(Q, K, V, BT, SEQ, SINKS, O, PO, PM, PL,
     kvh = pid % KV
     n = tl.load(SEQ + b)  # tokens in this row's cache
 
-    lo, per = _span(n, window, num_splits, T, BLOCK_N, HAS_WINDOW)
+    lo = n * 0  # the oldest key any query sees
+    if HAS_WINDOW:
+        lo = tl.maximum(n - T - window + 1, 0)
+    # keys per split, in whole tiles (plain integer arithmetic: tl.cdiv is a nested jit call, slow interpreted)
+    per = ((tl.maximum(n - lo, 0) + num_splits - 1) // num_splits + BLOCK_N - 1) // BLOCK_N * BLOCK_N
     start = lo + split * per
     end = tl.minimum(start + per, n)
 
@@ -332,12 +339,12 @@ def _split_kernel(Q, K, V, BT, SEQ, SINKS, O, PO, PM, PL,
         m_i, l_i, acc = _tile(q, k, v, s, s_ok, qpos, m_i, l_i, acc, scale_log2, window, HAS_WINDOW, DOT_F32)
 
     if SPLIT:
-        # the query rows' partials only (not the padding to M_PAD); an empty split (no keys: short contexts under a
-        # grid sized for max_context) stores nothing: the combine reads the splits that hold keys only
+        # the query rows' partials only (not the padding to M_PAD), and an empty split (no keys: short contexts
+        # under a grid sized for max_context) stores no acc: the combine reads zeros for it, as it would have stored
         base = pid * num_splits + split
+        tl.store(PM + base * M_PAD + rows, m_i, mask=row_ok)
+        tl.store(PL + base * M_PAD + rows, l_i, mask=row_ok)
         keep = row_ok & (rows * 0 + start < end)  # [M_PAD]
-        tl.store(PM + base * M_PAD + rows, m_i, mask=keep)
-        tl.store(PL + base * M_PAD + rows, l_i, mask=keep)
         tl.store(PO + (base * M_PAD + rows[:, None]) * HD_PAD + d[None, :], acc,
                  mask=keep[:, None] & (d < HD_PAD)[None, :])
     else:
@@ -353,39 +360,27 @@ def _split_kernel(Q, K, V, BT, SEQ, SINKS, O, PO, PM, PL,
                  o.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-def _span(n, window, num_splits, T: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """(lo, per) of a row of n cached tokens: the oldest key any query sees, and the keys each split takes, in
-    whole tiles (split i takes [lo + i per, lo + (i + 1) per) up to n). Plain integer arithmetic: tl.cdiv is a
-    nested jit call, slow interpreted."""
-    lo = n * 0
-    if HAS_WINDOW:
-        lo = tl.maximum(n - T - window + 1, 0)
-    per = ((tl.maximum(n - lo, 0) + num_splits - 1) // num_splits + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-    return lo, per
-
-
-def _combine_kernel(PO, PM, PL, SINKS, O, SEQ, window, KV, NS,
+def _combine_kernel(PO, PM, PL, SINKS, O, KV, NS,
                     so_b, so_t, so_h, so_d,
                     T: tl.constexpr, G: tl.constexpr, HD: tl.constexpr, M_PAD: tl.constexpr,
-                    HD_PAD: tl.constexpr, HAS_SINKS: tl.constexpr, NS_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                    HAS_WINDOW: tl.constexpr, GDC: tl.constexpr = False):
-    # Only the splits that hold keys (the first `live`, from the split kernel's own length arithmetic) are read: a
-    # grid sized for a long max_context costs a short cache no reads of empty splits, which store nothing. The
-    # masked entries take the values an empty split's tile would have stored (m -inf, l 0, acc 0): the same sums.
+                    HD_PAD: tl.constexpr, HAS_SINKS: tl.constexpr, NS_PAD: tl.constexpr, NS_LO: tl.constexpr = 16,
+                    GDC: tl.constexpr = False):
     gdc_enter(GDC)
     pid = tl.program_id(0)  # b * KV + kv head
     row = tl.program_id(1)  # query row (t, g)
     b = pid // KV
     t = row // G
     h = (pid % KV) * G + row % G
-    n = tl.load(SEQ + b)
-    lo, per = _span(n, window, NS, T, BLOCK_N, HAS_WINDOW)
-    live = tl.minimum((tl.maximum(n - lo, 0) + per - 1) // tl.maximum(per, 1), NS)
     sp = tl.arange(0, NS_PAD)
-    sp_ok = sp < live
+    sp_ok = sp < NS
     base = pid * NS + sp  # [NS_PAD]
     m = tl.load(PM + base * M_PAD + row, mask=sp_ok, other=float("-inf"))
     l = tl.load(PL + base * M_PAD + row, mask=sp_ok, other=0.0)
+    if NS_LO < NS_PAD:  # the first NS_LO splits' maxima once more (issued with the others: no wait of their own)
+        sp_lo = tl.arange(0, NS_LO)
+        ok_lo = sp_lo < NS
+        base_lo = pid * NS + sp_lo
+        m_lo = tl.load(PM + base_lo * M_PAD + row, mask=ok_lo, other=float("-inf"))
     m_max = tl.max(m, 0)
     if HAS_SINKS:
         sink = tl.load(SINKS + h) * 1.4426950408889634
@@ -396,10 +391,23 @@ def _combine_kernel(PO, PM, PL, SINKS, O, SEQ, window, KV, NS,
     if HAS_SINKS:
         l_tot += tl.exp2(sink - m_use)
     d = tl.arange(0, HD_PAD)
-    # a live split whose keys this row cannot see (T > 1: a later token's keys) stored m -inf and zeros
-    acc = tl.load(PO + (base[:, None] * M_PAD + row) * HD_PAD + d[None, :],
-                  mask=(sp_ok & (m > float("-inf")))[:, None] & (d < HD_PAD)[None, :], other=0.0)
-    o = tl.sum(acc * w[:, None], 0)  # [HD_PAD]
+    # an empty split stored no acc (its m is -inf, its weight 0): zeros, as its masked tile left it
+    if NS_LO < NS_PAD:
+        # a short cache under a grid sized for a long max_context: when no split past the first NS_LO holds keys
+        # this row sees, the acc tile is [NS_LO, HD_PAD], not [NS_PAD, HD_PAD] (fewer registers, a shorter sum)
+        hi = tl.max(tl.where(m > float("-inf"), sp + 1, 0), 0)
+        if hi <= NS_LO:
+            acc_lo = tl.load(PO + (base_lo[:, None] * M_PAD + row) * HD_PAD + d[None, :],
+                             mask=(ok_lo & (m_lo > float("-inf")))[:, None] & (d < HD_PAD)[None, :], other=0.0)
+            o = tl.sum(acc_lo * tl.exp2(m_lo - m_use)[:, None], 0)  # [HD_PAD]
+        else:
+            acc_all = tl.load(PO + (base[:, None] * M_PAD + row) * HD_PAD + d[None, :],
+                              mask=(sp_ok & (m > float("-inf")))[:, None] & (d < HD_PAD)[None, :], other=0.0)
+            o = tl.sum(acc_all * w[:, None], 0)
+    else:
+        acc = tl.load(PO + (base[:, None] * M_PAD + row) * HD_PAD + d[None, :],
+                      mask=(sp_ok & (m > float("-inf")))[:, None] & (d < HD_PAD)[None, :], other=0.0)
+        o = tl.sum(acc * w[:, None], 0)  # [HD_PAD]
     o = o / tl.where(l_tot > 0, l_tot, 1.0)
     tl.store(O + b * so_b + t * so_t + h * so_h + d * so_d, o.to(O.dtype.element_ty), mask=d < HD)
 
@@ -407,7 +415,6 @@ def _combine_kernel(PO, PM, PL, SINKS, O, SEQ, window, KV, NS,
 _INTERPRETED = False
 if triton is not None:
     _tile = triton.jit(_tile)
-    _span = triton.jit(_span)
     _SPLIT = triton.jit(_split_kernel)
     _COMBINE = triton.jit(_combine_kernel)
     _INTERPRETED = type(_SPLIT).__name__ == "InterpretedFunction"  # TRITON_INTERPRET=1 at triton's import
