@@ -39,4 +39,4 @@ for f in $OUT/tiered-*-*.json; do python3 -c "
 import json; d = json.load(open('$f')); d = d.get('modes', {}).get('vram', d)
 print('$f'.split('/')[-1], {k: round(d[k]['decode_tok_s'], 1) for k in ('decode_short', 'decode_long') if k in d})" 2>&1 | tail -1; done
 pack
-cuda_tests 100 tests/test_attention_kernel.py
+cuda_tests 100 tests/test_attention_kernel.py tests/test_fused_glue.py
