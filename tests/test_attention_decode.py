@@ -73,58 +73,6 @@ def test_static_step_equals_eager_step(tiny_layouts, name):
             assert torch.allclose(eager, ref, atol=1e-5, rtol=1e-5), (eager - ref).abs().max()
 
 
-@needs_kernel
-@pytest.mark.parametrize("name", ["qwen3", "window"])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_qkv_inside_the_attention_kernel(tiny_layouts, monkeypatch, name, dtype):
-    """TIERED_ATTN_ROPE=fused: the one-token steps' q/k norm (Qwen3's per head; Mixtral none, with a window of 5),
-    rotary and K/V store run in the paged kernel (decode_attention_qkv, no qk_rope launch). Eager and static steps
-    over three positions (each reading the K/V the previous one stored) give the qk_rope launch's logits and cache,
-    within the last bits of the rstd sums, here bit for bit on the interpreter."""
-    from tiered.kernels import fused_rope
-
-    runs = {}
-    for mode in ("launch", "fused"):
-        monkeypatch.setenv(ka.ROPE_ENV, mode)
-        calls = {"qkv": 0, "rope": 0}
-        real_qkv, real_rope = ka.decode_attention_qkv, fused_rope.qk_rope
-        monkeypatch.setattr(ka, "decode_attention_qkv",
-                            lambda *a, **k: calls.__setitem__("qkv", calls["qkv"] + 1) or real_qkv(*a, **k))
-        monkeypatch.setattr(fused_rope, "qk_rope",
-                            lambda *a, **k: calls.__setitem__("rope", calls["rope"] + 1) or real_rope(*a, **k))
-        e = tiered.load(tiny_layouts[name], device=DEV, dtype=dtype, attn="triton", max_context=40,
-                        cuda_graphs=False, glue=True)
-        m = e.model
-        out = []
-        with torch.inference_mode():
-            m.forward(torch.tensor([3, 17, 5, 9, 30, 2, 11, 8, 4], device=DEV), 0)
-            prefill = dict(calls)
-            for pos, tok in [(9, 7), (10, 12)]:
-                out.append(m.forward(torch.tensor([tok], device=DEV), pos).float())
-            t = torch.tensor([21], device=DEV)
-            out.append(m.decode_static(t, torch.tensor([11], device=DEV), m.graph_span(11)).float().clone())
-        runs[mode] = (out, m.cache.k[:, :, :12].clone(), m.cache.v[:, :, :12].clone())
-        layers = m.config.num_layers
-        if mode == "fused":  # the prefill took qk_rope (T > 1); every one-token step the kernel
-            assert calls["qkv"] == 3 * layers and calls["rope"] == prefill["rope"] > 0
-        else:
-            assert calls["qkv"] == 0 and calls["rope"] == prefill["rope"] + 3 * layers
-        monkeypatch.undo()
-    for a, b in zip(runs["launch"][0], runs["fused"][0]):
-        assert torch.equal(a, b), (a - b).abs().max()
-    assert torch.equal(runs["launch"][1], runs["fused"][1]) and torch.equal(runs["launch"][2], runs["fused"][2])
-
-
-def test_rope_mode_reads_the_environment(monkeypatch):
-    monkeypatch.delenv(ka.ROPE_ENV, raising=False)
-    assert ka.rope_mode() == "launch"
-    monkeypatch.setenv(ka.ROPE_ENV, " Fused ")
-    assert ka.rope_mode() == "fused"
-    monkeypatch.setenv(ka.ROPE_ENV, "kernel")
-    with pytest.raises(ValueError, match="launch or fused"):
-        ka.rope_mode()
-
-
 def test_graph_spans_per_backend(reference_layout):
     """SDPA graphs are one per power-of-two span (all captured before decoding); triton/flash need one."""
     e = tiered.load(reference_layout, device="cpu", attn="sdpa", max_context=300)

@@ -163,72 +163,6 @@ def test_combine_short_and_full_tiles(sinks):
     _check(o, ka.decode_attention_ref(q, kp, vp, bt, sl, scale=0.25, sinks=sk, window=300), 1e-5)
 
 
-QKV_CASES = [  # H, KV, hd, r, norm, S, n, splits, window, sinks
-    (4, 2, 16, 16, True, 64, 37, 3, None, False),  # the new key in the holder's first tile
-    (4, 2, 16, 8, False, 64, 20, 1, None, False),  # partial rotary, no norm, one split
-    (8, 2, 32, 32, True, 200, 130, 1, None, True),  # one split of three tiles: the new key in the loop's last tile
-    (4, 4, 16, 16, True, 64, 64, 2, 5, False),  # MHA, a window of 5
-    (4, 2, 16, 16, True, 64, 1, 4, None, False),  # the first token: the new key is the only one
-]
-
-
-@needs_kernel
-@pytest.mark.parametrize("pre", [False, True])
-@pytest.mark.parametrize("case", QKV_CASES, ids=[f"n{c[6]}s{c[7]}r{c[3]}" for c in QKV_CASES])
-def test_qkv_kernel_equals_qk_rope_then_the_kernel(monkeypatch, case, pre):
-    """decode_attention_qkv (norms, rotary and the K/V store in the split kernel) against fused_rope.qk_rope then
-    decode_attention, in bf16 storage: the same output and the same cache after the call (bit for bit on the
-    interpreter; on a GPU within the last bits of the rstd sums), with and without PRE."""
-    from tiered.kernels.fused_rope import qk_rope
-
-    H, KV, hd, r, norm, S, n, splits, window, sinks = case
-    dev = "cuda" if CUDA else "cpu"
-    g = torch.Generator().manual_seed(n)
-    bf = torch.bfloat16
-    qkv = torch.randn(1, (H + 2 * KV) * hd + H * hd, generator=g).to(dev, bf)  # a gate's columns after v
-    ang = torch.randn(1, r, generator=g) * 3
-    cos, sin = ang.cos().to(dev, bf), ang.sin().to(dev, bf)
-    nw = (torch.rand(H + KV, hd, generator=g) + 0.5).to(dev, bf) if norm else None
-    sk = torch.linspace(-1.0, 1.0, H, device=dev) if sinks else None
-    k0, v0 = torch.randn(KV, S, hd, generator=g).to(dev, bf), torch.randn(KV, S, hd, generator=g).to(dev, bf)
-    monkeypatch.setattr(ka, "_preload_ok", lambda opts: pre)
-    sl = torch.tensor([n], dtype=torch.int32, device=dev)
-    k, v = k0.clone(), v0.clone()
-    kp, bt = ka.paged_view(k, heads_first=True)
-    vp, _ = ka.paged_view(v, heads_first=True)
-    q, _, _ = qk_rope(qkv, cos, sin, heads=H, kv_heads=KV, head_dim=hd, norm="head" if norm else None,
-                      norm_weight=nw, k_out=k.transpose(0, 1), v_out=v.transpose(0, 1), positions=n - 1)
-    want = ka.decode_attention(q[None], kp, vp, bt, sl, scale=hd ** -0.5, num_splits=splits, window=window, sinks=sk)
-    k2, v2 = k0.clone(), v0.clone()
-    kp2, _ = ka.paged_view(k2, heads_first=True)
-    vp2, _ = ka.paged_view(v2, heads_first=True)
-    got = ka.decode_attention_qkv(qkv, cos, sin, kp2, vp2, bt, sl, heads=H, kv_heads=KV, head_dim=hd,
-                                  scale=hd ** -0.5, norm_weight=nw, num_splits=splits, window=window, sinks=sk)
-    if CUDA:
-        _check(got, want, 2e-2)
-        _check(k2, k, 2e-2)
-    else:
-        assert torch.equal(got, want) and torch.equal(k2, k)
-    assert torch.equal(v2, v)
-    assert torch.equal(k2[:, n:], k0[:, n:]) and torch.equal(k2[:, :n - 1], k0[:, :n - 1])  # only row n - 1
-
-
-def test_qkv_kernel_refuses_what_it_does_not_serve():
-    q = torch.zeros(1, 4 * 16 * 2)
-    kp = torch.zeros(1, 8, 2, 16)
-    bt, sl = torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
-    cs = torch.ones(1, 16)
-    kw = dict(heads=4, kv_heads=2, head_dim=16, scale=1.0)
-    with pytest.raises(ValueError, match="qkv"):
-        ka.decode_attention_qkv(q[:, :10], cs, cs, kp, kp, bt, sl, **kw)
-    with pytest.raises(ValueError, match="rotary"):
-        ka.decode_attention_qkv(q, torch.ones(1, 18), torch.ones(1, 18), kp, kp, bt, sl, **kw)
-    with pytest.raises(ValueError, match="norm weight"):
-        ka.decode_attention_qkv(q, cs, cs, kp, kp, bt, sl, norm_weight=torch.ones(16), **kw)
-    with pytest.raises(ValueError, match="one row"):
-        ka.decode_attention_qkv(q, cs, cs, kp, kp, bt, torch.ones(2, dtype=torch.int32), **kw)
-
-
 @needs_kernel
 @pytest.mark.parametrize("splits", [1, 3])
 def test_kernel_sinks(splits):
@@ -316,7 +250,7 @@ def test_validation_errors():
 
 # --- CUDA: bf16 at model shapes, and one graph for every length ---
 
-def compile_split_sm90(pre: bool, rope: bool = False) -> tuple[str, dict]:
+def compile_split_sm90(pre: bool) -> tuple[str, dict]:
     """(PTX, resource usage) of the split kernel compiled for sm_90 as the 10.6B shape's decode launches it (bf16,
     G 8, hd 128, strides of 1 specialised and the others divisible by 16), with PDL. Needs a process where Triton
     was imported with TRITON_INTERPRET off."""
@@ -332,11 +266,10 @@ def compile_split_sm90(pre: bool, rope: bool = False) -> tuple[str, dict]:
     from kernel_regs import _SIG, cuobjdump
 
     ptrs = {"Q": "bfloat16", "K": "bfloat16", "V": "bfloat16", "BT": "int32", "SEQ": "int32", "SINKS": "bfloat16",
-            "O": "bfloat16", "PO": "float32", "PM": "float32", "PL": "float32", "COS": "bfloat16", "SIN": "bfloat16",
-            "NW": "bfloat16"}
+            "O": "bfloat16", "PO": "float32", "PM": "float32", "PL": "float32"}
     consts = {"sq_d": 1, "sk_d": 1, "sv_d": 1, "so_d": 1, "sbt_p": 1, "T": 1, "G": 8, "HD": 128, "M_PAD": 16,
               "HD_PAD": 128, "PAGE": 528, "BLOCK_N": 64, "HAS_WINDOW": False, "SPLIT": True, "HAS_SINKS": False,
-              "DOT_F32": False, "GDC": True, "PRE": pre, "ROPE": rope, "R": 128, "QK_NORM": rope, "W32": False}
+              "DOT_F32": False, "GDC": True, "PRE": pre}
     sig, attrs = {}, {}
     for i, p in enumerate(ka._SPLIT.params):
         if p.name in consts:
@@ -345,7 +278,7 @@ def compile_split_sm90(pre: bool, rope: bool = False) -> tuple[str, dict]:
             sig[p.name] = _SIG[f"torch.{ptrs[p.name]}"]
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
-            sig[p.name] = "fp32" if p.name in ("scale_log2", "eps") else "i32"
+            sig[p.name] = "fp32" if p.name == "scale_log2" else "i32"
             if p.name.startswith("s"):  # strides of a page pool [P, 528, 4, 128]
                 attrs[(i,)] = [["tt.divisibility", 16]]
     k = triton.compile(ASTSource(ka._SPLIT, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
@@ -414,9 +347,8 @@ def test_combine_kernel_compiles_for_sm90():
 
 def test_split_kernel_preload_compiles_for_sm90():
     """With PRE the sm_90 PTX loads before griddepcontrol.wait (the length, block table, first tile's older rows)
-    and after it (q and the new rows), without spilling; without PRE nothing is loaded before the wait; with ROPE
-    (decode_attention_qkv, Qwen3's per-head norm) the same, with more loads after the wait. In a subprocess: this
-    one may have imported Triton interpreted."""
+    and after it (q and the new rows), without spilling; without PRE nothing is loaded before the wait. In a
+    subprocess: this one may have imported Triton interpreted."""
     import subprocess
     import sys
     from pathlib import Path
@@ -428,23 +360,18 @@ def test_split_kernel_preload_compiles_for_sm90():
     here = Path(__file__).resolve().parent
     code = (f"import sys; sys.path[:0] = [{str(here.parent)!r}, {str(here)!r}]\n"
             "import test_attention_kernel as t\n"
-            "for pre, rope in ((False, False), (True, False), (True, True)):\n"
-            "    ptx, res = t.compile_split_sm90(pre, rope)\n"
+            "for pre in (False, True):\n"
+            "    ptx, res = t.compile_split_sm90(pre)\n"
             "    w = ptx.find('griddepcontrol.wait')\n"
-            "    print(f'{pre}{rope}', ptx[:w].count('ld.global'), ptx[w:].count('ld.global'), res['stack'], "
-            "res['local'], ptx.count('st.global'))\n")
+            "    print(pre, ptx[:w].count('ld.global'), ptx[w:].count('ld.global'), res['stack'], res['local'])\n")
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1", "CUDA_VISIBLE_DEVICES": ""}
     r = subprocess.run([sys.executable, "-c", code], env=env, cwd=here.parent, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = {line.split()[0]: [int(v) for v in line.split()[1:]] for line in r.stdout.splitlines()}
-    assert rows["FalseFalse"][0] == 0 and rows["FalseFalse"][1] > 0, rows
-    assert rows["TrueFalse"][0] > 0 and rows["TrueFalse"][1] > 0, rows
-    # ROPE (decode_attention_qkv): the older rows before the wait, qkv, the norm weights and cos/sin after it;
-    # the new k and v stored besides the partials
-    assert rows["TrueTrue"][0] > 0 and rows["TrueTrue"][1] > 0, rows
-    assert rows["TrueTrue"][4] > rows["TrueFalse"][4], rows
-    assert all(r[2:4] == [0, 0] for r in rows.values()), rows  # no stack, no local memory: nothing spilled
+    assert rows["False"][0] == 0 and rows["False"][1] > 0, rows
+    assert rows["True"][0] > 0 and rows["True"][1] > 0, rows
+    assert rows["False"][2:] == rows["True"][2:] == [0, 0], rows  # no stack, no local memory: nothing spilled
 
 
 @pytest.mark.cuda

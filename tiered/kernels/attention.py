@@ -31,12 +31,9 @@ P pages in a pool, PS tokens per page, MP max pages per row, NS splits.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
-from tiered.kernels.fused_norm import _round_to
 from tiered.kernels.pdl import gdc_enter, launch_args, preload_enabled
 
 try:  # the CPU torch wheel does not bring triton; the runtime must import without it
@@ -132,18 +129,6 @@ def write_paged(k_pages: Tensor, v_pages: Tensor, block_table: Tensor, positions
 
 # --- launcher ---
 
-ROPE_ENV = "TIERED_ATTN_ROPE"
-
-
-def rope_mode() -> str:
-    """TIERED_ATTN_ROPE: launch (default: fused_rope.qk_rope's launch norms and rotates q and k and stores k and v
-    before the kernel) or fused (the one-token decode step's split kernel does it: decode_attention_qkv)."""
-    mode = os.environ.get(ROPE_ENV, "launch").strip().lower() or "launch"
-    if mode not in ("launch", "fused"):
-        raise ValueError(f"{ROPE_ENV}={mode!r}: expected launch or fused")
-    return mode
-
-
 def pick_splits(rows: int, max_seqlen: int, *, device: torch.device | str, block_n: int = BLOCK_N) -> int:
     """Splits per (row, KV head) so that about two programs per SM run when the sequence is long, never more
     than the tiles of `max_seqlen` (an upper bound known on the host: the grid may not depend on the length)."""
@@ -173,50 +158,6 @@ def decode_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: T
     Returns:
         o [B, T, H, hd] in q's dtype.
     """
-    return _launch(q, k_pages, v_pages, block_table, seqlens, scale=scale, window=window, sinks=sinks,
-                   num_splits=num_splits, max_seqlen=max_seqlen, out=out)
-
-
-def decode_attention_qkv(qkv: Tensor, cos: Tensor, sin: Tensor, k_pages: Tensor, v_pages: Tensor,
-                         block_table: Tensor, seqlens: Tensor, *, heads: int, kv_heads: int, head_dim: int,
-                         scale: float, norm_weight: Tensor | None = None, eps: float = 1e-6,
-                         window: int | None = None, sinks: Tensor | None = None, num_splits: int | None = None,
-                         max_seqlen: int | None = None, out: Tensor | None = None) -> Tensor:
-    """`decode_attention` of one token of one row straight from the qkv projection: the q/k norms, the rotary
-    embedding and the store of the new k and v run inside the split kernel (no fused_rope.qk_rope launch).
-
-    qkv [1, >= (H+2KV)*hd] (columns q | k | v [| gate], contiguous), before any norm; cos/sin [1, r] (layers.Rope
-    rows of the token's position, r <= hd); norm_weight: None (no q/k norm) or per head ([H+KV, hd], q's norm on
-    H rows, k's on KV rows: fused_rope's "head"). Each split computes q (fused_rope's roundings; rstd's fp32 sum
-    in its own order), and the split that holds position seqlens[0] - 1 computes k and copies v there into the
-    pages (block_table row 0), using them for that key. The other splits never read that key. -> o [1, 1, H, hd].
-    """
-    H, KV, hd = heads, kv_heads, head_dim
-    if qkv.dim() != 2 or qkv.shape[0] != 1 or qkv.shape[1] < (H + 2 * KV) * hd or qkv.stride(1) != 1:
-        raise ValueError(f"decode_attention_qkv wants qkv [1, >= {(H + 2 * KV) * hd}] with contiguous columns, got "
-                         f"{tuple(qkv.shape)} strides {qkv.stride()}")
-    r = cos.shape[-1]
-    if r > hd or r % 2 or cos.shape != sin.shape or cos.numel() != r:
-        raise ValueError(f"decode_attention_qkv: cos/sin {tuple(cos.shape)}/{tuple(sin.shape)} are not one row of "
-                         f"at most {hd} rotary dims")
-    if norm_weight is not None and norm_weight.numel() != (H + KV) * hd:
-        raise ValueError(f"decode_attention_qkv: a per-head norm weight has {(H + KV) * hd} elements ([H+KV, hd]), "
-                         f"got {tuple(norm_weight.shape)}")
-    if tuple(seqlens.shape) != (1,):
-        raise ValueError("decode_attention_qkv serves one row: seqlens must be [1]")
-    nw = qkv if norm_weight is None else norm_weight.reshape(-1).contiguous()  # qkv: a placeholder, never read
-    rope = dict(COS=cos.reshape(-1).contiguous(), SIN=sin.reshape(-1).contiguous(), NW=nw, eps=float(eps), R=r,
-                QK_NORM=norm_weight is not None, W32=nw.dtype == torch.float32 and norm_weight is not None)
-    q = qkv.as_strided((1, 1, H, hd), (0, 0, hd, 1))  # q's columns, for the shapes and the pointer
-    return _launch(q, k_pages, v_pages, block_table, seqlens, scale=scale, window=window, sinks=sinks,
-                   num_splits=num_splits, max_seqlen=max_seqlen, out=out, rope=rope)
-
-
-def _launch(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, seqlens: Tensor, *, scale: float,
-            window: int | None, sinks: Tensor | None, num_splits: int | None, max_seqlen: int | None,
-            out: Tensor | None, rope: dict | None = None) -> Tensor:
-    """The split (and combine) launches behind decode_attention and decode_attention_qkv (rope: the latter's
-    norm and rotary arguments; q then points at the qkv row)."""
     if triton is None:
         raise RuntimeError("decode_attention needs triton: pip install triton (it ships with torch on CUDA), "
                            "or use --attn sdpa")
@@ -239,7 +180,7 @@ def _launch(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, se
     if max_seqlen is None:
         max_seqlen = block_table.shape[1] * PS
     ns = int(num_splits) if num_splits else pick_splits(B * KV, max_seqlen, device=q.device)
-    o = torch.empty((B, T, H, hd), dtype=q.dtype, device=q.device) if out is None else out
+    o = torch.empty_like(q) if out is None else out
     m_pad = max(16, triton.next_power_of_2(G * T))
     hd_pad = max(16, triton.next_power_of_2(hd))
     has_sinks = sinks is not None
@@ -256,16 +197,12 @@ def _launch(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, se
         part_o = torch.empty((B * KV, ns, m_pad, hd_pad), dtype=torch.float32, device=q.device)
         part_m = torch.empty((B * KV, ns, m_pad), dtype=torch.float32, device=q.device)
         part_l = torch.empty((B * KV, ns, m_pad), dtype=torch.float32, device=q.device)
-    if rope is None:
-        rope_args = dict(COS=q, SIN=q, NW=q, eps=0.0, R=2, QK_NORM=False, W32=False)  # placeholders, never read
-    else:
-        rope_args = rope
     split_fn[(B * KV, ns)](
         q, k_pages, v_pages, block_table, seqlens, sinks_arg, o, part_o, part_m, part_l,
         scale * LOG2E, 0 if window is None else int(window), KV,
         *q.stride(), *k_pages.stride(), *v_pages.stride(), *block_table.stride(), *o.stride(),
-        PAGE=PS, BLOCK_N=BLOCK_N, HAS_WINDOW=window is not None, SPLIT=ns > 1, PRE=pre, ROPE=rope is not None,
-        **rope_args, **common, num_warps=4)
+        PAGE=PS, BLOCK_N=BLOCK_N, HAS_WINDOW=window is not None, SPLIT=ns > 1, PRE=pre, **common,
+        num_warps=4)
     if ns > 1:
         combine_fn[(B * KV, G * T)](
             part_o, part_m, part_l, sinks_arg, o, KV, ns, *o.stride(),
@@ -325,33 +262,6 @@ def _tile(q, k, v, s, s_ok, qpos, m_i, l_i, acc, scale_log2, window,
     return m_new, l_i, acc
 
 
-def _qk_heads(QKV, NW, COS, SIN, hh, d, ok, eps, HD: tl.constexpr, R: tl.constexpr, NORM: tl.constexpr,
-              W32: tl.constexpr, dt: tl.constexpr):
-    """Heads hh [M] of one token's q|k columns of qkv (head j at columns j*HD..), normed per head (NORM: weight
-    NW flat [H+KV, hd]) and their leading R dims rotated by COS/SIN [R] -> [M, HD_PAD] in dt, with
-    fused_rope.qk_rope's roundings (layers.rms_norm, then layers.apply_rope's products and sum each rounded)."""
-    rot = d < R
-    pd = tl.where(rot, (d + R // 2) % R, d)  # the rotary partner of dim d (itself past R)
-    at = hh[:, None] * HD
-    x = tl.load(QKV + at + d[None, :], mask=ok, other=0.0).to(tl.float32)
-    xp = tl.load(QKV + at + pd[None, :], mask=ok, other=0.0).to(tl.float32)
-    if NORM:
-        rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) / HD + eps)[:, None]
-        w = tl.load(NW + at + d[None, :], mask=ok, other=0.0).to(tl.float32)
-        wp = tl.load(NW + at + pd[None, :], mask=ok, other=0.0).to(tl.float32)
-        if W32:
-            x = _round_to(x * rstd * w, dt).to(tl.float32)
-            xp = _round_to(xp * rstd * wp, dt).to(tl.float32)
-        else:
-            x = _round_to(_round_to(x * rstd, dt).to(tl.float32) * w, dt).to(tl.float32)
-            xp = _round_to(_round_to(xp * rstd, dt).to(tl.float32) * wp, dt).to(tl.float32)
-    c = tl.load(COS + d, mask=rot, other=1.0).to(tl.float32)[None, :]
-    s = tl.load(SIN + d, mask=rot, other=0.0).to(tl.float32)[None, :]
-    a = _round_to(x * c, dt).to(tl.float32)
-    b = _round_to(xp * s, dt).to(tl.float32)
-    return tl.where(rot[None, :], _round_to(a + b, dt), _round_to(x, dt))
-
-
 def _split_kernel(Q, K, V, BT, SEQ, SINKS, O, PO, PM, PL,
                   scale_log2, window, KV,
                   sq_b, sq_t, sq_h, sq_d,
@@ -359,12 +269,10 @@ def _split_kernel(Q, K, V, BT, SEQ, SINKS, O, PO, PM, PL,
                   sv_p, sv_s, sv_h, sv_d,
                   sbt_b, sbt_p,
                   so_b, so_t, so_h, so_d,
-                  COS, SIN, NW, eps,
                   T: tl.constexpr, G: tl.constexpr, HD: tl.constexpr, M_PAD: tl.constexpr, HD_PAD: tl.constexpr,
                   PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, SPLIT: tl.constexpr,
                   HAS_SINKS: tl.constexpr, DOT_F32: tl.constexpr, GDC: tl.constexpr = False,
-                  PRE: tl.constexpr = False, ROPE: tl.constexpr = False, R: tl.constexpr = 2,
-                  QK_NORM: tl.constexpr = False, W32: tl.constexpr = False):
+                  PRE: tl.constexpr = False):
     # PRE (with PDL): the length, the block table and the first tile's keys and values of positions before this
     # call's T (rows the previous kernel, which stores the new k and v, does not write) are loaded before the wait;
     # the T new rows after it. Without PRE every load follows the wait. The same sums either way.
@@ -396,13 +304,12 @@ def _split_kernel(Q, K, V, BT, SEQ, SINKS, O, PO, PM, PL,
     v_at = V + page[:, None] * sv_p + slot[:, None] * sv_s + kvh * sv_h + d[None, :] * sv_d
     kv_ok = s_ok[:, None] & d_ok[None, :]
     if PRE:
-        fresh = (s >= n - T)[:, None]  # this call's rows: stored by the previous kernel (ROPE: by this one)
+        fresh = (s >= n - T)[:, None]  # this call's rows: stored by the previous kernel
         k = tl.load(k_at, mask=kv_ok & ~fresh, other=0.0)
         v = tl.load(v_at, mask=kv_ok & ~fresh, other=0.0)
         gdc_enter(GDC)
-        if not ROPE:
-            k = tl.where(fresh, tl.load(k_at, mask=kv_ok & fresh, other=0.0), k)
-            v = tl.where(fresh, tl.load(v_at, mask=kv_ok & fresh, other=0.0), v)
+        k = tl.where(fresh, tl.load(k_at, mask=kv_ok & fresh, other=0.0), k)
+        v = tl.where(fresh, tl.load(v_at, mask=kv_ok & fresh, other=0.0), v)
     else:
         k = tl.load(k_at, mask=kv_ok, other=0.0)  # [BLOCK_N, HD_PAD]
         v = tl.load(v_at, mask=kv_ok, other=0.0)
@@ -411,26 +318,8 @@ def _split_kernel(Q, K, V, BT, SEQ, SINKS, O, PO, PM, PL,
     t = rows // G
     h = kvh * G + rows % G
     row_ok = rows < T * G
-    if ROPE:  # one token of one row: q normed and rotated here; the new key (position n - 1) made and stored
-        dt = Q.dtype.element_ty
-        q = _qk_heads(Q, NW, COS, SIN, h, d, row_ok[:, None] & d_ok[None, :], eps, HD, R, QK_NORM, W32, dt)
-        kh = tl.full([1], 0, tl.int32) + (G * KV + kvh)  # k's head among the q|k heads of qkv
-        k_new = _qk_heads(Q, NW, COS, SIN, kh, d, d_ok[None, :], eps, HD, R, QK_NORM, W32, dt)  # [1, HD_PAD]
-        # v's columns follow q's H*hd and k's KV*hd: [1, HD_PAD]
-        v_new = tl.load(Q + (G * KV + KV + kvh) * HD + d[None, :], mask=d_ok[None, :], other=0.0)
-        p = n - 1
-        p_page = tl.load(BT + b * sbt_b + (p // PAGE) * sbt_p).to(tl.int64)
-        p_slot = (p % PAGE).to(tl.int64)
-        # the split whose keys include the new one stores its k and v
-        holds = (d_ok & (d * 0 + start <= p) & (d * 0 + p < end))[None, :]
-        tl.store(K + p_page * sk_p + p_slot * sk_s + kvh * sk_h + d[None, :] * sk_d, k_new, mask=holds)
-        tl.store(V + p_page * sv_p + p_slot * sv_s + kvh * sv_h + d[None, :] * sv_d, v_new, mask=holds)
-        new = ((s == p) & s_ok)[:, None]
-        k = tl.where(new, k_new, k)
-        v = tl.where(new, v_new, v)
-    else:
-        q = tl.load(Q + b * sq_b + t[:, None] * sq_t + h[:, None] * sq_h + d[None, :] * sq_d,
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [M_PAD, HD_PAD]
+    q = tl.load(Q + b * sq_b + t[:, None] * sq_t + h[:, None] * sq_h + d[None, :] * sq_d,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [M_PAD, HD_PAD]
     qpos = n - T + t  # [M_PAD] position of each row's query
 
     m_i = tl.full([M_PAD], float("-inf"), tl.float32)
@@ -447,10 +336,6 @@ def _split_kernel(Q, K, V, BT, SEQ, SINKS, O, PO, PM, PL,
                     mask=kv_ok, other=0.0)  # [BLOCK_N, HD_PAD]
         v = tl.load(V + page[:, None] * sv_p + slot[:, None] * sv_s + kvh * sv_h + d[None, :] * sv_d,
                     mask=kv_ok, other=0.0)
-        if ROPE:  # the new key sits in a later tile of this split: this program's k_new, not the row just stored
-            new = ((s == n - 1) & s_ok)[:, None]
-            k = tl.where(new, k_new, k)
-            v = tl.where(new, v_new, v)
         m_i, l_i, acc = _tile(q, k, v, s, s_ok, qpos, m_i, l_i, acc, scale_log2, window, HAS_WINDOW, DOT_F32)
 
     if SPLIT:
@@ -530,7 +415,6 @@ def _combine_kernel(PO, PM, PL, SINKS, O, KV, NS,
 _INTERPRETED = False
 if triton is not None:
     _tile = triton.jit(_tile)
-    _qk_heads = triton.jit(_qk_heads)
     _SPLIT = triton.jit(_split_kernel)
     _COMBINE = triton.jit(_combine_kernel)
     _INTERPRETED = type(_SPLIT).__name__ == "InterpretedFunction"  # TRITON_INTERPRET=1 at triton's import

@@ -203,8 +203,6 @@ def attention(x: Tensor, w: AttnWeights, cache: KVCache, layer: int, plan: StepP
     glue: the norms, rotary and the K/V store in one Triton launch (`project_qkv_fused`); flash-attn stores
     its own K/V, so that backend keeps the torch glue.
     """
-    if glue and _qkv_in_attention(x, w, cache, plan, config, backend):
-        return _paged_qkv(x, w, cache, layer, plan, config)
     if glue and backend != "flash" and not cache.flash:
         kc, vc = cache.k[layer], cache.v[layer]  # [KV, S, hd]
         q, *gate = project_qkv_fused(x, w, plan.cos, plan.sin, config, kc.transpose(0, 1), vc.transpose(0, 1),
@@ -275,38 +273,6 @@ def project_qkv_fused(x: Tensor, w: AttnWeights, cos: Tensor, sin: Tensor, confi
     if with_gate:
         return q, qkv[:, (H + 2 * KV) * hd:]
     return (q,)
-
-
-def _qkv_in_attention(x: Tensor, w: AttnWeights, cache: KVCache, plan: StepPlan, config: ModelConfig,
-                      backend: str) -> bool:
-    """Whether the paged decode kernel takes this step's q/k norms, rotary and K/V store itself (attention.
-    decode_attention_qkv, TIERED_ATTN_ROPE=fused): one token on the triton backend's paged cache, per-head or no
-    q/k norm, no clipping, no sinks. Elsewhere fused_rope.qk_rope runs before the kernel."""
-    if backend == "flash" or cache.flash or cache.paged is None or plan.lengths is None or x.shape[0] != 1:
-        return False
-    if w.sinks is not None or config.clip_qkv is not None or config.qk_norm not in ("none", "head"):
-        return False
-    from tiered.kernels.attention import rope_mode
-
-    return rope_mode() == "fused"
-
-
-def _paged_qkv(x: Tensor, w: AttnWeights, cache: KVCache, layer: int, plan: StepPlan, config: ModelConfig) -> Tensor:
-    """One token's attention with the norms, rotary and K/V store inside the paged kernel (see _qkv_in_attention),
-    then the output gate (Qwen3.5) and o_proj."""
-    from tiered.kernels.attention import decode_attention_qkv
-
-    H, KV, hd = config.num_heads, config.num_kv_heads, config.head_dim
-    qkv = linear(x, w.qkv, w.qkv_bias)  # [1, (H+2KV)*hd (+ H*hd gate)]
-    kp, vp = cache.paged[layer]
-    out = decode_attention_qkv(qkv, plan.cos, plan.sin, kp, vp, cache.table, plan.lengths, heads=H, kv_heads=KV,
-                               head_dim=hd, scale=hd ** -0.5,
-                               norm_weight=w.q_norm if config.qk_norm == "head" else None,
-                               eps=config.rms_norm_eps, window=config.sliding_window,
-                               max_seqlen=cache.max_context).view(1, H * hd)
-    if config.attn_output_gate:
-        out = out * torch.sigmoid(qkv[:, (H + 2 * KV) * hd:])
-    return linear(out, w.o, w.o_bias)
 
 
 def glue_available(device: torch.device) -> bool:
