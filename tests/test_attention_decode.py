@@ -73,6 +73,62 @@ def test_static_step_equals_eager_step(tiny_layouts, name):
             assert torch.allclose(eager, ref, atol=1e-5, rtol=1e-5), (eager - ref).abs().max()
 
 
+def test_kernel_capacity_buckets():
+    """The paged kernel's grid: sized for SHORT_CAPACITY while the cache fits it, else for max_context."""
+    from tiered.model.layers import SHORT_CAPACITY, kernel_capacity
+
+    assert SHORT_CAPACITY == 1024
+    assert kernel_capacity(1, 40) == kernel_capacity(40, 40) == 40
+    assert kernel_capacity(1, 4096) == kernel_capacity(1024, 4096) == 1024
+    assert kernel_capacity(1025, 4096) == kernel_capacity(4096, 4096) == 4096
+    assert kernel_capacity(1024, 1024) == 1024
+
+
+def test_kernel_capacity_environment(monkeypatch):
+    from tiered.model.layers import SHORT_CAPACITY_ENV, kernel_capacity
+
+    monkeypatch.setenv(SHORT_CAPACITY_ENV, "0")  # off: max_context always
+    assert kernel_capacity(1, 4096) == 4096
+    monkeypatch.setenv(SHORT_CAPACITY_ENV, "2048")
+    assert kernel_capacity(2048, 4096) == 2048 and kernel_capacity(2049, 4096) == 4096
+    for bad in ("-1", "big"):
+        monkeypatch.setenv(SHORT_CAPACITY_ENV, bad)
+        with pytest.raises(ValueError, match="number of positions"):
+            kernel_capacity(1, 4096)
+
+
+@needs_kernel
+def test_triton_graphs_per_kernel_capacity(tiny_layouts, monkeypatch):
+    """SHORT_CAPACITY 64 (the tiny model allows 128 positions), max_context 100: two graphs (64 and 100); the step at
+    position p takes the first while p + 1 <= 64. Around the boundary, the static step (the graph's) equals the eager
+    step bit for bit, and both size the kernel's grid for the same capacity."""
+    from tiered.model import layers
+
+    monkeypatch.setattr(layers, "SHORT_CAPACITY", 64)
+    e = tiered.load(tiny_layouts["qwen3"], device=DEV, dtype="float32", attn="triton", max_context=100,
+                    cuda_graphs=False)
+    m = e.model
+    assert m.graph_spans() == [64, 100]
+    assert [m.graph_span(p) for p in (0, 62, 63, 64, 99)] == [64, 64, 64, 100, 100]
+    seen = []
+    real = ka.decode_attention
+    monkeypatch.setattr(ka, "decode_attention", lambda *a, **k: seen.append(k["max_seqlen"]) or real(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, m.config.vocab_size, (62,), generator=g).to(DEV)
+    layers_n = m.config.num_layers
+    with torch.inference_mode():
+        m.forward(prompt, 0)  # the prompt through SDPA
+        assert seen == []
+        for pos in (62, 63, 64):
+            t = torch.tensor([int(prompt[pos % 7])], device=DEV)
+            static = m.decode_static(t, torch.tensor([pos], device=DEV), m.graph_span(pos)).clone()
+            eager = m.forward(t, pos)  # rewrites the same K/V at pos, then the same kernel call
+            assert torch.equal(static, eager), pos
+            want = 64 if pos + 1 <= 64 else 100
+            assert seen == [want] * (2 * layers_n), (pos, seen)
+            seen.clear()
+
+
 def test_graph_spans_per_backend(reference_layout):
     """SDPA graphs are one per power-of-two span (all captured before decoding); triton/flash need one."""
     e = tiered.load(reference_layout, device="cpu", attn="sdpa", max_context=300)

@@ -1,5 +1,6 @@
-"""The whole one-token step replayed from CUDA graphs: one graph for every position when the attention reads
-the cache length from the device (triton, flash), else one graph per attended span (a power of two).
+"""The whole one-token step replayed from CUDA graphs: when the attention reads the cache length from the device,
+one graph for every position (flash) or one per kernel capacity (triton: a short grid, then max_context), else one
+graph per attended span (a power of two).
 
 Owns: `GraphedDecode` (the static token/position buffers, the captured graphs, `capture_all`, which captures
 every graph a step may replay before the first timed step, and what capturing cost: seconds and memory).

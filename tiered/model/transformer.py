@@ -45,7 +45,7 @@ from tiered.layout.quant import QuantWeight, cat_rows
 from tiered.layout.quant import dense as qdense
 from tiered.model.deltanet import DeltaShape, DeltaWeights, deltanet, pick_delta_backend, pick_delta_step
 from tiered.model.layers import (SINKS_NEED_SDPA, AttnWeights, KVCache, Rope, StepPlan, attention, attn_mask,
-                                 glue_available, plan_eager, rms_norm)
+                                 glue_available, kernel_capacity, plan_eager, rms_norm)
 from tiered.model import moe_gpu
 from tiered.model.moe import (FP32_ROUTE_WEIGHTS, ExpertProvider, MoEWeights, PrefetchHook, RoutingObserver,
                                ClampedSwiGLU, expert_mix, route, routed_logits)
@@ -511,16 +511,23 @@ class Transformer:
     # --- graph-capturable one-token step ---
     @property
     def one_graph(self) -> bool:
-        """True when the attention reads the cache length from the device (triton, flash): one captured
-        step serves every position; SDPA reads a fixed span per graph (`graph_span`)."""
+        """True when the attention reads the cache length from the device (triton, flash): a captured step
+        serves every position of its bucket (flash one bucket, triton two: `graph_span`); SDPA reads a fixed span
+        per graph."""
         return self.attn in ("triton", "flash")
 
     def graph_span(self, pos: int) -> int:
-        """The span bucket of a one-token step at `pos` (the key of its captured graph)."""
+        """The span bucket of a one-token step at `pos` (the key of its captured graph): SDPA's power of two;
+        triton's kernel capacity (layers.kernel_capacity: a short grid while the cache fits SHORT_CAPACITY, then
+        max_context); flash's max_context."""
+        if self.attn == "triton":
+            return kernel_capacity(pos + 1, self.max_context)
         return self.max_context if self.one_graph else span_for(pos, self.max_context)
 
     def graph_spans(self) -> list[int]:
         """Every span bucket a one-token step may use, i.e. the graphs to capture before decoding."""
+        if self.attn == "triton":
+            return sorted({kernel_capacity(1, self.max_context), self.max_context})
         if self.one_graph:
             return [self.max_context]
         return sorted({span_for(p, self.max_context) for p in _bucket_starts(self.max_context)})
@@ -546,7 +553,7 @@ class Transformer:
         """token [1] int64, pos [1] int64 (both on device) -> logits [1, V]; reads cache positions [0, span).
 
         Every shape depends only on `span`, so one CUDA graph per span serves every position < span (with
-        triton or flash one graph, span = max_context, serves every position).
+        flash one graph, span = max_context, serves every position; triton's spans are kernel capacities).
         """
         return self._run(token, self.static_plan(pos, span), False)
 
