@@ -54,6 +54,15 @@ peers_vram() {  # VARIANT TAG [VAR=VALUE ...]: tiered's VRAM decode of layout VA
   echo "tiered $v $tag rc=$? $(el)"; grep -iE "decode tok/s" $OUT/peers-$v-$tag.log | grep -v '^{' | tail -1
   cp $f $OUT/tiered-$v-$tag.json 2>/dev/null; pack
 }
+peers_vram_ctx() {  # CTX VARIANT TAG [VAR=VALUE ...]: peers_vram with tiered's engine loaded at --max-context CTX
+  local ctx=$1 v=$2 tag=$3 f=$W/tiered.json; shift 3
+  [ $v = bf16 ] || f=$W/tiered-$v.json
+  rm -f $f
+  env "$@" timeout 100 python3 benchmarks/bench_peers.py --phase tiered --work $W --variant $v --tiered-only vram \
+    --max-context $ctx > $OUT/peers-$v-$tag.log 2>&1
+  echo "tiered $v $tag (ctx $ctx) rc=$? $(el)"; grep -iE "decode tok/s" $OUT/peers-$v-$tag.log | grep -v '^{' | tail -1
+  cp $f $OUT/tiered-$v-$tag.json 2>/dev/null; pack
+}
 peers_offload() {  # LAYOUT RUNS [ARGS ...]: bench_cpu_experts_gpu.py on $W/LAYOUT (one eval document, native link)
   # with --only RUNS -> $OUT/offload-LAYOUT.log and .json
   local lay=$1 only=$2; shift 2
