@@ -250,10 +250,11 @@ def test_validation_errors():
 
 # --- CUDA: bf16 at model shapes, and one graph for every length ---
 
-def compile_split_sm90(pre: bool) -> tuple[str, dict]:
-    """(PTX, resource usage) of the split kernel compiled for sm_90 as the 10.6B shape's decode launches it (bf16,
-    G 8, hd 128, strides of 1 specialised and the others divisible by 16), with PDL. Needs a process where Triton
-    was imported with TRITON_INTERPRET off."""
+def _compile_sm90(kernel, ptrs: dict, consts: dict, strided: bool) -> tuple[str, dict]:
+    """(PTX, resource usage) of `kernel` compiled for sm_90 (4 warps): pointers of the dtypes `ptrs` names, 16-byte
+    aligned; `consts` as constexprs; scale_log2 fp32, other scalars i32 (strided: the stride arguments, named s...,
+    divisible by 16, as a page pool's [P, 528, 4, 128] are). Needs a process where Triton was imported with
+    TRITON_INTERPRET off."""
     import re
     import sys
     from pathlib import Path
@@ -265,13 +266,8 @@ def compile_split_sm90(pre: bool) -> tuple[str, dict]:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
     from kernel_regs import _SIG, cuobjdump
 
-    ptrs = {"Q": "bfloat16", "K": "bfloat16", "V": "bfloat16", "BT": "int32", "SEQ": "int32", "SINKS": "bfloat16",
-            "O": "bfloat16", "PO": "float32", "PM": "float32", "PL": "float32"}
-    consts = {"sq_d": 1, "sk_d": 1, "sv_d": 1, "so_d": 1, "sbt_p": 1, "T": 1, "G": 8, "HD": 128, "M_PAD": 16,
-              "HD_PAD": 128, "PAGE": 528, "BLOCK_N": 64, "HAS_WINDOW": False, "SPLIT": True, "HAS_SINKS": False,
-              "DOT_F32": False, "GDC": True, "PRE": pre}
     sig, attrs = {}, {}
-    for i, p in enumerate(ka._SPLIT.params):
+    for i, p in enumerate(kernel.params):
         if p.name in consts:
             sig[p.name] = "constexpr"
         elif p.name in ptrs:
@@ -279,96 +275,73 @@ def compile_split_sm90(pre: bool) -> tuple[str, dict]:
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[p.name] = "fp32" if p.name == "scale_log2" else "i32"
-            if p.name.startswith("s"):  # strides of a page pool [P, 528, 4, 128]
+            if strided and p.name.startswith("s"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    k = triton.compile(ASTSource(ka._SPLIT, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+    k = triton.compile(ASTSource(kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": 4})
     usage = cuobjdump(k.asm["cubin"], "-res-usage")
     res = {n.lower(): int(v) for n, v in re.findall(r"\b(REG|STACK|LOCAL)\:(\d+)", usage)}
     return k.asm["ptx"], res
+
+
+def compile_split_sm90(pre: bool) -> tuple[str, dict]:
+    """The split kernel as the 10.6B shape's decode launches it (bf16, G 8, hd 128, strides of 1 specialised), with
+    PDL: `_compile_sm90`'s (PTX, resource usage)."""
+    ptrs = {"Q": "bfloat16", "K": "bfloat16", "V": "bfloat16", "BT": "int32", "SEQ": "int32", "SINKS": "bfloat16",
+            "O": "bfloat16", "PO": "float32", "PM": "float32", "PL": "float32"}
+    consts = {"sq_d": 1, "sk_d": 1, "sv_d": 1, "so_d": 1, "sbt_p": 1, "T": 1, "G": 8, "HD": 128, "M_PAD": 16,
+              "HD_PAD": 128, "PAGE": 528, "BLOCK_N": 64, "HAS_WINDOW": False, "SPLIT": True, "HAS_SINKS": False,
+              "DOT_F32": False, "GDC": True, "PRE": pre}
+    return _compile_sm90(ka._SPLIT, ptrs, consts, strided=True)
 
 
 def compile_combine_sm90() -> tuple[str, dict]:
-    """(PTX, resource usage) of the combine kernel for sm_90 at the 10.6B shape (bf16 output, G 8, hd 128), PDL.
-    Needs a process where Triton was imported with TRITON_INTERPRET off."""
-    import re
-    import sys
-    from pathlib import Path
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-    from kernel_regs import _SIG, cuobjdump
-
+    """The combine kernel at the 10.6B shape under a 64-split grid (bf16 output, G 8, hd 128), PDL."""
     ptrs = {"PO": "float32", "PM": "float32", "PL": "float32", "SINKS": "bfloat16", "O": "bfloat16"}
     consts = {"so_d": 1, "T": 1, "G": 8, "HD": 128, "M_PAD": 16, "HD_PAD": 128, "HAS_SINKS": False, "NS_PAD": 64,
               "NS_LO": 16, "GDC": True}
-    sig, attrs = {}, {}
-    for i, p in enumerate(ka._COMBINE.params):
-        if p.name in consts:
-            sig[p.name] = "constexpr"
-        elif p.name in ptrs:
-            sig[p.name] = _SIG[f"torch.{ptrs[p.name]}"]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            sig[p.name] = "i32"
-    k = triton.compile(ASTSource(ka._COMBINE, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": 4})
-    usage = cuobjdump(k.asm["cubin"], "-res-usage")
-    res = {n.lower(): int(v) for n, v in re.findall(r"\b(REG|STACK|LOCAL)\:(\d+)", usage)}
-    return k.asm["ptx"], res
+    return _compile_sm90(ka._COMBINE, ptrs, consts, strided=False)
+
+
+def _sm90_subprocess(body: str) -> str:
+    """Run `body` (which may use this module as t) in a subprocess with Triton compiled, not interpreted (this
+    process may have imported it interpreted); its stdout. Skips where Triton has no NVIDIA backend."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from triton.backends import backends
+
+    if "nvidia" not in backends:
+        pytest.skip("this Triton build has no NVIDIA backend")
+    here = Path(__file__).resolve().parent
+    code = (f"import sys; sys.path[:0] = [{str(here.parent)!r}, {str(here)!r}]\n"
+            "import test_attention_kernel as t\n" + body)
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1", "CUDA_VISIBLE_DEVICES": ""}
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=here.parent, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
 
 
 def test_combine_kernel_compiles_for_sm90():
     """The combine kernel (64 splits: a 4,096-position capacity; its short and full tiles) lowers for sm_90 without
-    spilling (in a subprocess)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from triton.backends import backends
-
-    if "nvidia" not in backends:
-        pytest.skip("this Triton build has no NVIDIA backend")
-    here = Path(__file__).resolve().parent
-    code = (f"import sys; sys.path[:0] = [{str(here.parent)!r}, {str(here)!r}]\n"
-            "import test_attention_kernel as t\n"
-            "ptx, res = t.compile_combine_sm90()\n"
-            "print(ptx.count('ld.global'), res['stack'], res['local'])\n")
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1", "CUDA_VISIBLE_DEVICES": ""}
-    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=here.parent, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    loads, stack, local = (int(v) for v in r.stdout.split())
-    assert loads > 0 and stack == local == 0, r.stdout
+    spilling."""
+    out = _sm90_subprocess("ptx, res = t.compile_combine_sm90()\n"
+                           "print(ptx.count('ld.global'), res['stack'], res['local'])\n")
+    loads, stack, local = (int(v) for v in out.split())
+    assert loads > 0 and stack == local == 0, out
 
 
 def test_split_kernel_preload_compiles_for_sm90():
     """With PRE the sm_90 PTX loads before griddepcontrol.wait (the length, block table, first tile's older rows)
-    and after it (q and the new rows), without spilling; without PRE nothing is loaded before the wait. In a
-    subprocess: this one may have imported Triton interpreted."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from triton.backends import backends
-
-    if "nvidia" not in backends:
-        pytest.skip("this Triton build has no NVIDIA backend")
-    here = Path(__file__).resolve().parent
-    code = (f"import sys; sys.path[:0] = [{str(here.parent)!r}, {str(here)!r}]\n"
-            "import test_attention_kernel as t\n"
-            "for pre in (False, True):\n"
-            "    ptx, res = t.compile_split_sm90(pre)\n"
-            "    w = ptx.find('griddepcontrol.wait')\n"
-            "    print(pre, ptx[:w].count('ld.global'), ptx[w:].count('ld.global'), res['stack'], res['local'])\n")
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1", "CUDA_VISIBLE_DEVICES": ""}
-    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=here.parent, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = {line.split()[0]: [int(v) for v in line.split()[1:]] for line in r.stdout.splitlines()}
+    and after it (q and the new rows), without spilling; without PRE nothing is loaded before the wait."""
+    out = _sm90_subprocess("for pre in (False, True):\n"
+                           "    ptx, res = t.compile_split_sm90(pre)\n"
+                           "    w = ptx.find('griddepcontrol.wait')\n"
+                           "    print(pre, ptx[:w].count('ld.global'), ptx[w:].count('ld.global'), res['stack'], "
+                           "res['local'])\n")
+    rows = {line.split()[0]: [int(v) for v in line.split()[1:]] for line in out.splitlines()}
     assert rows["False"][0] == 0 and rows["False"][1] > 0, rows
     assert rows["True"][0] > 0 and rows["True"][1] > 0, rows
     assert rows["False"][2:] == rows["True"][2:] == [0, 0], rows  # no stack, no local memory: nothing spilled

@@ -63,6 +63,43 @@ peers_vram_ctx() {  # CTX VARIANT TAG [VAR=VALUE ...]: peers_vram with tiered's 
   echo "tiered $v $tag (ctx $ctx) rc=$? $(el)"; grep -iE "decode tok/s" $OUT/peers-$v-$tag.log | grep -v '^{' | tail -1
   cp $f $OUT/tiered-$v-$tag.json 2>/dev/null; pack
 }
+keep_new() {  # PATH: keep the working tree's PATH as /root/new_<name>, for swap_in new
+  cp "$1" /root/new_$(basename "$1")
+}
+swap_in() {  # PATH VARIANT: PATH becomes the kept copy (VARIANT new) or .carry/old/<stem>_<VARIANT>.py (a commit's)
+  local name=$(basename "$1"); if [ "$2" = new ]; then cp /root/new_$name "$1"; else cp .carry/old/${name%.py}_$2.py "$1"; fi
+}
+attn_benches() {  # TAG: bench_attention under an 800- and a 4,096-position grid -> $OUT/attention-{800,4096}-TAG.json
+  python3 benchmarks/bench_attention.py --contexts 528,784 --batches 1 --max-context 800 > $OUT/attn-800-$1.log 2>&1
+  cp $OUT/attention.json $OUT/attention-800-$1.json 2>/dev/null
+  python3 benchmarks/bench_attention.py --contexts 528,2048,4096 --batches 1,8 --max-context 4096 \
+    > $OUT/attn-4096-$1.log 2>&1
+  cp $OUT/attention.json $OUT/attention-4096-$1.json 2>/dev/null
+  grep -A9 "splits" $OUT/attn-800-$1.log $OUT/attn-4096-$1.log | grep -E "^\S+-\s+[0-9]" | cut -c1-110
+}
+attn_ab_prelude() {  # VARIANT...: keep the working tree's attention.py (AT), bench_attention under each variant
+  # (new: the kept one; a commit: .carry/old's copy), then the peers layouts
+  AT=tiered/kernels/attention.py; keep_new $AT
+  for v in "$@"; do swap_in $AT $v; attn_benches $v; done
+  swap_in $AT new; echo "attention $(el)"; pack
+  peers_layouts
+}
+attn_ab_decodes() {  # OLD: q4+q4 decode with the kept attention.py (new) and commit OLD's, alternating fresh
+  # processes twice, at bench_peers' capacity and at 4,096 -> tiered-q4-{new,old}[4k][2].json
+  local r
+  for r in "" 2; do
+    swap_in $AT new; peers_vram q4 new$r; swap_in $AT $1; peers_vram q4 old$r
+    swap_in $AT new; peers_vram_ctx 4096 q4 new4k$r; swap_in $AT $1; peers_vram_ctx 4096 q4 old4k$r
+  done
+  swap_in $AT new
+}
+decode_table() {  # every $OUT/tiered-*-*.json: its decode tok/s (short and long runs), capture seconds, graph memory
+  for f in $OUT/tiered-*-*.json; do python3 -c "
+import json; d = json.load(open('$f')); d = d.get('modes', {}).get('vram', d)
+print('$f'.split('/')[-1], {k: round(d[k]['decode_tok_s'], 1) for k in ('decode_short', 'decode_long') if k in d},
+      'capture_s', d.get('capture_s'), 'graph_mem', d.get('stats_last', {}).get('graph_mem_bytes'))" 2>&1 | tail -1
+  done
+}
 peers_offload() {  # LAYOUT RUNS [ARGS ...]: bench_cpu_experts_gpu.py on $W/LAYOUT (one eval document, native link)
   # with --only RUNS -> $OUT/offload-LAYOUT.log and .json
   local lay=$1 only=$2; shift 2

@@ -4,6 +4,7 @@
 # (bench_attention, B 1, contexts 528 / 784 / 4096 under an 800-position and a 4096-position capacity), then the
 # VRAM decode of the 8-layer 10.6B shape, q4+q4 alternating fresh processes twice, bf16 both ways; then the CUDA
 # tests of the attention kernel and the graphed decode with the fused merge.
+# (Rewritten after the call onto lib.sh's helpers; the script as run is at the commit its results name.)
 source "$(dirname "$0")/lib.sh"
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); echo "$GPU"
 python3 benchmarks/bench_attention.py --contexts 528,784 --batches 1 --max-context 800 > $OUT/attn-800.log 2>&1
@@ -18,8 +19,6 @@ peers_vram q4 launch2
 peers_vram q4 fused2 TIERED_ATTN_COMBINE=fused
 peers_vram bf16 launch
 peers_vram bf16 fused TIERED_ATTN_COMBINE=fused
-for f in $OUT/tiered-*-*.json; do python3 -c "
-import json; d = json.load(open('$f')); d = d.get('modes', {}).get('vram', d)
-print('$f'.split('/')[-1], {k: round(d[k]['decode_tok_s'], 1) for k in ('decode_short', 'decode_long') if k in d})" 2>&1 | tail -1; done
+decode_table
 pack
 cuda_tests 200 tests/test_attention_kernel.py tests/test_fused_glue.py

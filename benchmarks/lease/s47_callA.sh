@@ -19,9 +19,6 @@ if echo "$GPU" | grep -q H200; then
   WORD="gate_up,q4,2048,768:bn=8,bg=16,warps=4,algo=2"
   peers_vram q4 tuned; peers_vram q4 word TIERED_QCONFIG="$WORD"; peers_vram bf16 base
 fi
-for f in $OUT/tiered-*-*.json; do python3 -c "
-import json; d = json.load(open('$f')); d = d.get('modes', {}).get('vram', d)
-print('$f'.split('/')[-1], {k: round(d[k]['decode_tok_s'], 1) for k in ('decode_short', 'decode_long') if k in d},
-      'capture_s', d.get('capture_s'), 'graph_mem', d.get('stats_last', {}).get('graph_mem_bytes'))" 2>&1 | tail -1; done
+decode_table
 pack
 cuda_tests 150 tests/test_attention_decode.py tests/test_attention_kernel.py
