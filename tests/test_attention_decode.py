@@ -130,7 +130,8 @@ def test_triton_graphs_per_kernel_capacity(tiny_layouts, monkeypatch):
 
 
 def test_graph_spans_per_backend(reference_layout):
-    """SDPA graphs are one per power-of-two span (all captured before decoding); triton/flash need one."""
+    """SDPA graphs are one per power-of-two span (all captured before decoding); flash needs one, triton one per
+    kernel capacity (one up to 1,024 positions, else two: test_triton_graphs_per_kernel_capacity)."""
     e = tiered.load(reference_layout, device="cpu", attn="sdpa", max_context=300)
     assert e.model.graph_spans() == [128, 256, 300]
     assert [e.model.graph_span(p) for p in (0, 127, 128, 255, 256, 299)] == [128, 128, 256, 256, 300, 300]
@@ -176,6 +177,20 @@ def test_piecewise_graphs_captured_before_the_first_token(reference_layout):
     recorded = pw.recorded
     g2 = e.generate(ids, max_new_tokens=4)
     assert g2.token_ids == want and pw.recorded == recorded and g2.stats["capture_in_call_s"] == 0.0
+
+
+@pytest.mark.cuda
+def test_cuda_triton_graphs_across_the_capacity_cut(reference_layout):
+    """max_context 1,500 on CUDA (fp32): load() captures the 1,024-position graph and the 1,500 one; a decode from a
+    1,000-token prompt crosses the cut and gives the eager steps' greedy tokens (each step sizing its grid the same
+    way)."""
+    kw = dict(device="cuda", dtype="float32", max_context=1500, attn="triton")
+    g = tiered.load(reference_layout, **kw)
+    assert sorted(g.graphed.graphs) == [1024, 1500]
+    prompt = [(7 * i) % 1000 + 5 for i in range(1000)]
+    a = g.generate(prompt, max_new_tokens=60, stop_at_eos=False)
+    b = tiered.load(reference_layout, cuda_graphs=False, **kw).generate(prompt, max_new_tokens=60, stop_at_eos=False)
+    assert a.token_ids == b.token_ids and a.stats["decode_graphs"] == "full"
 
 
 @pytest.mark.cuda
