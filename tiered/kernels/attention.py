@@ -360,6 +360,15 @@ def _split_kernel(Q, K, V, BT, SEQ, SINKS, O, PO, PM, PL,
                  o.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
+def _acc_sum(PO, base, row, m, w, ok, d, M_PAD: tl.constexpr, HD_PAD: tl.constexpr):
+    """sum over the splits `base` [S] (ok: within the grid) of query row `row`'s accumulators times their weights
+    w [S] -> [HD_PAD]. An empty split stored no acc (its m is -inf, its weight 0): zeros, as its masked tile left
+    it."""
+    acc = tl.load(PO + (base[:, None] * M_PAD + row) * HD_PAD + d[None, :],
+                  mask=(ok & (m > float("-inf")))[:, None] & (d < HD_PAD)[None, :], other=0.0)
+    return tl.sum(acc * w[:, None], 0)
+
+
 def _combine_kernel(PO, PM, PL, SINKS, O, KV, NS,
                     so_b, so_t, so_h, so_d,
                     T: tl.constexpr, G: tl.constexpr, HD: tl.constexpr, M_PAD: tl.constexpr,
@@ -391,23 +400,16 @@ def _combine_kernel(PO, PM, PL, SINKS, O, KV, NS,
     if HAS_SINKS:
         l_tot += tl.exp2(sink - m_use)
     d = tl.arange(0, HD_PAD)
-    # an empty split stored no acc (its m is -inf, its weight 0): zeros, as its masked tile left it
     if NS_LO < NS_PAD:
         # a short cache under a grid sized for a long max_context: when no split past the first NS_LO holds keys
         # this row sees, the acc tile is [NS_LO, HD_PAD], not [NS_PAD, HD_PAD] (fewer registers, a shorter sum)
         hi = tl.max(tl.where(m > float("-inf"), sp + 1, 0), 0)
         if hi <= NS_LO:
-            acc_lo = tl.load(PO + (base_lo[:, None] * M_PAD + row) * HD_PAD + d[None, :],
-                             mask=(ok_lo & (m_lo > float("-inf")))[:, None] & (d < HD_PAD)[None, :], other=0.0)
-            o = tl.sum(acc_lo * tl.exp2(m_lo - m_use)[:, None], 0)  # [HD_PAD]
+            o = _acc_sum(PO, base_lo, row, m_lo, tl.exp2(m_lo - m_use), ok_lo, d, M_PAD, HD_PAD)
         else:
-            acc_all = tl.load(PO + (base[:, None] * M_PAD + row) * HD_PAD + d[None, :],
-                              mask=(sp_ok & (m > float("-inf")))[:, None] & (d < HD_PAD)[None, :], other=0.0)
-            o = tl.sum(acc_all * w[:, None], 0)
+            o = _acc_sum(PO, base, row, m, w, sp_ok, d, M_PAD, HD_PAD)
     else:
-        acc = tl.load(PO + (base[:, None] * M_PAD + row) * HD_PAD + d[None, :],
-                      mask=(sp_ok & (m > float("-inf")))[:, None] & (d < HD_PAD)[None, :], other=0.0)
-        o = tl.sum(acc * w[:, None], 0)  # [HD_PAD]
+        o = _acc_sum(PO, base, row, m, w, sp_ok, d, M_PAD, HD_PAD)
     o = o / tl.where(l_tot > 0, l_tot, 1.0)
     tl.store(O + b * so_b + t * so_t + h * so_h + d * so_d, o.to(O.dtype.element_ty), mask=d < HD)
 
@@ -415,6 +417,7 @@ def _combine_kernel(PO, PM, PL, SINKS, O, KV, NS,
 _INTERPRETED = False
 if triton is not None:
     _tile = triton.jit(_tile)
+    _acc_sum = triton.jit(_acc_sum)
     _SPLIT = triton.jit(_split_kernel)
     _COMBINE = triton.jit(_combine_kernel)
     _INTERPRETED = type(_SPLIT).__name__ == "InterpretedFunction"  # TRITON_INTERPRET=1 at triton's import

@@ -319,7 +319,7 @@ def kernel_capacity(n: int, max_context: int) -> int:
     try:
         cap = int(raw) if raw else SHORT_CAPACITY
     except ValueError:
-        raise ValueError(f"{SHORT_CAPACITY_ENV}={raw!r}: expected a number of positions (0 turns it off)") from None
+        cap = -1
     if cap < 0:
         raise ValueError(f"{SHORT_CAPACITY_ENV}={raw!r}: expected a number of positions (0 turns it off)")
     short = min(cap, max_context) if cap else max_context
