@@ -12,8 +12,6 @@ peers_vram q4 word TIERED_QCONFIG="$WORD"
 peers_vram q4 tuned2
 peers_vram q4 word2 TIERED_QCONFIG="$WORD"
 peers_vram bf16 base
-for f in $OUT/tiered-*.json; do python3 -c "
-import json; d = json.load(open('$f')); d = d.get('modes', {}).get('vram', d)
-print('$f'.split('/')[-1], {k: d[k]['decode_tok_s'] for k in ('decode_short', 'decode_long') if k in d})" 2>&1 | tail -1; done
+decode_table
 pack
 cuda_tests 100 tests/test_quant_gluon_moe.py
