@@ -5,8 +5,9 @@ graph per attended span (a power of two).
 Owns: `GraphedDecode` (the static token/position buffers, the captured graphs, `capture_all`, which captures
 every graph a step may replay before the first timed step, and what capturing cost: seconds and memory).
 Each graph ends with the greedy pick: it writes the argmax of its logits into the token buffer and adds 1 to the
-position buffer, so consecutive replays (`launch`) decode greedily with no host input (decode/ahead.py runs the
-host one step ahead of them); `step` overwrites both buffers first and returns the logits (sampling).
+position buffer (kernels/step_io.py's two launches where the glue kernels run, else torch's ops), so consecutive
+replays (`launch`) decode greedily with no host input (decode/ahead.py runs the host one step ahead of them); `step`
+overwrites both buffers first and returns the logits (sampling).
 Sampled decoding has graphs of its own, one set per top-k (`capture_all(sampled=k)`, 0 for none, on first use):
 after the argmax they draw the token with kernels/nucleus.py (over the top-k logits of a torch.topk in the graph,
 or the whole vocabulary), keyed by the next entry of a device table of the sequence's draw keys (`set_sampling`
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor
 
 from tiered.decode.sampling import RowNoise, Sampling, argmax_into, draw_step
-from tiered.kernels import nucleus
+from tiered.kernels import nucleus, step_io
 from tiered.model.transformer import Transformer
 
 
@@ -53,6 +54,9 @@ class GraphedDecode:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}  # greedy, by span
         self.sgraphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}  # sampled, by (span, top-k)
         self.pool = torch.cuda.graph_pool_handle() if self.graphed else None
+        # the greedy pick and the position's advance in two PDL launches (kernels/step_io.py) where the glue kernels
+        # run, else torch's argmax, copy and add
+        self.kernel_pick = model.glue and step_io.enabled()
         self.capture_s = 0.0  # seconds spent capturing, over the object's life
         self.graph_mem_bytes = 0  # growth of reserved CUDA memory while capturing (the graphs' pool)
 
@@ -133,6 +137,9 @@ class GraphedDecode:
         """The captured step: logits of (token, pos), then the greedy pick into token (sampled: replaced by the
         draw keyed by keys[draw] among the top `sampled` logits (0: all), and draw + 1) and pos + 1."""
         out = self.model.decode_static(self.token, self.pos, span)
+        if sampled is None and self.kernel_pick:
+            step_io.greedy_pick(out, self.token, self.pos)
+            return out
         argmax_into(out, self.token)
         if sampled is not None:
             self.sparams[3:4].copy_(self.keys.index_select(0, self.draw))

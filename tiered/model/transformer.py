@@ -326,6 +326,13 @@ class Transformer:
                     lw.moe is not None and lw.moe.score_bias is None and lw.moe.router_bias is None
                     and rule is fused_route.softmax_topk and lw.moe.router.dtype == self.dtype
                     and lw.moe.router.is_contiguous() for lw, rule in zip(self.layers, self.layer_rules))
+        # decode_static's inputs (embedding row, rotary rows, length) in one launch where its plan is the triton
+        # backend's (kernels/step_io.py; TIERED_STEP_IO=torch keeps torch's ops)
+        self._step_io = False
+        if self.glue and attn == "triton" and not self.mixed_windows:
+            from tiered.kernels import step_io
+
+            self._step_io = step_io.enabled()
 
     @property
     def observer(self) -> RoutingObserver | None:
@@ -375,7 +382,9 @@ class Transformer:
             self.state.restore(snap)
 
     def _run(self, tokens: Tensor, plan: StepPlan, all_logits: bool) -> Tensor:
-        h = F.embedding(tokens, self.embed)  # [T, D]
+        return self._layers_head(F.embedding(tokens, self.embed), plan, all_logits)  # h [T, D]
+
+    def _layers_head(self, h: Tensor, plan: StepPlan, all_logits: bool) -> Tensor:
         delta = None  # the previous layer's MoE output, added at the top of the next layer
         for l in range(len(self.layers)):
             r = self.attend_route(l, h, plan, delta)
@@ -555,6 +564,11 @@ class Transformer:
         Every shape depends only on `span`, so one CUDA graph per span serves every position < span (with
         flash one graph, span = max_context, serves every position; triton's spans are kernel capacities).
         """
+        if self._step_io:  # the embedding row, rotary rows and length in one launch (kernels/step_io.py)
+            from tiered.kernels.step_io import step_inputs
+
+            h, cos, sin, lengths = step_inputs(token.view(1), pos.view(1), self.embed, self.rope.cos, self.rope.sin)
+            return self._layers_head(h, StepPlan(cos, sin, pos, 0, span, None, None, lengths), False)
         return self._run(token, self.static_plan(pos, span), False)
 
 

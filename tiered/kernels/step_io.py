@@ -1,0 +1,140 @@
+"""The two ends of a captured one-token step as Triton launches: what the step reads from its token and position
+buffers, and the greedy pick it writes back into them.
+
+Owns: `step_inputs(token, pos, embed, cos, sin)` -> (h [1, D], cos [1, r], sin [1, r], lengths [1] int32): the
+token's embedding row, the position's rotary rows and the cache length after the step (pos + 1), in one launch;
+`greedy_pick(logits, token, pos)`: token <- argmax(logits[0]) (the first index of the maximum, as torch.argmax),
+pos <- pos + 1, in two launches (a partial maximum per block of the vocabulary, then the pick among them);
+`enabled()` (TIERED_STEP_IO=torch keeps torch's ops: the benchmarks time both).
+Does not own: the step (model/transformer.py `decode_static`, which takes step_inputs where its plan is the triton
+backend's), the graphs and their buffers (decode/graphed.py, which takes greedy_pick for greedy replays), nor the
+torch ops they replace, which stay the reference and the CPU path (F.embedding, Rope rows by index_select,
+(pos + 1).to(int32), decode/sampling.py argmax_into, pos.add_(1)).
+
+Why: those torch ops are eight small kernels a token (three index_selects, an add, a cast, argmax, its copy into the
+token buffer, the position's add), launched without PDL, so each one waits for the last to drain and starts from
+nothing (notes/Q4_DECODE.md, session 47). These three are PDL-aware (kernels/pdl.py): they wait first, then let the
+next kernel launch. Every value is copied or compared, never computed: the results equal torch's exactly.
+
+NaN logits: the pick takes a NaN as +inf (torch.argmax takes the first NaN; the two differ only when a +inf comes
+before the first NaN).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from tiered.kernels.fused_norm import _check_device, _warps, triton, tl
+from tiered.kernels.pdl import gdc_enter, launch_args
+
+ENV = "TIERED_STEP_IO"
+PICK_BLOCK = 4096  # logits a program of the pick's first launch compares (151,936: 38 programs)
+
+
+def enabled() -> bool:
+    """Whether captured one-token steps take these kernels where they serve (TIERED_STEP_IO=torch: torch's ops)."""
+    v = os.environ.get(ENV, "kernel").strip().lower()
+    if v not in ("kernel", "torch"):
+        raise ValueError(f"{ENV}={v!r}: use 'kernel' (the default) or 'torch'")
+    return v == "kernel"
+
+
+def step_inputs(token: Tensor, pos: Tensor, embed: Tensor, cos: Tensor, sin: Tensor
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """token [1] and pos [1] (int64, on the device), embed [V, D], cos / sin [P, r] (layers.Rope's tables)
+    -> (embed[token] [1, D], cos[pos] [1, r], sin[pos] [1, r], pos + 1 [1] int32), all on the device, no sync.
+    token and pos are read on the device, so they are not checked: token < V and pos < P are the caller's."""
+    _check_device(embed, "step_inputs")
+    if token.shape != (1,) or pos.shape != (1,) or token.dtype != torch.int64 or pos.dtype != torch.int64:
+        raise ValueError(f"step_inputs wants token and pos of shape [1], int64; got {tuple(token.shape)} "
+                         f"{token.dtype}, {tuple(pos.shape)} {pos.dtype}")
+    if embed.dim() != 2 or cos.dim() != 2 or cos.shape != sin.shape or embed.stride(1) != 1 or cos.stride(1) != 1 \
+            or sin.stride(1) != 1:
+        raise ValueError(f"step_inputs wants embed [V, D] and cos, sin [P, r] with unit column strides; got "
+                         f"{tuple(embed.shape)}, {tuple(cos.shape)}, {tuple(sin.shape)}")
+    D, R = embed.shape[1], cos.shape[1]
+    dev = embed.device
+    h = torch.empty((1, D), dtype=embed.dtype, device=dev)
+    c = torch.empty((1, R), dtype=cos.dtype, device=dev)
+    s = torch.empty((1, R), dtype=sin.dtype, device=dev)
+    lengths = torch.empty(1, dtype=torch.int32, device=dev)
+    block = triton.next_power_of_2(D)
+    _STEP_IN[(1,)](token, pos, embed, cos, sin, h, c, s, lengths, D, R, embed.stride(0), cos.stride(0),
+                   sin.stride(0), BLOCK_D=block, BLOCK_R=triton.next_power_of_2(R), num_warps=_warps(block),
+                   **launch_args(dev))
+    return h, c, s, lengths
+
+
+def greedy_pick(logits: Tensor, token: Tensor, pos: Tensor | None = None, *, block: int = PICK_BLOCK) -> None:
+    """token [1] int64 <- the first index of logits[0]'s maximum (logits [1, V], any float dtype), and pos [1] int64
+    <- pos + 1 when given; stream-ordered, no sync, no shape that depends on the values (a graph captures it)."""
+    _check_device(logits, "greedy_pick")
+    if logits.dim() != 2 or logits.shape[0] != 1 or logits.stride(1) != 1:
+        raise ValueError(f"greedy_pick wants logits [1, V] with unit column stride; got {tuple(logits.shape)}")
+    if token.shape != (1,) or token.dtype != torch.int64 or (pos is not None and (pos.shape != (1,)
+                                                                                  or pos.dtype != torch.int64)):
+        raise ValueError("greedy_pick wants token (and pos) of shape [1], int64")
+    if block & (block - 1) or block < 16:
+        raise ValueError(f"greedy_pick: block must be a power of two >= 16, got {block}")
+    V = logits.shape[1]
+    parts = triton.cdiv(V, block)
+    dev = logits.device
+    pv = torch.empty(parts, dtype=torch.float32, device=dev)
+    pi = torch.empty(parts, dtype=torch.int32, device=dev)
+    args = launch_args(dev)
+    _PICK_PART[(parts,)](logits, pv, pi, V, BLOCK=block, num_warps=_warps(block), **args)
+    _PICK[(1,)](pv, pi, token, token if pos is None else pos, parts, BLOCK_P=max(16, triton.next_power_of_2(parts)),
+                ADVANCE=pos is not None, num_warps=1, **args)
+
+
+# --- kernels (plain functions, wrapped by triton.jit below: compiled, or interpreted on CPU) ---
+
+def _step_in_kernel(TOK, POS, EMB, COS, SIN, H, C, S, LEN, D, R, s_e, s_c, s_s,
+                    BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, GDC: tl.constexpr = False):
+    gdc_enter(GDC)
+    tok = tl.load(TOK).to(tl.int64)
+    p = tl.load(POS).to(tl.int64)
+    o = tl.arange(0, BLOCK_D)
+    m = o < D
+    tl.store(H + o, tl.load(EMB + tok * s_e + o, mask=m), mask=m)
+    r = tl.arange(0, BLOCK_R)
+    mr = r < R
+    tl.store(C + r, tl.load(COS + p * s_c + r, mask=mr), mask=mr)
+    tl.store(S + r, tl.load(SIN + p * s_s + r, mask=mr), mask=mr)
+    tl.store(LEN, (p + 1).to(tl.int32))
+
+
+def _pick_part_kernel(X, PV, PI, V, BLOCK: tl.constexpr, GDC: tl.constexpr = False):
+    """Program b: the maximum of logits [b*BLOCK, (b+1)*BLOCK) and the first index holding it."""
+    gdc_enter(GDC)
+    b = tl.program_id(0)
+    o = b * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(X + o, mask=o < V, other=float("-inf")).to(tl.float32)
+    x = tl.where(x != x, float("inf"), x)  # NaN as +inf
+    best = tl.max(x, axis=0)
+    first = tl.min(tl.where((x == best) & (o < V), o, V), axis=0)
+    tl.store(PV + b, best)
+    tl.store(PI + b, first)
+
+
+def _pick_kernel(PV, PI, TOK, POS, P, BLOCK_P: tl.constexpr, ADVANCE: tl.constexpr, GDC: tl.constexpr = False):
+    """The blocks' maxima are in index order, so the first block holding the overall maximum holds its first index."""
+    gdc_enter(GDC)
+    o = tl.arange(0, BLOCK_P)
+    m = o < P
+    v = tl.load(PV + o, mask=m, other=float("-inf"))
+    i = tl.load(PI + o, mask=m, other=2147483647)
+    best = tl.max(v, axis=0)
+    first = tl.min(tl.where((v == best) & m, i, 2147483647), axis=0)
+    tl.store(TOK, first.to(tl.int64))
+    if ADVANCE:
+        tl.store(POS, tl.load(POS) + 1)
+
+
+_STEP_IN = _PICK_PART = _PICK = None
+if triton is not None:
+    _STEP_IN = triton.jit(_step_in_kernel)
+    _PICK_PART = triton.jit(_pick_part_kernel)
+    _PICK = triton.jit(_pick_kernel)
