@@ -190,6 +190,61 @@ def graphed_ms(model, tokens: int, start: int) -> float:
     return ms
 
 
+def timeline_cuda(model, tokens: int, start: int) -> dict:
+    """CUDA: the step replayed from its CUDA graph (GraphedDecode.launch, greedy, the pick included) for `tokens`
+    steps under torch.profiler; from each kernel's device start and end (the chrome trace's kernel events), per kernel
+    name and per token: launches, device us (with PDL a kernel's span includes its wait), and `advance_us`: how much
+    later than every kernel before it the kernel ends, i.e. what it adds to the token (the advances of a step sum to
+    its span from its first kernel's start). `gap_us`: from a step's last kernel's end to the next step's first
+    kernel's start (the graph launch between two replays)."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from tiered.decode.graphed import GraphedDecode
+
+    g = GraphedDecode(model)
+    g.capture_all()
+    g.start(torch.tensor([11], device=model.device), start)
+    for i in range(5):
+        g.launch(start + i)
+    torch.cuda.synchronize(model.device)
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for i in range(tokens):
+            g.launch(start + 5 + i)
+        torch.cuda.synchronize(model.device)
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        trace = json.load(open(f.name))
+    ks = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"]), e["name"]) for e in trace.get("traceEvents", [])
+                if e.get("cat") == "kernel" and "dur" in e)
+    del g
+    if not ks:
+        return {"error": "the profiler recorded no kernel inside the graph replays"}
+    per = len(ks) / tokens
+    if per != int(per):
+        return {"error": f"{len(ks)} kernels over {tokens} replays: not a whole number a step"}
+    per = int(per)
+    n: collections.Counter = collections.Counter()
+    dur: collections.Counter = collections.Counter()
+    adv: collections.Counter = collections.Counter()
+    gaps = []
+    for t in range(tokens):
+        step = ks[t * per:(t + 1) * per]
+        if t:
+            gaps.append(step[0][0] - ks[t * per - 1][1])
+        done = step[0][0]
+        for s0, s1, name in step:
+            n[name] += 1
+            dur[name] += s1 - s0
+            adv[name] += max(0.0, s1 - done)
+            done = max(done, s1)
+    rows = [{"kernel": k[:120], "per_token": n[k] / tokens, "us_per_token": dur[k] / tokens,
+             "advance_us_per_token": adv[k] / tokens} for k, _ in adv.most_common()]
+    return {"kernels_per_step": per, "span_us_per_token": sum(adv.values()) / tokens,
+            "gap_us": sum(gaps) / max(1, len(gaps)), "rows": rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-m", "--model", default=None, help="layout or checkpoint (default: --preset under --work)")
@@ -204,6 +259,8 @@ def main() -> None:
     ap.add_argument("--attn", default="auto")
     ap.add_argument("--json", action="store_true", help="also write $OUT/profile-kernels.json")
     ap.add_argument("--trace", action="store_true", help="CPU: print the launches of one step in order")
+    ap.add_argument("--timeline", action="store_true",
+                    help="CUDA: also profile the graph replays: what each kernel adds to the token (timeline_cuda)")
     a = ap.parse_args()
     import tiered
 
@@ -215,7 +272,7 @@ def main() -> None:
     for glue in ((False, True) if a.glue == "both" else (a.glue == "on",)):
         name = "glue" if glue else "torch"
         eng = tiered.load(lay, device=device, dtype="bfloat16", attn=a.attn,
-                          max_context=a.prompt + 2 * a.tokens + 64, cuda_graphs=False, glue=glue)
+                          max_context=a.prompt + 3 * a.tokens + 64, cuda_graphs=False, glue=glue)
         m = eng.model
         L = m.config.num_layers
         prompt = torch.arange(100, 100 + a.prompt, device=m.device)
@@ -224,6 +281,8 @@ def main() -> None:
             r = profile_cuda(m, a.tokens, a.prompt)
             r["graphed_ms_per_token"] = graphed_ms(m, a.tokens, a.prompt + a.tokens + 3)
             r["graphed_tok_s"] = 1e3 / r["graphed_ms_per_token"]
+            if a.timeline:
+                r["timeline"] = timeline_cuda(m, a.tokens, a.prompt + 2 * a.tokens + 8)
         else:
             r = count_cpu(m, min(a.tokens, 4), a.prompt)
             if a.trace:
@@ -242,6 +301,16 @@ def main() -> None:
             print(f"   {'kernel':<90} {'n/tok':>6} {'us/tok':>8}")
             for t in r["top"]:
                 print(f"   {t['kernel'][:90]:<90} {t['per_token']:>6.1f} {t['us_per_token']:>8.1f}")
+            tl_ = r.get("timeline")
+            if tl_ and "rows" in tl_:
+                print(f"   replayed: {tl_['kernels_per_step']} kernels a step, span {tl_['span_us_per_token']:.1f} us, "
+                      f"gap between replays {tl_['gap_us']:.1f} us")
+                print(f"   {'kernel':<70} {'n/tok':>6} {'us/tok':>8} {'adds/tok':>9}")
+                for t in tl_["rows"]:
+                    print(f"   {t['kernel'][:70]:<70} {t['per_token']:>6.1f} {t['us_per_token']:>8.1f} "
+                          f"{t['advance_us_per_token']:>9.1f}")
+            elif tl_:
+                print(f"   replayed: {tl_['error']}")
         else:
             print(f"   {'op':<40} {'n/tok':>6}")
             for k, v in r["by_op"].items():
