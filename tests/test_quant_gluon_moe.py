@@ -126,19 +126,12 @@ gsig = dict(x_ptr="*bf16", slot_ptr="*i64", slot_base="i32", gq="*i32", uoff="i6
             gm="*bf16", um="*bf16", h_ptr="*fp32", F="i32", stride_qs="i32", stride_qn="i32", stride_ss="i32",
             stride_sn="i32", stride_ms="i32", stride_mn="i32")
 for groups, gdc in ((1, True), (2, True), (4, False)):
-    p = ptx(qgm.GATE_UP, gsig, dict(KW=256, NG=32, G=groups, D=1, HW=1, GDC=gdc, PAIR=qgm.PAIR, L2B=False,
+    p = ptx(qgm.GATE_UP, gsig, dict(KW=256, NG=32, G=groups, D=1, HW=1, GDC=gdc, PAIR=qgm.PAIR,
                                     **qgm.layouts(groups=groups)), 4)
     wait, first = p.find("griddepcontrol.wait"), p.find("ld.global")
     assert (wait >= 0) == gdc and (not gdc or wait < first), (groups, gdc, wait, first)
     assert ("ld.global.v2.b32" in p) == (groups == 1) and ("ld.global.v4.b32" in p), groups
     assert p.count("mma.sync") > 0 and "st.shared" not in p.split("mma.sync")[0], "an operand via shared memory"
-    assert "cp.async.bulk.prefetch" not in p
-for groups in (2, 4):  # L2B: three predicated bulk prefetches (codes, scales, minima) after the slot's load
-    p = ptx(qgm.GATE_UP, gsig, dict(KW=256, NG=32, G=groups, D=2, HW=1, GDC=True, PAIR=qgm.PAIR, L2B=True,
-                                    **qgm.layouts(groups=groups, ahead=2)), 4)
-    bulk = p.find("cp.async.bulk.prefetch.L2.global")
-    assert p.count("cp.async.bulk.prefetch.L2.global") == 3, p.count("cp.async.bulk.prefetch.L2.global")
-    assert p.find("griddepcontrol.wait") < p.find("ld.global") < bulk < p.find("mma.sync"), groups
 dsig = dict(h_ptr="*fp32", slot_ptr="*i64", slot_base="i32", wt_ptr="*fp32", dq="*i32", ds="*bf16", dm="*bf16",
             y_ptr="*bf16", D_OUT="i32", stride_qs="i32", stride_qn="i32", stride_ss="i32", stride_sn="i32",
             stride_ms="i32", stride_mn="i32")
@@ -153,41 +146,6 @@ print("ok")
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1", "CUDA_VISIBLE_DEVICES": ""}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
-
-
-def test_bulk_l2_switch_and_where_it_holds(monkeypatch):
-    """TIERED_L2_BULK parses (anything else is an error that names it); the ranges hold for the repacked stacks
-    (contiguous rows, bf16 scales) and not for a strided view of them."""
-    monkeypatch.delenv(qgm.BULK_ENV, raising=False)
-    assert not qgm.bulk_l2_enabled()
-    monkeypatch.setenv(qgm.BULK_ENV, "1")
-    assert qgm.bulk_l2_enabled()
-    monkeypatch.setenv(qgm.BULK_ENV, "yes please")
-    with pytest.raises(ValueError, match="TIERED_L2_BULK"):
-        qgm.bulk_l2_enabled()
-    _, gate, up = _stacks(4, 32, 512, 32, "cpu")  # 8 groups a row: 16-byte scale rows
-    gq, uq = gate.q.view(torch.int32), up.q.view(torch.int32)
-    assert qgm._bulk_ok(gate, up, gq, uq) == (gq.data_ptr() % 16 == 0 and uq.data_ptr() % 16 == 0)
-    assert not qgm._bulk_ok(gate, up, gq[:, ::2], uq[:, ::2])
-
-
-@pytest.mark.cuda
-def test_cuda_gate_up_bulk_l2_same_result(monkeypatch):
-    """With TIERED_L2_BULK=1 (and PDL) the kernel computes exactly what it computes without: the prefetches only move
-    bytes into L2."""
-    from tiered.kernels.pdl import launch_args
-
-    g, gate, up = _stacks(128, 768, 2048, 768, DEV)
-    x = torch.randn(1, 2048, generator=g, device=DEV).to(torch.bfloat16)
-    slots = torch.randperm(127, generator=g, device=DEV)[:8]
-    launch = launch_args(x.device)
-    monkeypatch.setenv(qgm.BULK_ENV, "0")
-    want = qgm.gate_up(x, slots, gate, up, slot_base=1, groups=4, ahead=2, launch=launch)
-    monkeypatch.setenv(qgm.BULK_ENV, "1")
-    assert qgm._bulk_ok(gate, up, gate.q.view(torch.int32), up.q.view(torch.int32))
-    got = qgm.gate_up(x, slots, gate, up, slot_base=1, groups=4, ahead=2, launch=launch)
-    assert torch.equal(got, want)
-    assert rel(got.float(), ref_gate_up(x, slots + 1, gate, up)) < 1e-5
 
 
 @pytest.mark.cuda

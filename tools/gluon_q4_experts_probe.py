@@ -158,9 +158,8 @@ def sass_counts(d: int = 2048, f: int = 768, gdc: bool = False) -> dict:
         tag = "" if (gr, ah) == (1, 1) else f" G{gr} D{ah}"
         G, D = fit(d // GROUP // WARPS, gr, ah)
         if (G, D) == (gr, ah):
-            cst = {"KW": d // 8, "NG": d // GROUP, "G": G, "D": D, "HW": 1, **pdl, "PAIR": PAIR, "L2B": False,
-                   **layouts(groups=G, ahead=D)}
-            out["gate_up" + tag] = _sass(qgm.GATE_UP, gsig, cst,
+            out["gate_up" + tag] = _sass(qgm.GATE_UP, gsig, {"KW": d // 8, "NG": d // GROUP, "G": G, "D": D, "HW": 1,
+                                                             **pdl, "PAIR": PAIR, **layouts(groups=G, ahead=D)},
                                          WARPS,
                                          2 * ROWS * d / (32 * WARPS))
         G = fit(f // GROUP, gr, 1)[0]

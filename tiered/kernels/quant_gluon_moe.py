@@ -30,7 +30,6 @@ after it.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 from torch import Tensor
@@ -41,7 +40,6 @@ from tiered.layout.quant import QuantWeight
 ROWS = 16  # FFN rows a gate_up program: 16 gate + 16 up
 WARPS = 4  # gate_up's K slices
 DOWN_EXPERTS = 8  # down's warps: one expert each
-BULK_ENV = "TIERED_L2_BULK"
 
 
 def available() -> bool:
@@ -204,46 +202,21 @@ def _mma_step_fn(w, xv, acc, sh, W: gl.constexpr, R: gl.constexpr, G: gl.constex
     return mma_v2(a, gl.convert_layout(xv, B_L, assert_trivial=True), acc)
 
 
-def _bulk_l2_fn(ptrs, nbytes, on):
-    """Where `on` (int32, per element), one `cp.async.bulk.prefetch.L2` of nbytes (a multiple of 16) at ptrs (16-byte
-    aligned): L2 fetches the range from HBM, nothing comes back, nothing waits. An element a thread (the caller's
-    layout), so each range is asked for once."""
-    return gl.inline_asm_elementwise("{\n\t.reg .pred p;\n\tsetp.ne.b32 p, $3, 0;\n\t"
-                                     "@p cp.async.bulk.prefetch.L2.global [$1], $2;\n\t}\n\tmov.u32 $0, 0;",
-                                     "=r,l,r,r", [ptrs, nbytes, on], dtype=gl.int32, is_pure=False, pack=1)
-
-
 def _gate_up_fn(x_ptr, slot_ptr, slot_base, gq, uoff, gs, us, gm, um, h_ptr, F, stride_qs, stride_qn, stride_ss,
                 stride_sn, stride_ms, stride_mn, KW: gl.constexpr, NG: gl.constexpr, G: gl.constexpr,
                 D: gl.constexpr, HW: gl.constexpr, GDC: gl.constexpr, PAIR: gl.constexpr, MMA: gl.constexpr,
                 A_L: gl.constexpr, B_L: gl.constexpr, W0_L: gl.constexpr, L5: gl.constexpr, XB_L: gl.constexpr,
-                XG_L: gl.constexpr, L2B: gl.constexpr = False):
+                XG_L: gl.constexpr):
     """Program (fb, k): h[k, fb*16 .. +16] = silu(x . gate) * (x . up) of the token's k-th expert (row slot_base +
     slot_ptr[k]); G groups a step, D steps a load (the next load issued before the current steps are computed); HW:
     h's layout (QConfig.hw: 0 rows in input order, 1 / 2 word-major, input 8w + j at j F / 8 + w, in h's dtype).
-    GDC: wait for the previous kernel (which writes the slots) first. L2B (bulk_l2_enabled; the launcher checks the
-    rows are contiguous and 16-byte aligned): once the slot is known, the program's gate and up code rows, scales and
-    minima are asked into L2 in six bulk prefetches, so HBM streams the whole program's bytes at once instead of
-    the loads a step ahead."""
+    GDC: wait for the previous kernel (which writes the slots) first."""
     if GDC:
         tl_cuda.gdc_wait()
         tl_cuda.gdc_launch_dependents()
     fb = gl.program_id(0)
     kk = gl.program_id(1)
     slot = gl.load(slot_ptr + kk).to(gl.int64) + slot_base
-    if L2B:
-        PL: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])  # 128 threads, an element each
-        li = gl.arange(0, 128, layout=PL)
-        nr = gl.minimum(F - fb * 16, 16)  # rows of this block
-        z = gl.zeros([128], gl.int64, layout=PL)
-        on = (li < 2).to(gl.int32)  # thread 0: gate's rows, thread 1: up's
-        is_up = li == 1
-        q_at = z + slot * stride_qs + fb * 16 * stride_qn + is_up.to(gl.int64) * (uoff * 16)
-        _bulk_l2(gq + q_at, (z + nr * stride_qn * 4).to(gl.int32), on)
-        s_at = z + slot * stride_ss + fb * 16 * stride_sn
-        _bulk_l2(gl.where(is_up, us + s_at, gs + s_at), (z + nr * stride_sn * 2).to(gl.int32), on)
-        m_at = z + slot * stride_ms + fb * 16 * stride_mn
-        _bulk_l2(gl.where(is_up, um + m_at, gm + m_at), (z + nr * stride_mn * 2).to(gl.int32), on)
     GPW: gl.constexpr = NG // 4  # groups a warp
     STEPS: gl.constexpr = GPW // G
     SUP: gl.constexpr = STEPS // D
@@ -388,36 +361,14 @@ def _down_fn(h_ptr, slot_ptr, slot_base, wt_ptr, dq, ds, dm, y_ptr, D_OUT, strid
     gl.store(y_ptr + d_o, y.to(y_ptr.dtype.element_ty), mask=d_o < D_OUT)
 
 
-_steps = _word_ptrs = _x_offsets = _mma_step = _bulk_l2 = GATE_UP = DOWN = None
+_steps = _word_ptrs = _x_offsets = _mma_step = GATE_UP = DOWN = None
 if gluon is not None:
     _steps = gluon.jit(_steps_fn)
     _word_ptrs = gluon.jit(_word_ptrs_fn)
     _x_offsets = gluon.jit(_x_offsets_fn)
     _mma_step = gluon.jit(_mma_step_fn)
-    _bulk_l2 = gluon.jit(_bulk_l2_fn)
     GATE_UP = gluon.jit(_gate_up_fn)
     DOWN = gluon.jit(_down_fn)
-
-
-def bulk_l2_enabled() -> bool:
-    """TIERED_L2_BULK=1: the Gluon gate_up (with PDL) asks L2 for each program's rows in bulk once its slot is read
-    (off by default until measured; notes/Q4_DECODE.md session 47)."""
-    v = os.environ.get(BULK_ENV, "0").strip().lower()
-    if v not in ("0", "1", "on", "off"):
-        raise ValueError(f"{BULK_ENV}={v!r}: use 1 (on) or 0 (off)")
-    return v in ("1", "on")
-
-
-def _bulk_ok(gate: QuantWeight, up: QuantWeight, gq: Tensor, uq: Tensor) -> bool:
-    """The bulk prefetch's ranges hold: rows contiguous (a block of rows is one range), bf16 scales and minima,
-    every base and stride 16-byte aligned."""
-    ts = (gq, uq, gate.scale, up.scale, gate.min, up.min)
-    if any(t.dim() != 3 or t.stride(2) != 1 or t.stride(1) != t.shape[2] for t in ts):
-        return False
-    if any(t.element_size() != 2 for t in ts[2:]):
-        return False
-    return all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
-               and (t.stride(1) * t.element_size()) % 16 == 0 for t in ts)
 
 
 def gate_up(x: Tensor, slots: Tensor, gate: QuantWeight, up: QuantWeight, *, slot_base: int = 0, h_layout: int = 0,
@@ -438,12 +389,11 @@ def gate_up(x: Tensor, slots: Tensor, gate: QuantWeight, up: QuantWeight, *, slo
     opts = dict(launch or {})
     gdc = bool(opts.pop("GDC", False))
     opts.pop("PRE", None)
-    l2b = gdc and bulk_l2_enabled() and _bulk_ok(gate, up, gq, uq)
     GATE_UP[(-(-f // ROWS), k)](x, slots.reshape(-1), int(slot_base), gq, uoff, gate.scale, up.scale, gate.min,
                                 up.min, h, f, gq.stride(0), gq.stride(1), gate.scale.stride(0), gate.scale.stride(1),
                                 gate.min.stride(0), gate.min.stride(1), KW=d // 8, NG=d // GROUP, G=G, D=D,
                                 HW=int(h_layout), GDC=gdc, PAIR=PAIR, **layouts(groups=G, ahead=D),
-                                num_warps=WARPS, L2B=l2b, **opts)
+                                num_warps=WARPS, **opts)
     return h
 
 
