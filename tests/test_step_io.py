@@ -75,6 +75,39 @@ def test_greedy_pick_equals_argmax(dtype):
 
 
 @interp
+def test_greedy_pick_rows():
+    """Three rows at once (the batch graphs' picks): each row's own first maximum, ties across blocks included."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 200, generator=g)
+    x[1, [5, 150]] = 8.0
+    x[2, [130, 64]] = 6.0
+    token = torch.full((3,), -1)
+    step_io.greedy_pick(x, token, block=64)
+    assert token.tolist() == torch.argmax(x, dim=-1).tolist() == [int(x[0].argmax()), 5, 64]
+
+
+@interp
+def test_rows_inputs_equal_torch():
+    """A bucket's buffer (tokens, positions, store places, lengths with a padding row of length 0, a block table of
+    5 pages a row, at head 6): the kernel's inputs equal batchgraph's torch ops."""
+    g = torch.Generator().manual_seed(5)
+    head, mp, bb = 6, 5, 4
+    embed = torch.randn(30, 24, generator=g).to(torch.bfloat16)
+    cos, sin = torch.randn(40, 8, generator=g), torch.randn(40, 8, generator=g)
+    rows = torch.randint(0, 1000, (head + mp, bb), generator=g)
+    rows[0] = torch.tensor([3, 29, 0, 7])
+    rows[1] = torch.tensor([10, 39, 0, 2])
+    rows[3] = torch.tensor([11, 40, 0, 3])
+    ins = step_io.rows_inputs(rows, head, embed, cos, sin)
+    assert torch.equal(ins["h"], torch.nn.functional.embedding(rows[0], embed))
+    assert torch.equal(ins["cos"], cos.index_select(0, rows[1]))
+    assert torch.equal(ins["sin"], sin.index_select(0, rows[1]))
+    assert torch.equal(ins["seqlens"], rows[3].to(torch.int32))
+    assert torch.equal(ins["bt"], rows[head:].t().to(torch.int32).contiguous())
+    assert ins["valid"].dtype == torch.bool and ins["valid"].tolist() == [True, True, False, True]
+
+
+@interp
 def test_greedy_pick_nan_counts_as_largest():
     x = torch.randn(300)
     x[[90, 200]] = float("nan")
@@ -162,6 +195,27 @@ def test_replayed_steps_pick_as_torch(qwen3_layout, monkeypatch):
     assert toks["torch"] == toks["kernel"]
 
 
+@interp
+def test_batch_graph_body_with_kernels_equals_torch_ops(qwen3_layout, monkeypatch):
+    """The batch graphs' body run eagerly (BatchGraphs(graphs=False)), glue on: three requests decoded together give
+    the same tokens with the step's ends as kernels and as torch's ops."""
+    from tiered.decode.batchgraph import BatchGraphs
+    from tiered.decode.scheduler import Request, SamplingParams, Scheduler
+
+    outs = {}
+    for mode in ("torch", "kernel"):
+        eng = _engine(qwen3_layout, monkeypatch, mode, max_context=64)
+        sch = Scheduler(eng, max_batch=3, page_size=8, decode_attention="paged", experts="model")
+        sch.graphs = BatchGraphs(sch.step_fn, graphs=False)
+        reqs = [sch.submit(Request(str(i), p, SamplingParams(max_tokens=4)))
+                for i, p in enumerate([[3, 17, 5], [9, 30, 2, 11, 8], [4, 4]])]
+        while not sch.idle():
+            sch.step()
+        assert sch.graphs.buckets, "no step went through the bucketed body"
+        outs[mode] = [r.out_ids for r in reqs]
+    assert outs["torch"] == outs["kernel"]
+
+
 _COMPILE = """
 import triton
 from triton.backends.compiler import GPUTarget
@@ -178,8 +232,13 @@ for dt in ("bf16", "fp32"):
            "C": f"*{dt}", "S": f"*{dt}", "LEN": "*i32", "D": "i32", "R": "i32", "s_e": "i64", "s_c": "i64",
            "s_s": "i64", "BLOCK_D": "constexpr", "BLOCK_R": "constexpr"}
     cubin(step_io._STEP_IN, sig, {"BLOCK_D": 2048, "BLOCK_R": 128})
-    sig = {"X": f"*{dt}", "PV": "*fp32", "PI": "*i32", "V": "i32", "BLOCK": "constexpr"}
+    sig = {"X": f"*{dt}", "s_x": "i64", "PV": "*fp32", "PI": "*i32", "V": "i32", "P": "i32", "BLOCK": "constexpr"}
     cubin(step_io._PICK_PART, sig, {"BLOCK": step_io.PICK_BLOCK})
+    sig = {"ROWS": "*i64", "s_rows": "i64", "head": "i32", "MP": "i32", "EMB": f"*{dt}", "COS": f"*{dt}",
+           "SIN": f"*{dt}", "H": f"*{dt}", "C": f"*{dt}", "S": f"*{dt}", "SEQ": "*i32", "BT": "*i32", "VALID": "*i8",
+           "D": "i32", "R": "i32", "s_e": "i64", "s_c": "i64", "s_s": "i64", "BLOCK_D": "constexpr",
+           "BLOCK_R": "constexpr", "BLOCK_MP": "constexpr"}
+    cubin(step_io._ROWS_IN, sig, {"BLOCK_D": 2048, "BLOCK_R": 128, "BLOCK_MP": 256})
 sig = {"PV": "*fp32", "PI": "*i32", "TOK": "*i64", "POS": "*i64", "P": "i32", "BLOCK_P": "constexpr",
        "ADVANCE": "constexpr"}
 for adv in (False, True):

@@ -37,7 +37,7 @@ from torch import Tensor
 from tiered.decode.batchstep import BankRows, BatchStep, Segment, StepCounts
 from tiered.decode.capture import BucketGraphs
 from tiered.decode.sampling import RowNoise, Sampling, draw_step
-from tiered.kernels import nucleus
+from tiered.kernels import nucleus, step_io
 from tiered.kernels.quant_moe import qlinear as linear
 
 SMALL = 16  # up to this many rows the buckets are powers of two; above it, multiples of STEP
@@ -191,16 +191,26 @@ class BatchGraphs(BucketGraphs):
         """The graphed step: every shape depends on the bucket only. Returns (logits [Bb, V], picks [Bb] int64:
         the argmax, replaced by a draw in rows whose temperature is not 0)."""
         m, step = self.model, self.step
-        tokens, pos, flat, seqlens = b.rows[0], b.rows[1], b.rows[2], b.rows[3].to(torch.int32)
-        plan = {"decode": [0], "other": [], "all_decode": True, "seqlens": seqlens, "flat": flat,
-                "bt": b.rows[HEAD:].t().to(torch.int32).contiguous(), "valid": seqlens > 0,
-                "cos": m.rope.cos.index_select(0, pos), "sin": m.rope.sin.index_select(0, pos)}
+        kernels = m.glue and step_io.enabled()  # the inputs in one launch, the argmax in two (kernels/step_io.py)
+        if kernels:
+            ins = step_io.rows_inputs(b.rows, HEAD, m.embed, m.rope.cos, m.rope.sin)
+            x0 = ins.pop("h")
+        else:
+            tokens, pos, seqlens = b.rows[0], b.rows[1], b.rows[3].to(torch.int32)
+            ins = {"seqlens": seqlens, "bt": b.rows[HEAD:].t().to(torch.int32).contiguous(), "valid": seqlens > 0,
+                   "cos": m.rope.cos.index_select(0, pos), "sin": m.rope.sin.index_select(0, pos)}
+            x0 = F.embedding(tokens, m.embed)
+        plan = {"decode": [0], "other": [], "all_decode": True, "flat": b.rows[2], **ins}
         if b.bank is not None:
             plan["replay"] = BankRows(b.rows[4], b.bank.ids, b.bank.weights, b.layers)
         step.used_marks().zero_()
-        h, delta = step.layers(F.embedding(tokens, m.embed), plan, None, None)
+        h, delta = step.layers(x0, plan, None, None)
         logits = linear(m.add_norm(h, delta, m.final_norm)[1], m.lm_head)  # [Bb, V]
-        picks = torch.argmax(logits, dim=-1)
+        if kernels:
+            picks = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
+            step_io.greedy_pick(logits, picks)
+        else:
+            picks = torch.argmax(logits, dim=-1)
         draw_step(logits, b.rows[5:HEAD], picks, kernel=self.graphed)
         return logits, picks
 
