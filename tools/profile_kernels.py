@@ -228,21 +228,29 @@ def timeline_cuda(model, tokens: int, start: int) -> dict:
     n: collections.Counter = collections.Counter()
     dur: collections.Counter = collections.Counter()
     adv: collections.Counter = collections.Counter()
+    at_dur, at_adv, at_lag = [0.0] * per, [0.0] * per, [0.0] * per  # by position in the step
     gaps = []
     for t in range(tokens):
         step = ks[t * per:(t + 1) * per]
         if t:
             gaps.append(step[0][0] - ks[t * per - 1][1])
         done = step[0][0]
-        for s0, s1, name in step:
+        for i, (s0, s1, name) in enumerate(step):
             n[name] += 1
             dur[name] += s1 - s0
-            adv[name] += max(0.0, s1 - done)
+            a = max(0.0, s1 - done)
+            adv[name] += a
+            at_dur[i] += s1 - s0
+            at_adv[i] += a
+            at_lag[i] += s0 - done  # negative: it started before everything before it had ended (PDL)
             done = max(done, s1)
     rows = [{"kernel": k[:120], "per_token": n[k] / tokens, "us_per_token": dur[k] / tokens,
              "advance_us_per_token": adv[k] / tokens} for k, _ in adv.most_common()]
+    names = [name for _, _, name in ks[:per]]
+    steps = [{"at": i, "kernel": names[i][:60], "us": at_dur[i] / tokens, "advance_us": at_adv[i] / tokens,
+              "start_after_us": at_lag[i] / tokens} for i in range(per)]
     return {"kernels_per_step": per, "span_us_per_token": sum(adv.values()) / tokens,
-            "gap_us": sum(gaps) / max(1, len(gaps)), "rows": rows}
+            "gap_us": sum(gaps) / max(1, len(gaps)), "rows": rows, "steps": steps}
 
 
 def main() -> None:
@@ -309,6 +317,12 @@ def main() -> None:
                 for t in tl_["rows"]:
                     print(f"   {t['kernel'][:70]:<70} {t['per_token']:>6.1f} {t['us_per_token']:>8.1f} "
                           f"{t['advance_us_per_token']:>9.1f}")
+                print(f"   {'at':>4} {'kernel (the first layer, then the last kernels)':<48} {'us':>7} {'adds':>7} "
+                      f"{'starts':>7}")
+                st = tl_["steps"]
+                for t in st[:12] + st[-6:]:
+                    print(f"   {t['at']:>4} {t['kernel'][:48]:<48} {t['us']:>7.2f} {t['advance_us']:>7.2f} "
+                          f"{t['start_after_us']:>7.2f}")
             elif tl_:
                 print(f"   replayed: {tl_['error']}")
         else:
