@@ -111,3 +111,20 @@ def test_gluon_q4_experts_probe_offline():
     assert "LDG.E" not in res["sass"]["gate_up"]["loads"] and res["sass"]["gate_up"]["loads"]["LDG.E.64"] >= 32
     assert res["sass"]["gate_up G2 D1"]["loads"]["LDG.E.128"] >= 34, res["sass"]["gate_up G2 D1"]["loads"]
     assert res["sass"]["down G2"]["loads"].get("LDG.E.64", 0) <= 1, res["sass"]["down G2"]["loads"]
+
+
+def test_profile_timeline_arithmetic():
+    """tools/profile_kernels.py step_advances on two synthetic steps of three kernels (us): B starts 2 us before A
+    ends (PDL) and adds 5, C starts 1 us after B and adds 5; the span is 20 a token, 2 between steps; a count of
+    kernels that is not whole steps is reported, not averaged."""
+    sys.path.insert(0, str(REPO / "tools"))
+    from profile_kernels import step_advances
+
+    ks = [(0.0, 10.0, "A"), (8.0, 15.0, "B"), (16.0, 20.0, "C"),
+          (22.0, 32.0, "A"), (30.0, 37.0, "B"), (38.0, 42.0, "C")]
+    r = step_advances(ks, 2)
+    assert r["kernels_per_step"] == 3 and r["span_us_per_token"] == 20.0 and r["gap_us"] == 2.0
+    assert {x["kernel"]: x["advance_us_per_token"] for x in r["rows"]} == {"A": 10.0, "B": 5.0, "C": 5.0}
+    assert [(s["kernel"], s["us"], s["start_after_us"]) for s in r["steps"]] == [("A", 10.0, 0.0), ("B", 7.0, -2.0),
+                                                                                   ("C", 4.0, 1.0)]
+    assert "error" in step_advances(ks[:5], 2) and "error" in step_advances([], 2)

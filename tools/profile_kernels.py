@@ -9,6 +9,7 @@ glue kernels' launches (run by Triton's interpreter) are counted separately; tim
     python3 tools/profile_kernels.py --preset qwen3-10b-8l --work /root/pk                  # build + repack, bf16
     python3 tools/profile_kernels.py --preset qwen3-10b-8l --work /root/pk --experts q4 --dense q4
     python3 tools/profile_kernels.py -m LAYOUT_OR_CHECKPOINT --tokens 32 --glue both
+    python3 tools/profile_kernels.py -m LAYOUT --glue on --timeline    # + what each kernel adds to a replayed step
     python3 tools/profile_kernels.py --preset qwen3-tiny --work /tmp/pk                     # CPU: launch counts
 
 The last stdout line is one JSON object (per glue setting: kernels_per_token, kernels_per_layer, kernel_us_per_token,
@@ -219,6 +220,14 @@ def timeline_cuda(model, tokens: int, start: int) -> dict:
     ks = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"]), e["name"]) for e in trace.get("traceEvents", [])
                 if e.get("cat") == "kernel" and "dur" in e)
     del g
+    return step_advances(ks, tokens)
+
+
+def step_advances(ks: list[tuple[float, float, str]], tokens: int) -> dict:
+    """The timeline's arithmetic: ks = every kernel of `tokens` consecutive steps as (start, end, name) in start order
+    (us) -> per name and per position in the step: launches and us a token, `advance_us` (how much later than every
+    kernel before it in its step the kernel ends: what it adds to the token), `start_after_us` (its start against
+    the latest end before it: negative where it overlapped, PDL), the steps' span and the gap between steps."""
     if not ks:
         return {"error": "the profiler recorded no kernel inside the graph replays"}
     per = len(ks) / tokens
