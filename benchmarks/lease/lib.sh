@@ -63,6 +63,15 @@ peers_vram_ctx() {  # CTX VARIANT TAG [VAR=VALUE ...]: peers_vram with tiered's 
   echo "tiered $v $tag (ctx $ctx) rc=$? $(el)"; grep -iE "decode tok/s" $OUT/peers-$v-$tag.log | grep -v '^{' | tail -1
   cp $f $OUT/tiered-$v-$tag.json 2>/dev/null; pack
 }
+timelines() {  # VARIANT...: tools/profile_kernels.py --timeline on each peers layout (q4 | bf16), 16 tokens ->
+  # $OUT/timeline-VARIANT.log, its per-position table printed
+  local v lay
+  for v in "$@"; do
+    lay=layout-q4; [ $v = bf16 ] && lay=layout
+    timeout 150 python3 tools/profile_kernels.py -m $W/$lay --tokens 16 --glue on --timeline > $OUT/timeline-$v.log 2>&1
+    echo "timeline $v rc=$? $(el)"; grep -B2 -A20 "starts" $OUT/timeline-$v.log | cut -c1-100; pack
+  done
+}
 keep_new() {  # PATH: keep the working tree's PATH as /root/new_<name>, for swap_in new
   cp "$1" /root/new_$(basename "$1")
 }
