@@ -98,47 +98,6 @@ def test_fit_and_where_it_serves():
         qgm.gate_up(x, torch.zeros(2, dtype=torch.long), gate, up)
 
 
-@pytest.mark.parametrize("e,levels", [(128, 0), (128, 3), (64, 5), (200, 2), (512, 0), (512, 7)])
-def test_guess_ranks_as_softmax_topk(e, levels):
-    """The guess's rank rule (emulate_spec: _spec_expert's math) names, for every k, the expert the softmax-top-k
-    kernel (fused_route, interpreted on CPU) puts k-th, over bf16 logits with many ties (levels > 0: logits drawn from
-    that many values) and without; norm_topk either way."""
-    from tiered.kernels import fused_route
-
-    g = torch.Generator().manual_seed(e + levels)
-    for trial in range(6):
-        if levels:
-            lg = torch.randint(0, levels, (1, e), generator=g).float() * 0.5 - 1.0
-        else:
-            lg = torch.randn(1, e, generator=g) * 2.0
-        lg = lg.to(torch.bfloat16)
-        top = min(10, e)
-        ids, _ = fused_route.softmax_topk(lg.to(DEV), top, trial % 2 == 0)
-        want = ids[0].tolist()
-        assert [qgm.emulate_spec(lg, k) for k in range(top)] == want, (e, levels, trial)
-
-
-def test_guess_serves_where_it_should():
-    """spec_ok: one token's floating logits, contiguous, at most SPEC_MAX_E; rank_block pads to 128 and up;
-    TIERED_SPEC_ROUTE turns it off."""
-    x = torch.zeros(1, 256, dtype=torch.bfloat16)
-    assert qgm.spec_ok(torch.zeros(1, 128), x) and qgm.spec_ok(torch.zeros(64), x)
-    assert not qgm.spec_ok(torch.zeros(2, 128), x) and not qgm.spec_ok(torch.zeros(1, 600), x)
-    assert not qgm.spec_ok(torch.zeros(1, 128, dtype=torch.long), x)
-    assert not qgm.spec_ok(torch.zeros(128, 2).t(), x)
-    assert qgm.rank_block(60) == (128, 32) and qgm.rank_block(200) == (256, 16) and qgm.rank_block(512) == (512, 8)
-    assert qgm.emulate_spec(torch.tensor([1.0, 3.0, 3.0, 2.0]), 0) == 1  # equal logits: the lower id first
-    assert qgm.emulate_spec(torch.tensor([1.0, 3.0, 3.0, 2.0]), 1) == 2
-    assert qgm.emulate_spec(torch.tensor([1.0, 3.0, 3.0, 2.0]), 3) == 0
-
-
-def test_spec_switch(monkeypatch):
-    monkeypatch.delenv(qgm.SPEC_ENV, raising=False)
-    assert qgm.spec_enabled()
-    monkeypatch.setenv(qgm.SPEC_ENV, "0")
-    assert not qgm.spec_enabled()
-
-
 def test_compile_for_sm90_with_pdl():
     """Both kernels compile for sm_90 with no GPU: gate_up with GDC waits before any global load (its slots come from
     the kernel right before) and loads a row's words 8 bytes at a time at one group a step, 16 from two; down with
@@ -163,27 +122,16 @@ def ptx(kernel, sig, cst, warps):
     return triton.compile(GluonASTSource(kernel, sig, cst, attrs), target=GPUTarget("cuda", 90, 32),
                           options={{"num_warps": warps}}).asm["ptx"]
 
-gsig = dict(x_ptr="*bf16", slot_ptr="*i64", slot_base="i32", logit_ptr="*bf16", miss_ptr="*i32", gq="*i32",
-            uoff="i64", gs="*bf16", us="*bf16", gm="*bf16", um="*bf16", h_ptr="*fp32", F="i32", stride_qs="i32",
-            stride_qn="i32", stride_ss="i32", stride_sn="i32", stride_ms="i32", stride_mn="i32")
-mmas = {{}}
-for groups, gdc, spec, e in ((1, True, False, 1), (2, True, False, 1), (4, False, False, 1), (2, True, False, 128),
-                             (2, True, True, 128), (2, True, True, 200), (2, False, True, 512)):
-    eb, jb = qgm.rank_block(e)
-    p = ptx(qgm.GATE_UP, gsig, dict(KW=256, NG=32, G=groups, D=1, HW=1, GDC=gdc, SPEC=spec, COUNT=spec, E=e, EB=eb,
-                                    JB=jb, PAIR=qgm.PAIR, RK_L=qgm.rank_layout(eb, jb), **qgm.layouts(groups=groups)),
-            4)
+gsig = dict(x_ptr="*bf16", slot_ptr="*i64", slot_base="i32", gq="*i32", uoff="i64", gs="*bf16", us="*bf16",
+            gm="*bf16", um="*bf16", h_ptr="*fp32", F="i32", stride_qs="i32", stride_qn="i32", stride_ss="i32",
+            stride_sn="i32", stride_ms="i32", stride_mn="i32")
+for groups, gdc in ((1, True), (2, True), (4, False)):
+    p = ptx(qgm.GATE_UP, gsig, dict(KW=256, NG=32, G=groups, D=1, HW=1, GDC=gdc, PAIR=qgm.PAIR,
+                                    **qgm.layouts(groups=groups)), 4)
     wait, first = p.find("griddepcontrol.wait"), p.find("ld.global")
-    # without the guess nothing is read before the wait; with it the logits and the first words are
-    assert (wait >= 0) == gdc and (not gdc or (wait < first) != spec), (groups, gdc, spec, wait, first)
-    # the words' widths (the guess loads its logits with widths of its own)
-    assert spec or ("ld.global.v2.b32" in p) == (groups == 1) and ("ld.global.v4.b32" in p), groups
-    body = p[wait:] if spec and gdc else p  # the guess sums its ranks across warps through shared memory
-    assert p.count("mma.sync") > 0 and (spec and not gdc or "st.shared" not in body.split("mma.sync")[0]), \
-        "an operand via shared memory"
-    assert ("atom.global" in p or "red.global" in p) == spec, "the miss count"
-    mmas[(groups, spec)] = p.count("mma.sync")
-assert mmas[(2, True)] == 2 * mmas[(2, False)], mmas  # the second pass after a wrong guess exists once
+    assert (wait >= 0) == gdc and (not gdc or wait < first), (groups, gdc, wait, first)
+    assert ("ld.global.v2.b32" in p) == (groups == 1) and ("ld.global.v4.b32" in p), groups
+    assert p.count("mma.sync") > 0 and "st.shared" not in p.split("mma.sync")[0], "an operand via shared memory"
 dsig = dict(h_ptr="*fp32", slot_ptr="*i64", slot_base="i32", wt_ptr="*fp32", dq="*i32", ds="*bf16", dm="*bf16",
             y_ptr="*bf16", D_OUT="i32", stride_qs="i32", stride_qn="i32", stride_ss="i32", stride_sn="i32",
             stride_ms="i32", stride_mn="i32")
@@ -281,92 +229,3 @@ def test_cuda_experts_quant_decode_dispatches_to_gluon(monkeypatch):
     calls.clear()
     one = qm.experts_quant_decode(x, slots, wts, gate, up, dw, round_to=torch.bfloat16, configs=(glu, None))
     assert calls == ["gate_up"] and rel(one.float(), base.float()) < 1e-2
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("levels", [0, 3])
-def test_cuda_gate_up_guess_is_checked(levels):
-    """The guess (spec): with the logits the softmax-top-k kernel ranked the slots from, every program guesses right
-    (no miss counted) and h is bit for bit the unguessed launch's; with logits ranked otherwise the misses are counted
-    and h is still the same; with PDL, a slot base, and inside a CUDA graph whose logits and slots change between
-    replays. levels > 0: bf16 logits with many ties."""
-    from tiered.kernels import fused_route
-    from tiered.kernels.pdl import launch_args
-
-    e, f, d = 256, 768, 2048  # two layers of 128 experts: the second at slot base 128
-    g, gate, up = _stacks(e, f, d, 7 + levels, DEV)
-    x = torch.randn(1, d, generator=g, device=DEV).to(torch.bfloat16)
-
-    def logits():
-        if levels:
-            return (torch.randint(0, levels, (1, 128), generator=g, device=DEV).float() * 0.5).to(torch.bfloat16)
-        return torch.randn(1, 128, generator=g, device=DEV).to(torch.bfloat16)
-
-    pdl = launch_args(x.device)
-    for launch in (None, pdl):
-        lg = logits()
-        ids, _ = fused_route.softmax_topk(lg, 8, True)
-        slots = ids[0]
-        miss = torch.zeros(1, dtype=torch.int32, device=DEV)
-        want = qgm.gate_up(x, slots, gate, up, slot_base=128, groups=4, ahead=2, launch=launch)
-        got = qgm.gate_up(x, slots, gate, up, slot_base=128, groups=4, ahead=2, launch=launch, spec=lg, misses=miss)
-        torch.cuda.synchronize()
-        assert torch.equal(got, want) and int(miss) == 0, (launch, int(miss))
-        wrong = -lg.float()  # the opposite order: every guess misses
-        got = qgm.gate_up(x, slots, gate, up, slot_base=128, groups=4, ahead=2, launch=launch, spec=wrong.contiguous(),
-                          misses=miss)
-        torch.cuda.synchronize()
-        assert torch.equal(got, want) and int(miss) > 0, (launch, int(miss))
-        assert rel(want, ref_gate_up(x, slots + 128, gate, up)) < 1e-5
-    lg = logits()
-    ids, _ = fused_route.softmax_topk(lg, 8, True)
-    miss = torch.zeros(1, dtype=torch.int32, device=DEV)
-    qgm.gate_up(x, ids[0], gate, up, groups=4, ahead=2, launch=pdl, spec=lg, misses=miss)  # compile outside
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        ids_g, _ = fused_route.softmax_topk(lg, 8, True)
-        out = qgm.gate_up(x, ids_g[0], gate, up, groups=4, ahead=2, launch=pdl, spec=lg, misses=miss)
-    for _ in range(3):
-        lg.copy_(logits())
-        miss.zero_()
-        graph.replay()
-        torch.cuda.synchronize()
-        want = qgm.gate_up(x, ids_g[0].clone(), gate, up, groups=4, ahead=2)
-        assert torch.equal(out, want) and int(miss) == 0, int(miss)
-
-
-@pytest.mark.cuda
-def test_cuda_decode_guesses_every_expert(tmp_path, monkeypatch):
-    """The reference model with q4 experts in bf16 on CUDA, the Gluon gate_up forced for its 256 x 32 experts
-    (TIERED_QCONFIG): greedy decode from the whole-step graphs gives the same tokens with and without the guess
-    (TIERED_SPEC_ROUTE), and inside the captured step, where the softmax-top-k kernel runs between the router's and
-    the experts', no guess missed (the PDL order the guess relies on holds)."""
-    import tiered
-    from tiered.layout.repack import repack
-
-    lay = tmp_path / "q4"
-    repack(REPO / "tiered" / "data" / "olmoe-code-17m", lay, experts="q4", q4_refine="none", progress=False)
-    monkeypatch.setenv("TIERED_QCONFIG", "gate_up,q4,256,32:bn=64,bg=1,warps=4,algo=3")
-    misses = torch.zeros(1, dtype=torch.int32, device=DEV)
-    calls = []
-    real = qgm.gate_up
-
-    def counted(*a, spec=None, **k):
-        calls.append(spec is not None)
-        return real(*a, spec=spec, misses=misses if spec is not None else None, **k)
-
-    monkeypatch.setattr(qgm, "gate_up", counted)
-    prompt = list(range(100, 140))
-    toks = {}
-    for mode in ("0", "1"):
-        monkeypatch.setenv(qgm.SPEC_ENV, mode)
-        calls.clear()
-        eng = tiered.load(lay, device="cuda", dtype="bfloat16", max_context=256, attn="triton")
-        out = eng.generate(prompt, max_new_tokens=40, stop_at_eos=False)
-        assert out.stats["decode_graphs"] == "full"
-        assert calls and any(calls) == (mode == "1"), (mode, calls[:4])
-        toks[mode] = out.token_ids
-        del eng
-        torch.cuda.empty_cache()
-    torch.cuda.synchronize()
-    assert toks["0"] == toks["1"] and int(misses) == 0, int(misses)

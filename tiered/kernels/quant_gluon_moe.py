@@ -202,28 +202,24 @@ def _mma_step_fn(w, xv, acc, sh, W: gl.constexpr, R: gl.constexpr, G: gl.constex
     return mma_v2(a, gl.convert_layout(xv, B_L, assert_trivial=True), acc)
 
 
-def _spec_expert_fn(logit_ptr, E: gl.constexpr, kk, EB: gl.constexpr, JB: gl.constexpr, RK_L: gl.constexpr):
-    """The expert ranked kk-th by the router's logits [E] (descending, equal logits by ascending id: softmax-top-k's
-    order, softmax being monotone), a scalar in [0, E). Every thread ranks its own experts against all E (no
-    sequential rounds): rank_e = #{j: x_j > x_e} + #{j < e: x_j = x_e}; one sum across the program picks the
-    expert of rank kk. A guess: the caller checks it against the ids the top-k kernel wrote."""
-    e_r = gl.arange(0, EB, layout=gl.SliceLayout(1, RK_L))
-    me = e_r < E
-    xe = gl.load(logit_ptr + e_r, mask=me, other=float("-inf")).to(gl.float32)
-    rank = gl.zeros([EB], gl.int32, layout=gl.SliceLayout(1, RK_L))
-    for c in gl.static_range(EB // JB):
-        j = c * JB + gl.arange(0, JB, layout=gl.SliceLayout(0, RK_L))
-        xj = gl.load(logit_ptr + j, mask=j < E, other=float("-inf")).to(gl.float32)
-        beats = (xj[None, :] > xe[:, None]) | ((xj[None, :] == xe[:, None]) & (j[None, :] < e_r[:, None]))
-        rank += gl.sum(beats.to(gl.int32), axis=1)
-    pick = gl.sum(gl.where(me & (rank == kk), e_r, 0), axis=0)
-    return gl.minimum(gl.maximum(pick, 0), E - 1)
-
-
-def _gate_up_ptrs_fn(slot, fb, gq, uoff, F, stride_qs, stride_qn, GPW: gl.constexpr, G: gl.constexpr,
-                     D: gl.constexpr, W0_L: gl.constexpr):
-    """The pointers [4, 32, 4, 2G, D] of a program's first load of words: expert row `slot`, FFN rows fb*16 ..
-    +16 of gate (rows 0-15) and up (16-31)."""
+def _gate_up_fn(x_ptr, slot_ptr, slot_base, gq, uoff, gs, us, gm, um, h_ptr, F, stride_qs, stride_qn, stride_ss,
+                stride_sn, stride_ms, stride_mn, KW: gl.constexpr, NG: gl.constexpr, G: gl.constexpr,
+                D: gl.constexpr, HW: gl.constexpr, GDC: gl.constexpr, PAIR: gl.constexpr, MMA: gl.constexpr,
+                A_L: gl.constexpr, B_L: gl.constexpr, W0_L: gl.constexpr, L5: gl.constexpr, XB_L: gl.constexpr,
+                XG_L: gl.constexpr):
+    """Program (fb, k): h[k, fb*16 .. +16] = silu(x . gate) * (x . up) of the token's k-th expert (row slot_base +
+    slot_ptr[k]); G groups a step, D steps a load (the next load issued before the current steps are computed); HW:
+    h's layout (QConfig.hw: 0 rows in input order, 1 / 2 word-major, input 8w + j at j F / 8 + w, in h's dtype).
+    GDC: wait for the previous kernel (which writes the slots) first."""
+    if GDC:
+        tl_cuda.gdc_wait()
+        tl_cuda.gdc_launch_dependents()
+    fb = gl.program_id(0)
+    kk = gl.program_id(1)
+    slot = gl.load(slot_ptr + kk).to(gl.int64) + slot_base
+    GPW: gl.constexpr = NG // 4  # groups a warp
+    STEPS: gl.constexpr = GPW // G
+    SUP: gl.constexpr = STEPS // D
     W3: gl.constexpr = gl.SliceLayout(3, gl.SliceLayout(4, W0_L))
     r_w = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, W3)))
     f_w = fb * 16 + r_w % 16
@@ -232,18 +228,7 @@ def _gate_up_ptrs_fn(slot, fb, gq, uoff, F, stride_qs, stride_qn, GPW: gl.conste
     # gate rows, then up rows (16 uoff: up's codes from gate's, in words), one base pointer and no select: a select
     # (of pointers or of offsets) hides the words' alignment from the compiler (4-byte loads instead of 8 or 16)
     rbase = gq + (row_off + (r_w // 16) * (uoff * 16))  # [32]
-    return _word_ptrs(rbase[None, :], GPW * 8, 4, 32, G, D, W0_L)
-
-
-def _gate_up_rows_fn(cur, wptr, slot, fb, x_ptr, gs, us, gm, um, F, stride_ss, stride_sn, stride_ms, stride_mn,
-                     NG: gl.constexpr, G: gl.constexpr, D: gl.constexpr, PAIR: gl.constexpr, MMA: gl.constexpr,
-                     A_L: gl.constexpr, B_L: gl.constexpr, L5: gl.constexpr, XB_L: gl.constexpr,
-                     XG_L: gl.constexpr):
-    """The program's 16 h values [16] (fp32): silu(x . gate) * (x . up) over expert row `slot`, from its first
-    load of words `cur` (at wptr) on."""
-    GPW: gl.constexpr = NG // 4  # groups a warp
-    STEPS: gl.constexpr = GPW // G
-    SUP: gl.constexpr = STEPS // D
+    wptr = _word_ptrs(rbase[None, :], GPW * 8, 4, 32, G, D, W0_L)  # [4, 32, 4, 2G, D]
     l_s = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, L5)))))
     sh = (4 * (l_s // 2))[None, None, None, None, :]
     xoff, n5, g5 = _x_offsets(GPW * 64, 4, G, XB_L)
@@ -264,6 +249,7 @@ def _gate_up_rows_fn(cur, wptr, slot, fb, x_ptr, gs, us, gm, um, F, stride_ss, s
     i_g = gl.arange(0, 64, layout=gl.SliceLayout(0, gl.SliceLayout(1, XG_L)))
     tot = gl.zeros([4, 32], gl.float32, layout=C2)
     acc = gl.zeros([4, 32, 8], gl.float32, layout=MMA)
+    cur = gl.load(wptr)
     for j in gl.static_range(SUP):
         if j + 1 < SUP:
             nxt = gl.load(wptr + (j + 1) * 8 * G * D)
@@ -289,49 +275,7 @@ def _gate_up_rows_fn(cur, wptr, slot, fb, x_ptr, gs, us, gm, um, F, stride_ss, s
             cur = nxt
     both = gl.sum(tot, axis=0)  # [32]: the warps' K slices added; rows 0-15 gate, 16-31 up
     gate, up = gl.split(gl.permute(gl.reshape(both, [2, 16]), [1, 0]))
-    return gate / (1.0 + gl.exp(-gate)) * up
-
-
-def _gate_up_fn(x_ptr, slot_ptr, slot_base, logit_ptr, miss_ptr, gq, uoff, gs, us, gm, um, h_ptr, F, stride_qs,
-                stride_qn, stride_ss, stride_sn, stride_ms, stride_mn, KW: gl.constexpr, NG: gl.constexpr,
-                G: gl.constexpr, D: gl.constexpr, HW: gl.constexpr, GDC: gl.constexpr, SPEC: gl.constexpr,
-                COUNT: gl.constexpr, E: gl.constexpr, EB: gl.constexpr, JB: gl.constexpr, PAIR: gl.constexpr,
-                MMA: gl.constexpr, A_L: gl.constexpr, B_L: gl.constexpr, W0_L: gl.constexpr, L5: gl.constexpr,
-                XB_L: gl.constexpr, XG_L: gl.constexpr, RK_L: gl.constexpr):
-    """Program (fb, k): h[k, fb*16 .. +16] = silu(x . gate) * (x . up) of the token's k-th expert (row slot_base +
-    slot_ptr[k]); G groups a step, D steps a load (the next load issued before the current steps are computed); HW:
-    h's layout (QConfig.hw: 0 rows in input order, 1 / 2 word-major, input 8w + j at j F / 8 + w, in h's dtype).
-    GDC: wait for the previous kernel (which writes the slots) first. SPEC: before that wait, guess the k-th expert
-    from the router's logits (written two kernels back: _spec_expert) and load its first words; after the wait, read
-    the slot the top-k kernel wrote and, where the guess was wrong, compute the right expert's rows from the start
-    (COUNT: and add 1 to miss_ptr[0])."""
-    fb = gl.program_id(0)
-    kk = gl.program_id(1)
-    GPW: gl.constexpr = NG // 4  # groups a warp
-    if SPEC:
-        slot = _spec_expert(logit_ptr, E, kk, EB, JB, RK_L).to(gl.int64) + slot_base
-    else:
-        if GDC:
-            tl_cuda.gdc_wait()
-            tl_cuda.gdc_launch_dependents()
-        slot = gl.load(slot_ptr + kk).to(gl.int64) + slot_base
-    wptr = _gate_up_ptrs(slot, fb, gq, uoff, F, stride_qs, stride_qn, GPW, G, D, W0_L)
-    cur = gl.load(wptr)
-    if SPEC:
-        if GDC:
-            tl_cuda.gdc_wait()
-            tl_cuda.gdc_launch_dependents()
-        true = gl.load(slot_ptr + kk).to(gl.int64) + slot_base
-    hv = _gate_up_rows(cur, wptr, slot, fb, x_ptr, gs, us, gm, um, F, stride_ss, stride_sn, stride_ms, stride_mn,
-                       NG, G, D, PAIR, MMA, A_L, B_L, L5, XB_L, XG_L)
-    if SPEC:
-        # a wrong guess: the right expert's rows from the start (a loop, so that the rows' code exists once more)
-        for _ in range((true != slot).to(gl.int32)):
-            if COUNT:
-                gl.atomic_add(miss_ptr, 1)
-            wptr = _gate_up_ptrs(true, fb, gq, uoff, F, stride_qs, stride_qn, GPW, G, D, W0_L)
-            hv = _gate_up_rows(gl.load(wptr), wptr, true, fb, x_ptr, gs, us, gm, um, F, stride_ss, stride_sn,
-                               stride_ms, stride_mn, NG, G, D, PAIR, MMA, A_L, B_L, L5, XB_L, XG_L)
+    hv = gate / (1.0 + gl.exp(-gate)) * up
     f_o = fb * 16 + gl.arange(0, 16, layout=hv.type.layout)
     if HW:
         h_at = (f_o % 8) * (F // 8) + f_o // 8
@@ -417,30 +361,22 @@ def _down_fn(h_ptr, slot_ptr, slot_base, wt_ptr, dq, ds, dm, y_ptr, D_OUT, strid
     gl.store(y_ptr + d_o, y.to(y_ptr.dtype.element_ty), mask=d_o < D_OUT)
 
 
-_steps = _word_ptrs = _x_offsets = _mma_step = _spec_expert = _gate_up_ptrs = _gate_up_rows = GATE_UP = DOWN = None
+_steps = _word_ptrs = _x_offsets = _mma_step = GATE_UP = DOWN = None
 if gluon is not None:
     _steps = gluon.jit(_steps_fn)
     _word_ptrs = gluon.jit(_word_ptrs_fn)
     _x_offsets = gluon.jit(_x_offsets_fn)
     _mma_step = gluon.jit(_mma_step_fn)
-    _spec_expert = gluon.jit(_spec_expert_fn)
-    _gate_up_ptrs = gluon.jit(_gate_up_ptrs_fn)
-    _gate_up_rows = gluon.jit(_gate_up_rows_fn)
     GATE_UP = gluon.jit(_gate_up_fn)
     DOWN = gluon.jit(_down_fn)
 
 
 def gate_up(x: Tensor, slots: Tensor, gate: QuantWeight, up: QuantWeight, *, slot_base: int = 0, h_layout: int = 0,
-            groups: int = 2, ahead: int = 1, launch: dict | None = None, spec: Tensor | None = None,
-            misses: Tensor | None = None) -> Tensor:
+            groups: int = 2, ahead: int = 1, launch: dict | None = None) -> Tensor:
     """x [1, D] bf16, slots [K] int64 (rows slot_base + slots of the stacks) -> h [K, F] = silu(x gate^T) * (x up^T),
     fp32 (bf16 with h_layout 2), rows in input order (h_layout 0) or word-major (1, 2: QConfig.hw). groups, ahead:
-    G and D (fewer where they do not divide); launch: pdl.launch_args(device) to launch with PDL. spec: the router's
-    logits [1, E] (or [E]) that `slots` were ranked from (softmax-top-k's order; slots = ids, E experts a layer):
-    each program guesses its expert from them before its PDL wait and loads its first words, then checks the guess
-    against `slots` after the wait (a wrong guess costs a second pass, never a wrong h); spec_ok says where it
-    serves, else it is ignored. misses (int32 [1], with spec): each program whose guess was wrong adds 1 (tests).
-    gate_up_ok must hold."""
+    G and D (fewer where they do not divide); launch: pdl.launch_args(device) to launch with PDL. gate_up_ok must
+    hold."""
     if not gate_up_ok(x, gate, up):
         raise ValueError(f"the Gluon gate_up does not serve x {x.dtype} {list(x.shape)} on {x.device} with "
                          f"{gate.fmt} stacks {list(gate.shape)} in groups of {gate.group}; use quant_moe.quant_gate_up")
@@ -453,52 +389,12 @@ def gate_up(x: Tensor, slots: Tensor, gate: QuantWeight, up: QuantWeight, *, slo
     opts = dict(launch or {})
     gdc = bool(opts.pop("GDC", False))
     opts.pop("PRE", None)
-    # the guess stays inside the stack: rows slot_base .. slot_base + E - 1
-    use = spec is not None and spec_ok(spec, x) and 0 <= slot_base and slot_base + spec.numel() <= gate.q.shape[0]
-    e = spec.numel() if use else 1
-    eb, jb = rank_block(e)
-    count = use and misses is not None
-    GATE_UP[(-(-f // ROWS), k)](x, slots.reshape(-1), int(slot_base), spec if use else slots,
-                                misses if count else slots, gq, uoff, gate.scale, up.scale, gate.min, up.min, h, f,
-                                gq.stride(0), gq.stride(1), gate.scale.stride(0), gate.scale.stride(1),
+    GATE_UP[(-(-f // ROWS), k)](x, slots.reshape(-1), int(slot_base), gq, uoff, gate.scale, up.scale, gate.min,
+                                up.min, h, f, gq.stride(0), gq.stride(1), gate.scale.stride(0), gate.scale.stride(1),
                                 gate.min.stride(0), gate.min.stride(1), KW=d // 8, NG=d // GROUP, G=G, D=D,
-                                HW=int(h_layout), GDC=gdc, SPEC=use, COUNT=count, E=e, EB=eb, JB=jb, PAIR=PAIR,
-                                RK_L=rank_layout(eb, jb), **layouts(groups=G, ahead=D), num_warps=WARPS, **opts)
+                                HW=int(h_layout), GDC=gdc, PAIR=PAIR, **layouts(groups=G, ahead=D),
+                                num_warps=WARPS, **opts)
     return h
-
-
-SPEC_ENV = "TIERED_SPEC_ROUTE"
-SPEC_MAX_E = 512  # experts a layer the guess ranks (every thread ranks EB / 128 of them against all)
-
-
-def spec_enabled() -> bool:
-    """Whether the one-token expert kernels guess their experts from the router's logits before the PDL wait
-    (TIERED_SPEC_ROUTE=0 turns it off; the benchmarks time both)."""
-    import os
-
-    return os.environ.get(SPEC_ENV, "1").strip().lower() not in ("0", "off", "false", "no")
-
-
-def spec_ok(spec: Tensor, x: Tensor) -> bool:
-    """Whether `spec` can serve as gate_up's guess: floating logits of one token, contiguous, on x's device, at most
-    SPEC_MAX_E of them."""
-    return (spec.is_floating_point() and spec.device == x.device and spec.is_contiguous()
-            and (spec.dim() == 1 or (spec.dim() == 2 and spec.shape[0] == 1)) and 0 < spec.numel() <= SPEC_MAX_E)
-
-
-def rank_block(e: int) -> tuple[int, int]:
-    """(EB, JB) of the guess over e experts: EB the experts padded to a power of two of at least 128 (a thread of
-    gate_up's 4 warps ranks EB / 128 of them), JB the logits a thread compares against at a time."""
-    eb = max(128, 1 << max(0, (int(e) - 1).bit_length()))
-    return eb, max(8, 32 // (eb // 128))
-
-
-@functools.lru_cache(maxsize=8)
-def rank_layout(eb: int, jb: int):
-    """The guess's layout [EB (expert ranked), JB (logits compared)]: a thread holds EB / 128 experts' rows of JB,
-    the warps split the experts, so each rank is summed within its thread."""
-    return gl.BlockedLayout(size_per_thread=[eb // (32 * WARPS), jb], threads_per_warp=[32, 1],
-                            warps_per_cta=[WARPS, 1], order=[1, 0])
 
 
 def down(h: Tensor, slots: Tensor, weights: Tensor, dw: QuantWeight, dtype: torch.dtype, *, slot_base: int = 0,
@@ -526,16 +422,6 @@ def down(h: Tensor, slots: Tensor, weights: Tensor, dw: QuantWeight, dtype: torc
                          GDC=gdc, PRE=pre, PAIR=PAIR, **layouts(DOWN_EXPERTS, 16, G, 0), num_warps=DOWN_EXPERTS,
                          **opts)
     return y
-
-
-def emulate_spec(logits: Tensor, k: int) -> int:
-    """The expert gate_up's program k guesses (_spec_expert's rank rule in torch): the one with k logits above it,
-    counting equal logits of lower ids as above; logits [1, E] or [E] (as fp32)."""
-    x = logits.reshape(-1).float()
-    e = torch.arange(x.numel())
-    beats = (x[None, :] > x[:, None]) | ((x[None, :] == x[:, None]) & (e[None, :] < e[:, None]))
-    hit = (beats.sum(1) == k).nonzero().flatten()
-    return min(max(int(hit.sum()), 0), x.numel() - 1)
 
 
 def emulate_gate_up(x: Tensor, slots: Tensor, gate: QuantWeight, up: QuantWeight, groups: int = 1) -> Tensor:

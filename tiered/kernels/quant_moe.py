@@ -1559,14 +1559,11 @@ def experts_quant_decode(x: Tensor, slots: Tensor, weights: Tensor, gate: QuantW
                          down: QuantWeight, *, interpret: bool = False,
                          configs: tuple[QConfig | None, QConfig | None] = (None, None), slot_base: int = 0,
                          round_to: torch.dtype | None = None, act=None,
-                         biases: tuple[Tensor, Tensor, Tensor] | None = None,
-                         spec: Tensor | None = None) -> Tensor | None:
+                         biases: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor | None:
     """One token's K experts from quantized stacks, fused dequantization: x [1, D], slots [K] int64 (rows
     slot_base + slots), weights [1, K] (rounded to `round_to` in the kernel; None: as given) -> [1, D] in x's
     dtype (SwiGLU and the weighted sum over K in fp32, one rounding). act: gpt-oss's ClampedSwiGLU in place of
-    SwiGLU; biases: its (gate_bias, up_bias, down_bias) stacks [S, F], [S, F], [S, D]. spec: the router's logits
-    [1, E] that slots (= ids) were ranked from: the Gluon gate_up guesses its experts from them before its PDL
-    wait (quant_gluon_moe.gate_up; TIERED_SPEC_ROUTE=0 turns it off).
+    SwiGLU; biases: its (gate_bias, up_bias, down_bias) stacks [S, F], [S, F], [S, D].
     None when the kernels cannot serve it (the caller runs the reference). No host sync."""
     if not all(kernel_ok(x, w, interpret=interpret) for w in (gate, up, down)):
         return None
@@ -1584,8 +1581,7 @@ def experts_quant_decode(x: Tensor, slots: Tensor, weights: Tensor, gate: QuantW
     launch = launch_args(x.device)
     if plain and gcfg.algo == 3 and quant_gluon_moe.gate_up_ok(x, gate, up):
         h = quant_gluon_moe.gate_up(x, slots.reshape(-1), gate, up, slot_base=slot_base, h_layout=hl,
-                                    groups=gcfg.bg, ahead=max(gcfg.ahead, 1), launch=launch,
-                                    spec=spec if spec is not None and quant_gluon_moe.spec_enabled() else None)
+                                    groups=gcfg.bg, ahead=max(gcfg.ahead, 1), launch=launch)
     else:
         h = quant_gate_up(x, slots.reshape(1, K), gate, up, gcfg, slot_base=slot_base, h_layout=hl, act=act,
                           biases=None if biases is None else biases[:2])  # [K, F]

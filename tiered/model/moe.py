@@ -169,7 +169,7 @@ def experts_one_token(x: Tensor, ids: Tensor, weights: Tensor, provider: ExpertP
 
 def experts_from_slots(x: Tensor, slots: Tensor, weights: Tensor, W: Any, act: ClampedSwiGLU | None = None, *,
                        slot_base: int = 0, round_to: torch.dtype | None = None, fused: bool = True,
-                       native: bool = False, spec: Tensor | None = None) -> Tensor:
+                       native: bool = False) -> Tensor:
     """One token's K experts, given their slot rows in W: gather the weights, then GEMMs with no host sync.
 
     x [1, D], slots [K] int64 on W's device (the rows are slot_base + slots), weights [1, K] (compute dtype, or
@@ -181,8 +181,6 @@ def experts_from_slots(x: Tensor, slots: Tensor, weights: Tensor, W: Any, act: C
     over K with one rounding. Every shape depends only on K, so a CUDA graph can capture it with `slots` a
     static buffer (the piecewise decode step).
     fused=False skips the fused kernels (expert_mix's kernels=False: the reference path on every device).
-    spec: the router logits [1, E] that slots (= the ids, every expert resident) were ranked from, for the fused
-    quantized kernels to guess the experts early (experts_quant_decode's; always checked against slots).
     native (host tensors): the native CPU kernel (kernels/cpu_kernel.py `partial`, the K experts read in place from
     W, fp32 sums) where it supports W, the activation and the dtype: fp32 compute (the same math up to the
     summation order), or quantized experts in any compute dtype. Float experts in a bf16/fp16 compute dtype keep
@@ -201,7 +199,7 @@ def experts_from_slots(x: Tensor, slots: Tensor, weights: Tensor, W: Any, act: C
     if fused and isinstance(W.gate, QuantWeight):
         b = getattr(W, "gate_bias", None)
         y = experts_quant_decode(x, slots, weights, W.gate, W.up, W.down, slot_base=slot_base, round_to=round_to,
-                                 act=act, biases=None if b is None else (b, W.up_bias, W.down_bias), spec=spec)
+                                 act=act, biases=None if b is None else (b, W.up_bias, W.down_bias))
         if y is not None:
             return y
     if slot_base:
@@ -318,7 +316,7 @@ def moe_block(h: Tensor, x: Tensor, w: MoEWeights, provider: ExpertProvider, lay
 def expert_mix(x: Tensor, ids: Tensor, wts: Tensor, w: MoEWeights, provider: ExpertProvider, layer: int, *,
                slots: Tensor | None = None, fp32_weights: bool = False,
                prefetch_hook: PrefetchHook | None = None, kernels: bool = False, native: bool = False,
-               partial: Tensor | Callable[[Tensor], Tensor] | None = None, logits: Tensor | None = None) -> Tensor:
+               partial: Tensor | Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """The MoE output once routing is known: routed experts (+ the shared expert) -> [T, D].
 
     x [T, D] normed, ids [T, K] int64, wts [T, K] fp32 routing weights. With `slots` ([K] int64, T = 1)
@@ -337,9 +335,6 @@ def expert_mix(x: Tensor, ids: Tensor, wts: Tensor, w: MoEWeights, provider: Exp
     `partial` [1, D] (piecewise step): that sum, already computed, to add the same way; or a callable that adds it
     to the device experts' output in place (the device step: it waits there for the CPU worker's answer, so the
     device's experts run while the CPU computes, kernels/cpu_handoff.py).
-    `logits` [1, E]: the router logits the ids were ranked from (the model's own routing, no override): where
-    every expert is resident (slots = ids + a base) the quantized kernels may guess the experts from them early
-    (experts_from_slots' spec).
     """
     # transformers casts the routing weights to the compute dtype (Mixtral keeps fp32): one token's paths pass
     # them as they are with `round_to`, and the fused kernels round them (no cast kernel per layer)
@@ -352,11 +347,11 @@ def expert_mix(x: Tensor, ids: Tensor, wts: Tensor, w: MoEWeights, provider: Exp
     quant = isinstance(provider.weights.gate, QuantWeight)
     float_kernels = kernels and not quant
 
-    def one(s: Tensor, base: int = 0, spec: Tensor | None = None) -> Tensor:  # one token's K experts, rows base + s
+    def one(s: Tensor, base: int = 0) -> Tensor:  # one token's K experts at rows base + s
         if float_kernels:
             return moe_gpu.experts_decode(x, s, wts, provider.weights, slot_base=base, round_to=round_to, act=w.act)
         return experts_from_slots(x, s, wts, provider.weights, w.act, slot_base=base, round_to=round_to,
-                                  fused=kernels, native=native, spec=spec)
+                                  fused=kernels, native=native)
 
     if slots is not None:
         out = one(slots)
@@ -376,8 +371,7 @@ def expert_mix(x: Tensor, ids: Tensor, wts: Tensor, w: MoEWeights, provider: Exp
         s = ids[0] if base is not None else provider.get(layer, ids[0])
         if prefetch_hook is not None:
             prefetch_hook(layer, ids[0].cpu())
-        own = logits is not None and base is not None and logits.shape == (1, w.router.shape[0])
-        out = one(s, base or 0, logits if own else None)
+        out = one(s, base or 0)
     else:
         wc = wts if round_to is None else wts.to(round_to)
         if kernels and (not quant or moe_gpu.quant_kernels_ok(provider.weights)):  # checked for T > 1 only

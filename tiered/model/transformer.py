@@ -484,14 +484,9 @@ class Transformer:
         if lw.dense_mlp is not None:
             g, u, d = lw.dense_mlp
             return linear(F.silu(linear(r.x, g)) * linear(r.x, u), d)
-        # ids ranked from r.logits by the softmax-top-k kernel launched after the router's (spec needs the logits
-        # written two launches before the experts' first)
-        own = (self._routing is None and not r.topk_pending and not self._router_fuse and self._router_layers[l]
-               and r.ids.shape[0] == 1)
         return expert_mix(r.x, r.ids, r.weights, self.layers[l].moe, self.provider, l, slots=slots,
                           fp32_weights=self.fp32_route_weights, prefetch_hook=self._prefetch_hook,
-                          kernels=self.kernels, native=self.cpu_native, partial=partial,
-                          logits=r.logits if own else None)
+                          kernels=self.kernels, native=self.cpu_native, partial=partial)
 
     def head(self, h: Tensor, all_logits: bool = False, delta: Tensor | None = None) -> Tensor:
         """Final norm and lm_head: h [T, D] (+ delta [T, D], the last layer's MoE output) -> logits [T, V]
