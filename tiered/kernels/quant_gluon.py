@@ -44,13 +44,10 @@ try:
     import triton
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
     from triton.language.extra import cuda as tl_cuda
 except ImportError:  # pragma: no cover - the CPU torch wheel without triton, or a Triton without Gluon
-    triton = gluon = gl = async_copy = mma_v2 = tl_cuda = None
-# cp.async of a tensor of pointers into shared memory: `async_load` from Triton 3.9 on, the older name before (3.6)
-async_load = None if async_copy is None else getattr(async_copy, "async_load", None) or getattr(
-    async_copy, "async_copy_global_to_shared", None)
+    triton = gluon = gl = mma_v2 = tl_cuda = None
 
 GROUP = 64  # inputs a quantization group: the kernel's step
 PAIR = "{ .reg .b32 t; shr.b32 t, $1, $3; lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA; }"

@@ -34,7 +34,7 @@ import functools
 import torch
 from torch import Tensor
 
-from tiered.kernels.quant_gluon import GROUP, PAIR, async_copy, async_load, gl, gluon, mma_v2, tl_cuda
+from tiered.kernels.quant_gluon import GROUP, PAIR, gl, gluon, mma_v2, tl_cuda
 from tiered.layout.quant import QuantWeight
 
 ROWS = 16  # FFN rows a gate_up program: 16 gate + 16 up
@@ -202,18 +202,15 @@ def _mma_step_fn(w, xv, acc, sh, W: gl.constexpr, R: gl.constexpr, G: gl.constex
     return mma_v2(a, gl.convert_layout(xv, B_L, assert_trivial=True), acc)
 
 
-def _gate_up_fn(x_ptr, slot_ptr, slot_base, gq, uoff, gs, us, gm, um, soff, moff, h_ptr, F, stride_qs, stride_qn,
-                stride_ss, stride_sn, stride_ms, stride_mn, KW: gl.constexpr, NG: gl.constexpr, G: gl.constexpr,
-                D: gl.constexpr, HW: gl.constexpr, GDC: gl.constexpr, ASYNC: gl.constexpr, PAIR: gl.constexpr,
-                MMA: gl.constexpr, A_L: gl.constexpr, B_L: gl.constexpr, W0_L: gl.constexpr, L5: gl.constexpr,
-                XB_L: gl.constexpr, XG_L: gl.constexpr):
+def _gate_up_fn(x_ptr, slot_ptr, slot_base, gq, uoff, gs, us, gm, um, h_ptr, F, stride_qs, stride_qn, stride_ss,
+                stride_sn, stride_ms, stride_mn, KW: gl.constexpr, NG: gl.constexpr, G: gl.constexpr,
+                D: gl.constexpr, HW: gl.constexpr, GDC: gl.constexpr, PAIR: gl.constexpr, MMA: gl.constexpr,
+                A_L: gl.constexpr, B_L: gl.constexpr, W0_L: gl.constexpr, L5: gl.constexpr, XB_L: gl.constexpr,
+                XG_L: gl.constexpr):
     """Program (fb, k): h[k, fb*16 .. +16] = silu(x . gate) * (x . up) of the token's k-th expert (row slot_base +
     slot_ptr[k]); G groups a step, D steps a load (the next load issued before the current steps are computed); HW:
     h's layout (QConfig.hw: 0 rows in input order, 1 / 2 word-major, input 8w + j at j F / 8 + w, in h's dtype).
-    GDC: wait for the previous kernel (which writes the slots) first.
-    ASYNC: every load of words and every epilogue's scales and minima are issued at once as asynchronous copies into
-    shared memory (cp.async), then read back a load at a time: issued as register loads, ptxas places each load
-    next to its first use, so the words came in four rounds (one HBM latency each) and the scales in a fifth."""
+    GDC: wait for the previous kernel (which writes the slots) first."""
     if GDC:
         tl_cuda.gdc_wait()
         tl_cuda.gdc_launch_dependents()
@@ -252,39 +249,10 @@ def _gate_up_fn(x_ptr, slot_ptr, slot_base, gq, uoff, gs, us, gm, um, soff, moff
     i_g = gl.arange(0, 64, layout=gl.SliceLayout(0, gl.SliceLayout(1, XG_L)))
     tot = gl.zeros([4, 32], gl.float32, layout=C2)
     acc = gl.zeros([4, 32, 8], gl.float32, layout=MMA)
-    NE: gl.constexpr = (GPW + 7) // 8  # epilogues: every 8 groups of a warp, and its last
-    if ASYNC:  # a thread's words (h, then the steps of a load) and a row's 8 scales contiguous in shared memory
-        WS_L: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[3, 4, 2, 1, 0])
-        SS_L: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[2, 1, 0])
-        wbuf = gl.allocate_shared_memory(gl.int32, [SUP, 4, 32, 4, 2 * G, D], WS_L)
-        sbuf = gl.allocate_shared_memory(sbase.dtype.element_ty, [NE, 4, 32, 8], SS_L)
-        mbuf = gl.allocate_shared_memory(mbase.dtype.element_ty, [NE, 4, 32, 8], SS_L)
-        # up's scales and minima soff / moff elements from gate's: one base, no select (a select of pointers hides
-        # the pairs' contiguity from cp.async, which then refuses 2-byte copies)
-        sb1 = gs + (srow + (r_c // 16) * soff)
-        mb1 = gm + (mrow + (r_c // 16) * moff)
-        for j in gl.static_range(SUP):
-            async_load(wbuf.index(j), wptr + j * 8 * G * D)
-        for e in gl.static_range(NE):
-            gk = ((b_c[:, None] * GPW + e * 8 + n_c[None, :])[:, None, :]).to(gl.int64)
-            if (e + 1) * 8 <= GPW:  # (no mask: a mask hides the pairs' contiguity from Triton 3.9's cp.async)
-                async_load(sbuf.index(e), sb1[None, :, None] + gk)
-                async_load(mbuf.index(e), mb1[None, :, None] + gk)
-            else:
-                ok = (((e * 8 + n_c) < GPW)[None, :])[:, None, :]
-                async_load(sbuf.index(e), sb1[None, :, None] + gk, mask=ok)
-                async_load(mbuf.index(e), mb1[None, :, None] + gk, mask=ok)
-        async_copy.commit_group()
-        async_copy.wait_group(0)
-        cur = wbuf.index(0).load(W0_L)
-    else:
-        cur = gl.load(wptr)
+    cur = gl.load(wptr)
     for j in gl.static_range(SUP):
         if j + 1 < SUP:
-            if ASYNC:
-                nxt = wbuf.index(j + 1).load(W0_L)
-            else:
-                nxt = gl.load(wptr + (j + 1) * 8 * G * D)
+            nxt = gl.load(wptr + (j + 1) * 8 * G * D)
         parts = _steps(cur, 4, 32, G, D)
         for d in gl.static_range(D):
             st = D * j + d  # each warp's st-th step: its groups G st .. G st + G - 1
@@ -292,15 +260,11 @@ def _gate_up_fn(x_ptr, slot_ptr, slot_base, gq, uoff, gs, us, gm, um, soff, moff
             acc = _mma_step(parts[d], xv, acc, sh, 4, 32, G, PAIR, A_L, B_L, L5)
             if ((st + 1) * G % 8 == 0) or (st == STEPS - 1):
                 e8 = (st * G // 8) * 8
-                if ASYNC:  # (masked groups were filled with zeros)
-                    sv = sbuf.index(st * G // 8).load(MMA).to(gl.float32)  # [4, 32, 8]
-                    mv = mbuf.index(st * G // 8).load(MMA).to(gl.float32)
-                else:
-                    g = b_c[:, None] * GPW + e8 + n_c[None, :]  # [4, 8] each warp's groups
-                    gk = (g[:, None, :]).to(gl.int64)
-                    ok = (((e8 + n_c) < GPW)[None, :])[:, None, :]
-                    sv = gl.load(sbase[None, :, None] + gk, mask=ok, other=0.0).to(gl.float32)  # [4, 32, 8]
-                    mv = gl.load(mbase[None, :, None] + gk, mask=ok, other=0.0).to(gl.float32)
+                g = b_c[:, None] * GPW + e8 + n_c[None, :]  # [4, 8] each warp's groups
+                gk = (g[:, None, :]).to(gl.int64)
+                ok = (((e8 + n_c) < GPW)[None, :])[:, None, :]
+                sv = gl.load(sbase[None, :, None] + gk, mask=ok, other=0.0).to(gl.float32)  # [4, 32, 8]
+                mv = gl.load(mbase[None, :, None] + gk, mask=ok, other=0.0).to(gl.float32)
                 gx = b_g[:, None] * GPW + e8 + n_g[None, :]  # [4, 8]
                 okx = (e8 + n_g[None, :]) < GPW
                 xx = gl.load(x_ptr + gx[:, :, None] * 64 + i_g[None, None, :], mask=okx[:, :, None], other=0.0)
@@ -425,41 +389,12 @@ def gate_up(x: Tensor, slots: Tensor, gate: QuantWeight, up: QuantWeight, *, slo
     opts = dict(launch or {})
     gdc = bool(opts.pop("GDC", False))
     opts.pop("PRE", None)
-    es = gate.scale.element_size()
-    soff = (up.scale.data_ptr() - gate.scale.data_ptr()) // es  # up's scales from gate's, in elements
-    moff = (up.min.data_ptr() - gate.min.data_ptr()) // es
     GATE_UP[(-(-f // ROWS), k)](x, slots.reshape(-1), int(slot_base), gq, uoff, gate.scale, up.scale, gate.min,
-                                up.min, soff, moff, h, f, gq.stride(0), gq.stride(1), gate.scale.stride(0),
-                                gate.scale.stride(1), gate.min.stride(0), gate.min.stride(1), KW=d // 8,
-                                NG=d // GROUP, G=G, D=D, HW=int(h_layout), GDC=gdc,
-                                ASYNC=async_enabled() and async_ok(gate, up, soff, moff), PAIR=PAIR,
-                                **layouts(groups=G, ahead=D), num_warps=WARPS, **opts)
+                                up.min, h, f, gq.stride(0), gq.stride(1), gate.scale.stride(0), gate.scale.stride(1),
+                                gate.min.stride(0), gate.min.stride(1), KW=d // 8, NG=d // GROUP, G=G, D=D,
+                                HW=int(h_layout), GDC=gdc, PAIR=PAIR, **layouts(groups=G, ahead=D),
+                                num_warps=WARPS, **opts)
     return h
-
-
-ASYNC_ENV = "TIERED_GLUON_ASYNC"
-
-
-def async_enabled() -> bool:
-    """Whether gate_up copies its words, scales and minima into shared memory all at once (cp.async) rather than
-    loading them into registers (where ptxas issues each load next to its first use); TIERED_GLUON_ASYNC=0 turns it
-    off (the benchmarks time both)."""
-    import os
-
-    return os.environ.get(ASYNC_ENV, "1").strip().lower() not in ("0", "off", "false", "no")
-
-
-def async_ok(gate: QuantWeight, up: QuantWeight, soff: int, moff: int) -> bool:
-    """Whether gate_up's copies into shared memory (ASYNC) compile for these stacks: one whole epilogue of 8 groups a
-    warp, i.e. 2,048 inputs (Triton 3.6 fails an assertion lowering a second epilogue's buffer, and a partial one's
-    mask hides the scale pairs' contiguity, so that cp.async refuses 2-byte copies), and the scales' and minima's
-    bases, strides and up's offsets from gate's all multiples of 16 (the alignment Triton specialises on, which lets
-    it copy a row's scales 4 bytes or more at a time)."""
-    if gate.matrix[1] // GROUP // WARPS != 8:
-        return False
-    nums = (soff, moff, *gate.scale.stride()[:2], *gate.min.stride()[:2])
-    return (all(n % 16 == 0 for n in nums) and gate.scale.data_ptr() % 16 == 0 and gate.min.data_ptr() % 16 == 0
-            and gate.scale.stride() == up.scale.stride() and gate.min.stride() == up.min.stride())
 
 
 def down(h: Tensor, slots: Tensor, weights: Tensor, dw: QuantWeight, dtype: torch.dtype, *, slot_base: int = 0,
