@@ -128,3 +128,48 @@ def test_profile_timeline_arithmetic():
     assert [(s["kernel"], s["us"], s["start_after_us"]) for s in r["steps"]] == [("A", 10.0, 0.0), ("B", 7.0, -2.0),
                                                                                    ("C", 4.0, 1.0)]
     assert "error" in step_advances(ks[:5], 2) and "error" in step_advances([], 2)
+
+
+_X_BEFORE_BARRIERS = r"""
+import os, re, sys
+os.environ["TRITON_INTERPRET"] = "0"
+sys.path.insert(0, sys.argv[1] + "/tools")
+import torch
+import kernel_regs
+from tiered.kernels import quant_moe as qm
+from tiered.layout.quant import quantize
+
+with kernel_regs.compiling():
+    qgemv = qm.decorate_kernels()[0]
+names = ("stride_qs", "stride_qn", "stride_ss", "stride_sn", "stride_ms", "stride_mn")
+for k, n, cfg in ((4096, 2048, qm.QConfig(bn=8, bg=64, warps=4, algo=2)),
+                  (2048, 5120, qm.QConfig(bn=8, bg=32, warps=4, algo=2, regs=96))):
+    w = quantize(torch.randn(n, k) * k ** -0.5, "q4")
+    t = qm._tiles(cfg, w)
+    x = torch.zeros(1, k, dtype=torch.bfloat16)
+    args = {"x_ptr": x, "slot_ptr": x, "q_ptr": qm._codes(w, t["ALGO"]), "s_ptr": w.scale, "m_ptr": w.min,
+            "out_ptr": x, "N": n, "stride_xt": k, "stride_ot": n, **dict(zip(names, qm._strides(w, t["ALGO"])))}
+    consts = {**qm._geometry(w), **t, "HAS_SLOTS": False, "LOOP": False, "GDC": True, "PRE": True}
+    with kernel_regs.compiling():
+        cubin = kernel_regs.compile_sm90(qgemv, args, consts, cfg.warps, cfg.regs)
+    ops = [l.split("*/", 1)[1].split(";")[0].strip() for l in kernel_regs.cuobjdump(cubin, "-sass").splitlines()
+           if l.strip().startswith("/*") and "*/" in l]
+    ops = [o for o in ops if o]
+    wait = next(i for i, o in enumerate(ops) if o.startswith("ACQBULK"))
+    bar = next(i for i, o in enumerate(ops) if i > wait and "BAR.SYNC" in o)
+    xs = [i for i, o in enumerate(ops) if i > wait and re.match(r"(@!?P\d+ )?LDG\.E\.U16", o)]
+    assert xs and max(xs) < bar, (k, n, xs, bar)
+print("ok")
+"""
+
+
+def test_word_tile_loads_x_before_its_first_barrier():
+    """The dense q4 GEMVs of the 10.6B shape (o_proj 4,096 -> 2,048, qkv 2,048 -> 5,120, the word tile with PDL and
+    the weights loaded before the wait), compiled for sm_90: every x load after the wait is issued before the first
+    CTA barrier. Loaded at its use, each of a step's eight strided x loads waited behind the previous one's layout
+    conversion through shared memory: eight L2 round trips in a row on the token's critical path."""
+    out = subprocess.run([sys.executable, "-c", _X_BEFORE_BARRIERS, str(REPO)], capture_output=True, text=True,
+                         timeout=600, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    if "No module named 'triton.backends.nvidia" in out.stderr:
+        pytest.skip("Triton's CUDA backend is not installed")
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
