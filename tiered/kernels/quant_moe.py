@@ -880,17 +880,10 @@ def _dot_rows_words(x_row, q1, s1, m1, q2, s2, m2, mask_n, KIN: tl.constexpr, KQ
         t2 = tl.zeros([BN, UK], tl.float32)
         xw = tl.zeros([UK], tl.float32)
         xe = tl.zeros([UK], tl.float32)  # PAIR: the even inputs' sum
-        # x's eight strided [UK] loads all issued before the first is used: each use converts its layout through
-        # shared memory behind a barrier, and ptxas issues no load past a barrier, so loads placed at their use
-        # came one L2 round trip after another
-        xt = (tl.load(x_row + wi * 8, mask=wm, other=0.0), tl.load(x_row + wi * 8 + 1, mask=wm, other=0.0),
-              tl.load(x_row + wi * 8 + 2, mask=wm, other=0.0), tl.load(x_row + wi * 8 + 3, mask=wm, other=0.0),
-              tl.load(x_row + wi * 8 + 4, mask=wm, other=0.0), tl.load(x_row + wi * 8 + 5, mask=wm, other=0.0),
-              tl.load(x_row + wi * 8 + 6, mask=wm, other=0.0), tl.load(x_row + wi * 8 + 7, mask=wm, other=0.0))
         if PAIR:
             for jp in tl.static_range(4):
-                xo = xt[2 * jp + 1].to(tl.float32)  # [UK] inputs 8w + 2jp + 1
-                xv = xt[2 * jp].to(tl.float32)  # [UK] 8w + 2jp
+                xo = tl.load(x_row + wi * 8 + 2 * jp + 1, mask=wm, other=0.0).to(tl.float32)  # [UK] 8w + 2jp + 1
+                xv = tl.load(x_row + wi * 8 + 2 * jp, mask=wm, other=0.0).to(tl.float32)  # [UK] 8w + 2jp
                 xw += xo
                 xe += xv
                 x16 = xv * 16.0
@@ -903,7 +896,7 @@ def _dot_rows_words(x_row, q1, s1, m1, q2, s2, m2, mask_n, KIN: tl.constexpr, KQ
                     t2 += lo2 * x16[None, :]
         else:
             for j in tl.static_range(8):
-                xj = xt[j].to(tl.float32)  # [UK] inputs 8w + j
+                xj = tl.load(x_row + wi * 8 + j, mask=wm, other=0.0).to(tl.float32)  # [UK] inputs 8w + j
                 xw += xj
                 t1 += word_nibble(c1, j) * xj[None, :]
                 if TWO:
