@@ -170,6 +170,9 @@ def test_cuda_gate_up_matches_reference(e, f, d):
                 if hl:  # word-major: input 8w + j at j F / 8 + w
                     h = h[:, torch.argsort(word_major)]
                 assert rel(h.float(), ref) < (1e-5 if hl < 2 else 1e-2), (groups, ahead, launch, hl)
+        capped = qgm.gate_up(x, slots, gate, up, slot_base=1, groups=groups, ahead=ahead, launch=launch, regs=128)
+        assert torch.equal(capped, qgm.gate_up(x, slots, gate, up, slot_base=1, groups=groups, ahead=ahead,
+                                               launch=launch)), (groups, ahead, "a register cap changed h")
     qgm.gate_up(x, slots, gate, up, groups=2)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

@@ -372,11 +372,12 @@ if gluon is not None:
 
 
 def gate_up(x: Tensor, slots: Tensor, gate: QuantWeight, up: QuantWeight, *, slot_base: int = 0, h_layout: int = 0,
-            groups: int = 2, ahead: int = 1, launch: dict | None = None) -> Tensor:
+            groups: int = 2, ahead: int = 1, launch: dict | None = None, regs: int = 0) -> Tensor:
     """x [1, D] bf16, slots [K] int64 (rows slot_base + slots of the stacks) -> h [K, F] = silu(x gate^T) * (x up^T),
     fp32 (bf16 with h_layout 2), rows in input order (h_layout 0) or word-major (1, 2: QConfig.hw). groups, ahead:
-    G and D (fewer where they do not divide); launch: pdl.launch_args(device) to launch with PDL. gate_up_ok must
-    hold."""
+    G and D (fewer where they do not divide); launch: pdl.launch_args(device) to launch with PDL; regs: ptxas's
+    register cap (QConfig.regs; 0: its own choice, about 76 at the 10.6B shape, where it issues a program's word
+    loads in four rounds, each next to its first use; at 128 it issues them in two). gate_up_ok must hold."""
     if not gate_up_ok(x, gate, up):
         raise ValueError(f"the Gluon gate_up does not serve x {x.dtype} {list(x.shape)} on {x.device} with "
                          f"{gate.fmt} stacks {list(gate.shape)} in groups of {gate.group}; use quant_moe.quant_gate_up")
@@ -389,6 +390,8 @@ def gate_up(x: Tensor, slots: Tensor, gate: QuantWeight, up: QuantWeight, *, slo
     opts = dict(launch or {})
     gdc = bool(opts.pop("GDC", False))
     opts.pop("PRE", None)
+    if regs:
+        opts["maxnreg"] = int(regs)
     GATE_UP[(-(-f // ROWS), k)](x, slots.reshape(-1), int(slot_base), gq, uoff, gate.scale, up.scale, gate.min,
                                 up.min, h, f, gq.stride(0), gq.stride(1), gate.scale.stride(0), gate.scale.stride(1),
                                 gate.min.stride(0), gate.min.stride(1), KW=d // 8, NG=d // GROUP, G=G, D=D,

@@ -1581,7 +1581,7 @@ def experts_quant_decode(x: Tensor, slots: Tensor, weights: Tensor, gate: QuantW
     launch = launch_args(x.device)
     if plain and gcfg.algo == 3 and quant_gluon_moe.gate_up_ok(x, gate, up):
         h = quant_gluon_moe.gate_up(x, slots.reshape(-1), gate, up, slot_base=slot_base, h_layout=hl,
-                                    groups=gcfg.bg, ahead=max(gcfg.ahead, 1), launch=launch)
+                                    groups=gcfg.bg, ahead=max(gcfg.ahead, 1), launch=launch, regs=gcfg.regs)
     else:
         h = quant_gate_up(x, slots.reshape(1, K), gate, up, gcfg, slot_base=slot_base, h_layout=hl, act=act,
                           biases=None if biases is None else biases[:2])  # [K, F]
