@@ -232,3 +232,14 @@ def test_cuda_experts_quant_decode_dispatches_to_gluon(monkeypatch):
     calls.clear()
     one = qm.experts_quant_decode(x, slots, wts, gate, up, dw, round_to=torch.bfloat16, configs=(glu, None))
     assert calls == ["gate_up"] and rel(one.float(), base.float()) < 1e-2
+
+
+def test_tuned_gate_up_caps_the_gluon_kernel_only():
+    """TUNED's 10.6B gate_up is the Gluon kernel under a register cap of 128 (session 48); where that kernel cannot
+    serve, the word tile it falls back to runs uncapped (the cap was measured for the Gluon kernel only)."""
+    from tiered.kernels import quant_moe as qm
+
+    cfg = qm.pick_config("gate_up", "q4", 2048, 768)
+    assert cfg.algo == 3 and cfg.regs == 128
+    word = qm._word_tile_for(cfg, 4)
+    assert word.algo == 2 and word.regs == 0 and (word.bn, word.bg, word.warps) == (8, 16, 4)

@@ -271,6 +271,12 @@ TUNED: dict[tuple, QConfig] = {
     # shapes' stacks, T > 1), the word tile of bn 8, bg 16, 4 warps runs (_word_tile_for): the tile this entry
     # replaced. Not yet timed on the H200.
     ('gate_up', 'q4', 2048, 768): QConfig(bn=64, bg=4, warps=4, algo=3, ahead=2),
+    # the same under ptxas's register cap of 128 (session 48, call D, H100, s48_callD.sh,
+    # gate-up-regs-2026-12-06-h100-s48.json): uncapped, ptxas keeps it at 76 registers and issues a program's 16
+    # word loads in four rounds, each next to its first use (an HBM latency a round); capped at 128 it takes 118 and
+    # issues them in two. Decode 2,815.4 / 2,815.0 tok/s against 2,777.2 / 2,782.8 (1.013x), 3 programs a SM still
+    # fit (384 programs, one wave). Copying every word into shared memory at once (cp.async) was slower: 0.905x
+    ('gate_up', 'q4', 2048, 768): QConfig(bn=64, bg=4, warps=4, algo=3, ahead=2, regs=128),
 }
 
 
@@ -1597,10 +1603,10 @@ def experts_quant_decode(x: Tensor, slots: Tensor, weights: Tensor, gate: QuantW
 def _word_tile_for(cfg: QConfig, warps: int) -> QConfig:
     """An expert config as the word-tile kernels take it: algo 3 (quant_gluon_moe's kernels, where
     experts_quant_decode could not use them) becomes the word tile of 8 rows, 16 groups a step and `warps` warps (the
-    10.6B shape's TUNED tiles), its hw kept."""
+    10.6B shape's TUNED tiles), its hw kept and no register cap (the Gluon kernel's is its own)."""
     if cfg.algo != 3:
         return cfg
-    return dataclasses.replace(cfg, algo=2, bn=8, bg=16, warps=warps, ahead=0, persist=0)
+    return dataclasses.replace(cfg, algo=2, bn=8, bg=16, warps=warps, ahead=0, persist=0, regs=0)
 
 
 def down_h_layout(down: QuantWeight, config: QConfig | None, k: int) -> int:
