@@ -275,7 +275,7 @@ TUNED: dict[tuple, QConfig] = {
     # gate-up-regs-2026-12-06-h100-s48.json): uncapped, ptxas keeps it at 76 registers and issues a program's 16
     # word loads in four rounds, each next to its first use (an HBM latency a round); capped at 128 it takes 118 and
     # issues them in two. Decode 2,815.4 / 2,815.0 tok/s against 2,777.2 / 2,782.8 (1.013x), 3 programs a SM still
-    # fit (384 programs, one wave). Copying every word into shared memory at once (cp.async) was slower: 0.905x
+    # fit (384 programs, one wave). Copying every word into shared memory at once (cp.async) was slower: 0.906x
     ('gate_up', 'q4', 2048, 768): QConfig(bn=64, bg=4, warps=4, algo=3, ahead=2, regs=128),
 }
 
