@@ -216,7 +216,7 @@ def timeline_cuda(model, tokens: int, start: int) -> dict:
         torch.cuda.synchronize(model.device)
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
-        trace = json.load(open(f.name))
+        trace = json.loads(Path(f.name).read_text())
     ks = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"]), e["name"]) for e in trace.get("traceEvents", [])
                 if e.get("cat") == "kernel" and "dur" in e)
     del g
