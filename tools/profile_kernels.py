@@ -262,6 +262,25 @@ def step_advances(ks: list[tuple[float, float, str]], tokens: int) -> dict:
             "gap_us": sum(gaps) / max(1, len(gaps)), "rows": rows, "steps": steps}
 
 
+def share_dense(model, which: str) -> None:
+    """A diagnostic: every attention layer's o_proj ("o"), qkv ("qkv") or both read layer 0's weights (same shapes),
+    so that across a step those bytes come from L2 instead of HBM. The tokens are not the model's; the timing tells
+    what L2-resident dense weights would save the step (before building prefetches that put them there)."""
+    import dataclasses
+
+    first = next(lw.attn for lw in model.layers if lw.attn is not None)
+    for i, lw in enumerate(model.layers):
+        if lw.attn is None:
+            continue
+        kw = {}
+        if which in ("o", "both"):
+            kw["o"] = first.o
+        if which in ("qkv", "both"):
+            kw["qkv"] = first.qkv
+        model.layers[i] = dataclasses.replace(lw, attn=dataclasses.replace(lw.attn, **kw))
+    log(f"share-dense {which}: every layer reads layer 0's weights (a diagnostic: not the model's tokens)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-m", "--model", default=None, help="layout or checkpoint (default: --preset under --work)")
@@ -278,6 +297,10 @@ def main() -> None:
     ap.add_argument("--trace", action="store_true", help="CPU: print the launches of one step in order")
     ap.add_argument("--timeline", action="store_true",
                     help="CUDA: also profile the graph replays: what each kernel adds to the token (timeline_cuda)")
+    ap.add_argument("--share-dense", choices=("none", "o", "qkv", "both"), default="none",
+                    help="a diagnostic, not the model: every layer reads layer 0's o_proj / qkv / both, so those "
+                         "weights stay in L2 across layers; what the step would gain were they L2-resident "
+                         "(share_dense)")
     a = ap.parse_args()
     import tiered
 
@@ -292,6 +315,9 @@ def main() -> None:
                           max_context=a.prompt + 3 * a.tokens + 64, cuda_graphs=False, glue=glue)
         m = eng.model
         L = m.config.num_layers
+        if a.share_dense != "none":
+            share_dense(m, a.share_dense)
+            res["share_dense"] = a.share_dense
         prompt = torch.arange(100, 100 + a.prompt, device=m.device)
         m.forward(prompt, 0)
         if cuda:
