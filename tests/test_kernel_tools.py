@@ -128,3 +128,28 @@ def test_profile_timeline_arithmetic():
     assert [(s["kernel"], s["us"], s["start_after_us"]) for s in r["steps"]] == [("A", 10.0, 0.0), ("B", 7.0, -2.0),
                                                                                    ("C", 4.0, 1.0)]
     assert "error" in step_advances(ks[:5], 2) and "error" in step_advances([], 2)
+
+
+def test_share_dense_points_every_layer_at_layer_zero(tmp_path):
+    """tools/profile_kernels.py --share-dense (a diagnostic): "o" makes every layer's o_proj layer 0's tensor and
+    leaves qkv its own; "both" shares both. The model's other weights are untouched."""
+    import torch
+    from conftest import make_checkpoint
+    from profile_kernels import share_dense
+
+    import tiered
+    from tiered.layout.repack import repack
+
+    ck = make_checkpoint(tmp_path / "q", "qwen3_moe", seed=1, norm_topk_prob=True)
+    repack(ck, tmp_path / "l", progress=False)
+    for which, o_shared, qkv_shared in (("o", True, False), ("qkv", False, True), ("both", True, True)):
+        m = tiered.load(tmp_path / "l", device="cpu", dtype="float32", cuda_graphs=False).model
+        before = [(lw.attn.o, lw.attn.qkv, lw.moe) for lw in m.layers]
+        share_dense(m, which)
+        first = m.layers[0].attn
+        for (o, qkv, moe), lw in zip(before[1:], m.layers[1:]):
+            assert (lw.attn.o is first.o) == o_shared and (lw.attn.o is o) != o_shared
+            assert (lw.attn.qkv is first.qkv) == qkv_shared and (lw.attn.qkv is qkv) != qkv_shared
+            assert lw.moe is moe
+        out = m.forward(torch.arange(3, 7), 0)
+        assert torch.isfinite(out).all()
