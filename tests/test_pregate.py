@@ -114,3 +114,17 @@ def test_cuda_pregate_keeps_the_graphed_decode(monkeypatch, fmt):
         del eng
         torch.cuda.empty_cache()
     assert runs["0"] == runs["1"]
+
+
+def test_pregate_attaches_nowhere_on_the_cpu(monkeypatch):
+    """TIERED_PREGATE=1 on the CPU (no device pool, no L2 to fill): no layer changes, the tokens are the same."""
+    import tiered
+
+    runs = {}
+    for on in ("0", "1"):
+        monkeypatch.setenv("TIERED_PREGATE", on)
+        eng = tiered.load(None, device="cpu", dtype="float32", max_context=64)
+        assert eng.model.pregate_layers == 0
+        assert all(lw.attn is None or lw.attn.pregate is None for lw in eng.model.layers)
+        runs[on] = eng.generate(list(range(100, 108)), max_new_tokens=4, stop_at_eos=False).token_ids
+    assert runs["0"] == runs["1"]
