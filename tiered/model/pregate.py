@@ -19,6 +19,13 @@ programs: program p takes the guess's (p mod G)-th best expert and asks L2 for t
 block of the pool (cp.async.bulk.prefetch.L2, in 128 pieces). The expert kernels, four launches later, find those
 bytes in L2. Nothing the model computes changes: q, k, v are the same columns, the router is unchanged, and a wrong
 guess costs only HBM bandwidth.
+Measured (session 49, H100, `benchmarks/results/pregate-2026-12-06-h100-s49.json`): the q4+q4 VRAM decode of the
+8-layer 10.6B shape 2,647.2 / 2,646.8 tok/s with it against 2,784.4 / 2,791.7 without (0.949x), so it is off by
+default. The timeline says where: gate_up adds 7.01 us a layer against 8.21 (the guess names 43% of that random-weight
+model's experts), but qk_rope adds 6.53 against 1.69: its pregate programs (eight cross-warp max and min reductions
+for the top-8, then 128 bulk prefetches a program) are slower than the rope they run beside. What would make it
+pay: the selection in one warp or by rank, fewer and larger bulk prefetches, and a model whose guess is as good as
+the reference model's (78%).
 When: CUDA, the glue kernels, a ResidentExperts provider whose pool is on the device, no routing override; per layer:
 attention (no output gate) and a MoE layer whose router takes the router kernel (plain softmax-top-k). G = top-k;
 G blocks must fit half the device's L2 (q4 at the 10.6B shape: 8 x 2.7 MB; bf16's 8 x 9.4 MB do not).
@@ -39,7 +46,7 @@ CHUNKS = 8  # programs an expert's block is split over
 
 
 def enabled() -> bool:
-    """TIERED_PREGATE=1 turns the pre-gated L2 prefetch on (off by default until the decode shows it faster)."""
+    """TIERED_PREGATE=1 turns the pre-gated L2 prefetch on (off by default: measured 0.949x, see above)."""
     v = os.environ.get(ENV, "0").strip().lower()
     if v not in ("0", "1", "on", "off", "true", "false", "yes", "no", ""):
         raise ValueError(f"{ENV}={v!r}: use 1 (on) or 0 (off)")
