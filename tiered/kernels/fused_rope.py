@@ -34,7 +34,8 @@ NORMS = (None, "head", "proj")
 def qk_rope(qkv: Tensor, cos: Tensor, sin: Tensor, *, heads: int, kv_heads: int, head_dim: int,
             norm: str | None = None, norm_weight: Tensor | None = None, eps: float = 1e-6,
             clip: float | None = None, k_out: Tensor | None = None, v_out: Tensor | None = None,
-            positions: Tensor | int = 0, pregate=None, pregate_dry: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+            positions: Tensor | int = 0, pregate=None,
+            pregate_dry: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """qkv [T, >= (H+2KV)*hd] (rows may be strided; columns q | k | v [| gate]), cos/sin [T, r] (layers.Rope rows)
     -> (q [T, H, hd], k_out, v_out).
 
@@ -105,8 +106,7 @@ def qk_rope(qkv: Tensor, cos: Tensor, sin: Tensor, *, heads: int, kv_heads: int,
 def _pregate_args(pregate, qkv: Tensor, T: int, dry: Tensor | None) -> dict:
     """The pregate programs' launch arguments (PG 0: none)."""
     none = {"PG": 0, "POOL": qkv, "pg_row0": 0, "pg_stride": 0, "pg_bytes": 0, "pg_col": 0, "pg_chunk": 0,
-            "pg_piece": 0, "DRY": qkv, "PG_E": 1,
-            "PG_EP": 1, "PG_G": 1, "PG_C": 1, "PG_NT": 1, "PG_DRY": False}
+            "pg_piece": 0, "DRY": qkv, "PG_E": 1, "PG_EP": 1, "PG_G": 1, "PG_C": 1, "PG_NT": 1, "PG_DRY": False}
     if pregate is None or T != 1:
         return none
     p = pregate
@@ -124,9 +124,9 @@ def _pregate_args(pregate, qkv: Tensor, T: int, dry: Tensor | None) -> dict:
                          f"{tuple(dry.shape)} {dry.dtype}")
     chunk, piece = pregate_pieces(nt, p.chunks, p.pool.shape[1])
     return {"PG": p.top * p.chunks, "POOL": p.pool, "pg_row0": p.row0, "pg_stride": p.pool.stride(0),
-            "pg_bytes": p.pool.shape[1], "pg_col": p.col, "pg_chunk": chunk, "pg_piece": piece, "DRY": qkv if dry is None else dry, "PG_E": p.experts,
-            "PG_EP": triton.next_power_of_2(p.experts), "PG_G": p.top, "PG_C": p.chunks, "PG_NT": nt,
-            "PG_DRY": dry is not None}
+            "pg_bytes": p.pool.shape[1], "pg_col": p.col, "pg_chunk": chunk, "pg_piece": piece,
+            "DRY": qkv if dry is None else dry, "PG_E": p.experts, "PG_EP": triton.next_power_of_2(p.experts),
+            "PG_G": p.top, "PG_C": p.chunks, "PG_NT": nt, "PG_DRY": dry is not None}
 
 
 PREGATE_PIECES = 128  # bulk prefetches a pregate program issues (an element each; a thread or a few per element)
