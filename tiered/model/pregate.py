@@ -22,10 +22,10 @@ guess costs only HBM bandwidth.
 Measured (session 49, H100, `benchmarks/results/pregate-2026-12-06-h100-s49.json`): the q4+q4 VRAM decode of the
 8-layer 10.6B shape 2,647.2 / 2,646.8 tok/s with it against 2,784.4 / 2,791.7 without (0.949x), so it is off by
 default. The timeline says where: gate_up adds 7.01 us a layer against 8.21 (the guess names 43% of that random-weight
-model's experts), but qk_rope adds 6.53 against 1.69: its pregate programs (eight cross-warp max and min reductions
-for the top-8, then 128 bulk prefetches a program) are slower than the rope they run beside. What would make it
-pay: the selection in one warp or by rank, fewer and larger bulk prefetches, and a model whose guess is as good as
-the reference model's (78%).
+model's experts), but qk_rope adds 6.53 against 1.69: its span grows by about the time HBM needs for the 21.6 MB
+asked for, so its programs probably do not exit before their bulk prefetches complete (not verified). What would
+make it pay: line prefetches (prefetch.global.L2, fire and forget) in place of the bulk copies, the selection by
+rank in one warp, and a model whose guess is as good as the reference model's (78%).
 When: CUDA, the glue kernels, a ResidentExperts provider whose pool is on the device, no routing override; per layer:
 attention (no output gate) and a MoE layer whose router takes the router kernel (plain softmax-top-k). G = top-k;
 G blocks must fit half the device's L2 (q4 at the 10.6B shape: 8 x 2.7 MB; bf16's 8 x 9.4 MB do not).
