@@ -402,8 +402,8 @@ for dt, wdt in (("bf16", "bf16"), ("bf16", "fp32"), ("fp32", "fp32"), ("fp16", "
                **{k: "i64" for k in ("pg_row0", "pg_stride", "pg_bytes", "pg_col", "pg_chunk", "pg_piece")},
                **{k: "constexpr" for k in ("NQ", "NK", "HD", "R", "NQG", "GLEN_Q", "GLEN_K", "BLOCK", "NORM", "W32",
                                            "CLIP", "HAS_POS", "GROUPS", "PG", "PG_E", "PG_EP", "PG_G", "PG_C",
-                                           "PG_NT", "PG_DRY")}}
-        off = {"PG": 0, "PG_E": 1, "PG_EP": 1, "PG_G": 1, "PG_C": 1, "PG_NT": 1, "PG_DRY": False}
+                                           "PG_NT", "PG_DRY", "PG_LINES")}}
+        off = {"PG": 0, "PG_E": 1, "PG_EP": 1, "PG_G": 1, "PG_C": 1, "PG_NT": 1, "PG_DRY": False, "PG_LINES": 0}
         cx = {"NQ": 4096, "NK": 512, "HD": 128, "R": r, "NQG": 32, "GLEN_Q": 128, "GLEN_K": 128, "BLOCK": 128,
               "NORM": norm, "W32": wdt == "fp32", "CLIP": clip, "HAS_POS": pos, "GROUPS": 36, **off}
         assert "cp.async.bulk.prefetch" not in cubin(fused_rope._QK_ROPE, sig, cx)
@@ -411,6 +411,9 @@ for dt, wdt in (("bf16", "bf16"), ("bf16", "fp32"), ("fp32", "fp32"), ("fp16", "
         pg = cubin(fused_rope._QK_ROPE, sig, {**cx, "PG": 64, "PG_E": 128, "PG_EP": 128, "PG_G": 8, "PG_C": 8,
                                               "PG_NT": fused_rope.PREGATE_PIECES})
         assert "cp.async.bulk.prefetch.L2.global" in pg
+        pl = cubin(fused_rope._QK_ROPE, sig, {**cx, "PG": 64, "PG_E": 128, "PG_EP": 128, "PG_G": 8, "PG_C": 8,
+                                              "PG_NT": fused_rope.PREGATE_PIECES, "PG_LINES": 21})  # line prefetches
+        assert "prefetch.global.L2" in pl and "cp.async.bulk.prefetch" not in pl
         cx.update(NQG=1, GLEN_Q=4096, GLEN_K=512, BLOCK=4096, GROUPS=2)  # whole-projection norms (OLMoE)
         cubin(fused_rope._QK_ROPE, sig, cx)
     sig = {"LOGITS": f"*{dt}", "IDS": "*i64", "W": "*fp32", "E": "i32", "s_l": "i64", "SLOT_OF": "*i32",

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tiered.kernels.fused_rope import PREGATE_PIECES, pregate_pieces, qk_rope
-from tiered.model.pregate import PregateTarget, enabled, guess_rows
+from tiered.model.pregate import PregateTarget, enabled, guess_rows, mode
 
 interp = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter tests run on CPU")
 
@@ -31,9 +31,10 @@ def test_guess_rows_give_the_routers_order_on_the_pre_attention_state():
 
 def test_enabled_reads_the_switch(monkeypatch):
     monkeypatch.delenv("TIERED_PREGATE", raising=False)
-    assert not enabled()
-    monkeypatch.setenv("TIERED_PREGATE", "1")
-    assert enabled()
+    assert not enabled() and mode() == "off"
+    for v, want in (("1", "bulk"), ("bulk", "bulk"), ("lines", "lines"), ("0", "off")):
+        monkeypatch.setenv("TIERED_PREGATE", v)
+        assert mode() == want and enabled() == (want != "off")
     monkeypatch.setenv("TIERED_PREGATE", "maybe")
     with pytest.raises(ValueError, match="TIERED_PREGATE"):
         enabled()
@@ -46,8 +47,9 @@ def test_pieces_cover_a_block_in_16_byte_units():
 
 
 @interp
+@pytest.mark.parametrize("lines", [False, True])
 @pytest.mark.parametrize("ties", [False, True])
-def test_pregate_programs_ask_for_the_guess_best_experts_blocks(ties):
+def test_pregate_programs_ask_for_the_guess_best_experts_blocks(ties, lines):
     """qk_rope with a pregate target (the dry run): q, k and v are what they are without it; program p names the
     guess's (p mod G)-th best expert (ties to the lower index) and its pieces tile that expert's block exactly once
     over the C programs, each a multiple of 16 bytes."""
@@ -61,7 +63,7 @@ def test_pregate_programs_ask_for_the_guess_best_experts_blocks(ties):
     w = torch.rand(H + KV, hd, generator=g) + 0.5
     block = 4096 + 64
     pool = torch.zeros(3 * E, block, dtype=torch.uint8)
-    target = PregateTarget(col=nq + 2 * nk, experts=E, top=G, chunks=C, pool=pool, row0=E)
+    target = PregateTarget(col=nq + 2 * nk, experts=E, top=G, chunks=C, pool=pool, row0=E, lines=lines)
     dry = torch.full((G * C * PREGATE_PIECES, 3), -1, dtype=torch.int64)
     kw = dict(heads=H, kv_heads=KV, head_dim=hd, norm="head", norm_weight=w, eps=1e-6)
     q0, k0, v0 = qk_rope(qkv.clone(), cos, sin, **kw)
@@ -93,27 +95,27 @@ def test_pregate_refuses_guess_columns_past_qkv():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("fmt", ["source", "q4"])
-def test_cuda_pregate_keeps_the_graphed_decode(monkeypatch, fmt):
-    """The reference model on CUDA, resident, the step replayed from graphs: with TIERED_PREGATE=1 every layer gets
-    the guess rows and its qk_rope asks L2 for the guessed experts, and the greedy tokens and the last logits are
-    those without it (the guess changes no value the model computes)."""
+@pytest.mark.parametrize("fmt,how", [("source", "1"), ("q4", "1"), ("q4", "lines")])
+def test_cuda_pregate_keeps_the_graphed_decode(monkeypatch, fmt, how):
+    """The reference model on CUDA, resident, the step replayed from graphs: with TIERED_PREGATE on (bulk or line
+    prefetches) every layer gets the guess rows and its qk_rope asks L2 for the guessed experts, and the greedy tokens
+    are those without it (the guess changes no value the model computes)."""
     import tiered
 
     prompt = list(range(100, 140))
     runs = {}
-    for on in ("0", "1"):
+    for on in ("0", how):
         monkeypatch.setenv("TIERED_PREGATE", on)
         eng = tiered.load(None, device="cuda", dtype="bfloat16", max_context=256, attn="triton", experts=fmt,
                           dense=fmt)
         L = eng.model.config.num_layers
-        assert eng.model.pregate_layers == (L if on == "1" else 0)
+        assert eng.model.pregate_layers == (L if on != "0" else 0)
         g = eng.generate(prompt, max_new_tokens=48, stop_at_eos=False)
         assert g.stats["decode_graphs"] == "full"
         runs[on] = g.token_ids
         del eng
         torch.cuda.empty_cache()
-    assert runs["0"] == runs["1"]
+    assert runs["0"] == runs[how]
 
 
 def test_pregate_attaches_nowhere_on_the_cpu(monkeypatch):

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from tiered.kernels.fused_norm import _check_device, _round_to, _warps, triton, tl
-from tiered.kernels.pdl import gdc_enter, l2_bulk, launch_args
+from tiered.kernels.pdl import gdc_enter, l2_bulk, l2_prefetch, launch_args
 
 NORMS = (None, "head", "proj")
 
@@ -45,7 +45,8 @@ def qk_rope(qkv: Tensor, cos: Tensor, sin: Tensor, *, heads: int, kv_heads: int,
     tensors (rows 0..T-1).
     pregate (one token; a model/pregate.PregateTarget): qkv also holds the layer's guess logits at columns
     col..col+E-1; the launch runs G x C more programs, each asking L2 for a C-th of the block of one of the guess's G
-    best experts (pool rows row0 + expert), in NT pieces a program (pdl.l2_bulk). pregate_dry (tests, the
+    best experts (pool rows row0 + expert), in NT pieces a program (pdl.l2_bulk; pregate.lines: pdl.l2_prefetch of
+    each 128-byte line of a piece). pregate_dry (tests, the
     interpreter, which runs no PTX): an int64 [G*C*NT, 3] tensor that gets each piece's (expert, byte offset in its
     block, bytes) instead of the prefetch.
     """
@@ -106,7 +107,8 @@ def qk_rope(qkv: Tensor, cos: Tensor, sin: Tensor, *, heads: int, kv_heads: int,
 def _pregate_args(pregate, qkv: Tensor, T: int, dry: Tensor | None) -> dict:
     """The pregate programs' launch arguments (PG 0: none)."""
     none = {"PG": 0, "POOL": qkv, "pg_row0": 0, "pg_stride": 0, "pg_bytes": 0, "pg_col": 0, "pg_chunk": 0,
-            "pg_piece": 0, "DRY": qkv, "PG_E": 1, "PG_EP": 1, "PG_G": 1, "PG_C": 1, "PG_NT": 1, "PG_DRY": False}
+            "pg_piece": 0, "DRY": qkv, "PG_E": 1, "PG_EP": 1, "PG_G": 1, "PG_C": 1, "PG_NT": 1, "PG_DRY": False,
+            "PG_LINES": 0}
     if pregate is None or T != 1:
         return none
     p = pregate
@@ -123,7 +125,8 @@ def _pregate_args(pregate, qkv: Tensor, T: int, dry: Tensor | None) -> dict:
         raise ValueError(f"qk_rope: pregate_dry must be int64 [{p.top * p.chunks * nt}, 3], got "
                          f"{tuple(dry.shape)} {dry.dtype}")
     chunk, piece = pregate_pieces(nt, p.chunks, p.pool.shape[1])
-    return {"PG": p.top * p.chunks, "POOL": p.pool, "pg_row0": p.row0, "pg_stride": p.pool.stride(0),
+    lines = (piece + 127) // 128 if p.lines else 0  # 128-byte lines a piece (a thread's), or bulk copies
+    return {"PG": p.top * p.chunks, "PG_LINES": lines, "POOL": p.pool, "pg_row0": p.row0, "pg_stride": p.pool.stride(0),
             "pg_bytes": p.pool.shape[1], "pg_col": p.col, "pg_chunk": chunk, "pg_piece": piece,
             "DRY": qkv if dry is None else dry, "PG_E": p.experts, "PG_EP": triton.next_power_of_2(p.experts),
             "PG_G": p.top, "PG_C": p.chunks, "PG_NT": nt, "PG_DRY": dry is not None}
@@ -143,10 +146,12 @@ def pregate_pieces(nt: int, chunks: int, block: int) -> tuple[int, int]:
 # --- kernel (a plain function, wrapped by triton.jit below: compiled, or interpreted on CPU) ---
 
 def _pregate_kernel(row, p, POOL, pg_row0, pg_stride, pg_bytes, pg_col, pg_chunk, pg_piece, DRY, PG_E: tl.constexpr,
-                    PG_EP: tl.constexpr, PG_G: tl.constexpr, PG_NT: tl.constexpr, PG_DRY: tl.constexpr):
+                    PG_EP: tl.constexpr, PG_G: tl.constexpr, PG_NT: tl.constexpr, PG_DRY: tl.constexpr,
+                    PG_LINES: tl.constexpr):
     """Pregate program p: the guess logits at row[pg_col ..] (E of them), their (p % G)-th best expert (ties to the
     lower index, as softmax-top-k ranks them), and the (p // G)-th chunk of its pool row asked into L2 in NT pieces
-    (PG_DRY: each piece's expert, offset and bytes written to DRY instead)."""
+    (PG_DRY: each piece's expert, offset and bytes written to DRY instead): one bulk prefetch a piece, or with
+    PG_LINES > 0 that many line prefetches (prefetch.global.L2 of 128 bytes, through the load unit)."""
     e = tl.arange(0, PG_EP)
     x = tl.load(row + pg_col + e, mask=e < PG_E, other=float("-inf")).to(tl.float32)
     x = tl.where(x != x, float("-inf"), x)  # NaN ranks last
@@ -167,6 +172,11 @@ def _pregate_kernel(row, p, POOL, pg_row0, pg_stride, pg_bytes, pg_col, pg_chunk
         tl.store(base, tl.zeros_like(j).to(tl.int64) + pick)
         tl.store(base + 1, off.to(tl.int64))
         tl.store(base + 2, n.to(tl.int64))
+    elif PG_LINES > 0:
+        blk = POOL + (pg_row0 + pick).to(tl.int64) * pg_stride
+        for i in tl.static_range(PG_LINES):
+            lo = off + i * 128  # [NT] a line of each piece
+            l2_prefetch(blk + tl.where(lo < end, lo, 0).to(tl.int64))  # past the piece: the block's first line again
     else:
         l2_bulk(POOL + (pg_row0 + pick).to(tl.int64) * pg_stride + tl.where(n > 0, off, 0).to(tl.int64), n)
 
@@ -178,13 +188,14 @@ def _qk_rope_kernel(QKV, NW, COS, SIN, Q, KO, VO, POS, pos0, eps, clip,
                     GLEN_Q: tl.constexpr, GLEN_K: tl.constexpr, BLOCK: tl.constexpr, NORM: tl.constexpr,
                     W32: tl.constexpr, CLIP: tl.constexpr, HAS_POS: tl.constexpr, GROUPS: tl.constexpr,
                     PG: tl.constexpr, PG_E: tl.constexpr, PG_EP: tl.constexpr, PG_G: tl.constexpr,
-                    PG_C: tl.constexpr, PG_NT: tl.constexpr, PG_DRY: tl.constexpr, GDC: tl.constexpr = False):
+                    PG_C: tl.constexpr, PG_NT: tl.constexpr, PG_DRY: tl.constexpr, PG_LINES: tl.constexpr = 0,
+                    GDC: tl.constexpr = False):
     gdc_enter(GDC)
     t = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     if PG > 0 and g >= GROUPS:  # a pregate program (model/pregate.py): one token, after the qkv GEMV's results
         _PREGATE(QKV + t * s_qkv, g - GROUPS, POOL, pg_row0, pg_stride, pg_bytes, pg_col, pg_chunk, pg_piece,
-                 DRY, PG_E, PG_EP, PG_G, PG_NT, PG_DRY)
+                 DRY, PG_E, PG_EP, PG_G, PG_NT, PG_DRY, PG_LINES)
     else:
         is_k = g >= NQG
         col0 = tl.where(is_k, NQ + (g - NQG) * GLEN_K, g * GLEN_Q)  # first q|k column of this norm group

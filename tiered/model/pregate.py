@@ -45,24 +45,36 @@ ENV = "TIERED_PREGATE"
 CHUNKS = 8  # programs an expert's block is split over
 
 
-def enabled() -> bool:
-    """TIERED_PREGATE=1 turns the pre-gated L2 prefetch on (off by default: measured 0.949x, see above)."""
+MODES = ("off", "bulk", "lines")
+
+
+def mode() -> str:
+    """TIERED_PREGATE: 0 / off (the default: bulk measured 0.949x, see above), 1 / bulk (cp.async.bulk prefetches of
+    the guessed blocks) or lines (prefetch.global.L2 of each 128-byte line: no copy engine; not yet timed)."""
     v = os.environ.get(ENV, "0").strip().lower()
-    if v not in ("0", "1", "on", "off", "true", "false", "yes", "no", ""):
-        raise ValueError(f"{ENV}={v!r}: use 1 (on) or 0 (off)")
-    return v in ("1", "on", "true", "yes")
+    named = {"0": "off", "off": "off", "": "off", "1": "bulk", "on": "bulk", "bulk": "bulk", "lines": "lines"}
+    if v not in named:
+        raise ValueError(f"{ENV}={v!r}: use 0 (off), 1 or bulk (bulk prefetches), or lines (line prefetches)")
+    return named[v]
+
+
+def enabled() -> bool:
+    """Whether TIERED_PREGATE asks for the pre-gate (either prefetch)."""
+    return mode() != "off"
 
 
 @dataclass(frozen=True)
 class PregateTarget:
     """A layer's guess and where its experts live: the guess logits at qkv columns col..col+experts-1; expert e's
-    block is pool row row0 + e (uint8 [rows, block] on the device); `top` experts asked for, `chunks` programs each."""
+    block is pool row row0 + e (uint8 [rows, block] on the device); `top` experts asked for, `chunks` programs each;
+    `lines`: line prefetches in place of bulk copies (TIERED_PREGATE=lines)."""
     col: int
     experts: int
     top: int
     chunks: int
     pool: Tensor
     row0: int
+    lines: bool = False
 
 
 def guess_rows(router: Tensor, attn_norm: Tensor, mlp_norm: Tensor) -> Tensor:
@@ -107,7 +119,8 @@ def attach(model) -> int:
         bias = lw.attn.qkv_bias
         if bias is not None:
             bias = torch.cat([bias, torch.zeros(E, dtype=bias.dtype, device=bias.device)])
-        target = PregateTarget(col=col, experts=E, top=cfg.top_k, chunks=CHUNKS, pool=pool, row0=l * E)
+        target = PregateTarget(col=col, experts=E, top=cfg.top_k, chunks=CHUNKS, pool=pool, row0=l * E,
+                               lines=mode() == "lines")
         attn = dataclasses.replace(lw.attn, qkv=_append(lw.attn.qkv, guess), qkv_bias=bias, pregate=target)
         model.layers[l] = dataclasses.replace(lw, attn=attn)
         n += 1
