@@ -110,6 +110,7 @@ def attach(model) -> int:
     if cfg.top_k * pool.shape[1] > l2 // 2:
         return 0
     E = prov.num_experts
+    lines = mode() == "lines"
     n = 0
     for l, lw in enumerate(model.layers):
         if lw.attn is None or lw.moe is None or not model._router_layers[l]:
@@ -120,7 +121,7 @@ def attach(model) -> int:
         if bias is not None:
             bias = torch.cat([bias, torch.zeros(E, dtype=bias.dtype, device=bias.device)])
         target = PregateTarget(col=col, experts=E, top=cfg.top_k, chunks=CHUNKS, pool=pool, row0=l * E,
-                               lines=mode() == "lines")
+                               lines=lines)
         attn = dataclasses.replace(lw.attn, qkv=_append(lw.attn.qkv, guess), qkv_bias=bias, pregate=target)
         model.layers[l] = dataclasses.replace(lw, attn=attn)
         n += 1

@@ -32,8 +32,7 @@ import dataclasses
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
-from typing import Iterator, Protocol
+from typing import Any, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
