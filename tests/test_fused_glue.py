@@ -386,7 +386,6 @@ tgt = GPUTarget("cuda", 90, 32)
 def cubin(fn, sig, cx):  # with programmatic dependent launch (kernels/pdl.py), as the launchers pass it on sm_90
     k = triton.compile(ASTSource(fn, {**sig, "GDC": "constexpr"}, constexprs={**cx, "GDC": True}), target=tgt)
     assert k.asm["cubin"] and "griddepcontrol.wait" in k.asm["ptx"]
-    return k.asm["ptx"]
 
 for dt, wdt in (("bf16", "bf16"), ("bf16", "fp32"), ("fp32", "fp32"), ("fp16", "fp16")):
     for add in (False, True):
@@ -398,23 +397,12 @@ for dt, wdt in (("bf16", "bf16"), ("bf16", "fp32"), ("fp32", "fp32"), ("fp16", "
         sig = {"QKV": f"*{dt}", "NW": f"*{wdt}", "COS": f"*{dt}", "SIN": f"*{dt}", "Q": f"*{dt}", "KO": f"*{dt}",
                "VO": f"*{dt}", "POS": "*i64", "pos0": "i64", "eps": "fp32", "clip": "fp32",
                **{k: "i64" for k in ("s_qkv", "s_cos", "s_sin", "s_q", "s_kr", "s_kh", "s_vr", "s_vh")},
-               "POOL": "*u8", "DRY": "*i64",
-               **{k: "i64" for k in ("pg_row0", "pg_stride", "pg_bytes", "pg_col", "pg_chunk", "pg_piece")},
                **{k: "constexpr" for k in ("NQ", "NK", "HD", "R", "NQG", "GLEN_Q", "GLEN_K", "BLOCK", "NORM", "W32",
-                                           "CLIP", "HAS_POS", "GROUPS", "PG", "PG_E", "PG_EP", "PG_G", "PG_C",
-                                           "PG_NT", "PG_DRY", "PG_LINES")}}
-        off = {"PG": 0, "PG_E": 1, "PG_EP": 1, "PG_G": 1, "PG_C": 1, "PG_NT": 1, "PG_DRY": False, "PG_LINES": 0}
+                                           "CLIP", "HAS_POS")}}
         cx = {"NQ": 4096, "NK": 512, "HD": 128, "R": r, "NQG": 32, "GLEN_Q": 128, "GLEN_K": 128, "BLOCK": 128,
-              "NORM": norm, "W32": wdt == "fp32", "CLIP": clip, "HAS_POS": pos, "GROUPS": 36, **off}
-        assert "cp.async.bulk.prefetch" not in cubin(fused_rope._QK_ROPE, sig, cx)
-        # the pregate programs (model/pregate.py): 8 of 128 experts, 8 chunks each, 128 bulk prefetches a program
-        pg = cubin(fused_rope._QK_ROPE, sig, {**cx, "PG": 64, "PG_E": 128, "PG_EP": 128, "PG_G": 8, "PG_C": 8,
-                                              "PG_NT": fused_rope.PREGATE_PIECES})
-        assert "cp.async.bulk.prefetch.L2.global" in pg
-        pl = cubin(fused_rope._QK_ROPE, sig, {**cx, "PG": 64, "PG_E": 128, "PG_EP": 128, "PG_G": 8, "PG_C": 8,
-                                              "PG_NT": fused_rope.PREGATE_PIECES, "PG_LINES": 21})  # line prefetches
-        assert "prefetch.global.L2" in pl and "cp.async.bulk.prefetch" not in pl
-        cx.update(NQG=1, GLEN_Q=4096, GLEN_K=512, BLOCK=4096, GROUPS=2)  # whole-projection norms (OLMoE)
+              "NORM": norm, "W32": wdt == "fp32", "CLIP": clip, "HAS_POS": pos}
+        cubin(fused_rope._QK_ROPE, sig, cx)
+        cx.update(NQG=1, GLEN_Q=4096, GLEN_K=512, BLOCK=4096)  # whole-projection norms (OLMoE)
         cubin(fused_rope._QK_ROPE, sig, cx)
     sig = {"LOGITS": f"*{dt}", "IDS": "*i64", "W": "*fp32", "E": "i32", "s_l": "i64", "SLOT_OF": "*i32",
            "base": "i64", "SLOTS": "*i64", "BAD": "*i64", "HOST_ROW": "*i64", "SRC": "*i64", "COUNTS": "*i64",

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from tiered.kernels.fused_norm import _check_device, _round_to, _warps, triton, tl
-from tiered.kernels.pdl import gdc_enter, l2_bulk, l2_prefetch, launch_args
+from tiered.kernels.pdl import gdc_enter, launch_args
 
 NORMS = (None, "head", "proj")
 
@@ -34,8 +34,7 @@ NORMS = (None, "head", "proj")
 def qk_rope(qkv: Tensor, cos: Tensor, sin: Tensor, *, heads: int, kv_heads: int, head_dim: int,
             norm: str | None = None, norm_weight: Tensor | None = None, eps: float = 1e-6,
             clip: float | None = None, k_out: Tensor | None = None, v_out: Tensor | None = None,
-            positions: Tensor | int = 0, pregate=None,
-            pregate_dry: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+            positions: Tensor | int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """qkv [T, >= (H+2KV)*hd] (rows may be strided; columns q | k | v [| gate]), cos/sin [T, r] (layers.Rope rows)
     -> (q [T, H, hd], k_out, v_out).
 
@@ -43,12 +42,6 @@ def qk_rope(qkv: Tensor, cos: Tensor, sin: Tensor, *, heads: int, kv_heads: int,
     [(H+KV)*hd]: q_norm then k_norm). k_out/v_out: [S, KV, hd] row buffers (last dim contiguous), written at rows
     `positions` ([T] int64 on the device, or an int: rows positions..positions+T-1); None = new [T, KV, hd]
     tensors (rows 0..T-1).
-    pregate (one token; a model/pregate.PregateTarget): qkv also holds the layer's guess logits at columns
-    col..col+E-1; the launch runs G x C more programs, each asking L2 for a C-th of the block of one of the guess's G
-    best experts (pool rows row0 + expert), in NT pieces a program (pdl.l2_bulk; pregate.lines: pdl.l2_prefetch of
-    each 128-byte line of a piece). pregate_dry (tests, the
-    interpreter, which runs no PTX): an int64 [G*C*NT, 3] tensor that gets each piece's (expert, byte offset in its
-    block, bytes) instead of the prefetch.
     """
     _check_device(qkv, "qk_rope")
     H, KV, hd = heads, kv_heads, head_dim
@@ -92,159 +85,74 @@ def qk_rope(qkv: Tensor, cos: Tensor, sin: Tensor, *, heads: int, kv_heads: int,
     nqg, glen_q, glen_k = (1, nq, nk) if proj else (H, hd, hd)
     groups = nqg + (1 if proj else KV)
     block = triton.next_power_of_2(max(glen_q, glen_k))
-    pg = _pregate_args(pregate, qkv, T, pregate_dry)
-    _QK_ROPE[(T, groups + pg["PG"])](
+    _QK_ROPE[(T, groups)](
         qkv, nw, cos, sin, q, k_out, v_out, pos, 0 if has_pos else int(positions), float(eps),
         float(clip) if clip is not None else 0.0,
         qkv.stride(0), cos.stride(0), sin.stride(0), q.stride(0), k_out.stride(0), k_out.stride(1),
         v_out.stride(0), v_out.stride(1),
         NQ=nq, NK=nk, HD=hd, R=r, NQG=nqg, GLEN_Q=glen_q, GLEN_K=glen_k, BLOCK=block, NORM=norm is not None,
         W32=nw.dtype == torch.float32 and norm is not None, CLIP=clip is not None, HAS_POS=has_pos,
-        GROUPS=groups, **pg, num_warps=_warps(block), **launch_args(qkv.device))
+        num_warps=_warps(block), **launch_args(qkv.device))
     return q, k_out, v_out
-
-
-def _pregate_args(pregate, qkv: Tensor, T: int, dry: Tensor | None) -> dict:
-    """The pregate programs' launch arguments (PG 0: none)."""
-    none = {"PG": 0, "POOL": qkv, "pg_row0": 0, "pg_stride": 0, "pg_bytes": 0, "pg_col": 0, "pg_chunk": 0,
-            "pg_piece": 0, "DRY": qkv, "PG_E": 1, "PG_EP": 1, "PG_G": 1, "PG_C": 1, "PG_NT": 1, "PG_DRY": False,
-            "PG_LINES": 0}
-    if pregate is None or T != 1:
-        return none
-    p = pregate
-    if p.col + p.experts > qkv.shape[1]:
-        raise ValueError(f"qk_rope: pregate's guess columns {p.col}..{p.col + p.experts - 1} lie past qkv's "
-                         f"{qkv.shape[1]} columns")
-    if p.pool.device != qkv.device or p.pool.dtype != torch.uint8 or p.pool.dim() != 2 or p.pool.stride(1) != 1:
-        raise ValueError("qk_rope: pregate's pool must be a uint8 [rows, block] tensor on qkv's device")
-    if p.pool.stride(0) % 16 or p.pool.shape[1] % 16 or p.pool.data_ptr() % 16:
-        raise ValueError(f"qk_rope: pregate's pool rows must be 16-byte aligned multiples of 16 bytes "
-                         f"(stride {p.pool.stride(0)}, block {p.pool.shape[1]})")
-    nt = PREGATE_PIECES
-    if dry is not None and (dry.shape != (p.top * p.chunks * nt, 3) or dry.dtype != torch.int64):
-        raise ValueError(f"qk_rope: pregate_dry must be int64 [{p.top * p.chunks * nt}, 3], got "
-                         f"{tuple(dry.shape)} {dry.dtype}")
-    chunk, piece = pregate_pieces(nt, p.chunks, p.pool.shape[1])
-    lines = (piece + 127) // 128 if p.lines else 0  # 128-byte lines a piece (a thread's), or bulk copies
-    return {"PG": p.top * p.chunks, "PG_LINES": lines, "POOL": p.pool, "pg_row0": p.row0, "pg_stride": p.pool.stride(0),
-            "pg_bytes": p.pool.shape[1], "pg_col": p.col, "pg_chunk": chunk, "pg_piece": piece,
-            "DRY": qkv if dry is None else dry, "PG_E": p.experts, "PG_EP": triton.next_power_of_2(p.experts),
-            "PG_G": p.top, "PG_C": p.chunks, "PG_NT": nt, "PG_DRY": dry is not None}
-
-
-PREGATE_PIECES = 128  # bulk prefetches a pregate program issues (an element each; a thread or a few per element)
-
-
-def pregate_pieces(nt: int, chunks: int, block: int) -> tuple[int, int]:
-    """(bytes a program's chunk, bytes a piece) of a `block`-byte expert split into `chunks` chunks of `nt` pieces,
-    each a multiple of 16 bytes (cp.async.bulk's unit); the last ones may be short or empty."""
-    chunk = ((block + chunks - 1) // chunks + 15) // 16 * 16
-    piece = ((chunk + nt - 1) // nt + 15) // 16 * 16
-    return chunk, piece
 
 
 # --- kernel (a plain function, wrapped by triton.jit below: compiled, or interpreted on CPU) ---
 
-def _pregate_kernel(row, p, POOL, pg_row0, pg_stride, pg_bytes, pg_col, pg_chunk, pg_piece, DRY, PG_E: tl.constexpr,
-                    PG_EP: tl.constexpr, PG_G: tl.constexpr, PG_NT: tl.constexpr, PG_DRY: tl.constexpr,
-                    PG_LINES: tl.constexpr):
-    """Pregate program p: the guess logits at row[pg_col ..] (E of them), their (p % G)-th best expert (ties to the
-    lower index, as softmax-top-k ranks them), and the (p // G)-th chunk of its pool row asked into L2 in NT pieces
-    (PG_DRY: each piece's expert, offset and bytes written to DRY instead): one bulk prefetch a piece, or with
-    PG_LINES > 0 that many line prefetches (prefetch.global.L2 of 128 bytes, through the load unit)."""
-    e = tl.arange(0, PG_EP)
-    x = tl.load(row + pg_col + e, mask=e < PG_E, other=float("-inf")).to(tl.float32)
-    x = tl.where(x != x, float("-inf"), x)  # NaN ranks last
-    r = p % PG_G
-    pick = 0
-    for i in tl.static_range(PG_G):
-        m = tl.max(x, axis=0)
-        idx = tl.min(tl.where(x == m, e, PG_EP), axis=0)
-        pick = tl.where(r == i, idx, pick)
-        x = tl.where(e == idx, float("-inf") - 1.0, x)
-    pick = tl.minimum(pick, PG_E - 1)
-    j = tl.arange(0, PG_NT)
-    off = (p // PG_G) * pg_chunk + j * pg_piece  # [NT] byte offsets in the block
-    end = tl.minimum(tl.minimum(off + pg_piece, (p // PG_G + 1) * pg_chunk), pg_bytes)
-    n = tl.maximum(end - off, 0).to(tl.int32)
-    if PG_DRY:
-        base = DRY + (p * PG_NT + j) * 3
-        tl.store(base, tl.zeros_like(j).to(tl.int64) + pick)
-        tl.store(base + 1, off.to(tl.int64))
-        tl.store(base + 2, n.to(tl.int64))
-    elif PG_LINES > 0:
-        blk = POOL + (pg_row0 + pick).to(tl.int64) * pg_stride
-        for i in tl.static_range(PG_LINES):
-            lo = off + i * 128  # [NT] a line of each piece
-            l2_prefetch(blk + tl.where(lo < end, lo, 0).to(tl.int64))  # past the piece: the block's first line again
-    else:
-        l2_bulk(POOL + (pg_row0 + pick).to(tl.int64) * pg_stride + tl.where(n > 0, off, 0).to(tl.int64), n)
-
-
 def _qk_rope_kernel(QKV, NW, COS, SIN, Q, KO, VO, POS, pos0, eps, clip,
                     s_qkv, s_cos, s_sin, s_q, s_kr, s_kh, s_vr, s_vh,
-                    POOL, pg_row0, pg_stride, pg_bytes, pg_col, pg_chunk, pg_piece, DRY,
                     NQ: tl.constexpr, NK: tl.constexpr, HD: tl.constexpr, R: tl.constexpr, NQG: tl.constexpr,
                     GLEN_Q: tl.constexpr, GLEN_K: tl.constexpr, BLOCK: tl.constexpr, NORM: tl.constexpr,
-                    W32: tl.constexpr, CLIP: tl.constexpr, HAS_POS: tl.constexpr, GROUPS: tl.constexpr,
-                    PG: tl.constexpr, PG_E: tl.constexpr, PG_EP: tl.constexpr, PG_G: tl.constexpr,
-                    PG_C: tl.constexpr, PG_NT: tl.constexpr, PG_DRY: tl.constexpr, PG_LINES: tl.constexpr = 0,
-                    GDC: tl.constexpr = False):
+                    W32: tl.constexpr, CLIP: tl.constexpr, HAS_POS: tl.constexpr, GDC: tl.constexpr = False):
     gdc_enter(GDC)
     t = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
-    if PG > 0 and g >= GROUPS:  # a pregate program (model/pregate.py): one token, after the qkv GEMV's results
-        _PREGATE(QKV + t * s_qkv, g - GROUPS, POOL, pg_row0, pg_stride, pg_bytes, pg_col, pg_chunk, pg_piece,
-                 DRY, PG_E, PG_EP, PG_G, PG_NT, PG_DRY, PG_LINES)
-    else:
-        is_k = g >= NQG
-        col0 = tl.where(is_k, NQ + (g - NQG) * GLEN_K, g * GLEN_Q)  # first q|k column of this norm group
-        glen = tl.where(is_k, GLEN_K, GLEN_Q)
-        o = tl.arange(0, BLOCK)
-        m = o < glen
-        col = col0 + o  # [BLOCK] columns in qkv (q: < NQ, k: NQ..NQ+NK-1); heads never straddle a group
-        d = col % HD
-        rot = d < R
-        pcol = tl.where(rot, col - d + (d + R // 2) % R, col)  # rotary partner (itself past r)
-        row = QKV + t * s_qkv
-        x = tl.load(row + col, mask=m, other=0.0).to(tl.float32)
-        xp = tl.load(row + pcol, mask=m, other=0.0).to(tl.float32)
-        dt = Q.dtype.element_ty
-        if NORM:
-            rstd = tl.math.rsqrt(tl.sum(x * x, axis=0) / glen + eps)
-            w = tl.load(NW + col, mask=m, other=0.0).to(tl.float32)
-            wp = tl.load(NW + pcol, mask=m, other=0.0).to(tl.float32)
-            if W32:
-                x = _round_to(x * rstd * w, dt).to(tl.float32)
-                xp = _round_to(xp * rstd * wp, dt).to(tl.float32)
-            else:
-                x = _round_to(_round_to(x * rstd, dt).to(tl.float32) * w, dt).to(tl.float32)
-                xp = _round_to(_round_to(xp * rstd, dt).to(tl.float32) * wp, dt).to(tl.float32)
-        if CLIP:  # torch clamps in the compute dtype: a clamped value is the bound rounded to it
-            x = _round_to(tl.minimum(tl.maximum(x, -clip), clip), dt).to(tl.float32)
-            xp = _round_to(tl.minimum(tl.maximum(xp, -clip), clip), dt).to(tl.float32)
-        c = tl.load(COS + t * s_cos + d, mask=m & rot, other=1.0).to(tl.float32)
-        s = tl.load(SIN + t * s_sin + d, mask=m & rot, other=0.0).to(tl.float32)
-        a = _round_to(x * c, dt).to(tl.float32)
-        b = _round_to(xp * s, dt).to(tl.float32)
-        y = tl.where(rot, _round_to(a + b, dt), _round_to(x, dt))
-        if is_k:
-            if HAS_POS:
-                dst = tl.load(POS + t).to(tl.int64)
-            else:
-                dst = pos0 + t
-            kc = col - NQ
-            kvh = kc // HD
-            tl.store(KO + dst * s_kr + kvh * s_kh + d, y, mask=m)
-            v = tl.load(row + NQ + NK + kc, mask=m, other=0.0)
-            if CLIP:
-                v = _round_to(tl.minimum(tl.maximum(v.to(tl.float32), -clip), clip), dt)
-            tl.store(VO + dst * s_vr + kvh * s_vh + d, v, mask=m)
+    is_k = g >= NQG
+    col0 = tl.where(is_k, NQ + (g - NQG) * GLEN_K, g * GLEN_Q)  # first q|k column of this norm group
+    glen = tl.where(is_k, GLEN_K, GLEN_Q)
+    o = tl.arange(0, BLOCK)
+    m = o < glen
+    col = col0 + o  # [BLOCK] columns in qkv (q: < NQ, k: NQ..NQ+NK-1); heads never straddle a group
+    d = col % HD
+    rot = d < R
+    pcol = tl.where(rot, col - d + (d + R // 2) % R, col)  # rotary partner (itself past r)
+    row = QKV + t * s_qkv
+    x = tl.load(row + col, mask=m, other=0.0).to(tl.float32)
+    xp = tl.load(row + pcol, mask=m, other=0.0).to(tl.float32)
+    dt = Q.dtype.element_ty
+    if NORM:
+        rstd = tl.math.rsqrt(tl.sum(x * x, axis=0) / glen + eps)
+        w = tl.load(NW + col, mask=m, other=0.0).to(tl.float32)
+        wp = tl.load(NW + pcol, mask=m, other=0.0).to(tl.float32)
+        if W32:
+            x = _round_to(x * rstd * w, dt).to(tl.float32)
+            xp = _round_to(xp * rstd * wp, dt).to(tl.float32)
         else:
-            tl.store(Q + t * s_q + col, y, mask=m)
+            x = _round_to(_round_to(x * rstd, dt).to(tl.float32) * w, dt).to(tl.float32)
+            xp = _round_to(_round_to(xp * rstd, dt).to(tl.float32) * wp, dt).to(tl.float32)
+    if CLIP:  # torch clamps in the compute dtype: a clamped value is the bound rounded to it
+        x = _round_to(tl.minimum(tl.maximum(x, -clip), clip), dt).to(tl.float32)
+        xp = _round_to(tl.minimum(tl.maximum(xp, -clip), clip), dt).to(tl.float32)
+    c = tl.load(COS + t * s_cos + d, mask=m & rot, other=1.0).to(tl.float32)
+    s = tl.load(SIN + t * s_sin + d, mask=m & rot, other=0.0).to(tl.float32)
+    a = _round_to(x * c, dt).to(tl.float32)
+    b = _round_to(xp * s, dt).to(tl.float32)
+    y = tl.where(rot, _round_to(a + b, dt), _round_to(x, dt))
+    if is_k:
+        if HAS_POS:
+            dst = tl.load(POS + t).to(tl.int64)
+        else:
+            dst = pos0 + t
+        kc = col - NQ
+        kvh = kc // HD
+        tl.store(KO + dst * s_kr + kvh * s_kh + d, y, mask=m)
+        v = tl.load(row + NQ + NK + kc, mask=m, other=0.0)
+        if CLIP:
+            v = _round_to(tl.minimum(tl.maximum(v.to(tl.float32), -clip), clip), dt)
+        tl.store(VO + dst * s_vr + kvh * s_vh + d, v, mask=m)
+    else:
+        tl.store(Q + t * s_q + col, y, mask=m)
 
 
-_QK_ROPE = _PREGATE = None
+_QK_ROPE = None
 if triton is not None:
-    _PREGATE = triton.jit(_pregate_kernel)
     _QK_ROPE = triton.jit(_qk_rope_kernel)

@@ -5,8 +5,7 @@ Owns: `launch_args(device)` (the extra launch arguments of a decode kernel: {"GD
 PDL is on, else {}), `gdc_enter` (the kernels' first statement: with GDC, wait until the previous kernel of the
 stream has completed and its writes are visible, then let the next kernel launch), `l2_prefetch` (what may run
 before that wait: an L2 prefetch of data the previous kernel does not write, e.g. a dense GEMV's weights in
-quant_moe._qgemv), `l2_bulk` (whole ranges asked into L2 by the copy engine: the pre-gated experts of
-model/pregate.py), `pdl_enabled(device)` and `preload_enabled()`.
+quant_moe._qgemv), `pdl_enabled(device)` and `preload_enabled()`.
 Does not own: the kernels (each adds a `GDC: tl.constexpr = False` parameter and calls gdc_enter(GDC) first).
 
 Why: a one-token decode step is about 110 launches of a few microseconds each (notes/Q4_DECODE.md); between two
@@ -103,19 +102,8 @@ def _l2_prefetch(ptrs):
                               is_pure=False, pack=1)
 
 
-def _l2_bulk(ptrs, nbytes):
-    """Ask L2 for `nbytes` (int32, a multiple of 16; 0: nothing) at each of `ptrs` (16-byte aligned global pointers)
-    with one `cp.async.bulk.prefetch.L2` each: the copy engine streams the range from HBM into L2, no value comes
-    back, nothing waits (sm_90 and later; CUDA only: inline PTX)."""
-    tl.inline_asm_elementwise("{\n\t.reg .pred p;\n\tsetp.ne.b32 p, $2, 0;\n\t"
-                              "@p cp.async.bulk.prefetch.L2.global [$1], $2;\n\t}\n\tmov.u32 $0, 0;",
-                              "=r,l,r", [ptrs, nbytes], dtype=tl.int32, is_pure=False, pack=1)
-
-
 gdc_enter = None
 l2_prefetch = None
-l2_bulk = None
 if triton is not None:
     gdc_enter = triton.jit(_gdc_enter)
     l2_prefetch = triton.jit(_l2_prefetch)
-    l2_bulk = triton.jit(_l2_bulk)

@@ -277,8 +277,6 @@ TUNED: dict[tuple, QConfig] = {
     # issues them in two. Decode 2,815.4 / 2,815.0 tok/s against 2,777.2 / 2,782.8 (1.013x), 3 programs a SM still
     # fit (384 programs, one wave). Copying every word into shared memory at once (cp.async) was slower: 0.906x
     ('gate_up', 'q4', 2048, 768): QConfig(bn=64, bg=4, warps=4, algo=3, ahead=2, regs=128),
-    # qkv with the pre-gate's 128 guess rows appended (model/pregate.py, TIERED_PREGATE=1): qkv's own tile
-    ('gemv', 'q4', 2048, 5248): QConfig(bn=8, bg=32, warps=4, split=1, conv=1, algo=2, regs=96),
 }
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -192,7 +191,6 @@ class AttnWeights:
     o_bias: Tensor | None = None  # [D] (gpt-oss)
     sinks: Tensor | None = None  # [H] fp32 learned per-head sink logits (gpt-oss): attention_with_sinks
     qk_cat: Tensor | None = None  # "proj": q_norm then k_norm [(H+KV)*hd], the fused glue kernel's one weight
-    pregate: Any = None  # model/pregate.PregateTarget: qkv's last E rows guess the router (its qk_rope asks L2)
 
 
 def attention(x: Tensor, w: AttnWeights, cache: KVCache, layer: int, plan: StepPlan, config: ModelConfig,
@@ -251,7 +249,7 @@ def project_qkv(x: Tensor, w: AttnWeights, cos: Tensor, sin: Tensor, config: Mod
         qk, v = qk.clamp(-c, c), v.clamp(-c, c)
     qk = apply_rope(qk, cos, sin)  # [T, H+KV, hd]
     if with_gate:  # the output-gate rows stacked after v (Qwen3.5)
-        return qk[:, :H], qk[:, H:], v, qkv[:, nq + 2 * nk:2 * nq + 2 * nk]
+        return qk[:, :H], qk[:, H:], v, qkv[:, nq + 2 * nk:]
     return qk[:, :H], qk[:, H:], v
 
 
@@ -272,10 +270,9 @@ def project_qkv_fused(x: Tensor, w: AttnWeights, cos: Tensor, sin: Tensor, confi
     elif norm == "proj":
         nw = w.qk_cat if w.qk_cat is not None else torch.cat([w.q_norm, w.k_norm])
     q, _, _ = qk_rope(qkv, cos, sin, heads=H, kv_heads=KV, head_dim=hd, norm=norm, norm_weight=nw,
-                      eps=config.rms_norm_eps, clip=config.clip_qkv, k_out=k_rows, v_out=v_rows, positions=positions,
-                      pregate=w.pregate)
+                      eps=config.rms_norm_eps, clip=config.clip_qkv, k_out=k_rows, v_out=v_rows, positions=positions)
     if with_gate:
-        return q, qkv[:, (H + 2 * KV) * hd:(2 * H + 2 * KV) * hd]
+        return q, qkv[:, (H + 2 * KV) * hd:]
     return (q,)
 
 

@@ -46,7 +46,7 @@ from tiered.layout.quant import dense as qdense
 from tiered.model.deltanet import DeltaShape, DeltaWeights, deltanet, pick_delta_backend, pick_delta_step
 from tiered.model.layers import (SINKS_NEED_SDPA, AttnWeights, KVCache, Rope, StepPlan, attention, attn_mask,
                                  glue_available, kernel_capacity, plan_eager, rms_norm)
-from tiered.model import moe_gpu, pregate
+from tiered.model import moe_gpu
 from tiered.model.moe import (FP32_ROUTE_WEIGHTS, ExpertProvider, MoEWeights, PrefetchHook, RoutingObserver,
                                ClampedSwiGLU, expert_mix, route, routed_logits)
 from tiered.model.mla import MLAWeights, mla_attention, mla_softmax_scale
@@ -333,9 +333,6 @@ class Transformer:
             from tiered.kernels import step_io
 
             self._step_io = step_io.enabled()
-        # the experts each layer's router would pick from the pre-attention state, asked into L2 during its attention
-        # (model/pregate.py; TIERED_PREGATE=1, off by default)
-        self.pregate_layers = pregate.attach(self) if self.glue and pregate.enabled() else 0
 
     @property
     def observer(self) -> RoutingObserver | None:
