@@ -1565,12 +1565,20 @@ def experts_quant_decode(x: Tensor, slots: Tensor, weights: Tensor, gate: QuantW
                          down: QuantWeight, *, interpret: bool = False,
                          configs: tuple[QConfig | None, QConfig | None] = (None, None), slot_base: int = 0,
                          round_to: torch.dtype | None = None, act=None,
-                         biases: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor | None:
+                         biases: tuple[Tensor, Tensor, Tensor] | None = None,
+                         fold: tuple[Tensor, bool] | None = None) -> Tensor | None:
     """One token's K experts from quantized stacks, fused dequantization: x [1, D], slots [K] int64 (rows
     slot_base + slots), weights [1, K] (rounded to `round_to` in the kernel; None: as given) -> [1, D] in x's
     dtype (SwiGLU and the weighted sum over K in fp32, one rounding). act: gpt-oss's ClampedSwiGLU in place of
     SwiGLU; biases: its (gate_bias, up_bias, down_bias) stacks [S, F], [S, F], [S, D].
+    fold = (router logits [1, E], norm_topk): the softmax-top-k was not run; the Gluon gate_up takes it
+    (quant_gluon_moe.gate_up's fold) and writes `slots` (the ids) and `weights` (fp32) for down, which then reads
+    them after its wait. A ValueError where that kernel cannot serve (nothing else would write the ids).
     None when the kernels cannot serve it (the caller runs the reference). No host sync."""
+    if fold is not None and not fold_serves(x, slots, weights, gate, up, down, fold[0], act, biases,
+                                            configs[0], interpret):
+        raise ValueError(f"the folded top-k needs the Gluon gate_up (TUNED algo 3) over {gate.fmt} stacks "
+                         f"{list(gate.shape)} and fp32 weights; unset {quant_gluon_moe.FOLD_ENV} for this model")
     if not all(kernel_ok(x, w, interpret=interpret) for w in (gate, up, down)):
         return None
     if _strides(gate) != _strides(up) or gate.fmt != up.fmt:
@@ -1587,17 +1595,34 @@ def experts_quant_decode(x: Tensor, slots: Tensor, weights: Tensor, gate: QuantW
     launch = launch_args(x.device)
     if plain and gcfg.algo == 3 and quant_gluon_moe.gate_up_ok(x, gate, up):
         h = quant_gluon_moe.gate_up(x, slots.reshape(-1), gate, up, slot_base=slot_base, h_layout=hl,
-                                    groups=gcfg.bg, ahead=max(gcfg.ahead, 1), launch=launch, regs=gcfg.regs)
+                                    groups=gcfg.bg, ahead=max(gcfg.ahead, 1), launch=launch, regs=gcfg.regs,
+                                    fold=None if fold is None else (fold[0], weights.reshape(-1), fold[1]))
     else:
         h = quant_gate_up(x, slots.reshape(1, K), gate, up, gcfg, slot_base=slot_base, h_layout=hl, act=act,
                           biases=None if biases is None else biases[:2])  # [K, F]
     if gluon_down:
-        if launch and not preload_enabled():
-            launch["PRE"] = False
+        if launch and (not preload_enabled() or fold is not None):
+            launch["PRE"] = False  # folded: gate_up, right before, writes the slots and weights
         return quant_gluon_moe.down(h, slots.reshape(-1), weights.reshape(-1), down, x.dtype, slot_base=slot_base,
                                     round_to=round_to, groups=dcfg.bg, launch=launch)
     return quant_down(h, slots.reshape(1, K), weights.reshape(1, K), down, x.dtype, dcfg, slot_base=slot_base,
-                      round_to=round_to, h_layout=hl, early=True, bias=None if biases is None else biases[2])
+                      round_to=round_to, h_layout=hl, early=fold is None,
+                      bias=None if biases is None else biases[2])
+
+
+def fold_serves(x: Tensor, slots: Tensor, weights: Tensor, gate: QuantWeight, up: QuantWeight, down: QuantWeight,
+                logits: Tensor, act=None, biases=None, config: QConfig | None = None,
+                interpret: bool = False) -> bool:
+    """Whether experts_quant_decode can fold the softmax-top-k into its gate_up for these operands: the Gluon
+    gate_up serves them (TUNED's or `config`'s algo 3, plain SwiGLU, no biases) and quant_gluon_moe.fold_ok holds."""
+    if act is not None or biases is not None or not all(kernel_ok(x, w, interpret=interpret) for w in (gate, up, down)):
+        return False
+    if _strides(gate) != _strides(up) or gate.fmt != up.fmt:
+        return False
+    fe, d = gate.matrix
+    cfg = config or pick_config("gate_up", gate.fmt, d, fe)
+    return (cfg.algo == 3 and quant_gluon_moe.gate_up_ok(x, gate, up)
+            and quant_gluon_moe.fold_ok(logits, weights.reshape(-1), slots.reshape(-1), x))
 
 
 def _word_tile_for(cfg: QConfig, warps: int) -> QConfig:

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Session 50, call D: the softmax-top-k folded into the Gluon gate_up (TIERED_TOPK_FOLD=1: each program ranks the
+# router's logits after its wait and program (0, 0) writes the ids and weights; no top-k launch, and down reads its
+# slots and weights after its wait) against the two launches, on the q4+q4 VRAM decode of the 8-layer 10.6B shape,
+# fresh processes alternating; the timeline with the fold; the Gluon kernels' CUDA tests (the fold's included).
+source "$(dirname "$0")/lib.sh"
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); echo "$GPU"
+peers_layouts
+peers_vram q4 off TIERED_TOPK_FOLD=0
+peers_vram q4 fold TIERED_TOPK_FOLD=1
+peers_vram q4 off2 TIERED_TOPK_FOLD=0
+peers_vram q4 fold2 TIERED_TOPK_FOLD=1
+decode_table
+timeout 120 env TIERED_TOPK_FOLD=1 python3 tools/profile_kernels.py -m $W/layout-q4 --tokens 16 --glue on \
+  --timeline > $OUT/timeline-fold.log 2>&1
+echo "timeline rc=$? $(el)"; grep -E "graphed step|replayed:" $OUT/timeline-fold.log
+grep -A13 "starts" $OUT/timeline-fold.log | cut -c1-100; pack
+cuda_tests 240 tests/test_quant_gluon_moe.py
