@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# Ran at da28a54 (TIERED_TOPK_FOLD exists only there and at 2b61897: reverted after this call; check out that commit).
 # Session 50, call E (trimmed to the budget left): the folded top-k with down ranking the router's logits itself
 # before its wait (quant_down's fold: its slots and first codes loaded early again; call D's down read them after
 # its wait, +1.2 us a layer) against the two launches, on the q4+q4 VRAM decode of the 8-layer 10.6B shape, fresh
