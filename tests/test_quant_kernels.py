@@ -467,6 +467,16 @@ def compile_kernels_sm90(fmt: str) -> None:
             if pre:  # the slots and codes are read before the wait, h after it
                 ptx = k.asm["ptx"]
                 assert ptx.find("ld.global") < ptx.find("griddepcontrol.wait") < ptx.rfind("ld.global")
+        if algo == 2:  # the folded top-k (quant_down's fold): the logits ranked before the wait, no slot read
+            k = _compile_for_sm90(qdown, {"h_ptr": h, "slot_ptr": slots, "wt_ptr": h, **parts(W.down, "d", algo),
+                                          "y_ptr": x, "stride_yt": 200, "lg_ptr": x,
+                                          **dict(zip(names, qm._strides(W.down, algo)))},
+                                  {**gdown, **dtiles, "D": 200, "K": 2, "KP": 2, "K_PER": 2, "SPLIT": 1, "WR": 1,
+                                   "GDC": True, "PRE": True, "FOLD": True, "E_R": 200, "EB": 256, "JB": 16,
+                                   "NORM": True})
+            ptx = k.asm["ptx"]
+            assert ptx.find("ld.global") < ptx.find("griddepcontrol.wait") < ptx.rfind("ld.global")
+            assert "ld.global.b64" not in ptx and "ld.global.u64" not in ptx, "the fold read the int64 slots"
     if fmt == "q4":  # 8-bit inputs (QConfig.act 1): dp4a in PTX, the scratch rows written before the CTA barrier
         scratch = {"ws_ptr": torch.zeros(1, dtype=torch.int32), "fs_ptr": torch.zeros(1)}
         ngp = {"NGP": 4}
@@ -793,3 +803,34 @@ def test_replayed_rows_are_the_reference_routing_mapped(tmp_path):
         assert len(torch.unique(ids % G)) > 1  # the group's members take turns (not one fixed member)
     with pytest.raises(ValueError, match="more text"):
         replayed_rows(tr, 128, 8, tr.num_tokens + 1)
+
+
+@pytest.mark.parametrize("levels", [0, 3])
+@pytest.mark.parametrize("norm", [True, False])
+def test_quant_down_folds_the_top_k(levels, norm):
+    """quant_down's fold: the word tile (split 1) takes its slots and weights from the router logits'
+    softmax-top-k (quant_gluon_moe's rule) instead of the buffers, and sums the same as the unfolded launch given
+    fused_route.softmax_topk's ids and weights (within fp32 rounding of the weights), at a slot base, with the
+    buffers holding garbage; other tiles refuse the fold. levels > 0: logits with many ties."""
+    from tiered.kernels import fused_route
+
+    E, K, D, F_ = 12, 4, 64, 128
+    W = _pool("q4", 2 * E, F_, D, seed=levels)
+    g = torch.Generator().manual_seed(5 + levels)
+    h = torch.randn(K, F_, generator=g).to(DEV)
+    if levels:
+        lg = (torch.randint(0, levels, (1, E), generator=g).float() * 0.5).to(torch.bfloat16).to(DEV)
+    else:
+        lg = torch.randn(1, E, generator=g).to(torch.bfloat16).to(DEV)
+    ids, wts = fused_route.softmax_topk(lg, K, norm)
+    cfg = QConfig(bn=4, bg=2, algo=2)
+    want = quant_down(h, ids, wts, W.down, torch.float32, cfg, slot_base=E, round_to=torch.bfloat16)
+    junk_ids = torch.zeros_like(ids)
+    junk_w = torch.full_like(wts, 7.0)
+    got = quant_down(h, junk_ids, junk_w, W.down, torch.float32, cfg, slot_base=E, round_to=torch.bfloat16,
+                     fold=(lg, norm))
+    assert rel(got, want) < 1e-6, rel(got, want)
+    assert rel(quant_down(h, junk_ids, junk_w, W.down, torch.float32, cfg, slot_base=E), want) > 1e-2
+    assert qm.fold_down_ok(W.down, cfg, K) and not qm.fold_down_ok(W.down, QConfig(bn=4, bg=2, algo=1), K)
+    with pytest.raises(ValueError, match="folded top-k"):
+        quant_down(h, ids, wts, W.down, torch.float32, QConfig(bn=4, bg=2, algo=1), fold=(lg, norm))
