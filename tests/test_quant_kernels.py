@@ -549,6 +549,95 @@ def test_kernels_compile_for_sm90():
     assert r.returncode == 0, r.stderr[-3000:]
 
 
+def ptxas_report(ptx: str) -> tuple[int, int, int] | None:
+    """(registers, stack frame bytes, spill store bytes) of `ptx` for sm_90a by ptxas -v: the first of Triton's
+    bundled ptxas builds that accepts the PTX's version; None if none does."""
+    import re
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    bins = sorted((Path(triton.__file__).parent / "backends" / "nvidia" / "bin").glob("ptxas*"))
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "k.ptx"
+        src.write_text(ptx)
+        for b in bins:
+            r = subprocess.run([str(b), "-v", "--gpu-name", "sm_90a", str(src), "-o", str(Path(d) / "k.cubin")],
+                               capture_output=True, text=True, timeout=300)
+            if r.returncode:
+                continue
+            regs = re.search(r"Used (\d+) registers", r.stderr)
+            stack = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores", r.stderr)
+            if regs and stack:
+                return int(regs.group(1)), int(stack.group(1)), int(stack.group(2))
+    return None
+
+
+def fold_down_report() -> tuple[tuple[int, int, int] | None, tuple[int, int, int] | None]:
+    """ptxas_report of the word-tile down at the 10.6B shape (TUNED's tile, 8 experts), without and with the folded
+    top-k over 128 experts. Needs a process where Triton was imported with TRITON_INTERPRET off."""
+    from tiered.kernels import quant_moe as qm
+
+    _, _, qdown = qm.decorate_kernels()
+    D, F_ = 2048, 768
+    dw = quantize(torch.randn(2, D, F_) * 0.03, "q4")
+    cfg = qm._word_tile_for(qm.pick_config("down", "q4", F_, D), 8)
+    names = ("stride_qs", "stride_qn", "stride_ss", "stride_sn", "stride_ms", "stride_mn")
+    args = {"h_ptr": torch.zeros(8, F_), "slot_ptr": torch.zeros(8, dtype=torch.int64), "wt_ptr": torch.zeros(8),
+            "dq": qm._codes(dw, 2), "ds": dw.scale, "dm": dw.min, "y_ptr": torch.zeros(1, D, dtype=torch.bfloat16),
+            "stride_yt": D, "db_ptr": torch.zeros(1, D, dtype=torch.bfloat16), "stride_bs": D,
+            "lg_ptr": torch.zeros(1, 128, dtype=torch.bfloat16), **dict(zip(names, qm._strides(dw, 2)))}
+    out = []
+    for fold in (False, True):
+        consts = {**qm._geometry(dw), **qm._tiles(cfg, dw), "D": D, "K": 8, "KP": 8, "K_PER": 8, "SPLIT": 1,
+                  "WR": 1, "HW": cfg.hw, "GDC": True, "PRE": True}
+        if fold:
+            consts.update(FOLD=True, E_R=128, EB=128, JB=32, NORM=True)
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+
+        sig = {}
+        for p in qdown.params:
+            n = p.name
+            if n not in consts and n not in args and p.is_constexpr and p.has_default:
+                consts[n] = p.default
+            v = args.get(n, 0)
+            sig[n] = "constexpr" if n in consts else _SIG[v.dtype] if isinstance(v, torch.Tensor) else "i32"
+        k = triton.compile(ASTSource(qdown, sig, consts), target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": cfg.warps})
+        out.append(ptxas_report(k.asm["ptx"]))
+    return out[0], out[1]
+
+
+def test_fold_down_compiles_without_a_stack():
+    """The word-tile down with the folded top-k, at the 10.6B shape and TUNED's tile, compiles for sm_90 with no
+    stack frame and no spills, and with no fewer registers than without the fold. Session 50's first fold (a
+    [K, E] selection) compiled under Triton 3.6 to a 5.4 KB stack frame and 32 registers and ran 65x slower; under
+    Triton 3.9 it looked fine, so run this under the GPU box's Triton too. Skips where no bundled ptxas accepts
+    the PTX."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from triton.backends import backends
+
+    if "nvidia" not in backends:
+        pytest.skip("this Triton build has no NVIDIA backend")
+    here = Path(__file__).resolve().parent
+    code = (f"import sys; sys.path[:0] = [{str(here.parent)!r}, {str(here)!r}]\n"
+            "import test_quant_kernels as t\n"
+            "print('REPORT', t.fold_down_report())\n")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1", "CUDA_VISIBLE_DEVICES": ""}
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=here.parent, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    plain, fold = eval(r.stdout.split("REPORT", 1)[1].strip())
+    if plain is None or fold is None:
+        pytest.skip("no bundled ptxas accepts this Triton's PTX")
+    assert fold[1] == 0 and fold[2] == 0, f"the folded down spills: {fold} (registers, stack, spill stores)"
+    assert plain[1] == 0 and fold[0] >= plain[0], (plain, fold)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("D,F,K", [(2048, 768, 8), (4096, 1024, 10)])
