@@ -1536,8 +1536,8 @@ def quant_down(h: Tensor, slots: Tensor, weights: Tensor, down: QuantWeight, dty
             raise ValueError(f"quant_down: the folded top-k takes the word tile over one token's experts at split 1 "
                              f"(this launch: algo {a}, split {split}, {T} tokens)")
         e = fold[0].numel()
-        eb = max(128, triton.next_power_of_2(e))
-        opts.update(FOLD=True, lg_ptr=fold[0], E_R=e, EB=eb, JB=max(8, 32 // (eb // 128)), NORM=bool(fold[1]))
+        eb, jb = quant_gluon_moe.rank_block(e)  # the gate_up fold's blocks over the experts
+        opts.update(FOLD=True, lg_ptr=fold[0], E_R=e, EB=eb, JB=jb, NORM=bool(fold[1]))
     _kernels()[2][(triton.cdiv(D, cfg.bn), T * split)](
         h, flat, wts, _codes(down, a), down.scale, dm, y, int(slot_base), *_strides(down, a), y.stride(0), db, sb,
         D=D, K=K, KP=triton.next_power_of_2(K), K_PER=K // split, SPLIT=split, **_geometry(down), **tiles,
