@@ -122,22 +122,16 @@ def ptx(kernel, sig, cst, warps):
     return triton.compile(GluonASTSource(kernel, sig, cst, attrs), target=GPUTarget("cuda", 90, 32),
                           options={{"num_warps": warps}}).asm["ptx"]
 
-gsig = dict(x_ptr="*bf16", slot_ptr="*i64", slot_base="i32", logit_ptr="*bf16", w_ptr="*fp32", gq="*i32",
-            uoff="i64", gs="*bf16", us="*bf16", gm="*bf16", um="*bf16", h_ptr="*fp32", F="i32", stride_qs="i32",
-            stride_qn="i32", stride_ss="i32", stride_sn="i32", stride_ms="i32", stride_mn="i32")
-for groups, gdc, e in ((1, True, 0), (2, True, 0), (4, False, 0), (2, True, 128), (2, True, 200), (2, True, 512)):
-    eb, jb = qgm.rank_block(max(e, 1))
-    fold = dict(FOLD=bool(e), E=max(e, 1), K=8 if e else 1, EB=eb, JB=jb, NORM=e not in (0, 200))
+gsig = dict(x_ptr="*bf16", slot_ptr="*i64", slot_base="i32", gq="*i32", uoff="i64", gs="*bf16", us="*bf16",
+            gm="*bf16", um="*bf16", h_ptr="*fp32", F="i32", stride_qs="i32", stride_qn="i32", stride_ss="i32",
+            stride_sn="i32", stride_ms="i32", stride_mn="i32")
+for groups, gdc in ((1, True), (2, True), (4, False)):
     p = ptx(qgm.GATE_UP, gsig, dict(KW=256, NG=32, G=groups, D=1, HW=1, GDC=gdc, PAIR=qgm.PAIR,
-                                    RK_L=qgm.rank_layout(eb, jb), **qgm.layouts(groups=groups), **fold), 4)
+                                    **qgm.layouts(groups=groups)), 4)
     wait, first = p.find("griddepcontrol.wait"), p.find("ld.global")
     assert (wait >= 0) == gdc and (not gdc or wait < first), (groups, gdc, wait, first)
-    # the words' widths (the folded top-k loads its logits with widths of its own)
-    assert e or ("ld.global.v2.b32" in p) == (groups == 1) and ("ld.global.v4.b32" in p), groups
-    # the folded top-k sums its ranks across warps through shared memory before the words are read
-    assert p.count("mma.sync") > 0 and (e or "st.shared" not in p.split("mma.sync")[0]), "an operand via smem"
-    # with the fold, one program stores the ids (64-bit) and weights (32-bit) after the wait
-    assert ("st.global.b64" in p[wait:] or "st.global.u64" in p[wait:]) == bool(e), (e, "the ids' store")
+    assert ("ld.global.v2.b32" in p) == (groups == 1) and ("ld.global.v4.b32" in p), groups
+    assert p.count("mma.sync") > 0 and "st.shared" not in p.split("mma.sync")[0], "an operand via shared memory"
 dsig = dict(h_ptr="*fp32", slot_ptr="*i64", slot_base="i32", wt_ptr="*fp32", dq="*i32", ds="*bf16", dm="*bf16",
             y_ptr="*bf16", D_OUT="i32", stride_qs="i32", stride_qn="i32", stride_ss="i32", stride_sn="i32",
             stride_ms="i32", stride_mn="i32")
@@ -249,165 +243,3 @@ def test_tuned_gate_up_caps_the_gluon_kernel_only():
     assert cfg.algo == 3 and cfg.regs == 128
     word = qm._word_tile_for(cfg, 4)
     assert word.algo == 2 and word.regs == 0 and (word.bn, word.bg, word.warps) == (8, 16, 4)
-
-
-@pytest.mark.parametrize("e", [64, 128, 200])
-@pytest.mark.parametrize("levels", [0, 3])
-@pytest.mark.parametrize("norm", [True, False])
-def test_fold_rule_matches_softmax_topk(e, levels, norm):
-    """The folded top-k's rule (emulate_fold: ranks, equal logits by ascending id, softmax over all E, divided by
-    the K chosen with norm) picks the same ids in the same order as fused_route.softmax_topk (the kernel the fold
-    replaces; here under the interpreter) and the same weights within fp32 rounding; levels > 0: bf16 logits with
-    many ties."""
-    from tiered.kernels import fused_route
-
-    g = torch.Generator().manual_seed(e + levels)
-    for _ in range(4):
-        if levels:
-            lg = (torch.randint(0, levels, (1, e), generator=g).float() * 0.5).to(torch.bfloat16)
-        else:
-            lg = torch.randn(1, e, generator=g).to(torch.bfloat16)
-        ids, w = qgm.emulate_fold(lg, 8, norm)
-        want_ids, want_w = fused_route.softmax_topk(lg, 8, norm)
-        assert torch.equal(ids, want_ids[0]), (ids, want_ids)
-        assert torch.allclose(w, want_w[0], rtol=1e-5, atol=1e-7), (w, want_w)
-
-
-def test_fold_switch_and_where_it_serves(monkeypatch):
-    monkeypatch.delenv(qgm.FOLD_ENV, raising=False)
-    assert not qgm.fold_enabled()
-    monkeypatch.setenv(qgm.FOLD_ENV, "1")
-    assert qgm.fold_enabled()
-    x = torch.zeros(1, 256, dtype=torch.bfloat16)
-    ids, w = torch.zeros(8, dtype=torch.long), torch.zeros(8)
-    assert qgm.fold_ok(torch.zeros(1, 128), w, ids, x) and qgm.fold_ok(torch.zeros(64), w, ids, x)
-    assert not qgm.fold_ok(torch.zeros(2, 128), w, ids, x) and not qgm.fold_ok(torch.zeros(1, 600), w, ids, x)
-    assert not qgm.fold_ok(torch.zeros(1, 4), w, ids, x)  # fewer experts than K
-    assert not qgm.fold_ok(torch.zeros(1, 128, dtype=torch.long), w, ids, x)
-    assert not qgm.fold_ok(torch.zeros(1, 128), w.double(), ids, x)
-    assert not qgm.fold_ok(torch.zeros(1, 128), w, ids.int(), x)
-    assert qgm.rank_block(60) == (128, 32) and qgm.rank_block(200) == (256, 16) and qgm.rank_block(512) == (512, 8)
-
-
-def test_expert_mix_runs_the_top_k_where_the_fold_cannot_serve():
-    """expert_mix with a folded top-k (ids and weights not written yet) where the fused kernel cannot take it (here
-    the CPU: no fused kernels): it runs the softmax-top-k itself, writes ids and weights, and returns what the
-    unfolded call with those ids returns."""
-    from tiered.kernels import fused_route
-    from tiered.layout.format import plan_block
-    from tiered.model import moe
-    from tiered.store.disk import expert_views
-
-    E, D, F_, K = 16, 64, 32, 4
-    specs, bs = plan_block({"gate": ((F_, D), "q4"), "up": ((F_, D), "q4"), "down": ((D, F_), "q4")})
-    pool = torch.zeros(2 * E, bs, dtype=torch.uint8)
-    W = expert_views(pool, specs)
-    g = torch.Generator().manual_seed(3)
-    for w in (W.gate, W.up, W.down):
-        q = quantize(torch.randn(w.shape, generator=g) * 0.2, "q4")
-        for name, t in q.parts().items():
-            w.parts()[name].copy_(t)
-
-    class Resident:  # every expert resident: slots = ids + layer * E
-        weights = W
-        num_experts = E
-
-        def get(self, layer, ids):
-            return ids + layer * E
-
-        def slot_base(self, layer, ids):
-            return layer * E
-
-    x = torch.randn(1, D, generator=g).to(torch.bfloat16)
-    logits = torch.randn(1, E, generator=g).to(torch.bfloat16)
-    mw = moe.MoEWeights(router=torch.zeros(E, D, dtype=torch.bfloat16))
-    ids = torch.full((1, K), -1, dtype=torch.long)
-    wts = torch.full((1, K), -1.0)
-    got = moe.expert_mix(x, ids, wts, mw, Resident(), 1, fold=(logits, True))
-    want_ids, want_w = fused_route.softmax_topk(logits, K, True)
-    assert torch.equal(ids, want_ids) and torch.equal(wts, want_w)
-    want = moe.expert_mix(x, want_ids, want_w, mw, Resident(), 1)
-    assert torch.equal(got, want)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("levels", [0, 3])
-def test_cuda_gate_up_folds_the_top_k(levels):
-    """The folded top-k: gate_up ranks the router's logits itself, writes the ids and weights softmax_topk would
-    (ids equal, weights within fp32 rounding) and h bit for bit as the unfolded launch over those ids; with and
-    without PDL, a slot base, norm on and off, and inside a CUDA graph whose logits change between replays.
-    levels > 0: bf16 logits with many ties."""
-    from tiered.kernels import fused_route
-    from tiered.kernels.pdl import launch_args
-
-    e, f, d = 256, 768, 2048  # two layers of 128 experts: the second at slot base 128
-    g, gate, up = _stacks(e, f, d, 11 + levels, DEV)
-    x = torch.randn(1, d, generator=g, device=DEV).to(torch.bfloat16)
-
-    def logits():
-        if levels:
-            return (torch.randint(0, levels, (1, 128), generator=g, device=DEV).float() * 0.5).to(torch.bfloat16)
-        return torch.randn(1, 128, generator=g, device=DEV).to(torch.bfloat16)
-
-    pdl = launch_args(x.device)
-    for launch in (None, pdl):
-        for norm in (True, False):
-            lg = logits()
-            want_ids, want_w = fused_route.softmax_topk(lg, 8, norm)
-            ids = torch.full((8,), -1, dtype=torch.long, device=DEV)
-            w = torch.full((8,), -1.0, device=DEV)
-            got = qgm.gate_up(x, ids, gate, up, slot_base=128, groups=4, ahead=2, launch=launch, regs=128,
-                              fold=(lg, w, norm))
-            want = qgm.gate_up(x, want_ids[0], gate, up, slot_base=128, groups=4, ahead=2, launch=launch, regs=128)
-            torch.cuda.synchronize()
-            assert torch.equal(ids, want_ids[0]), (launch, norm, ids, want_ids)
-            assert torch.allclose(w, want_w[0], rtol=1e-5, atol=1e-7), (launch, norm, w, want_w)
-            assert torch.equal(got, want), (launch, norm)
-    lg = logits()
-    ids = torch.zeros(8, dtype=torch.long, device=DEV)
-    w = torch.zeros(8, device=DEV)
-    qgm.gate_up(x, ids, gate, up, groups=4, ahead=2, launch=pdl, fold=(lg, w, True))  # compile outside
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = qgm.gate_up(x, ids, gate, up, groups=4, ahead=2, launch=pdl, fold=(lg, w, True))
-    for _ in range(3):
-        lg.copy_(logits())
-        graph.replay()
-        torch.cuda.synchronize()
-        want_ids, want_w = fused_route.softmax_topk(lg, 8, True)
-        assert torch.equal(ids, want_ids[0]) and torch.allclose(w, want_w[0], rtol=1e-5, atol=1e-7)
-        assert torch.equal(out, qgm.gate_up(x, want_ids[0], gate, up, groups=4, ahead=2))
-
-
-@pytest.mark.cuda
-def test_cuda_decode_folds_the_top_k(tmp_path, monkeypatch):
-    """The reference model with q4 experts in bf16 on CUDA, the Gluon gate_up forced for its 256 x 32 experts
-    (TIERED_QCONFIG): greedy decode from the whole-step graphs gives the same tokens with and without the folded
-    top-k (TIERED_TOPK_FOLD), and with it every layer's gate_up took the fold."""
-    import tiered
-    from tiered.layout.repack import repack
-
-    lay = tmp_path / "q4"
-    repack(REPO / "tiered" / "data" / "olmoe-code-17m", lay, experts="q4", q4_refine="none", progress=False)
-    monkeypatch.setenv("TIERED_QCONFIG", "gate_up,q4,256,32:bn=64,bg=1,warps=4,algo=3")
-    calls = []
-    real = qgm.gate_up
-
-    def counted(*a, fold=None, **k):
-        calls.append(fold is not None)
-        return real(*a, fold=fold, **k)
-
-    monkeypatch.setattr(qgm, "gate_up", counted)
-    prompt = list(range(100, 140))
-    toks = {}
-    for mode in ("0", "1"):
-        monkeypatch.setenv(qgm.FOLD_ENV, mode)
-        calls.clear()
-        eng = tiered.load(lay, device="cuda", dtype="bfloat16", max_context=256, attn="triton")
-        out = eng.generate(prompt, max_new_tokens=40, stop_at_eos=False)
-        assert out.stats["decode_graphs"] == "full"
-        assert calls and any(calls) == (mode == "1"), (mode, calls[:4])
-        toks[mode] = out.token_ids
-        del eng
-        torch.cuda.empty_cache()
-    assert toks["0"] == toks["1"]

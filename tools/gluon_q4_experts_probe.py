@@ -143,32 +143,23 @@ def _sass(kernel, sig: dict, cst: dict, warps: int, per_thread: float) -> dict:
             "shared_stores": ops.get("STS", 0), "loads": dict(loads), "top": dict(ops.most_common(8))}
 
 
-def _no_fold() -> dict:
-    """gate_up's constexprs of the folded top-k (quant_gluon_moe.gate_up's fold), switched off."""
-    eb, jb = qgm.rank_block(1)
-    return {"RK_L": qgm.rank_layout(eb, jb), "FOLD": False, "E": 1, "K": 1, "EB": eb, "JB": jb, "NORM": False}
-
-
 def sass_counts(d: int = 2048, f: int = 768, gdc: bool = False) -> dict:
     """gate_up ([F, D] gate and up, 16 + 16 rows a program, 4 warps) and down ([D, F], 16 rows, 8 warps) at the
     10.6B shape."""
-    gsig = {"x_ptr": "*bf16", "slot_ptr": "*i64", "slot_base": "i32", "logit_ptr": "*bf16", "w_ptr": "*fp32",
-            "gq": "*i32", "uoff": "i64", "gs": "*bf16",
+    gsig = {"x_ptr": "*bf16", "slot_ptr": "*i64", "slot_base": "i32", "gq": "*i32", "uoff": "i64", "gs": "*bf16",
             "us": "*bf16", "gm": "*bf16", "um": "*bf16", "h_ptr": "*fp32", "F": "i32", "stride_qs": "i32",
             "stride_qn": "i32", "stride_ss": "i32", "stride_sn": "i32", "stride_ms": "i32", "stride_mn": "i32"}
     dsig = {"h_ptr": "*fp32", "slot_ptr": "*i64", "slot_base": "i32", "wt_ptr": "*fp32", "dq": "*i32", "ds": "*bf16",
             "dm": "*bf16", "y_ptr": "*bf16", "D_OUT": "i32", "stride_qs": "i32", "stride_qn": "i32",
             "stride_ss": "i32", "stride_sn": "i32", "stride_ms": "i32", "stride_mn": "i32"}
     pdl = {"GDC": gdc}
-    NO_FOLD = _no_fold()
     out = {}
     for gr, ah in VARIANTS:
         tag = "" if (gr, ah) == (1, 1) else f" G{gr} D{ah}"
         G, D = fit(d // GROUP // WARPS, gr, ah)
         if (G, D) == (gr, ah):
             out["gate_up" + tag] = _sass(qgm.GATE_UP, gsig, {"KW": d // 8, "NG": d // GROUP, "G": G, "D": D, "HW": 1,
-                                                             **pdl, "PAIR": PAIR, **layouts(groups=G, ahead=D),
-                                                             **NO_FOLD},
+                                                             **pdl, "PAIR": PAIR, **layouts(groups=G, ahead=D)},
                                          WARPS,
                                          2 * ROWS * d / (32 * WARPS))
         G = fit(f // GROUP, gr, 1)[0]

@@ -202,58 +202,21 @@ def _mma_step_fn(w, xv, acc, sh, W: gl.constexpr, R: gl.constexpr, G: gl.constex
     return mma_v2(a, gl.convert_layout(xv, B_L, assert_trivial=True), acc)
 
 
-def _fold_route_fn(logit_ptr, ids_ptr, w_ptr, kk, first, E: gl.constexpr, K: gl.constexpr, EB: gl.constexpr,
-                   JB: gl.constexpr, NORM: gl.constexpr, RK_L: gl.constexpr):
-    """Softmax-top-k (fused_route's rule) of the router's logits [E], in the expert kernel: returns the expert
-    ranked kk-th (descending; equal logits by ascending id, softmax being monotone), an int32 scalar. Every thread
-    ranks its own experts against all E at once (no sequential rounds): rank_e = #{j: x_j > x_e} + #{j < e: x_j =
-    x_e}; one sum across the program picks the expert of rank kk. `first` (one program of the launch): also store
-    the K ids (int64) and weights (fp32: p = softmax over all E, divided by the K chosen p's sum with NORM) at their
-    ranks in ids_ptr and w_ptr, for the kernels and readers after this one."""
-    e_r = gl.arange(0, EB, layout=gl.SliceLayout(1, RK_L))
-    me = e_r < E
-    xe = gl.load(logit_ptr + e_r, mask=me, other=float("-inf")).to(gl.float32)
-    rank = gl.zeros([EB], gl.int32, layout=gl.SliceLayout(1, RK_L))
-    for c in gl.static_range(EB // JB):
-        j = c * JB + gl.arange(0, JB, layout=gl.SliceLayout(0, RK_L))
-        xj = gl.load(logit_ptr + j, mask=j < E, other=float("-inf")).to(gl.float32)
-        beats = (xj[None, :] > xe[:, None]) | ((xj[None, :] == xe[:, None]) & (j[None, :] < e_r[:, None]))
-        rank += gl.sum(beats.to(gl.int32), axis=1)
-    top = me & (rank < K)
-    if first:
-        ex = gl.exp(xe - gl.max(xe, axis=0))  # padding: exp(-inf) = 0
-        p = ex / gl.sum(ex, axis=0)
-        if NORM:
-            p = p / gl.sum(gl.where(top, p, 0.0), axis=0)
-        gl.store(ids_ptr + rank, e_r.to(gl.int64), mask=top)
-        gl.store(w_ptr + rank, p, mask=top)
-    pick = gl.sum(gl.where(me & (rank == kk), e_r, 0), axis=0)
-    return gl.minimum(gl.maximum(pick, 0), E - 1)
-
-
-def _gate_up_fn(x_ptr, slot_ptr, slot_base, logit_ptr, w_ptr, gq, uoff, gs, us, gm, um, h_ptr, F, stride_qs,
-                stride_qn, stride_ss, stride_sn, stride_ms, stride_mn, KW: gl.constexpr, NG: gl.constexpr,
-                G: gl.constexpr, D: gl.constexpr, HW: gl.constexpr, GDC: gl.constexpr, PAIR: gl.constexpr,
-                MMA: gl.constexpr, A_L: gl.constexpr, B_L: gl.constexpr, W0_L: gl.constexpr, L5: gl.constexpr,
-                XB_L: gl.constexpr, XG_L: gl.constexpr, RK_L: gl.constexpr, FOLD: gl.constexpr = False,
-                E: gl.constexpr = 1, K: gl.constexpr = 1, EB: gl.constexpr = 128, JB: gl.constexpr = 32,
-                NORM: gl.constexpr = False):
+def _gate_up_fn(x_ptr, slot_ptr, slot_base, gq, uoff, gs, us, gm, um, h_ptr, F, stride_qs, stride_qn, stride_ss,
+                stride_sn, stride_ms, stride_mn, KW: gl.constexpr, NG: gl.constexpr, G: gl.constexpr,
+                D: gl.constexpr, HW: gl.constexpr, GDC: gl.constexpr, PAIR: gl.constexpr, MMA: gl.constexpr,
+                A_L: gl.constexpr, B_L: gl.constexpr, W0_L: gl.constexpr, L5: gl.constexpr, XB_L: gl.constexpr,
+                XG_L: gl.constexpr):
     """Program (fb, k): h[k, fb*16 .. +16] = silu(x . gate) * (x . up) of the token's k-th expert (row slot_base +
     slot_ptr[k]); G groups a step, D steps a load (the next load issued before the current steps are computed); HW:
     h's layout (QConfig.hw: 0 rows in input order, 1 / 2 word-major, input 8w + j at j F / 8 + w, in h's dtype).
-    GDC: wait for the previous kernel (which writes the slots) first. FOLD: the previous kernel wrote the router's
-    logits (logit_ptr, E of them) instead, and each program takes its expert from their softmax-top-k (_fold_route:
-    slots = ids, K a token, NORM: norm_topk); program (0, 0) also stores the K ids at slot_ptr and weights at w_ptr."""
+    GDC: wait for the previous kernel (which writes the slots) first."""
     if GDC:
         tl_cuda.gdc_wait()
         tl_cuda.gdc_launch_dependents()
     fb = gl.program_id(0)
     kk = gl.program_id(1)
-    if FOLD:
-        slot = _fold_route(logit_ptr, slot_ptr, w_ptr, kk, (fb == 0) & (kk == 0), E, K, EB, JB, NORM,
-                           RK_L).to(gl.int64) + slot_base
-    else:
-        slot = gl.load(slot_ptr + kk).to(gl.int64) + slot_base
+    slot = gl.load(slot_ptr + kk).to(gl.int64) + slot_base
     GPW: gl.constexpr = NG // 4  # groups a warp
     STEPS: gl.constexpr = GPW // G
     SUP: gl.constexpr = STEPS // D
@@ -398,28 +361,23 @@ def _down_fn(h_ptr, slot_ptr, slot_base, wt_ptr, dq, ds, dm, y_ptr, D_OUT, strid
     gl.store(y_ptr + d_o, y.to(y_ptr.dtype.element_ty), mask=d_o < D_OUT)
 
 
-_steps = _word_ptrs = _x_offsets = _mma_step = _fold_route = GATE_UP = DOWN = None
+_steps = _word_ptrs = _x_offsets = _mma_step = GATE_UP = DOWN = None
 if gluon is not None:
     _steps = gluon.jit(_steps_fn)
     _word_ptrs = gluon.jit(_word_ptrs_fn)
     _x_offsets = gluon.jit(_x_offsets_fn)
     _mma_step = gluon.jit(_mma_step_fn)
-    _fold_route = gluon.jit(_fold_route_fn)
     GATE_UP = gluon.jit(_gate_up_fn)
     DOWN = gluon.jit(_down_fn)
 
 
 def gate_up(x: Tensor, slots: Tensor, gate: QuantWeight, up: QuantWeight, *, slot_base: int = 0, h_layout: int = 0,
-            groups: int = 2, ahead: int = 1, launch: dict | None = None, regs: int = 0,
-            fold: tuple[Tensor, Tensor, bool] | None = None) -> Tensor:
+            groups: int = 2, ahead: int = 1, launch: dict | None = None, regs: int = 0) -> Tensor:
     """x [1, D] bf16, slots [K] int64 (rows slot_base + slots of the stacks) -> h [K, F] = silu(x gate^T) * (x up^T),
     fp32 (bf16 with h_layout 2), rows in input order (h_layout 0) or word-major (1, 2: QConfig.hw). groups, ahead:
     G and D (fewer where they do not divide); launch: pdl.launch_args(device) to launch with PDL; regs: ptxas's
     register cap (QConfig.regs; 0: its own choice, about 76 at the 10.6B shape, where it issues a program's word
-    loads in four rounds, each next to its first use; at 128 it issues them in two). fold = (logits [1, E] or [E],
-    weights [K] fp32, norm_topk): the top-k folded in (TIERED_TOPK_FOLD): `slots` are written, not read, the ids
-    of the logits' softmax-top-k (each program ranks them itself after its wait), and `weights` their routing
-    weights (fold_ok must hold). gate_up_ok must hold."""
+    loads in four rounds, each next to its first use; at 128 it issues them in two). gate_up_ok must hold."""
     if not gate_up_ok(x, gate, up):
         raise ValueError(f"the Gluon gate_up does not serve x {x.dtype} {list(x.shape)} on {x.device} with "
                          f"{gate.fmt} stacks {list(gate.shape)} in groups of {gate.group}; use quant_moe.quant_gate_up")
@@ -434,84 +392,12 @@ def gate_up(x: Tensor, slots: Tensor, gate: QuantWeight, up: QuantWeight, *, slo
     opts.pop("PRE", None)
     if regs:
         opts["maxnreg"] = int(regs)
-    if fold is not None:
-        logits, weights, norm = fold
-        if not fold_ok(logits, weights, slots, x):
-            raise ValueError(f"gate_up's folded top-k takes one token's floating logits (at most {FOLD_MAX_E}, "
-                             f"contiguous, on {x.device}) and fp32 weights and int64 slots of the same K; got logits "
-                             f"{logits.dtype} {list(logits.shape)}, weights {weights.dtype} {list(weights.shape)}, "
-                             f"slots {slots.dtype} {list(slots.shape)}")
-        e = logits.numel()
-        eb, jb = rank_block(e)
-        opts.update(FOLD=True, E=e, K=k, EB=eb, JB=jb, NORM=bool(norm), RK_L=rank_layout(eb, jb))
-        lg, wt = logits, weights
-    else:
-        lg = wt = slots  # placeholders, never read
-        opts["RK_L"] = rank_layout(*rank_block(1))  # unused without the fold
-    GATE_UP[(-(-f // ROWS), k)](x, slots.reshape(-1), int(slot_base), lg, wt, gq, uoff, gate.scale, up.scale,
-                                gate.min, up.min, h, f, gq.stride(0), gq.stride(1), gate.scale.stride(0),
-                                gate.scale.stride(1), gate.min.stride(0), gate.min.stride(1), KW=d // 8,
-                                NG=d // GROUP, G=G, D=D, HW=int(h_layout), GDC=gdc, PAIR=PAIR,
-                                **layouts(groups=G, ahead=D), num_warps=WARPS, **opts)
+    GATE_UP[(-(-f // ROWS), k)](x, slots.reshape(-1), int(slot_base), gq, uoff, gate.scale, up.scale, gate.min,
+                                up.min, h, f, gq.stride(0), gq.stride(1), gate.scale.stride(0), gate.scale.stride(1),
+                                gate.min.stride(0), gate.min.stride(1), KW=d // 8, NG=d // GROUP, G=G, D=D,
+                                HW=int(h_layout), GDC=gdc, PAIR=PAIR, **layouts(groups=G, ahead=D),
+                                num_warps=WARPS, **opts)
     return h
-
-
-FOLD_ENV = "TIERED_TOPK_FOLD"
-FOLD_MAX_E = 512  # experts a layer the fold ranks (every thread ranks EB / 128 of them against all)
-
-
-def fold_enabled() -> bool:
-    """Whether a one-token decode with every expert resident folds the router's softmax-top-k into the Gluon gate_up
-    (TIERED_TOPK_FOLD=1). Off by default: on the q4+q4 VRAM decode of the 10.6B shape (H100, session 50) it measured
-    1.003x with down reading the ids after its wait (its early loads lost), and 0.077x with down ranking the logits
-    itself, whose [K, E] selection Triton 3.6 put on the stack (5.4 KB a thread); the per-k sums that replaced it
-    compile to 128 registers and no stack, not yet timed (benchmarks/lease/s51_callA.sh)."""
-    import os
-
-    return os.environ.get(FOLD_ENV, "0").strip().lower() in ("1", "on", "true", "yes")
-
-
-def fold_ok(logits: Tensor, weights: Tensor, slots: Tensor, x: Tensor) -> bool:
-    """Whether gate_up can fold the top-k: one token's floating logits, contiguous, on x's device, at most
-    FOLD_MAX_E and at least as many as slots; weights fp32 and slots int64, both contiguous, K of each."""
-    k = slots.numel()
-    return (logits.is_floating_point() and logits.device == x.device and logits.is_contiguous()
-            and (logits.dim() == 1 or (logits.dim() == 2 and logits.shape[0] == 1))
-            and k <= logits.numel() <= FOLD_MAX_E and weights.dtype == torch.float32 and weights.numel() == k
-            and weights.is_contiguous() and weights.device == x.device and slots.dtype == torch.int64
-            and slots.is_contiguous())
-
-
-def rank_block(e: int) -> tuple[int, int]:
-    """(EB, JB) of the fold over e experts: EB the experts padded to a power of two of at least 128 (a thread of
-    gate_up's 4 warps ranks EB / 128 of them), JB the logits a thread compares against at a time."""
-    eb = max(128, 1 << max(0, (int(e) - 1).bit_length()))
-    return eb, max(8, 32 // (eb // 128))
-
-
-@functools.lru_cache(maxsize=8)
-def rank_layout(eb: int, jb: int):
-    """The fold's layout [EB (expert ranked), JB (logits compared)]: a thread holds EB / 128 experts' rows of JB,
-    the warps split the experts, so each rank is summed within its thread."""
-    return gl.BlockedLayout(size_per_thread=[eb // (32 * WARPS), jb], threads_per_warp=[32, 1],
-                            warps_per_cta=[WARPS, 1], order=[1, 0])
-
-
-def emulate_fold(logits: Tensor, k: int, norm: bool) -> tuple[Tensor, Tensor]:
-    """_fold_route's rule in torch (fp32): (ids [k] int64 by rank, weights [k] fp32) of logits [E] or [1, E]."""
-    x = logits.reshape(-1).float()
-    e = torch.arange(x.numel(), device=x.device)
-    beats = (x[None, :] > x[:, None]) | ((x[None, :] == x[:, None]) & (e[None, :] < e[:, None]))
-    rank = beats.sum(1)
-    p = torch.softmax(x, 0)
-    top = rank < k
-    if norm:
-        p = p / p[top].sum()
-    ids = torch.empty(k, dtype=torch.long, device=x.device)
-    w = torch.empty(k, dtype=torch.float32, device=x.device)
-    ids[rank[top]] = e[top]
-    w[rank[top]] = p[top]
-    return ids, w
 
 
 def down(h: Tensor, slots: Tensor, weights: Tensor, dw: QuantWeight, dtype: torch.dtype, *, slot_base: int = 0,

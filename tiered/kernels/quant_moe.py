@@ -947,9 +947,7 @@ def _down_words(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, t, d64, mask_d, slot_base, 
                 stride_sn, stride_ms, stride_mn, K: tl.constexpr, KP: tl.constexpr, KIN: tl.constexpr,
                 KQ: tl.constexpr, NG: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr,
                 BK: tl.constexpr, UK: tl.constexpr, WR: tl.constexpr, HW: tl.constexpr = 0, PRE: tl.constexpr = False,
-                GDC: tl.constexpr = False, ACT8: tl.constexpr = False, ws=0, fs=0, NGP: tl.constexpr = 1,
-                FOLD: tl.constexpr = False, lg=0, E_R: tl.constexpr = 1, EB: tl.constexpr = 128,
-                JB: tl.constexpr = 32, NORM: tl.constexpr = False):
+                GDC: tl.constexpr = False, ACT8: tl.constexpr = False, ws=0, fs=0, NGP: tl.constexpr = 1):
     """[BN] fp32: sum over token t's K experts of w_k * (h_k @ down[slot_k].T) for the BN output rows d64, q4 read
     as int32 words with every expert's codes of a step in one [KP, BN, UK] load (KP = K padded to a power of
     two): all K experts' bytes are in flight at once, where a loop over experts would wait for each in turn
@@ -959,10 +957,7 @@ def _down_words(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, t, d64, mask_d, slot_base, 
     then the PDL wait (gdc_enter(GDC), which the caller has not made): only h comes from the previous kernel
     (quant_down's `early`). ACT8: each expert's h rounded to 8 bits per group once into the scratch rows ws / fs
     ([K, 2 KW] int32 and [K, 2 NG] fp32 for this token; q8_fill) and integer products, the codes read as halves of
-    groups (q8_codes_k; dot_rows_q8 says how). FOLD (one token; quant_down's fold): the slots and weights are the
-    softmax-top-k of the router's E_R logits at lg (the rule of quant_gluon_moe._fold_route, which the gate_up
-    before this kernel runs and whose ids it writes), ranked here: those logits were written two kernels back, so
-    with PRE this too happens before the wait."""
+    groups (q8_codes_k; dot_rows_q8 says how)."""
     KW: tl.constexpr = KQ // 4
     WG: tl.constexpr = GROUP // 8
     H: tl.constexpr = (WG + 1) // 2  # ACT8: words in a group's first half
@@ -970,33 +965,8 @@ def _down_words(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, t, d64, mask_d, slot_base, 
     offs_k = tl.arange(0, KP)
     mk = offs_k < K
     pair = t * K + offs_k  # [KP]
-    if FOLD:
-        e_r = tl.arange(0, EB)
-        me = e_r < E_R
-        xe = tl.load(lg + e_r, mask=me, other=float("-inf")).to(tl.float32)
-        rank = tl.zeros([EB], tl.int32)
-        for c in tl.static_range(EB // JB):
-            j = c * JB + tl.arange(0, JB)
-            xj = tl.load(lg + j, mask=j < E_R, other=float("-inf")).to(tl.float32)
-            beats = (xj[None, :] > xe[:, None]) | ((xj[None, :] == xe[:, None]) & (j[None, :] < e_r[:, None]))
-            rank += tl.sum(beats.to(tl.int32), axis=1)
-        ex = tl.exp(xe - tl.max(xe, axis=0))  # padding: exp(-inf) = 0
-        p = ex / tl.sum(ex, axis=0)
-        if NORM:
-            p = p / tl.sum(tl.where(me & (rank < K), p, 0.0), axis=0)
-        sk = tl.zeros([KP], tl.int32)
-        wf = tl.zeros([KP], tl.float32)
-        # the k-th expert and its weight, one sum over the experts each (a [KP, EB] selection instead: Triton 3.6
-        # put it on the stack, 5.4 KB a thread, and the kernel ran 65x slower)
-        for k in tl.static_range(K):
-            hit = me & (rank == k)
-            sk = tl.where(offs_k == k, tl.sum(tl.where(hit, e_r, 0), axis=0), sk)
-            wf = tl.where(offs_k == k, tl.sum(tl.where(hit, p, 0.0), axis=0), wf)
-        slot = sk.to(tl.int64) + slot_base
-        wk = round_weight(wf, WR)
-    else:
-        slot = tl.load(slot_ptr + pair, mask=mk, other=0).to(tl.int64) + slot_base
-        wk = round_weight(tl.load(wt_ptr + pair, mask=mk, other=0).to(tl.float32), WR)
+    slot = tl.load(slot_ptr + pair, mask=mk, other=0).to(tl.int64) + slot_base
+    wk = round_weight(tl.load(wt_ptr + pair, mask=mk, other=0).to(tl.float32), WR)
     offs_w = tl.arange(0, UK)
     offs_g = tl.arange(0, BG)
     mkd = mk[:, None] & mask_d[None, :]  # [KP, BN]
@@ -1291,15 +1261,12 @@ def _qdown(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, y_ptr, slot_base, stride_qs, str
            FMT: tl.constexpr, GROUP: tl.constexpr, GSTRIDE: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr,
            BG: tl.constexpr, CONV: tl.constexpr, ALGO: tl.constexpr, BK: tl.constexpr, UK: tl.constexpr,
            WR: tl.constexpr = 0, HW: tl.constexpr = 0, HAS_BIAS: tl.constexpr = False, GDC: tl.constexpr = False,
-           PRE: tl.constexpr = False, ACT8: tl.constexpr = False, ws_ptr=None, fs_ptr=None, NGP: tl.constexpr = 1,
-           FOLD: tl.constexpr = False, lg_ptr=None, E_R: tl.constexpr = 1, EB: tl.constexpr = 128,
-           JB: tl.constexpr = 32, NORM: tl.constexpr = False):
+           PRE: tl.constexpr = False, ACT8: tl.constexpr = False, ws_ptr=None, fs_ptr=None, NGP: tl.constexpr = 1):
     """Grid (cdiv(D, BN), T*SPLIT): y[t, d-block] = sum over K_PER experts (rows slot_base + slot) of
     w * (h @ down.T (+ the down bias [S, D], HAS_BIAS, SPLIT 1 only)), w rounded as fused_norm.weight_rounding
     says (WR); the word tile at SPLIT 1 reads all K experts together (down_words), the other tiles one expert
     after another. PRE (that tile only; quant_down's `early`): down_words loads the slots, weights and first codes
-    before the PDL wait. FOLD (that tile only, one token; quant_down's `fold`): down_words ranks the router's logits
-    at lg_ptr for the slots and weights."""
+    before the PDL wait."""
     ALL_K: tl.constexpr = ALGO == 2 and SPLIT == 1  # the word tile reads every expert's codes in one load
     EARLY: tl.constexpr = PRE and ALL_K
     if not EARLY:
@@ -1323,7 +1290,7 @@ def _qdown(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, y_ptr, slot_base, stride_qs, str
             fs_t = 0
         y = down_words(h_ptr, slot_ptr, wt_ptr, dq, ds, dm, t, d64, mask_d, slot_base, stride_qs, stride_qn,
                        stride_ss, stride_sn, stride_ms, stride_mn, K, KP, KIN, KQ, NG, GROUP, BN, BG, BK, UK, WR, HW,
-                       EARLY, GDC, ACT8, ws_t, fs_t, NGP, FOLD, lg_ptr, E_R, EB, JB, NORM)
+                       EARLY, GDC, ACT8, ws_t, fs_t, NGP)
     for kk in tl.static_range(0 if ALL_K else K_PER):  # otherwise one expert after another
         pair = t * K + (pid % SPLIT) * K_PER + kk
         slot = tl.load(slot_ptr + pair).to(tl.int64) + slot_base
@@ -1499,8 +1466,7 @@ def quant_gate_up(x: Tensor, slots: Tensor, gate: QuantWeight, up: QuantWeight,
 
 def quant_down(h: Tensor, slots: Tensor, weights: Tensor, down: QuantWeight, dtype: torch.dtype,
                config: QConfig | None = None, *, slot_base: int = 0, round_to: torch.dtype | None = None,
-               h_layout: int = 0, early: bool = False, bias: Tensor | None = None,
-               fold: tuple[Tensor, bool] | None = None) -> Tensor:
+               h_layout: int = 0, early: bool = False, bias: Tensor | None = None) -> Tensor:
     """h [T*K, F] fp32, slots and weights [T, K] -> [T, D] in `dtype`: sum over k of w[t, k] * h @ down[slot]^T
     (rows slot_base + slot; w rounded to `round_to` inside the kernel, None: as given). h_layout 1 / 2: h as
     quant_gate_up wrote it with the same h_layout (word-major rows), which only the word tile reading every expert at
@@ -1508,10 +1474,7 @@ def quant_down(h: Tensor, slots: Tensor, weights: Tensor, down: QuantWeight, dty
     (quant_gate_up) right before this one on the same stream, after the kernels that wrote slots, weights and the
     stacks' rows, so with PDL the word tile loads those before its wait (pdl.preload_enabled; pdl.py says why that
     is safe). bias: the down biases [S, D] (gpt-oss), added to each expert's output before its weight (one
-    program sums a row's K experts then: split 1). fold = (router logits [1, E], norm_topk), one token: the slots
-    and weights are taken from the logits' softmax-top-k in the kernel (the folded top-k: the gate_up before writes
-    `slots` and `weights` too, but with `early` this kernel reads them before its wait); the word tile with split 1
-    only (fold_down_ok)."""
+    program sums a row's K experts then: split 1)."""
     D, Fe = down.matrix
     flat = slots.reshape(-1)
     K = slots.shape[-1]
@@ -1531,13 +1494,6 @@ def quant_down(h: Tensor, slots: Tensor, weights: Tensor, down: QuantWeight, dty
         raise ValueError(f"quant_down: h_layout {h_layout} (word-major h) is read by the word tile with split 1 only; "
                          f"this launch takes algo {a}, split {split}")
     db, _, sb, has_bias = _bias_rows(None if bias is None else (bias,), h)
-    if fold is not None:
-        if not (a == 2 and split == 1 and T == 1 and not tiles["ACT8"] and bias is None):
-            raise ValueError(f"quant_down: the folded top-k takes the word tile over one token's experts at split 1 "
-                             f"(this launch: algo {a}, split {split}, {T} tokens)")
-        e = fold[0].numel()
-        eb, jb = quant_gluon_moe.rank_block(e)  # the gate_up fold's blocks over the experts
-        opts.update(FOLD=True, lg_ptr=fold[0], E_R=e, EB=eb, JB=jb, NORM=bool(fold[1]))
     _kernels()[2][(triton.cdiv(D, cfg.bn), T * split)](
         h, flat, wts, _codes(down, a), down.scale, dm, y, int(slot_base), *_strides(down, a), y.stride(0), db, sb,
         D=D, K=K, KP=triton.next_power_of_2(K), K_PER=K // split, SPLIT=split, **_geometry(down), **tiles,
@@ -1609,22 +1565,12 @@ def experts_quant_decode(x: Tensor, slots: Tensor, weights: Tensor, gate: QuantW
                          down: QuantWeight, *, interpret: bool = False,
                          configs: tuple[QConfig | None, QConfig | None] = (None, None), slot_base: int = 0,
                          round_to: torch.dtype | None = None, act=None,
-                         biases: tuple[Tensor, Tensor, Tensor] | None = None,
-                         fold: tuple[Tensor, bool] | None = None) -> Tensor | None:
+                         biases: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor | None:
     """One token's K experts from quantized stacks, fused dequantization: x [1, D], slots [K] int64 (rows
     slot_base + slots), weights [1, K] (rounded to `round_to` in the kernel; None: as given) -> [1, D] in x's
     dtype (SwiGLU and the weighted sum over K in fp32, one rounding). act: gpt-oss's ClampedSwiGLU in place of
     SwiGLU; biases: its (gate_bias, up_bias, down_bias) stacks [S, F], [S, F], [S, D].
-    fold = (router logits [1, E], norm_topk): the softmax-top-k was not run; the Gluon gate_up takes it
-    (quant_gluon_moe.gate_up's fold) and writes `slots` (the ids) and `weights` (fp32); the word-tile down ranks
-    the logits itself (quant_down's fold, where fold_down_ok: it keeps loading its slots and first codes before
-    its wait), any other down reads what gate_up wrote after its wait. A ValueError where the Gluon gate_up cannot
-    serve (nothing else would write the ids).
     None when the kernels cannot serve it (the caller runs the reference). No host sync."""
-    if fold is not None and not fold_serves(x, slots, weights, gate, up, down, fold[0], act, biases,
-                                            configs[0], interpret):
-        raise ValueError(f"the folded top-k needs the Gluon gate_up (TUNED algo 3) over {gate.fmt} stacks "
-                         f"{list(gate.shape)} and fp32 weights; unset {quant_gluon_moe.FOLD_ENV} for this model")
     if not all(kernel_ok(x, w, interpret=interpret) for w in (gate, up, down)):
         return None
     if _strides(gate) != _strides(up) or gate.fmt != up.fmt:
@@ -1641,46 +1587,17 @@ def experts_quant_decode(x: Tensor, slots: Tensor, weights: Tensor, gate: QuantW
     launch = launch_args(x.device)
     if plain and gcfg.algo == 3 and quant_gluon_moe.gate_up_ok(x, gate, up):
         h = quant_gluon_moe.gate_up(x, slots.reshape(-1), gate, up, slot_base=slot_base, h_layout=hl,
-                                    groups=gcfg.bg, ahead=max(gcfg.ahead, 1), launch=launch, regs=gcfg.regs,
-                                    fold=None if fold is None else (fold[0], weights.reshape(-1), fold[1]))
+                                    groups=gcfg.bg, ahead=max(gcfg.ahead, 1), launch=launch, regs=gcfg.regs)
     else:
         h = quant_gate_up(x, slots.reshape(1, K), gate, up, gcfg, slot_base=slot_base, h_layout=hl, act=act,
                           biases=None if biases is None else biases[:2])  # [K, F]
     if gluon_down:
-        if launch and (not preload_enabled() or fold is not None):
-            launch["PRE"] = False  # folded: gate_up, right before, writes the slots and weights
+        if launch and not preload_enabled():
+            launch["PRE"] = False
         return quant_gluon_moe.down(h, slots.reshape(-1), weights.reshape(-1), down, x.dtype, slot_base=slot_base,
                                     round_to=round_to, groups=dcfg.bg, launch=launch)
-    fold_down = fold is not None and fold_down_ok(down, dcfg, K)
     return quant_down(h, slots.reshape(1, K), weights.reshape(1, K), down, x.dtype, dcfg, slot_base=slot_base,
-                      round_to=round_to, h_layout=hl, early=fold is None or fold_down,
-                      bias=None if biases is None else biases[2], fold=fold if fold_down else None)
-
-
-def fold_down_ok(down: QuantWeight, config: QConfig | None, k: int) -> bool:
-    """Whether quant_down over `down` with this config (None: TUNED's) can take the folded top-k itself (the word
-    tile over every expert at once, split 1, no 8-bit inputs), so that it keeps loading its slots and first codes
-    before its wait; else it reads the slots the folded gate_up wrote, after the wait."""
-    d, fe = down.matrix
-    cfg = _word_tile_for(config or pick_config("down", down.fmt, fe, d), 8)
-    split = cfg.split if k % cfg.split == 0 else 1
-    tiles = _tiles(cfg, down)
-    return tiles["ALGO"] == 2 and split == 1 and not tiles["ACT8"]
-
-
-def fold_serves(x: Tensor, slots: Tensor, weights: Tensor, gate: QuantWeight, up: QuantWeight, down: QuantWeight,
-                logits: Tensor, act=None, biases=None, config: QConfig | None = None,
-                interpret: bool = False) -> bool:
-    """Whether experts_quant_decode can fold the softmax-top-k into its gate_up for these operands: the Gluon
-    gate_up serves them (TUNED's or `config`'s algo 3, plain SwiGLU, no biases) and quant_gluon_moe.fold_ok holds."""
-    if act is not None or biases is not None or not all(kernel_ok(x, w, interpret=interpret) for w in (gate, up, down)):
-        return False
-    if _strides(gate) != _strides(up) or gate.fmt != up.fmt:
-        return False
-    fe, d = gate.matrix
-    cfg = config or pick_config("gate_up", gate.fmt, d, fe)
-    return (cfg.algo == 3 and quant_gluon_moe.gate_up_ok(x, gate, up)
-            and quant_gluon_moe.fold_ok(logits, weights.reshape(-1), slots.reshape(-1), x))
+                      round_to=round_to, h_layout=hl, early=True, bias=None if biases is None else biases[2])
 
 
 def _word_tile_for(cfg: QConfig, warps: int) -> QConfig:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tiered.kernels import cpu_kernel
-from tiered.kernels.quant_moe import experts_quant_decode, fold_serves, qlinear as linear
+from tiered.kernels.quant_moe import experts_quant_decode, qlinear as linear
 from tiered.layout.quant import QuantWeight, dense
 from tiered.model import moe_gpu
 from tiered.model.routing import Rule, softmax_topk
@@ -169,7 +169,7 @@ def experts_one_token(x: Tensor, ids: Tensor, weights: Tensor, provider: ExpertP
 
 def experts_from_slots(x: Tensor, slots: Tensor, weights: Tensor, W: Any, act: ClampedSwiGLU | None = None, *,
                        slot_base: int = 0, round_to: torch.dtype | None = None, fused: bool = True,
-                       native: bool = False, fold: tuple[Tensor, bool] | None = None) -> Tensor:
+                       native: bool = False) -> Tensor:
     """One token's K experts, given their slot rows in W: gather the weights, then GEMMs with no host sync.
 
     x [1, D], slots [K] int64 on W's device (the rows are slot_base + slots), weights [1, K] (compute dtype, or
@@ -185,8 +185,6 @@ def experts_from_slots(x: Tensor, slots: Tensor, weights: Tensor, W: Any, act: C
     W, fp32 sums) where it supports W, the activation and the dtype: fp32 compute (the same math up to the
     summation order), or quantized experts in any compute dtype. Float experts in a bf16/fp16 compute dtype keep
     the torch path, whose roundings are transformers' (the kernel rounds the SwiGLU once, torch after each op).
-    fold = (router logits [1, E], norm_topk): slots and weights are not written yet; the fused kernels' gate_up takes
-    the softmax-top-k and writes them (experts_quant_decode's fold; the caller checked `fold_serves`).
     """
     dt = x.dtype
     if native and x.device.type == "cpu" and (dt == torch.float32 or isinstance(W.gate, QuantWeight)):
@@ -201,12 +199,9 @@ def experts_from_slots(x: Tensor, slots: Tensor, weights: Tensor, W: Any, act: C
     if fused and isinstance(W.gate, QuantWeight):
         b = getattr(W, "gate_bias", None)
         y = experts_quant_decode(x, slots, weights, W.gate, W.up, W.down, slot_base=slot_base, round_to=round_to,
-                                 act=act, biases=None if b is None else (b, W.up_bias, W.down_bias), fold=fold)
+                                 act=act, biases=None if b is None else (b, W.up_bias, W.down_bias))
         if y is not None:
             return y
-    if fold is not None:
-        raise ValueError("experts_from_slots: a folded top-k needs the fused quantized kernels (expert_mix checks "
-                         "fold_serves first)")
     if slot_base:
         slots = slots + slot_base
     if round_to is not None:
@@ -321,8 +316,7 @@ def moe_block(h: Tensor, x: Tensor, w: MoEWeights, provider: ExpertProvider, lay
 def expert_mix(x: Tensor, ids: Tensor, wts: Tensor, w: MoEWeights, provider: ExpertProvider, layer: int, *,
                slots: Tensor | None = None, fp32_weights: bool = False,
                prefetch_hook: PrefetchHook | None = None, kernels: bool = False, native: bool = False,
-               partial: Tensor | Callable[[Tensor], Tensor] | None = None,
-               fold: tuple[Tensor, bool] | None = None) -> Tensor:
+               partial: Tensor | Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """The MoE output once routing is known: routed experts (+ the shared expert) -> [T, D].
 
     x [T, D] normed, ids [T, K] int64, wts [T, K] fp32 routing weights. With `slots` ([K] int64, T = 1)
@@ -341,9 +335,6 @@ def expert_mix(x: Tensor, ids: Tensor, wts: Tensor, w: MoEWeights, provider: Exp
     `partial` [1, D] (piecewise step): that sum, already computed, to add the same way; or a callable that adds it
     to the device experts' output in place (the device step: it waits there for the CPU worker's answer, so the
     device's experts run while the CPU computes, kernels/cpu_handoff.py).
-    `fold` = (router logits [1, E], norm_topk): ids and wts are not written yet (Routed.folded). Where one token's
-    experts are all resident and the fused q4 gate_up can take the softmax-top-k (experts_quant_decode's fold), it
-    does and writes them; anywhere else the top-k kernel runs here first (fused_route.softmax_topk into ids, wts).
     """
     # transformers casts the routing weights to the compute dtype (Mixtral keeps fp32): one token's paths pass
     # them as they are with `round_to`, and the fused kernels round them (no cast kernel per layer)
@@ -356,28 +347,13 @@ def expert_mix(x: Tensor, ids: Tensor, wts: Tensor, w: MoEWeights, provider: Exp
     quant = isinstance(provider.weights.gate, QuantWeight)
     float_kernels = kernels and not quant
 
-    def one(s: Tensor, base: int = 0, fold: tuple[Tensor, bool] | None = None) -> Tensor:  # rows base + s
+    def one(s: Tensor, base: int = 0) -> Tensor:  # one token's K experts at rows base + s
         if float_kernels:
             return moe_gpu.experts_decode(x, s, wts, provider.weights, slot_base=base, round_to=round_to, act=w.act)
         return experts_from_slots(x, s, wts, provider.weights, w.act, slot_base=base, round_to=round_to,
-                                  fused=kernels, native=native, fold=fold)
+                                  fused=kernels, native=native)
 
-    base = None
-    if fold is not None:
-        if (slots is None and x.shape[0] == 1 and not getattr(provider, "host_split", False) and quant and kernels
-                and prefetch_hook is None and hasattr(provider, "slot_base")):
-            base = provider.slot_base(layer, ids)
-        W = provider.weights
-        if base is None or w.act is not None or not fold_serves(x, ids[0], wts, W.gate, W.up, W.down, fold[0]):
-            from tiered.kernels import fused_route
-
-            i2, w2 = fused_route.softmax_topk(fold[0], ids.shape[-1], fold[1])
-            ids.copy_(i2)
-            wts.copy_(w2)
-            fold = None
-    if fold is not None:  # every expert resident: slots = ids + base, written by the gate_up kernel
-        out = one(ids[0], base, fold)
-    elif slots is not None:
+    if slots is not None:
         out = one(slots)
     elif x.shape[0] == 1 and getattr(provider, "host_split", False):
         from tiered.model import cpu_experts  # imports this module
@@ -391,8 +367,7 @@ def expert_mix(x: Tensor, ids: Tensor, wts: Tensor, w: MoEWeights, provider: Exp
             prefetch_hook(layer, ids[0].cpu())
     elif x.shape[0] == 1:
         # a provider whose slots are ids + a base (every expert resident) lets the kernels add it: no add kernel
-        if base is None:
-            base = provider.slot_base(layer, ids) if hasattr(provider, "slot_base") else None
+        base = provider.slot_base(layer, ids) if hasattr(provider, "slot_base") else None
         s = ids[0] if base is not None else provider.get(layer, ids[0])
         if prefetch_hook is not None:
             prefetch_hook(layer, ids[0].cpu())

@@ -81,9 +81,6 @@ class Routed:
     # True: the router's launch also wrote the chosen experts' slots of a complete device slot table (attend_route's
     # lookup)
     looked_up: bool = False
-    # True: ids and weights are written by the experts' first kernel, which takes the top-k from `logits` itself
-    # (attend_route's fold: quant_gluon_moe's folded top-k, TIERED_TOPK_FOLD); experts_out passes the logits on
-    folded: bool = False
 
 
 @dataclass(frozen=True)
@@ -336,13 +333,6 @@ class Transformer:
             from tiered.kernels import step_io
 
             self._step_io = step_io.enabled()
-        # one token's softmax-top-k folded into the q4 experts' Gluon gate_up where every expert is resident
-        # (attend_route's fold; quant_gluon_moe.FOLD_ENV, off by default; expert_mix runs the top-k where it cannot)
-        self._fold = False
-        if self._router_kernel is not None and not self._router_fuse and self.kernels:
-            from tiered.kernels import quant_gluon_moe
-
-            self._fold = quant_gluon_moe.fold_enabled()
 
     @property
     def observer(self) -> RoutingObserver | None:
@@ -397,7 +387,7 @@ class Transformer:
     def _layers_head(self, h: Tensor, plan: StepPlan, all_logits: bool) -> Tensor:
         delta = None  # the previous layer's MoE output, added at the top of the next layer
         for l in range(len(self.layers)):
-            r = self.attend_route(l, h, plan, delta, fold=True)
+            r = self.attend_route(l, h, plan, delta)
             if self._observer is not None and self.layers[l].moe is not None:
                 self._observer.on_route(l, r.h, r.ids, r.weights, r.logits.float())
             h, delta = r.h, self.experts_out(l, r)
@@ -415,17 +405,14 @@ class Transformer:
 
     # --- the pieces of a layer (the eager loop above and the piecewise decode step share them) ---
     def attend_route(self, l: int, h: Tensor, plan: StepPlan, delta: Tensor | None = None, *,
-                     defer_topk: bool = False, lookup: tuple | None = None, fold: bool = False) -> Routed:
+                     defer_topk: bool = False, lookup: tuple | None = None) -> Routed:
         """Layer l up to its router: h [T, D] entering layer l (+ delta [T, D], the previous layer's MoE output,
         when given: the residual add fused with this layer's first norm) -> Routed (h after attention, norm,
         top-k). defer_topk: where one token goes through the unfused router kernel, leave its softmax-top-k to the
         caller's next kernel (Routed.topk_pending says whether it was left). lookup = (slot_of, base, slots [K],
         bad): where one token goes through the unfused router kernel without an override, its softmax-top-k launch
         also writes the chosen experts' slots in a complete device slot table (fused_route.softmax_topk's lookup;
-        Routed.looked_up says whether it did). fold (the whole-step loop, where nothing reads the ids before the
-        experts): with TIERED_TOPK_FOLD, one token through the unfused router kernel, no override, observer or
-        prefetch hook, leave the softmax-top-k to the experts' kernel (Routed.folded; expert_mix runs it itself
-        where that kernel cannot)."""
+        Routed.looked_up says whether it did)."""
         lw = self.layers[l]
         if plan.sliding is not None and self.layer_sliding[l]:
             plan = plan.sliding
@@ -433,9 +420,7 @@ class Transformer:
         mixed = self.mix(l, x, plan)
         if h.shape[0] == 1 and self._router_layers[l]:
             # one token: the residual add and the norm run inside the router's launch (fused_route.norm_router_topk)
-            fold = (fold and self._fold and not defer_topk and lookup is None and self._routing is None
-                    and self._observer is None and self._prefetch_hook is None)
-            defer = (defer_topk or fold) and not self._router_fuse
+            defer = defer_topk and not self._router_fuse
             look = lookup if not (defer or self._router_fuse or self._routing is not None) else None
             h, x, logits, ids, wts = self._router_norm_kernel(
                 h, mixed, lw.mlp_norm, self.config.rms_norm_eps, lw.moe.router, self.config.top_k,
@@ -446,8 +431,7 @@ class Transformer:
                     raise ValueError("defer_topk with a host-position routing override: the override would replace "
                                      "ids the router has not written yet")
                 logits, ids, wts = self._replayed(l, plan, logits, ids, wts)
-            return Routed(h, x, logits, ids, wts, topk_pending=defer and not fold, looked_up=look is not None,
-                          folded=fold)
+            return Routed(h, x, logits, ids, wts, topk_pending=defer, looked_up=look is not None)
         h, x = self.add_norm(h, mixed, lw.mlp_norm)
         logits, ids, wts = self._route(l, x, plan)
         return Routed(h, x, logits, ids, wts)
@@ -502,8 +486,7 @@ class Transformer:
             return linear(F.silu(linear(r.x, g)) * linear(r.x, u), d)
         return expert_mix(r.x, r.ids, r.weights, self.layers[l].moe, self.provider, l, slots=slots,
                           fp32_weights=self.fp32_route_weights, prefetch_hook=self._prefetch_hook,
-                          kernels=self.kernels, native=self.cpu_native, partial=partial,
-                          fold=(r.logits, bool(self.config.norm_topk_prob)) if r.folded else None)
+                          kernels=self.kernels, native=self.cpu_native, partial=partial)
 
     def head(self, h: Tensor, all_logits: bool = False, delta: Tensor | None = None) -> Tensor:
         """Final norm and lm_head: h [T, D] (+ delta [T, D], the last layer's MoE output) -> logits [T, V]
