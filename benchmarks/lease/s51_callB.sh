@@ -6,19 +6,4 @@
 # writes the ratios (q4_vs_llamacpp_q4_0, q4_vs_bf16_decode).
 source "$(dirname "$0")/lib.sh"
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); echo "$GPU"
-llama_bg
-peers_layout layout-q4 q4 q4
-peers_layout layout source source
-wait $CONV; wait $BUILD; grep -E "built|rc=" $OUT/build.log | tail -2; echo "build done $(el)"; pack
-timeout 120 python3 benchmarks/bench_peers.py --phase model --work $W --llama-bin /root/lb/bin > $OUT/model.log 2>&1
-echo "model rc=$? $(el)"; tail -3 $OUT/model.log; cp $W/model.json $OUT/ 2>/dev/null; pack
-peers_vram q4 a
-peers_vram bf16 a
-timeout 120 python3 benchmarks/bench_peers.py --phase llama --work $W --llama-bin /root/lb/bin \
-  --llama-only gpu_bf16,gpu_q4_0 > $OUT/llama.log 2>&1
-echo "llama rc=$? $(el)"; tail -4 $OUT/llama.log; cp $W/llama.json $OUT/ 2>/dev/null; pack
-peers_vram q4 b
-peers_vram bf16 b
-decode_table
-timeout 60 python3 benchmarks/bench_peers.py --phase report --work $W --results-dir $OUT > $OUT/report.log 2>&1
-echo "report rc=$? $(el)"; grep -v '^{' $OUT/report.log | tail -25; pack
+baseline_same_run

@@ -5,9 +5,4 @@
 source "$(dirname "$0")/lib.sh"
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); echo "$GPU"
 peers_layouts
-for v in q4 bf16; do
-  lay=layout-q4; [ $v = bf16 ] && lay=layout
-  timeout 150 python3 tools/profile_kernels.py -m $W/$lay --tokens 16 --glue on --timeline > $OUT/timeline-$v.log 2>&1
-  echo "timeline $v rc=$? $(el)"; grep -E "graphed step|replayed:" $OUT/timeline-$v.log
-  grep -A12 "replayed:" $OUT/timeline-$v.log | grep -E "^\s+_" | cut -c1-100; pack
-done
+timelines q4 bf16
