@@ -22,8 +22,12 @@ peers_ckpt() {
     --device cuda --tokenizer tiered/data/olmoe-code-17m > $OUT/make.log 2>&1; echo "make rc=$? $(el)"
 }
 cuda_tests() {  # TIMEOUT PYTEST-ARGS...: the CUDA tests named -> $OUT/cuda-tests.log, its summary printed
+  local t=$1; shift; box_tests $t -m cuda "$@"
+}
+box_tests() {  # TIMEOUT PYTEST-ARGS...: pytest on the box as given (without -m cuda, CPU-interpreter tests fail
+  # there: no TRITON_INTERPRET) -> $OUT/cuda-tests.log, its summary printed
   local t=$1; shift
-  timeout $t python3 -m pytest -q -m cuda -p no:cacheprovider --tb=short "$@" > $OUT/cuda-tests.log 2>&1
+  timeout $t python3 -m pytest -q -p no:cacheprovider --tb=short "$@" > $OUT/cuda-tests.log 2>&1
   echo "rc=$?" >> $OUT/cuda-tests.log
   grep -E "FAILED|ERROR|passed|failed|rc=" $OUT/cuda-tests.log | tail -14; echo "tests done $(el)"; pack
 }
@@ -211,4 +215,16 @@ baseline_same_run() {  # issue 13's same-run baseline: llama.cpp built here (lla
   decode_table
   timeout 60 python3 benchmarks/bench_peers.py --phase report --work $W --results-dir $OUT > $OUT/report.log 2>&1
   echo "report rc=$? $(el)"; grep -v '^{' $OUT/report.log | tail -25; pack
+}
+timeline_with() {  # TAG TIMEOUT [VAR=VALUE ...]: tools/profile_kernels.py --timeline on the q4+q4 peers layout under
+  # those environment settings, 16 tokens -> $OUT/timeline-TAG.log, its step and first rows printed
+  local tag=$1 t=$2; shift 2
+  timeout $t env "$@" python3 tools/profile_kernels.py -m $W/layout-q4 --tokens 16 --glue on \
+    --timeline > $OUT/timeline-$tag.log 2>&1
+  echo "timeline rc=$? $(el)"; grep -E "graphed step|replayed:" $OUT/timeline-$tag.log
+  grep -A13 "starts" $OUT/timeline-$tag.log | cut -c1-100; pack
+}
+q4_ab() {  # VAR: the q4+q4 VRAM decode with VAR=0 and VAR=1, alternating fresh processes twice (tags off, on as
+  # fold: off / fold / off2 / fold2), then the decode table
+  peers_vram q4 off $1=0; peers_vram q4 fold $1=1; peers_vram q4 off2 $1=0; peers_vram q4 fold2 $1=1; decode_table
 }

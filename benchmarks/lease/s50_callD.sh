@@ -7,13 +7,6 @@
 source "$(dirname "$0")/lib.sh"
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); echo "$GPU"
 peers_layouts
-peers_vram q4 off TIERED_TOPK_FOLD=0
-peers_vram q4 fold TIERED_TOPK_FOLD=1
-peers_vram q4 off2 TIERED_TOPK_FOLD=0
-peers_vram q4 fold2 TIERED_TOPK_FOLD=1
-decode_table
-timeout 120 env TIERED_TOPK_FOLD=1 python3 tools/profile_kernels.py -m $W/layout-q4 --tokens 16 --glue on \
-  --timeline > $OUT/timeline-fold.log 2>&1
-echo "timeline rc=$? $(el)"; grep -E "graphed step|replayed:" $OUT/timeline-fold.log
-grep -A13 "starts" $OUT/timeline-fold.log | cut -c1-100; pack
+q4_ab TIERED_TOPK_FOLD
+timeline_with fold 120 TIERED_TOPK_FOLD=1
 cuda_tests 240 tests/test_quant_gluon_moe.py

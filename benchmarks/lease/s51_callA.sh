@@ -13,11 +13,5 @@ peers_vram bf16 base
 peers_vram q4 off2 TIERED_TOPK_FOLD=0
 peers_vram q4 fold2 TIERED_TOPK_FOLD=1
 decode_table
-timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_quant_kernels.py \
-  tests/test_quant_gluon_moe.py -k "fold" > $OUT/cuda-tests.log 2>&1
-echo "rc=$?" >> $OUT/cuda-tests.log
-grep -E "FAILED|ERROR|passed|failed|rc=" $OUT/cuda-tests.log | tail -8; echo "tests done $(el)"; pack
-timeout 60 env TIERED_TOPK_FOLD=1 python3 tools/profile_kernels.py -m $W/layout-q4 --tokens 16 --glue on \
-  --timeline > $OUT/timeline-fold.log 2>&1
-echo "timeline rc=$? $(el)"; grep -E "graphed step|replayed:" $OUT/timeline-fold.log
-grep -A13 "starts" $OUT/timeline-fold.log | cut -c1-100; pack
+box_tests 150 tests/test_quant_kernels.py tests/test_quant_gluon_moe.py -k "fold"
+timeline_with fold 60 TIERED_TOPK_FOLD=1
