@@ -30,10 +30,10 @@ echo "lm_head entry: ${GL:-none (TUNED kept)}"
 TIMEOUT=200 offload_variant default "default,lru/device,lru+cpu/device,nextuse+pf1/device" --nextuse-prefetch 1
 peers_vram q4 a
 peers_vram bf16 a
-peers_vram q4e a
-[ -n "$GL" ] && [ $(( $(date +%s) - T0 )) -lt 470 ] && peers_vram q4 g "TIERED_QCONFIG=$GL"
-[ $(( $(date +%s) - T0 )) -lt 500 ] && peers_vram q4 b
-[ $(( $(date +%s) - T0 )) -lt 530 ] && peers_vram bf16 b
+[ $(( $(date +%s) - T0 )) -lt 400 ] && peers_vram q4e a
+[ -n "$GL" ] && [ $(( $(date +%s) - T0 )) -lt 430 ] && peers_vram q4 g "TIERED_QCONFIG=$GL"
+[ $(( $(date +%s) - T0 )) -lt 400 ] && peers_vram q4 b
+[ $(( $(date +%s) - T0 )) -lt 420 ] && peers_vram bf16 b
 decode_table
-[ $(( $(date +%s) - T0 )) -lt 500 ] && timelines q4
+[ $(( $(date +%s) - T0 )) -lt 420 ] && timelines q4
 true
