@@ -228,3 +228,21 @@ q4_ab() {  # VAR: the q4+q4 VRAM decode with VAR=0 and VAR=1, alternating fresh 
   # fold: off / fold / off2 / fold2), then the decode table
   peers_vram q4 off $1=0; peers_vram q4 fold $1=1; peers_vram q4 off2 $1=0; peers_vram q4 fold2 $1=1; decode_table
 }
+gluon_lm() {  # TIMEOUT: tools/gluon_q4_probe.py at the lm_head (sessions 44-45's best Gluon variants against TUNED's
+  # word tile) -> $OUT/gluon-probe.log; GL: the fastest variant's TIERED_QCONFIG entry when its PDL launch beat
+  # TUNED's by 3% or more, else empty
+  timeout $1 python3 tools/gluon_q4_probe.py --gpu --bn 64,128 --persist 0 --ahead 2,4 --groups 2,4 \
+    --only lm_head > $OUT/gluon-probe.log 2>&1
+  echo "gluon probe rc=$? $(el)"; grep -E "TUNED|rel err|best" $OUT/gluon-probe.log | tail -12; pack
+  GL=$(python3 - <<PY 2>/dev/null
+import json
+rows = [json.loads(l.split(" ", 1)[1]) for l in open("$OUT/gluon-probe.log") if l.startswith("lm_head {")]
+r = rows[-1] if rows else {}
+best = min(((v["us_pdl"], k) for k, v in r.items() if isinstance(v, dict) and v.get("us_pdl")), default=None)
+if best and best[0] < 0.97 * r["tuned_pdl_us"]:
+    bn, _, a, g = best[1].split("_")
+    print(f"gemv,q4,2048,151936:bn={bn[2:]},algo=3,ahead={a[1:]},bg={g[1:]}")
+PY
+)
+  echo "lm_head entry: ${GL:-none (TUNED kept)}"
+}

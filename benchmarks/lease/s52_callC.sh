@@ -13,20 +13,7 @@ peers_layout layout-q4 q4 q4
 peers_layout layout source source
 peers_layout layout-q4e q4 source
 pack
-timeout 100 python3 tools/gluon_q4_probe.py --gpu --bn 64,128 --persist 0 --ahead 2,4 --groups 2,4 \
-  --only lm_head > $OUT/gluon-probe.log 2>&1
-echo "gluon probe rc=$? $(el)"; grep -vE '^\{' $OUT/gluon-probe.log | grep -E "TUNED|bn|best" | tail -24; pack
-GL=$(python3 - <<PY 2>/dev/null
-import json
-rows = [json.loads(l.split(" ", 1)[1]) for l in open("$OUT/gluon-probe.log") if l.startswith("lm_head {")]
-r = rows[-1] if rows else {}
-best = min(((v["us_pdl"], k) for k, v in r.items() if isinstance(v, dict) and v.get("us_pdl")), default=None)
-if best and best[0] < 0.97 * r["tuned_pdl_us"]:
-    bn, _, a, g = best[1].split("_")
-    print(f"gemv,q4,2048,151936:bn={bn[2:]},algo=3,ahead={a[1:]},bg={g[1:]}")
-PY
-)
-echo "lm_head entry: ${GL:-none (TUNED kept)}"
+gluon_lm 100
 TIMEOUT=200 offload_variant default "default,lru/device,lru+cpu/device,nextuse+pf1/device" --nextuse-prefetch 1
 peers_vram q4 a
 peers_vram bf16 a
