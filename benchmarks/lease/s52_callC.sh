@@ -4,7 +4,8 @@
 # at the lm_head on this card (BN 64/128, 2/4 steps a load, 2/4 groups a step: sessions 44-45's best on an H100);
 # issue 12's offload at HEAD (bf16, --vram-gb 4, one eval document's replayed routing: default, lru/device,
 # lru+cpu/device, nextuse+pf1/device; the bounds are measured in the same run); the VRAM decode q4+q4 / bf16 / q4e
-# / q4+q4 (with the probe's lm_head entry when it beat TUNED) / bf16; the timelines if time is left. Each later step is skipped past its time guard.
+# / q4+q4 (with the probe's lm_head entry when it beat TUNED) / bf16; the timelines if time is left.
+# Each later step is skipped past its time guard.
 source "$(dirname "$0")/lib.sh"
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); echo "$GPU"
 peers_ckpt
