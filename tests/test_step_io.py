@@ -239,6 +239,8 @@ for dt in ("bf16", "fp32"):
            "D": "i32", "R": "i32", "s_e": "i64", "s_c": "i64", "s_s": "i64", "BLOCK_D": "constexpr",
            "BLOCK_R": "constexpr", "BLOCK_MP": "constexpr"}
     cubin(step_io._ROWS_IN, sig, {"BLOCK_D": 2048, "BLOCK_R": 128, "BLOCK_MP": 256})
+    sig = {"TOK": "*i64", "EMB": f"*{dt}", "H": f"*{dt}", "D": "i32", "s_e": "i64", "BLOCK_D": "constexpr"}
+    cubin(step_io._EMBED_ROWS, sig, {"BLOCK_D": 2048})
 sig = {"PV": "*fp32", "PI": "*i32", "TOK": "*i64", "POS": "*i64", "P": "i32", "BLOCK_P": "constexpr",
        "ADVANCE": "constexpr"}
 for adv in (False, True):

@@ -286,7 +286,7 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
     model = Transformer(cfg, dense, provider, device=dev, dtype=dt, max_context=ctx, attn=backend,
                         linear_attn=linear_attn, delta_step=delta_step,
                         observer=observer, prefetch_hook=prefetch_hook, routing=routing, kernels=kernels,
-                        glue=glue)
+                        glue=glue, embed=(budget or {}).get("embed") or TierConfig.embed)
     cpu_experts.prepare(provider, dt, model.layers[cfg.first_moe_layer].moe.act)  # --cpu-experts dtype, rate
     box = None
     if getattr(provider, "devtable", None) is not None and getattr(provider, "split", False):
@@ -826,6 +826,7 @@ class Engine:
             "native_top_k": int(self.config.extra.get("native_top_k", self.config.top_k)),
             "model": str(self.layout_path) if self.layout_path else None,
             "cpu_kernel": _cpu_kernel_name() if self.device.type == "cpu" else None,
+            "embed": "host" if self.model.embed.device.type != self.device.type else "device",
         }
         ps = self.model.provider.stats()
         s.update(ps)

@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from tiered.decode.batchstep import BankRows, BatchStep, Segment, StepCounts
@@ -199,7 +198,7 @@ class BatchGraphs(BucketGraphs):
             tokens, pos, seqlens = b.rows[0], b.rows[1], b.rows[3].to(torch.int32)
             ins = {"seqlens": seqlens, "bt": b.rows[HEAD:].t().to(torch.int32).contiguous(), "valid": seqlens > 0,
                    "cos": m.rope.cos.index_select(0, pos), "sin": m.rope.sin.index_select(0, pos)}
-            x0 = F.embedding(tokens, m.embed)
+            x0 = m.embed_rows(tokens)
         plan = {"decode": [0], "other": [], "all_decode": True, "flat": b.rows[2], **ins}
         if b.bank is not None:
             plan["replay"] = BankRows(b.rows[4], b.bank.ids, b.bank.weights, b.layers)

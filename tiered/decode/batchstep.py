@@ -246,7 +246,7 @@ class BatchStep:
         self.last = StepCounts(rows=len(segs), tokens=T)
         if self.experts == "model":
             self.used_marks().zero_()
-        h, delta = self.layers(F.embedding(tokens, m.embed), plan, segs, offs)  # [T, D] each
+        h, delta = self.layers(m.embed_rows(tokens), plan, segs, offs)  # [T, D] each
         last = [offs[i + 1] - 1 for i, s in enumerate(segs) if s.want_logits]
         if not last:
             logits = h.new_zeros((0, m.lm_head.shape[0]))

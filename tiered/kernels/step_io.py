@@ -5,7 +5,8 @@ Owns: `step_inputs(token, pos, embed, cos, sin)` -> (h [1, D], cos [1, r], sin [
 token's embedding row, the position's rotary rows and the cache length after the step (pos + 1), in one launch;
 `rows_inputs(rows, head, embed, cos, sin)`: the same for a batch graph's rows (decode/batchgraph.py), with the
 lengths, the block table in int32 and the valid rows, from the bucket's buffer in one launch;
-`greedy_pick(logits, token, pos)`: each row's token <- argmax(logits[r]) (the first index of the maximum, as
+`embed_rows(tokens, embed)`: a prompt's or a batch step's embedding rows, for a table kept in pinned host memory
+(`--embed host`: each row read over PCIe); `greedy_pick(logits, token, pos)`: each row's token <- argmax(logits[r]) (the first index of the maximum, as
 torch.argmax), pos <- pos + 1, in two launches (a partial maximum per block of the vocabulary, then the pick among
 them); `enabled()` (TIERED_STEP_IO=torch keeps torch's ops: the benchmarks time both).
 Does not own: the steps (model/transformer.py `decode_static`, which takes step_inputs where its plan is the triton
@@ -18,12 +19,16 @@ token buffer, the position's add), launched without PDL, so each one waits for t
 nothing (notes/Q4_DECODE.md, session 47). These three are PDL-aware (kernels/pdl.py): they wait first, then let the
 next kernel launch. Every value is copied or compared, never computed: the results equal torch's exactly.
 
+The embedding table may live in pinned host memory (`--embed host`, model/transformer.py): the launches read its
+rows over UVA (slot_table.HostPointer), so its GPU memory goes to expert slots.
+
 NaN logits: the pick takes a NaN as +inf (torch.argmax takes the first NaN; the two differ only when a +inf comes
 before the first NaN).
 """
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -43,12 +48,45 @@ def enabled() -> bool:
     return v == "kernel"
 
 
+def _table(embed: Tensor, dev: torch.device) -> Any:
+    """The embedding table as a launch on `dev` reads it: itself, or for a pinned host table under CUDA launches its
+    UVA pointer (the kernel reads each row over PCIe)."""
+    if dev.type == "cuda" and embed.device.type == "cpu":
+        from tiered.kernels.slot_table import HostPointer  # CUDA only (slot_table needs Triton)
+
+        if not embed.is_pinned():
+            raise ValueError("an embedding table on the host must be pinned for the GPU to read it (--embed host)")
+        return HostPointer(embed)
+    if embed.device != dev:
+        raise ValueError(f"the embedding table is on {embed.device}, the step's buffers on {dev}")
+    return embed
+
+
+def embed_rows(tokens: Tensor, embed: Tensor) -> Tensor:
+    """tokens [T] int64 (on the device) -> embed[tokens] [T, D] on the device, in one launch: a prompt's or a batch
+    step's rows, for a table in pinned host memory (`--embed host`; a table on the device takes F.embedding). The
+    ids are read on the device, so they are not checked: token < V is the caller's."""
+    _check_device(tokens, "embed_rows")
+    if tokens.dim() != 1 or tokens.dtype != torch.int64 or embed.dim() != 2 or embed.stride(1) != 1:
+        raise ValueError(f"embed_rows wants tokens [T] int64 and embed [V, D] with a unit column stride; got "
+                         f"{tuple(tokens.shape)} {tokens.dtype}, {tuple(embed.shape)}")
+    dev = tokens.device
+    D = embed.shape[1]
+    out = torch.empty((tokens.shape[0], D), dtype=embed.dtype, device=dev)
+    if tokens.shape[0]:
+        block = triton.next_power_of_2(D)
+        _EMBED_ROWS[(tokens.shape[0],)](tokens.contiguous(), _table(embed, dev), out, D, embed.stride(0),
+                                        BLOCK_D=block, num_warps=_warps(block), **launch_args(dev))
+    return out
+
+
 def step_inputs(token: Tensor, pos: Tensor, embed: Tensor, cos: Tensor, sin: Tensor
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """token [1] and pos [1] (int64, on the device), embed [V, D], cos / sin [P, r] (layers.Rope's tables)
     -> (embed[token] [1, D], cos[pos] [1, r], sin[pos] [1, r], pos + 1 [1] int32), all on the device, no sync.
-    token and pos are read on the device, so they are not checked: token < V and pos < P are the caller's."""
-    _check_device(embed, "step_inputs")
+    token and pos are read on the device, so they are not checked: token < V and pos < P are the caller's. embed
+    may be a pinned host table (`--embed host`)."""
+    _check_device(token, "step_inputs")
     if token.shape != (1,) or pos.shape != (1,) or token.dtype != torch.int64 or pos.dtype != torch.int64:
         raise ValueError(f"step_inputs wants token and pos of shape [1], int64; got {tuple(token.shape)} "
                          f"{token.dtype}, {tuple(pos.shape)} {pos.dtype}")
@@ -57,13 +95,13 @@ def step_inputs(token: Tensor, pos: Tensor, embed: Tensor, cos: Tensor, sin: Ten
         raise ValueError(f"step_inputs wants embed [V, D] and cos, sin [P, r] with unit column strides; got "
                          f"{tuple(embed.shape)}, {tuple(cos.shape)}, {tuple(sin.shape)}")
     D, R = embed.shape[1], cos.shape[1]
-    dev = embed.device
+    dev = token.device
     h = torch.empty((1, D), dtype=embed.dtype, device=dev)
     c = torch.empty((1, R), dtype=cos.dtype, device=dev)
     s = torch.empty((1, R), dtype=sin.dtype, device=dev)
     lengths = torch.empty(1, dtype=torch.int32, device=dev)
     block = triton.next_power_of_2(D)
-    _STEP_IN[(1,)](token, pos, embed, cos, sin, h, c, s, lengths, D, R, embed.stride(0), cos.stride(0),
+    _STEP_IN[(1,)](token, pos, _table(embed, dev), cos, sin, h, c, s, lengths, D, R, embed.stride(0), cos.stride(0),
                    sin.stride(0), BLOCK_D=block, BLOCK_R=triton.next_power_of_2(R), num_warps=_warps(block),
                    **launch_args(dev))
     return h, c, s, lengths
@@ -73,8 +111,9 @@ def rows_inputs(rows: Tensor, head: int, embed: Tensor, cos: Tensor, sin: Tensor
     """The batch graphs' inputs (decode/batchgraph.py) from a bucket's buffer rows [head + MP, Bb] int64 (row 0 the
     tokens, 1 the positions, 3 the lengths, head.. the block table, column b the step's row b) in one launch:
     {"h": embed[tokens] [Bb, D], "cos", "sin": the positions' rotary rows [Bb, r], "seqlens": lengths int32 [Bb],
-    "bt": the block table int32 [Bb, MP], "valid": lengths > 0 bool [Bb]}: what torch's six ops give."""
-    _check_device(embed, "rows_inputs")
+    "bt": the block table int32 [Bb, MP], "valid": lengths > 0 bool [Bb]}: what torch's six ops give. embed may be
+    a pinned host table (`--embed host`)."""
+    _check_device(rows, "rows_inputs")
     if rows.dim() != 2 or rows.dtype != torch.int64 or rows.shape[0] <= head or rows.stride(1) != 1:
         raise ValueError(f"rows_inputs wants the buffer rows [head + MP, Bb] int64, contiguous rows; got "
                          f"{tuple(rows.shape)} {rows.dtype} (head {head})")
@@ -82,7 +121,7 @@ def rows_inputs(rows: Tensor, head: int, embed: Tensor, cos: Tensor, sin: Tensor
         raise ValueError("rows_inputs wants embed [V, D] and cos, sin [P, r] with unit column strides")
     mp, bb = rows.shape[0] - head, rows.shape[1]
     D, R = embed.shape[1], cos.shape[1]
-    dev = embed.device
+    dev = rows.device
     out = {"h": torch.empty((bb, D), dtype=embed.dtype, device=dev),
            "cos": torch.empty((bb, R), dtype=cos.dtype, device=dev),
            "sin": torch.empty((bb, R), dtype=sin.dtype, device=dev),
@@ -90,7 +129,7 @@ def rows_inputs(rows: Tensor, head: int, embed: Tensor, cos: Tensor, sin: Tensor
            "bt": torch.empty((bb, mp), dtype=torch.int32, device=dev),
            "valid": torch.empty(bb, dtype=torch.int8, device=dev)}
     block = triton.next_power_of_2(D)
-    _ROWS_IN[(bb,)](rows, rows.stride(0), head, mp, embed, cos, sin, out["h"], out["cos"], out["sin"],
+    _ROWS_IN[(bb,)](rows, rows.stride(0), head, mp, _table(embed, dev), cos, sin, out["h"], out["cos"], out["sin"],
                     out["seqlens"], out["bt"], out["valid"], D, R, embed.stride(0), cos.stride(0), sin.stride(0),
                     BLOCK_D=block, BLOCK_R=triton.next_power_of_2(R), BLOCK_MP=triton.next_power_of_2(mp),
                     num_warps=_warps(block), **launch_args(dev))
@@ -124,6 +163,15 @@ def greedy_pick(logits: Tensor, token: Tensor, pos: Tensor | None = None, *, blo
 
 
 # --- kernels (plain functions, wrapped by triton.jit below: compiled, or interpreted on CPU) ---
+
+def _embed_rows_kernel(TOK, EMB, H, D, s_e, BLOCK_D: tl.constexpr, GDC: tl.constexpr = False):
+    gdc_enter(GDC)
+    t = tl.program_id(0).to(tl.int64)
+    tok = tl.load(TOK + t).to(tl.int64)
+    o = tl.arange(0, BLOCK_D)
+    m = o < D
+    tl.store(H + t * D + o, tl.load(EMB + tok * s_e + o, mask=m), mask=m)
+
 
 def _step_in_kernel(TOK, POS, EMB, COS, SIN, H, C, S, LEN, D, R, s_e, s_c, s_s,
                     BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, GDC: tl.constexpr = False):
@@ -192,9 +240,10 @@ def _pick_kernel(PV, PI, TOK, POS, P, BLOCK_P: tl.constexpr, ADVANCE: tl.constex
         tl.store(POS + r, tl.load(POS + r) + 1)
 
 
-_STEP_IN = _ROWS_IN = _PICK_PART = _PICK = None
+_STEP_IN = _ROWS_IN = _PICK_PART = _PICK = _EMBED_ROWS = None
 if triton is not None:
     _STEP_IN = triton.jit(_step_in_kernel)
+    _EMBED_ROWS = triton.jit(_embed_rows_kernel)
     _ROWS_IN = triton.jit(_rows_in_kernel)
     _PICK_PART = triton.jit(_pick_part_kernel)
     _PICK = triton.jit(_pick_kernel)

@@ -242,14 +242,17 @@ class Transformer:
                  device: torch.device | str, dtype: torch.dtype, max_context: int, attn: str = "sdpa",
                  observer: RoutingObserver | None = None, prefetch_hook: PrefetchHook | None = None,
                  routing: RoutingOverride | None = None, kernels: bool | None = None,
-                 linear_attn: str = "auto", delta_step: str = "auto", glue: bool | None = None) -> None:
+                 linear_attn: str = "auto", delta_step: str = "auto", glue: bool | None = None,
+                 embed: str = "gpu") -> None:
         """observer: sees every layer's routing (SEAMS.md). prefetch_hook: called per layer of one-token steps
         after that layer's get() (moe.PrefetchHook). routing: replaces the router's choice (benchmark mode).
         kernels: routed experts through the Triton kernels (None = on CUDA when Triton is installed).
         All four are fixed for the model's life. linear_attn: the DeltaNet backend ("auto", "fla", "torch");
         delta_step: its one-token step ("auto", "triton", "fla", "torch"; deltanet.pick_delta_step).
         glue: norms, residual adds, q/k norm + rotary + K/V store and softmax-top-k routing through the fused
-        Triton kernels (None = on CUDA when Triton is installed; False = the torch ops, the CPU path)."""
+        Triton kernels (None = on CUDA when Triton is installed; False = the torch ops, the CPU path).
+        embed: where the token-embedding table lives on CUDA, "gpu" or "host" (pinned RAM, each token's row read
+        over PCIe by `embed_rows` and kernels/step_io; --embed host), which a lm_head tied to the table refuses."""
         if attn not in ("sdpa", "flash", "triton"):
             raise ValueError(f"attn must be 'sdpa', 'flash' or 'triton' (resolve 'auto' with layers.pick_backend), "
                              f"got {attn!r}")
@@ -267,7 +270,16 @@ class Transformer:
         # the router step, chosen once: the model's own router, or the override for static-position plans
         self._route = self._route_replayed if routing is not None else self._route_own
         dev = self.device
-        self.embed = _take(dense, "embed", dev, dtype)  # [V, D] (never quantized: F.embedding reads rows)
+        if embed not in ("gpu", "host"):
+            raise ValueError(f"embed must be 'gpu' or 'host', got {embed!r}")
+        if embed == "host" and config.tie_word_embeddings:
+            raise ValueError("--embed host: this model's lm_head is tied to its embedding table "
+                             "(tie_word_embeddings), and the lm_head reads all of it every token: keep --embed gpu")
+        host_table = embed == "host" and dev.type == "cuda"
+        # [V, D] (never quantized: F.embedding reads rows); --embed host: in pinned RAM, read a row at a time
+        self.embed = _take(dense, "embed", torch.device("cpu") if host_table else dev, dtype)
+        if host_table:
+            self.embed = self.embed.pin_memory()
         self.final_norm = norm_weight(config, _take(dense, "final_norm", dev, dtype), dev, dtype)  # [D]
         head = None if config.tie_word_embeddings else _take(dense, "lm_head", dev, dtype, keep=True)
         self.lm_head = self.embed if head is None else head  # [V, D]
@@ -382,7 +394,7 @@ class Transformer:
             self.state.restore(snap)
 
     def _run(self, tokens: Tensor, plan: StepPlan, all_logits: bool) -> Tensor:
-        return self._layers_head(F.embedding(tokens, self.embed), plan, all_logits)  # h [T, D]
+        return self._layers_head(self.embed_rows(tokens), plan, all_logits)  # h [T, D]
 
     def _layers_head(self, h: Tensor, plan: StepPlan, all_logits: bool) -> Tensor:
         delta = None  # the previous layer's MoE output, added at the top of the next layer
@@ -500,7 +512,7 @@ class Transformer:
     def segment_first(self, tokens: Tensor, plan: StepPlan, *, defer_topk: bool = False,
                       lookup: tuple | None = None) -> Routed:
         """Segment 0: embedding, layer 0's attention, norm and router (defer_topk, lookup: attend_route's)."""
-        return self.attend_route(0, F.embedding(tokens, self.embed), plan, defer_topk=defer_topk, lookup=lookup)
+        return self.attend_route(0, self.embed_rows(tokens), plan, defer_topk=defer_topk, lookup=lookup)
 
     def segment_mid(self, l: int, prev: Routed, slots: Tensor, plan: StepPlan, partial: Any = None, *,
                     defer_topk: bool = False, lookup: tuple | None = None) -> Routed:
@@ -558,6 +570,15 @@ class Transformer:
         mask = attn_mask(pos, 0, span, window=self.config.sliding_window, groups=self.groups)  # [G, span]
         return StepPlan(cos, sin, pos, 0, span, mask)
 
+    def embed_rows(self, tokens: Tensor) -> Tensor:
+        """tokens [T] int64 on the model's device -> their embedding rows [T, D] there: F.embedding, or for a table
+        in pinned RAM (--embed host) one launch reading the rows over PCIe (kernels/step_io.embed_rows)."""
+        if self.embed.device.type == self.device.type:
+            return F.embedding(tokens, self.embed)
+        from tiered.kernels.step_io import embed_rows
+
+        return embed_rows(tokens.reshape(-1), self.embed).view(*tokens.shape, -1)
+
     def decode_static(self, token: Tensor, pos: Tensor, span: int) -> Tensor:
         """token [1] int64, pos [1] int64 (both on device) -> logits [1, V]; reads cache positions [0, span).
 
@@ -590,7 +611,7 @@ class Transformer:
         positions before it, and the K/V it stores past the prompt are rewritten by the decode steps before
         any of them reads there (decode/graphedprefill.py)."""
         plan = self._eager_plan(0, tokens.shape[0])
-        h = F.embedding(tokens, self.embed)  # [T, D]
+        h = self.embed_rows(tokens)  # [T, D]
         delta = None
         for l in range(len(self.layers)):
             r = self.attend_route(l, h, plan, delta)

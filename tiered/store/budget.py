@@ -56,11 +56,12 @@ def meminfo(key: str) -> int | None:
     return None
 
 
-def estimate_dense_bytes(layout: Any, dtype: torch.dtype) -> int:
+def estimate_dense_bytes(layout: Any, dtype: torch.dtype, skip: tuple[str, ...] = ()) -> int:
     """Bytes of the dense weights on the compute device: float tensors converted to the compute dtype; the parts of
     quantized weights (codes, scales, mins: the manifest's dense quant descriptions) as stored, since the model keeps
-    them so (QuantWeight)."""
+    them so (QuantWeight). skip: tensors kept elsewhere (`embed` under --embed host)."""
     entries, _ = read_safetensors_header(layout.path / DENSE_FILE)
+    entries = {n: e for n, e in entries.items() if n not in skip}
     size = torch.empty((), dtype=dtype).element_size()
     quant = getattr(getattr(layout, "manifest", None), "dense_quant", None) or {}
     stored = {q.get(p_, n) if p_ != "q" else n for n, q in quant.items() for p_ in ("q", "scale", "min")}

@@ -671,8 +671,12 @@ def make_provider(layout: Any, *, device: torch.device | str, dtype: torch.dtype
     gpu_total = gpu_free = None
     if device.type == "cuda":
         gpu_free, gpu_total = torch.cuda.mem_get_info(device)
+    if tiers.embed == "host" and cfg.tie_word_embeddings:
+        raise BudgetError("--embed host: this model's lm_head is tied to its embedding table (tie_word_embeddings), "
+                          "and the lm_head reads all of it every token: keep --embed gpu")
+    off_gpu = ("embed",) if tiers.embed == "host" and device.type == "cuda" else ()  # in pinned RAM instead
     plan = plan_budget(cfg, layout.block_size, tiers, device=device,
-                       dense_bytes=estimate_dense_bytes(layout, dtype), kv_bytes=estimate_kv_bytes(cfg, ctx, dtype) + state_bytes,
+                       dense_bytes=estimate_dense_bytes(layout, dtype, off_gpu), kv_bytes=estimate_kv_bytes(cfg, ctx, dtype) + state_bytes,
                        scratch_bytes=estimate_scratch_bytes(cfg, layout.block_size, dtype, prefill_chunk),
                        gpu_total=gpu_total, gpu_free=gpu_free, ram_total=meminfo("MemTotal"),
                        ram_avail=meminfo("MemAvailable"))

@@ -34,6 +34,9 @@ class BudgetError(ValueError):
     """A budget that cannot work (too small for one layer's top-k, or larger than the machine)."""
 
 
+EMBED_PLACES = ("gpu", "host")
+
+
 def _opt(default: Any, help: str, kind: Any = None) -> Any:
     """A TierConfig field with its command-line description (cli/options.py builds the click option from it).
 
@@ -129,10 +132,17 @@ class TierConfig:
                              ("policy", "nextuse"))
     h2d_gbps: float = _opt(0.0, "Benchmark option: pace host->GPU expert copies to this many GB/s (10^9 B/s), "
                                 "emulating a slower PCIe link (0 = unpaced)")
+    # default gpu: the host table (session 52) is built but not yet run on a GPU; the simulator puts it at 1.30x for
+    # the bf16 8-layer 10.6B shape at --vram-gb 4 (242 -> 308 slots, sim-embed-host-2026-12-06-s52.json)
+    embed: str = _opt("gpu", "Where the token-embedding table lives on CUDA: gpu, or host (pinned RAM; a token's row is "
+                             "read over PCIe, and its GPU memory becomes expert slots: for models whose lm_head is not "
+                             "tied to the table)", EMBED_PLACES)
 
     def __post_init__(self) -> None:
         if self.io not in IO_MODES:
             raise BudgetError(f"--io must be one of {list(IO_MODES)}, got {self.io!r}")
+        if self.embed not in EMBED_PLACES:
+            raise BudgetError(f"--embed must be one of {list(EMBED_PLACES)}, got {self.embed!r}")
         if self.verify not in VERIFY_MODES:
             raise BudgetError(f"--verify must be one of {list(VERIFY_MODES)}, got {self.verify!r}")
         for name, allowed in (("policy", DEVICE_POLICIES), ("ram_policy", POLICIES)):

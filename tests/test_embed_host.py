@@ -1,0 +1,138 @@
+"""--embed host: the token-embedding table in pinned RAM on CUDA, its rows read over PCIe (model/transformer.py
+`embed_rows`, kernels/step_io), its GPU memory counted as expert slots (store/cache.py, budget.estimate_dense_bytes).
+
+On CPU: the row gather against F.embedding through Triton's interpreter, the budget's byte count without the table,
+the refusals (a lm_head tied to the table; an unpinned host table for a CUDA launch), and the option's plumbing (on
+a CPU device the table is where the compute is, so the tokens cannot change). On CUDA (marked): the same greedy
+tokens with the table on the host and on the GPU, graphs replayed, and more expert slots under the same --vram-gb.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+CUDA = torch.cuda.is_available()
+if not CUDA:  # the kernels are decorated at import: the interpreter must be on first
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from tiered.kernels import step_io  # noqa: E402
+
+interp = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter tests run on CPU")
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_embed_rows_equal_torch(dtype):
+    g = torch.Generator().manual_seed(5)
+    wide = torch.randn(50, 40, generator=g).to(dtype)
+    tokens = torch.tensor([0, 49, 17, 17, 3])
+    for table in (wide.contiguous(), wide[:, :33]):  # whole rows, and rows of a wider table (a row stride)
+        assert torch.equal(step_io.embed_rows(tokens, table), F.embedding(tokens, table))
+    assert step_io.embed_rows(tokens[:0], wide).shape == (0, 40)
+
+
+def test_embed_rows_refuses_bad_shapes():
+    dev = "cuda" if CUDA else "cpu"
+    with pytest.raises(ValueError, match="int64"):
+        step_io.embed_rows(torch.zeros(3, dtype=torch.int32, device=dev), torch.zeros(4, 8))
+
+
+def test_host_table_must_be_pinned_for_a_cuda_launch():
+    with pytest.raises(ValueError, match="pinned"):
+        step_io._table(torch.zeros(4, 8), torch.device("cuda"))
+    t = torch.zeros(4, 8)
+    assert step_io._table(t, torch.device("cpu")) is t  # a table on the launch's device passes as it is
+    if not CUDA:
+        with pytest.raises(ValueError, match="is on cpu"):
+            step_io._table(t, torch.device("meta"))
+
+
+@pytest.fixture(scope="module")
+def untied_layout(tmp_path_factory):
+    from conftest import make_checkpoint
+    from tiered.layout.repack import repack
+
+    root = tmp_path_factory.mktemp("embedhost")
+    ck = make_checkpoint(root / "ck", "qwen3_moe", seed=3, norm_topk_prob=True, tie_word_embeddings=False)
+    repack(ck, root / "lay", progress=False)
+    return root / "lay"
+
+
+def test_dense_bytes_without_the_table(untied_layout):
+    from tiered.store.disk import Layout
+    from tiered.store.budget import estimate_dense_bytes
+
+    lay = Layout.open(untied_layout)
+    cfg = lay.config
+    full = estimate_dense_bytes(lay, torch.bfloat16)
+    assert full - estimate_dense_bytes(lay, torch.bfloat16, ("embed",)) == cfg.vocab_size * cfg.hidden_size * 2
+
+
+def test_tied_table_refuses_host(reference_layout):
+    import tiered
+    from tiered.store.options import BudgetError
+
+    with pytest.raises(BudgetError, match="tied"):
+        tiered.load(reference_layout, device="cpu", budget={"expert_slots": 64, "embed": "host"})
+
+
+def test_bad_embed_value_is_refused():
+    from tiered.store.options import BudgetError, TierConfig
+
+    with pytest.raises(BudgetError, match="--embed"):
+        TierConfig(embed="disk")
+
+
+def test_cpu_device_keeps_the_table_and_the_tokens(untied_layout):
+    """On a CPU device --embed host changes nothing: the table is already in RAM, where the compute is."""
+    import tiered
+
+    out = {}
+    for place in ("gpu", "host"):
+        eng = tiered.load(untied_layout, device="cpu", dtype="float32", budget={"expert_slots": 16, "embed": place})
+        assert eng.model.embed.device.type == "cpu"
+        g = eng.generate([3, 17, 5, 9], max_new_tokens=8, stop_at_eos=False)
+        assert g.stats["embed"] == "device"
+        out[place] = g.token_ids
+    assert out["gpu"] == out["host"]
+
+
+@pytest.mark.cuda
+def test_host_table_same_tokens_and_more_slots_cuda(untied_layout):
+    """bf16 on CUDA under an expert budget, graphs replayed: the table in pinned RAM gives the GPU table's greedy
+    tokens (prefill through embed_rows, the steps through step_inputs), and under the same --vram-gb its bytes
+    become expert slots."""
+    import tiered
+
+    runs = {}
+    for place in ("gpu", "host"):
+        eng = tiered.load(untied_layout, device="cuda", dtype="bfloat16", max_context=256, attn="triton",
+                          budget={"vram_gb": 0.6, "embed": place})
+        m = eng.model
+        assert (m.embed.device.type == "cpu" and m.embed.is_pinned()) if place == "host" else m.embed.is_cuda
+        g = eng.generate(list(range(5, 45)), max_new_tokens=32, stop_at_eos=False)
+        runs[place] = g.token_ids, g.stats["expert_slots"], g.stats["decode_graphs"]
+        assert g.stats["embed"] == ("host" if place == "host" else "device")
+        del eng
+        torch.cuda.empty_cache()
+    assert runs["gpu"][0] == runs["host"][0]
+    assert runs["host"][2] == runs["gpu"][2] != "off"
+    assert runs["host"][1] >= runs["gpu"][1]
+
+
+@pytest.mark.cuda
+def test_step_inputs_from_a_pinned_table_cuda():
+    g = torch.Generator().manual_seed(1)
+    table = torch.randn(300, 256, generator=g).to(torch.bfloat16)
+    cos = torch.randn(64, 32, device="cuda", dtype=torch.bfloat16)
+    sin = torch.randn(64, 32, device="cuda", dtype=torch.bfloat16)
+    token, pos = torch.tensor([299], device="cuda"), torch.tensor([7], device="cuda")
+    h_dev = step_io.step_inputs(token, pos, table.cuda(), cos, sin)[0]
+    h_host = step_io.step_inputs(token, pos, table.pin_memory(), cos, sin)[0]
+    assert torch.equal(h_dev, h_host)
+    tokens = torch.tensor([0, 299, 5], device="cuda")
+    assert torch.equal(step_io.embed_rows(tokens, table.pin_memory()), F.embedding(tokens, table.cuda()))
