@@ -357,6 +357,8 @@ def main() -> None:
     ap.add_argument("--llama-json", type=Path, help="bench_peers.py's llama.json of this lease")
     ap.add_argument("--small", action="store_true", help="tiny shape on CPU: checks the pipeline")
     ap.add_argument("--vram-gb", type=float, default=4.0)
+    ap.add_argument("--embed", choices=("gpu", "host"), default="gpu",
+                    help="the offloaded runs' --embed (host: the embedding table in pinned RAM, its GPU memory slots)")
     ap.add_argument("--docs", type=int, default=2)
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -412,7 +414,8 @@ def main() -> None:
     n_tok = a.prompt_tokens + a.new_tokens
     slots_flag = {"vram_gb": a.vram_gb} if cuda else {"expert_slots": max(cfg.top_k, n_all // 4)}
     base = {**slots_flag, "ram_gb": bs * n_all / GiB * 1.02 + 0.01, "io": "mmap", "ram_preload": True,
-            "cpu_threads": a.cpu_threads}
+            "cpu_threads": a.cpu_threads, "embed": a.embed}
+    res["embed"] = a.embed
     log("all resident: GPU compute per token")
     rs = one_run(a.layout, device, prompt, a.new_tokens, None, budget=None, warmup=a.warmup)
     compute = 1 / rs["decode_tok_s"]
