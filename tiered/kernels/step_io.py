@@ -8,7 +8,8 @@ lengths, the block table in int32 and the valid rows, from the bucket's buffer i
 `embed_rows(tokens, embed)`: a prompt's or a batch step's embedding rows, for a table kept in pinned host memory
 (`--embed host`: each row read over PCIe); `greedy_pick(logits, token, pos)`: each row's token <- argmax(logits[r])
 (the first index of the maximum, as torch.argmax), pos <- pos + 1, in two launches (a partial maximum per block of
-the vocabulary, then the pick among them); `enabled()` (TIERED_STEP_IO=torch keeps torch's ops: the benchmarks time both).
+the vocabulary, then the pick among them); `enabled()` (TIERED_STEP_IO=torch keeps torch's ops: the benchmarks
+time both).
 Does not own: the steps (model/transformer.py `decode_static`, which takes step_inputs where its plan is the triton
 backend's; decode/batchgraph.py's body), the graphs and their buffers (decode/graphed.py, which takes greedy_pick
 for greedy replays), nor the torch ops they replace, which stay the reference and the CPU path (F.embedding, Rope
