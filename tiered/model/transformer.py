@@ -52,6 +52,7 @@ from tiered.model.moe import (FP32_ROUTE_WEIGHTS, ExpertProvider, MoEWeights, Pr
 from tiered.model.mla import MLAWeights, mla_attention, mla_softmax_scale
 from tiered.model.routing import layer_rule, route_rule, softmax_topk
 from tiered.model.state import ModelState, mla_dims
+from tiered.store.options import EMBED_PLACES, TIED_EMBED_HOST
 
 
 class RoutingOverride(Protocol):
@@ -270,11 +271,10 @@ class Transformer:
         # the router step, chosen once: the model's own router, or the override for static-position plans
         self._route = self._route_replayed if routing is not None else self._route_own
         dev = self.device
-        if embed not in ("gpu", "host"):
-            raise ValueError(f"embed must be 'gpu' or 'host', got {embed!r}")
+        if embed not in EMBED_PLACES:
+            raise ValueError(f"embed must be one of {EMBED_PLACES}, got {embed!r}")
         if embed == "host" and config.tie_word_embeddings:
-            raise ValueError("--embed host: this model's lm_head is tied to its embedding table "
-                             "(tie_word_embeddings), and the lm_head reads all of it every token: keep --embed gpu")
+            raise ValueError(TIED_EMBED_HOST)
         host_table = embed == "host" and dev.type == "cuda"
         # [V, D] (never quantized: F.embedding reads rows); --embed host: in pinned RAM, read a row at a time
         self.embed = _take(dense, "embed", torch.device("cpu") if host_table else dev, dtype)

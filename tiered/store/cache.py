@@ -32,7 +32,8 @@ from tiered.store.hostmem import HostRegistrar
 from tiered.store.disk import expert_views
 from tiered.store.io import BlockReader, Faults
 from tiered.store.offload import CostModel, CpuExpertCounts, CpuWorker, cpu_threads, slow_link_hint
-from tiered.store.options import PREFILL_CHUNK, BudgetError, TierConfig, default_context, physical_cores
+from tiered.store.options import (PREFILL_CHUNK, TIED_EMBED_HOST, BudgetError, TierConfig, default_context,
+                                  physical_cores)
 from tiered.store.policy import PREDICTED, ScoredEviction, make_policy
 from tiered.store.provider import HostSlotProvider
 from tiered.store.ram import PinnedPool
@@ -672,8 +673,7 @@ def make_provider(layout: Any, *, device: torch.device | str, dtype: torch.dtype
     if device.type == "cuda":
         gpu_free, gpu_total = torch.cuda.mem_get_info(device)
     if tiers.embed == "host" and cfg.tie_word_embeddings:
-        raise BudgetError("--embed host: this model's lm_head is tied to its embedding table (tie_word_embeddings), "
-                          "and the lm_head reads all of it every token: keep --embed gpu")
+        raise BudgetError(TIED_EMBED_HOST)
     off_gpu = ("embed",) if tiers.embed == "host" and device.type == "cuda" else ()  # in pinned RAM instead
     plan = plan_budget(cfg, layout.block_size, tiers, device=device,
                        dense_bytes=estimate_dense_bytes(layout, dtype, off_gpu), kv_bytes=estimate_kv_bytes(cfg, ctx, dtype) + state_bytes,

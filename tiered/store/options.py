@@ -35,6 +35,8 @@ class BudgetError(ValueError):
 
 
 EMBED_PLACES = ("gpu", "host")
+TIED_EMBED_HOST = ("--embed host: this model's lm_head is tied to its embedding table (tie_word_embeddings), and the "
+                   "lm_head reads all of it every token: keep --embed gpu")
 
 
 def _opt(default: Any, help: str, kind: Any = None) -> Any:
