@@ -151,6 +151,13 @@ def make_provider(layout: Any, *, device: torch.device, budget: dict[str, Any] |
                       prefill_chunk=prefill_chunk, **budget)
 
 
+def embed_place(provider: ExpertProvider, budget: dict[str, Any] | None) -> str:
+    """Where the model keeps its embedding table: the cache's resolved --embed, else the option as given (auto with
+    every expert resident: gpu, since every expert fits)."""
+    place = getattr(provider, "embed_place", None) or (budget or {}).get("embed") or TierConfig.embed
+    return "gpu" if place == "auto" else place
+
+
 def pick_prefill_chunk(requested: int | None, *, resident: bool, device: torch.device, cfg: Any, block_size: int,
                        dtype: torch.dtype, max_context: int) -> int:
     """Tokens per prefill forward. A request (>= 1) is kept, capped at max_context. None: PREFILL_CHUNK (512)
@@ -286,7 +293,7 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
     model = Transformer(cfg, dense, provider, device=dev, dtype=dt, max_context=ctx, attn=backend,
                         linear_attn=linear_attn, delta_step=delta_step,
                         observer=observer, prefetch_hook=prefetch_hook, routing=routing, kernels=kernels,
-                        glue=glue, embed=(budget or {}).get("embed") or TierConfig.embed)
+                        glue=glue, embed=embed_place(provider, budget))
     cpu_experts.prepare(provider, dt, model.layers[cfg.first_moe_layer].moe.act)  # --cpu-experts dtype, rate
     box = None
     if getattr(provider, "devtable", None) is not None and getattr(provider, "split", False):

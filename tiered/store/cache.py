@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -71,6 +72,7 @@ class ExpertCache(HostSlotProvider):
                  faults: Faults | None = None) -> None:
         self.layout = layout
         self.plan = plan
+        self.embed_place = "gpu"  # where the model keeps its embedding table (make_provider: --embed resolved)
         self.tiers = tiers
         self.device = torch.device(device)
         cfg = layout.config
@@ -674,12 +676,62 @@ def make_provider(layout: Any, *, device: torch.device | str, dtype: torch.dtype
         gpu_free, gpu_total = torch.cuda.mem_get_info(device)
     if tiers.embed == "host" and cfg.tie_word_embeddings:
         raise BudgetError(TIED_EMBED_HOST)
-    off_gpu = ("embed",) if tiers.embed == "host" and device.type == "cuda" else ()  # in pinned RAM instead
-    plan = plan_budget(cfg, layout.block_size, tiers, device=device,
-                       dense_bytes=estimate_dense_bytes(layout, dtype, off_gpu), kv_bytes=estimate_kv_bytes(cfg, ctx, dtype) + state_bytes,
-                       scratch_bytes=estimate_scratch_bytes(cfg, layout.block_size, dtype, prefill_chunk),
-                       gpu_total=gpu_total, gpu_free=gpu_free, ram_total=meminfo("MemTotal"),
-                       ram_avail=meminfo("MemAvailable"))
+
+    def plan_for(off_gpu: tuple[str, ...]) -> CachePlan:
+        return plan_budget(cfg, layout.block_size, tiers, device=device,
+                           dense_bytes=estimate_dense_bytes(layout, dtype, off_gpu),
+                           kv_bytes=estimate_kv_bytes(cfg, ctx, dtype) + state_bytes,
+                           scratch_bytes=estimate_scratch_bytes(cfg, layout.block_size, dtype, prefill_chunk),
+                           gpu_total=gpu_total, gpu_free=gpu_free, ram_total=meminfo("MemTotal"),
+                           ram_avail=meminfo("MemAvailable"))
+
+    place = resolve_embed(tiers.embed, cuda=device.type == "cuda", tied=bool(cfg.tie_word_embeddings),
+                          slots_given=tiers.expert_slots is not None)
+    if place == "auto":  # host when the experts do not all fit the GPU with the table there
+        plan, place = auto_embed_plan(plan_for, num_keys=cfg.num_layers * cfg.num_experts,
+                                      table_bytes=_table_bytes(layout, dtype))
+    else:
+        plan = plan_for(("embed",) if place == "host" and device.type == "cuda" else ())  # in pinned RAM instead
     if not quiet:
         print("tiered: " + plan.describe().replace("\n", "\ntiered: "), file=sys.stderr)
-    return ExpertCache(layout, plan, tiers, device=device, faults=faults)
+    cache = ExpertCache(layout, plan, tiers, device=device, faults=faults)
+    cache.embed_place = place
+    return cache
+
+
+def resolve_embed(given: str, *, cuda: bool, tied: bool, slots_given: bool) -> str:
+    """--embed as the cache plans it: gpu, host, or auto still to be decided by the slot counts. auto is gpu off
+    CUDA (the table is in RAM already), for a tied lm_head (it reads the whole table every token) and under
+    --expert-slots (the slot count is fixed: the table's bytes would buy nothing)."""
+    if given == "auto" and (not cuda or tied or slots_given):
+        return "gpu"
+    return given
+
+
+def _table_bytes(layout: Any, dtype: torch.dtype) -> int:
+    return estimate_dense_bytes(layout, dtype) - estimate_dense_bytes(layout, dtype, ("embed",))
+
+
+def auto_embed_plan(plan_for: Callable[[tuple[str, ...]], CachePlan], *, num_keys: int,
+                    table_bytes: int) -> tuple[CachePlan, str]:
+    """--embed auto under a GPU budget: the table stays on the GPU when every expert fits beside it (no slot to
+    gain, and no row read over PCIe); otherwise it goes to pinned RAM and its bytes become slots. A budget too small
+    with the table on the GPU but enough without it takes the host. Returns the plan and the place chosen."""
+    try:
+        on_gpu: CachePlan | None = plan_for(())
+    except BudgetError as e:
+        on_gpu, why = None, e
+    if on_gpu is not None and on_gpu.expert_slots >= num_keys:
+        return on_gpu, "gpu"
+    try:
+        on_host = plan_for(("embed",))
+    except BudgetError:
+        if on_gpu is None:
+            raise why from None
+        return on_gpu, "gpu"
+    if on_gpu is not None and on_host.expert_slots <= on_gpu.expert_slots:
+        return on_gpu, "gpu"
+    before = f"{on_gpu.expert_slots}" if on_gpu is not None else "too few"
+    note = (f"--embed auto: the embedding table ({table_bytes / GiB:.2f} GiB) in pinned RAM, its rows read over "
+            f"PCIe: expert slots {before} -> {on_host.expert_slots} of {num_keys}")
+    return replace(on_host, notes=on_host.notes + (note,)), "host"

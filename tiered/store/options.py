@@ -34,7 +34,8 @@ class BudgetError(ValueError):
     """A budget that cannot work (too small for one layer's top-k, or larger than the machine)."""
 
 
-EMBED_PLACES = ("gpu", "host")
+EMBED_PLACES = ("gpu", "host")  # where the model keeps its token-embedding table
+EMBED_CHOICES = ("auto",) + EMBED_PLACES  # --embed: auto is decided by the cache's slot counts
 TIED_EMBED_HOST = ("--embed host: this model's lm_head is tied to its embedding table (tie_word_embeddings), and the "
                    "lm_head reads all of it every token: keep --embed gpu")
 
@@ -136,15 +137,16 @@ class TierConfig:
                                 "emulating a slower PCIe link (0 = unpaced)")
     # default gpu: the host table (session 52) is built but not yet run on a GPU; the simulator puts it at 1.30x for
     # the bf16 8-layer 10.6B shape at --vram-gb 4 (242 -> 308 slots, sim-embed-host-2026-12-06-s52.json)
-    embed: str = _opt("gpu", "Where the token-embedding table lives on CUDA: gpu, or host (pinned RAM; a token's row is "
-                             "read over PCIe, and its GPU memory becomes expert slots: for models whose lm_head is not "
-                             "tied to the table)", EMBED_PLACES)
+    embed: str = _opt("gpu", "Where the token-embedding table lives on CUDA: gpu; host (pinned RAM: a token's row is "
+                             "read over PCIe, and the table's GPU memory becomes expert slots; for models whose "
+                             "lm_head is not tied to the table); auto (host when the experts do not all fit the GPU "
+                             "beside the table, the lm_head is untied and --expert-slots is not given)", EMBED_CHOICES)
 
     def __post_init__(self) -> None:
         if self.io not in IO_MODES:
             raise BudgetError(f"--io must be one of {list(IO_MODES)}, got {self.io!r}")
-        if self.embed not in EMBED_PLACES:
-            raise BudgetError(f"--embed must be one of {list(EMBED_PLACES)}, got {self.embed!r}")
+        if self.embed not in EMBED_CHOICES:
+            raise BudgetError(f"--embed must be one of {list(EMBED_CHOICES)}, got {self.embed!r}")
         if self.verify not in VERIFY_MODES:
             raise BudgetError(f"--verify must be one of {list(VERIFY_MODES)}, got {self.verify!r}")
         for name, allowed in (("policy", DEVICE_POLICIES), ("ram_policy", POLICIES)):
@@ -192,7 +194,8 @@ class TierConfig:
 BUDGET_KEYS = tuple(f.name for f in fields(TierConfig))  # what load(budget=...) accepts
 # Keys that apply with or without the expert cache: alone they keep every expert resident (engine.make_provider).
 # The CPU-expert and pacing options act on the expert cache's misses; with resident experts there are none.
-NON_CACHE_KEYS = ("verify", "cpu_experts", "cpu_threads", "cpu_write_behind", "cpu_split", "h2d_gbps", "slot_table")
+NON_CACHE_KEYS = ("verify", "cpu_experts", "cpu_threads", "cpu_write_behind", "cpu_split", "h2d_gbps", "slot_table",
+                  "embed")
 
 
 def physical_cores() -> int:
