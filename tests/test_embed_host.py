@@ -113,7 +113,7 @@ def test_host_table_same_tokens_and_more_slots_cuda(untied_layout):
 
     runs = {}
     for place in ("gpu", "host", "auto"):  # auto: every expert fits 0.6 GiB beside the table, so it stays there
-        eng = tiered.load(untied_layout, device="cuda", dtype="bfloat16", max_context=256, attn="triton",
+        eng = tiered.load(untied_layout, device="cuda", dtype="bfloat16", max_context=128, attn="triton",
                           budget={"vram_gb": 0.6, "embed": place})
         m = eng.model
         assert (m.embed.device.type == "cpu" and m.embed.is_pinned()) if place == "host" else m.embed.is_cuda
