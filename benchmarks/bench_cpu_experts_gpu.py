@@ -357,8 +357,9 @@ def main() -> None:
     ap.add_argument("--llama-json", type=Path, help="bench_peers.py's llama.json of this lease")
     ap.add_argument("--small", action="store_true", help="tiny shape on CPU: checks the pipeline")
     ap.add_argument("--vram-gb", type=float, default=4.0)
-    ap.add_argument("--embed", choices=("gpu", "host"), default="gpu",
-                    help="the offloaded runs' --embed (host: the embedding table in pinned RAM, its GPU memory slots)")
+    ap.add_argument("--embed", choices=("auto", "gpu", "host"), default="auto",
+                    help="the offloaded runs' --embed (host: the embedding table in pinned RAM, its GPU memory slots; "
+                         "auto, the engine's default: host where the experts do not all fit beside it)")
     ap.add_argument("--docs", type=int, default=2)
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)

@@ -135,9 +135,9 @@ class TierConfig:
                              ("policy", "nextuse"))
     h2d_gbps: float = _opt(0.0, "Benchmark option: pace host->GPU expert copies to this many GB/s (10^9 B/s), "
                                 "emulating a slower PCIe link (0 = unpaced)")
-    # default gpu: the host table (session 52) is built but not yet run on a GPU; the simulator puts it at 1.30x for
-    # the bf16 8-layer 10.6B shape at --vram-gb 4 (242 -> 308 slots, sim-embed-host-2026-12-06-s52.json)
-    embed: str = _opt("gpu", "Where the token-embedding table lives on CUDA: gpu; host (pinned RAM: a token's row is "
+    # default auto: on the H100 (session 53, bf16 8-layer 10.6B shape, --vram-gb 4, replayed routing) the table in
+    # pinned RAM gave 242 -> 308 slots and the default offload 1.28x (509.2 against 396.7 tok/s)
+    embed: str = _opt("auto", "Where the token-embedding table lives on CUDA: gpu; host (pinned RAM: a token's row is "
                              "read over PCIe, and the table's GPU memory becomes expert slots; for models whose "
                              "lm_head is not tied to the table); auto (host when the experts do not all fit the GPU "
                              "beside the table, the lm_head is untied and --expert-slots is not given)", EMBED_CHOICES)
