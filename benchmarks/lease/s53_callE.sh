@@ -2,7 +2,7 @@
 # Session 53, call E (about 200 s, a fresh box): where the bf16 offload's token goes with the table in pinned RAM
 # (--embed auto, the default): lru/device and lru+cpu/device (the demand goal's run) at --vram-gb 4 on one eval
 # document's replayed routing, each profiled after its timed run (--profile: the same steps on the warm cache, their
-# wall time without misses and the kernels a token; --timeline: the step's kernels in order). Call A measured
+# wall time without misses and the kernels a token, under torch.profiler). Call A measured
 # compute 0.756 + copies 0.772 = 1.53 ms against 2.06 for lru/device: this is the 0.53 ms.
 source "$(dirname "$0")/lib.sh"
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); echo "$GPU"
