@@ -10,10 +10,12 @@ a phase rebuilds what it needs when the machine came back cold):
            (predict/replay.py map_routing) and uniform (the pessimistic case): batch-1 decode tok/s and ms per
            layer, hit rates, bytes, at the target's budgets scaled to the slice:
              VRAM  7.45 GiB: the embeddings and lm_head are subtracted, the rest scaled by N/60. When tiered's own
-                   dense weights of the slice do not fit that (today: Gated DeltaNet projections are not quantized
-                   and the embeddings stay bf16 on the GPU, 14.8 GB at 60 layers), the slice gets the expert slots the
-                   target would have with Flash-MoE's 5.5 GB of non-expert weights (--target-dense-gb), scaled, and
-                   the JSON says so (budget_mode).
+                   dense weights of the slice do not fit that (session 5: Gated DeltaNet projections were not
+                   quantized and the embeddings stayed bf16 on the GPU, 14.8 GB at 60 layers; since session 53 an
+                   untied table is left out, --embed auto keeping it in pinned RAM), the slice gets the expert slots
+                   the target would have with Flash-MoE's 5.5 GB of non-expert weights (--target-dense-gb), scaled,
+                   and the JSON says so (budget_mode). The projection's "today" slots are tiered's own 60-layer
+                   dense bytes on the GPU as placed by this commit.
              RAM   64 GiB less --os-gib for the OS and the process, scaled by N/60: the pinned RAM tier.
              PCIe  --h2d-gbps 25 (when this tiered has the option; the achieved GB/s is reported beside it).
            At the native K also "replay-staged": the same run with --io-register off (the RAM tier as pinned
@@ -91,7 +93,7 @@ from tiered.predict.trace import Trace, TraceRecorder, record, split_ids  # noqa
 from tiered.store.budget import estimate_dense_bytes, estimate_kv_bytes, estimate_scratch_bytes  # noqa: E402
 from tiered.store.cache import ExpertCache  # noqa: E402
 from tiered.store.disk import Layout  # noqa: E402
-from tiered.store.options import BUDGET_KEYS  # noqa: E402
+from tiered.store.options import BUDGET_KEYS, TierConfig  # noqa: E402
 
 GiB = 1 << 30
 PHASES = ("write", "slice", "batch", "balloon", "project")
@@ -225,7 +227,7 @@ def budgets(a, lay: Layout, k: int, device: torch.device, ctx: int) -> dict:
     per = layout_plan(a.preset, 4, a.experts, a.dense)
     fixed = per["dense_bytes_not_per_layer"]  # embeddings + lm_head + final norm, as stored (not scaled)
     vram_slice_gib = (fixed + (a.target_vram_gib * GiB - fixed) * frac) / GiB
-    dense = estimate_dense_bytes(lay, dt)
+    dense = estimate_dense_bytes(lay, dt, ("embed",) if embed_in_pinned_ram(cfg) else ())  # the engine's --embed
     kv = estimate_kv_bytes(cfg, ctx, dt)
     scratch = estimate_scratch_bytes(cfg, bs, dt)
     slots_vram = int((vram_slice_gib * GiB - dense - kv - scratch) // bs)
@@ -699,9 +701,13 @@ def target_projection(a, ref: Trace, kind: str, k: int, c: float, ht: dict, ra: 
             row["projected_tok_s_warm"] = None
             row["sim_60_warm"] = {"error": str(e)}
     import dataclasses
-    tm_today = dataclasses.replace(tm, slots=max(k, b.get("slots_tiered_60", tm.slots)))
+    # tiered's own dense bytes on the GPU as this commit places them (a.dense_60_bytes: --embed's default applied),
+    # from the slots the target has with --target-dense-gb of them (the same KV cache and scratch; within one slot of
+    # the slice phase's slots_tiered_60, which a state from before session 53 computed with the table on the GPU)
+    today = int(b["slots_target_60"] + (a.target_dense_gb * 1e9 - a.dense_60_bytes) // block)
+    tm_today = dataclasses.replace(tm, slots=max(k, today))
     st60, nt60, _ = sim_decode(tr60, tm_today, a.prompt_tokens, a.warmup + 8, head_t, pred)
-    row["projected_tok_s_today"] = nt60 / st60 if st60 > 0 else None  # tiered's dense as it is (embeddings on GPU)
+    row["projected_tok_s_today"] = nt60 / st60 if st60 > 0 else None  # tiered's dense as it is
     row["target_slots_today"] = tm_today.slots
     row.update({"projected_tok_s": n60 / s60 if s60 > 0 else None, "c_target_s_per_layer": c_t,
                 "head_target_s": head_t, "target_cpu_gbps": cpu_g,
@@ -710,6 +716,13 @@ def target_projection(a, ref: Trace, kind: str, k: int, c: float, ht: dict, ra: 
                                                    "bytes_disk_per_token", "stall_share", "terms_ms_per_token",
                                                    "prefetch_precision", "cpu_share")}})
     return row
+
+
+def embed_in_pinned_ram(cfg) -> bool:
+    """Whether tiered's default --embed keeps this model's embedding table in pinned RAM on the target: auto (or
+    host) and an lm_head not tied to the table; the 397B's experts never all fit an 8 GB card, so auto takes the
+    host (store/cache.auto_embed_plan)."""
+    return TierConfig.embed in ("auto", "host") and not getattr(cfg, "tie_word_embeddings", False)
 
 
 def phase_project(a, st: dict) -> None:
@@ -910,13 +923,16 @@ def main() -> None:
                "device": torch.cuda.get_device_name() if cuda else "cpu", "small": a.small, "preset": a.preset,
                "flash_moe": FLASH_MOE, "h2d_gbps_option": "h2d_gbps" in BUDGET_KEYS})
     p60 = layout_plan(a.preset, TARGET_LAYERS, a.experts, a.dense)
-    a.dense_60_bytes = p60["dense_bytes"]
+    # tiered today: --embed's default (auto) keeps an untied table in pinned RAM where the experts do not all fit
+    a.embed_host = embed_in_pinned_ram(p60["cfg"])
+    a.dense_60_bytes = p60["dense_bytes"] - (p60["embed_bytes"] if a.embed_host else 0)
     st.setdefault("box", {}).update({"disk_free_gb_at_start": shutil.disk_usage(a.work).free / 1e9,
                                      "mem_available_gib_at_start": (meminfo("MemAvailable") or 0) / GiB,
                                      "torch": torch.__version__})
     st["model_60"] = {"expert_bytes": p60["expert_bytes"], "block_size": p60["block_size"],
                       "tiered_dense_bytes": p60["dense_bytes"], "embeddings_lm_head_bytes": p60["dense_bytes_not_per_layer"],
-                      "embedding_bytes": p60["embed_bytes"]}
+                      "embedding_bytes": p60["embed_bytes"], "embedding_in_pinned_ram": a.embed_host,
+                      "tiered_dense_bytes_on_gpu": a.dense_60_bytes}
     t0 = time.perf_counter()
     for ph in phases:
         t = time.perf_counter()
