@@ -7,6 +7,9 @@
 # untimed GPU-only work at most.
 set -u
 export PYTHONUNBUFFERED=1
+# the results' commit: pass TIERED_COMMIT=<sha> in the call's command (the box's git, if any, may name an older commit
+# under this tree; tools/benchmeta.git_commit then says "+modified")
+[ -n "${TIERED_COMMIT:-}" ] || echo "warning: no TIERED_COMMIT: results take the box's git HEAD (+modified if the tree differs)"
 BACK=$OUT; R=/root/res_$(basename "$0" .sh); mkdir -p $R; export OUT=$R
 pack() { tar czf $BACK/$(basename "$0" .sh).tgz -C $R . 2>/dev/null; }
 trap pack EXIT
