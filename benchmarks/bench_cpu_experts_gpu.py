@@ -250,11 +250,13 @@ def profile_device_step(engine, prompt: list[int], new: int) -> dict:
 
 def copy_busy(s: dict, n: int) -> float:
     """Per-token seconds of decode copies. The host table's copies are timed with events; the device step's gathers
-    run inside its graph, untimed, so there: the decode bytes that crossed / the link rate the run's own timed
-    copies reached (the prefill's hand-over), an estimate."""
+    run inside its graph, untimed, so there: the decode bytes that crossed / the rate of one block's gather timed at
+    the hand-over (the slot table's gather_gbps["1"]: most layers that miss miss one block), else the rate the run's
+    own timed copies reached (the prefill's), an estimate either way."""
     vram = s.get("vram") or {}
-    if (s.get("slot_table") or {}).get("mode") == "device":
-        gbps = vram.get("gbps") or 0
+    st = s.get("slot_table") or {}
+    if st.get("mode") == "device":
+        gbps = (st.get("gather_gbps") or {}).get("1") or vram.get("gbps") or 0
         return (s.get("bytes_h2d_per_token") or 0) / (gbps * 1e9) if gbps else 0.0
     return (vram.get("copy_s") or 0) / n
 
@@ -297,6 +299,7 @@ def summarise(s: dict, bounds: dict, compute_s: float, L: int) -> dict:
         v["device_fill"] = {"fill": ds.get("fill"), "auto": ds.get("fill_auto"), "copy": ds.get("fill_copy"),
                             "complete_steps": ds.get("complete_steps"), "planned_steps": ds.get("planned_steps")}
     v["h2d_gbps_achieved"] = (s.get("vram") or {}).get("gbps")
+    v["gather_gbps"] = (s.get("slot_table") or {}).get("gather_gbps")  # the device step's own gather, timed at load
     if (s.get("slot_table") or {}).get("h2d_gbps_achieved"):  # the device step's paced gather, timed at load
         v["h2d_gbps_achieved"] = s["slot_table"]["h2d_gbps_achieved"]
     v["time_per_token_s"] = breakdown(s, compute_s, L)

@@ -1020,6 +1020,9 @@ def test_cuda_device_step_matches_host_step(reference_layout, policy):
     d = s["decode"]
     assert d["misses"] > 0 and d["hits"] + d["misses"] == d["tokens"] * 8 * 8
     assert s["host_s_per_layer"] < runs["host"][1]["host_s_per_layer"]
+    # the gather's own rate, timed at the hand-over for 1 and top-k (8) blocks: a real transfer rate over PCIe
+    g = s["slot_table"]["gather_gbps"]
+    assert set(g) == {"1", "8"} and all(0.05 < v < 1000 for v in g.values())
 
 
 @pytest.mark.cuda

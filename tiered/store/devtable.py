@@ -120,6 +120,9 @@ class DeviceSlotTable:
         # the first hand-over, times one and reports the rate reached
         self.h2d_gbps = float(getattr(vram, "h2d_gbps", 0.0) or 0.0)
         self.h2d_gbps_achieved: float | None = None
+        # the demand gather's own GB/s over UVA (1 and K blocks a launch), timed once at the first hand-over on CUDA:
+        # the step's gathers run inside its graph, untimed, so this is what a per-token copy time is estimated from
+        self.gather_gbps: dict[str, float] | None = None
         # --device-fill copy (store/copyfill.py, attached by the device step): drained before a give_back; its plan
         # is made from the host's table as `take` handed it over (_taken: key_of, slot_of, host rows)
         self.copy_fill: Any = None
@@ -163,24 +166,33 @@ class DeviceSlotTable:
         self.handovers += 1
         if self.h2d_gbps > 0 and self.h2d_gbps_achieved is None and vram.cuda:
             self.measure_pace()
+        if self.gather_gbps is None and vram.cuda:
+            rates = {str(n): self.measure_gather(n) for n in (1, self.cache.layout.config.top_k)}
+            self.gather_gbps = {n: g for n, g in rates.items() if g is not None} or None
 
-    def measure_pace(self, blocks: int = 8) -> float | None:
-        """Time one paced gather of up to `blocks` resident blocks onto themselves (each slot re-copied from its own
-        key's RAM row: the table's contents do not change) with CUDA events; sets and returns the GB/s reached (None
-        when no slot is resident yet)."""
+    def measure_gather(self, blocks: int) -> float | None:
+        """Time one gather (paced under --h2d-gbps, as the step's are) of up to `blocks` resident blocks onto
+        themselves (each slot re-copied from its own key's RAM row: the table's contents do not change) with CUDA
+        events, after one warm launch; returns the GB/s reached (None when fewer than `blocks` slots are resident)."""
         key_of = self.t["key_of"][: self.slots.shape[0]]
         res = (key_of >= 0).nonzero().flatten()[:blocks]
-        if res.numel() == 0:
+        if res.numel() < blocks:
             return None
         dst = res.to(torch.int64)
         src = self.t["host_row"].index_select(0, key_of.index_select(0, res).to(torch.int64))
         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        self.gather(src, dst)  # warm: compiles the paced kernel
+        self.gather(src, dst)  # warm: compiles the kernel
         e0.record()
         self.gather(src, dst)
         e1.record()
         e1.synchronize()
-        self.h2d_gbps_achieved = dst.numel() * self.block_size / (e0.elapsed_time(e1) * 1e-3) / 1e9
+        return dst.numel() * self.block_size / (e0.elapsed_time(e1) * 1e-3) / 1e9
+
+    def measure_pace(self, blocks: int = 8) -> float | None:
+        """The paced gather's rate (measure_gather of up to `blocks` blocks, fewer when fewer are resident); sets
+        and returns h2d_gbps_achieved (None when no slot is resident yet)."""
+        n = min(blocks, int((self.t["key_of"][: self.slots.shape[0]] >= 0).sum()))
+        self.h2d_gbps_achieved = self.measure_gather(n) if n > 0 else None
         return self.h2d_gbps_achieved
 
     def give_back(self) -> None:
@@ -390,6 +402,7 @@ class DeviceSlotTable:
                 "cpu_split_misses": self.cpu_split_misses, "cpu_split_rows": self.cpu_split_rows,
                 **({"h2d_gbps_target": self.h2d_gbps, "h2d_gbps_achieved": self.h2d_gbps_achieved}
                    if self.h2d_gbps > 0 else {}),
+                **({"gather_gbps": self.gather_gbps} if self.gather_gbps else {}),
                 "handovers": self.handovers,
                 "policy": "lru" if self.w == 0 else f"flru(w={self.w})"}
 
