@@ -4,9 +4,11 @@
 # document's replayed routing, each profiled after its timed run (--profile: the same steps on the warm cache, their
 # wall time without misses and the kernels a token, under torch.profiler). Call A measured
 # compute 0.756 + copies 0.772 = 1.53 ms against 2.06 for lru/device: this is the 0.53 ms. First the slot-table
-# kernels alone (bench_slot_table.py: the gather's GB/s at 1-4 and 8 programs a SM).
+# kernels alone (bench_slot_table.py: the gather's GB/s at 1-4 and 8 programs a SM); the offload JSON's runs now
+# carry the slot table's gather_gbps (timed at the hand-over), and their copy_busy comes from it.
 source "$(dirname "$0")/lib.sh"
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); echo "$GPU"
+cuda_tests 90 tests/test_devtable.py -k "device_step_matches_host_step"  # gather_gbps (not yet run on a GPU)
 # the gather's own GB/s over UVA on this card (the bench's copy_busy assumes the prefill copies' rate for it)
 timeout 60 python3 benchmarks/bench_slot_table.py --ctas 132,264,528,1056 > $OUT/slot_table.log 2>&1
 echo "slot_table rc=$? $(el)"; grep -i "gather" $OUT/slot_table.log | head -12; pack
