@@ -4,8 +4,9 @@
 
 On CPU: the row gather against F.embedding through Triton's interpreter, the budget's byte count without the table,
 the refusals (a lm_head tied to the table; an unpinned host table for a CUDA launch), the option's plumbing (on a
-CPU device the table is where the compute is, so the tokens cannot change), and auto's choice from real plans. On CUDA (marked): the same greedy
-tokens with the table on the host and on the GPU, graphs replayed, and more expert slots under the same --vram-gb.
+CPU device the table is where the compute is, so the tokens cannot change), and auto's choice from real plans. On
+CUDA (marked): the same greedy tokens with the table on the host, on the GPU and where auto puts it, graphs
+replayed, and more expert slots under the same --vram-gb.
 """
 from __future__ import annotations
 

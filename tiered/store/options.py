@@ -37,7 +37,7 @@ class BudgetError(ValueError):
 EMBED_PLACES = ("gpu", "host")  # where the model keeps its token-embedding table
 EMBED_CHOICES = ("auto",) + EMBED_PLACES  # --embed: auto is decided by the cache's slot counts
 TIED_EMBED_HOST = ("--embed host: this model's lm_head is tied to its embedding table (tie_word_embeddings), and the "
-                   "lm_head reads all of it every token: keep --embed gpu")
+                   "lm_head reads all of it every token: use --embed gpu (or auto, which keeps it there)")
 
 
 def _opt(default: Any, help: str, kind: Any = None) -> Any:
@@ -135,8 +135,9 @@ class TierConfig:
                              ("policy", "nextuse"))
     h2d_gbps: float = _opt(0.0, "Benchmark option: pace host->GPU expert copies to this many GB/s (10^9 B/s), "
                                 "emulating a slower PCIe link (0 = unpaced)")
-    # default auto: on the H100 (session 53, bf16 8-layer 10.6B shape, --vram-gb 4, replayed routing) the table in
-    # pinned RAM gave 242 -> 308 slots and the default offload 1.28x (509.2 against 396.7 tok/s)
+    # default auto: on an H100 (session 53, the bf16 8-layer 10.6B shape at --vram-gb 4, replayed routing) the table in
+    # pinned RAM gave 249 -> 315 slots and every-option-default offload 1.20x over the five eval documents (587.8
+    # against 489.9 tok/s; offload-embed-auto-2026-12-07-h100-s53.json)
     embed: str = _opt("auto", "Where the token-embedding table lives on CUDA: gpu; host (pinned RAM: a token's row is "
                              "read over PCIe, and the table's GPU memory becomes expert slots; for models whose "
                              "lm_head is not tied to the table); auto (host when the experts do not all fit the GPU "
