@@ -222,3 +222,34 @@ def test_embed_alone_keeps_experts_resident(untied_layout):
     for place in ("auto", "gpu"):
         eng = tiered.load(untied_layout, device="cpu", dtype="float32", budget={"embed": place})
         assert isinstance(eng.model.provider, ResidentExperts) and eng.model.embed.device.type == "cpu"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("budget", [{}, {"vram_gb": 0.6}])
+def test_host_table_batch_steps_cuda(untied_layout, budget):
+    """The batch scheduler's steps with the table in pinned RAM (resident experts: the graphed bucket steps through
+    step_io.rows_inputs; under an expert budget: the cache's batch step through Transformer.embed_rows) give the
+    same tokens as with the table on the GPU: the rows read are the same bits."""
+    import tiered
+    from tiered.decode.scheduler import Request, SamplingParams, Scheduler
+
+    prompts = [list(range(5, 5 + n)) for n in (3, 17, 9, 30)]
+    lengths = [12, 5, 20, 9]
+    outs = {}
+    for place in ("gpu", "host"):
+        eng = tiered.load(untied_layout, device="cuda", dtype="bfloat16", max_context=128,
+                          budget={**budget, "embed": place})
+        assert eng.model.embed.is_cuda == (place == "gpu")
+        sch = Scheduler(eng, max_batch=4, page_size=16)
+        reqs = [sch.submit(Request(str(i), p, SamplingParams(max_tokens=n)))
+                for i, (p, n) in enumerate(zip(prompts, lengths))]
+        for _ in range(500):
+            if sch.idle():
+                break
+            sch.step()
+        assert sch.idle()
+        outs[place] = [r.out_ids for r in reqs]
+        assert [len(o) for o in outs[place]] == lengths
+        del sch, eng
+        torch.cuda.empty_cache()
+    assert outs["gpu"] == outs["host"]
