@@ -241,7 +241,7 @@ def test_host_table_batch_steps_cuda(untied_layout, budget):
                           budget={**budget, "embed": place})
         assert eng.model.embed.is_cuda == (place == "gpu")
         sch = Scheduler(eng, max_batch=4, page_size=16)
-        reqs = [sch.submit(Request(str(i), p, SamplingParams(max_tokens=n)))
+        reqs = [sch.submit(Request(str(i), p, SamplingParams(max_tokens=n, stop_at_eos=False)))
                 for i, (p, n) in enumerate(zip(prompts, lengths))]
         for _ in range(500):
             if sch.idle():
