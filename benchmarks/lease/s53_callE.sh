@@ -8,7 +8,8 @@
 # carry the slot table's gather_gbps (timed at the hand-over), and their copy_busy comes from it.
 source "$(dirname "$0")/lib.sh"
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); echo "$GPU"
-cuda_tests 90 tests/test_devtable.py -k "device_step_matches_host_step"  # gather_gbps (not yet run on a GPU)
+# gather_gbps and the batch steps with the table in RAM (built after session 53's lease, not yet run on a GPU)
+cuda_tests 120 tests/test_embed_host.py tests/test_devtable.py -k "device_step_matches_host_step or embed_host"
 # the gather's own GB/s over UVA on this card (the bench's copy_busy assumes the prefill copies' rate for it)
 timeout 60 python3 benchmarks/bench_slot_table.py --ctas 132,264,528,1056 > $OUT/slot_table.log 2>&1
 echo "slot_table rc=$? $(el)"; grep -i "gather" $OUT/slot_table.log | head -12; pack
