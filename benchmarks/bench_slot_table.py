@@ -10,9 +10,13 @@ bf16: 420 slots of 9.4 MB), K = 8:
                  (row, chunk) ("grid", ctas=0) and a fixed number of looping programs (--ctas; the default is 4 per SM);
   gather_misses  1 and K rows copied from pinned RAM over UVA, in GB/s, sources rotating over --rows host rows.
 --old PATH times a saved copy of kernels/slot_table.py too (the same tables and ids), for a before/after in one run.
+--shapes W:B:C,... times the gather's 1- and K-row rates at other load shapes (warps, words a load, loads an item)
+and the copy engine's rate for the same bytes (session 53: the H100's offload step ran 0.53 ms a token slower than
+compute plus its copies at the copy engine's 54 GB/s; the gather over UVA is the suspect).
 
     python3 benchmarks/bench_slot_table.py                                  # GPU box, about 20 s
     python3 benchmarks/bench_slot_table.py --old .carry/old/slot_table_9ba170a.py
+    python3 benchmarks/bench_slot_table.py --shapes 4:1024:4,8:1024:4,4:2048:2,4:512:8
 Prints one line per figure, then one JSON line last; writes $OUT/slot_table.json when OUT is set.
 """
 from __future__ import annotations
@@ -107,6 +111,42 @@ def resolve_figures(mod, S: int, K: int, calls: int, seed: int) -> dict:
     return res
 
 
+def copy_engine_figures(B: int, K: int, rows: int, calls: int) -> dict:
+    """The same bytes as the gathers' misses by the copy engine (cudaMemcpyAsync of 1 and K pinned rows, one copy
+    per row, from a CUDA graph): the link's rate the gather is compared against."""
+    dev = "cuda"
+    slots = torch.empty(K, B, dtype=torch.uint8, device=dev)
+    host = torch.empty(rows, B, dtype=torch.uint8).pin_memory()
+    res = {}
+    for m in (1, K):
+        def fn(i: int, m: int = m) -> None:
+            for j in range(m):
+                slots[j].copy_(host[(i * m + j) % rows], non_blocking=True)
+        us = graph_us(fn, min(calls, 16), reps=3)
+        res[f"copy_engine_{m}miss_gbps"] = m * B / (us * 1e-6) / 1e9
+    return res
+
+
+def shape_figures(mod, B: int, K: int, rows: int, calls: int, shapes: list[tuple[int, int, int]]) -> dict:
+    """The gather's 1- and K-row rates at the default grid (4 programs a SM) for each (warps, block, chunks): its
+    load footprint (kernels/slot_table.gather's warps, block and chunks)."""
+    dev = "cuda"
+    slots = torch.empty(K, B, dtype=torch.uint8, device=dev)
+    host = torch.empty(rows, B, dtype=torch.uint8).pin_memory()
+    dst = torch.arange(K, dtype=torch.int64, device=dev)
+    res = {}
+    for w, b, c in shapes:
+        for m in (1, K):
+            srcs = torch.full((calls, K), -1, dtype=torch.int64)
+            for i in range(calls):
+                srcs[i, :m] = torch.tensor([(i * m + j) % rows for j in range(m)])
+            srcs = srcs.to(dev)
+            us = graph_us(lambda i: mod.gather(host, srcs[i], dst, slots, warps=w, block=b, chunks=c),
+                          min(calls, 16), reps=3)
+            res[f"gather_{m}miss_gbps_w{w}_b{b}_c{c}"] = m * B / (us * 1e-6) / 1e9
+    return res
+
+
 def gather_figures(mod, S: int, B: int, K: int, rows: int, calls: int, ctas: list[int]) -> dict:
     dev = "cuda"
     n_slots = min(S, 2 * K + 2)  # the destination slots (the figure does not depend on how many there are)
@@ -143,6 +183,9 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=48, help="pinned host rows the gathers read (rotating)")
     ap.add_argument("--ctas", default="132,264,528", help="looping-grid sizes of the gather to time")
     ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument("--shapes", default="",
+                    help="gather load shapes to time at the default grid, as warps:block:chunks,... (e.g. "
+                         "4:1024:4,8:1024:4,4:2048:2,4:512:8); the copy engine's rate for the same bytes beside them")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_slot_table times CUDA kernels: run it on the GPU box")
@@ -150,6 +193,9 @@ def main() -> None:
     if a.old:
         mods["old"] = load_module(a.old)
     ctas = [int(c) for c in a.ctas.split(",") if c]
+    shapes = [tuple(int(x) for x in t.split(":")) for t in a.shapes.split(",") if t]
+    if any(len(t) != 3 for t in shapes):
+        raise SystemExit(f"--shapes takes warps:block:chunks,...: got {a.shapes!r}")
     res = {"bench": "slot_table", "commit": git_commit(), "device": torch.cuda.get_device_name(), "top_k": a.top_k,
            "calls_per_graph": a.calls, "old": a.old, "shapes": {}}
     for shape, (S, B) in SHAPES.items():
@@ -157,6 +203,9 @@ def main() -> None:
         for name, mod in mods.items():
             rr = resolve_figures(mod, S, a.top_k, a.calls, seed=1)
             rr.update(gather_figures(mod, S, B, a.top_k, a.rows, a.calls, ctas if name == "new" else []))
+            if a.shapes and name == "new":
+                rr.update(shape_figures(mod, B, a.top_k, a.rows, a.calls, shapes))
+                rr.update(copy_engine_figures(B, a.top_k, a.rows, a.calls))
             r[name] = rr
             for k, v in rr.items():
                 log(f"{shape} {name} {k}: {v:.3f}")
