@@ -10,7 +10,7 @@ source "$(dirname "$0")/lib.sh"
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); echo "$GPU"
 # gather_gbps and the batch steps with the table in RAM (built after session 53's lease, not yet run on a GPU)
 cuda_tests 120 tests/test_embed_host.py tests/test_devtable.py -k "device_step_matches_host_step or embed_host"
-# the gather's own GB/s over UVA on this card (the bench's copy_busy assumes the prefill copies' rate for it)
+# the gather's own GB/s over UVA on this card at other load shapes, beside the copy engine's for the same bytes
 timeout 100 python3 benchmarks/bench_slot_table.py --ctas 132,264,528,1056 \
   --shapes 4:1024:4,8:1024:4,2:1024:4,4:2048:2,8:2048:4,4:512:8 > $OUT/slot_table.log 2>&1
 echo "slot_table rc=$? $(el)"; grep -E "bf16 new .*(miss_gbps|copy_engine)" $OUT/slot_table.log | head -24; pack
