@@ -22,7 +22,10 @@ eval documents: lru/device (offload-devstep-bf16-2026-12-01-h200.json) hit rates
 here, ratio 0.60/0.63 measured, 0.67/0.71 here; lru+pf8/device with prefetched blocks inserted as newest (the
 measured run, offload-devstep-prefetch-2026-12-01-h200.json) hit rates 0.792/0.854 and 189/119 MB per token
 measured, 0.792/0.854 and 189/120 MB here, ratio 0.38/0.47 measured, 0.46/0.56 here. So the counts are the
-engine's; the times run 10% (demand) to 17% (prefetch) optimistic.
+engine's; the times run 10% (demand) to 17% (prefetch) optimistic. On an H100 (session 53, the table in pinned RAM:
+316 slots, --compute-ms 0.756, sim-h100-316-2026-12-07-s53.json against offload-embed-auto-2026-12-07-h100-s53.json)
+lru on csv hit 0.931 with 41.6 MB a token here, 0.931 and 41.7 measured, in 1.527 ms against 2.059: 35% optimistic
+there, the step's execution beyond compute and copies at 54 GB/s (s53_callE.sh profiles it).
 
 CPU experts (runs ending in +cpu, decode/devstep.py with a mailbox): resolve sends take[m] of a layer's m misses to
 the CPU (--cpu-take, default the cost model's at --pcie-gbps, --cpu-gbps and --cpu-overhead-us); a layer then
