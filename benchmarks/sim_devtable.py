@@ -48,6 +48,8 @@ Against the H200 (session 20, call D, q4+q4 at --vram-gb 4 = 1,024 slots, csv.py
     python3 benchmarks/sim_devtable.py --text ../shared/text                     # all runs, five eval docs
     python3 benchmarks/sim_devtable.py --text ../shared/text --docs 2 --runs lru,nextuse,nextuse+pf1
     python3 benchmarks/sim_devtable.py --text ../shared/text --fit               # refit the next-use weights
+    python3 benchmarks/sim_devtable.py --text ../shared/text --runs lru --slots 316 --compute-ms 0.756 --lookahead 1,2,4,8
+        # the prefetch goal's ceiling: Belady's misses, perfectly predicted D layers ahead, on one link
     python3 benchmarks/sim_devtable.py --text ../shared/text --runs nextuse+cpu,nextuse+gate1+cpu --gate-top 4
         # the reference model's next-gate predictor as the prefetch's candidates (traced once with hidden states)
 Prints a table, then one JSON line last; writes $OUT/sim_devtable.json when OUT is set.
@@ -78,7 +80,7 @@ from tiered.predict.predictors import transition_params  # noqa: E402
 from tiered.predict.replay import map_routing, map_trace  # noqa: E402
 from tiered.predict.trace import Trace, load as load_trace, save as save_trace  # noqa: E402
 from tiered.store.devtable import DeviceSlotTable  # noqa: E402
-from tiered.store.policy import belady  # noqa: E402
+from tiered.store.policy import belady, belady_misses  # noqa: E402
 
 
 class SimTable(DeviceSlotTable):
@@ -400,6 +402,41 @@ def simulate_doc(ids: np.ndarray, prompt: int, run: dict, *, slots: int, num_exp
             "fill_picked": sum(fills), "fill_steps": sum(1 for f in fills if f)}
 
 
+def lookahead_time(misses: list[int], comp: float, c: float, depth: int) -> float:
+    """Seconds for the decode steps (one step = a layer of a token) when each step's misses (Belady's, known in
+    advance: a perfect predictor) cross one link in step order, c seconds a block, each step's copies starting no
+    earlier than the compute of the step `depth` before it (when its routing could be predicted) and the step's
+    compute (comp) starting once its copies have landed and the previous step has computed. depth 0: the copies
+    wait for the previous step's compute, the serial bound. Slots are not modelled: a block prefetched early is
+    assumed to evict nothing needed sooner (an upper bound for any lookahead-`depth` prefetch)."""
+    n = len(misses)
+    start, end = [0.0] * n, [0.0] * n
+    link = 0.0
+    for i, m in enumerate(misses):
+        prev_end = end[i - 1] if i else 0.0
+        ready = prev_end if depth == 0 else (start[i - depth] if i >= depth else 0.0)
+        arrive = max(link, ready) + m * c
+        link = arrive
+        start[i] = max(prev_end, arrive)
+        end[i] = start[i] + comp
+    return end[-1] if n else 0.0
+
+
+def lookahead_bounds(ids: np.ndarray, prompt: int, *, slots: int, num_experts: int, block: int, pcie: float,
+                     compute: float, depths: list[int]) -> dict:
+    """Per lookahead depth, the serial Belady bound's time / lookahead_time's: how far above 1.0 a prefetch that
+    knows Belady's misses `depth` layers ahead could take the prefetch goal's ratio (the same steps as
+    simulate_doc's Belady: the prompt's union per layer warms, the decode steps count)."""
+    T, L, _ = ids.shape
+    E = num_experts
+    steps = [sorted(set((l * E + ids[:prompt, l]).ravel().tolist())) for l in range(L)]
+    steps += [(l * E + ids[t, l]).tolist() for t in range(prompt, T) for l in range(L)]
+    misses = belady_misses(steps, slots)[L:]
+    c, comp = block / (pcie * 1e9), compute / L
+    serial = lookahead_time(misses, comp, c, 0)
+    return {str(d): serial / lookahead_time(misses, comp, c, d) for d in depths}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--text", type=Path, required=True, help="folder with fit/ and eval/")
@@ -438,6 +475,10 @@ def main() -> None:
     ap.add_argument("--admit-penalty", type=float, default=None,
                     help="the cost model's reuse penalty for its take table (default: the engine's, "
                          "store/offload.admit_penalty(); 0 = finish first)")
+    ap.add_argument("--lookahead", default="",
+                    help="also report, per document, the ratio to serial Belady that Belady's misses copied D layers "
+                         "ahead by a perfect predictor would reach (lookahead_time), for each D in this list: e.g. "
+                         "1,2,4,8 (the prefetch goal's ceiling at each depth)")
     a = ap.parse_args()
     t0 = time.perf_counter()
     fit_ref, eval_ref = reference_traces(a.text, a.cache)
@@ -493,6 +534,17 @@ def main() -> None:
                             split_admit=a.split_admit, pred=None if preds is None else preds[d][:n_tok],
                             fill_overhead=a.fill_overhead_us * 1e-6)
             for r in runs}
+    depths = [int(v) for v in a.lookahead.split(",") if v]
+    if depths:
+        res["lookahead"] = {}
+        for d in range(min(a.docs, ev.num_docs)):
+            doc = ev.doc(d)
+            if doc.num_tokens >= n_tok:
+                res["lookahead"][ev.doc_names[d]] = lookahead_bounds(
+                    doc.topk_ids[:n_tok].astype(np.int64), a.prompt_tokens, slots=a.slots, num_experts=a.experts,
+                    block=a.block_bytes, pcie=a.pcie_gbps, compute=a.compute_ms * 1e-3, depths=depths)
+        res["lookahead"]["mean"] = {str(k): float(np.mean([v[str(k)] for v in res["lookahead"].values()]))
+                                    for k in depths}
     docs = res["docs"]
     res["mean"] = {r: {k: float(np.mean([docs[d][r][k] for d in docs]))
                        for k in ("vs_serial_belady", "hit_rate", "demand_mb_per_token", "prefetch_mb_per_token",
@@ -509,6 +561,8 @@ def main() -> None:
     for r, v in res["mean"].items():
         print(f"{'mean':<26}{r:<14}{v['hit_rate']:>6.3f}{v['demand_mb_per_token']:>8.1f}{v['prefetch_mb_per_token']:>7.1f}"
               f"{'':>9}{'':>8}{v['time_ms_per_token']:>8.3f}{'':>7}{v['vs_serial_belady']:>7.3f}")
+    for dn, v in res.get("lookahead", {}).items():
+        print(f"{'lookahead ' + dn[:16]:<26}" + "  ".join(f"D={k}: {r:.3f}" for k, r in v.items()))
     line = json.dumps(res)
     import os
 

@@ -140,3 +140,28 @@ def test_sim_fill_loads_free_slots_ahead_and_times_its_copies():
     for bad in ("nextuse+fill2", "lru+fill0", "lru+fillx", "lru+fill2@x"):
         with pytest.raises(SystemExit, match="fill runs"):
             sim.parse_run(bad)
+
+
+def test_lookahead_time_by_hand_and_its_bounds():
+    """lookahead_time on steps worked out by hand, and lookahead_bounds' limits: depth 0 is the serial bound
+    itself, more depth never hurts, and no depth beats max(compute, copies) on one link."""
+    sim = _sim()
+    comp, c = 1.0, 2.0
+    # misses [2, 0, 1]: serial = (4 + 1) + (0 + 1) + (2 + 1) = 9
+    assert sim.lookahead_time([2, 0, 1], comp, c, 0) == pytest.approx(9.0)
+    # depth 1: step 0's copies from 0 (arrive 4, compute 4-5); step 1 none (5-6); step 2's copies may start at
+    # step 1's start (5), the link free since 4: arrive 7, compute 7-8
+    assert sim.lookahead_time([2, 0, 1], comp, c, 1) == pytest.approx(8.0)
+    # depth 2: step 2's copies may start at step 0's start (4, when its copies landed): arrive 6, compute 6-7
+    assert sim.lookahead_time([2, 0, 1], comp, c, 2) == pytest.approx(7.0)
+    assert sim.lookahead_time([], comp, c, 1) == 0.0
+    ids = _routing(40, 4, 16, 4, seed=3)
+    b = sim.lookahead_bounds(ids, 8, slots=24, num_experts=16, block=1 << 20, pcie=1.0, compute=4e-3,
+                             depths=[0, 1, 2, 4, 8])
+    r = [b[k] for k in ("0", "1", "2", "4", "8")]
+    assert r[0] == pytest.approx(1.0) and all(x <= y + 1e-12 for x, y in zip(r, r[1:]))
+    steps = [sorted(set((l * 16 + ids[:8, l]).ravel().tolist())) for l in range(4)]
+    steps += [(l * 16 + ids[t, l]).tolist() for t in range(8, 40) for l in range(4)]
+    m = sim.belady_misses(steps, 24)[4:]
+    serial = len(m) * 1e-3 + sum(m) * (1 << 20) / 1e9
+    assert r[-1] <= serial / max(len(m) * 1e-3, sum(m) * (1 << 20) / 1e9) + 1e-9
