@@ -460,6 +460,18 @@ def test_fill_gather_options_parse_and_refuse(monkeypatch):
                   torch.zeros(1, 64, dtype=torch.uint8), block=100)
 
 
+def test_demand_gather_options_parse_and_refuse(monkeypatch):
+    """TIERED_GATHER: the demand gather's warps:block:chunks, parsed as the fill's knob is."""
+    monkeypatch.delenv("TIERED_GATHER", raising=False)
+    assert st.demand_gather_options() == {}
+    monkeypatch.setenv("TIERED_GATHER", "8:2048:2")
+    assert st.demand_gather_options() == {"warps": 8, "block": 2048, "chunks": 2}
+    for bad in ("8:2048", "3:1024:4", "4:1000:4", "4:1024:0", "a:b:c"):
+        monkeypatch.setenv("TIERED_GATHER", bad)
+        with pytest.raises(ValueError, match="TIERED_GATHER"):
+            st.demand_gather_options()
+
+
 def test_demand_gather_ctas_parse_and_refuse(monkeypatch):
     monkeypatch.delenv("TIERED_GATHER_CTAS", raising=False)
     assert st.demand_gather_ctas() is None

@@ -165,3 +165,24 @@ def test_lookahead_time_by_hand_and_its_bounds():
     m = sim.belady_misses(steps, 24)[4:]
     serial = len(m) * 1e-3 + sum(m) * (1 << 20) / 1e9
     assert r[-1] <= serial / max(len(m) * 1e-3, sum(m) * (1 << 20) / 1e9) + 1e-9
+
+
+def test_demand_gather_shape_reaches_the_table(monkeypatch):
+    """TIERED_GATHER (the demand gather's warps:block:chunks) reaches every demand gather of the device step (its
+    own body, run by the simulator); unset, the gathers take the kernel's defaults (no shape passed)."""
+    sim = _sim()
+    L, E, K, S, P = 3, 16, 3, 14, 6
+    ids = _routing(24, L, E, K, seed=2)
+    kw = dict(slots=S, num_experts=E, transitions=None, params=sim.DEFAULT_PARAMS, block=4096, pcie=1e-3,
+              compute=1e-3)
+    for env, want in (("8:2048:2", {"warps": 8, "block": 2048, "chunks": 2}), ("", {})):
+        seen = []
+
+        def rec(self, src, slot, *, ctas=None, layer=None, **shape):
+            if layer is not None:  # the demand calls (the fill and prefetch pass no layer)
+                seen.append(shape)
+
+        monkeypatch.setattr(sim.SimTable, "gather", rec)
+        monkeypatch.setenv("TIERED_GATHER", env)
+        sim.simulate_doc(ids, P, sim.parse_run("lru"), **kw)
+        assert len(seen) == (len(ids) - P) * L and all(s == want for s in seen)

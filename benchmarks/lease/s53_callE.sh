@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 53, call E (about 200 s, a fresh box): where the bf16 offload's token goes with the table in pinned RAM
+# Session 53, call E (about 200-320 s, a fresh box): where the bf16 offload's token goes with the table in pinned RAM
 # (--embed auto, the default): lru/device and lru+cpu/device (the demand goal's run) at --vram-gb 4 on one eval
 # document's replayed routing, each profiled after its timed run (--profile: the same steps on the warm cache, their
 # wall time without misses and the kernels a token, under torch.profiler). Call A measured
@@ -16,4 +16,16 @@ timeout 100 python3 benchmarks/bench_slot_table.py --ctas 132,264,528,1056 \
 echo "slot_table rc=$? $(el)"; grep -E "bf16 new .*(miss_gbps|copy_engine)" $OUT/slot_table.log | head -24; pack
 peers_ckpt; peers_layout layout source source; pack
 TIMEOUT=200 offload_variant profile "lru/device,lru+cpu/device" --profile lru/device,lru+cpu/device
+# the bf16 gather's fastest load shape at one block (bench_slot_table above); when it beats the default (4:1024:4) by
+# 5% or more, lru/device and lru+cpu/device again with it (TIERED_GATHER), then without, fresh processes
+GS=$(python3 -c "
+import json; r = json.load(open('$OUT/slot_table.json'))['shapes']['bf16']['new']
+k = {key.split('gbps_')[1]: v for key, v in r.items() if key.startswith('gather_1miss_gbps_w')}  # w4_b1024_c4
+best = max(k, key=k.get); d = k.get('w4_b1024_c4')
+print(':'.join(x[1:] for x in best.split('_')) if d and k[best] >= 1.05 * d else '')" 2>/dev/null)
+echo "best gather shape: ${GS:-default}"
+if [ -n "$GS" ] && [ $(( $(date +%s) - T0 )) -lt 360 ]; then
+  TIMEOUT=100 TIERED_GATHER=$GS offload_variant gather-shape "lru/device,lru+cpu/device"
+  TIMEOUT=100 offload_variant gather-default "lru/device,lru+cpu/device"
+fi
 true

@@ -48,8 +48,8 @@ from tiered.decode.devpolicy import DEFAULT_PARAMS, NextUse, NextUseParams
 from tiered.decode.fillpace import FILL_AUTO_MAX, FillPace
 from tiered.decode.sampling import argmax_into
 from tiered.kernels import cpu_handoff
-from tiered.kernels.slot_table import (demand_gather_ctas, fill_gather_options, fill_windows, split_granule,
-                                       topk_resolve_enabled)
+from tiered.kernels.slot_table import (demand_gather_ctas, demand_gather_options, fill_gather_options, fill_windows,
+                                       split_granule, topk_resolve_enabled)
 from tiered.model.transformer import Transformer
 from tiered.store.copyfill import CopyFill
 from tiered.store.offload import CostModel, admit_penalty
@@ -280,6 +280,7 @@ class DeviceStep:
             self.split_stream = torch.cuda.Stream(dev) if cuda and self.cpu_admit else None
             self.split_ctas = int(split_ctas)
         self.demand_ctas = demand_gather_ctas()  # the misses' copy programs (None: 4 per SM; TIERED_GATHER_CTAS)
+        self.demand_gather = demand_gather_options()  # and their copy shape (TIERED_GATHER; {}: gather's defaults)
         self.topk_resolve = topk_resolve_enabled() if topk_resolve is None else bool(topk_resolve)
         self.norm_topk = bool(cfg.norm_topk_prob)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
@@ -322,7 +323,7 @@ class DeviceStep:
                     one = self._lookup_one[l]
                     self.table.lookup(r.ids, one[0], self.slots, one[1], one[2], src)
                 if planned:  # the planned keys this layer loads (no split: the CPU takes none of them)
-                    self.table.gather(self.src[l], self.slots[l], ctas=self.demand_ctas)
+                    self.table.gather(self.src[l], self.slots[l], ctas=self.demand_ctas, **self.demand_gather)
             elif m.layers[l].moe is not None:
                 # the router's own top-k, when it left it to resolve (computed there even under an override, whose
                 # row then replaces it: the step does the real path's work)
@@ -343,7 +344,7 @@ class DeviceStep:
                     r = dataclasses.replace(r, topk_pending=False)
                 if cpu:  # the CPU starts on its share before the copies of the others
                     cpu_handoff.post(r.x, r.weights[0], self.cpu_row[l], self.cpu_seq, self.cpu)
-                self.table.gather(self.src[l], self.slots[l], layer=l, ctas=self.demand_ctas)
+                self.table.gather(self.src[l], self.slots[l], layer=l, ctas=self.demand_ctas, **self.demand_gather)
                 if nu is not None:
                     nu.update(self.moe_index[l], r.ids[0])
                 if self.prefetch and l + 1 < self.L and m.layers[l + 1].moe is not None:

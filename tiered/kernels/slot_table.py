@@ -746,21 +746,35 @@ FILL_WINDOW = 1024  # keys of the fill order one pick scans
 FILL_GATHER_ENV = "TIERED_FILL_GATHER"  # benchmarks: the fill copy's warps:block:chunks
 
 
-def fill_gather_options() -> dict:
-    """The background fill's copy shape, warps:block:chunks (each program's warps, the words of one load, loads per
-    item), from TIERED_FILL_GATHER (a benchmark's knob); unset: gather's defaults (4 warps, 1,024-word loads, 4 per
+def gather_shape_options(env: str) -> dict:
+    """A gather's copy shape, warps:block:chunks (each program's warps, the words of one load, loads per item), from
+    the environment variable `env` (a benchmark's knob); unset: gather's defaults (4 warps, 1,024-word loads, 4 per
     item)."""
-    v = os.environ.get(FILL_GATHER_ENV, "").strip()
+    v = os.environ.get(env, "").strip()
     if not v:
         return {}
     try:
         w, b, c = (int(x) for x in v.split(":"))
     except ValueError:
-        raise ValueError(f"{FILL_GATHER_ENV}={v!r}: expected warps:block:chunks, e.g. 4:1024:4") from None
+        raise ValueError(f"{env}={v!r}: expected warps:block:chunks, e.g. 4:1024:4") from None
     if w not in (1, 2, 4, 8, 16, 32) or b < 32 or b & (b - 1) or not 1 <= c <= 16:
-        raise ValueError(f"{FILL_GATHER_ENV}={v!r}: warps one of 1..32 (a power of two), block a power of two >= 32, "
+        raise ValueError(f"{env}={v!r}: warps one of 1..32 (a power of two), block a power of two >= 32, "
                          "chunks 1..16")
     return {"warps": w, "block": b, "chunks": c}
+
+
+def fill_gather_options() -> dict:
+    """The background fill's copy shape from TIERED_FILL_GATHER (gather_shape_options)."""
+    return gather_shape_options(FILL_GATHER_ENV)
+
+
+DEMAND_GATHER_ENV = "TIERED_GATHER"  # benchmarks: the demand gather's warps:block:chunks
+
+
+def demand_gather_options() -> dict:
+    """The device step's demand gather shape from TIERED_GATHER (gather_shape_options; session 53: the H100's
+    offload step ran 0.53 ms a token beyond compute plus copies at 54 GB/s, the gather over UVA the suspect)."""
+    return gather_shape_options(DEMAND_GATHER_ENV)
 
 
 DEMAND_CTAS_ENV = "TIERED_GATHER_CTAS"  # benchmarks: the demand gather's programs
