@@ -446,30 +446,22 @@ def test_gather_copy_shapes_copy_the_same(warps, block, chunks):
     assert slots[1].eq(0).all() and slots[2].eq(0).all()
 
 
-def test_fill_gather_options_parse_and_refuse(monkeypatch):
-    monkeypatch.delenv("TIERED_FILL_GATHER", raising=False)
-    assert st.fill_gather_options() == {}
-    monkeypatch.setenv("TIERED_FILL_GATHER", "1:256:4")
-    assert st.fill_gather_options() == {"warps": 1, "block": 256, "chunks": 4}
+@pytest.mark.parametrize("env,options", [("TIERED_FILL_GATHER", "fill_gather_options"),
+                                         ("TIERED_GATHER", "demand_gather_options")])
+def test_gather_shape_options_parse_and_refuse(monkeypatch, env, options):
+    """The fill's (TIERED_FILL_GATHER) and the demand gather's (TIERED_GATHER) warps:block:chunks knobs."""
+    parse = getattr(st, options)
+    monkeypatch.delenv(env, raising=False)
+    assert parse() == {}
+    monkeypatch.setenv(env, "1:256:4")
+    assert parse() == {"warps": 1, "block": 256, "chunks": 4}
     for bad in ("3:256:4", "1:100:4", "1:256:0", "1:256", "a:b:c"):
-        monkeypatch.setenv("TIERED_FILL_GATHER", bad)
-        with pytest.raises(ValueError, match="TIERED_FILL_GATHER"):
-            st.fill_gather_options()
+        monkeypatch.setenv(env, bad)
+        with pytest.raises(ValueError, match=env + "="):
+            parse()
     with pytest.raises(ValueError, match="power of two"):
         st.gather(torch.zeros(1, 64, dtype=torch.uint8), torch.tensor([0]), torch.tensor([0]),
                   torch.zeros(1, 64, dtype=torch.uint8), block=100)
-
-
-def test_demand_gather_options_parse_and_refuse(monkeypatch):
-    """TIERED_GATHER: the demand gather's warps:block:chunks, parsed as the fill's knob is."""
-    monkeypatch.delenv("TIERED_GATHER", raising=False)
-    assert st.demand_gather_options() == {}
-    monkeypatch.setenv("TIERED_GATHER", "8:2048:2")
-    assert st.demand_gather_options() == {"warps": 8, "block": 2048, "chunks": 2}
-    for bad in ("8:2048", "3:1024:4", "4:1000:4", "4:1024:0", "a:b:c"):
-        monkeypatch.setenv("TIERED_GATHER", bad)
-        with pytest.raises(ValueError, match="TIERED_GATHER"):
-            st.demand_gather_options()
 
 
 def test_demand_gather_ctas_parse_and_refuse(monkeypatch):
