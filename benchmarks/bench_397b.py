@@ -93,6 +93,7 @@ from tiered.predict.trace import Trace, TraceRecorder, record, split_ids  # noqa
 from tiered.store.budget import estimate_dense_bytes, estimate_kv_bytes, estimate_scratch_bytes  # noqa: E402
 from tiered.store.cache import ExpertCache  # noqa: E402
 from tiered.store.disk import Layout  # noqa: E402
+from tiered.store.cache import resolve_embed  # noqa: E402
 from tiered.store.options import BUDGET_KEYS, TierConfig  # noqa: E402
 
 GiB = 1 << 30
@@ -722,7 +723,8 @@ def embed_in_pinned_ram(cfg) -> bool:
     """Whether tiered's default --embed keeps this model's embedding table in pinned RAM on the target: auto (or
     host) and an lm_head not tied to the table; the 397B's experts never all fit an 8 GB card, so auto takes the
     host (store/cache.auto_embed_plan)."""
-    return TierConfig.embed in ("auto", "host") and not getattr(cfg, "tie_word_embeddings", False)
+    return resolve_embed(TierConfig.embed, cuda=True, tied=bool(getattr(cfg, "tie_word_embeddings", False)),
+                         slots_given=False) != "gpu"
 
 
 def phase_project(a, st: dict) -> None:
