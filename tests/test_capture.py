@@ -30,3 +30,31 @@ def test_bucket_graphs_count_captures_and_refuse_failed_buckets(monkeypatch):
     assert 16 not in g.buckets and g.failed == {16: "RuntimeError: not capturable"} and calls == [2, 1]
     assert g.stats() == {"buckets": [8], "replays": 0, "capture_s": 0.25, "graph_mem_bytes": 1024,
                          "failed": {16: "RuntimeError: not capturable"}}
+
+
+def test_pool_bytes_sums_the_pools_segments_on_the_device(monkeypatch):
+    """pool_bytes counts only the segments of the asked pool on the asked device (what a capture grew), not the
+    allocator's other memory; an older torch's snapshot (no mempool_id argument) is filtered the same way."""
+    segs = [{"device": 0, "segment_pool_id": (0, 7), "total_size": 2 << 20},
+            {"device": 0, "segment_pool_id": (0, 7), "total_size": 1 << 20},
+            {"device": 0, "segment_pool_id": (0, 0), "total_size": 64 << 20},  # the ordinary cache
+            {"device": 1, "segment_pool_id": (0, 7), "total_size": 8 << 20}]
+    asked = []
+
+    def snapshot(mempool_id=None, include_traces=True):
+        asked.append(mempool_id)
+        return segs
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "memory_snapshot", snapshot)
+    assert cap.pool_bytes((0, 7), torch.device("cuda", 0)) == 3 << 20
+    assert cap.pool_bytes((0, 7), torch.device("cuda", 1)) == 8 << 20
+    assert cap.pool_bytes((0, 9), torch.device("cuda", 0)) == 0
+    assert asked == [(0, 7), (0, 7), (0, 9)]
+
+    def old_snapshot():
+        return segs
+
+    monkeypatch.setattr(torch.cuda, "memory_snapshot", old_snapshot)
+    assert cap.pool_bytes((0, 7), torch.device("cuda", 0)) == 3 << 20
+    assert cap.pool_bytes(None, torch.device("cuda", 0)) == 0

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tiered.decode.capture import pool_bytes
 from tiered.decode.devpolicy import DEFAULT_PARAMS, NextUse, NextUseParams
 from tiered.decode.fillpace import FILL_AUTO_MAX, FillPace
 from tiered.decode.sampling import argmax_into
@@ -556,8 +557,7 @@ class DeviceStep:
         dev = self.device
         t0 = time.perf_counter()
         self.table.take()
-        torch.cuda.empty_cache()
-        mem0 = torch.cuda.memory_reserved(dev)
+        mem0 = pool_bytes(self.pool, dev)
         counts = self.table.t["counts"].clone()
         bad = self.table.t["bad_key"].clone()
         inputs = self.step_dev.clone()  # the warm-ups and the upload replay advance the token and position
@@ -595,7 +595,7 @@ class DeviceStep:
             self.fill_n.fill_(self._fill_count())
         self.graphs[span] = (graph, out)
         self.capture_s += time.perf_counter() - t0
-        self.graph_mem_bytes += torch.cuda.memory_reserved(dev) - mem0
+        self.graph_mem_bytes += pool_bytes(self.pool, dev) - mem0
 
     # --- one step ---
     def ready(self) -> bool:

@@ -26,6 +26,7 @@ import time
 import torch
 from torch import Tensor
 
+from tiered.decode.capture import pool_bytes
 from tiered.decode.sampling import RowNoise, Sampling, argmax_into, draw_step
 from tiered.kernels import nucleus, step_io
 from tiered.model.transformer import Transformer
@@ -58,7 +59,7 @@ class GraphedDecode:
         # run, else torch's argmax, copy and add
         self.kernel_pick = model.glue and step_io.enabled()
         self.capture_s = 0.0  # seconds spent capturing, over the object's life
-        self.graph_mem_bytes = 0  # growth of reserved CUDA memory while capturing (the graphs' pool)
+        self.graph_mem_bytes = 0  # growth of the graphs' pool while capturing (capture.pool_bytes)
 
     def span(self, pos: int) -> int:
         return self.model.graph_span(pos)
@@ -151,8 +152,7 @@ class GraphedDecode:
     def _add(self, span: int, sampled: int | None = None) -> None:
         dev = self.model.device
         t0 = time.perf_counter()
-        torch.cuda.empty_cache()  # torch.cuda.graph empties the cache on entry: start there, or the delta is negative
-        mem0 = torch.cuda.memory_reserved(dev)
+        mem0 = pool_bytes(self.pool, dev)
         inputs = self.token.clone(), self.pos.clone(), self.draw.clone()  # stream-ordered after any step in flight
         graph, out = self._capture(span, inputs, sampled)
         # One replay now: the first launch of a graph pays for its upload, which would land in the first step.
@@ -165,7 +165,7 @@ class GraphedDecode:
         else:
             self.sgraphs[(span, sampled)] = (graph, out)
         self.capture_s += time.perf_counter() - t0
-        self.graph_mem_bytes += torch.cuda.memory_reserved(dev) - mem0
+        self.graph_mem_bytes += pool_bytes(self.pool, dev) - mem0
 
     def _restore(self, inputs: tuple[Tensor, Tensor, Tensor]) -> None:
         """Put back the token, position and draw index a warm-up or upload replay advanced."""

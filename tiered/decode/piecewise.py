@@ -58,6 +58,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from tiered.decode.capture import pool_bytes
 from tiered.model.layers import StepPlan, plan_eager
 from tiered.model import cpu_experts
 from tiered.model.moe import routed_logits
@@ -175,7 +176,7 @@ class PiecewiseDecode:
         self.cpu_wait_s = 0.0  # host blocked on the CPU-expert worker (in route_s)
         self._late: tuple | None = None
         self.capture_s = 0.0  # seconds capturing since reset_stats (the engine also keeps its own total)
-        self.graph_mem_bytes = 0  # growth of reserved CUDA memory over all captures (the chains' pool)
+        self.graph_mem_bytes = 0  # growth of the chains' graph pool over all captures (capture.pool_bytes)
 
     # --- copies that are captured inside the segments in "graph" mode ---
     @property
@@ -433,7 +434,7 @@ class PiecewiseDecode:
     def _capture(self, span: int) -> _Chain:
         """Warm up, then capture the L+1 segments of `span`; "graph" copies fall back to "host" once."""
         t0 = time.perf_counter()
-        mem0 = self._reserved(settle=True)
+        mem0 = self._pool_bytes()
         try:
             with self.model.preserve_state():  # warm-ups and the probe run the step: keep the DeltaNet state
                 chain = self._capture_chain(span)
@@ -457,7 +458,7 @@ class PiecewiseDecode:
         self.probed = True
         self.chains[span] = chain
         self.capture_s += time.perf_counter() - t0
-        self.graph_mem_bytes += self._reserved() - mem0
+        self.graph_mem_bytes += self._pool_bytes() - mem0
         return chain
 
     def _capture_chain(self, span: int) -> _Chain:
@@ -497,14 +498,12 @@ class PiecewiseDecode:
     def _synchronize(self) -> None:
         torch.cuda.synchronize(self.device)
 
-    def _reserved(self, *, settle: bool = False) -> int:
-        """Bytes the CUDA caching allocator holds (graph pools included); 0 without CUDA. settle=True first
-        releases cached free blocks, as torch.cuda.graph does on entry (else a capture's delta can be negative)."""
+    def _pool_bytes(self) -> int:
+        """Bytes the chains' graph pool holds (capture.pool_bytes); 0 without CUDA (a test's stand-in chain on CPU,
+        also on a box that has a GPU)."""
         if torch.device(self.device).type != "cuda" or not torch.cuda.is_available():
-            return 0  # CPU (a test's stand-in chain), also on a box that has a GPU
-        if settle:
-            torch.cuda.empty_cache()
-        return torch.cuda.memory_reserved(self.device)
+            return 0
+        return pool_bytes(self.pool, self.device)
 
     def _wait_stream(self) -> None:
         """The host waits for the compute stream (one call: cheaper than recording and waiting on an event)."""
