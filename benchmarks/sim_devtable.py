@@ -25,7 +25,10 @@ measured, 0.792/0.854 and 189/120 MB here, ratio 0.38/0.47 measured, 0.46/0.56 h
 engine's; the times run 10% (demand) to 17% (prefetch) optimistic. On an H100 (session 53, the table in pinned RAM:
 316 slots, --compute-ms 0.756, sim-h100-316-2026-12-07-s53.json against offload-embed-auto-2026-12-07-h100-s53.json)
 lru on csv hit 0.931 with 41.6 MB a token here, 0.931 and 41.7 measured, in 1.527 ms against 2.059: 35% optimistic
-there, the step's execution beyond compute and copies at 54 GB/s (s53_callE.sh profiles it).
+on that box. On another H100 (session 54, offload-profile-2026-12-07-h100-s54.json) the device step's gather read pinned
+RAM at 49.9 GB/s and lru/device's token was compute + the gather's bytes at that rate + 4%: at --pcie-gbps 50 this
+gives lru 1.588 ms on csv against 1.651 measured (1.457 against 1.510, five documents), and lru+cpu with the run's own
+take table (--cpu-take 0,1,1,2,2,3,4,4,5) the measured hit rate, 0.876, and 1.592 ms against 1.564.
 
 CPU experts (runs ending in +cpu, decode/devstep.py with a mailbox): resolve sends take[m] of a layer's m misses to
 the CPU (--cpu-take, default the cost model's at --pcie-gbps, --cpu-gbps and --cpu-overhead-us); a layer then
