@@ -53,6 +53,8 @@ Against the H200 (session 20, call D, q4+q4 at --vram-gb 4 = 1,024 slots, csv.py
     python3 benchmarks/sim_devtable.py --text ../shared/text --fit               # refit the next-use weights
     python3 benchmarks/sim_devtable.py --text ../shared/text --runs lru --slots 316 --compute-ms 0.756 --lookahead 1,2,4,8
         # the prefetch goal's ceiling: Belady's misses, perfectly predicted D layers ahead, on one link
+    python3 benchmarks/sim_devtable.py --text ../shared/text --split fit --runs lru+cpu --slots 316 --adapt reused
+        # the take table refitted after each step with the admission penalty the run's evictions measured
     python3 benchmarks/sim_devtable.py --text ../shared/text --runs nextuse+cpu,nextuse+gate1+cpu --gate-top 4
         # the reference model's next-gate predictor as the prefetch's candidates (traced once with hidden states)
 Prints a table, then one JSON line last; writes $OUT/sim_devtable.json when OUT is set.
@@ -108,12 +110,18 @@ class SimTable(DeviceSlotTable):
         self.owner = "device"
         self.pending: set[int] = set()  # keys a prefetch loaded that no demand call has used yet
         self.demand = self.pf = self.pf_used = 0
+        self.evicted = self.evicted_hits = self.evicted_reused = 0  # evictions, the hits their experts had, reused ones
         self.gathers: list[tuple[str, int]] = []  # ("demand" | "prefetch", blocks) in issue order
 
     def resolve(self, layer, ids, out_slot, out_src, *, nt=None, cpu_row=None, topk=None):
         keys = [layer * self.num_experts + int(e) for e in ids.tolist()]
         res = [int(self.t["slot_of"][k]) >= 0 for k in keys]
+        key0, uses0 = self.t["key_of"].clone(), self.t["uses"].clone()
         super().resolve(layer, ids, out_slot, out_src, nt=nt, cpu_row=cpu_row, topk=topk)
+        gone = (key0 >= 0) & (self.t["key_of"] != key0)  # evicted this call: was the expert used again after its load?
+        self.evicted += int(gone.sum())
+        self.evicted_hits += int((uses0[gone] - 1).clamp(min=0).sum())
+        self.evicted_reused += int((uses0[gone] >= 2).sum())
         nc = int((cpu_row >= 0).sum()) if cpu_row is not None else 0
         self.cpu += nc
         self.gathers.append(("cpu", nc))
@@ -283,7 +291,7 @@ def simulate_doc(ids: np.ndarray, prompt: int, run: dict, *, slots: int, num_exp
                  cpu_gbps: float = 0.0, cpu_overhead: float = 0.0, cpu_frac: bool = False,
                  cpu_split: list[int] | None = None, split_f: float = 0.0, split_share: float = 2 / 3,
                  split_admit: float | None = None, pred: np.ndarray | None = None,
-                 fill_overhead: float = 17e-6) -> dict:
+                 fill_overhead: float = 17e-6, adapt: str = "") -> dict:
     """One run over one document's routing ids [T, L, K]: positions 0..prompt-1 prefilled, the rest decoded.
     pred [T, L, C]: the next-gate candidates of a '+gate' run (map_predictions). A fill run: its blocks cross the
     link beside the step with the step's demand copies, so a step takes max(its own time + fill_overhead (the fill
@@ -339,6 +347,7 @@ def simulate_doc(ids: np.ndarray, prompt: int, run: dict, *, slots: int, num_exp
     tim = 0.0
     link_free = 0.0  # split_admit: when the link is done with the deferred rows of admitted split misses
     fills: list[int] = []  # a fill run's blocks picked per step
+    adapt_pen: list[float] = []  # --adapt: the penalty after each step
     n = T - prompt
     for p in range(prompt, T):
         model.pos = p
@@ -348,6 +357,12 @@ def simulate_doc(ids: np.ndarray, prompt: int, run: dict, *, slots: int, num_exp
         if fill:
             step.fill_n.fill_(fill if p - prompt >= run["fill_start"] else 0)
         step._body(0, fill=bool(fill))
+        if adapt and run["cpu"] and table.evicted >= 32:  # the admission penalty from what admission paid this run
+            from tiered.store.offload import CostModel
+            pen = (table.evicted_reused if adapt == "reused" else table.evicted_hits) / table.evicted
+            cm = CostModel(pcie, cpu_gbps, cpu_overhead_s=cpu_overhead, fixed=True, reuse_penalty=min(pen, 2.0))
+            table.set_cpu_take([sum(cm.place(m, block)) for m in range(K + 1)])
+            adapt_pen.append(pen)
         # per layer: its demand gather, then (issued after it) the prefetch for l+1 beside its compute
         g = table.gathers
         i = 0
@@ -402,7 +417,8 @@ def simulate_doc(ids: np.ndarray, prompt: int, run: dict, *, slots: int, num_exp
             "vs_serial_belady": bound / (tim / n),
             "pcie_bound_ms_per_token": max(compute, bm * c / n) * 1e3,
             "vs_pcie_bound": max(compute, bm * c / n) / (tim / n),
-            "fill_picked": sum(fills), "fill_steps": sum(1 for f in fills if f)}
+            "fill_picked": sum(fills), "fill_steps": sum(1 for f in fills if f),
+            "adapt_penalty_last": adapt_pen[-1] if adapt_pen else None}
 
 
 def lookahead_time(misses: list[int], comp: float, c: float, depth: int) -> float:
@@ -478,6 +494,10 @@ def main() -> None:
     ap.add_argument("--admit-penalty", type=float, default=None,
                     help="the cost model's reuse penalty for its take table (default: the engine's, "
                          "store/offload.admit_penalty(); 0 = finish first)")
+    ap.add_argument("--adapt", choices=("", "reused", "hits"), default="",
+                    help="+cpu runs: after each step, the take table again with the admission penalty this run's "
+                         "evictions measured: the share of evicted experts used again after their load (reused), or "
+                         "their hits per load (hits, at most 2)")
     ap.add_argument("--lookahead", default="",
                     help="also report, per document, the ratio to serial Belady that Belady's misses copied D layers "
                          "ahead by a perfect predictor would reach (lookahead_time), for each D in this list: e.g. "
@@ -535,7 +555,7 @@ def main() -> None:
                             cpu_overhead=a.cpu_overhead_us * 1e-6, cpu_frac=a.cpu_frac, cpu_split=split,
                             split_f=a.cpu_split, split_share=1.0 if a.split_down else 2 / 3,
                             split_admit=a.split_admit, pred=None if preds is None else preds[d][:n_tok],
-                            fill_overhead=a.fill_overhead_us * 1e-6)
+                            fill_overhead=a.fill_overhead_us * 1e-6, adapt=a.adapt)
             for r in runs}
     depths = [int(v) for v in a.lookahead.split(",") if v]
     if depths:
