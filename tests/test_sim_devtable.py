@@ -186,3 +186,29 @@ def test_demand_gather_shape_reaches_the_table(monkeypatch):
         monkeypatch.setenv("TIERED_GATHER", env)
         sim.simulate_doc(ids, P, sim.parse_run("lru"), **kw)
         assert len(seen) == (len(ids) - P) * L and all(s == want for s in seen)
+
+
+def test_sim_counts_evictions_and_their_reuse_by_hand():
+    """SimTable's eviction counters (what --adapt folds into the take table): one layer, two slots, LRU; each call's
+    evictions and whether the evicted expert was used again after its load, checked call by call."""
+    sim = _sim()
+    tab = sim.SimTable(1, 8, 2, 0)
+    out, src = torch.empty(1, dtype=torch.int64), torch.empty(1, dtype=torch.int64)
+    seen = []
+    for e in (0, 1, 0, 2, 3, 2):  # 0,1 fill the slots; 0 hits; 2 evicts 1 (unused again); 3 evicts 0 (reused)
+        tab.resolve(0, torch.tensor([e]), out, src)
+        seen.append((tab.evicted, tab.evicted_reused, tab.evicted_hits))
+    assert seen == [(0, 0, 0), (0, 0, 0), (0, 0, 0), (1, 0, 0), (2, 1, 1), (2, 1, 1)]
+
+
+def test_sim_adapt_refits_the_take_table_from_the_runs_evictions():
+    """--adapt reused: once 32 evictions are counted, the take table is rebuilt each step with the measured share as
+    the penalty (reported, within [0, 1]); without CPU experts nothing changes."""
+    sim = _sim()
+    L, E, K, S, P = 2, 16, 3, 8, 4
+    ids = _routing(80, L, E, K, seed=1)
+    kw = dict(slots=S, num_experts=E, transitions=None, params=sim.DEFAULT_PARAMS, block=4096, pcie=1e-3,
+              compute=1e-3, cpu_take=[0, 0, 1, 1], cpu_gbps=1e-3, cpu_overhead=1e-4)
+    r = sim.simulate_doc(ids, P, sim.parse_run("lru+cpu"), **kw, adapt="reused")
+    assert r["adapt_penalty_last"] is not None and 0.0 <= r["adapt_penalty_last"] <= 1.0
+    assert sim.simulate_doc(ids, P, sim.parse_run("lru"), **kw, adapt="reused")["adapt_penalty_last"] is None
