@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 54, call A (for the next lease, about 260 s after the start). bf16 at --vram-gb 4 (316 slots, the table in
+# Session 54, call A (about 260 s after the start; the CUDA tests first). bf16 at --vram-gb 4 (316 slots, the table in
 # pinned RAM), five eval documents, replayed routing:
 # 1. the cost model's admission penalty (store/offload.py ADMIT_PENALTY 0.25) against 0.5 (TIERED_ADMIT_PENALTY), for
 #    the default, lru+cpu/device and nextuse+cpu/device (the demand goal's --policy predicted run). Session 54's
@@ -12,8 +12,8 @@
 #    capture test failed on -14 MB in session 54).
 source "$(dirname "$0")/lib.sh"
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); echo "$GPU"
+cuda_tests 120 tests/test_attention_decode.py tests/test_capture.py -k "graphs_captured_at_load or pool"
 peers_ckpt; peers_layout layout source source; pack
 TIMEOUT=150 offload_variant pen25 "default,lru+cpu/device,nextuse+cpu/device" --docs 5
 TIMEOUT=150 TIERED_ADMIT_PENALTY=0.5 offload_variant pen50 "default,lru+cpu/device,nextuse+cpu/device" --docs 5
-cuda_tests 120 tests/test_attention_decode.py tests/test_capture.py -k "graphs_captured_at_load or pool"
 true
