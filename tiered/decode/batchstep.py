@@ -219,7 +219,7 @@ class BatchStep:
     @torch.inference_mode()
     def forward(self, segs: list[Segment]) -> Tensor:
         """Run one step; returns logits [R, V] (compute dtype) for the segments with want_logits, in order."""
-        cfg, m, st = self.cfg, self.model, self.state
+        m, st = self.model, self.state
         P = st.page_size
         dev = self.device
         lens = [len(s.tokens) for s in segs]
