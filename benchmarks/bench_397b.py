@@ -91,9 +91,8 @@ from tiered.predict.replay import ReplayRouting, map_routing, routing_stats, uni
 from tiered.predict.simulate import TierModel, simulate  # noqa: E402
 from tiered.predict.trace import Trace, TraceRecorder, record, split_ids  # noqa: E402
 from tiered.store.budget import estimate_dense_bytes, estimate_kv_bytes, estimate_scratch_bytes  # noqa: E402
-from tiered.store.cache import ExpertCache  # noqa: E402
+from tiered.store.cache import ExpertCache, resolve_embed  # noqa: E402
 from tiered.store.disk import Layout  # noqa: E402
-from tiered.store.cache import resolve_embed  # noqa: E402
 from tiered.store.options import BUDGET_KEYS, TierConfig  # noqa: E402
 
 GiB = 1 << 30

@@ -297,6 +297,8 @@ def simulate_doc(ids: np.ndarray, prompt: int, run: dict, *, slots: int, num_exp
     link beside the step with the step's demand copies, so a step takes max(its own time + fill_overhead (the fill
     graph's pick, install and side stream: 17 us on the H200, session 20), (fill + demand blocks) x the copy time)
     while the fill picks."""
+    from tiered.store.offload import CostModel
+
     T, L, K = ids.shape
     E = num_experts
     table = SimTable(L, E, slots, run["w"])
@@ -358,7 +360,6 @@ def simulate_doc(ids: np.ndarray, prompt: int, run: dict, *, slots: int, num_exp
             step.fill_n.fill_(fill if p - prompt >= run["fill_start"] else 0)
         step._body(0, fill=bool(fill))
         if adapt and run["cpu"] and table.evicted >= 32:  # the admission penalty from what admission paid this run
-            from tiered.store.offload import CostModel
             pen = (table.evicted_reused if adapt == "reused" else table.evicted_hits) / table.evicted
             cm = CostModel(pcie, cpu_gbps, cpu_overhead_s=cpu_overhead, fixed=True, reuse_penalty=min(pen, 2.0))
             table.set_cpu_take([sum(cm.place(m, block)) for m in range(K + 1)])

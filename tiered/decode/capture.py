@@ -25,13 +25,14 @@ class Captured:
 
 def pool_bytes(pool: Any, device: torch.device) -> int:
     """Bytes of CUDA memory the graph memory pool `pool` (torch.cuda.graph_pool_handle) holds on `device` now: the
-    sum of its segments in the allocator's snapshot; 0 without a pool or CUDA. The graphs' own memory, where the
+    sum of its segments in the allocator's snapshot; 0 without a pool or on a device that is not CUDA (a test's
+    stand-in on CPU, also on a box that has a GPU). The graphs' own memory, where the
     growth of all reserved memory around a capture is not: the capture's torch.cuda.graph releases cached blocks
     that tensors freed since the caller's measurement left (a tiny model's decode capture measured -14 MB that way
     on an H100, session 54)."""
-    if pool is None or not torch.cuda.is_available():
-        return 0
     dev = torch.device(device)
+    if pool is None or dev.type != "cuda" or not torch.cuda.is_available():
+        return 0
     idx = dev.index if dev.index is not None else torch.cuda.current_device()
     want = tuple(pool)
     try:

@@ -434,7 +434,7 @@ class PiecewiseDecode:
     def _capture(self, span: int) -> _Chain:
         """Warm up, then capture the L+1 segments of `span`; "graph" copies fall back to "host" once."""
         t0 = time.perf_counter()
-        mem0 = self._pool_bytes()
+        mem0 = pool_bytes(self.pool, self.device)
         try:
             with self.model.preserve_state():  # warm-ups and the probe run the step: keep the DeltaNet state
                 chain = self._capture_chain(span)
@@ -458,7 +458,7 @@ class PiecewiseDecode:
         self.probed = True
         self.chains[span] = chain
         self.capture_s += time.perf_counter() - t0
-        self.graph_mem_bytes += self._pool_bytes() - mem0
+        self.graph_mem_bytes += pool_bytes(self.pool, self.device) - mem0
         return chain
 
     def _capture_chain(self, span: int) -> _Chain:
@@ -497,13 +497,6 @@ class PiecewiseDecode:
 
     def _synchronize(self) -> None:
         torch.cuda.synchronize(self.device)
-
-    def _pool_bytes(self) -> int:
-        """Bytes the chains' graph pool holds (capture.pool_bytes); 0 without CUDA (a test's stand-in chain on CPU,
-        also on a box that has a GPU)."""
-        if torch.device(self.device).type != "cuda" or not torch.cuda.is_available():
-            return 0
-        return pool_bytes(self.pool, self.device)
 
     def _wait_stream(self) -> None:
         """The host waits for the compute stream (one call: cheaper than recording and waiting on an event)."""

@@ -181,8 +181,7 @@ class DeviceSlotTable:
         dst = res.to(torch.int64)
         src = self.t["host_row"].index_select(0, key_of.index_select(0, res).to(torch.int64))
         # the demand gather's programs and copy shape (the benchmark knobs TIERED_GATHER_CTAS and TIERED_GATHER)
-        ctas = getattr(self.kern, "demand_gather_ctas", lambda: None)()
-        shape = getattr(self.kern, "demand_gather_options", dict)()
+        ctas, shape = self.kern.demand_gather_ctas(), self.kern.demand_gather_options()
         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         self.gather(src, dst, ctas=ctas, **shape)  # warm: compiles the kernel
         e0.record()
