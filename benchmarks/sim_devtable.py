@@ -143,7 +143,7 @@ class SimTable(DeviceSlotTable):
         self.pf += n
         self.gathers.append(("prefetch", n))
 
-    def gather(self, src, slot, *, ctas=None, layer=None, **shape):
+    def gather(self, src, slot, *, ctas=None, layer=None, landed=None, **shape):
         pass
 
 
@@ -195,10 +195,10 @@ class SimModel:
     def segment_first(self, tok, plan, *, defer_topk=False, lookup=None):
         return _Routed(self.ids[self.pos, 0].clone()[None])
 
-    def segment_mid(self, l, r, slots, plan, partial, *, defer_topk=False, lookup=None):
+    def segment_mid(self, l, r, slots, plan, partial, *, defer_topk=False, lookup=None, wait=None):
         return _Routed(self.ids[self.pos, l].clone()[None])
 
-    def segment_last(self, r, slots, partial):
+    def segment_last(self, r, slots, partial, wait=None):
         return torch.zeros(1, 2)  # logits [1, V] (the step's argmax reads them; their values do not matter here)
 
 
@@ -291,7 +291,7 @@ def simulate_doc(ids: np.ndarray, prompt: int, run: dict, *, slots: int, num_exp
                  cpu_gbps: float = 0.0, cpu_overhead: float = 0.0, cpu_frac: bool = False,
                  cpu_split: list[int] | None = None, split_f: float = 0.0, split_share: float = 2 / 3,
                  split_admit: float | None = None, pred: np.ndarray | None = None,
-                 fill_overhead: float = 17e-6, adapt: str = "") -> dict:
+                 fill_overhead: float = 17e-6, adapt: str = "", overlap: float = 0.0) -> dict:
     """One run over one document's routing ids [T, L, K]: positions 0..prompt-1 prefilled, the rest decoded.
     pred [T, L, C]: the next-gate candidates of a '+gate' run (map_predictions). A fill run: its blocks cross the
     link beside the step with the step's demand copies, so a step takes max(its own time + fill_overhead (the fill
@@ -397,6 +397,8 @@ def simulate_doc(ids: np.ndarray, prompt: int, run: dict, *, slots: int, num_exp
                 tim += max((m - f) * c, cpu_overhead + f * cc if f > 0 else 0.0) + max(comp_l, pf * c)
             else:
                 tim += max(d * c, cpu_overhead + nc * cc if nc else 0.0) + max(comp_l, pf * c)
+                if d and overlap > 0:  # the hit experts' gate_up beside the gather (--overlap-us)
+                    tim -= min(d * c, overlap * (K - d) / K, comp_l)
         if fill:
             nf = int(step.fill_picked[0]) - picked
             fills.append(nf)
@@ -499,6 +501,9 @@ def main() -> None:
                     help="+cpu runs: after each step, the take table again with the admission penalty this run's "
                          "evictions measured: the share of evicted experts used again after their load (reused), or "
                          "their hits per load (hits, at most 2)")
+    ap.add_argument("--overlap-us", type=float, default=0.0,
+                    help="a layer's expert compute that can run beside its demand gather when all K hit (the hit "
+                         "experts' share of it overlaps a layer with misses)")
     ap.add_argument("--lookahead", default="",
                     help="also report, per document, the ratio to serial Belady that Belady's misses copied D layers "
                          "ahead by a perfect predictor would reach (lookahead_time), for each D in this list: e.g. "
@@ -556,7 +561,8 @@ def main() -> None:
                             cpu_overhead=a.cpu_overhead_us * 1e-6, cpu_frac=a.cpu_frac, cpu_split=split,
                             split_f=a.cpu_split, split_share=1.0 if a.split_down else 2 / 3,
                             split_admit=a.split_admit, pred=None if preds is None else preds[d][:n_tok],
-                            fill_overhead=a.fill_overhead_us * 1e-6, adapt=a.adapt)
+                            fill_overhead=a.fill_overhead_us * 1e-6, adapt=a.adapt,
+                            overlap=a.overlap_us * 1e-6)
             for r in runs}
     depths = [int(v) for v in a.lookahead.split(",") if v]
     if depths:

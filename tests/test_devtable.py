@@ -1082,21 +1082,25 @@ for cpu in (False, True):
     assert k.asm["cubin"] and "bar.sync" in k.asm["ptx"]
 sig2 = {"src": "*i32", "row_src": "*i64", "row_dst": "*i64", "dst": "*i32", "row_words": "i64",
         "BLOCK": "constexpr", "CHUNKS": "constexpr", "GDC": "constexpr", "spec": "*i64", "split_c": "*i64",
-        "SPLIT": "constexpr", "INVERSE": "constexpr"}
-for split, inv in ((False, False), (True, False), (True, True)):  # inv: an admitted split's later copy
-    cx2 = {"BLOCK": 1024, "CHUNKS": 4, "GDC": True, "SPLIT": split, "INVERSE": inv}
+        "SPLIT": "constexpr", "INVERSE": "constexpr", "landed": "*i32", "LAND": "constexpr"}
+# inv: an admitted split's later copy; land: the overlapped demand gather's counts (a release after a barrier)
+for split, inv, land in ((False, False, False), (True, False, False), (True, True, False), (False, False, True)):
+    cx2 = {"BLOCK": 1024, "CHUNKS": 4, "GDC": True, "SPLIT": split, "INVERSE": inv, "LAND": land}
     k = triton.compile(ASTSource(st._gather_kernel, sig2, constexprs=cx2), target=tgt)
     assert k.asm["cubin"] and "griddepcontrol.wait" in k.asm["ptx"]
+    assert (".gpu.release.add" in k.asm["ptx"]) == land
 sig3 = {"src": "*i32", "row_src": "*i64", "row_dst": "*i64", "dst": "*i32", "row_words": "i64", "n_items": "i32",
         "n_chunks": "i32", "BLOCK": "constexpr", "CHUNKS": "constexpr", "GDC": "constexpr", "ns_per_chunk": "fp32",
         "R_P": "constexpr", "PACED": "constexpr", "spec": "*i64", "split_c": "*i64", "SPLIT": "constexpr",
-        "INVERSE": "constexpr"}
-for paced, split, inv in ((False, False, False), (True, False, False), (False, True, False), (True, True, False),
-                          (False, True, True)):  # paced: --h2d-gbps
+        "INVERSE": "constexpr", "landed": "*i32", "LAND": "constexpr"}
+for paced, split, inv, land in ((False, False, False, False), (True, False, False, False), (False, True, False, False),
+                                (True, True, False, False), (False, True, True, False), (False, False, False, True),
+                                (True, False, False, True)):  # paced: --h2d-gbps
     cx3 = {"BLOCK": 1024, "CHUNKS": 4, "GDC": paced, "R_P": 8 if paced else 2, "PACED": paced, "SPLIT": split,
-           "INVERSE": inv}
+           "INVERSE": inv, "LAND": land}
     k = triton.compile(ASTSource(st._gather_strided_kernel, sig3, constexprs=cx3), target=tgt)
     assert k.asm["cubin"] and ("%globaltimer" in k.asm["ptx"]) == paced
+    assert (".gpu.release.add" in k.asm["ptx"]) == land
 sig5 = {"order": "*i64", "cursor": "*i64", "slot_of": "*i32", "key_of": "*i32", "host_row": "*i64", "out_key": "*i64",
         "out_slot": "*i64", "out_src": "*i64", "picked": "*i64", "n_keys": "i32", "n_slots": "i32", "n_rows": "i32",
         "fill_n": "*i64",
@@ -1122,6 +1126,19 @@ for R, load in ((1, False), (8, False), (1, True), (8, True)):  # one layer's lo
 sig7 = {"split_c": "*i64", "slot_of": "*i32", "key_of": "*i32", "n_rows": "i32", "R_P": "constexpr", "GDC": "constexpr"}
 assert triton.compile(ASTSource(st._split_install_kernel, sig7, constexprs={"R_P": 8, "GDC": True}),
                       target=tgt).asm["cubin"]
+from tiered.kernels import moe_decode as md
+sig10 = {"x_ptr": "*bf16", "slot_ptr": "*i64", "gate_ptr": "*bf16", "up_ptr": "*bf16", "h_ptr": "*fp32",
+         "slot_base": "i32", "stride_xt": "i32", "stride_gs": "i64", "stride_gf": "i64", "stride_us": "i64",
+         "stride_uf": "i64", "gb_ptr": "*bf16", "ub_ptr": "*bf16", "stride_bs": "i32", "alpha": "fp32",
+         "limit": "fp32", "D": "constexpr", "F": "constexpr", "K": "constexpr", "BLOCK_F": "constexpr",
+         "BLOCK_D": "constexpr", "WFMT": "constexpr", "ACT": "constexpr", "HAS_BIAS": "constexpr", "GDC": "constexpr",
+         "land_ptr": "*i32", "src_ptr": "*i64", "n_land": "i32", "WAIT": "constexpr", "FENCE": "constexpr"}
+for wait in (False, True):  # the experts' gate_up waiting for the overlapped gather's rows (moe_decode.Landing)
+    cx10 = {"D": 2048, "F": 768, "K": 8, "BLOCK_F": 4, "BLOCK_D": 512, "WFMT": 0, "ACT": 0, "HAS_BIAS": False,
+            "GDC": True, "WAIT": wait, "FENCE": wait}
+    k = triton.compile(ASTSource(md._gate_up_kernel, sig10, constexprs=cx10), target=tgt, options={"num_warps": 2})
+    p = k.asm["ptx"]
+    assert k.asm["cubin"] and ("ld.volatile.global" in p) == wait and ("fence.acq_rel.gpu" in p) == wait
 from tiered.kernels import next_use as nu
 sig4 = {"ids_ptr": "*i64", "prev_ptr": "*i64", "tt_ptr": "*fp32", "lt_ptr": "*fp32", "fast_ptr": "*fp32",
         "slow_ptr": "*fp32", "prob_ptr": "*fp32", "pfp_ptr": "*fp32", "base_ptr": "*i64", "w_ptr": "*fp32", "j": "i32",

@@ -178,7 +178,7 @@ def test_demand_gather_shape_reaches_the_table(monkeypatch):
     for env, want in (("8:2048:2", {"warps": 8, "block": 2048, "chunks": 2}), ("", {})):
         seen = []
 
-        def rec(self, src, slot, *, ctas=None, layer=None, **shape):
+        def rec(self, src, slot, *, ctas=None, layer=None, landed=None, **shape):
             if layer is not None:  # the demand calls (the fill and prefetch pass no layer)
                 seen.append(shape)
 

@@ -49,8 +49,10 @@ from tiered.decode.devpolicy import DEFAULT_PARAMS, NextUse, NextUseParams
 from tiered.decode.fillpace import FILL_AUTO_MAX, FillPace
 from tiered.decode.sampling import argmax_into
 from tiered.kernels import cpu_handoff
+from tiered.kernels.moe_decode import Landing
 from tiered.kernels.slot_table import (demand_gather_ctas, demand_gather_options, fill_gather_options, fill_windows,
-                                       split_granule, topk_resolve_enabled)
+                                       gather_overlap_enabled, row_chunks, split_granule, topk_resolve_enabled)
+from tiered.layout.quant import QuantWeight
 from tiered.model.transformer import Transformer
 from tiered.store.copyfill import CopyFill
 from tiered.store.offload import CostModel, admit_penalty
@@ -282,6 +284,19 @@ class DeviceStep:
             self.split_ctas = int(split_ctas)
         self.demand_ctas = demand_gather_ctas()  # the misses' copy programs (None: 4 per SM; TIERED_GATHER_CTAS)
         self.demand_gather = demand_gather_options()  # and their copy shape (TIERED_GATHER; {}: gather's defaults)
+        # The overlapped gather: a layer's resident experts compute while its misses copy. The experts' gate_up
+        # follows the gather in the stream under PDL without waiting for it: each copied chunk raises its row's
+        # count in `landed`, and only the misses' gate_up programs wait for their own rows (kernels/moe_decode
+        # .Landing); the down projection, which needs every expert, waits for gate_up as before. gate_up launches
+        # once every gather program is resident, so the copies always progress. Without PDL the kernels keep the
+        # stream order (no overlap, the same results). Float experts through the decode kernels only (the quantized
+        # kernels take no wait), and not with a row split of a miss (its copies are not counted).
+        self.overlap = (cuda and gather_overlap_enabled() and table.cpu_split is None and bool(model.kernels)
+                        and not isinstance(model.provider.weights.gate, QuantWeight))
+        if self.overlap:
+            self.landed = torch.zeros(self.L, self.K, dtype=torch.int32, device=dev)
+            self.land_chunks = row_chunks(table.block_size, **{k: v for k, v in self.demand_gather.items()
+                                                               if k in ("block", "chunks")})
         self.topk_resolve = topk_resolve_enabled() if topk_resolve is None else bool(topk_resolve)
         self.norm_topk = bool(cfg.norm_topk_prob)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
@@ -304,6 +319,8 @@ class DeviceStep:
             self._fill_start()
         plan = m.static_plan(self.step_dev[1:2], span)
         only = complete or planned  # no resolve: slots by lookup
+        if self.overlap and not only:  # every row's count from zero (a memset after the last step's kernels)
+            self.landed.zero_()
         src = self.src if planned else None
         defer = self.topk_resolve and not only
         rows = self._replay_rows() if self.routing is not None else None
@@ -345,7 +362,8 @@ class DeviceStep:
                     r = dataclasses.replace(r, topk_pending=False)
                 if cpu:  # the CPU starts on its share before the copies of the others
                     cpu_handoff.post(r.x, r.weights[0], self.cpu_row[l], self.cpu_seq, self.cpu)
-                self.table.gather(self.src[l], self.slots[l], layer=l, ctas=self.demand_ctas, **self.demand_gather)
+                self.table.gather(self.src[l], self.slots[l], layer=l, ctas=self.demand_ctas,
+                                  landed=self.landed[l] if self.overlap else None, **self.demand_gather)
                 if nu is not None:
                     nu.update(self.moe_index[l], r.ids[0])
                 if self.prefetch and l + 1 < self.L and m.layers[l + 1].moe is not None:
@@ -353,11 +371,13 @@ class DeviceStep:
                 if self.prefetch:
                     self.prev_ids[l].copy_(r.ids[0])
             part = self._cpu_add if self.cpu is not None and m.layers[l].moe is not None and not only else None
+            wait = (Landing(self.landed[l], self.src[l], self.land_chunks)
+                    if self.overlap and m.layers[l].moe is not None and not only else None)
             if l + 1 < self.L:
                 r = m.segment_mid(l + 1, r, self.slots[l], plan, part, defer_topk=defer,
-                                  lookup=self._lookup_args(l + 1, planned) if look else None)
+                                  lookup=self._lookup_args(l + 1, planned) if look else None, wait=wait)
             else:
-                out = m.segment_last(r, self.slots[l], part)
+                out = m.segment_last(r, self.slots[l], part, wait=wait)
         if self.cpu_admit:  # the later copies have landed: their reserved slots enter the table
             self._split_join()
             self.table.split_install()
@@ -695,7 +715,7 @@ class DeviceStep:
                 "fill_copy": self.copy.stats() if self.copy is not None else None,
                 "fill_active": self.fill_active,
                 "complete": self.complete, "complete_steps": self.complete_steps,
-                "planned_steps": self.planned_steps,
+                "planned_steps": self.planned_steps, "gather_overlap": self.overlap,
                 "cpu": None if self.cpu is None else {**self.cpu.stats(), "take": self.cpu_take,
                                                       "split": self.cpu_split, "admit": self.cpu_admit}}
 

@@ -39,6 +39,19 @@ from tiered.kernels.pdl import gdc_enter, launch_args
 
 
 @dataclass(frozen=True)
+class Landing:
+    """One token's misses still in flight when its experts launch (kernels/slot_table.gather(landed=...), the
+    kernel right before them in the stream: under PDL, gate_up starts once every gather program is resident, so
+    a waiting program never keeps a copy from running): count int32 [K], each pair's landed chunks; src int64 [K],
+    its RAM row (>= 0: copied, so its gate_up programs wait until count reaches `chunks`, then acquire; -1:
+    resident, computed at once). What gate_up reads besides must come from kernels before the gather (it does not
+    wait for the gather). The down kernel waits for gate_up as always: every copied row has landed by then."""
+    count: Tensor
+    src: Tensor
+    chunks: int
+
+
+@dataclass(frozen=True)
 class DecodeConfig:
     """Tile sizes of the decode kernels (all powers of two). Defaults: the fastest deterministic tiles
     measured at the 10.6B shape (benchmarks/results/moe-kernels-2026-11-30-h200.json); `for_shape` picks."""
@@ -108,15 +121,40 @@ def _gate_up_rows(x_ptr, gate_ptr, up_ptr, t, slot, offs_f, mask_f, stride_xt, s
 
 
 @triton.jit
+def _acquire_fence(v):
+    """fence.acq_rel.gpu in each thread (after its volatile read of a count another kernel released): the thread's
+    later reads see what was written before that release. v passes through (the asm's operand)."""
+    return tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.b32 $0, $1;", "=r,r", [v], dtype=tl.int32, is_pure=False,
+                                     pack=1)
+
+
+@triton.jit
 def _gate_up_kernel(x_ptr, slot_ptr, gate_ptr, up_ptr, h_ptr, slot_base, stride_xt, stride_gs, stride_gf,
                     stride_us, stride_uf, gb_ptr, ub_ptr, stride_bs, alpha, limit, D: tl.constexpr, F: tl.constexpr,
                     K: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, WFMT: tl.constexpr,
-                    ACT: tl.constexpr, HAS_BIAS: tl.constexpr = False, GDC: tl.constexpr = False):
+                    ACT: tl.constexpr, HAS_BIAS: tl.constexpr = False, GDC: tl.constexpr = False,
+                    land_ptr=None, src_ptr=None, n_land=0, WAIT: tl.constexpr = False,
+                    FENCE: tl.constexpr = False):
     """Grid (cdiv(F, BLOCK_F), T*K): h[t*K + k, f-block] of token t's k-th expert (row slot_base + slot), fp32;
-    HAS_BIAS: the gate and up biases [S, F] (row stride stride_bs) added before the activation."""
-    gdc_enter(GDC)
+    HAS_BIAS: the gate and up biases [S, F] (row stride stride_bs) added before the activation. WAIT (T = 1,
+    `Landing`): a pair whose src_ptr row is >= 0 waits until land_ptr[pair] reaches n_land (its copy on another
+    stream has landed), then acquires it and its program reads the slot. With WAIT the kernel does not wait for
+    the previous one (the gather, under PDL): it reads what kernels before the gather wrote, and the gather's rows
+    through the counts; it lets its dependents launch at once."""
+    if WAIT:
+        if GDC:
+            tl.extra.cuda.gdc_launch_dependents()
+    else:
+        gdc_enter(GDC)
     pid_f = tl.program_id(0)
     pair = tl.program_id(1)  # t * K + k
+    if WAIT:
+        if tl.load(src_ptr + pair) >= 0:
+            n = tl.load(land_ptr + pair, volatile=True)
+            while n < n_land:
+                n = tl.load(land_ptr + pair, volatile=True)
+            if FENCE:  # the acquire pattern (a strong read of the release, then this fence) before the slot's reads
+                n = _acquire_fence(n)
     slot = tl.load(slot_ptr + pair).to(tl.int64) + slot_base
     offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
     mask_f = offs_f < F
@@ -196,9 +234,10 @@ def _prep(x: Tensor, slots: Tensor, ops: ExpertOperands, act=None) -> tuple[Expe
 
 
 def decode_gate_up(x: Tensor, slots: Tensor, ops: ExpertOperands, config: DecodeConfig | None = None, *,
-                   slot_base: int = 0, act=None) -> Tensor:
+                   slot_base: int = 0, act=None, wait: Landing | None = None) -> Tensor:
     """The first kernel of the "split" variant: x [T, D], slots [T, K] (rows slot_base + slots) -> h [T*K, F]
-    fp32. act: None (SwiGLU) or gpt-oss's ClampedSwiGLU (ExpertOperands.of); the experts' biases are applied."""
+    fp32. act: None (SwiGLU) or gpt-oss's ClampedSwiGLU (ExpertOperands.of); the experts' biases are applied.
+    wait (T = 1): the misses still copying (`Landing`); their programs wait for their rows, the others run."""
     ops, x, slots, K = _prep(x, slots, ops, act)
     T, D = x.shape
     cfg = config or DecodeConfig.for_shape(D, ops.ffn)
@@ -206,11 +245,18 @@ def decode_gate_up(x: Tensor, slots: Tensor, ops: ExpertOperands, config: Decode
     g, u = ops.gate, ops.up
     h = torch.empty(T * K, Fe, dtype=torch.float32, device=x.device)  # [T*K, F]
     gb, ub, sb = ops.bias_args(("gate_bias", "up_bias"))
+    if wait is not None and (T != 1 or wait.count.shape != (K,) or wait.src.shape != (K,)
+                             or wait.count.dtype != torch.int32):
+        raise ValueError(f"decode_gate_up(wait=...) serves one token's K = {K} pairs: count int32 [{K}] and src "
+                         f"[{K}]; got T = {T}, {wait.count.dtype} {tuple(wait.count.shape)}, {tuple(wait.src.shape)}")
+    land = ({"land_ptr": wait.count, "src_ptr": wait.src, "n_land": int(wait.chunks), "WAIT": True,
+             "FENCE": x.device.type == "cuda"}  # (the interpreter runs kernels one after another: no fence there)
+            if wait is not None else {"land_ptr": slots, "src_ptr": slots, "n_land": 0, "WAIT": False})
     _gate_up_kernel[(triton.cdiv(Fe, cfg.block_f), T * K)](
         x, slots, g, u, h, int(slot_base), x.stride(0), g.stride(0), g.stride(1), u.stride(0), u.stride(1), gb, ub,
         sb, ops.alpha, ops.limit, D=D, F=Fe, K=K, BLOCK_F=cfg.block_f,
         BLOCK_D=min(cfg.block_d, triton.next_power_of_2(D)), WFMT=int(ops.fmt), ACT=int(ops.act),
-        HAS_BIAS=ops.has_bias, num_warps=cfg.warps, **launch_args(x.device))
+        HAS_BIAS=ops.has_bias, num_warps=cfg.warps, **launch_args(x.device), **land)
     return h
 
 
@@ -243,7 +289,7 @@ def decode_down(h: Tensor, slots: Tensor, weights: Tensor, ops: ExpertOperands, 
 
 def moe_decode(x: Tensor, slots: Tensor, weights: Tensor, ops: ExpertOperands,
                config: DecodeConfig | None = None, *, slot_base: int = 0,
-               round_to: torch.dtype | None = None, act=None) -> Tensor:
+               round_to: torch.dtype | None = None, act=None, wait: Landing | None = None) -> Tensor:
     """Routed experts of T tokens, read in place from a pool.
 
     Args:
@@ -257,6 +303,8 @@ def moe_decode(x: Tensor, slots: Tensor, weights: Tensor, ops: ExpertOperands,
             None = as given.
         act: None (SwiGLU) or gpt-oss's ClampedSwiGLU (model/moe.py); the experts' biases (ops' gate_bias,
             up_bias, down_bias) are applied whenever the operands carry them.
+        wait: T = 1, the "split" variant: the misses a gather on another stream is still copying (`Landing`);
+            the resident experts compute meanwhile.
     Returns:
         [T, D] in x's dtype: sum over k of weights[t, k] * expert(slots[t, k])(x[t]).
     """
@@ -266,8 +314,10 @@ def moe_decode(x: Tensor, slots: Tensor, weights: Tensor, ops: ExpertOperands,
     weights = weights.reshape(T, K)
     if cfg.variant == "fused" and (ops.has_bias or ops.act != 0):
         raise NotImplementedError("moe_decode: the fused variant computes SwiGLU without biases; use 'split'")
+    if wait is not None and cfg.variant != "split":
+        raise NotImplementedError("moe_decode(wait=...): only the 'split' variant waits for landing rows")
     if cfg.variant == "split":
-        h = decode_gate_up(x, flat, ops, cfg, slot_base=slot_base)
+        h = decode_gate_up(x, flat, ops, cfg, slot_base=slot_base, wait=wait)
         return decode_down(h, flat.view(T, K), weights, ops, x.dtype, cfg, slot_base=slot_base, round_to=round_to)
     Fe = ops.ffn
     g, u, d = ops.gate, ops.up, ops.down

@@ -24,6 +24,10 @@ preload_enabled).
 What may be read before the wait: data no kernel of the step writes (weights), and data written two or more kernels
 back: a PDL-aware kernel lets its dependents launch only after its own wait, so when kernel C starts, the kernel
 before B has completed and its writes are visible. Data the previous kernel writes is read after the wait only.
+One kernel skips its wait on purpose: the experts' gate_up after the device step's overlapped gather
+(moe_decode.Landing) reads the gather's rows through per-row counts (a release in the gather, an acquire in the
+waiting program) and everything else from before the gather; it lets its dependents launch at once, and the down
+kernel's wait covers it (gate_up completes only after every copied row it needs has landed).
 """
 from __future__ import annotations
 

@@ -250,10 +250,21 @@ def _copy_chunk(src, row_src, row_dst, dst, row_words, r, c, BLOCK: tl.constexpr
 @triton.jit
 def _gather_kernel(src, row_src, row_dst, dst, row_words, BLOCK: tl.constexpr, CHUNKS: tl.constexpr,
                    GDC: tl.constexpr = False, spec=None, split_c=None, SPLIT: tl.constexpr = False,
-                   INVERSE: tl.constexpr = False):
+                   INVERSE: tl.constexpr = False, landed=None, LAND: tl.constexpr = False):
     gdc_enter(GDC)
     _copy_chunk(src, row_src, row_dst, dst, row_words, tl.program_id(0), tl.program_id(1), BLOCK, CHUNKS,
                 spec, split_c, SPLIT, INVERSE)
+    if LAND:
+        _land(row_src, landed, tl.program_id(0))
+
+
+@triton.jit
+def _land(row_src, landed, r):
+    """Row r's chunk is copied (a row that copies): every thread's stores of it, then one release of landed[r] += 1
+    (the experts' gate_up waits for a row's count to reach its chunks: moe_decode.Landing)."""
+    if tl.load(row_src + r) >= 0:
+        tl.debug_barrier()
+        tl.atomic_add(landed + r, 1, sem="release", scope="gpu")
 
 
 @triton.jit
@@ -267,7 +278,7 @@ def _globaltimer(v):
 def _gather_strided_kernel(src, row_src, row_dst, dst, row_words, n_items, n_chunks, BLOCK: tl.constexpr,
                            CHUNKS: tl.constexpr, GDC: tl.constexpr = False, ns_per_chunk=0.0, R_P: tl.constexpr = 2,
                            PACED: tl.constexpr = False, spec=None, split_c=None, SPLIT: tl.constexpr = False,
-                           INVERSE: tl.constexpr = False):
+                           INVERSE: tl.constexpr = False, landed=None, LAND: tl.constexpr = False):
     """The gather with a fixed number of programs, each looping over (row, chunk) items: a copy that runs beside
     compute on another stream without taking every SM. PACED (--h2d-gbps, a benchmark's slower link): the copied
     chunk of ordinal n (counting only rows with a copy, in row order) is not done before n * ns_per_chunk
@@ -288,6 +299,8 @@ def _gather_strided_kernel(src, row_src, row_dst, dst, row_words, n_items, n_chu
                 now = tl.max(_globaltimer(orr.to(tl.int32) * 0) - t0, axis=0)
                 while now < target:
                     now = tl.max(_globaltimer(orr.to(tl.int32) * 0) - t0, axis=0)
+        if LAND:  # (after the pacing: a paced chunk lands when the slower link would have delivered it)
+            _land(row_src, landed, r)
 
 
 @triton.jit
@@ -644,7 +657,7 @@ def resolve_reference(ids: Tensor, layer: int, num_experts: int, t: dict[str, Te
 
 def gather(host_pool: Tensor, row_src: Tensor, row_dst: Tensor, slots: Tensor, *, chunks: int = 4,
            ctas: int | None = None, gbps: float = 0.0, split: tuple[Tensor, Tensor] | None = None,
-           inverse: bool = False, warps: int = 4, block: int = 1024) -> None:
+           inverse: bool = False, warps: int = 4, block: int = 1024, landed: Tensor | None = None) -> None:
     """slots[row_dst[r]] = host_pool[row_src[r]] for every r with row_src[r] >= 0 (whole blocks).
 
     host_pool uint8 [R, B] (pinned on CUDA), slots uint8 [S, B] on the device, row_src / row_dst int64 [K] on the
@@ -661,10 +674,19 @@ def gather(host_pool: Tensor, row_src: Tensor, row_dst: Tensor, slots: Tensor, *
     block). A paced gather paces such a row as a whole block. inverse (with split): copy only those rows of that
     row, nothing else (the admitted split's later copy). warps, block: each program's warps and the words of one
     load (`chunks` of them per item): the strided copy's footprint beside compute (the fill's copy: TIERED_FILL_GATHER,
-    `fill_gather_options`; session 20 on the H200 found the defaults best for the fill)."""
+    `fill_gather_options`; session 20 on the H200 found the defaults best for the fill).
+    landed (int32 [K] on the device, zero before the call): each copied row's count of landed chunks, raised with
+    release semantics after each chunk's stores (`row_chunks` of them make a row), for consumers on another stream
+    that wait for their rows only (moe_decode.Landing: the hit experts compute while the misses copy). Not with
+    split."""
     B = slots.shape[1]
     if block < 32 or block & (block - 1) or warps not in (1, 2, 4, 8, 16, 32):
         raise ValueError(f"gather: block {block} must be a power of two >= 32 and warps {warps} one of 1..32")
+    if landed is not None and (split is not None or landed.dtype != torch.int32 or landed.shape != row_src.shape
+                               or landed.device != slots.device):
+        raise ValueError(f"gather(landed=...) wants int32 {tuple(row_src.shape)} on {slots.device} and no split; "
+                         f"got {landed.dtype} {tuple(landed.shape)} on {landed.device}"
+                         + (" with a split" if split is not None else ""))
     if slots.device.type != "cuda":
         for r, (s, d) in enumerate(zip(row_src.tolist(), row_dst.tolist())):
             if s >= 0:
@@ -672,6 +694,8 @@ def gather(host_pool: Tensor, row_src: Tensor, row_dst: Tensor, slots: Tensor, *
                     split_copy_reference(host_pool[s], slots[d], split[0], int(split[1][0]), inverse=inverse)
                 elif not inverse:
                     slots[d].copy_(host_pool[s])
+                if landed is not None:
+                    landed[r] += row_chunks(B, block, chunks)
         return
     if B % 4:
         raise ValueError(f"gather copies 4-byte words: block size {B} is not a multiple of 4")
@@ -685,6 +709,7 @@ def gather(host_pool: Tensor, row_src: Tensor, row_dst: Tensor, slots: Tensor, *
         raise ValueError("gather(inverse=True) copies a split's CPU rows: it needs split=")
     sp = ({"spec": split[0], "split_c": split[1], "SPLIT": True, "INVERSE": bool(inverse)} if split is not None else
           {"spec": row_src, "split_c": row_src, "SPLIT": False, "INVERSE": False})  # every argument typed
+    sp.update({"landed": landed, "LAND": True} if landed is not None else {"landed": row_src, "LAND": False})
     if ctas == 0 and gbps <= 0:
         _gather_kernel[(row_src.shape[0], n_c)](src, row_src, row_dst, slots.view(torch.int32), words,
                                                 BLOCK=BLOCK, CHUNKS=chunks, num_warps=warps,
@@ -698,6 +723,12 @@ def gather(host_pool: Tensor, row_src: Tensor, row_dst: Tensor, slots: Tensor, *
         _gather_strided_kernel[(max(1, min(ctas, n)),)](src, row_src, row_dst, slots.view(torch.int32), words, n, n_c,
                                                         BLOCK=BLOCK, CHUNKS=chunks, num_warps=warps,
                                                         **launch_args(slots.device), **pace, **sp)
+
+
+def row_chunks(block_bytes: int, block: int = 1024, chunks: int = 4) -> int:
+    """The chunks `gather` copies one row of block_bytes in (its (row, chunk) items; landed's count at a whole row)
+    with that copy shape (block words a load, chunks loads an item)."""
+    return triton.cdiv(block_bytes // 4, block * chunks)
 
 
 def split_spec(pool: Tensor, W: Any) -> list[int] | None:
@@ -775,6 +806,18 @@ def demand_gather_options() -> dict:
     """The device step's demand gather shape from TIERED_GATHER (gather_shape_options; session 53: the H100's
     offload step ran 0.53 ms a token beyond compute plus copies at 54 GB/s, the gather over UVA the suspect)."""
     return gather_shape_options(DEMAND_GATHER_ENV)
+
+
+GATHER_OVERLAP_ENV = "TIERED_GATHER_OVERLAP"  # the device step's demand gather beside the resident experts
+
+
+def gather_overlap_enabled() -> bool:
+    """TIERED_GATHER_OVERLAP: "0" keeps the device step's demand gather on the compute stream, before the layer's
+    experts (the measured comparison); unset or "1": on a side stream beside the resident experts' gate_up."""
+    v = os.environ.get(GATHER_OVERLAP_ENV, "").strip()
+    if v not in ("", "0", "1"):
+        raise ValueError(f"{GATHER_OVERLAP_ENV}={v!r}: expected 0 (off) or 1 (on, the default)")
+    return v != "0"
 
 
 DEMAND_CTAS_ENV = "TIERED_GATHER_CTAS"  # benchmarks: the demand gather's programs

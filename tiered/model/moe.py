@@ -316,7 +316,7 @@ def moe_block(h: Tensor, x: Tensor, w: MoEWeights, provider: ExpertProvider, lay
 def expert_mix(x: Tensor, ids: Tensor, wts: Tensor, w: MoEWeights, provider: ExpertProvider, layer: int, *,
                slots: Tensor | None = None, fp32_weights: bool = False,
                prefetch_hook: PrefetchHook | None = None, kernels: bool = False, native: bool = False,
-               partial: Tensor | Callable[[Tensor], Tensor] | None = None) -> Tensor:
+               partial: Tensor | Callable[[Tensor], Tensor] | None = None, wait: Any = None) -> Tensor:
     """The MoE output once routing is known: routed experts (+ the shared expert) -> [T, D].
 
     x [T, D] normed, ids [T, K] int64, wts [T, K] fp32 routing weights. With `slots` ([K] int64, T = 1)
@@ -335,6 +335,9 @@ def expert_mix(x: Tensor, ids: Tensor, wts: Tensor, w: MoEWeights, provider: Exp
     `partial` [1, D] (piecewise step): that sum, already computed, to add the same way; or a callable that adds it
     to the device experts' output in place (the device step: it waits there for the CPU worker's answer, so the
     device's experts run while the CPU computes, kernels/cpu_handoff.py).
+    wait (with `slots`, float experts and kernels=True): some of those slots are still being copied on another
+    stream (kernels/moe_decode.Landing, the device step's overlapped gather); their experts wait for their rows
+    inside the kernel, the resident ones run meanwhile. Elsewhere: an error (nothing else could honour it).
     """
     # transformers casts the routing weights to the compute dtype (Mixtral keeps fp32): one token's paths pass
     # them as they are with `round_to`, and the fused kernels round them (no cast kernel per layer)
@@ -347,9 +350,14 @@ def expert_mix(x: Tensor, ids: Tensor, wts: Tensor, w: MoEWeights, provider: Exp
     quant = isinstance(provider.weights.gate, QuantWeight)
     float_kernels = kernels and not quant
 
+    if wait is not None and (slots is None or not float_kernels):
+        raise ValueError(f"layer {layer}: expert_mix(wait=...) needs known slots and the float decode kernels "
+                         f"(kernels={kernels}, quantized experts={quant})")
+
     def one(s: Tensor, base: int = 0) -> Tensor:  # one token's K experts at rows base + s
         if float_kernels:
-            return moe_gpu.experts_decode(x, s, wts, provider.weights, slot_base=base, round_to=round_to, act=w.act)
+            return moe_gpu.experts_decode(x, s, wts, provider.weights, slot_base=base, round_to=round_to, act=w.act,
+                                          wait=wait)
         return experts_from_slots(x, s, wts, provider.weights, w.act, slot_base=base, round_to=round_to,
                                   fused=kernels, native=native)
 

@@ -487,18 +487,19 @@ class Transformer:
             logits = routed_logits(ids, wts, logits.shape[-1])
         return logits, ids, wts
 
-    def experts_out(self, l: int, r: Routed, slots: Tensor | None = None, partial: Any = None) -> Tensor:
+    def experts_out(self, l: int, r: Routed, slots: Tensor | None = None, partial: Any = None,
+                    wait: Any = None) -> Tensor:
         """Layer l's MoE output [T, D] (routed + shared experts); `slots` [K] = known slot rows (T = 1),
         else the provider resolves them (and the prefetch hook runs, for one token). `partial` [1, D]: the
         CPU-computed experts' sum, added after the device's (model/cpu_experts.py), or a callable that adds it in
-        place (moe.expert_mix). A dense layer runs its MLP."""
+        place (moe.expert_mix). wait: the slots still copying (moe.expert_mix). A dense layer runs its MLP."""
         lw = self.layers[l]
         if lw.dense_mlp is not None:
             g, u, d = lw.dense_mlp
             return linear(F.silu(linear(r.x, g)) * linear(r.x, u), d)
         return expert_mix(r.x, r.ids, r.weights, self.layers[l].moe, self.provider, l, slots=slots,
                           fp32_weights=self.fp32_route_weights, prefetch_hook=self._prefetch_hook,
-                          kernels=self.kernels, native=self.cpu_native, partial=partial)
+                          kernels=self.kernels, native=self.cpu_native, partial=partial, wait=wait)
 
     def head(self, h: Tensor, all_logits: bool = False, delta: Tensor | None = None) -> Tensor:
         """Final norm and lm_head: h [T, D] (+ delta [T, D], the last layer's MoE output) -> logits [T, V]
@@ -515,19 +516,21 @@ class Transformer:
         return self.attend_route(0, self.embed_rows(tokens), plan, defer_topk=defer_topk, lookup=lookup)
 
     def segment_mid(self, l: int, prev: Routed, slots: Tensor, plan: StepPlan, partial: Any = None, *,
-                    defer_topk: bool = False, lookup: tuple | None = None) -> Routed:
-        """Segment l (1..L-1): layer l-1's experts from `slots` [K] (+ `partial`, its CPU experts' sum) +
-        residual, then layer l up to its router (defer_topk, lookup: attend_route's)."""
+                    defer_topk: bool = False, lookup: tuple | None = None, wait: Any = None) -> Routed:
+        """Segment l (1..L-1): layer l-1's experts from `slots` [K] (+ `partial`, its CPU experts' sum; `wait`:
+        those still copying, moe.expert_mix) + residual, then layer l up to its router (defer_topk, lookup:
+        attend_route's)."""
         if prev.topk_pending:
             raise ValueError(f"segment_mid({l}): layer {l - 1}'s top-k was deferred and nothing computed it")
-        return self.attend_route(l, prev.h, plan, self.experts_out(l - 1, prev, slots, partial),
+        return self.attend_route(l, prev.h, plan, self.experts_out(l - 1, prev, slots, partial, wait),
                                  defer_topk=defer_topk, lookup=lookup)
 
-    def segment_last(self, prev: Routed, slots: Tensor, partial: Any = None) -> Tensor:
-        """Segment L: layer L-1's experts from `slots` [K] (+ `partial`) + residual, final norm, lm_head -> logits [1, V]."""
+    def segment_last(self, prev: Routed, slots: Tensor, partial: Any = None, wait: Any = None) -> Tensor:
+        """Segment L: layer L-1's experts from `slots` [K] (+ `partial`, `wait`) + residual, final norm, lm_head ->
+        logits [1, V]."""
         if prev.topk_pending:
             raise ValueError("segment_last: the last layer's top-k was deferred and nothing computed it")
-        return self.head(prev.h, False, self.experts_out(len(self.layers) - 1, prev, slots, partial))
+        return self.head(prev.h, False, self.experts_out(len(self.layers) - 1, prev, slots, partial, wait))
 
     # --- graph-capturable one-token step ---
     @property

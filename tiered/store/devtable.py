@@ -268,16 +268,21 @@ class DeviceSlotTable:
         self.kern.resolve(ids, layer, self.num_experts, self.t, self.w, out_slot, out_src, nt=nt, cpu=cpu, topk=topk)
 
     def gather(self, src: Tensor, slot: Tensor, *, ctas: int | None = None, layer: int | None = None,
-               **shape: int) -> None:
+               landed: Tensor | None = None, **shape: int) -> None:
         """Copy the misses resolve found from the pinned RAM tier into their slots (on the current stream); ctas
         bounds the copy's programs (a prefetch beside compute should not take every SM). layer: a demand call's
         copies, the split miss's rows among them (the device slots' pool, split row included). shape: the copy's
-        warps, block and chunks (kernels/slot_table.gather; the fill's from fill_gather_options)."""
+        warps, block and chunks (kernels/slot_table.gather; the fill's from fill_gather_options). landed: the
+        rows' landed-chunk counts (the device step's overlapped gather; not with a row split)."""
         if layer is not None and self.cpu_split is not None:
+            if landed is not None:
+                raise ValueError("gather(landed=...): a row split's copies are not counted (the step keeps its "
+                                 "gather on the compute stream with --cpu-split)")
             self.kern.gather(self.host_pool, src, slot, self.cache.vram.pool, ctas=ctas, gbps=self.h2d_gbps,
                              split=(self.split_spec, self.split_c[layer]))
         else:
-            self.kern.gather(self.host_pool, src, slot, self.slots, ctas=ctas, gbps=self.h2d_gbps, **shape)
+            self.kern.gather(self.host_pool, src, slot, self.slots, ctas=ctas, gbps=self.h2d_gbps, landed=landed,
+                             **shape)
 
     def split_rest(self, layer: int, *, ctas: int | None = None) -> None:
         """--cpu-split admit: copy the CPU's rows of `layer`'s split miss into its slot (after the layer's experts

@@ -1,0 +1,176 @@
+"""The device step's overlapped gather: a layer's misses copy (kernels/slot_table.gather with `landed`) while its
+resident experts' gate_up runs beside them; the misses' programs wait for their own rows (kernels/moe_decode
+.Landing).
+
+On CPU: the counts (the reference copy and the strided kernel under Triton's interpreter) and the experts' output
+with a Landing, bit for bit the output without one. On CUDA (marked): a gather paced to a slow link, then the
+experts with the Landing in the same stream (under PDL they start beside the copy; a wait that did not hold would
+read the slots' old bytes), and the device step with the overlap against the same step without it.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # the kernels are decorated at import: the interpreter must be on first
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from tiered.kernels import slot_table as st  # noqa: E402
+from tiered.kernels.moe_decode import DecodeConfig, Landing, moe_decode  # noqa: E402
+from tiered.kernels.moe_naive import experts_loop  # noqa: E402
+from tiered.layout.format import plan_block  # noqa: E402
+from tiered.store.disk import expert_views  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+interp = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter tests run on CPU")
+
+
+def _experts(R: int, F: int, D: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, dict]:
+    """A host pool uint8 [R, block] of R random experts in the layout's block placement, and its specs."""
+    specs, bs = plan_block({"gate": ((F, D), str(dtype).removeprefix("torch.")),
+                            "up": ((F, D), str(dtype).removeprefix("torch.")),
+                            "down": ((D, F), str(dtype).removeprefix("torch."))})
+    host = torch.zeros(R, bs, dtype=torch.uint8)
+    W = expert_views(host, specs)
+    g = torch.Generator().manual_seed(seed)
+    for t in (W.gate, W.up, W.down):
+        t.copy_((torch.randn(t.shape, generator=g) * D ** -0.5 * 2).to(dtype))
+    return host, specs
+
+
+def test_row_chunks_is_the_gathers_item_count():
+    assert st.row_chunks(4096 * 4, 1024, 4) == 1
+    assert st.row_chunks(4096 * 4 + 4, 1024, 4) == 2
+    assert st.row_chunks(9437184, 1024, 4) == 576  # a bf16 expert of the 10.6B shape, the default copy shape
+    assert st.row_chunks(9437184, 256, 2) == 4608
+
+
+def test_overlap_knob(monkeypatch):
+    monkeypatch.delenv(st.GATHER_OVERLAP_ENV, raising=False)
+    assert st.gather_overlap_enabled()
+    monkeypatch.setenv(st.GATHER_OVERLAP_ENV, "0")
+    assert not st.gather_overlap_enabled()
+    monkeypatch.setenv(st.GATHER_OVERLAP_ENV, "yes")
+    with pytest.raises(ValueError, match="TIERED_GATHER_OVERLAP='yes'"):
+        st.gather_overlap_enabled()
+
+
+def test_reference_gather_counts_landed_rows_and_refuses_bad_counts():
+    R, S, B = 5, 4, 4096 * 5
+    host = torch.randint(0, 255, (R, B), dtype=torch.uint8)
+    slots = torch.zeros(S, B, dtype=torch.uint8)
+    src, dst = torch.tensor([-1, 3, 0]), torch.tensor([1, 0, 2])
+    landed = torch.zeros(3, dtype=torch.int32)
+    st.gather(host, src, dst, slots, landed=landed, block=256, chunks=2)
+    assert landed.tolist() == [0, st.row_chunks(B, 256, 2), st.row_chunks(B, 256, 2)]
+    assert torch.equal(slots[0], host[3]) and torch.equal(slots[2], host[0]) and slots[1].eq(0).all()
+    with pytest.raises(ValueError, match="int32"):
+        st.gather(host, src, dst, slots, landed=torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="no split"):
+        st.gather(host, src, dst, slots, landed=landed, split=(torch.zeros(8, dtype=torch.int64),
+                                                                 torch.zeros(3, dtype=torch.int64)))
+
+
+@interp
+@pytest.mark.parametrize("ctas", [1, 3])
+def test_strided_kernel_counts_each_copied_chunk(ctas):
+    """The interpreter's strided gather raises a copied row's count once per chunk (n_c of them), a hit's never."""
+    R, S, B, block, chunks = 6, 4, 4096 * 3 + 512, 256, 2
+    host = torch.randint(0, 255, (R, B), dtype=torch.uint8)
+    slots = torch.zeros(S, B, dtype=torch.uint8)
+    src, dst = torch.tensor([4, -1, 1]), torch.tensor([2, 0, 3])
+    landed = torch.zeros(3, dtype=torch.int32)
+    words, n_c = B // 4, st.row_chunks(B, block, chunks)
+    st._gather_strided_kernel[(ctas,)](host.view(torch.int32), src, dst, slots.view(torch.int32), words, 3 * n_c, n_c,
+                                       BLOCK=block, CHUNKS=chunks, spec=src, split_c=src, landed=landed, LAND=True)
+    assert landed.tolist() == [n_c, 0, n_c]
+    assert torch.equal(slots[2], host[4]) and torch.equal(slots[3], host[1]) and slots[0].eq(0).all()
+    landed.zero_()
+    st._gather_kernel[(3, n_c)](host.view(torch.int32), src, dst, slots.view(torch.int32), words, BLOCK=block,
+                                CHUNKS=chunks, spec=src, split_c=src, landed=landed, LAND=True)
+    assert landed.tolist() == [n_c, 0, n_c]
+
+
+@interp
+def test_experts_with_a_landing_equal_the_experts_without():
+    """moe_decode with a Landing (the misses' rows counted in) gives the same bits as without one, and the loop's
+    values: the wait changes when a program reads, never what."""
+    K, D, F, S = 4, 48, 24, 7
+    host, specs = _experts(10, F, D, torch.float32)
+    pool = torch.zeros(S, host.shape[1], dtype=torch.uint8)
+    pool[[0, 2, 5]] = host[[7, 1, 3]]  # three resident experts; slots 4 and 6 are loaded below
+    slots = torch.tensor([2, 4, 0, 6])
+    src = torch.tensor([-1, 8, -1, 9])  # pairs 1 and 3 miss: RAM rows 8 and 9
+    landed = torch.zeros(K, dtype=torch.int32)
+    st.gather(host, src, slots, pool, landed=landed, block=256, chunks=2)
+    W = expert_views(pool, specs)
+    w = torch.softmax(torch.randn(1, K, generator=torch.Generator().manual_seed(3)), -1)
+    x = torch.randn(1, D, generator=torch.Generator().manual_seed(2))
+    cfg = DecodeConfig(block_f=8, block_d=16, down_block_d=8, down_block_f=16)
+    got = moe_decode(x, slots, w, W, cfg, wait=Landing(landed, src, st.row_chunks(host.shape[1], 256, 2)))
+    want = moe_decode(x, slots, w, W, cfg)
+    assert torch.equal(got, want)
+    ref = experts_loop(x, slots[None], w, expert_views(pool, specs))
+    assert float((got - ref).abs().max()) < 1e-5
+    with pytest.raises(NotImplementedError, match="split"):
+        moe_decode(x, slots, w, W, DecodeConfig(variant="fused", block_f=8, block_d=16, block_o=16),
+                   wait=Landing(landed, src, 1))
+    with pytest.raises(ValueError, match="int32"):
+        moe_decode(x, slots, w, W, cfg, wait=Landing(landed.long(), src, 1))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="CUDA")
+@pytest.mark.parametrize("misses", [2, 8])
+def test_cuda_experts_wait_for_a_slow_gather(misses):
+    """A gather paced to 1 GB/s (9.4 MB experts: about 9 ms each), then the experts with the Landing, in one stream
+    as the device step launches them (under PDL, gate_up starts beside the copy): the output equals the experts'
+    output once everything has landed, bit for bit. A wait that did not hold would read the missed slots' old bytes
+    (zeros here: checked to give another output). Eight misses: every program of gate_up waits."""
+    K, D, F = 8, 2048, 768
+    host, specs = _experts(K + misses, F, D, torch.bfloat16)
+    host = host.pin_memory()
+    dev = torch.device("cuda")
+    pool = torch.zeros(2 * K, host.shape[1], dtype=torch.uint8, device=dev)
+    hit = [k for k in range(K) if k % (K // misses) != 1] if misses < K else []
+    pool[hit] = host[hit].to(dev)
+    slots = torch.tensor([k if k in hit else K + k for k in range(K)], device=dev)
+    src = torch.tensor([-1 if k in hit else k for k in range(K)], device=dev)
+    assert int((src >= 0).sum()) == misses
+    W = expert_views(pool, specs)
+    x = torch.randn(1, D, device=dev, dtype=torch.bfloat16)
+    w = torch.softmax(torch.randn(1, K, device=dev), -1)
+    stale = moe_decode(x, slots, w, W)  # the missed slots still zero
+    landed = torch.zeros(K, dtype=torch.int32, device=dev)
+    st.gather(host, src, slots, pool, gbps=1.0, landed=landed)
+    got = moe_decode(x, slots, w, W, wait=Landing(landed, src, st.row_chunks(host.shape[1])))
+    torch.cuda.synchronize()
+    n_c = st.row_chunks(host.shape[1])
+    assert landed.tolist() == [0 if k in hit else n_c for k in range(K)]
+    want = moe_decode(x, slots, w, W)
+    assert torch.equal(got, want)
+    assert not torch.equal(stale, want)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="CUDA")
+def test_cuda_device_step_overlap_matches_the_serial_gather(reference_layout, monkeypatch):
+    """The device step (one CUDA graph a token, few slots: most layers miss) with the overlapped gather against
+    TIERED_GATHER_OVERLAP=0: the same greedy tokens (the same kernels and sums; the kernel test above checks the
+    bits)."""
+    from tiered.engine import load
+
+    runs = {}
+    for knob in ("0", "1"):
+        monkeypatch.setenv(st.GATHER_OVERLAP_ENV, knob)
+        eng = load(reference_layout, device="cuda",
+                   budget={"expert_slots": 16, "ram_gb": 0.05, "slot_table": "device", "cpu_experts": "off"})
+        g = eng.generate([5, 9, 13, 2, 7], max_new_tokens=24)
+        s = eng.stats
+        assert s["decode_graphs"] == "device" and s["device_step"]["gather_overlap"] == (knob == "1")
+        assert s["decode"]["misses"] > 0
+        runs[knob] = g.token_ids
+    assert runs["0"] == runs["1"]
