@@ -1,0 +1,65 @@
+"""Session 55's results file from its calls' unpacked $OUT folders (s54_callA.sh: the admission penalty 0.25 against
+0.5; s55_callA.sh: the overlapped gather on and off; s55_callB.sh: the touched paths' CUDA tests and a profile):
+python3 benchmarks/lease/s55_report.py PENALTY_DIR OVERLAP_DIR PROFILE_DIR OUT.json"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+
+def _tests(d: Path) -> dict:
+    log = (d / "cuda-tests.log").read_text()
+    return {"summary": [ln for ln in log.splitlines() if re.search(r"passed|failed", ln)][-1],
+            "failed": re.findall(r"^FAILED (\S+)", log, re.M)}
+
+
+def _means(d: dict) -> dict:
+    return {lab: {k: v[k] for k in ("decode_tok_s", "vs_serial_belady_bound", "vs_combined_bound", "hit_rate")}
+            for lab, v in d["mean"].items()}
+
+
+def main() -> None:
+    pen, ov, prof_dir, out = (Path(p) for p in sys.argv[1:5])
+    p25 = json.loads((pen / "offload-bf16-pen25.json").read_text())
+    p50 = json.loads((pen / "offload-bf16-pen50.json").read_text())
+    on = json.loads((ov / "offload-bf16-ov1.json").read_text())
+    off = json.loads((ov / "offload-bf16-ov0.json").read_text())
+    prof = json.loads((prof_dir / "offload-bf16-profile.json").read_text())
+    m_on, m_off = _means(on), _means(off)
+    per_doc = {d["doc"]: {lab: round(r["decode_tok_s"] / e["runs"][lab]["decode_tok_s"], 4)
+                          for lab, r in d["runs"].items()}
+               for d, e in zip(on["docs"], off["docs"])}
+    r = prof["docs"][0]["runs"]["lru/device"]
+    summary = {
+        "overlap_on_over_off_mean": {lab: round(m_on[lab]["decode_tok_s"] / m_off[lab]["decode_tok_s"], 4)
+                                     for lab in m_on},
+        "overlap_on_over_off_per_doc": per_doc,
+        "five_docs_mean_overlap_on": m_on,
+        "five_docs_mean_overlap_off": m_off,
+        "admit_penalty_0_25": _means(p25),
+        "admit_penalty_0_5": _means(p50),
+        "profile_lru_device_csv_overlap_on": {
+            "warm_step_us_per_token": r["profile"]["timed"]["wall_us_per_token"],
+            "kernels_us_per_token_profiled": {k["kernel"][:40]: round(k["us_per_token"], 1)
+                                              for k in r["profile"]["profiled"]["top"][:8]},
+            "note": "gate_up and down run beside the gather now (down launched early under PDL, waiting in its "
+                    "griddepcontrol.wait): their kernel times include that wait, the wall time is the token's"},
+        "cuda_tests": {"s54_callA (graph pool fix)": _tests(pen), "s55_callA (overlap, device step)": _tests(ov),
+                       "s55_callB (touched paths)": _tests(prof_dir)},
+        "tokens_identical_all_runs": {"overlap_on": on.get("tokens_identical_all_runs"),
+                                      "overlap_off": off.get("tokens_identical_all_runs")},
+    }
+    res = {"bench": "offload-overlap", "date": "2026-12-07", "device": on["device"], "session": 55,
+           # two H100 leases: the penalty runs on the first (s54_callA), the overlap calls on the second (A, B)
+           "leases": {"s54_callA": p25["device"], "s55_callA+B": on["device"] + " (another box, warm for B)"},
+           "commits": {"s54_callA": p25["commit"], "s55_callA": on["commit"], "s55_callB": prof["commit"]},
+           "shape": on["shape"], "summary": summary,
+           "raw": {"pen25": p25, "pen50": p50, "overlap_on": on, "overlap_off": off, "profile": prof}}
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    print(json.dumps(summary, indent=1)[:5000])
+
+
+if __name__ == "__main__":
+    main()
