@@ -57,6 +57,11 @@ Against the H200 (session 20, call D, q4+q4 at --vram-gb 4 = 1,024 slots, csv.py
         # the take table refitted after each step with the admission penalty the run's evictions measured
     python3 benchmarks/sim_devtable.py --text ../shared/text --runs nextuse+cpu,nextuse+gate1+cpu --gate-top 4
         # the reference model's next-gate predictor as the prefetch's candidates (traced once with hidden states)
+    python3 benchmarks/sim_devtable.py --text ../shared/text --runs lru,lru+cpu,nextuse+cpu --slots 316 \
+        --compute-ms 0.756 --pcie-gbps 50 --cpu-gbps 76 --cpu-overhead-us 18 --overlap-us 17
+        # the overlapped gather (decode/devstep.py): a layer with misses hides its hit experts' share of 17 us of
+        # gate_up behind its copies. Session 55: lru 0.785 -> 0.802 here (five documents); measured 1.022x / 1.021x
+        # (offload-overlap-2026-12-07-h100-s55.json)
 Prints a table, then one JSON line last; writes $OUT/sim_devtable.json when OUT is set.
 """
 from __future__ import annotations

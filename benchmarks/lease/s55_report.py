@@ -1,6 +1,7 @@
 """Session 55's results file from its calls' unpacked $OUT folders (s54_callA.sh: the admission penalty 0.25 against
-0.5; s55_callA.sh: the overlapped gather on and off; s55_callB.sh: the touched paths' CUDA tests and a profile):
-python3 benchmarks/lease/s55_report.py PENALTY_DIR OVERLAP_DIR PROFILE_DIR OUT.json"""
+0.5; s55_callA.sh: the overlapped gather on and off; s55_callB.sh: the touched paths' CUDA tests and a profile;
+s55_callC.sh: off and on in the other order, with the prefetch run):
+python3 benchmarks/lease/s55_report.py PENALTY_DIR OVERLAP_DIR PROFILE_DIR REVERSED_DIR OUT.json"""
 from __future__ import annotations
 
 import json
@@ -21,21 +22,31 @@ def _means(d: dict) -> dict:
 
 
 def main() -> None:
-    pen, ov, prof_dir, out = (Path(p) for p in sys.argv[1:5])
+    pen, ov, prof_dir, rev, out = (Path(p) for p in sys.argv[1:6])
     p25 = json.loads((pen / "offload-bf16-pen25.json").read_text())
     p50 = json.loads((pen / "offload-bf16-pen50.json").read_text())
     on = json.loads((ov / "offload-bf16-ov1.json").read_text())
     off = json.loads((ov / "offload-bf16-ov0.json").read_text())
     prof = json.loads((prof_dir / "offload-bf16-profile.json").read_text())
+    on_b = json.loads((rev / "offload-bf16-ov1b.json").read_text())
+    off_b = json.loads((rev / "offload-bf16-ov0b.json").read_text())
     m_on, m_off = _means(on), _means(off)
-    per_doc = {d["doc"]: {lab: round(r["decode_tok_s"] / e["runs"][lab]["decode_tok_s"], 4)
-                          for lab, r in d["runs"].items()}
-               for d, e in zip(on["docs"], off["docs"])}
+    mb_on, mb_off = _means(on_b), _means(off_b)
+
+    def per_doc(a: dict, b: dict) -> dict:
+        return {d["doc"]: {lab: round(r["decode_tok_s"] / e["runs"][lab]["decode_tok_s"], 4)
+                           for lab, r in d["runs"].items()} for d, e in zip(a["docs"], b["docs"])}
+
     r = prof["docs"][0]["runs"]["lru/device"]
     summary = {
         "overlap_on_over_off_mean": {lab: round(m_on[lab]["decode_tok_s"] / m_off[lab]["decode_tok_s"], 4)
                                      for lab in m_on},
-        "overlap_on_over_off_per_doc": per_doc,
+        "overlap_on_over_off_per_doc": per_doc(on, off),
+        "reversed_order_on_over_off_mean": {lab: round(mb_on[lab]["decode_tok_s"] / mb_off[lab]["decode_tok_s"], 4)
+                                            for lab in mb_on},
+        "reversed_order_on_over_off_per_doc": per_doc(on_b, off_b),
+        "five_docs_mean_reversed_on": mb_on,
+        "five_docs_mean_reversed_off": mb_off,
         "five_docs_mean_overlap_on": m_on,
         "five_docs_mean_overlap_off": m_off,
         "admit_penalty_0_25": _means(p25),
@@ -52,11 +63,14 @@ def main() -> None:
                                       "overlap_off": off.get("tokens_identical_all_runs")},
     }
     res = {"bench": "offload-overlap", "date": "2026-12-07", "device": on["device"], "session": 55,
-           # two H100 leases: the penalty runs on the first (s54_callA), the overlap calls on the second (A, B)
-           "leases": {"s54_callA": p25["device"], "s55_callA+B": on["device"] + " (another box, warm for B)"},
-           "commits": {"s54_callA": p25["commit"], "s55_callA": on["commit"], "s55_callB": prof["commit"]},
+           # three H100 leases: the penalty runs (s54_callA), the overlap calls A and B (one box), call C (a third)
+           "leases": {"s54_callA": p25["device"], "s55_callA+B": on["device"] + " (another box, warm for B)",
+                      "s55_callC": on_b["device"] + " (a third box)"},
+           "commits": {"s54_callA": p25["commit"], "s55_callA": on["commit"], "s55_callB": prof["commit"],
+                       "s55_callC": on_b["commit"]},
            "shape": on["shape"], "summary": summary,
-           "raw": {"pen25": p25, "pen50": p50, "overlap_on": on, "overlap_off": off, "profile": prof}}
+           "raw": {"pen25": p25, "pen50": p50, "overlap_on": on, "overlap_off": off, "profile": prof,
+                   "reversed_off": off_b, "reversed_on": on_b}}
     out.write_text(json.dumps(res, indent=1) + "\n")
     print(json.dumps(summary, indent=1)[:5000])
 
