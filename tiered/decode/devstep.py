@@ -290,11 +290,9 @@ class DeviceStep:
         # .Landing); the down projection, which needs every expert, waits for gate_up as before. gate_up launches
         # once every gather program is resident, so the copies always progress. Without PDL the kernels keep the
         # stream order (no overlap, the same results). Float experts through the decode kernels only (the quantized
-        # kernels take no wait), not with a row split of a miss (its copies are not counted), and not with device
-        # prefetch (its copy of the layer's ids sits between the gather and gate_up: measured 0.995x on an H100,
-        # session 55, against 1.02x for the demand runs).
-        self.overlap = (cuda and gather_overlap_enabled() and table.cpu_split is None and not self.prefetch
-                        and bool(model.kernels) and not isinstance(model.provider.weights.gate, QuantWeight))
+        # kernels take no wait), and not with a row split of a miss (its copies are not counted).
+        self.overlap = (cuda and gather_overlap_enabled() and table.cpu_split is None and bool(model.kernels)
+                        and not isinstance(model.provider.weights.gate, QuantWeight))
         if self.overlap:
             self.landed = torch.zeros(self.L, self.K, dtype=torch.int32, device=dev)
             self.land_chunks = row_chunks(table.block_size, **{k: v for k, v in self.demand_gather.items()
@@ -364,14 +362,19 @@ class DeviceStep:
                     r = dataclasses.replace(r, topk_pending=False)
                 if cpu:  # the CPU starts on its share before the copies of the others
                     cpu_handoff.post(r.x, r.weights[0], self.cpu_row[l], self.cpu_seq, self.cpu)
-                self.table.gather(self.src[l], self.slots[l], layer=l, ctas=self.demand_ctas,
-                                  landed=self.landed[l] if self.overlap else None, **self.demand_gather)
+                # the predictions' update and the prefetch's copies of the ids before the gather, so that nothing
+                # comes between the gather and the experts (the overlap: gate_up follows the gather under PDL)
                 if nu is not None:
                     nu.update(self.moe_index[l], r.ids[0])
-                if self.prefetch and l + 1 < self.L and m.layers[l + 1].moe is not None:
-                    joined = self._prefetch_next(l, r.ids[0])
-                if self.prefetch:
+                pf = self.prefetch and l + 1 < self.L and m.layers[l + 1].moe is not None
+                if pf:
+                    self.pf_ids[l].copy_(r.ids[0])
+                if self.prefetch:  # (layer l-1's prefetch, which read this row, was joined before resolve)
                     self.prev_ids[l].copy_(r.ids[0])
+                self.table.gather(self.src[l], self.slots[l], layer=l, ctas=self.demand_ctas,
+                                  landed=self.landed[l] if self.overlap else None, **self.demand_gather)
+                if pf:
+                    joined = self._prefetch_next(l)
             part = self._cpu_add if self.cpu is not None and m.layers[l].moe is not None and not only else None
             wait = (Landing(self.landed[l], self.src[l], self.land_chunks)
                     if self.overlap and m.layers[l].moe is not None and not only else None)
@@ -530,12 +533,11 @@ class DeviceStep:
         """A time mark after the steps launched so far: a CUDA event on the step's stream, or the host clock."""
         return StepMark(torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None)
 
-    def _prefetch_next(self, l: int, ids: Tensor) -> bool:
-        """Issue layer l+1's prefetch; on CUDA on the side stream, after layer l's copies, beside its experts.
-        Returns whether the current stream is joined already (CPU: it ran inline)."""
+    def _prefetch_next(self, l: int) -> bool:
+        """Issue layer l+1's prefetch (from layer l's ids in pf_ids[l]); on CUDA on the side stream, after layer
+        l's copies, beside its experts. Returns whether the current stream is joined already (CPU: it ran inline)."""
         i = self.moe_index[l]
         cuda = self.pf_stream is not None
-        self.pf_ids[l].copy_(ids)
         if cuda:
             self.pf_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.pf_stream) if cuda else contextlib.nullcontext():
