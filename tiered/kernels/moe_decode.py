@@ -124,8 +124,8 @@ def _gate_up_rows(x_ptr, gate_ptr, up_ptr, t, slot, offs_f, mask_f, stride_xt, s
 def _acquire_fence(v):
     """fence.acq_rel.gpu in each thread (after its volatile read of a count another kernel released): the thread's
     later reads see what was written before that release. v passes through (the asm's operand)."""
-    return tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.b32 $0, $1;", "=r,r", [v], dtype=tl.int32, is_pure=False,
-                                     pack=1)
+    return tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.b32 $0, $1;", "=r,r", [v], dtype=tl.int32,
+                                     is_pure=False, pack=1)
 
 
 @triton.jit
@@ -137,10 +137,10 @@ def _gate_up_kernel(x_ptr, slot_ptr, gate_ptr, up_ptr, h_ptr, slot_base, stride_
                     FENCE: tl.constexpr = False):
     """Grid (cdiv(F, BLOCK_F), T*K): h[t*K + k, f-block] of token t's k-th expert (row slot_base + slot), fp32;
     HAS_BIAS: the gate and up biases [S, F] (row stride stride_bs) added before the activation. WAIT (T = 1,
-    `Landing`): a pair whose src_ptr row is >= 0 waits until land_ptr[pair] reaches n_land (its copy on another
-    stream has landed), then acquires it and its program reads the slot. With WAIT the kernel does not wait for
-    the previous one (the gather, under PDL): it reads what kernels before the gather wrote, and the gather's rows
-    through the counts; it lets its dependents launch at once."""
+    `Landing`): a pair whose src_ptr row is >= 0 waits until land_ptr[pair] reaches n_land (its copy by the
+    gather launched before this kernel has landed), then acquires it and its program reads the slot. With WAIT the
+    kernel does not wait for the previous one (the gather, under PDL): it reads what kernels before the gather
+    wrote, and the gather's rows through the counts; it lets its dependents launch at once."""
     if WAIT:
         if GDC:
             tl.extra.cuda.gdc_launch_dependents()
@@ -303,8 +303,8 @@ def moe_decode(x: Tensor, slots: Tensor, weights: Tensor, ops: ExpertOperands,
             None = as given.
         act: None (SwiGLU) or gpt-oss's ClampedSwiGLU (model/moe.py); the experts' biases (ops' gate_bias,
             up_bias, down_bias) are applied whenever the operands carry them.
-        wait: T = 1, the "split" variant: the misses a gather on another stream is still copying (`Landing`);
-            the resident experts compute meanwhile.
+        wait: T = 1, the "split" variant: the misses the gather launched right before is still copying
+            (`Landing`); the resident experts compute meanwhile.
     Returns:
         [T, D] in x's dtype: sum over k of weights[t, k] * expert(slots[t, k])(x[t]).
     """

@@ -676,9 +676,9 @@ def gather(host_pool: Tensor, row_src: Tensor, row_dst: Tensor, slots: Tensor, *
     load (`chunks` of them per item): the strided copy's footprint beside compute (the fill's copy: TIERED_FILL_GATHER,
     `fill_gather_options`; session 20 on the H200 found the defaults best for the fill).
     landed (int32 [K] on the device, zero before the call): each copied row's count of landed chunks, raised with
-    release semantics after each chunk's stores (`row_chunks` of them make a row), for consumers on another stream
-    that wait for their rows only (moe_decode.Landing: the hit experts compute while the misses copy). Not with
-    split."""
+    release semantics after each chunk's stores (`row_chunks` of them make a row), for a consumer that follows the
+    gather without waiting for it and waits for its rows only (moe_decode.Landing: the hit experts compute while
+    the misses copy). Not with split."""
     B = slots.shape[1]
     if block < 32 or block & (block - 1) or warps not in (1, 2, 4, 8, 16, 32):
         raise ValueError(f"gather: block {block} must be a power of two >= 32 and warps {warps} one of 1..32")
@@ -812,8 +812,9 @@ GATHER_OVERLAP_ENV = "TIERED_GATHER_OVERLAP"  # the device step's demand gather 
 
 
 def gather_overlap_enabled() -> bool:
-    """TIERED_GATHER_OVERLAP: "0" keeps the device step's demand gather on the compute stream, before the layer's
-    experts (the measured comparison); unset or "1": on a side stream beside the resident experts' gate_up."""
+    """TIERED_GATHER_OVERLAP: "0" makes the device step's experts wait for the whole demand gather (the measured
+    comparison); unset or "1": their gate_up follows it under PDL without waiting, the resident experts computing
+    beside the copies (moe_decode.Landing)."""
     v = os.environ.get(GATHER_OVERLAP_ENV, "").strip()
     if v not in ("", "0", "1"):
         raise ValueError(f"{GATHER_OVERLAP_ENV}={v!r}: expected 0 (off) or 1 (on, the default)")

@@ -335,9 +335,9 @@ def expert_mix(x: Tensor, ids: Tensor, wts: Tensor, w: MoEWeights, provider: Exp
     `partial` [1, D] (piecewise step): that sum, already computed, to add the same way; or a callable that adds it
     to the device experts' output in place (the device step: it waits there for the CPU worker's answer, so the
     device's experts run while the CPU computes, kernels/cpu_handoff.py).
-    wait (with `slots`, float experts and kernels=True): some of those slots are still being copied on another
-    stream (kernels/moe_decode.Landing, the device step's overlapped gather); their experts wait for their rows
-    inside the kernel, the resident ones run meanwhile. Elsewhere: an error (nothing else could honour it).
+    wait (with `slots`, float experts and kernels=True): some of those slots are still being copied by the gather
+    launched right before (kernels/moe_decode.Landing, the device step's overlapped gather); their experts wait for
+    their rows inside the kernel, the resident ones run meanwhile. Elsewhere: an error (nothing else could honour it).
     """
     # transformers casts the routing weights to the compute dtype (Mixtral keeps fp32): one token's paths pass
     # them as they are with `round_to`, and the fused kernels round them (no cast kernel per layer)
