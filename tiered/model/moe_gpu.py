@@ -68,8 +68,8 @@ def experts_decode(x: Tensor, slots: Tensor, weights: Tensor, W: Any, *, slot_ba
                    round_to: torch.dtype | None = None, act: Any = None, wait: Any = None) -> Tensor:
     """x [T, D], slots [T, K] (or [K]) slot rows of W on x's device (rows slot_base + slots), weights [T, K]
     (rounded to `round_to` inside the kernel when given) -> [T, D] (no host sync). act: None (SwiGLU) or gpt-oss's
-    ClampedSwiGLU; W's expert biases, where it has them, are applied. wait: moe_decode's (a Landing: misses still
-    copying on another stream, T = 1)."""
+    ClampedSwiGLU; W's expert biases, where it has them, are applied. wait: moe_decode's (a Landing: misses the
+    gather launched right before is still copying, T = 1)."""
     from tiered.kernels.moe_decode import moe_decode
 
     return moe_decode(x, slots, weights, W, slot_base=slot_base, round_to=round_to, act=act, wait=wait)

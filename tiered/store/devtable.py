@@ -274,12 +274,9 @@ class DeviceSlotTable:
         copies, the split miss's rows among them (the device slots' pool, split row included). shape: the copy's
         warps, block and chunks (kernels/slot_table.gather; the fill's from fill_gather_options). landed: the
         rows' landed-chunk counts (the device step's overlapped gather; not with a row split)."""
-        if layer is not None and self.cpu_split is not None:
-            if landed is not None:
-                raise ValueError("gather(landed=...): a row split's copies are not counted (the step keeps its "
-                                 "gather on the compute stream with --cpu-split)")
+        if layer is not None and self.cpu_split is not None:  # (kernels/slot_table.gather refuses landed here)
             self.kern.gather(self.host_pool, src, slot, self.cache.vram.pool, ctas=ctas, gbps=self.h2d_gbps,
-                             split=(self.split_spec, self.split_c[layer]))
+                             split=(self.split_spec, self.split_c[layer]), landed=landed)
         else:
             self.kern.gather(self.host_pool, src, slot, self.slots, ctas=ctas, gbps=self.h2d_gbps, landed=landed,
                              **shape)
