@@ -1141,12 +1141,13 @@ for wait in (False, True):  # the experts' gate_up waiting for the overlapped ga
     assert k.asm["cubin"] and ("ld.volatile.global" in p) == wait and ("fence.acq_rel.gpu" in p) == wait
 from tiered.kernels import next_use as nu
 sig4 = {"ids_ptr": "*i64", "prev_ptr": "*i64", "tt_ptr": "*fp32", "lt_ptr": "*fp32", "fast_ptr": "*fp32",
-        "slow_ptr": "*fp32", "prob_ptr": "*fp32", "pfp_ptr": "*fp32", "base_ptr": "*i64", "w_ptr": "*fp32", "j": "i32",
+        "slow_ptr": "*fp32", "prob_ptr": "*fp32", "pfp_ptr": "*fp32", "base_ptr": "*i64", "w_ptr": "*fp32",
+        "nt_ptr": "*i64", "dist_ptr": "*i64", "n_keys": "i32", "j": "i32",
         "key_j": "i32", "key_j1": "i32", "n_ids": "i32", "E": "i32", "M": "i32", "fa": "fp32", "sa": "fp32",
         "eps": "fp32", "p_min": "fp32", "scale": "fp32", "HAS_NEXT": "constexpr", "K_P": "constexpr",
-        "E_P": "constexpr", "GDC": "constexpr"}
+        "E_P": "constexpr", "BLOCK_N": "constexpr", "GDC": "constexpr"}
 for nxt in (False, True):
-    cx = {"HAS_NEXT": nxt, "K_P": 8, "E_P": 128, "GDC": nxt}
+    cx = {"HAS_NEXT": nxt, "K_P": 8, "E_P": 128, "BLOCK_N": 1024, "GDC": nxt}
     assert triton.compile(ASTSource(nu._next_use_kernel, sig4, constexprs=cx), target=tgt).asm["cubin"]
 print("ok")
 """
@@ -1357,10 +1358,36 @@ def test_cuda_device_step_nextuse_matches_host_step(reference_layout, prefetch):
     assert eng.generate(PROMPT, max_new_tokens=32).token_ids == want
     s = eng.stats
     assert s["decode_graphs"] == "device" and s["device_step"]["evict"] == "nextuse"
+    assert s["device_step"]["next_use_stream"] is True
     d = s["decode"]
     assert d["hits"] + d["misses"] == d["tokens"] * 8 * 8
     if prefetch:
         assert s["slot_table"]["prefetched"] > 0
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_cuda_next_use_stream_decides_as_inline(reference_layout, monkeypatch, prefetch):
+    """The next-use update on its own stream (forked after resolve, joined before the next resolve and the
+    prefetch) makes the same eviction and prefetch decisions as the update in the step's stream: equal tokens and
+    equal hit, miss and prefetch counts, graphs replayed, at a budget that evicts."""
+    from tiered.predict.predictors import History, PredictorParams
+
+    lt, tt = _code_transitions(reference_layout)
+    params = PredictorParams(lt, tt, torch.zeros(8, 64), torch.zeros(0, 8, 64), torch.zeros(7, 64, 320),
+                             torch.zeros(7, 64), {})
+    budget = {"expert_slots": 24, "ram_gb": 0.05, "cpu_experts": "off", "slot_table": "device",
+              "device_evict": "nextuse", "device_prefetch": prefetch}
+    got = {}
+    for knob in ("0", "1"):
+        monkeypatch.setenv("TIERED_NEXT_USE_STREAM", knob)
+        eng = load(reference_layout, device="cuda", budget=budget, predictor=History(8, 64, params))
+        ids = eng.generate(PROMPT, max_new_tokens=32).token_ids
+        s = eng.stats
+        assert s["decode_graphs"] == "device" and s["device_step"]["next_use_stream"] == (knob == "1")
+        got[knob] = (ids, s["decode"]["hits"], s["decode"]["misses"], s["slot_table"]["prefetched"])
+        assert got[knob][2] > 0  # (the budget evicts: the policy decides something)
+    assert got["1"] == got["0"]
 
 
 @pytest.mark.parametrize("E,K,moe_layers,num_layers", [(10, 3, [0, 1, 2], 3), (16, 4, [1, 2, 3, 4], 5), (7, 1, [0, 1], 2)])
@@ -1388,4 +1415,22 @@ def test_next_use_kernel_matches_torch(E, K, moe_layers, num_layers):
                                            msg=lambda m: f"token {t} layer {j} {name}: {m}")
             assert torch.equal(ker.prev.cpu(), ref.prev)
             assert int((ker.base.cpu() - ref.base).abs().max()) <= 1
+            # the next resolve's nt, written by the update itself: dist of MoE layer (j + 1) mod M + base
+            nxt = (j + 1) % M
+            assert torch.equal(ker.nt.cpu(), ker.dist[nxt].cpu() + ker.base.cpu())
+            assert torch.equal(ker.demand_nt(nxt).cpu() - ker.base.cpu(), ref.demand_nt(nxt) - ref.base)
             assert torch.equal(ker.demand_nt(j).cpu() - ker.base.cpu(), ref.demand_nt(j) - ref.base)
+
+
+def test_next_use_stream_knob(monkeypatch):
+    """TIERED_NEXT_USE_STREAM: unset or 1 puts the next-use update on its own stream, 0 in the step's; anything else
+    is refused with the accepted values."""
+    from tiered.decode.devstep import next_use_stream_enabled
+
+    monkeypatch.delenv("TIERED_NEXT_USE_STREAM", raising=False)
+    assert next_use_stream_enabled()
+    monkeypatch.setenv("TIERED_NEXT_USE_STREAM", "0")
+    assert not next_use_stream_enabled()
+    monkeypatch.setenv("TIERED_NEXT_USE_STREAM", "on")
+    with pytest.raises(ValueError, match="expected 0"):
+        next_use_stream_enabled()

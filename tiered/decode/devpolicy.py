@@ -110,6 +110,11 @@ class NextUse:
         p0 = torch.full((E,), params.p_min, device=dev)
         for j in range(M):
             self._store(j, p0)
+        # nt is kept ready for the next resolve: each update(j) ends by writing it for MoE layer (j + 1) mod M (the
+        # kernel does it in the same launch), so a device step's resolve reads it without a kernel of its own and
+        # the update can run beside the layer's copies (decode/devstep.py). `_ready` is the layer it serves.
+        self._ready = 0
+        torch.add(self.dist[0], self.base, out=self.nt)
 
     def _p_base(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """z = predicted log(1 + missed visits) -> p = 1 / (1 + w) clamped, and the scaled base M * w rounded."""
@@ -122,22 +127,27 @@ class NextUse:
         self.base[l * self.E:(l + 1) * self.E].copy_(torch.floor(self.M * (1 - p) / p * self.p.scale + 0.5).long())
 
     def demand_nt(self, j: int) -> Tensor:
-        """nt [N] for a resolve at MoE layer j (written into the static buffer)."""
-        torch.add(self.dist[j], self.base, out=self.nt)
+        """nt [N] for a resolve at MoE layer j (the static buffer): as the last update left it when that update was
+        layer j - 1's (the device step's order, no launch), else written now."""
+        if j != self._ready:
+            torch.add(self.dist[j], self.base, out=self.nt)
+            self._ready = j
         return self.nt
 
     def update(self, j: int, ids: Tensor) -> None:
         """After MoE layer j's resolve: fold its ids [K] into the state; new predictions for layer j (from the next
-        token) and layer j+1 (this token)."""
+        token) and layer j+1 (this token); then nt for the next resolve, MoE layer (j + 1) mod M's."""
         p, E = self.p, self.E
         nxt = j + 1 < self.M
         l1 = self.moe_layers[j + 1] if nxt else 0
+        self._ready = (j + 1) % self.M
         if self.kernel:
             from tiered.kernels.next_use import next_use_update
 
             next_use_update(ids, j, self.moe_layers[j] * E, l1 * E, prev=self.prev, tt=self.tt, lt=self.lt,
                             fast=self.fast, slow=self.slow, prob=self.prob, pf_prob=self.pf_prob, base=self.base,
-                            w=self.w, decay=(p.fast, p.slow), eps=p.eps, p_min=p.p_min, scale=p.scale)
+                            w=self.w, decay=(p.fast, p.slow), eps=p.eps, p_min=p.p_min, scale=p.scale,
+                            nt=self.nt, dist=self.dist[self._ready])
             return
         w = self.w
         oh = torch.zeros(E, device=ids.device).index_fill_(0, ids, 1.0)
@@ -158,6 +168,7 @@ class NextUse:
             self.base[l1 * E:(l1 + 1) * E].copy_(b1)
             self.pf_prob[j + 1].copy_(torch.sigmoid(lx @ w[10:14] + w[14]))
         self.prev[j].copy_(ids)
+        torch.add(self.dist[self._ready], self.base, out=self.nt)
 
     def prefetch(self, j: int, slot_of: Tensor, count: int) -> Tensor:
         """Candidates [count] for MoE layer j+1, issued while layer j computes: the non-resident experts of highest

@@ -71,6 +71,19 @@ def complete_step_mode() -> str:
     return v
 
 
+NEXT_USE_STREAM_ENV = "TIERED_NEXT_USE_STREAM"
+
+
+def next_use_stream_enabled() -> bool:
+    """TIERED_NEXT_USE_STREAM (a benchmark's knob): "0" runs eviction by predicted next use's per-layer update in the
+    step's stream, between the layer's resolve and its gather (the measured comparison); unset or "1": on a stream
+    of its own beside the layer's copies and experts, joined before the next resolve."""
+    v = os.environ.get(NEXT_USE_STREAM_ENV, "").strip()
+    if v not in ("", "0", "1"):
+        raise ValueError(f"{NEXT_USE_STREAM_ENV}={v!r}: expected 0 (in the step's stream) or 1 (its own, the default)")
+    return v != "0"
+
+
 class DeviceStep:
     """The one-token step of a model whose provider has a DeviceSlotTable (`provider.devtable`).
 
@@ -140,6 +153,12 @@ class DeviceStep:
             self.nu = NextUse(nextuse or DEFAULT_PARAMS, transitions[0], transitions[1],
                               moe_layers=list(cfg.moe_layers), num_layers=cfg.num_layers,
                               num_experts=cfg.num_experts, top_k=cfg.top_k, device=dev)
+        # The next-use update of layer l (one kernel, which also writes the nt layer l+1's resolve reads) needs only
+        # layer l's ids: on CUDA it runs on a stream of its own, forked after layer l's resolve and joined before
+        # layer l+1's (and before layer l's prefetch, which reads its probabilities), so it is off the path from
+        # resolve through the copies to the experts.
+        self.nu_stream = (torch.cuda.Stream(dev) if self.nu is not None and dev.type == "cuda"
+                          and next_use_stream_enabled() else None)
         if self.prefetch:
             if transitions is None:
                 raise ValueError("device prefetch needs router-history transitions (PredictorParams.layer_trans, "
@@ -329,6 +348,7 @@ class DeviceStep:
                             lookup=self._lookup_args(0, planned) if look else None)
         out = None
         joined = True
+        nu_forked = False  # an update in flight on nu_stream (joined before the next resolve and at the end)
         if only and rows is not None:  # every layer's replayed ids are known now: one lookup for all of them
             id_row, out_row, base = self._lookup_all
             self.table.lookup(rows[0], id_row, self.slots, out_row, base, src)
@@ -352,6 +372,9 @@ class DeviceStep:
                 if not joined:  # layer l's prefetch (issued during layer l-1) lands before its lookups
                     torch.cuda.current_stream(self.device).wait_stream(self.pf_stream)
                     joined = True
+                if nu_forked:  # layer l-1's update wrote the nt this resolve reads
+                    torch.cuda.current_stream(self.device).wait_stream(self.nu_stream)
+                    nu_forked = False
                 nu = self.nu
                 cpu = self.cpu is not None
                 self._layer = l
@@ -363,8 +386,15 @@ class DeviceStep:
                 if cpu:  # the CPU starts on its share before the copies of the others
                     cpu_handoff.post(r.x, r.weights[0], self.cpu_row[l], self.cpu_seq, self.cpu)
                 # the predictions' update and the prefetch's copies of the ids before the gather, so that nothing
-                # comes between the gather and the experts (the overlap: gate_up follows the gather under PDL)
-                if nu is not None:
+                # comes between the gather and the experts (the overlap: gate_up follows the gather under PDL); the
+                # update on its own stream where there is one, beside the copies
+                if nu is not None and self.nu_stream is not None:
+                    self.nu_stream.wait_stream(torch.cuda.current_stream(self.device))
+                    r.ids.record_stream(self.nu_stream)  # (read there while this stream goes on)
+                    with torch.cuda.stream(self.nu_stream):
+                        nu.update(self.moe_index[l], r.ids[0])
+                    nu_forked = True
+                elif nu is not None:
                     nu.update(self.moe_index[l], r.ids[0])
                 pf = self.prefetch and l + 1 < self.L and m.layers[l + 1].moe is not None
                 if pf:
@@ -383,6 +413,8 @@ class DeviceStep:
                                   lookup=self._lookup_args(l + 1, planned) if look else None, wait=wait)
             else:
                 out = m.segment_last(r, self.slots[l], part, wait=wait)
+        if nu_forked:  # the last layer's update, beside the last layer and the head
+            torch.cuda.current_stream(self.device).wait_stream(self.nu_stream)
         if self.cpu_admit:  # the later copies have landed: their reserved slots enter the table
             self._split_join()
             self.table.split_install()
@@ -540,6 +572,8 @@ class DeviceStep:
         cuda = self.pf_stream is not None
         if cuda:
             self.pf_stream.wait_stream(torch.cuda.current_stream(self.device))
+            if self.nu_stream is not None:  # layer l's update (forked before the gather) wrote what it ranks by
+                self.pf_stream.wait_stream(self.nu_stream)
         with torch.cuda.stream(self.pf_stream) if cuda else contextlib.nullcontext():
             if self.nu is not None:  # the non-resident experts most likely used, over victims predicted later
                 cand = self.nu.prefetch(i, self.table.t["slot_of"], self.prefetch)
@@ -712,7 +746,7 @@ class DeviceStep:
         return {"spans": sorted(self.graphs), "steps": self.steps, "launch_s": self.launch_s,
                 "host_s_per_layer": self.host_s_per_layer, "capture_s": self.capture_s,
                 "graph_mem_bytes": self.graph_mem_bytes, "evict": "nextuse" if self.nu is not None else "policy",
-                "prefetch": self.prefetch,
+                "next_use_stream": self.nu_stream is not None, "prefetch": self.prefetch,
                 "fill": "copy" if self.copy is not None else "auto" if self.pace is not None else self.fill,
                 "fill_auto": self.pace.stats() if self.pace is not None else None,
                 "fill_picked": int(self.fill_picked[0]) if self.fill else 0,

@@ -3,9 +3,10 @@
 Owns `next_use_update` (one Triton program per call, CUDA) and the numbers it computes, which are those of the torch
 path of decode/devpolicy.NextUse.update (the reference it is tested against; the model is documented there): the
 EWMAs of layer j, the predicted missed visits of layer j's experts (time model) and of layer j+1's (layer model),
-as p = 1 / (1 + w) and as each key's scaled base M * w, the prefetch probability of layer j+1, and layer j's ids
-kept for the next token. Written as one kernel because in torch the update is about forty small kernels per layer,
-which inside a CUDA graph cost more than the misses the policy saves.
+as p = 1 / (1 + w) and as each key's scaled base M * w, the prefetch probability of layer j+1, layer j's ids
+kept for the next token, and the next resolve's nt (dist + base over every key: no launch of its own). Written as
+one kernel because in torch the update is about forty small kernels per layer, which inside a CUDA graph cost more
+than the misses the policy saves.
 Does not own: the state tensors (NextUse allocates them), nor the slot table.
 
 Legend: M MoE layers, E experts, K top-k, N keys.
@@ -41,8 +42,9 @@ def _p_and_base(z, p_min, M, scale):
 
 @triton.jit
 def _next_use_kernel(ids_ptr, prev_ptr, tt_ptr, lt_ptr, fast_ptr, slow_ptr, prob_ptr, pfp_ptr, base_ptr, w_ptr,
-                     j, key_j, key_j1, n_ids, E, M, fa, sa, eps, p_min, scale, HAS_NEXT: tl.constexpr,
-                     K_P: tl.constexpr, E_P: tl.constexpr, GDC: tl.constexpr = False):
+                     nt_ptr, dist_ptr, n_keys, j, key_j, key_j1, n_ids, E, M, fa, sa, eps, p_min, scale,
+                     HAS_NEXT: tl.constexpr, K_P: tl.constexpr, E_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                     GDC: tl.constexpr = False):
     gdc_enter(GDC)
     oe = tl.arange(0, E_P)
     me = oe < E
@@ -81,6 +83,14 @@ def _next_use_kernel(ids_ptr, prev_ptr, tt_ptr, lt_ptr, fast_ptr, slow_ptr, prob
               + tl.load(w_ptr + 13) * x3 + tl.load(w_ptr + 14))
         tl.store(pfp_ptr + row1, 1.0 / (1.0 + tl.exp(-zp)), mask=me)
     tl.store(prev_ptr + j * n_ids + ok, ids, mask=mk)
+    # nt for the next resolve, dist + base over every key: after a barrier, so the bases stored above (by other
+    # threads of this program) are what the loads below read
+    tl.debug_barrier()
+    for n0 in range(0, n_keys, BLOCK_N):
+        on = n0 + tl.arange(0, BLOCK_N)
+        mn = on < n_keys
+        tl.store(nt_ptr + on, tl.load(dist_ptr + on, mask=mn, other=0) + tl.load(base_ptr + on, mask=mn, other=0),
+                 mask=mn)
 
 
 def _p2(n: int) -> int:
@@ -89,13 +99,19 @@ def _p2(n: int) -> int:
 
 def next_use_update(ids: Tensor, j: int, key_j: int, key_j1: int, *, prev: Tensor, tt: Tensor, lt: Tensor,
                     fast: Tensor, slow: Tensor, prob: Tensor, pf_prob: Tensor, base: Tensor, w: Tensor,
-                    decay: tuple[float, float], eps: float, p_min: float, scale: int) -> None:
+                    decay: tuple[float, float], eps: float, p_min: float, scale: int, nt: Tensor,
+                    dist: Tensor) -> None:
     """Layer j's update (module doc), in place; key_j / key_j1 = the first key of MoE layers j / j+1 (model layer *
-    E; key_j1 unused for the last layer)."""
+    E; key_j1 unused for the last layer). Then nt [N] = dist [N] + base, the next resolve's (dist: its layer's row
+    of NextUse.dist)."""
     M, E = fast.shape
     K = ids.shape[0]
+    N = base.shape[0]
+    if nt.shape != (N,) or dist.shape != (N,) or nt.dtype != torch.int64 or not dist.is_contiguous():
+        raise ValueError(f"next_use_update: nt and dist must be contiguous int64 [{N}] (one per key), got "
+                         f"{nt.dtype} {tuple(nt.shape)} and {dist.dtype} {tuple(dist.shape)}")
     nxt = j + 1 < M
-    _next_use_kernel[(1,)](ids, prev, tt, lt if lt.numel() else tt, fast, slow, prob, pf_prob, base, w, j, key_j,
-                           key_j1 if nxt else 0, K, E, M, float(decay[0]), float(decay[1]), float(eps),
+    _next_use_kernel[(1,)](ids, prev, tt, lt if lt.numel() else tt, fast, slow, prob, pf_prob, base, w, nt, dist, N,
+                           j, key_j, key_j1 if nxt else 0, K, E, M, float(decay[0]), float(decay[1]), float(eps),
                            float(p_min), float(scale), HAS_NEXT=nxt, K_P=_p2(K), E_P=_p2(E),
-                           num_warps=4 if E <= 256 else 8, **launch_args(ids.device))
+                           BLOCK_N=min(1024, _p2(N)), num_warps=4 if E <= 256 else 8, **launch_args(ids.device))
