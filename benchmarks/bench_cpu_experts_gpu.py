@@ -436,11 +436,13 @@ def main() -> None:
         runs: dict[str, dict] = {}
 
         def go(label: str, policy: str, cand: int, cpu: str | None, h2d: float = 0.0, table: str = "host",
-               dpf: int = 0, evict: str = "policy", wb: str = "off", fill: int | str | None = 0,
+               dpf: int = 0, evict: str | None = "policy", wb: str = "off", fill: int | str | None = 0,
                fill_ctas: int | None = None, fill_ranked: bool = True, split: str = "off") -> None:
             # (default/tuned: every option at its default on a layout `tiered tune --fit-trace` has fitted, here on
             # fit/: the engine takes the predictor's router-history transitions, which rank the fill's order)
-            pred = (History(L, cfg.num_experts, params) if cand or dpf or evict != "policy" or (fill and fill_ranked)
+            # (default: no router history, so --device-evict auto is policy; default/tuned: nextuse)
+            pred = (History(L, cfg.num_experts, params)
+                    if cand or dpf or evict not in ("policy", None) or (fill and fill_ranked)
                     or label == "default/tuned" else NoPrediction(L, cfg.num_experts))
             budget = {**base, "policy": policy, "prefetch_depth": 1 if cand else 0, "prefetch_budget": cand or 1,
                       "cpu_experts": cpu, "h2d_gbps": h2d, "slot_table": table, "device_prefetch": dpf,
@@ -463,8 +465,8 @@ def main() -> None:
                 ("predicted/auto", "predicted", 0, "auto", 0.0), (f"{pf}/auto", "predicted", a.candidates, "auto", 0.0),
                 ("all", "lru", 0, "all", 0.0)]
         if cuda:  # the slot table on the device: the whole step in one CUDA graph (decode/devstep.py)
-            plan += [("default", "lru", 0, None, 0.0, "auto", 0, "policy", "off", None),  # every option at its default
-                     ("default/tuned", "lru", 0, None, 0.0, "auto", 0, "policy", "off", None),  # on a tuned layout
+            plan += [("default", "lru", 0, None, 0.0, "auto", 0, None, "off", None),  # every option at its default
+                     ("default/tuned", "lru", 0, None, 0.0, "auto", 0, None, "off", None),  # on a tuned layout
                      ("lru/device", "lru", 0, "off", 0.0, "device"), ("flru/device", "flru", 0, "off", 0.0, "device"),
                      (f"lru+pf{a.device_prefetch}/device", "lru", 0, "off", 0.0, "device", a.device_prefetch),
                      ("nextuse/device", "lru", 0, "off", 0.0, "device", 0, "nextuse"),

@@ -1132,13 +1132,30 @@ sig10 = {"x_ptr": "*bf16", "slot_ptr": "*i64", "gate_ptr": "*bf16", "up_ptr": "*
          "stride_uf": "i64", "gb_ptr": "*bf16", "ub_ptr": "*bf16", "stride_bs": "i32", "alpha": "fp32",
          "limit": "fp32", "D": "constexpr", "F": "constexpr", "K": "constexpr", "BLOCK_F": "constexpr",
          "BLOCK_D": "constexpr", "WFMT": "constexpr", "ACT": "constexpr", "HAS_BIAS": "constexpr", "GDC": "constexpr",
-         "land_ptr": "*i32", "src_ptr": "*i64", "n_land": "i32", "WAIT": "constexpr", "FENCE": "constexpr"}
+         "land_ptr": "*i32", "src_ptr": "*i64", "n_land": "i32", "done_ptr": "*i32", "WAIT": "constexpr",
+         "FENCE": "constexpr"}
 for wait in (False, True):  # the experts' gate_up waiting for the overlapped gather's rows (moe_decode.Landing)
     cx10 = {"D": 2048, "F": 768, "K": 8, "BLOCK_F": 4, "BLOCK_D": 512, "WFMT": 0, "ACT": 0, "HAS_BIAS": False,
             "GDC": True, "WAIT": wait, "FENCE": wait}
     k = triton.compile(ASTSource(md._gate_up_kernel, sig10, constexprs=cx10), target=tgt, options={"num_warps": 2})
     p = k.asm["ptx"]
     assert k.asm["cubin"] and ("ld.volatile.global" in p) == wait and ("fence.acq_rel.gpu" in p) == wait
+    assert (".gpu.release.add" in p) == wait  # done[pair] += 1 for the down kernel (red or atom)
+    assert ("griddepcontrol.wait" in p) != wait
+sig11 = {"h_ptr": "*fp32", "slot_ptr": "*i64", "wt_ptr": "*fp32", "down_ptr": "*bf16", "y_ptr": "*bf16",
+         "slot_base": "i32", "stride_ds": "i64", "stride_dd": "i64", "stride_yt": "i32", "db_ptr": "*bf16",
+         "stride_bs": "i32", "D": "constexpr", "F": "constexpr", "K": "constexpr", "K_PER": "constexpr",
+         "SPLIT": "constexpr", "BLOCK_D": "constexpr", "BLOCK_F": "constexpr", "WFMT": "constexpr", "WR": "constexpr",
+         "HAS_BIAS": "constexpr", "KP": "constexpr", "GDC": "constexpr", "src_ptr": "*i64", "done_ptr": "*i32",
+         "n_done": "i32", "ORDER": "constexpr", "WAIT": "constexpr", "FENCE": "constexpr"}
+for order, wait in ((False, False), (True, False), (True, True)):  # down: resident pairs first, waiting per pair
+    cx11 = {"D": 2048, "F": 768, "K": 8, "K_PER": 8, "SPLIT": 1, "BLOCK_D": 4, "BLOCK_F": 1024, "WFMT": 0, "WR": 0,
+            "HAS_BIAS": False, "KP": 8, "GDC": True, "ORDER": order, "WAIT": wait, "FENCE": wait}
+    k = triton.compile(ASTSource(md._down_kernel, sig11, constexprs=cx11), target=tgt, options={"num_warps": 8})
+    p = k.asm["ptx"]
+    assert k.asm["cubin"] and ("ld.volatile.global" in p) == wait and ("fence.acq_rel.gpu" in p) == wait
+    assert ("griddepcontrol.wait" in p) != wait and "griddepcontrol.launch_dependents" in p
+    assert ("nanosleep.u32 128" in p) == wait  # the spin's back-off
 from tiered.kernels import next_use as nu
 sig4 = {"ids_ptr": "*i64", "prev_ptr": "*i64", "tt_ptr": "*fp32", "lt_ptr": "*fp32", "fast_ptr": "*fp32",
         "slow_ptr": "*fp32", "prob_ptr": "*fp32", "pfp_ptr": "*fp32", "base_ptr": "*i64", "w_ptr": "*fp32",
@@ -1208,7 +1225,8 @@ def test_cuda_device_step_prefetch_matches_host_step(reference_layout):
     budget = {"expert_slots": 24, "ram_gb": 0.05}
     host = load(reference_layout, device="cuda", budget={**budget, "slot_table": "host"})
     want = host.generate(PROMPT, max_new_tokens=32).token_ids
-    eng = load(reference_layout, device="cuda", budget={**budget, "slot_table": "device", "device_prefetch": 6},
+    eng = load(reference_layout, device="cuda", budget={**budget, "slot_table": "device", "device_prefetch": 6,
+                                                        "device_evict": "policy"},
                predictor=History(8, 64, params))
     assert eng.generate(PROMPT, max_new_tokens=32).token_ids == want
     s = eng.stats
@@ -1376,15 +1394,17 @@ def test_cuda_next_use_stream_decides_as_inline(reference_layout, monkeypatch, p
     lt, tt = _code_transitions(reference_layout)
     params = PredictorParams(lt, tt, torch.zeros(8, 64), torch.zeros(0, 8, 64), torch.zeros(7, 64, 320),
                              torch.zeros(7, 64), {})
+    # (--device-evict left to its default, auto: nextuse, since the predictor carries router history)
     budget = {"expert_slots": 24, "ram_gb": 0.05, "cpu_experts": "off", "slot_table": "device",
-              "device_evict": "nextuse", "device_prefetch": prefetch}
+              "device_prefetch": prefetch}
     got = {}
     for knob in ("0", "1"):
         monkeypatch.setenv("TIERED_NEXT_USE_STREAM", knob)
         eng = load(reference_layout, device="cuda", budget=budget, predictor=History(8, 64, params))
         ids = eng.generate(PROMPT, max_new_tokens=32).token_ids
         s = eng.stats
-        assert s["decode_graphs"] == "device" and s["device_step"]["next_use_stream"] == (knob == "1")
+        assert s["decode_graphs"] == "device" and s["device_step"]["evict"] == "nextuse"
+        assert s["device_step"]["next_use_stream"] == (knob == "1")
         got[knob] = (ids, s["decode"]["hits"], s["decode"]["misses"], s["slot_table"]["prefetched"])
         assert got[knob][2] > 0  # (the budget evicts: the policy decides something)
     assert got["1"] == got["0"]
@@ -1434,3 +1454,30 @@ def test_next_use_stream_knob(monkeypatch):
     monkeypatch.setenv("TIERED_NEXT_USE_STREAM", "on")
     with pytest.raises(ValueError, match="expected 0"):
         next_use_stream_enabled()
+
+
+def test_device_evict_auto_takes_nextuse_where_router_history_exists(reference_layout, capsys):
+    """--device-evict auto (the default): nextuse with the device slot table and router-history transitions (a
+    predictor's, or the layout's `tiered tune --fit-trace` file), said on stderr; policy without either; a bad value
+    is refused with the choices."""
+    from types import SimpleNamespace
+
+    from tiered.engine import _auto_evict
+    from tiered.predict.predictors import History, NoPrediction, PredictorParams
+    from tiered.store.options import TierConfig
+
+    lay = SimpleNamespace(path=str(reference_layout))  # (what _auto_evict reads of a layout)
+    lt, tt = torch.rand(7, 64, 64), torch.rand(8, 64, 64)
+    params = PredictorParams(lt, tt, torch.zeros(8, 64), torch.zeros(0, 8, 64), torch.zeros(7, 64, 320),
+                             torch.zeros(7, 64), {})
+    assert _auto_evict(lay, History(8, 64, params), True) == "nextuse"
+    assert "--device-evict auto: nextuse" in capsys.readouterr().err
+    assert _auto_evict(lay, History(8, 64, params), False) == "policy"
+    assert _auto_evict(lay, NoPrediction(8, 64), True) == "policy"  # (the layout has no router history)
+    assert _auto_evict(lay, None, True) == "policy"
+    assert TierConfig().device_evict == "auto"
+    with pytest.raises(BudgetError, match="auto, policy or nextuse"):
+        TierConfig(device_evict="belady")
+    # a CPU run (no device table): the default resolves to policy without a word
+    eng = load(reference_layout, device="cpu", budget={"expert_slots": 24}, predictor=History(8, 64, params))
+    assert eng.devstep is None and "--device-evict" not in capsys.readouterr().err

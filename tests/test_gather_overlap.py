@@ -19,7 +19,7 @@ if not torch.cuda.is_available():  # the kernels are decorated at import: the in
 pytest.importorskip("triton")
 
 from tiered.kernels import slot_table as st  # noqa: E402
-from tiered.kernels.moe_decode import DecodeConfig, Landing, moe_decode  # noqa: E402
+from tiered.kernels.moe_decode import DecodeConfig, Landing, gate_up_programs, moe_decode  # noqa: E402
 from tiered.kernels.moe_naive import experts_loop  # noqa: E402
 from tiered.layout.format import plan_block  # noqa: E402
 from tiered.store.disk import expert_views  # noqa: E402
@@ -50,7 +50,9 @@ def test_row_chunks_is_the_gathers_item_count():
 
 def test_overlap_knob(monkeypatch):
     monkeypatch.delenv(st.GATHER_OVERLAP_ENV, raising=False)
-    assert st.gather_overlap_enabled()
+    assert st.gather_overlap_enabled() and st.gather_overlap_mode() == "1"
+    monkeypatch.setenv(st.GATHER_OVERLAP_ENV, "gate_up")
+    assert st.gather_overlap_enabled() and st.gather_overlap_mode() == "gate_up"
     monkeypatch.setenv(st.GATHER_OVERLAP_ENV, "0")
     assert not st.gather_overlap_enabled()
     monkeypatch.setenv(st.GATHER_OVERLAP_ENV, "yes")
@@ -95,9 +97,10 @@ def test_strided_kernel_counts_each_copied_chunk(ctas):
 
 
 @interp
-def test_experts_with_a_landing_equal_the_experts_without():
-    """moe_decode with a Landing (the misses' rows counted in) gives the same bits as without one, and the loop's
-    values: the wait changes when a program reads, never what."""
+def test_experts_with_a_landing_sum_the_resident_pairs_first():
+    """moe_decode with a Landing (the misses' rows counted in) gives the bits of a plain call with the resident
+    pairs first (each group in k order), with the waits (copying) or without, and the loop's values: the waits
+    change when a program reads, never what. Every gate_up program of every pair is counted done."""
     K, D, F, S = 4, 48, 24, 7
     host, specs = _experts(10, F, D, torch.float32)
     pool = torch.zeros(S, host.shape[1], dtype=torch.uint8)
@@ -110,16 +113,23 @@ def test_experts_with_a_landing_equal_the_experts_without():
     w = torch.softmax(torch.randn(1, K, generator=torch.Generator().manual_seed(3)), -1)
     x = torch.randn(1, D, generator=torch.Generator().manual_seed(2))
     cfg = DecodeConfig(block_f=8, block_d=16, down_block_d=8, down_block_f=16)
-    got = moe_decode(x, slots, w, W, cfg, wait=Landing(landed, src, st.row_chunks(host.shape[1], 256, 2)))
-    want = moe_decode(x, slots, w, W, cfg)
+    done = torch.zeros(K, dtype=torch.int32)
+    n_c = st.row_chunks(host.shape[1], 256, 2)
+    got = moe_decode(x, slots, w, W, cfg, wait=Landing(landed, src, n_c, done))
+    assert done.tolist() == [gate_up_programs(F, cfg)] * K
+    order = torch.tensor([0, 2, 1, 3])  # the resident pairs, then the missed ones
+    want = moe_decode(x, slots[order], w[:, order], W, cfg)
     assert torch.equal(got, want)
+    assert torch.equal(moe_decode(x, slots, w, W, cfg, wait=Landing(landed, src, n_c, copying=False)), want)
     ref = experts_loop(x, slots[None], w, expert_views(pool, specs))
     assert float((got - ref).abs().max()) < 1e-5
     with pytest.raises(NotImplementedError, match="split"):
         moe_decode(x, slots, w, W, DecodeConfig(variant="fused", block_f=8, block_d=16, block_o=16),
-                   wait=Landing(landed, src, 1))
+                   wait=Landing(landed, src, 1, done))
     with pytest.raises(ValueError, match="int32"):
-        moe_decode(x, slots, w, W, cfg, wait=Landing(landed.long(), src, 1))
+        moe_decode(x, slots, w, W, cfg, wait=Landing(landed.long(), src, 1, done))
+    with pytest.raises(ValueError, match="done None"):  # the waits need the done counts
+        moe_decode(x, slots, w, W, cfg, wait=Landing(landed, src, 1))
 
 
 @pytest.mark.cuda
@@ -127,9 +137,10 @@ def test_experts_with_a_landing_equal_the_experts_without():
 @pytest.mark.parametrize("misses", [2, 8])
 def test_cuda_experts_wait_for_a_slow_gather(misses):
     """A gather paced to 1 GB/s (9.4 MB experts: about 9 ms each), then the experts with the Landing, in one stream
-    as the device step launches them (under PDL, gate_up starts beside the copy): the output equals the experts'
-    output once everything has landed, bit for bit. A wait that did not hold would read the missed slots' old bytes
-    (zeros here: checked to give another output). Eight misses: every program of gate_up waits."""
+    as the device step launches them (under PDL, gate_up starts beside the copy and down beside gate_up): the
+    output equals the experts' output once everything has landed (the resident pairs first), bit for bit. A wait
+    that did not hold would read the missed slots' old bytes (zeros here: checked to give another output), or h
+    before gate_up wrote it. Eight misses: every program of gate_up and down waits."""
     K, D, F = 8, 2048, 768
     host, specs = _experts(K + misses, F, D, torch.bfloat16)
     host = host.pin_memory()
@@ -143,34 +154,40 @@ def test_cuda_experts_wait_for_a_slow_gather(misses):
     W = expert_views(pool, specs)
     x = torch.randn(1, D, device=dev, dtype=torch.bfloat16)
     w = torch.softmax(torch.randn(1, K, device=dev), -1)
-    stale = moe_decode(x, slots, w, W)  # the missed slots still zero
+    order = torch.tensor(hit + [k for k in range(K) if k not in hit], device=dev)  # resident pairs first
+    stale = moe_decode(x, slots[order], w[:, order], W)  # the missed slots still zero
     landed = torch.zeros(K, dtype=torch.int32, device=dev)
+    done = torch.zeros(K, dtype=torch.int32, device=dev)
     st.gather(host, src, slots, pool, gbps=1.0, landed=landed)
-    got = moe_decode(x, slots, w, W, wait=Landing(landed, src, st.row_chunks(host.shape[1])))
-    torch.cuda.synchronize()
     n_c = st.row_chunks(host.shape[1])
+    got = moe_decode(x, slots, w, W, wait=Landing(landed, src, n_c, done))
+    torch.cuda.synchronize()
     assert landed.tolist() == [0 if k in hit else n_c for k in range(K)]
-    want = moe_decode(x, slots, w, W)
+    assert done.tolist() == [gate_up_programs(F, DecodeConfig.for_shape(D, F))] * K
+    want = moe_decode(x, slots[order], w[:, order], W)
     assert torch.equal(got, want)
+    assert torch.equal(moe_decode(x, slots, w, W, wait=Landing(landed, src, n_c, copying=False)), want)
     assert not torch.equal(stale, want)
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="CUDA")
 def test_cuda_device_step_overlap_matches_the_serial_gather(reference_layout, monkeypatch):
-    """The device step (one CUDA graph a token, few slots: most layers miss) with the overlapped gather against
-    TIERED_GATHER_OVERLAP=0: the same greedy tokens (the same kernels and sums; the kernel test above checks the
-    bits)."""
+    """The device step (one CUDA graph a token, few slots: most layers miss) with the overlapped gather (down
+    beside gate_up, or gate_up only) against TIERED_GATHER_OVERLAP=0: the same greedy tokens (the resident pairs
+    are summed first in every mode, so the sums are the same; the kernel tests above check the bits)."""
     from tiered.engine import load
 
     runs = {}
-    for knob in ("0", "1"):
+    for knob in ("0", "gate_up", "1"):
         monkeypatch.setenv(st.GATHER_OVERLAP_ENV, knob)
         eng = load(reference_layout, device="cuda",
                    budget={"expert_slots": 16, "ram_gb": 0.05, "slot_table": "device", "cpu_experts": "off"})
         g = eng.generate([5, 9, 13, 2, 7], max_new_tokens=24)
         s = eng.stats
-        assert s["decode_graphs"] == "device" and s["device_step"]["gather_overlap"] == (knob == "1")
+        d = s["device_step"]
+        assert s["decode_graphs"] == "device" and d["gather_overlap"] == (knob != "0")
+        assert d["down_overlap"] == (knob == "1")
         assert s["decode"]["misses"] > 0
         runs[knob] = g.token_ids
-    assert runs["0"] == runs["1"]
+    assert runs["0"] == runs["1"] == runs["gate_up"]

@@ -51,7 +51,7 @@ from tiered.decode.sampling import argmax_into
 from tiered.kernels import cpu_handoff
 from tiered.kernels.moe_decode import Landing
 from tiered.kernels.slot_table import (demand_gather_ctas, demand_gather_options, fill_gather_options, fill_windows,
-                                       gather_overlap_enabled, row_chunks, split_granule, topk_resolve_enabled)
+                                       gather_overlap_mode, row_chunks, split_granule, topk_resolve_enabled)
 from tiered.layout.quant import QuantWeight
 from tiered.model.transformer import Transformer
 from tiered.store.copyfill import CopyFill
@@ -306,14 +306,19 @@ class DeviceStep:
         # The overlapped gather: a layer's resident experts compute while its misses copy. The experts' gate_up
         # follows the gather in the stream under PDL without waiting for it: each copied chunk raises its row's
         # count in `landed`, and only the misses' gate_up programs wait for their own rows (kernels/moe_decode
-        # .Landing); the down projection, which needs every expert, waits for gate_up as before. gate_up launches
-        # once every gather program is resident, so the copies always progress. Without PDL the kernels keep the
-        # stream order (no overlap, the same results). Float experts through the decode kernels only (the quantized
-        # kernels take no wait), and not with a row split of a miss (its copies are not counted).
-        self.overlap = (cuda and gather_overlap_enabled() and table.cpu_split is None and bool(model.kernels)
+        # .Landing). The down projection does not wait for gate_up as a whole either: it sums the resident pairs
+        # first, each as soon as its gate_up programs are done (`done`), then the copied ones. gate_up launches
+        # once every gather program is resident and down once every gate_up program is, so the copies always
+        # progress. Without PDL the kernels keep the stream order (no overlap, the same results). The resident
+        # pairs are summed first with the overlap off too (`ordered`), so both give the same bits. Float experts
+        # through the decode kernels only (the quantized kernels take no wait), and not with a row split of a miss
+        # (its copies are not counted).
+        self.ordered = (cuda and table.cpu_split is None and bool(model.kernels)
                         and not isinstance(model.provider.weights.gate, QuantWeight))
-        if self.overlap:
-            self.landed = torch.zeros(self.L, self.K, dtype=torch.int32, device=dev)
+        self.overlap = self.ordered and gather_overlap_mode() != "0"
+        self.down_per_pair = self.overlap and gather_overlap_mode() == "1"
+        if self.ordered:  # [L, 2, K]: per layer the pairs' landed chunks, then their finished gate_up programs
+            self.landed = torch.zeros(self.L, 2, self.K, dtype=torch.int32, device=dev)
             self.land_chunks = row_chunks(table.block_size, **{k: v for k, v in self.demand_gather.items()
                                                                if k in ("block", "chunks")})
         self.topk_resolve = topk_resolve_enabled() if topk_resolve is None else bool(topk_resolve)
@@ -402,12 +407,13 @@ class DeviceStep:
                 if self.prefetch:  # (layer l-1's prefetch, which read this row, was joined before resolve)
                     self.prev_ids[l].copy_(r.ids[0])
                 self.table.gather(self.src[l], self.slots[l], layer=l, ctas=self.demand_ctas,
-                                  landed=self.landed[l] if self.overlap else None, **self.demand_gather)
+                                  landed=self.landed[l, 0] if self.overlap else None, **self.demand_gather)
                 if pf:
                     joined = self._prefetch_next(l)
             part = self._cpu_add if self.cpu is not None and m.layers[l].moe is not None and not only else None
-            wait = (Landing(self.landed[l], self.src[l], self.land_chunks)
-                    if self.overlap and m.layers[l].moe is not None and not only else None)
+            wait = (Landing(self.landed[l, 0], self.src[l], self.land_chunks, self.landed[l, 1], self.overlap,
+                            self.down_per_pair)
+                    if self.ordered and m.layers[l].moe is not None and not only else None)
             if l + 1 < self.L:
                 r = m.segment_mid(l + 1, r, self.slots[l], plan, part, defer_topk=defer,
                                   lookup=self._lookup_args(l + 1, planned) if look else None, wait=wait)
@@ -754,6 +760,7 @@ class DeviceStep:
                 "fill_active": self.fill_active,
                 "complete": self.complete, "complete_steps": self.complete_steps,
                 "planned_steps": self.planned_steps, "gather_overlap": self.overlap,
+                "down_overlap": self.down_per_pair,
                 "cpu": None if self.cpu is None else {**self.cpu.stats(), "take": self.cpu_take,
                                                       "split": self.cpu_split, "admit": self.cpu_admit}}
 

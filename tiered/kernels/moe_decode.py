@@ -40,15 +40,25 @@ from tiered.kernels.pdl import gdc_enter, launch_args
 
 @dataclass(frozen=True)
 class Landing:
-    """One token's misses still in flight when its experts launch (kernels/slot_table.gather(landed=...), the
-    kernel right before them in the stream: under PDL, gate_up starts once every gather program is resident, so
-    a waiting program never keeps a copy from running): count int32 [K], each pair's landed chunks; src int64 [K],
-    its RAM row (>= 0: copied, so its gate_up programs wait until count reaches `chunks`, then acquire; -1:
-    resident, computed at once). What gate_up reads besides must come from kernels before the gather (it does not
-    wait for the gather). The down kernel waits for gate_up as always: every copied row has landed by then."""
+    """One token's misses, copied by the gather right before the experts (kernels/slot_table.gather), for the
+    device step's overlapped gather. src int64 [K]: each pair's RAM row (>= 0: a miss the gather copies; -1:
+    resident). count int32 [K]: each pair's landed chunks (the gather's `landed`); done int32 [K], zero before the
+    experts: each pair's finished gate_up programs (gate_up raises it, down reads it).
+
+    copying (the overlap): under PDL, gate_up starts once every gather program is resident and down once every
+    gate_up program is, so a waiting program never keeps a copy, or the gate_up it waits for, from running.
+    gate_up does not wait for the gather: a missed pair's programs wait until count reaches `chunks`, then acquire
+    and read the slot; the resident pairs compute at once. down does not wait for gate_up either: it sums the
+    resident pairs first, each once its gate_up programs are done, then the missed pairs as they finish. What
+    either reads besides must come from kernels before the gather. Not copying: both kernels wait as usual.
+    Either way down sums the resident pairs first, then the missed ones (each group in k order), so the sums, and
+    the bits, do not depend on `copying` (and equal a plain call with the pairs in that order)."""
     count: Tensor
     src: Tensor
     chunks: int
+    done: Tensor | None = None
+    copying: bool = True
+    down_waits_per_pair: bool = True  # False (copying): down waits for gate_up as a whole (session 55's form)
 
 
 @dataclass(frozen=True)
@@ -129,18 +139,27 @@ def _acquire_fence(v):
 
 
 @triton.jit
+def _pause(v, NS: tl.constexpr):
+    """nanosleep.u32 NS in each thread (a spinning program's back-off: fewer loads on the L2 beside the copies and
+    the experts it waits for); v passes through (the asm's operand)."""
+    return tl.inline_asm_elementwise(f"nanosleep.u32 {NS}; mov.b32 $0, $1;", "=r,r", [v], dtype=tl.int32,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit
 def _gate_up_kernel(x_ptr, slot_ptr, gate_ptr, up_ptr, h_ptr, slot_base, stride_xt, stride_gs, stride_gf,
                     stride_us, stride_uf, gb_ptr, ub_ptr, stride_bs, alpha, limit, D: tl.constexpr, F: tl.constexpr,
                     K: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, WFMT: tl.constexpr,
                     ACT: tl.constexpr, HAS_BIAS: tl.constexpr = False, GDC: tl.constexpr = False,
-                    land_ptr=None, src_ptr=None, n_land=0, WAIT: tl.constexpr = False,
+                    land_ptr=None, src_ptr=None, n_land=0, done_ptr=None, WAIT: tl.constexpr = False,
                     FENCE: tl.constexpr = False):
     """Grid (cdiv(F, BLOCK_F), T*K): h[t*K + k, f-block] of token t's k-th expert (row slot_base + slot), fp32;
     HAS_BIAS: the gate and up biases [S, F] (row stride stride_bs) added before the activation. WAIT (T = 1,
     `Landing`): a pair whose src_ptr row is >= 0 waits until land_ptr[pair] reaches n_land (its copy by the
     gather launched before this kernel has landed), then acquires it and its program reads the slot. With WAIT the
     kernel does not wait for the previous one (the gather, under PDL): it reads what kernels before the gather
-    wrote, and the gather's rows through the counts; it lets its dependents launch at once."""
+    wrote, and the gather's rows through the counts; it lets its dependents launch at once, and each program
+    raises done_ptr[pair] (release) once its rows of h are stored."""
     if WAIT:
         if GDC:
             tl.extra.cuda.gdc_launch_dependents()
@@ -162,6 +181,24 @@ def _gate_up_kernel(x_ptr, slot_ptr, gate_ptr, up_ptr, h_ptr, slot_base, stride_
                       stride_us, stride_uf, D, BLOCK_F, BLOCK_D, WFMT, ACT, gb_ptr, ub_ptr, stride_bs, alpha, limit,
                       HAS_BIAS)
     tl.store(h_ptr + pair * F + offs_f, h, mask=mask_f)
+    if WAIT:  # this program's rows of h are written: one release of done[pair] += 1 (the down kernel waits on it)
+        tl.debug_barrier()
+        tl.atomic_add(done_ptr + pair, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _down_pair(acc, h_ptr, slot_ptr, wt_ptr, down_ptr, pair, slot_base, stride_ds, stride_dd, offs_d, mask_d,
+               F: tl.constexpr, BLOCK_F: tl.constexpr, WFMT: tl.constexpr, WR: tl.constexpr):
+    """acc [BLOCK_D, BLOCK_F] += one pair's w * down[d-block, :] * h[pair, :] (fp32)."""
+    slot = tl.load(slot_ptr + pair).to(tl.int64) + slot_base
+    w = round_weight(tl.load(wt_ptr + pair).to(tl.float32), WR)
+    rows = down_ptr + slot * stride_ds + offs_d[:, None] * stride_dd
+    for f0 in tl.static_range(0, F, BLOCK_F):
+        offs_f = f0 + tl.arange(0, BLOCK_F)
+        mask_f = offs_f < F
+        hv = tl.load(h_ptr + pair * F + offs_f, mask=mask_f, other=0.0) * w
+        acc += _load_w(rows + offs_f[None, :], mask_d[:, None] & mask_f[None, :], WFMT) * hv[None, :]
+    return acc
 
 
 @triton.jit
@@ -169,26 +206,44 @@ def _down_kernel(h_ptr, slot_ptr, wt_ptr, down_ptr, y_ptr, slot_base, stride_ds,
                  stride_bs, D: tl.constexpr, F: tl.constexpr, K: tl.constexpr, K_PER: tl.constexpr,
                  SPLIT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, WFMT: tl.constexpr,
                  WR: tl.constexpr = 0, HAS_BIAS: tl.constexpr = False, KP: tl.constexpr = 1,
-                 GDC: tl.constexpr = False):
+                 GDC: tl.constexpr = False, src_ptr=None, done_ptr=None, n_done=0, ORDER: tl.constexpr = False,
+                 WAIT: tl.constexpr = False, FENCE: tl.constexpr = False):
     """Grid (cdiv(D, BLOCK_D), T*SPLIT): y[t, d-block] = sum over K_PER experts of w * (h @ down.T (+ down bias,
-    HAS_BIAS: [S, D], split 1 only)); w rounded as fused_norm.weight_rounding says (WR)."""
-    gdc_enter(GDC)
+    HAS_BIAS: [S, D], split 1 only)); w rounded as fused_norm.weight_rounding says (WR).
+    ORDER (`Landing`): the pairs whose src_ptr row is -1 (resident) first, then the others, each group in k order.
+    WAIT (with ORDER, T = 1): no wait for gate_up (under PDL); each pair is summed once done_ptr[pair] reaches
+    n_done (its gate_up programs), acquired; dependents may launch at once."""
+    if WAIT:
+        if GDC:
+            tl.extra.cuda.gdc_launch_dependents()
+    else:
+        gdc_enter(GDC)
     pid_d = tl.program_id(0)
     pid = tl.program_id(1)  # t * SPLIT + part
     t = pid // SPLIT
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     acc = tl.zeros([BLOCK_D, BLOCK_F], tl.float32)
-    for kk in tl.static_range(K_PER):
-        pair = t * K + (pid % SPLIT) * K_PER + kk
-        slot = tl.load(slot_ptr + pair).to(tl.int64) + slot_base
-        w = round_weight(tl.load(wt_ptr + pair).to(tl.float32), WR)
-        rows = down_ptr + slot * stride_ds + offs_d[:, None] * stride_dd
-        for f0 in tl.static_range(0, F, BLOCK_F):
-            offs_f = f0 + tl.arange(0, BLOCK_F)
-            mask_f = offs_f < F
-            hv = tl.load(h_ptr + pair * F + offs_f, mask=mask_f, other=0.0) * w
-            acc += _load_w(rows + offs_f[None, :], mask_d[:, None] & mask_f[None, :], WFMT) * hv[None, :]
+    if ORDER:
+        for phase in tl.static_range(2):  # 0: the resident pairs, 1: the copied ones
+            for kk in tl.static_range(K_PER):
+                pair = t * K + (pid % SPLIT) * K_PER + kk
+                if (tl.load(src_ptr + pair) >= 0) == (phase == 1):
+                    if WAIT:
+                        n = tl.load(done_ptr + pair, volatile=True)
+                        while n < n_done:
+                            if FENCE:  # (CUDA: the interpreter has no nanosleep)
+                                n = _pause(n, 128)
+                            n = tl.load(done_ptr + pair, volatile=True)
+                        if FENCE:
+                            n = _acquire_fence(n)
+                    acc = _down_pair(acc, h_ptr, slot_ptr, wt_ptr, down_ptr, pair, slot_base, stride_ds, stride_dd,
+                                     offs_d, mask_d, F, BLOCK_F, WFMT, WR)
+    else:
+        for kk in tl.static_range(K_PER):
+            pair = t * K + (pid % SPLIT) * K_PER + kk
+            acc = _down_pair(acc, h_ptr, slot_ptr, wt_ptr, down_ptr, pair, slot_base, stride_ds, stride_dd, offs_d,
+                             mask_d, F, BLOCK_F, WFMT, WR)
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += _bias_sum(db_ptr, slot_ptr, wt_ptr, t, offs_d, mask_d, slot_base, stride_bs, K, KP, WR)
@@ -233,6 +288,21 @@ def _prep(x: Tensor, slots: Tensor, ops: ExpertOperands, act=None) -> tuple[Expe
     return ops, x.contiguous(), slots.reshape(-1).contiguous(), slots.numel() // T
 
 
+def _check_landing(wait: Landing, T: int, K: int) -> None:
+    bad = (T != 1 or wait.count.shape != (K,) or wait.src.shape != (K,) or wait.count.dtype != torch.int32
+           or (wait.copying and (wait.done is None or wait.done.shape != (K,) or wait.done.dtype != torch.int32)))
+    if bad:
+        done = None if wait.done is None else f"{wait.done.dtype} {tuple(wait.done.shape)}"
+        raise ValueError(f"moe_decode(wait=...) serves one token's K = {K} pairs: count and done int32 [{K}] and src "
+                         f"[{K}]; got T = {T}, count {wait.count.dtype} {tuple(wait.count.shape)}, src "
+                         f"{tuple(wait.src.shape)}, done {done}")
+
+
+def gate_up_programs(ffn: int, config: DecodeConfig) -> int:
+    """The gate_up kernel's programs a pair (what Landing.done counts to)."""
+    return triton.cdiv(ffn, config.block_f)
+
+
 def decode_gate_up(x: Tensor, slots: Tensor, ops: ExpertOperands, config: DecodeConfig | None = None, *,
                    slot_base: int = 0, act=None, wait: Landing | None = None) -> Tensor:
     """The first kernel of the "split" variant: x [T, D], slots [T, K] (rows slot_base + slots) -> h [T*K, F]
@@ -245,14 +315,13 @@ def decode_gate_up(x: Tensor, slots: Tensor, ops: ExpertOperands, config: Decode
     g, u = ops.gate, ops.up
     h = torch.empty(T * K, Fe, dtype=torch.float32, device=x.device)  # [T*K, F]
     gb, ub, sb = ops.bias_args(("gate_bias", "up_bias"))
-    if wait is not None and (T != 1 or wait.count.shape != (K,) or wait.src.shape != (K,)
-                             or wait.count.dtype != torch.int32):
-        raise ValueError(f"decode_gate_up(wait=...) serves one token's K = {K} pairs: count int32 [{K}] and src "
-                         f"[{K}]; got T = {T}, {wait.count.dtype} {tuple(wait.count.shape)}, {tuple(wait.src.shape)}")
-    land = ({"land_ptr": wait.count, "src_ptr": wait.src, "n_land": int(wait.chunks), "WAIT": True,
-             "FENCE": x.device.type == "cuda"}  # (the interpreter runs kernels one after another: no fence there)
-            if wait is not None else {"land_ptr": slots, "src_ptr": slots, "n_land": 0, "WAIT": False})
-    _gate_up_kernel[(triton.cdiv(Fe, cfg.block_f), T * K)](
+    if wait is not None:
+        _check_landing(wait, T, K)
+    land = ({"land_ptr": wait.count, "src_ptr": wait.src, "n_land": int(wait.chunks), "done_ptr": wait.done,
+             "WAIT": True, "FENCE": x.device.type == "cuda"}  # (the interpreter runs kernels in turn: no fence)
+            if wait is not None and wait.copying
+            else {"land_ptr": slots, "src_ptr": slots, "n_land": 0, "done_ptr": slots, "WAIT": False})
+    _gate_up_kernel[(gate_up_programs(Fe, cfg), T * K)](
         x, slots, g, u, h, int(slot_base), x.stride(0), g.stride(0), g.stride(1), u.stride(0), u.stride(1), gb, ub,
         sb, ops.alpha, ops.limit, D=D, F=Fe, K=K, BLOCK_F=cfg.block_f,
         BLOCK_D=min(cfg.block_d, triton.next_power_of_2(D)), WFMT=int(ops.fmt), ACT=int(ops.act),
@@ -262,11 +331,12 @@ def decode_gate_up(x: Tensor, slots: Tensor, ops: ExpertOperands, config: Decode
 
 def decode_down(h: Tensor, slots: Tensor, weights: Tensor, ops: ExpertOperands, dtype: torch.dtype,
                 config: DecodeConfig | None = None, *, slot_base: int = 0,
-                round_to: torch.dtype | None = None) -> Tensor:
+                round_to: torch.dtype | None = None, wait: Landing | None = None) -> Tensor:
     """The second kernel of the "split" variant: h [T*K, F] fp32, slots and weights [T, K] -> [T, D] dtype
     (rows slot_base + slots; weights rounded to `round_to` in the kernel, None: as given); the experts' down
     biases, where they have them, are added to each expert's output before its weight (one program sums a row's
-    K experts then: no split)."""
+    K experts then: no split). wait (T = 1, `Landing`): the resident pairs summed first; with `copying`, each
+    pair once its gate_up programs are done, without waiting for gate_up as a whole."""
     ops = ExpertOperands.of(ops)
     D, Fe = ops.hidden, ops.ffn
     cfg = config or DecodeConfig.for_shape(D, Fe)
@@ -279,11 +349,19 @@ def decode_down(h: Tensor, slots: Tensor, weights: Tensor, ops: ExpertOperands, 
     y = (torch.empty(T, D, dtype=dtype, device=h.device) if split == 1
          else torch.zeros(T, D, dtype=torch.float32, device=h.device))
     db, sb = ops.bias_args(("down_bias",))
+    if wait is not None:
+        _check_landing(wait, T, K)
+        per_pair = wait.copying and wait.down_waits_per_pair
+        order = {"src_ptr": wait.src, "ORDER": True, "WAIT": per_pair, "FENCE": per_pair and h.device.type == "cuda",
+                 "done_ptr": wait.done if per_pair else slots, "n_done": gate_up_programs(Fe, cfg)}
+    else:
+        order = {}
     _down_kernel[(triton.cdiv(D, cfg.down_block_d), T * split)](
         h, slots, weights, d, y, int(slot_base), d.stride(0), d.stride(1), y.stride(0), db, sb, D=D, F=Fe, K=K,
         K_PER=K // split, SPLIT=split, BLOCK_D=cfg.down_block_d,
         BLOCK_F=min(cfg.down_block_f, triton.next_power_of_2(Fe)), WFMT=int(ops.fmt), WR=weight_rounding(round_to),
-        HAS_BIAS=ops.has_bias, KP=triton.next_power_of_2(K), num_warps=cfg.down_warps, **launch_args(h.device))
+        HAS_BIAS=ops.has_bias, KP=triton.next_power_of_2(K), num_warps=cfg.down_warps, **launch_args(h.device),
+        **order)
     return y if split == 1 else y.to(dtype)
 
 
@@ -304,7 +382,7 @@ def moe_decode(x: Tensor, slots: Tensor, weights: Tensor, ops: ExpertOperands,
         act: None (SwiGLU) or gpt-oss's ClampedSwiGLU (model/moe.py); the experts' biases (ops' gate_bias,
             up_bias, down_bias) are applied whenever the operands carry them.
         wait: T = 1, the "split" variant: the misses the gather launched right before is still copying
-            (`Landing`); the resident experts compute meanwhile.
+            (`Landing`); the resident experts compute meanwhile, and are summed first.
     Returns:
         [T, D] in x's dtype: sum over k of weights[t, k] * expert(slots[t, k])(x[t]).
     """
@@ -318,7 +396,8 @@ def moe_decode(x: Tensor, slots: Tensor, weights: Tensor, ops: ExpertOperands,
         raise NotImplementedError("moe_decode(wait=...): only the 'split' variant waits for landing rows")
     if cfg.variant == "split":
         h = decode_gate_up(x, flat, ops, cfg, slot_base=slot_base, wait=wait)
-        return decode_down(h, flat.view(T, K), weights, ops, x.dtype, cfg, slot_base=slot_base, round_to=round_to)
+        return decode_down(h, flat.view(T, K), weights, ops, x.dtype, cfg, slot_base=slot_base, round_to=round_to,
+                           wait=wait)
     Fe = ops.ffn
     g, u, d = ops.gate, ops.up, ops.down
     weights = weights.reshape(-1).contiguous()

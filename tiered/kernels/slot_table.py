@@ -811,14 +811,20 @@ def demand_gather_options() -> dict:
 GATHER_OVERLAP_ENV = "TIERED_GATHER_OVERLAP"  # the device step's demand gather beside the resident experts
 
 
+def gather_overlap_mode() -> str:
+    """TIERED_GATHER_OVERLAP (a benchmark's knob): "0" makes the device step's experts wait for the whole demand
+    gather (the measured comparison), "gate_up" lets only their gate_up start beside it (session 55's form: down
+    waits for gate_up as a whole); unset or "1": gate_up beside the gather and down beside gate_up, each pair's
+    programs waiting for their own rows only (moe_decode.Landing)."""
+    v = os.environ.get(GATHER_OVERLAP_ENV, "").strip() or "1"
+    if v not in ("0", "1", "gate_up"):
+        raise ValueError(f"{GATHER_OVERLAP_ENV}={v!r}: expected 0 (off), gate_up or 1 (on, the default)")
+    return v
+
+
 def gather_overlap_enabled() -> bool:
-    """TIERED_GATHER_OVERLAP: "0" makes the device step's experts wait for the whole demand gather (the measured
-    comparison); unset or "1": their gate_up follows it under PDL without waiting, the resident experts computing
-    beside the copies (moe_decode.Landing)."""
-    v = os.environ.get(GATHER_OVERLAP_ENV, "").strip()
-    if v not in ("", "0", "1"):
-        raise ValueError(f"{GATHER_OVERLAP_ENV}={v!r}: expected 0 (off) or 1 (on, the default)")
-    return v != "0"
+    """Whether the device step's experts start beside the demand gather (gather_overlap_mode not "0")."""
+    return gather_overlap_mode() != "0"
 
 
 DEMAND_CTAS_ENV = "TIERED_GATHER_CTAS"  # benchmarks: the demand gather's programs

@@ -129,10 +129,12 @@ class TierConfig:
                                      "decode's first steps (the default with --h2d-gbps or --cpu-split admit); N: "
                                      "that many a step; 0 = off",
                                   ("auto-or-min", 0, ("auto", "copy")))
-    device_evict: str = _opt("policy", "With the device slot table: evict by --policy (lru/flru), or by nextuse (each "
-                                       "expert's predicted next use from router-history transitions and its use "
-                                       "history; the prefetch then loads only likely experts over later-needed ones)",
-                             ("policy", "nextuse"))
+    device_evict: str = _opt("auto", "With the device slot table: evict by --policy (lru/flru), or by nextuse (each "
+                                     "expert's predicted next use from router-history transitions and its use "
+                                     "history; the prefetch then loads only likely experts over later-needed ones); "
+                                     "auto: nextuse where the layout has router history (`tiered tune --fit-trace`) "
+                                     "or the predictor given carries it, else policy",
+                             ("auto", "policy", "nextuse"))
     h2d_gbps: float = _opt(0.0, "Benchmark option: pace host->GPU expert copies to this many GB/s (10^9 B/s), "
                                 "emulating a slower PCIe link (0 = unpaced)")
     # default auto: on an H100 (session 53, the bf16 8-layer 10.6B shape at --vram-gb 4, replayed routing) the table in
@@ -158,8 +160,8 @@ class TierConfig:
         if not (f in ("auto", "copy") or (isinstance(f, int) and not isinstance(f, bool) and f >= 0)):
             raise BudgetError(f"--device-fill must be auto, copy or an integer >= 0 (experts a step; 0 = off), got "
                               f"{self.device_fill!r}")
-        if self.device_evict not in ("policy", "nextuse"):
-            raise BudgetError(f"--device-evict must be policy or nextuse, got {self.device_evict!r}")
+        if self.device_evict not in ("auto", "policy", "nextuse"):
+            raise BudgetError(f"--device-evict must be auto, policy or nextuse, got {self.device_evict!r}")
         if self.io_register not in ("auto", "off"):
             raise BudgetError(f"--io-register must be auto or off, got {self.io_register!r}")
         for name in ("vram_gb", "ram_gb"):

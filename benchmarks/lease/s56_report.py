@@ -1,0 +1,63 @@
+"""Session 56's results file from its calls' unpacked $OUT folders (s56_callA.sh: the next-use update on a stream of
+its own against the step's stream, TIERED_NEXT_USE_STREAM; s56_callB.sh: the down projection beside gate_up against
+session 55's form, TIERED_GATHER_OVERLAP=gate_up, with --device-evict auto's default/tuned row, and the CUDA tests):
+python3 benchmarks/lease/s56_report.py NEXTUSE_DIR DOWN_DIR OUT.json"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+
+def _tests(d: Path) -> dict:
+    log = (d / "cuda-tests.log").read_text()
+    return {"summary": [ln for ln in log.splitlines() if re.search(r"passed|failed", ln)][-1],
+            "failed": re.findall(r"^FAILED (\S+)", log, re.M)}
+
+
+def _means(d: dict) -> dict:
+    return {lab: {k: v[k] for k in ("decode_tok_s", "vs_serial_belady_bound", "vs_combined_bound", "hit_rate")}
+            for lab, v in d["mean"].items()}
+
+
+def _ratio(new: dict, old: dict) -> dict:
+    """new over old: the five documents' mean tok/s and each document's."""
+    mn, mo = _means(new), _means(old)
+    return {"mean": {lab: round(mn[lab]["decode_tok_s"] / mo[lab]["decode_tok_s"], 4) for lab in mn},
+            "per_doc": {d["doc"]: {lab: round(r["decode_tok_s"] / e["runs"][lab]["decode_tok_s"], 4)
+                                   for lab, r in d["runs"].items()} for d, e in zip(new["docs"], old["docs"])}}
+
+
+def main() -> None:
+    a, b, out = (Path(p) for p in sys.argv[1:4])
+    nu0 = json.loads((a / "offload-bf16-nu0.json").read_text())
+    nu1 = json.loads((a / "offload-bf16-nu1.json").read_text())
+    gu = json.loads((b / "offload-bf16-gu.json").read_text())
+    dn = json.loads((b / "offload-bf16-dn.json").read_text())
+    summary = {
+        # call A: TIERED_NEXT_USE_STREAM=0 (the update between resolve and the gather, nt by its own add kernel)
+        # against the default (its own stream, nt written by the update kernel); the lru runs are the control
+        "next_use_stream_over_inline": _ratio(nu1, nu0),
+        "five_docs_mean_next_use_stream": _means(nu1),
+        "five_docs_mean_next_use_inline": _means(nu0),
+        # call B: TIERED_GATHER_OVERLAP=gate_up (session 55's form) against 1 (down beside gate_up, the default)
+        "down_overlap_over_gate_up_only": _ratio(dn, gu),
+        "five_docs_mean_down_overlap": _means(dn),
+        "five_docs_mean_gate_up_only": _means(gu),
+        "cuda_tests": {"s56_callA (device step; next-use stream)": _tests(a),
+                       "s56_callB (every path the down overlap and --device-evict auto touch)": _tests(b)},
+        "tokens_identical_all_runs": {k: v.get("tokens_identical_all_runs")
+                                      for k, v in (("nu0", nu0), ("nu1", nu1), ("gu", gu), ("dn", dn))},
+    }
+    res = {"bench": "offload-nextuse", "date": "2026-12-07", "device": nu1["device"], "session": 56,
+           "leases": {"s56_callA": nu1["device"], "s56_callB": dn["device"] + " (another box)"},
+           "commits": {"s56_callA": nu1["commit"], "s56_callB": dn["commit"]},
+           "shape": nu1["shape"], "summary": summary,
+           "raw": {"nu0": nu0, "nu1": nu1, "gate_up_only": gu, "down_overlap": dn}}
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    print(json.dumps(summary, indent=1)[:6000])
+
+
+if __name__ == "__main__":
+    main()
