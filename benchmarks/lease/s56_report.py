@@ -1,6 +1,7 @@
 """Session 56's results file from its calls' unpacked $OUT folders (s56_callA.sh: the next-use update on a stream of
-its own against the step's stream, TIERED_NEXT_USE_STREAM; s56_callB.sh: the down projection beside gate_up against
-session 55's form, TIERED_GATHER_OVERLAP=gate_up, with --device-evict auto's default/tuned row, and the CUDA tests):
+its own against the step's stream, TIERED_NEXT_USE_STREAM; s56_callB.sh: session 55's form, then the down
+projection beside gate_up, then the CPU posts on their own stream too, with --device-evict auto's default/tuned row,
+and the CUDA tests):
 python3 benchmarks/lease/s56_report.py NEXTUSE_DIR DOWN_DIR OUT.json"""
 from __future__ import annotations
 
@@ -35,26 +36,32 @@ def main() -> None:
     nu1 = json.loads((a / "offload-bf16-nu1.json").read_text())
     gu = json.loads((b / "offload-bf16-gu.json").read_text())
     dn = json.loads((b / "offload-bf16-dn.json").read_text())
+    al = json.loads((b / "offload-bf16-all.json").read_text())
     summary = {
         # call A: TIERED_NEXT_USE_STREAM=0 (the update between resolve and the gather, nt by its own add kernel)
         # against the default (its own stream, nt written by the update kernel); the lru runs are the control
         "next_use_stream_over_inline": _ratio(nu1, nu0),
         "five_docs_mean_next_use_stream": _means(nu1),
         "five_docs_mean_next_use_inline": _means(nu0),
-        # call B: TIERED_GATHER_OVERLAP=gate_up (session 55's form) against 1 (down beside gate_up, the default)
+        # call B, three fresh-process variants in turn: gu = session 55's form (TIERED_GATHER_OVERLAP=gate_up,
+        # TIERED_CPU_POST_STREAM=0), dn = down beside gate_up (posts still inline), all = every default (the posts
+        # on their own stream too)
         "down_overlap_over_gate_up_only": _ratio(dn, gu),
-        "five_docs_mean_down_overlap": _means(dn),
+        "post_stream_over_inline": _ratio(al, dn),
+        "defaults_over_session_55_form": _ratio(al, gu),
+        "five_docs_mean_defaults": _means(al),
+        "five_docs_mean_down_overlap_post_inline": _means(dn),
         "five_docs_mean_gate_up_only": _means(gu),
         "cuda_tests": {"s56_callA (device step; next-use stream)": _tests(a),
                        "s56_callB (every path the down overlap and --device-evict auto touch)": _tests(b)},
         "tokens_identical_all_runs": {k: v.get("tokens_identical_all_runs")
-                                      for k, v in (("nu0", nu0), ("nu1", nu1), ("gu", gu), ("dn", dn))},
+                                      for k, v in (("nu0", nu0), ("nu1", nu1), ("gu", gu), ("dn", dn), ("all", al))},
     }
     res = {"bench": "offload-nextuse", "date": "2026-12-07", "device": nu1["device"], "session": 56,
-           "leases": {"s56_callA": nu1["device"], "s56_callB": dn["device"] + " (another box)"},
-           "commits": {"s56_callA": nu1["commit"], "s56_callB": dn["commit"]},
+           "leases": {"s56_callA": nu1["device"], "s56_callB": al["device"] + " (another box)"},
+           "commits": {"s56_callA": nu1["commit"], "s56_callB": al["commit"]},
            "shape": nu1["shape"], "summary": summary,
-           "raw": {"nu0": nu0, "nu1": nu1, "gate_up_only": gu, "down_overlap": dn}}
+           "raw": {"nu0": nu0, "nu1": nu1, "gate_up_only": gu, "down_overlap_post_inline": dn, "defaults": al}}
     out.write_text(json.dumps(res, indent=1) + "\n")
     print(json.dumps(summary, indent=1)[:6000])
 
