@@ -497,16 +497,14 @@ def test_handoff_kernels_compile_for_sm90():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("evict,rows,post", [("policy", False, "1"), ("nextuse", False, "1"), ("policy", True, "1"),
-                                             ("policy", "admit", "1"), ("policy", False, "0")])
-def test_cuda_device_step_cpu_experts_match_host(reference_layout, monkeypatch, evict, rows, post):
+@pytest.mark.parametrize("evict,rows", [("policy", False), ("nextuse", False), ("policy", True),
+                                        ("policy", "admit")])
+def test_cuda_device_step_cpu_experts_match_host(reference_layout, evict, rows):
     """The captured device step whose kernels post misses to the worker over PCIe and wait for its answer (a forced
     split, so the tiny model's blocks, which the cost model would all copy, go there; rows: and a miss split by
     FFN rows, the gather's split mask and the worker's partial job): in fp32 (the CPU sums in
     another order; bf16 is held to tolerances in test_cpu_experts.py) greedy tokens identical to the host step
-    without CPU experts, the worker served every CPU miss, no wait gave up. post: the posts on a stream of their
-    own (1, the default) or in the step's (TIERED_CPU_POST_STREAM=0)."""
-    monkeypatch.setenv("TIERED_CPU_POST_STREAM", post)
+    without CPU experts, the worker served every CPU miss, no wait gave up."""
     budget = {"expert_slots": 16, "ram_gb": 0.05}
     ref = load(reference_layout, device="cuda", dtype="float32", budget={**budget, "slot_table": "host"})
     want = ref.generate(PROMPT, max_new_tokens=32).token_ids
@@ -533,7 +531,6 @@ def test_cuda_device_step_cpu_experts_match_host(reference_layout, monkeypatch, 
         assert g.token_ids == want
         s = eng.stats
         assert s["decode_graphs"] == "device" and s["cpu_experts"]["count"] > 0
-        assert s["device_step"]["cpu_post_stream"] == (post == "1")
         assert s["slot_table"]["cpu_misses"] == s["cpu_experts"]["count"]
         assert (s["slot_table"]["cpu_split_misses"] > 0) == bool(rows)
         ch.check(eng.devstep.cpu_seq)

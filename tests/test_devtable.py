@@ -1481,17 +1481,3 @@ def test_device_evict_auto_takes_nextuse_where_router_history_exists(reference_l
     # a CPU run (no device table): the default resolves to policy without a word
     eng = load(reference_layout, device="cpu", budget={"expert_slots": 24}, predictor=History(8, 64, params))
     assert eng.devstep is None and "--device-evict" not in capsys.readouterr().err
-
-
-def test_cpu_post_stream_knob(monkeypatch):
-    """TIERED_CPU_POST_STREAM: unset or 1 posts the CPU's jobs on a stream of their own, 0 in the step's; anything
-    else is refused with the accepted values."""
-    from tiered.decode.devstep import cpu_post_stream_enabled
-
-    monkeypatch.delenv("TIERED_CPU_POST_STREAM", raising=False)
-    assert cpu_post_stream_enabled()
-    monkeypatch.setenv("TIERED_CPU_POST_STREAM", "0")
-    assert not cpu_post_stream_enabled()
-    monkeypatch.setenv("TIERED_CPU_POST_STREAM", "yes")
-    with pytest.raises(ValueError, match="expected 0"):
-        cpu_post_stream_enabled()

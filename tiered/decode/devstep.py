@@ -84,19 +84,6 @@ def next_use_stream_enabled() -> bool:
     return v != "0"
 
 
-CPU_POST_STREAM_ENV = "TIERED_CPU_POST_STREAM"
-
-
-def cpu_post_stream_enabled() -> bool:
-    """TIERED_CPU_POST_STREAM (a benchmark's knob): "0" posts a layer's CPU experts to the mailbox in the step's
-    stream, between its resolve and its gather (the measured comparison); unset or "1": on a stream of its own,
-    beside the gather, joined before the layer's wait for the CPU's answer."""
-    v = os.environ.get(CPU_POST_STREAM_ENV, "").strip()
-    if v not in ("", "0", "1"):
-        raise ValueError(f"{CPU_POST_STREAM_ENV}={v!r}: expected 0 (in the step's stream) or 1 (its own, the default)")
-    return v != "0"
-
-
 class DeviceStep:
     """The one-token step of a model whose provider has a DeviceSlotTable (`provider.devtable`).
 
@@ -287,12 +274,6 @@ class DeviceStep:
         self.cpu_admit = False
         self._layer = 0  # the MoE layer whose experts run now (`_cpu_add` copies its split's rest)
         self._split_forked = False  # an admitted split's later copy is on split_stream, not joined yet
-        # The post (one small kernel writing the CPU's jobs and x to the mailbox over PCIe, then a system fence)
-        # needs only the layer's resolve: on CUDA it runs on a stream of its own beside the gather, joined before
-        # the layer's wait for the answer, so it is off the path from resolve through the copies to the experts.
-        self.post_stream = (torch.cuda.Stream(dev) if cpu is not None and dev.type == "cuda"
-                            and cpu_post_stream_enabled() else None)
-        self._post_forked = False  # a layer's post is on post_stream, not joined yet
         if cpu is not None:
             self.cpu_row = torch.full((self.L, self.K), -1, dtype=torch.int64, device=dev)
             self.cpu_seq = torch.zeros(3, dtype=torch.int32, device=dev)
@@ -407,14 +388,8 @@ class DeviceStep:
                                    cpu_row=self.cpu_row[l] if cpu else None, topk=topk)
                 if topk is not None:
                     r = dataclasses.replace(r, topk_pending=False)
-                if cpu and self.post_stream is not None:  # the CPU starts on its share beside the others' copies
-                    self.post_stream.wait_stream(torch.cuda.current_stream(self.device))
-                    for t in (r.x, r.weights):  # (read there while this stream goes on)
-                        t.record_stream(self.post_stream)
-                    with torch.cuda.stream(self.post_stream):
-                        cpu_handoff.post(r.x, r.weights[0], self.cpu_row[l], self.cpu_seq, self.cpu)
-                    self._post_forked = True
-                elif cpu:  # the CPU starts on its share before the copies of the others
+                if cpu:  # the CPU starts on its share before the copies of the others (in this stream: a post on a
+                    # stream of its own measured about 0.95x in session 56, probably queued behind the early experts)
                     cpu_handoff.post(r.x, r.weights[0], self.cpu_row[l], self.cpu_seq, self.cpu)
                 # the predictions' update and the prefetch's copies of the ids before the gather, so that nothing
                 # comes between the gather and the experts (the overlap: gate_up follows the gather under PDL); the
@@ -447,7 +422,6 @@ class DeviceStep:
                 out = m.segment_last(r, self.slots[l], part, wait=wait)
         if nu_forked:  # the last layer's update, beside the last layer and the head
             torch.cuda.current_stream(self.device).wait_stream(self.nu_stream)
-        self._post_join()  # (each layer's wait joined its post already; a capture must end joined)
         if self.cpu_admit:  # the later copies have landed: their reserved slots enter the table
             self._split_join()
             self.table.split_install()
@@ -477,15 +451,8 @@ class DeviceStep:
                 self._split_forked = True
             with torch.cuda.stream(self.split_stream) if cuda else contextlib.nullcontext():
                 self.table.split_rest(self._layer, ctas=self.split_ctas)
-        self._post_join()
         cpu_handoff.wait(self.cpu_seq, self.cpu, out)
         return out
-
-    def _post_join(self) -> None:
-        """The step's stream waits for the layer's post on post_stream, when one was forked since the last join."""
-        if self._post_forked:
-            torch.cuda.current_stream(self.device).wait_stream(self.post_stream)
-            self._post_forked = False
 
     def _split_join(self) -> None:
         """The step's stream waits for the admitted splits' later copies, when any was issued since the last join
@@ -786,8 +753,7 @@ class DeviceStep:
         return {"spans": sorted(self.graphs), "steps": self.steps, "launch_s": self.launch_s,
                 "host_s_per_layer": self.host_s_per_layer, "capture_s": self.capture_s,
                 "graph_mem_bytes": self.graph_mem_bytes, "evict": "nextuse" if self.nu is not None else "policy",
-                "next_use_stream": self.nu_stream is not None,
-                "cpu_post_stream": self.post_stream is not None, "prefetch": self.prefetch,
+                "next_use_stream": self.nu_stream is not None, "prefetch": self.prefetch,
                 "fill": "copy" if self.copy is not None else "auto" if self.pace is not None else self.fill,
                 "fill_auto": self.pace.stats() if self.pace is not None else None,
                 "fill_picked": int(self.fill_picked[0]) if self.fill else 0,

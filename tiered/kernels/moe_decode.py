@@ -211,8 +211,9 @@ def _down_kernel(h_ptr, slot_ptr, wt_ptr, down_ptr, y_ptr, slot_base, stride_ds,
     """Grid (cdiv(D, BLOCK_D), T*SPLIT): y[t, d-block] = sum over K_PER experts of w * (h @ down.T (+ down bias,
     HAS_BIAS: [S, D], split 1 only)); w rounded as fused_norm.weight_rounding says (WR).
     ORDER (`Landing`): the pairs whose src_ptr row is -1 (resident) first, then the others, each group in k order.
-    WAIT (with ORDER, T = 1): no wait for gate_up (under PDL); each pair is summed once done_ptr[pair] reaches
-    n_done (its gate_up programs), acquired; dependents may launch at once."""
+    WAIT (with ORDER, T = 1): no wait for gate_up (under PDL); each group is summed once done_ptr reaches n_done
+    (its gate_up programs) for every pair of the group, acquired once (an acquire a pair would drain the loads of
+    the pair before it at each fence); dependents may launch at once."""
     if WAIT:
         if GDC:
             tl.extra.cuda.gdc_launch_dependents()
@@ -225,18 +226,22 @@ def _down_kernel(h_ptr, slot_ptr, wt_ptr, down_ptr, y_ptr, slot_base, stride_ds,
     mask_d = offs_d < D
     acc = tl.zeros([BLOCK_D, BLOCK_F], tl.float32)
     if ORDER:
+        first = t * K + (pid % SPLIT) * K_PER
+        ok = tl.arange(0, KP)
         for phase in tl.static_range(2):  # 0: the resident pairs, 1: the copied ones
+            if WAIT:  # every pair of the phase done (one acquire a phase: the pairs' loads stay pipelined)
+                src = tl.load(src_ptr + first + ok, mask=ok < K_PER, other=-1)
+                mine = (ok < K_PER) & ((src >= 0) == (phase == 1))
+                n = tl.min(tl.load(done_ptr + first + ok, mask=mine, other=n_done, volatile=True), axis=0)
+                while n < n_done:
+                    if FENCE:  # (CUDA: the interpreter has no nanosleep)
+                        n = _pause(n, 128)
+                    n = tl.min(tl.load(done_ptr + first + ok, mask=mine, other=n_done, volatile=True), axis=0)
+                if FENCE:
+                    n = _acquire_fence(n)
             for kk in tl.static_range(K_PER):
-                pair = t * K + (pid % SPLIT) * K_PER + kk
+                pair = first + kk
                 if (tl.load(src_ptr + pair) >= 0) == (phase == 1):
-                    if WAIT:
-                        n = tl.load(done_ptr + pair, volatile=True)
-                        while n < n_done:
-                            if FENCE:  # (CUDA: the interpreter has no nanosleep)
-                                n = _pause(n, 128)
-                            n = tl.load(done_ptr + pair, volatile=True)
-                        if FENCE:
-                            n = _acquire_fence(n)
                     acc = _down_pair(acc, h_ptr, slot_ptr, wt_ptr, down_ptr, pair, slot_base, stride_ds, stride_dd,
                                      offs_d, mask_d, F, BLOCK_F, WFMT, WR)
     else:
