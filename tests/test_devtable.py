@@ -1133,14 +1133,14 @@ sig10 = {"x_ptr": "*bf16", "slot_ptr": "*i64", "gate_ptr": "*bf16", "up_ptr": "*
          "limit": "fp32", "D": "constexpr", "F": "constexpr", "K": "constexpr", "BLOCK_F": "constexpr",
          "BLOCK_D": "constexpr", "WFMT": "constexpr", "ACT": "constexpr", "HAS_BIAS": "constexpr", "GDC": "constexpr",
          "land_ptr": "*i32", "src_ptr": "*i64", "n_land": "i32", "done_ptr": "*i32", "WAIT": "constexpr",
-         "FENCE": "constexpr"}
-for wait in (False, True):  # the experts' gate_up waiting for the overlapped gather's rows (moe_decode.Landing)
+         "FENCE": "constexpr", "DONE": "constexpr"}
+for wait, done in ((False, False), (True, False), (True, True)):  # gate_up waiting for the gather's rows
     cx10 = {"D": 2048, "F": 768, "K": 8, "BLOCK_F": 4, "BLOCK_D": 512, "WFMT": 0, "ACT": 0, "HAS_BIAS": False,
-            "GDC": True, "WAIT": wait, "FENCE": wait}
+            "GDC": True, "WAIT": wait, "FENCE": wait, "DONE": done}
     k = triton.compile(ASTSource(md._gate_up_kernel, sig10, constexprs=cx10), target=tgt, options={"num_warps": 2})
     p = k.asm["ptx"]
     assert k.asm["cubin"] and ("ld.volatile.global" in p) == wait and ("fence.acq_rel.gpu" in p) == wait
-    assert (".gpu.release.add" in p) == wait  # done[pair] += 1 for the down kernel (red or atom)
+    assert (".gpu.release.add" in p) == done  # done[pair] += 1 for a down kernel that waits per pair (red or atom)
     assert ("griddepcontrol.wait" in p) != wait
 sig11 = {"h_ptr": "*fp32", "slot_ptr": "*i64", "wt_ptr": "*fp32", "down_ptr": "*bf16", "y_ptr": "*bf16",
          "slot_base": "i32", "stride_ds": "i64", "stride_dd": "i64", "stride_yt": "i32", "db_ptr": "*bf16",

@@ -50,11 +50,10 @@ def test_row_chunks_is_the_gathers_item_count():
 
 def test_overlap_knob(monkeypatch):
     monkeypatch.delenv(st.GATHER_OVERLAP_ENV, raising=False)
-    assert st.gather_overlap_enabled() and st.gather_overlap_mode() == "1"
-    monkeypatch.setenv(st.GATHER_OVERLAP_ENV, "gate_up")
     assert st.gather_overlap_enabled() and st.gather_overlap_mode() == "gate_up"
-    monkeypatch.setenv(st.GATHER_OVERLAP_ENV, "0")
-    assert not st.gather_overlap_enabled()
+    for v, mode in (("1", "gate_up"), ("gate_up", "gate_up"), ("down", "down"), ("0", "off")):
+        monkeypatch.setenv(st.GATHER_OVERLAP_ENV, v)
+        assert st.gather_overlap_mode() == mode and st.gather_overlap_enabled() == (v != "0")
     monkeypatch.setenv(st.GATHER_OVERLAP_ENV, "yes")
     with pytest.raises(ValueError, match="TIERED_GATHER_OVERLAP='yes'"):
         st.gather_overlap_enabled()
@@ -121,6 +120,10 @@ def test_experts_with_a_landing_sum_the_resident_pairs_first():
     want = moe_decode(x, slots[order], w[:, order], W, cfg)
     assert torch.equal(got, want)
     assert torch.equal(moe_decode(x, slots, w, W, cfg, wait=Landing(landed, src, n_c, copying=False)), want)
+    done.zero_()  # the device step's default: down waits for gate_up as a whole, no done counts
+    assert torch.equal(moe_decode(x, slots, w, W, cfg, wait=Landing(landed, src, n_c, down_waits_per_pair=False)),
+                       want)
+    assert done.eq(0).all()
     ref = experts_loop(x, slots[None], w, expert_views(pool, specs))
     assert float((got - ref).abs().max()) < 1e-5
     with pytest.raises(NotImplementedError, match="split"):
@@ -167,19 +170,24 @@ def test_cuda_experts_wait_for_a_slow_gather(misses):
     want = moe_decode(x, slots[order], w[:, order], W)
     assert torch.equal(got, want)
     assert torch.equal(moe_decode(x, slots, w, W, wait=Landing(landed, src, n_c, copying=False)), want)
+    pool[slots[src >= 0]] = 0  # the misses again, down waiting for gate_up as a whole
+    landed.zero_()
+    st.gather(host, src, slots, pool, gbps=1.0, landed=landed)
+    got = moe_decode(x, slots, w, W, wait=Landing(landed, src, n_c, down_waits_per_pair=False))
+    assert torch.equal(got, want)
     assert not torch.equal(stale, want)
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="CUDA")
 def test_cuda_device_step_overlap_matches_the_serial_gather(reference_layout, monkeypatch):
-    """The device step (one CUDA graph a token, few slots: most layers miss) with the overlapped gather (down
-    beside gate_up, or gate_up only) against TIERED_GATHER_OVERLAP=0: the same greedy tokens (the resident pairs
+    """The device step (one CUDA graph a token, few slots: most layers miss) with the overlapped gather (gate_up
+    beside it, the default, or down beside gate_up too) against TIERED_GATHER_OVERLAP=0: the same greedy tokens (the resident pairs
     are summed first in every mode, so the sums are the same; the kernel tests above check the bits)."""
     from tiered.engine import load
 
     runs = {}
-    for knob in ("0", "gate_up", "1"):
+    for knob in ("0", "1", "down"):
         monkeypatch.setenv(st.GATHER_OVERLAP_ENV, knob)
         eng = load(reference_layout, device="cuda",
                    budget={"expert_slots": 16, "ram_gb": 0.05, "slot_table": "device", "cpu_experts": "off"})
@@ -187,7 +195,7 @@ def test_cuda_device_step_overlap_matches_the_serial_gather(reference_layout, mo
         s = eng.stats
         d = s["device_step"]
         assert s["decode_graphs"] == "device" and d["gather_overlap"] == (knob != "0")
-        assert d["down_overlap"] == (knob == "1")
+        assert d["down_overlap"] == (knob == "down")
         assert s["decode"]["misses"] > 0
         runs[knob] = g.token_ids
-    assert runs["0"] == runs["1"] == runs["gate_up"]
+    assert runs["0"] == runs["1"] == runs["down"]

@@ -306,17 +306,17 @@ class DeviceStep:
         # The overlapped gather: a layer's resident experts compute while its misses copy. The experts' gate_up
         # follows the gather in the stream under PDL without waiting for it: each copied chunk raises its row's
         # count in `landed`, and only the misses' gate_up programs wait for their own rows (kernels/moe_decode
-        # .Landing). The down projection does not wait for gate_up as a whole either: it sums the resident pairs
-        # first, each as soon as its gate_up programs are done (`done`), then the copied ones. gate_up launches
-        # once every gather program is resident and down once every gate_up program is, so the copies always
-        # progress. Without PDL the kernels keep the stream order (no overlap, the same results). The resident
+        # .Landing); the down projection waits for gate_up as a whole (TIERED_GATHER_OVERLAP=down: it starts
+        # beside gate_up too, summing the resident pairs once their gate_up programs are done (`done`), then the
+        # copied ones; measured slower in its first form). gate_up launches once every gather program is resident
+        # (and down, with `down`, once every gate_up program is), so the copies always progress. Without PDL the kernels keep the stream order (no overlap, the same results). The resident
         # pairs are summed first with the overlap off too (`ordered`), so both give the same bits. Float experts
         # through the decode kernels only (the quantized kernels take no wait), and not with a row split of a miss
         # (its copies are not counted).
         self.ordered = (cuda and table.cpu_split is None and bool(model.kernels)
                         and not isinstance(model.provider.weights.gate, QuantWeight))
-        self.overlap = self.ordered and gather_overlap_mode() != "0"
-        self.down_per_pair = self.overlap and gather_overlap_mode() == "1"
+        self.overlap = self.ordered and gather_overlap_mode() != "off"
+        self.down_per_pair = self.overlap and gather_overlap_mode() == "down"
         if self.ordered:  # [L, 2, K]: per layer the pairs' landed chunks, then their finished gate_up programs
             self.landed = torch.zeros(self.L, 2, self.K, dtype=torch.int32, device=dev)
             self.land_chunks = row_chunks(table.block_size, **{k: v for k, v in self.demand_gather.items()

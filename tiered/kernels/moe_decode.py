@@ -42,14 +42,14 @@ from tiered.kernels.pdl import gdc_enter, launch_args
 class Landing:
     """One token's misses, copied by the gather right before the experts (kernels/slot_table.gather), for the
     device step's overlapped gather. src int64 [K]: each pair's RAM row (>= 0: a miss the gather copies; -1:
-    resident). count int32 [K]: each pair's landed chunks (the gather's `landed`); done int32 [K], zero before the
-    experts: each pair's finished gate_up programs (gate_up raises it, down reads it).
+    resident). count int32 [K]: each pair's landed chunks (the gather's `landed`). done int32 [K], zero before the
+    experts (with down_waits_per_pair): each pair's finished gate_up programs.
 
-    copying (the overlap): under PDL, gate_up starts once every gather program is resident and down once every
-    gate_up program is, so a waiting program never keeps a copy, or the gate_up it waits for, from running.
-    gate_up does not wait for the gather: a missed pair's programs wait until count reaches `chunks`, then acquire
-    and read the slot; the resident pairs compute at once. down does not wait for gate_up either: it sums the
-    resident pairs first, each once its gate_up programs are done, then the missed pairs as they finish. What
+    copying (the overlap): under PDL, gate_up starts once every gather program is resident, so a waiting program
+    never keeps a copy from running. gate_up does not wait for the gather: a missed pair's programs wait until
+    count reaches `chunks`, then acquire and read the slot; the resident pairs compute at once. down waits for
+    gate_up as a whole, unless down_waits_per_pair: then it starts once every gate_up program is resident and sums
+    the resident pairs once all their gate_up programs are done, then the copied ones (one acquire a group). What
     either reads besides must come from kernels before the gather. Not copying: both kernels wait as usual.
     Either way down sums the resident pairs first, then the missed ones (each group in k order), so the sums, and
     the bits, do not depend on `copying` (and equal a plain call with the pairs in that order)."""
@@ -58,7 +58,7 @@ class Landing:
     chunks: int
     done: Tensor | None = None
     copying: bool = True
-    down_waits_per_pair: bool = True  # False (copying): down waits for gate_up as a whole (session 55's form)
+    down_waits_per_pair: bool = True  # False: down waits for gate_up as a whole (the device step's default)
 
 
 @dataclass(frozen=True)
@@ -152,14 +152,14 @@ def _gate_up_kernel(x_ptr, slot_ptr, gate_ptr, up_ptr, h_ptr, slot_base, stride_
                     K: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, WFMT: tl.constexpr,
                     ACT: tl.constexpr, HAS_BIAS: tl.constexpr = False, GDC: tl.constexpr = False,
                     land_ptr=None, src_ptr=None, n_land=0, done_ptr=None, WAIT: tl.constexpr = False,
-                    FENCE: tl.constexpr = False):
+                    FENCE: tl.constexpr = False, DONE: tl.constexpr = False):
     """Grid (cdiv(F, BLOCK_F), T*K): h[t*K + k, f-block] of token t's k-th expert (row slot_base + slot), fp32;
     HAS_BIAS: the gate and up biases [S, F] (row stride stride_bs) added before the activation. WAIT (T = 1,
     `Landing`): a pair whose src_ptr row is >= 0 waits until land_ptr[pair] reaches n_land (its copy by the
     gather launched before this kernel has landed), then acquires it and its program reads the slot. With WAIT the
     kernel does not wait for the previous one (the gather, under PDL): it reads what kernels before the gather
-    wrote, and the gather's rows through the counts; it lets its dependents launch at once, and each program
-    raises done_ptr[pair] (release) once its rows of h are stored."""
+    wrote, and the gather's rows through the counts; it lets its dependents launch at once. DONE: each program
+    raises done_ptr[pair] (release) once its rows of h are stored (for a down kernel that waits per pair)."""
     if WAIT:
         if GDC:
             tl.extra.cuda.gdc_launch_dependents()
@@ -181,7 +181,7 @@ def _gate_up_kernel(x_ptr, slot_ptr, gate_ptr, up_ptr, h_ptr, slot_base, stride_
                       stride_us, stride_uf, D, BLOCK_F, BLOCK_D, WFMT, ACT, gb_ptr, ub_ptr, stride_bs, alpha, limit,
                       HAS_BIAS)
     tl.store(h_ptr + pair * F + offs_f, h, mask=mask_f)
-    if WAIT:  # this program's rows of h are written: one release of done[pair] += 1 (the down kernel waits on it)
+    if DONE:  # this program's rows of h are written: one release of done[pair] += 1 (the down kernel waits on it)
         tl.debug_barrier()
         tl.atomic_add(done_ptr + pair, 1, sem="release", scope="gpu")
 
@@ -295,7 +295,8 @@ def _prep(x: Tensor, slots: Tensor, ops: ExpertOperands, act=None) -> tuple[Expe
 
 def _check_landing(wait: Landing, T: int, K: int) -> None:
     bad = (T != 1 or wait.count.shape != (K,) or wait.src.shape != (K,) or wait.count.dtype != torch.int32
-           or (wait.copying and (wait.done is None or wait.done.shape != (K,) or wait.done.dtype != torch.int32)))
+           or (wait.copying and wait.down_waits_per_pair
+               and (wait.done is None or wait.done.shape != (K,) or wait.done.dtype != torch.int32)))
     if bad:
         done = None if wait.done is None else f"{wait.done.dtype} {tuple(wait.done.shape)}"
         raise ValueError(f"moe_decode(wait=...) serves one token's K = {K} pairs: count and done int32 [{K}] and src "
@@ -322,8 +323,10 @@ def decode_gate_up(x: Tensor, slots: Tensor, ops: ExpertOperands, config: Decode
     gb, ub, sb = ops.bias_args(("gate_bias", "up_bias"))
     if wait is not None:
         _check_landing(wait, T, K)
-    land = ({"land_ptr": wait.count, "src_ptr": wait.src, "n_land": int(wait.chunks), "done_ptr": wait.done,
-             "WAIT": True, "FENCE": x.device.type == "cuda"}  # (the interpreter runs kernels in turn: no fence)
+    per_pair = wait is not None and wait.copying and wait.down_waits_per_pair
+    land = ({"land_ptr": wait.count, "src_ptr": wait.src, "n_land": int(wait.chunks),
+             "done_ptr": wait.done if per_pair else slots, "WAIT": True, "DONE": per_pair,
+             "FENCE": x.device.type == "cuda"}  # (the interpreter runs kernels in turn: no fence)
             if wait is not None and wait.copying
             else {"land_ptr": slots, "src_ptr": slots, "n_land": 0, "done_ptr": slots, "WAIT": False})
     _gate_up_kernel[(gate_up_programs(Fe, cfg), T * K)](

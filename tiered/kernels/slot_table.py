@@ -812,19 +812,22 @@ GATHER_OVERLAP_ENV = "TIERED_GATHER_OVERLAP"  # the device step's demand gather 
 
 
 def gather_overlap_mode() -> str:
-    """TIERED_GATHER_OVERLAP (a benchmark's knob): "0" makes the device step's experts wait for the whole demand
-    gather (the measured comparison), "gate_up" lets only their gate_up start beside it (session 55's form: down
-    waits for gate_up as a whole); unset or "1": gate_up beside the gather and down beside gate_up, each pair's
-    programs waiting for their own rows only (moe_decode.Landing)."""
+    """TIERED_GATHER_OVERLAP (a benchmark's knob) -> "off", "gate_up" or "down". "0": the device step's experts wait
+    for the whole demand gather (the measured comparison); unset, "1" or "gate_up" (the default, session 55's form):
+    their gate_up starts beside it, each missed pair's programs waiting for their own rows (moe_decode.Landing),
+    and down waits for gate_up as a whole; "down": down starts beside gate_up too, waiting for the resident pairs'
+    gate_up, then the copied ones' (session 56 measured its first form, an acquire per pair, 0.95x: not the
+    default)."""
     v = os.environ.get(GATHER_OVERLAP_ENV, "").strip() or "1"
-    if v not in ("0", "1", "gate_up"):
-        raise ValueError(f"{GATHER_OVERLAP_ENV}={v!r}: expected 0 (off), gate_up or 1 (on, the default)")
-    return v
+    modes = {"0": "off", "1": "gate_up", "gate_up": "gate_up", "down": "down"}
+    if v not in modes:
+        raise ValueError(f"{GATHER_OVERLAP_ENV}={v!r}: expected 0 (off), 1 or gate_up (the default) or down")
+    return modes[v]
 
 
 def gather_overlap_enabled() -> bool:
-    """Whether the device step's experts start beside the demand gather (gather_overlap_mode not "0")."""
-    return gather_overlap_mode() != "0"
+    """Whether the device step's experts start beside the demand gather (gather_overlap_mode not "off")."""
+    return gather_overlap_mode() != "off"
 
 
 DEMAND_CTAS_ENV = "TIERED_GATHER_CTAS"  # benchmarks: the demand gather's programs
