@@ -30,6 +30,20 @@ def _ratio(new: dict, old: dict) -> dict:
                                    for lab, r in d["runs"].items()} for d, e in zip(new["docs"], old["docs"])}}
 
 
+def _same_take(new: dict, old: dict) -> dict:
+    """new over old per document and CPU-expert run, only where both processes got the same take table (the
+    load-time probe's); with their CPU's achieved microseconds an expert."""
+    out = {}
+    for d, e in zip(new["docs"], old["docs"]):
+        for lab, r in d["runs"].items():
+            a, b = r.get("device_cpu") or {}, e["runs"][lab].get("device_cpu") or {}
+            if a and b and a.get("take") == b.get("take"):
+                out[f"{d['doc']} {lab}"] = {
+                    "ratio": round(r["decode_tok_s"] / e["runs"][lab]["decode_tok_s"], 4), "take": a["take"],
+                    "cpu_us_per_expert": [round(1e6 * c["compute_s"] / max(c["experts"], 1), 1) for c in (a, b)]}
+    return out
+
+
 def main() -> None:
     a, b, out = (Path(p) for p in sys.argv[1:4])
     nu0 = json.loads((a / "offload-bf16-nu0.json").read_text())
@@ -43,10 +57,16 @@ def main() -> None:
         "next_use_stream_over_inline": _ratio(nu1, nu0),
         "five_docs_mean_next_use_stream": _means(nu1),
         "five_docs_mean_next_use_inline": _means(nu0),
-        # call B, three fresh-process variants in turn: gu = session 55's form (TIERED_GATHER_OVERLAP=gate_up,
-        # TIERED_CPU_POST_STREAM=0), dn = down beside gate_up (posts still inline), all = every default (the posts
-        # on their own stream too)
+        # call B (5c3f305), three fresh-process variants in turn: gu = session 55's form with the resident pairs
+        # summed first (TIERED_GATHER_OVERLAP=gate_up, TIERED_CPU_POST_STREAM=0; the default since 214ac61), dn =
+        # down beside gate_up with an acquire per pair (posts still in the step's stream), all = dn with the CPU
+        # posts on a stream of their own. Both dn and all measured slower; the post stream was removed (a068139),
+        # down beside gate_up became opt-in (TIERED_GATHER_OVERLAP=down) in a per-group form not yet run on a GPU.
+        # The default and default/tuned rows carry CPU experts, whose take table and achieved rate moved between
+        # processes (83-239 us an expert): compare documents with the same take table
         "down_overlap_over_gate_up_only": _ratio(dn, gu),
+        "down_overlap_over_gate_up_only_same_take": _same_take(dn, gu),
+        "post_stream_over_inline_same_take": _same_take(al, dn),
         "post_stream_over_inline": _ratio(al, dn),
         "defaults_over_session_55_form": _ratio(al, gu),
         "five_docs_mean_defaults": _means(al),
