@@ -182,8 +182,9 @@ def test_cuda_experts_wait_for_a_slow_gather(misses):
 @pytest.mark.skipif(not CUDA, reason="CUDA")
 def test_cuda_device_step_overlap_matches_the_serial_gather(reference_layout, monkeypatch):
     """The device step (one CUDA graph a token, few slots: most layers miss) with the overlapped gather (gate_up
-    beside it, the default, or down beside gate_up too) against TIERED_GATHER_OVERLAP=0: the same greedy tokens (the resident pairs
-    are summed first in every mode, so the sums are the same; the kernel tests above check the bits)."""
+    beside it, the default, or down beside gate_up too) against TIERED_GATHER_OVERLAP=0: the same greedy tokens
+    (the resident pairs are summed first in every mode, so the sums are the same; the kernel tests above check the
+    bits)."""
     from tiered.engine import load
 
     runs = {}

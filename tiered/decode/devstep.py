@@ -309,10 +309,11 @@ class DeviceStep:
         # .Landing); the down projection waits for gate_up as a whole (TIERED_GATHER_OVERLAP=down: it starts
         # beside gate_up too, summing the resident pairs once their gate_up programs are done (`done`), then the
         # copied ones; measured slower in its first form). gate_up launches once every gather program is resident
-        # (and down, with `down`, once every gate_up program is), so the copies always progress. Without PDL the kernels keep the stream order (no overlap, the same results). The resident
-        # pairs are summed first with the overlap off too (`ordered`), so both give the same bits. Float experts
-        # through the decode kernels only (the quantized kernels take no wait), and not with a row split of a miss
-        # (its copies are not counted).
+        # (and down, with `down`, once every gate_up program is), so the copies always progress. Without PDL the
+        # kernels keep the stream order (no overlap, the same results). The resident pairs are summed first with
+        # the overlap off too (`ordered`), so every mode gives the same bits. Float experts through the decode
+        # kernels only (the quantized kernels take no wait), and not with a row split of a miss (its copies are not
+        # counted).
         self.ordered = (cuda and table.cpu_split is None and bool(model.kernels)
                         and not isinstance(model.provider.weights.gate, QuantWeight))
         self.overlap = self.ordered and gather_overlap_mode() != "off"
