@@ -343,8 +343,9 @@ def decode_down(h: Tensor, slots: Tensor, weights: Tensor, ops: ExpertOperands, 
     """The second kernel of the "split" variant: h [T*K, F] fp32, slots and weights [T, K] -> [T, D] dtype
     (rows slot_base + slots; weights rounded to `round_to` in the kernel, None: as given); the experts' down
     biases, where they have them, are added to each expert's output before its weight (one program sums a row's
-    K experts then: no split). wait (T = 1, `Landing`): the resident pairs summed first; with `copying`, each
-    pair once its gate_up programs are done, without waiting for gate_up as a whole."""
+    K experts then: no split). wait (T = 1, `Landing`): the resident pairs summed first; with `copying` and
+    `down_waits_per_pair`, each group once its pairs' gate_up programs are done, without waiting for gate_up as a
+    whole."""
     ops = ExpertOperands.of(ops)
     D, Fe = ops.hidden, ops.ffn
     cfg = config or DecodeConfig.for_shape(D, Fe)
