@@ -6,20 +6,10 @@ python3 benchmarks/lease/s56_report.py NEXTUSE_DIR DOWN_DIR OUT.json"""
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 
-
-def _tests(d: Path) -> dict:
-    log = (d / "cuda-tests.log").read_text()
-    return {"summary": [ln for ln in log.splitlines() if re.search(r"passed|failed", ln)][-1],
-            "failed": re.findall(r"^FAILED (\S+)", log, re.M)}
-
-
-def _means(d: dict) -> dict:
-    return {lab: {k: v[k] for k in ("decode_tok_s", "vs_serial_belady_bound", "vs_combined_bound", "hit_rate")}
-            for lab, v in d["mean"].items()}
+from s55_report import _means, _tests  # (this folder is on sys.path when the script runs)
 
 
 def _ratio(new: dict, old: dict) -> dict:
