@@ -563,3 +563,51 @@ def test_cuda_default_cpu_experts(reference_layout):
             assert c["mode"] == "off" and "probe" in c["note"] and eng.devstep.cpu is None and cache.cpu_box is None
     finally:
         cache.close()
+
+
+def test_cpu_guard_lowers_the_take_table_for_a_slow_worker(monkeypatch):
+    """The CPU-rate guard: the load-time table while the worker's achieved rate holds at least CPU_GUARD of the
+    rate it assumed; below, the table at the achieved rate, never above the load-time one; back to the load-time
+    table when the rate recovers. A window with too few experts waits; TIERED_CPU_RETUNE parses."""
+    from types import SimpleNamespace
+
+    from tiered.decode import devstep as ds
+
+    class P:
+        block_size = 9 * 2 ** 20
+        cost_model = CostModel(50.0, 70.0, cpu_overhead_s=18e-6)
+
+    box = SimpleNamespace(gbps=90.0, overhead_s=18e-6)
+    load = cpu_split(P, 8, box)  # assumes 90 x CPU_CONTENTION = 76.5 GB/s
+    assume = 90.0 * ds.CPU_CONTENTION
+    assert ds.guarded_take(P, 8, box, assume, load) == load
+    assert ds.guarded_take(P, 8, box, 0.85 * assume, load) == load  # within the guard's margin
+    slow = ds.guarded_take(P, 8, box, 30.0, load)
+    assert slow == cpu_split(P, 8, box, gbps=30.0) and all(a <= b for a, b in zip(slow, load)) and slow != load
+    fast_table = cpu_split(P, 8, box, gbps=500.0)
+    assert any(a > b for a, b in zip(fast_table, load))  # (a faster CPU would take more: the guard never does)
+    assert ds.guarded_take(P, 8, box, 500.0, load) == load
+
+    counters = {"experts": 100, "compute_s": 0.01}
+    sets = []
+    step = SimpleNamespace(cpu=SimpleNamespace(stats=lambda: dict(counters), gbps=90.0, overhead_s=18e-6),
+                           _retune_mark=(100, 0.01),
+                           model=SimpleNamespace(provider=P), K=8, take_load=load, cpu_take=list(load),
+                           table=SimpleNamespace(set_cpu_take=sets.append), cpu_retunes=0, cpu_gbps_seen=None)
+    counters.update(experts=110, compute_s=0.01 + 10 * P.block_size / 30e9)  # 10 experts: too few, no rate yet
+    ds.DeviceStep._cpu_guard(step)
+    assert step.cpu_gbps_seen is None and sets == []
+    counters.update(experts=140, compute_s=0.01 + 40 * P.block_size / 30e9)  # 40 experts at 30 GB/s
+    ds.DeviceStep._cpu_guard(step)
+    assert step.cpu_gbps_seen == pytest.approx(30.0) and sets == [slow] and step.cpu_take == slow
+    assert step.cpu_retunes == 1
+    counters.update(experts=180, compute_s=counters["compute_s"] + 40 * P.block_size / 80e9)  # recovered
+    ds.DeviceStep._cpu_guard(step)
+    assert step.cpu_take == load and sets[-1] == load and step.cpu_retunes == 2
+    monkeypatch.setenv(ds.CPU_RETUNE_ENV, "0")
+    assert ds.cpu_retune_steps() == 0
+    monkeypatch.delenv(ds.CPU_RETUNE_ENV)
+    assert ds.cpu_retune_steps() == 16
+    monkeypatch.setenv(ds.CPU_RETUNE_ENV, "often")
+    with pytest.raises(ValueError, match="number of steps"):
+        ds.cpu_retune_steps()

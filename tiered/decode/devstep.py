@@ -84,6 +84,21 @@ def next_use_stream_enabled() -> bool:
     return v != "0"
 
 
+CPU_RETUNE_ENV = "TIERED_CPU_RETUNE"
+# The CPU-rate guard lowers the take table when the worker's achieved rate falls below this share of the rate the
+# load-time table assumed (the probe's rate times CPU_CONTENTION).
+CPU_GUARD = 0.8
+CPU_GUARD_MIN_EXPERTS = 16  # experts the worker computes in a window before its rate is trusted
+
+
+def cpu_retune_steps() -> int:
+    """TIERED_CPU_RETUNE: the CPU-rate guard's window in steps (default 16); 0 turns the guard off."""
+    v = os.environ.get(CPU_RETUNE_ENV, "").strip() or "16"
+    if not v.isdigit():
+        raise ValueError(f"{CPU_RETUNE_ENV}={v!r}: expected a number of steps (0: off; default 16)")
+    return int(v)
+
+
 class DeviceStep:
     """The one-token step of a model whose provider has a DeviceSlotTable (`provider.devtable`).
 
@@ -297,6 +312,18 @@ class DeviceStep:
                                  f"needs at least top-k + {len(cfg.moe_layers)} device slots, the table has "
                                  f"{table.slots.shape[0]} (raise --vram-gb)")
             table.set_cpu_take(self.cpu_take, self.cpu_split, admit=self.cpu_admit)
+            # The CPU-rate guard (the cost model's whole-expert table only): every `retune_every` steps the worker's
+            # achieved rate over the window (its own counters, no sync); below CPU_GUARD of the rate the load-time
+            # table assumed, the table again at that rate, never above the load-time one (`guarded_take`). In one
+            # lease (session 56, call B) the worker's time an expert ranged 83-239 us between fresh processes on
+            # one box, while each process kept the table its load-time probe gave.
+            self.take_load = list(self.cpu_take)
+            self.retune_every = (cpu_retune_steps() if cpu_take is None and self.cpu_split is None
+                                 and not self.cpu_admit else 0)
+            self.cpu_retunes = 0
+            self.cpu_gbps_seen: float | None = None
+            st = cpu.stats()  # (the load-time probe's experts are not the step's)
+            self._retune_mark = (st["experts"], st["compute_s"])
             # the admitted splits' later copies: on their own stream beside the CPU's tail and the next layers, joined
             # at the step's end
             self.split_stream = torch.cuda.Stream(dev) if cuda and self.cpu_admit else None
@@ -736,8 +763,25 @@ class DeviceStep:
         self.planned_steps += planned
         self.model.provider.note_device_token()
         self.steps += 1
+        if self.cpu is not None and self.retune_every and self.steps % self.retune_every == 0:
+            self._cpu_guard()
         self.launch_s += time.perf_counter() - t0
         return out
+
+    def _cpu_guard(self) -> None:
+        """The CPU-rate guard's window (see __init__): the worker's rate since the last trusted window, and the take
+        table set again when `guarded_take` says so (a small copy, ordered after the steps in flight)."""
+        st = self.cpu.stats()
+        n, sec = st["experts"] - self._retune_mark[0], st["compute_s"] - self._retune_mark[1]
+        if n < CPU_GUARD_MIN_EXPERTS or sec <= 0:
+            return  # (too few experts yet: the window grows)
+        self._retune_mark = (st["experts"], st["compute_s"])
+        self.cpu_gbps_seen = n * self.model.provider.block_size / sec / 1e9
+        take = guarded_take(self.model.provider, self.K, self.cpu, self.cpu_gbps_seen, self.take_load)
+        if take != self.cpu_take:
+            self.cpu_take = take
+            self.table.set_cpu_take(take)
+            self.cpu_retunes += 1
 
     # --- stats ---
     @property
@@ -764,7 +808,9 @@ class DeviceStep:
                 "planned_steps": self.planned_steps, "gather_overlap": self.overlap,
                 "down_overlap": self.down_per_pair,
                 "cpu": None if self.cpu is None else {**self.cpu.stats(), "take": self.cpu_take,
-                                                      "split": self.cpu_split, "admit": self.cpu_admit}}
+                                                      "split": self.cpu_split, "admit": self.cpu_admit,
+                                                      "take_load": self.take_load, "retunes": self.cpu_retunes,
+                                                      "gbps_seen": self.cpu_gbps_seen}}
 
     def reset_stats(self) -> None:
         self.steps = self.complete_steps = self.planned_steps = 0
@@ -812,14 +858,15 @@ def _link_gbps(table: Any) -> float:
 CPU_CONTENTION = 0.85
 
 
-def cpu_split(provider: Any, K: int, box: Any) -> list[int]:
+def cpu_split(provider: Any, K: int, box: Any, gbps: float | None = None) -> list[int]:
     """take[m], m = 0..K: how many of a layer's m misses the CPU computes, by the provider's cost model
     (store/offload.py CostModel.place: each miss where it would finish first, the copies queued on the link and
     the CPU's jobs on the worker, a CPU placement charged offload.admit_penalty() of a copy for the admission it
     forgoes). The CPU's rate and fixed cost are the mailbox's own, as the step's kernels see
-    them (CpuMailbox.probe_device; the rate times CPU_CONTENTION), else the provider's load-time probe. No cost
-    model (or no CPU rate): nothing goes to the CPU."""
-    costs = _cpu_costs(provider, box)
+    them (CpuMailbox.probe_device; the rate times CPU_CONTENTION), else the provider's load-time probe; gbps: the
+    CPU's rate as achieved beside the step instead (the CPU-rate guard's). No cost model (or no CPU rate): nothing
+    goes to the CPU."""
+    costs = _cpu_costs(provider, box, gbps)
     if costs is None:
         return [0] * (K + 1)
     pcie, rate, over = costs
@@ -827,17 +874,27 @@ def cpu_split(provider: Any, K: int, box: Any) -> list[int]:
     return [sum(dm.place(m, provider.block_size)) for m in range(K + 1)]
 
 
-def _cpu_costs(provider: Any, box: Any) -> tuple[float, float, float] | None:
+def _cpu_costs(provider: Any, box: Any, gbps: float | None = None) -> tuple[float, float, float] | None:
     """(link GB/s, CPU GB/s, the CPU's fixed cost in s) for the split tables: the provider's cost model, the CPU's
-    rate and fixed cost the mailbox's own when measured (the rate times CPU_CONTENTION); None without a cost model
-    or a CPU rate."""
+    rate and fixed cost the mailbox's own when measured (the rate times CPU_CONTENTION; gbps: this rate instead);
+    None without a cost model or a CPU rate."""
     cm = getattr(provider, "cost_model", None)
     if cm is None:
         return None
-    rate = box.gbps * CPU_CONTENTION if getattr(box, "gbps", None) else cm.cpu_gbps
+    rate = gbps if gbps is not None else box.gbps * CPU_CONTENTION if getattr(box, "gbps", None) else cm.cpu_gbps
     if rate <= 0:
         return None
     return cm.pcie_gbps, rate, box.overhead_s if box.overhead_s is not None else cm.cpu_overhead_s
+
+
+def guarded_take(provider: Any, K: int, box: Any, seen_gbps: float, take_load: list[int]) -> list[int]:
+    """The CPU-rate guard's table: the load-time one (`take_load`) while the worker's achieved rate `seen_gbps` is at
+    least CPU_GUARD of the rate that table assumed; below it, cpu_split at the achieved rate, never sending a layer
+    more misses than the load-time table (the guard only takes work off a CPU slower than its probe said)."""
+    costs = _cpu_costs(provider, box)
+    if costs is None or seen_gbps >= CPU_GUARD * costs[1]:
+        return list(take_load)
+    return [min(a, b) for a, b in zip(cpu_split(provider, K, box, gbps=max(seen_gbps, 1e-3)), take_load)]
 
 
 def cpu_row_split(provider: Any, K: int, box: Any, F: int, granule: int) -> tuple[list[int], list[int]] | None:
