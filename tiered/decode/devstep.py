@@ -322,8 +322,10 @@ class DeviceStep:
                                  and not self.cpu_admit else 0)
             self.cpu_retunes = 0
             self.cpu_gbps_seen: float | None = None
-            st = cpu.stats()  # (the load-time probe's experts are not the step's)
-            self._retune_mark = (st["experts"], st["compute_s"])
+            self._retune_mark = (0, 0.0)
+            if self.retune_every:  # (the load-time probe's experts are not the step's)
+                st = cpu.stats()
+                self._retune_mark = (st["experts"], st["compute_s"])
             # the admitted splits' later copies: on their own stream beside the CPU's tail and the next layers, joined
             # at the step's end
             self.split_stream = torch.cuda.Stream(dev) if cuda and self.cpu_admit else None
