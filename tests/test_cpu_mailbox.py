@@ -375,6 +375,61 @@ def test_worker_serves_a_post_made_before_it_started(reference_layout):
         cache.close()
 
 
+@needs_kernel
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_getaffinity"), reason="no CPU affinity on this platform")
+def test_pinned_worker_serves_and_reports_its_pins(reference_layout):
+    """With cpus, every team thread pins itself (stat[4] counts them; stats name the CPUs) and the answer is the
+    unpinned worker's."""
+    import os
+
+    from tiered.model.cpu_mailbox import CpuMailbox
+
+    eng, cache = _engine(reference_layout)
+    cpu = sorted(os.sched_getaffinity(0))[-1]
+    D, K = eng.config.hidden_size, eng.config.top_k
+    x = torch.randn(1, D, generator=torch.Generator().manual_seed(7))
+    w = torch.rand(K, generator=torch.Generator().manual_seed(8))
+    rows = torch.full((K,), -1, dtype=torch.int64)
+    rows[1], rows[4] = 3, 11
+    outs = []
+    try:
+        for cpus in ([cpu], None):
+            box = CpuMailbox(cache.cpu_kernel or CpuKernel.load(), cache.ram_views(), K=K, D=D, dtype=eng.dtype,
+                             threads=2, cpus=cpus).start()
+            try:
+                outs.append(box.wait(torch.empty(1, D), box.post(x, rows, w), timeout_s=20).clone())
+                st_ = box.stats()
+                assert st_["cpus"] == (cpus or []) and st_["pinned"] == (2 if cpus else 0), st_
+            finally:
+                box.close()
+        assert torch.equal(outs[0], outs[1])
+    finally:
+        cache.close()
+
+
+def test_worker_cpus_one_a_core_first(tmp_path, monkeypatch):
+    """worker_cpus takes each physical core's lowest CPU, cores by (NUMA node, first CPU), before any second
+    hardware thread; [] where the topology cannot be read."""
+    import os
+
+    from tiered.store.offload import worker_cpus
+
+    # 2 nodes x 2 cores x 2 threads: CPUs 0-3 node 1 (cores 0, 1), 4-7 node 0; siblings c and c + 2 in each node
+    for c in range(8):
+        d = tmp_path / f"cpu{c}"
+        (d / "topology").mkdir(parents=True)
+        (d / "topology" / "physical_package_id").write_text(f"{int(c < 4)}\n")
+        (d / "topology" / "core_id").write_text(f"{c % 2}\n")
+        (d / f"node{int(c < 4)}").mkdir()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert worker_cpus(4, str(tmp_path)) == [4, 5, 0, 1]
+    assert worker_cpus(8, str(tmp_path)) == [4, 5, 0, 1, 6, 7, 2, 3]
+    assert worker_cpus(2, str(tmp_path)) == [4, 5]
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {1, 2, 3}, raising=False)
+    assert worker_cpus(8, str(tmp_path)) == [1, 2, 3]  # CPU 3 shares core 1 with CPU 1: last
+    assert worker_cpus(2, str(tmp_path / "none")) == []
+
+
 @pytest.fixture(scope="module")
 def unlimited(reference_layout) -> list[int]:
     return load(reference_layout, device="cpu").generate(PROMPT, max_new_tokens=NEW).token_ids

@@ -49,6 +49,7 @@ from tiered.store.budget import estimate_scratch_bytes
 from tiered.store.options import (BUDGET_KEYS, NON_CACHE_KEYS, PREFILL_CHUNK, RESIDENT_PREFILL_CHUNK, BudgetError,
                                   TierConfig, default_context)
 from tiered.store.provider import ExpertProvider
+from tiered.store.offload import cpu_pin_enabled, worker_cpus
 from tiered.store.resident import ResidentExperts
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")  # names in layout.format.DTYPES the model computes in
@@ -364,7 +365,8 @@ def _cpu_mailbox(provider: Any, cfg: Any, dtype: torch.dtype, fp32_weights: bool
     try:
         box = CpuMailbox(kern, provider.ram_views(), K=cfg.top_k, D=cfg.hidden_size, dtype=dtype,
                          threads=threads, fp32_weights=fp32_weights,
-                         pin=provider.device.type == "cuda", block_bytes=provider.block_size)
+                         pin=provider.device.type == "cuda", block_bytes=provider.block_size,
+                         cpus=worker_cpus(threads) if cpu_pin_enabled() else None)
     except (KernelUnavailable, ValueError) as e:
         return None, f"CPU experts in the device step: {e}; --slot-table host computes them with torch"
     box.start()

@@ -11,7 +11,9 @@
  *
  * Legend: D hidden, F expert FFN, n jobs (experts on the CPU), G inputs per quantization group.
  */
+#define _GNU_SOURCE /* sched_setaffinity, CPU_SET: the mailbox team's pinning */
 #include <math.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1594,9 +1596,12 @@ static void idle_wait(const volatile int64_t *p, int64_t v, int64_t since, int64
  *                  FFN rows (gate, up rows; down columns) are computed here, the device computing the others
  *                  (kernels/slot_table.resolve's split; dense formats only: a quantized row split is refused)
  *   x [D], out [D] in rnd_mode's dtype (out is zero when no row is a job)
- *   stat int64 [4] layers served, experts computed, nanoseconds computing, nanoseconds from post seen to done
+ *   stat int64 [5] layers served, experts computed, nanoseconds computing, nanoseconds from post seen to done,
+ *                  team threads pinned
  *   spin_ns        after this long without a post the team sleeps sleep_ns between looks (the first post after
  *                  a pause pays up to that); 0 = always spin
+ *   cpus [ncpus]   ncpus > 0: team thread t pins itself to CPU cpus[t % ncpus] (Linux; stat[4] counts the
+ *                  threads whose pin took); 0 = where the scheduler puts them
  * The calling thread and threads - 1 others form one team for the loop's whole life: between posts they spin on
  * a generation number instead of OpenMP's fork and join (a 9.4 MB expert took 254 us through a fresh parallel
  * region per post on the H200 box's 16 cores, where 4 experts a post ran at 62 GB/s: the team's wake-up was a
@@ -1604,7 +1609,8 @@ static void idle_wait(const volatile int64_t *p, int64_t v, int64_t since, int64
  * Returns 0 once stopped, -1 when the format or dtype is not supported by this build, -2 when out of memory. */
 int tiered_cpu_serve(int32_t *ctl, const int64_t *rows, const float *wts_in, const void *x, void *out, int K,
                      int fmt, const uintptr_t *base, const int64_t *stride, int round_w, int D, int F, int Gi,
-                     int Gf, int rnd_mode, int threads, int64_t *stat, int64_t spin_ns, int64_t sleep_ns) {
+                     int Gf, int rnd_mode, int threads, int64_t *stat, int64_t spin_ns, int64_t sleep_ns,
+                     const int32_t *cpus, int ncpus) {
     if (fmt < FMT_F32 || fmt > FMT_Q4 || !(tiered_cpu_caps() >> fmt & 1)) return -1;
     int act8;
     rnd_mode = mode_split(rnd_mode, fmt, &act8);
@@ -1629,6 +1635,14 @@ int tiered_cpu_serve(int32_t *ctl, const int64_t *rows, const float *wts_in, con
 #ifdef _OPENMP
         t = omp_get_thread_num();
         nt = omp_get_num_threads();
+#endif
+#ifdef __linux__
+        if (ncpus > 0) {
+            cpu_set_t set;
+            CPU_ZERO(&set);
+            CPU_SET(cpus[t % ncpus], &set);
+            if (sched_setaffinity(0, sizeof set, &set) == 0) __atomic_add_fetch(&stat[4], 1, __ATOMIC_RELAXED);
+        }
 #endif
         int64_t seen = 0, since = now_ns();
         for (;;) {

@@ -154,7 +154,7 @@ class CpuKernel:
         g = lib.tiered_cpu_serve  # the device step's mailbox loop (model/cpu_mailbox.py)
         g.restype = ctypes.c_int
         g.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int] * 7 \
-            + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+            + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
         self.serve_fn = g
         v = lib.tiered_cpu_gemv
         v.restype = ctypes.c_int

@@ -49,11 +49,12 @@ class CpuMailbox:
         pin: page-lock the tensors (CUDA: the step's kernels read and write them over PCIe).
         spin_s / sleep_s: the worker's idle policy (spin this long after a post, then sleep this long per look).
         block_bytes: one expert's block (the rate `probe_device` reports).
+        cpus: pin team thread t to CPU cpus[t % len(cpus)] (store/offload.worker_cpus); None or []: unpinned.
     """
 
     def __init__(self, kernel: CpuKernel, W: Any, *, K: int, D: int, dtype: torch.dtype, threads: int,
                  fp32_weights: bool = False, pin: bool = False, spin_s: float = 0.02,
-                 sleep_s: float = 20e-6, block_bytes: int = 0) -> None:
+                 sleep_s: float = 20e-6, block_bytes: int = 0, cpus: list[int] | None = None) -> None:
         plan = kernel._plan(W)
         if plan is None:
             raise KernelUnavailable("the native CPU kernel does not read this expert format (fp8, mxfp4, biases)")
@@ -70,7 +71,10 @@ class CpuMailbox:
         self.wts = torch.zeros(K, dtype=torch.float32, pin_memory=pin)
         self.x = torch.zeros(D, dtype=dtype, pin_memory=pin)
         self.y = torch.zeros(D, dtype=dtype, pin_memory=pin)
-        self.stat = torch.zeros(4, dtype=torch.int64)  # layers, experts, ns computing, ns post seen -> done
+        # layers, experts, ns computing, ns post seen -> done, threads pinned
+        self.stat = torch.zeros(5, dtype=torch.int64)
+        self.cpus = [int(c) for c in cpus or []]
+        self._cpus = torch.tensor(self.cpus or [0], dtype=torch.int32)
         self._taken = (0, 0)  # stat[2], stat[0] at the last take_times
         self.spin_s, self.sleep_s = float(spin_s), float(sleep_s)
         self.rc: int | None = None
@@ -94,7 +98,8 @@ class CpuMailbox:
             self.rc = int(fn(self.ctl.data_ptr(), self.rows.data_ptr(), self.wts.data_ptr(), self.x.data_ptr(),
                              self.y.data_ptr(), self.K, p.fmt, p.base, p.stride, int(not self.fp32_weights), p.D,
                              p.F, p.gi, p.gf, self.kernel.mode(self.dtype), self.threads, self.stat.data_ptr(),
-                             int(self.spin_s * 1e9), int(self.sleep_s * 1e9)))
+                             int(self.spin_s * 1e9), int(self.sleep_s * 1e9), self._cpus.data_ptr(),
+                             len(self.cpus)))
 
         self._thread = threading.Thread(target=serve, name="tiered-cpu-mailbox", daemon=True)
         self._thread.start()
@@ -217,5 +222,5 @@ class CpuMailbox:
         n, ns = int(self.stat[1]), int(self.stat[2])
         return {"layers": int(self.stat[0]), "experts": n, "compute_s": ns * 1e-9,
                 "turnaround_s": int(self.stat[3]) * 1e-9, "threads": self.threads,
-                "overhead_s": self.overhead_s}
+                "overhead_s": self.overhead_s, "cpus": self.cpus, "pinned": int(self.stat[4])}
 

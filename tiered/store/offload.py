@@ -35,6 +35,50 @@ def cpu_threads(n: int) -> int:
     return int(n) if n and n > 0 else physical_cores()
 
 
+CPU_PIN_ENV = "TIERED_CPU_PIN"
+
+
+def cpu_pin_enabled() -> bool:
+    """TIERED_CPU_PIN (a benchmark's knob): "1" pins the device step's CPU-expert team one thread a physical core
+    (`worker_cpus`); unset or "0": the scheduler places the threads."""
+    v = os.environ.get(CPU_PIN_ENV, "").strip()
+    if v not in ("", "0", "1"):
+        raise ValueError(f"{CPU_PIN_ENV}={v!r}: expected 1 (pin the worker's threads) or 0 (the default: do not)")
+    return v == "1"
+
+
+def worker_cpus(n: int, sys_cpu: str = "/sys/devices/system/cpu") -> list[int]:
+    """n CPUs of this process's affinity for a worker team, one a physical core before any core's second hardware
+    thread: cores in order of (NUMA node, first CPU), each core's lowest CPU. [] where the topology is unreadable
+    (not Linux): the caller leaves the threads unpinned."""
+    try:
+        allowed = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return []
+    cores: dict[tuple[int, int, int], list[int]] = {}
+    for c in allowed:
+        base = f"{sys_cpu}/cpu{c}"
+        try:
+            with open(f"{base}/topology/physical_package_id") as f:
+                pkg = int(f.read())
+            with open(f"{base}/topology/core_id") as f:
+                core = int(f.read())
+        except (OSError, ValueError):
+            return []
+        node = next((int(e[4:]) for e in _listdir(base) if e.startswith("node") and e[4:].isdigit()), 0)
+        cores.setdefault((node, pkg, core), []).append(c)
+    groups = [g for _, g in sorted(((k[0], g[0]), g) for k, g in cores.items())]  # by node, then first CPU
+    order = [g[0] for g in groups] + [c for g in groups for c in g[1:]]
+    return order[:max(0, int(n))]
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
 # Below this host->GPU rate the device step's CPU experts paid most (H200 box, bf16 at --vram-gb 4, replayed routing:
 # 1.27x at the native 54 GB/s, 1.68x paced to 25, 2.16-2.55x paced to 12; sessions 12-13): a laptop's link.
 SLOW_LINK_GBPS = 30.0
