@@ -66,16 +66,23 @@ def main() -> None:
         dev, commit, shape = gu["device"], gu["commit"], gu["shape"]
     if (dd / "cuda-tests.log").exists():
         summary["cuda_tests_call_d"] = _tests(dd)
-    var = {t: _load(ed, t) for t in ("g0a", "g1a", "p1a", "g0b", "g1b", "p1b")}
-    if all(var.values()):
-        g0, g1, p1 = ([var[f"{k}a"], var[f"{k}b"]] for k in ("g0", "g1", "p1"))
-        summary["guard_over_neither"] = {r: _ratio(var[f"g1{r}"], var[f"g0{r}"])["mean"] for r in "ab"}
-        summary["pinned_guard_over_neither"] = {r: _ratio(var[f"p1{r}"], var[f"g0{r}"])["mean"] for r in "ab"}
-        summary["pinned_guard_over_guard"] = {r: _ratio(var[f"p1{r}"], var[f"g1{r}"])["mean"] for r in "ab"}
-        summary["spread"] = {"neither": _spread(g0), "guard": _spread(g1), "pinned_guard": _spread(p1)}
+    var = {t: v for t in ("g0a", "g1a", "p1a", "g0b", "g1b", "p1b") if (v := _load(ed, t)) is not None}
+    if var:
+        pairs = (("guard_over_neither", "g1", "g0"), ("pinned_guard_over_neither", "p1", "g0"),
+                 ("pinned_guard_over_guard", "p1", "g1"))
+        for name, x, y in pairs:  # per round (a, b) where both processes ran
+            got = {r: _ratio(var[x + r], var[y + r])["mean"] for r in "ab" if x + r in var and y + r in var}
+            if got:
+                summary[name] = got
+        names = {"g0": "neither", "g1": "guard", "p1": "pinned_guard"}
+        summary["spread"] = {names[k]: _spread(rows) for k in names
+                             if (rows := [var[k + r] for r in "ab" if k + r in var])}
         summary["per_doc"] = {t: _cpu_rows(v) for t, v in var.items()}
         raw.update(var)
-        dev, commit, shape = dev or var["g1a"]["device"], commit or var["g1a"]["commit"], shape or var["g1a"]["shape"]
+        first = next(iter(var.values()))
+        dev, commit, shape = dev or first["device"], commit or first["commit"], shape or first["shape"]
+    if (ed / "cuda-tests.log").exists() and ed != dd:
+        summary["cuda_tests_call_e"] = _tests(ed)
     for name in ("lscpu.txt", "nodes.txt", "topology.txt"):
         if (ed / name).exists():
             summary.setdefault("box", {})[name] = (ed / name).read_text()[:4000]
