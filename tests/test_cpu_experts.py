@@ -143,30 +143,33 @@ def test_default_cpu_dropped_when_the_probe_finds_it_not_worth_it():
 
 
 def test_default_cpu_probe_window_timed_again_before_a_drop():
-    """engine._default_take: a first probe window that would drop the default's CPU path is timed once more and the
-    faster window kept (a disturbed window reads the CPU slow, never fast): kept when the second window reads 60
-    GB/s, dropped when both read slow (the slower second window does not replace the first); a window that keeps
-    the path is not timed again."""
+    """engine._default_take: while a probe window would drop the default's CPU path, another is timed (up to three
+    in all) and the fastest window kept (a disturbed window reads the CPU slow, never fast): kept when the second or
+    the third window reads 60 GB/s, dropped when all read slow (a slower later window does not replace an earlier
+    one); a window that keeps the path is not followed by another; windows=2 stops after the second."""
     from types import SimpleNamespace
 
     from tiered.engine import _default_take
 
     B = 9 << 20
-    for windows, kept in (((26.0, 60.0), True), ((20.0, 15.0), False), ((60.0, None), True)):
+    cases = (((26.0, 60.0), 3, True, 1), ((26.0, 20.0, 60.0), 3, True, 2), ((20.0, 15.0, 18.0), 3, False, 2),
+             ((60.0,), 3, True, 0), ((26.0, 20.0, 60.0), 2, False, 1))
+    for windows, n, kept, timed in cases:
         seen = []
 
         def probe_device(rows, device, box=None):
             seen.append(rows)
-            box.gbps, box.overhead_s = windows[1] / 0.85, 1e-5
+            box.gbps, box.overhead_s = windows[len(seen)] / 0.85, 1e-5 * len(seen)
 
         prov = SimpleNamespace(cost_model=CostModel(50.0, 50.0), block_size=B, device=torch.device("cpu"))
         box = SimpleNamespace(gbps=windows[0] / 0.85, overhead_s=2e-5, probe_rows=[3, 9])
         box.probe_device = lambda rows, device, b=box: probe_device(rows, device, b)
-        take, why = _default_take(prov, 8, box, pause_s=0.0)
+        take, why = _default_take(prov, 8, box, pause_s=0.0, windows=n)
         assert (why is None) == kept and (take[2] > 0) == kept, (windows, take, why)
-        assert seen == ([] if windows[1] is None else [[3, 9]])
-        if windows == (20.0, 15.0):  # the first (faster) window stands
-            assert box.gbps == pytest.approx(20.0 / 0.85) and box.overhead_s == 2e-5
+        assert seen == [[3, 9]] * timed, (windows, seen)
+        best = max(range(timed + 1), key=lambda i: (windows[i], -i))  # the first of the fastest
+        assert box.gbps == pytest.approx(windows[best] / 0.85), (windows, box.gbps)
+        assert box.overhead_s == (2e-5 if best == 0 else 1e-5 * best)
 
 
 def test_drop_cpu_experts(reference_layout):
