@@ -40,7 +40,10 @@ CPU_PIN_ENV = "TIERED_CPU_PIN"
 
 def cpu_pin_enabled() -> bool:
     """TIERED_CPU_PIN (a benchmark's knob): "1" pins the device step's CPU-expert team one thread a physical core
-    (`worker_cpus`); unset or "0": the scheduler places the threads."""
+    (`worker_cpus`); unset or "0": the scheduler places the threads. Session 57 (an H100 box, 16 CPUs, no SMT, one
+    NUMA node; offload-cpu-worker-2026-12-07-h100-s57.json): the worker's time an expert spread as widely pinned
+    (118-312 us) as not (95-281), and one pinned process's load-time probe read 3 GB/s (the launching thread,
+    unpinned, sharing a pinned worker's CPU is the likely cause), so pinning stays off by default."""
     v = os.environ.get(CPU_PIN_ENV, "").strip()
     if v not in ("", "0", "1"):
         raise ValueError(f"{CPU_PIN_ENV}={v!r}: expected 1 (pin the worker's threads) or 0 (the default: do not)")
