@@ -249,3 +249,13 @@ PY
 )
   echo "lm_head entry: ${GL:-none (TUNED kept)}"
 }
+box_topology() {  # the box's CPUs -> $OUT/lscpu.txt, nodes.txt, topology.txt (CPU, core, siblings); prints the
+  # physical cores and the CPUs TIERED_CPU_PIN=1 would pin (store/offload.worker_cpus), and the nodes' CPUs
+  lscpu > $OUT/lscpu.txt 2>&1; cat /sys/devices/system/node/node*/cpulist > $OUT/nodes.txt 2>&1
+  local c
+  for c in /sys/devices/system/cpu/cpu[0-9]*; do
+    echo "$(basename $c) $(cat $c/topology/core_id) $(cat $c/topology/thread_siblings_list)"
+  done > $OUT/topology.txt 2>&1
+  python3 -c "from tiered.store.offload import worker_cpus; from tiered.store.options import physical_cores as p; \
+print('cores', p(), 'pins', worker_cpus(p()))"; cat $OUT/nodes.txt
+}

@@ -1,14 +1,12 @@
 #!/usr/bin/env bash
-# Session 57, call F (under 600 s on a fresh box): calls E and D in one, for a session whose device starts kept
-# failing. First E's CPU-worker variants (neither remedy, the CPU-rate guard, the guard with the team pinned), twice
-# in alternation; then D's overlap A/B (three documents); then the CUDA tests of the CPU paths and the overlap.
+# Session 57, call F (about 600 s on a fresh box; not run: call G ran its first part): the CPU worker's variants
+# (TIERED_CPU_RETUNE=0: neither remedy; the CPU-rate guard; the guard with the team pinned, TIERED_CPU_PIN=1), twice
+# in alternation, five eval documents, the default and default/tuned rows (CPU experts); then call D's overlap A/B
+# (three documents); then the CUDA tests of the CPU paths and the overlap. device_cpu in each run's JSON gives the
+# take tables, retunes, achieved rate and pins; s57_report.py DIR DIR OUT.json reads it.
 source "$(dirname "$0")/lib.sh"
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); echo "$GPU"
-lscpu > $OUT/lscpu.txt 2>&1; cat /sys/devices/system/node/node*/cpulist > $OUT/nodes.txt 2>&1
-for c in /sys/devices/system/cpu/cpu[0-9]*; do echo "$(basename $c) $(cat $c/topology/core_id) \
-$(cat $c/topology/thread_siblings_list)"; done > $OUT/topology.txt 2>&1
-python3 -c "from tiered.store.offload import worker_cpus; from tiered.store.options import physical_cores as p; \
-print('cores', p(), 'pins', worker_cpus(p()))"; cat $OUT/nodes.txt
+box_topology
 peers_ckpt; peers_layout layout source source; pack
 RUNS="default,default/tuned"
 for r in a b; do
