@@ -1,7 +1,8 @@
-"""Session 57's results file from its calls' unpacked $OUT folders (s57_callD.sh: the default overlap against the
-down projection beside gate_up, TIERED_GATHER_OVERLAP=down, and the CUDA tests of the CPU paths; s57_callE.sh: the
-CPU-rate guard and the pinned worker team against neither, alternating, with CPU experts):
-python3 benchmarks/lease/s57_report.py CALL_D_DIR CALL_E_DIR OUT.json   (a missing folder's part is left out)"""
+"""Session 57's results file from its calls' unpacked $OUT folders: the overlap part (s57_callD.sh, or F: the default
+overlap against the down projection beside gate_up, TIERED_GATHER_OVERLAP=down, and CUDA tests) and the CPU-worker
+part (s57_callG.sh, or F: the CPU-rate guard and the pinned worker team against neither, alternating, with CPU
+experts; the committed file took call G's folder with call G2's g1b copied in, and G2's folder as the first):
+python3 benchmarks/lease/s57_report.py OVERLAP_DIR CPU_DIR OUT.json   (a missing part is left out)"""
 from __future__ import annotations
 
 import json
