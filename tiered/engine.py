@@ -400,8 +400,8 @@ def _default_take(provider: Any, K: int, box: Any, *, pause_s: float = 0.25,
     fresh layout's write-back, or a busy host), never faster. Session 23 (call E) read 26 GB/s right after a repack
     and another process, where the worker reads 44-60; the CPU path went off and bf16 decoded at 408 tok/s against
     525 with it (call D). Session 57 (H100, one of ten processes) read 26 GB/s in two windows 0.25 s apart, where the
-    worker averaged 63-100 GB/s in the other processes: the path went off and that document decoded at 555 tok/s
-    against 668-689; a third window, 0.5 s later, is timed since."""
+    worker achieved 34-99 GB/s (median about 72) in the other unpinned processes: the path went off and that
+    document decoded at 555 tok/s against 668-689; a third window, 0.5 s later, is timed since."""
     take = cpu_split(provider, K, box)
     why = _default_cpu_refusal(provider, take, box)
     best = (box.overhead_s, box.gbps)

@@ -3,7 +3,8 @@
 Owns: `CostModel` (the per-miss decision of `--cpu-experts auto`: each missing expert goes where it finishes
 first, given the work already queued on each side, from the measured PCIe and CPU-expert rates), `CpuWorker`
 (the one thread that computes CPU experts, with its own `torch.set_num_threads`), `cpu_threads` (the
---cpu-threads default) and `CpuExpertCounts` (the `cpu_experts` stats).
+--cpu-threads default), `worker_cpus` (the CPUs a pinned mailbox team takes, TIERED_CPU_PIN) and `CpuExpertCounts`
+(the `cpu_experts` stats).
 Does not own: the expert math (model/cpu_experts.py), which experts are resident (cache.py), the copies
 (vram.py), nor the RAM tier's blocks (ram.py).
 
