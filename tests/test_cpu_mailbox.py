@@ -8,6 +8,7 @@ captured step, whose kernels talk to the worker over PCIe, against the host step
 """
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -376,12 +377,10 @@ def test_worker_serves_a_post_made_before_it_started(reference_layout):
 
 
 @needs_kernel
-@pytest.mark.skipif(not hasattr(__import__("os"), "sched_getaffinity"), reason="no CPU affinity on this platform")
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity on this platform")
 def test_pinned_worker_serves_and_reports_its_pins(reference_layout):
     """With cpus, every team thread pins itself (stat[4] counts them; stats name the CPUs) and the answer is the
     unpinned worker's."""
-    import os
-
     from tiered.model.cpu_mailbox import CpuMailbox
 
     eng, cache = _engine(reference_layout)
@@ -410,8 +409,6 @@ def test_pinned_worker_serves_and_reports_its_pins(reference_layout):
 def test_worker_cpus_one_a_core_first(tmp_path, monkeypatch):
     """worker_cpus takes each physical core's lowest CPU, cores by (NUMA node, first CPU), before any second
     hardware thread; [] where the topology cannot be read."""
-    import os
-
     from tiered.store.offload import worker_cpus
 
     # 2 nodes x 2 cores x 2 threads: CPUs 0-3 node 1 (cores 0, 1), 4-7 node 0; siblings c and c + 2 in each node

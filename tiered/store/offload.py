@@ -20,6 +20,7 @@ score above the layer's median) are always copied: they will be reused, a CPU co
 """
 from __future__ import annotations
 
+import glob
 import os
 import threading
 import time
@@ -69,18 +70,11 @@ def worker_cpus(n: int, sys_cpu: str = "/sys/devices/system/cpu") -> list[int]:
                 core = int(f.read())
         except (OSError, ValueError):
             return []
-        node = next((int(e[4:]) for e in _listdir(base) if e.startswith("node") and e[4:].isdigit()), 0)
+        node = next((int(n[len(base) + 5:]) for n in glob.glob(f"{base}/node[0-9]*")), 0)
         cores.setdefault((node, pkg, core), []).append(c)
     groups = [g for _, g in sorted(((k[0], g[0]), g) for k, g in cores.items())]  # by node, then first CPU
     order = [g[0] for g in groups] + [c for g in groups for c in g[1:]]
     return order[:max(0, int(n))]
-
-
-def _listdir(path: str) -> list[str]:
-    try:
-        return os.listdir(path)
-    except OSError:
-        return []
 
 
 # Below this host->GPU rate the device step's CPU experts paid most (H200 box, bf16 at --vram-gb 4, replayed routing:
