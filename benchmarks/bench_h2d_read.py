@@ -13,7 +13,8 @@ byte for byte:
   l2_256      ld.global.L2::256B.v4 (a 256-byte L2 fetch hint) by inline PTX;
   nc_256      ld.global.nc.L1::no_allocate.L2::256B.v4;
   tma_BM      the tensor memory accelerator: a device-side descriptor over the host rows viewed as [*, 32] int32
-              (128-byte lines), boxes of BM lines loaded to shared memory, then stored.
+              (128-byte lines), boxes of BM lines loaded to shared memory, then stored;
+  tmah_BM     the same with the descriptor made on the host (a kernel parameter).
 Ways that fail to compile or copy wrong bytes are reported as such, not timed.
 
     python3 benchmarks/bench_h2d_read.py                  # GPU box, about 30 s
@@ -104,6 +105,21 @@ def _tma_kernel(src, row_src, row_dst, dst, n_host_lines, lines_per_row, n_items
             tl.store(dst + offs, v, mask=(lm < lines_per_row)[:, None])
 
 
+@triton.jit
+def _tmah_kernel(desc, row_src, row_dst, dst, lines_per_row, n_items, tiles_per_row, BM: tl.constexpr):
+    """_tma_kernel with the descriptor made on the host (TensorDescriptor, a kernel parameter: no global scratch)."""
+    for it in range(tl.program_id(0), n_items, tl.num_programs(0)):
+        r = it // tiles_per_row
+        s = tl.load(row_src + r)
+        if s >= 0:
+            d = tl.load(row_dst + r)
+            t = it % tiles_per_row
+            v = desc.load([(s * lines_per_row + t * BM).to(tl.int32), 0])
+            lm = t * BM + tl.arange(0, BM)
+            offs = (d * lines_per_row + lm)[:, None] * 32 + tl.arange(0, 32)[None, :]
+            tl.store(dst + offs, v, mask=(lm < lines_per_row)[:, None])
+
+
 def graph_us(fn, calls: int, reps: int = 3) -> float:
     """Device µs per call of fn(i), captured once as one CUDA graph of `calls` calls and replayed (best of reps)."""
     s = torch.cuda.Stream()
@@ -152,6 +168,19 @@ def way_call(way: str, host: torch.Tensor, slots: torch.Tensor, ctas: int):
             _read_kernel[(min(ctas, n),)](hp, srcs, dst, slots.view(torch.int32), words, n, n_c, BLOCK=BLOCK,
                                           MODE=mode, num_warps=4)
         return fn, False
+    if way.startswith("tmah_"):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        BM = int(way[5:])
+        lines = B // 128
+        tiles = triton.cdiv(lines, BM)
+        desc = TensorDescriptor(hp, [host.shape[0] * lines, 32], [32, 1], [BM, 32])
+
+        def fn(srcs, dst):
+            n = srcs.shape[0] * tiles
+            _tmah_kernel[(min(ctas, n),)](desc, srcs, dst, slots.view(torch.int32), lines, n, tiles, BM=BM,
+                                          num_warps=4)
+        return fn, False
     if way.startswith("tma_"):
         BM = int(way[4:])
         lines = B // 128
@@ -167,7 +196,7 @@ def way_call(way: str, host: torch.Tensor, slots: torch.Tensor, ctas: int):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ways", default="ce,gather,cg,l2_256,nc_256,tma_64,tma_128,tma_256")
+    ap.add_argument("--ways", default="ce,gather,cg,l2_256,nc_256,tma_64,tma_128,tma_256,tmah_128")
     ap.add_argument("--ctas", default="528", help="looping-grid sizes (programs) of the SM ways")
     ap.add_argument("--calls", type=int, default=12, help="launches a captured graph")
     ap.add_argument("--rows", type=int, default=40, help="pinned host rows (rotating sources)")
