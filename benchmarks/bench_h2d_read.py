@@ -14,7 +14,8 @@ byte for byte:
   nc_256      ld.global.nc.L1::no_allocate.L2::256B.v4;
   tma_BM      the tensor memory accelerator: a device-side descriptor over the host rows viewed as [*, 32] int32
               (128-byte lines), boxes of BM lines loaded to shared memory, then stored;
-  tmah_BM     the same with the descriptor made on the host (a kernel parameter).
+  tmah_BM     the same with the descriptor made on the host (a kernel parameter);
+  tmahs_BM    tmah_BM storing through a TMA descriptor over the slots too.
 Ways that fail to compile or copy wrong bytes are reported as such, not timed.
 
     python3 benchmarks/bench_h2d_read.py                  # GPU box, about 30 s
@@ -120,6 +121,19 @@ def _tmah_kernel(desc, row_src, row_dst, dst, lines_per_row, n_items, tiles_per_
             tl.store(dst + offs, v, mask=(lm < lines_per_row)[:, None])
 
 
+@triton.jit
+def _tmahs_kernel(desc, out, row_src, row_dst, lines_per_row, n_items, tiles_per_row, BM: tl.constexpr):
+    """_tmah_kernel storing through a TMA descriptor over the slots too (row_words a multiple of BM * 32)."""
+    for it in range(tl.program_id(0), n_items, tl.num_programs(0)):
+        r = it // tiles_per_row
+        s = tl.load(row_src + r)
+        if s >= 0:
+            d = tl.load(row_dst + r)
+            t = it % tiles_per_row
+            v = desc.load([(s * lines_per_row + t * BM).to(tl.int32), 0])
+            out.store([(d * lines_per_row + t * BM).to(tl.int32), 0], v)
+
+
 def graph_us(fn, calls: int, reps: int = 3) -> float:
     """Device µs per call of fn(i), captured once as one CUDA graph of `calls` calls and replayed (best of reps)."""
     s = torch.cuda.Stream()
@@ -168,6 +182,21 @@ def way_call(way: str, host: torch.Tensor, slots: torch.Tensor, ctas: int):
             _read_kernel[(min(ctas, n),)](hp, srcs, dst, slots.view(torch.int32), words, n, n_c, BLOCK=BLOCK,
                                           MODE=mode, num_warps=4)
         return fn, False
+    if way.startswith("tmahs_"):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        BM = int(way[6:])
+        lines = B // 128
+        if lines % BM:
+            raise ValueError(f"{lines} lines a row are not a multiple of {BM}")
+        tiles = lines // BM
+        desc = TensorDescriptor(hp, [host.shape[0] * lines, 32], [32, 1], [BM, 32])
+        out = TensorDescriptor(slots.view(torch.int32), [slots.shape[0] * lines, 32], [32, 1], [BM, 32])
+
+        def fn(srcs, dst):
+            n = srcs.shape[0] * tiles
+            _tmahs_kernel[(min(ctas, n),)](desc, out, srcs, dst, lines, n, tiles, BM=BM, num_warps=4)
+        return fn, False
     if way.startswith("tmah_"):
         from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -196,7 +225,7 @@ def way_call(way: str, host: torch.Tensor, slots: torch.Tensor, ctas: int):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ways", default="ce,gather,cg,l2_256,nc_256,tma_64,tma_128,tma_256,tmah_128")
+    ap.add_argument("--ways", default="ce,gather,cg,l2_256,nc_256,tma_64,tma_128,tma_256,tmah_128,tmahs_128")
     ap.add_argument("--ctas", default="528", help="looping-grid sizes (programs) of the SM ways")
     ap.add_argument("--calls", type=int, default=12, help="launches a captured graph")
     ap.add_argument("--rows", type=int, default=40, help="pinned host rows (rotating sources)")
