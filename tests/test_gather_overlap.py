@@ -96,6 +96,70 @@ def test_strided_kernel_counts_each_copied_chunk(ctas):
 
 
 @interp
+@pytest.mark.parametrize("ctas,bm", [(1, 8), (3, 16)])
+def test_tma_kernel_copies_the_rows_and_counts_each_box(ctas, bm):
+    """The TMA gather (a descriptor over the host pool's 128-byte lines, boxes of bm lines) copies the missed rows
+    whole, the last box of a row masked (rows of 3 boxes and a bit), touches no other slot, and raises a copied
+    row's count once a box (row_chunks' count with tma), a hit's never."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    R, S, B = 6, 4, 128 * (3 * bm + 5)
+    host = torch.randint(0, 255, (R, B), dtype=torch.uint8)
+    slots = torch.full((S, B), 7, dtype=torch.uint8)
+    src, dst = torch.tensor([4, -1, 5]), torch.tensor([2, 0, 3])
+    landed = torch.zeros(3, dtype=torch.int32)
+    lines, tiles = B // 128, st.row_chunks(B, tma=bm)
+    assert tiles == 4
+    desc = TensorDescriptor(host.view(torch.int32), [R * lines, 32], [32, 1], [bm, 32])
+    st._gather_tma_kernel[(ctas,)](desc, src, dst, slots.view(torch.int32), lines, 3 * tiles, tiles, BM=bm,
+                                   landed=landed, LAND=True)
+    assert landed.tolist() == [tiles, 0, tiles]
+    assert torch.equal(slots[2], host[4]) and torch.equal(slots[3], host[5])
+    assert slots[0].eq(7).all() and slots[1].eq(7).all()
+
+
+def test_tma_shape_knob_and_the_reference_count(monkeypatch):
+    """TIERED_GATHER=tma:BM[:warps] selects the TMA gather; the reference gather counts boxes for it."""
+    monkeypatch.setenv(st.DEMAND_GATHER_ENV, "tma:128")
+    assert st.demand_gather_options() == {"tma": 128, "warps": 4}
+    monkeypatch.setenv(st.DEMAND_GATHER_ENV, "tma:64:8")
+    assert st.demand_gather_options() == {"tma": 64, "warps": 8}
+    for bad in ("tma:100", "tma:512", "tma:x", "tma:64:3", "tma:64:4:1"):
+        monkeypatch.setenv(st.DEMAND_GATHER_ENV, bad)
+        with pytest.raises(ValueError, match="TIERED_GATHER"):
+            st.demand_gather_options()
+    assert st.row_chunks(9437184, tma=128) == 576 and st.row_chunks(9437184, tma=256) == 288
+    R, S, B = 3, 2, 4096 * 3
+    host = torch.randint(0, 255, (R, B), dtype=torch.uint8)
+    slots = torch.zeros(S, B, dtype=torch.uint8)
+    landed = torch.zeros(2, dtype=torch.int32)
+    st.gather(host, torch.tensor([2, -1]), torch.tensor([1, 0]), slots, landed=landed, tma=32)
+    assert landed.tolist() == [st.row_chunks(B, tma=32), 0] and torch.equal(slots[1], host[2])
+
+
+def test_tma_gather_compiles_for_sm90():
+    """The real compiler accepts the TMA gather with its counts and PDL (a tensor-map load and a release add in
+    the PTX)."""
+    from conftest import compile_sm90
+
+    compile_sm90("""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from tiered.kernels import slot_table as st
+sig = {"desc": "tensordesc<i32[128, 32]>", "row_src": "*i64", "row_dst": "*i64", "dst": "*i32",
+       "lines_per_row": "i32", "n_items": "i32", "tiles_per_row": "i32", "BM": "constexpr", "GDC": "constexpr",
+       "landed": "*i32", "LAND": "constexpr"}
+k = triton.compile(ASTSource(st._gather_tma_kernel, sig, constexprs={"BM": 128, "GDC": True, "LAND": True}),
+                   target=GPUTarget("cuda", 90, 32))
+ptx = k.asm["ptx"]
+assert k.asm["cubin"] and "cp.async.bulk.tensor" in ptx and "griddepcontrol.wait" in ptx, ptx[:400]
+assert "red.global.gpu.release.add" in ptx or "atom.global.gpu.release.add" in ptx, ptx[:400]
+print("ok")
+""")
+
+
+@interp
 def test_experts_with_a_landing_sum_the_resident_pairs_first():
     """moe_decode with a Landing (the misses' rows counted in) gives the bits of a plain call with the resident
     pairs first (each group in k order), with the waits (copying) or without, and the loop's values: the waits

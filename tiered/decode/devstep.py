@@ -332,6 +332,8 @@ class DeviceStep:
             self.split_ctas = int(split_ctas)
         self.demand_ctas = demand_gather_ctas()  # the misses' copy programs (None: 4 per SM; TIERED_GATHER_CTAS)
         self.demand_gather = demand_gather_options()  # and their copy shape (TIERED_GATHER; {}: gather's defaults)
+        if self.demand_gather.get("tma") and table.h2d_gbps > 0:  # a paced link copies by loads (gather ignores tma)
+            self.demand_gather = {}
         # The overlapped gather: a layer's resident experts compute while its misses copy. The experts' gate_up
         # follows the gather in the stream under PDL without waiting for it: each copied chunk raises its row's
         # count in `landed`, and only the misses' gate_up programs wait for their own rows (kernels/moe_decode
@@ -350,7 +352,7 @@ class DeviceStep:
         if self.ordered:  # [L, 2, K]: per layer the pairs' landed chunks, then their finished gate_up programs
             self.landed = torch.zeros(self.L, 2, self.K, dtype=torch.int32, device=dev)
             self.land_chunks = row_chunks(table.block_size, **{k: v for k, v in self.demand_gather.items()
-                                                               if k in ("block", "chunks")})
+                                                               if k in ("block", "chunks", "tma")})
         self.topk_resolve = topk_resolve_enabled() if topk_resolve is None else bool(topk_resolve)
         self.norm_topk = bool(cfg.norm_topk_prob)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}

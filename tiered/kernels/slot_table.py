@@ -304,6 +304,27 @@ def _gather_strided_kernel(src, row_src, row_dst, dst, row_words, n_items, n_chu
 
 
 @triton.jit
+def _gather_tma_kernel(desc, row_src, row_dst, dst, lines_per_row, n_items, tiles_per_row, BM: tl.constexpr,
+                       GDC: tl.constexpr = False, landed=None, LAND: tl.constexpr = False):
+    """The gather through the tensor memory accelerator: desc is a TMA descriptor over the host pool viewed as
+    [rows * lines_per_row, 32] int32 (128-byte lines); programs loop over (row, tile) items, each loading a [BM, 32]
+    box of row r's lines into shared memory, then storing it to the slot (the last tile of a row masked)."""
+    gdc_enter(GDC)
+    for it in range(tl.program_id(0), n_items, tl.num_programs(0)):
+        r = it // tiles_per_row
+        s = tl.load(row_src + r)
+        if s >= 0:
+            d = tl.load(row_dst + r)
+            t = it % tiles_per_row
+            v = desc.load([(s * lines_per_row + t * BM).to(tl.int32), 0])
+            lm = t * BM + tl.arange(0, BM)
+            offs = (d * lines_per_row + lm)[:, None] * 32 + tl.arange(0, 32)[None, :]
+            tl.store(dst + offs, v, mask=(lm < lines_per_row)[:, None])
+        if LAND:
+            _land(row_src, landed, r)
+
+
+@triton.jit
 def _fill_pick_kernel(order, cursor, slot_of, key_of, host_row, out_key, out_slot, out_src, picked, n_keys, n_slots,
                       n_rows, fill_n, keep_free, C_P: tl.constexpr, S_P: tl.constexpr, W_P: tl.constexpr,
                       GDC: tl.constexpr = False):
@@ -657,7 +678,8 @@ def resolve_reference(ids: Tensor, layer: int, num_experts: int, t: dict[str, Te
 
 def gather(host_pool: Tensor, row_src: Tensor, row_dst: Tensor, slots: Tensor, *, chunks: int = 4,
            ctas: int | None = None, gbps: float = 0.0, split: tuple[Tensor, Tensor] | None = None,
-           inverse: bool = False, warps: int = 4, block: int = 1024, landed: Tensor | None = None) -> None:
+           inverse: bool = False, warps: int = 4, block: int = 1024, landed: Tensor | None = None,
+           tma: int = 0) -> None:
     """slots[row_dst[r]] = host_pool[row_src[r]] for every r with row_src[r] >= 0 (whole blocks).
 
     host_pool uint8 [R, B] (pinned on CUDA), slots uint8 [S, B] on the device, row_src / row_dst int64 [K] on the
@@ -678,7 +700,10 @@ def gather(host_pool: Tensor, row_src: Tensor, row_dst: Tensor, slots: Tensor, *
     landed (int32 [K] on the device, zero before the call): each copied row's count of landed chunks, raised with
     release semantics after each chunk's stores (`row_chunks` of them make a row), for a consumer that follows the
     gather without waiting for it and waits for its rows only (moe_decode.Landing: the hit experts compute while
-    the misses copy). Not with split."""
+    the misses copy). Not with split.
+    tma > 0 (CUDA, not paced, no split): the rows are read through the tensor memory accelerator in boxes of tma
+    128-byte lines (`_gather_tma_kernel`; a power of two, 8..256), `warps` warps a program; landed then counts boxes
+    (`row_chunks(B, tma=tma)`). Elsewhere tma is ignored (the same bytes by the other paths)."""
     B = slots.shape[1]
     if block < 32 or block & (block - 1) or warps not in (1, 2, 4, 8, 16, 32):
         raise ValueError(f"gather: block {block} must be a power of two >= 32 and warps {warps} one of 1..32")
@@ -695,7 +720,7 @@ def gather(host_pool: Tensor, row_src: Tensor, row_dst: Tensor, slots: Tensor, *
                 elif not inverse:
                     slots[d].copy_(host_pool[s])
                 if landed is not None:
-                    landed[r] += row_chunks(B, block, chunks)
+                    landed[r] += row_chunks(B, block, chunks, tma=tma if split is None and gbps <= 0 else 0)
         return
     if B % 4:
         raise ValueError(f"gather copies 4-byte words: block size {B} is not a multiple of 4")
@@ -705,6 +730,9 @@ def gather(host_pool: Tensor, row_src: Tensor, row_dst: Tensor, slots: Tensor, *
     src = HostPointer(host_pool.view(torch.int32)) if host_pool.device.type == "cpu" else host_pool.view(torch.int32)
     if ctas is None:
         ctas = 4 * _sm_count(slots.device)
+    if tma and split is None and gbps <= 0:
+        _gather_tma(host_pool, row_src, row_dst, slots, ctas=ctas, warps=warps, bm=tma, landed=landed)
+        return
     if inverse and split is None:
         raise ValueError("gather(inverse=True) copies a split's CPU rows: it needs split=")
     sp = ({"spec": split[0], "split_c": split[1], "SPLIT": True, "INVERSE": bool(inverse)} if split is not None else
@@ -725,9 +753,30 @@ def gather(host_pool: Tensor, row_src: Tensor, row_dst: Tensor, slots: Tensor, *
                                                         **launch_args(slots.device), **pace, **sp)
 
 
-def row_chunks(block_bytes: int, block: int = 1024, chunks: int = 4) -> int:
+def _gather_tma(host_pool: Tensor, row_src: Tensor, row_dst: Tensor, slots: Tensor, *, ctas: int, warps: int,
+                bm: int, landed: Tensor | None) -> None:
+    """`gather`'s TMA path (CUDA; the host pool pinned): a descriptor over the pool's 128-byte lines, boxes of bm."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    R, B = host_pool.shape
+    lines = B // 128
+    if bm < 8 or bm > 256 or bm & (bm - 1) or B % 128 or R * lines >= 2 ** 31:
+        raise ValueError(f"gather(tma={bm}): boxes of 8..256 lines (a power of two) over rows of whole 128-byte "
+                         f"lines, fewer than 2**31 lines in all; the pool is {R} rows of {B} bytes")
+    src = HostPointer(host_pool.view(torch.int32)) if host_pool.device.type == "cpu" else host_pool.view(torch.int32)
+    desc = TensorDescriptor(src, [R * lines, 32], [32, 1], [bm, 32])
+    tiles = triton.cdiv(lines, bm)
+    n = row_src.shape[0] * tiles
+    land = {"landed": landed, "LAND": True} if landed is not None else {"landed": row_src, "LAND": False}
+    _gather_tma_kernel[(max(1, min(ctas, n)),)](desc, row_src, row_dst, slots.view(torch.int32), lines, n, tiles,
+                                                BM=bm, num_warps=warps, **launch_args(slots.device), **land)
+
+
+def row_chunks(block_bytes: int, block: int = 1024, chunks: int = 4, tma: int = 0) -> int:
     """The chunks `gather` copies one row of block_bytes in (its (row, chunk) items; landed's count at a whole row)
-    with that copy shape (block words a load, chunks loads an item)."""
+    with that copy shape (block words a load, chunks loads an item; tma > 0: boxes of tma 128-byte lines)."""
+    if tma:
+        return triton.cdiv(block_bytes // 128, tma)
     return triton.cdiv(block_bytes // 4, block * chunks)
 
 
@@ -778,12 +827,22 @@ FILL_GATHER_ENV = "TIERED_FILL_GATHER"  # benchmarks: the fill copy's warps:bloc
 
 
 def gather_shape_options(env: str) -> dict:
-    """A gather's copy shape, warps:block:chunks (each program's warps, the words of one load, loads per item), from
-    the environment variable `env` (a benchmark's knob); unset: gather's defaults (4 warps, 1,024-word loads, 4 per
+    """A gather's copy shape, warps:block:chunks (each program's warps, the words of one load, loads per item), or
+    tma:BM[:warps] (the tensor memory accelerator's boxes of BM 128-byte lines, `gather`'s tma), from the
+    environment variable `env` (a benchmark's knob); unset: gather's defaults (4 warps, 1,024-word loads, 4 per
     item)."""
     v = os.environ.get(env, "").strip()
     if not v:
         return {}
+    if v.startswith("tma:"):
+        try:
+            bm, *w = (int(x) for x in v[4:].split(":"))
+        except ValueError:
+            raise ValueError(f"{env}={v!r}: expected tma:BM or tma:BM:warps, e.g. tma:128") from None
+        warps = w[0] if w else 4
+        if len(w) > 1 or not 8 <= bm <= 256 or bm & (bm - 1) or warps not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"{env}={v!r}: BM a power of two 8..256, warps one of 1..32 (a power of two)")
+        return {"tma": bm, "warps": warps}
     try:
         w, b, c = (int(x) for x in v.split(":"))
     except ValueError:
