@@ -12,7 +12,7 @@ box_topology
 timeout 150 python3 benchmarks/bench_h2d_read.py --ctas 132,528 > $OUT/h2d-read.log 2>&1; echo "h2d rc=$? $(el)"
 grep -E "GB/s|Error|error" $OUT/h2d-read.log | tail -40; pack
 TMA=$(python3 benchmarks/lease/s58_pick_tma.py $OUT/h2d_read.json 528 1.02); echo "tma pick: '$TMA'"
-echo "$TMA" > /root/tma_pick
+echo "$TMA" > /root/tma_pick; echo "$TMA" > $OUT/tma-pick.txt
 peers_ckpt; peers_layout layout source source; pack
 RUNS="default,default/tuned,lru/device,nextuse/device"
 TIMEOUT=130 offload_variant gua "$RUNS" --docs 3
