@@ -264,3 +264,56 @@ def test_cuda_device_step_overlap_matches_the_serial_gather(reference_layout, mo
         assert s["decode"]["misses"] > 0
         runs[knob] = g.token_ids
     assert runs["0"] == runs["1"] == runs["down"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="CUDA")
+@pytest.mark.parametrize("bm", [64, 256])
+def test_cuda_tma_gather_lands_rows_for_the_waiting_experts(bm):
+    """The gather through TMA boxes (gather's tma) copies pinned rows byte for byte, counts each row's boxes, and the
+    experts waiting on those counts (a Landing of row_chunks(tma=bm)) give the output of a plain call once all
+    has landed."""
+    K, D, F = 8, 2048, 768
+    host, specs = _experts(2 * K, F, D, torch.bfloat16)
+    host = host.pin_memory()
+    dev = torch.device("cuda")
+    pool = torch.zeros(2 * K, host.shape[1], dtype=torch.uint8, device=dev)
+    hit = [0, 2, 3, 5, 6]
+    pool[hit] = host[hit].to(dev)
+    slots = torch.tensor([k if k in hit else K + k for k in range(K)], device=dev)
+    src = torch.tensor([-1 if k in hit else K + k for k in range(K)], device=dev)
+    W = expert_views(pool, specs)
+    x = torch.randn(1, D, device=dev, dtype=torch.bfloat16)
+    w = torch.softmax(torch.randn(1, K, device=dev), -1)
+    landed = torch.zeros(K, dtype=torch.int32, device=dev)
+    st.gather(host, src, slots, pool, tma=bm, landed=landed)
+    n_c = st.row_chunks(host.shape[1], tma=bm)
+    got = moe_decode(x, slots, w, W, wait=Landing(landed, src, n_c, down_waits_per_pair=False))
+    torch.cuda.synchronize()
+    assert landed.tolist() == [0 if k in hit else n_c for k in range(K)]
+    for k in range(K):
+        if k not in hit:
+            assert torch.equal(pool[K + k].cpu(), host[K + k])
+    order = torch.tensor(hit + [k for k in range(K) if k not in hit], device=dev)
+    assert torch.equal(got, moe_decode(x, slots[order], w[:, order], W))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="CUDA")
+def test_cuda_device_step_tma_gather_matches_the_default(reference_layout, monkeypatch):
+    """The device step with its demand gather through TMA boxes (TIERED_GATHER=tma:BM) gives the default's greedy
+    tokens, with the overlap on, and says so in its stats."""
+    from tiered.engine import load
+
+    runs = {}
+    for knob in ("", "tma:32"):
+        monkeypatch.setenv(st.DEMAND_GATHER_ENV, knob)
+        eng = load(reference_layout, device="cuda",
+                   budget={"expert_slots": 16, "ram_gb": 0.05, "slot_table": "device", "cpu_experts": "off"})
+        g = eng.generate([5, 9, 13, 2, 7], max_new_tokens=24)
+        s = eng.stats
+        assert s["decode_graphs"] == "device" and s["device_step"]["gather_overlap"]
+        assert s["decode"]["misses"] > 0
+        assert s["slot_table"].get("gather_shape") == ({"tma": 32, "warps": 4} if knob else None)
+        runs[knob] = g.token_ids
+    assert runs[""] == runs["tma:32"]

@@ -123,6 +123,7 @@ class DeviceSlotTable:
         # the demand gather's own GB/s over UVA (1 and K blocks a launch), timed once at the first hand-over on CUDA:
         # the step's gathers run inside its graph, untimed, so this is what a per-token copy time is estimated from
         self.gather_gbps: dict[str, float] | None = None
+        self.gather_shape: dict[str, int] = {}  # the demand gather's copy shape when not the default (TIERED_GATHER)
         # --device-fill copy (store/copyfill.py, attached by the device step): drained before a give_back; its plan
         # is made from the host's table as `take` handed it over (_taken: key_of, slot_of, host rows)
         self.copy_fill: Any = None
@@ -135,7 +136,7 @@ class DeviceSlotTable:
             return
         c = self.cache
         vram, ram = c.vram, c.ram
-        N, S = c.num_layers * c.num_experts, vram.n_slots
+        N = c.num_layers * c.num_experts
         host_row = [ram.table.lookup(k) for k in range(N)]
         missing = [k for k, r in enumerate(host_row) if r is None]
         if missing:
@@ -182,6 +183,9 @@ class DeviceSlotTable:
         src = self.t["host_row"].index_select(0, key_of.index_select(0, res).to(torch.int64))
         # the demand gather's programs and copy shape (the benchmark knobs TIERED_GATHER_CTAS and TIERED_GATHER)
         ctas, shape = self.kern.demand_gather_ctas(), self.kern.demand_gather_options()
+        if shape.get("tma") and self.h2d_gbps > 0:  # (a paced link copies by loads: the device step's shape too)
+            shape = {}
+        self.gather_shape = shape
         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         self.gather(src, dst, ctas=ctas, **shape)  # warm: compiles the kernel
         e0.record()
@@ -407,6 +411,7 @@ class DeviceSlotTable:
                 **({"h2d_gbps_target": self.h2d_gbps, "h2d_gbps_achieved": self.h2d_gbps_achieved}
                    if self.h2d_gbps > 0 else {}),
                 **({"gather_gbps": self.gather_gbps} if self.gather_gbps else {}),
+                **({"gather_shape": self.gather_shape} if self.gather_shape else {}),
                 "handovers": self.handovers,
                 "policy": "lru" if self.w == 0 else f"flru(w={self.w})"}
 
