@@ -449,19 +449,26 @@ def test_gather_copy_shapes_copy_the_same(warps, block, chunks):
 @pytest.mark.parametrize("env,options", [("TIERED_FILL_GATHER", "fill_gather_options"),
                                          ("TIERED_GATHER", "demand_gather_options")])
 def test_gather_shape_options_parse_and_refuse(monkeypatch, env, options):
-    """The fill's (TIERED_FILL_GATHER) and the demand gather's (TIERED_GATHER) warps:block:chunks knobs."""
+    """The fill's (TIERED_FILL_GATHER) and the demand gather's (TIERED_GATHER) warps:block:chunks[:hint] knobs."""
     parse = getattr(st, options)
     monkeypatch.delenv(env, raising=False)
     assert parse() == {}
     monkeypatch.setenv(env, "1:256:4")
     assert parse() == {"warps": 1, "block": 256, "chunks": 4}
-    for bad in ("3:256:4", "1:100:4", "1:256:0", "1:256", "a:b:c"):
+    monkeypatch.setenv(env, "4:1024:4:l2_256")
+    assert parse() == {"warps": 4, "block": 1024, "chunks": 4, "hint": 1}
+    monkeypatch.setenv(env, "2:512:8:nc_256")
+    assert parse() == {"warps": 2, "block": 512, "chunks": 8, "hint": 2}
+    for bad in ("3:256:4", "1:100:4", "1:256:0", "1:256", "a:b:c", "4:1024:4:l2", "4:1024:4:l2_256:1"):
         monkeypatch.setenv(env, bad)
         with pytest.raises(ValueError, match=env + "="):
             parse()
     with pytest.raises(ValueError, match="power of two"):
         st.gather(torch.zeros(1, 64, dtype=torch.uint8), torch.tensor([0]), torch.tensor([0]),
                   torch.zeros(1, 64, dtype=torch.uint8), block=100)
+    with pytest.raises(ValueError, match="hint 3"):
+        st.gather(torch.zeros(1, 64, dtype=torch.uint8), torch.tensor([0]), torch.tensor([0]),
+                  torch.zeros(1, 64, dtype=torch.uint8), hint=3)
 
 
 def test_demand_gather_ctas_parse_and_refuse(monkeypatch):

@@ -137,6 +137,31 @@ def test_tma_shape_knob_and_the_reference_count(monkeypatch):
     assert landed.tolist() == [st.row_chunks(B, tma=32), 0] and torch.equal(slots[1], host[2])
 
 
+def test_hinted_gather_compiles_for_sm90():
+    """The looping gather with each load hint compiles for sm_90 with the hint's PTX (the interpreter has no inline
+    PTX); without one, no hint."""
+    from conftest import compile_sm90
+
+    compile_sm90("""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from tiered.kernels import slot_table as st
+sig = {"src": "*i32", "row_src": "*i64", "row_dst": "*i64", "dst": "*i32", "row_words": "i32", "n_items": "i32",
+       "n_chunks": "i32", "BLOCK": "constexpr", "CHUNKS": "constexpr", "GDC": "constexpr", "ns_per_chunk": "fp32",
+       "R_P": "constexpr", "PACED": "constexpr", "spec": "*i64", "split_c": "*i64", "SPLIT": "constexpr",
+       "INVERSE": "constexpr", "landed": "*i32", "LAND": "constexpr", "HINT": "constexpr"}
+want = {0: None, 1: "ld.global.L2::256B.v4.b32", 2: "ld.global.nc.L1::no_allocate.L2::256B.v4.b32"}
+for hint, asm in want.items():
+    c = {"BLOCK": 1024, "CHUNKS": 4, "GDC": True, "R_P": 2, "PACED": False, "SPLIT": False, "INVERSE": False,
+         "LAND": True, "HINT": hint}
+    k = triton.compile(ASTSource(st._gather_strided_kernel, sig, constexprs=c), target=GPUTarget("cuda", 90, 32))
+    ptx = k.asm["ptx"]
+    assert k.asm["cubin"] and (asm in ptx if asm else "L2::256B" not in ptx), hint
+print("ok")
+""")
+
+
 def test_tma_gather_compiles_for_sm90():
     """The real compiler accepts the TMA gather with its counts and PDL (a tensor-map load and a release add in
     the PTX)."""

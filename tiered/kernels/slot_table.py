@@ -208,8 +208,23 @@ def _resolve_kernel(ids_ptr, base, slot_of, key_of, last, uses, clock, counts, h
 
 
 @triton.jit
+def _ld_hint(ptrs, HINT: tl.constexpr):
+    """Four int32 words at each 16-byte-aligned pointer by inline PTX (CUDA only; the interpreter has no PTX):
+    HINT 1 ld.global.L2::256B, 2 ld.global.nc.L1::no_allocate.L2::256B (the gather's `hint`)."""
+    if HINT == 1:
+        return tl.inline_asm_elementwise("ld.global.L2::256B.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l",
+                                         [ptrs], dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True,
+                                         pack=1)
+    else:
+        return tl.inline_asm_elementwise("ld.global.nc.L1::no_allocate.L2::256B.v4.b32 {$0, $1, $2, $3}, [$4];",
+                                         "=r,=r,=r,=r,l", [ptrs], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
 def _copy_chunk(src, row_src, row_dst, dst, row_words, r, c, BLOCK: tl.constexpr, CHUNKS: tl.constexpr,
-                spec=None, split_c=None, SPLIT: tl.constexpr = False, INVERSE: tl.constexpr = False):
+                spec=None, split_c=None, SPLIT: tl.constexpr = False, INVERSE: tl.constexpr = False,
+                HINT: tl.constexpr = 0):
     """Chunk c (CHUNKS * BLOCK words) of row r: dst[row_dst[r]] <- src[row_src[r]] when row_src[r] >= 0.
     SPLIT: a row whose destination is the call's split slot (split_c [rows, slot, RAM row]; spec: `split_spec`)
     skips the first split_c[0] FFN rows: zeros for gate's and up's (not read), and down's columns left as they are
@@ -242,9 +257,19 @@ def _copy_chunk(src, row_src, row_dst, dst, row_words, r, c, BLOCK: tl.constexpr
                     tl.store(dst + d * row_words + offs, v, mask=m & (keep == 0))
         elif not INVERSE:
             for i in tl.static_range(CHUNKS):
-                offs = start + i * BLOCK + tl.arange(0, BLOCK)
-                m = offs < row_words
-                tl.store(dst + d * row_words + offs, tl.load(src + s * row_words + offs, mask=m), mask=m)
+                if HINT > 0:  # 16 bytes a load with a 256-byte L2 fetch hint (row_words: a multiple of 4)
+                    q = start + i * BLOCK + 4 * tl.arange(0, BLOCK // 4)
+                    mq = q < row_words
+                    w0, w1, w2, w3 = _ld_hint(src + s * row_words + tl.where(mq, q, 0), HINT)
+                    out = dst + d * row_words + q
+                    tl.store(out, w0, mask=mq)
+                    tl.store(out + 1, w1, mask=mq)
+                    tl.store(out + 2, w2, mask=mq)
+                    tl.store(out + 3, w3, mask=mq)
+                else:
+                    offs = start + i * BLOCK + tl.arange(0, BLOCK)
+                    m = offs < row_words
+                    tl.store(dst + d * row_words + offs, tl.load(src + s * row_words + offs, mask=m), mask=m)
 
 
 @triton.jit
@@ -278,7 +303,8 @@ def _globaltimer(v):
 def _gather_strided_kernel(src, row_src, row_dst, dst, row_words, n_items, n_chunks, BLOCK: tl.constexpr,
                            CHUNKS: tl.constexpr, GDC: tl.constexpr = False, ns_per_chunk=0.0, R_P: tl.constexpr = 2,
                            PACED: tl.constexpr = False, spec=None, split_c=None, SPLIT: tl.constexpr = False,
-                           INVERSE: tl.constexpr = False, landed=None, LAND: tl.constexpr = False):
+                           INVERSE: tl.constexpr = False, landed=None, LAND: tl.constexpr = False,
+                           HINT: tl.constexpr = 0):
     """The gather with a fixed number of programs, each looping over (row, chunk) items: a copy that runs beside
     compute on another stream without taking every SM. PACED (--h2d-gbps, a benchmark's slower link): the copied
     chunk of ordinal n (counting only rows with a copy, in row order) is not done before n * ns_per_chunk
@@ -291,7 +317,7 @@ def _gather_strided_kernel(src, row_src, row_dst, dst, row_words, n_items, n_chu
     for it in range(tl.program_id(0), n_items, tl.num_programs(0)):
         r = it // n_chunks
         _copy_chunk(src, row_src, row_dst, dst, row_words, r, it % n_chunks, BLOCK, CHUNKS, spec, split_c, SPLIT,
-                    INVERSE)
+                    INVERSE, HINT)
         if PACED:
             if tl.load(row_src + r) >= 0:
                 before = tl.sum(((orr < r) & (srcs >= 0)).to(tl.int32), axis=0)
@@ -679,7 +705,7 @@ def resolve_reference(ids: Tensor, layer: int, num_experts: int, t: dict[str, Te
 def gather(host_pool: Tensor, row_src: Tensor, row_dst: Tensor, slots: Tensor, *, chunks: int = 4,
            ctas: int | None = None, gbps: float = 0.0, split: tuple[Tensor, Tensor] | None = None,
            inverse: bool = False, warps: int = 4, block: int = 1024, landed: Tensor | None = None,
-           tma: int = 0) -> None:
+           tma: int = 0, hint: int = 0) -> None:
     """slots[row_dst[r]] = host_pool[row_src[r]] for every r with row_src[r] >= 0 (whole blocks).
 
     host_pool uint8 [R, B] (pinned on CUDA), slots uint8 [S, B] on the device, row_src / row_dst int64 [K] on the
@@ -703,10 +729,13 @@ def gather(host_pool: Tensor, row_src: Tensor, row_dst: Tensor, slots: Tensor, *
     the misses copy). Not with split.
     tma > 0 (CUDA, not paced, no split): the rows are read through the tensor memory accelerator in boxes of tma
     128-byte lines (`_gather_tma_kernel`; a power of two, 8..256), `warps` warps a program; landed then counts boxes
-    (`row_chunks(B, tma=tma)`). Elsewhere tma is ignored (the same bytes by the other paths)."""
+    (`row_chunks(B, tma=tma)`). Elsewhere tma is ignored (the same bytes by the other paths).
+    hint (CUDA, the looping programs' whole rows): 1 reads with ld.global.L2::256B, 2 with ld.global.nc.L1::no_allocate
+    .L2::256B (16 bytes a load, a 256-byte L2 fetch hint: `GATHER_HINTS`); 0 plain loads."""
     B = slots.shape[1]
-    if block < 32 or block & (block - 1) or warps not in (1, 2, 4, 8, 16, 32):
-        raise ValueError(f"gather: block {block} must be a power of two >= 32 and warps {warps} one of 1..32")
+    if block < 32 or block & (block - 1) or warps not in (1, 2, 4, 8, 16, 32) or hint not in (0, 1, 2):
+        raise ValueError(f"gather: block {block} must be a power of two >= 32, warps {warps} one of 1..32 and hint "
+                         f"{hint} 0, 1 or 2")
     if landed is not None and (split is not None or landed.dtype != torch.int32 or landed.shape != row_src.shape
                                or landed.device != slots.device):
         raise ValueError(f"gather(landed=...) wants int32 {tuple(row_src.shape)} on {slots.device} and no split; "
@@ -750,7 +779,7 @@ def gather(host_pool: Tensor, row_src: Tensor, row_dst: Tensor, slots: Tensor, *
             ctas = ctas or 4 * _sm_count(slots.device)
         _gather_strided_kernel[(max(1, min(ctas, n)),)](src, row_src, row_dst, slots.view(torch.int32), words, n, n_c,
                                                         BLOCK=BLOCK, CHUNKS=chunks, num_warps=warps,
-                                                        **launch_args(slots.device), **pace, **sp)
+                                                        HINT=int(hint), **launch_args(slots.device), **pace, **sp)
 
 
 def _gather_tma(host_pool: Tensor, row_src: Tensor, row_dst: Tensor, slots: Tensor, *, ctas: int, warps: int,
@@ -826,11 +855,14 @@ FILL_WINDOW = 1024  # keys of the fill order one pick scans
 FILL_GATHER_ENV = "TIERED_FILL_GATHER"  # benchmarks: the fill copy's warps:block:chunks
 
 
+GATHER_HINTS = {"l2_256": 1, "nc_256": 2}  # gather's hint by name: the loads' 256-byte L2 fetch hint (and .nc)
+
+
 def gather_shape_options(env: str) -> dict:
-    """A gather's copy shape, warps:block:chunks (each program's warps, the words of one load, loads per item), or
-    tma:BM[:warps] (the tensor memory accelerator's boxes of BM 128-byte lines, `gather`'s tma), from the
-    environment variable `env` (a benchmark's knob); unset: gather's defaults (4 warps, 1,024-word loads, 4 per
-    item)."""
+    """A gather's copy shape, warps:block:chunks[:hint] (each program's warps, the words of one load, loads per item,
+    and a load hint of GATHER_HINTS), or tma:BM[:warps] (the tensor memory accelerator's boxes of BM 128-byte lines,
+    `gather`'s tma), from the environment variable `env` (a benchmark's knob); unset: gather's defaults (4 warps,
+    1,024-word loads, 4 per item, plain loads)."""
     v = os.environ.get(env, "").strip()
     if not v:
         return {}
@@ -843,14 +875,16 @@ def gather_shape_options(env: str) -> dict:
         if len(w) > 1 or not 8 <= bm <= 256 or bm & (bm - 1) or warps not in (1, 2, 4, 8, 16, 32):
             raise ValueError(f"{env}={v!r}: BM a power of two 8..256, warps one of 1..32 (a power of two)")
         return {"tma": bm, "warps": warps}
+    parts = v.split(":")
+    hint = GATHER_HINTS.get(parts.pop(), -1) if len(parts) == 4 else 0
     try:
-        w, b, c = (int(x) for x in v.split(":"))
+        w, b, c = (int(x) for x in parts)
     except ValueError:
-        raise ValueError(f"{env}={v!r}: expected warps:block:chunks, e.g. 4:1024:4") from None
-    if w not in (1, 2, 4, 8, 16, 32) or b < 32 or b & (b - 1) or not 1 <= c <= 16:
+        raise ValueError(f"{env}={v!r}: expected warps:block:chunks[:hint], e.g. 4:1024:4 or 4:1024:4:l2_256") from None
+    if w not in (1, 2, 4, 8, 16, 32) or b < 32 or b & (b - 1) or not 1 <= c <= 16 or hint < 0:
         raise ValueError(f"{env}={v!r}: warps one of 1..32 (a power of two), block a power of two >= 32, "
-                         "chunks 1..16")
-    return {"warps": w, "block": b, "chunks": c}
+                         f"chunks 1..16, hint one of {sorted(GATHER_HINTS)}")
+    return {"warps": w, "block": b, "chunks": c, **({"hint": hint} if hint else {})}
 
 
 def fill_gather_options() -> dict:
