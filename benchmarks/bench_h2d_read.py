@@ -9,13 +9,15 @@ launches, 1 and K rows of a 9.4 MB bf16 block (rows rotating over --rows pinned 
 byte for byte:
   ce          the copy engine (cudaMemcpyAsync, one a row): the link's rate;
   gather      slot_table.gather as the device step calls it (4 programs a SM, 4 warps, 1,024 words a load);
-  cg          the same loop with ld.global.cg (L2 only);
-  l2_256      ld.global.L2::256B.v4 (a 256-byte L2 fetch hint) by inline PTX;
-  nc_256      ld.global.nc.L1::no_allocate.L2::256B.v4;
-  tma_BM      the tensor memory accelerator: a device-side descriptor over the host rows viewed as [*, 32] int32
+  l2_256      the same with ld.global.L2::256B.v4 (a 256-byte L2 fetch hint) by inline PTX (gather's hint 1);
+  nc_256      the same with ld.global.nc.L1::no_allocate.L2::256B.v4 (hint 2);
+  cg          a loop of 4,096-word items read with ld.global.cg (L2 only);
+  tmah_BM     gather's TMA path (tma=BM): a descriptor made on the host over the pool viewed as [*, 32] int32
               (128-byte lines), boxes of BM lines loaded to shared memory, then stored;
-  tmah_BM     the same with the descriptor made on the host (a kernel parameter);
+  tma_BM      the same copy under a descriptor made on the device;
   tmahs_BM    tmah_BM storing through a TMA descriptor over the slots too.
+The hint and tmah ways are the engine's own (TIERED_GATHER=4:1024:4:l2_256, tma:BM, ...), so what wins here can run
+in the device step as it is.
 Ways that fail to compile or copy wrong bytes are reported as such, not timed.
 
     python3 benchmarks/bench_h2d_read.py                  # GPU box, about 30 s
@@ -38,6 +40,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 from benchmeta import git_commit, write_out  # noqa: E402
 
+from bench_slot_table import graph_us  # noqa: E402
+
 from tiered.kernels import slot_table  # noqa: E402
 
 BLOCK_BYTES = 9_437_184  # the 10.6B shape's bf16 expert block
@@ -48,82 +52,32 @@ def log(msg: str) -> None:
 
 
 @triton.jit
-def _ld(ptrs, MODE: tl.constexpr):
-    """Four int32 words at each pointer (16 bytes, aligned) by inline PTX: MODE 0 ld.global.L2::256B, 1 the
-    non-coherent path without L1 allocation and the same hint."""
-    if MODE == 0:
-        return tl.inline_asm_elementwise("ld.global.L2::256B.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", [ptrs],
-                                         dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
-    else:
-        return tl.inline_asm_elementwise("ld.global.nc.L1::no_allocate.L2::256B.v4.b32 {$0, $1, $2, $3}, [$4];",
-                                         "=r,=r,=r,=r,l", [ptrs], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
-                                         is_pure=True, pack=1)
-
-
-@triton.jit
-def _read_kernel(src, row_src, row_dst, dst, row_words, n_items, n_chunks, BLOCK: tl.constexpr,
-                 MODE: tl.constexpr):
-    """Programs looping over (row, chunk) items of BLOCK words: dst[row_dst[r]] <- src[row_src[r]].
-    MODE 0 / 1: _ld's hints (BLOCK // 4 pointers of 16 bytes); 2: tl.load with cache_modifier .cg."""
+def _cg_kernel(src, row_src, row_dst, dst, row_words, n_items, n_chunks, BLOCK: tl.constexpr):
+    """Programs looping over (row, chunk) items of BLOCK words, read with ld.global.cg (L2 only)."""
     for it in range(tl.program_id(0), n_items, tl.num_programs(0)):
         r = it // n_chunks
         s = tl.load(row_src + r)
         if s >= 0:
             d = tl.load(row_dst + r)
-            start = (it % n_chunks).to(tl.int64) * BLOCK
-            if MODE == 2:
-                offs = start + tl.arange(0, BLOCK)
-                m = offs < row_words
-                v = tl.load(src + s * row_words + offs, mask=m, cache_modifier=".cg")
-                tl.store(dst + d * row_words + offs, v, mask=m)
-            else:
-                q = start + 4 * tl.arange(0, BLOCK // 4)
-                mq = q < row_words  # row_words is a multiple of 4 (blocks are 4 KiB aligned)
-                w0, w1, w2, w3 = _ld(src + s * row_words + tl.where(mq, q, 0), MODE)
-                out = dst + d * row_words + q
-                tl.store(out, w0, mask=mq)
-                tl.store(out + 1, w1, mask=mq)
-                tl.store(out + 2, w2, mask=mq)
-                tl.store(out + 3, w3, mask=mq)
+            offs = (it % n_chunks).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            m = offs < row_words
+            tl.store(dst + d * row_words + offs, tl.load(src + s * row_words + offs, mask=m, cache_modifier=".cg"),
+                     mask=m)
 
 
 @triton.jit
-def _tma_kernel(src, row_src, row_dst, dst, n_host_lines, lines_per_row, n_items, tiles_per_row,
-                BM: tl.constexpr):
-    """The host rows as one [n_host_lines, 32] int32 tensor (128-byte lines) under a device-side TMA descriptor:
-    each item loads a [BM, 32] box of row r's lines to shared memory, then stores it to the slot."""
+def _tma_device_kernel(src, row_src, row_dst, dst, n_host_lines, lines_per_row, n_items, tiles_per_row,
+                       BM: tl.constexpr):
+    """The engine's TMA gather (slot_table._tma_copy_item) under a descriptor made on the device (global scratch
+    from triton.set_allocator) instead of the host."""
     desc = tl.make_tensor_descriptor(src, shape=[n_host_lines, 32], strides=[32, 1], block_shape=[BM, 32])
     for it in range(tl.program_id(0), n_items, tl.num_programs(0)):
-        r = it // tiles_per_row
-        s = tl.load(row_src + r)
-        if s >= 0:
-            d = tl.load(row_dst + r)
-            t = it % tiles_per_row
-            line0 = s * lines_per_row + t * BM
-            v = desc.load([line0.to(tl.int32), 0])
-            lm = t * BM + tl.arange(0, BM)
-            offs = (d * lines_per_row + lm)[:, None] * 32 + tl.arange(0, 32)[None, :]
-            tl.store(dst + offs, v, mask=(lm < lines_per_row)[:, None])
+        slot_table._tma_copy_item(desc, row_src, row_dst, dst, lines_per_row, it, tiles_per_row, BM)
 
 
 @triton.jit
-def _tmah_kernel(desc, row_src, row_dst, dst, lines_per_row, n_items, tiles_per_row, BM: tl.constexpr):
-    """_tma_kernel with the descriptor made on the host (TensorDescriptor, a kernel parameter: no global scratch)."""
-    for it in range(tl.program_id(0), n_items, tl.num_programs(0)):
-        r = it // tiles_per_row
-        s = tl.load(row_src + r)
-        if s >= 0:
-            d = tl.load(row_dst + r)
-            t = it % tiles_per_row
-            v = desc.load([(s * lines_per_row + t * BM).to(tl.int32), 0])
-            lm = t * BM + tl.arange(0, BM)
-            offs = (d * lines_per_row + lm)[:, None] * 32 + tl.arange(0, 32)[None, :]
-            tl.store(dst + offs, v, mask=(lm < lines_per_row)[:, None])
-
-
-@triton.jit
-def _tmahs_kernel(desc, out, row_src, row_dst, lines_per_row, n_items, tiles_per_row, BM: tl.constexpr):
-    """_tmah_kernel storing through a TMA descriptor over the slots too (row_words a multiple of BM * 32)."""
+def _tma_store_kernel(desc, out, row_src, row_dst, lines_per_row, n_items, tiles_per_row, BM: tl.constexpr):
+    """The host-descriptor TMA read, stored through a TMA descriptor over the slots too (rows of whole boxes)."""
     for it in range(tl.program_id(0), n_items, tl.num_programs(0)):
         r = it // tiles_per_row
         s = tl.load(row_src + r)
@@ -134,35 +88,13 @@ def _tmahs_kernel(desc, out, row_src, row_dst, lines_per_row, n_items, tiles_per
             out.store([(d * lines_per_row + t * BM).to(tl.int32), 0], v)
 
 
-def graph_us(fn, calls: int, reps: int = 3) -> float:
-    """Device µs per call of fn(i), captured once as one CUDA graph of `calls` calls and replayed (best of reps)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for i in range(min(2, calls)):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(calls):
-            fn(i)
-    g.replay()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        best = min(best, a.elapsed_time(b) * 1e3 / calls)
-    return best
-
-
 def way_call(way: str, host: torch.Tensor, slots: torch.Tensor, ctas: int):
-    """fn(srcs, dst) for one way: copies slots[dst[r]] <- host[srcs[r]] for every srcs[r] >= 0."""
+    """fn(srcs, dst) for one way, and whether it takes host lists: copies slots[dst[r]] <- host[srcs[r]] for every
+    srcs[r] >= 0."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
     B = slots.shape[1]
-    words = B // 4
+    words, lines = B // 4, B // 128
     hp = slot_table.HostPointer(host.view(torch.int32))
     if way == "ce":
         def fn(srcs_cpu, dst_cpu):
@@ -170,23 +102,22 @@ def way_call(way: str, host: torch.Tensor, slots: torch.Tensor, ctas: int):
                 if s >= 0:
                     slots[d].copy_(host[s], non_blocking=True)
         return fn, True
-    if way == "gather":
-        return (lambda srcs, dst: slot_table.gather(host, srcs, dst, slots, ctas=ctas)), False
-    if way in ("l2_256", "nc_256", "cg"):
-        mode = {"l2_256": 0, "nc_256": 1, "cg": 2}[way]
+    if way in ("gather", "l2_256", "nc_256"):  # the engine's gather: plain loads, or a hint (slot_table.GATHER_HINTS)
+        hint = slot_table.GATHER_HINTS.get(way, 0)
+        return (lambda srcs, dst: slot_table.gather(host, srcs, dst, slots, ctas=ctas, hint=hint)), False
+    if way.startswith("tmah_"):  # the engine's TMA gather (a host-made descriptor)
+        return (lambda srcs, dst: slot_table.gather(host, srcs, dst, slots, ctas=ctas, tma=int(way[5:]))), False
+    if way == "cg":
         BLOCK = 4096
         n_c = triton.cdiv(words, BLOCK)
 
         def fn(srcs, dst):
             n = srcs.shape[0] * n_c
-            _read_kernel[(min(ctas, n),)](hp, srcs, dst, slots.view(torch.int32), words, n, n_c, BLOCK=BLOCK,
-                                          MODE=mode, num_warps=4)
+            _cg_kernel[(min(ctas, n),)](hp, srcs, dst, slots.view(torch.int32), words, n, n_c, BLOCK=BLOCK,
+                                        num_warps=4)
         return fn, False
     if way.startswith("tmahs_"):
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
         BM = int(way[6:])
-        lines = B // 128
         if lines % BM:
             raise ValueError(f"{lines} lines a row are not a multiple of {BM}")
         tiles = lines // BM
@@ -195,30 +126,16 @@ def way_call(way: str, host: torch.Tensor, slots: torch.Tensor, ctas: int):
 
         def fn(srcs, dst):
             n = srcs.shape[0] * tiles
-            _tmahs_kernel[(min(ctas, n),)](desc, out, srcs, dst, lines, n, tiles, BM=BM, num_warps=4)
-        return fn, False
-    if way.startswith("tmah_"):
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        BM = int(way[5:])
-        lines = B // 128
-        tiles = triton.cdiv(lines, BM)
-        desc = TensorDescriptor(hp, [host.shape[0] * lines, 32], [32, 1], [BM, 32])
-
-        def fn(srcs, dst):
-            n = srcs.shape[0] * tiles
-            _tmah_kernel[(min(ctas, n),)](desc, srcs, dst, slots.view(torch.int32), lines, n, tiles, BM=BM,
-                                          num_warps=4)
+            _tma_store_kernel[(min(ctas, n),)](desc, out, srcs, dst, lines, n, tiles, BM=BM, num_warps=4)
         return fn, False
     if way.startswith("tma_"):
         BM = int(way[4:])
-        lines = B // 128
         tiles = triton.cdiv(lines, BM)
 
         def fn(srcs, dst):
             n = srcs.shape[0] * tiles
-            _tma_kernel[(min(ctas, n),)](hp, srcs, dst, slots.view(torch.int32), host.shape[0] * lines, lines, n,
-                                         tiles, BM=BM, num_warps=4)
+            _tma_device_kernel[(min(ctas, n),)](hp, srcs, dst, slots.view(torch.int32), host.shape[0] * lines, lines,
+                                                n, tiles, BM=BM, num_warps=4)
         return fn, False
     raise SystemExit(f"unknown way {way!r}")
 
@@ -272,7 +189,7 @@ def main() -> None:
             except Exception as e:  # a way that does not compile or copies wrong bytes is reported, not timed
                 res["errors"][name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
                 log(f"{name}: {res['errors'][name]}")
-    write_out("h2d_read.json", res)
+    write_out(res, "h2d_read.json")
     print(json.dumps(res))
 
 

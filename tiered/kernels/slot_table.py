@@ -330,24 +330,31 @@ def _gather_strided_kernel(src, row_src, row_dst, dst, row_words, n_items, n_chu
 
 
 @triton.jit
+def _tma_copy_item(desc, row_src, row_dst, dst, lines_per_row, it, tiles_per_row, BM: tl.constexpr):
+    """Item it of a TMA gather: box it % tiles_per_row of row r = it // tiles_per_row (a [BM, 32] box of the row's
+    128-byte lines through desc, over the host pool as [rows * lines_per_row, 32] int32) into shared memory, then
+    stored to slot row_dst[r] (the row's last box masked); nothing for a row without a copy."""
+    r = it // tiles_per_row
+    s = tl.load(row_src + r)
+    if s >= 0:
+        d = tl.load(row_dst + r)
+        t = it % tiles_per_row
+        v = desc.load([(s * lines_per_row + t * BM).to(tl.int32), 0])
+        lm = t * BM + tl.arange(0, BM)
+        offs = (d * lines_per_row + lm)[:, None] * 32 + tl.arange(0, 32)[None, :]
+        tl.store(dst + offs, v, mask=(lm < lines_per_row)[:, None])
+
+
+@triton.jit
 def _gather_tma_kernel(desc, row_src, row_dst, dst, lines_per_row, n_items, tiles_per_row, BM: tl.constexpr,
                        GDC: tl.constexpr = False, landed=None, LAND: tl.constexpr = False):
-    """The gather through the tensor memory accelerator: desc is a TMA descriptor over the host pool viewed as
-    [rows * lines_per_row, 32] int32 (128-byte lines); programs loop over (row, tile) items, each loading a [BM, 32]
-    box of row r's lines into shared memory, then storing it to the slot (the last tile of a row masked)."""
+    """The gather through the tensor memory accelerator: desc is a TMA descriptor (made on the host) over the host
+    pool's 128-byte lines; programs loop over (row, box) items (`_tma_copy_item`), each raising landed[r] once."""
     gdc_enter(GDC)
     for it in range(tl.program_id(0), n_items, tl.num_programs(0)):
-        r = it // tiles_per_row
-        s = tl.load(row_src + r)
-        if s >= 0:
-            d = tl.load(row_dst + r)
-            t = it % tiles_per_row
-            v = desc.load([(s * lines_per_row + t * BM).to(tl.int32), 0])
-            lm = t * BM + tl.arange(0, BM)
-            offs = (d * lines_per_row + lm)[:, None] * 32 + tl.arange(0, 32)[None, :]
-            tl.store(dst + offs, v, mask=(lm < lines_per_row)[:, None])
+        _tma_copy_item(desc, row_src, row_dst, dst, lines_per_row, it, tiles_per_row, BM)
         if LAND:
-            _land(row_src, landed, r)
+            _land(row_src, landed, it // tiles_per_row)
 
 
 @triton.jit
