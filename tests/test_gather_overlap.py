@@ -325,13 +325,35 @@ def test_cuda_tma_gather_lands_rows_for_the_waiting_experts(bm):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="CUDA")
-def test_cuda_device_step_tma_gather_matches_the_default(reference_layout, monkeypatch):
-    """The device step with its demand gather through TMA boxes (TIERED_GATHER=tma:BM) gives the default's greedy
-    tokens, with the overlap on, and says so in its stats."""
+@pytest.mark.parametrize("hint", [1, 2])
+def test_cuda_hinted_gather_copies_exact_rows_and_counts(hint):
+    """The looping gather with a load hint (16-byte loads by inline PTX) copies pinned rows byte for byte, the last
+    item of a row partial (a row of 4 KiB pages, not a multiple of an item), counts each chunk, touches no other
+    slot."""
+    R, S, B = 6, 4, 4096 * 37
+    host = torch.randint(0, 255, (R, B), dtype=torch.uint8).pin_memory()
+    dev = torch.device("cuda")
+    slots = torch.full((S, B), 7, dtype=torch.uint8, device=dev)
+    src, dst = torch.tensor([4, -1, 1], device=dev), torch.tensor([2, 0, 3], device=dev)
+    landed = torch.zeros(3, dtype=torch.int32, device=dev)
+    st.gather(host, src, dst, slots, hint=hint, landed=landed)
+    torch.cuda.synchronize()
+    assert landed.tolist() == [st.row_chunks(B), 0, st.row_chunks(B)]
+    assert torch.equal(slots[2].cpu(), host[4]) and torch.equal(slots[3].cpu(), host[1])
+    assert slots[0].eq(7).all() and slots[1].eq(7).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="CUDA")
+def test_cuda_device_step_gather_ways_match_the_default(reference_layout, monkeypatch):
+    """The device step with its demand gather through TMA boxes (TIERED_GATHER=tma:BM), or its loads with a hint,
+    gives the default's greedy tokens, with the overlap on, and says so in its stats."""
     from tiered.engine import load
 
     runs = {}
-    for knob in ("", "tma:32"):
+    shapes = {"": None, "tma:32": {"tma": 32, "warps": 4},
+              "4:1024:4:nc_256": {"warps": 4, "block": 1024, "chunks": 4, "hint": 2}}
+    for knob in shapes:
         monkeypatch.setenv(st.DEMAND_GATHER_ENV, knob)
         eng = load(reference_layout, device="cuda",
                    budget={"expert_slots": 16, "ram_gb": 0.05, "slot_table": "device", "cpu_experts": "off"})
@@ -339,6 +361,6 @@ def test_cuda_device_step_tma_gather_matches_the_default(reference_layout, monke
         s = eng.stats
         assert s["decode_graphs"] == "device" and s["device_step"]["gather_overlap"]
         assert s["decode"]["misses"] > 0
-        assert s["slot_table"].get("gather_shape") == ({"tma": 32, "warps": 4} if knob else None)
+        assert s["slot_table"].get("gather_shape") == shapes[knob]
         runs[knob] = g.token_ids
-    assert runs[""] == runs["tma:32"]
+    assert runs[""] == runs["tma:32"] == runs["4:1024:4:nc_256"]
