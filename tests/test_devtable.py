@@ -1101,12 +1101,12 @@ for split, inv, land in ((False, False, False), (True, False, False), (True, Tru
 sig3 = {"src": "*i32", "row_src": "*i64", "row_dst": "*i64", "dst": "*i32", "row_words": "i64", "n_items": "i32",
         "n_chunks": "i32", "BLOCK": "constexpr", "CHUNKS": "constexpr", "GDC": "constexpr", "ns_per_chunk": "fp32",
         "R_P": "constexpr", "PACED": "constexpr", "spec": "*i64", "split_c": "*i64", "SPLIT": "constexpr",
-        "INVERSE": "constexpr", "landed": "*i32", "LAND": "constexpr"}
+        "INVERSE": "constexpr", "landed": "*i32", "LAND": "constexpr", "HINT": "constexpr"}
 for paced, split, inv, land in ((False, False, False, False), (True, False, False, False), (False, True, False, False),
                                 (True, True, False, False), (False, True, True, False), (False, False, False, True),
                                 (True, False, False, True)):  # paced: --h2d-gbps
     cx3 = {"BLOCK": 1024, "CHUNKS": 4, "GDC": paced, "R_P": 8 if paced else 2, "PACED": paced, "SPLIT": split,
-           "INVERSE": inv, "LAND": land}
+           "INVERSE": inv, "LAND": land, "HINT": 0}  # (the load hints: test_gather_overlap's compile test)
     k = triton.compile(ASTSource(st._gather_strided_kernel, sig3, constexprs=cx3), target=tgt)
     assert k.asm["cubin"] and ("%globaltimer" in k.asm["ptx"]) == paced
     assert (".gpu.release.add" in k.asm["ptx"]) == land
