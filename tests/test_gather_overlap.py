@@ -124,6 +124,7 @@ def test_tma_shape_knob_and_the_reference_count(monkeypatch):
     assert st.demand_gather_options() == {"tma": 128, "warps": 4}
     monkeypatch.setenv(st.DEMAND_GATHER_ENV, "tma:64:8")
     assert st.demand_gather_options() == {"tma": 64, "warps": 8}
+    assert st.demand_gather_options(paced=True) == {}  # a paced link copies by loads
     for bad in ("tma:100", "tma:512", "tma:x", "tma:64:3", "tma:64:4:1"):
         monkeypatch.setenv(st.DEMAND_GATHER_ENV, bad)
         with pytest.raises(ValueError, match="TIERED_GATHER"):

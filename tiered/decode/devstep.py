@@ -331,9 +331,8 @@ class DeviceStep:
             self.split_stream = torch.cuda.Stream(dev) if cuda and self.cpu_admit else None
             self.split_ctas = int(split_ctas)
         self.demand_ctas = demand_gather_ctas()  # the misses' copy programs (None: 4 per SM; TIERED_GATHER_CTAS)
-        self.demand_gather = demand_gather_options()  # and their copy shape (TIERED_GATHER; {}: gather's defaults)
-        if self.demand_gather.get("tma") and table.h2d_gbps > 0:  # a paced link copies by loads (gather ignores tma)
-            self.demand_gather = {}
+        # and their copy shape (TIERED_GATHER; {}: gather's defaults)
+        self.demand_gather = demand_gather_options(paced=table.h2d_gbps > 0)
         # The overlapped gather: a layer's resident experts compute while its misses copy. The experts' gate_up
         # follows the gather in the stream under PDL without waiting for it: each copied chunk raises its row's
         # count in `landed`, and only the misses' gate_up programs wait for their own rows (kernels/moe_decode

@@ -767,7 +767,7 @@ def gather(host_pool: Tensor, row_src: Tensor, row_dst: Tensor, slots: Tensor, *
     if ctas is None:
         ctas = 4 * _sm_count(slots.device)
     if tma and split is None and gbps <= 0:
-        _gather_tma(host_pool, row_src, row_dst, slots, ctas=ctas, warps=warps, bm=tma, landed=landed)
+        _gather_tma(src, host_pool.shape, row_src, row_dst, slots, ctas=ctas, warps=warps, bm=tma, landed=landed)
         return
     if inverse and split is None:
         raise ValueError("gather(inverse=True) copies a split's CPU rows: it needs split=")
@@ -789,17 +789,17 @@ def gather(host_pool: Tensor, row_src: Tensor, row_dst: Tensor, slots: Tensor, *
                                                         HINT=int(hint), **launch_args(slots.device), **pace, **sp)
 
 
-def _gather_tma(host_pool: Tensor, row_src: Tensor, row_dst: Tensor, slots: Tensor, *, ctas: int, warps: int,
-                bm: int, landed: Tensor | None) -> None:
-    """`gather`'s TMA path (CUDA; the host pool pinned): a descriptor over the pool's 128-byte lines, boxes of bm."""
+def _gather_tma(src: Any, pool_shape: torch.Size, row_src: Tensor, row_dst: Tensor, slots: Tensor, *, ctas: int,
+                warps: int, bm: int, landed: Tensor | None) -> None:
+    """`gather`'s TMA path (CUDA): a descriptor over the pool's 128-byte lines (src: the pool as int32, a HostPointer
+    when pinned), boxes of bm."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    R, B = host_pool.shape
+    R, B = pool_shape
     lines = B // 128
     if bm < 8 or bm > 256 or bm & (bm - 1) or B % 128 or R * lines >= 2 ** 31:
         raise ValueError(f"gather(tma={bm}): boxes of 8..256 lines (a power of two) over rows of whole 128-byte "
                          f"lines, fewer than 2**31 lines in all; the pool is {R} rows of {B} bytes")
-    src = HostPointer(host_pool.view(torch.int32)) if host_pool.device.type == "cpu" else host_pool.view(torch.int32)
     desc = TensorDescriptor(src, [R * lines, 32], [32, 1], [bm, 32])
     tiles = triton.cdiv(lines, bm)
     n = row_src.shape[0] * tiles
@@ -902,10 +902,12 @@ def fill_gather_options() -> dict:
 DEMAND_GATHER_ENV = "TIERED_GATHER"  # benchmarks: the demand gather's warps:block:chunks
 
 
-def demand_gather_options() -> dict:
+def demand_gather_options(paced: bool = False) -> dict:
     """The device step's demand gather shape from TIERED_GATHER (gather_shape_options; session 53: the H100's
-    offload step ran 0.53 ms a token beyond compute plus copies at 54 GB/s, the gather over UVA the suspect)."""
-    return gather_shape_options(DEMAND_GATHER_ENV)
+    offload step ran 0.53 ms a token beyond compute plus copies at 54 GB/s, the gather over UVA the suspect).
+    paced (--h2d-gbps): a TMA shape gives way to the default loads, as `gather` copies a paced link by loads."""
+    shape = gather_shape_options(DEMAND_GATHER_ENV)
+    return {} if paced and shape.get("tma") else shape
 
 
 GATHER_OVERLAP_ENV = "TIERED_GATHER_OVERLAP"  # the device step's demand gather beside the resident experts

@@ -182,9 +182,7 @@ class DeviceSlotTable:
         dst = res.to(torch.int64)
         src = self.t["host_row"].index_select(0, key_of.index_select(0, res).to(torch.int64))
         # the demand gather's programs and copy shape (the benchmark knobs TIERED_GATHER_CTAS and TIERED_GATHER)
-        ctas, shape = self.kern.demand_gather_ctas(), self.kern.demand_gather_options()
-        if shape.get("tma") and self.h2d_gbps > 0:  # (a paced link copies by loads: the device step's shape too)
-            shape = {}
+        ctas, shape = self.kern.demand_gather_ctas(), self.kern.demand_gather_options(paced=self.h2d_gbps > 0)
         self.gather_shape = shape
         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         self.gather(src, dst, ctas=ctas, **shape)  # warm: compiles the kernel
